@@ -1,0 +1,44 @@
+"""`gpupool` command: dispatches to each program's own CLI module, imported lazily so that
+`gpupool serve` never loads the client and `gpupool smi` never loads the daemon."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module with main(argv) -> int, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("gpupool.server.cli", "run the daemon on a GPU host"),
+    "scheduler": ("gpupool.scheduler.cli", "run the pool scheduler"),
+    "up": ("gpupool.up", "run a scheduler and a daemon on this machine (fake GPUs without CUDA)"),
+    "run": ("gpupool.client.run", "run a command on leased GPUs: gpupool run -n 1 -p 0.5 -- python train.py"),
+    "smi": ("gpupool.client.smi", "show the pool: hosts, devices, memory, shares, leases"),
+    "list-gpus": ("gpupool.client.smi", "list the pool's GPUs, one line each"),
+    "token": ("gpupool.tokencli", "mint a lease token by hand (testing, daemons without a scheduler)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: gpupool COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "gpupool COMMAND --help shows the flags of each; every flag can also be set as GPUPOOL_<FLAG>."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"gpupool: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    if name == "list-gpus":
+        return int(module.list_gpus_main(rest))
+    return int(module.main(rest))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Shared configuration helpers: sizes ("8GiB"), host:port addresses, flags that fall back to GPUPOOL_* env vars.
+
+Each program keeps its own frozen ``Config`` dataclass; this module only gives them one way to read flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from "8GiB", "512MiB", "6GB", "1024" (plain numbers are bytes)."""
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"negative size {text}")
+        return text
+    m = _SIZE_RE.match(text)
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (examples: 8GiB, 512MiB, 6GB, 1048576)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def format_size(n: float) -> str:
+    """Human-readable binary size: 8589934592 -> '8.0GiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """("127.0.0.1", 50051) from "127.0.0.1:50051"; "[::1]:5" and ":5" work too."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"not a HOST:PORT address: {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def env_name(flag: str) -> str:
+    """--fake-gpu-memory -> GPUPOOL_FAKE_GPU_MEMORY."""
+    return "GPUPOOL_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def add_flag(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    *,
+    default: Any = None,
+    type: Callable[[str], Any] = str,
+    help: str,
+    **kwargs: Any,
+) -> None:
+    """Add `--flag` whose default comes from $GPUPOOL_FLAG when set; the help text names the variable."""
+    env = env_name(flag)
+    if env in os.environ:
+        raw = os.environ[env]
+        if kwargs.get("action") == "store_true":
+            default = raw.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            try:
+                default = type(raw)
+            except (ValueError, TypeError) as exc:
+                parser.error(f"${env}={raw!r}: {exc}")
+    shown = "" if default in (None, False) else f" (default: {default})"
+    if kwargs.get("action") == "store_true":
+        parser.add_argument(flag, default=default, help=f"{help}{shown} [env {env}]", **kwargs)
+    else:
+        parser.add_argument(flag, default=default, type=type, help=f"{help}{shown} [env {env}]", **kwargs)
+
+
+def size_arg(text: str) -> int:
+    """argparse type for sizes."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def setup_logging(program: str, level: str | None = None) -> None:
+    """One log format per program: time, program, level, logger, message."""
+    level = level or os.environ.get("GPUPOOL_LOG_LEVEL", "INFO")
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s {program} %(levelname)s %(name)s: %(message)s",
+    )
