@@ -19,7 +19,7 @@ CHUNK_BYTES = 4 * 1024 * 1024  # largest upload/download chunk: DESIGN.md's wire
 INLINE_MAX_BYTES = 64 * 1024  # largest tensor carried by value inside an op
 MAX_STRING_ARG = 256
 
-DTYPES: dict[torch.dtype, int] = {
+DTYPES: dict[torch.dtype, tensor_pb2.DType.ValueType] = {
     torch.float32: tensor_pb2.DTYPE_FLOAT32,
     torch.float64: tensor_pb2.DTYPE_FLOAT64,
     torch.float16: tensor_pb2.DTYPE_FLOAT16,
@@ -33,12 +33,12 @@ DTYPES: dict[torch.dtype, int] = {
     torch.complex64: tensor_pb2.DTYPE_COMPLEX64,
     torch.complex128: tensor_pb2.DTYPE_COMPLEX128,
 }
-TORCH_DTYPES: dict[int, torch.dtype] = {v: k for k, v in DTYPES.items()}
+TORCH_DTYPES: dict[tensor_pb2.DType.ValueType, torch.dtype] = {v: k for k, v in DTYPES.items()}
 
-LAYOUTS: dict[torch.layout, int] = {torch.strided: tensor_pb2.LAYOUT_STRIDED}
+LAYOUTS: dict[torch.layout, tensor_pb2.Layout.ValueType] = {torch.strided: tensor_pb2.LAYOUT_STRIDED}
 TORCH_LAYOUTS = {v: k for k, v in LAYOUTS.items()}
 
-MEMORY_FORMATS: dict[torch.memory_format, int] = {
+MEMORY_FORMATS: dict[torch.memory_format, tensor_pb2.MemoryFormat.ValueType] = {
     torch.contiguous_format: tensor_pb2.MEMORY_FORMAT_CONTIGUOUS,
     torch.preserve_format: tensor_pb2.MEMORY_FORMAT_PRESERVE,
     torch.channels_last: tensor_pb2.MEMORY_FORMAT_CHANNELS_LAST,
@@ -47,7 +47,7 @@ MEMORY_FORMATS: dict[torch.memory_format, int] = {
 TORCH_MEMORY_FORMATS = {v: k for k, v in MEMORY_FORMATS.items()}
 
 
-def dtype_to_proto(dtype: torch.dtype) -> int:
+def dtype_to_proto(dtype: torch.dtype) -> tensor_pb2.DType.ValueType:
     try:
         return DTYPES[dtype]
     except KeyError:
@@ -56,7 +56,7 @@ def dtype_to_proto(dtype: torch.dtype) -> int:
 
 def dtype_from_proto(value: int) -> torch.dtype:
     try:
-        return TORCH_DTYPES[value]
+        return TORCH_DTYPES[tensor_pb2.DType.ValueType(value)]
     except KeyError:
         raise InvalidArgument(f"unknown dtype {value}") from None
 
@@ -86,7 +86,7 @@ def bytes_to_tensor(data: bytes | bytearray | memoryview, dtype: torch.dtype, sh
     numel = 1
     for s in shape:
         numel *= s
-    expected = numel * (torch.finfo(dtype).bits // 8 if dtype.is_floating_point else _itemsize(dtype))
+    expected = numel * itemsize(dtype)
     if len(data) != expected:
         raise InvalidArgument(f"tensor data has {len(data)} bytes, shape {shape} of {dtype} needs {expected}")
     if expected == 0:
@@ -97,13 +97,9 @@ def bytes_to_tensor(data: bytes | bytearray | memoryview, dtype: torch.dtype, sh
     return flat.view(dtype).reshape(shape)
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def itemsize(dtype: torch.dtype) -> int:
     """Bytes per element."""
-    return _itemsize(dtype)
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def meta_to_proto(t: torch.Tensor) -> tensor_pb2.TensorMeta:
@@ -111,7 +107,7 @@ def meta_to_proto(t: torch.Tensor) -> tensor_pb2.TensorMeta:
         dtype=dtype_to_proto(t.dtype),
         shape=list(t.shape),
         stride=list(t.stride()),
-        storage_offset=t.storage_offset(),
+        storage_offset=int(t.storage_offset()),
     )
 
 
@@ -177,7 +173,9 @@ def encode_arg(value: Any, tensor: TensorEncoder) -> tensor_pb2.Arg:
     if isinstance(value, torch.dtype):
         return tensor_pb2.Arg(dtype=dtype_to_proto(value))
     if isinstance(value, torch.device):
-        return tensor_pb2.Arg(device=tensor_pb2.DeviceRef(type=value.type, index=-1 if value.index is None else value.index))
+        return tensor_pb2.Arg(
+            device=tensor_pb2.DeviceRef(type=value.type, index=-1 if value.index is None else value.index)
+        )
     if isinstance(value, torch.layout):
         if value not in LAYOUTS:
             raise InvalidArgument(f"layout {value} is not supported")
