@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gpupool._proto import device_pb2 as gpupool_dot_v1_dot_device__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agpupool/v1/scheduler.proto\x12\ngpupool.v1\x1a\x17gpupool/v1/device.proto\"\xc4\x01\n\x0fRegisterRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x16.gpupool.v1.DeviceInfo\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\'.gpupool.v1.RegisterRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\rRegisterReply\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\"\x8b\x01\n\x10HeartbeatRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12*\n\x08sessions\x18\x02 \x03(\x0b\x32\x18.gpupool.v1.SessionUsage\x12(\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x17.gpupool.v1.DeviceUsage\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"<\n\x0eHeartbeatReply\x12\x16\n\x0erevoked_leases\x18\x01 \x03(\t\x12\x12\n\nreregister\x18\x02 \x01(\x08\"\x86\x02\n\x0f\x41llocateRequest\x12\x0c\n\x04gpus\x18\x01 \x01(\r\x12\x12\n\x08\x66raction\x18\x02 \x01(\x01H\x00\x12\x16\n\x0cmemory_bytes\x18\x03 \x01(\x04H\x00\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\'.gpupool.v1.AllocateRequest.LabelsEntry\x12\x14\n\x0cwait_seconds\x18\x05 \x01(\x01\x12\x0e\n\x06policy\x18\x06 \x01(\t\x12\x0e\n\x06tenant\x18\x07 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x08 \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04size\"\x81\x01\n\x0cLeasedDevice\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\r\x12\x0c\n\x04uuid\x18\x04 \x01(\t\x12\x13\n\x0bquota_bytes\x18\x05 \x01(\x04\x12\r\n\x05share\x18\x06 \x01(\x01\x12\r\n\x05token\x18\x07 \x01(\t\"}\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12)\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x18.gpupool.v1.LeasedDevice\x12\x12\n\nexpires_at\x18\x03 \x01(\x01\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x01\x12\x0e\n\x06tenant\x18\x05 \x01(\t\" \n\x0cRenewRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x0e\n\x0cReleaseReply\"\x11\n\x0fListPoolRequest\"y\n\x0b\x44\x65viceState\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x16.gpupool.v1.DeviceInfo\x12\x17\n\x0f\x61llocated_bytes\x18\x02 \x01(\x04\x12\x17\n\x0f\x61llocated_share\x18\x03 \x01(\x01\x12\x12\n\nused_bytes\x18\x04 \x01(\x04\"\xdb\x01\n\tHostState\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12(\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x17.gpupool.v1.DeviceState\x12\x11\n\tlast_seen\x18\x05 \x01(\x01\x12\x31\n\x06labels\x18\x06 \x03(\x0b\x32!.gpupool.v1.HostState.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\tLeaseInfo\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12)\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x18.gpupool.v1.LeasedDevice\x12\x12\n\nexpires_at\x18\x05 \x01(\x01\"i\n\tPoolState\x12$\n\x05hosts\x18\x01 \x03(\x0b\x32\x15.gpupool.v1.HostState\x12%\n\x06leases\x18\x02 \x03(\x0b\x32\x15.gpupool.v1.LeaseInfo\x12\x0f\n\x07waiting\x18\x03 \x01(\r2\x89\x03\n\tScheduler\x12\x42\n\x08Register\x12\x1b.gpupool.v1.RegisterRequest\x1a\x19.gpupool.v1.RegisterReply\x12\x45\n\tHeartbeat\x12\x1c.gpupool.v1.HeartbeatRequest\x1a\x1a.gpupool.v1.HeartbeatReply\x12:\n\x08\x41llocate\x12\x1b.gpupool.v1.AllocateRequest\x1a\x11.gpupool.v1.Lease\x12\x34\n\x05Renew\x12\x18.gpupool.v1.RenewRequest\x1a\x11.gpupool.v1.Lease\x12?\n\x07Release\x12\x1a.gpupool.v1.ReleaseRequest\x1a\x18.gpupool.v1.ReleaseReply\x12>\n\x08ListPool\x12\x1b.gpupool.v1.ListPoolRequest\x1a\x15.gpupool.v1.PoolStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agpupool/v1/scheduler.proto\x12\ngpupool.v1\x1a\x17gpupool/v1/device.proto\"\xc4\x01\n\x0fRegisterRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x16.gpupool.v1.DeviceInfo\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\'.gpupool.v1.RegisterRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\rRegisterReply\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cscheduler_id\x18\x02 \x01(\t\"\x8b\x01\n\x10HeartbeatRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12*\n\x08sessions\x18\x02 \x03(\x0b\x32\x18.gpupool.v1.SessionUsage\x12(\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x17.gpupool.v1.DeviceUsage\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"R\n\x0eHeartbeatReply\x12\x16\n\x0erevoked_leases\x18\x01 \x03(\t\x12\x12\n\nreregister\x18\x02 \x01(\x08\x12\x14\n\x0cscheduler_id\x18\x03 \x01(\t\"\x86\x02\n\x0f\x41llocateRequest\x12\x0c\n\x04gpus\x18\x01 \x01(\r\x12\x12\n\x08\x66raction\x18\x02 \x01(\x01H\x00\x12\x16\n\x0cmemory_bytes\x18\x03 \x01(\x04H\x00\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\'.gpupool.v1.AllocateRequest.LabelsEntry\x12\x14\n\x0cwait_seconds\x18\x05 \x01(\x01\x12\x0e\n\x06policy\x18\x06 \x01(\t\x12\x0e\n\x06tenant\x18\x07 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x08 \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04size\"\x81\x01\n\x0cLeasedDevice\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\r\x12\x0c\n\x04uuid\x18\x04 \x01(\t\x12\x13\n\x0bquota_bytes\x18\x05 \x01(\x04\x12\r\n\x05share\x18\x06 \x01(\x01\x12\r\n\x05token\x18\x07 \x01(\t\"}\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12)\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x18.gpupool.v1.LeasedDevice\x12\x12\n\nexpires_at\x18\x03 \x01(\x01\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x01\x12\x0e\n\x06tenant\x18\x05 \x01(\t\" \n\x0cRenewRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x0e\n\x0cReleaseReply\"\x11\n\x0fListPoolRequest\"y\n\x0b\x44\x65viceState\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x16.gpupool.v1.DeviceInfo\x12\x17\n\x0f\x61llocated_bytes\x18\x02 \x01(\x04\x12\x17\n\x0f\x61llocated_share\x18\x03 \x01(\x01\x12\x12\n\nused_bytes\x18\x04 \x01(\x04\"\xdb\x01\n\tHostState\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12(\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x17.gpupool.v1.DeviceState\x12\x11\n\tlast_seen\x18\x05 \x01(\x01\x12\x31\n\x06labels\x18\x06 \x03(\x0b\x32!.gpupool.v1.HostState.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\tLeaseInfo\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12)\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x18.gpupool.v1.LeasedDevice\x12\x12\n\nexpires_at\x18\x05 \x01(\x01\"i\n\tPoolState\x12$\n\x05hosts\x18\x01 \x03(\x0b\x32\x15.gpupool.v1.HostState\x12%\n\x06leases\x18\x02 \x03(\x0b\x32\x15.gpupool.v1.LeaseInfo\x12\x0f\n\x07waiting\x18\x03 \x01(\r2\x89\x03\n\tScheduler\x12\x42\n\x08Register\x12\x1b.gpupool.v1.RegisterRequest\x1a\x19.gpupool.v1.RegisterReply\x12\x45\n\tHeartbeat\x12\x1c.gpupool.v1.HeartbeatRequest\x1a\x1a.gpupool.v1.HeartbeatReply\x12:\n\x08\x41llocate\x12\x1b.gpupool.v1.AllocateRequest\x1a\x11.gpupool.v1.Lease\x12\x34\n\x05Renew\x12\x18.gpupool.v1.RenewRequest\x1a\x11.gpupool.v1.Lease\x12?\n\x07Release\x12\x1a.gpupool.v1.ReleaseRequest\x1a\x18.gpupool.v1.ReleaseReply\x12>\n\x08ListPool\x12\x1b.gpupool.v1.ListPoolRequest\x1a\x15.gpupool.v1.PoolStateb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,37 +43,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_start=219
   _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_end=264
   _globals['_REGISTERREPLY']._serialized_start=266
-  _globals['_REGISTERREPLY']._serialized_end=317
-  _globals['_HEARTBEATREQUEST']._serialized_start=320
-  _globals['_HEARTBEATREQUEST']._serialized_end=459
-  _globals['_HEARTBEATREPLY']._serialized_start=461
-  _globals['_HEARTBEATREPLY']._serialized_end=521
-  _globals['_ALLOCATEREQUEST']._serialized_start=524
-  _globals['_ALLOCATEREQUEST']._serialized_end=786
+  _globals['_REGISTERREPLY']._serialized_end=339
+  _globals['_HEARTBEATREQUEST']._serialized_start=342
+  _globals['_HEARTBEATREQUEST']._serialized_end=481
+  _globals['_HEARTBEATREPLY']._serialized_start=483
+  _globals['_HEARTBEATREPLY']._serialized_end=565
+  _globals['_ALLOCATEREQUEST']._serialized_start=568
+  _globals['_ALLOCATEREQUEST']._serialized_end=830
   _globals['_ALLOCATEREQUEST_LABELSENTRY']._serialized_start=219
   _globals['_ALLOCATEREQUEST_LABELSENTRY']._serialized_end=264
-  _globals['_LEASEDDEVICE']._serialized_start=789
-  _globals['_LEASEDDEVICE']._serialized_end=918
-  _globals['_LEASE']._serialized_start=920
-  _globals['_LEASE']._serialized_end=1045
-  _globals['_RENEWREQUEST']._serialized_start=1047
-  _globals['_RENEWREQUEST']._serialized_end=1079
-  _globals['_RELEASEREQUEST']._serialized_start=1081
-  _globals['_RELEASEREQUEST']._serialized_end=1115
-  _globals['_RELEASEREPLY']._serialized_start=1117
-  _globals['_RELEASEREPLY']._serialized_end=1131
-  _globals['_LISTPOOLREQUEST']._serialized_start=1133
-  _globals['_LISTPOOLREQUEST']._serialized_end=1150
-  _globals['_DEVICESTATE']._serialized_start=1152
-  _globals['_DEVICESTATE']._serialized_end=1273
-  _globals['_HOSTSTATE']._serialized_start=1276
-  _globals['_HOSTSTATE']._serialized_end=1495
+  _globals['_LEASEDDEVICE']._serialized_start=833
+  _globals['_LEASEDDEVICE']._serialized_end=962
+  _globals['_LEASE']._serialized_start=964
+  _globals['_LEASE']._serialized_end=1089
+  _globals['_RENEWREQUEST']._serialized_start=1091
+  _globals['_RENEWREQUEST']._serialized_end=1123
+  _globals['_RELEASEREQUEST']._serialized_start=1125
+  _globals['_RELEASEREQUEST']._serialized_end=1159
+  _globals['_RELEASEREPLY']._serialized_start=1161
+  _globals['_RELEASEREPLY']._serialized_end=1175
+  _globals['_LISTPOOLREQUEST']._serialized_start=1177
+  _globals['_LISTPOOLREQUEST']._serialized_end=1194
+  _globals['_DEVICESTATE']._serialized_start=1196
+  _globals['_DEVICESTATE']._serialized_end=1317
+  _globals['_HOSTSTATE']._serialized_start=1320
+  _globals['_HOSTSTATE']._serialized_end=1539
   _globals['_HOSTSTATE_LABELSENTRY']._serialized_start=219
   _globals['_HOSTSTATE_LABELSENTRY']._serialized_end=264
-  _globals['_LEASEINFO']._serialized_start=1497
-  _globals['_LEASEINFO']._serialized_end=1620
-  _globals['_POOLSTATE']._serialized_start=1622
-  _globals['_POOLSTATE']._serialized_end=1727
-  _globals['_SCHEDULER']._serialized_start=1730
-  _globals['_SCHEDULER']._serialized_end=2123
+  _globals['_LEASEINFO']._serialized_start=1541
+  _globals['_LEASEINFO']._serialized_end=1664
+  _globals['_POOLSTATE']._serialized_start=1666
+  _globals['_POOLSTATE']._serialized_end=1771
+  _globals['_SCHEDULER']._serialized_start=1774
+  _globals['_SCHEDULER']._serialized_end=2167
 # @@protoc_insertion_point(module_scope)

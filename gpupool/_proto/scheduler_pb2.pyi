@@ -75,15 +75,19 @@ class RegisterReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    SCHEDULER_ID_FIELD_NUMBER: _builtins.int
     heartbeat_interval_seconds: _builtins.float
+    scheduler_id: _builtins.str
+    """Changes whenever the scheduler process restarts; a daemon that sees a new id registers again."""
     def __init__(
         self,
         *,
         heartbeat_interval_seconds: _builtins.float = ...,
+        scheduler_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_seconds", b"heartbeat_interval_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_seconds", b"heartbeat_interval_seconds", "scheduler_id", b"scheduler_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -125,8 +129,11 @@ class HeartbeatReply(_message.Message):
 
     REVOKED_LEASES_FIELD_NUMBER: _builtins.int
     REREGISTER_FIELD_NUMBER: _builtins.int
+    SCHEDULER_ID_FIELD_NUMBER: _builtins.int
     reregister: _builtins.bool
     """The scheduler does not know this host (e.g. it was marked down): register again."""
+    scheduler_id: _builtins.str
+    """Same as RegisterReply.scheduler_id."""
     @_builtins.property
     def revoked_leases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Leases released, expired or lost: the daemon closes their sessions and frees their memory."""
@@ -136,10 +143,11 @@ class HeartbeatReply(_message.Message):
         *,
         revoked_leases: _abc.Iterable[_builtins.str] | None = ...,
         reregister: _builtins.bool = ...,
+        scheduler_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reregister", b"reregister", "revoked_leases", b"revoked_leases"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reregister", b"reregister", "revoked_leases", b"revoked_leases", "scheduler_id", b"scheduler_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
