@@ -1,0 +1,90 @@
+"""The sentiment CNN: embedding -> conv1d -> pooling -> dropout -> linear.
+
+A word-order-aware text classifier in the spirit of Johnson & Zhang, "Effective use of word order for
+text categorization with convolutional neural networks" (NAACL 2015), the model of the MLPerf
+sentiment-analysis benchmark. Each convolution filter is a learned detector of a short word region
+(a "region embedding"); a review is the pooled response of those detectors over its whole length:
+the max (did the review ever say X?) and the masked mean (how much of the review says X?, a
+bag-of-n-grams view that is strong on long reviews). Dropout and one linear layer give two logits.
+
+Only ordinary aten ops are used (embedding, conv1d, relu, mul, amax, sum, div, dropout, addmm), so the
+model runs unchanged on cpu, cuda and the remote `gpupool` device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+PAD_ID = 0
+UNK_ID = 1
+
+
+class SentimentCNN(nn.Module):
+    """CNN over token ids (B, L) -> logits (B, num_classes). Token id ``pad_id`` marks padding."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 128,
+        filters: int = 256,
+        kernel_sizes: Sequence[int] = (3,),
+        dropout: float = 0.5,
+        num_classes: int = 2,
+        pad_id: int = PAD_ID,
+    ) -> None:
+        super().__init__()
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+        if any(k < 1 or k % 2 == 0 for k in kernel_sizes):
+            # Odd sizes keep "same" padding symmetric, so conv outputs line up with the padding mask.
+            raise ValueError(f"kernel sizes must be odd and >= 1, got {list(kernel_sizes)}")
+        self.pad_id = pad_id
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.convs = nn.ModuleList(nn.Conv1d(embed_dim, filters, k, padding=k // 2) for k in kernel_sizes)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(2 * filters * len(kernel_sizes), num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        mask = (tokens != self.pad_id).to(self.fc.weight.dtype).unsqueeze(1)  # (B, 1, L)
+        length = mask.sum(dim=2).clamp_min(1.0)  # (B, 1)
+        x = self.embedding(tokens).transpose(1, 2)  # (B, E, L)
+        pooled = []
+        for conv in self.convs:
+            h = torch.relu(conv(x)) * mask  # (B, F, L); padding positions -> 0 (ReLU output is >= 0 anyway)
+            pooled.append(h.amax(dim=2))
+            pooled.append(h.sum(dim=2) / length)
+        return self.fc(self.dropout(torch.cat(pooled, dim=1)))
+
+
+def build_model(
+    vocab_size: int,
+    embed_dim: int = 128,
+    filters: int = 256,
+    kernel_sizes: Sequence[int] = (3,),
+    dropout: float = 0.5,
+) -> SentimentCNN:
+    """The benchmark's model with its default hyper-parameters (smaller ones for tests)."""
+    return SentimentCNN(vocab_size, embed_dim=embed_dim, filters=filters, kernel_sizes=kernel_sizes, dropout=dropout)
+
+
+def make_batch(
+    batch_size: int = 16,
+    seq_len: int = 64,
+    vocab_size: int = 1000,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deterministic synthetic batch on the CPU: (tokens int64 (B, L), labels int64 (B,)).
+
+    Each row is a random number of token ids in [2, vocab_size) followed by padding, so the masking path is
+    exercised; the same seed always gives the same batch, whatever the global RNG state.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(2, vocab_size, (batch_size, seq_len), generator=gen, dtype=torch.int64)
+    lengths = torch.randint(max(1, seq_len // 4), seq_len + 1, (batch_size,), generator=gen)
+    positions = torch.arange(seq_len).unsqueeze(0)
+    tokens = tokens.masked_fill(positions >= lengths.unsqueeze(1), PAD_ID)
+    labels = torch.randint(0, 2, (batch_size,), generator=gen, dtype=torch.int64)
+    return tokens, labels
