@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: install, start a one-machine pool (`gpupool up`: scheduler + daemon,
+# real GPUs if torch sees any, else 2 fake GPUs), train the MLPerf sentiment CNN through it on half a GPU,
+# then stop the pool. Extra arguments go to train.py (default: one epoch on 2,000 reviews; pass
+# `--limit 0 --epochs 10` for the full 25k/25k benchmark).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+GPUPOOL_SKIP_APT=1 bash scripts/setup.sh
+state=$(mktemp -d)
+log="$state/up.log"
+gpupool up --state "$state/scheduler.db" --scheduler-listen 127.0.0.1:0 --listen 127.0.0.1:0 \
+  --metrics-listen 127.0.0.1:0 --scheduler-metrics-listen 127.0.0.1:0 >"$log" 2>&1 &
+up_pid=$!
+trap 'kill -INT $up_pid 2>/dev/null; wait $up_pid 2>/dev/null; rm -rf "$state"' EXIT
+for _ in $(seq 1 120); do
+  addr=$(sed -n 's/.*export GPUPOOL_SCHEDULER=\([0-9.:]*\).*/\1/p' "$log" | head -n 1)
+  [ -n "$addr" ] && break
+  kill -0 $up_pid 2>/dev/null || { cat "$log"; exit 1; }
+  sleep 0.5
+done
+[ -n "${addr:-}" ] || { echo "gpupool up did not come up:"; cat "$log"; exit 1; }
+cat "$log"
+export GPUPOOL_SCHEDULER="$addr"
+gpupool smi
+args=("$@"); [ ${#args[@]} -gt 0 ] || args=(--epochs 1 --limit 2000)
+gpupool run -n 1 -p 0.5 -- python examples/sentiment/train.py --device gpupool "${args[@]}"
+gpupool smi
