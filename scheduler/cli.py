@@ -1,0 +1,167 @@
+"""`gpupool scheduler`: flags -> Config -> a running scheduler (gRPC + health + metrics + housekeeping).
+
+`SchedulerServer` is also what tests and benchmarks start in-process (port 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from gpupool.scheduler.leases import Core, CoreConfig
+from gpupool.scheduler.metrics import SchedulerMetrics
+from gpupool.scheduler.placement import POLICIES
+from gpupool.scheduler.service import SchedulerServicer
+from gpupool.scheduler.store import Store, open_store
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from gpupool import tokens
+from gpupool._proto import scheduler_pb2_grpc
+from gpupool.config import add_flag, setup_logging, split_address
+from gpupool.errors import GpupoolError
+
+log = logging.getLogger("gpupool.scheduler")
+
+SERVICE_NAME = "gpupool.v1.Scheduler"
+# Each waiting Allocate holds a worker thread until it is served or times out, so allow many more
+# workers than cores; the work per call is tiny.
+MAX_WORKERS = 64
+
+
+def default_state_path() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "gpupool" / "scheduler.db")
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str = "127.0.0.1:50050"
+    state: str = ":memory:"
+    token_key_file: str | None = None
+    metrics_listen: str = "127.0.0.1:9451"
+    lease_ttl: float = 60.0
+    host_timeout: float = 10.0
+    heartbeat_interval: float = 2.0
+    policy: str = "binpack"
+    sweep_interval: float = 0.5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpupool scheduler", description="Run the gpupool scheduler.")
+    add_flag(p, "--listen", default="127.0.0.1:50050", help="gRPC HOST:PORT (port 0: any free port)")
+    add_flag(
+        p,
+        "--state",
+        default=default_state_path(),
+        help="SQLite (WAL) file keeping hosts and leases across restarts; ':memory:' keeps nothing",
+    )
+    add_flag(p, "--token-key-file", help="key shared with the daemons to sign lease tokens (else $GPUPOOL_TOKEN_KEY)")
+    add_flag(p, "--metrics-listen", default="127.0.0.1:9451", help="Prometheus HOST:PORT; 0 turns metrics off")
+    add_flag(p, "--lease-ttl", type=float, default=60.0, help="seconds a lease lives unless renewed")
+    add_flag(p, "--host-timeout", type=float, default=10.0, help="seconds of silence before a host is marked down")
+    add_flag(p, "--heartbeat-interval", type=float, default=2.0, help="seconds between daemon heartbeats")
+    add_flag(p, "--policy", default="binpack", choices=POLICIES, help="default placement policy")
+    return p
+
+
+class SchedulerServer:
+    """A scheduler with its gRPC server, health service, metrics endpoint and housekeeping thread."""
+
+    def __init__(self, config: Config, key: bytes, store: Store | None = None) -> None:
+        self.config = config
+        self.metrics = SchedulerMetrics()
+        self.store = store if store is not None else open_store(config.state)
+        core_config = CoreConfig(
+            lease_ttl=config.lease_ttl, host_timeout=config.host_timeout, heartbeat_interval=config.heartbeat_interval
+        )
+        self.core = Core(self.store, key, core_config, self.metrics)
+        self.metrics.watch(self.core)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="sched"))
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(self.core, config.policy), self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(config.listen)
+        if self.port == 0:
+            raise GpupoolError(f"cannot listen on {config.listen}")
+        self.host = split_address(config.listen)[0]
+        self.metrics_port = 0
+        self._metrics_http: WSGIServer | None = None
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="sweeper", daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> SchedulerServer:
+        self.server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_listen not in ("", "0"):
+            host, port = split_address(self.config.metrics_listen)
+            http, _ = start_http_server(port, host, registry=self.metrics.registry)
+            self._metrics_http = http
+            self.metrics_port = http.server_port
+        self._sweeper.start()
+        return self
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(self.config.sweep_interval):
+            try:
+                self.core.sweep()
+            except Exception:  # noqa: BLE001 - housekeeping must keep going
+                log.exception("sweep failed")
+
+    def stop(self, grace: float = 1.0) -> None:
+        self._stop.set()
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        if self._sweeper.is_alive():
+            self._sweeper.join(timeout=2)
+        self.store.close()
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return Config(
+        listen=args.listen,
+        state=args.state,
+        token_key_file=args.token_key_file,
+        metrics_listen=args.metrics_listen,
+        lease_ttl=args.lease_ttl,
+        host_timeout=args.host_timeout,
+        heartbeat_interval=args.heartbeat_interval,
+        policy=args.policy,
+    )
+
+
+def main(argv: list[str]) -> int:
+    config = config_from_args(build_parser().parse_args(argv))
+    setup_logging("scheduler")
+    try:
+        key = tokens.load_key(config.token_key_file)
+        server = SchedulerServer(config, key).start()
+    except (GpupoolError, OSError, RuntimeError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    log.info("listening on %s (state %s, lease ttl %gs)", server.address, config.state, config.lease_ttl)
+    if server.metrics_port:
+        log.info("metrics on http://%s:%d/metrics", split_address(config.metrics_listen)[0], server.metrics_port)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    log.info("stopping")
+    server.stop()
+    return 0

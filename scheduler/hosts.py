@@ -1,0 +1,154 @@
+"""The daemon side of the core: Register, Heartbeat, and marking silent hosts down.
+
+A heartbeat reply revokes (a) every lease that ended since the host's last heartbeat and (b) every lease
+the host reports a session for that is not active on that host - which also cleans up after a scheduler
+restart or a lease that ended while the host was away. A host silent for `host_timeout` is marked down and
+its leases are lost; a host the scheduler does not know (or marked down) is told to register again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from gpupool.scheduler.pool import HOST_DOWN, HOST_DRAINING, HOST_UP, Device, Host, Pool
+from gpupool.scheduler.store import LEASE_ACTIVE, LEASE_LOST, Lease, Store
+
+from gpupool.config import split_address
+from gpupool.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+MAX_DEVICES_PER_HOST = 1024
+MAX_ID_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A device as a daemon describes it."""
+
+    index: int
+    uuid: str
+    model: str
+    memory_bytes: int
+    fake: bool = False
+
+
+def validate_registration(host_id: str, address: str, devices: list[DeviceSpec]) -> None:
+    if not host_id or len(host_id) > MAX_ID_LENGTH:
+        raise InvalidArgument(f"host_id must be 1..{MAX_ID_LENGTH} characters")
+    try:
+        split_address(address)
+    except ValueError as exc:
+        raise InvalidArgument(f"address: {exc}") from exc
+    if not devices:
+        raise InvalidArgument(f"host {host_id} registered no devices")
+    if len(devices) > MAX_DEVICES_PER_HOST:
+        raise InvalidArgument(f"host {host_id} registered {len(devices)} devices (at most {MAX_DEVICES_PER_HOST})")
+    seen: set[int] = set()
+    for d in devices:
+        if d.index in seen:
+            raise InvalidArgument(f"host {host_id}: device index {d.index} appears twice")
+        seen.add(d.index)
+        if d.memory_bytes <= 0:
+            raise InvalidArgument(f"host {host_id}: device {d.index} has no memory (memory_bytes={d.memory_bytes})")
+        if len(d.uuid) > MAX_ID_LENGTH or len(d.model) > MAX_ID_LENGTH:
+            raise InvalidArgument(f"host {host_id}: device {d.index} uuid/model longer than {MAX_ID_LENGTH}")
+
+
+class HostBook:
+    """Mixed into Core (leases.py), which provides the attributes declared here."""
+
+    lock: threading.RLock
+    pool: Pool
+    store: Store
+    leases: dict[str, Lease]
+    revoked: dict[str, set[str]]
+
+    def _end(self, leases: Iterable[Lease], state: str, hosts: Iterable[Host] = ()) -> None:
+        raise NotImplementedError
+
+    def _serve_waiters(self) -> None:
+        raise NotImplementedError
+
+    def register(
+        self, host_id: str, address: str, devices: list[DeviceSpec], labels: Mapping[str, str] | None = None
+    ) -> None:
+        """Add a host or take it back; its active leases survive if their devices are unchanged."""
+        validate_registration(host_id, address, devices)
+        with self.lock:
+            host = Host(
+                host_id,
+                address,
+                {d.index: Device(host_id, d.index, d.uuid, d.model, d.memory_bytes, d.fake) for d in devices},
+                dict(labels or {}),
+                HOST_UP,
+                time.time(),
+            )
+            old = self.pool.hosts.get(host_id)
+            mine = [x for x in self.leases.values() if x.state == LEASE_ACTIVE and host_id in x.hosts]
+            keep: list[Lease] = []
+            lose: list[Lease] = []
+            for lease in mine:
+                ok = all(
+                    g.device in host.devices
+                    and old is not None
+                    and g.device in old.devices
+                    and old.devices[g.device].capacity_bytes == host.devices[g.device].capacity_bytes
+                    for g in lease.grants
+                    if g.host_id == host_id
+                )
+                (keep if ok else lose).append(lease)
+            if lose:
+                self._end(lose, LEASE_LOST)  # gives their grants back on the old devices first
+            self.pool.set_host(host)
+            for lease in keep:
+                self.pool.take([g for g in lease.grants if g.host_id == host_id])
+            self.store.write(hosts=[host])
+            log.info(
+                "host %s registered at %s with %d device(s)%s",
+                host_id,
+                address,
+                len(devices),
+                "" if old is None else f" (again; {len(keep)} lease(s) kept, {len(lose)} lost)",
+            )
+            self._serve_waiters()
+
+    def heartbeat(
+        self, host_id: str, session_leases: Iterable[str], used_bytes: Mapping[int, int], draining: bool
+    ) -> tuple[list[str], bool]:
+        """Record liveness and usage; returns (leases to revoke, whether the host must register again)."""
+        with self.lock:
+            host = self.pool.hosts.get(host_id)
+            if host is None or host.state == HOST_DOWN:
+                return [], True
+            host.last_seen = time.time()
+            for index, used in used_bytes.items():
+                dev = host.devices.get(index)
+                if dev is not None:
+                    dev.used_bytes = used
+            want = HOST_DRAINING if draining else HOST_UP
+            if host.state != want:
+                log.info("host %s is %s", host_id, want)
+                self.pool.set_state(host_id, want)
+                self.store.write(hosts=[host])
+                if want == HOST_UP:
+                    self._serve_waiters()
+            revoked = self.revoked.pop(host_id, set())
+            for lease_id in session_leases:
+                lease = self.leases.get(lease_id)
+                if lease_id and (lease is None or lease.state != LEASE_ACTIVE or host_id not in lease.hosts):
+                    revoked.add(lease_id)
+            return sorted(revoked), False
+
+    def _hosts_timeout(self, now: float, timeout: float) -> None:
+        silent = [h for h in self.pool.hosts.values() if h.state != HOST_DOWN and h.last_seen + timeout < now]
+        for host in silent:
+            log.warning("host %s silent for %.1f s: marked down, its leases lost", host.host_id, now - host.last_seen)
+            self.pool.set_state(host.host_id, HOST_DOWN)
+            self.revoked.pop(host.host_id, None)
+            lost = [x for x in self.leases.values() if x.state == LEASE_ACTIVE and host.host_id in x.hosts]
+            self._end(lost, LEASE_LOST, hosts=[host])

@@ -1,0 +1,257 @@
+"""The scheduler's core: hosts come and go, leases are granted, renewed, released, expire or are lost.
+
+Plain domain code - no gRPC here. One lock serializes every decision; each decision is written to the
+store in one transaction before it is answered, so a crash never hands out capacity twice. Requests that
+do not fit may wait, served strictly in FIFO order as capacity frees up.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from gpupool.scheduler.hosts import HostBook
+from gpupool.scheduler.placement import Request, place, validate
+from gpupool.scheduler.pool import HOST_DOWN, Grant, Host, Pool
+from gpupool.scheduler.store import (
+    LEASE_ACTIVE,
+    LEASE_EXPIRED,
+    LEASE_LOST,
+    LEASE_RELEASED,
+    Lease,
+    Store,
+)
+
+from gpupool import tokens
+from gpupool.config import format_size
+from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    lease_ttl: float = 60.0
+    max_lease_ttl: float = 24 * 3600.0
+    host_timeout: float = 10.0
+    heartbeat_interval: float = 2.0
+    retention: float = 600.0  # how long an ended lease is remembered (Renew says why it ended, not NOT_FOUND)
+
+
+class Events:
+    """What the core reports as it decides; metrics.py records it (this default records nothing)."""
+
+    def lease_event(self, event: str) -> None: ...
+
+    def allocation(self, result: str, seconds: float) -> None: ...
+
+
+@dataclass
+class _Waiter:
+    req: Request
+    tenant: str
+    ttl: float
+    done: threading.Event = field(default_factory=threading.Event)
+    lease: Lease | None = None
+
+
+class Core(HostBook):
+    """Hosts (see hosts.py), leases and the FIFO of waiting requests."""
+
+    def __init__(
+        self, store: Store, key: bytes, config: CoreConfig = CoreConfig(), events: Events | None = None
+    ) -> None:
+        self.lock = threading.RLock()
+        self.pool = Pool()
+        self.store = store
+        self.key = key
+        self.config = config
+        self.events = events or Events()
+        self.leases: dict[str, Lease] = {}
+        self.waiters: deque[_Waiter] = deque()
+        self.revoked: dict[str, set[str]] = {}
+        self.scheduler_id = uuid.uuid4().hex
+        self._load()
+
+    def _load(self) -> None:
+        hosts, leases = self.store.load()
+        now = time.time()
+        for host in hosts:
+            host.last_seen = now  # give every host a full timeout to heartbeat the restarted scheduler
+            self.pool.set_host(host)
+        for lease in leases:
+            self.leases[lease.lease_id] = lease
+            if lease.state == LEASE_ACTIVE:
+                self.pool.take(lease.grants)
+        active = sum(1 for x in leases if x.state == LEASE_ACTIVE)
+        if hosts or leases:
+            log.info("loaded %d hosts and %d active leases from the store", len(hosts), active)
+
+    # ---- clients ----
+
+    def allocate(
+        self,
+        req: Request,
+        tenant: str = "",
+        ttl: float = 0.0,
+        wait: float = 0.0,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> Lease:
+        """Grant a lease now, or after waiting up to `wait` seconds in FIFO order; else ResourceExhausted."""
+        start = time.monotonic()
+        try:
+            if ttl < 0 or wait < 0:
+                raise InvalidArgument("ttl and wait must not be negative")
+            ttl = min(ttl or self.config.lease_ttl, self.config.max_lease_ttl)
+            with self.lock:
+                validate(req, self.pool)
+                if not self.waiters:
+                    grants = place(self.pool, req)
+                    if grants is not None:
+                        lease = self._grant(grants, tenant, ttl)
+                        self.events.allocation("granted", time.monotonic() - start)
+                        return lease
+                if wait <= 0:
+                    raise ResourceExhausted(self._exhausted_message(req))
+                waiter = _Waiter(req, tenant, ttl)
+                self.waiters.append(waiter)
+        except InvalidArgument:
+            self.events.allocation("invalid", time.monotonic() - start)
+            raise
+        except ResourceExhausted:
+            self.events.allocation("exhausted", time.monotonic() - start)
+            raise
+        lease = self._wait(waiter, start + wait, cancelled)
+        self.events.allocation("granted", time.monotonic() - start)
+        return lease
+
+    def _wait(self, waiter: _Waiter, deadline: float, cancelled: Callable[[], bool]) -> Lease:
+        while not waiter.done.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() < deadline and not cancelled():
+                continue
+            with self.lock:
+                if waiter.lease is not None:
+                    break
+                self.waiters.remove(waiter)
+                self._serve_waiters()  # the head may have been blocking those behind it
+                message = f"waited in vain: {self._exhausted_message(waiter.req)}"
+            self.events.allocation("timeout", time.monotonic() - deadline)
+            raise ResourceExhausted(message)
+        assert waiter.lease is not None
+        return waiter.lease
+
+    def _serve_waiters(self) -> None:
+        while self.waiters:
+            head = self.waiters[0]
+            grants = place(self.pool, head.req)
+            if grants is None:
+                return
+            self.waiters.popleft()
+            head.lease = self._grant(grants, head.tenant, head.ttl)
+            head.done.set()
+
+    def _exhausted_message(self, req: Request) -> str:
+        up = sum(1 for _ in self.pool.up_devices())
+        msg = (
+            f"no room for {req.describe()}: the largest free fraction of any device is "
+            f"{self.pool.largest_free_fraction():.3g} "
+            f"(largest free memory {format_size(self.pool.largest_free_bytes())}; {up} device(s) up)"
+        )
+        if self.waiters:
+            msg += f"; {len(self.waiters)} request(s) waiting ahead"
+        return msg
+
+    def _grant(self, grants: list[Grant], tenant: str, ttl: float) -> Lease:
+        now = time.time()
+        lease = Lease(uuid.uuid4().hex, tenant, grants, now + ttl, ttl, now)
+        self.pool.take(grants)
+        self.store.write(leases=[lease])
+        self.leases[lease.lease_id] = lease
+        self.events.lease_event("granted")
+        return lease
+
+    def renew(self, lease_id: str) -> Lease:
+        """Extend an active lease by its TTL (its tokens are re-minted by the caller)."""
+        with self.lock:
+            lease = self._get(lease_id)
+            now = time.time()
+            if lease.state == LEASE_ACTIVE and lease.expires_at <= now:
+                self._end([lease], LEASE_EXPIRED)
+            if lease.state == LEASE_LOST:
+                hosts = self.pool.hosts
+                down = sorted(h for h in lease.hosts if getattr(hosts.get(h), "state", HOST_DOWN) == HOST_DOWN)
+                raise Unavailable(f"lease {lease_id} was lost: host {', '.join(down) or 'of the lease'} is down")
+            if lease.state != LEASE_ACTIVE:
+                raise FailedPrecondition(f"lease {lease_id} is {lease.state}; allocate a new one")
+            lease.expires_at = now + lease.ttl
+            self.store.write(leases=[lease])
+            return lease
+
+    def release(self, lease_id: str) -> None:
+        """Give a lease's capacity back (releasing an ended lease again is harmless)."""
+        with self.lock:
+            lease = self._get(lease_id)
+            if lease.state == LEASE_ACTIVE:
+                self._end([lease], LEASE_RELEASED)
+
+    def _get(self, lease_id: str) -> Lease:
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            raise NotFound(f"unknown lease {lease_id!r}")
+        return lease
+
+    def _end(self, leases: Iterable[Lease], state: str, hosts: Iterable[Host] = ()) -> None:
+        """End active leases: free their capacity, tell their daemons, persist, serve the waiters."""
+        now = time.time()
+        ended = [x for x in leases if x.state == LEASE_ACTIVE]
+        for lease in ended:
+            lease.state, lease.ended_at = state, now
+            self.pool.give(lease.grants)
+            for host_id in lease.hosts:
+                self.revoked.setdefault(host_id, set()).add(lease.lease_id)
+            self.events.lease_event(state if state != LEASE_RELEASED else "released")
+        self.store.write(hosts=hosts, leases=ended)
+        if ended:
+            self._serve_waiters()
+
+    def token(self, lease: Lease, index: int) -> str:
+        g = lease.grants[index]
+        claims = tokens.TokenClaims(
+            lease.lease_id, g.host_id, g.device, g.quota_bytes, g.share, lease.expires_at, lease.tenant
+        )
+        return tokens.mint(self.key, claims)
+
+    # ---- housekeeping ----
+
+    def sweep(self, now: float | None = None) -> None:
+        """Expire unrenewed leases, mark silent hosts down (their leases lost), forget long-ended leases."""
+        now = time.time() if now is None else now
+        with self.lock:
+            self._hosts_timeout(now, self.config.host_timeout)
+            expired = [x for x in self.leases.values() if x.state == LEASE_ACTIVE and x.expires_at <= now]
+            if expired:
+                log.info("expired %d lease(s): %s", len(expired), ", ".join(x.lease_id for x in expired[:5]))
+                self._end(expired, LEASE_EXPIRED)
+            horizon = now - self.config.retention
+            old = [k for k, x in self.leases.items() if x.state != LEASE_ACTIVE and x.ended_at < horizon]
+            for k in old:
+                del self.leases[k]
+            if old:
+                self.store.write(forget=old)
+
+    def active_leases(self) -> list[Lease]:
+        with self.lock:
+            return [x for x in self.leases.values() if x.state == LEASE_ACTIVE]
+
+    def is_active_on(self, lease_id: str, host_id: str) -> bool:
+        lease = self.leases.get(lease_id)
+        return lease is not None and lease.state == LEASE_ACTIVE and host_id in lease.hosts
+
+    def lease_counts(self) -> Mapping[str, int]:
+        with self.lock:
+            return {"active": sum(1 for x in self.leases.values() if x.state == LEASE_ACTIVE)}

@@ -1,0 +1,107 @@
+"""Placement policies: which devices a request gets.
+
+- ``binpack`` (default): the fullest device that fits, so whole devices stay free for whole-device requests.
+- ``spread``: the emptiest device, so tenants interfere as little as possible.
+
+A multi-GPU request prefers one host: devices are visited in policy order and the first host to collect
+``gpus`` fitting devices wins; only when no single host can hold the request are devices of several hosts
+combined. Placement never changes the pool; the caller takes the grants it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from gpupool.scheduler.pool import SHARE_UNITS, Device, Grant, Pool
+
+from gpupool.config import format_size
+from gpupool.errors import InvalidArgument
+
+POLICIES = ("binpack", "spread")
+MAX_GPUS = 1024
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a client asks for: `gpus` devices, each a `fraction` of a device or `memory_bytes` of one."""
+
+    gpus: int
+    fraction: float | None = None
+    memory_bytes: int | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    policy: str = "binpack"
+
+    def describe(self) -> str:
+        if self.fraction is not None:
+            size = f"fraction {self.fraction:g}"
+        else:
+            size = f"memory {format_size(self.memory_bytes or 0)}"
+        where = f" with labels {dict(self.labels)}" if self.labels else ""
+        return f"{self.gpus} GPU(s) x {size}{where}"
+
+
+def fraction_units(fraction: float) -> int:
+    """Share units of a fraction (at least one unit: a positive fraction never rounds to nothing)."""
+    return max(1, min(SHARE_UNITS, round(fraction * SHARE_UNITS)))
+
+
+def size_on(req: Request, dev: Device) -> tuple[int, int] | None:
+    """(quota_bytes, share units) that `req` takes on `dev`; None when it cannot fit even an empty `dev`."""
+    if req.fraction is not None:
+        units = fraction_units(req.fraction)
+        return dev.capacity_bytes * units // SHARE_UNITS, units
+    mem = req.memory_bytes or 0
+    if mem > dev.capacity_bytes or dev.capacity_bytes <= 0:
+        return None
+    units = max(1, -(-mem * SHARE_UNITS // dev.capacity_bytes))  # ceil: the share never undercounts the memory
+    return mem, units
+
+
+def validate(req: Request, pool: Pool) -> None:
+    """Raise InvalidArgument for a request no pool could ever satisfy."""
+    if req.gpus <= 0 or req.gpus > MAX_GPUS:
+        raise InvalidArgument(f"gpus must be in [1, {MAX_GPUS}], got {req.gpus}")
+    if (req.fraction is None) == (req.memory_bytes is None):
+        raise InvalidArgument("give exactly one of fraction or memory")
+    if req.fraction is not None and not 0.0 < req.fraction <= 1.0:
+        raise InvalidArgument(f"fraction must be in (0, 1], got {req.fraction:g}")
+    if req.memory_bytes is not None:
+        if req.memory_bytes <= 0:
+            raise InvalidArgument("memory must be positive")
+        largest = pool.max_capacity
+        if largest and req.memory_bytes > largest:
+            raise InvalidArgument(
+                f"memory {format_size(req.memory_bytes)} is larger than any device in the pool "
+                f"(largest: {format_size(largest)})"
+            )
+    if req.policy not in POLICIES:
+        raise InvalidArgument(f"unknown placement policy {req.policy!r} (known: {', '.join(POLICIES)})")
+
+
+def place(pool: Pool, req: Request) -> list[Grant] | None:
+    """The grants for `req` under its policy, or None when nothing fits now."""
+    if req.fraction is not None:
+        min_units = fraction_units(req.fraction)
+    else:
+        largest = pool.max_capacity or 1
+        min_units = max(1, -(-(req.memory_bytes or 0) * SHARE_UNITS // largest))
+    devices = pool.index.descending(min_units) if req.policy == "spread" else pool.index.ascending(min_units)
+    per_host: dict[str, list[Grant]] = {}
+    fitting: list[Grant] = []
+    for dev in devices:
+        host = pool.hosts[dev.host_id]
+        if req.labels and not host.matches(dict(req.labels), dev):
+            continue
+        size = size_on(req, dev)
+        if size is None or not dev.fits(*size):
+            continue
+        grant = Grant(dev.host_id, dev.index, size[0], size[1])
+        if req.gpus == 1:
+            return [grant]
+        same_host = per_host.setdefault(dev.host_id, [])
+        same_host.append(grant)
+        if len(same_host) == req.gpus:
+            return same_host
+        fitting.append(grant)
+    return fitting[: req.gpus] if len(fitting) >= req.gpus else None

@@ -1,0 +1,208 @@
+"""The pool's capacity model: hosts, their devices, what is allocated on each, and an index of free capacity.
+
+Shares are accounted in integer units (`SHARE_UNITS` per whole device) so that any sequence of takes and
+gives returns exactly to where it started - float sums would drift and let a device be over-committed by
+rounding. Memory is accounted in bytes. Only devices of hosts that are up sit in the free index, so
+placement never has to skip over a dead host.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+SHARE_UNITS = 1_000_000
+
+DeviceKey = tuple[str, int]  # (host_id, device index)
+
+HOST_UP = "up"
+HOST_DOWN = "down"
+HOST_DRAINING = "draining"
+
+
+@dataclass
+class Device:
+    """One GPU of a host and what the scheduler has handed out on it."""
+
+    host_id: str
+    index: int
+    uuid: str
+    model: str
+    capacity_bytes: int
+    fake: bool = False
+    allocated_bytes: int = 0
+    allocated_units: int = 0
+    used_bytes: int = 0  # as last reported by the daemon
+
+    @property
+    def key(self) -> DeviceKey:
+        return (self.host_id, self.index)
+
+    @property
+    def free_units(self) -> int:
+        return SHARE_UNITS - self.allocated_units
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.allocated_bytes
+
+    def fits(self, quota_bytes: int, units: int) -> bool:
+        return self.allocated_bytes + quota_bytes <= self.capacity_bytes and self.allocated_units + units <= SHARE_UNITS
+
+
+@dataclass
+class Host:
+    """A daemon: where clients reach it, its devices, and whether it is up."""
+
+    host_id: str
+    address: str
+    devices: dict[int, Device]
+    labels: dict[str, str] = field(default_factory=dict)
+    state: str = HOST_UP
+    last_seen: float = 0.0
+
+    def matches(self, labels: dict[str, str], device: Device) -> bool:
+        """Does this host/device carry every requested label? `model` also matches the device model."""
+        for k, v in labels.items():
+            if k == "model" and device.model == v:
+                continue
+            if k == "uuid" and device.uuid == v:
+                continue
+            if self.labels.get(k) != v:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A piece of one device held by a lease."""
+
+    host_id: str
+    device: int
+    quota_bytes: int
+    units: int
+
+    @property
+    def key(self) -> DeviceKey:
+        return (self.host_id, self.device)
+
+    @property
+    def share(self) -> float:
+        return self.units / SHARE_UNITS
+
+
+class FreeIndex:
+    """Devices bucketed by exact free share units, the distinct values kept sorted, for O(log n) placement.
+
+    The iterators are live views: finish (or drop) one before changing any device's allocation.
+    """
+
+    def __init__(self) -> None:
+        self._values: list[int] = []
+        self._buckets: dict[int, dict[DeviceKey, Device]] = {}
+
+    def add(self, dev: Device) -> None:
+        free = dev.free_units
+        bucket = self._buckets.get(free)
+        if bucket is None:
+            bucket = self._buckets[free] = {}
+            bisect.insort(self._values, free)
+        bucket[dev.key] = dev
+
+    def remove(self, dev: Device, free: int | None = None) -> None:
+        free = dev.free_units if free is None else free
+        bucket = self._buckets.get(free)
+        if bucket is None or bucket.pop(dev.key, None) is None:
+            return
+        if not bucket:
+            del self._buckets[free]
+            del self._values[bisect.bisect_left(self._values, free)]
+
+    def ascending(self, min_free: int) -> Iterator[Device]:
+        """Devices with at least `min_free` free units, fullest first (binpack order)."""
+        i = bisect.bisect_left(self._values, min_free)
+        for value in self._values[i:]:
+            yield from self._buckets[value].values()
+
+    def descending(self, min_free: int) -> Iterator[Device]:
+        """Devices with at least `min_free` free units, emptiest first (spread order)."""
+        i = bisect.bisect_left(self._values, min_free)
+        for value in reversed(self._values[i:]):
+            yield from self._buckets[value].values()
+
+    def max_free(self) -> int:
+        return self._values[-1] if self._values else 0
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self._buckets.values())
+
+
+class Pool:
+    """All hosts and devices; take/give move capacity and keep the free index in step."""
+
+    def __init__(self) -> None:
+        self.hosts: dict[str, Host] = {}
+        self.index = FreeIndex()
+        self.max_capacity = 0  # of any device ever registered: bounds what a memory request may ask
+
+    def device(self, key: DeviceKey) -> Device | None:
+        host = self.hosts.get(key[0])
+        return host.devices.get(key[1]) if host else None
+
+    def set_host(self, host: Host) -> None:
+        """Add or replace a host (its devices start with nothing allocated; leases are re-applied by the caller)."""
+        old = self.hosts.get(host.host_id)
+        if old is not None:
+            for dev in old.devices.values():
+                self.index.remove(dev)
+        self.hosts[host.host_id] = host
+        self.max_capacity = max([self.max_capacity, *(d.capacity_bytes for d in host.devices.values())])
+        if host.state == HOST_UP:
+            for dev in host.devices.values():
+                self.index.add(dev)
+
+    def set_state(self, host_id: str, state: str) -> None:
+        host = self.hosts[host_id]
+        if host.state == state:
+            return
+        if host.state == HOST_UP:
+            for dev in host.devices.values():
+                self.index.remove(dev)
+        host.state = state
+        if state == HOST_UP:
+            for dev in host.devices.values():
+                self.index.add(dev)
+
+    def _move(self, grant: Grant, sign: int) -> None:
+        host = self.hosts.get(grant.host_id)
+        dev = host.devices.get(grant.device) if host else None
+        if host is None or dev is None:
+            return
+        indexed = host.state == HOST_UP
+        if indexed:
+            self.index.remove(dev)
+        dev.allocated_bytes += sign * grant.quota_bytes
+        dev.allocated_units += sign * grant.units
+        if indexed:
+            self.index.add(dev)
+
+    def take(self, grants: list[Grant]) -> None:
+        for g in grants:
+            self._move(g, +1)
+
+    def give(self, grants: list[Grant]) -> None:
+        for g in grants:
+            self._move(g, -1)
+
+    def up_devices(self) -> Iterator[tuple[Host, Device]]:
+        for host in self.hosts.values():
+            if host.state == HOST_UP:
+                for dev in host.devices.values():
+                    yield host, dev
+
+    def largest_free_fraction(self) -> float:
+        return self.index.max_free() / SHARE_UNITS
+
+    def largest_free_bytes(self) -> int:
+        return max((d.free_bytes for _, d in self.up_devices()), default=0)

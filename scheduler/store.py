@@ -1,0 +1,174 @@
+"""Where the scheduler keeps hosts and leases so that a restart (even `kill -9`) loses nothing.
+
+`Store` is the small interface the scheduler core needs: load everything once at start, then write the
+hosts and leases one decision changed in one transaction. `SqliteStore` (WAL, synchronous=NORMAL: a commit
+is an append to the log, durable across a process crash) is the default; `MemoryStore` serves tests and
+benchmarks; an external store for HA deployments would implement the same three methods.
+
+Allocations per device are not stored: they are the sum of the active leases' grants, rebuilt at load.
+Heartbeats (last_seen, usage) are not stored either: they change every 2 s and mean nothing after a restart.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from gpupool.scheduler.pool import Device, Grant, Host
+
+LEASE_ACTIVE = "active"
+LEASE_RELEASED = "released"
+LEASE_EXPIRED = "expired"
+LEASE_LOST = "lost"
+
+
+@dataclass
+class Lease:
+    """A lease: grants on one or more devices, valid until `expires_at` unless renewed."""
+
+    lease_id: str
+    tenant: str
+    grants: list[Grant]
+    expires_at: float
+    ttl: float
+    created_at: float
+    state: str = LEASE_ACTIVE
+    ended_at: float = 0.0
+    hosts: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.hosts = {g.host_id for g in self.grants}
+
+
+class Store(Protocol):
+    def load(self) -> tuple[list[Host], list[Lease]]: ...
+
+    def write(self, hosts: Iterable[Host] = (), leases: Iterable[Lease] = (), forget: Iterable[str] = ()) -> None:
+        """Upsert hosts and leases, delete the leases named in `forget`; all in one transaction."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class MemoryStore:
+    """Keeps copies in dicts: the same semantics as SQLite, gone with the process."""
+
+    def __init__(self) -> None:
+        self._hosts: dict[str, Host] = {}
+        self._leases: dict[str, Lease] = {}
+
+    def load(self) -> tuple[list[Host], list[Lease]]:
+        return [copy.deepcopy(h) for h in self._hosts.values()], [copy.deepcopy(x) for x in self._leases.values()]
+
+    def write(self, hosts: Iterable[Host] = (), leases: Iterable[Lease] = (), forget: Iterable[str] = ()) -> None:
+        for h in hosts:
+            self._hosts[h.host_id] = copy.deepcopy(h)
+        for x in leases:
+            self._leases[x.lease_id] = copy.deepcopy(x)
+        for lease_id in forget:
+            self._leases.pop(lease_id, None)
+
+    def close(self) -> None:
+        pass
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS hosts (
+  host_id TEXT PRIMARY KEY, address TEXT NOT NULL, state TEXT NOT NULL, labels TEXT NOT NULL, devices TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+  lease_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, state TEXT NOT NULL, grants TEXT NOT NULL,
+  expires_at REAL NOT NULL, ttl REAL NOT NULL, created_at REAL NOT NULL, ended_at REAL NOT NULL
+);
+"""
+
+
+def _host_row(h: Host) -> tuple[str, str, str, str, str]:
+    devices = [
+        {"index": d.index, "uuid": d.uuid, "model": d.model, "capacity_bytes": d.capacity_bytes, "fake": d.fake}
+        for d in h.devices.values()
+    ]
+    return (h.host_id, h.address, h.state, json.dumps(h.labels), json.dumps(devices))
+
+
+def _lease_row(x: Lease) -> tuple[str, str, str, str, float, float, float, float]:
+    grants = [[g.host_id, g.device, g.quota_bytes, g.units] for g in x.grants]
+    return (x.lease_id, x.tenant, x.state, json.dumps(grants), x.expires_at, x.ttl, x.created_at, x.ended_at)
+
+
+class SqliteStore:
+    """SQLite in WAL mode; the scheduler core serializes calls, the lock only guards against misuse."""
+
+    def __init__(self, path: str | Path) -> None:
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def load(self) -> tuple[list[Host], list[Lease]]:
+        with self._lock:
+            host_rows = self._db.execute("SELECT host_id, address, state, labels, devices FROM hosts").fetchall()
+            lease_rows = self._db.execute(
+                "SELECT lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at FROM leases"
+            ).fetchall()
+        hosts = []
+        for host_id, address, state, labels, devices in host_rows:
+            devs = {
+                int(d["index"]): Device(
+                    host_id, int(d["index"]), str(d["uuid"]), str(d["model"]), int(d["capacity_bytes"]), bool(d["fake"])
+                )
+                for d in json.loads(devices)
+            }
+            hosts.append(Host(host_id, address, devs, dict(json.loads(labels)), state))
+        leases = [
+            Lease(
+                lease_id,
+                tenant,
+                [Grant(str(h), int(d), int(q), int(u)) for h, d, q, u in json.loads(grants)],
+                expires_at,
+                ttl,
+                created_at,
+                state,
+                ended_at,
+            )
+            for lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at in lease_rows
+        ]
+        return hosts, leases
+
+    def write(self, hosts: Iterable[Host] = (), leases: Iterable[Lease] = (), forget: Iterable[str] = ()) -> None:
+        host_rows = [_host_row(h) for h in hosts]
+        lease_rows = [_lease_row(x) for x in leases]
+        forget_rows = [(lease_id,) for lease_id in forget]
+        if not (host_rows or lease_rows or forget_rows):
+            return
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                if host_rows:
+                    self._db.executemany("INSERT OR REPLACE INTO hosts VALUES (?, ?, ?, ?, ?)", host_rows)
+                if lease_rows:
+                    self._db.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)", lease_rows)
+                if forget_rows:
+                    self._db.executemany("DELETE FROM leases WHERE lease_id = ?", forget_rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def open_store(path: str) -> Store:
+    """":memory:" or "" gives a MemoryStore, anything else a SqliteStore at that path."""
+    return MemoryStore() if path in ("", ":memory:") else SqliteStore(path)
