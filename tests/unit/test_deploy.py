@@ -1,0 +1,309 @@
+"""Deployment files hold together: the kustomization renders and validates against a current Kubernetes schema,
+the Prometheus operator objects point at real ports, the Grafana dashboard and the Prometheus files are well
+formed, and every flag that a manifest, Dockerfile or systemd unit passes is one `gpupool serve --help` or
+`gpupool scheduler --help` documents."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+# Kubernetes version the manifests are validated against: the newest one kubernetes-validate knows.
+K8S_VERSION = kubernetes_validate.latest_version()
+CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PriorityClass"}
+# GPUPOOL_* variables that are read outside argparse (gpupool/config.py, gpupool/tokens.py).
+NON_FLAG_ENV = {"GPUPOOL_LOG_LEVEL", "GPUPOOL_TOKEN_KEY"}
+FLAG_RE = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
+
+
+# ---------------------------------------------------------------- rendering the kustomization
+
+
+def render_kustomization(directory: Path) -> list[dict[str, Any]]:
+    """The objects `kubectl apply -k` would create: resources, generated Secrets, namespace, labels, images.
+
+    A small renderer of the kustomize features this kustomization uses, so the test runs without kubectl.
+    """
+    kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    objects: list[dict[str, Any]] = []
+    for resource in kust.get("resources", []):
+        objects += [doc for doc in yaml.safe_load_all((directory / resource).read_text()) if doc]
+    for gen in kust.get("secretGenerator", []):
+        # The key file is the operator's (git-ignored); its content does not matter for validation.
+        data = {Path(f).name: "c2VjcmV0" for f in gen.get("files", [])}
+        objects.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": gen["name"]}, "data": data})
+    images = {i["name"]: i for i in kust.get("images", [])}
+    labels: dict[str, str] = {}
+    for entry in kust.get("labels", []):
+        labels.update(entry.get("pairs", {}))
+    for obj in objects:
+        meta = obj.setdefault("metadata", {})
+        if kust.get("namespace") and obj["kind"] not in CLUSTER_SCOPED:
+            meta["namespace"] = kust["namespace"]
+        meta.setdefault("labels", {}).update(labels)
+        for container in pod_spec(obj).get("containers", []) if pod_spec(obj) else []:
+            name = container["image"].split(":")[0]
+            if name in images:
+                container["image"] = f"{images[name].get('newName', name)}:{images[name]['newTag']}"
+    return objects
+
+
+def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    if obj["kind"] in ("Deployment", "DaemonSet", "StatefulSet"):
+        return obj["spec"]["template"]["spec"]
+    return {}
+
+
+@pytest.fixture(scope="module")
+def objects() -> list[dict[str, Any]]:
+    return render_kustomization(K8S)
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def test_every_listed_resource_exists_and_token_key_is_ignored() -> None:
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    for resource in kust["resources"]:
+        assert (K8S / resource).is_file(), f"kustomization.yaml lists missing {resource}"
+    ignored = (K8S / ".gitignore").read_text().split()
+    for gen in kust.get("secretGenerator", []):
+        for f in gen.get("files", []):
+            assert f in ignored, f"secret file {f} must be git-ignored"
+
+
+def test_manifests_validate_against_kubernetes_schema(objects: list[dict[str, Any]]) -> None:
+    kinds = {o["kind"] for o in objects}
+    assert {"Deployment", "Service", "PersistentVolumeClaim", "DaemonSet", "Secret", "ConfigMap"} <= kinds
+    for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) in CRD_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} is invalid for Kubernetes {K8S_VERSION}: {exc}")
+
+
+def test_kubectl_kustomize_renders_when_available(tmp_path: Path, objects: list[dict[str, Any]]) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed: the built-in renderer covered the kustomization")
+    work = tmp_path / "k8s"
+    shutil.copytree(K8S, work)
+    (work / "token.key").write_text("0123456789abcdef0123456789abcdef\n")
+    out = subprocess.run([kubectl, "kustomize", str(work)], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0 and "unknown command" in out.stderr:
+        pytest.skip(f"this kubectl has no kustomize: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert sorted(o["kind"] for o in rendered) == sorted(o["kind"] for o in objects)
+    for obj in rendered:
+        if (obj["apiVersion"], obj["kind"]) not in CRD_KINDS:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def _container(obj: dict[str, Any]) -> dict[str, Any]:
+    (container,) = pod_spec(obj)["containers"]
+    return container
+
+
+def _port(container: dict[str, Any], name: str) -> int:
+    return next(int(p["containerPort"]) for p in container["ports"] if p["name"] == name)
+
+
+def test_workloads_wire_up(objects: list[dict[str, Any]]) -> None:
+    (daemonset,) = by_kind(objects, "DaemonSet")
+    (deployment,) = by_kind(objects, "Deployment")
+    (service,) = by_kind(objects, "Service")
+    (pvc,) = by_kind(objects, "PersistentVolumeClaim")
+    (secret,) = by_kind(objects, "Secret")
+    (configmap,) = by_kind(objects, "ConfigMap")
+    daemon, sched = _container(daemonset), _container(deployment)
+    # GPUs come from the device plugin, on GPU nodes only.
+    assert int(daemon["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    assert pod_spec(daemonset).get("nodeSelector"), "the daemon must be pinned to GPU nodes"
+    # Probes use Kubernetes' native gRPC health checks on the program's gRPC port.
+    for obj, container in ((daemonset, daemon), (deployment, sched)):
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == _port(container, "grpc"), (obj["kind"], probe)
+        volumes = {v["name"]: v for v in pod_spec(obj)["volumes"]}
+        key = volumes["token-key"]["secret"]["secretName"]
+        assert key == secret["metadata"]["name"], f"{obj['kind']} mounts secret {key}, the kustomization makes another"
+        mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "token-key")
+        assert f"--token-key-file={mount}/{next(iter(secret['data']))}" in container["args"]
+        assert container["envFrom"][0]["configMapRef"]["name"] == configmap["metadata"]["name"]
+        # The metrics flag binds the port the monitors scrape.
+        assert f"--metrics-listen=0.0.0.0:{_port(container, 'metrics')}" in container["args"]
+        assert any(a.startswith(f"--listen=0.0.0.0:{_port(container, 'grpc')}") for a in container["args"])
+    # The scheduler keeps its state on the claimed volume; one replica, never two on one database.
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    assert volumes["state"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    state_mount = next(m["mountPath"] for m in sched["volumeMounts"] if m["name"] == "state")
+    assert any(a.startswith(f"--state={state_mount}/") for a in sched["args"])
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    # The service selects the scheduler pods and exposes its gRPC port, which the daemons dial.
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    assert f"--scheduler={service['metadata']['name']}:{grpc_port}" in daemon["args"]
+
+
+def test_prometheus_operator_monitors_match_ports(objects: list[dict[str, Any]]) -> None:
+    (podmon,) = by_kind(objects, "PodMonitor")
+    (servicemon,) = by_kind(objects, "ServiceMonitor")
+    (daemonset,) = by_kind(objects, "DaemonSet")
+    (service,) = by_kind(objects, "Service")
+    for mon in (podmon, servicemon):
+        assert mon["apiVersion"] == "monitoring.coreos.com/v1"
+        assert set(mon["metadata"]) >= {"name", "namespace"}
+    pod_labels = daemonset["spec"]["template"]["metadata"]["labels"]
+    assert podmon["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    daemon_ports = {p["name"] for p in _container(daemonset)["ports"]}
+    for ep in podmon["spec"]["podMetricsEndpoints"]:
+        assert ep["port"] in daemon_ports and ep["path"] == "/metrics"
+    assert servicemon["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    service_ports = {p["name"] for p in service["spec"]["ports"]}
+    for ep in servicemon["spec"]["endpoints"]:
+        assert ep["port"] in service_ports and ep["path"] == "/metrics"
+
+
+# ---------------------------------------------------------------- flags used by deploy files vs --help
+
+
+def _program_of(words: list[str]) -> str | None:
+    for program in ("serve", "scheduler"):
+        if program in words:
+            return program
+    return None
+
+
+def deploy_flags() -> dict[str, set[tuple[str, str]]]:
+    """{program: {(flag, where)}} for every flag the deploy files pass to `gpupool serve` / `gpupool scheduler`."""
+    found: dict[str, set[tuple[str, str]]] = {"serve": set(), "scheduler": set()}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc:
+                continue
+            if doc["kind"] == "ConfigMap":
+                for env in doc["data"]:
+                    if env not in NON_FLAG_ENV:
+                        # Shared by both workloads; a variable must be a flag of at least one program.
+                        found.setdefault("either", set()).add(("--" + env[8:].lower().replace("_", "-"), path.name))
+                continue
+            for container in pod_spec(doc).get("containers", []) if pod_spec(doc) else []:
+                words = [*container.get("command", []), *container.get("args", [])]
+                program = _program_of(words)
+                assert program, f"{path.name}: cannot tell which program {words} runs"
+                found[program] |= {(m, path.name) for w in words for m in ["--" + x for x in FLAG_RE.findall(w)]}
+    for path in sorted((DEPLOY / "docker").glob("Dockerfile.*")):
+        text = path.read_text()
+        entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M).group(1))  # type: ignore[union-attr]
+        cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))  # type: ignore[union-attr]
+        program = _program_of(entry)
+        assert program, f"{path.name}: ENTRYPOINT {entry} runs neither serve nor scheduler"
+        found[program] |= {("--" + f, path.name) for w in cmd for f in FLAG_RE.findall(w)}
+    for path in sorted((DEPLOY / "systemd").glob("*.service")):
+        text = path.read_text().replace("\\\n", " ")
+        exec_start = re.search(r"^ExecStart=(.*)$", text, re.M).group(1).split()  # type: ignore[union-attr]
+        program = _program_of(exec_start)
+        assert program, f"{path.name}: ExecStart runs neither serve nor scheduler"
+        found[program] |= {("--" + f, path.name) for w in exec_start for f in FLAG_RE.findall(w)}
+        for env in re.findall(r"GPUPOOL_[A-Z_]+", text):
+            if env not in NON_FLAG_ENV:
+                found[program].add(("--" + env[8:].lower().replace("_", "-"), path.name))
+    return found
+
+
+def program_help(program: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "gpupool.cli", program, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 0, f"gpupool {program} --help failed:\n{out.stderr}"
+    return out.stdout
+
+
+def test_every_deploy_flag_is_documented_in_help() -> None:
+    found = deploy_flags()
+    assert {f for f, _ in found["serve"]} >= {"--listen", "--metrics-listen", "--token-key-file"}
+    assert {f for f, _ in found["scheduler"]} >= {"--listen", "--metrics-listen", "--state", "--token-key-file"}
+    helps = {p: set(FLAG_RE.findall(program_help(p))) for p in ("serve", "scheduler")}
+    missing = [
+        f"{where}: gpupool {program} {flag}"
+        for program in ("serve", "scheduler")
+        for flag, where in sorted(found[program])
+        if flag[2:] not in helps[program]
+    ]
+    missing += [
+        f"{where}: GPUPOOL_{flag[2:].upper().replace('-', '_')} is a flag of neither program"
+        for flag, where in sorted(found.get("either", set()))
+        if flag[2:] not in helps["serve"] | helps["scheduler"]
+    ]
+    assert not missing, "flags used in deploy/ but not in --help:\n" + "\n".join(missing)
+
+
+# ---------------------------------------------------------------- Grafana and Prometheus files
+
+
+def test_grafana_dashboard_is_well_formed() -> None:
+    dash = json.loads((DEPLOY / "grafana" / "gpupool.json").read_text())
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    for name in ("host", "device"):
+        assert variables[name]["type"] == "query" and variables[name]["datasource"]["uid"] == "${datasource}"
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for topic in ("pool", "memory allocated vs used", "per tenant", "op rate", "errors", "leases", "latency"):
+        assert topic in titles, f"no panel about {topic!r}"
+    for panel in dash["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"] and all(t["expr"].strip() for t in panel["targets"]), panel["title"]
+        assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"]), panel["title"]
+        grid = panel["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]
+
+
+def test_alert_rules_are_well_formed() -> None:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
+    alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
+    for required in ("GpupoolHostDown", "GpupoolPoolAlmostFull", "GpupoolErrorsRising", "GpupoolAllocationsFailing"):
+        assert required in alerts
+    for name, rule in alerts.items():
+        assert rule["labels"]["severity"] in ("critical", "warning", "info"), name
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+    ops = (ROOT / "docs" / "operations.md").read_text()
+    for name in alerts:
+        assert name in ops, f"docs/operations.md does not explain alert {name}"
+
+
+def test_prometheus_files_pass_promtool(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool missing in CI: scripts/setup.sh installs the Debian prometheus package")
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    for args in (["check", "rules", "rules.yml"], ["check", "config", "prometheus.yml"]):
+        out = subprocess.run([promtool, *args], cwd=DEPLOY / "prometheus", capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
