@@ -66,9 +66,7 @@ class PoolCollector(Collector):
         hosts = GaugeMetricFamily("gpupool_pool_hosts", "Hosts in the pool by state", labels=["state"])
         devices = GaugeMetricFamily("gpupool_pool_devices", "Devices in the pool by host state", labels=["state"])
         dev_labels = ["host", "device", "UUID", "model"]
-        capacity = GaugeMetricFamily(
-            "gpupool_pool_memory_capacity_bytes", "Memory of each device", labels=dev_labels
-        )
+        capacity = GaugeMetricFamily("gpupool_pool_memory_capacity_bytes", "Memory of each device", labels=dev_labels)
         allocated = GaugeMetricFamily(
             "gpupool_pool_memory_allocated_bytes", "Memory quota leased out on each device", labels=dev_labels
         )

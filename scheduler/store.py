@@ -170,5 +170,5 @@ class SqliteStore:
 
 
 def open_store(path: str) -> Store:
-    """":memory:" or "" gives a MemoryStore, anything else a SqliteStore at that path."""
+    """ ":memory:" or "" gives a MemoryStore, anything else a SqliteStore at that path."""
     return MemoryStore() if path in ("", ":memory:") else SqliteStore(path)

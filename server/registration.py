@@ -1,0 +1,121 @@
+"""The daemon side of Register/Heartbeat: keep this host known to the scheduler.
+
+A `Registrar` thread registers the host, then heartbeats every `interval` seconds with the sessions'
+usage, hands the leases the scheduler revokes to `source.revoke_leases`, and registers again when the
+scheduler asks (it marked the host down) or has restarted (a new scheduler id). While the scheduler is
+unreachable it keeps trying and logs - the daemon keeps serving the sessions it has.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Protocol
+
+import grpc
+
+from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+RPC_TIMEOUT = 5.0
+
+
+class RegistrationSource(Protocol):
+    """What the daemon tells the scheduler (server/daemon.py implements it)."""
+
+    host_id: str
+
+    def devices(self) -> list[device_pb2.DeviceInfo]: ...
+
+    def usage(self) -> tuple[list[device_pb2.SessionUsage], list[device_pb2.DeviceUsage]]: ...
+
+    def draining(self) -> bool: ...
+
+    def revoke_leases(self, lease_ids: list[str]) -> None: ...
+
+
+class Registrar:
+    def __init__(
+        self,
+        scheduler_address: str,
+        host_id: str,
+        advertise_address: str,
+        source: RegistrationSource,
+        interval: float = 2.0,
+    ) -> None:
+        self.scheduler_address = scheduler_address
+        self.host_id = host_id
+        self.advertise_address = advertise_address
+        self.source = source
+        self.interval = interval
+        self.registered = threading.Event()  # set while the scheduler knows this host
+        self.scheduler_id = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="registrar", daemon=True)
+        self._channel = grpc.insecure_channel(scheduler_address)
+        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+        self._failures = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=RPC_TIMEOUT + 1)
+        self._channel.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.registered.is_set():
+                    self._heartbeat()
+                else:
+                    self._register()
+                if self._failures:
+                    log.info("scheduler %s reachable again", self.scheduler_address)
+                self._failures = 0
+            except grpc.RpcError as err:
+                self._failed(f"{err.code().name}: {err.details()}")  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - a bad source reading must not end registration
+                log.exception("registration step failed")
+                self._failed(f"{type(exc).__name__}: {exc}")
+            if not self.registered.is_set() and self._failures == 0:
+                continue  # the scheduler asked us to register again: do it now
+            self._stop.wait(self.interval if not self._failures else min(self.interval * 2**self._failures, 30.0))
+
+    def _failed(self, why: str) -> None:
+        self._failures += 1
+        if self._failures == 1 or self._failures % 10 == 0:
+            log.warning(
+                "scheduler %s: %s (attempt %d; the daemon keeps serving)", self.scheduler_address, why, self._failures
+            )
+
+    def _register(self) -> None:
+        reply = self._stub.Register(
+            scheduler_pb2.RegisterRequest(
+                host_id=self.host_id, address=self.advertise_address, devices=self.source.devices()
+            ),
+            timeout=RPC_TIMEOUT,
+        )
+        self.scheduler_id = reply.scheduler_id
+        self.registered.set()
+        log.info(
+            "registered with scheduler %s as %s (%s)", self.scheduler_address, self.host_id, self.advertise_address
+        )
+
+    def _heartbeat(self) -> None:
+        sessions, devices = self.source.usage()
+        reply = self._stub.Heartbeat(
+            scheduler_pb2.HeartbeatRequest(
+                host_id=self.host_id, sessions=sessions, devices=devices, draining=self.source.draining()
+            ),
+            timeout=RPC_TIMEOUT,
+        )
+        if reply.revoked_leases:
+            log.info("scheduler revoked lease(s) %s", ", ".join(reply.revoked_leases))
+            self.source.revoke_leases(list(reply.revoked_leases))
+        if reply.reregister or (reply.scheduler_id and reply.scheduler_id != self.scheduler_id):
+            log.info("scheduler %s asks to register again", self.scheduler_address)
+            self.registered.clear()

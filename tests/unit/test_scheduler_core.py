@@ -1,0 +1,203 @@
+"""The scheduler core without gRPC: lease lifecycle, host loss, heartbeats, FIFO waiting, restart from the store."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from gpupool.scheduler.hosts import DeviceSpec
+from gpupool.scheduler.leases import Core, CoreConfig
+from gpupool.scheduler.placement import Request
+from gpupool.scheduler.pool import HOST_DOWN, SHARE_UNITS
+from gpupool.scheduler.store import LEASE_ACTIVE, MemoryStore, SqliteStore, Store
+
+from gpupool import tokens
+from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+
+KEY = b"k" * 32
+GiB = 1024**3
+
+
+def core_with(store: Store | None = None, hosts: int = 2, **cfg: float) -> Core:
+    core = Core(store or MemoryStore(), KEY, CoreConfig(**cfg))
+    for h in range(hosts):
+        core.register(f"h{h}", f"127.0.0.1:{6000 + h}", [DeviceSpec(0, f"uuid-{h}", "fake", 8 * GiB, True)])
+    return core
+
+
+def half() -> Request:
+    return Request(1, fraction=0.5)
+
+
+def allocated(core: Core) -> dict[tuple[str, int], tuple[int, int]]:
+    return {d.key: (d.allocated_bytes, d.allocated_units) for h in core.pool.hosts.values() for d in h.devices.values()}
+
+
+def test_grant_mints_verifiable_tokens() -> None:
+    core = core_with()
+    lease = core.allocate(Request(1, fraction=0.25), tenant="alice", ttl=30)
+    claims = tokens.verify(KEY, core.token(lease, 0))
+    assert (claims.lease_id, claims.share, claims.quota_bytes, claims.tenant) == (
+        lease.lease_id,
+        0.25,
+        2 * GiB,
+        "alice",
+    )
+    assert claims.expires_at == pytest.approx(time.time() + 30, abs=2)
+
+
+def test_renew_extends_and_release_frees() -> None:
+    core = core_with()
+    lease = core.allocate(half(), ttl=5)
+    before = lease.expires_at
+    time.sleep(0.01)
+    assert core.renew(lease.lease_id).expires_at > before
+    core.release(lease.lease_id)
+    assert all(units == 0 for _, units in allocated(core).values())
+    with pytest.raises(FailedPrecondition, match="released"):
+        core.renew(lease.lease_id)
+    core.release(lease.lease_id)  # again: harmless
+    with pytest.raises(NotFound):
+        core.renew("nope")
+    with pytest.raises(NotFound):
+        core.release("nope")
+
+
+def test_unrenewed_lease_expires_and_frees() -> None:
+    core = core_with(hosts=1)
+    lease = core.allocate(Request(1, fraction=1.0), ttl=1)
+    with pytest.raises(ResourceExhausted, match="largest free fraction of any device is 0"):
+        core.allocate(half())
+    core.sweep(time.time() + 2)
+    assert core.leases[lease.lease_id].state == "expired"
+    assert core.allocate(half())
+    with pytest.raises(FailedPrecondition, match="expired"):
+        core.renew(lease.lease_id)
+    revoked, again = core.heartbeat("h0", [], {}, False)
+    assert revoked == [lease.lease_id] and not again
+
+
+def test_silent_host_goes_down_and_its_leases_are_lost() -> None:
+    core = core_with(host_timeout=1)
+    lease = core.allocate(half())
+    host = lease.grants[0].host_id
+    core.sweep(time.time() + 5)
+    assert core.pool.hosts[host].state == HOST_DOWN
+    with pytest.raises(Unavailable, match="down"):
+        core.renew(lease.lease_id)
+    assert core.heartbeat(host, [], {}, False) == ([], True)
+    core.register(host, "127.0.0.1:6000", [DeviceSpec(0, "uuid-x", "fake", 8 * GiB, True)])
+    revoked, again = core.heartbeat(host, [lease.lease_id], {0: 123}, False)
+    assert revoked == [lease.lease_id] and not again
+    assert core.pool.hosts[host].devices[0].used_bytes == 123
+
+
+def test_heartbeat_revokes_sessions_of_unknown_leases() -> None:
+    core = core_with()
+    lease = core.allocate(half())
+    host = lease.grants[0].host_id
+    other = "h1" if host == "h0" else "h0"
+    assert core.heartbeat(host, [lease.lease_id], {}, False) == ([], False)
+    assert core.heartbeat(other, [lease.lease_id, "forged"], {}, False) == (sorted([lease.lease_id, "forged"]), False)
+
+
+def test_draining_host_gets_no_new_leases() -> None:
+    core = core_with()
+    core.heartbeat("h0", [], {}, True)
+    for _ in range(2):
+        assert core.allocate(half()).grants[0].host_id == "h1"
+    with pytest.raises(ResourceExhausted):
+        core.allocate(half())
+    core.heartbeat("h0", [], {}, False)
+    assert core.allocate(half()).grants[0].host_id == "h0"
+
+
+def test_waiters_are_served_in_fifo_order() -> None:
+    core = core_with(hosts=1)
+    first = core.allocate(Request(1, fraction=1.0))
+    order: list[str] = []
+
+    def wait(name: str, fraction: float) -> None:
+        core.allocate(Request(1, fraction=fraction), tenant=name, wait=10)
+        order.append(name)
+
+    big = threading.Thread(target=wait, args=("big", 1.0))
+    big.start()
+    while not core.waiters:
+        time.sleep(0.01)
+    small = threading.Thread(target=wait, args=("small", 0.1))
+    small.start()
+    while len(core.waiters) < 2:
+        time.sleep(0.01)
+    with pytest.raises(ResourceExhausted, match="2 request"):
+        core.allocate(Request(1, fraction=0.1))  # no waiting: does not jump the queue
+    core.release(first.lease_id)
+    big.join(5)
+    assert order == ["big"]
+    assert len(core.waiters) == 1  # small waits behind big's whole device
+    active = [x for x in core.leases.values() if x.state == LEASE_ACTIVE]
+    core.release(active[0].lease_id)
+    small.join(5)
+    assert order == ["big", "small"]
+
+
+def test_wait_times_out_with_exhausted() -> None:
+    core = core_with(hosts=1)
+    core.allocate(Request(1, fraction=0.75))
+    t0 = time.monotonic()
+    with pytest.raises(ResourceExhausted, match="waited in vain.*0.25"):
+        core.allocate(Request(1, fraction=0.5), wait=0.3)
+    assert 0.25 < time.monotonic() - t0 < 3
+    assert not core.waiters
+
+
+@pytest.mark.parametrize(
+    "devices, words",
+    [
+        ([], "no devices"),
+        ([DeviceSpec(0, "a", "m", 1), DeviceSpec(0, "b", "m", 1)], "twice"),
+        ([DeviceSpec(0, "a", "m", 0)], "no memory"),
+    ],
+)
+def test_malformed_registration(devices: list[DeviceSpec], words: str) -> None:
+    core = core_with()
+    before = allocated(core)
+    with pytest.raises(InvalidArgument, match=words):
+        core.register("h9", "127.0.0.1:1", devices)
+    with pytest.raises(InvalidArgument, match="address"):
+        core.register("h9", "nowhere", [DeviceSpec(0, "a", "m", 1)])
+    assert "h9" not in core.pool.hosts and allocated(core) == before
+
+
+def test_restart_from_sqlite_keeps_hosts_and_leases(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    core = core_with(SqliteStore(path))
+    kept = [core.allocate(half(), tenant="t") for _ in range(3)]
+    gone = core.allocate(Request(1, fraction=0.25))
+    core.release(gone.lease_id)
+    books = allocated(core)
+    # no close(): as after kill -9
+    again = Core(SqliteStore(path), KEY, CoreConfig())
+    assert set(again.pool.hosts) == {"h0", "h1"}
+    assert allocated(again) == books
+    assert {x.lease_id for x in again.active_leases()} == {x.lease_id for x in kept}
+    assert again.renew(kept[0].lease_id).tenant == "t"
+    with pytest.raises(FailedPrecondition):
+        again.renew(gone.lease_id)
+    # the one free half is the only room left: nothing is handed out twice
+    again.allocate(half())
+    with pytest.raises(ResourceExhausted):
+        again.allocate(Request(1, fraction=1 / SHARE_UNITS))
+
+
+def test_reregistering_host_keeps_its_leases_when_devices_match() -> None:
+    core = core_with(hosts=1)
+    lease = core.allocate(half())
+    core.register("h0", "127.0.0.1:7000", [DeviceSpec(0, "uuid-0", "fake", 8 * GiB, True)])
+    assert core.leases[lease.lease_id].state == LEASE_ACTIVE
+    assert allocated(core)[("h0", 0)] == (4 * GiB, SHARE_UNITS // 2)
+    core.register("h0", "127.0.0.1:7000", [DeviceSpec(0, "uuid-0", "fake", 4 * GiB, True)])
+    assert core.leases[lease.lease_id].state == "lost"
+    assert allocated(core)[("h0", 0)] == (0, 0)
