@@ -1,0 +1,297 @@
+"""The metrics contract (docs/metrics.md) holds the code, the Grafana dashboard and the alert rules to one table.
+
+A real scheduler and a real daemon (subprocesses of `gpupool scheduler` / `gpupool serve`, every port 0) are
+started; the daemon registers, a lease is allocated and a session runs ops (one of them failing) so that every
+labelled family has samples. Then both /metrics endpoints are scraped and compared with the table: a family the
+code exports but the table lacks fails, so does one the table lists but the code does not export, or a family
+whose type or label set differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gpupool import tokens
+from gpupool._proto import (
+    device_pb2,
+    device_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    tensor_pb2,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+CONTRACT = ROOT / "docs" / "metrics.md"
+DASHBOARD = ROOT / "deploy" / "grafana" / "gpupool.json"
+RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
+ROW_RE = re.compile(r"^\|\s*`(gpupool_[a-z0-9_]+)`\s*\|\s*(\w+)\s*\|([^|]*)\|([^|]*)\|\s*$")
+METRIC_RE = re.compile(r"\bgpupool_[a-zA-Z0-9_]+")
+# Metrics Prometheus makes itself, allowed in rules and panels next to the contract's.
+PROMETHEUS_BUILTIN = {"up"}
+
+
+@dataclass(frozen=True)
+class Family:
+    type: str
+    labels: frozenset[str] | None  # None: exported without samples, labels unknown
+
+
+# ---------------------------------------------------------------- the table and the expressions
+
+
+def contract() -> dict[str, tuple[str, Family]]:
+    """{metric name: (program section, Family)} from docs/metrics.md's tables."""
+    table: dict[str, tuple[str, Family]] = {}
+    section = ""
+    for line in CONTRACT.read_text().splitlines():
+        if line.startswith("## "):
+            section = line[3:].split()[0].lower()
+        m = ROW_RE.match(line)
+        if m:
+            name, kind, labels, meaning = m.groups()
+            assert name not in table, f"{name} listed twice in docs/metrics.md"
+            assert meaning.strip(), f"{name} has no meaning in docs/metrics.md"
+            table[name] = (section, Family(kind, frozenset(re.findall(r"`([A-Za-z_]+)`", labels))))
+    return table
+
+
+def dashboard_exprs() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":
+            exprs.append(var["definition"])
+    return exprs
+
+
+def rule_exprs() -> list[str]:
+    yaml = pytest.importorskip("yaml")
+    rules = yaml.safe_load(RULES.read_text())
+    return [r["expr"] for g in rules["groups"] for r in g["rules"]]
+
+
+def referenced_metrics(expr: str) -> set[str]:
+    """gpupool_* metric names in a PromQL expression, histogram series mapped to their family name."""
+    names = set()
+    for name in METRIC_RE.findall(expr):
+        for suffix in ("_bucket", "_sum", "_count"):
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+        names.add(name)
+    return names
+
+
+def test_contract_table_parses_and_follows_conventions() -> None:
+    table = contract()
+    assert len(table) >= 20, "docs/metrics.md's tables were not found"
+    sections = {section for section, _ in table.values()}
+    assert sections == {"daemon", "scheduler"}
+    for name, (_, fam) in table.items():
+        assert fam.type in ("counter", "gauge", "histogram"), name
+        assert name.endswith("_total") == (fam.type == "counter"), f"{name}: counters and only counters end in _total"
+        assert not name.endswith(("_bucket", "_sum", "_count", "_created")), name
+    # Device-level series join with dcgm-exporter through the UUID label.
+    assert all("UUID" in fam.labels for name, (_, fam) in table.items() if name.startswith("gpupool_device_"))
+
+
+@pytest.mark.parametrize("source", ["dashboard", "rules"])
+def test_dashboard_and_rules_use_only_contract_metrics(source: str) -> None:
+    table = contract()
+    exprs = dashboard_exprs() if source == "dashboard" else rule_exprs()
+    assert exprs
+    used: set[str] = set()
+    for expr in exprs:
+        for name in referenced_metrics(expr):
+            assert name in table, f"{source} uses {name}, which docs/metrics.md does not list: {expr}"
+            used.add(name)
+        for bare in re.findall(r"(?<![\w{\"$])([a-z_][a-z0-9_]*)\s*(?:\{|\[)", expr):
+            assert bare.startswith("gpupool_") or bare in PROMETHEUS_BUILTIN, f"{source}: unknown metric {bare}"
+    if source == "dashboard":
+        unused = set(table) - used
+        assert not unused, f"metrics in the contract that no dashboard panel shows: {sorted(unused)}"
+
+
+# ---------------------------------------------------------------- real programs
+
+
+class Program:
+    """`python -m gpupool.cli ARGS` with its log in a file; finds what it logs (bound ports)."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = log
+        self._log_file = log.open("wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "GPUPOOL_LOG_LEVEL": "INFO"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gpupool.cli", *args], stdout=self._log_file, stderr=subprocess.STDOUT, env=env
+        )
+
+    def wait_for(self, pattern: str, timeout: float = 90.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.log.read_text(errors="replace"))
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"{pattern!r} never appeared; exit {self.proc.poll()}; log:\n{self.log.read_text()}")
+
+    def ports(self) -> tuple[int, int]:
+        """(gRPC port, metrics port) from the program's startup log."""
+        grpc_port = int(self.wait_for(r"listening on \S*?:(\d+)").group(1))
+        metrics_port = int(self.wait_for(r"metrics on http://\S*?:(\d+)/metrics").group(1))
+        return grpc_port, metrics_port
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+
+
+@dataclass
+class Scrapes:
+    daemon: str
+    scheduler: str
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def run_session(token: str, address: str) -> None:
+    """Attach and run a few ops through the daemon's stream: an upload, an add, a download, one failing op."""
+    with grpc.insecure_channel(address) as channel:
+        stub = device_pb2_grpc.DeviceStub(channel)
+        reply = stub.Attach(device_pb2.AttachRequest(token=token), timeout=30)
+        base = reply.handle_base
+        data = b"\x00\x00\x80\x3f" * 16  # sixteen float32 ones
+        meta = tensor_pb2.TensorMeta(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[4, 4], stride=[4, 1])
+        t = tensor_pb2.Arg(tensor=base + 1)
+        commands = [
+            device_pb2.Command(upload=device_pb2.Upload(handle=base + 1, meta=meta, offset=0, data=data, last=True)),
+            device_pb2.Command(op=device_pb2.Op(name="aten::add.Tensor", args=[t, t], outputs=[base + 2])),
+            device_pb2.Command(op=device_pb2.Op(name="aten::mm.default", args=[t, t], outputs=[base + 3])),
+            device_pb2.Command(get=device_pb2.Get(request_id=1, handle=base + 3)),
+            device_pb2.Command(sync=device_pb2.Sync(request_id=2)),
+            # Unknown op: fails (INVALID_ARGUMENT), so the error counter gets a sample.
+            device_pb2.Command(op=device_pb2.Op(name="aten::no_such_op.default", args=[t], outputs=[base + 4])),
+            device_pb2.Command(sync=device_pb2.Sync(request_id=3)),
+        ]
+        frames = iter([device_pb2.ClientFrame(commands=commands)])
+        replies: dict[int, list[device_pb2.ServerFrame]] = {}
+        metadata = (("gpupool-session", reply.session_id),)
+        for frame in stub.Stream(frames, metadata=metadata, timeout=60):
+            replies.setdefault(frame.request_id, []).append(frame)
+            if 3 in replies:
+                break
+        assert replies[1][0].chunk.meta.shape == [4, 4], replies
+        assert not replies[2][0].sync.HasField("error"), replies[2]
+        assert replies[3][0].sync.error.code == "INVALID_ARGUMENT", replies[3]
+
+
+@pytest.fixture(scope="module")
+def scrapes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrapes]:
+    tmp = tmp_path_factory.mktemp("contract")
+    key_file = tmp / "token.key"
+    tokens.generate_key_file(key_file)
+    common = ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--token-key-file", str(key_file)]
+    programs: list[Program] = []
+    try:
+        sched = Program(["scheduler", *common, "--state", str(tmp / "state.db")], tmp / "scheduler.log")
+        programs.append(sched)
+        sched_port, sched_metrics = sched.ports()
+        daemon = Program(
+            ["serve", *common, "--fake-gpus", "2", "--fake-gpu-memory", "256MiB", "--host-id", "contract-host",
+             "--scheduler", f"127.0.0.1:{sched_port}", "--heartbeat-interval", "0.5"],
+            tmp / "daemon.log",
+        )
+        programs.append(daemon)
+        daemon_port, daemon_metrics = daemon.ports()
+        with grpc.insecure_channel(f"127.0.0.1:{sched_port}") as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            request = scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5, tenant="contract", wait_seconds=20)
+            lease = stub.Allocate(request, timeout=30)
+            (leased,) = lease.devices
+            run_session(leased.token, f"127.0.0.1:{daemon_port}")
+            # Let a heartbeat carry the session's usage to the scheduler before scraping.
+            time.sleep(1.0)
+            yield Scrapes(daemon=scrape(daemon_metrics), scheduler=scrape(sched_metrics))
+            stub.Release(scheduler_pb2.ReleaseRequest(lease_id=lease.lease_id), timeout=10)
+    finally:
+        for program in reversed(programs):
+            program.stop()
+
+
+def exported(text: str) -> dict[str, Family]:
+    """{family name as in the contract: Family} of the gpupool_* families in an exposition."""
+    families: dict[str, Family] = {}
+    for fam in text_string_to_metric_families(text):
+        if not fam.name.startswith("gpupool_"):
+            continue
+        name = fam.name + "_total" if fam.type == "counter" and not fam.name.endswith("_total") else fam.name
+        labels = frozenset(k for s in fam.samples for k in s.labels if k != "le") if fam.samples else None
+        families[name] = Family(fam.type, labels)
+    return families
+
+
+@pytest.mark.parametrize("program", ["daemon", "scheduler"])
+def test_exported_metrics_match_the_contract(scrapes: Scrapes, program: str) -> None:
+    table = {name: fam for name, (section, fam) in contract().items() if section == program}
+    got = exported(getattr(scrapes, program))
+    assert not set(got) - set(table), f"{program} exports metrics docs/metrics.md lacks: {sorted(set(got) - set(table))}"
+    assert not set(table) - set(got), f"docs/metrics.md lists metrics {program} does not export: " + str(
+        sorted(set(table) - set(got))
+    )
+    for name, fam in table.items():
+        assert got[name].type == fam.type, f"{name}: contract says {fam.type}, code exports {got[name].type}"
+        assert got[name].labels is not None, f"{name}: exported without any sample, its labels are unchecked"
+        assert got[name].labels == fam.labels, f"{name}: contract labels {sorted(fam.labels)}, code {sorted(got[name].labels)}"
+
+
+def test_scrape_reflects_the_session(scrapes: Scrapes) -> None:
+    """The numbers mean what the contract says: the tenant's ops, error and transfers were counted."""
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(scrapes.daemon)
+        for s in fam.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return sum(v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items())
+
+    assert value("gpupool_device_info", host="contract-host") == 2
+    assert value("gpupool_tenant_ops_total", tenant="contract") >= 2
+    assert value("gpupool_tenant_errors_total", tenant="contract", code="INVALID_ARGUMENT") == 1
+    assert value("gpupool_transfer_bytes_total", direction="upload") >= 64
+    assert value("gpupool_transfer_bytes_total", direction="download") >= 64
+    assert value("gpupool_session_share", tenant="contract") == pytest.approx(0.5)
+    assert value("gpupool_session_memory_limit_bytes", tenant="contract") == pytest.approx(128 * 1024**2, rel=0.01)
+    sched = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(scrapes.scheduler)
+        for s in fam.samples
+    }
+    assert sched[("gpupool_pool_hosts", (("state", "up"),))] == 1
+    assert sched[("gpupool_pool_devices", (("state", "up"),))] == 2
+    assert sched[("gpupool_allocations_total", (("result", "granted"),))] == 1
+    assert sched[("gpupool_leases", (("state", "active"),))] == 1
+    assert sum(v for (n, _), v in sched.items() if n == "gpupool_pool_share_allocated") == pytest.approx(0.5)
