@@ -1,0 +1,298 @@
+"""The client side of the scheduler: `gpupool.lease(...)` and the `Lease` it returns.
+
+A `Lease` holds the leased devices (daemon address, device index, quota, share, token), renews itself in
+the background, tells subscribers (the op-stream sessions) about fresh tokens, and is released on exit::
+
+    with gpupool.lease(gpus=1, fraction=0.5) as lease:
+        x = torch.ones(3, device=lease.device())
+
+`gpupool run` hands a lease to a child process through `to_env()` / `from_env()` (plain JSON).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from gpupool._proto import scheduler_pb2, scheduler_pb2_grpc
+from gpupool.config import parse_size
+from gpupool.errors import GpupoolError, InvalidArgument, from_rpc_error
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SCHEDULER = "127.0.0.1:50050"
+LEASE_ENV = "GPUPOOL_LEASE"
+SCHEDULER_ENV = "GPUPOOL_SCHEDULER"
+RPC_TIMEOUT = 10.0
+
+
+def resolve_scheduler(address: str | None = None) -> str:
+    """The explicit address, else $GPUPOOL_SCHEDULER, else 127.0.0.1:50050."""
+    return address or os.environ.get(SCHEDULER_ENV) or DEFAULT_SCHEDULER
+
+
+def default_tenant() -> str:
+    """$GPUPOOL_TENANT, else the OS user name."""
+    try:
+        return os.environ.get("GPUPOOL_TENANT") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+class SchedulerClient:
+    """Thin wrapper of the Scheduler stub that raises gpupool exceptions instead of grpc.RpcError."""
+
+    def __init__(self, address: str | None = None) -> None:
+        self.address = resolve_scheduler(address)
+        self._channel = grpc.insecure_channel(self.address)
+        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+
+    def _call(self, method: str, request: Any, timeout: float = RPC_TIMEOUT) -> Any:
+        try:
+            return getattr(self._stub, method)(request, timeout=timeout)
+        except grpc.RpcError as err:
+            exc = from_rpc_error(err)
+            if err.code() == grpc.StatusCode.UNAVAILABLE and "lease" not in exc.message:  # type: ignore[attr-defined]
+                exc.message = f"scheduler {self.address} unreachable: {exc.message}"
+            raise exc from None
+
+    def allocate(self, request: scheduler_pb2.AllocateRequest) -> scheduler_pb2.Lease:
+        wait = request.wait_seconds if math.isfinite(request.wait_seconds) and request.wait_seconds > 0 else 0.0
+        return self._call("Allocate", request, timeout=wait + RPC_TIMEOUT)  # type: ignore[no-any-return]
+
+    def renew(self, lease_id: str) -> scheduler_pb2.Lease:
+        return self._call("Renew", scheduler_pb2.RenewRequest(lease_id=lease_id))  # type: ignore[no-any-return]
+
+    def release(self, lease_id: str) -> None:
+        self._call("Release", scheduler_pb2.ReleaseRequest(lease_id=lease_id))
+
+    def list_pool(self) -> scheduler_pb2.PoolState:
+        return self._call("ListPool", scheduler_pb2.ListPoolRequest())  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+@dataclass(frozen=True)
+class LeasedDevice:
+    host_id: str
+    address: str
+    device: int
+    uuid: str
+    quota_bytes: int
+    share: float
+    token: str
+
+
+def _devices(pb: scheduler_pb2.Lease) -> list[LeasedDevice]:
+    return [LeasedDevice(d.host_id, d.address, d.device, d.uuid, d.quota_bytes, d.share, d.token) for d in pb.devices]
+
+
+class Lease:
+    """Leased devices and their tokens; a context manager that releases on exit."""
+
+    def __init__(
+        self,
+        lease_id: str,
+        devices: list[LeasedDevice],
+        expires_at: float,
+        tenant: str,
+        scheduler: str | None,
+        ttl: float = 60.0,
+    ) -> None:
+        self.lease_id = lease_id
+        self.devices = devices
+        self.expires_at = expires_at
+        self.tenant = tenant
+        self.scheduler = scheduler
+        self.ttl = ttl
+        self.error: GpupoolError | None = None  # why renewing stopped, if it did
+        self._client: SchedulerClient | None = None
+        self._subscribers: list[Callable[[Lease], None]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._released = False
+
+    @classmethod
+    def _from_pb(cls, pb: scheduler_pb2.Lease, scheduler: str) -> Lease:
+        return cls(pb.lease_id, _devices(pb), pb.expires_at, pb.tenant, scheduler, pb.ttl_seconds)
+
+    def __repr__(self) -> str:
+        where = ", ".join(f"{d.host_id}/{d.device}:{d.share:g}" for d in self.devices)
+        return f"Lease({self.lease_id[:8]}, [{where}], tenant={self.tenant!r})"
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def device(self, index: int = 0) -> torch.device:
+        from gpupool.client.torch import attach_lease  # type: ignore[attr-defined]  # lazily: torch only when asked
+
+        return attach_lease(self, index)  # type: ignore[no-any-return]
+
+    def subscribe(self, callback: Callable[[Lease], None]) -> None:
+        """Call `callback(lease)` after every renewal (self.devices then holds the fresh tokens)."""
+        with self._lock:
+            self._subscribers.append(callback)
+
+    def _scheduler(self) -> SchedulerClient:
+        if self._client is None:
+            self._client = SchedulerClient(self.scheduler)
+        return self._client
+
+    def renew(self) -> None:
+        """Extend the lease now; raises what the scheduler says (FailedPrecondition, Unavailable, ...)."""
+        pb = self._scheduler().renew(self.lease_id)
+        with self._lock:
+            self.devices, self.expires_at, self.ttl = _devices(pb), pb.expires_at, pb.ttl_seconds or self.ttl
+            subscribers = list(self._subscribers)
+        for callback in subscribers:
+            try:
+                callback(self)
+            except Exception:  # noqa: BLE001 - one broken subscriber must not stop renewals
+                log.exception("lease subscriber failed")
+
+    def start_renewing(self) -> None:
+        """Renew in a background thread every ttl/3 until released (retrying sooner after failures)."""
+        if self._thread is None and not self._released:
+            self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.lease_id[:8]}", daemon=True)
+            self._thread.start()
+
+    def _renew_loop(self) -> None:
+        delay = max(0.2, self.ttl / 3)
+        while not self._stop.wait(delay):
+            try:
+                self.renew()
+                self.error = None
+                delay = max(0.2, self.ttl / 3)
+            except GpupoolError as exc:
+                self.error = exc
+                left = self.expires_at - time.time()
+                if exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION) or left <= 0:
+                    log.error("lease %s can no longer be renewed: %s", self.lease_id, exc)
+                    return
+                log.warning("renewing lease %s failed (%.0f s left): %s", self.lease_id, left, exc)
+                delay = max(0.2, min(left / 4, self.ttl / 6))
+
+    def release(self) -> None:
+        """Stop renewing and give the devices back (idempotent; a lease already ended is fine)."""
+        if self._released:
+            return
+        self._released = True
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=RPC_TIMEOUT + 1)
+        try:
+            self._scheduler().release(self.lease_id)
+        except GpupoolError as exc:
+            log.warning("releasing lease %s: %s", self.lease_id, exc)
+        finally:
+            if self._client is not None:
+                self._client.close()
+
+    def to_env(self) -> dict[str, str]:
+        """Environment that lets a child process use this lease (`Lease.from_env`)."""
+        body = {
+            "lease_id": self.lease_id,
+            "devices": [asdict(d) for d in self.devices],
+            "expires_at": self.expires_at,
+            "tenant": self.tenant,
+            "scheduler": self.scheduler,
+            "ttl": self.ttl,
+        }
+        env = {LEASE_ENV: json.dumps(body)}
+        if self.scheduler:
+            env[SCHEDULER_ENV] = self.scheduler
+        return env
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Lease | None:
+        """The lease a parent passed down, or None; it renews only after `start_renewing()`."""
+        raw = environ.get(LEASE_ENV)
+        if not raw:
+            return None
+        try:
+            body = json.loads(raw)
+            devices = [
+                LeasedDevice(
+                    str(d["host_id"]),
+                    str(d["address"]),
+                    int(d["device"]),
+                    str(d["uuid"]),
+                    int(d["quota_bytes"]),
+                    float(d["share"]),
+                    str(d["token"]),
+                )
+                for d in body["devices"]
+            ]
+            return cls(
+                str(body["lease_id"]),
+                devices,
+                float(body["expires_at"]),
+                str(body.get("tenant", "")),
+                body.get("scheduler") or environ.get(SCHEDULER_ENV),
+                float(body.get("ttl", 60.0)),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidArgument(f"${LEASE_ENV} is not a lease: {exc}") from exc
+
+
+def lease(
+    gpus: int = 1,
+    fraction: float | None = None,
+    memory: int | str | None = None,
+    *,
+    scheduler: str | None = None,
+    wait: float = 0.0,
+    tenant: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    policy: str = "binpack",
+    ttl: float | None = None,
+) -> Lease:
+    """Allocate `gpus` devices, each `fraction` of a GPU or `memory` of one (a whole GPU if neither); renews."""
+    if fraction is not None and memory is not None:
+        raise InvalidArgument("give fraction or memory, not both")
+    if gpus <= 0:
+        raise InvalidArgument(f"gpus must be positive, got {gpus}")
+    request = scheduler_pb2.AllocateRequest(
+        gpus=gpus,
+        labels=dict(labels or {}),
+        wait_seconds=wait,
+        policy=policy,
+        tenant=default_tenant() if tenant is None else tenant,
+        ttl_seconds=ttl or 0.0,
+    )
+    if memory is not None:
+        try:
+            request.memory_bytes = parse_size(memory)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from exc
+    else:
+        request.fraction = 1.0 if fraction is None else fraction
+    client = SchedulerClient(scheduler)
+    try:
+        pb = client.allocate(request)
+    except BaseException:
+        client.close()
+        raise
+    result = Lease._from_pb(pb, client.address)
+    result._client = client
+    result.start_renewing()
+    log.info("leased %r from %s", result, client.address)
+    return result

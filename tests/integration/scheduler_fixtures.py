@@ -1,0 +1,166 @@
+"""Shared helpers for scheduler integration tests: real `gpupool scheduler` / `gpupool serve` processes on
+loopback (port 0, bound ports read from their logs), and an in-test daemon stand-in that speaks the real
+Register/Heartbeat protocol through `server.registration.Registrar`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from gpupool.server.registration import Registrar
+
+from gpupool import tokens
+from gpupool._proto import device_pb2
+
+ROOT = Path(__file__).resolve().parents[2]
+GiB = 1024**3
+LISTEN_RE = re.compile(r"listening on (\S+):(\d+)")
+METRICS_RE = re.compile(r"metrics on http://(\S+):(\d+)")
+
+
+class Proc:
+    """A gpupool program as a child process; its log is collected and searched for bound ports."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self.args = list(args)
+        self.lines: list[str] = []
+        self._seen = threading.Condition()
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "gpupool.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        )
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with self._seen:
+                self.lines.append(line.rstrip("\n"))
+                self._seen.notify_all()
+        with self._seen:
+            self._seen.notify_all()
+
+    def wait_for(self, pattern: re.Pattern[str] | str, timeout: float = 60.0) -> re.Match[str]:
+        """The first log line matching `pattern` (waiting for it), or AssertionError with the log."""
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        with self._seen:
+            while True:
+                for line in self.lines:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.popen.poll() is not None and not self._more_coming()):
+                    raise AssertionError(f"{self.args[0]}: no {rx.pattern!r} in log:\n" + self.log())
+                self._seen.wait(min(left, 0.2))
+
+    def _more_coming(self) -> bool:
+        return self.popen.stdout is not None and not self.popen.stdout.closed and self.popen.returncode is None
+
+    def log(self) -> str:
+        return "\n".join(self.lines[-80:])
+
+    def port(self) -> int:
+        return int(self.wait_for(LISTEN_RE).group(2))
+
+    def metrics_port(self) -> int:
+        return int(self.wait_for(METRICS_RE).group(2))
+
+    def kill(self) -> None:
+        """kill -9."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(10)
+        return self.popen.returncode
+
+
+def key_file(tmp: Path) -> Path:
+    path = tmp / "token.key"
+    if not path.exists():
+        tokens.generate_key_file(path)
+    return path
+
+
+def start_scheduler(tmp: Path, *extra: str, state: Path | None = None) -> tuple[Proc, str]:
+    """A `gpupool scheduler` on 127.0.0.1:0; returns it and its address."""
+    proc = Proc(
+        [
+            "scheduler",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--state",
+            str(state or tmp / "scheduler.db"),
+            "--token-key-file",
+            str(key_file(tmp)),
+            *extra,
+        ]
+    )
+    return proc, f"127.0.0.1:{proc.port()}"
+
+
+class SimHost:
+    """A daemon stand-in: fixed devices, sessions the test sets, revocations recorded; real Registrar inside."""
+
+    def __init__(self, scheduler: str, host_id: str, gpus: int = 1, memory: int = 8 * GiB, interval: float = 0.3):
+        self.host_id = host_id
+        self._devices = [
+            device_pb2.DeviceInfo(index=i, uuid=f"GPU-{host_id}-{i}", model="fake", memory_bytes=memory, fake=True)
+            for i in range(gpus)
+        ]
+        self.sessions: list[device_pb2.SessionUsage] = []
+        self.revoked: list[str] = []
+        self.is_draining = False
+        self.registrar = Registrar(scheduler, host_id, f"127.0.0.1:{40000 + len(host_id)}", self, interval)
+
+    def devices(self) -> list[device_pb2.DeviceInfo]:
+        return list(self._devices)
+
+    def usage(self) -> tuple[list[device_pb2.SessionUsage], list[device_pb2.DeviceUsage]]:
+        devs = [device_pb2.DeviceUsage(info=d, used_bytes=1000 + d.index) for d in self._devices]
+        return list(self.sessions), devs
+
+    def draining(self) -> bool:
+        return self.is_draining
+
+    def revoke_leases(self, lease_ids: list[str]) -> None:
+        self.revoked.extend(lease_ids)
+        self.sessions = [s for s in self.sessions if s.lease_id not in lease_ids]
+
+    def start(self) -> SimHost:
+        self.registrar.start()
+        assert self.registrar.registered.wait(30), f"{self.host_id} did not register"
+        return self
+
+    def stop(self) -> None:
+        self.registrar.stop()
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 20.0, every: float = 0.1, what: str = "it") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(every)

@@ -1,0 +1,223 @@
+"""A real `gpupool scheduler` process on loopback, daemons simulated by real Register/Heartbeat clients
+(the `Registrar` of server/registration.py), clients through `gpupool.client.pool`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from gpupool.client.pool import Lease, SchedulerClient, lease
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from scheduler_fixtures import GiB, Proc, SimHost, key_file, start_scheduler, wait_until
+
+from gpupool import tokens
+from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
+from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+
+FAST = ["--host-timeout", "2", "--heartbeat-interval", "0.3"]
+
+
+@pytest.fixture
+def sched(tmp_path: Path) -> Iterator[tuple[Proc, str]]:
+    proc, address = start_scheduler(tmp_path, *FAST)
+    yield proc, address
+    proc.stop()
+
+
+@pytest.fixture
+def hosts(sched: tuple[Proc, str]) -> Iterator[list[SimHost]]:
+    started = [SimHost(sched[1], name).start() for name in ("hosta", "hostb")]
+    yield started
+    for h in started:
+        h.stop()
+
+
+def places(x: Lease) -> list[tuple[str, int]]:
+    return [(d.host_id, d.device) for d in x.devices]
+
+
+def test_binpack_then_wait_in_fifo_order(sched: tuple[Proc, str], hosts: list[SimHost]) -> None:
+    address = sched[1]
+    a = lease(1, 0.5, scheduler=address)
+    b = lease(1, 0.5, scheduler=address)
+    c = lease(1, 0.5, scheduler=address)
+    assert places(a) == places(b) and places(c) != places(a)
+    d = lease(1, 0.5, scheduler=address)
+    assert places(d) == places(c)
+    with pytest.raises(ResourceExhausted, match=r"1 GPU\(s\) x fraction 0.5.*largest free fraction of any device is 0"):
+        lease(1, 0.5, scheduler=address)
+    got: list[Lease] = []
+    waiter = threading.Thread(target=lambda: got.append(lease(1, 0.5, scheduler=address, wait=20)))
+    waiter.start()
+    wait_until(lambda: SchedulerClient(address).list_pool().waiting == 1, what="a waiter")
+    b.release()
+    waiter.join(20)
+    assert got and places(got[0]) == places(a)
+    for x in (a, c, d, got[0]):
+        x.release()
+    pool = SchedulerClient(address).list_pool()
+    assert not pool.leases and all(dev.allocated_share == 0 for h in pool.hosts for dev in h.devices)
+
+
+def test_tokens_verify_with_the_shared_key_and_renew_later(
+    tmp_path: Path, sched: tuple[Proc, str], hosts: list[SimHost]
+) -> None:
+    key = tokens.load_key(key_file(tmp_path))
+    with lease(2, memory="2GiB", scheduler=sched[1], tenant="alice", ttl=30) as x:
+        assert {d.host_id for d in x.devices} in ({"hosta"}, {"hostb"}) or len(x.devices) == 2
+        claims = [tokens.verify(key, d.token) for d in x.devices]
+        assert {(c.lease_id, c.quota_bytes, c.share, c.tenant) for c in claims} == {
+            (x.lease_id, 2 * GiB, 0.25, "alice")
+        }
+        seen: list[float] = []
+        x.subscribe(lambda lease_: seen.append(lease_.expires_at))
+        time.sleep(0.05)
+        x.renew()
+        assert seen and tokens.verify(key, x.devices[0].token).expires_at > claims[0].expires_at
+        env = x.to_env()
+        child = Lease.from_env(env)
+        assert child is not None and child.devices == x.devices and child.scheduler == sched[1]
+
+
+def test_unrenewed_lease_expires_and_the_daemon_is_told(sched: tuple[Proc, str], hosts: list[SimHost]) -> None:
+    client = SchedulerClient(sched[1])
+    pb = client.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=1.0, ttl_seconds=1))  # nobody renews
+    host = next(h for h in hosts if h.host_id == pb.devices[0].host_id)
+    host.sessions = [device_pb2.SessionUsage(session_id="s1", lease_id=pb.lease_id, device=0)]
+    wait_until(lambda: pb.lease_id in host.revoked, timeout=10, what="the revocation")
+    with pytest.raises(FailedPrecondition, match="expired"):
+        client.renew(pb.lease_id)
+    pool = client.list_pool()
+    assert all(dev.allocated_share == 0 for h in pool.hosts for dev in h.devices)
+
+
+def test_lost_host_gives_unavailable_and_comes_back(sched: tuple[Proc, str], hosts: list[SimHost]) -> None:
+    client = SchedulerClient(sched[1])
+    x = lease(1, 1.0, scheduler=sched[1])
+    victim = next(h for h in hosts if h.host_id == x.devices[0].host_id)
+    victim.stop()
+    t0 = time.monotonic()
+    wait_until(lambda: any(h.state == "down" for h in client.list_pool().hosts), timeout=10, what="host down")
+    assert time.monotonic() - t0 < 5  # --host-timeout 2 plus a sweep
+    with pytest.raises(Unavailable, match=f"host {victim.host_id} is down"):
+        x.renew()
+    x.release()
+    back = SimHost(sched[1], victim.host_id).start()
+    try:
+        wait_until(lambda: all(h.state == "up" for h in client.list_pool().hosts), what="host back up")
+    finally:
+        back.stop()
+
+
+def test_kill_9_and_restart_keeps_leases_and_accounting(tmp_path: Path) -> None:
+    proc, address = start_scheduler(tmp_path, *FAST)
+    host = SimHost(address, "hosta", gpus=2).start()
+    try:
+        leases = [lease(1, f, scheduler=address) for f in (0.5, 0.25, 1.0)]
+        before = SchedulerClient(address).list_pool()
+        first_id = host.registrar.scheduler_id
+        proc.kill()
+        proc2 = Proc(proc.args[:2] + ["127.0.0.1:" + address.rsplit(":", 1)[1], *proc.args[3:]])
+        try:
+            assert proc2.port() == int(address.rsplit(":", 1)[1])
+            after = SchedulerClient(address).list_pool()
+            assert [(h.host_id, [(d.allocated_bytes, d.allocated_share) for d in h.devices]) for h in after.hosts] == [
+                (h.host_id, [(d.allocated_bytes, d.allocated_share) for d in h.devices]) for h in before.hosts
+            ]
+            assert {x.lease_id for x in after.leases} == {x.lease_id for x in leases}
+            for x in leases:
+                x.renew()
+            with pytest.raises(ResourceExhausted):  # 0.25 free on one device, nothing handed out twice
+                lease(1, 0.5, scheduler=address)
+            wait_until(lambda: host.registrar.scheduler_id not in ("", first_id), what="the daemon re-registering")
+        finally:
+            for x in leases:
+                x.release()
+            proc2.stop()
+    finally:
+        host.stop()
+
+
+def test_bad_input_gets_clear_statuses_and_the_scheduler_keeps_serving(
+    sched: tuple[Proc, str], hosts: list[SimHost]
+) -> None:
+    address = sched[1]
+    client = SchedulerClient(address)
+    stub = scheduler_pb2_grpc.SchedulerStub(grpc.insecure_channel(address))
+    cases = [
+        (dict(gpus=0, fraction=0.5), "gpus"),
+        (dict(gpus=1, fraction=0.0), "fraction"),
+        (dict(gpus=1, fraction=1.5), "fraction"),
+        (dict(gpus=1, fraction=-0.5), "fraction"),
+        (dict(gpus=1, memory_bytes=9 * GiB), "larger than any device"),
+        (dict(gpus=1), "fraction or a memory"),
+        (dict(gpus=1, fraction=0.5, policy="nope"), "policy"),
+        (dict(gpus=1, fraction=0.5, wait_seconds=float("nan")), "finite"),
+    ]
+    for fields, words in cases:
+        with pytest.raises(InvalidArgument, match=words):
+            client.allocate(scheduler_pb2.AllocateRequest(**fields))  # type: ignore[arg-type]
+    for call in (client.renew, client.release):
+        with pytest.raises(NotFound, match="unknown lease"):
+            call("no-such-lease")
+    bad_registers = [
+        scheduler_pb2.RegisterRequest(host_id="x", address="127.0.0.1:1"),
+        scheduler_pb2.RegisterRequest(
+            host_id="x",
+            address="127.0.0.1:1",
+            devices=[device_pb2.DeviceInfo(index=0, memory_bytes=1), device_pb2.DeviceInfo(index=0, memory_bytes=1)],
+        ),
+        scheduler_pb2.RegisterRequest(host_id="x", address="127.0.0.1:1", devices=[device_pb2.DeviceInfo(index=0)]),
+        scheduler_pb2.RegisterRequest(
+            host_id="", address="127.0.0.1:1", devices=[device_pb2.DeviceInfo(memory_bytes=1)]
+        ),
+        scheduler_pb2.RegisterRequest(host_id="x", address="no port", devices=[device_pb2.DeviceInfo(memory_bytes=1)]),
+    ]
+    for req in bad_registers:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Register(req, timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Allocate(b"\xff\xff\xff", timeout=5)  # type: ignore[arg-type]
+    # still serving, and nothing changed
+    pool = client.list_pool()
+    assert sorted(h.host_id for h in pool.hosts) == ["hosta", "hostb"] and not pool.leases
+    with lease(1, 0.5, scheduler=address):
+        pass
+
+
+def test_health_and_metrics(sched: tuple[Proc, str], hosts: list[SimHost]) -> None:
+    proc, address = sched
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+    reply = health.Check(health_pb2.HealthCheckRequest(service="gpupool.v1.Scheduler"), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    with lease(1, 0.5, scheduler=address):
+        with pytest.raises(InvalidArgument):
+            lease(0, 0.5, scheduler=address)
+        with pytest.raises(ResourceExhausted):
+            lease(3, 1.0, scheduler=address)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port()}/metrics", timeout=5).read().decode()
+
+    def value(name: str) -> float:
+        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        assert m, f"{name} missing"
+        return float(m.group(1))
+
+    assert value('gpupool_pool_hosts{state="up"}') == 2
+    assert value('gpupool_pool_devices{state="up"}') == 2
+    assert value('gpupool_leases{state="active"}') == 1
+    assert value('gpupool_lease_events_total{event="granted"}') == 1
+    assert value('gpupool_allocations_total{result="exhausted"}') == 1
+    assert value("gpupool_allocation_requests_waiting") == 0
+    share_re = r'^gpupool_pool_share_allocated\{UUID="GPU-\w+-0",device="0",host="(\w+)",model="fake"\} (\S+)$'
+    shares = re.findall(share_re, text, re.M)
+    assert sorted(float(v) for _, v in shares) == [0.0, 0.5]
+    assert "gpupool_allocation_duration_seconds_bucket" in text
+    assert "gpupool_pool_memory_capacity_bytes" in text and "gpupool_pool_memory_allocated_bytes" in text
