@@ -11,6 +11,7 @@ the background, tells subscribers (the op-stream sessions) about fresh tokens, a
 
 from __future__ import annotations
 
+import atexit
 import getpass
 import json
 import logging
@@ -18,6 +19,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -253,6 +255,16 @@ class Lease:
             raise InvalidArgument(f"${LEASE_ENV} is not a lease: {exc}") from exc
 
 
+_live: weakref.WeakSet[Lease] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_at_exit() -> None:
+    """Leases a script forgot to release go back at interpreter exit, not one TTL later."""
+    for x in list(_live):
+        x.release()
+
+
 def lease(
     gpus: int = 1,
     fraction: float | None = None,
@@ -294,5 +306,6 @@ def lease(
     result = Lease._from_pb(pb, client.address)
     result._client = client
     result.start_renewing()
+    _live.add(result)
     log.info("leased %r from %s", result, client.address)
     return result

@@ -1,0 +1,88 @@
+"""`gpupool run -n 1 -p 0.5 -- python train.py`: run a command on leased (fractions of) GPUs.
+
+Allocates the lease, hands it to the child through the environment ($GPUPOOL_LEASE, JSON; the torch shim
+reads it with `Lease.from_env`), renews it in the background while the child runs, releases it when the
+child exits and returns the child's exit code. SIGINT/SIGTERM are forwarded to the child.
+
+Exit codes of its own: 2 bad usage, 1 no lease (e.g. RESOURCE_EXHAUSTED), 127 command not found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+from types import FrameType
+
+from gpupool.client.pool import lease
+
+from gpupool.config import add_flag, setup_logging, size_arg
+from gpupool.errors import GpupoolError
+
+log = logging.getLogger("gpupool.run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gpupool run",
+        description="Run a command on leased GPUs: gpupool run -n 1 -p 0.5 -- python train.py",
+    )
+    p.add_argument("-n", "--gpus", type=int, default=1, help="number of GPUs (default 1)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("-p", "--fraction", type=float, help="fraction of each GPU in (0, 1] (default: a whole GPU)")
+    size.add_argument("-m", "--memory", type=size_arg, help="memory of each GPU instead, e.g. 6GiB")
+    add_flag(p, "--wait", type=float, default=0.0, help="seconds to wait in line when the pool is full")
+    add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT (default 127.0.0.1:50050)")
+    add_flag(p, "--tenant", default="", help="tenant name shown in metrics (default: $GPUPOOL_TENANT or the user)")
+    p.add_argument("--policy", default="binpack", choices=("binpack", "spread"), help="placement policy")
+    p.add_argument("--ttl", type=float, default=0.0, help="lease TTL in seconds (default: the scheduler's)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        print("gpupool run: no command given (gpupool run -n 1 -p 0.5 -- python train.py)", file=sys.stderr)
+        return 2
+    setup_logging("gpupool-run", os.environ.get("GPUPOOL_LOG_LEVEL", "WARNING"))
+    try:
+        held = lease(
+            args.gpus,
+            args.fraction,
+            args.memory,
+            scheduler=args.scheduler or None,
+            wait=args.wait,
+            tenant=args.tenant or None,
+            policy=args.policy,
+            ttl=args.ttl or None,
+        )
+    except GpupoolError as exc:
+        print(f"gpupool run: no lease: {exc}", file=sys.stderr)
+        return 1
+    with held:
+        where = ", ".join(f"{d.host_id}/{d.device} ({d.share:g})" for d in held.devices)
+        log.info("lease %s on %s", held.lease_id, where)
+        try:
+            child = subprocess.Popen(command, env={**os.environ, **held.to_env()})
+        except OSError as exc:
+            print(f"gpupool run: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
+            return 127
+
+        def forward(signum: int, _frame: FrameType | None) -> None:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code = child.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if held.error is not None:
+            print(f"gpupool run: the lease was lost while the command ran: {held.error}", file=sys.stderr)
+    return 128 - code if code < 0 else code
