@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -44,7 +46,17 @@ PROMETHEUS_BUILTIN = {"up"}
 
 
 @dataclass(frozen=True)
+class Row:
+    """One metric of the contract."""
+
+    type: str
+    labels: frozenset[str]
+
+
+@dataclass(frozen=True)
 class Family:
+    """One metric family as exported."""
+
     type: str
     labels: frozenset[str] | None  # None: exported without samples, labels unknown
 
@@ -52,9 +64,9 @@ class Family:
 # ---------------------------------------------------------------- the table and the expressions
 
 
-def contract() -> dict[str, tuple[str, Family]]:
+def contract() -> dict[str, tuple[str, Row]]:
     """{metric name: (program section, Family)} from docs/metrics.md's tables."""
-    table: dict[str, tuple[str, Family]] = {}
+    table: dict[str, tuple[str, Row]] = {}
     section = ""
     for line in CONTRACT.read_text().splitlines():
         if line.startswith("## "):
@@ -64,7 +76,7 @@ def contract() -> dict[str, tuple[str, Family]]:
             name, kind, labels, meaning = m.groups()
             assert name not in table, f"{name} listed twice in docs/metrics.md"
             assert meaning.strip(), f"{name} has no meaning in docs/metrics.md"
-            table[name] = (section, Family(kind, frozenset(re.findall(r"`([A-Za-z_]+)`", labels))))
+            table[name] = (section, Row(kind, frozenset(re.findall(r"`([A-Za-z_]+)`", labels))))
     return table
 
 
@@ -177,35 +189,67 @@ def scrape(port: int) -> str:
         return resp.read().decode()
 
 
-def run_session(token: str, address: str) -> None:
-    """Attach and run a few ops through the daemon's stream: an upload, an add, a download, one failing op."""
-    with grpc.insecure_channel(address) as channel:
-        stub = device_pb2_grpc.DeviceStub(channel)
+class RawSession:
+    """A session on the daemon driven with raw protobuf frames; its stream stays open until `close()`
+    (the daemon closes a session whose stream ends, and its session gauges must be scraped while it lives)."""
+
+    def __init__(self, token: str, address: str) -> None:
+        self.channel = grpc.insecure_channel(address)
+        stub = device_pb2_grpc.DeviceStub(self.channel)
         reply = stub.Attach(device_pb2.AttachRequest(token=token), timeout=30)
-        base = reply.handle_base
-        data = b"\x00\x00\x80\x3f" * 16  # sixteen float32 ones
-        meta = tensor_pb2.TensorMeta(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[4, 4], stride=[4, 1])
-        t = tensor_pb2.Arg(tensor=base + 1)
-        commands = [
-            device_pb2.Command(upload=device_pb2.Upload(handle=base + 1, meta=meta, offset=0, data=data, last=True)),
-            device_pb2.Command(op=device_pb2.Op(name="aten::add.Tensor", args=[t, t], outputs=[base + 2])),
-            device_pb2.Command(op=device_pb2.Op(name="aten::mm.default", args=[t, t], outputs=[base + 3])),
-            device_pb2.Command(get=device_pb2.Get(request_id=1, handle=base + 3)),
-            device_pb2.Command(sync=device_pb2.Sync(request_id=2)),
-            # Unknown op: fails (INVALID_ARGUMENT), so the error counter gets a sample.
-            device_pb2.Command(op=device_pb2.Op(name="aten::no_such_op.default", args=[t], outputs=[base + 4])),
-            device_pb2.Command(sync=device_pb2.Sync(request_id=3)),
-        ]
-        frames = iter([device_pb2.ClientFrame(commands=commands)])
-        replies: dict[int, list[device_pb2.ServerFrame]] = {}
+        self.base = reply.handle_base
+        self._outbox: queue.Queue[device_pb2.ClientFrame | None] = queue.Queue()
+        self.replies: dict[int, device_pb2.ServerFrame] = {}
+        self._cond = threading.Condition()
         metadata = (("gpupool-session", reply.session_id),)
-        for frame in stub.Stream(frames, metadata=metadata, timeout=60):
-            replies.setdefault(frame.request_id, []).append(frame)
-            if 3 in replies:
-                break
-        assert replies[1][0].chunk.meta.shape == [4, 4], replies
-        assert not replies[2][0].sync.HasField("error"), replies[2]
-        assert replies[3][0].sync.error.code == "INVALID_ARGUMENT", replies[3]
+        self._call = stub.Stream(iter(self._outbox.get, None), metadata=metadata)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for frame in self._call:
+                with self._cond:
+                    self.replies.setdefault(frame.request_id, frame)
+                    self._cond.notify_all()
+        except grpc.RpcError:
+            pass
+
+    def send(self, *commands: device_pb2.Command) -> None:
+        self._outbox.put(device_pb2.ClientFrame(commands=list(commands)))
+
+    def reply(self, request_id: int, timeout: float = 30.0) -> device_pb2.ServerFrame:
+        with self._cond:
+            assert self._cond.wait_for(lambda: request_id in self.replies, timeout), f"no reply to {request_id}"
+            return self.replies[request_id]
+
+    def close(self) -> None:
+        self._outbox.put(None)
+        self._reader.join(timeout=10)
+        self.channel.close()
+
+
+def run_ops(session: RawSession) -> None:
+    """An upload, two ops, a download and one failing op, checked."""
+    base = session.base
+    data = b"\x00\x00\x80\x3f" * 16  # sixteen float32 ones
+    meta = tensor_pb2.TensorMeta(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[4, 4], stride=[4, 1])
+    t = tensor_pb2.Arg(tensor=base + 1)
+    session.send(
+        device_pb2.Command(upload=device_pb2.Upload(handle=base + 1, meta=meta, offset=0, data=data, last=True)),
+        device_pb2.Command(op=device_pb2.Op(name="aten::add.Tensor", args=[t, t], outputs=[base + 2])),
+        device_pb2.Command(op=device_pb2.Op(name="aten::mm.default", args=[t, t], outputs=[base + 3])),
+        device_pb2.Command(get=device_pb2.Get(request_id=1, handle=base + 3)),
+        device_pb2.Command(sync=device_pb2.Sync(request_id=2)),
+    )
+    assert list(session.reply(1).chunk.meta.shape) == [4, 4]
+    assert not session.reply(2).sync.HasField("error"), session.reply(2)
+    # An unknown op fails with INVALID_ARGUMENT, so the error counter gets a sample.
+    session.send(
+        device_pb2.Command(op=device_pb2.Op(name="aten::no_such_op.default", args=[t], outputs=[base + 4])),
+        device_pb2.Command(sync=device_pb2.Sync(request_id=3)),
+    )
+    assert session.reply(3).sync.error.code == "INVALID_ARGUMENT", session.reply(3)
 
 
 @pytest.fixture(scope="module")
@@ -220,8 +264,20 @@ def scrapes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrapes]:
         programs.append(sched)
         sched_port, sched_metrics = sched.ports()
         daemon = Program(
-            ["serve", *common, "--fake-gpus", "2", "--fake-gpu-memory", "256MiB", "--host-id", "contract-host",
-             "--scheduler", f"127.0.0.1:{sched_port}", "--heartbeat-interval", "0.5"],
+            [
+                "serve",
+                *common,
+                "--fake-gpus",
+                "2",
+                "--fake-gpu-memory",
+                "256MiB",
+                "--host-id",
+                "contract-host",
+                "--scheduler",
+                f"127.0.0.1:{sched_port}",
+                "--heartbeat-interval",
+                "0.5",
+            ],
             tmp / "daemon.log",
         )
         programs.append(daemon)
@@ -231,10 +287,14 @@ def scrapes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrapes]:
             request = scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5, tenant="contract", wait_seconds=20)
             lease = stub.Allocate(request, timeout=30)
             (leased,) = lease.devices
-            run_session(leased.token, f"127.0.0.1:{daemon_port}")
-            # Let a heartbeat carry the session's usage to the scheduler before scraping.
-            time.sleep(1.0)
-            yield Scrapes(daemon=scrape(daemon_metrics), scheduler=scrape(sched_metrics))
+            session = RawSession(leased.token, f"127.0.0.1:{daemon_port}")
+            try:
+                run_ops(session)
+                # Let a heartbeat carry the session's usage to the scheduler before scraping.
+                time.sleep(1.0)
+                yield Scrapes(daemon=scrape(daemon_metrics), scheduler=scrape(sched_metrics))
+            finally:
+                session.close()
             stub.Release(scheduler_pb2.ReleaseRequest(lease_id=lease.lease_id), timeout=10)
     finally:
         for program in reversed(programs):
@@ -257,14 +317,14 @@ def exported(text: str) -> dict[str, Family]:
 def test_exported_metrics_match_the_contract(scrapes: Scrapes, program: str) -> None:
     table = {name: fam for name, (section, fam) in contract().items() if section == program}
     got = exported(getattr(scrapes, program))
-    assert not set(got) - set(table), f"{program} exports metrics docs/metrics.md lacks: {sorted(set(got) - set(table))}"
-    assert not set(table) - set(got), f"docs/metrics.md lists metrics {program} does not export: " + str(
-        sorted(set(table) - set(got))
-    )
+    extra, missing = sorted(set(got) - set(table)), sorted(set(table) - set(got))
+    assert not extra, f"{program} exports metrics that docs/metrics.md lacks: {extra}"
+    assert not missing, f"docs/metrics.md lists metrics that {program} does not export: {missing}"
     for name, fam in table.items():
         assert got[name].type == fam.type, f"{name}: contract says {fam.type}, code exports {got[name].type}"
-        assert got[name].labels is not None, f"{name}: exported without any sample, its labels are unchecked"
-        assert got[name].labels == fam.labels, f"{name}: contract labels {sorted(fam.labels)}, code {sorted(got[name].labels)}"
+        labels = got[name].labels
+        assert labels is not None, f"{name}: exported without any sample, its labels are unchecked"
+        assert labels == fam.labels, f"{name}: labels {sorted(labels)}, contract {sorted(fam.labels)}"
 
 
 def test_scrape_reflects_the_session(scrapes: Scrapes) -> None:
