@@ -1,0 +1,199 @@
+"""`gpupool up`: a whole pool on this machine in one command - a scheduler and one daemon.
+
+The two programs run as child processes (they never import each other) with a token key generated next
+to the scheduler's state; the daemon serves the real GPUs torch sees, else 2 fake ones. Once the daemon
+has registered, `up` prints where everything listens and how to use it; Ctrl-C or SIGTERM stops both.
+Ports may be 0 (tests): the bound ports are read from the children's "listening on" log lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpupool import tokens
+from gpupool.config import add_flag, format_size, size_arg
+
+LISTEN_RE = re.compile(r"listening on (\S+:\d+)")
+METRICS_RE = re.compile(r"metrics on (http://\S+)")
+START_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class Config:
+    fake_gpus: int | None
+    fake_gpu_memory: int
+    scheduler_listen: str
+    listen: str
+    state: Path
+    metrics_listen: str
+    scheduler_metrics_listen: str
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "gpupool"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpupool up", description=__doc__.split("\n")[0])
+    add_flag(p, "--fake-gpus", type=int, help="serve N fake GPUs (default: the real GPUs torch sees, else 2 fake)")
+    add_flag(p, "--fake-gpu-memory", type=size_arg, default=8 * 1024**3, help="memory of each fake GPU, e.g. 8GiB")
+    add_flag(p, "--scheduler-listen", default="127.0.0.1:50050", help="scheduler gRPC HOST:PORT")
+    add_flag(p, "--listen", default="127.0.0.1:50051", help="daemon gRPC HOST:PORT")
+    add_flag(
+        p,
+        "--state",
+        default=str(default_state_dir() / "scheduler.db"),
+        help="scheduler state (SQLite); the token key is kept next to it",
+    )
+    add_flag(p, "--metrics-listen", default="127.0.0.1:9450", help="daemon Prometheus HOST:PORT (0: off)")
+    add_flag(p, "--scheduler-metrics-listen", default="127.0.0.1:9451", help="scheduler Prometheus HOST:PORT (0: off)")
+    return p
+
+
+class Child:
+    """A gpupool program whose log is passed through to our stderr and searched for what it says."""
+
+    def __init__(self, name: str, args: list[str]) -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "gpupool.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.append(line)
+            sys.stderr.write(line)
+
+    def find(self, rx: re.Pattern[str], timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                m = rx.search(line)
+                if m:
+                    return m.group(1)
+            if self.popen.poll() is not None:
+                self._thread.join(timeout=1)
+                return next((m.group(1) for m in map(rx.search, self.lines) if m), None)
+            time.sleep(0.05)
+        return None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+def _real_gpus() -> int:
+    try:
+        import torch
+
+        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - no usable torch/CUDA simply means fake GPUs
+        return 0
+
+
+def _wait_registered(scheduler: str, daemon: str, timeout: float) -> bool:
+    from gpupool.client.pool import SchedulerClient  # the client only, never the daemon or scheduler code
+    from gpupool.errors import GpupoolError
+
+    client = SchedulerClient(scheduler)
+    port = daemon.rsplit(":", 1)[1]
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if any(h.state == "up" and h.address.endswith(f":{port}") for h in client.list_pool().hosts):
+                    return True
+            except GpupoolError:
+                pass
+            time.sleep(0.2)
+        return False
+    finally:
+        client.close()
+
+
+def main(argv: list[str]) -> int:
+    a = build_parser().parse_args(argv)
+    cfg = Config(
+        a.fake_gpus, a.fake_gpu_memory, a.scheduler_listen, a.listen, Path(a.state), a.metrics_listen,
+        a.scheduler_metrics_listen,
+    )  # fmt: skip
+    cfg.state.parent.mkdir(parents=True, exist_ok=True)
+    key_file = cfg.state.parent / "token.key"
+    try:
+        tokens.load_key(key_file)
+    except Exception:  # noqa: BLE001 - missing or unusable: make a fresh one
+        tokens.generate_key_file(key_file)
+    real = _real_gpus() if cfg.fake_gpus is None else 0
+    fake = 0 if real else (2 if cfg.fake_gpus is None else cfg.fake_gpus)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    children: list[Child] = []
+    try:
+        sched = Child(
+            "scheduler",
+            ["scheduler", "--listen", cfg.scheduler_listen, "--state", str(cfg.state), "--token-key-file",
+             str(key_file), "--metrics-listen", cfg.scheduler_metrics_listen],
+        )  # fmt: skip
+        children.append(sched)
+        sched_addr = sched.find(LISTEN_RE, START_TIMEOUT)
+        if sched_addr is None:
+            print("gpupool up: the scheduler did not start (see its log above)", file=sys.stderr)
+            return 1
+        daemon_args = ["serve", "--listen", cfg.listen, "--token-key-file", str(key_file), "--scheduler", sched_addr,
+                       "--metrics-listen", cfg.metrics_listen]  # fmt: skip
+        if fake:
+            daemon_args += ["--fake-gpus", str(fake), "--fake-gpu-memory", str(cfg.fake_gpu_memory)]
+        daemon = Child("daemon", daemon_args)
+        children.append(daemon)
+        daemon_addr = daemon.find(LISTEN_RE, START_TIMEOUT)
+        if daemon_addr is None or not _wait_registered(sched_addr, daemon_addr, START_TIMEOUT):
+            print("gpupool up: the daemon did not start or register (see its log above)", file=sys.stderr)
+            return 1
+        gpus = f"{real} GPU(s)" if real else f"{fake} fake GPU(s) of {format_size(cfg.fake_gpu_memory)}"
+        print(
+            f"gpupool is up: {gpus}\n"
+            f"  scheduler  {sched_addr}  metrics {sched.find(METRICS_RE, 1) or 'off'}  state {cfg.state}\n"
+            f"  daemon     {daemon_addr}  metrics {daemon.find(METRICS_RE, 1) or 'off'}\n"
+            f"  token key  {key_file}\n"
+            f"Use it:\n"
+            f"  export GPUPOOL_SCHEDULER={sched_addr}\n"
+            f"  gpupool run -n 1 -p 0.5 -- python train.py\n"
+            f"  gpupool smi\n"
+            f"Ctrl-C stops both.",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            dead = [c for c in children if c.popen.poll() is not None]
+            if dead:
+                print(f"gpupool up: the {dead[0].name} exited ({dead[0].popen.returncode}); stopping", file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        for child in reversed(children):  # the daemon first: it drains its sessions while the scheduler lives
+            child.stop()
+        if stop.is_set():
+            print("gpupool up: stopped", file=sys.stderr)
