@@ -1,0 +1,149 @@
+"""The public face of the device: attach leased GPUs as `gpupool:<i>`, synchronize, detach.
+
+`device()` attaches on first use: inside `gpupool run` it takes the lease from `$GPUPOOL_LEASE`;
+elsewhere it asks the scheduler (`$GPUPOOL_SCHEDULER`) for one GPU, or the fraction
+`$GPUPOOL_FRACTION` of one, and renews that lease until `detach_all()` (or exit) releases it.
+`attach(address, token)` talks to one daemon directly (tests, standalone daemons).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+from typing import Any
+
+import torch
+from gpupool.client.torch import runtime
+from gpupool.client.torch.runtime import DeviceRuntime
+
+log = logging.getLogger("gpupool.torch")
+
+_lock = threading.RLock()
+_current = [0]
+_env_lease: list[Any] = []  # the lease of $GPUPOOL_LEASE, once parsed
+_subscribed: set[int] = set()  # id() of leases whose renewals we forward
+
+
+def current_index() -> int:
+    return _current[0]
+
+
+def set_device(index: int) -> None:
+    _current[0] = int(index)
+
+
+def runtime_for(index: int | None) -> DeviceRuntime:
+    """The runtime of `gpupool:<index>`, attaching it on first use."""
+    i = current_index() if index is None else index
+    rt = runtime.get(i)
+    if rt is None or rt.closed:
+        device(i)
+        rt = runtime.get(i)
+    assert rt is not None
+    return rt
+
+
+def device(index: int = 0) -> torch.device:
+    """`gpupool:<index>`, attached on first use (the leased device of `gpupool run`, or a new lease)."""
+    with _lock:
+        rt = runtime.get(index)
+        if rt is not None and not rt.closed:
+            return rt.device
+        if os.environ.get("GPUPOOL_LEASE"):
+            if not _env_lease:
+                from gpupool.client.pool import Lease
+
+                lease = Lease.from_env()
+                lease.start_renewing()
+                _env_lease.append(lease)
+            return attach_lease(_env_lease[0], index, as_index=index)
+        from gpupool.client import pool
+
+        fraction = float(os.environ.get("GPUPOOL_FRACTION") or 1.0)
+        kwargs: dict[str, Any] = {"gpus": 1, "fraction": fraction}
+        if os.environ.get("GPUPOOL_SCHEDULER"):
+            kwargs["scheduler"] = os.environ["GPUPOOL_SCHEDULER"]
+        lease = pool.lease(**kwargs)
+        if hasattr(lease, "start_renewing"):
+            lease.start_renewing()
+        log.info("gpupool:%d: leased %s", index, getattr(lease, "lease_id", "?"))
+        return attach_lease(lease, 0, as_index=index, owns_lease=True)
+
+
+def attach_lease(lease: Any, index: int = 0, *, as_index: int | None = None, owns_lease: bool = False) -> torch.device:
+    """Attach device `index` of a lease; it becomes `gpupool:<as_index>` (default: `index` if free)."""
+    from gpupool.client.session import Session
+
+    with _lock:
+        for rt in runtime.all_runtimes():
+            if rt.lease is lease and getattr(rt, "lease_index", None) == index:
+                return rt.device
+        leased = lease.devices[index]
+        if as_index is None:
+            existing = runtime.get(index)
+            as_index = index if existing is None or existing.closed else runtime.next_free_index()
+        session = Session.attach(leased.address, leased.token)
+        rt = DeviceRuntime(as_index, session, lease=lease, owns_lease=owns_lease)
+        rt.lease_index = index  # type: ignore[attr-defined]
+        runtime.add(rt)
+        if id(lease) not in _subscribed and hasattr(lease, "subscribe"):
+            _subscribed.add(id(lease))
+            lease.subscribe(lambda *_: _forward_tokens(lease))
+        return rt.device
+
+
+def _forward_tokens(lease: Any) -> None:
+    """After a renewal: every session of that lease gets its fresh token."""
+    for rt in runtime.all_runtimes():
+        if rt.lease is lease:
+            try:
+                rt.refresh(lease.devices[rt.lease_index].token)  # type: ignore[attr-defined]
+            except Exception as exc:  # a dead session reports itself at its next sync
+                log.warning("refreshing the token of %s: %s", rt.device, exc)
+
+
+def attach(address: str, token: str, index: int | None = None) -> torch.device:
+    """Attach one daemon directly with a lease token; returns its `gpupool:<i>` device."""
+    from gpupool.client.session import Session
+
+    with _lock:
+        i = runtime.next_free_index() if index is None else index
+        session = Session.attach(address, token)
+        runtime.add(DeviceRuntime(i, session))
+        return torch.device("gpupool", i)
+
+
+def synchronize(device: torch.device | str | int | None = None) -> None:
+    """Wait until the daemon has run every queued op; raise the first error among them."""
+    if device is None:
+        for rt in runtime.all_runtimes():
+            rt.sync()
+        return
+    index = device if isinstance(device, int) else torch.device(device).index
+    runtime_for(index).sync()
+
+
+def detach_all() -> None:
+    """Close every session (the daemons free their tensors) and release leases this module took."""
+    with _lock:
+        for rt in runtime.remove_all():
+            rt.close()
+            if rt.owns_lease and rt.lease is not None:
+                try:
+                    rt.lease.release()
+                except Exception as exc:  # the scheduler reclaims it at expiry anyway
+                    log.warning("releasing lease of %s: %s", rt.device, exc)
+        _subscribed.clear()
+        for lease in _env_lease:
+            if hasattr(lease, "stop_renewing"):
+                lease.stop_renewing()
+        _env_lease.clear()
+
+
+def device_count() -> int:
+    return len(runtime.all_runtimes())
+
+
+atexit.register(detach_all)

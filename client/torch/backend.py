@@ -1,0 +1,77 @@
+"""Registration of the `gpupool` device type with PyTorch (torch >= 2.10).
+
+`torch.utils.backend_registration._setup_privateuseone_for_python_backend` renames the PrivateUse1
+dispatch key to `gpupool`, so `torch.device("gpupool:0")`, `Tensor.to("gpupool")` and factories
+with `device="gpupool"` are real; `torch.gpupool` becomes the backend module below (device count,
+`manual_seed_all` for `torch.manual_seed`, `synchronize`). One PrivateUse1 fallback kernel takes
+every op that reaches the backend without a remote tensor (factories such as `torch.empty`,
+`torch.zeros`, `torch.arange`): remote tensors themselves are caught earlier, by the Python
+dispatch key of their wrapper class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.utils.backend_registration as backend_registration
+from gpupool.client.torch import api, runtime
+
+NAME = "gpupool"
+
+
+class BackendModule:
+    """`torch.gpupool`: what torch asks a device module for."""
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def is_available(self) -> bool:
+        return True
+
+    def current_device(self) -> int:
+        return api.current_index()
+
+    def set_device(self, index: int | torch.device) -> None:
+        api.set_device(index.index or 0 if isinstance(index, torch.device) else index)
+
+    def device_count(self) -> int:
+        return max(1, api.device_count())
+
+    def _is_in_bad_fork(self) -> bool:
+        return False
+
+    def manual_seed_all(self, seed: int) -> None:
+        runtime.manual_seed_all(seed)
+
+    def manual_seed(self, seed: int) -> None:
+        runtime.manual_seed_all(seed)
+
+    def synchronize(self, device: Any = None) -> None:
+        api.synchronize(device)
+
+    def device(self, index: int = 0) -> torch.device:
+        return api.device(index)
+
+
+_library: list[torch.library.Library] = []
+
+
+def _backend_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
+    from gpupool.client.torch.dispatch import factory
+
+    return factory(op, args, kwargs)
+
+
+def register() -> None:
+    """Idempotent: make the PrivateUse1 backend `gpupool` (fails if another backend took the name)."""
+    current = torch._C._get_privateuse1_backend_name()
+    if current == NAME and _library:
+        return
+    if current not in ("privateuseone", NAME):
+        raise RuntimeError(f"the PrivateUse1 backend is already registered as {current!r}; gpupool needs it")
+    if current == "privateuseone":
+        backend_registration._setup_privateuseone_for_python_backend(NAME, backend_module=BackendModule())
+    lib = torch.library.Library("_", "IMPL")  # noqa: TOR901 - the global namespace is required for fallbacks
+    lib.fallback(_backend_fallback, "PrivateUse1")
+    _library.append(lib)

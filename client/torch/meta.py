@@ -1,0 +1,232 @@
+"""Output metadata of aten ops, inferred on the `meta` device and cached.
+
+A remote op returns at once with tensors whose sizes, strides, offsets and dtypes the client must
+know without asking the daemon. Running the op on `meta` tensors gives them (~500 us); a training
+loop repeats its op signatures, so results are cached by a key made of the op and its arguments:
+
+- tensors by (shape, stride, storage offset, dtype), CPU tensors also marked as such;
+- arguments of schema type `Scalar` / `Scalar[]` (and Python numbers passed for a Tensor) by their
+  Python type only, on ops that have tensor inputs: there a Scalar decides type promotion, never a
+  shape (an Adam step's changing step sizes then hit the cache). On factories without tensor
+  inputs (`arange`, `full`, `scalar_tensor`) Scalars are keyed by value, since they decide shapes;
+- everything else by value: ints, int lists, floats and float lists (`upsample_*` scale factors
+  decide shapes), dtypes, devices, strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from gpupool.client.torch.tensor import RemoteTensor
+from torch.utils._pytree import TreeSpec, tree_flatten
+
+T, TL, S, SL, V = "T", "TL", "S", "SL", "V"  # argument kinds: tensor, tensor list, scalar, scalar list, value
+META = torch.device("meta")
+
+
+@dataclass(frozen=True)
+class OutMeta:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Inferred outputs: flattened tensor metadata (None for a None output) and the pytree to rebuild."""
+
+    metas: tuple[OutMeta | None, ...]
+    spec: TreeSpec | None  # None: exactly one tensor
+
+
+def _kind(t: Any) -> str:
+    if isinstance(t, torch.OptionalType):
+        t = t.getElementType()
+    if isinstance(t, torch.TensorType):
+        return T
+    if isinstance(t, torch.NumberType):
+        return S
+    if isinstance(t, torch.ListType):
+        el = t.getElementType()
+        if isinstance(el, torch.OptionalType):
+            el = el.getElementType()
+        if isinstance(el, torch.TensorType):
+            return TL
+        if isinstance(el, torch.NumberType):
+            return SL
+    return V
+
+
+class Schema:
+    """What the client needs to know about one op overload, computed once."""
+
+    def __init__(self, func: torch._ops.OpOverload) -> None:
+        schema = func._schema
+        self.func = func
+        overload = schema.overload_name
+        self.name = f"{schema.name}.{overload}" if overload else schema.name
+        self.kinds = [_kind(a.type) for a in schema.arguments]
+        self.kwarg_kinds = {a.name: k for a, k in zip(schema.arguments, self.kinds, strict=True)}
+        self.has_tensor_inputs = any(k in (T, TL) for k in self.kinds)
+        tags = set(func.tags)
+        self.dynamic = torch.Tag.dynamic_output_shape in tags
+        self.inplace_view = torch.Tag.inplace_view in tags
+        self.returns_tensors = all(_kind(r.type) in (T, TL) for r in schema.returns)
+        self.tensor_returns = sum(1 for r in schema.returns if _kind(r.type) == T)
+        self.list_return = any(_kind(r.type) == TL for r in schema.returns)
+        # Outputs that alias a written argument (in-place ops, out=): the op returns that argument.
+        self.write_alias: list[str | None] = []
+        for r in schema.returns:
+            info = r.alias_info
+            name = None
+            if info is not None and info.is_write:
+                for a in schema.arguments:
+                    if a.alias_info is not None and a.alias_info.is_write and set(a.alias_info.before_set) & set(
+                        info.before_set
+                    ):
+                        name = a.name
+                        break
+            self.write_alias.append(name)
+        self.mutates = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+        self.arg_names = [a.name for a in schema.arguments]
+        self.has_device_arg = "device" in self.kwarg_kinds
+
+
+_schemas: dict[Any, Schema] = {}
+
+
+def schema_of(func: torch._ops.OpOverload) -> Schema:
+    s = _schemas.get(func)
+    if s is None:
+        s = _schemas[func] = Schema(func)
+    return s
+
+
+def tensor_key(t: Any) -> Any:
+    if isinstance(t, RemoteTensor):
+        return (t.shape, t.stride(), t.storage_offset(), t.dtype)
+    if isinstance(t, torch.Tensor):
+        return ("cpu", t.shape, t.stride(), t.dtype)
+    if t is None:
+        return None
+    return type(t)  # a Python number standing for a Tensor: type promotion only
+
+
+def _value_key(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(_value_key(x) for x in v)
+    if isinstance(v, float):
+        return (float, v)  # 1 and 1.0 hash alike: keep the type
+    return v
+
+
+def _key(kind: str, v: Any, by_type: bool) -> Any:
+    if kind == T:
+        return tensor_key(v)
+    if kind == TL:
+        return None if v is None else tuple(tensor_key(x) for x in v)
+    if kind == S:
+        return type(v) if by_type else (type(v), v)
+    if kind == SL:
+        return None if v is None else tuple(type(x) if by_type else (type(x), x) for x in v)
+    return _value_key(v)
+
+
+def cache_key(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    by_type = sch.has_tensor_inputs
+    kinds = sch.kinds
+    key: list[Any] = [sch.func]
+    for i, a in enumerate(args):
+        key.append(_key(kinds[i], a, by_type))
+    if kwargs:
+        kk = sch.kwarg_kinds
+        for name in sorted(kwargs):
+            key.append((name, _key(kk.get(name, V), kwargs[name], by_type)))
+    return tuple(key)
+
+
+# ---- inference ----
+
+
+def to_meta(v: Any) -> Any:
+    if isinstance(v, RemoteTensor):
+        return _meta_tensor(v.shape, v.stride(), int(v.storage_offset()), v.dtype)
+    if isinstance(v, torch.Tensor):
+        # CPU 0-dim tensors may mix with any device; larger ones are uploaded, so treat them as remote.
+        return v if v.dim() == 0 else _meta_tensor(v.shape, v.stride(), int(v.storage_offset()), v.dtype)
+    if isinstance(v, list | tuple):
+        return type(v)(to_meta(x) for x in v)
+    if isinstance(v, torch.device) and v.type == "gpupool":
+        return META
+    return v
+
+
+def _meta_tensor(shape: Any, stride: Any, offset: int, dtype: torch.dtype) -> torch.Tensor:
+    if offset == 0:
+        return torch.empty_strided(shape, stride, dtype=dtype, device=META)
+    extent = 1 + sum((s - 1) * st for s, st in zip(shape, stride, strict=True) if s > 0)
+    base = torch.empty(offset + extent, dtype=dtype, device=META)
+    return base.as_strided(shape, stride, offset)
+
+
+class NoMeta(Exception):
+    """The op has no meta kernel (or a data-dependent output shape): it must round-trip."""
+
+
+def infer(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outputs:
+    """Run the op on meta tensors; raise NoMeta when that cannot tell the outputs."""
+    margs = tuple(to_meta(a) for a in args)
+    mkwargs = {k: to_meta(v) for k, v in kwargs.items()}
+    try:
+        out = sch.func(*margs, **mkwargs)
+    except (NotImplementedError, torch._subclasses.fake_tensor.DynamicOutputShapeException) as exc:
+        raise NoMeta(str(exc)) from exc
+    except RuntimeError as exc:
+        text = str(exc)
+        if "meta" in text.lower() and ("not implemented" in text.lower() or "could not run" in text.lower()):
+            raise NoMeta(text) from exc
+        raise
+    if isinstance(out, torch.Tensor):
+        return Outputs((_out_meta(out),), None)
+    leaves, spec = tree_flatten(out)
+    metas: list[OutMeta | None] = []
+    for leaf in leaves:
+        if leaf is None:
+            metas.append(None)
+        elif isinstance(leaf, torch.Tensor):
+            metas.append(_out_meta(leaf))
+        else:
+            raise NoMeta(f"{sch.name} returns a {type(leaf).__name__}")
+    return Outputs(tuple(metas), spec)
+
+
+def _out_meta(t: torch.Tensor) -> OutMeta:
+    if t.device.type != "meta":
+        raise NoMeta(f"output on {t.device}")
+    return OutMeta(tuple(t.shape), tuple(t.stride()), int(t.storage_offset()), t.dtype)
+
+
+class MetaCache:
+    """Inferred outputs by cache key, with hit/miss counters (the benchmark reports them)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[Any, Outputs] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def outputs(self, sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outputs:
+        key = cache_key(sch, args, kwargs)
+        found = self.entries.get(key)
+        if found is not None:
+            self.hits += 1
+            return found
+        self.misses += 1
+        out = infer(sch, args, kwargs)
+        self.entries[key] = out
+        return out
+
+
+CACHE = MetaCache()

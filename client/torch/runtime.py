@@ -1,0 +1,160 @@
+"""One attached gpupool device: its session, handles, deferred frees, seeds and errors.
+
+`DeviceRuntime` is what every remote tensor points at. It owns the session of one leased device
+(`gpupool:<index>`), hands out handles, collects the handles of dead tensors and frees them in
+batches, and turns the session client's errors into the exceptions torch users expect
+(`errors.translate`). The module-level registry maps device indices to runtimes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from gpupool.client.torch import errors
+
+log = logging.getLogger("gpupool.torch")
+
+FREE_BATCH = 256  # dead handles collected before one Free command goes out
+
+
+class DeviceRuntime:
+    """The client side of one session: `gpupool:<index>`."""
+
+    def __init__(self, index: int, session: Any, lease: Any = None, owns_lease: bool = False) -> None:
+        self.index = index
+        self.session = session
+        self.lease = lease
+        self.owns_lease = owns_lease
+        self.device = torch.device("gpupool", index)
+        self.closed = False
+        self._dead: list[int] = []
+        # Tensors made by torch.empty(..., device="gpupool") whose Op is not sent yet: the usual next
+        # step is a copy from the CPU (`x.to("gpupool")`), which then becomes one upload into the handle.
+        self.pending: dict[int, tuple[str, list[Any], dict[str, Any]]] = {}
+        self.ops_sent = 0
+
+    # ---- handles ----
+
+    def new_handle(self) -> int:
+        return int(self.session.new_handle())
+
+    def release(self, handle: int) -> None:
+        """Called by a tensor's finalizer (any thread, any time): remember the handle for the next batch."""
+        if self.closed or self.pending.pop(handle, None) is not None:
+            return
+        self._dead.append(handle)
+
+    def flush_frees(self, force: bool = False) -> None:
+        if self._dead and (force or len(self._dead) >= FREE_BATCH):
+            dead, self._dead = self._dead, []
+            self.call(self.session.free, dead)
+
+    # ---- commands ----
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a session method, raising its failures as torch-facing exceptions."""
+        if self.closed:
+            raise errors.DeviceLost(f"{self.device} is detached; its tensors are gone", code="FAILED_PRECONDITION")
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # translate() passes through anything that is not a gpupool error
+            translated = translate_and_mark(self, exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    def op(self, name: str, args: Any, kwargs: Any, outputs: list[int]) -> None:
+        self.ops_sent += 1
+        if len(self._dead) >= FREE_BATCH:
+            self.flush_frees()
+        self.call(self.session.op, name, args, kwargs, outputs)
+
+    def sync(self, scalar_handles: tuple[int, ...] | list[int] = ()) -> list[Any]:
+        """Wait for everything sent so far; raise the first error since the last sync."""
+        self.flush_frees(force=True)
+        return list(self.call(self.session.sync, list(scalar_handles)))
+
+    def upload(self, tensor: torch.Tensor) -> int:
+        handle = self.new_handle()
+        self.call(self.session.upload, tensor, handle)
+        return handle
+
+    def download(self, handle: int) -> torch.Tensor:
+        self.flush_frees(force=True)
+        out = self.call(self.session.download, handle)
+        assert isinstance(out, torch.Tensor)
+        return out
+
+    def seed(self, seed: int) -> None:
+        self.call(self.session.seed, seed)
+
+    def refresh(self, token: str) -> None:
+        if not self.closed:
+            self.call(self.session.refresh, token)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._dead.clear()
+        try:
+            self.session.close()
+        except Exception as exc:  # closing a dead session must not mask the caller's own error
+            log.debug("closing %s: %s", self.device, exc)
+
+
+def translate_and_mark(rt: DeviceRuntime, exc: BaseException) -> BaseException:
+    out = errors.translate(exc)
+    if isinstance(out, errors.DeviceLost) and out.code_name == "UNAVAILABLE":
+        log.warning("%s lost: %s", rt.device, out)
+    return out
+
+
+# ---- the registry of attached devices ----
+
+_lock = threading.RLock()
+_runtimes: dict[int, DeviceRuntime] = {}
+_seed: list[int] = []  # the last torch.manual_seed, applied to devices attached later
+
+
+def get(index: int) -> DeviceRuntime | None:
+    return _runtimes.get(index)
+
+
+def add(rt: DeviceRuntime) -> None:
+    with _lock:
+        if rt.index in _runtimes and not _runtimes[rt.index].closed:
+            raise RuntimeError(f"gpupool:{rt.index} is already attached")
+        _runtimes[rt.index] = rt
+        if _seed:
+            rt.seed(_seed[-1])
+
+
+def all_runtimes() -> list[DeviceRuntime]:
+    return [rt for rt in list(_runtimes.values()) if not rt.closed]
+
+
+def next_free_index() -> int:
+    with _lock:
+        i = 0
+        while i in _runtimes and not _runtimes[i].closed:
+            i += 1
+        return i
+
+
+def manual_seed_all(seed: int) -> None:
+    """`torch.manual_seed` reaches every attached session, and later ones when they attach."""
+    _seed[:] = [int(seed)]
+    for rt in all_runtimes():
+        rt.seed(int(seed))
+
+
+def remove_all() -> list[DeviceRuntime]:
+    with _lock:
+        rts = list(_runtimes.values())
+        _runtimes.clear()
+        return rts

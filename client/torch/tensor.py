@@ -1,0 +1,114 @@
+"""Remote tensors: torch tensors whose data lives on a gpupool daemon under a handle.
+
+A `RemoteTensor` is a wrapper subclass (`torch.Tensor._make_wrapper_subclass`): it has real sizes,
+strides, dtype and the device `gpupool:<i>`, but no local data; it holds the runtime of its device
+and the handle the daemon knows the data by. Every aten op on it lands in `__torch_dispatch__`
+(`client.torch.dispatch`). When it truly dies (torch keeps the Python object alive while autograd
+still holds its TensorImpl), `__del__` queues its handle for a batched Free (cheaper than a weakref
+callback, and `torch.utils.swap_tensors` accepts it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from gpupool.client.torch.runtime import DeviceRuntime
+
+
+class RemoteTensor(torch.Tensor):
+    """A tensor on `gpupool:<index>`; its data is `handle` in the session of `runtime`."""
+
+    _gp_rt: DeviceRuntime
+    _gp_h: int
+
+    # Ops go through __torch_dispatch__ only; torch functions take their default (C++) path.
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
+        from gpupool.client.torch.dispatch import dispatch
+
+        return dispatch(func, args, kwargs or {})
+
+    def __del__(self) -> None:
+        d = self.__dict__
+        h = d.get("_gp_h")
+        if h:
+            d["_gp_rt"].release(h)
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
+        if self._gp_rt.closed:
+            return f"RemoteTensor(<detached>, shape={tuple(self.shape)}, dtype={self.dtype}, device='{self.device}')"
+        with torch.no_grad():
+            local = self.detach().to("cpu")
+        text = repr(local)
+        extra = f", device='{self.device}'"
+        if self.requires_grad:
+            grad_fn = self.grad_fn
+            extra += f", grad_fn=<{type(grad_fn).__name__}>" if grad_fn is not None else ", requires_grad=True"
+        return text[:-1] + extra + ")"
+
+    __str__ = __repr__  # type: ignore[assignment]
+
+    def tolist(self) -> Any:  # type: ignore[override]
+        # torch's C++ tolist refuses tensor subclasses: read back, then convert (a sync point).
+        with torch.no_grad():
+            return self.detach().to("cpu").tolist()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # torch.save / pickle / copy of a remote tensor: its data comes back to the CPU, so a saved
+        # state_dict loads anywhere (map it back with load_state_dict or .to("gpupool")).
+        with torch.no_grad():
+            local = self.detach().to("cpu")
+        if self.requires_grad:
+            local.requires_grad_(True)
+        return local.__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        with torch.no_grad():
+            out = self.detach().clone()
+        if self.requires_grad:
+            out.requires_grad_(True)
+        if getattr(self, "_is_param", False):
+            out = torch.nn.Parameter(out, self.requires_grad)
+        memo[id(self)] = out
+        return out
+
+
+def wrap(
+    rt: DeviceRuntime,
+    handle: int,
+    shape: Any,
+    stride: Any,
+    offset: int,
+    dtype: torch.dtype,
+) -> RemoteTensor:
+    """A new remote tensor for a handle the daemon has (or will have, once queued ops run)."""
+    t = torch.Tensor._make_wrapper_subclass(
+        RemoteTensor,
+        shape,
+        strides=stride,
+        storage_offset=offset,
+        dtype=dtype,
+        device=rt.device,
+        requires_grad=False,
+    )
+    t._gp_rt = rt
+    t._gp_h = handle
+    return t  # type: ignore[no-any-return]
+
+
+def rewrap(t: RemoteTensor, shape: Any, stride: Any, offset: int) -> None:
+    """Give a remote tensor new sizes/strides in place (an out= tensor the op resized, t_, squeeze_).
+
+    Runs `set_` on the wrapper's own (data-less) storage with the meta kernel, which is how torch's
+    own `return_and_correct_aliasing` updates wrapper metadata; nothing is dispatched to the daemon.
+    """
+    with torch.utils._mode_utils.no_dispatch():
+        was = torch._C._meta_in_tls_dispatch_include()
+        torch._C._set_meta_in_tls_dispatch_include(True)
+        try:
+            torch.ops.aten.set_.source_Storage_storage_offset(t, t.untyped_storage(), offset, shape, stride)
+        finally:
+            torch._C._set_meta_in_tls_dispatch_include(was)
