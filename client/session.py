@@ -1,0 +1,315 @@
+"""The op stream of one session on a daemon: attach with a lease token, then upload tensors, enqueue aten ops
+on client-chosen handles, sync and download, all over one ordered gRPC stream.
+
+Commands accumulate client-side and travel as one ClientFrame per ~256 commands / ~1 MiB, or at a sync
+point (sync, download, flush). Only Sync and Get are answered; a background reader thread matches replies
+to waiters and fails every waiter with Unavailable as soon as the stream dies, so a lost daemon raises
+within seconds instead of hanging. Safe for one user thread plus the reader.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+import numpy
+import torch
+
+from gpupool import wire
+from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
+from gpupool.errors import GpupoolError, InvalidArgument, Unavailable, from_rpc_error, from_status
+
+MAX_BATCH_COMMANDS = 256
+MAX_BATCH_BYTES = 1024 * 1024
+SEND_QUEUE_FRAMES = 32  # frames waiting for gRPC; a full queue blocks the caller (back-pressure)
+SESSION_METADATA = "gpupool-session"
+CHANNEL_OPTIONS = [
+    # Download chunks are 4 MiB plus framing, over gRPC's 4 MiB default receive limit.
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # Ping every 5 s, give up after 5 s without an answer: a vanished daemon fails waits within seconds.
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+class Handle(int):
+    """An int that names a tensor on the daemon (so `Session.call` sends it as a tensor argument)."""
+
+
+class _Waiter:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.reply: device_pb2.SyncReply | None = None
+        self.error: GpupoolError | None = None
+        self.tensor: torch.Tensor | None = None
+        self._bytes: torch.Tensor | None = None
+
+    def chunk(self, c: device_pb2.TensorChunk) -> None:
+        if c.HasField("meta"):
+            dtype = wire.dtype_from_proto(c.meta.dtype)
+            self.tensor = torch.empty(list(c.meta.shape), dtype=dtype)
+            self._bytes = wire.byte_view(self.tensor) if self.tensor.numel() else torch.empty(0, dtype=torch.uint8)
+        if self._bytes is None:
+            self.fail(InvalidArgument("download chunk before its metadata"))
+            return
+        if c.data:
+            self._bytes[c.offset : c.offset + len(c.data)].copy_(torch.frombuffer(bytearray(c.data), dtype=torch.uint8))
+        if c.last:
+            self.done.set()
+
+    def fail(self, exc: GpupoolError) -> None:
+        if not self.done.is_set():
+            self.error = exc
+            self.done.set()
+
+
+class Session:
+    """One attached session. Use `Session.attach(address, token)`; close it (or use `with`) when done."""
+
+    def __init__(self, channel: grpc.Channel, reply: device_pb2.AttachReply, address: str = "") -> None:
+        self.address = address
+        self.session_id: str = reply.session_id
+        self.handle_base: int = reply.handle_base
+        self.device: device_pb2.DeviceInfo = reply.device
+        self.quota_bytes: int = reply.quota_bytes
+        self.share: float = reply.share
+        self._channel = channel
+        self._stub = device_pb2_grpc.DeviceStub(channel)
+        self._lock = threading.RLock()
+        self._handles = itertools.count(1)
+        self._requests = itertools.count(1)
+        self._frame = device_pb2.ClientFrame()
+        self._frame_bytes = 0
+        self._send: queue.Queue[device_pb2.ClientFrame | None] = queue.Queue(maxsize=SEND_QUEUE_FRAMES)
+        self._waiters: dict[int, _Waiter] = {}
+        self._wlock = threading.Lock()  # the reader takes only this one, never the batching lock
+        self._dead: GpupoolError | None = None
+        self._closed = False
+        self._responses = self._stub.Stream(self._frames(), metadata=((SESSION_METADATA, self.session_id),))
+        self._reader = threading.Thread(target=self._read, name=f"gpupool-session-{self.session_id[:6]}", daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def attach(cls, address: str, token: str, *, timeout: float = 10.0) -> Session:
+        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        try:
+            reply = device_pb2_grpc.DeviceStub(channel).Attach(device_pb2.AttachRequest(token=token), timeout=timeout)
+        except grpc.RpcError as exc:
+            channel.close()
+            raise from_rpc_error(exc) from None
+        return cls(channel, reply, address)
+
+    # ---- commands ----
+
+    def new_handle(self) -> int:
+        return Handle(self.handle_base + next(self._handles))
+
+    def upload(self, tensor: torch.Tensor | numpy.ndarray, handle: int | None = None) -> int:
+        """Send a CPU tensor (copied now; fire-and-forget); returns its handle."""
+        t = torch.from_numpy(numpy.ascontiguousarray(tensor)) if isinstance(tensor, numpy.ndarray) else tensor
+        t = t.detach().cpu().contiguous()
+        h = Handle(handle) if handle is not None else self.new_handle()
+        meta = tensor_pb2.TensorMeta(dtype=wire.dtype_to_proto(t.dtype), shape=list(t.shape), stride=list(t.stride()))
+        data = wire.byte_view(t).numpy() if t.numel() else numpy.empty(0, dtype=numpy.uint8)
+        total = data.nbytes
+        if total <= wire.CHUNK_BYTES:
+            self._add(
+                device_pb2.Command(upload=device_pb2.Upload(handle=h, meta=meta, data=data.tobytes(), last=True)), total
+            )
+            return h
+        with self._lock:
+            self.flush()
+            for off in range(0, total, wire.CHUNK_BYTES):
+                end = min(off + wire.CHUNK_BYTES, total)
+                up = device_pb2.Upload(handle=h, offset=off, data=data[off:end].tobytes(), last=end >= total)
+                if off == 0:
+                    up.meta.CopyFrom(meta)
+                self._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]))
+        return h
+
+    def op(
+        self,
+        name: str,
+        args: Sequence[tensor_pb2.Arg],
+        kwargs: Mapping[str, tensor_pb2.Arg] | None,
+        outputs: Sequence[int],
+    ) -> None:
+        """Enqueue an aten op (no round trip): results go to `outputs`, one handle per returned tensor."""
+        with self._lock:
+            cmd = self._frame.commands.add()
+            o = cmd.op
+            o.name = name
+            o.args.extend(args)
+            if kwargs:
+                for k, v in kwargs.items():
+                    o.kwargs[k].CopyFrom(v)
+            o.outputs.extend(outputs)
+            self._maybe_flush()
+
+    def call(self, name: str, *args: Any, outputs: int | Sequence[int] = 1, **kwargs: Any) -> list[int]:
+        """`op` with Python values: Handles become tensor args, small CPU tensors travel inline."""
+        outs: list[int] = (
+            [self.new_handle() for _ in range(outputs)] if isinstance(outputs, int) else [Handle(h) for h in outputs]
+        )
+        self.op(name, [self._encode(a) for a in args], {k: self._encode(v) for k, v in kwargs.items()}, outs)
+        return outs
+
+    def free(self, handles: Iterable[int]) -> None:
+        hs = list(handles)
+        if hs:
+            self._add(device_pb2.Command(free=device_pb2.Free(handles=hs)), 8 * len(hs))
+
+    def seed(self, seed: int) -> None:
+        self._add(device_pb2.Command(seed=device_pb2.Seed(seed=seed)))
+
+    def refresh(self, token: str) -> None:
+        self._add(device_pb2.Command(refresh=device_pb2.Refresh(token=token)))
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            if len(self._frame.commands):
+                frame, self._frame, self._frame_bytes = self._frame, device_pb2.ClientFrame(), 0
+                self._put(frame)
+
+    def sync(self, scalar_handles: Sequence[int] = ()) -> list[bool | int | float | complex]:
+        """Wait for everything sent so far; raise the first error since the last sync; return scalar values."""
+        rid, w = self._request(device_pb2.Command(sync=device_pb2.Sync(scalar_handles=list(scalar_handles))))
+        self._wait(rid, w)
+        assert w.reply is not None
+        if w.reply.HasField("error"):
+            e = w.reply.error
+            raise from_status(e.code, e.message, e.op)
+        return [wire.scalar_from_proto(v) for v in w.reply.values]
+
+    def download(self, handle: int) -> torch.Tensor:
+        """The tensor's value as a CPU tensor (waits for the ops before it)."""
+        rid, w = self._request(device_pb2.Command(get=device_pb2.Get(handle=handle)))
+        self._wait(rid, w)
+        assert w.tensor is not None
+        return w.tensor
+
+    def close(self) -> None:
+        """Detach: the daemon frees everything this session holds."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._dead is None:
+                self.flush()
+                self._stub.Detach(device_pb2.DetachRequest(session_id=self.session_id), timeout=5)
+        except (grpc.RpcError, GpupoolError):
+            pass  # the daemon is gone or already closed the session: nothing left to free
+        finally:
+            self._dead = self._dead or Unavailable("session closed")
+            try:
+                self._send.put_nowait(None)
+            except queue.Full:
+                pass
+            self._channel.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- internals ----
+
+    def _encode(self, value: Any) -> tensor_pb2.Arg:
+        if isinstance(value, Handle):
+            return tensor_pb2.Arg(tensor=int(value))
+        if isinstance(value, list | tuple) and any(isinstance(v, Handle) for v in value):
+            if not all(v is None or isinstance(v, Handle) for v in value):
+                raise InvalidArgument("a list argument mixes tensor handles and other values")
+            return tensor_pb2.Arg(tensors=tensor_pb2.TensorList(handles=[0 if v is None else int(v) for v in value]))
+        return wire.encode_arg(value, self._inline)
+
+    @staticmethod
+    def _inline(t: torch.Tensor) -> tensor_pb2.Arg:
+        if t.device.type != "cpu" or t.numel() * t.element_size() > wire.INLINE_MAX_BYTES:
+            raise InvalidArgument("only small CPU tensors travel inline; upload larger ones and pass their Handle")
+        return tensor_pb2.Arg(inline=wire.inline_to_proto(t))
+
+    def _add(self, cmd: device_pb2.Command, nbytes: int = 0) -> None:
+        with self._lock:
+            self._frame.commands.append(cmd)
+            self._frame_bytes += nbytes
+            self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if len(self._frame.commands) >= MAX_BATCH_COMMANDS or self._frame_bytes >= MAX_BATCH_BYTES:
+            self.flush()
+
+    def _request(self, cmd: device_pb2.Command) -> tuple[int, _Waiter]:
+        w = _Waiter()
+        with self._lock:
+            rid = next(self._requests)
+            if cmd.HasField("sync"):
+                cmd.sync.request_id = rid
+            else:
+                cmd.get.request_id = rid
+            with self._wlock:
+                self._waiters[rid] = w
+            self._frame.commands.append(cmd)
+            self.flush()
+        return rid, w
+
+    def _wait(self, rid: int, w: _Waiter) -> None:
+        try:
+            while not w.done.wait(0.25):
+                if self._dead is not None:
+                    w.fail(self._dead)
+        finally:
+            with self._wlock:
+                self._waiters.pop(rid, None)
+        if w.error is not None:
+            raise w.error
+
+    def _put(self, frame: device_pb2.ClientFrame) -> None:
+        while True:
+            if self._dead is not None:
+                raise self._dead
+            try:
+                self._send.put(frame, timeout=0.25)
+                return
+            except queue.Full:
+                continue
+
+    def _frames(self) -> Iterator[device_pb2.ClientFrame]:
+        while True:
+            frame = self._send.get()
+            if frame is None:
+                return
+            yield frame
+
+    def _read(self) -> None:
+        err: GpupoolError
+        try:
+            for frame in self._responses:
+                with self._wlock:
+                    w = self._waiters.get(frame.request_id)
+                if w is None:
+                    continue
+                kind = frame.WhichOneof("reply")
+                if kind == "sync":
+                    w.reply = frame.sync
+                    w.done.set()
+                elif kind == "chunk":
+                    w.chunk(frame.chunk)
+                elif kind == "error":
+                    w.fail(from_status(frame.error.code, frame.error.message, frame.error.op))
+            err = Unavailable(f"daemon {self.address} ended the session's stream")
+        except grpc.RpcError as exc:
+            err = from_rpc_error(exc)
+        self._dead = err
+        with self._wlock:
+            waiters = list(self._waiters.values())
+        for w in waiters:
+            w.fail(err)

@@ -1,0 +1,68 @@
+"""A running daemon: the Daemon, its gRPC server, metrics endpoint and (optional) scheduler registrar,
+started and stopped together. Used by `gpupool serve`, `gpupool up` and the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from gpupool.server.daemon import Config, Daemon
+from gpupool.server.devices import Device
+from gpupool.server.service import SERVICE, create_server
+from grpc_health.v1 import health_pb2
+
+from gpupool.config import split_address
+
+log = logging.getLogger(__name__)
+
+
+class RunningDaemon:
+    def __init__(self, config: Config, devices: list[Device] | None = None) -> None:
+        self.daemon = Daemon(config, devices)
+        self.daemon.start()
+        try:
+            self.server, self.port, self.health = create_server(self.daemon, config.listen)
+            host, _ = split_address(config.listen)
+            self.address = f"{host}:{self.port}"
+            self.metrics_port = self.daemon.metrics.serve(config.metrics_listen)
+        except Exception:
+            self.daemon.stop()
+            raise
+        self.registrar: Any = None
+        if config.scheduler:
+            from gpupool.server.registration import Registrar  # only daemons that register need it
+
+            advertise = config.advertise or self.address
+            self.registrar = Registrar(
+                config.scheduler, config.host_id, advertise, source=self.daemon, interval=config.heartbeat_interval
+            )
+            self.registrar.start()
+        self._stopped = False
+        log.info("listening on %s", self.address)
+        if self.metrics_port:
+            log.info("metrics on http://%s:%d/metrics", split_address(config.metrics_listen)[0], self.metrics_port)
+
+    def stop(self, grace: float = 5.0, drain: bool = True) -> None:
+        """Health NOT_SERVING, finish what was received (when `drain`), close sessions, stop serving."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for name in ("", SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if drain and not self.daemon.drain():
+            log.warning("drain timed out; closing sessions with work still queued")
+        if self.registrar is not None:
+            try:
+                self.registrar.stop()
+            except Exception:
+                log.exception("stopping the registrar failed")
+        self.daemon.stop()
+        self.server.stop(grace).wait()
+        log.info("stopped")
+
+    def __enter__(self) -> RunningDaemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(grace=1.0, drain=False)

@@ -1,0 +1,86 @@
+"""`gpupool serve`: run the daemon on a GPU host (real CUDA devices, or fake GPUs on request / without CUDA).
+
+Logs "listening on HOST:PORT" once serving (port 0 picks a free port; parents parse that line).
+SIGTERM/SIGINT: health NOT_SERVING, finish received batches, close sessions, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import threading
+from types import FrameType
+
+from gpupool.server.daemon import Config
+
+from gpupool import tokens
+from gpupool.config import add_flag, setup_logging, size_arg
+from gpupool.errors import GpupoolError
+
+log = logging.getLogger("gpupool.server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gpupool serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_flag(p, "--listen", default="127.0.0.1:50051", help="gRPC address HOST:PORT (port 0: any free port)")
+    add_flag(p, "--fake-gpus", type=int, default=0, help="serve N CPU-backed fake GPUs (0: real GPUs, else 1 fake)")
+    add_flag(p, "--fake-gpu-memory", type=size_arg, default=8 * 1024**3, help="memory of each fake GPU, e.g. 8GiB")
+    add_flag(p, "--token-key-file", help="file with the token key shared with the scheduler (else $GPUPOOL_TOKEN_KEY)")
+    add_flag(p, "--host-id", default=socket.gethostname(), help="this host's id, as tokens name it")
+    add_flag(p, "--metrics-listen", default="127.0.0.1:9450", help="Prometheus metrics HOST:PORT ('0': off)")
+    add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT to register with (optional)")
+    add_flag(p, "--advertise", default="", help="address the scheduler gives clients (default: the listen address)")
+    add_flag(p, "--heartbeat-interval", type=float, default=2.0, help="seconds between heartbeats to the scheduler")
+    add_flag(p, "--max-message-size", type=size_arg, default=16 * 1024**2, help="largest gRPC message accepted")
+    add_flag(p, "--drain-seconds", type=float, default=10.0, help="on SIGTERM, wait this long for queued work")
+    add_flag(p, "--log-level", default="INFO", help="logging level")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return Config(
+        listen=args.listen,
+        host_id=args.host_id,
+        fake_gpus=args.fake_gpus,
+        fake_gpu_memory=args.fake_gpu_memory,
+        token_key=tokens.load_key(args.token_key_file),
+        metrics_listen=args.metrics_listen,
+        scheduler=args.scheduler,
+        advertise=args.advertise,
+        heartbeat_interval=args.heartbeat_interval,
+        max_message_bytes=args.max_message_size,
+        drain_seconds=args.drain_seconds,
+    )
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging("gpupool-serve", args.log_level)
+    try:
+        config = config_from_args(args)
+    except GpupoolError as exc:
+        log.error("%s", exc)
+        return 2
+    from gpupool.server.app import RunningDaemon  # imports torch: after argument errors are reported
+
+    try:
+        running = RunningDaemon(config)
+    except (OSError, RuntimeError, GpupoolError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("got %s: draining", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.wait(1.0):
+        pass
+    running.stop()
+    return 0

@@ -1,0 +1,260 @@
+"""Executes a session's commands (ops, uploads, downloads, frees, seeds, syncs) on its device.
+
+This is the one place that touches tensors. `CommandExecutor.execute` takes protobuf commands and emits
+protobuf replies through a callback, so a process boundary (one worker process per session) can later
+sit between it and the gRPC front without changing either side.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import torch
+from gpupool.server.ops import MetaSizer, OpTable
+from gpupool.server.sessions import Poison, PoisonedInput, Session
+
+from gpupool import wire
+from gpupool._proto import device_pb2, tensor_pb2
+from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
+
+log = logging.getLogger(__name__)
+# torch.frombuffer warns that protobuf's bytes are read-only; we only ever copy out of them.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+_RNG_LOCK = threading.Lock()  # fake GPUs share the CPU's default generator: swap session states one at a time
+MAX_DIMS = 64
+
+Reply = Callable[[device_pb2.ServerFrame | Iterator[device_pb2.ServerFrame]], None]
+
+
+class Ledger(Protocol):
+    """Where execution is counted (metrics)."""
+
+    def op(self, session: Session) -> None: ...
+    def error(self, session: Session, code: str) -> None: ...
+    def transfer(self, direction: str, nbytes: int) -> None: ...
+
+
+class CommandExecutor:
+    """Runs commands of sessions; holds only caches (op table, meta sizes), no session state."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ops = OpTable()
+        self.sizer = MetaSizer()
+        self.ledger = ledger
+        self._device_arg: dict[torch._ops.OpOverload, bool] = {}
+
+    def execute(self, s: Session, cmd: device_pb2.Command, reply: Reply) -> None:
+        kind = cmd.WhichOneof("cmd")
+        op_name = cmd.op.name if kind == "op" else ""
+        try:
+            if kind == "op":
+                self._op(s, cmd.op)
+            elif kind == "upload":
+                self._upload(s, cmd.upload)
+            elif kind == "get":
+                reply(self._get(s, cmd.get))
+            elif kind == "free":
+                s.free(list(cmd.free.handles))
+            elif kind == "seed":
+                s.rng_state = s.device.new_rng_state(cmd.seed.seed)
+            elif kind == "sync":
+                reply(self._sync(s, cmd.sync))
+            elif kind == "refresh":
+                pass  # handled on arrival by the daemon (it needs no ordering)
+            else:
+                raise InvalidArgument("empty command")
+        except PoisonedInput as exc:
+            self._fail(s, cmd, exc.poison, reply)
+        except GpupoolError as exc:
+            self._fail(s, cmd, Poison(exc.code.name, op_name, exc.message), reply)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            self._fail(s, cmd, Poison("RESOURCE_EXHAUSTED", op_name, f"device out of memory: {exc}"), reply)
+        except (RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
+            self._fail(s, cmd, Poison("INVALID_ARGUMENT", op_name, _first_lines(exc)), reply)
+        except Exception as exc:  # a bug must cost one command, never the daemon
+            log.exception("internal error executing %s for session %s", kind, s.session_id)
+            self._fail(s, cmd, Poison("INTERNAL", op_name, f"{type(exc).__name__}: {exc}"), reply)
+
+    def _fail(self, s: Session, cmd: device_pb2.Command, err: Poison, reply: Reply) -> None:
+        self.ledger.error(s, err.code)
+        kind = cmd.WhichOneof("cmd")
+        if kind == "get":
+            e = tensor_pb2.Error(code=err.code, op=err.op, message=err.message)
+            reply(device_pb2.ServerFrame(request_id=cmd.get.request_id, error=e))
+            return
+        if kind == "sync":  # a failed sync (bad scalar handle) reports its own error
+            first = s.error or err
+            s.error = None
+            e = tensor_pb2.Error(code=first.code, op=first.op, message=first.message)
+            reply(device_pb2.ServerFrame(request_id=cmd.sync.request_id, sync=device_pb2.SyncReply(error=e)))
+            return
+        s.record_error(err)
+        if kind == "op":
+            for h in cmd.op.outputs:
+                if h:
+                    s.poison(h, err)
+        elif kind == "upload":
+            s.poison(cmd.upload.handle, err)
+
+    # ---- ops ----
+
+    def _op(self, s: Session, msg: device_pb2.Op) -> None:
+        op = self.ops.resolve(msg.name)
+        dev = s.device.torch_device
+        args = [wire.decode_arg(a, s.resolve, dev) for a in msg.args]
+        kwargs = {k: wire.decode_arg(v, s.resolve, dev) for k, v in msg.kwargs.items()}
+        if self._takes_device(op) and kwargs.get("device") is None:
+            kwargs["device"] = dev  # factories without a device would allocate in host memory
+        for h in msg.outputs:
+            if h:
+                s.check_handle(h)
+        need = self.sizer.new_bytes(op, args, kwargs)
+        if need > 0:
+            s.admit(need)
+        used_before = s.used
+        if torch.Tag.nondeterministic_seeded in op.tags:
+            out = self._seeded(s, op, args, kwargs)
+        else:
+            out = op(*args, **kwargs)
+        s.ops += 1
+        self.ledger.op(s)
+        if op._schema.is_mutable:
+            s.recount([t for t in _tensors(args) + _tensors(list(kwargs.values()))])
+        bound = self._bind_outputs(s, msg.outputs, out, dev)
+        if s.used > s.quota and s.used > used_before:
+            for h in bound:
+                s.unbind(h)
+            raise ResourceExhausted(f"memory quota exceeded: {s.used} bytes would be used of a {s.quota} byte limit")
+
+    def _takes_device(self, op: torch._ops.OpOverload) -> bool:
+        hit = self._device_arg.get(op)
+        if hit is None:
+            hit = any(a.name == "device" and a.kwarg_only for a in op._schema.arguments)
+            self._device_arg[op] = hit
+        return hit
+
+    def _seeded(self, s: Session, op: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+        dev = s.device
+        with _RNG_LOCK:
+            saved = dev.get_rng_state()
+            if s.rng_state is None:
+                s.rng_state = dev.new_rng_state(int(torch.randint(0, 2**62, ()).item()))
+            dev.set_rng_state(s.rng_state)
+            try:
+                return op(*args, **kwargs)
+            finally:
+                s.rng_state = dev.get_rng_state()
+                dev.set_rng_state(saved)
+
+    def _bind_outputs(self, s: Session, handles: Any, out: Any, dev: torch.device) -> list[int]:
+        values = _slots(out)
+        if len(handles) > len(values):
+            raise InvalidArgument(f"{len(handles)} output handles given, the op returns {len(values)} values")
+        bound = []
+        for h, value in zip(handles, values, strict=False):
+            if not h or value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value, device=dev)
+            s.bind(h, value)
+            bound.append(h)
+        return bound
+
+    # ---- transfers ----
+
+    def _upload(self, s: Session, up: device_pb2.Upload) -> None:
+        h = up.handle
+        if len(up.data) > wire.CHUNK_BYTES:
+            raise InvalidArgument(f"upload chunk of {len(up.data)} bytes exceeds {wire.CHUNK_BYTES}")
+        if up.offset == 0 and up.HasField("meta"):
+            s.check_handle(h)
+            dtype = wire.dtype_from_proto(up.meta.dtype)
+            shape = list(up.meta.shape)
+            if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
+                raise InvalidArgument(f"bad upload shape {shape}")
+            numel = 1
+            for d in shape:
+                numel *= d
+            s.admit(numel * wire.itemsize(dtype))  # before allocating: a forged 1 TB shape never allocates
+            s.bind(h, torch.empty(shape, dtype=dtype, device=s.device.torch_device))
+            s.uploads[h] = 0
+        elif h not in s.uploads:
+            s.check_handle(h)
+            raise InvalidArgument(f"upload chunk for handle {h:#x} without a first chunk (offset 0 with meta)")
+        t = s.tensors[h]
+        offset, total = s.uploads[h], t.numel() * t.element_size()
+        if up.offset != offset or offset + len(up.data) > total:
+            raise InvalidArgument(f"upload chunk at {up.offset}+{len(up.data)} does not follow {offset} of {total}")
+        if up.data:
+            src = torch.frombuffer(up.data, dtype=torch.uint8)
+            wire.byte_view(t)[offset : offset + len(up.data)].copy_(src)
+        self.ledger.transfer("upload", len(up.data))
+        s.uploads[h] = offset + len(up.data)
+        if up.last:
+            del s.uploads[h]
+            if offset + len(up.data) != total:
+                raise InvalidArgument(f"upload ended at {offset + len(up.data)} of {total} bytes")
+
+    def _get(self, s: Session, get: device_pb2.Get) -> Iterator[device_pb2.ServerFrame]:
+        t = s.resolve(get.handle)
+        snap = torch.empty(t.shape, dtype=t.dtype, device="cpu")  # a snapshot: later ops may change t
+        snap.copy_(t)
+        return self._chunks(get.request_id, snap)
+
+    def _chunks(self, request_id: int, snap: torch.Tensor) -> Iterator[device_pb2.ServerFrame]:
+        meta = wire.meta_to_proto(snap)
+        flat = wire.byte_view(snap) if snap.numel() else torch.empty(0, dtype=torch.uint8)
+        total = flat.numel()
+        offset = 0
+        while True:
+            n = min(wire.CHUNK_BYTES, total - offset)
+            data = flat[offset : offset + n].numpy().tobytes()
+            chunk = device_pb2.TensorChunk(offset=offset, data=data, last=offset + n >= total)
+            if offset == 0:
+                chunk.meta.CopyFrom(meta)
+            self.ledger.transfer("download", n)
+            yield device_pb2.ServerFrame(request_id=request_id, chunk=chunk)
+            offset += n
+            if offset >= total:
+                return
+
+    def _sync(self, s: Session, sync: device_pb2.Sync) -> device_pb2.ServerFrame:
+        reply = device_pb2.SyncReply()
+        if s.error is None:
+            for h in sync.scalar_handles:
+                t = s.resolve(h)
+                if t.numel() != 1:
+                    raise InvalidArgument(f"scalar handle {h:#x} has {t.numel()} elements, not 1")
+                reply.values.append(wire.scalar_to_proto(t.item()))
+        else:
+            e = s.error
+            reply.error.CopyFrom(tensor_pb2.Error(code=e.code, op=e.op, message=e.message))
+            s.error = None
+        return device_pb2.ServerFrame(request_id=sync.request_id, sync=reply)
+
+
+def _slots(out: Any) -> list[Any]:
+    """Returned values, one per output handle: tuples and Tensor[] lists flattened."""
+    if isinstance(out, tuple | list):
+        return [v for item in out for v in (item if isinstance(item, list | tuple) else [item])]
+    return [out]
+
+
+def _tensors(values: list[Any]) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif isinstance(v, list | tuple):
+            found.extend(_tensors(list(v)))
+    return found
+
+
+def _first_lines(exc: BaseException, limit: int = 600) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text[:limit]

@@ -1,0 +1,187 @@
+"""Per-device weighted fair queue over sessions, and the one worker thread that drains it.
+
+Each session has a bounded queue of commands and a virtual time that advances by measured execution time
+divided by its share; the worker always serves the backlogged session with the smallest virtual time, one
+short slice at a time. A session that comes back from idle starts at the current virtual time (it cannot
+bank credit), and an idle session's share goes to whoever is busy (work-conserving). A full queue blocks
+the session's reader, which stops reading its stream: gRPC flow control then pushes back on the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class Entry:
+    """One session's place in a device queue."""
+
+    def __init__(self, owner: Any, share: float) -> None:
+        self.owner = owner
+        self.share = share
+        self.vtime = 0.0
+        self.frames: deque[list[Any]] = deque()  # [commands, next index, bytes]
+        self.commands = 0
+        self.nbytes = 0
+        self.running = False
+        self.closed = False
+
+
+class FairQueue:
+    def __init__(self, max_commands: int = 8192, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self._cond = threading.Condition()
+        self._entries: list[Entry] = []
+        self._vnow = 0.0
+        self._stopped = False
+        self.max_commands = max_commands
+        self.max_bytes = max_bytes
+
+    def add(self, owner: Any, share: float) -> Entry:
+        entry = Entry(owner, share)
+        with self._cond:
+            entry.vtime = self._vnow
+            self._entries.append(entry)
+        return entry
+
+    def remove(self, entry: Entry) -> None:
+        """Forget a session: drop what it queued and wake its blocked reader."""
+        with self._cond:
+            entry.closed = True
+            entry.frames.clear()
+            entry.commands = entry.nbytes = 0
+            if entry in self._entries:
+                self._entries.remove(entry)
+            self._cond.notify_all()
+
+    def put(self, entry: Entry, commands: list[Any], nbytes: int) -> bool:
+        """Queue a frame's commands, blocking while the session's queue is full; False once it is closed."""
+        with self._cond:
+            while (
+                not entry.closed
+                and not self._stopped
+                and entry.commands
+                and (entry.commands + len(commands) > self.max_commands or entry.nbytes + nbytes > self.max_bytes)
+            ):
+                self._cond.wait()
+            if entry.closed or self._stopped:
+                return False
+            if not entry.commands and not entry.running:
+                entry.vtime = max(entry.vtime, self._vnow)  # back from idle: no banked credit
+            entry.frames.append([commands, 0, nbytes])
+            entry.commands += len(commands)
+            entry.nbytes += nbytes
+            self._cond.notify_all()
+            return True
+
+    def take(self, max_commands: int) -> tuple[Entry, list[Any]] | None:
+        """Block until some session has work; pop up to `max_commands` of the one with least virtual time."""
+        with self._cond:
+            while True:
+                if self._stopped:
+                    return None
+                ready = [e for e in self._entries if e.commands and not e.running]
+                if ready:
+                    break
+                self._cond.wait()
+            entry = min(ready, key=lambda e: e.vtime)
+            self._vnow = max(self._vnow, entry.vtime)
+            taken: list[Any] = []
+            while entry.frames and len(taken) < max_commands:
+                frame = entry.frames[0]
+                cmds, i = frame[0], frame[1]
+                n = min(max_commands - len(taken), len(cmds) - i)
+                taken.extend(cmds[i : i + n])
+                frame[1] = i + n
+                if frame[1] >= len(cmds):
+                    entry.frames.popleft()
+                    entry.nbytes -= frame[2]
+            entry.commands -= len(taken)
+            entry.running = True
+            self._cond.notify_all()
+            return entry, taken
+
+    def give_back(self, entry: Entry, commands: list[Any]) -> None:
+        """Return the unexecuted tail of a slice to the front of the session's queue."""
+        if not commands:
+            return
+        with self._cond:
+            if entry.closed:
+                return
+            entry.frames.appendleft([commands, 0, 0])
+            entry.commands += len(commands)
+
+    def charge(self, entry: Entry, seconds: float) -> None:
+        with self._cond:
+            entry.vtime += seconds / entry.share
+            entry.running = False
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every queue is empty and nothing runs (draining); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while any(e.commands or e.running for e in self._entries):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+
+SliceRunner = Callable[[Entry, list[Any], float], list[Any]]
+Charged = Callable[[Entry, float], None]
+
+
+class DeviceWorker(threading.Thread):
+    """The executor thread of one device: takes slices from the fair queue, times them, charges them."""
+
+    def __init__(
+        self,
+        name: str,
+        queue: FairQueue,
+        run_slice: SliceRunner,
+        timed: Callable[[], Any],
+        charged: Charged,
+        *,
+        slice_commands: int = 64,
+        slice_seconds: float = 0.005,
+    ) -> None:
+        super().__init__(name=name, daemon=True)
+        self.queue = queue
+        self.run_slice = run_slice
+        self.timed = timed
+        self.charged = charged
+        self.slice_commands = slice_commands
+        self.slice_seconds = slice_seconds
+
+    def run(self) -> None:
+        import torch
+
+        torch.set_grad_enabled(False)  # thread-local: the daemon never records autograd history
+        while True:
+            got = self.queue.take(self.slice_commands)
+            if got is None:
+                return
+            entry, commands = got
+            seconds = 0.0
+            try:
+                with self.timed() as measured:
+                    rest = self.run_slice(entry, commands, self.slice_seconds)
+                seconds = measured[0] if measured else 0.0
+                self.queue.give_back(entry, rest)
+            except Exception:  # the slice runner handles command errors; this is a last line of defence
+                log.exception("device worker %s: slice failed", self.name)
+            finally:
+                self.queue.charge(entry, seconds)
+            self.charged(entry, seconds)

@@ -1,0 +1,169 @@
+"""Prometheus metrics of the daemon (names and labels per docs/metrics.md), read from live state at scrape time.
+
+`Ledger` keeps the counters that outlive sessions (per-tenant busy time, ops, errors; transfer bytes);
+`DaemonCollector` turns the ledger and the daemon's live devices and sessions into metric families.
+Every daemon has its own CollectorRegistry, so several can run in one process (tests).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gpupool.config import split_address
+
+if TYPE_CHECKING:
+    from gpupool.server.daemon import Daemon
+    from gpupool.server.sessions import Session
+
+BATCH_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Ledger:
+    """Counters that persist after sessions close. Thread-safe; cheap enough to call per op."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.busy: dict[tuple[int, str], float] = defaultdict(float)  # (device, tenant) -> seconds
+        self.ops: dict[tuple[int, str], int] = defaultdict(int)
+        self.errors: dict[tuple[int, str, str], int] = defaultdict(int)  # (device, tenant, code)
+        self.transfers: dict[str, int] = {"upload": 0, "download": 0}
+        self.device_busy: dict[int, float] = defaultdict(float)
+
+    def op(self, session: Session) -> None:
+        key = (session.device.index, session.tenant)
+        with self._lock:
+            self.ops[key] += 1
+
+    def error(self, session: Session, code: str) -> None:
+        with self._lock:
+            self.errors[(session.device.index, session.tenant, code)] += 1
+
+    def transfer(self, direction: str, nbytes: int) -> None:
+        with self._lock:
+            self.transfers[direction] += nbytes
+
+    def charge(self, session: Session, seconds: float) -> None:
+        with self._lock:
+            self.busy[(session.device.index, session.tenant)] += seconds
+            self.device_busy[session.device.index] += seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "busy": dict(self.busy),
+                "ops": dict(self.ops),
+                "errors": dict(self.errors),
+                "transfers": dict(self.transfers),
+                "device_busy": dict(self.device_busy),
+            }
+
+
+class DaemonCollector(Collector):
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def collect(self) -> Iterator[Any]:
+        d = self.daemon
+        host = d.host_id
+        snap = d.ledger.snapshot()
+        devices = {dev.index: dev for dev in d.device_list}
+        ids = {i: (dev.uuid, dev.model) for i, dev in devices.items()}
+
+        info = GaugeMetricFamily(
+            "gpupool_device_info", "Devices of this host", labels=["host", "device", "UUID", "model", "fake"]
+        )
+        cap = GaugeMetricFamily(
+            "gpupool_device_memory_capacity_bytes", "Device memory capacity", labels=["host", "device", "UUID", "model"]
+        )
+        used = GaugeMetricFamily(
+            "gpupool_device_memory_used_bytes",
+            "Device memory used by sessions",
+            labels=["host", "device", "UUID", "model"],
+        )
+        busy = CounterMetricFamily(
+            "gpupool_device_busy_seconds", "Measured execution time on the device", labels=["host", "device", "UUID"]
+        )
+        nsess = GaugeMetricFamily(
+            "gpupool_device_sessions", "Sessions attached to the device", labels=["host", "device", "UUID"]
+        )
+        sessions = d.session_list()
+        for i, dev in devices.items():
+            uuid, model = ids[i]
+            info.add_metric([host, str(i), uuid, model, str(dev.fake).lower()], 1)
+            cap.add_metric([host, str(i), uuid, model], dev.capacity)
+            used.add_metric([host, str(i), uuid, model], d.memory[i].used)
+            busy.add_metric([host, str(i), uuid], snap["device_busy"].get(i, 0.0))
+            nsess.add_metric([host, str(i), uuid], sum(1 for s in sessions if s.device.index == i))
+        yield from (info, cap, used, busy, nsess)
+
+        labels = ["host", "device", "UUID", "tenant", "lease"]
+        s_used = GaugeMetricFamily("gpupool_session_memory_used_bytes", "Memory used by a session", labels=labels)
+        s_limit = GaugeMetricFamily("gpupool_session_memory_limit_bytes", "Memory quota of a session", labels=labels)
+        s_share = GaugeMetricFamily("gpupool_session_share", "Compute share of a session", labels=labels)
+        for s in sessions:
+            values = [host, str(s.device.index), s.device.uuid, s.tenant, s.lease_id]
+            s_used.add_metric(values, s.used)
+            s_limit.add_metric(values, s.quota)
+            s_share.add_metric(values, s.share)
+        yield from (s_used, s_limit, s_share)
+
+        tlabels = ["host", "device", "UUID", "tenant"]
+        t_busy = CounterMetricFamily(
+            "gpupool_tenant_busy_seconds", "Execution time charged to a tenant", labels=tlabels
+        )
+        t_ops = CounterMetricFamily("gpupool_tenant_ops", "Ops executed for a tenant", labels=tlabels)
+        t_err = CounterMetricFamily("gpupool_tenant_errors", "Failed commands of a tenant", labels=tlabels + ["code"])
+        for (i, tenant), v in snap["busy"].items():
+            t_busy.add_metric([host, str(i), ids[i][0], tenant], v)
+        for (i, tenant), n in snap["ops"].items():
+            t_ops.add_metric([host, str(i), ids[i][0], tenant], n)
+        for (i, tenant, code), n in snap["errors"].items():
+            t_err.add_metric([host, str(i), ids[i][0], tenant, code], n)
+        yield from (t_busy, t_ops, t_err)
+
+        xfer = CounterMetricFamily(
+            "gpupool_transfer_bytes", "Tensor bytes moved over the wire", labels=["host", "direction"]
+        )
+        for direction, n in snap["transfers"].items():
+            xfer.add_metric([host, direction], n)
+        yield xfer
+
+
+class Metrics:
+    """The registry of one daemon: the live collector plus the batch duration histogram."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(DaemonCollector(daemon))
+        self.batch_duration = Histogram(
+            "gpupool_batch_duration_seconds",
+            "Duration of one executed slice of a session's commands",
+            ["host", "device"],
+            registry=self.registry,
+            buckets=BATCH_BUCKETS,
+        )
+        self._server: Any = None
+        self.port = 0
+
+    def serve(self, address: str) -> int:
+        """Serve /metrics on HOST:PORT (port 0 picks one); returns the bound port. "0" or "" = off."""
+        if address in ("", "0"):
+            return 0
+        host, port = split_address(address)
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        self.port = int(server.server_port)
+        return self.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,159 @@
+"""The op table: aten overload names -> callables, through an allowlist of what a remote client may run,
+and the memory an op will allocate, computed on the `meta` device before anything real is allocated.
+
+Only `aten::` ops resolve; names are validated before they touch `torch.ops` (so `__class__` and friends
+never do), and ops that reach the host (files, shared memory, printing) are denied.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map
+
+from gpupool.errors import InvalidArgument, PermissionDenied
+
+_NAME_RE = re.compile(r"^aten::(_?[a-z][a-z0-9_]*)(?:\.(_?[a-zA-Z][a-zA-Z0-9_]*))?$")
+
+# Substrings of op names that reach the host outside the tensor world: files, IPC, stdout.
+DENIED_FRAGMENTS = ("from_file", "save", "load", "share", "_print", "mmap", "pin_memory", "_ipc", "_fd")
+# Exact overloads denied on top: set_ onto raw storages or offsets into other tensors' storage.
+DENIED_OVERLOADS = frozenset(
+    {
+        "aten::set_.source_Storage",
+        "aten::set_.source_Storage_storage_offset",
+        "aten::set_.source_Tensor_storage_offset",
+        "aten::set_.default",
+    }
+)
+
+
+class OpTable:
+    """Resolves and caches op overloads by name."""
+
+    def __init__(self) -> None:
+        self._ops: dict[str, torch._ops.OpOverload] = {}
+        self._lock = threading.Lock()
+
+    def resolve(self, name: str) -> torch._ops.OpOverload:
+        op = self._ops.get(name)
+        if op is not None:
+            return op
+        op = _resolve(name)
+        with self._lock:
+            self._ops[name] = op
+        return op
+
+
+def _resolve(name: str) -> torch._ops.OpOverload:
+    if len(name) > 128:
+        raise InvalidArgument("op name too long")
+    if not name.startswith("aten::"):
+        raise PermissionDenied(f"op {name!r} denied: only aten:: ops run on the daemon")
+    m = _NAME_RE.match(name)
+    if not m:
+        raise InvalidArgument(f"malformed op name {name!r} (expected e.g. 'aten::add.Tensor')")
+    base, overload = m.group(1), m.group(2) or "default"
+    if any(frag in base for frag in DENIED_FRAGMENTS) or name in DENIED_OVERLOADS:
+        raise PermissionDenied(f"op {name!r} denied: it reaches the daemon's host")
+    try:
+        packet = getattr(torch.ops.aten, base)
+        op = getattr(packet, overload)
+    except (AttributeError, RuntimeError):
+        raise InvalidArgument(f"unknown op {name!r}") from None
+    if not isinstance(op, torch._ops.OpOverload):
+        raise InvalidArgument(f"unknown op {name!r}")
+    return op
+
+
+# ---- memory an op allocates, from its meta kernel ----
+
+NO_META = -1  # the op has no meta kernel or a data-dependent output shape: size known only after running
+
+
+def _meta_key(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("T", value.dtype, tuple(value.shape), value.stride(), value.storage_offset())
+    if isinstance(value, list | tuple):
+        return tuple(_meta_key(v) for v in value)
+    if isinstance(value, float) and value != value:  # NaN != NaN would defeat the cache
+        return ("nan",)
+    return (type(value).__name__, value)
+
+
+class MetaSizer:
+    """How many new bytes an op will allocate, computed on `meta` tensors and cached by (op, metadata, args)."""
+
+    def __init__(self, max_entries: int = 8192) -> None:
+        self._cache: dict[Any, int] = {}
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def new_bytes(self, op: torch._ops.OpOverload, args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
+        """Bytes of storage the op allocates or grows, or NO_META when only running it can tell."""
+        if torch.Tag.dynamic_output_shape in op.tags:
+            return NO_META
+        key = (op, _meta_key(tuple(args)), _meta_key(tuple(sorted(kwargs.items()))))
+        try:
+            hit = self._cache.get(key)
+        except TypeError:  # unhashable argument: compute without caching
+            return _meta_new_bytes(op, args, kwargs)
+        if hit is not None:
+            return hit
+        size = _meta_new_bytes(op, args, kwargs)
+        with self._lock:
+            if len(self._cache) >= self._max:
+                self._cache.clear()
+            self._cache[key] = size
+        return size
+
+
+def _meta_new_bytes(op: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
+    storages: dict[int, torch.Tensor] = {}  # real storage id -> meta tensor sharing one meta storage
+
+    def to_meta(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        real = value.untyped_storage()
+        base = storages.get(real._cdata)
+        if base is None:
+            base = torch.empty(real.nbytes(), dtype=torch.uint8, device="meta")
+            storages[real._cdata] = base
+        meta = torch.empty(0, dtype=value.dtype, device="meta")
+        meta.set_(base.untyped_storage(), value.storage_offset(), value.shape, value.stride())
+        return meta
+
+    meta_args = tree_map(to_meta, list(args))
+    meta_kwargs = tree_map(to_meta, dict(kwargs))
+    before = {b.untyped_storage()._cdata: b.untyped_storage().nbytes() for b in storages.values()}
+    try:
+        out = op(*meta_args, **meta_kwargs)
+    except NotImplementedError:
+        return NO_META
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        if "meta" in str(exc).lower() and ("not implemented" in str(exc).lower() or "backend" in str(exc).lower()):
+            return NO_META
+        raise InvalidArgument(str(exc).split("\n")[0]) from None
+    total = 0
+    for b in storages.values():  # inputs grown by resize_/out= variants
+        s = b.untyped_storage()
+        total += max(0, s.nbytes() - before[s._cdata])
+    seen = set(before)
+    for t in _flatten(out):
+        s = t.untyped_storage()
+        if s._cdata not in seen:
+            seen.add(s._cdata)
+            total += s.nbytes()
+    return total
+
+
+def _flatten(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in _flatten(v)]
+    return []

@@ -1,0 +1,171 @@
+"""The gRPC face of the daemon: a thin servicer (protobuf in, one call into Daemon, protobuf out) and
+`create_server(daemon, address) -> (server, port, health)`.
+
+The Stream handler takes raw bytes and parses ClientFrames itself, so a malformed frame ends the stream
+with INVALID_ARGUMENT instead of an opaque deserialization failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from gpupool.server.daemon import END_OF_STREAM, Closed, Daemon
+from gpupool.server.sessions import Session
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from gpupool._proto import device_pb2
+from gpupool.errors import GpupoolError, InvalidArgument, Unauthenticated, abort, error_class
+
+log = logging.getLogger(__name__)
+SESSION_METADATA = "gpupool-session"
+SERVICE = "gpupool.v1.Device"
+MAX_WORKERS = 256  # one thread per open stream plus unary calls; streams are long-lived, so be generous
+
+
+class DeviceServicer:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def Attach(self, request: device_pb2.AttachRequest, context: grpc.ServicerContext) -> device_pb2.AttachReply:
+        try:
+            s = self.daemon.attach(request.token)
+        except GpupoolError as exc:
+            abort(context, exc)
+        return device_pb2.AttachReply(
+            session_id=s.session_id,
+            handle_base=s.handle_base,
+            device=s.device.info(),
+            quota_bytes=s.quota,
+            share=s.share,
+        )
+
+    def Detach(self, request: device_pb2.DetachRequest, context: grpc.ServicerContext) -> device_pb2.DetachReply:
+        try:
+            self.daemon.detach(request.session_id)
+        except GpupoolError as exc:
+            abort(context, exc)
+        return device_pb2.DetachReply()
+
+    def Status(self, request: device_pb2.StatusRequest, context: grpc.ServicerContext) -> device_pb2.StatusReply:
+        return self.daemon.status()
+
+    def Stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[device_pb2.ServerFrame]:
+        session_id = dict(context.invocation_metadata()).get(SESSION_METADATA, "")
+        if not session_id:
+            abort(context, Unauthenticated(f"missing '{SESSION_METADATA}' metadata: Attach first"))
+        try:
+            s = self.daemon.session(str(session_id))
+            self.daemon.claim_stream(s)
+        except GpupoolError as exc:
+            abort(context, exc)
+        reader = threading.Thread(target=self._read, args=(s, requests), name=f"gpupool-read-{s.number}", daemon=True)
+        reader.start()
+        try:
+            yield from self._replies(s, context)
+        finally:
+            self.daemon.close_session(s, "stream ended")
+
+    def _read(self, s: Session, requests: Iterator[bytes]) -> None:
+        """Parse frames and queue them; blocks while the session's queue is full (back-pressure)."""
+        try:
+            for raw in requests:
+                try:
+                    frame = device_pb2.ClientFrame.FromString(raw)
+                except DecodeError as exc:
+                    s.outbox.put(InvalidArgument(f"malformed ClientFrame ({len(raw)} bytes): {exc}"))
+                    return
+                commands = list(frame.commands)
+                for cmd in commands:
+                    if cmd.WhichOneof("cmd") == "refresh":
+                        self.daemon.refresh(s, cmd.refresh.token)
+                if not self.daemon.submit(s, commands, len(raw)):
+                    return
+            self.daemon.submit(s, [END_OF_STREAM], 0)
+        except grpc.RpcError:
+            s.outbox.put(END_OF_STREAM)  # the client went away; nothing to answer
+        except Exception:  # never let a reader thread die silently
+            log.exception("stream reader of session %d failed", s.number)
+            s.outbox.put(END_OF_STREAM)
+
+    def _replies(self, s: Session, context: grpc.ServicerContext) -> Iterator[device_pb2.ServerFrame]:
+        while True:
+            try:
+                item: Any = s.outbox.get(timeout=1.0)
+            except queue.Empty:
+                if not context.is_active():
+                    return
+                continue
+            if item is END_OF_STREAM:
+                return
+            if isinstance(item, device_pb2.ServerFrame):
+                yield item
+            elif isinstance(item, Closed):
+                context.abort(error_class(item.code).code, f"session closed: {item.reason}")
+            elif isinstance(item, GpupoolError):
+                abort(context, item)
+            else:
+                yield from item  # a download's chunk frames, produced lazily here, off the device thread
+
+
+def _handlers(servicer: DeviceServicer) -> grpc.GenericRpcHandler:
+    pb = device_pb2
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Attach": grpc.unary_unary_rpc_method_handler(
+                servicer.Attach, pb.AttachRequest.FromString, pb.AttachReply.SerializeToString
+            ),
+            "Detach": grpc.unary_unary_rpc_method_handler(
+                servicer.Detach, pb.DetachRequest.FromString, pb.DetachReply.SerializeToString
+            ),
+            "Status": grpc.unary_unary_rpc_method_handler(
+                servicer.Status, pb.StatusRequest.FromString, pb.StatusReply.SerializeToString
+            ),
+            # No request deserializer: Stream parses frames itself to answer bad bytes with INVALID_ARGUMENT.
+            "Stream": grpc.stream_stream_rpc_method_handler(servicer.Stream, None, pb.ServerFrame.SerializeToString),
+        },
+    )
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        # Upload chunks are 4 MiB plus framing; anything much larger is refused by gRPC as RESOURCE_EXHAUSTED.
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Clients ping every few seconds to notice a dead daemon; allow that instead of answering GOAWAY.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.max_ping_strikes", 0),
+        # Ping idle clients too, so streams of vanished clients end and their sessions free memory.
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        # A second daemon on the same port must fail to start, not silently share it.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def create_server(daemon: Daemon, address: str) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A started gRPC server serving Device and grpc.health.v1 on `address` (port 0 picks one)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="gpupool-grpc"),
+        options=server_options(daemon.config.max_message_bytes),
+        # Beyond this many RPCs at once, new ones fail fast with RESOURCE_EXHAUSTED instead of queueing forever.
+        maximum_concurrent_rpcs=MAX_WORKERS - 8,
+    )
+    server.add_generic_rpc_handlers((_handlers(DeviceServicer(daemon)),))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    for name in ("", SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer
