@@ -34,6 +34,7 @@ class SentimentCNN(nn.Module):
         dropout: float = 0.5,
         num_classes: int = 2,
         pad_id: int = PAD_ID,
+        embed_std: float = 1.0,
     ) -> None:
         super().__init__()
         if vocab_size < 2:
@@ -43,6 +44,10 @@ class SentimentCNN(nn.Module):
             raise ValueError(f"kernel sizes must be odd and >= 1, got {list(kernel_sizes)}")
         self.pad_id = pad_id
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        if embed_std != 1.0:  # nn.Embedding draws from N(0, 1); smaller vectors move faster under Adam's step size
+            with torch.no_grad():
+                self.embedding.weight.normal_(0.0, embed_std)
+                self.embedding.weight[pad_id].zero_()
         self.convs = nn.ModuleList(nn.Conv1d(embed_dim, filters, k, padding=k // 2) for k in kernel_sizes)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(2 * filters * len(kernel_sizes), num_classes)

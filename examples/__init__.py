@@ -1,0 +1,1 @@
+"""Example workloads for gpupool (see examples/sentiment/)."""

@@ -1,0 +1,60 @@
+"""Saving and loading a trained sentiment model without pickle.
+
+A checkpoint is a directory: ``model.pt`` (the state_dict, saved with torch.save and loaded with
+``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers),
+``vocab.json`` (the word list) and ``config.json`` (the model's hyper-parameters and training results).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from examples.sentiment.model import SentimentCNN
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    embed_dim: int = 128
+    filters: int = 256
+    kernel_sizes: tuple[int, ...] = (3,)
+    dropout: float = 0.5
+    max_len: int = 800
+    embed_std: float = 1.0
+
+    def build(self) -> SentimentCNN:
+        return SentimentCNN(
+            self.vocab_size,
+            embed_dim=self.embed_dim,
+            filters=self.filters,
+            kernel_sizes=self.kernel_sizes,
+            dropout=self.dropout,
+            embed_std=self.embed_std,
+        )
+
+
+def save(out_dir: Path, model: torch.nn.Module, config: ModelConfig, vocab: list[str], results: dict[str, Any]) -> None:
+    """Write model.pt, vocab.json and config.json into out_dir (tensors are copied to the CPU first)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    torch.save(state, out_dir / "model.pt")
+    (out_dir / "vocab.json").write_text(json.dumps(vocab))
+    (out_dir / "config.json").write_text(json.dumps({"model": asdict(config), "results": results}, indent=2))
+
+
+def load(out_dir: Path, device: torch.device | str = "cpu") -> tuple[SentimentCNN, ModelConfig, list[str]]:
+    """The model (in eval mode, on device), its config and vocabulary from a checkpoint directory."""
+    meta = json.loads((out_dir / "config.json").read_text())["model"]
+    meta["kernel_sizes"] = tuple(meta["kernel_sizes"])
+    config = ModelConfig(**meta)
+    vocab = json.loads((out_dir / "vocab.json").read_text())
+    if not isinstance(vocab, list) or len(vocab) != config.vocab_size:
+        raise ValueError(f"{out_dir}/vocab.json does not match config.json (vocab_size {config.vocab_size})")
+    model = config.build()
+    model.load_state_dict(torch.load(out_dir / "model.pt", map_location="cpu", weights_only=True))
+    return model.to(device).eval(), config, [str(w) for w in vocab]

@@ -1,0 +1,59 @@
+"""The sentiment CNN: shapes, padding masking, determinism of the synthetic batch, a few training steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from examples.sentiment.model import PAD_ID, SentimentCNN, build_model, make_batch
+
+
+def test_forward_shapes_for_several_region_sizes() -> None:
+    model = SentimentCNN(500, embed_dim=16, filters=8, kernel_sizes=(1, 3, 5))
+    tokens, labels = make_batch(batch_size=4, seq_len=40, vocab_size=500, seed=3)
+    logits = model(tokens)
+    assert logits.shape == (4, 2) and logits.dtype == torch.float32
+    assert model.fc.in_features == 2 * 8 * 3
+    assert labels.shape == (4,) and labels.dtype == torch.int64
+
+
+def test_trailing_padding_does_not_change_the_output() -> None:
+    torch.manual_seed(0)
+    model = build_model(300, embed_dim=12, filters=10, kernel_sizes=(3, 5)).eval()
+    tokens, _ = make_batch(batch_size=3, seq_len=20, vocab_size=300, seed=1)
+    padded = torch.cat([tokens, torch.full((3, 17), PAD_ID, dtype=torch.int64)], dim=1)
+    torch.testing.assert_close(model(padded), model(tokens))
+
+
+def test_make_batch_is_deterministic_and_has_padding() -> None:
+    torch.manual_seed(123)
+    a = make_batch(8, 32, 100, seed=5)
+    torch.manual_seed(456)
+    b = make_batch(8, 32, 100, seed=5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], make_batch(8, 32, 100, seed=6)[0])
+    assert (a[0] == PAD_ID).any() and (a[0][:, 0] != PAD_ID).all()
+    assert int(a[0].max()) < 100
+
+
+def test_bad_hyper_parameters_are_refused() -> None:
+    with pytest.raises(ValueError, match="odd"):
+        SentimentCNN(100, kernel_sizes=(2,))
+    with pytest.raises(ValueError, match="vocab_size"):
+        SentimentCNN(1)
+
+
+def test_ten_adam_steps_reduce_the_loss_on_a_fixed_batch() -> None:
+    torch.manual_seed(0)
+    model = build_model(200, embed_dim=16, filters=16, dropout=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tokens, labels = make_batch(16, 24, 200, seed=0)
+    losses = []
+    for _ in range(10):
+        loss = torch.nn.functional.cross_entropy(model(tokens), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert model.embedding.weight.grad is not None and model.embedding.weight.grad[PAD_ID].abs().sum() == 0

@@ -1,0 +1,93 @@
+"""train.py and infer.py of the sentiment example on CPU, on a small synthetic aclImdb-shaped tarball:
+training learns, stops at the target, saves a checkpoint that reloads without pickle, and serves predictions."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from examples.sentiment import checkpoint, fake_data, infer, train
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = ["--embed-dim", "16", "--filters", "16", "--lr", "0.01", "--batch-size", "8", "--no-progress"]
+
+
+@pytest.fixture
+def tarball(tmp_path: Path) -> Path:
+    return fake_data.write_tarball(tmp_path / "aclImdb_v1.tar.gz", per_class=40)
+
+
+def _train(tmp_path: Path, tarball: Path, *extra: str) -> dict:
+    out = tmp_path / "out"
+    argv = ["--device", "cpu", "--data", str(tarball), "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert train.main([*argv, *SMALL, *extra]) == 0
+    return json.loads((out / "config.json").read_text())
+
+
+def test_training_learns_saves_and_reloads(tmp_path: Path, tarball: Path) -> None:
+    meta = _train(tmp_path, tarball, "--epochs", "8", "--target", "1.01")
+    history = meta["results"]["history"]
+    assert len(history) == 8 and meta["results"]["reached_target"] is False
+    assert history[-1]["test_acc"] >= 0.9 and history[-1]["train_loss"] < history[0]["train_loss"]
+    assert meta["results"]["train_reviews"] == meta["results"]["test_reviews"] == 80
+
+    model, config, vocab = checkpoint.load(tmp_path / "out")
+    assert config.embed_dim == 16 and config.vocab_size == len(vocab) and not model.training
+    saved = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    assert set(saved) == set(model.state_dict())
+
+    clf = infer.Classifier(model, vocab, config.max_len, torch.device("cpu"))
+    preds = clf.predict(["a great wonderful superb film , loved it", "awful boring dull , a waste", ""])
+    assert [p.label for p in preds[:2]] == ["pos", "neg"]
+    assert 0.0 <= preds[2].p_pos <= 1.0  # an empty text still gets an answer
+    assert clf.predict([]) == []
+
+
+def test_training_stops_at_the_target_and_limit_is_balanced(tmp_path: Path, tarball: Path) -> None:
+    meta = _train(tmp_path, tarball, "--epochs", "5", "--target", "0.0", "--limit", "10")
+    results = meta["results"]
+    assert len(results["history"]) == 1 and results["reached_target"] is True
+    assert results["train_reviews"] == results["test_reviews"] == 10
+
+
+def test_checkpoint_refuses_pickled_objects(tmp_path: Path, tarball: Path) -> None:
+    _train(tmp_path, tarball, "--epochs", "1", "--limit", "10")
+    state = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    torch.save({"state": state, "payload": Path("/etc/passwd")}, tmp_path / "out" / "model.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        checkpoint.load(tmp_path / "out")
+
+
+def test_unknown_device_is_a_clear_error(tmp_path: Path, tarball: Path) -> None:
+    with pytest.raises(SystemExit, match="unknown --device"):
+        _train(tmp_path, tarball, "--device", "tpu", "--epochs", "1")
+
+
+def test_scripts_run_as_commands(tmp_path: Path, tarball: Path) -> None:
+    out = tmp_path / "out"
+    data_args = ["--data", str(tarball), "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    cmd = [sys.executable, str(REPO / "examples/sentiment/train.py"), "--device", "cpu", "--epochs", "2",
+           "--limit", "40", *data_args, *SMALL]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "epoch 1: train loss" in done.stderr and "test loss" in done.stderr
+    assert (out / "model.pt").is_file() and (out / "vocab.json").is_file()
+
+    infer_py = str(REPO / "examples/sentiment/infer.py")
+    done = subprocess.run([sys.executable, infer_py, "--model", str(out), "--json"],
+                          input="great superb\n\nawful dull\n", capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["text"] for r in rows] == ["great superb", "awful dull"]
+    assert all(r["label"] in ("pos", "neg") and 0.0 <= r["p_pos"] <= 1.0 for r in rows)
+
+    done = subprocess.run([sys.executable, infer_py, "--model", str(tmp_path / "missing"), "x"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2 and "no trained model" in done.stderr
