@@ -1,0 +1,154 @@
+"""The scheduler with real daemons: `gpupool scheduler` and `gpupool serve --fake-gpus 1 --scheduler ...`
+processes on loopback, leases attached on the daemons with the tokens the scheduler signed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from gpupool.client.pool import Lease, SchedulerClient, lease
+from scheduler_fixtures import Proc, key_file, start_scheduler, wait_until
+
+from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
+from gpupool.errors import FailedPrecondition, ResourceExhausted, Unavailable
+
+FAKE_MEMORY = "256MiB"
+
+
+def start_daemon(tmp: Path, scheduler: str, host_id: str) -> tuple[Proc, str]:
+    proc = Proc(
+        ["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "0", "--fake-gpus", "1", "--fake-gpu-memory",
+         FAKE_MEMORY, "--token-key-file", str(key_file(tmp)), "--host-id", host_id, "--scheduler", scheduler,
+         "--heartbeat-interval", "0.5"]
+    )  # fmt: skip
+    return proc, f"127.0.0.1:{proc.port()}"
+
+
+@dataclass
+class Cluster:
+    tmp: Path
+    scheduler: Proc
+    address: str
+    daemons: dict[str, tuple[Proc, str]]
+
+    def client(self) -> SchedulerClient:
+        return SchedulerClient(self.address)
+
+    def wait_hosts_up(self, n: int) -> None:
+        wait_until(lambda: sum(h.state == "up" for h in self.client().list_pool().hosts) == n, what=f"{n} hosts up")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    sched, address = start_scheduler(tmp_path)
+    c = Cluster(tmp_path, sched, address, {})
+    try:
+        for host_id in ("da", "db"):
+            c.daemons[host_id] = start_daemon(tmp_path, address, host_id)
+        c.wait_hosts_up(2)
+        yield c
+    finally:
+        for proc, _ in c.daemons.values():
+            proc.stop()
+        c.scheduler.stop()
+
+
+def attach(x: Lease, i: int = 0) -> tuple[device_pb2_grpc.DeviceStub, device_pb2.AttachReply]:
+    d = x.devices[i]
+    stub = device_pb2_grpc.DeviceStub(grpc.insecure_channel(d.address))
+    return stub, stub.Attach(device_pb2.AttachRequest(token=d.token), timeout=10)
+
+
+def session_ids(stub: device_pb2_grpc.DeviceStub) -> set[str]:
+    return {s.session_id for s in stub.Status(device_pb2.StatusRequest(), timeout=10).sessions}
+
+
+def where(x: Lease) -> tuple[str, int]:
+    return x.devices[0].host_id, x.devices[0].device
+
+
+def test_binpack_wait_and_tokens_the_daemons_accept(cluster: Cluster) -> None:
+    a, b, c = (lease(1, 0.5, scheduler=cluster.address, tenant=t) for t in ("a", "b", "c"))
+    assert where(a) == where(b) != where(c)
+    stub, reply = attach(a)
+    assert reply.share == 0.5 and reply.quota_bytes == 128 * 1024**2
+    assert a.devices[0].address == cluster.daemons[where(a)[0]][1]
+    d = lease(1, 0.5, scheduler=cluster.address)
+    assert where(d) == where(c)  # binpack fills the second device too; now the pool is full
+    got: list[Lease] = []
+    waiter = threading.Thread(target=lambda: got.append(lease(1, 0.5, scheduler=cluster.address, wait=30)))
+    waiter.start()
+    wait_until(lambda: cluster.client().list_pool().waiting == 1, what="the next lease to wait")
+    assert not got
+    b.release()
+    waiter.join(30)
+    assert got and where(got[0]) == where(a)
+    # A released lease: its daemon closes the session at the next heartbeat, long before the token expires.
+    assert reply.session_id in session_ids(stub)
+    a.release()
+    wait_until(lambda: reply.session_id not in session_ids(stub), timeout=10, what="the daemon to drop the session")
+    for x in (c, d, got[0]):
+        x.release()
+
+
+def test_unrenewed_lease_expires_and_the_daemon_drops_its_session(cluster: Cluster) -> None:
+    client = cluster.client()
+    pb = client.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=1.0, ttl_seconds=2, tenant="idle"))
+    x = Lease._from_pb(pb, cluster.address)  # never renewed
+    stub, reply = attach(x)
+    assert reply.session_id in session_ids(stub)
+    wait_until(lambda: reply.session_id not in session_ids(stub), timeout=15, what="the session to close")
+    wait_until(lambda: not client.list_pool().leases, timeout=5, what="the lease to expire")
+    with pytest.raises(FailedPrecondition, match="expired"):
+        x.renew()
+    pool = client.list_pool()
+    assert all(d.allocated_share == 0 and d.allocated_bytes == 0 for h in pool.hosts for d in h.devices)
+
+
+def test_scheduler_kill_9_and_restart_keeps_leases_sessions_and_accounting(cluster: Cluster) -> None:
+    held = [lease(1, f, scheduler=cluster.address) for f in (0.5, 0.25, 0.75)]
+    stub, reply = attach(held[0])
+    before = cluster.client().list_pool()
+    cluster.scheduler.kill()
+    cluster.scheduler = Proc(
+        [*cluster.scheduler.args[:2], cluster.address, *cluster.scheduler.args[3:]]
+    )  # same --listen port, same --state
+    assert cluster.scheduler.port() == int(cluster.address.rsplit(":", 1)[1])
+    after = cluster.client().list_pool()
+    assert [[(d.allocated_bytes, d.allocated_share) for d in h.devices] for h in after.hosts] == [
+        [(d.allocated_bytes, d.allocated_share) for d in h.devices] for h in before.hosts
+    ]
+    assert sorted(x.lease_id for x in after.leases) == sorted(x.lease_id for x in held)
+    for x in held:
+        x.renew()
+    with pytest.raises(ResourceExhausted):  # 0.25 + 0.25 left on two devices: no 0.5 anywhere
+        lease(1, 0.5, scheduler=cluster.address)
+    time.sleep(2)  # a few heartbeats of both daemons against the new scheduler
+    cluster.wait_hosts_up(2)
+    assert reply.session_id in session_ids(stub)  # a live lease's session is not revoked by the restart
+    for x in held:
+        x.release()
+
+
+def test_killed_daemon_is_marked_down_and_its_holder_gets_unavailable(tmp_path: Path) -> None:
+    sched, address = start_scheduler(tmp_path)  # the default --host-timeout 10
+    daemon, _ = start_daemon(tmp_path, address, "dz")
+    try:
+        wait_until(lambda: any(h.state == "up" for h in SchedulerClient(address).list_pool().hosts), what="dz up")
+        x = lease(1, 0.5, scheduler=address)
+        daemon.kill()
+        t0 = time.monotonic()
+        wait_until(lambda: SchedulerClient(address).list_pool().hosts[0].state == "down", timeout=15, what="dz down")
+        assert time.monotonic() - t0 <= 11
+        with pytest.raises(Unavailable, match="host dz is down"):
+            x.renew()
+        x.release()
+    finally:
+        daemon.stop()
+        sched.stop()
