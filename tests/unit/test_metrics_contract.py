@@ -304,9 +304,11 @@ def scrapes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrapes]:
 def exported(text: str) -> dict[str, Family]:
     """{family name as in the contract: Family} of the gpupool_* families in an exposition."""
     families: dict[str, Family] = {}
-    for fam in text_string_to_metric_families(text):
-        if not fam.name.startswith("gpupool_"):
-            continue
+    parsed = [fam for fam in text_string_to_metric_families(text) if fam.name.startswith("gpupool_")]
+    with_created = {f.name for f in parsed if f.type in ("counter", "histogram", "summary")}
+    for fam in parsed:
+        if fam.name.endswith("_created") and fam.name.removesuffix("_created") in with_created:
+            continue  # prometheus_client's creation timestamp of a counter/histogram, shown as its own gauge
         name = fam.name + "_total" if fam.type == "counter" and not fam.name.endswith("_total") else fam.name
         labels = frozenset(k for s in fam.samples for k in s.labels if k != "le") if fam.samples else None
         families[name] = Family(fam.type, labels)

@@ -1,0 +1,304 @@
+"""A live pool watched by a real Prometheus: `gpupool scheduler` and two `gpupool serve` processes with fake GPUs
+(loopback, port 0, ports read from their logs), a client running ops on a fractional lease in the background, and
+the Debian `prometheus` binary scraping them every second with deploy/prometheus/rules.yml loaded.
+
+Prometheus missing: the tests skip with the reason, except in CI ($CI=true), where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpupool import tokens
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
+HOSTS = ("e2e-host-a", "e2e-host-b")
+TENANT = "e2e-tenant"
+
+
+class Program:
+    """`python -m gpupool.cli ARGS` with its output in a log file; finds lines in that log (bound ports)."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.args = args
+        self.log = log
+        self._log_file = log.open("wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "GPUPOOL_LOG_LEVEL": "INFO"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gpupool.cli", *args], stdout=self._log_file, stderr=subprocess.STDOUT, env=env
+        )
+
+    def wait_for(self, pattern: str, timeout: float = 90.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.log.read_text(errors="replace"))
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"{pattern!r} never appeared; exit {self.proc.poll()}; log:\n{self.log.read_text()}")
+
+    def ports(self) -> tuple[int, int]:
+        """(gRPC port, metrics port) from the startup log."""
+        grpc_port = int(self.wait_for(r"listening on \S*?:(\d+)").group(1))
+        metrics_port = int(self.wait_for(r"metrics on http://\S*?:(\d+)/metrics").group(1))
+        return grpc_port, metrics_port
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+
+
+@dataclass
+class Pool:
+    scheduler: str  # gRPC address
+    scheduler_metrics: int
+    daemons: dict[str, Program] = field(default_factory=dict)  # host id -> process
+    daemon_metrics: dict[str, int] = field(default_factory=dict)  # host id -> metrics port
+    programs: list[Program] = field(default_factory=list)
+    hosts: tuple[str, ...] = HOSTS
+
+
+def prometheus_binary() -> str:
+    path = shutil.which("prometheus")
+    if path is None:
+        reason = "the prometheus binary is not installed (apt-get install prometheus; scripts/setup.sh does it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}: CI must run the Prometheus end-to-end tests")
+        pytest.skip(reason)
+    return path
+
+
+def _wait_pool_up(address: str, hosts: int, timeout: float = 60.0) -> None:
+    import grpc
+
+    from gpupool._proto import scheduler_pb2, scheduler_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pool = stub.ListPool(scheduler_pb2.ListPoolRequest(), timeout=5)
+            if sum(h.state == "up" for h in pool.hosts) >= hosts:
+                return
+            time.sleep(0.2)
+    raise AssertionError(f"{hosts} hosts never registered with the scheduler at {address}")
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    """A scheduler and two daemons with two 512 MiB fake GPUs each."""
+    prometheus_binary()  # skip/fail before starting anything
+    tmp = tmp_path_factory.mktemp("pool")
+    key_file = tmp / "token.key"
+    tokens.generate_key_file(key_file)
+    common = ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--token-key-file", str(key_file)]
+    sched = Program(
+        ["scheduler", *common, "--state", str(tmp / "state.db"), "--host-timeout", "3", "--lease-ttl", "30"],
+        tmp / "scheduler.log",
+    )
+    programs = [sched]
+    try:
+        sched_port, sched_metrics = sched.ports()
+        result = Pool(scheduler=f"127.0.0.1:{sched_port}", scheduler_metrics=sched_metrics, programs=programs)
+        for host in HOSTS:
+            daemon = Program(
+                [
+                    "serve",
+                    *common,
+                    "--fake-gpus",
+                    "2",
+                    "--fake-gpu-memory",
+                    "512MiB",
+                    "--host-id",
+                    host,
+                    "--scheduler",
+                    result.scheduler,
+                    "--heartbeat-interval",
+                    "0.5",
+                ],
+                tmp / f"{host}.log",
+            )
+            programs.append(daemon)
+            result.daemons[host] = daemon
+        for host, daemon in result.daemons.items():
+            result.daemon_metrics[host] = daemon.ports()[1]
+        _wait_pool_up(result.scheduler, len(HOSTS))
+        yield result
+    finally:
+        for program in reversed(programs):
+            program.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Prometheus:
+    """A Prometheus server on loopback and the bits of its HTTP API the tests use."""
+
+    def __init__(self, url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.url = url
+        self.proc = proc
+        self.log = log
+
+    def api(self, path: str, **params: str) -> Any:
+        query = urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=30) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:  # 400 for a query that does not parse: return its error body
+            return json.loads(exc.read())
+
+    def query(self, expr: str) -> Any:
+        return self.api("query", query=expr)
+
+
+@pytest.fixture(scope="module")
+def prometheus(pool: Pool, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    """Prometheus scraping the pool every second, evaluating deploy/prometheus/rules.yml every second."""
+    binary = prometheus_binary()
+    tmp = tmp_path_factory.mktemp("prometheus")
+    daemons = [f"127.0.0.1:{port}" for port in pool.daemon_metrics.values()]
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [
+            # Same job names as deploy/prometheus/prometheus.yml: the target-down alert matches them.
+            {"job_name": "gpupool-scheduler", "static_configs": [{"targets": [f"127.0.0.1:{pool.scheduler_metrics}"]}]},
+            {"job_name": "gpupool-daemon", "static_configs": [{"targets": daemons}]},
+        ],
+    }
+    (tmp / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    for attempt in range(5):
+        # Prometheus cannot report a port it picked itself: take a free one, retry if another process won it.
+        port = _free_port()
+        log = tmp / f"prometheus-{attempt}.log"
+        with log.open("wb") as log_file:
+            proc = subprocess.Popen(
+                [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
+                stdout=log_file, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        server = Prometheus(f"http://127.0.0.1:{port}", proc, log)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{server.url}/-/ready", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        if proc.poll() is None:
+            break
+        if "address already in use" not in log.read_text():
+            raise AssertionError(f"prometheus exited {proc.returncode}:\n{log.read_text()}")
+    else:
+        raise AssertionError("no free port for prometheus after 5 attempts")
+    try:
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Workload:
+    """What the background client leased: where its session runs."""
+
+    host: str
+    device: int
+    lease_id: str
+    tenant: str = TENANT
+    iterations: int = 0
+    errors: list[BaseException] = field(default_factory=list)
+    allocating: threading.Event = field(default_factory=threading.Event)  # clear: no more small leases
+
+
+@pytest.fixture(scope="module")
+def workload(pool: Pool, prometheus: Prometheus) -> Iterator[Workload]:
+    """A client on a 0.5 lease (gpupool.lease) running ops through client/session.Session until teardown:
+    uploads, matmuls, downloads, one failing op at the start; and small leases allocated and released beside it
+    (and one invalid request), so that every panel has something to show."""
+    import torch
+    from gpupool.client.pool import SchedulerClient
+    from gpupool.client.session import Session
+
+    import gpupool
+    from gpupool._proto import scheduler_pb2
+    from gpupool.errors import GpupoolError, InvalidArgument
+
+    lease = gpupool.lease(gpus=1, fraction=0.5, scheduler=pool.scheduler, tenant=TENANT)
+    (dev,) = lease.devices
+    session = Session.attach(dev.address, dev.token)
+    # A failing op first, so the error counter has samples for the whole run.
+    x = session.upload(torch.ones(64, 64))
+    session.call("aten::no_such_op.default", x)
+    with pytest.raises(InvalidArgument):
+        session.sync()
+    result = Workload(host=dev.host_id, device=dev.device, lease_id=lease.lease_id)
+    result.allocating.set()
+    client = SchedulerClient(pool.scheduler)
+    with pytest.raises(InvalidArgument):  # one invalid request: the allocation panels show more than one result
+        client.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=2.0, tenant="batch"))
+    client.close()
+    stop = threading.Event()
+
+    def run() -> None:
+        client = SchedulerClient(pool.scheduler)
+        try:
+            while not stop.is_set():
+                a = session.upload(torch.randn(64, 64))
+                (b,) = session.call("aten::mm.default", a, a)
+                (c,) = session.call("aten::relu.default", b)
+                session.download(c)
+                session.free([a, b, c])
+                if result.allocating.is_set():
+                    small = client.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.125, tenant="batch"))
+                    client.release(small.lease_id)
+                result.iterations += 1
+                stop.wait(0.2)
+        except (GpupoolError, RuntimeError) as exc:
+            result.errors.append(exc)
+        finally:
+            client.close()
+
+    thread = threading.Thread(target=run, name="e2e-workload", daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        session.close()
+        lease.release()
