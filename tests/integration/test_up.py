@@ -1,0 +1,98 @@
+"""`gpupool up` end to end: one command brings up a scheduler and a daemon with fake GPUs; `gpupool run`,
+`gpupool smi` and `gpupool list-gpus` work against it; SIGTERM / Ctrl-C stop both children cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from gpupool.client.pool import SchedulerClient
+from scheduler_fixtures import ROOT, Proc, wait_until
+
+CHILD = """
+import grpc, sys
+from gpupool._proto import device_pb2, device_pb2_grpc
+from gpupool.client.pool import Lease
+lease = Lease.from_env()
+d = lease.devices[0]
+stub = device_pb2_grpc.DeviceStub(grpc.insecure_channel(d.address))
+reply = stub.Attach(device_pb2.AttachRequest(token=d.token), timeout=10)
+print("attached", reply.share, reply.quota_bytes, lease.tenant, flush=True)
+sys.exit(7)
+"""
+
+
+def gpupool(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gpupool.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
+
+
+def start_up(tmp: Path) -> tuple[Proc, str]:
+    proc = Proc(
+        ["up", "--fake-gpus", "2", "--fake-gpu-memory", "512MiB", "--scheduler-listen", "127.0.0.1:0",
+         "--listen", "127.0.0.1:0", "--state", str(tmp / "state" / "scheduler.db"),
+         "--metrics-listen", "127.0.0.1:0", "--scheduler-metrics-listen", "127.0.0.1:0"]
+    )  # fmt: skip
+    address = proc.wait_for(r"export GPUPOOL_SCHEDULER=(\S+)", timeout=120).group(1)
+    return proc, address
+
+
+def refused(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+        return False
+    except OSError:
+        return True
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[tuple[Proc, str]]:
+    proc, address = start_up(tmp_path)
+    yield proc, address
+    proc.stop()
+
+
+def test_up_serves_run_smi_and_list_gpus(tmp_path: Path, up: tuple[Proc, str]) -> None:
+    proc, address = up
+    assert (tmp_path / "state" / "token.key").exists()
+    assert "gpupool run -n 1 -p 0.5 -- python train.py" in proc.log()
+    env = {"GPUPOOL_SCHEDULER": address, "GPUPOOL_TENANT": "carol"}
+    listed = gpupool("list-gpus", env=env)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.strip().splitlines()
+    assert len(lines) == 2 and all("512.0MiB" in line and "up" in line for line in lines)
+    ran = gpupool("run", "-n", "1", "-p", "0.5", "--", sys.executable, "-c", CHILD, env=env)
+    assert ran.returncode == 7, ran.stderr
+    assert f"attached 0.5 {256 * 1024**2} carol" in ran.stdout
+    wait_until(lambda: not SchedulerClient(address).list_pool().leases, timeout=10, what="run to release its lease")
+    too_big = gpupool("run", "-n", "3", "--", "true", env=env)
+    assert too_big.returncode == 1 and "no room for 3 GPU(s)" in too_big.stderr
+    smi = gpupool("smi", env={**env, "COLUMNS": "200"})
+    assert smi.returncode == 0, smi.stderr
+    assert "fake" in smi.stdout and "512.0MiB" in smi.stdout and "leases (0 active, 0 waiting)" in smi.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_up_stops_both_children(tmp_path: Path, sig: signal.Signals) -> None:
+    proc, address = start_up(tmp_path)
+    daemon = proc.wait_for(r"daemon\s+(\S+)").group(1)
+    try:
+        proc.popen.send_signal(sig)
+        assert proc.popen.wait(30) == 0
+        proc.wait_for("gpupool up: stopped")
+        wait_until(lambda: refused(address) and refused(daemon), timeout=10, what="both ports to close")
+    finally:
+        proc.stop()
