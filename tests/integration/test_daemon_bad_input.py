@@ -1,0 +1,247 @@
+"""Every kind of bad input gets its own status code, and a healthy session on the same device keeps working
+throughout (checked by a background thread that verifies results the whole time)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from gpupool.client.session import Handle, Session
+
+from gpupool import errors
+from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
+
+MiB = 1024**2
+
+
+class Healthy:
+    """A session doing verified work in a background thread."""
+
+    def __init__(self, address: str, token: str) -> None:
+        self.session = Session.attach(address, token)
+        self.iterations = 0
+        self.failures: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        s = self.session
+        try:
+            while not self._stop.is_set():
+                x = torch.randn(32, 32)
+                h = Handle(s.upload(x))
+                [y] = s.call("aten::mm.default", h, h)
+                [total] = s.call("aten::sum.default", y)
+                got = s.download(y)
+                [value] = s.sync([total])
+                assert torch.equal(got, x @ x) and value == (x @ x).sum().item()
+                s.free([h, y, total])
+                self.iterations += 1
+        except BaseException as exc:  # reported by check()
+            self.failures.append(exc)
+
+    def check(self, min_iterations: int = 3) -> None:
+        start = self.iterations
+        while self.iterations < start + min_iterations and not self.failures and self._thread.is_alive():
+            self._stop.wait(0.05)
+        self._stop.set()
+        self._thread.join(timeout=30)
+        assert not self.failures, self.failures
+        assert self.iterations >= min_iterations
+        self.session.close()
+
+
+@pytest.fixture
+def healthy(daemon: Any) -> Iterator[Healthy]:
+    h = Healthy(daemon.address, daemon.token(tenant="healthy"))
+    yield h
+    h.check()
+
+
+@pytest.fixture
+def session(daemon: Any, healthy: Healthy) -> Iterator[Session]:
+    with Session.attach(daemon.address, daemon.token(tenant="bad")) as s:
+        yield s
+
+
+def assert_still_usable(s: Session) -> None:
+    [h] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
+    assert torch.equal(s.download(h), torch.full((3,), 2.0))
+
+
+def test_unknown_op(session: Session) -> None:
+    session.call("aten::definitely_not_an_op.default", 1)
+    with pytest.raises(errors.InvalidArgument, match="unknown op") as info:
+        session.sync()
+    assert info.value.op == "aten::definitely_not_an_op.default"
+    assert_still_usable(session)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "aten::from_file.default",
+        "aten::save.default",
+        "prim::device",
+        "os::system",
+        "aten::__class__",
+        "aten::_share_memory_.default",
+    ],
+)
+def test_denied_op(session: Session, name: str) -> None:
+    session.call(name, "/etc/passwd")
+    with pytest.raises((errors.PermissionDenied, errors.InvalidArgument)) as info:
+        session.sync()
+    assert info.value.code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
+    if name == "aten::from_file.default":
+        assert isinstance(info.value, errors.PermissionDenied)
+    assert_still_usable(session)
+
+
+def test_wrong_argument_types(session: Session) -> None:
+    h = Handle(session.upload(torch.ones(3)))
+    [bad] = session.call("aten::add.Tensor", h, "not a tensor")
+    [worse] = session.call("aten::mm.default", h, h)  # shape error
+    [poisoned] = session.call("aten::mul.Tensor", bad, 2)  # uses the failed op's output
+    with pytest.raises(errors.InvalidArgument) as info:
+        session.sync()
+    assert info.value.op == "aten::add.Tensor"  # the first error since the last sync
+    with pytest.raises(errors.InvalidArgument) as info:
+        session.download(poisoned)
+    assert info.value.op == "aten::add.Tensor"  # a poisoned handle names the op that poisoned it
+    with pytest.raises(errors.InvalidArgument, match="mm"):
+        session.download(worse)
+    assert_still_usable(session)
+
+
+def test_handle_of_another_session(daemon: Any, session: Session) -> None:
+    with Session.attach(daemon.address, daemon.token()) as other:
+        theirs = Handle(other.upload(torch.arange(4.0)))
+        other.sync()
+        session.call("aten::neg.default", theirs)
+        with pytest.raises(errors.PermissionDenied, match="another session"):
+            session.sync()
+        with pytest.raises(errors.PermissionDenied):
+            session.download(theirs)
+        session.free([theirs])
+        with pytest.raises(errors.PermissionDenied):
+            session.sync()
+        assert torch.equal(other.download(theirs), torch.arange(4.0))  # untouched
+    assert_still_usable(session)
+
+
+def test_handle_never_created(session: Session) -> None:
+    never = Handle(session.handle_base + 999_999)
+    session.call("aten::neg.default", never)
+    with pytest.raises(errors.NotFound, match="never created"):
+        session.sync()
+    with pytest.raises(errors.NotFound):
+        session.download(never)
+    assert_still_usable(session)
+
+
+def test_forged_token(daemon: Any, healthy: Healthy) -> None:
+    token = daemon.token()
+    body, sig = token.split(".")
+    forged = body + "." + ("A" if sig[0] != "A" else "B") + sig[1:]
+    for bad in (forged, "", "garbage", "a.b.c", daemon.token() + "x" * 5000):
+        with pytest.raises(errors.Unauthenticated):
+            Session.attach(daemon.address, bad)
+    other_key = b"0" * 64
+    from conftest import mint_token
+
+    with pytest.raises(errors.Unauthenticated, match="signature"):
+        Session.attach(daemon.address, mint_token(other_key, host=daemon.host_id))
+
+
+def test_expired_token(daemon: Any, healthy: Healthy) -> None:
+    with pytest.raises(errors.Unauthenticated, match="expired"):
+        Session.attach(daemon.address, daemon.token(ttl=-1))
+
+
+def test_token_for_another_host_or_device(daemon: Any, healthy: Healthy) -> None:
+    with pytest.raises(errors.PermissionDenied, match="host"):
+        Session.attach(daemon.address, daemon.token(host="someone-else"))
+    with pytest.raises(errors.NotFound, match="device 3"):
+        Session.attach(daemon.address, daemon.token(device=3))
+
+
+def _raw_stream(daemon: Any, frames: list[bytes]) -> grpc.RpcError:
+    """Attach, then send raw bytes on the session's stream; returns the error that ends it."""
+    channel = grpc.insecure_channel(daemon.address, options=[("grpc.max_send_message_length", 64 * MiB)])
+    try:
+        stub = device_pb2_grpc.DeviceStub(channel)
+        reply = stub.Attach(device_pb2.AttachRequest(token=daemon.token()))
+        stream = channel.stream_stream(
+            "/gpupool.v1.Device/Stream",
+            request_serializer=None,
+            response_deserializer=device_pb2.ServerFrame.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in stream(iter(frames), metadata=(("gpupool-session", reply.session_id),), timeout=20):
+                pass
+        # The session is gone with its stream: its memory is free again.
+        assert reply.session_id not in {s.session_id for s in stub.Status(device_pb2.StatusRequest()).sessions}
+        return info.value
+    finally:
+        channel.close()
+
+
+def test_malformed_frame(daemon: Any, healthy: Healthy) -> None:
+    err = _raw_stream(daemon, [b"\xff\xff\xff\xff\x0f garbage"])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in (err.details() or "")
+
+
+def test_truncated_frame(daemon: Any, healthy: Healthy) -> None:
+    op = device_pb2.Op(name="aten::add.Tensor", args=[tensor_pb2.Arg(i=1)] * 20, outputs=[5])
+    whole = device_pb2.ClientFrame(commands=[device_pb2.Command(op=op)]).SerializeToString()
+    err = _raw_stream(daemon, [whole[: len(whole) // 2 + 1]])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_message_over_the_size_limit(daemon: Any, healthy: Healthy) -> None:
+    up = device_pb2.Upload(handle=1, offset=0, data=b"\0" * (20 * MiB), last=True)
+    err = _raw_stream(daemon, [device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString()])
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_missing_or_unknown_session_metadata(daemon: Any, healthy: Healthy) -> None:
+    channel = grpc.insecure_channel(daemon.address)
+    stream = channel.stream_stream(
+        "/gpupool.v1.Device/Stream", request_serializer=None, response_deserializer=device_pb2.ServerFrame.FromString
+    )
+    for metadata, code in (
+        (None, grpc.StatusCode.UNAUTHENTICATED),
+        ((("gpupool-session", "nope"),), grpc.StatusCode.NOT_FOUND),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream(iter([b""]), metadata=metadata, timeout=10))
+        assert info.value.code() == code
+    channel.close()
+
+
+def test_bad_upload_chunks(session: Session) -> None:
+    base = session.handle_base
+    bad = [
+        device_pb2.Upload(handle=base + 1, offset=4, data=b"abcd", last=True),  # no first chunk
+        device_pb2.Upload(
+            handle=base + 2,
+            meta=tensor_pb2.TensorMeta(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[2]),
+            data=b"12345678123",
+            last=True,
+        ),  # too many bytes
+        device_pb2.Upload(handle=base + 3, meta=tensor_pb2.TensorMeta(dtype=99, shape=[2]), data=b"", last=True),
+        device_pb2.Upload(
+            handle=base + 4, meta=tensor_pb2.TensorMeta(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[-2]), last=True
+        ),
+    ]
+    for up in bad:
+        session._add(device_pb2.Command(upload=up))
+        with pytest.raises(errors.InvalidArgument):
+            session.sync()
+    assert_still_usable(session)
