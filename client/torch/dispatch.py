@@ -65,6 +65,8 @@ def run_remote(rt: DeviceRuntime, sch: meta.Schema, args: tuple[Any, ...], kwarg
     except meta.NoMeta as exc:
         log.debug("%s has no meta inference (%s): round trip", sch.name, exc)
         return round_trip(rt, sch, args, kwargs)
+    if sch.inplace_view and args and isinstance(args[0], RemoteTensor):
+        transfer.unshare(args[0])
     wire_args, wire_kwargs = encode.encode_args(rt, args, kwargs)
 
     # Outputs that are written arguments (in-place ops, out=) keep their tensor: no new handle.

@@ -44,13 +44,14 @@ class DeviceLost(RemoteError):
     """The daemon went away (or the session was closed): tensors of that device are gone."""
 
 
-_NUMBER = r"([0-9][0-9_,]*)"
+_NUM = r"(\d[\d,_]*)"
 
 
 def _used_and_limit(message: str) -> tuple[int | None, int | None]:
-    """Best-effort parse of "used N ... limit M" out of the daemon's quota message."""
-    used = re.search(r"used\D{0,20}?" + _NUMBER, message)
-    limit = re.search(r"(?:limit|quota)\D{0,20}?" + _NUMBER, message)
+    """Best-effort parse of the used and limit byte counts out of the daemon's quota message
+    ("... 123 used of a 456 byte limit", "used: 123, limit: 456")."""
+    used = re.search(_NUM + r" (?:bytes )?used", message) or re.search(r"used:? " + _NUM, message)
+    limit = re.search(_NUM + r" bytes? (?:limit|quota)", message) or re.search(r"(?:limit|quota):? " + _NUM, message)
 
     def num(m: re.Match[str] | None) -> int | None:
         return int(m.group(1).replace(",", "").replace("_", "")) if m else None

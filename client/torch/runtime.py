@@ -35,6 +35,9 @@ class DeviceRuntime:
         # Tensors made by torch.empty(..., device="gpupool") whose Op is not sent yet: the usual next
         # step is a copy from the CPU (`x.to("gpupool")`), which then becomes one upload into the handle.
         self.pending: dict[int, tuple[str, list[Any], dict[str, Any]]] = {}
+        # Handles held by more than one tensor (detach/alias share the daemon tensor): extra holders.
+        self.shared: dict[int, int] = {}
+        self._lock = threading.Lock()
         self.ops_sent = 0
 
     # ---- handles ----
@@ -42,8 +45,21 @@ class DeviceRuntime:
     def new_handle(self) -> int:
         return int(self.session.new_handle())
 
+    def share(self, handle: int) -> None:
+        """One more tensor holds `handle` (a detach or alias made without asking the daemon)."""
+        with self._lock:
+            self.shared[handle] = self.shared.get(handle, 0) + 1
+
     def release(self, handle: int) -> None:
-        """Called by a tensor's finalizer (any thread, any time): remember the handle for the next batch."""
+        """Called when a tensor dies (any thread, any time): remember the handle for the next batch."""
+        with self._lock:
+            extra = self.shared.get(handle)
+            if extra:
+                if extra == 1:
+                    del self.shared[handle]
+                else:
+                    self.shared[handle] = extra - 1
+                return
         if self.closed or self.pending.pop(handle, None) is not None:
             return
         self._dead.append(handle)

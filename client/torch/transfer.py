@@ -154,6 +154,30 @@ def _copy(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return dst
 
 
+@_special(aten.detach.default, aten.alias.default)
+def _alias(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> RemoteTensor:
+    # Same storage and metadata: the new tensor shares the daemon tensor (a client-side refcount),
+    # which saves an op per parameter per step (autograd and optimizers detach a lot).
+    t = args[0]
+    rt = t._gp_rt
+    if rt.pending:
+        materialize_pending(rt)
+    rt.share(t._gp_h)
+    return wrap(rt, t._gp_h, t.shape, t.stride(), int(t.storage_offset()), t.dtype)
+
+
+def unshare(t: RemoteTensor) -> None:
+    """Before an op changes `t`'s own metadata on the daemon (t_, resize_): give it a tensor of its own."""
+    rt = t._gp_rt
+    if t._gp_h in rt.shared:
+        from gpupool.client.torch.encode import handle_arg
+
+        h = rt.new_handle()
+        rt.op("aten::alias", [handle_arg(t._gp_h)], {}, [h])
+        rt.release(t._gp_h)
+        t._gp_h = h
+
+
 @_special(aten.is_pinned.default)
 def _is_pinned(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return False
