@@ -86,7 +86,7 @@ def add_flag(
                 default = type(raw)
             except (ValueError, TypeError) as exc:
                 parser.error(f"${env}={raw!r}: {exc}")
-    shown = "" if default in (None, False) else f" (default: {default})"
+    shown = "" if default in (None, False, "") else f" (default: {default})"
     if kwargs.get("action") == "store_true":
         parser.add_argument(flag, default=default, help=f"{help}{shown} [env {env}]", **kwargs)
     else:
