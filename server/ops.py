@@ -72,7 +72,10 @@ def _resolve(name: str) -> torch._ops.OpOverload:
 
 # ---- memory an op allocates, from its meta kernel ----
 
-NO_META = -1  # the op has no meta kernel or a data-dependent output shape: size known only after running
+NO_META = -1
+_META = torch.device(
+    "meta"
+)  # the op has no meta kernel or a data-dependent output shape: size known only after running
 
 
 def _meta_key(value: Any) -> Any:
@@ -116,6 +119,8 @@ def _meta_new_bytes(op: Callable[..., Any], args: Sequence[Any], kwargs: Mapping
     storages: dict[int, torch.Tensor] = {}  # real storage id -> meta tensor sharing one meta storage
 
     def to_meta(value: Any) -> Any:
+        if isinstance(value, torch.device):
+            return _META  # factories must not allocate for real while being sized
         if not isinstance(value, torch.Tensor):
             return value
         real = value.untyped_storage()

@@ -1,0 +1,125 @@
+"""Memory quotas: per storage (views counted once), refused before allocating, per session and per device."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from gpupool.client.session import Handle, Session
+
+from gpupool import errors
+from gpupool._proto import device_pb2, device_pb2_grpc
+
+KiB, MiB, TiB = 1024, 1024**2, 1024**4
+
+
+def used_bytes(address: str, session: Session) -> int:
+    with grpc.insecure_channel(address) as channel:
+        status = device_pb2_grpc.DeviceStub(channel).Status(device_pb2.StatusRequest())
+    return next(s.used_bytes for s in status.sessions if s.session_id == session.session_id)
+
+
+def test_views_count_once_and_quota_is_enforced(daemon: Any) -> None:
+    with Session.attach(daemon.address, daemon.token(quota_bytes=1 * MiB)) as s:
+        assert s.quota_bytes == MiB
+        h = Handle(s.upload(torch.zeros(128 * KiB // 4)))  # 128 KiB
+        [v] = s.call("aten::view.default", h, [256, 128])
+        [t] = s.call("aten::t.default", v)
+        [sl] = s.call("aten::slice.Tensor", h, 0, 0, 100)
+        s.sync()
+        assert used_bytes(daemon.address, s) == 128 * KiB
+
+        [big] = s.call("aten::empty.memory_format", [1 * MiB // 4], dtype=torch.float32)
+        with pytest.raises(errors.ResourceExhausted) as info:
+            s.sync()
+        assert f"{128 * KiB} used of a {MiB} byte limit" in str(info.value) and info.value.op.startswith("aten::empty")
+        s.upload(torch.zeros(1 * MiB // 4))
+        with pytest.raises(errors.ResourceExhausted, match=f"{MiB} byte limit"):
+            s.sync()
+
+        # Still usable; after freeing, the same allocation fits.
+        s.free([h, v, t])
+        s.sync()
+        assert used_bytes(daemon.address, s) == 128 * KiB  # the slice still holds the storage
+        s.free([sl])
+        [big] = s.call("aten::zeros.default", [MiB // 4 - 16], dtype=torch.float32)
+        s.sync()
+        assert used_bytes(daemon.address, s) == MiB - 64
+        assert torch.count_nonzero(s.download(big)) == 0
+
+
+def test_huge_allocation_is_refused_before_allocating(daemon: Any) -> None:
+    with Session.attach(daemon.address, daemon.token()) as s:
+        start = time.monotonic()
+        s.call("aten::empty.memory_format", [TiB], dtype=torch.float32)
+        with pytest.raises(errors.ResourceExhausted, match="requested"):
+            s.sync()
+        [h] = s.call("aten::ones.default", [10])
+        s.call("aten::expand.default", h, [TiB, 10])  # a view: no allocation, allowed
+        [copy] = s.call("aten::repeat.default", h, [TiB])
+        with pytest.raises(errors.ResourceExhausted):
+            s.sync()
+        from gpupool._proto import tensor_pb2
+
+        up = device_pb2.Upload(handle=s.handle_base + 77, meta=tensor_pb2.TensorMeta(dtype=1, shape=[TiB, TiB]))
+        s._add(device_pb2.Command(upload=up))
+        with pytest.raises(errors.ResourceExhausted):
+            s.sync()
+        assert time.monotonic() - start < 10
+        with pytest.raises(errors.ResourceExhausted):
+            s.download(copy)
+
+
+def test_data_dependent_output_is_checked_after_running(daemon: Any) -> None:
+    with Session.attach(daemon.address, daemon.token(quota_bytes=600 * KiB)) as s:
+        h = Handle(s.upload(torch.ones(60_000)))  # 240 KB
+        [nz] = s.call("aten::nonzero.default", h)  # 60000 x 1 int64 = 480 KB: over the quota
+        with pytest.raises(errors.ResourceExhausted, match="quota"):
+            s.sync()
+        assert used_bytes(daemon.address, s) == 240_000
+        [small] = s.call("aten::nonzero.default", Handle(s.upload(torch.tensor([0.0, 1.0, 0.0, 2.0]))))
+        assert s.download(small).flatten().tolist() == [1, 3]
+        with pytest.raises(errors.ResourceExhausted):
+            s.download(nz)
+
+
+def test_device_capacity_is_shared_across_sessions(daemon_factory: Any) -> None:
+    d = daemon_factory(fake_gpu_memory=4 * MiB)
+    a = Session.attach(d.address, d.token(quota_bytes=3 * MiB))
+    b = Session.attach(d.address, d.token(quota_bytes=3 * MiB))
+    try:
+        a.upload(torch.zeros(3 * MiB // 4))
+        a.sync()
+        b.upload(torch.zeros(2 * MiB // 4))
+        with pytest.raises(errors.ResourceExhausted, match="device 0 full"):
+            b.sync()
+        b.upload(torch.zeros(MiB // 4))
+        b.sync()
+    finally:
+        a.close()
+    # Detaching a freed its memory: b can now use its whole quota.
+    b.upload(torch.zeros(2 * MiB // 4))
+    b.sync()
+    b.close()
+
+
+def test_quota_defaults_to_share_of_capacity(daemon_factory: Any) -> None:
+    d = daemon_factory(fake_gpu_memory=64 * MiB)
+    with Session.attach(d.address, d.token(share=0.25)) as s:
+        assert s.quota_bytes == 16 * MiB and s.share == 0.25
+        assert s.device.memory_bytes == 64 * MiB and s.device.fake
+
+
+def test_in_place_resize_is_accounted(daemon: Any) -> None:
+    with Session.attach(daemon.address, daemon.token(quota_bytes=1 * MiB)) as s:
+        h = Handle(s.upload(torch.zeros(4)))
+        s.call("aten::resize_.default", h, [128 * KiB], outputs=[0])
+        s.sync()
+        assert used_bytes(daemon.address, s) == 512 * KiB
+        s.call("aten::resize_.default", h, [TiB], outputs=[0])
+        with pytest.raises(errors.ResourceExhausted):
+            s.sync()
+        assert used_bytes(daemon.address, s) == 512 * KiB
