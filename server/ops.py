@@ -72,10 +72,9 @@ def _resolve(name: str) -> torch._ops.OpOverload:
 
 # ---- memory an op allocates, from its meta kernel ----
 
+# The op has no meta kernel or a data-dependent output shape: its size is known only after running it.
 NO_META = -1
-_META = torch.device(
-    "meta"
-)  # the op has no meta kernel or a data-dependent output shape: size known only after running
+_META = torch.device("meta")
 
 
 def _meta_key(value: Any) -> Any:

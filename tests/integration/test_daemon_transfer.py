@@ -16,9 +16,8 @@ MiB = 1024**2
 
 def test_256_mib_round_trip_is_bit_exact(daemon_factory: Any) -> None:
     d = daemon_factory(fake_gpu_memory=640 * MiB)
-    big = torch.randint(-(2**31), 2**31 - 1, (256 * MiB // 4,), dtype=torch.int32).view(
-        torch.float32
-    )  # any bits, NaNs too
+    bits = torch.randint(-(2**31), 2**31 - 1, (256 * MiB // 4,), dtype=torch.int32)
+    big = bits.view(torch.float32)  # any bit patterns, NaNs included
     with Session.attach(d.address, d.token()) as s:
         h = s.upload(big)
         back = s.download(h)
