@@ -58,8 +58,6 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 def run_remote(rt: DeviceRuntime, sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     args, kwargs = encode.localize(rt, args, kwargs)
-    if sch.dynamic:
-        return round_trip(rt, sch, args, kwargs)
     try:
         outs = meta.CACHE.outputs(sch, args, kwargs)
     except meta.NoMeta as exc:

@@ -184,7 +184,11 @@ def infer(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outputs
         out = sch.func(*margs, **mkwargs)
     except (NotImplementedError, torch._subclasses.fake_tensor.DynamicOutputShapeException) as exc:
         raise NoMeta(str(exc)) from exc
-    except RuntimeError as exc:
+    except Exception as exc:
+        if sch.dynamic:  # e.g. index.Tensor with a boolean mask: shapes known only after running
+            raise NoMeta(str(exc)) from exc
+        if not isinstance(exc, RuntimeError):
+            raise
         text = str(exc)
         if "meta" in text.lower() and ("not implemented" in text.lower() or "could not run" in text.lower()):
             raise NoMeta(text) from exc

@@ -18,7 +18,8 @@ from gpupool.client.torch import errors
 
 log = logging.getLogger("gpupool.torch")
 
-FREE_BATCH = 256  # dead handles collected before one Free command goes out
+FREE_BATCH = 256  # dead handles collected before one Free command goes out ...
+FREE_QUOTA_FRACTION = 64  # ... or dead bytes above 1/64 of the quota, so that freed memory is soon usable again
 
 
 class DeviceRuntime:
@@ -32,6 +33,9 @@ class DeviceRuntime:
         self.device = torch.device("gpupool", index)
         self.closed = False
         self._dead: list[int] = []
+        self._dead_bytes = 0
+        quota = int(getattr(session, "quota_bytes", 0) or 0)
+        self.free_bytes = max(64 * 1024, quota // FREE_QUOTA_FRACTION) if quota else 64 * 1024 * 1024
         # Tensors made by torch.empty(..., device="gpupool") whose Op is not sent yet: the usual next
         # step is a copy from the CPU (`x.to("gpupool")`), which then becomes one upload into the handle.
         self.pending: dict[int, tuple[str, list[Any], dict[str, Any]]] = {}
@@ -50,7 +54,7 @@ class DeviceRuntime:
         with self._lock:
             self.shared[handle] = self.shared.get(handle, 0) + 1
 
-    def release(self, handle: int) -> None:
+    def release(self, handle: int, nbytes: int = 0) -> None:
         """Called when a tensor dies (any thread, any time): remember the handle for the next batch."""
         with self._lock:
             extra = self.shared.get(handle)
@@ -63,10 +67,11 @@ class DeviceRuntime:
         if self.closed or self.pending.pop(handle, None) is not None:
             return
         self._dead.append(handle)
+        self._dead_bytes += nbytes
 
     def flush_frees(self, force: bool = False) -> None:
-        if self._dead and (force or len(self._dead) >= FREE_BATCH):
-            dead, self._dead = self._dead, []
+        if self._dead and (force or len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):
+            dead, self._dead, self._dead_bytes = self._dead, [], 0
             self.call(self.session.free, dead)
 
     # ---- commands ----
@@ -85,7 +90,7 @@ class DeviceRuntime:
 
     def op(self, name: str, args: Any, kwargs: Any, outputs: list[int]) -> None:
         self.ops_sent += 1
-        if len(self._dead) >= FREE_BATCH:
+        if self._dead and (len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):
             self.flush_frees()
         self.call(self.session.op, name, args, kwargs, outputs)
 

@@ -35,7 +35,7 @@ class RemoteTensor(torch.Tensor):
         d = self.__dict__
         h = d.get("_gp_h")
         if h:
-            d["_gp_rt"].release(h)
+            d["_gp_rt"].release(h, self.nelement() * self.element_size())
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         if self._gp_rt.closed:

@@ -51,7 +51,7 @@ def materialize_pending(rt: DeviceRuntime) -> None:
     while rt.pending:
         h = next(iter(rt.pending))
         name, args, kwargs = rt.pending.pop(h)
-        rt.call(rt.session.op, name, args, kwargs, [h])
+        rt.op(name, args, kwargs, [h])
 
 
 def upload_new(rt: DeviceRuntime, t: torch.Tensor) -> RemoteTensor:

@@ -41,8 +41,11 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     stop_process(daemon.process)
 
 
+Attach = Callable[..., torch.device]
+
+
 @pytest.fixture
-def attach(serve: ServeProcess) -> Iterator[Callable[..., torch.device]]:
+def attach(serve: ServeProcess) -> Iterator[Attach]:
     """`attach(quota_bytes=0, share=1.0)` -> a gpupool device on the module's daemon."""
     import gpupool.torch as gt
 
@@ -54,5 +57,5 @@ def attach(serve: ServeProcess) -> Iterator[Callable[..., torch.device]]:
 
 
 @pytest.fixture
-def dev(attach: Callable[..., torch.device]) -> torch.device:
+def dev(attach: Attach) -> torch.device:
     return attach()

@@ -1,0 +1,83 @@
+"""Failures through the gpupool device: a failing op surfaces at the next sync point with its name and the
+daemon's message, a memory-quota refusal is a torch.OutOfMemoryError and the session lives on, and a
+daemon that dies mid-training raises within seconds instead of hanging."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import shim_fixtures
+import torch
+from conftest import stop_process
+from torch import nn
+
+import gpupool.torch as gt
+from gpupool import errors
+
+serve, attach, dev = shim_fixtures.serve, shim_fixtures.attach, shim_fixtures.dev
+MiB = 1024 * 1024
+
+
+def test_failing_op_raises_at_next_sync_with_its_name(dev: torch.device) -> None:
+    x = torch.arange(3.0).to(dev)
+    bad = x[torch.tensor([5]).to(dev)]  # out of bounds: only the daemon sees the index values
+    y = bad * 2  # fire and forget: nothing raised yet
+    with pytest.raises(gt.RemoteError) as info:
+        y.item()
+    assert info.value.op == "aten::index.Tensor"
+    assert "out of bounds" in str(info.value) and "aten::index.Tensor" in str(info.value)
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, errors.GpupoolError)
+    # The session keeps working.
+    assert (x + 1).sum().item() == 6.0
+
+
+def test_quota_overrun_is_out_of_memory_and_session_survives(attach: shim_fixtures.Attach) -> None:
+    dev = attach(quota_bytes=4 * MiB)
+    a = torch.ones(MiB // 4 * 3, device=dev)  # 3 MiB of float32
+    assert a.sum().item() == float(MiB // 4 * 3)
+    b = torch.ones(MiB // 4 * 3, device=dev)  # 3 more would make 6 MiB of a 4 MiB quota
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        b.sum().item()
+    exc = info.value
+    assert isinstance(exc, gt.OutOfMemoryError)
+    assert exc.limit_bytes == 4 * MiB and exc.used_bytes is not None and exc.used_bytes >= 3 * MiB
+    assert str(exc.used_bytes) in str(exc) and str(4 * MiB) in str(exc)
+    del a, b
+    c = torch.full((MiB // 4 * 3,), 2.0, device=dev)  # fits again once a is freed
+    assert c.sum().item() == 2.0 * (MiB // 4 * 3)
+
+
+@pytest.mark.slow
+def test_daemon_killed_mid_training_raises_within_10s(tmp_path: Path) -> None:
+    daemon = shim_fixtures.start_daemon(tmp_path)
+    try:
+        dev = gt.attach(daemon.address, daemon.token())
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)).to(dev)
+        opt = torch.optim.Adam(model.parameters())
+        x, y = torch.randn(32, 64).to(dev), torch.randn(32, 1).to(dev)
+        killed: list[float] = []
+
+        def kill() -> None:
+            time.sleep(1.0)
+            daemon.process.send_signal(signal.SIGKILL)
+            killed.append(time.monotonic())
+
+        threading.Thread(target=kill, daemon=True).start()
+        with pytest.raises(gt.DeviceLost) as info:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                opt.step()
+                loss.item()
+        assert killed, "training ended before the daemon was killed"
+        assert time.monotonic() - killed[0] < 10.0
+        assert info.value.code_name == "UNAVAILABLE"
+    finally:
+        gt.detach_all()
+        stop_process(daemon.process)
