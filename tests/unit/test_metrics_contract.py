@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,16 +22,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
+from gpupool.client.session import Session
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpupool import tokens
-from gpupool._proto import (
-    device_pb2,
-    device_pb2_grpc,
-    scheduler_pb2,
-    scheduler_pb2_grpc,
-    tensor_pb2,
-)
+from gpupool._proto import scheduler_pb2, scheduler_pb2_grpc
+from gpupool.errors import InvalidArgument
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT = ROOT / "docs" / "metrics.md"
@@ -189,67 +184,16 @@ def scrape(port: int) -> str:
         return resp.read().decode()
 
 
-class RawSession:
-    """A session on the daemon driven with raw protobuf frames; its stream stays open until `close()`
-    (the daemon closes a session whose stream ends, and its session gauges must be scraped while it lives)."""
-
-    def __init__(self, token: str, address: str) -> None:
-        self.channel = grpc.insecure_channel(address)
-        stub = device_pb2_grpc.DeviceStub(self.channel)
-        reply = stub.Attach(device_pb2.AttachRequest(token=token), timeout=30)
-        self.base = reply.handle_base
-        self._outbox: queue.Queue[device_pb2.ClientFrame | None] = queue.Queue()
-        self.replies: dict[int, device_pb2.ServerFrame] = {}
-        self._cond = threading.Condition()
-        metadata = (("gpupool-session", reply.session_id),)
-        self._call = stub.Stream(iter(self._outbox.get, None), metadata=metadata)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        try:
-            for frame in self._call:
-                with self._cond:
-                    self.replies.setdefault(frame.request_id, frame)
-                    self._cond.notify_all()
-        except grpc.RpcError:
-            pass
-
-    def send(self, *commands: device_pb2.Command) -> None:
-        self._outbox.put(device_pb2.ClientFrame(commands=list(commands)))
-
-    def reply(self, request_id: int, timeout: float = 30.0) -> device_pb2.ServerFrame:
-        with self._cond:
-            assert self._cond.wait_for(lambda: request_id in self.replies, timeout), f"no reply to {request_id}"
-            return self.replies[request_id]
-
-    def close(self) -> None:
-        self._outbox.put(None)
-        self._reader.join(timeout=10)
-        self.channel.close()
-
-
-def run_ops(session: RawSession) -> None:
+def run_ops(session: Session) -> None:
     """An upload, two ops, a download and one failing op, checked."""
-    base = session.base
-    data = b"\x00\x00\x80\x3f" * 16  # sixteen float32 ones
-    meta = tensor_pb2.TensorMeta(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[4, 4], stride=[4, 1])
-    t = tensor_pb2.Arg(tensor=base + 1)
-    session.send(
-        device_pb2.Command(upload=device_pb2.Upload(handle=base + 1, meta=meta, offset=0, data=data, last=True)),
-        device_pb2.Command(op=device_pb2.Op(name="aten::add.Tensor", args=[t, t], outputs=[base + 2])),
-        device_pb2.Command(op=device_pb2.Op(name="aten::mm.default", args=[t, t], outputs=[base + 3])),
-        device_pb2.Command(get=device_pb2.Get(request_id=1, handle=base + 3)),
-        device_pb2.Command(sync=device_pb2.Sync(request_id=2)),
-    )
-    assert list(session.reply(1).chunk.meta.shape) == [4, 4]
-    assert not session.reply(2).sync.HasField("error"), session.reply(2)
+    a = session.upload(torch.ones(4, 4))
+    (b,) = session.call("aten::add.Tensor", a, a)
+    (c,) = session.call("aten::mm.default", a, b)
+    assert torch.equal(session.download(c), torch.full((4, 4), 8.0))
     # An unknown op fails with INVALID_ARGUMENT, so the error counter gets a sample.
-    session.send(
-        device_pb2.Command(op=device_pb2.Op(name="aten::no_such_op.default", args=[t], outputs=[base + 4])),
-        device_pb2.Command(sync=device_pb2.Sync(request_id=3)),
-    )
-    assert session.reply(3).sync.error.code == "INVALID_ARGUMENT", session.reply(3)
+    session.call("aten::no_such_op.default", a)
+    with pytest.raises(InvalidArgument):
+        session.sync()
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +231,8 @@ def scrapes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrapes]:
             request = scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5, tenant="contract", wait_seconds=20)
             lease = stub.Allocate(request, timeout=30)
             (leased,) = lease.devices
-            session = RawSession(leased.token, f"127.0.0.1:{daemon_port}")
+            # The session stays attached while scraping: the daemon exports session gauges of live sessions only.
+            session = Session.attach(f"127.0.0.1:{daemon_port}", leased.token)
             try:
                 run_ops(session)
                 # Let a heartbeat carry the session's usage to the scheduler before scraping.
