@@ -1,0 +1,193 @@
+"""`gpupool serve` as a real process (flags, env, health, SIGTERM), session lifetime (detach, expiry, refresh,
+revocation), a lost daemon, and the metrics endpoint."""
+
+from __future__ import annotations
+
+import signal
+import time
+import urllib.request
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from gpupool.client.session import Handle, Session
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gpupool import errors
+from gpupool._proto import device_pb2, device_pb2_grpc
+
+MiB = 1024**2
+
+
+def status(address: str) -> device_pb2.StatusReply:
+    with grpc.insecure_channel(address) as channel:
+        return device_pb2_grpc.DeviceStub(channel).Status(device_pb2.StatusRequest(), timeout=10)
+
+
+def health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+
+def test_serve_process_flags_env_health_and_sigterm(serve_process: Any) -> None:
+    d = serve_process("--fake-gpus", "2", env={"GPUPOOL_FAKE_GPU_MEMORY": "64MiB"})
+    assert health(d.address) == health_pb2.HealthCheckResponse.SERVING
+    reply = status(d.address)
+    assert reply.host_id == d.host_id and not reply.draining
+    assert [(x.info.index, x.info.memory_bytes, x.info.fake) for x in reply.devices] == [
+        (0, 64 * MiB, True),
+        (1, 64 * MiB, True),
+    ]
+    assert len({x.info.uuid for x in reply.devices}) == 2
+    s = Session.attach(d.address, d.token(device=1))
+    assert s.device.index == 1
+    x = torch.randn(64, 64)
+    h = Handle(s.upload(x))
+    outs = [s.call("aten::mm.default", h, h)[0] for _ in range(50)]  # in flight when SIGTERM lands
+    d.process.send_signal(signal.SIGTERM)
+    try:
+        assert torch.equal(s.download(outs[-1]), x @ x)
+    except errors.Unavailable:
+        pass  # the daemon may already have closed the session; it must not hang or crash
+    assert d.process.wait(timeout=30) == 0
+    with pytest.raises(errors.Unavailable):
+        s.sync()
+    s.close()
+    log = "".join(d.process.log_lines)
+    assert "draining" in log and "stopped" in log
+
+
+def test_lost_daemon_fails_waits_within_seconds(serve_process: Any) -> None:
+    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "64MiB")
+    s = Session.attach(d.address, d.token())
+    s.upload(torch.ones(4))
+    s.sync()
+    d.process.kill()
+    start = time.monotonic()
+    with pytest.raises(errors.Unavailable):
+        s.sync()
+    assert time.monotonic() - start < 10
+    with pytest.raises(errors.Unavailable):
+        s.upload(torch.ones(4))
+        s.flush()
+    s.close()
+
+
+def test_bad_flags_exit_with_an_error(token_key_file: Any) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "gpupool.cli", "serve", "--fake-gpu-memory", "lots"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "not a size" in out.stderr
+    help_ = subprocess.run(
+        [sys.executable, "-m", "gpupool.cli", "serve", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert help_.returncode == 0 and "GPUPOOL_FAKE_GPUS" in help_.stdout and "--scheduler" in help_.stdout
+
+
+def test_detach_frees_memory_and_ends_the_session(daemon: Any) -> None:
+    s = Session.attach(daemon.address, daemon.token(tenant="t1"))
+    s.upload(torch.zeros(MiB // 4))
+    s.sync()
+    assert status(daemon.address).devices[0].used_bytes == MiB
+    s.close()
+    reply = status(daemon.address)
+    assert reply.devices[0].used_bytes == 0 and not reply.sessions
+    with grpc.insecure_channel(daemon.address) as channel, pytest.raises(grpc.RpcError) as info:
+        device_pb2_grpc.DeviceStub(channel).Detach(device_pb2.DetachRequest(session_id=s.session_id))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_expired_lease_closes_the_session_unless_refreshed(daemon: Any) -> None:
+    lease = "lease-refreshed"
+    kept = Session.attach(daemon.address, daemon.token(ttl=1.5, lease_id=lease))
+    dropped = Session.attach(daemon.address, daemon.token(ttl=1.5))
+    dropped.upload(torch.zeros(1000))
+    kept.refresh(daemon.token(ttl=60, lease_id=lease))
+    kept.sync()
+    time.sleep(2.5)
+    with pytest.raises(errors.FailedPrecondition, match="expired"):
+        dropped.sync()
+    [h] = kept.call("aten::ones.default", [3])
+    assert kept.download(h).tolist() == [1.0, 1.0, 1.0]
+    kept.refresh(daemon.token(ttl=60, lease_id="another-lease"))  # refused: the error surfaces at the next sync
+    with pytest.raises(errors.Unauthenticated, match="another lease"):
+        kept.sync()
+    assert [x.session_id for x in status(daemon.address).sessions] == [kept.session_id]
+    kept.close()
+    dropped.close()
+
+
+def test_revoked_leases_are_closed_and_freed(daemon: Any) -> None:
+    s = Session.attach(daemon.address, daemon.token(lease_id="L1"))
+    other = Session.attach(daemon.address, daemon.token(lease_id="L2"))
+    s.upload(torch.zeros(MiB // 4))
+    s.sync()
+    daemon.running.daemon.revoke_leases(["L1", "unknown"])
+    with pytest.raises(errors.FailedPrecondition, match="revoked"):
+        s.sync()
+    assert [x.lease_id for x in status(daemon.address).sessions] == ["L2"]
+    assert status(daemon.address).devices[0].used_bytes == 0
+    other.sync()
+    s.close()
+    other.close()
+
+
+def test_registration_source_protocol(daemon: Any) -> None:
+    from gpupool.server.daemon import RegistrationSource
+
+    d = daemon.running.daemon
+    source: RegistrationSource = d
+    with Session.attach(daemon.address, daemon.token(lease_id="L9", share=0.5, tenant="team")) as s:
+        s.upload(torch.zeros(256))
+        s.sync()
+        sessions, devices = source.usage()
+        assert [(x.lease_id, x.tenant, x.share, x.used_bytes) for x in sessions] == [("L9", "team", 0.5, 1024)]
+        assert devices[0].used_bytes == 1024 and source.devices()[0].fake
+        assert source.host_id == daemon.host_id and not source.draining()
+
+
+def test_second_attach_of_a_lease_replaces_the_first(daemon: Any) -> None:
+    first = Session.attach(daemon.address, daemon.token(lease_id="same"))
+    second = Session.attach(daemon.address, daemon.token(lease_id="same"))
+    with pytest.raises(errors.FailedPrecondition, match="replaced"):
+        first.sync()
+    second.sync()
+    assert second.handle_base != first.handle_base
+    first.close()
+    second.close()
+
+
+def test_metrics_endpoint(daemon: Any) -> None:
+    with Session.attach(daemon.address, daemon.token(tenant="acme", lease_id="LM", share=0.5)) as s:
+        h = Handle(s.upload(torch.randn(32, 32)))
+        s.call("aten::mm.default", h, h)
+        s.call("aten::not_an_op.default")
+        with pytest.raises(errors.InvalidArgument):
+            s.sync()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10).read().decode()
+        assert 'gpupool_session_share{UUID="GPU-' in text and 'lease="LM"' in text
+        assert "gpupool_session_memory_used_bytes{" in text and "gpupool_session_memory_limit_bytes{" in text
+    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10).read().decode()
+    for name in (
+        "gpupool_device_info{",
+        "gpupool_device_memory_capacity_bytes{",
+        "gpupool_device_memory_used_bytes{",
+        "gpupool_device_busy_seconds_total{",
+        "gpupool_device_sessions{",
+        "gpupool_tenant_busy_seconds_total{",
+        "gpupool_tenant_ops_total{",
+        "gpupool_transfer_bytes_total{",
+        "gpupool_batch_duration_seconds_bucket{",
+    ):
+        assert name in text, name
+    assert 'gpupool_tenant_errors_total{UUID="GPU-' in text and 'code="INVALID_ARGUMENT"' in text
+    assert 'tenant="acme"' in text  # tenant counters outlive the session
+    assert 'gpupool_transfer_bytes_total{direction="upload",host="test-host"} 4096.0' in text
+    assert "gpupool_device_sessions{UUID=" in text and "} 0.0" in text
