@@ -79,6 +79,7 @@ class Pool:
     scheduler_metrics: int
     daemons: dict[str, Program] = field(default_factory=dict)  # host id -> process
     daemon_metrics: dict[str, int] = field(default_factory=dict)  # host id -> metrics port
+    daemon_ports: dict[str, int] = field(default_factory=dict)  # host id -> gRPC port
     programs: list[Program] = field(default_factory=list)
     hosts: tuple[str, ...] = HOSTS
 
@@ -146,7 +147,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
             programs.append(daemon)
             result.daemons[host] = daemon
         for host, daemon in result.daemons.items():
-            result.daemon_metrics[host] = daemon.ports()[1]
+            result.daemon_ports[host], result.daemon_metrics[host] = daemon.ports()
         _wait_pool_up(result.scheduler, len(HOSTS))
         yield result
     finally:

@@ -98,6 +98,18 @@ def test_template_variables_list_the_pool(pool: Any, prometheus: Any, scraped: A
         assert set(values["data"]) == want
 
 
+def test_grpc_health_answers_what_kubernetes_probes_ask(pool: Any) -> None:
+    """deploy/k8s probes use Kubernetes' native `grpc:` probe: Health/Check with service "" on the gRPC port."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    addresses = [pool.scheduler] + [f"127.0.0.1:{port}" for port in pool.daemon_ports.values()]
+    for address in addresses:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, address
+
+
 @pytest.mark.parametrize(("panel", "expr"), panel_queries(), ids=[q[0] for q in panel_queries()])
 def test_dashboard_query_returns_data(prometheus: Any, scraped: Any, panel: str, expr: str) -> None:
     query = substitute(expr, scraped.host, scraped.device)

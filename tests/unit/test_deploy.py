@@ -307,3 +307,39 @@ def test_prometheus_files_pass_promtool(tmp_path: Path) -> None:
     for args in (["check", "rules", "rules.yml"], ["check", "config", "prometheus.yml"]):
         out = subprocess.run([promtool, *args], cwd=DEPLOY / "prometheus", capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------- containers and systemd units
+
+
+def test_dockerfiles_copy_what_the_package_needs() -> None:
+    """Every COPY source exists, and the package-dir folders of pyproject.toml are all copied before `pip install .`."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    package_dirs = {d.split("/")[0] for d in re.findall(r'"gpupool[.\w]*" = "([^"]+)"', pyproject)}
+    assert package_dirs >= {"gpupool", "server", "scheduler", "client"}
+    for path in sorted((DEPLOY / "docker").glob("Dockerfile.*")):
+        copies = [line.split()[1:-1] for line in path.read_text().splitlines() if line.startswith("COPY ")]
+        sources = {src.rstrip("/") for srcs in copies for src in srcs}
+        for src in sources:
+            assert (ROOT / src).exists(), f"{path.name}: COPY {src} does not exist"
+        assert package_dirs | {"pyproject.toml"} <= sources, f"{path.name} misses {package_dirs - sources}"
+        exposed = {int(p) for line in re.findall(r"^EXPOSE (.*)$", path.read_text(), re.M) for p in line.split()}
+        cmd = " ".join(re.findall(r"^CMD (.*)$", path.read_text(), re.M))
+        for port in re.findall(r"0\.0\.0\.0:(\d+)", cmd):
+            assert int(port) in exposed, f"{path.name}: listens on {port} but does not EXPOSE it"
+
+
+def test_systemd_units_verify() -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed")
+    units = sorted(str(p) for p in (DEPLOY / "systemd").glob("*.service"))
+    assert len(units) == 2
+    out = subprocess.run([analyze, "verify", *units], capture_output=True, text=True, timeout=60)
+    # The installed program is the only thing this machine lacks (/opt/gpupool/bin/gpupool).
+    problems = [
+        line
+        for line in (out.stdout + out.stderr).splitlines()
+        if line.strip() and "/opt/gpupool/bin/gpupool" not in line
+    ]
+    assert not problems, "\n".join(problems)
