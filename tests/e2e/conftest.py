@@ -27,8 +27,10 @@ import pytest
 
 from gpupool import tokens
 
+yaml = pytest.importorskip("yaml")
+
 ROOT = Path(__file__).resolve().parents[2]
-RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
+SCRAPE_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 HOSTS = ("e2e-host-a", "e2e-host-b")
 TENANT = "e2e-tenant"
 
@@ -183,19 +185,20 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def prometheus(pool: Pool, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
-    """Prometheus scraping the pool every second, evaluating deploy/prometheus/rules.yml every second."""
+    """Prometheus with deploy/prometheus/prometheus.yml and rules.yml, scraping the pool and evaluating every second."""
     binary = prometheus_binary()
     tmp = tmp_path_factory.mktemp("prometheus")
-    daemons = [f"127.0.0.1:{port}" for port in pool.daemon_metrics.values()]
-    config = {
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [
-            # Same job names as deploy/prometheus/prometheus.yml: the target-down alert matches them.
-            {"job_name": "gpupool-scheduler", "static_configs": [{"targets": [f"127.0.0.1:{pool.scheduler_metrics}"]}]},
-            {"job_name": "gpupool-daemon", "static_configs": [{"targets": daemons}]},
-        ],
+    # deploy/prometheus/prometheus.yml itself, with the live pool's targets and one-second intervals.
+    config = yaml.safe_load(SCRAPE_CONFIG.read_text())
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(SCRAPE_CONFIG.parent / f) for f in config["rule_files"]]
+    targets = {
+        "gpupool-scheduler": [f"127.0.0.1:{pool.scheduler_metrics}"],
+        "gpupool-daemon": [f"127.0.0.1:{port}" for port in pool.daemon_metrics.values()],
     }
+    assert {job["job_name"] for job in config["scrape_configs"]} == set(targets)
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [{"targets": targets[job["job_name"]]}]
     (tmp / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
     for attempt in range(5):
         # Prometheus cannot report a port it picked itself: take a free one, retry if another process won it.
