@@ -201,8 +201,7 @@ class Session:
             return
         self._closed = True
         try:
-            if self._dead is None:
-                self.flush()
+            if self._dead is None:  # queued commands are moot: Detach frees everything
                 self._stub.Detach(device_pb2.DetachRequest(session_id=self.session_id), timeout=5)
         except (grpc.RpcError, GpupoolError):
             pass  # the daemon is gone or already closed the session: nothing left to free

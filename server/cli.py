@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--heartbeat-interval", type=float, default=2.0, help="seconds between heartbeats to the scheduler")
     add_flag(p, "--max-message-size", type=size_arg, default=16 * 1024**2, help="largest gRPC message accepted")
     add_flag(p, "--drain-seconds", type=float, default=10.0, help="on SIGTERM, wait this long for queued work")
+    add_flag(p, "--cpu-threads", type=int, default=1, help="torch intra-op CPU threads (0: torch's default)")
     add_flag(p, "--log-level", default="INFO", help="logging level")
     return p
 
@@ -54,6 +55,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         heartbeat_interval=args.heartbeat_interval,
         max_message_bytes=args.max_message_size,
         drain_seconds=args.drain_seconds,
+        cpu_threads=args.cpu_threads,
     )
 
 

@@ -48,6 +48,11 @@ class CommandExecutor:
         self.ledger = ledger
         self._device_arg: dict[torch._ops.OpOverload, bool] = {}
 
+    def warm_up(self) -> None:
+        """Load torch's meta kernels now (about a second, once per process), not on some session's clock."""
+        one = torch.ones(2, 2)
+        self.sizer.new_bytes(torch.ops.aten.mm.default, [one, one], {})
+
     def execute(self, s: Session, cmd: device_pb2.Command, reply: Reply) -> None:
         kind = cmd.WhichOneof("cmd")
         op_name = cmd.op.name if kind == "op" else ""
