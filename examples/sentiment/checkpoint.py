@@ -26,6 +26,7 @@ class ModelConfig:
     dropout: float = 0.5
     max_len: int = 800
     embed_std: float = 1.0
+    bigram_buckets: int = 0
 
     def build(self) -> SentimentCNN:
         return SentimentCNN(
@@ -35,6 +36,7 @@ class ModelConfig:
             kernel_sizes=self.kernel_sizes,
             dropout=self.dropout,
             embed_std=self.embed_std,
+            bigram_buckets=self.bigram_buckets,
         )
 
 

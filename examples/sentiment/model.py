@@ -35,6 +35,7 @@ class SentimentCNN(nn.Module):
         num_classes: int = 2,
         pad_id: int = PAD_ID,
         embed_std: float = 1.0,
+        bigram_buckets: int = 0,
     ) -> None:
         super().__init__()
         if vocab_size < 2:
@@ -48,6 +49,14 @@ class SentimentCNN(nn.Module):
             with torch.no_grad():
                 self.embedding.weight.normal_(0.0, embed_std)
                 self.embedding.weight[pad_id].zero_()
+        # Optional: each position also gets a (hashed) embedding of the bigram that starts there, so the convolution
+        # sees exact word pairs, not just sums of word vectors (the "bigram features" of bag-of-n-gram models).
+        self.bigram_buckets = bigram_buckets
+        self.bigrams = nn.Embedding(bigram_buckets, embed_dim, padding_idx=0) if bigram_buckets > 1 else None
+        if self.bigrams is not None:
+            with torch.no_grad():
+                self.bigrams.weight.normal_(0.0, embed_std)
+                self.bigrams.weight[0].zero_()
         self.convs = nn.ModuleList(nn.Conv1d(embed_dim, filters, k, padding=k // 2) for k in kernel_sizes)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(2 * filters * len(kernel_sizes), num_classes)
@@ -55,13 +64,23 @@ class SentimentCNN(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         mask = (tokens != self.pad_id).to(self.fc.weight.dtype).unsqueeze(1)  # (B, 1, L)
         length = mask.sum(dim=2).clamp_min(1.0)  # (B, 1)
-        x = self.embedding(tokens).transpose(1, 2)  # (B, E, L)
+        x = self.embedding(tokens)  # (B, L, E)
+        if self.bigrams is not None:
+            x = x + self.bigrams(self.bigram_ids(tokens))
+        x = x.transpose(1, 2)  # (B, E, L)
         pooled = []
         for conv in self.convs:
             h = torch.relu(conv(x)) * mask  # (B, F, L); padding positions -> 0 (ReLU output is >= 0 anyway)
             pooled.append(h.amax(dim=2))
             pooled.append(h.sum(dim=2) / length)
         return self.fc(self.dropout(torch.cat(pooled, dim=1)))
+
+    def bigram_ids(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) bucket of the bigram (tokens[t], tokens[t+1]) in [1, buckets); 0 where either word is padding."""
+        first, second = tokens[:, :-1], tokens[:, 1:]
+        ids = (first * 1_000_003 + second) % (self.bigram_buckets - 1) + 1
+        ids = ids * ((first != self.pad_id) & (second != self.pad_id)).to(ids.dtype)
+        return torch.cat([ids, torch.zeros_like(tokens[:, :1])], dim=1)
 
 
 def build_model(
@@ -70,9 +89,17 @@ def build_model(
     filters: int = 256,
     kernel_sizes: Sequence[int] = (3,),
     dropout: float = 0.5,
+    bigram_buckets: int = 0,
 ) -> SentimentCNN:
     """The benchmark's model with its default hyper-parameters (smaller ones for tests)."""
-    return SentimentCNN(vocab_size, embed_dim=embed_dim, filters=filters, kernel_sizes=kernel_sizes, dropout=dropout)
+    return SentimentCNN(
+        vocab_size,
+        embed_dim=embed_dim,
+        filters=filters,
+        kernel_sizes=kernel_sizes,
+        dropout=dropout,
+        bigram_buckets=bigram_buckets,
+    )
 
 
 def make_batch(

@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--filters", type=int, default=256)
     p.add_argument("--kernel-sizes", default="3", help="comma-separated odd region sizes (default 3)")
     p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--bigram-buckets", type=int, default=0, help="hashed bigram embeddings (0: off)")
     p.add_argument("--embed-std", type=float, default=1.0, help="std of the embeddings' initial N(0, std)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
@@ -108,7 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     kernel_sizes = tuple(int(k) for k in args.kernel_sizes.split(","))
     config = checkpoint.ModelConfig(
-        len(ds.vocab), args.embed_dim, args.filters, kernel_sizes, args.dropout, args.max_len, args.embed_std
+        len(ds.vocab),
+        args.embed_dim,
+        args.filters,
+        kernel_sizes,
+        args.dropout,
+        args.max_len,
+        args.embed_std,
+        args.bigram_buckets,
     )
     model = config.build().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)

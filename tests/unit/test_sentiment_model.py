@@ -17,9 +17,10 @@ def test_forward_shapes_for_several_region_sizes() -> None:
     assert labels.shape == (4,) and labels.dtype == torch.int64
 
 
-def test_trailing_padding_does_not_change_the_output() -> None:
+@pytest.mark.parametrize("bigram_buckets", [0, 97])
+def test_trailing_padding_does_not_change_the_output(bigram_buckets: int) -> None:
     torch.manual_seed(0)
-    model = build_model(300, embed_dim=12, filters=10, kernel_sizes=(3, 5)).eval()
+    model = build_model(300, embed_dim=12, filters=10, kernel_sizes=(3, 5), bigram_buckets=bigram_buckets).eval()
     tokens, _ = make_batch(batch_size=3, seq_len=20, vocab_size=300, seed=1)
     padded = torch.cat([tokens, torch.full((3, 17), PAD_ID, dtype=torch.int64)], dim=1)
     torch.testing.assert_close(model(padded), model(tokens))
@@ -57,3 +58,15 @@ def test_ten_adam_steps_reduce_the_loss_on_a_fixed_batch() -> None:
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert model.embedding.weight.grad is not None and model.embedding.weight.grad[PAD_ID].abs().sum() == 0
+
+
+def test_bigram_ids_hash_word_pairs_and_skip_padding() -> None:
+    model = SentimentCNN(50, embed_dim=4, filters=4, bigram_buckets=11)
+    tokens = torch.tensor([[5, 6, 5, 6, PAD_ID], [7, PAD_ID, PAD_ID, PAD_ID, PAD_ID]])
+    ids = model.bigram_ids(tokens)
+    assert ids.shape == tokens.shape and ids.dtype == torch.int64
+    assert ids[0, 0] == ids[0, 2] != 0  # the same pair, the same bucket
+    assert ((ids >= 0) & (ids < 11)).all()
+    assert ids[0, 3:].tolist() == [0, 0] and ids[1].tolist() == [0] * 5  # pairs with padding -> bucket 0
+    assert model.bigrams is not None and model.bigrams.weight.shape == (11, 4)
+    assert build_model(50).bigrams is None
