@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from gpupool.scheduler.hosts import HostBook
@@ -126,11 +126,11 @@ class Core(HostBook):
         except ResourceExhausted:
             self.events.allocation("exhausted", time.monotonic() - start)
             raise
-        lease = self._wait(waiter, start + wait, cancelled)
+        lease = self._wait(waiter, start, start + wait, cancelled)
         self.events.allocation("granted", time.monotonic() - start)
         return lease
 
-    def _wait(self, waiter: _Waiter, deadline: float, cancelled: Callable[[], bool]) -> Lease:
+    def _wait(self, waiter: _Waiter, start: float, deadline: float, cancelled: Callable[[], bool]) -> Lease:
         while not waiter.done.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() < deadline and not cancelled():
                 continue
@@ -140,7 +140,7 @@ class Core(HostBook):
                 self.waiters.remove(waiter)
                 self._serve_waiters()  # the head may have been blocking those behind it
                 message = f"waited in vain: {self._exhausted_message(waiter.req)}"
-            self.events.allocation("timeout", time.monotonic() - deadline)
+            self.events.allocation("timeout", time.monotonic() - start)
             raise ResourceExhausted(message)
         assert waiter.lease is not None
         return waiter.lease
@@ -251,7 +251,3 @@ class Core(HostBook):
     def is_active_on(self, lease_id: str, host_id: str) -> bool:
         lease = self.leases.get(lease_id)
         return lease is not None and lease.state == LEASE_ACTIVE and host_id in lease.hosts
-
-    def lease_counts(self) -> Mapping[str, int]:
-        with self.lock:
-            return {"active": sum(1 for x in self.leases.values() if x.state == LEASE_ACTIVE)}
