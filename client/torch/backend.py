@@ -63,6 +63,24 @@ def _backend_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
     return factory(op, args, kwargs)
 
 
+# Ops that can reach the backend *with* remote tensors: C++ code that excludes the Python dispatch key
+# (torch.tensor(...) / x[[1, 2]] build the tensor on the CPU and copy it with the key excluded) lands in
+# the backend kernel of `_copy_from`. A Python fallback kernel cannot take tensors that have the Python
+# key (torch asserts), so these get kernels of their own.
+BACKEND_OPS = ("_copy_from", "_copy_from_and_resize", "_local_scalar_dense", "_to_copy")
+
+
+def _backend_kernel(op: Any) -> Any:
+    def kernel(*args: Any, **kwargs: Any) -> Any:
+        from gpupool.client.torch.dispatch import dispatch, factory, find_runtime
+
+        if find_runtime(args, kwargs) is None:
+            return factory(op, args, kwargs)
+        return dispatch(op, args, kwargs)
+
+    return kernel
+
+
 def register() -> None:
     """Idempotent: make the PrivateUse1 backend `gpupool` (fails if another backend took the name)."""
     current = torch._C._get_privateuse1_backend_name()
@@ -75,3 +93,8 @@ def register() -> None:
     lib = torch.library.Library("_", "IMPL")  # noqa: TOR901 - the global namespace is required for fallbacks
     lib.fallback(_backend_fallback, "PrivateUse1")
     _library.append(lib)
+    ops = torch.library.Library("aten", "IMPL")  # noqa: TOR901 - kernels for existing aten ops
+    for name in BACKEND_OPS:
+        packet = getattr(torch.ops.aten, name)
+        ops.impl(name, _backend_kernel(packet.default), "PrivateUse1")
+    _library.append(ops)

@@ -48,6 +48,14 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if rt is None:  # only possible for ops whose remote tensors hide in unusual places
         raise RuntimeError(f"{func}: no gpupool tensor among the arguments")
     sch = meta.schema_of(func)
+    if sch.implicit:
+        out = func.decompose(*args, **kwargs)
+        if out is not NotImplemented:
+            return out
+    if not sch.aten:
+        if sch.composite:  # a custom op written in aten ops: run its body, whose ops then come back here
+            return func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
+        return cpu_fallback(rt, func, args, kwargs)
     device = kwargs.get("device")
     if sch.has_device_arg and device is not None and torch.device(device).type == "cpu":
         return cpu_fallback(rt, func, args, kwargs)
@@ -63,6 +71,8 @@ def run_remote(rt: DeviceRuntime, sch: meta.Schema, args: tuple[Any, ...], kwarg
     except meta.NoMeta as exc:
         log.debug("%s has no meta inference (%s): round trip", sch.name, exc)
         return round_trip(rt, sch, args, kwargs)
+    if rt.cpu_backed:
+        outs = meta.cpu_fixup(sch, args, kwargs, outs)
     if sch.inplace_view and args and isinstance(args[0], RemoteTensor):
         transfer.unshare(args[0])
     wire_args, wire_kwargs = encode.encode_args(rt, args, kwargs)

@@ -8,7 +8,8 @@ loop repeats its op signatures, so results are cached by a key made of the op an
 - arguments of schema type `Scalar` / `Scalar[]` (and Python numbers passed for a Tensor) by their
   Python type only, on ops that have tensor inputs: there a Scalar decides type promotion, never a
   shape (an Adam step's changing step sizes then hit the cache). On factories without tensor
-  inputs (`arange`, `full`, `scalar_tensor`) Scalars are keyed by value, since they decide shapes;
+  inputs (`arange`, `full`, `scalar_tensor`; out= tensors do not count as inputs, so
+  `arange.start_out` is one) Scalars are keyed by value, since they decide shapes;
 - everything else by value: ints, int lists, floats and float lists (`upsample_*` scale factors
   decide shapes), dtypes, devices, strings.
 """
@@ -21,6 +22,8 @@ from typing import Any
 import torch
 from gpupool.client.torch.tensor import RemoteTensor
 from torch.utils._pytree import TreeSpec, tree_flatten
+
+from gpupool import wire
 
 T, TL, S, SL, V = "T", "TL", "S", "SL", "V"  # argument kinds: tensor, tensor list, scalar, scalar list, value
 META = torch.device("meta")
@@ -70,7 +73,10 @@ class Schema:
         self.name = f"{schema.name}.{overload}" if overload else schema.name
         self.kinds = [_kind(a.type) for a in schema.arguments]
         self.kwarg_kinds = {a.name: k for a, k in zip(schema.arguments, self.kinds, strict=True)}
-        self.has_tensor_inputs = any(k in (T, TL) for k in self.kinds)
+        # out= tensors are not inputs: arange.start_out's Scalars decide its shape, as on a factory.
+        self.has_tensor_inputs = any(
+            k in (T, TL) and not a.is_out for a, k in zip(schema.arguments, self.kinds, strict=True)
+        )
         tags = set(func.tags)
         self.dynamic = torch.Tag.dynamic_output_shape in tags
         self.inplace_view = torch.Tag.inplace_view in tags
@@ -93,6 +99,14 @@ class Schema:
         self.mutates = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
         self.arg_names = [a.name for a in schema.arguments]
         self.has_device_arg = "device" in self.kwarg_kinds
+        # Composite ops normally decompose above the Python key; below autograd (inside custom ops) they
+        # arrive whole, and are decomposed here so that only kernels travel.
+        self.implicit = torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
+        # Ops outside aten (custom ops of torch or of libraries) never travel: the daemon runs only aten.
+        self.aten = func.namespace == "aten"
+        self.composite = not self.aten and torch._C._dispatch_has_kernel_for_dispatch_key(
+            func.name(), "CompositeExplicitAutograd"
+        )
 
 
 _schemas: dict[Any, Schema] = {}
@@ -210,7 +224,32 @@ def infer(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outputs
 def _out_meta(t: torch.Tensor) -> OutMeta:
     if t.device.type != "meta":
         raise NoMeta(f"output on {t.device}")
+    if t.layout != torch.strided:
+        raise TypeError(f"gpupool tensors are strided (dense) only, not {t.layout}")
+    if t.dtype not in wire.DTYPES:
+        carried = ", ".join(sorted(str(d).removeprefix("torch.") for d in wire.DTYPES))
+        raise TypeError(f"gpupool tensors cannot have dtype {t.dtype} (the wire carries {carried})")
     return OutMeta(tuple(t.shape), tuple(t.stride()), int(t.storage_offset()), t.dtype)
+
+
+# Where a CPU kernel disagrees with the meta kernel (which follows CUDA): batch norm outside training
+# returns empty save_mean/save_invstd on the CPU. Applied for CPU-backed (fake) devices.
+_BN_EVAL = {
+    "aten::native_batch_norm": 5,
+    "aten::_native_batch_norm_legit": 5,
+    "aten::_native_batch_norm_legit_no_training": None,
+}
+
+
+def cpu_fixup(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any], outs: Outputs) -> Outputs:
+    if sch.name not in _BN_EVAL or len(outs.metas) != 3:
+        return outs
+    training_at = _BN_EVAL[sch.name]
+    training = bool(args[training_at]) if training_at is not None and len(args) > training_at else False
+    if training or outs.metas[1] is None:
+        return outs
+    empty = OutMeta((0,), (1,), 0, outs.metas[1].dtype)
+    return Outputs((outs.metas[0], empty, empty), outs.spec)
 
 
 class MetaCache:

@@ -178,6 +178,25 @@ def unshare(t: RemoteTensor) -> None:
         t._gp_h = h
 
 
+@_special(aten._copy_from.default)
+def _copy_from(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # What copy_ calls for backend tensors: _copy_from(src, dst, non_blocking) copies src into dst.
+    return _copy(aten.copy_.default, (args[1], args[0]), {})
+
+
+@_special(aten._copy_from_and_resize.default)
+def _copy_from_and_resize(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    src, dst = args[0], args[1]
+    if not isinstance(dst, RemoteTensor):
+        dst.resize_(src.shape)
+        return _copy(aten.copy_.default, (dst, src), {})
+    if dst.shape != src.shape:
+        from gpupool.client.torch.dispatch import run_remote
+
+        run_remote(dst._gp_rt, meta.schema_of(aten.resize_.default), (dst, list(src.shape)), {})
+    return _copy(aten.copy_.default, (dst, src), {})
+
+
 @_special(aten.is_pinned.default)
 def _is_pinned(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return False
