@@ -83,7 +83,10 @@ class Registrar:
                 self._failed(f"{type(exc).__name__}: {exc}")
             if not self.registered.is_set() and self._failures == 0:
                 continue  # the scheduler asked us to register again: do it now
-            self._stop.wait(self.interval if not self._failures else min(self.interval * 2**self._failures, 30.0))
+            # Back off after failures, but never past a few seconds: a restarted scheduler marks a host down
+            # (and its leases lost) after its host timeout (10 s by default) without a heartbeat.
+            backoff = max(self.interval, min(self.interval * 2**self._failures, 5.0))
+            self._stop.wait(backoff if self._failures else self.interval)
 
     def _failed(self, why: str) -> None:
         self._failures += 1
