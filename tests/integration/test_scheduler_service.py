@@ -221,3 +221,15 @@ def test_health_and_metrics(sched: tuple[Proc, str], hosts: list[SimHost]) -> No
     assert sorted(float(v) for _, v in shares) == [0.0, 0.5]
     assert "gpupool_allocation_duration_seconds_bucket" in text
     assert "gpupool_pool_memory_capacity_bytes" in text and "gpupool_pool_memory_allocated_bytes" in text
+
+
+def test_host_marked_down_registers_again_when_told(sched: tuple[Proc, str]) -> None:
+    """A daemon whose heartbeats come slower than the host timeout is marked down, told to re-register, and does."""
+    client = SchedulerClient(sched[1])
+    slow = SimHost(sched[1], "slow", interval=3.0).start()
+    try:
+        wait_until(lambda: client.list_pool().hosts[0].state == "down", timeout=10, what="the slow host down")
+        wait_until(lambda: client.list_pool().hosts[0].state == "up", timeout=10, what="it to register again")
+        assert slow.registrar.registered.is_set()
+    finally:
+        slow.stop()
