@@ -33,8 +33,10 @@ log = logging.getLogger("gpupool.scheduler")
 
 SERVICE_NAME = "gpupool.v1.Scheduler"
 # Each waiting Allocate holds a worker thread until it is served or times out, so allow many more
-# workers than cores; the work per call is tiny.
+# workers than cores (the work per call is tiny), and keep some free of waiters so that heartbeats,
+# renewals and releases are always served.
 MAX_WORKERS = 64
+MAX_WAITERS = 48
 
 
 def default_state_path() -> str:
@@ -81,7 +83,10 @@ class SchedulerServer:
         self.metrics = SchedulerMetrics()
         self.store = store if store is not None else open_store(config.state)
         core_config = CoreConfig(
-            lease_ttl=config.lease_ttl, host_timeout=config.host_timeout, heartbeat_interval=config.heartbeat_interval
+            lease_ttl=config.lease_ttl,
+            host_timeout=config.host_timeout,
+            heartbeat_interval=config.heartbeat_interval,
+            max_waiters=MAX_WAITERS,
         )
         self.core = Core(self.store, key, core_config, self.metrics)
         self.metrics.watch(self.core)

@@ -41,6 +41,7 @@ class CoreConfig:
     host_timeout: float = 10.0
     heartbeat_interval: float = 2.0
     retention: float = 600.0  # how long an ended lease is remembered (Renew says why it ended, not NOT_FOUND)
+    max_waiters: int = 1000  # each waiter holds a server thread: beyond this, fail at once instead
 
 
 class Events:
@@ -118,6 +119,8 @@ class Core(HostBook):
                         return lease
                 if wait <= 0:
                     raise ResourceExhausted(self._exhausted_message(req))
+                if len(self.waiters) >= self.config.max_waiters:
+                    raise ResourceExhausted(f"{self._exhausted_message(req)}; the waiting line is full")
                 waiter = _Waiter(req, tenant, ttl)
                 self.waiters.append(waiter)
         except InvalidArgument:

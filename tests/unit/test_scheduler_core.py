@@ -201,3 +201,16 @@ def test_reregistering_host_keeps_its_leases_when_devices_match() -> None:
     core.register("h0", "127.0.0.1:7000", [DeviceSpec(0, "uuid-0", "fake", 4 * GiB, True)])
     assert core.leases[lease.lease_id].state == "lost"
     assert allocated(core)[("h0", 0)] == (0, 0)
+
+
+def test_the_waiting_line_is_bounded() -> None:
+    core = core_with(hosts=1, max_waiters=1)
+    core.allocate(Request(1, fraction=1.0))
+    waiter = threading.Thread(target=lambda: pytest.raises(ResourceExhausted, core.allocate, half(), wait=1))
+    waiter.start()
+    while not core.waiters:
+        time.sleep(0.01)
+    with pytest.raises(ResourceExhausted, match="waiting line is full"):
+        core.allocate(half(), wait=5)
+    waiter.join(5)
+    assert not core.waiters
