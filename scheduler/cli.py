@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import signal
+import sqlite3
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -152,12 +153,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str]) -> int:
-    config = config_from_args(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag in ("lease_ttl", "host_timeout", "heartbeat_interval"):
+        if not getattr(args, flag) > 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive")
+    config = config_from_args(args)
     setup_logging("scheduler")
     try:
         key = tokens.load_key(config.token_key_file)
         server = SchedulerServer(config, key).start()
-    except (GpupoolError, OSError, RuntimeError) as exc:
+    except (GpupoolError, OSError, RuntimeError, sqlite3.Error) as exc:
         log.error("cannot start: %s", exc)
         return 1
     log.info("listening on %s (state %s, lease ttl %gs)", server.address, config.state, config.lease_ttl)
