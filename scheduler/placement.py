@@ -3,9 +3,10 @@
 - ``binpack`` (default): the fullest device that fits, so whole devices stay free for whole-device requests.
 - ``spread``: the emptiest device, so tenants interfere as little as possible.
 
-A multi-GPU request prefers one host: devices are visited in policy order and the first host to collect
-``gpus`` fitting devices wins; only when no single host can hold the request are devices of several hosts
-combined. Placement never changes the pool; the caller takes the grants it returns.
+A multi-GPU request prefers one host: hosts are visited in policy order of their total free share (binpack:
+fullest first, keeping whole hosts free for whole-host jobs) and the first that can hold all ``gpus`` pieces
+wins; only when no single host can are devices of several hosts combined. Placement never changes the pool;
+the caller takes the grants it returns.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from gpupool.scheduler.pool import SHARE_UNITS, Device, Grant, Pool
+from gpupool.scheduler.pool import SHARE_UNITS, Device, Grant, Host, Pool
 
 from gpupool.config import format_size
 from gpupool.errors import InvalidArgument
@@ -79,29 +80,41 @@ def validate(req: Request, pool: Pool) -> None:
         raise InvalidArgument(f"unknown placement policy {req.policy!r} (known: {', '.join(POLICIES)})")
 
 
+def _fits(req: Request, host: Host, dev: Device) -> Grant | None:
+    if req.labels and not host.matches(dict(req.labels), dev):
+        return None
+    size = size_on(req, dev)
+    if size is None or not dev.fits(*size):
+        return None
+    return Grant(dev.host_id, dev.index, size[0], size[1])
+
+
+def _min_units(pool: Pool, req: Request) -> int:
+    """A lower bound of the share units one piece of `req` takes on any device."""
+    if req.fraction is not None:
+        return fraction_units(req.fraction)
+    return max(1, -(-(req.memory_bytes or 0) * SHARE_UNITS // (pool.max_capacity or 1)))
+
+
 def place(pool: Pool, req: Request) -> list[Grant] | None:
     """The grants for `req` under its policy, or None when nothing fits now."""
-    if req.fraction is not None:
-        min_units = fraction_units(req.fraction)
-    else:
-        largest = pool.max_capacity or 1
-        min_units = max(1, -(-(req.memory_bytes or 0) * SHARE_UNITS // largest))
-    devices = pool.index.descending(min_units) if req.policy == "spread" else pool.index.ascending(min_units)
-    per_host: dict[str, list[Grant]] = {}
-    fitting: list[Grant] = []
+    spread = req.policy == "spread"
+    min_units = _min_units(pool, req)
+    if req.gpus > 1:
+        # One host if any can hold it: binpack takes the fullest such host, spread the emptiest, and
+        # within it the devices in the same order.
+        hosts = pool.host_index.descending if spread else pool.host_index.ascending
+        for host in hosts(req.gpus * min_units):
+            fitting = [(dev, g) for dev in host.devices.values() if (g := _fits(req, host, dev)) is not None]
+            if len(fitting) >= req.gpus:
+                fitting.sort(key=lambda dg: (dg[0].free_units, dg[0].index), reverse=spread)
+                return [g for _, g in fitting[: req.gpus]]
+    devices = pool.index.descending(min_units) if spread else pool.index.ascending(min_units)
+    chosen: list[Grant] = []
     for dev in devices:
-        host = pool.hosts[dev.host_id]
-        if req.labels and not host.matches(dict(req.labels), dev):
-            continue
-        size = size_on(req, dev)
-        if size is None or not dev.fits(*size):
-            continue
-        grant = Grant(dev.host_id, dev.index, size[0], size[1])
-        if req.gpus == 1:
-            return [grant]
-        same_host = per_host.setdefault(dev.host_id, [])
-        same_host.append(grant)
-        if len(same_host) == req.gpus:
-            return same_host
-        fitting.append(grant)
-    return fitting[: req.gpus] if len(fitting) >= req.gpus else None
+        grant = _fits(req, pool.hosts[dev.host_id], dev)
+        if grant is not None:
+            chosen.append(grant)
+            if len(chosen) == req.gpus:
+                return chosen
+    return None

@@ -11,10 +11,13 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 SHARE_UNITS = 1_000_000
 
 DeviceKey = tuple[str, int]  # (host_id, device index)
+K = TypeVar("K")
+T = TypeVar("T")
 
 HOST_UP = "up"
 HOST_DOWN = "down"
@@ -62,6 +65,10 @@ class Host:
     state: str = HOST_UP
     last_seen: float = 0.0
 
+    @property
+    def free_units(self) -> int:
+        return sum(d.free_units for d in self.devices.values())
+
     def matches(self, labels: dict[str, str], device: Device) -> bool:
         """Does this host/device carry every requested label? `model` also matches the device model."""
         for k, v in labels.items():
@@ -92,41 +99,41 @@ class Grant:
         return self.units / SHARE_UNITS
 
 
-class FreeIndex:
-    """Devices bucketed by exact free share units, the distinct values kept sorted, for O(log n) placement.
+class FreeIndex(Generic[K, T]):
+    """Items bucketed by exact free share units, the distinct values kept sorted, for O(log n) placement.
 
-    The iterators are live views: finish (or drop) one before changing any device's allocation.
+    Used for devices (keyed by DeviceKey, valued by their free units) and for hosts (keyed by host id,
+    valued by the sum over their devices). The iterators are live views: finish (or drop) one before
+    changing any allocation.
     """
 
     def __init__(self) -> None:
         self._values: list[int] = []
-        self._buckets: dict[int, dict[DeviceKey, Device]] = {}
+        self._buckets: dict[int, dict[K, T]] = {}
 
-    def add(self, dev: Device) -> None:
-        free = dev.free_units
+    def add(self, key: K, free: int, item: T) -> None:
         bucket = self._buckets.get(free)
         if bucket is None:
             bucket = self._buckets[free] = {}
             bisect.insort(self._values, free)
-        bucket[dev.key] = dev
+        bucket[key] = item
 
-    def remove(self, dev: Device, free: int | None = None) -> None:
-        free = dev.free_units if free is None else free
+    def remove(self, key: K, free: int) -> None:
         bucket = self._buckets.get(free)
-        if bucket is None or bucket.pop(dev.key, None) is None:
+        if bucket is None or bucket.pop(key, None) is None:
             return
         if not bucket:
             del self._buckets[free]
             del self._values[bisect.bisect_left(self._values, free)]
 
-    def ascending(self, min_free: int) -> Iterator[Device]:
-        """Devices with at least `min_free` free units, fullest first (binpack order)."""
+    def ascending(self, min_free: int) -> Iterator[T]:
+        """Items with at least `min_free` free units, fullest first (binpack order)."""
         i = bisect.bisect_left(self._values, min_free)
         for value in self._values[i:]:
             yield from self._buckets[value].values()
 
-    def descending(self, min_free: int) -> Iterator[Device]:
-        """Devices with at least `min_free` free units, emptiest first (spread order)."""
+    def descending(self, min_free: int) -> Iterator[T]:
+        """Items with at least `min_free` free units, emptiest first (spread order)."""
         i = bisect.bisect_left(self._values, min_free)
         for value in reversed(self._values[i:]):
             yield from self._buckets[value].values()
@@ -139,40 +146,50 @@ class FreeIndex:
 
 
 class Pool:
-    """All hosts and devices; take/give move capacity and keep the free index in step."""
+    """All hosts and devices; take/give move capacity and keep both free indexes in step.
+
+    Only hosts that are up (and their devices) are indexed, so placement never skips over a dead host.
+    """
 
     def __init__(self) -> None:
         self.hosts: dict[str, Host] = {}
-        self.index = FreeIndex()
+        self.index: FreeIndex[DeviceKey, Device] = FreeIndex()
+        self.host_index: FreeIndex[str, Host] = FreeIndex()
         self.max_capacity = 0  # of any device ever registered: bounds what a memory request may ask
 
     def device(self, key: DeviceKey) -> Device | None:
         host = self.hosts.get(key[0])
         return host.devices.get(key[1]) if host else None
 
+    def _unindex(self, host: Host) -> None:
+        self.host_index.remove(host.host_id, host.free_units)
+        for dev in host.devices.values():
+            self.index.remove(dev.key, dev.free_units)
+
+    def _index(self, host: Host) -> None:
+        self.host_index.add(host.host_id, host.free_units, host)
+        for dev in host.devices.values():
+            self.index.add(dev.key, dev.free_units, dev)
+
     def set_host(self, host: Host) -> None:
         """Add or replace a host (its devices start with nothing allocated; leases are re-applied by the caller)."""
         old = self.hosts.get(host.host_id)
-        if old is not None:
-            for dev in old.devices.values():
-                self.index.remove(dev)
+        if old is not None and old.state == HOST_UP:
+            self._unindex(old)
         self.hosts[host.host_id] = host
         self.max_capacity = max([self.max_capacity, *(d.capacity_bytes for d in host.devices.values())])
         if host.state == HOST_UP:
-            for dev in host.devices.values():
-                self.index.add(dev)
+            self._index(host)
 
     def set_state(self, host_id: str, state: str) -> None:
         host = self.hosts[host_id]
         if host.state == state:
             return
         if host.state == HOST_UP:
-            for dev in host.devices.values():
-                self.index.remove(dev)
+            self._unindex(host)
         host.state = state
         if state == HOST_UP:
-            for dev in host.devices.values():
-                self.index.add(dev)
+            self._index(host)
 
     def _move(self, grant: Grant, sign: int) -> None:
         host = self.hosts.get(grant.host_id)
@@ -181,11 +198,13 @@ class Pool:
             return
         indexed = host.state == HOST_UP
         if indexed:
-            self.index.remove(dev)
+            self.host_index.remove(host.host_id, host.free_units)
+            self.index.remove(dev.key, dev.free_units)
         dev.allocated_bytes += sign * grant.quota_bytes
         dev.allocated_units += sign * grant.units
         if indexed:
-            self.index.add(dev)
+            self.index.add(dev.key, dev.free_units, dev)
+            self.host_index.add(host.host_id, host.free_units, host)
 
     def take(self, grants: list[Grant]) -> None:
         for g in grants:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from gpupool.scheduler.placement import Request, fraction_units, place, size_on, validate
-from gpupool.scheduler.pool import HOST_DOWN, SHARE_UNITS, Device, Host, Pool
+from gpupool.scheduler.pool import HOST_DOWN, SHARE_UNITS, Device, Grant, Host, Pool
 
 from gpupool.errors import InvalidArgument
 
@@ -57,6 +57,14 @@ def test_multi_gpu_lease_prefers_one_host() -> None:
     pool.take(place(pool, Request(1, fraction=0.5)) or [])  # something somewhere
     keys = take(pool, Request(3, fraction=1.0))
     assert len({h for h, _ in keys}) == 1 and len(set(keys)) == 3
+
+
+def test_multi_gpu_binpack_takes_the_fullest_host_spread_the_emptiest() -> None:
+    for policy, want in (("binpack", "b"), ("spread", "a")):
+        pool = make_pool({"a": 4, "b": 4})
+        pool.take([Grant("b", 0, 8 * GiB, SHARE_UNITS), Grant("b", 1, 8 * GiB, SHARE_UNITS)])
+        keys = take(pool, Request(2, fraction=1.0, policy=policy))
+        assert {h for h, _ in keys} == {want}, policy
 
 
 def test_multi_gpu_lease_spans_hosts_only_when_it_must() -> None:

@@ -4,7 +4,7 @@
 - binpack (and spread) never reject a single-GPU request that some device could fit, and a multi-GPU
   request is rejected only when fewer than `gpus` devices could each fit it;
 - releasing returns exactly what was taken (the pool ends where it started);
-- the free index always agrees with a brute-force scan.
+- the device and host free indexes always agree with a brute-force scan.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ def check_invariants(pool: Pool) -> None:
         assert 0 <= d.allocated_bytes <= d.capacity_bytes
     indexed = sorted((d.key, d.free_units) for d in pool.index.ascending(0))
     assert indexed == sorted((d.key, d.free_units) for d in devices)
+    hosts = sorted((h.host_id, h.free_units) for h in pool.host_index.ascending(0))
+    assert hosts == sorted((h.host_id, sum(d.free_units for d in h.devices.values())) for h in pool.hosts.values())
 
 
 def could_fit(pool: Pool, req: Request) -> int:
