@@ -1,0 +1,92 @@
+"""Session state: handle ranges, per-storage accounting, quota and device capacity checks, poisoning."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from gpupool.server.devices import FakeDevice, cuda_available, discover
+from gpupool.server.sessions import DeviceMemory, Poison, PoisonedInput, Session
+
+from gpupool.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from gpupool.tokens import TokenClaims
+
+
+def make(number: int = 1, quota: int = 1 << 20, capacity: int = 1 << 20, memory: DeviceMemory | None = None) -> Session:
+    dev = FakeDevice(0, "h", capacity)
+    claims = TokenClaims("lease", "h", 0, quota, 0.5, time.time() + 60, "tenant")
+    return Session(f"s{number}", number, claims, dev, memory or DeviceMemory(dev), quota)
+
+
+def test_views_share_one_storage_count() -> None:
+    s = make()
+    base = torch.zeros(1000)
+    s.bind(s.handle_base + 1, base)
+    s.bind(s.handle_base + 2, base.view(10, 100))
+    s.bind(s.handle_base + 3, base[5:])
+    assert s.used == 4000 and s.memory.used == 4000
+    s.unbind(s.handle_base + 1)
+    s.free([s.handle_base + 2])
+    assert s.used == 4000
+    s.free([s.handle_base + 3, s.handle_base + 99])  # unknown handles of one's own are ignored
+    assert s.used == 0 and s.memory.used == 0
+
+
+def test_rebinding_a_handle_releases_the_old_tensor() -> None:
+    s = make()
+    h = s.handle_base + 1
+    s.bind(h, torch.zeros(100))
+    s.bind(h, torch.zeros(10))
+    assert s.used == 40
+
+
+def test_handle_ranges() -> None:
+    s, other = make(1), make(2)
+    with pytest.raises(PermissionDenied):
+        s.resolve(other.handle_base + 1)
+    with pytest.raises(PermissionDenied):
+        s.free([other.handle_base + 1])
+    with pytest.raises(NotFound):
+        s.resolve(s.handle_base + 1)
+    with pytest.raises(InvalidArgument):
+        s.bind(s.handle_base, torch.zeros(1))
+
+
+def test_admit_checks_quota_then_device() -> None:
+    shared_dev = FakeDevice(0, "h", 1000)
+    memory = DeviceMemory(shared_dev)
+    a = make(1, quota=800, memory=memory)
+    b = make(2, quota=800, memory=memory)
+    a.bind(a.handle_base + 1, torch.zeros(150))  # 600 bytes
+    with pytest.raises(ResourceExhausted, match="600 used of a 800 byte limit"):
+        a.admit(300)
+    with pytest.raises(ResourceExhausted, match="device 0 full"):
+        b.admit(500)
+    b.admit(400)
+
+
+def test_poisoned_handles_carry_the_original_error() -> None:
+    s = make()
+    h = s.handle_base + 7
+    s.bind(h, torch.zeros(4))
+    s.poison(h, Poison("INVALID_ARGUMENT", "aten::add.Tensor", "bad"))
+    assert s.used == 0
+    with pytest.raises(PoisonedInput) as info:
+        s.resolve(h)
+    assert info.value.op == "aten::add.Tensor" and info.value.poison.code == "INVALID_ARGUMENT"
+    s.free([h])
+    with pytest.raises(NotFound):
+        s.resolve(h)
+
+
+def test_fake_devices_and_discovery() -> None:
+    devs = discover("host-a", fake_gpus=3, fake_memory=123)
+    assert [(d.index, d.capacity, d.fake) for d in devs] == [(0, 123, True), (1, 123, True), (2, 123, True)]
+    assert len({d.uuid for d in devs}) == 3 and devs[0].uuid == discover("host-a", 1, 1)[0].uuid
+    assert devs[0].info().uuid.startswith("GPU-") and devs[0].torch_device.type == "cpu"
+    with devs[0].timed() as measured:
+        time.sleep(0.01)
+    assert measured[0] >= 0.01
+    if not cuda_available():
+        assert discover("h")[0].fake  # no GPU and no fakes asked for: one fake GPU
