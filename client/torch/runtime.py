@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -74,16 +73,16 @@ class DeviceRuntime:
     def flush_frees(self, force: bool = False) -> None:
         if self._dead and (force or len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):
             dead, self._dead, self._dead_bytes = self._dead, [], 0
-            self.call(self.session.free, dead)
+            self.call("free", dead)
 
     # ---- commands ----
 
-    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Run a session method, raising its failures as torch-facing exceptions."""
         if self.closed:
             raise errors.DeviceLost(f"{self.device} is detached; its tensors are gone", code="FAILED_PRECONDITION")
         try:
-            return fn(*args, **kwargs)
+            return getattr(self.session, method)(*args, **kwargs)
         except Exception as exc:  # translate() passes through anything that is not a gpupool error
             translated = translate_and_mark(self, exc)
             if translated is exc:
@@ -94,30 +93,30 @@ class DeviceRuntime:
         self.ops_sent += 1
         if self._dead and (len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):
             self.flush_frees()
-        self.call(self.session.op, name, args, kwargs, outputs)
+        self.call("op", name, args, kwargs, outputs)
 
     def sync(self, scalar_handles: tuple[int, ...] | list[int] = ()) -> list[Any]:
         """Wait for everything sent so far; raise the first error since the last sync."""
         self.flush_frees(force=True)
-        return list(self.call(self.session.sync, list(scalar_handles)))
+        return list(self.call("sync", list(scalar_handles)))
 
     def upload(self, tensor: torch.Tensor) -> int:
         handle = self.new_handle()
-        self.call(self.session.upload, tensor, handle)
+        self.call("upload", tensor, handle)
         return handle
 
     def download(self, handle: int) -> torch.Tensor:
         self.flush_frees(force=True)
-        out = self.call(self.session.download, handle)
+        out = self.call("download", handle)
         assert isinstance(out, torch.Tensor)
         return out
 
     def seed(self, seed: int) -> None:
-        self.call(self.session.seed, seed)
+        self.call("seed", seed)
 
     def refresh(self, token: str) -> None:
         if not self.closed:
-            self.call(self.session.refresh, token)
+            self.call("refresh", token)
 
     def close(self) -> None:
         if self.closed:

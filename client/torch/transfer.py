@@ -90,7 +90,7 @@ def copy_into(dst: RemoteTensor, src: torch.Tensor) -> None:
     ):
         # The held-back empty becomes the upload itself: one command, no extra memory.
         del rt.pending[dst._gp_h]
-        rt.call(rt.session.upload, src.detach().cpu().contiguous(), dst._gp_h)
+        rt.call("upload", src.detach().cpu().contiguous(), dst._gp_h)
         return
     from gpupool.client.torch.dispatch import run_remote
 

@@ -1,0 +1,96 @@
+"""The shim's registration with torch and its local policies, no daemon needed: the device type, the
+backend module torch.manual_seed reaches, the foreach default of optimizers, the error mapping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.optim.optimizer as optimizer
+import torch.utils._foreach_utils as foreach_utils
+from gpupool.client.torch import runtime
+from gpupool.client.torch.errors import DeviceLost, OutOfMemoryError, RemoteError, translate
+from gpupool.client.torch.runtime import DeviceRuntime
+from gpupool.client.torch.tensor import wrap
+
+import gpupool.torch as gt
+from gpupool import errors
+
+
+class _Seeds:
+    """A session stand-in that only records seeds (the seed path is all this test drives)."""
+
+    quota_bytes = 0
+
+    def __init__(self) -> None:
+        self.seeds: list[int] = []
+        self.closed = False
+
+    def seed(self, seed: int) -> None:
+        self.seeds.append(seed)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_device_type_is_registered() -> None:
+    assert torch._C._get_privateuse1_backend_name() == "gpupool"
+    d = torch.device("gpupool:1")
+    assert d.type == "gpupool" and d.index == 1
+    assert torch.gpupool.is_available() and torch.gpupool.device_count() >= 1  # type: ignore[attr-defined]
+    import gpupool.client.torch.backend as backend
+
+    backend.register()  # idempotent
+    assert torch._C._get_privateuse1_backend_name() == "gpupool"
+
+
+def test_manual_seed_reaches_attached_and_later_sessions() -> None:
+    first = _Seeds()
+    rt = DeviceRuntime(runtime.next_free_index(), first)
+    runtime.add(rt)
+    try:
+        torch.manual_seed(1234)
+        assert first.seeds == [1234]
+        later = _Seeds()
+        rt2 = DeviceRuntime(runtime.next_free_index(), later)
+        runtime.add(rt2)  # attached after the seed: gets it on attach
+        assert later.seeds == [1234]
+    finally:
+        gt.detach_all()
+    assert first.closed and later.closed
+    assert gt.device_count() == 0
+
+
+def test_optimizers_default_to_foreach_on_gpupool() -> None:
+    rt = DeviceRuntime(98, _Seeds())
+    params = [wrap(rt, 0, (3,), (1,), 0, torch.float32) for _ in range(2)]  # handle 0: nothing to free
+    fused, foreach = optimizer._default_to_fused_or_foreach(params, differentiable=False)
+    assert (fused, foreach) == (False, True)
+    assert foreach_utils._has_foreach_support(params, torch.device("gpupool:98"))
+    # Plain CPU tensors keep torch's own choice.
+    assert optimizer._default_to_fused_or_foreach([torch.zeros(3)], False) == (False, False)
+
+
+def test_error_translation() -> None:
+    oom = translate(errors.ResourceExhausted("memory quota exceeded: 1 bytes requested, 4096 used of a 8192 byte limit",
+                                             op="aten::empty.memory_format"))  # fmt: skip
+    assert isinstance(oom, torch.OutOfMemoryError) and isinstance(oom, OutOfMemoryError)
+    assert isinstance(oom, errors.ResourceExhausted)
+    assert (oom.used_bytes, oom.limit_bytes) == (4096, 8192)
+    assert str(oom).startswith("aten::empty.memory_format: ")
+    bad = translate(errors.InvalidArgument("index 5 is out of bounds", op="aten::index.Tensor"))
+    assert isinstance(bad, RemoteError) and isinstance(bad, RuntimeError)
+    assert bad.op == "aten::index.Tensor" and bad.code_name == "INVALID_ARGUMENT"
+    assert str(bad) == "aten::index.Tensor: index 5 is out of bounds"
+    lost = translate(errors.Unavailable("daemon gone"))
+    assert isinstance(lost, DeviceLost) and lost.code_name == "UNAVAILABLE"
+    other = ValueError("x")
+    assert translate(other) is other
+
+
+def test_detached_device_refuses_work() -> None:
+    rt = DeviceRuntime(97, _Seeds())
+    t = wrap(rt, 0, (2,), (1,), 0, torch.float32)
+    rt.close()
+    with pytest.raises(DeviceLost, match="detached"):
+        rt.sync()
+    assert "detached" in repr(t)

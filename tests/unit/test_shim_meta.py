@@ -1,0 +1,125 @@
+"""The shim's local parts, no daemon needed: op schemas, the meta-inference cache and its keys."""
+
+from __future__ import annotations
+
+import torch
+from gpupool.client.torch import meta
+from gpupool.client.torch.runtime import DeviceRuntime
+from gpupool.client.torch.tensor import RemoteTensor, wrap
+
+import gpupool.torch  # noqa: F401  (registers the device)
+
+aten = torch.ops.aten
+
+
+class _NoSession:
+    """Wrappers made for key and inference tests never reach a session."""
+
+    quota_bytes = 0
+
+    def new_handle(self) -> int:
+        raise AssertionError("no handle expected")
+
+
+RT = DeviceRuntime(99, _NoSession())
+
+
+def remote(*shape: int, dtype: torch.dtype = torch.float32) -> RemoteTensor:
+    t = torch.empty(shape, dtype=dtype)
+    return wrap(RT, 0, t.shape, t.stride(), 0, dtype)  # handle 0: owns nothing, frees nothing
+
+
+def key(func: object, *args: object, **kwargs: object) -> object:
+    return meta.cache_key(meta.schema_of(func), args, kwargs)  # type: ignore[arg-type]
+
+
+def test_schema_facts() -> None:
+    add_ = meta.schema_of(aten.add_.Tensor)
+    assert add_.name == "aten::add_.Tensor" and add_.write_alias == ["self"] and add_.mutates
+    assert meta.schema_of(aten.relu.default).name == "aten::relu"
+    assert meta.schema_of(aten.nonzero.default).dynamic
+    assert not meta.schema_of(aten.arange.start_out).has_tensor_inputs  # out= is not an input
+    assert meta.schema_of(aten.add.Tensor).has_tensor_inputs
+    assert meta.schema_of(aten.t_.default).inplace_view
+    assert meta.schema_of(aten.max.dim).tensor_returns == 2
+    assert meta.schema_of(aten.split.Tensor).list_return
+
+
+def test_scalars_keyed_by_type_on_ops_with_tensor_inputs() -> None:
+    x = remote(3, 4)
+    # An Adam step's changing step sizes are Scalars: the same key, a dict hit.
+    assert key(aten.add.Tensor, x, x, alpha=0.1) == key(aten.add.Tensor, x, x, alpha=0.2)
+    assert key(aten.mul.Scalar, x, 2.0) == key(aten.mul.Scalar, x, 3.5)
+    div_ = aten._foreach_div_.ScalarList
+    assert key(div_, [x, x], [1.0, 2.0]) == key(div_, [x, x], [3.0, 4.0])
+    # ... but their type decides promotion: int and float differ.
+    assert key(aten.mul.Scalar, x, 2) != key(aten.mul.Scalar, x, 2.0)
+    # Python numbers passed for a Tensor argument too.
+    assert key(aten.add.Tensor, x, 1.0) == key(aten.add.Tensor, x, 2.0)
+
+
+def test_factories_and_floats_keyed_by_value() -> None:
+    assert key(aten.arange.start_step, 0, 5, 1) != key(aten.arange.start_step, 0, 6, 1)
+    out = remote(0)
+    assert key(aten.arange.start_out, 2, 3, 1, out=out) != key(aten.arange.start_out, 2, 4, 1, out=out)
+    x = remote(1, 1, 4, 4)
+    up = aten.upsample_nearest2d.default
+    assert key(up, x, None, [2.0, 2.0]) != key(up, x, None, [3.0, 3.0])  # scale factors decide shapes
+    assert key(aten.sum.dim_IntList, x, [1]) != key(aten.sum.dim_IntList, x, [2])
+    assert key(aten.leaky_relu.default, x, 0.1) == key(aten.leaky_relu.default, x, 0.2)  # Scalar slope
+
+
+def test_tensor_keys_include_layout() -> None:
+    x = remote(4, 6)
+    xt = wrap(RT, 0, (6, 4), (1, 6), 0, torch.float32)
+    assert key(aten.relu.default, x) != key(aten.relu.default, xt)
+    assert key(aten.relu.default, x) != key(aten.relu.default, remote(4, 6, dtype=torch.float64))
+    assert key(aten.relu.default, x) != key(aten.relu.default, wrap(RT, 0, (4, 6), (6, 1), 2, torch.float32))
+
+
+def test_inference_matches_cpu_and_is_cached() -> None:
+    cache = meta.MetaCache()
+    a, b = remote(8, 5), remote(5, 3)
+    sch = meta.schema_of(aten.mm.default)
+    out = cache.outputs(sch, (a, b), {})
+    cpu = torch.mm(torch.empty(8, 5), torch.empty(5, 3))
+    assert out.spec is None and out.metas[0] == meta.OutMeta((8, 3), tuple(cpu.stride()), 0, torch.float32)
+    assert (cache.hits, cache.misses) == (0, 1)
+    cache.outputs(sch, (remote(8, 5), remote(5, 3)), {})
+    assert (cache.hits, cache.misses) == (1, 1)
+
+
+def test_views_multi_outputs_and_promotion() -> None:
+    x = remote(4, 6)
+    t = meta.infer(meta.schema_of(aten.t.default), (x,), {})
+    assert t.metas[0] == meta.OutMeta((6, 4), (1, 6), 0, torch.float32)
+    sl = meta.infer(meta.schema_of(aten.slice.Tensor), (x, 1, 2, 5), {})
+    assert sl.metas[0] == meta.OutMeta((4, 3), (6, 1), 2, torch.float32)
+    mx = meta.infer(meta.schema_of(aten.max.dim), (x, 1), {})
+    assert [m.dtype for m in mx.metas if m] == [torch.float32, torch.int64]
+    parts = meta.infer(meta.schema_of(aten.split.Tensor), (x, 4, 1), {})
+    assert [m.shape for m in parts.metas if m] == [(4, 4), (4, 2)]
+    # A 0-dim CPU tensor mixes with any device and promotes like one.
+    r = meta.infer(meta.schema_of(aten.add.Tensor), (remote(3, dtype=torch.int32), torch.tensor(1.5)), {})
+    assert r.metas[0] is not None and r.metas[0].dtype == torch.float32
+
+
+def test_data_dependent_ops_have_no_meta() -> None:
+    import pytest
+
+    x = remote(5)
+    with pytest.raises(meta.NoMeta):
+        meta.infer(meta.schema_of(aten.nonzero.default), (x,), {})
+    mask = remote(5, dtype=torch.bool)
+    with pytest.raises(meta.NoMeta):
+        meta.infer(meta.schema_of(aten.index.Tensor), (x, [mask]), {})
+    # Integer indexing has a shape known in advance: no round trip.
+    idx = remote(2, dtype=torch.int64)
+    assert meta.infer(meta.schema_of(aten.index.Tensor), (x, [idx]), {}).metas[0].shape == (2,)  # type: ignore[union-attr]
+
+
+def test_unsupported_dtypes_and_layouts_are_refused() -> None:
+    import pytest
+
+    with pytest.raises(TypeError, match="uint64"):
+        meta.infer(meta.schema_of(aten._to_copy.default), (remote(3),), {"dtype": torch.uint64})
