@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TEST_HOST, mint_token, start_serve_process, stop_process
+from support import TEST_HOST, mint_token, start_serve_process, stop_process
 
 
 @dataclass

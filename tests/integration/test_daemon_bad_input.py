@@ -153,7 +153,7 @@ def test_forged_token(daemon: Any, healthy: Healthy) -> None:
         with pytest.raises(errors.Unauthenticated):
             Session.attach(daemon.address, bad)
     other_key = b"0" * 64
-    from conftest import mint_token
+    from support import mint_token
 
     with pytest.raises(errors.Unauthenticated, match="signature"):
         Session.attach(daemon.address, mint_token(other_key, host=daemon.host_id))

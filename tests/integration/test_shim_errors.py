@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import shim_fixtures
 import torch
-from conftest import stop_process
+from support import stop_process
 from torch import nn
 
 import gpupool.torch as gt
