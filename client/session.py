@@ -38,6 +38,32 @@ CHANNEL_OPTIONS = [
 ]
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _upload_frame(up: device_pb2.Upload, data: memoryview) -> bytes:
+    """ClientFrame{commands: [Command{upload: up + data}]} serialized with one copy of `data` (protobuf's
+    bytes fields would copy it three times); fields may come in any order on the wire, so data goes last."""
+    upload = b"".join((up.SerializeToString(), _UPLOAD_DATA_TAG, _varint(len(data)), data))
+    command = _COMMAND_UPLOAD_TAG + _varint(len(upload))
+    return b"".join((_FRAME_COMMANDS_TAG, _varint(len(command) + len(upload)), command, upload))
+
+
+def _serialize_frame(frame: device_pb2.ClientFrame | bytes) -> bytes:
+    return frame if isinstance(frame, bytes) else frame.SerializeToString()
+
+
+_UPLOAD_DATA_TAG = bytes([(4 << 3) | 2])  # Upload.data = 4
+_COMMAND_UPLOAD_TAG = bytes([(2 << 3) | 2])  # Command.upload = 2
+_FRAME_COMMANDS_TAG = bytes([(1 << 3) | 2])  # ClientFrame.commands = 1
+
+
 class Handle(int):
     """An int that names a tensor on the daemon (so `Session.call` sends it as a tensor argument)."""
 
@@ -58,8 +84,9 @@ class _Waiter:
         if self._bytes is None:
             self.fail(InvalidArgument("download chunk before its metadata"))
             return
-        if c.data:
-            self._bytes[c.offset : c.offset + len(c.data)].copy_(torch.frombuffer(bytearray(c.data), dtype=torch.uint8))
+        data = c.data  # each access of a bytes field copies it
+        if data:
+            self._bytes.numpy()[c.offset : c.offset + len(data)] = numpy.frombuffer(data, dtype=numpy.uint8)
         if c.last:
             self.done.set()
 
@@ -86,12 +113,17 @@ class Session:
         self._requests = itertools.count(1)
         self._frame = device_pb2.ClientFrame()
         self._frame_bytes = 0
-        self._send: queue.Queue[device_pb2.ClientFrame | None] = queue.Queue(maxsize=SEND_QUEUE_FRAMES)
+        self._send: queue.Queue[device_pb2.ClientFrame | bytes | None] = queue.Queue(maxsize=SEND_QUEUE_FRAMES)
         self._waiters: dict[int, _Waiter] = {}
         self._wlock = threading.Lock()  # the reader takes only this one, never the batching lock
         self._dead: GpupoolError | None = None
         self._closed = False
-        self._responses = self._stub.Stream(self._frames(), metadata=((SESSION_METADATA, self.session_id),))
+        stream = channel.stream_stream(
+            "/gpupool.v1.Device/Stream",
+            request_serializer=_serialize_frame,
+            response_deserializer=device_pb2.ServerFrame.FromString,
+        )
+        self._responses = stream(self._frames(), metadata=((SESSION_METADATA, self.session_id),))
         self._reader = threading.Thread(target=self._read, name=f"gpupool-session-{self.session_id[:6]}", daemon=True)
         self._reader.start()
 
@@ -127,10 +159,10 @@ class Session:
             self.flush()
             for off in range(0, total, wire.CHUNK_BYTES):
                 end = min(off + wire.CHUNK_BYTES, total)
-                up = device_pb2.Upload(handle=h, offset=off, data=data[off:end].tobytes(), last=end >= total)
+                up = device_pb2.Upload(handle=h, offset=off, last=end >= total)
                 if off == 0:
                     up.meta.CopyFrom(meta)
-                self._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]))
+                self._put(_upload_frame(up, data.data[off:end]))
         return h
 
     def op(
@@ -271,7 +303,7 @@ class Session:
         if w.error is not None:
             raise w.error
 
-    def _put(self, frame: device_pb2.ClientFrame) -> None:
+    def _put(self, frame: device_pb2.ClientFrame | bytes) -> None:
         while True:
             if self._dead is not None:
                 raise self._dead
@@ -281,7 +313,7 @@ class Session:
             except queue.Full:
                 continue
 
-    def _frames(self) -> Iterator[device_pb2.ClientFrame]:
+    def _frames(self) -> Iterator[device_pb2.ClientFrame | bytes]:
         while True:
             frame = self._send.get()
             if frame is None:

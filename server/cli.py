@@ -37,7 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--heartbeat-interval", type=float, default=2.0, help="seconds between heartbeats to the scheduler")
     add_flag(p, "--max-message-size", type=size_arg, default=16 * 1024**2, help="largest gRPC message accepted")
     add_flag(p, "--drain-seconds", type=float, default=10.0, help="on SIGTERM, wait this long for queued work")
-    add_flag(p, "--cpu-threads", type=int, default=1, help="torch intra-op CPU threads (0: torch's default)")
+    add_flag(
+        p,
+        "--cpu-threads",
+        type=int,
+        default=0,
+        help="torch intra-op CPU threads (0: torch's default; 1: steadier fake GPUs)",
+    )
     add_flag(p, "--log-level", default="INFO", help="logging level")
     return p
 

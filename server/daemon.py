@@ -48,9 +48,10 @@ class Config:
     slice_seconds: float = 0.005
     drain_seconds: float = 10.0
     reap_interval: float = 0.5
-    # torch intra-op threads (process-wide; 0 leaves torch's default). One thread per fake GPU keeps its busy
-    # time honest: on a loaded host, OpenMP teams spin and stretch a 0.2 ms matmul past 20 ms.
-    cpu_threads: int = 1
+    # torch intra-op threads (process-wide; 0 leaves torch's default, so results match a local torch bit for
+    # bit). 1 keeps fake GPUs' busy time honest on a loaded host, where OpenMP teams spin and stretch a 0.2 ms
+    # matmul past 20 ms.
+    cpu_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class Daemon:
                 d.timed,
                 self._charged,
                 slice_seconds=config.slice_seconds,
+                threads=config.cpu_threads,
             )
             for d in self.device_list
         ]

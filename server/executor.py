@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -28,7 +28,7 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 _RNG_LOCK = threading.Lock()  # fake GPUs share the CPU's default generator: swap session states one at a time
 MAX_DIMS = 64
 
-Reply = Callable[[device_pb2.ServerFrame | Iterator[device_pb2.ServerFrame]], None]
+Reply = Callable[[device_pb2.ServerFrame | list[bytes]], None]  # a frame, or serialized download frames
 
 
 class Ledger(Protocol):
@@ -174,8 +174,9 @@ class CommandExecutor:
 
     def _upload(self, s: Session, up: device_pb2.Upload) -> None:
         h = up.handle
-        if len(up.data) > wire.CHUNK_BYTES:
-            raise InvalidArgument(f"upload chunk of {len(up.data)} bytes exceeds {wire.CHUNK_BYTES}")
+        data = up.data  # each access of a bytes field copies it
+        if len(data) > wire.CHUNK_BYTES:
+            raise InvalidArgument(f"upload chunk of {len(data)} bytes exceeds {wire.CHUNK_BYTES}")
         if up.offset == 0 and up.HasField("meta"):
             s.check_handle(h)
             dtype = wire.dtype_from_proto(up.meta.dtype)
@@ -193,40 +194,42 @@ class CommandExecutor:
             raise InvalidArgument(f"upload chunk for handle {h:#x} without a first chunk (offset 0 with meta)")
         t = s.tensors[h]
         offset, total = s.uploads[h], t.numel() * t.element_size()
-        if up.offset != offset or offset + len(up.data) > total:
-            raise InvalidArgument(f"upload chunk at {up.offset}+{len(up.data)} does not follow {offset} of {total}")
-        if up.data:
-            src = torch.frombuffer(up.data, dtype=torch.uint8)
-            wire.byte_view(t)[offset : offset + len(up.data)].copy_(src)
-        self.ledger.transfer("upload", len(up.data))
-        s.uploads[h] = offset + len(up.data)
+        if up.offset != offset or offset + len(data) > total:
+            raise InvalidArgument(f"upload chunk at {up.offset}+{len(data)} does not follow {offset} of {total}")
+        if data:
+            src = torch.frombuffer(data, dtype=torch.uint8)
+            wire.byte_view(t)[offset : offset + len(data)].copy_(src)
+        self.ledger.transfer("upload", len(data))
+        s.uploads[h] = offset + len(data)
         if up.last:
             del s.uploads[h]
-            if offset + len(up.data) != total:
-                raise InvalidArgument(f"upload ended at {offset + len(up.data)} of {total} bytes")
+            if offset + len(data) != total:
+                raise InvalidArgument(f"upload ended at {offset + len(data)} of {total} bytes")
 
-    def _get(self, s: Session, get: device_pb2.Get) -> Iterator[device_pb2.ServerFrame]:
+    def _get(self, s: Session, get: device_pb2.Get) -> list[bytes]:
+        """Serialized chunk frames of the tensor's value, built now (so later ops cannot change them), each
+        with one copy of the data: protobuf's own bytes fields would cost two more."""
         t = s.resolve(get.handle)
-        snap = torch.empty(t.shape, dtype=t.dtype, device="cpu")  # a snapshot: later ops may change t
-        snap.copy_(t)
-        return self._chunks(get.request_id, snap)
-
-    def _chunks(self, request_id: int, snap: torch.Tensor) -> Iterator[device_pb2.ServerFrame]:
-        meta = wire.meta_to_proto(snap)
-        flat = wire.byte_view(snap) if snap.numel() else torch.empty(0, dtype=torch.uint8)
-        total = flat.numel()
-        offset = 0
+        src = t if t.device.type == "cpu" and t.is_contiguous() else t.detach().cpu().contiguous()
+        flat = wire.byte_view(src).numpy().data if src.numel() else memoryview(b"")
+        total = flat.nbytes
+        head = device_pb2.ServerFrame(request_id=get.request_id).SerializeToString()
+        frames, offset = [], 0
         while True:
             n = min(wire.CHUNK_BYTES, total - offset)
-            data = flat[offset : offset + n].numpy().tobytes()
-            chunk = device_pb2.TensorChunk(offset=offset, data=data, last=offset + n >= total)
+            chunk = device_pb2.TensorChunk(offset=offset, last=offset + n >= total)
             if offset == 0:
-                chunk.meta.CopyFrom(meta)
+                chunk.meta.CopyFrom(wire.meta_to_proto(src))
+            small = chunk.SerializeToString()
+            data_head = _CHUNK_DATA_TAG + _varint(n)
+            body_len = len(small) + len(data_head) + n
+            frames.append(
+                b"".join((head, _FRAME_CHUNK_TAG, _varint(body_len), small, data_head, flat[offset : offset + n]))
+            )
             self.ledger.transfer("download", n)
-            yield device_pb2.ServerFrame(request_id=request_id, chunk=chunk)
             offset += n
             if offset >= total:
-                return
+                return frames
 
     def _sync(self, s: Session, sync: device_pb2.Sync) -> device_pb2.ServerFrame:
         reply = device_pb2.SyncReply()
@@ -241,6 +244,22 @@ class CommandExecutor:
             reply.error.CopyFrom(tensor_pb2.Error(code=e.code, op=e.op, message=e.message))
             s.error = None
         return device_pb2.ServerFrame(request_id=sync.request_id, sync=reply)
+
+
+_FRAME_CHUNK_TAG = bytes([(3 << 3) | 2])  # ServerFrame.chunk = 3, length-delimited
+_CHUNK_DATA_TAG = bytes([(3 << 3) | 2])  # TensorChunk.data = 3, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
 
 
 def _slots(out: Any) -> list[Any]:

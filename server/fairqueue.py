@@ -156,6 +156,7 @@ class DeviceWorker(threading.Thread):
         *,
         slice_commands: int = 64,
         slice_seconds: float = 0.005,
+        threads: int = 0,
     ) -> None:
         super().__init__(name=name, daemon=True)
         self.queue = queue
@@ -164,11 +165,14 @@ class DeviceWorker(threading.Thread):
         self.charged = charged
         self.slice_commands = slice_commands
         self.slice_seconds = slice_seconds
+        self.threads = threads
 
     def run(self) -> None:
         import torch
 
         torch.set_grad_enabled(False)  # thread-local: the daemon never records autograd history
+        if self.threads > 0:
+            torch.set_num_threads(self.threads)  # OpenMP's team size is per calling thread: set it here too
         while True:
             got = self.queue.take(self.slice_commands)
             if got is None:

@@ -56,7 +56,9 @@ class DeviceServicer:
     def Status(self, request: device_pb2.StatusRequest, context: grpc.ServicerContext) -> device_pb2.StatusReply:
         return self.daemon.status()
 
-    def Stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[device_pb2.ServerFrame]:
+    def Stream(
+        self, requests: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[device_pb2.ServerFrame | bytes]:
         session_id = dict(context.invocation_metadata()).get(SESSION_METADATA, "")
         if not session_id:
             abort(context, Unauthenticated(f"missing '{SESSION_METADATA}' metadata: Attach first"))
@@ -94,7 +96,7 @@ class DeviceServicer:
             log.exception("stream reader of session %d failed", s.number)
             s.outbox.put(END_OF_STREAM)
 
-    def _replies(self, s: Session, context: grpc.ServicerContext) -> Iterator[device_pb2.ServerFrame]:
+    def _replies(self, s: Session, context: grpc.ServicerContext) -> Iterator[device_pb2.ServerFrame | bytes]:
         while True:
             try:
                 item: Any = s.outbox.get(timeout=1.0)
@@ -111,7 +113,11 @@ class DeviceServicer:
             elif isinstance(item, GpupoolError):
                 abort(context, item)
             else:
-                yield from item  # a download's chunk frames, produced lazily here, off the device thread
+                yield from item  # a download's chunk frames, already serialized
+
+
+def _serialize_frame(frame: device_pb2.ServerFrame | bytes) -> bytes:
+    return frame if isinstance(frame, bytes) else frame.SerializeToString()
 
 
 def _handlers(servicer: DeviceServicer) -> grpc.GenericRpcHandler:
@@ -129,7 +135,7 @@ def _handlers(servicer: DeviceServicer) -> grpc.GenericRpcHandler:
                 servicer.Status, pb.StatusRequest.FromString, pb.StatusReply.SerializeToString
             ),
             # No request deserializer: Stream parses frames itself to answer bad bytes with INVALID_ARGUMENT.
-            "Stream": grpc.stream_stream_rpc_method_handler(servicer.Stream, None, pb.ServerFrame.SerializeToString),
+            "Stream": grpc.stream_stream_rpc_method_handler(servicer.Stream, None, _serialize_frame),
         },
     )
 

@@ -35,7 +35,7 @@ class Saturator:
     def _run(self) -> None:
         s = self.session
         try:
-            a = Handle(s.upload(torch.randn(192, 192)))
+            a = Handle(s.upload(torch.randn(384, 384)))
             out = s.new_handle()
             while not self._stop.is_set():
                 for _ in range(64):
@@ -69,7 +69,7 @@ def measure(address: str, sessions: list[Saturator], warmup: float, window: floa
 
 
 def test_shares_quarter_and_three_quarters_within_ten_percent(serve_process: Any) -> None:
-    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "1GiB")
+    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "1GiB", "--cpu-threads", "1")
     low = Saturator(d.address, d.token(share=0.25, tenant="low"))
     high = Saturator(d.address, d.token(share=0.75, tenant="high"))
     try:
@@ -85,7 +85,7 @@ def test_shares_quarter_and_three_quarters_within_ten_percent(serve_process: Any
 
 
 def test_lone_quarter_share_gets_the_whole_device(serve_process: Any) -> None:
-    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "1GiB")
+    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "1GiB", "--cpu-threads", "1")
     lone = Saturator(d.address, d.token(share=0.25))
     try:
         (b_lone,), elapsed = measure(d.address, [lone], warmup=1.0, window=3.0)
