@@ -27,6 +27,7 @@ class ModelConfig:
     max_len: int = 800
     embed_std: float = 1.0
     bigram_buckets: int = 0
+    embed_dropout: float = 0.0
 
     def build(self) -> SentimentCNN:
         return SentimentCNN(
@@ -37,6 +38,7 @@ class ModelConfig:
             dropout=self.dropout,
             embed_std=self.embed_std,
             bigram_buckets=self.bigram_buckets,
+            embed_dropout=self.embed_dropout,
         )
 
 

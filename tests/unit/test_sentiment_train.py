@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from examples.sentiment import checkpoint, fake_data, infer, train
+from examples.sentiment import checkpoint, data, fake_data, infer, train
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--embed-dim", "16", "--filters", "16", "--lr", "0.01", "--batch-size", "8", "--no-progress"]
@@ -91,3 +91,15 @@ def test_scripts_run_as_commands(tmp_path: Path, tarball: Path) -> None:
     done = subprocess.run([sys.executable, infer_py, "--model", str(tmp_path / "missing"), "x"],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
     assert done.returncode == 2 and "no trained model" in done.stderr
+
+
+@pytest.mark.parametrize("ema", ["0", "0.9"])
+def test_saved_model_is_the_evaluated_one(tmp_path: Path, tarball: Path, ema: str) -> None:
+    meta = _train(tmp_path, tarball, "--epochs", "2", "--target", "1.01", "--ema", ema)
+    model, config, _ = checkpoint.load(tmp_path / "out")
+    test = data.load_dataset(tarball, tmp_path / "cache").test
+    correct = 0
+    with torch.no_grad():
+        for tokens, labels in data.batches(test, 8, config.max_len):
+            correct += int((model(tokens).argmax(dim=1) == labels).sum())
+    assert correct / len(test) == meta["results"]["history"][-1]["test_acc"]
