@@ -11,6 +11,7 @@ import secrets
 import socket
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,10 +23,18 @@ from gpupool.server.sessions import DeviceMemory, Poison, Session
 
 from gpupool import tokens
 from gpupool._proto import device_pb2
-from gpupool.errors import FailedPrecondition, NotFound, PermissionDenied, Unauthenticated, Unavailable
+from gpupool.errors import (
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+    error_class,
+)
 
 log = logging.getLogger(__name__)
 GiB = 1024**3
+RECENTLY_CLOSED = 4096
 END_OF_STREAM = object()  # queued after a client's last frame: the stream ends once everything before it ran
 
 
@@ -97,6 +106,7 @@ class Daemon:
         ]
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
+        self._recently_closed: OrderedDict[str, Closed] = OrderedDict()  # why sessions ended, for late streams
         self._by_lease: dict[str, Session] = {}
         self._next_number = 1
         self._draining = False
@@ -150,9 +160,14 @@ class Daemon:
     def session(self, session_id: str) -> Session:
         with self._lock:
             s = self._sessions.get(session_id)
-        if s is None:
-            raise NotFound("unknown session (never attached, detached, or expired)")
-        return s
+            closed = self._recently_closed.get(session_id)
+        if s is not None:
+            return s
+        if closed is not None:  # e.g. a stream that arrives after its session expired or the host began draining
+            raise error_class(closed.code)(f"session closed: {closed.reason}")
+        if self._draining:
+            raise Unavailable(f"host {self.host_id} is draining")
+        raise NotFound("unknown session (never attached, or closed long ago)")
 
     def session_list(self) -> list[Session]:
         with self._lock:
@@ -192,6 +207,9 @@ class Daemon:
             s.closed = True
             s.close_reason = reason
             self._sessions.pop(s.session_id, None)
+            self._recently_closed[s.session_id] = Closed(code, reason)
+            while len(self._recently_closed) > RECENTLY_CLOSED:
+                self._recently_closed.popitem(last=False)
             lease_id = s.lease_id
             if self._by_lease.get(lease_id) is s:
                 del self._by_lease[lease_id]
@@ -201,6 +219,10 @@ class Daemon:
         log.info("closed session %d (lease %s): %s", s.number, s.lease_id, reason)
 
     def detach(self, session_id: str) -> None:
+        """Close a session; detaching one that is already closed is a no-op (retries are safe)."""
+        with self._lock:
+            if session_id in self._recently_closed:
+                return
         self.close_session(self.session(session_id), "detached")
 
     def _reap(self) -> None:

@@ -99,9 +99,16 @@ def test_detach_frees_memory_and_ends_the_session(daemon: Any) -> None:
     s.close()
     reply = status(daemon.address)
     assert reply.devices[0].used_bytes == 0 and not reply.sessions
-    with grpc.insecure_channel(daemon.address) as channel, pytest.raises(grpc.RpcError) as info:
-        device_pb2_grpc.DeviceStub(channel).Detach(device_pb2.DetachRequest(session_id=s.session_id))
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with grpc.insecure_channel(daemon.address) as channel:
+        stub = device_pb2_grpc.DeviceStub(channel)
+        stub.Detach(device_pb2.DetachRequest(session_id=s.session_id))  # again: a no-op
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Detach(device_pb2.DetachRequest(session_id="never-attached"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        stream = channel.stream_stream("/gpupool.v1.Device/Stream", request_serializer=None)
+        with pytest.raises(grpc.RpcError) as info:  # a late stream learns why its session ended
+            list(stream(iter([b""]), metadata=(("gpupool-session", s.session_id),), timeout=10))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "detached" in (info.value.details() or "")
 
 
 def test_expired_lease_closes_the_session_unless_refreshed(daemon: Any) -> None:
