@@ -147,8 +147,9 @@ def tcp_figures(port: int, size: int, pings: int) -> dict[str, float]:
 
 
 def grpc_figures(port: int, size: int, pings: int, messages: int) -> dict[str, float]:
-    import grpc
     import queue
+
+    import grpc
 
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
         unary = ch.unary_unary("/floor/Unary")
@@ -181,13 +182,19 @@ def grpc_figures(port: int, size: int, pings: int, messages: int) -> dict[str, f
         sink(msg for _ in range(messages))
         msgs = messages / (time.perf_counter() - t0)
         q.put(None)
-    return {"up": up, "down": down, "unary_p50": percentile(rtts, 0.5), "unary_p99": percentile(rtts, 0.99),
-            "stream_p50": percentile(srtts, 0.5), "stream_p99": percentile(srtts, 0.99), "msgs": msgs}
+    return {
+        "up": up,
+        "down": down,
+        "unary_p50": percentile(rtts, 0.5),
+        "unary_p99": percentile(rtts, 0.99),
+        "stream_p50": percentile(srtts, 0.5),
+        "stream_p99": percentile(srtts, 0.99),
+        "msgs": msgs,
+    }
 
 
 def gpupool_figures(address: str, token: str, size: int, ops: int, syncs: int) -> dict[str, float]:
     import torch
-
     from gpupool.client.session import Handle, Session
 
     with Session.attach(address, token) as s:
@@ -222,8 +229,24 @@ def gpupool_figures(address: str, token: str, size: int, ops: int, syncs: int) -
 
 
 def start_daemon(key_file: Path) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "gpupool.cli", "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "0",
-           "--fake-gpus", "1", "--fake-gpu-memory", "2GiB", "--token-key-file", str(key_file), "--host-id", "bench"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gpupool.cli",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "0",
+        "--fake-gpus",
+        "1",
+        "--fake-gpu-memory",
+        "2GiB",
+        "--token-key-file",
+        str(key_file),
+        "--host-id",
+        "bench",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -257,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         key_file = Path(tmp) / "key"
         key_file.write_bytes(key)
         daemon, address = start_daemon(key_file)
-        floor = subprocess.Popen([sys.executable, __file__, "--floor-server"], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True)
+        floor = subprocess.Popen(
+            [sys.executable, __file__, "--floor-server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         try:
             assert floor.stdout is not None
             _, tcp_port, grpc_port = floor.stdout.readline().split()
@@ -284,23 +308,51 @@ def main(argv: list[str] | None = None) -> int:
     us = 1e6
     rows = [
         (f"upload {args.size_mib} MiB (GB/s)", g["up"], t["up"], r["up"], g["up"] / r["up"], g["up"] / t["up"]),
-        (f"download {args.size_mib} MiB (GB/s)", g["down"], t["down"], r["down"], g["down"] / r["down"],
-         g["down"] / t["down"]),
-        ("sync round trip p50 (us)", g["p50"] * us, t["p50"] * us, r["stream_p50"] * us,
-         g["p50"] / r["stream_p50"], g["p50"] / t["p50"]),
-        ("sync round trip p99 (us)", g["p99"] * us, t["p99"] * us, r["stream_p99"] * us,
-         g["p99"] / r["stream_p99"], g["p99"] / t["p99"]),
-        (f"{args.ops} tiny adds + 1 sync (ops/s)", g["ops"], float("nan"), r["msgs"], g["ops"] / r["msgs"],
-         float("nan")),
+        (
+            f"download {args.size_mib} MiB (GB/s)",
+            g["down"],
+            t["down"],
+            r["down"],
+            g["down"] / r["down"],
+            g["down"] / t["down"],
+        ),
+        (
+            "sync round trip p50 (us)",
+            g["p50"] * us,
+            t["p50"] * us,
+            r["stream_p50"] * us,
+            g["p50"] / r["stream_p50"],
+            g["p50"] / t["p50"],
+        ),
+        (
+            "sync round trip p99 (us)",
+            g["p99"] * us,
+            t["p99"] * us,
+            r["stream_p99"] * us,
+            g["p99"] / r["stream_p99"],
+            g["p99"] / t["p99"],
+        ),
+        (
+            f"{args.ops} tiny adds + 1 sync (ops/s)",
+            g["ops"],
+            float("nan"),
+            r["msgs"],
+            g["ops"] / r["msgs"],
+            float("nan"),
+        ),
     ]
     print(f"\ndaemon wire bench: medians of {args.repeat} runs, loopback, {os.cpu_count()} CPUs, fake GPU")
     print(f"{'metric':<34}{'gpupool':>12}{'raw TCP':>12}{'gRPC floor':>12}{'/gRPC':>8}{'/TCP':>8}")
     for name, gv, tv, rv, ratio_g, ratio_t in rows:
         print(f"{name:<34}{gv:>12.3f}{tv:>12.3f}{rv:>12.3f}{ratio_g:>8.2f}{ratio_t:>8.2f}")
-    print(f"{'gRPC unary round trip p50/p99 (us)':<34}{'':>12}{'':>12}"
-          f"{r['unary_p50'] * us:>6.0f}/{r['unary_p99'] * us:<5.0f}")
-    print("gRPC floor: upload/download = one stream of 4 MiB messages; round trips = stream ping-pong of 16 B;"
-          " ops/s floor = 100 B messages/s on one stream (one message per op).")
+    print(
+        f"{'gRPC unary round trip p50/p99 (us)':<34}{'':>12}{'':>12}"
+        f"{r['unary_p50'] * us:>6.0f}/{r['unary_p99'] * us:<5.0f}"
+    )
+    print(
+        "gRPC floor: upload/download = one stream of 4 MiB messages; round trips = stream ping-pong of 16 B;"
+        " ops/s floor = 100 B messages/s on one stream (one message per op)."
+    )
     return 0
 
 

@@ -50,9 +50,12 @@ def _varint(n: int) -> bytes:
 def _upload_frame(up: device_pb2.Upload, data: memoryview) -> bytes:
     """ClientFrame{commands: [Command{upload: up + data}]} serialized with one copy of `data` (protobuf's
     bytes fields would copy it three times); fields may come in any order on the wire, so data goes last."""
-    upload = b"".join((up.SerializeToString(), _UPLOAD_DATA_TAG, _varint(len(data)), data))
-    command = _COMMAND_UPLOAD_TAG + _varint(len(upload))
-    return b"".join((_FRAME_COMMANDS_TAG, _varint(len(command) + len(upload)), command, upload))
+    small = up.SerializeToString()
+    data_head = _UPLOAD_DATA_TAG + _varint(len(data))
+    upload_len = len(small) + len(data_head) + len(data)
+    command_head = _COMMAND_UPLOAD_TAG + _varint(upload_len)
+    frame_head = _FRAME_COMMANDS_TAG + _varint(len(command_head) + upload_len)
+    return b"".join((frame_head, command_head, small, data_head, data))
 
 
 def _serialize_frame(frame: device_pb2.ClientFrame | bytes) -> bytes:
