@@ -152,10 +152,10 @@ def grpc_figures(port: int, size: int, pings: int, messages: int) -> dict[str, f
     import grpc
 
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
-        unary = ch.unary_unary("/floor/Unary")
-        sink = ch.stream_unary("/floor/Sink")
-        source = ch.unary_stream("/floor/Source")
-        echo = ch.stream_stream("/floor/Echo")
+        unary = ch.unary_unary("/floor/Unary", None, None)
+        sink = ch.stream_unary("/floor/Sink", None, None)
+        source = ch.unary_stream("/floor/Source", None, None)
+        echo = ch.stream_stream("/floor/Echo", None, None)
         blob = b"\xa5" * CHUNK
         t0 = time.perf_counter()
         sink(iter([blob] * (size // CHUNK)))
@@ -170,7 +170,7 @@ def grpc_figures(port: int, size: int, pings: int, messages: int) -> dict[str, f
             unary(b"x" * 16)
             rtts.append(time.perf_counter() - t0)
         q: queue.Queue[bytes | None] = queue.Queue()
-        replies = echo(iter(q.get, None))
+        replies = iter(echo(iter(q.get, None)))
         srtts = []
         for _ in range(pings):
             t0 = time.perf_counter()
