@@ -15,7 +15,8 @@ import torch
 from examples.sentiment import checkpoint, data, fake_data, infer, train
 
 REPO = Path(__file__).resolve().parents[2]
-SMALL = ["--embed-dim", "16", "--filters", "16", "--lr", "0.01", "--batch-size", "8", "--no-progress"]
+SMALL = ["--embed-dim", "16", "--filters", "16", "--bigram-buckets", "1000", "--lr", "0.01", "--batch-size", "8",
+         "--no-progress"]  # fmt: skip
 
 
 @pytest.fixture
