@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import numpy
 import torch
 from gpupool.server.ops import MetaSizer, OpTable
 from gpupool.server.sessions import Poison, PoisonedInput, Session
@@ -196,9 +197,11 @@ class CommandExecutor:
         offset, total = s.uploads[h], t.numel() * t.element_size()
         if up.offset != offset or offset + len(data) > total:
             raise InvalidArgument(f"upload chunk at {up.offset}+{len(data)} does not follow {offset} of {total}")
-        if data:
-            src = torch.frombuffer(data, dtype=torch.uint8)
-            wire.byte_view(t)[offset : offset + len(data)].copy_(src)
+        if data and t.device.type == "cpu":  # a plain memcpy: torch's copy_ splits 4 MiB over OpenMP threads,
+            # which on a loaded host is 40x slower
+            wire.byte_view(t).numpy()[offset : offset + len(data)] = numpy.frombuffer(data, dtype=numpy.uint8)
+        elif data:
+            wire.byte_view(t)[offset : offset + len(data)].copy_(torch.frombuffer(data, dtype=torch.uint8))
         self.ledger.transfer("upload", len(data))
         s.uploads[h] = offset + len(data)
         if up.last:
