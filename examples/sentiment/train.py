@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `examples.sentiment` impo
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.sentiment import checkpoint, data
+from examples.sentiment.model import BENCHMARK
 from examples.sentiment.runtime import DEVICES, resolve_device, setup_logging
 
 log = logging.getLogger("sentiment.train")
@@ -52,9 +53,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--filters", type=int, default=256)
     p.add_argument("--kernel-sizes", default="3", help="comma-separated odd region sizes (default 3)")
     p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--bigram-buckets", type=int, default=262144, help="hashed bigram embeddings (0: off)")
-    p.add_argument("--embed-dropout", type=float, default=0.5, help="dropout on the word vectors")
-    p.add_argument("--embed-std", type=float, default=0.1, help="std of the embeddings' initial N(0, std)")
+    p.add_argument(
+        "--bigram-buckets", type=int, default=BENCHMARK["bigram_buckets"], help="hashed bigram embeddings (0: off)"
+    )
+    p.add_argument(
+        "--embed-dropout", type=float, default=BENCHMARK["embed_dropout"], help="dropout on the word vectors"
+    )
+    p.add_argument(
+        "--embed-std", type=float, default=BENCHMARK["embed_std"], help="std of the embeddings' initial N(0, std)"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from examples.sentiment.model import PAD_ID, SentimentCNN, build_model, make_batch
+from examples.sentiment.model import PAD_ID, SentimentCNN, benchmark_model, build_model, make_batch
 
 
 def test_forward_shapes_for_several_region_sizes() -> None:
@@ -70,3 +70,14 @@ def test_bigram_ids_hash_word_pairs_and_skip_padding() -> None:
     assert ids[0, 3:].tolist() == [0, 0] and ids[1].tolist() == [0] * 5  # pairs with padding -> bucket 0
     assert model.bigrams is not None and model.bigrams.weight.shape == (11, 4)
     assert build_model(50).bigrams is None
+
+
+def test_benchmark_model_is_what_train_py_defaults_to() -> None:
+    from examples.sentiment import train
+
+    args = train.parse_args([])
+    model = benchmark_model(30000)
+    assert model.bigrams is not None and model.bigrams.num_embeddings == args.bigram_buckets
+    assert model.embed_dropout.p == args.embed_dropout and model.dropout.p == args.dropout
+    assert abs(float(model.embedding.weight[2:].std()) - args.embed_std) < 0.01
+    assert model.embedding.weight.shape == (30000, args.embed_dim) and model.fc.in_features == 2 * args.filters
