@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from gpupool.client.torch import encode, meta, runtime, transfer
+from gpupool.client.torch import tensor as _tensor_module
 from gpupool.client.torch.runtime import DeviceRuntime
 from gpupool.client.torch.tensor import RemoteTensor, rewrap, wrap
 from torch.utils._pytree import tree_map, tree_unflatten
@@ -44,10 +45,12 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     special = transfer.SPECIAL.get(func)
     if special is not None:
         return special(func, args, kwargs)
+    sch = meta.schema_of(func)
+    if sch.plain:
+        return run_remote(None, sch, args, kwargs)
     rt = find_runtime(args, kwargs)
     if rt is None:  # only possible for ops whose remote tensors hide in unusual places
         raise RuntimeError(f"{func}: no gpupool tensor among the arguments")
-    sch = meta.schema_of(func)
     if sch.implicit:
         out = func.decompose(*args, **kwargs)
         if out is not NotImplemented:
@@ -61,21 +64,32 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return cpu_fallback(rt, func, args, kwargs)
     if not sch.returns_tensors:
         return cpu_fallback(rt, func, args, kwargs)
+    if sch.inplace_view and args and isinstance(args[0], RemoteTensor):
+        transfer.unshare(args[0])  # before its handle goes into the op's arguments
     return run_remote(rt, sch, args, kwargs)
 
 
-def run_remote(rt: DeviceRuntime, sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    args, kwargs = encode.localize(rt, args, kwargs)
+def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     try:
-        outs = meta.CACHE.outputs(sch, args, kwargs)
+        found, key, wire_args, wire_kwargs = encode.build(rt, sch, args, kwargs)
+    except encode.NeedsUpload:
+        rt = rt or find_runtime(args, kwargs)
+        if rt is None:
+            raise RuntimeError(f"{sch.name}: no gpupool tensor among the arguments") from None
+        args, kwargs = encode.localize(rt, args, kwargs)
+        found, key, wire_args, wire_kwargs = encode.build(rt, sch, args, kwargs)
+    if found is None:
+        raise RuntimeError(f"{sch.name}: no gpupool tensor among the arguments")
+    rt = found
+    if rt.pending:
+        transfer.materialize_pending(rt)
+    try:
+        outs = meta.CACHE.outputs(sch, args, kwargs, key)
     except meta.NoMeta as exc:
         log.debug("%s has no meta inference (%s): round trip", sch.name, exc)
         return round_trip(rt, sch, args, kwargs)
     if rt.cpu_backed:
         outs = meta.cpu_fixup(sch, args, kwargs, outs)
-    if sch.inplace_view and args and isinstance(args[0], RemoteTensor):
-        transfer.unshare(args[0])
-    wire_args, wire_kwargs = encode.encode_args(rt, args, kwargs)
 
     # Outputs that are written arguments (in-place ops, out=) keep their tensor: no new handle.
     write_alias = sch.write_alias
@@ -92,7 +106,7 @@ def run_remote(rt: DeviceRuntime, sch: meta.Schema, args: tuple[Any, ...], kwarg
         else:
             h = rt.new_handle()
             handles.append(h)
-            results.append(wrap(rt, h, m.shape, m.stride, m.offset, m.dtype))
+            results.append(wrap(rt, h, m.shape, m.stride, m.offset, m.dtype, m))
     rt.op(sch.name, wire_args, wire_kwargs, handles)
 
     if sch.mutates:
@@ -126,7 +140,7 @@ def round_trip(rt: DeviceRuntime, sch: meta.Schema, args: tuple[Any, ...], kwarg
     """
     if sch.mutates or sch.list_return or not sch.returns_tensors:
         return cpu_fallback(rt, sch.func, args, kwargs)
-    wire_args, wire_kwargs = encode.encode_args(rt, args, kwargs)
+    _, _, wire_args, wire_kwargs = encode.build(rt, sch, args, kwargs)
     tmp = [rt.new_handle() for _ in range(sch.tensor_returns)]
     rt.op(sch.name, wire_args, wire_kwargs, tmp)
     results = []
@@ -190,3 +204,5 @@ def factory(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 
 __all__ = ["dispatch", "factory", "run_remote", "runtime"]
+
+_tensor_module._dispatch[:] = [dispatch]

@@ -8,10 +8,10 @@ queue the Free after the op, on the same ordered stream).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
+from gpupool.client.torch import meta
 from gpupool.client.torch.runtime import DeviceRuntime
 from gpupool.client.torch.tensor import RemoteTensor
 
@@ -27,10 +27,6 @@ def localize(
     rt: DeviceRuntime, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Upload the CPU tensors (other than 0-dim ones passed directly) an op mixes with remote ones."""
-    from gpupool.client.torch.transfer import materialize_pending
-
-    if rt.pending:
-        materialize_pending(rt)
     if not any(_needs_upload(v) for v in args) and not any(_needs_upload(v) for v in kwargs.values()):
         return args, kwargs
     new_args = tuple(_localize(rt, v) for v in args)
@@ -56,45 +52,99 @@ def _localize(rt: DeviceRuntime, v: Any) -> Any:
     return v
 
 
+class NeedsUpload(Exception):
+    """`build` met a CPU tensor that must be uploaded first (`localize`)."""
+
+
+_ARG = tensor_pb2.Arg
+_NONE = _ARG(none=tensor_pb2.NoneArg())  # session.op copies Args, so constants can be shared
+
+
+def _scalar(v: Any) -> tensor_pb2.Arg:
+    tv = type(v)
+    if tv is float:
+        return _ARG(f=v)
+    if tv is int:
+        return _ARG(i=v)
+    if tv is bool:
+        return _ARG(b=v)
+    return wire.encode_arg(v, _no_tensor)
+
+
+def _no_tensor(t: torch.Tensor) -> tensor_pb2.Arg:
+    raise NeedsUpload
+
+
+def _one(rt: DeviceRuntime | None, kind: str, v: Any, by_type: bool) -> tuple[Any, Any, DeviceRuntime | None]:
+    """(cache-key part, wire Arg, runtime) of one argument."""
+    if type(v) is RemoteTensor:
+        vrt = v._gp_rt
+        if rt is not None and vrt is not rt:
+            raise _two_devices(rt, vrt)
+        return v._gp_key, _ARG(tensor=v._gp_h), vrt
+    if v is None:
+        return None, _NONE, rt
+    if kind == meta.T:
+        if isinstance(v, torch.Tensor):
+            if v.dim() > 0 or isinstance(v, RemoteTensor):
+                raise NeedsUpload
+            return meta.tensor_key(v), _ARG(inline=wire.inline_to_proto(v)), rt
+        return type(v), _scalar(v), rt
+    if kind == meta.TL:
+        handles = []
+        keys: list[Any] = []
+        for x in v:
+            if x is None:
+                handles.append(0)
+                keys.append(None)
+                continue
+            if type(x) is not RemoteTensor:
+                raise NeedsUpload
+            xrt = x._gp_rt
+            if rt is None:
+                rt = xrt
+            elif xrt is not rt:
+                raise _two_devices(rt, xrt)
+            handles.append(x._gp_h)
+            keys.append(x._gp_key)
+        return tuple(keys), _ARG(tensors=tensor_pb2.TensorList(handles=handles)), rt
+    if kind == meta.S:
+        return (type(v) if by_type else (type(v), v)), _scalar(v), rt
+    if kind == meta.SL:
+        return meta.arg_key(kind, v, by_type), wire.encode_arg(v, _no_tensor), rt
+    if isinstance(v, torch.device) and v.type == "gpupool":
+        return v, _ARG(device=tensor_pb2.DeviceRef(type="gpupool", index=-1 if v.index is None else v.index)), rt
+    return meta.arg_key(kind, v, by_type), wire.encode_arg(v, _no_tensor), rt
+
+
+def _two_devices(a: DeviceRuntime, b: DeviceRuntime) -> RuntimeError:
+    return RuntimeError(
+        f"Expected all tensors to be on the same device, but found at least two devices, {a.device} and {b.device}!"
+    )
+
+
+def build(
+    rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[DeviceRuntime | None, tuple[Any, ...], list[tensor_pb2.Arg], dict[str, tensor_pb2.Arg]]:
+    """One pass over the arguments: the device, the meta-cache key (as `meta.cache_key` makes it) and
+    the wire Args. Raises NeedsUpload if a CPU tensor must be uploaded first."""
+    by_type = sch.has_tensor_inputs
+    kinds = sch.kinds
+    key: list[Any] = [sch.func]
+    wire_args = []
+    for i, v in enumerate(args):
+        k, a, rt = _one(rt, kinds[i], v, by_type)
+        key.append(k)
+        wire_args.append(a)
+    wire_kwargs = {}
+    if kwargs:
+        kk = sch.kwarg_kinds
+        for name in sorted(kwargs):
+            k, a, rt = _one(rt, kk.get(name, meta.V), kwargs[name], by_type)
+            key.append((name, k))
+            wire_kwargs[name] = a
+    return rt, tuple(key), wire_args, wire_kwargs
+
+
 def handle_arg(handle: int) -> tensor_pb2.Arg:
     return tensor_pb2.Arg(tensor=handle)
-
-
-def _tensor_encoder(rt: DeviceRuntime) -> Callable[[torch.Tensor], tensor_pb2.Arg]:
-    def enc(t: torch.Tensor) -> tensor_pb2.Arg:
-        if isinstance(t, RemoteTensor):
-            if t._gp_rt is not rt:
-                raise RuntimeError(f"a tensor on {t.device} was passed to an op on {rt.device}")
-            return tensor_pb2.Arg(tensor=t._gp_h)
-        return tensor_pb2.Arg(inline=wire.inline_to_proto(t))
-
-    return enc
-
-
-def encode_args(
-    rt: DeviceRuntime, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[list[tensor_pb2.Arg], dict[str, tensor_pb2.Arg]]:
-    enc = _tensor_encoder(rt)
-    out_args = [_encode(v, enc) for v in args]
-    out_kwargs = {k: _encode(v, enc) for k, v in kwargs.items()}
-    return out_args, out_kwargs
-
-
-_TENSOR_ARG = tensor_pb2.Arg
-
-
-def _encode(v: Any, enc: Callable[[torch.Tensor], tensor_pb2.Arg]) -> tensor_pb2.Arg:
-    # Fast paths for the commonest arguments; wire.encode_arg handles everything else.
-    if isinstance(v, RemoteTensor):
-        return enc(v)
-    tv = type(v)
-    if tv is int:
-        return _TENSOR_ARG(i=v)
-    if tv is float:
-        return _TENSOR_ARG(f=v)
-    if tv is bool:
-        return _TENSOR_ARG(b=v)
-    if isinstance(v, torch.device) and v.type == "gpupool":
-        return _TENSOR_ARG(device=tensor_pb2.DeviceRef(type="gpupool", index=-1 if v.index is None else v.index))
-    return wire.encode_arg(v, enc)
-

@@ -17,7 +17,7 @@ loop repeats its op signatures, so results are cached by a key made of the op an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from gpupool.client.torch.tensor import RemoteTensor
@@ -29,8 +29,9 @@ T, TL, S, SL, V = "T", "TL", "S", "SL", "V"  # argument kinds: tensor, tensor li
 META = torch.device("meta")
 
 
-@dataclass(frozen=True)
-class OutMeta:
+class OutMeta(NamedTuple):
+    """Metadata of a remote tensor; also its part of a cache key (remote tensors keep theirs as `_gp_key`)."""
+
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     offset: int
@@ -107,6 +108,14 @@ class Schema:
         self.composite = not self.aten and torch._C._dispatch_has_kernel_for_dispatch_key(
             func.name(), "CompositeExplicitAutograd"
         )
+        # The common case, straight to run_remote: an aten kernel returning tensors on the same device.
+        self.plain = (
+            self.aten
+            and not self.implicit
+            and not self.has_device_arg
+            and self.returns_tensors
+            and not self.inplace_view
+        )
 
 
 _schemas: dict[Any, Schema] = {}
@@ -121,7 +130,7 @@ def schema_of(func: torch._ops.OpOverload) -> Schema:
 
 def tensor_key(t: Any) -> Any:
     if isinstance(t, RemoteTensor):
-        return (t.shape, t.stride(), t.storage_offset(), t.dtype)
+        return t._gp_key
     if isinstance(t, torch.Tensor):
         return ("cpu", t.shape, t.stride(), t.dtype)
     if t is None:
@@ -137,7 +146,7 @@ def _value_key(v: Any) -> Any:
     return v
 
 
-def _key(kind: str, v: Any, by_type: bool) -> Any:
+def arg_key(kind: str, v: Any, by_type: bool) -> Any:
     if kind == T:
         return tensor_key(v)
     if kind == TL:
@@ -154,11 +163,11 @@ def cache_key(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any
     kinds = sch.kinds
     key: list[Any] = [sch.func]
     for i, a in enumerate(args):
-        key.append(_key(kinds[i], a, by_type))
+        key.append(arg_key(kinds[i], a, by_type))
     if kwargs:
         kk = sch.kwarg_kinds
         for name in sorted(kwargs):
-            key.append((name, _key(kk.get(name, V), kwargs[name], by_type)))
+            key.append((name, arg_key(kk.get(name, V), kwargs[name], by_type)))
     return tuple(key)
 
 
@@ -260,8 +269,10 @@ class MetaCache:
         self.hits = 0
         self.misses = 0
 
-    def outputs(self, sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outputs:
-        key = cache_key(sch, args, kwargs)
+    def outputs(self, sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any], key: Any = None) -> Outputs:
+        """The outputs of the op on these arguments; `key` if the caller has made it (`encode.build`)."""
+        if key is None:
+            key = cache_key(sch, args, kwargs)
         found = self.entries.get(key)
         if found is not None:
             self.hits += 1

@@ -9,6 +9,7 @@ batches, and turns the session client's errors into the exceptions torch users e
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -18,6 +19,10 @@ from gpupool.client.torch import errors
 log = logging.getLogger("gpupool.torch")
 
 FREE_BATCH = 256  # dead handles collected before one Free command goes out ...
+# Ops queued before the frame goes out. The session would wait for 256 commands or a sync point, so the
+# daemon would idle while the client builds a whole training step and the client idle while the daemon
+# runs it; small frames let the two overlap (a frame costs the client ~100 us of gRPC work).
+FLUSH_OPS = int(os.environ.get("GPUPOOL_FLUSH_OPS", "8"))
 FREE_QUOTA_FRACTION = 64  # ... or dead bytes above 1/64 of the quota, so that freed memory is soon usable again
 
 
@@ -42,6 +47,7 @@ class DeviceRuntime:
         self.shared: dict[int, int] = {}
         self._lock = threading.Lock()
         self.ops_sent = 0
+        self._unflushed = 0
         # A fake GPU computes with CPU kernels, whose outputs differ from meta's in a few places.
         self.cpu_backed = bool(getattr(getattr(session, "device", None), "fake", False))
 
@@ -94,6 +100,10 @@ class DeviceRuntime:
         if self._dead and (len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):
             self.flush_frees()
         self.call("op", name, args, kwargs, outputs)
+        self._unflushed += 1
+        if self._unflushed >= FLUSH_OPS:
+            self._unflushed = 0
+            self.call("flush")
 
     def sync(self, scalar_handles: tuple[int, ...] | list[int] = ()) -> list[Any]:
         """Wait for everything sent so far; raise the first error since the last sync."""

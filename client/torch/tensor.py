@@ -15,21 +15,23 @@ from typing import Any
 import torch
 from gpupool.client.torch.runtime import DeviceRuntime
 
+# The dispatcher (client.torch.dispatch), set when it is imported: no import statement on the hot path.
+_dispatch: list[Any] = []
+
 
 class RemoteTensor(torch.Tensor):
     """A tensor on `gpupool:<index>`; its data is `handle` in the session of `runtime`."""
 
     _gp_rt: DeviceRuntime
     _gp_h: int
+    _gp_key: tuple[Any, ...]  # (shape, stride, offset, dtype): this tensor's part of meta-cache keys
 
     # Ops go through __torch_dispatch__ only; torch functions take their default (C++) path.
     __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
-        from gpupool.client.torch.dispatch import dispatch
-
-        return dispatch(func, args, kwargs or {})
+        return _dispatch[0](func, args, kwargs or {})
 
     def __del__(self) -> None:
         d = self.__dict__
@@ -50,6 +52,22 @@ class RemoteTensor(torch.Tensor):
         return text[:-1] + extra + ")"
 
     __str__ = __repr__  # type: ignore[assignment]
+
+    @property  # type: ignore[override]
+    def data(self) -> torch.Tensor:
+        return torch._C.TensorBase.data.__get__(self)  # type: ignore[attr-defined,no-any-return]
+
+    @data.setter
+    def data(self, new: torch.Tensor) -> None:
+        # `p.data = q` (Module.to(dtype) on a remote model does it) swaps the TensorImpl's data without
+        # any op: the handle must follow, or this tensor would keep naming its old daemon tensor.
+        if not isinstance(new, RemoteTensor):
+            raise TypeError(f"cannot assign a {new.device} tensor to .data of a {self.device} tensor")
+        torch._C.TensorBase.data.__set__(self, new)  # type: ignore[attr-defined]
+        new._gp_rt.share(new._gp_h)
+        old_rt, old_h = self._gp_rt, self._gp_h
+        self._gp_rt, self._gp_h, self._gp_key = new._gp_rt, new._gp_h, new._gp_key
+        old_rt.release(old_h)
 
     def tolist(self) -> Any:  # type: ignore[override]
         # torch's C++ tolist refuses tensor subclasses: read back, then convert (a sync point).
@@ -83,8 +101,10 @@ def wrap(
     stride: Any,
     offset: int,
     dtype: torch.dtype,
+    key: tuple[Any, ...] | None = None,
 ) -> RemoteTensor:
-    """A new remote tensor for a handle the daemon has (or will have, once queued ops run)."""
+    """A new remote tensor for a handle the daemon has (or will have, once queued ops run); `key` is its
+    metadata as a `meta.OutMeta` when the caller has one."""
     t = torch.Tensor._make_wrapper_subclass(
         RemoteTensor,
         shape,
@@ -96,6 +116,7 @@ def wrap(
     )
     t._gp_rt = rt
     t._gp_h = handle
+    t._gp_key = key if key is not None else (tuple(shape), tuple(stride), int(offset), dtype)
     return t  # type: ignore[no-any-return]
 
 
@@ -112,3 +133,4 @@ def rewrap(t: RemoteTensor, shape: Any, stride: Any, offset: int) -> None:
             torch.ops.aten.set_.source_Storage_storage_offset(t, t.untyped_storage(), offset, shape, stride)
         finally:
             torch._C._set_meta_in_tls_dispatch_include(was)
+    t._gp_key = (tuple(shape), tuple(stride), int(offset), t.dtype)

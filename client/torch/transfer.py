@@ -37,13 +37,12 @@ def _special(*funcs: Any) -> Callable[[Special], Special]:
 def lazy_empty(rt: DeviceRuntime, sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> RemoteTensor:
     from gpupool.client.torch import encode
 
-    outs = meta.CACHE.outputs(sch, args, kwargs)
-    (m,) = outs.metas
+    _, key, wire_args, wire_kwargs = encode.build(rt, sch, args, kwargs)
+    (m,) = meta.CACHE.outputs(sch, args, kwargs, key).metas
     assert m is not None
     h = rt.new_handle()
-    wire_args, wire_kwargs = encode.encode_args(rt, args, kwargs)
     rt.pending[h] = (sch.name, wire_args, wire_kwargs)
-    return wrap(rt, h, m.shape, m.stride, m.offset, m.dtype)
+    return wrap(rt, h, m.shape, m.stride, m.offset, m.dtype, m)
 
 
 def materialize_pending(rt: DeviceRuntime) -> None:

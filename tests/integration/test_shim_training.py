@@ -190,3 +190,18 @@ def test_dead_tensors_are_freed(dev: torch.device) -> None:
     status = rt.session._stub.Status(device_pb2.StatusRequest())
     mine = [s for s in status.sessions if s.session_id == rt.session.session_id]
     assert mine and mine[0].used_bytes < 100 * 4000
+
+
+def test_data_assignment_and_dtype_conversion_follow_the_handle(dev: torch.device) -> None:
+    x = torch.arange(4.0).to(dev)
+    x.data = torch.arange(4.0).to(dev) * 10  # no op travels: the tensor must now name the new daemon tensor
+    assert x.cpu().tolist() == [0.0, 10.0, 20.0, 30.0]
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).to(dev)
+    weight = model.weight
+    model.double()  # Module._apply assigns .data of the existing parameters
+    assert model.weight is weight and model.weight.dtype == torch.float64
+    torch.manual_seed(0)
+    assert torch.equal(model.weight.cpu(), nn.Linear(3, 2).double().weight.detach())
+    out = model(torch.ones(1, 3, dtype=torch.float64).to(dev))
+    assert out.dtype == torch.float64 and out.shape == (1, 2)

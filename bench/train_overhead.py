@@ -1,0 +1,226 @@
+"""Training overhead of the gpupool device: step time through a daemon / local step time, eager mode.
+
+Two workloads of issue 4: the stock-prediction MLP (500 -> 1024 -> 512 -> 256 -> 128 -> 1, ReLU, Adam,
+batch 256) and the sentiment CNN of examples/sentiment at its benchmark size (vocabulary 30,000,
+embedding 128, 256 filters of width 3, batch 50 of 400 tokens, Adam). Each step moves its batch to the
+device, runs forward, backward and the optimizer, and reads the loss back (`.item()`, a sync point, as
+a training loop that logs its loss does).
+
+Placement, so that the comparison is fair on a small machine: the daemon (`gpupool serve`, one fake
+GPU) runs on one core, the client on another (`taskset`), each with one torch thread; the local
+baseline runs on the daemon's core, i.e. on the same compute the daemon gets. Every measurement is a
+fresh worker process. Columns: steps/s local and remote, the ratio (goal <= 1.3), ops per step, client
+CPU per op (all client threads: dispatch, meta cache, protobuf, gRPC) and per step, and the daemon's
+CPU per step (its decode/dispatch overhead on top of the kernels). Local and remote runs alternate for
+a few rounds and the best median of each side counts, to keep other load on a shared machine out of
+the ratio.
+
+    nice python bench/train_overhead.py                    # ~1-2 min
+    python bench/train_overhead.py --steps 20 --models mlp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from gpupool import tokens
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ("mlp", "cnn")
+
+
+# ---- workloads ----
+
+
+def stock_mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(500, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(),
+        nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 1),
+    )  # fmt: skip
+
+
+def workload(name: str) -> tuple[nn.Module, Any, Any]:
+    """(model, make_batch(step) -> CPU tensors, loss_fn)."""
+    torch.manual_seed(0)
+    if name == "mlp":
+        gen = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(256, 500, generator=gen), torch.randn(256, 1, generator=gen)) for _ in range(4)]
+        return stock_mlp(), lambda i: batches[i % 4], nn.functional.mse_loss
+    sys.path.insert(0, str(ROOT))
+    from examples.sentiment.model import build_model, make_batch
+
+    cnn_batches = [make_batch(batch_size=50, seq_len=400, vocab_size=30000, seed=i) for i in range(4)]
+    return build_model(30000), lambda i: cnn_batches[i % 4], nn.functional.cross_entropy
+
+
+# ---- worker: one measurement in its own (pinned) process ----
+
+
+def _proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    model, batch, loss_fn = workload(args.model)
+    rt = None
+    if args.address:
+        from gpupool.client.torch import runtime
+
+        import gpupool.torch as gt
+
+        device = gt.attach(args.address, args.token)
+        rt = runtime.get(device.index)
+    else:
+        device = torch.device("cpu")
+    model = model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(i: int) -> float:
+        x, y = batch(i)
+        x, y = x.to(device), y.to(device)
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return float(loss.item())
+
+    for i in range(args.warmup):
+        step(i)
+    ops0 = rt.ops_sent if rt else 0
+    daemon0 = _proc_cpu(args.daemon_pid) if args.daemon_pid else 0.0
+    cpu0 = time.process_time()
+    times = []
+    for i in range(args.steps):
+        t = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - t)
+    cpu = time.process_time() - cpu0
+    ops = (rt.ops_sent - ops0) / args.steps if rt else 0
+    daemon_cpu = (_proc_cpu(args.daemon_pid) - daemon0) / args.steps if args.daemon_pid else 0.0
+    return {
+        "step_s": statistics.median(times),
+        "min_step_s": min(times),
+        "ops_per_step": ops,
+        "client_cpu_per_step_s": cpu / args.steps,
+        "daemon_cpu_per_step_s": daemon_cpu,
+    }
+
+
+# ---- driver ----
+
+
+def start_daemon(core: int, key_file: Path) -> tuple[subprocess.Popen[str], str]:
+    cmd = ["taskset", "-c", str(core), sys.executable, "-m", "gpupool.cli", "serve", "--listen", "127.0.0.1:0",
+           "--metrics-listen", "0", "--fake-gpus", "1", "--fake-gpu-memory", "16GiB",
+           "--token-key-file", str(key_file), "--host-id", "bench"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        m = re.search(r"listening on (\S+:\d+)", line)
+        if m:
+            threading.Thread(target=lambda: [None for _ in proc.stdout or ()], daemon=True).start()
+            return proc, m.group(1)
+    raise RuntimeError(f"gpupool serve did not start (exit {proc.wait()})")
+
+
+def run_worker(core: int, model: str, args: argparse.Namespace, **remote: Any) -> dict[str, Any]:
+    cmd = ["taskset", "-c", str(core), sys.executable, __file__, "--worker", "--model", model,
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+    for k, v in remote.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {model} failed:\n{out.stderr[-3000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: mlp,cnn")
+    p.add_argument("--steps", type=int, default=30, help="timed steps (median step time)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (fills the meta cache)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating local/remote runs; the best of each counts")
+    p.add_argument("--daemon-core", type=int, default=1)
+    p.add_argument("--client-core", type=int, default=0)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", default="mlp", help=argparse.SUPPRESS)
+    p.add_argument("--address", default="", help=argparse.SUPPRESS)
+    p.add_argument("--token", default="", help=argparse.SUPPRESS)
+    p.add_argument("--daemon-pid", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        key = secrets.token_hex(32).encode()
+        key_file = Path(tmp) / "key"
+        key_file.write_bytes(key)
+        daemon, address = start_daemon(args.daemon_core, key_file)
+        try:
+            rows = []
+            for model in args.models.split(","):
+                # Rounds alternate local and remote runs; the best round of each side counts, so that
+                # other load on a shared machine disturbs the ratio as little as possible.
+                locals_, remotes = [], []
+                for _ in range(args.rounds):
+                    locals_.append(run_worker(args.daemon_core, model, args))
+                    claims = tokens.TokenClaims(lease_id=uuid.uuid4().hex, host="bench", device=0, quota_bytes=0,
+                                                share=1.0, expires_at=time.time() + 3600)  # fmt: skip
+                    remotes.append(run_worker(args.client_core, model, args, address=address,
+                                              token=tokens.mint(key, claims), daemon_pid=daemon.pid))  # fmt: skip
+                best = min(locals_, key=lambda r: r["step_s"]), min(remotes, key=lambda r: r["step_s"])
+                rows.append((model, *best))
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=30)
+    print_table(rows, args)
+    return 0
+
+
+def print_table(rows: list[tuple[str, dict[str, Any], dict[str, Any]]], args: argparse.Namespace) -> None:
+    table = Table(title=f"gpupool training overhead (median of {args.steps} steps, best of {args.rounds} rounds, "
+                        "1 torch thread each; "
+                        f"daemon on core {args.daemon_core}, client on core {args.client_core})")  # fmt: skip
+    for col in ("model", "local ms/step", "gpupool ms/step", "ratio", "ops/step", "client CPU us/op",
+                "client CPU ms/step", "daemon CPU ms/step"):  # fmt: skip
+        table.add_column(col, justify="right")
+    for model, local, remote in rows:
+        ops = remote["ops_per_step"] or 1
+        table.add_row(
+            model,
+            f"{local['step_s'] * 1e3:.2f}",
+            f"{remote['step_s'] * 1e3:.2f}",
+            f"{remote['step_s'] / local['step_s']:.2f}",
+            f"{remote['ops_per_step']:.0f}",
+            f"{remote['client_cpu_per_step_s'] / ops * 1e6:.0f}",
+            f"{remote['client_cpu_per_step_s'] * 1e3:.2f}",
+            f"{remote['daemon_cpu_per_step_s'] * 1e3:.2f}",
+        )
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

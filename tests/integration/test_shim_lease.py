@@ -1,0 +1,90 @@
+"""The gpupool device on leases from a real pool (`gpupool up`: scheduler + daemon with fake GPUs):
+`gpupool run` hands its lease to `gpupool.torch.device()` in the child, `device()` outside `gpupool run`
+allocates a lease of $GPUPOOL_FRACTION of a GPU and `detach_all()` gives it back, and
+`gpupool.lease(...).device()` attaches through the shim."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from gpupool.client.pool import SchedulerClient, lease
+from gpupool.client.torch import runtime
+from scheduler_fixtures import ROOT, Proc, wait_until
+
+import gpupool.torch as gt
+
+pytestmark = pytest.mark.slow
+
+CHILD = """
+import torch, gpupool.torch as gt
+from gpupool.client.torch import runtime
+d = gt.device()
+x = torch.arange(4.0, device=d) * 2
+rt = runtime.get(d.index)
+print("trained", d, x.sum().item(), rt.session.share, rt.session.quota_bytes, flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A `gpupool up` with two 512 MiB fake GPUs; yields the scheduler address."""
+    tmp = tmp_path_factory.mktemp("up")
+    proc = Proc(
+        ["up", "--fake-gpus", "2", "--fake-gpu-memory", "512MiB", "--scheduler-listen", "127.0.0.1:0",
+         "--listen", "127.0.0.1:0", "--state", str(tmp / "scheduler.db"),
+         "--metrics-listen", "127.0.0.1:0", "--scheduler-metrics-listen", "127.0.0.1:0"]
+    )  # fmt: skip
+    try:
+        yield proc.wait_for(r"export GPUPOOL_SCHEDULER=(\S+)", timeout=120).group(1)
+    finally:
+        proc.stop()
+
+
+def no_leases(address: str) -> bool:
+    return not SchedulerClient(address).list_pool().leases
+
+
+def test_gpupool_run_child_gets_the_leased_device(pool: str, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GPUPOOL_SCHEDULER": pool}
+    env.pop("GPUPOOL_LEASE", None)
+    ran = subprocess.run(
+        [sys.executable, "-m", "gpupool.cli", "run", "-n", "1", "-p", "0.5", "--", sys.executable, "-c", CHILD],
+        capture_output=True, text=True, timeout=180, env=env,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert f"trained gpupool:0 12.0 0.5 {256 * 1024**2}" in ran.stdout
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+def test_device_allocates_its_own_lease_and_detach_releases_it(
+    pool: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GPUPOOL_LEASE", raising=False)
+    monkeypatch.setenv("GPUPOOL_SCHEDULER", pool)
+    monkeypatch.setenv("GPUPOOL_FRACTION", "0.25")
+    try:
+        d = gt.device()
+        assert d == torch.device("gpupool:0") and gt.device() == d  # attached once
+        rt = runtime.get(0)
+        assert rt is not None and rt.session.share == pytest.approx(0.25)
+        assert (torch.ones(3, device="gpupool") * 3).sum().item() == 9.0  # "gpupool" means the current device
+        assert len(SchedulerClient(pool).list_pool().leases) == 1
+    finally:
+        gt.detach_all()
+    wait_until(lambda: no_leases(pool), timeout=10, what="detach_all to release the lease")
+
+
+def test_lease_device_and_token_refresh(pool: str) -> None:
+    with lease(gpus=1, fraction=0.5, scheduler=pool) as held:
+        d = held.device(0)
+        x = torch.randn(8, 8).to(d)
+        held.renew()  # subscribers get the fresh token, sent down the session's stream
+        assert torch.allclose((x @ x).cpu(), x.cpu() @ x.cpu(), atol=1e-5)
+        gt.detach_all()
+    wait_until(lambda: no_leases(pool), timeout=10, what="the lease to be released")
