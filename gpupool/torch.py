@@ -1,4 +1,31 @@
 """`import gpupool.torch` registers the PyTorch device `gpupool`; the API lives in gpupool.client.torch."""
 
-from gpupool.client.torch import *  # noqa: F403
-from gpupool.client.torch import __all__  # noqa: F401
+from gpupool.client.torch import (
+    DeviceLost,
+    OutOfMemoryError,
+    RemoteError,
+    RemoteTensor,
+    attach,
+    attach_lease,
+    current_index,
+    detach_all,
+    device,
+    device_count,
+    meta_cache,
+    synchronize,
+)
+
+__all__ = [
+    "DeviceLost",
+    "OutOfMemoryError",
+    "RemoteError",
+    "RemoteTensor",
+    "attach",
+    "attach_lease",
+    "current_index",
+    "detach_all",
+    "device",
+    "device_count",
+    "meta_cache",
+    "synchronize",
+]

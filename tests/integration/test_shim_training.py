@@ -5,6 +5,7 @@ data-dependent shapes, manual_seed, foreach optimizers) behave as on a local dev
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pytest
 import shim_fixtures
@@ -86,7 +87,7 @@ def test_sentiment_cnn_10_steps_match_local(dev: torch.device) -> None:
     assert_losses_close(remote, local)
 
 
-def adam_step_ops(dev: torch.device, **adam: bool) -> int:
+def adam_step_ops(dev: torch.device, **adam: Any) -> int:
     rt = runtime.get(dev.index)
     assert rt is not None
     model = stock_mlp().to(dev)

@@ -73,12 +73,13 @@ def test_optimizers_default_to_foreach_on_gpupool() -> None:
 def test_error_translation() -> None:
     oom = translate(errors.ResourceExhausted("memory quota exceeded: 1 bytes requested, 4096 used of a 8192 byte limit",
                                              op="aten::empty.memory_format"))  # fmt: skip
-    assert isinstance(oom, torch.OutOfMemoryError) and isinstance(oom, OutOfMemoryError)
-    assert isinstance(oom, errors.ResourceExhausted)
+    assert isinstance(oom, torch.OutOfMemoryError) and isinstance(oom, errors.ResourceExhausted)
+    assert isinstance(oom, OutOfMemoryError)
     assert (oom.used_bytes, oom.limit_bytes) == (4096, 8192)
     assert str(oom).startswith("aten::empty.memory_format: ")
     bad = translate(errors.InvalidArgument("index 5 is out of bounds", op="aten::index.Tensor"))
-    assert isinstance(bad, RemoteError) and isinstance(bad, RuntimeError)
+    assert isinstance(bad, RuntimeError)
+    assert isinstance(bad, RemoteError)
     assert bad.op == "aten::index.Tensor" and bad.code_name == "INVALID_ARGUMENT"
     assert str(bad) == "aten::index.Tensor: index 5 is out of bounds"
     lost = translate(errors.Unavailable("daemon gone"))
