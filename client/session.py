@@ -9,6 +9,7 @@ within seconds instead of hanging. Safe for one user thread plus the reader.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import queue
 import threading
@@ -36,6 +37,15 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+
+
+def _host_bytes(t: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes as a writable memoryview. Not via numpy: that would make the tensor's
+    storage non-resizable, a side effect on the caller's tensor."""
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
 def _varint(n: int) -> bytes:
@@ -77,19 +87,22 @@ class _Waiter:
         self.reply: device_pb2.SyncReply | None = None
         self.error: GpupoolError | None = None
         self.tensor: torch.Tensor | None = None
-        self._bytes: torch.Tensor | None = None
+        self._bytes: memoryview | None = None
 
     def chunk(self, c: device_pb2.TensorChunk) -> None:
         if c.HasField("meta"):
             dtype = wire.dtype_from_proto(c.meta.dtype)
             self.tensor = torch.empty(list(c.meta.shape), dtype=dtype)
-            self._bytes = wire.byte_view(self.tensor) if self.tensor.numel() else torch.empty(0, dtype=torch.uint8)
+            self._bytes = _host_bytes(self.tensor)
         if self._bytes is None:
             self.fail(InvalidArgument("download chunk before its metadata"))
             return
         data = c.data  # each access of a bytes field copies it
         if data:
-            self._bytes.numpy()[c.offset : c.offset + len(data)] = numpy.frombuffer(data, dtype=numpy.uint8)
+            if c.offset + len(data) > len(self._bytes):
+                self.fail(InvalidArgument("download chunk past the tensor's end"))
+                return
+            self._bytes[c.offset : c.offset + len(data)] = data
         if c.last:
             self.done.set()
 
@@ -151,12 +164,11 @@ class Session:
         t = t.detach().cpu().contiguous()
         h = Handle(handle) if handle is not None else self.new_handle()
         meta = tensor_pb2.TensorMeta(dtype=wire.dtype_to_proto(t.dtype), shape=list(t.shape), stride=list(t.stride()))
-        data = wire.byte_view(t).numpy() if t.numel() else numpy.empty(0, dtype=numpy.uint8)
+        data = _host_bytes(t)  # `t` stays referenced below while frames copy out of it
         total = data.nbytes
         if total <= wire.CHUNK_BYTES:
-            self._add(
-                device_pb2.Command(upload=device_pb2.Upload(handle=h, meta=meta, data=data.tobytes(), last=True)), total
-            )
+            up = device_pb2.Upload(handle=h, meta=meta, data=data.tobytes(), last=True)
+            self._add(device_pb2.Command(upload=up), total)
             return h
         with self._lock:
             self.flush()
@@ -165,7 +177,7 @@ class Session:
                 up = device_pb2.Upload(handle=h, offset=off, last=end >= total)
                 if off == 0:
                     up.meta.CopyFrom(meta)
-                self._put(_upload_frame(up, data.data[off:end]))
+                self._put(_upload_frame(up, data[off:end]))
         return h
 
     def op(

@@ -7,13 +7,13 @@ sit between it and the gRPC front without changing either side.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import warnings
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import numpy
 import torch
 from gpupool.server.ops import MetaSizer, OpTable
 from gpupool.server.sessions import Poison, PoisonedInput, Session
@@ -199,7 +199,7 @@ class CommandExecutor:
             raise InvalidArgument(f"upload chunk at {up.offset}+{len(data)} does not follow {offset} of {total}")
         if data and t.device.type == "cpu":  # a plain memcpy: torch's copy_ splits 4 MiB over OpenMP threads,
             # which on a loaded host is 40x slower
-            wire.byte_view(t).numpy()[offset : offset + len(data)] = numpy.frombuffer(data, dtype=numpy.uint8)
+            _host_bytes(t)[offset : offset + len(data)] = data
         elif data:
             wire.byte_view(t)[offset : offset + len(data)].copy_(torch.frombuffer(data, dtype=torch.uint8))
         self.ledger.transfer("upload", len(data))
@@ -214,7 +214,7 @@ class CommandExecutor:
         with one copy of the data: protobuf's own bytes fields would cost two more."""
         t = s.resolve(get.handle)
         src = t if t.device.type == "cpu" and t.is_contiguous() else t.detach().cpu().contiguous()
-        flat = wire.byte_view(src).numpy().data if src.numel() else memoryview(b"")
+        flat = _host_bytes(src)  # keeps no reference: `src` stays alive until the frames are built
         total = flat.nbytes
         head = device_pb2.ServerFrame(request_id=get.request_id).SerializeToString()
         frames, offset = [], 0
@@ -251,6 +251,15 @@ class CommandExecutor:
 
 _FRAME_CHUNK_TAG = bytes([(3 << 3) | 2])  # ServerFrame.chunk = 3, length-delimited
 _CHUNK_DATA_TAG = bytes([(3 << 3) | 2])  # TensorChunk.data = 3, length-delimited
+
+
+def _host_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor as a writable memoryview, without going through numpy (which would
+    make its storage non-resizable) or torch's copy_ (OpenMP-split, slow on a loaded host)."""
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
 def _varint(n: int) -> bytes:
