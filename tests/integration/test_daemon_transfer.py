@@ -57,3 +57,14 @@ def test_upload_into_chosen_handle_replaces_it(daemon: Any) -> None:
         s.upload(torch.ones(2), handle=h)
         s.upload(torch.zeros(3), handle=h)
         assert s.download(h).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_transfers_leave_tensors_resizable(daemon: Any) -> None:
+    with Session.attach(daemon.address, daemon.token()) as s:
+        mine = torch.ones(4)
+        h = s.upload(mine)
+        back = s.download(h)
+        mine.resize_(100)  # the caller's tensor is untouched by the upload
+        back.resize_(50)  # and a downloaded tensor is an ordinary one
+        s.call("aten::resize_.default", Handle(h), [64], outputs=[0])
+        assert s.download(h).shape == (64,)
