@@ -45,7 +45,7 @@ class DeviceRuntime:
         self.pending: dict[int, tuple[str, list[Any], dict[str, Any]]] = {}
         # Handles held by more than one tensor (detach/alias share the daemon tensor): extra holders.
         self.shared: dict[int, int] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a finalizer may run while this thread holds it
         self.ops_sent = 0
         self._unflushed = 0
         # A fake GPU computes with CPU kernels, whose outputs differ from meta's in a few places.
@@ -71,14 +71,15 @@ class DeviceRuntime:
                 else:
                     self.shared[handle] = extra - 1
                 return
-        if self.closed or self.pending.pop(handle, None) is not None:
-            return
-        self._dead.append(handle)
-        self._dead_bytes += nbytes
+            if self.closed or self.pending.pop(handle, None) is not None:
+                return
+            self._dead.append(handle)
+            self._dead_bytes += nbytes
 
     def flush_frees(self, force: bool = False) -> None:
         if self._dead and (force or len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):
-            dead, self._dead, self._dead_bytes = self._dead, [], 0
+            with self._lock:  # finalizers may run on other threads (garbage collection)
+                dead, self._dead, self._dead_bytes = self._dead, [], 0
             self.call("free", dead)
 
     # ---- commands ----

@@ -196,6 +196,16 @@ def _copy_from_and_resize(func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     return _copy(aten.copy_.default, (dst, src), {})
 
 
+@_special(aten._conj.default, aten._neg_view.default)
+def _lazy_bit_view(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # Conjugate/negative *views* are a bit on the tensor, which remote wrappers do not carry (and which
+    # a download would not apply): compute them instead (conj_physical, neg), as backends may.
+    from gpupool.client.torch.dispatch import run_remote
+
+    physical = aten.conj_physical.default if func is aten._conj.default else aten.neg.default
+    return run_remote(None, meta.schema_of(physical), args, kwargs)
+
+
 @_special(aten.is_pinned.default)
 def _is_pinned(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return False

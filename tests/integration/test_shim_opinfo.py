@@ -32,6 +32,16 @@ SAMPLES = 3  # first samples per op: bounds the test to a few minutes on 2 cores
 PASSING = 634  # the figure reached; the test fails if coverage drops below it
 FAILURES = Path(__file__).with_name("opinfo_failures.txt")
 NOT_ON_CPU = "no sample runs on the CPU"
+# Why the remaining failures are expected, written next to them in opinfo_failures.txt.
+NOTES = {
+    "as_strided.partial_views": "test artefact: the CPU reference copies the view (its storage starts at the "
+    "view) while on gpupool, as on CUDA, the view keeps its base's storage, which as_strided then addresses",
+    "chalf": "complex32 is not a wire dtype (tensor.proto DType)",
+    "hash_tensor": "uint64 is not a wire dtype (tensor.proto DType)",
+    "sparse.mm.reduce": "sparse layouts: gpupool tensors are strided only",
+    "sparse.sampled_addmm": "sparse layouts: gpupool tensors are strided only",
+    "to_sparse": "sparse layouts: gpupool tensors are strided only",
+}
 UNINITIALIZED = {"empty", "empty_like", "empty_permuted", "empty_strided", "new_empty", "new_empty_strided"}
 
 
@@ -124,7 +134,8 @@ def test_op_db_float32_coverage(attach: shim_fixtures.Attach) -> None:
     total = passed + len(failures)
     if os.environ.get("GPUPOOL_OPINFO_WRITE"):
         lines = [f"# op_db float32 ops that do not pass on gpupool yet: {len(failures)} of {total}", ""]
-        lines += [f"{name}: {why}" for name, why in sorted(failures.items())]
+        for name, why in sorted(failures.items()):
+            lines += [f"{name}: {why}"] + ([f"    why: {NOTES[name]}"] if name in NOTES else [])
         FAILURES.write_text("\n".join(lines) + "\n")
     print(f"op_db float32: {passed}/{total} ops pass in {time.monotonic() - start:.0f} s")
     assert passed >= PASSING, f"{passed} ops pass, fewer than {PASSING}; failing: {sorted(failures)}"
