@@ -54,6 +54,9 @@ class Config:
     max_message_bytes: int = 16 * 1024 * 1024
     queue_commands: int = 8192
     queue_bytes: int = 64 * 1024 * 1024
+    # Replies (downloads) produced but not yet taken by a client that does not read: past this, the session's
+    # Get and Sync commands wait, its command queue fills, and gRPC flow control pushes back on the client.
+    outbox_bytes: int = 64 * 1024 * 1024
     slice_seconds: float = 0.005
     drain_seconds: float = 10.0
     reap_interval: float = 0.5
@@ -244,10 +247,25 @@ class Daemon:
                 if cmd is END_OF_STREAM:
                     s.outbox.put(END_OF_STREAM)
                     continue
-                self.executor.execute(s, cmd, s.outbox.put)
+                if cmd.WhichOneof("cmd") in ("get", "sync") and self._parked(s):
+                    return commands[i:]
+                self.executor.execute(s, cmd, s.send)
                 if time.perf_counter() - start > budget and i + 1 < len(commands):
                     return commands[i + 1 :]
         return []
+
+    def _outbox_full(self, s: Session) -> bool:
+        return s.outbox_bytes >= self.config.outbox_bytes
+
+    def _parked(self, s: Session) -> bool:
+        """Whether the session must wait for its client to read replies before it may produce more."""
+        return self._outbox_full(s) and self.queues[s.device.index].block(s.entry, lambda: self._outbox_full(s))
+
+    def replied(self, s: Session, item: Any) -> None:
+        """gRPC took a reply off the session's outbox: a parked session may run again."""
+        s.sent(item)
+        if s.entry.blocked:
+            self.queues[s.device.index].unblock(s.entry, lambda: self._outbox_full(s))
 
     def _charged(self, entry: Entry, seconds: float) -> None:
         s: Session = entry.owner

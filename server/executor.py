@@ -15,7 +15,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-from gpupool.server.ops import MetaSizer, OpTable
+from gpupool.server import guards
+from gpupool.server.ops import NO_META, MetaSizer, OpTable
 from gpupool.server.sessions import Poison, PoisonedInput, Session
 
 from gpupool import wire
@@ -119,18 +120,22 @@ class CommandExecutor:
         for h in msg.outputs:
             if h:
                 s.check_handle(h)
+        guards.check_inputs(args, kwargs, s.quota)
+        guards.validate(op, args, kwargs)
         need = self.sizer.new_bytes(op, args, kwargs)
+        if need == NO_META:  # bounded from the real inputs, so its output cannot exhaust the host first
+            need = guards.no_meta_bound(op, args, kwargs)
         if need > 0:
             s.admit(need)
         used_before = s.used
         if torch.Tag.nondeterministic_seeded in op.tags:
             out = self._seeded(s, op, args, kwargs)
         else:
-            out = op(*args, **kwargs)
+            out = (guards.replacement(op) or op)(*args, **kwargs)
         s.ops += 1
         self.ledger.op(s)
         if op._schema.is_mutable:
-            s.recount([t for t in _tensors(args) + _tensors(list(kwargs.values()))])
+            s.recount(_arg_handles(msg))
         bound = self._bind_outputs(s, msg.outputs, out, dev)
         if s.used > s.quota and s.used > used_before:
             for h in bound:
@@ -167,6 +172,8 @@ class CommandExecutor:
                 continue
             if not isinstance(value, torch.Tensor):
                 value = torch.tensor(value, device=dev)
+            if value.layout != torch.strided or value.is_quantized or value.is_nested:
+                raise InvalidArgument(f"the op returns a {value.layout} tensor; only dense tensors live on the daemon")
             s.bind(h, value)
             bound.append(h)
         return bound
@@ -281,13 +288,15 @@ def _slots(out: Any) -> list[Any]:
     return [out]
 
 
-def _tensors(values: list[Any]) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            found.append(v)
-        elif isinstance(v, list | tuple):
-            found.extend(_tensors(list(v)))
+def _arg_handles(msg: device_pb2.Op) -> list[int]:
+    """Handles of an op's tensor arguments (those an in-place or out= op may have resized or re-pointed)."""
+    found: list[int] = []
+    for a in list(msg.args) + list(msg.kwargs.values()):
+        kind = a.WhichOneof("value")
+        if kind == "tensor":
+            found.append(a.tensor)
+        elif kind == "tensors":
+            found.extend(h for h in a.tensors.handles if h)
     return found
 
 

@@ -31,6 +31,7 @@ class Entry:
         self.nbytes = 0
         self.running = False
         self.closed = False
+        self.blocked = False  # its replies are not being read: run nothing more until they are
 
 
 class FairQueue:
@@ -85,7 +86,7 @@ class FairQueue:
             while True:
                 if self._stopped:
                     return None
-                ready = [e for e in self._entries if e.commands and not e.running]
+                ready = [e for e in self._entries if e.commands and not e.running and not e.blocked]
                 if ready:
                     break
                 self._cond.wait()
@@ -115,6 +116,20 @@ class FairQueue:
                 return
             entry.frames.appendleft([commands, 0, 0])
             entry.commands += len(commands)
+
+    def block(self, entry: Entry, still: Callable[[], bool]) -> bool:
+        """Park a session while `still()` holds (its client is not reading replies); True when parked."""
+        with self._cond:
+            if still():
+                entry.blocked = True
+            return entry.blocked
+
+    def unblock(self, entry: Entry, still: Callable[[], bool]) -> None:
+        """Let a parked session run again once `still()` no longer holds."""
+        with self._cond:
+            if entry.blocked and not still():
+                entry.blocked = False
+                self._cond.notify_all()
 
     def charge(self, entry: Entry, seconds: float) -> None:
         with self._cond:

@@ -19,8 +19,30 @@ from gpupool.errors import InvalidArgument, PermissionDenied
 
 _NAME_RE = re.compile(r"^aten::(_?[a-z][a-z0-9_]*)(?:\.(_?[a-zA-Z][a-zA-Z0-9_]*))?$")
 
-# Substrings of op names that reach the host outside the tensor world: files, IPC, stdout.
-DENIED_FRAGMENTS = ("from_file", "save", "load", "share", "_print", "mmap", "pin_memory", "_ipc", "_fd")
+# Substrings of op names that reach the host outside the tensor world: files, IPC, stdout, process-wide caches.
+DENIED_FRAGMENTS = ("from_file", "save", "load", "share", "_print", "mmap", "pin_memory", "_ipc", "_fd", "_cufft")
+# Families whose tensors the daemon cannot hold or send (sparse, nested, quantized, mkldnn layouts), or whose
+# kernels trust their inputs (test helpers, the internal cummax/cummin helpers, inductor's unchecked indexing):
+# found by fuzzing to read or write out of bounds, or to abort the process on bad input.
+UNSUPPORTED_FRAGMENTS = (
+    "sparse",
+    "nested",
+    "quantize",
+    "mkldnn",
+    "jagged",
+    "_test_",
+    "_foobar",
+    "_cummax_helper",
+    "_cummin_helper",
+    "_unsafe_masked_index",
+    "_spdiags",
+    "_compressed",
+    "_to_sparse",
+    "slow_conv",  # reached through aten::convolution (which has a meta kernel); direct calls are unbounded
+    "_transform_bias_rescale_qkv",
+)
+# Argument types that cannot come from a remote client (raw storages, streams).
+_DENIED_TYPES = ("Storage", "Stream")
 # Exact overloads denied on top: set_ onto raw storages or offsets into other tensors' storage.
 DENIED_OVERLOADS = frozenset(
     {
@@ -60,6 +82,8 @@ def _resolve(name: str) -> torch._ops.OpOverload:
     base, overload = m.group(1), m.group(2) or "default"
     if any(frag in base for frag in DENIED_FRAGMENTS) or name in DENIED_OVERLOADS:
         raise PermissionDenied(f"op {name!r} denied: it reaches the daemon's host")
+    if any(frag in base for frag in UNSUPPORTED_FRAGMENTS):
+        raise InvalidArgument(f"op {name!r} is not supported on the daemon")
     try:
         packet = getattr(torch.ops.aten, base)
         op = getattr(packet, overload)
@@ -67,6 +91,8 @@ def _resolve(name: str) -> torch._ops.OpOverload:
         raise InvalidArgument(f"unknown op {name!r}") from None
     if not isinstance(op, torch._ops.OpOverload):
         raise InvalidArgument(f"unknown op {name!r}")
+    if any(t in str(a.type) for a in op._schema.arguments for t in _DENIED_TYPES):
+        raise PermissionDenied(f"op {name!r} denied: it takes raw storages or streams")
     return op
 
 

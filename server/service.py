@@ -84,6 +84,8 @@ class DeviceServicer:
                     s.outbox.put(InvalidArgument(f"malformed ClientFrame ({len(raw)} bytes): {exc}"))
                     return
                 commands = list(frame.commands)
+                if not commands:  # an empty frame asks for nothing; queueing it would grow memory for free
+                    continue
                 for cmd in commands:
                     if cmd.WhichOneof("cmd") == "refresh":
                         self.daemon.refresh(s, cmd.refresh.token)
@@ -108,12 +110,14 @@ class DeviceServicer:
                 return
             if isinstance(item, device_pb2.ServerFrame):
                 yield item
+                self.daemon.replied(s, item)
             elif isinstance(item, Closed):
                 context.abort(error_class(item.code).code, f"session closed: {item.reason}")
             elif isinstance(item, GpupoolError):
                 abort(context, item)
             else:
                 yield from item  # a download's chunk frames, already serialized
+                self.daemon.replied(s, item)
 
 
 def _serialize_frame(frame: device_pb2.ServerFrame | bytes) -> bytes:

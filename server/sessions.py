@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from gpupool.server.devices import Device
 
-from gpupool.errors import GpupoolError, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from gpupool.errors import (
+    FailedPrecondition,
+    GpupoolError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from gpupool.tokens import TokenClaims
 
 HANDLE_BITS = 32
@@ -62,6 +69,7 @@ class Session:
         self.poisoned: dict[int, Poison] = {}
         self.uploads: dict[int, int] = {}  # handle -> next expected byte offset of an upload in progress
         self._storages: dict[int, list[int]] = {}  # storage id -> [handles referencing it, bytes counted]
+        self._keys: dict[int, int] = {}  # handle -> the storage id it is counted under (set_ can swap storages)
         self.used = 0
         self.error: Poison | None = None  # first error since the last sync
         self.rng_state: torch.Tensor | None = None
@@ -70,6 +78,8 @@ class Session:
         self.closed = False
         self.close_reason = ""
         self.outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()  # replies for the stream, in order
+        self.outbox_bytes = 0  # bytes of replies produced but not yet handed to gRPC
+        self._outbox_lock = threading.Lock()
         self.entry: Any = None  # its place in the device's fair queue
         self.streaming = False
 
@@ -85,12 +95,28 @@ class Session:
     def resolve(self, handle: int) -> torch.Tensor:
         t = self.tensors.get(handle)
         if t is not None:
+            if self.uploads and handle in self.uploads:  # its bytes are not all there: never read them
+                raise FailedPrecondition(f"handle {handle:#x} is still being uploaded")
             return t
         self.check_handle(handle)
         poison = self.poisoned.get(handle)
         if poison is not None:
             raise PoisonedInput(poison, handle)
         raise NotFound(f"handle {handle:#x} was never created (or was freed)")
+
+    # ---- replies ----
+
+    def send(self, item: Any) -> None:
+        """Queue a reply for the stream, counting its bytes until `sent` says gRPC took them."""
+        self._count_out(reply_bytes(item))
+        self.outbox.put(item)
+
+    def sent(self, item: Any) -> None:
+        self._count_out(-reply_bytes(item))
+
+    def _count_out(self, n: int) -> None:
+        with self._outbox_lock:
+            self.outbox_bytes += n
 
     # ---- memory ----
 
@@ -117,38 +143,52 @@ class Session:
         self.check_handle(handle)
         self.unbind(handle)
         self.poisoned.pop(handle, None)
-        storage = tensor.untyped_storage()
-        entry = self._storages.get(storage._cdata)
+        self._count(handle, tensor.untyped_storage())
+        self.tensors[handle] = tensor
+
+    def _count(self, handle: int, storage: torch.UntypedStorage) -> None:
+        key = storage._cdata
+        entry = self._storages.get(key)
         if entry is None:
             nbytes = storage.nbytes()
-            self._storages[storage._cdata] = [1, nbytes]
+            self._storages[key] = [1, nbytes]
             self._account(nbytes)
         else:
             entry[0] += 1
-        self.tensors[handle] = tensor
+        self._keys[handle] = key
+
+    def _uncount(self, handle: int) -> None:
+        key = self._keys.pop(handle)
+        entry = self._storages[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self._storages[key]
+            self._account(-entry[1])
 
     def unbind(self, handle: int) -> bool:
         t = self.tensors.pop(handle, None)
         self.uploads.pop(handle, None)
         if t is None:
             return False
-        key = t.untyped_storage()._cdata
-        entry = self._storages[key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            del self._storages[key]
-            self._account(-entry[1])
+        self._uncount(handle)
         return True
 
-    def recount(self, tensors: list[torch.Tensor]) -> None:
-        """Re-read the size of storages an op may have resized (in-place and out= ops)."""
-        for t in tensors:
-            entry = self._storages.get(t.untyped_storage()._cdata)
-            if entry is not None:
-                nbytes = t.untyped_storage().nbytes()
-                if nbytes != entry[1]:
-                    self._account(nbytes - entry[1])
-                    entry[1] = nbytes
+    def recount(self, handles: list[int]) -> None:
+        """After an in-place or out= op on these handles: follow tensors that now use another storage (set_)
+        and re-read the sizes of storages that grew (resize_)."""
+        for h in handles:
+            t = self.tensors.get(h)
+            if t is None:
+                continue
+            storage = t.untyped_storage()
+            if storage._cdata != self._keys[h]:
+                self._uncount(h)
+                self._count(h, storage)
+            entry = self._storages[storage._cdata]
+            nbytes = storage.nbytes()
+            if nbytes != entry[1]:
+                self._account(nbytes - entry[1])
+                entry[1] = nbytes
 
     def free(self, handles: list[int]) -> None:
         for h in handles:
@@ -171,6 +211,13 @@ class Session:
                 self.unbind(h)
             self.poisoned.clear()
             self.uploads.clear()
+
+
+def reply_bytes(item: Any) -> int:
+    """What a queued reply holds in memory: a download's frames, or a small frame (about 64 bytes)."""
+    if isinstance(item, list):
+        return sum(len(b) for b in item)
+    return 64
 
 
 class PoisonedInput(GpupoolError):

@@ -1,0 +1,232 @@
+"""Guards for ops whose inputs torch trusts or whose memory only running them can tell.
+
+- `validate`: checks that torch's own CPU kernels skip for a few ops a training client legitimately sends
+  (embedding backwards, fused optimizers). Fuzzing found these writing out of bounds, corrupting the heap and
+  aborting the whole daemon on bad indices or mismatched lists.
+- `replacement`: a checked implementation for an op whose kernel builds out-of-bounds views
+  (`_reshape_alias` sets any sizes and strides on a storage; `as_strided` does the same but checks bounds).
+- `no_meta_bound`: an upper bound on the bytes an op without a meta kernel (or with a data-dependent output
+  shape) will allocate, computed from the real inputs without allocating their output, so a 2-element
+  `bincount`, `one_hot` or `nonzero` of a huge expanded view is refused before it can exhaust host memory.
+- `check_inputs`: no tensor argument may be logically larger than the session's quota in elements. Expanded
+  views are free to make, but an op reading 2^40 broadcast elements would hold the device for hours.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from gpupool.errors import InvalidArgument, ResourceExhausted
+
+Args = Sequence[Any]
+Kwargs = Mapping[str, Any]
+_META = torch.device("meta")
+
+
+def _arg(args: Args, kwargs: Kwargs, i: int, name: str, default: Any = None) -> Any:
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name, default)
+
+
+def _in_range(t: Any, low: int, high: int, what: str) -> None:
+    if isinstance(t, torch.Tensor) and t.numel():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < low or hi >= high:
+            raise InvalidArgument(f"{what} must lie in [{low}, {high}), got values in [{lo}, {hi}]")
+
+
+def _embedding_dense_backward(args: Args, kwargs: Kwargs) -> None:
+    _in_range(_arg(args, kwargs, 1, "indices"), 0, int(_arg(args, kwargs, 2, "num_weights", 0)), "indices")
+
+
+def _embedding_bag_dense_backward(args: Args, kwargs: Kwargs) -> None:
+    grad, indices = _arg(args, kwargs, 0, "grad"), _arg(args, kwargs, 1, "indices")
+    num_weights = int(_arg(args, kwargs, 5, "num_weights", 0))
+    _in_range(indices, 0, num_weights, "indices")
+    _in_range(_arg(args, kwargs, 2, "offset2bag"), 0, max(1, grad.size(0)) if grad.dim() else 1, "offset2bag")
+    _in_range(_arg(args, kwargs, 4, "maximum_indices"), -1, num_weights, "maximum_indices")
+    offset2bag = _arg(args, kwargs, 2, "offset2bag")
+    if isinstance(offset2bag, torch.Tensor) and offset2bag.numel() not in (0, indices.numel()):
+        raise InvalidArgument("offset2bag must have one entry per index")
+
+
+def _embedding_bag_per_sample_weights_backward(args: Args, kwargs: Kwargs) -> None:
+    grad, weight = _arg(args, kwargs, 0, "grad"), _arg(args, kwargs, 1, "weight")
+    _in_range(_arg(args, kwargs, 2, "indices"), 0, weight.size(0) if weight.dim() else 0, "indices")
+    _in_range(_arg(args, kwargs, 4, "offset2bag"), 0, grad.size(0) if grad.dim() else 0, "offset2bag")
+
+
+def _same_lists(args: Args, kwargs: Kwargs) -> None:
+    """Fused optimizers index every list by the params' position and trust all shapes to match."""
+    lists = [v for v in list(args) + list(kwargs.values()) if isinstance(v, list) and v]
+    lists = [v for v in lists if all(isinstance(t, torch.Tensor) for t in v)]
+    if not lists:
+        return
+    params = lists[0]
+    for other in lists[1:]:
+        if len(other) != len(params):
+            raise InvalidArgument(f"tensor lists of different lengths ({len(params)} and {len(other)})")
+        for p, t in zip(params, other, strict=True):
+            if t.numel() not in (p.numel(), 1):
+                raise InvalidArgument(f"tensor of {t.numel()} elements where {p.numel()} are expected")
+
+
+_VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {
+    "aten::embedding_dense_backward": _embedding_dense_backward,
+    "aten::_embedding_bag_dense_backward": _embedding_bag_dense_backward,
+    "aten::_embedding_bag_backward": _embedding_bag_dense_backward,
+    "aten::_embedding_bag_per_sample_weights_backward": _embedding_bag_per_sample_weights_backward,
+    "aten::_fused_adam_": _same_lists,
+    "aten::_fused_adamw_": _same_lists,
+    "aten::_fused_sgd_": _same_lists,
+    "aten::_fused_adagrad_": _same_lists,
+}
+
+
+def validate(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs) -> None:
+    check = _VALIDATORS.get(op._schema.name)
+    if check is not None:
+        check(args, kwargs)
+
+
+def _checked_reshape_alias(self: torch.Tensor, size: list[int], stride: list[int]) -> torch.Tensor:
+    return torch.as_strided(self, size, stride, self.storage_offset())
+
+
+def replacement(op: torch._ops.OpOverload) -> Callable[..., Any] | None:
+    if op._schema.name == "aten::_reshape_alias":
+        return _checked_reshape_alias
+    return None
+
+
+def check_inputs(args: Args, kwargs: Kwargs, limit: int) -> None:
+    for t in _tensors(list(args) + list(kwargs.values())):
+        if t.numel() > limit:
+            raise ResourceExhausted(
+                f"a tensor argument has {t.numel()} elements (an expanded view?), more than the {limit} "
+                "elements the session's memory quota could hold"
+            )
+
+
+# ---- bounds for ops whose size only running them can tell ----
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _generic(args: Args, kwargs: Kwargs) -> int:
+    """Outputs shaped like the inputs (elementwise, reductions, gradients): at most twice their bytes."""
+    return 2 * sum(_nbytes(t) for t in _tensors(list(args) + list(kwargs.values()))) + 64
+
+
+def _nonzero(args: Args, kwargs: Kwargs) -> int:
+    self = args[0]
+    return int(torch.count_nonzero(self)) * max(1, self.dim()) * 8
+
+
+def _masked_select(args: Args, kwargs: Kwargs) -> int:
+    self, mask = _arg(args, kwargs, 0, "self"), _arg(args, kwargs, 1, "mask")
+    numel = math.prod(torch.broadcast_shapes(self.shape, mask.shape))
+    repeat = numel // mask.numel() if mask.numel() else 0
+    return int(torch.count_nonzero(mask)) * repeat * self.element_size()
+
+
+def _max_plus_one(t: torch.Tensor) -> int:
+    return int(t.max()) + 1 if t.numel() else 0
+
+
+def _bincount(args: Args, kwargs: Kwargs) -> int:
+    self = args[0]
+    return max(int(_arg(args, kwargs, 2, "minlength", 0)), _max_plus_one(self)) * 8
+
+
+def _one_hot(args: Args, kwargs: Kwargs) -> int:
+    self, classes = args[0], int(_arg(args, kwargs, 1, "num_classes", -1))
+    return self.numel() * (classes if classes >= 0 else _max_plus_one(self)) * 8
+
+
+def _repeat_interleave(args: Args, kwargs: Kwargs) -> int:
+    repeats = args[0]
+    total = int(repeats.sum()) if repeats.numel() else 0
+    size = _arg(args, kwargs, 1, "output_size")
+    if size is not None and int(size) != total:  # the kernel writes `total` elements into `output_size`
+        raise InvalidArgument(f"output_size {size} does not match the sum of repeats {total}")
+    return total * 8
+
+
+def _unique(args: Args, kwargs: Kwargs) -> int:
+    self = args[0]
+    return self.numel() * (self.element_size() + 16) + 64
+
+
+def _index(args: Args, kwargs: Kwargs) -> int:
+    """Boolean masks become as many long indices as they have True entries; the meta kernel does the rest."""
+    self, indices = args[0], args[1]
+    meta: list[torch.Tensor | None] = []
+    for idx in indices:
+        if idx is None:
+            meta.append(None)
+        elif idx.dtype in (torch.bool, torch.uint8):
+            n = int(torch.count_nonzero(idx))
+            meta.extend([torch.empty(n, dtype=torch.long, device=_META)] * max(1, idx.dim()))
+        else:
+            meta.append(torch.empty(idx.shape, dtype=torch.long, device=_META))
+    try:
+        out = torch.ops.aten.index.Tensor(torch.empty(self.shape, dtype=self.dtype, device=_META), meta)
+    except (RuntimeError, IndexError, TypeError, ValueError) as exc:
+        raise InvalidArgument(str(exc).split("\n")[0]) from None
+    return _nbytes(out)
+
+
+def _histogram(args: Args, kwargs: Kwargs) -> int:
+    bins = _arg(args, kwargs, 1, "bins", 100)
+    n = math.prod(bins) if isinstance(bins, list) else int(bins) if isinstance(bins, int) else 0
+    return 2 * (n + len(bins) if isinstance(bins, list) else n + 1) * 8 + _generic(args, kwargs)
+
+
+def _adaptive_pool(args: Args, kwargs: Kwargs) -> int:
+    self, size = args[0], list(args[1])
+    spatial = math.prod(self.shape[-len(size) :]) if size and self.dim() >= len(size) else 1
+    return (self.numel() // max(1, spatial)) * math.prod(size) * self.element_size()
+
+
+_BOUNDS: dict[str, Callable[[Args, Kwargs], int]] = {
+    "aten::nonzero": _nonzero,
+    "aten::argwhere": _nonzero,
+    "aten::masked_select": _masked_select,
+    "aten::bincount": _bincount,
+    "aten::one_hot": _one_hot,
+    "aten::repeat_interleave": _repeat_interleave,
+    "aten::_unique": _unique,
+    "aten::_unique2": _unique,
+    "aten::unique_dim": _unique,
+    "aten::unique_consecutive": _unique,
+    "aten::unique_dim_consecutive": _unique,
+    "aten::index": _index,
+    "aten::histogram": _histogram,
+    "aten::_histogramdd_from_bin_cts": _histogram,
+    "aten::_histogramdd_bin_edges": _histogram,
+    "aten::adaptive_avg_pool2d": _adaptive_pool,
+    "aten::adaptive_avg_pool3d": _adaptive_pool,
+}
+
+
+def no_meta_bound(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs) -> int:
+    """Most bytes the op may allocate; computed from the real inputs (one pass over them at most)."""
+    return _BOUNDS.get(op._schema.name, _generic)(args, kwargs)
+
+
+def _tensors(values: list[Any]) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif isinstance(v, list | tuple):
+            found.extend(t for t in v if isinstance(t, torch.Tensor))
+    return found
