@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -24,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import Program
 
 from gpupool import tokens
 
@@ -33,46 +32,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRAPE_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 HOSTS = ("e2e-host-a", "e2e-host-b")
 TENANT = "e2e-tenant"
-
-
-class Program:
-    """`python -m gpupool.cli ARGS` with its output in a log file; finds lines in that log (bound ports)."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.args = args
-        self.log = log
-        self._log_file = log.open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "GPUPOOL_LOG_LEVEL": "INFO"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gpupool.cli", *args], stdout=self._log_file, stderr=subprocess.STDOUT, env=env
-        )
-
-    def wait_for(self, pattern: str, timeout: float = 90.0) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, self.log.read_text(errors="replace"))
-            if m:
-                return m
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"{pattern!r} never appeared; exit {self.proc.poll()}; log:\n{self.log.read_text()}")
-
-    def ports(self) -> tuple[int, int]:
-        """(gRPC port, metrics port) from the startup log."""
-        grpc_port = int(self.wait_for(r"listening on \S*?:(\d+)").group(1))
-        metrics_port = int(self.wait_for(r"metrics on http://\S*?:(\d+)/metrics").group(1))
-        return grpc_port, metrics_port
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log_file.close()
 
 
 @dataclass
