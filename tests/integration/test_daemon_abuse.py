@@ -1,0 +1,446 @@
+"""Targeted abuse of one `gpupool serve` process: memory bombs, out-of-bounds views, kernels that trust their
+inputs, host-touching ops, other sessions' tensors, huge argument lists, floods of frames, a client that never
+reads, attach/detach churn and slow-loris connections. Each case checks its status code, and a neighbour
+session on the same device verifies its results bit-exact throughout.
+
+The daemon runs with an address-space limit far below its fake GPU's capacity: a bomb that is not refused
+before allocating fails with "out of memory" (and fails the test) instead of exhausting the test machine.
+"""
+
+from __future__ import annotations
+
+import resource
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from gpupool.client.session import Handle, Session
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import DaemonHandle, MiB, start_serve_process, stop_process
+
+from gpupool import errors
+from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
+
+GiB = 1024**3
+QUOTA = 64 * MiB
+ADDRESS_SPACE = 6 * GiB  # far below the fake GPU's 64 GiB: an unrefused bomb fails instead of swapping the box
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonHandle]:
+    import secrets
+
+    key = secrets.token_hex(32).encode()
+    key_file = Path(tmp_path_factory.mktemp("abuse")) / "token.key"
+    key_file.write_bytes(key + b"\n")
+    proc, address = start_serve_process(key_file, "--fake-gpus", "1", "--fake-gpu-memory", "64GiB")
+    resource.prlimit(proc.pid, resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+    yield DaemonHandle(address, key, "test-host", process=proc)
+    assert proc.poll() is None, "the daemon died"
+    assert stop_process(proc) == 0
+
+
+class Neighbour:
+    """A healthy session doing a fixed, verified computation in a background thread."""
+
+    def __init__(self, daemon: DaemonHandle) -> None:
+        self.session = Session.attach(daemon.address, daemon.token(tenant="neighbour", quota_bytes=QUOTA))
+        self.iterations = 0
+        self.failures: list[BaseException] = []
+        self.checked = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        s = self.session
+        gen = torch.Generator().manual_seed(7)
+        try:
+            while not self._stop.is_set():
+                x = torch.randn(16, 16, generator=gen)
+                h = Handle(s.upload(x))
+                [y] = s.call("aten::mm.default", h, h)
+                [z] = s.call("aten::add.Tensor", y, h, alpha=2)
+                got = s.download(z)
+                assert torch.equal(got, torch.add(x @ x, x, alpha=2))
+                s.free([h, y, z])
+                self.iterations += 1
+                self._stop.wait(0.01)
+        except BaseException as exc:  # reported by check()
+            self.failures.append(exc)
+
+    def check(self, min_iterations: int = 2) -> None:
+        """Wait for a few more verified iterations, then stop and detach (once)."""
+        if self.checked:
+            return
+        self.checked = True
+        start = self.iterations
+        deadline = time.monotonic() + 60
+        while self.iterations < start + min_iterations and not self.failures and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stop.set()
+        self._thread.join(timeout=30)
+        assert not self.failures, self.failures
+        assert self.iterations >= min_iterations
+        self.session.close()
+
+
+@pytest.fixture
+def neighbour(served: DaemonHandle) -> Iterator[Neighbour]:
+    n = Neighbour(served)
+    yield n
+    n.check()
+
+
+@pytest.fixture
+def bad(served: DaemonHandle, neighbour: Neighbour) -> Iterator[Session]:
+    with Session.attach(served.address, served.token(tenant="abuser", quota_bytes=QUOTA)) as s:
+        yield s
+
+
+def status(daemon: DaemonHandle) -> device_pb2.StatusReply:
+    with grpc.insecure_channel(daemon.address) as channel:
+        return device_pb2_grpc.DeviceStub(channel).Status(device_pb2.StatusRequest(), timeout=10)
+
+
+def used(daemon: DaemonHandle, s: Session) -> int:
+    return next(u.used_bytes for u in status(daemon).sessions if u.session_id == s.session_id)
+
+
+def usable(s: Session) -> None:
+    [h] = s.call("aten::mul.Tensor", Handle(s.upload(torch.arange(4.0))), 3)
+    assert torch.equal(s.download(h), torch.arange(4.0) * 3)
+
+
+def rss(daemon: DaemonHandle) -> int:
+    assert daemon.process is not None
+    for line in Path(f"/proc/{daemon.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+# ---- memory bombs: refused from their size, before anything is allocated ----
+
+HUGE = 2**38
+
+
+def _bombs(s: Session) -> Iterator[tuple[str, list[int]]]:
+    small = Handle(s.upload(torch.ones(1024)))
+    yield "empty", s.call("aten::empty.memory_format", [HUGE], dtype=torch.float32)
+    yield "zeros", s.call("aten::zeros.default", [HUGE])
+    yield "ones", s.call("aten::ones.default", [HUGE, 4])
+    yield "full", s.call("aten::full.default", [HUGE], 1.5)
+    yield "arange", s.call("aten::arange.default", HUGE)
+    yield "randperm", s.call("aten::randperm.default", HUGE)
+    yield "eye", s.call("aten::eye.default", 2**22)
+    [wide] = s.call("aten::expand.default", Handle(s.upload(torch.ones(1))), [2**27])  # a view: allowed
+    yield "expand+contiguous", s.call("aten::contiguous.default", wide)
+    yield "expand+clone", s.call("aten::clone.default", wide)
+    yield "repeat", s.call("aten::repeat.default", small, [2**20])
+    yield "cat of views", s.call("aten::cat.default", [small] * 20_000)
+    yield "pad", s.call("aten::constant_pad_nd.default", small, [0, HUGE])
+    yield "new_empty_strided", s.call("aten::new_empty_strided.default", small, [2**20, 2**20], [2**20, 1])
+    index = Handle(s.upload(torch.zeros(2**20, dtype=torch.long)))  # 8 MiB of indices
+    rows = Handle(s.upload(torch.ones(1, 4096)))
+    yield "index_select", s.call("aten::index_select.default", rows, 0, index)  # 16 GiB out
+    yield "histc", s.call("aten::histc.default", small, HUGE)
+    # No meta kernel or a data-dependent size: bounded from the real inputs.
+    one = Handle(s.upload(torch.tensor([0])))
+    yield "one_hot", s.call("aten::one_hot.default", one, 2**32)
+    yield "bincount", s.call("aten::bincount.default", Handle(s.upload(torch.tensor([2**33]))))
+    yield "repeat_interleave", s.call("aten::repeat_interleave.Tensor", Handle(s.upload(torch.tensor([2**35]))))
+    [mask] = s.call("aten::expand.default", Handle(s.upload(torch.tensor([True]))), [2**25])
+    yield "nonzero of an expanded view", s.call("aten::nonzero.default", mask)
+    yield "masked_select", s.call("aten::masked_select.default", Handle(s.upload(torch.ones(2**12, 1))), mask)
+
+
+def test_memory_bombs_are_refused_before_allocating(served: DaemonHandle, bad: Session) -> None:
+    start_rss = rss(served)
+    for name, outs in _bombs(bad):
+        with pytest.raises(errors.ResourceExhausted) as info:
+            bad.sync()
+        message = str(info.value)
+        assert "out of memory" not in message and ("requested" in message or "quota" in message), (name, message)
+        with pytest.raises(errors.ResourceExhausted):
+            bad.download(outs[0])  # the output is poisoned with the same error
+    assert used(served, bad) < QUOTA
+    assert rss(served) - start_rss < 512 * MiB
+    usable(bad)
+
+
+def test_in_place_resize_of_an_upload_is_refused(served: DaemonHandle, bad: Session) -> None:
+    h = Handle(bad.upload(torch.arange(8.0)))
+    bad.call("aten::resize_.default", h, [HUGE], outputs=[0])
+    with pytest.raises(errors.ResourceExhausted, match="requested"):
+        bad.sync()
+    assert torch.equal(bad.download(h), torch.arange(8.0))
+
+
+# ---- views and kernels that would read or write out of bounds ----
+
+
+def test_out_of_bounds_views_are_refused(bad: Session) -> None:
+    h = Handle(bad.upload(torch.arange(4.0)))
+    cases = [
+        ("aten::as_strided.default", [h, [10**6], [1]]),
+        ("aten::as_strided.default", [h, [2], [1], 3]),
+        ("aten::_reshape_alias.default", [h, [10**6], [1]]),  # torch itself does not check this one
+        ("aten::as_strided_.default", [h, [4], [10**5]]),
+        ("aten::view.default", [h, [10**6]]),
+    ]
+    for name, args in cases:
+        [out] = bad.call(name, *args)
+        with pytest.raises(errors.InvalidArgument, match="out of bounds|invalid"):
+            bad.sync()
+        with pytest.raises(errors.InvalidArgument):
+            bad.download(out)
+    [ok] = bad.call("aten::_reshape_alias.default", h, [2, 2], [2, 1])
+    assert torch.equal(bad.download(ok), torch.arange(4.0).view(2, 2))
+    assert torch.equal(bad.download(h), torch.arange(4.0))
+
+
+def test_kernels_that_trust_their_inputs_are_checked(served: DaemonHandle, bad: Session) -> None:
+    grad = Handle(bad.upload(torch.ones(2, 3)))
+    far = Handle(bad.upload(torch.tensor([10**6, 0])))
+    pair = Handle(bad.upload(torch.tensor([0, 1])))
+    zeros = Handle(bad.upload(torch.tensor([0, 0])))
+    cases: list[tuple[str, list[Any], dict[str, Any]]] = [
+        # These corrupted the daemon's heap (double free, munmap_chunk) and aborted it.
+        ("aten::_embedding_bag_dense_backward.default", [grad, far, pair, pair, zeros, 2, False, 0, None, -1], {}),
+        ("aten::_cummax_helper.default", [grad, grad, far, 0], {}),
+        ("aten::embedding_dense_backward.default", [grad, far, 2, -1, False], {}),
+        ("aten::_unsafe_masked_index.default", [grad, Handle(bad.upload(torch.tensor([True]))), [far], 0.0], {}),
+        ("aten::to_sparse.default", [grad], {}),
+        (
+            "aten::_fused_adam_.default",
+            [[grad], [grad], [grad], [grad], [], [pair]],
+            dict(lr=0.1, beta1=0.9, beta2=0.9, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False),
+        ),
+        ("aten::repeat_interleave.Tensor", [pair], {"output_size": 10**4}),
+    ]
+    for name, args, kwargs in cases:
+        bad.call(name, *args, outputs=0, **kwargs)
+        with pytest.raises(errors.InvalidArgument):
+            bad.sync()
+    assert served.process is not None and served.process.poll() is None
+    [w] = bad.call("aten::embedding_dense_backward.default", grad, pair, 2, -1, False)  # a valid one still runs
+    assert torch.equal(bad.download(w), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize(
+    "name, args",
+    [
+        ("aten::from_file.default", ["/etc/passwd"]),
+        ("aten::save.default", ["/tmp/x"]),
+        ("aten::_pin_memory.default", ["TENSOR"]),
+        ("aten::pin_memory.default", ["TENSOR"]),
+        ("aten::record_stream.default", ["TENSOR", 0]),
+        ("aten::set.source_Storage", ["TENSOR", "TENSOR"]),
+        ("aten::set_.source_Storage_storage_offset", ["TENSOR", "TENSOR", 0, [1], [1]]),
+        ("aten::_cufft_set_plan_cache_max_size.default", [0, 1]),
+        ("aten::_print.default", ["hello"]),
+        ("aten::_share_memory_.default", ["TENSOR"]),
+    ],
+)
+def test_ops_touching_the_host_are_denied(bad: Session, name: str, args: list[Any]) -> None:
+    h = Handle(bad.upload(torch.ones(2)))
+    bad.call(name, *[h if a == "TENSOR" else a for a in args], outputs=0)
+    with pytest.raises(errors.PermissionDenied, match="denied"):
+        bad.sync()
+    usable(bad)
+
+
+def test_other_sessions_tensors_are_out_of_reach(served: DaemonHandle, bad: Session) -> None:
+    with Session.attach(served.address, served.token(quota_bytes=QUOTA)) as victim:
+        theirs = Handle(victim.upload(torch.arange(4.0)))
+        victim.sync()
+        mine = Handle(bad.upload(torch.ones(4)))
+        attempts: list[tuple[str, list[Any], int | list[int]]] = [
+            ("aten::add_.Tensor", [theirs, mine], [0]),
+            ("aten::copy_.default", [theirs, mine], [0]),
+            ("aten::add.out", [mine, mine], [0]),  # out= below
+            ("aten::neg.default", [mine], [theirs]),  # binding an output under their handle
+        ]
+        for name, args, outs in attempts:
+            kwargs = {"out": theirs} if name.endswith(".out") else {}
+            bad.call(name, *args, outputs=outs, **kwargs)
+            with pytest.raises(errors.PermissionDenied):
+                bad.sync()
+        up = device_pb2.Upload(
+            handle=theirs, meta=tensor_pb2.TensorMeta(dtype=1, shape=[4]), data=b"\0" * 16, last=True
+        )
+        bad._add(device_pb2.Command(upload=up))
+        with pytest.raises(errors.PermissionDenied):
+            bad.sync()
+        assert torch.equal(victim.download(theirs), torch.arange(4.0))
+
+
+def test_set_and_frees_leave_no_memory_behind(served: DaemonHandle, bad: Session) -> None:
+    a = Handle(bad.upload(torch.zeros(1024)))
+    b = Handle(bad.upload(torch.ones(4096)))
+    bad.call("aten::set_.source_Tensor", a, b, outputs=[0])  # a now shares b's storage; its own is freed
+    u = Handle(bad.upload(torch.zeros(8)))
+    [c] = bad.call("aten::set_.source_Tensor", u, a)
+    assert torch.equal(bad.download(a), torch.ones(4096)) and torch.equal(bad.download(c), torch.ones(4096))
+    assert used(served, bad) == 4096 * 4
+    bad.free([a, b, c, u])
+    bad.sync()
+    assert used(served, bad) == 0
+
+
+def test_a_half_uploaded_tensor_cannot_be_read(bad: Session) -> None:
+    h = bad.new_handle()
+    meta = tensor_pb2.TensorMeta(dtype=tensor_pb2.DTYPE_UINT8, shape=[8 * MiB])
+    bad._add(device_pb2.Command(upload=device_pb2.Upload(handle=h, meta=meta, data=b"\1" * MiB)))
+    with pytest.raises(errors.FailedPrecondition, match="still being uploaded"):
+        bad.download(h)  # its other 7 MiB were never written: uninitialized daemon memory
+    bad.call("aten::sum.default", Handle(h))
+    with pytest.raises(errors.FailedPrecondition):
+        bad.sync()
+
+
+# ---- sizes of messages, lists and floods ----
+
+
+def test_huge_argument_lists(bad: Session) -> None:
+    h = Handle(bad.upload(torch.arange(6.0)))
+    bad.call("aten::view.default", h, [1] * 1_000_000)
+    with pytest.raises(errors.InvalidArgument):
+        bad.sync()
+    bad.op("aten::add.Tensor", [tensor_pb2.Arg(tensor=h)] * 5000, None, [bad.new_handle()])
+    with pytest.raises(errors.InvalidArgument):
+        bad.sync()
+    bad.op("aten::neg.default", [tensor_pb2.Arg(tensor=h)], None, [bad.new_handle() for _ in range(50_000)])
+    with pytest.raises(errors.InvalidArgument, match="output handles"):
+        bad.sync()
+    [total] = bad.call("aten::cat.default", [h] * 50_000)  # long, but within the quota: it runs
+    assert bad.download(total).shape == (300_000,)
+
+
+def _raw_stream(daemon: DaemonHandle, token: str) -> tuple[grpc.Channel, str, Any]:
+    channel = grpc.insecure_channel(daemon.address, options=[("grpc.max_receive_message_length", 64 * MiB)])
+    reply = device_pb2_grpc.DeviceStub(channel).Attach(device_pb2.AttachRequest(token=token))
+    stream = channel.stream_stream(
+        "/gpupool.v1.Device/Stream", request_serializer=None, response_deserializer=device_pb2.ServerFrame.FromString
+    )
+    return channel, reply.session_id, (reply.handle_base, stream)
+
+
+def test_ten_thousand_tiny_frames(served: DaemonHandle, neighbour: Neighbour) -> None:
+    channel, sid, (base, stream) = _raw_stream(served, served.token(quota_bytes=QUOTA))
+    with channel:
+        x = base + 1
+        up = device_pb2.Upload(handle=x, meta=tensor_pb2.TensorMeta(dtype=1, shape=[1]), data=b"\0\0\0\0", last=True)
+        frames = [device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString()]
+        add = device_pb2.Op(name="aten::add_.Tensor", args=[tensor_pb2.Arg(tensor=x), tensor_pb2.Arg(i=1)], outputs=[0])
+        one = device_pb2.ClientFrame(commands=[device_pb2.Command(op=add)]).SerializeToString()
+        frames += [one] * 10_000 + [b""] * 10_000  # and as many empty frames
+        sync = device_pb2.Sync(request_id=1, scalar_handles=[x])
+        frames.append(device_pb2.ClientFrame(commands=[device_pb2.Command(sync=sync)]).SerializeToString())
+        replies = stream(iter(frames), metadata=(("gpupool-session", sid),), timeout=120)
+        first = next(replies)
+        assert first.sync.values[0].f == 10_000.0 and not first.sync.HasField("error")
+
+
+def test_a_client_that_never_reads_is_pushed_back(served: DaemonHandle, neighbour: Neighbour) -> None:
+    channel, sid, (base, stream) = _raw_stream(served, served.token(quota_bytes=QUOTA))
+    with channel:
+        x = base + 1
+        meta = tensor_pb2.TensorMeta(dtype=tensor_pb2.DTYPE_UINT8, shape=[4 * MiB])
+        up = device_pb2.Upload(handle=x, meta=meta, data=b"\7" * (4 * MiB), last=True)
+        gets = [device_pb2.Command(get=device_pb2.Get(request_id=i, handle=x)) for i in range(1, 201)]
+        sent, release = threading.Event(), threading.Event()
+
+        def frames() -> Iterator[bytes]:
+            yield device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString()
+            for _ in range(10):  # 2000 downloads of 4 MiB: 8 GiB if the daemon buffered them all
+                yield device_pb2.ClientFrame(commands=gets).SerializeToString()
+            sent.set()
+            release.wait(60)
+
+        start = rss(served)
+        call = stream(frames(), metadata=(("gpupool-session", sid),), timeout=120)  # never read
+        sent.wait(20)
+        time.sleep(3)  # time for an unbounded daemon to build gigabytes of replies
+        grown = rss(served) - start
+        assert grown < 512 * MiB, f"daemon grew by {grown >> 20} MiB for a client that does not read"
+        neighbour.check(min_iterations=2)  # the device keeps serving others meanwhile
+        first = next(call)  # reading now gets the replies, in order
+        assert first.request_id == 1 and first.chunk.meta.shape == [4 * MiB]
+        call.cancel()
+        release.set()
+    deadline = time.monotonic() + 20
+    while sid in {s.session_id for s in status(served).sessions} and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sid not in {s.session_id for s in status(served).sessions}
+
+
+def test_attach_detach_churn(served: DaemonHandle, neighbour: Neighbour) -> None:
+    failures: list[BaseException] = []
+
+    def churn(n: int) -> None:
+        try:
+            for i in range(n):
+                s = Session.attach(served.address, served.token(quota_bytes=QUOTA, tenant=f"churn{i % 3}"))
+                h = Handle(s.upload(torch.full((256,), float(i))))
+                if i % 2:
+                    assert s.download(h)[0] == i
+                s.close()
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=churn, args=(25,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not failures, failures
+    deadline = time.monotonic() + 20
+    while True:  # the neighbour keeps allocating: compare device and session totals until a quiet moment
+        st = status(served)
+        others = [s for s in st.sessions if s.tenant != "neighbour"]
+        balanced = st.devices[0].used_bytes == sum(s.used_bytes for s in st.sessions)
+        if (not others and balanced) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not others
+    assert balanced  # every closed session's memory came back to the device
+
+
+def test_slow_loris_connections(served: DaemonHandle, neighbour: Neighbour) -> None:
+    host, port = served.address.rsplit(":", 1)
+    socks = []
+    try:
+        for i in range(30):
+            sock = socket.create_connection((host, int(port)), timeout=5)
+            sock.sendall(b"PRI * HTTP/2.0\r\n"[: 1 + i % 10])  # a preface that never completes
+            socks.append(sock)
+        idle_channel, sid, (_, stream) = _raw_stream(served, served.token(quota_bytes=QUOTA))
+        stop = threading.Event()
+
+        def dribble() -> Iterator[bytes]:
+            while not stop.wait(0.5):
+                yield b""  # a frame every half second, forever
+
+        call = stream(dribble(), metadata=(("gpupool-session", sid),), timeout=60)
+        for sock in socks:
+            sock.sendall(b"\0")
+        with grpc.insecure_channel(served.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        with Session.attach(served.address, served.token(quota_bytes=QUOTA)) as s:
+            usable(s)
+        neighbour.check(min_iterations=3)
+        stop.set()
+        call.cancel()
+        idle_channel.close()
+    finally:
+        for sock in socks:
+            sock.close()
