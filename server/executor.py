@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 from gpupool.server import guards
 from gpupool.server.ops import NO_META, MetaSizer, OpTable
-from gpupool.server.sessions import Poison, PoisonedInput, Session
+from gpupool.server.sessions import Poison, PoisonedInput, Session, zero_bytes
 
 from gpupool import wire
 from gpupool._proto import device_pb2, tensor_pb2
@@ -112,6 +112,9 @@ class CommandExecutor:
 
     def _op(self, s: Session, msg: device_pb2.Op) -> None:
         op = self.ops.resolve(msg.name)
+        lists = [len(a.tensors.handles) for a in msg.args if a.WhichOneof("value") == "tensors"]
+        if lists and max(lists) > guards.MAX_TENSORS:  # before resolving millions of handles
+            guards.check_counts(op, lists, [], {})
         dev = s.device.torch_device
         args = [wire.decode_arg(a, s.resolve, dev) for a in msg.args]
         kwargs = {k: wire.decode_arg(v, s.resolve, dev) for k, v in msg.kwargs.items()}
@@ -121,6 +124,7 @@ class CommandExecutor:
             if h:
                 s.check_handle(h)
         guards.check_inputs(args, kwargs, s.quota)
+        guards.check_counts(op, [], args, kwargs)
         guards.validate(op, args, kwargs)
         need = self.sizer.new_bytes(op, args, kwargs)
         if need == NO_META:  # bounded from the real inputs, so its output cannot exhaust the host first
@@ -136,6 +140,10 @@ class CommandExecutor:
         self.ledger.op(s)
         if op._schema.is_mutable:
             s.recount(_arg_handles(msg))
+        if op._schema.name in _UNINITIALIZED:  # never hand out memory another session wrote and freed
+            for t in _slots(out):
+                if isinstance(t, torch.Tensor):
+                    zero_bytes(t.untyped_storage(), 0, t.untyped_storage().nbytes())
         bound = self._bind_outputs(s, msg.outputs, out, dev)
         if s.used > s.quota and s.used > used_before:
             for h in bound:
@@ -256,6 +264,17 @@ class CommandExecutor:
         return device_pb2.ServerFrame(request_id=sync.request_id, sync=reply)
 
 
+# Factories that return uninitialized memory (the allocator's previous contents, possibly another session's).
+_UNINITIALIZED = frozenset(
+    {
+        "aten::empty",
+        "aten::empty_strided",
+        "aten::empty_like",
+        "aten::empty_permuted",
+        "aten::new_empty",
+        "aten::new_empty_strided",
+    }
+)
 _FRAME_CHUNK_TAG = bytes([(3 << 3) | 2])  # ServerFrame.chunk = 3, length-delimited
 _CHUNK_DATA_TAG = bytes([(3 << 3) | 2])  # TensorChunk.data = 3, length-delimited
 

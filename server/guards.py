@@ -88,10 +88,19 @@ _VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {
 }
 
 
+def _checked(what: str, fn: Callable[[Args, Kwargs], Any], args: Args, kwargs: Kwargs) -> Any:
+    """Run a guard; arguments that do not even fit the op's schema are the client's error, not the daemon's."""
+    try:
+        return fn(args, kwargs)
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError, RuntimeError, OverflowError) as exc:
+        reason = str(exc).split("\n")[0][:200]
+        raise InvalidArgument(f"bad arguments for {what}: {type(exc).__name__}: {reason}") from None
+
+
 def validate(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs) -> None:
     check = _VALIDATORS.get(op._schema.name)
     if check is not None:
-        check(args, kwargs)
+        _checked(op._schema.name, check, args, kwargs)
 
 
 def _checked_reshape_alias(self: torch.Tensor, size: list[int], stride: list[int]) -> torch.Tensor:
@@ -102,6 +111,57 @@ def replacement(op: torch._ops.OpOverload) -> Callable[..., Any] | None:
     if op._schema.name == "aten::_reshape_alias":
         return _checked_reshape_alias
     return None
+
+
+MAX_TENSORS = 65536  # tensors in one list argument or returned by one op: each costs ~600 bytes of host RAM
+
+
+def _dim_size(args: Args, kwargs: Kwargs, i: int, default: int = 0) -> int:
+    self, dim = args[0], int(_arg(args, kwargs, i, "dim", default))
+    return int(self.size(dim)) if self.dim() and -self.dim() <= dim < self.dim() else 1
+
+
+def _split_count(args: Args, kwargs: Kwargs) -> int:
+    size = int(_arg(args, kwargs, 1, "split_size", 1))
+    return -(-_dim_size(args, kwargs, 2) // size) if size > 0 else 1
+
+
+def _sections(args: Args, kwargs: Kwargs) -> int:
+    value = _arg(args, kwargs, 1, "sections", 1)
+    if isinstance(value, list | tuple):
+        return len(value) + 1
+    if isinstance(value, torch.Tensor):
+        return int(value.item()) if value.dim() == 0 else value.numel() + 1
+    return int(value)
+
+
+# How many tensors an op returning Tensor[] makes, from its arguments (views cost no quota, but RAM and time).
+_LIST_COUNTS: dict[str, Callable[[Args, Kwargs], int]] = {
+    "aten::split": _split_count,
+    "aten::unsafe_split": _split_count,
+    "aten::split_copy": _split_count,
+    "aten::unbind": lambda a, k: _dim_size(a, k, 1),
+    "aten::unbind_copy": lambda a, k: _dim_size(a, k, 1),
+    "aten::chunk": lambda a, k: int(_arg(a, k, 1, "chunks", 1)),
+    "aten::unsafe_chunk": lambda a, k: int(_arg(a, k, 1, "chunks", 1)),
+    "aten::split_with_sizes": lambda a, k: len(_arg(a, k, 1, "split_sizes", [])),
+    "aten::unsafe_split_with_sizes": lambda a, k: len(_arg(a, k, 1, "split_sizes", [])),
+    "aten::split_with_sizes_copy": lambda a, k: len(_arg(a, k, 1, "split_sizes", [])),
+    "aten::tensor_split": _sections,
+    "aten::hsplit": _sections,
+    "aten::vsplit": _sections,
+    "aten::dsplit": _sections,
+}
+
+
+def check_counts(op: torch._ops.OpOverload, msg_lists: Sequence[int], args: Args, kwargs: Kwargs) -> None:
+    """Refuse list arguments or list results of more than MAX_TENSORS tensors (host memory, not quota)."""
+    if any(n > MAX_TENSORS for n in msg_lists):
+        raise InvalidArgument(f"a tensor list argument of {max(msg_lists)} tensors; at most {MAX_TENSORS}")
+    count = _LIST_COUNTS.get(op._schema.name)
+    n = 0 if count is None else int(_checked(op._schema.name, count, args, kwargs))
+    if n > MAX_TENSORS:
+        raise InvalidArgument(f"{op._schema.name} would return {n} tensors; at most {MAX_TENSORS}")
 
 
 def check_inputs(args: Args, kwargs: Kwargs, limit: int) -> None:
@@ -219,7 +279,7 @@ _BOUNDS: dict[str, Callable[[Args, Kwargs], int]] = {
 
 def no_meta_bound(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs) -> int:
     """Most bytes the op may allocate; computed from the real inputs (one pass over them at most)."""
-    return _BOUNDS.get(op._schema.name, _generic)(args, kwargs)
+    return int(_checked(op._schema.name, _BOUNDS.get(op._schema.name, _generic), args, kwargs))
 
 
 def _tensors(values: list[Any]) -> list[torch.Tensor]:

@@ -187,6 +187,8 @@ class Session:
             entry = self._storages[storage._cdata]
             nbytes = storage.nbytes()
             if nbytes != entry[1]:
+                if nbytes > entry[1]:
+                    zero_bytes(storage, entry[1], nbytes)  # grown memory may hold another session's old data
                 self._account(nbytes - entry[1])
                 entry[1] = nbytes
 
@@ -211,6 +213,13 @@ class Session:
                 self.unbind(h)
             self.poisoned.clear()
             self.uploads.clear()
+
+
+def zero_bytes(storage: torch.UntypedStorage, start: int, end: int) -> None:
+    """Zero bytes [start, end) of a storage: allocators hand out memory freed by other sessions as it was."""
+    view = torch.empty(0, dtype=torch.uint8, device=storage.device)
+    view.set_(storage, start, (end - start,), (1,))
+    view.zero_()
 
 
 def reply_bytes(item: Any) -> int:

@@ -322,6 +322,29 @@ def test_huge_argument_lists(bad: Session) -> None:
         bad.sync()
     [total] = bad.call("aten::cat.default", [h] * 50_000)  # long, but within the quota: it runs
     assert bad.download(total).shape == (300_000,)
+    bad.call("aten::cat.default", [h] * 100_000)  # each listed tensor costs host RAM outside the quota
+    with pytest.raises(errors.InvalidArgument, match="at most"):
+        bad.sync()
+
+
+def test_millions_of_views_are_refused(served: DaemonHandle, bad: Session) -> None:
+    """Views cost no quota, but each is ~600 bytes of host RAM: a 16M-element tensor split into singles made
+    the daemon build 16M tensors (10 GB and minutes of the device's time) just to size the op."""
+    flags = Handle(bad.upload(torch.zeros(16 * MiB, dtype=torch.bool)))
+    start = rss(served)
+    for name, args in [
+        ("aten::split.Tensor", [flags, 1]),
+        ("aten::unbind.int", [flags]),
+        ("aten::chunk.default", [flags, 2**40]),
+        ("aten::tensor_split.sections", [flags, 10**7]),
+        ("aten::split_with_sizes.default", [flags, [1] * 1_000_000]),
+    ]:
+        bad.call(name, *args, outputs=0)
+        with pytest.raises(errors.InvalidArgument, match="at most"):
+            bad.sync()
+    assert rss(served) - start < 256 * MiB
+    [a, b] = bad.call("aten::split.Tensor", flags, 8 * MiB, outputs=2)
+    assert bad.download(b).shape == (8 * MiB,)
 
 
 def _raw_stream(daemon: DaemonHandle, token: str) -> tuple[grpc.Channel, str, Any]:
@@ -444,3 +467,38 @@ def test_slow_loris_connections(served: DaemonHandle, neighbour: Neighbour) -> N
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_no_session_reads_memory_another_one_freed(served: DaemonHandle, bad: Session) -> None:
+    """`empty` and a growing `resize_` handed out the allocator's old contents: another tenant's freed data."""
+    with Session.attach(served.address, served.token(quota_bytes=QUOTA)) as victim:
+        for n in (4096, 30_000):
+            secret = Handle(victim.upload(torch.full((n,), 1234.5)))
+            [copy] = victim.call("aten::mul.Tensor", secret, 1.0)
+            victim.sync()
+            victim.free([secret, copy])
+            victim.sync()
+            [e] = bad.call("aten::empty.memory_format", [n], dtype=torch.float32)
+            [s] = bad.call("aten::new_empty_strided.default", e, [n // 2], [2])
+            grown = Handle(bad.upload(torch.ones(1)))
+            bad.call("aten::resize_.default", grown, [n], outputs=[0])
+            for h in (e, s, grown):
+                got = bad.download(h)
+                assert not (got == 1234.5).any(), f"{int((got == 1234.5).sum())} of another session's values read"
+            assert torch.equal(bad.download(grown)[1:], torch.zeros(n - 1))
+
+
+def test_malformed_arguments_to_guarded_ops_are_invalid(bad: Session) -> None:
+    """Guards that read arguments before torch does must answer INVALID_ARGUMENT, never INTERNAL (fuzz find)."""
+    for name in (
+        "aten::masked_select.default",
+        "aten::bincount.default",
+        "aten::split.Tensor",
+        "aten::embedding_dense_backward.default",
+    ):
+        bad.call(name, "not a tensor", outputs=0)
+        with pytest.raises(errors.InvalidArgument):
+            bad.sync()
+        bad.call(name, outputs=0)
+        with pytest.raises(errors.InvalidArgument):
+            bad.sync()
