@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--embed-std", type=float, default=BENCHMARK["embed_std"], help="std of the embeddings' initial N(0, std)"
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--log-every", type=int, default=100, help="log the running train loss every N steps (0: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -108,6 +109,7 @@ def run_epoch(
     task = progress.add_task("train" if training else "test ", total=n_batches)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = step = 0
     with torch.set_grad_enabled(training):
         for tokens, labels in data.batches(split, args.batch_size, args.max_len, rng=rng):
             tokens, labels = tokens.to(device), labels.to(device)
@@ -122,6 +124,12 @@ def run_epoch(
             loss_sum += loss.detach() * labels.shape[0]
             correct += (logits.detach().argmax(dim=1) == labels).sum()
             progress.advance(task)
+            seen += labels.shape[0]
+            step += 1
+            if training and args.log_every > 0 and step % args.log_every == 0:
+                # One read-back every N steps: a progress line, and it keeps an asynchronous device from falling
+                # minutes behind the script (a remote op queue that long delays everything else on the session).
+                log.info("  step %d: train loss %.4f acc %.4f", step, loss_sum.item() / seen, correct.item() / seen)
     progress.remove_task(task)
     return loss_sum.item() / len(split), correct.item() / len(split)
 
