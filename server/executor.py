@@ -182,6 +182,8 @@ class CommandExecutor:
                 value = torch.tensor(value, device=dev)
             if value.layout != torch.strided or value.is_quantized or value.is_nested:
                 raise InvalidArgument(f"the op returns a {value.layout} tensor; only dense tensors live on the daemon")
+            if value.dim() > MAX_DIMS:  # sizes and strides live in host RAM, outside the quota
+                raise InvalidArgument(f"the op returns a tensor of {value.dim()} dimensions; at most {MAX_DIMS}")
             s.bind(h, value)
             bound.append(h)
         return bound
@@ -228,6 +230,11 @@ class CommandExecutor:
         """Serialized chunk frames of the tensor's value, built now (so later ops cannot change them), each
         with one copy of the data: protobuf's own bytes fields would cost two more."""
         t = s.resolve(get.handle)
+        if t.numel() * t.element_size() > s.quota:  # an expanded view: its copy would be a memory bomb
+            raise ResourceExhausted(
+                f"download of {t.numel() * t.element_size()} bytes (an expanded view?) exceeds the session's "
+                f"{s.quota} byte quota"
+            )
         src = t if t.device.type == "cpu" and t.is_contiguous() else t.detach().cpu().contiguous()
         flat = _host_bytes(src)  # keeps no reference: `src` stays alive until the frames are built
         total = flat.nbytes

@@ -125,6 +125,8 @@ class MetaSizer:
         """Bytes of storage the op allocates or grows, or NO_META when only running it can tell."""
         if torch.Tag.dynamic_output_shape in op.tags:
             return NO_META
+        if _too_long(args) or _too_long(list(kwargs.values())):  # a key of megabytes, 8192 times over
+            return _meta_new_bytes(op, args, kwargs)
         key = (op, _meta_key(tuple(args)), _meta_key(tuple(sorted(kwargs.items()))))
         try:
             hit = self._cache.get(key)
@@ -138,6 +140,10 @@ class MetaSizer:
                 self._cache.clear()
             self._cache[key] = size
         return size
+
+
+def _too_long(values: Sequence[Any], limit: int = 256) -> bool:
+    return any(isinstance(v, list | tuple) and len(v) > limit for v in values)
 
 
 def _meta_new_bytes(op: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:

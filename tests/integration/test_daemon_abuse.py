@@ -327,6 +327,23 @@ def test_huge_argument_lists(bad: Session) -> None:
         bad.sync()
 
 
+def test_host_memory_outside_the_quota_is_bounded(served: DaemonHandle, bad: Session) -> None:
+    """Downloading a huge expanded view copied it whole; tensors of a million dimensions kept 16 MB of sizes
+    each, and the op-size cache kept their keys: all host RAM that no quota counted."""
+    [wide] = bad.call("aten::expand.default", Handle(bad.upload(torch.ones(1))), [2**36])
+    with pytest.raises(errors.ResourceExhausted, match="download"):
+        bad.download(wide)
+    h = Handle(bad.upload(torch.arange(6.0)))
+    start = rss(served)
+    for i in range(6):
+        [v] = bad.call("aten::view.default", h, [1] * (1_000_000 + i) + [6])
+        with pytest.raises(errors.InvalidArgument, match="dimensions"):
+            bad.download(v)
+    assert rss(served) - start < 256 * MiB
+    [ok] = bad.call("aten::view.default", h, [1] * 60 + [6])
+    assert bad.download(ok).shape == (1,) * 60 + (6,)
+
+
 def test_millions_of_views_are_refused(served: DaemonHandle, bad: Session) -> None:
     """Views cost no quota, but each is ~600 bytes of host RAM: a 16M-element tensor split into singles made
     the daemon build 16M tensors (10 GB and minutes of the device's time) just to size the op."""
