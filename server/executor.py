@@ -123,6 +123,7 @@ class CommandExecutor:
         for h in msg.outputs:
             if h:
                 s.check_handle(h)
+        guards.check_enums(op, args, kwargs)
         guards.check_inputs(args, kwargs, s.quota)
         guards.check_counts(op, [], args, kwargs)
         guards.validate(op, args, kwargs)

@@ -97,7 +97,17 @@ def _checked(what: str, fn: Callable[[Args, Kwargs], Any], args: Args, kwargs: K
         raise InvalidArgument(f"bad arguments for {what}: {type(exc).__name__}: {reason}") from None
 
 
+def _foreach_lengths(args: Args, kwargs: Kwargs) -> None:
+    """_foreach_ kernels walk their lists in step; _foreach_copy_ with a shorter `self` aborted the daemon."""
+    lengths = {len(v) for v in list(args) + list(kwargs.values()) if isinstance(v, list) and v}
+    lengths |= {len(v) for v in list(args) + list(kwargs.values()) if isinstance(v, list) and not v}
+    if len(lengths) > 1:
+        raise InvalidArgument(f"list arguments of different lengths {sorted(lengths)}")
+
+
 def validate(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs) -> None:
+    if op._schema.name.startswith("aten::_foreach_"):
+        _checked(op._schema.name, _foreach_lengths, args, kwargs)
     check = _VALIDATORS.get(op._schema.name)
     if check is not None:
         _checked(op._schema.name, check, args, kwargs)
@@ -162,6 +172,36 @@ def check_counts(op: torch._ops.OpOverload, msg_lists: Sequence[int], args: Args
     n = 0 if count is None else int(_checked(op._schema.name, count, args, kwargs))
     if n > MAX_TENSORS:
         raise InvalidArgument(f"{op._schema.name} would return {n} tensors; at most {MAX_TENSORS}")
+
+
+_ENUMS: dict[str, type] = {
+    "ScalarType": torch.dtype,
+    "Layout": torch.layout,
+    "MemoryFormat": torch.memory_format,
+    "Device": torch.device,
+}
+_enum_params: dict[torch._ops.OpOverload, list[tuple[int, str, type]]] = {}
+
+
+def _enums(op: torch._ops.OpOverload) -> list[tuple[int, str, type]]:
+    found = _enum_params.get(op)
+    if found is None:
+        found = []
+        for i, a in enumerate(op._schema.arguments):
+            declared = str(getattr(a, "real_type", a.type)).removeprefix("Optional[").removesuffix("]")
+            if declared in _ENUMS:
+                found.append((i, a.name, _ENUMS[declared]))
+        _enum_params[op] = found
+    return found
+
+
+def check_enums(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs) -> None:
+    """dtype, layout, memory_format and device parameters are ints to the dispatcher: a plain int such as
+    dtype=-1 became an invalid ScalarType and crashed the daemon (segfault in `ones`, `sum`, `_to_copy`)."""
+    for i, name, kind in _enums(op):
+        value = args[i] if i < len(args) else kwargs.get(name)
+        if value is not None and not isinstance(value, kind):
+            raise InvalidArgument(f"argument {name!r} must be a {kind.__name__}, not {type(value).__name__}")
 
 
 def check_inputs(args: Args, kwargs: Kwargs, limit: int) -> None:

@@ -519,3 +519,36 @@ def test_malformed_arguments_to_guarded_ops_are_invalid(bad: Session) -> None:
         bad.call(name, outputs=0)
         with pytest.raises(errors.InvalidArgument):
             bad.sync()
+
+
+def test_ints_for_dtype_layout_or_device_are_refused(served: DaemonHandle, bad: Session) -> None:
+    """The dispatcher takes dtype/layout/memory_format as ints: `ones([2], dtype=-1)` segfaulted the daemon."""
+    h = Handle(bad.upload(torch.ones(2)))
+    cases: list[tuple[str, list[Any], dict[str, tensor_pb2.Arg]]] = [
+        ("aten::ones.default", [[2]], {"dtype": tensor_pb2.Arg(i=-1)}),
+        ("aten::sum.dim_IntList", [h, [0]], {"dtype": tensor_pb2.Arg(i=-1)}),
+        ("aten::_to_copy.default", [h], {"dtype": tensor_pb2.Arg(i=1000)}),
+        ("aten::empty.memory_format", [[2]], {"layout": tensor_pb2.Arg(i=7)}),
+        ("aten::empty.memory_format", [[2]], {"memory_format": tensor_pb2.Arg(i=9)}),
+        ("aten::_foreach_powsum.Scalar", [[h], 2, -1], {}),  # a positional dtype
+    ]
+    for name, args, kwargs in cases:
+        bad.op(name, [bad._encode(a) for a in args], kwargs, [bad.new_handle()])
+        with pytest.raises(errors.InvalidArgument, match="must be a"):
+            bad.sync()
+    assert served.process is not None and served.process.poll() is None
+    [ok] = bad.call("aten::ones.default", [2], dtype=torch.float64)
+    assert bad.download(ok).dtype == torch.float64
+
+
+def test_foreach_lists_of_different_lengths_are_refused(served: DaemonHandle, bad: Session) -> None:
+    """`_foreach_copy_` with a shorter `self` than `src` aborted the daemon; with a longer one it read past
+    the end of `src`."""
+    a, b = Handle(bad.upload(torch.ones(2))), Handle(bad.upload(torch.zeros(2)))
+    for dst, src in (([a], [b, b, b]), ([a, a, a], [b])):
+        bad.call("aten::_foreach_copy_.default", dst, src, outputs=0)
+        with pytest.raises(errors.InvalidArgument, match="different lengths"):
+            bad.sync()
+    assert served.process is not None and served.process.poll() is None
+    bad.call("aten::_foreach_copy_.default", [a], [b], outputs=0)
+    assert torch.equal(bad.download(a), torch.zeros(2))
