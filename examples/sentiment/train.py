@@ -5,8 +5,8 @@
 
 Each epoch prints train loss/accuracy, test loss/accuracy (over the whole test split) and its time; training
 stops once test accuracy reaches --target (MLPerf's 90.6%). The model is saved to --out (see checkpoint.py).
-Loss and accuracy are accumulated on the device and read back once per epoch, so a remote device is not
-synchronised on every step.
+Loss and accuracy are accumulated on the device and read back only every --log-every steps and at the end of
+an epoch, so a remote device is not synchronised on every step.
 """
 
 from __future__ import annotations
