@@ -40,7 +40,19 @@ UNSUPPORTED_FRAGMENTS = (
     "_to_sparse",
     "slow_conv",  # reached through aten::convolution (which has a meta kernel); direct calls are unbounded
     "_transform_bias_rescale_qkv",
+    # Internal helpers (autograd decompositions, functorch, NNPACK, 4-bit quantized matmul) that a schema-driven
+    # hunt with small random arguments crashed (SIGSEGV/SIGFPE); eager clients reach their public callers.
+    "_batch_norm_impl_index",
+    "_dyn_quant_",
+    "_new_zeros_with_same_feature_meta",
+    "_nnpack_",
+    "_remove_batch_dim",
+    "_add_batch_dim",
+    "_reshape_alias_copy",
+    "_thnn_differentiable_",
 )
+# Single overloads the same hunt crashed whose siblings stay allowed.
+UNSUPPORTED_OVERLOADS = frozenset({"aten::_ctc_loss_backward.out"})
 # Argument types that cannot come from a remote client (raw storages, streams).
 _DENIED_TYPES = ("Storage", "Stream")
 # Exact overloads denied on top: set_ onto raw storages or offsets into other tensors' storage.
@@ -82,7 +94,7 @@ def _resolve(name: str) -> torch._ops.OpOverload:
     base, overload = m.group(1), m.group(2) or "default"
     if any(frag in base for frag in DENIED_FRAGMENTS) or name in DENIED_OVERLOADS:
         raise PermissionDenied(f"op {name!r} denied: it reaches the daemon's host")
-    if any(frag in base for frag in UNSUPPORTED_FRAGMENTS):
+    if any(frag in base for frag in UNSUPPORTED_FRAGMENTS) or name in UNSUPPORTED_OVERLOADS:
         raise InvalidArgument(f"op {name!r} is not supported on the daemon")
     try:
         packet = getattr(torch.ops.aten, base)

@@ -552,3 +552,22 @@ def test_foreach_lists_of_different_lengths_are_refused(served: DaemonHandle, ba
     assert served.process is not None and served.process.poll() is None
     bad.call("aten::_foreach_copy_.default", [a], [b], outputs=0)
     assert torch.equal(bad.download(a), torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [  # each crashed a process (SIGSEGV or SIGFPE) with small random arguments in a schema-driven hunt
+        "aten::_batch_norm_impl_index_backward.default",
+        "aten::_ctc_loss_backward.out",
+        "aten::_dyn_quant_matmul_4bit.default",
+        "aten::_new_zeros_with_same_feature_meta.out",
+        "aten::_nnpack_spatial_convolution.default",
+        "aten::_remove_batch_dim.default",
+        "aten::_reshape_alias_copy.out",
+        "aten::_thnn_differentiable_gru_cell_backward.default",
+    ],
+)
+def test_kernels_found_crashing_are_not_served(bad: Session, name: str) -> None:
+    bad.call(name, Handle(bad.upload(torch.ones(2))), outputs=0)
+    with pytest.raises(errors.InvalidArgument, match="not supported"):
+        bad.sync()
