@@ -76,7 +76,31 @@ def _same_lists(args: Args, kwargs: Kwargs) -> None:
                 raise InvalidArgument(f"tensor of {t.numel()} elements where {p.numel()} are expected")
 
 
+def _fractional_pool_backward(dims: int) -> Callable[[Args, Kwargs], None]:
+    """The CPU kernel scatters grad_output through `indices` into self's plane unchecked (SIGSEGV)."""
+
+    def check(args: Args, kwargs: Kwargs) -> None:
+        grad, self = _arg(args, kwargs, 0, "grad_output"), _arg(args, kwargs, 1, "self")
+        indices = _arg(args, kwargs, 4, "indices")
+        out = list(_arg(args, kwargs, 3, "output_size"))
+        if (
+            tuple(indices.shape) != tuple(grad.shape)
+            or self.dim() < dims
+            or list(grad.shape[-dims:]) != out
+            or tuple(grad.shape[:-dims]) != tuple(self.shape[:-dims])
+        ):
+            raise InvalidArgument(
+                f"grad_output {list(grad.shape)} and indices {list(indices.shape)} do not match output_size {out} "
+                f"of input {list(self.shape)}"
+            )
+        _in_range(indices, 0, math.prod(self.shape[-dims:]), "indices")
+
+    return check
+
+
 _VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {
+    "aten::fractional_max_pool2d_backward": _fractional_pool_backward(2),
+    "aten::fractional_max_pool3d_backward": _fractional_pool_backward(3),
     "aten::embedding_dense_backward": _embedding_dense_backward,
     "aten::_embedding_bag_dense_backward": _embedding_bag_dense_backward,
     "aten::_embedding_bag_backward": _embedding_bag_dense_backward,

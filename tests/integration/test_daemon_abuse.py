@@ -571,3 +571,31 @@ def test_kernels_found_crashing_are_not_served(bad: Session, name: str) -> None:
     bad.call(name, Handle(bad.upload(torch.ones(2))), outputs=0)
     with pytest.raises(errors.InvalidArgument, match="not supported"):
         bad.sync()
+
+
+def test_fractional_max_pool_backward_indices_are_checked(served: DaemonHandle, bad: Session) -> None:
+    """Its CPU kernel scatters through `indices` unchecked: out-of-range ones segfaulted the daemon."""
+    grad = Handle(bad.upload(torch.ones(1, 1, 2, 2)))
+    image = Handle(bad.upload(torch.zeros(1, 1, 4, 4)))
+    for indices, output_size in (
+        (torch.full((1, 1, 2, 2), 10**6), [2, 2]),
+        (torch.full((1, 1, 2, 2), -5), [2, 2]),
+        (torch.zeros(1, 1, 2, 2, dtype=torch.long), [3, 3]),
+    ):
+        bad.call(
+            "aten::fractional_max_pool2d_backward.default",
+            grad,
+            image,
+            [2, 2],
+            output_size,
+            Handle(bad.upload(indices)),
+        )
+        with pytest.raises(errors.InvalidArgument):
+            bad.sync()
+    assert served.process is not None and served.process.poll() is None
+    idx = torch.tensor([[[[0, 3], [12, 15]]]])
+    [g] = bad.call("aten::fractional_max_pool2d_backward.default", grad, image, [2, 2], [2, 2], Handle(bad.upload(idx)))
+    expected = torch.ops.aten.fractional_max_pool2d_backward(
+        torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 4, 4), [2, 2], [2, 2], idx
+    )
+    assert torch.equal(bad.download(g), expected)
