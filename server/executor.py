@@ -140,7 +140,7 @@ class CommandExecutor:
         s.ops += 1
         self.ledger.op(s)
         if op._schema.is_mutable:
-            s.recount(_arg_handles(msg))
+            s.recount(_arg_handles(msg), zero_growth=op._schema.name in _GROW_UNINITIALIZED)
         if op._schema.name in _UNINITIALIZED:  # never hand out memory another session wrote and freed
             for t in _slots(out):
                 if isinstance(t, torch.Tensor):
@@ -283,6 +283,9 @@ _UNINITIALIZED = frozenset(
         "aten::new_empty_strided",
     }
 )
+# In-place ops that grow a storage without writing the new bytes. (An out= op resizes its output too, but then
+# writes every element: zeroing after it would wipe its result.)
+_GROW_UNINITIALIZED = frozenset({"aten::resize_", "aten::resize_as_", "aten::_resize_output_"})
 _FRAME_CHUNK_TAG = bytes([(3 << 3) | 2])  # ServerFrame.chunk = 3, length-delimited
 _CHUNK_DATA_TAG = bytes([(3 << 3) | 2])  # TensorChunk.data = 3, length-delimited
 

@@ -173,9 +173,10 @@ class Session:
         self._uncount(handle)
         return True
 
-    def recount(self, handles: list[int]) -> None:
+    def recount(self, handles: list[int], *, zero_growth: bool = False) -> None:
         """After an in-place or out= op on these handles: follow tensors that now use another storage (set_)
-        and re-read the sizes of storages that grew (resize_)."""
+        and re-read the sizes of storages that grew (resize_); `zero_growth` when the op left the new bytes
+        unwritten."""
         for h in handles:
             t = self.tensors.get(h)
             if t is None:
@@ -187,7 +188,7 @@ class Session:
             entry = self._storages[storage._cdata]
             nbytes = storage.nbytes()
             if nbytes != entry[1]:
-                if nbytes > entry[1]:
+                if zero_growth and nbytes > entry[1]:
                     zero_bytes(storage, entry[1], nbytes)  # grown memory may hold another session's old data
                 self._account(nbytes - entry[1])
                 entry[1] = nbytes

@@ -599,3 +599,10 @@ def test_fractional_max_pool_backward_indices_are_checked(served: DaemonHandle, 
         torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 4, 4), [2, 2], [2, 2], idx
     )
     assert torch.equal(bad.download(g), expected)
+
+
+def test_out_ops_that_grow_their_output_keep_their_results(bad: Session) -> None:
+    """Zeroing the bytes a resize adds must not touch out= ops, which grow their output and then write it."""
+    [out] = bad.call("aten::empty.memory_format", [0], dtype=torch.int64)
+    bad.call("aten::arange.start_out", 0, 6, outputs=[0], out=out)
+    assert bad.download(out).tolist() == [0, 1, 2, 3, 4, 5]
