@@ -3,8 +3,9 @@
 - `validate`: checks that torch's own CPU kernels skip for a few ops a training client legitimately sends
   (embedding backwards, fused optimizers). Fuzzing found these writing out of bounds, corrupting the heap and
   aborting the whole daemon on bad indices or mismatched lists.
-- `replacement`: a checked implementation for an op whose kernel builds out-of-bounds views
-  (`_reshape_alias` sets any sizes and strides on a storage; `as_strided` does the same but checks bounds).
+- `replacement`: checked implementations for ops whose kernels reach out of bounds (`_reshape_alias` sets any
+  sizes and strides on a storage, where `as_strided` checks them; `_unsafe_masked_index*` read and write
+  wherever their indices point, where torch's decomposition clamps them).
 - `no_meta_bound`: an upper bound on the bytes an op without a meta kernel (or with a data-dependent output
   shape) will allocate, computed from the real inputs without allocating their output, so a 2-element
   `bincount`, `one_hot` or `nonzero` of a huge expanded view is refused before it can exhaust host memory.
@@ -141,10 +142,30 @@ def _checked_reshape_alias(self: torch.Tensor, size: list[int], stride: list[int
     return torch.as_strided(self, size, stride, self.storage_offset())
 
 
+def _clamped(x: torch.Tensor, indices: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    return [None if i is None else i.clamp(-x.size(d), x.size(d) - 1) for d, i in enumerate(indices)]
+
+
+def _masked_index(x: torch.Tensor, mask: torch.Tensor, indices: list[Any], fill: Any) -> torch.Tensor:
+    """torch's own decomposition: masked-off indices may be anything, so clamp them and index with checks
+    (the eager kernel reads wherever they point)."""
+    return torch.ops.aten.index.Tensor(x, _clamped(x, indices)).masked_fill(~mask, fill)
+
+
+def _masked_index_put_accumulate(x: torch.Tensor, mask: torch.Tensor, indices: list[Any], values: Any) -> Any:
+    masked = values.masked_fill(~mask, 0)
+    return torch.ops.aten.index_put.default(x, _clamped(x, indices), masked, True)
+
+
+_REPLACEMENTS: dict[str, Callable[..., Any]] = {
+    "aten::_reshape_alias": _checked_reshape_alias,
+    "aten::_unsafe_masked_index": _masked_index,
+    "aten::_unsafe_masked_index_put_accumulate": _masked_index_put_accumulate,
+}
+
+
 def replacement(op: torch._ops.OpOverload) -> Callable[..., Any] | None:
-    if op._schema.name == "aten::_reshape_alias":
-        return _checked_reshape_alias
-    return None
+    return _REPLACEMENTS.get(op._schema.name)
 
 
 MAX_TENSORS = 65536  # tensors in one list argument or returned by one op: each costs ~600 bytes of host RAM

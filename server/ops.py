@@ -22,7 +22,7 @@ _NAME_RE = re.compile(r"^aten::(_?[a-z][a-z0-9_]*)(?:\.(_?[a-zA-Z][a-zA-Z0-9_]*)
 # Substrings of op names that reach the host outside the tensor world: files, IPC, stdout, process-wide caches.
 DENIED_FRAGMENTS = ("from_file", "save", "load", "share", "_print", "mmap", "pin_memory", "_ipc", "_fd", "_cufft")
 # Families whose tensors the daemon cannot hold or send (sparse, nested, quantized, mkldnn layouts), or whose
-# kernels trust their inputs (test helpers, the internal cummax/cummin helpers, inductor's unchecked indexing):
+# kernels trust their inputs (test helpers, the internal cummax/cummin helpers):
 # found by fuzzing to read or write out of bounds, or to abort the process on bad input.
 UNSUPPORTED_FRAGMENTS = (
     "sparse",
@@ -34,7 +34,6 @@ UNSUPPORTED_FRAGMENTS = (
     "_foobar",
     "_cummax_helper",
     "_cummin_helper",
-    "_unsafe_masked_index",
     "_spdiags",
     "_compressed",
     "_to_sparse",
