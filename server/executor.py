@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-from gpupool.server import guards
+from gpupool.server import bounds, guards
 from gpupool.server.ops import NO_META, MetaSizer, OpTable
 from gpupool.server.sessions import Poison, PoisonedInput, Session, zero_bytes
 
@@ -129,7 +129,7 @@ class CommandExecutor:
         guards.validate(op, args, kwargs)
         need = self.sizer.new_bytes(op, args, kwargs)
         if need == NO_META:  # bounded from the real inputs, so its output cannot exhaust the host first
-            need = guards.no_meta_bound(op, args, kwargs)
+            need = bounds.no_meta_bound(op, args, kwargs)
         if need > 0:
             s.admit(need)
         used_before = s.used
