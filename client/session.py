@@ -26,6 +26,7 @@ from gpupool.errors import GpupoolError, InvalidArgument, Unavailable, from_rpc_
 
 MAX_BATCH_COMMANDS = 256
 MAX_BATCH_BYTES = 1024 * 1024
+REFRESH_TIMEOUT = 10.0  # seconds; a renewal runs well ahead of expiry, so a slow daemon still gets it in time
 SEND_QUEUE_FRAMES = 32  # frames waiting for gRPC; a full queue blocks the caller (back-pressure)
 SESSION_METADATA = "gpupool-session"
 CHANNEL_OPTIONS = [
@@ -216,8 +217,14 @@ class Session:
         self._add(device_pb2.Command(seed=device_pb2.Seed(seed=seed)))
 
     def refresh(self, token: str) -> None:
-        self._add(device_pb2.Command(refresh=device_pb2.Refresh(token=token)))
-        self.flush()
+        """Hand the daemon a renewed token of this session's lease. Out of band (a unary call), not on the stream:
+        there it would wait behind queued work, which can outlast the old token."""
+        try:
+            self._stub.RefreshToken(
+                device_pb2.RefreshTokenRequest(session_id=self.session_id, token=token), timeout=REFRESH_TIMEOUT
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
 
     def flush(self) -> None:
         with self._lock:

@@ -25,6 +25,7 @@ from gpupool import tokens
 from gpupool._proto import device_pb2
 from gpupool.errors import (
     FailedPrecondition,
+    GpupoolError,
     NotFound,
     PermissionDenied,
     Unauthenticated,
@@ -191,17 +192,21 @@ class Daemon:
             return False
         return self.queues[s.device.index].put(s.entry, commands, nbytes)
 
-    def refresh(self, s: Session, token: str) -> None:
-        try:
-            claims = tokens.verify(self.config.token_key, token)
-            if (claims.lease_id, claims.host, claims.device) != (s.lease_id, self.host_id, s.device.index):
-                raise Unauthenticated("refreshed token is for another lease or device")
-        except Exception as exc:
-            code = getattr(getattr(exc, "code", None), "name", "UNAUTHENTICATED")
-            with s.lock:
-                s.record_error(Poison(code, "", f"refresh refused: {exc}"))
-            return
+    def refresh(self, s: Session, token: str) -> float:
+        """Extend a session with a renewed token of its own lease; returns its new end (unix seconds)."""
+        claims = tokens.verify(self.config.token_key, token)
+        if (claims.lease_id, claims.host, claims.device) != (s.lease_id, self.host_id, s.device.index):
+            raise Unauthenticated("refreshed token is for another lease or device")
         s.expires_at = max(s.expires_at, claims.expires_at)
+        return s.expires_at
+
+    def refresh_in_stream(self, s: Session, token: str) -> None:
+        """The stream's Refresh command: a refused token becomes the session's pending error."""
+        try:
+            self.refresh(s, token)
+        except GpupoolError as exc:
+            with s.lock:
+                s.record_error(Poison(exc.code.name, "", f"refresh refused: {exc}"))
 
     def close_session(self, s: Session, reason: str, code: str = "FAILED_PRECONDITION") -> None:
         with self._lock:

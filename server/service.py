@@ -56,6 +56,15 @@ class DeviceServicer:
     def Status(self, request: device_pb2.StatusRequest, context: grpc.ServicerContext) -> device_pb2.StatusReply:
         return self.daemon.status()
 
+    def RefreshToken(
+        self, request: device_pb2.RefreshTokenRequest, context: grpc.ServicerContext
+    ) -> device_pb2.RefreshTokenReply:
+        try:
+            expires_at = self.daemon.refresh(self.daemon.session(request.session_id), request.token)
+        except GpupoolError as exc:
+            abort(context, exc)
+        return device_pb2.RefreshTokenReply(expires_at=expires_at)
+
     def Stream(
         self, requests: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[device_pb2.ServerFrame | bytes]:
@@ -88,7 +97,7 @@ class DeviceServicer:
                     continue
                 for cmd in commands:
                     if cmd.WhichOneof("cmd") == "refresh":
-                        self.daemon.refresh(s, cmd.refresh.token)
+                        self.daemon.refresh_in_stream(s, cmd.refresh.token)
                 if not self.daemon.submit(s, commands, len(raw)):
                     return
             self.daemon.submit(s, [END_OF_STREAM], 0)
@@ -137,6 +146,9 @@ def _handlers(servicer: DeviceServicer) -> grpc.GenericRpcHandler:
             ),
             "Status": grpc.unary_unary_rpc_method_handler(
                 servicer.Status, pb.StatusRequest.FromString, pb.StatusReply.SerializeToString
+            ),
+            "RefreshToken": grpc.unary_unary_rpc_method_handler(
+                servicer.RefreshToken, pb.RefreshTokenRequest.FromString, pb.RefreshTokenReply.SerializeToString
             ),
             # No request deserializer: Stream parses frames itself to answer bad bytes with INVALID_ARGUMENT.
             "Stream": grpc.stream_stream_rpc_method_handler(servicer.Stream, None, _serialize_frame),

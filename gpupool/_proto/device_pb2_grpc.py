@@ -54,6 +54,11 @@ class DeviceStub:
                 request_serializer=gpupool_dot_v1_dot_device__pb2.StatusRequest.SerializeToString,
                 response_deserializer=gpupool_dot_v1_dot_device__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.RefreshToken = channel.unary_unary(
+                '/gpupool.v1.Device/RefreshToken',
+                request_serializer=gpupool_dot_v1_dot_device__pb2.RefreshTokenRequest.SerializeToString,
+                response_deserializer=gpupool_dot_v1_dot_device__pb2.RefreshTokenReply.FromString,
+                _registered_method=True)
 
 
 class DeviceServicer:
@@ -87,6 +92,14 @@ class DeviceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RefreshToken(self, request, context):
+        """A renewed lease token for a session, out of band: the stream's Refresh command waits behind queued work,
+        which can outlast the token when a client runs far ahead of the device.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +122,11 @@ def add_DeviceServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=gpupool_dot_v1_dot_device__pb2.StatusRequest.FromString,
                     response_serializer=gpupool_dot_v1_dot_device__pb2.StatusReply.SerializeToString,
+            ),
+            'RefreshToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshToken,
+                    request_deserializer=gpupool_dot_v1_dot_device__pb2.RefreshTokenRequest.FromString,
+                    response_serializer=gpupool_dot_v1_dot_device__pb2.RefreshTokenReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +237,33 @@ class Device:
             '/gpupool.v1.Device/Status',
             gpupool_dot_v1_dot_device__pb2.StatusRequest.SerializeToString,
             gpupool_dot_v1_dot_device__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpupool.v1.Device/RefreshToken',
+            gpupool_dot_v1_dot_device__pb2.RefreshTokenRequest.SerializeToString,
+            gpupool_dot_v1_dot_device__pb2.RefreshTokenReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,10 @@ class DeviceStub:
     """Close the session and free everything it holds."""
     Status: _grpc.UnaryUnaryMultiCallable[_device_pb2.StatusRequest, _device_pb2.StatusReply]
     """Devices of this host and the sessions on them."""
+    RefreshToken: _grpc.UnaryUnaryMultiCallable[_device_pb2.RefreshTokenRequest, _device_pb2.RefreshTokenReply]
+    """A renewed lease token for a session, out of band: the stream's Refresh command waits behind queued work,
+    which can outlast the token when a client runs far ahead of the device.
+    """
 
 @_typing.type_check_only
 class DeviceAsyncStub(DeviceStub):
@@ -51,6 +55,10 @@ class DeviceAsyncStub(DeviceStub):
     """Close the session and free everything it holds."""
     Status: _aio.UnaryUnaryMultiCallable[_device_pb2.StatusRequest, _device_pb2.StatusReply]  # type: ignore[assignment]
     """Devices of this host and the sessions on them."""
+    RefreshToken: _aio.UnaryUnaryMultiCallable[_device_pb2.RefreshTokenRequest, _device_pb2.RefreshTokenReply]  # type: ignore[assignment]
+    """A renewed lease token for a session, out of band: the stream's Refresh command waits behind queued work,
+    which can outlast the token when a client runs far ahead of the device.
+    """
 
 class DeviceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -84,5 +92,15 @@ class DeviceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_device_pb2.StatusReply, _abc.Awaitable[_device_pb2.StatusReply]]:
         """Devices of this host and the sessions on them."""
+
+    @_abc_1.abstractmethod
+    def RefreshToken(
+        self,
+        request: _device_pb2.RefreshTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_device_pb2.RefreshTokenReply, _abc.Awaitable[_device_pb2.RefreshTokenReply]]:
+        """A renewed lease token for a session, out of band: the stream's Refresh command waits behind queued work,
+        which can outlast the token when a client runs far ahead of the device.
+        """
 
 def add_DeviceServicer_to_server(servicer: DeviceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

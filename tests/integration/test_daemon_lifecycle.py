@@ -123,12 +123,29 @@ def test_expired_lease_closes_the_session_unless_refreshed(daemon: Any) -> None:
         dropped.sync()
     [h] = kept.call("aten::ones.default", [3])
     assert kept.download(h).tolist() == [1.0, 1.0, 1.0]
-    kept.refresh(daemon.token(ttl=60, lease_id="another-lease"))  # refused: the error surfaces at the next sync
     with pytest.raises(errors.Unauthenticated, match="another lease"):
-        kept.sync()
+        kept.refresh(daemon.token(ttl=60, lease_id="another-lease"))
+    kept.sync()  # a refused refresh harms nothing: the session keeps its old expiry
     assert [x.session_id for x in status(daemon.address).sessions] == [kept.session_id]
     kept.close()
     dropped.close()
+
+
+def test_refresh_is_not_held_up_by_a_backlog(daemon_factory: Any) -> None:
+    """A client far ahead of the device (seconds of queued work, the daemon's queue full so its stream reader
+    waits) still gets its renewed token in before the old one expires: the refresh does not wait behind ops."""
+    daemon = daemon_factory(queue_commands=16)
+    lease = "lease-backlog"
+    s = Session.attach(daemon.address, daemon.token(ttl=2.0, lease_id=lease))
+    [a] = s.call("aten::ones.default", [1024, 1024])
+    start = time.monotonic()
+    for _ in range(200):  # 200 x 2 GFLOP: seconds of work, queued in no time
+        s.free(s.call("aten::mm.default", Handle(a), Handle(a)))
+    s.flush()
+    s.refresh(daemon.token(ttl=60, lease_id=lease))
+    s.sync()  # before: FailedPrecondition "expired", the refresh having waited behind the backlog
+    assert time.monotonic() - start > 2.0, "the backlog must outlast the first token for this test to mean anything"
+    s.close()
 
 
 def test_revoked_leases_are_closed_and_freed(daemon: Any) -> None:
