@@ -114,3 +114,9 @@ def generate_key_file(path: str | os.PathLike[str]) -> bytes:
     with os.fdopen(fd, "wb") as f:
         f.write(key + b"\n")
     return key
+
+
+def public_session_id(session_id: str) -> str:
+    """What Status and heartbeats show of a session: a tag that names it without granting it. The session id
+    itself is a bearer credential (Stream and Detach take it), so it never leaves the session's own client."""
+    return hashlib.sha256(b"gpupool-session:" + session_id.encode()).hexdigest()[:16]

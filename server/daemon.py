@@ -286,7 +286,7 @@ class Daemon:
     def usage(self) -> tuple[list[device_pb2.SessionUsage], list[device_pb2.DeviceUsage]]:
         sessions = [
             device_pb2.SessionUsage(
-                session_id=s.session_id,
+                session_id=tokens.public_session_id(s.session_id),
                 lease_id=s.lease_id,
                 device=s.device.index,
                 tenant=s.tenant,

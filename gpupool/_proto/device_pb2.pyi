@@ -209,6 +209,7 @@ class SessionUsage(_message.Message):
     BUSY_SECONDS_FIELD_NUMBER: _builtins.int
     OPS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    """the public tag (gpupool.tokens.public_session_id), never the session's secret id"""
     lease_id: _builtins.str
     device: _builtins.int
     tenant: _builtins.str

@@ -26,6 +26,7 @@ from support import DaemonHandle, MiB, start_serve_process, stop_process
 
 from gpupool import errors
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
+from gpupool.tokens import public_session_id
 
 GiB = 1024**3
 QUOTA = 64 * MiB
@@ -110,7 +111,7 @@ def status(daemon: DaemonHandle) -> device_pb2.StatusReply:
 
 
 def used(daemon: DaemonHandle, s: Session) -> int:
-    return next(u.used_bytes for u in status(daemon).sessions if u.session_id == s.session_id)
+    return next(u.used_bytes for u in status(daemon).sessions if u.session_id == public_session_id(s.session_id))
 
 
 def usable(s: Session) -> None:
@@ -421,9 +422,9 @@ def test_a_client_that_never_reads_is_pushed_back(served: DaemonHandle, neighbou
         call.cancel()
         release.set()
     deadline = time.monotonic() + 20
-    while sid in {s.session_id for s in status(served).sessions} and time.monotonic() < deadline:
+    while public_session_id(sid) in {s.session_id for s in status(served).sessions} and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert sid not in {s.session_id for s in status(served).sessions}
+    assert public_session_id(sid) not in {s.session_id for s in status(served).sessions}
 
 
 def test_attach_detach_churn(served: DaemonHandle, neighbour: Neighbour) -> None:

@@ -14,6 +14,7 @@ from gpupool.client.session import Handle, Session
 
 from gpupool import errors
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
+from gpupool.tokens import public_session_id
 
 MiB = 1024**2
 
@@ -186,7 +187,9 @@ def _raw_stream(daemon: Any, frames: list[bytes]) -> grpc.RpcError:
             for _ in stream(iter(frames), metadata=(("gpupool-session", reply.session_id),), timeout=20):
                 pass
         # The session is gone with its stream: its memory is free again.
-        assert reply.session_id not in {s.session_id for s in stub.Status(device_pb2.StatusRequest()).sessions}
+        assert public_session_id(reply.session_id) not in {
+            s.session_id for s in stub.Status(device_pb2.StatusRequest()).sessions
+        }
         return info.value
     finally:
         channel.close()

@@ -12,6 +12,7 @@ from gpupool.client.session import Handle, Session
 
 from gpupool import errors
 from gpupool._proto import device_pb2, device_pb2_grpc
+from gpupool.tokens import public_session_id
 
 KiB, MiB, TiB = 1024, 1024**2, 1024**4
 
@@ -19,7 +20,7 @@ KiB, MiB, TiB = 1024, 1024**2, 1024**4
 def used_bytes(address: str, session: Session) -> int:
     with grpc.insecure_channel(address) as channel:
         status = device_pb2_grpc.DeviceStub(channel).Status(device_pb2.StatusRequest())
-    return next(s.used_bytes for s in status.sessions if s.session_id == session.session_id)
+    return next(s.used_bytes for s in status.sessions if s.session_id == public_session_id(session.session_id))
 
 
 def test_views_count_once_and_quota_is_enforced(daemon: Any) -> None:

@@ -17,6 +17,7 @@ from scheduler_fixtures import Proc, key_file, start_scheduler, wait_until
 
 from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
 from gpupool.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from gpupool.tokens import public_session_id
 
 FAKE_MEMORY = "256MiB"
 
@@ -66,6 +67,7 @@ def attach(x: Lease, i: int = 0) -> tuple[device_pb2_grpc.DeviceStub, device_pb2
 
 
 def session_ids(stub: device_pb2_grpc.DeviceStub) -> set[str]:
+    """The sessions Status lists, by their public tags (`public_session_id`): it never shows the secret ids."""
     return {s.session_id for s in stub.Status(device_pb2.StatusRequest(), timeout=10).sessions}
 
 
@@ -90,9 +92,13 @@ def test_binpack_wait_and_tokens_the_daemons_accept(cluster: Cluster) -> None:
     waiter.join(30)
     assert got and where(got[0]) == where(a)
     # A released lease: its daemon closes the session at the next heartbeat, long before the token expires.
-    assert reply.session_id in session_ids(stub)
+    assert public_session_id(reply.session_id) in session_ids(stub)
     a.release()
-    wait_until(lambda: reply.session_id not in session_ids(stub), timeout=10, what="the daemon to drop the session")
+    wait_until(
+        lambda: public_session_id(reply.session_id) not in session_ids(stub),
+        timeout=10,
+        what="the daemon to drop the session",
+    )
     for x in (c, d, got[0]):
         x.release()
 
@@ -102,8 +108,10 @@ def test_unrenewed_lease_expires_and_the_daemon_drops_its_session(cluster: Clust
     pb = client.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=1.0, ttl_seconds=2, tenant="idle"))
     x = Lease._from_pb(pb, cluster.address)  # never renewed
     stub, reply = attach(x)
-    assert reply.session_id in session_ids(stub)
-    wait_until(lambda: reply.session_id not in session_ids(stub), timeout=15, what="the session to close")
+    assert public_session_id(reply.session_id) in session_ids(stub)
+    wait_until(
+        lambda: public_session_id(reply.session_id) not in session_ids(stub), timeout=15, what="the session to close"
+    )
     wait_until(lambda: not client.list_pool().leases, timeout=5, what="the lease to expire")
     with pytest.raises(FailedPrecondition, match="expired"):
         x.renew()
@@ -131,7 +139,9 @@ def test_scheduler_kill_9_and_restart_keeps_leases_sessions_and_accounting(clust
         lease(1, 0.5, scheduler=cluster.address)
     time.sleep(2)  # a few heartbeats of both daemons against the new scheduler
     cluster.wait_hosts_up(2)
-    assert reply.session_id in session_ids(stub)  # a live lease's session is not revoked by the restart
+    assert public_session_id(reply.session_id) in session_ids(
+        stub
+    )  # a live lease's session is not revoked by the restart
     for x in held:
         x.release()
 

@@ -16,6 +16,7 @@ from torch import nn
 import gpupool.torch as gt
 from examples.sentiment.model import build_model, make_batch
 from gpupool._proto import device_pb2
+from gpupool.tokens import public_session_id
 
 serve, attach, dev = shim_fixtures.serve, shim_fixtures.attach, shim_fixtures.dev
 
@@ -189,7 +190,7 @@ def test_dead_tensors_are_freed(dev: torch.device) -> None:
     gt.synchronize()
     assert not rt._dead  # a sync point flushes the queued frees
     status = rt.session._stub.Status(device_pb2.StatusRequest())
-    mine = [s for s in status.sessions if s.session_id == rt.session.session_id]
+    mine = [s for s in status.sessions if s.session_id == public_session_id(rt.session.session_id)]
     assert mine and mine[0].used_bytes < 100 * 4000
 
 
