@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install, start a one-machine pool (`gpupool up`: scheduler + daemon,
 # real GPUs if torch sees any, else 2 fake GPUs), train the MLPerf sentiment CNN through it on half a GPU,
-# then stop the pool. Extra arguments go to train.py (default: one epoch on 2,000 reviews; pass
-# `--limit 0 --epochs 10` for the full 25k/25k benchmark).
+# then stop the pool. Extra arguments go to train.py (default: 3 epochs of the plain CNN on 4,000 reviews,
+# about 83% test accuracy in a minute or two; pass `--limit 0` for the full 25k/25k benchmark configuration,
+# which stops at the 90.6% target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPUPOOL_SKIP_APT=1 bash scripts/setup.sh
@@ -22,6 +23,6 @@ done
 cat "$log"
 export GPUPOOL_SCHEDULER="$addr"
 gpupool smi
-args=("$@"); [ ${#args[@]} -gt 0 ] || args=(--epochs 1 --limit 2000)
+args=("$@"); [ ${#args[@]} -gt 0 ] || args=(--limit 4000 --epochs 3 --bigram-buckets 0 --embed-dropout 0 --target 0.99)
 gpupool run -n 1 -p 0.5 -- python examples/sentiment/train.py --device gpupool "${args[@]}"
 gpupool smi
