@@ -9,7 +9,6 @@ within seconds instead of hanging. Safe for one user thread plus the reader.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import queue
 import threading
@@ -40,32 +39,14 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def _host_bytes(t: torch.Tensor) -> memoryview:
-    """A contiguous CPU tensor's bytes as a writable memoryview. Not via numpy: that would make the tensor's
-    storage non-resizable, a side effect on the caller's tensor."""
-    n = t.numel() * t.element_size()
-    if n == 0:
-        return memoryview(bytearray())
-    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _upload_frame(up: device_pb2.Upload, data: memoryview) -> bytes:
     """ClientFrame{commands: [Command{upload: up + data}]} serialized with one copy of `data` (protobuf's
     bytes fields would copy it three times); fields may come in any order on the wire, so data goes last."""
     small = up.SerializeToString()
-    data_head = _UPLOAD_DATA_TAG + _varint(len(data))
+    data_head = _UPLOAD_DATA_TAG + wire.varint(len(data))
     upload_len = len(small) + len(data_head) + len(data)
-    command_head = _COMMAND_UPLOAD_TAG + _varint(upload_len)
-    frame_head = _FRAME_COMMANDS_TAG + _varint(len(command_head) + upload_len)
+    command_head = _COMMAND_UPLOAD_TAG + wire.varint(upload_len)
+    frame_head = _FRAME_COMMANDS_TAG + wire.varint(len(command_head) + upload_len)
     return b"".join((frame_head, command_head, small, data_head, data))
 
 
@@ -94,7 +75,7 @@ class _Waiter:
         if c.HasField("meta"):
             dtype = wire.dtype_from_proto(c.meta.dtype)
             self.tensor = torch.empty(list(c.meta.shape), dtype=dtype)
-            self._bytes = _host_bytes(self.tensor)
+            self._bytes = wire.host_bytes(self.tensor)
         if self._bytes is None:
             self.fail(InvalidArgument("download chunk before its metadata"))
             return
@@ -165,7 +146,7 @@ class Session:
         t = t.detach().cpu().contiguous()
         h = Handle(handle) if handle is not None else self.new_handle()
         meta = tensor_pb2.TensorMeta(dtype=wire.dtype_to_proto(t.dtype), shape=list(t.shape), stride=list(t.stride()))
-        data = _host_bytes(t)  # `t` stays referenced below while frames copy out of it
+        data = wire.host_bytes(t)  # `t` stays referenced below while frames copy out of it
         total = data.nbytes
         if total <= wire.CHUNK_BYTES:
             up = device_pb2.Upload(handle=h, meta=meta, data=data.tobytes(), last=True)

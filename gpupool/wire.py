@@ -6,6 +6,7 @@ raw little-endian tensor bytes. Decoding never evaluates or unpickles anything.
 
 from __future__ import annotations
 
+import ctypes
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -68,6 +69,27 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous tensor's elements (no copy)."""
     flat = t.reshape(-1)
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def host_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor as a writable memoryview, no copy. Not through numpy, which would make
+    the tensor's storage non-resizable (a side effect on the caller's tensor), nor torch's copy_ (OpenMP-split,
+    slow on a loaded host). The caller keeps `t` alive while the view is used."""
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+
+
+def varint(n: int) -> bytes:
+    """Protobuf base-128 varint, for frames hand-built around large bytes fields (one copy of the data instead
+    of protobuf's three)."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def tensor_to_bytes(t: torch.Tensor) -> bytes:

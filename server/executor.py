@@ -7,7 +7,6 @@ sit between it and the gRPC front without changing either side.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import warnings
@@ -217,7 +216,7 @@ class CommandExecutor:
             raise InvalidArgument(f"upload chunk at {up.offset}+{len(data)} does not follow {offset} of {total}")
         if data and t.device.type == "cpu":  # a plain memcpy: torch's copy_ splits 4 MiB over OpenMP threads,
             # which on a loaded host is 40x slower
-            _host_bytes(t)[offset : offset + len(data)] = data
+            wire.host_bytes(t)[offset : offset + len(data)] = data
         elif data:
             wire.byte_view(t)[offset : offset + len(data)].copy_(torch.frombuffer(data, dtype=torch.uint8))
         self.ledger.transfer("upload", len(data))
@@ -237,7 +236,7 @@ class CommandExecutor:
                 f"{s.quota} byte quota"
             )
         src = t if t.device.type == "cpu" and t.is_contiguous() else t.detach().cpu().contiguous()
-        flat = _host_bytes(src)  # keeps no reference: `src` stays alive until the frames are built
+        flat = wire.host_bytes(src)  # keeps no reference: `src` stays alive until the frames are built
         total = flat.nbytes
         head = device_pb2.ServerFrame(request_id=get.request_id).SerializeToString()
         frames, offset = [], 0
@@ -247,10 +246,10 @@ class CommandExecutor:
             if offset == 0:
                 chunk.meta.CopyFrom(wire.meta_to_proto(src))
             small = chunk.SerializeToString()
-            data_head = _CHUNK_DATA_TAG + _varint(n)
+            data_head = _CHUNK_DATA_TAG + wire.varint(n)
             body_len = len(small) + len(data_head) + n
             frames.append(
-                b"".join((head, _FRAME_CHUNK_TAG, _varint(body_len), small, data_head, flat[offset : offset + n]))
+                b"".join((head, _FRAME_CHUNK_TAG, wire.varint(body_len), small, data_head, flat[offset : offset + n]))
             )
             self.ledger.transfer("download", n)
             offset += n
@@ -288,27 +287,6 @@ _UNINITIALIZED = frozenset(
 _GROW_UNINITIALIZED = frozenset({"aten::resize_", "aten::resize_as_", "aten::_resize_output_"})
 _FRAME_CHUNK_TAG = bytes([(3 << 3) | 2])  # ServerFrame.chunk = 3, length-delimited
 _CHUNK_DATA_TAG = bytes([(3 << 3) | 2])  # TensorChunk.data = 3, length-delimited
-
-
-def _host_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor as a writable memoryview, without going through numpy (which would
-    make its storage non-resizable) or torch's copy_ (OpenMP-split, slow on a loaded host)."""
-    n = t.numel() * t.element_size()
-    if n == 0:
-        return memoryview(bytearray())
-    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 def _slots(out: Any) -> list[Any]:

@@ -81,3 +81,19 @@ def test_inline_limits() -> None:
         wire.decode_arg(tensor_pb2.Arg(), lambda h: torch.empty(0), DEV)
     with pytest.raises(InvalidArgument, match="cannot send"):
         wire.encode_arg(object(), _no_tensors)
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 2**32, 2**64 - 1])
+def test_varint_matches_protobuf(n: int) -> None:
+    from gpupool._proto import device_pb2
+
+    encoded = device_pb2.Free(handles=[n]).SerializeToString()  # tag, length, packed varint
+    assert encoded[2:] == wire.varint(n)
+
+
+def test_host_bytes_is_a_view() -> None:
+    t = torch.zeros(4, dtype=torch.int32)
+    view = wire.host_bytes(t)
+    view[0:4] = (7).to_bytes(4, "little")
+    assert t.tolist() == [7, 0, 0, 0] and len(view) == 16
+    assert len(wire.host_bytes(torch.empty(0))) == 0
