@@ -18,6 +18,7 @@ import torch
 from gpupool.client.session import Handle, Session
 
 from gpupool._proto import device_pb2, device_pb2_grpc
+from gpupool.tokens import public_session_id
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,8 @@ def measure(address: str, sessions: list[Saturator], warmup: float, window: floa
     time.sleep(window)
     t1, b1 = time.monotonic(), busy(address)
     assert all(s.alive() for s in sessions), [s.errors for s in sessions]
-    return [b1[s.session.session_id] - b0[s.session.session_id] for s in sessions], t1 - t0
+    tags = [public_session_id(s.session.session_id) for s in sessions]  # Status shows public tags only
+    return [b1[tag] - b0[tag] for tag in tags], t1 - t0
 
 
 def test_shares_quarter_and_three_quarters_within_ten_percent(serve_process: Any) -> None:
