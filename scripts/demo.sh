@@ -23,6 +23,6 @@ done
 cat "$log"
 export GPUPOOL_SCHEDULER="$addr"
 gpupool smi
-args=("$@"); [ ${#args[@]} -gt 0 ] || args=(--limit 4000 --epochs 3 --bigram-buckets 0 --embed-dropout 0 --target 0.99)
+args=("$@"); [ ${#args[@]} -gt 0 ] || args=(--limit 4000 --epochs 3 --bigram-buckets 0 --embed-dropout 0)
 gpupool run -n 1 -p 0.5 -- python examples/sentiment/train.py --device gpupool "${args[@]}"
 gpupool smi
