@@ -13,12 +13,15 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from gpupool.server.devices import Device, discover
 from gpupool.server.executor import CommandExecutor
 from gpupool.server.fairqueue import DeviceWorker, Entry, FairQueue
 from gpupool.server.metrics import Ledger, Metrics
+from gpupool.server.registration import (
+    RegistrationSource as RegistrationSource,  # the one definition, beside its consumer
+)
 from gpupool.server.sessions import DeviceMemory, Poison, Session
 
 from gpupool import tokens
@@ -73,17 +76,6 @@ class Closed:
 
     code: str
     reason: str
-
-
-class RegistrationSource(Protocol):
-    """What `gpupool.server.registration.Registrar` needs from the daemon."""
-
-    host_id: str
-
-    def devices(self) -> list[device_pb2.DeviceInfo]: ...
-    def usage(self) -> tuple[list[device_pb2.SessionUsage], list[device_pb2.DeviceUsage]]: ...
-    def draining(self) -> bool: ...
-    def revoke_leases(self, lease_ids: list[str]) -> None: ...
 
 
 class Daemon:
