@@ -274,10 +274,13 @@ def lease(
     wait: float = 0.0,
     tenant: str | None = None,
     labels: Mapping[str, str] | None = None,
-    policy: str = "binpack",
+    policy: str = "",
     ttl: float | None = None,
 ) -> Lease:
-    """Allocate `gpus` devices, each `fraction` of a GPU or `memory` of one (a whole GPU if neither); renews."""
+    """Allocate `gpus` devices, each `fraction` of a GPU or `memory` of one (a whole GPU if neither); renews.
+
+    `policy` is "binpack" or "spread"; empty (the default) leaves the choice to the scheduler's `--policy`.
+    """
     if fraction is not None and memory is not None:
         raise InvalidArgument("give fraction or memory, not both")
     if gpus <= 0:

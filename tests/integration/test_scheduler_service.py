@@ -263,3 +263,22 @@ def test_lease_from_env_rejects_malformed_json() -> None:
     for bad in ("{", "[]", '{"lease_id": "x"}', '{"lease_id": "x", "devices": [{"host_id": 1}], "expires_at": 1}'):
         with pytest.raises(InvalidArgument, match="GPUPOOL_LEASE"):
             Lease.from_env({"GPUPOOL_LEASE": bad})
+
+
+def test_scheduler_policy_applies_when_the_client_names_none(tmp_path: Path) -> None:
+    """`gpupool scheduler --policy spread` spreads leases of library and `gpupool run` users who chose no policy."""
+    proc, address = start_scheduler(tmp_path, *FAST, "--policy", "spread")
+    host = SimHost(address, "hosta", gpus=2).start()
+    child = "import json, os; print('LEASE', json.loads(os.environ['GPUPOOL_LEASE'])['devices'][0]['device'])"
+    try:
+        held = lease(1, 0.25, scheduler=address)
+        run = Proc(["run", "-n", "1", "-p", "0.25", "--scheduler", address, "--", sys.executable, "-c", child])
+        try:
+            ran = int(run.wait_for(r"LEASE (\d+)").group(1))
+        finally:
+            run.stop()
+        assert places(held) == [("hosta", 1 - ran)], "spread put both quarter leases on one device"
+        held.release()
+    finally:
+        host.stop()
+        proc.stop()
