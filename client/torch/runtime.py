@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
-from gpupool.client.torch import errors
+
+from . import errors
 
 log = logging.getLogger("gpupool.torch")
 
@@ -29,11 +30,14 @@ FREE_QUOTA_FRACTION = 64  # ... or dead bytes above 1/64 of the quota, so that f
 class DeviceRuntime:
     """The client side of one session: `gpupool:<index>`."""
 
-    def __init__(self, index: int, session: Any, lease: Any = None, owns_lease: bool = False) -> None:
+    def __init__(
+        self, index: int, session: Any, lease: Any = None, owns_lease: bool = False, lease_index: int = 0
+    ) -> None:
         self.index = index
         self.session = session
         self.lease = lease
         self.owns_lease = owns_lease
+        self.lease_index = lease_index  # which device of `lease` this is
         self.device = torch.device("gpupool", index)
         self.closed = False
         self._dead: list[int] = []
@@ -80,54 +84,99 @@ class DeviceRuntime:
         if self._dead and (force or len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):
             with self._lock:  # finalizers may run on other threads (garbage collection)
                 dead, self._dead, self._dead_bytes = self._dead, [], 0
-            self.call("free", dead)
+            self.free(dead)
 
-    # ---- commands ----
+    # ---- commands: each a session method, its failures raised as torch-facing exceptions ----
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Run a session method, raising its failures as torch-facing exceptions."""
+    def _check_open(self) -> None:
         if self.closed:
             raise errors.DeviceLost(f"{self.device} is detached; its tensors are gone", code="FAILED_PRECONDITION")
-        try:
-            return getattr(self.session, method)(*args, **kwargs)
-        except Exception as exc:  # translate() passes through anything that is not a gpupool error
-            translated = translate_and_mark(self, exc)
-            if translated is exc:
-                raise
-            raise translated from exc
+
+    def _raise(self, exc: Exception) -> NoReturn:
+        """Re-raise a session failure as what a torch user catches (`errors.translate`)."""
+        translated = translate_and_mark(self, exc)
+        if translated is exc:
+            raise exc
+        raise translated from exc
 
     def op(self, name: str, args: Any, kwargs: Any, outputs: list[int]) -> None:
         self.ops_sent += 1
         if self._dead and (len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):
             self.flush_frees()
-        self.call("op", name, args, kwargs, outputs)
-        self._unflushed += 1
-        if self._unflushed >= FLUSH_OPS:
-            self._unflushed = 0
-            self.call("flush")
+        self._check_open()
+        try:
+            self.session.op(name, args, kwargs, outputs)
+            self._unflushed += 1
+            if self._unflushed >= FLUSH_OPS:
+                self._unflushed = 0
+                self.session.flush()
+        except Exception as exc:
+            self._raise(exc)
+
+    def flush(self) -> None:
+        self._check_open()
+        try:
+            self.session.flush()
+        except Exception as exc:
+            self._raise(exc)
 
     def sync(self, scalar_handles: tuple[int, ...] | list[int] = ()) -> list[Any]:
         """Wait for everything sent so far; raise the first error since the last sync."""
         self.flush_frees(force=True)
-        return list(self.call("sync", list(scalar_handles)))
+        self._check_open()
+        try:
+            return list(self.session.sync(list(scalar_handles)))
+        except Exception as exc:
+            self._raise(exc)
 
-    def upload(self, tensor: torch.Tensor) -> int:
-        handle = self.new_handle()
-        self.call("upload", tensor, handle)
-        return handle
+    def upload(self, tensor: torch.Tensor, handle: int | None = None) -> int:
+        """Send a CPU tensor into `handle` (a new one by default); returns the handle."""
+        h = self.new_handle() if handle is None else handle
+        self._check_open()
+        try:
+            self.session.upload(tensor, h)
+        except Exception as exc:
+            self._raise(exc)
+        return h
 
     def download(self, handle: int) -> torch.Tensor:
         self.flush_frees(force=True)
-        out = self.call("download", handle)
+        self._check_open()
+        try:
+            out = self.session.download(handle)
+        except Exception as exc:
+            self._raise(exc)
         assert isinstance(out, torch.Tensor)
         return out
 
+    def free(self, handles: list[int]) -> None:
+        self._check_open()
+        try:
+            self.session.free(handles)
+        except Exception as exc:
+            self._raise(exc)
+
     def seed(self, seed: int) -> None:
-        self.call("seed", seed)
+        self._check_open()
+        try:
+            self.session.seed(seed)
+        except Exception as exc:
+            self._raise(exc)
 
     def refresh(self, token: str) -> None:
-        if not self.closed:
-            self.call("refresh", token)
+        if self.closed:
+            return
+        try:
+            self.session.refresh(token)
+        except Exception as exc:
+            self._raise(exc)
+
+    def materialize_pending(self) -> None:
+        """Send the held-back empties (in creation order) before anything that might use them."""
+        while self.pending:
+            h = next(iter(self.pending))
+            name, args, kwargs = self.pending.pop(h)
+            self.op(name, args, kwargs, [h])
 
     def close(self) -> None:
         if self.closed:
