@@ -7,10 +7,10 @@
 Importing this package registers the device. See DESIGN.md, "The PyTorch shim".
 
 Layers, top to bottom (each module imports only modules below it; `.importlinter` enforces it):
-backend, optim (registration with torch) -> dispatch (routing of each op) -> transfer (copies, sync points,
-aliases) -> remote (the generic remote op) -> encode (arguments as wire Args) -> meta (output metadata) ->
-tensor (the wrapper class, uploads/downloads) -> api (attach, leases, the device registry) -> runtime (one
-session: handles, frees, commands) -> errors.
+backend, optim (registration with torch), capture (step capture) -> dispatch (routing of each op) ->
+transfer (copies, sync points, aliases) -> remote (the generic remote op) -> encode (arguments as wire Args) ->
+meta (output metadata) -> tensor (the wrapper class, uploads/downloads) -> api (attach, leases, the device
+registry) -> runtime (one session: handles, frees, commands) -> errors.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from __future__ import annotations
 from . import backend as _backend
 from . import optim as _optim
 from .api import attach, attach_lease, current_index, detach_all, device, device_count, synchronize
-from .errors import DeviceLost, OutOfMemoryError, RemoteError
+from .capture import CapturedStep, capture
+from .errors import CaptureError, DeviceLost, OutOfMemoryError, RemoteError
 from .meta import CACHE as meta_cache
 from .tensor import RemoteTensor
 
@@ -26,12 +27,15 @@ _backend.register()
 _optim.enable_foreach_default()
 
 __all__ = [
+    "CaptureError",
+    "CapturedStep",
     "DeviceLost",
     "OutOfMemoryError",
     "RemoteError",
     "RemoteTensor",
     "attach",
     "attach_lease",
+    "capture",
     "current_index",
     "detach_all",
     "device",

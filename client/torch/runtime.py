@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, Protocol
 
 import torch
 
@@ -25,6 +26,15 @@ FREE_BATCH = 256  # dead handles collected before one Free command goes out ...
 # runs it; small frames let the two overlap (a frame costs the client ~100 us of gRPC work).
 FLUSH_OPS = int(os.environ.get("GPUPOOL_FLUSH_OPS", "8"))
 FREE_QUOTA_FRACTION = 64  # ... or dead bytes above 1/64 of the quota, so that freed memory is soon usable again
+
+
+class Recorder(Protocol):
+    """What a step capture (`client.torch.capture`) sees of the commands a runtime sends while it records."""
+
+    def op(self, name: str, args: Any, kwargs: Any, outputs: list[int]) -> None: ...
+    def upload(self, handle: int, tensor: torch.Tensor) -> None: ...
+    def released(self, handle: int) -> None: ...
+    def refuse(self, what: str) -> NoReturn: ...
 
 
 class DeviceRuntime:
@@ -52,6 +62,10 @@ class DeviceRuntime:
         self._lock = threading.RLock()  # re-entrant: a finalizer may run while this thread holds it
         self.ops_sent = 0
         self._unflushed = 0
+        # Step capture: the recorder of a step being recorded, and handles that defined graphs hold (called
+        # with the handle when the client lets go of it).
+        self.recorder: Recorder | None = None
+        self.watched: dict[int, Callable[[int], None]] = {}
         # A fake GPU computes with CPU kernels, whose outputs differ from meta's in a few places.
         self.cpu_backed = bool(getattr(getattr(session, "device", None), "fake", False))
 
@@ -75,6 +89,12 @@ class DeviceRuntime:
                 else:
                     self.shared[handle] = extra - 1
                 return
+            if self.recorder is not None:
+                self.recorder.released(handle)
+            if self.watched:
+                watcher = self.watched.pop(handle, None)
+                if watcher is not None:
+                    watcher(handle)
             if self.closed or self.pending.pop(handle, None) is not None:
                 return
             self._dead.append(handle)
@@ -104,6 +124,8 @@ class DeviceRuntime:
         if self._dead and (len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):
             self.flush_frees()
         self._check_open()
+        if self.recorder is not None:
+            self.recorder.op(name, args, kwargs, outputs)
         try:
             self.session.op(name, args, kwargs, outputs)
             self._unflushed += 1
@@ -122,6 +144,8 @@ class DeviceRuntime:
 
     def sync(self, scalar_handles: tuple[int, ...] | list[int] = ()) -> list[Any]:
         """Wait for everything sent so far; raise the first error since the last sync."""
+        if self.recorder is not None:
+            self.recorder.refuse("a sync point (.item(), bool(t), synchronize)")
         self.flush_frees(force=True)
         self._check_open()
         try:
@@ -133,6 +157,8 @@ class DeviceRuntime:
         """Send a CPU tensor into `handle` (a new one by default); returns the handle."""
         h = self.new_handle() if handle is None else handle
         self._check_open()
+        if self.recorder is not None:
+            self.recorder.upload(h, tensor)
         try:
             self.session.upload(tensor, h)
         except Exception as exc:
@@ -140,6 +166,8 @@ class DeviceRuntime:
         return h
 
     def download(self, handle: int) -> torch.Tensor:
+        if self.recorder is not None:
+            self.recorder.refuse("a read-back (.cpu(), .tolist(), printing, an op with data-dependent shapes)")
         self.flush_frees(force=True)
         self._check_open()
         try:
@@ -157,9 +185,41 @@ class DeviceRuntime:
             self._raise(exc)
 
     def seed(self, seed: int) -> None:
+        if self.recorder is not None:
+            self.recorder.refuse("torch.manual_seed")
         self._check_open()
         try:
             self.session.seed(seed)
+        except Exception as exc:
+            self._raise(exc)
+
+    # ---- captured steps (client.torch.capture) ----
+
+    def define_graph(self, graph: Any) -> None:
+        self._check_open()
+        try:
+            self.session.define_graph(graph)
+        except Exception as exc:
+            self._raise(exc)
+
+    def run_graph(self, graph_id: int, inputs: list[int], outputs: list[int], drop_writes: list[int]) -> None:
+        """One captured step: one command, sent at once (the daemon can start while the caller goes on)."""
+        self.ops_sent += 1
+        if self._dead and (len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):
+            self.flush_frees()
+        self._check_open()
+        try:
+            self.session.run_graph(graph_id, inputs, outputs, drop_writes)
+            self._unflushed = 0
+            self.session.flush()
+        except Exception as exc:
+            self._raise(exc)
+
+    def drop_graph(self, graph_id: int) -> None:
+        if self.closed:
+            return
+        try:
+            self.session.drop_graph(graph_id)
         except Exception as exc:
             self._raise(exc)
 
