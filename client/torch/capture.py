@@ -23,10 +23,11 @@ the RunGraph); tensors that existed before the step (parameters, optimizer state
 by identity; tensors the step creates and leaves behind (new `.grad`s) keep their handles, rebound by every
 run; the step's returned tensors get fresh handles per call (`.item()` them whenever).
 
-A replay is refused, and the step re-recorded, when an assumption of the graph breaks: the arguments' shapes,
-dtypes, strides or non-tensor values; the `training` flag of a module, or the hyperparameters and parameter
-set of an optimizer the step uses (found in its closure, globals and bound object, or given as `watch=`); a
-tensor the graph binds by identity was dropped or replaced. Inside a recording, sync points (`.item()`,
+Each graph holds for one guard key: the arguments' shapes, dtypes, strides and non-tensor values; the `training`
+flag of every module, and the hyperparameters and parameter set of every optimizer the step uses (found in its
+closure, globals and bound object, or given as `watch=`). A call with a new key records a graph of its own (kept
+in a small cache, so alternating batch shapes or train/eval replay without recording again); a graph whose
+tensors bound by identity were dropped or replaced is re-recorded. Inside a recording, sync points (`.item()`,
 `.cpu()`, printing, ops with data-dependent shapes) and `torch.manual_seed` raise `CaptureError`.
 """
 
@@ -53,6 +54,7 @@ from .tensor import RemoteTensor, upload_new, wrap
 log = logging.getLogger("gpupool.torch")
 _graph_ids = itertools.count(1)
 RECORD_ATTEMPTS = 3  # recordings that may disagree before the step is declared uncapturable
+MAX_GRAPHS = 16  # graphs one captured step keeps (the daemon holds at most 32 per session)
 NOT_IN_GRAPHS = ("aten::resize_", "aten::resize_as_", "aten::_resize_output_", "aten::set_")
 
 
@@ -111,19 +113,27 @@ class _Graph:
 
 
 class CapturedStep:
-    """The callable `capture(fn)` returns; `stats` counts eager, recorded and replayed calls."""
+    """The callable `capture(fn)` returns. It keeps one graph per guard key (argument shapes and values, module
+    flags, optimizer settings), like a compiler's cache: alternating batch shapes or train/eval each get their
+    own graph. `stats` counts eager, recorded and replayed calls and graphs defined."""
 
-    def __init__(self, fn: Callable[..., Any], device: Any = None, watch: Iterable[Any] = ()) -> None:
+    def __init__(
+        self, fn: Callable[..., Any], device: Any = None, watch: Iterable[Any] = (), max_graphs: int = MAX_GRAPHS
+    ) -> None:
         functools.update_wrapper(self, fn)
         self.fn = fn
+        self.name = getattr(fn, "__name__", "step")
         self.device = device
         self.watched = list(watch) or _discover(fn)
-        self.state = "eager"
-        self.graph: _Graph | None = None
-        self._graph_id = next(_graph_ids)
-        self._last: _Built | None = None
-        self._attempts = 0
-        self.stats = {"eager": 0, "recorded": 0, "replayed": 0, "rerecorded": 0}
+        self.max_graphs = max_graphs
+        self.graphs: dict[Any, _Graph] = {}  # by guard key, least recently used first
+        self._recorded: dict[Any, tuple[_Built, int]] = {}  # key -> (last recording, recordings that disagreed)
+        self._first = True
+        self.stats = {"eager": 0, "recorded": 0, "replayed": 0, "defined": 0, "rerecorded": 0}
+
+    @property
+    def state(self) -> str:
+        return "replay" if self.graphs else ("eager" if self._first else "record")
 
     # ---- the call ----
 
@@ -132,19 +142,20 @@ class CapturedStep:
         rt = self._runtime(leaves)
         leaves = [upload_new(rt, x) if _is_cpu_tensor(x) else x for x in leaves]
         key = (spec, tuple(_leaf_key(x) for x in leaves), self._watch_key())
-        g = self.graph
-        if self.state == "replay" and g is not None:
-            if g.valid and key == g.key:
+        g = self.graphs.get(key)
+        if g is not None:
+            if g.valid:
+                self.graphs[key] = self.graphs.pop(key)  # most recently used
                 return self._replay(rt, g, leaves)
-            why = g.why or _difference(g.key, key)
-            log.info("%s: graph %d re-recorded: %s", rt.device, g.graph_id, why)
+            log.info("%s: graph %d re-recorded: %s", rt.device, g.graph_id, g.why)
             self.stats["rerecorded"] += 1
-            self._forget()
-            self.state, self._last, self._attempts = "record", None, 0
+            self._forget(key)
+        elif self.graphs and key not in self._recorded:
+            log.info("%s: %s records a new graph: %s", rt.device, self.name, _difference(self.graphs, key))
         args, kwargs = tree_unflatten(leaves, spec)
-        if self.state == "eager":
+        if self._first:
+            self._first = False
             self.stats["eager"] += 1
-            self.state = "record"
             return self.fn(*args, **kwargs)
         return self._record(rt, key, leaves, args, kwargs)
 
@@ -186,53 +197,62 @@ class CapturedStep:
                 o.recorder = None
         self.stats["recorded"] += 1
         built = _build(rec, leaves, result)
-        built.key = key
-        previous, self._last = self._last, built
-        if previous is None or previous.key != key:
+        previous = self._recorded.get(key)
+        if previous is None:
+            self._recorded[key] = (built, 0)
             return result
-        mismatch = _compare(previous, built)
+        mismatch = _compare(previous[0], built)
         if mismatch:
-            self._attempts += 1
-            if self._attempts >= RECORD_ATTEMPTS:
+            attempts = previous[1] + 1
+            if attempts >= RECORD_ATTEMPTS:
+                del self._recorded[key]
                 raise CaptureError(
                     f"this step cannot be captured: two recordings differ at {mismatch}. Python numbers that change "
                     "from step to step would be replayed stale: make them tensors on the device (for Adam/AdamW: "
                     "capturable=True; a changing lr as a gpupool tensor), or pass them as tensor arguments"
                 )
+            self._recorded[key] = (built, attempts)
             return result
+        del self._recorded[key]
         self._define(rt, key, built, result)
         return result
 
     def _define(self, rt: DeviceRuntime, key: Any, built: _Built, result: Any) -> None:
+        while len(self.graphs) >= self.max_graphs:
+            self._forget(next(iter(self.graphs)), drop=True)
         consts = [upload_new(rt, t) for t in built.consts]  # kept by the graph: persistent inputs
-        msg = built.message(self._graph_id, [c._gp_h for c in consts])
+        graph_id = next(_graph_ids)
+        msg = built.message(graph_id, [c._gp_h for c in consts])
         rt.define_graph(msg)
         out_leaves, spec = tree_flatten(result)
         outputs = [(i, _meta(x)) for i, x in enumerate(out_leaves) if isinstance(x, RemoteTensor)]
         plain = [None if isinstance(x, RemoteTensor) else x for x in out_leaves]
-        g = _Graph(rt, self._graph_id, key, outputs, spec, plain, consts)
+        g = _Graph(rt, graph_id, key, outputs, spec, plain, consts)
         for h in built.persistent:
-            rt.watched[h] = functools.partial(self._invalidate, g)
+            rt.watched.setdefault(h, []).append(functools.partial(_invalidate, g))
         for h in built.writes:
-            rt.watched[h] = g.drop_writes.append
+            rt.watched.setdefault(h, []).append(g.drop_writes.append)
         g.watching = list(built.persistent) + list(built.writes)
-        self.graph, self.state = g, "replay"
+        self.graphs[key] = g
+        self.stats["defined"] += 1
         log.info(
             "%s: graph %d defined for %s: %d ops, %d inputs, %d persistent tensors",
-            rt.device, g.graph_id, getattr(self.fn, "__name__", "step"), len(msg.ops), msg.inputs, len(msg.persistent),
+            rt.device, g.graph_id, self.name, len(msg.ops), msg.inputs, len(msg.persistent),
         )  # fmt: skip
 
-    def _invalidate(self, g: _Graph, handle: int) -> None:
-        if g.valid:
-            g.valid, g.why = False, f"a tensor it binds by identity ({handle:#x}) was dropped or replaced"
-
-    def _forget(self) -> None:
-        g = self.graph
+    def _forget(self, key: Any, drop: bool = False) -> None:
+        g = self.graphs.pop(key, None)
         if g is None:
             return
         for h in g.watching:
-            g.rt.watched.pop(h, None)
-        self.graph = None  # its kept uploads die with it; the daemon replaces the graph at the next DefineGraph
+            watchers = g.rt.watched.get(h)
+            if watchers:
+                watchers[:] = [w for w in watchers if getattr(w, "args", (None,))[0] is not g
+                               and getattr(w, "__self__", None) is not g.drop_writes]  # fmt: skip
+                if not watchers:
+                    del g.rt.watched[h]
+        if drop:
+            g.rt.drop_graph(g.graph_id)
 
     # ---- replay ----
 
@@ -248,21 +268,28 @@ class CapturedStep:
         return tree_unflatten(out, g.spec)
 
     def drop(self) -> None:
-        """Forget the graph (the daemon frees it); the next call records again."""
-        g = self.graph
-        if g is not None:
-            self._forget()
-            g.rt.drop_graph(g.graph_id)
-        self.graph, self.state, self._last = None, "record", None
+        """Forget every graph (the daemon frees them); the next calls record again."""
+        for key in list(self.graphs):
+            self._forget(key, drop=True)
+        self._recorded.clear()
+
+
+def _invalidate(g: _Graph, handle: int) -> None:
+    if g.valid:
+        g.valid, g.why = False, f"a tensor it binds by identity ({handle:#x}) was dropped or replaced"
 
 
 def capture(
-    fn: Callable[..., Any] | None = None, *, device: Any = None, watch: Iterable[Any] = ()
+    fn: Callable[..., Any] | None = None, *, device: Any = None, watch: Iterable[Any] = (), max_graphs: int = MAX_GRAPHS
 ) -> Any:
-    """Capture a training step: `step = capture(fn)` or `@capture`. See this module's docstring."""
+    """Capture a training step: `step = capture(fn)` or `@capture(watch=[model, opt])`; see the module docstring.
+
+    `device`: where CPU tensor arguments go when no argument is a gpupool tensor (default: the current device).
+    `watch`: modules and optimizers whose training flags / settings decide the graph (default: found in `fn`).
+    `max_graphs`: graphs kept (one per argument shape, train/eval, ...), least recently used dropped first."""
     if fn is None:
-        return lambda f: CapturedStep(f, device, watch)
-    return CapturedStep(fn, device, watch)
+        return lambda f: CapturedStep(f, device, watch, max_graphs)
+    return CapturedStep(fn, device, watch, max_graphs)
 
 
 # ---- building a graph from a recording ----
@@ -396,7 +423,8 @@ def _show(a: tensor_pb2.Arg) -> str:
     return repr(getattr(a, kind)) if kind in ("i", "f", "b", "s") else str(a).strip().replace("\n", " ")[:80]
 
 
-def _difference(old: Any, new: Any) -> str:
+def _difference(graphs: dict[Any, _Graph], new: Any) -> str:
+    old = list(graphs)[-1]
     if old[0] != new[0]:
         return "the structure of its arguments changed"
     if old[1] != new[1]:

@@ -65,7 +65,7 @@ class DeviceRuntime:
         # Step capture: the recorder of a step being recorded, and handles that defined graphs hold (called
         # with the handle when the client lets go of it).
         self.recorder: Recorder | None = None
-        self.watched: dict[int, Callable[[int], None]] = {}
+        self.watched: dict[int, list[Callable[[int], None]]] = {}
         # A fake GPU computes with CPU kernels, whose outputs differ from meta's in a few places.
         self.cpu_backed = bool(getattr(getattr(session, "device", None), "fake", False))
 
@@ -92,8 +92,7 @@ class DeviceRuntime:
             if self.recorder is not None:
                 self.recorder.released(handle)
             if self.watched:
-                watcher = self.watched.pop(handle, None)
-                if watcher is not None:
+                for watcher in self.watched.pop(handle, ()):
                     watcher(handle)
             if self.closed or self.pending.pop(handle, None) is not None:
                 return

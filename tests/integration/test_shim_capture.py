@@ -128,7 +128,7 @@ def test_captured_losses_equal_eager_and_local(dev: torch.device, case: str) -> 
     local, _ = train("cpu", model_fn, opt_fn, batch, loss_fn, steps, captured=False)
     eager, _ = train(dev, model_fn, opt_fn, batch, loss_fn, steps, captured=False)
     captured, step = train(dev, model_fn, opt_fn, batch, loss_fn, steps, captured=True)
-    assert step.stats == {"eager": 1, "recorded": 2, "replayed": steps - 3, "rerecorded": 0}
+    assert step.stats == {"eager": 1, "recorded": 2, "replayed": steps - 3, "defined": 1, "rerecorded": 0}
     assert_close(eager, local, f"{case} eager vs local")
     assert_close(captured, eager, f"{case} captured vs eager")
     assert len(set(captured[3:])) == steps - 3  # replays computed new losses (fresh batches), not stale ones
@@ -195,7 +195,7 @@ def replaying(step: Any, *args: Any) -> Any:
     "change",
     ["shape", "dtype-of-scalar-arg", "scalar-arg", "training-flag", "lr-float", "parameter-replaced", "grad-dropped"],
 )
-def test_broken_assumptions_re_record(dev: torch.device, change: str) -> None:
+def test_broken_assumptions_record_again(dev: torch.device, change: str) -> None:
     adam = {"lr": 1e-2, "capturable": True} if change == "lr-float" else {}
     step, model, opt = capture_small(dev, **adam)
     x, y = xy()
@@ -216,12 +216,28 @@ def test_broken_assumptions_re_record(dev: torch.device, change: str) -> None:
             model[0].bias.data = torch.zeros(16, device=dev)
     elif change == "grad-dropped":
         model[3].weight.grad = None  # state the graph binds by identity (it was created in the step: re-bound)
-    before = step.stats["rerecorded"]
+    before = dict(step.stats)
     replaying(step, *args)
-    if change == "grad-dropped":  # a gradient the step itself creates is re-created: no re-record needed
-        assert step.stats["rerecorded"] == before
+    if change == "grad-dropped":  # a gradient the step itself creates is re-created: no new recording
+        assert step.stats["defined"] == before["defined"]
         return
-    assert step.stats["rerecorded"] == before + 1
+    assert step.stats["defined"] == before["defined"] + 1  # a new key records a graph of its own...
+    assert step.stats["rerecorded"] == before["rerecorded"] + (change == "parameter-replaced")  # ...or replaces one
+
+
+def test_alternating_shapes_and_modes_replay_cached_graphs(dev: torch.device) -> None:
+    step, model, _ = capture_small(dev)
+    small, large = xy(n=4), xy(n=6)
+    replaying(step, *small)
+    replaying(step, *large)
+    model.eval()
+    replaying(step, *small)
+    model.train()
+    recorded = step.stats["recorded"]
+    for _ in range(3):
+        step(*small)
+        step(*large)
+    assert step.stats["recorded"] == recorded and step.stats["defined"] == 3
 
 
 def test_rerecorded_step_trains_like_eager(dev: torch.device) -> None:
@@ -281,3 +297,23 @@ def test_sync_inside_a_captured_step_is_an_error(dev: torch.device, sync: str) -
         step(x, y)
     assert torch.zeros(2, device=dev).sum().item() == 0.0  # the device is fine
 
+
+
+def test_sentiment_train_py_with_capture(dev: torch.device, tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """`examples/sentiment/train.py --capture` on a small synthetic aclImdb: it trains, and its steps replay."""
+    import json
+    import logging
+
+    from examples.sentiment import fake_data, train
+
+    tarball = fake_data.write_tarball(tmp_path / "aclImdb_v1.tar.gz", per_class=100)
+    out = tmp_path / "model"
+    argv = ["--device", "gpupool", "--capture", "--epochs", "1", "--limit", "200", "--batch-size", "20",
+            "--embed-dim", "16", "--filters", "16", "--bigram-buckets", "0", "--max-len", "128", "--data",
+            str(tarball), "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress",
+            "--log-every", "0"]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="gpupool.torch"):
+        assert train.main(argv) == 0
+    (epoch,) = json.loads((out / "config.json").read_text())["results"]["history"]
+    assert 0.0 < epoch["train_loss"] < 1.0
+    assert any("defined for train_step" in r.getMessage() for r in caplog.records)
