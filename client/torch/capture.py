@@ -110,6 +110,7 @@ class _Graph:
     why: str = ""
     drop_writes: list[int] = field(default_factory=list)
     watching: list[int] = field(default_factory=list)  # handles whose release this graph hears of
+    ops: int = 0  # aten ops it runs per step
 
 
 class CapturedStep:
@@ -227,7 +228,7 @@ class CapturedStep:
         out_leaves, spec = tree_flatten(result)
         outputs = [(i, _meta(x)) for i, x in enumerate(out_leaves) if isinstance(x, RemoteTensor)]
         plain = [None if isinstance(x, RemoteTensor) else x for x in out_leaves]
-        g = _Graph(rt, graph_id, key, outputs, spec, plain, consts)
+        g = _Graph(rt, graph_id, key, outputs, spec, plain, consts, ops=len(msg.ops))
         for h in built.persistent:
             rt.watched.setdefault(h, []).append(functools.partial(_invalidate, g))
         for h in built.writes:

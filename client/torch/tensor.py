@@ -29,6 +29,17 @@ def _unregistered(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
 _dispatch: list[Dispatcher] = [_unregistered]
 
 
+_is_compiling = torch.compiler.is_compiling
+
+
+@torch.compiler.disable
+def _eager(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The dispatcher, out of torch.compile's reach: Dynamo cannot trace a Python device (its wrapper tensors
+    and their remote handles have no fake version), so `torch.compile` on a gpupool model runs these ops
+    eagerly, with the same results; use `gpupool.torch.capture` to make a step one command."""
+    return _dispatch[0](func, args, kwargs)
+
+
 def set_dispatcher(fn: Dispatcher) -> None:
     """Where every aten op on a remote tensor goes (`backend.register` installs `dispatch.dispatch`)."""
     _dispatch[0] = fn
@@ -46,6 +57,8 @@ class RemoteTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
+        if _is_compiling():  # Dynamo traced into here: run the op eagerly instead (a graph break)
+            return _eager(func, args, kwargs or {})
         return _dispatch[0](func, args, kwargs or {})
 
     def __del__(self) -> None:

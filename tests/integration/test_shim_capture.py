@@ -317,3 +317,31 @@ def test_sentiment_train_py_with_capture(dev: torch.device, tmp_path: Any, caplo
     (epoch,) = json.loads((out / "config.json").read_text())["results"]["history"]
     assert 0.0 < epoch["train_loss"] < 1.0
     assert any("defined for train_step" in r.getMessage() for r in caplog.records)
+
+
+def test_torch_compile_on_a_gpupool_model_trains_like_eager(dev: torch.device) -> None:
+    """torch.compile cannot trace a Python device backend; on a gpupool model it runs the ops eagerly (a graph
+    break at the device's dispatch), with eager's results and without Dynamo tracing into the shim."""
+    import warnings
+
+    def run(compiled: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)).to(dev)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        f = torch.compile(model) if compiled else model
+        out = []
+        for i in range(3):
+            x, y = xy(seed=i)
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(f(x.to(dev)), y.to(dev))
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        return out
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = run(True)
+    assert compiled == run(False)
+    assert not [w for w in caught if "Dynamo" in str(w.message)], [str(w.message)[:200] for w in caught]
+    torch._dynamo.reset()
