@@ -197,6 +197,26 @@ class Session:
     def seed(self, seed: int) -> None:
         self._add(device_pb2.Command(seed=device_pb2.Seed(seed=seed)))
 
+    def define_graph(self, graph: device_pb2.DefineGraph) -> None:
+        """Define (or replace) a captured step's graph (fire-and-forget; a refusal surfaces at the next sync)."""
+        self._add(device_pb2.Command(define_graph=graph), graph.ByteSize())
+
+    def run_graph(
+        self, graph_id: int, inputs: Sequence[int], outputs: Sequence[int], drop_writes: Sequence[int] = ()
+    ) -> None:
+        """One step of a defined graph: the batch's uploads queued before it travel in the same frame."""
+        with self._lock:
+            run = self._frame.commands.add().run_graph
+            run.graph_id = graph_id
+            run.inputs.extend(inputs)
+            run.outputs.extend(outputs)
+            if drop_writes:
+                run.drop_writes.extend(drop_writes)
+            self._maybe_flush()
+
+    def drop_graph(self, graph_id: int) -> None:
+        self._add(device_pb2.Command(drop_graph=device_pb2.DropGraph(graph_id=graph_id)))
+
     def refresh(self, token: str) -> None:
         """Hand the daemon a renewed token of this session's lease. Out of band (a unary call), not on the stream:
         there it would wait behind queued work, which can outlast the old token."""

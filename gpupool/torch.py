@@ -1,12 +1,15 @@
 """`import gpupool.torch` registers the PyTorch device `gpupool`; the API lives in gpupool.client.torch."""
 
 from gpupool.client.torch import (
+    CapturedStep,
+    CaptureError,
     DeviceLost,
     OutOfMemoryError,
     RemoteError,
     RemoteTensor,
     attach,
     attach_lease,
+    capture,
     current_index,
     detach_all,
     device,
@@ -16,12 +19,15 @@ from gpupool.client.torch import (
 )
 
 __all__ = [
+    "CaptureError",
+    "CapturedStep",
     "DeviceLost",
     "OutOfMemoryError",
     "RemoteError",
     "RemoteTensor",
     "attach",
     "attach_lease",
+    "capture",
     "current_index",
     "detach_all",
     "device",

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run every check CI runs: generated code is fresh, ruff, mypy, and the test suite.
+# Set up (idempotent) and run every check CI runs: generated code is fresh, ruff, mypy, import contracts, and the
+# test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -8,4 +9,5 @@ bash scripts/gen_proto.sh "$tmp/_proto" >/dev/null
 diff -r -x __pycache__ "$tmp/_proto" gpupool/_proto || { echo "gpupool/_proto is stale: run scripts/gen_proto.sh" >&2; exit 1; }
 python3 -m ruff check .
 python3 -m mypy gpupool server scheduler client
+bash scripts/lint_imports.sh  # .importlinter: the programs never import each other; client/torch is layered
 python3 -m pytest -q -p no:cacheprovider "$@"

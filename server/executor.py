@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 from gpupool.server import bounds, guards
+from gpupool.server.graph import GraphTable
 from gpupool.server.ops import NO_META, MetaSizer, OpTable
 from gpupool.server.sessions import Poison, PoisonedInput, Session, zero_bytes
 
@@ -38,6 +39,7 @@ class Ledger(Protocol):
     def op(self, session: Session) -> None: ...
     def error(self, session: Session, code: str) -> None: ...
     def transfer(self, direction: str, nbytes: int) -> None: ...
+    def graph(self, session: Session, event: str, ops: int = 0) -> None: ...
 
 
 class CommandExecutor:
@@ -48,6 +50,7 @@ class CommandExecutor:
         self.sizer = MetaSizer()
         self.ledger = ledger
         self._device_arg: dict[torch._ops.OpOverload, bool] = {}
+        self.graphs = GraphTable(self)  # captured steps (server/graph.py)
 
     def warm_up(self) -> None:
         """Load torch's meta kernels now (about a second, once per process), not on some session's clock."""
@@ -70,6 +73,12 @@ class CommandExecutor:
                 s.rng_state = s.device.new_rng_state(cmd.seed.seed)
             elif kind == "sync":
                 reply(self._sync(s, cmd.sync))
+            elif kind == "run_graph":
+                self.graphs.run(s, cmd.run_graph)
+            elif kind == "define_graph":
+                self.graphs.define(s, cmd.define_graph)
+            elif kind == "drop_graph":
+                self.graphs.drop(s, cmd.drop_graph)
             elif kind == "refresh":
                 pass  # handled on arrival by the daemon (it needs no ordering)
             else:

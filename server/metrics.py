@@ -35,6 +35,7 @@ class Ledger:
         self.errors: dict[tuple[int, str, str], int] = defaultdict(int)  # (device, tenant, code)
         self.transfers: dict[str, int] = {"upload": 0, "download": 0}
         self.device_busy: dict[int, float] = defaultdict(float)
+        self.graphs: dict[tuple[int, str, str], int] = defaultdict(int)  # (device, tenant, event)
 
     def op(self, session: Session) -> None:
         key = (session.device.index, session.tenant)
@@ -49,6 +50,13 @@ class Ledger:
         with self._lock:
             self.transfers[direction] += nbytes
 
+    def graph(self, session: Session, event: str, ops: int = 0) -> None:
+        """A captured step's graph was defined, re-recorded, replayed (running `ops` ops) or dropped."""
+        with self._lock:
+            self.graphs[(session.device.index, session.tenant, event)] += 1
+            if ops:
+                self.ops[(session.device.index, session.tenant)] += ops
+
     def charge(self, session: Session, seconds: float) -> None:
         with self._lock:
             self.busy[(session.device.index, session.tenant)] += seconds
@@ -62,6 +70,7 @@ class Ledger:
                 "errors": dict(self.errors),
                 "transfers": dict(self.transfers),
                 "device_busy": dict(self.device_busy),
+                "graphs": dict(self.graphs),
             }
 
 
@@ -127,6 +136,15 @@ class DaemonCollector(Collector):
         for (i, tenant, code), n in snap["errors"].items():
             t_err.add_metric([host, str(i), ids[i][0], tenant, code], n)
         yield from (t_busy, t_ops, t_err)
+
+        graphs = CounterMetricFamily(
+            "gpupool_graph_events",
+            "Captured-step graphs of a tenant by event: defined, rerecorded, replayed, dropped",
+            labels=tlabels + ["event"],
+        )
+        for (i, tenant, event), n in snap["graphs"].items():
+            graphs.add_metric([host, str(i), ids[i][0], tenant, event], n)
+        yield graphs
 
         xfer = CounterMetricFamily(
             "gpupool_transfer_bytes", "Tensor bytes moved over the wire", labels=["host", "direction"]

@@ -5,27 +5,37 @@
     model = Model().to(dev)               # parameters uploaded once; ops then travel as descriptions
 
 Importing this package registers the device. See DESIGN.md, "The PyTorch shim".
+
+Layers, top to bottom (each module imports only modules below it; `.importlinter` enforces it):
+backend, optim (registration with torch), capture (step capture) -> dispatch (routing of each op) ->
+transfer (copies, sync points, aliases) -> remote (the generic remote op) -> encode (arguments as wire Args) ->
+meta (output metadata) -> tensor (the wrapper class, uploads/downloads) -> api (attach, leases, the device
+registry) -> runtime (one session: handles, frees, commands) -> errors.
 """
 
 from __future__ import annotations
 
-import gpupool.client.torch.backend as _backend
-import gpupool.client.torch.optim as _optim
-from gpupool.client.torch.api import attach, attach_lease, current_index, detach_all, device, device_count, synchronize
-from gpupool.client.torch.errors import DeviceLost, OutOfMemoryError, RemoteError
-from gpupool.client.torch.meta import CACHE as meta_cache
-from gpupool.client.torch.tensor import RemoteTensor
+from . import backend as _backend
+from . import optim as _optim
+from .api import attach, attach_lease, current_index, detach_all, device, device_count, synchronize
+from .capture import CapturedStep, capture
+from .errors import CaptureError, DeviceLost, OutOfMemoryError, RemoteError
+from .meta import CACHE as meta_cache
+from .tensor import RemoteTensor
 
 _backend.register()
 _optim.enable_foreach_default()
 
 __all__ = [
+    "CaptureError",
+    "CapturedStep",
     "DeviceLost",
     "OutOfMemoryError",
     "RemoteError",
     "RemoteTensor",
     "attach",
     "attach_lease",
+    "capture",
     "current_index",
     "detach_all",
     "device",

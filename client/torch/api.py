@@ -15,8 +15,12 @@ import threading
 from typing import Any
 
 import torch
-from gpupool.client.torch import runtime
-from gpupool.client.torch.runtime import DeviceRuntime
+
+from .. import pool
+from ..pool import Lease
+from ..session import Session
+from . import runtime
+from .runtime import DeviceRuntime
 
 log = logging.getLogger("gpupool.torch")
 
@@ -53,14 +57,12 @@ def device(index: int = 0) -> torch.device:
             return rt.device
         if os.environ.get("GPUPOOL_LEASE"):
             if not _env_lease:
-                from gpupool.client.pool import Lease
-
                 lease = Lease.from_env()
+                if lease is None:
+                    raise RuntimeError("$GPUPOOL_LEASE is set but holds no lease")
                 lease.start_renewing()
                 _env_lease.append(lease)
             return attach_lease(_env_lease[0], index, as_index=index)
-        from gpupool.client import pool
-
         fraction = float(os.environ.get("GPUPOOL_FRACTION") or 1.0)
         kwargs: dict[str, Any] = {"gpus": 1, "fraction": fraction}
         if os.environ.get("GPUPOOL_SCHEDULER"):
@@ -74,19 +76,16 @@ def device(index: int = 0) -> torch.device:
 
 def attach_lease(lease: Any, index: int = 0, *, as_index: int | None = None, owns_lease: bool = False) -> torch.device:
     """Attach device `index` of a lease; it becomes `gpupool:<as_index>` (default: `index` if free)."""
-    from gpupool.client.session import Session
-
     with _lock:
         for rt in runtime.all_runtimes():
-            if rt.lease is lease and getattr(rt, "lease_index", None) == index:
+            if rt.lease is lease and rt.lease_index == index:
                 return rt.device
         leased = lease.devices[index]
         if as_index is None:
             existing = runtime.get(index)
             as_index = index if existing is None or existing.closed else runtime.next_free_index()
         session = Session.attach(leased.address, leased.token)
-        rt = DeviceRuntime(as_index, session, lease=lease, owns_lease=owns_lease)
-        rt.lease_index = index  # type: ignore[attr-defined]
+        rt = DeviceRuntime(as_index, session, lease=lease, owns_lease=owns_lease, lease_index=index)
         runtime.add(rt)
         if id(lease) not in _subscribed and hasattr(lease, "subscribe"):
             _subscribed.add(id(lease))
@@ -99,15 +98,13 @@ def _forward_tokens(lease: Any) -> None:
     for rt in runtime.all_runtimes():
         if rt.lease is lease:
             try:
-                rt.refresh(lease.devices[rt.lease_index].token)  # type: ignore[attr-defined]
+                rt.refresh(lease.devices[rt.lease_index].token)
             except Exception as exc:  # a dead session reports itself at its next sync
                 log.warning("refreshing the token of %s: %s", rt.device, exc)
 
 
 def attach(address: str, token: str, index: int | None = None) -> torch.device:
     """Attach one daemon directly with a lease token; returns its `gpupool:<i>` device."""
-    from gpupool.client.session import Session
-
     with _lock:
         i = runtime.next_free_index() if index is None else index
         session = Session.attach(address, token)

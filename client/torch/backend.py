@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 import torch.utils.backend_registration as backend_registration
-from gpupool.client.torch import api, runtime
+
+from . import api, runtime, tensor
+from .dispatch import dispatch, factory, find_runtime
 
 NAME = "gpupool"
 
@@ -58,8 +60,6 @@ _library: list[torch.library.Library] = []
 
 
 def _backend_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
-    from gpupool.client.torch.dispatch import factory
-
     return factory(op, args, kwargs)
 
 
@@ -72,8 +72,6 @@ BACKEND_OPS = ("_copy_from", "_copy_from_and_resize", "_local_scalar_dense", "_t
 
 def _backend_kernel(op: Any) -> Any:
     def kernel(*args: Any, **kwargs: Any) -> Any:
-        from gpupool.client.torch.dispatch import dispatch, factory, find_runtime
-
         if find_runtime(args, kwargs) is None:
             return factory(op, args, kwargs)
         return dispatch(op, args, kwargs)
@@ -82,7 +80,9 @@ def _backend_kernel(op: Any) -> Any:
 
 
 def register() -> None:
-    """Idempotent: make the PrivateUse1 backend `gpupool` (fails if another backend took the name)."""
+    """Idempotent: make the PrivateUse1 backend `gpupool` (fails if another backend took the name), and
+    route the ops of remote tensors to the dispatcher."""
+    tensor.set_dispatcher(dispatch)
     current = torch._C._get_privateuse1_backend_name()
     if current == NAME and _library:
         return

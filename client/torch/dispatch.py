@@ -1,43 +1,20 @@
-"""Every aten op on a remote tensor: infer outputs locally, send the op, return new remote tensors.
-
-The generic path (`run_remote`) costs one meta-cache lookup, one handle per output and one queued
-command; nothing waits for the daemon. Transfers and sync points are special-cased in
-`client.torch.transfer`; ops whose output shapes cannot be inferred (data-dependent shapes, no meta
-kernel) round-trip (`round_trip`), and ops returning plain Python values run on the CPU (`cpu_fallback`).
+"""Every aten op on a remote tensor (`RemoteTensor.__torch_dispatch__`) and every factory that reaches the
+gpupool backend without one: route it to its special handler (`transfer.SPECIAL`), the generic remote path
+(`remote.run_remote`) or the CPU (`remote.cpu_fallback`).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
-from gpupool.client.torch import encode, meta, runtime, transfer
-from gpupool.client.torch import tensor as _tensor_module
-from gpupool.client.torch.runtime import DeviceRuntime
-from gpupool.client.torch.tensor import RemoteTensor, rewrap, wrap
-from torch.utils._pytree import tree_map, tree_unflatten
 
-log = logging.getLogger("gpupool.torch")
+from . import api, meta, transfer
+from .remote import cpu_fallback, find_runtime, lazy_empty, run_remote
+from .tensor import RemoteTensor
+
 aten = torch.ops.aten
-
-
-def find_runtime(args: Any, kwargs: dict[str, Any]) -> DeviceRuntime | None:
-    """The device of the op's remote tensors; mixing two gpupool devices is an error, as on CUDA."""
-    found: DeviceRuntime | None = None
-    for v in (*args, *kwargs.values()):
-        items = v if isinstance(v, list | tuple) else (v,)
-        for x in items:
-            if isinstance(x, RemoteTensor):
-                rt = x._gp_rt
-                if found is None:
-                    found = rt
-                elif rt is not found:
-                    raise RuntimeError(
-                        f"Expected all tensors to be on the same device, but found at least two devices, "
-                        f"{found.device} and {rt.device}!"
-                    )
-    return found
+LAZY_EMPTY = {aten.empty.memory_format, aten.empty_strided.default}
 
 
 def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -69,140 +46,14 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return run_remote(rt, sch, args, kwargs)
 
 
-def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    try:
-        found, key, wire_args, wire_kwargs = encode.build(rt, sch, args, kwargs)
-    except encode.NeedsUpload:
-        rt = rt or find_runtime(args, kwargs)
-        if rt is None:
-            raise RuntimeError(f"{sch.name}: no gpupool tensor among the arguments") from None
-        args, kwargs = encode.localize(rt, args, kwargs)
-        found, key, wire_args, wire_kwargs = encode.build(rt, sch, args, kwargs)
-    if found is None:
-        raise RuntimeError(f"{sch.name}: no gpupool tensor among the arguments")
-    rt = found
-    if rt.pending:
-        transfer.materialize_pending(rt)
-    try:
-        outs = meta.CACHE.outputs(sch, args, kwargs, key)
-    except meta.NoMeta as exc:
-        log.debug("%s has no meta inference (%s): round trip", sch.name, exc)
-        return round_trip(rt, sch, args, kwargs)
-    if rt.cpu_backed:
-        outs = meta.cpu_fixup(sch, args, kwargs, outs)
-
-    # Outputs that are written arguments (in-place ops, out=) keep their tensor: no new handle.
-    write_alias = sch.write_alias
-    handles: list[int] = []
-    results: list[Any] = []
-    for i, m in enumerate(outs.metas):
-        alias = write_alias[i] if i < len(write_alias) else None
-        if alias is not None:
-            handles.append(0)
-            results.append(_arg(sch, args, kwargs, alias))
-        elif m is None:
-            handles.append(0)
-            results.append(None)
-        else:
-            h = rt.new_handle()
-            handles.append(h)
-            results.append(wrap(rt, h, m.shape, m.stride, m.offset, m.dtype, m))
-    rt.op(sch.name, wire_args, wire_kwargs, handles)
-
-    if sch.mutates:
-        _fix_metadata(outs, results)
-    if outs.spec is None:
-        return results[0]
-    return tree_unflatten(results, outs.spec)
-
-
-def _arg(sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> Any:
-    if name in kwargs:
-        return kwargs[name]
-    return args[sch.arg_names.index(name)]
-
-
-def _fix_metadata(outs: meta.Outputs, results: list[Any]) -> None:
-    """Ops that change their written argument's metadata (out= resizing, t_, squeeze_, resize_)."""
-    for m, r in zip(outs.metas, results, strict=True):
-        if m is None or not isinstance(r, RemoteTensor):
-            continue
-        if r.shape != m.shape or r.stride() != m.stride or r.storage_offset() != m.offset:
-            rewrap(r, m.shape, m.stride, m.offset)
-
-
-def round_trip(rt: DeviceRuntime, sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run an op whose output shapes are data-dependent: execute it, then learn the shapes.
-
-    The wire has no "describe handle" command, so each output is made contiguous on the daemon (so
-    that its strides are known) and read back once; outputs of such ops (nonzero, unique,
-    masked_select) are small index or value tensors.
-    """
-    if sch.mutates or sch.list_return or not sch.returns_tensors:
-        return cpu_fallback(rt, sch.func, args, kwargs)
-    _, _, wire_args, wire_kwargs = encode.build(rt, sch, args, kwargs)
-    tmp = [rt.new_handle() for _ in range(sch.tensor_returns)]
-    rt.op(sch.name, wire_args, wire_kwargs, tmp)
-    results = []
-    for h in tmp:
-        final = rt.new_handle()
-        rt.op("aten::contiguous", [encode.handle_arg(h)], {}, [final])
-        rt.release(h)
-        local = rt.download(final)
-        results.append(wrap(rt, final, tuple(local.shape), local.stride(), 0, local.dtype))
-    return results[0] if len(results) == 1 else tuple(results)
-
-
-def cpu_fallback(rt: DeviceRuntime, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run an op on the CPU with its remote inputs read back: for ops returning Python values (`equal`)
-    or outputs gpupool cannot describe. Tensors written in place are written back."""
-    log.debug("%s runs on the CPU", func)
-    remote: list[tuple[RemoteTensor, torch.Tensor]] = []
-
-    def fetch(x: Any) -> Any:
-        if isinstance(x, RemoteTensor):
-            local = transfer.to_cpu(x)
-            remote.append((x, local))
-            return local
-        if isinstance(x, torch.device) and x.type == "gpupool":
-            return torch.device("cpu")
-        return x
-
-    cargs = tree_map(fetch, args)
-    ckwargs = tree_map(fetch, kwargs)
-    out = func(*cargs, **ckwargs)
-    sch = meta.schema_of(func)
-    if sch.mutates:
-        for r, local in remote:
-            transfer.copy_into(r, local)
-    device = kwargs.get("device")
-    if sch.has_device_arg and device is not None and torch.device(device).type == "cpu":
-        return out
-    by_id = {id(local): r for r, local in remote}
-
-    def back(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and not isinstance(x, RemoteTensor):
-            return by_id.get(id(x)) or transfer.upload_new(rt, x)
-        return x
-
-    return tree_map(back, out)
-
-
 def factory(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """An op with no remote tensor that reached the gpupool backend (torch.empty(..., device="gpupool"))."""
-    from gpupool.client.torch import api
-
     device = kwargs.get("device")
     index = torch.device(device).index if device is not None else None
     rt = api.runtime_for(index if index is not None else api.current_index())
     sch = meta.schema_of(func)
-    if func in transfer.LAZY_EMPTY:
-        return transfer.lazy_empty(rt, sch, args, kwargs)
+    if func in LAZY_EMPTY:
+        return lazy_empty(rt, sch, args, kwargs)
     if not sch.returns_tensors:
         return cpu_fallback(rt, func, args, kwargs)
     return run_remote(rt, sch, args, kwargs)
-
-
-__all__ = ["dispatch", "factory", "run_remote", "runtime"]
-
-_tensor_module._dispatch[:] = [dispatch]

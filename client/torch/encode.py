@@ -11,12 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from gpupool.client.torch import meta
-from gpupool.client.torch.runtime import DeviceRuntime
-from gpupool.client.torch.tensor import RemoteTensor
 
 from gpupool import wire
 from gpupool._proto import tensor_pb2
+
+from . import meta
+from .runtime import DeviceRuntime
+from .tensor import RemoteTensor, upload_new
 
 
 def _is_local(x: Any) -> bool:
@@ -43,8 +44,6 @@ def _needs_upload(v: Any) -> bool:
 
 
 def _localize(rt: DeviceRuntime, v: Any) -> Any:
-    from gpupool.client.torch.transfer import upload_new
-
     if _is_local(v):
         return upload_new(rt, v) if v.dim() > 0 else v
     if isinstance(v, list | tuple):

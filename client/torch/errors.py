@@ -40,6 +40,11 @@ class OutOfMemoryError(torch.OutOfMemoryError, errors.ResourceExhausted):
         return errors.GpupoolError.__str__(self)
 
 
+class CaptureError(RuntimeError):
+    """A step given to `gpupool.torch.capture` cannot be captured (a sync inside it, Python numbers that change
+    from step to step, ...); the message says what and how to fix it."""
+
+
 class DeviceLost(RemoteError):
     """The daemon went away (or the session was closed): tensors of that device are gone."""
 

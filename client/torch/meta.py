@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-from gpupool.client.torch.tensor import RemoteTensor
 from torch.utils._pytree import TreeSpec, tree_flatten
 
 from gpupool import wire
+
+from .tensor import RemoteTensor
 
 T, TL, S, SL, V = "T", "TL", "S", "SL", "V"  # argument kinds: tensor, tensor list, scalar, scalar list, value
 META = torch.device("meta")

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch.optim.optimizer as optimizer
 import torch.utils._foreach_utils as foreach_utils
-from gpupool.client.torch.tensor import RemoteTensor
+
+from .tensor import RemoteTensor
 
 
 def enable_foreach_default() -> None:

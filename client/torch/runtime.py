@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn, Protocol
 
 import torch
-from gpupool.client.torch import errors
+
+from . import errors
 
 log = logging.getLogger("gpupool.torch")
 
@@ -26,14 +28,26 @@ FLUSH_OPS = int(os.environ.get("GPUPOOL_FLUSH_OPS", "8"))
 FREE_QUOTA_FRACTION = 64  # ... or dead bytes above 1/64 of the quota, so that freed memory is soon usable again
 
 
+class Recorder(Protocol):
+    """What a step capture (`client.torch.capture`) sees of the commands a runtime sends while it records."""
+
+    def op(self, name: str, args: Any, kwargs: Any, outputs: list[int]) -> None: ...
+    def upload(self, handle: int, tensor: torch.Tensor) -> None: ...
+    def released(self, handle: int) -> None: ...
+    def refuse(self, what: str) -> NoReturn: ...
+
+
 class DeviceRuntime:
     """The client side of one session: `gpupool:<index>`."""
 
-    def __init__(self, index: int, session: Any, lease: Any = None, owns_lease: bool = False) -> None:
+    def __init__(
+        self, index: int, session: Any, lease: Any = None, owns_lease: bool = False, lease_index: int = 0
+    ) -> None:
         self.index = index
         self.session = session
         self.lease = lease
         self.owns_lease = owns_lease
+        self.lease_index = lease_index  # which device of `lease` this is
         self.device = torch.device("gpupool", index)
         self.closed = False
         self._dead: list[int] = []
@@ -48,6 +62,10 @@ class DeviceRuntime:
         self._lock = threading.RLock()  # re-entrant: a finalizer may run while this thread holds it
         self.ops_sent = 0
         self._unflushed = 0
+        # Step capture: the recorder of a step being recorded, and handles that defined graphs hold (called
+        # with the handle when the client lets go of it).
+        self.recorder: Recorder | None = None
+        self.watched: dict[int, list[Callable[[int], None]]] = {}
         # A fake GPU computes with CPU kernels, whose outputs differ from meta's in a few places.
         self.cpu_backed = bool(getattr(getattr(session, "device", None), "fake", False))
 
@@ -71,6 +89,11 @@ class DeviceRuntime:
                 else:
                     self.shared[handle] = extra - 1
                 return
+            if self.recorder is not None:
+                self.recorder.released(handle)
+            if self.watched:
+                for watcher in self.watched.pop(handle, ()):
+                    watcher(handle)
             if self.closed or self.pending.pop(handle, None) is not None:
                 return
             self._dead.append(handle)
@@ -80,54 +103,139 @@ class DeviceRuntime:
         if self._dead and (force or len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):
             with self._lock:  # finalizers may run on other threads (garbage collection)
                 dead, self._dead, self._dead_bytes = self._dead, [], 0
-            self.call("free", dead)
+            self.free(dead)
 
-    # ---- commands ----
+    # ---- commands: each a session method, its failures raised as torch-facing exceptions ----
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Run a session method, raising its failures as torch-facing exceptions."""
+    def _check_open(self) -> None:
         if self.closed:
             raise errors.DeviceLost(f"{self.device} is detached; its tensors are gone", code="FAILED_PRECONDITION")
-        try:
-            return getattr(self.session, method)(*args, **kwargs)
-        except Exception as exc:  # translate() passes through anything that is not a gpupool error
-            translated = translate_and_mark(self, exc)
-            if translated is exc:
-                raise
-            raise translated from exc
+
+    def _raise(self, exc: Exception) -> NoReturn:
+        """Re-raise a session failure as what a torch user catches (`errors.translate`)."""
+        translated = translate_and_mark(self, exc)
+        if translated is exc:
+            raise exc
+        raise translated from exc
 
     def op(self, name: str, args: Any, kwargs: Any, outputs: list[int]) -> None:
         self.ops_sent += 1
         if self._dead and (len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):
             self.flush_frees()
-        self.call("op", name, args, kwargs, outputs)
-        self._unflushed += 1
-        if self._unflushed >= FLUSH_OPS:
-            self._unflushed = 0
-            self.call("flush")
+        self._check_open()
+        if self.recorder is not None:
+            self.recorder.op(name, args, kwargs, outputs)
+        try:
+            self.session.op(name, args, kwargs, outputs)
+            self._unflushed += 1
+            if self._unflushed >= FLUSH_OPS:
+                self._unflushed = 0
+                self.session.flush()
+        except Exception as exc:
+            self._raise(exc)
+
+    def flush(self) -> None:
+        self._check_open()
+        try:
+            self.session.flush()
+        except Exception as exc:
+            self._raise(exc)
 
     def sync(self, scalar_handles: tuple[int, ...] | list[int] = ()) -> list[Any]:
         """Wait for everything sent so far; raise the first error since the last sync."""
+        if self.recorder is not None:
+            self.recorder.refuse("a sync point (.item(), bool(t), synchronize)")
         self.flush_frees(force=True)
-        return list(self.call("sync", list(scalar_handles)))
+        self._check_open()
+        try:
+            return list(self.session.sync(list(scalar_handles)))
+        except Exception as exc:
+            self._raise(exc)
 
-    def upload(self, tensor: torch.Tensor) -> int:
-        handle = self.new_handle()
-        self.call("upload", tensor, handle)
-        return handle
+    def upload(self, tensor: torch.Tensor, handle: int | None = None) -> int:
+        """Send a CPU tensor into `handle` (a new one by default); returns the handle."""
+        h = self.new_handle() if handle is None else handle
+        self._check_open()
+        if self.recorder is not None:
+            self.recorder.upload(h, tensor)
+        try:
+            self.session.upload(tensor, h)
+        except Exception as exc:
+            self._raise(exc)
+        return h
 
     def download(self, handle: int) -> torch.Tensor:
+        if self.recorder is not None:
+            self.recorder.refuse("a read-back (.cpu(), .tolist(), printing, an op with data-dependent shapes)")
         self.flush_frees(force=True)
-        out = self.call("download", handle)
+        self._check_open()
+        try:
+            out = self.session.download(handle)
+        except Exception as exc:
+            self._raise(exc)
         assert isinstance(out, torch.Tensor)
         return out
 
+    def free(self, handles: list[int]) -> None:
+        self._check_open()
+        try:
+            self.session.free(handles)
+        except Exception as exc:
+            self._raise(exc)
+
     def seed(self, seed: int) -> None:
-        self.call("seed", seed)
+        if self.recorder is not None:
+            self.recorder.refuse("torch.manual_seed")
+        self._check_open()
+        try:
+            self.session.seed(seed)
+        except Exception as exc:
+            self._raise(exc)
+
+    # ---- captured steps (client.torch.capture) ----
+
+    def define_graph(self, graph: Any) -> None:
+        self._check_open()
+        try:
+            self.session.define_graph(graph)
+        except Exception as exc:
+            self._raise(exc)
+
+    def run_graph(self, graph_id: int, inputs: list[int], outputs: list[int], drop_writes: list[int]) -> None:
+        """One captured step: one command, sent at once (the daemon can start while the caller goes on)."""
+        self.ops_sent += 1
+        if self._dead and (len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):
+            self.flush_frees()
+        self._check_open()
+        try:
+            self.session.run_graph(graph_id, inputs, outputs, drop_writes)
+            self._unflushed = 0
+            self.session.flush()
+        except Exception as exc:
+            self._raise(exc)
+
+    def drop_graph(self, graph_id: int) -> None:
+        if self.closed:
+            return
+        try:
+            self.session.drop_graph(graph_id)
+        except Exception as exc:
+            self._raise(exc)
 
     def refresh(self, token: str) -> None:
-        if not self.closed:
-            self.call("refresh", token)
+        if self.closed:
+            return
+        try:
+            self.session.refresh(token)
+        except Exception as exc:
+            self._raise(exc)
+
+    def materialize_pending(self) -> None:
+        """Send the held-back empties (in creation order) before anything that might use them."""
+        while self.pending:
+            h = next(iter(self.pending))
+            name, args, kwargs = self.pending.pop(h)
+            self.op(name, args, kwargs, [h])
 
     def close(self) -> None:
         if self.closed:

@@ -2,21 +2,47 @@
 
 A `RemoteTensor` is a wrapper subclass (`torch.Tensor._make_wrapper_subclass`): it has real sizes,
 strides, dtype and the device `gpupool:<i>`, but no local data; it holds the runtime of its device
-and the handle the daemon knows the data by. Every aten op on it lands in `__torch_dispatch__`
-(`client.torch.dispatch`). When it truly dies (torch keeps the Python object alive while autograd
-still holds its TensorImpl), `__del__` queues its handle for a batched Free (cheaper than a weakref
-callback, and `torch.utils.swap_tensors` accepts it).
+and the handle the daemon knows the data by. Every aten op on it lands in `__torch_dispatch__`, which
+calls the dispatcher `backend.register` installs (`client.torch.dispatch`: this module sits below it, so
+it holds a slot the registration fills instead of importing upwards). When it truly dies (torch keeps
+the Python object alive while autograd still holds its TensorImpl), `__del__` queues its handle for a
+batched Free (cheaper than a weakref callback, and `torch.utils.swap_tensors` accepts it).
+Moving data in and out (`upload_new`, `to_cpu`) is here too: every layer above needs it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from gpupool.client.torch.runtime import DeviceRuntime
 
-# The dispatcher (client.torch.dispatch), set when it is imported: no import statement on the hot path.
-_dispatch: list[Any] = []
+from .runtime import DeviceRuntime
+
+Dispatcher = Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]
+
+
+def _unregistered(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    raise RuntimeError(f"{func} on a gpupool tensor before the device was registered (import gpupool.torch)")
+
+
+_dispatch: list[Dispatcher] = [_unregistered]
+
+
+_is_compiling = torch.compiler.is_compiling
+
+
+@torch.compiler.disable
+def _eager(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The dispatcher, out of torch.compile's reach: Dynamo cannot trace a Python device (its wrapper tensors
+    and their remote handles have no fake version), so `torch.compile` on a gpupool model runs these ops
+    eagerly, with the same results; use `gpupool.torch.capture` to make a step one command."""
+    return _dispatch[0](func, args, kwargs)
+
+
+def set_dispatcher(fn: Dispatcher) -> None:
+    """Where every aten op on a remote tensor goes (`backend.register` installs `dispatch.dispatch`)."""
+    _dispatch[0] = fn
 
 
 class RemoteTensor(torch.Tensor):
@@ -31,6 +57,8 @@ class RemoteTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
+        if _is_compiling():  # Dynamo traced into here: run the op eagerly instead (a graph break)
+            return _eager(func, args, kwargs or {})
         return _dispatch[0](func, args, kwargs or {})
 
     def __del__(self) -> None:
@@ -134,3 +162,27 @@ def rewrap(t: RemoteTensor, shape: Any, stride: Any, offset: int) -> None:
         finally:
             torch._C._set_meta_in_tls_dispatch_include(was)
     t._gp_key = (tuple(shape), tuple(stride), int(offset), t.dtype)
+
+
+def upload_new(rt: DeviceRuntime, t: torch.Tensor) -> RemoteTensor:
+    """A new remote tensor with the contents of a CPU tensor (made contiguous)."""
+    local = t.detach()
+    if local.device.type != "cpu":
+        local = local.cpu()
+    local = local.contiguous()
+    h = rt.upload(local)
+    return wrap(rt, h, tuple(local.shape), local.stride(), 0, local.dtype)
+
+
+def to_cpu(t: RemoteTensor) -> torch.Tensor:
+    """The contents of a remote tensor as a new CPU tensor of the same shape (a sync point)."""
+    rt = t._gp_rt
+    if rt.pending:
+        rt.materialize_pending()
+    local = rt.download(t._gp_h)
+    if tuple(local.shape) != tuple(t.shape) or local.dtype != t.dtype:
+        raise RuntimeError(
+            f"{t.device}: daemon returned {tuple(local.shape)} {local.dtype} for a tensor of "
+            f"{tuple(t.shape)} {t.dtype}"
+        )
+    return local

@@ -1,9 +1,9 @@
-"""Data crossing between the CPU and a gpupool device, and the ops that do it.
+"""Data crossing between the CPU and a gpupool device, and the other ops that need more than `run_remote`.
 
 `x.to("gpupool")` arrives as `empty` (on the backend) + `copy_` (on the remote tensor): the empty is
-held back (`lazy_empty`) so that the copy becomes a single upload into its handle. `.cpu()`,
+held back (`remote.lazy_empty`) so that the copy becomes a single upload into its handle. `.cpu()`,
 `.item()`, `bool(t)`, `.tolist()` and printing read back (sync points); `copy_` across devices
-uploads or downloads.
+uploads or downloads; detach/alias share the daemon tensor. `SPECIAL` maps each such op to its handler.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from gpupool.client.torch import meta
-from gpupool.client.torch.runtime import DeviceRuntime
-from gpupool.client.torch.tensor import RemoteTensor, wrap
+
+from . import api, encode, meta
+from .remote import copy_into, run_remote
+from .tensor import RemoteTensor, to_cpu, upload_new, wrap
 
 aten = torch.ops.aten
 Special = Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]
 SPECIAL: dict[Any, Special] = {}
-LAZY_EMPTY = {aten.empty.memory_format, aten.empty_strided.default}
 
 
 def _special(*funcs: Any) -> Callable[[Special], Special]:
@@ -29,72 +29,6 @@ def _special(*funcs: Any) -> Callable[[Special], Special]:
         return fn
 
     return register
-
-
-# ---- building blocks ----
-
-
-def lazy_empty(rt: DeviceRuntime, sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> RemoteTensor:
-    from gpupool.client.torch import encode
-
-    _, key, wire_args, wire_kwargs = encode.build(rt, sch, args, kwargs)
-    (m,) = meta.CACHE.outputs(sch, args, kwargs, key).metas
-    assert m is not None
-    h = rt.new_handle()
-    rt.pending[h] = (sch.name, wire_args, wire_kwargs)
-    return wrap(rt, h, m.shape, m.stride, m.offset, m.dtype, m)
-
-
-def materialize_pending(rt: DeviceRuntime) -> None:
-    """Send the held-back empties (in creation order) before anything that might use them."""
-    while rt.pending:
-        h = next(iter(rt.pending))
-        name, args, kwargs = rt.pending.pop(h)
-        rt.op(name, args, kwargs, [h])
-
-
-def upload_new(rt: DeviceRuntime, t: torch.Tensor) -> RemoteTensor:
-    """A new remote tensor with the contents of a CPU tensor (made contiguous)."""
-    local = t.detach()
-    if local.device.type != "cpu":
-        local = local.cpu()
-    local = local.contiguous()
-    h = rt.upload(local)
-    return wrap(rt, h, tuple(local.shape), local.stride(), 0, local.dtype)
-
-
-def to_cpu(t: RemoteTensor) -> torch.Tensor:
-    """The contents of a remote tensor as a new CPU tensor of the same shape (a sync point)."""
-    rt = t._gp_rt
-    if rt.pending:
-        materialize_pending(rt)
-    local = rt.download(t._gp_h)
-    if tuple(local.shape) != tuple(t.shape) or local.dtype != t.dtype:
-        raise RuntimeError(
-            f"{t.device}: daemon returned {tuple(local.shape)} {local.dtype} for a tensor of "
-            f"{tuple(t.shape)} {t.dtype}"
-        )
-    return local
-
-
-def copy_into(dst: RemoteTensor, src: torch.Tensor) -> None:
-    """dst.copy_(src) for a CPU src (broadcasting and dtype conversion happen on the daemon)."""
-    rt = dst._gp_rt
-    if (
-        dst._gp_h in rt.pending
-        and src.dtype == dst.dtype
-        and src.shape == dst.shape
-        and dst.is_contiguous()
-        and dst.storage_offset() == 0
-    ):
-        # The held-back empty becomes the upload itself: one command, no extra memory.
-        del rt.pending[dst._gp_h]
-        rt.call("upload", src.detach().cpu().contiguous(), dst._gp_h)
-        return
-    from gpupool.client.torch.dispatch import run_remote
-
-    tmp = upload_new(rt, src)
-    run_remote(rt, meta.schema_of(aten.copy_.default), (dst, tmp), {})
 
 
 def _as_python(value: Any, dtype: torch.dtype) -> Any:
@@ -115,15 +49,13 @@ def _item(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     t = args[0]
     rt = t._gp_rt
     if rt.pending:
-        materialize_pending(rt)
+        rt.materialize_pending()
     (value,) = rt.sync([t._gp_h])
     return _as_python(value, t.dtype)
 
 
 @_special(aten._to_copy.default)
 def _to_copy(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    from gpupool.client.torch import api
-    from gpupool.client.torch.dispatch import run_remote
 
     src = args[0]
     device = kwargs.get("device")
@@ -141,7 +73,6 @@ def _to_copy(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 @_special(aten.copy_.default)
 def _copy(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    from gpupool.client.torch.dispatch import run_remote
 
     dst, src = args[0], args[1]
     if isinstance(dst, RemoteTensor):
@@ -160,7 +91,7 @@ def _alias(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> RemoteTe
     t = args[0]
     rt = t._gp_rt
     if rt.pending:
-        materialize_pending(rt)
+        rt.materialize_pending()
     rt.share(t._gp_h)
     return wrap(rt, t._gp_h, t.shape, t.stride(), int(t.storage_offset()), t.dtype)
 
@@ -169,10 +100,8 @@ def unshare(t: RemoteTensor) -> None:
     """Before an op changes `t`'s own metadata on the daemon (t_, resize_): give it a tensor of its own."""
     rt = t._gp_rt
     if t._gp_h in rt.shared:
-        from gpupool.client.torch.encode import handle_arg
-
         h = rt.new_handle()
-        rt.op("aten::alias", [handle_arg(t._gp_h)], {}, [h])
+        rt.op("aten::alias", [encode.handle_arg(t._gp_h)], {}, [h])
         rt.release(t._gp_h)
         t._gp_h = h
 
@@ -190,7 +119,6 @@ def _copy_from_and_resize(func: Any, args: tuple[Any, ...], kwargs: dict[str, An
         dst.resize_(src.shape)
         return _copy(aten.copy_.default, (dst, src), {})
     if dst.shape != src.shape:
-        from gpupool.client.torch.dispatch import run_remote
 
         run_remote(dst._gp_rt, meta.schema_of(aten.resize_.default), (dst, list(src.shape)), {})
     return _copy(aten.copy_.default, (dst, src), {})
@@ -200,7 +128,6 @@ def _copy_from_and_resize(func: Any, args: tuple[Any, ...], kwargs: dict[str, An
 def _lazy_bit_view(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     # Conjugate/negative *views* are a bit on the tensor, which remote wrappers do not carry (and which
     # a download would not apply): compute them instead (conj_physical, neg), as backends may.
-    from gpupool.client.torch.dispatch import run_remote
 
     physical = aten.conj_physical.default if func is aten._conj.default else aten.neg.default
     return run_remote(None, meta.schema_of(physical), args, kwargs)

@@ -2,6 +2,7 @@
 
     python examples/sentiment/train.py --device cpu|cuda|gpupool [--epochs 5] [--limit N] [--target 0.906]
     gpupool run -n 1 -p 0.5 -- python examples/sentiment/train.py --device gpupool --epochs 1 --limit 2000
+    gpupool run -n 1 -p 0.5 -- python examples/sentiment/train.py --device gpupool --capture   # one command a step
 
 Each epoch prints train loss/accuracy, test loss/accuracy (over the whole test split) and its time; training
 stops once test accuracy reaches --target (MLPerf's 90.6%). The model is saved to --out (see checkpoint.py).
@@ -16,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--log-every", type=int, default=100, help="log the running train loss every N steps (0: off)")
+    p.add_argument(
+        "--capture",
+        action="store_true",
+        help="gpupool only: record the training step once per batch shape and replay it as one command per step "
+        "(gpupool.torch.capture; Adam then runs with capturable=True and its lr on the device)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -92,18 +100,40 @@ class WeightAverage:
             s.copy_(tmp)
 
 
+def make_train_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, average: WeightAverage | None, capture: bool
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """One optimizer step on a batch: (loss, logits), both detached. With `capture`, `gpupool.torch.capture`
+    replays it on the daemon as one command per step once it has been recorded for the batch's shape."""
+
+    def train_step(tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(tokens)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if average is not None:
+            average.update()
+        return loss.detach(), logits.detach()
+
+    if not capture:
+        return train_step
+    import gpupool.torch  # only with --capture: the example runs without gpupool installed
+
+    return gpupool.torch.capture(train_step)  # type: ignore[no-any-return]
+
+
 def run_epoch(
     model: torch.nn.Module,
     split: data.Split,
     args: argparse.Namespace,
     device: torch.device,
     progress: Progress,
-    optimizer: torch.optim.Optimizer | None = None,
+    step_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     rng: np.random.Generator | None = None,
-    average: WeightAverage | None = None,
 ) -> tuple[float, float]:
-    """One pass over split (training when optimizer is given): (mean loss, accuracy)."""
-    training = optimizer is not None
+    """One pass over split (training when step_fn is given): (mean loss, accuracy)."""
+    training = step_fn is not None
     model.train(training)
     n_batches = -(-len(split) // args.batch_size)
     task = progress.add_task("train" if training else "test ", total=n_batches)
@@ -113,14 +143,11 @@ def run_epoch(
     with torch.set_grad_enabled(training):
         for tokens, labels in data.batches(split, args.batch_size, args.max_len, rng=rng):
             tokens, labels = tokens.to(device), labels.to(device)
-            logits = model(tokens)
-            loss = torch.nn.functional.cross_entropy(logits, labels)
-            if optimizer is not None:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if average is not None:
-                    average.update()
+            if step_fn is not None:
+                loss, logits = step_fn(tokens, labels)
+            else:
+                logits = model(tokens)
+                loss = torch.nn.functional.cross_entropy(logits, labels)
             loss_sum += loss.detach() * labels.shape[0]
             correct += (logits.detach().argmax(dim=1) == labels).sum()
             progress.advance(task)
@@ -163,8 +190,14 @@ def main(argv: list[str] | None = None) -> int:
         embed_dropout=args.embed_dropout,
     )
     model = config.build().to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if args.capture and device.type != "gpupool":
+        log.error("--capture needs --device gpupool")
+        return 2
+    # capturable=True keeps Adam's step count and bias corrections on the device, so a replayed step is exact.
+    lr: float | torch.Tensor = torch.tensor(args.lr, device=device) if args.capture else args.lr
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay, capturable=args.capture)
     average = WeightAverage(model, args.ema) if args.ema > 0 else None
+    train_step = make_train_step(model, optimizer, average, args.capture)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %d parameters, on %s", config, n_params, device)
 
@@ -175,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     with Progress(*columns, disable=args.no_progress or not sys.stderr.isatty(), transient=True) as progress:
         for epoch in range(1, args.epochs + 1):
             t0 = time.perf_counter()
-            train_loss, train_acc = run_epoch(model, train, args, device, progress, optimizer, rng, average)
+            train_loss, train_acc = run_epoch(model, train, args, device, progress, train_step, rng)
             t1 = time.perf_counter()
             if average is not None:
                 average.swap()  # evaluate the averaged weights

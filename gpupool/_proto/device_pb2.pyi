@@ -502,6 +502,147 @@ class Refresh(_message.Message):
 Global___Refresh: _TypeAlias = Refresh  # noqa: Y015
 
 @_typing.final
+class DefineGraph(_message.Message):
+    """---- step capture (docs/wire.md, "Step capture") ----
+
+    A captured training step, defined once and then run once per step (RunGraph). Its ops are the same `Op`
+    records as eager ones, except that tensor arguments (Arg.tensor, Arg.tensors) and outputs are graph-local
+    SLOTS, not handles. Slot 0 means none; slots 1..inputs are the step's inputs (RunGraph.inputs, in order);
+    the next len(persistent) slots are these handles of the session, bound by identity on every run
+    (parameters, optimizer state); every op output is a new slot, numbered in order after those. The daemon
+    resolves and checks every op once (the eager allowlist, guards and size bounds) and the whole graph's memory
+    before its first run; runs then execute prebuilt calls.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRAPH_ID_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    PERSISTENT_FIELD_NUMBER: _builtins.int
+    OPS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    WRITES_FIELD_NUMBER: _builtins.int
+    INPUT_META_FIELD_NUMBER: _builtins.int
+    graph_id: _builtins.int
+    """chosen by the client; defining an existing id replaces it (a re-record)"""
+    inputs: _builtins.int
+    @_builtins.property
+    def persistent(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def ops(self) -> _containers.RepeatedCompositeFieldContainer[Global___Op]: ...
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """slots handed back under RunGraph.outputs (the step's results: the loss)"""
+
+    @_builtins.property
+    def writes(self) -> _containers.RepeatedCompositeFieldContainer[Global___GraphWrite]:
+        """slots bound to handles after every run (tensors the step leaves behind)"""
+
+    @_builtins.property
+    def input_meta(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorMeta]:
+        """one per input: every RunGraph's inputs must match these exactly"""
+
+    def __init__(
+        self,
+        *,
+        graph_id: _builtins.int = ...,
+        inputs: _builtins.int = ...,
+        persistent: _abc.Iterable[_builtins.int] | None = ...,
+        ops: _abc.Iterable[Global___Op] | None = ...,
+        outputs: _abc.Iterable[_builtins.int] | None = ...,
+        writes: _abc.Iterable[Global___GraphWrite] | None = ...,
+        input_meta: _abc.Iterable[_tensor_pb2.TensorMeta] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph_id", b"graph_id", "input_meta", b"input_meta", "inputs", b"inputs", "ops", b"ops", "outputs", b"outputs", "persistent", b"persistent", "writes", b"writes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DefineGraph: _TypeAlias = DefineGraph  # noqa: Y015
+
+@_typing.final
+class GraphWrite(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOT_FIELD_NUMBER: _builtins.int
+    HANDLE_FIELD_NUMBER: _builtins.int
+    slot: _builtins.int
+    handle: _builtins.int
+    """a handle of this session (e.g. a gradient that `.grad` holds)"""
+    def __init__(
+        self,
+        *,
+        slot: _builtins.int = ...,
+        handle: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "slot", b"slot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GraphWrite: _TypeAlias = GraphWrite  # noqa: Y015
+
+@_typing.final
+class RunGraph(_message.Message):
+    """One step: run a defined graph on these input handles (uploads of the batch travel before it, in the same
+    frame); its outputs get fresh handles.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRAPH_ID_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    DROP_WRITES_FIELD_NUMBER: _builtins.int
+    graph_id: _builtins.int
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """one per DefineGraph.outputs; 0 skips one"""
+
+    @_builtins.property
+    def drop_writes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """handles of GraphWrite the client no longer holds: stop binding them"""
+
+    def __init__(
+        self,
+        *,
+        graph_id: _builtins.int = ...,
+        inputs: _abc.Iterable[_builtins.int] | None = ...,
+        outputs: _abc.Iterable[_builtins.int] | None = ...,
+        drop_writes: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drop_writes", b"drop_writes", "graph_id", b"graph_id", "inputs", b"inputs", "outputs", b"outputs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunGraph: _TypeAlias = RunGraph  # noqa: Y015
+
+@_typing.final
+class DropGraph(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRAPH_ID_FIELD_NUMBER: _builtins.int
+    graph_id: _builtins.int
+    def __init__(
+        self,
+        *,
+        graph_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph_id", b"graph_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DropGraph: _TypeAlias = DropGraph  # noqa: Y015
+
+@_typing.final
 class Command(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -512,6 +653,9 @@ class Command(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     SYNC_FIELD_NUMBER: _builtins.int
     REFRESH_FIELD_NUMBER: _builtins.int
+    DEFINE_GRAPH_FIELD_NUMBER: _builtins.int
+    RUN_GRAPH_FIELD_NUMBER: _builtins.int
+    DROP_GRAPH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def op(self) -> Global___Op: ...
     @_builtins.property
@@ -526,6 +670,12 @@ class Command(_message.Message):
     def sync(self) -> Global___Sync: ...
     @_builtins.property
     def refresh(self) -> Global___Refresh: ...
+    @_builtins.property
+    def define_graph(self) -> Global___DefineGraph: ...
+    @_builtins.property
+    def run_graph(self) -> Global___RunGraph: ...
+    @_builtins.property
+    def drop_graph(self) -> Global___DropGraph: ...
     def __init__(
         self,
         *,
@@ -536,12 +686,15 @@ class Command(_message.Message):
         seed: Global___Seed | None = ...,
         sync: Global___Sync | None = ...,
         refresh: Global___Refresh | None = ...,
+        define_graph: Global___DefineGraph | None = ...,
+        run_graph: Global___RunGraph | None = ...,
+        drop_graph: Global___DropGraph | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "free", b"free", "get", b"get", "op", b"op", "refresh", b"refresh", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "free", b"free", "get", b"get", "op", b"op", "refresh", b"refresh", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "free", b"free", "get", b"get", "op", b"op", "refresh", b"refresh", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "free", b"free", "get", b"get", "op", b"op", "refresh", b"refresh", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_cmd: _TypeAlias = _typing.Literal["op", "upload", "get", "free", "seed", "sync", "refresh"]  # noqa: Y015
+    _WhichOneofReturnType_cmd: _TypeAlias = _typing.Literal["op", "upload", "get", "free", "seed", "sync", "refresh", "define_graph", "run_graph", "drop_graph"]  # noqa: Y015
     _WhichOneofArgType_cmd: _TypeAlias = _typing.Literal["cmd", b"cmd"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_cmd) -> _WhichOneofReturnType_cmd | None: ...
 

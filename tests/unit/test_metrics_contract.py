@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import Program
 
 from gpupool import tokens
-from gpupool._proto import scheduler_pb2, scheduler_pb2_grpc
+from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc, tensor_pb2
 from gpupool.errors import InvalidArgument
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,6 +149,13 @@ def run_ops(session: Session) -> None:
     (b,) = session.call("aten::add.Tensor", a, a)
     (c,) = session.call("aten::mm.default", a, b)
     assert torch.equal(session.download(c), torch.full((4, 4), 8.0))
+    # A one-op graph (step capture), defined and run once, so that the graph event counter gets samples.
+    one = device_pb2.Op(name="aten::neg.default", args=[tensor_pb2.Arg(tensor=1)], outputs=[2])
+    meta = tensor_pb2.TensorMeta(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[4, 4], stride=[4, 1])
+    session.define_graph(device_pb2.DefineGraph(graph_id=1, inputs=1, input_meta=[meta], ops=[one], outputs=[2]))
+    out = session.new_handle()
+    session.run_graph(1, [a], [out])
+    assert torch.equal(session.download(out), -torch.ones(4, 4))
     # An unknown op fails with INVALID_ARGUMENT, so the error counter gets a sample.
     session.call("aten::no_such_op.default", a)
     with pytest.raises(InvalidArgument):

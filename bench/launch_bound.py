@@ -1,0 +1,242 @@
+"""Launch-bound training: what per-op overhead costs small models, eager and with step capture.
+
+On a real GPU the kernels of small models take microseconds, so a pooled GPU is as fast as its per-op overhead
+lets it be. Four workloads, each trained with Adam: a tiny MLP (32-64-64-2, batch 16), a tiny transformer
+encoder classifier (d 32, 2 layers, 4 heads, batch 4 x 16 tokens), the stock-prediction MLP (500-1024-512-256-
+128-1, batch 256) and the sentiment CNN of examples/sentiment (benchmark size, batch 50 x 400 tokens). Three
+ways: local CPU eager (the baseline: one torch thread, on the daemon's core), through a daemon eagerly, and
+through a daemon with `gpupool.torch.capture` (Adam with capturable=True and a device lr, as capture needs).
+
+Each measurement is a fresh worker process pinned to a core (`taskset`), the daemon (`gpupool serve`, one fake
+GPU, one torch thread) on another. A block of steps is timed with one sync at its end (throughput: the client
+may run ahead of the daemon within a block, as a training loop that logs every N steps does); the median block
+counts, and local / eager / captured runs alternate for a few rounds, best of each counting. Columns: ms/step,
+ratio to local, aten ops per step (the graph's ops when captured), commands sent per step, client CPU per op and
+the daemon's CPU per op (everything above the kernels on a fake GPU is overhead; the kernels are included).
+
+    nice python bench/launch_bound.py                       # ~3-5 min
+    python bench/launch_bound.py --models tiny-mlp,encoder --steps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from train_overhead import _proc_cpu, start_daemon, stock_mlp
+
+from gpupool import tokens
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ("tiny-mlp", "encoder", "mlp", "cnn")
+MODES = ("local", "eager", "captured")
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(100, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)).mean(dim=1))
+
+
+def workload(name: str) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]], Any]:
+    """(model, 4 CPU batches, loss_fn)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    if name == "tiny-mlp":
+        model: nn.Module = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+        data = [(torch.randn(16, 32, generator=gen), torch.randint(0, 2, (16,), generator=gen)) for _ in range(4)]
+        return model, data, nn.functional.cross_entropy
+    if name == "encoder":
+        data = [(torch.randint(0, 100, (4, 16), generator=gen), torch.randint(0, 2, (4,), generator=gen))
+                for _ in range(4)]  # fmt: skip
+        return Encoder(), data, nn.functional.cross_entropy
+    if name == "mlp":
+        data = [(torch.randn(256, 500, generator=gen), torch.randn(256, 1, generator=gen)) for _ in range(4)]
+        return stock_mlp(), data, nn.functional.mse_loss
+    sys.path.insert(0, str(ROOT))
+    from examples.sentiment.model import build_model, make_batch
+
+    data = [make_batch(batch_size=50, seq_len=400, vocab_size=30000, seed=i) for i in range(4)]
+    return build_model(30000), data, nn.functional.cross_entropy
+
+
+# ---- worker: one measurement in its own pinned process ----
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    model, data, loss_fn = workload(args.model)
+    rt = None
+    step_obj: Any = None
+    if args.mode == "local":
+        device = torch.device("cpu")
+    else:
+        from gpupool.client.torch import runtime
+
+        import gpupool.torch as gt
+
+        device = gt.attach(args.address, args.token)
+        rt = runtime.get(device.index)
+    model = model.to(device)
+    if args.mode == "captured":
+        opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3, device=device), capturable=True)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    def eager(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # the batch is uploaded in the loop in every mode
+        return step(x.to(device), y.to(device))
+
+    run: Any = eager
+    if args.mode == "captured":
+        import gpupool.torch as gt
+
+        run = step_obj = gt.capture(step)  # CPU batches are uploaded by the captured step, in the RunGraph's frame
+
+    for i in range(args.warmup):
+        run(*data[i % 4]).item()
+    blocks, cpu, daemon_cpu, sent = [], 0.0, 0.0, 0
+    for _ in range(args.blocks):
+        ops0 = rt.ops_sent if rt else 0
+        d0 = _proc_cpu(args.daemon_pid) if args.daemon_pid else 0.0
+        c0 = time.process_time()
+        t = time.perf_counter()
+        loss = None
+        for i in range(args.steps):
+            loss = run(*data[i % 4])
+        assert loss is not None
+        loss.item()  # one sync per block: every step of it has run
+        blocks.append((time.perf_counter() - t) / args.steps)
+        cpu += time.process_time() - c0
+        daemon_cpu += (_proc_cpu(args.daemon_pid) - d0) if args.daemon_pid else 0.0
+        sent += (rt.ops_sent - ops0) if rt else 0
+    n = args.blocks * args.steps
+    out = {
+        "step_s": statistics.median(blocks),
+        "commands_per_step": sent / n,
+        "client_cpu_per_step_s": cpu / n,
+        "daemon_cpu_per_step_s": daemon_cpu / n,
+    }
+    if step_obj is not None:
+        out["graph_ops"] = max((g.ops for g in step_obj.graphs.values()), default=0)
+        out["stats"] = step_obj.stats
+    return out
+
+
+# ---- driver ----
+
+
+def run_worker(core: int, model: str, mode: str, args: argparse.Namespace, **remote: Any) -> dict[str, Any]:
+    cmd = ["taskset", "-c", str(core), sys.executable, __file__, "--worker", "--model", model, "--mode", mode,
+           "--steps", str(args.steps), "--blocks", str(args.blocks), "--warmup", str(args.warmup)]  # fmt: skip
+    for k, v in remote.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {model}/{mode} failed:\n{out.stderr[-3000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ",".join(MODELS))
+    p.add_argument("--steps", type=int, default=20, help="steps per timed block")
+    p.add_argument("--blocks", type=int, default=5, help="timed blocks (the median counts)")
+    p.add_argument("--warmup", type=int, default=6, help="untimed steps first (capture records in these)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating local/eager/captured runs; best of each")
+    p.add_argument("--daemon-core", type=int, default=1)
+    p.add_argument("--client-core", type=int, default=0)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", default="tiny-mlp", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="local", help=argparse.SUPPRESS)
+    p.add_argument("--address", default="", help=argparse.SUPPRESS)
+    p.add_argument("--token", default="", help=argparse.SUPPRESS)
+    p.add_argument("--daemon-pid", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        key = secrets.token_hex(32).encode()
+        key_file = Path(tmp) / "key"
+        key_file.write_bytes(key)
+        daemon, address = start_daemon(args.daemon_core, key_file)
+        try:
+            for model in args.models.split(","):
+                results: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+                for _ in range(args.rounds):
+                    for mode in MODES:
+                        if mode == "local":
+                            results[mode].append(run_worker(args.daemon_core, model, mode, args))
+                            continue
+                        claims = tokens.TokenClaims(lease_id=uuid.uuid4().hex, host="bench", device=0, quota_bytes=0,
+                                                    share=1.0, expires_at=time.time() + 3600)  # fmt: skip
+                        token = tokens.mint(key, claims)
+                        results[mode].append(run_worker(args.client_core, model, mode, args, address=address,
+                                                        token=token, daemon_pid=daemon.pid))  # fmt: skip
+                best = {m: min(rs, key=lambda r: r["step_s"]) for m, rs in results.items()}
+                rows.append((model, best))
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=30)
+    print_table(rows, args)
+    return 0
+
+
+def print_table(rows: list[tuple[str, dict[str, dict[str, Any]]]], args: argparse.Namespace) -> None:
+    table = Table(title=f"launch-bound training (median of {args.blocks} blocks of {args.steps} steps, best of "
+                        f"{args.rounds} rounds, 1 torch thread each; daemon on core {args.daemon_core}, client on "
+                        f"core {args.client_core})")  # fmt: skip
+    for col in ("model", "mode", "ms/step", "ratio", "ops/step", "commands/step", "client us/op", "daemon us/op"):
+        table.add_column(col, justify="right")
+    for model, best in rows:
+        local = best["local"]["step_s"]
+        ops = best["eager"]["commands_per_step"] or 1  # eager: one command per aten op (batches' uploads aside)
+        ops = best["captured"].get("graph_ops") or ops
+        for mode in MODES:
+            r = best[mode]
+            remote = mode != "local"
+            table.add_row(
+                model,
+                mode,
+                f"{r['step_s'] * 1e3:.3f}",
+                f"{r['step_s'] / local:.2f}",
+                f"{ops:.0f}" if remote else "",
+                f"{r['commands_per_step']:.1f}" if remote else "",
+                f"{r['client_cpu_per_step_s'] / ops * 1e6:.1f}" if remote else "",
+                f"{r['daemon_cpu_per_step_s'] / ops * 1e6:.1f}" if remote else "",
+            )
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

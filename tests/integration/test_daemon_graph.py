@@ -1,0 +1,118 @@
+"""Hostile graphs (DefineGraph / RunGraph written by hand, not by `gpupool.torch.capture`): each gets the right
+status code at the next sync, the session stays usable, and a healthy session on the same device keeps working."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from gpupool.client.session import Handle, Session
+from test_daemon_bad_input import Healthy, assert_still_usable
+
+from gpupool import errors, wire
+from gpupool._proto import device_pb2, tensor_pb2
+
+MiB = 1024**2
+
+
+@pytest.fixture
+def healthy(daemon: Any) -> Iterator[Healthy]:
+    h = Healthy(daemon.address, daemon.token(tenant="healthy"))
+    yield h
+    h.check()
+
+
+@pytest.fixture
+def session(daemon: Any, healthy: Healthy) -> Iterator[Session]:
+    with Session.attach(daemon.address, daemon.token(tenant="bad", quota_bytes=64 * MiB)) as s:
+        yield s
+
+
+def slot(n: int) -> tensor_pb2.Arg:
+    return tensor_pb2.Arg(tensor=n)
+
+
+def graph(graph_id: int = 1, inputs: int = 1, persistent: tuple[int, ...] = (), **fields: Any) -> Any:
+    meta = [wire.meta_to_proto(torch.ones(4))] * inputs
+    return device_pb2.DefineGraph(
+        graph_id=graph_id, inputs=inputs, input_meta=meta, persistent=list(persistent), **fields
+    )
+
+
+def op(name: str, *args: tensor_pb2.Arg, out: int = 0) -> device_pb2.Op:
+    return device_pb2.Op(name=name, args=list(args), outputs=[out] if out else [])
+
+
+def test_a_valid_graph_runs_on_new_inputs(session: Session) -> None:
+    # slot 1: the input, slot 2: a persistent tensor, slot 3 = 1 * 2, slot 4 = 3 + 1
+    w = Handle(session.upload(torch.full((4,), 3.0)))
+    body = [op("aten::mul.Tensor", slot(1), slot(2), out=3), op("aten::add.Tensor", slot(3), slot(1), out=4)]
+    session.define_graph(graph(persistent=(w,), ops=body, outputs=[4]))
+    for k in range(3):
+        x = Handle(session.upload(torch.full((4,), float(k))))
+        y = session.new_handle()
+        session.run_graph(1, [x], [y])
+        assert torch.equal(session.download(y), torch.full((4,), 4.0 * k))
+    session.sync()
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "match"),
+    [
+        ([op("aten::from_file.default", tensor_pb2.Arg(s="/etc/passwd"), out=2)], errors.PermissionDenied, "denied"),
+        ([op("prim::device", slot(1), out=2)], errors.PermissionDenied, "only aten"),
+        ([op("aten::add.Tensor", slot(1), slot(9), out=2)], errors.InvalidArgument, "slot 9 is not defined"),
+        ([op("aten::neg.default", slot(1), out=5)], errors.InvalidArgument, "next free slot is 2"),
+        ([op("aten::nonzero.default", slot(1), out=2)], errors.InvalidArgument, "data-dependent"),
+        ([op("aten::resize_.default", slot(1), tensor_pb2.Arg(ints=tensor_pb2.IntList(values=[9])))], errors.InvalidArgument, "storages"),  # noqa: E501
+        (
+            [op("aten::ones.default", tensor_pb2.Arg(ints=tensor_pb2.IntList(values=[32 * MiB])), out=2)],
+            errors.ResourceExhausted,
+            "quota",
+        ),
+    ],
+)
+def test_hostile_graph_is_refused(session: Session, body: list[Any], error: type, match: str) -> None:
+    session.define_graph(graph(ops=body, outputs=[]))
+    with pytest.raises(error, match=match):
+        session.sync()
+    x = Handle(session.upload(torch.ones(4)))
+    session.run_graph(1, [x], [])  # never defined: NOT_FOUND, nothing runs
+    with pytest.raises(errors.NotFound):
+        session.sync()
+    assert_still_usable(session)
+
+
+def test_persistent_handle_of_another_session(daemon: Any, session: Session, healthy: Healthy) -> None:
+    with Session.attach(daemon.address, daemon.token(tenant="other")) as other:
+        theirs = Handle(other.upload(torch.ones(4)))
+        other.sync()
+        session.define_graph(graph(persistent=(theirs,), ops=[op("aten::neg.default", slot(2), out=3)], outputs=[3]))
+        with pytest.raises(errors.PermissionDenied):
+            session.sync()
+        assert torch.equal(other.download(theirs), torch.ones(4))
+    assert_still_usable(session)
+
+
+def test_run_with_wrong_inputs_poisons_outputs(session: Session) -> None:
+    session.define_graph(graph(ops=[op("aten::neg.default", slot(1), out=2)], outputs=[2]))
+    wrong = Handle(session.upload(torch.ones(5)))
+    y = session.new_handle()
+    session.run_graph(1, [wrong], [y])
+    with pytest.raises(errors.InvalidArgument, match="defined for"):
+        session.sync()
+    with pytest.raises(errors.InvalidArgument):
+        session.download(y)
+    right = Handle(session.upload(torch.ones(4)))
+    session.run_graph(1, [right], [y])
+    assert torch.equal(session.download(y), -torch.ones(4))
+
+
+def test_too_many_graphs(session: Session) -> None:
+    for i in range(40):
+        session.define_graph(graph(graph_id=i + 1, ops=[op("aten::neg.default", slot(1), out=2)], outputs=[2]))
+    with pytest.raises(errors.InvalidArgument, match="at most"):
+        session.sync()
+    assert_still_usable(session)
