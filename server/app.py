@@ -12,6 +12,7 @@ from gpupool.server.devices import Device
 from gpupool.server.service import SERVICE, create_server
 from grpc_health.v1 import health_pb2
 
+from gpupool import tokens
 from gpupool.config import split_address
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,15 @@ class RunningDaemon:
             from gpupool.server.registration import Registrar  # only daemons that register need it
 
             advertise = config.advertise or self.address
+            verifier = config.token_key if isinstance(config.token_key, tokens.Verifier) else None
             self.registrar = Registrar(
-                config.scheduler, config.host_id, advertise, source=self.daemon, interval=config.heartbeat_interval
+                config.scheduler,
+                config.host_id,
+                advertise,
+                source=self.daemon,
+                interval=config.heartbeat_interval,
+                tls_config=config.tls,
+                verifier=verifier,
             )
             self.registrar.start()
         self._stopped = False
