@@ -18,10 +18,10 @@ from support import (
     DaemonFactory,
     DaemonHandle,
     MiB,
+    get_pki,
     install_test_tls,
     start_serve_process,
     stop_process,
-    get_pki,
     verifier,
 )
 
