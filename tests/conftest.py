@@ -73,7 +73,9 @@ def daemon_factory(token_key: bytes) -> Iterator[DaemonFactory]:
             fields["token_key"] = verifier(seed)  # the daemon holds the public key only
         running = RunningDaemon(Config(**fields))
         started.append(running)
-        return DaemonHandle(running.address, seed, fields["host_id"], running=running, metrics_port=running.metrics_port)
+        return DaemonHandle(
+            running.address, seed, fields["host_id"], running=running, metrics_port=running.metrics_port
+        )
 
     yield start
     for running in started:
