@@ -8,7 +8,9 @@ with `--insecure`, which logs a warning.
 Clients (the library, `gpupool run/smi`, sessions, a daemon talking to its scheduler) take the same variables:
 GPUPOOL_TLS_CA verifies the server; GPUPOOL_TLS_CERT/GPUPOOL_TLS_KEY, when set, are its client certificate;
 GPUPOOL_API_TOKEN_FILE (or GPUPOOL_API_TOKEN) is a bearer credential sent as `authorization` metadata;
-GPUPOOL_INSECURE=1 connects in plaintext. `client_env()` is what `gpupool up` prints and `gpupool run` passes on.
+GPUPOOL_INSECURE=1 connects in plaintext; GPUPOOL_TLS_VERIFY_HOST_ID=1 makes sessions check that a daemon's
+certificate carries its host id as a DNS name (instead of the address dialled: what Kubernetes deployments use).
+`client_env()` is what `gpupool up` prints and `gpupool run` passes on.
 """
 
 from __future__ import annotations
@@ -195,6 +197,25 @@ def add_port(server: grpc.Server, address: str, cfg: TlsConfig, program: str) ->
     return server.add_secure_port(address, server_credentials(cfg))
 
 
+def serve_health(address: str, servicer: Any) -> tuple[grpc.Server, int] | None:
+    """A plaintext gRPC server with only `servicer` (grpc.health.v1, the program's own status) on `address`, for
+    probes that cannot speak TLS (Kubernetes' grpc probes). None when `address` is empty or "0"."""
+    if address in ("", "0"):
+        return None
+    from concurrent import futures
+
+    from grpc_health.v1 import health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    log.info("health checks (plaintext, grpc.health.v1 only) on %s", address.rsplit(":", 1)[0] + f":{port}")
+    return server, port
+
+
 # ---- clients ----
 
 
@@ -248,15 +269,29 @@ def channel_credentials(cfg: TlsConfig) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
 
 
+def verify_host_id() -> bool:
+    return os.environ.get("GPUPOOL_TLS_VERIFY_HOST_ID", "").strip().lower() in _TRUE
+
+
 def channel(
-    address: str, options: Sequence[tuple[str, Any]] = (), cfg: TlsConfig | None = None, *, token: bool = True
+    address: str,
+    options: Sequence[tuple[str, Any]] = (),
+    cfg: TlsConfig | None = None,
+    *,
+    token: bool = True,
+    server_name: str = "",
 ) -> grpc.Channel:
     """A channel to a gpupool server: TLS (GPUPOOL_TLS_* unless `cfg`), plaintext only when configured insecure,
-    with the API token (when there is one and `token`) on every call."""
+    with the API token (when there is one and `token`) on every call. `server_name`: the name the server's
+    certificate must carry (default: the host of `address`)."""
     cfg = cfg or client_config()
+    opts = list(options)
     if cfg.insecure:
-        ch = plaintext_channel(address, options=list(options))
+        ch = plaintext_channel(address, options=opts)
     else:
-        ch = grpc.secure_channel(address, channel_credentials(cfg), options=list(options))
+        if server_name:
+            # Verify the certificate against this name rather than the dialled address (a daemon's host id).
+            opts.append(("grpc.ssl_target_name_override", server_name))
+        ch = grpc.secure_channel(address, channel_credentials(cfg), options=opts)
     secret = api_token(cfg) if token else ""
     return grpc.intercept_channel(ch, _TokenInterceptor(secret)) if secret else ch

@@ -320,6 +320,14 @@ def generate_key_file(path: str | os.PathLike[str], public_path: str | os.PathLi
     return Signer(key, path)
 
 
+def unverified_host(token: str) -> str:
+    """The host a token names, without checking it (a client picks the daemon's TLS name by it); "" if unreadable."""
+    try:
+        return str(json.loads(_unb64(token.split(".")[1])).get("host", ""))
+    except (IndexError, ValueError, AttributeError, binascii.Error):
+        return ""
+
+
 def public_session_id(session_id: str) -> str:
     """What Status and heartbeats show of a session: a tag that names it without granting it. The session id
     itself is a bearer credential (Stream and Detach take it), so it never leaves the session's own client."""

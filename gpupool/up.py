@@ -112,11 +112,12 @@ def make_credentials(directory: Path, host_id: str, *addresses: str) -> Credenti
     dns, ips = _server_names(*addresses)
 
     def cert(role: str, name: str, server: bool = False) -> pki.CertFiles:
+        names = (*dns, name) if role == "host" else dns  # a host's certificate also names its host id
         out = directory / "pki" / f"{role}-{name}"
         files = pki.CertFiles(out.with_name(out.name + ".crt"), out.with_name(out.name + ".key"))
         if files.cert.exists() and files.key.exists() and pki.identity_of(files.cert.read_bytes()) == (role, name):
             return files
-        return ca.issue(role, name, out, dns=dns if server else (), ips=ips if server else ())
+        return ca.issue(role, name, out, dns=names if server else (), ips=ips if server else ())
 
     user = getpass.getuser()
     return Credentials(

@@ -60,6 +60,7 @@ class Config:
     sweep_interval: float = 0.5
     tls: TlsConfig = TlsConfig(client_auth="require")
     credentials: str | None = None
+    health_listen: str = ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="API tokens of tenants, hosts (join tokens) and admins: lines '<role> <name> sha256:<hex>'",
     )
     tls.add_tls_flags(p, client_auth="require")
+    add_flag(p, "--health-listen", default="", help="plaintext HOST:PORT serving only grpc.health.v1 (probes)")
     add_flag(p, "--metrics-listen", default="127.0.0.1:9451", help="Prometheus HOST:PORT; 0 turns metrics off")
     add_flag(p, "--lease-ttl", type=float, default=60.0, help="seconds a lease lives unless renewed")
     add_flag(p, "--host-timeout", type=float, default=10.0, help="seconds of silence before a host is marked down")
@@ -116,6 +118,7 @@ class SchedulerServer:
         self.host = split_address(config.listen)[0]
         self.metrics_port = 0
         self._metrics_http: WSGIServer | None = None
+        self._health_server: tuple[grpc.Server, int] | None = None
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="sweeper", daemon=True)
 
@@ -132,6 +135,7 @@ class SchedulerServer:
             http, _ = start_http_server(port, host, registry=self.metrics.registry)
             self._metrics_http = http
             self.metrics_port = http.server_port
+        self._health_server = tls.serve_health(self.config.health_listen, self.health)
         self._sweeper.start()
         return self
 
@@ -146,6 +150,8 @@ class SchedulerServer:
         self._stop.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self._health_server is not None:
+            self._health_server[0].stop(0)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -166,6 +172,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         policy=args.policy,
         tls=tls.config_from_args(args),
         credentials=args.credentials,
+        health_listen=args.health_listen,
     )
 
 

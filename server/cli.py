@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--log-level", default="INFO", help="logging level")
     add_flag(p, "--join-token-file", default="", help="API token proving this host to the scheduler (no client cert)")
     tls.add_tls_flags(p)
+    add_flag(p, "--health-listen", default="", help="plaintext HOST:PORT serving only grpc.health.v1 (probes)")
     return p
 
 
@@ -62,6 +63,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         fake_gpus=args.fake_gpus,
         fake_gpu_memory=args.fake_gpu_memory,
         token_key=tokens.load_verifier(args.token_public_keys),
+        health_listen=args.health_listen,
         tls=dataclasses.replace(tls.config_from_args(args), api_token_file=args.join_token_file),
         metrics_listen=args.metrics_listen,
         scheduler=args.scheduler,

@@ -53,6 +53,7 @@ class Config:
     fake_gpu_memory: int = 8 * GiB
     token_key: tokens.KeyLike = field(default=b"", repr=False)  # a Verifier of public keys (bytes: a test seed)
     tls: TlsConfig = TlsConfig()
+    health_listen: str = ""  # plaintext grpc.health.v1 only, for probes that cannot speak TLS
     metrics_listen: str = "127.0.0.1:9450"
     scheduler: str = ""
     advertise: str = ""

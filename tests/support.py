@@ -41,7 +41,8 @@ class Pki:
 
     def issue(self, role: str, name: str) -> pki.CertFiles:
         if (role, name) not in self._issued:
-            self._issued[role, name] = self.ca.issue(role, name, dns=("localhost",), ips=("127.0.0.1",))
+            dns = ("localhost", name) if role == "host" else ("localhost",)  # a host's certificate names its id
+            self._issued[role, name] = self.ca.issue(role, name, dns=dns, ips=("127.0.0.1",))
         return self._issued[role, name]
 
     def env(self) -> dict[str, str]:
