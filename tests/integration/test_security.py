@@ -6,6 +6,7 @@ and lease tokens cannot be forged, moved to another host or device, reused after
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -275,3 +276,49 @@ def test_rotation_keeps_live_sessions(pool: Pool, host: Any) -> None:
         s2.sync()
     alice.release(lease.lease_id)
     alice.close()
+
+
+def test_sessions_can_check_the_daemon_by_host_id(
+    pool: Pool, host: Any, daemon: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With GPUPOOL_TLS_VERIFY_HOST_ID=1 a session accepts only a daemon whose certificate names the token's host."""
+    monkeypatch.setenv("GPUPOOL_TLS_VERIFY_HOST_ID", "1")
+    alice = pool.client("tenant", "alice")
+    lease = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5))
+    with Session.attach(host.address, lease.devices[0].token) as s:
+        s.sync()
+    # the same token sent to another daemon (whose certificate names no such host) never leaves the client
+    with pytest.raises(errors.Unavailable):
+        Session.attach(daemon.address, lease.devices[0].token)
+    alice.release(lease.lease_id)
+    alice.close()
+
+
+def test_plaintext_needs_an_explicit_insecure(tmp_path: Path) -> None:
+    """Without certificates a server refuses to start (saying how to get them); --insecure serves plaintext and
+    says so in its log."""
+    from support import Program
+
+    env_free = {k: "" for k in ("GPUPOOL_TLS_CERT", "GPUPOOL_TLS_KEY", "GPUPOOL_TLS_CA")}
+    key = tmp_path / "k"
+    tokens.generate_key_file(key)
+    old = {k: os.environ.get(k) for k in env_free}
+    os.environ.update(env_free)
+    try:
+        refused = Program(["scheduler", "--listen", "127.0.0.1:0", "--metrics-listen", "0", "--state", ":memory:",
+                           "--token-key-file", str(key)], tmp_path / "refused.log")  # fmt: skip
+        assert refused.proc.wait(60) == 1
+        assert "--tls-cert" in (tmp_path / "refused.log").read_text()
+        plain = Program(["scheduler", "--listen", "127.0.0.1:0", "--metrics-listen", "0", "--state", ":memory:",
+                         "--token-key-file", str(key), "--insecure"], tmp_path / "plain.log")  # fmt: skip
+        try:
+            (port,) = (int(plain.wait_for(r"listening on \S*?:(\d+)").group(1)),)
+            assert "PLAINTEXT" in (tmp_path / "plain.log").read_text()
+            with plaintext_channel(f"127.0.0.1:{port}") as ch:
+                assert health(ch).status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            plain.stop()
+    finally:
+        for k, v in old.items():
+            if v is not None:
+                os.environ[k] = v
