@@ -151,7 +151,7 @@ def grpc_figures(port: int, size: int, pings: int, messages: int) -> dict[str, f
 
     import grpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:  # the plaintext gRPC floor
         unary = ch.unary_unary("/floor/Unary", None, None)
         sink = ch.stream_unary("/floor/Sink", None, None)
         source = ch.unary_stream("/floor/Source", None, None)
@@ -242,7 +242,7 @@ def start_daemon(key_file: Path) -> tuple[subprocess.Popen[str], str]:
         "1",
         "--fake-gpu-memory",
         "2GiB",
-        "--token-key-file",
+        "--token-public-keys",
         str(key_file),
         "--host-id",
         "bench",
@@ -272,13 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.floor_server:
         floor_server()
         return 0
-    from gpupool import tokens
+    from gpupool import pki, tokens
 
     size = args.size_mib * MiB
     with tempfile.TemporaryDirectory() as tmp:
-        key = secrets.token_hex(32).encode()
-        key_file = Path(tmp) / "key"
-        key_file.write_bytes(key)
+        key = secrets.token_hex(32).encode()  # a token seed; the daemon gets its public key only
+        key_file = Path(tmp) / "key.pub"
+        key_file.write_bytes(tokens.public_pem(tokens.Signer.from_seed(key).public))
+        os.environ.update(pki.loopback_env(Path(tmp) / "pki"))  # the daemon and this process speak TLS
         daemon, address = start_daemon(key_file)
         floor = subprocess.Popen(
             [sys.executable, __file__, "--floor-server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True

@@ -143,3 +143,11 @@ def identity_of(cert_pem: bytes) -> tuple[str, str] | None:
             if role in ROLES and name:
                 return role, name
     return None
+
+
+def loopback_env(directory: Path) -> dict[str, str]:
+    """A throwaway CA and one operator certificate valid for loopback, as the GPUPOOL_TLS_* variables that make
+    servers (started with them in their environment) and clients use it: for benchmarks and local experiments."""
+    ca = LocalCA(Path(directory))
+    files = ca.issue("admin", "local", dns=("localhost",), ips=("127.0.0.1", "::1"))
+    return {"GPUPOOL_TLS_CA": str(ca.cert_path), "GPUPOOL_TLS_CERT": str(files.cert), "GPUPOOL_TLS_KEY": str(files.key)}
