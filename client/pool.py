@@ -70,7 +70,7 @@ class SchedulerClient:
         except grpc.RpcError as err:
             exc = from_rpc_error(err)
             if err.code() == grpc.StatusCode.UNAVAILABLE and "lease" not in exc.message:  # type: ignore[attr-defined]
-                exc.message = f"scheduler {self.address} unreachable: {exc.message}"
+                exc.message = f"scheduler {self.address} unreachable: {exc.message}{tls.hint()}"
             raise exc from None
 
     def allocate(self, request: scheduler_pb2.AllocateRequest) -> scheduler_pb2.Lease:

@@ -269,6 +269,16 @@ def channel_credentials(cfg: TlsConfig) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
 
 
+def hint() -> str:
+    """What to check when a TLS connection fails: said after "unreachable" errors of clients."""
+    cfg = client_config()
+    if cfg.insecure:
+        return " (connecting in plaintext: GPUPOOL_INSECURE is set)"
+    if not cfg.ca:
+        return " (TLS: set GPUPOOL_TLS_CA to the pool's CA, and GPUPOOL_TLS_CERT/_KEY, as `gpupool up` prints)"
+    return ""
+
+
 def verify_host_id() -> bool:
     return os.environ.get("GPUPOOL_TLS_VERIFY_HOST_ID", "").strip().lower() in _TRUE
 
