@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -128,6 +129,16 @@ class LocalCA:
         write_private(files.key, _key_pem(key))
         files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return files
+
+
+def issued_by(cert_pem: bytes, ca: LocalCA) -> bool:
+    """Whether `ca` signed this certificate (and it is still valid): else `gpupool up` issues a new one."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        cert.verify_directly_issued_by(ca.cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return cert.not_valid_after_utc > datetime.datetime.now(datetime.UTC) + 7 * DAY
 
 
 def identity_of(cert_pem: bytes) -> tuple[str, str] | None:

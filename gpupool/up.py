@@ -2,7 +2,8 @@
 
 The two programs run as child processes (they never import each other). Next to the scheduler's state `up`
 keeps (creating them on first use, owner-only) a token signing key and its public key, and a local CA
-(`pki/`) with certificates for the scheduler, the daemon (a host certificate named by its host id), the user
+(`pki/ca.crt`, `pki/ca.key`: put your own there to have `up` issue from it) with certificates for the
+scheduler, the daemon (a host certificate named by its host id), the user
 (a tenant certificate) and an operator (admin); every link is mutual TLS. The daemon serves the real GPUs
 torch sees, else 2 fake ones. Once the daemon has registered, `up` prints where everything listens and the
 exports clients use; Ctrl-C or SIGTERM stops both.
@@ -115,8 +116,10 @@ def make_credentials(directory: Path, host_id: str, *addresses: str) -> Credenti
         names = (*dns, name) if role == "host" else dns  # a host's certificate also names its host id
         out = directory / "pki" / f"{role}-{name}"
         files = pki.CertFiles(out.with_name(out.name + ".crt"), out.with_name(out.name + ".key"))
-        if files.cert.exists() and files.key.exists() and pki.identity_of(files.cert.read_bytes()) == (role, name):
-            return files
+        if files.cert.exists() and files.key.exists():
+            pem = files.cert.read_bytes()
+            if pki.identity_of(pem) == (role, name) and pki.issued_by(pem, ca):
+                return files
         return ca.issue(role, name, out, dns=names if server else (), ips=ips if server else ())
 
     user = getpass.getuser()

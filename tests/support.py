@@ -104,6 +104,23 @@ def public_key_file(key_file: Path) -> Path:
     return out
 
 
+def program_args(args: list[str]) -> list[str]:
+    """What the helpers run for `python -m gpupool.cli ARGS`: daemons get public keys (`daemon_args`), and a
+    `gpupool up` finds the tests' CA in its state folder, so it issues its certificates from it and the test
+    process (and the programs it starts) trust its scheduler and daemon and are trusted by them."""
+    if args and args[0] == "up":
+        state = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == "--state"), None)
+        if state is not None and _PKI is not None:
+            pki_dir = Path(state).parent / "pki"
+            pki_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("ca.crt", "ca.key"):
+                target = pki_dir / name
+                if not target.exists():
+                    target.write_bytes((_PKI.directory / name).read_bytes())
+                    target.chmod(0o600)
+    return daemon_args(args)
+
+
 def daemon_args(args: list[str]) -> list[str]:
     """`serve` arguments with `--token-key-file K` turned into `--token-public-keys K.pub`: tests hand one key
     file to the scheduler and its daemons, but a daemon only ever gets the public key."""
@@ -234,7 +251,7 @@ class Program:
     """`python -m gpupool.cli ARGS` with its output in a log file; finds lines in that log (bound ports)."""
 
     def __init__(self, args: list[str], log: Path) -> None:
-        self.args = args = daemon_args(args)
+        self.args = args = program_args(args)
         self.log = log
         self._log_file = log.open("wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "GPUPOOL_LOG_LEVEL": "INFO"}
