@@ -2,7 +2,7 @@
 
 The two programs run as child processes (they never import each other). Next to the scheduler's state `up`
 keeps (creating them on first use, owner-only) a token signing key and its public key, and a local CA
-(`pki/ca.crt`, `pki/ca.key`: put your own there to have `up` issue from it) with certificates for the
+(`pki/ca.crt`, `pki/ca.key`; or the CA in `--ca-dir`) with certificates for the
 scheduler, the daemon (a host certificate named by its host id), the user
 (a tenant certificate) and an operator (admin); every link is mutual TLS. The daemon serves the real GPUs
 torch sees, else 2 fake ones. Once the daemon has registered, `up` prints where everything listens and the
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--metrics-listen", default="127.0.0.1:9450", help="daemon Prometheus HOST:PORT (0: off)")
     add_flag(p, "--scheduler-metrics-listen", default="127.0.0.1:9451", help="scheduler Prometheus HOST:PORT (0: off)")
     add_flag(p, "--host-id", default=socket.gethostname(), help="the daemon's host id (its certificate's name)")
+    add_flag(p, "--ca-dir", default="", help="issue certificates from the CA in DIR (ca.crt, ca.key; made if absent)")
     return p
 
 
@@ -98,7 +99,7 @@ def _server_names(*addresses: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(dns), tuple(ips)
 
 
-def make_credentials(directory: Path, host_id: str, *addresses: str) -> Credentials:
+def make_credentials(directory: Path, host_id: str, *addresses: str, ca_dir: Path | None = None) -> Credentials:
     """Token keys and certificates in `directory` (kept when present; files are owner-only)."""
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
@@ -109,7 +110,7 @@ def make_credentials(directory: Path, host_id: str, *addresses: str) -> Credenti
             public.write_bytes(tokens.public_pem(signer.public))
     except Exception:  # noqa: BLE001 - missing or unusable (e.g. an old HMAC key): make a fresh one
         tokens.generate_key_file(key, public)
-    ca = pki.LocalCA(directory / "pki")
+    ca = pki.LocalCA(ca_dir or directory / "pki")
     dns, ips = _server_names(*addresses)
 
     def cert(role: str, name: str, server: bool = False) -> pki.CertFiles:
@@ -215,7 +216,9 @@ def main(argv: list[str]) -> int:
     )  # fmt: skip
     os.umask(0o077)  # what we and the children write (state with lease ids, WAL, keys) is owner-only
     cfg.state.parent.mkdir(parents=True, exist_ok=True)
-    creds = make_credentials(cfg.state.parent, a.host_id, cfg.scheduler_listen, cfg.listen)
+    creds = make_credentials(
+        cfg.state.parent, a.host_id, cfg.scheduler_listen, cfg.listen, ca_dir=Path(a.ca_dir) if a.ca_dir else None
+    )
     for path in (cfg.state, Path(f"{cfg.state}-wal"), Path(f"{cfg.state}-shm")):
         if path.exists():
             os.chmod(path, 0o600)  # made by an older version with the default umask

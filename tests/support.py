@@ -47,6 +47,7 @@ class Pki:
 
     def env(self) -> dict[str, str]:
         return {
+            "GPUPOOL_CA_DIR": str(self.directory),  # `gpupool up` issues its certificates from the tests' CA
             "GPUPOOL_TLS_CA": self.ca_file,
             "GPUPOOL_TLS_CERT": str(self.server.cert),
             "GPUPOOL_TLS_KEY": str(self.server.key),
@@ -102,23 +103,6 @@ def public_key_file(key_file: Path) -> Path:
     out = key_file.with_name(key_file.name + ".pub")
     out.write_bytes(tokens.public_pem(signer.public))
     return out
-
-
-def program_args(args: list[str]) -> list[str]:
-    """What the helpers run for `python -m gpupool.cli ARGS`: daemons get public keys (`daemon_args`), and a
-    `gpupool up` finds the tests' CA in its state folder, so it issues its certificates from it and the test
-    process (and the programs it starts) trust its scheduler and daemon and are trusted by them."""
-    if args and args[0] == "up":
-        state = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == "--state"), None)
-        if state is not None and _PKI is not None:
-            pki_dir = Path(state).parent / "pki"
-            pki_dir.mkdir(parents=True, exist_ok=True)
-            for name in ("ca.crt", "ca.key"):
-                target = pki_dir / name
-                if not target.exists():
-                    target.write_bytes((_PKI.directory / name).read_bytes())
-                    target.chmod(0o600)
-    return daemon_args(args)
 
 
 def daemon_args(args: list[str]) -> list[str]:
@@ -251,7 +235,7 @@ class Program:
     """`python -m gpupool.cli ARGS` with its output in a log file; finds lines in that log (bound ports)."""
 
     def __init__(self, args: list[str], log: Path) -> None:
-        self.args = args = program_args(args)
+        self.args = args = daemon_args(args)
         self.log = log
         self._log_file = log.open("wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "GPUPOOL_LOG_LEVEL": "INFO"}

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gpupool.server.registration import Registrar
-from support import program_args
+from support import daemon_args
 
 from gpupool import tokens
 from gpupool._proto import device_pb2
@@ -31,7 +31,7 @@ class Proc:
     """A gpupool program as a child process; its log is collected and searched for bound ports."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
-        self.args = program_args(list(args))  # daemons get public keys; `up` uses the tests' CA
+        self.args = daemon_args(list(args))  # a daemon gets the public key of the scheduler's key file
         self.lines: list[str] = []
         self._seen = threading.Condition()
         self.popen = subprocess.Popen(

@@ -79,12 +79,12 @@ def up(tmp_path: Path) -> Iterator[tuple[Proc, str]]:
 def test_up_serves_run_smi_and_list_gpus(tmp_path: Path, up: tuple[Proc, str]) -> None:
     proc, address = up
     state = tmp_path / "state"
-    for secret in ("token.key", "pki/ca.key", "scheduler.db"):
+    for secret in ("token.key", f"pki/tenant-{getpass.getuser()}.key", "pki/admin-admin.key", "scheduler.db"):
         assert (state / secret).stat().st_mode & 0o077 == 0, f"{secret} is readable by others"
     assert b"PRIVATE" not in (state / "token.pub").read_bytes()
     assert "gpupool run -n 1 -p 0.5 -- python train.py" in proc.log()
     env = {**exports(proc), "GPUPOOL_TENANT": "carol"}  # the tenant comes from the certificate, not from this
-    assert env["GPUPOOL_SCHEDULER"] == address and env["GPUPOOL_TLS_CA"].startswith(str(state))
+    assert env["GPUPOOL_SCHEDULER"] == address and env["GPUPOOL_TLS_CERT"].startswith(str(state))
     client_tls = tls.client_config(ca=env["GPUPOOL_TLS_CA"], cert=env["GPUPOOL_TLS_CERT"], key=env["GPUPOOL_TLS_KEY"])
     listed = gpupool("list-gpus", env=env)
     assert listed.returncode == 0, listed.stderr
