@@ -26,7 +26,11 @@ ROLES = ("tenant", "host", "admin")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gpupool token", description="Sign a lease token by hand.")
+    p = argparse.ArgumentParser(
+        prog="gpupool token [mint]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_flag(p, "--token-key-file", help="the scheduler's Ed25519 private key (PEM)")
     add_flag(p, "--host", default=socket.gethostname(), help="host id of the daemon the token is for")
     add_flag(p, "--device", type=int, default=0, help="device index on that host")
