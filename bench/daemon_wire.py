@@ -1,6 +1,7 @@
 """Daemon wire benchmark: 256 MiB upload/download, tiny-op throughput and sync round trips of a real
 `gpupool serve` (fake GPU, loopback), next to floors measured in the same run on the same machine:
-a raw TCP socket (throughput, 1-byte ping-pong) and a bare Python gRPC echo (unary and stream).
+a raw TCP socket (throughput, 1-byte ping-pong) and a bare Python gRPC echo (unary and stream); and the cost
+of TLS: the same figures of a second daemon serving plaintext (`--insecure`).
 
     python bench/daemon_wire.py [--repeat 3] [--size-mib 256] [--ops 10000] [--syncs 1000]
 
@@ -151,7 +152,7 @@ def grpc_figures(port: int, size: int, pings: int, messages: int) -> dict[str, f
 
     import grpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:  # the plaintext gRPC floor
         unary = ch.unary_unary("/floor/Unary", None, None)
         sink = ch.stream_unary("/floor/Sink", None, None)
         source = ch.unary_stream("/floor/Source", None, None)
@@ -228,7 +229,20 @@ def gpupool_figures(address: str, token: str, size: int, ops: int, syncs: int) -
 # ---------------------------------------------------------------- driver
 
 
-def start_daemon(key_file: Path) -> tuple[subprocess.Popen[str], str]:
+def plaintext(fn: Callable[[], dict[str, float]]) -> Callable[[], dict[str, float]]:
+    """Run `fn` with GPUPOOL_INSECURE=1: sessions connect in plaintext (to the --insecure daemon)."""
+
+    def run() -> dict[str, float]:
+        os.environ["GPUPOOL_INSECURE"] = "1"
+        try:
+            return fn()
+        finally:
+            del os.environ["GPUPOOL_INSECURE"]
+
+    return run
+
+
+def start_daemon(key_file: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     cmd = [
         sys.executable,
         "-m",
@@ -242,10 +256,11 @@ def start_daemon(key_file: Path) -> tuple[subprocess.Popen[str], str]:
         "1",
         "--fake-gpu-memory",
         "2GiB",
-        "--token-key-file",
+        "--token-public-keys",
         str(key_file),
         "--host-id",
         "bench",
+        *extra,
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
@@ -272,14 +287,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.floor_server:
         floor_server()
         return 0
-    from gpupool import tokens
+    from gpupool import pki, tokens
 
     size = args.size_mib * MiB
     with tempfile.TemporaryDirectory() as tmp:
-        key = secrets.token_hex(32).encode()
-        key_file = Path(tmp) / "key"
-        key_file.write_bytes(key)
+        key = secrets.token_hex(32).encode()  # a token seed; the daemon gets its public key only
+        key_file = Path(tmp) / "key.pub"
+        key_file.write_bytes(tokens.public_pem(tokens.Signer.from_seed(key).public))
+        os.environ.update(pki.loopback_env(Path(tmp) / "pki"))  # the daemon and this process speak TLS
         daemon, address = start_daemon(key_file)
+        plain_daemon, plain_address = start_daemon(key_file, "--insecure")
         floor = subprocess.Popen(
             [sys.executable, __file__, "--floor-server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
@@ -288,9 +305,10 @@ def main(argv: list[str] | None = None) -> int:
             _, tcp_port, grpc_port = floor.stdout.readline().split()
             claims = tokens.TokenClaims("bench", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
             token = tokens.mint(key, claims)
-            runs: dict[str, list[dict[str, float]]] = {"gpupool": [], "tcp": [], "grpc": []}
+            runs: dict[str, list[dict[str, float]]] = {"gpupool": [], "tcp": [], "grpc": [], "plain": []}
             measures: dict[str, Callable[[], dict[str, float]]] = {
                 "gpupool": lambda: gpupool_figures(address, token, size, args.ops, args.syncs),
+                "plain": plaintext(lambda: gpupool_figures(plain_address, token, size, args.ops, args.syncs)),
                 "tcp": lambda: tcp_figures(int(tcp_port), size, args.syncs),
                 "grpc": lambda: grpc_figures(int(grpc_port), size, args.syncs, args.ops),
             }
@@ -299,12 +317,13 @@ def main(argv: list[str] | None = None) -> int:
                     runs[name].append(fn())
                 print(f"run {i + 1}/{args.repeat} done", file=sys.stderr)
         finally:
-            daemon.terminate()
-            daemon.wait(30)
+            for d in (daemon, plain_daemon):
+                d.terminate()
+                d.wait(30)
             if floor.stdin:
                 floor.stdin.close()
             floor.wait(30)
-    g, t, r = (median_of(runs[k]) for k in ("gpupool", "tcp", "grpc"))
+    g, t, r, plain = (median_of(runs[k]) for k in ("gpupool", "tcp", "grpc", "plain"))
     us = 1e6
     rows = [
         (f"upload {args.size_mib} MiB (GB/s)", g["up"], t["up"], r["up"], g["up"] / r["up"], g["up"] / t["up"]),
@@ -353,6 +372,16 @@ def main(argv: list[str] | None = None) -> int:
         "gRPC floor: upload/download = one stream of 4 MiB messages; round trips = stream ping-pong of 16 B;"
         " ops/s floor = 100 B messages/s on one stream (one message per op)."
     )
+    print(f"\nTLS cost: the same daemon with TLS (the default) and with --insecure, medians of {args.repeat} runs")
+    print(f"{'metric':<34}{'TLS':>12}{'plaintext':>12}{'TLS/plain':>10}")
+    for label, key, scale in (
+        (f"upload {args.size_mib} MiB (GB/s)", "up", 1.0),
+        (f"download {args.size_mib} MiB (GB/s)", "down", 1.0),
+        ("sync round trip p50 (us)", "p50", us),
+        ("sync round trip p99 (us)", "p99", us),
+        (f"{args.ops} tiny adds + 1 sync (ops/s)", "ops", 1.0),
+    ):
+        print(f"{label:<34}{g[key] * scale:>12.3f}{plain[key] * scale:>12.3f}{g[key] / plain[key]:>10.2f}")
     return 0
 
 

@@ -33,11 +33,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import torch
 from gpupool.client.session import Session
 
-from gpupool import tokens, wire
+from gpupool import pki, tls, tokens, wire
 from gpupool._proto import scheduler_pb2, scheduler_pb2_grpc
 from gpupool.errors import GpupoolError
 
@@ -110,7 +109,7 @@ def measure(name: str, metrics_port: int, scrapes: int) -> Row:
     )
 
 
-def token(key: bytes, device: int, share: float, tenant: str) -> str:
+def token(key: tokens.Signer, device: int, share: float, tenant: str) -> str:
     claims = tokens.TokenClaims(uuid.uuid4().hex, HOST, device, 0, share, time.time() + 3600, tenant)
     return tokens.mint(key, claims)
 
@@ -128,8 +127,10 @@ def exercise(session: Session) -> None:
 
 
 def daemon_rows(workdir: Path, key_file: Path, scrapes: int) -> list[Row]:
-    key = tokens.load_key(key_file)
-    common = ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--token-key-file", str(key_file)]
+    key = tokens.load_signer(key_file)
+    public = key_file.with_suffix(".pub")
+    public.write_bytes(tokens.public_pem(key.public))
+    common = ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--token-public-keys", str(public)]
     rows = []
     with program(["serve", *common, "--fake-gpus", "1", "--host-id", HOST], workdir, "daemon-1") as (_, mport):
         rows.append(measure("daemon: 1 GPU, 0 sessions", mport, scrapes))
@@ -185,7 +186,7 @@ def scheduler_rows(workdir: Path, key_file: Path, scrapes: int) -> list[Row]:
                 # Simulated hosts never heartbeat: keep them up, and the leases alive, for the whole run.
                 "--host-timeout", "3600", "--lease-ttl", "3600"]  # fmt: skip
         with program(args, workdir, f"scheduler-{hosts}") as (port, mport):
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with tls.channel(f"127.0.0.1:{port}") as channel:
                 stub = scheduler_pb2_grpc.SchedulerStub(channel)
                 register_hosts(stub, hosts, 8)
                 for i in range(leases):
@@ -221,6 +222,7 @@ def main() -> int:
         workdir = Path(tmp)
         key_file = workdir / "token.key"
         tokens.generate_key_file(key_file)
+        os.environ.update(pki.loopback_env(workdir / "pki"))  # the programs and this process speak TLS
         rows = daemon_rows(workdir, key_file, args.scrapes) + scheduler_rows(workdir, key_file, args.scrapes)
     print_table(rows)
     return 0

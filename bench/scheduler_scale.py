@@ -18,6 +18,7 @@ pool fills up about two thirds of the way through and policies then differ in wh
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
 import statistics
@@ -36,7 +37,7 @@ from gpupool.scheduler.placement import Request
 from gpupool.scheduler.pool import SHARE_UNITS
 from gpupool.scheduler.store import MemoryStore, SqliteStore, Store
 
-from gpupool import tokens
+from gpupool import pki, tls, tokens
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
 from gpupool.errors import ResourceExhausted
 
@@ -136,6 +137,7 @@ def through_grpc(name: str, ops: list[Op], hosts: int, tmp: Path) -> Result:
     key = tmp / "key"
     if not key.exists():
         tokens.generate_key_file(key)
+        os.environ.update(pki.loopback_env(tmp / "pki"))  # the scheduler and this process speak TLS
     state = tmp / f"{name.replace(' ', '_').replace('/', '_')}.db"
     log = (tmp / f"{state.stem}.log").open("w+")  # a file, not a pipe: 1,250 "registered" lines must not block it
     proc = subprocess.Popen(
@@ -151,7 +153,7 @@ def through_grpc(name: str, ops: list[Op], hosts: int, tmp: Path) -> Result:
             port = int(m.group(1)) if m else None
             time.sleep(0.1)
         assert port, "scheduler did not start"
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        channel = tls.channel(f"127.0.0.1:{port}")
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         for h in range(hosts):
             devices = [

@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from gpupool import tokens
+from gpupool import pki, tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("mlp", "cnn")
@@ -132,7 +132,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 def start_daemon(core: int, key_file: Path) -> tuple[subprocess.Popen[str], str]:
     cmd = ["taskset", "-c", str(core), sys.executable, "-m", "gpupool.cli", "serve", "--listen", "127.0.0.1:0",
            "--metrics-listen", "0", "--fake-gpus", "1", "--fake-gpu-memory", "16GiB",
-           "--token-key-file", str(key_file), "--host-id", "bench"]  # fmt: skip
+           "--token-public-keys", str(key_file), "--host-id", "bench"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert proc.stdout is not None
@@ -175,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     with tempfile.TemporaryDirectory() as tmp:
-        key = secrets.token_hex(32).encode()
-        key_file = Path(tmp) / "key"
-        key_file.write_bytes(key)
+        key = secrets.token_hex(32).encode()  # a token seed; the daemon gets its public key only
+        key_file = Path(tmp) / "key.pub"
+        key_file.write_bytes(tokens.public_pem(tokens.Signer.from_seed(key).public))
+        os.environ.update(pki.loopback_env(Path(tmp) / "pki"))  # the daemon and the clients speak TLS
         daemon, address = start_daemon(args.daemon_core, key_file)
         try:
             rows = []

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from gpupool import tls
 from gpupool._proto import scheduler_pb2, scheduler_pb2_grpc
 from gpupool.config import parse_size
 from gpupool.errors import GpupoolError, InvalidArgument, from_rpc_error
@@ -57,9 +58,10 @@ def default_tenant() -> str:
 class SchedulerClient:
     """Thin wrapper of the Scheduler stub that raises gpupool exceptions instead of grpc.RpcError."""
 
-    def __init__(self, address: str | None = None) -> None:
+    def __init__(self, address: str | None = None, tls_config: tls.TlsConfig | None = None) -> None:
         self.address = resolve_scheduler(address)
-        self._channel = grpc.insecure_channel(self.address)
+        # TLS with GPUPOOL_TLS_* (and the tenant's API token), unless `tls_config` says otherwise.
+        self._channel = tls.channel(self.address, cfg=tls_config)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
 
     def _call(self, method: str, request: Any, timeout: float = RPC_TIMEOUT) -> Any:
@@ -68,7 +70,7 @@ class SchedulerClient:
         except grpc.RpcError as err:
             exc = from_rpc_error(err)
             if err.code() == grpc.StatusCode.UNAVAILABLE and "lease" not in exc.message:  # type: ignore[attr-defined]
-                exc.message = f"scheduler {self.address} unreachable: {exc.message}"
+                exc.message = f"scheduler {self.address} unreachable: {exc.message}{tls.hint()}"
             raise exc from None
 
     def allocate(self, request: scheduler_pb2.AllocateRequest) -> scheduler_pb2.Lease:

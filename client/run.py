@@ -19,6 +19,7 @@ from types import FrameType
 
 from gpupool.client.pool import lease
 
+from gpupool import tls
 from gpupool.config import add_flag, setup_logging, size_arg
 from gpupool.errors import GpupoolError
 
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy", default="", choices=("binpack", "spread"), help="placement policy (default: the scheduler's)"
     )
     p.add_argument("--ttl", type=float, default=0.0, help="lease TTL in seconds (default: the scheduler's)")
+    tls.add_client_flags(p)
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
     return p
 
@@ -52,6 +54,7 @@ def main(argv: list[str]) -> int:
         print("gpupool run: no command given (gpupool run -n 1 -p 0.5 -- python train.py)", file=sys.stderr)
         return 2
     setup_logging("gpupool-run", os.environ.get("GPUPOOL_LOG_LEVEL", "WARNING"))
+    tls.export_client_args(args)  # the library, and the child through os.environ, use the same credentials
     try:
         held = lease(
             args.gpus,

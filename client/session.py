@@ -19,7 +19,7 @@ import grpc
 import numpy
 import torch
 
-from gpupool import wire
+from gpupool import tls, tokens, wire
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, Unavailable, from_rpc_error, from_status
 
@@ -127,7 +127,9 @@ class Session:
 
     @classmethod
     def attach(cls, address: str, token: str, *, timeout: float = 10.0) -> Session:
-        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        # TLS as GPUPOOL_TLS_* say (gpupool/tls.py); the lease token, not an API token, authorizes the session.
+        name = tokens.unverified_host(token) if tls.verify_host_id() else ""
+        channel = tls.channel(address, CHANNEL_OPTIONS, token=False, server_name=name)
         try:
             reply = device_pb2_grpc.DeviceStub(channel).Attach(device_pb2.AttachRequest(token=token), timeout=timeout)
         except grpc.RpcError as exc:

@@ -11,6 +11,7 @@ from gpupool.client.pool import SchedulerClient
 from rich.console import Console
 from rich.table import Table
 
+from gpupool import tls
 from gpupool._proto import scheduler_pb2
 from gpupool.config import add_flag, format_size
 from gpupool.errors import GpupoolError
@@ -21,11 +22,13 @@ STATE_STYLE = {"up": "green", "down": "red", "draining": "yellow"}
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT (default 127.0.0.1:50050)")
+    tls.add_client_flags(p)
     return p
 
 
-def _fetch(scheduler: str) -> scheduler_pb2.PoolState | None:
-    client = SchedulerClient(scheduler or None)
+def _fetch(args: argparse.Namespace) -> scheduler_pb2.PoolState | None:
+    tls.export_client_args(args)
+    client = SchedulerClient(args.scheduler or None)
     try:
         return client.list_pool()
     except GpupoolError as exc:
@@ -69,7 +72,7 @@ def render(pool: scheduler_pb2.PoolState, console: Console) -> None:
     now = time.time()
     for lease in pool.leases:
         leases.add_row(
-            lease.lease_id[:12],
+            lease.lease_id[:12] or "(other tenant)",
             lease.tenant,
             ", ".join(f"{ld.host_id}/{ld.device}" for ld in lease.devices),
             ", ".join(format_size(ld.quota_bytes) for ld in lease.devices),
@@ -81,7 +84,7 @@ def render(pool: scheduler_pb2.PoolState, console: Console) -> None:
 
 def main(argv: list[str]) -> int:
     args = _parser("gpupool smi", "Show the pool: hosts, devices, memory, shares, leases.").parse_args(argv)
-    pool = _fetch(args.scheduler)
+    pool = _fetch(args)
     if pool is None:
         return 1
     render(pool, Console())
@@ -90,7 +93,7 @@ def main(argv: list[str]) -> int:
 
 def list_gpus_main(argv: list[str]) -> int:
     args = _parser("gpupool list-gpus", "List the pool's GPUs, one line each.").parse_args(argv)
-    pool = _fetch(args.scheduler)
+    pool = _fetch(args)
     if pool is None:
         return 1
     for h in pool.hosts:

@@ -1,7 +1,15 @@
-"""Lease tokens: HMAC-SHA256-signed claims that let a daemon admit a session without asking the scheduler.
+"""Lease tokens: Ed25519-signed claims that let a daemon admit a session without asking the scheduler.
 
-Format: ``base64url(json claims) "." base64url(hmac_sha256(key, json claims))``. The claims are plain JSON
-(parsed with `json.loads`, never evaluated); the signature covers their exact bytes.
+Format: ``<kid> "." base64url(claims) "." base64url(signature over "<kid>.<claims>")`` where kid is 16 hex
+characters naming the signing key (sha256 of its raw public key) and the claims are canonical JSON (sorted keys,
+no spaces). There is one spelling per token: base64url without padding whose decoding re-encodes to the same
+text, claims that re-serialize to the same bytes; anything else is refused as malformed.
+
+The scheduler holds the private key (`--token-key-file`, PEM) and signs with it; daemons hold only public keys
+(`--token-public-keys`, a PEM file of one or more keys), so a compromised GPU host cannot mint tokens. Both files
+are re-read when they change: rotate by adding the new public key to every daemon's file, then replacing the
+scheduler's private key, then (after the longest lease TTL) removing the old public key. A `Verifier` also keeps
+the leases the scheduler revoked (released, expired, lost), refusing their tokens until they could have expired.
 """
 
 from __future__ import annotations
@@ -9,19 +17,26 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 import json
 import os
-import secrets
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from gpupool.errors import InvalidArgument, Unauthenticated
 
-KEY_ENV = "GPUPOOL_TOKEN_KEY"
 KEY_FILE_ENV = "GPUPOOL_TOKEN_KEY_FILE"
+PUBLIC_KEYS_ENV = "GPUPOOL_TOKEN_PUBLIC_KEYS"
 MAX_TOKEN_LENGTH = 4096
+MAX_TTL = 24 * 3600.0  # no token lives longer; so a revoked lease is remembered this long
+MAX_REVOKED = 200_000
+_CLAIM_FIELDS = ("device", "expires_at", "host", "lease_id", "quota_bytes", "share", "tenant")
 
 
 @dataclass(frozen=True)
@@ -45,75 +60,272 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Strict base64url: no padding, no other characters, and the one canonical spelling of its bytes."""
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64(data) != text:
+        raise ValueError("non-canonical base64url")
+    return data
 
 
-def mint(key: bytes, claims: TokenClaims) -> str:
-    """Sign claims with the shared key."""
-    if not key:
-        raise InvalidArgument("empty token key")
-    body = json.dumps(asdict(claims), sort_keys=True, separators=(",", ":")).encode()
-    sig = hmac.new(key, body, hashlib.sha256).digest()
-    return f"{_b64(body)}.{_b64(sig)}"
+def _canonical(claims: TokenClaims) -> bytes:
+    return json.dumps(asdict(claims), sort_keys=True, separators=(",", ":")).encode()
 
 
-def verify(key: bytes, token: str, *, now: float | None = None) -> TokenClaims:
-    """Check the signature and expiry; raise Unauthenticated for anything forged, malformed or expired."""
-    if not token:
-        raise Unauthenticated("missing lease token")
-    if len(token) > MAX_TOKEN_LENGTH or token.count(".") != 1:
-        raise Unauthenticated("malformed lease token")
-    body_b64, sig_b64 = token.split(".")
-    try:
-        body, sig = _unb64(body_b64), _unb64(sig_b64)
-    except (binascii.Error, ValueError) as exc:
-        raise Unauthenticated("malformed lease token") from exc
-    if not hmac.compare_digest(sig, hmac.new(key, body, hashlib.sha256).digest()):
-        raise Unauthenticated("lease token signature does not match (forged, or signed with another key)")
+def key_id(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def public_pem(public: Ed25519PublicKey) -> bytes:
+    return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+class _Watched:
+    """A file re-read when its mtime or size changes (checked at most once a second)."""
+
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        self.path = Path(path) if path else None
+        self._stamp: tuple[int, int] | None = None
+        self._checked = 0.0
+        self._lock = threading.Lock()
+
+    def changed(self) -> bytes | None:
+        """The new content when the file changed since last time, else None."""
+        if self.path is None:
+            return None
+        with self._lock:
+            now = time.monotonic()
+            if self._stamp is not None and now - self._checked < 1.0:
+                return None
+            self._checked = now
+            try:
+                st = self.path.stat()
+                stamp = (st.st_mtime_ns, st.st_size)
+                if stamp == self._stamp:
+                    return None
+                data = self.path.read_bytes()
+            except OSError as exc:
+                if self._stamp is None:
+                    raise InvalidArgument(f"cannot read token key file {self.path}: {exc.strerror}") from exc
+                return None  # keep the keys we have while the file is being replaced
+            self._stamp = stamp
+            return data
+
+
+class Signer:
+    """The scheduler's signing key (reloaded from its file when that changes)."""
+
+    def __init__(self, key: Ed25519PrivateKey, path: str | os.PathLike[str] | None = None) -> None:
+        self._key = key
+        self.kid = key_id(key.public_key())
+        self._file = _Watched(path)
+        if path:
+            self._file.changed()  # remember the stamp of what we loaded
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Signer:
+        """A deterministic key from any secret bytes (tests; `gpupool token --seed`)."""
+        return cls(Ed25519PrivateKey.from_private_bytes(hashlib.sha256(seed).digest()))
+
+    @property
+    def public(self) -> Ed25519PublicKey:
+        self._reload()
+        return self._key.public_key()
+
+    def _reload(self) -> None:
+        data = self._file.changed()
+        if data is not None:
+            key = _parse_private(data, str(self._file.path))
+            self._key, self.kid = key, key_id(key.public_key())
+
+    def sign(self, claims: TokenClaims) -> str:
+        self._reload()
+        head = f"{self.kid}.{_b64(_canonical(claims))}"
+        return f"{head}.{_b64(self._key.sign(head.encode()))}"
+
+
+class Verifier:
+    """Public keys by key id (reloaded from their file) and the set of revoked leases."""
+
+    def __init__(self, keys: list[Ed25519PublicKey] | None = None, path: str | os.PathLike[str] | None = None):
+        self._keys = {key_id(k): k for k in keys or []}
+        self._file = _Watched(path)
+        self._revoked: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+        self._reload()
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Verifier:
+        v = cls(path=path)
+        if not v.key_ids:
+            raise InvalidArgument(f"no Ed25519 public key in {path}")
+        return v
+
+    @property
+    def key_ids(self) -> list[str]:
+        self._reload()
+        return sorted(self._keys)
+
+    def _reload(self) -> None:
+        data = self._file.changed()
+        if data is not None:
+            keys = _parse_public(data, str(self._file.path))
+            with self._lock:
+                self._keys = {key_id(k): k for k in keys}
+
+    def revoke(self, lease_ids: list[str], now: float | None = None) -> None:
+        """Refuse tokens of these leases from now on (for as long as any of their tokens could live)."""
+        until = (time.time() if now is None else now) + MAX_TTL
+        with self._lock:
+            for lease_id in lease_ids:
+                self._revoked[lease_id] = until
+                self._revoked.move_to_end(lease_id)
+            while len(self._revoked) > MAX_REVOKED:
+                self._revoked.popitem(last=False)
+
+    def revoked(self, lease_id: str, now: float) -> bool:
+        with self._lock:
+            while self._revoked:
+                first, until = next(iter(self._revoked.items()))
+                if until > now:
+                    break
+                del self._revoked[first]
+            return lease_id in self._revoked
+
+    def verify(self, token: str, now: float | None = None) -> TokenClaims:
+        self._reload()
+        now = time.time() if now is None else now
+        if not token:
+            raise Unauthenticated("missing lease token")
+        if len(token) > MAX_TOKEN_LENGTH or token.count(".") != 2:
+            raise Unauthenticated("malformed lease token")
+        kid, body_b64, sig_b64 = token.split(".")
+        try:
+            body, sig = _unb64(body_b64), _unb64(sig_b64)
+        except (binascii.Error, ValueError) as exc:
+            raise Unauthenticated("malformed lease token") from exc
+        key = self._keys.get(kid)
+        if key is None:
+            raise Unauthenticated(f"lease token signed with unknown key {kid[:16]!r} (rotated out, or forged)")
+        try:
+            key.verify(sig, f"{kid}.{body_b64}".encode())
+        except InvalidSignature as exc:
+            raise Unauthenticated("lease token signature does not match (forged or altered)") from exc
+        claims = _claims(body)
+        if claims.expires_at <= now:
+            raise Unauthenticated(f"lease token of lease {claims.lease_id} expired")
+        if claims.expires_at > now + MAX_TTL + 60:
+            raise Unauthenticated(f"lease token lives longer than {MAX_TTL:g} s")
+        if self.revoked(claims.lease_id, now):
+            raise Unauthenticated(f"lease {claims.lease_id} was released or revoked")
+        return claims
+
+
+def _claims(body: bytes) -> TokenClaims:
     try:
         raw = json.loads(body)
-        claims = TokenClaims(
-            lease_id=str(raw["lease_id"]),
-            host=str(raw["host"]),
-            device=int(raw["device"]),
-            quota_bytes=int(raw["quota_bytes"]),
-            share=float(raw["share"]),
-            expires_at=float(raw["expires_at"]),
-            tenant=str(raw.get("tenant", "")),
-        )
-    except (ValueError, KeyError, TypeError) as exc:
+        if not isinstance(raw, dict) or tuple(sorted(raw)) != _CLAIM_FIELDS:
+            raise ValueError("unexpected fields")
+        claims = TokenClaims(**raw)
+        types: tuple[type | tuple[type, ...], ...] = (str, str, int, int, (int, float), (int, float), str)
+        fields = TokenClaims.__dataclass_fields__
+        if any(not isinstance(getattr(claims, f), t) for f, t in zip(fields, types, strict=True)):
+            raise ValueError("wrong types")
+        if _canonical(claims) != body:
+            raise ValueError("non-canonical claims")
+    except (ValueError, TypeError) as exc:
         raise Unauthenticated("malformed lease token claims") from exc
     if not 0.0 < claims.share <= 1.0 or claims.quota_bytes < 0 or claims.device < 0:
         raise Unauthenticated("lease token claims out of range")
-    if claims.expires_at <= (time.time() if now is None else now):
-        raise Unauthenticated(f"lease token of lease {claims.lease_id} expired")
     return claims
 
 
-def load_key(path: str | os.PathLike[str] | None = None) -> bytes:
-    """The shared key: from `path`, else $GPUPOOL_TOKEN_KEY_FILE, else $GPUPOOL_TOKEN_KEY (hex or text)."""
-    path = path or os.environ.get(KEY_FILE_ENV) or None
-    if path:
-        try:
-            key = Path(path).read_bytes().strip()
-        except OSError as exc:
-            raise InvalidArgument(f"cannot read token key file {path}: {exc.strerror}") from exc
-    else:
-        key = os.environ.get(KEY_ENV, "").strip().encode()
-    if len(key) < 16:
-        raise InvalidArgument(
-            "no token key: pass --token-key-file, or set GPUPOOL_TOKEN_KEY_FILE or GPUPOOL_TOKEN_KEY (>= 16 bytes)"
-        )
+def _parse_private(data: bytes, where: str) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except ValueError as exc:
+        raise InvalidArgument(f"{where}: not a PEM private key ({exc})") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise InvalidArgument(f"{where}: not an Ed25519 key (make one with `gpupool token keygen`)")
     return key
 
 
-def generate_key_file(path: str | os.PathLike[str]) -> bytes:
-    """Write a fresh random key (64 hex characters), readable by the owner only."""
-    key = secrets.token_hex(32).encode()
+def _parse_public(data: bytes, where: str) -> list[Ed25519PublicKey]:
+    keys = []
+    for block in data.split(b"-----END PUBLIC KEY-----")[:-1]:
+        try:
+            key = serialization.load_pem_public_key(block + b"-----END PUBLIC KEY-----\n")
+        except ValueError as exc:
+            raise InvalidArgument(f"{where}: bad PEM public key ({exc})") from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise InvalidArgument(f"{where}: not an Ed25519 public key")
+        keys.append(key)
+    return keys
+
+
+KeyLike = Signer | Verifier | bytes
+
+
+def _signer(key: Signer | bytes) -> Signer:
+    if isinstance(key, Signer):
+        return key
+    if not key:
+        raise InvalidArgument("empty token key")
+    return Signer.from_seed(key)
+
+
+def mint(key: Signer | bytes, claims: TokenClaims) -> str:
+    """Sign claims (`key` given as bytes is a seed: see Signer.from_seed)."""
+    return _signer(key).sign(claims)
+
+
+def verify(key: KeyLike, token: str, *, now: float | None = None) -> TokenClaims:
+    """Check the signature, key id, expiry and revocation; raise Unauthenticated for anything else."""
+    verifier = key if isinstance(key, Verifier) else Verifier([_signer(key).public])
+    return verifier.verify(token, now)
+
+
+def load_signer(path: str | os.PathLike[str] | None = None) -> Signer:
+    """The scheduler's key: from `path`, else $GPUPOOL_TOKEN_KEY_FILE."""
+    path = path or os.environ.get(KEY_FILE_ENV) or None
+    if not path:
+        raise InvalidArgument("no token key: pass --token-key-file (make one with `gpupool token keygen FILE`)")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read token key file {path}: {exc.strerror}") from exc
+    return Signer(_parse_private(data, str(path)), path)
+
+
+def load_verifier(path: str | os.PathLike[str] | None = None) -> Verifier:
+    """A daemon's public keys: from `path`, else $GPUPOOL_TOKEN_PUBLIC_KEYS."""
+    path = path or os.environ.get(PUBLIC_KEYS_ENV) or None
+    if not path:
+        raise InvalidArgument(
+            "no token public keys: pass --token-public-keys (write them with `gpupool token public-key`)"
+        )
+    return Verifier.from_file(path)
+
+
+def generate_key_file(path: str | os.PathLike[str], public_path: str | os.PathLike[str] | None = None) -> Signer:
+    """Write a fresh Ed25519 private key (PEM, owner-only) and, if asked, its public key next to it."""
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(key + b"\n")
-    return key
+        f.write(pem)
+    os.chmod(path, 0o600)
+    if public_path is not None:
+        Path(public_path).write_bytes(public_pem(key.public_key()))
+    return Signer(key, path)
+
+
+def unverified_host(token: str) -> str:
+    """The host a token names, without checking it (a client picks the daemon's TLS name by it); "" if unreadable."""
+    try:
+        return str(json.loads(_unb64(token.split(".")[1])).get("host", ""))
+    except (IndexError, ValueError, AttributeError, binascii.Error):
+        return ""
 
 
 def public_session_id(session_id: str) -> str:

@@ -1,17 +1,23 @@
 """`gpupool up`: a whole pool on this machine in one command - a scheduler and one daemon.
 
-The two programs run as child processes (they never import each other) with a token key generated next
-to the scheduler's state; the daemon serves the real GPUs torch sees, else 2 fake ones. Once the daemon
-has registered, `up` prints where everything listens and how to use it; Ctrl-C or SIGTERM stops both.
+The two programs run as child processes (they never import each other). Next to the scheduler's state `up`
+keeps (creating them on first use, owner-only) a token signing key and its public key, and a local CA
+(`pki/ca.crt`, `pki/ca.key`; or the CA in `--ca-dir`) with certificates for the
+scheduler, the daemon (a host certificate named by its host id), the user
+(a tenant certificate) and an operator (admin); every link is mutual TLS. The daemon serves the real GPUs
+torch sees, else 2 fake ones. Once the daemon has registered, `up` prints where everything listens and the
+exports clients use; Ctrl-C or SIGTERM stops both.
 Ports may be 0 (tests): the bound ports are read from the children's "listening on" log lines.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,8 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpupool import tokens
-from gpupool.config import add_flag, format_size, size_arg
+from gpupool import pki, tls, tokens
+from gpupool.config import add_flag, format_size, size_arg, split_address
 
 LISTEN_RE = re.compile(r"listening on (\S+:\d+)")
 METRICS_RE = re.compile(r"metrics on (http://\S+)")
@@ -52,11 +58,76 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         "--state",
         default=str(default_state_dir() / "scheduler.db"),
-        help="scheduler state (SQLite); the token key is kept next to it",
+        help="scheduler state (SQLite); the token keys and the local CA are kept next to it",
     )
     add_flag(p, "--metrics-listen", default="127.0.0.1:9450", help="daemon Prometheus HOST:PORT (0: off)")
     add_flag(p, "--scheduler-metrics-listen", default="127.0.0.1:9451", help="scheduler Prometheus HOST:PORT (0: off)")
+    add_flag(p, "--host-id", default=socket.gethostname(), help="the daemon's host id (its certificate's name)")
+    add_flag(p, "--ca-dir", default="", help="issue certificates from the CA in DIR (ca.crt, ca.key; made if absent)")
     return p
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What `up` keeps next to the state: token keys and the local CA's certificates."""
+
+    key: Path
+    public: Path
+    ca: Path
+    scheduler: pki.CertFiles
+    daemon: pki.CertFiles
+    user: pki.CertFiles
+    admin: pki.CertFiles
+
+    def client(self, who: pki.CertFiles) -> tls.TlsConfig:
+        return tls.TlsConfig(cert=str(who.cert), key=str(who.key), ca=str(self.ca))
+
+
+def _server_names(*addresses: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    dns, ips = ["localhost", socket.gethostname()], ["127.0.0.1", "::1"]
+    for address in addresses:
+        host = split_address(address)[0]
+        if host in ("0.0.0.0", "::"):
+            continue
+        try:
+            import ipaddress
+
+            ipaddress.ip_address(host)
+            ips.append(host)
+        except ValueError:
+            dns.append(host)
+    return tuple(dns), tuple(ips)
+
+
+def make_credentials(directory: Path, host_id: str, *addresses: str, ca_dir: Path | None = None) -> Credentials:
+    """Token keys and certificates in `directory` (kept when present; files are owner-only)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    key, public = directory / "token.key", directory / "token.pub"
+    try:
+        signer = tokens.load_signer(key)
+        if not public.exists():
+            public.write_bytes(tokens.public_pem(signer.public))
+    except Exception:  # noqa: BLE001 - missing or unusable (e.g. an old HMAC key): make a fresh one
+        tokens.generate_key_file(key, public)
+    ca = pki.LocalCA(ca_dir or directory / "pki")
+    dns, ips = _server_names(*addresses)
+
+    def cert(role: str, name: str, server: bool = False) -> pki.CertFiles:
+        names = (*dns, name) if role == "host" else dns  # a host's certificate also names its host id
+        out = directory / "pki" / f"{role}-{name}"
+        files = pki.CertFiles(out.with_name(out.name + ".crt"), out.with_name(out.name + ".key"))
+        if files.cert.exists() and files.key.exists():
+            pem = files.cert.read_bytes()
+            if pki.identity_of(pem) == (role, name) and pki.issued_by(pem, ca):
+                return files
+        return ca.issue(role, name, out, dns=names if server else (), ips=ips if server else ())
+
+    user = getpass.getuser()
+    return Credentials(
+        key, public, ca.cert_path, cert("server", "scheduler", True), cert("host", host_id, True),
+        cert("tenant", user), cert("admin", "admin"),
+    )  # fmt: skip
 
 
 class Child:
@@ -113,11 +184,15 @@ def _real_gpus() -> int:
         return 0
 
 
-def _wait_registered(scheduler: str, daemon: str, timeout: float) -> bool:
+def _tls_args(who: pki.CertFiles, ca: Path) -> list[str]:
+    return ["--tls-cert", str(who.cert), "--tls-key", str(who.key), "--tls-ca", str(ca)]
+
+
+def _wait_registered(scheduler: str, daemon: str, timeout: float, tls_config: tls.TlsConfig) -> bool:
     from gpupool.client.pool import SchedulerClient  # the client only, never the daemon or scheduler code
     from gpupool.errors import GpupoolError
 
-    client = SchedulerClient(scheduler)
+    client = SchedulerClient(scheduler, tls_config)
     port = daemon.rsplit(":", 1)[1]
     deadline = time.monotonic() + timeout
     try:
@@ -139,12 +214,14 @@ def main(argv: list[str]) -> int:
         a.fake_gpus, a.fake_gpu_memory, a.scheduler_listen, a.listen, Path(a.state), a.metrics_listen,
         a.scheduler_metrics_listen,
     )  # fmt: skip
+    os.umask(0o077)  # what we and the children write (state with lease ids, WAL, keys) is owner-only
     cfg.state.parent.mkdir(parents=True, exist_ok=True)
-    key_file = cfg.state.parent / "token.key"
-    try:
-        tokens.load_key(key_file)
-    except Exception:  # noqa: BLE001 - missing or unusable: make a fresh one
-        tokens.generate_key_file(key_file)
+    creds = make_credentials(
+        cfg.state.parent, a.host_id, cfg.scheduler_listen, cfg.listen, ca_dir=Path(a.ca_dir) if a.ca_dir else None
+    )
+    for path in (cfg.state, Path(f"{cfg.state}-wal"), Path(f"{cfg.state}-shm")):
+        if path.exists():
+            os.chmod(path, 0o600)  # made by an older version with the default umask
     real = _real_gpus() if cfg.fake_gpus is None else 0
     fake = 0 if real else (2 if cfg.fake_gpus is None else cfg.fake_gpus)
 
@@ -156,21 +233,23 @@ def main(argv: list[str]) -> int:
         sched = Child(
             "scheduler",
             ["scheduler", "--listen", cfg.scheduler_listen, "--state", str(cfg.state), "--token-key-file",
-             str(key_file), "--metrics-listen", cfg.scheduler_metrics_listen],
+             str(creds.key), "--metrics-listen", cfg.scheduler_metrics_listen, *_tls_args(creds.scheduler, creds.ca)],
         )  # fmt: skip
         children.append(sched)
         sched_addr = sched.find(LISTEN_RE, START_TIMEOUT)
         if sched_addr is None:
             print("gpupool up: the scheduler did not start (see its log above)", file=sys.stderr)
             return 1
-        daemon_args = ["serve", "--listen", cfg.listen, "--token-key-file", str(key_file), "--scheduler", sched_addr,
-                       "--metrics-listen", cfg.metrics_listen]  # fmt: skip
+        daemon_args = ["serve", "--listen", cfg.listen, "--token-public-keys", str(creds.public), "--scheduler",
+                       sched_addr, "--metrics-listen", cfg.metrics_listen, "--host-id", a.host_id,
+                       *_tls_args(creds.daemon, creds.ca)]  # fmt: skip
         if fake:
             daemon_args += ["--fake-gpus", str(fake), "--fake-gpu-memory", str(cfg.fake_gpu_memory)]
         daemon = Child("daemon", daemon_args)
         children.append(daemon)
         daemon_addr = daemon.find(LISTEN_RE, START_TIMEOUT)
-        if daemon_addr is None or not _wait_registered(sched_addr, daemon_addr, START_TIMEOUT):
+        admin = creds.client(creds.admin)
+        if daemon_addr is None or not _wait_registered(sched_addr, daemon_addr, START_TIMEOUT, admin):
             print("gpupool up: the daemon did not start or register (see its log above)", file=sys.stderr)
             return 1
         gpus = f"{real} GPU(s)" if real else f"{fake} fake GPU(s) of {format_size(cfg.fake_gpu_memory)}"
@@ -178,12 +257,14 @@ def main(argv: list[str]) -> int:
             f"gpupool is up: {gpus}\n"
             f"  scheduler  {sched_addr}  metrics {sched.find(METRICS_RE, 1) or 'off'}  state {cfg.state}\n"
             f"  daemon     {daemon_addr}  metrics {daemon.find(METRICS_RE, 1) or 'off'}\n"
-            f"  token key  {key_file}\n"
+            f"  token key  {creds.key} (public: {creds.public})\n"
+            f"  TLS        CA {creds.ca}; admin certificate {creds.admin.cert}\n"
             f"Use it:\n"
             f"  export GPUPOOL_SCHEDULER={sched_addr}\n"
-            f"  gpupool run -n 1 -p 0.5 -- python train.py\n"
-            f"  gpupool smi\n"
-            f"Ctrl-C stops both.",
+            + "".join(f"  export {k}={v}\n" for k, v in tls.client_env(creds.client(creds.user)).items())
+            + "  gpupool run -n 1 -p 0.5 -- python train.py\n"
+            "  gpupool smi\n"
+            "Ctrl-C stops both.",
             flush=True,
         )
         while not stop.wait(0.5):

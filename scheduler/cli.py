@@ -17,6 +17,7 @@ from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import grpc
+from gpupool.scheduler.auth import Authenticator, AuthInterceptor
 from gpupool.scheduler.leases import Core, CoreConfig
 from gpupool.scheduler.metrics import SchedulerMetrics
 from gpupool.scheduler.placement import POLICIES
@@ -25,10 +26,11 @@ from gpupool.scheduler.store import Store, open_store
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
-from gpupool import tokens
+from gpupool import tls, tokens
 from gpupool._proto import scheduler_pb2_grpc
 from gpupool.config import add_flag, setup_logging, split_address
 from gpupool.errors import GpupoolError
+from gpupool.tls import TlsConfig
 
 log = logging.getLogger("gpupool.scheduler")
 
@@ -56,6 +58,9 @@ class Config:
     heartbeat_interval: float = 2.0
     policy: str = "binpack"
     sweep_interval: float = 0.5
+    tls: TlsConfig = TlsConfig(client_auth="require")
+    credentials: str | None = None
+    health_listen: str = ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_state_path(),
         help="SQLite (WAL) file keeping hosts and leases across restarts; ':memory:' keeps nothing",
     )
-    add_flag(p, "--token-key-file", help="key shared with the daemons to sign lease tokens (else $GPUPOOL_TOKEN_KEY)")
+    add_flag(p, "--token-key-file", help="Ed25519 private key (PEM) that signs lease tokens; re-read when it changes")
+    add_flag(
+        p,
+        "--credentials",
+        help="API tokens of tenants, hosts (join tokens) and admins: lines '<role> <name> sha256:<hex>'",
+    )
+    tls.add_tls_flags(p, client_auth="require")
+    add_flag(p, "--health-listen", default="", help="plaintext HOST:PORT serving only grpc.health.v1 (probes)")
     add_flag(p, "--metrics-listen", default="127.0.0.1:9451", help="Prometheus HOST:PORT; 0 turns metrics off")
     add_flag(p, "--lease-ttl", type=float, default=60.0, help="seconds a lease lives unless renewed")
     add_flag(p, "--host-timeout", type=float, default=10.0, help="seconds of silence before a host is marked down")
@@ -79,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 class SchedulerServer:
     """A scheduler with its gRPC server, health service, metrics endpoint and housekeeping thread."""
 
-    def __init__(self, config: Config, key: bytes, store: Store | None = None) -> None:
+    def __init__(self, config: Config, key: tokens.Signer | bytes, store: Store | None = None) -> None:
         self.config = config
         self.metrics = SchedulerMetrics()
         self.store = store if store is not None else open_store(config.state)
@@ -91,16 +103,22 @@ class SchedulerServer:
         )
         self.core = Core(self.store, key, core_config, self.metrics)
         self.metrics.watch(self.core)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="sched"))
+        verified = not config.tls.insecure and config.tls.client_auth == "require"
+        authn = Authenticator(config.credentials, verified_certs=verified, open_access=config.tls.insecure)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="sched"),
+            interceptors=[AuthInterceptor(authn)],
+        )
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(self.core, config.policy), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(config.listen)
+        self.port = tls.add_port(self.server, config.listen, config.tls, "the scheduler")
         if self.port == 0:
             raise GpupoolError(f"cannot listen on {config.listen}")
         self.host = split_address(config.listen)[0]
         self.metrics_port = 0
         self._metrics_http: WSGIServer | None = None
+        self._health_server: tuple[grpc.Server, int] | None = None
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="sweeper", daemon=True)
 
@@ -117,6 +135,7 @@ class SchedulerServer:
             http, _ = start_http_server(port, host, registry=self.metrics.registry)
             self._metrics_http = http
             self.metrics_port = http.server_port
+        self._health_server = tls.serve_health(self.config.health_listen, self.health)
         self._sweeper.start()
         return self
 
@@ -131,6 +150,8 @@ class SchedulerServer:
         self._stop.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self._health_server is not None:
+            self._health_server[0].stop(0)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -149,6 +170,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         host_timeout=args.host_timeout,
         heartbeat_interval=args.heartbeat_interval,
         policy=args.policy,
+        tls=tls.config_from_args(args),
+        credentials=args.credentials,
+        health_listen=args.health_listen,
     )
 
 
@@ -161,7 +185,7 @@ def main(argv: list[str]) -> int:
     config = config_from_args(args)
     setup_logging("scheduler")
     try:
-        key = tokens.load_key(config.token_key_file)
+        key = tokens.load_signer(config.token_key_file)
         server = SchedulerServer(config, key).start()
     except (GpupoolError, OSError, RuntimeError, sqlite3.Error) as exc:
         log.error("cannot start: %s", exc)

@@ -65,7 +65,7 @@ class Core(HostBook):
     """Hosts (see hosts.py), leases and the FIFO of waiting requests."""
 
     def __init__(
-        self, store: Store, key: bytes, config: CoreConfig = CoreConfig(), events: Events | None = None
+        self, store: Store, key: tokens.Signer | bytes, config: CoreConfig = CoreConfig(), events: Events | None = None
     ) -> None:
         self.lock = threading.RLock()
         self.pool = Pool()

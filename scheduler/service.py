@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
+from gpupool.scheduler import auth
 from gpupool.scheduler.hosts import DeviceSpec
 from gpupool.scheduler.leases import Core
 from gpupool.scheduler.placement import Request
@@ -52,6 +53,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     @_rpc
     def Register(self, request: scheduler_pb2.RegisterRequest, context: grpc.ServicerContext) -> Any:
+        auth.current().check_host(request.host_id)
         devices = [DeviceSpec(d.index, d.uuid, d.model, d.memory_bytes, d.fake) for d in request.devices]
         self.core.register(request.host_id, request.address, devices, _labels(request.labels))
         return scheduler_pb2.RegisterReply(
@@ -60,6 +62,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     @_rpc
     def Heartbeat(self, request: scheduler_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> Any:
+        auth.current().check_host(request.host_id)
         used = {d.info.index: d.used_bytes for d in request.devices}
         revoked, again = self.core.heartbeat(
             request.host_id, [s.lease_id for s in request.sessions], used, request.draining
@@ -84,7 +87,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         )
         lease = self.core.allocate(
             req,
-            tenant=request.tenant[:256],
+            tenant=auth.current().tenant_for(request.tenant),
             ttl=request.ttl_seconds,
             wait=request.wait_seconds,
             cancelled=lambda: not context.is_active(),
@@ -93,15 +96,25 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     @_rpc
     def Renew(self, request: scheduler_pb2.RenewRequest, context: grpc.ServicerContext) -> Any:
+        self._check_owner(request.lease_id)
         return self._lease_pb(self.core.renew(request.lease_id), with_tokens=True)
 
     @_rpc
     def Release(self, request: scheduler_pb2.ReleaseRequest, context: grpc.ServicerContext) -> Any:
+        self._check_owner(request.lease_id)
         self.core.release(request.lease_id)
         return scheduler_pb2.ReleaseReply()
 
+    def _check_owner(self, lease_id: str) -> None:
+        """Renew/Release only by the lease's tenant (or an operator); unknown ids fall through to NOT_FOUND."""
+        with self.core.lock:
+            lease = self.core.leases.get(lease_id)
+        if lease is not None:
+            auth.current().check_lease(lease_id, lease.tenant)
+
     @_rpc
     def ListPool(self, request: scheduler_pb2.ListPoolRequest, context: grpc.ServicerContext) -> Any:
+        caller = auth.current()
         with self.core.lock:
             hosts = [
                 scheduler_pb2.HostState(
@@ -125,8 +138,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 for h in sorted(self.core.pool.hosts.values(), key=lambda h: h.host_id)
             ]
             leases = [
-                scheduler_pb2.LeaseInfo(
-                    lease_id=x.lease_id,
+                scheduler_pb2.LeaseInfo(  # other tenants' leases: usage only, no id
+                    lease_id=x.lease_id if caller.may_see(x.tenant) else "",
                     tenant=x.tenant,
                     state=x.state,
                     devices=self._devices_pb(x, with_tokens=False),

@@ -21,7 +21,10 @@ for _ in $(seq 1 120); do
 done
 [ -n "${addr:-}" ] || { echo "gpupool up did not come up:"; cat "$log"; exit 1; }
 cat "$log"
-export GPUPOOL_SCHEDULER="$addr"
+# Every link is mutual TLS: take the scheduler address, the CA and this user's tenant certificate from what
+# `gpupool up` printed (export GPUPOOL_SCHEDULER=..., GPUPOOL_TLS_CA=..., GPUPOOL_TLS_CERT=..., GPUPOOL_TLS_KEY=...).
+eval "$(sed -n 's/^  export \(GPUPOOL_[A-Z_]*=[^ ]*\)$/export \1/p' "$log")"
+[ "$GPUPOOL_SCHEDULER" = "$addr" ] && [ -n "${GPUPOOL_TLS_CA:-}" ] || { echo "no TLS exports in:"; cat "$log"; exit 1; }
 gpupool smi
 args=("$@"); [ ${#args[@]} -gt 0 ] || args=(--limit 4000 --epochs 3 --bigram-buckets 0 --embed-dropout 0)
 gpupool run -n 1 -p 0.5 -- python examples/sentiment/train.py --device gpupool "${args[@]}"

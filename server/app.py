@@ -12,6 +12,7 @@ from gpupool.server.devices import Device
 from gpupool.server.service import SERVICE, create_server
 from grpc_health.v1 import health_pb2
 
+from gpupool import tls, tokens
 from gpupool.config import split_address
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ class RunningDaemon:
             host, _ = split_address(config.listen)
             self.address = f"{host}:{self.port}"
             self.metrics_port = self.daemon.metrics.serve(config.metrics_listen)
+            self.health_server = tls.serve_health(config.health_listen, self.health)
         except Exception:
             self.daemon.stop()
             raise
@@ -34,8 +36,15 @@ class RunningDaemon:
             from gpupool.server.registration import Registrar  # only daemons that register need it
 
             advertise = config.advertise or self.address
+            verifier = config.token_key if isinstance(config.token_key, tokens.Verifier) else None
             self.registrar = Registrar(
-                config.scheduler, config.host_id, advertise, source=self.daemon, interval=config.heartbeat_interval
+                config.scheduler,
+                config.host_id,
+                advertise,
+                source=self.daemon,
+                interval=config.heartbeat_interval,
+                tls_config=config.tls,
+                verifier=verifier,
             )
             self.registrar.start()
         self._stopped = False
@@ -58,6 +67,8 @@ class RunningDaemon:
             except Exception:
                 log.exception("stopping the registrar failed")
         self.daemon.stop()
+        if self.health_server is not None:
+            self.health_server[0].stop(0)
         self.server.stop(grace).wait()
         log.info("stopped")
 

@@ -7,6 +7,7 @@ SIGTERM/SIGINT: health NOT_SERVING, finish received batches, close sessions, exi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import socket
@@ -15,7 +16,7 @@ from types import FrameType
 
 from gpupool.server.daemon import Config
 
-from gpupool import tokens
+from gpupool import tls, tokens
 from gpupool.config import add_flag, setup_logging, size_arg
 from gpupool.errors import GpupoolError
 
@@ -29,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--listen", default="127.0.0.1:50051", help="gRPC address HOST:PORT (port 0: any free port)")
     add_flag(p, "--fake-gpus", type=int, default=0, help="serve N CPU-backed fake GPUs (0: real GPUs, else 1 fake)")
     add_flag(p, "--fake-gpu-memory", type=size_arg, default=8 * 1024**3, help="memory of each fake GPU, e.g. 8GiB")
-    add_flag(p, "--token-key-file", help="file with the token key shared with the scheduler (else $GPUPOOL_TOKEN_KEY)")
+    add_flag(
+        p,
+        "--token-public-keys",
+        help="PEM file of the scheduler's token public key(s) (old and new during a rotation); re-read on change",
+    )
     add_flag(p, "--host-id", default=socket.gethostname(), help="this host's id, as tokens name it")
     add_flag(p, "--metrics-listen", default="127.0.0.1:9450", help="Prometheus metrics HOST:PORT ('0': off)")
     add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT to register with (optional)")
@@ -45,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch intra-op CPU threads (0: torch's default; 1: steadier fake GPUs)",
     )
     add_flag(p, "--log-level", default="INFO", help="logging level")
+    add_flag(p, "--join-token-file", default="", help="API token proving this host to the scheduler (no client cert)")
+    tls.add_tls_flags(p)
+    add_flag(p, "--health-listen", default="", help="plaintext HOST:PORT serving only grpc.health.v1 (probes)")
     return p
 
 
@@ -54,7 +62,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         host_id=args.host_id,
         fake_gpus=args.fake_gpus,
         fake_gpu_memory=args.fake_gpu_memory,
-        token_key=tokens.load_key(args.token_key_file),
+        token_key=tokens.load_verifier(args.token_public_keys),
+        health_listen=args.health_listen,
+        tls=dataclasses.replace(tls.config_from_args(args), api_token_file=args.join_token_file),
         metrics_listen=args.metrics_listen,
         scheduler=args.scheduler,
         advertise=args.advertise,

@@ -35,6 +35,7 @@ from gpupool.errors import (
     Unavailable,
     error_class,
 )
+from gpupool.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 GiB = 1024**3
@@ -50,7 +51,9 @@ class Config:
     host_id: str = field(default_factory=socket.gethostname)
     fake_gpus: int = 0
     fake_gpu_memory: int = 8 * GiB
-    token_key: bytes = field(default=b"", repr=False)
+    token_key: tokens.KeyLike = field(default=b"", repr=False)  # a Verifier of public keys (bytes: a test seed)
+    tls: TlsConfig = TlsConfig()
+    health_listen: str = ""  # plaintext grpc.health.v1 only, for probes that cannot speak TLS
     metrics_listen: str = "127.0.0.1:9450"
     scheduler: str = ""
     advertise: str = ""
@@ -132,11 +135,15 @@ class Daemon:
             raise NotFound(f"token is for device {claims.device}; host {self.host_id} has {len(self.device_list)}")
         quota = min(claims.quota_bytes or int(claims.share * dev.capacity), dev.capacity)
         with self._lock:
-            old = self._by_lease.get(claims.lease_id)
+            # A copied token must not evict the session that holds it: one session per (lease, device).
+            old = next(
+                (x for x in self._sessions.values() if (x.lease_id, x.device.index) == (claims.lease_id, dev.index)),
+                None,
+            )
             number = self._next_number
             self._next_number += 1
-        if old is not None:
-            self.close_session(old, "replaced by a new attach of the same lease")
+        if old is not None and not old.closed:
+            raise FailedPrecondition(f"lease {claims.lease_id} already has a session on this device; detach it first")
         session = Session(secrets.token_urlsafe(18), number, claims, dev, self.memory[dev.index], quota)
         session.entry = self.queues[dev.index].add(session, claims.share)
         with self._lock:

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import grpc
 
+from gpupool import tls, tokens
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class Registrar:
         advertise_address: str,
         source: RegistrationSource,
         interval: float = 2.0,
+        tls_config: tls.TlsConfig | None = None,
+        verifier: tokens.Verifier | None = None,
     ) -> None:
         self.scheduler_address = scheduler_address
         self.host_id = host_id
@@ -53,7 +56,9 @@ class Registrar:
         self.scheduler_id = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="registrar", daemon=True)
-        self._channel = grpc.insecure_channel(scheduler_address)
+        # Over TLS with this host's certificate (mutual TLS names the host), or its join token (API token).
+        self._channel = tls.channel(scheduler_address, cfg=tls_config)
+        self.verifier = verifier  # told the revoked leases, so their tokens cannot attach again
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self._failures = 0
 
@@ -118,6 +123,8 @@ class Registrar:
         )
         if reply.revoked_leases:
             log.info("scheduler revoked lease(s) %s", ", ".join(reply.revoked_leases))
+            if self.verifier is not None:
+                self.verifier.revoke(list(reply.revoked_leases))
             self.source.revoke_leases(list(reply.revoked_leases))
         if reply.reregister or (reply.scheduler_id and reply.scheduler_id != self.scheduler_id):
             log.info("scheduler %s asks to register again", self.scheduler_address)

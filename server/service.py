@@ -20,6 +20,7 @@ from gpupool.server.daemon import END_OF_STREAM, Closed, Daemon
 from gpupool.server.sessions import Session
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from gpupool import tls
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, Unauthenticated, abort, error_class
 
@@ -184,7 +185,7 @@ def create_server(daemon: Daemon, address: str) -> tuple[grpc.Server, int, healt
     server.add_generic_rpc_handlers((_handlers(DeviceServicer(daemon)),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(address)
+    port = tls.add_port(server, address, daemon.config.tls, "the daemon")
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     server.start()

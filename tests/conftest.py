@@ -5,18 +5,40 @@ subprocess. Every daemon started here is stopped in teardown. Plain helpers live
 from __future__ import annotations
 
 import secrets
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import TEST_HOST, DaemonFactory, DaemonHandle, MiB, start_serve_process, stop_process
+from support import (
+    TEST_HOST,
+    DaemonFactory,
+    DaemonHandle,
+    MiB,
+    get_pki,
+    install_test_tls,
+    start_serve_process,
+    stop_process,
+    verifier,
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every program the tests start speaks TLS (support.Pki); the CA lives as long as the session."""
+    install_test_tls(Path(tempfile.mkdtemp(prefix="gpupool-test-pki-")))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(get_pki().directory, ignore_errors=True)
 
 
 @pytest.fixture
 def token_key() -> bytes:
-    """A fresh shared key (64 hex characters, as `generate_key_file` writes)."""
+    """A fresh token seed: `mint_token(token_key, ...)` signs with the Ed25519 key derived from it, daemons get
+    only its public key (`support.verifier`, `support.public_key_file`)."""
     return secrets.token_hex(32).encode()
 
 
@@ -43,12 +65,16 @@ def daemon_factory(token_key: bytes) -> Iterator[DaemonFactory]:
             "fake_gpu_memory": 256 * MiB,
             "token_key": token_key,
             "metrics_listen": "127.0.0.1:0",
+            "tls": get_pki().server_config(),
         }
         fields.update(overrides)
+        seed = fields["token_key"]
+        if isinstance(seed, bytes):
+            fields["token_key"] = verifier(seed)  # the daemon holds the public key only
         running = RunningDaemon(Config(**fields))
         started.append(running)
         return DaemonHandle(
-            running.address, fields["token_key"], fields["host_id"], running=running, metrics_port=running.metrics_port
+            running.address, seed, fields["host_id"], running=running, metrics_port=running.metrics_port
         )
 
     yield start

@@ -18,14 +18,114 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpupool import tokens
+import grpc
+
+from gpupool import pki, tls, tokens
 
 TEST_HOST = "test-host"
 MiB = 1024**2
+TEST_IDENTITY = ("admin", "test")  # the test process, and every server the helpers start, use this certificate
+
+
+class Pki:
+    """The tests' CA and certificates: every daemon/scheduler the helpers start serves TLS with `server`, and the
+    test process connects with it as an operator's client certificate (GPUPOOL_TLS_* in os.environ, inherited by
+    child processes). `issue()` makes more identities (a host, a tenant) for the security tests."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.ca = pki.LocalCA(directory)
+        self.ca_file = str(self.ca.cert_path)
+        self.server = self.ca.issue(*TEST_IDENTITY, dns=("localhost",), ips=("127.0.0.1", "::1"))
+        self._issued: dict[tuple[str, str], pki.CertFiles] = {}
+
+    def issue(self, role: str, name: str) -> pki.CertFiles:
+        if (role, name) not in self._issued:
+            dns = ("localhost", name) if role == "host" else ("localhost",)  # a host's certificate names its id
+            self._issued[role, name] = self.ca.issue(role, name, dns=dns, ips=("127.0.0.1",))
+        return self._issued[role, name]
+
+    def env(self) -> dict[str, str]:
+        return {
+            "GPUPOOL_CA_DIR": str(self.directory),  # `gpupool up` issues its certificates from the tests' CA
+            "GPUPOOL_TLS_CA": self.ca_file,
+            "GPUPOOL_TLS_CERT": str(self.server.cert),
+            "GPUPOOL_TLS_KEY": str(self.server.key),
+        }
+
+    def server_config(self) -> tls.TlsConfig:
+        return tls.TlsConfig(cert=str(self.server.cert), key=str(self.server.key), ca=self.ca_file)
+
+    def client_config(self, role: str = "", name: str = "", **kw: Any) -> tls.TlsConfig:
+        files = self.issue(role, name) if role else self.server
+        return tls.TlsConfig(cert=str(files.cert), key=str(files.key), ca=self.ca_file, **kw)
+
+
+_PKI: Pki | None = None
+
+
+def install_test_tls(directory: Path) -> Pki:
+    """Make the test CA, export GPUPOOL_TLS_* (for this process and the programs it starts), and let
+    `grpc.insecure_channel` in tests connect with TLS, since every server the helpers start speaks only TLS
+    (`plaintext_channel` is the real plaintext one, for tests that show plaintext is refused)."""
+    global _PKI
+    _PKI = Pki(directory)
+    os.environ.update(_PKI.env())
+    grpc.insecure_channel = _tls_channel  # type: ignore[assignment]
+    return _PKI
+
+
+def get_pki() -> Pki:
+    assert _PKI is not None, "tests/conftest.py installs the test PKI"
+    return _PKI
+
+
+def _tls_channel(target: str, options: Any = None, compression: Any = None) -> grpc.Channel:
+    return tls.channel(target, options or ())
+
+
+def channel(address: str, options: Any = ()) -> grpc.Channel:
+    """A TLS channel to a test server with the test process's (operator) certificate."""
+    return tls.channel(address, options)
+
+
+plaintext_channel = tls.plaintext_channel
+
+
+def public_key_file(key_file: Path) -> Path:
+    """The public key file (`--token-public-keys`) for a token key file: a PEM private key, or the raw secret
+    bytes tests use as a seed (see `tokens.Signer.from_seed`)."""
+    data = key_file.read_bytes()
+    if b"PRIVATE KEY" in data:
+        signer = tokens.load_signer(key_file)
+    else:
+        signer = tokens.Signer.from_seed(data.strip())
+    out = key_file.with_name(key_file.name + ".pub")
+    out.write_bytes(tokens.public_pem(signer.public))
+    return out
+
+
+def daemon_args(args: list[str]) -> list[str]:
+    """`serve` arguments with `--token-key-file K` turned into `--token-public-keys K.pub`: tests hand one key
+    file to the scheduler and its daemons, but a daemon only ever gets the public key."""
+    if not args or args[0] != "serve":
+        return list(args)
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--token-key-file" and i + 1 < len(out):
+            out[i], out[i + 1] = "--token-public-keys", str(public_key_file(Path(out[i + 1])))
+        elif arg.startswith("--token-key-file="):
+            out[i] = f"--token-public-keys={public_key_file(Path(arg.split('=', 1)[1]))}"
+    return out
+
+
+def verifier(seed: bytes) -> tokens.Verifier:
+    """A daemon's verifier for tokens minted with the test seed `seed`."""
+    return tokens.Verifier([tokens.Signer.from_seed(seed).public])
 
 
 def mint_token(
-    key: bytes,
+    key: bytes | tokens.Signer,
     *,
     host: str = TEST_HOST,
     device: int = 0,
@@ -35,7 +135,7 @@ def mint_token(
     tenant: str = "",
     lease_id: str = "",
 ) -> str:
-    """A signed lease token for tests (negative ttl: already expired)."""
+    """A signed lease token for tests (negative ttl: already expired); `key` bytes are a seed."""
     claims = tokens.TokenClaims(
         lease_id=lease_id or uuid.uuid4().hex,
         host=host,
@@ -84,8 +184,8 @@ def start_serve_process(
         "127.0.0.1:0",
         "--metrics-listen",
         "0",
-        "--token-key-file",
-        str(key_file),
+        "--token-public-keys",
+        str(public_key_file(key_file)),
         "--host-id",
         host_id,
         *args,
@@ -135,7 +235,7 @@ class Program:
     """`python -m gpupool.cli ARGS` with its output in a log file; finds lines in that log (bound ports)."""
 
     def __init__(self, args: list[str], log: Path) -> None:
-        self.args = args
+        self.args = args = daemon_args(args)
         self.log = log
         self._log_file = log.open("wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "GPUPOOL_LOG_LEVEL": "INFO"}

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gpupool.server.registration import Registrar
+from support import daemon_args
 
 from gpupool import tokens
 from gpupool._proto import device_pb2
@@ -30,11 +31,11 @@ class Proc:
     """A gpupool program as a child process; its log is collected and searched for bound ports."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
-        self.args = list(args)
+        self.args = daemon_args(list(args))  # a daemon gets the public key of the scheduler's key file
         self.lines: list[str] = []
         self._seen = threading.Condition()
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "gpupool.cli", *args],
+            [sys.executable, "-m", "gpupool.cli", *self.args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -178,14 +178,17 @@ def test_registration_source_protocol(daemon: Any) -> None:
         assert source.host_id == daemon.host_id and not source.draining()
 
 
-def test_second_attach_of_a_lease_replaces_the_first(daemon: Any) -> None:
-    first = Session.attach(daemon.address, daemon.token(lease_id="same"))
-    second = Session.attach(daemon.address, daemon.token(lease_id="same"))
-    with pytest.raises(errors.FailedPrecondition, match="replaced"):
-        first.sync()
+def test_second_attach_of_a_lease_does_not_evict_the_first(daemon: Any) -> None:
+    """A copied token cannot take the session from its holder; after the holder detaches it attaches again."""
+    token = daemon.token(lease_id="same")
+    first = Session.attach(daemon.address, token)
+    with pytest.raises(errors.FailedPrecondition, match="already has a session"):
+        Session.attach(daemon.address, token)
+    first.sync()  # the holder is untouched
+    first.close()
+    second = Session.attach(daemon.address, token)
     second.sync()
     assert second.handle_base != first.handle_base
-    first.close()
     second.close()
 
 

@@ -71,7 +71,7 @@ def test_binpack_then_wait_in_fifo_order(sched: tuple[Proc, str], hosts: list[Si
 def test_tokens_verify_with_the_shared_key_and_renew_later(
     tmp_path: Path, sched: tuple[Proc, str], hosts: list[SimHost]
 ) -> None:
-    key = tokens.load_key(key_file(tmp_path))
+    key = tokens.load_signer(key_file(tmp_path))
     with lease(2, memory="2GiB", scheduler=sched[1], tenant="alice", ttl=30) as x:
         assert {d.host_id for d in x.devices} == {"hosta", "hostb"}  # one GPU per host: it must span both
         claims = [tokens.verify(key, d.token) for d in x.devices]

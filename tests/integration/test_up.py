@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import getpass
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,13 +18,16 @@ import pytest
 from gpupool.client.pool import SchedulerClient
 from scheduler_fixtures import ROOT, Proc, wait_until
 
+from gpupool import tls
+
 CHILD = """
-import grpc, sys
+import sys
+from gpupool import tls
 from gpupool._proto import device_pb2, device_pb2_grpc
 from gpupool.client.pool import Lease
 lease = Lease.from_env()
 d = lease.devices[0]
-stub = device_pb2_grpc.DeviceStub(grpc.insecure_channel(d.address))
+stub = device_pb2_grpc.DeviceStub(tls.channel(d.address))  # GPUPOOL_TLS_* handed down by `gpupool run`
 reply = stub.Attach(device_pb2.AttachRequest(token=d.token), timeout=10)
 print("attached", reply.share, reply.quota_bytes, lease.tenant, flush=True)
 sys.exit(7)
@@ -49,6 +54,12 @@ def start_up(tmp: Path) -> tuple[Proc, str]:
     return proc, address
 
 
+def exports(proc: Proc) -> dict[str, str]:
+    """The `export GPUPOOL_...=...` lines `gpupool up` printed: the scheduler, its CA and the user's certificate."""
+    proc.wait_for(r"export GPUPOOL_TLS_KEY=")
+    return dict(re.findall(r"^\s+export (GPUPOOL_\w+)=(\S+)$", "\n".join(proc.lines), re.M))
+
+
 def refused(address: str) -> bool:
     host, port = address.rsplit(":", 1)
     try:
@@ -67,17 +78,23 @@ def up(tmp_path: Path) -> Iterator[tuple[Proc, str]]:
 
 def test_up_serves_run_smi_and_list_gpus(tmp_path: Path, up: tuple[Proc, str]) -> None:
     proc, address = up
-    assert (tmp_path / "state" / "token.key").exists()
+    state = tmp_path / "state"
+    for secret in ("token.key", f"pki/tenant-{getpass.getuser()}.key", "pki/admin-admin.key", "scheduler.db"):
+        assert (state / secret).stat().st_mode & 0o077 == 0, f"{secret} is readable by others"
+    assert b"PRIVATE" not in (state / "token.pub").read_bytes()
     assert "gpupool run -n 1 -p 0.5 -- python train.py" in proc.log()
-    env = {"GPUPOOL_SCHEDULER": address, "GPUPOOL_TENANT": "carol"}
+    env = {**exports(proc), "GPUPOOL_TENANT": "carol"}  # the tenant comes from the certificate, not from this
+    assert env["GPUPOOL_SCHEDULER"] == address and env["GPUPOOL_TLS_CERT"].startswith(str(state))
+    client_tls = tls.client_config(ca=env["GPUPOOL_TLS_CA"], cert=env["GPUPOOL_TLS_CERT"], key=env["GPUPOOL_TLS_KEY"])
     listed = gpupool("list-gpus", env=env)
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.strip().splitlines()
     assert len(lines) == 2 and all("512.0MiB" in line and "up" in line for line in lines)
     ran = gpupool("run", "-n", "1", "-p", "0.5", "--", sys.executable, "-c", CHILD, env=env)
     assert ran.returncode == 7, ran.stderr
-    assert f"attached 0.5 {256 * 1024**2} carol" in ran.stdout
-    wait_until(lambda: not SchedulerClient(address).list_pool().leases, timeout=10, what="run to release its lease")
+    assert f"attached 0.5 {256 * 1024**2} {getpass.getuser()}" in ran.stdout
+    pool = SchedulerClient(address, client_tls)
+    wait_until(lambda: not pool.list_pool().leases, timeout=10, what="run to release its lease")
     too_big = gpupool("run", "-n", "3", "--", "true", env=env)
     assert too_big.returncode == 1 and "no room for 3 GPU(s)" in too_big.stderr
     smi = gpupool("smi", env={**env, "COLUMNS": "200"})

@@ -27,7 +27,7 @@ K8S_VERSION = kubernetes_validate.latest_version()
 CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PriorityClass"}
 # GPUPOOL_* variables that are read outside argparse (gpupool/config.py, gpupool/tokens.py).
-NON_FLAG_ENV = {"GPUPOOL_LOG_LEVEL", "GPUPOOL_TOKEN_KEY"}
+NON_FLAG_ENV = {"GPUPOOL_LOG_LEVEL", "GPUPOOL_TLS_VERIFY_HOST_ID"}
 FLAG_RE = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
 
 
@@ -106,7 +106,8 @@ def test_kubectl_kustomize_renders_when_available(tmp_path: Path, objects: list[
         pytest.skip("kubectl not installed: the built-in renderer covered the kustomization")
     work = tmp_path / "k8s"
     shutil.copytree(K8S, work)
-    (work / "token.key").write_text("0123456789abcdef0123456789abcdef\n")
+    for secret in ("token.key", "token.pub", "credentials"):
+        (work / secret).write_text("not a real secret\n")
     out = subprocess.run([kubectl, "kustomize", str(work)], capture_output=True, text=True, timeout=60)
     if out.returncode != 0 and "unknown command" in out.stderr:
         pytest.skip(f"this kubectl has no kustomize: {out.stderr.strip()}")
@@ -132,25 +133,36 @@ def test_workloads_wire_up(objects: list[dict[str, Any]]) -> None:
     (deployment,) = by_kind(objects, "Deployment")
     (service,) = by_kind(objects, "Service")
     (pvc,) = by_kind(objects, "PersistentVolumeClaim")
-    (secret,) = by_kind(objects, "Secret")
+    secrets = {s["metadata"]["name"]: s for s in by_kind(objects, "Secret")}
     (configmap,) = by_kind(objects, "ConfigMap")
     daemon, sched = _container(daemonset), _container(deployment)
     # GPUs come from the device plugin, on GPU nodes only.
     assert int(daemon["resources"]["limits"]["nvidia.com/gpu"]) >= 1
     assert pod_spec(daemonset).get("nodeSelector"), "the daemon must be pinned to GPU nodes"
-    # Probes use Kubernetes' native gRPC health checks on the program's gRPC port.
-    for obj, container in ((daemonset, daemon), (deployment, sched)):
+    # Probes use Kubernetes' native gRPC health checks on the plaintext health-only port (kubelet cannot do TLS).
+    for obj, container, volume, flag in (
+        (daemonset, daemon, "token-public", "--token-public-keys"),
+        (deployment, sched, "token-key", "--token-key-file"),
+    ):
         for probe in ("readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == _port(container, "grpc"), (obj["kind"], probe)
+            assert container[probe]["grpc"]["port"] == _port(container, "health"), (obj["kind"], probe)
+        assert f"--health-listen=0.0.0.0:{_port(container, 'health')}" in container["args"]
         volumes = {v["name"]: v for v in pod_spec(obj)["volumes"]}
-        key = volumes["token-key"]["secret"]["secretName"]
-        assert key == secret["metadata"]["name"], f"{obj['kind']} mounts secret {key}, the kustomization makes another"
-        mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "token-key")
-        assert f"--token-key-file={mount}/{next(iter(secret['data']))}" in container["args"]
+        key = volumes[volume]["secret"]["secretName"]
+        assert key in secrets, f"{obj['kind']} mounts secret {key}, the kustomization makes another"
+        mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == volume)
+        assert f"{flag}={mount}/{next(iter(secrets[key]['data']))}" in container["args"]
+        # TLS on: certificate, key and CA from the mounted "tls" volume; never --insecure.
+        tls_mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "tls")
+        for f, name in (("--tls-cert", "tls.crt"), ("--tls-key", "tls.key"), ("--tls-ca", "ca.crt")):
+            assert f"{f}={tls_mount}/{name}" in container["args"], (obj["kind"], f)
+        assert not any("insecure" in a for a in container["args"])
         assert container["envFrom"][0]["configMapRef"]["name"] == configmap["metadata"]["name"]
         # The metrics flag binds the port the monitors scrape.
         assert f"--metrics-listen=0.0.0.0:{_port(container, 'metrics')}" in container["args"]
         assert any(a.startswith(f"--listen=0.0.0.0:{_port(container, 'grpc')}") for a in container["args"])
+    # Daemons get public keys only; the private signing key is mounted in the scheduler alone.
+    assert "token-key" not in {v["name"] for v in pod_spec(daemonset)["volumes"]}
     # The scheduler keeps its state on the claimed volume; one replica, never two on one database.
     volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
     assert volumes["state"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
@@ -244,8 +256,14 @@ def program_help(program: str) -> str:
 
 def test_every_deploy_flag_is_documented_in_help() -> None:
     found = deploy_flags()
-    assert {f for f, _ in found["serve"]} >= {"--listen", "--metrics-listen", "--token-key-file"}
-    assert {f for f, _ in found["scheduler"]} >= {"--listen", "--metrics-listen", "--state", "--token-key-file"}
+    assert {f for f, _ in found["serve"]} >= {"--listen", "--metrics-listen", "--token-public-keys", "--tls-cert"}
+    assert {f for f, _ in found["scheduler"]} >= {
+        "--listen",
+        "--metrics-listen",
+        "--state",
+        "--token-key-file",
+        "--tls-ca",
+    }
     helps = {p: set(FLAG_RE.findall(program_help(p))) for p in ("serve", "scheduler")}
     missing = [
         f"{where}: gpupool {program} {flag}"

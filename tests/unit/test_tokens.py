@@ -1,15 +1,18 @@
-"""Lease tokens: round trip, forgery, expiry, malformed input, key loading."""
+"""Lease tokens: Ed25519 signatures with key ids, one canonical spelling, rotation, revocation."""
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 
-from gpupool import tokens
-from gpupool.errors import InvalidArgument, Unauthenticated
+from gpupool import errors, tokens
 
-KEY = b"k" * 32
+SEED = b"0123456789abcdef0123456789abcdef"
 
 
 def claims(**kw: object) -> tokens.TokenClaims:
@@ -20,56 +23,142 @@ def claims(**kw: object) -> tokens.TokenClaims:
     return tokens.TokenClaims(**base)  # type: ignore[arg-type]
 
 
-def test_round_trip() -> None:
+def verifier_for(*signers: tokens.Signer) -> tokens.Verifier:
+    return tokens.Verifier([s.public for s in signers])
+
+
+def test_round_trip_with_the_public_key_only() -> None:
+    signer = tokens.Signer.from_seed(SEED)
     c = claims()
-    assert tokens.verify(KEY, tokens.mint(KEY, c)) == c
+    token = tokens.mint(signer, c)
+    assert token.split(".")[0] == signer.kid and len(signer.kid) == 16
+    assert verifier_for(signer).verify(token) == c
 
 
-def test_other_key_is_refused() -> None:
-    token = tokens.mint(b"x" * 32, claims())
-    with pytest.raises(Unauthenticated, match="signature"):
-        tokens.verify(KEY, token)
+def test_another_key_is_refused() -> None:
+    token = tokens.mint(tokens.Signer.from_seed(b"another key, same length as SEED"), claims())
+    with pytest.raises(errors.Unauthenticated, match="unknown key"):
+        verifier_for(tokens.Signer.from_seed(SEED)).verify(token)
 
 
-def test_tampered_claims_are_refused() -> None:
-    token = tokens.mint(KEY, claims(share=0.25))
-    body, sig = token.split(".")
-    forged = tokens.mint(KEY, claims(share=1.0)).split(".")[0]
-    assert forged != body
-    with pytest.raises(Unauthenticated):
-        tokens.verify(KEY, f"{forged}.{sig}")
+def test_a_forged_token_under_the_right_key_id_is_refused() -> None:
+    """A daemon (or anyone) with the public key and a real token cannot raise its share or re-sign it."""
+    signer = tokens.Signer.from_seed(SEED)
+    kid, _, sig = tokens.mint(signer, claims(share=0.25)).split(".")
+    body = tokens.mint(signer, claims(share=1.0)).split(".")[1]
+    with pytest.raises(errors.Unauthenticated, match="signature"):
+        verifier_for(signer).verify(f"{kid}.{body}.{sig}")
+    rogue = tokens.Signer.from_seed(b"rogue")
+    forged = tokens.mint(rogue, claims(share=1.0)).split(".")
+    with pytest.raises(errors.Unauthenticated):
+        verifier_for(signer).verify(f"{signer.kid}.{forged[1]}.{forged[2]}")
 
 
-def test_expired_is_refused() -> None:
-    token = tokens.mint(KEY, claims(expires_at=time.time() - 1))
-    with pytest.raises(Unauthenticated, match="expired"):
-        tokens.verify(KEY, token)
+def test_expired_and_too_long_lived_tokens_are_refused() -> None:
+    signer = tokens.Signer.from_seed(SEED)
+    with pytest.raises(errors.Unauthenticated, match="expired"):
+        verifier_for(signer).verify(tokens.mint(signer, claims(expires_at=time.time() - 1)))
+    with pytest.raises(errors.Unauthenticated, match="longer"):
+        verifier_for(signer).verify(tokens.mint(signer, claims(expires_at=time.time() + 3 * tokens.MAX_TTL)))
 
 
-@pytest.mark.parametrize("bad", ["", "abc", "a.b.c", "!!!.???", "x" * 5000, "e30.AAAA"])
-def test_malformed_is_refused(bad: str) -> None:
-    with pytest.raises(Unauthenticated):
-        tokens.verify(KEY, bad)
+def test_one_canonical_spelling() -> None:
+    """Padding, other alphabets, non-canonical trailing bits and re-spelled JSON are all refused."""
+    signer = tokens.Signer.from_seed(SEED)
+    v = verifier_for(signer)
+    token = tokens.mint(signer, claims())
+    kid, body, sig = token.split(".")
+    assert v.verify(token)
+    last = sig[-1]
+    twin = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    same_bits = [c for c in twin if c != last and (twin.index(c) >> 4) == (twin.index(last) >> 4)]
+    variants = [
+        f"{kid}.{body}=.{sig}",
+        f"{kid}.{body}.{sig}==",
+        f"{kid}.{body}.{sig}".replace("-", "+").replace("_", "/") if "-" in token or "_" in token else "+",
+        f"{kid}.{body}.{sig[:-1]}{same_bits[0]}",  # decodes to the same bytes, spelled differently
+        f" {token}",
+        f"{token}.",
+    ]
+    # the same claims, spelled with spaces: validly signed by the real key, but not the canonical JSON
+    loose = json.dumps(json.loads(base64.urlsafe_b64decode(body + "==")), indent=1).encode()
+    loose_body = base64.urlsafe_b64encode(loose).rstrip(b"=").decode()
+    head = f"{kid}.{loose_body}"
+    variants.append(f"{head}.{base64.urlsafe_b64encode(signer._key.sign(head.encode())).rstrip(b'=').decode()}")
+    for bad in variants:
+        with pytest.raises(errors.Unauthenticated):
+            v.verify(bad)
 
 
-def test_out_of_range_claims_are_refused() -> None:
-    with pytest.raises(Unauthenticated, match="range"):
-        tokens.verify(KEY, tokens.mint(KEY, claims(share=1.5)))
+@pytest.mark.parametrize("bad", ["", "x", "a.b", "a.b.c", "!!.!!.!!", "a" * 5000])
+def test_malformed_tokens(bad: str) -> None:
+    with pytest.raises(errors.Unauthenticated):
+        verifier_for(tokens.Signer.from_seed(SEED)).verify(bad)
 
 
-def test_key_file(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    path = tmp_path / "key"
-    key = tokens.generate_key_file(path)
-    assert (path.stat().st_mode & 0o777) == 0o600
-    assert tokens.load_key(path) == key
-    monkeypatch.setenv("GPUPOOL_TOKEN_KEY_FILE", str(path))
-    assert tokens.load_key() == key
+def test_claims_out_of_range() -> None:
+    signer = tokens.Signer.from_seed(SEED)
+    with pytest.raises(errors.Unauthenticated, match="range"):
+        verifier_for(signer).verify(tokens.mint(signer, claims(share=1.5)))
 
 
-def test_missing_key(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_revoked_leases_are_refused_until_their_tokens_could_expire() -> None:
+    signer = tokens.Signer.from_seed(SEED)
+    v = verifier_for(signer)
+    token = tokens.mint(signer, claims(lease_id="gone"))
+    v.revoke(["gone"])
+    with pytest.raises(errors.Unauthenticated, match="released"):
+        v.verify(token)
+    assert v.verify(tokens.mint(signer, claims(lease_id="kept")))
+    assert not v.revoked("gone", time.time() + tokens.MAX_TTL + 1)  # forgotten once no token can be alive
+
+
+def test_key_files_rotation_with_an_overlap(tmp_path: Path) -> None:
+    """Daemons' public key file holds old and new keys during a rotation; dropping the old one refuses its tokens.
+    The scheduler's key file is re-read: it signs with the new key without a restart."""
+    old_key, new_key = tmp_path / "old.key", tmp_path / "new.key"
+    old = tokens.generate_key_file(old_key, tmp_path / "old.pub")
+    new = tokens.generate_key_file(new_key, tmp_path / "new.pub")
+    assert oct(os.stat(old_key).st_mode & 0o777) == "0o600"
+    signer = tokens.load_signer(old_key)
+    pub = tmp_path / "daemon.pub"
+    pub.write_bytes((tmp_path / "old.pub").read_bytes())
+    v = tokens.load_verifier(pub)
+    old_token = signer.sign(claims())
+    assert v.verify(old_token)
+
+    pub.write_bytes((tmp_path / "old.pub").read_bytes() + (tmp_path / "new.pub").read_bytes())
+    v._file._checked = 0  # skip the once-a-second re-check
+    assert v.key_ids == sorted([old.kid, new.kid])
+
+    os.replace(new_key, old_key)  # the scheduler's file now holds the new key
+    signer._file._checked = 0
+    new_token = signer.sign(claims())
+    assert new_token.split(".")[0] == new.kid != old_token.split(".")[0]
+    assert v.verify(old_token) and v.verify(new_token)  # the overlap window
+
+    pub.write_bytes((tmp_path / "new.pub").read_bytes())
+    time.sleep(0.01)
+    v._file._checked = 0
+    with pytest.raises(errors.Unauthenticated, match="unknown key"):
+        v.verify(old_token)  # rotated out
+    assert v.verify(new_token)
+
+
+def test_key_files_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GPUPOOL_TOKEN_KEY_FILE", raising=False)
-    monkeypatch.delenv("GPUPOOL_TOKEN_KEY", raising=False)
-    with pytest.raises(InvalidArgument, match="no token key"):
-        tokens.load_key()
-    with pytest.raises(InvalidArgument, match="cannot read"):
-        tokens.load_key(tmp_path / "absent")
+    monkeypatch.delenv("GPUPOOL_TOKEN_PUBLIC_KEYS", raising=False)
+    with pytest.raises(errors.InvalidArgument, match="no token key"):
+        tokens.load_signer()
+    with pytest.raises(errors.InvalidArgument, match="cannot read"):
+        tokens.load_signer(tmp_path / "absent")
+    (tmp_path / "hmac.key").write_text("0123456789abcdef0123456789abcdef\n")
+    with pytest.raises(errors.InvalidArgument, match="not a PEM"):
+        tokens.load_signer(tmp_path / "hmac.key")
+    (tmp_path / "empty.pub").write_text("")
+    with pytest.raises(errors.InvalidArgument, match="no Ed25519 public key"):
+        tokens.load_verifier(tmp_path / "empty.pub")
+    signer = tokens.generate_key_file(tmp_path / "k", tmp_path / "k.pub")
+    monkeypatch.setenv("GPUPOOL_TOKEN_PUBLIC_KEYS", str(tmp_path / "k.pub"))
+    assert tokens.load_verifier().key_ids == [signer.kid]
+    assert b"PRIVATE" not in (tmp_path / "k.pub").read_bytes()

@@ -1,0 +1,307 @@
+"""TLS and credentials for every gRPC link, in one place: the flags, server ports, client channels.
+
+Servers (`gpupool serve`, `gpupool scheduler`) listen with TLS by default: `--tls-cert/--tls-key` (their
+certificate, reloaded from disk on the next handshake after it changes: rotate by replacing the files) and
+`--tls-ca` (the CA that verifies clients' certificates, where client certificates are required). Plaintext only
+with `--insecure`, which logs a warning.
+
+Clients (the library, `gpupool run/smi`, sessions, a daemon talking to its scheduler) take the same variables:
+GPUPOOL_TLS_CA verifies the server; GPUPOOL_TLS_CERT/GPUPOOL_TLS_KEY, when set, are its client certificate;
+GPUPOOL_API_TOKEN_FILE (or GPUPOOL_API_TOKEN) is a bearer credential sent as `authorization` metadata;
+GPUPOOL_INSECURE=1 connects in plaintext; GPUPOOL_TLS_VERIFY_HOST_ID=1 makes sessions check that a daemon's
+certificate carries its host id as a DNS name (instead of the address dialled: what Kubernetes deployments use).
+`client_env()` is what `gpupool up` prints and `gpupool run` passes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from gpupool.config import add_flag, env_name
+from gpupool.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+plaintext_channel = grpc.insecure_channel  # kept: tests replace grpc.insecure_channel with `channel`
+
+TOKEN_METADATA = "authorization"
+CLIENT_AUTH = ("require", "none")
+_TRUE = ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """One program's TLS settings. For a server: its certificate; for a client: its (optional) client certificate.
+    `ca` verifies the peer. `client_auth` (servers): "require" a client certificate signed by `ca`, or "none"."""
+
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+    insecure: bool = False
+    client_auth: str = "none"
+    api_token_file: str = ""
+
+    def check_server(self) -> None:
+        if self.insecure:
+            return
+        if not (self.cert and self.key):
+            raise InvalidArgument(
+                "TLS needs --tls-cert and --tls-key (or GPUPOOL_TLS_CERT/GPUPOOL_TLS_KEY); `gpupool up` makes them; "
+                "--insecure serves plaintext"
+            )
+        if self.client_auth == "require" and not self.ca:
+            raise InvalidArgument("--tls-client-auth require needs --tls-ca (the CA that signs client certificates)")
+        for path in (self.cert, self.key, self.ca):
+            if path and not Path(path).is_file():
+                raise InvalidArgument(f"TLS file {path} does not exist")
+
+
+def add_tls_flags(parser: argparse.ArgumentParser, *, client_auth: str | None = None) -> None:
+    """--tls-cert, --tls-key, --tls-ca, --insecure (and --tls-client-auth where `client_auth` gives its default)."""
+    add_flag(parser, "--tls-cert", default="", help="PEM certificate of this program (reloaded when the file changes)")
+    add_flag(parser, "--tls-key", default="", help="PEM private key of --tls-cert")
+    add_flag(parser, "--tls-ca", default="", help="PEM CA bundle that verifies peers")
+    add_flag(parser, "--insecure", action="store_true", help="plaintext gRPC without TLS (unsafe: testing only)")
+    if client_auth is not None:
+        add_flag(
+            parser,
+            "--tls-client-auth",
+            default=client_auth,
+            choices=CLIENT_AUTH,
+            help="require clients to present a certificate signed by --tls-ca, or not (then tokens identify them)",
+        )
+
+
+def add_client_flags(parser: argparse.ArgumentParser) -> None:
+    """The client side: --tls-ca, --tls-cert, --tls-key, --api-token-file, --insecure (all also GPUPOOL_*)."""
+    add_flag(parser, "--tls-ca", default="", help="PEM CA bundle that verifies the scheduler and daemons")
+    add_flag(parser, "--tls-cert", default="", help="PEM client certificate (mutual TLS), with --tls-key")
+    add_flag(parser, "--tls-key", default="", help="PEM private key of --tls-cert")
+    add_flag(parser, "--api-token-file", default="", help="file with this tenant's API token")
+    add_flag(parser, "--insecure", action="store_true", help="plaintext gRPC (only against --insecure servers)")
+
+
+def export_client_args(args: argparse.Namespace) -> None:
+    """Put the client flags into os.environ, where the library (and child processes) read them."""
+    cfg = TlsConfig(args.tls_cert, args.tls_key, args.tls_ca, bool(args.insecure), api_token_file=args.api_token_file)
+    os.environ.update(client_env(cfg))
+
+
+def config_from_args(args: argparse.Namespace) -> TlsConfig:
+    return TlsConfig(
+        cert=args.tls_cert,
+        key=args.tls_key,
+        ca=args.tls_ca,
+        insecure=bool(args.insecure),
+        client_auth=getattr(args, "tls_client_auth", "none"),
+    )
+
+
+def client_config(**overrides: Any) -> TlsConfig:
+    """A client's settings from GPUPOOL_TLS_CA/_CERT/_KEY, GPUPOOL_INSECURE, GPUPOOL_API_TOKEN_FILE (overridable)."""
+    env = os.environ
+    base: dict[str, Any] = {
+        "cert": env.get("GPUPOOL_TLS_CERT", ""),
+        "key": env.get("GPUPOOL_TLS_KEY", ""),
+        "ca": env.get("GPUPOOL_TLS_CA", ""),
+        "insecure": env.get("GPUPOOL_INSECURE", "").strip().lower() in _TRUE,
+        "api_token_file": env.get("GPUPOOL_API_TOKEN_FILE", ""),
+    }
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return TlsConfig(**base)
+
+
+def client_env(cfg: TlsConfig) -> dict[str, str]:
+    """The environment variables that hand `cfg` to a child process (empty values omitted)."""
+    out = {
+        "GPUPOOL_TLS_CA": cfg.ca,
+        "GPUPOOL_TLS_CERT": cfg.cert,
+        "GPUPOOL_TLS_KEY": cfg.key,
+        "GPUPOOL_API_TOKEN_FILE": cfg.api_token_file,
+    }
+    if cfg.insecure:
+        out[env_name("--insecure")] = "1"
+    return {k: str(v) for k, v in out.items() if v}
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {path}: {exc.strerror}") from exc
+
+
+# ---- servers ----
+
+
+class _Reloader:
+    """The certificate config fetcher: gRPC calls it before every handshake; it answers a new configuration when
+    the certificate, key or CA file changed on disk (new connections use it; open ones keep theirs)."""
+
+    def __init__(self, cfg: TlsConfig) -> None:
+        self.cfg = cfg
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[tuple[int, int], ...]:
+        out = []
+        for p in (self.cfg.cert, self.cfg.key, self.cfg.ca):
+            try:
+                st = os.stat(p) if p else None
+            except OSError:
+                st = None
+            out.append((st.st_mtime_ns, st.st_size) if st else (0, 0))
+        return tuple(out)
+
+    def load(self) -> grpc.ServerCertificateConfiguration:
+        pair = [(_read(self.cfg.key), _read(self.cfg.cert))]
+        ca = _read(self.cfg.ca) if self.cfg.ca else None
+        return grpc.ssl_server_certificate_configuration(pair, root_certificates=ca)
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return None
+        try:
+            config = self.load()
+        except Exception as exc:  # noqa: BLE001 - a half-written file: keep serving the old certificate
+            log.warning("TLS files changed but cannot be loaded (keeping the old ones): %s", exc)
+            return None
+        self._stamp = stamp
+        log.info("TLS certificate reloaded from %s", self.cfg.cert)
+        return config
+
+
+def server_credentials(cfg: TlsConfig) -> grpc.ServerCredentials:
+    cfg.check_server()
+    reloader = _Reloader(cfg)
+    return grpc.dynamic_ssl_server_credentials(
+        reloader.load(),
+        reloader,  # type: ignore[arg-type]  # None means "keep the current one" (grpc's documented contract)
+        require_client_authentication=cfg.client_auth == "require",
+    )
+
+
+def add_port(server: grpc.Server, address: str, cfg: TlsConfig, program: str) -> int:
+    """Bind `address` with TLS (or plaintext with cfg.insecure, warning); the bound port, 0 on failure."""
+    if cfg.insecure:
+        log.warning("%s serves PLAINTEXT gRPC on %s (--insecure): tokens and data cross the network readable",
+                    program, address)  # fmt: skip
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, server_credentials(cfg))
+
+
+def serve_health(address: str, servicer: Any) -> tuple[grpc.Server, int] | None:
+    """A plaintext gRPC server with only `servicer` (grpc.health.v1, the program's own status) on `address`, for
+    probes that cannot speak TLS (Kubernetes' grpc probes). None when `address` is empty or "0"."""
+    if address in ("", "0"):
+        return None
+    from concurrent import futures
+
+    from grpc_health.v1 import health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    log.info("health checks (plaintext, grpc.health.v1 only) on %s", address.rsplit(":", 1)[0] + f":{port}")
+    return server, port
+
+
+# ---- clients ----
+
+
+class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                        grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):  # fmt: skip
+    """Adds `authorization: Bearer <token>` to every call."""
+
+    def __init__(self, token: str) -> None:
+        self._md = (TOKEN_METADATA, f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        md = list(details.metadata or ()) + [self._md]
+        return details._replace(metadata=md) if hasattr(details, "_replace") else _Details(details, md)
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, base: Any, metadata: list[tuple[str, str]]) -> None:
+        self.method = base.method
+        self.timeout = base.timeout
+        self.metadata = tuple(metadata)
+        self.credentials = base.credentials
+        self.wait_for_ready = getattr(base, "wait_for_ready", None)
+        self.compression = getattr(base, "compression", None)
+
+
+def api_token(cfg: TlsConfig) -> str:
+    """The bearer token: the file's first line, else $GPUPOOL_API_TOKEN; empty when neither is set."""
+    if cfg.api_token_file:
+        return _read(cfg.api_token_file).decode(errors="replace").strip()
+    return os.environ.get("GPUPOOL_API_TOKEN", "").strip()
+
+
+def channel_credentials(cfg: TlsConfig) -> grpc.ChannelCredentials:
+    root = _read(cfg.ca) if cfg.ca else None
+    if bool(cfg.cert) != bool(cfg.key):
+        raise InvalidArgument("a client certificate needs both GPUPOOL_TLS_CERT and GPUPOOL_TLS_KEY")
+    key = _read(cfg.key) if cfg.key else None
+    chain = _read(cfg.cert) if cfg.cert else None
+    return grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
+
+
+def hint() -> str:
+    """What to check when a TLS connection fails: said after "unreachable" errors of clients."""
+    cfg = client_config()
+    if cfg.insecure:
+        return " (connecting in plaintext: GPUPOOL_INSECURE is set)"
+    if not cfg.ca:
+        return " (TLS: set GPUPOOL_TLS_CA to the pool's CA, and GPUPOOL_TLS_CERT/_KEY, as `gpupool up` prints)"
+    return ""
+
+
+def verify_host_id() -> bool:
+    return os.environ.get("GPUPOOL_TLS_VERIFY_HOST_ID", "").strip().lower() in _TRUE
+
+
+def channel(
+    address: str,
+    options: Sequence[tuple[str, Any]] = (),
+    cfg: TlsConfig | None = None,
+    *,
+    token: bool = True,
+    server_name: str = "",
+) -> grpc.Channel:
+    """A channel to a gpupool server: TLS (GPUPOOL_TLS_* unless `cfg`), plaintext only when configured insecure,
+    with the API token (when there is one and `token`) on every call. `server_name`: the name the server's
+    certificate must carry (default: the host of `address`)."""
+    cfg = cfg or client_config()
+    opts = list(options)
+    if cfg.insecure:
+        ch = plaintext_channel(address, options=opts)
+    else:
+        if server_name:
+            # Verify the certificate against this name rather than the dialled address (a daemon's host id).
+            opts.append(("grpc.ssl_target_name_override", server_name))
+        ch = grpc.secure_channel(address, channel_credentials(cfg), options=opts)
+    secret = api_token(cfg) if token else ""
+    return grpc.intercept_channel(ch, _TokenInterceptor(secret)) if secret else ch

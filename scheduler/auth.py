@@ -1,0 +1,216 @@
+"""Who is calling the scheduler, and what they may do.
+
+A caller's `Identity` (role, name) comes from, in order:
+1. an API token (`authorization: Bearer <token>` metadata) listed in the credentials file (`--credentials`):
+   lines ``<role> <name> sha256:<hex of sha256(token)>``; re-read when the file changes. Host join tokens are
+   such lines with role ``host`` (deployments without client certificates);
+2. the verified client certificate (mutual TLS): its ``gpupool://<role>/<name>`` URI SAN (see gpupool/pki.py);
+3. nothing: refused, except on a plaintext `--insecure` scheduler without a credentials file, where everyone is
+   an operator (with a warning at start).
+
+Roles: ``host`` (a daemon: Register/Heartbeat for its own host id only), ``tenant`` (Allocate; Renew/Release and
+the lease ids of its own leases only), ``admin`` (everything; may allocate for a named tenant and register any
+host). The interceptor puts the identity where the servicer finds it (`current()`) and refuses calls whose
+method the role may not use; the servicer checks ownership.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from gpupool.errors import InvalidArgument, PermissionDenied, Unauthenticated, abort
+
+log = logging.getLogger(__name__)
+
+HOST, TENANT, ADMIN = "host", "tenant", "admin"
+ROLES = (HOST, TENANT, ADMIN)
+URI_PREFIX = "gpupool://"
+# Which roles may call which method; methods not listed (health, reflection) need no identity.
+METHOD_ROLES = {
+    "/gpupool.v1.Scheduler/Register": (HOST, ADMIN),
+    "/gpupool.v1.Scheduler/Heartbeat": (HOST, ADMIN),
+    "/gpupool.v1.Scheduler/Allocate": (TENANT, ADMIN),
+    "/gpupool.v1.Scheduler/Renew": (TENANT, ADMIN),
+    "/gpupool.v1.Scheduler/Release": (TENANT, ADMIN),
+    "/gpupool.v1.Scheduler/ListPool": (TENANT, ADMIN, HOST),
+}
+MAX_NAME = 128
+
+
+@dataclass(frozen=True)
+class Identity:
+    role: str
+    name: str
+
+    @property
+    def admin(self) -> bool:
+        return self.role == ADMIN
+
+    def tenant_for(self, asked: str) -> str:
+        """The tenant a new lease belongs to: the credential's name; an operator may name another tenant."""
+        if self.admin and asked:
+            return asked[:MAX_NAME]
+        return self.name
+
+    def check_host(self, host_id: str) -> None:
+        """Only the host itself (or an operator) registers or heartbeats as `host_id`."""
+        if not (self.admin or (self.role == HOST and self.name == host_id)):
+            raise PermissionDenied(f"{self.role} {self.name!r} may not act as host {host_id!r}")
+
+    def may_see(self, tenant: str) -> bool:
+        return self.admin or (self.role == TENANT and self.name == tenant)
+
+    def check_lease(self, lease_id: str, tenant: str) -> None:
+        """Renew, Release and a lease's details belong to its tenant (and operators)."""
+        if not self.may_see(tenant):
+            raise PermissionDenied(f"lease {lease_id} belongs to another tenant")
+
+
+OPERATOR = Identity(ADMIN, "insecure-operator")
+_current: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("gpupool_identity", default=None)
+
+
+def current() -> Identity:
+    """The authenticated caller of the RPC being served (set by `AuthInterceptor`)."""
+    ident = _current.get()
+    if ident is None:
+        raise Unauthenticated("no authenticated caller")
+    return ident
+
+
+class Credentials:
+    """The credentials file: sha256(token) -> Identity, re-read when it changes."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+        self._stamp: tuple[int, int] | None = None
+        self._table: dict[str, Identity] = {}
+        self._lock = threading.Lock()
+        if self.path is not None:
+            self._reload(strict=True)
+
+    def _reload(self, strict: bool = False) -> None:
+        assert self.path is not None
+        try:
+            st = self.path.stat()
+            if (st.st_mtime_ns, st.st_size) == self._stamp:
+                return
+            table = parse_credentials(self.path.read_text())
+        except (OSError, InvalidArgument) as exc:
+            if strict:
+                raise InvalidArgument(f"credentials file {self.path}: {exc}") from exc
+            log.warning("credentials file %s unreadable (keeping the previous one): %s", self.path, exc)
+            return
+        with self._lock:
+            self._table, self._stamp = table, (st.st_mtime_ns, st.st_size)
+
+    def lookup(self, token: str) -> Identity | None:
+        if self.path is None:
+            return None
+        self._reload()
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        with self._lock:
+            for known, ident in self._table.items():
+                if hmac.compare_digest(known, digest):
+                    return ident
+        return None
+
+
+def parse_credentials(text: str) -> dict[str, Identity]:
+    table = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 3 or parts[0] not in ROLES or not parts[2].startswith("sha256:") or len(parts[2]) != 71:
+            raise InvalidArgument(f"line {n}: expected '<host|tenant|admin> <name> sha256:<64 hex>'")
+        table[parts[2][7:].lower()] = Identity(parts[0], parts[1][:MAX_NAME])
+    return table
+
+
+def credential_line(role: str, name: str, token: str) -> str:
+    return f"{role} {name} sha256:{hashlib.sha256(token.encode()).hexdigest()}\n"
+
+
+def identity_from_uri(uri: str) -> Identity | None:
+    if not uri.startswith(URI_PREFIX):
+        return None
+    role, _, name = uri[len(URI_PREFIX) :].partition("/")
+    return Identity(role, name[:MAX_NAME]) if role in ROLES and name else None
+
+
+class Authenticator:
+    """Maps a call (metadata, TLS peer) to an Identity."""
+
+    def __init__(self, credentials: str | None, *, verified_certs: bool, open_access: bool) -> None:
+        self.credentials = Credentials(credentials)
+        self.verified_certs = verified_certs  # the TLS layer required and verified client certificates
+        self.open_access = open_access and credentials is None
+        if self.open_access:
+            log.warning("no authentication (--insecure without --credentials): every caller is an operator")
+
+    def identify(self, metadata: Any, context: grpc.ServicerContext) -> Identity:
+        auth = next((str(v) for k, v in metadata or () if k == "authorization"), "")
+        if auth:
+            scheme, _, token = auth.partition(" ")
+            ident = self.credentials.lookup(token.strip()) if scheme.lower() == "bearer" else None
+            if ident is None:
+                raise Unauthenticated("unknown API token")
+            return ident
+        if self.verified_certs:
+            for uri in context.auth_context().get("peer_uri", []) or []:
+                ident = identity_from_uri(bytes(uri).decode(errors="replace"))
+                if ident is not None:
+                    return ident
+            if context.auth_context().get("x509_common_name"):
+                raise Unauthenticated("client certificate names no gpupool://<role>/<name> identity")
+        if self.open_access:
+            return OPERATOR
+        raise Unauthenticated("no credentials: present a client certificate or an API token (GPUPOOL_API_TOKEN_FILE)")
+
+
+def _wrap(behavior: Callable[..., Any], authn: Authenticator, roles: tuple[str, ...]) -> Callable[..., Any]:
+    def call(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            ident = authn.identify(context.invocation_metadata(), context)
+            if ident.role not in roles:
+                raise PermissionDenied(f"a {ident.role} credential may not call this method")
+        except (Unauthenticated, PermissionDenied) as exc:
+            abort(context, exc)
+        token = _current.set(ident)
+        try:
+            return behavior(request, context)
+        finally:
+            _current.reset(token)
+
+    return call
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Authenticates every Scheduler call before its handler runs (unary handlers only: the Scheduler has no
+    streams), and exposes the identity through `current()`."""
+
+    def __init__(self, authn: Authenticator) -> None:
+        self.authn = authn
+
+    def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        roles = METHOD_ROLES.get(details.method)
+        if handler is None or roles is None or handler.unary_unary is None:
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            _wrap(handler.unary_unary, self.authn, roles),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,324 @@
+"""The network side of security, against a real scheduler and daemon on loopback (issue 9 items 1-3):
+TLS refuses plaintext and strangers, daemons prove their host id, tenants see and touch only their own leases,
+and lease tokens cannot be forged, moved to another host or device, reused after release, or kept after rotation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from gpupool.client.pool import SchedulerClient
+from gpupool.client.session import Session
+from gpupool.scheduler.auth import credential_line
+from gpupool.scheduler.cli import Config as SchedulerConfig
+from gpupool.scheduler.cli import SchedulerServer
+from gpupool.server.registration import Registrar
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import DaemonFactory, get_pki, mint_token, plaintext_channel
+
+from gpupool import errors, pki, tls, tokens
+from gpupool._proto import device_pb2, scheduler_pb2
+
+HOST = "sec-host"
+
+
+@dataclass
+class Pool:
+    scheduler: SchedulerServer
+    address: str
+    key: Path  # the scheduler's signing key file
+    public: Path  # the daemon's public key file
+    credentials: Path
+    tmp: Path
+
+    def client(self, role: str, name: str) -> SchedulerClient:
+        return SchedulerClient(self.address, get_pki().client_config(role, name))
+
+    def token_client(self, token: str) -> SchedulerClient:
+        path = self.tmp / f"api-{abs(hash(token))}.token"
+        path.write_text(token + "\n")
+        # this pool requires client certificates; the API token, when present, decides who the caller is
+        return SchedulerClient(self.address, get_pki().client_config("tenant", "anyone", api_token_file=str(path)))
+
+
+def start_pool(tmp: Path, **config: Any) -> Pool:
+    tmp.mkdir(parents=True, exist_ok=True)
+    key, public, creds = tmp / "token.key", tmp / "token.pub", tmp / "credentials"
+    signer = tokens.generate_key_file(key, public)
+    creds.write_text(credential_line("host", "joined-host", "join-secret") + credential_line("tenant", "tina", "t0k"))
+    fields: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "state": ":memory:",
+        "metrics_listen": "0",
+        "heartbeat_interval": 0.3,
+        "tls": dataclasses.replace(get_pki().server_config(), client_auth="require"),
+        "credentials": str(creds),
+    }
+    fields.update(config)
+    server = SchedulerServer(SchedulerConfig(**fields), signer).start()
+    return Pool(server, server.address, key, public, creds, tmp)
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[Pool]:
+    p = start_pool(tmp_path)
+    yield p
+    p.scheduler.stop(grace=0.5)
+
+
+@pytest.fixture
+def host(pool: Pool, daemon_factory: DaemonFactory) -> Any:
+    """A daemon registered as HOST with its host certificate, verifying tokens with the public key file only."""
+    files = get_pki().issue("host", HOST)
+    handle = daemon_factory(
+        host_id=HOST,
+        scheduler=pool.address,
+        heartbeat_interval=0.3,
+        token_key=tokens.load_verifier(pool.public),
+        tls=tls.TlsConfig(cert=str(files.cert), key=str(files.key), ca=get_pki().ca_file),
+    )
+    assert handle.running.registrar.registered.wait(20)
+    return handle
+
+
+def wait_until(predicate: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def health(channel: grpc.Channel) -> Any:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+
+
+# ---- TLS ----
+
+
+def test_plaintext_and_a_wrong_ca_are_refused(pool: Pool, daemon: Any, tmp_path: Path) -> None:
+    stranger = pki.LocalCA(tmp_path / "other-ca")
+    files = stranger.issue("admin", "test")
+    wrong_ca = tls.TlsConfig(cert=str(files.cert), key=str(files.key), ca=str(stranger.cert_path))
+    for address in (pool.address, daemon.address):
+        with plaintext_channel(address) as ch, pytest.raises(grpc.RpcError) as err:
+            health(ch)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        with tls.channel(address, cfg=wrong_ca) as ch, pytest.raises(grpc.RpcError) as err:
+            health(ch)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        with tls.channel(address) as ch:
+            assert health(ch).status == health_pb2.HealthCheckResponse.SERVING
+    # the scheduler wants a client certificate from its CA: the right CA without one is not enough
+    with tls.channel(pool.address, cfg=tls.TlsConfig(ca=get_pki().ca_file)) as ch, pytest.raises(grpc.RpcError):
+        health(ch)
+
+
+def test_certificates_reload_without_a_restart(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    cert, key = tmp_path / "d.crt", tmp_path / "d.key"
+    old = get_pki().issue("host", "reload")
+    shutil.copy(old.cert, cert)
+    shutil.copy(old.key, key)
+    d = daemon_factory(tls=tls.TlsConfig(cert=str(cert), key=str(key)))
+    with tls.channel(d.address) as ch:
+        health(ch)
+    new_ca = pki.LocalCA(tmp_path / "new-ca")
+    new = new_ca.issue("host", "reload", dns=("localhost",), ips=("127.0.0.1",))
+    shutil.copy(new.key, key)
+    shutil.copy(new.cert, cert)
+    trusting_new = tls.TlsConfig(ca=str(new_ca.cert_path))
+    with tls.channel(d.address, cfg=trusting_new) as ch:  # a new connection gets the new certificate
+        assert health(ch).status == health_pb2.HealthCheckResponse.SERVING
+
+
+# ---- daemons prove their host id ----
+
+
+def register(pool: Pool, host_id: str, cfg: tls.TlsConfig) -> grpc.StatusCode | None:
+    class Source:
+        def devices(self) -> list[device_pb2.DeviceInfo]:
+            return [device_pb2.DeviceInfo(index=0, uuid=f"GPU-{host_id}", model="fake", memory_bytes=1 << 30)]
+
+    reg = Registrar(pool.address, host_id, "127.0.0.1:1", Source(), tls_config=cfg)  # type: ignore[arg-type]
+    try:
+        reg._register()
+        return None
+    except grpc.RpcError as err:
+        return err.code()  # type: ignore[no-any-return]
+    finally:
+        reg._channel.close()
+
+
+def test_a_rogue_daemon_cannot_register_as_another_host(pool: Pool, tmp_path: Path) -> None:
+    p = get_pki()
+    assert register(pool, "host-a", p.client_config("host", "host-a")) is None
+    assert register(pool, "host-b", p.client_config("host", "host-a")) == grpc.StatusCode.PERMISSION_DENIED
+    assert register(pool, "host-b", p.client_config("tenant", "host-b")) == grpc.StatusCode.PERMISSION_DENIED
+    # join tokens (no client certificates): the token names its host
+    join = tmp_path / "join"
+    join.write_text("join-secret\n")
+    server_only = tls.TlsConfig(ca=p.ca_file, api_token_file=str(join))
+    no_client_certs = dataclasses.replace(p.server_config(), client_auth="none")
+    open_pool = start_pool(tmp_path / "open", tls=no_client_certs)
+    try:
+        assert register(open_pool, "joined-host", server_only) is None
+        assert register(open_pool, "host-a", server_only) == grpc.StatusCode.PERMISSION_DENIED
+        assert register(open_pool, "host-a", tls.TlsConfig(ca=p.ca_file)) == grpc.StatusCode.UNAUTHENTICATED
+        join.write_text("guessed\n")
+        assert register(open_pool, "joined-host", server_only) == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        open_pool.scheduler.stop(grace=0.5)
+    # a heartbeat for another host is refused too
+    stub_cfg = p.client_config("host", "host-c")
+    reg = Registrar(pool.address, "host-a", "127.0.0.1:1", None, tls_config=stub_cfg)  # type: ignore[arg-type]
+    with pytest.raises(grpc.RpcError) as err:
+        reg._stub.Heartbeat(scheduler_pb2.HeartbeatRequest(host_id="host-a"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    reg._channel.close()
+
+
+# ---- tenants ----
+
+
+def test_tenants_see_and_touch_only_their_own_leases(pool: Pool, host: Any) -> None:
+    alice, bob, admin = pool.client("tenant", "alice"), pool.client("tenant", "bob"), pool.client("admin", "ops")
+    lease = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5, tenant="mallory"))
+    assert lease.tenant == "alice"  # from the credential, never from the request
+    with pytest.raises(errors.PermissionDenied):
+        bob.renew(lease.lease_id)
+    with pytest.raises(errors.PermissionDenied):
+        bob.release(lease.lease_id)
+    (seen,) = bob.list_pool().leases
+    assert seen.tenant == "alice" and seen.lease_id == "" and all(d.token == "" for d in seen.devices)
+    assert seen.devices[0].share == 0.5  # usage stays visible
+    (own,) = alice.list_pool().leases
+    assert own.lease_id == lease.lease_id and all(d.token == "" for d in own.devices)
+    assert admin.list_pool().leases[0].lease_id == lease.lease_id
+    assert alice.renew(lease.lease_id).devices[0].token
+    # an operator may act for a tenant; an API token identifies its tenant like a certificate does
+    ops = admin.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25, tenant="team"))
+    assert ops.tenant == "team"
+    tina = pool.token_client("t0k")
+    assert tina.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.25)).tenant == "tina"
+    with pytest.raises(errors.Unauthenticated):
+        pool.token_client("wrong").list_pool()
+    with pytest.raises(errors.PermissionDenied):  # a host credential cannot take leases
+        pool.client("host", HOST).allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.1))
+    admin.release(lease.lease_id)
+    for c in (alice, bob, admin, tina):
+        c.close()
+
+
+# ---- tokens ----
+
+
+def test_tokens_refused_off_their_host_device_key_or_after_release(pool: Pool, host: Any) -> None:
+    alice = pool.client("tenant", "alice")
+    lease = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5))
+    token = lease.devices[0].token
+    good = tokens.verify(tokens.load_signer(pool.key), token)
+    signer = tokens.load_signer(pool.key)
+
+    def refused(tok: str, what: type[errors.GpupoolError], match: str) -> None:
+        with pytest.raises(what, match=match):
+            Session.attach(host.address, tok).close()
+
+    refused(mint_token(b"some other key, not the scheduler's", host=HOST), errors.Unauthenticated, "unknown key")
+    refused(mint_token(signer, host=HOST, ttl=-1), errors.Unauthenticated, "expired")
+    refused(mint_token(signer, host="other-host"), errors.PermissionDenied, "for host 'other-host'")
+    refused(mint_token(signer, host=HOST, device=3), errors.NotFound, "device 3")
+    kid, body, sig = token.split(".")
+    refused(f"{kid}.{body}.{sig[:-2]}AA", errors.Unauthenticated, "signature|malformed")
+    with Session.attach(host.address, token) as s:
+        s.sync()
+        assert good.lease_id == lease.lease_id
+    alice.release(lease.lease_id)
+    wait_until(lambda: host.running.daemon.config.token_key.revoked(lease.lease_id, time.time()))
+    refused(token, errors.Unauthenticated, "released")
+    alice.close()
+
+
+def test_rotation_keeps_live_sessions(pool: Pool, host: Any) -> None:
+    """Add the new public key, switch the scheduler's key, renew: the live session carries on with a token of the
+    new key; once the old public key is removed, tokens of the old key are refused."""
+    alice = pool.client("tenant", "alice")
+    lease = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5))
+    old_token = lease.devices[0].token
+    verifier = host.running.daemon.config.token_key
+    with Session.attach(host.address, old_token) as s:
+        h = s.upload(__import__("torch").arange(4.0))
+        new_key, new_pub = pool.tmp / "new.key", pool.tmp / "new.pub"
+        new = tokens.generate_key_file(new_key, new_pub)
+        old_pub = pool.public.read_bytes()
+        pool.public.write_bytes(old_pub + new_pub.read_bytes())
+        time.sleep(1.1)  # key files are re-checked at most once a second
+        assert new.kid in verifier.key_ids
+        shutil.copy(new_key, pool.key)
+        time.sleep(1.1)
+        renewed = alice.renew(lease.lease_id).devices[0].token
+        assert renewed.split(".")[0] == new.kid != old_token.split(".")[0]
+        s.refresh(renewed)
+        pool.public.write_bytes(new_pub.read_bytes())  # the overlap ends
+        time.sleep(1.1)
+        assert verifier.key_ids == [new.kid]
+        assert s.download(h).tolist() == [0.0, 1.0, 2.0, 3.0]  # the session never noticed
+    with pytest.raises(errors.Unauthenticated, match="unknown key"):
+        Session.attach(host.address, old_token)
+    with Session.attach(host.address, renewed) as s2:
+        s2.sync()
+    alice.release(lease.lease_id)
+    alice.close()
+
+
+def test_sessions_can_check_the_daemon_by_host_id(
+    pool: Pool, host: Any, daemon: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With GPUPOOL_TLS_VERIFY_HOST_ID=1 a session accepts only a daemon whose certificate names the token's host."""
+    monkeypatch.setenv("GPUPOOL_TLS_VERIFY_HOST_ID", "1")
+    alice = pool.client("tenant", "alice")
+    lease = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5))
+    with Session.attach(host.address, lease.devices[0].token) as s:
+        s.sync()
+    # the same token sent to another daemon (whose certificate names no such host) never leaves the client
+    with pytest.raises(errors.Unavailable):
+        Session.attach(daemon.address, lease.devices[0].token)
+    alice.release(lease.lease_id)
+    alice.close()
+
+
+def test_plaintext_needs_an_explicit_insecure(tmp_path: Path) -> None:
+    """Without certificates a server refuses to start (saying how to get them); --insecure serves plaintext and
+    says so in its log."""
+    from support import Program
+
+    env_free = {k: "" for k in ("GPUPOOL_TLS_CERT", "GPUPOOL_TLS_KEY", "GPUPOOL_TLS_CA")}
+    key = tmp_path / "k"
+    tokens.generate_key_file(key)
+    old = {k: os.environ.get(k) for k in env_free}
+    os.environ.update(env_free)
+    try:
+        refused = Program(["scheduler", "--listen", "127.0.0.1:0", "--metrics-listen", "0", "--state", ":memory:",
+                           "--token-key-file", str(key)], tmp_path / "refused.log")  # fmt: skip
+        assert refused.proc.wait(60) == 1
+        assert "--tls-cert" in (tmp_path / "refused.log").read_text()
+        plain = Program(["scheduler", "--listen", "127.0.0.1:0", "--metrics-listen", "0", "--state", ":memory:",
+                         "--token-key-file", str(key), "--insecure"], tmp_path / "plain.log")  # fmt: skip
+        try:
+            (port,) = (int(plain.wait_for(r"listening on \S*?:(\d+)").group(1)),)
+            assert "PLAINTEXT" in (tmp_path / "plain.log").read_text()
+            with plaintext_channel(f"127.0.0.1:{port}") as ch:
+                assert health(ch).status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            plain.stop()
+    finally:
+        for k, v in old.items():
+            if v is not None:
+                os.environ[k] = v

@@ -1,0 +1,38 @@
+"""The local CA of `gpupool up`: identities, owner-only keys, reuse and reissue of certificates."""
+
+from __future__ import annotations
+
+import getpass
+from pathlib import Path
+
+from gpupool import pki, tokens
+from gpupool.up import make_credentials
+
+
+def test_up_makes_a_ca_keys_and_certificates_once(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    creds = make_credentials(state, "gpu-7", "127.0.0.1:50050", "10.1.2.3:50051")
+    assert state.stat().st_mode & 0o077 == 0
+    for key in (creds.key, creds.daemon.key, creds.user.key, creds.admin.key, state / "pki" / "ca.key"):
+        assert key.stat().st_mode & 0o077 == 0, key
+    assert pki.identity_of(creds.daemon.cert.read_bytes()) == ("host", "gpu-7")
+    assert pki.identity_of(creds.user.cert.read_bytes()) == ("tenant", getpass.getuser())
+    assert pki.identity_of(creds.admin.cert.read_bytes()) == ("admin", "admin")
+    assert pki.identity_of(creds.scheduler.cert.read_bytes()) == ("server", "scheduler")
+    text = creds.daemon.cert.read_bytes()
+    from cryptography import x509
+
+    san = x509.load_pem_x509_certificate(text).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "gpu-7" in san.get_values_for_type(x509.DNSName)  # sessions may check a daemon by host id
+    assert "10.1.2.3" in [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    signer = tokens.load_signer(creds.key)
+    assert tokens.load_verifier(creds.public).key_ids == [signer.kid]
+
+    again = make_credentials(state, "gpu-7", "127.0.0.1:50050")
+    assert again.daemon.cert.read_bytes() == text and tokens.load_signer(again.key).kid == signer.kid
+
+    other = pki.LocalCA(tmp_path / "other-ca")  # an operator's own CA: certificates are issued from it anew
+    mine = make_credentials(state, "gpu-7", "127.0.0.1:50050", ca_dir=tmp_path / "other-ca")
+    assert mine.ca == other.cert_path
+    assert pki.issued_by(mine.daemon.cert.read_bytes(), other)
+    assert not pki.issued_by(text, other)

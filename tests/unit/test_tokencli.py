@@ -1,0 +1,53 @@
+"""`gpupool token`: keygen, public-key, api-token and mint, as an operator runs them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from gpupool.scheduler.auth import Identity, parse_credentials
+
+from gpupool import tokens
+
+
+def gpupool_token(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_TOKEN")}
+    return subprocess.run(
+        [sys.executable, "-m", "gpupool.cli", "token", *args], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+def test_keygen_public_key_and_mint(tmp_path: Path) -> None:
+    key, pub = tmp_path / "token.key", tmp_path / "token.pub"
+    assert gpupool_token("keygen", str(key), "--public", str(pub)).returncode == 0
+    assert key.stat().st_mode & 0o077 == 0
+    printed = gpupool_token("public-key", "--token-key-file", str(key))
+    assert printed.returncode == 0 and printed.stdout.encode() == pub.read_bytes()
+    minted = gpupool_token("--token-key-file", str(key), "--host", "h1", "--device", "1", "--fraction", "0.5")
+    assert minted.returncode == 0, minted.stderr
+    claims = tokens.load_verifier(pub).verify(minted.stdout.strip())
+    assert (claims.host, claims.device, claims.share) == ("h1", 1, 0.5)
+    again = gpupool_token("mint", "--token-key-file", str(key), "--ttl", "100000")
+    assert again.returncode == 2 and "--ttl" in again.stderr
+    missing = gpupool_token("--token-key-file", str(tmp_path / "absent"))
+    assert missing.returncode == 1 and "cannot read" in missing.stderr
+
+
+def test_api_token_appends_a_hash_only(tmp_path: Path) -> None:
+    creds, out = tmp_path / "credentials", tmp_path / "alice.token"
+    made = gpupool_token(
+        "api-token", "--role", "tenant", "--name", "alice", "--credentials", str(creds), "--out", str(out)
+    )
+    assert made.returncode == 0, made.stderr
+    secret = out.read_text().strip()
+    assert out.stat().st_mode & 0o077 == 0 and len(secret) >= 32
+    assert secret not in creds.read_text()
+    assert gpupool_token("api-token", "--role", "host", "--name", "gpu-1", "--credentials", str(creds),
+                         "--out", str(tmp_path / "join")).returncode == 0  # fmt: skip
+    table = parse_credentials(creds.read_text())
+    assert Identity("tenant", "alice") in table.values() and Identity("host", "gpu-1") in table.values()
+    with pytest.raises(Exception, match="line 1"):
+        parse_credentials("tenant alice plaintext-token\n")
