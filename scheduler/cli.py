@@ -56,6 +56,8 @@ class Config:
     heartbeat_interval: float = 2.0
     policy: str = "binpack"
     sweep_interval: float = 0.5
+    standby: bool = False
+    outage_grace: float = 30.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--host-timeout", type=float, default=10.0, help="seconds of silence before a host is marked down")
     add_flag(p, "--heartbeat-interval", type=float, default=2.0, help="seconds between daemon heartbeats")
     add_flag(p, "--policy", default="binpack", choices=POLICIES, help="default placement policy")
+    add_flag(
+        p,
+        "--outage-grace",
+        type=float,
+        default=30.0,
+        help="after a restart or a pause of the scheduler, seconds its leases are kept for their tenants to renew",
+    )
+    add_flag(
+        p,
+        "--standby",
+        action="store_true",
+        help="if another scheduler owns the state, wait and take over when it stops (default: refuse to start)",
+    )
     return p
 
 
@@ -82,12 +97,13 @@ class SchedulerServer:
     def __init__(self, config: Config, key: bytes, store: Store | None = None) -> None:
         self.config = config
         self.metrics = SchedulerMetrics()
-        self.store = store if store is not None else open_store(config.state)
+        self.store = store if store is not None else open_store(config.state, config.standby)
         core_config = CoreConfig(
             lease_ttl=config.lease_ttl,
             host_timeout=config.host_timeout,
             heartbeat_interval=config.heartbeat_interval,
             max_waiters=MAX_WAITERS,
+            outage_grace=config.outage_grace,
         )
         self.core = Core(self.store, key, core_config, self.metrics)
         self.metrics.watch(self.core)
@@ -117,6 +133,7 @@ class SchedulerServer:
             http, _ = start_http_server(port, host, registry=self.metrics.registry)
             self._metrics_http = http
             self.metrics_port = http.server_port
+        self.core.alive()  # from now on a long gap between sweeps counts as a pause of the scheduler
         self._sweeper.start()
         return self
 
@@ -149,13 +166,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
         host_timeout=args.host_timeout,
         heartbeat_interval=args.heartbeat_interval,
         policy=args.policy,
+        standby=args.standby,
+        outage_grace=args.outage_grace,
     )
 
 
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("lease_ttl", "host_timeout", "heartbeat_interval"):
+    for flag in ("lease_ttl", "host_timeout", "heartbeat_interval", "outage_grace"):
         if not getattr(args, flag) > 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
     config = config_from_args(args)

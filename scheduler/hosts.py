@@ -8,6 +8,7 @@ its leases are lost; a host the scheduler does not know (or marked down) is told
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -18,7 +19,7 @@ from gpupool.scheduler.pool import HOST_DOWN, HOST_DRAINING, HOST_UP, Device, Ho
 from gpupool.scheduler.store import LEASE_ACTIVE, LEASE_LOST, Lease, Store
 
 from gpupool.config import split_address
-from gpupool.errors import InvalidArgument
+from gpupool.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ class HostBook:
     def _end(self, leases: Iterable[Lease], state: str, hosts: Iterable[Host] = ()) -> None:
         raise NotImplementedError
 
+    def _write(self, hosts: Iterable[Host] = (), leases: Iterable[Lease] = (), forget: Iterable[str] = ()) -> None:
+        raise NotImplementedError
+
     def _serve_waiters(self) -> None:
         raise NotImplementedError
 
@@ -102,12 +106,12 @@ class HostBook:
                     if g.host_id == host_id
                 )
                 (keep if ok else lose).append(lease)
-            if lose:
-                self._end(lose, LEASE_LOST)  # gives their grants back on the old devices first
+            # One transaction: the host and the leases it loses; `_end` writes both, then frees the lost
+            # grants on the old devices, before the new host replaces them in memory.
+            self._end(lose, LEASE_LOST, hosts=[host])
             self.pool.set_host(host)
             for lease in keep:
                 self.pool.take([g for g in lease.grants if g.host_id == host_id])
-            self.store.write(hosts=[host])
             log.info(
                 "host %s registered at %s with %d device(s)%s",
                 host_id,
@@ -125,16 +129,16 @@ class HostBook:
             host = self.pool.hosts.get(host_id)
             if host is None or host.state == HOST_DOWN:
                 return [], True
-            host.last_seen = time.time()
+            host.last_seen = time.time()  # liveness and usage are not state: never stored
             for index, used in used_bytes.items():
                 dev = host.devices.get(index)
                 if dev is not None:
                     dev.used_bytes = used
             want = HOST_DRAINING if draining else HOST_UP
             if host.state != want:
+                self._write(hosts=[dataclasses.replace(host, state=want)])
                 log.info("host %s is %s", host_id, want)
                 self.pool.set_state(host_id, want)
-                self.store.write(hosts=[host])
                 if want == HOST_UP:
                     self._serve_waiters()
             revoked = self.revoked.pop(host_id, set())
@@ -147,8 +151,11 @@ class HostBook:
     def _hosts_timeout(self, now: float, timeout: float) -> None:
         silent = [h for h in self.pool.hosts.values() if h.state != HOST_DOWN and h.last_seen + timeout < now]
         for host in silent:
+            lost = [x for x in self.leases.values() if x.state == LEASE_ACTIVE and host.host_id in x.hosts]
+            try:
+                self._end(lost, LEASE_LOST, hosts=[dataclasses.replace(host, state=HOST_DOWN)])
+            except Unavailable:
+                continue  # not saved, so not done: the next sweep tries again
             log.warning("host %s silent for %.1f s: marked down, its leases lost", host.host_id, now - host.last_seen)
             self.pool.set_state(host.host_id, HOST_DOWN)
             self.revoked.pop(host.host_id, None)
-            lost = [x for x in self.leases.values() if x.state == LEASE_ACTIVE and host.host_id in x.hosts]
-            self._end(lost, LEASE_LOST, hosts=[host])

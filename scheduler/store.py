@@ -12,15 +12,23 @@ Heartbeats (last_seen, usage) are not stored either: they change every 2 s and m
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
+import logging
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from gpupool.scheduler.pool import Device, Grant, Host
+
+from gpupool.errors import GpupoolError
+
+log = logging.getLogger(__name__)
 
 LEASE_ACTIVE = "active"
 LEASE_RELEASED = "released"
@@ -41,9 +49,16 @@ class Lease:
     state: str = LEASE_ACTIVE
     ended_at: float = 0.0
     hosts: set[str] = field(default_factory=set)
+    # Not stored: until when an active lease is kept past `expires_at` because the scheduler itself was away
+    # (restarted, paused) and its tenant could not renew it.
+    grace_until: float = 0.0
 
     def __post_init__(self) -> None:
         self.hosts = {g.host_id for g in self.grants}
+
+
+class StateOwned(GpupoolError):
+    """Another scheduler owns this state: starting a second writer would hand out capacity twice."""
 
 
 class Store(Protocol):
@@ -105,9 +120,11 @@ def _lease_row(x: Lease) -> tuple[str, str, str, str, float, float, float, float
 class SqliteStore:
     """SQLite in WAL mode; the scheduler core serializes calls, the lock only guards against misuse."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, standby: bool = False) -> None:
+        self._owner: int | None = None
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._owner = take_ownership(Path(str(path) + ".lock"), standby)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -159,16 +176,56 @@ class SqliteStore:
                     self._db.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)", lease_rows)
                 if forget_rows:
                     self._db.executemany("DELETE FROM leases WHERE lease_id = ?", forget_rows)
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may already have rolled back (disk full, I/O error)
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        log.exception("rollback failed")
                 raise
-            self._db.execute("COMMIT")
+
+    def disown(self) -> None:
+        """Drop the ownership lock as the death of the process would (tests model `kill -9` with it)."""
+        if self._owner is not None:
+            os.close(self._owner)
+            self._owner = None
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self.disown()
 
 
-def open_store(path: str) -> Store:
-    """ ":memory:" or "" gives a MemoryStore, anything else a SqliteStore at that path."""
-    return MemoryStore() if path in ("", ":memory:") else SqliteStore(path)
+def take_ownership(lock_path: Path, standby: bool = False, poll: float = 0.5) -> int:
+    """Hold an exclusive lock on `lock_path` for the life of the process (the kernel drops it when we die).
+
+    A second scheduler on the same state either fails at once with StateOwned, naming the owner, or
+    (`standby`) waits until the owner is gone and then takes over.
+    """
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    announced = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            if not standby:
+                os.close(fd)
+                raise StateOwned(
+                    f"the state next to {lock_path} is owned by another running scheduler ({owner}); refusing to "
+                    "start a second writer (stop it first, or pass --standby to wait and take over when it stops)"
+                ) from None
+            if not announced:
+                log.warning("standing by: the state is owned by another scheduler (%s)", owner)
+                announced = True
+            time.sleep(poll)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+    return fd
+
+
+def open_store(path: str, standby: bool = False) -> Store:
+    """ ":memory:" or "" gives a MemoryStore, anything else a SqliteStore at that path (owned by this process)."""
+    return MemoryStore() if path in ("", ":memory:") else SqliteStore(path, standby)

@@ -100,7 +100,7 @@ def test_unrenewed_lease_expires_and_the_daemon_is_told(sched: tuple[Proc, str],
     assert all(dev.allocated_share == 0 for h in pool.hosts for dev in h.devices)
 
 
-def test_lost_host_gives_unavailable_and_comes_back(sched: tuple[Proc, str], hosts: list[SimHost]) -> None:
+def test_lost_host_gives_failed_precondition_and_comes_back(sched: tuple[Proc, str], hosts: list[SimHost]) -> None:
     client = SchedulerClient(sched[1])
     x = lease(1, 1.0, scheduler=sched[1])
     victim = next(h for h in hosts if h.host_id == x.devices[0].host_id)
@@ -108,7 +108,7 @@ def test_lost_host_gives_unavailable_and_comes_back(sched: tuple[Proc, str], hos
     t0 = time.monotonic()
     wait_until(lambda: any(h.state == "down" for h in client.list_pool().hosts), timeout=10, what="host down")
     assert time.monotonic() - t0 < 5  # --host-timeout 2 plus a sweep
-    with pytest.raises(Unavailable, match=f"host {victim.host_id} is down"):
+    with pytest.raises(FailedPrecondition, match=f"host {victim.host_id} is down"):
         x.renew()
     x.release()
     back = SimHost(sched[1], victim.host_id).start()

@@ -11,7 +11,7 @@ from gpupool.scheduler.hosts import DeviceSpec
 from gpupool.scheduler.leases import Core, CoreConfig
 from gpupool.scheduler.placement import Request
 from gpupool.scheduler.pool import HOST_DOWN, SHARE_UNITS
-from gpupool.scheduler.store import LEASE_ACTIVE, MemoryStore, SqliteStore, Store
+from gpupool.scheduler.store import LEASE_ACTIVE, MemoryStore, SqliteStore, StateOwned, Store
 
 from gpupool import tokens
 from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
@@ -85,7 +85,7 @@ def test_silent_host_goes_down_and_its_leases_are_lost() -> None:
     host = lease.grants[0].host_id
     core.sweep(time.time() + 5)
     assert core.pool.hosts[host].state == HOST_DOWN
-    with pytest.raises(Unavailable, match="down"):
+    with pytest.raises(FailedPrecondition, match="lost: host .* is down"):
         core.renew(lease.lease_id)
     assert core.heartbeat(host, [], {}, False) == ([], True)
     core.register(host, "127.0.0.1:6000", [DeviceSpec(0, "uuid-x", "fake", 8 * GiB, True)])
@@ -173,12 +173,13 @@ def test_malformed_registration(devices: list[DeviceSpec], words: str) -> None:
 
 def test_restart_from_sqlite_keeps_hosts_and_leases(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
-    core = core_with(SqliteStore(path))
+    first = SqliteStore(path)
+    core = core_with(first)
     kept = [core.allocate(half(), tenant="t") for _ in range(3)]
     gone = core.allocate(Request(1, fraction=0.25))
     core.release(gone.lease_id)
     books = allocated(core)
-    # no close(): as after kill -9
+    first.disown()  # no close(): as after kill -9, whose death drops the ownership lock
     again = Core(SqliteStore(path), KEY, CoreConfig())
     assert set(again.pool.hosts) == {"h0", "h1"}
     assert allocated(again) == books
@@ -214,3 +215,101 @@ def test_the_waiting_line_is_bounded() -> None:
         core.allocate(half(), wait=5)
     waiter.join(5)
     assert not core.waiters
+
+
+class FailingStore(MemoryStore):
+    """A MemoryStore whose writes can be made to fail, as a full disk makes SQLite's fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = False
+
+    def write(self, *args: object, **kwargs: object) -> None:
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        super().write(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def books_in(store: Store) -> dict[tuple[str, int], tuple[int, int]]:
+    """What a scheduler restarted from `store` would believe."""
+    return allocated(Core(store, KEY, CoreConfig()))
+
+
+def test_a_refused_write_changes_nothing() -> None:
+    store = FailingStore()
+    core = core_with(store)
+    held = core.allocate(half(), tenant="t", ttl=30)
+    before, leases_before = allocated(core), set(core.leases)
+    store.fail = True
+    with pytest.raises(Unavailable, match="cannot save its state.*nothing was changed"):
+        core.allocate(half())
+    with pytest.raises(Unavailable):
+        core.release(held.lease_id)
+    expires = held.expires_at
+    time.sleep(0.01)
+    with pytest.raises(Unavailable):
+        core.renew(held.lease_id)
+    with pytest.raises(Unavailable):
+        core.register("h9", "127.0.0.1:6009", [DeviceSpec(0, "uuid-9", "fake", 8 * GiB, True)])
+    assert allocated(core) == before and set(core.leases) == leases_before
+    assert core.leases[held.lease_id].state == LEASE_ACTIVE and held.expires_at == expires
+    assert "h9" not in core.pool.hosts
+    # a silent host is not marked down (nor its leases lost) unless that can be saved
+    core.sweep(time.time() + 1000)
+    assert core.pool.hosts[held.grants[0].host_id].state != HOST_DOWN
+    assert core.leases[held.lease_id].state == LEASE_ACTIVE
+    store.fail = False
+    assert books_in(store) == allocated(core)
+    core.release(held.lease_id)
+    assert books_in(store) == allocated(core) and all(u == 0 for _, u in allocated(core).values())
+
+
+def test_a_waiter_whose_grant_cannot_be_saved_keeps_its_place() -> None:
+    store = FailingStore()
+    core = core_with(store, hosts=1)
+    first = core.allocate(Request(1, fraction=1.0))
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(core.allocate(half(), wait=10)))
+    t.start()
+    time.sleep(0.3)
+    store.fail = True
+    with pytest.raises(Unavailable):
+        core.release(first.lease_id)
+    assert len(core.waiters) == 1 and not got
+    store.fail = False
+    core.release(first.lease_id)
+    t.join(5)
+    assert got and books_in(store) == allocated(core)
+
+
+def test_a_second_owner_of_a_sqlite_state_is_refused(tmp_path: Path) -> None:
+    first = SqliteStore(tmp_path / "s.db")
+    with pytest.raises(StateOwned, match=r"owned by another running scheduler \(pid \d+"):
+        SqliteStore(tmp_path / "s.db")
+    first.close()
+    SqliteStore(tmp_path / "s.db").close()  # free once the owner has gone
+
+
+def test_a_pause_of_the_scheduler_is_not_blamed_on_hosts_or_tenants() -> None:
+    core = core_with(host_timeout=0.4, pause_threshold=0.2, outage_grace=5)
+    lease = core.allocate(half(), ttl=0.3)
+    core.alive()  # as the server's sweeper does every interval ...
+    time.sleep(0.6)  # ... except while the process is stopped
+    core.sweep()
+    assert all(h.state != HOST_DOWN for h in core.pool.hosts.values())
+    assert core.renew(lease.lease_id).state == LEASE_ACTIVE  # expired during the pause, yet renewable
+    for _ in range(8):  # a host silent while the scheduler runs is down
+        time.sleep(0.1)
+        core.sweep()
+    assert all(h.state == HOST_DOWN for h in core.pool.hosts.values())
+
+
+def test_leases_restored_after_a_restart_get_a_grace_to_be_renewed(tmp_path: Path) -> None:
+    first = SqliteStore(tmp_path / "s.db")
+    core = core_with(first, outage_grace=30)
+    lease = core.allocate(half(), ttl=0.2)
+    first.disown()
+    time.sleep(0.4)  # the scheduler is "down" past the lease's expiry
+    again = Core(SqliteStore(tmp_path / "s.db"), KEY, CoreConfig(outage_grace=30))
+    again.sweep()
+    assert again.renew(lease.lease_id).state == LEASE_ACTIVE
