@@ -274,9 +274,8 @@ class Core(HostBook):
             if self._last_alive is not None:
                 self.alive()
             self._hosts_timeout(now, self.config.host_timeout)
-            expired = [
-                x for x in self.leases.values() if x.state == LEASE_ACTIVE and x.expires_at <= now and x.grace_until <= now
-            ]
+            active = (x for x in self.leases.values() if x.state == LEASE_ACTIVE)
+            expired = [x for x in active if max(x.expires_at, x.grace_until) <= now]
             horizon = now - self.config.retention
             old = [k for k, x in self.leases.items() if x.state != LEASE_ACTIVE and x.ended_at < horizon]
             try:  # a step the store refuses is simply retried at the next sweep

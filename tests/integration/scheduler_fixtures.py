@@ -121,6 +121,37 @@ def start_scheduler(tmp: Path, *extra: str, state: Path | None = None) -> tuple[
     return proc, f"127.0.0.1:{proc.port()}"
 
 
+def start_daemon(tmp: Path, scheduler: str, host_id: str, *extra: str, memory: str = "256MiB") -> tuple[Proc, str]:
+    """A `gpupool serve --fake-gpus 1` registering with `scheduler` (heartbeat 0.5 s); returns it and its address."""
+    proc = Proc(
+        ["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "0", "--fake-gpus", "1", "--fake-gpu-memory",
+         memory, "--token-key-file", str(key_file(tmp)), "--host-id", host_id, "--scheduler", scheduler,
+         "--heartbeat-interval", "0.5", *extra]
+    )  # fmt: skip
+    return proc, f"127.0.0.1:{proc.port()}"
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Is `pid` a live (not zombie) process?"""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 class SimHost:
     """A daemon stand-in: fixed devices, sessions the test sets, revocations recorded; real Registrar inside."""
 

@@ -16,7 +16,7 @@ from gpupool.client.pool import Lease, SchedulerClient, lease
 from scheduler_fixtures import Proc, key_file, start_scheduler, wait_until
 
 from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
-from gpupool.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from gpupool.errors import FailedPrecondition, ResourceExhausted
 from gpupool.tokens import public_session_id
 
 FAKE_MEMORY = "256MiB"
