@@ -105,7 +105,25 @@ class SchedulerClient:
         self._call("Release", scheduler_pb2.ReleaseRequest(lease_id=lease_id))
 
     def list_pool(self) -> scheduler_pb2.PoolState:
-        return self._call("ListPool", scheduler_pb2.ListPoolRequest())  # type: ignore[no-any-return]
+        """The whole pool, its pages (hosts, then leases) joined."""
+        state = scheduler_pb2.PoolState()
+        token = ""
+        for _ in range(100_000):
+            page = self._call("ListPool", scheduler_pb2.ListPoolRequest(page_token=token))
+            state.hosts.extend(page.hosts)
+            state.leases.extend(page.leases)
+            state.waiting = page.waiting
+            token = page.next_page_token
+            if not token:
+                break
+        return state
+
+    def drain_host(self, host_id: str, undo: bool = False) -> None:
+        self._call("DrainHost", scheduler_pb2.DrainHostRequest(host_id=host_id, undo=undo))
+
+    def remove_host(self, host_id: str, force: bool = False) -> int:
+        reply = self._call("RemoveHost", scheduler_pb2.RemoveHostRequest(host_id=host_id, force=force))
+        return int(reply.leases_lost)
 
     def close(self) -> None:
         self._channel.close()

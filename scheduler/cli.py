@@ -58,6 +58,9 @@ class Config:
     sweep_interval: float = 0.5
     standby: bool = False
     outage_grace: float = 30.0
+    max_lease_ttl: float = 24 * 3600.0
+    tenant_max_share: float = 0.0
+    tenant_max_waiting: int = 8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="after a restart or a pause of the scheduler, seconds its leases are kept for their tenants to renew",
     )
+    add_flag(p, "--max-lease-ttl", type=float, default=24 * 3600.0, help="longest TTL a client may ask for (seconds)")
+    add_flag(
+        p,
+        "--tenant-max-share",
+        type=float,
+        default=0.0,
+        help="GPUs' worth of shares one tenant may hold and wait for at once, e.g. 2.5; 0: no limit",
+    )
+    add_flag(p, "--tenant-max-waiting", type=int, default=8, help="waiting Allocate requests per tenant; 0: no limit")
     add_flag(
         p,
         "--standby",
@@ -104,6 +116,9 @@ class SchedulerServer:
             heartbeat_interval=config.heartbeat_interval,
             max_waiters=MAX_WAITERS,
             outage_grace=config.outage_grace,
+            max_lease_ttl=config.max_lease_ttl,
+            tenant_max_share=config.tenant_max_share,
+            tenant_max_waiting=config.tenant_max_waiting,
         )
         self.core = Core(self.store, key, core_config, self.metrics)
         self.metrics.watch(self.core)
@@ -168,15 +183,20 @@ def config_from_args(args: argparse.Namespace) -> Config:
         policy=args.policy,
         standby=args.standby,
         outage_grace=args.outage_grace,
+        max_lease_ttl=args.max_lease_ttl,
+        tenant_max_share=args.tenant_max_share,
+        tenant_max_waiting=args.tenant_max_waiting,
     )
 
 
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("lease_ttl", "host_timeout", "heartbeat_interval", "outage_grace"):
+    for flag in ("lease_ttl", "host_timeout", "heartbeat_interval", "outage_grace", "max_lease_ttl"):
         if not getattr(args, flag) > 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.tenant_max_share < 0 or args.tenant_max_waiting < 0:
+        parser.error("--tenant-max-share and --tenant-max-waiting must not be negative")
     config = config_from_args(args)
     setup_logging("scheduler")
     try:

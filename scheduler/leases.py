@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from gpupool.scheduler.hosts import HostBook
-from gpupool.scheduler.placement import Request, place, validate
-from gpupool.scheduler.pool import HOST_DOWN, Grant, Host, Pool
+from gpupool.scheduler.placement import Request, min_units, place, validate
+from gpupool.scheduler.pool import HOST_DOWN, SHARE_UNITS, Grant, Host, Pool
 from gpupool.scheduler.store import (
     LEASE_ACTIVE,
     LEASE_EXPIRED,
@@ -48,6 +48,8 @@ class CoreConfig:
     heartbeat_interval: float = 2.0
     retention: float = 600.0  # how long an ended lease is remembered (Renew says why it ended, not NOT_FOUND)
     max_waiters: int = 1000  # each waiter holds a server thread: beyond this, fail at once instead
+    tenant_max_share: float = 0.0  # GPUs' worth of shares one tenant may hold (and wait for); 0: no limit
+    tenant_max_waiting: int = 0  # waiting requests of one tenant; 0: no limit beyond max_waiters
     outage_grace: float = 30.0  # after the scheduler was away, how long leases it could not renew are kept
     # A gap this long between two sweeps means the scheduler itself was not running (SIGSTOP, VM pause):
     # the hosts' silence over that time is ours, not theirs. None: min(3 s, host_timeout / 2).
@@ -69,6 +71,7 @@ class _Waiter:
     req: Request
     tenant: str
     ttl: float
+    units: int = 0  # an estimate of the share units it will take (for the tenant's limit)
     done: threading.Event = field(default_factory=threading.Event)
     lease: Lease | None = None
 
@@ -88,6 +91,7 @@ class Core(HostBook):
         self.leases: dict[str, Lease] = {}
         self.waiters: deque[_Waiter] = deque()
         self.revoked: dict[str, set[str]] = {}
+        self.held_units: dict[str, int] = {}  # share units held per tenant (active leases)
         self.scheduler_id = uuid.uuid4().hex
         self._last_alive: tuple[float, float] | None = None  # (monotonic, wall) of the last `alive()`
         self._load()
@@ -102,6 +106,7 @@ class Core(HostBook):
             self.leases[lease.lease_id] = lease
             if lease.state == LEASE_ACTIVE:
                 self.pool.take(lease.grants)
+                self._hold(lease, +1)
                 # Nobody could renew it while we were down: give its tenant time to do so now.
                 lease.grace_until = now + self.config.outage_grace
         active = sum(1 for x in leases if x.state == LEASE_ACTIVE)
@@ -126,17 +131,26 @@ class Core(HostBook):
             ttl = min(ttl or self.config.lease_ttl, self.config.max_lease_ttl)
             with self.lock:
                 validate(req, self.pool)
+                units = req.gpus * min_units(self.pool, req)
                 if not self.waiters:
                     grants = place(self.pool, req)
                     if grants is not None:
+                        self._check_tenant(tenant, req, sum(g.units for g in grants))
                         lease = self._grant(grants, tenant, ttl)
                         self.events.allocation("granted", time.monotonic() - start)
                         return lease
+                self._check_tenant(tenant, req, units)
                 if wait <= 0:
                     raise ResourceExhausted(self._exhausted_message(req))
                 if len(self.waiters) >= self.config.max_waiters:
                     raise ResourceExhausted(f"{self._exhausted_message(req)}; the waiting line is full")
-                waiter = _Waiter(req, tenant, ttl)
+                mine = sum(1 for w in self.waiters if w.tenant == tenant)
+                if self.config.tenant_max_waiting and mine >= self.config.tenant_max_waiting:
+                    raise ResourceExhausted(
+                        f"{self._exhausted_message(req)}; tenant {tenant!r} already has {mine} request(s) waiting "
+                        f"(at most {self.config.tenant_max_waiting})"
+                    )
+                waiter = _Waiter(req, tenant, ttl, units)
                 self.waiters.append(waiter)
         except InvalidArgument:
             self.events.allocation("invalid", time.monotonic() - start)
@@ -176,10 +190,16 @@ class Core(HostBook):
             self.waiters.popleft()
             head.done.set()
 
-    def _write(self, hosts: Iterable[Host] = (), leases: Iterable[Lease] = (), forget: Iterable[str] = ()) -> None:
+    def _write(
+        self,
+        hosts: Iterable[Host] = (),
+        leases: Iterable[Lease] = (),
+        forget: Iterable[str] = (),
+        forget_hosts: Iterable[str] = (),
+    ) -> None:
         """One store transaction; a refused write becomes UNAVAILABLE (the caller has changed nothing yet)."""
         try:
-            self.store.write(hosts=hosts, leases=leases, forget=forget)
+            self.store.write(hosts=hosts, leases=leases, forget=forget, forget_hosts=forget_hosts)
         except GpupoolError:
             raise
         except Exception as exc:  # noqa: BLE001 - sqlite3.Error, OSError, a database driver's errors
@@ -188,6 +208,25 @@ class Core(HostBook):
             raise Unavailable(
                 f"the scheduler cannot save its state ({type(exc).__name__}: {exc}); nothing was changed, retry later"
             ) from exc
+
+    def _hold(self, lease: Lease, sign: int) -> None:
+        units = self.held_units.get(lease.tenant, 0) + sign * sum(g.units for g in lease.grants)
+        if units:
+            self.held_units[lease.tenant] = units
+        else:
+            self.held_units.pop(lease.tenant, None)
+
+    def _check_tenant(self, tenant: str, req: Request, units: int) -> None:
+        """ResourceExhausted when `units` more (with what the tenant holds and waits for) pass its limit."""
+        limit = self.config.tenant_max_share
+        if limit <= 0:
+            return
+        held = self.held_units.get(tenant, 0) + sum(w.units for w in self.waiters if w.tenant == tenant)
+        if held + units > round(limit * SHARE_UNITS):
+            raise ResourceExhausted(
+                f"tenant {tenant!r} holds or waits for {held / SHARE_UNITS:.3g} GPU(s) worth of shares; "
+                f"{req.describe()} would pass its limit of {limit:g}"
+            )
 
     def _exhausted_message(self, req: Request) -> str:
         up = sum(1 for _ in self.pool.up_devices())
@@ -205,6 +244,7 @@ class Core(HostBook):
         lease = Lease(uuid.uuid4().hex, tenant, grants, now + ttl, ttl, now)
         self._write(leases=[lease])
         self.pool.take(grants)
+        self._hold(lease, +1)
         self.leases[lease.lease_id] = lease
         self.events.lease_event("granted")
         return lease
@@ -244,14 +284,19 @@ class Core(HostBook):
             raise NotFound(f"unknown lease {lease_id!r}")
         return lease
 
-    def _end(self, leases: Iterable[Lease], state: str, hosts: Iterable[Host] = ()) -> None:
-        """End active leases: free their capacity, tell their daemons, persist, serve the waiters."""
+    def _end(
+        self, leases: Iterable[Lease], state: str, hosts: Iterable[Host] = (), forget_hosts: Iterable[str] = ()
+    ) -> None:
+        """End active leases: persist (with `hosts` and `forget_hosts`, one transaction), then free their
+        capacity, tell their daemons and serve the waiters."""
         now = time.time()
         ended = [x for x in leases if x.state == LEASE_ACTIVE]
-        self._write(hosts=hosts, leases=[dataclasses.replace(x, state=state, ended_at=now) for x in ended])
+        copies = [dataclasses.replace(x, state=state, ended_at=now) for x in ended]
+        self._write(hosts=hosts, leases=copies, forget_hosts=forget_hosts)
         for lease in ended:
             lease.state, lease.ended_at = state, now
             self.pool.give(lease.grants)
+            self._hold(lease, -1)
             for host_id in lease.hosts:
                 self.revoked.setdefault(host_id, set()).add(lease.lease_id)
             self.events.lease_event(state if state != LEASE_RELEASED else "released")

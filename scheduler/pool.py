@@ -64,6 +64,7 @@ class Host:
     labels: dict[str, str] = field(default_factory=dict)
     state: str = HOST_UP
     last_seen: float = 0.0
+    cordoned: bool = False  # drained by an operator (`gpupool host drain`): kept draining whatever it reports
 
     @property
     def free_units(self) -> int:
@@ -180,6 +181,12 @@ class Pool:
         self.max_capacity = max([self.max_capacity, *(d.capacity_bytes for d in host.devices.values())])
         if host.state == HOST_UP:
             self._index(host)
+
+    def remove_host(self, host_id: str) -> None:
+        """Forget a host (the caller has ended its leases)."""
+        host = self.hosts.pop(host_id)
+        if host.state == HOST_UP:
+            self._unindex(host)
 
     def set_state(self, host_id: str, state: str) -> None:
         host = self.hosts[host_id]

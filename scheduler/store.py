@@ -64,8 +64,15 @@ class StateOwned(GpupoolError):
 class Store(Protocol):
     def load(self) -> tuple[list[Host], list[Lease]]: ...
 
-    def write(self, hosts: Iterable[Host] = (), leases: Iterable[Lease] = (), forget: Iterable[str] = ()) -> None:
-        """Upsert hosts and leases, delete the leases named in `forget`; all in one transaction."""
+    def write(
+        self,
+        hosts: Iterable[Host] = (),
+        leases: Iterable[Lease] = (),
+        forget: Iterable[str] = (),
+        forget_hosts: Iterable[str] = (),
+    ) -> None:
+        """Upsert hosts and leases, delete the leases named in `forget` and the hosts in `forget_hosts`;
+        all in one transaction."""
         ...
 
     def close(self) -> None: ...
@@ -81,13 +88,21 @@ class MemoryStore:
     def load(self) -> tuple[list[Host], list[Lease]]:
         return [copy.deepcopy(h) for h in self._hosts.values()], [copy.deepcopy(x) for x in self._leases.values()]
 
-    def write(self, hosts: Iterable[Host] = (), leases: Iterable[Lease] = (), forget: Iterable[str] = ()) -> None:
+    def write(
+        self,
+        hosts: Iterable[Host] = (),
+        leases: Iterable[Lease] = (),
+        forget: Iterable[str] = (),
+        forget_hosts: Iterable[str] = (),
+    ) -> None:
         for h in hosts:
             self._hosts[h.host_id] = copy.deepcopy(h)
         for x in leases:
             self._leases[x.lease_id] = copy.deepcopy(x)
         for lease_id in forget:
             self._leases.pop(lease_id, None)
+        for host_id in forget_hosts:
+            self._hosts.pop(host_id, None)
 
     def close(self) -> None:
         pass
@@ -95,7 +110,8 @@ class MemoryStore:
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS hosts (
-  host_id TEXT PRIMARY KEY, address TEXT NOT NULL, state TEXT NOT NULL, labels TEXT NOT NULL, devices TEXT NOT NULL
+  host_id TEXT PRIMARY KEY, address TEXT NOT NULL, state TEXT NOT NULL, labels TEXT NOT NULL, devices TEXT NOT NULL,
+  cordoned INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS leases (
   lease_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, state TEXT NOT NULL, grants TEXT NOT NULL,
@@ -104,12 +120,12 @@ CREATE TABLE IF NOT EXISTS leases (
 """
 
 
-def _host_row(h: Host) -> tuple[str, str, str, str, str]:
+def _host_row(h: Host) -> tuple[str, str, str, str, str, int]:
     devices = [
         {"index": d.index, "uuid": d.uuid, "model": d.model, "capacity_bytes": d.capacity_bytes, "fake": d.fake}
         for d in h.devices.values()
     ]
-    return (h.host_id, h.address, h.state, json.dumps(h.labels), json.dumps(devices))
+    return (h.host_id, h.address, h.state, json.dumps(h.labels), json.dumps(devices), int(h.cordoned))
 
 
 def _lease_row(x: Lease) -> tuple[str, str, str, str, float, float, float, float]:
@@ -129,23 +145,27 @@ class SqliteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        if "cordoned" not in {row[1] for row in self._db.execute("PRAGMA table_info(hosts)")}:  # an older file
+            self._db.execute("ALTER TABLE hosts ADD COLUMN cordoned INTEGER NOT NULL DEFAULT 0")
         self._lock = threading.Lock()
 
     def load(self) -> tuple[list[Host], list[Lease]]:
         with self._lock:
-            host_rows = self._db.execute("SELECT host_id, address, state, labels, devices FROM hosts").fetchall()
+            host_rows = self._db.execute(
+                "SELECT host_id, address, state, labels, devices, cordoned FROM hosts"
+            ).fetchall()
             lease_rows = self._db.execute(
                 "SELECT lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at FROM leases"
             ).fetchall()
         hosts = []
-        for host_id, address, state, labels, devices in host_rows:
+        for host_id, address, state, labels, devices, cordoned in host_rows:
             devs = {
                 int(d["index"]): Device(
                     host_id, int(d["index"]), str(d["uuid"]), str(d["model"]), int(d["capacity_bytes"]), bool(d["fake"])
                 )
                 for d in json.loads(devices)
             }
-            hosts.append(Host(host_id, address, devs, dict(json.loads(labels)), state))
+            hosts.append(Host(host_id, address, devs, dict(json.loads(labels)), state, cordoned=bool(cordoned)))
         leases = [
             Lease(
                 lease_id,
@@ -161,21 +181,34 @@ class SqliteStore:
         ]
         return hosts, leases
 
-    def write(self, hosts: Iterable[Host] = (), leases: Iterable[Lease] = (), forget: Iterable[str] = ()) -> None:
+    def write(
+        self,
+        hosts: Iterable[Host] = (),
+        leases: Iterable[Lease] = (),
+        forget: Iterable[str] = (),
+        forget_hosts: Iterable[str] = (),
+    ) -> None:
         host_rows = [_host_row(h) for h in hosts]
         lease_rows = [_lease_row(x) for x in leases]
         forget_rows = [(lease_id,) for lease_id in forget]
-        if not (host_rows or lease_rows or forget_rows):
+        forget_host_rows = [(host_id,) for host_id in forget_hosts]
+        if not (host_rows or lease_rows or forget_rows or forget_host_rows):
             return
         with self._lock:
             self._db.execute("BEGIN")
             try:
                 if host_rows:
-                    self._db.executemany("INSERT OR REPLACE INTO hosts VALUES (?, ?, ?, ?, ?)", host_rows)
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO hosts (host_id, address, state, labels, devices, cordoned) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        host_rows,
+                    )
                 if lease_rows:
                     self._db.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)", lease_rows)
                 if forget_rows:
                     self._db.executemany("DELETE FROM leases WHERE lease_id = ?", forget_rows)
+                if forget_host_rows:
+                    self._db.executemany("DELETE FROM hosts WHERE host_id = ?", forget_host_rows)
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:  # SQLite may already have rolled back (disk full, I/O error)

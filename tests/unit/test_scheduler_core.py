@@ -313,3 +313,82 @@ def test_leases_restored_after_a_restart_get_a_grace_to_be_renewed(tmp_path: Pat
     again = Core(SqliteStore(tmp_path / "s.db"), KEY, CoreConfig(outage_grace=30))
     again.sweep()
     assert again.renew(lease.lease_id).state == LEASE_ACTIVE
+
+
+def test_a_tenant_cannot_hold_more_than_its_share_limit() -> None:
+    core = core_with(tenant_max_share=1.0)
+    a1, _ = core.allocate(half(), tenant="a"), core.allocate(half(), tenant="a")
+    with pytest.raises(ResourceExhausted, match="tenant 'a' holds or waits for 1 GPU.*limit of 1"):
+        core.allocate(Request(1, fraction=0.25), tenant="a")
+    core.allocate(half(), tenant="b")  # others are not held back
+    core.release(a1.lease_id)
+    core.allocate(Request(1, fraction=0.25), tenant="a")
+    with pytest.raises(ResourceExhausted, match="tenant 'a'"):  # waiting counts too
+        core.allocate(Request(1, fraction=0.5), tenant="a", wait=1)
+
+
+def test_a_tenant_cannot_fill_the_waiting_line() -> None:
+    core = core_with(hosts=1, tenant_max_waiting=1)
+    core.allocate(Request(1, fraction=1.0), tenant="x")
+    t = threading.Thread(target=lambda: pytest.raises(ResourceExhausted, core.allocate, half(), "a", 0, 1.5))
+    t.start()
+    time.sleep(0.3)
+    with pytest.raises(ResourceExhausted, match="tenant 'a' already has 1 request"):
+        core.allocate(half(), tenant="a", wait=1)
+    got: list[Exception] = []
+
+    def other() -> None:
+        try:
+            core.allocate(half(), tenant="b", wait=0.5)
+        except ResourceExhausted as exc:
+            got.append(exc)
+
+    other()
+    assert "waited in vain" in str(got[0])  # b was let into the line (and timed out there)
+    t.join()
+
+
+def test_lease_ttl_is_capped() -> None:
+    core = core_with(max_lease_ttl=10)
+    assert core.allocate(half(), ttl=3600).ttl == 10
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        {f"k{i}": "v" for i in range(65)},
+        {"k": "v" * 257},
+        {"k" * 64: "v"},
+        {"": "v"},
+        {f"k{i}": "v" * 200 for i in range(30)},
+    ],
+)
+def test_register_bounds_labels(labels: dict[str, str]) -> None:
+    core = core_with(hosts=0)
+    with pytest.raises(InvalidArgument, match="label"):
+        core.register("h", "127.0.0.1:6000", [DeviceSpec(0, "u", "fake", GiB, True)], labels)
+    assert not core.pool.hosts
+
+
+def test_operators_drain_and_remove_hosts(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    core = core_with(store)
+    core.drain_host("h0")
+    assert {core.allocate(Request(1, fraction=0.1)).grants[0].host_id for _ in range(3)} == {"h1"}
+    # the daemon's own "not draining" heartbeats and a re-registration do not undo an operator's drain
+    core.heartbeat("h0", [], {}, False)
+    core.register("h0", "127.0.0.1:6000", [DeviceSpec(0, "uuid-0", "fake", 8 * GiB, True)])
+    assert core.pool.hosts["h0"].state == "draining"
+    core.drain_host("h0", undo=True)
+    held = core.allocate(Request(1, fraction=1.0))
+    assert held.grants[0].host_id == "h0"
+    with pytest.raises(FailedPrecondition, match="holds 1 active lease"):
+        core.remove_host("h0")
+    assert core.remove_host("h0", force=True) == 1
+    with pytest.raises(FailedPrecondition, match="lost"):
+        core.renew(held.lease_id)
+    with pytest.raises(NotFound):
+        core.remove_host("h0")
+    store.disown()
+    again = Core(SqliteStore(tmp_path / "s.db"), KEY, CoreConfig())
+    assert set(again.pool.hosts) == {"h1"}
