@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sqlite3
 import threading
@@ -21,7 +22,7 @@ from gpupool.scheduler.leases import Core, CoreConfig
 from gpupool.scheduler.metrics import SchedulerMetrics
 from gpupool.scheduler.placement import POLICIES
 from gpupool.scheduler.service import SchedulerServicer
-from gpupool.scheduler.store import Store, open_store
+from gpupool.scheduler.store import StateOwned, Store, open_store
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         "--state",
         default=default_state_path(),
-        help="SQLite (WAL) file keeping hosts and leases across restarts; ':memory:' keeps nothing",
+        help="where hosts and leases are kept: a SQLite (WAL) file, or postgresql://... for HA replicas; "
+        "':memory:' keeps nothing",
     )
     add_flag(p, "--token-key-file", help="key shared with the daemons to sign lease tokens (else $GPUPOOL_TOKEN_KEY)")
     add_flag(p, "--metrics-listen", default="127.0.0.1:9451", help="Prometheus HOST:PORT; 0 turns metrics off")
@@ -104,28 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class SchedulerServer:
-    """A scheduler with its gRPC server, health service, metrics endpoint and housekeeping thread."""
+    """A scheduler with its gRPC server, health service, metrics endpoint and housekeeping thread.
+
+    With `config.standby` it listens at once but answers UNAVAILABLE (health NOT_SERVING) until it owns the
+    state - the SQLite file's lock, or PostgreSQL's advisory lock - then loads it and serves. A leader that
+    loses ownership (its PostgreSQL connection) sets `failed` and must exit.
+    """
 
     def __init__(self, config: Config, key: bytes, store: Store | None = None) -> None:
         self.config = config
+        self.key = key
         self.metrics = SchedulerMetrics()
-        self.store = store if store is not None else open_store(config.state, config.standby)
-        core_config = CoreConfig(
-            lease_ttl=config.lease_ttl,
-            host_timeout=config.host_timeout,
-            heartbeat_interval=config.heartbeat_interval,
-            max_waiters=MAX_WAITERS,
-            outage_grace=config.outage_grace,
-            max_lease_ttl=config.max_lease_ttl,
-            tenant_max_share=config.tenant_max_share,
-            tenant_max_waiting=config.tenant_max_waiting,
-        )
-        self.core = Core(self.store, key, core_config, self.metrics)
-        self.metrics.watch(self.core)
+        self.store: Store | None = None
+        self.core: Core | None = None
+        self.failed = threading.Event()
+        self.servicer = SchedulerServicer(None, config.policy)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="sched"))
-        scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(self.core, config.policy), self.server)
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if store is not None or not config.standby:
+            self._lead(store if store is not None else open_store(config.state))
         self.port = self.server.add_insecure_port(config.listen)
         if self.port == 0:
             raise GpupoolError(f"cannot listen on {config.listen}")
@@ -135,27 +136,75 @@ class SchedulerServer:
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="sweeper", daemon=True)
 
+    def _lead(self, store: Store) -> None:
+        core_config = CoreConfig(
+            lease_ttl=self.config.lease_ttl,
+            host_timeout=self.config.host_timeout,
+            heartbeat_interval=self.config.heartbeat_interval,
+            max_waiters=MAX_WAITERS,
+            outage_grace=self.config.outage_grace,
+            max_lease_ttl=self.config.max_lease_ttl,
+            tenant_max_share=self.config.tenant_max_share,
+            tenant_max_waiting=self.config.tenant_max_waiting,
+        )
+        self.store = store
+        self.core = Core(store, self.key, core_config, self.metrics)
+        self.metrics.watch(self.core)
+        self.servicer.core = self.core
+
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
     def start(self) -> SchedulerServer:
         self.server.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_listen not in ("", "0"):
             host, port = split_address(self.config.metrics_listen)
             http, _ = start_http_server(port, host, registry=self.metrics.registry)
             self._metrics_http = http
             self.metrics_port = http.server_port
-        self.core.alive()  # from now on a long gap between sweeps counts as a pause of the scheduler
-        self._sweeper.start()
+        if self.core is not None:
+            self._serve()
+        else:
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            threading.Thread(target=self._wait_to_lead, name="standby", daemon=True).start()
         return self
 
+    def _serve(self) -> None:
+        assert self.core is not None
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.core.alive()  # from now on a long gap between sweeps counts as a pause of the scheduler
+        self._sweeper.start()
+
+    def _wait_to_lead(self) -> None:
+        try:
+            store = open_store(self.config.state, standby=True)
+        except Exception:  # noqa: BLE001 - reported, and the process exits
+            log.exception("standby: cannot open the state")
+            self.failed.set()
+            return
+        if self._stop.is_set():
+            store.close()
+            return
+        self._lead(store)
+        log.info("leading now: state loaded from %s", _redact(self.config.state))
+        self._serve()
+
     def _sweep_loop(self) -> None:
+        assert self.core is not None and self.store is not None
+        check = getattr(self.store, "check", None)
         while not self._stop.wait(self.config.sweep_interval):
             try:
+                if check is not None:
+                    check()
                 self.core.sweep()
+            except StateOwned as exc:
+                log.critical("stepping down: %s", exc)
+                self.servicer.core = None  # answer nothing more from a state we no longer own
+                self.failed.set()
+                return
             except Exception:  # noqa: BLE001 - housekeeping must keep going
                 log.exception("sweep failed")
 
@@ -168,7 +217,13 @@ class SchedulerServer:
             self._metrics_http.server_close()
         if self._sweeper.is_alive():
             self._sweeper.join(timeout=2)
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
+
+
+def _redact(state: str) -> str:
+    """A state location fit for logs (no password of a connection string)."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", state)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -205,13 +260,19 @@ def main(argv: list[str]) -> int:
     except (GpupoolError, OSError, RuntimeError, sqlite3.Error) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    log.info("listening on %s (state %s, lease ttl %gs)", server.address, config.state, config.lease_ttl)
+    standby = " - standing by until it leads" if server.core is None else ""
+    log.info(
+        "listening on %s (state %s, lease ttl %gs)%s", server.address, _redact(config.state), config.lease_ttl, standby
+    )
     if server.metrics_port:
         log.info("metrics on http://%s:%d/metrics", split_address(config.metrics_listen)[0], server.metrics_port)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    while not done.wait(0.5):
+        if server.failed.is_set():
+            server.stop(grace=0)
+            return 3
     log.info("stopping")
     server.stop()
     return 0

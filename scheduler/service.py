@@ -16,7 +16,7 @@ from gpupool.scheduler.pool import SHARE_UNITS, Host
 from gpupool.scheduler.store import Lease
 
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
-from gpupool.errors import GpupoolError, Internal, InvalidArgument, abort
+from gpupool.errors import GpupoolError, Internal, InvalidArgument, Unavailable, abort
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -43,9 +43,20 @@ def _rpc(method: F) -> F:
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, core: Core, default_policy: str = "binpack") -> None:
-        self.core = core
+    def __init__(self, core: Core | None, default_policy: str = "binpack") -> None:
+        self._core = core  # None while a standby (or after stepping down): every call answers UNAVAILABLE
         self.default_policy = default_policy
+
+    @property
+    def core(self) -> Core:
+        core = self._core
+        if core is None:
+            raise Unavailable("this scheduler is a standby (another replica leads): try the next address")
+        return core
+
+    @core.setter
+    def core(self, core: Core | None) -> None:
+        self._core = core
 
     @_rpc
     def Register(self, request: scheduler_pb2.RegisterRequest, context: grpc.ServicerContext) -> Any:

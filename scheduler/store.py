@@ -260,5 +260,12 @@ def take_ownership(lock_path: Path, standby: bool = False, poll: float = 0.5) ->
 
 
 def open_store(path: str, standby: bool = False) -> Store:
-    """ ":memory:" or "" gives a MemoryStore, anything else a SqliteStore at that path (owned by this process)."""
-    return MemoryStore() if path in ("", ":memory:") else SqliteStore(path, standby)
+    """ ":memory:" or "" gives a MemoryStore, postgresql://... a PostgresStore (HA), anything else a SqliteStore
+    at that path; both owned by this process (`standby`: wait until the current owner has gone)."""
+    if path in ("", ":memory:"):
+        return MemoryStore()
+    if path.startswith(("postgresql://", "postgres://")):
+        from gpupool.scheduler.pgstore import PostgresStore  # psycopg only where it is used
+
+        return PostgresStore(path, standby)
+    return SqliteStore(path, standby)
