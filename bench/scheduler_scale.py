@@ -4,6 +4,8 @@ Prints one table: decisions per second, p50/p99 decision latency, granted/exhaus
 allocated fraction of the pool's compute at the end, for
 - in-process, memory store, binpack and spread (placement + bookkeeping + token minting),
 - in-process, SQLite WAL store, binpack (one transaction per decision),
+- in-process, PostgreSQL store (the HA store), binpack, against a throwaway server this script starts with
+  initdb/pg_ctl on a Unix socket (fsync off: the figures are the round trips, not a disk); --pg-requests N,
 - through gRPC against a real `gpupool scheduler` process (SQLite), binpack and spread; by default on
   all of the requests by default (--grpc-requests N runs the first N only, for a quick look).
 
@@ -11,8 +13,11 @@ The request stream is seeded and the same for every row: 1/2/4/8 GPUs (85/8/5/2 
 0.1-1.0 or memory 4-40 GiB of an 80 GiB device, releases of a random live lease 40 % of the time, so the
 pool fills up about two thirds of the way through and policies then differ in what still fits.
 
-    nice python bench/scheduler_scale.py                    # full run (~2-4 min on 2 cores)
-    python bench/scheduler_scale.py --requests 20000 --grpc-requests 5000   # quick
+    nice python bench/scheduler_scale.py                    # full run (~4-8 min on 2 cores)
+    python bench/scheduler_scale.py --requests 20000 --grpc-requests 5000 --pg-requests 5000   # quick
+
+Latencies are wall time per decision (p50, p99) and, since a shared box preempts the process at random,
+also the CPU time of the deciding thread (p99 cpu): the decision's own cost, without the neighbours'.
 """
 
 from __future__ import annotations
@@ -77,27 +82,30 @@ class Result:
     decisions: int
     seconds: float
     latencies: list[float]
+    cpu: list[float]
     granted: int
     exhausted: int
     allocated: float
 
     def row(self) -> str:
-        lat = sorted(self.latencies)
+        lat, cpu = sorted(self.latencies), sorted(self.cpu)
         p50 = statistics.median(lat) * 1e6
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e6
+        p99_cpu = cpu[min(len(cpu) - 1, int(len(cpu) * 0.99))] * 1e6
         return (
             f"{self.name:<34} {self.decisions:>8} {self.decisions / self.seconds:>11.0f} {p50:>9.0f} {p99:>9.0f} "
-            f"{self.granted:>8} {self.exhausted:>9} {100 * self.allocated:>9.1f}%"
+            f"{p99_cpu:>9.0f} {self.granted:>8} {self.exhausted:>9} {100 * self.allocated:>9.1f}%"
         )
 
 
 def run(name: str, ops: list[Op], allocate: Callable[[Request], str], release: Callable[[str], None]) -> Result:
     live: list[str] = []
     lat: list[float] = []
+    cpu: list[float] = []
     granted = exhausted = 0
     start = time.perf_counter()
     for op in ops:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         if op.request is None:
             if not live:
                 continue
@@ -111,7 +119,8 @@ def run(name: str, ops: list[Op], allocate: Callable[[Request], str], release: C
             except ResourceExhausted:
                 exhausted += 1
         lat.append(time.perf_counter() - t0)
-    return Result(name, len(lat), time.perf_counter() - start, lat, granted, exhausted, 0.0)
+        cpu.append(time.thread_time() - c0)
+    return Result(name, len(lat), time.perf_counter() - start, lat, cpu, granted, exhausted, 0.0)
 
 
 def in_process(name: str, store: Store, ops: list[Op], hosts: int) -> Result:
@@ -131,6 +140,19 @@ def in_process(name: str, store: Store, ops: list[Op], hosts: int) -> Result:
     result.allocated = sum(d.allocated_units for d in devices) / (SHARE_UNITS * len(devices))
     store.close()
     return result
+
+
+def on_postgres(ops: list[Op], hosts: int) -> Result:
+    """The PostgreSQL store against a throwaway server (the tests' helper: initdb/pg_ctl on a Unix socket)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+    from gpupool.scheduler.pgstore import PostgresStore
+    from scheduler_fixtures import Postgres  # type: ignore[import-not-found]
+
+    pg = Postgres()
+    try:
+        return in_process("in-process postgresql binpack", PostgresStore(pg.dsn), ops, hosts)
+    finally:
+        pg.stop()
 
 
 def through_grpc(name: str, ops: list[Op], hosts: int, tmp: Path) -> Result:
@@ -197,6 +219,7 @@ def main() -> int:
     p.add_argument("--hosts", type=int, default=1250)
     p.add_argument("--requests", type=int, default=100_000)
     p.add_argument("--grpc-requests", type=int, default=100_000, help="requests sent through gRPC (0: skip)")
+    p.add_argument("--pg-requests", type=int, default=20_000, help="requests on the PostgreSQL store (0: skip)")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
     print(f"pool: {args.hosts} hosts x {GPUS_PER_HOST} = {args.hosts * GPUS_PER_HOST} devices of 80 GiB")
@@ -210,6 +233,9 @@ def main() -> int:
         ops = workload(args.requests, args.seed, "binpack")
         results.append(in_process("in-process sqlite-wal binpack", SqliteStore(tmp / "bench.db"), ops, args.hosts))
         print(results[-1].row(), file=sys.stderr)
+        if args.pg_requests:
+            results.append(on_postgres(workload(args.pg_requests, args.seed, "binpack"), args.hosts))
+            print(results[-1].row(), file=sys.stderr)
         if args.grpc_requests:
             for policy in ("binpack", "spread"):
                 ops = workload(args.grpc_requests, args.seed, policy)
@@ -217,7 +243,7 @@ def main() -> int:
                 print(results[-1].row(), file=sys.stderr)
     print()
     print(
-        f"{'run':<34} {'requests':>8} {'decisions/s':>11} {'p50 µs':>9} {'p99 µs':>9} "
+        f"{'run':<34} {'requests':>8} {'decisions/s':>11} {'p50 µs':>9} {'p99 µs':>9} {'p99 cpu':>9} "
         f"{'granted':>8} {'exhausted':>9} {'allocated':>10}"
     )
     for r in results:
@@ -228,6 +254,10 @@ def main() -> int:
         f"\nbinpack / spread, allocated fraction at the end: {bp.allocated / sp.allocated:.3f}  "
         f"(granted {bp.granted} vs {sp.granted})"
     )
+    if args.pg_requests:
+        pg, sq = by["in-process postgresql binpack"], by["in-process sqlite-wal binpack"]
+        ratio = (sq.decisions / sq.seconds) / (pg.decisions / pg.seconds)
+        print(f"sqlite / postgresql decisions per second (binpack, in-process): {ratio:.1f}")
     if args.grpc_requests:
         g = by["gRPC sqlite-wal binpack"]
         ratio = (bp.decisions / bp.seconds) / (g.decisions / g.seconds)

@@ -40,6 +40,8 @@ DEFAULT_SCHEDULER = "127.0.0.1:50050"
 LEASE_ENV = "GPUPOOL_LEASE"
 SCHEDULER_ENV = "GPUPOOL_SCHEDULER"
 RPC_TIMEOUT = 10.0
+# Renew every ttl/3, but at least this often: a renewal is also how a client learns that its lease was lost.
+RENEW_MAX_PERIOD = 10.0
 
 
 def resolve_scheduler(address: str | None = None) -> str:
@@ -56,22 +58,45 @@ def default_tenant() -> str:
 
 
 class SchedulerClient:
-    """Thin wrapper of the Scheduler stub that raises gpupool exceptions instead of grpc.RpcError."""
+    """Thin wrapper of the Scheduler stub that raises gpupool exceptions instead of grpc.RpcError.
+
+    `address` may be a comma-separated list of HA replicas: a call that cannot reach one tries the next
+    (only the leader listens), and the client stays with the one that answered.
+    """
 
     def __init__(self, address: str | None = None, tls_config: tls.TlsConfig | None = None) -> None:
         self.address = resolve_scheduler(address)
-        # TLS with GPUPOOL_TLS_* (and the tenant's API token), unless `tls_config` says otherwise.
-        self._channel = tls.channel(self.address, cfg=tls_config)
+        self.tls_config = tls_config  # TLS with GPUPOOL_TLS_* (and the tenant's API token) unless this says otherwise
+        self.addresses = [a.strip() for a in self.address.split(",") if a.strip()] or [self.address]
+        self._current = 0
+        self._connect()
+
+    def _connect(self) -> None:
+        # Reconnect within 5 s of a scheduler coming back (gRPC's default backoff grows to 120 s), so that
+        # leases are renewed inside the grace period a restarted scheduler gives them.
+        # A channel of its own subchannels: in gRPC's process-wide pool, a new client would inherit the connection
+        # backoff of an earlier channel to a scheduler that was down, and fail at once although it is back.
+        options = [("grpc.max_reconnect_backoff_ms", 5000), ("grpc.use_local_subchannel_pool", 1)]
+        self._channel = tls.channel(self.addresses[self._current], options, cfg=self.tls_config)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
 
     def _call(self, method: str, request: Any, timeout: float = RPC_TIMEOUT) -> Any:
-        try:
-            return getattr(self._stub, method)(request, timeout=timeout)
-        except grpc.RpcError as err:
-            exc = from_rpc_error(err)
-            if err.code() == grpc.StatusCode.UNAVAILABLE and "lease" not in exc.message:  # type: ignore[attr-defined]
-                exc.message = f"scheduler {self.address} unreachable: {exc.message}{tls.hint()}"
-            raise exc from None
+        for attempt in range(len(self.addresses)):
+            try:
+                return getattr(self._stub, method)(request, timeout=timeout)
+            except grpc.RpcError as err:  # noqa: PERF203 - a retry loop over replicas
+                exc = from_rpc_error(err)
+                if err.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+                    raise exc from None
+                if attempt + 1 < len(self.addresses):  # try the next replica
+                    self._channel.close()
+                    self._current = (self._current + 1) % len(self.addresses)
+                    self._connect()
+                    continue
+                if "lease" not in exc.message and "state" not in exc.message:
+                    exc.message = f"scheduler {self.address} unreachable: {exc.message}{tls.hint()}"
+                raise exc from None
+        raise AssertionError("unreachable")
 
     def allocate(self, request: scheduler_pb2.AllocateRequest) -> scheduler_pb2.Lease:
         wait = request.wait_seconds if math.isfinite(request.wait_seconds) and request.wait_seconds > 0 else 0.0
@@ -84,7 +109,25 @@ class SchedulerClient:
         self._call("Release", scheduler_pb2.ReleaseRequest(lease_id=lease_id))
 
     def list_pool(self) -> scheduler_pb2.PoolState:
-        return self._call("ListPool", scheduler_pb2.ListPoolRequest())  # type: ignore[no-any-return]
+        """The whole pool, its pages (hosts, then leases) joined."""
+        state = scheduler_pb2.PoolState()
+        token = ""
+        for _ in range(100_000):
+            page = self._call("ListPool", scheduler_pb2.ListPoolRequest(page_token=token))
+            state.hosts.extend(page.hosts)
+            state.leases.extend(page.leases)
+            state.waiting = page.waiting
+            token = page.next_page_token
+            if not token:
+                break
+        return state
+
+    def drain_host(self, host_id: str, undo: bool = False) -> None:
+        self._call("DrainHost", scheduler_pb2.DrainHostRequest(host_id=host_id, undo=undo))
+
+    def remove_host(self, host_id: str, force: bool = False) -> int:
+        reply = self._call("RemoveHost", scheduler_pb2.RemoveHostRequest(host_id=host_id, force=force))
+        return int(reply.leases_lost)
 
     def close(self) -> None:
         self._channel.close()
@@ -123,7 +166,9 @@ class Lease:
         self.tenant = tenant
         self.scheduler = scheduler
         self.ttl = ttl
-        self.error: GpupoolError | None = None  # why renewing stopped, if it did
+        self.error: GpupoolError | None = None  # the last renewal failure, if any
+        self.lost = threading.Event()  # set when the scheduler says the lease is gone (self.error says why)
+        self._lost_callbacks: list[Callable[[Lease], None]] = []
         self._client: SchedulerClient | None = None
         self._subscribers: list[Callable[[Lease], None]] = []
         self._lock = threading.Lock()
@@ -155,6 +200,14 @@ class Lease:
         with self._lock:
             self._subscribers.append(callback)
 
+    def on_lost(self, callback: Callable[[Lease], None]) -> None:
+        """Call `callback(lease)` once, as soon as the scheduler says the lease is gone (lost, expired, unknown)."""
+        with self._lock:
+            self._lost_callbacks.append(callback)
+            fire = self.lost.is_set()
+        if fire:
+            callback(self)
+
     def _scheduler(self) -> SchedulerClient:
         if self._client is None:
             self._client = SchedulerClient(self.scheduler)
@@ -173,26 +226,46 @@ class Lease:
                 log.exception("lease subscriber failed")
 
     def start_renewing(self) -> None:
-        """Renew in a background thread every ttl/3 until released (retrying sooner after failures)."""
+        """Renew in a background thread every ttl/3 (at most 10 s) until released or lost (see `on_lost`)."""
         if self._thread is None and not self._released:
             self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.lease_id[:8]}", daemon=True)
             self._thread.start()
 
     def _renew_loop(self) -> None:
-        delay = max(0.2, self.ttl / 3)
+        delay = min(max(0.2, self.ttl / 3), RENEW_MAX_PERIOD)
+        failures = 0
         while not self._stop.wait(delay):
             try:
                 self.renew()
-                self.error = None
-                delay = max(0.2, self.ttl / 3)
+                if failures:
+                    log.info("renewed lease %s again", self.lease_id)
+                self.error, failures = None, 0
+                delay = min(max(0.2, self.ttl / 3), RENEW_MAX_PERIOD)
             except GpupoolError as exc:
                 self.error = exc
-                left = self.expires_at - time.time()
-                if exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION) or left <= 0:
-                    log.error("lease %s can no longer be renewed: %s", self.lease_id, exc)
+                if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    # The scheduler answered: the lease is gone. Retrying cannot bring it back: say so now.
+                    log.error("lease %s is gone: %s", self.lease_id, exc)
+                    self._declare_lost()
                     return
-                log.warning("renewing lease %s failed (%.0f s left): %s", self.lease_id, left, exc)
-                delay = max(0.2, min(left / 4, self.ttl / 6))
+                # The scheduler is down or cannot save its state: keep trying, even past the lease's expiry -
+                # a scheduler back from an outage keeps such leases for a grace period, and the daemons keep
+                # their sessions while they cannot reach it either.
+                failures += 1
+                left = self.expires_at - time.time()
+                if failures == 1 or failures % 10 == 0:
+                    log.warning("renewing lease %s failed (%.0f s left): %s", self.lease_id, left, exc)
+                delay = min(max(0.5, left / 4, self.ttl / 10), 5.0)
+
+    def _declare_lost(self) -> None:
+        with self._lock:
+            self.lost.set()
+            callbacks = list(self._lost_callbacks)
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:  # noqa: BLE001 - one broken callback must not hide the others
+                log.exception("lease-lost callback failed")
 
     def release(self) -> None:
         """Stop renewing and give the devices back (idempotent; a lease already ended is fine)."""

@@ -2,7 +2,9 @@
 
 Allocates the lease, hands it to the child through the environment ($GPUPOOL_LEASE, JSON; the torch shim
 reads it with `Lease.from_env`), renews it in the background while the child runs, releases it when the
-child exits and returns the child's exit code. SIGINT/SIGTERM are forwarded to the child.
+child exits and returns the child's exit code. SIGINT/SIGTERM are forwarded to the child. If the scheduler
+declares the lease lost (its host died, it expired), the child is stopped at once (SIGTERM, SIGKILL after
+`STOP_GRACE` s) and `run` exits 1 saying why: the devices are gone, so waiting on them would only hang.
 
 Exit codes of its own: 2 bad usage, 1 no lease (e.g. RESOURCE_EXHAUSTED), 127 command not found.
 """
@@ -24,6 +26,7 @@ from gpupool.config import add_flag, setup_logging, size_arg
 from gpupool.errors import GpupoolError
 
 log = logging.getLogger("gpupool.run")
+STOP_GRACE = 5.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,10 +87,21 @@ def main(argv: list[str]) -> int:
 
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
+            while child.poll() is None and not held.lost.wait(0.2):
+                pass
+            if child.poll() is None:  # the lease is gone while the command runs: stop it now
+                print(f"gpupool run: the lease was lost, stopping the command: {held.error}", file=sys.stderr)
+                child.terminate()
+                try:
+                    child.wait(STOP_GRACE)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                child.wait()
+                return 1
             code = child.wait()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        if held.error is not None:
+        if held.lost.is_set():
             print(f"gpupool run: the lease was lost while the command ran: {held.error}", file=sys.stderr)
     return 128 - code if code < 0 else code

@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("gpupool.client.run", "run a command on leased GPUs: gpupool run -n 1 -p 0.5 -- python train.py"),
     "smi": ("gpupool.client.smi", "show the pool: hosts, devices, memory, shares, leases"),
     "list-gpus": ("gpupool.client.smi", "list the pool's GPUs, one line each"),
+    "host": ("gpupool.client.admin", "operators: drain, undrain or remove a host of the pool"),
     "token": ("gpupool.tokencli", "mint a lease token by hand (testing, daemons without a scheduler)"),
 }
 

@@ -8,11 +8,17 @@ scheduler, the daemon (a host certificate named by its host id), the user
 torch sees, else 2 fake ones. Once the daemon has registered, `up` prints where everything listens and the
 exports clients use; Ctrl-C or SIGTERM stops both.
 Ports may be 0 (tests): the bound ports are read from the children's "listening on" log lines.
+
+`up` supervises: a child that dies is started again on the address it had bound (the daemon alone when
+the daemon died - the scheduler and every other lease of the pool carry on; the scheduler from its state
+when it died), with a backoff, giving up after `MAX_RESTARTS` within `RESTART_WINDOW` seconds. The
+children never outlive `up`: each asks the kernel for SIGTERM when its parent dies (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import getpass
 import os
 import re
@@ -31,6 +37,19 @@ from gpupool.config import add_flag, format_size, size_arg, split_address
 LISTEN_RE = re.compile(r"listening on (\S+:\d+)")
 METRICS_RE = re.compile(r"metrics on (http://\S+)")
 START_TIMEOUT = 120.0
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child before exec: SIGTERM when `up` dies, however it dies (Linux; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # `up` died before the prctl took effect
+        os._exit(1)
 
 
 @dataclass(frozen=True)
@@ -135,20 +154,37 @@ class Child:
 
     def __init__(self, name: str, args: list[str]) -> None:
         self.name = name
+        self.args = args
+        self.restarts: list[float] = []  # monotonic times of restarts
+        self._spawn()
+
+    def _spawn(self) -> None:
         self.lines: list[str] = []
+        parent = os.getpid()
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "gpupool.cli", *args],
+            [sys.executable, "-m", "gpupool.cli", *self.args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=lambda: _die_with_parent(parent),  # noqa: PLW1509 - only prctl/getppid, no locks taken
         )
-        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread = threading.Thread(target=self._pump, args=(self.popen,), daemon=True)
         self._thread.start()
 
-    def _pump(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
+    def restart(self, args: list[str]) -> bool:
+        """Start the program again with `args`; False once it has been restarted too often to keep trying."""
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW] + [now]
+        if len(self.restarts) > MAX_RESTARTS:
+            return False
+        self.args = args
+        self._spawn()
+        return True
+
+    def _pump(self, popen: subprocess.Popen[str]) -> None:
+        assert popen.stdout is not None
+        for line in popen.stdout:
             self.lines.append(line)
             sys.stderr.write(line)
 
@@ -206,6 +242,12 @@ def _wait_registered(scheduler: str, daemon: str, timeout: float, tls_config: tl
         return False
     finally:
         client.close()
+
+
+def _with(args: list[str], flag: str, value: str) -> list[str]:
+    """`args` with `flag`'s value replaced by `value`."""
+    i = args.index(flag)
+    return [*args[: i + 1], value, *args[i + 2 :]]
 
 
 def main(argv: list[str]) -> int:
@@ -267,11 +309,18 @@ def main(argv: list[str]) -> int:
             "Ctrl-C stops both.",
             flush=True,
         )
+        # From now on each restarts on the address it bound, so leases and the daemon's registration stay valid.
+        sched.args = _with(sched.args, "--listen", sched_addr)
+        daemon.args = _with(_with(daemon.args, "--listen", daemon_addr), "--scheduler", sched_addr)
         while not stop.wait(0.5):
-            dead = [c for c in children if c.popen.poll() is not None]
-            if dead:
-                print(f"gpupool up: the {dead[0].name} exited ({dead[0].popen.returncode}); stopping", file=sys.stderr)
-                return 1
+            for child in children:
+                if child.popen.poll() is None:
+                    continue
+                code = child.popen.returncode
+                if not child.restart(child.args):
+                    print(f"gpupool up: the {child.name} keeps exiting ({code}); stopping", file=sys.stderr)
+                    return 1
+                print(f"gpupool up: the {child.name} exited ({code}); started it again", file=sys.stderr, flush=True)
         return 0
     finally:
         for child in reversed(children):  # the daemon first: it drains its sessions while the scheduler lives

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 HOST, TENANT, ADMIN = "host", "tenant", "admin"
 ROLES = (HOST, TENANT, ADMIN)
 URI_PREFIX = "gpupool://"
-# Which roles may call which method; methods not listed (health, reflection) need no identity.
+# Which roles may call which method. A Scheduler method not listed here is for operators only (deny by default);
+# other services (health) need no identity.
 METHOD_ROLES = {
     "/gpupool.v1.Scheduler/Register": (HOST, ADMIN),
     "/gpupool.v1.Scheduler/Heartbeat": (HOST, ADMIN),
@@ -43,7 +44,10 @@ METHOD_ROLES = {
     "/gpupool.v1.Scheduler/Renew": (TENANT, ADMIN),
     "/gpupool.v1.Scheduler/Release": (TENANT, ADMIN),
     "/gpupool.v1.Scheduler/ListPool": (TENANT, ADMIN, HOST),
+    "/gpupool.v1.Scheduler/DrainHost": (ADMIN,),
+    "/gpupool.v1.Scheduler/RemoveHost": (ADMIN,),
 }
+SCHEDULER_PREFIX = "/gpupool.v1.Scheduler/"
 MAX_NAME = 128
 
 
@@ -207,6 +211,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         roles = METHOD_ROLES.get(details.method)
+        if roles is None and details.method.startswith(SCHEDULER_PREFIX):
+            roles = (ADMIN,)
         if handler is None or roles is None or handler.unary_unary is None:
             return handler
         return grpc.unary_unary_rpc_method_handler(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sqlite3
 import threading
@@ -22,7 +23,7 @@ from gpupool.scheduler.leases import Core, CoreConfig
 from gpupool.scheduler.metrics import SchedulerMetrics
 from gpupool.scheduler.placement import POLICIES
 from gpupool.scheduler.service import SchedulerServicer
-from gpupool.scheduler.store import Store, open_store
+from gpupool.scheduler.store import StateOwned, Store, open_store
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
@@ -61,6 +62,11 @@ class Config:
     tls: TlsConfig = TlsConfig(client_auth="require")
     credentials: str | None = None
     health_listen: str = ""
+    standby: bool = False
+    outage_grace: float = 30.0
+    max_lease_ttl: float = 24 * 3600.0
+    tenant_max_share: float = 0.0
+    tenant_max_waiting: int = 8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         "--state",
         default=default_state_path(),
-        help="SQLite (WAL) file keeping hosts and leases across restarts; ':memory:' keeps nothing",
+        help="where hosts and leases are kept: a SQLite (WAL) file, or postgresql://... for HA replicas; "
+        "':memory:' keeps nothing",
     )
     add_flag(p, "--token-key-file", help="Ed25519 private key (PEM) that signs lease tokens; re-read when it changes")
     add_flag(
@@ -85,33 +92,58 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--host-timeout", type=float, default=10.0, help="seconds of silence before a host is marked down")
     add_flag(p, "--heartbeat-interval", type=float, default=2.0, help="seconds between daemon heartbeats")
     add_flag(p, "--policy", default="binpack", choices=POLICIES, help="default placement policy")
+    add_flag(
+        p,
+        "--outage-grace",
+        type=float,
+        default=30.0,
+        help="after a restart or a pause of the scheduler, seconds its leases are kept for their tenants to renew",
+    )
+    add_flag(p, "--max-lease-ttl", type=float, default=24 * 3600.0, help="longest TTL a client may ask for (seconds)")
+    add_flag(
+        p,
+        "--tenant-max-share",
+        type=float,
+        default=0.0,
+        help="GPUs' worth of shares one tenant may hold and wait for at once, e.g. 2.5; 0: no limit",
+    )
+    add_flag(p, "--tenant-max-waiting", type=int, default=8, help="waiting Allocate requests per tenant; 0: no limit")
+    add_flag(
+        p,
+        "--standby",
+        action="store_true",
+        help="if another scheduler owns the state, wait and take over when it stops (default: refuse to start)",
+    )
     return p
 
 
 class SchedulerServer:
-    """A scheduler with its gRPC server, health service, metrics endpoint and housekeeping thread."""
+    """A scheduler with its gRPC server, health service, metrics endpoint and housekeeping thread.
+
+    With `config.standby` it listens at once but answers UNAVAILABLE (health NOT_SERVING) until it owns the
+    state - the SQLite file's lock, or PostgreSQL's advisory lock - then loads it and serves. A leader that
+    loses ownership (its PostgreSQL connection) sets `failed` and must exit.
+    """
 
     def __init__(self, config: Config, key: tokens.Signer | bytes, store: Store | None = None) -> None:
         self.config = config
+        self.key = key
         self.metrics = SchedulerMetrics()
-        self.store = store if store is not None else open_store(config.state)
-        core_config = CoreConfig(
-            lease_ttl=config.lease_ttl,
-            host_timeout=config.host_timeout,
-            heartbeat_interval=config.heartbeat_interval,
-            max_waiters=MAX_WAITERS,
-        )
-        self.core = Core(self.store, key, core_config, self.metrics)
-        self.metrics.watch(self.core)
+        self.store: Store | None = None
+        self.core: Core | None = None
+        self.failed = threading.Event()
+        self.servicer = SchedulerServicer(None, config.policy)
         verified = not config.tls.insecure and config.tls.client_auth == "require"
         authn = Authenticator(config.credentials, verified_certs=verified, open_access=config.tls.insecure)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="sched"),
             interceptors=[AuthInterceptor(authn)],
         )
-        scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(self.core, config.policy), self.server)
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if store is not None or not config.standby:
+            self._lead(store if store is not None else open_store(config.state))
         self.port = tls.add_port(self.server, config.listen, config.tls, "the scheduler")
         if self.port == 0:
             raise GpupoolError(f"cannot listen on {config.listen}")
@@ -122,27 +154,76 @@ class SchedulerServer:
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="sweeper", daemon=True)
 
+    def _lead(self, store: Store) -> None:
+        core_config = CoreConfig(
+            lease_ttl=self.config.lease_ttl,
+            host_timeout=self.config.host_timeout,
+            heartbeat_interval=self.config.heartbeat_interval,
+            max_waiters=MAX_WAITERS,
+            outage_grace=self.config.outage_grace,
+            max_lease_ttl=self.config.max_lease_ttl,
+            tenant_max_share=self.config.tenant_max_share,
+            tenant_max_waiting=self.config.tenant_max_waiting,
+        )
+        self.store = store
+        self.core = Core(store, self.key, core_config, self.metrics)
+        self.metrics.watch(self.core)
+        self.servicer.core = self.core
+
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
     def start(self) -> SchedulerServer:
         self.server.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_listen not in ("", "0"):
             host, port = split_address(self.config.metrics_listen)
             http, _ = start_http_server(port, host, registry=self.metrics.registry)
             self._metrics_http = http
             self.metrics_port = http.server_port
         self._health_server = tls.serve_health(self.config.health_listen, self.health)
-        self._sweeper.start()
+        if self.core is not None:
+            self._serve()
+        else:
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            threading.Thread(target=self._wait_to_lead, name="standby", daemon=True).start()
         return self
 
+    def _serve(self) -> None:
+        assert self.core is not None
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.core.alive()  # from now on a long gap between sweeps counts as a pause of the scheduler
+        self._sweeper.start()
+
+    def _wait_to_lead(self) -> None:
+        try:
+            store = open_store(self.config.state, standby=True)
+        except Exception:  # noqa: BLE001 - reported, and the process exits
+            log.exception("standby: cannot open the state")
+            self.failed.set()
+            return
+        if self._stop.is_set():
+            store.close()
+            return
+        self._lead(store)
+        log.info("leading now: state loaded from %s", _redact(self.config.state))
+        self._serve()
+
     def _sweep_loop(self) -> None:
+        assert self.core is not None and self.store is not None
+        check = getattr(self.store, "check", None)
         while not self._stop.wait(self.config.sweep_interval):
             try:
+                if check is not None:
+                    check()
                 self.core.sweep()
+            except StateOwned as exc:
+                log.critical("stepping down: %s", exc)
+                self.servicer.core = None  # answer nothing more from a state we no longer own
+                self.failed.set()
+                return
             except Exception:  # noqa: BLE001 - housekeeping must keep going
                 log.exception("sweep failed")
 
@@ -157,7 +238,13 @@ class SchedulerServer:
             self._metrics_http.server_close()
         if self._sweeper.is_alive():
             self._sweeper.join(timeout=2)
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
+
+
+def _redact(state: str) -> str:
+    """A state location fit for logs (no password of a connection string)."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", state)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -173,15 +260,22 @@ def config_from_args(args: argparse.Namespace) -> Config:
         tls=tls.config_from_args(args),
         credentials=args.credentials,
         health_listen=args.health_listen,
+        standby=args.standby,
+        outage_grace=args.outage_grace,
+        max_lease_ttl=args.max_lease_ttl,
+        tenant_max_share=args.tenant_max_share,
+        tenant_max_waiting=args.tenant_max_waiting,
     )
 
 
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("lease_ttl", "host_timeout", "heartbeat_interval"):
+    for flag in ("lease_ttl", "host_timeout", "heartbeat_interval", "outage_grace", "max_lease_ttl"):
         if not getattr(args, flag) > 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.tenant_max_share < 0 or args.tenant_max_waiting < 0:
+        parser.error("--tenant-max-share and --tenant-max-waiting must not be negative")
     config = config_from_args(args)
     setup_logging("scheduler")
     try:
@@ -190,13 +284,19 @@ def main(argv: list[str]) -> int:
     except (GpupoolError, OSError, RuntimeError, sqlite3.Error) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    log.info("listening on %s (state %s, lease ttl %gs)", server.address, config.state, config.lease_ttl)
+    standby = " - standing by until it leads" if server.core is None else ""
+    log.info(
+        "listening on %s (state %s, lease ttl %gs)%s", server.address, _redact(config.state), config.lease_ttl, standby
+    )
     if server.metrics_port:
         log.info("metrics on http://%s:%d/metrics", split_address(config.metrics_listen)[0], server.metrics_port)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    while not done.wait(0.5):
+        if server.failed.is_set():
+            server.stop(grace=0)
+            return 3
     log.info("stopping")
     server.stop()
     return 0

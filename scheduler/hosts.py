@@ -8,6 +8,7 @@ its leases are lost; a host the scheduler does not know (or marked down) is told
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -18,12 +19,33 @@ from gpupool.scheduler.pool import HOST_DOWN, HOST_DRAINING, HOST_UP, Device, Ho
 from gpupool.scheduler.store import LEASE_ACTIVE, LEASE_LOST, Lease, Store
 
 from gpupool.config import split_address
-from gpupool.errors import InvalidArgument
+from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
 MAX_DEVICES_PER_HOST = 1024
 MAX_ID_LENGTH = 256
+# Labels travel in every ListPool reply: bounded so that no host can make those replies too big to send.
+MAX_LABELS = 64
+MAX_LABEL_KEY = 63
+MAX_LABEL_VALUE = 256
+MAX_LABEL_BYTES = 4096
+
+
+def validate_labels(labels: Mapping[str, str], what: str = "labels") -> dict[str, str]:
+    """The labels as a dict, or InvalidArgument when there are too many or they are too long."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"{what}: {len(labels)} labels, at most {MAX_LABELS}")
+    total = 0
+    for k, v in labels.items():
+        if not k or len(k) > MAX_LABEL_KEY or len(v) > MAX_LABEL_VALUE:
+            raise InvalidArgument(
+                f"{what}: label {k[:40]!r} - keys are 1..{MAX_LABEL_KEY} characters, values at most {MAX_LABEL_VALUE}"
+            )
+        total += len(k.encode()) + len(v.encode())
+    if total > MAX_LABEL_BYTES:
+        raise InvalidArgument(f"{what}: {total} bytes of labels, at most {MAX_LABEL_BYTES}")
+    return dict(labels)
 
 
 @dataclass(frozen=True)
@@ -37,7 +59,10 @@ class DeviceSpec:
     fake: bool = False
 
 
-def validate_registration(host_id: str, address: str, devices: list[DeviceSpec]) -> None:
+def validate_registration(
+    host_id: str, address: str, devices: list[DeviceSpec], labels: Mapping[str, str] | None = None
+) -> None:
+    validate_labels(labels or {}, f"host {host_id[:MAX_ID_LENGTH]}")
     if not host_id or len(host_id) > MAX_ID_LENGTH:
         raise InvalidArgument(f"host_id must be 1..{MAX_ID_LENGTH} characters")
     try:
@@ -68,7 +93,18 @@ class HostBook:
     leases: dict[str, Lease]
     revoked: dict[str, set[str]]
 
-    def _end(self, leases: Iterable[Lease], state: str, hosts: Iterable[Host] = ()) -> None:
+    def _end(
+        self, leases: Iterable[Lease], state: str, hosts: Iterable[Host] = (), forget_hosts: Iterable[str] = ()
+    ) -> None:
+        raise NotImplementedError
+
+    def _write(
+        self,
+        hosts: Iterable[Host] = (),
+        leases: Iterable[Lease] = (),
+        forget: Iterable[str] = (),
+        forget_hosts: Iterable[str] = (),
+    ) -> None:
         raise NotImplementedError
 
     def _serve_waiters(self) -> None:
@@ -78,17 +114,19 @@ class HostBook:
         self, host_id: str, address: str, devices: list[DeviceSpec], labels: Mapping[str, str] | None = None
     ) -> None:
         """Add a host or take it back; its active leases survive if their devices are unchanged."""
-        validate_registration(host_id, address, devices)
+        validate_registration(host_id, address, devices, labels)
         with self.lock:
+            old = self.pool.hosts.get(host_id)
+            cordoned = old is not None and old.cordoned
             host = Host(
                 host_id,
                 address,
                 {d.index: Device(host_id, d.index, d.uuid, d.model, d.memory_bytes, d.fake) for d in devices},
                 dict(labels or {}),
-                HOST_UP,
+                HOST_DRAINING if cordoned else HOST_UP,
                 time.time(),
+                cordoned,
             )
-            old = self.pool.hosts.get(host_id)
             mine = [x for x in self.leases.values() if x.state == LEASE_ACTIVE and host_id in x.hosts]
             keep: list[Lease] = []
             lose: list[Lease] = []
@@ -102,12 +140,12 @@ class HostBook:
                     if g.host_id == host_id
                 )
                 (keep if ok else lose).append(lease)
-            if lose:
-                self._end(lose, LEASE_LOST)  # gives their grants back on the old devices first
+            # One transaction: the host and the leases it loses; `_end` writes both, then frees the lost
+            # grants on the old devices, before the new host replaces them in memory.
+            self._end(lose, LEASE_LOST, hosts=[host])
             self.pool.set_host(host)
             for lease in keep:
                 self.pool.take([g for g in lease.grants if g.host_id == host_id])
-            self.store.write(hosts=[host])
             log.info(
                 "host %s registered at %s with %d device(s)%s",
                 host_id,
@@ -125,16 +163,16 @@ class HostBook:
             host = self.pool.hosts.get(host_id)
             if host is None or host.state == HOST_DOWN:
                 return [], True
-            host.last_seen = time.time()
+            host.last_seen = time.time()  # liveness and usage are not state: never stored
             for index, used in used_bytes.items():
                 dev = host.devices.get(index)
                 if dev is not None:
                     dev.used_bytes = used
-            want = HOST_DRAINING if draining else HOST_UP
+            want = HOST_DRAINING if draining or host.cordoned else HOST_UP
             if host.state != want:
+                self._write(hosts=[dataclasses.replace(host, state=want)])
                 log.info("host %s is %s", host_id, want)
                 self.pool.set_state(host_id, want)
-                self.store.write(hosts=[host])
                 if want == HOST_UP:
                     self._serve_waiters()
             revoked = self.revoked.pop(host_id, set())
@@ -144,11 +182,46 @@ class HostBook:
                     revoked.add(lease_id)
             return sorted(revoked), False
 
+    def drain_host(self, host_id: str, undo: bool = False) -> None:
+        """Operator: no new placements on the host (its leases run on), until `undo`; survives restarts."""
+        with self.lock:
+            host = self.pool.hosts.get(host_id)
+            if host is None:
+                raise NotFound(f"unknown host {host_id!r}")
+            state = host.state
+            if state != HOST_DOWN:
+                state = HOST_UP if undo else HOST_DRAINING
+            self._write(hosts=[dataclasses.replace(host, cordoned=not undo, state=state)])
+            host.cordoned = not undo
+            self.pool.set_state(host_id, state)
+            log.info("host %s %s by an operator", host_id, "put back" if undo else "drained")
+            if state == HOST_UP:
+                self._serve_waiters()
+
+    def remove_host(self, host_id: str, force: bool = False) -> int:
+        """Operator: forget a host gone for good; its active leases are refused unless `force` (then lost)."""
+        with self.lock:
+            if host_id not in self.pool.hosts:
+                raise NotFound(f"unknown host {host_id!r}")
+            held = [x for x in self.leases.values() if x.state == LEASE_ACTIVE and host_id in x.hosts]
+            if held and not force:
+                raise FailedPrecondition(
+                    f"host {host_id} holds {len(held)} active lease(s): drain it and wait, or remove with --force"
+                )
+            self._end(held, LEASE_LOST, forget_hosts=[host_id])
+            self.pool.remove_host(host_id)
+            self.revoked.pop(host_id, None)
+            log.warning("host %s removed by an operator (%d lease(s) lost)", host_id, len(held))
+            return len(held)
+
     def _hosts_timeout(self, now: float, timeout: float) -> None:
         silent = [h for h in self.pool.hosts.values() if h.state != HOST_DOWN and h.last_seen + timeout < now]
         for host in silent:
+            lost = [x for x in self.leases.values() if x.state == LEASE_ACTIVE and host.host_id in x.hosts]
+            try:
+                self._end(lost, LEASE_LOST, hosts=[dataclasses.replace(host, state=HOST_DOWN)])
+            except Unavailable:
+                continue  # not saved, so not done: the next sweep tries again
             log.warning("host %s silent for %.1f s: marked down, its leases lost", host.host_id, now - host.last_seen)
             self.pool.set_state(host.host_id, HOST_DOWN)
             self.revoked.pop(host.host_id, None)
-            lost = [x for x in self.leases.values() if x.state == LEASE_ACTIVE and host.host_id in x.hosts]
-            self._end(lost, LEASE_LOST, hosts=[host])

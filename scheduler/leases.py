@@ -1,12 +1,18 @@
 """The scheduler's core: hosts come and go, leases are granted, renewed, released, expire or are lost.
 
 Plain domain code - no gRPC here. One lock serializes every decision; each decision is written to the
-store in one transaction before it is answered, so a crash never hands out capacity twice. Requests that
-do not fit may wait, served strictly in FIFO order as capacity frees up.
+store in one transaction *before* it is applied in memory, so a crash never hands out capacity twice and a
+write the store refuses (disk full) changes nothing: the caller gets UNAVAILABLE. Requests that do not
+fit may wait, served strictly in FIFO order as capacity frees up.
+
+The scheduler's own absence (a restart, a pause of the process) is not held against anyone: after it,
+every host gets a fresh `host_timeout` to heartbeat and every active lease a grace period
+(`outage_grace`) to be renewed before it expires.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -16,8 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from gpupool.scheduler.hosts import HostBook
-from gpupool.scheduler.placement import Request, place, validate
-from gpupool.scheduler.pool import HOST_DOWN, Grant, Host, Pool
+from gpupool.scheduler.placement import Request, min_units, place, validate
+from gpupool.scheduler.pool import HOST_DOWN, SHARE_UNITS, Grant, Host, Pool
 from gpupool.scheduler.store import (
     LEASE_ACTIVE,
     LEASE_EXPIRED,
@@ -29,7 +35,7 @@ from gpupool.scheduler.store import (
 
 from gpupool import tokens
 from gpupool.config import format_size
-from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +48,20 @@ class CoreConfig:
     heartbeat_interval: float = 2.0
     retention: float = 600.0  # how long an ended lease is remembered (Renew says why it ended, not NOT_FOUND)
     max_waiters: int = 1000  # each waiter holds a server thread: beyond this, fail at once instead
+    tenant_max_share: float = 0.0  # GPUs' worth of shares one tenant may hold (and wait for); 0: no limit
+    tenant_max_waiting: int = 0  # waiting requests of one tenant; 0: no limit beyond max_waiters
+    outage_grace: float = 30.0  # after the scheduler was away, how long leases it could not renew are kept
+    # A gap this long between two sweeps means the scheduler itself was not running (SIGSTOP, VM pause):
+    # the hosts' silence over that time is ours, not theirs. None: min(3 s, host_timeout / 2).
+    pause_threshold: float | None = None
 
 
 class Events:
     """What the core reports as it decides; metrics.py records it (this default records nothing)."""
 
     def lease_event(self, event: str) -> None: ...
+
+    def store_error(self) -> None: ...
 
     def allocation(self, result: str, seconds: float) -> None: ...
 
@@ -57,6 +71,7 @@ class _Waiter:
     req: Request
     tenant: str
     ttl: float
+    units: int = 0  # an estimate of the share units it will take (for the tenant's limit)
     done: threading.Event = field(default_factory=threading.Event)
     lease: Lease | None = None
 
@@ -76,7 +91,9 @@ class Core(HostBook):
         self.leases: dict[str, Lease] = {}
         self.waiters: deque[_Waiter] = deque()
         self.revoked: dict[str, set[str]] = {}
+        self.held_units: dict[str, int] = {}  # share units held per tenant (active leases)
         self.scheduler_id = uuid.uuid4().hex
+        self._last_alive: tuple[float, float] | None = None  # (monotonic, wall) of the last `alive()`
         self._load()
 
     def _load(self) -> None:
@@ -89,6 +106,9 @@ class Core(HostBook):
             self.leases[lease.lease_id] = lease
             if lease.state == LEASE_ACTIVE:
                 self.pool.take(lease.grants)
+                self._hold(lease, +1)
+                # Nobody could renew it while we were down: give its tenant time to do so now.
+                lease.grace_until = now + self.config.outage_grace
         active = sum(1 for x in leases if x.state == LEASE_ACTIVE)
         if hosts or leases:
             log.info("loaded %d hosts and %d active leases from the store", len(hosts), active)
@@ -111,17 +131,26 @@ class Core(HostBook):
             ttl = min(ttl or self.config.lease_ttl, self.config.max_lease_ttl)
             with self.lock:
                 validate(req, self.pool)
+                units = req.gpus * min_units(self.pool, req)
                 if not self.waiters:
                     grants = place(self.pool, req)
                     if grants is not None:
+                        self._check_tenant(tenant, req, sum(g.units for g in grants))
                         lease = self._grant(grants, tenant, ttl)
                         self.events.allocation("granted", time.monotonic() - start)
                         return lease
+                self._check_tenant(tenant, req, units)
                 if wait <= 0:
                     raise ResourceExhausted(self._exhausted_message(req))
                 if len(self.waiters) >= self.config.max_waiters:
                     raise ResourceExhausted(f"{self._exhausted_message(req)}; the waiting line is full")
-                waiter = _Waiter(req, tenant, ttl)
+                mine = sum(1 for w in self.waiters if w.tenant == tenant)
+                if self.config.tenant_max_waiting and mine >= self.config.tenant_max_waiting:
+                    raise ResourceExhausted(
+                        f"{self._exhausted_message(req)}; tenant {tenant!r} already has {mine} request(s) waiting "
+                        f"(at most {self.config.tenant_max_waiting})"
+                    )
+                waiter = _Waiter(req, tenant, ttl, units)
                 self.waiters.append(waiter)
         except InvalidArgument:
             self.events.allocation("invalid", time.monotonic() - start)
@@ -154,9 +183,50 @@ class Core(HostBook):
             grants = place(self.pool, head.req)
             if grants is None:
                 return
+            try:
+                head.lease = self._grant(grants, head.tenant, head.ttl)
+            except Unavailable:
+                return  # the store refused: the head keeps its place, the next sweep tries again
             self.waiters.popleft()
-            head.lease = self._grant(grants, head.tenant, head.ttl)
             head.done.set()
+
+    def _write(
+        self,
+        hosts: Iterable[Host] = (),
+        leases: Iterable[Lease] = (),
+        forget: Iterable[str] = (),
+        forget_hosts: Iterable[str] = (),
+    ) -> None:
+        """One store transaction; a refused write becomes UNAVAILABLE (the caller has changed nothing yet)."""
+        try:
+            self.store.write(hosts=hosts, leases=leases, forget=forget, forget_hosts=forget_hosts)
+        except GpupoolError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - sqlite3.Error, OSError, a database driver's errors
+            self.events.store_error()
+            log.error("the state store refused a write: %s: %s", type(exc).__name__, exc)
+            raise Unavailable(
+                f"the scheduler cannot save its state ({type(exc).__name__}: {exc}); nothing was changed, retry later"
+            ) from exc
+
+    def _hold(self, lease: Lease, sign: int) -> None:
+        units = self.held_units.get(lease.tenant, 0) + sign * sum(g.units for g in lease.grants)
+        if units:
+            self.held_units[lease.tenant] = units
+        else:
+            self.held_units.pop(lease.tenant, None)
+
+    def _check_tenant(self, tenant: str, req: Request, units: int) -> None:
+        """ResourceExhausted when `units` more (with what the tenant holds and waits for) pass its limit."""
+        limit = self.config.tenant_max_share
+        if limit <= 0:
+            return
+        held = self.held_units.get(tenant, 0) + sum(w.units for w in self.waiters if w.tenant == tenant)
+        if held + units > round(limit * SHARE_UNITS):
+            raise ResourceExhausted(
+                f"tenant {tenant!r} holds or waits for {held / SHARE_UNITS:.3g} GPU(s) worth of shares; "
+                f"{req.describe()} would pass its limit of {limit:g}"
+            )
 
     def _exhausted_message(self, req: Request) -> str:
         up = sum(1 for _ in self.pool.up_devices())
@@ -172,8 +242,9 @@ class Core(HostBook):
     def _grant(self, grants: list[Grant], tenant: str, ttl: float) -> Lease:
         now = time.time()
         lease = Lease(uuid.uuid4().hex, tenant, grants, now + ttl, ttl, now)
+        self._write(leases=[lease])
         self.pool.take(grants)
-        self.store.write(leases=[lease])
+        self._hold(lease, +1)
         self.leases[lease.lease_id] = lease
         self.events.lease_event("granted")
         return lease
@@ -183,16 +254,21 @@ class Core(HostBook):
         with self.lock:
             lease = self._get(lease_id)
             now = time.time()
-            if lease.state == LEASE_ACTIVE and lease.expires_at <= now:
+            if self._last_alive is not None:
+                self.alive()
+            if lease.state == LEASE_ACTIVE and lease.expires_at <= now and lease.grace_until <= now:
                 self._end([lease], LEASE_EXPIRED)
             if lease.state == LEASE_LOST:
+                # FAILED_PRECONDITION, not UNAVAILABLE: the lease is gone for good, retrying cannot help.
                 hosts = self.pool.hosts
                 down = sorted(h for h in lease.hosts if getattr(hosts.get(h), "state", HOST_DOWN) == HOST_DOWN)
-                raise Unavailable(f"lease {lease_id} was lost: host {', '.join(down) or 'of the lease'} is down")
+                raise FailedPrecondition(
+                    f"lease {lease_id} was lost: host {', '.join(down) or 'of the lease'} is down; allocate a new one"
+                )
             if lease.state != LEASE_ACTIVE:
                 raise FailedPrecondition(f"lease {lease_id} is {lease.state}; allocate a new one")
-            lease.expires_at = now + lease.ttl
-            self.store.write(leases=[lease])
+            self._write(leases=[dataclasses.replace(lease, expires_at=now + lease.ttl)])
+            lease.expires_at, lease.grace_until = now + lease.ttl, 0.0
             return lease
 
     def release(self, lease_id: str) -> None:
@@ -208,17 +284,22 @@ class Core(HostBook):
             raise NotFound(f"unknown lease {lease_id!r}")
         return lease
 
-    def _end(self, leases: Iterable[Lease], state: str, hosts: Iterable[Host] = ()) -> None:
-        """End active leases: free their capacity, tell their daemons, persist, serve the waiters."""
+    def _end(
+        self, leases: Iterable[Lease], state: str, hosts: Iterable[Host] = (), forget_hosts: Iterable[str] = ()
+    ) -> None:
+        """End active leases: persist (with `hosts` and `forget_hosts`, one transaction), then free their
+        capacity, tell their daemons and serve the waiters."""
         now = time.time()
         ended = [x for x in leases if x.state == LEASE_ACTIVE]
+        copies = [dataclasses.replace(x, state=state, ended_at=now) for x in ended]
+        self._write(hosts=hosts, leases=copies, forget_hosts=forget_hosts)
         for lease in ended:
             lease.state, lease.ended_at = state, now
             self.pool.give(lease.grants)
+            self._hold(lease, -1)
             for host_id in lease.hosts:
                 self.revoked.setdefault(host_id, set()).add(lease.lease_id)
             self.events.lease_event(state if state != LEASE_RELEASED else "released")
-        self.store.write(hosts=hosts, leases=ended)
         if ended:
             self._serve_waiters()
 
@@ -235,17 +316,52 @@ class Core(HostBook):
         """Expire unrenewed leases, mark silent hosts down (their leases lost), forget long-ended leases."""
         now = time.time() if now is None else now
         with self.lock:
+            if self._last_alive is not None:
+                self.alive()
             self._hosts_timeout(now, self.config.host_timeout)
-            expired = [x for x in self.leases.values() if x.state == LEASE_ACTIVE and x.expires_at <= now]
-            if expired:
-                log.info("expired %d lease(s): %s", len(expired), ", ".join(x.lease_id for x in expired[:5]))
-                self._end(expired, LEASE_EXPIRED)
+            active = (x for x in self.leases.values() if x.state == LEASE_ACTIVE)
+            expired = [x for x in active if max(x.expires_at, x.grace_until) <= now]
             horizon = now - self.config.retention
             old = [k for k, x in self.leases.items() if x.state != LEASE_ACTIVE and x.ended_at < horizon]
-            for k in old:
-                del self.leases[k]
-            if old:
-                self.store.write(forget=old)
+            try:  # a step the store refuses is simply retried at the next sweep
+                if expired:
+                    self._end(expired, LEASE_EXPIRED)
+                    log.info("expired %d lease(s): %s", len(expired), ", ".join(x.lease_id for x in expired[:5]))
+                if old:
+                    self._write(forget=old)
+                    for k in old:
+                        del self.leases[k]
+            except Unavailable:
+                pass
+            self._serve_waiters()  # in case a grant for the head failed to be saved before
+
+    def alive(self) -> None:
+        """Called every sweep interval by the server (and on each renewal once it is): a long gap since the last
+        call means the scheduler itself did not run (paused), so forgive what that silence looks like."""
+        mono, now = time.monotonic(), time.time()
+        with self.lock:
+            last = self._last_alive
+            self._last_alive = (mono, now)
+            if last is None:
+                return
+            gap = max(mono - last[0], now - last[1])
+            threshold = self.config.pause_threshold or min(3.0, self.config.host_timeout / 2)
+            if gap >= threshold:
+                self._forgive(now, gap)
+
+    def _forgive(self, now: float, gap: float) -> None:
+        log.warning(
+            "the scheduler itself was not running for %.1f s (paused?): hosts get a fresh %g s to heartbeat, "
+            "leases %g s to be renewed",
+            gap,
+            self.config.host_timeout,
+            self.config.outage_grace,
+        )
+        for host in self.pool.hosts.values():
+            host.last_seen = max(host.last_seen, now)
+        for lease in self.leases.values():
+            if lease.state == LEASE_ACTIVE:
+                lease.grace_until = max(lease.grace_until, now + self.config.outage_grace)
 
     def active_leases(self) -> list[Lease]:
         with self.lock:

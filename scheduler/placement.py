@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from gpupool.scheduler.pool import SHARE_UNITS, Device, Grant, Host, Pool
+from gpupool.scheduler.pool import KTH_SCALE, MAX_KTH, SHARE_UNITS, Device, Grant, Host, Pool
 
 from gpupool.config import format_size
 from gpupool.errors import InvalidArgument
@@ -89,7 +89,7 @@ def _fits(req: Request, host: Host, dev: Device) -> Grant | None:
     return Grant(dev.host_id, dev.index, size[0], size[1])
 
 
-def _min_units(pool: Pool, req: Request) -> int:
+def min_units(pool: Pool, req: Request) -> int:
     """A lower bound of the share units one piece of `req` takes on any device."""
     if req.fraction is not None:
         return fraction_units(req.fraction)
@@ -99,17 +99,22 @@ def _min_units(pool: Pool, req: Request) -> int:
 def place(pool: Pool, req: Request) -> list[Grant] | None:
     """The grants for `req` under its policy, or None when nothing fits now."""
     spread = req.policy == "spread"
-    min_units = _min_units(pool, req)
+    least = min_units(pool, req)
     if req.gpus > 1:
-        # One host if any can hold it: binpack takes the fullest such host, spread the emptiest, and
-        # within it the devices in the same order.
-        hosts = pool.host_index.descending if spread else pool.host_index.ascending
-        for host in hosts(req.gpus * min_units):
+        # One host if any can hold it: binpack takes the host whose gpus-th largest free device is the
+        # smallest that fits (then the fullest host), spread the emptiest; within it the devices in the same
+        # order. Up to MAX_KTH pieces the index holds only hosts with enough devices free enough.
+        if req.gpus <= MAX_KTH:
+            index, floor = pool.kth[req.gpus], least * KTH_SCALE
+        else:
+            index, floor = pool.host_index, req.gpus * least
+        hosts = index.descending if spread else index.ascending
+        for host in hosts(floor):
             fitting = [(dev, g) for dev in host.devices.values() if (g := _fits(req, host, dev)) is not None]
             if len(fitting) >= req.gpus:
                 fitting.sort(key=lambda dg: (dg[0].free_units, dg[0].index), reverse=spread)
                 return [g for _, g in fitting[: req.gpus]]
-    devices = pool.index.descending(min_units) if spread else pool.index.ascending(min_units)
+    devices = pool.index.descending(least) if spread else pool.index.ascending(least)
     chosen: list[Grant] = []
     for dev in devices:
         grant = _fits(req, pool.hosts[dev.host_id], dev)

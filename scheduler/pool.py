@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 SHARE_UNITS = 1_000_000
+# Multi-GPU placement looks hosts up by their k-th largest free device (k = 2..MAX_KTH), so that a request for
+# k pieces visits only hosts that can hold them instead of every host with enough free share in total.
+MAX_KTH = 8
+KTH_SCALE = 1 << 40  # key = k-th largest free units * KTH_SCALE + the host's total free units (the tie-break)
 
 DeviceKey = tuple[str, int]  # (host_id, device index)
 K = TypeVar("K")
@@ -64,6 +68,7 @@ class Host:
     labels: dict[str, str] = field(default_factory=dict)
     state: str = HOST_UP
     last_seen: float = 0.0
+    cordoned: bool = False  # drained by an operator (`gpupool host drain`): kept draining whatever it reports
 
     @property
     def free_units(self) -> int:
@@ -155,19 +160,37 @@ class Pool:
         self.hosts: dict[str, Host] = {}
         self.index: FreeIndex[DeviceKey, Device] = FreeIndex()
         self.host_index: FreeIndex[str, Host] = FreeIndex()
+        self.kth: dict[int, FreeIndex[str, Host]] = {k: FreeIndex() for k in range(2, MAX_KTH + 1)}
         self.max_capacity = 0  # of any device ever registered: bounds what a memory request may ask
 
     def device(self, key: DeviceKey) -> Device | None:
         host = self.hosts.get(key[0])
         return host.devices.get(key[1]) if host else None
 
-    def _unindex(self, host: Host) -> None:
+    @staticmethod
+    def _kth_keys(host: Host) -> list[tuple[int, int]]:
+        """(k, key in self.kth[k]) for every k the host can serve."""
+        frees = sorted((d.free_units for d in host.devices.values()), reverse=True)
+        total = sum(frees)
+        return [(k, frees[k - 1] * KTH_SCALE + total) for k in range(2, min(MAX_KTH, len(frees)) + 1)]
+
+    def _unindex_host(self, host: Host) -> None:
         self.host_index.remove(host.host_id, host.free_units)
+        for k, key in self._kth_keys(host):
+            self.kth[k].remove(host.host_id, key)
+
+    def _index_host(self, host: Host) -> None:
+        self.host_index.add(host.host_id, host.free_units, host)
+        for k, key in self._kth_keys(host):
+            self.kth[k].add(host.host_id, key, host)
+
+    def _unindex(self, host: Host) -> None:
+        self._unindex_host(host)
         for dev in host.devices.values():
             self.index.remove(dev.key, dev.free_units)
 
     def _index(self, host: Host) -> None:
-        self.host_index.add(host.host_id, host.free_units, host)
+        self._index_host(host)
         for dev in host.devices.values():
             self.index.add(dev.key, dev.free_units, dev)
 
@@ -181,6 +204,12 @@ class Pool:
         if host.state == HOST_UP:
             self._index(host)
 
+    def remove_host(self, host_id: str) -> None:
+        """Forget a host (the caller has ended its leases)."""
+        host = self.hosts.pop(host_id)
+        if host.state == HOST_UP:
+            self._unindex(host)
+
     def set_state(self, host_id: str, state: str) -> None:
         host = self.hosts[host_id]
         if host.state == state:
@@ -191,28 +220,35 @@ class Pool:
         if state == HOST_UP:
             self._index(host)
 
-    def _move(self, grant: Grant, sign: int) -> None:
-        host = self.hosts.get(grant.host_id)
-        dev = host.devices.get(grant.device) if host else None
-        if host is None or dev is None:
-            return
-        indexed = host.state == HOST_UP
-        if indexed:
-            self.host_index.remove(host.host_id, host.free_units)
-            self.index.remove(dev.key, dev.free_units)
-        dev.allocated_bytes += sign * grant.quota_bytes
-        dev.allocated_units += sign * grant.units
-        if indexed:
-            self.index.add(dev.key, dev.free_units, dev)
-            self.host_index.add(host.host_id, host.free_units, host)
+    def _move(self, grants: list[Grant], sign: int) -> None:
+        """Add (sign +1) or remove (-1) grants; each host is re-indexed once, however many of its devices moved."""
+        by_host: dict[str, list[Grant]] = {}
+        for g in grants:
+            by_host.setdefault(g.host_id, []).append(g)
+        for host_id, mine in by_host.items():
+            host = self.hosts.get(host_id)
+            if host is None:
+                continue
+            moved = {g.device: host.devices[g.device] for g in mine if g.device in host.devices}
+            indexed = host.state == HOST_UP
+            if indexed:
+                self._unindex_host(host)
+                for dev in moved.values():
+                    self.index.remove(dev.key, dev.free_units)
+            for g in mine:
+                if g.device in moved:
+                    moved[g.device].allocated_bytes += sign * g.quota_bytes
+                    moved[g.device].allocated_units += sign * g.units
+            if indexed:
+                for dev in moved.values():
+                    self.index.add(dev.key, dev.free_units, dev)
+                self._index_host(host)
 
     def take(self, grants: list[Grant]) -> None:
-        for g in grants:
-            self._move(g, +1)
+        self._move(grants, +1)
 
     def give(self, grants: list[Grant]) -> None:
-        for g in grants:
-            self._move(g, -1)
+        self._move(grants, -1)
 
     def up_devices(self) -> Iterator[tuple[Host, Device]]:
         for host in self.hosts.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 from collections.abc import Callable
@@ -10,18 +11,21 @@ from typing import Any, TypeVar
 
 import grpc
 from gpupool.scheduler import auth
-from gpupool.scheduler.hosts import DeviceSpec
+from gpupool.scheduler.hosts import DeviceSpec, validate_labels
 from gpupool.scheduler.leases import Core
 from gpupool.scheduler.placement import Request
-from gpupool.scheduler.pool import SHARE_UNITS
+from gpupool.scheduler.pool import SHARE_UNITS, Host
 from gpupool.scheduler.store import Lease
 
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
-from gpupool.errors import GpupoolError, Internal, InvalidArgument, abort
+from gpupool.errors import GpupoolError, Internal, InvalidArgument, Unavailable, abort
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
-MAX_LABELS = 64
+# ListPool pages: at most this many hosts + leases, and about this many bytes (gRPC refuses messages over 4 MiB).
+DEFAULT_PAGE_SIZE = 500
+MAX_PAGE_SIZE = 5000
+PAGE_BYTES = 1 << 20
 
 
 def _rpc(method: F) -> F:
@@ -40,22 +44,31 @@ def _rpc(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _labels(labels: Any) -> dict[str, str]:
-    if len(labels) > MAX_LABELS:
-        raise InvalidArgument(f"at most {MAX_LABELS} labels")
-    return dict(labels)
+def _cursor(lease_id: str) -> str:
+    return hashlib.sha256(lease_id.encode()).hexdigest()[:32]
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, core: Core, default_policy: str = "binpack") -> None:
-        self.core = core
+    def __init__(self, core: Core | None, default_policy: str = "binpack") -> None:
+        self._core = core  # None while a standby (or after stepping down): every call answers UNAVAILABLE
         self.default_policy = default_policy
+
+    @property
+    def core(self) -> Core:
+        core = self._core
+        if core is None:
+            raise Unavailable("this scheduler is a standby (another replica leads): try the next address")
+        return core
+
+    @core.setter
+    def core(self, core: Core | None) -> None:
+        self._core = core
 
     @_rpc
     def Register(self, request: scheduler_pb2.RegisterRequest, context: grpc.ServicerContext) -> Any:
         auth.current().check_host(request.host_id)
         devices = [DeviceSpec(d.index, d.uuid, d.model, d.memory_bytes, d.fake) for d in request.devices]
-        self.core.register(request.host_id, request.address, devices, _labels(request.labels))
+        self.core.register(request.host_id, request.address, devices, dict(request.labels))
         return scheduler_pb2.RegisterReply(
             heartbeat_interval_seconds=self.core.config.heartbeat_interval, scheduler_id=self.core.scheduler_id
         )
@@ -82,7 +95,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             gpus=request.gpus,
             fraction=request.fraction if which == "fraction" else None,
             memory_bytes=request.memory_bytes if which == "memory_bytes" else None,
-            labels=_labels(request.labels),
+            labels=validate_labels(request.labels),
             policy=request.policy or self.default_policy,
         )
         lease = self.core.allocate(
@@ -115,40 +128,74 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     @_rpc
     def ListPool(self, request: scheduler_pb2.ListPoolRequest, context: grpc.ServicerContext) -> Any:
         caller = auth.current()
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        kind, _, after = request.page_token.partition(":")
+        if request.page_token and kind not in ("h", "l"):
+            raise InvalidArgument(f"page_token {request.page_token[:40]!r} is not one this scheduler gave")
+        reply = scheduler_pb2.PoolState()
+        used = count = 0
+        last = ""
         with self.core.lock:
-            hosts = [
-                scheduler_pb2.HostState(
-                    host_id=h.host_id,
-                    address=h.address,
-                    state=h.state,
-                    last_seen=h.last_seen,
-                    labels=h.labels,
-                    devices=[
-                        scheduler_pb2.DeviceState(
-                            info=device_pb2.DeviceInfo(
-                                index=d.index, uuid=d.uuid, model=d.model, memory_bytes=d.capacity_bytes, fake=d.fake
-                            ),
-                            allocated_bytes=d.allocated_bytes,
-                            allocated_share=d.allocated_units / SHARE_UNITS,
-                            used_bytes=d.used_bytes,
-                        )
-                        for d in sorted(h.devices.values(), key=lambda d: d.index)
-                    ],
+            reply.waiting = len(self.core.waiters)
+            if kind in ("", "h"):
+                hosts = sorted((h for h in self.core.pool.hosts.values() if h.host_id > after), key=lambda h: h.host_id)
+                for host in hosts:
+                    pb = self._host_pb(host)
+                    n = pb.ByteSize()
+                    if count and (count >= size or used + n > PAGE_BYTES):
+                        reply.next_page_token = f"h:{reply.hosts[-1].host_id}"
+                        return reply
+                    reply.hosts.append(pb)
+                    used, count = used + n, count + 1
+                after = ""
+            # Leases page in the order of a digest of their ids: the page token names no other tenant's lease id.
+            keyed = sorted((_cursor(x.lease_id), x) for x in self.core.active_leases())
+            for key, lease in (kx for kx in keyed if kx[0] > after):
+                info = scheduler_pb2.LeaseInfo(  # other tenants' leases: usage only, no id
+                    lease_id=lease.lease_id if caller.may_see(lease.tenant) else "",
+                    tenant=lease.tenant,
+                    state=lease.state,
+                    devices=self._devices_pb(lease, with_tokens=False),
+                    expires_at=lease.expires_at,
                 )
-                for h in sorted(self.core.pool.hosts.values(), key=lambda h: h.host_id)
-            ]
-            leases = [
-                scheduler_pb2.LeaseInfo(  # other tenants' leases: usage only, no id
-                    lease_id=x.lease_id if caller.may_see(x.tenant) else "",
-                    tenant=x.tenant,
-                    state=x.state,
-                    devices=self._devices_pb(x, with_tokens=False),
-                    expires_at=x.expires_at,
+                n = info.ByteSize()
+                if count and (count >= size or used + n > PAGE_BYTES):
+                    reply.next_page_token = f"l:{last}"
+                    return reply
+                reply.leases.append(info)
+                last = key
+                used, count = used + n, count + 1
+        return reply
+
+    @_rpc
+    def DrainHost(self, request: scheduler_pb2.DrainHostRequest, context: grpc.ServicerContext) -> Any:
+        self.core.drain_host(request.host_id, undo=request.undo)
+        return scheduler_pb2.DrainHostReply()
+
+    @_rpc
+    def RemoveHost(self, request: scheduler_pb2.RemoveHostRequest, context: grpc.ServicerContext) -> Any:
+        return scheduler_pb2.RemoveHostReply(leases_lost=self.core.remove_host(request.host_id, request.force))
+
+    @staticmethod
+    def _host_pb(h: Host) -> scheduler_pb2.HostState:
+        return scheduler_pb2.HostState(
+            host_id=h.host_id,
+            address=h.address,
+            state=h.state,
+            last_seen=h.last_seen,
+            labels=h.labels,
+            devices=[
+                scheduler_pb2.DeviceState(
+                    info=device_pb2.DeviceInfo(
+                        index=d.index, uuid=d.uuid, model=d.model, memory_bytes=d.capacity_bytes, fake=d.fake
+                    ),
+                    allocated_bytes=d.allocated_bytes,
+                    allocated_share=d.allocated_units / SHARE_UNITS,
+                    used_bytes=d.used_bytes,
                 )
-                for x in sorted(self.core.active_leases(), key=lambda x: x.created_at)
-            ]
-            waiting = len(self.core.waiters)
-        return scheduler_pb2.PoolState(hosts=hosts, leases=leases, waiting=waiting)
+                for d in sorted(h.devices.values(), key=lambda d: d.index)
+            ],
+        )
 
     def _devices_pb(self, lease: Lease, with_tokens: bool) -> list[scheduler_pb2.LeasedDevice]:
         out = []

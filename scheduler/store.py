@@ -12,15 +12,23 @@ Heartbeats (last_seen, usage) are not stored either: they change every 2 s and m
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
+import logging
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from gpupool.scheduler.pool import Device, Grant, Host
+
+from gpupool.errors import GpupoolError
+
+log = logging.getLogger(__name__)
 
 LEASE_ACTIVE = "active"
 LEASE_RELEASED = "released"
@@ -41,16 +49,30 @@ class Lease:
     state: str = LEASE_ACTIVE
     ended_at: float = 0.0
     hosts: set[str] = field(default_factory=set)
+    # Not stored: until when an active lease is kept past `expires_at` because the scheduler itself was away
+    # (restarted, paused) and its tenant could not renew it.
+    grace_until: float = 0.0
 
     def __post_init__(self) -> None:
         self.hosts = {g.host_id for g in self.grants}
 
 
+class StateOwned(GpupoolError):
+    """Another scheduler owns this state: starting a second writer would hand out capacity twice."""
+
+
 class Store(Protocol):
     def load(self) -> tuple[list[Host], list[Lease]]: ...
 
-    def write(self, hosts: Iterable[Host] = (), leases: Iterable[Lease] = (), forget: Iterable[str] = ()) -> None:
-        """Upsert hosts and leases, delete the leases named in `forget`; all in one transaction."""
+    def write(
+        self,
+        hosts: Iterable[Host] = (),
+        leases: Iterable[Lease] = (),
+        forget: Iterable[str] = (),
+        forget_hosts: Iterable[str] = (),
+    ) -> None:
+        """Upsert hosts and leases, delete the leases named in `forget` and the hosts in `forget_hosts`;
+        all in one transaction."""
         ...
 
     def close(self) -> None: ...
@@ -66,13 +88,21 @@ class MemoryStore:
     def load(self) -> tuple[list[Host], list[Lease]]:
         return [copy.deepcopy(h) for h in self._hosts.values()], [copy.deepcopy(x) for x in self._leases.values()]
 
-    def write(self, hosts: Iterable[Host] = (), leases: Iterable[Lease] = (), forget: Iterable[str] = ()) -> None:
+    def write(
+        self,
+        hosts: Iterable[Host] = (),
+        leases: Iterable[Lease] = (),
+        forget: Iterable[str] = (),
+        forget_hosts: Iterable[str] = (),
+    ) -> None:
         for h in hosts:
             self._hosts[h.host_id] = copy.deepcopy(h)
         for x in leases:
             self._leases[x.lease_id] = copy.deepcopy(x)
         for lease_id in forget:
             self._leases.pop(lease_id, None)
+        for host_id in forget_hosts:
+            self._hosts.pop(host_id, None)
 
     def close(self) -> None:
         pass
@@ -80,7 +110,8 @@ class MemoryStore:
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS hosts (
-  host_id TEXT PRIMARY KEY, address TEXT NOT NULL, state TEXT NOT NULL, labels TEXT NOT NULL, devices TEXT NOT NULL
+  host_id TEXT PRIMARY KEY, address TEXT NOT NULL, state TEXT NOT NULL, labels TEXT NOT NULL, devices TEXT NOT NULL,
+  cordoned INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS leases (
   lease_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, state TEXT NOT NULL, grants TEXT NOT NULL,
@@ -89,12 +120,12 @@ CREATE TABLE IF NOT EXISTS leases (
 """
 
 
-def _host_row(h: Host) -> tuple[str, str, str, str, str]:
+def _host_row(h: Host) -> tuple[str, str, str, str, str, int]:
     devices = [
         {"index": d.index, "uuid": d.uuid, "model": d.model, "capacity_bytes": d.capacity_bytes, "fake": d.fake}
         for d in h.devices.values()
     ]
-    return (h.host_id, h.address, h.state, json.dumps(h.labels), json.dumps(devices))
+    return (h.host_id, h.address, h.state, json.dumps(h.labels), json.dumps(devices), int(h.cordoned))
 
 
 def _lease_row(x: Lease) -> tuple[str, str, str, str, float, float, float, float]:
@@ -105,30 +136,36 @@ def _lease_row(x: Lease) -> tuple[str, str, str, str, float, float, float, float
 class SqliteStore:
     """SQLite in WAL mode; the scheduler core serializes calls, the lock only guards against misuse."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, standby: bool = False) -> None:
+        self._owner: int | None = None
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._owner = take_ownership(Path(str(path) + ".lock"), standby)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        if "cordoned" not in {row[1] for row in self._db.execute("PRAGMA table_info(hosts)")}:  # an older file
+            self._db.execute("ALTER TABLE hosts ADD COLUMN cordoned INTEGER NOT NULL DEFAULT 0")
         self._lock = threading.Lock()
 
     def load(self) -> tuple[list[Host], list[Lease]]:
         with self._lock:
-            host_rows = self._db.execute("SELECT host_id, address, state, labels, devices FROM hosts").fetchall()
+            host_rows = self._db.execute(
+                "SELECT host_id, address, state, labels, devices, cordoned FROM hosts"
+            ).fetchall()
             lease_rows = self._db.execute(
                 "SELECT lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at FROM leases"
             ).fetchall()
         hosts = []
-        for host_id, address, state, labels, devices in host_rows:
+        for host_id, address, state, labels, devices, cordoned in host_rows:
             devs = {
                 int(d["index"]): Device(
                     host_id, int(d["index"]), str(d["uuid"]), str(d["model"]), int(d["capacity_bytes"]), bool(d["fake"])
                 )
                 for d in json.loads(devices)
             }
-            hosts.append(Host(host_id, address, devs, dict(json.loads(labels)), state))
+            hosts.append(Host(host_id, address, devs, dict(json.loads(labels)), state, cordoned=bool(cordoned)))
         leases = [
             Lease(
                 lease_id,
@@ -144,31 +181,91 @@ class SqliteStore:
         ]
         return hosts, leases
 
-    def write(self, hosts: Iterable[Host] = (), leases: Iterable[Lease] = (), forget: Iterable[str] = ()) -> None:
+    def write(
+        self,
+        hosts: Iterable[Host] = (),
+        leases: Iterable[Lease] = (),
+        forget: Iterable[str] = (),
+        forget_hosts: Iterable[str] = (),
+    ) -> None:
         host_rows = [_host_row(h) for h in hosts]
         lease_rows = [_lease_row(x) for x in leases]
         forget_rows = [(lease_id,) for lease_id in forget]
-        if not (host_rows or lease_rows or forget_rows):
+        forget_host_rows = [(host_id,) for host_id in forget_hosts]
+        if not (host_rows or lease_rows or forget_rows or forget_host_rows):
             return
         with self._lock:
             self._db.execute("BEGIN")
             try:
                 if host_rows:
-                    self._db.executemany("INSERT OR REPLACE INTO hosts VALUES (?, ?, ?, ?, ?)", host_rows)
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO hosts (host_id, address, state, labels, devices, cordoned) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        host_rows,
+                    )
                 if lease_rows:
                     self._db.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)", lease_rows)
                 if forget_rows:
                     self._db.executemany("DELETE FROM leases WHERE lease_id = ?", forget_rows)
+                if forget_host_rows:
+                    self._db.executemany("DELETE FROM hosts WHERE host_id = ?", forget_host_rows)
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may already have rolled back (disk full, I/O error)
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        log.exception("rollback failed")
                 raise
-            self._db.execute("COMMIT")
+
+    def disown(self) -> None:
+        """Drop the ownership lock as the death of the process would (tests model `kill -9` with it)."""
+        if self._owner is not None:
+            os.close(self._owner)
+            self._owner = None
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self.disown()
 
 
-def open_store(path: str) -> Store:
-    """ ":memory:" or "" gives a MemoryStore, anything else a SqliteStore at that path."""
-    return MemoryStore() if path in ("", ":memory:") else SqliteStore(path)
+def take_ownership(lock_path: Path, standby: bool = False, poll: float = 0.5) -> int:
+    """Hold an exclusive lock on `lock_path` for the life of the process (the kernel drops it when we die).
+
+    A second scheduler on the same state either fails at once with StateOwned, naming the owner, or
+    (`standby`) waits until the owner is gone and then takes over.
+    """
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    announced = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            if not standby:
+                os.close(fd)
+                raise StateOwned(
+                    f"the state next to {lock_path} is owned by another running scheduler ({owner}); refusing to "
+                    "start a second writer (stop it first, or pass --standby to wait and take over when it stops)"
+                ) from None
+            if not announced:
+                log.warning("standing by: the state is owned by another scheduler (%s)", owner)
+                announced = True
+            time.sleep(poll)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+    return fd
+
+
+def open_store(path: str, standby: bool = False) -> Store:
+    """ ":memory:" or "" gives a MemoryStore, postgresql://... a PostgresStore (HA), anything else a SqliteStore
+    at that path; both owned by this process (`standby`: wait until the current owner has gone)."""
+    if path in ("", ":memory:"):
+        return MemoryStore()
+    if path.startswith(("postgresql://", "postgres://")):
+        from gpupool.scheduler.pgstore import PostgresStore  # psycopg only where it is used
+
+        return PostgresStore(path, standby)
+    return SqliteStore(path, standby)

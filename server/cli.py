@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(p, "--host-id", default=socket.gethostname(), help="this host's id, as tokens name it")
     add_flag(p, "--metrics-listen", default="127.0.0.1:9450", help="Prometheus metrics HOST:PORT ('0': off)")
-    add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT to register with (optional)")
+    add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (HA replicas) to register with")
     add_flag(p, "--advertise", default="", help="address the scheduler gives clients (default: the listen address)")
     add_flag(p, "--heartbeat-interval", type=float, default=2.0, help="seconds between heartbeats to the scheduler")
     add_flag(p, "--max-message-size", type=size_arg, default=16 * 1024**2, help="largest gRPC message accepted")

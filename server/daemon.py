@@ -110,6 +110,7 @@ class Daemon:
         self._next_number = 1
         self._draining = False
         self._stop = threading.Event()
+        self._expiry_hold = 0.0  # set by the registrar: no token expiry ends a session before this (unix s)
         self._reaper = threading.Thread(target=self._reap, name="gpupool-reaper", daemon=True)
 
     def start(self) -> None:
@@ -236,7 +237,7 @@ class Daemon:
         while not self._stop.wait(self.config.reap_interval):
             now = time.time()
             for s in self.session_list():
-                if s.expires_at <= now:
+                if s.expires_at <= now and now >= self._expiry_hold:
                     self.close_session(s, f"lease {s.lease_id} expired")
 
     # ---- execution ----
@@ -308,6 +309,10 @@ class Daemon:
 
     def draining(self) -> bool:
         return self._draining
+
+    def hold_expiry(self, until: float) -> None:
+        """While the scheduler is unreachable nobody can renew a lease: keep expired sessions until `until`."""
+        self._expiry_hold = until
 
     def revoke_leases(self, lease_ids: list[str]) -> None:
         for lease_id in lease_ids:

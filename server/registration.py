@@ -3,13 +3,19 @@
 A `Registrar` thread registers the host, then heartbeats every `interval` seconds with the sessions'
 usage, hands the leases the scheduler revokes to `source.revoke_leases`, and registers again when the
 scheduler asks (it marked the host down) or has restarted (a new scheduler id). While the scheduler is
-unreachable it keeps trying and logs - the daemon keeps serving the sessions it has.
+unreachable it keeps trying and logs - the daemon keeps serving the sessions it has, and tells the daemon
+(`hold_expiry`) not to end sessions whose tokens expire meanwhile: nobody can renew a lease then. Once the
+scheduler is back, it revokes (in heartbeat replies) whatever is no longer active.
+
+`scheduler_address` may be a comma-separated list (HA replicas): the registrar talks to one and moves on to
+the next when it cannot reach it (a standby does not listen until it leads).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Protocol
 
 import grpc
@@ -20,6 +26,9 @@ from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
 log = logging.getLogger(__name__)
 
 RPC_TIMEOUT = 5.0
+# How long sessions outlive their tokens after the scheduler was last unreachable: time for the clients to
+# renew with the scheduler back and hand the fresh tokens over.
+OUTAGE_HOLD = 60.0
 
 
 class RegistrationSource(Protocol):
@@ -47,7 +56,8 @@ class Registrar:
         tls_config: tls.TlsConfig | None = None,
         verifier: tokens.Verifier | None = None,
     ) -> None:
-        self.scheduler_address = scheduler_address
+        self.addresses = [a.strip() for a in scheduler_address.split(",") if a.strip()] or [scheduler_address]
+        self.scheduler_address = self.addresses[0]
         self.host_id = host_id
         self.advertise_address = advertise_address
         self.source = source
@@ -56,11 +66,26 @@ class Registrar:
         self.scheduler_id = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="registrar", daemon=True)
-        # Over TLS with this host's certificate (mutual TLS names the host), or its join token (API token).
-        self._channel = tls.channel(scheduler_address, cfg=tls_config)
+        self.tls_config = tls_config  # this host's certificate (mutual TLS names the host), or its join token
         self.verifier = verifier  # told the revoked leases, so their tokens cannot attach again
-        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self._failures = 0
+        self._connect()
+
+    def _connect(self) -> None:
+        # Reconnect within 5 s of the scheduler coming back (gRPC's default backoff grows to 120 s): a restarted
+        # scheduler marks this host down after its host timeout without a heartbeat.
+        options = [("grpc.max_reconnect_backoff_ms", 5000)]
+        self._channel = tls.channel(self.scheduler_address, options, cfg=self.tls_config)
+        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+
+    def _next_scheduler(self) -> None:
+        """Talk to the next address of the list (after a failure to reach this one)."""
+        if len(self.addresses) < 2:
+            return
+        i = (self.addresses.index(self.scheduler_address) + 1) % len(self.addresses)
+        self.scheduler_address = self.addresses[i]
+        self._channel.close()
+        self._connect()
 
     def start(self) -> None:
         self._thread.start()
@@ -83,6 +108,9 @@ class Registrar:
                 self._failures = 0
             except grpc.RpcError as err:
                 self._failed(f"{err.code().name}: {err.details()}")  # type: ignore[attr-defined]
+                if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):  # type: ignore[attr-defined]
+                    self._hold()
+                    self._next_scheduler()
             except Exception as exc:  # noqa: BLE001 - a bad source reading must not end registration
                 log.exception("registration step failed")
                 self._failed(f"{type(exc).__name__}: {exc}")
@@ -92,6 +120,11 @@ class Registrar:
             # (and its leases lost) after its host timeout (10 s by default) without a heartbeat.
             backoff = max(self.interval, min(self.interval * 2**self._failures, 5.0))
             self._stop.wait(backoff if self._failures else self.interval)
+
+    def _hold(self) -> None:
+        hold = getattr(self.source, "hold_expiry", None)
+        if hold is not None:
+            hold(time.time() + OUTAGE_HOLD)
 
     def _failed(self, why: str) -> None:
         self._failures += 1

@@ -64,6 +64,16 @@ class SchedulerStub:
                 request_serializer=gpupool_dot_v1_dot_scheduler__pb2.ListPoolRequest.SerializeToString,
                 response_deserializer=gpupool_dot_v1_dot_scheduler__pb2.PoolState.FromString,
                 _registered_method=True)
+        self.DrainHost = channel.unary_unary(
+                '/gpupool.v1.Scheduler/DrainHost',
+                request_serializer=gpupool_dot_v1_dot_scheduler__pb2.DrainHostRequest.SerializeToString,
+                response_deserializer=gpupool_dot_v1_dot_scheduler__pb2.DrainHostReply.FromString,
+                _registered_method=True)
+        self.RemoveHost = channel.unary_unary(
+                '/gpupool.v1.Scheduler/RemoveHost',
+                request_serializer=gpupool_dot_v1_dot_scheduler__pb2.RemoveHostRequest.SerializeToString,
+                response_deserializer=gpupool_dot_v1_dot_scheduler__pb2.RemoveHostReply.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -105,6 +115,19 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainHost(self, request, context):
+        """Operators: stop placing on a host (its leases run on) or undo that; forget a host that is gone for good.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveHost(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +160,16 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ListPool,
                     request_deserializer=gpupool_dot_v1_dot_scheduler__pb2.ListPoolRequest.FromString,
                     response_serializer=gpupool_dot_v1_dot_scheduler__pb2.PoolState.SerializeToString,
+            ),
+            'DrainHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainHost,
+                    request_deserializer=gpupool_dot_v1_dot_scheduler__pb2.DrainHostRequest.FromString,
+                    response_serializer=gpupool_dot_v1_dot_scheduler__pb2.DrainHostReply.SerializeToString,
+            ),
+            'RemoveHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveHost,
+                    request_deserializer=gpupool_dot_v1_dot_scheduler__pb2.RemoveHostRequest.FromString,
+                    response_serializer=gpupool_dot_v1_dot_scheduler__pb2.RemoveHostReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +334,60 @@ class Scheduler:
             '/gpupool.v1.Scheduler/ListPool',
             gpupool_dot_v1_dot_scheduler__pb2.ListPoolRequest.SerializeToString,
             gpupool_dot_v1_dot_scheduler__pb2.PoolState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpupool.v1.Scheduler/DrainHost',
+            gpupool_dot_v1_dot_scheduler__pb2.DrainHostRequest.SerializeToString,
+            gpupool_dot_v1_dot_scheduler__pb2.DrainHostReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpupool.v1.Scheduler/RemoveHost',
+            gpupool_dot_v1_dot_scheduler__pb2.RemoveHostRequest.SerializeToString,
+            gpupool_dot_v1_dot_scheduler__pb2.RemoveHostReply.FromString,
             options,
             channel_credentials,
             insecure,

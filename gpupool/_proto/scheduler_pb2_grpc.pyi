@@ -37,6 +37,9 @@ class SchedulerStub:
     Renew: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.RenewRequest, _scheduler_pb2.Lease]
     Release: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ReleaseRequest, _scheduler_pb2.ReleaseReply]
     ListPool: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListPoolRequest, _scheduler_pb2.PoolState]
+    DrainHost: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DrainHostRequest, _scheduler_pb2.DrainHostReply]
+    """Operators: stop placing on a host (its leases run on) or undo that; forget a host that is gone for good."""
+    RemoveHost: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.RemoveHostRequest, _scheduler_pb2.RemoveHostReply]
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -47,6 +50,9 @@ class SchedulerAsyncStub(SchedulerStub):
     Renew: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.RenewRequest, _scheduler_pb2.Lease]  # type: ignore[assignment]
     Release: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ReleaseRequest, _scheduler_pb2.ReleaseReply]  # type: ignore[assignment]
     ListPool: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListPoolRequest, _scheduler_pb2.PoolState]  # type: ignore[assignment]
+    DrainHost: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DrainHostRequest, _scheduler_pb2.DrainHostReply]  # type: ignore[assignment]
+    """Operators: stop placing on a host (its leases run on) or undo that; forget a host that is gone for good."""
+    RemoveHost: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.RemoveHostRequest, _scheduler_pb2.RemoveHostReply]  # type: ignore[assignment]
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -90,5 +96,20 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_pb2.ListPoolRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.PoolState, _abc.Awaitable[_scheduler_pb2.PoolState]]: ...
+
+    @_abc_1.abstractmethod
+    def DrainHost(
+        self,
+        request: _scheduler_pb2.DrainHostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.DrainHostReply, _abc.Awaitable[_scheduler_pb2.DrainHostReply]]:
+        """Operators: stop placing on a host (its leases run on) or undo that; forget a host that is gone for good."""
+
+    @_abc_1.abstractmethod
+    def RemoveHost(
+        self,
+        request: _scheduler_pb2.RemoveHostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.RemoveHostReply, _abc.Awaitable[_scheduler_pb2.RemoveHostReply]]: ...
 
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

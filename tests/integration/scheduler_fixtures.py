@@ -5,11 +5,15 @@ Register/Heartbeat protocol through `server.registration.Registrar`.
 
 from __future__ import annotations
 
+import glob
 import os
+import pwd
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -122,6 +126,37 @@ def start_scheduler(tmp: Path, *extra: str, state: Path | None = None) -> tuple[
     return proc, f"127.0.0.1:{proc.port()}"
 
 
+def start_daemon(tmp: Path, scheduler: str, host_id: str, *extra: str, memory: str = "256MiB") -> tuple[Proc, str]:
+    """A `gpupool serve --fake-gpus 1` registering with `scheduler` (heartbeat 0.5 s); returns it and its address."""
+    proc = Proc(
+        ["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "0", "--fake-gpus", "1", "--fake-gpu-memory",
+         memory, "--token-key-file", str(key_file(tmp)), "--host-id", host_id, "--scheduler", scheduler,
+         "--heartbeat-interval", "0.5", *extra]
+    )  # fmt: skip
+    return proc, f"127.0.0.1:{proc.port()}"
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Is `pid` a live (not zombie) process?"""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 class SimHost:
     """A daemon stand-in: fixed devices, sessions the test sets, revocations recorded; real Registrar inside."""
 
@@ -165,3 +200,47 @@ def wait_until(predicate: Callable[[], object], timeout: float = 20.0, every: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(every)
+
+
+def _pg_tool(name: str) -> str | None:
+    return shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+
+
+class Postgres:
+    """A throwaway PostgreSQL server (initdb + pg_ctl) on a Unix socket in a temp dir: no TCP port at all.
+
+    PostgreSQL refuses to run as root, so under root (CI) its files belong to, and it runs as, the `postgres`
+    user that Debian's package creates; otherwise as the current user.
+    """
+
+    def __init__(self) -> None:
+        initdb, self._pg_ctl = _pg_tool("initdb"), _pg_tool("pg_ctl")
+        if initdb is None or self._pg_ctl is None:
+            raise RuntimeError("PostgreSQL is not installed (scripts/setup.sh installs Debian's postgresql)")
+        self.dir = Path(tempfile.mkdtemp(prefix="gpupool-pg-"))
+        self._user: pwd.struct_passwd | None = None
+        if os.geteuid() == 0:
+            self._user = pwd.getpwnam("postgres")
+            os.chown(self.dir, self._user.pw_uid, self._user.pw_gid)
+        self.data = self.dir / "data"
+        self._run([initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"])
+        opts = f"-k {self.dir} -c listen_addresses='' -c fsync=off -c max_connections=50"
+        self._run([self._pg_ctl, "-D", str(self.data), "-l", str(self.dir / "log"), "-o", opts, "-w", "start"])
+        self.dsn = f"postgresql://postgres@/postgres?host={self.dir}"
+
+    def _demote(self) -> None:
+        if self._user is not None:
+            os.setgroups([])
+            os.setgid(self._user.pw_gid)
+            os.setuid(self._user.pw_uid)
+
+    def _run(self, cmd: list[str]) -> None:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=self._demote)  # noqa: PLW1509
+        if done.returncode != 0:
+            raise RuntimeError(f"{cmd[0]} failed ({done.returncode}): {done.stdout}{done.stderr}")
+
+    def stop(self) -> None:
+        try:
+            self._run([str(self._pg_ctl), "-D", str(self.data), "-m", "immediate", "stop"])
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)

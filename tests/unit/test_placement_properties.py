@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from gpupool.scheduler.placement import Request, place, size_on
-from gpupool.scheduler.pool import SHARE_UNITS, Device, Grant, Host, Pool
+from gpupool.scheduler.pool import KTH_SCALE, SHARE_UNITS, Device, Grant, Host, Pool
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -52,6 +52,14 @@ def check_invariants(pool: Pool) -> None:
     assert indexed == sorted((d.key, d.free_units) for d in devices)
     hosts = sorted((h.host_id, h.free_units) for h in pool.host_index.ascending(0))
     assert hosts == sorted((h.host_id, sum(d.free_units for d in h.devices.values())) for h in pool.hosts.values())
+    for k, index in pool.kth.items():  # the k-th largest free device of every up host with k devices or more
+        want = []
+        for h in pool.hosts.values():
+            frees = sorted((d.free_units for d in h.devices.values()), reverse=True)
+            if h.state == "up" and len(frees) >= k:
+                want.append((h.host_id, frees[k - 1]))
+        stored = [(host_id, key // KTH_SCALE) for key, bucket in index._buckets.items() for host_id in bucket]
+        assert sorted(want) == sorted(stored), k
 
 
 def could_fit(pool: Pool, req: Request) -> int:

@@ -11,7 +11,7 @@ from gpupool.scheduler.hosts import DeviceSpec
 from gpupool.scheduler.leases import Core, CoreConfig
 from gpupool.scheduler.placement import Request
 from gpupool.scheduler.pool import HOST_DOWN, SHARE_UNITS
-from gpupool.scheduler.store import LEASE_ACTIVE, MemoryStore, SqliteStore, Store
+from gpupool.scheduler.store import LEASE_ACTIVE, MemoryStore, SqliteStore, StateOwned, Store
 
 from gpupool import tokens
 from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
@@ -85,7 +85,7 @@ def test_silent_host_goes_down_and_its_leases_are_lost() -> None:
     host = lease.grants[0].host_id
     core.sweep(time.time() + 5)
     assert core.pool.hosts[host].state == HOST_DOWN
-    with pytest.raises(Unavailable, match="down"):
+    with pytest.raises(FailedPrecondition, match="lost: host .* is down"):
         core.renew(lease.lease_id)
     assert core.heartbeat(host, [], {}, False) == ([], True)
     core.register(host, "127.0.0.1:6000", [DeviceSpec(0, "uuid-x", "fake", 8 * GiB, True)])
@@ -173,12 +173,13 @@ def test_malformed_registration(devices: list[DeviceSpec], words: str) -> None:
 
 def test_restart_from_sqlite_keeps_hosts_and_leases(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
-    core = core_with(SqliteStore(path))
+    first = SqliteStore(path)
+    core = core_with(first)
     kept = [core.allocate(half(), tenant="t") for _ in range(3)]
     gone = core.allocate(Request(1, fraction=0.25))
     core.release(gone.lease_id)
     books = allocated(core)
-    # no close(): as after kill -9
+    first.disown()  # no close(): as after kill -9, whose death drops the ownership lock
     again = Core(SqliteStore(path), KEY, CoreConfig())
     assert set(again.pool.hosts) == {"h0", "h1"}
     assert allocated(again) == books
@@ -214,3 +215,180 @@ def test_the_waiting_line_is_bounded() -> None:
         core.allocate(half(), wait=5)
     waiter.join(5)
     assert not core.waiters
+
+
+class FailingStore(MemoryStore):
+    """A MemoryStore whose writes can be made to fail, as a full disk makes SQLite's fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = False
+
+    def write(self, *args: object, **kwargs: object) -> None:
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        super().write(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def books_in(store: Store) -> dict[tuple[str, int], tuple[int, int]]:
+    """What a scheduler restarted from `store` would believe."""
+    return allocated(Core(store, KEY, CoreConfig()))
+
+
+def test_a_refused_write_changes_nothing() -> None:
+    store = FailingStore()
+    core = core_with(store)
+    held = core.allocate(half(), tenant="t", ttl=30)
+    before, leases_before = allocated(core), set(core.leases)
+    store.fail = True
+    with pytest.raises(Unavailable, match="cannot save its state.*nothing was changed"):
+        core.allocate(half())
+    with pytest.raises(Unavailable):
+        core.release(held.lease_id)
+    expires = held.expires_at
+    time.sleep(0.01)
+    with pytest.raises(Unavailable):
+        core.renew(held.lease_id)
+    with pytest.raises(Unavailable):
+        core.register("h9", "127.0.0.1:6009", [DeviceSpec(0, "uuid-9", "fake", 8 * GiB, True)])
+    assert allocated(core) == before and set(core.leases) == leases_before
+    assert core.leases[held.lease_id].state == LEASE_ACTIVE and held.expires_at == expires
+    assert "h9" not in core.pool.hosts
+    # a silent host is not marked down (nor its leases lost) unless that can be saved
+    core.sweep(time.time() + 1000)
+    assert core.pool.hosts[held.grants[0].host_id].state != HOST_DOWN
+    assert core.leases[held.lease_id].state == LEASE_ACTIVE
+    store.fail = False
+    assert books_in(store) == allocated(core)
+    core.release(held.lease_id)
+    assert books_in(store) == allocated(core) and all(u == 0 for _, u in allocated(core).values())
+
+
+def test_a_waiter_whose_grant_cannot_be_saved_keeps_its_place() -> None:
+    store = FailingStore()
+    core = core_with(store, hosts=1)
+    first = core.allocate(Request(1, fraction=1.0))
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(core.allocate(half(), wait=10)))
+    t.start()
+    time.sleep(0.3)
+    store.fail = True
+    with pytest.raises(Unavailable):
+        core.release(first.lease_id)
+    assert len(core.waiters) == 1 and not got
+    store.fail = False
+    core.release(first.lease_id)
+    t.join(5)
+    assert got and books_in(store) == allocated(core)
+
+
+def test_a_second_owner_of_a_sqlite_state_is_refused(tmp_path: Path) -> None:
+    first = SqliteStore(tmp_path / "s.db")
+    with pytest.raises(StateOwned, match=r"owned by another running scheduler \(pid \d+"):
+        SqliteStore(tmp_path / "s.db")
+    first.close()
+    SqliteStore(tmp_path / "s.db").close()  # free once the owner has gone
+
+
+def test_a_pause_of_the_scheduler_is_not_blamed_on_hosts_or_tenants() -> None:
+    core = core_with(host_timeout=0.4, pause_threshold=0.2, outage_grace=5)
+    lease = core.allocate(half(), ttl=0.3)
+    core.alive()  # as the server's sweeper does every interval ...
+    time.sleep(0.6)  # ... except while the process is stopped
+    core.sweep()
+    assert all(h.state != HOST_DOWN for h in core.pool.hosts.values())
+    assert core.renew(lease.lease_id).state == LEASE_ACTIVE  # expired during the pause, yet renewable
+    for _ in range(8):  # a host silent while the scheduler runs is down
+        time.sleep(0.1)
+        core.sweep()
+    assert all(h.state == HOST_DOWN for h in core.pool.hosts.values())
+
+
+def test_leases_restored_after_a_restart_get_a_grace_to_be_renewed(tmp_path: Path) -> None:
+    first = SqliteStore(tmp_path / "s.db")
+    core = core_with(first, outage_grace=30)
+    lease = core.allocate(half(), ttl=0.2)
+    first.disown()
+    time.sleep(0.4)  # the scheduler is "down" past the lease's expiry
+    again = Core(SqliteStore(tmp_path / "s.db"), KEY, CoreConfig(outage_grace=30))
+    again.sweep()
+    assert again.renew(lease.lease_id).state == LEASE_ACTIVE
+
+
+def test_a_tenant_cannot_hold_more_than_its_share_limit() -> None:
+    core = core_with(tenant_max_share=1.0)
+    a1, _ = core.allocate(half(), tenant="a"), core.allocate(half(), tenant="a")
+    with pytest.raises(ResourceExhausted, match="tenant 'a' holds or waits for 1 GPU.*limit of 1"):
+        core.allocate(Request(1, fraction=0.25), tenant="a")
+    core.allocate(half(), tenant="b")  # others are not held back
+    core.release(a1.lease_id)
+    core.allocate(Request(1, fraction=0.25), tenant="a")
+    with pytest.raises(ResourceExhausted, match="tenant 'a'"):  # waiting counts too
+        core.allocate(Request(1, fraction=0.5), tenant="a", wait=1)
+
+
+def test_a_tenant_cannot_fill_the_waiting_line() -> None:
+    core = core_with(hosts=1, tenant_max_waiting=1)
+    core.allocate(Request(1, fraction=1.0), tenant="x")
+    t = threading.Thread(target=lambda: pytest.raises(ResourceExhausted, core.allocate, half(), "a", 0, 1.5))
+    t.start()
+    time.sleep(0.3)
+    with pytest.raises(ResourceExhausted, match="tenant 'a' already has 1 request"):
+        core.allocate(half(), tenant="a", wait=1)
+    got: list[Exception] = []
+
+    def other() -> None:
+        try:
+            core.allocate(half(), tenant="b", wait=0.5)
+        except ResourceExhausted as exc:
+            got.append(exc)
+
+    other()
+    assert "waited in vain" in str(got[0])  # b was let into the line (and timed out there)
+    t.join()
+
+
+def test_lease_ttl_is_capped() -> None:
+    core = core_with(max_lease_ttl=10)
+    assert core.allocate(half(), ttl=3600).ttl == 10
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        {f"k{i}": "v" for i in range(65)},
+        {"k": "v" * 257},
+        {"k" * 64: "v"},
+        {"": "v"},
+        {f"k{i}": "v" * 200 for i in range(30)},
+    ],
+)
+def test_register_bounds_labels(labels: dict[str, str]) -> None:
+    core = core_with(hosts=0)
+    with pytest.raises(InvalidArgument, match="label"):
+        core.register("h", "127.0.0.1:6000", [DeviceSpec(0, "u", "fake", GiB, True)], labels)
+    assert not core.pool.hosts
+
+
+def test_operators_drain_and_remove_hosts(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    core = core_with(store)
+    core.drain_host("h0")
+    assert {core.allocate(Request(1, fraction=0.1)).grants[0].host_id for _ in range(3)} == {"h1"}
+    # the daemon's own "not draining" heartbeats and a re-registration do not undo an operator's drain
+    core.heartbeat("h0", [], {}, False)
+    core.register("h0", "127.0.0.1:6000", [DeviceSpec(0, "uuid-0", "fake", 8 * GiB, True)])
+    assert core.pool.hosts["h0"].state == "draining"
+    core.drain_host("h0", undo=True)
+    held = core.allocate(Request(1, fraction=1.0))
+    assert held.grants[0].host_id == "h0"
+    with pytest.raises(FailedPrecondition, match="holds 1 active lease"):
+        core.remove_host("h0")
+    assert core.remove_host("h0", force=True) == 1
+    with pytest.raises(FailedPrecondition, match="lost"):
+        core.renew(held.lease_id)
+    with pytest.raises(NotFound):
+        core.remove_host("h0")
+    store.disown()
+    again = Core(SqliteStore(tmp_path / "s.db"), KEY, CoreConfig())
+    assert set(again.pool.hosts) == {"h1"}
