@@ -427,7 +427,8 @@ def _prebuild(
             kfill.append((k, [x.slot if isinstance(x, _Ref) else 0 for x in v]))
         else:
             ktemplate[k] = v
-    fn: Callable[..., Any] = guards.replacement(op) or op
+    # The overload's C++ entry point itself (OpOverload.__call__ is one Python frame around it).
+    fn: Callable[..., Any] = guards.replacement(op) or op._op
     if torch.Tag.nondeterministic_seeded in op.tags:
         seeded = host._seeded
 
