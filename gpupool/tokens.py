@@ -18,6 +18,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -31,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from gpupool.errors import InvalidArgument, Unauthenticated
 
+log = logging.getLogger(__name__)
 KEY_FILE_ENV = "GPUPOOL_TOKEN_KEY_FILE"
 PUBLIC_KEYS_ENV = "GPUPOOL_TOKEN_PUBLIC_KEYS"
 MAX_TOKEN_LENGTH = 4096
@@ -111,6 +113,11 @@ class _Watched:
             self._stamp = stamp
             return data
 
+    def retry(self) -> None:
+        """What was read could not be used (e.g. a half-written file): read it again at the next check."""
+        with self._lock:
+            self._stamp = (-1, -1)
+
 
 class Signer:
     """The scheduler's signing key (reloaded from its file when that changes)."""
@@ -134,9 +141,17 @@ class Signer:
 
     def _reload(self) -> None:
         data = self._file.changed()
-        if data is not None:
+        if data is None:
+            return
+        try:
             key = _parse_private(data, str(self._file.path))
-            self._key, self.kid = key, key_id(key.public_key())
+        except InvalidArgument as exc:
+            log.warning("token key file changed but is unusable (still signing with key %s): %s", self.kid, exc)
+            self._file.retry()
+            return
+        if key_id(key.public_key()) != self.kid:
+            log.info("token signing key changed: now key %s", key_id(key.public_key()))
+        self._key, self.kid = key, key_id(key.public_key())
 
     def sign(self, claims: TokenClaims) -> str:
         self._reload()
@@ -168,10 +183,23 @@ class Verifier:
 
     def _reload(self) -> None:
         data = self._file.changed()
-        if data is not None:
+        if data is None:
+            return
+        try:
             keys = _parse_public(data, str(self._file.path))
-            with self._lock:
-                self._keys = {key_id(k): k for k in keys}
+            if not keys and self._keys:
+                raise InvalidArgument("no public key in it")
+        except InvalidArgument as exc:
+            if not self._keys:
+                raise
+            # A half-written file during a rotation must not lock every client out: keep the keys we have.
+            log.warning("token public keys file changed but is unusable (keeping %s): %s", sorted(self._keys), exc)
+            self._file.retry()
+            return
+        with self._lock:
+            if sorted(key_id(k) for k in keys) != sorted(self._keys):
+                log.info("token public keys now: %s", ", ".join(sorted(key_id(k) for k in keys)))
+            self._keys = {key_id(k): k for k in keys}
 
     def revoke(self, lease_ids: list[str], now: float | None = None) -> None:
         """Refuse tokens of these leases from now on (for as long as any of their tokens could live)."""
