@@ -83,11 +83,12 @@ def public_pem(public: Ed25519PublicKey) -> bytes:
 
 
 class _Watched:
-    """A file re-read when its mtime or size changes (checked at most once a second)."""
+    """A small file re-read at most once a second; `changed()` answers its content when that differs from last time
+    (content, not timestamps: two writes within one coarse mtime tick must not go unnoticed)."""
 
     def __init__(self, path: str | os.PathLike[str] | None) -> None:
         self.path = Path(path) if path else None
-        self._stamp: tuple[int, int] | None = None
+        self._data: bytes | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
 
@@ -97,26 +98,24 @@ class _Watched:
             return None
         with self._lock:
             now = time.monotonic()
-            if self._stamp is not None and now - self._checked < 1.0:
+            if self._data is not None and now - self._checked < 1.0:
                 return None
             self._checked = now
             try:
-                st = self.path.stat()
-                stamp = (st.st_mtime_ns, st.st_size)
-                if stamp == self._stamp:
-                    return None
                 data = self.path.read_bytes()
             except OSError as exc:
-                if self._stamp is None:
+                if self._data is None:
                     raise InvalidArgument(f"cannot read token key file {self.path}: {exc.strerror}") from exc
                 return None  # keep the keys we have while the file is being replaced
-            self._stamp = stamp
+            if data == self._data:
+                return None
+            self._data = data
             return data
 
     def retry(self) -> None:
         """What was read could not be used (e.g. a half-written file): read it again at the next check."""
         with self._lock:
-            self._stamp = (-1, -1)
+            self._data = b"\0unusable"
 
 
 class Signer:
