@@ -149,14 +149,14 @@ class _Reloader:
         self.cfg = cfg
         self._stamp = self._stat()
 
-    def _stat(self) -> tuple[tuple[int, int], ...]:
+    def _stat(self) -> tuple[tuple[int, int, int], ...]:
         out = []
         for p in (self.cfg.cert, self.cfg.key, self.cfg.ca):
             try:
                 st = os.stat(p) if p else None
             except OSError:
                 st = None
-            out.append((st.st_mtime_ns, st.st_size) if st else (0, 0))
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size) if st else (0, 0, 0))
         return tuple(out)
 
     def load(self) -> grpc.ServerCertificateConfiguration:

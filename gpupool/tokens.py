@@ -18,6 +18,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -31,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from gpupool.errors import InvalidArgument, Unauthenticated
 
+log = logging.getLogger(__name__)
 KEY_FILE_ENV = "GPUPOOL_TOKEN_KEY_FILE"
 PUBLIC_KEYS_ENV = "GPUPOOL_TOKEN_PUBLIC_KEYS"
 MAX_TOKEN_LENGTH = 4096
@@ -81,11 +83,12 @@ def public_pem(public: Ed25519PublicKey) -> bytes:
 
 
 class _Watched:
-    """A file re-read when its mtime or size changes (checked at most once a second)."""
+    """A small file re-read at most once a second; `changed()` answers its content when that differs from last time
+    (content, not timestamps: two writes within one coarse mtime tick must not go unnoticed)."""
 
     def __init__(self, path: str | os.PathLike[str] | None) -> None:
         self.path = Path(path) if path else None
-        self._stamp: tuple[int, int] | None = None
+        self._data: bytes | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
 
@@ -95,21 +98,24 @@ class _Watched:
             return None
         with self._lock:
             now = time.monotonic()
-            if self._stamp is not None and now - self._checked < 1.0:
+            if self._data is not None and now - self._checked < 1.0:
                 return None
             self._checked = now
             try:
-                st = self.path.stat()
-                stamp = (st.st_mtime_ns, st.st_size)
-                if stamp == self._stamp:
-                    return None
                 data = self.path.read_bytes()
             except OSError as exc:
-                if self._stamp is None:
+                if self._data is None:
                     raise InvalidArgument(f"cannot read token key file {self.path}: {exc.strerror}") from exc
                 return None  # keep the keys we have while the file is being replaced
-            self._stamp = stamp
+            if data == self._data:
+                return None
+            self._data = data
             return data
+
+    def retry(self) -> None:
+        """What was read could not be used (e.g. a half-written file): read it again at the next check."""
+        with self._lock:
+            self._data = b"\0unusable"
 
 
 class Signer:
@@ -134,9 +140,17 @@ class Signer:
 
     def _reload(self) -> None:
         data = self._file.changed()
-        if data is not None:
+        if data is None:
+            return
+        try:
             key = _parse_private(data, str(self._file.path))
-            self._key, self.kid = key, key_id(key.public_key())
+        except InvalidArgument as exc:
+            log.warning("token key file changed but is unusable (still signing with key %s): %s", self.kid, exc)
+            self._file.retry()
+            return
+        if key_id(key.public_key()) != self.kid:
+            log.info("token signing key changed: now key %s", key_id(key.public_key()))
+        self._key, self.kid = key, key_id(key.public_key())
 
     def sign(self, claims: TokenClaims) -> str:
         self._reload()
@@ -168,10 +182,23 @@ class Verifier:
 
     def _reload(self) -> None:
         data = self._file.changed()
-        if data is not None:
+        if data is None:
+            return
+        try:
             keys = _parse_public(data, str(self._file.path))
-            with self._lock:
-                self._keys = {key_id(k): k for k in keys}
+            if not keys and self._keys:
+                raise InvalidArgument("no public key in it")
+        except InvalidArgument as exc:
+            if not self._keys:
+                raise
+            # A half-written file during a rotation must not lock every client out: keep the keys we have.
+            log.warning("token public keys file changed but is unusable (keeping %s): %s", sorted(self._keys), exc)
+            self._file.retry()
+            return
+        with self._lock:
+            if sorted(key_id(k) for k in keys) != sorted(self._keys):
+                log.info("token public keys now: %s", ", ".join(sorted(key_id(k) for k in keys)))
+            self._keys = {key_id(k): k for k in keys}
 
     def revoke(self, lease_ids: list[str], now: float | None = None) -> None:
         """Refuse tokens of these leases from now on (for as long as any of their tokens could live)."""

@@ -137,6 +137,10 @@ def test_key_files_rotation_with_an_overlap(tmp_path: Path) -> None:
     assert new_token.split(".")[0] == new.kid != old_token.split(".")[0]
     assert v.verify(old_token) and v.verify(new_token)  # the overlap window
 
+    pub.write_bytes(b"-----BEGIN PUBLIC KEY-----\nMCow")  # caught half-written: the keys we had stay
+    v._file._checked = 0
+    assert v.verify(old_token) and v.verify(new_token)
+
     pub.write_bytes((tmp_path / "new.pub").read_bytes())
     time.sleep(0.01)
     v._file._checked = 0
