@@ -249,10 +249,11 @@ class Core(HostBook):
         self.events.lease_event("granted")
         return lease
 
-    def renew(self, lease_id: str) -> Lease:
-        """Extend an active lease by its TTL (its tokens are re-minted by the caller)."""
+    def renew(self, lease_id: str, tenant: str | None = None) -> Lease:
+        """Extend an active lease by its TTL (its tokens are re-minted by the caller); `tenant`, when the
+        caller's identity is known, must be the lease's."""
         with self.lock:
-            lease = self._get(lease_id)
+            lease = self._get(lease_id, tenant)
             now = time.time()
             if self._last_alive is not None:
                 self.alive()
@@ -271,17 +272,17 @@ class Core(HostBook):
             lease.expires_at, lease.grace_until = now + lease.ttl, 0.0
             return lease
 
-    def release(self, lease_id: str) -> None:
+    def release(self, lease_id: str, tenant: str | None = None) -> None:
         """Give a lease's capacity back (releasing an ended lease again is harmless)."""
         with self.lock:
-            lease = self._get(lease_id)
+            lease = self._get(lease_id, tenant)
             if lease.state == LEASE_ACTIVE:
                 self._end([lease], LEASE_RELEASED)
 
-    def _get(self, lease_id: str) -> Lease:
+    def _get(self, lease_id: str, tenant: str | None = None) -> Lease:
         lease = self.leases.get(lease_id)
-        if lease is None:
-            raise NotFound(f"unknown lease {lease_id!r}")
+        if lease is None or (tenant is not None and lease.tenant != tenant):
+            raise NotFound(f"unknown lease {lease_id!r}")  # another tenant's lease is not even visible
         return lease
 
     def _end(

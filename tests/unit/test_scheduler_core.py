@@ -392,3 +392,14 @@ def test_operators_drain_and_remove_hosts(tmp_path: Path) -> None:
     store.disown()
     again = Core(SqliteStore(tmp_path / "s.db"), KEY, CoreConfig())
     assert set(again.pool.hosts) == {"h1"}
+
+
+def test_a_lease_is_renewable_and_releasable_only_by_its_tenant_when_the_caller_is_known() -> None:
+    core = core_with()
+    lease = core.allocate(half(), tenant="alice")
+    with pytest.raises(NotFound):
+        core.renew(lease.lease_id, tenant="mallory")
+    with pytest.raises(NotFound):
+        core.release(lease.lease_id, tenant="mallory")
+    core.renew(lease.lease_id, tenant="alice")
+    core.release(lease.lease_id, tenant="alice")
