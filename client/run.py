@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--tenant", default="", help="tenant name shown in metrics (default: $GPUPOOL_TENANT or the user)")
     p.add_argument("--policy", default="binpack", choices=("binpack", "spread"), help="placement policy")
     p.add_argument("--ttl", type=float, default=0.0, help="lease TTL in seconds (default: the scheduler's)")
+    add_flag(
+        p, "--cuda", action="store_true", help="the leased GPUs appear as CUDA to an unmodified script (docs/cuda.md)"
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
     return p
 
@@ -68,7 +71,8 @@ def main(argv: list[str]) -> int:
         where = ", ".join(f"{d.host_id}/{d.device} ({d.share:g})" for d in held.devices)
         log.info("lease %s on %s", held.lease_id, where)
         try:
-            child = subprocess.Popen(command, env={**os.environ, **held.to_env()})
+            env = {**os.environ, **held.to_env(), **({"GPUPOOL_CUDA": "1"} if args.cuda else {})}
+            child = subprocess.Popen(command, env=env)
         except OSError as exc:
             print(f"gpupool run: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
             return 127
