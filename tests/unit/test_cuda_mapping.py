@@ -71,3 +71,14 @@ def test_autoload_at_import_torch_only_with_gpupool_cuda() -> None:
     assert run_child() == "False False privateuseone"
     assert run_child(GPUPOOL_CUDA="1") == "True True gpupool"  # no scheduler is asked until a tensor moves
     assert run_child(GPUPOOL_CUDA="1", TORCH_DEVICE_BACKEND_AUTOLOAD="0") == "False False privateuseone"
+
+
+def test_pin_memory_works_with_gpupool_registered_and_without_cuda() -> None:
+    """torch's own kernel raises NotImplementedError for the PrivateUse1 backend, breaking DataLoaders."""
+    assert torch._C._get_privateuse1_backend_name() == GP and not requested()
+    x = torch.arange(6.0)
+    pinned = x.pin_memory()
+    assert torch.equal(pinned, x) and pinned.data_ptr() != x.data_ptr()
+    data = torch.utils.data.TensorDataset(torch.arange(6.0))
+    batches = list(torch.utils.data.DataLoader(data, batch_size=4, pin_memory=True))
+    assert [b[0].tolist() for b in batches] == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0]]
