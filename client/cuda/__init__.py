@@ -76,7 +76,7 @@ def _announce() -> None:
 
     log.info(
         "cuda -> gpupool (%d leased device(s)): device strings/ids, .cuda(), .to(), device=, is_cuda, torch.cuda.*, "
-        "torch.load(map_location), autocast/GradScaler (float32), pin_memory; refused: nccl, CUDA graphs, "
+        "torch.load(map_location), autocast/GradScaler, pin_memory; refused: nccl, CUDA graphs, "
         "torch.compile, CUDA extensions (docs/cuda.md)",
         leased_count(),
     )

@@ -101,7 +101,6 @@ class CudaToGpupool(TorchFunctionMode):
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
-        kwargs = dict(kwargs) if kwargs else {}
         try:
             handler = self._handlers[func]
         except (KeyError, TypeError):
@@ -111,10 +110,12 @@ class CudaToGpupool(TorchFunctionMode):
             except TypeError:  # unhashable callables are looked at every time
                 pass
         if handler is not None:
-            return handler(func, args, kwargs)
+            return handler(func, args, dict(kwargs) if kwargs else {})
+        if not kwargs:
+            return func(*args)
         device = kwargs.get("device")
         if device is not None and (is_cuda_device(device) or (isinstance(device, int) and device is not False)):
-            kwargs["device"] = to_gpupool(device)
+            kwargs = {**kwargs, "device": to_gpupool(device)}
         return func(*args, **kwargs)
 
 

@@ -3,8 +3,7 @@
 - `torch.load`: CUDA map_locations go to gpupool; a checkpoint saved on a real GPU (locations `cuda:N`)
   loads onto `gpupool:N` without a map_location, like on the machine that saved it.
 - `torch.autocast("cuda")`, `torch.amp.GradScaler("cuda")` and their `torch.cuda.amp` spellings use the
-  gpupool device. Autocast there computes in float32: gpupool has no mixed-precision kernels yet, so the
-  region runs at full precision (documented; GradScaler's scaling is exact in float32).
+  gpupool device, with torch's CUDA cast policy (amp.py).
 - `torch.distributed.init_process_group("nccl")`, `torch.compile`, CUDA extensions: one RuntimeError
   naming the call.
 """
@@ -16,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from gpupool.client.cuda import amp
 from gpupool.client.cuda.devices import GPUPOOL, map_location
 from torch.serialization import default_restore_location
 from torch.utils._pytree import tree_map_only
@@ -116,16 +116,6 @@ def _wrap_init_process_group(init: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
-def _enable_autocast() -> None:
-    """Let torch.autocast accept the gpupool device: ops pass the autocast key untouched (float32)."""
-    module = getattr(torch, GPUPOOL)
-    if not hasattr(module, "get_amp_supported_dtype"):
-        module.get_amp_supported_dtype = lambda: [torch.float16, torch.bfloat16]
-    lib = torch.library.Library("_", "IMPL")  # noqa: TOR901 - a fallback needs the global namespace
-    lib.fallback(torch.library.fallthrough_kernel, "AutocastPrivateUse1")
-    _installed.append(lib)
-
-
 def install() -> None:
     if _installed:
         return
@@ -133,7 +123,7 @@ def install() -> None:
 
     torch.load = _wrap_load(torch.load)
     torch.serialization.load = torch.load
-    _enable_autocast()
+    amp.install()
     from torch.amp import GradScaler, autocast
 
     _patch_init(autocast, "device_type", 0)

@@ -14,7 +14,11 @@ scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 legacy = torch.cuda.amp.GradScaler(enabled=False)  # the older spelling is accepted too
 for step in range(5):
     with torch.autocast(device_type=device, dtype=torch.float16, enabled=use_amp):
-        loss = nn.functional.mse_loss(model(x.to(device)), y.to(device))
+        output = model(x.to(device))
+        if use_amp:  # as in the AMP recipe: linear layers autocast to float16, mse_loss to float32
+            assert output.dtype is torch.float16, output.dtype
+        loss = nn.functional.mse_loss(output, y.to(device))
+        assert loss.dtype is torch.float32
     opt.zero_grad()
     scaler.scale(loss).backward()
     scaler.step(opt)

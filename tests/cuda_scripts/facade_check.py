@@ -52,6 +52,15 @@ s.synchronize()
 torch.cuda.current_stream().wait_stream(s)
 assert c[0, 0].item() == 2.0
 
+# Autocast follows CUDA's cast policy.
+with torch.autocast("cuda", dtype=torch.bfloat16):
+    mm = a[:4, :4] @ a[:4, :4]
+    assert mm.dtype == torch.bfloat16 and mm.softmax(-1).dtype == torch.float32
+    assert torch.cat([mm, a[:4, :4]]).dtype == torch.float32 and (mm + 1).dtype == torch.bfloat16
+with torch.cuda.amp.autocast():
+    assert torch.nn.functional.linear(a[:2], a[:3]).dtype == torch.float16
+assert (a[:4, :4] @ a[:4, :4]).dtype == torch.float32
+
 # Flags that change nothing are accepted.
 torch.backends.cudnn.benchmark = True
 torch.backends.cudnn.deterministic = True
