@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from gpupool.client.cuda import amp
-from gpupool.client.cuda.devices import GPUPOOL, map_location
+from gpupool.client.cuda.devices import GPUPOOL, map_location, to_gpupool
 from torch.serialization import default_restore_location
 from torch.utils._pytree import tree_map_only
 
@@ -75,7 +75,8 @@ def _move(t: torch.Tensor, targets: dict[int, torch.device]) -> torch.Tensor:
 
 
 def _device_type(value: Any) -> Any:
-    return GPUPOOL if value == "cuda" else value
+    """Autocast's device_type "cuda", or a CUDA device (DeviceContext's), on gpupool."""
+    return GPUPOOL if value == "cuda" else to_gpupool(value)
 
 
 def _patch_init(cls: type, arg: str, position: int) -> None:
@@ -125,8 +126,10 @@ def install() -> None:
     torch.serialization.load = torch.load
     amp.install()
     from torch.amp import GradScaler, autocast
+    from torch.utils._device import DeviceContext
 
     _patch_init(autocast, "device_type", 0)
+    _patch_init(DeviceContext, "device", 0)  # torch.set_default_device("cuda"), `with torch.device("cuda"):`
     _patch_init(GradScaler, "device", 0)
     if torch.distributed.is_available():
         import torch.distributed as dist

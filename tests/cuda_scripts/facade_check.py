@@ -27,6 +27,14 @@ assert torch.cuda.current_device() == 1
 assert (b * 2).sum().item() == 12.0 and not torch.zeros(1).is_cuda
 assert torch.nn.Linear(2, 2).to(torch.device("cuda", 0)).weight.device == torch.device("gpupool", 0)
 
+# Default devices.
+torch.set_default_device("cuda")
+assert torch.ones(1).device.type == "gpupool"
+torch.set_default_device("cpu")
+with torch.device("cuda:0"):
+    assert torch.nn.Linear(2, 2).weight.device == torch.device("gpupool", 0)
+assert torch.zeros(1).device.type == "cpu"
+
 # A thread of the script maps too.
 import threading  # noqa: E402
 
