@@ -4,6 +4,9 @@ Allocates the lease, hands it to the child through the environment ($GPUPOOL_LEA
 reads it with `Lease.from_env`), renews it in the background while the child runs, releases it when the
 child exits and returns the child's exit code. SIGINT/SIGTERM are forwarded to the child.
 
+With --cuda (or $GPUPOOL_CUDA=1) the child also gets GPUPOOL_CUDA=1, and the leased devices appear to it as
+CUDA devices (gpupool.client.cuda, loaded by torch itself at `import torch`; docs/cuda.md).
+
 Exit codes of its own: 2 bad usage, 1 no lease (e.g. RESOURCE_EXHAUSTED), 127 command not found.
 """
 

@@ -109,3 +109,33 @@ def test_gpupool_cuda_env_for_launchers_without_gpupool_run(pool: str) -> None:
     assert LOSS.findall(done.stdout) == LOSS.findall(on_cpu("mnist_style.py").stdout)
     assert "using gpupool fake GPU (CPU) of 1" in done.stdout
     wait_until(lambda: no_leases(pool), timeout=10, what="the script's own lease to be released at exit")
+
+
+def test_two_device_lease_on_one_host_keeps_both_sessions_and_release_closes_both(pool: str) -> None:
+    """The daemon keys sessions by (lease, device): attaching device 1 must not replace device 0's session."""
+    from gpupool.client.pool import lease
+    from gpupool.client.session import Session
+
+    from gpupool.errors import GpupoolError
+
+    held = lease(2, 0.25, scheduler=pool)
+    assert len({d.host_id for d in held.devices}) == 1 and {d.device for d in held.devices} == {0, 1}
+    sessions = [Session.attach(d.address, d.token) for d in held.devices]
+    try:
+        for s in sessions:
+            s.sync()  # both alive
+        held.release()
+
+        def both_closed() -> bool:
+            closed = 0
+            for s in sessions:
+                try:
+                    s.sync()
+                except GpupoolError:
+                    closed += 1
+            return closed == 2
+
+        wait_until(both_closed, timeout=20, what="the daemon to close both sessions of the released lease")
+    finally:
+        for s in sessions:
+            s.close()
