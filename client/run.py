@@ -6,6 +6,9 @@ child exits and returns the child's exit code. SIGINT/SIGTERM are forwarded to t
 declares the lease lost (its host died, it expired), the child is stopped at once (SIGTERM, SIGKILL after
 `STOP_GRACE` s) and `run` exits 1 saying why: the devices are gone, so waiting on them would only hang.
 
+With --cuda (or $GPUPOOL_CUDA=1) the child also gets GPUPOOL_CUDA=1, and the leased devices appear to it as
+CUDA devices (gpupool.client.cuda, loaded by torch itself at `import torch`; docs/cuda.md).
+
 Exit codes of its own: 2 bad usage, 1 no lease (e.g. RESOURCE_EXHAUSTED), 127 command not found.
 """
 
@@ -46,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ttl", type=float, default=0.0, help="lease TTL in seconds (default: the scheduler's)")
     tls.add_client_flags(p)
+    add_flag(
+        p, "--cuda", action="store_true", help="the leased GPUs appear as CUDA to an unmodified script (docs/cuda.md)"
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
     return p
 
@@ -76,7 +82,8 @@ def main(argv: list[str]) -> int:
         where = ", ".join(f"{d.host_id}/{d.device} ({d.share:g})" for d in held.devices)
         log.info("lease %s on %s", held.lease_id, where)
         try:
-            child = subprocess.Popen(command, env={**os.environ, **held.to_env()})
+            env = {**os.environ, **held.to_env(), **({"GPUPOOL_CUDA": "1"} if args.cuda else {})}
+            child = subprocess.Popen(command, env=env)
         except OSError as exc:
             print(f"gpupool run: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
             return 127

@@ -106,7 +106,7 @@ class Daemon:
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
         self._recently_closed: OrderedDict[str, Closed] = OrderedDict()  # why sessions ended, for late streams
-        self._by_lease: dict[str, Session] = {}
+        self._by_lease: dict[tuple[str, int], Session] = {}  # (lease, device): a lease may hold several
         self._next_number = 1
         self._draining = False
         self._stop = threading.Event()
@@ -137,10 +137,7 @@ class Daemon:
         quota = min(claims.quota_bytes or int(claims.share * dev.capacity), dev.capacity)
         with self._lock:
             # A copied token must not evict the session that holds it: one session per (lease, device).
-            old = next(
-                (x for x in self._sessions.values() if (x.lease_id, x.device.index) == (claims.lease_id, dev.index)),
-                None,
-            )
+            old = self._by_lease.get((claims.lease_id, claims.device))
             number = self._next_number
             self._next_number += 1
         if old is not None and not old.closed:
@@ -149,7 +146,7 @@ class Daemon:
         session.entry = self.queues[dev.index].add(session, claims.share)
         with self._lock:
             self._sessions[session.session_id] = session
-            self._by_lease[claims.lease_id] = session
+            self._by_lease[(claims.lease_id, claims.device)] = session
         log.info(
             "attached session %d (lease %s, tenant %s) on device %d: quota %d bytes, share %.3f",
             number,
@@ -218,9 +215,9 @@ class Daemon:
             self._recently_closed[s.session_id] = Closed(code, reason)
             while len(self._recently_closed) > RECENTLY_CLOSED:
                 self._recently_closed.popitem(last=False)
-            lease_id = s.lease_id
-            if self._by_lease.get(lease_id) is s:
-                del self._by_lease[lease_id]
+            key = (s.lease_id, s.device.index)
+            if self._by_lease.get(key) is s:
+                del self._by_lease[key]
         self.queues[s.device.index].remove(s.entry)
         s.release_all()  # waits for a running slice of this session to finish
         s.outbox.put(Closed(code, reason))
@@ -317,8 +314,8 @@ class Daemon:
     def revoke_leases(self, lease_ids: list[str]) -> None:
         for lease_id in lease_ids:
             with self._lock:
-                s = self._by_lease.get(lease_id)
-            if s is not None:
+                of_lease = [s for (lease, _), s in self._by_lease.items() if lease == lease_id]
+            for s in of_lease:
                 self.close_session(s, f"lease {lease_id} was released or revoked by the scheduler")
 
     def status(self) -> device_pb2.StatusReply:

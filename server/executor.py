@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-from gpupool.server import bounds, guards
+from gpupool.server import bounds, fallbacks, guards
 from gpupool.server.graph import GraphTable
 from gpupool.server.ops import NO_META, MetaSizer, OpTable
 from gpupool.server.sessions import Poison, PoisonedInput, Session, zero_bytes
@@ -141,10 +141,11 @@ class CommandExecutor:
         if need > 0:
             s.admit(need)
         used_before = s.used
+        run = guards.replacement(op) or fallbacks.lookup(op, dev) or op  # fallbacks: accelerator-only ops
         if torch.Tag.nondeterministic_seeded in op.tags:
-            out = self._seeded(s, op, args, kwargs)
+            out = self._seeded(s, run, args, kwargs)
         else:
-            out = (guards.replacement(op) or op)(*args, **kwargs)
+            out = run(*args, **kwargs)
         s.ops += 1
         self.ledger.op(s)
         if op._schema.is_mutable:

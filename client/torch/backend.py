@@ -79,6 +79,16 @@ def _backend_kernel(op: Any) -> Any:
     return kernel
 
 
+def _pin_memory(self: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """`pin_memory()` for gpupool is plain host memory (uploads go over the network, not DMA); pinning for
+    another accelerator (a local CUDA GPU) goes on to torch's own kernel."""
+    target = device or torch.accelerator.current_accelerator()
+    if target is None or torch.device(target).type == NAME:
+        return self.clone()
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    return torch.ops.aten._pin_memory.default.redispatch(keys, self, device)
+
+
 def register() -> None:
     """Idempotent: make the PrivateUse1 backend `gpupool` (fails if another backend took the name), and
     route the ops of remote tensors to the dispatcher."""
@@ -97,4 +107,5 @@ def register() -> None:
     for name in BACKEND_OPS:
         packet = getattr(torch.ops.aten, name)
         ops.impl(name, _backend_kernel(packet.default), "PrivateUse1")
+    ops.impl("_pin_memory", _pin_memory, "CPU")  # torch's kernel raises for PrivateUse1 (DataLoader pin_memory)
     _library.append(ops)

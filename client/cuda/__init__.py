@@ -1,0 +1,82 @@
+"""`gpupool run --cuda`: the leased devices look like CUDA to a script that never heard of gpupool.
+
+torch calls `autoload()` at the end of `import torch` (the `torch.backends` entry point of this
+distribution; off with TORCH_DEVICE_BACKEND_AUTOLOAD=0). It does nothing unless $GPUPOOL_CUDA is set
+(`gpupool run --cuda` sets it for its child; launchers such as torchrun pass it on to their workers), so
+`--cuda` never changes a script run without it. When set, `enable()`:
+
+- registers the `gpupool` device (as `import gpupool.torch` does),
+- maps `cuda`, `cuda:N`, integer device ids, `.cuda()`, `.to(...)`, factory `device=` arguments and
+  `tensor.is_cuda` onto `gpupool:N` (devices.py: one global TorchFunctionMode),
+- answers `torch.cuda.*` from the lease (facade.py),
+- maps `torch.load(map_location=...)`, autocast/GradScaler, and refuses what cannot work on a pooled
+  GPU with one message naming the call (patches.py),
+
+and logs one line saying so. docs/cuda.md lists every API and the limits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+log = logging.getLogger("gpupool.cuda")
+
+ENV = "GPUPOOL_CUDA"
+_enabled: list[bool] = []
+
+
+def requested() -> bool:
+    """Whether this process asked for the CUDA mapping ($GPUPOOL_CUDA set to anything but 0/false/no)."""
+    return os.environ.get(ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _is_gpupool_program() -> bool:
+    """The daemon, scheduler and `gpupool run` import torch too: they never get the mapping."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    name = getattr(spec, "name", "") or ""
+    return name.startswith("gpupool.") or os.path.basename(sys.argv[0] if sys.argv else "") == "gpupool"
+
+
+def autoload() -> None:
+    """torch's `torch.backends` entry point: runs at `import torch` in every process, so it is cheap."""
+    if requested() and not _is_gpupool_program():
+        enable()
+
+
+def enable() -> None:
+    """Install the mapping (idempotent)."""
+    if _enabled:
+        return
+    _enabled.append(True)
+    from gpupool.client.cuda import devices, facade, patches
+
+    import gpupool.torch  # noqa: F401 - registers the device
+
+    devices.install()
+    facade.install()
+    patches.install()
+    _announce()
+
+
+def enabled() -> bool:
+    return bool(_enabled)
+
+
+def _announce() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("gpupool --cuda: %(message)s"))
+    if not log.handlers:
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO)
+    from gpupool.client.cuda.facade import leased_count
+
+    log.info(
+        "cuda -> gpupool (%d leased device(s)): device strings/ids, .cuda(), .to(), device=, is_cuda, torch.cuda.*, "
+        "torch.load(map_location), autocast/GradScaler, pin_memory; refused: nccl, CUDA graphs, "
+        "torch.compile, CUDA extensions (docs/cuda.md)",
+        leased_count(),
+    )

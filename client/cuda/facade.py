@@ -1,0 +1,278 @@
+"""`torch.cuda` answered from the lease: count, current device, names, memory, sync, seeds, streams, events.
+
+Functions are replaced on the real `torch.cuda` module (so `from torch.cuda import x` after the autoload
+and torch's own callers get them too). Memory figures come from the daemon (the session's used bytes and
+quota, `Device.Status`); the peak is the highest value this process has read. There is one ordered op
+stream per device, so streams are that stream and events time wall clock between sync points.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from gpupool.client.cuda.devices import to_gpupool
+
+import gpupool.torch as gt
+
+_peak: dict[int, int] = {}
+
+
+def leased_count() -> int:
+    """Devices of the lease of `gpupool run` ($GPUPOOL_LEASE); 1 elsewhere (the shim leases one on first use)."""
+    if os.environ.get("GPUPOOL_LEASE"):
+        from gpupool.client.pool import Lease
+
+        return len(Lease.from_env().devices)
+    return max(1, gt.device_count())
+
+
+def _index(device: Any = None) -> int:
+    if device is None:
+        return gt.current_index()
+    if isinstance(device, int) and not isinstance(device, bool):
+        return device
+    d = to_gpupool(torch.device(device) if isinstance(device, str) else device)
+    return gt.current_index() if d.index is None else int(d.index)
+
+
+def _session(device: Any = None) -> Any:
+    """The shim's session of a device (attached on first use)."""
+    from gpupool.client.torch import runtime  # the session's DeviceInfo and quota are not exported otherwise
+
+    i = _index(device)
+    gt.device(i)
+    rt = runtime.get(i)
+    assert rt is not None
+    return rt.session
+
+
+@dataclass(frozen=True)
+class DeviceProperties:
+    """What `torch.cuda.get_device_properties` answers for a leased (fraction of a) GPU."""
+
+    name: str
+    total_memory: int  # the lease's memory quota, not the whole GPU
+    major: int = 0
+    minor: int = 0
+    multi_processor_count: int = 0
+    is_integrated: bool = False
+    uuid: str = ""
+    fake: bool = False
+
+
+def get_device_properties(device: Any = None) -> DeviceProperties:
+    s = _session(device)
+    return DeviceProperties(
+        name=s.device.model, total_memory=int(s.quota_bytes), uuid=s.device.uuid, fake=bool(s.device.fake)
+    )
+
+
+def get_device_name(device: Any = None) -> str:
+    return str(_session(device).device.model)
+
+
+def get_device_capability(device: Any = None) -> tuple[int, int]:
+    return (0, 0)  # unknown over the wire: libraries keyed on capability take their generic paths
+
+
+def memory_allocated(device: Any = None) -> int:
+    """Bytes the session holds on the daemon (after the queued ops ran)."""
+    from gpupool._proto import device_pb2, device_pb2_grpc
+    from gpupool.tokens import public_session_id
+
+    s = _session(device)
+    s.sync()
+    reply = device_pb2_grpc.DeviceStub(s._channel).Status(device_pb2.StatusRequest(), timeout=10)
+    tag = public_session_id(s.session_id)
+    used = next((int(u.used_bytes) for u in reply.sessions if u.session_id == tag), 0)
+    i = _index(device)
+    _peak[i] = max(_peak.get(i, 0), used)
+    return used
+
+
+def max_memory_allocated(device: Any = None) -> int:
+    memory_allocated(device)
+    return _peak[_index(device)]
+
+
+def reset_peak_memory_stats(device: Any = None) -> None:
+    _peak.pop(_index(device), None)
+
+
+def mem_get_info(device: Any = None) -> tuple[int, int]:
+    """(free, total) of the lease: the quota is the total."""
+    total = int(_session(device).quota_bytes)
+    return max(0, total - memory_allocated(device)), total
+
+
+def memory_summary(device: Any = None, abbreviated: bool = False) -> str:
+    free, total = mem_get_info(device)
+    i = _index(device)
+    return f"gpupool device {i}: {total - free} of {total} bytes used (the lease's quota), peak {_peak.get(i, 0)}"
+
+
+def set_device(device: Any) -> None:
+    torch.gpupool.set_device(_index(device))  # type: ignore[attr-defined]
+
+
+def synchronize(device: Any = None) -> None:
+    gt.synchronize(None if device is None else _index(device))
+
+
+def manual_seed(seed: int) -> None:
+    torch.gpupool.manual_seed_all(int(seed))  # type: ignore[attr-defined]
+
+
+class device:  # noqa: N801 - the name of torch.cuda.device
+    """`with torch.cuda.device(i):` makes gpupool:i current inside."""
+
+    def __init__(self, device: Any) -> None:
+        self.idx = -1 if device is None else _index(device)
+        self.prev = -1
+
+    def __enter__(self) -> None:
+        self.prev = gt.current_index()
+        if self.idx >= 0:
+            set_device(self.idx)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.idx >= 0:
+            set_device(self.prev)
+
+
+class Stream:
+    """The device's one ordered op stream: every op of a device is already in order."""
+
+    def __init__(self, device: Any = None, priority: int = 0, **_: Any) -> None:
+        self.device = torch.device("cuda", _index(device))
+        self.priority = priority
+
+    def wait_stream(self, stream: Stream) -> None:
+        pass  # one stream: already ordered
+
+    def wait_event(self, event: Event) -> None:
+        pass
+
+    def record_event(self, event: Event | None = None) -> Event:
+        event = event or Event()
+        event.record(self)
+        return event
+
+    def synchronize(self) -> None:
+        synchronize(self.device)
+
+    def query(self) -> bool:
+        synchronize(self.device)
+        return True
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class Event:
+    """record() waits for the device's queued ops and takes the time, so elapsed_time() is wall clock (ms)."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False) -> None:
+        if interprocess:
+            raise RuntimeError("torch.cuda.Event(interprocess=True) is not available on a pooled GPU (gpupool)")
+        self.enable_timing = enable_timing
+        self.at: float | None = None
+
+    def record(self, stream: Stream | None = None) -> None:
+        synchronize(None if stream is None else stream.device)
+        self.at = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass  # record() already waited
+
+    def query(self) -> bool:
+        return self.at is not None
+
+    def wait(self, stream: Stream | None = None) -> None:
+        pass
+
+    def elapsed_time(self, end: Event) -> float:
+        if self.at is None or end.at is None:
+            raise RuntimeError("torch.cuda.Event.elapsed_time: both events must be recorded first")
+        return (end.at - self.at) * 1000.0
+
+
+_streams: dict[int, Stream] = {}
+
+
+def current_stream(device: Any = None) -> Stream:
+    return _streams.setdefault(_index(device), Stream(_index(device)))
+
+
+@contextlib.contextmanager
+def stream(s: Stream | None) -> Iterator[Stream | None]:
+    yield s
+
+
+def _refuse(name: str, why: str = "") -> Any:
+    def refused(*_: Any, **__: Any) -> Any:
+        raise RuntimeError(f"{name} is not available on a pooled GPU (gpupool run --cuda){': ' + why if why else ''}")
+
+    refused.__name__ = name.rsplit(".", 1)[-1]
+    return refused
+
+
+def install() -> None:
+    """Replace the functions of `torch.cuda` (docs/cuda.md lists them)."""
+    cuda = torch.cuda
+    answers: dict[str, Any] = {
+        "is_available": lambda: True,
+        "is_initialized": lambda: True,
+        "init": lambda: None,
+        "_lazy_init": lambda: None,
+        "device_count": leased_count,
+        "current_device": gt.current_index,
+        "set_device": set_device,
+        "device": device,
+        "get_device_name": get_device_name,
+        "get_device_properties": get_device_properties,
+        "get_device_capability": get_device_capability,
+        "is_bf16_supported": lambda including_emulation=True: True,
+        "memory_allocated": memory_allocated,
+        "max_memory_allocated": max_memory_allocated,
+        "memory_reserved": memory_allocated,
+        "max_memory_reserved": max_memory_allocated,
+        "reset_peak_memory_stats": reset_peak_memory_stats,
+        "reset_max_memory_allocated": reset_peak_memory_stats,
+        "mem_get_info": mem_get_info,
+        "memory_summary": memory_summary,
+        "empty_cache": lambda: None,  # the daemon frees a session's dead tensors itself
+        "ipc_collect": lambda: None,
+        "synchronize": synchronize,
+        "manual_seed": manual_seed,
+        "manual_seed_all": manual_seed,
+        "seed": lambda: manual_seed(torch.initial_seed()),
+        "seed_all": lambda: manual_seed(torch.initial_seed()),
+        "Stream": Stream,
+        "Event": Event,
+        "current_stream": current_stream,
+        "default_stream": current_stream,
+        "stream": stream,
+        "get_rng_state": _refuse("torch.cuda.get_rng_state", "the generator lives on the daemon"),
+        "set_rng_state": _refuse("torch.cuda.set_rng_state", "the generator lives on the daemon"),
+        "get_rng_state_all": _refuse("torch.cuda.get_rng_state_all", "the generator lives on the daemon"),
+        "set_rng_state_all": _refuse("torch.cuda.set_rng_state_all", "the generator lives on the daemon"),
+        "CUDAGraph": _refuse("torch.cuda.CUDAGraph", "CUDA graphs run on the local GPU only"),
+        "graph": _refuse("torch.cuda.graph", "CUDA graphs run on the local GPU only"),
+        "make_graphed_callables": _refuse("torch.cuda.make_graphed_callables", "CUDA graphs run on the local GPU only"),
+    }
+    for name, value in answers.items():
+        setattr(cuda, name, value)
+    graphs = getattr(cuda, "graphs", None)
+    if graphs is not None:
+        for name in ("CUDAGraph", "graph", "make_graphed_callables"):
+            setattr(graphs, name, answers[name])

@@ -1,0 +1,10 @@
+"""Run WITHOUT --cuda (plain `gpupool run`, or no gpupool at all): torch is untouched."""
+
+import torch
+
+assert not torch.cuda.is_available()
+assert torch.cuda.is_available.__module__ == "torch.cuda", torch.cuda.is_available.__module__
+assert torch._C._get_privateuse1_backend_name() == "privateuseone"
+assert torch.load.__module__ == "torch.serialization"
+assert not torch.overrides._get_current_function_mode_stack()
+print("untouched")

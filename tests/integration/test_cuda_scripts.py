@@ -1,0 +1,141 @@
+"""`gpupool run --cuda`: ordinary CUDA training scripts (tests/cuda_scripts/, written the way public PyTorch
+examples are, no gpupool import) run unmodified on a real `gpupool up` with fake GPUs and print the same
+losses as the same script on the CPU (CUDA_VISIBLE_DEVICES="", no --cuda). The torch.cuda facade and the
+refusals are checked by facade_check.py under a 2-GPU lease; without --cuda torch is untouched."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from gpupool.client.pool import SchedulerClient
+from scheduler_fixtures import ROOT, Proc, wait_until
+
+pytestmark = pytest.mark.slow
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "cuda_scripts"
+LOSS = re.compile(r"^(?:step|epoch) .*loss \S+$", re.M)
+ANNOUNCE = "gpupool --cuda: cuda -> gpupool"
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A `gpupool up` with two 512 MiB fake GPUs; yields the scheduler address."""
+    tmp = tmp_path_factory.mktemp("up")
+    proc = Proc(
+        ["up", "--fake-gpus", "2", "--fake-gpu-memory", "512MiB", "--scheduler-listen", "127.0.0.1:0",
+         "--listen", "127.0.0.1:0", "--state", str(tmp / "scheduler.db"),
+         "--metrics-listen", "127.0.0.1:0", "--scheduler-metrics-listen", "127.0.0.1:0"]
+    )  # fmt: skip
+    try:
+        yield proc.wait_for(r"export GPUPOOL_SCHEDULER=(\S+)", timeout=120).group(1)
+    finally:
+        proc.stop()
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("GPUPOOL_LEASE", "GPUPOOL_CUDA")}
+    return {**env, "PYTHONPATH": str(ROOT), **extra}
+
+
+def run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=SCRIPTS)
+    assert done.returncode == 0, f"{cmd}\nstdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+    return done
+
+
+def on_pool(pool: str, script: str, *run_args: str, cuda: bool = True) -> subprocess.CompletedProcess[str]:
+    flags = ["--cuda"] if cuda else []
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", *flags, *run_args, "--", sys.executable, script]
+    return run(cmd, clean_env(GPUPOOL_SCHEDULER=pool))
+
+
+def on_cpu(script: str) -> subprocess.CompletedProcess[str]:
+    return run([sys.executable, script], clean_env(CUDA_VISIBLE_DEVICES=""))
+
+
+def values(lines: list[str]) -> list[float]:
+    return [float(line.rsplit(" ", 1)[1]) for line in lines]
+
+
+def no_leases(address: str) -> bool:
+    return not SchedulerClient(address).list_pool().leases
+
+
+@pytest.mark.parametrize("script", ["mnist_style.py", "device_agnostic.py", "checkpoint.py", "amp.py", "lstm_lm.py"])
+def test_unmodified_script_gives_the_cpu_losses(pool: str, script: str) -> None:
+    pooled = on_pool(pool, script, "-p", "0.5")
+    local = on_cpu(script)
+    losses = LOSS.findall(pooled.stdout)
+    assert len(losses) >= 4, pooled.stdout
+    if script == "amp.py":  # float16 matmuls on the pool (autocast), float32 on the CPU (AMP off there)
+        assert values(losses) == pytest.approx(values(LOSS.findall(local.stdout)), rel=1e-3)
+        assert losses != LOSS.findall(local.stdout)  # autocast really computed in float16
+    else:
+        assert losses == LOSS.findall(local.stdout)
+    assert ANNOUNCE in pooled.stderr and ANNOUNCE not in local.stderr
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+def test_script_took_the_cuda_branch(pool: str) -> None:
+    assert "done on cuda" in on_pool(pool, "device_agnostic.py").stdout
+    assert "done on cpu" in on_cpu("device_agnostic.py").stdout
+
+
+def test_torch_cuda_facade_and_refusals_on_a_two_gpu_lease(pool: str) -> None:
+    done = run(
+        [sys.executable, "-m", "gpupool.cli", "run", "--cuda", "-n", "2", "-p", "0.5", "--",
+         sys.executable, "facade_check.py", str(256 * 1024**2)],
+        clean_env(GPUPOOL_SCHEDULER=pool),
+    )  # fmt: skip
+    assert "facade ok" in done.stdout
+    assert done.stderr.count("not available on a pooled GPU") == 6, done.stderr
+    assert "(2 leased device(s))" in done.stderr
+
+
+def test_without_cuda_flag_torch_is_untouched(pool: str) -> None:
+    assert "untouched" in on_pool(pool, "no_cuda.py", cuda=False).stdout
+    assert "untouched" in on_cpu("no_cuda.py").stdout
+
+
+def test_gpupool_cuda_env_for_launchers_without_gpupool_run(pool: str) -> None:
+    """What torchrun's workers see: $GPUPOOL_CUDA=1 and a scheduler; the shim leases a GPU itself."""
+    done = run([sys.executable, "mnist_style.py"], clean_env(GPUPOOL_SCHEDULER=pool, GPUPOOL_CUDA="1"))
+    assert LOSS.findall(done.stdout) == LOSS.findall(on_cpu("mnist_style.py").stdout)
+    assert "using gpupool fake GPU (CPU) of 1" in done.stdout
+    wait_until(lambda: no_leases(pool), timeout=10, what="the script's own lease to be released at exit")
+
+
+def test_two_device_lease_on_one_host_keeps_both_sessions_and_release_closes_both(pool: str) -> None:
+    """The daemon keys sessions by (lease, device): attaching device 1 must not replace device 0's session."""
+    from gpupool.client.pool import lease
+    from gpupool.client.session import Session
+
+    from gpupool.errors import GpupoolError
+
+    held = lease(2, 0.25, scheduler=pool)
+    assert len({d.host_id for d in held.devices}) == 1 and {d.device for d in held.devices} == {0, 1}
+    sessions = [Session.attach(d.address, d.token) for d in held.devices]
+    try:
+        for s in sessions:
+            s.sync()  # both alive
+        held.release()
+
+        def both_closed() -> bool:
+            closed = 0
+            for s in sessions:
+                try:
+                    s.sync()
+                except GpupoolError:
+                    closed += 1
+            return closed == 2
+
+        wait_until(both_closed, timeout=20, what="the daemon to close both sessions of the released lease")
+    finally:
+        for s in sessions:
+            s.close()
