@@ -86,6 +86,9 @@ class Daemon:
         self.memory = {d.index: DeviceMemory(d) for d in self.device_list}
         self.ledger = Ledger()
         self.executor = CommandExecutor(self.ledger)
+        key = config.token_key  # collectives verify the tokens of a job's other ranks with the same key
+        peer_host = (config.advertise or config.listen).rpartition(":")[0].strip("[]")
+        self.executor.collectives.configure(lambda token: tokens.verify(key, token), peer_host)
         self.metrics = Metrics(self)
         self.queues = {d.index: FairQueue(config.queue_commands, config.queue_bytes) for d in self.device_list}
         self.workers = [
@@ -103,7 +106,7 @@ class Daemon:
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
         self._recently_closed: OrderedDict[str, Closed] = OrderedDict()  # why sessions ended, for late streams
-        self._by_lease: dict[str, Session] = {}
+        self._by_lease: dict[tuple[str, int], Session] = {}  # (lease, device): a multi-GPU lease has one per device
         self._next_number = 1
         self._draining = False
         self._stop = threading.Event()
@@ -132,7 +135,7 @@ class Daemon:
             raise NotFound(f"token is for device {claims.device}; host {self.host_id} has {len(self.device_list)}")
         quota = min(claims.quota_bytes or int(claims.share * dev.capacity), dev.capacity)
         with self._lock:
-            old = self._by_lease.get(claims.lease_id)
+            old = self._by_lease.get((claims.lease_id, claims.device))
             number = self._next_number
             self._next_number += 1
         if old is not None:
@@ -141,7 +144,7 @@ class Daemon:
         session.entry = self.queues[dev.index].add(session, claims.share)
         with self._lock:
             self._sessions[session.session_id] = session
-            self._by_lease[claims.lease_id] = session
+            self._by_lease[(claims.lease_id, claims.device)] = session
         log.info(
             "attached session %d (lease %s, tenant %s) on device %d: quota %d bytes, share %.3f",
             number,
@@ -210,9 +213,9 @@ class Daemon:
             self._recently_closed[s.session_id] = Closed(code, reason)
             while len(self._recently_closed) > RECENTLY_CLOSED:
                 self._recently_closed.popitem(last=False)
-            lease_id = s.lease_id
-            if self._by_lease.get(lease_id) is s:
-                del self._by_lease[lease_id]
+            key = (s.lease_id, s.device.index)
+            if self._by_lease.get(key) is s:
+                del self._by_lease[key]
         self.queues[s.device.index].remove(s.entry)
         s.release_all()  # waits for a running slice of this session to finish
         s.outbox.put(Closed(code, reason))
@@ -305,8 +308,8 @@ class Daemon:
     def revoke_leases(self, lease_ids: list[str]) -> None:
         for lease_id in lease_ids:
             with self._lock:
-                s = self._by_lease.get(lease_id)
-            if s is not None:
+                found = [s for (lid, _), s in self._by_lease.items() if lid == lease_id]
+            for s in found:
                 self.close_session(s, f"lease {lease_id} was released or revoked by the scheduler")
 
     def status(self) -> device_pb2.StatusReply:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 from gpupool.server import bounds, guards
+from gpupool.server.collectives import Collectives
 from gpupool.server.ops import NO_META, MetaSizer, OpTable
 from gpupool.server.sessions import Poison, PoisonedInput, Session, zero_bytes
 
@@ -48,6 +49,7 @@ class CommandExecutor:
         self.sizer = MetaSizer()
         self.ledger = ledger
         self._device_arg: dict[torch._ops.OpOverload, bool] = {}
+        self.collectives = Collectives()  # configured by the daemon (token verifier, peer-facing host)
 
     def warm_up(self) -> None:
         """Load torch's meta kernels now (about a second, once per process), not on some session's clock."""
@@ -56,7 +58,7 @@ class CommandExecutor:
 
     def execute(self, s: Session, cmd: device_pb2.Command, reply: Reply) -> None:
         kind = cmd.WhichOneof("cmd")
-        op_name = cmd.op.name if kind == "op" else ""
+        op_name = cmd.op.name if kind == "op" else f"collective {cmd.collective.kind}" if kind == "collective" else ""
         try:
             if kind == "op":
                 self._op(s, cmd.op)
@@ -70,6 +72,10 @@ class CommandExecutor:
                 s.rng_state = s.device.new_rng_state(cmd.seed.seed)
             elif kind == "sync":
                 reply(self._sync(s, cmd.sync))
+            elif kind == "collective":  # torch.distributed backend "gpupool" (server/collectives.py)
+                self.collectives.run(s, cmd.collective)
+            elif kind == "group_join":
+                self.collectives.join(s, cmd.group_join)
             elif kind == "refresh":
                 pass  # handled on arrival by the daemon (it needs no ordering)
             else:
@@ -106,6 +112,9 @@ class CommandExecutor:
                     s.poison(h, err)
         elif kind == "upload":
             s.poison(cmd.upload.handle, err)
+        elif kind == "collective":
+            for h in cmd.collective.tensors:
+                s.poison(h, err)
 
     # ---- ops ----
 
