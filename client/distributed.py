@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from gpupool._proto import device_pb2
 from gpupool.errors import InvalidArgument
@@ -182,7 +183,8 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
     store.set(f"gpupool/dev/{rank}", str(local))
     devices = [int(store.get(f"gpupool/dev/{r}")) for r in range(size)]
     tokens = [lease.devices[d].token for d in devices]
-    seconds = min(timeout.total_seconds(), MAX_TIMEOUT)
+    # torch's default (30 min, also what it passes when the script gives none) leaves the choice to the daemon (30 s)
+    seconds = 0.0 if timeout == default_pg_timeout else min(timeout.total_seconds(), MAX_TIMEOUT)
     join = device_pb2.GroupJoin(rank=rank, size=size, tokens=tokens, timeout_seconds=seconds)
     if rank == 0:
         join.port_handle = rt.new_handle()
