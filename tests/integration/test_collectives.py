@@ -181,3 +181,25 @@ def test_collective_before_join_is_refused(daemon) -> None:  # type: ignore[no-u
         s.sync()
     assert s.download(s.upload(torch.ones(1))).tolist() == [1.0]  # the session stays usable
     s.close()
+
+
+def test_a_waiting_collective_leaves_other_devices_sessions_alone(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    lease = uuid.uuid4().hex
+    a = daemon_factory(host_id="host-0", fake_gpus=2, fake_gpu_memory=64 * MiB)
+    b = daemon_factory(host_id="host-1", fake_gpu_memory=64 * MiB)
+    tokens = [a.token(lease_id=lease), b.token(lease_id=lease)]
+    s0, s1 = Session.attach(a.address, tokens[0]), Session.attach(b.address, tokens[1])
+    other = Session.attach(a.address, a.token(device=1))  # another tenant, the same daemon
+    join_all([s0, s1], tokens, timeout=6.0)
+    h = s0.upload(torch.ones(2))
+    collective(s0, "allreduce", [h], op="sum")  # rank 1 never calls: rank 0 waits for it
+    time.sleep(0.5)
+    start = time.monotonic()
+    x = other.upload(torch.arange(3.0))
+    assert other.download(x).tolist() == [0.0, 1.0, 2.0]
+    assert time.monotonic() - start < 3.0
+    with pytest.raises(Unavailable, match="collective allreduce"):
+        s0.sync()
+    assert other.download(x).tolist() == [0.0, 1.0, 2.0]
+    for s in (s0, s1, other):
+        s.close()
