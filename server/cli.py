@@ -14,6 +14,7 @@ import threading
 from types import FrameType
 
 from gpupool.server.daemon import Config
+from gpupool.server.speedmodel import SpeedModel
 
 from gpupool import tokens
 from gpupool.config import add_flag, setup_logging, size_arg
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--listen", default="127.0.0.1:50051", help="gRPC address HOST:PORT (port 0: any free port)")
     add_flag(p, "--fake-gpus", type=int, default=0, help="serve N CPU-backed fake GPUs (0: real GPUs, else 1 fake)")
     add_flag(p, "--fake-gpu-memory", type=size_arg, default=8 * 1024**3, help="memory of each fake GPU, e.g. 8GiB")
+    add_flag(p, "--fake-gpu-tflops", type=float, default=0.0, help="speed model: fake GPUs' peak TFLOP/s (0: off)")
+    add_flag(p, "--fake-gpu-gbps", type=float, default=0.0, help="speed model: fake GPUs' memory GB/s (0: off)")
+    add_flag(p, "--fake-link-gbps", type=float, default=0.0, help="speed model: GB/s between daemons (0: off)")
     add_flag(p, "--token-key-file", help="file with the token key shared with the scheduler (else $GPUPOOL_TOKEN_KEY)")
     add_flag(p, "--host-id", default=socket.gethostname(), help="this host's id, as tokens name it")
     add_flag(p, "--metrics-listen", default="127.0.0.1:9450", help="Prometheus metrics HOST:PORT ('0': off)")
@@ -54,6 +58,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         host_id=args.host_id,
         fake_gpus=args.fake_gpus,
         fake_gpu_memory=args.fake_gpu_memory,
+        fake_speed=SpeedModel(args.fake_gpu_tflops, args.fake_gpu_gbps, args.fake_link_gbps),
         token_key=tokens.load_key(args.token_key_file),
         metrics_listen=args.metrics_listen,
         scheduler=args.scheduler,

@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from gpupool.server.sessions import Session
+from gpupool.server.speedmodel import SpeedModel
 
 from gpupool._proto import device_pb2
 from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument, PermissionDenied, Unavailable
@@ -124,6 +126,7 @@ class Collectives:
     def __init__(self) -> None:
         self.verify: Verifier | None = None
         self.host = "127.0.0.1"  # where this daemon's store and gloo listen and are reached by peers
+        self.speed: SpeedModel | None = None  # fake GPUs' modelled link (server/speedmodel.py)
 
     def configure(self, verify: Verifier, host: str) -> None:
         self.verify = verify
@@ -201,8 +204,13 @@ class Collectives:
         inputs = [s.resolve(h) for h in msg.inputs]
         _check_shape(msg, tensors, inputs, group.size)
         self._agree(group, pg, msg, tensors, inputs)
+        started = time.perf_counter()
         try:
             _run(pg, msg, tensors, inputs, group)
+            if self.speed is not None:
+                self.speed.hold_collective(
+                    msg.kind, sum(t.numel() * t.element_size() for t in tensors), group.size, started
+                )
         except GpupoolError:
             raise
         except Exception as exc:

@@ -23,6 +23,7 @@ from gpupool.server.registration import (
     RegistrationSource as RegistrationSource,  # the one definition, beside its consumer
 )
 from gpupool.server.sessions import DeviceMemory, Poison, Session
+from gpupool.server.speedmodel import SpeedModel
 
 from gpupool import tokens
 from gpupool._proto import device_pb2
@@ -50,6 +51,7 @@ class Config:
     host_id: str = field(default_factory=socket.gethostname)
     fake_gpus: int = 0
     fake_gpu_memory: int = 8 * GiB
+    fake_speed: SpeedModel = field(default_factory=SpeedModel)  # modelled GPU and link speed of fake GPUs (off)
     token_key: bytes = field(default=b"", repr=False)
     metrics_listen: str = "127.0.0.1:9450"
     scheduler: str = ""
@@ -89,6 +91,8 @@ class Daemon:
         key = config.token_key  # collectives verify the tokens of a job's other ranks with the same key
         peer_host = (config.advertise or config.listen).rpartition(":")[0].strip("[]")
         self.executor.collectives.configure(lambda token: tokens.verify(key, token), peer_host)
+        if any(d.fake for d in self.device_list) and (config.fake_speed.active or config.fake_speed.link_gbps > 0):
+            self.executor.speed = self.executor.collectives.speed = config.fake_speed
         self.metrics = Metrics(self)
         self.queues = {d.index: FairQueue(config.queue_commands, config.queue_bytes) for d in self.device_list}
         self.workers = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ from gpupool.server import bounds, guards
 from gpupool.server.collectives import Collectives
 from gpupool.server.ops import NO_META, MetaSizer, OpTable
 from gpupool.server.sessions import Poison, PoisonedInput, Session, zero_bytes
+from gpupool.server.speedmodel import SpeedModel
 
 from gpupool import wire
 from gpupool._proto import device_pb2, tensor_pb2
@@ -50,6 +52,7 @@ class CommandExecutor:
         self.ledger = ledger
         self._device_arg: dict[torch._ops.OpOverload, bool] = {}
         self.collectives = Collectives()  # configured by the daemon (token verifier, peer-facing host)
+        self.speed: SpeedModel | None = None  # fake GPUs' speed model (server/speedmodel.py), when asked for
 
     def warm_up(self) -> None:
         """Load torch's meta kernels now (about a second, once per process), not on some session's clock."""
@@ -141,10 +144,13 @@ class CommandExecutor:
         if need > 0:
             s.admit(need)
         used_before = s.used
+        started = time.perf_counter()
         if torch.Tag.nondeterministic_seeded in op.tags:
             out = self._seeded(s, op, args, kwargs)
         else:
             out = (guards.replacement(op) or op)(*args, **kwargs)
+        if self.speed is not None and self.speed.active:
+            self.speed.hold_op(op, args, kwargs, out, started)
         s.ops += 1
         self.ledger.op(s)
         if op._schema.is_mutable:

@@ -51,7 +51,7 @@ def batch(step: int, global_batch: int, seed: int) -> tuple[torch.Tensor, torch.
 
 
 def train(
-    device: torch.device, steps: int, global_batch: int, lr: float, seed: int, rank: int, world: int
+    device: torch.device, steps: int, global_batch: int, lr: float, seed: int, rank: int, world: int, warmup: int = 0
 ) -> torch.nn.Module:
     if global_batch % world:
         raise SystemExit(f"--global-batch {global_batch} must be a multiple of the world size {world}")
@@ -63,6 +63,8 @@ def train(
     local = global_batch // world
     start = time.perf_counter()
     for step in range(steps):
+        if step == warmup:
+            start = time.perf_counter()  # the first steps pay one-time costs (meta caches, the group's setup)
         tokens, labels = batch(step, global_batch, seed)
         x = tokens[rank * local : (rank + 1) * local].to(device)
         y = labels[rank * local : (rank + 1) * local].to(device)
@@ -74,7 +76,8 @@ def train(
             log.info("step %d loss %.4f", step, loss.item())
     elapsed = time.perf_counter() - start
     if rank == 0:
-        log.info("%d steps, %.1f samples/s", steps, steps * global_batch / max(elapsed, 1e-9))
+        timed = steps - min(warmup, steps)
+        log.info("%d steps, %.1f samples/s", steps, timed * global_batch / max(elapsed, 1e-9))
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--global-batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=0, help="steps left out of the samples/s figure")
     p.add_argument("--out", type=Path, help="save rank 0's final parameters (torch.save of a CPU state_dict)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         device, backend = torch.device(args.device), "gloo"
     if world > 1:
         dist.init_process_group(backend)
-    model = train(device, args.steps, args.global_batch, args.lr, args.seed, rank, world)
+    model = train(device, args.steps, args.global_batch, args.lr, args.seed, rank, world, args.warmup)
     if rank == 0 and args.out:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, args.out)
     if world > 1:
