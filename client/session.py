@@ -196,6 +196,10 @@ class Session:
         if hs:
             self._add(device_pb2.Command(free=device_pb2.Free(handles=hs)), 8 * len(hs))
 
+    def command(self, cmd: device_pb2.Command) -> None:
+        """Enqueue any other command (the collectives of client/distributed.py)."""
+        self._add(cmd)
+
     def seed(self, seed: int) -> None:
         self._add(device_pb2.Command(seed=device_pb2.Seed(seed=seed)))
 

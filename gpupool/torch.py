@@ -1,5 +1,7 @@
-"""`import gpupool.torch` registers the PyTorch device `gpupool`; the API lives in gpupool.client.torch."""
+"""`import gpupool.torch` registers the PyTorch device `gpupool` and the torch.distributed backend `gpupool`
+(gpupool.client.distributed); the API lives in gpupool.client.torch."""
 
+import gpupool.client.distributed as _distributed
 from gpupool.client.torch import (
     CapturedStep,
     CaptureError,
@@ -17,6 +19,8 @@ from gpupool.client.torch import (
     meta_cache,
     synchronize,
 )
+
+_distributed.register()
 
 __all__ = [
     "CaptureError",

@@ -5,8 +5,9 @@
 
 A multi-GPU request prefers one host: hosts are visited in policy order of their total free share (binpack:
 fullest first, keeping whole hosts free for whole-host jobs) and the first that can hold all ``gpus`` pieces
-wins; only when no single host can are devices of several hosts combined. Placement never changes the pool;
-the caller takes the grants it returns.
+wins; only when no single host can are devices of several hosts combined. The pieces of one request always land
+on distinct physical GPUs (distinct UUIDs, not only distinct (host, index)): its ranks form one collective group,
+and NCCL refuses two ranks on one GPU. Placement never changes the pool; the caller takes the grants it returns.
 """
 
 from __future__ import annotations
@@ -111,15 +112,28 @@ def place(pool: Pool, req: Request) -> list[Grant] | None:
         hosts = index.descending if spread else index.ascending
         for host in hosts(floor):
             fitting = [(dev, g) for dev in host.devices.values() if (g := _fits(req, host, dev)) is not None]
-            if len(fitting) >= req.gpus:
+            if len({dev.uuid for dev, _ in fitting}) >= req.gpus:
                 fitting.sort(key=lambda dg: (dg[0].free_units, dg[0].index), reverse=spread)
-                return [g for _, g in fitting[: req.gpus]]
+                return _distinct(fitting, req.gpus)
     devices = pool.index.descending(least) if spread else pool.index.ascending(least)
     chosen: list[Grant] = []
+    uuids: set[str] = set()
     for dev in devices:
-        grant = _fits(req, pool.hosts[dev.host_id], dev)
+        grant = _fits(req, pool.hosts[dev.host_id], dev) if dev.uuid not in uuids else None
         if grant is not None:
             chosen.append(grant)
+            uuids.add(dev.uuid)
             if len(chosen) == req.gpus:
                 return chosen
     return None
+
+
+def _distinct(fitting: list[tuple[Device, Grant]], n: int) -> list[Grant]:
+    """The first `n` grants in order whose devices are distinct physical GPUs."""
+    seen: set[str] = set()
+    out: list[Grant] = []
+    for dev, grant in fitting:
+        if dev.uuid not in seen:
+            seen.add(dev.uuid)
+            out.append(grant)
+    return out[:n]

@@ -15,6 +15,7 @@ import threading
 from types import FrameType
 
 from gpupool.server.daemon import Config
+from gpupool.server.speedmodel import SpeedModel
 
 from gpupool import tls, tokens
 from gpupool.config import add_flag, setup_logging, size_arg
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-public-keys",
         help="PEM file of the scheduler's token public key(s) (old and new during a rotation); re-read on change",
     )
+    add_flag(p, "--fake-gpu-tflops", type=float, default=0.0, help="speed model: fake GPUs' peak TFLOP/s (0: off)")
+    add_flag(p, "--fake-gpu-gbps", type=float, default=0.0, help="speed model: fake GPUs' memory GB/s (0: off)")
+    add_flag(p, "--fake-link-gbps", type=float, default=0.0, help="speed model: GB/s between daemons (0: off)")
     add_flag(p, "--host-id", default=socket.gethostname(), help="this host's id, as tokens name it")
     add_flag(p, "--metrics-listen", default="127.0.0.1:9450", help="Prometheus metrics HOST:PORT ('0': off)")
     add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (HA replicas) to register with")
@@ -62,6 +66,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         host_id=args.host_id,
         fake_gpus=args.fake_gpus,
         fake_gpu_memory=args.fake_gpu_memory,
+        fake_speed=SpeedModel(args.fake_gpu_tflops, args.fake_gpu_gbps, args.fake_link_gbps),
         token_key=tokens.load_verifier(args.token_public_keys),
         health_listen=args.health_listen,
         tls=dataclasses.replace(tls.config_from_args(args), api_token_file=args.join_token_file),

@@ -23,6 +23,7 @@ from gpupool.server.registration import (
     RegistrationSource as RegistrationSource,  # the one definition, beside its consumer
 )
 from gpupool.server.sessions import DeviceMemory, Poison, Session
+from gpupool.server.speedmodel import SpeedModel
 
 from gpupool import tokens
 from gpupool._proto import device_pb2
@@ -51,6 +52,7 @@ class Config:
     host_id: str = field(default_factory=socket.gethostname)
     fake_gpus: int = 0
     fake_gpu_memory: int = 8 * GiB
+    fake_speed: SpeedModel = field(default_factory=SpeedModel)  # modelled GPU and link speed of fake GPUs (off)
     token_key: tokens.KeyLike = field(default=b"", repr=False)  # a Verifier of public keys (bytes: a test seed)
     tls: TlsConfig = TlsConfig()
     health_listen: str = ""  # plaintext grpc.health.v1 only, for probes that cannot speak TLS
@@ -89,6 +91,11 @@ class Daemon:
         self.memory = {d.index: DeviceMemory(d) for d in self.device_list}
         self.ledger = Ledger()
         self.executor = CommandExecutor(self.ledger)
+        key = config.token_key  # collectives verify the tokens of a job's other ranks with the same key
+        peer_host = (config.advertise or config.listen).rpartition(":")[0].strip("[]")
+        self.executor.collectives.configure(lambda token: tokens.verify(key, token), peer_host)
+        if any(d.fake for d in self.device_list) and (config.fake_speed.active or config.fake_speed.link_gbps > 0):
+            self.executor.speed = self.executor.collectives.speed = config.fake_speed
         self.metrics = Metrics(self)
         self.queues = {d.index: FairQueue(config.queue_commands, config.queue_bytes) for d in self.device_list}
         self.workers = [
@@ -106,7 +113,7 @@ class Daemon:
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
         self._recently_closed: OrderedDict[str, Closed] = OrderedDict()  # why sessions ended, for late streams
-        self._by_lease: dict[tuple[str, int], Session] = {}  # (lease, device): a lease may hold several
+        self._by_lease: dict[tuple[str, int], Session] = {}  # (lease, device): a multi-GPU lease has one per device
         self._next_number = 1
         self._draining = False
         self._stop = threading.Event()

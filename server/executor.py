@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 from gpupool.server import bounds, fallbacks, guards
+from gpupool.server.collectives import Collectives
 from gpupool.server.graph import GraphTable
 from gpupool.server.ops import NO_META, MetaSizer, OpTable
 from gpupool.server.sessions import Poison, PoisonedInput, Session, zero_bytes
+from gpupool.server.speedmodel import SpeedModel
 
 from gpupool import wire
 from gpupool._proto import device_pb2, tensor_pb2
@@ -51,6 +54,8 @@ class CommandExecutor:
         self.ledger = ledger
         self._device_arg: dict[torch._ops.OpOverload, bool] = {}
         self.graphs = GraphTable(self)  # captured steps (server/graph.py)
+        self.collectives = Collectives()  # configured by the daemon (token verifier, peer-facing host)
+        self.speed: SpeedModel | None = None  # fake GPUs' speed model (server/speedmodel.py), when asked for
 
     def warm_up(self) -> None:
         """Load torch's meta kernels now (about a second, once per process), not on some session's clock."""
@@ -59,7 +64,7 @@ class CommandExecutor:
 
     def execute(self, s: Session, cmd: device_pb2.Command, reply: Reply) -> None:
         kind = cmd.WhichOneof("cmd")
-        op_name = cmd.op.name if kind == "op" else ""
+        op_name = cmd.op.name if kind == "op" else f"collective {cmd.collective.kind}" if kind == "collective" else ""
         try:
             if kind == "op":
                 self._op(s, cmd.op)
@@ -79,6 +84,10 @@ class CommandExecutor:
                 self.graphs.define(s, cmd.define_graph)
             elif kind == "drop_graph":
                 self.graphs.drop(s, cmd.drop_graph)
+            elif kind == "collective":  # torch.distributed backend "gpupool" (server/collectives.py)
+                self.collectives.run(s, cmd.collective)
+            elif kind == "group_join":
+                self.collectives.join(s, cmd.group_join)
             elif kind == "refresh":
                 pass  # handled on arrival by the daemon (it needs no ordering)
             else:
@@ -115,6 +124,9 @@ class CommandExecutor:
                     s.poison(h, err)
         elif kind == "upload":
             s.poison(cmd.upload.handle, err)
+        elif kind == "collective":
+            for h in cmd.collective.tensors:
+                s.poison(h, err)
 
     # ---- ops ----
 
@@ -142,10 +154,13 @@ class CommandExecutor:
             s.admit(need)
         used_before = s.used
         run = guards.replacement(op) or fallbacks.lookup(op, dev) or op  # fallbacks: accelerator-only ops
+        started = time.perf_counter()
         if torch.Tag.nondeterministic_seeded in op.tags:
             out = self._seeded(s, run, args, kwargs)
         else:
             out = run(*args, **kwargs)
+        if self.speed is not None and self.speed.active:
+            self.speed.hold_op(op, args, kwargs, out, started)
         s.ops += 1
         self.ledger.op(s)
         if op._schema.is_mutable:

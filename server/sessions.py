@@ -82,6 +82,7 @@ class Session:
         self._outbox_lock = threading.Lock()
         self.entry: Any = None  # its place in the device's fair queue
         self.streaming = False
+        self.group: Any = None  # its collective group (server.collectives.Group), once joined
 
     # ---- handles ----
 
@@ -209,6 +210,8 @@ class Session:
 
     def release_all(self) -> None:
         """Drop every tensor (close, revoke, expiry)."""
+        if self.group is not None:  # peers fail at their next collective instead of waiting for this rank
+            self.group.close()
         with self.lock:
             for h in list(self.tensors):
                 self.unbind(h)

@@ -62,7 +62,12 @@ def device(index: int = 0) -> torch.device:
                     raise RuntimeError("$GPUPOOL_LEASE is set but holds no lease")
                 lease.start_renewing()
                 _env_lease.append(lease)
-            return attach_lease(_env_lease[0], index, as_index=index)
+            lease = _env_lease[0]
+            # A torchrun rank (LOCAL_RANK r) sees its own leased device first, as gpupool:0, like CUDA_VISIBLE_DEVICES:
+            # gpupool:i is lease device (r + i) mod n. (torch's Python device guard reports one device, so autograd
+            # runs backward on gpupool:0 only.)
+            shift = int(os.environ.get("LOCAL_RANK") or 0) if len(lease.devices) > 1 else 0
+            return attach_lease(lease, (index + shift) % len(lease.devices), as_index=index)
         fraction = float(os.environ.get("GPUPOOL_FRACTION") or 1.0)
         kwargs: dict[str, Any] = {"gpus": 1, "fraction": fraction}
         if os.environ.get("GPUPOOL_SCHEDULER"):
@@ -140,7 +145,11 @@ def detach_all() -> None:
 
 
 def device_count() -> int:
-    return len(runtime.all_runtimes())
+    """Devices this process can name: at least every attached index + 1 and the devices of $GPUPOOL_LEASE (a DDP
+    rank attaches only gpupool:<LOCAL_RANK>, and autograd sizes its per-device queues from this count)."""
+    rts = runtime.all_runtimes()
+    n = max([len(rts)] + [rt.index + 1 for rt in rts])
+    return max(n, len(_env_lease[0].devices)) if _env_lease else n
 
 
 atexit.register(detach_all)

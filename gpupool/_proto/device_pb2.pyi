@@ -643,6 +643,95 @@ class DropGraph(_message.Message):
 Global___DropGraph: _TypeAlias = DropGraph  # noqa: Y015
 
 @_typing.final
+class GroupJoin(_message.Message):
+    """Join this session to the collective group of its lease (torch.distributed backend "gpupool"). The daemon
+    verifies every token (same lease as the session, distinct devices, this session's device at `rank`), then
+    sets up a gloo (or NCCL) process group among the daemons of the lease's sessions in the background; the
+    group's first collective waits for it. Rank 0's daemon hosts the group's store: it writes the store's port
+    (int64) to `port_handle`, which the client reads with a Sync and hands to the other ranks.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANK_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    STORE_ADDRESS_FIELD_NUMBER: _builtins.int
+    PORT_HANDLE_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    rank: _builtins.int
+    size: _builtins.int
+    store_address: _builtins.str
+    """HOST:PORT of rank 0's store (ranks > 0)"""
+    port_handle: _builtins.int
+    """rank 0: where the store's port goes"""
+    timeout_seconds: _builtins.float
+    """for the rendezvous and each collective"""
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the lease's tokens, one per rank, in rank order"""
+
+    def __init__(
+        self,
+        *,
+        rank: _builtins.int = ...,
+        size: _builtins.int = ...,
+        tokens: _abc.Iterable[_builtins.str] | None = ...,
+        store_address: _builtins.str = ...,
+        port_handle: _builtins.int = ...,
+        timeout_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port_handle", b"port_handle", "rank", b"rank", "size", b"size", "store_address", b"store_address", "timeout_seconds", b"timeout_seconds", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupJoin: _TypeAlias = GroupJoin  # noqa: Y015
+
+@_typing.final
+class Collective(_message.Message):
+    """A collective over the session's group. `tensors` are modified in place (allreduce, broadcast: the data;
+    allgather: the outputs, rank-major; reduce_scatter: the one output); `inputs` are only read (allgather: the
+    one input; reduce_scatter: one input per rank, or one flat input). Outputs of a failed collective are
+    poisoned like a failed op's; the error names the collective.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    TENSORS_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    REDUCE_OP_FIELD_NUMBER: _builtins.int
+    ROOT_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """allreduce | broadcast | allgather | reduce_scatter | barrier"""
+    reduce_op: _builtins.str
+    """sum | avg | product | min | max (allreduce, reduce_scatter)"""
+    root: _builtins.int
+    """broadcast"""
+    @_builtins.property
+    def tensors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        tensors: _abc.Iterable[_builtins.int] | None = ...,
+        inputs: _abc.Iterable[_builtins.int] | None = ...,
+        reduce_op: _builtins.str = ...,
+        root: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "kind", b"kind", "reduce_op", b"reduce_op", "root", b"root", "tensors", b"tensors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Collective: _TypeAlias = Collective  # noqa: Y015
+
+@_typing.final
 class Command(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -656,6 +745,8 @@ class Command(_message.Message):
     DEFINE_GRAPH_FIELD_NUMBER: _builtins.int
     RUN_GRAPH_FIELD_NUMBER: _builtins.int
     DROP_GRAPH_FIELD_NUMBER: _builtins.int
+    GROUP_JOIN_FIELD_NUMBER: _builtins.int
+    COLLECTIVE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def op(self) -> Global___Op: ...
     @_builtins.property
@@ -676,6 +767,10 @@ class Command(_message.Message):
     def run_graph(self) -> Global___RunGraph: ...
     @_builtins.property
     def drop_graph(self) -> Global___DropGraph: ...
+    @_builtins.property
+    def group_join(self) -> Global___GroupJoin: ...
+    @_builtins.property
+    def collective(self) -> Global___Collective: ...
     def __init__(
         self,
         *,
@@ -689,12 +784,14 @@ class Command(_message.Message):
         define_graph: Global___DefineGraph | None = ...,
         run_graph: Global___RunGraph | None = ...,
         drop_graph: Global___DropGraph | None = ...,
+        group_join: Global___GroupJoin | None = ...,
+        collective: Global___Collective | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "free", b"free", "get", b"get", "op", b"op", "refresh", b"refresh", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "refresh", b"refresh", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "free", b"free", "get", b"get", "op", b"op", "refresh", b"refresh", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "refresh", b"refresh", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_cmd: _TypeAlias = _typing.Literal["op", "upload", "get", "free", "seed", "sync", "refresh", "define_graph", "run_graph", "drop_graph"]  # noqa: Y015
+    _WhichOneofReturnType_cmd: _TypeAlias = _typing.Literal["op", "upload", "get", "free", "seed", "sync", "refresh", "define_graph", "run_graph", "drop_graph", "group_join", "collective"]  # noqa: Y015
     _WhichOneofArgType_cmd: _TypeAlias = _typing.Literal["cmd", b"cmd"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_cmd) -> _WhichOneofReturnType_cmd | None: ...
 

@@ -122,3 +122,21 @@ def test_give_returns_exactly_what_was_taken() -> None:
 def test_invalid_requests(req: Request, words: str) -> None:
     with pytest.raises(InvalidArgument, match=words):
         validate(req, make_pool({"a": 1}))
+
+
+def test_fractional_multi_gpu_lease_lands_on_distinct_gpus() -> None:
+    pool = make_pool({"a": 1, "b": 2})
+    keys = take(pool, Request(2, fraction=0.25))  # both pieces would fit on one GPU; a job's ranks never share one
+    assert len(set(keys)) == 2 and {h for h, _ in keys} == {"b"}
+    keys = take(pool, Request(3, fraction=0.25))
+    assert len(set(keys)) == 3
+
+
+def test_multi_gpu_lease_skips_a_gpu_seen_twice() -> None:
+    pool = Pool()
+    same = {i: Device("a", i, "GPU-same", "fake", 8 * GiB, True) for i in range(2)}  # one GPU listed twice
+    pool.set_host(Host("a", "a:1", same))
+    assert place(pool, Request(2, fraction=0.5)) is None
+    pool.set_host(Host("b", "b:1", {0: Device("b", 0, "GPU-other", "fake", 8 * GiB, True)}))
+    keys = take(pool, Request(2, fraction=0.5))
+    assert {h for h, _ in keys} == {"a", "b"}

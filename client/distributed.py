@@ -1,0 +1,208 @@
+"""The torch.distributed backend `gpupool`: collectives run between the daemons, never through the clients.
+
+    # under `gpupool run -n 2 -- torchrun --nproc-per-node 2 train.py`
+    import gpupool.torch                             # registers the device and this backend
+    dist.init_process_group("gpupool")
+    dev = torch.device("gpupool", 0)                 # rank i sees device i of the lease as gpupool:0
+    model = DDP(Net().to(dev))
+
+Each collective is one command in the rank's ordered session stream (`Collective`); the daemons of the
+lease's sessions run it among themselves (server/collectives.py: gloo, NCCL on real GPUs). Like NCCL on a CUDA
+stream, a collective "completes" for the caller when it is enqueued: later ops of the stream see its result,
+and its Work/future is already done, so DDP's bucketing and overlap keep working; a failure poisons the
+collective's tensors and is raised at the next sync point (`.item()`, `.cpu()`, `gpupool.torch.synchronize`).
+`barrier()` waits for real (a sync of the stream).
+
+Rendezvous: every rank publishes its lease device index in torch's own c10d store; the daemon of rank 0 then
+hosts a TCPStore for the daemons, whose address travels to the other ranks through the c10d store; each
+daemon verifies every rank's lease token before it joins (see docs/distributed.md for the trust model).
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
+
+from gpupool._proto import device_pb2
+from gpupool.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+BACKEND = "gpupool"
+MAX_TIMEOUT = 300.0  # the daemons cap it too: a collective holds its device's executor while it waits
+_OPS = {dist.ReduceOp.SUM: "sum", dist.ReduceOp.AVG: "avg", dist.ReduceOp.PRODUCT: "product",
+        dist.ReduceOp.MIN: "min", dist.ReduceOp.MAX: "max"}  # fmt: skip
+
+
+class _Done(dist._Work):  # type: ignore[misc,name-defined]
+    """A collective enqueued on the stream: done for the caller, like a NCCL work on a CUDA stream."""
+
+    def __init__(self, result: Any) -> None:
+        super().__init__()
+        self._future: torch.futures.Future[Any] = torch.futures.Future()
+        self._future.set_result(result)
+
+    def wait(self, timeout: datetime.timedelta | None = None) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+    def is_success(self) -> bool:
+        return True
+
+    def get_future(self) -> torch.futures.Future[Any]:
+        return self._future
+
+
+class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
+    """One rank's side of the group: turns collectives into commands of its device's session stream."""
+
+    def __init__(self, rank: int, size: int, runtime: Any) -> None:
+        super().__init__(rank, size)  # type: ignore[call-arg]
+        self._rank, self._size = rank, size
+        self._rt = runtime
+
+    def getBackendName(self) -> str:  # noqa: N802 - torch's name
+        return BACKEND
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+    # ---- collectives ----
+
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> _Done:  # type: ignore[override]
+        self._send("allreduce", tensors, [], op=_op(opts))
+        return _Done(tensors)
+
+    def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> _Done:
+        self._send("allreduce", tensors, [], op=_op(opts))
+        return _Done(tensors)
+
+    def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> _Done:  # type: ignore[override]
+        root = int(getattr(opts, "rootRank", 0))
+        self._send("broadcast", tensors, [], root=root)
+        return _Done(tensors)
+
+    def allgather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None) -> _Done:  # type: ignore[override]
+        if len(outputs) != 1 or len(inputs) != 1:
+            raise InvalidArgument("allgather on gpupool takes one input tensor per rank (one device per process)")
+        self._send("allgather", outputs[0], inputs)
+        return _Done(outputs)
+
+    def _allgather_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> _Done:  # noqa: A002
+        self._send("allgather", list(output.reshape(-1).chunk(self._size)), [input.reshape(-1)])
+        return _Done(output)
+
+    def reduce_scatter(self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any = None) -> _Done:  # type: ignore[override]
+        if len(outputs) != 1 or len(inputs) != 1:
+            raise InvalidArgument("reduce_scatter on gpupool takes one output tensor per rank")
+        self._send("reduce_scatter", outputs, inputs[0], op=_op(opts))
+        return _Done(outputs)
+
+    def _reduce_scatter_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> _Done:  # noqa: A002
+        self._send("reduce_scatter", [output], [input], op=_op(opts))
+        return _Done(output)
+
+    def barrier(self, opts: Any = None) -> _Done:
+        self._send("barrier", [], [])
+        self._rt.sync()  # a barrier blocks the caller: wait until the daemons have met
+        return _Done(None)
+
+    def _send(
+        self, kind: str, tensors: list[torch.Tensor], inputs: list[torch.Tensor], op: str = "", root: int = 0
+    ) -> None:
+        msg = device_pb2.Collective(kind=kind, reduce_op=op, root=root)
+        msg.tensors.extend(self._handle(t) for t in tensors)
+        msg.inputs.extend(self._handle(t) for t in inputs)
+        self._rt.call("command", device_pb2.Command(collective=msg))
+        self._rt.call("flush")  # the peers wait for this rank: never leave a collective in the client's batch
+
+    def _handle(self, t: torch.Tensor) -> int:
+        rt = getattr(t, "_gp_rt", None)
+        if rt is not self._rt:
+            raise InvalidArgument(
+                f"a collective of the gpupool backend got a tensor on {t.device}; this rank's tensors live on "
+                f"{self._rt.device} (move them there: tensor.to({str(self._rt.device)!r}))"
+            )
+        handle = int(t._gp_h)  # type: ignore[attr-defined]
+        if rt.pending and handle in rt.pending:  # made by torch.empty and not sent yet
+            from gpupool.client.torch.transfer import materialize_pending
+
+            materialize_pending(rt)
+        return handle
+
+
+def _drain(rt: Any) -> None:
+    """Wait until the daemon has run this rank's queued work (collectives included). A rank that exits right after
+    its last enqueued allreduce would otherwise close its session while its peers still wait in that allreduce."""
+    if rt.closed:
+        return
+    try:
+        rt.sync()
+    except Exception as exc:  # reported by the training loop's own syncs; at exit there is no one left to tell
+        log.warning("gpupool backend: draining %s at shutdown: %s", rt.device, exc)
+
+
+def _op(opts: Any) -> str:
+    op = getattr(opts, "reduceOp", dist.ReduceOp.SUM)
+    for known, name in _OPS.items():
+        if op == known:
+            return name
+    raise InvalidArgument(f"reduce op {op} is not supported by the gpupool backend (sum, avg, product, min, max)")
+
+
+def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta) -> ProcessGroupGpupool:
+    """The backend's creator: attach this rank's leased device and join the daemons' group."""
+    from gpupool.client.pool import Lease
+    from gpupool.client.torch import api, runtime
+
+    if not os.environ.get("GPUPOOL_LEASE"):
+        raise InvalidArgument(
+            "the gpupool backend needs a lease: start the job under `gpupool run -n N -- torchrun ...`"
+        )
+    lease = Lease.from_env()
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if not 0 <= local < len(lease.devices):
+        raise InvalidArgument(
+            f"LOCAL_RANK {local} but the lease has {len(lease.devices)} device(s): gpupool run -n {size}"
+        )
+    dev = api.device(0)  # lease device LOCAL_RANK (client/torch/api.py: a rank sees its own device first)
+    rt = runtime.get(dev.index)
+    assert rt is not None
+    store.set(f"gpupool/dev/{rank}", str(local))
+    devices = [int(store.get(f"gpupool/dev/{r}")) for r in range(size)]
+    tokens = [lease.devices[d].token for d in devices]
+    # torch's default (30 min, also what it passes when the script gives none) leaves the choice to the daemon (30 s)
+    seconds = 0.0 if timeout == default_pg_timeout else min(timeout.total_seconds(), MAX_TIMEOUT)
+    join = device_pb2.GroupJoin(rank=rank, size=size, tokens=tokens, timeout_seconds=seconds)
+    if rank == 0:
+        join.port_handle = rt.new_handle()
+        rt.call("command", device_pb2.Command(group_join=join))
+        (port,) = rt.sync([join.port_handle])
+        rt.call("free", [join.port_handle])
+        host = lease.devices[devices[0]].address.rpartition(":")[0]
+        store.set("gpupool/store", f"{host}:{port}")
+    else:
+        join.store_address = store.get("gpupool/store").decode()
+        rt.call("command", device_pb2.Command(group_join=join))
+        rt.sync()  # a refused join (tokens, address) raises here, at init_process_group
+    atexit.register(_drain, rt)  # runs before gpupool.torch's detach_all (atexit is last in, first out)
+    log.info("rank %d of %d on %s joined the daemons' group", rank, size, dev)
+    return ProcessGroupGpupool(rank, size, rt)
+
+
+def register() -> None:
+    """Make `dist.init_process_group("gpupool")` available (idempotent)."""
+    if BACKEND.upper() not in dist.Backend._plugins:
+        dist.Backend.register_backend(BACKEND, _create, devices=[BACKEND])

@@ -1,0 +1,332 @@
+"""Collectives between daemons: the daemon side of the `gpupool` torch.distributed backend.
+
+The sessions of one multi-GPU lease (one per rank) form a process group among their daemons, so gradients
+move daemon to daemon and never through the clients. A session joins with `GroupJoin`: the daemon verifies
+the lease tokens of every rank (all of this session's lease, distinct devices, this session's own device at
+its rank) and then, in the background, builds a `ProcessGroupGloo` (NCCL on real GPUs, where available) over
+a TCPStore that rank 0's daemon hosts. Never the default group: a daemon hosts many sessions, and the group
+belongs to the session (`Session.group`), closed with it.
+
+Each `Collective` first all-gathers a small signature (kind, op, root, counts, numels, dtype) so that ranks
+that disagree get a clear INVALID_ARGUMENT on every rank instead of a hang or a corrupted buffer; then it
+runs the collective in place on the session's tensors. A peer that dies or never calls fails the collective
+within the group timeout (UNAVAILABLE); the group is then broken and every later collective fails at once.
+
+Trust and its limits (docs/distributed.md): tokens prove lease membership; the store and gloo links are
+plain TCP without TLS or authentication, meant for the hosts' private network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from gpupool.server.sessions import Session
+from gpupool.server.speedmodel import SpeedModel
+
+from gpupool._proto import device_pb2
+from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument, PermissionDenied, Unavailable
+from gpupool.tokens import TokenClaims
+
+log = logging.getLogger(__name__)
+
+MAX_RANKS = 1024
+DEFAULT_TIMEOUT = 30.0
+MAX_TIMEOUT = 300.0  # a collective holds its device's executor thread while it waits for peers
+KINDS = ("allreduce", "broadcast", "allgather", "reduce_scatter", "barrier")
+_REDUCE = {"sum": dist.ReduceOp.SUM, "product": dist.ReduceOp.PRODUCT, "min": dist.ReduceOp.MIN,
+           "max": dist.ReduceOp.MAX, "avg": dist.ReduceOp.SUM}  # fmt: skip
+_OPS = ("", "sum", "avg", "product", "min", "max")
+_DTYPES = {d: i for i, d in enumerate([torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
+                                       torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool])}  # fmt: skip
+
+Verifier = Callable[[str], TokenClaims]
+
+
+class Group:
+    """One session's membership in its lease's process group."""
+
+    def __init__(self, lease_id: str, rank: int, size: int, timeout: float) -> None:
+        self.lease_id = lease_id
+        self.rank = rank
+        self.size = size
+        self.timeout = timeout
+        self.ready = threading.Event()
+        self.pg: Any = None
+        self.store: Any = None
+        self.broken: str | None = None
+        self.closed = False
+
+    def describe(self) -> str:
+        return f"rank {self.rank} of {self.size} (lease {self.lease_id})"
+
+    def form(self, store: Any, owner: str, host: str, device: torch.device) -> None:
+        """Build the process group (blocks until every rank has joined or the timeout passes)."""
+        try:
+            prefixed = dist.PrefixStore(f"gpupool/{self.lease_id}/", store)
+            if self.rank == 0:
+                prefixed.set("owner", owner)
+            else:
+                got = prefixed.get("owner").decode(errors="replace")
+                if got != owner:
+                    raise PermissionDenied("the group's store was not set up by rank 0 of this lease")
+            self.pg = _process_group(prefixed, self.rank, self.size, self.timeout, host, device)
+        except Exception as exc:  # any failure here is reported at the group's first collective
+            self.broken = f"joining the collective group as {self.describe()} failed: {_short(exc)}"
+            log.warning("%s", self.broken)
+        finally:
+            self.ready.set()
+
+    def wait_ready(self) -> Any:
+        if not self.ready.wait(self.timeout):
+            self.broken = f"the collective group of lease {self.lease_id} did not form within {self.timeout:g} s"
+        if self.broken:
+            raise Unavailable(self.broken)
+        return self.pg
+
+    def close(self) -> None:
+        self.closed = True
+        self.broken = self.broken or "the session closed"
+        self.pg, self.store = None, None
+
+
+def _process_group(store: Any, rank: int, size: int, timeout: float, host: str, device: torch.device) -> Any:
+    """NCCL for CUDA devices where torch has it, else gloo (CPU tensors, and CUDA tensors through host copies)."""
+    td = timedelta(seconds=timeout)
+    if device.type == "cuda" and dist.is_nccl_available():  # pragma: no cover - needs real GPUs
+        try:
+            from torch.distributed import ProcessGroupNCCL
+
+            opts = ProcessGroupNCCL.Options()
+            opts._timeout = td
+            with torch.cuda.device(device):
+                return ProcessGroupNCCL(store, rank, size, opts)
+        except Exception as exc:
+            log.warning("NCCL group failed (%s); falling back to gloo", _short(exc))
+    from torch.distributed import ProcessGroupGloo
+
+    gopts = ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+    gopts._timeout = td
+    gopts._devices = [ProcessGroupGloo.create_device(hostname=host)]
+    return ProcessGroupGloo(store, rank, size, gopts)
+
+
+class Collectives:
+    """Joins sessions to groups and runs their collectives. Holds configuration only; groups live on sessions."""
+
+    def __init__(self) -> None:
+        self.verify: Verifier | None = None
+        self.host = "127.0.0.1"  # where this daemon's store and gloo listen and are reached by peers
+        self.speed: SpeedModel | None = None  # fake GPUs' modelled link (server/speedmodel.py)
+
+    def configure(self, verify: Verifier, host: str) -> None:
+        self.verify = verify
+        self.host = host if host not in ("", "0.0.0.0", "::", "[::]") else socket.gethostname()
+
+    # ---- joining ----
+
+    def join(self, s: Session, msg: device_pb2.GroupJoin) -> None:
+        if self.verify is None:
+            raise FailedPrecondition("this daemon does not run collectives (no token verifier configured)")
+        if s.group is not None and not s.group.closed:
+            raise FailedPrecondition(f"session already joined its collective group as {s.group.describe()}")
+        size, rank = msg.size, msg.rank
+        if not 1 <= size <= MAX_RANKS or rank >= size or len(msg.tokens) != size:
+            raise InvalidArgument(f"bad group: rank {rank} of {size} with {len(msg.tokens)} tokens")
+        self._check_tokens(s, rank, list(msg.tokens))
+        timeout = min(msg.timeout_seconds, MAX_TIMEOUT) if msg.timeout_seconds > 0 else DEFAULT_TIMEOUT
+        group = Group(s.lease_id, rank, size, timeout)
+        owner = hashlib.sha256(b"gpupool-group:" + msg.tokens[0].encode()).hexdigest()
+        if rank == 0:
+            if msg.store_address:
+                raise InvalidArgument("rank 0 hosts the group's store; it takes no store_address")
+            group.store = dist.TCPStore(
+                self.host, 0, size, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False
+            )
+            port = torch.tensor(group.store.port, dtype=torch.int64)
+            s.admit(8)
+            s.bind(msg.port_handle, port)
+        else:
+            host, port_num = _peer_address(msg.store_address)
+        s.group = group
+        dev = s.device.torch_device
+
+        def run() -> None:
+            if group.store is None:
+                try:
+                    group.store = dist.TCPStore(
+                        host, port_num, size, is_master=False, timeout=timedelta(seconds=timeout)
+                    )
+                except Exception as exc:
+                    group.broken = f"cannot reach the group's store at {msg.store_address}: {_short(exc)}"
+                    group.ready.set()
+                    return
+            group.form(group.store, owner, self.host, dev)
+
+        threading.Thread(target=run, name=f"gpupool-group-{s.number}", daemon=True).start()
+        log.info("session %d joins the collective group of lease %s as rank %d of %d", s.number, s.lease_id, rank, size)
+
+    def _check_tokens(self, s: Session, rank: int, tokens: list[str]) -> None:
+        assert self.verify is not None
+        seen: set[tuple[str, int]] = set()
+        for i, token in enumerate(tokens):
+            claims = self.verify(token)  # Unauthenticated for forged or expired tokens
+            if claims.lease_id != s.lease_id:
+                raise PermissionDenied(f"rank {i}'s token is of lease {claims.lease_id}, not this session's lease")
+            where = (claims.host, claims.device)
+            if where in seen:
+                raise InvalidArgument(f"ranks share device {claims.device} of host {claims.host}: one GPU per rank")
+            seen.add(where)
+            if i == rank and where != (s.claims.host, s.claims.device):
+                raise PermissionDenied(f"rank {rank}'s token is not this session's device")
+
+    # ---- collectives ----
+
+    def run(self, s: Session, msg: device_pb2.Collective) -> None:
+        group: Group | None = s.group
+        if group is None or group.closed:
+            raise FailedPrecondition(f"collective {msg.kind} before joining a group (init_process_group)")
+        if msg.kind not in KINDS:
+            raise InvalidArgument(f"unknown collective {msg.kind!r} (known: {', '.join(KINDS)})")
+        if msg.reduce_op not in _OPS:
+            raise InvalidArgument(f"unknown reduce op {msg.reduce_op!r}")
+        pg = group.wait_ready()
+        tensors = [s.resolve(h) for h in msg.tensors]
+        inputs = [s.resolve(h) for h in msg.inputs]
+        _check_shape(msg, tensors, inputs, group.size)
+        self._agree(group, pg, msg, tensors, inputs)
+        started = time.perf_counter()
+        try:
+            _run(pg, msg, tensors, inputs, group)
+            if self.speed is not None:
+                self.speed.hold_collective(
+                    msg.kind, sum(t.numel() * t.element_size() for t in tensors), group.size, started
+                )
+        except GpupoolError:
+            raise
+        except Exception as exc:
+            group.broken = f"collective {msg.kind} of {group.describe()} failed: {_short(exc)}"
+            raise Unavailable(group.broken) from None
+
+    def _agree(self, group: Group, pg: Any, msg: device_pb2.Collective, tensors: list[Any], inputs: list[Any]) -> None:
+        """All-gather each rank's signature of this call; refuse (on every rank alike) when they differ."""
+        all_t = tensors + inputs
+        dtype = _DTYPES.get(all_t[0].dtype, 99) if all_t else -1
+        sig = [KINDS.index(msg.kind), _OPS.index(msg.reduce_op), msg.root, len(tensors), len(inputs),
+               sum(t.numel() for t in tensors), sum(t.numel() for t in inputs), dtype]  # fmt: skip
+        dev = tensors[0].device if tensors and tensors[0].device.type == "cuda" else torch.device("cpu")
+        mine = torch.tensor(sig, dtype=torch.int64, device=dev)
+        rows = [torch.empty_like(mine) for _ in range(group.size)]
+        try:
+            pg.allgather([rows], [mine]).wait()
+        except Exception as exc:
+            group.broken = f"collective {msg.kind} of {group.describe()} failed: {_short(exc)}"
+            raise Unavailable(group.broken) from None
+        got = [r.tolist() for r in rows]
+        if any(r != got[0] for r in got):
+            parts = "; ".join(f"rank {i}: {_describe(r)}" for i, r in enumerate(got))
+            raise InvalidArgument(f"ranks disagree on a collective {msg.kind}: {parts}")
+
+
+def _describe(sig: list[int]) -> str:
+    kind, op, root, nt, ni, numel_t, numel_i, dtype = sig
+    names = {v: str(k).removeprefix("torch.") for k, v in _DTYPES.items()}
+    return (
+        f"{KINDS[kind] if 0 <= kind < len(KINDS) else '?'}({_OPS[op] if 0 <= op < len(_OPS) else '?'}) "
+        f"root {root}, {nt} tensor(s) of {numel_t} elements, {ni} input(s) of {numel_i}, {names.get(dtype, dtype)}"
+    )
+
+
+def _check_shape(msg: device_pb2.Collective, tensors: list[Any], inputs: list[Any], size: int) -> None:
+    kinds_dtypes = {t.dtype for t in tensors + inputs}
+    if len(kinds_dtypes) > 1:
+        raise InvalidArgument(f"collective {msg.kind} mixes dtypes {sorted(str(d) for d in kinds_dtypes)}")
+    if msg.kind in ("allreduce", "broadcast") and (not tensors or inputs):
+        raise InvalidArgument(f"{msg.kind} takes tensors and no inputs")
+    if msg.kind == "broadcast" and msg.root >= size:
+        raise InvalidArgument(f"broadcast root {msg.root} is not a rank of a group of {size}")
+    if msg.kind == "allgather":
+        if len(inputs) != 1 or len(tensors) != size or any(t.numel() != inputs[0].numel() for t in tensors):
+            raise InvalidArgument(f"allgather takes 1 input and {size} outputs of its size")
+    if msg.kind == "reduce_scatter":
+        total = sum(t.numel() for t in inputs)
+        if len(tensors) != 1 or total != size * tensors[0].numel() or len(inputs) not in (1, size):
+            raise InvalidArgument(f"reduce_scatter takes 1 output and 1 or {size} inputs of {size}x its size")
+    if len({id(t) for t in tensors}) != len(tensors):
+        raise InvalidArgument(f"{msg.kind} names one tensor twice")
+
+
+def _run(pg: Any, msg: device_pb2.Collective, tensors: list[Any], inputs: list[Any], group: Group) -> None:
+    kind = msg.kind
+    if kind == "barrier":
+        pg.barrier().wait()
+    elif kind in ("allreduce", "reduce_scatter"):
+        if kind == "allreduce":
+            flat = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].contiguous()
+        else:
+            flat = torch.cat([t.reshape(-1) for t in inputs])
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = _REDUCE[msg.reduce_op or "sum"]  # type: ignore[assignment]
+        pg.allreduce([flat], opts).wait()
+        if msg.reduce_op == "avg":
+            flat.div_(group.size) if flat.is_floating_point() else flat.floor_divide_(group.size)
+        if kind == "reduce_scatter":
+            n = tensors[0].numel()
+            tensors[0].copy_(flat[group.rank * n : (group.rank + 1) * n].view_as(tensors[0]))
+        else:
+            _scatter_back(flat, tensors)
+    elif kind == "broadcast":
+        for t in tensors:
+            buf = t if t.is_contiguous() else t.contiguous()
+            bopts = dist.BroadcastOptions()
+            bopts.rootRank = msg.root
+            pg.broadcast([buf], bopts).wait()
+            if buf is not t:
+                t.copy_(buf)
+    elif kind == "allgather":
+        outs = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+        pg.allgather([outs], [inputs[0].contiguous()]).wait()
+        for t, o in zip(tensors, outs, strict=True):
+            if o is not t:
+                t.copy_(o)
+
+
+def _scatter_back(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        if flat.data_ptr() != t.data_ptr() or len(tensors) > 1:
+            t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+
+
+def _peer_address(address: str) -> tuple[str, int]:
+    """HOST:PORT of a group store, refused unless it is on a loopback or private network (the daemon must not
+    be pointed at arbitrary hosts of the internet by its client)."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"bad group store address {address!r} (HOST:PORT)")
+    try:
+        infos = socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot resolve group store host {host!r}: {exc}") from None
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0])
+        if not (ip.is_private or ip.is_loopback):
+            raise PermissionDenied(f"group store {address} is not on a private network ({ip})")
+    return host, int(port)
+
+
+def _short(exc: BaseException, limit: int = 400) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]

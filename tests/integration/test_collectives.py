@@ -1,0 +1,205 @@
+"""Collectives between real daemons (server/collectives.py), driven through the op stream as the `gpupool`
+torch.distributed backend drives them: correctness of each collective, refused joins, mismatched calls,
+a rank that never calls and a daemon that dies (each a clear error within seconds, no hang).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import torch
+from gpupool.client.session import Session
+from support import DaemonHandle, MiB
+
+from gpupool._proto import device_pb2
+from gpupool.errors import GpupoolError, InvalidArgument, PermissionDenied, Unavailable
+
+TIMEOUT = 4.0
+
+
+def join_all(sessions: list[Session], tokens: list[str], timeout: float = TIMEOUT) -> None:
+    """What client/distributed.py's creator does: rank 0's daemon hosts the store, the others join it."""
+    h = sessions[0].new_handle()
+    join = device_pb2.GroupJoin(rank=0, size=len(sessions), tokens=tokens, port_handle=h, timeout_seconds=timeout)
+    sessions[0].command(device_pb2.Command(group_join=join))
+    (port,) = sessions[0].sync([h])
+    for rank, s in enumerate(sessions[1:], 1):
+        join = device_pb2.GroupJoin(
+            rank=rank, size=len(sessions), tokens=tokens, store_address=f"127.0.0.1:{port}", timeout_seconds=timeout
+        )
+        s.command(device_pb2.Command(group_join=join))
+        s.sync()
+
+
+def collective(s: Session, kind: str, tensors: list[int], inputs: list[int] = (), op: str = "", root: int = 0) -> None:  # type: ignore[assignment]
+    msg = device_pb2.Collective(kind=kind, tensors=tensors, inputs=list(inputs), reduce_op=op, root=root)
+    s.command(device_pb2.Command(collective=msg))
+    s.flush()
+
+
+@pytest.fixture
+def group(daemon_factory) -> tuple[list[Session], list[DaemonHandle], list[str]]:  # type: ignore[no-untyped-def]
+    """Two daemons (two hosts), one session each, of one lease; joined."""
+    lease = uuid.uuid4().hex
+    daemons = [daemon_factory(host_id=f"host-{i}", fake_gpu_memory=64 * MiB) for i in range(2)]
+    tokens = [d.token(lease_id=lease) for d in daemons]
+    sessions = [Session.attach(d.address, t) for d, t in zip(daemons, tokens, strict=True)]
+    join_all(sessions, tokens)
+    yield sessions, daemons, tokens
+    for s in sessions:
+        s.close()
+
+
+def test_collectives_compute_across_daemons(group) -> None:  # type: ignore[no-untyped-def]
+    (s0, s1), _, _ = group
+    a0, a1 = s0.upload(torch.tensor([1.0, 2.0, 3.0])), s1.upload(torch.tensor([10.0, 20.0, 30.0]))
+    collective(s0, "allreduce", [a0], op="sum")
+    collective(s1, "allreduce", [a1], op="sum")
+    assert s0.download(a0).tolist() == s1.download(a1).tolist() == [11.0, 22.0, 33.0]
+
+    m0, m1 = s0.upload(torch.tensor([2.0, 4.0])), s1.upload(torch.tensor([4.0, 8.0]))
+    collective(s0, "allreduce", [m0], op="avg")
+    collective(s1, "allreduce", [m1], op="avg")
+    assert s1.download(m1).tolist() == [3.0, 6.0]
+
+    b0, b1 = s0.upload(torch.zeros(2)), s1.upload(torch.tensor([7.0, 8.0]))
+    collective(s0, "broadcast", [b0], root=1)
+    collective(s1, "broadcast", [b1], root=1)
+    assert s0.download(b0).tolist() == [7.0, 8.0]
+
+    x0, x1 = s0.upload(torch.tensor([1.0])), s1.upload(torch.tensor([2.0]))
+    outs0 = [s0.upload(torch.zeros(1)) for _ in range(2)]
+    outs1 = [s1.upload(torch.zeros(1)) for _ in range(2)]
+    collective(s0, "allgather", outs0, [x0])
+    collective(s1, "allgather", outs1, [x1])
+    assert [s1.download(h).item() for h in outs1] == [1.0, 2.0]
+
+    r0, r1 = s0.upload(torch.arange(4.0)), s1.upload(torch.arange(4.0) * 10)
+    o0, o1 = s0.upload(torch.zeros(2)), s1.upload(torch.zeros(2))
+    collective(s0, "reduce_scatter", [o0], [r0], op="sum")
+    collective(s1, "reduce_scatter", [o1], [r1], op="sum")
+    assert s0.download(o0).tolist() == [0.0, 11.0] and s1.download(o1).tolist() == [22.0, 33.0]
+
+    collective(s0, "barrier", [])
+    collective(s1, "barrier", [])
+    s0.sync()
+    s1.sync()
+
+
+def test_mismatched_shapes_fail_on_every_rank_and_the_group_survives(group) -> None:  # type: ignore[no-untyped-def]
+    (s0, s1), _, _ = group
+    a0, a1 = s0.upload(torch.ones(3)), s1.upload(torch.ones(4))
+    collective(s0, "allreduce", [a0], op="sum")
+    collective(s1, "allreduce", [a1], op="sum")
+    for s in (s0, s1):
+        with pytest.raises(InvalidArgument, match="ranks disagree.*rank 0: allreduce.*3 elements.*rank 1.*4 elements"):
+            s.sync()
+    d0, d1 = s0.upload(torch.ones(2)), s1.upload(torch.ones(2, dtype=torch.float64))
+    collective(s0, "allreduce", [d0], op="sum")
+    collective(s1, "allreduce", [d1], op="sum")
+    for s in (s0, s1):
+        with pytest.raises(InvalidArgument, match="float32.*float64"):
+            s.sync()
+    ok0, ok1 = s0.upload(torch.ones(2)), s1.upload(torch.ones(2))
+    collective(s0, "allreduce", [ok0], op="sum")
+    collective(s1, "allreduce", [ok1], op="sum")
+    assert s0.download(ok0).tolist() == [2.0, 2.0]
+
+
+def test_rank_that_never_calls_is_a_clear_error_in_seconds(group) -> None:  # type: ignore[no-untyped-def]
+    (s0, _), _, _ = group
+    a0 = s0.upload(torch.ones(3))
+    start = time.monotonic()
+    collective(s0, "allreduce", [a0], op="sum")
+    with pytest.raises(Unavailable, match="collective allreduce.*rank 0 of 2"):
+        s0.sync()
+    assert time.monotonic() - start < 10.0
+    with pytest.raises(Unavailable):  # the group is broken: later collectives fail at once, and say why
+        collective(s0, "barrier", [])
+        s0.sync()
+
+
+def test_dead_daemon_fails_its_peers_within_seconds(serve_process, daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    lease = uuid.uuid4().hex
+    d0 = daemon_factory(host_id="host-0", fake_gpu_memory=64 * MiB)
+    d1 = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "64MiB")
+    tokens = [d0.token(lease_id=lease), d1.token(lease_id=lease)]
+    s0, s1 = Session.attach(d0.address, tokens[0]), Session.attach(d1.address, tokens[1])
+    join_all([s0, s1], tokens, timeout=60.0)  # the error must come from the dead peer, not the timeout
+    a0, a1 = s0.upload(torch.ones(2)), s1.upload(torch.ones(2))
+    collective(s0, "allreduce", [a0], op="sum")
+    collective(s1, "allreduce", [a1], op="sum")
+    assert s0.download(a0).tolist() == [2.0, 2.0]
+    assert d1.process is not None
+    d1.process.kill()
+    d1.process.wait()
+    start = time.monotonic()
+    collective(s0, "allreduce", [a0], op="sum")
+    with pytest.raises(Unavailable, match="collective allreduce"):
+        s0.sync()
+    assert time.monotonic() - start < 10.0
+    with pytest.raises(GpupoolError):
+        s1.sync()
+    s0.close()
+    s1.close()
+
+
+def test_joins_are_refused_unless_every_token_is_of_the_same_lease(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    d = daemon_factory(host_id="host-0", fake_gpus=2, fake_gpu_memory=64 * MiB)
+    lease = uuid.uuid4().hex
+    mine, other = d.token(lease_id=lease), d.token(lease_id=uuid.uuid4().hex, device=1)
+    peer = d.token(lease_id=lease, device=1)
+    s = Session.attach(d.address, mine)
+
+    def join(rank: int, tokens: list[str], address: str = "127.0.0.1:1") -> None:
+        msg = device_pb2.GroupJoin(rank=rank, size=len(tokens), tokens=tokens, store_address=address)
+        s.command(device_pb2.Command(group_join=msg))
+        s.sync()
+
+    with pytest.raises(PermissionDenied, match="token is of lease"):
+        join(1, [other, mine])
+    with pytest.raises(PermissionDenied, match="not this session's device"):
+        join(1, [mine, peer])
+    with pytest.raises(InvalidArgument, match="ranks share device"):
+        join(1, [mine, mine])
+    with pytest.raises(GpupoolError, match="signature|malformed"):
+        join(1, [mine[:-4] + "AAAA", mine])
+    with pytest.raises(PermissionDenied, match="not on a private network"):
+        join(1, [peer, mine], "8.8.8.8:4000")
+    with pytest.raises(InvalidArgument, match="bad group"):
+        join(3, [peer, mine])
+    s.close()
+
+
+def test_collective_before_join_is_refused(daemon) -> None:  # type: ignore[no-untyped-def]
+    s = Session.attach(daemon.address, daemon.token())
+    h = s.upload(torch.ones(2))
+    collective(s, "allreduce", [h], op="sum")
+    with pytest.raises(GpupoolError, match="before joining a group"):
+        s.sync()
+    assert s.download(s.upload(torch.ones(1))).tolist() == [1.0]  # the session stays usable
+    s.close()
+
+
+def test_a_waiting_collective_leaves_other_devices_sessions_alone(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    lease = uuid.uuid4().hex
+    a = daemon_factory(host_id="host-0", fake_gpus=2, fake_gpu_memory=64 * MiB)
+    b = daemon_factory(host_id="host-1", fake_gpu_memory=64 * MiB)
+    tokens = [a.token(lease_id=lease), b.token(lease_id=lease)]
+    s0, s1 = Session.attach(a.address, tokens[0]), Session.attach(b.address, tokens[1])
+    other = Session.attach(a.address, a.token(device=1))  # another tenant, the same daemon
+    join_all([s0, s1], tokens, timeout=6.0)
+    h = s0.upload(torch.ones(2))
+    collective(s0, "allreduce", [h], op="sum")  # rank 1 never calls: rank 0 waits for it
+    time.sleep(0.5)
+    start = time.monotonic()
+    x = other.upload(torch.arange(3.0))
+    assert other.download(x).tolist() == [0.0, 1.0, 2.0]
+    assert time.monotonic() - start < 3.0
+    with pytest.raises(Unavailable, match="collective allreduce"):
+        s0.sync()
+    assert other.download(x).tolist() == [0.0, 1.0, 2.0]
+    for s in (s0, s1, other):
+        s.close()
