@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("-m", "--memory", type=size_arg, help="memory of each GPU instead, e.g. 6GiB")
     add_flag(p, "--wait", type=float, default=0.0, help="seconds to wait in line when the pool is full")
     add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT (default 127.0.0.1:50050)")
-    add_flag(p, "--tenant", default="", help="tenant name shown in metrics (default: $GPUPOOL_TENANT or the user)")
+    add_flag(p, "--tenant", default="", help="tenant to allocate for (operators only; credentials name tenants)")
     p.add_argument(
         "--policy", default="", choices=("binpack", "spread"), help="placement policy (default: the scheduler's)"
     )
