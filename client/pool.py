@@ -232,7 +232,10 @@ class Lease:
             self._thread.start()
 
     def _renew_loop(self) -> None:
-        delay = min(max(0.2, self.ttl / 3), RENEW_MAX_PERIOD)
+        # The first renewal comes sooner when the lease is already old (a child of `gpupool run` that took its
+        # time to import torch): at the latest half-way through what is left of it.
+        left = self.expires_at - time.time()
+        delay = min(max(0.2, self.ttl / 3), RENEW_MAX_PERIOD, max(0.0, left / 2))
         failures = 0
         while not self._stop.wait(delay):
             try:

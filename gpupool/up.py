@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,12 +43,19 @@ RESTART_WINDOW = 60.0
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent: int) -> None:
-    """In the child before exec: SIGTERM when `up` dies, however it dies (Linux; elsewhere a no-op)."""
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up in the parent: between fork and exec the child only calls it (no dlopen there)."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+def _die_with_parent(prctl: Callable[..., int] | None, parent: int) -> None:
+    """In the child before exec: SIGTERM when `up` dies, however it dies (Linux; elsewhere a no-op)."""
+    if prctl is None:
         return
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent:  # `up` died before the prctl took effect
         os._exit(1)
 
@@ -160,14 +168,14 @@ class Child:
 
     def _spawn(self) -> None:
         self.lines: list[str] = []
-        parent = os.getpid()
+        parent, prctl = os.getpid(), _prctl()
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "gpupool.cli", *self.args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            preexec_fn=lambda: _die_with_parent(parent),  # noqa: PLW1509 - only prctl/getppid, no locks taken
+            preexec_fn=lambda: _die_with_parent(prctl, parent),  # noqa: PLW1509 - only prctl/getppid, no locks taken
         )
         self._thread = threading.Thread(target=self._pump, args=(self.popen,), daemon=True)
         self._thread.start()
