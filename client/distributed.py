@@ -125,8 +125,8 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
         msg = device_pb2.Collective(kind=kind, reduce_op=op, root=root)
         msg.tensors.extend(self._handle(t) for t in tensors)
         msg.inputs.extend(self._handle(t) for t in inputs)
-        self._rt.call("command", device_pb2.Command(collective=msg))
-        self._rt.call("flush")  # the peers wait for this rank: never leave a collective in the client's batch
+        # The peers wait for this rank: never leave a collective in the client's batch.
+        self._rt.command(device_pb2.Command(collective=msg), flush=True)
 
     def _handle(self, t: torch.Tensor) -> int:
         rt = getattr(t, "_gp_rt", None)
@@ -188,14 +188,14 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
     join = device_pb2.GroupJoin(rank=rank, size=size, tokens=tokens, timeout_seconds=seconds)
     if rank == 0:
         join.port_handle = rt.new_handle()
-        rt.call("command", device_pb2.Command(group_join=join))
+        rt.command(device_pb2.Command(group_join=join))
         (port,) = rt.sync([join.port_handle])
-        rt.call("free", [join.port_handle])
+        rt.free([join.port_handle])
         host = lease.devices[devices[0]].address.rpartition(":")[0]
         store.set("gpupool/store", f"{host}:{port}")
     else:
         join.store_address = store.get("gpupool/store").decode()
-        rt.call("command", device_pb2.Command(group_join=join))
+        rt.command(device_pb2.Command(group_join=join))
         rt.sync()  # a refused join (tokens, address) raises here, at init_process_group
     atexit.register(_drain, rt)  # runs before gpupool.torch's detach_all (atexit is last in, first out)
     log.info("rank %d of %d on %s joined the daemons' group", rank, size, dev)

@@ -192,6 +192,17 @@ class DeviceRuntime:
         except Exception as exc:
             self._raise(exc)
 
+    def command(self, cmd: Any, *, flush: bool = False) -> None:
+        """Enqueue a command of another kind (the collectives of client/distributed.py); `flush` sends it now."""
+        self._check_open()
+        try:
+            self.session.command(cmd)
+            if flush:
+                self._unflushed = 0
+                self.session.flush()
+        except Exception as exc:
+            self._raise(exc)
+
     # ---- captured steps (client.torch.capture) ----
 
     def define_graph(self, graph: Any) -> None:

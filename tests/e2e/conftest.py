@@ -211,14 +211,14 @@ class Workload:
 @pytest.fixture(scope="module")
 def workload(pool: Pool, prometheus: Prometheus) -> Iterator[Workload]:
     """A client on a 0.5 lease (gpupool.lease) running ops through client/session.Session until teardown:
-    uploads, matmuls, downloads, one failing op at the start; and small leases allocated and released beside it
-    (and one invalid request), so that every panel has something to show."""
+    uploads, matmuls, a captured step, downloads, one failing op at the start; and small leases allocated and
+    released beside it (and one invalid request), so that every panel has something to show."""
     import torch
     from gpupool.client.pool import SchedulerClient
     from gpupool.client.session import Session
 
     import gpupool
-    from gpupool._proto import scheduler_pb2
+    from gpupool._proto import device_pb2, scheduler_pb2, tensor_pb2
     from gpupool.errors import GpupoolError, InvalidArgument
 
     lease = gpupool.lease(gpus=1, fraction=0.5, scheduler=pool.scheduler, tenant=TENANT)
@@ -229,6 +229,10 @@ def workload(pool: Pool, prometheus: Prometheus) -> Iterator[Workload]:
     session.call("aten::no_such_op.default", x)
     with pytest.raises(InvalidArgument):
         session.sync()
+    # A captured step (a one-op graph), replayed in the loop below: the graph events panel has data too.
+    neg = device_pb2.Op(name="aten::neg.default", args=[tensor_pb2.Arg(tensor=1)], outputs=[2])
+    meta = tensor_pb2.TensorMeta(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[64, 64], stride=[64, 1])
+    session.define_graph(device_pb2.DefineGraph(graph_id=1, inputs=1, input_meta=[meta], ops=[neg], outputs=[2]))
     result = Workload(host=dev.host_id, device=dev.device, lease_id=lease.lease_id)
     result.allocating.set()
     client = SchedulerClient(pool.scheduler)
@@ -244,8 +248,10 @@ def workload(pool: Pool, prometheus: Prometheus) -> Iterator[Workload]:
                 a = session.upload(torch.randn(64, 64))
                 (b,) = session.call("aten::mm.default", a, a)
                 (c,) = session.call("aten::relu.default", b)
+                d = session.new_handle()
+                session.run_graph(1, [a], [d])
                 session.download(c)
-                session.free([a, b, c])
+                session.free([a, b, c, d])
                 if result.allocating.is_set():
                     small = client.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.125, tenant="batch"))
                     client.release(small.lease_id)
