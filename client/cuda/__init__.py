@@ -11,6 +11,7 @@ distribution; off with TORCH_DEVICE_BACKEND_AUTOLOAD=0). It does nothing unless 
 - answers `torch.cuda.*` from the lease (facade.py),
 - maps `torch.load(map_location=...)`, autocast/GradScaler, and refuses what cannot work on a pooled
   GPU with one message naming the call (patches.py),
+- maps `init_process_group("nccl")` onto the `gpupool` collective backend (nccl.py),
 
 and logs one line saying so. docs/cuda.md lists every API and the limits.
 """
@@ -76,7 +77,7 @@ def _announce() -> None:
 
     log.info(
         "cuda -> gpupool (%d leased device(s)): device strings/ids, .cuda(), .to(), device=, is_cuda, torch.cuda.*, "
-        "torch.load(map_location), autocast/GradScaler, pin_memory; refused: nccl, CUDA graphs, "
+        "torch.load(map_location), autocast/GradScaler, pin_memory, nccl -> gpupool backend; refused: CUDA graphs, "
         "torch.compile, CUDA extensions (docs/cuda.md)",
         leased_count(),
     )

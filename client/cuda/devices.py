@@ -5,6 +5,10 @@ Tensor methods, property reads) before it runs, so no list of patched functions 
 rewrites only CUDA device arguments; everything else passes through untouched. `cuda` without an index is
 `gpupool` without one, which the shim reads as the current device (`torch.cuda.set_device`).
 
+CUDA numbers are the lease's: `cuda:i` is lease device i. Under torchrun a rank sees its own lease device
+LOCAL_RANK as `gpupool:0` (client/torch/api.py), so there `cuda:i` is `gpupool:(i - LOCAL_RANK) mod n`:
+`cuda:LOCAL_RANK`, `model.to(local_rank)` and `torch.cuda.set_device(local_rank)` land on the rank's own device.
+
 torch keeps TorchFunctionModes per thread, so threads started after `install()` enter the mode too (threads
 that were running before, and torch's own C++ threads, do not). Limits (docs/cuda.md): `torch.device("cuda")`
 objects stay CUDA-typed (the mapping happens where they are used), and a tensor's `.device` says `gpupool:N`.
@@ -12,6 +16,7 @@ objects stay CUDA-typed (the mapping happens where they are used), and a tensor'
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +26,30 @@ from torch.overrides import TorchFunctionMode
 
 GPUPOOL = "gpupool"
 _MODE: list[TorchFunctionMode] = []
+_SHIFT: list[tuple[int, int]] = []  # (LOCAL_RANK shift, leased devices), read once
+
+
+def _shift() -> tuple[int, int]:
+    if not _SHIFT:
+        from gpupool.client.pool import Lease
+        from gpupool.client.torch.api import rank_shift
+
+        lease = Lease.from_env() if os.environ.get("GPUPOOL_LEASE") else None
+        n = len(lease.devices) if lease is not None else 1
+        _SHIFT.append((rank_shift(n), n))
+    return _SHIFT[0]
+
+
+def pool_index(cuda_index: int) -> int:
+    """The gpupool index of CUDA device `cuda_index` (lease numbering; a torchrun rank's own device is gpupool:0)."""
+    shift, n = _shift()
+    return (cuda_index - shift) % n if shift and 0 <= cuda_index < n else cuda_index
+
+
+def cuda_index(pool_index_: int) -> int:
+    """The CUDA number a script sees for `gpupool:<pool_index_>` (the inverse of `pool_index`)."""
+    shift, n = _shift()
+    return (pool_index_ + shift) % n if shift and 0 <= pool_index_ < n else pool_index_
 
 
 def is_cuda_device(value: Any) -> bool:
@@ -35,11 +64,11 @@ def to_gpupool(value: Any) -> Any:
     if isinstance(value, bool):
         return value
     if isinstance(value, int):
-        return torch.device(GPUPOOL, value)
+        return torch.device(GPUPOOL, pool_index(value))
     if isinstance(value, str) and is_cuda_device(value):
         value = torch.device(value)
     if isinstance(value, torch.device) and value.type == "cuda":
-        return torch.device(GPUPOOL) if value.index is None else torch.device(GPUPOOL, value.index)
+        return torch.device(GPUPOOL) if value.index is None else torch.device(GPUPOOL, pool_index(value.index))
     return value
 
 
@@ -76,6 +105,15 @@ def _cuda(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
     return self.to(target, non_blocking=non_blocking, **kwargs)
 
 
+def _parse_to(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # Module.to(device) parses its arguments here first: an integer id would become the accelerator's (gpupool:N)
+    if args and isinstance(args[0], str | int | torch.device) and not isinstance(args[0], bool):
+        args = (to_gpupool(args[0]), *args[1:])
+    if "device" in kwargs:
+        kwargs["device"] = to_gpupool(kwargs["device"])
+    return func(*args, **kwargs)
+
+
 def _is_cuda(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return args[0].device.type == GPUPOOL or func(*args, **kwargs)
 
@@ -85,6 +123,8 @@ def _special(func: Any) -> Callable[..., Any] | None:
         return _to
     if func is torch.Tensor.cuda:
         return _cuda
+    if func is torch._C._nn._parse_to:
+        return _parse_to
     owner = getattr(func, "__self__", None)  # a property read: `is_cuda.__get__`
     if getattr(func, "__name__", "") == "__get__" and getattr(owner, "__name__", "") == "is_cuda":
         return _is_cuda

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from gpupool.client.cuda.devices import to_gpupool
+from gpupool.client.cuda.devices import cuda_index, pool_index, to_gpupool
 
 import gpupool.torch as gt
 
@@ -33,10 +33,11 @@ def leased_count() -> int:
 
 
 def _index(device: Any = None) -> int:
+    """The gpupool index of a torch.cuda device argument (CUDA numbers, gpupool devices, None: the current one)."""
     if device is None:
         return gt.current_index()
     if isinstance(device, int) and not isinstance(device, bool):
-        return device
+        return pool_index(device)
     d = to_gpupool(torch.device(device) if isinstance(device, str) else device)
     return gt.current_index() if d.index is None else int(d.index)
 
@@ -118,7 +119,16 @@ def memory_summary(device: Any = None, abbreviated: bool = False) -> str:
 
 
 def set_device(device: Any) -> None:
-    torch.gpupool.set_device(_index(device))  # type: ignore[attr-defined]
+    _set_pool(_index(device))
+
+
+def current_device() -> int:
+    """The current device in CUDA numbers (a torchrun rank's own device is `cuda:LOCAL_RANK`)."""
+    return cuda_index(gt.current_index())
+
+
+def _set_pool(index: int) -> None:
+    torch.gpupool.set_device(index)  # type: ignore[attr-defined]
 
 
 def synchronize(device: Any = None) -> None:
@@ -139,18 +149,18 @@ class device:  # noqa: N801 - the name of torch.cuda.device
     def __enter__(self) -> None:
         self.prev = gt.current_index()
         if self.idx >= 0:
-            set_device(self.idx)
+            _set_pool(self.idx)
 
     def __exit__(self, *exc: object) -> None:
         if self.idx >= 0:
-            set_device(self.prev)
+            _set_pool(self.prev)
 
 
 class Stream:
     """The device's one ordered op stream: every op of a device is already in order."""
 
     def __init__(self, device: Any = None, priority: int = 0, **_: Any) -> None:
-        self.device = torch.device("cuda", _index(device))
+        self.device = torch.device("cuda", cuda_index(_index(device)))
         self.priority = priority
 
     def wait_stream(self, stream: Stream) -> None:
@@ -210,7 +220,8 @@ _streams: dict[int, Stream] = {}
 
 
 def current_stream(device: Any = None) -> Stream:
-    return _streams.setdefault(_index(device), Stream(_index(device)))
+    i = _index(device)
+    return _streams.setdefault(i, Stream(torch.device("cuda", cuda_index(i))))
 
 
 @contextlib.contextmanager
@@ -235,7 +246,7 @@ def install() -> None:
         "init": lambda: None,
         "_lazy_init": lambda: None,
         "device_count": leased_count,
-        "current_device": gt.current_index,
+        "current_device": current_device,
         "set_device": set_device,
         "device": device,
         "get_device_name": get_device_name,

@@ -4,8 +4,8 @@
   loads onto `gpupool:N` without a map_location, like on the machine that saved it.
 - `torch.autocast("cuda")`, `torch.amp.GradScaler("cuda")` and their `torch.cuda.amp` spellings use the
   gpupool device, with torch's CUDA cast policy (amp.py).
-- `torch.distributed.init_process_group("nccl")`, `torch.compile`, CUDA extensions: one RuntimeError
-  naming the call.
+- `torch.compile`, CUDA extensions: one RuntimeError naming the call.
+(`nccl` is mapped onto the gpupool collective backend by nccl.py.)
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from gpupool.client.cuda import amp
+from gpupool.client.cuda import amp, nccl
 from gpupool.client.cuda.devices import GPUPOOL, map_location, to_gpupool
 from torch.serialization import default_restore_location
 from torch.utils._pytree import tree_map_only
@@ -101,22 +101,6 @@ def _refuse(name: str, why: str) -> Callable[..., Any]:
     return refused
 
 
-def _wrap_init_process_group(init: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(init)
-    def wrapped(backend: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if backend is None:
-            backend = kwargs.pop("backend", None)
-        if backend is None or "nccl" in str(backend):
-            raise RuntimeError(
-                f"torch.distributed.init_process_group(backend={backend!r}) is not available on a pooled GPU "
-                "(gpupool run --cuda): gpupool has no collective backend yet, so NCCL cannot be mapped; "
-                "run one process per job (docs/cuda.md)"
-            )
-        return init(backend, *args, **kwargs)
-
-    return wrapped
-
-
 def install() -> None:
     if _installed:
         return
@@ -131,10 +115,7 @@ def install() -> None:
     _patch_init(autocast, "device_type", 0)
     _patch_init(DeviceContext, "device", 0)  # torch.set_default_device("cuda"), `with torch.device("cuda"):`
     _patch_init(GradScaler, "device", 0)
-    if torch.distributed.is_available():
-        import torch.distributed as dist
-
-        dist.init_process_group = _wrap_init_process_group(dist.init_process_group)
+    nccl.install()
     torch.compile = _refuse("torch.compile", "Dynamo/Inductor cannot trace gpupool's tensors; run eagerly")
     import torch.utils.cpp_extension as ext
 

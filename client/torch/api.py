@@ -66,7 +66,7 @@ def device(index: int = 0) -> torch.device:
             # A torchrun rank (LOCAL_RANK r) sees its own leased device first, as gpupool:0, like CUDA_VISIBLE_DEVICES:
             # gpupool:i is lease device (r + i) mod n. (torch's Python device guard reports one device, so autograd
             # runs backward on gpupool:0 only.)
-            shift = int(os.environ.get("LOCAL_RANK") or 0) if len(lease.devices) > 1 else 0
+            shift = rank_shift(len(lease.devices))
             return attach_lease(lease, (index + shift) % len(lease.devices), as_index=index)
         fraction = float(os.environ.get("GPUPOOL_FRACTION") or 1.0)
         kwargs: dict[str, Any] = {"gpus": 1, "fraction": fraction}
@@ -77,6 +77,11 @@ def device(index: int = 0) -> torch.device:
             lease.start_renewing()
         log.info("gpupool:%d: leased %s", index, getattr(lease, "lease_id", "?"))
         return attach_lease(lease, 0, as_index=index, owns_lease=True)
+
+
+def rank_shift(devices: int) -> int:
+    """The lease device a torchrun rank sees as gpupool:0: its LOCAL_RANK, when the lease has several devices."""
+    return int(os.environ.get("LOCAL_RANK") or 0) if devices > 1 else 0
 
 
 def attach_lease(lease: Any, index: int = 0, *, as_index: int | None = None, owns_lease: bool = False) -> torch.device:

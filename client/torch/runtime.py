@@ -118,6 +118,14 @@ class DeviceRuntime:
             raise exc
         raise translated from exc
 
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Any other session method (client/distributed.py: `command`, `flush`, `free`), failures translated."""
+        self._check_open()
+        try:
+            return getattr(self.session, method)(*args, **kwargs)
+        except Exception as exc:
+            self._raise(exc)
+
     def op(self, name: str, args: Any, kwargs: Any, outputs: list[int]) -> None:
         self.ops_sent += 1
         if self._dead and (len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):

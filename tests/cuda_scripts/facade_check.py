@@ -102,8 +102,11 @@ def refused(fn, name):
         raise AssertionError(f"{name} was not refused")
 
 
+# nccl is the gpupool collective backend (ddp_torchrun.py); beside gloo for CPU tensors it cannot be.
+assert dist.is_nccl_available()
+store = dist.TCPStore("127.0.0.1", 0, 1, True)
 refused(
-    lambda: dist.init_process_group("nccl", init_method="tcp://127.0.0.1:1", rank=0, world_size=1), "init_process_group"
+    lambda: dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=0, world_size=1), "'cpu:gloo,cuda:nccl'"
 )
 refused(lambda: torch.cuda.CUDAGraph(), "torch.cuda.CUDAGraph")
 refused(lambda: torch.cuda.graph(None), "torch.cuda.graph")

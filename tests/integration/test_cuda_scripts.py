@@ -82,6 +82,37 @@ def test_unmodified_script_gives_the_cpu_losses(pool: str, script: str) -> None:
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
+def torchrun(script: str, ranks: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), script]
+
+
+RANK_LINE = re.compile(r"^rank (\d) on (\S+) \(current device (\S+)\) weight sum (\S+)$", re.M)
+
+
+def test_torchrun_ddp_script_with_nccl_gives_the_cpu_losses(pool: str) -> None:
+    """`gpupool run --cuda -n 2 -- torchrun --nproc-per-node 2 ddp_torchrun.py`: nccl is the gpupool backend (while
+    get_backend() says nccl), cuda:LOCAL_RANK is each rank's own leased device; losses and the trained weights equal
+    the same script under torchrun on the CPU with gloo (2 processes, the same DistributedSampler shards)."""
+    pooled = run(
+        [sys.executable, "-m", "gpupool.cli", "run", "--cuda", "-n", "2", "-p", "0.5", "--",
+         *torchrun("ddp_torchrun.py", 2)],
+        clean_env(GPUPOOL_SCHEDULER=pool, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    local = run(torchrun("ddp_torchrun.py", 2), clean_env(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))
+    losses, reference = values(LOSS.findall(pooled.stdout)), values(LOSS.findall(local.stdout))
+    assert len(losses) == 8 and len(reference) == 8, pooled.stdout + local.stdout
+    assert losses == pytest.approx(reference, rel=1e-5, abs=1e-7)
+    assert sum(losses[4:]) < sum(losses[:4])  # it trained: the second epoch's losses are lower
+    ranks = sorted(RANK_LINE.findall(pooled.stdout))
+    assert [r[:3] for r in ranks] == [("0", "cuda:0", "0"), ("1", "cuda:1", "1")], pooled.stdout
+    cpu_ranks = sorted(RANK_LINE.findall(local.stdout))
+    assert [r[1] for r in cpu_ranks] == ["cpu", "cpu"], local.stdout
+    sums = [float(r[3]) for r in ranks + cpu_ranks]
+    assert sums[0] == sums[1] and sums == pytest.approx([sums[2]] * 4, rel=1e-5)  # DDP kept the ranks in step
+    assert pooled.stderr.count(ANNOUNCE) >= 2 and "(2 leased device(s))" in pooled.stderr  # (and torchrun's own)
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
 def test_script_took_the_cuda_branch(pool: str) -> None:
     assert "done on cuda" in on_pool(pool, "device_agnostic.py").stdout
     assert "done on cpu" in on_cpu("device_agnostic.py").stdout
