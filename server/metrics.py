@@ -20,7 +20,7 @@ from gpupool.config import split_address
 
 if TYPE_CHECKING:
     from gpupool.server.daemon import Daemon
-    from gpupool.server.sessions import Session
+    from gpupool.server.front import FrontSession
 
 BATCH_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -36,20 +36,18 @@ class Ledger:
         self.transfers: dict[str, int] = {"upload": 0, "download": 0}
         self.device_busy: dict[int, float] = defaultdict(float)
 
-    def op(self, session: Session) -> None:
+    def add(self, session: FrontSession, ops: int, errors: dict[str, int], uploaded: int, downloaded: int) -> None:
+        """What one slice of a session did (as its worker reported it)."""
         key = (session.device.index, session.tenant)
         with self._lock:
-            self.ops[key] += 1
+            if ops:
+                self.ops[key] += ops
+            for code, n in errors.items():
+                self.errors[(session.device.index, session.tenant, code)] += n
+            self.transfers["upload"] += uploaded
+            self.transfers["download"] += downloaded
 
-    def error(self, session: Session, code: str) -> None:
-        with self._lock:
-            self.errors[(session.device.index, session.tenant, code)] += 1
-
-    def transfer(self, direction: str, nbytes: int) -> None:
-        with self._lock:
-            self.transfers[direction] += nbytes
-
-    def charge(self, session: Session, seconds: float) -> None:
+    def charge(self, session: FrontSession, seconds: float) -> None:
         with self._lock:
             self.busy[(session.device.index, session.tenant)] += seconds
             self.device_busy[session.device.index] += seconds

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gpupool._proto import tensor_pb2 as gpupool_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gpupool/v1/device.proto\x12\ngpupool.v1\x1a\x17gpupool/v1/tensor.proto\"\\\n\nDeviceInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x66\x61ke\x18\x05 \x01(\x08\"\x1e\n\rAttachRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\x82\x01\n\x0b\x41ttachReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bhandle_base\x18\x02 \x01(\x04\x12&\n\x06\x64\x65vice\x18\x03 \x01(\x0b\x32\x16.gpupool.v1.DeviceInfo\x12\x13\n\x0bquota_bytes\x18\x04 \x01(\x04\x12\r\n\x05share\x18\x05 \x01(\x01\"#\n\rDetachRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\r\n\x0b\x44\x65tachReply\"\x0f\n\rStatusRequest\"8\n\x13RefreshTokenRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"\'\n\x11RefreshTokenReply\x12\x12\n\nexpires_at\x18\x01 \x01(\x01\"\xaf\x01\n\x0cSessionUsage\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\r\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x12\n\nused_bytes\x18\x05 \x01(\x04\x12\x13\n\x0blimit_bytes\x18\x06 \x01(\x04\x12\r\n\x05share\x18\x07 \x01(\x01\x12\x14\n\x0c\x62usy_seconds\x18\x08 \x01(\x01\x12\x0b\n\x03ops\x18\t \x01(\x04\"]\n\x0b\x44\x65viceUsage\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x16.gpupool.v1.DeviceInfo\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x14\n\x0c\x62usy_seconds\x18\x03 \x01(\x01\"\x86\x01\n\x0bStatusReply\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12(\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x17.gpupool.v1.DeviceUsage\x12*\n\x08sessions\x18\x03 \x03(\x0b\x32\x18.gpupool.v1.SessionUsage\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"\xae\x01\n\x02Op\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x04\x61rgs\x18\x02 \x03(\x0b\x32\x0f.gpupool.v1.Arg\x12*\n\x06kwargs\x18\x03 \x03(\x0b\x32\x1a.gpupool.v1.Op.KwargsEntry\x12\x0f\n\x07outputs\x18\x04 \x03(\x04\x1a>\n\x0bKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.gpupool.v1.Arg:\x02\x38\x01\"j\n\x06Upload\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12$\n\x04meta\x18\x02 \x01(\x0b\x32\x16.gpupool.v1.TensorMeta\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04last\x18\x05 \x01(\x08\")\n\x03Get\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0e\n\x06handle\x18\x02 \x01(\x04\"\x17\n\x04\x46ree\x12\x0f\n\x07handles\x18\x01 \x03(\x04\"\x14\n\x04Seed\x12\x0c\n\x04seed\x18\x01 \x01(\x04\"2\n\x04Sync\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x16\n\x0escalar_handles\x18\x02 \x03(\x04\"\x18\n\x07Refresh\x12\r\n\x05token\x18\x01 \x01(\t\"\x82\x02\n\x07\x43ommand\x12\x1c\n\x02op\x18\x01 \x01(\x0b\x32\x0e.gpupool.v1.OpH\x00\x12$\n\x06upload\x18\x02 \x01(\x0b\x32\x12.gpupool.v1.UploadH\x00\x12\x1e\n\x03get\x18\x03 \x01(\x0b\x32\x0f.gpupool.v1.GetH\x00\x12 \n\x04\x66ree\x18\x04 \x01(\x0b\x32\x10.gpupool.v1.FreeH\x00\x12 \n\x04seed\x18\x05 \x01(\x0b\x32\x10.gpupool.v1.SeedH\x00\x12 \n\x04sync\x18\x06 \x01(\x0b\x32\x10.gpupool.v1.SyncH\x00\x12&\n\x07refresh\x18\x07 \x01(\x0b\x32\x13.gpupool.v1.RefreshH\x00\x42\x05\n\x03\x63md\"4\n\x0b\x43lientFrame\x12%\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x13.gpupool.v1.Command\"Q\n\tSyncReply\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.gpupool.v1.Scalar\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.gpupool.v1.Error\"_\n\x0bTensorChunk\x12$\n\x04meta\x18\x01 \x01(\x0b\x32\x16.gpupool.v1.TensorMeta\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\x9f\x01\n\x0bServerFrame\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12%\n\x04sync\x18\x02 \x01(\x0b\x32\x15.gpupool.v1.SyncReplyH\x00\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x17.gpupool.v1.TensorChunkH\x00\x12\"\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x11.gpupool.v1.ErrorH\x00\x42\x07\n\x05reply2\xd2\x02\n\x06\x44\x65vice\x12<\n\x06\x41ttach\x12\x19.gpupool.v1.AttachRequest\x1a\x17.gpupool.v1.AttachReply\x12>\n\x06Stream\x12\x17.gpupool.v1.ClientFrame\x1a\x17.gpupool.v1.ServerFrame(\x01\x30\x01\x12<\n\x06\x44\x65tach\x12\x19.gpupool.v1.DetachRequest\x1a\x17.gpupool.v1.DetachReply\x12<\n\x06Status\x12\x19.gpupool.v1.StatusRequest\x1a\x17.gpupool.v1.StatusReply\x12N\n\x0cRefreshToken\x12\x1f.gpupool.v1.RefreshTokenRequest\x1a\x1d.gpupool.v1.RefreshTokenReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gpupool/v1/device.proto\x12\ngpupool.v1\x1a\x17gpupool/v1/tensor.proto\"\\\n\nDeviceInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x66\x61ke\x18\x05 \x01(\x08\"\x1e\n\rAttachRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\x82\x01\n\x0b\x41ttachReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bhandle_base\x18\x02 \x01(\x04\x12&\n\x06\x64\x65vice\x18\x03 \x01(\x0b\x32\x16.gpupool.v1.DeviceInfo\x12\x13\n\x0bquota_bytes\x18\x04 \x01(\x04\x12\r\n\x05share\x18\x05 \x01(\x01\"#\n\rDetachRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\r\n\x0b\x44\x65tachReply\"\x0f\n\rStatusRequest\"8\n\x13RefreshTokenRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"\'\n\x11RefreshTokenReply\x12\x12\n\nexpires_at\x18\x01 \x01(\x01\"\xd4\x01\n\x0cSessionUsage\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\r\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x12\n\nused_bytes\x18\x05 \x01(\x04\x12\x13\n\x0blimit_bytes\x18\x06 \x01(\x04\x12\r\n\x05share\x18\x07 \x01(\x01\x12\x14\n\x0c\x62usy_seconds\x18\x08 \x01(\x01\x12\x0b\n\x03ops\x18\t \x01(\x04\x12\x12\n\nworker_pid\x18\x32 \x01(\r\x12\x0f\n\x07handles\x18\x33 \x01(\x04\"]\n\x0b\x44\x65viceUsage\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x16.gpupool.v1.DeviceInfo\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x14\n\x0c\x62usy_seconds\x18\x03 \x01(\x01\"\x86\x01\n\x0bStatusReply\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12(\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x17.gpupool.v1.DeviceUsage\x12*\n\x08sessions\x18\x03 \x03(\x0b\x32\x18.gpupool.v1.SessionUsage\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"\xae\x01\n\x02Op\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x04\x61rgs\x18\x02 \x03(\x0b\x32\x0f.gpupool.v1.Arg\x12*\n\x06kwargs\x18\x03 \x03(\x0b\x32\x1a.gpupool.v1.Op.KwargsEntry\x12\x0f\n\x07outputs\x18\x04 \x03(\x04\x1a>\n\x0bKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.gpupool.v1.Arg:\x02\x38\x01\"j\n\x06Upload\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12$\n\x04meta\x18\x02 \x01(\x0b\x32\x16.gpupool.v1.TensorMeta\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04last\x18\x05 \x01(\x08\")\n\x03Get\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0e\n\x06handle\x18\x02 \x01(\x04\"\x17\n\x04\x46ree\x12\x0f\n\x07handles\x18\x01 \x03(\x04\"\x14\n\x04Seed\x12\x0c\n\x04seed\x18\x01 \x01(\x04\"2\n\x04Sync\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x16\n\x0escalar_handles\x18\x02 \x03(\x04\"\xe0\x01\n\x07\x43ommand\x12\x1c\n\x02op\x18\x01 \x01(\x0b\x32\x0e.gpupool.v1.OpH\x00\x12$\n\x06upload\x18\x02 \x01(\x0b\x32\x12.gpupool.v1.UploadH\x00\x12\x1e\n\x03get\x18\x03 \x01(\x0b\x32\x0f.gpupool.v1.GetH\x00\x12 \n\x04\x66ree\x18\x04 \x01(\x0b\x32\x10.gpupool.v1.FreeH\x00\x12 \n\x04seed\x18\x05 \x01(\x0b\x32\x10.gpupool.v1.SeedH\x00\x12 \n\x04sync\x18\x06 \x01(\x0b\x32\x10.gpupool.v1.SyncH\x00\x42\x05\n\x03\x63mdJ\x04\x08\x07\x10\x08\"4\n\x0b\x43lientFrame\x12%\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x13.gpupool.v1.Command\"Q\n\tSyncReply\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.gpupool.v1.Scalar\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.gpupool.v1.Error\"_\n\x0bTensorChunk\x12$\n\x04meta\x18\x01 \x01(\x0b\x32\x16.gpupool.v1.TensorMeta\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\x9f\x01\n\x0bServerFrame\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12%\n\x04sync\x18\x02 \x01(\x0b\x32\x15.gpupool.v1.SyncReplyH\x00\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x17.gpupool.v1.TensorChunkH\x00\x12\"\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x11.gpupool.v1.ErrorH\x00\x42\x07\n\x05reply2\xd2\x02\n\x06\x44\x65vice\x12<\n\x06\x41ttach\x12\x19.gpupool.v1.AttachRequest\x1a\x17.gpupool.v1.AttachReply\x12>\n\x06Stream\x12\x17.gpupool.v1.ClientFrame\x1a\x17.gpupool.v1.ServerFrame(\x01\x30\x01\x12<\n\x06\x44\x65tach\x12\x19.gpupool.v1.DetachRequest\x1a\x17.gpupool.v1.DetachReply\x12<\n\x06Status\x12\x19.gpupool.v1.StatusRequest\x1a\x17.gpupool.v1.StatusReply\x12N\n\x0cRefreshToken\x12\x1f.gpupool.v1.RefreshTokenRequest\x1a\x1d.gpupool.v1.RefreshTokenReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,37 +51,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REFRESHTOKENREPLY']._serialized_start=450
   _globals['_REFRESHTOKENREPLY']._serialized_end=489
   _globals['_SESSIONUSAGE']._serialized_start=492
-  _globals['_SESSIONUSAGE']._serialized_end=667
-  _globals['_DEVICEUSAGE']._serialized_start=669
-  _globals['_DEVICEUSAGE']._serialized_end=762
-  _globals['_STATUSREPLY']._serialized_start=765
-  _globals['_STATUSREPLY']._serialized_end=899
-  _globals['_OP']._serialized_start=902
-  _globals['_OP']._serialized_end=1076
-  _globals['_OP_KWARGSENTRY']._serialized_start=1014
-  _globals['_OP_KWARGSENTRY']._serialized_end=1076
-  _globals['_UPLOAD']._serialized_start=1078
-  _globals['_UPLOAD']._serialized_end=1184
-  _globals['_GET']._serialized_start=1186
-  _globals['_GET']._serialized_end=1227
-  _globals['_FREE']._serialized_start=1229
-  _globals['_FREE']._serialized_end=1252
-  _globals['_SEED']._serialized_start=1254
-  _globals['_SEED']._serialized_end=1274
-  _globals['_SYNC']._serialized_start=1276
-  _globals['_SYNC']._serialized_end=1326
-  _globals['_REFRESH']._serialized_start=1328
-  _globals['_REFRESH']._serialized_end=1352
-  _globals['_COMMAND']._serialized_start=1355
-  _globals['_COMMAND']._serialized_end=1613
-  _globals['_CLIENTFRAME']._serialized_start=1615
-  _globals['_CLIENTFRAME']._serialized_end=1667
-  _globals['_SYNCREPLY']._serialized_start=1669
-  _globals['_SYNCREPLY']._serialized_end=1750
-  _globals['_TENSORCHUNK']._serialized_start=1752
-  _globals['_TENSORCHUNK']._serialized_end=1847
-  _globals['_SERVERFRAME']._serialized_start=1850
-  _globals['_SERVERFRAME']._serialized_end=2009
-  _globals['_DEVICE']._serialized_start=2012
-  _globals['_DEVICE']._serialized_end=2350
+  _globals['_SESSIONUSAGE']._serialized_end=704
+  _globals['_DEVICEUSAGE']._serialized_start=706
+  _globals['_DEVICEUSAGE']._serialized_end=799
+  _globals['_STATUSREPLY']._serialized_start=802
+  _globals['_STATUSREPLY']._serialized_end=936
+  _globals['_OP']._serialized_start=939
+  _globals['_OP']._serialized_end=1113
+  _globals['_OP_KWARGSENTRY']._serialized_start=1051
+  _globals['_OP_KWARGSENTRY']._serialized_end=1113
+  _globals['_UPLOAD']._serialized_start=1115
+  _globals['_UPLOAD']._serialized_end=1221
+  _globals['_GET']._serialized_start=1223
+  _globals['_GET']._serialized_end=1264
+  _globals['_FREE']._serialized_start=1266
+  _globals['_FREE']._serialized_end=1289
+  _globals['_SEED']._serialized_start=1291
+  _globals['_SEED']._serialized_end=1311
+  _globals['_SYNC']._serialized_start=1313
+  _globals['_SYNC']._serialized_end=1363
+  _globals['_COMMAND']._serialized_start=1366
+  _globals['_COMMAND']._serialized_end=1590
+  _globals['_CLIENTFRAME']._serialized_start=1592
+  _globals['_CLIENTFRAME']._serialized_end=1644
+  _globals['_SYNCREPLY']._serialized_start=1646
+  _globals['_SYNCREPLY']._serialized_end=1727
+  _globals['_TENSORCHUNK']._serialized_start=1729
+  _globals['_TENSORCHUNK']._serialized_end=1824
+  _globals['_SERVERFRAME']._serialized_start=1827
+  _globals['_SERVERFRAME']._serialized_end=1986
+  _globals['_DEVICE']._serialized_start=1989
+  _globals['_DEVICE']._serialized_end=2327
 # @@protoc_insertion_point(module_scope)
