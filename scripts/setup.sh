@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Install everything gpupool needs on a fresh Debian machine: system packages (Prometheus for the e2e tests),
+# Install everything gpupool needs on a fresh Debian machine: system packages (Prometheus for the e2e tests,
+# libseccomp2 for the daemon's sandboxed session workers),
 # the CPU build of torch (pinned, so pip does not pull a multi-GB CUDA build), and the project with its dev extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "${GPUPOOL_SKIP_APT:-0}" != 1 ] && ! command -v prometheus >/dev/null 2>&1; then
+if [ "${GPUPOOL_SKIP_APT:-0}" != 1 ] && { ! command -v prometheus >/dev/null 2>&1 || ! ldconfig -p | grep -q libseccomp.so.2; }; then
   if command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus libseccomp2 >/dev/null
   else
     echo "setup: no apt-get; install Prometheus yourself for the e2e tests" >&2
   fi
