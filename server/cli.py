@@ -123,6 +123,10 @@ def main(argv: list[str]) -> int:
     except GpupoolError as exc:
         log.error("%s", exc)
         return 2
+    if config.isolation == "process":
+        from gpupool.server.zygote import shared_zygote
+
+        shared_zygote()  # the zygote imports torch while this process does the same below
     from gpupool.server.app import RunningDaemon  # imports torch: after argument errors are reported
 
     try:

@@ -87,8 +87,9 @@ def _field_number(raw: bytes, i: int, end: int) -> int:
 
 # ---- daemon -> worker ----
 
-REQ_RUN, REQ_EXIT = 1, 2
-_REQ = struct.Struct("<Bqqqd")  # kind, quota room on the device (bytes), reply room (bytes), handle room, budget (s)
+REQ_RUN, REQ_EXIT, REQ_RUN_SHARED = 1, 2, 3  # RUN_SHARED: the payload is in the shared buffer
+SHARED = 0x80000000  # set in a result's length word: the result is in the shared buffer
+_REQ = struct.Struct("<Bqqqd")  # kind, free device bytes, reply room (bytes), shared payload length, budget (s)
 
 
 @dataclass
@@ -99,15 +100,23 @@ class SliceRequest:
     payload: bytes | memoryview  # the concatenated command spans
 
 
-def encode_request(req: SliceRequest, parts: Sequence[bytes | memoryview] = ()) -> list[bytes | memoryview]:
-    """The request's buffers; `parts` (the command spans) stand in for `req.payload` when given."""
+def encode_request(
+    req: SliceRequest, parts: Sequence[bytes | memoryview] = (), shared: int = -1
+) -> list[bytes | memoryview]:
+    """The request's buffers; `parts` (the command spans) stand in for `req.payload` when given; `shared` >= 0:
+    the payload (that many bytes) was written to the shared buffer instead."""
+    if shared >= 0:
+        head = _REQ.pack(REQ_RUN_SHARED, req.device_free, req.reply_room, shared, req.budget)
+        return [struct.pack("<I", len(head)), head]
     head = _REQ.pack(REQ_RUN, req.device_free, req.reply_room, 0, req.budget)
     body = list(parts) if parts else [req.payload]
     return [struct.pack("<I", len(head) + sum(len(b) for b in body)), head, *body]
 
 
-def decode_request(body: bytes | bytearray) -> SliceRequest | None:
-    kind, device_free, reply_room, _unused, budget = _REQ.unpack_from(body, 0)
+def decode_request(body: bytes | bytearray, shared: memoryview) -> SliceRequest | None:
+    kind, device_free, reply_room, shared_len, budget = _REQ.unpack_from(body, 0)
+    if kind == REQ_RUN_SHARED and 0 <= shared_len <= len(shared):
+        return SliceRequest(device_free, reply_room, budget, shared[:shared_len])
     if kind != REQ_RUN:
         return None
     return SliceRequest(device_free, reply_room, budget, memoryview(body)[_REQ.size :])  # no copy of uploads

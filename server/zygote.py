@@ -31,7 +31,7 @@ import threading
 from dataclasses import asdict
 from typing import Any
 
-from gpupool.server.worker import PROGRESS_BYTES, ProcessRunner, WorkerSpec
+from gpupool.server.worker import SHARED_BYTES, ProcessRunner, WorkerSpec
 
 log = logging.getLogger(__name__)
 START_TIMEOUT = 120.0  # importing torch on a loaded host
@@ -101,10 +101,10 @@ class Zygote:
             self.start()
         self.wait_ready()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        progress_fd = os.memfd_create("gpupool-progress")
+        progress_fd = os.memfd_create("gpupool-shared")
         try:
-            os.ftruncate(progress_fd, PROGRESS_BYTES)
-            progress = mmap.mmap(progress_fd, PROGRESS_BYTES)
+            os.ftruncate(progress_fd, SHARED_BYTES)
+            progress = mmap.mmap(progress_fd, SHARED_BYTES)
             reply = self._call({"spawn": asdict(spec)}, [theirs.fileno(), progress_fd])
         finally:
             theirs.close()
