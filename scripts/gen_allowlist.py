@@ -47,6 +47,15 @@ EXTRA = {
     "aten::_reshape_alias.default": "view decompositions (checked: server/guards.py replaces it with as_strided)",
     "aten::chunk.default": "torch.chunk from raw clients (its count is bounded in server/guards.py)",
     "aten::contiguous.default": "the shim makes tensors contiguous before transfers",
+    # What autograd picks on a non-CPU device (nn.LSTM/GRU cells, depthwise convs): CPU-backed fake GPUs run
+    # them through server/fallbacks.py.
+    "aten::_thnn_fused_lstm_cell.default": "nn.LSTM on a non-CPU device",
+    "aten::_thnn_fused_lstm_cell_backward_impl.default": "nn.LSTM backward on a non-CPU device",
+    "aten::_thnn_fused_gru_cell.default": "nn.GRU on a non-CPU device",
+    "aten::_thnn_fused_gru_cell_backward.default": "nn.GRU backward on a non-CPU device",
+    "aten::_masked_scale.default": "dropout backward on a non-CPU device",
+    "aten::_conv_depthwise2d.default": "depthwise Conv2d on a non-CPU device",
+    "aten::conv_depthwise3d.default": "depthwise Conv3d on a non-CPU device",
 }
 # Families allowed as a whole: every overload of these, with the reason.
 FAMILIES = {

@@ -18,6 +18,7 @@ on this socket.
 from __future__ import annotations
 
 import array
+import ctypes
 import json
 import logging
 import mmap
@@ -321,6 +322,11 @@ def _fork_worker(ctrl: socket.socket, wake_r: int, wake_w: int, fds: list[int], 
 
 
 def main() -> None:
+    parent = os.getppid()
+    # PR_SET_PDEATHSIG: die with the daemon (strictly: with the thread that started us), even mid-import.
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(0)  # the daemon died before the line above
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gpupool-zygote %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the daemon decides
     ctrl = socket.socket(fileno=int(sys.argv[1]))
