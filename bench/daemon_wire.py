@@ -297,7 +297,7 @@ def isolation_cost(args: argparse.Namespace) -> int:
         ("sync round trip p99 (us)", "p99", 1e6),
         (f"{args.ops} tiny adds + 1 sync (ops/s)", "ops", 1.0),
     ):
-        print(f"{name:<34}{t[key_] * scale:>12.1f}{p[key_] * scale:>12.1f}{p[key_] / t[key_]:>16.2f}")
+        print(f"{name:<34}{t[key_] * scale:>12.3f}{p[key_] * scale:>12.3f}{p[key_] / t[key_]:>16.2f}")
     return 0
 
 
