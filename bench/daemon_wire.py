@@ -4,8 +4,11 @@ a raw TCP socket (throughput, 1-byte ping-pong) and a bare Python gRPC echo (una
 of TLS: the same figures of a second daemon serving plaintext (`--insecure`).
 
     python bench/daemon_wire.py [--repeat 3] [--size-mib 256] [--ops 10000] [--syncs 1000]
+    python bench/daemon_wire.py --isolation-cost [--repeat 5]
 
-Each figure is the median of --repeat runs; the table prints gpupool / floor ratios.
+Each figure is the median of --repeat runs; the table prints gpupool / floor ratios. With --isolation-cost it
+instead compares two daemons started side by side, `--isolation process` (each session in its own worker
+process, the default) and `--isolation thread` (sessions in the daemon process), measured alternately.
 """
 
 from __future__ import annotations
@@ -276,17 +279,57 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
+def isolation_cost(args: argparse.Namespace) -> int:
+    """The same figures against a process-isolated and an in-thread daemon, alternating, medians side by side."""
+    from gpupool import pki, tokens
+
+    size = args.size_mib * MiB
+    modes = ("thread", "process")
+    runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+    with tempfile.TemporaryDirectory() as tmp:
+        key = secrets.token_hex(32).encode()  # a token seed; the daemons get its public key only
+        key_file = Path(tmp) / "key.pub"
+        key_file.write_bytes(tokens.public_pem(tokens.Signer.from_seed(key).public))
+        os.environ.update(pki.loopback_env(Path(tmp) / "pki"))  # both daemons and this process speak TLS
+        daemons = {m: start_daemon(key_file, "--isolation", m) for m in modes}
+        try:
+            for i in range(args.repeat):
+                for m in modes:
+                    claims = tokens.TokenClaims(f"bench-{m}-{i}", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
+                    runs[m].append(gpupool_figures(daemons[m][1], tokens.mint(key, claims), size, args.ops, args.syncs))
+                print(f"run {i + 1}/{args.repeat} done", file=sys.stderr)
+        finally:
+            for proc, _ in daemons.values():
+                proc.terminate()
+                proc.wait(30)
+    t, p = median_of(runs["thread"]), median_of(runs["process"])
+    print(f"\nisolation cost: medians of {args.repeat} alternating runs, loopback, {os.cpu_count()} CPUs, fake GPU")
+    print(f"{'metric':<34}{'thread':>12}{'process':>12}{'process/thread':>16}")
+    for name, key_, scale in (
+        (f"upload {args.size_mib} MiB (GB/s)", "up", 1.0),
+        (f"download {args.size_mib} MiB (GB/s)", "down", 1.0),
+        ("sync round trip p50 (us)", "p50", 1e6),
+        ("sync round trip p99 (us)", "p99", 1e6),
+        (f"{args.ops} tiny adds + 1 sync (ops/s)", "ops", 1.0),
+    ):
+        print(f"{name:<34}{t[key_] * scale:>12.3f}{p[key_] * scale:>12.3f}{p[key_] / t[key_]:>16.2f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--size-mib", type=int, default=256)
     p.add_argument("--ops", type=int, default=10_000)
     p.add_argument("--syncs", type=int, default=1000)
+    p.add_argument("--isolation-cost", action="store_true", help="compare --isolation process with thread")
     p.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.floor_server:
         floor_server()
         return 0
+    if args.isolation_cost:
+        return isolation_cost(args)
     from gpupool import pki, tokens
 
     size = args.size_mib * MiB

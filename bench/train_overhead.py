@@ -17,6 +17,7 @@ the ratio.
 
     nice python bench/train_overhead.py                    # ~1-2 min
     python bench/train_overhead.py --steps 20 --models mlp
+    nice python bench/train_overhead.py --isolation-cost   # --isolation thread vs process, same run
 """
 
 from __future__ import annotations
@@ -129,10 +130,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 # ---- driver ----
 
 
-def start_daemon(core: int, key_file: Path) -> tuple[subprocess.Popen[str], str]:
+def start_daemon(core: int, key_file: Path, isolation: str = "process") -> tuple[subprocess.Popen[str], str]:
     cmd = ["taskset", "-c", str(core), sys.executable, "-m", "gpupool.cli", "serve", "--listen", "127.0.0.1:0",
            "--metrics-listen", "0", "--fake-gpus", "1", "--fake-gpu-memory", "16GiB",
-           "--token-public-keys", str(key_file), "--host-id", "bench"]  # fmt: skip
+           "--token-public-keys", str(key_file), "--host-id", "bench", "--isolation", isolation]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert proc.stdout is not None
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="alternating local/remote runs; the best of each counts")
     p.add_argument("--daemon-core", type=int, default=1)
     p.add_argument("--client-core", type=int, default=0)
+    p.add_argument("--isolation-cost", action="store_true", help="step time with --isolation thread vs process")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="mlp", help=argparse.SUPPRESS)
     p.add_argument("--address", default="", help=argparse.SUPPRESS)
@@ -173,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
+    if args.isolation_cost:
+        return isolation_cost(args)
 
     with tempfile.TemporaryDirectory() as tmp:
         key = secrets.token_hex(32).encode()  # a token seed; the daemon gets its public key only
@@ -198,6 +202,41 @@ def main(argv: list[str] | None = None) -> int:
             daemon.terminate()
             daemon.wait(timeout=30)
     print_table(rows, args)
+    return 0
+
+
+def isolation_cost(args: argparse.Namespace) -> int:
+    """Local, in-thread daemon and process-isolated daemon, alternating; best round of each."""
+    modes = ("thread", "process")
+    with tempfile.TemporaryDirectory() as tmp:
+        key = secrets.token_hex(32).encode()  # a token seed; the daemons get its public key only
+        key_file = Path(tmp) / "key.pub"
+        key_file.write_bytes(tokens.public_pem(tokens.Signer.from_seed(key).public))
+        os.environ.update(pki.loopback_env(Path(tmp) / "pki"))  # the daemons and the clients speak TLS
+        daemons = {m: start_daemon(args.daemon_core, key_file, m) for m in modes}
+        table = Table(title=f"isolation cost: median of {args.steps} steps, best of {args.rounds} alternating rounds")
+        for col in ("model", "local ms/step", "thread ms/step", "process ms/step", "process/thread", "process/local"):
+            table.add_column(col, justify="right")
+        try:
+            for model in args.models.split(","):
+                runs: dict[str, list[float]] = {"local": [], "thread": [], "process": []}
+                for _ in range(args.rounds):
+                    runs["local"].append(run_worker(args.daemon_core, model, args)["step_s"])
+                    for m in modes:
+                        claims = tokens.TokenClaims(lease_id=uuid.uuid4().hex, host="bench", device=0, quota_bytes=0,
+                                                    share=1.0, expires_at=time.time() + 3600)  # fmt: skip
+                        proc, address = daemons[m]
+                        remote = run_worker(args.client_core, model, args, address=address,
+                                            token=tokens.mint(key, claims), daemon_pid=proc.pid)  # fmt: skip
+                        runs[m].append(remote["step_s"])
+                local, thread, process = (min(runs[k]) for k in ("local", "thread", "process"))
+                table.add_row(model, f"{local * 1e3:.2f}", f"{thread * 1e3:.2f}", f"{process * 1e3:.2f}",
+                              f"{process / thread:.3f}", f"{process / local:.2f}")  # fmt: skip
+        finally:
+            for proc, _ in daemons.values():
+                proc.terminate()
+                proc.wait(timeout=30)
+    Console().print(table)
     return 0
 
 

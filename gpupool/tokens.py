@@ -175,6 +175,17 @@ class Verifier:
             raise InvalidArgument(f"no Ed25519 public key in {path}")
         return v
 
+    @classmethod
+    def from_pems(cls, pems: list[str]) -> Verifier:
+        """A verifier of these PEM public keys (no file behind it)."""
+        return cls([k for pem in pems for k in _parse_public(pem.encode(), "public keys")])
+
+    def public_pems(self) -> list[str]:
+        """The public keys now accepted, as PEM text (for a session worker's own verifier)."""
+        self._reload()
+        with self._lock:
+            return [public_pem(k).decode() for k in self._keys.values()]
+
     @property
     def key_ids(self) -> list[str]:
         self._reload()
@@ -359,3 +370,10 @@ def public_session_id(session_id: str) -> str:
     """What Status and heartbeats show of a session: a tag that names it without granting it. The session id
     itself is a bearer credential (Stream and Detach take it), so it never leaves the session's own client."""
     return hashlib.sha256(b"gpupool-session:" + session_id.encode()).hexdigest()[:16]
+
+
+def public_pems(key: KeyLike) -> list[str]:
+    """The public keys a verifier of `key` accepts, as PEM text (bytes: a test seed's one public key)."""
+    if isinstance(key, Verifier):
+        return key.public_pems()
+    return [public_pem(_signer(key).public).decode()] if key else []

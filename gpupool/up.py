@@ -292,7 +292,10 @@ def main(argv: list[str]) -> int:
             return 1
         daemon_args = ["serve", "--listen", cfg.listen, "--token-public-keys", str(creds.public), "--scheduler",
                        sched_addr, "--metrics-listen", cfg.metrics_listen, "--host-id", a.host_id,
-                       *_tls_args(creds.daemon, creds.ca)]  # fmt: skip
+                       *_tls_args(creds.daemon, creds.ca),
+                       # One machine's pool runs multi-GPU jobs (DDP) out of the box: its session workers keep
+                       # TCP sockets for the collectives between them (docs/security.md, "Session workers").
+                       "--worker-network", "on"]  # fmt: skip
         if fake:
             daemon_args += ["--fake-gpus", str(fake), "--fake-gpu-memory", str(cfg.fake_gpu_memory)]
         daemon = Child("daemon", daemon_args)

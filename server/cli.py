@@ -53,11 +53,60 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="torch intra-op CPU threads (0: torch's default; 1: steadier fake GPUs)",
     )
+    add_isolation_flags(p)
     add_flag(p, "--log-level", default="INFO", help="logging level")
     add_flag(p, "--join-token-file", default="", help="API token proving this host to the scheduler (no client cert)")
     tls.add_tls_flags(p)
     add_flag(p, "--health-listen", default="", help="plaintext HOST:PORT serving only grpc.health.v1 (probes)")
     return p
+
+
+def add_isolation_flags(p: argparse.ArgumentParser) -> None:
+    """Session workers and per-session limits (server/worker.py, server/sandbox.py)."""
+    add_flag(
+        p,
+        "--isolation",
+        default="process",
+        choices=["process", "thread"],
+        help="process: each session in its own sandboxed worker process (a crash ends only that session); "
+        "thread: sessions share the daemon process (no isolation)",
+    )
+    add_flag(p, "--max-sessions", type=int, default=64, help="sessions (worker processes) at once on this host")
+    add_flag(p, "--max-streams-per-tenant", type=int, default=16, help="open session streams of one tenant")
+    add_flag(p, "--max-handles", type=int, default=1 << 18, help="handles (live and failed) one session may hold")
+    add_flag(p, "--max-frame-commands", type=int, default=4096, help="commands in one client frame")
+    add_flag(
+        p,
+        "--max-op-flops",
+        type=float,
+        default=0,
+        help="multiply-adds one op may do (0: 1e12 on fake GPUs, 1e15 on real ones)",
+    )
+    add_flag(
+        p,
+        "--worker-memory",
+        type=size_arg,
+        default=0,
+        help="host memory limit of a session worker beyond its start (0: quota + 1GiB on fake GPUs, 4GiB on real)",
+    )
+    add_flag(p, "--worker-user", default="", help="when run as root, run session workers as this user (e.g. nobody)")
+    add_flag(p, "--seccomp", type=_on_off, default=True, help="seccomp filter in session workers (on/off)")
+    add_flag(
+        p,
+        "--worker-network",
+        type=_on_off,
+        default=False,
+        help="let session workers open TCP sockets, which torch.distributed collectives between daemons need "
+        "(multi-GPU jobs; on/off, default off)",
+    )
+
+
+def _on_off(value: str) -> bool:
+    if value.lower() in ("on", "true", "1", "yes"):
+        return True
+    if value.lower() in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, not {value!r}")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -77,6 +126,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_message_bytes=args.max_message_size,
         drain_seconds=args.drain_seconds,
         cpu_threads=args.cpu_threads,
+        isolation=args.isolation,
+        max_sessions=args.max_sessions,
+        max_streams_per_tenant=args.max_streams_per_tenant,
+        max_handles=args.max_handles,
+        max_frame_commands=args.max_frame_commands,
+        max_op_flops=int(args.max_op_flops),
+        worker_memory=args.worker_memory,
+        worker_user=args.worker_user,
+        seccomp=args.seccomp,
+        worker_network=args.worker_network,
     )
 
 
@@ -88,6 +147,10 @@ def main(argv: list[str]) -> int:
     except GpupoolError as exc:
         log.error("%s", exc)
         return 2
+    if config.isolation == "process":
+        from gpupool.server.zygote import shared_zygote
+
+        shared_zygote()  # the zygote imports torch while this process does the same below
     from gpupool.server.app import RunningDaemon  # imports torch: after argument errors are reported
 
     try:

@@ -1,7 +1,10 @@
-"""The daemon's domain object: devices, sessions, their fair queues and worker threads, expiry, draining.
+"""The daemon's domain object: devices, sessions, their fair queues and device threads, expiry, draining.
 
-gRPC lives in service.py; this module speaks plain Python and protobuf values only. It also implements
-`RegistrationSource`, what the scheduler registrar reads (devices, usage) and tells (revoked leases).
+Each session's tensors live in its own worker process (worker.py, forked by the zygote): the daemon keeps
+admission, the per-device fair queue (which sends a session's next slice of commands to its worker and charges
+the time the worker measured) and the accounting behind Status and metrics. A worker that dies ends its
+session alone. gRPC lives in service.py; this module speaks plain Python and protobuf values only. It also
+implements `RegistrationSource`, what the scheduler registrar reads (devices, usage) and tells (revoked leases).
 """
 
 from __future__ import annotations
@@ -15,23 +18,26 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpupool.server import slices
 from gpupool.server.devices import Device, discover
-from gpupool.server.executor import CommandExecutor
 from gpupool.server.fairqueue import DeviceWorker, Entry, FairQueue
+from gpupool.server.front import FrontSession
 from gpupool.server.metrics import Ledger, Metrics
 from gpupool.server.registration import (
     RegistrationSource as RegistrationSource,  # the one definition, beside its consumer
 )
-from gpupool.server.sessions import DeviceMemory, Poison, Session
+from gpupool.server.sessions import MAX_HANDLES, DeviceMemory
 from gpupool.server.speedmodel import SpeedModel
+from gpupool.server.worker import InlineRunner, Runner, WorkerDied, WorkerSpec
+from gpupool.server.zygote import Zygote, shared_zygote
 
 from gpupool import tokens
 from gpupool._proto import device_pb2
 from gpupool.errors import (
     FailedPrecondition,
-    GpupoolError,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
     error_class,
@@ -65,7 +71,7 @@ class Config:
     queue_bytes: int = 64 * 1024 * 1024
     # Replies (downloads) produced but not yet taken by a client that does not read: past this, the session's
     # Get and Sync commands wait, its command queue fills, and gRPC flow control pushes back on the client.
-    outbox_bytes: int = 64 * 1024 * 1024
+    outbox_bytes: int = 16 * 1024 * 1024
     slice_seconds: float = 0.005
     drain_seconds: float = 10.0
     reap_interval: float = 0.5
@@ -73,6 +79,20 @@ class Config:
     # bit). 1 keeps fake GPUs' busy time honest on a loaded host, where OpenMP teams spin and stretch a 0.2 ms
     # matmul past 20 ms.
     cpu_threads: int = 0
+    # "process": each session in its own sandboxed worker process (a crash ends that session only);
+    # "thread": sessions in the daemon process (no isolation; for measuring its cost, or hosts without fork).
+    isolation: str = "process"
+    max_sessions: int = 64  # each session is a process: bound them
+    max_streams_per_tenant: int = 16
+    max_handles: int = MAX_HANDLES  # per session: live and failed handles, views and zero-byte tensors included
+    max_frame_commands: int = 4096
+    max_op_flops: int = 0  # multiply-adds one op may do (server/cost.py); 0: 1e12 on fake GPUs, 1e15 on real
+    # RLIMIT_DATA of a worker beyond what it holds at birth: 0 = the quota (fake GPUs hold tensors in host RAM)
+    # plus 1 GiB of headroom, or 4 GiB on real GPUs.
+    worker_memory: int = 0
+    worker_user: str = ""  # when started as root, run workers as this user (e.g. nobody)
+    seccomp: bool = True
+    worker_network: bool = False  # workers keep TCP sockets, for torch.distributed collectives between daemons
 
 
 @dataclass(frozen=True)
@@ -90,12 +110,9 @@ class Daemon:
         self.device_list = devices or discover(config.host_id, config.fake_gpus, config.fake_gpu_memory)
         self.memory = {d.index: DeviceMemory(d) for d in self.device_list}
         self.ledger = Ledger()
-        self.executor = CommandExecutor(self.ledger)
-        key = config.token_key  # collectives verify the tokens of a job's other ranks with the same key
-        peer_host = (config.advertise or config.listen).rpartition(":")[0].strip("[]")
-        self.executor.collectives.configure(lambda token: tokens.verify(key, token), peer_host)
-        if any(d.fake for d in self.device_list) and (config.fake_speed.active or config.fake_speed.link_gbps > 0):
-            self.executor.speed = self.executor.collectives.speed = config.fake_speed
+        self.zygote: Zygote | None = None
+        # Session workers verify the tokens of a collective group's other ranks themselves, with these keys.
+        self._token_pems = tokens.public_pems(config.token_key)
         self.metrics = Metrics(self)
         self.queues = {d.index: FairQueue(config.queue_commands, config.queue_bytes) for d in self.device_list}
         self.workers = [
@@ -103,7 +120,6 @@ class Daemon:
                 f"gpupool-device-{d.index}",
                 self.queues[d.index],
                 self._run_slice,
-                d.timed,
                 self._charged,
                 slice_seconds=config.slice_seconds,
                 threads=config.cpu_threads,
@@ -111,9 +127,10 @@ class Daemon:
             for d in self.device_list
         ]
         self._lock = threading.Lock()
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[str, FrontSession] = {}
         self._recently_closed: OrderedDict[str, Closed] = OrderedDict()  # why sessions ended, for late streams
-        self._by_lease: dict[tuple[str, int], Session] = {}  # (lease, device): a multi-GPU lease has one per device
+        self._by_lease: dict[tuple[str, int], FrontSession] = {}  # (lease, device): one per device of a lease
+        self._streams: dict[str, int] = {}  # tenant -> open streams
         self._next_number = 1
         self._draining = False
         self._stop = threading.Event()
@@ -121,18 +138,28 @@ class Daemon:
         self._reaper = threading.Thread(target=self._reap, name="gpupool-reaper", daemon=True)
 
     def start(self) -> None:
-        if self.config.cpu_threads > 0:
+        if self.config.isolation == "process":
+            # Before gRPC threads exist (a fresh interpreter either way), and ready before the daemon says it
+            # listens: an Attach never waits for torch to import.
+            self.zygote = shared_zygote()
+            self.zygote.wait_ready()
+        elif self.config.isolation == "thread":
             import torch
 
-            torch.set_num_threads(self.config.cpu_threads)
-        self.executor.warm_up()
+            if self.config.cpu_threads > 0:
+                torch.set_num_threads(self.config.cpu_threads)
+            from gpupool.server.executor import CommandExecutor
+
+            CommandExecutor(slices.SliceLedger()).warm_up()
+        else:
+            raise ValueError(f"isolation must be 'process' or 'thread', not {self.config.isolation!r}")
         for w in self.workers:
             w.start()
         self._reaper.start()
 
     # ---- sessions ----
 
-    def attach(self, token: str) -> Session:
+    def attach(self, token: str) -> FrontSession:
         claims = tokens.verify(self.config.token_key, token)
         if self._draining:
             raise Unavailable(f"host {self.host_id} is draining")
@@ -145,27 +172,64 @@ class Daemon:
         with self._lock:
             # A copied token must not evict the session that holds it: one session per (lease, device).
             old = self._by_lease.get((claims.lease_id, claims.device))
+            if old is not None and not old.closed:
+                raise FailedPrecondition(
+                    f"lease {claims.lease_id} already has a session on this device; detach it first"
+                )
+            if len(self._sessions) >= self.config.max_sessions:
+                raise ResourceExhausted(
+                    f"host {self.host_id} has {len(self._sessions)} sessions, its limit (--max-sessions)"
+                )
             number = self._next_number
             self._next_number += 1
-        if old is not None and not old.closed:
-            raise FailedPrecondition(f"lease {claims.lease_id} already has a session on this device; detach it first")
-        session = Session(secrets.token_urlsafe(18), number, claims, dev, self.memory[dev.index], quota)
-        session.entry = self.queues[dev.index].add(session, claims.share)
+        s = FrontSession(secrets.token_urlsafe(18), number, claims, dev, quota, claims.tenant or claims.lease_id)
+        s.runner = self._new_runner(s)
+        s.entry = self.queues[dev.index].add(s, claims.share)
         with self._lock:
-            self._sessions[session.session_id] = session
-            self._by_lease[(claims.lease_id, claims.device)] = session
+            self._sessions[s.session_id] = s
+            self._by_lease[(claims.lease_id, claims.device)] = s
         log.info(
-            "attached session %d (lease %s, tenant %s) on device %d: quota %d bytes, share %.3f",
+            "attached session %d (lease %s, tenant %s) on device %d: quota %d bytes, share %.3f, worker %d",
             number,
             claims.lease_id,
-            session.tenant,
+            s.tenant,
             dev.index,
             quota,
             claims.share,
+            s.worker_pid,
         )
-        return session
+        return s
 
-    def session(self, session_id: str) -> Session:
+    def _new_runner(self, s: FrontSession) -> Runner:
+        c = self.config
+        d = s.device
+        limit = c.worker_memory or (s.quota + GiB if d.fake else 4 * GiB)
+        spec = WorkerSpec(
+            session_id=s.session_id,
+            number=s.number,
+            device={"index": d.index, "uuid": d.uuid, "model": d.model, "memory_bytes": d.capacity, "fake": d.fake},
+            quota=s.quota,
+            max_handles=c.max_handles,
+            max_op_flops=c.max_op_flops,
+            memory_limit=limit,
+            cpu_threads=c.cpu_threads,
+            user=c.worker_user,
+            seccomp=c.seccomp,
+            network=c.worker_network,
+            peer_host=(c.advertise or c.listen).rpartition(":")[0].strip("[]"),
+            token_keys=tuple(self._token_pems),
+            speed=(c.fake_speed.tflops, c.fake_speed.gbps, c.fake_speed.link_gbps),
+        )
+        if self.zygote is None:
+            return InlineRunner(spec)
+        try:
+            # A result holds at most the session's quota of downloads beyond its reply room, plus framing.
+            return self.zygote.spawn(spec, max_reply=s.quota + 16 * 1024 * 1024)
+        except (OSError, RuntimeError) as exc:
+            log.error("cannot start a worker for session %d: %s", s.number, exc)
+            raise Unavailable(f"host {self.host_id} cannot start a session worker: {exc}") from None
+
+    def session(self, session_id: str) -> FrontSession:
         with self._lock:
             s = self._sessions.get(session_id)
             closed = self._recently_closed.get(session_id)
@@ -177,26 +241,42 @@ class Daemon:
             raise Unavailable(f"host {self.host_id} is draining")
         raise NotFound("unknown session (never attached, or closed long ago)")
 
-    def session_list(self) -> list[Session]:
+    def session_list(self) -> list[FrontSession]:
         with self._lock:
             return list(self._sessions.values())
 
-    def claim_stream(self, s: Session) -> None:
+    def claim_stream(self, s: FrontSession) -> None:
+        """Give the session its one stream; a tenant's streams are bounded so that idle streams of many small
+        leases cannot take every gRPC thread from everyone's Attach, RefreshToken and health checks."""
         with self._lock:
             if s.closed:
                 raise FailedPrecondition(f"session closed: {s.close_reason}")
             if s.streaming:
                 raise FailedPrecondition("session already has an open stream")
+            open_streams = self._streams.get(s.tenant, 0)
+            if open_streams >= self.config.max_streams_per_tenant:
+                raise ResourceExhausted(f"tenant {s.tenant!r} has {open_streams} open streams on this host, its limit")
+            self._streams[s.tenant] = open_streams + 1
             s.streaming = True
 
-    def submit(self, s: Session, commands: list[Any], nbytes: int) -> bool:
+    def release_stream(self, s: FrontSession) -> None:
+        with self._lock:
+            if s.streaming:
+                s.streaming = False
+                left = self._streams.get(s.tenant, 1) - 1
+                if left > 0:
+                    self._streams[s.tenant] = left
+                else:
+                    self._streams.pop(s.tenant, None)
+
+    def submit(self, s: FrontSession, commands: list[Any], nbytes: int) -> bool:
         """Queue commands of a session (blocks when its queue is full); False when it can take no more."""
         if self._draining and commands and commands[0] is not END_OF_STREAM:
             s.outbox.put(Closed("UNAVAILABLE", f"host {self.host_id} is draining"))
             return False
         return self.queues[s.device.index].put(s.entry, commands, nbytes)
 
-    def refresh(self, s: Session, token: str) -> float:
+    def refresh(self, s: FrontSession, token: str) -> float:
         """Extend a session with a renewed token of its own lease; returns its new end (unix seconds)."""
         claims = tokens.verify(self.config.token_key, token)
         if (claims.lease_id, claims.host, claims.device) != (s.lease_id, self.host_id, s.device.index):
@@ -204,15 +284,7 @@ class Daemon:
         s.expires_at = max(s.expires_at, claims.expires_at)
         return s.expires_at
 
-    def refresh_in_stream(self, s: Session, token: str) -> None:
-        """The stream's Refresh command: a refused token becomes the session's pending error."""
-        try:
-            self.refresh(s, token)
-        except GpupoolError as exc:
-            with s.lock:
-                s.record_error(Poison(exc.code.name, "", f"refresh refused: {exc}"))
-
-    def close_session(self, s: Session, reason: str, code: str = "FAILED_PRECONDITION") -> None:
+    def close_session(self, s: FrontSession, reason: str, code: str = "FAILED_PRECONDITION") -> None:
         with self._lock:
             if s.closed:
                 return
@@ -226,7 +298,12 @@ class Daemon:
             if self._by_lease.get(key) is s:
                 del self._by_lease[key]
         self.queues[s.device.index].remove(s.entry)
-        s.release_all()  # waits for a running slice of this session to finish
+        if s.runner is not None and s.runner.pid and self.zygote is not None:
+            self.zygote.kill(s.runner.pid)  # its memory goes back now, and a running slice ends with it
+        with s.lock:  # waits for a running slice of this session to finish
+            if s.runner is not None:
+                s.runner.close()
+            self._set_used(s, 0)
         s.outbox.put(Closed(code, reason))
         log.info("closed session %d (lease %s): %s", s.number, s.lease_id, reason)
 
@@ -246,38 +323,86 @@ class Daemon:
 
     # ---- execution ----
 
-    def _run_slice(self, entry: Entry, commands: list[Any], budget: float) -> list[Any]:
-        s: Session = entry.owner
-        start = time.perf_counter()
+    def _run_slice(self, entry: Entry, items: list[Any], budget: float) -> tuple[list[Any], float]:
+        """Send the session's next commands to its worker; returns (the unexecuted rest, seconds to charge)."""
+        s: FrontSession = entry.owner
         with s.lock:
-            if s.closed:
-                return []
-            for i, cmd in enumerate(commands):
-                if cmd is END_OF_STREAM:
-                    s.outbox.put(END_OF_STREAM)
-                    continue
-                if cmd.WhichOneof("cmd") in ("get", "sync") and self._parked(s):
-                    return commands[i:]
-                self.executor.execute(s, cmd, s.send)
-                if time.perf_counter() - start > budget and i + 1 < len(commands):
-                    return commands[i + 1 :]
-        return []
+            if s.closed or s.runner is None:
+                return [], 0.0
+            if items[0] is END_OF_STREAM:
+                s.outbox.put(END_OF_STREAM)
+                return items[1:], 0.0
+            n = next((i for i, it in enumerate(items) if it is END_OF_STREAM), len(items))
+            batch, after = items[:n], items[n:]
+            room = self.config.outbox_bytes - s.outbox_bytes
+            if room <= 0 and batch[0][0] in slices.ANSWERED and self._parked(s):
+                return items, 0.0
+            req = slices.SliceRequest(
+                device_free=s.device.capacity - self.memory[s.device.index].used,
+                reply_room=room,
+                budget=budget,
+                payload=b"",
+            )
+            start = time.perf_counter()
+            try:
+                res = s.runner.run(req, len(batch), [span for _, span in batch])
+                if res.executed == 0:
+                    raise WorkerDied("the session's worker made no progress")
+            except WorkerDied as exc:
+                self._worker_died(s, batch, exc)
+                return [], time.perf_counter() - start
+            wall = time.perf_counter() - start
+            self._apply(s, res)
+            return batch[res.executed :] + after, min(res.seconds, wall)
 
-    def _outbox_full(self, s: Session) -> bool:
+    def _apply(self, s: FrontSession, res: slices.SliceResult) -> None:
+        """Mirror a slice's outcome: memory, counters, ledger, replies (a worker may lie only about itself)."""
+        self._set_used(s, min(res.used, s.quota))
+        ops = max(0, res.ops - s.ops)
+        s.ops, s.handles = max(s.ops, res.ops), res.handles
+        self.ledger.add(s, ops, res.errors, res.uploaded, res.downloaded)
+        if res.events:
+            self.ledger.graphs_of(s, res.events)
+        for item in res.replies:
+            s.send(item)
+
+    def _set_used(self, s: FrontSession, used: int) -> None:
+        mem = self.memory[s.device.index]
+        with mem.lock:
+            mem.used += used - s.used
+            s.used = used
+
+    def _worker_died(self, s: FrontSession, batch: list[Any], exc: WorkerDied) -> None:
+        if s.closed:
+            return  # closed on purpose (detach, expiry): the worker was killed for it
+        runner = s.runner
+        assert runner is not None
+        index = min(max(runner.progress(), 0), len(batch) - 1)
+        what = slices.describe_command(batch[index][1])
+        cause = str(exc)
+        if self.zygote is not None and runner.pid:
+            self.zygote.kill(runner.pid)
+            cause = f"{self.zygote.wait_ended(runner.pid, 2.0)} ({exc})"
+        reason = f"the session's worker process {runner.pid} {cause} while running {what}; its tensors are lost"
+        log.error("session %d (lease %s): %s", s.number, s.lease_id, reason)
+        self.ledger.add(s, 0, {"INTERNAL": 1}, 0, 0)
+        self.close_session(s, reason, "INTERNAL")
+
+    def _outbox_full(self, s: FrontSession) -> bool:
         return s.outbox_bytes >= self.config.outbox_bytes
 
-    def _parked(self, s: Session) -> bool:
+    def _parked(self, s: FrontSession) -> bool:
         """Whether the session must wait for its client to read replies before it may produce more."""
         return self._outbox_full(s) and self.queues[s.device.index].block(s.entry, lambda: self._outbox_full(s))
 
-    def replied(self, s: Session, item: Any) -> None:
+    def replied(self, s: FrontSession, item: Any) -> None:
         """gRPC took a reply off the session's outbox: a parked session may run again."""
         s.sent(item)
         if s.entry.blocked:
             self.queues[s.device.index].unblock(s.entry, lambda: self._outbox_full(s))
 
     def _charged(self, entry: Entry, seconds: float) -> None:
-        s: Session = entry.owner
+        s: FrontSession = entry.owner
         s.busy_seconds += seconds
         self.ledger.charge(s, seconds)
         self.metrics.batch_duration.labels(self.host_id, str(s.device.index)).observe(seconds)
@@ -299,6 +424,8 @@ class Daemon:
                 share=s.share,
                 busy_seconds=s.busy_seconds,
                 ops=s.ops,
+                worker_pid=s.worker_pid,
+                handles=s.handles,
             )
             for s in self.session_list()
         ]

@@ -7,6 +7,7 @@ a UUID for metrics, and a timer that reports busy time (wall time of execution; 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -21,6 +22,8 @@ from gpupool.wire import device_info
 log = logging.getLogger(__name__)
 
 FAKE_MODEL = "gpupool fake GPU (CPU)"
+# Fake GPUs share the CPU's default generator: sessions' generator states are swapped in one at a time.
+_CPU_RNG_LOCK = threading.Lock()
 
 
 class Device(ABC):
@@ -46,6 +49,11 @@ class Device(ABC):
     def timed(self) -> Iterator[list[float]]:
         """Measure the execution time of the work done inside; the seconds land in the yielded list."""
 
+    @property
+    def rng_lock(self) -> threading.Lock:
+        """Held while a session's generator state is swapped into the device's default generator."""
+        return _CPU_RNG_LOCK
+
     def get_rng_state(self) -> torch.Tensor:
         """The device's default generator state (the daemon swaps per-session states in and out)."""
         return torch.get_rng_state()
@@ -64,9 +72,9 @@ class Device(ABC):
 class FakeDevice(Device):
     """A CPU-backed GPU: capacity is enforced by the daemon's accounting, busy time is wall time."""
 
-    def __init__(self, index: int, host_id: str, capacity: int) -> None:
+    def __init__(self, index: int, host_id: str, capacity: int, uuid_: str = "") -> None:
         # Stable across restarts of the same host, so dashboards keep their series.
-        fake_uuid = "GPU-" + str(uuid.uuid5(uuid.NAMESPACE_DNS, f"gpupool-fake.{host_id}.{index}"))
+        fake_uuid = uuid_ or "GPU-" + str(uuid.uuid5(uuid.NAMESPACE_DNS, f"gpupool-fake.{host_id}.{index}"))
         super().__init__(index, fake_uuid, FAKE_MODEL, capacity, fake=True)
 
     @property
@@ -92,6 +100,11 @@ class CudaDevice(Device):
         dev_uuid = raw_uuid if raw_uuid.startswith("GPU-") else f"GPU-{raw_uuid}" if raw_uuid else f"GPU-cuda{index}"
         super().__init__(index, dev_uuid, props.name, int(props.total_memory), fake=False)
         self._device = torch.device("cuda", index)
+        self._rng_lock = threading.Lock()
+
+    @property
+    def rng_lock(self) -> threading.Lock:
+        return self._rng_lock
 
     @property
     def torch_device(self) -> torch.device:
@@ -139,3 +152,10 @@ def discover(host_id: str, fake_gpus: int = 0, fake_memory: int = 8 * 1024**3) -
     if fake_gpus <= 0:
         log.info("no CUDA device found; serving 1 fake GPU")
     return [FakeDevice(i, host_id, fake_memory) for i in range(count)]
+
+
+def rebuild(info: device_pb2.DeviceInfo) -> Device:
+    """The same device inside a session worker (a new process: a CUDA device gets its own context there)."""
+    if info.fake:
+        return FakeDevice(info.index, "", info.memory_bytes, info.uuid)
+    return CudaDevice(info.index)

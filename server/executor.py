@@ -8,14 +8,13 @@ sit between it and the gRPC front without changing either side.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import warnings
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-from gpupool.server import bounds, fallbacks, guards
+from gpupool.server import bounds, cost, fallbacks, guards
 from gpupool.server.collectives import Collectives
 from gpupool.server.graph import GraphTable
 from gpupool.server.ops import NO_META, MetaSizer, OpTable
@@ -30,7 +29,6 @@ log = logging.getLogger(__name__)
 # torch.frombuffer warns that protobuf's bytes are read-only; we only ever copy out of them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
-_RNG_LOCK = threading.Lock()  # fake GPUs share the CPU's default generator: swap session states one at a time
 MAX_DIMS = 64
 
 Reply = Callable[[device_pb2.ServerFrame | list[bytes]], None]  # a frame, or serialized download frames
@@ -88,8 +86,6 @@ class CommandExecutor:
                 self.collectives.run(s, cmd.collective)
             elif kind == "group_join":
                 self.collectives.join(s, cmd.group_join)
-            elif kind == "refresh":
-                pass  # handled on arrival by the daemon (it needs no ordering)
             else:
                 raise InvalidArgument("empty command")
         except PoisonedInput as exc:
@@ -143,10 +139,12 @@ class CommandExecutor:
         for h in msg.outputs:
             if h:
                 s.check_handle(h)
+        s.admit_handles(sum(1 for h in msg.outputs if h and h not in s.tensors and h not in s.poisoned))
         guards.check_enums(op, args, kwargs)
         guards.check_inputs(args, kwargs, s.quota)
         guards.check_counts(op, [], args, kwargs)
         guards.validate(op, args, kwargs)
+        cost.check(op, args, kwargs, s.max_op_flops)
         need = self.sizer.new_bytes(op, args, kwargs)
         if need == NO_META:  # bounded from the real inputs, so its output cannot exhaust the host first
             need = bounds.no_meta_bound(op, args, kwargs)
@@ -184,7 +182,7 @@ class CommandExecutor:
 
     def _seeded(self, s: Session, op: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
         dev = s.device
-        with _RNG_LOCK:
+        with dev.rng_lock:
             saved = dev.get_rng_state()
             if s.rng_state is None:
                 s.rng_state = dev.new_rng_state(int(torch.randint(0, 2**62, ()).item()))

@@ -154,19 +154,20 @@ class FairQueue:
             self._cond.notify_all()
 
 
-SliceRunner = Callable[[Entry, list[Any], float], list[Any]]
+# Runs up to a time budget of a session's commands; returns (the unexecuted rest, measured seconds to charge).
+SliceRunner = Callable[[Entry, list[Any], float], tuple[list[Any], float]]
 Charged = Callable[[Entry, float], None]
 
 
 class DeviceWorker(threading.Thread):
-    """The executor thread of one device: takes slices from the fair queue, times them, charges them."""
+    """The thread of one device: takes slices from the fair queue, has them run (by the session's worker, which
+    measures them), and charges the measured time."""
 
     def __init__(
         self,
         name: str,
         queue: FairQueue,
         run_slice: SliceRunner,
-        timed: Callable[[], Any],
         charged: Charged,
         *,
         slice_commands: int = 64,
@@ -176,7 +177,6 @@ class DeviceWorker(threading.Thread):
         super().__init__(name=name, daemon=True)
         self.queue = queue
         self.run_slice = run_slice
-        self.timed = timed
         self.charged = charged
         self.slice_commands = slice_commands
         self.slice_seconds = slice_seconds
@@ -185,7 +185,7 @@ class DeviceWorker(threading.Thread):
     def run(self) -> None:
         import torch
 
-        torch.set_grad_enabled(False)  # thread-local: the daemon never records autograd history
+        torch.set_grad_enabled(False)  # thread-local: in-thread sessions never record autograd history
         if self.threads > 0:
             torch.set_num_threads(self.threads)  # OpenMP's team size is per calling thread: set it here too
         while True:
@@ -195,9 +195,7 @@ class DeviceWorker(threading.Thread):
             entry, commands = got
             seconds = 0.0
             try:
-                with self.timed() as measured:
-                    rest = self.run_slice(entry, commands, self.slice_seconds)
-                seconds = measured[0] if measured else 0.0
+                rest, seconds = self.run_slice(entry, commands, self.slice_seconds)
                 self.queue.give_back(entry, rest)
             except Exception:  # the slice runner handles command errors; this is a last line of defence
                 log.exception("device worker %s: slice failed", self.name)

@@ -30,7 +30,7 @@ from gpupool import wire
 from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, NotFound, ResourceExhausted
 
-from . import guards
+from . import cost, guards
 from .sessions import Poison, Session, zero_bytes
 
 if TYPE_CHECKING:
@@ -44,17 +44,6 @@ MAX_DIMS = 64
 _META = torch.device("meta")
 # Ops that re-point or grow storages: a graph's memory must be known before it runs.
 NOT_IN_GRAPHS = frozenset({"aten::resize_", "aten::resize_as_", "aten::_resize_output_", "aten::set_"})
-# Guards that read tensor values (index ranges): run on every replay, with the real arguments.
-_VALUE_GUARDS = frozenset(
-    {
-        "aten::embedding_dense_backward",
-        "aten::_embedding_bag_dense_backward",
-        "aten::_embedding_bag_backward",
-        "aten::_embedding_bag_per_sample_weights_backward",
-        "aten::fractional_max_pool2d_backward",
-        "aten::fractional_max_pool3d_backward",
-    }
-)
 # Factories that return uninitialized memory: zeroed, as on the eager path.
 _UNINITIALIZED = frozenset(
     {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::empty_permuted", "aten::new_empty"}
@@ -394,7 +383,8 @@ def _prebuild(
     guards.check_enums(op, margs, mkwargs)
     guards.check_inputs(margs, mkwargs, s.quota)
     guards.check_counts(op, [], margs, mkwargs)
-    value_guard = op._schema.name in _VALUE_GUARDS
+    cost.check(op, margs, mkwargs, s.max_op_flops)  # shapes decide the work: meta tensors tell it as well
+    value_guard = op._schema.name in guards.VALUE_GUARDS
     if not value_guard:
         guards.validate(op, margs, mkwargs)
     try:

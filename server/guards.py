@@ -33,7 +33,7 @@ def _arg(args: Args, kwargs: Kwargs, i: int, name: str, default: Any = None) -> 
 
 
 def _in_range(t: Any, low: int, high: int, what: str) -> None:
-    if isinstance(t, torch.Tensor) and t.numel():
+    if isinstance(t, torch.Tensor) and t.numel() and t.device.type != "meta":  # values are checked when known
         lo, hi = int(t.min()), int(t.max())
         if lo < low or hi >= high:
             raise InvalidArgument(f"{what} must lie in [{low}, {high}), got values in [{lo}, {hi}]")
@@ -97,7 +97,32 @@ def _fractional_pool_backward(dims: int) -> Callable[[Args, Kwargs], None]:
     return check
 
 
+def _pool_backward(dims: int, indices_at: int) -> Callable[[Args, Kwargs], None]:
+    """Max-pool backwards scatter grad_output through `indices` into a plane of `self` without checking them:
+    out-of-range or negative indices segfaulted the daemon, chosen ones wrote chosen values at chosen offsets."""
+
+    def check(args: Args, kwargs: Kwargs) -> None:
+        grad, self = _arg(args, kwargs, 0, "grad_output"), _arg(args, kwargs, 1, "self")
+        indices = _arg(args, kwargs, indices_at, "indices")
+        if (
+            tuple(indices.shape) != tuple(grad.shape)
+            or self.dim() not in (dims + 1, dims + 2)
+            or grad.dim() != self.dim()
+            or tuple(grad.shape[:-dims]) != tuple(self.shape[:-dims])
+        ):
+            raise InvalidArgument(
+                f"grad_output {list(grad.shape)} and indices {list(indices.shape)} do not fit input {list(self.shape)}"
+            )
+        _in_range(indices, 0, math.prod(self.shape[-dims:]), "indices")
+
+    return check
+
+
 _VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {
+    "aten::max_pool2d_with_indices_backward": _pool_backward(2, 7),
+    "aten::max_pool3d_with_indices_backward": _pool_backward(3, 7),
+    "aten::adaptive_max_pool2d_backward": _pool_backward(2, 2),
+    "aten::adaptive_max_pool3d_backward": _pool_backward(3, 2),
     "aten::fractional_max_pool2d_backward": _fractional_pool_backward(2),
     "aten::fractional_max_pool3d_backward": _fractional_pool_backward(3),
     "aten::embedding_dense_backward": _embedding_dense_backward,
@@ -109,6 +134,24 @@ _VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {
     "aten::_fused_sgd_": _same_lists,
     "aten::_fused_adagrad_": _same_lists,
 }
+
+
+# Guards that read argument values (index ranges): a caller validating on meta tensors (step capture's define)
+# must run these again on the real tensors of every run.
+VALUE_GUARDS = frozenset(
+    {
+        "aten::fractional_max_pool2d_backward",
+        "aten::fractional_max_pool3d_backward",
+        "aten::max_pool2d_with_indices_backward",
+        "aten::max_pool3d_with_indices_backward",
+        "aten::adaptive_max_pool2d_backward",
+        "aten::adaptive_max_pool3d_backward",
+        "aten::embedding_dense_backward",
+        "aten::_embedding_bag_dense_backward",
+        "aten::_embedding_bag_backward",
+        "aten::_embedding_bag_per_sample_weights_backward",
+    }
+)
 
 
 def _checked(what: str, fn: Callable[[Args, Kwargs], Any], args: Args, kwargs: Kwargs) -> Any:

@@ -20,7 +20,7 @@ from gpupool.config import split_address
 
 if TYPE_CHECKING:
     from gpupool.server.daemon import Daemon
-    from gpupool.server.sessions import Session
+    from gpupool.server.front import FrontSession
 
 BATCH_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -37,27 +37,24 @@ class Ledger:
         self.device_busy: dict[int, float] = defaultdict(float)
         self.graphs: dict[tuple[int, str, str], int] = defaultdict(int)  # (device, tenant, event)
 
-    def op(self, session: Session) -> None:
+    def add(self, session: FrontSession, ops: int, errors: dict[str, int], uploaded: int, downloaded: int) -> None:
+        """What one slice of a session did (as its worker reported it)."""
         key = (session.device.index, session.tenant)
         with self._lock:
-            self.ops[key] += 1
-
-    def error(self, session: Session, code: str) -> None:
-        with self._lock:
-            self.errors[(session.device.index, session.tenant, code)] += 1
-
-    def transfer(self, direction: str, nbytes: int) -> None:
-        with self._lock:
-            self.transfers[direction] += nbytes
-
-    def graph(self, session: Session, event: str, ops: int = 0) -> None:
-        """A captured step's graph was defined, re-recorded, replayed (running `ops` ops) or dropped."""
-        with self._lock:
-            self.graphs[(session.device.index, session.tenant, event)] += 1
             if ops:
-                self.ops[(session.device.index, session.tenant)] += ops
+                self.ops[key] += ops
+            for code, n in errors.items():
+                self.errors[(session.device.index, session.tenant, code)] += n
+            self.transfers["upload"] += uploaded
+            self.transfers["download"] += downloaded
 
-    def charge(self, session: Session, seconds: float) -> None:
+    def graphs_of(self, session: FrontSession, events: dict[str, int]) -> None:
+        """A slice's step-capture graph events (defined, rerecorded, replayed, dropped), as its worker counted them."""
+        with self._lock:
+            for event, n in events.items():
+                self.graphs[(session.device.index, session.tenant, event)] += n
+
+    def charge(self, session: FrontSession, seconds: float) -> None:
         with self._lock:
             self.busy[(session.device.index, session.tenant)] += seconds
             self.device_busy[session.device.index] += seconds

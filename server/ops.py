@@ -1,8 +1,11 @@
 """The op table: aten overload names -> callables, through an allowlist of what a remote client may run,
 and the memory an op will allocate, computed on the `meta` device before anything real is allocated.
 
-Only `aten::` ops resolve; names are validated before they touch `torch.ops` (so `__class__` and friends
-never do), and ops that reach the host (files, shared memory, printing) are denied.
+Deny by default: an op runs only if its overload is listed in allowed_ops.txt (generated from torch's OpInfo
+database and traced models by scripts/gen_allowlist.py, then reviewed); anything else is PERMISSION_DENIED
+naming the op. Names are validated before they touch `torch.ops` (so `__class__` and friends never do), and
+the families that reach the host (files, shared memory, printing) or that the daemon cannot hold are refused
+on sight, whatever the list says.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,21 +69,46 @@ DENIED_OVERLOADS = frozenset(
 )
 
 
-class OpTable:
-    """Resolves and caches op overloads by name."""
+ALLOWLIST_FILE = Path(__file__).with_name("allowed_ops.txt")
 
-    def __init__(self) -> None:
+
+def load_allowlist(path: Path = ALLOWLIST_FILE) -> frozenset[str]:
+    """Overload names ("aten::add.Tensor"; ".default" spelled out), one a line; '#' starts a comment."""
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return frozenset(line for line in lines if line)
+
+
+def _canonical(name: str) -> str:
+    return name if "." in name.removeprefix("aten::") else name + ".default"
+
+
+class OpTable:
+    """Resolves and caches op overloads by name, through the allowlist."""
+
+    def __init__(self, allowed: frozenset[str] | None = None) -> None:
         self._ops: dict[str, torch._ops.OpOverload] = {}
         self._lock = threading.Lock()
+        self.allowed = load_allowlist() if allowed is None else allowed
 
     def resolve(self, name: str) -> torch._ops.OpOverload:
         op = self._ops.get(name)
         if op is not None:
             return op
         op = _resolve(name)
+        if _canonical(name) not in self.allowed:
+            raise PermissionDenied(f"op {name!r} denied: it is not on the daemon's allowlist of tensor ops")
         with self._lock:
             self._ops[name] = op
         return op
+
+
+def refused_on_sight(name: str) -> bool:
+    """Whether `name` is refused whatever the allowlist says (host access, unsupported layouts, crashers)."""
+    try:
+        _resolve(name)
+    except (InvalidArgument, PermissionDenied):
+        return True
+    return False
 
 
 def _resolve(name: str) -> torch._ops.OpOverload:

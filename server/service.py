@@ -16,8 +16,9 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+from gpupool.server import slices
 from gpupool.server.daemon import END_OF_STREAM, Closed, Daemon
-from gpupool.server.sessions import Session
+from gpupool.server.front import FrontSession
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gpupool import tls
@@ -82,23 +83,26 @@ class DeviceServicer:
         try:
             yield from self._replies(s, context)
         finally:
+            self.daemon.release_stream(s)
             self.daemon.close_session(s, "stream ended")
 
-    def _read(self, s: Session, requests: Iterator[bytes]) -> None:
-        """Parse frames and queue them; blocks while the session's queue is full (back-pressure)."""
+    def _read(self, s: FrontSession, requests: Iterator[bytes]) -> None:
+        """Check frames and queue their commands (as byte spans, for the session's worker to parse); blocks
+        while the session's queue is full (back-pressure)."""
+        limit = self.daemon.config.max_frame_commands
         try:
             for raw in requests:
                 try:
-                    frame = device_pb2.ClientFrame.FromString(raw)
-                except DecodeError as exc:
+                    commands = slices.split_frame(raw, limit)  # counted before anything is materialized
+                    device_pb2.ClientFrame.FromString(raw)  # malformed commands end the stream here, not later
+                except (DecodeError, InvalidArgument) as exc:
                     s.outbox.put(InvalidArgument(f"malformed ClientFrame ({len(raw)} bytes): {exc}"))
                     return
-                commands = list(frame.commands)
+                except GpupoolError as exc:
+                    s.outbox.put(exc)
+                    return
                 if not commands:  # an empty frame asks for nothing; queueing it would grow memory for free
                     continue
-                for cmd in commands:
-                    if cmd.WhichOneof("cmd") == "refresh":
-                        self.daemon.refresh_in_stream(s, cmd.refresh.token)
                 if not self.daemon.submit(s, commands, len(raw)):
                     return
             self.daemon.submit(s, [END_OF_STREAM], 0)
@@ -108,7 +112,7 @@ class DeviceServicer:
             log.exception("stream reader of session %d failed", s.number)
             s.outbox.put(END_OF_STREAM)
 
-    def _replies(self, s: Session, context: grpc.ServicerContext) -> Iterator[device_pb2.ServerFrame | bytes]:
+    def _replies(self, s: FrontSession, context: grpc.ServicerContext) -> Iterator[device_pb2.ServerFrame | bytes]:
         while True:
             try:
                 item: Any = s.outbox.get(timeout=1.0)
@@ -118,7 +122,7 @@ class DeviceServicer:
                 continue
             if item is END_OF_STREAM:
                 return
-            if isinstance(item, device_pb2.ServerFrame):
+            if isinstance(item, bytes | device_pb2.ServerFrame):
                 yield item
                 self.daemon.replied(s, item)
             elif isinstance(item, Closed):

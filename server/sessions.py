@@ -8,12 +8,12 @@ outputs: using such a handle fails with the original error.
 
 from __future__ import annotations
 
-import queue
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from gpupool.server.cost import FAKE_GPU_FLOPS, REAL_GPU_FLOPS
 from gpupool.server.devices import Device
 
 from gpupool.errors import (
@@ -24,9 +24,10 @@ from gpupool.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from gpupool.tokens import TokenClaims
 
 HANDLE_BITS = 32
+# Handles one session may hold (each costs ~1 KiB of host RAM: tensor, sizes, strides, dict entries).
+MAX_HANDLES = 1 << 18
 
 
 @dataclass
@@ -48,22 +49,29 @@ class DeviceMemory:
 
 
 class Session:
-    """State of one session. Mutated only by its device's executor thread (under `lock`) and by close()."""
+    """Tensor state of one session, inside its worker (or, with `--isolation thread`, the daemon): handles,
+    storages and their accounting. Mutated only by the thread running the session's commands."""
 
     def __init__(
-        self, session_id: str, number: int, claims: TokenClaims, device: Device, memory: DeviceMemory, quota: int
+        self,
+        session_id: str,
+        number: int,
+        device: Device,
+        memory: DeviceMemory,
+        quota: int,
+        *,
+        max_handles: int = MAX_HANDLES,
+        max_op_flops: int = 0,
     ) -> None:
         self.session_id = session_id
         self.number = number
         self.handle_base = number << HANDLE_BITS
-        self.claims = claims
-        self.lease_id = claims.lease_id
-        self.tenant = claims.tenant or claims.lease_id
         self.device = device
         self.memory = memory
         self.quota = quota
-        self.share = claims.share
-        self.expires_at = claims.expires_at
+        self.max_handles = max_handles
+        # Most multiply-adds one op may do (cost.py): 0 picks the device kind's default.
+        self.max_op_flops = max_op_flops or (FAKE_GPU_FLOPS if device.fake else REAL_GPU_FLOPS)
         self.lock = threading.RLock()
         self.tensors: dict[int, torch.Tensor] = {}
         self.poisoned: dict[int, Poison] = {}
@@ -73,15 +81,7 @@ class Session:
         self.used = 0
         self.error: Poison | None = None  # first error since the last sync
         self.rng_state: torch.Tensor | None = None
-        self.busy_seconds = 0.0
         self.ops = 0
-        self.closed = False
-        self.close_reason = ""
-        self.outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()  # replies for the stream, in order
-        self.outbox_bytes = 0  # bytes of replies produced but not yet handed to gRPC
-        self._outbox_lock = threading.Lock()
-        self.entry: Any = None  # its place in the device's fair queue
-        self.streaming = False
         self.group: Any = None  # its collective group (server.collectives.Group), once joined
 
     # ---- handles ----
@@ -105,20 +105,6 @@ class Session:
             raise PoisonedInput(poison, handle)
         raise NotFound(f"handle {handle:#x} was never created (or was freed)")
 
-    # ---- replies ----
-
-    def send(self, item: Any) -> None:
-        """Queue a reply for the stream, counting its bytes until `sent` says gRPC took them."""
-        self._count_out(reply_bytes(item))
-        self.outbox.put(item)
-
-    def sent(self, item: Any) -> None:
-        self._count_out(-reply_bytes(item))
-
-    def _count_out(self, n: int) -> None:
-        with self._outbox_lock:
-            self.outbox_bytes += n
-
     # ---- memory ----
 
     def admit(self, new_bytes: int) -> None:
@@ -139,9 +125,23 @@ class Session:
         with self.memory.lock:
             self.memory.used += delta
 
+    def handle_count(self) -> int:
+        """Handles that cost host memory: live (views and zero-byte tensors too) and poisoned."""
+        return len(self.tensors) + len(self.poisoned)
+
+    def admit_handles(self, new: int) -> None:
+        """Refuse `new` more handles past the session's limit (host memory is not free because bytes are)."""
+        if new > 0 and self.handle_count() + new > self.max_handles:
+            raise ResourceExhausted(
+                f"handle limit reached: {self.handle_count()} handles held (live and failed) of a "
+                f"{self.max_handles} handle limit; free tensors"
+            )
+
     def bind(self, handle: int, tensor: torch.Tensor) -> None:
         """Register `tensor` under `handle` (replacing what was there), counting new storages once."""
         self.check_handle(handle)
+        if handle not in self.tensors and handle not in self.poisoned:
+            self.admit_handles(1)
         self.unbind(handle)
         self.poisoned.pop(handle, None)
         self._count(handle, tensor.untyped_storage())
@@ -202,7 +202,8 @@ class Session:
     def poison(self, handle: int, err: Poison) -> None:
         if handle >> HANDLE_BITS == self.number and handle != self.handle_base:
             self.unbind(handle)
-            self.poisoned[handle] = err
+            if handle in self.poisoned or self.handle_count() < self.max_handles:
+                self.poisoned[handle] = err  # past the limit the error still reaches the next sync
 
     def record_error(self, err: Poison) -> None:
         if self.error is None:
@@ -224,13 +225,6 @@ def zero_bytes(storage: torch.UntypedStorage, start: int, end: int) -> None:
     view = torch.empty(0, dtype=torch.uint8, device=storage.device)
     view.set_(storage, start, (end - start,), (1,))
     view.zero_()
-
-
-def reply_bytes(item: Any) -> int:
-    """What a queued reply holds in memory: a download's frames, or a small frame (about 64 bytes)."""
-    if isinstance(item, list):
-        return sum(len(b) for b in item)
-    return 64
 
 
 class PoisonedInput(GpupoolError):

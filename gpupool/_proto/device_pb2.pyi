@@ -208,6 +208,8 @@ class SessionUsage(_message.Message):
     SHARE_FIELD_NUMBER: _builtins.int
     BUSY_SECONDS_FIELD_NUMBER: _builtins.int
     OPS_FIELD_NUMBER: _builtins.int
+    WORKER_PID_FIELD_NUMBER: _builtins.int
+    HANDLES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """the public tag (gpupool.tokens.public_session_id), never the session's secret id"""
     lease_id: _builtins.str
@@ -218,6 +220,10 @@ class SessionUsage(_message.Message):
     share: _builtins.float
     busy_seconds: _builtins.float
     ops: _builtins.int
+    worker_pid: _builtins.int
+    """the session's worker process (0: run in the daemon, --isolation thread)"""
+    handles: _builtins.int
+    """handles the session holds (live and failed), counted against --max-handles"""
     def __init__(
         self,
         *,
@@ -230,10 +236,12 @@ class SessionUsage(_message.Message):
         share: _builtins.float = ...,
         busy_seconds: _builtins.float = ...,
         ops: _builtins.int = ...,
+        worker_pid: _builtins.int = ...,
+        handles: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_seconds", b"busy_seconds", "device", b"device", "lease_id", b"lease_id", "limit_bytes", b"limit_bytes", "ops", b"ops", "session_id", b"session_id", "share", b"share", "tenant", b"tenant", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_seconds", b"busy_seconds", "device", b"device", "handles", b"handles", "lease_id", b"lease_id", "limit_bytes", b"limit_bytes", "ops", b"ops", "session_id", b"session_id", "share", b"share", "tenant", b"tenant", "used_bytes", b"used_bytes", "worker_pid", b"worker_pid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -481,27 +489,6 @@ class Sync(_message.Message):
 Global___Sync: _TypeAlias = Sync  # noqa: Y015
 
 @_typing.final
-class Refresh(_message.Message):
-    """A renewed lease token for this session (same lease, later expiry)."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TOKEN_FIELD_NUMBER: _builtins.int
-    token: _builtins.str
-    def __init__(
-        self,
-        *,
-        token: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Refresh: _TypeAlias = Refresh  # noqa: Y015
-
-@_typing.final
 class DefineGraph(_message.Message):
     """---- step capture (docs/wire.md, "Step capture") ----
 
@@ -741,7 +728,6 @@ class Command(_message.Message):
     FREE_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     SYNC_FIELD_NUMBER: _builtins.int
-    REFRESH_FIELD_NUMBER: _builtins.int
     DEFINE_GRAPH_FIELD_NUMBER: _builtins.int
     RUN_GRAPH_FIELD_NUMBER: _builtins.int
     DROP_GRAPH_FIELD_NUMBER: _builtins.int
@@ -760,9 +746,9 @@ class Command(_message.Message):
     @_builtins.property
     def sync(self) -> Global___Sync: ...
     @_builtins.property
-    def refresh(self) -> Global___Refresh: ...
-    @_builtins.property
-    def define_graph(self) -> Global___DefineGraph: ...
+    def define_graph(self) -> Global___DefineGraph:
+        """7 was the in-stream Refresh (tokens are refreshed out of band with RefreshToken)."""
+
     @_builtins.property
     def run_graph(self) -> Global___RunGraph: ...
     @_builtins.property
@@ -780,18 +766,17 @@ class Command(_message.Message):
         free: Global___Free | None = ...,
         seed: Global___Seed | None = ...,
         sync: Global___Sync | None = ...,
-        refresh: Global___Refresh | None = ...,
         define_graph: Global___DefineGraph | None = ...,
         run_graph: Global___RunGraph | None = ...,
         drop_graph: Global___DropGraph | None = ...,
         group_join: Global___GroupJoin | None = ...,
         collective: Global___Collective | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "refresh", b"refresh", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "refresh", b"refresh", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_cmd: _TypeAlias = _typing.Literal["op", "upload", "get", "free", "seed", "sync", "refresh", "define_graph", "run_graph", "drop_graph", "group_join", "collective"]  # noqa: Y015
+    _WhichOneofReturnType_cmd: _TypeAlias = _typing.Literal["op", "upload", "get", "free", "seed", "sync", "define_graph", "run_graph", "drop_graph", "group_join", "collective"]  # noqa: Y015
     _WhichOneofArgType_cmd: _TypeAlias = _typing.Literal["cmd", b"cmd"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_cmd) -> _WhichOneofReturnType_cmd | None: ...
 

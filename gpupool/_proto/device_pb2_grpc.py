@@ -93,7 +93,7 @@ class DeviceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RefreshToken(self, request, context):
-        """A renewed lease token for a session, out of band: the stream's Refresh command waits behind queued work,
+        """A renewed lease token for a session, out of band: on the stream it would wait behind queued work,
         which can outlast the token when a client runs far ahead of the device.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -40,7 +40,7 @@ class DeviceStub:
     Status: _grpc.UnaryUnaryMultiCallable[_device_pb2.StatusRequest, _device_pb2.StatusReply]
     """Devices of this host and the sessions on them."""
     RefreshToken: _grpc.UnaryUnaryMultiCallable[_device_pb2.RefreshTokenRequest, _device_pb2.RefreshTokenReply]
-    """A renewed lease token for a session, out of band: the stream's Refresh command waits behind queued work,
+    """A renewed lease token for a session, out of band: on the stream it would wait behind queued work,
     which can outlast the token when a client runs far ahead of the device.
     """
 
@@ -56,7 +56,7 @@ class DeviceAsyncStub(DeviceStub):
     Status: _aio.UnaryUnaryMultiCallable[_device_pb2.StatusRequest, _device_pb2.StatusReply]  # type: ignore[assignment]
     """Devices of this host and the sessions on them."""
     RefreshToken: _aio.UnaryUnaryMultiCallable[_device_pb2.RefreshTokenRequest, _device_pb2.RefreshTokenReply]  # type: ignore[assignment]
-    """A renewed lease token for a session, out of band: the stream's Refresh command waits behind queued work,
+    """A renewed lease token for a session, out of band: on the stream it would wait behind queued work,
     which can outlast the token when a client runs far ahead of the device.
     """
 
@@ -99,7 +99,7 @@ class DeviceServicer(metaclass=_abc_1.ABCMeta):
         request: _device_pb2.RefreshTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_device_pb2.RefreshTokenReply, _abc.Awaitable[_device_pb2.RefreshTokenReply]]:
-        """A renewed lease token for a session, out of band: the stream's Refresh command waits behind queued work,
+        """A renewed lease token for a session, out of band: on the stream it would wait behind queued work,
         which can outlast the token when a client runs far ahead of the device.
         """
 

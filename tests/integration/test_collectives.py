@@ -43,7 +43,7 @@ def collective(s: Session, kind: str, tensors: list[int], inputs: list[int] = ()
 def group(daemon_factory) -> tuple[list[Session], list[DaemonHandle], list[str]]:  # type: ignore[no-untyped-def]
     """Two daemons (two hosts), one session each, of one lease; joined."""
     lease = uuid.uuid4().hex
-    daemons = [daemon_factory(host_id=f"host-{i}", fake_gpu_memory=64 * MiB) for i in range(2)]
+    daemons = [daemon_factory(host_id=f"host-{i}", fake_gpu_memory=64 * MiB, worker_network=True) for i in range(2)]
     tokens = [d.token(lease_id=lease) for d in daemons]
     sessions = [Session.attach(d.address, t) for d, t in zip(daemons, tokens, strict=True)]
     join_all(sessions, tokens)
@@ -123,8 +123,8 @@ def test_rank_that_never_calls_is_a_clear_error_in_seconds(group) -> None:  # ty
 
 def test_dead_daemon_fails_its_peers_within_seconds(serve_process, daemon_factory) -> None:  # type: ignore[no-untyped-def]
     lease = uuid.uuid4().hex
-    d0 = daemon_factory(host_id="host-0", fake_gpu_memory=64 * MiB)
-    d1 = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "64MiB")
+    d0 = daemon_factory(host_id="host-0", fake_gpu_memory=64 * MiB, worker_network=True)
+    d1 = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "64MiB", "--worker-network", "on")
     tokens = [d0.token(lease_id=lease), d1.token(lease_id=lease)]
     s0, s1 = Session.attach(d0.address, tokens[0]), Session.attach(d1.address, tokens[1])
     join_all([s0, s1], tokens, timeout=60.0)  # the error must come from the dead peer, not the timeout
@@ -147,7 +147,7 @@ def test_dead_daemon_fails_its_peers_within_seconds(serve_process, daemon_factor
 
 
 def test_joins_are_refused_unless_every_token_is_of_the_same_lease(daemon_factory) -> None:  # type: ignore[no-untyped-def]
-    d = daemon_factory(host_id="host-0", fake_gpus=2, fake_gpu_memory=64 * MiB)
+    d = daemon_factory(host_id="host-0", fake_gpus=2, fake_gpu_memory=64 * MiB, worker_network=True)
     lease = uuid.uuid4().hex
     mine, other = d.token(lease_id=lease), d.token(lease_id=uuid.uuid4().hex, device=1)
     peer = d.token(lease_id=lease, device=1)
@@ -185,7 +185,7 @@ def test_collective_before_join_is_refused(daemon) -> None:  # type: ignore[no-u
 
 def test_a_waiting_collective_leaves_other_devices_sessions_alone(daemon_factory) -> None:  # type: ignore[no-untyped-def]
     lease = uuid.uuid4().hex
-    a = daemon_factory(host_id="host-0", fake_gpus=2, fake_gpu_memory=64 * MiB)
+    a = daemon_factory(host_id="host-0", fake_gpus=2, fake_gpu_memory=64 * MiB, worker_network=True)
     b = daemon_factory(host_id="host-1", fake_gpu_memory=64 * MiB)
     tokens = [a.token(lease_id=lease), b.token(lease_id=lease)]
     s0, s1 = Session.attach(a.address, tokens[0]), Session.attach(b.address, tokens[1])

@@ -3,7 +3,7 @@
 Each example attaches a fresh session, uploads a few small tensors, then sends generated frames: ops of
 random names (common, denied, unknown, other namespaces, or any aten overload) with random arguments (huge
 and negative ints, NaN/inf, wrong kinds, long lists, handles of other sessions / never created / 0 /
-2^64-1), random upload chunk sequences, Get/Free/Seed/Sync/Refresh with junk, and raw garbage or truncated
+2^64-1), random upload chunk sequences, Get/Free/Seed/Sync and empty commands with junk, and raw garbage or truncated
 frames. The oracle: every error carries a status a client can act on (never INTERNAL or UNKNOWN), a
 malformed frame ends only its own stream, and throughout a neighbour session on the same device computes a
 fixed result bit-exact. At the end the daemon is alive and SERVING, Status works, and the device's memory
@@ -150,7 +150,7 @@ def args(base: int, other: int) -> st.SearchStrategy[tensor_pb2.Arg]:
 @st.composite
 def commands(draw: Any, base: int, other: int) -> device_pb2.Command:
     h = handles(base, other)
-    kind = draw(st.sampled_from(["op"] * 6 + ["upload", "upload", "get", "free", "seed", "sync", "refresh"]))
+    kind = draw(st.sampled_from(["op"] * 6 + ["upload", "upload", "get", "free", "seed", "sync", "empty"]))
     if kind == "op":
         name = draw(st.one_of(st.sampled_from(COMMON), st.sampled_from(ALL_ATEN), st.sampled_from(DENIED + UNKNOWN)))
         if name in ALL_ATEN and "." not in name:
@@ -191,7 +191,7 @@ def commands(draw: Any, base: int, other: int) -> device_pb2.Command:
         return device_pb2.Command(
             sync=device_pb2.Sync(request_id=draw(st.integers(1, 2**62)), scalar_handles=draw(st.lists(h, max_size=3)))
         )
-    return device_pb2.Command(refresh=device_pb2.Refresh(token=draw(st.text(max_size=100))))
+    return device_pb2.Command()  # an empty command (the in-stream Refresh, field 7, is gone)
 
 
 SYM = 0x5EED << 32  # frames are drawn for this handle base, then moved to the session's real one

@@ -10,13 +10,11 @@ from gpupool.server.devices import FakeDevice, cuda_available, discover
 from gpupool.server.sessions import DeviceMemory, Poison, PoisonedInput, Session
 
 from gpupool.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
-from gpupool.tokens import TokenClaims
 
 
 def make(number: int = 1, quota: int = 1 << 20, capacity: int = 1 << 20, memory: DeviceMemory | None = None) -> Session:
     dev = FakeDevice(0, "h", capacity)
-    claims = TokenClaims("lease", "h", 0, quota, 0.5, time.time() + 60, "tenant")
-    return Session(f"s{number}", number, claims, dev, memory or DeviceMemory(dev), quota)
+    return Session(f"s{number}", number, dev, memory or DeviceMemory(dev), quota)
 
 
 def test_views_share_one_storage_count() -> None:

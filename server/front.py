@@ -1,0 +1,70 @@
+"""The daemon's side of a session: who it belongs to, its limits, its stream's replies, its place in the fair
+queue, and the runner (its worker process) that holds its tensors. No tensor ever lives here.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any
+
+from gpupool.server.devices import Device
+from gpupool.server.worker import Runner
+
+from gpupool.tokens import TokenClaims
+
+
+class FrontSession:
+    """One attached lease on one device, as the daemon process sees it."""
+
+    def __init__(
+        self, session_id: str, number: int, claims: TokenClaims, device: Device, quota: int, tenant: str
+    ) -> None:
+        self.session_id = session_id
+        self.number = number
+        self.handle_base = number << 32
+        self.lease_id = claims.lease_id
+        self.tenant = tenant
+        self.device = device
+        self.quota = quota
+        self.share = claims.share
+        self.expires_at = claims.expires_at
+        self.lock = threading.RLock()  # held while a slice of this session runs
+        self.runner: Runner | None = None
+        # Mirrored from the worker after each slice (Status, metrics, the device's accounting).
+        self.used = 0
+        self.ops = 0
+        self.handles = 0
+        self.busy_seconds = 0.0
+        self.closed = False
+        self.close_reason = ""
+        self.outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()  # replies for the stream, in order
+        self.outbox_bytes = 0  # bytes of replies produced but not yet handed to gRPC
+        self._outbox_lock = threading.Lock()
+        self.entry: Any = None  # its place in the device's fair queue
+        self.streaming = False
+
+    @property
+    def worker_pid(self) -> int:
+        return self.runner.pid if self.runner is not None else 0
+
+    def send(self, item: Any) -> None:
+        """Queue a reply for the stream, counting its bytes until `sent` says gRPC took them."""
+        self._count_out(reply_bytes(item))
+        self.outbox.put(item)
+
+    def sent(self, item: Any) -> None:
+        self._count_out(-reply_bytes(item))
+
+    def _count_out(self, n: int) -> None:
+        with self._outbox_lock:
+            self.outbox_bytes += n
+
+
+def reply_bytes(item: Any) -> int:
+    """What a queued reply holds in memory: a download's frames, or one serialized frame."""
+    if isinstance(item, list):
+        return sum(len(b) for b in item)
+    if isinstance(item, bytes | bytearray):
+        return len(item)
+    return 64

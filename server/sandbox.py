@@ -1,0 +1,259 @@
+"""Least privilege for a session worker, applied right after it is forked (and, on a real GPU, after its CUDA
+context exists): so a kernel bug a tenant finds stays inside that tenant's own process.
+
+- rlimits: host memory (RLIMIT_DATA: the session's quota plus headroom on fake GPUs, headroom on real ones),
+  no core dumps, a small number of open files, no new files;
+- a daemon started as root drops the worker to an unprivileged user (`nobody`): no capabilities, and it can
+  neither signal the daemon nor read root-only files such as the token key;
+- `PR_SET_NO_NEW_PRIVS`, and a seccomp filter (libseccomp through ctypes, where the library exists) that
+  denies with EPERM: sockets and network calls, exec, fork (threads stay allowed), opening files for writing
+  and changing the file system, ptrace and other processes' memory, signals to other processes, mounts,
+  namespaces, keyrings, BPF and module loading.
+
+`apply` returns what it could do, so the daemon can log it and tests can assert it; a missing piece (no
+libseccomp, a kernel without seccomp) degrades to the rest with a warning, never to a daemon that will not run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import pwd
+import resource
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_NO_NEW_PRIVS = 38
+_SCMP_ACT_ALLOW = 0x7FFF0000
+_SCMP_CMP_NE, _SCMP_CMP_MASKED_EQ = 1, 7
+CLONE_THREAD = 0x00010000
+O_ACCMODE, O_WRONLY, O_RDWR, O_CREAT = 0o3, 0o1, 0o2, 0o100
+
+# The calls a worker of a daemon with `--worker-network on` keeps: torch.distributed's gloo (and NCCL's
+# bootstrap) between the daemons of a multi-GPU job open, bind, listen on and connect TCP sockets.
+NETWORK_SYSCALLS = ("socket", "socketpair", "connect", "bind", "listen", "accept", "accept4")
+# Denied outright. (Reading files stays allowed: Python and torch load modules lazily.)
+DENIED_SYSCALLS = (
+    "socket",
+    "socketpair",
+    "connect",
+    "bind",
+    "listen",
+    "accept",
+    "accept4",
+    "execve",
+    "execveat",
+    "fork",
+    "vfork",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "creat",
+    "openat2",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "truncate",
+    "unlink",
+    "unlinkat",
+    "rename",
+    "renameat",
+    "renameat2",
+    "mkdir",
+    "mkdirat",
+    "rmdir",
+    "link",
+    "linkat",
+    "symlink",
+    "symlinkat",
+    "chmod",
+    "fchmod",
+    "fchmodat",
+    "chown",
+    "fchown",
+    "lchown",
+    "fchownat",
+    "mknod",
+    "mknodat",
+    "utimensat",
+    "utimes",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "unshare",
+    "setns",
+    "swapon",
+    "swapoff",
+    "reboot",
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "iopl",
+    "ioperm",
+    "setuid",
+    "setgid",
+    "setreuid",
+    "setregid",
+    "setresuid",
+    "setresgid",
+    "setgroups",
+    "acct",
+    "quotactl",
+    "settimeofday",
+    "clock_settime",
+    "adjtimex",
+    "sethostname",
+    "setdomainname",
+    "pidfd_open",
+    "pidfd_getfd",
+    "pidfd_send_signal",
+    "memfd_create",
+)
+# clone3 passes its flags in memory, where a filter cannot look: ENOSYS makes libc fall back to clone.
+_ENOSYS_SYSCALLS = ("clone3",)
+
+
+@dataclass
+class SandboxReport:
+    """What `apply` managed: each item is a short fact ("seccomp", "no_new_privs", "uid 65534", ...)."""
+
+    applied: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+class _ArgCmp(ctypes.Structure):
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    ]
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl(option: int, arg: int) -> bool:
+    return bool(_libc().prctl(option, ctypes.c_ulong(arg), 0, 0, 0) == 0)
+
+
+def set_rlimits(memory_bytes: int, open_files: int = 256) -> list[str]:
+    done = []
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    done.append("no core dumps")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = open_files if hard == resource.RLIM_INFINITY else min(open_files, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    done.append(f"{limit} open files")
+    if memory_bytes > 0:
+        resource.setrlimit(resource.RLIMIT_DATA, (memory_bytes, memory_bytes))
+        done.append(f"{memory_bytes} bytes of host memory")
+    return done
+
+
+def drop_user(name: str = "nobody") -> str:
+    """As root: become an unprivileged user (no capabilities); returns what was done."""
+    if os.geteuid() != 0:
+        return f"uid {os.geteuid()} (not root: kept)"
+    entry = pwd.getpwnam(name)
+    os.setgroups([])
+    os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
+    os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
+    return f"uid {entry.pw_uid}"
+
+
+def seccomp_filter(network: bool = False) -> bool:
+    """Load the filter described above (with `network`: less NETWORK_SYSCALLS); False without libseccomp."""
+    path = ctypes.util.find_library("seccomp")
+    if not path:
+        return False
+    lib = ctypes.CDLL(path, use_errno=True)
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.POINTER(_ArgCmp),
+    ]
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    ctx = lib.seccomp_init(_SCMP_ACT_ALLOW)
+    if not ctx:
+        return False
+    eperm = 0x00050000 | errno.EPERM
+    enosys = 0x00050000 | errno.ENOSYS
+
+    def rule(action: int, name: str, *cmps: tuple[int, int, int, int]) -> None:
+        nr = lib.seccomp_syscall_resolve_name(name.encode())
+        if nr < 0:
+            return  # not a syscall on this architecture
+        arr = (_ArgCmp * max(1, len(cmps)))(*[_ArgCmp(*c) for c in cmps])
+        if lib.seccomp_rule_add_array(ctx, action, nr, len(cmps), arr) != 0:
+            raise OSError(f"seccomp rule for {name} refused")
+
+    try:
+        for name in DENIED_SYSCALLS:
+            if not (network and name in NETWORK_SYSCALLS):
+                rule(eperm, name)
+        for name in _ENOSYS_SYSCALLS:
+            rule(enosys, name)
+        rule(eperm, "clone", (0, _SCMP_CMP_MASKED_EQ, CLONE_THREAD, 0))  # a new process, not a thread
+        for name, arg in (("open", 1), ("openat", 2)):
+            rule(eperm, name, (arg, _SCMP_CMP_MASKED_EQ, O_ACCMODE, O_WRONLY))
+            rule(eperm, name, (arg, _SCMP_CMP_MASKED_EQ, O_ACCMODE, O_RDWR))
+            rule(eperm, name, (arg, _SCMP_CMP_MASKED_EQ, O_CREAT, O_CREAT))
+        pid = os.getpid()
+        rule(eperm, "kill", (0, _SCMP_CMP_NE, pid, 0))  # signals only to itself (abort() raises SIGABRT)
+        rule(eperm, "tgkill", (0, _SCMP_CMP_NE, pid, 0))
+        rule(eperm, "tkill", (0, _SCMP_CMP_NE, pid, 0))
+        if lib.seccomp_load(ctx) != 0:
+            raise OSError("seccomp_load failed")
+    finally:
+        lib.seccomp_release(ctx)
+    return True
+
+
+def apply(memory_bytes: int, *, user: str = "nobody", seccomp: bool = True, network: bool = False) -> SandboxReport:
+    """Confine the calling process for good (there is no way back). Call once, single-threaded."""
+    report = SandboxReport()
+
+    def step(what: str, fn: object) -> None:
+        try:
+            out = fn()  # type: ignore[operator]
+        except (OSError, ValueError, KeyError) as exc:
+            report.missing.append(f"{what}: {exc}")
+            return
+        if out is False:
+            report.missing.append(what)
+        elif isinstance(out, list):
+            report.applied.extend(out)
+        else:
+            report.applied.append(out if isinstance(out, str) else what)
+
+    step("rlimits", lambda: set_rlimits(memory_bytes))
+    if user:
+        step("drop user", lambda: drop_user(user))
+    step("not dumpable", lambda: _prctl(PR_SET_DUMPABLE, 0))  # no ptrace attach, no /proc/PID/mem by peers
+    step("die with the zygote", lambda: _prctl(PR_SET_PDEATHSIG, 9))  # after the uid change, which clears it
+    step("no_new_privs", lambda: _prctl(PR_SET_NO_NEW_PRIVS, 1))
+    if seccomp:
+        step("seccomp" + (" (network kept for collectives)" if network else ""), lambda: seccomp_filter(network))
+    return report

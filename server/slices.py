@@ -1,0 +1,327 @@
+"""One slice of a session's commands, as it crosses the boundary between the daemon and a session's worker.
+
+The daemon never parses a command it does not need to: `split_frame` cuts a raw ClientFrame into the byte spans
+of its commands (each a valid one-command ClientFrame on its own) and reads each command's kind from its first
+tag, so a slice sent to a worker is the concatenation of its spans. The worker runs the slice with
+`run_commands` (the same code runs in-thread for `--isolation thread`) and answers with a `SliceResult`:
+how many commands ran, the measured execution time, the session's memory and counters, and the replies.
+
+Requests and results are plain length-prefixed structs: nothing crossing this boundary is ever unpickled, and
+the daemon parses a worker's result defensively (a worker may be compromised by a kernel bug).
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpupool._proto import device_pb2
+from gpupool.errors import InvalidArgument, ResourceExhausted
+
+# Command kinds, from the tag of the field set in a Command (device.proto's oneof numbers).
+OP, UPLOAD, GET, FREE, SEED, SYNC = 1, 2, 3, 4, 5, 6
+ANSWERED = (GET, SYNC)  # commands that produce replies
+_COMMANDS_TAG = 0x0A  # ClientFrame.commands = 1, length-delimited
+
+# The status codes a worker may report errors under (anything else is a lie and becomes INTERNAL).
+CODES = (
+    "INVALID_ARGUMENT",
+    "UNAUTHENTICATED",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "UNAVAILABLE",
+    "NOT_FOUND",
+    "INTERNAL",
+)
+
+
+def split_frame(raw: bytes, max_commands: int) -> list[tuple[int, memoryview]]:
+    """(kind, span) of each command of a serialized ClientFrame; refuses more than `max_commands` commands
+    before materializing any (a 16 MiB frame of empty commands would otherwise cost gigabytes)."""
+    view = memoryview(raw)
+    out: list[tuple[int, memoryview]] = []
+    i, n = 0, len(raw)
+    while i < n:
+        start = i
+        if raw[i] != _COMMANDS_TAG:
+            raise InvalidArgument(f"malformed ClientFrame: unexpected field tag {raw[i]:#x} at byte {i}")
+        i += 1
+        length = shift = 0
+        while True:
+            if i >= n or shift > 35:
+                raise InvalidArgument("malformed ClientFrame: truncated length")
+            b = raw[i]
+            i += 1
+            length |= (b & 0x7F) << shift
+            if b < 0x80:
+                break
+            shift += 7
+        if i + length > n:
+            raise InvalidArgument(f"malformed ClientFrame: a command of {length} bytes runs past the frame's end")
+        kind = _field_number(raw, i, i + length) if length else 0
+        i += length
+        if kind == 0:
+            continue  # an empty command asks for nothing
+        if len(out) >= max_commands:
+            raise ResourceExhausted(f"a frame of more than {max_commands} commands (the limit); send smaller frames")
+        out.append((kind, view[start:i]))
+    return out
+
+
+def _field_number(raw: bytes, i: int, end: int) -> int:
+    """The field number of the first tag of a command (its kind; step capture's kinds have two-byte tags)."""
+    tag = shift = 0
+    while i < end and shift < 35:
+        b = raw[i]
+        tag |= (b & 0x7F) << shift
+        if b < 0x80:
+            return tag >> 3
+        i += 1
+        shift += 7
+    return 0
+
+
+# ---- daemon -> worker ----
+
+REQ_RUN, REQ_EXIT, REQ_RUN_SHARED = 1, 2, 3  # RUN_SHARED: the payload is in the shared buffer
+SHARED = 0x80000000  # set in a result's length word: the result is in the shared buffer
+_REQ = struct.Struct("<Bqqqd")  # kind, free device bytes, reply room (bytes), shared payload length, budget (s)
+
+
+@dataclass
+class SliceRequest:
+    device_free: int  # bytes the device has left for this session beyond what it uses now
+    reply_room: int  # bytes of replies the session may still produce before it must wait for its reader
+    budget: float  # seconds: stop after the command that passes it
+    payload: bytes | memoryview  # the concatenated command spans
+
+
+def encode_request(
+    req: SliceRequest, parts: Sequence[bytes | memoryview] = (), shared: int = -1
+) -> list[bytes | memoryview]:
+    """The request's buffers; `parts` (the command spans) stand in for `req.payload` when given; `shared` >= 0:
+    the payload (that many bytes) was written to the shared buffer instead."""
+    if shared >= 0:
+        head = _REQ.pack(REQ_RUN_SHARED, req.device_free, req.reply_room, shared, req.budget)
+        return [struct.pack("<I", len(head)), head]
+    head = _REQ.pack(REQ_RUN, req.device_free, req.reply_room, 0, req.budget)
+    body = list(parts) if parts else [req.payload]
+    return [struct.pack("<I", len(head) + sum(len(b) for b in body)), head, *body]
+
+
+def decode_request(body: bytes | bytearray, shared: memoryview) -> SliceRequest | None:
+    kind, device_free, reply_room, shared_len, budget = _REQ.unpack_from(body, 0)
+    if kind == REQ_RUN_SHARED and 0 <= shared_len <= len(shared):
+        return SliceRequest(device_free, reply_room, budget, shared[:shared_len])
+    if kind != REQ_RUN:
+        return None
+    return SliceRequest(device_free, reply_room, budget, memoryview(body)[_REQ.size :])  # no copy of uploads
+
+
+EXIT_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_EXIT, 0, 0, 0, 0.0)
+
+
+# ---- worker -> daemon ----
+
+# executed, seconds, used, ops, handles, uploaded, downloaded, n errors, n events, n replies
+_RES = struct.Struct("<IdqqqqqHHI")
+_EVENT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz_")
+
+
+@dataclass
+class SliceResult:
+    executed: int = 0
+    seconds: float = 0.0
+    used: int = 0
+    ops: int = 0  # total ops of the session so far
+    handles: int = 0  # handles the session holds (live, poisoned, uploading)
+    uploaded: int = 0
+    downloaded: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    events: dict[str, int] = field(default_factory=dict)  # step capture's graph events ("replayed", ...)
+    replies: list[bytes | list[bytes]] = field(default_factory=list)  # a frame, or a download's frames
+
+
+def encode_result(r: SliceResult) -> list[bytes]:
+    parts = [
+        _RES.pack(
+            r.executed,
+            r.seconds,
+            r.used,
+            r.ops,
+            r.handles,
+            r.uploaded,
+            r.downloaded,
+            len(r.errors),
+            len(r.events),
+            len(r.replies),
+        )
+    ]
+    for code, n in r.errors.items():
+        parts.append(struct.pack("<BI", CODES.index(code) if code in CODES else CODES.index("INTERNAL"), n))
+    for event, n in r.events.items():
+        name = event.encode()[:32]
+        parts.append(struct.pack("<BI", len(name), n) + name)
+    for item in r.replies:
+        frames = item if isinstance(item, list) else [item]
+        parts.append(struct.pack("<BI", isinstance(item, list), len(frames)))
+        for f in frames:
+            parts.append(struct.pack("<I", len(f)))
+            parts.append(f)
+    body_len = sum(len(p) for p in parts)
+    return [struct.pack("<I", body_len), *parts]
+
+
+def decode_result(body: bytes | bytearray, commands: int) -> SliceResult:
+    """Parse a worker's result; raises ValueError on anything malformed or impossible."""
+    view = memoryview(body)
+    executed, seconds, used, ops, handles, up, down, n_err, n_ev, n_rep = _RES.unpack_from(view, 0)
+    if executed > commands or not 0.0 <= seconds < 1e6 or min(used, ops, handles, up, down) < 0:
+        raise ValueError("impossible slice result")
+    pos = _RES.size
+    errors: dict[str, int] = {}
+    for _ in range(min(n_err, len(CODES))):
+        code, n = struct.unpack_from("<BI", view, pos)
+        pos += 5
+        errors[CODES[code]] = errors.get(CODES[code], 0) + min(n, executed)
+    events: dict[str, int] = {}
+    for _ in range(min(n_ev, 16)):  # names become metric label values: a few short lowercase words only
+        length, n = struct.unpack_from("<BI", view, pos)
+        name = bytes(view[pos + 5 : pos + 5 + length]).decode("ascii", "replace")
+        pos += 5 + length
+        if name and set(name) <= _EVENT_CHARS:
+            events[name] = min(n, executed)
+    replies: list[bytes | list[bytes]] = []
+    for _ in range(n_rep):
+        is_list, count = struct.unpack_from("<BI", view, pos)
+        pos += 5
+        frames = []
+        for _ in range(count):
+            (length,) = struct.unpack_from("<I", view, pos)
+            pos += 4
+            if pos + length > len(view):
+                raise ValueError("reply runs past the result's end")
+            frames.append(bytes(view[pos : pos + length]))
+            pos += length
+        replies.append(frames if is_list else frames[0])
+    if pos != len(view) or len(replies) > executed:
+        raise ValueError("malformed slice result")
+    return SliceResult(executed, seconds, used, ops, handles, up, down, errors, events, replies)
+
+
+# ---- running a slice (inside the worker, or in-thread) ----
+
+
+class SliceLedger:
+    """The executor's Ledger inside a worker: counts for one slice, reported to the daemon's real ledger."""
+
+    def __init__(self) -> None:
+        self.errors: dict[str, int] = {}
+        self.events: dict[str, int] = {}
+        self.uploaded = 0
+        self.downloaded = 0
+
+    def op(self, session: Any) -> None:
+        pass  # the session's own `ops` counter is reported instead
+
+    def error(self, session: Any, code: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+    def transfer(self, direction: str, nbytes: int) -> None:
+        if direction == "upload":
+            self.uploaded += nbytes
+        else:
+            self.downloaded += nbytes
+
+    def graph(self, session: Any, event: str, ops: int = 0) -> None:
+        """Step capture's graph events (server/graph.py); its ops are counted by the session's `ops`."""
+        self.events[event] = self.events.get(event, 0) + 1
+
+    def reset(self) -> None:
+        self.events = {}
+        self.errors = {}
+        self.uploaded = self.downloaded = 0
+
+
+Execute = Callable[[Any, device_pb2.Command, Callable[[Any], None]], None]
+Progress = Callable[[int], None]
+
+
+def run_commands(
+    session: Any,
+    execute: Execute,
+    ledger: SliceLedger,
+    req: SliceRequest,
+    timed: Callable[[], Any],
+    progress: Progress | None = None,
+) -> SliceResult:
+    """Run a slice's commands in order until done, past the time budget, or (before a Get/Sync) out of reply
+    room; `timed` measures the device time (CUDA events on GPUs)."""
+    payload = req.payload  # upb parses any buffer: no copy of an upload's bytes
+    commands = device_pb2.ClientFrame.FromString(payload).commands  # type: ignore[arg-type]
+    replies: list[bytes | list[bytes]] = []
+    produced = [0]
+
+    def reply(item: Any) -> None:
+        if isinstance(item, device_pb2.ServerFrame):
+            item = item.SerializeToString()
+        produced[0] += sum(len(b) for b in item) if isinstance(item, list) else len(item)
+        replies.append(item)
+
+    # The device's other sessions live in other processes: the daemon says how much of the device is free.
+    session.memory.used = session.memory.device.capacity - max(0, req.device_free)
+    ledger.reset()
+    executed = 0
+    start = time.perf_counter()
+    with timed() as measured:
+        for i, cmd in enumerate(commands):
+            if i and req.reply_room - produced[0] <= 0 and cmd.WhichOneof("cmd") in ("get", "sync"):
+                break
+            if progress is not None:
+                progress(i)
+            execute(session, cmd, reply)
+            executed = i + 1
+            if time.perf_counter() - start > req.budget:
+                break
+    return SliceResult(
+        executed=executed,
+        seconds=measured[0] if measured else 0.0,
+        used=session.used,
+        ops=session.ops,
+        handles=session.handle_count(),
+        uploaded=ledger.uploaded,
+        downloaded=ledger.downloaded,
+        errors=dict(ledger.errors),
+        events=dict(ledger.events),
+        replies=replies,
+    )
+
+
+def send_parts(sock: Any, parts: Sequence[bytes | memoryview]) -> None:
+    """Send buffers in order without joining them first (uploads and downloads are megabytes)."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        sent = sock.sendmsg(views[:512])  # IOV_MAX is 1024
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
+def describe_command(span: memoryview) -> str:
+    """'aten::add.Tensor' or 'a get', for the message of a crashed worker (the daemon parses just this one)."""
+    try:
+        cmds = device_pb2.ClientFrame.FromString(bytes(span)).commands
+        kind = cmds[0].WhichOneof("cmd") if cmds else None
+    except Exception:  # the worker may have died on a command that does not even parse
+        return "a malformed command"
+    if kind == "op":
+        return f"op {cmds[0].op.name}"
+    return f"a {kind} command"

@@ -1,0 +1,278 @@
+"""Where a session's commands run: its own worker process (`ProcessRunner`, the default), or a thread of the
+daemon (`InlineRunner`, `--isolation thread`, for measuring what isolation costs and for hosts without fork).
+
+A worker is forked from the zygote (zygote.py) and runs `worker_main`: it confines itself (sandbox.py), builds
+the session's tensor state (sessions.Session) and a CommandExecutor, and then answers slice requests on its
+socket until the daemon closes it. Everything the session allocates lives and dies with this process, so a
+segfault, abort or CUDA device-side assert in a kernel ends this session only.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import socket
+import struct
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gpupool.server import slices
+from gpupool.server.slices import SliceRequest, SliceResult
+
+if TYPE_CHECKING:  # torch stays unimported until needed: the zygote starts before the daemon imports it
+    from gpupool.server.devices import Device
+
+log = logging.getLogger(__name__)
+# A worker shares one memory file with the daemon: a word where it writes the index of the command it is
+# running (so a crash can be named), and a buffer for slices and results that fit (uploads and downloads are
+# megabytes: one memcpy each way instead of a socket's many small copies and wake-ups).
+DATA_AT = 4096
+DATA_BYTES = 16 * 1024 * 1024
+SHARED_BYTES = DATA_AT + DATA_BYTES
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker is told at birth (JSON through the zygote; nothing of it is secret)."""
+
+    session_id: str
+    number: int
+    device: dict[str, Any]  # index, uuid, model, memory_bytes, fake
+    quota: int
+    max_handles: int
+    max_op_flops: int  # 0: the device kind's default (cost.py)
+    memory_limit: int  # RLIMIT_DATA of the worker (0: none)
+    cpu_threads: int
+    user: str  # drop to this user when started as root ("" keeps the daemon's)
+    seccomp: bool
+    network: bool = False  # keep TCP sockets (torch.distributed collectives between daemons: --worker-network)
+    peer_host: str = "127.0.0.1"  # where this daemon's collective stores and gloo listen for peers
+    token_keys: tuple[str, ...] = ()  # PEM public keys: collectives verify the tokens of a job's other ranks
+    speed: tuple[float, float, float] = (0.0, 0.0, 0.0)  # fake GPUs' speed model (tflops, gbps, link_gbps)
+
+
+class WorkerDied(Exception):
+    """The session's worker is gone (crashed, killed, or sent something no honest worker sends)."""
+
+
+class Runner(Protocol):
+    pid: int
+
+    def run(self, req: SliceRequest, commands: int, parts: Sequence[memoryview] = ()) -> SliceResult: ...
+    def progress(self) -> int: ...
+    def close(self) -> None: ...
+
+
+def _device(spec: WorkerSpec) -> Device:
+    from gpupool.server.devices import rebuild
+
+    from gpupool.wire import device_info
+
+    d = spec.device
+    return rebuild(device_info(d["index"], d["uuid"], d["model"], d["memory_bytes"], d["fake"]))
+
+
+class _SessionState:
+    """The session's tensors and executor, shared by both runners."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        from gpupool.server.executor import CommandExecutor
+        from gpupool.server.sessions import DeviceMemory, Session
+
+        self.device = _device(spec)
+        self.session = Session(
+            spec.session_id,
+            spec.number,
+            self.device,
+            DeviceMemory(self.device),
+            spec.quota,
+            max_handles=spec.max_handles,
+            max_op_flops=spec.max_op_flops,
+        )
+        self.ledger = slices.SliceLedger()
+        self.executor = CommandExecutor(self.ledger)
+        if spec.token_keys:
+            from gpupool.server.speedmodel import SpeedModel
+
+            from gpupool.tokens import Verifier
+
+            verifier = Verifier.from_pems(list(spec.token_keys))
+            self.executor.collectives.configure(verifier.verify, spec.peer_host)
+            speed = SpeedModel(*spec.speed)
+            if self.device.fake and (speed.active or speed.link_gbps > 0):
+                self.executor.speed = self.executor.collectives.speed = speed
+
+    def run(self, req: SliceRequest, progress: slices.Progress | None = None) -> SliceResult:
+        with self.session.lock:
+            return slices.run_commands(
+                self.session, self.executor.execute, self.ledger, req, self.device.timed, progress
+            )
+
+
+class InlineRunner:
+    """`--isolation thread`: the session's state in the daemon process, run by the device's thread."""
+
+    pid = 0
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self._state = _SessionState(spec)
+
+    def run(self, req: SliceRequest, commands: int, parts: Sequence[memoryview] = ()) -> SliceResult:
+        import torch
+
+        if parts:
+            req.payload = b"".join(parts)
+
+        with torch.no_grad():  # thread-local: the daemon never records autograd history
+            return self._state.run(req)
+
+    def progress(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self._state.session.release_all()
+
+
+class ProcessRunner:
+    """The daemon's end of one worker process: a socket for slices and a shared word for progress."""
+
+    def __init__(self, pid: int, sock: socket.socket, progress: mmap.mmap, max_reply: int) -> None:
+        self.pid = pid
+        self._sock = sock
+        self._progress = progress
+        self._data = memoryview(progress)[DATA_AT:SHARED_BYTES]
+        self._max_reply = max_reply
+        self._closed = False
+
+    def run(self, req: SliceRequest, commands: int, parts: Sequence[memoryview] = ()) -> SliceResult:
+        if self._closed:
+            raise WorkerDied("the session's worker was stopped")
+        try:
+            size = sum(len(p) for p in parts)
+            if parts and size <= DATA_BYTES:
+                pos = 0
+                for p in parts:
+                    self._data[pos : pos + len(p)] = p
+                    pos += len(p)
+                slices.send_parts(self._sock, slices.encode_request(req, shared=size))
+            else:
+                slices.send_parts(self._sock, slices.encode_request(req, parts))
+            (length,) = struct.unpack("<I", _recv_exact(self._sock, 4))
+            if length & slices.SHARED:
+                length &= ~slices.SHARED
+                if length > DATA_BYTES:
+                    raise WorkerDied(f"the session's worker claims a {length} byte result in its shared buffer")
+                return slices.decode_result(self._data[:length], commands)
+            if length > self._max_reply + max(0, req.reply_room):
+                raise WorkerDied(f"the session's worker sent a {length} byte result (more than it may)")
+            body = _recv_exact(self._sock, length)
+            return slices.decode_result(body, commands)
+        except (OSError, EOFError) as exc:
+            raise WorkerDied(f"the session's worker stopped answering ({type(exc).__name__})") from None
+        except (ValueError, struct.error) as exc:
+            raise WorkerDied(f"the session's worker sent a malformed result: {exc}") from None
+
+    def progress(self) -> int:
+        return int(struct.unpack_from("<i", self._progress, 0)[0])
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.sendall(slices.EXIT_REQUEST)
+        except OSError:
+            pass
+        self._sock.close()
+        self._data.release()
+        self._progress.close()
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise EOFError("end of stream")
+        got += k
+    return buf
+
+
+# ---- inside the worker process ----
+
+
+def _vm_data() -> int:
+    """Bytes of the process's data segment and private writable mappings now (what RLIMIT_DATA counts)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmData:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
+    """The worker's life: confine, then serve slices until the daemon closes the socket. Returns an exit code."""
+    from gpupool.server import sandbox
+
+    sys.dont_write_bytecode = True  # no .pyc writes from a process that may not create files
+    import torch
+
+    torch.set_grad_enabled(False)  # this process never records autograd history
+    if spec.cpu_threads > 0:
+        torch.set_num_threads(spec.cpu_threads)
+    state = _SessionState(spec)  # on a real GPU this creates the worker's own CUDA context
+    if not state.device.fake:
+        _warm_cuda(state.device)
+    limit = spec.memory_limit and _vm_data() + spec.memory_limit
+    report = sandbox.apply(limit, user=spec.user, seccomp=spec.seccomp, network=spec.network)
+    log.debug("session %d worker %d sandbox: %s; missing: %s", spec.number, os.getpid(), report.applied, report.missing)
+    progress = mmap.mmap(progress_fd, SHARED_BYTES)
+    os.close(progress_fd)
+    data = memoryview(progress)[DATA_AT:SHARED_BYTES]
+
+    def mark(i: int) -> None:
+        struct.pack_into("<i", progress, 0, i)
+
+    while True:
+        try:
+            (length,) = struct.unpack("<I", _recv_exact(sock, 4))
+            body = _recv_exact(sock, length)
+        except (OSError, EOFError):
+            return 0  # the daemon closed the session
+        req = slices.decode_request(body, data)
+        if req is None:
+            return 0
+        start = time.perf_counter()
+        result = state.run(req, mark)
+        log.debug("slice of %d commands in %.6f s", result.executed, time.perf_counter() - start)
+        parts = slices.encode_result(result)[1:]  # without its length word
+        size = sum(len(p) for p in parts)
+        try:
+            if size <= DATA_BYTES:
+                pos = 0
+                for p in parts:
+                    data[pos : pos + len(p)] = p
+                    pos += len(p)
+                sock.sendall(struct.pack("<I", size | slices.SHARED))
+            else:
+                slices.send_parts(sock, [struct.pack("<I", size), *parts])
+        except OSError:
+            return 0
+
+
+def _warm_cuda(device: Device) -> None:
+    """Create the CUDA context and load cuBLAS before the sandbox closes (they open device files)."""
+    import torch
+
+    x = torch.ones(8, 8, device=device.torch_device)
+    (x @ x).sum().item()
+    torch.cuda.synchronize(device.torch_device)

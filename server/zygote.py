@@ -1,0 +1,337 @@
+"""The zygote: a warm, single-threaded process that forks session workers.
+
+Forking the daemon itself would copy a process full of gRPC and executor threads (and, on a GPU host, maybe a
+CUDA context): unsafe. So the daemon starts the zygote once (`python -m gpupool.server.zygote FD`, a fresh
+interpreter, before any session exists): it imports torch and the executor, loads torch's meta kernels, and
+never touches CUDA. Each Attach asks it for a worker: the daemon sends the worker's socket and progress word
+over the control socket (SCM_RIGHTS) with a JSON spec; the zygote forks, and the child runs
+`worker.worker_main`. Forking a warm process costs milliseconds, not the seconds of importing torch.
+
+The zygote is the workers' parent: it reaps them and tells the daemon how each ended (exit code or signal),
+and it kills a worker on request (only its own live children, so a recycled pid is never hit). Its workers
+die with it (PDEATHSIG), and it dies when the daemon closes the control socket.
+
+Messages are JSON lines over a Unix socket: the zygote and the daemon trust each other; workers never talk
+on this socket.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import json
+import logging
+import mmap
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import asdict
+from typing import Any
+
+from gpupool.server.worker import SHARED_BYTES, ProcessRunner, WorkerSpec
+
+log = logging.getLogger(__name__)
+START_TIMEOUT = 120.0  # importing torch on a loaded host
+SPAWN_TIMEOUT = 60.0
+
+
+def describe(status: int) -> str:
+    """A wait status in words: 'killed by SIGSEGV', 'exited with code 3'."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"killed by {name}"
+    if os.WIFEXITED(status):
+        return f"exited with code {os.WEXITSTATUS(status)}"
+    return f"ended (status {status})"
+
+
+class Zygote:
+    """The daemon's handle on the zygote process: spawn, kill, and learn how workers ended."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._ended: dict[int, int] = {}  # pid -> wait status (kept until asked for)
+        self._replies: dict[int, dict[str, Any]] = {}
+        self._next = 1
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dead = True
+        self._ready = threading.Event()
+
+    def start(self) -> None:
+        """Start the zygote process; it gets ready (imports torch) in the background, so the daemon starts
+        serving at once and only the first Attach may wait for it."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "gpupool.server.zygote", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        with self._lock:
+            self._sock = ours
+            self._dead = False
+            self._ready = threading.Event()
+        threading.Thread(target=self._listen, args=(ours, self._ready), name="gpupool-zygote", daemon=True).start()
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        if not self._ready.wait(timeout):
+            raise RuntimeError(f"the zygote is not ready after {timeout:.0f} s")
+        with self._lock:
+            if self._dead:
+                raise RuntimeError("the zygote exited")
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid if self._proc is not None else 0
+
+    def spawn(self, spec: WorkerSpec, max_reply: int) -> ProcessRunner:
+        """A new worker for a session; restarts the zygote once if it died."""
+        with self._lock:
+            dead = self._dead
+        if dead:
+            self.start()
+        self.wait_ready()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        progress_fd = os.memfd_create("gpupool-shared")
+        try:
+            os.ftruncate(progress_fd, SHARED_BYTES)
+            progress = mmap.mmap(progress_fd, SHARED_BYTES)
+            reply = self._call({"spawn": asdict(spec)}, [theirs.fileno(), progress_fd])
+        finally:
+            theirs.close()
+            os.close(progress_fd)
+        if "pid" not in reply:
+            ours.close()
+            progress.close()
+            raise RuntimeError(f"the zygote could not start a worker: {reply.get('error', reply)}")
+        return ProcessRunner(int(reply["pid"]), ours, progress, max_reply)
+
+    def kill(self, pid: int) -> None:
+        """SIGKILL a worker of ours (a no-op for one that already ended)."""
+        try:
+            self._send({"kill": pid})
+        except OSError:
+            pass
+
+    def wait_ended(self, pid: int, timeout: float) -> str:
+        """How worker `pid` ended, waiting up to `timeout` for the zygote to reap it."""
+        with self._cond:
+            self._cond.wait_for(lambda: pid in self._ended or self._dead, timeout)
+            status = self._ended.pop(pid, None)
+        return "ended, cause unknown" if status is None else describe(status)
+
+    def forget(self, pid: int) -> None:
+        with self._lock:
+            self._ended.pop(pid, None)
+
+    def stop(self) -> None:
+        with self._lock:
+            sock, self._sock = self._sock, None
+            self._dead = True
+        if sock is not None:
+            sock.close()  # the zygote exits on EOF and its workers die with it
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+    # ---- plumbing ----
+
+    def _send(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+        sock = self._sock
+        if sock is None:
+            raise OSError("zygote stopped")
+        data = json.dumps(msg).encode() + b"\n"
+        if fds:
+            sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        else:
+            sock.sendall(data)
+
+    def _call(self, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        with self._lock:
+            rid = self._next
+            self._next += 1
+            msg["id"] = rid
+            self._send(msg, fds)  # under the lock: messages with descriptors must not interleave
+            if not self._cond.wait_for(lambda: rid in self._replies or self._dead, SPAWN_TIMEOUT):
+                raise RuntimeError("the zygote did not answer")
+            if rid not in self._replies:
+                raise RuntimeError("the zygote died")
+            return self._replies.pop(rid)
+
+    def _listen(self, sock: socket.socket, ready: threading.Event) -> None:
+        line = _read_line(sock)
+        if json.loads(line or b"{}").get("ready") is True:
+            log.info("zygote %d ready", self.pid)
+        else:
+            log.error("the zygote did not start: %r", line)
+            with self._cond:
+                self._dead = True
+        ready.set()
+        buf = b""
+        while not self._dead:
+            try:
+                chunk = sock.recv(65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                msg = json.loads(line)
+                with self._cond:
+                    if "ended" in msg:
+                        self._ended[int(msg["ended"])] = int(msg["status"])
+                        while len(self._ended) > 4096:  # never asked for: forget the oldest
+                            self._ended.pop(next(iter(self._ended)))
+                    elif "id" in msg:
+                        self._replies[int(msg["id"])] = msg
+                    self._cond.notify_all()
+        with self._cond:
+            if self._sock is sock:
+                log.error("the zygote exited; a new one starts with the next session")
+            self._dead = True
+            self._cond.notify_all()
+
+
+_shared_lock = threading.Lock()
+_shared: Zygote | None = None
+
+
+def shared_zygote() -> Zygote:
+    """The process's zygote (one per daemon process; tests run several daemons in one process)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            z = Zygote()
+            z.start()
+            _shared = z
+        return _shared
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    out = b""
+    while not out.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        out += chunk
+    return out.strip()
+
+
+# ---- the zygote process ----
+
+
+def _zygote(ctrl: socket.socket) -> None:
+    import tempfile
+
+    import torch
+    import torch._dynamo  # noqa: F401  (meta decompositions import it lazily; workers may not write its cache)
+    from gpupool.server.executor import CommandExecutor
+    from gpupool.server.slices import SliceLedger
+
+    tempfile.gettempdir()  # probes by writing a file: cache the answer before workers lose the right to
+    CommandExecutor(SliceLedger()).warm_up()  # meta kernels, once, inherited by every worker
+    one = torch.ones(2, 2, device="meta")
+    torch.ops.aten.add.Tensor(one, one)
+    children: set[int] = set()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    ctrl.sendall(b'{"ready": true}\n')
+    buf = b""
+    while True:
+        ready: list[Any] = select.select([ctrl.fileno(), wake_r], [], [])[0]
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+        _reap(ctrl, children)
+        if ctrl.fileno() not in ready:
+            continue
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(ctrl, 65536, 8)
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            break
+        buf += data
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            msg = json.loads(line)
+            if "spawn" in msg:
+                pid = _fork_worker(ctrl, wake_r, wake_w, fds[:2], WorkerSpec(**msg["spawn"]))
+                fds = fds[2:]
+                children.add(pid)
+                ctrl.sendall(json.dumps({"id": msg["id"], "pid": pid}).encode() + b"\n")
+            elif "kill" in msg and int(msg["kill"]) in children:
+                os.kill(int(msg["kill"]), signal.SIGKILL)
+        for fd in fds:
+            os.close(fd)
+    for pid in children:  # the daemon is gone: so are its sessions
+        os.kill(pid, signal.SIGKILL)
+
+
+def _reap(ctrl: socket.socket, children: set[int]) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        children.discard(pid)
+        try:
+            ctrl.sendall(json.dumps({"ended": pid, "status": status}).encode() + b"\n")
+        except OSError:
+            pass
+
+
+def _fork_worker(ctrl: socket.socket, wake_r: int, wake_w: int, fds: list[int], spec: WorkerSpec) -> int:
+    pid = os.fork()
+    if pid:
+        for fd in fds:
+            os.close(fd)
+        return pid
+    code = 70
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in (wake_r, wake_w):
+            os.close(fd)
+        ctrl.close()
+        from gpupool.server.worker import worker_main
+
+        code = worker_main(socket.socket(fileno=fds[0]), fds[1], spec)
+    except BaseException:
+        log.exception("session %d worker failed", spec.number)
+    finally:
+        os._exit(code)
+
+
+def main() -> None:
+    parent = os.getppid()
+    # PR_SET_PDEATHSIG: die with the daemon (strictly: with the thread that started us), even mid-import.
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(0)  # the daemon died before the line above
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s gpupool-zygote %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the daemon decides
+    ctrl = socket.socket(fileno=int(sys.argv[1]))
+    _zygote(ctrl)
+
+
+if __name__ == "__main__":
+    main()
