@@ -186,7 +186,7 @@ class Collectives:
             if where in seen:
                 raise InvalidArgument(f"ranks share device {claims.device} of host {claims.host}: one GPU per rank")
             seen.add(where)
-            if i == rank and where != (s.claims.host, s.claims.device):
+            if i == rank and where != (s.host_id, s.device.index):
                 raise PermissionDenied(f"rank {rank}'s token is not this session's device")
 
     # ---- collectives ----

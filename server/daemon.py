@@ -215,6 +215,8 @@ class Daemon:
             cpu_threads=c.cpu_threads,
             user=c.worker_user,
             seccomp=c.seccomp,
+            lease_id=s.lease_id,
+            host_id=self.host_id,
             network=c.worker_network,
             peer_host=(c.advertise or c.listen).rpartition(":")[0].strip("[]"),
             token_keys=tuple(self._token_pems),

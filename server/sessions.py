@@ -62,9 +62,13 @@ class Session:
         *,
         max_handles: int = MAX_HANDLES,
         max_op_flops: int = 0,
+        lease_id: str = "",
+        host_id: str = "",
     ) -> None:
         self.session_id = session_id
         self.number = number
+        self.lease_id = lease_id  # the lease and host its token named (collectives check their peers' against them)
+        self.host_id = host_id
         self.handle_base = number << HANDLE_BITS
         self.device = device
         self.memory = memory

@@ -49,6 +49,8 @@ class WorkerSpec:
     cpu_threads: int
     user: str  # drop to this user when started as root ("" keeps the daemon's)
     seccomp: bool
+    lease_id: str = ""  # the lease and host of the session's token (collectives check peers against them)
+    host_id: str = ""
     network: bool = False  # keep TCP sockets (torch.distributed collectives between daemons: --worker-network)
     peer_host: str = "127.0.0.1"  # where this daemon's collective stores and gloo listen for peers
     token_keys: tuple[str, ...] = ()  # PEM public keys: collectives verify the tokens of a job's other ranks
@@ -92,6 +94,8 @@ class _SessionState:
             spec.quota,
             max_handles=spec.max_handles,
             max_op_flops=spec.max_op_flops,
+            lease_id=spec.lease_id,
+            host_id=spec.host_id,
         )
         self.ledger = slices.SliceLedger()
         self.executor = CommandExecutor(self.ledger)
