@@ -38,6 +38,7 @@ EXTRA = {
     "aten::empty.memory_format": "factories on the device",
     "aten::empty_strided.default": "factories on the device",
     "aten::_local_scalar_dense.default": ".item()",
+    "aten::lift_fresh.default": "identity on a fresh tensor: sent when a captured step makes a tensor of Python data",
     "aten::set_.source_Tensor": "out= and in-place resizes through return_and_correct_aliasing",
     "aten::resize_.default": "out= outputs",
     "aten::_fused_dropout.default": "dropout on a non-CPU device",
@@ -80,7 +81,6 @@ REVIEWED_OUT = {
     "aten::_assert_async.default": "host-side asserts (a device-side assert on GPUs)",
     "aten::_assert_async.msg": "host-side asserts (a device-side assert on GPUs)",
     "aten::_print.default": "prints on the host",
-    "aten::lift_fresh.default": "tracing artefact",
 }
 
 

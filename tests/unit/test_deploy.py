@@ -407,7 +407,8 @@ def test_ha_overlay_runs_standby_replicas_on_postgresql(tmp_path: Path) -> None:
     if kubectl is not None:  # the real kustomize agrees with the test's renderer
         shutil.copytree(K8S, tmp_path / "k8s")
         shutil.copytree(K8S_HA, tmp_path / "k8s-ha")
-        (tmp_path / "k8s" / "token.key").write_text("0123456789abcdef0123456789abcdef\n")
+        for secret in ("token.key", "token.pub", "credentials"):
+            (tmp_path / "k8s" / secret).write_text("not a real secret\n")
         out = subprocess.run(
             [kubectl, "kustomize", str(tmp_path / "k8s-ha")], capture_output=True, text=True, timeout=60
         )
@@ -416,7 +417,11 @@ def test_ha_overlay_runs_standby_replicas_on_postgresql(tmp_path: Path) -> None:
             rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
             assert sorted(o["kind"] for o in rendered) == sorted(o["kind"] for o in objects)
             (real,) = [o for o in rendered if o["kind"] == "Deployment"]
-            secret = next(o["metadata"]["name"] for o in rendered if o["kind"] == "Secret")
+            secret = next(
+                o["metadata"]["name"]
+                for o in rendered
+                if o["kind"] == "Secret" and o["metadata"]["name"].startswith("gpupool-token-key")
+            )
             volumes = {v["name"]: v for v in pod_spec(real)["volumes"]}
             assert volumes["token-key"]["secret"]["secretName"] == secret  # the generated name, hash suffix and all
     for obj in objects:
