@@ -445,7 +445,7 @@ def test_ha_overlay_runs_standby_replicas_on_postgresql(tmp_path: Path) -> None:
     (state,) = [e for e in sched["env"] if e["name"] == "GPUPOOL_STATE"]
     assert state["valueFrom"]["secretKeyRef"]["key"] == "dsn"
     # only the leader is ready (gRPC health), yet a standby is alive: the Service routes to the leader alone
-    assert sched["readinessProbe"]["grpc"]["port"] == _port(sched, "grpc")
+    assert sched["readinessProbe"]["grpc"]["port"] == _port(sched, "health")  # the plaintext health-only port
     assert "grpc" not in sched["livenessProbe"] and sched["livenessProbe"]["tcpSocket"]["port"] == _port(sched, "grpc")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
