@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 if __package__ in (None, ""):  # run as a script: make `examples.sentiment` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from examples.sentiment import checkpoint, data
+from examples.sentiment import checkpoint, data, fetch
 from examples.sentiment.model import BENCHMARK
 from examples.sentiment.runtime import DEVICES, resolve_device, setup_logging
 
@@ -36,14 +36,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help=f"one of {', '.join(DEVICES)} (default cpu)")
     p.add_argument("--epochs", type=int, default=6, help="most epochs to train (default 6)")
-    p.add_argument("--limit", type=int, default=0, help="use N train and N test reviews, balanced (0: all 25k/25k)")
+    p.add_argument("--limit", type=int, default=0, help="use N train and N test reviews, balanced (0: all of them)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument(
+        "--lr-decay", choices=("none", "linear", "cosine"), default="none",
+        help="learning-rate schedule over --epochs: none (constant), linear or cosine decay to 0 at the last step",
+    )  # fmt: skip
     p.add_argument("--ema", type=float, default=0.0, help="evaluate and save an EMA of the weights (decay; 0: off)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--target", type=float, default=0.906, help="stop when test accuracy reaches this (default 0.906)")
-    p.add_argument("--data", type=Path, default=data.default_data_path(), help="aclImdb_v1.tar.gz ($GPUPOOL_IMDB)")
+    p.add_argument(
+        "--data", default=None,
+        help="aclImdb_v1.tar.gz, or 'sample' (the 5,000-review subset in the repository); default: $GPUPOOL_IMDB, "
+        "the cache (~/.cache/gpupool), ../shared/data, else a download of the official tarball",
+    )  # fmt: skip
     p.add_argument("--cache-dir", type=Path, default=data.default_cache_dir(), help="where the encoded data is cached")
     p.add_argument("--no-cache", action="store_true", help="tokenize the tarball every time")
     p.add_argument("--out", type=Path, default=Path("runs/sentiment"), help="checkpoint directory")
@@ -92,6 +100,17 @@ class WeightAverage:
             s.copy_(tmp)
 
 
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, kind: str, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """A per-step learning-rate schedule that reaches 0 after total_steps (None: constant rate)."""
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+
+
 def run_epoch(
     model: torch.nn.Module,
     split: data.Split,
@@ -101,6 +120,7 @@ def run_epoch(
     optimizer: torch.optim.Optimizer | None = None,
     rng: np.random.Generator | None = None,
     average: WeightAverage | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> tuple[float, float]:
     """One pass over split (training when optimizer is given): (mean loss, accuracy)."""
     training = optimizer is not None
@@ -119,6 +139,8 @@ def run_epoch(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 if average is not None:
                     average.update()
             loss_sum += loss.detach() * labels.shape[0]
@@ -142,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    ds = data.load_dataset(args.data, None if args.no_cache else args.cache_dir, args.vocab_size)
+    try:
+        tarball = fetch.locate(args.data)
+    except fetch.DataNotFound as exc:
+        log.error("%s", exc)
+        return 2
+    ds = data.load_dataset(tarball, None if args.no_cache else args.cache_dir, args.vocab_size)
     train, test = ds.train, ds.test
     if args.limit > 0:
         train = data.balanced_subset(train, args.limit, rng)
@@ -165,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     model = config.build().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     average = WeightAverage(model, args.ema) if args.ema > 0 else None
+    scheduler = make_scheduler(optimizer, args.lr_decay, args.epochs * -(-len(train) // args.batch_size))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %d parameters, on %s", config, n_params, device)
 
@@ -175,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     with Progress(*columns, disable=args.no_progress or not sys.stderr.isatty(), transient=True) as progress:
         for epoch in range(1, args.epochs + 1):
             t0 = time.perf_counter()
-            train_loss, train_acc = run_epoch(model, train, args, device, progress, optimizer, rng, average)
+            train_loss, train_acc = run_epoch(model, train, args, device, progress, optimizer, rng, average, scheduler)
             t1 = time.perf_counter()
             if average is not None:
                 average.swap()  # evaluate the averaged weights

@@ -1,7 +1,7 @@
 """The sentiment example through a real pool: `gpupool up` (one fake GPU, loopback, port 0), then
 `gpupool run -n 1 -p 0.5 -- python examples/sentiment/train.py --device gpupool --epochs 1 --limit 2000`,
-then the saved model served through the pool with infer.py. Uses the real aclImdb tarball when it is
-present (../shared/data or $GPUPOOL_IMDB), else an aclImdb-shaped synthetic one of the same size."""
+then the saved model served through the pool with infer.py, on the real reviews of the subset shipped in the
+repository (examples/sentiment/sample)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from examples.sentiment import data, fake_data
+from examples.sentiment import data
 
 pytestmark = pytest.mark.slow
 
@@ -69,19 +69,12 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.wait()
 
 
-def _tarball(tmp: Path) -> Path:
-    real = data.default_data_path()
-    if real.is_file():
-        return real
-    return fake_data.write_tarball(tmp / "aclImdb_v1.tar.gz", per_class=1000)
-
-
 def test_one_epoch_on_2000_reviews_through_gpupool_then_serve(pool: str, tmp_path: Path) -> None:
     env = {**os.environ, "GPUPOOL_SCHEDULER": pool}
     out = tmp_path / "model"
     train_cmd = [sys.executable, "-m", "gpupool.cli", "run", "-n", "1", "-p", "0.5", "--",
                  sys.executable, "examples/sentiment/train.py", "--device", "gpupool", "--epochs", "1",
-                 "--limit", "2000", "--data", str(_tarball(tmp_path)), "--cache-dir", str(tmp_path / "cache"),
+                 "--limit", "2000", "--data", str(data.SAMPLE), "--cache-dir", str(tmp_path / "cache"),
                  "--out", str(out), "--no-progress"]  # fmt: skip
     done = subprocess.run(train_cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
