@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Install everything gpupool needs on a fresh Debian machine: system packages (Prometheus for the e2e tests),
+# Install everything gpupool needs on a fresh Debian machine: system packages (Prometheus for the e2e tests,
+# Chromium and its WebDriver for the browser test of the sentiment web page),
 # the CPU build of torch (pinned, so pip does not pull a multi-GB CUDA build), and the project with its dev extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "${GPUPOOL_SKIP_APT:-0}" != 1 ] && ! command -v prometheus >/dev/null 2>&1; then
+if [ "${GPUPOOL_SKIP_APT:-0}" != 1 ] && ! { command -v prometheus && command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus chromium chromium-driver >/dev/null
   else
-    echo "setup: no apt-get; install Prometheus yourself for the e2e tests" >&2
+    echo "setup: no apt-get; install Prometheus and Chromium (+ chromedriver) yourself for the e2e tests" >&2
   fi
 fi
 python3 -m pip install -q --disable-pip-version-check "torch==2.13.0"

@@ -20,7 +20,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 if __package__ in (None, ""):  # run as a script: make `examples.sentiment` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -111,6 +121,27 @@ def make_scheduler(
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
 
 
+def train_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on one batch: (loss, logits), detached and still on the device (no sync here, so a
+    wrapper - step capture, a profiler - can take the whole step as one unit)."""
+    logits = model(tokens)
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+class StepsPerSecond(ProgressColumn):
+    """The bar's speed in steps (batches) per second."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f} steps/s" if speed else "- steps/s", style="progress.data.speed")
+
+
 def run_epoch(
     model: torch.nn.Module,
     split: data.Split,
@@ -121,38 +152,41 @@ def run_epoch(
     rng: np.random.Generator | None = None,
     average: WeightAverage | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    label: str = "",
 ) -> tuple[float, float]:
-    """One pass over split (training when optimizer is given): (mean loss, accuracy)."""
+    """One pass over split (training when optimizer is given): (mean loss, accuracy). Its progress bar (named
+    label) shows steps/s and, every --log-every steps, the running loss and accuracy."""
     training = optimizer is not None
     model.train(training)
     n_batches = -(-len(split) // args.batch_size)
-    task = progress.add_task("train" if training else "test ", total=n_batches)
+    task = progress.add_task(label or ("train" if training else "test"), total=n_batches, running="")
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = step = 0
     with torch.set_grad_enabled(training):
         for tokens, labels in data.batches(split, args.batch_size, args.max_len, rng=rng):
             tokens, labels = tokens.to(device), labels.to(device)
-            logits = model(tokens)
-            loss = torch.nn.functional.cross_entropy(logits, labels)
             if optimizer is not None:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                loss, logits = train_step(model, optimizer, tokens, labels)
                 if scheduler is not None:
                     scheduler.step()
                 if average is not None:
                     average.update()
-            loss_sum += loss.detach() * labels.shape[0]
-            correct += (logits.detach().argmax(dim=1) == labels).sum()
-            progress.advance(task)
+            else:
+                logits = model(tokens).detach()
+                loss = torch.nn.functional.cross_entropy(logits, labels)
+            loss_sum += loss * labels.shape[0]
+            correct += (logits.argmax(dim=1) == labels).sum()
             seen += labels.shape[0]
             step += 1
-            if training and args.log_every > 0 and step % args.log_every == 0:
-                # One read-back every N steps: a progress line, and it keeps an asynchronous device from falling
-                # minutes behind the script (a remote op queue that long delays everything else on the session).
-                log.info("  step %d: train loss %.4f acc %.4f", step, loss_sum.item() / seen, correct.item() / seen)
-    progress.remove_task(task)
+            if args.log_every > 0 and step % args.log_every == 0:
+                # One read-back every N steps: the running loss for the bar and the log, and it keeps an asynchronous
+                # device from falling minutes behind the script (a long remote op queue delays everything else).
+                running = f"loss {loss_sum.item() / seen:.4f} acc {correct.item() / seen:.4f}"
+                progress.update(task, running=running)
+                if training:
+                    log.info("  step %d: train %s", step, running)
+            progress.advance(task)
     return loss_sum.item() / len(split), correct.item() / len(split)
 
 
@@ -198,16 +232,18 @@ def main(argv: list[str] | None = None) -> int:
 
     history: list[dict[str, float]] = []
     reached = False
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns, disable=args.no_progress or not sys.stderr.isatty(), transient=True) as progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), StepsPerSecond(),
+               TextColumn("{task.fields[running]}"), TimeElapsedColumn(), TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, disable=args.no_progress or not sys.stderr.isatty(), transient=False) as progress:
         for epoch in range(1, args.epochs + 1):
             t0 = time.perf_counter()
-            train_loss, train_acc = run_epoch(model, train, args, device, progress, optimizer, rng, average, scheduler)
+            train_loss, train_acc = run_epoch(
+                model, train, args, device, progress, optimizer, rng, average, scheduler, f"epoch {epoch} train"
+            )
             t1 = time.perf_counter()
             if average is not None:
                 average.swap()  # evaluate the averaged weights
-            test_loss, test_acc = run_epoch(model, test, args, device, progress)
+            test_loss, test_acc = run_epoch(model, test, args, device, progress, label=f"epoch {epoch} test ")
             t2 = time.perf_counter()
             history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
                             "test_acc": test_acc, "train_s": t1 - t0, "test_s": t2 - t1})  # fmt: skip
