@@ -141,7 +141,7 @@ def tenants_table(now: Sample, before: Sample | None) -> Table:
     for (host, tag), u in sorted(now.sessions.items()):
         prev = before.sessions.get((host, tag)) if before is not None else None
         if prev is not None and dt > 0:
-            busy = _pct(min(1.0, max(0.0, (u.busy_seconds - prev.busy_seconds) / dt)))
+            busy = f"{100 * min(1.0, max(0.0, (u.busy_seconds - prev.busy_seconds) / dt)):.1f}%"
             ops = f"{max(0, u.ops - prev.ops) / dt:,.0f}"
         else:
             busy = ops = "..."  # the first sample has nothing to compare with
