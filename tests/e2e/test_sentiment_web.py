@@ -27,7 +27,7 @@ from examples.sentiment import data, train
 from examples.sentiment.infer import Classifier
 from examples.sentiment.web import Batcher
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"

@@ -17,7 +17,7 @@ from examples_fixtures import REPO, pool_env  # noqa: F401 (a fixture)
 
 from examples.sentiment import data
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # pool start-up and training: minutes on a loaded box
 
 
 

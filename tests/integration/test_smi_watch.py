@@ -12,7 +12,7 @@ import time
 import pytest
 from examples_fixtures import REPO, pool_env  # noqa: F401 (a fixture)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # pool start-up and training: minutes on a loaded box
 
 WORK = """
 import time, torch, gpupool.torch as gt

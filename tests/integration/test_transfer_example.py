@@ -13,7 +13,7 @@ import pytest
 import torch
 from examples_fixtures import REPO, pool_env  # noqa: F401 (a fixture)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # pool start-up and training: minutes on a loaded box
 
 
 def test_small_transfer_run_through_gpupool(pool_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
