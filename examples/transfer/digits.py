@@ -52,18 +52,25 @@ def few_shot_split(data: Images, shots: int, seed: int) -> tuple[Images, Images]
 
 
 class DigitsCNN(nn.Module):
-    """conv-relu x2, max-pool, conv-relu, global average pool -> `features` (64 values) -> linear head."""
+    """conv-relu x2, max-pool, conv-relu, max-pool -> `features` (2*width x 2 x 2, flattened) -> linear head.
+
+    The features keep a coarse 2x2 layout: a global average would throw away where the strokes are, which is most
+    of what tells a new digit from the old ones."""
 
     def __init__(self, num_classes: int, width: int = 32) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2),  # 8x8 -> 4x4
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )  # fmt: skip
-        self.head = nn.Linear(2 * width, num_classes)
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 4x4 -> 2x2
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(2 * width * 4, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

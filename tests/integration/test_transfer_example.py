@@ -31,5 +31,5 @@ def test_small_transfer_run_through_gpupool(pool_env: dict[str, str], tmp_path: 
         (acc,) = results["accuracy"][method]
         assert 0.25 < acc <= 1.0, (method, acc)  # above chance on 4 classes
     state = torch.load(out / "pretrained.pt", map_location="cpu", weights_only=True)
-    assert state["head.weight"].shape == (6, 32)  # the exported base network: 6 classes, 2 x width features
+    assert state["head.weight"].shape == (6, 128)  # the exported base network: 6 classes, 2 x width x 2 x 2 features
     assert "frozen" in done.stdout and "fine-tune" in done.stdout
