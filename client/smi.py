@@ -1,22 +1,35 @@
-"""`gpupool smi` (the pool at a glance, like nvidia-smi) and `gpupool list-gpus` (one line per GPU)."""
+"""`gpupool smi` (the pool at a glance, like nvidia-smi; `--watch` keeps a live view) and `gpupool list-gpus`.
+
+The devices and leases come from the scheduler (`ListPool`); the per-tenant view (memory, share, busy %, ops/s
+of every session) from each up host's daemon (`Device.Status`), rates being differences between two polls.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import grpc
 from gpupool.client.pool import SchedulerClient
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from gpupool import tls
-from gpupool._proto import scheduler_pb2
+from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
 from gpupool.config import add_flag, format_size
 from gpupool.errors import GpupoolError
 
 STATE_STYLE = {"up": "green", "down": "red", "draining": "yellow"}
+STATUS_TIMEOUT_S = 5.0
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -38,12 +51,49 @@ def _fetch(args: argparse.Namespace) -> scheduler_pb2.PoolState | None:
         client.close()
 
 
+def daemon_channel(address: str) -> grpc.Channel:
+    """The one place smi connects to a daemon: TLS as GPUPOOL_TLS_* (or smi's flags) say; Status needs no token."""
+    return tls.channel(address, token=False)
+
+
+def _daemon_status(address: str) -> device_pb2.StatusReply | None:
+    """A daemon's Status, or None when it does not answer (the table then shows its sessions as unknown)."""
+    channel = daemon_channel(address)
+    try:
+        return device_pb2_grpc.DeviceStub(channel).Status(device_pb2.StatusRequest(), timeout=STATUS_TIMEOUT_S)
+    except grpc.RpcError:
+        return None
+    finally:
+        channel.close()
+
+
+@dataclass
+class Sample:
+    """One poll of the pool: the scheduler's view plus each reachable daemon's sessions, at a monotonic time."""
+
+    pool: scheduler_pb2.PoolState
+    sessions: dict[tuple[str, str], device_pb2.SessionUsage] = field(default_factory=dict)  # (host, tag) ->
+    at: float = field(default_factory=time.monotonic)
+
+
+StatusFn = Callable[[str], device_pb2.StatusReply | None]
+
+
+def sample(pool: scheduler_pb2.PoolState, status: StatusFn = _daemon_status) -> Sample:
+    """Poll every host that is not down for its sessions."""
+    s = Sample(pool)
+    for h in pool.hosts:
+        reply = status(h.address) if h.state != "down" else None
+        for u in reply.sessions if reply is not None else ():
+            s.sessions[(h.host_id, u.session_id)] = u
+    return s
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
-def render(pool: scheduler_pb2.PoolState, console: Console) -> None:
-    """Print the devices table and the leases table."""
+def devices_table(pool: scheduler_pb2.PoolState) -> Table:
     holders: dict[tuple[str, int], list[str]] = defaultdict(list)
     for lease in pool.leases:
         for ld in lease.devices:
@@ -65,7 +115,10 @@ def render(pool: scheduler_pb2.PoolState, console: Console) -> None:
                 _pct(d.allocated_share),
                 ", ".join(holders.get((h.host_id, d.info.index), [])) or "-",
             )
-    console.print(devices)
+    return devices
+
+
+def leases_table(pool: scheduler_pb2.PoolState) -> Table:
     leases = Table(title=f"leases ({len(pool.leases)} active, {pool.waiting} waiting)", title_justify="left")
     for col in ("lease", "tenant", "devices", "quota", "share", "expires in"):
         leases.add_column(col)
@@ -79,15 +132,86 @@ def render(pool: scheduler_pb2.PoolState, console: Console) -> None:
             ", ".join(f"{ld.share:.2g}" for ld in lease.devices),
             f"{max(0.0, lease.expires_at - now):.0f} s",
         )
-    console.print(leases)
+    return leases
+
+
+def tenants_table(now: Sample, before: Sample | None) -> Table:
+    """One row per session: memory used/limit, share, and busy % and ops/s since the previous sample."""
+    dt = now.at - before.at if before is not None else 0.0
+    table = Table(title="tenants (sessions on the daemons)", title_justify="left")
+    for col in ("host/gpu", "tenant", "lease", "session", "memory", "limit", "share", "busy", "ops/s"):
+        table.add_column(col, justify="left" if col in ("host/gpu", "tenant", "lease", "session") else "right")
+    for (host, tag), u in sorted(now.sessions.items()):
+        prev = before.sessions.get((host, tag)) if before is not None else None
+        if prev is not None and dt > 0:
+            busy = f"{100 * min(1.0, max(0.0, (u.busy_seconds - prev.busy_seconds) / dt)):.1f}%"
+            ops = f"{max(0, u.ops - prev.ops) / dt:,.0f}"
+        else:
+            busy = ops = "..."  # the first sample has nothing to compare with
+        table.add_row(f"{host}/{u.device}", u.tenant, u.lease_id[:12], tag, format_size(u.used_bytes),
+                      format_size(u.limit_bytes), f"{u.share:.2g}", busy, ops)  # fmt: skip
+    return table
+
+
+def view(now: Sample, before: Sample | None, log: Path | None = None, log_lines: int = 8) -> RenderableType:
+    """The whole live view: devices, tenants, leases, and optionally the last lines of a log file."""
+    parts: list[RenderableType] = [devices_table(now.pool), tenants_table(now, before), leases_table(now.pool)]
+    if log is not None:
+        try:
+            tail = log.read_text(errors="replace").splitlines()[-log_lines:]
+        except OSError:
+            tail = []
+        parts.append(Panel(Text("\n".join(tail)), title=str(log), title_align="left"))
+    return Group(*parts)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def watch(args: argparse.Namespace, console: Console) -> int:
+    """Refresh the view every --interval seconds until --count refreshes, --until-pid exits, or Ctrl-C."""
+    before: Sample | None = None
+    shown = 0
+    with Live(console=console, auto_refresh=False, transient=False) as live:
+        try:
+            while True:
+                pool = _fetch(args)
+                if pool is None:
+                    return 1
+                now = sample(pool)
+                live.update(view(now, before, args.log), refresh=True)
+                before, shown = now, shown + 1
+                if (args.count and shown >= args.count) or (args.until_pid and not _alive(args.until_pid)):
+                    return 0
+                time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0
 
 
 def main(argv: list[str]) -> int:
-    args = _parser("gpupool smi", "Show the pool: hosts, devices, memory, shares, leases.").parse_args(argv)
+    p = _parser("gpupool smi", "Show the pool: hosts, devices, memory, shares, leases, and each tenant's usage.")
+    p.add_argument("-w", "--watch", action="store_true", help="keep a live view, refreshed every --interval s")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch (default 2)")
+    p.add_argument("--count", type=int, default=0, help="with --watch: stop after N refreshes (default: until Ctrl-C)")
+    p.add_argument("--until-pid", type=int, default=0, help="with --watch: stop when process PID has exited")
+    p.add_argument("--log", type=Path, default=None, help="with --watch: also show the last lines of this file")
+    args = p.parse_args(argv)
+    if args.interval <= 0:
+        p.error("--interval must be > 0")
+    console = Console()
+    if args.watch:
+        return watch(args, console)
     pool = _fetch(args)
     if pool is None:
         return 1
-    render(pool, Console())
+    console.print(view(sample(pool), None))
     return 0
 
 

@@ -1,31 +1,54 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: install, start a one-machine pool (`gpupool up`: scheduler + daemon,
-# real GPUs if torch sees any, else 2 fake GPUs), train the MLPerf sentiment CNN through it on half a GPU,
-# then stop the pool. Extra arguments go to train.py (default: 3 epochs of the plain CNN on 4,000 reviews,
-# about 83% test accuracy in a minute or two; pass `--limit 0` for the full 25k/25k benchmark configuration,
-# which stops at the 90.6% target).
+# The main job on a fresh machine: install, start a one-machine pool (`gpupool up`: scheduler + daemon, real GPUs if
+# torch sees any, else 2 fake GPUs), train the MLPerf sentiment CNN through it on half a GPU while a live view of the
+# pool (`gpupool smi --watch`) shows each tenant's memory, busy % and ops/s, classify two reviews with the trained
+# model on the CPU (the edge site), then stop the pool.
+#
+#   bash scripts/demo.sh                 # 3 epochs of the plain CNN on the 5,000 real reviews shipped in the repo
+#   bash scripts/demo.sh --web           # ... then serve the model on a web page (http://127.0.0.1:8000)
+#   bash scripts/demo.sh --limit 0 --data ''   # extra arguments go to train.py: here the full benchmark, with
+#                                        # aclImdb found in the cache or ../shared/data, else downloaded
+#
+# Environment: GPUPOOL_DEMO_SETUP=0 skips scripts/setup.sh (already installed); PYTHON (default python3);
+# GPUPOOL_WEB_PORT (default 8000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-GPUPOOL_SKIP_APT=1 bash scripts/setup.sh
+web=0
+if [ "${1:-}" = --web ]; then web=1; shift; fi
+[ "${GPUPOOL_DEMO_SETUP:-1}" = 0 ] || GPUPOOL_SKIP_APT=1 bash scripts/setup.sh
 state=$(mktemp -d)
 log="$state/up.log"
 gpupool up --state "$state/scheduler.db" --scheduler-listen 127.0.0.1:0 --listen 127.0.0.1:0 \
   --metrics-listen 127.0.0.1:0 --scheduler-metrics-listen 127.0.0.1:0 >"$log" 2>&1 &
 up_pid=$!
 trap 'kill -INT $up_pid 2>/dev/null; wait $up_pid 2>/dev/null; rm -rf "$state"' EXIT
-for _ in $(seq 1 120); do
-  addr=$(sed -n 's/.*export GPUPOOL_SCHEDULER=\([0-9.:]*\).*/\1/p' "$log" | head -n 1)
-  [ -n "$addr" ] && break
+# How a client reaches this pool: the `export ...` lines `gpupool up` prints (one place to change).
+for _ in $(seq 1 240); do
+  exports=$(grep -E '^\s*export GPUPOOL_[A-Z_]+=' "$log" || true)
+  [ -n "$exports" ] && break
   kill -0 $up_pid 2>/dev/null || { cat "$log"; exit 1; }
   sleep 0.5
 done
-[ -n "${addr:-}" ] || { echo "gpupool up did not come up:"; cat "$log"; exit 1; }
+[ -n "${exports:-}" ] || { echo "gpupool up did not come up:"; cat "$log"; exit 1; }
+eval "$exports"
 cat "$log"
-# Every link is mutual TLS: take the scheduler address, the CA and this user's tenant certificate from what
-# `gpupool up` printed (export GPUPOOL_SCHEDULER=..., GPUPOOL_TLS_CA=..., GPUPOOL_TLS_CERT=..., GPUPOOL_TLS_KEY=...).
-eval "$(sed -n 's/^  export \(GPUPOOL_[A-Z_]*=[^ ]*\)$/export \1/p' "$log")"
-[ "$GPUPOOL_SCHEDULER" = "$addr" ] && [ -n "${GPUPOOL_TLS_CA:-}" ] || { echo "no TLS exports in:"; cat "$log"; exit 1; }
-gpupool smi
-args=("$@"); [ ${#args[@]} -gt 0 ] || args=(--limit 4000 --epochs 3 --bigram-buckets 0 --embed-dropout 0)
-gpupool run -n 1 -p 0.5 -- python examples/sentiment/train.py --device gpupool "${args[@]}"
-gpupool smi
+py=${PYTHON:-python3}
+out=runs/demo
+args=("$@")
+[ ${#args[@]} -gt 0 ] || args=(--data sample --epochs 3 --bigram-buckets 0 --embed-dropout 0 --log-every 10)
+echo "training: gpupool run -n 1 -p 0.5 -- $py examples/sentiment/train.py --device gpupool ${args[*]}"
+gpupool run -n 1 -p 0.5 -- "$py" examples/sentiment/train.py --device gpupool --out "$out" --no-progress \
+  "${args[@]}" >"$state/train.log" 2>&1 &
+train_pid=$!
+# The pool while it trains: devices, each tenant's memory / busy % / ops/s, leases, and the training log's tail.
+gpupool smi --watch --interval 1 --until-pid $train_pid --log "$state/train.log" || true
+rc=0; wait $train_pid || rc=$?
+grep -vE ' step [0-9]+: ' "$state/train.log" || true
+[ $rc = 0 ] || { echo "training failed (exit $rc):"; tail -n 40 "$state/train.log"; exit $rc; }
+echo "classifying two reviews with the trained model on the CPU (the edge site):"
+"$py" examples/sentiment/infer.py --model "$out" "A moving, beautifully acted film. I loved every minute." \
+  "Dull, predictable and far too long. A waste of time."
+if [ $web = 1 ]; then
+  echo "serving $out on http://127.0.0.1:${GPUPOOL_WEB_PORT:-8000} (Ctrl-C stops)"
+  "$py" examples/sentiment/web.py --model "$out" --port "${GPUPOOL_WEB_PORT:-8000}"
+fi

@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # Install everything gpupool needs on a fresh Debian machine: system packages (Prometheus for the e2e tests,
-# PostgreSQL for the scheduler's HA tests - the tests start their own server with initdb/pg_ctl - and libseccomp2
-# for the daemon's sandboxed session workers), the CPU build of torch (pinned, so pip does not pull a multi-GB CUDA
-# build), and the project with its dev extras.
+# PostgreSQL for the scheduler's HA tests - the tests start their own server with initdb/pg_ctl -, libseccomp2 for
+# the daemon's sandboxed session workers, Chromium and its WebDriver for the browser test of the sentiment web page),
+# the CPU build of torch (pinned, so pip does not pull a multi-GB CUDA build), and the project with its dev extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 have_pg() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
 have_seccomp() { ldconfig -p | grep -q libseccomp.so.2; }
-if [ "${GPUPOOL_SKIP_APT:-0}" != 1 ] && { ! command -v prometheus >/dev/null 2>&1 || ! have_pg || ! have_seccomp; }; then
+have_tools() { command -v prometheus && command -v chromium && command -v chromedriver; } >/dev/null 2>&1
+if [ "${GPUPOOL_SKIP_APT:-0}" != 1 ] && ! { have_tools && have_pg && have_seccomp; }; then
   if command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus postgresql libseccomp2 >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus postgresql libseccomp2 chromium \
+      chromium-driver >/dev/null
   else
-    echo "setup: no apt-get; install Prometheus and PostgreSQL yourself for the e2e and HA tests" >&2
+    echo "setup: no apt-get; install Prometheus, PostgreSQL, libseccomp2 and Chromium (+ chromedriver) yourself" >&2
   fi
 fi
 python3 -m pip install -q --disable-pip-version-check "torch==2.13.0"

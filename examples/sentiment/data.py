@@ -1,9 +1,11 @@
-"""aclImdb for the sentiment workload: read the tarball, tokenize, build the vocabulary, encode, cache, batch.
+"""aclImdb for the sentiment workload: find the tarball, tokenize, build the vocabulary, encode, cache, batch.
 
-The dataset is read straight from ``aclImdb_v1.tar.gz`` (never downloaded): ``aclImdb/{train,test}/{pos,neg}/
-<id>_<rating>.txt``. The vocabulary comes from the training reviews only. The encoded splits are cached as
-an ``.npz`` (no pickle) keyed by the tarball's size/mtime and the tokenizer settings, so later runs start
-in a second. Training batches come in a seeded random order; the test split keeps a fixed order.
+The dataset is read straight from ``aclImdb_v1.tar.gz`` (``aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt``),
+found by ``locate`` (see ``fetch.py``: --data, the cache, ../shared/data, else a download), or from the small
+real subset in ``sample/`` (``--data sample``). The vocabulary comes from the training reviews only. The
+encoded splits are cached as an ``.npz`` (no pickle) keyed by the tarball's size/mtime and the tokenizer
+settings, so later runs start in a second. Training batches come in a seeded random order; the test split
+keeps a fixed order.
 """
 
 from __future__ import annotations
@@ -26,23 +28,27 @@ from examples.sentiment.model import PAD_ID, UNK_ID
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "aclImdb_v1.tar.gz"
+TARBALL = "aclImdb_v1.tar.gz"
+# Where CI and this project's shared machines keep the full tarball: ../shared/data next to the repository.
+SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / TARBALL
+# 1,250 real reviews per label and split (5,000 in all), in the repository: see sample/README.md.
+SAMPLE = Path(__file__).resolve().parent / "sample" / "aclImdb_sample.tar.xz"
 TOKENIZER_VERSION = 1
 _MEMBER = re.compile(r"^aclImdb/(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[!?]")
 _BREAK = re.compile(r"<br\s*/?>")
 
 
-def default_data_path() -> Path:
-    """$GPUPOOL_IMDB, else ../shared/data/aclImdb_v1.tar.gz next to the repository."""
-    env = os.environ.get("GPUPOOL_IMDB")
-    return Path(env) if env else DEFAULT_DATA.resolve()
+def cache_root() -> Path:
+    """gpupool's cache: $XDG_CACHE_HOME/gpupool, else ~/.cache/gpupool (a downloaded tarball lands here)."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "gpupool"
 
 
 def default_cache_dir() -> Path:
-    """$GPUPOOL_CACHE_DIR, else ~/.cache/gpupool/sentiment."""
+    """Where encoded splits are cached: $GPUPOOL_CACHE_DIR, else <cache_root>/sentiment."""
     env = os.environ.get("GPUPOOL_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "gpupool" / "sentiment"
+    return Path(env) if env else cache_root() / "sentiment"
 
 
 def tokenize(text: str) -> list[str]:
@@ -56,6 +62,7 @@ class Review:
     label: int  # 1 = pos, 0 = neg
     review_id: int
     text: str
+    rating: int = 0  # the star rating in the file name (1-4 neg, 7-10 pos)
 
 
 def read_reviews(tar_path: Path) -> list[Review]:
@@ -72,7 +79,8 @@ def read_reviews(tar_path: Path) -> list[Review]:
             if f is None:
                 continue
             text = f.read().decode("utf-8", errors="replace")
-            reviews.append(Review(m.group(1), 1 if m.group(2) == "pos" else 0, int(m.group(3)), text))
+            label = 1 if m.group(2) == "pos" else 0
+            reviews.append(Review(m.group(1), label, int(m.group(3)), text, int(m.group(4))))
     reviews.sort(key=lambda r: (r.split, r.label, r.review_id))
     return reviews
 

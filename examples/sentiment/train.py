@@ -22,12 +22,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 if __package__ in (None, ""):  # run as a script: make `examples.sentiment` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from examples.sentiment import checkpoint, data
+from examples.sentiment import checkpoint, data, fetch
 from examples.sentiment.model import BENCHMARK
 from examples.sentiment.runtime import DEVICES, resolve_device, setup_logging
 
@@ -38,14 +48,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help=f"one of {', '.join(DEVICES)} (default cpu)")
     p.add_argument("--epochs", type=int, default=6, help="most epochs to train (default 6)")
-    p.add_argument("--limit", type=int, default=0, help="use N train and N test reviews, balanced (0: all 25k/25k)")
+    p.add_argument("--limit", type=int, default=0, help="use N train and N test reviews, balanced (0: all of them)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument(
+        "--lr-decay", choices=("none", "linear", "cosine"), default="none",
+        help="learning-rate schedule over --epochs: none (constant), linear or cosine decay to 0 at the last step",
+    )  # fmt: skip
     p.add_argument("--ema", type=float, default=0.0, help="evaluate and save an EMA of the weights (decay; 0: off)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--target", type=float, default=0.906, help="stop when test accuracy reaches this (default 0.906)")
-    p.add_argument("--data", type=Path, default=data.default_data_path(), help="aclImdb_v1.tar.gz ($GPUPOOL_IMDB)")
+    p.add_argument(
+        "--data", default=None,
+        help="aclImdb_v1.tar.gz, or 'sample' (the 5,000-review subset in the repository); default: $GPUPOOL_IMDB, "
+        "the cache (~/.cache/gpupool), ../shared/data, else a download of the official tarball",
+    )  # fmt: skip
     p.add_argument("--cache-dir", type=Path, default=data.default_cache_dir(), help="where the encoded data is cached")
     p.add_argument("--no-cache", action="store_true", help="tokenize the tarball every time")
     p.add_argument("--out", type=Path, default=Path("runs/sentiment"), help="checkpoint directory")
@@ -103,8 +121,9 @@ class WeightAverage:
 def make_train_step(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, average: WeightAverage | None, capture: bool
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """One optimizer step on a batch: (loss, logits), both detached. With `capture`, `gpupool.torch.capture`
-    replays it on the daemon as one command per step once it has been recorded for the batch's shape."""
+    """One optimizer step on a batch: (loss, logits), detached and still on the device (no sync here, so the
+    whole step is one unit). With `capture`, `gpupool.torch.capture` replays it on the daemon as one command per
+    step once it has been recorded for the batch's shape."""
 
     def train_step(tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(tokens)
@@ -123,6 +142,25 @@ def make_train_step(
     return gpupool.torch.capture(train_step)  # type: ignore[no-any-return]
 
 
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, kind: str, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """A per-step learning-rate schedule that reaches 0 after total_steps (None: constant rate)."""
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+
+
+class StepsPerSecond(ProgressColumn):
+    """The bar's speed in steps (batches) per second."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f} steps/s" if speed else "- steps/s", style="progress.data.speed")
+
+
 def run_epoch(
     model: torch.nn.Module,
     split: data.Split,
@@ -131,12 +169,15 @@ def run_epoch(
     progress: Progress,
     step_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     rng: np.random.Generator | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    label: str = "",
 ) -> tuple[float, float]:
-    """One pass over split (training when step_fn is given): (mean loss, accuracy)."""
+    """One pass over split (training when step_fn is given): (mean loss, accuracy). Its progress bar (named
+    label) shows steps/s and, every --log-every steps, the running loss and accuracy."""
     training = step_fn is not None
     model.train(training)
     n_batches = -(-len(split) // args.batch_size)
-    task = progress.add_task("train" if training else "test ", total=n_batches)
+    task = progress.add_task(label or ("train" if training else "test"), total=n_batches, running="")
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = step = 0
@@ -145,19 +186,23 @@ def run_epoch(
             tokens, labels = tokens.to(device), labels.to(device)
             if step_fn is not None:
                 loss, logits = step_fn(tokens, labels)
+                if scheduler is not None:
+                    scheduler.step()
             else:
-                logits = model(tokens)
+                logits = model(tokens).detach()
                 loss = torch.nn.functional.cross_entropy(logits, labels)
-            loss_sum += loss.detach() * labels.shape[0]
-            correct += (logits.detach().argmax(dim=1) == labels).sum()
-            progress.advance(task)
+            loss_sum += loss * labels.shape[0]
+            correct += (logits.argmax(dim=1) == labels).sum()
             seen += labels.shape[0]
             step += 1
-            if training and args.log_every > 0 and step % args.log_every == 0:
-                # One read-back every N steps: a progress line, and it keeps an asynchronous device from falling
-                # minutes behind the script (a remote op queue that long delays everything else on the session).
-                log.info("  step %d: train loss %.4f acc %.4f", step, loss_sum.item() / seen, correct.item() / seen)
-    progress.remove_task(task)
+            if args.log_every > 0 and step % args.log_every == 0:
+                # One read-back every N steps: the running loss for the bar and the log, and it keeps an asynchronous
+                # device from falling minutes behind the script (a long remote op queue delays everything else).
+                running = f"loss {loss_sum.item() / seen:.4f} acc {correct.item() / seen:.4f}"
+                progress.update(task, running=running)
+                if training:
+                    log.info("  step %d: train %s", step, running)
+            progress.advance(task)
     return loss_sum.item() / len(split), correct.item() / len(split)
 
 
@@ -169,7 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    ds = data.load_dataset(args.data, None if args.no_cache else args.cache_dir, args.vocab_size)
+    try:
+        tarball = fetch.locate(args.data)
+    except fetch.DataNotFound as exc:
+        log.error("%s", exc)
+        return 2
+    ds = data.load_dataset(tarball, None if args.no_cache else args.cache_dir, args.vocab_size)
     train, test = ds.train, ds.test
     if args.limit > 0:
         train = data.balanced_subset(train, args.limit, rng)
@@ -198,21 +248,24 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay, capturable=args.capture)
     average = WeightAverage(model, args.ema) if args.ema > 0 else None
     train_step = make_train_step(model, optimizer, average, args.capture)
+    scheduler = make_scheduler(optimizer, args.lr_decay, args.epochs * -(-len(train) // args.batch_size))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %d parameters, on %s", config, n_params, device)
 
     history: list[dict[str, float]] = []
     reached = False
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns, disable=args.no_progress or not sys.stderr.isatty(), transient=True) as progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), StepsPerSecond(),
+               TextColumn("{task.fields[running]}"), TimeElapsedColumn(), TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, disable=args.no_progress or not sys.stderr.isatty(), transient=False) as progress:
         for epoch in range(1, args.epochs + 1):
             t0 = time.perf_counter()
-            train_loss, train_acc = run_epoch(model, train, args, device, progress, train_step, rng)
+            train_loss, train_acc = run_epoch(
+                model, train, args, device, progress, train_step, rng, scheduler, f"epoch {epoch} train"
+            )
             t1 = time.perf_counter()
             if average is not None:
                 average.swap()  # evaluate the averaged weights
-            test_loss, test_acc = run_epoch(model, test, args, device, progress)
+            test_loss, test_acc = run_epoch(model, test, args, device, progress, label=f"epoch {epoch} test ")
             t2 = time.perf_counter()
             history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
                             "test_acc": test_acc, "train_s": t1 - t0, "test_s": t2 - t1})  # fmt: skip

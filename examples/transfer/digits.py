@@ -1,0 +1,114 @@
+"""Data and network of the transfer-learning example: scikit-learn's bundled digits and a small CNN.
+
+The digits (``sklearn.datasets.load_digits``: 1,797 handwritten 8x8 images of 0-9, shipped inside the package,
+no download) are split by class: the "base" classes pretrain the network, the held-out "novel" classes are
+the small domain-specific task, of which only a few labelled examples per class are used for training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class Images:
+    x: torch.Tensor  # float32 (N, 1, 8, 8) in [0, 1]
+    y: torch.Tensor  # int64 (N,): class index within its task (0..k-1)
+    digits: tuple[int, ...]  # the digit each class index stands for
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(images float32 (1797, 8, 8) in [0, 1], labels int64 (1797,)) from scikit-learn."""
+    from sklearn.datasets import load_digits as sk_load_digits  # the example's only use of scikit-learn
+
+    bunch = sk_load_digits()
+    return (bunch.images / 16.0).astype(np.float32), bunch.target.astype(np.int64)
+
+
+def task(images: np.ndarray, labels: np.ndarray, digits: tuple[int, ...]) -> Images:
+    """The images of the given digits, relabelled 0..len(digits)-1 in that order."""
+    rows = np.flatnonzero(np.isin(labels, digits))
+    remap = {d: i for i, d in enumerate(digits)}
+    y = np.asarray([remap[int(v)] for v in labels[rows]], dtype=np.int64)
+    return Images(torch.from_numpy(images[rows]).unsqueeze(1), torch.from_numpy(y), digits)
+
+
+def few_shot_split(data: Images, shots: int, seed: int) -> tuple[Images, Images]:
+    """(train: `shots` random images per class, test: all the others), the same for the same seed."""
+    rng = np.random.default_rng(seed)
+    y = data.y.numpy()
+    train_rows = np.concatenate([rng.choice(np.flatnonzero(y == c), size=shots, replace=False)
+                                 for c in range(len(data.digits))])  # fmt: skip
+    test_rows = np.setdiff1d(np.arange(len(y)), train_rows)
+    pick = lambda rows: Images(data.x[rows], data.y[rows], data.digits)  # noqa: E731
+    return pick(np.sort(train_rows)), pick(test_rows)
+
+
+class DigitsCNN(nn.Module):
+    """conv-relu x2, max-pool, conv-relu, max-pool -> `features` (2*width x 2 x 2, flattened) -> linear head.
+
+    The features keep a coarse 2x2 layout: a global average would throw away where the strokes are, which is most
+    of what tells a new digit from the old ones."""
+
+    def __init__(self, num_classes: int, width: int = 32) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 8x8 -> 4x4
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 4x4 -> 2x2
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(2 * width * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def new_head(self, num_classes: int) -> None:
+        """Replace the classifier for a new task (the features are kept)."""
+        self.head = nn.Linear(self.head.in_features, num_classes)
+
+
+def fit(
+    model: nn.Module,
+    data: Images,
+    device: torch.device,
+    steps: int,
+    lr: float,
+    batch_size: int = 64,
+    seed: int = 0,
+    params: list[nn.Parameter] | None = None,
+) -> float:
+    """Train `params` (default: all that require grad) for `steps` Adam steps on shuffled batches; the data are
+    uploaded once. Returns the last step's loss."""
+    gen = torch.Generator().manual_seed(seed)
+    x, y = data.x.to(device), data.y.to(device)
+    opt = torch.optim.Adam(params if params is not None else [p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    loss = torch.zeros((), device=device)
+    n = len(data)
+    for _ in range(steps):
+        rows = torch.randperm(n, generator=gen)[: min(batch_size, n)].to(device)
+        loss = nn.functional.cross_entropy(model(x.index_select(0, rows)), y.index_select(0, rows))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return float(loss.item())
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Images, device: torch.device) -> float:
+    model.eval()
+    pred = model(data.x.to(device)).argmax(dim=1).cpu()
+    return float((pred == data.y).float().mean())

@@ -1,0 +1,138 @@
+"""Transfer learning through gpupool: pretrain on some digits, adapt to held-out digits from a few examples.
+
+    gpupool run -n 1 -p 0.5 -- python examples/transfer/transfer.py --device gpupool
+    python examples/transfer/transfer.py --device cpu --shots 5 --repeats 5
+
+1. Pretrain DigitsCNN on the base digits (default 0-5; all their images) and export the checkpoint
+   (``pretrained.pt``, a state_dict loaded back with ``torch.load(weights_only=True)``).
+2. For each repeat (a different random draw of the few examples): on the novel digits (default 6-9), with
+   --shots labelled images per class,
+   - scratch:   the same network, randomly initialised, trained on those few images;
+   - frozen:    the pretrained features, frozen, and a new linear head trained on them;
+   - fine-tune: the frozen result, then every layer unfrozen and trained on with a smaller learning rate.
+   Every method is tested on all the other images of the novel digits.
+3. Print the table (mean and spread over the repeats) and write ``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+if __package__ in (None, ""):  # run as a script: make `examples.*` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from examples.sentiment.runtime import DEVICES, resolve_device, setup_logging
+from examples.transfer.digits import DigitsCNN, Images, accuracy, few_shot_split, fit, load_digits, task
+
+log = logging.getLogger("transfer")
+METHODS = ("scratch", "frozen", "fine-tune")
+
+
+def _digits(text: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in text.split(","))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help=f"one of {', '.join(DEVICES)} (default cpu)")
+    p.add_argument("--base", type=_digits, default=(0, 1, 2, 3, 4, 5), help="pretraining digits (default 0-5)")
+    p.add_argument("--novel", type=_digits, default=(6, 7, 8, 9), help="held-out digits (default 6-9)")
+    p.add_argument("--shots", type=int, default=5, help="labelled examples per novel class (default 5)")
+    p.add_argument("--repeats", type=int, default=5, help="draws of the few examples (default 5)")
+    p.add_argument("--pretrain-steps", type=int, default=600, help="Adam steps of pretraining (batch 64)")
+    p.add_argument("--steps", type=int, default=200, help="Adam steps for each few-shot method")
+    p.add_argument("--width", type=int, default=32, help="channels of the first convolutions")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/transfer"), help="checkpoint and results.json")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def pretrain(
+    args: argparse.Namespace, device: torch.device, images: np.ndarray, labels: np.ndarray
+) -> tuple[Path, float]:
+    """Train on every base digit (80% of their images; the rest measures it) and export the checkpoint."""
+    base = task(images, labels, args.base)
+    train, test = few_shot_split(base, shots=int(0.8 * min(torch.bincount(base.y)).item()), seed=args.seed)
+    torch.manual_seed(args.seed)
+    model = DigitsCNN(len(args.base), args.width).to(device)
+    fit(model, train, device, args.pretrain_steps, lr=2e-3, seed=args.seed)
+    acc = accuracy(model, test, device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "pretrained.pt"
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    log.info("pretrained on digits %s: %.1f%% on their held-out 20%%; exported %s", args.base, 100 * acc, path)
+    return path, acc
+
+
+def few_shot(
+    args: argparse.Namespace, device: torch.device, checkpoint: Path, train: Images, test: Images
+) -> dict[str, float]:
+    """The three methods on one draw of the few examples: their test accuracies."""
+    k = len(args.novel)
+    accs: dict[str, float] = {}
+    torch.manual_seed(args.seed + 1)
+    scratch = DigitsCNN(k, args.width).to(device)
+    fit(scratch, train, device, args.steps, lr=2e-3, seed=args.seed)
+    accs["scratch"] = accuracy(scratch, test, device)
+
+    model = DigitsCNN(len(args.base), args.width)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    torch.manual_seed(args.seed + 1)
+    model.new_head(k)
+    model = model.to(device)
+    for p in model.features.parameters():
+        p.requires_grad_(False)
+    fit(model, train, device, args.steps, lr=1e-2, seed=args.seed, params=list(model.head.parameters()))
+    accs["frozen"] = accuracy(model, test, device)
+    for p in model.features.parameters():
+        p.requires_grad_(True)
+    fit(model, train, device, args.steps // 2, lr=3e-4, seed=args.seed)
+    accs["fine-tune"] = accuracy(model, test, device)
+    return accs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    if set(args.base) & set(args.novel):
+        raise SystemExit(f"--base {args.base} and --novel {args.novel} must not share digits")
+    device = resolve_device(args.device)
+    images, labels = load_digits()
+    t0 = time.perf_counter()
+    checkpoint, base_acc = pretrain(args, device, images, labels)
+    novel = task(images, labels, args.novel)
+    runs: list[dict[str, float]] = []
+    for r in range(args.repeats):
+        train, test = few_shot_split(novel, args.shots, seed=args.seed + 100 + r)
+        runs.append(few_shot(args, device, checkpoint, train, test))
+        log.info("draw %d (%d train / %d test images): %s", r + 1, len(train), len(test),
+                 ", ".join(f"{m} {100 * a:.1f}%" for m, a in runs[-1].items()))  # fmt: skip
+    summary = {m: [run[m] for run in runs] for m in METHODS}
+    table = Table(title=f"digits {args.novel} from {args.shots} examples each ({args.repeats} draws, on {device})")
+    for col in ("method", "mean accuracy", "min", "max"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for m in METHODS:
+        accs = summary[m]
+        table.add_row(m, f"{100 * statistics.fmean(accs):.1f}%", f"{100 * min(accs):.1f}%", f"{100 * max(accs):.1f}%")
+    Console().print(table)
+    results = {"device": str(device), "base": args.base, "novel": args.novel, "shots": args.shots,
+               "pretrain_test_acc": base_acc, "accuracy": summary, "seconds": time.perf_counter() - t0}  # fmt: skip
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    log.info("wrote %s", args.out / "results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The README's first command on a fresh clone: `bash scripts/demo.sh` in a `git clone` in a temporary folder, with no
+../shared beside it, an empty cache and no network, trains on the real reviews shipped in the repository and exits 0.
+
+The clone is of the committed HEAD (what a user gets). The demo's setup step (pip install) is skipped: this
+environment is already installed, and reinstalling would point it at the temporary clone. A small configuration
+keeps it short."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # pool start-up and training: minutes on a loaded box
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_demo_runs_in_a_fresh_clone_without_shared_data_or_network(tmp_path: Path) -> None:
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "elsewhere" / "gpupool"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
+    assert not (clone.parent / "shared").exists()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # nothing listens there once closed: a download attempt fails at once
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
+    env.update(
+        GPUPOOL_DEMO_SETUP="0",
+        PYTHON=sys.executable,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        XDG_CACHE_HOME=str(tmp_path / "cache"),
+        GPUPOOL_IMDB_URL=f"http://127.0.0.1:{closed}/aclImdb_v1.tar.gz",
+        COLUMNS="160",
+    )
+    small = ["--data", "sample", "--limit", "400", "--epochs", "1", "--bigram-buckets", "0", "--embed-dropout", "0",
+             "--embed-dim", "32", "--filters", "32", "--log-every", "2"]  # fmt: skip
+    done = subprocess.run(["bash", "scripts/demo.sh", *small], cwd=clone, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert "aclImdb: 400 train / 400 test reviews" in out, out[-4000:]
+    assert "epoch 1: train loss" in out and "saved the model to runs/demo" in out, out[-4000:]
+    assert "tenants" in out and "gpupool devices" in out  # the live view of the pool was shown
+    verdicts = [line.split("\t")[0] for line in done.stdout.splitlines() if line.count("\t") == 2]
+    assert len(verdicts) == 2 and set(verdicts) <= {"pos", "neg"}, done.stdout[-2000:]
+    assert (clone / "runs" / "demo" / "model.pt").is_file()
