@@ -55,11 +55,14 @@ def main():
             reported = loss.detach().clone()
             dist.all_reduce(reported, op=dist.ReduceOp.SUM)
             if rank == 0:
-                print(f"epoch {epoch} step {step} loss {reported.item() / world:.6f}")
+                print(f"epoch {epoch} step {step} loss {reported.item() / world:.6f}", flush=True)
     weight = model.module[0].weight.detach()
+    dist.barrier()  # rank 0's last loss line is out before any rank's summary: no interleaved lines
     print(
         f"rank {rank} on {device} (current device {torch.cuda.current_device() if use_cuda else 'cpu'}) "
-        f"weight sum {weight.sum().item():.6f}"
+        f"weight sum {weight.sum().item():.6f}\n",
+        end="",
+        flush=True,
     )
     dist.barrier()
     dist.destroy_process_group()

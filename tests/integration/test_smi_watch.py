@@ -3,6 +3,7 @@ memory, share, busy % and a non-zero ops/s (rates from two polls of the daemon's
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 import subprocess
@@ -26,7 +27,9 @@ while time.monotonic() < end:
 
 
 def test_watch_shows_a_busy_tenant_with_ops_per_second(pool_env: dict[str, str]) -> None:  # noqa: F811
-    env = {**os.environ, **pool_env, "GPUPOOL_TENANT": "watched", "COLUMNS": "200"}
+    # The tenant is the credential's name: `gpupool up` issues this user a tenant certificate of its own name.
+    tenant = getpass.getuser()
+    env = {**os.environ, **pool_env, "COLUMNS": "200"}
     cmd = [sys.executable, "-m", "gpupool.cli", "run", "-n", "1", "-p", "0.5", "--", sys.executable, "-c", WORK]
     worker = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -35,7 +38,7 @@ def test_watch_shows_a_busy_tenant_with_ops_per_second(pool_env: dict[str, str])
                                "3"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
         assert done.returncode == 0, done.stderr
         table = [[c.strip() for c in line.split("│") if c.strip()] for line in done.stdout.splitlines()]
-        rows = [cells for cells in table if len(cells) == 9 and "watched" in cells]  # the tenants table's row
+        rows = [cells for cells in table if len(cells) == 9 and tenant in cells and "%" in cells[-2]]  # tenants row
         assert rows, done.stdout
         cells = rows[-1]
         busy, ops = cells[-2], cells[-1]
