@@ -13,14 +13,13 @@ JSON columns.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Iterable
 
-from gpupool.scheduler.pool import Device, Grant, Host
-from gpupool.scheduler.store import Lease, StateOwned, _host_row, _lease_row
+from gpupool.scheduler.pool import Host
+from gpupool.scheduler.store import Lease, StateOwned, _host_row, _lease_row, from_rows
 
 log = logging.getLogger(__name__)
 
@@ -77,29 +76,7 @@ class PostgresStore:
             lease_rows = self._conn.execute(
                 "SELECT lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at FROM gpupool_leases"
             ).fetchall()
-        hosts = []
-        for host_id, address, state, labels, devices, cordoned in host_rows:
-            devs = {
-                int(d["index"]): Device(
-                    host_id, int(d["index"]), str(d["uuid"]), str(d["model"]), int(d["capacity_bytes"]), bool(d["fake"])
-                )
-                for d in json.loads(devices)
-            }
-            hosts.append(Host(host_id, address, devs, dict(json.loads(labels)), state, cordoned=bool(cordoned)))
-        leases = [
-            Lease(
-                lease_id,
-                tenant,
-                [Grant(str(h), int(d), int(q), int(u)) for h, d, q, u in json.loads(grants)],
-                expires_at,
-                ttl,
-                created_at,
-                state,
-                ended_at,
-            )
-            for lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at in lease_rows
-        ]
-        return hosts, leases
+        return from_rows(host_rows, lease_rows)
 
     def write(
         self,

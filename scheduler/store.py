@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from gpupool.scheduler.pool import Device, Grant, Host
 
@@ -120,6 +120,33 @@ CREATE TABLE IF NOT EXISTS leases (
 """
 
 
+def from_rows(host_rows: Iterable[Any], lease_rows: Iterable[Any]) -> tuple[list[Host], list[Lease]]:
+    """Hosts and leases from the rows of the two tables (SQLite and PostgreSQL store them alike)."""
+    hosts = []
+    for host_id, address, state, labels, devices, cordoned in host_rows:
+        devs = {
+            int(d["index"]): Device(
+                host_id, int(d["index"]), str(d["uuid"]), str(d["model"]), int(d["capacity_bytes"]), bool(d["fake"])
+            )
+            for d in json.loads(devices)
+        }
+        hosts.append(Host(host_id, address, devs, dict(json.loads(labels)), state, cordoned=bool(cordoned)))
+    leases = [
+        Lease(
+            lease_id,
+            tenant,
+            [Grant(str(h), int(d), int(q), int(u)) for h, d, q, u in json.loads(grants)],
+            expires_at,
+            ttl,
+            created_at,
+            state,
+            ended_at,
+        )
+        for lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at in lease_rows
+    ]
+    return hosts, leases
+
+
 def _host_row(h: Host) -> tuple[str, str, str, str, str, int]:
     devices = [
         {"index": d.index, "uuid": d.uuid, "model": d.model, "capacity_bytes": d.capacity_bytes, "fake": d.fake}
@@ -157,29 +184,7 @@ class SqliteStore:
             lease_rows = self._db.execute(
                 "SELECT lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at FROM leases"
             ).fetchall()
-        hosts = []
-        for host_id, address, state, labels, devices, cordoned in host_rows:
-            devs = {
-                int(d["index"]): Device(
-                    host_id, int(d["index"]), str(d["uuid"]), str(d["model"]), int(d["capacity_bytes"]), bool(d["fake"])
-                )
-                for d in json.loads(devices)
-            }
-            hosts.append(Host(host_id, address, devs, dict(json.loads(labels)), state, cordoned=bool(cordoned)))
-        leases = [
-            Lease(
-                lease_id,
-                tenant,
-                [Grant(str(h), int(d), int(q), int(u)) for h, d, q, u in json.loads(grants)],
-                expires_at,
-                ttl,
-                created_at,
-                state,
-                ended_at,
-            )
-            for lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at in lease_rows
-        ]
-        return hosts, leases
+        return from_rows(host_rows, lease_rows)
 
     def write(
         self,
