@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -231,6 +231,18 @@ def _encode_list(values: list[Any], tensor: TensorEncoder) -> tensor_pb2.Arg:
 
 
 TensorResolver = Callable[[int], torch.Tensor]
+
+
+def arg_handles(args: Iterable[tensor_pb2.Arg]) -> list[int]:
+    """The tensor handles named by these arguments (a tensor, or the non-empty entries of a tensor list)."""
+    found: list[int] = []
+    for a in args:
+        kind = a.WhichOneof("value")
+        if kind == "tensor":
+            found.append(a.tensor)
+        elif kind == "tensors":
+            found.extend(h for h in a.tensors.handles if h)
+    return found
 
 
 def decode_arg(arg: tensor_pb2.Arg, resolve: TensorResolver, device: torch.device) -> Any:

@@ -162,7 +162,8 @@ class CommandExecutor:
         s.ops += 1
         self.ledger.op(s)
         if op._schema.is_mutable:
-            s.recount(_arg_handles(msg), zero_growth=op._schema.name in _GROW_UNINITIALIZED)
+            grown = op._schema.name in _GROW_UNINITIALIZED
+            s.recount(wire.arg_handles([*msg.args, *msg.kwargs.values()]), zero_growth=grown)
         if op._schema.name in _UNINITIALIZED:  # never hand out memory another session wrote and freed
             for t in _slots(out):
                 if isinstance(t, torch.Tensor):
@@ -317,18 +318,6 @@ def _slots(out: Any) -> list[Any]:
     if isinstance(out, tuple | list):
         return [v for item in out for v in (item if isinstance(item, list | tuple) else [item])]
     return [out]
-
-
-def _arg_handles(msg: device_pb2.Op) -> list[int]:
-    """Handles of an op's tensor arguments (those an in-place or out= op may have resized or re-pointed)."""
-    found: list[int] = []
-    for a in list(msg.args) + list(msg.kwargs.values()):
-        kind = a.WhichOneof("value")
-        if kind == "tensor":
-            found.append(a.tensor)
-        elif kind == "tensors":
-            found.extend(h for h in a.tensors.handles if h)
-    return found
 
 
 def _first_lines(exc: BaseException, limit: int = 600) -> str:

@@ -329,7 +329,7 @@ def _build(rec: _Recording, leaves: list[Any], result: Any) -> _Built:
         slot_of.setdefault(h, i + 1)
     persistent: list[int] = []
     for _, args, kwargs, _ in rec.ops:
-        for h in _handles(list(args) + list(kwargs.values())):
+        for h in wire.arg_handles([*args, *kwargs.values()]):
             if h not in slot_of and h not in rec.produced and h not in persistent:
                 persistent.append(h)
     base = n_inputs + 1
@@ -373,17 +373,6 @@ def _build(rec: _Recording, leaves: list[Any], result: Any) -> _Built:
     scalars = [x for x in out_leaves if not isinstance(x, torch.Tensor)]
     consts = [rec.consts[h] for h in const_handles]
     return _Built(ops, input_handles, metas, persistent, const_handles, consts, outputs, writes, scalars)
-
-
-def _handles(args: list[tensor_pb2.Arg]) -> list[int]:
-    found = []
-    for a in args:
-        kind = a.WhichOneof("value")
-        if kind == "tensor":
-            found.append(a.tensor)
-        elif kind == "tensors":
-            found.extend(h for h in a.tensors.handles if h)
-    return found
 
 
 def _to_slots(a: tensor_pb2.Arg, slot_of: dict[int, int]) -> tensor_pb2.Arg:
