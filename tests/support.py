@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import torch
+from gpupool.client.session import Handle, Session
 
 from gpupool import pki, tls, tokens
 
@@ -269,3 +271,42 @@ class Program:
                 self.proc.kill()
                 self.proc.wait()
         self._log_file.close()
+
+
+class Healthy:
+    """A neighbour session doing verified work (matmuls, downloads, scalars) in a background thread: `check()`
+    fails if any of it was wrong or failed while the test harmed its own session."""
+
+    def __init__(self, address: str, token: str) -> None:
+        self.session = Session.attach(address, token)
+        self.iterations = 0
+        self.failures: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        s = self.session
+        try:
+            while not self._stop.is_set():
+                x = torch.randn(32, 32)
+                h = Handle(s.upload(x))
+                [y] = s.call("aten::mm.default", h, h)
+                [total] = s.call("aten::sum.default", y)
+                got = s.download(y)
+                [value] = s.sync([total])
+                assert torch.equal(got, x @ x) and value == (x @ x).sum().item()
+                s.free([h, y, total])
+                self.iterations += 1
+        except BaseException as exc:  # reported by check()
+            self.failures.append(exc)
+
+    def check(self, min_iterations: int = 3) -> None:
+        start = self.iterations
+        while self.iterations < start + min_iterations and not self.failures and self._thread.is_alive():
+            self._stop.wait(0.05)
+        self._stop.set()
+        self._thread.join(timeout=30)
+        assert not self.failures, self.failures
+        assert self.iterations >= min_iterations
+        self.session.close()

@@ -3,7 +3,6 @@ throughout (checked by a background thread that verifies results the whole time)
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,50 +10,13 @@ import grpc
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
+from support import Healthy
 
 from gpupool import errors
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
 from gpupool.tokens import public_session_id
 
 MiB = 1024**2
-
-
-class Healthy:
-    """A session doing verified work in a background thread."""
-
-    def __init__(self, address: str, token: str) -> None:
-        self.session = Session.attach(address, token)
-        self.iterations = 0
-        self.failures: list[BaseException] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        s = self.session
-        try:
-            while not self._stop.is_set():
-                x = torch.randn(32, 32)
-                h = Handle(s.upload(x))
-                [y] = s.call("aten::mm.default", h, h)
-                [total] = s.call("aten::sum.default", y)
-                got = s.download(y)
-                [value] = s.sync([total])
-                assert torch.equal(got, x @ x) and value == (x @ x).sum().item()
-                s.free([h, y, total])
-                self.iterations += 1
-        except BaseException as exc:  # reported by check()
-            self.failures.append(exc)
-
-    def check(self, min_iterations: int = 3) -> None:
-        start = self.iterations
-        while self.iterations < start + min_iterations and not self.failures and self._thread.is_alive():
-            self._stop.wait(0.05)
-        self._stop.set()
-        self._thread.join(timeout=30)
-        assert not self.failures, self.failures
-        assert self.iterations >= min_iterations
-        self.session.close()
 
 
 @pytest.fixture

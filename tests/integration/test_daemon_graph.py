@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
-from test_daemon_bad_input import Healthy, assert_still_usable
+from support import Healthy
+from test_daemon_bad_input import assert_still_usable
 
 from gpupool import errors, wire
 from gpupool._proto import device_pb2, tensor_pb2
