@@ -39,7 +39,7 @@ from rich.table import Table
 from torch import nn
 from train_overhead import _proc_cpu, start_daemon, stock_mlp
 
-from gpupool import tokens
+from gpupool import pki, tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("tiny-mlp", "encoder", "mlp", "cnn")
@@ -186,9 +186,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        key = secrets.token_hex(32).encode()
-        key_file = Path(tmp) / "key"
-        key_file.write_bytes(key)
+        key = secrets.token_hex(32).encode()  # a token seed; the daemon gets its public key only
+        key_file = Path(tmp) / "key.pub"
+        key_file.write_bytes(tokens.public_pem(tokens.Signer.from_seed(key).public))
+        os.environ.update(pki.loopback_env(Path(tmp) / "pki"))  # the daemon and the clients speak TLS
         daemon, address = start_daemon(args.daemon_core, key_file)
         try:
             for model in args.models.split(","):
