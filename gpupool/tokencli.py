@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--ttl", type=float, default=3600.0, help="seconds until the token expires (at most a day)")
     add_flag(p, "--tenant", default="", help="tenant name shown in metrics")
     add_flag(p, "--lease-id", default="", help="lease id (default: a new random one)")
+    p.add_argument(
+        "--network",
+        action="store_true",
+        help="let the session's worker open TCP sockets (collectives of a lease of several devices; the daemon's "
+        "--worker-network must be on too)",
+    )
     return p
 
 
@@ -59,6 +65,7 @@ def _mint(argv: list[str]) -> int:
         share=args.fraction,
         expires_at=time.time() + args.ttl,
         tenant=args.tenant,
+        network=args.network,
     )
     print(tokens.mint(signer, claims))
     return 0

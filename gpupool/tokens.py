@@ -39,6 +39,7 @@ MAX_TOKEN_LENGTH = 4096
 MAX_TTL = 24 * 3600.0  # no token lives longer; so a revoked lease is remembered this long
 MAX_REVOKED = 200_000
 _CLAIM_FIELDS = ("device", "expires_at", "host", "lease_id", "quota_bytes", "share", "tenant")
+_OPTIONAL_CLAIMS = {"network": True}  # written only with this value (one spelling per token): absent = default
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class TokenClaims:
     """What a token grants: one device of one host, a memory quota and a compute share, until expiry.
 
     ``quota_bytes == 0`` means "share x the device's capacity" (tokens minted without knowing the device).
+    ``network``: the session's worker may open TCP sockets (torch.distributed between the daemons of a lease of
+    several devices; the scheduler grants it to those only). Absent from the encoding when False, so tokens
+    minted before it existed keep their one spelling.
     """
 
     lease_id: str
@@ -55,6 +59,7 @@ class TokenClaims:
     share: float
     expires_at: float
     tenant: str = ""
+    network: bool = False
 
 
 def _b64(data: bytes) -> str:
@@ -70,7 +75,11 @@ def _unb64(text: str) -> bytes:
 
 
 def _canonical(claims: TokenClaims) -> bytes:
-    return json.dumps(asdict(claims), sort_keys=True, separators=(",", ":")).encode()
+    raw = asdict(claims)
+    for name, value in _OPTIONAL_CLAIMS.items():
+        if raw[name] != value:
+            del raw[name]
+    return json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
 
 
 def key_id(public: Ed25519PublicKey) -> str:
@@ -262,10 +271,10 @@ class Verifier:
 def _claims(body: bytes) -> TokenClaims:
     try:
         raw = json.loads(body)
-        if not isinstance(raw, dict) or tuple(sorted(raw)) != _CLAIM_FIELDS:
+        if not isinstance(raw, dict) or tuple(sorted(k for k in raw if k not in _OPTIONAL_CLAIMS)) != _CLAIM_FIELDS:
             raise ValueError("unexpected fields")
         claims = TokenClaims(**raw)
-        types: tuple[type | tuple[type, ...], ...] = (str, str, int, int, (int, float), (int, float), str)
+        types: tuple[type | tuple[type, ...], ...] = (str, str, int, int, (int, float), (int, float), str, bool)
         fields = TokenClaims.__dataclass_fields__
         if any(not isinstance(getattr(claims, f), t) for f, t in zip(fields, types, strict=True)):
             raise ValueError("wrong types")

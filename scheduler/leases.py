@@ -306,9 +306,12 @@ class Core(HostBook):
 
     def token(self, lease: Lease, index: int) -> str:
         g = lease.grants[index]
+        # Only the sessions of a lease of several devices form a collective group between daemons: only their
+        # workers get network sockets (the daemon's --worker-network is the upper bound).
         claims = tokens.TokenClaims(
-            lease.lease_id, g.host_id, g.device, g.quota_bytes, g.share, lease.expires_at, lease.tenant
-        )
+            lease.lease_id, g.host_id, g.device, g.quota_bytes, g.share, lease.expires_at, lease.tenant,
+            network=len(lease.grants) > 1,
+        )  # fmt: skip
         return tokens.mint(self.key, claims)
 
     # ---- housekeeping ----

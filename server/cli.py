@@ -77,6 +77,14 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--max-frame-commands", type=int, default=4096, help="commands in one client frame")
     add_flag(
         p,
+        "--max-unread-bytes",
+        type=size_arg,
+        default=1024**3,
+        help="replies of all sessions that their clients have not read yet (host memory); past it, the session "
+        "holding the most ends with RESOURCE_EXHAUSTED (0: no limit)",
+    )
+    add_flag(
+        p,
         "--max-op-flops",
         type=float,
         default=0,
@@ -89,15 +97,22 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         default=0,
         help="host memory limit of a session worker beyond its start (0: quota + 1GiB on fake GPUs, 4GiB on real)",
     )
-    add_flag(p, "--worker-user", default="", help="when run as root, run session workers as this user (e.g. nobody)")
+    add_flag(
+        p,
+        "--worker-user",
+        default="nobody",
+        help="when run as root, session workers drop to this unprivileged user (after their sandbox setup); "
+        "'keep' leaves them root (not recommended)",
+    )
     add_flag(p, "--seccomp", type=_on_off, default=True, help="seccomp filter in session workers (on/off)")
     add_flag(
         p,
         "--worker-network",
         type=_on_off,
         default=False,
-        help="let session workers open TCP sockets, which torch.distributed collectives between daemons need "
-        "(multi-GPU jobs; on/off, default off)",
+        help="the upper bound of session workers' network: with on, the workers of sessions whose token grants "
+        "network (leases of several devices: torch.distributed collectives between daemons) may open TCP "
+        "sockets; with off, no worker may (on/off, default off)",
     )
 
 
@@ -131,6 +146,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_streams_per_tenant=args.max_streams_per_tenant,
         max_handles=args.max_handles,
         max_frame_commands=args.max_frame_commands,
+        max_unread_bytes=args.max_unread_bytes,
         max_op_flops=int(args.max_op_flops),
         worker_memory=args.worker_memory,
         worker_user=args.worker_user,

@@ -12,8 +12,10 @@ that disagree get a clear INVALID_ARGUMENT on every rank instead of a hang or a 
 runs the collective in place on the session's tensors. A peer that dies or never calls fails the collective
 within the group timeout (UNAVAILABLE); the group is then broken and every later collective fails at once.
 
-Trust and its limits (docs/distributed.md): tokens prove lease membership; the store and gloo links are
-plain TCP without TLS or authentication, meant for the hosts' private network.
+Trust and its limits (docs/security.md, "Collectives between daemons"): tokens prove lease membership; only
+the workers of a lease of several devices may open sockets at all (the token's `network` claim, bounded by
+--worker-network); the store and gloo links are plain TCP without TLS or authentication, meant for the hosts'
+private network. A group of one rank needs no socket: its collectives are the identity.
 """
 
 from __future__ import annotations
@@ -149,16 +151,24 @@ class Collectives:
         if rank == 0:
             if msg.store_address:
                 raise InvalidArgument("rank 0 hosts the group's store; it takes no store_address")
-            group.store = dist.TCPStore(
-                self.host, 0, size, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False
-            )
-            port = torch.tensor(group.store.port, dtype=torch.int64)
-            s.admit(8)
-            s.bind(msg.port_handle, port)
         else:
             host, port_num = _peer_address(msg.store_address)
+        if size > 1:
+            _check_network()
+        if rank == 0:
+            if size > 1:
+                group.store = dist.TCPStore(
+                    self.host, 0, size, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False
+                )
+            port = torch.tensor(group.store.port if size > 1 else 0, dtype=torch.int64)
+            s.admit(8)
+            s.bind(msg.port_handle, port)
         s.group = group
         dev = s.device.torch_device
+        if size == 1:  # a one-rank job (DDP on a single-device lease): nothing to talk to, no socket
+            group.pg = _Solo()
+            group.ready.set()
+            return
 
         def run() -> None:
             if group.store is None:
@@ -307,6 +317,41 @@ def _scatter_back(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
         if flat.data_ptr() != t.data_ptr() or len(tensors) > 1:
             t.copy_(flat[offset : offset + n].view_as(t))
         offset += n
+
+
+def _check_network() -> None:
+    """Whether this worker may open sockets at all (its seccomp filter answers EPERM when its token grants no
+    network, or the daemon runs --worker-network off): a clear PERMISSION_DENIED instead of gloo's error."""
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+    except PermissionError:
+        raise PermissionDenied(
+            "this session's worker may not open network sockets: collectives between daemons need a lease of "
+            "several devices (its tokens grant network) on daemons started with --worker-network on"
+        ) from None
+
+
+class _Done:
+    def wait(self, *_: Any) -> bool:
+        return True
+
+
+class _Solo:
+    """The process group of a one-rank job: every collective is the identity (allgather copies its input)."""
+
+    def allreduce(self, *_: Any) -> _Done:
+        return _Done()
+
+    def broadcast(self, *_: Any) -> _Done:
+        return _Done()
+
+    def barrier(self, *_: Any) -> _Done:
+        return _Done()
+
+    def allgather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], *_: Any) -> _Done:
+        for out, inp in zip(outputs, inputs, strict=True):
+            out[0].copy_(inp)
+        return _Done()
 
 
 def _peer_address(address: str) -> tuple[str, int]:

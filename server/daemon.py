@@ -10,6 +10,9 @@ implements `RegistrationSource`, what the scheduler registrar reads (devices, us
 from __future__ import annotations
 
 import logging
+import os
+import pwd
+import queue
 import secrets
 import socket
 import threading
@@ -21,7 +24,7 @@ from typing import Any
 from gpupool.server import slices
 from gpupool.server.devices import Device, discover
 from gpupool.server.fairqueue import DeviceWorker, Entry, FairQueue
-from gpupool.server.front import FrontSession
+from gpupool.server.front import FrontSession, reply_bytes
 from gpupool.server.metrics import Ledger, Metrics
 from gpupool.server.registration import (
     RegistrationSource as RegistrationSource,  # the one definition, beside its consumer
@@ -35,6 +38,7 @@ from gpupool import tokens
 from gpupool._proto import device_pb2
 from gpupool.errors import (
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -46,6 +50,7 @@ from gpupool.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 GiB = 1024**3
+KEEP_USER = "keep"  # --worker-user keep: workers of a root daemon stay root (an explicit, logged opt-out)
 RECENTLY_CLOSED = 4096
 END_OF_STREAM = object()  # queued after a client's last frame: the stream ends once everything before it ran
 
@@ -72,6 +77,9 @@ class Config:
     # Replies (downloads) produced but not yet taken by a client that does not read: past this, the session's
     # Get and Sync commands wait, its command queue fills, and gRPC flow control pushes back on the client.
     outbox_bytes: int = 16 * 1024 * 1024
+    # Unread replies of all sessions together (host RAM): a slice whose replies would take them past this ends
+    # the session holding the most unread bytes (usually the one producing them) with RESOURCE_EXHAUSTED.
+    max_unread_bytes: int = 1 * GiB
     slice_seconds: float = 0.005
     drain_seconds: float = 10.0
     reap_interval: float = 0.5
@@ -90,9 +98,65 @@ class Config:
     # RLIMIT_DATA of a worker beyond what it holds at birth: 0 = the quota (fake GPUs hold tensors in host RAM)
     # plus 1 GiB of headroom, or 4 GiB on real GPUs.
     worker_memory: int = 0
-    worker_user: str = ""  # when started as root, run workers as this user (e.g. nobody)
+    # When started as root, run workers as this unprivileged user; KEEP_USER (an explicit opt-out) keeps root.
+    worker_user: str = "nobody"
     seccomp: bool = True
     worker_network: bool = False  # workers keep TCP sockets, for torch.distributed collectives between daemons
+
+
+def worker_user(name: str) -> str:
+    """The user a worker drops to ("": it keeps the daemon's); checked once at start by `check_worker_user`."""
+    return "" if name in ("", KEEP_USER) else name
+
+
+def check_worker_user(name: str) -> None:
+    """Refuse to start with a worker user that does not exist; warn when a root daemon keeps root workers."""
+    if os.geteuid() != 0:
+        return
+    if not worker_user(name):
+        log.warning("running as root with --worker-user %s: session workers keep uid 0 (no user drop)", KEEP_USER)
+        return
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise InvalidArgument(f"--worker-user {name}: no such user (or pass --worker-user {KEEP_USER})") from None
+    if entry.pw_uid == 0:
+        raise InvalidArgument(f"--worker-user {name} is uid 0: name an unprivileged user (or {KEEP_USER})")
+    unreadable = _unreadable_by(entry, os.path.dirname(os.__file__))
+    if unreadable:
+        log.warning(
+            "session workers run as %s, who cannot read %s (Python's files): modules they import lazily will "
+            "fail; install Python where other users can read it, or pass --worker-user %s",
+            name,
+            unreadable,
+            KEEP_USER,
+        )
+
+
+def _unreadable_by(entry: pwd.struct_passwd, path: str) -> str:
+    """The first directory on the way to `path` that the user cannot enter ("" when it can)."""
+    parts = os.path.abspath(path).split(os.sep)
+    for i in range(2, len(parts) + 1):
+        d = os.sep.join(parts[:i])
+        try:
+            st = os.stat(d)
+        except OSError:
+            return d
+        bit = 0o100 if st.st_uid == entry.pw_uid else 0o010 if st.st_gid == entry.pw_gid else 0o001
+        if not st.st_mode & bit:
+            return d
+    return ""
+
+
+def _drop_replies(s: FrontSession) -> None:
+    """Take a closing session's unread replies off its outbox (and its count)."""
+    while True:
+        try:
+            item = s.outbox.get_nowait()
+        except queue.Empty:
+            return
+        if isinstance(item, bytes | bytearray | list | device_pb2.ServerFrame):
+            s.sent(item)
 
 
 @dataclass(frozen=True)
@@ -139,6 +203,7 @@ class Daemon:
 
     def start(self) -> None:
         if self.config.isolation == "process":
+            check_worker_user(self.config.worker_user)
             # Before gRPC threads exist (a fresh interpreter either way), and ready before the daemon says it
             # listens: an Attach never waits for torch to import.
             self.zygote = shared_zygote()
@@ -183,7 +248,7 @@ class Daemon:
             number = self._next_number
             self._next_number += 1
         s = FrontSession(secrets.token_urlsafe(18), number, claims, dev, quota, claims.tenant or claims.lease_id)
-        s.runner = self._new_runner(s)
+        s.runner = self._new_runner(s, network=claims.network)
         s.entry = self.queues[dev.index].add(s, claims.share)
         with self._lock:
             self._sessions[s.session_id] = s
@@ -200,8 +265,12 @@ class Daemon:
         )
         return s
 
-    def _new_runner(self, s: FrontSession) -> Runner:
+    def _new_runner(self, s: FrontSession, network: bool = False) -> Runner:
+        """Start the session's worker. It gets network sockets only when its token grants them (a lease of
+        several devices: collectives between daemons) and the daemon allows them (--worker-network)."""
         c = self.config
+        if network and not c.worker_network:
+            log.info("session %d: its token grants network but this daemon runs --worker-network off", s.number)
         d = s.device
         limit = c.worker_memory or (s.quota + GiB if d.fake else 4 * GiB)
         spec = WorkerSpec(
@@ -213,11 +282,11 @@ class Daemon:
             max_op_flops=c.max_op_flops,
             memory_limit=limit,
             cpu_threads=c.cpu_threads,
-            user=c.worker_user,
+            user=worker_user(c.worker_user),
             seccomp=c.seccomp,
             lease_id=s.lease_id,
             host_id=self.host_id,
-            network=c.worker_network,
+            network=network and c.worker_network,
             peer_host=(c.advertise or c.listen).rpartition(":")[0].strip("[]"),
             token_keys=tuple(self._token_pems),
             speed=(c.fake_speed.tflops, c.fake_speed.gbps, c.fake_speed.link_gbps),
@@ -286,7 +355,11 @@ class Daemon:
         s.expires_at = max(s.expires_at, claims.expires_at)
         return s.expires_at
 
-    def close_session(self, s: FrontSession, reason: str, code: str = "FAILED_PRECONDITION") -> None:
+    def close_session(
+        self, s: FrontSession, reason: str, code: str = "FAILED_PRECONDITION", drop_replies: bool = False
+    ) -> None:
+        """End a session: its worker, its memory, its queue; its stream ends with `code` after the replies
+        queued before (none with `drop_replies`: their memory goes back at once)."""
         with self._lock:
             if s.closed:
                 return
@@ -306,6 +379,8 @@ class Daemon:
             if s.runner is not None:
                 s.runner.close()
             self._set_used(s, 0)
+        if drop_replies:
+            _drop_replies(s)
         s.outbox.put(Closed(code, reason))
         log.info("closed session %d (lease %s): %s", s.number, s.lease_id, reason)
 
@@ -365,8 +440,40 @@ class Daemon:
         self.ledger.add(s, ops, res.errors, res.uploaded, res.downloaded)
         if res.events:
             self.ledger.graphs_of(s, res.events)
+        if res.replies and not self._room_for_replies(s, sum(reply_bytes(r) for r in res.replies)):
+            return
         for item in res.replies:
             s.send(item)
+
+    def _room_for_replies(self, s: FrontSession, n: int) -> bool:
+        """Whether the host may hold `n` more bytes of `s`'s unread replies (--max-unread-bytes). Past the limit
+        the session holding the most unread bytes, counting these, ends with RESOURCE_EXHAUSTED: `s` itself
+        (False: its replies are dropped), or another one, closed by a thread of its own (never two sessions'
+        locks at once) while these replies are kept: a session that reads its replies is never the one."""
+        cap = self.config.max_unread_bytes
+        if cap <= 0:
+            return True
+        others = [x for x in self.session_list() if x is not s]
+        total = sum(x.outbox_bytes for x in others) + s.outbox_bytes + n
+        if total <= cap:
+            return True
+        hog = max(others, key=lambda x: x.outbox_bytes, default=None)
+        if hog is None or s.outbox_bytes + n >= hog.outbox_bytes:
+            self._exhausted(s, s.outbox_bytes + n, total)
+            return False
+        threading.Thread(
+            target=self._exhausted, args=(hog, hog.outbox_bytes, total), name="gpupool-unread", daemon=True
+        ).start()
+        return True
+
+    def _exhausted(self, s: FrontSession, own: int, total: int) -> None:
+        reason = (
+            f"its client left {own} bytes of replies unread, and this host's unread replies would reach {total} "
+            f"bytes, past its limit of {self.config.max_unread_bytes} (--max-unread-bytes): read replies as they come"
+        )
+        log.warning("session %d (lease %s): %s", s.number, s.lease_id, reason)
+        self.ledger.add(s, 0, {"RESOURCE_EXHAUSTED": 1}, 0, 0)
+        self.close_session(s, reason, "RESOURCE_EXHAUSTED", drop_replies=True)
 
     def _set_used(self, s: FrontSession, used: int) -> None:
         mem = self.memory[s.device.index]

@@ -252,7 +252,8 @@ def apply(memory_bytes: int, *, user: str = "nobody", seccomp: bool = True, netw
     if user:
         step("drop user", lambda: drop_user(user))
     step("not dumpable", lambda: _prctl(PR_SET_DUMPABLE, 0))  # no ptrace attach, no /proc/PID/mem by peers
-    step("die with the zygote", lambda: _prctl(PR_SET_PDEATHSIG, 9))  # after the uid change, which clears it
+    # No PDEATHSIG: a worker outlives a zygote that dies (its session goes on); it ends when the daemon closes
+    # its socket (the session ends, or the daemon dies).
     step("no_new_privs", lambda: _prctl(PR_SET_NO_NEW_PRIVS, 1))
     if seccomp:
         step("seccomp" + (" (network kept for collectives)" if network else ""), lambda: seccomp_filter(network))

@@ -8,8 +8,10 @@ over the control socket (SCM_RIGHTS) with a JSON spec; the zygote forks, and the
 `worker.worker_main`. Forking a warm process costs milliseconds, not the seconds of importing torch.
 
 The zygote is the workers' parent: it reaps them and tells the daemon how each ended (exit code or signal),
-and it kills a worker on request (only its own live children, so a recycled pid is never hit). Its workers
-die with it (PDEATHSIG), and it dies when the daemon closes the control socket.
+and it kills a worker on request (only its own live children, so a recycled pid is never hit). It dies when
+the daemon closes the control socket (or with the daemon's supervisor thread, PDEATHSIG); a zygote that dies
+is started again by that thread, and the workers it had keep serving their sessions: a worker ends when the
+daemon closes its socket (the session ends, or the daemon dies), not with its parent.
 
 Messages are JSON lines over a Unix socket: the zygote and the daemon trust each other; workers never talk
 on this socket.
@@ -29,6 +31,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -37,6 +40,7 @@ from gpupool.server.worker import SHARED_BYTES, ProcessRunner, WorkerSpec
 log = logging.getLogger(__name__)
 START_TIMEOUT = 120.0  # importing torch on a loaded host
 SPAWN_TIMEOUT = 60.0
+RESTART_MIN, RESTART_MAX = 0.5, 30.0  # seconds before starting a zygote again (doubling while it dies young)
 
 
 def describe(status: int) -> str:
@@ -54,7 +58,14 @@ def describe(status: int) -> str:
 
 
 class Zygote:
-    """The daemon's handle on the zygote process: spawn, kill, and learn how workers ended."""
+    """The daemon's handle on the zygote process: spawn, kill, and learn how workers ended.
+
+    A supervisor thread (alive as long as the daemon) starts the zygote and starts it again whenever it dies,
+    waiting longer each time it dies young; an Attach only ever waits for it to be ready. The supervisor is its
+    parent thread on purpose: the zygote dies with the thread that started it (PDEATHSIG), and a gRPC thread
+    may end at any time. Workers outlive a zygote that dies (their sessions go on); they end when the daemon
+    closes their socket.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -65,42 +76,77 @@ class Zygote:
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._dead = True
-        self._ready = threading.Event()
+        self._ready = False
+        self._stopping = False
+        self._supervisor: threading.Thread | None = None
+        self.starts = 0  # zygotes started so far (1 + restarts)
 
     def start(self) -> None:
-        """Start the zygote process; it gets ready (imports torch) in the background, so the daemon starts
-        serving at once and only the first Attach may wait for it."""
+        """Start the supervisor, which starts the zygote; it gets ready (imports torch) in the background, so
+        the daemon starts serving at once and only the first Attach may wait for it."""
+        with self._lock:
+            if self._supervisor is not None:
+                return
+            self._supervisor = threading.Thread(target=self._supervise, name="gpupool-zygote-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _launch(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._proc = subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "gpupool.server.zygote", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
         )
         theirs.close()
         with self._lock:
-            self._sock = ours
-            self._dead = False
-            self._ready = threading.Event()
-        threading.Thread(target=self._listen, args=(ours, self._ready), name="gpupool-zygote", daemon=True).start()
+            self._proc, self._sock = proc, ours
+            self._dead, self._ready = False, False
+            self.starts += 1
+        threading.Thread(target=self._listen, args=(ours,), name="gpupool-zygote", daemon=True).start()
+
+    def _supervise(self) -> None:
+        backoff = RESTART_MIN
+        while True:
+            began = time.monotonic()
+            try:
+                self._launch()
+            except OSError as exc:
+                log.error("cannot start the zygote: %s", exc)
+                with self._cond:
+                    self._dead = True
+                    self._cond.notify_all()
+            with self._cond:
+                self._cond.wait_for(lambda: self._dead or self._stopping)
+                if self._stopping:
+                    return
+                proc = self._proc
+            if proc is not None:
+                try:
+                    proc.wait(timeout=5)  # reap it (its socket closed: it is gone or going)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            lived = time.monotonic() - began
+            backoff = RESTART_MIN if lived > 60 else min(backoff * 2, RESTART_MAX)
+            log.error("the zygote (pid %d) ended after %.1f s: starting a new one in %.1f s", self.pid, lived, backoff)
+            with self._cond:
+                if self._cond.wait_for(lambda: self._stopping, backoff):
+                    return
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        if not self._ready.wait(timeout):
-            raise RuntimeError(f"the zygote is not ready after {timeout:.0f} s")
-        with self._lock:
-            if self._dead:
-                raise RuntimeError("the zygote exited")
+        with self._cond:
+            if not self._cond.wait_for(lambda: (self._ready and not self._dead) or self._stopping, timeout):
+                raise RuntimeError(f"the zygote is not ready after {timeout:.0f} s")
+            if self._stopping:
+                raise RuntimeError("the zygote was stopped")
 
     @property
     def pid(self) -> int:
         return self._proc.pid if self._proc is not None else 0
 
     def spawn(self, spec: WorkerSpec, max_reply: int) -> ProcessRunner:
-        """A new worker for a session; restarts the zygote once if it died."""
-        with self._lock:
-            dead = self._dead
-        if dead:
-            self.start()
-        self.wait_ready()
+        """A new worker for a session (waiting, within SPAWN_TIMEOUT, for a restarting zygote)."""
+        self.wait_ready(SPAWN_TIMEOUT)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         progress_fd = os.memfd_create("gpupool-shared")
         try:
@@ -135,9 +181,10 @@ class Zygote:
             self._ended.pop(pid, None)
 
     def stop(self) -> None:
-        with self._lock:
+        with self._cond:
             sock, self._sock = self._sock, None
-            self._dead = True
+            self._dead = self._stopping = True
+            self._cond.notify_all()
         if sock is not None:
             sock.close()  # the zygote exits on EOF and its workers die with it
         if self._proc is not None:
@@ -171,15 +218,16 @@ class Zygote:
                 raise RuntimeError("the zygote died")
             return self._replies.pop(rid)
 
-    def _listen(self, sock: socket.socket, ready: threading.Event) -> None:
+    def _listen(self, sock: socket.socket) -> None:
         line = _read_line(sock)
-        if json.loads(line or b"{}").get("ready") is True:
-            log.info("zygote %d ready", self.pid)
-        else:
-            log.error("the zygote did not start: %r", line)
-            with self._cond:
+        with self._cond:
+            if json.loads(line or b"{}").get("ready") is True:
+                log.info("zygote %d ready", self.pid)
+                self._ready = True
+            elif self._sock is sock:
+                log.error("the zygote did not start: %r", line)
                 self._dead = True
-        ready.set()
+            self._cond.notify_all()
         buf = b""
         while not self._dead:
             try:
@@ -201,9 +249,10 @@ class Zygote:
                         self._replies[int(msg["id"])] = msg
                     self._cond.notify_all()
         with self._cond:
-            if self._sock is sock:
-                log.error("the zygote exited; a new one starts with the next session")
-            self._dead = True
+            if self._sock is sock:  # (not a zygote already replaced, nor one stopped on purpose)
+                self._sock = None
+                sock.close()
+                self._dead = True
             self._cond.notify_all()
 
 
@@ -235,7 +284,13 @@ def _read_line(sock: socket.socket) -> bytes:
 # ---- the zygote process ----
 
 
+# Modules session workers import on first use. A root daemon's workers run as an unprivileged user
+# (--worker-user), which may be unable to read the Python installation (e.g. one under /root): import them here.
+PRELOAD = ("encodings.idna", "encodings.punycode", "torch.distributed", "torch.distributed.distributed_c10d")
+
+
 def _zygote(ctrl: socket.socket) -> None:
+    import importlib
     import tempfile
 
     import torch
@@ -244,6 +299,8 @@ def _zygote(ctrl: socket.socket) -> None:
     from gpupool.server.slices import SliceLedger
 
     tempfile.gettempdir()  # probes by writing a file: cache the answer before workers lose the right to
+    for name in PRELOAD:  # what workers import lazily, before they may no longer read Python's files
+        importlib.import_module(name)
     CommandExecutor(SliceLedger()).warm_up()  # meta kernels, once, inherited by every worker
     one = torch.ones(2, 2, device="meta")
     torch.ops.aten.add.Tensor(one, one)

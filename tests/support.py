@@ -136,8 +136,10 @@ def mint_token(
     ttl: float = 3600.0,
     tenant: str = "",
     lease_id: str = "",
+    network: bool = False,
 ) -> str:
-    """A signed lease token for tests (negative ttl: already expired); `key` bytes are a seed."""
+    """A signed lease token for tests (negative ttl: already expired); `key` bytes are a seed. `network`: the
+    claim the scheduler sets on tokens of a lease of several devices (their workers may open sockets)."""
     claims = tokens.TokenClaims(
         lease_id=lease_id or uuid.uuid4().hex,
         host=host,
@@ -146,6 +148,7 @@ def mint_token(
         share=share,
         expires_at=time.time() + ttl,
         tenant=tenant,
+        network=network,
     )
     return tokens.mint(key, claims)
 

@@ -44,7 +44,7 @@ def group(daemon_factory) -> tuple[list[Session], list[DaemonHandle], list[str]]
     """Two daemons (two hosts), one session each, of one lease; joined."""
     lease = uuid.uuid4().hex
     daemons = [daemon_factory(host_id=f"host-{i}", fake_gpu_memory=64 * MiB, worker_network=True) for i in range(2)]
-    tokens = [d.token(lease_id=lease) for d in daemons]
+    tokens = [d.token(lease_id=lease, network=True) for d in daemons]
     sessions = [Session.attach(d.address, t) for d, t in zip(daemons, tokens, strict=True)]
     join_all(sessions, tokens)
     yield sessions, daemons, tokens
@@ -125,7 +125,7 @@ def test_dead_daemon_fails_its_peers_within_seconds(serve_process, daemon_factor
     lease = uuid.uuid4().hex
     d0 = daemon_factory(host_id="host-0", fake_gpu_memory=64 * MiB, worker_network=True)
     d1 = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "64MiB", "--worker-network", "on")
-    tokens = [d0.token(lease_id=lease), d1.token(lease_id=lease)]
+    tokens = [d0.token(lease_id=lease, network=True), d1.token(lease_id=lease, network=True)]
     s0, s1 = Session.attach(d0.address, tokens[0]), Session.attach(d1.address, tokens[1])
     join_all([s0, s1], tokens, timeout=60.0)  # the error must come from the dead peer, not the timeout
     a0, a1 = s0.upload(torch.ones(2)), s1.upload(torch.ones(2))
@@ -149,8 +149,8 @@ def test_dead_daemon_fails_its_peers_within_seconds(serve_process, daemon_factor
 def test_joins_are_refused_unless_every_token_is_of_the_same_lease(daemon_factory) -> None:  # type: ignore[no-untyped-def]
     d = daemon_factory(host_id="host-0", fake_gpus=2, fake_gpu_memory=64 * MiB, worker_network=True)
     lease = uuid.uuid4().hex
-    mine, other = d.token(lease_id=lease), d.token(lease_id=uuid.uuid4().hex, device=1)
-    peer = d.token(lease_id=lease, device=1)
+    mine, other = d.token(lease_id=lease, network=True), d.token(lease_id=uuid.uuid4().hex, device=1)
+    peer = d.token(lease_id=lease, device=1, network=True)
     s = Session.attach(d.address, mine)
 
     def join(rank: int, tokens: list[str], address: str = "127.0.0.1:1") -> None:
@@ -186,8 +186,8 @@ def test_collective_before_join_is_refused(daemon) -> None:  # type: ignore[no-u
 def test_a_waiting_collective_leaves_other_devices_sessions_alone(daemon_factory) -> None:  # type: ignore[no-untyped-def]
     lease = uuid.uuid4().hex
     a = daemon_factory(host_id="host-0", fake_gpus=2, fake_gpu_memory=64 * MiB, worker_network=True)
-    b = daemon_factory(host_id="host-1", fake_gpu_memory=64 * MiB)
-    tokens = [a.token(lease_id=lease), b.token(lease_id=lease)]
+    b = daemon_factory(host_id="host-1", fake_gpu_memory=64 * MiB, worker_network=True)
+    tokens = [a.token(lease_id=lease, network=True), b.token(lease_id=lease, network=True)]
     s0, s1 = Session.attach(a.address, tokens[0]), Session.attach(b.address, tokens[1])
     other = Session.attach(a.address, a.token(device=1))  # another tenant, the same daemon
     join_all([s0, s1], tokens, timeout=6.0)

@@ -611,3 +611,60 @@ def test_out_ops_that_grow_their_output_keep_their_results(bad: Session) -> None
     [out] = bad.call("aten::empty.memory_format", [0], dtype=torch.int64)
     bad.call("aten::arange.start_out", 0, 6, outputs=[0], out=out)
     assert bad.download(out).tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_unread_replies_are_bounded_for_the_whole_host(daemon_factory: Any) -> None:
+    """Each non-reading client parks ~4 MiB (its own limit); the host's limit (10 MiB) ends the one that would
+    take the host past it with RESOURCE_EXHAUSTED, while the parked ones and a reading neighbour carry on."""
+    from support import Healthy
+
+    d = daemon_factory(fake_gpu_memory=256 * MiB, outbox_bytes=4 * MiB, max_unread_bytes=10 * MiB)
+    neighbour = Healthy(d.address, d.token(tenant="neighbour", quota_bytes=16 * MiB))
+    hogs = []
+
+    def hog(tenant: str) -> tuple[grpc.Channel, str, Any]:
+        channel, sid, (base, stream) = _raw_stream(d, d.token(tenant=tenant, quota_bytes=16 * MiB))
+        x = base + 1
+        meta = tensor_pb2.TensorMeta(dtype=tensor_pb2.DTYPE_UINT8, shape=[4 * MiB])
+        up = device_pb2.Upload(handle=x, meta=meta, data=b"\7" * (4 * MiB), last=True)
+        gets = [device_pb2.Command(get=device_pb2.Get(request_id=i, handle=x)) for i in range(1, 21)]
+        frames = [device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString()]
+        frames.append(device_pb2.ClientFrame(commands=gets).SerializeToString())
+        release = threading.Event()
+        hogs.append(release)
+
+        def gen() -> Iterator[bytes]:
+            yield from frames
+            release.wait(60)
+
+        call = stream(gen(), metadata=(("gpupool-session", sid),), timeout=120)  # not read (yet)
+        return channel, sid, call
+
+    def unread_sessions() -> set[str]:
+        return {s.session_id for s in status(d).sessions}
+
+    first, second = hog("hog-a"), hog("hog-b")
+    held: list[int] = []
+    deadline = time.monotonic() + 20
+    while d.running.daemon.session_list() and time.monotonic() < deadline:
+        held = [s.outbox_bytes for s in d.running.daemon.session_list() if s.tenant.startswith("hog")]
+        if len(held) == 2 and min(held) >= 4 * MiB:
+            break
+        time.sleep(0.1)
+    assert len(held) == 2 and min(held) >= 4 * MiB, held  # both parked at their own limit, within the host's
+    third = hog("hog-c")
+    with pytest.raises(grpc.RpcError) as info:
+        next(third[2])  # its replies were dropped: the stream ends with the status at once
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--max-unread-bytes" in info.value.details() and "10485760" in info.value.details()
+    assert public_session_id(third[1]) not in unread_sessions()
+    neighbour.check()  # a session that reads its replies is never the one
+    for _channel, sid, call in (first, second):  # the parked ones keep their replies, in order
+        assert public_session_id(sid) in unread_sessions()
+        reply = next(call)
+        assert reply.request_id == 1 and reply.chunk.meta.shape == [4 * MiB]
+        call.cancel()
+    for release in hogs:
+        release.set()
+    for channel, _, _ in (first, second, third):
+        channel.close()

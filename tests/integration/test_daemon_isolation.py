@@ -172,3 +172,131 @@ def test_streams_per_tenant_are_bounded(daemon_factory: Any) -> None:
     other.sync()
     for s in [*sessions, other]:
         s.close()
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the user drop applies to a daemon running as root")
+def test_a_root_daemons_workers_drop_to_an_unprivileged_user(daemon_factory: Any) -> None:
+    d = daemon_factory()  # the default --worker-user: nobody
+    s = Session.attach(d.address, d.token(quota_bytes=16 * MiB))
+    assert s.download(s.upload(torch.arange(4.0))).tolist() == [0.0, 1.0, 2.0, 3.0]
+    pid = usage(d.address, s).worker_pid
+    fields = _proc_status(pid)
+    uids, gids = fields["Uid"].split(), fields["Gid"].split()
+    assert set(uids) == {"65534"} and set(gids) == {"65534"}, (uids, gids)  # real, effective, saved, fs
+    assert fields["Groups"].strip() == "" and int(fields["CapEff"], 16) == 0
+    assert fields["NoNewPrivs"].strip() == "1"
+    s.close()
+    wait_gone(pid)
+
+    kept = daemon_factory(worker_user="keep")  # the explicit opt-out
+    s = Session.attach(kept.address, kept.token(quota_bytes=16 * MiB))
+    s.sync()
+    assert _proc_status(usage(kept.address, s).worker_pid)["Uid"].split()[0] == "0"
+    s.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the user check applies to a daemon running as root")
+def test_an_unknown_worker_user_stops_the_daemon_at_start(daemon_factory: Any) -> None:
+    with pytest.raises(errors.InvalidArgument, match="no-such-user-here: no such user"):
+        daemon_factory(worker_user="no-such-user-here")
+
+
+def _join_alone(s: Session, tokens: list[str], rank: int = 0) -> None:
+    """GroupJoin as client/distributed.py sends it; rank 0 hosts the group's store (it opens a socket)."""
+    join = device_pb2.GroupJoin(rank=rank, size=len(tokens), tokens=tokens, timeout_seconds=2.0)
+    if rank == 0:
+        join.port_handle = s.new_handle()
+    else:
+        join.store_address = "127.0.0.1:9"
+    s.command(device_pb2.Command(group_join=join))
+    s.sync()
+
+
+def test_only_workers_of_a_multi_device_lease_get_network(daemon_factory: Any) -> None:
+    """The grant is per lease (the token's `network` claim), bounded by the daemon's --worker-network: a worker
+    without it really cannot open a socket (its seccomp filter says EPERM), one with it can."""
+    import uuid
+
+    d = daemon_factory(fake_gpus=2, fake_gpu_memory=64 * MiB, worker_network=True)
+    lease = uuid.uuid4().hex
+    # A two-device lease whose tokens lack the claim (as a single-device lease's do): no socket for its workers.
+    plain = [d.token(lease_id=lease, device=i) for i in range(2)]
+    s = Session.attach(d.address, plain[0])
+    with pytest.raises(errors.PermissionDenied, match="may not open network sockets"):
+        _join_alone(s, plain)
+    s.close()
+    # The same lease's tokens with the claim (what the scheduler signs for several devices): the store listens.
+    lease = uuid.uuid4().hex
+    granted = [d.token(lease_id=lease, device=i, network=True) for i in range(2)]
+    s = Session.attach(d.address, granted[0])
+    _join_alone(s, granted)
+    s.close()
+    # A one-rank group needs no socket: it works without the grant (collectives are the identity).
+    single = d.token()
+    s = Session.attach(d.address, single)
+    _join_alone(s, [single])
+    h = s.upload(torch.tensor([1.0, 2.0]))
+    s.command(device_pb2.Command(collective=device_pb2.Collective(kind="allreduce", tensors=[h], reduce_op="sum")))
+    assert s.download(h).tolist() == [1.0, 2.0]
+    s.close()
+    # The daemon's flag is the upper bound: with --worker-network off even a granted token gets no socket.
+    off = daemon_factory(host_id="host-off", fake_gpus=2, fake_gpu_memory=64 * MiB)
+    lease = uuid.uuid4().hex
+    granted = [off.token(lease_id=lease, device=i, network=True) for i in range(2)]
+    s = Session.attach(off.address, granted[1])
+    with pytest.raises(errors.PermissionDenied, match="may not open network sockets"):
+        _join_alone(s, granted, rank=1)
+    s.close()
+
+
+def _zygote_of(daemon_pid: int) -> int:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == daemon_pid and b"gpupool.server.zygote" in cmdline:
+            return int(entry)
+    raise AssertionError(f"daemon {daemon_pid} has no zygote")
+
+
+def test_a_killed_zygote_comes_back_and_sessions_go_on(serve_process: Any) -> None:
+    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "64MiB")
+    assert d.process is not None
+    old = Session.attach(d.address, d.token(quota_bytes=16 * MiB))
+    x = torch.randn(64, dtype=torch.float64)
+    hx = old.upload(x)
+    old.sync()
+    worker = usage(d.address, old).worker_pid
+    zygote = _zygote_of(d.process.pid)
+    os.kill(zygote, signal.SIGKILL)
+    wait_gone(zygote)
+    # The session of a worker the dead zygote forked goes on: same worker, same tensors, more work.
+    (hy,) = old.call("aten::mul.Tensor", hx, hx)
+    assert torch.equal(old.download(hy), x * x) and usage(d.address, old).worker_pid == worker
+    # A new zygote (started by the daemon's supervisor thread) forks the workers of new sessions.
+    deadline = time.monotonic() + 150
+    while True:
+        try:
+            new = Session.attach(d.address, d.token(quota_bytes=16 * MiB))
+            break
+        except (errors.Unavailable, errors.GpupoolError):  # the new zygote still imports torch (a loaded host)
+            assert time.monotonic() < deadline
+            time.sleep(1)
+    assert torch.equal(new.download(new.upload(torch.arange(6))), torch.arange(6))
+    assert _zygote_of(d.process.pid) != zygote and usage(d.address, new).worker_pid not in (0, worker)
+    assert torch.equal(old.download(hx), x)
+    new.close()
+    old.close()
+    wait_gone(worker)  # the orphaned worker ends with its session (its socket closed)
+    assert d.process.poll() is None
