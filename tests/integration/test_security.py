@@ -6,6 +6,7 @@ and lease tokens cannot be forged, moved to another host or device, reused after
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -323,3 +324,33 @@ def test_plaintext_needs_an_explicit_insecure(tmp_path: Path) -> None:
         for k, v in old.items():
             if v is not None:
                 os.environ[k] = v
+
+
+def test_only_tokens_of_leases_of_several_devices_grant_network(pool: Pool, daemon_factory: DaemonFactory) -> None:
+    files = get_pki().issue("host", HOST)
+    d = daemon_factory(
+        host_id=HOST,
+        fake_gpus=2,
+        scheduler=pool.address,
+        heartbeat_interval=0.3,
+        token_key=tokens.load_verifier(pool.public),
+        tls=tls.TlsConfig(cert=str(files.cert), key=str(files.key), ca=get_pki().ca_file),
+    )
+    assert d.running.registrar.registered.wait(20)
+    alice = pool.client("tenant", "alice")
+    signer = tokens.load_signer(pool.key)
+    pair = alice.allocate(scheduler_pb2.AllocateRequest(gpus=2, fraction=0.5))
+    single = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5))
+    assert [tokens.verify(signer, x.token).network for x in pair.devices] == [True, True]
+    assert tokens.verify(signer, single.devices[0].token).network is False
+    assert '"network"' not in tokens._unb64(single.devices[0].token.split(".")[1]).decode()  # old tokens' one spelling
+    # The claim has one spelling: an explicit false, even correctly signed, is refused as malformed.
+    claims = dataclasses.asdict(tokens.verify(signer, single.devices[0].token))
+    body = tokens._b64(json.dumps(claims, sort_keys=True, separators=(",", ":")).encode())
+    head = f"{signer.kid}.{body}"
+    respelled = f"{head}.{tokens._b64(signer._key.sign(head.encode()))}"
+    with pytest.raises(errors.Unauthenticated, match="malformed"):
+        Session.attach(d.address, respelled).close()
+    alice.release(pair.lease_id)
+    alice.release(single.lease_id)
+    alice.close()
