@@ -29,7 +29,7 @@ from gpupool.config import add_flag, env_name
 from gpupool.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
-plaintext_channel = grpc.insecure_channel  # kept: tests replace grpc.insecure_channel with `channel`
+plaintext_channel = grpc.insecure_channel  # the only plaintext channel: servers started with --insecure
 
 TOKEN_METADATA = "authorization"
 CLIENT_AUTH = ("require", "none")

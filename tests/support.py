@@ -67,13 +67,12 @@ _PKI: Pki | None = None
 
 
 def install_test_tls(directory: Path) -> Pki:
-    """Make the test CA, export GPUPOOL_TLS_* (for this process and the programs it starts), and let
-    `grpc.insecure_channel` in tests connect with TLS, since every server the helpers start speaks only TLS
-    (`plaintext_channel` is the real plaintext one, for tests that show plaintext is refused)."""
+    """Make the test CA and export GPUPOOL_TLS_* (for this process and the programs it starts): every server the
+    helpers start speaks only TLS, and tests connect with `tls_channel` (or the library's own clients, which read
+    GPUPOOL_TLS_*). `plaintext_channel` is grpc's real plaintext channel, for tests that show it is refused."""
     global _PKI
     _PKI = Pki(directory)
     os.environ.update(_PKI.env())
-    grpc.insecure_channel = _tls_channel  # type: ignore[assignment]
     return _PKI
 
 
@@ -82,16 +81,12 @@ def get_pki() -> Pki:
     return _PKI
 
 
-def _tls_channel(target: str, options: Any = None, compression: Any = None) -> grpc.Channel:
-    return tls.channel(target, options or ())
+def tls_channel(address: str, options: Any = ()) -> grpc.Channel:
+    """A TLS channel to a test server with the test process's (operator) certificate and the test CA."""
+    return tls.channel(address, options or ())
 
 
-def channel(address: str, options: Any = ()) -> grpc.Channel:
-    """A TLS channel to a test server with the test process's (operator) certificate."""
-    return tls.channel(address, options)
-
-
-plaintext_channel = tls.plaintext_channel
+plaintext_channel = grpc.insecure_channel
 
 
 def public_key_file(key_file: Path) -> Path:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Program
+from support import Program, tls_channel
 
 from gpupool import tokens
 
@@ -56,11 +56,9 @@ def prometheus_binary() -> str:
 
 
 def _wait_pool_up(address: str, hosts: int, timeout: float = 60.0) -> None:
-    import grpc
-
     from gpupool._proto import scheduler_pb2, scheduler_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with tls_channel(address) as channel:
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

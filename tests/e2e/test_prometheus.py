@@ -100,12 +100,12 @@ def test_template_variables_list_the_pool(pool: Any, prometheus: Any, scraped: A
 
 def test_grpc_health_answers_what_kubernetes_probes_ask(pool: Any) -> None:
     """deploy/k8s probes use Kubernetes' native `grpc:` probe: Health/Check with service "" on the gRPC port."""
-    import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from support import tls_channel
 
     addresses = [pool.scheduler] + [f"127.0.0.1:{port}" for port in pool.daemon_ports.values()]
     for address in addresses:
-        with grpc.insecure_channel(address) as channel:
+        with tls_channel(address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, address
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 from gpupool.client.session import Handle, Session
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import DaemonHandle, MiB, start_serve_process, stop_process
+from support import DaemonHandle, MiB, start_serve_process, stop_process, tls_channel
 
 from gpupool import errors
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
@@ -106,7 +106,7 @@ def bad(served: DaemonHandle, neighbour: Neighbour) -> Iterator[Session]:
 
 
 def status(daemon: DaemonHandle) -> device_pb2.StatusReply:
-    with grpc.insecure_channel(daemon.address) as channel:
+    with tls_channel(daemon.address) as channel:
         return device_pb2_grpc.DeviceStub(channel).Status(device_pb2.StatusRequest(), timeout=10)
 
 
@@ -370,7 +370,7 @@ def test_millions_of_views_are_refused(served: DaemonHandle, bad: Session) -> No
 
 
 def _raw_stream(daemon: DaemonHandle, token: str) -> tuple[grpc.Channel, str, Any]:
-    channel = grpc.insecure_channel(daemon.address, options=[("grpc.max_receive_message_length", 64 * MiB)])
+    channel = tls_channel(daemon.address, options=[("grpc.max_receive_message_length", 64 * MiB)])
     reply = device_pb2_grpc.DeviceStub(channel).Attach(device_pb2.AttachRequest(token=token))
     stream = channel.stream_stream(
         "/gpupool.v1.Device/Stream", request_serializer=None, response_deserializer=device_pb2.ServerFrame.FromString
@@ -477,7 +477,7 @@ def test_slow_loris_connections(served: DaemonHandle, neighbour: Neighbour) -> N
         call = stream(dribble(), metadata=(("gpupool-session", sid),), timeout=60)
         for sock in socks:
             sock.sendall(b"\0")
-        with grpc.insecure_channel(served.address) as channel:
+        with tls_channel(served.address) as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
         with Session.attach(served.address, served.token(quota_bytes=QUOTA)) as s:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
-from support import Healthy
+from support import Healthy, tls_channel
 
 from gpupool import errors
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
@@ -136,7 +136,7 @@ def test_token_for_another_host_or_device(daemon: Any, healthy: Healthy) -> None
 
 def _raw_stream(daemon: Any, frames: list[bytes]) -> grpc.RpcError:
     """Attach, then send raw bytes on the session's stream; returns the error that ends it."""
-    channel = grpc.insecure_channel(daemon.address, options=[("grpc.max_send_message_length", 64 * MiB)])
+    channel = tls_channel(daemon.address, options=[("grpc.max_send_message_length", 64 * MiB)])
     try:
         stub = device_pb2_grpc.DeviceStub(channel)
         reply = stub.Attach(device_pb2.AttachRequest(token=daemon.token()))
@@ -176,7 +176,7 @@ def test_message_over_the_size_limit(daemon: Any, healthy: Healthy) -> None:
 
 
 def test_missing_or_unknown_session_metadata(daemon: Any, healthy: Healthy) -> None:
-    channel = grpc.insecure_channel(daemon.address)
+    channel = tls_channel(daemon.address)
     stream = channel.stream_stream(
         "/gpupool.v1.Device/Stream", request_serializer=None, response_deserializer=device_pb2.ServerFrame.FromString
     )

@@ -12,10 +12,10 @@ import threading
 import time
 from typing import Any
 
-import grpc
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
+from support import tls_channel
 
 from gpupool._proto import device_pb2, device_pb2_grpc
 from gpupool.tokens import public_session_id
@@ -55,7 +55,7 @@ class Saturator:
 
 
 def busy(address: str) -> dict[str, float]:
-    with grpc.insecure_channel(address) as channel:
+    with tls_channel(address) as channel:
         reply = device_pb2_grpc.DeviceStub(channel).Status(device_pb2.StatusRequest(), timeout=10)
     return {s.session_id: s.busy_seconds for s in reply.sessions}
 

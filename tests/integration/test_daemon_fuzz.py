@@ -31,7 +31,7 @@ from gpupool.client.session import Handle, Session
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import DaemonHandle, MiB, start_serve_process, stop_process
+from support import DaemonHandle, MiB, start_serve_process, stop_process, tls_channel
 
 from gpupool import wire
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
@@ -347,7 +347,7 @@ def run_session(daemon: DaemonHandle, stub: Any, channel: grpc.Channel, base: in
 def test_fuzzed_frames_harm_nothing(served: DaemonHandle) -> None:
     neighbour = Neighbour(served)
     neighbour.start()
-    channel = grpc.insecure_channel(served.address, options=[("grpc.max_receive_message_length", 64 * MiB)])
+    channel = tls_channel(served.address, options=[("grpc.max_receive_message_length", 64 * MiB)])
     stub = device_pb2_grpc.DeviceStub(channel)
     seen: queue.SimpleQueue[str] = queue.SimpleQueue()
     probe = stub.Attach(device_pb2.AttachRequest(token=served.token(quota_bytes=QUOTA)), timeout=10)

@@ -8,11 +8,10 @@ import signal
 import time
 from typing import Any
 
-import grpc
 import pytest
 import torch
 from gpupool.client.session import Session
-from support import MiB
+from support import MiB, tls_channel
 
 from gpupool import errors
 from gpupool._proto import device_pb2, device_pb2_grpc
@@ -20,7 +19,7 @@ from gpupool.tokens import public_session_id
 
 
 def status(address: str) -> device_pb2.StatusReply:
-    with grpc.insecure_channel(address) as ch:
+    with tls_channel(address) as ch:
         return device_pb2_grpc.DeviceStub(ch).Status(device_pb2.StatusRequest(), timeout=10)
 
 

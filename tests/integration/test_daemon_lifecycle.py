@@ -13,6 +13,7 @@ import pytest
 import torch
 from gpupool.client.session import Handle, Session
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import tls_channel
 
 from gpupool import errors
 from gpupool._proto import device_pb2, device_pb2_grpc
@@ -22,12 +23,12 @@ MiB = 1024**2
 
 
 def status(address: str) -> device_pb2.StatusReply:
-    with grpc.insecure_channel(address) as channel:
+    with tls_channel(address) as channel:
         return device_pb2_grpc.DeviceStub(channel).Status(device_pb2.StatusRequest(), timeout=10)
 
 
 def health(address: str) -> int:
-    with grpc.insecure_channel(address) as channel:
+    with tls_channel(address) as channel:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
 
 
@@ -100,7 +101,7 @@ def test_detach_frees_memory_and_ends_the_session(daemon: Any) -> None:
     s.close()
     reply = status(daemon.address)
     assert reply.devices[0].used_bytes == 0 and not reply.sessions
-    with grpc.insecure_channel(daemon.address) as channel:
+    with tls_channel(daemon.address) as channel:
         stub = device_pb2_grpc.DeviceStub(channel)
         stub.Detach(device_pb2.DetachRequest(session_id=s.session_id))  # again: a no-op
         with pytest.raises(grpc.RpcError) as info:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import grpc
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
+from support import tls_channel
 
 from gpupool import errors
 from gpupool._proto import device_pb2, device_pb2_grpc
@@ -18,7 +18,7 @@ KiB, MiB, TiB = 1024, 1024**2, 1024**4
 
 
 def used_bytes(address: str, session: Session) -> int:
-    with grpc.insecure_channel(address) as channel:
+    with tls_channel(address) as channel:
         status = device_pb2_grpc.DeviceStub(channel).Status(device_pb2.StatusRequest())
     return next(s.used_bytes for s in status.sessions if s.session_id == public_session_id(session.session_id))
 

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 from gpupool.client.pool import Lease, SchedulerClient, lease
 from scheduler_fixtures import Proc, key_file, start_scheduler, wait_until
+from support import tls_channel
 
 from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
 from gpupool.errors import FailedPrecondition, ResourceExhausted
@@ -62,7 +62,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 def attach(x: Lease, i: int = 0) -> tuple[device_pb2_grpc.DeviceStub, device_pb2.AttachReply]:
     d = x.devices[i]
-    stub = device_pb2_grpc.DeviceStub(grpc.insecure_channel(d.address))
+    stub = device_pb2_grpc.DeviceStub(tls_channel(d.address))
     return stub, stub.Attach(device_pb2.AttachRequest(token=d.token), timeout=10)
 
 

@@ -19,6 +19,7 @@ import pytest
 from gpupool.client.pool import Lease, SchedulerClient, lease
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from scheduler_fixtures import GiB, Proc, SimHost, key_file, start_scheduler, wait_until
+from support import tls_channel
 
 from gpupool import tokens
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -168,7 +169,7 @@ def test_bad_input_gets_clear_statuses_and_the_scheduler_keeps_serving(
 ) -> None:
     address = sched[1]
     client = SchedulerClient(address)
-    stub = scheduler_pb2_grpc.SchedulerStub(grpc.insecure_channel(address))
+    stub = scheduler_pb2_grpc.SchedulerStub(tls_channel(address))
     cases = [
         (dict(gpus=0, fraction=0.5), "gpus"),
         (dict(gpus=1, fraction=0.0), "fraction"),
@@ -213,7 +214,7 @@ def test_bad_input_gets_clear_statuses_and_the_scheduler_keeps_serving(
 
 def test_health_and_metrics(sched: tuple[Proc, str], hosts: list[SimHost]) -> None:
     proc, address = sched
-    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+    health = health_pb2_grpc.HealthStub(tls_channel(address))
     reply = health.Check(health_pb2.HealthCheckRequest(service="gpupool.v1.Scheduler"), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     with lease(1, 0.5, scheduler=address):
@@ -302,7 +303,7 @@ def test_scheduler_policy_applies_when_the_client_names_none(tmp_path: Path) -> 
 
 def test_list_pool_pages_stay_bounded_however_large_the_pool(sched: tuple[Proc, str]) -> None:
     """1200 hosts with 4 KB of labels each: one reply would pass gRPC's 4 MiB limit; pages do not."""
-    stub = scheduler_pb2_grpc.SchedulerStub(grpc.insecure_channel(sched[1]))
+    stub = scheduler_pb2_grpc.SchedulerStub(tls_channel(sched[1]))
     labels = {f"label-{i:02d}": "x" * 56 for i in range(60)}
     with pytest.raises(grpc.RpcError) as err:  # labels beyond the bounds are refused at Register
         stub.Register(scheduler_pb2.RegisterRequest(

@@ -110,7 +110,7 @@ def test_plaintext_and_a_wrong_ca_are_refused(pool: Pool, daemon: Any, tmp_path:
     files = stranger.issue("admin", "test")
     wrong_ca = tls.TlsConfig(cert=str(files.cert), key=str(files.key), ca=str(stranger.cert_path))
     for address in (pool.address, daemon.address):
-        with plaintext_channel(address) as ch, pytest.raises(grpc.RpcError) as err:
+        with grpc.insecure_channel(address) as ch, pytest.raises(grpc.RpcError) as err:  # the real plaintext one
             health(ch)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         with tls.channel(address, cfg=wrong_ca) as ch, pytest.raises(grpc.RpcError) as err:

@@ -17,12 +17,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 from gpupool.client.session import Session
 from prometheus_client.parser import text_string_to_metric_families
-from support import Program
+from support import Program, tls_channel
 
 from gpupool import tokens
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc, tensor_pb2
@@ -192,7 +191,7 @@ def scrapes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrapes]:
         )
         programs.append(daemon)
         daemon_port, daemon_metrics = daemon.ports()
-        with grpc.insecure_channel(f"127.0.0.1:{sched_port}") as channel:
+        with tls_channel(f"127.0.0.1:{sched_port}") as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             request = scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5, tenant="contract", wait_seconds=20)
             lease = stub.Allocate(request, timeout=30)
