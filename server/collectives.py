@@ -71,8 +71,10 @@ class Group:
     def describe(self) -> str:
         return f"rank {self.rank} of {self.size} (lease {self.lease_id})"
 
-    def form(self, store: Any, owner: str, host: str, device: torch.device) -> None:
-        """Build the process group (blocks until every rank has joined or the timeout passes)."""
+    def form(self, store: Any, owner: str, secret: str, host: str, device: torch.device) -> None:
+        """Build the process group (blocks until every rank has joined or the timeout passes). The group's
+        keys (gloo's rendezvous: each rank's address) live under `secret`, derived from a lease token: a
+        stranger who reaches the store knows the public lease id, not where to read or overwrite them."""
         try:
             prefixed = dist.PrefixStore(f"gpupool/{self.lease_id}/", store)
             if self.rank == 0:
@@ -81,7 +83,8 @@ class Group:
                 got = prefixed.get("owner").decode(errors="replace")
                 if got != owner:
                     raise PermissionDenied("the group's store was not set up by rank 0 of this lease")
-            self.pg = _process_group(prefixed, self.rank, self.size, self.timeout, host, device)
+            keys = dist.PrefixStore(f"gpupool/{secret}/", store)
+            self.pg = _process_group(keys, self.rank, self.size, self.timeout, host, device)
         except Exception as exc:  # any failure here is reported at the group's first collective
             self.broken = f"joining the collective group as {self.describe()} failed: {_short(exc)}"
             log.warning("%s", self.broken)
@@ -148,6 +151,7 @@ class Collectives:
         timeout = min(msg.timeout_seconds, MAX_TIMEOUT) if msg.timeout_seconds > 0 else DEFAULT_TIMEOUT
         group = Group(s.lease_id, rank, size, timeout)
         owner = hashlib.sha256(b"gpupool-group:" + msg.tokens[0].encode()).hexdigest()
+        secret = hashlib.sha256(b"gpupool-group-keys:" + msg.tokens[0].encode()).hexdigest()
         if rank == 0:
             if msg.store_address:
                 raise InvalidArgument("rank 0 hosts the group's store; it takes no store_address")
@@ -180,7 +184,7 @@ class Collectives:
                     group.broken = f"cannot reach the group's store at {msg.store_address}: {_short(exc)}"
                     group.ready.set()
                     return
-            group.form(group.store, owner, self.host, dev)
+            group.form(group.store, owner, secret, self.host, dev)
 
         threading.Thread(target=run, name=f"gpupool-group-{s.number}", daemon=True).start()
         log.info("session %d joins the collective group of lease %s as rank %d of %d", s.number, s.lease_id, rank, size)

@@ -430,6 +430,8 @@ class Daemon:
                 return [], time.perf_counter() - start
             wall = time.perf_counter() - start
             self._apply(s, res)
+            if s.closed:  # its replies would take the host past --max-unread-bytes
+                return [], min(res.seconds, wall)
             return batch[res.executed :] + after, min(res.seconds, wall)
 
     def _apply(self, s: FrontSession, res: slices.SliceResult) -> None:

@@ -3,15 +3,16 @@ context exists): so a kernel bug a tenant finds stays inside that tenant's own p
 
 - rlimits: host memory (RLIMIT_DATA: the session's quota plus headroom on fake GPUs, headroom on real ones),
   no core dumps, a small number of open files, no new files;
-- a daemon started as root drops the worker to an unprivileged user (`nobody`): no capabilities, and it can
-  neither signal the daemon nor read root-only files such as the token key;
+- a daemon started as root drops the worker to an unprivileged user (`--worker-user`, default `nobody`; uid,
+  gid and groups): no capabilities, and it can neither signal the daemon nor read root-only files such as the
+  token key. A drop that fails ends the worker rather than leave it root;
 - `PR_SET_NO_NEW_PRIVS`, and a seccomp filter (libseccomp through ctypes, where the library exists) that
-  denies with EPERM: sockets and network calls, exec, fork (threads stay allowed), opening files for writing
+  denies with EPERM: sockets and network calls (kept only for workers whose lease token grants network), exec, fork (threads stay allowed), opening files for writing
   and changing the file system, ptrace and other processes' memory, signals to other processes, mounts,
   namespaces, keyrings, BPF and module loading.
 
-`apply` returns what it could do, so the daemon can log it and tests can assert it; a missing piece (no
-libseccomp, a kernel without seccomp) degrades to the rest with a warning, never to a daemon that will not run.
+`apply` returns what it could do, so the daemon can log it and tests can assert it; a missing piece other than
+the user drop (no libseccomp, a kernel without seccomp) degrades to the rest with a warning, never to a daemon that will not run.
 """
 
 from __future__ import annotations
@@ -249,8 +250,11 @@ def apply(memory_bytes: int, *, user: str = "nobody", seccomp: bool = True, netw
             report.applied.append(out if isinstance(out, str) else what)
 
     step("rlimits", lambda: set_rlimits(memory_bytes))
-    if user:
-        step("drop user", lambda: drop_user(user))
+    if user:  # never a root worker by accident: a failed drop ends the worker (its session sees INTERNAL)
+        try:
+            report.applied.append(drop_user(user))
+        except (OSError, KeyError) as exc:
+            raise RuntimeError(f"cannot run the session worker as {user!r}: {exc}") from exc
     step("not dumpable", lambda: _prctl(PR_SET_DUMPABLE, 0))  # no ptrace attach, no /proc/PID/mem by peers
     # No PDEATHSIG: a worker outlives a zygote that dies (its session goes on); it ends when the daemon closes
     # its socket (the session ends, or the daemon dies).
