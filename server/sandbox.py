@@ -7,12 +7,13 @@ context exists): so a kernel bug a tenant finds stays inside that tenant's own p
   gid and groups): no capabilities, and it can neither signal the daemon nor read root-only files such as the
   token key. A drop that fails ends the worker rather than leave it root;
 - `PR_SET_NO_NEW_PRIVS`, and a seccomp filter (libseccomp through ctypes, where the library exists) that
-  denies with EPERM: sockets and network calls (kept only for workers whose lease token grants network), exec, fork (threads stay allowed), opening files for writing
-  and changing the file system, ptrace and other processes' memory, signals to other processes, mounts,
-  namespaces, keyrings, BPF and module loading.
+  denies with EPERM: sockets and network calls (kept only for workers whose lease token grants network),
+  exec, fork (threads stay allowed), opening files for writing and changing the file system, ptrace and
+  other processes' memory, signals to other processes, mounts, namespaces, keyrings, BPF and module loading.
 
-`apply` returns what it could do, so the daemon can log it and tests can assert it; a missing piece other than
-the user drop (no libseccomp, a kernel without seccomp) degrades to the rest with a warning, never to a daemon that will not run.
+`apply` returns what it could do, so the daemon can log it and tests can assert it; a missing piece other
+than the user drop (no libseccomp, a kernel without seccomp) degrades to the rest with a warning, never to a
+daemon that will not run.
 """
 
 from __future__ import annotations
