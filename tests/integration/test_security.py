@@ -9,6 +9,8 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -354,3 +356,12 @@ def test_only_tokens_of_leases_of_several_devices_grant_network(pool: Pool, daem
     alice.release(pair.lease_id)
     alice.release(single.lease_id)
     alice.close()
+    # `gpupool token --network` mints the claim by hand (daemons without a scheduler, tests).
+    out = subprocess.run(
+        [sys.executable, "-m", "gpupool.cli", "token", "--token-key-file", str(pool.key), "--host", HOST, "--network"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.strip()
+    assert tokens.verify(signer, out).network is True
