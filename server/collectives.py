@@ -21,6 +21,7 @@ private network. A group of one rank needs no socket: its collectives are the id
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ipaddress
 import logging
 import socket
@@ -73,8 +74,9 @@ class Group:
 
     def form(self, store: Any, owner: str, secret: str, host: str, device: torch.device) -> None:
         """Build the process group (blocks until every rank has joined or the timeout passes). The group's
-        keys (gloo's rendezvous: each rank's address) live under `secret`, derived from a lease token: a
-        stranger who reaches the store knows the public lease id, not where to read or overwrite them."""
+        keys (gloo's rendezvous: each rank's address) live under a prefix derived from `secret` (from rank 0's
+        lease token), not the public lease id, and each value carries an HMAC under `secret` (_SignedStore):
+        a stranger who reaches the store can neither find them nor forge or alter one unnoticed."""
         try:
             prefixed = dist.PrefixStore(f"gpupool/{self.lease_id}/", store)
             if self.rank == 0:
@@ -83,7 +85,8 @@ class Group:
                 got = prefixed.get("owner").decode(errors="replace")
                 if got != owner:
                     raise PermissionDenied("the group's store was not set up by rank 0 of this lease")
-            keys = dist.PrefixStore(f"gpupool/{secret}/", store)
+            name = hashlib.sha256(b"gpupool-group-keys:" + secret.encode()).hexdigest()
+            keys = _SignedStore(dist.PrefixStore(f"gpupool/{name}/", store), secret.encode())
             self.pg = _process_group(keys, self.rank, self.size, self.timeout, host, device)
         except Exception as exc:  # any failure here is reported at the group's first collective
             self.broken = f"joining the collective group as {self.describe()} failed: {_short(exc)}"
@@ -102,6 +105,55 @@ class Group:
         self.closed = True
         self.broken = self.broken or "the session closed"
         self.pg, self.store = None, None
+
+
+def group_secret(token: str) -> str:
+    """The secret of a group's store, from rank 0's lease token (which only the lease's holders know)."""
+    return hmac.new(b"gpupool-group-store", token.encode(), hashlib.sha256).hexdigest()
+
+
+class _SignedStore(dist.Store):
+    """The group's view of its TCPStore: each value is stored as HMAC-SHA256(secret, key NUL value) + value and
+    checked when read, so that a value written or altered by anyone without the secret (the store is plain TCP
+    on the hosts' network) fails the join instead of steering gloo to another address. gloo's rendezvous uses
+    only set, get and wait."""
+
+    def __init__(self, inner: Any, secret: bytes) -> None:
+        super().__init__()
+        self._inner = inner
+        self._secret = secret
+
+    def _mac(self, key: str, value: bytes) -> bytes:
+        return hmac.new(self._secret, key.encode() + b"\0" + value, hashlib.sha256).digest()
+
+    def set(self, key: str, value: Any) -> None:
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        self._inner.set(key, self._mac(key, data) + data)
+
+    def get(self, key: str) -> bytes:
+        raw = bytes(self._inner.get(key))
+        mac, data = raw[:32], raw[32:]
+        if not hmac.compare_digest(mac, self._mac(key, data)):
+            raise PermissionDenied(f"the group's store holds a value for {key!r} not written by a rank of the group")
+        return data
+
+    def wait(self, keys: list[str], timeout: Any = None) -> None:
+        if timeout is None:
+            self._inner.wait(keys)
+        else:
+            self._inner.wait(keys, timeout)
+
+    def check(self, keys: list[str]) -> bool:
+        return bool(self._inner.check(keys))
+
+    def add(self, key: str, amount: int) -> int:  # a counter cannot be signed; gloo's rendezvous uses none
+        return int(self._inner.add(key, amount))
+
+    def delete_key(self, key: str) -> bool:
+        return bool(self._inner.delete_key(key))
+
+    def num_keys(self) -> int:
+        return int(self._inner.num_keys())
 
 
 def _process_group(store: Any, rank: int, size: int, timeout: float, host: str, device: torch.device) -> Any:
@@ -151,7 +203,7 @@ class Collectives:
         timeout = min(msg.timeout_seconds, MAX_TIMEOUT) if msg.timeout_seconds > 0 else DEFAULT_TIMEOUT
         group = Group(s.lease_id, rank, size, timeout)
         owner = hashlib.sha256(b"gpupool-group:" + msg.tokens[0].encode()).hexdigest()
-        secret = hashlib.sha256(b"gpupool-group-keys:" + msg.tokens[0].encode()).hexdigest()
+        secret = group_secret(msg.tokens[0])
         if rank == 0:
             if msg.store_address:
                 raise InvalidArgument("rank 0 hosts the group's store; it takes no store_address")
