@@ -293,8 +293,8 @@ def main(argv: list[str]) -> int:
         daemon_args = ["serve", "--listen", cfg.listen, "--token-public-keys", str(creds.public), "--scheduler",
                        sched_addr, "--metrics-listen", cfg.metrics_listen, "--host-id", a.host_id,
                        *_tls_args(creds.daemon, creds.ca),
-                       # One machine's pool runs multi-GPU jobs (DDP) out of the box: its session workers keep
-                       # TCP sockets for the collectives between them (docs/security.md, "Session workers").
+                       # One machine's pool runs multi-GPU jobs (DDP) out of the box: the workers of multi-device
+                       # leases (their tokens grant it) may open sockets for collectives (docs/security.md).
                        "--worker-network", "on"]  # fmt: skip
         if fake:
             daemon_args += ["--fake-gpus", str(fake), "--fake-gpu-memory", str(cfg.fake_gpu_memory)]
