@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpupool.server import slices
+from gpupool.server import bulk, slices
 from gpupool.server.devices import Device, discover
 from gpupool.server.fairqueue import DeviceWorker, Entry, FairQueue
 from gpupool.server.front import FrontSession
@@ -335,6 +335,7 @@ class Daemon:
                 s.outbox.put(END_OF_STREAM)
                 return items[1:], 0.0
             n = next((i for i, it in enumerate(items) if it is END_OF_STREAM), len(items))
+            n, uploads = bulk.slice_length([k for k, _ in items[:n]], [len(span) for _, span in items[:n]])
             batch, after = items[:n], items[n:]
             room = self.config.outbox_bytes - s.outbox_bytes
             if room <= 0 and batch[0][0] in slices.ANSWERED and self._parked(s):
@@ -344,6 +345,7 @@ class Daemon:
                 reply_room=room,
                 budget=budget,
                 payload=b"",
+                uploads=uploads,
             )
             start = time.perf_counter()
             try:

@@ -60,14 +60,15 @@ class CommandExecutor:
         one = torch.ones(2, 2)
         self.sizer.new_bytes(torch.ops.aten.mm.default, [one, one], {})
 
-    def execute(self, s: Session, cmd: device_pb2.Command, reply: Reply) -> None:
+    def execute(self, s: Session, cmd: device_pb2.Command, reply: Reply, data: memoryview | None = None) -> None:
+        """Run one command; `data`: an upload's bytes parsed out of its span by hand (server/bulk.py)."""
         kind = cmd.WhichOneof("cmd")
         op_name = cmd.op.name if kind == "op" else f"collective {cmd.collective.kind}" if kind == "collective" else ""
         try:
             if kind == "op":
                 self._op(s, cmd.op)
             elif kind == "upload":
-                self._upload(s, cmd.upload)
+                self._upload(s, cmd.upload, data)
             elif kind == "get":
                 reply(self._get(s, cmd.get))
             elif kind == "free":
@@ -214,9 +215,10 @@ class CommandExecutor:
 
     # ---- transfers ----
 
-    def _upload(self, s: Session, up: device_pb2.Upload) -> None:
+    def _upload(self, s: Session, up: device_pb2.Upload, data: memoryview | bytes | None = None) -> None:
         h = up.handle
-        data = up.data  # each access of a bytes field copies it
+        if data is None:
+            data = up.data  # each access of a bytes field copies it
         if len(data) > wire.CHUNK_BYTES:
             raise InvalidArgument(f"upload chunk of {len(data)} bytes exceeds {wire.CHUNK_BYTES}")
         if up.offset == 0 and up.HasField("meta"):

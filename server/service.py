@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-from gpupool.server import slices
+from gpupool.server import bulk, slices
 from gpupool.server.daemon import END_OF_STREAM, Closed, Daemon
 from gpupool.server.front import FrontSession
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -94,7 +94,8 @@ class DeviceServicer:
             for raw in requests:
                 try:
                     commands = slices.split_frame(raw, limit)  # counted before anything is materialized
-                    device_pb2.ClientFrame.FromString(raw)  # malformed commands end the stream here, not later
+                    if not bulk.uploads_only([span for _, span in commands]):  # those parse without a copy
+                        device_pb2.ClientFrame.FromString(raw)  # malformed commands end the stream here
                 except (DecodeError, InvalidArgument) as exc:
                     s.outbox.put(InvalidArgument(f"malformed ClientFrame ({len(raw)} bytes): {exc}"))
                     return

@@ -88,6 +88,7 @@ def _field_number(raw: bytes, i: int, end: int) -> int:
 # ---- daemon -> worker ----
 
 REQ_RUN, REQ_EXIT, REQ_RUN_SHARED = 1, 2, 3  # RUN_SHARED: the payload is in the shared buffer
+REQ_UPLOADS = 0x10  # or-ed into the kind: the payload is big uploads only (server/bulk.py's copy-once path)
 SHARED = 0x80000000  # set in a result's length word: the result is in the shared buffer
 _REQ = struct.Struct("<Bqqqd")  # kind, free device bytes, reply room (bytes), shared payload length, budget (s)
 
@@ -98,6 +99,7 @@ class SliceRequest:
     reply_room: int  # bytes of replies the session may still produce before it must wait for its reader
     budget: float  # seconds: stop after the command that passes it
     payload: bytes | memoryview  # the concatenated command spans
+    uploads: bool = False  # the spans are big uploads only (bulk.slice_length): copied once, no budget cut
 
 
 def encode_request(
@@ -105,21 +107,23 @@ def encode_request(
 ) -> list[bytes | memoryview]:
     """The request's buffers; `parts` (the command spans) stand in for `req.payload` when given; `shared` >= 0:
     the payload (that many bytes) was written to the shared buffer instead."""
+    flag = REQ_UPLOADS if req.uploads else 0
     if shared >= 0:
-        head = _REQ.pack(REQ_RUN_SHARED, req.device_free, req.reply_room, shared, req.budget)
+        head = _REQ.pack(REQ_RUN_SHARED | flag, req.device_free, req.reply_room, shared, req.budget)
         return [struct.pack("<I", len(head)), head]
-    head = _REQ.pack(REQ_RUN, req.device_free, req.reply_room, 0, req.budget)
+    head = _REQ.pack(REQ_RUN | flag, req.device_free, req.reply_room, 0, req.budget)
     body = list(parts) if parts else [req.payload]
     return [struct.pack("<I", len(head) + sum(len(b) for b in body)), head, *body]
 
 
 def decode_request(body: bytes | bytearray, shared: memoryview) -> SliceRequest | None:
     kind, device_free, reply_room, shared_len, budget = _REQ.unpack_from(body, 0)
+    uploads, kind = bool(kind & REQ_UPLOADS), kind & ~REQ_UPLOADS
     if kind == REQ_RUN_SHARED and 0 <= shared_len <= len(shared):
-        return SliceRequest(device_free, reply_room, budget, shared[:shared_len])
+        return SliceRequest(device_free, reply_room, budget, shared[:shared_len], uploads)
     if kind != REQ_RUN:
         return None
-    return SliceRequest(device_free, reply_room, budget, memoryview(body)[_REQ.size :])  # no copy of uploads
+    return SliceRequest(device_free, reply_room, budget, memoryview(body)[_REQ.size :], uploads)  # no copy
 
 
 EXIT_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_EXIT, 0, 0, 0, 0.0)
@@ -247,7 +251,7 @@ class SliceLedger:
         self.uploaded = self.downloaded = 0
 
 
-Execute = Callable[[Any, device_pb2.Command, Callable[[Any], None]], None]
+Execute = Callable[..., None]  # (session, command, reply[, an upload's data])
 Progress = Callable[[int], None]
 
 
@@ -261,6 +265,8 @@ def run_commands(
 ) -> SliceResult:
     """Run a slice's commands in order until done, past the time budget, or (before a Get/Sync) out of reply
     room; `timed` measures the device time (CUDA events on GPUs)."""
+    if req.uploads:
+        return _run_uploads(session, execute, ledger, req, timed, progress)
     payload = req.payload  # upb parses any buffer: no copy of an upload's bytes
     commands = device_pb2.ClientFrame.FromString(payload).commands  # type: ignore[arg-type]
     replies: list[bytes | list[bytes]] = []
@@ -287,6 +293,10 @@ def run_commands(
             executed = i + 1
             if time.perf_counter() - start > req.budget:
                 break
+    return _result(session, ledger, executed, measured, replies)
+
+
+def _result(session: Any, ledger: SliceLedger, executed: int, measured: Any, replies: list[Any]) -> SliceResult:
     return SliceResult(
         executed=executed,
         seconds=measured[0] if measured else 0.0,
@@ -299,6 +309,32 @@ def run_commands(
         events=dict(ledger.events),
         replies=replies,
     )
+
+
+def _run_uploads(
+    session: Any, execute: Execute, ledger: SliceLedger, req: SliceRequest, timed: Callable[[], Any], progress: Any
+) -> SliceResult:
+    """A slice of big uploads (at most bulk.SLICE_BYTES): each chunk's bytes go from the payload (the shared
+    buffer) into its tensor in one copy. Uploads answer nothing, and the slice is bounded by bytes, not time."""
+    from gpupool.server import bulk
+
+    spans = [span for _, span in split_frame(req.payload, 1 << 20)]  # type: ignore[arg-type]
+    session.memory.used = session.memory.device.capacity - max(0, req.device_free)
+    ledger.reset()
+    with timed() as measured:
+        for i, span in enumerate(spans):
+            if progress is not None:
+                progress(i)
+            parsed = bulk.parse_upload(span)
+            if parsed is None:  # not the canonical shape (checked by the daemon's reader): protobuf decides
+                execute(session, device_pb2.ClientFrame.FromString(span).commands[0], _no_reply)
+            else:
+                execute(session, parsed[0], _no_reply, parsed[1])
+    return _result(session, ledger, len(spans), measured, [])
+
+
+def _no_reply(item: Any) -> None:
+    raise AssertionError("an upload produced a reply")
 
 
 def send_parts(sock: Any, parts: Sequence[bytes | memoryview]) -> None:
