@@ -278,6 +278,10 @@ class Daemon:
             return False
         return self.queues[s.device.index].put(s.entry, commands, nbytes)
 
+    def sync_now(self, s: FrontSession, sync: device_pb2.Sync) -> bool:
+        """Answer a lone Sync in the stream's reader when the session is idle (front.py); False: queue it."""
+        return not self._draining and s.answer_sync(sync, self.queues[s.device.index], self.config.outbox_bytes)
+
     def refresh(self, s: FrontSession, token: str) -> float:
         """Extend a session with a renewed token of its own lease; returns its new end (unix seconds)."""
         claims = tokens.verify(self.config.token_key, token)
@@ -365,6 +369,7 @@ class Daemon:
         ops = max(0, res.ops - s.ops)
         s.ops, s.handles = max(s.ops, res.ops), res.handles
         self.ledger.add(s, ops, res.errors, res.uploaded, res.downloaded)
+        s.error_pending = res.error_pending
         if res.events:
             self.ledger.graphs_of(s, res.events)
         for item in res.replies:

@@ -94,8 +94,9 @@ class DeviceServicer:
             for raw in requests:
                 try:
                     commands = slices.split_frame(raw, limit)  # counted before anything is materialized
+                    parsed = None
                     if not bulk.uploads_only([span for _, span in commands]):  # those parse without a copy
-                        device_pb2.ClientFrame.FromString(raw)  # malformed commands end the stream here
+                        parsed = device_pb2.ClientFrame.FromString(raw)  # malformed commands end the stream here
                 except (DecodeError, InvalidArgument) as exc:
                     s.outbox.put(InvalidArgument(f"malformed ClientFrame ({len(raw)} bytes): {exc}"))
                     return
@@ -104,6 +105,10 @@ class DeviceServicer:
                     return
                 if not commands:  # an empty frame asks for nothing; queueing it would grow memory for free
                     continue
+                if len(commands) == 1 and commands[0][0] == slices.SYNC and parsed is not None:
+                    (cmd,) = [c for c in parsed.commands if c.WhichOneof("cmd")] or [device_pb2.Command()]
+                    if cmd.WhichOneof("cmd") == "sync" and self.daemon.sync_now(s, cmd.sync):
+                        continue  # an idle session's round trip, answered without a slice
                 if not self.daemon.submit(s, commands, len(raw)):
                     return
             self.daemon.submit(s, [END_OF_STREAM], 0)

@@ -131,8 +131,9 @@ EXIT_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_EXIT, 0, 0, 0, 0.0)
 
 # ---- worker -> daemon ----
 
-# executed, seconds, used, ops, handles, uploaded, downloaded, n errors, n events, n replies
-_RES = struct.Struct("<IdqqqqqHHI")
+# executed, seconds, used, ops, handles, uploaded, downloaded, n errors, n events, n replies, flags
+_RES = struct.Struct("<IdqqqqqHHIB")
+_ERROR_PENDING = 1  # flags: the session holds an error for its next Sync
 _EVENT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz_")
 
 
@@ -148,6 +149,7 @@ class SliceResult:
     errors: dict[str, int] = field(default_factory=dict)
     events: dict[str, int] = field(default_factory=dict)  # step capture's graph events ("replayed", ...)
     replies: list[bytes | list[bytes]] = field(default_factory=list)  # a frame, or a download's frames
+    error_pending: bool = False  # an error waits for the next Sync (else the daemon may answer a Sync itself)
 
 
 def encode_result(r: SliceResult) -> list[bytes]:
@@ -163,6 +165,7 @@ def encode_result(r: SliceResult) -> list[bytes]:
             len(r.errors),
             len(r.events),
             len(r.replies),
+            _ERROR_PENDING if r.error_pending else 0,
         )
     ]
     for code, n in r.errors.items():
@@ -183,7 +186,7 @@ def encode_result(r: SliceResult) -> list[bytes]:
 def decode_result(body: bytes | bytearray, commands: int) -> SliceResult:
     """Parse a worker's result; raises ValueError on anything malformed or impossible."""
     view = memoryview(body)
-    executed, seconds, used, ops, handles, up, down, n_err, n_ev, n_rep = _RES.unpack_from(view, 0)
+    executed, seconds, used, ops, handles, up, down, n_err, n_ev, n_rep, flags = _RES.unpack_from(view, 0)
     if executed > commands or not 0.0 <= seconds < 1e6 or min(used, ops, handles, up, down) < 0:
         raise ValueError("impossible slice result")
     pos = _RES.size
@@ -214,7 +217,9 @@ def decode_result(body: bytes | bytearray, commands: int) -> SliceResult:
         replies.append(frames if is_list else frames[0])
     if pos != len(view) or len(replies) > executed:
         raise ValueError("malformed slice result")
-    return SliceResult(executed, seconds, used, ops, handles, up, down, errors, events, replies)
+    return SliceResult(
+        executed, seconds, used, ops, handles, up, down, errors, events, replies, bool(flags & _ERROR_PENDING)
+    )
 
 
 # ---- running a slice (inside the worker, or in-thread) ----
@@ -308,6 +313,7 @@ def _result(session: Any, ledger: SliceLedger, executed: int, measured: Any, rep
         errors=dict(ledger.errors),
         events=dict(ledger.events),
         replies=replies,
+        error_pending=session.error is not None,
     )
 
 
