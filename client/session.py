@@ -9,8 +9,10 @@ within seconds instead of hanging. Safe for one user thread plus the reader.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import queue
+import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -59,6 +61,23 @@ _COMMAND_UPLOAD_TAG = bytes([(2 << 3) | 2])  # Command.upload = 2
 _FRAME_COMMANDS_TAG = bytes([(1 << 3) | 2])  # ClientFrame.commands = 1
 
 
+_HUGE_PAGE = 2 * 1024 * 1024
+_MADV_HUGEPAGE = 14
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _huge_pages(t: torch.Tensor) -> None:
+    """Ask Linux for transparent huge pages under a fresh download's buffer before its first touch: writing
+    256 MiB into new 4 KiB pages costs more than the transfer itself on many hosts; 2 MiB pages fault 512x
+    less often. Advice only: where the kernel says no (or THP is off) nothing changes."""
+    if _LIBC is None or t.nbytes < 2 * _HUGE_PAGE:
+        return
+    start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+    end = (t.data_ptr() + t.nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    if end > start:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+
+
 class Handle(int):
     """An int that names a tensor on the daemon (so `Session.call` sends it as a tensor argument)."""
 
@@ -75,6 +94,7 @@ class _Waiter:
         if c.HasField("meta"):
             dtype = wire.dtype_from_proto(c.meta.dtype)
             self.tensor = torch.empty(list(c.meta.shape), dtype=dtype)
+            _huge_pages(self.tensor)
             self._bytes = wire.host_bytes(self.tensor)
         if self._bytes is None:
             self.fail(InvalidArgument("download chunk before its metadata"))

@@ -354,7 +354,7 @@ class Daemon:
             start = time.perf_counter()
             try:
                 res = s.runner.run(req, len(batch), [span for _, span in batch])
-                if res.executed == 0:
+                if res.executed == 0 and not res.partial:
                     raise WorkerDied("the session's worker made no progress")
             except WorkerDied as exc:
                 self._worker_died(s, batch, exc)

@@ -54,6 +54,7 @@ class CommandExecutor:
         self.graphs = GraphTable(self)  # captured steps (server/graph.py)
         self.collectives = Collectives()  # configured by the daemon (token verifier, peer-facing host)
         self.speed: SpeedModel | None = None  # fake GPUs' speed model (server/speedmodel.py), when asked for
+        self.piece_bytes = 0  # > 0: a Get answers at most this many bytes per run (workers: bulk.PIECE_BYTES)
 
     def warm_up(self) -> None:
         """Load torch's meta kernels now (about a second, once per process), not on some session's clock."""
@@ -254,19 +255,30 @@ class CommandExecutor:
 
     def _get(self, s: Session, get: device_pb2.Get) -> list[bytes]:
         """Serialized chunk frames of the tensor's value, built now (so later ops cannot change them), each
-        with one copy of the data: protobuf's own bytes fields would cost two more."""
-        t = s.resolve(get.handle)
-        if t.numel() * t.element_size() > s.quota:  # an expanded view: its copy would be a memory bomb
-            raise ResourceExhausted(
-                f"download of {t.numel() * t.element_size()} bytes (an expanded view?) exceeds the session's "
-                f"{s.quota} byte quota"
-            )
-        src = t if t.device.type == "cpu" and t.is_contiguous() else t.detach().cpu().contiguous()
+        with one copy of the data: protobuf's own bytes fields would cost two more. With `piece_bytes` set
+        (a session worker), at most that many bytes per call: `s.download` then holds the rest, and the same
+        Get, run again first thing in the next slice, continues it (server/bulk.py)."""
+        pending, s.download = s.download, None
+        if pending is not None and pending[:2] == (get.request_id, get.handle):
+            src, offset = pending[2], pending[3]
+        else:
+            t = s.resolve(get.handle)
+            if t.numel() * t.element_size() > s.quota:  # an expanded view: its copy would be a memory bomb
+                raise ResourceExhausted(
+                    f"download of {t.numel() * t.element_size()} bytes (an expanded view?) exceeds the session's "
+                    f"{s.quota} byte quota"
+                )
+            src = t if t.device.type == "cpu" and t.is_contiguous() else t.detach().cpu().contiguous()
+            offset = 0
         flat = wire.host_bytes(src)  # keeps no reference: `src` stays alive until the frames are built
         total = flat.nbytes
+        stop = min(total, offset + self.piece_bytes) if self.piece_bytes else total
         head = device_pb2.ServerFrame(request_id=get.request_id).SerializeToString()
-        frames, offset = [], 0
+        frames: list[bytes] = []
         while True:
+            if offset >= stop and offset < total:
+                s.download = (get.request_id, get.handle, src, offset)
+                return frames
             n = min(wire.CHUNK_BYTES, total - offset)
             chunk = device_pb2.TensorChunk(offset=offset, last=offset + n >= total)
             if offset == 0:

@@ -134,6 +134,7 @@ EXIT_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_EXIT, 0, 0, 0, 0.0)
 # executed, seconds, used, ops, handles, uploaded, downloaded, n errors, n events, n replies, flags
 _RES = struct.Struct("<IdqqqqqHHIB")
 _ERROR_PENDING = 1  # flags: the session holds an error for its next Sync
+_PARTIAL = 2  # flags: the command after the executed ones (a Get) answered a piece and continues next slice
 _EVENT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz_")
 
 
@@ -150,6 +151,7 @@ class SliceResult:
     events: dict[str, int] = field(default_factory=dict)  # step capture's graph events ("replayed", ...)
     replies: list[bytes | list[bytes]] = field(default_factory=list)  # a frame, or a download's frames
     error_pending: bool = False  # an error waits for the next Sync (else the daemon may answer a Sync itself)
+    partial: bool = False  # command `executed` (a big Get) sent a piece of its answer and must run again
 
 
 def encode_result(r: SliceResult) -> list[bytes]:
@@ -165,7 +167,7 @@ def encode_result(r: SliceResult) -> list[bytes]:
             len(r.errors),
             len(r.events),
             len(r.replies),
-            _ERROR_PENDING if r.error_pending else 0,
+            (_ERROR_PENDING if r.error_pending else 0) | (_PARTIAL if r.partial else 0),
         )
     ]
     for code, n in r.errors.items():
@@ -215,10 +217,11 @@ def decode_result(body: bytes | bytearray, commands: int) -> SliceResult:
             frames.append(bytes(view[pos : pos + length]))
             pos += length
         replies.append(frames if is_list else frames[0])
-    if pos != len(view) or len(replies) > executed:
+    partial = bool(flags & _PARTIAL)
+    if pos != len(view) or len(replies) > executed + partial or (partial and (executed >= commands or not replies)):
         raise ValueError("malformed slice result")
     return SliceResult(
-        executed, seconds, used, ops, handles, up, down, errors, events, replies, bool(flags & _ERROR_PENDING)
+        executed, seconds, used, ops, handles, up, down, errors, events, replies, bool(flags & _ERROR_PENDING), partial
     )
 
 
@@ -287,6 +290,7 @@ def run_commands(
     session.memory.used = session.memory.device.capacity - max(0, req.device_free)
     ledger.reset()
     executed = 0
+    partial = False
     start = time.perf_counter()
     with timed() as measured:
         for i, cmd in enumerate(commands):
@@ -295,13 +299,18 @@ def run_commands(
             if progress is not None:
                 progress(i)
             execute(session, cmd, reply)
+            if session.download is not None:  # a piece of a big Get: the Get runs again next slice
+                partial = True
+                break
             executed = i + 1
             if time.perf_counter() - start > req.budget:
                 break
-    return _result(session, ledger, executed, measured, replies)
+    return _result(session, ledger, executed, measured, replies, partial)
 
 
-def _result(session: Any, ledger: SliceLedger, executed: int, measured: Any, replies: list[Any]) -> SliceResult:
+def _result(
+    session: Any, ledger: SliceLedger, executed: int, measured: Any, replies: list[Any], partial: bool = False
+) -> SliceResult:
     return SliceResult(
         executed=executed,
         seconds=measured[0] if measured else 0.0,
@@ -314,6 +323,7 @@ def _result(session: Any, ledger: SliceLedger, executed: int, measured: Any, rep
         events=dict(ledger.events),
         replies=replies,
         error_pending=session.error is not None,
+        partial=partial,
     )
 
 
@@ -333,7 +343,7 @@ def _run_uploads(
                 progress(i)
             parsed = bulk.parse_upload(span)
             if parsed is None:  # not the canonical shape (checked by the daemon's reader): protobuf decides
-                execute(session, device_pb2.ClientFrame.FromString(span).commands[0], _no_reply)
+                execute(session, device_pb2.ClientFrame.FromString(span).commands[0], _no_reply)  # type: ignore[arg-type]
             else:
                 execute(session, parsed[0], _no_reply, parsed[1])
     return _result(session, ledger, len(spans), measured, [])

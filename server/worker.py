@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gpupool.server import slices
+from gpupool.server import bulk, slices
 from gpupool.server.slices import SliceRequest, SliceResult
 
 if TYPE_CHECKING:  # torch stays unimported until needed: the zygote starts before the daemon imports it
@@ -99,6 +99,7 @@ class _SessionState:
         )
         self.ledger = slices.SliceLedger()
         self.executor = CommandExecutor(self.ledger)
+        self.executor.piece_bytes = bulk.PIECE_BYTES  # big downloads in pieces through the shared buffer
         if spec.token_keys:
             from gpupool.server.speedmodel import SpeedModel
 

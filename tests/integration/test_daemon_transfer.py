@@ -146,3 +146,18 @@ def test_non_canonical_upload_frames_keep_protobufs_meaning(daemon: Any) -> None
         s._put(b"\x0a" + wire.varint(len(command)) + command)
         with pytest.raises(GpupoolError, match="malformed"):
             s.sync()
+
+
+def test_a_download_in_pieces_sees_no_later_op(daemon_factory: Any) -> None:
+    """A Get over bulk.PIECE_BYTES is answered over several slices; ops queued behind it wait for its last
+    piece, so it returns the value at its place in the stream."""
+    d = daemon_factory(fake_gpu_memory=256 * MiB)
+    with Session.attach(d.address, d.token()) as s:
+        x = torch.randint(0, 255, (40 * MiB + 3,), dtype=torch.uint8)
+        h = Handle(s.upload(x))
+        rid, first = s._request(device_pb2.Command(get=device_pb2.Get(handle=h)))  # not waited for yet
+        s.call("aten::mul_.Scalar", h, 0, outputs=[0])
+        later = s.download(h)
+        s._wait(rid, first)
+        assert first.tensor is not None and torch.equal(first.tensor, x)
+        assert not later.any()
