@@ -15,11 +15,13 @@ import queue
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy
 import torch
+from google.protobuf.message import DecodeError
 
 from gpupool import tls, tokens, wire
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
@@ -78,6 +80,64 @@ def _huge_pages(t: torch.Tensor) -> None:
         _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
 
 
+@dataclass
+class _Chunk:
+    """A download chunk frame read by hand: `data` is a view of the received bytes (no protobuf copies)."""
+
+    request_id: int
+    meta: tensor_pb2.TensorMeta | None
+    offset: int
+    data: memoryview
+    last: bool
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[i]  # IndexError past the end
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80 or shift > 63:
+            return value, i
+        shift += 7
+
+
+def _read_frame(raw: bytes) -> device_pb2.ServerFrame | _Chunk:
+    """A reply frame: download chunks in the shape the daemon writes them (request id, then one TensorChunk)
+    are read by hand, leaving their 4 MiB of data where gRPC put it; anything else is parsed by protobuf."""
+    try:
+        rid, i = _varint(raw, 1) if raw[:1] == b"\x08" else (0, 0)
+        if raw[i] != 0x1A:
+            return device_pb2.ServerFrame.FromString(raw)
+        length, i = _varint(raw, i + 1)
+        if i + length != len(raw):
+            return device_pb2.ServerFrame.FromString(raw)
+        view = memoryview(raw)
+        meta, offset, data, last, seen = None, 0, view[0:0], False, set()
+        while i < len(raw):
+            tag, i = _varint(raw, i)
+            if tag in seen or tag not in (0x0A, 0x10, 0x1A, 0x20):
+                return device_pb2.ServerFrame.FromString(raw)
+            seen.add(tag)
+            if tag == 0x10:
+                offset, i = _varint(raw, i)
+            elif tag == 0x20:
+                flag, i = _varint(raw, i)
+                last = bool(flag)
+            else:
+                n, i = _varint(raw, i)
+                if i + n > len(raw):
+                    return device_pb2.ServerFrame.FromString(raw)
+                if tag == 0x0A:
+                    meta = tensor_pb2.TensorMeta.FromString(view[i : i + n])  # type: ignore[arg-type]
+                else:
+                    data = view[i : i + n]
+                i += n
+        return _Chunk(rid, meta, offset, data, last)
+    except (IndexError, DecodeError):  # protobuf decides (and refuses a malformed frame)
+        return device_pb2.ServerFrame.FromString(raw)
+
+
 class Handle(int):
     """An int that names a tensor on the daemon (so `Session.call` sends it as a tensor argument)."""
 
@@ -90,8 +150,8 @@ class _Waiter:
         self.tensor: torch.Tensor | None = None
         self._bytes: memoryview | None = None
 
-    def chunk(self, c: device_pb2.TensorChunk) -> None:
-        if c.HasField("meta"):
+    def chunk(self, c: device_pb2.TensorChunk | _Chunk) -> None:
+        if c.meta is not None and (isinstance(c, _Chunk) or c.HasField("meta")):
             dtype = wire.dtype_from_proto(c.meta.dtype)
             self.tensor = torch.empty(list(c.meta.shape), dtype=dtype)
             _huge_pages(self.tensor)
@@ -99,7 +159,7 @@ class _Waiter:
         if self._bytes is None:
             self.fail(InvalidArgument("download chunk before its metadata"))
             return
-        data = c.data  # each access of a bytes field copies it
+        data = c.data  # a view of the received frame (_Chunk), or a copy (each access of a bytes field copies)
         if data:
             if c.offset + len(data) > len(self._bytes):
                 self.fail(InvalidArgument("download chunk past the tensor's end"))
@@ -139,7 +199,7 @@ class Session:
         stream = channel.stream_stream(
             "/gpupool.v1.Device/Stream",
             request_serializer=_serialize_frame,
-            response_deserializer=device_pb2.ServerFrame.FromString,
+            response_deserializer=_read_frame,
         )
         self._responses = stream(self._frames(), metadata=((SESSION_METADATA, self.session_id),))
         self._reader = threading.Thread(target=self._read, name=f"gpupool-session-{self.session_id[:6]}", daemon=True)
@@ -376,6 +436,9 @@ class Session:
                 with self._wlock:
                     w = self._waiters.get(frame.request_id)
                 if w is None:
+                    continue
+                if isinstance(frame, _Chunk):
+                    w.chunk(frame)
                     continue
                 kind = frame.WhichOneof("reply")
                 if kind == "sync":

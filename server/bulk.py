@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from google.protobuf.message import DecodeError
+
 from gpupool._proto import device_pb2
 
 MiB = 1024 * 1024
@@ -90,7 +92,7 @@ def parse_upload(span: memoryview) -> tuple[device_pb2.Command, memoryview] | No
                 return None
             small += span[start:i]
         up = device_pb2.Upload.FromString(bytes(small))
-    except ValueError:  # truncated varints; protobuf's DecodeError is a ValueError too
+    except (ValueError, DecodeError):  # truncated varints, a malformed meta
         return None
     return device_pb2.Command(upload=up), data if data is not None else memoryview(b"")
 

@@ -127,6 +127,13 @@ def decode_request(body: bytes | bytearray, shared: memoryview) -> SliceRequest 
 
 
 EXIT_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_EXIT, 0, 0, 0, 0.0)
+REQ_PING = 4  # is the worker alive? it answers PONG at once (the daemon's fast Sync asks before answering)
+PING_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_PING, 0, 0, 0, 0.0)
+PONG = 0xFFFFFFFF  # a result length word that is no result (a late pong is skipped)
+
+
+def is_ping(body: bytes | bytearray) -> bool:
+    return len(body) >= 1 and body[0] == REQ_PING
 
 
 # ---- worker -> daemon ----

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import select
 import socket
 import struct
 import sys
@@ -65,6 +66,7 @@ class Runner(Protocol):
     pid: int
 
     def run(self, req: SliceRequest, commands: int, parts: Sequence[memoryview] = ()) -> SliceResult: ...
+    def alive(self, timeout: float = 1.0) -> bool: ...
     def progress(self) -> int: ...
     def close(self) -> None: ...
 
@@ -135,6 +137,9 @@ class InlineRunner:
         with torch.no_grad():  # thread-local: the daemon never records autograd history
             return self._state.run(req)
 
+    def alive(self, timeout: float = 1.0) -> bool:
+        return True
+
     def progress(self) -> int:
         return 0
 
@@ -167,6 +172,8 @@ class ProcessRunner:
             else:
                 slices.send_parts(self._sock, slices.encode_request(req, parts))
             (length,) = struct.unpack("<I", _recv_exact(self._sock, 4))
+            while length == slices.PONG:  # the late answer to a ping that timed out
+                (length,) = struct.unpack("<I", _recv_exact(self._sock, 4))
             if length & slices.SHARED:
                 length &= ~slices.SHARED
                 if length > DATA_BYTES:
@@ -180,6 +187,23 @@ class ProcessRunner:
             raise WorkerDied(f"the session's worker stopped answering ({type(exc).__name__})") from None
         except (ValueError, struct.error) as exc:
             raise WorkerDied(f"the session's worker sent a malformed result: {exc}") from None
+
+    def alive(self, timeout: float = 1.0) -> bool:
+        """Whether the (idle) worker answers a ping: a worker that died, or has a fatal signal pending, never
+        does. Call only between slices, under the session's lock. A pong that comes after `timeout` is skipped
+        by the next `run`."""
+        if self._closed:
+            return False
+        try:
+            self._sock.sendall(slices.PING_REQUEST)
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+            if not poller.poll(int(timeout * 1000)):
+                return False
+            (word,) = struct.unpack("<I", _recv_exact(self._sock, 4))
+        except (OSError, EOFError):
+            return False
+        return bool(word == slices.PONG)
 
     def progress(self) -> int:
         return int(struct.unpack_from("<i", self._progress, 0)[0])
@@ -253,6 +277,12 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
             body = _recv_exact(sock, length)
         except (OSError, EOFError):
             return 0  # the daemon closed the session
+        if slices.is_ping(body):
+            try:
+                sock.sendall(struct.pack("<I", slices.PONG))
+            except OSError:
+                return 0
+            continue
         req = slices.decode_request(body, data)
         if req is None:
             return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from google.protobuf.message import DecodeError
 from gpupool.client.session import _upload_frame
 from gpupool.server import bulk, slices
 
@@ -91,3 +92,32 @@ def test_upload_slice_request_round_trips(n: int) -> None:
     body = b"".join(slices.encode_request(slices.SliceRequest(1, 2, 0.1, b"xy")))[4:]
     back = slices.decode_request(body, shared)
     assert back is not None and not back.uploads and bytes(back.payload) == b"xy"
+
+
+def test_client_reads_download_frames_by_hand_like_protobuf() -> None:
+    from gpupool.client.session import _Chunk, _read_frame
+    from gpupool.server.devices import discover
+    from gpupool.server.executor import CommandExecutor
+    from gpupool.server.sessions import DeviceMemory, Session
+
+    dev = discover("h", 1, 256 * MiB)[0]
+    s = Session("s", 1, dev, DeviceMemory(dev), 256 * MiB)
+    x = torch.arange(3 * MiB, dtype=torch.float32).view(3, -1)
+    s.bind((1 << 32) + 5, x)
+    frames = CommandExecutor(slices.SliceLedger())._get(s, device_pb2.Get(request_id=77, handle=(1 << 32) + 5))
+    assert len(frames) == 3
+    for raw in frames:
+        mine, ref = _read_frame(raw), device_pb2.ServerFrame.FromString(raw)
+        assert isinstance(mine, _Chunk) and mine.request_id == ref.request_id == 77
+        assert (mine.offset, bytes(mine.data), mine.last) == (ref.chunk.offset, ref.chunk.data, ref.chunk.last)
+        assert (mine.meta or tensor_pb2.TensorMeta()) == ref.chunk.meta
+    others = [
+        device_pb2.ServerFrame(request_id=3, sync=device_pb2.SyncReply()).SerializeToString(),
+        device_pb2.ServerFrame(request_id=3, error=tensor_pb2.Error(code="NOT_FOUND")).SerializeToString(),
+        frames[1] + b"\x08\x05",  # a field after the chunk: protobuf decides (the last request id wins)
+        frames[1][:-5],  # truncated: protobuf refuses it
+    ]
+    for raw in others[:3]:
+        assert _read_frame(raw) == device_pb2.ServerFrame.FromString(raw)
+    with pytest.raises(DecodeError):
+        _read_frame(others[3])
