@@ -95,7 +95,8 @@ class DeviceServicer:
                 try:
                     commands = slices.split_frame(raw, limit)  # counted before anything is materialized
                     parsed = None
-                    if not bulk.uploads_only([span for _, span in commands]):  # those parse without a copy
+                    big = len(raw) >= bulk.BIG_UPLOAD  # big uploads are checked without a copy (server/bulk.py)
+                    if not (big and bulk.uploads_only([span for _, span in commands])):
                         parsed = device_pb2.ClientFrame.FromString(raw)  # malformed commands end the stream here
                 except (DecodeError, InvalidArgument) as exc:
                     s.outbox.put(InvalidArgument(f"malformed ClientFrame ({len(raw)} bytes): {exc}"))
@@ -106,8 +107,8 @@ class DeviceServicer:
                 if not commands:  # an empty frame asks for nothing; queueing it would grow memory for free
                     continue
                 if len(commands) == 1 and commands[0][0] == slices.SYNC and parsed is not None:
-                    (cmd,) = [c for c in parsed.commands if c.WhichOneof("cmd")] or [device_pb2.Command()]
-                    if cmd.WhichOneof("cmd") == "sync" and self.daemon.sync_now(s, cmd.sync):
+                    asks = [c for c in parsed.commands if c.WhichOneof("cmd")]
+                    if len(asks) == 1 and asks[0].WhichOneof("cmd") == "sync" and self.daemon.sync_now(s, asks[0].sync):
                         continue  # an idle session's round trip, answered without a slice
                 if not self.daemon.submit(s, commands, len(raw)):
                     return

@@ -342,17 +342,18 @@ def _run_uploads(
     from gpupool.server import bulk
 
     spans = [span for _, span in split_frame(req.payload, 1 << 20)]  # type: ignore[arg-type]
+    parsed = [bulk.parse_upload(span) for span in spans]
+    if not all(parsed):  # not all canonical (say, an Upload followed by another oneof field): the ordinary path
+        req.uploads = False
+        return run_commands(session, execute, ledger, req, timed, progress)
     session.memory.used = session.memory.device.capacity - max(0, req.device_free)
     ledger.reset()
     with timed() as measured:
-        for i, span in enumerate(spans):
+        for i, upload in enumerate(parsed):
             if progress is not None:
                 progress(i)
-            parsed = bulk.parse_upload(span)
-            if parsed is None:  # not the canonical shape (checked by the daemon's reader): protobuf decides
-                execute(session, device_pb2.ClientFrame.FromString(span).commands[0], _no_reply)  # type: ignore[arg-type]
-            else:
-                execute(session, parsed[0], _no_reply, parsed[1])
+            cmd, data = upload  # type: ignore[misc]
+            execute(session, cmd, _no_reply, data)
     return _result(session, ledger, len(spans), measured, [])
 
 
