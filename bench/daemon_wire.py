@@ -1,7 +1,9 @@
 """Daemon wire benchmark: 256 MiB upload/download, tiny-op throughput and sync round trips of a real
 `gpupool serve` (fake GPU, loopback), next to floors measured in the same run on the same machine:
-a raw TCP socket (throughput, 1-byte ping-pong) and a bare Python gRPC echo (unary and stream); and the cost
-of TLS: the same figures of a second daemon serving plaintext (`--insecure`).
+a raw TCP socket and a raw TLS socket (throughput, 1-byte ping-pong) and a bare Python gRPC echo, plaintext and
+TLS (unary and stream); and the same figures of a second daemon serving plaintext (`--insecure`). Each daemon is
+compared with the floor of its own kind (TLS with TLS, plaintext with plaintext) and with raw TCP, and the
+issue's targets (transfers >= 0.6 of raw TCP, sync p50 <= 1.3x a gRPC stream ping-pong) are checked for both.
 
     python bench/daemon_wire.py [--repeat 3] [--size-mib 256] [--ops 10000] [--syncs 1000]
     python bench/daemon_wire.py --isolation-cost [--repeat 5]
@@ -41,11 +43,23 @@ GRPC_OPTIONS = [  # 4 MiB chunks plus framing exceed gRPC's 4 MiB default limit
 # ---------------------------------------------------------------- floor server (a separate process)
 
 
+def _tls_files() -> tuple[str, str, str]:
+    """(CA, certificate, key) of the loopback PKI this run made (pki.loopback_env)."""
+    return os.environ["GPUPOOL_TLS_CA"], os.environ["GPUPOOL_TLS_CERT"], os.environ["GPUPOOL_TLS_KEY"]
+
+
 def floor_server() -> None:
-    """TCP sink/source/echo and gRPC echo servers; prints 'PORTS tcp grpc' and serves until stdin closes."""
+    """TCP and TLS sink/source/echo, gRPC echo servers (plaintext and TLS); prints
+    'PORTS tcp grpc tls grpc_tls' and serves until stdin closes."""
+    import ssl
+
     import grpc
 
     lsock = socket.create_server(("127.0.0.1", 0))
+    tls_lsock = socket.create_server(("127.0.0.1", 0))
+    _, cert, key = _tls_files()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
     blob = b"\x5a" * CHUNK
 
     def handle(conn: socket.socket) -> None:
@@ -74,12 +88,16 @@ def floor_server() -> None:
                         conn.recv(1)
                         conn.sendall(b"p")
 
-    def accept() -> None:
+    def accept(listener: socket.socket, wrap: bool) -> None:
         while True:
-            conn, _ = lsock.accept()
+            conn, _ = listener.accept()
+            if wrap:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn = server_ctx.wrap_socket(conn, server_side=True)
             threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
-    threading.Thread(target=accept, daemon=True).start()
+    threading.Thread(target=accept, args=(lsock, False), daemon=True).start()
+    threading.Thread(target=accept, args=(tls_lsock, True), daemon=True).start()
 
     def unary(req: bytes, ctx: Any) -> bytes:
         return req
@@ -109,8 +127,11 @@ def floor_server() -> None:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((handlers,))
     port = server.add_insecure_port("127.0.0.1:0")
+    with open(key, "rb") as k, open(cert, "rb") as c:
+        creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+    tls_port = server.add_secure_port("127.0.0.1:0", creds)
     server.start()
-    print(f"PORTS {lsock.getsockname()[1]} {port}", flush=True)
+    print(f"PORTS {lsock.getsockname()[1]} {port} {tls_lsock.getsockname()[1]} {tls_port}", flush=True)
     sys.stdin.read()
     server.stop(0)
 
@@ -123,9 +144,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def tcp_figures(port: int, size: int, pings: int) -> dict[str, float]:
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def tcp_figures(port: int, size: int, pings: int, tls: bool = False) -> dict[str, float]:
+    import ssl
+
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s = raw
+        if tls:  # the same exchange through Python's ssl (OpenSSL), as the TLS daemon's peer would see it
+            ctx = ssl.create_default_context(cafile=_tls_files()[0])
+            s = ctx.wrap_socket(raw, server_hostname="localhost")
         blob = b"\xa5" * CHUNK
         t0 = time.perf_counter()
         s.sendall(b"U" + struct.pack("!Q", size))
@@ -150,12 +177,20 @@ def tcp_figures(port: int, size: int, pings: int) -> dict[str, float]:
     return {"up": up, "down": down, "p50": percentile(rtts, 0.5), "p99": percentile(rtts, 0.99)}
 
 
-def grpc_figures(port: int, size: int, pings: int, messages: int) -> dict[str, float]:
+def grpc_figures(port: int, size: int, pings: int, messages: int, tls: bool = False) -> dict[str, float]:
     import queue
 
     import grpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:  # the plaintext gRPC floor
+    target = f"127.0.0.1:{port}"
+    if tls:
+        with open(_tls_files()[0], "rb") as f:
+            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+        opts = [*GRPC_OPTIONS, ("grpc.ssl_target_name_override", "localhost")]
+        channel = grpc.secure_channel(target, creds, options=opts)
+    else:
+        channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+    with channel as ch:
         unary = ch.unary_unary("/floor/Unary", None, None)
         sink = ch.stream_unary("/floor/Sink", None, None)
         source = ch.unary_stream("/floor/Source", None, None)
@@ -345,16 +380,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         try:
             assert floor.stdout is not None
-            _, tcp_port, grpc_port = floor.stdout.readline().split()
+            _, tcp_port, grpc_port, tls_port, grpc_tls_port = floor.stdout.readline().split()
             claims = tokens.TokenClaims("bench", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
             token = tokens.mint(key, claims)
-            runs: dict[str, list[dict[str, float]]] = {"gpupool": [], "tcp": [], "grpc": [], "plain": []}
             measures: dict[str, Callable[[], dict[str, float]]] = {
-                "gpupool": lambda: gpupool_figures(address, token, size, args.ops, args.syncs),
+                "tls": lambda: gpupool_figures(address, token, size, args.ops, args.syncs),
                 "plain": plaintext(lambda: gpupool_figures(plain_address, token, size, args.ops, args.syncs)),
                 "tcp": lambda: tcp_figures(int(tcp_port), size, args.syncs),
+                "tls_tcp": lambda: tcp_figures(int(tls_port), size, args.syncs, tls=True),
                 "grpc": lambda: grpc_figures(int(grpc_port), size, args.syncs, args.ops),
+                "grpc_tls": lambda: grpc_figures(int(grpc_tls_port), size, args.syncs, args.ops, tls=True),
             }
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in measures}
             for i in range(args.repeat):
                 for name, fn in measures.items():
                     runs[name].append(fn())
@@ -366,66 +403,58 @@ def main(argv: list[str] | None = None) -> int:
             if floor.stdin:
                 floor.stdin.close()
             floor.wait(30)
-    g, t, r, plain = (median_of(runs[k]) for k in ("gpupool", "tcp", "grpc", "plain"))
+    report(args, {k: median_of(v) for k, v in runs.items()})
+    return 0
+
+
+def report(args: argparse.Namespace, m: dict[str, dict[str, float]]) -> None:
+    """Each daemon next to the floors of its kind, then the issue's targets for both."""
     us = 1e6
-    rows = [
-        (f"upload {args.size_mib} MiB (GB/s)", g["up"], t["up"], r["up"], g["up"] / r["up"], g["up"] / t["up"]),
-        (
-            f"download {args.size_mib} MiB (GB/s)",
-            g["down"],
-            t["down"],
-            r["down"],
-            g["down"] / r["down"],
-            g["down"] / t["down"],
-        ),
-        (
-            "sync round trip p50 (us)",
-            g["p50"] * us,
-            t["p50"] * us,
-            r["stream_p50"] * us,
-            g["p50"] / r["stream_p50"],
-            g["p50"] / t["p50"],
-        ),
-        (
-            "sync round trip p99 (us)",
-            g["p99"] * us,
-            t["p99"] * us,
-            r["stream_p99"] * us,
-            g["p99"] / r["stream_p99"],
-            g["p99"] / t["p99"],
-        ),
-        (
-            f"{args.ops} tiny adds + 1 sync (ops/s)",
-            g["ops"],
-            float("nan"),
-            r["msgs"],
-            g["ops"] / r["msgs"],
-            float("nan"),
-        ),
-    ]
-    print(f"\ndaemon wire bench: medians of {args.repeat} runs, loopback, {os.cpu_count()} CPUs, fake GPU")
-    print(f"{'metric':<34}{'gpupool':>12}{'raw TCP':>12}{'gRPC floor':>12}{'/gRPC':>8}{'/TCP':>8}")
-    for name, gv, tv, rv, ratio_g, ratio_t in rows:
-        print(f"{name:<34}{gv:>12.3f}{tv:>12.3f}{rv:>12.3f}{ratio_g:>8.2f}{ratio_t:>8.2f}")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\ndaemon wire bench: medians of {args.repeat} runs, loopback, {os.cpu_count()} CPUs, fake GPU, load {load}")
+    for daemon, raw, rpc, label in (("tls", "tls_tcp", "grpc_tls", "TLS"), ("plain", "tcp", "grpc", "plaintext")):
+        g, t, r, tcp = m[daemon], m[raw], m[rpc], m["tcp"]
+        raw_name = "raw TLS" if raw == "tls_tcp" else "raw TCP"
+        print(f"\n{label} daemon (the default is TLS)")
+        print(
+            f"{'metric':<34}{'gpupool':>10}{raw_name:>10}{'gRPC':>10}{'/gRPC':>8}{'/' + raw_name:>10}{'/raw TCP':>10}"
+        )
+        for name, key, rkey, scale in (
+            (f"upload {args.size_mib} MiB (GB/s)", "up", "up", 1.0),
+            (f"download {args.size_mib} MiB (GB/s)", "down", "down", 1.0),
+            ("sync round trip p50 (us)", "p50", "stream_p50", us),
+            ("sync round trip p99 (us)", "p99", "stream_p99", us),
+        ):
+            print(
+                f"{name:<34}{g[key] * scale:>10.3f}{t[key] * scale:>10.3f}{r[rkey] * scale:>10.3f}"
+                f"{g[key] / r[rkey]:>8.2f}{g[key] / t[key]:>10.2f}{g[key] / tcp[key]:>10.2f}"
+            )
+        ops = f"{args.ops} tiny adds + 1 sync (ops/s)"
+        print(f"{ops:<34}{g['ops']:>10.0f}{'':>10}{r['msgs']:>10.0f}{g['ops'] / r['msgs']:>8.2f}")
+        print(f"{'gRPC unary round trip p50/p99 (us)':<54}{r['unary_p50'] * us:>6.0f}/{r['unary_p99'] * us:<5.0f}")
     print(
-        f"{'gRPC unary round trip p50/p99 (us)':<34}{'':>12}{'':>12}"
-        f"{r['unary_p50'] * us:>6.0f}/{r['unary_p99'] * us:<5.0f}"
-    )
-    print(
-        "gRPC floor: upload/download = one stream of 4 MiB messages; round trips = stream ping-pong of 16 B;"
+        "\ngRPC floor: upload/download = one stream of 4 MiB messages; round trips = stream ping-pong of 16 B;"
         " ops/s floor = 100 B messages/s on one stream (one message per op)."
     )
-    print(f"\nTLS cost: the same daemon with TLS (the default) and with --insecure, medians of {args.repeat} runs")
-    print(f"{'metric':<34}{'TLS':>12}{'plaintext':>12}{'TLS/plain':>10}")
-    for label, key, scale in (
-        (f"upload {args.size_mib} MiB (GB/s)", "up", 1.0),
-        (f"download {args.size_mib} MiB (GB/s)", "down", 1.0),
-        ("sync round trip p50 (us)", "p50", us),
-        ("sync round trip p99 (us)", "p99", us),
-        (f"{args.ops} tiny adds + 1 sync (ops/s)", "ops", 1.0),
-    ):
-        print(f"{label:<34}{g[key] * scale:>12.3f}{plain[key] * scale:>12.3f}{g[key] / plain[key]:>10.2f}")
-    return 0
+    print("\ntargets (issue 8 item 4)")
+    for daemon, raw, rpc, label in (("tls", "tls_tcp", "grpc_tls", "TLS"), ("plain", "tcp", "grpc", "plaintext")):
+        g = m[daemon]
+        checks = [
+            (f"{d} >= 0.6 x raw TCP", g[k] / m["tcp"][k], g[k] / m["tcp"][k] >= 0.6)
+            for d, k in (("upload", "up"), ("download", "down"))
+        ]
+        if raw == "tls_tcp":
+            checks += [
+                (f"{d} >= 0.6 x raw TLS", g[k] / m[raw][k], g[k] / m[raw][k] >= 0.6)
+                for d, k in (("upload", "up"), ("download", "down"))
+            ]
+        ratio = g["p50"] / m[rpc]["stream_p50"]
+        checks.append((f"sync p50 <= 1.3 x {'TLS ' if raw == 'tls_tcp' else ''}gRPC ping-pong", ratio, ratio <= 1.3))
+        if raw == "tls_tcp":
+            ratio = g["p50"] / m["grpc"]["stream_p50"]
+            checks.append(("sync p50 <= 1.3 x plaintext gRPC ping-pong", ratio, ratio <= 1.3))
+        for what, value, ok in checks:
+            print(f"  {label:<10} {what:<44} {value:>6.2f}  {'met' if ok else 'NOT met'}")
 
 
 if __name__ == "__main__":

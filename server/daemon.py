@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpupool.server import slices
+from gpupool.server import bulk, slices
 from gpupool.server.devices import Device, discover
 from gpupool.server.fairqueue import DeviceWorker, Entry, FairQueue
 from gpupool.server.front import FrontSession, reply_bytes
@@ -347,6 +347,10 @@ class Daemon:
             return False
         return self.queues[s.device.index].put(s.entry, commands, nbytes)
 
+    def sync_now(self, s: FrontSession, sync: device_pb2.Sync) -> bool:
+        """Answer a lone Sync in the stream's reader when the session is idle (front.py); False: queue it."""
+        return not self._draining and s.answer_sync(sync, self.queues[s.device.index], self.config.outbox_bytes)
+
     def refresh(self, s: FrontSession, token: str) -> float:
         """Extend a session with a renewed token of its own lease; returns its new end (unix seconds)."""
         claims = tokens.verify(self.config.token_key, token)
@@ -410,6 +414,7 @@ class Daemon:
                 s.outbox.put(END_OF_STREAM)
                 return items[1:], 0.0
             n = next((i for i, it in enumerate(items) if it is END_OF_STREAM), len(items))
+            n, uploads = bulk.slice_length([k for k, _ in items[:n]], [len(span) for _, span in items[:n]])
             batch, after = items[:n], items[n:]
             room = self.config.outbox_bytes - s.outbox_bytes
             if room <= 0 and batch[0][0] in slices.ANSWERED and self._parked(s):
@@ -419,11 +424,12 @@ class Daemon:
                 reply_room=room,
                 budget=budget,
                 payload=b"",
+                uploads=uploads,
             )
             start = time.perf_counter()
             try:
                 res = s.runner.run(req, len(batch), [span for _, span in batch])
-                if res.executed == 0:
+                if res.executed == 0 and not res.partial:
                     raise WorkerDied("the session's worker made no progress")
             except WorkerDied as exc:
                 self._worker_died(s, batch, exc)
@@ -440,6 +446,7 @@ class Daemon:
         ops = max(0, res.ops - s.ops)
         s.ops, s.handles = max(s.ops, res.ops), res.handles
         self.ledger.add(s, ops, res.errors, res.uploaded, res.downloaded)
+        s.error_pending = res.error_pending
         if res.events:
             self.ledger.graphs_of(s, res.events)
         if res.replies and not self._room_for_replies(s, sum(reply_bytes(r) for r in res.replies)):

@@ -54,20 +54,22 @@ class CommandExecutor:
         self.graphs = GraphTable(self)  # captured steps (server/graph.py)
         self.collectives = Collectives()  # configured by the daemon (token verifier, peer-facing host)
         self.speed: SpeedModel | None = None  # fake GPUs' speed model (server/speedmodel.py), when asked for
+        self.piece_bytes = 0  # > 0: a Get answers at most this many bytes per run (workers: bulk.PIECE_BYTES)
 
     def warm_up(self) -> None:
         """Load torch's meta kernels now (about a second, once per process), not on some session's clock."""
         one = torch.ones(2, 2)
         self.sizer.new_bytes(torch.ops.aten.mm.default, [one, one], {})
 
-    def execute(self, s: Session, cmd: device_pb2.Command, reply: Reply) -> None:
+    def execute(self, s: Session, cmd: device_pb2.Command, reply: Reply, data: memoryview | None = None) -> None:
+        """Run one command; `data`: an upload's bytes parsed out of its span by hand (server/bulk.py)."""
         kind = cmd.WhichOneof("cmd")
         op_name = cmd.op.name if kind == "op" else f"collective {cmd.collective.kind}" if kind == "collective" else ""
         try:
             if kind == "op":
                 self._op(s, cmd.op)
             elif kind == "upload":
-                self._upload(s, cmd.upload)
+                self._upload(s, cmd.upload, data)
             elif kind == "get":
                 reply(self._get(s, cmd.get))
             elif kind == "free":
@@ -214,9 +216,10 @@ class CommandExecutor:
 
     # ---- transfers ----
 
-    def _upload(self, s: Session, up: device_pb2.Upload) -> None:
+    def _upload(self, s: Session, up: device_pb2.Upload, data: memoryview | bytes | None = None) -> None:
         h = up.handle
-        data = up.data  # each access of a bytes field copies it
+        if data is None:
+            data = up.data  # each access of a bytes field copies it
         if len(data) > wire.CHUNK_BYTES:
             raise InvalidArgument(f"upload chunk of {len(data)} bytes exceeds {wire.CHUNK_BYTES}")
         if up.offset == 0 and up.HasField("meta"):
@@ -252,19 +255,30 @@ class CommandExecutor:
 
     def _get(self, s: Session, get: device_pb2.Get) -> list[bytes]:
         """Serialized chunk frames of the tensor's value, built now (so later ops cannot change them), each
-        with one copy of the data: protobuf's own bytes fields would cost two more."""
-        t = s.resolve(get.handle)
-        if t.numel() * t.element_size() > s.quota:  # an expanded view: its copy would be a memory bomb
-            raise ResourceExhausted(
-                f"download of {t.numel() * t.element_size()} bytes (an expanded view?) exceeds the session's "
-                f"{s.quota} byte quota"
-            )
-        src = t if t.device.type == "cpu" and t.is_contiguous() else t.detach().cpu().contiguous()
+        with one copy of the data: protobuf's own bytes fields would cost two more. With `piece_bytes` set
+        (a session worker), at most that many bytes per call: `s.download` then holds the rest, and the same
+        Get, run again first thing in the next slice, continues it (server/bulk.py)."""
+        pending, s.download = s.download, None
+        if pending is not None and pending[:2] == (get.request_id, get.handle):
+            src, offset = pending[2], pending[3]
+        else:
+            t = s.resolve(get.handle)
+            if t.numel() * t.element_size() > s.quota:  # an expanded view: its copy would be a memory bomb
+                raise ResourceExhausted(
+                    f"download of {t.numel() * t.element_size()} bytes (an expanded view?) exceeds the session's "
+                    f"{s.quota} byte quota"
+                )
+            src = t if t.device.type == "cpu" and t.is_contiguous() else t.detach().cpu().contiguous()
+            offset = 0
         flat = wire.host_bytes(src)  # keeps no reference: `src` stays alive until the frames are built
         total = flat.nbytes
+        stop = min(total, offset + self.piece_bytes) if self.piece_bytes else total
         head = device_pb2.ServerFrame(request_id=get.request_id).SerializeToString()
-        frames, offset = [], 0
+        frames: list[bytes] = []
         while True:
+            if offset >= stop and offset < total:
+                s.download = (get.request_id, get.handle, src, offset)
+                return frames
             n = min(wire.CHUNK_BYTES, total - offset)
             chunk = device_pb2.TensorChunk(offset=offset, last=offset + n >= total)
             if offset == 0:

@@ -107,6 +107,11 @@ class FairQueue:
             self._cond.notify_all()
             return entry, taken
 
+    def idle(self, entry: Entry) -> bool:
+        """Whether everything the session queued has run (and its replies are in its outbox)."""
+        with self._cond:
+            return not entry.commands and not entry.running and not entry.closed
+
     def give_back(self, entry: Entry, commands: list[Any]) -> None:
         """Return the unexecuted tail of a slice to the front of the session's queue."""
         if not commands:

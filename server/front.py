@@ -9,8 +9,10 @@ import threading
 from typing import Any
 
 from gpupool.server.devices import Device
+from gpupool.server.fairqueue import FairQueue
 from gpupool.server.worker import Runner
 
+from gpupool._proto import device_pb2
 from gpupool.tokens import TokenClaims
 
 
@@ -43,6 +45,7 @@ class FrontSession:
         self._outbox_lock = threading.Lock()
         self.entry: Any = None  # its place in the device's fair queue
         self.streaming = False
+        self.error_pending = False  # its worker holds an error for the next Sync (mirrored after each slice)
 
     @property
     def worker_pid(self) -> int:
@@ -52,6 +55,24 @@ class FrontSession:
         """Queue a reply for the stream, counting its bytes until `sent` says gRPC took them."""
         self._count_out(reply_bytes(item))
         self.outbox.put(item)
+
+    def answer_sync(self, sync: device_pb2.Sync, queue: FairQueue, outbox_limit: int) -> bool:
+        """The fast path of a round trip: a Sync without scalars, sent while everything before it has run and
+        no error waits for it, is answered here, in the stream's reader, without a slice, a device-thread hop
+        or a visit to the worker. Its answer is what the worker would give (an empty SyncReply) and it follows
+        every earlier reply: those reach the outbox before the fair queue marks the session idle, and only this
+        reader queues the session's commands. The worker is pinged first (a process wake-up, not a slice): one
+        that died, or has a fatal signal pending, never answers, and the ordinary path reports it. False: the
+        Sync takes the ordinary path."""
+        if sync.scalar_handles or self.error_pending or self.closed or self.outbox_bytes >= outbox_limit:
+            return False
+        if not queue.idle(self.entry) or self.runner is None:
+            return False
+        with self.lock:  # no slice runs (the session is idle) and a close waits: the runner's socket is ours
+            if self.closed or not self.runner.alive():
+                return False  # a worker that died (or is dying) is reported by the ordinary path
+        self.send(device_pb2.ServerFrame(request_id=sync.request_id, sync=device_pb2.SyncReply()).SerializeToString())
+        return True
 
     def sent(self, item: Any) -> None:
         self._count_out(-reply_bytes(item))

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-from gpupool.server import slices
+from gpupool.server import bulk, slices
 from gpupool.server.daemon import END_OF_STREAM, Closed, Daemon
 from gpupool.server.front import FrontSession
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -94,7 +94,10 @@ class DeviceServicer:
             for raw in requests:
                 try:
                     commands = slices.split_frame(raw, limit)  # counted before anything is materialized
-                    device_pb2.ClientFrame.FromString(raw)  # malformed commands end the stream here, not later
+                    parsed = None
+                    big = len(raw) >= bulk.BIG_UPLOAD  # big uploads are checked without a copy (server/bulk.py)
+                    if not (big and bulk.uploads_only([span for _, span in commands])):
+                        parsed = device_pb2.ClientFrame.FromString(raw)  # malformed commands end the stream here
                 except (DecodeError, InvalidArgument) as exc:
                     s.outbox.put(InvalidArgument(f"malformed ClientFrame ({len(raw)} bytes): {exc}"))
                     return
@@ -103,6 +106,10 @@ class DeviceServicer:
                     return
                 if not commands:  # an empty frame asks for nothing; queueing it would grow memory for free
                     continue
+                if len(commands) == 1 and commands[0][0] == slices.SYNC and parsed is not None:
+                    asks = [c for c in parsed.commands if c.WhichOneof("cmd")]
+                    if len(asks) == 1 and asks[0].WhichOneof("cmd") == "sync" and self.daemon.sync_now(s, asks[0].sync):
+                        continue  # an idle session's round trip, answered without a slice
                 if not self.daemon.submit(s, commands, len(raw)):
                     return
             self.daemon.submit(s, [END_OF_STREAM], 0)

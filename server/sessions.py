@@ -80,6 +80,9 @@ class Session:
         self.tensors: dict[int, torch.Tensor] = {}
         self.poisoned: dict[int, Poison] = {}
         self.uploads: dict[int, int] = {}  # handle -> next expected byte offset of an upload in progress
+        # A download answered in pieces (server/bulk.py): (request id, handle, source, next offset); nothing
+        # else of the session runs until its last piece.
+        self.download: tuple[int, int, torch.Tensor, int] | None = None
         self._storages: dict[int, list[int]] = {}  # storage id -> [handles referencing it, bytes counted]
         self._keys: dict[int, int] = {}  # handle -> the storage id it is counted under (set_ can swap storages)
         self.used = 0

@@ -88,6 +88,7 @@ def _field_number(raw: bytes, i: int, end: int) -> int:
 # ---- daemon -> worker ----
 
 REQ_RUN, REQ_EXIT, REQ_RUN_SHARED = 1, 2, 3  # RUN_SHARED: the payload is in the shared buffer
+REQ_UPLOADS = 0x10  # or-ed into the kind: the payload is big uploads only (server/bulk.py's copy-once path)
 SHARED = 0x80000000  # set in a result's length word: the result is in the shared buffer
 _REQ = struct.Struct("<Bqqqd")  # kind, free device bytes, reply room (bytes), shared payload length, budget (s)
 
@@ -98,6 +99,7 @@ class SliceRequest:
     reply_room: int  # bytes of replies the session may still produce before it must wait for its reader
     budget: float  # seconds: stop after the command that passes it
     payload: bytes | memoryview  # the concatenated command spans
+    uploads: bool = False  # the spans are big uploads only (bulk.slice_length): copied once, no budget cut
 
 
 def encode_request(
@@ -105,30 +107,41 @@ def encode_request(
 ) -> list[bytes | memoryview]:
     """The request's buffers; `parts` (the command spans) stand in for `req.payload` when given; `shared` >= 0:
     the payload (that many bytes) was written to the shared buffer instead."""
+    flag = REQ_UPLOADS if req.uploads else 0
     if shared >= 0:
-        head = _REQ.pack(REQ_RUN_SHARED, req.device_free, req.reply_room, shared, req.budget)
+        head = _REQ.pack(REQ_RUN_SHARED | flag, req.device_free, req.reply_room, shared, req.budget)
         return [struct.pack("<I", len(head)), head]
-    head = _REQ.pack(REQ_RUN, req.device_free, req.reply_room, 0, req.budget)
+    head = _REQ.pack(REQ_RUN | flag, req.device_free, req.reply_room, 0, req.budget)
     body = list(parts) if parts else [req.payload]
     return [struct.pack("<I", len(head) + sum(len(b) for b in body)), head, *body]
 
 
 def decode_request(body: bytes | bytearray, shared: memoryview) -> SliceRequest | None:
     kind, device_free, reply_room, shared_len, budget = _REQ.unpack_from(body, 0)
+    uploads, kind = bool(kind & REQ_UPLOADS), kind & ~REQ_UPLOADS
     if kind == REQ_RUN_SHARED and 0 <= shared_len <= len(shared):
-        return SliceRequest(device_free, reply_room, budget, shared[:shared_len])
+        return SliceRequest(device_free, reply_room, budget, shared[:shared_len], uploads)
     if kind != REQ_RUN:
         return None
-    return SliceRequest(device_free, reply_room, budget, memoryview(body)[_REQ.size :])  # no copy of uploads
+    return SliceRequest(device_free, reply_room, budget, memoryview(body)[_REQ.size :], uploads)  # no copy
 
 
 EXIT_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_EXIT, 0, 0, 0, 0.0)
+REQ_PING = 4  # is the worker alive? it answers PONG at once (the daemon's fast Sync asks before answering)
+PING_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_PING, 0, 0, 0, 0.0)
+PONG = 0xFFFFFFFF  # a result length word that is no result (a late pong is skipped)
+
+
+def is_ping(body: bytes | bytearray) -> bool:
+    return len(body) >= 1 and body[0] == REQ_PING
 
 
 # ---- worker -> daemon ----
 
-# executed, seconds, used, ops, handles, uploaded, downloaded, n errors, n events, n replies
-_RES = struct.Struct("<IdqqqqqHHI")
+# executed, seconds, used, ops, handles, uploaded, downloaded, n errors, n events, n replies, flags
+_RES = struct.Struct("<IdqqqqqHHIB")
+_ERROR_PENDING = 1  # flags: the session holds an error for its next Sync
+_PARTIAL = 2  # flags: the command after the executed ones (a Get) answered a piece and continues next slice
 _EVENT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz_")
 
 
@@ -144,6 +157,8 @@ class SliceResult:
     errors: dict[str, int] = field(default_factory=dict)
     events: dict[str, int] = field(default_factory=dict)  # step capture's graph events ("replayed", ...)
     replies: list[bytes | list[bytes]] = field(default_factory=list)  # a frame, or a download's frames
+    error_pending: bool = False  # an error waits for the next Sync (else the daemon may answer a Sync itself)
+    partial: bool = False  # command `executed` (a big Get) sent a piece of its answer and must run again
 
 
 def encode_result(r: SliceResult) -> list[bytes]:
@@ -159,6 +174,7 @@ def encode_result(r: SliceResult) -> list[bytes]:
             len(r.errors),
             len(r.events),
             len(r.replies),
+            (_ERROR_PENDING if r.error_pending else 0) | (_PARTIAL if r.partial else 0),
         )
     ]
     for code, n in r.errors.items():
@@ -179,7 +195,7 @@ def encode_result(r: SliceResult) -> list[bytes]:
 def decode_result(body: bytes | bytearray, commands: int) -> SliceResult:
     """Parse a worker's result; raises ValueError on anything malformed or impossible."""
     view = memoryview(body)
-    executed, seconds, used, ops, handles, up, down, n_err, n_ev, n_rep = _RES.unpack_from(view, 0)
+    executed, seconds, used, ops, handles, up, down, n_err, n_ev, n_rep, flags = _RES.unpack_from(view, 0)
     if executed > commands or not 0.0 <= seconds < 1e6 or min(used, ops, handles, up, down) < 0:
         raise ValueError("impossible slice result")
     pos = _RES.size
@@ -208,9 +224,12 @@ def decode_result(body: bytes | bytearray, commands: int) -> SliceResult:
             frames.append(bytes(view[pos : pos + length]))
             pos += length
         replies.append(frames if is_list else frames[0])
-    if pos != len(view) or len(replies) > executed:
+    partial = bool(flags & _PARTIAL)
+    if pos != len(view) or len(replies) > executed + partial or (partial and (executed >= commands or not replies)):
         raise ValueError("malformed slice result")
-    return SliceResult(executed, seconds, used, ops, handles, up, down, errors, events, replies)
+    return SliceResult(
+        executed, seconds, used, ops, handles, up, down, errors, events, replies, bool(flags & _ERROR_PENDING), partial
+    )
 
 
 # ---- running a slice (inside the worker, or in-thread) ----
@@ -247,7 +266,7 @@ class SliceLedger:
         self.uploaded = self.downloaded = 0
 
 
-Execute = Callable[[Any, device_pb2.Command, Callable[[Any], None]], None]
+Execute = Callable[..., None]  # (session, command, reply[, an upload's data])
 Progress = Callable[[int], None]
 
 
@@ -261,6 +280,8 @@ def run_commands(
 ) -> SliceResult:
     """Run a slice's commands in order until done, past the time budget, or (before a Get/Sync) out of reply
     room; `timed` measures the device time (CUDA events on GPUs)."""
+    if req.uploads:
+        return _run_uploads(session, execute, ledger, req, timed, progress)
     payload = req.payload  # upb parses any buffer: no copy of an upload's bytes
     commands = device_pb2.ClientFrame.FromString(payload).commands  # type: ignore[arg-type]
     replies: list[bytes | list[bytes]] = []
@@ -276,6 +297,7 @@ def run_commands(
     session.memory.used = session.memory.device.capacity - max(0, req.device_free)
     ledger.reset()
     executed = 0
+    partial = False
     start = time.perf_counter()
     with timed() as measured:
         for i, cmd in enumerate(commands):
@@ -284,9 +306,18 @@ def run_commands(
             if progress is not None:
                 progress(i)
             execute(session, cmd, reply)
+            if session.download is not None:  # a piece of a big Get: the Get runs again next slice
+                partial = True
+                break
             executed = i + 1
             if time.perf_counter() - start > req.budget:
                 break
+    return _result(session, ledger, executed, measured, replies, partial)
+
+
+def _result(
+    session: Any, ledger: SliceLedger, executed: int, measured: Any, replies: list[Any], partial: bool = False
+) -> SliceResult:
     return SliceResult(
         executed=executed,
         seconds=measured[0] if measured else 0.0,
@@ -298,7 +329,36 @@ def run_commands(
         errors=dict(ledger.errors),
         events=dict(ledger.events),
         replies=replies,
+        error_pending=session.error is not None,
+        partial=partial,
     )
+
+
+def _run_uploads(
+    session: Any, execute: Execute, ledger: SliceLedger, req: SliceRequest, timed: Callable[[], Any], progress: Any
+) -> SliceResult:
+    """A slice of big uploads (at most bulk.SLICE_BYTES): each chunk's bytes go from the payload (the shared
+    buffer) into its tensor in one copy. Uploads answer nothing, and the slice is bounded by bytes, not time."""
+    from gpupool.server import bulk
+
+    spans = [span for _, span in split_frame(req.payload, 1 << 20)]  # type: ignore[arg-type]
+    parsed = [bulk.parse_upload(span) for span in spans]
+    if not all(parsed):  # not all canonical (say, an Upload followed by another oneof field): the ordinary path
+        req.uploads = False
+        return run_commands(session, execute, ledger, req, timed, progress)
+    session.memory.used = session.memory.device.capacity - max(0, req.device_free)
+    ledger.reset()
+    with timed() as measured:
+        for i, upload in enumerate(parsed):
+            if progress is not None:
+                progress(i)
+            cmd, data = upload  # type: ignore[misc]
+            execute(session, cmd, _no_reply, data)
+    return _result(session, ledger, len(spans), measured, [])
+
+
+def _no_reply(item: Any) -> None:
+    raise AssertionError("an upload produced a reply")
 
 
 def send_parts(sock: Any, parts: Sequence[bytes | memoryview]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import select
 import socket
 import struct
 import sys
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gpupool.server import slices
+from gpupool.server import bulk, slices
 from gpupool.server.slices import SliceRequest, SliceResult
 
 if TYPE_CHECKING:  # torch stays unimported until needed: the zygote starts before the daemon imports it
@@ -65,6 +66,7 @@ class Runner(Protocol):
     pid: int
 
     def run(self, req: SliceRequest, commands: int, parts: Sequence[memoryview] = ()) -> SliceResult: ...
+    def alive(self, timeout: float = 1.0) -> bool: ...
     def progress(self) -> int: ...
     def close(self) -> None: ...
 
@@ -99,6 +101,7 @@ class _SessionState:
         )
         self.ledger = slices.SliceLedger()
         self.executor = CommandExecutor(self.ledger)
+        self.executor.piece_bytes = bulk.PIECE_BYTES  # big downloads in pieces through the shared buffer
         if spec.token_keys:
             from gpupool.server.speedmodel import SpeedModel
 
@@ -134,6 +137,9 @@ class InlineRunner:
         with torch.no_grad():  # thread-local: the daemon never records autograd history
             return self._state.run(req)
 
+    def alive(self, timeout: float = 1.0) -> bool:
+        return True
+
     def progress(self) -> int:
         return 0
 
@@ -166,6 +172,8 @@ class ProcessRunner:
             else:
                 slices.send_parts(self._sock, slices.encode_request(req, parts))
             (length,) = struct.unpack("<I", _recv_exact(self._sock, 4))
+            while length == slices.PONG:  # the late answer to a ping that timed out
+                (length,) = struct.unpack("<I", _recv_exact(self._sock, 4))
             if length & slices.SHARED:
                 length &= ~slices.SHARED
                 if length > DATA_BYTES:
@@ -179,6 +187,23 @@ class ProcessRunner:
             raise WorkerDied(f"the session's worker stopped answering ({type(exc).__name__})") from None
         except (ValueError, struct.error) as exc:
             raise WorkerDied(f"the session's worker sent a malformed result: {exc}") from None
+
+    def alive(self, timeout: float = 1.0) -> bool:
+        """Whether the (idle) worker answers a ping: a worker that died, or has a fatal signal pending, never
+        does. Call only between slices, under the session's lock. A pong that comes after `timeout` is skipped
+        by the next `run`."""
+        if self._closed:
+            return False
+        try:
+            self._sock.sendall(slices.PING_REQUEST)
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+            if not poller.poll(int(timeout * 1000)):
+                return False
+            (word,) = struct.unpack("<I", _recv_exact(self._sock, 4))
+        except (OSError, EOFError):
+            return False
+        return bool(word == slices.PONG)
 
     def progress(self) -> int:
         return int(struct.unpack_from("<i", self._progress, 0)[0])
@@ -252,6 +277,12 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
             body = _recv_exact(sock, length)
         except (OSError, EOFError):
             return 0  # the daemon closed the session
+        if slices.is_ping(body):
+            try:
+                sock.sendall(struct.pack("<I", slices.PONG))
+            except OSError:
+                return 0
+            continue
         req = slices.decode_request(body, data)
         if req is None:
             return 0

@@ -96,6 +96,9 @@ class Zygote:
             [sys.executable, "-m", "gpupool.server.zygote", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
+            # torch's CPU allocator puts tensors of 2 MiB and more on transparent huge pages: a fresh tensor's
+            # first touch (every upload, and every tensor of a fake GPU) faults 512x less often.
+            env={**os.environ, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")},
         )
         theirs.close()
         with self._lock:

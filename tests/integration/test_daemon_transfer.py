@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
+from support import Healthy
 
 from gpupool import wire
+from gpupool._proto import device_pb2, tensor_pb2
+from gpupool.errors import GpupoolError, InvalidArgument
 
 MiB = 1024**2
 
@@ -68,3 +72,92 @@ def test_transfers_leave_tensors_resizable(daemon: Any) -> None:
         back.resize_(50)  # and a downloaded tensor is an ordinary one
         s.call("aten::resize_.default", Handle(h), [64], outputs=[0])
         assert s.download(h).shape == (64,)
+
+
+def _count_slices(d: Any) -> list[int]:
+    """Counts the slices the daemon's device threads run (a wrapper around the real slice runner)."""
+    count = [0]
+    for w in d.running.daemon.workers:
+        inner = w.run_slice
+
+        def counted(*args: Any, _inner: Any = inner) -> Any:
+            count[0] += 1
+            return _inner(*args)
+
+        w.run_slice = counted
+    return count
+
+
+def test_idle_sync_is_answered_by_the_front_with_the_same_errors(daemon: Any) -> None:
+    slices = _count_slices(daemon)
+    with Session.attach(daemon.address, daemon.token()) as s:
+        h = Handle(s.upload(torch.arange(4.0)))
+        s.sync()
+        before = slices[0]
+        for _ in range(20):
+            s.sync()  # nothing queued, nothing running, no error waiting: no slice, no worker
+        assert slices[0] == before
+        s.call("aten::mm.default", h, h)  # 1-D mm fails in the worker: the error waits for the next sync
+        with pytest.raises(InvalidArgument, match="mm"):
+            s.sync()
+        s.call("aten::mm.default", h, h)
+        s.flush()
+        time.sleep(0.5)  # the failed op has run: the session is idle but its error is pending
+        with pytest.raises(InvalidArgument, match="mm"):
+            s.sync()  # so this sync goes to the worker, which reports (and clears) the error
+        before = slices[0]
+        s.sync()
+        assert slices[0] == before  # clean and idle again: the fast path
+        [out] = s.call("aten::mul.Tensor", h, h)
+        [total] = s.call("aten::sum.default", out)
+        assert s.sync([total]) == [14.0]  # scalars come from the worker, after the ops before them
+        assert s.download(out).tolist() == [0.0, 1.0, 4.0, 9.0]
+
+
+def test_big_uploads_and_downloads_leave_a_neighbour_served(daemon_factory: Any) -> None:
+    d = daemon_factory(fake_gpu_memory=512 * MiB)
+    healthy = Healthy(d.address, d.token(lease_id="neighbour"))
+    try:
+        with Session.attach(d.address, d.token()) as s:
+            for i in range(3):
+                big = torch.randint(0, 255, (48 * MiB + 12345,), dtype=torch.uint8)
+                h = s.upload(big)
+                assert torch.equal(s.download(h), big)
+                s.free([h])
+                healthy.check(1 if i else 3)
+    finally:
+        healthy.session.close()
+    assert not healthy.failures
+
+
+def test_non_canonical_upload_frames_keep_protobufs_meaning(daemon: Any) -> None:
+    """Uploads the hand parser does not take (two data fields, data before meta) still mean what protobuf says."""
+    with Session.attach(daemon.address, daemon.token()) as s:
+        h = s.new_handle()
+        meta = device_pb2.Upload(
+            handle=h, meta=tensor_pb2.TensorMeta(dtype=wire.dtype_to_proto(torch.uint8), shape=[3], stride=[1])
+        ).SerializeToString()
+        two_data = meta + b"\x22\x03abc" + b"\x22\x03xyz" + b"\x28\x01"  # the last data wins: "xyz"
+        command = b"\x12" + wire.varint(len(two_data)) + two_data
+        s._put(b"\x0a" + wire.varint(len(command)) + command)
+        assert bytes(s.download(h).tolist()) == b"xyz"
+        forged = meta + b"\x22\x05abc"  # data runs past the end: the stream ends with INVALID_ARGUMENT
+        command = b"\x12" + wire.varint(len(forged)) + forged
+        s._put(b"\x0a" + wire.varint(len(command)) + command)
+        with pytest.raises(GpupoolError, match="malformed"):
+            s.sync()
+
+
+def test_a_download_in_pieces_sees_no_later_op(daemon_factory: Any) -> None:
+    """A Get over bulk.PIECE_BYTES is answered over several slices; ops queued behind it wait for its last
+    piece, so it returns the value at its place in the stream."""
+    d = daemon_factory(fake_gpu_memory=256 * MiB)
+    with Session.attach(d.address, d.token()) as s:
+        x = torch.randint(0, 255, (40 * MiB + 3,), dtype=torch.uint8)
+        h = Handle(s.upload(x))
+        rid, first = s._request(device_pb2.Command(get=device_pb2.Get(handle=h)))  # not waited for yet
+        s.call("aten::mul_.Scalar", h, 0, outputs=[0])
+        later = s.download(h)
+        s._wait(rid, first)
+        assert first.tensor is not None and torch.equal(first.tensor, x)
+        assert not later.any()

@@ -51,3 +51,14 @@ def test_results_round_trip_and_lies_are_refused() -> None:
         slices.decode_result(body[:-3], 3)  # truncated
     odd = slices.SliceResult(1, 0.0, 0, 0, 0, 0, 0, {}, {"Bad Label{}": 1}, [])
     assert slices.decode_result(b"".join(slices.encode_result(odd))[4:], 1).events == {}
+
+
+def test_partial_results_and_pending_errors_round_trip_and_lies_are_refused() -> None:
+    r = slices.SliceResult(2, 0.1, 0, 0, 0, 0, 12, {}, {}, [[b"piece"]], error_pending=True, partial=True)
+    body = b"".join(slices.encode_result(r))[4:]
+    assert slices.decode_result(body, 3) == r
+    with pytest.raises(ValueError):
+        slices.decode_result(body, 2)  # the partial command must be one it was sent
+    empty = slices.SliceResult(0, 0.1, 0, 0, 0, 0, 0, {}, {}, [], partial=True)
+    with pytest.raises(ValueError):
+        slices.decode_result(b"".join(slices.encode_result(empty))[4:], 3)  # a piece with no bytes is no progress

@@ -1,0 +1,119 @@
+"""Bulk transfers across the daemon/worker boundary with as few copies as the wire allows.
+
+Uploads: a 4 MiB upload chunk used to be parsed by protobuf three times (the daemon's check, the worker's parse,
+the `data` field's copy) before its one useful copy into the tensor. `parse_upload` reads a command span's
+Upload by hand instead: everything but `data` is parsed by protobuf from a few bytes (so the checks are
+protobuf's own), and `data` stays a view into the span: the stream reader checks the frame without copying it,
+and the worker copies the bytes straight from its shared buffer into the tensor. Only the canonical shape
+(a Command holding one Upload with one `data` field, which is what every client sends) takes this path;
+anything else returns None and goes through protobuf as before, so the wire's meaning never changes.
+
+Slices: `slice_length` says how many queued commands make the next slice. Big uploads travel together (up to
+`SLICE_BYTES`, the worker's shared buffer), everything else up to the next big upload; a slice never exceeds
+the shared buffer unless a single command does, so no slice goes through the socket and no budget cut
+re-sends megabytes.
+
+Downloads: a Get larger than `PIECE_BYTES` is answered in pieces, one per slice (`Piece`): each piece's frames
+are written from the tensor into the shared buffer once, the daemon hands them to gRPC, and the session's
+next slice continues the same Get, so the reply bound (`--outbox-bytes`) and fair sharing hold during a
+256 MiB download and nothing runs between the pieces of one Get.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from google.protobuf.message import DecodeError
+
+from gpupool._proto import device_pb2
+
+MiB = 1024 * 1024
+BIG_UPLOAD = MiB  # an upload command at least this large takes the copy-once path
+SLICE_BYTES = 16 * MiB  # the most command bytes one slice carries (the worker's shared buffer holds it)
+PIECE_BYTES = 12 * MiB  # the most download bytes one slice answers (three 4 MiB chunks and their framing)
+UPLOADS = 2  # Command.upload
+_DATA = 4  # Upload.data
+
+
+def _varint(buf: memoryview, i: int, end: int) -> tuple[int, int]:
+    """(value, next index) of the varint at `i`; raises ValueError past `end` or beyond 64 bits."""
+    value = shift = 0
+    while True:
+        if i >= end or shift > 63:
+            raise ValueError("truncated varint")
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def parse_upload(span: memoryview) -> tuple[device_pb2.Command, memoryview] | None:
+    """A command span (`ClientFrame.commands` tag, length, Command) holding one Upload: the command without its
+    data, and the data as a view of `span`. None when the span is not in the canonical shape (or malformed):
+    the caller then parses it with protobuf, which decides."""
+    try:
+        end = len(span)
+        if end < 2 or span[0] != 0x0A:
+            return None
+        length, i = _varint(span, 1, end)
+        if i + length != end or i >= end or span[i] != (UPLOADS << 3 | 2):
+            return None
+        length, i = _varint(span, i + 1, end)
+        if i + length != end:  # the Command holds exactly one field: its upload
+            return None
+        small = bytearray()
+        data: memoryview | None = None
+        while i < end:
+            start = i
+            tag, i = _varint(span, i, end)
+            field, wire_type = tag >> 3, tag & 7
+            if wire_type == 0:
+                _, i = _varint(span, i, end)
+            elif wire_type == 1:
+                i += 8
+            elif wire_type == 5:
+                i += 4
+            elif wire_type == 2:
+                n, i = _varint(span, i, end)
+                if field == _DATA:
+                    if data is not None:
+                        return None  # two data fields: protobuf's merge rules decide
+                    data = span[i : i + n]
+                    i += n
+                    if i > end:
+                        return None
+                    continue
+                i += n
+            else:
+                return None  # groups and invalid wire types
+            if i > end:
+                return None
+            small += span[start:i]
+        up = device_pb2.Upload.FromString(bytes(small))
+    except (ValueError, DecodeError):  # truncated varints, a malformed meta
+        return None
+    return device_pb2.Command(upload=up), data if data is not None else memoryview(b"")
+
+
+def uploads_only(spans: Sequence[memoryview]) -> bool:
+    """Whether every span is a canonical Upload (then a stream reader need not parse the frame with protobuf)."""
+    return bool(spans) and all(parse_upload(s) is not None for s in spans)
+
+
+def slice_length(kinds: Sequence[int], sizes: Sequence[int]) -> tuple[int, bool]:
+    """How many of the leading queued commands form the next slice, and whether they are big uploads only."""
+    if kinds[0] == UPLOADS and sizes[0] >= BIG_UPLOAD:
+        n, total = 1, sizes[0]
+        while n < len(kinds) and kinds[n] == UPLOADS and sizes[n] >= BIG_UPLOAD and total + sizes[n] <= SLICE_BYTES:
+            total += sizes[n]
+            n += 1
+        return n, True
+    n = total = 0
+    for kind, size in zip(kinds, sizes, strict=True):
+        if n and (total + size > SLICE_BYTES or (kind == UPLOADS and size >= BIG_UPLOAD)):
+            break
+        total += size
+        n += 1
+    return n, False

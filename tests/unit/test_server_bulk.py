@@ -1,0 +1,123 @@
+"""server/bulk.py: the hand parser of upload spans agrees with protobuf on what clients send and refuses (None,
+so protobuf decides) everything else; slices of big uploads stay within the worker's shared buffer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from google.protobuf.message import DecodeError
+from gpupool.client.session import _upload_frame
+from gpupool.server import bulk, slices
+
+from gpupool import wire
+from gpupool._proto import device_pb2, tensor_pb2
+
+MiB = 1024 * 1024
+
+
+def span_of(raw: bytes) -> memoryview:
+    [(kind, span)] = slices.split_frame(raw, 8)
+    assert kind == slices.UPLOAD
+    return span
+
+
+def test_canonical_upload_parses_like_protobuf_with_data_as_a_view() -> None:
+    meta = tensor_pb2.TensorMeta(dtype=wire.dtype_to_proto(torch.float32), shape=[3, 7], stride=[7, 1])
+    data = bytes(range(256)) * 5
+    for up in (
+        device_pb2.Upload(handle=(5 << 32) + 9, meta=meta, offset=0, last=False),
+        device_pb2.Upload(handle=1, offset=4 * MiB, last=True),
+        device_pb2.Upload(handle=2),
+    ):
+        raw = _upload_frame(up, memoryview(data))
+        cmd, view = bulk.parse_upload(span_of(raw))  # type: ignore[misc]
+        expected = device_pb2.ClientFrame.FromString(raw).commands[0]
+        assert bytes(view) == expected.upload.data == data
+        expected.upload.ClearField("data")
+        assert cmd == expected
+        assert bulk.uploads_only([span_of(raw)])
+    # protobuf's own serialization (data in field order, not last) parses the same way
+    full = device_pb2.Command(upload=device_pb2.Upload(handle=3, data=b"abc", last=True))
+    raw = device_pb2.ClientFrame(commands=[full]).SerializeToString()
+    cmd, view = bulk.parse_upload(span_of(raw))  # type: ignore[misc]
+    assert bytes(view) == b"abc" and cmd.upload.handle == 3 and cmd.upload.last
+
+
+def test_anything_else_is_left_to_protobuf() -> None:
+    up = device_pb2.Upload(handle=4, last=True).SerializeToString()
+    data = b"\x22\x03abc"  # Upload.data = "abc"
+
+    def frame_of(command: bytes) -> memoryview:
+        return memoryview(b"\x0a" + wire.varint(len(command)) + command)
+
+    def command_of(upload: bytes) -> bytes:
+        return b"\x12" + wire.varint(len(upload)) + upload
+
+    assert bulk.parse_upload(frame_of(command_of(up + data))) is not None
+    refused = [
+        frame_of(command_of(up + data + b"\x22\x01z")),  # two data fields (protobuf: the last wins)
+        frame_of(command_of(up + data) + b"\x1a\x00"),  # a second field in the Command (oneof: the last wins)
+        frame_of(command_of(up + b"\x22\x09abc")),  # data runs past the end
+        frame_of(command_of(up + b"\x08\xff\xff")),  # truncated varint
+        frame_of(command_of(up + b"\x0b\x0c")),  # a group
+        frame_of(command_of(b"\x12\x05\x08")),  # a malformed meta
+        frame_of(b"\x0a\x00"),  # an Op, not an Upload
+        memoryview(b"\x0a\x05" + command_of(up)),  # frame length disagrees
+        memoryview(b""),
+    ]
+    for span in refused:
+        assert bulk.parse_upload(span) is None, bytes(span)
+    assert not bulk.uploads_only([frame_of(command_of(up + data)), refused[0]])
+    assert not bulk.uploads_only([])
+
+
+def test_slices_of_big_uploads_fit_the_shared_buffer() -> None:
+    big, small = 4 * MiB + 40, 200
+    up, op = slices.UPLOAD, slices.OP
+    assert bulk.slice_length([up] * 10, [big] * 10) == (3, True)  # 4 x (4 MiB + framing) > 16 MiB
+    assert bulk.slice_length([up, up, op], [big, big, small]) == (2, True)
+    assert bulk.slice_length([op, up, up], [small, small, big]) == (2, False)  # small uploads ride along
+    assert bulk.slice_length([op, op, up], [small, small, big]) == (2, False)  # a big one waits for its own
+    assert bulk.slice_length([op] * 5, [7 * MiB] * 5) == (2, False)  # bounded by bytes too
+    assert bulk.slice_length([op], [40 * MiB]) == (1, False)  # one command always runs
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_upload_slice_request_round_trips(n: int) -> None:
+    req = slices.SliceRequest(10, 20, 0.5, b"", uploads=True)
+    shared = memoryview(bytearray(64))
+    body = b"".join(slices.encode_request(req, shared=n))[4:]
+    back = slices.decode_request(body, shared)
+    assert back is not None and back.uploads and bytes(back.payload) == bytes(n)
+    body = b"".join(slices.encode_request(slices.SliceRequest(1, 2, 0.1, b"xy")))[4:]
+    back = slices.decode_request(body, shared)
+    assert back is not None and not back.uploads and bytes(back.payload) == b"xy"
+
+
+def test_client_reads_download_frames_by_hand_like_protobuf() -> None:
+    from gpupool.client.session import _Chunk, _read_frame
+    from gpupool.server.devices import discover
+    from gpupool.server.executor import CommandExecutor
+    from gpupool.server.sessions import DeviceMemory, Session
+
+    dev = discover("h", 1, 256 * MiB)[0]
+    s = Session("s", 1, dev, DeviceMemory(dev), 256 * MiB)
+    x = torch.arange(3 * MiB, dtype=torch.float32).view(3, -1)
+    s.bind((1 << 32) + 5, x)
+    frames = CommandExecutor(slices.SliceLedger())._get(s, device_pb2.Get(request_id=77, handle=(1 << 32) + 5))
+    assert len(frames) == 3
+    for raw in frames:
+        mine, ref = _read_frame(raw), device_pb2.ServerFrame.FromString(raw)
+        assert isinstance(mine, _Chunk) and mine.request_id == ref.request_id == 77
+        assert (mine.offset, bytes(mine.data), mine.last) == (ref.chunk.offset, ref.chunk.data, ref.chunk.last)
+        assert (mine.meta or tensor_pb2.TensorMeta()) == ref.chunk.meta
+    others = [
+        device_pb2.ServerFrame(request_id=3, sync=device_pb2.SyncReply()).SerializeToString(),
+        device_pb2.ServerFrame(request_id=3, error=tensor_pb2.Error(code="NOT_FOUND")).SerializeToString(),
+        frames[1] + b"\x08\x05",  # a field after the chunk: protobuf decides (the last request id wins)
+        frames[1][:-5],  # truncated: protobuf refuses it
+    ]
+    for raw in others[:3]:
+        assert _read_frame(raw) == device_pb2.ServerFrame.FromString(raw)
+    with pytest.raises(DecodeError):
+        _read_frame(others[3])
