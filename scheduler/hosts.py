@@ -15,11 +15,12 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from gpupool.scheduler.pool import HOST_DOWN, HOST_DRAINING, HOST_UP, Device, Host, Pool
-from gpupool.scheduler.store import LEASE_ACTIVE, LEASE_LOST, Lease, Store
+from gpupool.scheduler.pool import Host, Pool, PoolDevice
+from gpupool.scheduler.store import LeaseRecord, Store
 
 from gpupool.config import split_address
 from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from gpupool.protocol import HostState, LeaseState
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +91,22 @@ class HostBook:
     lock: threading.RLock
     pool: Pool
     store: Store
-    leases: dict[str, Lease]
+    leases: dict[str, LeaseRecord]
     revoked: dict[str, set[str]]
 
     def _end(
-        self, leases: Iterable[Lease], state: str, hosts: Iterable[Host] = (), forget_hosts: Iterable[str] = ()
+        self,
+        leases: Iterable[LeaseRecord],
+        state: LeaseState,
+        hosts: Iterable[Host] = (),
+        forget_hosts: Iterable[str] = (),
     ) -> None:
         raise NotImplementedError
 
     def _write(
         self,
         hosts: Iterable[Host] = (),
-        leases: Iterable[Lease] = (),
+        leases: Iterable[LeaseRecord] = (),
         forget: Iterable[str] = (),
         forget_hosts: Iterable[str] = (),
     ) -> None:
@@ -121,15 +126,15 @@ class HostBook:
             host = Host(
                 host_id,
                 address,
-                {d.index: Device(host_id, d.index, d.uuid, d.model, d.memory_bytes, d.fake) for d in devices},
+                {d.index: PoolDevice(host_id, d.index, d.uuid, d.model, d.memory_bytes, d.fake) for d in devices},
                 dict(labels or {}),
-                HOST_DRAINING if cordoned else HOST_UP,
+                HostState.DRAINING if cordoned else HostState.UP,
                 time.time(),
                 cordoned,
             )
-            mine = [x for x in self.leases.values() if x.state == LEASE_ACTIVE and host_id in x.hosts]
-            keep: list[Lease] = []
-            lose: list[Lease] = []
+            mine = [x for x in self.leases.values() if x.state == LeaseState.ACTIVE and host_id in x.hosts]
+            keep: list[LeaseRecord] = []
+            lose: list[LeaseRecord] = []
             for lease in mine:
                 ok = all(
                     g.device in host.devices
@@ -142,7 +147,7 @@ class HostBook:
                 (keep if ok else lose).append(lease)
             # One transaction: the host and the leases it loses; `_end` writes both, then frees the lost
             # grants on the old devices, before the new host replaces them in memory.
-            self._end(lose, LEASE_LOST, hosts=[host])
+            self._end(lose, LeaseState.LOST, hosts=[host])
             self.pool.set_host(host)
             for lease in keep:
                 self.pool.take([g for g in lease.grants if g.host_id == host_id])
@@ -161,24 +166,24 @@ class HostBook:
         """Record liveness and usage; returns (leases to revoke, whether the host must register again)."""
         with self.lock:
             host = self.pool.hosts.get(host_id)
-            if host is None or host.state == HOST_DOWN:
+            if host is None or host.state == HostState.DOWN:
                 return [], True
             host.last_seen = time.time()  # liveness and usage are not state: never stored
             for index, used in used_bytes.items():
                 dev = host.devices.get(index)
                 if dev is not None:
                     dev.used_bytes = used
-            want = HOST_DRAINING if draining or host.cordoned else HOST_UP
+            want = HostState.DRAINING if draining or host.cordoned else HostState.UP
             if host.state != want:
                 self._write(hosts=[dataclasses.replace(host, state=want)])
                 log.info("host %s is %s", host_id, want)
                 self.pool.set_state(host_id, want)
-                if want == HOST_UP:
+                if want == HostState.UP:
                     self._serve_waiters()
             revoked = self.revoked.pop(host_id, set())
             for lease_id in session_leases:
                 lease = self.leases.get(lease_id)
-                if lease_id and (lease is None or lease.state != LEASE_ACTIVE or host_id not in lease.hosts):
+                if lease_id and (lease is None or lease.state != LeaseState.ACTIVE or host_id not in lease.hosts):
                     revoked.add(lease_id)
             return sorted(revoked), False
 
@@ -189,13 +194,13 @@ class HostBook:
             if host is None:
                 raise NotFound(f"unknown host {host_id!r}")
             state = host.state
-            if state != HOST_DOWN:
-                state = HOST_UP if undo else HOST_DRAINING
+            if state != HostState.DOWN:
+                state = HostState.UP if undo else HostState.DRAINING
             self._write(hosts=[dataclasses.replace(host, cordoned=not undo, state=state)])
             host.cordoned = not undo
             self.pool.set_state(host_id, state)
             log.info("host %s %s by an operator", host_id, "put back" if undo else "drained")
-            if state == HOST_UP:
+            if state == HostState.UP:
                 self._serve_waiters()
 
     def remove_host(self, host_id: str, force: bool = False) -> int:
@@ -203,25 +208,25 @@ class HostBook:
         with self.lock:
             if host_id not in self.pool.hosts:
                 raise NotFound(f"unknown host {host_id!r}")
-            held = [x for x in self.leases.values() if x.state == LEASE_ACTIVE and host_id in x.hosts]
+            held = [x for x in self.leases.values() if x.state == LeaseState.ACTIVE and host_id in x.hosts]
             if held and not force:
                 raise FailedPrecondition(
                     f"host {host_id} holds {len(held)} active lease(s): drain it and wait, or remove with --force"
                 )
-            self._end(held, LEASE_LOST, forget_hosts=[host_id])
+            self._end(held, LeaseState.LOST, forget_hosts=[host_id])
             self.pool.remove_host(host_id)
             self.revoked.pop(host_id, None)
             log.warning("host %s removed by an operator (%d lease(s) lost)", host_id, len(held))
             return len(held)
 
     def _hosts_timeout(self, now: float, timeout: float) -> None:
-        silent = [h for h in self.pool.hosts.values() if h.state != HOST_DOWN and h.last_seen + timeout < now]
+        silent = [h for h in self.pool.hosts.values() if h.state != HostState.DOWN and h.last_seen + timeout < now]
         for host in silent:
-            lost = [x for x in self.leases.values() if x.state == LEASE_ACTIVE and host.host_id in x.hosts]
+            lost = [x for x in self.leases.values() if x.state == LeaseState.ACTIVE and host.host_id in x.hosts]
             try:
-                self._end(lost, LEASE_LOST, hosts=[dataclasses.replace(host, state=HOST_DOWN)])
+                self._end(lost, LeaseState.LOST, hosts=[dataclasses.replace(host, state=HostState.DOWN)])
             except Unavailable:
                 continue  # not saved, so not done: the next sweep tries again
             log.warning("host %s silent for %.1f s: marked down, its leases lost", host.host_id, now - host.last_seen)
-            self.pool.set_state(host.host_id, HOST_DOWN)
+            self.pool.set_state(host.host_id, HostState.DOWN)
             self.revoked.pop(host.host_id, None)

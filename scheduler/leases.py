@@ -23,19 +23,13 @@ from dataclasses import dataclass, field
 
 from gpupool.scheduler.hosts import HostBook
 from gpupool.scheduler.placement import Request, min_units, place, validate
-from gpupool.scheduler.pool import HOST_DOWN, SHARE_UNITS, Grant, Host, Pool
-from gpupool.scheduler.store import (
-    LEASE_ACTIVE,
-    LEASE_EXPIRED,
-    LEASE_LOST,
-    LEASE_RELEASED,
-    Lease,
-    Store,
-)
+from gpupool.scheduler.pool import SHARE_UNITS, Grant, Host, Pool
+from gpupool.scheduler.store import LeaseRecord, Store
 
 from gpupool import tokens
 from gpupool.config import format_size
 from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from gpupool.protocol import HostState, LeaseState
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +61,13 @@ class Events:
 
 
 @dataclass
-class _Waiter:
+class _AllocationWaiter:
     req: Request
     tenant: str
     ttl: float
     units: int = 0  # an estimate of the share units it will take (for the tenant's limit)
     done: threading.Event = field(default_factory=threading.Event)
-    lease: Lease | None = None
+    lease: LeaseRecord | None = None
 
 
 class Core(HostBook):
@@ -88,8 +82,8 @@ class Core(HostBook):
         self.key = key
         self.config = config
         self.events = events or Events()
-        self.leases: dict[str, Lease] = {}
-        self.waiters: deque[_Waiter] = deque()
+        self.leases: dict[str, LeaseRecord] = {}
+        self.waiters: deque[_AllocationWaiter] = deque()
         self.revoked: dict[str, set[str]] = {}
         self.held_units: dict[str, int] = {}  # share units held per tenant (active leases)
         self.scheduler_id = uuid.uuid4().hex
@@ -104,12 +98,12 @@ class Core(HostBook):
             self.pool.set_host(host)
         for lease in leases:
             self.leases[lease.lease_id] = lease
-            if lease.state == LEASE_ACTIVE:
+            if lease.state == LeaseState.ACTIVE:
                 self.pool.take(lease.grants)
                 self._hold(lease, +1)
                 # Nobody could renew it while we were down: give its tenant time to do so now.
                 lease.grace_until = now + self.config.outage_grace
-        active = sum(1 for x in leases if x.state == LEASE_ACTIVE)
+        active = sum(1 for x in leases if x.state == LeaseState.ACTIVE)
         if hosts or leases:
             log.info("loaded %d hosts and %d active leases from the store", len(hosts), active)
 
@@ -122,7 +116,7 @@ class Core(HostBook):
         ttl: float = 0.0,
         wait: float = 0.0,
         cancelled: Callable[[], bool] = lambda: False,
-    ) -> Lease:
+    ) -> LeaseRecord:
         """Grant a lease now, or after waiting up to `wait` seconds in FIFO order; else ResourceExhausted."""
         start = time.monotonic()
         try:
@@ -150,7 +144,7 @@ class Core(HostBook):
                         f"{self._exhausted_message(req)}; tenant {tenant!r} already has {mine} request(s) waiting "
                         f"(at most {self.config.tenant_max_waiting})"
                     )
-                waiter = _Waiter(req, tenant, ttl, units)
+                waiter = _AllocationWaiter(req, tenant, ttl, units)
                 self.waiters.append(waiter)
         except InvalidArgument:
             self.events.allocation("invalid", time.monotonic() - start)
@@ -162,7 +156,9 @@ class Core(HostBook):
         self.events.allocation("granted", time.monotonic() - start)
         return lease
 
-    def _wait(self, waiter: _Waiter, start: float, deadline: float, cancelled: Callable[[], bool]) -> Lease:
+    def _wait(
+        self, waiter: _AllocationWaiter, start: float, deadline: float, cancelled: Callable[[], bool]
+    ) -> LeaseRecord:
         while not waiter.done.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() < deadline and not cancelled():
                 continue
@@ -193,7 +189,7 @@ class Core(HostBook):
     def _write(
         self,
         hosts: Iterable[Host] = (),
-        leases: Iterable[Lease] = (),
+        leases: Iterable[LeaseRecord] = (),
         forget: Iterable[str] = (),
         forget_hosts: Iterable[str] = (),
     ) -> None:
@@ -209,7 +205,7 @@ class Core(HostBook):
                 f"the scheduler cannot save its state ({type(exc).__name__}: {exc}); nothing was changed, retry later"
             ) from exc
 
-    def _hold(self, lease: Lease, sign: int) -> None:
+    def _hold(self, lease: LeaseRecord, sign: int) -> None:
         units = self.held_units.get(lease.tenant, 0) + sign * sum(g.units for g in lease.grants)
         if units:
             self.held_units[lease.tenant] = units
@@ -239,9 +235,9 @@ class Core(HostBook):
             msg += f"; {len(self.waiters)} request(s) waiting ahead"
         return msg
 
-    def _grant(self, grants: list[Grant], tenant: str, ttl: float) -> Lease:
+    def _grant(self, grants: list[Grant], tenant: str, ttl: float) -> LeaseRecord:
         now = time.time()
-        lease = Lease(uuid.uuid4().hex, tenant, grants, now + ttl, ttl, now)
+        lease = LeaseRecord(uuid.uuid4().hex, tenant, grants, now + ttl, ttl, now)
         self._write(leases=[lease])
         self.pool.take(grants)
         self._hold(lease, +1)
@@ -249,7 +245,7 @@ class Core(HostBook):
         self.events.lease_event("granted")
         return lease
 
-    def renew(self, lease_id: str, tenant: str | None = None) -> Lease:
+    def renew(self, lease_id: str, tenant: str | None = None) -> LeaseRecord:
         """Extend an active lease by its TTL (its tokens are re-minted by the caller); `tenant`, when the
         caller's identity is known, must be the lease's."""
         with self.lock:
@@ -257,16 +253,18 @@ class Core(HostBook):
             now = time.time()
             if self._last_alive is not None:
                 self.alive()
-            if lease.state == LEASE_ACTIVE and lease.expires_at <= now and lease.grace_until <= now:
-                self._end([lease], LEASE_EXPIRED)
-            if lease.state == LEASE_LOST:
+            if lease.state == LeaseState.ACTIVE and lease.expires_at <= now and lease.grace_until <= now:
+                self._end([lease], LeaseState.EXPIRED)
+            if lease.state == LeaseState.LOST:
                 # FAILED_PRECONDITION, not UNAVAILABLE: the lease is gone for good, retrying cannot help.
                 hosts = self.pool.hosts
-                down = sorted(h for h in lease.hosts if getattr(hosts.get(h), "state", HOST_DOWN) == HOST_DOWN)
+                down = sorted(
+                    h for h in lease.hosts if getattr(hosts.get(h), "state", HostState.DOWN) == HostState.DOWN
+                )
                 raise FailedPrecondition(
                     f"lease {lease_id} was lost: host {', '.join(down) or 'of the lease'} is down; allocate a new one"
                 )
-            if lease.state != LEASE_ACTIVE:
+            if lease.state != LeaseState.ACTIVE:
                 raise FailedPrecondition(f"lease {lease_id} is {lease.state}; allocate a new one")
             self._write(leases=[dataclasses.replace(lease, expires_at=now + lease.ttl)])
             lease.expires_at, lease.grace_until = now + lease.ttl, 0.0
@@ -276,22 +274,26 @@ class Core(HostBook):
         """Give a lease's capacity back (releasing an ended lease again is harmless)."""
         with self.lock:
             lease = self._get(lease_id, tenant)
-            if lease.state == LEASE_ACTIVE:
-                self._end([lease], LEASE_RELEASED)
+            if lease.state == LeaseState.ACTIVE:
+                self._end([lease], LeaseState.RELEASED)
 
-    def _get(self, lease_id: str, tenant: str | None = None) -> Lease:
+    def _get(self, lease_id: str, tenant: str | None = None) -> LeaseRecord:
         lease = self.leases.get(lease_id)
         if lease is None or (tenant is not None and lease.tenant != tenant):
             raise NotFound(f"unknown lease {lease_id!r}")  # another tenant's lease is not even visible
         return lease
 
     def _end(
-        self, leases: Iterable[Lease], state: str, hosts: Iterable[Host] = (), forget_hosts: Iterable[str] = ()
+        self,
+        leases: Iterable[LeaseRecord],
+        state: LeaseState,
+        hosts: Iterable[Host] = (),
+        forget_hosts: Iterable[str] = (),
     ) -> None:
         """End active leases: persist (with `hosts` and `forget_hosts`, one transaction), then free their
         capacity, tell their daemons and serve the waiters."""
         now = time.time()
-        ended = [x for x in leases if x.state == LEASE_ACTIVE]
+        ended = [x for x in leases if x.state == LeaseState.ACTIVE]
         copies = [dataclasses.replace(x, state=state, ended_at=now) for x in ended]
         self._write(hosts=hosts, leases=copies, forget_hosts=forget_hosts)
         for lease in ended:
@@ -300,11 +302,11 @@ class Core(HostBook):
             self._hold(lease, -1)
             for host_id in lease.hosts:
                 self.revoked.setdefault(host_id, set()).add(lease.lease_id)
-            self.events.lease_event(state if state != LEASE_RELEASED else "released")
+            self.events.lease_event(state if state != LeaseState.RELEASED else "released")
         if ended:
             self._serve_waiters()
 
-    def token(self, lease: Lease, index: int) -> str:
+    def token(self, lease: LeaseRecord, index: int) -> str:
         g = lease.grants[index]
         claims = tokens.TokenClaims(
             lease.lease_id, g.host_id, g.device, g.quota_bytes, g.share, lease.expires_at, lease.tenant
@@ -320,13 +322,13 @@ class Core(HostBook):
             if self._last_alive is not None:
                 self.alive()
             self._hosts_timeout(now, self.config.host_timeout)
-            active = (x for x in self.leases.values() if x.state == LEASE_ACTIVE)
+            active = (x for x in self.leases.values() if x.state == LeaseState.ACTIVE)
             expired = [x for x in active if max(x.expires_at, x.grace_until) <= now]
             horizon = now - self.config.retention
-            old = [k for k, x in self.leases.items() if x.state != LEASE_ACTIVE and x.ended_at < horizon]
+            old = [k for k, x in self.leases.items() if x.state != LeaseState.ACTIVE and x.ended_at < horizon]
             try:  # a step the store refuses is simply retried at the next sweep
                 if expired:
-                    self._end(expired, LEASE_EXPIRED)
+                    self._end(expired, LeaseState.EXPIRED)
                     log.info("expired %d lease(s): %s", len(expired), ", ".join(x.lease_id for x in expired[:5]))
                 if old:
                     self._write(forget=old)
@@ -361,13 +363,13 @@ class Core(HostBook):
         for host in self.pool.hosts.values():
             host.last_seen = max(host.last_seen, now)
         for lease in self.leases.values():
-            if lease.state == LEASE_ACTIVE:
+            if lease.state == LeaseState.ACTIVE:
                 lease.grace_until = max(lease.grace_until, now + self.config.outage_grace)
 
-    def active_leases(self) -> list[Lease]:
+    def active_leases(self) -> list[LeaseRecord]:
         with self.lock:
-            return [x for x in self.leases.values() if x.state == LEASE_ACTIVE]
+            return [x for x in self.leases.values() if x.state == LeaseState.ACTIVE]
 
     def is_active_on(self, lease_id: str, host_id: str) -> bool:
         lease = self.leases.get(lease_id)
-        return lease is not None and lease.state == LEASE_ACTIVE and host_id in lease.hosts
+        return lease is not None and lease.state == LeaseState.ACTIVE and host_id in lease.hosts

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable
 
 from gpupool.scheduler.pool import Host
-from gpupool.scheduler.store import Lease, StateOwned, _host_row, _lease_row, from_rows
+from gpupool.scheduler.store import LeaseRecord, StateOwned, _host_row, _lease_row, from_rows
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class PostgresStore:
         self._conn.execute(_SCHEMA)
         log.info("leading: holding the PostgreSQL advisory lock %#x", LOCK_KEY)
 
-    def load(self) -> tuple[list[Host], list[Lease]]:
+    def load(self) -> tuple[list[Host], list[LeaseRecord]]:
         with self._lock:
             host_rows = self._conn.execute(
                 "SELECT host_id, address, state, labels, devices, cordoned FROM gpupool_hosts"
@@ -81,7 +81,7 @@ class PostgresStore:
     def write(
         self,
         hosts: Iterable[Host] = (),
-        leases: Iterable[Lease] = (),
+        leases: Iterable[LeaseRecord] = (),
         forget: Iterable[str] = (),
         forget_hosts: Iterable[str] = (),
     ) -> None:

@@ -24,20 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from gpupool.scheduler.pool import Device, Grant, Host
+from gpupool.scheduler.pool import Grant, Host, PoolDevice
 
 from gpupool.errors import GpupoolError
+from gpupool.protocol import HostState, LeaseState
 
 log = logging.getLogger(__name__)
 
-LEASE_ACTIVE = "active"
-LEASE_RELEASED = "released"
-LEASE_EXPIRED = "expired"
-LEASE_LOST = "lost"
-
 
 @dataclass
-class Lease:
+class LeaseRecord:
     """A lease: grants on one or more devices, valid until `expires_at` unless renewed."""
 
     lease_id: str
@@ -46,7 +42,7 @@ class Lease:
     expires_at: float
     ttl: float
     created_at: float
-    state: str = LEASE_ACTIVE
+    state: LeaseState = LeaseState.ACTIVE
     ended_at: float = 0.0
     hosts: set[str] = field(default_factory=set)
     # Not stored: until when an active lease is kept past `expires_at` because the scheduler itself was away
@@ -62,12 +58,12 @@ class StateOwned(GpupoolError):
 
 
 class Store(Protocol):
-    def load(self) -> tuple[list[Host], list[Lease]]: ...
+    def load(self) -> tuple[list[Host], list[LeaseRecord]]: ...
 
     def write(
         self,
         hosts: Iterable[Host] = (),
-        leases: Iterable[Lease] = (),
+        leases: Iterable[LeaseRecord] = (),
         forget: Iterable[str] = (),
         forget_hosts: Iterable[str] = (),
     ) -> None:
@@ -83,15 +79,15 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._hosts: dict[str, Host] = {}
-        self._leases: dict[str, Lease] = {}
+        self._leases: dict[str, LeaseRecord] = {}
 
-    def load(self) -> tuple[list[Host], list[Lease]]:
+    def load(self) -> tuple[list[Host], list[LeaseRecord]]:
         return [copy.deepcopy(h) for h in self._hosts.values()], [copy.deepcopy(x) for x in self._leases.values()]
 
     def write(
         self,
         hosts: Iterable[Host] = (),
-        leases: Iterable[Lease] = (),
+        leases: Iterable[LeaseRecord] = (),
         forget: Iterable[str] = (),
         forget_hosts: Iterable[str] = (),
     ) -> None:
@@ -120,26 +116,26 @@ CREATE TABLE IF NOT EXISTS leases (
 """
 
 
-def from_rows(host_rows: Iterable[Any], lease_rows: Iterable[Any]) -> tuple[list[Host], list[Lease]]:
+def from_rows(host_rows: Iterable[Any], lease_rows: Iterable[Any]) -> tuple[list[Host], list[LeaseRecord]]:
     """Hosts and leases from the rows of the two tables (SQLite and PostgreSQL store them alike)."""
     hosts = []
     for host_id, address, state, labels, devices, cordoned in host_rows:
         devs = {
-            int(d["index"]): Device(
+            int(d["index"]): PoolDevice(
                 host_id, int(d["index"]), str(d["uuid"]), str(d["model"]), int(d["capacity_bytes"]), bool(d["fake"])
             )
             for d in json.loads(devices)
         }
-        hosts.append(Host(host_id, address, devs, dict(json.loads(labels)), state, cordoned=bool(cordoned)))
+        hosts.append(Host(host_id, address, devs, dict(json.loads(labels)), HostState(state), cordoned=bool(cordoned)))
     leases = [
-        Lease(
+        LeaseRecord(
             lease_id,
             tenant,
             [Grant(str(h), int(d), int(q), int(u)) for h, d, q, u in json.loads(grants)],
             expires_at,
             ttl,
             created_at,
-            state,
+            LeaseState(state),
             ended_at,
         )
         for lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at in lease_rows
@@ -155,7 +151,7 @@ def _host_row(h: Host) -> tuple[str, str, str, str, str, int]:
     return (h.host_id, h.address, h.state, json.dumps(h.labels), json.dumps(devices), int(h.cordoned))
 
 
-def _lease_row(x: Lease) -> tuple[str, str, str, str, float, float, float, float]:
+def _lease_row(x: LeaseRecord) -> tuple[str, str, str, str, float, float, float, float]:
     grants = [[g.host_id, g.device, g.quota_bytes, g.units] for g in x.grants]
     return (x.lease_id, x.tenant, x.state, json.dumps(grants), x.expires_at, x.ttl, x.created_at, x.ended_at)
 
@@ -176,7 +172,7 @@ class SqliteStore:
             self._db.execute("ALTER TABLE hosts ADD COLUMN cordoned INTEGER NOT NULL DEFAULT 0")
         self._lock = threading.Lock()
 
-    def load(self) -> tuple[list[Host], list[Lease]]:
+    def load(self) -> tuple[list[Host], list[LeaseRecord]]:
         with self._lock:
             host_rows = self._db.execute(
                 "SELECT host_id, address, state, labels, devices, cordoned FROM hosts"
@@ -189,7 +185,7 @@ class SqliteStore:
     def write(
         self,
         hosts: Iterable[Host] = (),
-        leases: Iterable[Lease] = (),
+        leases: Iterable[LeaseRecord] = (),
         forget: Iterable[str] = (),
         forget_hosts: Iterable[str] = (),
     ) -> None:

@@ -30,6 +30,7 @@ from gpupool.server.sessions import MAX_HANDLES, DeviceMemory
 from gpupool.server.speedmodel import SpeedModel
 from gpupool.server.worker import InlineRunner, Runner, WorkerDied, WorkerSpec
 from gpupool.server.zygote import Zygote, shared_zygote
+from grpc import StatusCode
 
 from gpupool import tokens
 from gpupool._proto import device_pb2
@@ -51,7 +52,7 @@ END_OF_STREAM = object()  # queued after a client's last frame: the stream ends 
 
 
 @dataclass(frozen=True)
-class Config:
+class DaemonConfig:
     """Everything `gpupool serve` can be told (see server/cli.py for the flags)."""
 
     listen: str = "127.0.0.1:50051"
@@ -99,12 +100,12 @@ class Config:
 class Closed:
     """Put in a session's outbox when the daemon closes it: the stream ends with this status."""
 
-    code: str
+    code: StatusCode
     reason: str
 
 
 class Daemon:
-    def __init__(self, config: Config, devices: list[Device] | None = None) -> None:
+    def __init__(self, config: DaemonConfig, devices: list[Device] | None = None) -> None:
         self.config = config
         self.host_id = config.host_id
         self.device_list = devices or discover(config.host_id, config.fake_gpus, config.fake_gpu_memory)
@@ -274,7 +275,7 @@ class Daemon:
     def submit(self, s: FrontSession, commands: list[Any], nbytes: int) -> bool:
         """Queue commands of a session (blocks when its queue is full); False when it can take no more."""
         if self._draining and commands and commands[0] is not END_OF_STREAM:
-            s.outbox.put(Closed("UNAVAILABLE", f"host {self.host_id} is draining"))
+            s.outbox.put(Closed(StatusCode.UNAVAILABLE, f"host {self.host_id} is draining"))
             return False
         return self.queues[s.device.index].put(s.entry, commands, nbytes)
 
@@ -286,7 +287,7 @@ class Daemon:
         s.expires_at = max(s.expires_at, claims.expires_at)
         return s.expires_at
 
-    def close_session(self, s: FrontSession, reason: str, code: str = "FAILED_PRECONDITION") -> None:
+    def close_session(self, s: FrontSession, reason: str, code: StatusCode = StatusCode.FAILED_PRECONDITION) -> None:
         with self._lock:
             if s.closed:
                 return
@@ -387,8 +388,8 @@ class Daemon:
             cause = f"{self.zygote.wait_ended(runner.pid, 2.0)} ({exc})"
         reason = f"the session's worker process {runner.pid} {cause} while running {what}; its tensors are lost"
         log.error("session %d (lease %s): %s", s.number, s.lease_id, reason)
-        self.ledger.add(s, 0, {"INTERNAL": 1}, 0, 0)
-        self.close_session(s, reason, "INTERNAL")
+        self.ledger.add(s, 0, {StatusCode.INTERNAL: 1}, 0, 0)
+        self.close_session(s, reason, StatusCode.INTERNAL)
 
     def _outbox_full(self, s: FrontSession) -> bool:
         return s.outbox_bytes >= self.config.outbox_bytes
@@ -470,7 +471,7 @@ class Daemon:
         self._draining = True
         self._stop.set()
         for s in self.session_list():
-            self.close_session(s, f"host {self.host_id} is shutting down", "UNAVAILABLE")
+            self.close_session(s, f"host {self.host_id} is shutting down", StatusCode.UNAVAILABLE)
         for q in self.queues.values():
             q.stop()
         for w in self.workers:

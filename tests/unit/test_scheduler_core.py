@@ -10,11 +10,12 @@ import pytest
 from gpupool.scheduler.hosts import DeviceSpec
 from gpupool.scheduler.leases import Core, CoreConfig
 from gpupool.scheduler.placement import Request
-from gpupool.scheduler.pool import HOST_DOWN, SHARE_UNITS
-from gpupool.scheduler.store import LEASE_ACTIVE, MemoryStore, SqliteStore, StateOwned, Store
+from gpupool.scheduler.pool import SHARE_UNITS
+from gpupool.scheduler.store import MemoryStore, SqliteStore, StateOwned, Store
 
 from gpupool import tokens
 from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from gpupool.protocol import HostState, LeaseState
 
 KEY = b"k" * 32
 GiB = 1024**3
@@ -84,7 +85,7 @@ def test_silent_host_goes_down_and_its_leases_are_lost() -> None:
     lease = core.allocate(half())
     host = lease.grants[0].host_id
     core.sweep(time.time() + 5)
-    assert core.pool.hosts[host].state == HOST_DOWN
+    assert core.pool.hosts[host].state == HostState.DOWN
     with pytest.raises(FailedPrecondition, match="lost: host .* is down"):
         core.renew(lease.lease_id)
     assert core.heartbeat(host, [], {}, False) == ([], True)
@@ -137,7 +138,7 @@ def test_waiters_are_served_in_fifo_order() -> None:
     big.join(5)
     assert order == ["big"]
     assert len(core.waiters) == 1  # small waits behind big's whole device
-    active = [x for x in core.leases.values() if x.state == LEASE_ACTIVE]
+    active = [x for x in core.leases.values() if x.state == LeaseState.ACTIVE]
     core.release(active[0].lease_id)
     small.join(5)
     assert order == ["big", "small"]
@@ -197,7 +198,7 @@ def test_reregistering_host_keeps_its_leases_when_devices_match() -> None:
     core = core_with(hosts=1)
     lease = core.allocate(half())
     core.register("h0", "127.0.0.1:7000", [DeviceSpec(0, "uuid-0", "fake", 8 * GiB, True)])
-    assert core.leases[lease.lease_id].state == LEASE_ACTIVE
+    assert core.leases[lease.lease_id].state == LeaseState.ACTIVE
     assert allocated(core)[("h0", 0)] == (4 * GiB, SHARE_UNITS // 2)
     core.register("h0", "127.0.0.1:7000", [DeviceSpec(0, "uuid-0", "fake", 4 * GiB, True)])
     assert core.leases[lease.lease_id].state == "lost"
@@ -252,12 +253,12 @@ def test_a_refused_write_changes_nothing() -> None:
     with pytest.raises(Unavailable):
         core.register("h9", "127.0.0.1:6009", [DeviceSpec(0, "uuid-9", "fake", 8 * GiB, True)])
     assert allocated(core) == before and set(core.leases) == leases_before
-    assert core.leases[held.lease_id].state == LEASE_ACTIVE and held.expires_at == expires
+    assert core.leases[held.lease_id].state == LeaseState.ACTIVE and held.expires_at == expires
     assert "h9" not in core.pool.hosts
     # a silent host is not marked down (nor its leases lost) unless that can be saved
     core.sweep(time.time() + 1000)
-    assert core.pool.hosts[held.grants[0].host_id].state != HOST_DOWN
-    assert core.leases[held.lease_id].state == LEASE_ACTIVE
+    assert core.pool.hosts[held.grants[0].host_id].state != HostState.DOWN
+    assert core.leases[held.lease_id].state == LeaseState.ACTIVE
     store.fail = False
     assert books_in(store) == allocated(core)
     core.release(held.lease_id)
@@ -296,12 +297,12 @@ def test_a_pause_of_the_scheduler_is_not_blamed_on_hosts_or_tenants() -> None:
     core.alive()  # as the server's sweeper does every interval ...
     time.sleep(0.6)  # ... except while the process is stopped
     core.sweep()
-    assert all(h.state != HOST_DOWN for h in core.pool.hosts.values())
-    assert core.renew(lease.lease_id).state == LEASE_ACTIVE  # expired during the pause, yet renewable
+    assert all(h.state != HostState.DOWN for h in core.pool.hosts.values())
+    assert core.renew(lease.lease_id).state == LeaseState.ACTIVE  # expired during the pause, yet renewable
     for _ in range(8):  # a host silent while the scheduler runs is down
         time.sleep(0.1)
         core.sweep()
-    assert all(h.state == HOST_DOWN for h in core.pool.hosts.values())
+    assert all(h.state == HostState.DOWN for h in core.pool.hosts.values())
 
 
 def test_leases_restored_after_a_restart_get_a_grace_to_be_renewed(tmp_path: Path) -> None:
@@ -312,7 +313,7 @@ def test_leases_restored_after_a_restart_get_a_grace_to_be_renewed(tmp_path: Pat
     time.sleep(0.4)  # the scheduler is "down" past the lease's expiry
     again = Core(SqliteStore(tmp_path / "s.db"), KEY, CoreConfig(outage_grace=30))
     again.sweep()
-    assert again.renew(lease.lease_id).state == LEASE_ACTIVE
+    assert again.renew(lease.lease_id).state == LeaseState.ACTIVE
 
 
 def test_a_tenant_cannot_hold_more_than_its_share_limit() -> None:
