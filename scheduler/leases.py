@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 from gpupool.scheduler.hosts import HostBook
 from gpupool.scheduler.placement import Request, min_units, place, validate
-from gpupool.scheduler.pool import SHARE_UNITS, Grant, Host, Pool
-from gpupool.scheduler.store import LeaseRecord, Store
+from gpupool.scheduler.pool import SHARE_UNITS, Grant, Pool
+from gpupool.scheduler.store import Change, LeaseRecord, Store
 
 from gpupool import tokens
 from gpupool.config import format_size
@@ -70,8 +70,9 @@ class _AllocationWaiter:
     lease: LeaseRecord | None = None
 
 
-class Core(HostBook):
-    """Hosts (see hosts.py), leases and the FIFO of waiting requests."""
+class Core:
+    """Leases and the FIFO of waiting requests; the hosts are its `hosts` book (hosts.py), which shares its lock
+    and pool."""
 
     def __init__(
         self, store: Store, key: tokens.Signer | bytes, config: CoreConfig = CoreConfig(), events: Events | None = None
@@ -84,7 +85,7 @@ class Core(HostBook):
         self.events = events or Events()
         self.leases: dict[str, LeaseRecord] = {}
         self.waiters: deque[_AllocationWaiter] = deque()
-        self.revoked: dict[str, set[str]] = {}
+        self.hosts = HostBook(self.lock, self.pool, self)
         self.held_units: dict[str, int] = {}  # share units held per tenant (active leases)
         self.scheduler_id = uuid.uuid4().hex
         self._last_alive: tuple[float, float] | None = None  # (monotonic, wall) of the last `alive()`
@@ -166,14 +167,15 @@ class Core(HostBook):
                 if waiter.lease is not None:
                     break
                 self.waiters.remove(waiter)
-                self._serve_waiters()  # the head may have been blocking those behind it
+                self.serve_waiters()  # the head may have been blocking those behind it
                 message = f"waited in vain: {self._exhausted_message(waiter.req)}"
             self.events.allocation("timeout", time.monotonic() - start)
             raise ResourceExhausted(message)
         assert waiter.lease is not None
         return waiter.lease
 
-    def _serve_waiters(self) -> None:
+    def serve_waiters(self) -> None:
+        """Grant waiting requests in FIFO order while the head fits."""
         while self.waiters:
             head = self.waiters[0]
             grants = place(self.pool, head.req)
@@ -186,16 +188,10 @@ class Core(HostBook):
             self.waiters.popleft()
             head.done.set()
 
-    def _write(
-        self,
-        hosts: Iterable[Host] = (),
-        leases: Iterable[LeaseRecord] = (),
-        forget: Iterable[str] = (),
-        forget_hosts: Iterable[str] = (),
-    ) -> None:
+    def write(self, change: Change) -> None:
         """One store transaction; a refused write becomes UNAVAILABLE (the caller has changed nothing yet)."""
         try:
-            self.store.write(hosts=hosts, leases=leases, forget=forget, forget_hosts=forget_hosts)
+            self.store.write(change)
         except GpupoolError:
             raise
         except Exception as exc:  # noqa: BLE001 - sqlite3.Error, OSError, a database driver's errors
@@ -238,7 +234,7 @@ class Core(HostBook):
     def _grant(self, grants: list[Grant], tenant: str, ttl: float) -> LeaseRecord:
         now = time.time()
         lease = LeaseRecord(uuid.uuid4().hex, tenant, grants, now + ttl, ttl, now)
-        self._write(leases=[lease])
+        self.write(Change(leases=[lease]))
         self.pool.take(grants)
         self._hold(lease, +1)
         self.leases[lease.lease_id] = lease
@@ -254,7 +250,7 @@ class Core(HostBook):
             if self._last_alive is not None:
                 self.alive()
             if lease.state == LeaseState.ACTIVE and lease.expires_at <= now and lease.grace_until <= now:
-                self._end([lease], LeaseState.EXPIRED)
+                self.end([lease], LeaseState.EXPIRED)
             if lease.state == LeaseState.LOST:
                 # FAILED_PRECONDITION, not UNAVAILABLE: the lease is gone for good, retrying cannot help.
                 hosts = self.pool.hosts
@@ -266,7 +262,7 @@ class Core(HostBook):
                 )
             if lease.state != LeaseState.ACTIVE:
                 raise FailedPrecondition(f"lease {lease_id} is {lease.state}; allocate a new one")
-            self._write(leases=[dataclasses.replace(lease, expires_at=now + lease.ttl)])
+            self.write(Change(leases=[dataclasses.replace(lease, expires_at=now + lease.ttl)]))
             lease.expires_at, lease.grace_until = now + lease.ttl, 0.0
             return lease
 
@@ -275,7 +271,7 @@ class Core(HostBook):
         with self.lock:
             lease = self._get(lease_id, tenant)
             if lease.state == LeaseState.ACTIVE:
-                self._end([lease], LeaseState.RELEASED)
+                self.end([lease], LeaseState.RELEASED)
 
     def _get(self, lease_id: str, tenant: str | None = None) -> LeaseRecord:
         lease = self.leases.get(lease_id)
@@ -283,28 +279,22 @@ class Core(HostBook):
             raise NotFound(f"unknown lease {lease_id!r}")  # another tenant's lease is not even visible
         return lease
 
-    def _end(
-        self,
-        leases: Iterable[LeaseRecord],
-        state: LeaseState,
-        hosts: Iterable[Host] = (),
-        forget_hosts: Iterable[str] = (),
-    ) -> None:
-        """End active leases: persist (with `hosts` and `forget_hosts`, one transaction), then free their
-        capacity, tell their daemons and serve the waiters."""
+    def end(self, leases: Iterable[LeaseRecord], state: LeaseState, change: Change | None = None) -> None:
+        """End active leases: persist (with `change`'s hosts, one transaction), then free their capacity, tell
+        their daemons and serve the waiters."""
         now = time.time()
         ended = [x for x in leases if x.state == LeaseState.ACTIVE]
         copies = [dataclasses.replace(x, state=state, ended_at=now) for x in ended]
-        self._write(hosts=hosts, leases=copies, forget_hosts=forget_hosts)
+        with_hosts = change or Change()
+        self.write(dataclasses.replace(with_hosts, leases=[*with_hosts.leases, *copies]))
         for lease in ended:
             lease.state, lease.ended_at = state, now
             self.pool.give(lease.grants)
             self._hold(lease, -1)
-            for host_id in lease.hosts:
-                self.revoked.setdefault(host_id, set()).add(lease.lease_id)
+            self.hosts.revoke(lease)
             self.events.lease_event(state if state != LeaseState.RELEASED else "released")
         if ended:
-            self._serve_waiters()
+            self.serve_waiters()
 
     def token(self, lease: LeaseRecord, index: int) -> str:
         g = lease.grants[index]
@@ -321,22 +311,22 @@ class Core(HostBook):
         with self.lock:
             if self._last_alive is not None:
                 self.alive()
-            self._hosts_timeout(now, self.config.host_timeout)
+            self.hosts.mark_silent_down(now, self.config.host_timeout)
             active = (x for x in self.leases.values() if x.state == LeaseState.ACTIVE)
             expired = [x for x in active if max(x.expires_at, x.grace_until) <= now]
             horizon = now - self.config.retention
             old = [k for k, x in self.leases.items() if x.state != LeaseState.ACTIVE and x.ended_at < horizon]
             try:  # a step the store refuses is simply retried at the next sweep
                 if expired:
-                    self._end(expired, LeaseState.EXPIRED)
+                    self.end(expired, LeaseState.EXPIRED)
                     log.info("expired %d lease(s): %s", len(expired), ", ".join(x.lease_id for x in expired[:5]))
                 if old:
-                    self._write(forget=old)
+                    self.write(Change(forget=old))
                     for k in old:
                         del self.leases[k]
             except Unavailable:
                 pass
-            self._serve_waiters()  # in case a grant for the head failed to be saved before
+            self.serve_waiters()  # in case a grant for the head failed to be saved before
 
     def alive(self) -> None:
         """Called every sweep interval by the server (and on each renewal once it is): a long gap since the last
@@ -369,6 +359,10 @@ class Core(HostBook):
     def active_leases(self) -> list[LeaseRecord]:
         with self.lock:
             return [x for x in self.leases.values() if x.state == LeaseState.ACTIVE]
+
+    def active_on(self, host_id: str) -> list[LeaseRecord]:
+        """The active leases with a grant on `host_id`."""
+        return [x for x in self.leases.values() if x.state == LeaseState.ACTIVE and host_id in x.hosts]
 
     def is_active_on(self, lease_id: str, host_id: str) -> bool:
         lease = self.leases.get(lease_id)

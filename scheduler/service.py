@@ -52,7 +52,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def Register(self, request: scheduler_pb2.RegisterRequest, context: grpc.ServicerContext) -> Any:
         auth.current().check_host(request.host_id)
         devices = [DeviceSpec(d.index, d.uuid, d.model, d.memory_bytes, d.fake) for d in request.devices]
-        self.core.register(request.host_id, request.address, devices, dict(request.labels))
+        self.core.hosts.register(request.host_id, request.address, devices, dict(request.labels))
         return scheduler_pb2.RegisterReply(
             heartbeat_interval_seconds=self.core.config.heartbeat_interval, scheduler_id=self.core.scheduler_id
         )
@@ -60,7 +60,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def Heartbeat(self, request: scheduler_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> Any:
         auth.current().check_host(request.host_id)
         used = {d.info.index: d.used_bytes for d in request.devices}
-        revoked, again = self.core.heartbeat(
+        revoked, again = self.core.hosts.heartbeat(
             request.host_id, [s.lease_id for s in request.sessions], used, request.draining
         )
         return scheduler_pb2.HeartbeatReply(
@@ -147,11 +147,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return reply
 
     def DrainHost(self, request: scheduler_pb2.DrainHostRequest, context: grpc.ServicerContext) -> Any:
-        self.core.drain_host(request.host_id, undo=request.undo)
+        self.core.hosts.drain_host(request.host_id, undo=request.undo)
         return scheduler_pb2.DrainHostReply()
 
     def RemoveHost(self, request: scheduler_pb2.RemoveHostRequest, context: grpc.ServicerContext) -> Any:
-        return scheduler_pb2.RemoveHostReply(leases_lost=self.core.remove_host(request.host_id, request.force))
+        return scheduler_pb2.RemoveHostReply(leases_lost=self.core.hosts.remove_host(request.host_id, request.force))
 
     @staticmethod
     def _host_pb(h: Host) -> scheduler_pb2.HostState:

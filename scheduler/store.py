@@ -19,7 +19,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,6 +53,29 @@ class LeaseRecord:
         self.hosts = {g.host_id for g in self.grants}
 
 
+@dataclass(frozen=True)
+class Change:
+    """One store transaction: upsert `hosts` and `leases`, delete the leases named in `forget` and the hosts
+    named in `forget_hosts`."""
+
+    hosts: Sequence[Host] = ()
+    leases: Sequence[LeaseRecord] = ()
+    forget: Sequence[str] = ()
+    forget_hosts: Sequence[str] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.hosts or self.leases or self.forget or self.forget_hosts)
+
+    def rows(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[str]], list[tuple[str]]]:
+        """(host rows, lease rows, leases to delete, hosts to delete) as the SQL stores write them."""
+        return (
+            [_host_row(h) for h in self.hosts],
+            [_lease_row(x) for x in self.leases],
+            [(lease_id,) for lease_id in self.forget],
+            [(host_id,) for host_id in self.forget_hosts],
+        )
+
+
 class StateOwned(GpupoolError):
     """Another scheduler owns this state: starting a second writer would hand out capacity twice."""
 
@@ -60,15 +83,8 @@ class StateOwned(GpupoolError):
 class Store(Protocol):
     def load(self) -> tuple[list[Host], list[LeaseRecord]]: ...
 
-    def write(
-        self,
-        hosts: Iterable[Host] = (),
-        leases: Iterable[LeaseRecord] = (),
-        forget: Iterable[str] = (),
-        forget_hosts: Iterable[str] = (),
-    ) -> None:
-        """Upsert hosts and leases, delete the leases named in `forget` and the hosts in `forget_hosts`;
-        all in one transaction."""
+    def write(self, change: Change) -> None:
+        """Apply `change` in one transaction."""
         ...
 
     def close(self) -> None: ...
@@ -84,20 +100,14 @@ class MemoryStore:
     def load(self) -> tuple[list[Host], list[LeaseRecord]]:
         return [copy.deepcopy(h) for h in self._hosts.values()], [copy.deepcopy(x) for x in self._leases.values()]
 
-    def write(
-        self,
-        hosts: Iterable[Host] = (),
-        leases: Iterable[LeaseRecord] = (),
-        forget: Iterable[str] = (),
-        forget_hosts: Iterable[str] = (),
-    ) -> None:
-        for h in hosts:
+    def write(self, change: Change) -> None:
+        for h in change.hosts:
             self._hosts[h.host_id] = copy.deepcopy(h)
-        for x in leases:
+        for x in change.leases:
             self._leases[x.lease_id] = copy.deepcopy(x)
-        for lease_id in forget:
+        for lease_id in change.forget:
             self._leases.pop(lease_id, None)
-        for host_id in forget_hosts:
+        for host_id in change.forget_hosts:
             self._hosts.pop(host_id, None)
 
     def close(self) -> None:
@@ -114,6 +124,10 @@ CREATE TABLE IF NOT EXISTS leases (
   expires_at REAL NOT NULL, ttl REAL NOT NULL, created_at REAL NOT NULL, ended_at REAL NOT NULL
 );
 """
+
+
+HOST_COLUMNS = "host_id, address, state, labels, devices, cordoned"
+LEASE_COLUMNS = "lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at"
 
 
 def from_rows(host_rows: Iterable[Any], lease_rows: Iterable[Any]) -> tuple[list[Host], list[LeaseRecord]]:
@@ -174,35 +188,20 @@ class SqliteStore:
 
     def load(self) -> tuple[list[Host], list[LeaseRecord]]:
         with self._lock:
-            host_rows = self._db.execute(
-                "SELECT host_id, address, state, labels, devices, cordoned FROM hosts"
-            ).fetchall()
-            lease_rows = self._db.execute(
-                "SELECT lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at FROM leases"
-            ).fetchall()
+            host_rows = self._db.execute(f"SELECT {HOST_COLUMNS} FROM hosts").fetchall()
+            lease_rows = self._db.execute(f"SELECT {LEASE_COLUMNS} FROM leases").fetchall()
         return from_rows(host_rows, lease_rows)
 
-    def write(
-        self,
-        hosts: Iterable[Host] = (),
-        leases: Iterable[LeaseRecord] = (),
-        forget: Iterable[str] = (),
-        forget_hosts: Iterable[str] = (),
-    ) -> None:
-        host_rows = [_host_row(h) for h in hosts]
-        lease_rows = [_lease_row(x) for x in leases]
-        forget_rows = [(lease_id,) for lease_id in forget]
-        forget_host_rows = [(host_id,) for host_id in forget_hosts]
-        if not (host_rows or lease_rows or forget_rows or forget_host_rows):
+    def write(self, change: Change) -> None:
+        if not change:
             return
+        host_rows, lease_rows, forget_rows, forget_host_rows = change.rows()
         with self._lock:
             self._db.execute("BEGIN")
             try:
                 if host_rows:
                     self._db.executemany(
-                        "INSERT OR REPLACE INTO hosts (host_id, address, state, labels, devices, cordoned) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        host_rows,
+                        f"INSERT OR REPLACE INTO hosts ({HOST_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", host_rows
                     )
                 if lease_rows:
                     self._db.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)", lease_rows)
