@@ -14,11 +14,12 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-from gpupool.server import bounds, cost, fallbacks, guards
+from gpupool.server import cost, fallbacks, guards, sizing
 from gpupool.server.collectives import Collectives
 from gpupool.server.graph import GraphTable
-from gpupool.server.ops import NO_META, MetaSizer, OpTable
+from gpupool.server.ops import OpTable
 from gpupool.server.sessions import Poison, PoisonedInput, WorkerSession, zero_bytes
+from gpupool.server.sizing import NO_META, MetaSizer
 from gpupool.server.speedmodel import SpeedModel
 from grpc import StatusCode
 
@@ -147,7 +148,7 @@ class CommandExecutor:
         cost.check(op, args, kwargs, s.max_op_flops)
         need = self.sizer.new_bytes(op, args, kwargs)
         if need == NO_META:  # bounded from the real inputs, so its output cannot exhaust the host first
-            need = bounds.no_meta_bound(op, args, kwargs)
+            need = sizing.no_meta_bound(op, args, kwargs)
         if need > 0:
             s.admit(need)
         used_before = s.used
