@@ -18,12 +18,6 @@ from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from gpupool.scheduler.auth import Authenticator, AuthInterceptor
-from gpupool.scheduler.leases import Core, CoreConfig
-from gpupool.scheduler.metrics import SchedulerMetrics
-from gpupool.scheduler.placement import POLICIES
-from gpupool.scheduler.service import SchedulerServicer
-from gpupool.scheduler.store import StateOwned, Store, open_store
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
@@ -33,6 +27,13 @@ from gpupool.config import add_flag, setup_logging, split_address
 from gpupool.errors import ErrorInterceptor, GpupoolError
 from gpupool.protocol import Policy
 from gpupool.tls import TlsConfig
+
+from .auth import Authenticator, AuthInterceptor
+from .leases import Core, CoreConfig
+from .metrics import SchedulerMetrics
+from .placement import POLICIES
+from .service import SchedulerServicer
+from .store import StateOwned, Store, open_store
 
 log = logging.getLogger("gpupool.scheduler")
 

@@ -17,12 +17,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from gpupool.scheduler.pool import Host, Pool, PoolDevice
-from gpupool.scheduler.store import Change, LeaseRecord
-
 from gpupool.config import split_address
 from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from gpupool.protocol import HostState, LeaseState
+
+from .pool import Host, Pool, PoolDevice
+from .store import Change, LeaseRecord
 
 log = logging.getLogger(__name__)
 

@@ -21,15 +21,15 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from gpupool.scheduler.hosts import HostBook
-from gpupool.scheduler.placement import Request, min_units, place, validate
-from gpupool.scheduler.pool import SHARE_UNITS, Grant, Pool
-from gpupool.scheduler.store import Change, LeaseRecord, Store
-
 from gpupool import tokens
 from gpupool.config import format_size
 from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from gpupool.protocol import HostState, LeaseState
+
+from .hosts import HostBook
+from .placement import Request, min_units, place, validate
+from .pool import SHARE_UNITS, Grant, Pool
+from .store import Change, LeaseRecord, Store
 
 log = logging.getLogger(__name__)
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from gpupool.scheduler.leases import Events
-from gpupool.scheduler.pool import SHARE_UNITS
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gpupool.protocol import HostState, LeaseState
 
+from .leases import Events
+from .pool import SHARE_UNITS
+
 if TYPE_CHECKING:
-    from gpupool.scheduler.leases import Core
+    from .leases import Core
 
 LEASE_EVENTS = ("granted", "released", "expired", "lost")
 ALLOCATION_RESULTS = ("granted", "exhausted", "invalid", "timeout")

@@ -17,8 +17,8 @@ import logging
 import threading
 import time
 
-from gpupool.scheduler.pool import Host
-from gpupool.scheduler.store import HOST_COLUMNS, LEASE_COLUMNS, Change, LeaseRecord, StateOwned, from_rows
+from .pool import Host
+from .store import HOST_COLUMNS, LEASE_COLUMNS, Change, LeaseRecord, StateOwned, from_rows
 
 log = logging.getLogger(__name__)
 

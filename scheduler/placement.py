@@ -15,11 +15,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from gpupool.scheduler.pool import KTH_SCALE, MAX_KTH, SHARE_UNITS, Grant, Host, Pool, PoolDevice
-
 from gpupool.config import format_size
 from gpupool.errors import InvalidArgument
 from gpupool.protocol import Policy
+
+from .pool import KTH_SCALE, MAX_KTH, SHARE_UNITS, Grant, Host, Pool, PoolDevice
 
 POLICIES = tuple(Policy)
 MAX_GPUS = 1024

@@ -11,16 +11,17 @@ import math
 from typing import Any
 
 import grpc
-from gpupool.scheduler import auth
-from gpupool.scheduler.hosts import DeviceSpec, validate_labels
-from gpupool.scheduler.leases import Core
-from gpupool.scheduler.placement import Request, policy_of
-from gpupool.scheduler.pool import SHARE_UNITS, Host
-from gpupool.scheduler.store import LeaseRecord
 
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
 from gpupool.errors import InvalidArgument, Unavailable
 from gpupool.protocol import Policy
+
+from . import auth
+from .hosts import DeviceSpec, validate_labels
+from .leases import Core
+from .placement import Request, policy_of
+from .pool import SHARE_UNITS, Host
+from .store import LeaseRecord
 
 log = logging.getLogger(__name__)
 # ListPool pages: at most this many hosts + leases, and about this many bytes (gRPC refuses messages over 4 MiB).

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from gpupool.scheduler.pool import Grant, Host, PoolDevice
-
 from gpupool.errors import GpupoolError
 from gpupool.protocol import HostState, LeaseState
+
+from .pool import Grant, Host, PoolDevice
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def open_store(path: str, standby: bool = False) -> Store:
     if path in ("", ":memory:"):
         return MemoryStore()
     if path.startswith(("postgresql://", "postgres://")):
-        from gpupool.scheduler.pgstore import PostgresStore  # psycopg only where it is used
+        from .pgstore import PostgresStore  # psycopg only where it is used
 
         return PostgresStore(path, standby)
     return SqliteStore(path, standby)
