@@ -137,9 +137,7 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
             )
         handle = int(t._gp_h)  # type: ignore[attr-defined]
         if rt.pending and handle in rt.pending:  # made by torch.empty and not sent yet
-            from gpupool.client.torch.transfer import materialize_pending
-
-            materialize_pending(rt)
+            rt.materialize_pending()
         return handle
 
 
