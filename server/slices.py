@@ -177,7 +177,7 @@ def encode_result(r: SliceResult) -> list[bytes]:
     return [struct.pack("<I", body_len), *parts]
 
 
-def decode_result(body: bytes | bytearray, commands: int) -> SliceResult:
+def decode_result(body: bytes | bytearray | memoryview, commands: int) -> SliceResult:
     """Parse a worker's result; raises ValueError on anything malformed or impossible."""
     view = memoryview(body)
     executed, seconds, used, ops, handles, up, down, n_err, n_ev, n_rep = _RES.unpack_from(view, 0)
