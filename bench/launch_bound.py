@@ -22,14 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +32,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from train_overhead import _proc_cpu, start_daemon, stock_mlp
-
-from gpupool import pki, tokens
+from train_overhead import _proc_cpu, bench_daemons, run_worker, stock_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("tiny-mlp", "encoder", "mlp", "cnn")
@@ -152,16 +145,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 # ---- driver ----
 
 
-def run_worker(core: int, model: str, mode: str, args: argparse.Namespace, **remote: Any) -> dict[str, Any]:
-    cmd = ["taskset", "-c", str(core), sys.executable, __file__, "--worker", "--model", model, "--mode", mode,
-           "--steps", str(args.steps), "--blocks", str(args.blocks), "--warmup", str(args.warmup)]  # fmt: skip
-    for k, v in remote.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"worker {model}/{mode} failed:\n{out.stderr[-3000:]}")
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+def _worker(core: int, model: str, mode: str, args: argparse.Namespace, **remote: Any) -> dict[str, Any]:
+    argv = ["--model", model, "--mode", mode, "--steps", str(args.steps), "--blocks", str(args.blocks),
+            "--warmup", str(args.warmup)]  # fmt: skip
+    return run_worker(__file__, core, f"{model}/{mode}", argv, **remote)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,30 +172,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        key = secrets.token_hex(32).encode()  # a token seed; the daemon gets its public key only
-        key_file = Path(tmp) / "key.pub"
-        key_file.write_bytes(tokens.public_pem(tokens.Signer.from_seed(key).public))
-        os.environ.update(pki.loopback_env(Path(tmp) / "pki"))  # the daemon and the clients speak TLS
-        daemon, address = start_daemon(args.daemon_core, key_file)
-        try:
-            for model in args.models.split(","):
-                results: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
-                for _ in range(args.rounds):
-                    for mode in MODES:
-                        if mode == "local":
-                            results[mode].append(run_worker(args.daemon_core, model, mode, args))
-                            continue
-                        claims = tokens.TokenClaims(lease_id=uuid.uuid4().hex, host="bench", device=0, quota_bytes=0,
-                                                    share=1.0, expires_at=time.time() + 3600)  # fmt: skip
-                        token = tokens.mint(key, claims)
-                        results[mode].append(run_worker(args.client_core, model, mode, args, address=address,
-                                                        token=token, daemon_pid=daemon.pid))  # fmt: skip
-                best = {m: min(rs, key=lambda r: r["step_s"]) for m, rs in results.items()}
-                rows.append((model, best))
-        finally:
-            daemon.terminate()
-            daemon.wait(timeout=30)
+    with bench_daemons(args.daemon_core) as daemons:
+        for model in args.models.split(","):
+            results: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+            for _ in range(args.rounds):
+                for mode in MODES:
+                    if mode == "local":
+                        results[mode].append(_worker(args.daemon_core, model, mode, args))
+                    else:
+                        results[mode].append(_worker(args.client_core, model, mode, args, **daemons.remote()))
+            best = {m: min(rs, key=lambda r: r["step_s"]) for m, rs in results.items()}
+            rows.append((model, best))
     print_table(rows, args)
     return 0
 

@@ -127,7 +127,7 @@ def in_process(name: str, store: Store, ops: list[Op], hosts: int) -> Result:
     core = Core(store, b"k" * 32, CoreConfig(lease_ttl=TTL, max_lease_ttl=TTL))
     for h in range(hosts):
         specs = [DeviceSpec(i, f"GPU-{h}-{i}", "A100-80GB", DEVICE_MEMORY) for i in range(GPUS_PER_HOST)]
-        core.register(f"host{h:04d}", f"10.0.{h // 250}.{h % 250}:50051", specs)
+        core.hosts.register(f"host{h:04d}", f"10.0.{h // 250}.{h % 250}:50051", specs)
 
     def allocate(req: Request) -> str:
         lease = core.allocate(req, tenant="bench")

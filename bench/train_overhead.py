@@ -23,6 +23,7 @@ the ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -34,6 +35,8 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,16 +148,59 @@ def start_daemon(core: int, key_file: Path, isolation: str = "process") -> tuple
     raise RuntimeError(f"gpupool serve did not start (exit {proc.wait()})")
 
 
-def run_worker(core: int, model: str, args: argparse.Namespace, **remote: Any) -> dict[str, Any]:
-    cmd = ["taskset", "-c", str(core), sys.executable, __file__, "--worker", "--model", model,
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+@contextlib.contextmanager
+def bench_daemons(core: int, isolations: Sequence[str] = ("process",)) -> Iterator[Daemons]:
+    """A daemon per isolation mode on a fake GPU pinned to `core`, speaking TLS (a loopback PKI in a temporary
+    directory); yields them with a function that mints a fresh one-hour token for device 0. Stops them after."""
+    with tempfile.TemporaryDirectory() as tmp:
+        key = secrets.token_hex(32).encode()  # a token seed; the daemons get its public key only
+        key_file = Path(tmp) / "key.pub"
+        key_file.write_bytes(tokens.public_pem(tokens.Signer.from_seed(key).public))
+        os.environ.update(pki.loopback_env(Path(tmp) / "pki"))  # the daemons and the clients speak TLS
+        daemons: dict[str, tuple[subprocess.Popen[str], str]] = {}
+
+        def token() -> str:
+            claims = tokens.TokenClaims(lease_id=uuid.uuid4().hex, host="bench", device=0, quota_bytes=0,
+                                        share=1.0, expires_at=time.time() + 3600)  # fmt: skip
+            return tokens.mint(key, claims)
+
+        try:
+            for mode in isolations:
+                daemons[mode] = start_daemon(core, key_file, mode)
+            yield Daemons(daemons, token)
+        finally:
+            for proc, _ in daemons.values():
+                proc.terminate()
+                proc.wait(timeout=30)
+
+
+@dataclass
+class Daemons:
+    running: dict[str, tuple[subprocess.Popen[str], str]]  # isolation mode -> (process, address)
+    token: Callable[[], str]
+
+    def remote(self, mode: str = "process") -> dict[str, Any]:
+        """The worker flags that point it at the daemon of `mode` with a fresh token."""
+        proc, address = self.running[mode]
+        return {"address": address, "token": self.token(), "daemon_pid": proc.pid}
+
+
+def run_worker(script: str, core: int, what: str, argv: list[str], **remote: Any) -> dict[str, Any]:
+    """Run `script --worker ARGV` pinned to `core` (one torch thread) and return the JSON it prints last;
+    `remote` becomes --flags (the daemon's address, a token, its pid)."""
+    cmd = ["taskset", "-c", str(core), sys.executable, script, "--worker", *argv]
     for k, v in remote.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"worker {model} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"worker {what} failed:\n{out.stderr[-3000:]}")
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _worker(core: int, model: str, args: argparse.Namespace, **remote: Any) -> dict[str, Any]:
+    argv = ["--model", model, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    return run_worker(__file__, core, model, argv, **remote)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,29 +224,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.isolation_cost:
         return isolation_cost(args)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        key = secrets.token_hex(32).encode()  # a token seed; the daemon gets its public key only
-        key_file = Path(tmp) / "key.pub"
-        key_file.write_bytes(tokens.public_pem(tokens.Signer.from_seed(key).public))
-        os.environ.update(pki.loopback_env(Path(tmp) / "pki"))  # the daemon and the clients speak TLS
-        daemon, address = start_daemon(args.daemon_core, key_file)
-        try:
-            rows = []
-            for model in args.models.split(","):
-                # Rounds alternate local and remote runs; the best round of each side counts, so that
-                # other load on a shared machine disturbs the ratio as little as possible.
-                locals_, remotes = [], []
-                for _ in range(args.rounds):
-                    locals_.append(run_worker(args.daemon_core, model, args))
-                    claims = tokens.TokenClaims(lease_id=uuid.uuid4().hex, host="bench", device=0, quota_bytes=0,
-                                                share=1.0, expires_at=time.time() + 3600)  # fmt: skip
-                    remotes.append(run_worker(args.client_core, model, args, address=address,
-                                              token=tokens.mint(key, claims), daemon_pid=daemon.pid))  # fmt: skip
-                best = min(locals_, key=lambda r: r["step_s"]), min(remotes, key=lambda r: r["step_s"])
-                rows.append((model, *best))
-        finally:
-            daemon.terminate()
-            daemon.wait(timeout=30)
+    rows = []
+    with bench_daemons(args.daemon_core) as daemons:
+        for model in args.models.split(","):
+            # Rounds alternate local and remote runs; the best round of each side counts, so that
+            # other load on a shared machine disturbs the ratio as little as possible.
+            locals_, remotes = [], []
+            for _ in range(args.rounds):
+                locals_.append(_worker(args.daemon_core, model, args))
+                remotes.append(_worker(args.client_core, model, args, **daemons.remote()))
+            best = min(locals_, key=lambda r: r["step_s"]), min(remotes, key=lambda r: r["step_s"])
+            rows.append((model, *best))
     print_table(rows, args)
     return 0
 
@@ -208,34 +242,19 @@ def main(argv: list[str] | None = None) -> int:
 def isolation_cost(args: argparse.Namespace) -> int:
     """Local, in-thread daemon and process-isolated daemon, alternating; best round of each."""
     modes = ("thread", "process")
-    with tempfile.TemporaryDirectory() as tmp:
-        key = secrets.token_hex(32).encode()  # a token seed; the daemons get its public key only
-        key_file = Path(tmp) / "key.pub"
-        key_file.write_bytes(tokens.public_pem(tokens.Signer.from_seed(key).public))
-        os.environ.update(pki.loopback_env(Path(tmp) / "pki"))  # the daemons and the clients speak TLS
-        daemons = {m: start_daemon(args.daemon_core, key_file, m) for m in modes}
-        table = Table(title=f"isolation cost: median of {args.steps} steps, best of {args.rounds} alternating rounds")
-        for col in ("model", "local ms/step", "thread ms/step", "process ms/step", "process/thread", "process/local"):
-            table.add_column(col, justify="right")
-        try:
-            for model in args.models.split(","):
-                runs: dict[str, list[float]] = {"local": [], "thread": [], "process": []}
-                for _ in range(args.rounds):
-                    runs["local"].append(run_worker(args.daemon_core, model, args)["step_s"])
-                    for m in modes:
-                        claims = tokens.TokenClaims(lease_id=uuid.uuid4().hex, host="bench", device=0, quota_bytes=0,
-                                                    share=1.0, expires_at=time.time() + 3600)  # fmt: skip
-                        proc, address = daemons[m]
-                        remote = run_worker(args.client_core, model, args, address=address,
-                                            token=tokens.mint(key, claims), daemon_pid=proc.pid)  # fmt: skip
-                        runs[m].append(remote["step_s"])
-                local, thread, process = (min(runs[k]) for k in ("local", "thread", "process"))
-                table.add_row(model, f"{local * 1e3:.2f}", f"{thread * 1e3:.2f}", f"{process * 1e3:.2f}",
-                              f"{process / thread:.3f}", f"{process / local:.2f}")  # fmt: skip
-        finally:
-            for proc, _ in daemons.values():
-                proc.terminate()
-                proc.wait(timeout=30)
+    table = Table(title=f"isolation cost: median of {args.steps} steps, best of {args.rounds} alternating rounds")
+    for col in ("model", "local ms/step", "thread ms/step", "process ms/step", "process/thread", "process/local"):
+        table.add_column(col, justify="right")
+    with bench_daemons(args.daemon_core, modes) as daemons:
+        for model in args.models.split(","):
+            runs: dict[str, list[float]] = {"local": [], "thread": [], "process": []}
+            for _ in range(args.rounds):
+                runs["local"].append(_worker(args.daemon_core, model, args)["step_s"])
+                for m in modes:
+                    runs[m].append(_worker(args.client_core, model, args, **daemons.remote(m))["step_s"])
+            local, thread, process = (min(runs[k]) for k in ("local", "thread", "process"))
+            table.add_row(model, f"{local * 1e3:.2f}", f"{thread * 1e3:.2f}", f"{process * 1e3:.2f}",
+                          f"{process / thread:.3f}", f"{process / local:.2f}")  # fmt: skip
     Console().print(table)
     return 0
 

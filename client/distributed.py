@@ -137,9 +137,7 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
             )
         handle = int(t._gp_h)  # type: ignore[attr-defined]
         if rt.pending and handle in rt.pending:  # made by torch.empty and not sent yet
-            from gpupool.client.torch.transfer import materialize_pending
-
-            materialize_pending(rt)
+            rt.materialize_pending()
         return handle
 
 
@@ -172,6 +170,7 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
             "the gpupool backend needs a lease: start the job under `gpupool run -n N -- torchrun ...`"
         )
     lease = Lease.from_env()
+    assert lease is not None  # GPUPOOL_LEASE is set
     local = int(os.environ.get("LOCAL_RANK", rank))
     if not 0 <= local < len(lease.devices):
         raise InvalidArgument(

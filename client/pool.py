@@ -29,7 +29,7 @@ import grpc
 from gpupool import tls
 from gpupool._proto import scheduler_pb2, scheduler_pb2_grpc
 from gpupool.config import parse_size
-from gpupool.errors import GpupoolError, InvalidArgument, from_rpc_error
+from gpupool.errors import GpupoolError, InvalidArgument, from_failure
 
 if TYPE_CHECKING:
     import torch
@@ -85,7 +85,7 @@ class SchedulerClient:
             try:
                 return getattr(self._stub, method)(request, timeout=timeout)
             except grpc.RpcError as err:  # noqa: PERF203 - a retry loop over replicas
-                exc = from_rpc_error(err)
+                exc = from_failure(err)
                 if err.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
                     raise exc from None
                 if attempt + 1 < len(self.addresses):  # try the next replica

@@ -27,6 +27,7 @@ from gpupool.client.pool import lease
 from gpupool import tls
 from gpupool.config import add_flag, setup_logging, size_arg
 from gpupool.errors import GpupoolError
+from gpupool.protocol import Policy
 
 log = logging.getLogger("gpupool.run")
 STOP_GRACE = 5.0
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT (default 127.0.0.1:50050)")
     add_flag(p, "--tenant", default="", help="tenant to allocate for (operators only; credentials name tenants)")
     p.add_argument(
-        "--policy", default="", choices=("binpack", "spread"), help="placement policy (default: the scheduler's)"
+        "--policy", default="", choices=[p.value for p in Policy], help="placement policy (default: the scheduler's)"
     )
     p.add_argument("--ttl", type=float, default=0.0, help="lease TTL in seconds (default: the scheduler's)")
     tls.add_client_flags(p)

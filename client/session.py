@@ -23,15 +23,14 @@ import numpy
 import torch
 from google.protobuf.message import DecodeError
 
-from gpupool import tls, tokens, wire
+from gpupool import protocol, tls, tokens, wire
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
-from gpupool.errors import GpupoolError, InvalidArgument, Unavailable, from_rpc_error, from_status
+from gpupool.errors import GpupoolError, InvalidArgument, Unavailable, from_failure
 
 MAX_BATCH_COMMANDS = 256
 MAX_BATCH_BYTES = 1024 * 1024
 REFRESH_TIMEOUT = 10.0  # seconds; a renewal runs well ahead of expiry, so a slow daemon still gets it in time
 SEND_QUEUE_FRAMES = 32  # frames waiting for gRPC; a full queue blocks the caller (back-pressure)
-SESSION_METADATA = "gpupool-session"
 CHANNEL_OPTIONS = [
     # Download chunks are 4 MiB plus framing, over gRPC's 4 MiB default receive limit.
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -43,24 +42,8 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def _upload_frame(up: device_pb2.Upload, data: memoryview) -> bytes:
-    """ClientFrame{commands: [Command{upload: up + data}]} serialized with one copy of `data` (protobuf's
-    bytes fields would copy it three times); fields may come in any order on the wire, so data goes last."""
-    small = up.SerializeToString()
-    data_head = _UPLOAD_DATA_TAG + wire.varint(len(data))
-    upload_len = len(small) + len(data_head) + len(data)
-    command_head = _COMMAND_UPLOAD_TAG + wire.varint(upload_len)
-    frame_head = _FRAME_COMMANDS_TAG + wire.varint(len(command_head) + upload_len)
-    return b"".join((frame_head, command_head, small, data_head, data))
-
-
 def _serialize_frame(frame: device_pb2.ClientFrame | bytes) -> bytes:
     return frame if isinstance(frame, bytes) else frame.SerializeToString()
-
-
-_UPLOAD_DATA_TAG = bytes([(4 << 3) | 2])  # Upload.data = 4
-_COMMAND_UPLOAD_TAG = bytes([(2 << 3) | 2])  # Command.upload = 2
-_FRAME_COMMANDS_TAG = bytes([(1 << 3) | 2])  # ClientFrame.commands = 1
 
 
 _HUGE_PAGE = 2 * 1024 * 1024
@@ -201,7 +184,7 @@ class Session:
             request_serializer=_serialize_frame,
             response_deserializer=_read_frame,
         )
-        self._responses = stream(self._frames(), metadata=((SESSION_METADATA, self.session_id),))
+        self._responses = stream(self._frames(), metadata=((protocol.SESSION_METADATA, self.session_id),))
         self._reader = threading.Thread(target=self._read, name=f"gpupool-session-{self.session_id[:6]}", daemon=True)
         self._reader.start()
 
@@ -214,7 +197,7 @@ class Session:
             reply = device_pb2_grpc.DeviceStub(channel).Attach(device_pb2.AttachRequest(token=token), timeout=timeout)
         except grpc.RpcError as exc:
             channel.close()
-            raise from_rpc_error(exc) from None
+            raise from_failure(exc) from None
         return cls(channel, reply, address)
 
     # ---- commands ----
@@ -241,7 +224,7 @@ class Session:
                 up = device_pb2.Upload(handle=h, offset=off, last=end >= total)
                 if off == 0:
                     up.meta.CopyFrom(meta)
-                self._put(_upload_frame(up, data[off:end]))
+                self._put(protocol.upload_frame(up, data[off:end]))
         return h
 
     def op(
@@ -311,7 +294,7 @@ class Session:
                 device_pb2.RefreshTokenRequest(session_id=self.session_id, token=token), timeout=REFRESH_TIMEOUT
             )
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise from_failure(exc) from None
 
     def flush(self) -> None:
         with self._lock:
@@ -325,8 +308,7 @@ class Session:
         self._wait(rid, w)
         assert w.reply is not None
         if w.reply.HasField("error"):
-            e = w.reply.error
-            raise from_status(e.code, e.message, e.op)
+            raise from_failure(w.reply.error)
         return [wire.scalar_from_proto(v) for v in w.reply.values]
 
     def download(self, handle: int) -> torch.Tensor:
@@ -447,10 +429,10 @@ class Session:
                 elif kind == "chunk":
                     w.chunk(frame.chunk)
                 elif kind == "error":
-                    w.fail(from_status(frame.error.code, frame.error.message, frame.error.op))
+                    w.fail(from_failure(frame.error))
             err = Unavailable(f"daemon {self.address} ended the session's stream")
         except grpc.RpcError as exc:
-            err = from_rpc_error(exc)
+            err = from_failure(exc)
         self._dead = err
         with self._wlock:
             waiters = list(self._waiters.values())

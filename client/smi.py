@@ -27,8 +27,9 @@ from gpupool import tls
 from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
 from gpupool.config import add_flag, format_size
 from gpupool.errors import GpupoolError
+from gpupool.protocol import HostState
 
-STATE_STYLE = {"up": "green", "down": "red", "draining": "yellow"}
+STATE_STYLE: dict[str, str] = {HostState.UP: "green", HostState.DOWN: "red", HostState.DRAINING: "yellow"}
 STATUS_TIMEOUT_S = 5.0
 
 
@@ -83,7 +84,7 @@ def sample(pool: scheduler_pb2.PoolState, status: StatusFn = _daemon_status) -> 
     """Poll every host that is not down for its sessions."""
     s = Sample(pool)
     for h in pool.hosts:
-        reply = status(h.address) if h.state != "down" else None
+        reply = status(h.address) if h.state != HostState.DOWN else None
         for u in reply.sessions if reply is not None else ():
             s.sessions[(h.host_id, u.session_id)] = u
     return s

@@ -1,15 +1,24 @@
-"""The one table between gpupool exceptions and gRPC status codes.
+"""The one table between gpupool exceptions and gRPC status codes, and the one translation at each RPC edge.
 
-Servers raise these from domain code and servicers turn them into `context.abort(code, details)`;
-clients turn a `grpc.RpcError` (or an in-band `Error` message of the op stream) back into the same
-exception class, so both sides speak of failures the same way.
+Status codes are `grpc.StatusCode` members everywhere; their names appear only on the wire (the op stream's
+`Error.code`) and in metric labels. Servers raise these exceptions from domain code and install
+`ErrorInterceptor`, which ends the call with the exception's status (anything else is a bug: logged, INTERNAL).
+Clients turn a failure -- a `grpc.RpcError` or an in-band `Error` message of the op stream -- back into the same
+exception class with `from_failure`, so both sides speak of failures the same way. A memory refusal carries the
+bytes used and the limit as numbers (`ResourceExhausted.used_bytes`/`limit_bytes`, `Error` fields 20 and 21).
 """
 
 from __future__ import annotations
 
-from typing import NoReturn
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
 import grpc
+
+from gpupool._proto import tensor_pb2
+
+log = logging.getLogger(__name__)
 
 
 class GpupoolError(Exception):
@@ -45,9 +54,17 @@ class PermissionDenied(GpupoolError):
 
 
 class ResourceExhausted(GpupoolError):
-    """A quota or the pool is full; the message says what was asked and what is free."""
+    """A quota or the pool is full; the message says what was asked and what is free. A memory refusal also
+    says, as numbers, the bytes that would have been in use and the limit they ran into (None when unknown)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(
+        self, message: str, *, op: str = "", used_bytes: int | None = None, limit_bytes: int | None = None
+    ) -> None:
+        super().__init__(message, op=op)
+        self.used_bytes = used_bytes
+        self.limit_bytes = limit_bytes
 
 
 class FailedPrecondition(GpupoolError):
@@ -87,29 +104,56 @@ _BY_CODE: dict[grpc.StatusCode, type[GpupoolError]] = {
         Internal,
     )
 }
-_BY_NAME: dict[str, type[GpupoolError]] = {code.name: cls for code, cls in _BY_CODE.items()}
+_BY_NAME: dict[str, grpc.StatusCode] = {code.name: code for code in grpc.StatusCode}
 
 
-def error_class(code: grpc.StatusCode | str) -> type[GpupoolError]:
-    """The exception class of a status code (or its name, as carried by the op stream's Error)."""
-    if isinstance(code, str):
-        return _BY_NAME.get(code, GpupoolError)
+def status_code(name: str) -> grpc.StatusCode:
+    """The status code a wire name stands for (`Error.code`); UNKNOWN for a name gRPC does not have."""
+    return _BY_NAME.get(name, grpc.StatusCode.UNKNOWN)
+
+
+def error_class(code: grpc.StatusCode) -> type[GpupoolError]:
+    """The exception class of a status code."""
     return _BY_CODE.get(code, GpupoolError)
 
 
-def from_status(code: grpc.StatusCode | str, message: str, op: str = "") -> GpupoolError:
-    """Build the exception for a status code and message."""
+def from_status(
+    code: grpc.StatusCode, message: str, op: str = "", *, used_bytes: int | None = None, limit_bytes: int | None = None
+) -> GpupoolError:
+    """Build the exception for a status code and message (and, for a memory refusal, its byte counts)."""
     cls = error_class(code)
+    if cls is ResourceExhausted:
+        return ResourceExhausted(message, op=op, used_bytes=used_bytes, limit_bytes=limit_bytes)
     exc = cls(message, op=op)
-    if cls is GpupoolError and isinstance(code, grpc.StatusCode):
+    if cls is GpupoolError:
         exc.code = code
     return exc
 
 
-def from_rpc_error(err: grpc.RpcError) -> GpupoolError:
-    """Translate a failed call into the matching exception (UNAVAILABLE for a dead peer, etc.)."""
-    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-    details = err.details() if hasattr(err, "details") else str(err)
+def to_proto(exc: GpupoolError) -> tensor_pb2.Error:
+    """The op stream's `Error` message of an exception (the server side of `from_failure`)."""
+    err = tensor_pb2.Error(code=exc.code.name, op=exc.op, message=exc.message)
+    if isinstance(exc, ResourceExhausted):
+        if exc.used_bytes is not None:
+            err.used_bytes = exc.used_bytes
+        if exc.limit_bytes is not None:
+            err.limit_bytes = exc.limit_bytes
+    return err
+
+
+def from_failure(failure: grpc.RpcError | tensor_pb2.Error) -> GpupoolError:
+    """The client's one translation: a failed call (UNAVAILABLE for a dead peer, ...) or an in-band `Error` of
+    the op stream becomes the matching exception."""
+    if isinstance(failure, tensor_pb2.Error):
+        return from_status(
+            status_code(failure.code),
+            failure.message,
+            failure.op,
+            used_bytes=failure.used_bytes if failure.HasField("used_bytes") else None,
+            limit_bytes=failure.limit_bytes if failure.HasField("limit_bytes") else None,
+        )
+    code = failure.code() if hasattr(failure, "code") else grpc.StatusCode.UNKNOWN
+    details = failure.details() if hasattr(failure, "details") else str(failure)
     return from_status(code, details or code.name)
 
 
@@ -117,3 +161,61 @@ def abort(context: grpc.ServicerContext, exc: GpupoolError) -> NoReturn:
     """End an RPC with the exception's status; `context.abort` raises, so this never returns."""
     context.abort(exc.code, str(exc))
     raise AssertionError("unreachable")  # pragma: no cover - context.abort always raises
+
+
+def _answer(context: grpc.ServicerContext, name: str, exc: Exception) -> NoReturn:
+    """End a call that raised: a gpupool error with its status, any other exception (a bug) as INTERNAL."""
+    if isinstance(exc, GpupoolError):
+        abort(context, exc)
+    code = getattr(context, "code", None)
+    if callable(code) and code() is not None:  # context.abort already ran: its exception passes through
+        raise exc
+    log.exception("%s failed", name)
+    abort(context, Internal(f"{name}: {type(exc).__name__}: {exc}"))
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """The server's one translation: every handler's gpupool exceptions end its call with their status; any
+    other exception is a bug, logged and answered INTERNAL, and the server carries on. Streaming handlers
+    (request or response streams) are covered as well as unary ones."""
+
+    def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        name = details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _unary(handler.unary_unary, name), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                _unary(handler.stream_unary, name), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _streaming(handler.unary_stream, name), handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _streaming(handler.stream_stream, name), handler.request_deserializer, handler.response_serializer
+        )
+
+
+def _unary(behavior: Callable[[Any, grpc.ServicerContext], Any], name: str) -> Callable[..., Any]:
+    def call(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behavior(request, context)
+        except Exception as exc:  # noqa: BLE001 - the server must answer, never die
+            _answer(context, name, exc)
+
+    return call
+
+
+def _streaming(behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]], name: str) -> Callable[..., Any]:
+    def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from behavior(request, context)
+        except Exception as exc:  # noqa: BLE001 - the server must answer, never die
+            _answer(context, name, exc)
+
+    return call

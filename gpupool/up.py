@@ -34,6 +34,7 @@ from pathlib import Path
 
 from gpupool import pki, tls, tokens
 from gpupool.config import add_flag, format_size, size_arg, split_address
+from gpupool.protocol import HostState
 
 LISTEN_RE = re.compile(r"listening on (\S+:\d+)")
 METRICS_RE = re.compile(r"metrics on (http://\S+)")
@@ -61,7 +62,7 @@ def _die_with_parent(prctl: Callable[..., int] | None, parent: int) -> None:
 
 
 @dataclass(frozen=True)
-class Config:
+class UpConfig:
     fake_gpus: int | None
     fake_gpu_memory: int
     scheduler_listen: str
@@ -242,7 +243,7 @@ def _wait_registered(scheduler: str, daemon: str, timeout: float, tls_config: tl
     try:
         while time.monotonic() < deadline:
             try:
-                if any(h.state == "up" and h.address.endswith(f":{port}") for h in client.list_pool().hosts):
+                if any(h.state == HostState.UP and h.address.endswith(f":{port}") for h in client.list_pool().hosts):
                     return True
             except GpupoolError:
                 pass
@@ -260,7 +261,7 @@ def _with(args: list[str], flag: str, value: str) -> list[str]:
 
 def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
-    cfg = Config(
+    cfg = UpConfig(
         a.fake_gpus, a.fake_gpu_memory, a.scheduler_listen, a.listen, Path(a.state), a.metrics_listen,
         a.scheduler_metrics_listen,
     )  # fmt: skip

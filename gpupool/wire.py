@@ -1,7 +1,8 @@
 """Values and tensors <-> protobuf: the one serde module shared by the daemon and the clients.
 
 Everything that crosses the wire is data: dtypes and enums by name, numbers, lists, tensor handles and
-raw little-endian tensor bytes. Decoding never evaluates or unpickles anything.
+raw little-endian tensor bytes. Decoding never evaluates or unpickles anything. The protocol's constants and
+hand-built frames, which need no torch (the scheduler and leasing never load it), are in `gpupool.protocol`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import torch
 
 from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import InvalidArgument
+from gpupool.protocol import varint as varint  # re-exported: frames built by hand elsewhere use wire.varint
 
 CHUNK_BYTES = 4 * 1024 * 1024  # largest upload/download chunk: DESIGN.md's wire contract
 INLINE_MAX_BYTES = 64 * 1024  # largest tensor carried by value inside an op
 MAX_STRING_ARG = 256
-
 DTYPES: dict[torch.dtype, tensor_pb2.DType.ValueType] = {
     torch.float32: tensor_pb2.DTYPE_FLOAT32,
     torch.float64: tensor_pb2.DTYPE_FLOAT64,
@@ -79,17 +80,6 @@ def host_bytes(t: torch.Tensor) -> memoryview:
     if n == 0:
         return memoryview(bytearray())
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
-
-
-def varint(n: int) -> bytes:
-    """Protobuf base-128 varint, for frames hand-built around large bytes fields (one copy of the data instead
-    of protobuf's three)."""
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def tensor_to_bytes(t: torch.Tensor) -> bytes:

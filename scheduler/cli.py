@@ -18,20 +18,22 @@ from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from gpupool.scheduler.auth import Authenticator, AuthInterceptor
-from gpupool.scheduler.leases import Core, CoreConfig
-from gpupool.scheduler.metrics import SchedulerMetrics
-from gpupool.scheduler.placement import POLICIES
-from gpupool.scheduler.service import SchedulerServicer
-from gpupool.scheduler.store import StateOwned, Store, open_store
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from gpupool import tls, tokens
 from gpupool._proto import scheduler_pb2_grpc
 from gpupool.config import add_flag, setup_logging, split_address
-from gpupool.errors import GpupoolError
+from gpupool.errors import ErrorInterceptor, GpupoolError
+from gpupool.protocol import Policy
 from gpupool.tls import TlsConfig
+
+from .auth import Authenticator, AuthInterceptor
+from .leases import Core, CoreConfig
+from .metrics import SchedulerMetrics
+from .placement import POLICIES
+from .service import SchedulerServicer
+from .store import StateOwned, Store, open_store
 
 log = logging.getLogger("gpupool.scheduler")
 
@@ -49,7 +51,7 @@ def default_state_path() -> str:
 
 
 @dataclass(frozen=True)
-class Config:
+class SchedulerConfig:
     listen: str = "127.0.0.1:50050"
     state: str = ":memory:"
     token_key_file: str | None = None
@@ -57,7 +59,7 @@ class Config:
     lease_ttl: float = 60.0
     host_timeout: float = 10.0
     heartbeat_interval: float = 2.0
-    policy: str = "binpack"
+    policy: Policy = Policy.BINPACK
     sweep_interval: float = 0.5
     tls: TlsConfig = TlsConfig(client_auth="require")
     credentials: str | None = None
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--lease-ttl", type=float, default=60.0, help="seconds a lease lives unless renewed")
     add_flag(p, "--host-timeout", type=float, default=10.0, help="seconds of silence before a host is marked down")
     add_flag(p, "--heartbeat-interval", type=float, default=2.0, help="seconds between daemon heartbeats")
-    add_flag(p, "--policy", default="binpack", choices=POLICIES, help="default placement policy")
+    add_flag(p, "--policy", default=Policy.BINPACK.value, choices=POLICIES, help="default placement policy")
     add_flag(
         p,
         "--outage-grace",
@@ -125,7 +127,7 @@ class SchedulerServer:
     loses ownership (its PostgreSQL connection) sets `failed` and must exit.
     """
 
-    def __init__(self, config: Config, key: tokens.Signer | bytes, store: Store | None = None) -> None:
+    def __init__(self, config: SchedulerConfig, key: tokens.Signer | bytes, store: Store | None = None) -> None:
         self.config = config
         self.key = key
         self.metrics = SchedulerMetrics()
@@ -137,7 +139,7 @@ class SchedulerServer:
         authn = Authenticator(config.credentials, verified_certs=verified, open_access=config.tls.insecure)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="sched"),
-            interceptors=[AuthInterceptor(authn)],
+            interceptors=[AuthInterceptor(authn), ErrorInterceptor()],
         )
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
@@ -247,8 +249,8 @@ def _redact(state: str) -> str:
     return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", state)
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    return Config(
+def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
+    return SchedulerConfig(
         listen=args.listen,
         state=args.state,
         token_key_file=args.token_key_file,
@@ -256,7 +258,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         lease_ttl=args.lease_ttl,
         host_timeout=args.host_timeout,
         heartbeat_interval=args.heartbeat_interval,
-        policy=args.policy,
+        policy=Policy(args.policy),
         tls=tls.config_from_args(args),
         credentials=args.credentials,
         health_listen=args.health_listen,

@@ -1,4 +1,5 @@
-"""The daemon side of the core: Register, Heartbeat, and marking silent hosts down.
+"""The daemon side of the core (`HostBook`, composed into leases.py's Core): Register, Heartbeat, operators'
+drain and remove, and marking silent hosts down.
 
 A heartbeat reply revokes (a) every lease that ended since the host's last heartbeat and (b) every lease
 the host reports a session for that is not active on that host - which also cleans up after a scheduler
@@ -14,12 +15,14 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-
-from gpupool.scheduler.pool import HOST_DOWN, HOST_DRAINING, HOST_UP, Device, Host, Pool
-from gpupool.scheduler.store import LEASE_ACTIVE, LEASE_LOST, Lease, Store
+from typing import Protocol
 
 from gpupool.config import split_address
 from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from gpupool.protocol import HostState, LeaseState
+
+from .pool import Host, Pool, PoolDevice
+from .store import Change, LeaseRecord
 
 log = logging.getLogger(__name__)
 
@@ -84,31 +87,36 @@ def validate_registration(
             raise InvalidArgument(f"host {host_id}: device {d.index} uuid/model longer than {MAX_ID_LENGTH}")
 
 
+class LeaseSide(Protocol):
+    """What the host book needs of the lease side (the Core, leases.py)."""
+
+    def active_on(self, host_id: str) -> list[LeaseRecord]: ...
+
+    def is_active_on(self, lease_id: str, host_id: str) -> bool: ...
+
+    def end(self, leases: Iterable[LeaseRecord], state: LeaseState, change: Change | None = None) -> None:
+        """End active leases and write `change` in the same store transaction."""
+
+    def write(self, change: Change) -> None: ...
+
+    def serve_waiters(self) -> None: ...
+
+
 class HostBook:
-    """Mixed into Core (leases.py), which provides the attributes declared here."""
+    """The daemons the Core knows: Register, Heartbeat, operators' drain and remove, silent hosts marked down,
+    and the leases each host must be told are revoked. Shares the Core's lock and pool; asks the lease side
+    (`LeaseSide`) to end leases, write to the store and serve waiting requests."""
 
-    lock: threading.RLock
-    pool: Pool
-    store: Store
-    leases: dict[str, Lease]
-    revoked: dict[str, set[str]]
+    def __init__(self, lock: threading.RLock, pool: Pool, lease_side: LeaseSide) -> None:
+        self.lock = lock
+        self.pool = pool
+        self.lease_book = lease_side
+        self.revoked: dict[str, set[str]] = {}  # host -> leases to revoke at its next heartbeat
 
-    def _end(
-        self, leases: Iterable[Lease], state: str, hosts: Iterable[Host] = (), forget_hosts: Iterable[str] = ()
-    ) -> None:
-        raise NotImplementedError
-
-    def _write(
-        self,
-        hosts: Iterable[Host] = (),
-        leases: Iterable[Lease] = (),
-        forget: Iterable[str] = (),
-        forget_hosts: Iterable[str] = (),
-    ) -> None:
-        raise NotImplementedError
-
-    def _serve_waiters(self) -> None:
-        raise NotImplementedError
+    def revoke(self, lease: LeaseRecord) -> None:
+        """Tell the lease's hosts at their next heartbeat that it ended."""
+        for host_id in lease.hosts:
+            self.revoked.setdefault(host_id, set()).add(lease.lease_id)
 
     def register(
         self, host_id: str, address: str, devices: list[DeviceSpec], labels: Mapping[str, str] | None = None
@@ -121,15 +129,15 @@ class HostBook:
             host = Host(
                 host_id,
                 address,
-                {d.index: Device(host_id, d.index, d.uuid, d.model, d.memory_bytes, d.fake) for d in devices},
+                {d.index: PoolDevice(host_id, d.index, d.uuid, d.model, d.memory_bytes, d.fake) for d in devices},
                 dict(labels or {}),
-                HOST_DRAINING if cordoned else HOST_UP,
+                HostState.DRAINING if cordoned else HostState.UP,
                 time.time(),
                 cordoned,
             )
-            mine = [x for x in self.leases.values() if x.state == LEASE_ACTIVE and host_id in x.hosts]
-            keep: list[Lease] = []
-            lose: list[Lease] = []
+            mine = self.lease_book.active_on(host_id)
+            keep: list[LeaseRecord] = []
+            lose: list[LeaseRecord] = []
             for lease in mine:
                 ok = all(
                     g.device in host.devices
@@ -142,7 +150,7 @@ class HostBook:
                 (keep if ok else lose).append(lease)
             # One transaction: the host and the leases it loses; `_end` writes both, then frees the lost
             # grants on the old devices, before the new host replaces them in memory.
-            self._end(lose, LEASE_LOST, hosts=[host])
+            self.lease_book.end(lose, LeaseState.LOST, Change(hosts=[host]))
             self.pool.set_host(host)
             for lease in keep:
                 self.pool.take([g for g in lease.grants if g.host_id == host_id])
@@ -153,7 +161,7 @@ class HostBook:
                 len(devices),
                 "" if old is None else f" (again; {len(keep)} lease(s) kept, {len(lose)} lost)",
             )
-            self._serve_waiters()
+            self.lease_book.serve_waiters()
 
     def heartbeat(
         self, host_id: str, session_leases: Iterable[str], used_bytes: Mapping[int, int], draining: bool
@@ -161,25 +169,22 @@ class HostBook:
         """Record liveness and usage; returns (leases to revoke, whether the host must register again)."""
         with self.lock:
             host = self.pool.hosts.get(host_id)
-            if host is None or host.state == HOST_DOWN:
+            if host is None or host.state == HostState.DOWN:
                 return [], True
             host.last_seen = time.time()  # liveness and usage are not state: never stored
             for index, used in used_bytes.items():
                 dev = host.devices.get(index)
                 if dev is not None:
                     dev.used_bytes = used
-            want = HOST_DRAINING if draining or host.cordoned else HOST_UP
+            want = HostState.DRAINING if draining or host.cordoned else HostState.UP
             if host.state != want:
-                self._write(hosts=[dataclasses.replace(host, state=want)])
+                self.lease_book.write(Change(hosts=[dataclasses.replace(host, state=want)]))
                 log.info("host %s is %s", host_id, want)
                 self.pool.set_state(host_id, want)
-                if want == HOST_UP:
-                    self._serve_waiters()
+                if want == HostState.UP:
+                    self.lease_book.serve_waiters()
             revoked = self.revoked.pop(host_id, set())
-            for lease_id in session_leases:
-                lease = self.leases.get(lease_id)
-                if lease_id and (lease is None or lease.state != LEASE_ACTIVE or host_id not in lease.hosts):
-                    revoked.add(lease_id)
+            revoked.update(x for x in session_leases if x and not self.lease_book.is_active_on(x, host_id))
             return sorted(revoked), False
 
     def drain_host(self, host_id: str, undo: bool = False) -> None:
@@ -189,39 +194,43 @@ class HostBook:
             if host is None:
                 raise NotFound(f"unknown host {host_id!r}")
             state = host.state
-            if state != HOST_DOWN:
-                state = HOST_UP if undo else HOST_DRAINING
-            self._write(hosts=[dataclasses.replace(host, cordoned=not undo, state=state)])
+            if state != HostState.DOWN:
+                state = HostState.UP if undo else HostState.DRAINING
+            self.lease_book.write(Change(hosts=[dataclasses.replace(host, cordoned=not undo, state=state)]))
             host.cordoned = not undo
             self.pool.set_state(host_id, state)
             log.info("host %s %s by an operator", host_id, "put back" if undo else "drained")
-            if state == HOST_UP:
-                self._serve_waiters()
+            if state == HostState.UP:
+                self.lease_book.serve_waiters()
 
     def remove_host(self, host_id: str, force: bool = False) -> int:
         """Operator: forget a host gone for good; its active leases are refused unless `force` (then lost)."""
         with self.lock:
             if host_id not in self.pool.hosts:
                 raise NotFound(f"unknown host {host_id!r}")
-            held = [x for x in self.leases.values() if x.state == LEASE_ACTIVE and host_id in x.hosts]
+            held = self.lease_book.active_on(host_id)
             if held and not force:
                 raise FailedPrecondition(
                     f"host {host_id} holds {len(held)} active lease(s): drain it and wait, or remove with --force"
                 )
-            self._end(held, LEASE_LOST, forget_hosts=[host_id])
+            self.lease_book.end(held, LeaseState.LOST, Change(forget_hosts=[host_id]))
             self.pool.remove_host(host_id)
             self.revoked.pop(host_id, None)
             log.warning("host %s removed by an operator (%d lease(s) lost)", host_id, len(held))
             return len(held)
 
-    def _hosts_timeout(self, now: float, timeout: float) -> None:
-        silent = [h for h in self.pool.hosts.values() if h.state != HOST_DOWN and h.last_seen + timeout < now]
+    def mark_silent_down(self, now: float, timeout: float) -> None:
+        """Hosts silent for `timeout` seconds are down and their leases lost (a step the store refuses is retried
+        at the next sweep)."""
+        silent = [h for h in self.pool.hosts.values() if h.state != HostState.DOWN and h.last_seen + timeout < now]
         for host in silent:
-            lost = [x for x in self.leases.values() if x.state == LEASE_ACTIVE and host.host_id in x.hosts]
+            lost = self.lease_book.active_on(host.host_id)
             try:
-                self._end(lost, LEASE_LOST, hosts=[dataclasses.replace(host, state=HOST_DOWN)])
+                self.lease_book.end(
+                    lost, LeaseState.LOST, Change(hosts=[dataclasses.replace(host, state=HostState.DOWN)])
+                )
             except Unavailable:
                 continue  # not saved, so not done: the next sweep tries again
             log.warning("host %s silent for %.1f s: marked down, its leases lost", host.host_id, now - host.last_seen)
-            self.pool.set_state(host.host_id, HOST_DOWN)
+            self.pool.set_state(host.host_id, HostState.DOWN)
             self.revoked.pop(host.host_id, None)

@@ -21,21 +21,15 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from gpupool.scheduler.hosts import HostBook
-from gpupool.scheduler.placement import Request, min_units, place, validate
-from gpupool.scheduler.pool import HOST_DOWN, SHARE_UNITS, Grant, Host, Pool
-from gpupool.scheduler.store import (
-    LEASE_ACTIVE,
-    LEASE_EXPIRED,
-    LEASE_LOST,
-    LEASE_RELEASED,
-    Lease,
-    Store,
-)
-
 from gpupool import tokens
 from gpupool.config import format_size
 from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from gpupool.protocol import HostState, LeaseState
+
+from .hosts import HostBook
+from .placement import Request, min_units, place, validate
+from .pool import SHARE_UNITS, Grant, Pool
+from .store import Change, LeaseRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +61,18 @@ class Events:
 
 
 @dataclass
-class _Waiter:
+class _AllocationWaiter:
     req: Request
     tenant: str
     ttl: float
     units: int = 0  # an estimate of the share units it will take (for the tenant's limit)
     done: threading.Event = field(default_factory=threading.Event)
-    lease: Lease | None = None
+    lease: LeaseRecord | None = None
 
 
-class Core(HostBook):
-    """Hosts (see hosts.py), leases and the FIFO of waiting requests."""
+class Core:
+    """Leases and the FIFO of waiting requests; the hosts are its `hosts` book (hosts.py), which shares its lock
+    and pool."""
 
     def __init__(
         self, store: Store, key: tokens.Signer | bytes, config: CoreConfig = CoreConfig(), events: Events | None = None
@@ -88,9 +83,9 @@ class Core(HostBook):
         self.key = key
         self.config = config
         self.events = events or Events()
-        self.leases: dict[str, Lease] = {}
-        self.waiters: deque[_Waiter] = deque()
-        self.revoked: dict[str, set[str]] = {}
+        self.leases: dict[str, LeaseRecord] = {}
+        self.waiters: deque[_AllocationWaiter] = deque()
+        self.hosts = HostBook(self.lock, self.pool, self)
         self.held_units: dict[str, int] = {}  # share units held per tenant (active leases)
         self.scheduler_id = uuid.uuid4().hex
         self._last_alive: tuple[float, float] | None = None  # (monotonic, wall) of the last `alive()`
@@ -104,12 +99,12 @@ class Core(HostBook):
             self.pool.set_host(host)
         for lease in leases:
             self.leases[lease.lease_id] = lease
-            if lease.state == LEASE_ACTIVE:
+            if lease.state == LeaseState.ACTIVE:
                 self.pool.take(lease.grants)
                 self._hold(lease, +1)
                 # Nobody could renew it while we were down: give its tenant time to do so now.
                 lease.grace_until = now + self.config.outage_grace
-        active = sum(1 for x in leases if x.state == LEASE_ACTIVE)
+        active = sum(1 for x in leases if x.state == LeaseState.ACTIVE)
         if hosts or leases:
             log.info("loaded %d hosts and %d active leases from the store", len(hosts), active)
 
@@ -122,7 +117,7 @@ class Core(HostBook):
         ttl: float = 0.0,
         wait: float = 0.0,
         cancelled: Callable[[], bool] = lambda: False,
-    ) -> Lease:
+    ) -> LeaseRecord:
         """Grant a lease now, or after waiting up to `wait` seconds in FIFO order; else ResourceExhausted."""
         start = time.monotonic()
         try:
@@ -150,7 +145,7 @@ class Core(HostBook):
                         f"{self._exhausted_message(req)}; tenant {tenant!r} already has {mine} request(s) waiting "
                         f"(at most {self.config.tenant_max_waiting})"
                     )
-                waiter = _Waiter(req, tenant, ttl, units)
+                waiter = _AllocationWaiter(req, tenant, ttl, units)
                 self.waiters.append(waiter)
         except InvalidArgument:
             self.events.allocation("invalid", time.monotonic() - start)
@@ -162,7 +157,9 @@ class Core(HostBook):
         self.events.allocation("granted", time.monotonic() - start)
         return lease
 
-    def _wait(self, waiter: _Waiter, start: float, deadline: float, cancelled: Callable[[], bool]) -> Lease:
+    def _wait(
+        self, waiter: _AllocationWaiter, start: float, deadline: float, cancelled: Callable[[], bool]
+    ) -> LeaseRecord:
         while not waiter.done.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() < deadline and not cancelled():
                 continue
@@ -170,14 +167,15 @@ class Core(HostBook):
                 if waiter.lease is not None:
                     break
                 self.waiters.remove(waiter)
-                self._serve_waiters()  # the head may have been blocking those behind it
+                self.serve_waiters()  # the head may have been blocking those behind it
                 message = f"waited in vain: {self._exhausted_message(waiter.req)}"
             self.events.allocation("timeout", time.monotonic() - start)
             raise ResourceExhausted(message)
         assert waiter.lease is not None
         return waiter.lease
 
-    def _serve_waiters(self) -> None:
+    def serve_waiters(self) -> None:
+        """Grant waiting requests in FIFO order while the head fits."""
         while self.waiters:
             head = self.waiters[0]
             grants = place(self.pool, head.req)
@@ -190,16 +188,10 @@ class Core(HostBook):
             self.waiters.popleft()
             head.done.set()
 
-    def _write(
-        self,
-        hosts: Iterable[Host] = (),
-        leases: Iterable[Lease] = (),
-        forget: Iterable[str] = (),
-        forget_hosts: Iterable[str] = (),
-    ) -> None:
+    def write(self, change: Change) -> None:
         """One store transaction; a refused write becomes UNAVAILABLE (the caller has changed nothing yet)."""
         try:
-            self.store.write(hosts=hosts, leases=leases, forget=forget, forget_hosts=forget_hosts)
+            self.store.write(change)
         except GpupoolError:
             raise
         except Exception as exc:  # noqa: BLE001 - sqlite3.Error, OSError, a database driver's errors
@@ -209,7 +201,7 @@ class Core(HostBook):
                 f"the scheduler cannot save its state ({type(exc).__name__}: {exc}); nothing was changed, retry later"
             ) from exc
 
-    def _hold(self, lease: Lease, sign: int) -> None:
+    def _hold(self, lease: LeaseRecord, sign: int) -> None:
         units = self.held_units.get(lease.tenant, 0) + sign * sum(g.units for g in lease.grants)
         if units:
             self.held_units[lease.tenant] = units
@@ -239,17 +231,17 @@ class Core(HostBook):
             msg += f"; {len(self.waiters)} request(s) waiting ahead"
         return msg
 
-    def _grant(self, grants: list[Grant], tenant: str, ttl: float) -> Lease:
+    def _grant(self, grants: list[Grant], tenant: str, ttl: float) -> LeaseRecord:
         now = time.time()
-        lease = Lease(uuid.uuid4().hex, tenant, grants, now + ttl, ttl, now)
-        self._write(leases=[lease])
+        lease = LeaseRecord(uuid.uuid4().hex, tenant, grants, now + ttl, ttl, now)
+        self.write(Change(leases=[lease]))
         self.pool.take(grants)
         self._hold(lease, +1)
         self.leases[lease.lease_id] = lease
         self.events.lease_event("granted")
         return lease
 
-    def renew(self, lease_id: str, tenant: str | None = None) -> Lease:
+    def renew(self, lease_id: str, tenant: str | None = None) -> LeaseRecord:
         """Extend an active lease by its TTL (its tokens are re-minted by the caller); `tenant`, when the
         caller's identity is known, must be the lease's."""
         with self.lock:
@@ -257,18 +249,20 @@ class Core(HostBook):
             now = time.time()
             if self._last_alive is not None:
                 self.alive()
-            if lease.state == LEASE_ACTIVE and lease.expires_at <= now and lease.grace_until <= now:
-                self._end([lease], LEASE_EXPIRED)
-            if lease.state == LEASE_LOST:
+            if lease.state == LeaseState.ACTIVE and lease.expires_at <= now and lease.grace_until <= now:
+                self.end([lease], LeaseState.EXPIRED)
+            if lease.state == LeaseState.LOST:
                 # FAILED_PRECONDITION, not UNAVAILABLE: the lease is gone for good, retrying cannot help.
                 hosts = self.pool.hosts
-                down = sorted(h for h in lease.hosts if getattr(hosts.get(h), "state", HOST_DOWN) == HOST_DOWN)
+                down = sorted(
+                    h for h in lease.hosts if getattr(hosts.get(h), "state", HostState.DOWN) == HostState.DOWN
+                )
                 raise FailedPrecondition(
                     f"lease {lease_id} was lost: host {', '.join(down) or 'of the lease'} is down; allocate a new one"
                 )
-            if lease.state != LEASE_ACTIVE:
+            if lease.state != LeaseState.ACTIVE:
                 raise FailedPrecondition(f"lease {lease_id} is {lease.state}; allocate a new one")
-            self._write(leases=[dataclasses.replace(lease, expires_at=now + lease.ttl)])
+            self.write(Change(leases=[dataclasses.replace(lease, expires_at=now + lease.ttl)]))
             lease.expires_at, lease.grace_until = now + lease.ttl, 0.0
             return lease
 
@@ -276,35 +270,33 @@ class Core(HostBook):
         """Give a lease's capacity back (releasing an ended lease again is harmless)."""
         with self.lock:
             lease = self._get(lease_id, tenant)
-            if lease.state == LEASE_ACTIVE:
-                self._end([lease], LEASE_RELEASED)
+            if lease.state == LeaseState.ACTIVE:
+                self.end([lease], LeaseState.RELEASED)
 
-    def _get(self, lease_id: str, tenant: str | None = None) -> Lease:
+    def _get(self, lease_id: str, tenant: str | None = None) -> LeaseRecord:
         lease = self.leases.get(lease_id)
         if lease is None or (tenant is not None and lease.tenant != tenant):
             raise NotFound(f"unknown lease {lease_id!r}")  # another tenant's lease is not even visible
         return lease
 
-    def _end(
-        self, leases: Iterable[Lease], state: str, hosts: Iterable[Host] = (), forget_hosts: Iterable[str] = ()
-    ) -> None:
-        """End active leases: persist (with `hosts` and `forget_hosts`, one transaction), then free their
-        capacity, tell their daemons and serve the waiters."""
+    def end(self, leases: Iterable[LeaseRecord], state: LeaseState, change: Change | None = None) -> None:
+        """End active leases: persist (with `change`'s hosts, one transaction), then free their capacity, tell
+        their daemons and serve the waiters."""
         now = time.time()
-        ended = [x for x in leases if x.state == LEASE_ACTIVE]
+        ended = [x for x in leases if x.state == LeaseState.ACTIVE]
         copies = [dataclasses.replace(x, state=state, ended_at=now) for x in ended]
-        self._write(hosts=hosts, leases=copies, forget_hosts=forget_hosts)
+        with_hosts = change or Change()
+        self.write(dataclasses.replace(with_hosts, leases=[*with_hosts.leases, *copies]))
         for lease in ended:
             lease.state, lease.ended_at = state, now
             self.pool.give(lease.grants)
             self._hold(lease, -1)
-            for host_id in lease.hosts:
-                self.revoked.setdefault(host_id, set()).add(lease.lease_id)
-            self.events.lease_event(state if state != LEASE_RELEASED else "released")
+            self.hosts.revoke(lease)
+            self.events.lease_event(state if state != LeaseState.RELEASED else "released")
         if ended:
-            self._serve_waiters()
+            self.serve_waiters()
 
-    def token(self, lease: Lease, index: int) -> str:
+    def token(self, lease: LeaseRecord, index: int) -> str:
         g = lease.grants[index]
         # Only the sessions of a lease of several devices form a collective group between daemons: only their
         # workers get network sockets (the daemon's --worker-network is the upper bound).
@@ -322,22 +314,22 @@ class Core(HostBook):
         with self.lock:
             if self._last_alive is not None:
                 self.alive()
-            self._hosts_timeout(now, self.config.host_timeout)
-            active = (x for x in self.leases.values() if x.state == LEASE_ACTIVE)
+            self.hosts.mark_silent_down(now, self.config.host_timeout)
+            active = (x for x in self.leases.values() if x.state == LeaseState.ACTIVE)
             expired = [x for x in active if max(x.expires_at, x.grace_until) <= now]
             horizon = now - self.config.retention
-            old = [k for k, x in self.leases.items() if x.state != LEASE_ACTIVE and x.ended_at < horizon]
+            old = [k for k, x in self.leases.items() if x.state != LeaseState.ACTIVE and x.ended_at < horizon]
             try:  # a step the store refuses is simply retried at the next sweep
                 if expired:
-                    self._end(expired, LEASE_EXPIRED)
+                    self.end(expired, LeaseState.EXPIRED)
                     log.info("expired %d lease(s): %s", len(expired), ", ".join(x.lease_id for x in expired[:5]))
                 if old:
-                    self._write(forget=old)
+                    self.write(Change(forget=old))
                     for k in old:
                         del self.leases[k]
             except Unavailable:
                 pass
-            self._serve_waiters()  # in case a grant for the head failed to be saved before
+            self.serve_waiters()  # in case a grant for the head failed to be saved before
 
     def alive(self) -> None:
         """Called every sweep interval by the server (and on each renewal once it is): a long gap since the last
@@ -364,13 +356,17 @@ class Core(HostBook):
         for host in self.pool.hosts.values():
             host.last_seen = max(host.last_seen, now)
         for lease in self.leases.values():
-            if lease.state == LEASE_ACTIVE:
+            if lease.state == LeaseState.ACTIVE:
                 lease.grace_until = max(lease.grace_until, now + self.config.outage_grace)
 
-    def active_leases(self) -> list[Lease]:
+    def active_leases(self) -> list[LeaseRecord]:
         with self.lock:
-            return [x for x in self.leases.values() if x.state == LEASE_ACTIVE]
+            return [x for x in self.leases.values() if x.state == LeaseState.ACTIVE]
+
+    def active_on(self, host_id: str) -> list[LeaseRecord]:
+        """The active leases with a grant on `host_id`."""
+        return [x for x in self.leases.values() if x.state == LeaseState.ACTIVE and host_id in x.hosts]
 
     def is_active_on(self, lease_id: str, host_id: str) -> bool:
         lease = self.leases.get(lease_id)
-        return lease is not None and lease.state == LEASE_ACTIVE and host_id in lease.hosts
+        return lease is not None and lease.state == LeaseState.ACTIVE and host_id in lease.hosts

@@ -9,18 +9,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from gpupool.scheduler.leases import Events
-from gpupool.scheduler.pool import HOST_DOWN, HOST_DRAINING, HOST_UP, SHARE_UNITS
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gpupool.protocol import HostState, LeaseState
+
+from .leases import Events
+from .pool import SHARE_UNITS
+
 if TYPE_CHECKING:
-    from gpupool.scheduler.leases import Core
+    from .leases import Core
 
 LEASE_EVENTS = ("granted", "released", "expired", "lost")
 ALLOCATION_RESULTS = ("granted", "exhausted", "invalid", "timeout")
-HOST_STATES = (HOST_UP, HOST_DOWN, HOST_DRAINING)
+HOST_STATES = (HostState.UP, HostState.DOWN, HostState.DRAINING)
 
 
 class SchedulerMetrics(Events):
@@ -86,12 +89,12 @@ class PoolCollector(Collector):
                     capacity.add_metric(values, d.capacity_bytes)
                     allocated.add_metric(values, d.allocated_bytes)
                     share.add_metric(values, d.allocated_units / SHARE_UNITS)
-            active = sum(1 for x in self.core.leases.values() if x.state == "active")
+            active = sum(1 for x in self.core.leases.values() if x.state == LeaseState.ACTIVE)
             n_waiting = len(self.core.waiters)
         for state, n in host_counts.items():
             hosts.add_metric([state], n)
         for state, n in dev_counts.items():
             devices.add_metric([state], n)
-        leases.add_metric(["active"], active)
+        leases.add_metric([LeaseState.ACTIVE.value], active)
         waiting.add_metric([], n_waiting)
         yield from (hosts, devices, capacity, allocated, share, leases, waiting)

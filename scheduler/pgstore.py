@@ -16,10 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
 
-from gpupool.scheduler.pool import Host
-from gpupool.scheduler.store import Lease, StateOwned, _host_row, _lease_row, from_rows
+from .pool import Host
+from .store import HOST_COLUMNS, LEASE_COLUMNS, Change, LeaseRecord, StateOwned, from_rows
 
 log = logging.getLogger(__name__)
 
@@ -68,33 +67,20 @@ class PostgresStore:
         self._conn.execute(_SCHEMA)
         log.info("leading: holding the PostgreSQL advisory lock %#x", LOCK_KEY)
 
-    def load(self) -> tuple[list[Host], list[Lease]]:
+    def load(self) -> tuple[list[Host], list[LeaseRecord]]:
         with self._lock:
-            host_rows = self._conn.execute(
-                "SELECT host_id, address, state, labels, devices, cordoned FROM gpupool_hosts"
-            ).fetchall()
-            lease_rows = self._conn.execute(
-                "SELECT lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at FROM gpupool_leases"
-            ).fetchall()
+            host_rows = self._conn.execute(f"SELECT {HOST_COLUMNS} FROM gpupool_hosts").fetchall()
+            lease_rows = self._conn.execute(f"SELECT {LEASE_COLUMNS} FROM gpupool_leases").fetchall()
         return from_rows(host_rows, lease_rows)
 
-    def write(
-        self,
-        hosts: Iterable[Host] = (),
-        leases: Iterable[Lease] = (),
-        forget: Iterable[str] = (),
-        forget_hosts: Iterable[str] = (),
-    ) -> None:
-        host_rows = [_host_row(h) for h in hosts]
-        lease_rows = [_lease_row(x) for x in leases]
-        forget_rows = [(lease_id,) for lease_id in forget]
-        forget_host_rows = [(host_id,) for host_id in forget_hosts]
-        if not (host_rows or lease_rows or forget_rows or forget_host_rows):
+    def write(self, change: Change) -> None:
+        if not change:
             return
+        host_rows, lease_rows, forget_rows, forget_host_rows = change.rows()
         with self._lock, self._conn.transaction(), self._conn.cursor() as cur:
             if host_rows:
                 cur.executemany(
-                    "INSERT INTO gpupool_hosts (host_id, address, state, labels, devices, cordoned) "
+                    f"INSERT INTO gpupool_hosts ({HOST_COLUMNS}) "
                     "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (host_id) DO UPDATE SET address = EXCLUDED.address, "
                     "state = EXCLUDED.state, labels = EXCLUDED.labels, devices = EXCLUDED.devices, "
                     "cordoned = EXCLUDED.cordoned",

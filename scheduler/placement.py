@@ -15,12 +15,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from gpupool.scheduler.pool import KTH_SCALE, MAX_KTH, SHARE_UNITS, Device, Grant, Host, Pool
-
 from gpupool.config import format_size
 from gpupool.errors import InvalidArgument
+from gpupool.protocol import Policy
 
-POLICIES = ("binpack", "spread")
+from .pool import KTH_SCALE, MAX_KTH, SHARE_UNITS, Grant, Host, Pool, PoolDevice
+
+POLICIES = tuple(Policy)
 MAX_GPUS = 1024
 
 
@@ -32,7 +33,7 @@ class Request:
     fraction: float | None = None
     memory_bytes: int | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
-    policy: str = "binpack"
+    policy: Policy = Policy.BINPACK
 
     def describe(self) -> str:
         if self.fraction is not None:
@@ -48,7 +49,7 @@ def fraction_units(fraction: float) -> int:
     return max(1, min(SHARE_UNITS, round(fraction * SHARE_UNITS)))
 
 
-def size_on(req: Request, dev: Device) -> tuple[int, int] | None:
+def size_on(req: Request, dev: PoolDevice) -> tuple[int, int] | None:
     """(quota_bytes, share units) that `req` takes on `dev`; None when it cannot fit even an empty `dev`."""
     if req.fraction is not None:
         units = fraction_units(req.fraction)
@@ -81,7 +82,15 @@ def validate(req: Request, pool: Pool) -> None:
         raise InvalidArgument(f"unknown placement policy {req.policy!r} (known: {', '.join(POLICIES)})")
 
 
-def _fits(req: Request, host: Host, dev: Device) -> Grant | None:
+def policy_of(name: str) -> Policy:
+    """The policy a request names; INVALID_ARGUMENT for one there is not."""
+    try:
+        return Policy(name)
+    except ValueError:
+        raise InvalidArgument(f"unknown placement policy {name!r} (known: {', '.join(POLICIES)})") from None
+
+
+def _fits(req: Request, host: Host, dev: PoolDevice) -> Grant | None:
     if req.labels and not host.matches(dict(req.labels), dev):
         return None
     size = size_on(req, dev)
@@ -99,7 +108,7 @@ def min_units(pool: Pool, req: Request) -> int:
 
 def place(pool: Pool, req: Request) -> list[Grant] | None:
     """The grants for `req` under its policy, or None when nothing fits now."""
-    spread = req.policy == "spread"
+    spread = req.policy == Policy.SPREAD
     least = min_units(pool, req)
     if req.gpus > 1:
         # One host if any can hold it: binpack takes the host whose gpus-th largest free device is the
@@ -128,7 +137,7 @@ def place(pool: Pool, req: Request) -> list[Grant] | None:
     return None
 
 
-def _distinct(fitting: list[tuple[Device, Grant]], n: int) -> list[Grant]:
+def _distinct(fitting: list[tuple[PoolDevice, Grant]], n: int) -> list[Grant]:
     """The first `n` grants in order whose devices are distinct physical GPUs."""
     seen: set[str] = set()
     out: list[Grant] = []

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from gpupool.protocol import HostState
+
 SHARE_UNITS = 1_000_000
 # Multi-GPU placement looks hosts up by their k-th largest free device (k = 2..MAX_KTH), so that a request for
 # k pieces visits only hosts that can hold them instead of every host with enough free share in total.
@@ -23,13 +25,9 @@ DeviceKey = tuple[str, int]  # (host_id, device index)
 K = TypeVar("K")
 T = TypeVar("T")
 
-HOST_UP = "up"
-HOST_DOWN = "down"
-HOST_DRAINING = "draining"
-
 
 @dataclass
-class Device:
+class PoolDevice:
     """One GPU of a host and what the scheduler has handed out on it."""
 
     host_id: str
@@ -64,9 +62,9 @@ class Host:
 
     host_id: str
     address: str
-    devices: dict[int, Device]
+    devices: dict[int, PoolDevice]
     labels: dict[str, str] = field(default_factory=dict)
-    state: str = HOST_UP
+    state: HostState = HostState.UP
     last_seen: float = 0.0
     cordoned: bool = False  # drained by an operator (`gpupool host drain`): kept draining whatever it reports
 
@@ -74,7 +72,7 @@ class Host:
     def free_units(self) -> int:
         return sum(d.free_units for d in self.devices.values())
 
-    def matches(self, labels: dict[str, str], device: Device) -> bool:
+    def matches(self, labels: dict[str, str], device: PoolDevice) -> bool:
         """Does this host/device carry every requested label? `model` also matches the device model."""
         for k, v in labels.items():
             if k == "model" and device.model == v:
@@ -158,12 +156,12 @@ class Pool:
 
     def __init__(self) -> None:
         self.hosts: dict[str, Host] = {}
-        self.index: FreeIndex[DeviceKey, Device] = FreeIndex()
+        self.index: FreeIndex[DeviceKey, PoolDevice] = FreeIndex()
         self.host_index: FreeIndex[str, Host] = FreeIndex()
         self.kth: dict[int, FreeIndex[str, Host]] = {k: FreeIndex() for k in range(2, MAX_KTH + 1)}
         self.max_capacity = 0  # of any device ever registered: bounds what a memory request may ask
 
-    def device(self, key: DeviceKey) -> Device | None:
+    def device(self, key: DeviceKey) -> PoolDevice | None:
         host = self.hosts.get(key[0])
         return host.devices.get(key[1]) if host else None
 
@@ -197,27 +195,27 @@ class Pool:
     def set_host(self, host: Host) -> None:
         """Add or replace a host (its devices start with nothing allocated; leases are re-applied by the caller)."""
         old = self.hosts.get(host.host_id)
-        if old is not None and old.state == HOST_UP:
+        if old is not None and old.state == HostState.UP:
             self._unindex(old)
         self.hosts[host.host_id] = host
         self.max_capacity = max([self.max_capacity, *(d.capacity_bytes for d in host.devices.values())])
-        if host.state == HOST_UP:
+        if host.state == HostState.UP:
             self._index(host)
 
     def remove_host(self, host_id: str) -> None:
         """Forget a host (the caller has ended its leases)."""
         host = self.hosts.pop(host_id)
-        if host.state == HOST_UP:
+        if host.state == HostState.UP:
             self._unindex(host)
 
-    def set_state(self, host_id: str, state: str) -> None:
+    def set_state(self, host_id: str, state: HostState) -> None:
         host = self.hosts[host_id]
         if host.state == state:
             return
-        if host.state == HOST_UP:
+        if host.state == HostState.UP:
             self._unindex(host)
         host.state = state
-        if state == HOST_UP:
+        if state == HostState.UP:
             self._index(host)
 
     def _move(self, grants: list[Grant], sign: int) -> None:
@@ -230,7 +228,7 @@ class Pool:
             if host is None:
                 continue
             moved = {g.device: host.devices[g.device] for g in mine if g.device in host.devices}
-            indexed = host.state == HOST_UP
+            indexed = host.state == HostState.UP
             if indexed:
                 self._unindex_host(host)
                 for dev in moved.values():
@@ -250,9 +248,9 @@ class Pool:
     def give(self, grants: list[Grant]) -> None:
         self._move(grants, -1)
 
-    def up_devices(self) -> Iterator[tuple[Host, Device]]:
+    def up_devices(self) -> Iterator[tuple[Host, PoolDevice]]:
         for host in self.hosts.values():
-            if host.state == HOST_UP:
+            if host.state == HostState.UP:
                 for dev in host.devices.values():
                     yield host, dev
 

@@ -1,47 +1,33 @@
-"""The Scheduler gRPC servicer: protobuf in, one call into the core (leases.py / hosts.py), protobuf out."""
+"""The Scheduler gRPC servicer: protobuf in, one call into the core (leases.py / hosts.py), protobuf out.
+
+Methods raise gpupool errors; the server's `errors.ErrorInterceptor` (cli.py) turns them into statuses.
+"""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import math
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-from gpupool.scheduler import auth
-from gpupool.scheduler.hosts import DeviceSpec, validate_labels
-from gpupool.scheduler.leases import Core
-from gpupool.scheduler.placement import Request
-from gpupool.scheduler.pool import SHARE_UNITS, Host
-from gpupool.scheduler.store import Lease
 
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
-from gpupool.errors import GpupoolError, Internal, InvalidArgument, Unavailable, abort
+from gpupool.errors import InvalidArgument, Unavailable
+from gpupool.protocol import Policy
+
+from . import auth
+from .hosts import DeviceSpec, validate_labels
+from .leases import Core
+from .placement import Request, policy_of
+from .pool import SHARE_UNITS, Host
+from .store import LeaseRecord
 
 log = logging.getLogger(__name__)
-F = TypeVar("F", bound=Callable[..., Any])
 # ListPool pages: at most this many hosts + leases, and about this many bytes (gRPC refuses messages over 4 MiB).
 DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 5000
 PAGE_BYTES = 1 << 20
-
-
-def _rpc(method: F) -> F:
-    """Turn domain exceptions into statuses; anything else is a bug, logged and answered INTERNAL."""
-
-    @functools.wraps(method)
-    def wrapper(self: SchedulerServicer, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return method(self, request, context)
-        except GpupoolError as exc:
-            abort(context, exc)
-        except Exception as exc:  # noqa: BLE001 - the server must answer, never die
-            log.exception("%s failed", method.__name__)
-            abort(context, Internal(f"{method.__name__}: {type(exc).__name__}: {exc}"))
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _cursor(lease_id: str) -> str:
@@ -49,7 +35,7 @@ def _cursor(lease_id: str) -> str:
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, core: Core | None, default_policy: str = "binpack") -> None:
+    def __init__(self, core: Core | None, default_policy: Policy = Policy.BINPACK) -> None:
         self._core = core  # None while a standby (or after stepping down): every call answers UNAVAILABLE
         self.default_policy = default_policy
 
@@ -64,27 +50,24 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def core(self, core: Core | None) -> None:
         self._core = core
 
-    @_rpc
     def Register(self, request: scheduler_pb2.RegisterRequest, context: grpc.ServicerContext) -> Any:
         auth.current().check_host(request.host_id)
         devices = [DeviceSpec(d.index, d.uuid, d.model, d.memory_bytes, d.fake) for d in request.devices]
-        self.core.register(request.host_id, request.address, devices, dict(request.labels))
+        self.core.hosts.register(request.host_id, request.address, devices, dict(request.labels))
         return scheduler_pb2.RegisterReply(
             heartbeat_interval_seconds=self.core.config.heartbeat_interval, scheduler_id=self.core.scheduler_id
         )
 
-    @_rpc
     def Heartbeat(self, request: scheduler_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> Any:
         auth.current().check_host(request.host_id)
         used = {d.info.index: d.used_bytes for d in request.devices}
-        revoked, again = self.core.heartbeat(
+        revoked, again = self.core.hosts.heartbeat(
             request.host_id, [s.lease_id for s in request.sessions], used, request.draining
         )
         return scheduler_pb2.HeartbeatReply(
             revoked_leases=revoked, reregister=again, scheduler_id=self.core.scheduler_id
         )
 
-    @_rpc
     def Allocate(self, request: scheduler_pb2.AllocateRequest, context: grpc.ServicerContext) -> Any:
         which = request.WhichOneof("size")
         if which is None:
@@ -96,7 +79,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             fraction=request.fraction if which == "fraction" else None,
             memory_bytes=request.memory_bytes if which == "memory_bytes" else None,
             labels=validate_labels(request.labels),
-            policy=request.policy or self.default_policy,
+            policy=policy_of(request.policy) if request.policy else self.default_policy,
         )
         lease = self.core.allocate(
             req,
@@ -107,12 +90,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         )
         return self._lease_pb(lease, with_tokens=True)
 
-    @_rpc
     def Renew(self, request: scheduler_pb2.RenewRequest, context: grpc.ServicerContext) -> Any:
         self._check_owner(request.lease_id)
         return self._lease_pb(self.core.renew(request.lease_id), with_tokens=True)
 
-    @_rpc
     def Release(self, request: scheduler_pb2.ReleaseRequest, context: grpc.ServicerContext) -> Any:
         self._check_owner(request.lease_id)
         self.core.release(request.lease_id)
@@ -125,7 +106,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if lease is not None:
             auth.current().check_lease(lease_id, lease.tenant)
 
-    @_rpc
     def ListPool(self, request: scheduler_pb2.ListPoolRequest, context: grpc.ServicerContext) -> Any:
         caller = auth.current()
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
@@ -167,14 +147,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 used, count = used + n, count + 1
         return reply
 
-    @_rpc
     def DrainHost(self, request: scheduler_pb2.DrainHostRequest, context: grpc.ServicerContext) -> Any:
-        self.core.drain_host(request.host_id, undo=request.undo)
+        self.core.hosts.drain_host(request.host_id, undo=request.undo)
         return scheduler_pb2.DrainHostReply()
 
-    @_rpc
     def RemoveHost(self, request: scheduler_pb2.RemoveHostRequest, context: grpc.ServicerContext) -> Any:
-        return scheduler_pb2.RemoveHostReply(leases_lost=self.core.remove_host(request.host_id, request.force))
+        return scheduler_pb2.RemoveHostReply(leases_lost=self.core.hosts.remove_host(request.host_id, request.force))
 
     @staticmethod
     def _host_pb(h: Host) -> scheduler_pb2.HostState:
@@ -197,7 +175,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             ],
         )
 
-    def _devices_pb(self, lease: Lease, with_tokens: bool) -> list[scheduler_pb2.LeasedDevice]:
+    def _devices_pb(self, lease: LeaseRecord, with_tokens: bool) -> list[scheduler_pb2.LeasedDevice]:
         out = []
         for i, g in enumerate(lease.grants):
             host = self.core.pool.hosts.get(g.host_id)
@@ -215,7 +193,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             )
         return out
 
-    def _lease_pb(self, lease: Lease, with_tokens: bool) -> scheduler_pb2.Lease:
+    def _lease_pb(self, lease: LeaseRecord, with_tokens: bool) -> scheduler_pb2.Lease:
         with self.core.lock:
             return scheduler_pb2.Lease(
                 lease_id=lease.lease_id,

@@ -19,25 +19,21 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from gpupool.scheduler.pool import Device, Grant, Host
-
 from gpupool.errors import GpupoolError
+from gpupool.protocol import HostState, LeaseState
+
+from .pool import Grant, Host, PoolDevice
 
 log = logging.getLogger(__name__)
 
-LEASE_ACTIVE = "active"
-LEASE_RELEASED = "released"
-LEASE_EXPIRED = "expired"
-LEASE_LOST = "lost"
-
 
 @dataclass
-class Lease:
+class LeaseRecord:
     """A lease: grants on one or more devices, valid until `expires_at` unless renewed."""
 
     lease_id: str
@@ -46,7 +42,7 @@ class Lease:
     expires_at: float
     ttl: float
     created_at: float
-    state: str = LEASE_ACTIVE
+    state: LeaseState = LeaseState.ACTIVE
     ended_at: float = 0.0
     hosts: set[str] = field(default_factory=set)
     # Not stored: until when an active lease is kept past `expires_at` because the scheduler itself was away
@@ -57,22 +53,38 @@ class Lease:
         self.hosts = {g.host_id for g in self.grants}
 
 
+@dataclass(frozen=True)
+class Change:
+    """One store transaction: upsert `hosts` and `leases`, delete the leases named in `forget` and the hosts
+    named in `forget_hosts`."""
+
+    hosts: Sequence[Host] = ()
+    leases: Sequence[LeaseRecord] = ()
+    forget: Sequence[str] = ()
+    forget_hosts: Sequence[str] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.hosts or self.leases or self.forget or self.forget_hosts)
+
+    def rows(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[str]], list[tuple[str]]]:
+        """(host rows, lease rows, leases to delete, hosts to delete) as the SQL stores write them."""
+        return (
+            [_host_row(h) for h in self.hosts],
+            [_lease_row(x) for x in self.leases],
+            [(lease_id,) for lease_id in self.forget],
+            [(host_id,) for host_id in self.forget_hosts],
+        )
+
+
 class StateOwned(GpupoolError):
     """Another scheduler owns this state: starting a second writer would hand out capacity twice."""
 
 
 class Store(Protocol):
-    def load(self) -> tuple[list[Host], list[Lease]]: ...
+    def load(self) -> tuple[list[Host], list[LeaseRecord]]: ...
 
-    def write(
-        self,
-        hosts: Iterable[Host] = (),
-        leases: Iterable[Lease] = (),
-        forget: Iterable[str] = (),
-        forget_hosts: Iterable[str] = (),
-    ) -> None:
-        """Upsert hosts and leases, delete the leases named in `forget` and the hosts in `forget_hosts`;
-        all in one transaction."""
+    def write(self, change: Change) -> None:
+        """Apply `change` in one transaction."""
         ...
 
     def close(self) -> None: ...
@@ -83,25 +95,19 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._hosts: dict[str, Host] = {}
-        self._leases: dict[str, Lease] = {}
+        self._leases: dict[str, LeaseRecord] = {}
 
-    def load(self) -> tuple[list[Host], list[Lease]]:
+    def load(self) -> tuple[list[Host], list[LeaseRecord]]:
         return [copy.deepcopy(h) for h in self._hosts.values()], [copy.deepcopy(x) for x in self._leases.values()]
 
-    def write(
-        self,
-        hosts: Iterable[Host] = (),
-        leases: Iterable[Lease] = (),
-        forget: Iterable[str] = (),
-        forget_hosts: Iterable[str] = (),
-    ) -> None:
-        for h in hosts:
+    def write(self, change: Change) -> None:
+        for h in change.hosts:
             self._hosts[h.host_id] = copy.deepcopy(h)
-        for x in leases:
+        for x in change.leases:
             self._leases[x.lease_id] = copy.deepcopy(x)
-        for lease_id in forget:
+        for lease_id in change.forget:
             self._leases.pop(lease_id, None)
-        for host_id in forget_hosts:
+        for host_id in change.forget_hosts:
             self._hosts.pop(host_id, None)
 
     def close(self) -> None:
@@ -120,26 +126,30 @@ CREATE TABLE IF NOT EXISTS leases (
 """
 
 
-def from_rows(host_rows: Iterable[Any], lease_rows: Iterable[Any]) -> tuple[list[Host], list[Lease]]:
+HOST_COLUMNS = "host_id, address, state, labels, devices, cordoned"
+LEASE_COLUMNS = "lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at"
+
+
+def from_rows(host_rows: Iterable[Any], lease_rows: Iterable[Any]) -> tuple[list[Host], list[LeaseRecord]]:
     """Hosts and leases from the rows of the two tables (SQLite and PostgreSQL store them alike)."""
     hosts = []
     for host_id, address, state, labels, devices, cordoned in host_rows:
         devs = {
-            int(d["index"]): Device(
+            int(d["index"]): PoolDevice(
                 host_id, int(d["index"]), str(d["uuid"]), str(d["model"]), int(d["capacity_bytes"]), bool(d["fake"])
             )
             for d in json.loads(devices)
         }
-        hosts.append(Host(host_id, address, devs, dict(json.loads(labels)), state, cordoned=bool(cordoned)))
+        hosts.append(Host(host_id, address, devs, dict(json.loads(labels)), HostState(state), cordoned=bool(cordoned)))
     leases = [
-        Lease(
+        LeaseRecord(
             lease_id,
             tenant,
             [Grant(str(h), int(d), int(q), int(u)) for h, d, q, u in json.loads(grants)],
             expires_at,
             ttl,
             created_at,
-            state,
+            LeaseState(state),
             ended_at,
         )
         for lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at in lease_rows
@@ -155,7 +165,7 @@ def _host_row(h: Host) -> tuple[str, str, str, str, str, int]:
     return (h.host_id, h.address, h.state, json.dumps(h.labels), json.dumps(devices), int(h.cordoned))
 
 
-def _lease_row(x: Lease) -> tuple[str, str, str, str, float, float, float, float]:
+def _lease_row(x: LeaseRecord) -> tuple[str, str, str, str, float, float, float, float]:
     grants = [[g.host_id, g.device, g.quota_bytes, g.units] for g in x.grants]
     return (x.lease_id, x.tenant, x.state, json.dumps(grants), x.expires_at, x.ttl, x.created_at, x.ended_at)
 
@@ -176,37 +186,22 @@ class SqliteStore:
             self._db.execute("ALTER TABLE hosts ADD COLUMN cordoned INTEGER NOT NULL DEFAULT 0")
         self._lock = threading.Lock()
 
-    def load(self) -> tuple[list[Host], list[Lease]]:
+    def load(self) -> tuple[list[Host], list[LeaseRecord]]:
         with self._lock:
-            host_rows = self._db.execute(
-                "SELECT host_id, address, state, labels, devices, cordoned FROM hosts"
-            ).fetchall()
-            lease_rows = self._db.execute(
-                "SELECT lease_id, tenant, state, grants, expires_at, ttl, created_at, ended_at FROM leases"
-            ).fetchall()
+            host_rows = self._db.execute(f"SELECT {HOST_COLUMNS} FROM hosts").fetchall()
+            lease_rows = self._db.execute(f"SELECT {LEASE_COLUMNS} FROM leases").fetchall()
         return from_rows(host_rows, lease_rows)
 
-    def write(
-        self,
-        hosts: Iterable[Host] = (),
-        leases: Iterable[Lease] = (),
-        forget: Iterable[str] = (),
-        forget_hosts: Iterable[str] = (),
-    ) -> None:
-        host_rows = [_host_row(h) for h in hosts]
-        lease_rows = [_lease_row(x) for x in leases]
-        forget_rows = [(lease_id,) for lease_id in forget]
-        forget_host_rows = [(host_id,) for host_id in forget_hosts]
-        if not (host_rows or lease_rows or forget_rows or forget_host_rows):
+    def write(self, change: Change) -> None:
+        if not change:
             return
+        host_rows, lease_rows, forget_rows, forget_host_rows = change.rows()
         with self._lock:
             self._db.execute("BEGIN")
             try:
                 if host_rows:
                     self._db.executemany(
-                        "INSERT OR REPLACE INTO hosts (host_id, address, state, labels, devices, cordoned) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        host_rows,
+                        f"INSERT OR REPLACE INTO hosts ({HOST_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", host_rows
                     )
                 if lease_rows:
                     self._db.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)", lease_rows)
@@ -270,7 +265,7 @@ def open_store(path: str, standby: bool = False) -> Store:
     if path in ("", ":memory:"):
         return MemoryStore()
     if path.startswith(("postgresql://", "postgres://")):
-        from gpupool.scheduler.pgstore import PostgresStore  # psycopg only where it is used
+        from .pgstore import PostgresStore  # psycopg only where it is used
 
         return PostgresStore(path, standby)
     return SqliteStore(path, standby)

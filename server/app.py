@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from gpupool.server.daemon import Config, Daemon
+from gpupool.server.daemon import Daemon, DaemonConfig
 from gpupool.server.devices import Device
 from gpupool.server.service import SERVICE, create_server
 from grpc_health.v1 import health_pb2
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class RunningDaemon:
-    def __init__(self, config: Config, devices: list[Device] | None = None) -> None:
+    def __init__(self, config: DaemonConfig, devices: list[Device] | None = None) -> None:
         self.daemon = Daemon(config, devices)
         self.daemon.start()
         try:

@@ -14,7 +14,7 @@ import socket
 import threading
 from types import FrameType
 
-from gpupool.server.daemon import Config
+from gpupool.server.daemon import DaemonConfig
 from gpupool.server.speedmodel import SpeedModel
 
 from gpupool import tls, tokens
@@ -124,8 +124,8 @@ def _on_off(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, not {value!r}")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    return Config(
+def config_from_args(args: argparse.Namespace) -> DaemonConfig:
+    return DaemonConfig(
         listen=args.listen,
         host_id=args.host_id,
         fake_gpus=args.fake_gpus,

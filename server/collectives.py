@@ -5,7 +5,7 @@ move daemon to daemon and never through the clients. A session joins with `Group
 the lease tokens of every rank (all of this session's lease, distinct devices, this session's own device at
 its rank) and then, in the background, builds a `ProcessGroupGloo` (NCCL on real GPUs, where available) over
 a TCPStore that rank 0's daemon hosts. Never the default group: a daemon hosts many sessions, and the group
-belongs to the session (`Session.group`), closed with it.
+belongs to the session (`WorkerSession.group`), closed with it.
 
 Each `Collective` first all-gathers a small signature (kind, op, root, counts, numels, dtype) so that ranks
 that disagree get a clear INVALID_ARGUMENT on every rank instead of a hang or a corrupted buffer; then it
@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from gpupool.server.sessions import Session
+from gpupool.server.sessions import WorkerSession
 from gpupool.server.speedmodel import SpeedModel
 
 from gpupool._proto import device_pb2
@@ -191,7 +191,7 @@ class Collectives:
 
     # ---- joining ----
 
-    def join(self, s: Session, msg: device_pb2.GroupJoin) -> None:
+    def join(self, s: WorkerSession, msg: device_pb2.GroupJoin) -> None:
         if self.verify is None:
             raise FailedPrecondition("this daemon does not run collectives (no token verifier configured)")
         if s.group is not None and not s.group.closed:
@@ -241,7 +241,7 @@ class Collectives:
         threading.Thread(target=run, name=f"gpupool-group-{s.number}", daemon=True).start()
         log.info("session %d joins the collective group of lease %s as rank %d of %d", s.number, s.lease_id, rank, size)
 
-    def _check_tokens(self, s: Session, rank: int, tokens: list[str]) -> None:
+    def _check_tokens(self, s: WorkerSession, rank: int, tokens: list[str]) -> None:
         assert self.verify is not None
         seen: set[tuple[str, int]] = set()
         for i, token in enumerate(tokens):
@@ -257,7 +257,7 @@ class Collectives:
 
     # ---- collectives ----
 
-    def run(self, s: Session, msg: device_pb2.Collective) -> None:
+    def run(self, s: WorkerSession, msg: device_pb2.Collective) -> None:
         group: Group | None = s.group
         if group is None or group.closed:
             raise FailedPrecondition(f"collective {msg.kind} before joining a group (init_process_group)")

@@ -33,6 +33,7 @@ from gpupool.server.sessions import MAX_HANDLES, DeviceMemory
 from gpupool.server.speedmodel import SpeedModel
 from gpupool.server.worker import InlineRunner, Runner, WorkerDied, WorkerSpec
 from gpupool.server.zygote import Zygote, shared_zygote
+from grpc import StatusCode
 
 from gpupool import tokens
 from gpupool._proto import device_pb2
@@ -56,7 +57,7 @@ END_OF_STREAM = object()  # queued after a client's last frame: the stream ends 
 
 
 @dataclass(frozen=True)
-class Config:
+class DaemonConfig:
     """Everything `gpupool serve` can be told (see server/cli.py for the flags)."""
 
     listen: str = "127.0.0.1:50051"
@@ -163,12 +164,12 @@ def _drop_replies(s: FrontSession) -> None:
 class Closed:
     """Put in a session's outbox when the daemon closes it: the stream ends with this status."""
 
-    code: str
+    code: StatusCode
     reason: str
 
 
 class Daemon:
-    def __init__(self, config: Config, devices: list[Device] | None = None) -> None:
+    def __init__(self, config: DaemonConfig, devices: list[Device] | None = None) -> None:
         self.config = config
         self.host_id = config.host_id
         self.device_list = devices or discover(config.host_id, config.fake_gpus, config.fake_gpu_memory)
@@ -343,7 +344,7 @@ class Daemon:
     def submit(self, s: FrontSession, commands: list[Any], nbytes: int) -> bool:
         """Queue commands of a session (blocks when its queue is full); False when it can take no more."""
         if self._draining and commands and commands[0] is not END_OF_STREAM:
-            s.outbox.put(Closed("UNAVAILABLE", f"host {self.host_id} is draining"))
+            s.outbox.put(Closed(StatusCode.UNAVAILABLE, f"host {self.host_id} is draining"))
             return False
         return self.queues[s.device.index].put(s.entry, commands, nbytes)
 
@@ -360,7 +361,11 @@ class Daemon:
         return s.expires_at
 
     def close_session(
-        self, s: FrontSession, reason: str, code: str = "FAILED_PRECONDITION", drop_replies: bool = False
+        self,
+        s: FrontSession,
+        reason: str,
+        code: StatusCode = StatusCode.FAILED_PRECONDITION,
+        drop_replies: bool = False,
     ) -> None:
         """End a session: its worker, its memory, its queue; its stream ends with `code` after the replies
         queued before (none with `drop_replies`: their memory goes back at once)."""
@@ -481,8 +486,8 @@ class Daemon:
             f"bytes, past its limit of {self.config.max_unread_bytes} (--max-unread-bytes): read replies as they come"
         )
         log.warning("session %d (lease %s): %s", s.number, s.lease_id, reason)
-        self.ledger.add(s, 0, {"RESOURCE_EXHAUSTED": 1}, 0, 0)
-        self.close_session(s, reason, "RESOURCE_EXHAUSTED", drop_replies=True)
+        self.ledger.add(s, 0, {StatusCode.RESOURCE_EXHAUSTED: 1}, 0, 0)
+        self.close_session(s, reason, StatusCode.RESOURCE_EXHAUSTED, drop_replies=True)
 
     def _set_used(self, s: FrontSession, used: int) -> None:
         mem = self.memory[s.device.index]
@@ -503,8 +508,8 @@ class Daemon:
             cause = f"{self.zygote.wait_ended(runner.pid, 2.0)} ({exc})"
         reason = f"the session's worker process {runner.pid} {cause} while running {what}; its tensors are lost"
         log.error("session %d (lease %s): %s", s.number, s.lease_id, reason)
-        self.ledger.add(s, 0, {"INTERNAL": 1}, 0, 0)
-        self.close_session(s, reason, "INTERNAL")
+        self.ledger.add(s, 0, {StatusCode.INTERNAL: 1}, 0, 0)
+        self.close_session(s, reason, StatusCode.INTERNAL)
 
     def _outbox_full(self, s: FrontSession) -> bool:
         return s.outbox_bytes >= self.config.outbox_bytes
@@ -586,7 +591,7 @@ class Daemon:
         self._draining = True
         self._stop.set()
         for s in self.session_list():
-            self.close_session(s, f"host {self.host_id} is shutting down", "UNAVAILABLE")
+            self.close_session(s, f"host {self.host_id} is shutting down", StatusCode.UNAVAILABLE)
         for q in self.queues.values():
             q.stop()
         for w in self.workers:

@@ -14,15 +14,17 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-from gpupool.server import bounds, cost, fallbacks, guards
+from gpupool.server import cost, fallbacks, guards, sizing
 from gpupool.server.collectives import Collectives
 from gpupool.server.graph import GraphTable
-from gpupool.server.ops import NO_META, MetaSizer, OpTable
-from gpupool.server.sessions import Poison, PoisonedInput, Session, zero_bytes
+from gpupool.server.ops import OpTable
+from gpupool.server.sessions import Poison, PoisonedInput, WorkerSession, zero_bytes
+from gpupool.server.sizing import NO_META, MetaSizer
 from gpupool.server.speedmodel import SpeedModel
+from grpc import StatusCode
 
-from gpupool import wire
-from gpupool._proto import device_pb2, tensor_pb2
+from gpupool import protocol, wire
+from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -34,19 +36,19 @@ MAX_DIMS = 64
 Reply = Callable[[device_pb2.ServerFrame | list[bytes]], None]  # a frame, or serialized download frames
 
 
-class Ledger(Protocol):
+class CommandLedger(Protocol):
     """Where execution is counted (metrics)."""
 
-    def op(self, session: Session) -> None: ...
-    def error(self, session: Session, code: str) -> None: ...
+    def op(self, session: WorkerSession) -> None: ...
+    def error(self, session: WorkerSession, code: StatusCode) -> None: ...
     def transfer(self, direction: str, nbytes: int) -> None: ...
-    def graph(self, session: Session, event: str, ops: int = 0) -> None: ...
+    def graph(self, session: WorkerSession, event: str, ops: int = 0) -> None: ...
 
 
 class CommandExecutor:
     """Runs commands of sessions; holds only caches (op table, meta sizes), no session state."""
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: CommandLedger) -> None:
         self.ops = OpTable()
         self.sizer = MetaSizer()
         self.ledger = ledger
@@ -61,7 +63,7 @@ class CommandExecutor:
         one = torch.ones(2, 2)
         self.sizer.new_bytes(torch.ops.aten.mm.default, [one, one], {})
 
-    def execute(self, s: Session, cmd: device_pb2.Command, reply: Reply, data: memoryview | None = None) -> None:
+    def execute(self, s: WorkerSession, cmd: device_pb2.Command, reply: Reply, data: memoryview | None = None) -> None:
         """Run one command; `data`: an upload's bytes parsed out of its span by hand (server/bulk.py)."""
         kind = cmd.WhichOneof("cmd")
         op_name = cmd.op.name if kind == "op" else f"collective {cmd.collective.kind}" if kind == "collective" else ""
@@ -93,27 +95,26 @@ class CommandExecutor:
         except PoisonedInput as exc:
             self._fail(s, cmd, exc.poison, reply)
         except GpupoolError as exc:
-            self._fail(s, cmd, Poison(exc.code.name, op_name, exc.message), reply)
+            self._fail(s, cmd, Poison.of(exc, op_name), reply)
         except (torch.OutOfMemoryError, MemoryError) as exc:
-            self._fail(s, cmd, Poison("RESOURCE_EXHAUSTED", op_name, f"device out of memory: {exc}"), reply)
+            self._fail(s, cmd, Poison(StatusCode.RESOURCE_EXHAUSTED, op_name, f"device out of memory: {exc}"), reply)
         except (RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
-            self._fail(s, cmd, Poison("INVALID_ARGUMENT", op_name, _first_lines(exc)), reply)
+            self._fail(s, cmd, Poison(StatusCode.INVALID_ARGUMENT, op_name, _first_lines(exc)), reply)
         except Exception as exc:  # a bug must cost one command, never the daemon
             log.exception("internal error executing %s for session %s", kind, s.session_id)
-            self._fail(s, cmd, Poison("INTERNAL", op_name, f"{type(exc).__name__}: {exc}"), reply)
+            self._fail(s, cmd, Poison(StatusCode.INTERNAL, op_name, f"{type(exc).__name__}: {exc}"), reply)
 
-    def _fail(self, s: Session, cmd: device_pb2.Command, err: Poison, reply: Reply) -> None:
+    def _fail(self, s: WorkerSession, cmd: device_pb2.Command, err: Poison, reply: Reply) -> None:
         self.ledger.error(s, err.code)
         kind = cmd.WhichOneof("cmd")
         if kind == "get":
-            e = tensor_pb2.Error(code=err.code, op=err.op, message=err.message)
-            reply(device_pb2.ServerFrame(request_id=cmd.get.request_id, error=e))
+            reply(device_pb2.ServerFrame(request_id=cmd.get.request_id, error=err.to_proto()))
             return
         if kind == "sync":  # a failed sync (bad scalar handle) reports its own error
             first = s.error or err
             s.error = None
-            e = tensor_pb2.Error(code=first.code, op=first.op, message=first.message)
-            reply(device_pb2.ServerFrame(request_id=cmd.sync.request_id, sync=device_pb2.SyncReply(error=e)))
+            sync = device_pb2.SyncReply(error=first.to_proto())
+            reply(device_pb2.ServerFrame(request_id=cmd.sync.request_id, sync=sync))
             return
         s.record_error(err)
         if kind == "op":
@@ -128,7 +129,7 @@ class CommandExecutor:
 
     # ---- ops ----
 
-    def _op(self, s: Session, msg: device_pb2.Op) -> None:
+    def _op(self, s: WorkerSession, msg: device_pb2.Op) -> None:
         op = self.ops.resolve(msg.name)
         lists = [len(a.tensors.handles) for a in msg.args if a.WhichOneof("value") == "tensors"]
         if lists and max(lists) > guards.MAX_TENSORS:  # before resolving millions of handles
@@ -149,7 +150,7 @@ class CommandExecutor:
         cost.check(op, args, kwargs, s.max_op_flops)
         need = self.sizer.new_bytes(op, args, kwargs)
         if need == NO_META:  # bounded from the real inputs, so its output cannot exhaust the host first
-            need = bounds.no_meta_bound(op, args, kwargs)
+            need = sizing.no_meta_bound(op, args, kwargs)
         if need > 0:
             s.admit(need)
         used_before = s.used
@@ -174,7 +175,11 @@ class CommandExecutor:
         if s.used > s.quota and s.used > used_before:
             for h in bound:
                 s.unbind(h)
-            raise ResourceExhausted(f"memory quota exceeded: {s.used} bytes would be used of a {s.quota} byte limit")
+            raise ResourceExhausted(
+                f"memory quota exceeded: {s.used} bytes would be used of a {s.quota} byte limit",
+                used_bytes=s.used,
+                limit_bytes=s.quota,
+            )
 
     def _takes_device(self, op: torch._ops.OpOverload) -> bool:
         hit = self._device_arg.get(op)
@@ -183,7 +188,7 @@ class CommandExecutor:
             self._device_arg[op] = hit
         return hit
 
-    def _seeded(self, s: Session, op: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+    def _seeded(self, s: WorkerSession, op: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
         dev = s.device
         with dev.rng_lock:
             saved = dev.get_rng_state()
@@ -196,7 +201,7 @@ class CommandExecutor:
                 s.rng_state = dev.get_rng_state()
                 dev.set_rng_state(saved)
 
-    def _bind_outputs(self, s: Session, handles: Any, out: Any, dev: torch.device) -> list[int]:
+    def _bind_outputs(self, s: WorkerSession, handles: Any, out: Any, dev: torch.device) -> list[int]:
         values = _slots(out)
         if len(handles) > len(values):
             raise InvalidArgument(f"{len(handles)} output handles given, the op returns {len(values)} values")
@@ -216,7 +221,7 @@ class CommandExecutor:
 
     # ---- transfers ----
 
-    def _upload(self, s: Session, up: device_pb2.Upload, data: memoryview | bytes | None = None) -> None:
+    def _upload(self, s: WorkerSession, up: device_pb2.Upload, data: memoryview | bytes | None = None) -> None:
         h = up.handle
         if data is None:
             data = up.data  # each access of a bytes field copies it
@@ -253,7 +258,7 @@ class CommandExecutor:
             if offset + len(data) != total:
                 raise InvalidArgument(f"upload ended at {offset + len(data)} of {total} bytes")
 
-    def _get(self, s: Session, get: device_pb2.Get) -> list[bytes]:
+    def _get(self, s: WorkerSession, get: device_pb2.Get) -> list[bytes]:
         """Serialized chunk frames of the tensor's value, built now (so later ops cannot change them), each
         with one copy of the data: protobuf's own bytes fields would cost two more. With `piece_bytes` set
         (a session worker), at most that many bytes per call: `s.download` then holds the rest, and the same
@@ -283,18 +288,13 @@ class CommandExecutor:
             chunk = device_pb2.TensorChunk(offset=offset, last=offset + n >= total)
             if offset == 0:
                 chunk.meta.CopyFrom(wire.meta_to_proto(src))
-            small = chunk.SerializeToString()
-            data_head = _CHUNK_DATA_TAG + wire.varint(n)
-            body_len = len(small) + len(data_head) + n
-            frames.append(
-                b"".join((head, _FRAME_CHUNK_TAG, wire.varint(body_len), small, data_head, flat[offset : offset + n]))
-            )
+            frames.append(protocol.chunk_frame(head, chunk, flat[offset : offset + n]))
             self.ledger.transfer("download", n)
             offset += n
             if offset >= total:
                 return frames
 
-    def _sync(self, s: Session, sync: device_pb2.Sync) -> device_pb2.ServerFrame:
+    def _sync(self, s: WorkerSession, sync: device_pb2.Sync) -> device_pb2.ServerFrame:
         reply = device_pb2.SyncReply()
         if s.error is None:
             for h in sync.scalar_handles:
@@ -303,8 +303,7 @@ class CommandExecutor:
                     raise InvalidArgument(f"scalar handle {h:#x} has {t.numel()} elements, not 1")
                 reply.values.append(wire.scalar_to_proto(t.item()))
         else:
-            e = s.error
-            reply.error.CopyFrom(tensor_pb2.Error(code=e.code, op=e.op, message=e.message))
+            reply.error.CopyFrom(s.error.to_proto())
             s.error = None
         return device_pb2.ServerFrame(request_id=sync.request_id, sync=reply)
 
@@ -323,8 +322,6 @@ _UNINITIALIZED = frozenset(
 # In-place ops that grow a storage without writing the new bytes. (An out= op resizes its output too, but then
 # writes every element: zeroing after it would wipe its result.)
 _GROW_UNINITIALIZED = frozenset({"aten::resize_", "aten::resize_as_", "aten::_resize_output_"})
-_FRAME_CHUNK_TAG = bytes([(3 << 3) | 2])  # ServerFrame.chunk = 3, length-delimited
-_CHUNK_DATA_TAG = bytes([(3 << 3) | 2])  # TensorChunk.data = 3, length-delimited
 
 
 def _slots(out: Any) -> list[Any]:

@@ -31,7 +31,7 @@ from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, NotFound, ResourceExhausted
 
 from . import cost, guards
-from .sessions import Poison, Session, zero_bytes
+from .sessions import Poison, WorkerSession, zero_bytes
 
 if TYPE_CHECKING:
     from .ops import OpTable
@@ -52,7 +52,7 @@ EVENTS = ("defined", "rerecorded", "replayed", "dropped")
 
 
 class GraphLedger(Protocol):
-    def graph(self, session: Session, event: str, ops: int = 0) -> None: ...
+    def graph(self, session: WorkerSession, event: str, ops: int = 0) -> None: ...
 
 
 class Host(Protocol):
@@ -61,7 +61,7 @@ class Host(Protocol):
     ops: OpTable
     ledger: Any
 
-    def _seeded(self, s: Session, op: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any: ...
+    def _seeded(self, s: WorkerSession, op: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any: ...
 
 
 class _Ref:
@@ -120,22 +120,22 @@ class GraphTable:
 
     def __init__(self, host: Host) -> None:
         self.host = host
-        self._graphs: weakref.WeakKeyDictionary[Session, dict[int, Graph]] = weakref.WeakKeyDictionary()
+        self._graphs: weakref.WeakKeyDictionary[WorkerSession, dict[int, Graph]] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
-    def _of(self, s: Session) -> dict[int, Graph]:
+    def _of(self, s: WorkerSession) -> dict[int, Graph]:
         with self._lock:
             found = self._graphs.get(s)
             if found is None:
                 found = self._graphs[s] = {}
             return found
 
-    def count(self, s: Session) -> int:
+    def count(self, s: WorkerSession) -> int:
         return len(self._of(s))
 
     # ---- commands ----
 
-    def define(self, s: Session, msg: device_pb2.DefineGraph) -> None:
+    def define(self, s: WorkerSession, msg: device_pb2.DefineGraph) -> None:
         graphs = self._of(s)
         replaced = msg.graph_id in graphs
         if not replaced and len(graphs) >= MAX_GRAPHS:
@@ -159,11 +159,11 @@ class GraphTable:
             g.peak,
         )
 
-    def drop(self, s: Session, msg: device_pb2.DropGraph) -> None:
+    def drop(self, s: WorkerSession, msg: device_pb2.DropGraph) -> None:
         if self._of(s).pop(msg.graph_id, None) is not None:
             self.host.ledger.graph(s, "dropped")
 
-    def run(self, s: Session, msg: device_pb2.RunGraph) -> None:
+    def run(self, s: WorkerSession, msg: device_pb2.RunGraph) -> None:
         g = self._of(s).get(msg.graph_id)
         if g is None:
             raise NotFound(f"graph {msg.graph_id} was never defined in this session (or was dropped)")
@@ -172,7 +172,7 @@ class GraphTable:
         try:
             _run(self.host, s, g, msg)
         except GpupoolError as exc:
-            err = Poison(exc.code.name, "", exc.message)
+            err = Poison.of(exc, "")
             for h in list(msg.outputs) + list(g.writes):
                 if h:
                     s.poison(h, err)
@@ -205,7 +205,7 @@ def _proto_meta(m: tensor_pb2.TensorMeta) -> Meta:
     return (tuple(m.shape), tuple(m.stride), int(m.storage_offset), wire.dtype_from_proto(m.dtype))
 
 
-def _build(host: Host, s: Session, msg: device_pb2.DefineGraph) -> Graph:
+def _build(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Graph:
     if len(msg.ops) > MAX_GRAPH_OPS:
         raise InvalidArgument(f"a graph of {len(msg.ops)} ops; at most {MAX_GRAPH_OPS}")
     if len(msg.input_meta) != msg.inputs:
@@ -341,7 +341,7 @@ def _storages(meta_slots: list[Any], reads: list[int]) -> list[torch.UntypedStor
 
 
 def _prebuild(
-    host: Host, s: Session, msg: device_pb2.Op, meta_slots: list[Any], dev: torch.device
+    host: Host, s: WorkerSession, msg: device_pb2.Op, meta_slots: list[Any], dev: torch.device
 ) -> tuple[_Call, list[Any], list[int]]:
     """Resolve and check one op of a graph, run it on meta tensors; returns the prebuilt call, the meta outputs
     (one per output slot) and the slots it reads."""
@@ -458,7 +458,7 @@ def _flat(out: Any) -> list[Any]:
 # ---- runs ----
 
 
-def _run(host: Host, s: Session, g: Graph, msg: device_pb2.RunGraph) -> None:
+def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph) -> None:
     if len(msg.inputs) != len(g.input_meta):
         raise InvalidArgument(f"graph {g.graph_id} takes {len(g.input_meta)} inputs, got {len(msg.inputs)}")
     if len(msg.outputs) > len(g.outputs):
@@ -565,7 +565,7 @@ class _CudaGraph:
         return True
 
 
-def _run_cuda(host: Host, s: Session, g: Graph, slots: list[Any]) -> None:
+def _run_cuda(host: Host, s: WorkerSession, g: Graph, slots: list[Any]) -> None:
     if g.cuda is None:
         if any(c.seeded or c.check is not None for c in g.calls):
             g.cuda_failed = True  # random ops (per-session generators) or value guards: stay eager

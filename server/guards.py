@@ -7,7 +7,7 @@
   sizes and strides on a storage, where `as_strided` checks them; `_unsafe_masked_index*` read and write
   wherever their indices point, where torch's decomposition clamps them).
 - `check_enums`, `check_counts`: dtype-like parameters must not be plain ints; list arguments and list
-  results are capped. (Bounds on the memory of ops without meta kernels live in bounds.py.)
+  results are capped. (How many bytes an op will allocate is sizing.py's business.)
 - `check_inputs`: no tensor argument may be logically larger than the session's quota in elements. Expanded
   views are free to make, but an op reading 2^40 broadcast elements would hold the device for hours.
 """
@@ -15,21 +15,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from gpupool.errors import InvalidArgument, ResourceExhausted
 
-Args = Sequence[Any]
-Kwargs = Mapping[str, Any]
-
-
-def _arg(args: Args, kwargs: Kwargs, i: int, name: str, default: Any = None) -> Any:
-    if len(args) > i:
-        return args[i]
-    return kwargs.get(name, default)
+from .opargs import Args, Kwargs, arg, checked, tensors
 
 
 def _in_range(t: Any, low: int, high: int, what: str) -> None:
@@ -40,24 +33,24 @@ def _in_range(t: Any, low: int, high: int, what: str) -> None:
 
 
 def _embedding_dense_backward(args: Args, kwargs: Kwargs) -> None:
-    _in_range(_arg(args, kwargs, 1, "indices"), 0, int(_arg(args, kwargs, 2, "num_weights", 0)), "indices")
+    _in_range(arg(args, kwargs, 1, "indices"), 0, int(arg(args, kwargs, 2, "num_weights", 0)), "indices")
 
 
 def _embedding_bag_dense_backward(args: Args, kwargs: Kwargs) -> None:
-    grad, indices = _arg(args, kwargs, 0, "grad"), _arg(args, kwargs, 1, "indices")
-    num_weights = int(_arg(args, kwargs, 5, "num_weights", 0))
+    grad, indices = arg(args, kwargs, 0, "grad"), arg(args, kwargs, 1, "indices")
+    num_weights = int(arg(args, kwargs, 5, "num_weights", 0))
     _in_range(indices, 0, num_weights, "indices")
-    _in_range(_arg(args, kwargs, 2, "offset2bag"), 0, max(1, grad.size(0)) if grad.dim() else 1, "offset2bag")
-    _in_range(_arg(args, kwargs, 4, "maximum_indices"), -1, num_weights, "maximum_indices")
-    offset2bag = _arg(args, kwargs, 2, "offset2bag")
+    _in_range(arg(args, kwargs, 2, "offset2bag"), 0, max(1, grad.size(0)) if grad.dim() else 1, "offset2bag")
+    _in_range(arg(args, kwargs, 4, "maximum_indices"), -1, num_weights, "maximum_indices")
+    offset2bag = arg(args, kwargs, 2, "offset2bag")
     if isinstance(offset2bag, torch.Tensor) and offset2bag.numel() not in (0, indices.numel()):
         raise InvalidArgument("offset2bag must have one entry per index")
 
 
 def _embedding_bag_per_sample_weights_backward(args: Args, kwargs: Kwargs) -> None:
-    grad, weight = _arg(args, kwargs, 0, "grad"), _arg(args, kwargs, 1, "weight")
-    _in_range(_arg(args, kwargs, 2, "indices"), 0, weight.size(0) if weight.dim() else 0, "indices")
-    _in_range(_arg(args, kwargs, 4, "offset2bag"), 0, grad.size(0) if grad.dim() else 0, "offset2bag")
+    grad, weight = arg(args, kwargs, 0, "grad"), arg(args, kwargs, 1, "weight")
+    _in_range(arg(args, kwargs, 2, "indices"), 0, weight.size(0) if weight.dim() else 0, "indices")
+    _in_range(arg(args, kwargs, 4, "offset2bag"), 0, grad.size(0) if grad.dim() else 0, "offset2bag")
 
 
 def _same_lists(args: Args, kwargs: Kwargs) -> None:
@@ -79,9 +72,9 @@ def _fractional_pool_backward(dims: int) -> Callable[[Args, Kwargs], None]:
     """The CPU kernel scatters grad_output through `indices` into self's plane unchecked (SIGSEGV)."""
 
     def check(args: Args, kwargs: Kwargs) -> None:
-        grad, self = _arg(args, kwargs, 0, "grad_output"), _arg(args, kwargs, 1, "self")
-        indices = _arg(args, kwargs, 4, "indices")
-        out = list(_arg(args, kwargs, 3, "output_size"))
+        grad, self = arg(args, kwargs, 0, "grad_output"), arg(args, kwargs, 1, "self")
+        indices = arg(args, kwargs, 4, "indices")
+        out = list(arg(args, kwargs, 3, "output_size"))
         if (
             tuple(indices.shape) != tuple(grad.shape)
             or self.dim() < dims
@@ -102,8 +95,8 @@ def _pool_backward(dims: int, indices_at: int) -> Callable[[Args, Kwargs], None]
     out-of-range or negative indices segfaulted the daemon, chosen ones wrote chosen values at chosen offsets."""
 
     def check(args: Args, kwargs: Kwargs) -> None:
-        grad, self = _arg(args, kwargs, 0, "grad_output"), _arg(args, kwargs, 1, "self")
-        indices = _arg(args, kwargs, indices_at, "indices")
+        grad, self = arg(args, kwargs, 0, "grad_output"), arg(args, kwargs, 1, "self")
+        indices = arg(args, kwargs, indices_at, "indices")
         if (
             tuple(indices.shape) != tuple(grad.shape)
             or self.dim() not in (dims + 1, dims + 2)
@@ -154,15 +147,6 @@ VALUE_GUARDS = frozenset(
 )
 
 
-def _checked(what: str, fn: Callable[[Args, Kwargs], Any], args: Args, kwargs: Kwargs) -> Any:
-    """Run a guard; arguments that do not even fit the op's schema are the client's error, not the daemon's."""
-    try:
-        return fn(args, kwargs)
-    except (AttributeError, TypeError, ValueError, IndexError, KeyError, RuntimeError, OverflowError) as exc:
-        reason = str(exc).split("\n")[0][:200]
-        raise InvalidArgument(f"bad arguments for {what}: {type(exc).__name__}: {reason}") from None
-
-
 def _foreach_lengths(args: Args, kwargs: Kwargs) -> None:
     """_foreach_ kernels walk their lists in step; _foreach_copy_ with a shorter `self` aborted the daemon."""
     lengths = {len(v) for v in list(args) + list(kwargs.values()) if isinstance(v, list) and v}
@@ -173,10 +157,10 @@ def _foreach_lengths(args: Args, kwargs: Kwargs) -> None:
 
 def validate(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs) -> None:
     if op._schema.name.startswith("aten::_foreach_"):
-        _checked(op._schema.name, _foreach_lengths, args, kwargs)
+        checked(op._schema.name, _foreach_lengths, args, kwargs)
     check = _VALIDATORS.get(op._schema.name)
     if check is not None:
-        _checked(op._schema.name, check, args, kwargs)
+        checked(op._schema.name, check, args, kwargs)
 
 
 def _checked_reshape_alias(self: torch.Tensor, size: list[int], stride: list[int]) -> torch.Tensor:
@@ -213,17 +197,17 @@ MAX_TENSORS = 65536  # tensors in one list argument or returned by one op: each 
 
 
 def _dim_size(args: Args, kwargs: Kwargs, i: int, default: int = 0) -> int:
-    self, dim = args[0], int(_arg(args, kwargs, i, "dim", default))
+    self, dim = args[0], int(arg(args, kwargs, i, "dim", default))
     return int(self.size(dim)) if self.dim() and -self.dim() <= dim < self.dim() else 1
 
 
 def _split_count(args: Args, kwargs: Kwargs) -> int:
-    size = int(_arg(args, kwargs, 1, "split_size", 1))
+    size = int(arg(args, kwargs, 1, "split_size", 1))
     return -(-_dim_size(args, kwargs, 2) // size) if size > 0 else 1
 
 
 def _sections(args: Args, kwargs: Kwargs) -> int:
-    value = _arg(args, kwargs, 1, "sections", 1)
+    value = arg(args, kwargs, 1, "sections", 1)
     if isinstance(value, list | tuple):
         return len(value) + 1
     if isinstance(value, torch.Tensor):
@@ -238,11 +222,11 @@ _LIST_COUNTS: dict[str, Callable[[Args, Kwargs], int]] = {
     "aten::split_copy": _split_count,
     "aten::unbind": lambda a, k: _dim_size(a, k, 1),
     "aten::unbind_copy": lambda a, k: _dim_size(a, k, 1),
-    "aten::chunk": lambda a, k: int(_arg(a, k, 1, "chunks", 1)),
-    "aten::unsafe_chunk": lambda a, k: int(_arg(a, k, 1, "chunks", 1)),
-    "aten::split_with_sizes": lambda a, k: len(_arg(a, k, 1, "split_sizes", [])),
-    "aten::unsafe_split_with_sizes": lambda a, k: len(_arg(a, k, 1, "split_sizes", [])),
-    "aten::split_with_sizes_copy": lambda a, k: len(_arg(a, k, 1, "split_sizes", [])),
+    "aten::chunk": lambda a, k: int(arg(a, k, 1, "chunks", 1)),
+    "aten::unsafe_chunk": lambda a, k: int(arg(a, k, 1, "chunks", 1)),
+    "aten::split_with_sizes": lambda a, k: len(arg(a, k, 1, "split_sizes", [])),
+    "aten::unsafe_split_with_sizes": lambda a, k: len(arg(a, k, 1, "split_sizes", [])),
+    "aten::split_with_sizes_copy": lambda a, k: len(arg(a, k, 1, "split_sizes", [])),
     "aten::tensor_split": _sections,
     "aten::hsplit": _sections,
     "aten::vsplit": _sections,
@@ -255,7 +239,7 @@ def check_counts(op: torch._ops.OpOverload, msg_lists: Sequence[int], args: Args
     if any(n > MAX_TENSORS for n in msg_lists):
         raise InvalidArgument(f"a tensor list argument of {max(msg_lists)} tensors; at most {MAX_TENSORS}")
     count = _LIST_COUNTS.get(op._schema.name)
-    n = 0 if count is None else int(_checked(op._schema.name, count, args, kwargs))
+    n = 0 if count is None else int(checked(op._schema.name, count, args, kwargs))
     if n > MAX_TENSORS:
         raise InvalidArgument(f"{op._schema.name} would return {n} tensors; at most {MAX_TENSORS}")
 
@@ -291,19 +275,9 @@ def check_enums(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs) -> None:
 
 
 def check_inputs(args: Args, kwargs: Kwargs, limit: int) -> None:
-    for t in _tensors(list(args) + list(kwargs.values())):
+    for t in tensors(list(args) + list(kwargs.values())):
         if t.numel() > limit:
             raise ResourceExhausted(
                 f"a tensor argument has {t.numel()} elements (an expanded view?), more than the {limit} "
                 "elements the session's memory quota could hold"
             )
-
-
-def _tensors(values: list[Any]) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            found.append(v)
-        elif isinstance(v, list | tuple):
-            found.extend(t for t in v if isinstance(t, torch.Tensor))
-    return found

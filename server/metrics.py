@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from grpc import StatusCode
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -32,12 +33,14 @@ class Ledger:
         self._lock = threading.Lock()
         self.busy: dict[tuple[int, str], float] = defaultdict(float)  # (device, tenant) -> seconds
         self.ops: dict[tuple[int, str], int] = defaultdict(int)
-        self.errors: dict[tuple[int, str, str], int] = defaultdict(int)  # (device, tenant, code)
+        self.errors: dict[tuple[int, str, StatusCode], int] = defaultdict(int)  # (device, tenant, code)
         self.transfers: dict[str, int] = {"upload": 0, "download": 0}
         self.device_busy: dict[int, float] = defaultdict(float)
         self.graphs: dict[tuple[int, str, str], int] = defaultdict(int)  # (device, tenant, event)
 
-    def add(self, session: FrontSession, ops: int, errors: dict[str, int], uploaded: int, downloaded: int) -> None:
+    def add(
+        self, session: FrontSession, ops: int, errors: dict[StatusCode, int], uploaded: int, downloaded: int
+    ) -> None:
         """What one slice of a session did (as its worker reported it)."""
         key = (session.device.index, session.tenant)
         with self._lock:
@@ -131,7 +134,7 @@ class DaemonCollector(Collector):
         for (i, tenant), n in snap["ops"].items():
             t_ops.add_metric([host, str(i), ids[i][0], tenant], n)
         for (i, tenant, code), n in snap["errors"].items():
-            t_err.add_metric([host, str(i), ids[i][0], tenant, code], n)
+            t_err.add_metric([host, str(i), ids[i][0], tenant, code.name], n)
         yield from (t_busy, t_ops, t_err)
 
         graphs = CounterMetricFamily(

@@ -1,5 +1,5 @@
-"""The op table: aten overload names -> callables, through an allowlist of what a remote client may run,
-and the memory an op will allocate, computed on the `meta` device before anything real is allocated.
+"""The op table: aten overload names -> callables, through an allowlist of what a remote client may run.
+(The memory an op will allocate is sizing.py's business.)
 
 Deny by default: an op runs only if its overload is listed in allowed_ops.txt (generated from torch's OpInfo
 database and traced models by scripts/gen_allowlist.py, then reviewed); anything else is PERMISSION_DENIED
@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map
 
 from gpupool.errors import InvalidArgument, PermissionDenied
 
@@ -137,99 +134,3 @@ def _resolve(name: str) -> torch._ops.OpOverload:
 
 
 # ---- memory an op allocates, from its meta kernel ----
-
-# The op has no meta kernel or a data-dependent output shape: its size is known only after running it.
-NO_META = -1
-_META = torch.device("meta")
-
-
-def _meta_key(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return ("T", value.dtype, tuple(value.shape), value.stride(), value.storage_offset())
-    if isinstance(value, list | tuple):
-        return tuple(_meta_key(v) for v in value)
-    if isinstance(value, float) and value != value:  # NaN != NaN would defeat the cache
-        return ("nan",)
-    return (type(value).__name__, value)
-
-
-class MetaSizer:
-    """How many new bytes an op will allocate, computed on `meta` tensors and cached by (op, metadata, args)."""
-
-    def __init__(self, max_entries: int = 8192) -> None:
-        self._cache: dict[Any, int] = {}
-        self._max = max_entries
-        self._lock = threading.Lock()
-
-    def new_bytes(self, op: torch._ops.OpOverload, args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
-        """Bytes of storage the op allocates or grows, or NO_META when only running it can tell."""
-        if torch.Tag.dynamic_output_shape in op.tags:
-            return NO_META
-        if _too_long(args) or _too_long(list(kwargs.values())):  # a key of megabytes, 8192 times over
-            return _meta_new_bytes(op, args, kwargs)
-        key = (op, _meta_key(tuple(args)), _meta_key(tuple(sorted(kwargs.items()))))
-        try:
-            hit = self._cache.get(key)
-        except TypeError:  # unhashable argument: compute without caching
-            return _meta_new_bytes(op, args, kwargs)
-        if hit is not None:
-            return hit
-        size = _meta_new_bytes(op, args, kwargs)
-        with self._lock:
-            if len(self._cache) >= self._max:
-                self._cache.clear()
-            self._cache[key] = size
-        return size
-
-
-def _too_long(values: Sequence[Any], limit: int = 256) -> bool:
-    return any(isinstance(v, list | tuple) and len(v) > limit for v in values)
-
-
-def _meta_new_bytes(op: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
-    storages: dict[int, torch.Tensor] = {}  # real storage id -> meta tensor sharing one meta storage
-
-    def to_meta(value: Any) -> Any:
-        if isinstance(value, torch.device):
-            return _META  # factories must not allocate for real while being sized
-        if not isinstance(value, torch.Tensor):
-            return value
-        real = value.untyped_storage()
-        base = storages.get(real._cdata)
-        if base is None:
-            base = torch.empty(real.nbytes(), dtype=torch.uint8, device="meta")
-            storages[real._cdata] = base
-        meta = torch.empty(0, dtype=value.dtype, device="meta")
-        meta.set_(base.untyped_storage(), value.storage_offset(), value.shape, value.stride())
-        return meta
-
-    meta_args = tree_map(to_meta, list(args))
-    meta_kwargs = tree_map(to_meta, dict(kwargs))
-    before = {b.untyped_storage()._cdata: b.untyped_storage().nbytes() for b in storages.values()}
-    try:
-        out = op(*meta_args, **meta_kwargs)
-    except NotImplementedError:
-        return NO_META
-    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-        if "meta" in str(exc).lower() and ("not implemented" in str(exc).lower() or "backend" in str(exc).lower()):
-            return NO_META
-        raise InvalidArgument(str(exc).split("\n")[0]) from None
-    total = 0
-    for b in storages.values():  # inputs grown by resize_/out= variants
-        s = b.untyped_storage()
-        total += max(0, s.nbytes() - before[s._cdata])
-    seen = set(before)
-    for t in _flatten(out):
-        s = t.untyped_storage()
-        if s._cdata not in seen:
-            seen.add(s._cdata)
-            total += s.nbytes()
-    return total
-
-
-def _flatten(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, list | tuple):
-        return [t for v in value for t in _flatten(v)]
-    return []

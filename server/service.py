@@ -2,7 +2,8 @@
 `create_server(daemon, address) -> (server, port, health)`.
 
 The Stream handler takes raw bytes and parses ClientFrames itself, so a malformed frame ends the stream
-with INVALID_ARGUMENT instead of an opaque deserialization failure.
+with INVALID_ARGUMENT instead of an opaque deserialization failure. Handlers raise gpupool errors; the server's
+`errors.ErrorInterceptor` turns them into statuses (the one translation at this edge).
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ from gpupool.server.daemon import END_OF_STREAM, Closed, Daemon
 from gpupool.server.front import FrontSession
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gpupool import tls
+from gpupool import protocol, tls
 from gpupool._proto import device_pb2
-from gpupool.errors import GpupoolError, InvalidArgument, Unauthenticated, abort, error_class
+from gpupool.errors import ErrorInterceptor, GpupoolError, InvalidArgument, Unauthenticated, error_class
 
 log = logging.getLogger(__name__)
-SESSION_METADATA = "gpupool-session"
 SERVICE = "gpupool.v1.Device"
 MAX_WORKERS = 256  # one thread per open stream plus unary calls; streams are long-lived, so be generous
 
@@ -36,10 +36,7 @@ class DeviceServicer:
         self.daemon = daemon
 
     def Attach(self, request: device_pb2.AttachRequest, context: grpc.ServicerContext) -> device_pb2.AttachReply:
-        try:
-            s = self.daemon.attach(request.token)
-        except GpupoolError as exc:
-            abort(context, exc)
+        s = self.daemon.attach(request.token)
         return device_pb2.AttachReply(
             session_id=s.session_id,
             handle_base=s.handle_base,
@@ -49,10 +46,7 @@ class DeviceServicer:
         )
 
     def Detach(self, request: device_pb2.DetachRequest, context: grpc.ServicerContext) -> device_pb2.DetachReply:
-        try:
-            self.daemon.detach(request.session_id)
-        except GpupoolError as exc:
-            abort(context, exc)
+        self.daemon.detach(request.session_id)
         return device_pb2.DetachReply()
 
     def Status(self, request: device_pb2.StatusRequest, context: grpc.ServicerContext) -> device_pb2.StatusReply:
@@ -61,23 +55,17 @@ class DeviceServicer:
     def RefreshToken(
         self, request: device_pb2.RefreshTokenRequest, context: grpc.ServicerContext
     ) -> device_pb2.RefreshTokenReply:
-        try:
-            expires_at = self.daemon.refresh(self.daemon.session(request.session_id), request.token)
-        except GpupoolError as exc:
-            abort(context, exc)
+        expires_at = self.daemon.refresh(self.daemon.session(request.session_id), request.token)
         return device_pb2.RefreshTokenReply(expires_at=expires_at)
 
     def Stream(
         self, requests: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[device_pb2.ServerFrame | bytes]:
-        session_id = dict(context.invocation_metadata()).get(SESSION_METADATA, "")
+        session_id = dict(context.invocation_metadata()).get(protocol.SESSION_METADATA, "")
         if not session_id:
-            abort(context, Unauthenticated(f"missing '{SESSION_METADATA}' metadata: Attach first"))
-        try:
-            s = self.daemon.session(str(session_id))
-            self.daemon.claim_stream(s)
-        except GpupoolError as exc:
-            abort(context, exc)
+            raise Unauthenticated(f"missing '{protocol.SESSION_METADATA}' metadata: Attach first")
+        s = self.daemon.session(str(session_id))
+        self.daemon.claim_stream(s)
         reader = threading.Thread(target=self._read, args=(s, requests), name=f"gpupool-read-{s.number}", daemon=True)
         reader.start()
         try:
@@ -133,9 +121,9 @@ class DeviceServicer:
                 yield item
                 self.daemon.replied(s, item)
             elif isinstance(item, Closed):
-                context.abort(error_class(item.code).code, f"session closed: {item.reason}")
+                raise error_class(item.code)(f"session closed: {item.reason}")
             elif isinstance(item, GpupoolError):
-                abort(context, item)
+                raise item
             else:
                 yield from item  # a download's chunk frames, already serialized
                 self.daemon.replied(s, item)
@@ -192,6 +180,7 @@ def create_server(daemon: Daemon, address: str) -> tuple[grpc.Server, int, healt
         options=server_options(daemon.config.max_message_bytes),
         # Beyond this many RPCs at once, new ones fail fast with RESOURCE_EXHAUSTED instead of queueing forever.
         maximum_concurrent_rpcs=MAX_WORKERS - 8,
+        interceptors=[ErrorInterceptor()],
     )
     server.add_generic_rpc_handlers((_handlers(DeviceServicer(daemon)),))
     health_servicer = health.HealthServicer()

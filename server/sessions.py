@@ -12,10 +12,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import torch
 from gpupool.server.cost import FAKE_GPU_FLOPS, REAL_GPU_FLOPS
 from gpupool.server.devices import Device
 
+from gpupool._proto import tensor_pb2
 from gpupool.errors import (
     FailedPrecondition,
     GpupoolError,
@@ -23,6 +25,8 @@ from gpupool.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    from_status,
+    to_proto,
 )
 
 HANDLE_BITS = 32
@@ -34,9 +38,23 @@ MAX_HANDLES = 1 << 18
 class Poison:
     """Why a handle has no tensor: the failure of the op that should have produced it."""
 
-    code: str
+    code: grpc.StatusCode
     op: str
     message: str
+    used_bytes: int | None = None  # a memory refusal's numbers (errors.ResourceExhausted)
+    limit_bytes: int | None = None
+
+    @classmethod
+    def of(cls, exc: GpupoolError, op: str) -> Poison:
+        """The poison of a failed command `op` (its name, or "" for commands that are not ops)."""
+        if isinstance(exc, ResourceExhausted):
+            return cls(exc.code, op, exc.message, exc.used_bytes, exc.limit_bytes)
+        return cls(exc.code, op, exc.message)
+
+    def to_proto(self) -> tensor_pb2.Error:
+        """The op stream's Error message that reports this failure."""
+        exc = from_status(self.code, self.message, self.op, used_bytes=self.used_bytes, limit_bytes=self.limit_bytes)
+        return to_proto(exc)
 
 
 @dataclass
@@ -48,7 +66,7 @@ class DeviceMemory:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class Session:
+class WorkerSession:
     """Tensor state of one session, inside its worker (or, with `--isolation thread`, the daemon): handles,
     storages and their accounting. Mutated only by the thread running the session's commands."""
 
@@ -118,13 +136,17 @@ class Session:
         """Refuse an allocation of `new_bytes` that would exceed the quota or the device capacity."""
         if self.used + new_bytes > self.quota:
             raise ResourceExhausted(
-                f"memory quota exceeded: {new_bytes} bytes requested, {self.used} used of a {self.quota} byte limit"
+                f"memory quota exceeded: {new_bytes} bytes requested, {self.used} used of a {self.quota} byte limit",
+                used_bytes=self.used,
+                limit_bytes=self.quota,
             )
         dev = self.memory
         if dev.used + new_bytes > dev.device.capacity:
             raise ResourceExhausted(
                 f"device {dev.device.index} full: {new_bytes} bytes requested, "
-                f"{dev.used} used of {dev.device.capacity} bytes"
+                f"{dev.used} used of {dev.device.capacity} bytes",
+                used_bytes=dev.used,
+                limit_bytes=dev.device.capacity,
             )
 
     def _account(self, delta: int) -> None:

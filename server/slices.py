@@ -18,24 +18,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from grpc import StatusCode
+
 from gpupool._proto import device_pb2
 from gpupool.errors import InvalidArgument, ResourceExhausted
+from gpupool.protocol import FRAME_COMMANDS_TAG, GET, SYNC
 
-# Command kinds, from the tag of the field set in a Command (device.proto's oneof numbers).
-OP, UPLOAD, GET, FREE, SEED, SYNC = 1, 2, 3, 4, 5, 6
-ANSWERED = (GET, SYNC)  # commands that produce replies
-_COMMANDS_TAG = 0x0A  # ClientFrame.commands = 1, length-delimited
+ANSWERED = (GET, SYNC)  # commands that produce replies (command kinds: gpupool.wire)
+_COMMANDS_TAG = FRAME_COMMANDS_TAG[0]
 
 # The status codes a worker may report errors under (anything else is a lie and becomes INTERNAL).
 CODES = (
-    "INVALID_ARGUMENT",
-    "UNAUTHENTICATED",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "UNAVAILABLE",
-    "NOT_FOUND",
-    "INTERNAL",
+    StatusCode.INVALID_ARGUMENT,
+    StatusCode.UNAUTHENTICATED,
+    StatusCode.PERMISSION_DENIED,
+    StatusCode.RESOURCE_EXHAUSTED,
+    StatusCode.FAILED_PRECONDITION,
+    StatusCode.UNAVAILABLE,
+    StatusCode.NOT_FOUND,
+    StatusCode.INTERNAL,
 )
 
 
@@ -154,7 +155,7 @@ class SliceResult:
     handles: int = 0  # handles the session holds (live, poisoned, uploading)
     uploaded: int = 0
     downloaded: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
+    errors: dict[StatusCode, int] = field(default_factory=dict)
     events: dict[str, int] = field(default_factory=dict)  # step capture's graph events ("replayed", ...)
     replies: list[bytes | list[bytes]] = field(default_factory=list)  # a frame, or a download's frames
     error_pending: bool = False  # an error waits for the next Sync (else the daemon may answer a Sync itself)
@@ -178,7 +179,7 @@ def encode_result(r: SliceResult) -> list[bytes]:
         )
     ]
     for code, n in r.errors.items():
-        parts.append(struct.pack("<BI", CODES.index(code) if code in CODES else CODES.index("INTERNAL"), n))
+        parts.append(struct.pack("<BI", CODES.index(code) if code in CODES else CODES.index(StatusCode.INTERNAL), n))
     for event, n in r.events.items():
         name = event.encode()[:32]
         parts.append(struct.pack("<BI", len(name), n) + name)
@@ -192,14 +193,14 @@ def encode_result(r: SliceResult) -> list[bytes]:
     return [struct.pack("<I", body_len), *parts]
 
 
-def decode_result(body: bytes | bytearray, commands: int) -> SliceResult:
+def decode_result(body: bytes | bytearray | memoryview, commands: int) -> SliceResult:
     """Parse a worker's result; raises ValueError on anything malformed or impossible."""
     view = memoryview(body)
     executed, seconds, used, ops, handles, up, down, n_err, n_ev, n_rep, flags = _RES.unpack_from(view, 0)
     if executed > commands or not 0.0 <= seconds < 1e6 or min(used, ops, handles, up, down) < 0:
         raise ValueError("impossible slice result")
     pos = _RES.size
-    errors: dict[str, int] = {}
+    errors: dict[StatusCode, int] = {}
     for _ in range(min(n_err, len(CODES))):
         code, n = struct.unpack_from("<BI", view, pos)
         pos += 5
@@ -236,10 +237,10 @@ def decode_result(body: bytes | bytearray, commands: int) -> SliceResult:
 
 
 class SliceLedger:
-    """The executor's Ledger inside a worker: counts for one slice, reported to the daemon's real ledger."""
+    """The executor's CommandLedger inside a worker: counts for one slice, reported to the daemon's real ledger."""
 
     def __init__(self) -> None:
-        self.errors: dict[str, int] = {}
+        self.errors: dict[StatusCode, int] = {}
         self.events: dict[str, int] = {}
         self.uploaded = 0
         self.downloaded = 0
@@ -247,7 +248,7 @@ class SliceLedger:
     def op(self, session: Any) -> None:
         pass  # the session's own `ops` counter is reported instead
 
-    def error(self, session: Any, code: str) -> None:
+    def error(self, session: Any, code: StatusCode) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
 
     def transfer(self, direction: str, nbytes: int) -> None:

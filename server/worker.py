@@ -2,7 +2,7 @@
 daemon (`InlineRunner`, `--isolation thread`, for measuring what isolation costs and for hosts without fork).
 
 A worker is forked from the zygote (zygote.py) and runs `worker_main`: it confines itself (sandbox.py), builds
-the session's tensor state (sessions.Session) and a CommandExecutor, and then answers slice requests on its
+the session's tensor state (sessions.WorkerSession) and a CommandExecutor, and then answers slice requests on its
 socket until the daemon closes it. Everything the session allocates lives and dies with this process, so a
 segfault, abort or CUDA device-side assert in a kernel ends this session only.
 """
@@ -85,10 +85,10 @@ class _SessionState:
 
     def __init__(self, spec: WorkerSpec) -> None:
         from gpupool.server.executor import CommandExecutor
-        from gpupool.server.sessions import DeviceMemory, Session
+        from gpupool.server.sessions import DeviceMemory, WorkerSession
 
         self.device = _device(spec)
-        self.session = Session(
+        self.session = WorkerSession(
             spec.session_id,
             spec.number,
             self.device,

@@ -53,7 +53,7 @@ def token_key_file(tmp_path: Path, token_key: bytes) -> Path:
 def daemon_factory(token_key: bytes) -> Iterator[DaemonFactory]:
     """Start in-process daemons: `daemon_factory(fake_gpus=2, fake_gpu_memory=64 * MiB, **Config fields)`."""
     from gpupool.server.app import RunningDaemon
-    from gpupool.server.daemon import Config
+    from gpupool.server.daemon import DaemonConfig
 
     started: list[RunningDaemon] = []
 
@@ -71,7 +71,7 @@ def daemon_factory(token_key: bytes) -> Iterator[DaemonFactory]:
         seed = fields["token_key"]
         if isinstance(seed, bytes):
             fields["token_key"] = verifier(seed)  # the daemon holds the public key only
-        running = RunningDaemon(Config(**fields))
+        running = RunningDaemon(DaemonConfig(**fields))
         started.append(running)
         return DaemonHandle(
             running.address, seed, fields["host_id"], running=running, metrics_port=running.metrics_port

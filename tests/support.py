@@ -273,13 +273,16 @@ class Program:
 
 class Healthy:
     """A neighbour session doing verified work (matmuls, downloads, scalars) in a background thread: `check()`
-    fails if any of it was wrong or failed while the test harmed its own session."""
+    fails if any of it was wrong or failed while the test harmed its own session. `pause`: seconds between
+    iterations (a neighbour that leaves the device to the session under test most of the time)."""
 
-    def __init__(self, address: str, token: str) -> None:
+    def __init__(self, address: str, token: str, pause: float = 0.0) -> None:
         self.session = Session.attach(address, token)
+        self.pause = pause
         self.iterations = 0
         self.failures: list[BaseException] = []
         self._stop = threading.Event()
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
@@ -296,15 +299,30 @@ class Healthy:
                 assert torch.equal(got, x @ x) and value == (x @ x).sum().item()
                 s.free([h, y, total])
                 self.iterations += 1
+                if self.pause:
+                    self._stop.wait(self.pause)
         except BaseException as exc:  # reported by check()
             self.failures.append(exc)
 
-    def check(self, min_iterations: int = 3) -> None:
-        start = self.iterations
+    def check(self, min_iterations: int = 3, timeout: float = 60.0) -> None:
+        """Wait for `min_iterations` more verified iterations (at most `timeout` s), then stop and detach; a
+        second call checks nothing more."""
+        if self._closed:
+            return
+        start, deadline = self.iterations, time.monotonic() + timeout
         while self.iterations < start + min_iterations and not self.failures and self._thread.is_alive():
+            if time.monotonic() > deadline:
+                break
             self._stop.wait(0.05)
-        self._stop.set()
-        self._thread.join(timeout=30)
+        self.close()
         assert not self.failures, self.failures
         assert self.iterations >= min_iterations
+
+    def close(self) -> None:
+        """Stop the work and detach (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._thread.join(timeout=30)
         self.session.close()

@@ -28,7 +28,8 @@ def leased_count() -> int:
     if os.environ.get("GPUPOOL_LEASE"):
         from gpupool.client.pool import Lease
 
-        return len(Lease.from_env().devices)
+        lease = Lease.from_env()
+        return len(lease.devices) if lease is not None else 1
     return max(1, gt.device_count())
 
 

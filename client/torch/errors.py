@@ -8,33 +8,34 @@ points. Here they become what torch code is written to catch: a memory-quota ref
 
 from __future__ import annotations
 
-import re
-
+import grpc
 import torch
 
 from gpupool import errors
 
 
 class RemoteError(RuntimeError, errors.GpupoolError):
-    """An aten op (or a transfer) failed on the daemon; `op` names it, `code` is the gRPC status name."""
+    """An aten op (or a transfer) failed on the daemon; `op` names it, `code` is its gRPC status."""
 
-    def __init__(self, message: str, *, op: str = "", code: str = "UNKNOWN") -> None:
+    def __init__(self, message: str, *, op: str = "", code: grpc.StatusCode = grpc.StatusCode.UNKNOWN) -> None:
         errors.GpupoolError.__init__(self, message, op=op)
-        self.code_name = code
+        self.code = code
 
     def __str__(self) -> str:
         return errors.GpupoolError.__str__(self)
 
 
 class OutOfMemoryError(torch.OutOfMemoryError, errors.ResourceExhausted):
-    """The session's memory quota refused an allocation; `used_bytes`/`limit_bytes` when the daemon said so.
+    """The session's memory quota refused an allocation; `used_bytes`/`limit_bytes` when the daemon sent them
+    (the op stream's `Error` fields, never parsed out of the message).
 
     The session stays usable: free tensors (drop references) and carry on.
     """
 
-    def __init__(self, message: str, *, op: str = "") -> None:
-        errors.ResourceExhausted.__init__(self, message, op=op)
-        self.used_bytes, self.limit_bytes = _used_and_limit(message)
+    def __init__(
+        self, message: str, *, op: str = "", used_bytes: int | None = None, limit_bytes: int | None = None
+    ) -> None:
+        errors.ResourceExhausted.__init__(self, message, op=op, used_bytes=used_bytes, limit_bytes=limit_bytes)
 
     def __str__(self) -> str:
         return errors.GpupoolError.__str__(self)
@@ -49,30 +50,14 @@ class DeviceLost(RemoteError):
     """The daemon went away (or the session was closed): tensors of that device are gone."""
 
 
-_NUM = r"(\d[\d,_]*)"
-
-
-def _used_and_limit(message: str) -> tuple[int | None, int | None]:
-    """Best-effort parse of the used and limit byte counts out of the daemon's quota message
-    ("... 123 used of a 456 byte limit", "used: 123, limit: 456")."""
-    used = re.search(_NUM + r" (?:bytes )?used", message) or re.search(r"used:? " + _NUM, message)
-    limit = re.search(_NUM + r" bytes? (?:limit|quota)", message) or re.search(r"(?:limit|quota):? " + _NUM, message)
-
-    def num(m: re.Match[str] | None) -> int | None:
-        return int(m.group(1).replace(",", "").replace("_", "")) if m else None
-
-    return num(used), num(limit)
-
-
 def translate(exc: BaseException) -> BaseException:
     """The exception a torch user sees for an error of the session client."""
     if isinstance(exc, OutOfMemoryError | RemoteError):
         return exc
     if isinstance(exc, errors.ResourceExhausted):
-        return OutOfMemoryError(exc.message, op=exc.op)
+        return OutOfMemoryError(exc.message, op=exc.op, used_bytes=exc.used_bytes, limit_bytes=exc.limit_bytes)
     if isinstance(exc, errors.Unavailable | errors.FailedPrecondition):
-        return DeviceLost(exc.message, op=exc.op, code=exc.code.name)
+        return DeviceLost(exc.message, op=exc.op, code=exc.code)
     if isinstance(exc, errors.GpupoolError):
-        code = exc.code.name if hasattr(exc.code, "name") else str(exc.code)
-        return RemoteError(exc.message, op=exc.op, code=code)
+        return RemoteError(exc.message, op=exc.op, code=exc.code)
     return exc

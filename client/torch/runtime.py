@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, NoReturn, Protocol
 
+import grpc
 import torch
 
 from . import errors
@@ -109,7 +110,9 @@ class DeviceRuntime:
 
     def _check_open(self) -> None:
         if self.closed:
-            raise errors.DeviceLost(f"{self.device} is detached; its tensors are gone", code="FAILED_PRECONDITION")
+            raise errors.DeviceLost(
+                f"{self.device} is detached; its tensors are gone", code=grpc.StatusCode.FAILED_PRECONDITION
+            )
 
     def _raise(self, exc: Exception) -> NoReturn:
         """Re-raise a session failure as what a torch user catches (`errors.translate`)."""
@@ -269,7 +272,7 @@ class DeviceRuntime:
 
 def translate_and_mark(rt: DeviceRuntime, exc: BaseException) -> BaseException:
     out = errors.translate(exc)
-    if isinstance(out, errors.DeviceLost) and out.code_name == "UNAVAILABLE":
+    if isinstance(out, errors.DeviceLost) and out.code is grpc.StatusCode.UNAVAILABLE:
         log.warning("%s lost: %s", rt.device, out)
     return out
 

@@ -416,22 +416,38 @@ class Error(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     OP_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    USED_BYTES_FIELD_NUMBER: _builtins.int
+    LIMIT_BYTES_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """grpc.StatusCode name, e.g. "INVALID_ARGUMENT" """
     op: _builtins.str
     """e.g. "aten::add.Tensor"; empty for non-op commands"""
     message: _builtins.str
+    used_bytes: _builtins.int
+    """A memory refusal (RESOURCE_EXHAUSTED) of a quota or a device: the bytes in use had the allocation gone
+    ahead, and the limit it ran into. Absent for every other error.
+    """
+    limit_bytes: _builtins.int
     def __init__(
         self,
         *,
         code: _builtins.str = ...,
         op: _builtins.str = ...,
         message: _builtins.str = ...,
+        used_bytes: _builtins.int | None = ...,
+        limit_bytes: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_limit_bytes", b"_limit_bytes", "_used_bytes", b"_used_bytes", "limit_bytes", b"limit_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "op", b"op"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit_bytes", b"_limit_bytes", "_used_bytes", b"_used_bytes", "code", b"code", "limit_bytes", b"limit_bytes", "message", b"message", "op", b"op", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__limit_bytes: _TypeAlias = _typing.Literal["limit_bytes"]  # noqa: Y015
+    _WhichOneofArgType__limit_bytes: _TypeAlias = _typing.Literal["_limit_bytes", b"_limit_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__used_bytes: _TypeAlias = _typing.Literal["used_bytes"]  # noqa: Y015
+    _WhichOneofArgType__used_bytes: _TypeAlias = _typing.Literal["_used_bytes", b"_used_bytes"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__limit_bytes) -> _WhichOneofReturnType__limit_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__used_bytes) -> _WhichOneofReturnType__used_bytes | None: ...
 
 Global___Error: _TypeAlias = Error  # noqa: Y015

@@ -4,6 +4,7 @@ connect - TLS material, say - reaches these tests without touching them)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
@@ -23,14 +24,14 @@ def up_env(log: str) -> dict[str, str]:
     return dict(EXPORT_RE.findall(log))
 
 
-@pytest.fixture(scope="module")
-def pool_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A running `gpupool up` with one fake GPU; yields the client environment and stops the pool in teardown."""
-    tmp = tmp_path_factory.mktemp("pool")
+@contextlib.contextmanager
+def gpupool_up(tmp: Path, *flags: str) -> Iterator[dict[str, str]]:
+    """A running `gpupool up FLAGS` (fake GPUs, loopback, port 0, state and log in `tmp`); yields the client
+    environment and stops the pool after."""
     log_path = tmp / "up.log"
-    cmd = [sys.executable, "-m", "gpupool.cli", "up", "--fake-gpus", "1", "--scheduler-listen", "127.0.0.1:0",
-           "--listen", "127.0.0.1:0", "--metrics-listen", "0", "--scheduler-metrics-listen", "0",
-           "--state", str(tmp / "scheduler.db")]  # fmt: skip
+    cmd = [sys.executable, "-m", "gpupool.cli", "up", "--scheduler-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0",
+           "--metrics-listen", "0", "--scheduler-metrics-listen", "0", "--state", str(tmp / "scheduler.db"),
+           *flags]  # fmt: skip
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
@@ -48,3 +49,10 @@ def pool_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def pool_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A running `gpupool up` with one fake GPU; yields the client environment and stops the pool in teardown."""
+    with gpupool_up(tmp_path_factory.mktemp("pool"), "--fake-gpus", "1") as env:
+        yield env

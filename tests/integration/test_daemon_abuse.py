@@ -22,7 +22,7 @@ import pytest
 import torch
 from gpupool.client.session import Handle, Session
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import DaemonHandle, MiB, start_serve_process, stop_process, tls_channel
+from support import DaemonHandle, Healthy, MiB, start_serve_process, stop_process, tls_channel
 
 from gpupool import errors
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
@@ -47,60 +47,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonHandle]:
     assert stop_process(proc) == 0
 
 
-class Neighbour:
-    """A healthy session doing a fixed, verified computation in a background thread."""
-
-    def __init__(self, daemon: DaemonHandle) -> None:
-        self.session = Session.attach(daemon.address, daemon.token(tenant="neighbour", quota_bytes=QUOTA))
-        self.iterations = 0
-        self.failures: list[BaseException] = []
-        self.checked = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        s = self.session
-        gen = torch.Generator().manual_seed(7)
-        try:
-            while not self._stop.is_set():
-                x = torch.randn(16, 16, generator=gen)
-                h = Handle(s.upload(x))
-                [y] = s.call("aten::mm.default", h, h)
-                [z] = s.call("aten::add.Tensor", y, h, alpha=2)
-                got = s.download(z)
-                assert torch.equal(got, torch.add(x @ x, x, alpha=2))
-                s.free([h, y, z])
-                self.iterations += 1
-                self._stop.wait(0.01)
-        except BaseException as exc:  # reported by check()
-            self.failures.append(exc)
-
-    def check(self, min_iterations: int = 2) -> None:
-        """Wait for a few more verified iterations, then stop and detach (once)."""
-        if self.checked:
-            return
-        self.checked = True
-        start = self.iterations
-        deadline = time.monotonic() + 60
-        while self.iterations < start + min_iterations and not self.failures and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self._stop.set()
-        self._thread.join(timeout=30)
-        assert not self.failures, self.failures
-        assert self.iterations >= min_iterations
-        self.session.close()
-
-
 @pytest.fixture
-def neighbour(served: DaemonHandle) -> Iterator[Neighbour]:
-    n = Neighbour(served)
+def neighbour(served: DaemonHandle) -> Iterator[Healthy]:
+    n = Healthy(served.address, served.token(tenant="neighbour", quota_bytes=QUOTA), pause=0.01)
     yield n
-    n.check()
+    n.check(min_iterations=2)
 
 
 @pytest.fixture
-def bad(served: DaemonHandle, neighbour: Neighbour) -> Iterator[Session]:
+def bad(served: DaemonHandle, neighbour: Healthy) -> Iterator[Session]:
     with Session.attach(served.address, served.token(tenant="abuser", quota_bytes=QUOTA)) as s:
         yield s
 
@@ -378,7 +333,7 @@ def _raw_stream(daemon: DaemonHandle, token: str) -> tuple[grpc.Channel, str, An
     return channel, reply.session_id, (reply.handle_base, stream)
 
 
-def test_ten_thousand_tiny_frames(served: DaemonHandle, neighbour: Neighbour) -> None:
+def test_ten_thousand_tiny_frames(served: DaemonHandle, neighbour: Healthy) -> None:
     channel, sid, (base, stream) = _raw_stream(served, served.token(quota_bytes=QUOTA))
     with channel:
         x = base + 1
@@ -394,7 +349,7 @@ def test_ten_thousand_tiny_frames(served: DaemonHandle, neighbour: Neighbour) ->
         assert first.sync.values[0].f == 10_000.0 and not first.sync.HasField("error")
 
 
-def test_a_client_that_never_reads_is_pushed_back(served: DaemonHandle, neighbour: Neighbour) -> None:
+def test_a_client_that_never_reads_is_pushed_back(served: DaemonHandle, neighbour: Healthy) -> None:
     channel, sid, (base, stream) = _raw_stream(served, served.token(quota_bytes=QUOTA))
     with channel:
         x = base + 1
@@ -427,7 +382,7 @@ def test_a_client_that_never_reads_is_pushed_back(served: DaemonHandle, neighbou
     assert public_session_id(sid) not in {s.session_id for s in status(served).sessions}
 
 
-def test_attach_detach_churn(served: DaemonHandle, neighbour: Neighbour) -> None:
+def test_attach_detach_churn(served: DaemonHandle, neighbour: Healthy) -> None:
     failures: list[BaseException] = []
 
     def churn(n: int) -> None:
@@ -459,7 +414,7 @@ def test_attach_detach_churn(served: DaemonHandle, neighbour: Neighbour) -> None
     assert balanced  # every closed session's memory came back to the device
 
 
-def test_slow_loris_connections(served: DaemonHandle, neighbour: Neighbour) -> None:
+def test_slow_loris_connections(served: DaemonHandle, neighbour: Healthy) -> None:
     host, port = served.address.rsplit(":", 1)
     socks = []
     try:

@@ -27,11 +27,10 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from gpupool.client.session import Handle, Session
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import DaemonHandle, MiB, start_serve_process, stop_process, tls_channel
+from support import DaemonHandle, Healthy, MiB, start_serve_process, stop_process, tls_channel
 
 from gpupool import wire
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
@@ -258,33 +257,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonHandle]:
     assert stop_process(proc) == 0
 
 
-class Neighbour(threading.Thread):
-    """Computes (x @ x + x).sum(dim=0) for a fixed x over and over, checking it bit-exact."""
-
-    def __init__(self, daemon: DaemonHandle) -> None:
-        super().__init__(daemon=True)
-        self.session = Session.attach(daemon.address, daemon.token(tenant="neighbour", quota_bytes=QUOTA))
-        self.x = torch.randn(24, 24, generator=torch.Generator().manual_seed(1))
-        self.expected = (self.x @ self.x + self.x).sum(dim=0)
-        self.iterations = 0
-        self.failures: list[BaseException] = []
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        s = self.session
-        try:
-            while not self.stop.is_set():
-                h = Handle(s.upload(self.x))
-                [y] = s.call("aten::mm.default", h, h)
-                [z] = s.call("aten::add.Tensor", y, h)
-                [r] = s.call("aten::sum.dim_IntList", z, [0])
-                assert torch.equal(s.download(r), self.expected)
-                s.free([h, y, z, r])
-                self.iterations += 1
-        except BaseException as exc:
-            self.failures.append(exc)
-
-
 def _prefix(base: int) -> bytes:
     """Four small tensors the fuzzed commands can use: float [4,4], int64 [4], bool [4], float scalar."""
     values = [
@@ -345,8 +317,7 @@ def run_session(daemon: DaemonHandle, stub: Any, channel: grpc.Channel, base: in
 
 @pytest.mark.slow
 def test_fuzzed_frames_harm_nothing(served: DaemonHandle) -> None:
-    neighbour = Neighbour(served)
-    neighbour.start()
+    neighbour = Healthy(served.address, served.token(tenant="neighbour", quota_bytes=QUOTA))
     channel = tls_channel(served.address, options=[("grpc.max_receive_message_length", 64 * MiB)])
     stub = device_pb2_grpc.DeviceStub(channel)
     seen: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -386,9 +357,7 @@ def test_fuzzed_frames_harm_nothing(served: DaemonHandle) -> None:
             time.sleep(0.05)
         assert not others and balanced, (others, status.devices[0].used_bytes)
     finally:
-        neighbour.stop.set()
-        neighbour.join(timeout=30)
-        neighbour.session.close()
+        neighbour.close()
         channel.close()
     assert not neighbour.failures, neighbour.failures
     counts = collections.Counter()

@@ -22,8 +22,7 @@ import pytest
 from gpupool.client.pool import SchedulerClient
 from gpupool.client.session import Session
 from gpupool.scheduler.auth import credential_line
-from gpupool.scheduler.cli import Config as SchedulerConfig
-from gpupool.scheduler.cli import SchedulerServer
+from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
 from gpupool.server.registration import Registrar
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import DaemonFactory, get_pki, mint_token, plaintext_channel

@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import shim_fixtures
 import torch
@@ -77,7 +78,7 @@ def test_daemon_killed_mid_training_raises_within_10s(tmp_path: Path) -> None:
                 loss.item()
         assert killed, "training ended before the daemon was killed"
         assert time.monotonic() - killed[0] < 10.0
-        assert info.value.code_name == "UNAVAILABLE"
+        assert info.value.code is grpc.StatusCode.UNAVAILABLE
     finally:
         gt.detach_all()
         stop_process(daemon.process)

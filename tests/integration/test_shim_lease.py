@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from examples_fixtures import gpupool_up
 from gpupool.client.pool import SchedulerClient, lease
 from gpupool.client.torch import runtime
-from scheduler_fixtures import ROOT, Proc, wait_until
+from scheduler_fixtures import ROOT, wait_until
 
 import gpupool.torch as gt
 
@@ -34,16 +35,8 @@ print("trained", d, x.sum().item(), rt.session.share, rt.session.quota_bytes, fl
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A `gpupool up` with two 512 MiB fake GPUs; yields the scheduler address."""
-    tmp = tmp_path_factory.mktemp("up")
-    proc = Proc(
-        ["up", "--fake-gpus", "2", "--fake-gpu-memory", "512MiB", "--scheduler-listen", "127.0.0.1:0",
-         "--listen", "127.0.0.1:0", "--state", str(tmp / "scheduler.db"),
-         "--metrics-listen", "127.0.0.1:0", "--scheduler-metrics-listen", "127.0.0.1:0"]
-    )  # fmt: skip
-    try:
-        yield proc.wait_for(r"export GPUPOOL_SCHEDULER=(\S+)", timeout=120).group(1)
-    finally:
-        proc.stop()
+    with gpupool_up(tmp_path_factory.mktemp("up"), "--fake-gpus", "2", "--fake-gpu-memory", "512MiB") as env:
+        yield env["GPUPOOL_SCHEDULER"]
 
 
 def no_leases(address: str) -> bool:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 from gpupool.scheduler.placement import Request, fraction_units, place, size_on, validate
-from gpupool.scheduler.pool import HOST_DOWN, SHARE_UNITS, Device, Grant, Host, Pool
+from gpupool.scheduler.pool import SHARE_UNITS, Grant, Host, Pool, PoolDevice
 
 from gpupool.errors import InvalidArgument
+from gpupool.protocol import HostState
 
 GiB = 1024**3
 
@@ -14,7 +15,7 @@ GiB = 1024**3
 def make_pool(hosts: dict[str, int], memory: int = 8 * GiB, model: str = "fake") -> Pool:
     pool = Pool()
     for host_id, n in hosts.items():
-        devs = {i: Device(host_id, i, f"{host_id}-{i}", model, memory, True) for i in range(n)}
+        devs = {i: PoolDevice(host_id, i, f"{host_id}-{i}", model, memory, True) for i in range(n)}
         pool.set_host(Host(host_id, f"{host_id}:1", devs))
     return pool
 
@@ -93,7 +94,7 @@ def test_labels_select_the_model() -> None:
 
 def test_down_hosts_get_nothing() -> None:
     pool = make_pool({"a": 1, "b": 1})
-    pool.set_state("a", HOST_DOWN)
+    pool.set_state("a", HostState.DOWN)
     assert take(pool, Request(1, fraction=1.0)) == [("b", 0)]
     assert place(pool, Request(1, fraction=0.1)) is None
 
@@ -134,9 +135,9 @@ def test_fractional_multi_gpu_lease_lands_on_distinct_gpus() -> None:
 
 def test_multi_gpu_lease_skips_a_gpu_seen_twice() -> None:
     pool = Pool()
-    same = {i: Device("a", i, "GPU-same", "fake", 8 * GiB, True) for i in range(2)}  # one GPU listed twice
+    same = {i: PoolDevice("a", i, "GPU-same", "fake", 8 * GiB, True) for i in range(2)}  # one GPU listed twice
     pool.set_host(Host("a", "a:1", same))
     assert place(pool, Request(2, fraction=0.5)) is None
-    pool.set_host(Host("b", "b:1", {0: Device("b", 0, "GPU-other", "fake", 8 * GiB, True)}))
+    pool.set_host(Host("b", "b:1", {0: PoolDevice("b", 0, "GPU-other", "fake", 8 * GiB, True)}))
     keys = take(pool, Request(2, fraction=0.5))
     assert {h for h, _ in keys} == {"a", "b"}

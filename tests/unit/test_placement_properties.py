@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from gpupool.scheduler.placement import Request, place, size_on
-from gpupool.scheduler.pool import KTH_SCALE, SHARE_UNITS, Device, Grant, Host, Pool
+from gpupool.scheduler.pool import KTH_SCALE, SHARE_UNITS, Grant, Host, Pool, PoolDevice
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,7 +38,7 @@ shapes = st.lists(st.tuples(st.integers(1, 3), st.sampled_from([2 * GiB, 4 * GiB
 def build(shape: list[tuple[int, int]]) -> Pool:
     pool = Pool()
     for h, (n, mem) in enumerate(shape):
-        devs = {i: Device(f"h{h}", i, f"u{h}-{i}", "fake", mem, True) for i in range(n)}
+        devs = {i: PoolDevice(f"h{h}", i, f"u{h}-{i}", "fake", mem, True) for i in range(n)}
         pool.set_host(Host(f"h{h}", f"h{h}:1", devs))
     return pool
 

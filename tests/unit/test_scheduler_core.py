@@ -10,11 +10,12 @@ import pytest
 from gpupool.scheduler.hosts import DeviceSpec
 from gpupool.scheduler.leases import Core, CoreConfig
 from gpupool.scheduler.placement import Request
-from gpupool.scheduler.pool import HOST_DOWN, SHARE_UNITS
-from gpupool.scheduler.store import LEASE_ACTIVE, MemoryStore, SqliteStore, StateOwned, Store
+from gpupool.scheduler.pool import SHARE_UNITS
+from gpupool.scheduler.store import Change, MemoryStore, SqliteStore, StateOwned, Store
 
 from gpupool import tokens
 from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from gpupool.protocol import HostState, LeaseState
 
 KEY = b"k" * 32
 GiB = 1024**3
@@ -23,7 +24,7 @@ GiB = 1024**3
 def core_with(store: Store | None = None, hosts: int = 2, **cfg: float) -> Core:
     core = Core(store or MemoryStore(), KEY, CoreConfig(**cfg))
     for h in range(hosts):
-        core.register(f"h{h}", f"127.0.0.1:{6000 + h}", [DeviceSpec(0, f"uuid-{h}", "fake", 8 * GiB, True)])
+        core.hosts.register(f"h{h}", f"127.0.0.1:{6000 + h}", [DeviceSpec(0, f"uuid-{h}", "fake", 8 * GiB, True)])
     return core
 
 
@@ -75,7 +76,7 @@ def test_unrenewed_lease_expires_and_frees() -> None:
     assert core.allocate(half())
     with pytest.raises(FailedPrecondition, match="expired"):
         core.renew(lease.lease_id)
-    revoked, again = core.heartbeat("h0", [], {}, False)
+    revoked, again = core.hosts.heartbeat("h0", [], {}, False)
     assert revoked == [lease.lease_id] and not again
 
 
@@ -84,12 +85,12 @@ def test_silent_host_goes_down_and_its_leases_are_lost() -> None:
     lease = core.allocate(half())
     host = lease.grants[0].host_id
     core.sweep(time.time() + 5)
-    assert core.pool.hosts[host].state == HOST_DOWN
+    assert core.pool.hosts[host].state == HostState.DOWN
     with pytest.raises(FailedPrecondition, match="lost: host .* is down"):
         core.renew(lease.lease_id)
-    assert core.heartbeat(host, [], {}, False) == ([], True)
-    core.register(host, "127.0.0.1:6000", [DeviceSpec(0, "uuid-x", "fake", 8 * GiB, True)])
-    revoked, again = core.heartbeat(host, [lease.lease_id], {0: 123}, False)
+    assert core.hosts.heartbeat(host, [], {}, False) == ([], True)
+    core.hosts.register(host, "127.0.0.1:6000", [DeviceSpec(0, "uuid-x", "fake", 8 * GiB, True)])
+    revoked, again = core.hosts.heartbeat(host, [lease.lease_id], {0: 123}, False)
     assert revoked == [lease.lease_id] and not again
     assert core.pool.hosts[host].devices[0].used_bytes == 123
 
@@ -99,18 +100,21 @@ def test_heartbeat_revokes_sessions_of_unknown_leases() -> None:
     lease = core.allocate(half())
     host = lease.grants[0].host_id
     other = "h1" if host == "h0" else "h0"
-    assert core.heartbeat(host, [lease.lease_id], {}, False) == ([], False)
-    assert core.heartbeat(other, [lease.lease_id, "forged"], {}, False) == (sorted([lease.lease_id, "forged"]), False)
+    assert core.hosts.heartbeat(host, [lease.lease_id], {}, False) == ([], False)
+    assert core.hosts.heartbeat(other, [lease.lease_id, "forged"], {}, False) == (
+        sorted([lease.lease_id, "forged"]),
+        False,
+    )
 
 
 def test_draining_host_gets_no_new_leases() -> None:
     core = core_with()
-    core.heartbeat("h0", [], {}, True)
+    core.hosts.heartbeat("h0", [], {}, True)
     for _ in range(2):
         assert core.allocate(half()).grants[0].host_id == "h1"
     with pytest.raises(ResourceExhausted):
         core.allocate(half())
-    core.heartbeat("h0", [], {}, False)
+    core.hosts.heartbeat("h0", [], {}, False)
     assert core.allocate(half()).grants[0].host_id == "h0"
 
 
@@ -137,7 +141,7 @@ def test_waiters_are_served_in_fifo_order() -> None:
     big.join(5)
     assert order == ["big"]
     assert len(core.waiters) == 1  # small waits behind big's whole device
-    active = [x for x in core.leases.values() if x.state == LEASE_ACTIVE]
+    active = [x for x in core.leases.values() if x.state == LeaseState.ACTIVE]
     core.release(active[0].lease_id)
     small.join(5)
     assert order == ["big", "small"]
@@ -165,9 +169,9 @@ def test_malformed_registration(devices: list[DeviceSpec], words: str) -> None:
     core = core_with()
     before = allocated(core)
     with pytest.raises(InvalidArgument, match=words):
-        core.register("h9", "127.0.0.1:1", devices)
+        core.hosts.register("h9", "127.0.0.1:1", devices)
     with pytest.raises(InvalidArgument, match="address"):
-        core.register("h9", "nowhere", [DeviceSpec(0, "a", "m", 1)])
+        core.hosts.register("h9", "nowhere", [DeviceSpec(0, "a", "m", 1)])
     assert "h9" not in core.pool.hosts and allocated(core) == before
 
 
@@ -196,10 +200,10 @@ def test_restart_from_sqlite_keeps_hosts_and_leases(tmp_path: Path) -> None:
 def test_reregistering_host_keeps_its_leases_when_devices_match() -> None:
     core = core_with(hosts=1)
     lease = core.allocate(half())
-    core.register("h0", "127.0.0.1:7000", [DeviceSpec(0, "uuid-0", "fake", 8 * GiB, True)])
-    assert core.leases[lease.lease_id].state == LEASE_ACTIVE
+    core.hosts.register("h0", "127.0.0.1:7000", [DeviceSpec(0, "uuid-0", "fake", 8 * GiB, True)])
+    assert core.leases[lease.lease_id].state == LeaseState.ACTIVE
     assert allocated(core)[("h0", 0)] == (4 * GiB, SHARE_UNITS // 2)
-    core.register("h0", "127.0.0.1:7000", [DeviceSpec(0, "uuid-0", "fake", 4 * GiB, True)])
+    core.hosts.register("h0", "127.0.0.1:7000", [DeviceSpec(0, "uuid-0", "fake", 4 * GiB, True)])
     assert core.leases[lease.lease_id].state == "lost"
     assert allocated(core)[("h0", 0)] == (0, 0)
 
@@ -224,10 +228,10 @@ class FailingStore(MemoryStore):
         super().__init__()
         self.fail = False
 
-    def write(self, *args: object, **kwargs: object) -> None:
+    def write(self, change: Change) -> None:
         if self.fail:
             raise OSError(28, "No space left on device")
-        super().write(*args, **kwargs)  # type: ignore[arg-type]
+        super().write(change)
 
 
 def books_in(store: Store) -> dict[tuple[str, int], tuple[int, int]]:
@@ -250,14 +254,14 @@ def test_a_refused_write_changes_nothing() -> None:
     with pytest.raises(Unavailable):
         core.renew(held.lease_id)
     with pytest.raises(Unavailable):
-        core.register("h9", "127.0.0.1:6009", [DeviceSpec(0, "uuid-9", "fake", 8 * GiB, True)])
+        core.hosts.register("h9", "127.0.0.1:6009", [DeviceSpec(0, "uuid-9", "fake", 8 * GiB, True)])
     assert allocated(core) == before and set(core.leases) == leases_before
-    assert core.leases[held.lease_id].state == LEASE_ACTIVE and held.expires_at == expires
+    assert core.leases[held.lease_id].state == LeaseState.ACTIVE and held.expires_at == expires
     assert "h9" not in core.pool.hosts
     # a silent host is not marked down (nor its leases lost) unless that can be saved
     core.sweep(time.time() + 1000)
-    assert core.pool.hosts[held.grants[0].host_id].state != HOST_DOWN
-    assert core.leases[held.lease_id].state == LEASE_ACTIVE
+    assert core.pool.hosts[held.grants[0].host_id].state != HostState.DOWN
+    assert core.leases[held.lease_id].state == LeaseState.ACTIVE
     store.fail = False
     assert books_in(store) == allocated(core)
     core.release(held.lease_id)
@@ -296,12 +300,12 @@ def test_a_pause_of_the_scheduler_is_not_blamed_on_hosts_or_tenants() -> None:
     core.alive()  # as the server's sweeper does every interval ...
     time.sleep(0.6)  # ... except while the process is stopped
     core.sweep()
-    assert all(h.state != HOST_DOWN for h in core.pool.hosts.values())
-    assert core.renew(lease.lease_id).state == LEASE_ACTIVE  # expired during the pause, yet renewable
+    assert all(h.state != HostState.DOWN for h in core.pool.hosts.values())
+    assert core.renew(lease.lease_id).state == LeaseState.ACTIVE  # expired during the pause, yet renewable
     for _ in range(8):  # a host silent while the scheduler runs is down
         time.sleep(0.1)
         core.sweep()
-    assert all(h.state == HOST_DOWN for h in core.pool.hosts.values())
+    assert all(h.state == HostState.DOWN for h in core.pool.hosts.values())
 
 
 def test_leases_restored_after_a_restart_get_a_grace_to_be_renewed(tmp_path: Path) -> None:
@@ -312,7 +316,7 @@ def test_leases_restored_after_a_restart_get_a_grace_to_be_renewed(tmp_path: Pat
     time.sleep(0.4)  # the scheduler is "down" past the lease's expiry
     again = Core(SqliteStore(tmp_path / "s.db"), KEY, CoreConfig(outage_grace=30))
     again.sweep()
-    assert again.renew(lease.lease_id).state == LEASE_ACTIVE
+    assert again.renew(lease.lease_id).state == LeaseState.ACTIVE
 
 
 def test_a_tenant_cannot_hold_more_than_its_share_limit() -> None:
@@ -366,29 +370,29 @@ def test_lease_ttl_is_capped() -> None:
 def test_register_bounds_labels(labels: dict[str, str]) -> None:
     core = core_with(hosts=0)
     with pytest.raises(InvalidArgument, match="label"):
-        core.register("h", "127.0.0.1:6000", [DeviceSpec(0, "u", "fake", GiB, True)], labels)
+        core.hosts.register("h", "127.0.0.1:6000", [DeviceSpec(0, "u", "fake", GiB, True)], labels)
     assert not core.pool.hosts
 
 
 def test_operators_drain_and_remove_hosts(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "s.db")
     core = core_with(store)
-    core.drain_host("h0")
+    core.hosts.drain_host("h0")
     assert {core.allocate(Request(1, fraction=0.1)).grants[0].host_id for _ in range(3)} == {"h1"}
     # the daemon's own "not draining" heartbeats and a re-registration do not undo an operator's drain
-    core.heartbeat("h0", [], {}, False)
-    core.register("h0", "127.0.0.1:6000", [DeviceSpec(0, "uuid-0", "fake", 8 * GiB, True)])
+    core.hosts.heartbeat("h0", [], {}, False)
+    core.hosts.register("h0", "127.0.0.1:6000", [DeviceSpec(0, "uuid-0", "fake", 8 * GiB, True)])
     assert core.pool.hosts["h0"].state == "draining"
-    core.drain_host("h0", undo=True)
+    core.hosts.drain_host("h0", undo=True)
     held = core.allocate(Request(1, fraction=1.0))
     assert held.grants[0].host_id == "h0"
     with pytest.raises(FailedPrecondition, match="holds 1 active lease"):
-        core.remove_host("h0")
-    assert core.remove_host("h0", force=True) == 1
+        core.hosts.remove_host("h0")
+    assert core.hosts.remove_host("h0", force=True) == 1
     with pytest.raises(FailedPrecondition, match="lost"):
         core.renew(held.lease_id)
     with pytest.raises(NotFound):
-        core.remove_host("h0")
+        core.hosts.remove_host("h0")
     store.disown()
     again = Core(SqliteStore(tmp_path / "s.db"), KEY, CoreConfig())
     assert set(again.pool.hosts) == {"h1"}

@@ -31,7 +31,9 @@ def test_counters_and_gauges_follow_the_core() -> None:
     metrics = SchedulerMetrics()
     core = Core(MemoryStore(), b"k" * 32, CoreConfig(host_timeout=5), metrics)
     metrics.watch(core)
-    core.register("a", "127.0.0.1:1", [DeviceSpec(0, "GPU-a", "T4", 16 * GiB), DeviceSpec(1, "GPU-b", "T4", 16 * GiB)])
+    core.hosts.register(
+        "a", "127.0.0.1:1", [DeviceSpec(0, "GPU-a", "T4", 16 * GiB), DeviceSpec(1, "GPU-b", "T4", 16 * GiB)]
+    )
     released = core.allocate(Request(1, fraction=0.5))
     expiring = core.allocate(Request(1, fraction=1.0), ttl=1)
     lost = core.allocate(Request(1, memory_bytes=4 * GiB))

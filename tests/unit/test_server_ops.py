@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gpupool.server.ops import NO_META, MetaSizer, OpTable
+from gpupool.server.ops import OpTable
+from gpupool.server.sizing import NO_META, MetaSizer
 
 from gpupool.errors import InvalidArgument, PermissionDenied
 

@@ -7,14 +7,17 @@ import time
 import pytest
 import torch
 from gpupool.server.devices import FakeDevice, cuda_available, discover
-from gpupool.server.sessions import DeviceMemory, Poison, PoisonedInput, Session
+from gpupool.server.sessions import DeviceMemory, Poison, PoisonedInput, WorkerSession
+from grpc import StatusCode
 
 from gpupool.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 
 
-def make(number: int = 1, quota: int = 1 << 20, capacity: int = 1 << 20, memory: DeviceMemory | None = None) -> Session:
+def make(
+    number: int = 1, quota: int = 1 << 20, capacity: int = 1 << 20, memory: DeviceMemory | None = None
+) -> WorkerSession:
     dev = FakeDevice(0, "h", capacity)
-    return Session(f"s{number}", number, dev, memory or DeviceMemory(dev), quota)
+    return WorkerSession(f"s{number}", number, dev, memory or DeviceMemory(dev), quota)
 
 
 def test_views_share_one_storage_count() -> None:
@@ -57,10 +60,19 @@ def test_admit_checks_quota_then_device() -> None:
     a = make(1, quota=800, memory=memory)
     b = make(2, quota=800, memory=memory)
     a.bind(a.handle_base + 1, torch.zeros(150))  # 600 bytes
-    with pytest.raises(ResourceExhausted, match="600 used of a 800 byte limit"):
+    with pytest.raises(ResourceExhausted, match="600 used of a 800 byte limit") as quota:
         a.admit(300)
-    with pytest.raises(ResourceExhausted, match="device 0 full"):
+    assert (quota.value.used_bytes, quota.value.limit_bytes) == (600, 800)
+    with pytest.raises(ResourceExhausted, match="device 0 full") as full:
         b.admit(500)
+    assert (full.value.used_bytes, full.value.limit_bytes) == (600, 1000)
+    err = Poison.of(quota.value, "aten::empty.memory_format").to_proto()  # what the client reads
+    assert (err.code, err.op, err.used_bytes, err.limit_bytes) == (
+        "RESOURCE_EXHAUSTED",
+        "aten::empty.memory_format",
+        600,
+        800,
+    )
     b.admit(400)
 
 
@@ -68,11 +80,11 @@ def test_poisoned_handles_carry_the_original_error() -> None:
     s = make()
     h = s.handle_base + 7
     s.bind(h, torch.zeros(4))
-    s.poison(h, Poison("INVALID_ARGUMENT", "aten::add.Tensor", "bad"))
+    s.poison(h, Poison(StatusCode.INVALID_ARGUMENT, "aten::add.Tensor", "bad"))
     assert s.used == 0
     with pytest.raises(PoisonedInput) as info:
         s.resolve(h)
-    assert info.value.op == "aten::add.Tensor" and info.value.poison.code == "INVALID_ARGUMENT"
+    assert info.value.op == "aten::add.Tensor" and info.value.poison.code is StatusCode.INVALID_ARGUMENT
     s.free([h])
     with pytest.raises(NotFound):
         s.resolve(h)

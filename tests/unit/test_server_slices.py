@@ -7,7 +7,9 @@ import struct
 
 import pytest
 from gpupool.server import slices
+from grpc import StatusCode
 
+from gpupool import protocol
 from gpupool._proto import device_pb2
 from gpupool.errors import InvalidArgument, ResourceExhausted
 
@@ -25,7 +27,7 @@ def test_split_frame_keeps_each_command_and_its_kind() -> None:
         device_pb2.Command(upload=device_pb2.Upload(handle=7, data=b"x" * 300)),
     ]
     spans = slices.split_frame(frame(*cmds), 16)
-    assert [k for k, _ in spans] == [slices.OP, slices.GET, slices.SYNC, slices.UPLOAD]
+    assert [k for k, _ in spans] == [protocol.OP, protocol.GET, protocol.SYNC, protocol.UPLOAD]
     again = device_pb2.ClientFrame.FromString(b"".join(s for _, s in spans))
     assert list(again.commands) == [cmds[0], *cmds[2:]]
 
@@ -41,7 +43,7 @@ def test_split_frame_refuses_floods_and_garbage() -> None:
 
 def test_results_round_trip_and_lies_are_refused() -> None:
     r = slices.SliceResult(
-        3, 0.25, 100, 5, 7, 1, 2, {"INVALID_ARGUMENT": 1}, {"replayed": 2}, [b"frame", [b"a", b"bb"]]
+        3, 0.25, 100, 5, 7, 1, 2, {StatusCode.INVALID_ARGUMENT: 1}, {"replayed": 2}, [b"frame", [b"a", b"bb"]]
     )
     body = b"".join(slices.encode_result(r))[4:]
     assert slices.decode_result(body, 3) == r

@@ -3,6 +3,7 @@ backend module torch.manual_seed reaches, the foreach default of optimizers, the
 
 from __future__ import annotations
 
+import grpc
 import pytest
 import torch
 import torch.optim.optimizer as optimizer
@@ -71,19 +72,27 @@ def test_optimizers_default_to_foreach_on_gpupool() -> None:
 
 
 def test_error_translation() -> None:
-    oom = translate(errors.ResourceExhausted("memory quota exceeded: 1 bytes requested, 4096 used of a 8192 byte limit",
-                                             op="aten::empty.memory_format"))  # fmt: skip
+    quota = errors.ResourceExhausted(
+        "memory quota exceeded: 1 bytes requested, 4096 used of a 8192 byte limit",
+        op="aten::empty.memory_format",
+        used_bytes=4096,
+        limit_bytes=8192,
+    )
+    oom = translate(quota)
     assert isinstance(oom, torch.OutOfMemoryError) and isinstance(oom, errors.ResourceExhausted)
     assert isinstance(oom, OutOfMemoryError)
     assert (oom.used_bytes, oom.limit_bytes) == (4096, 8192)
+    # The numbers come from the error's fields, never from its English text.
+    worded = translate(errors.ResourceExhausted("memory quota exceeded: 4096 used of a 8192 byte limit"))
+    assert isinstance(worded, OutOfMemoryError) and (worded.used_bytes, worded.limit_bytes) == (None, None)
     assert str(oom).startswith("aten::empty.memory_format: ")
     bad = translate(errors.InvalidArgument("index 5 is out of bounds", op="aten::index.Tensor"))
     assert isinstance(bad, RuntimeError)
     assert isinstance(bad, RemoteError)
-    assert bad.op == "aten::index.Tensor" and bad.code_name == "INVALID_ARGUMENT"
+    assert bad.op == "aten::index.Tensor" and bad.code is grpc.StatusCode.INVALID_ARGUMENT
     assert str(bad) == "aten::index.Tensor: index 5 is out of bounds"
     lost = translate(errors.Unavailable("daemon gone"))
-    assert isinstance(lost, DeviceLost) and lost.code_name == "UNAVAILABLE"
+    assert isinstance(lost, DeviceLost) and lost.code is grpc.StatusCode.UNAVAILABLE
     other = ValueError("x")
     assert translate(other) is other
 

@@ -1,0 +1,97 @@
+"""The protocol's constants and hand-built frames: one module for both ends of every link, and no torch in it
+(the scheduler and leasing never load torch).
+
+- the op stream: the metadata that names a Stream's session, the command kinds (a command's first tag), the
+  field tags and the frames built by hand around large bytes fields (uploads, download chunks: one copy of the
+  data instead of protobuf's three);
+- the enums whose values travel as strings in scheduler.proto (placement policy, host and lease states).
+
+Values and tensors <-> protobuf are in `gpupool.wire`; statuses and errors in `gpupool.errors`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from gpupool._proto import device_pb2
+
+SESSION_METADATA = "gpupool-session"  # metadata of a Stream call: the session (from Attach) it drives
+
+
+class Policy(StrEnum):
+    """Placement policy of a lease request (`AllocateRequest.policy`; empty: the scheduler's `--policy`)."""
+
+    BINPACK = "binpack"
+    SPREAD = "spread"
+
+
+class HostState(StrEnum):
+    """A daemon host as the scheduler sees it (`Host.state`); a host's devices share its state."""
+
+    UP = "up"
+    DOWN = "down"
+    DRAINING = "draining"
+
+
+class LeaseState(StrEnum):
+    """A lease's life (`Lease.state`): active until released, expired (not renewed) or lost (its host died)."""
+
+    ACTIVE = "active"
+    RELEASED = "released"
+    EXPIRED = "expired"
+    LOST = "lost"
+
+
+def _number(message: Any, name: str) -> int:
+    return int(message.DESCRIPTOR.fields_by_name[name].number)
+
+
+# Command kinds: the field number of the member set in a Command's `cmd` oneof, which is a command's first tag.
+OP, UPLOAD, GET, FREE, SEED, SYNC = (
+    _number(device_pb2.Command, name) for name in ("op", "upload", "get", "free", "seed", "sync")
+)
+
+
+def field_tag(number: int) -> bytes:
+    """The tag of a length-delimited field (wire type 2) numbered below 16: one byte."""
+    assert 0 < number < 16
+    return bytes([(number << 3) | 2])
+
+
+FRAME_COMMANDS_TAG = field_tag(_number(device_pb2.ClientFrame, "commands"))
+_COMMAND_UPLOAD_TAG = field_tag(UPLOAD)
+_UPLOAD_DATA_TAG = field_tag(_number(device_pb2.Upload, "data"))
+_FRAME_CHUNK_TAG = field_tag(_number(device_pb2.ServerFrame, "chunk"))
+_CHUNK_DATA_TAG = field_tag(_number(device_pb2.TensorChunk, "data"))
+
+
+def varint(n: int) -> bytes:
+    """Protobuf base-128 varint, for frames hand-built around large bytes fields (one copy of the data instead
+    of protobuf's three)."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def upload_frame(up: device_pb2.Upload, data: memoryview | bytes) -> bytes:
+    """ClientFrame{commands: [Command{upload: up + data}]} serialized with one copy of `data` (protobuf's
+    bytes fields would copy it three times); fields may come in any order on the wire, so data goes last."""
+    small = up.SerializeToString()
+    data_head = _UPLOAD_DATA_TAG + varint(len(data))
+    upload_len = len(small) + len(data_head) + len(data)
+    command_head = _COMMAND_UPLOAD_TAG + varint(upload_len)
+    frame_head = FRAME_COMMANDS_TAG + varint(len(command_head) + upload_len)
+    return b"".join((frame_head, command_head, small, data_head, data))
+
+
+def chunk_frame(head: bytes, chunk: device_pb2.TensorChunk, data: memoryview | bytes) -> bytes:
+    """ServerFrame{head's fields, chunk: chunk + data} serialized with one copy of `data`; `head` is a
+    serialized ServerFrame without a reply (its request id)."""
+    small = chunk.SerializeToString()
+    data_head = _CHUNK_DATA_TAG + varint(len(data))
+    body_len = len(small) + len(data_head) + len(data)
+    return b"".join((head, _FRAME_CHUNK_TAG, varint(body_len), small, data_head, data))

@@ -1,0 +1,230 @@
+"""How many bytes an op will allocate, before it runs: the daemon admits an op against the session's quota and
+the device's free memory with this number.
+
+- `MetaSizer.new_bytes`: run the op on `meta` tensors (no data, no allocation) and count the storages it
+  creates or grows; cached by (op, metadata, arguments). NO_META when the op has no meta kernel or a
+  data-dependent output shape.
+- `no_meta_bound`: for those, an upper bound computed from the real inputs without allocating the output: a
+  2-element `bincount`, `one_hot` or `repeat_interleave`, or a `nonzero` of a huge expanded view, is refused
+  before it can exhaust host memory.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map
+
+from gpupool.errors import InvalidArgument
+
+from .opargs import Args, Kwargs, arg, checked, tensors
+
+_META = torch.device("meta")
+
+# The op has no meta kernel or a data-dependent output shape: its size is known only after running it.
+NO_META = -1
+
+
+def _meta_key(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("T", value.dtype, tuple(value.shape), value.stride(), value.storage_offset())
+    if isinstance(value, list | tuple):
+        return tuple(_meta_key(v) for v in value)
+    if isinstance(value, float) and value != value:  # NaN != NaN would defeat the cache
+        return ("nan",)
+    return (type(value).__name__, value)
+
+
+class MetaSizer:
+    """How many new bytes an op will allocate, computed on `meta` tensors and cached by (op, metadata, args)."""
+
+    def __init__(self, max_entries: int = 8192) -> None:
+        self._cache: dict[Any, int] = {}
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def new_bytes(self, op: torch._ops.OpOverload, args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
+        """Bytes of storage the op allocates or grows, or NO_META when only running it can tell."""
+        if torch.Tag.dynamic_output_shape in op.tags:
+            return NO_META
+        if _too_long(args) or _too_long(list(kwargs.values())):  # a key of megabytes, 8192 times over
+            return _meta_new_bytes(op, args, kwargs)
+        key = (op, _meta_key(tuple(args)), _meta_key(tuple(sorted(kwargs.items()))))
+        try:
+            hit = self._cache.get(key)
+        except TypeError:  # unhashable argument: compute without caching
+            return _meta_new_bytes(op, args, kwargs)
+        if hit is not None:
+            return hit
+        size = _meta_new_bytes(op, args, kwargs)
+        with self._lock:
+            if len(self._cache) >= self._max:
+                self._cache.clear()
+            self._cache[key] = size
+        return size
+
+
+def _too_long(values: Sequence[Any], limit: int = 256) -> bool:
+    return any(isinstance(v, list | tuple) and len(v) > limit for v in values)
+
+
+def _meta_new_bytes(op: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
+    storages: dict[int, torch.Tensor] = {}  # real storage id -> meta tensor sharing one meta storage
+
+    def to_meta(value: Any) -> Any:
+        if isinstance(value, torch.device):
+            return _META  # factories must not allocate for real while being sized
+        if not isinstance(value, torch.Tensor):
+            return value
+        real = value.untyped_storage()
+        base = storages.get(real._cdata)
+        if base is None:
+            base = torch.empty(real.nbytes(), dtype=torch.uint8, device="meta")
+            storages[real._cdata] = base
+        meta = torch.empty(0, dtype=value.dtype, device="meta")
+        meta.set_(base.untyped_storage(), value.storage_offset(), value.shape, value.stride())
+        return meta
+
+    meta_args = tree_map(to_meta, list(args))
+    meta_kwargs = tree_map(to_meta, dict(kwargs))
+    before = {b.untyped_storage()._cdata: b.untyped_storage().nbytes() for b in storages.values()}
+    try:
+        out = op(*meta_args, **meta_kwargs)
+    except NotImplementedError:
+        return NO_META
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        if "meta" in str(exc).lower() and ("not implemented" in str(exc).lower() or "backend" in str(exc).lower()):
+            return NO_META
+        raise InvalidArgument(str(exc).split("\n")[0]) from None
+    total = 0
+    for b in storages.values():  # inputs grown by resize_/out= variants
+        s = b.untyped_storage()
+        total += max(0, s.nbytes() - before[s._cdata])
+    seen = set(before)
+    for t in _flatten(out):
+        s = t.untyped_storage()
+        if s._cdata not in seen:
+            seen.add(s._cdata)
+            total += s.nbytes()
+    return total
+
+
+def _flatten(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in _flatten(v)]
+    return []
+
+
+# ---- ops without meta kernels: bounds from the real inputs ----
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _generic(args: Args, kwargs: Kwargs) -> int:
+    """Outputs shaped like the inputs (elementwise, reductions, gradients): at most twice their bytes."""
+    return 2 * sum(_nbytes(t) for t in tensors(list(args) + list(kwargs.values()))) + 64
+
+
+def _nonzero(args: Args, kwargs: Kwargs) -> int:
+    self = args[0]
+    return int(torch.count_nonzero(self)) * max(1, self.dim()) * 8
+
+
+def _masked_select(args: Args, kwargs: Kwargs) -> int:
+    self, mask = arg(args, kwargs, 0, "self"), arg(args, kwargs, 1, "mask")
+    numel = math.prod(torch.broadcast_shapes(self.shape, mask.shape))
+    repeat = numel // mask.numel() if mask.numel() else 0
+    return int(torch.count_nonzero(mask)) * repeat * self.element_size()
+
+
+def _max_plus_one(t: torch.Tensor) -> int:
+    return int(t.max()) + 1 if t.numel() else 0
+
+
+def _bincount(args: Args, kwargs: Kwargs) -> int:
+    self = args[0]
+    return max(int(arg(args, kwargs, 2, "minlength", 0)), _max_plus_one(self)) * 8
+
+
+def _one_hot(args: Args, kwargs: Kwargs) -> int:
+    self, classes = args[0], int(arg(args, kwargs, 1, "num_classes", -1))
+    return self.numel() * (classes if classes >= 0 else _max_plus_one(self)) * 8
+
+
+def _repeat_interleave(args: Args, kwargs: Kwargs) -> int:
+    repeats = args[0]
+    total = int(repeats.sum()) if repeats.numel() else 0
+    size = arg(args, kwargs, 1, "output_size")
+    if size is not None and int(size) != total:  # the kernel writes `total` elements into `output_size`
+        raise InvalidArgument(f"output_size {size} does not match the sum of repeats {total}")
+    return total * 8
+
+
+def _unique(args: Args, kwargs: Kwargs) -> int:
+    self = args[0]
+    return self.numel() * (self.element_size() + 16) + 64
+
+
+def _index(args: Args, kwargs: Kwargs) -> int:
+    """Boolean masks become as many long indices as they have True entries; the meta kernel does the rest."""
+    self, indices = args[0], args[1]
+    meta: list[torch.Tensor | None] = []
+    for idx in indices:
+        if idx is None:
+            meta.append(None)
+        elif idx.dtype in (torch.bool, torch.uint8):
+            n = int(torch.count_nonzero(idx))
+            meta.extend([torch.empty(n, dtype=torch.long, device=_META)] * max(1, idx.dim()))
+        else:
+            meta.append(torch.empty(idx.shape, dtype=torch.long, device=_META))
+    try:
+        out = torch.ops.aten.index.Tensor(torch.empty(self.shape, dtype=self.dtype, device=_META), meta)
+    except (RuntimeError, IndexError, TypeError, ValueError) as exc:
+        raise InvalidArgument(str(exc).split("\n")[0]) from None
+    return _nbytes(out)
+
+
+def _histogram(args: Args, kwargs: Kwargs) -> int:
+    bins = arg(args, kwargs, 1, "bins", 100)
+    n = math.prod(bins) if isinstance(bins, list) else int(bins) if isinstance(bins, int) else 0
+    return 2 * (n + len(bins) if isinstance(bins, list) else n + 1) * 8 + _generic(args, kwargs)
+
+
+def _adaptive_pool(args: Args, kwargs: Kwargs) -> int:
+    self, size = args[0], list(args[1])
+    spatial = math.prod(self.shape[-len(size) :]) if size and self.dim() >= len(size) else 1
+    return (self.numel() // max(1, spatial)) * math.prod(size) * self.element_size()
+
+
+_BOUNDS: dict[str, Callable[[Args, Kwargs], int]] = {
+    "aten::nonzero": _nonzero,
+    "aten::argwhere": _nonzero,
+    "aten::masked_select": _masked_select,
+    "aten::bincount": _bincount,
+    "aten::one_hot": _one_hot,
+    "aten::repeat_interleave": _repeat_interleave,
+    "aten::_unique": _unique,
+    "aten::_unique2": _unique,
+    "aten::unique_dim": _unique,
+    "aten::unique_consecutive": _unique,
+    "aten::unique_dim_consecutive": _unique,
+    "aten::index": _index,
+    "aten::histogram": _histogram,
+    "aten::_histogramdd_from_bin_cts": _histogram,
+    "aten::_histogramdd_bin_edges": _histogram,
+    "aten::adaptive_avg_pool2d": _adaptive_pool,
+    "aten::adaptive_avg_pool3d": _adaptive_pool,
+}
+
+
+def no_meta_bound(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs) -> int:
+    """Most bytes the op may allocate; computed from the real inputs (one pass over them at most)."""
+    return int(checked(op._schema.name, _BOUNDS.get(op._schema.name, _generic), args, kwargs))
