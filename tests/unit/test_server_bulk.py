@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from google.protobuf.message import DecodeError
-from gpupool.client.session import _upload_frame
 from gpupool.server import bulk, slices
 
-from gpupool import wire
+from gpupool import protocol, wire
 from gpupool._proto import device_pb2, tensor_pb2
 
 MiB = 1024 * 1024
@@ -29,7 +28,7 @@ def test_canonical_upload_parses_like_protobuf_with_data_as_a_view() -> None:
         device_pb2.Upload(handle=1, offset=4 * MiB, last=True),
         device_pb2.Upload(handle=2),
     ):
-        raw = _upload_frame(up, memoryview(data))
+        raw = protocol.upload_frame(up, memoryview(data))
         cmd, view = bulk.parse_upload(span_of(raw))  # type: ignore[misc]
         expected = device_pb2.ClientFrame.FromString(raw).commands[0]
         assert bytes(view) == expected.upload.data == data
