@@ -32,7 +32,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from train_overhead import _proc_cpu, bench_daemons, run_worker, stock_mlp
+from train_overhead import _proc_cpu, add_worker_flags, bench_daemons, run_worker, stock_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("tiny-mlp", "encoder", "mlp", "cnn")
@@ -158,14 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=5, help="timed blocks (the median counts)")
     p.add_argument("--warmup", type=int, default=6, help="untimed steps first (capture records in these)")
     p.add_argument("--rounds", type=int, default=2, help="alternating local/eager/captured runs; best of each")
-    p.add_argument("--daemon-core", type=int, default=1)
-    p.add_argument("--client-core", type=int, default=0)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    add_worker_flags(p)
     p.add_argument("--model", default="tiny-mlp", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="local", help=argparse.SUPPRESS)
-    p.add_argument("--address", default="", help=argparse.SUPPRESS)
-    p.add_argument("--token", default="", help=argparse.SUPPRESS)
-    p.add_argument("--daemon-pid", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))

@@ -198,6 +198,16 @@ def run_worker(script: str, core: int, what: str, argv: list[str], **remote: Any
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def add_worker_flags(p: argparse.ArgumentParser) -> None:
+    """The cores of daemon and client, and the hidden flags `run_worker` passes to a worker."""
+    p.add_argument("--daemon-core", type=int, default=1)
+    p.add_argument("--client-core", type=int, default=0)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--address", default="", help=argparse.SUPPRESS)
+    p.add_argument("--token", default="", help=argparse.SUPPRESS)
+    p.add_argument("--daemon-pid", type=int, default=0, help=argparse.SUPPRESS)
+
+
 def _worker(core: int, model: str, args: argparse.Namespace, **remote: Any) -> dict[str, Any]:
     argv = ["--model", model, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     return run_worker(__file__, core, model, argv, **remote)
@@ -209,14 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30, help="timed steps (median step time)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (fills the meta cache)")
     p.add_argument("--rounds", type=int, default=3, help="alternating local/remote runs; the best of each counts")
-    p.add_argument("--daemon-core", type=int, default=1)
-    p.add_argument("--client-core", type=int, default=0)
     p.add_argument("--isolation-cost", action="store_true", help="step time with --isolation thread vs process")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    add_worker_flags(p)
     p.add_argument("--model", default="mlp", help=argparse.SUPPRESS)
-    p.add_argument("--address", default="", help=argparse.SUPPRESS)
-    p.add_argument("--token", default="", help=argparse.SUPPRESS)
-    p.add_argument("--daemon-pid", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))

@@ -21,7 +21,7 @@ from gpupool.protocol import Policy
 
 from .pool import KTH_SCALE, MAX_KTH, SHARE_UNITS, Grant, Host, Pool, PoolDevice
 
-POLICIES = tuple(Policy)
+POLICIES = tuple(p.value for p in Policy)  # names, as flags and messages spell them
 MAX_GPUS = 1024
 
 
