@@ -25,13 +25,14 @@ from collections.abc import Sequence
 
 from google.protobuf.message import DecodeError
 
+from gpupool import protocol
 from gpupool._proto import device_pb2
 
 MiB = 1024 * 1024
 BIG_UPLOAD = MiB  # an upload command at least this large takes the copy-once path
 SLICE_BYTES = 16 * MiB  # the most command bytes one slice carries (the worker's shared buffer holds it)
 PIECE_BYTES = 12 * MiB  # the most download bytes one slice answers (three 4 MiB chunks and their framing)
-UPLOADS = 2  # Command.upload
+UPLOADS = protocol.UPLOAD  # Command.upload
 _DATA = 4  # Upload.data
 
 

@@ -94,7 +94,7 @@ class DeviceServicer:
                     return
                 if not commands:  # an empty frame asks for nothing; queueing it would grow memory for free
                     continue
-                if len(commands) == 1 and commands[0][0] == slices.SYNC and parsed is not None:
+                if len(commands) == 1 and commands[0][0] == protocol.SYNC and parsed is not None:
                     asks = [c for c in parsed.commands if c.WhichOneof("cmd")]
                     if len(asks) == 1 and asks[0].WhichOneof("cmd") == "sync" and self.daemon.sync_now(s, asks[0].sync):
                         continue  # an idle session's round trip, answered without a slice

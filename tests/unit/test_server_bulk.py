@@ -16,7 +16,7 @@ MiB = 1024 * 1024
 
 def span_of(raw: bytes) -> memoryview:
     [(kind, span)] = slices.split_frame(raw, 8)
-    assert kind == slices.UPLOAD
+    assert kind == protocol.UPLOAD
     return span
 
 
@@ -72,7 +72,7 @@ def test_anything_else_is_left_to_protobuf() -> None:
 
 def test_slices_of_big_uploads_fit_the_shared_buffer() -> None:
     big, small = 4 * MiB + 40, 200
-    up, op = slices.UPLOAD, slices.OP
+    up, op = protocol.UPLOAD, protocol.OP
     assert bulk.slice_length([up] * 10, [big] * 10) == (3, True)  # 4 x (4 MiB + framing) > 16 MiB
     assert bulk.slice_length([up, up, op], [big, big, small]) == (2, True)
     assert bulk.slice_length([op, up, up], [small, small, big]) == (2, False)  # small uploads ride along
@@ -97,10 +97,10 @@ def test_client_reads_download_frames_by_hand_like_protobuf() -> None:
     from gpupool.client.session import _Chunk, _read_frame
     from gpupool.server.devices import discover
     from gpupool.server.executor import CommandExecutor
-    from gpupool.server.sessions import DeviceMemory, Session
+    from gpupool.server.sessions import DeviceMemory, WorkerSession
 
     dev = discover("h", 1, 256 * MiB)[0]
-    s = Session("s", 1, dev, DeviceMemory(dev), 256 * MiB)
+    s = WorkerSession("s", 1, dev, DeviceMemory(dev), 256 * MiB)
     x = torch.arange(3 * MiB, dtype=torch.float32).view(3, -1)
     s.bind((1 << 32) + 5, x)
     frames = CommandExecutor(slices.SliceLedger())._get(s, device_pb2.Get(request_id=77, handle=(1 << 32) + 5))
