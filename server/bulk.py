@@ -13,10 +13,11 @@ Slices: `slice_length` says how many queued commands make the next slice. Big up
 the shared buffer unless a single command does, so no slice goes through the socket and no budget cut
 re-sends megabytes.
 
-Downloads: a Get larger than `PIECE_BYTES` is answered in pieces, one per slice (`Piece`): each piece's frames
-are written from the tensor into the shared buffer once, the daemon hands them to gRPC, and the session's
-next slice continues the same Get, so the reply bound (`--outbox-bytes`) and fair sharing hold during a
-256 MiB download and nothing runs between the pieces of one Get.
+Downloads: a Get larger than `PIECE_BYTES` (16 MiB) is answered in pieces, one per slice (executor `_get`
+keeps the rest in `Session.download`): each piece fits the shared buffer, so no result crosses the socket;
+the daemon hands its frames to gRPC, and the session's next slice continues the same Get, so the reply bound
+(`--outbox-bytes`) and fair sharing hold during a 256 MiB download and nothing runs between the pieces of one
+Get.
 """
 
 from __future__ import annotations
@@ -30,9 +31,17 @@ from gpupool._proto import device_pb2
 
 MiB = 1024 * 1024
 BIG_UPLOAD = MiB  # an upload command at least this large takes the copy-once path
+<<<<<<< HEAD
 SLICE_BYTES = 16 * MiB  # the most command bytes one slice carries (the worker's shared buffer holds it)
 PIECE_BYTES = 12 * MiB  # the most download bytes one slice answers (three 4 MiB chunks and their framing)
 UPLOADS = protocol.UPLOAD  # Command.upload
+=======
+# The most command bytes one slice carries: four 4 MiB upload chunks and their framing (the worker's shared
+# buffer is this large).
+SLICE_BYTES = 16 * MiB + 64 * 1024
+PIECE_BYTES = 16 * MiB  # the most download bytes one slice answers (four 4 MiB chunks; framing fits the rest)
+UPLOADS = 2  # Command.upload
+>>>>>>> wire
 _DATA = 4  # Upload.data
 
 

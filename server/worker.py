@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 # running (so a crash can be named), and a buffer for slices and results that fit (uploads and downloads are
 # megabytes: one memcpy each way instead of a socket's many small copies and wake-ups).
 DATA_AT = 4096
-DATA_BYTES = 16 * 1024 * 1024
+DATA_BYTES = bulk.SLICE_BYTES  # a slice of four 4 MiB upload chunks, or a download piece of four
 SHARED_BYTES = DATA_AT + DATA_BYTES
 
 

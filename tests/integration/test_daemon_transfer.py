@@ -9,6 +9,7 @@ import numpy
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
+from gpupool.server import bulk
 from support import Healthy
 
 from gpupool import wire
@@ -153,7 +154,7 @@ def test_a_download_in_pieces_sees_no_later_op(daemon_factory: Any) -> None:
     piece, so it returns the value at its place in the stream."""
     d = daemon_factory(fake_gpu_memory=256 * MiB)
     with Session.attach(d.address, d.token()) as s:
-        x = torch.randint(0, 255, (40 * MiB + 3,), dtype=torch.uint8)
+        x = torch.randint(0, 255, (bulk.PIECE_BYTES * 2 + 3,), dtype=torch.uint8)  # three pieces
         h = Handle(s.upload(x))
         rid, first = s._request(device_pb2.Command(get=device_pb2.Get(handle=h)))  # not waited for yet
         s.call("aten::mul_.Scalar", h, 0, outputs=[0])

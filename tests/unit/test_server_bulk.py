@@ -73,11 +73,12 @@ def test_anything_else_is_left_to_protobuf() -> None:
 def test_slices_of_big_uploads_fit_the_shared_buffer() -> None:
     big, small = 4 * MiB + 40, 200
     up, op = protocol.UPLOAD, protocol.OP
-    assert bulk.slice_length([up] * 10, [big] * 10) == (3, True)  # 4 x (4 MiB + framing) > 16 MiB
+    assert bulk.slice_length([up] * 10, [big] * 10) == (4, True)  # four chunks and their framing
     assert bulk.slice_length([up, up, op], [big, big, small]) == (2, True)
     assert bulk.slice_length([op, up, up], [small, small, big]) == (2, False)  # small uploads ride along
     assert bulk.slice_length([op, op, up], [small, small, big]) == (2, False)  # a big one waits for its own
     assert bulk.slice_length([op] * 5, [7 * MiB] * 5) == (2, False)  # bounded by bytes too
+    assert bulk.slice_length([up] * 5, [6 * MiB] * 5) == (2, True)
     assert bulk.slice_length([op], [40 * MiB]) == (1, False)  # one command always runs
 
 
@@ -104,7 +105,7 @@ def test_client_reads_download_frames_by_hand_like_protobuf() -> None:
     x = torch.arange(3 * MiB, dtype=torch.float32).view(3, -1)
     s.bind((1 << 32) + 5, x)
     frames = CommandExecutor(slices.SliceLedger())._get(s, device_pb2.Get(request_id=77, handle=(1 << 32) + 5))
-    assert len(frames) == 3
+    assert len(frames) == 3  # 12 MiB: one piece
     for raw in frames:
         mine, ref = _read_frame(raw), device_pb2.ServerFrame.FromString(raw)
         assert isinstance(mine, _Chunk) and mine.request_id == ref.request_id == 77
