@@ -289,7 +289,13 @@ def _read_line(sock: socket.socket) -> bytes:
 
 # Modules session workers import on first use. A root daemon's workers run as an unprivileged user
 # (--worker-user), which may be unable to read the Python installation (e.g. one under /root): import them here.
-PRELOAD = ("encodings.idna", "encodings.punycode", "torch.distributed", "torch.distributed.distributed_c10d")
+PRELOAD = (
+    "encodings.idna",  # socket.getaddrinfo of a name (collectives' store address)
+    "encodings.punycode",
+    "torch.distributed",
+    "torch.distributed.distributed_c10d",
+    "torch._subclasses.schema_check_mode",  # what some ops' dispatch (quantile, nanquantile) imports on first use
+)
 
 
 def _zygote(ctrl: socket.socket) -> None:
