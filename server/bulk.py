@@ -31,17 +31,11 @@ from gpupool._proto import device_pb2
 
 MiB = 1024 * 1024
 BIG_UPLOAD = MiB  # an upload command at least this large takes the copy-once path
-<<<<<<< HEAD
-SLICE_BYTES = 16 * MiB  # the most command bytes one slice carries (the worker's shared buffer holds it)
-PIECE_BYTES = 12 * MiB  # the most download bytes one slice answers (three 4 MiB chunks and their framing)
-UPLOADS = protocol.UPLOAD  # Command.upload
-=======
 # The most command bytes one slice carries: four 4 MiB upload chunks and their framing (the worker's shared
 # buffer is this large).
 SLICE_BYTES = 16 * MiB + 64 * 1024
 PIECE_BYTES = 16 * MiB  # the most download bytes one slice answers (four 4 MiB chunks; framing fits the rest)
-UPLOADS = 2  # Command.upload
->>>>>>> wire
+UPLOADS = protocol.UPLOAD  # Command.upload
 _DATA = 4  # Upload.data
 
 
