@@ -12,7 +12,9 @@ GPU, one torch thread) on another. A block of steps is timed with one sync at it
 may run ahead of the daemon within a block, as a training loop that logs every N steps does); the median block
 counts, and local / eager / captured runs alternate for a few rounds, best of each counting. Columns: ms/step,
 ratio to local, aten ops per step (the graph's ops when captured), commands sent per step, client CPU per op and
-the daemon's CPU per op (everything above the kernels on a fake GPU is overhead; the kernels are included).
+the daemon's CPU per op: front, zygote and the session's worker together (everything above the kernels on a
+fake GPU is overhead; the kernels are included). The load average at the start and end is printed with the
+table: on a shared box, compare ratios from one run only.
 
     nice python bench/launch_bound.py                       # ~3-5 min
     python bench/launch_bound.py --models tiny-mlp,encoder --steps 40
@@ -83,6 +85,20 @@ def workload(name: str) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tenso
 # ---- worker: one measurement in its own pinned process ----
 
 
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and all its descendants alive now: the daemon's front, its zygote and the
+    session workers that run the kernels (a worker's time is not the daemon's until it is reaped)."""
+    total = 0.0
+    try:
+        total = _proc_cpu(pid)
+        for task in os.listdir(f"/proc/{pid}/task"):
+            for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+                total += _tree_cpu(int(child))
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return total
+
+
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     model, data, loss_fn = workload(args.model)
@@ -124,7 +140,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     blocks, cpu, daemon_cpu, sent = [], 0.0, 0.0, 0
     for _ in range(args.blocks):
         ops0 = rt.ops_sent if rt else 0
-        d0 = _proc_cpu(args.daemon_pid) if args.daemon_pid else 0.0
+        d0 = _tree_cpu(args.daemon_pid) if args.daemon_pid else 0.0
         c0 = time.process_time()
         t = time.perf_counter()
         loss = None
@@ -134,7 +150,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         loss.item()  # one sync per block: every step of it has run
         blocks.append((time.perf_counter() - t) / args.steps)
         cpu += time.process_time() - c0
-        daemon_cpu += (_proc_cpu(args.daemon_pid) - d0) if args.daemon_pid else 0.0
+        daemon_cpu += (_tree_cpu(args.daemon_pid) - d0) if args.daemon_pid else 0.0
         sent += (rt.ops_sent - ops0) if rt else 0
     n = args.blocks * args.steps
     out = {
@@ -185,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     rows = []
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         key = secrets.token_hex(32).encode()  # a token seed; the daemon gets its public key only
         key_file = Path(tmp) / "key.pub"
@@ -210,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             daemon.terminate()
             daemon.wait(timeout=30)
     print_table(rows, args)
+    print(f"load average (1 min): {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
     return 0
 
 

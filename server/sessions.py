@@ -124,6 +124,10 @@ class Session:
                 f"{dev.used} used of {dev.device.capacity} bytes"
             )
 
+    def reserve(self, delta: int) -> None:
+        """Count (negative: uncount) bytes held for no handle: the temporaries of captured graphs (graph.py)."""
+        self._account(delta)
+
     def _account(self, delta: int) -> None:
         self.used += delta
         with self.memory.lock:

@@ -261,6 +261,52 @@ def test_rerecorded_step_trains_like_eager(dev: torch.device) -> None:
     assert_close(captured, eager, "re-recorded")
 
 
+SCALE = 1.0  # a module global the step of the next test reads
+
+
+def test_python_values_the_step_reads_are_guarded(dev: torch.device) -> None:
+    """A closure number and a global the step reads change after its graph was defined: the step records again
+    (a replay would repeat the old values) and trains like eager. A counter it reads that changes every call
+    without changing what it computes stops being watched, and the step keeps replaying."""
+    global SCALE
+
+    def run(captured: bool) -> tuple[list[float], Any]:
+        global SCALE
+        model, opt = small_setup(dev)
+        shift, calls = 0.0, 0
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x) + shift, y) * SCALE
+            loss.backward()
+            opt.step()
+            return loss
+
+        fn = gt.capture(step) if captured else step
+        out = []
+        for i in range(16):
+            shift = 0.5 if i >= 8 else 0.0
+            SCALE = 2.0 if i >= 12 else 1.0
+            x, y = xy(seed=i)
+            if not captured:
+                x, y = x.to(dev), y.to(dev)
+            out.append(fn(x, y).item())
+        return out, fn
+
+    try:
+        torch.manual_seed(3)
+        eager, _ = run(False)
+        torch.manual_seed(3)
+        captured, step = run(True)
+    finally:
+        SCALE = 1.0
+    assert_close(captured, eager, "python values")
+    assert "calls" not in step.values and {"shift", "SCALE"} <= set(step.values)
+    assert step.stats["defined"] == 3 and step.stats["replayed"] >= 6
+
+
 def test_changing_python_scalars_are_detected(dev: torch.device) -> None:
     # Default Adam computes its bias corrections in Python from a CPU step count: new floats every step, which a
     # replay would repeat stale. The recordings differ, and capture says so (and how to fix it).
