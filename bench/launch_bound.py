@@ -13,8 +13,11 @@ may run ahead of the daemon within a block, as a training loop that logs every N
 counts, and local / eager / captured runs alternate for a few rounds, best of each counting. Columns: ms/step,
 ratio to local, aten ops per step (the graph's ops when captured), commands sent per step, client CPU per op and
 the daemon's CPU per op: front, zygote and the session's worker together (everything above the kernels on a
-fake GPU is overhead; the kernels are included). The load average at the start and end is printed with the
-table: on a shared box, compare ratios from one run only.
+fake GPU is overhead; the kernels are included). "core-1 CPU" is the CPU time per step of what runs on the daemon's
+core: the local process, or the whole daemon (front and worker); its ratio is what the wall-clock ratio becomes
+on a quiet box whenever the daemon's core is the bottleneck, and it moves much less with the load of a shared
+box than wall-clock times do. The load average at the start and end is printed with the table: on a shared
+box, compare ratios from one run only.
 
     nice python bench/launch_bound.py                       # ~3-5 min
     python bench/launch_bound.py --models tiny-mlp,encoder --steps 40
@@ -183,6 +186,7 @@ def run_worker(core: int, model: str, mode: str, args: argparse.Namespace, **rem
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ",".join(MODELS))
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated, local first: " + ",".join(MODES))
     p.add_argument("--steps", type=int, default=20, help="steps per timed block")
     p.add_argument("--blocks", type=int, default=5, help="timed blocks (the median counts)")
     p.add_argument("--warmup", type=int, default=6, help="untimed steps first (capture records in these)")
@@ -210,9 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         daemon, address = start_daemon(args.daemon_core, key_file)
         try:
             for model in args.models.split(","):
-                results: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+                modes = args.modes.split(",")
+                results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
                 for _ in range(args.rounds):
-                    for mode in MODES:
+                    for mode in modes:
                         if mode == "local":
                             results[mode].append(run_worker(args.daemon_core, model, mode, args))
                             continue
@@ -235,15 +240,19 @@ def print_table(rows: list[tuple[str, dict[str, dict[str, Any]]]], args: argpars
     table = Table(title=f"launch-bound training (median of {args.blocks} blocks of {args.steps} steps, best of "
                         f"{args.rounds} rounds, 1 torch thread each; daemon on core {args.daemon_core}, client on "
                         f"core {args.client_core})")  # fmt: skip
-    for col in ("model", "mode", "ms/step", "ratio", "ops/step", "commands/step", "client us/op", "daemon us/op"):
+    cols = ("model", "mode", "ms/step", "ratio", "ops/step", "commands/step", "client us/op", "daemon us/op",
+            "core-1 CPU ms/step", "CPU ratio")  # fmt: skip
+    for col in cols:
         table.add_column(col, justify="right")
     for model, best in rows:
         local = best["local"]["step_s"]
-        ops = best["eager"]["commands_per_step"] or 1  # eager: one command per aten op (batches' uploads aside)
-        ops = best["captured"].get("graph_ops") or ops
-        for mode in MODES:
+        local_cpu = best["local"]["client_cpu_per_step_s"]
+        ops = best["eager"]["commands_per_step"] if "eager" in best else 1  # eager: one command per aten op
+        ops = (best["captured"].get("graph_ops") if "captured" in best else 0) or ops or 1
+        for mode in best:
             r = best[mode]
             remote = mode != "local"
+            core1 = r["daemon_cpu_per_step_s"] if remote else r["client_cpu_per_step_s"]
             table.add_row(
                 model,
                 mode,
@@ -253,6 +262,8 @@ def print_table(rows: list[tuple[str, dict[str, dict[str, Any]]]], args: argpars
                 f"{r['commands_per_step']:.1f}" if remote else "",
                 f"{r['client_cpu_per_step_s'] / ops * 1e6:.1f}" if remote else "",
                 f"{r['daemon_cpu_per_step_s'] / ops * 1e6:.1f}" if remote else "",
+                f"{core1 * 1e3:.3f}",
+                f"{core1 / local_cpu:.2f}",
             )
     Console(width=160).print(table)
 

@@ -153,7 +153,7 @@ def _run(host: Host, s: Session, g: Graph, msg: device_pb2.RunGraph) -> None:
                     f"was defined for {list(m[0])} {list(m[1])} {m[3]} (define it again)"
                 )
         else:
-            t = _by_value(g, i, msg.input_data, s.device.torch_device)
+            t = _by_value(g, i, msg.input_data, g.device)
         slots[i + 1] = t
     for slot, h, m in g.externals:
         t = tensors.get(h) if not s.uploads else None
@@ -165,7 +165,7 @@ def _run(host: Host, s: Session, g: Graph, msg: device_pb2.RunGraph) -> None:
     for h in msg.outputs:
         if h:
             s.check_handle(h)
-    if g.cuda is not None or (not g.cuda_failed and s.device.torch_device.type == "cuda" and g.runs >= 2):
+    if g.cuda is not None or (not g.cuda_failed and g.device.type == "cuda" and g.runs >= 2):
         _run_cuda(host, s, g, slots)
     else:
         execute(g, slots)

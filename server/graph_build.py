@@ -99,6 +99,7 @@ class Graph:
     input_bytes: list[int] = field(default_factory=list)  # per input: its bytes when sent by value
     contiguous: list[bool] = field(default_factory=list)  # per input: may it be sent by value
     reserve: int = 0  # bytes the session's used memory counts for this graph: peak + inputs sent by value
+    device: torch.device = _META  # where its tensors live
     runs: int = 0
     cuda: Any = None
     cuda_failed: bool = False
@@ -242,6 +243,7 @@ def build(host: Host, s: Session, msg: device_pb2.DefineGraph) -> Graph:
         input_bytes,
         contiguous,
         peak + sum(b for b, c in zip(input_bytes, contiguous, strict=True) if c),
+        dev,
     )
 
 

@@ -45,6 +45,9 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import threading
+import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +69,11 @@ RECORD_ATTEMPTS = 3  # recordings that may disagree before the step is declared 
 MAX_GRAPHS = 16  # graphs one captured step keeps (the daemon holds at most 32 per session)
 BY_VALUE_BYTES = 256 * 1024  # CPU arguments up to this size (together) travel inside the RunGraph command
 _SCALARS = (bool, int, float, complex, str, type(None))
+# Replays travel HOLD_STEPS to a frame while they come fast, so that the daemon pays for one gRPC message and
+# one hop to the session's worker per few steps; a held step goes out at a sync (`.item()`), with any other
+# command that sends the frame, or after HOLD_SECONDS, whichever comes first: the daemon never waits long for it.
+HOLD_STEPS = 4
+HOLD_SECONDS = 0.001
 
 
 @dataclass
@@ -287,7 +295,9 @@ class CapturedStep:
                     data.append(b"")
         handles = [rt.new_handle() for _ in g.outputs]
         drops, g.drop_writes[:] = list(g.drop_writes), []
-        rt.run_graph(g.graph_id, inputs, handles, drops, data if by_value and any(data) else ())
+        held = _held(rt)
+        rt.run_graph(g.graph_id, inputs, handles, drops, data if by_value and any(data) else (), flush=False)
+        held.add()
         self.stats["replayed"] += 1
         out = list(g.leaves)
         for h, (i, m) in zip(handles, g.outputs, strict=True):
@@ -299,6 +309,71 @@ class CapturedStep:
         for key in list(self.graphs):
             self._forget(key, drop=True)
         self._recorded.clear()
+
+
+class _Held:
+    """The replays of one runtime that wait in its frame (see HOLD_STEPS), and the thread that sends them when
+    no further step comes within HOLD_SECONDS. Which steps share a frame never changes a result: commands keep
+    their order, and every sync sends whatever waits."""
+
+    def __init__(self, rt: DeviceRuntime) -> None:
+        self.rt = rt
+        self.count = 0
+        self.deadline = 0.0
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.thread = threading.Thread(target=self._timer, name=f"gpupool-capture-{rt.device}", daemon=True)
+        self.thread.start()
+
+    def add(self) -> None:
+        with self.lock:
+            self.count += 1
+            full = self.count >= HOLD_STEPS
+            if full:
+                self.count = 0
+            else:
+                soon = time.monotonic() + HOLD_SECONDS
+                if self.count == 1 or self.deadline > soon:
+                    self.deadline = soon
+                    self.wake.set()
+        if full:
+            self.rt.flush()
+
+    def _timer(self) -> None:
+        while not self.rt.closed:
+            if not self.wake.wait(timeout=1.0):
+                continue
+            self.wake.clear()
+            while True:
+                with self.lock:
+                    left = self.deadline - time.monotonic() if self.count else None
+                    if left is not None and left <= 0:
+                        self.count = 0
+                if left is None:
+                    break
+                if left > 0:
+                    self.wake.wait(left)  # an earlier deadline wakes it
+                    self.wake.clear()
+                    continue
+                try:
+                    self.rt.session.flush()
+                except Exception:  # noqa: BLE001 - a dead stream fails the user's next call, with its reason
+                    log.debug("%s: sending held steps failed", self.rt.device, exc_info=True)
+                break
+
+
+_holders: weakref.WeakKeyDictionary[DeviceRuntime, _Held] = weakref.WeakKeyDictionary()
+_holders_lock = threading.Lock()
+
+
+def _held(rt: DeviceRuntime) -> _Held:
+    h = _holders.get(rt)
+    if h is None:
+        with _holders_lock:
+            h = _holders.get(rt)
+            if h is None:
+                h = _holders[rt] = _Held(rt)
+    return h
 
 
 def _invalidate(g: _Graph, handle: int) -> None:

@@ -68,7 +68,11 @@ def test_a_valid_graph_runs_on_new_inputs(session: Session) -> None:
         ([op("aten::add.Tensor", slot(1), slot(9), out=2)], errors.InvalidArgument, "slot 9 is not defined"),
         ([op("aten::neg.default", slot(1), out=5)], errors.InvalidArgument, "next free slot is 2"),
         ([op("aten::nonzero.default", slot(1), out=2)], errors.InvalidArgument, "data-dependent"),
-        ([op("aten::resize_.default", slot(1), tensor_pb2.Arg(ints=tensor_pb2.IntList(values=[9])))], errors.InvalidArgument, "storages"),  # noqa: E501
+        (
+            [op("aten::resize_.default", slot(1), tensor_pb2.Arg(ints=tensor_pb2.IntList(values=[9])))],
+            errors.InvalidArgument,
+            "storages",
+        ),  # noqa: E501
         (
             [op("aten::ones.default", tensor_pb2.Arg(ints=tensor_pb2.IntList(values=[32 * MiB])), out=2)],
             errors.ResourceExhausted,
