@@ -58,6 +58,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from gpupool import wire
 
 from . import api, runtime
+from . import capture_guard as guard
 from .capture_record import Built, Elsewhere, Recording, build, compare
 from .errors import CaptureError
 from .runtime import DeviceRuntime
@@ -68,7 +69,6 @@ _graph_ids = itertools.count(1)
 RECORD_ATTEMPTS = 3  # recordings that may disagree before the step is declared uncapturable
 MAX_GRAPHS = 16  # graphs one captured step keeps (the daemon holds at most 32 per session)
 BY_VALUE_BYTES = 256 * 1024  # CPU arguments up to this size (together) travel inside the RunGraph command
-_SCALARS = (bool, int, float, complex, str, type(None))
 # Replays travel HOLD_STEPS to a frame while they come fast, so that the daemon pays for one gRPC message and
 # one hop to the session's worker per few steps; a held step goes out at a sync (`.item()`), with any other
 # command that sends the frame, or after HOLD_SECONDS, whichever comes first: the daemon never waits long for it.
@@ -107,8 +107,8 @@ class CapturedStep:
         self.fn = fn
         self.name = getattr(fn, "__name__", "step")
         self.device = device
-        self.watched = list(watch) or _discover(fn)
-        self.values = _python_values(fn)  # name -> reader of a plain Python value the step reads
+        self.watched = list(watch) or guard.discover(fn)
+        self.values = guard.python_values(fn)  # name -> reader of a plain Python value the step reads
         self.max_graphs = max_graphs
         self.graphs: dict[Any, _Graph] = {}  # by guard key, least recently used first
         self._recorded: dict[Any, tuple[Built, int]] = {}  # key -> (last recording, recordings that disagreed)
@@ -124,7 +124,12 @@ class CapturedStep:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = tree_flatten((args, kwargs))
         rt = self._runtime(leaves)
-        key = (spec, tuple(_leaf_key(x) for x in leaves), self._watch_key(), self._values_key())
+        key = (
+            spec,
+            tuple(guard.leaf_key(x) for x in leaves),
+            guard.watch_key(self.watched),
+            guard.values_key(self.values),
+        )
         g = self.graphs.get(key)
         if g is not None:
             if g.valid:
@@ -134,7 +139,7 @@ class CapturedStep:
             self.stats["rerecorded"] += 1
             self._forget(key)
         elif self.graphs and key not in self._recorded:
-            log.info("%s: %s records a new graph: %s", rt.device, self.name, _difference(self.graphs, key))
+            log.info("%s: %s records a new graph: %s", rt.device, self.name, guard.difference(self.graphs, key))
         leaves = [upload_new(rt, x) if _is_cpu_tensor(x) else x for x in leaves]
         args, kwargs = tree_unflatten(leaves, spec)
         if self._first:
@@ -151,20 +156,6 @@ class CapturedStep:
             return found.pop()
         index = torch.device(self.device).index if self.device is not None else None
         return api.runtime_for(index)
-
-    def _watch_key(self) -> tuple[Any, ...]:
-        out: list[Any] = []
-        for obj in self.watched:
-            if isinstance(obj, torch.nn.Module):
-                out.append(tuple(m.training for m in obj.modules()))
-            elif isinstance(obj, torch.optim.Optimizer):
-                for group in obj.param_groups:
-                    out.append(tuple(id(p) for p in group["params"]))
-                    out.append(tuple((k, _value_key(v)) for k, v in group.items() if k != "params"))
-        return tuple(out)
-
-    def _values_key(self) -> tuple[Any, ...]:
-        return tuple((name, _value_key(read())) for name, read in self.values.items())
 
     # ---- recording ----
 
@@ -226,13 +217,13 @@ class CapturedStep:
             graphs, self.graphs = self.graphs, {}
             for k, other in graphs.items():
                 k2 = (*k[:3], tuple(p for p in k[3] if p[0] not in changed))
-                if k2 in self.graphs or k2[:3] == key[:3] and k2[3] == self._values_key():
+                if k2 in self.graphs or k2[:3] == key[:3] and k2[3] == guard.values_key(self.values):
                     self._release(other, drop=True)
                     continue
                 other.key = k2
                 self.graphs[k2] = other
             self._recorded.clear()
-            return (*key[:3], self._values_key())
+            return (*key[:3], guard.values_key(self.values))
         return None
 
     def _define(self, rt: DeviceRuntime, key: Any, built: Built, result: Any) -> None:
@@ -397,18 +388,6 @@ def capture(
     return CapturedStep(fn, device, watch, max_graphs)
 
 
-def _difference(graphs: dict[Any, _Graph], new: Any) -> str:
-    old = list(graphs)[-1]
-    if old[0] != new[0]:
-        return "the structure of its arguments changed"
-    if old[1] != new[1]:
-        return "an argument's shape, dtype, stride or value changed"
-    if old[2] != new[2]:
-        return "a module's training flag or an optimizer's settings or parameters changed"
-    changed = [name for (name, a), (_, b) in zip(old[3], new[3], strict=False) if a != b]
-    return f"a Python value it reads changed ({', '.join(changed)})"
-
-
 # ---- small helpers ----
 
 
@@ -426,85 +405,3 @@ def _host_bytes(x: torch.Tensor) -> bytes:
 
 def _meta(t: RemoteTensor) -> Any:
     return (tuple(t.shape), tuple(t.stride()), int(t.storage_offset()), t.dtype)
-
-
-def _leaf_key(x: Any) -> Any:
-    if isinstance(x, RemoteTensor):
-        return x._gp_key
-    if isinstance(x, torch.Tensor):  # a CPU argument: uploaded (or sent by value) contiguous
-        return ("cpu", tuple(x.shape), x.dtype)
-    return ("value", _value_key(x))
-
-
-def _value_key(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        if isinstance(v, RemoteTensor):
-            return ("tensor", id(v))
-        return ("cpu", v.tolist()) if v.numel() <= 16 else ("cpu", id(v))
-    try:
-        hash(v)
-    except TypeError:
-        return ("id", id(v))
-    return (type(v), v)
-
-
-def _code_names(code: Any) -> set[str]:
-    """Global names a function's code (and the code of functions and lambdas defined inside it) reads."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if hasattr(const, "co_names"):
-            names |= _code_names(const)
-    return names
-
-
-def _python_values(fn: Callable[..., Any]) -> dict[str, Callable[[], Any]]:
-    """Readers of the plain Python values (numbers, strings, bools, None) a step reads directly: its closure
-    cells, the module globals its code names and its bound object's attributes, as they are at capture()."""
-    target = getattr(fn, "__func__", fn)
-    code = getattr(target, "__code__", None)
-    found: dict[str, Callable[[], Any]] = {}
-    if code is not None:
-        for name, cell in zip(code.co_freevars, getattr(target, "__closure__", None) or (), strict=False):
-            if isinstance(_cell_value(cell), _SCALARS):
-                found[name] = functools.partial(_cell_value, cell)
-        globs = getattr(target, "__globals__", {})
-        for name in sorted(_code_names(code)):
-            if name in globs and isinstance(globs[name], _SCALARS) and not name.startswith("__"):
-                found[name] = functools.partial(globs.get, name)
-    owner = getattr(fn, "__self__", None)
-    if owner is not None and hasattr(owner, "__dict__"):
-        for name, v in vars(owner).items():
-            if isinstance(v, _SCALARS):
-                found[f"self.{name}"] = functools.partial(getattr, owner, name, None)
-    return found
-
-
-def _cell_value(cell: Any) -> Any:
-    try:
-        return cell.cell_contents
-    except ValueError:  # an empty cell
-        return None
-
-
-def _discover(fn: Callable[..., Any]) -> list[Any]:
-    """Modules and optimizers a step function reaches: its closure, the globals it names, its bound object."""
-    found: list[Any] = []
-    candidates: list[Any] = []
-    target = getattr(fn, "__func__", fn)
-    owner = getattr(fn, "__self__", None)
-    if owner is not None:
-        candidates.append(owner)
-        candidates.extend(vars(owner).values() if hasattr(owner, "__dict__") else [])
-    for cell in getattr(target, "__closure__", None) or ():
-        try:
-            candidates.append(cell.cell_contents)
-        except ValueError:  # an empty cell
-            continue
-    code = getattr(target, "__code__", None)
-    globs = getattr(target, "__globals__", {})
-    if code is not None:
-        candidates.extend(globs[n] for n in code.co_names if n in globs)
-    for c in candidates:
-        if isinstance(c, torch.nn.Module | torch.optim.Optimizer) and not any(c is f for f in found):
-            found.append(c)
-    return found
