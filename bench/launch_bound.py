@@ -12,7 +12,12 @@ GPU, one torch thread) on another. A block of steps is timed with one sync at it
 may run ahead of the daemon within a block, as a training loop that logs every N steps does); the median block
 counts, and local / eager / captured runs alternate for a few rounds, best of each counting. Columns: ms/step,
 ratio to local, aten ops per step (the graph's ops when captured), commands sent per step, client CPU per op and
-the daemon's CPU per op (everything above the kernels on a fake GPU is overhead; the kernels are included).
+the daemon's CPU per op: front, zygote and the session's worker together (everything above the kernels on a
+fake GPU is overhead; the kernels are included). "core-1 CPU" is the CPU time per step of what runs on the daemon's
+core: the local process, or the whole daemon (front and worker); its ratio is what the wall-clock ratio becomes
+on a quiet box whenever the daemon's core is the bottleneck, and it moves much less with the load of a shared
+box than wall-clock times do. The load average at the start and end is printed with the table: on a shared
+box, compare ratios from one run only.
 
     nice python bench/launch_bound.py                       # ~3-5 min
     python bench/launch_bound.py --models tiny-mlp,encoder --steps 40
@@ -22,9 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +42,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from train_overhead import _proc_cpu, add_worker_flags, bench_daemons, run_worker, stock_mlp
+from train_overhead import _proc_cpu, start_daemon, stock_mlp
+
+from gpupool import pki, tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("tiny-mlp", "encoder", "mlp", "cnn")
@@ -76,6 +88,20 @@ def workload(name: str) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tenso
 # ---- worker: one measurement in its own pinned process ----
 
 
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and all its descendants alive now: the daemon's front, its zygote and the
+    session workers that run the kernels (a worker's time is not the daemon's until it is reaped)."""
+    total = 0.0
+    try:
+        total = _proc_cpu(pid)
+        for task in os.listdir(f"/proc/{pid}/task"):
+            for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+                total += _tree_cpu(int(child))
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return total
+
+
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     model, data, loss_fn = workload(args.model)
@@ -117,7 +143,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     blocks, cpu, daemon_cpu, sent = [], 0.0, 0.0, 0
     for _ in range(args.blocks):
         ops0 = rt.ops_sent if rt else 0
-        d0 = _proc_cpu(args.daemon_pid) if args.daemon_pid else 0.0
+        d0 = _tree_cpu(args.daemon_pid) if args.daemon_pid else 0.0
         c0 = time.process_time()
         t = time.perf_counter()
         loss = None
@@ -127,7 +153,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         loss.item()  # one sync per block: every step of it has run
         blocks.append((time.perf_counter() - t) / args.steps)
         cpu += time.process_time() - c0
-        daemon_cpu += (_proc_cpu(args.daemon_pid) - d0) if args.daemon_pid else 0.0
+        daemon_cpu += (_tree_cpu(args.daemon_pid) - d0) if args.daemon_pid else 0.0
         sent += (rt.ops_sent - ops0) if rt else 0
     n = args.blocks * args.steps
     out = {
@@ -145,40 +171,68 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 # ---- driver ----
 
 
-def _worker(core: int, model: str, mode: str, args: argparse.Namespace, **remote: Any) -> dict[str, Any]:
-    argv = ["--model", model, "--mode", mode, "--steps", str(args.steps), "--blocks", str(args.blocks),
-            "--warmup", str(args.warmup)]  # fmt: skip
-    return run_worker(__file__, core, f"{model}/{mode}", argv, **remote)
+def run_worker(core: int, model: str, mode: str, args: argparse.Namespace, **remote: Any) -> dict[str, Any]:
+    cmd = ["taskset", "-c", str(core), sys.executable, __file__, "--worker", "--model", model, "--mode", mode,
+           "--steps", str(args.steps), "--blocks", str(args.blocks), "--warmup", str(args.warmup)]  # fmt: skip
+    for k, v in remote.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {model}/{mode} failed:\n{out.stderr[-3000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ",".join(MODELS))
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated, local first: " + ",".join(MODES))
     p.add_argument("--steps", type=int, default=20, help="steps per timed block")
     p.add_argument("--blocks", type=int, default=5, help="timed blocks (the median counts)")
     p.add_argument("--warmup", type=int, default=6, help="untimed steps first (capture records in these)")
     p.add_argument("--rounds", type=int, default=2, help="alternating local/eager/captured runs; best of each")
-    add_worker_flags(p)
+    p.add_argument("--daemon-core", type=int, default=1)
+    p.add_argument("--client-core", type=int, default=0)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="tiny-mlp", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="local", help=argparse.SUPPRESS)
+    p.add_argument("--address", default="", help=argparse.SUPPRESS)
+    p.add_argument("--token", default="", help=argparse.SUPPRESS)
+    p.add_argument("--daemon-pid", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
 
     rows = []
-    with bench_daemons(args.daemon_core) as daemons:
-        for model in args.models.split(","):
-            results: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
-            for _ in range(args.rounds):
-                for mode in MODES:
-                    if mode == "local":
-                        results[mode].append(_worker(args.daemon_core, model, mode, args))
-                    else:
-                        results[mode].append(_worker(args.client_core, model, mode, args, **daemons.remote()))
-            best = {m: min(rs, key=lambda r: r["step_s"]) for m, rs in results.items()}
-            rows.append((model, best))
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        key = secrets.token_hex(32).encode()  # a token seed; the daemon gets its public key only
+        key_file = Path(tmp) / "key.pub"
+        key_file.write_bytes(tokens.public_pem(tokens.Signer.from_seed(key).public))
+        os.environ.update(pki.loopback_env(Path(tmp) / "pki"))  # the daemon and the clients speak TLS
+        daemon, address = start_daemon(args.daemon_core, key_file)
+        try:
+            for model in args.models.split(","):
+                modes = args.modes.split(",")
+                results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+                for _ in range(args.rounds):
+                    for mode in modes:
+                        if mode == "local":
+                            results[mode].append(run_worker(args.daemon_core, model, mode, args))
+                            continue
+                        claims = tokens.TokenClaims(lease_id=uuid.uuid4().hex, host="bench", device=0, quota_bytes=0,
+                                                    share=1.0, expires_at=time.time() + 3600)  # fmt: skip
+                        token = tokens.mint(key, claims)
+                        results[mode].append(run_worker(args.client_core, model, mode, args, address=address,
+                                                        token=token, daemon_pid=daemon.pid))  # fmt: skip
+                best = {m: min(rs, key=lambda r: r["step_s"]) for m, rs in results.items()}
+                rows.append((model, best))
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=30)
     print_table(rows, args)
+    print(f"load average (1 min): {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
     return 0
 
 
@@ -186,15 +240,19 @@ def print_table(rows: list[tuple[str, dict[str, dict[str, Any]]]], args: argpars
     table = Table(title=f"launch-bound training (median of {args.blocks} blocks of {args.steps} steps, best of "
                         f"{args.rounds} rounds, 1 torch thread each; daemon on core {args.daemon_core}, client on "
                         f"core {args.client_core})")  # fmt: skip
-    for col in ("model", "mode", "ms/step", "ratio", "ops/step", "commands/step", "client us/op", "daemon us/op"):
+    cols = ("model", "mode", "ms/step", "ratio", "ops/step", "commands/step", "client us/op", "daemon us/op",
+            "core-1 CPU ms/step", "CPU ratio")  # fmt: skip
+    for col in cols:
         table.add_column(col, justify="right")
     for model, best in rows:
         local = best["local"]["step_s"]
-        ops = best["eager"]["commands_per_step"] or 1  # eager: one command per aten op (batches' uploads aside)
-        ops = best["captured"].get("graph_ops") or ops
-        for mode in MODES:
+        local_cpu = best["local"]["client_cpu_per_step_s"]
+        ops = best["eager"]["commands_per_step"] if "eager" in best else 1  # eager: one command per aten op
+        ops = (best["captured"].get("graph_ops") if "captured" in best else 0) or ops or 1
+        for mode in best:
             r = best[mode]
             remote = mode != "local"
+            core1 = r["daemon_cpu_per_step_s"] if remote else r["client_cpu_per_step_s"]
             table.add_row(
                 model,
                 mode,
@@ -204,6 +262,8 @@ def print_table(rows: list[tuple[str, dict[str, dict[str, Any]]]], args: argpars
                 f"{r['commands_per_step']:.1f}" if remote else "",
                 f"{r['client_cpu_per_step_s'] / ops * 1e6:.1f}" if remote else "",
                 f"{r['daemon_cpu_per_step_s'] / ops * 1e6:.1f}" if remote else "",
+                f"{core1 * 1e3:.3f}",
+                f"{core1 / local_cpu:.2f}",
             )
     Console(width=160).print(table)
 

@@ -271,9 +271,15 @@ class Session:
         self._add(device_pb2.Command(define_graph=graph), graph.ByteSize())
 
     def run_graph(
-        self, graph_id: int, inputs: Sequence[int], outputs: Sequence[int], drop_writes: Sequence[int] = ()
+        self,
+        graph_id: int,
+        inputs: Sequence[int],
+        outputs: Sequence[int],
+        drop_writes: Sequence[int] = (),
+        data: Sequence[bytes] = (),
     ) -> None:
-        """One step of a defined graph: the batch's uploads queued before it travel in the same frame."""
+        """One step of a defined graph: the batch's uploads queued before it travel in the same frame; `data`
+        holds the bytes of the inputs sent by value (handle 0 in `inputs`)."""
         with self._lock:
             run = self._frame.commands.add().run_graph
             run.graph_id = graph_id
@@ -281,6 +287,9 @@ class Session:
             run.outputs.extend(outputs)
             if drop_writes:
                 run.drop_writes.extend(drop_writes)
+            if data:
+                run.input_data.extend(data)
+                self._frame_bytes += sum(len(d) for d in data)
             self._maybe_flush()
 
     def drop_graph(self, graph_id: int) -> None:

@@ -1,16 +1,16 @@
-"""Captured steps on the daemon: a graph is defined once (DefineGraph) and run once per training step (RunGraph).
+"""Captured steps on the daemon: a graph is defined once (DefineGraph, see graph_build.py) and run once per
+training step (RunGraph).
 
-A graph is the eager `Op` records of one step with graph-local slots in place of handles (device.proto). At
-definition every op goes through what an eager op goes through: the name through the allowlist (`OpTable`),
-the arguments through `wire.decode_arg` and the guards (`check_enums`, `check_counts`, `check_inputs`,
-`validate`), and the whole graph through a dry run on `meta` tensors, which gives every slot's shape and the
-graph's peak memory; ops whose output shapes only running them can tell (no meta kernel, data-dependent shapes)
-and ops that re-point or grow storages are refused. The quota is checked for that peak before every run.
+A run executes the graph's prebuilt calls (graph_build.Call): per run it only resolves the input and persistent
+handles (checking that their metadata is what the graph was built for), takes inputs sent by value (the batch,
+RunGraph.input_data) straight into their slots, fills slots, calls kernels, runs the guards that read tensor
+values (embedding backward index ranges), and binds outputs. No protobuf decoding, name lookups or argument
+checks per op.
 
-A run then executes prebuilt calls: the resolved overload (or its checked replacement), an argument list built
-once with the slot positions to fill in, and the slots to drop after their last use. Per run it only resolves
-the input and persistent handles (checking that their metadata is what the graph was built for), fills slots,
-calls kernels, runs the guards that read tensor values (embedding backward index ranges), and binds outputs.
+Memory: a session that holds graphs has its largest graph's peak (temporaries plus inputs sent by value) counted
+in its used bytes for as long as it holds it -- as a CUDA graph's private pool holds that memory -- so the quota
+is checked once, at definition, and `gpupool smi` and the device's accounting see what the steps need.
+
 On CUDA devices a graph without random ops is additionally captured as a CUDA graph once it has run eagerly
 (`_CudaGraph`); CPU-backed fake GPUs never take that path.
 """
@@ -20,34 +20,19 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
-from gpupool import wire
-from gpupool._proto import device_pb2, tensor_pb2
+from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, NotFound, ResourceExhausted
 
-from . import cost, guards
+from .graph_build import Graph, Host, build, flat
 from .sessions import Poison, WorkerSession, zero_bytes
-
-if TYPE_CHECKING:
-    from .ops import OpTable
 
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 32  # per session: each holds prebuilt calls in host memory
-MAX_GRAPH_OPS = 100_000
-MAX_DIMS = 64
-_META = torch.device("meta")
-# Ops that re-point or grow storages: a graph's memory must be known before it runs.
-NOT_IN_GRAPHS = frozenset({"aten::resize_", "aten::resize_as_", "aten::_resize_output_", "aten::set_"})
-# Factories that return uninitialized memory: zeroed, as on the eager path.
-_UNINITIALIZED = frozenset(
-    {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::empty_permuted", "aten::new_empty"}
-)
 EVENTS = ("defined", "rerecorded", "replayed", "dropped")
 
 
@@ -55,72 +40,14 @@ class GraphLedger(Protocol):
     def graph(self, session: WorkerSession, event: str, ops: int = 0) -> None: ...
 
 
-class Host(Protocol):
-    """What graphs need of the executor: its op table, its ledger and its seeded-op runner."""
-
-    ops: OpTable
-    ledger: Any
-
-    def _seeded(self, s: WorkerSession, op: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any: ...
-
-
-class _Ref:
-    """A slot while arguments are decoded."""
-
-    __slots__ = ("slot",)
-
-    def __init__(self, slot: int) -> None:
-        self.slot = slot
-
-
-Meta = tuple[tuple[int, ...], tuple[int, ...], int, torch.dtype]
-
-
-def _meta_of(t: torch.Tensor) -> Meta:
-    return (tuple(t.shape), tuple(t.stride()), int(t.storage_offset()), t.dtype)
-
-
-@dataclass
-class _Call:
-    """One prebuilt op of a graph."""
-
-    name: str
-    fn: Callable[..., Any]
-    args: list[Any]
-    fill: list[tuple[int, int]]  # (argument position, slot)
-    fill_lists: list[tuple[int, list[int]]]  # (argument position, slots; 0 = None)
-    kwargs: dict[str, Any]
-    kfill: list[tuple[str, Any]]  # (name, slot or list of slots)
-    outs: list[int]  # slot per returned value, 0 skips
-    single: bool  # the op returns one tensor
-    dead: list[int]  # slots whose last use is this op
-    check: Callable[[list[Any], dict[str, Any]], None] | None  # a guard that reads values
-    zero: bool  # outputs are uninitialized memory
-    seeded: bool  # draws random numbers from the session's generator
-
-
-@dataclass
-class Graph:
-    graph_id: int
-    n_slots: int
-    input_meta: list[Meta]
-    externals: list[tuple[int, int, Meta]]  # (slot, handle, metadata)
-    calls: list[_Call]
-    outputs: list[int]
-    writes: dict[int, int]  # handle -> slot
-    peak: int  # bytes the run allocates at most at once
-    mutated: list[int]  # persistent handles that ops write in place
-    runs: int = 0
-    cuda: Any = None
-    cuda_failed: bool = False
-
-
 class GraphTable:
-    """The graphs of every session (weakly keyed: a closed session's graphs go with it)."""
+    """The graphs of every session (weakly keyed: a closed session's graphs go with it), and the bytes each
+    session has reserved for them (its largest graph's peak)."""
 
     def __init__(self, host: Host) -> None:
         self.host = host
         self._graphs: weakref.WeakKeyDictionary[WorkerSession, dict[int, Graph]] = weakref.WeakKeyDictionary()
+        self._reserved: weakref.WeakKeyDictionary[WorkerSession, int] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
     def _of(self, s: WorkerSession) -> dict[int, Graph]:
@@ -133,6 +60,21 @@ class GraphTable:
     def count(self, s: WorkerSession) -> int:
         return len(self._of(s))
 
+    def reserved(self, s: WorkerSession) -> int:
+        """Bytes counted in the session's used memory for its graphs' temporaries."""
+        return self._reserved.get(s, 0)
+
+    def _reserve(self, s: WorkerSession, graphs: dict[int, Graph], extra: Graph | None = None) -> None:
+        """Count the largest peak of `graphs` (and `extra`, about to join them) in the session's used bytes;
+        a growth must pass the quota first (ResourceExhausted, nothing changed)."""
+        want = max((g.reserve for g in [*graphs.values(), *([extra] if extra else [])]), default=0)
+        delta = want - self._reserved.get(s, 0)
+        if delta > 0:
+            s.admit(delta)
+        if delta:
+            s.reserve(delta)
+            self._reserved[s] = want
+
     # ---- commands ----
 
     def define(self, s: WorkerSession, msg: device_pb2.DefineGraph) -> None:
@@ -140,11 +82,15 @@ class GraphTable:
         replaced = msg.graph_id in graphs
         if not replaced and len(graphs) >= MAX_GRAPHS:
             raise InvalidArgument(f"a session holds at most {MAX_GRAPHS} graphs; drop one first")
-        graphs.pop(msg.graph_id, None)
-        g = _build(self.host, s, msg)
-        s.admit(g.peak)  # the whole graph's memory, before its first run (and again before every run)
+        old = graphs.pop(msg.graph_id, None)
+        try:
+            g = build(self.host, s, msg)
+            self._reserve(s, graphs, g)  # the whole graph's memory, before its first run
+        except GpupoolError:
+            self._reserve(s, graphs)  # the replaced graph is gone either way
+            raise
         graphs[msg.graph_id] = g
-        event = "rerecorded" if replaced else "defined"
+        event = "rerecorded" if old is not None else "defined"
         self.host.ledger.graph(s, event)
         log.info(
             "session %d: graph %d %s: %d ops, %d inputs, %d persistent tensors, %d outputs, %d kept, peak %d bytes",
@@ -160,7 +106,9 @@ class GraphTable:
         )
 
     def drop(self, s: WorkerSession, msg: device_pb2.DropGraph) -> None:
-        if self._of(s).pop(msg.graph_id, None) is not None:
+        graphs = self._of(s)
+        if graphs.pop(msg.graph_id, None) is not None:
+            self._reserve(s, graphs)
             self.host.ledger.graph(s, "dropped")
 
     def run(self, s: WorkerSession, msg: device_pb2.RunGraph) -> None:
@@ -182,309 +130,45 @@ class GraphTable:
         self.host.ledger.graph(s, "replayed", ops=len(g.calls))
 
 
-# ---- definition ----
-
-
-def _meta_tensor(m: Meta, storages: dict[Any, torch.Tensor] | None = None, key: Any = None) -> torch.Tensor:
-    shape, stride, offset, dtype = m
-    if len(shape) > MAX_DIMS or len(stride) != len(shape) or offset < 0 or any(d < 0 for d in shape):
-        raise InvalidArgument(f"bad tensor metadata {list(shape)} / {list(stride)} + {offset}")
-    extent = 1 + sum((d - 1) * abs(st) for d, st in zip(shape, stride, strict=True)) if all(shape) else 0
-    base = storages.get(key) if storages is not None and key is not None else None
-    nbytes = (offset + extent) * wire.itemsize(dtype)
-    if base is None:
-        base = torch.empty(nbytes, dtype=torch.uint8, device=_META)
-        if storages is not None and key is not None:
-            storages[key] = base
-    t = torch.empty(0, dtype=dtype, device=_META)
-    t.set_(base.untyped_storage(), offset, shape, stride)
-    return t
-
-
-def _proto_meta(m: tensor_pb2.TensorMeta) -> Meta:
-    return (tuple(m.shape), tuple(m.stride), int(m.storage_offset), wire.dtype_from_proto(m.dtype))
-
-
-def _build(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Graph:
-    if len(msg.ops) > MAX_GRAPH_OPS:
-        raise InvalidArgument(f"a graph of {len(msg.ops)} ops; at most {MAX_GRAPH_OPS}")
-    if len(msg.input_meta) != msg.inputs:
-        raise InvalidArgument(f"{msg.inputs} inputs but {len(msg.input_meta)} input metadata")
-    dev = s.device.torch_device
-    meta_slots: list[Any] = [None]
-    input_meta = [_proto_meta(m) for m in msg.input_meta]
-    for m in input_meta:
-        meta_slots.append(_meta_tensor(m))
-    storages: dict[Any, torch.Tensor] = {}
-    externals: list[tuple[int, int, Meta]] = []
-    for h in msg.persistent:
-        t = s.resolve(h)  # ownership, existence
-        m = _meta_of(t)
-        externals.append((len(meta_slots), h, m))
-        meta_slots.append(_meta_tensor(m, storages, t.untyped_storage()._cdata))
-    fixed = len(meta_slots)  # inputs and persistent tensors: never dropped, never counted
-    known = {t.untyped_storage()._cdata: True for t in meta_slots[1:]}
-    # Memory: storage -> [bytes, live slots]; slot -> its storage's key (only for storages the graph allocates).
-    alloc: dict[int, list[int]] = {}
-    slot_storage: dict[int, int] = {}
-    last_use: dict[int, int] = {}
-    kept = {int(w.slot) for w in msg.writes} | {int(x) for x in msg.outputs}
-    last_read = _last_reads(msg)
-    calls: list[_Call] = []
-    mutated: set[int] = set()
-    external_handle = {slot: h for slot, h, _ in externals}
-    live = peak = grown = 0
-
-    for i, op_msg in enumerate(msg.ops):
-        where = f"graph op {i} ({op_msg.name})"
-        try:
-            call, meta_out, reads = _prebuild(host, s, op_msg, meta_slots, dev)
-        except GpupoolError as exc:
-            raise type(exc)(f"{where}: {exc.message}") from None
-        except (RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
-            raise InvalidArgument(f"{where}: {str(exc).splitlines()[0][:300]}") from None
-        for slot in reads:
-            last_use[slot] = i
-        op = host.ops.resolve(op_msg.name)
-        if op._schema.is_mutable:
-            for slot in reads:
-                if slot in external_handle:
-                    mutated.add(external_handle[slot])
-        before = {st._cdata: st.nbytes() for st in _storages(meta_slots, reads)}
-        for slot, value in zip(call.outs, meta_out, strict=False):
-            if not slot:
-                continue
-            if slot != len(meta_slots):
-                raise InvalidArgument(f"{where}: output slot {slot}; the next free slot is {len(meta_slots)}")
-            if value is None or not isinstance(value, torch.Tensor):
-                raise InvalidArgument(f"{where}: output slot {slot} gets no tensor")
-            if value.layout != torch.strided or value.dim() > MAX_DIMS:
-                raise InvalidArgument(f"{where}: returns a {value.layout} tensor of {value.dim()} dimensions")
-            meta_slots.append(value)
-            st = value.untyped_storage()
-            key = st._cdata
-            if key not in known:
-                known[key] = True
-                alloc[key] = [st.nbytes(), 0]
-                live += st.nbytes()
-            if key in alloc:
-                alloc[key][1] += 1
-                slot_storage[slot] = key
-        for st in _storages(meta_slots, reads):  # out= outputs and in-place ops growing their arguments
-            growth = st.nbytes() - before.get(st._cdata, st.nbytes())
-            if growth > 0:
-                grown += growth
-        peak = max(peak, live + grown)
-        calls.append(call)
-        # Slots read for the last time here, or never read: their storage may go.
-        for slot in set(reads) | {o for o in call.outs if o}:
-            if slot >= fixed and slot not in kept and last_read.get(slot, i) <= i:
-                key2 = slot_storage.pop(slot, None)
-                if key2 is not None:
-                    entry = alloc[key2]
-                    entry[1] -= 1
-                    if entry[1] == 0:
-                        live -= entry[0]
-
-    n_slots = len(meta_slots)
-    for slot in list(msg.outputs) + [w.slot for w in msg.writes]:
-        if not 0 < slot < n_slots:
-            raise InvalidArgument(f"graph output slot {slot} is not defined (the graph has {n_slots - 1} slots)")
-    writes: dict[int, int] = {}
-    for w in msg.writes:
-        s.check_handle(w.handle)
-        writes[w.handle] = int(w.slot)
-    # Runtime drops: each slot after its last reading op (kept slots and fixed ones never).
-    for slot in range(fixed, n_slots):
-        if slot in kept:
-            continue
-        at = last_use.get(slot)
-        if at is None:
-            at = _producer(calls, slot)
-        calls[at].dead.append(slot)
-    return Graph(
-        msg.graph_id,
-        n_slots,
-        input_meta,
-        externals,
-        calls,
-        [int(x) for x in msg.outputs],
-        writes,
-        peak,
-        sorted(mutated),
-    )
-
-
-def _last_reads(msg: device_pb2.DefineGraph) -> dict[int, int]:
-    """slot -> index of the last op that reads it."""
-    last: dict[int, int] = {}
-    for i, op in enumerate(msg.ops):
-        for a in list(op.args) + list(op.kwargs.values()):
-            kind = a.WhichOneof("value")
-            if kind == "tensor":
-                last[a.tensor] = i
-            elif kind == "tensors":
-                for h in a.tensors.handles:
-                    last[h] = i
-    return last
-
-
-def _producer(calls: list[_Call], slot: int) -> int:
-    for i, c in enumerate(calls):
-        if slot in c.outs:
-            return i
-    return len(calls) - 1
-
-
-def _storages(meta_slots: list[Any], reads: list[int]) -> list[torch.UntypedStorage]:
-    return [meta_slots[r].untyped_storage() for r in reads if isinstance(meta_slots[r], torch.Tensor)]
-
-
-def _prebuild(
-    host: Host, s: WorkerSession, msg: device_pb2.Op, meta_slots: list[Any], dev: torch.device
-) -> tuple[_Call, list[Any], list[int]]:
-    """Resolve and check one op of a graph, run it on meta tensors; returns the prebuilt call, the meta outputs
-    (one per output slot) and the slots it reads."""
-    op = host.ops.resolve(msg.name)  # the allowlist: PermissionDenied / InvalidArgument
-    if op._schema.name in NOT_IN_GRAPHS:
-        raise InvalidArgument("this op changes storages; it cannot be part of a graph")
-    if torch.Tag.dynamic_output_shape in op.tags:
-        raise InvalidArgument("this op has data-dependent output shapes; it cannot be part of a graph")
-    n = len(meta_slots)
-    reads: list[int] = []
-
-    def ref(slot: int) -> _Ref:
-        if not 0 < slot < n:
-            raise InvalidArgument(f"slot {slot} is not defined yet (slots 1..{n - 1} are)")
-        reads.append(slot)
-        return _Ref(slot)
-
-    # decode_arg hands whatever `ref` returns through untouched: slots become _Ref markers, not tensors.
-    args = [wire.decode_arg(a, ref, dev) for a in msg.args]  # type: ignore[arg-type]
-    kwargs = {k: wire.decode_arg(v, ref, dev) for k, v in msg.kwargs.items()}  # type: ignore[arg-type]
-    if any(a.name == "device" and a.kwarg_only for a in op._schema.arguments) and kwargs.get("device") is None:
-        kwargs["device"] = dev
-    lists = [len(v) for v in list(args) + list(kwargs.values()) if isinstance(v, list)]
-    guards.check_counts(op, lists, [], {})
-
-    def meta(v: Any) -> Any:
-        if isinstance(v, _Ref):
-            return meta_slots[v.slot]
-        if isinstance(v, list):
-            return [meta(x) for x in v]
-        if isinstance(v, torch.device):
-            return _META
-        if isinstance(v, torch.Tensor) and v.dim() > 0:  # inline tensors live on the device
-            return v.to(_META)
-        return v
-
-    margs = [meta(a) for a in args]
-    mkwargs = {k: meta(v) for k, v in kwargs.items()}
-    guards.check_enums(op, margs, mkwargs)
-    guards.check_inputs(margs, mkwargs, s.quota)
-    guards.check_counts(op, [], margs, mkwargs)
-    cost.check(op, margs, mkwargs, s.max_op_flops)  # shapes decide the work: meta tensors tell it as well
-    value_guard = op._schema.name in guards.VALUE_GUARDS
-    if not value_guard:
-        guards.validate(op, margs, mkwargs)
-    try:
-        out = op(*margs, **mkwargs)
-    except NotImplementedError:
-        raise InvalidArgument("this op has no meta kernel; it cannot be part of a graph") from None
-    values = _flat(out)
-    outs = [int(h) for h in msg.outputs]
-    if len(outs) > len(values):
-        raise InvalidArgument(f"{len(outs)} output slots given, the op returns {len(values)} values")
-
-    fill: list[tuple[int, int]] = []
-    fill_lists: list[tuple[int, list[int]]] = []
-    template: list[Any] = []
-    for i, a in enumerate(args):
-        if isinstance(a, _Ref):
-            fill.append((i, a.slot))
-            template.append(None)
-        elif isinstance(a, list) and any(isinstance(x, _Ref) for x in a):
-            fill_lists.append((i, [x.slot if isinstance(x, _Ref) else 0 for x in a]))
-            template.append(None)
-        else:
-            template.append(a)
-    kfill: list[tuple[str, Any]] = []
-    ktemplate: dict[str, Any] = {}
-    for k, v in kwargs.items():
-        if isinstance(v, _Ref):
-            kfill.append((k, v.slot))
-        elif isinstance(v, list) and any(isinstance(x, _Ref) for x in v):
-            kfill.append((k, [x.slot if isinstance(x, _Ref) else 0 for x in v]))
-        else:
-            ktemplate[k] = v
-    # The overload's C++ entry point itself (OpOverload.__call__ is one Python frame around it).
-    fn: Callable[..., Any] = guards.replacement(op) or op._op
-    if torch.Tag.nondeterministic_seeded in op.tags:
-        seeded = host._seeded
-
-        def fn(*a: Any, **k: Any) -> Any:
-            return seeded(s, op, list(a), k)
-
-    check = None
-    if value_guard:
-
-        def check(a: list[Any], k: dict[str, Any]) -> None:
-            guards.validate(op, a, k)
-
-    call = _Call(
-        msg.name,
-        fn,
-        template,
-        fill,
-        fill_lists,
-        ktemplate,
-        kfill,
-        outs,
-        isinstance(out, torch.Tensor) and len(outs) == 1,
-        [],
-        check,
-        op._schema.name in _UNINITIALIZED,
-        torch.Tag.nondeterministic_seeded in op.tags,
-    )
-    return call, values[: len(outs)], reads
-
-
-def _flat(out: Any) -> list[Any]:
-    if isinstance(out, tuple | list):
-        return [v for item in out for v in (item if isinstance(item, list | tuple) else [item])]
-    return [out]
-
-
 # ---- runs ----
 
 
 def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph) -> None:
-    if len(msg.inputs) != len(g.input_meta):
-        raise InvalidArgument(f"graph {g.graph_id} takes {len(g.input_meta)} inputs, got {len(msg.inputs)}")
+    inputs = msg.inputs
+    if len(inputs) != len(g.input_meta):
+        raise InvalidArgument(f"graph {g.graph_id} takes {len(g.input_meta)} inputs, got {len(inputs)}")
     if len(msg.outputs) > len(g.outputs):
         raise InvalidArgument(f"graph {g.graph_id} has {len(g.outputs)} outputs, got {len(msg.outputs)} handles")
     slots: list[Any] = [None] * g.n_slots
-    for i, h in enumerate(msg.inputs):
-        t = s.resolve(h)
-        if _meta_of(t) != g.input_meta[i]:
-            raise InvalidArgument(
-                f"graph {g.graph_id} input {i} is {_meta_of(t)[:2]} {t.dtype}; the graph was defined for "
-                f"{g.input_meta[i][:2]} {g.input_meta[i][3]} (define it again)"
-            )
+    tensors = s.tensors
+    for i, h in enumerate(inputs):
+        m = g.input_meta[i]
+        if h:
+            t = tensors.get(h) if not s.uploads else None
+            if t is None:
+                t = s.resolve(h)
+            if t.shape != m[0] or t.stride() != m[1] or t.storage_offset() != m[2] or t.dtype != m[3]:
+                raise InvalidArgument(
+                    f"graph {g.graph_id} input {i} is {list(t.shape)} {list(t.stride())} {t.dtype}; the graph "
+                    f"was defined for {list(m[0])} {list(m[1])} {m[3]} (define it again)"
+                )
+        else:
+            t = _by_value(g, i, msg.input_data, g.device)
         slots[i + 1] = t
     for slot, h, m in g.externals:
-        t = s.resolve(h)
-        if _meta_of(t) != m:
+        t = tensors.get(h) if not s.uploads else None
+        if t is None:
+            t = s.resolve(h)
+        if t.shape != m[0] or t.stride() != m[1] or t.storage_offset() != m[2] or t.dtype != m[3]:
             raise InvalidArgument(f"graph {g.graph_id}: persistent tensor {h:#x} changed shape or dtype since")
         slots[slot] = t
     for h in msg.outputs:
         if h:
             s.check_handle(h)
-    s.admit(g.peak)
-    if g.cuda is not None or (not g.cuda_failed and s.device.torch_device.type == "cuda" and g.runs >= 2):
+    if g.cuda is not None or (not g.cuda_failed and g.device.type == "cuda" and g.runs >= 2):
         _run_cuda(host, s, g, slots)
     else:
-        _execute(g, slots)
+        execute(g, slots)
     for h, slot in zip(msg.outputs, g.outputs, strict=False):
         if h:
             s.bind(h, slots[slot])
@@ -494,16 +178,35 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph) -> No
         s.recount(g.mutated)
 
 
-def _execute(g: Graph, slots: list[Any]) -> None:
+def _by_value(g: Graph, i: int, data: Any, dev: torch.device) -> torch.Tensor:
+    """Input `i` of a run from its bytes in RunGraph.input_data (its memory is part of the graph's reservation)."""
+    shape, _, _, dtype = g.input_meta[i]
+    if i >= len(data):
+        raise InvalidArgument(f"graph {g.graph_id} input {i}: handle 0 and no input_data for it")
+    raw = data[i]
+    if not g.contiguous[i] or len(raw) != g.input_bytes[i]:
+        raise InvalidArgument(
+            f"graph {g.graph_id} input {i}: {len(raw)} bytes given by value; the graph takes "
+            f"{g.input_bytes[i]} bytes of {list(shape)} {dtype}, contiguous"
+        )
+    # One copy, into memory the tensor owns (the command's bytes are read-only and go with the command).
+    t = torch.frombuffer(bytearray(raw), dtype=dtype).view(shape) if raw else torch.empty(shape, dtype=dtype)
+    return t if dev.type == "cpu" else t.to(dev)
+
+
+def execute(g: Graph, slots: list[Any]) -> None:
     """The hot loop: no protobuf, no name lookups, no argument checks beyond the value guards."""
     i = 0
     try:
         for i, c in enumerate(g.calls):  # noqa: B007 - `i` names the failed op below
-            args = c.args.copy() if (c.fill or c.fill_lists) else c.args
-            for pos, slot in c.fill:
-                args[pos] = slots[slot]
-            for pos, lst in c.fill_lists:
-                args[pos] = [slots[x] if x else None for x in lst]
+            if c.fill or c.fill_lists:
+                args = c.args.copy()
+                for pos, slot in c.fill:
+                    args[pos] = slots[slot]
+                for pos, lst in c.fill_lists:
+                    args[pos] = [slots[x] if x else None for x in lst]
+            else:
+                args = c.args
             kwargs = c.kwargs
             if c.kfill:
                 kwargs = dict(kwargs)
@@ -515,7 +218,7 @@ def _execute(g: Graph, slots: list[Any]) -> None:
             if c.single:
                 slots[c.outs[0]] = out
             elif c.outs:
-                for slot, value in zip(c.outs, _flat(out), strict=False):
+                for slot, value in zip(c.outs, flat(out), strict=False):
                     if slot:
                         slots[slot] = value
             if c.zero:
@@ -551,7 +254,7 @@ class _CudaGraph:
         # warm-up would apply the step twice. Capture records kernels without running them; run() replays.
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            _execute(g, self.static)
+            execute(g, self.static)
         self.kept = sorted(set(g.outputs) | set(g.writes.values()))
 
     def run(self, g: Graph, slots: list[Any]) -> bool:
@@ -569,7 +272,7 @@ def _run_cuda(host: Host, s: WorkerSession, g: Graph, slots: list[Any]) -> None:
     if g.cuda is None:
         if any(c.seeded or c.check is not None for c in g.calls):
             g.cuda_failed = True  # random ops (per-session generators) or value guards: stay eager
-            _execute(g, slots)
+            execute(g, slots)
             return
         try:
             static = list(slots)
@@ -580,8 +283,8 @@ def _run_cuda(host: Host, s: WorkerSession, g: Graph, slots: list[Any]) -> None:
         except Exception as exc:  # capture is an optimisation: any refusal keeps the eager path
             log.info("session %d: graph %d stays eager on CUDA: %s", s.number, g.graph_id, exc)
             g.cuda_failed = True
-            _execute(g, slots)
+            execute(g, slots)
             return
     if not g.cuda.run(g, slots):
         g.cuda, g.cuda_failed = None, True
-        _execute(g, slots)
+        execute(g, slots)

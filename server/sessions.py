@@ -149,6 +149,10 @@ class WorkerSession:
                 limit_bytes=dev.device.capacity,
             )
 
+    def reserve(self, delta: int) -> None:
+        """Count (negative: uncount) bytes held for no handle: the temporaries of captured graphs (graph.py)."""
+        self._account(delta)
+
     def _account(self, delta: int) -> None:
         self.used += delta
         with self.memory.lock:

@@ -12,23 +12,32 @@
         loss = step(x, y)          # call 1 eager, calls 2-3 recorded, then one RunGraph per call
 
 Call 1 runs eagerly (the optimizer creates its state). Calls 2 and 3 run eagerly too while every command the
-device receives is recorded; the two recordings must agree (same ops, same Python numbers in them), otherwise
-the step is not capturable as written and `CaptureError` says which op and argument changed (default Adam's
-bias corrections: use `capturable=True`). Then the graph is defined on the daemon (DefineGraph: the recorded
-`Op`s with graph-local slots) and every later call sends one RunGraph with the step's input handles; the
-user's Python, autograd and optimizer code no longer run.
+device receives is recorded (capture_record.py); the two recordings must agree (same ops, same Python numbers in
+them), otherwise the step is not capturable as written and `CaptureError` says which op and argument changed
+(default Adam's bias corrections: use `capturable=True`). Then the graph is defined on the daemon (DefineGraph:
+the recorded `Op`s with graph-local slots) and every later call sends one RunGraph; the user's Python, autograd
+and optimizer code no longer run, and the call returns without waiting for the daemon (the returned tensors are
+handles: `.item()` them whenever).
 
-Tensors bind in three ways: tensor arguments of the step by position (CPU ones are uploaded, in the frame of
-the RunGraph); tensors that existed before the step (parameters, optimizer state, gradients kept across steps)
-by identity; tensors the step creates and leaves behind (new `.grad`s) keep their handles, rebound by every
-run; the step's returned tensors get fresh handles per call (`.item()` them whenever).
+Tensors bind in three ways: tensor arguments of the step by position (small CPU ones travel by value inside the
+RunGraph command, larger ones are uploaded in the same frame); tensors that existed before the step (parameters,
+optimizer state, gradients kept across steps) by identity; tensors the step creates and leaves behind (new
+`.grad`s) keep their handles, rebound by every run; the step's returned tensors get fresh handles per call.
 
 Each graph holds for one guard key: the arguments' shapes, dtypes, strides and non-tensor values; the `training`
 flag of every module, and the hyperparameters and parameter set of every optimizer the step uses (found in its
-closure, globals and bound object, or given as `watch=`). A call with a new key records a graph of its own (kept
-in a small cache, so alternating batch shapes or train/eval replay without recording again); a graph whose
-tensors bound by identity were dropped or replaced is re-recorded. Inside a recording, sync points (`.item()`,
-`.cpu()`, printing, ops with data-dependent shapes) and `torch.manual_seed` raise `CaptureError`.
+closure, globals and bound object, or given as `watch=`); and the plain Python values (numbers, strings, bools)
+the step reads from its closure, the globals its code names and its bound object's attributes. A call with a new
+key records a graph of its own (kept in a small cache, so alternating batch shapes or train/eval replay without
+recording again); when only such a Python value changed and the new recording equals the graph's, the value
+does not matter to the step and is no longer watched. A graph whose tensors bound by identity were dropped or
+replaced is re-recorded. Inside a recording, sync points (`.item()`, `.cpu()`, printing, ops with data-dependent
+shapes) and `torch.manual_seed` raise `CaptureError`.
+
+The rule, as with CUDA graphs: a replay repeats the recorded computation. Python values the step reads in any
+other way -- an attribute of another object (`cfg.scale`), a dict or list entry, a global read by a helper the
+step calls, the clock -- are baked in as they were when the step recorded; make them tensor arguments (or device
+tensors the step reads) if they change.
 """
 
 from __future__ import annotations
@@ -36,17 +45,21 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import threading
+import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from gpupool import wire
-from gpupool._proto import device_pb2, tensor_pb2
 
 from . import api, runtime
+from . import capture_guard as guard
+from .capture_record import Built, Elsewhere, Recording, build, compare
 from .errors import CaptureError
 from .runtime import DeviceRuntime
 from .tensor import RemoteTensor, upload_new, wrap
@@ -55,44 +68,12 @@ log = logging.getLogger("gpupool.torch")
 _graph_ids = itertools.count(1)
 RECORD_ATTEMPTS = 3  # recordings that may disagree before the step is declared uncapturable
 MAX_GRAPHS = 16  # graphs one captured step keeps (the daemon holds at most 32 per session)
-NOT_IN_GRAPHS = ("aten::resize_", "aten::resize_as_", "aten::_resize_output_", "aten::set_")
-
-
-@dataclass
-class _Recording:
-    """Every command one runtime received during one call of the step."""
-
-    rt: DeviceRuntime
-    ops: list[tuple[str, list[tensor_pb2.Arg], dict[str, tensor_pb2.Arg], list[int]]] = field(default_factory=list)
-    consts: dict[int, torch.Tensor] = field(default_factory=dict)  # handle -> uploaded CPU data
-    produced: set[int] = field(default_factory=set)
-    dead: set[int] = field(default_factory=set)  # produced handles the client let go of
-
-    def op(self, name: str, args: Any, kwargs: Any, outputs: list[int]) -> None:
-        if name.split(".")[0] in NOT_IN_GRAPHS:
-            self.refuse(f"{name} (it re-points or grows a storage)")
-        self.ops.append((name, list(args), dict(kwargs or {}), list(outputs)))
-        self.produced.update(h for h in outputs if h)
-
-    def upload(self, handle: int, tensor: torch.Tensor) -> None:
-        self.consts[handle] = tensor.detach().clone()
-        self.produced.add(handle)
-
-    def released(self, handle: int) -> None:
-        self.dead.add(handle)
-
-    def refuse(self, what: str) -> NoReturn:
-        raise CaptureError(
-            f"{what} inside a step being captured: a replayed step cannot stop for the client. Move it out of "
-            "the step (return the tensor and call .item() on the result), or do not capture this function"
-        )
-
-
-class _Elsewhere(_Recording):
-    """Installed on every other device while a step records: a captured step uses one device."""
-
-    def op(self, name: str, args: Any, kwargs: Any, outputs: list[int]) -> None:
-        raise CaptureError(f"{self.rt.device}: a captured step must run on one gpupool device ({name})")
+BY_VALUE_BYTES = 256 * 1024  # CPU arguments up to this size (together) travel inside the RunGraph command
+# Replays travel HOLD_STEPS to a frame while they come fast, so that the daemon pays for one gRPC message and
+# one hop to the session's worker per few steps; a held step goes out at a sync (`.item()`), with any other
+# command that sends the frame, or after HOLD_SECONDS, whichever comes first: the daemon never waits long for it.
+HOLD_STEPS = 4
+HOLD_SECONDS = 0.001
 
 
 @dataclass
@@ -106,6 +87,7 @@ class _Graph:
     spec: Any
     leaves: list[Any]  # the returned pytree's leaves; tensors are filled in per replay
     consts: list[RemoteTensor]  # uploads of the recorded step, kept alive as persistent inputs
+    built: Built  # the recording it was defined from (a recording after a Python value changed is compared)
     valid: bool = True
     why: str = ""
     drop_writes: list[int] = field(default_factory=list)
@@ -115,8 +97,8 @@ class _Graph:
 
 class CapturedStep:
     """The callable `capture(fn)` returns. It keeps one graph per guard key (argument shapes and values, module
-    flags, optimizer settings), like a compiler's cache: alternating batch shapes or train/eval each get their
-    own graph. `stats` counts eager, recorded and replayed calls and graphs defined."""
+    flags, optimizer settings, Python values the step reads), like a compiler's cache: alternating batch shapes
+    or train/eval each get their own graph. `stats` counts eager, recorded and replayed calls and graphs defined."""
 
     def __init__(
         self, fn: Callable[..., Any], device: Any = None, watch: Iterable[Any] = (), max_graphs: int = MAX_GRAPHS
@@ -125,10 +107,11 @@ class CapturedStep:
         self.fn = fn
         self.name = getattr(fn, "__name__", "step")
         self.device = device
-        self.watched = list(watch) or _discover(fn)
+        self.watched = list(watch) or guard.discover(fn)
+        self.values = guard.python_values(fn)  # name -> reader of a plain Python value the step reads
         self.max_graphs = max_graphs
         self.graphs: dict[Any, _Graph] = {}  # by guard key, least recently used first
-        self._recorded: dict[Any, tuple[_Built, int]] = {}  # key -> (last recording, recordings that disagreed)
+        self._recorded: dict[Any, tuple[Built, int]] = {}  # key -> (last recording, recordings that disagreed)
         self._first = True
         self.stats = {"eager": 0, "recorded": 0, "replayed": 0, "defined": 0, "rerecorded": 0}
 
@@ -141,8 +124,12 @@ class CapturedStep:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = tree_flatten((args, kwargs))
         rt = self._runtime(leaves)
-        leaves = [upload_new(rt, x) if _is_cpu_tensor(x) else x for x in leaves]
-        key = (spec, tuple(_leaf_key(x) for x in leaves), self._watch_key())
+        key = (
+            spec,
+            tuple(guard.leaf_key(x) for x in leaves),
+            guard.watch_key(self.watched),
+            guard.values_key(self.values),
+        )
         g = self.graphs.get(key)
         if g is not None:
             if g.valid:
@@ -152,7 +139,8 @@ class CapturedStep:
             self.stats["rerecorded"] += 1
             self._forget(key)
         elif self.graphs and key not in self._recorded:
-            log.info("%s: %s records a new graph: %s", rt.device, self.name, _difference(self.graphs, key))
+            log.info("%s: %s records a new graph: %s", rt.device, self.name, guard.difference(self.graphs, key))
+        leaves = [upload_new(rt, x) if _is_cpu_tensor(x) else x for x in leaves]
         args, kwargs = tree_unflatten(leaves, spec)
         if self._first:
             self._first = False
@@ -169,27 +157,16 @@ class CapturedStep:
         index = torch.device(self.device).index if self.device is not None else None
         return api.runtime_for(index)
 
-    def _watch_key(self) -> tuple[Any, ...]:
-        out: list[Any] = []
-        for obj in self.watched:
-            if isinstance(obj, torch.nn.Module):
-                out.append(tuple(m.training for m in obj.modules()))
-            elif isinstance(obj, torch.optim.Optimizer):
-                for group in obj.param_groups:
-                    out.append(tuple(id(p) for p in group["params"]))
-                    out.append(tuple((k, _value_key(v)) for k, v in group.items() if k != "params"))
-        return tuple(out)
-
     # ---- recording ----
 
     def _record(self, rt: DeviceRuntime, key: Any, leaves: list[Any], args: Any, kwargs: Any) -> Any:
         if rt.pending:
             rt.materialize_pending()
-        rec = _Recording(rt)
+        rec = Recording(rt)
         others = [o for o in runtime.all_runtimes() if o is not rt]
         rt.recorder = rec
         for o in others:
-            o.recorder = _Elsewhere(o)
+            o.recorder = Elsewhere(o)
         try:
             result = self.fn(*args, **kwargs)
         finally:
@@ -197,12 +174,16 @@ class CapturedStep:
             for o in others:
                 o.recorder = None
         self.stats["recorded"] += 1
-        built = _build(rec, leaves, result)
+        built = build(rec, leaves, result)
         previous = self._recorded.get(key)
         if previous is None:
-            self._recorded[key] = (built, 0)
+            same = self._same_but_values(key, built)
+            if same is not None:  # as validated as the recordings of the graph it equals
+                self._define(rt, same, built, result)
+            else:
+                self._recorded[key] = (built, 0)
             return result
-        mismatch = _compare(previous[0], built)
+        mismatch = compare(previous[0], built)
         if mismatch:
             attempts = previous[1] + 1
             if attempts >= RECORD_ATTEMPTS:
@@ -218,7 +199,34 @@ class CapturedStep:
         self._define(rt, key, built, result)
         return result
 
-    def _define(self, rt: DeviceRuntime, key: Any, built: _Built, result: Any) -> None:
+    def _same_but_values(self, key: Any, built: Built) -> Any:
+        """After a Python value the step reads changed: if a graph (or a pending recording) of the same call with
+        other values recorded exactly this, those values do not matter to the step (a step counter). Stop
+        watching them, replace that graph by one of this recording (the tensors it leaves behind have new
+        handles) and return the key to define it under."""
+        seen = [(k, g.built) for k, g in self.graphs.items() if g.valid]
+        seen += [(k, b) for k, (b, _) in self._recorded.items()]
+        for old_key, old_built in seen:
+            if old_key[:3] != key[:3] or old_key[3] == key[3] or compare(old_built, built):
+                continue
+            changed = {name for (name, a), (_, b) in zip(old_key[3], key[3], strict=True) if a != b}
+            log.info("%s does not depend on %s: no longer watched", self.name, ", ".join(sorted(changed)))
+            for name in changed:
+                self.values.pop(name, None)
+            self._forget(old_key, drop=True)  # a pending recording's key is in no graph: nothing to forget
+            graphs, self.graphs = self.graphs, {}
+            for k, other in graphs.items():
+                k2 = (*k[:3], tuple(p for p in k[3] if p[0] not in changed))
+                if k2 in self.graphs or k2[:3] == key[:3] and k2[3] == guard.values_key(self.values):
+                    self._release(other, drop=True)
+                    continue
+                other.key = k2
+                self.graphs[k2] = other
+            self._recorded.clear()
+            return (*key[:3], guard.values_key(self.values))
+        return None
+
+    def _define(self, rt: DeviceRuntime, key: Any, built: Built, result: Any) -> None:
         while len(self.graphs) >= self.max_graphs:
             self._forget(next(iter(self.graphs)), drop=True)
         consts = [upload_new(rt, t) for t in built.consts]  # kept by the graph: persistent inputs
@@ -228,7 +236,7 @@ class CapturedStep:
         out_leaves, spec = tree_flatten(result)
         outputs = [(i, _meta(x)) for i, x in enumerate(out_leaves) if isinstance(x, RemoteTensor)]
         plain = [None if isinstance(x, RemoteTensor) else x for x in out_leaves]
-        g = _Graph(rt, graph_id, key, outputs, spec, plain, consts, ops=len(msg.ops))
+        g = _Graph(rt, graph_id, key, outputs, spec, plain, consts, built, ops=len(msg.ops))
         for h in built.persistent:
             rt.watched.setdefault(h, []).append(functools.partial(_invalidate, g))
         for h in built.writes:
@@ -243,8 +251,10 @@ class CapturedStep:
 
     def _forget(self, key: Any, drop: bool = False) -> None:
         g = self.graphs.pop(key, None)
-        if g is None:
-            return
+        if g is not None:
+            self._release(g, drop)
+
+    def _release(self, g: _Graph, drop: bool) -> None:
         for h in g.watching:
             watchers = g.rt.watched.get(h)
             if watchers:
@@ -258,10 +268,27 @@ class CapturedStep:
     # ---- replay ----
 
     def _replay(self, rt: DeviceRuntime, g: _Graph, leaves: list[Any]) -> Any:
-        inputs = [x._gp_h for x in leaves if isinstance(x, RemoteTensor)]
+        inputs: list[int] = []
+        data: list[bytes] = []
+        keep: list[RemoteTensor] = []  # uploads of large CPU arguments, alive until the run is queued
+        by_value = sum(x.numel() * x.element_size() for x in leaves if _is_cpu_tensor(x)) <= BY_VALUE_BYTES
+        for x in leaves:
+            if isinstance(x, RemoteTensor):
+                inputs.append(x._gp_h)
+                data.append(b"")
+            elif isinstance(x, torch.Tensor):
+                if by_value:
+                    inputs.append(0)
+                    data.append(_host_bytes(x))
+                else:
+                    keep.append(upload_new(rt, x))
+                    inputs.append(keep[-1]._gp_h)
+                    data.append(b"")
         handles = [rt.new_handle() for _ in g.outputs]
         drops, g.drop_writes[:] = list(g.drop_writes), []
-        rt.run_graph(g.graph_id, inputs, handles, drops)
+        held = _held(rt)
+        rt.run_graph(g.graph_id, inputs, handles, drops, data if by_value and any(data) else (), flush=False)
+        held.add()
         self.stats["replayed"] += 1
         out = list(g.leaves)
         for h, (i, m) in zip(handles, g.outputs, strict=True):
@@ -273,6 +300,71 @@ class CapturedStep:
         for key in list(self.graphs):
             self._forget(key, drop=True)
         self._recorded.clear()
+
+
+class _Held:
+    """The replays of one runtime that wait in its frame (see HOLD_STEPS), and the thread that sends them when
+    no further step comes within HOLD_SECONDS. Which steps share a frame never changes a result: commands keep
+    their order, and every sync sends whatever waits."""
+
+    def __init__(self, rt: DeviceRuntime) -> None:
+        self.rt = rt
+        self.count = 0
+        self.deadline = 0.0
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.thread = threading.Thread(target=self._timer, name=f"gpupool-capture-{rt.device}", daemon=True)
+        self.thread.start()
+
+    def add(self) -> None:
+        with self.lock:
+            self.count += 1
+            full = self.count >= HOLD_STEPS
+            if full:
+                self.count = 0
+            else:
+                soon = time.monotonic() + HOLD_SECONDS
+                if self.count == 1 or self.deadline > soon:
+                    self.deadline = soon
+                    self.wake.set()
+        if full:
+            self.rt.flush()
+
+    def _timer(self) -> None:
+        while not self.rt.closed:
+            if not self.wake.wait(timeout=1.0):
+                continue
+            self.wake.clear()
+            while True:
+                with self.lock:
+                    left = self.deadline - time.monotonic() if self.count else None
+                    if left is not None and left <= 0:
+                        self.count = 0
+                if left is None:
+                    break
+                if left > 0:
+                    self.wake.wait(left)  # an earlier deadline wakes it
+                    self.wake.clear()
+                    continue
+                try:
+                    self.rt.session.flush()
+                except Exception:  # noqa: BLE001 - a dead stream fails the user's next call, with its reason
+                    log.debug("%s: sending held steps failed", self.rt.device, exc_info=True)
+                break
+
+
+_holders: weakref.WeakKeyDictionary[DeviceRuntime, _Held] = weakref.WeakKeyDictionary()
+_holders_lock = threading.Lock()
+
+
+def _held(rt: DeviceRuntime) -> _Held:
+    h = _holders.get(rt)
+    if h is None:
+        with _holders_lock:
+            h = _holders.get(rt)
+            if h is None:
+                h = _holders[rt] = _Held(rt)
+    return h
 
 
 def _invalidate(g: _Graph, handle: int) -> None:
@@ -287,139 +379,13 @@ def capture(
 
     `device`: where CPU tensor arguments go when no argument is a gpupool tensor (default: the current device).
     `watch`: modules and optimizers whose training flags / settings decide the graph (default: found in `fn`).
-    `max_graphs`: graphs kept (one per argument shape, train/eval, ...), least recently used dropped first."""
+    `max_graphs`: graphs kept (one per argument shape, train/eval, ...), least recently used dropped first.
+
+    A replay repeats the recorded computation: Python values the step reads other than its arguments, its
+    closure, the globals its code names and its bound object's attributes are baked in (module docstring)."""
     if fn is None:
         return lambda f: CapturedStep(f, device, watch, max_graphs)
     return CapturedStep(fn, device, watch, max_graphs)
-
-
-# ---- building a graph from a recording ----
-
-
-@dataclass
-class _Built:
-    ops: list[device_pb2.Op]
-    inputs: list[int]
-    input_meta: list[tensor_pb2.TensorMeta]
-    persistent: list[int]
-    const_handles: list[int]
-    consts: list[torch.Tensor]
-    outputs: list[int]
-    writes: dict[int, int]  # handle -> slot
-    scalars: list[Any]  # non-tensor results
-    key: Any = None  # the guard key of the call it was recorded in
-
-    def message(self, graph_id: int, const_handles: list[int]) -> device_pb2.DefineGraph:
-        msg = device_pb2.DefineGraph(graph_id=graph_id, inputs=len(self.inputs), outputs=self.outputs)
-        msg.persistent.extend(self.persistent + const_handles)
-        msg.input_meta.extend(self.input_meta)
-        msg.ops.extend(self.ops)
-        for h, slot in self.writes.items():
-            msg.writes.add(slot=slot, handle=h)
-        return msg
-
-
-def _build(rec: _Recording, leaves: list[Any], result: Any) -> _Built:
-    """Slots: 1..n the step's inputs, then persistent tensors (first use order), then uploads made inside the
-    step (kept as persistent inputs), then op outputs in order."""
-    input_handles = [x._gp_h for x in leaves if isinstance(x, RemoteTensor)]
-    n_inputs = len(input_handles)
-    slot_of: dict[int, int] = {}
-    for i, h in enumerate(input_handles):
-        slot_of.setdefault(h, i + 1)
-    persistent: list[int] = []
-    for _, args, kwargs, _ in rec.ops:
-        for h in wire.arg_handles([*args, *kwargs.values()]):
-            if h not in slot_of and h not in rec.produced and h not in persistent:
-                persistent.append(h)
-    base = n_inputs + 1
-    for i, h in enumerate(persistent):
-        slot_of[h] = base + i
-    const_handles = list(rec.consts)
-    base += len(persistent)
-    for i, h in enumerate(const_handles):
-        slot_of[h] = base + i
-    next_slot = base + len(const_handles)
-    ops = []
-    for name, args, kwargs, outputs in rec.ops:
-        op = device_pb2.Op(name=name)
-        op.args.extend(_to_slots(a, slot_of) for a in args)
-        for k, v in kwargs.items():
-            op.kwargs[k].CopyFrom(_to_slots(v, slot_of))
-        for h in outputs:
-            if h:
-                slot_of[h] = next_slot
-                next_slot += 1
-                op.outputs.append(slot_of[h])
-            else:
-                op.outputs.append(0)
-        ops.append(op)
-    out_leaves = tree_flatten(result)[0]
-    outputs = []
-    for x in out_leaves:
-        if isinstance(x, RemoteTensor):
-            if x._gp_h not in slot_of:
-                raise CaptureError("a captured step returns a tensor it did not compute or receive")
-            outputs.append(slot_of[x._gp_h])
-        elif isinstance(x, torch.Tensor):
-            raise CaptureError("a captured step returns a CPU tensor; return device tensors (read them after)")
-    returned = {x._gp_h for x in out_leaves if isinstance(x, RemoteTensor)}
-    writes = {
-        h: slot_of[h]
-        for h in rec.produced
-        if h not in rec.dead and h not in returned and h not in rec.consts and h in slot_of
-    }
-    metas = [_meta_proto(x) for x in leaves if isinstance(x, RemoteTensor)]
-    scalars = [x for x in out_leaves if not isinstance(x, torch.Tensor)]
-    consts = [rec.consts[h] for h in const_handles]
-    return _Built(ops, input_handles, metas, persistent, const_handles, consts, outputs, writes, scalars)
-
-
-def _to_slots(a: tensor_pb2.Arg, slot_of: dict[int, int]) -> tensor_pb2.Arg:
-    kind = a.WhichOneof("value")
-    if kind == "tensor":
-        return tensor_pb2.Arg(tensor=slot_of[a.tensor])
-    if kind == "tensors":
-        slots = [slot_of[h] if h else 0 for h in a.tensors.handles]
-        return tensor_pb2.Arg(tensors=tensor_pb2.TensorList(handles=slots))
-    return a
-
-
-def _compare(a: _Built, b: _Built) -> str:
-    """'' when two recordings describe the same graph; else where they first differ."""
-    if a.input_meta != b.input_meta:
-        return "the metadata of its inputs"
-    if len(a.ops) != len(b.ops):
-        return f"the number of ops ({len(a.ops)} vs {len(b.ops)})"
-    for i, (x, y) in enumerate(zip(a.ops, b.ops, strict=True)):
-        if x != y:
-            if x.name != y.name:
-                return f"op {i} ({x.name} vs {y.name})"
-            for j, (u, v) in enumerate(zip(x.args, y.args, strict=False)):
-                if u != v:
-                    return f"op {i} ({x.name}), argument {j}: {_show(u)} vs {_show(v)}"
-            return f"op {i} ({x.name}), its keyword arguments or outputs"
-    if a.persistent != b.persistent:
-        return "the tensors it uses from before the step"
-    if len(a.consts) != len(b.consts) or any(not torch.equal(u, v) for u, v in zip(a.consts, b.consts, strict=True)):
-        return "the data it uploads (CPU tensors created inside the step: pass them as arguments)"
-    if a.outputs != b.outputs or a.scalars != b.scalars:
-        return "what it returns"
-    return ""
-
-
-def _show(a: tensor_pb2.Arg) -> str:
-    kind = a.WhichOneof("value")
-    return repr(getattr(a, kind)) if kind in ("i", "f", "b", "s") else str(a).strip().replace("\n", " ")[:80]
-
-
-def _difference(graphs: dict[Any, _Graph], new: Any) -> str:
-    old = list(graphs)[-1]
-    if old[0] != new[0]:
-        return "the structure of its arguments changed"
-    if old[1] != new[1]:
-        return "an argument's shape, dtype, stride or value changed"
-    return "a module's training flag or an optimizer's settings or parameters changed"
 
 
 # ---- small helpers ----
@@ -429,51 +395,13 @@ def _is_cpu_tensor(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and not isinstance(x, RemoteTensor)
 
 
+def _host_bytes(x: torch.Tensor) -> bytes:
+    t = x.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    return wire.host_bytes(t).tobytes()
+
+
 def _meta(t: RemoteTensor) -> Any:
     return (tuple(t.shape), tuple(t.stride()), int(t.storage_offset()), t.dtype)
-
-
-def _meta_proto(t: RemoteTensor) -> tensor_pb2.TensorMeta:
-    return wire.meta_to_proto(t)
-
-
-def _leaf_key(x: Any) -> Any:
-    if isinstance(x, RemoteTensor):
-        return x._gp_key
-    return ("value", _value_key(x))
-
-
-def _value_key(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        if isinstance(v, RemoteTensor):
-            return ("tensor", id(v))
-        return ("cpu", v.tolist()) if v.numel() <= 16 else ("cpu", id(v))
-    try:
-        hash(v)
-    except TypeError:
-        return ("id", id(v))
-    return (type(v), v)
-
-
-def _discover(fn: Callable[..., Any]) -> list[Any]:
-    """Modules and optimizers a step function reaches: its closure, the globals it names, its bound object."""
-    found: list[Any] = []
-    candidates: list[Any] = []
-    target = getattr(fn, "__func__", fn)
-    owner = getattr(fn, "__self__", None)
-    if owner is not None:
-        candidates.append(owner)
-        candidates.extend(vars(owner).values() if hasattr(owner, "__dict__") else [])
-    for cell in getattr(target, "__closure__", None) or ():
-        try:
-            candidates.append(cell.cell_contents)
-        except ValueError:  # an empty cell
-            continue
-    code = getattr(target, "__code__", None)
-    globs = getattr(target, "__globals__", {})
-    if code is not None:
-        candidates.extend(globs[n] for n in code.co_names if n in globs)
-    for c in candidates:
-        if isinstance(c, torch.nn.Module | torch.optim.Optimizer) and not any(c is f for f in found):
-            found.append(c)
-    return found

@@ -223,16 +223,26 @@ class DeviceRuntime:
         except Exception as exc:
             self._raise(exc)
 
-    def run_graph(self, graph_id: int, inputs: list[int], outputs: list[int], drop_writes: list[int]) -> None:
-        """One captured step: one command, sent at once (the daemon can start while the caller goes on)."""
+    def run_graph(
+        self,
+        graph_id: int,
+        inputs: list[int],
+        outputs: list[int],
+        drop_writes: list[int],
+        data: Any = (),
+        flush: bool = True,
+    ) -> None:
+        """One captured step: one command, sent at once unless `flush` is false (capture.py batches a few steps
+        per frame while they come fast); `data`: the bytes of inputs sent by value (handle 0 in `inputs`)."""
         self.ops_sent += 1
         if self._dead and (len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):
             self.flush_frees()
         self._check_open()
         try:
-            self.session.run_graph(graph_id, inputs, outputs, drop_writes)
-            self._unflushed = 0
-            self.session.flush()
+            self.session.run_graph(graph_id, inputs, outputs, drop_writes, data)
+            if flush:
+                self._unflushed = 0
+                self.session.flush()
         except Exception as exc:
             self._raise(exc)
 

@@ -583,6 +583,7 @@ class RunGraph(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     DROP_WRITES_FIELD_NUMBER: _builtins.int
+    INPUT_DATA_FIELD_NUMBER: _builtins.int
     graph_id: _builtins.int
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
@@ -594,6 +595,13 @@ class RunGraph(_message.Message):
     def drop_writes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """handles of GraphWrite the client no longer holds: stop binding them"""
 
+    @_builtins.property
+    def input_data(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The contents of inputs given by value (the batch): for every input whose handle in `inputs` is 0, its bytes
+        here at the same position (contiguous, in DefineGraph.input_meta's dtype and shape; host byte order). They
+        live for the run only (no handle, no upload, no free), and count in the run's memory. Empty when none.
+        """
+
     def __init__(
         self,
         *,
@@ -601,10 +609,11 @@ class RunGraph(_message.Message):
         inputs: _abc.Iterable[_builtins.int] | None = ...,
         outputs: _abc.Iterable[_builtins.int] | None = ...,
         drop_writes: _abc.Iterable[_builtins.int] | None = ...,
+        input_data: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["drop_writes", b"drop_writes", "graph_id", b"graph_id", "inputs", b"inputs", "outputs", b"outputs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drop_writes", b"drop_writes", "graph_id", b"graph_id", "input_data", b"input_data", "inputs", b"inputs", "outputs", b"outputs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -9,11 +9,12 @@ from typing import Any
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
-from support import Healthy
+from support import Healthy, channel
 from test_daemon_bad_input import assert_still_usable
 
 from gpupool import errors, wire
-from gpupool._proto import device_pb2, tensor_pb2
+from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
+from gpupool.tokens import public_session_id
 
 MiB = 1024**2
 
@@ -67,7 +68,11 @@ def test_a_valid_graph_runs_on_new_inputs(session: Session) -> None:
         ([op("aten::add.Tensor", slot(1), slot(9), out=2)], errors.InvalidArgument, "slot 9 is not defined"),
         ([op("aten::neg.default", slot(1), out=5)], errors.InvalidArgument, "next free slot is 2"),
         ([op("aten::nonzero.default", slot(1), out=2)], errors.InvalidArgument, "data-dependent"),
-        ([op("aten::resize_.default", slot(1), tensor_pb2.Arg(ints=tensor_pb2.IntList(values=[9])))], errors.InvalidArgument, "storages"),  # noqa: E501
+        (
+            [op("aten::resize_.default", slot(1), tensor_pb2.Arg(ints=tensor_pb2.IntList(values=[9])))],
+            errors.InvalidArgument,
+            "storages",
+        ),  # noqa: E501
         (
             [op("aten::ones.default", tensor_pb2.Arg(ints=tensor_pb2.IntList(values=[32 * MiB])), out=2)],
             errors.ResourceExhausted,
@@ -117,3 +122,62 @@ def test_too_many_graphs(session: Session) -> None:
     with pytest.raises(errors.InvalidArgument, match="at most"):
         session.sync()
     assert_still_usable(session)
+
+
+def run_by_value(session: Session, graph_id: int, data: list[bytes], outputs: list[int]) -> None:
+    session.run_graph(graph_id, [0] * len(data), outputs, data=data)
+
+
+def test_inputs_sent_by_value(session: Session) -> None:
+    # The batch inside the RunGraph command: no upload, no handle, no free; checked against the graph's input.
+    session.define_graph(graph(ops=[op("aten::neg.default", slot(1), out=2)], outputs=[2]))
+    for k in range(3):
+        y = session.new_handle()
+        run_by_value(session, 1, [torch.full((4,), float(k)).numpy().tobytes()], [y])
+        assert torch.equal(session.download(y), torch.full((4,), -float(k)))
+    for data, match in [([b"\0" * 12], "12 bytes given by value"), ([], "no input_data")]:
+        y = session.new_handle()
+        session.run_graph(1, [0], [y], data=data)
+        with pytest.raises(errors.InvalidArgument, match=match):
+            session.sync()
+        with pytest.raises(errors.InvalidArgument):
+            session.download(y)
+    assert_still_usable(session)
+
+
+def used_bytes(daemon: Any, s: Session) -> int:
+    with channel(daemon.address) as ch:
+        reply = device_pb2_grpc.DeviceStub(ch).Status(device_pb2.StatusRequest(), timeout=10)
+    return next(u.used_bytes for u in reply.sessions if u.session_id == public_session_id(s.session_id))
+
+
+def test_graph_temporaries_count_in_used_memory(daemon: Any, session: Session) -> None:
+    # A step whose temporaries (an 8 MiB repeat, summed away) exceed what it leaves behind: the graph's peak is
+    # counted in the session's used bytes while it holds the graph (the quota and smi see it), not only checked.
+    big = [op("aten::repeat.default", slot(1), tensor_pb2.Arg(ints=tensor_pb2.IntList(values=[512 * 1024]))),
+           op("aten::sum.default", slot(2), out=3)]  # fmt: skip
+    big[0].outputs.append(2)
+    session.sync()
+    before = used_bytes(daemon, session)
+    session.define_graph(graph(ops=big, outputs=[3]))
+    session.sync()
+    held = used_bytes(daemon, session) - before
+    assert 8 * MiB <= held < 9 * MiB
+    y = session.new_handle()
+    run_by_value(session, 1, [torch.ones(4).numpy().tobytes()], [y])
+    assert session.download(y).item() == 2 * MiB
+    session.sync()
+    assert used_bytes(daemon, session) - before == held + 4  # + the result's 4 bytes
+    # A graph whose peak (48 MiB) does not fit in what the quota leaves (64 - 20 MiB held): refused at definition.
+    fill = Handle(session.upload(torch.zeros(20 * MiB // 4)))
+    session.sync()
+    bigger = [op("aten::repeat.default", slot(1), tensor_pb2.Arg(ints=tensor_pb2.IntList(values=[3 * MiB]))),
+              op("aten::sum.default", slot(2), out=3)]  # fmt: skip
+    bigger[0].outputs.append(2)
+    session.define_graph(graph(graph_id=2, ops=bigger, outputs=[3]))
+    with pytest.raises(errors.ResourceExhausted, match="quota"):
+        session.sync()
+    session.drop_graph(1)
+    session.free([fill, y])
+    session.sync()
+    assert used_bytes(daemon, session) == before

@@ -4,6 +4,8 @@ after recording every call is one command, and every broken assumption re-record
 
 from __future__ import annotations
 
+import importlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +18,7 @@ from torch import nn
 import gpupool.torch as gt
 from examples.sentiment.model import build_model, make_batch
 
+capture_mod = importlib.import_module("gpupool.client.torch.capture")  # the module (the package exports the function)
 serve, attach, dev = shim_fixtures.serve, shim_fixtures.attach, shim_fixtures.dev
 Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -261,6 +264,77 @@ def test_rerecorded_step_trains_like_eager(dev: torch.device) -> None:
     assert_close(captured, eager, "re-recorded")
 
 
+def test_replays_share_frames_and_held_ones_go_out_soon(dev: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replays travel HOLD_STEPS to a frame (one gRPC message and one hop to the worker for several steps); a
+    step held back goes out at a sync or, with nothing else to send it, after HOLD_SECONDS on its own."""
+    step, _, _ = capture_small(dev)
+    replaying(step, *xy())
+    rt = runtime.get(dev.index)
+    assert rt is not None
+    rt.sync()
+    frames: list[Any] = []
+    put = rt.session._put
+    monkeypatch.setattr(rt.session, "_put", lambda f: (frames.append(f), put(f))[1])
+    monkeypatch.setattr(capture_mod, "HOLD_SECONDS", 30.0)  # no timer flush during the count below
+    for _ in range(2 * capture_mod.HOLD_STEPS):
+        step(*xy())
+    assert len(frames) == 2
+    loss = step(*xy())  # held: the sync of .item() sends it, in one frame with the sync
+    assert loss.item() > 0 and len(frames) == 3
+    monkeypatch.setattr(capture_mod, "HOLD_SECONDS", 0.001)
+    step(*xy())  # arms the timer (the previous deadline has long passed)
+    deadline = time.monotonic() + 10
+    while len(rt.session._frame.commands) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(frames) >= 4 and not len(rt.session._frame.commands)  # sent with no sync and no further step
+
+
+SCALE = 1.0  # a module global the step of the next test reads
+
+
+def test_python_values_the_step_reads_are_guarded(dev: torch.device) -> None:
+    """A closure number and a global the step reads change after its graph was defined: the step records again
+    (a replay would repeat the old values) and trains like eager. A counter it reads that changes every call
+    without changing what it computes stops being watched, and the step keeps replaying."""
+    global SCALE
+
+    def run(captured: bool) -> tuple[list[float], Any]:
+        global SCALE
+        model, opt = small_setup(dev)
+        shift, calls = 0.0, 0
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x) + shift, y) * SCALE
+            loss.backward()
+            opt.step()
+            return loss
+
+        fn = gt.capture(step) if captured else step
+        out = []
+        for i in range(16):
+            shift = 0.5 if i >= 8 else 0.0
+            SCALE = 2.0 if i >= 12 else 1.0
+            x, y = xy(seed=i)
+            if not captured:
+                x, y = x.to(dev), y.to(dev)
+            out.append(fn(x, y).item())
+        return out, fn
+
+    try:
+        torch.manual_seed(3)
+        eager, _ = run(False)
+        torch.manual_seed(3)
+        captured, step = run(True)
+    finally:
+        SCALE = 1.0
+    assert_close(captured, eager, "python values")
+    assert "calls" not in step.values and {"shift", "SCALE"} <= set(step.values)
+    assert step.stats["defined"] == 3 and step.stats["replayed"] >= 6
+
+
 def test_changing_python_scalars_are_detected(dev: torch.device) -> None:
     # Default Adam computes its bias corrections in Python from a CPU step count: new floats every step, which a
     # replay would repeat stale. The recordings differ, and capture says so (and how to fix it).
@@ -296,7 +370,6 @@ def test_sync_inside_a_captured_step_is_an_error(dev: torch.device, sync: str) -
     with pytest.raises(gt.CaptureError, match="inside a step being captured"):
         step(x, y)
     assert torch.zeros(2, device=dev).sum().item() == 0.0  # the device is fine
-
 
 
 def test_sentiment_train_py_with_capture(dev: torch.device, tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:

@@ -1,0 +1,132 @@
+"""The guard key of a captured step: what must hold for a recorded graph to be replayed (capture.py).
+
+A key has four parts: the structure of the step's arguments; each argument's shape, dtype and strides (tensors)
+or value (anything else); the `training` flag of every module and the hyperparameters and parameter set of
+every optimizer the step uses (`discover`: found in its closure, the globals it names and its bound object, or
+given as `watch=`); and the plain Python values (numbers, strings, bools, None) the step reads from its closure,
+the module globals its code names and its bound object's attributes (`python_values`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .tensor import RemoteTensor
+
+SCALARS = (bool, int, float, complex, str, type(None))
+
+
+def watch_key(watched: list[Any]) -> tuple[Any, ...]:
+    """Training flags of the watched modules; parameter sets and settings of the watched optimizers."""
+    out: list[Any] = []
+    for obj in watched:
+        if isinstance(obj, torch.nn.Module):
+            out.append(tuple(m.training for m in obj.modules()))
+        elif isinstance(obj, torch.optim.Optimizer):
+            for group in obj.param_groups:
+                out.append(tuple(id(p) for p in group["params"]))
+                out.append(tuple((k, value_key(v)) for k, v in group.items() if k != "params"))
+    return tuple(out)
+
+
+def values_key(values: dict[str, Callable[[], Any]]) -> tuple[Any, ...]:
+    return tuple((name, value_key(read())) for name, read in values.items())
+
+
+def difference(graphs: dict[Any, Any], new: Any) -> str:
+    """Why `new` is not the key of the most recently used graph, in words."""
+    old = list(graphs)[-1]
+    if old[0] != new[0]:
+        return "the structure of its arguments changed"
+    if old[1] != new[1]:
+        return "an argument's shape, dtype, stride or value changed"
+    if old[2] != new[2]:
+        return "a module's training flag or an optimizer's settings or parameters changed"
+    changed = [name for (name, a), (_, b) in zip(old[3], new[3], strict=False) if a != b]
+    return f"a Python value it reads changed ({', '.join(changed)})"
+
+
+def leaf_key(x: Any) -> Any:
+    if isinstance(x, RemoteTensor):
+        return x._gp_key
+    if isinstance(x, torch.Tensor):  # a CPU argument: uploaded (or sent by value) contiguous
+        return ("cpu", tuple(x.shape), x.dtype)
+    return ("value", value_key(x))
+
+
+def value_key(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        if isinstance(v, RemoteTensor):
+            return ("tensor", id(v))
+        return ("cpu", v.tolist()) if v.numel() <= 16 else ("cpu", id(v))
+    try:
+        hash(v)
+    except TypeError:
+        return ("id", id(v))
+    return (type(v), v)
+
+
+def _code_names(code: Any) -> set[str]:
+    """Global names a function's code (and the code of functions and lambdas defined inside it) reads."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _code_names(const)
+    return names
+
+
+def python_values(fn: Callable[..., Any]) -> dict[str, Callable[[], Any]]:
+    """Readers of the plain Python values (numbers, strings, bools, None) a step reads directly: its closure
+    cells, the module globals its code names and its bound object's attributes, as they are at capture()."""
+    target = getattr(fn, "__func__", fn)
+    code = getattr(target, "__code__", None)
+    found: dict[str, Callable[[], Any]] = {}
+    if code is not None:
+        for name, cell in zip(code.co_freevars, getattr(target, "__closure__", None) or (), strict=False):
+            if isinstance(_cell_value(cell), SCALARS):
+                found[name] = functools.partial(_cell_value, cell)
+        globs = getattr(target, "__globals__", {})
+        for name in sorted(_code_names(code)):
+            if name in globs and isinstance(globs[name], SCALARS) and not name.startswith("__"):
+                found[name] = functools.partial(globs.get, name)
+    owner = getattr(fn, "__self__", None)
+    if owner is not None and hasattr(owner, "__dict__"):
+        for name, v in vars(owner).items():
+            if isinstance(v, SCALARS):
+                found[f"self.{name}"] = functools.partial(getattr, owner, name, None)
+    return found
+
+
+def _cell_value(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
+def discover(fn: Callable[..., Any]) -> list[Any]:
+    """Modules and optimizers a step function reaches: its closure, the globals it names, its bound object."""
+    found: list[Any] = []
+    candidates: list[Any] = []
+    target = getattr(fn, "__func__", fn)
+    owner = getattr(fn, "__self__", None)
+    if owner is not None:
+        candidates.append(owner)
+        candidates.extend(vars(owner).values() if hasattr(owner, "__dict__") else [])
+    for cell in getattr(target, "__closure__", None) or ():
+        try:
+            candidates.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    code = getattr(target, "__code__", None)
+    globs = getattr(target, "__globals__", {})
+    if code is not None:
+        candidates.extend(globs[n] for n in code.co_names if n in globs)
+    for c in candidates:
+        if isinstance(c, torch.nn.Module | torch.optim.Optimizer) and not any(c is f for f in found):
+            found.append(c)
+    return found
