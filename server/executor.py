@@ -10,18 +10,18 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
-from gpupool.server import bounds, cost, fallbacks, guards
+from gpupool.server import bounds, checks, cost, fallbacks, guards
 from gpupool.server.collectives import Collectives
 from gpupool.server.graph import GraphTable
 from gpupool.server.ops import NO_META, MetaSizer, OpTable
 from gpupool.server.sessions import Poison, PoisonedInput, Session, zero_bytes
 from gpupool.server.speedmodel import SpeedModel
 
-from gpupool import wire
+from gpupool import compact, wire
 from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
 
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 MAX_DIMS = 64
+MAX_VERDICTS = 8192  # cached op signatures (cleared when full)
 
 Reply = Callable[[device_pb2.ServerFrame | list[bytes]], None]  # a frame, or serialized download frames
 
@@ -54,6 +55,8 @@ class CommandExecutor:
         self.graphs = GraphTable(self)  # captured steps (server/graph.py)
         self.collectives = Collectives()  # configured by the daemon (token verifier, peer-facing host)
         self.speed: SpeedModel | None = None  # fake GPUs' speed model (server/speedmodel.py), when asked for
+        self._op_names: dict[str, dict[int, str]] = {}  # session id -> compact op id -> op name
+        self._verdicts: dict[Any, int] = {}  # op signature -> new bytes, once its shape-only checks passed
 
     def warm_up(self) -> None:
         """Load torch's meta kernels now (about a second, once per process), not on some session's clock."""
@@ -62,9 +65,10 @@ class CommandExecutor:
 
     def execute(self, s: Session, cmd: device_pb2.Command, reply: Reply) -> None:
         kind = cmd.WhichOneof("cmd")
-        op_name = cmd.op.name if kind == "op" else f"collective {cmd.collective.kind}" if kind == "collective" else ""
         try:
-            if kind == "op":
+            if kind == "eager_op":
+                self._eager_op(s, cmd.eager_op)
+            elif kind == "op":
                 self._op(s, cmd.op)
             elif kind == "upload":
                 self._upload(s, cmd.upload)
@@ -91,14 +95,29 @@ class CommandExecutor:
         except PoisonedInput as exc:
             self._fail(s, cmd, exc.poison, reply)
         except GpupoolError as exc:
-            self._fail(s, cmd, Poison(exc.code.name, op_name, exc.message), reply)
+            self._fail(s, cmd, Poison(exc.code.name, self._what(s, cmd), exc.message), reply)
         except (torch.OutOfMemoryError, MemoryError) as exc:
-            self._fail(s, cmd, Poison("RESOURCE_EXHAUSTED", op_name, f"device out of memory: {exc}"), reply)
+            self._fail(s, cmd, Poison("RESOURCE_EXHAUSTED", self._what(s, cmd), f"device out of memory: {exc}"), reply)
         except (RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
-            self._fail(s, cmd, Poison("INVALID_ARGUMENT", op_name, _first_lines(exc)), reply)
+            self._fail(s, cmd, Poison("INVALID_ARGUMENT", self._what(s, cmd), _first_lines(exc)), reply)
         except Exception as exc:  # a bug must cost one command, never the daemon
             log.exception("internal error executing %s for session %s", kind, s.session_id)
-            self._fail(s, cmd, Poison("INTERNAL", op_name, f"{type(exc).__name__}: {exc}"), reply)
+            self._fail(s, cmd, Poison("INTERNAL", self._what(s, cmd), f"{type(exc).__name__}: {exc}"), reply)
+
+    def _what(self, s: Session, cmd: device_pb2.Command) -> str:
+        """What failed, for the error: an op's name, a collective's kind, or nothing."""
+        kind = cmd.WhichOneof("cmd")
+        if kind == "op":
+            return cmd.op.name
+        if kind == "collective":
+            return f"collective {cmd.collective.kind}"
+        if kind != "eager_op":
+            return ""
+        try:  # the record may be malformed
+            _, op_id, name, _ = compact.read_head(cmd.eager_op)
+        except InvalidArgument:
+            return "eager op"
+        return name or self._op_names.get(s.session_id, {}).get(op_id, "eager op")
 
     def _fail(self, s: Session, cmd: device_pb2.Command, err: Poison, reply: Reply) -> None:
         self.ledger.error(s, err.code)
@@ -114,8 +133,8 @@ class CommandExecutor:
             reply(device_pb2.ServerFrame(request_id=cmd.sync.request_id, sync=device_pb2.SyncReply(error=e)))
             return
         s.record_error(err)
-        if kind == "op":
-            for h in cmd.op.outputs:
+        if kind == "op" or kind == "eager_op":
+            for h in cmd.op.outputs if kind == "op" else compact.outputs_of(cmd.eager_op):
                 if h:
                     s.poison(h, err)
         elif kind == "upload":
@@ -134,18 +153,53 @@ class CommandExecutor:
         dev = s.device.torch_device
         args = [wire.decode_arg(a, s.resolve, dev) for a in msg.args]
         kwargs = {k: wire.decode_arg(v, s.resolve, dev) for k, v in msg.kwargs.items()}
+        self._run_op(s, op, args, kwargs, msg.outputs, lambda: wire.arg_handles([*msg.args, *msg.kwargs.values()]))
+
+    def _eager_op(self, s: Session, data: bytes) -> None:
+        """A compact eager record (gpupool/compact.py): names are defined once per session, then referred to by id."""
+        rec = compact.decode(data, s.resolve, s.device.torch_device)
+        names = self._op_names.setdefault(s.session_id, {})
+        if rec.name:
+            names[rec.op_id] = rec.name
+        name = names.get(rec.op_id)
+        if name is None:
+            raise InvalidArgument(f"eager op id {rec.op_id} was never defined in this session")
+        self._run_op(s, self.ops.resolve(name), rec.args, rec.kwargs, rec.outputs, lambda: rec.handles)
+
+    def _run_op(
+        self,
+        s: Session,
+        op: torch._ops.OpOverload,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        outputs: Sequence[int],
+        written: Callable[[], list[int]],
+    ) -> None:
+        """Check and run one decoded op. The checks that depend only on the op and its arguments' shapes, dtypes and
+        values (enums, sizes against the quota, list counts, compute bound, new bytes) are cached per signature;
+        value-dependent guards (indices) run every time, as do the quota and handle checks."""
+        dev = s.device.torch_device
         if self._takes_device(op) and kwargs.get("device") is None:
             kwargs["device"] = dev  # factories without a device would allocate in host memory
-        for h in msg.outputs:
+        for h in outputs:
             if h:
                 s.check_handle(h)
-        s.admit_handles(sum(1 for h in msg.outputs if h and h not in s.tensors and h not in s.poisoned))
-        guards.check_enums(op, args, kwargs)
-        guards.check_inputs(args, kwargs, s.quota)
-        guards.check_counts(op, [], args, kwargs)
+        s.admit_handles(sum(1 for h in outputs if h and h not in s.tensors and h not in s.poisoned))
+        sig = checks.signature(op, args, kwargs)
+        if sig is not None:
+            sig = (sig, s.quota, s.max_op_flops)  # the verdict of check_inputs and cost.check depends on these
+        need = self._verdicts.get(sig) if sig is not None else None
+        if need is None:
+            guards.check_enums(op, args, kwargs)
+            guards.check_inputs(args, kwargs, s.quota)
+            guards.check_counts(op, [], args, kwargs)
+            cost.check(op, args, kwargs, s.max_op_flops)
+            need = self.sizer.new_bytes(op, args, kwargs)
+            if sig is not None and need != NO_META:
+                if len(self._verdicts) >= MAX_VERDICTS:
+                    self._verdicts.clear()
+                self._verdicts[sig] = need
         guards.validate(op, args, kwargs)
-        cost.check(op, args, kwargs, s.max_op_flops)
-        need = self.sizer.new_bytes(op, args, kwargs)
         if need == NO_META:  # bounded from the real inputs, so its output cannot exhaust the host first
             need = bounds.no_meta_bound(op, args, kwargs)
         if need > 0:
@@ -163,12 +217,12 @@ class CommandExecutor:
         self.ledger.op(s)
         if op._schema.is_mutable:
             grown = op._schema.name in _GROW_UNINITIALIZED
-            s.recount(wire.arg_handles([*msg.args, *msg.kwargs.values()]), zero_growth=grown)
+            s.recount(written(), zero_growth=grown)
         if op._schema.name in _UNINITIALIZED:  # never hand out memory another session wrote and freed
             for t in _slots(out):
                 if isinstance(t, torch.Tensor):
                     zero_bytes(t.untyped_storage(), 0, t.untyped_storage().nbytes())
-        bound = self._bind_outputs(s, msg.outputs, out, dev)
+        bound = self._bind_outputs(s, outputs, out, dev)
         if s.used > s.quota and s.used > used_before:
             for h in bound:
                 s.unbind(h)

@@ -1,0 +1,85 @@
+"""Op signatures: what the daemon's shape-only checks of an op depend on, so that their verdict is computed once.
+
+A training loop sends the same op on the same shapes thousands of times. The checks of `executor._run_op` that
+look only at the op and at its arguments' metadata and plain values (enum types, element counts against the
+quota, list counts, the compute bound, the bytes the meta kernel allocates) give the same answer for the same
+signature: tensors by (dtype, shape, stride, storage offset), tensor lists by their tensors, `Scalar` arguments of
+ops with tensor inputs by their Python type only (they decide type promotion, never a shape: an optimizer's
+changing step sizes still hit), everything else by type and value. Checks that read tensor values (index
+ranges of embedding and pooling backwards, `guards.validate`), the quota and handle limits run on every op.
+Ops whose list counts may read a tensor's value (`tensor_split` with a tensor) are never cached.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from gpupool.server import guards
+
+_Tensor = torch.Tensor
+# op -> per positional argument: key Scalars by type only; and by kwarg name. None: never cached.
+_Plan = tuple[tuple[bool, ...], frozenset[str]]
+_plans: dict[torch._ops.OpOverload, _Plan | None] = {}
+_UNPLANNED = ((), frozenset({"-"}))  # a sentinel distinct from every real plan
+
+
+def _plan(op: torch._ops.OpOverload) -> _Plan | None:
+    schema = op._schema
+    if schema.name in guards._LIST_COUNTS:
+        return None
+    has_tensors = False
+    for a in schema.arguments:
+        t = a.type
+        if isinstance(t, torch.OptionalType):
+            t = t.getElementType()
+        if isinstance(t, torch.ListType):
+            t = t.getElementType()
+            if isinstance(t, torch.OptionalType):
+                t = t.getElementType()
+        if isinstance(t, torch.TensorType) and not a.is_out:
+            has_tensors = True
+    by_type = []
+    for a in schema.arguments:
+        t = a.type
+        if isinstance(t, torch.OptionalType):
+            t = t.getElementType()
+        if isinstance(t, torch.ListType):
+            t = t.getElementType()
+        by_type.append(has_tensors and isinstance(t, torch.NumberType))
+    names = frozenset(a.name for a, b in zip(schema.arguments, by_type, strict=True) if b)
+    return tuple(by_type), names
+
+
+def _key(v: Any, by_type: bool) -> Any:
+    tv = type(v)
+    if isinstance(v, _Tensor):
+        return (v.dtype, v.shape, v.stride(), v.storage_offset())
+    if tv is list:
+        return tuple(_key(x, by_type) for x in v)
+    if by_type and (tv is float or tv is int or tv is bool or tv is complex):
+        return tv
+    return (tv, v)
+
+
+def signature(op: torch._ops.OpOverload, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """A hashable signature of the op's shape-only checks, or None if its checks must run every time."""
+    plan = _plans.get(op, _UNPLANNED)
+    if plan is _UNPLANNED:
+        plan = _plans[op] = _plan(op)
+    if plan is None:
+        return None
+    by_type, names = plan
+    n = len(by_type)
+    key: list[Any] = [op]
+    for i, v in enumerate(args):
+        key.append(_key(v, i < n and by_type[i]))
+    if kwargs:
+        for name in sorted(kwargs):
+            key.append((name, _key(kwargs[name], name in names)))
+    sig = tuple(key)
+    try:
+        hash(sig)
+    except TypeError:
+        return None
+    return sig
