@@ -167,51 +167,34 @@ class Record:
         self.handles: list[int] = []  # every tensor handle the arguments name (written ones are recounted)
 
 
-class _Reader:
-    __slots__ = ("data", "pos", "end")
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-        self.end = len(data)
-
-    def take(self, fmt: struct.Struct) -> Any:
-        pos = self.pos
-        if pos + fmt.size > self.end:
-            raise InvalidArgument(f"malformed eager op: truncated at byte {pos}")
-        self.pos = pos + fmt.size
-        return fmt.unpack_from(self.data, pos)[0]
-
-    def many(self, code: str, size: int, n: int) -> tuple[Any, ...]:
-        pos = self.pos
-        if pos + size * n > self.end:
-            raise InvalidArgument(f"malformed eager op: a list of {n} runs past the end")
-        self.pos = pos + size * n
-        return struct.unpack_from(f"<{n}{code}", self.data, pos)
-
-    def text(self, n: int) -> str:
-        pos = self.pos
-        if pos + n > self.end:
-            raise InvalidArgument("malformed eager op: a name runs past the end")
-        self.pos = pos + n
-        try:
-            return self.data[pos : pos + n].decode("ascii")
-        except UnicodeDecodeError:
-            raise InvalidArgument("malformed eager op: a name that is not ASCII") from None
+def _text(data: bytes, pos: int, n: int) -> str:
+    if pos + n > len(data):
+        raise InvalidArgument("malformed eager op: a name runs past the end")
+    try:
+        return data[pos : pos + n].decode("ascii")
+    except UnicodeDecodeError:
+        raise InvalidArgument("malformed eager op: a name that is not ASCII") from None
 
 
-def read_head(data: bytes) -> tuple[_Reader, int, str, list[int]]:
-    """(reader after the outputs, op id, defined name or "", outputs)."""
-    r = _Reader(data)
-    op_id = r.take(U32)
-    if op_id >= MAX_OP_IDS:
-        raise InvalidArgument(f"eager op id {op_id} out of range (at most {MAX_OP_IDS} per session)")
-    n = r.take(U8)
-    if n > MAX_NAME:
-        raise InvalidArgument("op name too long")
-    name = r.text(n) if n else ""
-    outputs = list(r.many("Q", 8, r.take(U8)))
-    return r, op_id, name, outputs
+def read_head(data: bytes) -> tuple[int, int, str, list[int]]:
+    """(position after the outputs, op id, defined name or "", outputs)."""
+    try:
+        op_id, n = HEAD.unpack_from(data, 0)
+        if op_id >= MAX_OP_IDS:
+            raise InvalidArgument(f"eager op id {op_id} out of range (at most {MAX_OP_IDS} per session)")
+        if n > MAX_NAME:
+            raise InvalidArgument("op name too long")
+        name = _text(data, 5, n) if n else ""
+        pos = 5 + n
+        count = data[pos] if pos < len(data) else _short(pos)
+        outputs = list(struct.unpack_from(f"<{count}Q", data, pos + 1))
+    except struct.error:
+        raise InvalidArgument("malformed eager op: truncated head") from None
+    return pos + 1 + 8 * count, op_id, name, outputs
+
+
+def _short(pos: int) -> int:
+    raise InvalidArgument(f"malformed eager op: truncated at byte {pos}")
 
 
 def outputs_of(data: bytes) -> list[int]:
@@ -224,70 +207,96 @@ def outputs_of(data: bytes) -> list[int]:
 
 def decode(data: bytes, resolve: Resolve, device: torch.device) -> Record:
     """Parse a whole record; tensor handles go through `resolve` (ownership checks), devices become `device`."""
-    r, op_id, name, outputs = read_head(data)
+    pos, op_id, name, outputs = read_head(data)
     rec = Record()
     rec.op_id, rec.name, rec.outputs = op_id, name, outputs
-    for _ in range(r.take(U8)):
-        rec.args.append(_value(r, resolve, device, rec.handles))
-    for _ in range(r.take(U8)):
-        n = r.take(U8)
-        if n == 0:
-            raise InvalidArgument("malformed eager op: an empty keyword")
-        key = r.text(n)
-        if key in rec.kwargs:
-            raise InvalidArgument(f"malformed eager op: keyword {key!r} twice")
-        rec.kwargs[key] = _value(r, resolve, device, rec.handles)
-    if r.pos != r.end:
-        raise InvalidArgument(f"malformed eager op: {r.end - r.pos} bytes after its end")
+    end = len(data)
+    handles = rec.handles
+    try:
+        args = rec.args
+        n = data[pos] if pos < end else _short(pos)
+        pos += 1
+        for _ in range(n):
+            v, pos = _value(data, pos, resolve, device, handles)
+            args.append(v)
+        n = data[pos] if pos < end else _short(pos)
+        pos += 1
+        kwargs = rec.kwargs
+        for _ in range(n):
+            k = data[pos] if pos < end else _short(pos)
+            if k == 0:
+                raise InvalidArgument("malformed eager op: an empty keyword")
+            key = _text(data, pos + 1, k)
+            if key in kwargs:
+                raise InvalidArgument(f"malformed eager op: keyword {key!r} twice")
+            kwargs[key], pos = _value(data, pos + 1 + k, resolve, device, handles)
+    except struct.error:
+        raise InvalidArgument(f"malformed eager op: truncated after byte {pos}") from None
+    if pos != end:
+        raise InvalidArgument(f"malformed eager op: {end - pos} bytes after its end")
     return rec
 
 
-def _value(r: _Reader, resolve: Resolve, device: torch.device, handles: list[int]) -> Any:
-    tag = r.take(U8)
+_unpack_u64 = U64.unpack_from
+_unpack_i64 = I64.unpack_from
+_unpack_f64 = F64.unpack_from
+_unpack_u16 = U16.unpack_from
+
+
+def _value(data: bytes, pos: int, resolve: Resolve, device: torch.device, handles: list[int]) -> tuple[Any, int]:
+    """(value, position after it); a short buffer raises struct.error (the caller's InvalidArgument)."""
+    if pos >= len(data):
+        _short(pos)
+    tag = data[pos]
+    pos += 1
     if tag == TENSOR:
-        h = r.take(U64)
+        (h,) = _unpack_u64(data, pos)
         handles.append(h)
-        return resolve(h)
+        return resolve(h), pos + 8
     if tag == INT:
-        return r.take(I64)
+        return _unpack_i64(data, pos)[0], pos + 8
     if tag == FLOAT:
-        return r.take(F64)
+        return _unpack_f64(data, pos)[0], pos + 8
     if tag == NONE:
-        return None
+        return None, pos
     if tag == BOOL:
-        b = r.take(U8)
+        b = data[pos] if pos < len(data) else _short(pos)
         if b > 1:
             raise InvalidArgument(f"malformed eager op: bool byte {b}")
-        return b == 1
-    if tag == TENSORS:
-        hs = r.many("Q", 8, r.take(U16))
-        handles.extend(h for h in hs if h)
-        return [None if h == 0 else resolve(h) for h in hs]
-    if tag == INTS:
-        return list(r.many("q", 8, r.take(U16)))
-    if tag == FLOATS:
-        return list(r.many("d", 8, r.take(U16)))
-    if tag == BOOLS:
-        raw = r.many("B", 1, r.take(U16))
-        if any(b > 1 for b in raw):
-            raise InvalidArgument("malformed eager op: a bool list byte above 1")
-        return [b == 1 for b in raw]
-    if tag == DTYPE:
-        return _enum(r, _DTYPES, "dtype")
+        return b == 1, pos + 1
+    if tag in _LISTS:
+        (n,) = _unpack_u16(data, pos)
+        code, size = _LISTS[tag]
+        pos += 2
+        if pos + size * n > len(data):
+            raise InvalidArgument(f"malformed eager op: a list of {n} runs past the end")
+        raw = struct.unpack_from(f"<{n}{code}", data, pos)
+        pos += size * n
+        if tag == TENSORS:
+            handles.extend(h for h in raw if h)
+            return [None if h == 0 else resolve(h) for h in raw], pos
+        if tag == BOOLS:
+            if any(b > 1 for b in raw):
+                raise InvalidArgument("malformed eager op: a bool list byte above 1")
+            return [b == 1 for b in raw], pos
+        return list(raw), pos
     if tag == DEVICE:
-        return device
+        return device, pos
     if tag == CPU:
-        return torch.device("cpu")
-    if tag == LAYOUT:
-        return _enum(r, _LAYOUTS, "layout")
-    if tag == MEMORY_FORMAT:
-        return _enum(r, _MEMORY_FORMATS, "memory format")
-    raise InvalidArgument(f"malformed eager op: unknown argument tag {tag}")
-
-
-def _enum(r: _Reader, table: dict[int, Any], what: str) -> Any:
-    code = r.take(U8)
-    found = table.get(code)
+        return torch.device("cpu"), pos
+    table = _ENUMS.get(tag)
+    if table is None:
+        raise InvalidArgument(f"malformed eager op: unknown argument tag {tag}")
+    number = data[pos] if pos < len(data) else _short(pos)
+    found = table[1].get(number)
     if found is None:
-        raise InvalidArgument(f"malformed eager op: unknown {what} {code}")
-    return found
+        raise InvalidArgument(f"malformed eager op: unknown {table[0]} {number}")
+    return found, pos + 1
+
+
+_LISTS = {TENSORS: ("Q", 8), INTS: ("q", 8), FLOATS: ("d", 8), BOOLS: ("B", 1)}
+_ENUMS: dict[int, tuple[str, dict[int, Any]]] = {
+    DTYPE: ("dtype", _DTYPES),
+    LAYOUT: ("layout", _LAYOUTS),
+    MEMORY_FORMAT: ("memory format", _MEMORY_FORMATS),
+}

@@ -15,13 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from gpupool.server import guards
+from gpupool.server import fallbacks, guards
 
 _Tensor = torch.Tensor
-# op -> per positional argument: key Scalars by type only; and by kwarg name. None: never cached.
-_Plan = tuple[tuple[bool, ...], frozenset[str]]
-_plans: dict[torch._ops.OpOverload, _Plan | None] = {}
-_UNPLANNED = ((), frozenset({"-"}))  # a sentinel distinct from every real plan
+_Plan = tuple[tuple[bool, ...], frozenset[str]]  # per positional argument: Scalar keyed by type; those kwargs
 
 
 def _plan(op: torch._ops.OpOverload) -> _Plan | None:
@@ -51,6 +48,41 @@ def _plan(op: torch._ops.OpOverload) -> _Plan | None:
     return tuple(by_type), names
 
 
+# Factories that return uninitialized memory (the allocator's previous contents, possibly another session's).
+UNINITIALIZED = frozenset(
+    {
+        "aten::empty",
+        "aten::empty_strided",
+        "aten::empty_like",
+        "aten::empty_permuted",
+        "aten::new_empty",
+        "aten::new_empty_strided",
+    }
+)
+# In-place ops that grow a storage without writing the new bytes. (An out= op resizes its output too, but then
+# writes every element: zeroing after it would wipe its result.)
+GROW_UNINITIALIZED = frozenset({"aten::resize_", "aten::resize_as_", "aten::_resize_output_"})
+
+
+class OpPlan:
+    """What the executor needs to know of one allowed op overload, computed once: no schema lookups per op."""
+
+    __slots__ = ("op", "name", "takes_device", "seeded", "mutable", "grown", "uninitialized", "validate", "run", "sig")
+
+    def __init__(self, op: torch._ops.OpOverload, device: torch.device) -> None:
+        schema = op._schema
+        self.op = op
+        self.name = schema.name
+        self.takes_device = any(a.name == "device" and a.kwarg_only for a in schema.arguments)
+        self.seeded = torch.Tag.nondeterministic_seeded in op.tags
+        self.mutable = schema.is_mutable
+        self.grown = self.name in GROW_UNINITIALIZED
+        self.uninitialized = self.name in UNINITIALIZED
+        self.validate = self.name.startswith("aten::_foreach_") or self.name in guards._VALIDATORS
+        self.run = guards.replacement(op) or fallbacks.lookup(op, device) or op  # fallbacks: accelerator-only ops
+        self.sig = _plan(op)
+
+
 def _key(v: Any, by_type: bool) -> Any:
     tv = type(v)
     if isinstance(v, _Tensor):
@@ -62,16 +94,14 @@ def _key(v: Any, by_type: bool) -> Any:
     return (tv, v)
 
 
-def signature(op: torch._ops.OpOverload, args: list[Any], kwargs: dict[str, Any]) -> Any:
+def signature(op: OpPlan, args: list[Any], kwargs: dict[str, Any]) -> Any:
     """A hashable signature of the op's shape-only checks, or None if its checks must run every time."""
-    plan = _plans.get(op, _UNPLANNED)
-    if plan is _UNPLANNED:
-        plan = _plans[op] = _plan(op)
+    plan = op.sig
     if plan is None:
         return None
     by_type, names = plan
     n = len(by_type)
-    key: list[Any] = [op]
+    key: list[Any] = [op]  # the plan: hashed by identity (an OpOverload hashes in Python)
     for i, v in enumerate(args):
         key.append(_key(v, i < n and by_type[i]))
     if kwargs:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
-from gpupool.server import bounds, checks, cost, fallbacks, guards
+from gpupool.server import bounds, checks, cost, guards
 from gpupool.server.collectives import Collectives
 from gpupool.server.graph import GraphTable
 from gpupool.server.ops import NO_META, MetaSizer, OpTable
@@ -51,11 +51,11 @@ class CommandExecutor:
         self.ops = OpTable()
         self.sizer = MetaSizer()
         self.ledger = ledger
-        self._device_arg: dict[torch._ops.OpOverload, bool] = {}
         self.graphs = GraphTable(self)  # captured steps (server/graph.py)
         self.collectives = Collectives()  # configured by the daemon (token verifier, peer-facing host)
         self.speed: SpeedModel | None = None  # fake GPUs' speed model (server/speedmodel.py), when asked for
-        self._op_names: dict[str, dict[int, str]] = {}  # session id -> compact op id -> op name
+        self._op_ids: dict[str, dict[int, str | checks.OpPlan]] = {}  # session id -> compact op id -> its op
+        self._plans: dict[str, checks.OpPlan] = {}  # allowed op name -> its plan
         self._verdicts: dict[Any, int] = {}  # op signature -> new bytes, once its shape-only checks passed
 
     def warm_up(self) -> None:
@@ -117,7 +117,8 @@ class CommandExecutor:
             _, op_id, name, _ = compact.read_head(cmd.eager_op)
         except InvalidArgument:
             return "eager op"
-        return name or self._op_names.get(s.session_id, {}).get(op_id, "eager op")
+        entry = self._op_ids.get(s.session_id, {}).get(op_id, "eager op")
+        return name or (entry if isinstance(entry, str) else entry.name)
 
     def _fail(self, s: Session, cmd: device_pb2.Command, err: Poison, reply: Reply) -> None:
         self.ledger.error(s, err.code)
@@ -146,49 +147,67 @@ class CommandExecutor:
     # ---- ops ----
 
     def _op(self, s: Session, msg: device_pb2.Op) -> None:
-        op = self.ops.resolve(msg.name)
+        plan = self._plan(msg.name, s)
         lists = [len(a.tensors.handles) for a in msg.args if a.WhichOneof("value") == "tensors"]
         if lists and max(lists) > guards.MAX_TENSORS:  # before resolving millions of handles
-            guards.check_counts(op, lists, [], {})
+            guards.check_counts(plan.op, lists, [], {})
         dev = s.device.torch_device
         args = [wire.decode_arg(a, s.resolve, dev) for a in msg.args]
         kwargs = {k: wire.decode_arg(v, s.resolve, dev) for k, v in msg.kwargs.items()}
-        self._run_op(s, op, args, kwargs, msg.outputs, lambda: wire.arg_handles([*msg.args, *msg.kwargs.values()]))
+        written = lambda: wire.arg_handles([*msg.args, *msg.kwargs.values()])  # noqa: E731
+        self._run_op(s, plan, args, kwargs, msg.outputs, written, dev)
 
     def _eager_op(self, s: Session, data: bytes) -> None:
         """A compact eager record (gpupool/compact.py): names are defined once per session, then referred to by id."""
-        rec = compact.decode(data, s.resolve, s.device.torch_device)
-        names = self._op_names.setdefault(s.session_id, {})
+        dev = s.device.torch_device
+        rec = compact.decode(data, s.resolve, dev)
+        table = self._op_ids.get(s.session_id)
+        if table is None:
+            table = self._op_ids[s.session_id] = {}
         if rec.name:
-            names[rec.op_id] = rec.name
-        name = names.get(rec.op_id)
-        if name is None:
+            table[rec.op_id] = rec.name
+        entry = table.get(rec.op_id)
+        if entry is None:
             raise InvalidArgument(f"eager op id {rec.op_id} was never defined in this session")
-        self._run_op(s, self.ops.resolve(name), rec.args, rec.kwargs, rec.outputs, lambda: rec.handles)
+        if isinstance(entry, str):  # resolved (through the allowlist) on first use; a denied name stays denied
+            entry = table[rec.op_id] = self._plan(entry, s)
+        self._run_op(s, entry, rec.args, rec.kwargs, rec.outputs, lambda: rec.handles, dev)
+
+    def _plan(self, name: str, s: Session) -> checks.OpPlan:
+        plan = self._plans.get(name)
+        if plan is None:
+            plan = self._plans[name] = checks.OpPlan(self.ops.resolve(name), s.device.torch_device)
+        return plan
 
     def _run_op(
         self,
         s: Session,
-        op: torch._ops.OpOverload,
+        plan: checks.OpPlan,
         args: list[Any],
         kwargs: dict[str, Any],
         outputs: Sequence[int],
         written: Callable[[], list[int]],
+        dev: torch.device,
     ) -> None:
         """Check and run one decoded op. The checks that depend only on the op and its arguments' shapes, dtypes and
         values (enums, sizes against the quota, list counts, compute bound, new bytes) are cached per signature;
         value-dependent guards (indices) run every time, as do the quota and handle checks."""
-        dev = s.device.torch_device
-        if self._takes_device(op) and kwargs.get("device") is None:
+        op = plan.op
+        if plan.takes_device and kwargs.get("device") is None:
             kwargs["device"] = dev  # factories without a device would allocate in host memory
+        new_handles = 0
         for h in outputs:
             if h:
                 s.check_handle(h)
-        s.admit_handles(sum(1 for h in outputs if h and h not in s.tensors and h not in s.poisoned))
-        sig = checks.signature(op, args, kwargs)
+                if h not in s.tensors and h not in s.poisoned:
+                    new_handles += 1
+        s.admit_handles(new_handles)
+        sig = checks.signature(plan, args, kwargs)
         if sig is not None:
             sig = (sig, s.quota, s.max_op_flops)  # the verdict of check_inputs and cost.check depends on these
-        need = self._verdicts.get(sig) if sig is not None else None
+            need = self._verdicts.get(sig)
+        else:
+            need = None
         if need is None:
             guards.check_enums(op, args, kwargs)
             guards.check_inputs(args, kwargs, s.quota)
@@ -199,15 +218,16 @@ class CommandExecutor:
                 if len(self._verdicts) >= MAX_VERDICTS:
                     self._verdicts.clear()
                 self._verdicts[sig] = need
-        guards.validate(op, args, kwargs)
+        if plan.validate:
+            guards.validate(op, args, kwargs)
         if need == NO_META:  # bounded from the real inputs, so its output cannot exhaust the host first
             need = bounds.no_meta_bound(op, args, kwargs)
         if need > 0:
             s.admit(need)
         used_before = s.used
-        run = guards.replacement(op) or fallbacks.lookup(op, dev) or op  # fallbacks: accelerator-only ops
+        run = plan.run
         started = time.perf_counter()
-        if torch.Tag.nondeterministic_seeded in op.tags:
+        if plan.seeded:
             out = self._seeded(s, run, args, kwargs)
         else:
             out = run(*args, **kwargs)
@@ -215,10 +235,9 @@ class CommandExecutor:
             self.speed.hold_op(op, args, kwargs, out, started)
         s.ops += 1
         self.ledger.op(s)
-        if op._schema.is_mutable:
-            grown = op._schema.name in _GROW_UNINITIALIZED
-            s.recount(written(), zero_growth=grown)
-        if op._schema.name in _UNINITIALIZED:  # never hand out memory another session wrote and freed
+        if plan.mutable:
+            s.recount(written(), zero_growth=plan.grown)
+        if plan.uninitialized:  # never hand out memory another session wrote and freed
             for t in _slots(out):
                 if isinstance(t, torch.Tensor):
                     zero_bytes(t.untyped_storage(), 0, t.untyped_storage().nbytes())
@@ -227,13 +246,6 @@ class CommandExecutor:
             for h in bound:
                 s.unbind(h)
             raise ResourceExhausted(f"memory quota exceeded: {s.used} bytes would be used of a {s.quota} byte limit")
-
-    def _takes_device(self, op: torch._ops.OpOverload) -> bool:
-        hit = self._device_arg.get(op)
-        if hit is None:
-            hit = any(a.name == "device" and a.kwarg_only for a in op._schema.arguments)
-            self._device_arg[op] = hit
-        return hit
 
     def _seeded(self, s: Session, op: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
         dev = s.device
@@ -349,20 +361,6 @@ class CommandExecutor:
         return device_pb2.ServerFrame(request_id=sync.request_id, sync=reply)
 
 
-# Factories that return uninitialized memory (the allocator's previous contents, possibly another session's).
-_UNINITIALIZED = frozenset(
-    {
-        "aten::empty",
-        "aten::empty_strided",
-        "aten::empty_like",
-        "aten::empty_permuted",
-        "aten::new_empty",
-        "aten::new_empty_strided",
-    }
-)
-# In-place ops that grow a storage without writing the new bytes. (An out= op resizes its output too, but then
-# writes every element: zeroing after it would wipe its result.)
-_GROW_UNINITIALIZED = frozenset({"aten::resize_", "aten::resize_as_", "aten::_resize_output_"})
 _FRAME_CHUNK_TAG = bytes([(3 << 3) | 2])  # ServerFrame.chunk = 3, length-delimited
 _CHUNK_DATA_TAG = bytes([(3 << 3) | 2])  # TensorChunk.data = 3, length-delimited
 
