@@ -154,19 +154,29 @@ class DeviceRuntime:
         if self.closed:
             self._check_open()
         op_id = self.op_ids.get(name)
-        if op_id is None:
-            op_id = self.op_ids[name] = len(self.op_ids)
-            head = compact.head(op_id, name, outputs)
-        else:
-            head = compact.head(op_id, None, outputs)
         try:
-            self.session.eager_op(head + record_tail)
+            if op_id is None:
+                self._define(name, record_tail, outputs)
+            else:
+                self.session.eager_op(compact.head(op_id, None, outputs) + record_tail)
             self._unflushed += 1
             if self._unflushed >= FLUSH_OPS:
                 self._unflushed = 0
                 self.session.flush()
         except Exception as exc:
             self._raise(exc)
+
+    def _define(self, name: str, record_tail: bytes, outputs: list[int]) -> None:
+        """The first record of an op name defines its id. Under the lock, and the id is published only once the
+        defining record is queued: another thread (autograd's device thread) never refers to an undefined id."""
+        with self._lock:
+            op_id = self.op_ids.get(name)
+            if op_id is not None:
+                self.session.eager_op(compact.head(op_id, None, outputs) + record_tail)
+                return
+            op_id = len(self.op_ids)
+            self.session.eager_op(compact.head(op_id, name, outputs) + record_tail)
+            self.op_ids[name] = op_id
 
     def compact_ok(self) -> bool:
         """Whether ops may travel as compact records now (not while a step capture records `Op`s)."""
