@@ -1,9 +1,10 @@
 """Launch-bound training: what per-op overhead costs small models, eager and with step capture.
 
 On a real GPU the kernels of small models take microseconds, so a pooled GPU is as fast as its per-op overhead
-lets it be. Four workloads, each trained with Adam: a tiny MLP (32-64-64-2, batch 16), a tiny transformer
+lets it be. Five workloads, each trained with Adam: a tiny MLP (32-64-64-2, batch 16), a tiny transformer
 encoder classifier (d 32, 2 layers, 4 heads, batch 4 x 16 tokens), the stock-prediction MLP (500-1024-512-256-
-128-1, batch 256) and the sentiment CNN of examples/sentiment (benchmark size, batch 50 x 400 tokens). Three
+128-1, batch 256), the sentiment CNN of examples/sentiment (benchmark size, batch 50 x 400 tokens) and issue 8's
+transformer classifier (`classifier`: d 64, 2 layers, batch 32 x 48 tokens; not in the default set). Three
 ways: local CPU eager (the baseline: one torch thread, on the daemon's core), through a daemon eagerly, and
 through a daemon with `gpupool.torch.capture` (Adam with capturable=True and a device lr, as capture needs).
 
@@ -47,17 +48,17 @@ from train_overhead import _proc_cpu, start_daemon, stock_mlp
 from gpupool import pki, tokens
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ("tiny-mlp", "encoder", "mlp", "cnn")
+MODELS = ("tiny-mlp", "encoder", "mlp", "cnn", "classifier")
 MODES = ("local", "eager", "captured")
 
 
 class Encoder(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, d: int = 32, vocab: int = 100) -> None:
         super().__init__()
-        self.embed = nn.Embedding(100, 32)
-        layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.1, batch_first=True)
+        self.embed = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, 4, dim_feedforward=2 * d, dropout=0.1, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(32, 2)
+        self.head = nn.Linear(d, 2)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(self.embed(tokens)).mean(dim=1))
@@ -75,6 +76,10 @@ def workload(name: str) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tenso
         data = [(torch.randint(0, 100, (4, 16), generator=gen), torch.randint(0, 2, (4,), generator=gen))
                 for _ in range(4)]  # fmt: skip
         return Encoder(), data, nn.functional.cross_entropy
+    if name == "classifier":  # issue 8's transformer classifier: d_model 64, 2 layers, batch 32 x 48 tokens
+        data = [(torch.randint(0, 1000, (32, 48), generator=gen), torch.randint(0, 2, (32,), generator=gen))
+                for _ in range(4)]  # fmt: skip
+        return Encoder(64, 1000), data, nn.functional.cross_entropy
     if name == "mlp":
         data = [(torch.randn(256, 500, generator=gen), torch.randn(256, 1, generator=gen)) for _ in range(4)]
         return stock_mlp(), data, nn.functional.mse_loss
@@ -185,7 +190,7 @@ def run_worker(core: int, model: str, mode: str, args: argparse.Namespace, **rem
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ",".join(MODELS))
+    p.add_argument("--models", default=",".join(MODELS[:4]), help="comma-separated: " + ",".join(MODELS))
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated, local first: " + ",".join(MODES))
     p.add_argument("--steps", type=int, default=20, help="steps per timed block")
     p.add_argument("--blocks", type=int, default=5, help="timed blocks (the median counts)")

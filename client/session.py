@@ -246,6 +246,12 @@ class Session:
             o.outputs.extend(outputs)
             self._maybe_flush()
 
+    def eager_op(self, record: bytes) -> None:
+        """Enqueue a compact eager op record (gpupool/compact.py; the shim builds them): no protobuf per argument."""
+        with self._lock:
+            self._frame.commands.add(eager_op=record)
+            self._maybe_flush()
+
     def call(self, name: str, *args: Any, outputs: int | Sequence[int] = 1, **kwargs: Any) -> list[int]:
         """`op` with Python values: Handles become tensor args, small CPU tensors travel inline."""
         outs: list[int] = (

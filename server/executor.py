@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
-from gpupool.server import cost, fallbacks, guards, sizing
+from gpupool.server import checks, cost, guards, sizing
 from gpupool.server.collectives import Collectives
 from gpupool.server.graph import GraphTable
 from gpupool.server.ops import OpTable
@@ -23,7 +23,7 @@ from gpupool.server.sizing import NO_META, MetaSizer
 from gpupool.server.speedmodel import SpeedModel
 from grpc import StatusCode
 
-from gpupool import protocol, wire
+from gpupool import compact, protocol, wire
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
 
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 MAX_DIMS = 64
+MAX_VERDICTS = 8192  # cached op signatures (cleared when full)
 
 Reply = Callable[[device_pb2.ServerFrame | list[bytes]], None]  # a frame, or serialized download frames
 
@@ -52,11 +53,13 @@ class CommandExecutor:
         self.ops = OpTable()
         self.sizer = MetaSizer()
         self.ledger = ledger
-        self._device_arg: dict[torch._ops.OpOverload, bool] = {}
         self.graphs = GraphTable(self)  # captured steps (server/graph.py)
         self.collectives = Collectives()  # configured by the daemon (token verifier, peer-facing host)
         self.speed: SpeedModel | None = None  # fake GPUs' speed model (server/speedmodel.py), when asked for
         self.piece_bytes = 0  # > 0: a Get answers at most this many bytes per run (workers: bulk.PIECE_BYTES)
+        self._op_ids: dict[str, dict[int, str | checks.OpPlan]] = {}  # session id -> compact op id -> its op
+        self._plans: dict[str, checks.OpPlan] = {}  # allowed op name -> its plan
+        self._verdicts: dict[Any, int] = {}  # op signature -> new bytes, once its shape-only checks passed
 
     def warm_up(self) -> None:
         """Load torch's meta kernels now (about a second, once per process), not on some session's clock."""
@@ -66,9 +69,10 @@ class CommandExecutor:
     def execute(self, s: WorkerSession, cmd: device_pb2.Command, reply: Reply, data: memoryview | None = None) -> None:
         """Run one command; `data`: an upload's bytes parsed out of its span by hand (server/bulk.py)."""
         kind = cmd.WhichOneof("cmd")
-        op_name = cmd.op.name if kind == "op" else f"collective {cmd.collective.kind}" if kind == "collective" else ""
         try:
-            if kind == "op":
+            if kind == "eager_op":
+                self._eager_op(s, cmd.eager_op)
+            elif kind == "op":
                 self._op(s, cmd.op)
             elif kind == "upload":
                 self._upload(s, cmd.upload, data)
@@ -95,14 +99,31 @@ class CommandExecutor:
         except PoisonedInput as exc:
             self._fail(s, cmd, exc.poison, reply)
         except GpupoolError as exc:
-            self._fail(s, cmd, Poison.of(exc, op_name), reply)
+            self._fail(s, cmd, Poison.of(exc, self._what(s, cmd)), reply)
         except (torch.OutOfMemoryError, MemoryError) as exc:
-            self._fail(s, cmd, Poison(StatusCode.RESOURCE_EXHAUSTED, op_name, f"device out of memory: {exc}"), reply)
+            err = Poison(StatusCode.RESOURCE_EXHAUSTED, self._what(s, cmd), f"device out of memory: {exc}")
+            self._fail(s, cmd, err, reply)
         except (RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
-            self._fail(s, cmd, Poison(StatusCode.INVALID_ARGUMENT, op_name, _first_lines(exc)), reply)
+            self._fail(s, cmd, Poison(StatusCode.INVALID_ARGUMENT, self._what(s, cmd), _first_lines(exc)), reply)
         except Exception as exc:  # a bug must cost one command, never the daemon
             log.exception("internal error executing %s for session %s", kind, s.session_id)
-            self._fail(s, cmd, Poison(StatusCode.INTERNAL, op_name, f"{type(exc).__name__}: {exc}"), reply)
+            self._fail(s, cmd, Poison(StatusCode.INTERNAL, self._what(s, cmd), f"{type(exc).__name__}: {exc}"), reply)
+
+    def _what(self, s: WorkerSession, cmd: device_pb2.Command) -> str:
+        """What failed, for the error: an op's name, a collective's kind, or nothing."""
+        kind = cmd.WhichOneof("cmd")
+        if kind == "op":
+            return cmd.op.name
+        if kind == "collective":
+            return f"collective {cmd.collective.kind}"
+        if kind != "eager_op":
+            return ""
+        try:  # the record may be malformed
+            _, op_id, name, _ = compact.read_head(cmd.eager_op)
+        except InvalidArgument:
+            return "eager op"
+        entry = self._op_ids.get(s.session_id, {}).get(op_id, "eager op")
+        return name or (entry if isinstance(entry, str) else entry.name)
 
     def _fail(self, s: WorkerSession, cmd: device_pb2.Command, err: Poison, reply: Reply) -> None:
         self.ledger.error(s, err.code)
@@ -117,8 +138,8 @@ class CommandExecutor:
             reply(device_pb2.ServerFrame(request_id=cmd.sync.request_id, sync=sync))
             return
         s.record_error(err)
-        if kind == "op":
-            for h in cmd.op.outputs:
+        if kind == "op" or kind == "eager_op":
+            for h in cmd.op.outputs if kind == "op" else compact.outputs_of(cmd.eager_op):
                 if h:
                     s.poison(h, err)
         elif kind == "upload":
@@ -130,33 +151,87 @@ class CommandExecutor:
     # ---- ops ----
 
     def _op(self, s: WorkerSession, msg: device_pb2.Op) -> None:
-        op = self.ops.resolve(msg.name)
+        plan = self._plan(msg.name, s)
         lists = [len(a.tensors.handles) for a in msg.args if a.WhichOneof("value") == "tensors"]
         if lists and max(lists) > guards.MAX_TENSORS:  # before resolving millions of handles
-            guards.check_counts(op, lists, [], {})
+            guards.check_counts(plan.op, lists, [], {})
         dev = s.device.torch_device
         args = [wire.decode_arg(a, s.resolve, dev) for a in msg.args]
         kwargs = {k: wire.decode_arg(v, s.resolve, dev) for k, v in msg.kwargs.items()}
-        if self._takes_device(op) and kwargs.get("device") is None:
+        written = lambda: wire.arg_handles([*msg.args, *msg.kwargs.values()])  # noqa: E731
+        self._run_op(s, plan, args, kwargs, msg.outputs, written, dev)
+
+    def _eager_op(self, s: WorkerSession, data: bytes) -> None:
+        """A compact eager record (gpupool/compact.py): names are defined once per session, then referred to by id."""
+        dev = s.device.torch_device
+        rec = compact.decode(data, s.resolve, dev)
+        table = self._op_ids.get(s.session_id)
+        if table is None:
+            table = self._op_ids[s.session_id] = {}
+        if rec.name:
+            table[rec.op_id] = rec.name
+        entry = table.get(rec.op_id)
+        if entry is None:
+            raise InvalidArgument(f"eager op id {rec.op_id} was never defined in this session")
+        if isinstance(entry, str):  # resolved (through the allowlist) on first use; a denied name stays denied
+            entry = table[rec.op_id] = self._plan(entry, s)
+        self._run_op(s, entry, rec.args, rec.kwargs, rec.outputs, lambda: rec.handles, dev)
+
+    def _plan(self, name: str, s: WorkerSession) -> checks.OpPlan:
+        plan = self._plans.get(name)
+        if plan is None:
+            plan = self._plans[name] = checks.OpPlan(self.ops.resolve(name), s.device.torch_device)
+        return plan
+
+    def _run_op(
+        self,
+        s: WorkerSession,
+        plan: checks.OpPlan,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        outputs: Sequence[int],
+        written: Callable[[], list[int]],
+        dev: torch.device,
+    ) -> None:
+        """Check and run one decoded op. The checks that depend only on the op and its arguments' shapes, dtypes and
+        values (enums, sizes against the quota, list counts, compute bound, new bytes) are cached per signature;
+        value-dependent guards (indices) run every time, as do the quota and handle checks."""
+        op = plan.op
+        if plan.takes_device and kwargs.get("device") is None:
             kwargs["device"] = dev  # factories without a device would allocate in host memory
-        for h in msg.outputs:
+        new_handles = 0
+        for h in outputs:
             if h:
                 s.check_handle(h)
-        s.admit_handles(sum(1 for h in msg.outputs if h and h not in s.tensors and h not in s.poisoned))
-        guards.check_enums(op, args, kwargs)
-        guards.check_inputs(args, kwargs, s.quota)
-        guards.check_counts(op, [], args, kwargs)
-        guards.validate(op, args, kwargs)
-        cost.check(op, args, kwargs, s.max_op_flops)
-        need = self.sizer.new_bytes(op, args, kwargs)
+                if h not in s.tensors and h not in s.poisoned:
+                    new_handles += 1
+        s.admit_handles(new_handles)
+        sig = checks.signature(plan, args, kwargs)
+        if sig is not None:
+            sig = (sig, s.quota, s.max_op_flops)  # the verdict of check_inputs and cost.check depends on these
+            need = self._verdicts.get(sig)
+        else:
+            need = None
+        if need is None:
+            guards.check_enums(op, args, kwargs)
+            guards.check_inputs(args, kwargs, s.quota)
+            guards.check_counts(op, [], args, kwargs)
+            cost.check(op, args, kwargs, s.max_op_flops)
+            need = self.sizer.new_bytes(op, args, kwargs)
+            if sig is not None and need != NO_META:
+                if len(self._verdicts) >= MAX_VERDICTS:
+                    self._verdicts.clear()
+                self._verdicts[sig] = need
+        if plan.validate:
+            guards.validate(op, args, kwargs)
         if need == NO_META:  # bounded from the real inputs, so its output cannot exhaust the host first
             need = sizing.no_meta_bound(op, args, kwargs)
         if need > 0:
             s.admit(need)
         used_before = s.used
-        run = guards.replacement(op) or fallbacks.lookup(op, dev) or op  # fallbacks: accelerator-only ops
+        run = plan.run
         started = time.perf_counter()
-        if torch.Tag.nondeterministic_seeded in op.tags:
+        if plan.seeded:
             out = self._seeded(s, run, args, kwargs)
         else:
             out = run(*args, **kwargs)
@@ -164,14 +239,13 @@ class CommandExecutor:
             self.speed.hold_op(op, args, kwargs, out, started)
         s.ops += 1
         self.ledger.op(s)
-        if op._schema.is_mutable:
-            grown = op._schema.name in _GROW_UNINITIALIZED
-            s.recount(wire.arg_handles([*msg.args, *msg.kwargs.values()]), zero_growth=grown)
-        if op._schema.name in _UNINITIALIZED:  # never hand out memory another session wrote and freed
+        if plan.mutable:
+            s.recount(written(), zero_growth=plan.grown)
+        if plan.uninitialized:  # never hand out memory another session wrote and freed
             for t in _slots(out):
                 if isinstance(t, torch.Tensor):
                     zero_bytes(t.untyped_storage(), 0, t.untyped_storage().nbytes())
-        bound = self._bind_outputs(s, msg.outputs, out, dev)
+        bound = self._bind_outputs(s, outputs, out, dev)
         if s.used > s.quota and s.used > used_before:
             for h in bound:
                 s.unbind(h)
@@ -180,13 +254,6 @@ class CommandExecutor:
                 used_bytes=s.used,
                 limit_bytes=s.quota,
             )
-
-    def _takes_device(self, op: torch._ops.OpOverload) -> bool:
-        hit = self._device_arg.get(op)
-        if hit is None:
-            hit = any(a.name == "device" and a.kwarg_only for a in op._schema.arguments)
-            self._device_arg[op] = hit
-        return hit
 
     def _seeded(self, s: WorkerSession, op: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
         dev = s.device
@@ -308,20 +375,6 @@ class CommandExecutor:
         return device_pb2.ServerFrame(request_id=sync.request_id, sync=reply)
 
 
-# Factories that return uninitialized memory (the allocator's previous contents, possibly another session's).
-_UNINITIALIZED = frozenset(
-    {
-        "aten::empty",
-        "aten::empty_strided",
-        "aten::empty_like",
-        "aten::empty_permuted",
-        "aten::new_empty",
-        "aten::new_empty_strided",
-    }
-)
-# In-place ops that grow a storage without writing the new bytes. (An out= op resizes its output too, but then
-# writes every element: zeroing after it would wipe its result.)
-_GROW_UNINITIALIZED = frozenset({"aten::resize_", "aten::resize_as_", "aten::_resize_output_"})
 
 
 def _slots(out: Any) -> list[Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from gpupool import wire
+from gpupool import compact, wire
 from gpupool._proto import tensor_pb2
 
 from . import meta
@@ -143,6 +143,76 @@ def build(
             key.append((name, k))
             wire_kwargs[name] = a
     return rt, tuple(key), wire_args, wire_kwargs
+
+
+# ---- the compact record (gpupool/compact.py) ----
+
+
+def _c_one(rt: DeviceRuntime | None, kind: str, v: Any, by_type: bool) -> tuple[Any, bytes, DeviceRuntime | None]:
+    """(cache-key part, compact bytes, runtime) of one argument; the key parts are exactly `_one`'s."""
+    tv = type(v)
+    if tv is RemoteTensor:
+        vrt = v._gp_rt
+        if rt is not None and vrt is not rt:
+            raise _two_devices(rt, vrt)
+        return v._gp_key, _TAG_U64(compact.TENSOR, v._gp_h), vrt
+    if v is None:
+        return None, _C_NONE, rt
+    if kind == meta.S or (kind == meta.T and (tv is float or tv is int or tv is bool)):
+        return (tv if by_type else (tv, v)) if kind == meta.S else tv, compact.encode_value(v), rt
+    if kind == meta.TL:
+        handles = []
+        keys: list[Any] = []
+        for x in v:
+            if x is None:
+                handles.append(0)
+                keys.append(None)
+                continue
+            if type(x) is not RemoteTensor:
+                raise NeedsUpload
+            xrt = x._gp_rt
+            if rt is None:
+                rt = xrt
+            elif xrt is not rt:
+                raise _two_devices(rt, xrt)
+            handles.append(x._gp_h)
+            keys.append(x._gp_key)
+        return tuple(keys), compact.tensors(handles), rt
+    if isinstance(v, torch.Tensor):
+        raise compact.Unencodable  # a 0-dim CPU tensor travels inline in an Op (or must be uploaded first)
+    if kind == meta.SL:
+        return meta.arg_key(kind, v, by_type), compact.encode_value(v), rt
+    if tv is torch.device and v.type == "gpupool":
+        return v, compact.encode_value(v), rt
+    return meta.arg_key(kind, v, by_type), compact.encode_value(v), rt
+
+
+_TAG_U64 = compact.TAG_U64.pack
+_C_NONE = compact.encode_value(None)
+
+
+def build_compact(
+    rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[DeviceRuntime | None, tuple[Any, ...], bytes]:
+    """`build` for a compact record: (device, meta-cache key, the record's argument bytes). Raises NeedsUpload
+    as `build` does, and compact.Unencodable for arguments only an `Op` carries (then use `build`)."""
+    by_type = sch.has_tensor_inputs
+    kinds = sch.kinds
+    key: list[Any] = [sch.func]
+    parts = [compact.U8.pack(len(args))]
+    for i, v in enumerate(args):
+        k, b, rt = _c_one(rt, kinds[i], v, by_type)
+        key.append(k)
+        parts.append(b)
+    parts.append(compact.U8.pack(len(kwargs)))
+    if kwargs:
+        kk = sch.kwarg_kinds
+        for name in sorted(kwargs):
+            k, b, rt = _c_one(rt, kk.get(name, meta.V), kwargs[name], by_type)
+            key.append((name, k))
+            parts.append(compact.kwarg_key(name))
+            parts.append(b)
+    return rt, tuple(key), b"".join(parts)
 
 
 def handle_arg(handle: int) -> tensor_pb2.Arg:

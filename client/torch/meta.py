@@ -45,6 +45,7 @@ class Outputs:
 
     metas: tuple[OutMeta | None, ...]
     spec: TreeSpec | None  # None: exactly one tensor
+    flat_tuple: bool = False  # the outputs are a plain tuple of them (rebuilt without pytree)
 
 
 def _kind(t: Any) -> str:
@@ -228,7 +229,8 @@ def infer(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outputs
             metas.append(_out_meta(leaf))
         else:
             raise NoMeta(f"{sch.name} returns a {type(leaf).__name__}")
-    return Outputs(tuple(metas), spec)
+    flat = spec.type is tuple and all(c.is_leaf() for c in spec.children())
+    return Outputs(tuple(metas), spec, flat)
 
 
 def _out_meta(t: torch.Tensor) -> OutMeta:
@@ -259,7 +261,7 @@ def cpu_fixup(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any], outs: 
     if training or outs.metas[1] is None:
         return outs
     empty = OutMeta((0,), (1,), 0, outs.metas[1].dtype)
-    return Outputs((outs.metas[0], empty, empty), outs.spec)
+    return Outputs((outs.metas[0], empty, empty), outs.spec, outs.flat_tuple)
 
 
 class MetaCache:

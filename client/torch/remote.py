@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map, tree_unflatten
 
+from gpupool import compact
+
 from . import encode, meta
 from .runtime import DeviceRuntime
 from .tensor import RemoteTensor, rewrap, to_cpu, upload_new, wrap
@@ -42,24 +44,39 @@ def find_runtime(args: Any, kwargs: dict[str, Any]) -> DeviceRuntime | None:
 
 
 def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    try:
-        found, key, wire_args, wire_kwargs = encode.build(rt, sch, args, kwargs)
-    except encode.NeedsUpload:
-        rt = rt or find_runtime(args, kwargs)
-        if rt is None:
-            raise RuntimeError(f"{sch.name}: no gpupool tensor among the arguments") from None
-        args, kwargs = encode.localize(rt, args, kwargs)
-        found, key, wire_args, wire_kwargs = encode.build(rt, sch, args, kwargs)
+    # The common case: a compact record (gpupool/compact.py), one bytes string for the whole op.
+    tail: bytes | None = None
+    if rt is None or rt.compact_ok():
+        try:
+            found, key, tail = encode.build_compact(rt, sch, args, kwargs)
+        except (encode.NeedsUpload, compact.Unencodable):
+            tail = None
+        else:
+            if found is not None and not found.compact_ok():  # a capture records `Op`s
+                tail = None
+    if tail is None:
+        try:
+            found, key, wire_args, wire_kwargs = encode.build(rt, sch, args, kwargs)
+        except encode.NeedsUpload:
+            rt = rt or find_runtime(args, kwargs)
+            if rt is None:
+                raise RuntimeError(f"{sch.name}: no gpupool tensor among the arguments") from None
+            args, kwargs = encode.localize(rt, args, kwargs)
+            found, key, wire_args, wire_kwargs = encode.build(rt, sch, args, kwargs)
     if found is None:
         raise RuntimeError(f"{sch.name}: no gpupool tensor among the arguments")
     rt = found
     if rt.pending:
         rt.materialize_pending()
-    try:
-        outs = meta.CACHE.outputs(sch, args, kwargs, key)
-    except meta.NoMeta as exc:
-        log.debug("%s has no meta inference (%s): round trip", sch.name, exc)
-        return round_trip(rt, sch, args, kwargs)
+    outs = meta.CACHE.entries.get(key)
+    if outs is not None:
+        meta.CACHE.hits += 1
+    else:
+        try:
+            outs = meta.CACHE.outputs(sch, args, kwargs, key)
+        except meta.NoMeta as exc:
+            log.debug("%s has no meta inference (%s): round trip", sch.name, exc)
+            return round_trip(rt, sch, args, kwargs)
     if rt.cpu_backed:
         outs = meta.cpu_fixup(sch, args, kwargs, outs)
 
@@ -79,12 +96,17 @@ def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...]
             h = rt.new_handle()
             handles.append(h)
             results.append(wrap(rt, h, m.shape, m.stride, m.offset, m.dtype, m))
-    rt.op(sch.name, wire_args, wire_kwargs, handles)
+    if tail is not None:
+        rt.eager_op(sch.name, tail, handles)
+    else:
+        rt.op(sch.name, wire_args, wire_kwargs, handles)
 
     if sch.mutates:
         _fix_metadata(outs, results)
     if outs.spec is None:
         return results[0]
+    if outs.flat_tuple:
+        return tuple(results)
     return tree_unflatten(results, outs.spec)
 
 

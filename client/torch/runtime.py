@@ -17,6 +17,8 @@ from typing import Any, NoReturn, Protocol
 import grpc
 import torch
 
+from gpupool import compact
+
 from . import errors
 
 log = logging.getLogger("gpupool.torch")
@@ -24,8 +26,9 @@ log = logging.getLogger("gpupool.torch")
 FREE_BATCH = 256  # dead handles collected before one Free command goes out ...
 # Ops queued before the frame goes out. The session would wait for 256 commands or a sync point, so the
 # daemon would idle while the client builds a whole training step and the client idle while the daemon
-# runs it; small frames let the two overlap (a frame costs the client ~100 us of gRPC work).
-FLUSH_OPS = int(os.environ.get("GPUPOOL_FLUSH_OPS", "8"))
+# runs it; small frames let the two overlap. A frame costs the client ~100 us of gRPC work, so 8 ops a frame
+# cost 12 us an op; 32 cost 3 us and still overlap (BENCHMARKS.md, launch-bound).
+FLUSH_OPS = int(os.environ.get("GPUPOOL_FLUSH_OPS", "32"))
 FREE_QUOTA_FRACTION = 64  # ... or dead bytes above 1/64 of the quota, so that freed memory is soon usable again
 
 
@@ -63,6 +66,7 @@ class DeviceRuntime:
         self._lock = threading.RLock()  # re-entrant: a finalizer may run while this thread holds it
         self.ops_sent = 0
         self._unflushed = 0
+        self.op_ids: dict[str, int] = {}  # op names defined in this session's compact records (gpupool/compact.py)
         # Step capture: the recorder of a step being recorded, and handles that defined graphs hold (called
         # with the handle when the client lets go of it).
         self.recorder: Recorder | None = None
@@ -144,6 +148,42 @@ class DeviceRuntime:
                 self.session.flush()
         except Exception as exc:
             self._raise(exc)
+
+    def eager_op(self, name: str, record_tail: bytes, outputs: list[int]) -> None:
+        """An op as a compact record (gpupool/compact.py): `record_tail` is its arguments, encoded by the caller."""
+        self.ops_sent += 1
+        if self._dead and (len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):
+            self.flush_frees()
+        if self.closed:
+            self._check_open()
+        op_id = self.op_ids.get(name)
+        try:
+            if op_id is None:
+                self._define(name, record_tail, outputs)
+            else:
+                self.session.eager_op(compact.head(op_id, None, outputs) + record_tail)
+            self._unflushed += 1
+            if self._unflushed >= FLUSH_OPS:
+                self._unflushed = 0
+                self.session.flush()
+        except Exception as exc:
+            self._raise(exc)
+
+    def _define(self, name: str, record_tail: bytes, outputs: list[int]) -> None:
+        """The first record of an op name defines its id. Under the lock, and the id is published only once the
+        defining record is queued: another thread (autograd's device thread) never refers to an undefined id."""
+        with self._lock:
+            op_id = self.op_ids.get(name)
+            if op_id is not None:
+                self.session.eager_op(compact.head(op_id, None, outputs) + record_tail)
+                return
+            op_id = len(self.op_ids)
+            self.session.eager_op(compact.head(op_id, name, outputs) + record_tail)
+            self.op_ids[name] = op_id
+
+    def compact_ok(self) -> bool:
+        """Whether ops may travel as compact records now (not while a step capture records `Op`s)."""
+        return self.recorder is None and len(self.op_ids) < compact.MAX_OP_IDS
 
     def flush(self) -> None:
         self._check_open()

@@ -140,8 +140,7 @@ def wrap(
         storage_offset=offset,
         dtype=dtype,
         device=rt.device,
-        requires_grad=False,
-    )
+    )  # requires_grad defaults to False (each keyword costs argument parsing on every op)
     t._gp_rt = rt
     t._gp_h = handle
     t._gp_key = key if key is not None else (tuple(shape), tuple(stride), int(offset), dtype)

@@ -740,8 +740,13 @@ class Command(_message.Message):
     DEFINE_GRAPH_FIELD_NUMBER: _builtins.int
     RUN_GRAPH_FIELD_NUMBER: _builtins.int
     DROP_GRAPH_FIELD_NUMBER: _builtins.int
+    EAGER_OP_FIELD_NUMBER: _builtins.int
     GROUP_JOIN_FIELD_NUMBER: _builtins.int
     COLLECTIVE_FIELD_NUMBER: _builtins.int
+    eager_op: _builtins.bytes
+    """An eager aten op as one packed record (gpupool/compact.py, docs/wire.md "Compact eager ops"): the same op
+    an `Op` carries, with its name sent once per session and its arguments struct-packed.
+    """
     @_builtins.property
     def op(self) -> Global___Op: ...
     @_builtins.property
@@ -778,14 +783,15 @@ class Command(_message.Message):
         define_graph: Global___DefineGraph | None = ...,
         run_graph: Global___RunGraph | None = ...,
         drop_graph: Global___DropGraph | None = ...,
+        eager_op: _builtins.bytes = ...,
         group_join: Global___GroupJoin | None = ...,
         collective: Global___Collective | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "eager_op", b"eager_op", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "eager_op", b"eager_op", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_cmd: _TypeAlias = _typing.Literal["op", "upload", "get", "free", "seed", "sync", "define_graph", "run_graph", "drop_graph", "group_join", "collective"]  # noqa: Y015
+    _WhichOneofReturnType_cmd: _TypeAlias = _typing.Literal["op", "upload", "get", "free", "seed", "sync", "define_graph", "run_graph", "drop_graph", "eager_op", "group_join", "collective"]  # noqa: Y015
     _WhichOneofArgType_cmd: _TypeAlias = _typing.Literal["cmd", b"cmd"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_cmd) -> _WhichOneofReturnType_cmd | None: ...
 

@@ -123,3 +123,70 @@ def test_unsupported_dtypes_and_layouts_are_refused() -> None:
 
     with pytest.raises(TypeError, match="uint64"):
         meta.infer(meta.schema_of(aten._to_copy.default), (remote(3),), {"dtype": torch.uint64})
+
+
+# ---- compact records (gpupool/compact.py): the same key as an Op's, and arguments that decode back ----
+
+
+def _compact_cases() -> list[tuple[object, tuple[object, ...], dict[str, object]]]:
+    def handled(h: int, *shape: int, dtype: torch.dtype = torch.float32) -> RemoteTensor:
+        t = torch.empty(shape, dtype=dtype)
+        return wrap(RT, h, t.shape, t.stride(), 0, dtype)  # a real handle (0 in a list means None)
+
+    a, b, i = handled(11, 4, 8), handled(12, 8, 3), handled(13, 4, dtype=torch.int64)
+    return [
+        (aten.mm.default, (a, b), {}),
+        (aten.add.Tensor, (a, 2.5), {"alpha": 3}),
+        (aten.add.Tensor, (a, a), {}),
+        (aten.sum.dim_IntList, (a, [1], True), {"dtype": torch.float64}),
+        (aten._foreach_add_.List, ([a, a], [a, a]), {"alpha": 0.1}),
+        (aten.cat.default, ([a, a], 0), {}),
+        (aten.ones.default, ([2, 3],), {"device": torch.device("gpupool", 99), "dtype": torch.float16}),
+        (aten.arange.start_step, (0, 10, 2), {"layout": torch.strided}),
+        (aten.clamp.default, (a, None, 1.0), {}),
+        (aten.index_select.default, (a, 0, i), {}),
+    ]
+
+
+def test_compact_records_share_op_keys_and_decode_back() -> None:
+    from gpupool.client.torch import encode
+
+    from gpupool import compact
+
+    for func, args, kwargs in _compact_cases():
+        sch = meta.schema_of(func)  # type: ignore[arg-type]
+        _, op_key, _, _ = encode.build(RT, sch, args, kwargs)
+        rt, compact_key, tail = encode.build_compact(RT, sch, args, kwargs)
+        assert rt is RT and compact_key == op_key, sch.name  # one meta-cache entry whichever way the op travels
+        rec = compact.decode(compact.head(1, sch.name, [5]) + tail, lambda h: ("handle", h), torch.device("meta"))
+
+        def plain(v: object) -> object:
+            if isinstance(v, RemoteTensor):
+                return ("handle", v._gp_h)
+            if isinstance(v, torch.device):
+                return torch.device("meta")
+            if isinstance(v, list | tuple):
+                return [plain(x) for x in v]
+            return v
+
+        assert rec.name == sch.name and rec.outputs == [5]
+        assert rec.args == [plain(v) for v in args], sch.name
+        assert rec.kwargs == {k: plain(v) for k, v in kwargs.items()}, sch.name
+
+
+def test_values_only_an_op_carries_fall_back() -> None:
+    from gpupool.client.torch import encode
+
+    from gpupool import compact
+
+    a = remote(3)
+    for func, args, kwargs in [
+        (aten.div.Tensor_mode, (a, a), {"rounding_mode": "floor"}),  # a string
+        (aten.add.Tensor, (a, torch.tensor(2.0)), {}),  # a 0-dim CPU tensor travels inline in an Op
+        (aten.mul.Tensor, (a, 1j), {}),  # complex
+    ]:
+        try:
+            encode.build_compact(RT, meta.schema_of(func), args, kwargs)  # type: ignore[arg-type]
+        except compact.Unencodable:
+            continue
+        raise AssertionError(f"{func} should need an Op")

@@ -1,0 +1,302 @@
+"""The compact eager op record (`Command.eager_op`, docs/wire.md "Compact eager ops"): one aten op as packed bytes.
+
+An eager `Op` message costs the client ~10 nested protobuf messages to build and the daemon as many to read.
+The compact record carries the same op as one little-endian byte string, with op names sent once per session:
+
+    record := u32 op_id, u8 name_len, name[name_len]    (name_len > 0: op_id names this op from now on)
+              u8 n_out, u64 outputs[n_out]              (0 skips a returned tensor, as in Op.outputs)
+              u8 n_args, arg[n_args]
+              u8 n_kwargs, (u8 key_len, key[key_len], arg)[n_kwargs]
+    arg    := u8 tag, payload (below)
+
+Only values a training loop sends travel this way (handles, numbers, int/float/bool lists, dtypes, devices,
+layouts, memory formats); anything else (strings, complex numbers, inline tensors) goes as an `Op`. Decoding
+is strict: every length, count, tag and enum is checked, trailing bytes are refused, and any malformed byte is
+an InvalidArgument, never a crash. Decoding yields plain Python values; nothing is evaluated or unpickled.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from gpupool import wire
+from gpupool.errors import InvalidArgument
+
+MAX_OP_IDS = 4096  # op names a session may define (a table of at most this many short strings)
+MAX_NAME = 128  # as the daemon's op-name check
+MAX_LIST = 65535  # entries of one list argument (u16 count)
+
+# Tags (one byte each).
+NONE, TENSOR, INT, FLOAT, BOOL = 0, 1, 2, 3, 4
+TENSORS, INTS, FLOATS, BOOLS = 5, 6, 7, 8
+DTYPE, DEVICE, CPU, LAYOUT, MEMORY_FORMAT = 9, 10, 11, 12, 13
+
+U8 = struct.Struct("<B")
+U16 = struct.Struct("<H")
+U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
+I64 = struct.Struct("<q")
+F64 = struct.Struct("<d")
+HEAD = struct.Struct("<IB")
+TAG_U64 = struct.Struct("<BQ")
+TAG_I64 = struct.Struct("<Bq")
+TAG_F64 = struct.Struct("<Bd")
+TAG_U8 = struct.Struct("<BB")
+TAG_U16 = struct.Struct("<BH")
+
+# Wire numbers of enums (tensor.proto's DType, Layout, MemoryFormat), both ways.
+DTYPE_CODES: dict[torch.dtype, int] = {k: int(v) for k, v in wire.DTYPES.items()}
+LAYOUT_CODES: dict[torch.layout, int] = {k: int(v) for k, v in wire.LAYOUTS.items()}
+MEMORY_FORMAT_CODES: dict[torch.memory_format, int] = {k: int(v) for k, v in wire.MEMORY_FORMATS.items()}
+_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+_LAYOUTS = {v: k for k, v in LAYOUT_CODES.items()}
+_MEMORY_FORMATS = {v: k for k, v in MEMORY_FORMAT_CODES.items()}
+
+_NONE_BYTES = bytes([NONE])
+_DEVICE_BYTES = bytes([DEVICE])
+_CPU_BYTES = bytes([CPU])
+
+
+class Unencodable(Exception):
+    """The value has no compact form: send the op as an `Op` message."""
+
+
+# ---- encoding (the client) ----
+
+
+def head(op_id: int, name: str | None, outputs: list[int]) -> bytes:
+    """The record's start: op id (with its name the first time), then the output handles."""
+    n = len(outputs)
+    if name is None and n < len(_HEADS):
+        return _HEADS[n].pack(op_id, 0, n, *outputs)
+    raw = name.encode("ascii") if name is not None else b""
+    return HEAD.pack(op_id, len(raw)) + raw + U8.pack(n) + struct.pack(f"<{n}Q", *outputs)
+
+
+_HEADS = [struct.Struct(f"<IBB{n}Q") for n in range(8)]  # op id, no name, n outputs
+
+
+def encode_value(v: Any) -> bytes:
+    """Any non-tensor argument value (tensors are encoded by the caller, which knows their handles)."""
+    tv = type(v)
+    if v is None:
+        return _NONE_BYTES
+    if tv is bool:
+        return TAG_U8.pack(BOOL, v)
+    if tv is int:
+        if not -(2**63) <= v < 2**63:
+            raise Unencodable
+        return TAG_I64.pack(INT, v)
+    if tv is float:
+        return TAG_F64.pack(FLOAT, v)
+    if tv is torch.dtype:
+        code = DTYPE_CODES.get(v)
+        if code is None:
+            raise Unencodable
+        return TAG_U8.pack(DTYPE, code)
+    if tv is torch.device:
+        if v.type == "gpupool":
+            return _DEVICE_BYTES
+        if v.type == "cpu":
+            return _CPU_BYTES
+        raise Unencodable
+    if tv is torch.layout:
+        if v not in LAYOUT_CODES:
+            raise Unencodable
+        return TAG_U8.pack(LAYOUT, LAYOUT_CODES[v])
+    if tv is torch.memory_format:
+        return TAG_U8.pack(MEMORY_FORMAT, MEMORY_FORMAT_CODES[v])
+    if tv is list or tv is tuple or tv is torch.Size:
+        return _encode_list(v)
+    raise Unencodable
+
+
+def _encode_list(values: Any) -> bytes:
+    n = len(values)
+    if n > MAX_LIST:
+        raise Unencodable
+    types = {type(x) for x in values}
+    if types <= {int}:
+        if any(not -(2**63) <= x < 2**63 for x in values):
+            raise Unencodable
+        return TAG_U16.pack(INTS, n) + struct.pack(f"<{n}q", *values)
+    if types == {bool}:
+        return TAG_U16.pack(BOOLS, n) + bytes(values)
+    if types <= {int, float}:
+        return TAG_U16.pack(FLOATS, n) + struct.pack(f"<{n}d", *values)
+    raise Unencodable
+
+
+def tensor(handle: int) -> bytes:
+    return TAG_U64.pack(TENSOR, handle)
+
+
+def tensors(handles: list[int]) -> bytes:
+    if len(handles) > MAX_LIST:
+        raise Unencodable
+    return TAG_U16.pack(TENSORS, len(handles)) + struct.pack(f"<{len(handles)}Q", *handles)
+
+
+def kwarg_key(name: str) -> bytes:
+    raw = name.encode("ascii")
+    if not raw or len(raw) > 255:
+        raise Unencodable
+    return U8.pack(len(raw)) + raw
+
+
+# ---- decoding (the daemon) ----
+
+Resolve = Callable[[int], torch.Tensor]
+
+
+class Record:
+    """A decoded record: the op's id (and name, if it defines one), outputs, Python arguments, tensor handles."""
+
+    __slots__ = ("op_id", "name", "outputs", "args", "kwargs", "handles")
+
+    def __init__(self) -> None:
+        self.op_id = 0
+        self.name = ""
+        self.outputs: list[int] = []
+        self.args: list[Any] = []
+        self.kwargs: dict[str, Any] = {}
+        self.handles: list[int] = []  # every tensor handle the arguments name (written ones are recounted)
+
+
+def _text(data: bytes, pos: int, n: int) -> str:
+    if pos + n > len(data):
+        raise InvalidArgument("malformed eager op: a name runs past the end")
+    try:
+        return data[pos : pos + n].decode("ascii")
+    except UnicodeDecodeError:
+        raise InvalidArgument("malformed eager op: a name that is not ASCII") from None
+
+
+def read_head(data: bytes) -> tuple[int, int, str, list[int]]:
+    """(position after the outputs, op id, defined name or "", outputs)."""
+    try:
+        op_id, n = HEAD.unpack_from(data, 0)
+        if op_id >= MAX_OP_IDS:
+            raise InvalidArgument(f"eager op id {op_id} out of range (at most {MAX_OP_IDS} per session)")
+        if n > MAX_NAME:
+            raise InvalidArgument("op name too long")
+        name = _text(data, 5, n) if n else ""
+        pos = 5 + n
+        count = data[pos] if pos < len(data) else _short(pos)
+        outputs = list(struct.unpack_from(f"<{count}Q", data, pos + 1))
+    except struct.error:
+        raise InvalidArgument("malformed eager op: truncated head") from None
+    return pos + 1 + 8 * count, op_id, name, outputs
+
+
+def _short(pos: int) -> int:
+    raise InvalidArgument(f"malformed eager op: truncated at byte {pos}")
+
+
+def outputs_of(data: bytes) -> list[int]:
+    """The output handles of a record (to poison after a failure), or [] if the record does not get that far."""
+    try:
+        return read_head(data)[3]
+    except InvalidArgument:
+        return []
+
+
+def decode(data: bytes, resolve: Resolve, device: torch.device) -> Record:
+    """Parse a whole record; tensor handles go through `resolve` (ownership checks), devices become `device`."""
+    pos, op_id, name, outputs = read_head(data)
+    rec = Record()
+    rec.op_id, rec.name, rec.outputs = op_id, name, outputs
+    end = len(data)
+    handles = rec.handles
+    try:
+        args = rec.args
+        n = data[pos] if pos < end else _short(pos)
+        pos += 1
+        for _ in range(n):
+            v, pos = _value(data, pos, resolve, device, handles)
+            args.append(v)
+        n = data[pos] if pos < end else _short(pos)
+        pos += 1
+        kwargs = rec.kwargs
+        for _ in range(n):
+            k = data[pos] if pos < end else _short(pos)
+            if k == 0:
+                raise InvalidArgument("malformed eager op: an empty keyword")
+            key = _text(data, pos + 1, k)
+            if key in kwargs:
+                raise InvalidArgument(f"malformed eager op: keyword {key!r} twice")
+            kwargs[key], pos = _value(data, pos + 1 + k, resolve, device, handles)
+    except struct.error:
+        raise InvalidArgument(f"malformed eager op: truncated after byte {pos}") from None
+    if pos != end:
+        raise InvalidArgument(f"malformed eager op: {end - pos} bytes after its end")
+    return rec
+
+
+_unpack_u64 = U64.unpack_from
+_unpack_i64 = I64.unpack_from
+_unpack_f64 = F64.unpack_from
+_unpack_u16 = U16.unpack_from
+
+
+def _value(data: bytes, pos: int, resolve: Resolve, device: torch.device, handles: list[int]) -> tuple[Any, int]:
+    """(value, position after it); a short buffer raises struct.error (the caller's InvalidArgument)."""
+    if pos >= len(data):
+        _short(pos)
+    tag = data[pos]
+    pos += 1
+    if tag == TENSOR:
+        (h,) = _unpack_u64(data, pos)
+        handles.append(h)
+        return resolve(h), pos + 8
+    if tag == INT:
+        return _unpack_i64(data, pos)[0], pos + 8
+    if tag == FLOAT:
+        return _unpack_f64(data, pos)[0], pos + 8
+    if tag == NONE:
+        return None, pos
+    if tag == BOOL:
+        b = data[pos] if pos < len(data) else _short(pos)
+        if b > 1:
+            raise InvalidArgument(f"malformed eager op: bool byte {b}")
+        return b == 1, pos + 1
+    if tag in _LISTS:
+        (n,) = _unpack_u16(data, pos)
+        code, size = _LISTS[tag]
+        pos += 2
+        if pos + size * n > len(data):
+            raise InvalidArgument(f"malformed eager op: a list of {n} runs past the end")
+        raw = struct.unpack_from(f"<{n}{code}", data, pos)
+        pos += size * n
+        if tag == TENSORS:
+            handles.extend(h for h in raw if h)
+            return [None if h == 0 else resolve(h) for h in raw], pos
+        if tag == BOOLS:
+            if any(b > 1 for b in raw):
+                raise InvalidArgument("malformed eager op: a bool list byte above 1")
+            return [b == 1 for b in raw], pos
+        return list(raw), pos
+    if tag == DEVICE:
+        return device, pos
+    if tag == CPU:
+        return torch.device("cpu"), pos
+    table = _ENUMS.get(tag)
+    if table is None:
+        raise InvalidArgument(f"malformed eager op: unknown argument tag {tag}")
+    number = data[pos] if pos < len(data) else _short(pos)
+    found = table[1].get(number)
+    if found is None:
+        raise InvalidArgument(f"malformed eager op: unknown {table[0]} {number}")
+    return found, pos + 1
+
+
+_LISTS = {TENSORS: ("Q", 8), INTS: ("q", 8), FLOATS: ("d", 8), BOOLS: ("B", 1)}
+_ENUMS: dict[int, tuple[str, dict[int, Any]]] = {
+    DTYPE: ("dtype", _DTYPES),
+    LAYOUT: ("layout", _LAYOUTS),
+    MEMORY_FORMAT: ("memory format", _MEMORY_FORMATS),
+}

@@ -1,0 +1,115 @@
+"""Op signatures: what the daemon's shape-only checks of an op depend on, so that their verdict is computed once.
+
+A training loop sends the same op on the same shapes thousands of times. The checks of `executor._run_op` that
+look only at the op and at its arguments' metadata and plain values (enum types, element counts against the
+quota, list counts, the compute bound, the bytes the meta kernel allocates) give the same answer for the same
+signature: tensors by (dtype, shape, stride, storage offset), tensor lists by their tensors, `Scalar` arguments of
+ops with tensor inputs by their Python type only (they decide type promotion, never a shape: an optimizer's
+changing step sizes still hit), everything else by type and value. Checks that read tensor values (index
+ranges of embedding and pooling backwards, `guards.validate`), the quota and handle limits run on every op.
+Ops whose list counts may read a tensor's value (`tensor_split` with a tensor) are never cached.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from gpupool.server import fallbacks, guards
+
+_Tensor = torch.Tensor
+_Plan = tuple[tuple[bool, ...], frozenset[str]]  # per positional argument: Scalar keyed by type; those kwargs
+
+
+def _plan(op: torch._ops.OpOverload) -> _Plan | None:
+    schema = op._schema
+    if schema.name in guards._LIST_COUNTS:
+        return None
+    has_tensors = False
+    for a in schema.arguments:
+        t = a.type
+        if isinstance(t, torch.OptionalType):
+            t = t.getElementType()
+        if isinstance(t, torch.ListType):
+            t = t.getElementType()
+            if isinstance(t, torch.OptionalType):
+                t = t.getElementType()
+        if isinstance(t, torch.TensorType) and not a.is_out:
+            has_tensors = True
+    by_type = []
+    for a in schema.arguments:
+        t = a.type
+        if isinstance(t, torch.OptionalType):
+            t = t.getElementType()
+        if isinstance(t, torch.ListType):
+            t = t.getElementType()
+        by_type.append(has_tensors and isinstance(t, torch.NumberType))
+    names = frozenset(a.name for a, b in zip(schema.arguments, by_type, strict=True) if b)
+    return tuple(by_type), names
+
+
+# Factories that return uninitialized memory (the allocator's previous contents, possibly another session's).
+UNINITIALIZED = frozenset(
+    {
+        "aten::empty",
+        "aten::empty_strided",
+        "aten::empty_like",
+        "aten::empty_permuted",
+        "aten::new_empty",
+        "aten::new_empty_strided",
+    }
+)
+# In-place ops that grow a storage without writing the new bytes. (An out= op resizes its output too, but then
+# writes every element: zeroing after it would wipe its result.)
+GROW_UNINITIALIZED = frozenset({"aten::resize_", "aten::resize_as_", "aten::_resize_output_"})
+
+
+class OpPlan:
+    """What the executor needs to know of one allowed op overload, computed once: no schema lookups per op."""
+
+    __slots__ = ("op", "name", "takes_device", "seeded", "mutable", "grown", "uninitialized", "validate", "run", "sig")
+
+    def __init__(self, op: torch._ops.OpOverload, device: torch.device) -> None:
+        schema = op._schema
+        self.op = op
+        self.name = schema.name
+        self.takes_device = any(a.name == "device" and a.kwarg_only for a in schema.arguments)
+        self.seeded = torch.Tag.nondeterministic_seeded in op.tags
+        self.mutable = schema.is_mutable
+        self.grown = self.name in GROW_UNINITIALIZED
+        self.uninitialized = self.name in UNINITIALIZED
+        self.validate = self.name.startswith("aten::_foreach_") or self.name in guards._VALIDATORS
+        self.run = guards.replacement(op) or fallbacks.lookup(op, device) or op  # fallbacks: accelerator-only ops
+        self.sig = _plan(op)
+
+
+def _key(v: Any, by_type: bool) -> Any:
+    tv = type(v)
+    if isinstance(v, _Tensor):
+        return (v.dtype, v.shape, v.stride(), v.storage_offset())
+    if tv is list:
+        return tuple(_key(x, by_type) for x in v)
+    if by_type and (tv is float or tv is int or tv is bool or tv is complex):
+        return tv
+    return (tv, v)
+
+
+def signature(op: OpPlan, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """A hashable signature of the op's shape-only checks, or None if its checks must run every time."""
+    plan = op.sig
+    if plan is None:
+        return None
+    by_type, names = plan
+    n = len(by_type)
+    key: list[Any] = [op]  # the plan: hashed by identity (an OpOverload hashes in Python)
+    for i, v in enumerate(args):
+        key.append(_key(v, i < n and by_type[i]))
+    if kwargs:
+        for name in sorted(kwargs):
+            key.append((name, _key(kwargs[name], name in names)))
+    sig = tuple(key)
+    try:
+        hash(sig)
+    except TypeError:
+        return None
+    return sig

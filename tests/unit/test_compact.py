@@ -1,0 +1,154 @@
+"""The compact eager op record (gpupool/compact.py): round trips, strict decoding, and a bounded fuzz that
+only ever gets records back or InvalidArgument (never another exception)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gpupool.torch  # noqa: F401  (names the "gpupool" device)
+from gpupool import compact
+from gpupool.errors import InvalidArgument
+
+DEV = torch.device("cpu")
+TENSORS = {7: torch.ones(2), 8: torch.zeros(3)}
+
+
+def resolve(h: int) -> torch.Tensor:
+    if h not in TENSORS:
+        raise InvalidArgument(f"unknown handle {h}")
+    return TENSORS[h]
+
+
+def record(name: str | None, outputs: list[int], args: list[bytes], kwargs: dict[str, bytes]) -> bytes:
+    parts = [compact.head(3, name, outputs), compact.U8.pack(len(args)), *args, compact.U8.pack(len(kwargs))]
+    for k, v in kwargs.items():
+        parts += [compact.kwarg_key(k), v]
+    return b"".join(parts)
+
+
+VALUES = [
+    None,
+    True,
+    False,
+    -(2**63),
+    2**63 - 1,
+    0.5,
+    float("inf"),
+    [1, -2, 3],
+    [],
+    [0.5, 2],
+    [True, False],
+    torch.float16,
+    torch.int64,
+    torch.device("gpupool", 0),
+    torch.device("cpu"),
+    torch.strided,
+    torch.channels_last,
+    torch.Size([4, 5]),
+]
+
+
+def test_round_trip_of_every_kind() -> None:
+    args = [compact.tensor(7), compact.tensors([7, 0, 8])] + [compact.encode_value(v) for v in VALUES]
+    data = record("aten::add.Tensor", [0, 5, 6], args, {"alpha": compact.encode_value(2), "out": compact.tensor(8)})
+    rec = compact.decode(data, resolve, DEV)
+    assert (rec.op_id, rec.name, rec.outputs) == (3, "aten::add.Tensor", [0, 5, 6])
+    assert rec.args[0] is TENSORS[7]
+    assert rec.args[1][0] is TENSORS[7] and rec.args[1][1] is None and rec.args[1][2] is TENSORS[8]
+    expected = [DEV if isinstance(v, torch.device) and v.type == "gpupool" else v for v in VALUES]
+    expected = [list(v) if isinstance(v, torch.Size) else v for v in expected]
+    assert [type(v) for v in rec.args[2:]] == [type(v) for v in expected]
+    assert rec.args[2:] == expected
+    assert rec.kwargs["alpha"] == 2 and rec.kwargs["out"] is TENSORS[8]
+    assert rec.handles == [7, 7, 8, 8]  # every tensor named (written ones are recounted after the op)
+    assert compact.outputs_of(data) == [0, 5, 6]
+
+
+def test_reference_by_id_and_types_kept() -> None:
+    rec = compact.decode(record(None, [9], [compact.encode_value(1), compact.encode_value(1.0)], {}), resolve, DEV)
+    assert rec.name == "" and rec.op_id == 3
+    assert type(rec.args[0]) is int and type(rec.args[1]) is float
+
+
+@pytest.mark.parametrize("value", ["mean", 1j, 2**70, [1, None], [torch.ones(1)], object(), torch.sparse_coo])
+def test_unencodable_values_go_as_op_messages(value: object) -> None:
+    with pytest.raises(compact.Unencodable):
+        compact.encode_value(value)
+
+
+def test_every_truncation_and_trailing_byte_is_refused() -> None:
+    data = record("aten::mul.Tensor", [5], [compact.tensor(7), compact.encode_value([1, 2])], {"x": b"\x00"})
+    compact.decode(data, resolve, DEV)
+    for n in range(len(data)):
+        with pytest.raises(InvalidArgument):
+            compact.decode(data[:n], resolve, DEV)
+    with pytest.raises(InvalidArgument, match="after its end"):
+        compact.decode(data + b"\x00", resolve, DEV)
+
+
+@pytest.mark.parametrize(
+    ("tail", "match"),
+    [
+        (b"\x01\xff", "unknown argument tag"),
+        (b"\x01" + bytes([compact.BOOL, 2]), "bool byte"),
+        (b"\x01" + bytes([compact.DTYPE, 0]), "unknown dtype"),
+        (b"\x01" + bytes([compact.DTYPE, 200]), "unknown dtype"),
+        (b"\x01" + bytes([compact.LAYOUT, 2]), "unknown layout"),
+        (b"\x01" + bytes([compact.MEMORY_FORMAT, 9]), "unknown memory format"),
+        (b"\x01" + struct.pack("<BH", compact.BOOLS, 1) + b"\x05", "bool list"),
+        (b"\x01" + struct.pack("<BH", compact.INTS, 65535), "runs past the end"),
+        (b"\x00\x01\x00", "empty keyword"),
+        (b"\x00\x02\x01a\x00\x01a\x00", "twice"),
+        (b"\x00\x01\x01\xff\x00", "not ASCII"),
+    ],
+)
+def test_malformed_arguments(tail: bytes, match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        compact.decode(compact.head(1, None, []) + tail, resolve, DEV)
+
+
+def test_malformed_heads() -> None:
+    with pytest.raises(InvalidArgument, match="out of range"):
+        compact.decode(struct.pack("<IB", compact.MAX_OP_IDS, 0) + b"\x00\x00\x00", resolve, DEV)
+    with pytest.raises(InvalidArgument, match="too long"):
+        compact.decode(struct.pack("<IB", 1, 200) + b"a" * 200 + b"\x00\x00\x00", resolve, DEV)
+    with pytest.raises(InvalidArgument, match="not ASCII"):
+        compact.decode(struct.pack("<IB", 1, 2) + "é".encode() + b"\x00\x00\x00", resolve, DEV)
+    with pytest.raises(InvalidArgument, match="truncated"):
+        compact.decode(struct.pack("<IBB", 1, 0, 200) + b"\x00" * 16, resolve, DEV)
+    assert compact.outputs_of(b"\x01") == []
+
+
+_VALID = record(
+    "aten::add.Tensor",
+    [5, 6],
+    [compact.tensor(7), compact.tensors([8, 0]), compact.encode_value([1.5, 2]), compact.encode_value(torch.float32)],
+    {"alpha": compact.encode_value(3)},
+)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(st.data())
+def test_fuzz_only_records_or_invalid_argument(data: st.DataObject) -> None:
+    raw = bytearray(_VALID)
+    for _ in range(data.draw(st.integers(1, 6))):
+        what = data.draw(st.sampled_from(["flip", "insert", "delete", "junk"]))
+        pos = data.draw(st.integers(0, max(0, len(raw) - 1)))
+        if what == "flip" and raw:
+            raw[pos] = data.draw(st.integers(0, 255))
+        elif what == "insert":
+            raw[pos:pos] = data.draw(st.binary(max_size=12))
+        elif what == "delete":
+            del raw[pos : pos + data.draw(st.integers(1, 8))]
+        else:
+            raw = bytearray(data.draw(st.binary(max_size=64)))
+    try:
+        rec = compact.decode(bytes(raw), resolve, DEV)
+    except InvalidArgument:
+        return
+    assert 0 <= rec.op_id < compact.MAX_OP_IDS and len(rec.outputs) <= 255
