@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpupool.client.pool import SchedulerClient
-
 from gpupool.config import add_flag
 from gpupool.errors import GpupoolError
+
+from .pool import SchedulerClient
 
 
 def build_parser() -> argparse.ArgumentParser:

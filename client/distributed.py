@@ -162,8 +162,8 @@ def _op(opts: Any) -> str:
 
 def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta) -> ProcessGroupGpupool:
     """The backend's creator: attach this rank's leased device and join the daemons' group."""
-    from gpupool.client.pool import Lease
-    from gpupool.client.torch import api, runtime
+    from .pool import Lease
+    from .torch import api, runtime
 
     if not os.environ.get("GPUPOOL_LEASE"):
         raise InvalidArgument(

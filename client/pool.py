@@ -191,7 +191,7 @@ class Lease:
         self.release()
 
     def device(self, index: int = 0) -> torch.device:
-        from gpupool.client.torch import attach_lease  # type: ignore[attr-defined]  # lazily: torch only when asked
+        from .torch import attach_lease  # type: ignore[attr-defined]  # lazily: torch only when asked
 
         return attach_lease(self, index)  # type: ignore[no-any-return]
 

@@ -22,12 +22,12 @@ import subprocess
 import sys
 from types import FrameType
 
-from gpupool.client.pool import lease
-
 from gpupool import tls
 from gpupool.config import add_flag, setup_logging, size_arg
 from gpupool.errors import GpupoolError
 from gpupool.protocol import Policy
+
+from .pool import lease
 
 log = logging.getLogger("gpupool.run")
 STOP_GRACE = 5.0

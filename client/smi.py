@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from gpupool.client.pool import SchedulerClient
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.panel import Panel
@@ -28,6 +27,8 @@ from gpupool._proto import device_pb2, device_pb2_grpc, scheduler_pb2
 from gpupool.config import add_flag, format_size
 from gpupool.errors import GpupoolError
 from gpupool.protocol import HostState
+
+from .pool import SchedulerClient
 
 STATE_STYLE: dict[str, str] = {HostState.UP: "green", HostState.DOWN: "red", HostState.DRAINING: "yellow"}
 STATUS_TIMEOUT_S = 5.0

@@ -7,13 +7,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from gpupool.server.daemon import Daemon, DaemonConfig
-from gpupool.server.devices import Device
-from gpupool.server.service import SERVICE, create_server
 from grpc_health.v1 import health_pb2
 
 from gpupool import tls, tokens
 from gpupool.config import split_address
+
+from .daemon import Daemon, DaemonConfig
+from .devices import Device
+from .service import SERVICE, create_server
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class RunningDaemon:
             raise
         self.registrar: Any = None
         if config.scheduler:
-            from gpupool.server.registration import Registrar  # only daemons that register need it
+            from .registration import Registrar  # only daemons that register need it
 
             advertise = config.advertise or self.address
             verifier = config.token_key if isinstance(config.token_key, tokens.Verifier) else None

@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from gpupool.server import fallbacks, guards
+
+from . import fallbacks, guards
 
 _Tensor = torch.Tensor
 _Plan = tuple[tuple[bool, ...], frozenset[str]]  # per positional argument: Scalar keyed by type; those kwargs

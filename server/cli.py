@@ -14,12 +14,12 @@ import socket
 import threading
 from types import FrameType
 
-from gpupool.server.daemon import DaemonConfig
-from gpupool.server.speedmodel import SpeedModel
-
 from gpupool import tls, tokens
 from gpupool.config import add_flag, setup_logging, size_arg
 from gpupool.errors import GpupoolError
+
+from .daemon import DaemonConfig
+from .speedmodel import SpeedModel
 
 log = logging.getLogger("gpupool.server")
 
@@ -164,10 +164,10 @@ def main(argv: list[str]) -> int:
         log.error("%s", exc)
         return 2
     if config.isolation == "process":
-        from gpupool.server.zygote import shared_zygote
+        from .zygote import shared_zygote
 
         shared_zygote()  # the zygote imports torch while this process does the same below
-    from gpupool.server.app import RunningDaemon  # imports torch: after argument errors are reported
+    from .app import RunningDaemon  # imports torch: after argument errors are reported
 
     try:
         running = RunningDaemon(config)

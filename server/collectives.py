@@ -33,12 +33,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from gpupool.server.sessions import WorkerSession
-from gpupool.server.speedmodel import SpeedModel
 
 from gpupool._proto import device_pb2
 from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument, PermissionDenied, Unavailable
 from gpupool.tokens import TokenClaims
+
+from .sessions import WorkerSession
+from .speedmodel import SpeedModel
 
 log = logging.getLogger(__name__)
 

@@ -21,18 +21,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpupool.server import bulk, slices
-from gpupool.server.devices import Device, discover
-from gpupool.server.fairqueue import DeviceWorker, Entry, FairQueue
-from gpupool.server.front import FrontSession, reply_bytes
-from gpupool.server.metrics import Ledger, Metrics
-from gpupool.server.registration import (
-    RegistrationSource as RegistrationSource,  # the one definition, beside its consumer
-)
-from gpupool.server.sessions import MAX_HANDLES, DeviceMemory
-from gpupool.server.speedmodel import SpeedModel
-from gpupool.server.worker import InlineRunner, Runner, WorkerDied, WorkerSpec
-from gpupool.server.zygote import Zygote, shared_zygote
 from grpc import StatusCode
 
 from gpupool import tokens
@@ -48,6 +36,19 @@ from gpupool.errors import (
     error_class,
 )
 from gpupool.tls import TlsConfig
+
+from . import bulk, slices
+from .devices import Device, discover
+from .fairqueue import DeviceWorker, Entry, FairQueue
+from .front import FrontSession, reply_bytes
+from .metrics import Ledger, Metrics
+from .registration import (
+    RegistrationSource as RegistrationSource,  # the one definition, beside its consumer
+)
+from .sessions import MAX_HANDLES, DeviceMemory
+from .speedmodel import SpeedModel
+from .worker import InlineRunner, Runner, WorkerDied, WorkerSpec
+from .zygote import Zygote, shared_zygote
 
 log = logging.getLogger(__name__)
 GiB = 1024**3
@@ -214,7 +215,7 @@ class Daemon:
 
             if self.config.cpu_threads > 0:
                 torch.set_num_threads(self.config.cpu_threads)
-            from gpupool.server.executor import CommandExecutor
+            from .executor import CommandExecutor
 
             CommandExecutor(slices.SliceLedger()).warm_up()
         else:

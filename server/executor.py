@@ -14,18 +14,19 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
-from gpupool.server import checks, cost, guards, sizing
-from gpupool.server.collectives import Collectives
-from gpupool.server.graph import GraphTable
-from gpupool.server.ops import OpTable
-from gpupool.server.sessions import Poison, PoisonedInput, WorkerSession, zero_bytes
-from gpupool.server.sizing import NO_META, MetaSizer
-from gpupool.server.speedmodel import SpeedModel
 from grpc import StatusCode
 
 from gpupool import compact, protocol, wire
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
+
+from . import checks, cost, guards, sizing
+from .collectives import Collectives
+from .graph import GraphTable
+from .ops import OpTable
+from .sessions import Poison, PoisonedInput, WorkerSession, zero_bytes
+from .sizing import NO_META, MetaSizer
+from .speedmodel import SpeedModel
 
 log = logging.getLogger(__name__)
 # torch.frombuffer warns that protobuf's bytes are read-only; we only ever copy out of them.

@@ -8,12 +8,12 @@ import queue
 import threading
 from typing import Any
 
-from gpupool.server.devices import Device
-from gpupool.server.fairqueue import FairQueue
-from gpupool.server.worker import Runner
-
 from gpupool._proto import device_pb2
 from gpupool.tokens import TokenClaims
+
+from .devices import Device
+from .fairqueue import FairQueue
+from .worker import Runner
 
 
 class FrontSession:

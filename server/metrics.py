@@ -20,8 +20,8 @@ from prometheus_client.registry import Collector
 from gpupool.config import split_address
 
 if TYPE_CHECKING:
-    from gpupool.server.daemon import Daemon
-    from gpupool.server.front import FrontSession
+    from .daemon import Daemon
+    from .front import FrontSession
 
 BATCH_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 

@@ -17,14 +17,15 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-from gpupool.server import bulk, slices
-from gpupool.server.daemon import END_OF_STREAM, Closed, Daemon
-from gpupool.server.front import FrontSession
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gpupool import protocol, tls
 from gpupool._proto import device_pb2
 from gpupool.errors import ErrorInterceptor, GpupoolError, InvalidArgument, Unauthenticated, error_class
+
+from . import bulk, slices
+from .daemon import END_OF_STREAM, Closed, Daemon
+from .front import FrontSession
 
 log = logging.getLogger(__name__)
 SERVICE = "gpupool.v1.Device"

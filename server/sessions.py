@@ -14,8 +14,6 @@ from typing import Any
 
 import grpc
 import torch
-from gpupool.server.cost import FAKE_GPU_FLOPS, REAL_GPU_FLOPS
-from gpupool.server.devices import Device
 
 from gpupool._proto import tensor_pb2
 from gpupool.errors import (
@@ -28,6 +26,9 @@ from gpupool.errors import (
     from_status,
     to_proto,
 )
+
+from .cost import FAKE_GPU_FLOPS, REAL_GPU_FLOPS
+from .devices import Device
 
 HANDLE_BITS = 32
 # Handles one session may hold (each costs ~1 KiB of host RAM: tensor, sizes, strides, dict entries).

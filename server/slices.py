@@ -340,7 +340,7 @@ def _run_uploads(
 ) -> SliceResult:
     """A slice of big uploads (at most bulk.SLICE_BYTES): each chunk's bytes go from the payload (the shared
     buffer) into its tensor in one copy. Uploads answer nothing, and the slice is bounded by bytes, not time."""
-    from gpupool.server import bulk
+    from . import bulk
 
     spans = [span for _, span in split_frame(req.payload, 1 << 20)]  # type: ignore[arg-type]
     parsed = [bulk.parse_upload(span) for span in spans]

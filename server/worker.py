@@ -21,11 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gpupool.server import bulk, slices
-from gpupool.server.slices import SliceRequest, SliceResult
+from . import bulk, slices
+from .slices import SliceRequest, SliceResult
 
 if TYPE_CHECKING:  # torch stays unimported until needed: the zygote starts before the daemon imports it
-    from gpupool.server.devices import Device
+    from .devices import Device
 
 log = logging.getLogger(__name__)
 # A worker shares one memory file with the daemon: a word where it writes the index of the command it is
@@ -72,9 +72,9 @@ class Runner(Protocol):
 
 
 def _device(spec: WorkerSpec) -> Device:
-    from gpupool.server.devices import rebuild
-
     from gpupool.wire import device_info
+
+    from .devices import rebuild
 
     d = spec.device
     return rebuild(device_info(d["index"], d["uuid"], d["model"], d["memory_bytes"], d["fake"]))
@@ -84,8 +84,8 @@ class _SessionState:
     """The session's tensors and executor, shared by both runners."""
 
     def __init__(self, spec: WorkerSpec) -> None:
-        from gpupool.server.executor import CommandExecutor
-        from gpupool.server.sessions import DeviceMemory, WorkerSession
+        from .executor import CommandExecutor
+        from .sessions import DeviceMemory, WorkerSession
 
         self.device = _device(spec)
         self.session = WorkerSession(
@@ -103,9 +103,9 @@ class _SessionState:
         self.executor = CommandExecutor(self.ledger)
         self.executor.piece_bytes = bulk.PIECE_BYTES  # big downloads in pieces through the shared buffer
         if spec.token_keys:
-            from gpupool.server.speedmodel import SpeedModel
-
             from gpupool.tokens import Verifier
+
+            from .speedmodel import SpeedModel
 
             verifier = Verifier.from_pems(list(spec.token_keys))
             self.executor.collectives.configure(verifier.verify, spec.peer_host)
@@ -250,7 +250,7 @@ def _vm_data() -> int:
 
 def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     """The worker's life: confine, then serve slices until the daemon closes the socket. Returns an exit code."""
-    from gpupool.server import sandbox
+    from . import sandbox
 
     sys.dont_write_bytecode = True  # no .pyc writes from a process that may not create files
     import torch

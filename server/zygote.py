@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from gpupool.server.worker import SHARED_BYTES, ProcessRunner, WorkerSpec
+from .worker import SHARED_BYTES, ProcessRunner, WorkerSpec
 
 log = logging.getLogger(__name__)
 START_TIMEOUT = 120.0  # importing torch on a loaded host
@@ -304,8 +304,9 @@ def _zygote(ctrl: socket.socket) -> None:
 
     import torch
     import torch._dynamo  # noqa: F401  (meta decompositions import it lazily; workers may not write its cache)
-    from gpupool.server.executor import CommandExecutor
-    from gpupool.server.slices import SliceLedger
+
+    from .executor import CommandExecutor
+    from .slices import SliceLedger
 
     tempfile.gettempdir()  # probes by writing a file: cache the answer before workers lose the right to
     for name in PRELOAD:  # what workers import lazily, before they may no longer read Python's files
@@ -378,7 +379,7 @@ def _fork_worker(ctrl: socket.socket, wake_r: int, wake_w: int, fds: list[int], 
         for fd in (wake_r, wake_w):
             os.close(fd)
         ctrl.close()
-        from gpupool.server.worker import worker_main
+        from .worker import worker_main
 
         code = worker_main(socket.socket(fileno=fds[0]), fds[1], spec)
     except BaseException:

@@ -52,9 +52,9 @@ def enable() -> None:
     if _enabled:
         return
     _enabled.append(True)
-    from gpupool.client.cuda import devices, facade, patches
-
     import gpupool.torch  # noqa: F401 - registers the device
+
+    from . import devices, facade, patches
 
     devices.install()
     facade.install()
@@ -73,7 +73,7 @@ def _announce() -> None:
         log.addHandler(handler)
         log.propagate = False
     log.setLevel(logging.INFO)
-    from gpupool.client.cuda.facade import leased_count
+    from .facade import leased_count
 
     log.info(
         "cuda -> gpupool (%d leased device(s)): device strings/ids, .cuda(), .to(), device=, is_cuda, torch.cuda.*, "

@@ -31,8 +31,8 @@ _SHIFT: list[tuple[int, int]] = []  # (LOCAL_RANK shift, leased devices), read o
 
 def _shift() -> tuple[int, int]:
     if not _SHIFT:
-        from gpupool.client.pool import Lease
-        from gpupool.client.torch.api import rank_shift
+        from ..pool import Lease
+        from ..torch.api import rank_shift
 
         lease = Lease.from_env() if os.environ.get("GPUPOOL_LEASE") else None
         n = len(lease.devices) if lease is not None else 1

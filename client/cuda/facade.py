@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from gpupool.client.cuda.devices import cuda_index, pool_index, to_gpupool
 
 import gpupool.torch as gt
+
+from .devices import cuda_index, pool_index, to_gpupool
 
 _peak: dict[int, int] = {}
 
@@ -26,7 +27,7 @@ _peak: dict[int, int] = {}
 def leased_count() -> int:
     """Devices of the lease of `gpupool run` ($GPUPOOL_LEASE); 1 elsewhere (the shim leases one on first use)."""
     if os.environ.get("GPUPOOL_LEASE"):
-        from gpupool.client.pool import Lease
+        from ..pool import Lease
 
         lease = Lease.from_env()
         return len(lease.devices) if lease is not None else 1
@@ -45,7 +46,7 @@ def _index(device: Any = None) -> int:
 
 def _session(device: Any = None) -> Any:
     """The shim's session of a device (attached on first use)."""
-    from gpupool.client.torch import runtime  # the session's DeviceInfo and quota are not exported otherwise
+    from ..torch import runtime  # the session's DeviceInfo and quota are not exported otherwise
 
     i = _index(device)
     gt.device(i)

@@ -24,7 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from gpupool.client.cuda.devices import is_cuda_device, pool_index
+
+from .devices import is_cuda_device, pool_index
 
 GPUPOOL = "gpupool"
 
@@ -100,7 +101,8 @@ def install() -> None:
         return
     import torch.distributed as dist
     import torch.distributed.distributed_c10d as c10d
-    from gpupool.client import distributed
+
+    from .. import distributed
 
     distributed.register()
     c10d._new_process_group_helper = _wrap_helper(c10d._new_process_group_helper)

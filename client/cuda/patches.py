@@ -15,10 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from gpupool.client.cuda import amp, nccl
-from gpupool.client.cuda.devices import GPUPOOL, map_location, to_gpupool
 from torch.serialization import default_restore_location
 from torch.utils._pytree import tree_map_only
+
+from . import amp, nccl
+from .devices import GPUPOOL, map_location, to_gpupool
 
 _installed: list[Any] = []
 
