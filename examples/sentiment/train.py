@@ -47,19 +47,16 @@ log = logging.getLogger("sentiment.train")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help=f"one of {', '.join(DEVICES)} (default cpu)")
-    p.add_argument("--epochs", type=int, default=2, help="most epochs to train (default 2)")
+    p.add_argument("--epochs", type=int, default=6, help="most epochs to train (default 6)")
     p.add_argument("--limit", type=int, default=0, help="use N train and N test reviews, balanced (0: all of them)")
-    p.add_argument("--batch-size", type=int, default=200)
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (the peak, with --lr-decay)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument(
-        "--lr-decay", choices=("none", "linear", "cosine"), default="linear",
-        help="learning-rate schedule over --epochs: none (constant), linear (default) or cosine decay to 0 at the "
-        "last step",
+        "--lr-decay", choices=("none", "linear", "cosine"), default="none",
+        help="learning-rate schedule over --epochs: none (constant), linear or cosine decay to 0 at the last step",
     )  # fmt: skip
-    p.add_argument(
-        "--ema", type=float, default=0.98, help="evaluate and save an EMA of the weights (its decay, 0: off)"
-    )
+    p.add_argument("--ema", type=float, default=0.0, help="evaluate and save an EMA of the weights (decay; 0: off)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--target", type=float, default=0.906, help="stop when test accuracy reaches this (default 0.906)")
     p.add_argument(

@@ -50,8 +50,8 @@ def test_training_learns_saves_and_reloads(tmp_path: Path, tarball: Path) -> Non
     assert clf.predict([]) == []
 
 
-def test_default_schedule_decays_the_rate_and_evaluates_the_average(tmp_path: Path, tarball: Path) -> None:
-    # the benchmark's schedule (linear decay to 0 over --epochs, an EMA of the weights evaluated and saved)
+def test_linear_decay_with_an_evaluated_weight_average_learns(tmp_path: Path, tarball: Path) -> None:
+    # --lr-decay linear (to 0 over --epochs) with --ema (an EMA of the weights, evaluated and saved)
     schedule = ["--lr", "0.02", "--lr-decay", "linear", "--ema", "0.9"]
     meta = _train(tmp_path, tarball, "--epochs", "8", "--target", "1.01", *schedule)
     history = meta["results"]["history"]
