@@ -109,14 +109,15 @@ class DigitsCNN(nn.Module):
             nn.MaxPool2d(2),  # 4x4 -> 2x2
             nn.Flatten(),
         )
-        self.head = nn.Linear(2 * width * 4, num_classes)
+        self.feature_dim = 2 * width * 4
+        self.head: nn.Module = nn.Linear(self.feature_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
     def new_head(self, num_classes: int) -> None:
         """Replace the classifier for a new task (the features are kept)."""
-        self.head = nn.Linear(self.head.in_features, num_classes)
+        self.head = nn.Linear(self.feature_dim, num_classes)
 
 
 def fit(
