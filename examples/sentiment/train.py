@@ -99,15 +99,21 @@ class WeightAverage:
     """An exponential moving average of the model's weights (Polyak averaging), evaluated and saved in place of
     the raw weights: it smooths the noise of the last steps, which on IMDB is worth a few tenths of a percent."""
 
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True) -> None:
         self.decay = decay
+        self.warmup = warmup  # off under --capture: a replayed step keeps the decay it was recorded with
+        self.updates = 0
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
+        # Warm-up: early on the decay is (1 + n) / (10 + n), so the average does not drag the random initial
+        # weights along for thousands of steps (after the first epoch it is already the plain `decay`).
+        self.updates += 1
+        decay = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates)) if self.warmup else self.decay
         for s, p in zip(self.shadow, self.params, strict=True):
-            s.lerp_(p.detach(), 1.0 - self.decay)
+            s.lerp_(p.detach(), 1.0 - decay)
 
     @torch.no_grad()
     def swap(self) -> None:
@@ -214,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
+    # The device first: a pool lease's token is short-lived (gpupool run hands it over at start), and the first
+    # tokenization of the tarball takes a minute or more; attaching first also fails fast when the pool is down.
+    device = resolve_device(args.device)
     try:
         tarball = fetch.locate(args.data)
     except fetch.DataNotFound as exc:
@@ -226,7 +235,6 @@ def main(argv: list[str] | None = None) -> int:
         test = data.balanced_subset(test, args.limit, None)
     log.info("aclImdb: %d train / %d test reviews, vocabulary %d words", len(train), len(test), len(ds.vocab))
 
-    device = resolve_device(args.device)
     kernel_sizes = tuple(int(k) for k in args.kernel_sizes.split(","))
     config = checkpoint.ModelConfig(
         vocab_size=len(ds.vocab),
@@ -246,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     # capturable=True keeps Adam's step count and bias corrections on the device, so a replayed step is exact.
     lr: float | torch.Tensor = torch.tensor(args.lr, device=device) if args.capture else args.lr
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay, capturable=args.capture)
-    average = WeightAverage(model, args.ema) if args.ema > 0 else None
+    average = WeightAverage(model, args.ema, warmup=not args.capture) if args.ema > 0 else None
     train_step = make_train_step(model, optimizer, average, args.capture)
     scheduler = make_scheduler(optimizer, args.lr_decay, args.epochs * -(-len(train) // args.batch_size))
     n_params = sum(p.numel() for p in model.parameters())

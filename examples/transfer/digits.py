@@ -3,6 +3,8 @@
 The digits (``sklearn.datasets.load_digits``: 1,797 handwritten 8x8 images of 0-9, shipped inside the package,
 no download) are split by class: the "base" classes pretrain the network, the held-out "novel" classes are
 the small domain-specific task, of which only a few labelled examples per class are used for training.
+Training batches can be augmented with random shifts of up to one pixel (on the CPU, before the upload);
+`with_rotations` turns each base class into four (0, 90, 180, 270 degrees) for a richer pretraining task.
 """
 
 from __future__ import annotations
@@ -51,6 +53,43 @@ def few_shot_split(data: Images, shots: int, seed: int) -> tuple[Images, Images]
     return pick(np.sort(train_rows)), pick(test_rows)
 
 
+def with_rotations(data: Images) -> Images:
+    """Each image in its four right-angle rotations, rotation r of class c labelled c + r * k (4k classes)."""
+    k = len(data.digits)
+    x = torch.cat([torch.rot90(data.x, r, dims=(2, 3)) for r in range(4)])
+    y = torch.cat([data.y + r * k for r in range(4)])
+    return Images(x, y, tuple(range(4 * k)))
+
+
+def shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each image (N, 1, 8, 8) moved by -1, 0 or +1 pixel on each axis at random (zeros shift in)."""
+    padded = nn.functional.pad(x, (1, 1, 1, 1))
+    crops = torch.stack([padded[:, :, dy : dy + 8, dx : dx + 8] for dy in range(3) for dx in range(3)])
+    pick = torch.randint(0, 9, (x.shape[0],), generator=gen)
+    return crops[pick, torch.arange(x.shape[0])]
+
+
+class CosineHead(nn.Module):
+    """Logits = scale * cos(feature, class weight). `imprint` sets each class's weight to the mean normalised
+    feature of its examples (Qi et al., "Low-shot learning with imprinted weights", CVPR 2018)."""
+
+    def __init__(self, weight: torch.Tensor, scale: float = 10.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone())
+        self.scale = scale
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.scale * nn.functional.normalize(z, dim=1) @ nn.functional.normalize(self.weight, dim=1).T
+
+    @classmethod
+    @torch.no_grad()
+    def imprint(cls, features: nn.Module, data: Images, device: torch.device) -> CosineHead:
+        features.eval()
+        z = nn.functional.normalize(features(data.x.to(device)), dim=1).cpu()
+        means = torch.stack([z[data.y == c].mean(dim=0) for c in range(len(data.digits))])
+        return cls(nn.functional.normalize(means, dim=1))
+
+
 class DigitsCNN(nn.Module):
     """conv-relu x2, max-pool, conv-relu, max-pool -> `features` (2*width x 2 x 2, flattened) -> linear head.
 
@@ -70,14 +109,15 @@ class DigitsCNN(nn.Module):
             nn.MaxPool2d(2),  # 4x4 -> 2x2
             nn.Flatten(),
         )
-        self.head = nn.Linear(2 * width * 4, num_classes)
+        self.feature_dim = 2 * width * 4
+        self.head: nn.Module = nn.Linear(self.feature_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
     def new_head(self, num_classes: int) -> None:
         """Replace the classifier for a new task (the features are kept)."""
-        self.head = nn.Linear(self.head.in_features, num_classes)
+        self.head = nn.Linear(self.feature_dim, num_classes)
 
 
 def fit(
@@ -89,18 +129,25 @@ def fit(
     batch_size: int = 64,
     seed: int = 0,
     params: list[nn.Parameter] | None = None,
+    augment: bool = False,
 ) -> float:
-    """Train `params` (default: all that require grad) for `steps` Adam steps on shuffled batches; the data are
-    uploaded once. Returns the last step's loss."""
+    """Train `params` (default: all that require grad) for `steps` Adam steps on shuffled batches. Without
+    `augment` the data are uploaded once; with it each batch is shifted on the CPU and uploaded. Returns the last
+    step's loss."""
     gen = torch.Generator().manual_seed(seed)
-    x, y = data.x.to(device), data.y.to(device)
+    x, y = (data.x, data.y) if augment else (data.x.to(device), data.y.to(device))
     opt = torch.optim.Adam(params if params is not None else [p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     loss = torch.zeros((), device=device)
     n = len(data)
     for _ in range(steps):
-        rows = torch.randperm(n, generator=gen)[: min(batch_size, n)].to(device)
-        loss = nn.functional.cross_entropy(model(x.index_select(0, rows)), y.index_select(0, rows))
+        rows = torch.randperm(n, generator=gen)[: min(batch_size, n)]
+        if augment:
+            xb, yb = shift(x[rows], gen).to(device), y[rows].to(device)
+        else:
+            rows = rows.to(device)
+            xb, yb = x.index_select(0, rows), y.index_select(0, rows)
+        loss = nn.functional.cross_entropy(model(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -16,7 +16,7 @@ from examples.sentiment import checkpoint, data, fake_data, infer, train
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--embed-dim", "16", "--filters", "16", "--bigram-buckets", "1000", "--lr", "0.01", "--batch-size", "8",
-         "--no-progress"]  # fmt: skip
+         "--lr-decay", "none", "--ema", "0", "--no-progress"]  # fmt: skip
 
 
 @pytest.fixture
@@ -48,6 +48,32 @@ def test_training_learns_saves_and_reloads(tmp_path: Path, tarball: Path) -> Non
     assert [p.label for p in preds[:2]] == ["pos", "neg"]
     assert 0.0 <= preds[2].p_pos <= 1.0  # an empty text still gets an answer
     assert clf.predict([]) == []
+
+
+def test_linear_decay_with_an_evaluated_weight_average_learns(tmp_path: Path, tarball: Path) -> None:
+    # --lr-decay linear (to 0 over --epochs) with --ema (an EMA of the weights, evaluated and saved)
+    schedule = ["--lr", "0.02", "--lr-decay", "linear", "--ema", "0.9"]
+    meta = _train(tmp_path, tarball, "--epochs", "8", "--target", "1.01", *schedule)
+    history = meta["results"]["history"]
+    assert len(history) == 8 and history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["test_acc"] >= 0.8, history
+
+
+def test_weight_average_warms_up_then_keeps_its_decay() -> None:
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    average = train.WeightAverage(model, decay=0.98)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    average.update()  # first update: decay (1 + 1) / (10 + 1), so the average moves 9/11 of the way
+    assert average.shadow[0].item() == pytest.approx(9 / 11)
+    for _ in range(500):
+        average.update()
+    assert average.shadow[0].item() == pytest.approx(1.0)
+    assert min(0.98, (1 + 500) / (10 + 500)) == 0.98  # by then the plain decay applies
+    average.swap()
+    assert model.weight.item() == pytest.approx(1.0)
 
 
 def test_training_stops_at_the_target_and_limit_is_balanced(tmp_path: Path, tarball: Path) -> None:
