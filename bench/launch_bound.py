@@ -29,13 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +39,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from train_overhead import _proc_cpu, start_daemon, stock_mlp
-
-from gpupool import pki, tokens
+from train_overhead import _proc_cpu, add_worker_flags, bench_daemons, run_worker, stock_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("tiny-mlp", "encoder", "mlp", "cnn", "classifier")
@@ -176,16 +170,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 # ---- driver ----
 
 
-def run_worker(core: int, model: str, mode: str, args: argparse.Namespace, **remote: Any) -> dict[str, Any]:
-    cmd = ["taskset", "-c", str(core), sys.executable, __file__, "--worker", "--model", model, "--mode", mode,
-           "--steps", str(args.steps), "--blocks", str(args.blocks), "--warmup", str(args.warmup)]  # fmt: skip
-    for k, v in remote.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"worker {model}/{mode} failed:\n{out.stderr[-3000:]}")
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+def _worker(core: int, model: str, mode: str, args: argparse.Namespace, **remote: Any) -> dict[str, Any]:
+    argv = ["--model", model, "--mode", mode, "--steps", str(args.steps), "--blocks", str(args.blocks),
+            "--warmup", str(args.warmup)]  # fmt: skip
+    return run_worker(__file__, core, f"{model}/{mode}", argv, **remote)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,14 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=5, help="timed blocks (the median counts)")
     p.add_argument("--warmup", type=int, default=6, help="untimed steps first (capture records in these)")
     p.add_argument("--rounds", type=int, default=2, help="alternating local/eager/captured runs; best of each")
-    p.add_argument("--daemon-core", type=int, default=1)
-    p.add_argument("--client-core", type=int, default=0)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    add_worker_flags(p)
     p.add_argument("--model", default="tiny-mlp", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="local", help=argparse.SUPPRESS)
-    p.add_argument("--address", default="", help=argparse.SUPPRESS)
-    p.add_argument("--token", default="", help=argparse.SUPPRESS)
-    p.add_argument("--daemon-pid", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
@@ -211,31 +194,18 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     load0 = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        key = secrets.token_hex(32).encode()  # a token seed; the daemon gets its public key only
-        key_file = Path(tmp) / "key.pub"
-        key_file.write_bytes(tokens.public_pem(tokens.Signer.from_seed(key).public))
-        os.environ.update(pki.loopback_env(Path(tmp) / "pki"))  # the daemon and the clients speak TLS
-        daemon, address = start_daemon(args.daemon_core, key_file)
-        try:
-            for model in args.models.split(","):
-                modes = args.modes.split(",")
-                results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
-                for _ in range(args.rounds):
-                    for mode in modes:
-                        if mode == "local":
-                            results[mode].append(run_worker(args.daemon_core, model, mode, args))
-                            continue
-                        claims = tokens.TokenClaims(lease_id=uuid.uuid4().hex, host="bench", device=0, quota_bytes=0,
-                                                    share=1.0, expires_at=time.time() + 3600)  # fmt: skip
-                        token = tokens.mint(key, claims)
-                        results[mode].append(run_worker(args.client_core, model, mode, args, address=address,
-                                                        token=token, daemon_pid=daemon.pid))  # fmt: skip
-                best = {m: min(rs, key=lambda r: r["step_s"]) for m, rs in results.items()}
-                rows.append((model, best))
-        finally:
-            daemon.terminate()
-            daemon.wait(timeout=30)
+    with bench_daemons(args.daemon_core) as daemons:
+        for model in args.models.split(","):
+            modes = args.modes.split(",")
+            results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+            for _ in range(args.rounds):
+                for mode in modes:
+                    if mode == "local":
+                        results[mode].append(_worker(args.daemon_core, model, mode, args))
+                    else:
+                        results[mode].append(_worker(args.client_core, model, mode, args, **daemons.remote()))
+            best = {m: min(rs, key=lambda r: r["step_s"]) for m, rs in results.items()}
+            rows.append((model, best))
     print_table(rows, args)
     print(f"load average (1 min): {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
     return 0

@@ -177,6 +177,7 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
             f"LOCAL_RANK {local} but the lease has {len(lease.devices)} device(s): gpupool run -n {size}"
         )
     dev = api.device(0)  # lease device LOCAL_RANK (client/torch/api.py: a rank sees its own device first)
+    lease = api.env_lease() or lease  # the renewed one: its tokens are current
     rt = runtime.get(dev.index)
     assert rt is not None
     store.set(f"gpupool/dev/{rank}", str(local))

@@ -225,6 +225,18 @@ class Lease:
             except Exception:  # noqa: BLE001 - one broken subscriber must not stop renewals
                 log.exception("lease subscriber failed")
 
+    def refresh_if_stale(self) -> None:
+        """Renew now when past half the lease's TTL: a child of `gpupool run` holds the tokens of the moment it
+        started ($GPUPOOL_LEASE), while its parent's renewals moved the lease on; attaching with those old
+        tokens would fail once they expire. A scheduler that cannot be reached is only logged here: the tokens
+        may still be good, and attaching says clearly when they are not."""
+        if time.time() < self.expires_at - self.ttl / 2:
+            return
+        try:
+            self.renew()
+        except GpupoolError as exc:
+            log.warning("renewing the inherited lease %s before attaching: %s", self.lease_id, exc)
+
     def start_renewing(self) -> None:
         """Renew in a background thread every ttl/3 (at most 10 s) until released or lost (see `on_lost`)."""
         if self._thread is None and not self._released:

@@ -60,6 +60,7 @@ def device(index: int = 0) -> torch.device:
                 lease = Lease.from_env()
                 if lease is None:
                     raise RuntimeError("$GPUPOOL_LEASE is set but holds no lease")
+                lease.refresh_if_stale()
                 lease.start_renewing()
                 _env_lease.append(lease)
             lease = _env_lease[0]
@@ -77,6 +78,11 @@ def device(index: int = 0) -> torch.device:
             lease.start_renewing()
         log.info("gpupool:%d: leased %s", index, getattr(lease, "lease_id", "?"))
         return attach_lease(lease, 0, as_index=index, owns_lease=True)
+
+
+def env_lease() -> Any:
+    """The renewed lease of $GPUPOOL_LEASE once a device of it is attached (`device()`), else None."""
+    return _env_lease[0] if _env_lease else None
 
 
 def rank_shift(devices: int) -> int:

@@ -55,6 +55,27 @@ def test_gpupool_run_child_gets_the_leased_device(pool: str, tmp_path: Path) -> 
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
+LATE_CHILD = """
+import time
+time.sleep(4)  # past the lease's 2 s TTL: the tokens in $GPUPOOL_LEASE have expired, the lease has not
+import torch, gpupool.torch as gt
+print("late", (torch.ones(3, device=gt.device()) * 2).sum().item())
+"""
+
+
+def test_a_child_that_attaches_after_its_tokens_expired_renews_first(pool: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GPUPOOL_SCHEDULER": pool}
+    env.pop("GPUPOOL_LEASE", None)
+    ran = subprocess.run(
+        [sys.executable, "-m", "gpupool.cli", "run", "-n", "1", "-p", "0.5", "--ttl", "2", "--",
+         sys.executable, "-c", LATE_CHILD],
+        capture_output=True, text=True, timeout=180, env=env,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert "late 6.0" in ran.stdout
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
 def test_device_allocates_its_own_lease_and_detach_releases_it(
     pool: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
