@@ -327,7 +327,8 @@ class Session:
         return [wire.scalar_from_proto(v) for v in w.reply.values]
 
     def download(self, handle: int) -> torch.Tensor:
-        """The tensor's value as a CPU tensor (waits for the ops before it)."""
+        """The tensor's value as a CPU tensor (waits for the ops before it); like `sync`, raises the first error
+        since the last sync instead."""
         rid, w = self._request(device_pb2.Command(get=device_pb2.Get(handle=handle)))
         self._wait(rid, w)
         assert w.tensor is not None

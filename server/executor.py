@@ -326,14 +326,20 @@ class CommandExecutor:
             if offset + len(data) != total:
                 raise InvalidArgument(f"upload ended at {offset + len(data)} of {total} bytes")
 
-    def _get(self, s: WorkerSession, get: device_pb2.Get) -> list[bytes]:
+    def _get(self, s: WorkerSession, get: device_pb2.Get) -> device_pb2.ServerFrame | list[bytes]:
         """Serialized chunk frames of the tensor's value, built now (so later ops cannot change them), each
         with one copy of the data: protobuf's own bytes fields would cost two more. With `piece_bytes` set
         (a session worker), at most that many bytes per call: `s.download` then holds the rest, and the same
-        Get, run again first thing in the next slice, continues it (server/bulk.py)."""
+        Get, run again first thing in the next slice, continues it (server/bulk.py).
+
+        A Get is a sync point: with an error since the last sync it answers that error instead of the value
+        (a failed in-place op leaves its tensor unpoisoned and unchanged: its value would be silently wrong)."""
         pending, s.download = s.download, None
         if pending is not None and pending[:2] == (get.request_id, get.handle):
             src, offset = pending[2], pending[3]
+        elif s.error is not None:
+            first, s.error = s.error, None
+            return device_pb2.ServerFrame(request_id=get.request_id, error=first.to_proto())
         else:
             t = s.resolve(get.handle)
             if t.numel() * t.element_size() > s.quota:  # an expanded view: its copy would be a memory bomb

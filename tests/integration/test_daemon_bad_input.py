@@ -82,6 +82,19 @@ def test_wrong_argument_types(session: Session) -> None:
     assert_still_usable(session)
 
 
+def test_failed_in_place_op_is_the_answer_of_the_next_get(session: Session) -> None:
+    # An in-place op has no output handle to poison: its tensor keeps its old value, so a Get must report the
+    # pending error (a read-back is a sync point), never that value as if the op had run.
+    x = Handle(session.upload(torch.zeros(4)))
+    session.call("aten::scatter_.value", x, 0, torch.tensor([7]), 1.0, outputs=[0])  # index 7 of 4: refused
+    with pytest.raises(errors.InvalidArgument, match="out of bounds") as info:
+        session.download(x)
+    assert info.value.op == "aten::scatter_.value"
+    session.sync()  # reported once, by the Get
+    assert torch.equal(session.download(x), torch.zeros(4))
+    assert_still_usable(session)
+
+
 def test_handle_of_another_session(daemon: Any, session: Session) -> None:
     with Session.attach(daemon.address, daemon.token()) as other:
         theirs = Handle(other.upload(torch.arange(4.0)))

@@ -36,6 +36,25 @@ def test_failing_op_raises_at_next_sync_with_its_name(dev: torch.device) -> None
     assert (x + 1).sum().item() == 6.0
 
 
+def test_failed_in_place_op_raises_at_read_back_not_a_stale_value(dev: torch.device) -> None:
+    # quantile ends with an in-place lerp_ into the lower neighbours: a failed in-place op leaves its (unpoisoned)
+    # tensor as it was, so a read-back that skipped the pending error returned a wrong value without raising.
+    x = torch.tensor([4.0, 1.0, 3.0, 2.0]).to(dev)
+    x.scatter_(0, torch.tensor([7]).to(dev), torch.full((1,), 9.0).to(dev))  # out of bounds: the daemon refuses
+    with pytest.raises(gt.RemoteError) as info:
+        torch.quantile(x, 0.4).cpu()
+    assert info.value.op == "aten::scatter_.src" and "out of bounds" in str(info.value)
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    # The read-back reported it: the next one, and the next sync, are clean.
+    assert torch.quantile(x, 0.4).cpu().item() == pytest.approx(2.2)
+    assert x.sum().item() == 10.0
+    # The same for a plain read-back of the written tensor (.cpu(), .tolist(), printing all download).
+    x.index_put_((torch.tensor([-9]).to(dev),), torch.zeros(1).to(dev))
+    with pytest.raises(gt.RemoteError) as info:
+        x.tolist()
+    assert info.value.op == "aten::index_put_"
+
+
 def test_quota_overrun_is_out_of_memory_and_session_survives(attach: shim_fixtures.Attach) -> None:
     dev = attach(quota_bytes=4 * MiB)
     a = torch.ones(MiB // 4 * 3, device=dev)  # 3 MiB of float32
