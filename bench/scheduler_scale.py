@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from gpupool.scheduler.capacity import SHARE_UNITS
 from gpupool.scheduler.hosts import DeviceSpec
 from gpupool.scheduler.leases import Core, CoreConfig
 from gpupool.scheduler.placement import Request
-from gpupool.scheduler.pool import SHARE_UNITS
 from gpupool.scheduler.store import MemoryStore, SqliteStore, Store
 
 from gpupool import pki, tls, tokens

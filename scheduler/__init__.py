@@ -1,5 +1,5 @@
 """gpupool's scheduler: tracks hosts and devices, hands out signed leases on (fractions of) GPUs.
 
-pool.py (capacity model), placement.py (binpack / spread), leases.py + hosts.py (the core), store.py
+capacity.py (capacity model), placement.py (binpack / spread), leases.py + hosts.py (the core), store.py
 (SQLite WAL / in-memory), service.py (gRPC servicer), metrics.py, cli.py (`gpupool scheduler`).
 """

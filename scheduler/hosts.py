@@ -21,7 +21,7 @@ from gpupool.config import split_address
 from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from gpupool.protocol import HostState, LeaseState
 
-from .pool import Host, Pool, PoolDevice
+from .capacity import Host, Pool, PoolDevice
 from .store import Change, LeaseRecord
 
 log = logging.getLogger(__name__)

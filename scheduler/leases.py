@@ -26,9 +26,9 @@ from gpupool.config import format_size
 from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from gpupool.protocol import HostState, LeaseState
 
+from .capacity import SHARE_UNITS, Grant, Pool
 from .hosts import HostBook
 from .placement import Request, min_units, place, validate
-from .pool import SHARE_UNITS, Grant, Pool
 from .store import Change, LeaseRecord, Store
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from prometheus_client.registry import Collector
 
 from gpupool.protocol import HostState, LeaseState
 
+from .capacity import SHARE_UNITS
 from .leases import Events
-from .pool import SHARE_UNITS
 
 if TYPE_CHECKING:
     from .leases import Core

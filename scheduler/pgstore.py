@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 
-from .pool import Host
+from .capacity import Host
 from .store import HOST_COLUMNS, LEASE_COLUMNS, Change, LeaseRecord, StateOwned, from_rows
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from gpupool.config import format_size
 from gpupool.errors import InvalidArgument
 from gpupool.protocol import Policy
 
-from .pool import KTH_SCALE, MAX_KTH, SHARE_UNITS, Grant, Host, Pool, PoolDevice
+from .capacity import KTH_SCALE, MAX_KTH, SHARE_UNITS, Grant, Host, Pool, PoolDevice
 
 POLICIES = tuple(p.value for p in Policy)  # names, as flags and messages spell them
 MAX_GPUS = 1024

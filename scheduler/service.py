@@ -17,10 +17,10 @@ from gpupool.errors import InvalidArgument, Unavailable
 from gpupool.protocol import Policy
 
 from . import auth
+from .capacity import SHARE_UNITS, Host
 from .hosts import DeviceSpec, validate_labels
 from .leases import Core
 from .placement import Request, policy_of
-from .pool import SHARE_UNITS, Host
 from .store import LeaseRecord
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from gpupool.errors import GpupoolError
 from gpupool.protocol import HostState, LeaseState
 
-from .pool import Grant, Host, PoolDevice
+from .capacity import Grant, Host, PoolDevice
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from gpupool.scheduler.capacity import SHARE_UNITS, Grant, Host, Pool, PoolDevice
 from gpupool.scheduler.placement import Request, fraction_units, place, size_on, validate
-from gpupool.scheduler.pool import SHARE_UNITS, Grant, Host, Pool, PoolDevice
 
 from gpupool.errors import InvalidArgument
 from gpupool.protocol import HostState

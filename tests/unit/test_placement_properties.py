@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
+from gpupool.scheduler.capacity import KTH_SCALE, SHARE_UNITS, Grant, Host, Pool, PoolDevice
 from gpupool.scheduler.placement import Request, place, size_on
-from gpupool.scheduler.pool import KTH_SCALE, SHARE_UNITS, Grant, Host, Pool, PoolDevice
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 import pytest
+from gpupool.scheduler.capacity import SHARE_UNITS
 from gpupool.scheduler.hosts import DeviceSpec
 from gpupool.scheduler.leases import Core, CoreConfig
 from gpupool.scheduler.placement import Request
-from gpupool.scheduler.pool import SHARE_UNITS
 from gpupool.scheduler.store import Change, MemoryStore, SqliteStore, StateOwned, Store
 
 from gpupool import tokens
