@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
-from support import Healthy, channel
+from support import Healthy, tls_channel
 from test_daemon_bad_input import assert_still_usable
 
 from gpupool import errors, wire
@@ -146,7 +146,7 @@ def test_inputs_sent_by_value(session: Session) -> None:
 
 
 def used_bytes(daemon: Any, s: Session) -> int:
-    with channel(daemon.address) as ch:
+    with tls_channel(daemon.address) as ch:
         reply = device_pb2_grpc.DeviceStub(ch).Status(device_pb2.StatusRequest(), timeout=10)
     return next(u.used_bytes for u in reply.sessions if u.session_id == public_session_id(s.session_id))
 
