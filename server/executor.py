@@ -217,13 +217,15 @@ class CommandExecutor:
             guards.check_enums(op, args, kwargs)
             guards.check_inputs(args, kwargs, s.quota)
             guards.check_counts(op, [], args, kwargs)
+            if plan.validate:  # value guards run before any kernel (even a meta kernel) reads the arguments
+                guards.validate(op, args, kwargs)
             cost.check(op, args, kwargs, s.max_op_flops)
             need = self.sizer.new_bytes(op, args, kwargs)
             if sig is not None and need != NO_META:
                 if len(self._verdicts) >= MAX_VERDICTS:
                     self._verdicts.clear()
                 self._verdicts[sig] = need
-        if plan.validate:
+        elif plan.validate:  # the shape-only checks passed for this signature; the value guards run every time
             guards.validate(op, args, kwargs)
         if need == NO_META:  # bounded from the real inputs, so its output cannot exhaust the host first
             need = sizing.no_meta_bound(op, args, kwargs)
