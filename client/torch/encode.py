@@ -90,23 +90,8 @@ def _one(rt: DeviceRuntime | None, kind: str, v: Any, by_type: bool) -> tuple[An
             return meta.tensor_key(v), _ARG(inline=wire.inline_to_proto(v)), rt
         return type(v), _scalar(v), rt
     if kind == meta.TL:
-        handles = []
-        keys: list[Any] = []
-        for x in v:
-            if x is None:
-                handles.append(0)
-                keys.append(None)
-                continue
-            if type(x) is not RemoteTensor:
-                raise NeedsUpload
-            xrt = x._gp_rt
-            if rt is None:
-                rt = xrt
-            elif xrt is not rt:
-                raise _two_devices(rt, xrt)
-            handles.append(x._gp_h)
-            keys.append(x._gp_key)
-        return tuple(keys), _ARG(tensors=tensor_pb2.TensorList(handles=handles)), rt
+        keys, handles, rt = _tensor_list(v, rt)
+        return keys, _ARG(tensors=tensor_pb2.TensorList(handles=handles)), rt
     if kind == meta.S:
         return (type(v) if by_type else (type(v), v)), _scalar(v), rt
     if kind == meta.SL:
@@ -114,6 +99,27 @@ def _one(rt: DeviceRuntime | None, kind: str, v: Any, by_type: bool) -> tuple[An
     if isinstance(v, torch.device) and v.type == "gpupool":
         return v, _ARG(device=tensor_pb2.DeviceRef(type="gpupool", index=-1 if v.index is None else v.index)), rt
     return meta.arg_key(kind, v, by_type), wire.encode_arg(v, _no_tensor), rt
+
+
+def _tensor_list(v: Any, rt: Any) -> tuple[tuple[Any, ...], list[int], Any]:
+    """A list of remote tensors (None allowed): their meta keys, their handles, and the one runtime they share."""
+    handles: list[int] = []
+    keys: list[Any] = []
+    for x in v:
+        if x is None:
+            handles.append(0)
+            keys.append(None)
+            continue
+        if type(x) is not RemoteTensor:
+            raise NeedsUpload
+        xrt = x._gp_rt
+        if rt is None:
+            rt = xrt
+        elif xrt is not rt:
+            raise _two_devices(rt, xrt)
+        handles.append(x._gp_h)
+        keys.append(x._gp_key)
+    return tuple(keys), handles, rt
 
 
 def _two_devices(a: DeviceRuntime, b: DeviceRuntime) -> RuntimeError:
@@ -161,23 +167,8 @@ def _c_one(rt: DeviceRuntime | None, kind: str, v: Any, by_type: bool) -> tuple[
     if kind == meta.S or (kind == meta.T and (tv is float or tv is int or tv is bool)):
         return (tv if by_type else (tv, v)) if kind == meta.S else tv, compact.encode_value(v), rt
     if kind == meta.TL:
-        handles = []
-        keys: list[Any] = []
-        for x in v:
-            if x is None:
-                handles.append(0)
-                keys.append(None)
-                continue
-            if type(x) is not RemoteTensor:
-                raise NeedsUpload
-            xrt = x._gp_rt
-            if rt is None:
-                rt = xrt
-            elif xrt is not rt:
-                raise _two_devices(rt, xrt)
-            handles.append(x._gp_h)
-            keys.append(x._gp_key)
-        return tuple(keys), compact.tensors(handles), rt
+        keys, handles, rt = _tensor_list(v, rt)
+        return keys, compact.tensors(handles), rt
     if isinstance(v, torch.Tensor):
         raise compact.Unencodable  # a 0-dim CPU tensor travels inline in an Op (or must be uploaded first)
     if kind == meta.SL:

@@ -142,12 +142,16 @@ class DeviceRuntime:
             self.recorder.op(name, args, kwargs, outputs)
         try:
             self.session.op(name, args, kwargs, outputs)
-            self._unflushed += 1
-            if self._unflushed >= FLUSH_OPS:
-                self._unflushed = 0
-                self.session.flush()
+            self._sent_op()
         except Exception as exc:
             self._raise(exc)
+
+    def _sent_op(self) -> None:
+        """Count an op into the frame being built; every FLUSH_OPS ops the frame goes out."""
+        self._unflushed += 1
+        if self._unflushed >= FLUSH_OPS:
+            self._unflushed = 0
+            self.session.flush()
 
     def eager_op(self, name: str, record_tail: bytes, outputs: list[int]) -> None:
         """An op as a compact record (gpupool/compact.py): `record_tail` is its arguments, encoded by the caller."""
@@ -162,10 +166,7 @@ class DeviceRuntime:
                 self._define(name, record_tail, outputs)
             else:
                 self.session.eager_op(compact.head(op_id, None, outputs) + record_tail)
-            self._unflushed += 1
-            if self._unflushed >= FLUSH_OPS:
-                self._unflushed = 0
-                self.session.flush()
+            self._sent_op()
         except Exception as exc:
             self._raise(exc)
 
