@@ -26,25 +26,19 @@ def _plan(op: torch._ops.OpOverload) -> _Plan | None:
     schema = op._schema
     if schema.name in guards._LIST_COUNTS:
         return None
-    has_tensors = False
+    elems = []  # each argument's type, Optional and List unwrapped once
     for a in schema.arguments:
         t = a.type
         if isinstance(t, torch.OptionalType):
             t = t.getElementType()
         if isinstance(t, torch.ListType):
             t = t.getElementType()
-            if isinstance(t, torch.OptionalType):
-                t = t.getElementType()
-        if isinstance(t, torch.TensorType) and not a.is_out:
-            has_tensors = True
-    by_type = []
-    for a in schema.arguments:
-        t = a.type
-        if isinstance(t, torch.OptionalType):
-            t = t.getElementType()
-        if isinstance(t, torch.ListType):
-            t = t.getElementType()
-        by_type.append(has_tensors and isinstance(t, torch.NumberType))
+        elems.append(t)
+    has_tensors = any(
+        isinstance(t.getElementType() if isinstance(t, torch.OptionalType) else t, torch.TensorType) and not a.is_out
+        for a, t in zip(schema.arguments, elems, strict=True)
+    )
+    by_type = [has_tensors and isinstance(t, torch.NumberType) for t in elems]
     names = frozenset(a.name for a, b in zip(schema.arguments, by_type, strict=True) if b)
     return tuple(by_type), names
 
