@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from examples.sentiment.lazy import SparseBatch, TouchedRows
+
 PAD_ID = 0
 UNK_ID = 1
 # What train.py uses unless told otherwise (the rest of its defaults are SentimentCNN's).
@@ -67,12 +69,16 @@ class SentimentCNN(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(2 * filters * len(kernel_sizes), num_classes)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, sparse: SparseBatch | None = None) -> torch.Tensor:
+        """Logits of a batch. With `sparse` (training with LazyAdam: `sparse_batch` of the same tokens, on the
+        model's device), the embeddings are looked up from leaves of the rows the batch touches."""
         mask = (tokens != self.pad_id).to(self.fc.weight.dtype).unsqueeze(1)  # (B, 1, L)
         length = mask.sum(dim=2).clamp_min(1.0)  # (B, 1)
-        x = self.embedding(tokens)  # (B, L, E)
+        x = self.embedding(tokens) if sparse is None else sparse.lookup("words", self.embedding)  # (B, L, E)
         if self.bigrams is not None:
-            x = x + self.bigrams(self.bigram_ids(tokens))
+            x = x + (
+                self.bigrams(self.bigram_ids(tokens)) if sparse is None else sparse.lookup("bigrams", self.bigrams)
+            )
         x = self.embed_dropout(x).transpose(1, 2)  # (B, E, L)
         pooled = []
         for conv in self.convs:
@@ -80,6 +86,17 @@ class SentimentCNN(nn.Module):
             pooled.append(h.amax(dim=2))
             pooled.append(h.sum(dim=2) / length)
         return self.fc(self.dropout(torch.cat(pooled, dim=1)))
+
+    def embedding_tables(self) -> list[torch.Tensor]:
+        """The weights of the embedding tables (what LazyAdam updates; a dense optimizer takes the others)."""
+        return [self.embedding.weight] + ([self.bigrams.weight] if self.bigrams is not None else [])
+
+    def sparse_batch(self, tokens: torch.Tensor) -> SparseBatch:
+        """The rows a (CPU) batch of tokens reads from each table: computed on the host, then sent with the batch."""
+        tables = {"words": TouchedRows.of(tokens, self.pad_id)}
+        if self.bigrams is not None:
+            tables["bigrams"] = TouchedRows.of(self.bigram_ids(tokens))
+        return SparseBatch(tables)
 
     def bigram_ids(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) bucket of the bigram (tokens[t], tokens[t+1]) in [1, buckets); 0 where either word is padding."""

@@ -38,7 +38,8 @@ if __package__ in (None, ""):  # run as a script: make `examples.sentiment` impo
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.sentiment import checkpoint, data, fetch
-from examples.sentiment.model import BENCHMARK
+from examples.sentiment.lazy import LazyAdam, SparseBatch
+from examples.sentiment.model import BENCHMARK, SentimentCNN
 from examples.sentiment.runtime import DEVICES, resolve_device, setup_logging
 
 log = logging.getLogger("sentiment.train")
@@ -55,6 +56,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--lr-decay", choices=("none", "linear", "cosine"), default="none",
         help="learning-rate schedule over --epochs: none (constant), linear or cosine decay to 0 at the last step",
+    )  # fmt: skip
+    p.add_argument(
+        "--embedding-update", choices=("lazy", "dense"), default="lazy",
+        help="lazy (default): Adam on the embedding rows each batch reads (LazyAdam, lazy.py); dense: torch's Adam "
+        "over the whole tables, as --capture needs (a replayed step has fixed shapes)",
     )  # fmt: skip
     p.add_argument("--ema", type=float, default=0.0, help="evaluate and save an EMA of the weights (decay; 0: off)")
     p.add_argument("--seed", type=int, default=1)
@@ -124,19 +130,32 @@ class WeightAverage:
             s.copy_(tmp)
 
 
-def make_train_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, average: WeightAverage | None, capture: bool
-) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """One optimizer step on a batch: (loss, logits), detached and still on the device (no sync here, so the
-    whole step is one unit). With `capture`, `gpupool.torch.capture` replays it on the daemon as one command per
-    step once it has been recorded for the batch's shape."""
+StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (tokens, labels[, sparse]) -> (loss, logits)
 
-    def train_step(tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(tokens)
+
+def make_train_step(
+    model: SentimentCNN,
+    optimizer: torch.optim.Optimizer,
+    average: WeightAverage | None,
+    capture: bool,
+    lazy: LazyAdam | None = None,
+) -> StepFn:
+    """One optimizer step on a batch: (loss, logits), detached and still on the device (no sync here, so the
+    whole step is one unit). With `lazy`, the batch's SparseBatch goes to the model and LazyAdam updates the
+    embedding rows it read (the lr is the dense optimizer's, so a scheduler drives both). With `capture`,
+    `gpupool.torch.capture` replays the step on the daemon as one command per step once it has been recorded for
+    the batch's shape."""
+
+    def train_step(
+        tokens: torch.Tensor, labels: torch.Tensor, sparse: SparseBatch | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(tokens, sparse)
         loss = torch.nn.functional.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if lazy is not None and sparse is not None:
+            lazy.step(sparse, float(optimizer.param_groups[0]["lr"]))
         if average is not None:
             average.update()
         return loss.detach(), logits.detach()
@@ -168,12 +187,12 @@ class StepsPerSecond(ProgressColumn):
 
 
 def run_epoch(
-    model: torch.nn.Module,
+    model: SentimentCNN,
     split: data.Split,
     args: argparse.Namespace,
     device: torch.device,
     progress: Progress,
-    step_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    step_fn: StepFn | None = None,
     rng: np.random.Generator | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     label: str = "",
@@ -189,9 +208,10 @@ def run_epoch(
     seen = step = 0
     with torch.set_grad_enabled(training):
         for tokens, labels in data.batches(split, args.batch_size, args.max_len, rng=rng):
+            sparse = model.sparse_batch(tokens).to(device) if training and args.embedding_update == "lazy" else None
             tokens, labels = tokens.to(device), labels.to(device)
             if step_fn is not None:
-                loss, logits = step_fn(tokens, labels)
+                loss, logits = step_fn(tokens, labels) if sparse is None else step_fn(tokens, labels, sparse)
                 if scheduler is not None:
                     scheduler.step()
             else:
@@ -251,11 +271,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.capture and device.type != "gpupool":
         log.error("--capture needs --device gpupool")
         return 2
+    if args.capture and args.embedding_update == "lazy":
+        log.info("--capture: the embedding tables get a dense Adam update (a replayed step has fixed shapes)")
+        args.embedding_update = "dense"
     # capturable=True keeps Adam's step count and bias corrections on the device, so a replayed step is exact.
     lr: float | torch.Tensor = torch.tensor(args.lr, device=device) if args.capture else args.lr
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay, capturable=args.capture)
+    lazy = LazyAdam(model.embedding_tables()) if args.embedding_update == "lazy" else None
+    tables = {id(p) for p in model.embedding_tables()} if lazy is not None else set()
+    dense = [p for p in model.parameters() if id(p) not in tables]
+    optimizer = torch.optim.Adam(dense, lr=lr, weight_decay=args.weight_decay, capturable=args.capture)
     average = WeightAverage(model, args.ema, warmup=not args.capture) if args.ema > 0 else None
-    train_step = make_train_step(model, optimizer, average, args.capture)
+    train_step = make_train_step(model, optimizer, average, args.capture, lazy)
     scheduler = make_scheduler(optimizer, args.lr_decay, args.epochs * -(-len(train) // args.batch_size))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %d parameters, on %s", config, n_params, device)
