@@ -3,7 +3,9 @@
     nice python bench/sentiment_step.py [--steps 5] [--threads 1]
 
 One step = forward, backward and a foreach Adam step on a batch of 50 reviews of 256 tokens. Prints seconds per
-step and the ratio to the benchmark configuration (train.py's defaults), measured in the same run, interleaved.
+step and the ratio to the benchmark model with torch's dense Adam over all its weights, measured in the same run,
+interleaved. "lazy" rows use train.py's default update: LazyAdam on the embedding rows the batch reads (lazy.py),
+the host-side row plan included in the step.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from examples.sentiment.lazy import LazyAdam  # noqa: E402
 from examples.sentiment.model import BENCHMARK, SentimentCNN  # noqa: E402
 
 CONFIGS = {
     "benchmark (regions 3, embed 128)": {},
+    "benchmark, lazy embedding update": {"lazy": True},
     "regions 3,5, embed 128": {"kernel_sizes": (3, 5)},
     "regions 3, embed 64": {"embed_dim": 64},
     "regions 3, embed 128, no bigrams": {"bigram_buckets": 0},
@@ -29,16 +33,23 @@ CONFIGS = {
 
 def step_seconds(overrides: dict, steps: int) -> float:
     torch.manual_seed(0)
+    overrides = dict(overrides)
+    use_lazy = overrides.pop("lazy", False)
     model = SentimentCNN(30000, **{**BENCHMARK, **overrides})
-    opt = torch.optim.Adam(model.parameters(), 1e-3, foreach=True)
+    tables = {id(p) for p in model.embedding_tables()} if use_lazy else set()
+    opt = torch.optim.Adam([p for p in model.parameters() if id(p) not in tables], 1e-3, foreach=True)
+    lazy = LazyAdam(model.embedding_tables()) if use_lazy else None
     x, y = torch.randint(2, 30000, (50, 256)), torch.randint(0, 2, (50,))
     times = []
     for _ in range(steps + 1):  # the first step allocates the optimizer state: not timed
         t0 = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        sparse = model.sparse_batch(x) if lazy is not None else None
+        loss = torch.nn.functional.cross_entropy(model(x, sparse), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if lazy is not None and sparse is not None:
+            lazy.step(sparse, 1e-3)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
