@@ -90,7 +90,8 @@ def _key(v: Any, by_type: bool) -> Any:
 
 
 def signature(op: OpPlan, args: list[Any], kwargs: dict[str, Any]) -> Any:
-    """A hashable signature of the op's shape-only checks, or None if its checks must run every time."""
+    """A signature of the op's shape-only checks (hashable unless an argument is not: the caller's lookup then
+    raises TypeError), or None if its checks must run every time."""
     plan = op.sig
     if plan is None:
         return None
@@ -98,13 +99,11 @@ def signature(op: OpPlan, args: list[Any], kwargs: dict[str, Any]) -> Any:
     n = len(by_type)
     key: list[Any] = [op]  # the plan: hashed by identity (an OpOverload hashes in Python)
     for i, v in enumerate(args):
-        key.append(_key(v, i < n and by_type[i]))
+        if v.__class__ is _Tensor:  # the common case inline (`_key` keys every tensor the same way)
+            key.append((v.dtype, v.shape, v.stride(), v.storage_offset()))
+        else:
+            key.append(_key(v, i < n and by_type[i]))
     if kwargs:
         for name in sorted(kwargs):
             key.append((name, _key(kwargs[name], name in names)))
-    sig = tuple(key)
-    try:
-        hash(sig)
-    except TypeError:
-        return None
-    return sig
+    return tuple(key)

@@ -24,7 +24,7 @@ from . import checks, cost, guards, sizing
 from .collectives import Collectives
 from .graph import GraphTable
 from .ops import OpTable
-from .sessions import Poison, PoisonedInput, WorkerSession, zero_bytes
+from .sessions import HANDLE_BITS, Poison, PoisonedInput, WorkerSession, zero_bytes
 from .sizing import NO_META, MetaSizer
 from .speedmodel import SpeedModel
 
@@ -59,6 +59,7 @@ class CommandExecutor:
         self.speed: SpeedModel | None = None  # fake GPUs' speed model (server/speedmodel.py), when asked for
         self.piece_bytes = 0  # > 0: a Get answers at most this many bytes per run (workers: bulk.PIECE_BYTES)
         self._op_ids: dict[str, dict[int, str | checks.OpPlan]] = {}  # session id -> compact op id -> its op
+        self._devices: dict[str, torch.device] = {}  # session id -> its torch device (a property builds it anew)
         self._plans: dict[str, checks.OpPlan] = {}  # allowed op name -> its plan
         self._verdicts: dict[Any, int] = {}  # op signature -> new bytes, once its shape-only checks passed
 
@@ -164,19 +165,21 @@ class CommandExecutor:
 
     def _eager_op(self, s: WorkerSession, data: bytes) -> None:
         """A compact eager record (gpupool/compact.py): names are defined once per session, then referred to by id."""
-        dev = s.device.torch_device
-        rec = compact.decode(data, s.resolve, dev)
         table = self._op_ids.get(s.session_id)
         if table is None:
             table = self._op_ids[s.session_id] = {}
-        if rec.name:
-            table[rec.op_id] = rec.name
-        entry = table.get(rec.op_id)
+            self._devices[s.session_id] = s.device.torch_device
+        dev = self._devices[s.session_id]
+        get = None if s.uploads else s.tensors.get  # a half-uploaded handle must go through resolve's check
+        op_id, name, outputs, args, kwargs, handles = compact.decode_parts(data, s.resolve, dev, get)
+        if name:
+            table[op_id] = name
+        entry = table.get(op_id)
         if entry is None:
-            raise InvalidArgument(f"eager op id {rec.op_id} was never defined in this session")
-        if isinstance(entry, str):  # resolved (through the allowlist) on first use; a denied name stays denied
-            entry = table[rec.op_id] = self._plan(entry, s)
-        self._run_op(s, entry, rec.args, rec.kwargs, rec.outputs, lambda: rec.handles, dev)
+            raise InvalidArgument(f"eager op id {op_id} was never defined in this session")
+        if entry.__class__ is str:  # resolved (through the allowlist) on first use; a denied name stays denied
+            entry = table[op_id] = self._plan(entry, s)  # type: ignore[arg-type]
+        self._run_op(s, entry, args, kwargs, outputs, lambda: handles, dev)  # type: ignore[arg-type]
 
     def _plan(self, name: str, s: WorkerSession) -> checks.OpPlan:
         plan = self._plans.get(name)
@@ -201,18 +204,23 @@ class CommandExecutor:
         if plan.takes_device and kwargs.get("device") is None:
             kwargs["device"] = dev  # factories without a device would allocate in host memory
         new_handles = 0
+        tensors, poisoned, number, base = s.tensors, s.poisoned, s.number, s.handle_base
         for h in outputs:
             if h:
-                s.check_handle(h)
-                if h not in s.tensors and h not in s.poisoned:
+                if h >> HANDLE_BITS != number or h == base:
+                    s.check_handle(h)  # raises
+                if h not in tensors and h not in poisoned:
                     new_handles += 1
-        s.admit_handles(new_handles)
+        if new_handles and len(tensors) + len(poisoned) + new_handles > s.max_handles:
+            s.admit_handles(new_handles)  # raises
         sig = checks.signature(plan, args, kwargs)
+        need = None
         if sig is not None:
             sig = (sig, s.quota, s.max_op_flops)  # the verdict of check_inputs and cost.check depends on these
-            need = self._verdicts.get(sig)
-        else:
-            need = None
+            try:
+                need = self._verdicts.get(sig)
+            except TypeError:  # an unhashable value: the checks run every time
+                sig = None
         if need is None:
             guards.check_enums(op, args, kwargs)
             guards.check_inputs(args, kwargs, s.quota)
@@ -272,6 +280,19 @@ class CommandExecutor:
                 dev.set_rng_state(saved)
 
     def _bind_outputs(self, s: WorkerSession, handles: Any, out: Any, dev: torch.device) -> list[int]:
+        if len(handles) == 1 and out.__class__ is torch.Tensor:  # the common case: one new handle, one tensor
+            h = handles[0]
+            if (
+                h
+                and out.layout == torch.strided
+                and not out.is_quantized
+                and not out.is_nested
+                and out.dim() <= MAX_DIMS
+                and h not in s.tensors
+                and h not in s.poisoned
+            ):
+                s.bind_new(h, out)  # _run_op checked and admitted it
+                return handles  # type: ignore[no-any-return]
         values = _slots(out)
         if len(handles) > len(values):
             raise InvalidArgument(f"{len(handles)} output handles given, the op returns {len(values)} values")
