@@ -27,7 +27,7 @@ import torch
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, NotFound, ResourceExhausted
 
-from .graph_build import FILL, GATHER, ONE, Graph, Host, build, flat
+from .graph_build import GATHER, ONE, Graph, Host, build, flat
 from .sessions import Poison, WorkerSession, zero_bytes
 
 log = logging.getLogger(__name__)
@@ -169,11 +169,12 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph) -> No
         _run_cuda(host, s, g, slots)
     else:
         execute(g, slots)
+    rebind = s.rebind  # every handle was checked: outputs above, writes at definition
     for h, slot in zip(msg.outputs, g.outputs, strict=False):
         if h:
-            s.bind(h, slots[slot])
+            rebind(h, slots[slot])
     for h, slot in g.writes.items():
-        s.bind(h, slots[slot])
+        rebind(h, slots[slot])
     if g.mutated:
         s.recount(g.mutated)
 

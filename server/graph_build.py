@@ -112,7 +112,9 @@ class Graph:
 GATHER, ONE, FILL = 0, 1, 2
 # One call as the hot loop runs it: (mode, fn, gather (itemgetter / slot / template), fill, fill_lists, kwargs,
 # kfill, check, the one output slot or 0, the output slots when several (else ()), zero, dead slots).
-Step = tuple[int, Callable[..., Any], Any, Any, Any, dict[str, Any], Any, Any, int, tuple[int, ...], bool, tuple[int, ...]]
+Step = tuple[
+    int, Callable[..., Any], Any, Any, Any, dict[str, Any], Any, Any, int, tuple[int, ...], bool, tuple[int, ...]
+]
 
 
 def compile_calls(calls: list[Call]) -> list[Step]:
@@ -120,6 +122,7 @@ def compile_calls(calls: list[Call]) -> list[Step]:
     decided here, so that a run does no per-op branching on the call's structure beyond one mode test."""
     plan: list[Step] = []
     for c in calls:
+        gather: Any
         slots_only = not c.fill_lists and not c.kfill and len(c.fill) == len(c.args)
         if slots_only and len(c.fill) >= 2 and [pos for pos, _ in c.fill] == list(range(len(c.args))):
             mode, gather = GATHER, operator.itemgetter(*(slot for _, slot in c.fill))

@@ -196,6 +196,15 @@ class WorkerSession:
         self._keys[handle] = key
         self.tensors[handle] = tensor
 
+    def rebind(self, handle: int, tensor: torch.Tensor) -> None:
+        """`bind` for a handle the caller checked (`check_handle`): a captured step's outputs and the tensors it
+        leaves behind, bound again after every run."""
+        if handle in self.tensors:
+            self.unbind(handle)
+        elif self.poisoned.pop(handle, None) is None:
+            self.admit_handles(1)
+        self.bind_new(handle, tensor)
+
     def _count(self, handle: int, storage: torch.UntypedStorage) -> None:
         key = storage._cdata
         entry = self._storages.get(key)
