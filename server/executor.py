@@ -8,8 +8,10 @@ sit between it and the gRPC front without changing either side.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -35,6 +37,10 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 MAX_DIMS = 64
 MAX_VERDICTS = 8192  # cached op signatures (cleared when full)
 
+# With `exclusive_rng`: a default generator (named by the lock that guards it: fake GPUs share the CPU's) -> the
+# session whose stream it holds. One table per process, whatever the number of executors.
+_RNG_OWNER: dict[Any, weakref.ref[WorkerSession]] = {}
+
 Reply = Callable[[device_pb2.ServerFrame | list[bytes]], None]  # a frame, or serialized download frames
 
 
@@ -57,6 +63,9 @@ class CommandExecutor:
         self.graphs = GraphTable(self)  # captured steps (server/graph.py)
         self.collectives = Collectives()  # configured by the daemon (token verifier, peer-facing host)
         self.speed: SpeedModel | None = None  # fake GPUs' speed model (server/speedmodel.py), when asked for
+        # True in a session's own worker process: its random ops leave the session's stream in the device's
+        # generator instead of swapping states per op (`_seeded`).
+        self.exclusive_rng = False
         self.piece_bytes = 0  # > 0: a Get answers at most this many bytes per run (workers: bulk.PIECE_BYTES)
         self._op_ids: dict[str, dict[int, str | checks.OpPlan]] = {}  # session id -> compact op id -> its op
         self._devices: dict[str, torch.device] = {}  # session id -> its torch device (a property builds it anew)
@@ -83,7 +92,7 @@ class CommandExecutor:
             elif kind == "free":
                 s.free(list(cmd.free.handles))
             elif kind == "seed":
-                s.rng_state = s.device.new_rng_state(cmd.seed.seed)
+                self._seed(s, cmd.seed.seed)
             elif kind == "sync":
                 reply(self._sync(s, cmd.sync))
             elif kind == "run_graph":
@@ -267,17 +276,41 @@ class CommandExecutor:
             )
 
     def _seeded(self, s: WorkerSession, op: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """Run a random op on the session's own generator.
+
+        In a session's worker process (`exclusive_rng`) the device's default generator holds the session's stream
+        from its first random op on (`_RNG_OWNER`), and is loaded again only after `torch.manual_seed`: no
+        state is copied per op. Where sessions share a process (`--isolation thread`) every random op swaps the
+        session's state in and the process's own back out, so that nothing else drawing random numbers there
+        ever moves a session's stream."""
         dev = s.device
         with dev.rng_lock:
+            if self.exclusive_rng:
+                ref = _RNG_OWNER.get(dev.rng_lock)
+                if ref is None or ref() is not s:
+                    if s.rng_state is None:
+                        s.rng_state = dev.new_rng_state(secrets.randbits(62))
+                    dev.set_rng_state(s.rng_state)
+                    _RNG_OWNER[dev.rng_lock] = weakref.ref(s)
+                return op(*args, **kwargs)
             saved = dev.get_rng_state()
             if s.rng_state is None:
-                s.rng_state = dev.new_rng_state(int(torch.randint(0, 2**62, ()).item()))
+                s.rng_state = dev.new_rng_state(secrets.randbits(62))
             dev.set_rng_state(s.rng_state)
             try:
                 return op(*args, **kwargs)
             finally:
                 s.rng_state = dev.get_rng_state()
                 dev.set_rng_state(saved)
+
+    def _seed(self, s: WorkerSession, seed: int) -> None:
+        """`torch.manual_seed` of the session: its stream starts again (with `exclusive_rng`, the device's
+        generator is loaded from it at the next random op)."""
+        s.rng_state = s.device.new_rng_state(seed)
+        with s.device.rng_lock:
+            ref = _RNG_OWNER.get(s.device.rng_lock)
+            if ref is not None and ref() is s:
+                del _RNG_OWNER[s.device.rng_lock]
 
     def _bind_outputs(self, s: WorkerSession, handles: Any, out: Any, dev: torch.device) -> list[int]:
         if len(handles) == 1 and out.__class__ is torch.Tensor:  # the common case: one new handle, one tensor
@@ -403,8 +436,6 @@ class CommandExecutor:
             reply.error.CopyFrom(s.error.to_proto())
             s.error = None
         return device_pb2.ServerFrame(request_id=sync.request_id, sync=reply)
-
-
 
 
 def _slots(out: Any) -> list[Any]:
