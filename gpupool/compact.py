@@ -243,6 +243,9 @@ def decode_parts(
             elif tag == INT:
                 args.append(_unpack_i64(data, pos + 1)[0])
                 pos += 9
+            elif tag == NONE:
+                args.append(None)
+                pos += 1
             else:
                 v, pos = _value(data, pos, resolve, device, handles)
                 args.append(v)
@@ -296,7 +299,12 @@ def _value(data: bytes, pos: int, resolve: Resolve, device: torch.device, handle
         pos += 2
         if pos + size * n > len(data):
             raise InvalidArgument(f"malformed eager op: a list of {n} runs past the end")
-        raw = struct.unpack_from(f"<{n}{code}", data, pos)
+        fmt = _LIST_STRUCTS.get((code, n))
+        if fmt is None:
+            fmt = struct.Struct(f"<{n}{code}")
+            if n <= 64:  # the short lists ops take (sizes, dims); longer ones are parsed without a cache
+                _LIST_STRUCTS[(code, n)] = fmt
+        raw = fmt.unpack_from(data, pos)
         pos += size * n
         if tag == TENSORS:
             handles.extend(h for h in raw if h)
@@ -321,6 +329,7 @@ def _value(data: bytes, pos: int, resolve: Resolve, device: torch.device, handle
 
 
 _LISTS = {TENSORS: ("Q", 8), INTS: ("q", 8), FLOATS: ("d", 8), BOOLS: ("B", 1)}
+_LIST_STRUCTS: dict[tuple[str, int], struct.Struct] = {}  # (code, count <= 64) -> its Struct
 _ENUMS: dict[int, tuple[str, dict[int, Any]]] = {
     DTYPE: ("dtype", _DTYPES),
     LAYOUT: ("layout", _LAYOUTS),

@@ -83,6 +83,12 @@ def _key(v: Any, by_type: bool) -> Any:
     if isinstance(v, _Tensor):
         return (v.dtype, v.shape, v.stride(), v.storage_offset())
     if tv is list:
+        if not by_type:  # a list of one plain type (int[] sizes, dims): one tuple, its values keyed with that type
+            types = set(map(type, v))
+            if len(types) == 1:
+                t = types.pop()
+                if t is int or t is float or t is bool:
+                    return (list, t, tuple(v))
         return tuple(_key(x, by_type) for x in v)
     if by_type and (tv is float or tv is int or tv is bool or tv is complex):
         return tv

@@ -406,10 +406,10 @@ def _prebuild(
     # The overload's C++ entry point itself (OpOverload.__call__ is one Python frame around it).
     fn: Callable[..., Any] = guards.replacement(op) or op._op
     if torch.Tag.nondeterministic_seeded in op.tags:
-        seeded = host._seeded
+        seeded, kernel = host._seeded, op._op
 
         def fn(*a: Any, **k: Any) -> Any:
-            return seeded(s, op, list(a), k)
+            return seeded(s, kernel, a, k)  # type: ignore[arg-type]
 
     check = None
     if value_guard:
