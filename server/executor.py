@@ -250,13 +250,14 @@ class CommandExecutor:
             s.admit(need)
         used_before = s.used
         run = plan.run
-        started = time.perf_counter()
+        speed = self.speed if self.speed is not None and self.speed.active else None
+        started = time.perf_counter() if speed is not None else 0.0
         if plan.seeded:
             out = self._seeded(s, run, args, kwargs)
         else:
-            out = run(*args, **kwargs)
-        if self.speed is not None and self.speed.active:
-            self.speed.hold_op(op, args, kwargs, out, started)
+            out = run(*args, **kwargs) if kwargs else run(*args)
+        if speed is not None:
+            speed.hold_op(op, args, kwargs, out, started)
         s.ops += 1
         self.ledger.op(s)
         if plan.mutable:
