@@ -24,7 +24,7 @@ import torch
 from gpupool.server import slices
 from gpupool.server.devices import FakeDevice
 from gpupool.server.executor import CommandExecutor
-from gpupool.server.sessions import DeviceMemory, Session
+from gpupool.server.sessions import DeviceMemory, WorkerSession
 
 from gpupool._proto import device_pb2, tensor_pb2
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     dev = FakeDevice(0, "bench", 1 << 32)
-    s = Session("bench", 1, dev, DeviceMemory(dev), 1 << 31)
+    s = WorkerSession("bench", 1, dev, DeviceMemory(dev), 1 << 31)
     ex = CommandExecutor(slices.SliceLedger())
     ex.warm_up()
     handles = iter(range((1 << 32) + 1, (1 << 32) + 10**8))
@@ -107,7 +107,7 @@ def _time_calls(fn: Callable[[], Any], n: int) -> float:
     return (time.thread_time() - start) / n
 
 
-def _time_commands(ex: CommandExecutor, s: Session, commands: list[device_pb2.Command]) -> float:
+def _time_commands(ex: CommandExecutor, s: WorkerSession, commands: list[device_pb2.Command]) -> float:
     start = time.thread_time()
     for c in commands:
         ex.execute(s, c, _no_reply)

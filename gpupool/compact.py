@@ -187,10 +187,13 @@ def read_head(data: bytes) -> tuple[int, int, str, list[int]]:
         name = _text(data, 5, n) if n else ""
         pos = 5 + n
         count = data[pos] if pos < len(data) else _short(pos)
-        outputs = list(struct.unpack_from(f"<{count}Q", data, pos + 1))
+        outputs = list(_OUTS[count].unpack_from(data, pos + 1))
     except struct.error:
         raise InvalidArgument("malformed eager op: truncated head") from None
     return pos + 1 + 8 * count, op_id, name, outputs
+
+
+_OUTS = [struct.Struct(f"<{n}Q") for n in range(256)]  # a u8 count of output handles
 
 
 def _short(pos: int) -> int:
@@ -207,21 +210,47 @@ def outputs_of(data: bytes) -> list[int]:
 
 def decode(data: bytes, resolve: Resolve, device: torch.device) -> Record:
     """Parse a whole record; tensor handles go through `resolve` (ownership checks), devices become `device`."""
-    pos, op_id, name, outputs = read_head(data)
     rec = Record()
-    rec.op_id, rec.name, rec.outputs = op_id, name, outputs
+    rec.op_id, rec.name, rec.outputs, rec.args, rec.kwargs, rec.handles = decode_parts(data, resolve, device)
+    return rec
+
+
+def decode_parts(
+    data: bytes, resolve: Resolve, device: torch.device, get: Callable[[int], Any] | None = None
+) -> tuple[int, str, list[int], list[Any], dict[str, Any], list[int]]:
+    """`decode` without the Record: (op id, defined name or "", outputs, args, kwargs, handles). `get`, when
+    given, looks a handle up first (the session's dict of live tensors); `resolve` runs for what it misses
+    (its errors: foreign, unknown, failed or half-uploaded handles). The daemon's hot path."""
+    pos, op_id, name, outputs = read_head(data)
     end = len(data)
-    handles = rec.handles
+    handles: list[int] = []
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
     try:
-        args = rec.args
         n = data[pos] if pos < end else _short(pos)
         pos += 1
         for _ in range(n):
-            v, pos = _value(data, pos, resolve, device, handles)
-            args.append(v)
+            tag = data[pos] if pos < end else _short(pos)
+            if tag == TENSOR:  # the common tags inline; the rest (and every error) in _value
+                (h,) = _unpack_u64(data, pos + 1)
+                handles.append(h)
+                t = get(h) if get is not None else None
+                args.append(t if t is not None else resolve(h))
+                pos += 9
+            elif tag == FLOAT:
+                args.append(_unpack_f64(data, pos + 1)[0])
+                pos += 9
+            elif tag == INT:
+                args.append(_unpack_i64(data, pos + 1)[0])
+                pos += 9
+            elif tag == NONE:
+                args.append(None)
+                pos += 1
+            else:
+                v, pos = _value(data, pos, resolve, device, handles)
+                args.append(v)
         n = data[pos] if pos < end else _short(pos)
         pos += 1
-        kwargs = rec.kwargs
         for _ in range(n):
             k = data[pos] if pos < end else _short(pos)
             if k == 0:
@@ -234,7 +263,7 @@ def decode(data: bytes, resolve: Resolve, device: torch.device) -> Record:
         raise InvalidArgument(f"malformed eager op: truncated after byte {pos}") from None
     if pos != end:
         raise InvalidArgument(f"malformed eager op: {end - pos} bytes after its end")
-    return rec
+    return op_id, name, outputs, args, kwargs, handles
 
 
 _unpack_u64 = U64.unpack_from
@@ -270,7 +299,12 @@ def _value(data: bytes, pos: int, resolve: Resolve, device: torch.device, handle
         pos += 2
         if pos + size * n > len(data):
             raise InvalidArgument(f"malformed eager op: a list of {n} runs past the end")
-        raw = struct.unpack_from(f"<{n}{code}", data, pos)
+        fmt = _LIST_STRUCTS.get((code, n))
+        if fmt is None:
+            fmt = struct.Struct(f"<{n}{code}")
+            if n <= 64:  # the short lists ops take (sizes, dims); longer ones are parsed without a cache
+                _LIST_STRUCTS[(code, n)] = fmt
+        raw = fmt.unpack_from(data, pos)
         pos += size * n
         if tag == TENSORS:
             handles.extend(h for h in raw if h)
@@ -295,6 +329,7 @@ def _value(data: bytes, pos: int, resolve: Resolve, device: torch.device, handle
 
 
 _LISTS = {TENSORS: ("Q", 8), INTS: ("q", 8), FLOATS: ("d", 8), BOOLS: ("B", 1)}
+_LIST_STRUCTS: dict[tuple[str, int], struct.Struct] = {}  # (code, count <= 64) -> its Struct
 _ENUMS: dict[int, tuple[str, dict[int, Any]]] = {
     DTYPE: ("dtype", _DTYPES),
     LAYOUT: ("layout", _LAYOUTS),

@@ -83,6 +83,12 @@ def _key(v: Any, by_type: bool) -> Any:
     if isinstance(v, _Tensor):
         return (v.dtype, v.shape, v.stride(), v.storage_offset())
     if tv is list:
+        if not by_type:  # a list of one plain type (int[] sizes, dims): one tuple, its values keyed with that type
+            types = set(map(type, v))
+            if len(types) == 1:
+                t = types.pop()
+                if t is int or t is float or t is bool:
+                    return (list, t, tuple(v))
         return tuple(_key(x, by_type) for x in v)
     if by_type and (tv is float or tv is int or tv is bool or tv is complex):
         return tv
@@ -90,7 +96,8 @@ def _key(v: Any, by_type: bool) -> Any:
 
 
 def signature(op: OpPlan, args: list[Any], kwargs: dict[str, Any]) -> Any:
-    """A hashable signature of the op's shape-only checks, or None if its checks must run every time."""
+    """A signature of the op's shape-only checks (hashable unless an argument is not: the caller's lookup then
+    raises TypeError), or None if its checks must run every time."""
     plan = op.sig
     if plan is None:
         return None
@@ -98,13 +105,11 @@ def signature(op: OpPlan, args: list[Any], kwargs: dict[str, Any]) -> Any:
     n = len(by_type)
     key: list[Any] = [op]  # the plan: hashed by identity (an OpOverload hashes in Python)
     for i, v in enumerate(args):
-        key.append(_key(v, i < n and by_type[i]))
+        if v.__class__ is _Tensor:  # the common case inline (`_key` keys every tensor the same way)
+            key.append((v.dtype, v.shape, v.stride(), v.storage_offset()))
+        else:
+            key.append(_key(v, i < n and by_type[i]))
     if kwargs:
         for name in sorted(kwargs):
             key.append((name, _key(kwargs[name], name in names)))
-    sig = tuple(key)
-    try:
-        hash(sig)
-    except TypeError:
-        return None
-    return sig
+    return tuple(key)

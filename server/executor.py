@@ -8,8 +8,10 @@ sit between it and the gRPC front without changing either side.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -24,7 +26,7 @@ from . import checks, cost, guards, sizing
 from .collectives import Collectives
 from .graph import GraphTable
 from .ops import OpTable
-from .sessions import Poison, PoisonedInput, WorkerSession, zero_bytes
+from .sessions import HANDLE_BITS, Poison, PoisonedInput, WorkerSession, zero_bytes
 from .sizing import NO_META, MetaSizer
 from .speedmodel import SpeedModel
 
@@ -34,6 +36,10 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 MAX_DIMS = 64
 MAX_VERDICTS = 8192  # cached op signatures (cleared when full)
+
+# With `exclusive_rng`: a default generator (named by the lock that guards it: fake GPUs share the CPU's) -> the
+# session whose stream it holds. One table per process, whatever the number of executors.
+_RNG_OWNER: dict[Any, weakref.ref[WorkerSession]] = {}
 
 Reply = Callable[[device_pb2.ServerFrame | list[bytes]], None]  # a frame, or serialized download frames
 
@@ -57,8 +63,12 @@ class CommandExecutor:
         self.graphs = GraphTable(self)  # captured steps (server/graph.py)
         self.collectives = Collectives()  # configured by the daemon (token verifier, peer-facing host)
         self.speed: SpeedModel | None = None  # fake GPUs' speed model (server/speedmodel.py), when asked for
+        # True in a session's own worker process: its random ops leave the session's stream in the device's
+        # generator instead of swapping states per op (`_seeded`).
+        self.exclusive_rng = False
         self.piece_bytes = 0  # > 0: a Get answers at most this many bytes per run (workers: bulk.PIECE_BYTES)
         self._op_ids: dict[str, dict[int, str | checks.OpPlan]] = {}  # session id -> compact op id -> its op
+        self._devices: dict[str, torch.device] = {}  # session id -> its torch device (a property builds it anew)
         self._plans: dict[str, checks.OpPlan] = {}  # allowed op name -> its plan
         self._verdicts: dict[Any, int] = {}  # op signature -> new bytes, once its shape-only checks passed
 
@@ -82,7 +92,7 @@ class CommandExecutor:
             elif kind == "free":
                 s.free(list(cmd.free.handles))
             elif kind == "seed":
-                s.rng_state = s.device.new_rng_state(cmd.seed.seed)
+                self._seed(s, cmd.seed.seed)
             elif kind == "sync":
                 reply(self._sync(s, cmd.sync))
             elif kind == "run_graph":
@@ -164,19 +174,21 @@ class CommandExecutor:
 
     def _eager_op(self, s: WorkerSession, data: bytes) -> None:
         """A compact eager record (gpupool/compact.py): names are defined once per session, then referred to by id."""
-        dev = s.device.torch_device
-        rec = compact.decode(data, s.resolve, dev)
         table = self._op_ids.get(s.session_id)
         if table is None:
             table = self._op_ids[s.session_id] = {}
-        if rec.name:
-            table[rec.op_id] = rec.name
-        entry = table.get(rec.op_id)
+            self._devices[s.session_id] = s.device.torch_device
+        dev = self._devices[s.session_id]
+        get = None if s.uploads else s.tensors.get  # a half-uploaded handle must go through resolve's check
+        op_id, name, outputs, args, kwargs, handles = compact.decode_parts(data, s.resolve, dev, get)
+        if name:
+            table[op_id] = name
+        entry = table.get(op_id)
         if entry is None:
-            raise InvalidArgument(f"eager op id {rec.op_id} was never defined in this session")
-        if isinstance(entry, str):  # resolved (through the allowlist) on first use; a denied name stays denied
-            entry = table[rec.op_id] = self._plan(entry, s)
-        self._run_op(s, entry, rec.args, rec.kwargs, rec.outputs, lambda: rec.handles, dev)
+            raise InvalidArgument(f"eager op id {op_id} was never defined in this session")
+        if entry.__class__ is str:  # resolved (through the allowlist) on first use; a denied name stays denied
+            entry = table[op_id] = self._plan(entry, s)  # type: ignore[arg-type]
+        self._run_op(s, entry, args, kwargs, outputs, lambda: handles, dev)  # type: ignore[arg-type]
 
     def _plan(self, name: str, s: WorkerSession) -> checks.OpPlan:
         plan = self._plans.get(name)
@@ -201,18 +213,23 @@ class CommandExecutor:
         if plan.takes_device and kwargs.get("device") is None:
             kwargs["device"] = dev  # factories without a device would allocate in host memory
         new_handles = 0
+        tensors, poisoned, number, base = s.tensors, s.poisoned, s.number, s.handle_base
         for h in outputs:
             if h:
-                s.check_handle(h)
-                if h not in s.tensors and h not in s.poisoned:
+                if h >> HANDLE_BITS != number or h == base:
+                    s.check_handle(h)  # raises
+                if h not in tensors and h not in poisoned:
                     new_handles += 1
-        s.admit_handles(new_handles)
+        if new_handles and len(tensors) + len(poisoned) + new_handles > s.max_handles:
+            s.admit_handles(new_handles)  # raises
         sig = checks.signature(plan, args, kwargs)
+        need = None
         if sig is not None:
             sig = (sig, s.quota, s.max_op_flops)  # the verdict of check_inputs and cost.check depends on these
-            need = self._verdicts.get(sig)
-        else:
-            need = None
+            try:
+                need = self._verdicts.get(sig)
+            except TypeError:  # an unhashable value: the checks run every time
+                sig = None
         if need is None:
             guards.check_enums(op, args, kwargs)
             guards.check_inputs(args, kwargs, s.quota)
@@ -233,13 +250,14 @@ class CommandExecutor:
             s.admit(need)
         used_before = s.used
         run = plan.run
-        started = time.perf_counter()
+        speed = self.speed if self.speed is not None and self.speed.active else None
+        started = time.perf_counter() if speed is not None else 0.0
         if plan.seeded:
             out = self._seeded(s, run, args, kwargs)
         else:
-            out = run(*args, **kwargs)
-        if self.speed is not None and self.speed.active:
-            self.speed.hold_op(op, args, kwargs, out, started)
+            out = run(*args, **kwargs) if kwargs else run(*args)
+        if speed is not None:
+            speed.hold_op(op, args, kwargs, out, started)
         s.ops += 1
         self.ledger.op(s)
         if plan.mutable:
@@ -259,11 +277,26 @@ class CommandExecutor:
             )
 
     def _seeded(self, s: WorkerSession, op: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """Run a random op on the session's own generator.
+
+        In a session's worker process (`exclusive_rng`) the device's default generator holds the session's stream
+        from its first random op on (`_RNG_OWNER`), and is loaded again only after `torch.manual_seed`: no
+        state is copied per op. Where sessions share a process (`--isolation thread`) every random op swaps the
+        session's state in and the process's own back out, so that nothing else drawing random numbers there
+        ever moves a session's stream."""
         dev = s.device
         with dev.rng_lock:
+            if self.exclusive_rng:
+                ref = _RNG_OWNER.get(dev.rng_lock)
+                if ref is None or ref() is not s:
+                    if s.rng_state is None:
+                        s.rng_state = dev.new_rng_state(secrets.randbits(62))
+                    dev.set_rng_state(s.rng_state)
+                    _RNG_OWNER[dev.rng_lock] = weakref.ref(s)
+                return op(*args, **kwargs)
             saved = dev.get_rng_state()
             if s.rng_state is None:
-                s.rng_state = dev.new_rng_state(int(torch.randint(0, 2**62, ()).item()))
+                s.rng_state = dev.new_rng_state(secrets.randbits(62))
             dev.set_rng_state(s.rng_state)
             try:
                 return op(*args, **kwargs)
@@ -271,7 +304,29 @@ class CommandExecutor:
                 s.rng_state = dev.get_rng_state()
                 dev.set_rng_state(saved)
 
+    def _seed(self, s: WorkerSession, seed: int) -> None:
+        """`torch.manual_seed` of the session: its stream starts again (with `exclusive_rng`, the device's
+        generator is loaded from it at the next random op)."""
+        s.rng_state = s.device.new_rng_state(seed)
+        with s.device.rng_lock:
+            ref = _RNG_OWNER.get(s.device.rng_lock)
+            if ref is not None and ref() is s:
+                del _RNG_OWNER[s.device.rng_lock]
+
     def _bind_outputs(self, s: WorkerSession, handles: Any, out: Any, dev: torch.device) -> list[int]:
+        if len(handles) == 1 and out.__class__ is torch.Tensor:  # the common case: one new handle, one tensor
+            h = handles[0]
+            if (
+                h
+                and out.layout == torch.strided
+                and not out.is_quantized
+                and not out.is_nested
+                and out.dim() <= MAX_DIMS
+                and h not in s.tensors
+                and h not in s.poisoned
+            ):
+                s.bind_new(h, out)  # _run_op checked and admitted it
+                return handles  # type: ignore[no-any-return]
         values = _slots(out)
         if len(handles) > len(values):
             raise InvalidArgument(f"{len(handles)} output handles given, the op returns {len(values)} values")
@@ -382,8 +437,6 @@ class CommandExecutor:
             reply.error.CopyFrom(s.error.to_proto())
             s.error = None
         return device_pb2.ServerFrame(request_id=sync.request_id, sync=reply)
-
-
 
 
 def _slots(out: Any) -> list[Any]:

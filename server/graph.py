@@ -27,7 +27,7 @@ import torch
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, NotFound, ResourceExhausted
 
-from .graph_build import Graph, Host, build, flat
+from .graph_build import GATHER, ONE, Graph, Host, build, flat
 from .sessions import Poison, WorkerSession, zero_bytes
 
 log = logging.getLogger(__name__)
@@ -169,11 +169,12 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph) -> No
         _run_cuda(host, s, g, slots)
     else:
         execute(g, slots)
+    rebind = s.rebind  # every handle was checked: outputs above, writes at definition
     for h, slot in zip(msg.outputs, g.outputs, strict=False):
         if h:
-            s.bind(h, slots[slot])
+            rebind(h, slots[slot])
     for h, slot in g.writes.items():
-        s.bind(h, slots[slot])
+        rebind(h, slots[slot])
     if g.mutated:
         s.recount(g.mutated)
 
@@ -195,38 +196,40 @@ def _by_value(g: Graph, i: int, data: Any, dev: torch.device) -> torch.Tensor:
 
 
 def execute(g: Graph, slots: list[Any]) -> None:
-    """The hot loop: no protobuf, no name lookups, no argument checks beyond the value guards."""
+    """The hot loop: no protobuf, no name lookups, no argument checks beyond the value guards. Each step's
+    structure was decided at definition (graph_build.compile_calls)."""
     i = 0
     try:
-        for i, c in enumerate(g.calls):  # noqa: B007 - `i` names the failed op below
-            if c.fill or c.fill_lists:
-                args = c.args.copy()
-                for pos, slot in c.fill:
-                    args[pos] = slots[slot]
-                for pos, lst in c.fill_lists:
-                    args[pos] = [slots[x] if x else None for x in lst]
+        for i, (mode, fn, gather, fill, fill_lists, kwargs, kfill, check, out1, outs, zero, dead) in enumerate(g.plan):  # noqa: B007
+            if mode == GATHER:
+                args = gather(slots)
+            elif mode == ONE:
+                args = (slots[gather],)
             else:
-                args = c.args
-            kwargs = c.kwargs
-            if c.kfill:
+                args = gather.copy()
+                for pos, slot in fill:
+                    args[pos] = slots[slot]
+                for pos, lst in fill_lists:
+                    args[pos] = [slots[x] if x else None for x in lst]
+            if kfill:
                 kwargs = dict(kwargs)
-                for name, ref in c.kfill:
+                for name, ref in kfill:
                     kwargs[name] = [slots[x] if x else None for x in ref] if isinstance(ref, list) else slots[ref]
-            if c.check is not None:
-                c.check(args, kwargs)
-            out = c.fn(*args, **kwargs)
-            if c.single:
-                slots[c.outs[0]] = out
-            elif c.outs:
-                for slot, value in zip(c.outs, flat(out), strict=False):
+            if check is not None:
+                check(list(args), kwargs)
+            out = fn(*args, **kwargs) if kwargs else fn(*args)
+            if out1:
+                slots[out1] = out
+            elif outs:
+                for slot, value in zip(outs, flat(out), strict=False):
                     if slot:
                         slots[slot] = value
-            if c.zero:
-                for slot in c.outs:
+            if zero:
+                for slot in (out1,) if out1 else outs:
                     if slot:
                         st = slots[slot].untyped_storage()
                         zero_bytes(st, 0, st.nbytes())
-            for slot in c.dead:
+            for slot in dead:
                 slots[slot] = None
     except GpupoolError as exc:
         raise type(exc)(f"graph {g.graph_id} op {i} ({g.calls[i].name}): {exc.message}") from None

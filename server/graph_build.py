@@ -14,6 +14,7 @@ graph.py's part.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -103,6 +104,39 @@ class Graph:
     runs: int = 0
     cuda: Any = None
     cuda_failed: bool = False
+    plan: list[Step] = field(default_factory=list)  # the calls as graph.execute runs them (`compile_calls`)
+
+
+# How a step gathers its positional arguments (graph.execute): all from slots (two or more, by one
+# itemgetter), one slot alone, or a template with slots filled in (constants, lists of slots, keyword slots).
+GATHER, ONE, FILL = 0, 1, 2
+# One call as the hot loop runs it: (mode, fn, gather (itemgetter / slot / template), fill, fill_lists, kwargs,
+# kfill, check, the one output slot or 0, the output slots when several (else ()), zero, dead slots).
+Step = tuple[
+    int, Callable[..., Any], Any, Any, Any, dict[str, Any], Any, Any, int, tuple[int, ...], bool, tuple[int, ...]
+]
+
+
+def compile_calls(calls: list[Call]) -> list[Step]:
+    """The hot loop's form of each call: what can be decided once (how to gather arguments, where outputs go) is
+    decided here, so that a run does no per-op branching on the call's structure beyond one mode test."""
+    plan: list[Step] = []
+    for c in calls:
+        gather: Any
+        slots_only = not c.fill_lists and not c.kfill and len(c.fill) == len(c.args)
+        if slots_only and len(c.fill) >= 2 and [pos for pos, _ in c.fill] == list(range(len(c.args))):
+            mode, gather = GATHER, operator.itemgetter(*(slot for _, slot in c.fill))
+        elif slots_only and len(c.fill) == 1:
+            mode, gather = ONE, c.fill[0][1]
+        else:
+            mode, gather = FILL, c.args
+        out1 = c.outs[0] if c.single else 0
+        outs = () if c.single or not any(c.outs) else tuple(c.outs)
+        plan.append(
+            (mode, c.fn, gather, tuple(c.fill), tuple(c.fill_lists), c.kwargs, tuple(c.kfill), c.check, out1, outs,
+             c.zero, tuple(c.dead))
+        )  # fmt: skip
+    return plan
 
 
 # ---- definition ----
@@ -230,7 +264,7 @@ def build(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Graph:
         calls[at].dead.append(slot)
     input_bytes = [_nbytes(m) for m in input_meta]
     contiguous = [_contiguous(m) for m in input_meta]
-    return Graph(
+    graph = Graph(
         msg.graph_id,
         n_slots,
         input_meta,
@@ -245,6 +279,8 @@ def build(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Graph:
         peak + sum(b for b, c in zip(input_bytes, contiguous, strict=True) if c),
         dev,
     )
+    graph.plan = compile_calls(calls)
+    return graph
 
 
 def _nbytes(m: Meta) -> int:
@@ -370,10 +406,10 @@ def _prebuild(
     # The overload's C++ entry point itself (OpOverload.__call__ is one Python frame around it).
     fn: Callable[..., Any] = guards.replacement(op) or op._op
     if torch.Tag.nondeterministic_seeded in op.tags:
-        seeded = host._seeded
+        seeded, kernel = host._seeded, op._op
 
         def fn(*a: Any, **k: Any) -> Any:
-            return seeded(s, op, list(a), k)
+            return seeded(s, kernel, a, k)  # type: ignore[arg-type]
 
     check = None
     if value_guard:

@@ -181,6 +181,30 @@ class WorkerSession:
         self._count(handle, tensor.untyped_storage())
         self.tensors[handle] = tensor
 
+    def bind_new(self, handle: int, tensor: torch.Tensor) -> None:
+        """`bind` for a handle the caller checked (`check_handle`), admitted (`admit_handles`) and found neither
+        live nor failed: the eager ops' and graph runs' hot path."""
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        entry = self._storages.get(key)
+        if entry is None:
+            nbytes = storage.nbytes()
+            self._storages[key] = [1, nbytes]
+            self._account(nbytes)
+        else:
+            entry[0] += 1
+        self._keys[handle] = key
+        self.tensors[handle] = tensor
+
+    def rebind(self, handle: int, tensor: torch.Tensor) -> None:
+        """`bind` for a handle the caller checked (`check_handle`): a captured step's outputs and the tensors it
+        leaves behind, bound again after every run."""
+        if handle in self.tensors:
+            self.unbind(handle)
+        elif self.poisoned.pop(handle, None) is None:
+            self.admit_handles(1)
+        self.bind_new(handle, tensor)
+
     def _count(self, handle: int, storage: torch.UntypedStorage) -> None:
         key = storage._cdata
         entry = self._storages.get(key)

@@ -259,6 +259,7 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     if spec.cpu_threads > 0:
         torch.set_num_threads(spec.cpu_threads)
     state = _SessionState(spec)  # on a real GPU this creates the worker's own CUDA context
+    state.executor.exclusive_rng = True  # this process serves one session: its generator holds the session's stream
     if not state.device.fake:
         _warm_cuda(state.device)
     limit = spec.memory_limit and _vm_data() + spec.memory_limit

@@ -152,3 +152,20 @@ def test_fuzz_only_records_or_invalid_argument(data: st.DataObject) -> None:
     except InvalidArgument:
         return
     assert 0 <= rec.op_id < compact.MAX_OP_IDS and len(rec.outputs) <= 255
+
+
+def test_decode_parts_finds_live_handles_first_and_resolves_the_rest() -> None:
+    """The daemon's hot path: `get` (the session's dict of live tensors) answers first; a handle it misses goes
+    through `resolve`, whose errors (unknown, foreign, half-uploaded handles) stand."""
+    live = {7: torch.full((2,), 5.0)}
+    data = record(None, [9], [compact.tensor(7), compact.tensor(8), compact.encode_value(2.5)], {})
+    op_id, name, outputs, args, kwargs, handles = compact.decode_parts(data, resolve, DEV, live.get)
+    assert (op_id, name, outputs, kwargs, handles) == (3, "", [9], {}, [7, 8])
+    assert args[0] is live[7] and args[1] is TENSORS[8] and args[2] == 2.5
+    with pytest.raises(InvalidArgument, match="unknown handle 99"):
+        compact.decode_parts(record(None, [], [compact.tensor(99)], {}), resolve, DEV, live.get)
+    rec = compact.decode(data, resolve, DEV)  # the Record form reads the same
+    assert (rec.op_id, rec.outputs, rec.handles, rec.args[2]) == (3, [9], [7, 8], 2.5)
+    for n in range(len(data)):  # truncations inside the inline tags are refused too
+        with pytest.raises(InvalidArgument):
+            compact.decode_parts(data[:n], resolve, DEV, live.get)

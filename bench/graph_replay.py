@@ -1,0 +1,197 @@
+"""The worker's cost per replayed op of a captured step, over the bare kernels: `RunGraph` in-process on a fake GPU.
+
+A launch_bound workload (tiny MLP, tiny encoder, ...) is captured through a real daemon (`gpupool.torch.capture`,
+Adam with capturable=True); its DefineGraph, its persistent tensors and one RunGraph's by-value inputs are saved,
+and a second process replays that graph with `CommandExecutor.execute` (what a session's worker runs per step)
+against the same kernels called bare with the arguments the replay gave them, interleaved. The difference per op
+is what the replay adds: input and persistent-tensor checks, slot filling, dead-slot drops, binding outputs and
+kept tensors, memory accounting. CPU time of the thread (`time.thread_time`); the min of --repeats runs counts
+(a loaded box inflates single runs; the min moves least).
+
+    python bench/graph_replay.py                                    # tiny-mlp and encoder, ~2 min
+    python bench/graph_replay.py --models classifier --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def dump(model_name: str, out: str) -> None:
+    """Capture the workload's step through a daemon; save the graph, its persistent tensors and one run's inputs."""
+    from gpupool.client.torch import runtime
+    from gpupool.client.torch.tensor import RemoteTensor
+    from launch_bound import workload
+    from train_overhead import bench_daemons
+
+    import gpupool.torch as gt
+    from gpupool._proto import device_pb2
+
+    torch.set_num_threads(1)
+    saved: dict[str, Any] = {}
+    with bench_daemons(1) as daemons:
+        remote = daemons.remote()
+        device = gt.attach(remote["address"], remote["token"])
+        rt = runtime.get(device.index)
+        model, data, loss_fn = workload(model_name)
+        model = model.to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3, device=device), capturable=True)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        define, run = rt.define_graph, rt.run_graph
+
+        def define_graph(msg: Any) -> None:
+            saved["define"] = msg.SerializeToString()
+            define(msg)
+
+        def run_graph(graph_id: int, inputs: Any, outputs: Any, drops: Any, data: Any = (), flush: bool = True) -> None:
+            saved.setdefault("run", (list(inputs), [bytes(x) for x in data], len(outputs)))
+            run(graph_id, inputs, outputs, drops, data, flush)
+
+        rt.define_graph, rt.run_graph = define_graph, run_graph  # type: ignore[method-assign]
+        captured = gt.capture(step)
+        for i in range(6):
+            captured(*data[i % 4]).item()
+        want = set(device_pb2.DefineGraph.FromString(saved["define"]).persistent)
+        tensors = {}
+        for o in gc.get_objects():
+            if isinstance(o, RemoteTensor) and o._gp_h in want and o._gp_h not in tensors:
+                tensors[o._gp_h] = o.detach().cpu().clone()
+        torch.save({"define": saved["define"], "run": saved["run"], "tensors": tensors}, out)
+
+
+def replay(path: str, steps: int, repeats: int) -> str:
+    from gpupool.server import graph, slices
+    from gpupool.server.devices import FakeDevice
+    from gpupool.server.executor import CommandExecutor
+    from gpupool.server.sessions import DeviceMemory, WorkerSession
+
+    from gpupool._proto import device_pb2
+
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    d = torch.load(path)
+    msg = device_pb2.DefineGraph.FromString(d["define"])
+    number = next(iter(d["tensors"])) >> 32
+    dev = FakeDevice(0, "bench", 1 << 34)
+    s = WorkerSession("bench", number, dev, DeviceMemory(dev), 1 << 33)
+    ex = CommandExecutor(slices.SliceLedger())
+    ex.exclusive_rng = True  # as in a session's worker process
+    ex.warm_up()
+    for h, t in d["tensors"].items():
+        s.bind(h, t.clone())
+    ex.execute(s, device_pb2.Command(define_graph=msg), _no_reply)
+    if s.error is not None:
+        raise SystemExit(f"definition failed: {s.error}")
+    inputs, data, n_out = d["run"]
+    handles = iter(range((number << 32) + (1 << 28), (number << 32) + (1 << 31)))
+
+    def command() -> Any:
+        run = device_pb2.RunGraph(graph_id=msg.graph_id, inputs=inputs, outputs=[next(handles) for _ in range(n_out)])
+        run.input_data.extend(data)
+        return device_pb2.Command(run_graph=run)
+
+    calls: list[tuple[Any, Any, Any]] = []  # (kernel, args, kwargs) of one replay, for the bare column
+    original = graph.execute
+
+    def spy(g: Any, slots: list[Any]) -> None:
+        saved = list(g.plan) if hasattr(g, "plan") else None
+        if saved is not None:
+            for j, st in enumerate(g.plan):
+                g.plan[j] = (st[0], _recording(st[1], calls), *st[2:])
+        else:  # a checkout whose Graph has no plan: its calls
+            saved_fns = [c.fn for c in g.calls]
+            for c in g.calls:
+                c.fn = _recording(c.fn, calls)
+        try:
+            original(g, slots)
+        finally:
+            if saved is not None:
+                g.plan[:] = saved
+            else:
+                for c, fn in zip(g.calls, saved_fns, strict=True):
+                    c.fn = fn
+
+    graph.execute = spy
+    first = command()
+    ex.execute(s, first, _no_reply)
+    graph.execute = original
+    n_ops = len(calls)
+    res: dict[str, list[float]] = {"bare": [], "graph": []}
+    for _ in range(repeats):
+        cmds = [command() for _ in range(steps)]
+        start = time.thread_time()
+        for _ in range(steps):
+            for fn, a, k in calls:
+                fn(*a, **k)
+        res["bare"].append((time.thread_time() - start) / steps)
+        start = time.thread_time()
+        for c in cmds:
+            ex.execute(s, c, _no_reply)
+        res["graph"].append((time.thread_time() - start) / steps)
+        if s.error is not None:
+            raise SystemExit(f"replay failed: {s.error}")
+        for c in cmds:
+            s.free(list(c.run_graph.outputs))
+    bare, run = min(res["bare"]), min(res["graph"])
+    med = statistics.median(res["graph"]) / statistics.median(res["bare"])
+    return (f"{n_ops:5d} ops  bare {bare * 1e3:7.3f} ms/step  replay {run * 1e3:7.3f} ms/step  "
+            f"{(run - bare) / n_ops * 1e6:+6.2f} us/op  ratio {run / bare:.3f} (medians: {med:.3f})")  # fmt: skip
+
+
+def _recording(fn: Any, calls: list[tuple[Any, Any, Any]]) -> Any:
+    def rec(*a: Any, **k: Any) -> Any:
+        calls.append((fn, a, k))
+        return fn(*a, **k)
+
+    return rec
+
+
+def _no_reply(item: Any) -> None:
+    raise AssertionError("graph commands are not answered")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="tiny-mlp,encoder", help="comma-separated launch_bound workloads")
+    p.add_argument("--steps", type=int, default=50, help="replays per measurement")
+    p.add_argument("--repeats", type=int, default=7, help="measurements (the min counts)")
+    p.add_argument("--dump", nargs=2, metavar=("MODEL", "FILE"), help=argparse.SUPPRESS)
+    p.add_argument("--replay", metavar="FILE", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.dump:
+        dump(*args.dump)
+        return 0
+    if args.replay:
+        print(replay(args.replay, args.steps, args.repeats))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models.split(","):
+            path = str(Path(tmp) / f"{model}.pt")
+            subprocess.run([sys.executable, __file__, "--dump", model, path], check=True, capture_output=True)
+            argv = ["--replay", path, "--steps", str(args.steps), "--repeats", str(args.repeats)]
+            out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True, text=True)
+            print(f"{model:10s} {out.stdout.strip()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
