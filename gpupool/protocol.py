@@ -11,6 +11,7 @@ Values and tensors <-> protobuf are in `gpupool.wire`; statuses and errors in `g
 
 from __future__ import annotations
 
+import functools
 from enum import StrEnum
 from typing import Any
 
@@ -95,3 +96,22 @@ def chunk_frame(head: bytes, chunk: device_pb2.TensorChunk, data: memoryview | b
     data_head = _CHUNK_DATA_TAG + varint(len(data))
     body_len = len(small) + len(data_head) + len(data)
     return b"".join((head, _FRAME_CHUNK_TAG, varint(body_len), small, data_head, data))
+
+
+THP_DEFRAG = "/sys/kernel/mm/transparent_hugepage/defrag"
+
+
+@functools.cache
+def huge_pages_are_cheap(defrag_file: str = THP_DEFRAG) -> bool:
+    """Whether asking Linux for transparent huge pages (madvise) under a fresh transfer buffer pays: only when
+    its defrag policy never compacts memory in the page fault for madvised regions ("defer" or "never").
+    Under the common "madvise" policy (and "always", "defer+madvise") each fault of a fragmented host
+    compacts memory first: on the development box that made 256 MiB downloads 2x slower and uploads 1.7x
+    slower (BENCHMARKS.md, "wire")."""
+    try:
+        with open(defrag_file) as f:
+            text = f.read()
+    except OSError:
+        return False
+    chosen = text[text.find("[") + 1 : text.find("]")] if "[" in text else ""
+    return chosen in ("defer", "never")

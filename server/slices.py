@@ -228,6 +228,10 @@ def decode_result(body: bytes | bytearray | memoryview, commands: int) -> SliceR
     partial = bool(flags & _PARTIAL)
     if pos != len(view) or len(replies) > executed + partial or (partial and (executed >= commands or not replies)):
         raise ValueError("malformed slice result")
+    # A download's frames go to the outbox one by one: each frame gRPC takes makes room for the next piece,
+    # so the worker builds piece n+1 while gRPC sends piece n (one list would park the session until the last
+    # frame of the piece was sent).
+    replies = [f for item in replies for f in (item if isinstance(item, list) else (item,))]
     return SliceResult(
         executed, seconds, used, ops, handles, up, down, errors, events, replies, bool(flags & _ERROR_PENDING), partial
     )
