@@ -61,15 +61,16 @@ class FrontSession:
         no error waits for it, is answered here, in the stream's reader, without a slice, a device-thread hop
         or a visit to the worker. Its answer is what the worker would give (an empty SyncReply) and it follows
         every earlier reply: those reach the outbox before the fair queue marks the session idle, and only this
-        reader queues the session's commands. The worker is pinged first (a process wake-up, not a slice): one
-        that died, or has a fatal signal pending, never answers, and the ordinary path reports it. False: the
-        Sync takes the ordinary path."""
+        reader queues the session's commands. The worker must be alive: the kernel's view of it (`Runner.idle`,
+        no wake-up) says so, or else it answers a ping (a process wake-up, not a slice); one that died, or has a
+        fatal signal pending, does neither, and the ordinary path reports it. False: the Sync takes the ordinary
+        path."""
         if sync.scalar_handles or self.error_pending or self.closed or self.outbox_bytes >= outbox_limit:
             return False
         if not queue.idle(self.entry) or self.runner is None:
             return False
         with self.lock:  # no slice runs (the session is idle) and a close waits: the runner's socket is ours
-            if self.closed or not self.runner.alive():
+            if self.closed or not (self.runner.idle() or self.runner.alive()):
                 return False  # a worker that died (or is dying) is reported by the ordinary path
         self.send(device_pb2.ServerFrame(request_id=sync.request_id, sync=device_pb2.SyncReply()).SerializeToString())
         return True

@@ -67,6 +67,7 @@ class Runner(Protocol):
 
     def run(self, req: SliceRequest, commands: int, parts: Sequence[memoryview] = ()) -> SliceResult: ...
     def alive(self, timeout: float = 1.0) -> bool: ...
+    def idle(self) -> bool: ...
     def progress(self) -> int: ...
     def close(self) -> None: ...
 
@@ -140,6 +141,9 @@ class InlineRunner:
     def alive(self, timeout: float = 1.0) -> bool:
         return True
 
+    def idle(self) -> bool:
+        return True
+
     def progress(self) -> int:
         return 0
 
@@ -205,6 +209,20 @@ class ProcessRunner:
             return False
         return bool(word == slices.PONG)
 
+    def idle(self) -> bool:
+        """Whether the worker is, without waking it, provably alive and waiting for its next slice: its socket
+        holds nothing (a dead worker's reads as closed), and the kernel shows its main thread asleep with no
+        signal pending and no exit or fatal signal under way (`_quiet`). False is no verdict: ask `alive`.
+        Call only between slices, under the session's lock."""
+        if self._closed:
+            return False
+        try:
+            if select.select([self._sock], [], [], 0)[0]:
+                return False  # end of stream (a dead worker), or a late pong
+            return _quiet(self.pid)
+        except (OSError, ValueError):
+            return False
+
     def progress(self) -> int:
         return int(struct.unpack_from("<i", self._progress, 0)[0])
 
@@ -219,6 +237,38 @@ class ProcessRunner:
         self._sock.close()
         self._data.release()
         self._progress.close()
+
+
+# Task flags (/proc/PID/stat field 9) of a task on its way out: exiting, dumping core, killed by a signal.
+_PF_EXITING, _PF_DUMPCORE, _PF_SIGNALED = 0x4, 0x200, 0x400
+_NO_SIGNALS = b"0" * 16
+
+
+def _read_proc(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 8192)
+    finally:
+        os.close(fd)
+
+
+def _quiet(pid: int) -> bool:
+    """The kernel's view of an idle, healthy worker: its main thread sleeps (state S: blocked in its socket
+    read), no signal waits for it or its process (a kill() is pending from the moment it returns), and it is
+    not exiting, dumping core or dying of a signal (the flags set between taking a fatal signal and becoming a
+    zombie). Read in this order, a fatal signal sent before the call is seen one way or another."""
+    status = _read_proc(f"/proc/{pid}/status")
+    stat = _read_proc(f"/proc/{pid}/stat")
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    if fields[0] != b"S" or int(fields[6]) & (_PF_EXITING | _PF_DUMPCORE | _PF_SIGNALED):
+        return False
+    seen = 0
+    for line in status.split(b"\n"):
+        if line.startswith(b"State:"):
+            seen |= 1 if line.split()[1] == b"S" else 8
+        elif line.startswith((b"SigPnd:", b"ShdPnd:")):
+            seen |= 2 if line.split()[1] == _NO_SIGNALS else 8
+    return seen == 3
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:

@@ -153,3 +153,45 @@ def test_download_frames_reach_the_outbox_one_by_one() -> None:
         slices.decode_result(
             b"".join(slices.encode_result(slices.SliceResult(executed=1, replies=[b"x", b"y"])))[4:], 1
         )
+
+
+def test_the_kernels_view_of_an_idle_worker() -> None:
+    """worker._quiet (the fast Sync's liveness check, no wake-up) says yes only for a sleeping process with
+    nothing pending; a stopped process, a pending signal (kill() has returned) and a zombie all say no."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from gpupool.server import worker
+
+    code = (
+        "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1]); print(1, flush=True); "
+        "time.sleep(60)"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert p.stdout is not None and p.stdout.readline()
+        deadline = time.monotonic() + 10
+        while not worker._quiet(p.pid):  # asleep in time.sleep
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(p.pid, signal.SIGSTOP)
+        time.sleep(0.05)
+        assert not worker._quiet(p.pid)  # stopped
+        os.kill(p.pid, signal.SIGCONT)
+        while not worker._quiet(p.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(p.pid, signal.SIGUSR1)  # blocked: it stays pending, seen at once
+        assert not worker._quiet(p.pid)
+        os.kill(p.pid, signal.SIGKILL)
+        assert not worker._quiet(p.pid)  # pending, exiting or a zombie: never quiet
+        time.sleep(0.1)
+        assert not worker._quiet(p.pid)  # a zombie until reaped
+    finally:
+        p.kill()
+        p.wait()
+    with pytest.raises(OSError):
+        worker._quiet(p.pid)  # gone: idle() turns this into False
