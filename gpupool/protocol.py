@@ -98,6 +98,34 @@ def chunk_frame(head: bytes, chunk: device_pb2.TensorChunk, data: memoryview | b
     return b"".join((head, _FRAME_CHUNK_TAG, varint(body_len), small, data_head, data))
 
 
+_COMMAND_SYNC_TAG = field_tag(SYNC)
+_SYNC_REPLY = field_tag(_number(device_pb2.ServerFrame, "sync")) + b"\x00"
+
+
+def sync_frame(request_id: int) -> bytes:
+    """ClientFrame{commands: [Command{sync: Sync{request_id}}]} as protobuf serializes it (a lone Sync)."""
+    sync = b"\x08" + varint(request_id) if request_id else b""
+    command = _COMMAND_SYNC_TAG + varint(len(sync)) + sync
+    return FRAME_COMMANDS_TAG + varint(len(command)) + command
+
+
+def lone_sync(raw: bytes) -> int | None:
+    """The request id of a frame that is exactly `sync_frame(request_id)` (what a client's round trip sends:
+    one Sync, no scalars), else None; the bytes are compared whole, so no other frame reads as one."""
+    if len(raw) > 16 or raw[2:3] != _COMMAND_SYNC_TAG:
+        return None
+    request_id = shift = 0
+    for b in raw[5:] if raw[4:5] == b"\x08" else b"":
+        request_id |= (b & 0x7F) << shift
+        shift += 7
+    return request_id if raw == sync_frame(request_id) else None
+
+
+def sync_reply(request_id: int) -> bytes:
+    """ServerFrame{request_id, sync: SyncReply{}} as protobuf serializes it: the answer of an empty Sync."""
+    return (b"\x08" + varint(request_id) if request_id else b"") + _SYNC_REPLY
+
+
 THP_DEFRAG = "/sys/kernel/mm/transparent_hugepage/defrag"
 
 

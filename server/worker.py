@@ -241,34 +241,23 @@ class ProcessRunner:
 
 # Task flags (/proc/PID/stat field 9) of a task on its way out: exiting, dumping core, killed by a signal.
 _PF_EXITING, _PF_DUMPCORE, _PF_SIGNALED = 0x4, 0x200, 0x400
-_NO_SIGNALS = b"0" * 16
-
-
-def _read_proc(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.read(fd, 8192)
-    finally:
-        os.close(fd)
+_PF_DYING = _PF_EXITING | _PF_DUMPCORE | _PF_SIGNALED
 
 
 def _quiet(pid: int) -> bool:
-    """The kernel's view of an idle, healthy worker: its main thread sleeps (state S: blocked in its socket
-    read), no signal waits for it or its process (a kill() is pending from the moment it returns), and it is
-    not exiting, dumping core or dying of a signal (the flags set between taking a fatal signal and becoming a
-    zombie). Read in this order, a fatal signal sent before the call is seen one way or another."""
-    status = _read_proc(f"/proc/{pid}/status")
-    stat = _read_proc(f"/proc/{pid}/stat")
+    """The kernel's view of an idle, healthy worker (/proc/PID/stat, one read of a few microseconds): its main
+    thread sleeps (state S: blocked in its socket read), no signal is pending for it, and it is not exiting,
+    dumping core or dying of a signal (the flags set between taking a fatal signal and becoming a zombie).
+    A signal sent before the call is seen either way: a fatal one puts SIGKILL in every thread's own pending
+    set, and any signal wakes the main thread out of S (the worker catches none it could go back to sleep on)."""
+    fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    try:
+        stat = os.read(fd, 4096)
+    finally:
+        os.close(fd)
     fields = stat[stat.rindex(b")") + 2 :].split()
-    if fields[0] != b"S" or int(fields[6]) & (_PF_EXITING | _PF_DUMPCORE | _PF_SIGNALED):
-        return False
-    seen = 0
-    for line in status.split(b"\n"):
-        if line.startswith(b"State:"):
-            seen |= 1 if line.split()[1] == b"S" else 8
-        elif line.startswith((b"SigPnd:", b"ShdPnd:")):
-            seen |= 2 if line.split()[1] == _NO_SIGNALS else 8
-    return seen == 3
+    # fields[0] is field 3 of proc(5) (state), [6] field 9 (flags), [28] field 31 (pending signals)
+    return fields[0] == b"S" and not int(fields[6]) & _PF_DYING and fields[28] == b"0"
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:

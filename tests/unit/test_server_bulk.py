@@ -155,43 +155,57 @@ def test_download_frames_reach_the_outbox_one_by_one() -> None:
         )
 
 
-def test_the_kernels_view_of_an_idle_worker() -> None:
-    """worker._quiet (the fast Sync's liveness check, no wake-up) says yes only for a sleeping process with
-    nothing pending; a stopped process, a pending signal (kill() has returned) and a zombie all say no."""
-    import os
-    import signal
+def _sleeper() -> Any:
     import subprocess
     import sys
     import time
 
     from gpupool.server import worker
 
-    code = (
-        "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1]); print(1, flush=True); "
-        "time.sleep(60)"
-    )
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    p = subprocess.Popen([sys.executable, "-c", "print(1, flush=True); import time; time.sleep(60)"], stdout=-1)
+    assert p.stdout is not None and p.stdout.readline()
+    deadline = time.monotonic() + 10
+    while not worker._quiet(p.pid):  # asleep in time.sleep, like a worker in its socket read
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return p
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGSEGV", "SIGABRT", "SIGTERM"])
+def test_the_kernels_view_of_a_dying_worker(sig: str) -> None:
+    """worker._quiet (the fast Sync's liveness check, no wake-up) says no from the moment kill() returns with a
+    fatal signal (core-dumping ones included), while the process dies, and as a zombie; a stopped process is
+    not quiet either. A reaped one is an OSError (idle() then says no)."""
+    import os
+    import signal
+    import time
+
+    from gpupool.server import worker
+
+    p = _sleeper()
     try:
-        assert p.stdout is not None and p.stdout.readline()
-        deadline = time.monotonic() + 10
-        while not worker._quiet(p.pid):  # asleep in time.sleep
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
         os.kill(p.pid, signal.SIGSTOP)
         time.sleep(0.05)
         assert not worker._quiet(p.pid)  # stopped
         os.kill(p.pid, signal.SIGCONT)
-        while not worker._quiet(p.pid):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        os.kill(p.pid, signal.SIGUSR1)  # blocked: it stays pending, seen at once
-        assert not worker._quiet(p.pid)
-        os.kill(p.pid, signal.SIGKILL)
-        assert not worker._quiet(p.pid)  # pending, exiting or a zombie: never quiet
-        time.sleep(0.1)
-        assert not worker._quiet(p.pid)  # a zombie until reaped
+        _sleeper_again(p)  # asleep again
+        os.kill(p.pid, getattr(signal, sig))
+        for _ in range(50):  # never quiet again: pending, dying, then a zombie until reaped
+            assert not worker._quiet(p.pid)
+            time.sleep(0.002)
     finally:
         p.kill()
         p.wait()
     with pytest.raises(OSError):
-        worker._quiet(p.pid)  # gone: idle() turns this into False
+        worker._quiet(p.pid)
+
+
+def _sleeper_again(p: Any) -> None:
+    import time
+
+    from gpupool.server import worker
+
+    deadline = time.monotonic() + 10
+    while not worker._quiet(p.pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
