@@ -455,6 +455,17 @@ def report(args: argparse.Namespace, m: dict[str, dict[str, float]]) -> None:
             checks.append(("sync p50 <= 1.3 x plaintext gRPC ping-pong", ratio, ratio <= 1.3))
         for what, value, ok in checks:
             print(f"  {label:<10} {what:<44} {value:>6.2f}  {'met' if ok else 'NOT met'}")
+    print("\nwhat gRPC itself allows (bare gRPC floor / raw floor: below 0.6, no daemon speaking gRPC can meet it)")
+    floors = (
+        ("TLS", "grpc_tls", "tls_tcp", "raw TLS"),
+        ("TLS", "grpc_tls", "tcp", "raw TCP"),
+        ("plaintext", "grpc", "tcp", "raw TCP"),
+    )
+    for label, rpc, raw, raw_name in floors:
+        for d, k in (("upload", "up"), ("download", "down")):
+            ratio = m[rpc][k] / m[raw][k]
+            what = f"gRPC {d} / {raw_name}"
+            print(f"  {label:<10} {what:<44} {ratio:>6.2f}  {'reachable' if ratio >= 0.6 else 'NOT reachable'}")
 
 
 if __name__ == "__main__":

@@ -89,13 +89,36 @@ def upload_frame(up: device_pb2.Upload, data: memoryview | bytes) -> bytes:
     return b"".join((frame_head, command_head, small, data_head, data))
 
 
-def chunk_frame(head: bytes, chunk: device_pb2.TensorChunk, data: memoryview | bytes) -> bytes:
+class Frame:
+    """A serialized frame not yet joined: `head` then `data`, a view of memory that `owner` keeps alive. The
+    session worker writes a download's frames this way straight from the tensor into its shared buffer (one
+    copy instead of two); `bytes(frame)` joins it."""
+
+    __slots__ = ("data", "head", "owner")
+
+    def __init__(self, head: bytes, data: memoryview, owner: Any) -> None:
+        self.head, self.data, self.owner = head, data, owner
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.data)
+
+    def __bytes__(self) -> bytes:
+        return b"".join((self.head, self.data))
+
+
+def chunk_frame(
+    head: bytes, chunk: device_pb2.TensorChunk, data: memoryview | bytes, keep: Any = None
+) -> bytes | Frame:
     """ServerFrame{head's fields, chunk: chunk + data} serialized with one copy of `data`; `head` is a
-    serialized ServerFrame without a reply (its request id)."""
+    serialized ServerFrame without a reply (its request id). With `keep` (the owner of `data`'s memory), no
+    copy yet: a `Frame` for the caller to copy once where it must go."""
     small = chunk.SerializeToString()
     data_head = _CHUNK_DATA_TAG + varint(len(data))
     body_len = len(small) + len(data_head) + len(data)
-    return b"".join((head, _FRAME_CHUNK_TAG, varint(body_len), small, data_head, data))
+    prefix = b"".join((head, _FRAME_CHUNK_TAG, varint(body_len), small, data_head))
+    if keep is not None:
+        return Frame(prefix, memoryview(data), keep)
+    return prefix + data
 
 
 _COMMAND_SYNC_TAG = field_tag(SYNC)

@@ -136,7 +136,10 @@ class InlineRunner:
             req.payload = b"".join(parts)
 
         with torch.no_grad():  # thread-local: the daemon never records autograd history
-            return self._state.run(req)
+            res = self._state.run(req)
+        # gRPC sends bytes: join download frames that are still views of a tensor (protocol.Frame)
+        res.replies = [[bytes(f) for f in r] if isinstance(r, list) else r for r in res.replies]
+        return res
 
     def alive(self, timeout: float = 1.0) -> bool:
         return True
