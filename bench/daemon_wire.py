@@ -4,6 +4,8 @@ a raw TCP socket and a raw TLS socket (throughput, 1-byte ping-pong) and a bare 
 TLS (unary and stream); and the same figures of a second daemon serving plaintext (`--insecure`). Each daemon is
 compared with the floor of its own kind (TLS with TLS, plaintext with plaintext) and with raw TCP, and the
 issue's targets (transfers >= 0.6 of raw TCP, sync p50 <= 1.3x a gRPC stream ping-pong) are checked for both.
+Last, it prints the bare gRPC floor over the raw floors: where that is below 0.6, no daemon that carries tensor
+bytes over gRPC can meet the transfer target, however little it adds.
 
     python bench/daemon_wire.py [--repeat 3] [--size-mib 256] [--ops 10000] [--syncs 1000]
     python bench/daemon_wire.py --isolation-cost [--repeat 5]
