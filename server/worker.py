@@ -220,7 +220,9 @@ class ProcessRunner:
         if self._closed:
             return False
         try:
-            if select.select([self._sock], [], [], 0)[0]:
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+            if poller.poll(0):
                 return False  # end of stream (a dead worker), or a late pong
             return _quiet(self.pid)
         except (OSError, ValueError):
@@ -251,8 +253,9 @@ def _quiet(pid: int) -> bool:
     """The kernel's view of an idle, healthy worker (/proc/PID/stat, one read of a few microseconds): its main
     thread sleeps (state S: blocked in its socket read), no signal is pending for it, and it is not exiting,
     dumping core or dying of a signal (the flags set between taking a fatal signal and becoming a zombie).
-    A signal sent before the call is seen either way: a fatal one puts SIGKILL in every thread's own pending
-    set, and any signal wakes the main thread out of S (the worker catches none it could go back to sleep on)."""
+    A fatal signal sent before the call is seen one way or another: SIGKILL and the like sit in every thread's
+    own pending set until taken, a core-dumping one wakes the main thread out of S when sent, and taking
+    either sets the dying flags before the task can sleep again."""
     fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
     try:
         stat = os.read(fd, 4096)
