@@ -4,13 +4,17 @@ a raw TCP socket and a raw TLS socket (throughput, 1-byte ping-pong) and a bare 
 TLS (unary and stream); and the same figures of a second daemon serving plaintext (`--insecure`). Each daemon is
 compared with the floor of its own kind (TLS with TLS, plaintext with plaintext) and with raw TCP, and the
 issue's targets (transfers >= 0.6 of raw TCP, sync p50 <= 1.3x a gRPC stream ping-pong) are checked for both.
+Last, it prints the bare gRPC floor over the raw floors: where that is below 0.6, no daemon that carries tensor
+bytes over gRPC can meet the transfer target, however little it adds.
 
     python bench/daemon_wire.py [--repeat 3] [--size-mib 256] [--ops 10000] [--syncs 1000]
     python bench/daemon_wire.py --isolation-cost [--repeat 5]
+    python bench/daemon_wire.py --against /work/main [--against-python python3] [--tls] [--repeat 6]
 
 Each figure is the median of --repeat runs; the table prints gpupool / floor ratios. With --isolation-cost it
 instead compares two daemons started side by side, `--isolation process` (each session in its own worker
-process, the default) and `--isolation thread` (sessions in the daemon process), measured alternately.
+process, the default) and `--isolation thread` (sessions in the daemon process), measured alternately. With
+--against DIR it compares this tree's daemon with another checkout's (before/after a change), side by side.
 """
 
 from __future__ import annotations
@@ -280,9 +284,11 @@ def plaintext(fn: Callable[[], dict[str, float]]) -> Callable[[], dict[str, floa
     return run
 
 
-def start_daemon(key_file: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+def start_daemon(
+    key_file: Path, *extra: str, python: str = sys.executable, cwd: str | None = None
+) -> tuple[subprocess.Popen[str], str]:
     cmd = [
-        sys.executable,
+        python,
         "-m",
         "gpupool.cli",
         "serve",
@@ -300,7 +306,7 @@ def start_daemon(key_file: Path, *extra: str) -> tuple[subprocess.Popen[str], st
         "bench",
         *extra,
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
     assert proc.stdout is not None
     for line in proc.stdout:
         m = re.search(r"listening on (\S+:\d+)", line)
@@ -351,6 +357,64 @@ def isolation_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def against(args: argparse.Namespace) -> int:
+    """This tree's daemon next to another checkout's (--against DIR, run by --against-python), side by side:
+    the same client, alternating sessions (transfers) and blocks of 50 syncs, medians and this/other ratios."""
+    from gpupool.client.session import Session
+
+    from gpupool import pki, tokens
+
+    size = args.size_mib * MiB
+    extra = () if args.tls else ("--insecure",)
+    with tempfile.TemporaryDirectory() as tmp:
+        key = secrets.token_hex(32).encode()
+        key_file = Path(tmp) / "key.pub"
+        key_file.write_bytes(tokens.public_pem(tokens.Signer.from_seed(key).public))
+        os.environ.update(pki.loopback_env(Path(tmp) / "pki"))
+        if not args.tls:
+            os.environ["GPUPOOL_INSECURE"] = "1"
+        daemons = {
+            "other": start_daemon(key_file, *extra, python=args.against_python, cwd=args.against),
+            "this": start_daemon(key_file, *extra),
+        }
+        figures: dict[str, list[dict[str, float]]] = {k: [] for k in daemons}
+        rtts: dict[str, list[float]] = {k: [] for k in daemons}
+        try:
+            for i in range(args.repeat):
+                for name in daemons if i % 2 == 0 else reversed(list(daemons)):
+                    claims = tokens.TokenClaims(f"{name}-{i}", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
+                    figures[name].append(gpupool_figures(daemons[name][1], tokens.mint(key, claims), size, 1, 1))
+                print(f"transfers {i + 1}/{args.repeat} done", file=sys.stderr)
+            sessions = {}
+            for name, (_, address) in daemons.items():
+                claims = tokens.TokenClaims(f"{name}-syncs", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
+                sessions[name] = Session.attach(address, tokens.mint(key, claims))
+                sessions[name].sync()
+            for block in range(max(1, args.syncs // 50)):
+                for name in sessions if block % 2 == 0 else reversed(list(sessions)):
+                    for _ in range(50):
+                        t0 = time.perf_counter()
+                        sessions[name].sync()
+                        rtts[name].append(time.perf_counter() - t0)
+            for session in sessions.values():
+                session.close()
+        finally:
+            for proc, _ in daemons.values():
+                proc.terminate()
+                proc.wait(30)
+    o, t = median_of(figures["other"]), median_of(figures["this"])
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(
+        f"\nthis tree against {args.against} ({'TLS' if args.tls else 'plaintext'} daemons side by side, load {load})"
+    )
+    print(f"{'metric':<34}{'other':>12}{'this':>12}{'this/other':>12}")
+    for name, k in ((f"upload {args.size_mib} MiB (GB/s)", "up"), (f"download {args.size_mib} MiB (GB/s)", "down")):
+        print(f"{name:<34}{o[k]:>12.3f}{t[k]:>12.3f}{t[k] / o[k]:>12.2f}")
+    po, pt = statistics.median(rtts["other"]) * 1e6, statistics.median(rtts["this"]) * 1e6
+    print(f"{'sync round trip p50 (us)':<34}{po:>12.0f}{pt:>12.0f}{pt / po:>12.2f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=3)
@@ -358,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ops", type=int, default=10_000)
     p.add_argument("--syncs", type=int, default=1000)
     p.add_argument("--isolation-cost", action="store_true", help="compare --isolation process with thread")
+    p.add_argument("--against", metavar="DIR", help="compare with the daemon of another checkout (side by side)")
+    p.add_argument("--against-python", default="python3", help="the interpreter that imports --against's gpupool")
+    p.add_argument("--tls", action="store_true", help="with --against: TLS daemons (default: plaintext)")
     p.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.floor_server:
@@ -365,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.isolation_cost:
         return isolation_cost(args)
+    if args.against:
+        return against(args)
     from gpupool import pki, tokens
 
     size = args.size_mib * MiB
@@ -455,6 +524,17 @@ def report(args: argparse.Namespace, m: dict[str, dict[str, float]]) -> None:
             checks.append(("sync p50 <= 1.3 x plaintext gRPC ping-pong", ratio, ratio <= 1.3))
         for what, value, ok in checks:
             print(f"  {label:<10} {what:<44} {value:>6.2f}  {'met' if ok else 'NOT met'}")
+    print("\nwhat gRPC itself allows (bare gRPC floor / raw floor: below 0.6, no daemon speaking gRPC can meet it)")
+    floors = (
+        ("TLS", "grpc_tls", "tls_tcp", "raw TLS"),
+        ("TLS", "grpc_tls", "tcp", "raw TCP"),
+        ("plaintext", "grpc", "tcp", "raw TCP"),
+    )
+    for label, rpc, raw, raw_name in floors:
+        for d, k in (("upload", "up"), ("download", "down")):
+            ratio = m[rpc][k] / m[raw][k]
+            what = f"gRPC {d} / {raw_name}"
+            print(f"  {label:<10} {what:<44} {ratio:>6.2f}  {'reachable' if ratio >= 0.6 else 'NOT reachable'}")
 
 
 if __name__ == "__main__":

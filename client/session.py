@@ -54,8 +54,9 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 def _huge_pages(t: torch.Tensor) -> None:
     """Ask Linux for transparent huge pages under a fresh download's buffer before its first touch: writing
     256 MiB into new 4 KiB pages costs more than the transfer itself on many hosts; 2 MiB pages fault 512x
-    less often. Advice only: where the kernel says no (or THP is off) nothing changes."""
-    if _LIBC is None or t.nbytes < 2 * _HUGE_PAGE:
+    less often. Advice only: where the kernel says no (or THP is off) nothing changes; and not asked where the
+    kernel would compact memory in those faults, which costs more than it saves (protocol.huge_pages_are_cheap)."""
+    if _LIBC is None or t.nbytes < 2 * _HUGE_PAGE or not protocol.huge_pages_are_cheap():
         return
     start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
     end = (t.data_ptr() + t.nbytes) // _HUGE_PAGE * _HUGE_PAGE

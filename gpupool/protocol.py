@@ -11,6 +11,7 @@ Values and tensors <-> protobuf are in `gpupool.wire`; statuses and errors in `g
 
 from __future__ import annotations
 
+import functools
 from enum import StrEnum
 from typing import Any
 
@@ -88,10 +89,80 @@ def upload_frame(up: device_pb2.Upload, data: memoryview | bytes) -> bytes:
     return b"".join((frame_head, command_head, small, data_head, data))
 
 
-def chunk_frame(head: bytes, chunk: device_pb2.TensorChunk, data: memoryview | bytes) -> bytes:
+class Frame:
+    """A serialized frame not yet joined: `head` then `data`, a view of memory that `owner` keeps alive. The
+    session worker writes a download's frames this way straight from the tensor into its shared buffer (one
+    copy instead of two); `bytes(frame)` joins it."""
+
+    __slots__ = ("data", "head", "owner")
+
+    def __init__(self, head: bytes, data: memoryview, owner: Any) -> None:
+        self.head, self.data, self.owner = head, data, owner
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.data)
+
+    def __bytes__(self) -> bytes:
+        return b"".join((self.head, self.data))
+
+
+def chunk_frame(
+    head: bytes, chunk: device_pb2.TensorChunk, data: memoryview | bytes, keep: Any = None
+) -> bytes | Frame:
     """ServerFrame{head's fields, chunk: chunk + data} serialized with one copy of `data`; `head` is a
-    serialized ServerFrame without a reply (its request id)."""
+    serialized ServerFrame without a reply (its request id). With `keep` (the owner of `data`'s memory), no
+    copy yet: a `Frame` for the caller to copy once where it must go."""
     small = chunk.SerializeToString()
     data_head = _CHUNK_DATA_TAG + varint(len(data))
     body_len = len(small) + len(data_head) + len(data)
-    return b"".join((head, _FRAME_CHUNK_TAG, varint(body_len), small, data_head, data))
+    prefix = b"".join((head, _FRAME_CHUNK_TAG, varint(body_len), small, data_head))
+    if keep is not None:
+        return Frame(prefix, memoryview(data), keep)
+    return prefix + data
+
+
+_COMMAND_SYNC_TAG = field_tag(SYNC)
+_SYNC_REPLY = field_tag(_number(device_pb2.ServerFrame, "sync")) + b"\x00"
+
+
+def sync_frame(request_id: int) -> bytes:
+    """ClientFrame{commands: [Command{sync: Sync{request_id}}]} as protobuf serializes it (a lone Sync)."""
+    sync = b"\x08" + varint(request_id) if request_id else b""
+    command = _COMMAND_SYNC_TAG + varint(len(sync)) + sync
+    return FRAME_COMMANDS_TAG + varint(len(command)) + command
+
+
+def lone_sync(raw: bytes) -> int | None:
+    """The request id of a frame that is exactly `sync_frame(request_id)` (what a client's round trip sends:
+    one Sync, no scalars), else None; the bytes are compared whole, so no other frame reads as one."""
+    if len(raw) > 16 or raw[2:3] != _COMMAND_SYNC_TAG:
+        return None
+    request_id = shift = 0
+    for b in raw[5:] if raw[4:5] == b"\x08" else b"":
+        request_id |= (b & 0x7F) << shift
+        shift += 7
+    return request_id if raw == sync_frame(request_id) else None
+
+
+def sync_reply(request_id: int) -> bytes:
+    """ServerFrame{request_id, sync: SyncReply{}} as protobuf serializes it: the answer of an empty Sync."""
+    return (b"\x08" + varint(request_id) if request_id else b"") + _SYNC_REPLY
+
+
+THP_DEFRAG = "/sys/kernel/mm/transparent_hugepage/defrag"
+
+
+@functools.cache
+def huge_pages_are_cheap(defrag_file: str = THP_DEFRAG) -> bool:
+    """Whether asking Linux for transparent huge pages (madvise) under a fresh transfer buffer pays: only when
+    its defrag policy never compacts memory in the page fault for madvised regions ("defer" or "never").
+    Under the common "madvise" policy (and "always", "defer+madvise") each fault of a fragmented host
+    compacts memory first: on the development box that made 256 MiB downloads 2x slower and uploads 1.7x
+    slower (BENCHMARKS.md, "wire")."""
+    try:
+        with open(defrag_file) as f:
+            text = f.read()
+    except OSError:
+        return False
+    chosen = text[text.find("[") + 1 : text.find("]")] if "[" in text else ""
+    return chosen in ("defer", "never")

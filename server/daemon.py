@@ -349,9 +349,9 @@ class Daemon:
             return False
         return self.queues[s.device.index].put(s.entry, commands, nbytes)
 
-    def sync_now(self, s: FrontSession, sync: device_pb2.Sync) -> bool:
+    def sync_now(self, s: FrontSession, request_id: int) -> bool:
         """Answer a lone Sync in the stream's reader when the session is idle (front.py); False: queue it."""
-        return not self._draining and s.answer_sync(sync, self.queues[s.device.index], self.config.outbox_bytes)
+        return not self._draining and s.answer_sync(request_id, self.queues[s.device.index], self.config.outbox_bytes)
 
     def refresh(self, s: FrontSession, token: str) -> float:
         """Extend a session with a renewed token of its own lease; returns its new end (unix seconds)."""

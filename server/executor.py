@@ -41,7 +41,7 @@ MAX_VERDICTS = 8192  # cached op signatures (cleared when full)
 # session whose stream it holds. One table per process, whatever the number of executors.
 _RNG_OWNER: dict[Any, weakref.ref[WorkerSession]] = {}
 
-Reply = Callable[[device_pb2.ServerFrame | list[bytes]], None]  # a frame, or serialized download frames
+Reply = Callable[[device_pb2.ServerFrame | list[Any]], None]  # a frame, or serialized download frames
 
 
 class CommandLedger(Protocol):
@@ -383,7 +383,7 @@ class CommandExecutor:
             if offset + len(data) != total:
                 raise InvalidArgument(f"upload ended at {offset + len(data)} of {total} bytes")
 
-    def _get(self, s: WorkerSession, get: device_pb2.Get) -> device_pb2.ServerFrame | list[bytes]:
+    def _get(self, s: WorkerSession, get: device_pb2.Get) -> device_pb2.ServerFrame | list[bytes | protocol.Frame]:
         """Serialized chunk frames of the tensor's value, built now (so later ops cannot change them), each
         with one copy of the data: protobuf's own bytes fields would cost two more. With `piece_bytes` set
         (a session worker), at most that many bytes per call: `s.download` then holds the rest, and the same
@@ -410,7 +410,7 @@ class CommandExecutor:
         total = flat.nbytes
         stop = min(total, offset + self.piece_bytes) if self.piece_bytes else total
         head = device_pb2.ServerFrame(request_id=get.request_id).SerializeToString()
-        frames: list[bytes] = []
+        frames: list[bytes | protocol.Frame] = []
         while True:
             if offset >= stop and offset < total:
                 s.download = (get.request_id, get.handle, src, offset)
@@ -419,7 +419,11 @@ class CommandExecutor:
             chunk = device_pb2.TensorChunk(offset=offset, last=offset + n >= total)
             if offset == 0:
                 chunk.meta.CopyFrom(wire.meta_to_proto(src))
-            frames.append(protocol.chunk_frame(head, chunk, flat[offset : offset + n]))
+            # A worker's frames stay views of `src` until its result copies them into the shared buffer
+            # (slices.run_commands ends the slice after this Get, so no later op changes them first).
+            frames.append(
+                protocol.chunk_frame(head, chunk, flat[offset : offset + n], src if self.piece_bytes else None)
+            )
             self.ledger.transfer("download", n)
             offset += n
             if offset >= total:

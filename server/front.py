@@ -8,7 +8,7 @@ import queue
 import threading
 from typing import Any
 
-from gpupool._proto import device_pb2
+from gpupool import protocol
 from gpupool.tokens import TokenClaims
 
 from .devices import Device
@@ -56,22 +56,24 @@ class FrontSession:
         self._count_out(reply_bytes(item))
         self.outbox.put(item)
 
-    def answer_sync(self, sync: device_pb2.Sync, queue: FairQueue, outbox_limit: int) -> bool:
-        """The fast path of a round trip: a Sync without scalars, sent while everything before it has run and
+    def answer_sync(self, request_id: int, queue: FairQueue, outbox_limit: int) -> bool:
+        """The fast path of a round trip: a lone Sync without scalars (`protocol.lone_sync`: the frame is exactly
+        what a client's round trip sends), sent while everything before it has run and
         no error waits for it, is answered here, in the stream's reader, without a slice, a device-thread hop
         or a visit to the worker. Its answer is what the worker would give (an empty SyncReply) and it follows
         every earlier reply: those reach the outbox before the fair queue marks the session idle, and only this
-        reader queues the session's commands. The worker is pinged first (a process wake-up, not a slice): one
-        that died, or has a fatal signal pending, never answers, and the ordinary path reports it. False: the
-        Sync takes the ordinary path."""
-        if sync.scalar_handles or self.error_pending or self.closed or self.outbox_bytes >= outbox_limit:
+        reader queues the session's commands. The worker must be alive: the kernel's view of it (`Runner.idle`,
+        no wake-up) says so, or else it answers a ping (a process wake-up, not a slice); one that died, or has a
+        fatal signal pending, does neither, and the ordinary path reports it. False: the Sync takes the ordinary
+        path."""
+        if self.error_pending or self.closed or self.outbox_bytes >= outbox_limit:
             return False
         if not queue.idle(self.entry) or self.runner is None:
             return False
         with self.lock:  # no slice runs (the session is idle) and a close waits: the runner's socket is ours
-            if self.closed or not self.runner.alive():
+            if self.closed or not (self.runner.idle() or self.runner.alive()):
                 return False  # a worker that died (or is dying) is reported by the ordinary path
-        self.send(device_pb2.ServerFrame(request_id=sync.request_id, sync=device_pb2.SyncReply()).SerializeToString())
+        self.send(protocol.sync_reply(request_id))
         return True
 
     def sent(self, item: Any) -> None:

@@ -81,12 +81,14 @@ class DeviceServicer:
         limit = self.daemon.config.max_frame_commands
         try:
             for raw in requests:
+                rid = protocol.lone_sync(raw)  # a round trip: no split, no protobuf, answered here when idle
+                if rid is not None and self.daemon.sync_now(s, rid):
+                    continue
                 try:
                     commands = slices.split_frame(raw, limit)  # counted before anything is materialized
-                    parsed = None
                     big = len(raw) >= bulk.BIG_UPLOAD  # big uploads are checked without a copy (server/bulk.py)
                     if not (big and bulk.uploads_only([span for _, span in commands])):
-                        parsed = device_pb2.ClientFrame.FromString(raw)  # malformed commands end the stream here
+                        device_pb2.ClientFrame.FromString(raw)  # malformed commands end the stream here
                 except (DecodeError, InvalidArgument) as exc:
                     s.outbox.put(InvalidArgument(f"malformed ClientFrame ({len(raw)} bytes): {exc}"))
                     return
@@ -95,10 +97,6 @@ class DeviceServicer:
                     return
                 if not commands:  # an empty frame asks for nothing; queueing it would grow memory for free
                     continue
-                if len(commands) == 1 and commands[0][0] == protocol.SYNC and parsed is not None:
-                    asks = [c for c in parsed.commands if c.WhichOneof("cmd")]
-                    if len(asks) == 1 and asks[0].WhichOneof("cmd") == "sync" and self.daemon.sync_now(s, asks[0].sync):
-                        continue  # an idle session's round trip, answered without a slice
                 if not self.daemon.submit(s, commands, len(raw)):
                     return
             self.daemon.submit(s, [END_OF_STREAM], 0)

@@ -20,6 +20,7 @@ from typing import Any
 
 from grpc import StatusCode
 
+from gpupool import protocol
 from gpupool._proto import device_pb2
 from gpupool.errors import InvalidArgument, ResourceExhausted
 from gpupool.protocol import FRAME_COMMANDS_TAG, GET, SYNC
@@ -157,13 +158,13 @@ class SliceResult:
     downloaded: int = 0
     errors: dict[StatusCode, int] = field(default_factory=dict)
     events: dict[str, int] = field(default_factory=dict)  # step capture's graph events ("replayed", ...)
-    replies: list[bytes | list[bytes]] = field(default_factory=list)  # a frame, or a download's frames
+    replies: list[bytes | list[Any]] = field(default_factory=list)  # a frame, or a download's frames (bytes or Frame)
     error_pending: bool = False  # an error waits for the next Sync (else the daemon may answer a Sync itself)
     partial: bool = False  # command `executed` (a big Get) sent a piece of its answer and must run again
 
 
-def encode_result(r: SliceResult) -> list[bytes]:
-    parts = [
+def encode_result(r: SliceResult) -> list[bytes | memoryview]:
+    parts: list[bytes | memoryview] = [
         _RES.pack(
             r.executed,
             r.seconds,
@@ -188,7 +189,10 @@ def encode_result(r: SliceResult) -> list[bytes]:
         parts.append(struct.pack("<BI", isinstance(item, list), len(frames)))
         for f in frames:
             parts.append(struct.pack("<I", len(f)))
-            parts.append(f)
+            if isinstance(f, protocol.Frame):  # written (or sent) from the tensor's memory: no join
+                parts += (f.head, f.data)
+            else:
+                parts.append(f)
     body_len = sum(len(p) for p in parts)
     return [struct.pack("<I", body_len), *parts]
 
@@ -228,6 +232,10 @@ def decode_result(body: bytes | bytearray | memoryview, commands: int) -> SliceR
     partial = bool(flags & _PARTIAL)
     if pos != len(view) or len(replies) > executed + partial or (partial and (executed >= commands or not replies)):
         raise ValueError("malformed slice result")
+    # A download's frames go to the outbox one by one: each frame gRPC takes makes room for the next piece,
+    # so the worker builds piece n+1 while gRPC sends piece n (one list would park the session until the last
+    # frame of the piece was sent).
+    replies = [f for item in replies for f in (item if isinstance(item, list) else (item,))]
     return SliceResult(
         executed, seconds, used, ops, handles, up, down, errors, events, replies, bool(flags & _ERROR_PENDING), partial
     )
@@ -285,13 +293,18 @@ def run_commands(
         return _run_uploads(session, execute, ledger, req, timed, progress)
     payload = req.payload  # upb parses any buffer: no copy of an upload's bytes
     commands = device_pb2.ClientFrame.FromString(payload).commands  # type: ignore[arg-type]
-    replies: list[bytes | list[bytes]] = []
+    replies: list[bytes | list[Any]] = []
     produced = [0]
+    views = [False]  # a reply holds frames that are views of a tensor (protocol.Frame)
 
     def reply(item: Any) -> None:
         if isinstance(item, device_pb2.ServerFrame):
             item = item.SerializeToString()
-        produced[0] += sum(len(b) for b in item) if isinstance(item, list) else len(item)
+        if isinstance(item, list):
+            produced[0] += sum(len(b) for b in item)
+            views[0] = views[0] or any(isinstance(b, protocol.Frame) for b in item)
+        else:
+            produced[0] += len(item)
         replies.append(item)
 
     # The device's other sessions live in other processes: the daemon says how much of the device is free.
@@ -311,8 +324,8 @@ def run_commands(
                 partial = True
                 break
             executed = i + 1
-            if time.perf_counter() - start > req.budget:
-                break
+            if views[0] or time.perf_counter() - start > req.budget:
+                break  # a Get's frames are views of its tensor: nothing runs before they are copied
     return _result(session, ledger, executed, measured, replies, partial)
 
 

@@ -67,6 +67,7 @@ class Runner(Protocol):
 
     def run(self, req: SliceRequest, commands: int, parts: Sequence[memoryview] = ()) -> SliceResult: ...
     def alive(self, timeout: float = 1.0) -> bool: ...
+    def idle(self) -> bool: ...
     def progress(self) -> int: ...
     def close(self) -> None: ...
 
@@ -135,9 +136,15 @@ class InlineRunner:
             req.payload = b"".join(parts)
 
         with torch.no_grad():  # thread-local: the daemon never records autograd history
-            return self._state.run(req)
+            res = self._state.run(req)
+        # gRPC sends bytes: join download frames that are still views of a tensor (protocol.Frame)
+        res.replies = [[bytes(f) for f in r] if isinstance(r, list) else r for r in res.replies]
+        return res
 
     def alive(self, timeout: float = 1.0) -> bool:
+        return True
+
+    def idle(self) -> bool:
         return True
 
     def progress(self) -> int:
@@ -205,6 +212,22 @@ class ProcessRunner:
             return False
         return bool(word == slices.PONG)
 
+    def idle(self) -> bool:
+        """Whether the worker is, without waking it, provably alive and waiting for its next slice: its socket
+        holds nothing (a dead worker's reads as closed), and the kernel shows its main thread asleep with no
+        signal pending and no exit or fatal signal under way (`_quiet`). False is no verdict: ask `alive`.
+        Call only between slices, under the session's lock."""
+        if self._closed:
+            return False
+        try:
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+            if poller.poll(0):
+                return False  # end of stream (a dead worker), or a late pong
+            return _quiet(self.pid)
+        except (OSError, ValueError):
+            return False
+
     def progress(self) -> int:
         return int(struct.unpack_from("<i", self._progress, 0)[0])
 
@@ -219,6 +242,28 @@ class ProcessRunner:
         self._sock.close()
         self._data.release()
         self._progress.close()
+
+
+# Task flags (/proc/PID/stat field 9) of a task on its way out: exiting, dumping core, killed by a signal.
+_PF_EXITING, _PF_DUMPCORE, _PF_SIGNALED = 0x4, 0x200, 0x400
+_PF_DYING = _PF_EXITING | _PF_DUMPCORE | _PF_SIGNALED
+
+
+def _quiet(pid: int) -> bool:
+    """The kernel's view of an idle, healthy worker (/proc/PID/stat, one read of a few microseconds): its main
+    thread sleeps (state S: blocked in its socket read), no signal is pending for it, and it is not exiting,
+    dumping core or dying of a signal (the flags set between taking a fatal signal and becoming a zombie).
+    A fatal signal sent before the call is seen one way or another: SIGKILL and the like sit in every thread's
+    own pending set until taken, a core-dumping one wakes the main thread out of S when sent, and taking
+    either sets the dying flags before the task can sleep again."""
+    fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    try:
+        stat = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    # fields[0] is field 3 of proc(5) (state), [6] field 9 (flags), [28] field 31 (pending signals)
+    return fields[0] == b"S" and not int(fields[6]) & _PF_DYING and fields[28] == b"0"
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:

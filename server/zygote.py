@@ -35,6 +35,8 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from gpupool import protocol
+
 from .worker import SHARED_BYTES, ProcessRunner, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,11 @@ def describe(status: int) -> str:
     if os.WIFEXITED(status):
         return f"exited with code {os.WEXITSTATUS(status)}"
     return f"ended (status {status})"
+
+
+def _thp_default() -> str:
+    """THP_MEM_ALLOC_ENABLE for workers unless the operator set it: huge pages only where they are cheap."""
+    return "1" if protocol.huge_pages_are_cheap() else "0"
 
 
 class Zygote:
@@ -97,8 +104,9 @@ class Zygote:
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             # torch's CPU allocator puts tensors of 2 MiB and more on transparent huge pages: a fresh tensor's
-            # first touch (every upload, and every tensor of a fake GPU) faults 512x less often.
-            env={**os.environ, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")},
+            # first touch (every upload, and every tensor of a fake GPU) faults 512x less often; but only where
+            # the kernel does not compact memory in those faults (protocol.huge_pages_are_cheap).
+            env={**os.environ, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", _thp_default())},
         )
         theirs.close()
         with self._lock:

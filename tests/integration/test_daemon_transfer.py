@@ -162,3 +162,26 @@ def test_a_download_in_pieces_sees_no_later_op(daemon_factory: Any) -> None:
         s._wait(rid, first)
         assert first.tensor is not None and torch.equal(first.tensor, x)
         assert not later.any()
+
+
+@pytest.mark.parametrize("nbytes", [1000, 12 * MiB])
+def test_a_get_and_a_later_op_in_one_frame_return_the_value_at_the_get(daemon: Any, nbytes: int) -> None:
+    """A worker's download frames are views of the tensor until its result copies them into the shared buffer
+    (protocol.Frame): the slice ends after the Get, so an in-place op behind it in the same frame never
+    changes the bytes the Get answers."""
+    from gpupool.client.session import _Waiter
+
+    with Session.attach(daemon.address, daemon.token()) as s:
+        x = torch.randint(1, 255, (nbytes,), dtype=torch.uint8)
+        h = Handle(s.upload(x))
+        s.sync()
+        with s._lock:
+            rid, first = next(s._requests), _Waiter()
+            with s._wlock:
+                s._waiters[rid] = first
+            s._frame.commands.append(device_pb2.Command(get=device_pb2.Get(handle=h, request_id=rid)))
+            s.call("aten::mul_.Scalar", h, 0, outputs=[0])  # the same frame, right behind the Get
+            s.flush()
+        s._wait(rid, first)
+        assert first.tensor is not None and torch.equal(first.tensor, x)
+        assert not s.download(h).any()

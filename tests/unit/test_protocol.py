@@ -40,3 +40,30 @@ def test_the_scheduler_and_leasing_load_no_torch() -> None:
     code = "import sys, gpupool.protocol, gpupool.scheduler.cli, gpupool.client.pool; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_lone_sync_is_recognized_by_its_exact_bytes() -> None:
+    """The daemon's fast round trip reads a lone Sync without protobuf: only the exact bytes protobuf writes for
+    one Sync with a request id and nothing else qualify, and its reply is byte for byte protobuf's."""
+    for rid in (0, 1, 127, 128, 300, 2**32, 2**63, 2**64 - 1):
+        raw = device_pb2.ClientFrame(
+            commands=[device_pb2.Command(sync=device_pb2.Sync(request_id=rid))]
+        ).SerializeToString()
+        assert protocol.sync_frame(rid) == raw and protocol.lone_sync(raw) == rid
+        reply = device_pb2.ServerFrame(request_id=rid, sync=device_pb2.SyncReply()).SerializeToString()
+        assert protocol.sync_reply(rid) == reply
+    scalars = device_pb2.Sync(request_id=5, scalar_handles=[3])
+    two = [device_pb2.Command(sync=device_pb2.Sync(request_id=5))] * 2
+    others = [
+        device_pb2.ClientFrame(commands=[device_pb2.Command(sync=scalars)]).SerializeToString(),  # scalars to read
+        device_pb2.ClientFrame(commands=two).SerializeToString(),  # two commands
+        device_pb2.ClientFrame(commands=[device_pb2.Command(get=device_pb2.Get(request_id=5))]).SerializeToString(),
+        b"\x0a\x05\x32\x03\x08\x81\x00",  # request id 1 in a non-canonical varint: protobuf decides
+        b"\x0a\x04\x32\x02\x08\x80",  # truncated varint
+        b"\x0a\x04\x32\x02\x10\x01",  # another field of Sync
+        b"\x0a\x02\x32\x00\x00",  # trailing byte
+        b"",
+        b"\x0a",
+    ]
+    for raw in others:
+        assert protocol.lone_sync(raw) is None, raw

@@ -3,6 +3,8 @@ so protobuf decides) everything else; slices of big uploads stay within the work
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from google.protobuf.message import DecodeError
@@ -121,3 +123,89 @@ def test_client_reads_download_frames_by_hand_like_protobuf() -> None:
         assert _read_frame(raw) == device_pb2.ServerFrame.FromString(raw)
     with pytest.raises(DecodeError):
         _read_frame(others[3])
+
+
+def test_huge_pages_only_where_faults_do_not_compact(tmp_path: Any) -> None:
+    policies = {
+        "always defer defer+madvise [madvise] never": False,  # the common default: madvised faults compact
+        "[always] defer defer+madvise madvise never": False,
+        "always defer [defer+madvise] madvise never": False,
+        "always [defer] defer+madvise madvise never": True,
+        "always defer defer+madvise madvise [never]": True,
+        "": False,
+    }
+    for i, (text, cheap) in enumerate(policies.items()):
+        f = tmp_path / f"defrag{i}"
+        f.write_text(text + "\n")
+        assert protocol.huge_pages_are_cheap(str(f)) is cheap, text
+    assert protocol.huge_pages_are_cheap(str(tmp_path / "missing")) is False  # no THP at all
+
+
+def test_download_frames_reach_the_outbox_one_by_one() -> None:
+    """A result's download frames come out of decode_result as separate replies, in order, so gRPC taking the
+    first frame of a piece makes room for the next piece (pipelining) while the bytes stay the worker's."""
+    frames = [b"a" * 10, b"b" * 20, b"c" * 5]
+    res = slices.SliceResult(executed=2, replies=[b"sync", frames], partial=False)
+    body = b"".join(slices.encode_result(res))[4:]
+    back = slices.decode_result(body, 2)
+    assert back.replies == [b"sync", *frames]
+    with pytest.raises(ValueError):  # more replies than commands is still a lie, however they are split
+        slices.decode_result(
+            b"".join(slices.encode_result(slices.SliceResult(executed=1, replies=[b"x", b"y"])))[4:], 1
+        )
+
+
+def _sleeper() -> Any:
+    import subprocess
+    import sys
+    import time
+
+    from gpupool.server import worker
+
+    p = subprocess.Popen([sys.executable, "-c", "print(1, flush=True); import time; time.sleep(60)"], stdout=-1)
+    assert p.stdout is not None and p.stdout.readline()
+    deadline = time.monotonic() + 10
+    while not worker._quiet(p.pid):  # asleep in time.sleep, like a worker in its socket read
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return p
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGSEGV", "SIGABRT", "SIGTERM"])
+def test_the_kernels_view_of_a_dying_worker(sig: str) -> None:
+    """worker._quiet (the fast Sync's liveness check, no wake-up) says no from the moment kill() returns with a
+    fatal signal (core-dumping ones included), while the process dies, and as a zombie; a stopped process is
+    not quiet either. A reaped one is an OSError (idle() then says no)."""
+    import os
+    import signal
+    import time
+
+    from gpupool.server import worker
+
+    p = _sleeper()
+    try:
+        os.kill(p.pid, signal.SIGSTOP)
+        time.sleep(0.05)
+        assert not worker._quiet(p.pid)  # stopped
+        os.kill(p.pid, signal.SIGCONT)
+        _sleeper_again(p)  # asleep again
+        os.kill(p.pid, getattr(signal, sig))
+        for _ in range(50):  # never quiet again: pending, dying, then a zombie until reaped
+            assert not worker._quiet(p.pid)
+            time.sleep(0.002)
+    finally:
+        p.kill()
+        p.wait()
+    with pytest.raises(OSError):
+        worker._quiet(p.pid)
+
+
+def _sleeper_again(p: Any) -> None:
+    import time
+
+    from gpupool.server import worker
+
+    deadline = time.monotonic() + 10
+    while not worker._quiet(p.pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
