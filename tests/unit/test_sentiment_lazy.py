@@ -72,7 +72,7 @@ def test_lazy_adam_equals_adam_when_every_row_is_read_every_step() -> None:
         adam.step()
         _step_lazy(lazy_model, dense, lazy, x, y)
     for (name, a), b in zip(reference.named_parameters(), lazy_model.parameters(), strict=True):
-        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_rows_a_batch_does_not_read_keep_their_weights_and_moments() -> None:
