@@ -122,6 +122,9 @@ class RemoteTensor(torch.Tensor):
         return out
 
 
+_make_wrapper = torch.Tensor._make_wrapper_subclass
+
+
 def wrap(
     rt: DeviceRuntime,
     handle: int,
@@ -133,14 +136,11 @@ def wrap(
 ) -> RemoteTensor:
     """A new remote tensor for a handle the daemon has (or will have, once queued ops run); `key` is its
     metadata as a `meta.OutMeta` when the caller has one."""
-    t = torch.Tensor._make_wrapper_subclass(
-        RemoteTensor,
-        shape,
-        strides=stride,
-        storage_offset=offset,
-        dtype=dtype,
-        device=rt.device,
-    )  # requires_grad defaults to False (each keyword costs argument parsing on every op)
+    if offset:
+        t = _make_wrapper(RemoteTensor, shape, strides=stride, storage_offset=offset, dtype=dtype, device=rt.device)
+    else:  # each keyword costs argument parsing on every op: storage_offset only where it is not 0
+        t = _make_wrapper(RemoteTensor, shape, strides=stride, dtype=dtype, device=rt.device)
+    # requires_grad defaults to False
     t._gp_rt = rt
     t._gp_h = handle
     t._gp_key = key if key is not None else (tuple(shape), tuple(stride), int(offset), dtype)
