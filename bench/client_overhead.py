@@ -16,13 +16,22 @@ Columns: CPU microseconds per aten op the shim sends (the same op count for all 
 rounds. On a shared box compare the three within one run.
 
     nice python bench/client_overhead.py --models tiny-mlp,encoder
+
+CPU time on a loaded box varies 30-50% between runs; instructions do not. `--callgrind` runs one way only and
+switches valgrind's instrumentation on just around its timed steps, so instructions per op come out exact:
+
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=cg.out \
+        python bench/client_overhead.py --callgrind shim --models tiny-mlp --steps 5
+    grep ^totals: cg.out      # instructions; divide by the "ops" the script prints
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -163,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="tiny-mlp,encoder", help="comma-separated: tiny-mlp,encoder,classifier")
     p.add_argument("--steps", type=int, default=20, help="steps per measurement")
     p.add_argument("--rounds", type=int, default=7, help="interleaved measurements of each way")
+    p.add_argument("--callgrind", choices=("local", "floor", "shim"), help="under callgrind: count one way's steps")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.callgrind:
+        return callgrind(args.models.split(",")[0], args.callgrind, args.steps)
     print(f"{'model':>10} {'way':>6} {'us/op best':>11} {'median':>8} {'ratio to local':>15}")
     for name in args.models.split(","):
         steps = {how: setup(name, how)[0] for how in ("local", "floor", "shim")}
@@ -187,6 +199,29 @@ def main(argv: list[str] | None = None) -> int:
         for how, ts in times.items():
             med = statistics.median(ts)
             print(f"{name:>10} {how:>6} {min(ts):11.1f} {med:8.1f} {med / local:15.2f}")
+    return 0
+
+
+def callgrind(name: str, how: str, steps: int) -> int:
+    """Run `steps` steps of one way with callgrind's instrumentation on (`callgrind_control`), then print the
+    aten ops the shim sends in as many steps."""
+    shim = setup(name, "shim")[0]
+    rt = runtime.get(0)
+    assert rt is not None
+    for i in range(3):
+        shim(i)
+    before = rt.ops_sent
+    shim(0)
+    ops = rt.ops_sent - before
+    step = shim if how == "shim" else setup(name, how)[0]
+    for i in range(3):
+        step(i)
+    pid = str(os.getpid())
+    subprocess.run(["callgrind_control", "--instr=on", pid], capture_output=True, check=False)
+    for i in range(steps):
+        step(i)
+    subprocess.run(["callgrind_control", "--instr=off", pid], capture_output=True, check=False)
+    print(f"{name} {how}: ops {ops * steps} (divide callgrind's totals by this)")
     return 0
 
 

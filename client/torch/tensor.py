@@ -29,7 +29,7 @@ def _unregistered(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
 _dispatch: list[Dispatcher] = [_unregistered]
 
 
-_is_compiling = torch.compiler.is_compiling
+_compiler = torch.compiler  # `_compiler._is_compiling_flag`: torch.compiler.is_compiling() without its two calls
 
 
 @torch.compiler.disable
@@ -57,7 +57,9 @@ class RemoteTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
-        if _is_compiling():  # Dynamo traced into here: run the op eagerly instead (a graph break)
+        # Dynamo traced into here (the flag holds for a whole compile session, as is_compiling() says): run the op
+        # eagerly instead (a graph break)
+        if _compiler._is_compiling_flag:
             return _eager(func, args, kwargs or {})
         return _dispatch[0](func, args, kwargs or {})
 
