@@ -101,7 +101,7 @@ class Floor(torch.Tensor):
 
 def _key(a: Any) -> Any:
     if type(a) is Floor or type(a) is torch.nn.Parameter:
-        return a._fk
+        return a._fk  # type: ignore[union-attr]
     if isinstance(a, list | tuple):
         return tuple(_key(x) for x in a)
     if isinstance(a, float):
@@ -138,6 +138,7 @@ def _floor_like(t: torch.Tensor) -> Floor:
 def setup(model_name: str, how: str) -> tuple[Any, Any]:
     """(step function, counter of ops the shim sends) for one way of running."""
     model, data, loss_fn = workload(model_name)
+    batches: list[Any]
     if how == "floor":
         for mod in model.modules():
             for name, p in list(mod.named_parameters(recurse=False)):
@@ -158,7 +159,7 @@ def setup(model_name: str, how: str) -> tuple[Any, Any]:
     def step(i: int) -> None:
         x, y = batches[i % 4]
         if dev is not None:
-            x, y = x.to(dev), y.to(dev)
+            x, y = x.to(dev), y.to(dev)  # type: ignore[assignment]
         opt.zero_grad()
         loss = loss_fn(model(x), y)
         loss.backward()

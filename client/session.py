@@ -342,9 +342,9 @@ class Session:
         with self._lock:
             if self._eager or self._sealed:
                 self._seal()
-                frame = b"".join(self._sealed)
+                raw = b"".join(self._sealed)
                 self._sealed, self._sealed_count, self._frame_bytes = [], 0, 0
-                self._put(frame)
+                self._put(raw)
             elif len(self._frame.commands):
                 frame, self._frame, self._frame_bytes = self._frame, device_pb2.ClientFrame(), 0
                 self._put(frame)
