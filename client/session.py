@@ -128,6 +128,15 @@ _EAGER_SHORT = [
 ]
 
 
+def eager_command(record: bytes) -> bytes:
+    """`Command{eager_op: record}` as an entry of `ClientFrame.commands`, byte for byte what protobuf writes."""
+    n = len(record)
+    if n < 128:
+        return _EAGER_SHORT[n] + record
+    inner = _EAGER_TAG + protocol.varint(n)
+    return b"\x0a" + protocol.varint(len(inner) + n) + inner + record
+
+
 class Handle(int):
     """An int that names a tensor on the daemon (so `Session.call` sends it as a tensor argument)."""
 
@@ -265,12 +274,7 @@ class Session:
 
     def eager_op(self, record: bytes) -> None:
         """Enqueue a compact eager op record (gpupool/compact.py; the shim builds them): no protobuf per argument."""
-        n = len(record)
-        if n < 128:  # Command{eager_op: record} as a ClientFrame.commands entry, by hand
-            cmd = _EAGER_SHORT[n] + record
-        else:
-            inner = _EAGER_TAG + protocol.varint(n)
-            cmd = b"\x0a" + protocol.varint(len(inner) + n) + inner + record
+        cmd = eager_command(record)
         with self._lock:
             eager = self._eager
             eager.append(cmd)
