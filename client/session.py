@@ -122,6 +122,22 @@ def _read_frame(raw: bytes) -> device_pb2.ServerFrame | _Chunk:
         return device_pb2.ServerFrame.FromString(raw)
 
 
+_EAGER_TAG = b"\xf2\x01"  # Command.eager_op: field 30, length-delimited
+# ClientFrame.commands entry (field 1) of one short record: tag, length, then Command's tag and length
+_EAGER_SHORT = [
+    b"\x0a" + protocol.varint(n + 2 + len(protocol.varint(n))) + _EAGER_TAG + protocol.varint(n) for n in range(128)
+]
+
+
+def eager_command(record: bytes) -> bytes:
+    """`Command{eager_op: record}` as an entry of `ClientFrame.commands`, byte for byte what protobuf writes."""
+    n = len(record)
+    if n < 128:
+        return _EAGER_SHORT[n] + record
+    inner = _EAGER_TAG + protocol.varint(n)
+    return b"\x0a" + protocol.varint(len(inner) + n) + inner + record
+
+
 class Handle(int):
     """An int that names a tensor on the daemon (so `Session.call` sends it as a tensor argument)."""
 
@@ -175,6 +191,14 @@ class Session:
         self._requests = itertools.count(1)
         self._frame = device_pb2.ClientFrame()
         self._frame_bytes = 0
+        # Eager op records are appended to the frame as encoded bytes (`_eager`, after everything in `_frame`),
+        # which costs a tenth of a protobuf Command; a command of another kind first moves them, in order, with
+        # what `_frame` holds, into `_sealed`. The frame that goes out is the concatenation: protobuf reads
+        # concatenated encodings of a repeated field as one list, and these bytes are exactly what protobuf
+        # would write for the same commands.
+        self._eager: list[bytes] = []
+        self._sealed: list[bytes] = []
+        self._sealed_count = 0
         self._send: queue.Queue[device_pb2.ClientFrame | bytes | None] = queue.Queue(maxsize=SEND_QUEUE_FRAMES)
         self._waiters: dict[int, _Waiter] = {}
         self._wlock = threading.Lock()  # the reader takes only this one, never the batching lock
@@ -237,6 +261,8 @@ class Session:
     ) -> None:
         """Enqueue an aten op (no round trip): results go to `outputs`, one handle per returned tensor."""
         with self._lock:
+            if self._eager:
+                self._seal()
             cmd = self._frame.commands.add()
             o = cmd.op
             o.name = name
@@ -249,9 +275,12 @@ class Session:
 
     def eager_op(self, record: bytes) -> None:
         """Enqueue a compact eager op record (gpupool/compact.py; the shim builds them): no protobuf per argument."""
+        cmd = eager_command(record)
         with self._lock:
-            self._frame.commands.add(eager_op=record)
-            self._maybe_flush()
+            eager = self._eager
+            eager.append(cmd)
+            if len(eager) + self._sealed_count + len(self._frame.commands) >= MAX_BATCH_COMMANDS:
+                self.flush()
 
     def call(self, name: str, *args: Any, outputs: int | Sequence[int] = 1, **kwargs: Any) -> list[int]:
         """`op` with Python values: Handles become tensor args, small CPU tensors travel inline."""
@@ -288,6 +317,8 @@ class Session:
         """One step of a defined graph: the batch's uploads queued before it travel in the same frame; `data`
         holds the bytes of the inputs sent by value (handle 0 in `inputs`)."""
         with self._lock:
+            if self._eager:
+                self._seal()
             run = self._frame.commands.add().run_graph
             run.graph_id = graph_id
             run.inputs.extend(inputs)
@@ -314,9 +345,25 @@ class Session:
 
     def flush(self) -> None:
         with self._lock:
-            if len(self._frame.commands):
+            if self._eager or self._sealed:
+                self._seal()
+                raw = b"".join(self._sealed)
+                self._sealed, self._sealed_count, self._frame_bytes = [], 0, 0
+                self._put(raw)
+            elif len(self._frame.commands):
                 frame, self._frame, self._frame_bytes = self._frame, device_pb2.ClientFrame(), 0
                 self._put(frame)
+
+    def _seal(self) -> None:
+        """Move what the frame holds so far (protobuf commands, then encoded eager ops) into `_sealed`, in order."""
+        if len(self._frame.commands):
+            self._sealed.append(self._frame.SerializeToString())
+            self._sealed_count += len(self._frame.commands)
+            self._frame = device_pb2.ClientFrame()
+        if self._eager:
+            self._sealed.append(b"".join(self._eager))
+            self._sealed_count += len(self._eager)
+            self._eager = []
 
     def sync(self, scalar_handles: Sequence[int] = ()) -> list[bool | int | float | complex]:
         """Wait for everything sent so far; raise the first error since the last sync; return scalar values."""
@@ -378,12 +425,15 @@ class Session:
 
     def _add(self, cmd: device_pb2.Command, nbytes: int = 0) -> None:
         with self._lock:
+            if self._eager:
+                self._seal()
             self._frame.commands.append(cmd)
             self._frame_bytes += nbytes
             self._maybe_flush()
 
     def _maybe_flush(self) -> None:
-        if len(self._frame.commands) >= MAX_BATCH_COMMANDS or self._frame_bytes >= MAX_BATCH_BYTES:
+        n = len(self._frame.commands) + len(self._eager) + self._sealed_count
+        if n >= MAX_BATCH_COMMANDS or self._frame_bytes >= MAX_BATCH_BYTES:
             self.flush()
 
     def _request(self, cmd: device_pb2.Command) -> tuple[int, _Waiter]:
@@ -396,6 +446,8 @@ class Session:
                 cmd.get.request_id = rid
             with self._wlock:
                 self._waiters[rid] = w
+            if self._eager:
+                self._seal()
             self._frame.commands.append(cmd)
             self.flush()
         return rid, w

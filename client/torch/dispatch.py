@@ -11,20 +11,42 @@ import torch
 
 from . import api, meta, transfer
 from .remote import cpu_fallback, find_runtime, lazy_empty, run_remote
-from .tensor import RemoteTensor
+from .tensor import RemoteTensor, upload_new
 
 aten = torch.ops.aten
 LAZY_EMPTY = {aten.empty.memory_format, aten.empty_strided.default}
 
 
-def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """`RemoteTensor.__torch_dispatch__`."""
+_PLAIN, _SPECIAL, _OTHER = 0, 1, 2
+
+
+def _route(func: Any) -> tuple[int, Any]:
+    """How `dispatch` handles an op, worked out once and kept on the OpOverload itself (`_gp_route`): reading
+    an attribute costs less than the dict lookups it replaces (OpOverload.__hash__ is a Python function)."""
     special = transfer.SPECIAL.get(func)
     if special is not None:
-        return special(func, args, kwargs)
-    sch = meta.schema_of(func)
-    if sch.plain:
-        return run_remote(None, sch, args, kwargs)
+        route: tuple[int, Any] = (_SPECIAL, special)
+    else:
+        sch = meta.schema_of(func)
+        route = (_PLAIN if sch.plain else _OTHER, sch)
+    func._gp_route = route
+    return route
+
+
+def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`RemoteTensor.__torch_dispatch__`."""
+    try:
+        kind, how = func._gp_route
+    except AttributeError:
+        kind, how = _route(func)
+    if kind == _PLAIN:
+        return run_remote(None, how, args, kwargs)
+    if kind == _SPECIAL:
+        return how(func, args, kwargs)
+    return _other(func, how, args, kwargs)
+
+
+def _other(func: Any, sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     rt = find_runtime(args, kwargs)
     if rt is None:  # only possible for ops whose remote tensors hide in unusual places
         raise RuntimeError(f"{func}: no gpupool tensor among the arguments")
@@ -46,11 +68,34 @@ def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return run_remote(rt, sch, args, kwargs)
 
 
+def _plain_upload(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """`x.to("gpupool")` of a contiguous CPU tensor: the tensor to upload as it is (converted to the asked dtype
+    here), or None where the generic path must decide (strides to keep, other layouts, extra arguments). It saves
+    the daemon a copy of the uploaded tensor and the client an op."""
+    if len(args) != 1 or not set(kwargs) <= _TO_COPY_KWARGS:
+        return None
+    src = args[0]
+    if type(src) is not torch.Tensor or src.device.type != "cpu" or not src.is_contiguous():
+        return None
+    if kwargs.get("layout") not in (None, torch.strided) or kwargs.get("memory_format") not in _KEEPS_CONTIGUOUS:
+        return None
+    dtype = kwargs.get("dtype")
+    return src if dtype is None or dtype == src.dtype else src.to(dtype)
+
+
+_TO_COPY_KWARGS = {"dtype", "layout", "device", "pin_memory", "non_blocking", "memory_format"}
+_KEEPS_CONTIGUOUS = (None, torch.preserve_format, torch.contiguous_format)
+
+
 def factory(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """An op with no remote tensor that reached the gpupool backend (torch.empty(..., device="gpupool"))."""
     device = kwargs.get("device")
     index = torch.device(device).index if device is not None else None
     rt = api.runtime_for(index if index is not None else api.current_index())
+    if func is aten._to_copy.default:
+        local = _plain_upload(args, kwargs)
+        if local is not None:
+            return upload_new(rt, local)
     sch = meta.schema_of(func)
     if func in LAZY_EMPTY:
         return lazy_empty(rt, sch, args, kwargs)

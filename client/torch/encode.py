@@ -135,7 +135,7 @@ def build(
     the wire Args. Raises NeedsUpload if a CPU tensor must be uploaded first."""
     by_type = sch.has_tensor_inputs
     kinds = sch.kinds
-    key: list[Any] = [sch.func]
+    key: list[Any] = [sch]  # the Schema (one per overload) hashes in C; an OpOverload in Python
     wire_args = []
     for i, v in enumerate(args):
         k, a, rt = _one(rt, kinds[i], v, by_type)
@@ -189,21 +189,37 @@ def build_compact(
     as `build` does, and compact.Unencodable for arguments only an `Op` carries (then use `build`)."""
     by_type = sch.has_tensor_inputs
     kinds = sch.kinds
-    key: list[Any] = [sch.func]
-    parts = [compact.U8.pack(len(args))]
-    for i, v in enumerate(args):
-        k, b, rt = _c_one(rt, kinds[i], v, by_type)
-        key.append(k)
-        parts.append(b)
-    parts.append(compact.U8.pack(len(kwargs)))
+    key: list[Any] = [sch]  # the Schema (one per overload) hashes in C; an OpOverload in Python
+    parts = [_U8_BYTES[len(args)]]
+    i = 0
+    for v in args:
+        if type(v) is RemoteTensor:  # the common argument, inline (as _c_one has it)
+            vrt = v._gp_rt
+            if rt is not vrt:
+                if rt is not None:
+                    raise _two_devices(rt, vrt)
+                rt = vrt
+            key.append(v._gp_key)
+            parts.append(_TAG_U64(compact.TENSOR, v._gp_h))
+        else:
+            k, b, rt = _c_one(rt, kinds[i], v, by_type)
+            key.append(k)
+            parts.append(b)
+        i += 1
     if kwargs:
+        parts.append(compact.U8.pack(len(kwargs)))
         kk = sch.kwarg_kinds
         for name in sorted(kwargs):
             k, b, rt = _c_one(rt, kk.get(name, meta.V), kwargs[name], by_type)
             key.append((name, k))
             parts.append(compact.kwarg_key(name))
             parts.append(b)
+    else:
+        parts.append(_U8_BYTES[0])
     return rt, tuple(key), b"".join(parts)
+
+
+_U8_BYTES = [bytes([n]) for n in range(256)]
 
 
 def handle_arg(handle: int) -> tensor_pb2.Arg:

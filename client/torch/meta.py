@@ -99,6 +99,7 @@ class Schema:
                         name = a.name
                         break
             self.write_alias.append(name)
+        self.first_is_new = not (self.write_alias and self.write_alias[0])  # its first output is a new tensor
         self.mutates = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
         self.arg_names = [a.name for a in schema.arguments]
         self.has_device_arg = "device" in self.kwarg_kinds
@@ -163,7 +164,7 @@ def arg_key(kind: str, v: Any, by_type: bool) -> Any:
 def cache_key(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     by_type = sch.has_tensor_inputs
     kinds = sch.kinds
-    key: list[Any] = [sch.func]
+    key: list[Any] = [sch]  # the Schema (one per overload) hashes in C; an OpOverload in Python
     for i, a in enumerate(args):
         key.append(arg_key(kinds[i], a, by_type))
     if kwargs:
@@ -251,6 +252,9 @@ _BN_EVAL = {
     "aten::_native_batch_norm_legit": 5,
     "aten::_native_batch_norm_legit_no_training": None,
 }
+
+
+CPU_FIXUPS = frozenset(_BN_EVAL)  # the ops cpu_fixup may change
 
 
 def cpu_fixup(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any], outs: Outputs) -> Outputs:

@@ -46,7 +46,7 @@ def find_runtime(args: Any, kwargs: dict[str, Any]) -> DeviceRuntime | None:
 def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     # The common case: a compact record (gpupool/compact.py), one bytes string for the whole op.
     tail: bytes | None = None
-    if rt is None or rt.compact_ok():
+    if rt is None or (rt.recorder is None and len(rt.op_ids) < _MAX_OP_IDS):  # rt.compact_ok(), inline
         try:
             found, key, tail = encode.build_compact(rt, sch, args, kwargs)
         except (encode.NeedsUpload, compact.Unencodable):
@@ -68,17 +68,29 @@ def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...]
     rt = found
     if rt.pending:
         rt.materialize_pending()
-    outs = meta.CACHE.entries.get(key)
+    cache = meta.CACHE
+    outs = cache.entries.get(key)
     if outs is not None:
-        meta.CACHE.hits += 1
+        cache.hits += 1
     else:
         try:
-            outs = meta.CACHE.outputs(sch, args, kwargs, key)
+            outs = cache.outputs(sch, args, kwargs, key)
         except meta.NoMeta as exc:
             log.debug("%s has no meta inference (%s): round trip", sch.name, exc)
             return round_trip(rt, sch, args, kwargs)
-    if rt.cpu_backed:
+    if rt.cpu_backed and sch.name in meta.CPU_FIXUPS:
         outs = meta.cpu_fixup(sch, args, kwargs, outs)
+
+    if outs.spec is None and sch.first_is_new:  # one new tensor: most ops
+        m = outs.metas[0]
+        assert m is not None
+        h = rt.new_handle()
+        result = wrap(rt, h, m.shape, m.stride, m.offset, m.dtype, m)
+        if tail is not None:
+            rt.eager_op(sch.name, tail, [h])
+        else:
+            rt.op(sch.name, wire_args, wire_kwargs, [h])
+        return result
 
     # Outputs that are written arguments (in-place ops, out=) keep their tensor: no new handle.
     write_alias = sch.write_alias
@@ -108,6 +120,9 @@ def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...]
     if outs.flat_tuple:
         return tuple(results)
     return tree_unflatten(results, outs.spec)
+
+
+_MAX_OP_IDS = compact.MAX_OP_IDS
 
 
 def _arg(sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> Any:

@@ -8,8 +8,10 @@ batches, and turns the session client's errors into the exceptions torch users e
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any, NoReturn, Protocol
@@ -73,11 +75,21 @@ class DeviceRuntime:
         self.watched: dict[int, list[Callable[[int], None]]] = {}
         # A fake GPU computes with CPU kernels, whose outputs differ from meta's in a few places.
         self.cpu_backed = bool(getattr(getattr(session, "device", None), "fake", False))
+        # Handles straight from the session's counter (the same one Session.new_handle draws from, so the two
+        # never collide), without its Handle objects: one add per output instead of three calls.
+        self._handle_base = getattr(session, "handle_base", None)
+        self._handle_count = getattr(session, "_handles", None)
+        if not isinstance(self._handle_base, int) or not isinstance(self._handle_count, itertools.count):
+            self._handle_count = None
+        self._heads: dict[str, bytes] = {}  # op name -> its record's op id bytes (no name), once defined
 
     # ---- handles ----
 
     def new_handle(self) -> int:
-        return int(self.session.new_handle())
+        count = self._handle_count
+        if count is None:
+            return int(self.session.new_handle())
+        return self._handle_base + next(count)  # type: ignore[operator]
 
     def share(self, handle: int) -> None:
         """One more tensor holds `handle` (a detach or alias made without asking the daemon)."""
@@ -160,13 +172,18 @@ class DeviceRuntime:
             self.flush_frees()
         if self.closed:
             self._check_open()
-        op_id = self.op_ids.get(name)
+        head = self._heads.get(name)
         try:
-            if op_id is None:
+            if head is None:
                 self._define(name, record_tail, outputs)
+            elif len(outputs) == 1:
+                self.session.eager_op(head + _ONE_OUTPUT(1, outputs[0]) + record_tail)
             else:
-                self.session.eager_op(compact.head(op_id, None, outputs) + record_tail)
-            self._sent_op()
+                self.session.eager_op(head + _outputs(outputs) + record_tail)
+            self._unflushed += 1  # self._sent_op(), inline
+            if self._unflushed >= FLUSH_OPS:
+                self._unflushed = 0
+                self.session.flush()
         except Exception as exc:
             self._raise(exc)
 
@@ -181,6 +198,7 @@ class DeviceRuntime:
             op_id = len(self.op_ids)
             self.session.eager_op(compact.head(op_id, name, outputs) + record_tail)
             self.op_ids[name] = op_id
+            self._heads[name] = compact.HEAD.pack(op_id, 0)
 
     def compact_ok(self) -> bool:
         """Whether ops may travel as compact records now (not while a step capture records `Op`s)."""
@@ -319,6 +337,13 @@ class DeviceRuntime:
             self.session.close()
         except Exception as exc:  # closing a dead session must not mask the caller's own error
             log.debug("closing %s: %s", self.device, exc)
+
+
+_ONE_OUTPUT = struct.Struct("<BQ").pack  # a record's output count and handle, for the usual single output
+
+
+def _outputs(handles: list[int]) -> bytes:
+    return struct.pack(f"<B{len(handles)}Q", len(handles), *handles)
 
 
 def translate_and_mark(rt: DeviceRuntime, exc: BaseException) -> BaseException:

@@ -29,7 +29,7 @@ def _unregistered(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
 _dispatch: list[Dispatcher] = [_unregistered]
 
 
-_is_compiling = torch.compiler.is_compiling
+_compiler = torch.compiler  # `_compiler._is_compiling_flag`: torch.compiler.is_compiling() without its two calls
 
 
 @torch.compiler.disable
@@ -57,7 +57,9 @@ class RemoteTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
-        if _is_compiling():  # Dynamo traced into here: run the op eagerly instead (a graph break)
+        # Dynamo traced into here (the flag holds for a whole compile session, as is_compiling() says): run the op
+        # eagerly instead (a graph break)
+        if _compiler._is_compiling_flag:
             return _eager(func, args, kwargs or {})
         return _dispatch[0](func, args, kwargs or {})
 
@@ -122,6 +124,9 @@ class RemoteTensor(torch.Tensor):
         return out
 
 
+_make_wrapper = torch.Tensor._make_wrapper_subclass
+
+
 def wrap(
     rt: DeviceRuntime,
     handle: int,
@@ -133,14 +138,11 @@ def wrap(
 ) -> RemoteTensor:
     """A new remote tensor for a handle the daemon has (or will have, once queued ops run); `key` is its
     metadata as a `meta.OutMeta` when the caller has one."""
-    t = torch.Tensor._make_wrapper_subclass(
-        RemoteTensor,
-        shape,
-        strides=stride,
-        storage_offset=offset,
-        dtype=dtype,
-        device=rt.device,
-    )  # requires_grad defaults to False (each keyword costs argument parsing on every op)
+    if offset:
+        t = _make_wrapper(RemoteTensor, shape, strides=stride, storage_offset=offset, dtype=dtype, device=rt.device)
+    else:  # each keyword costs argument parsing on every op: storage_offset only where it is not 0
+        t = _make_wrapper(RemoteTensor, shape, strides=stride, dtype=dtype, device=rt.device)
+    # requires_grad defaults to False
     t._gp_rt = rt
     t._gp_h = handle
     t._gp_key = key if key is not None else (tuple(shape), tuple(stride), int(offset), dtype)

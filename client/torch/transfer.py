@@ -93,7 +93,8 @@ def _alias(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> RemoteTe
     if rt.pending:
         rt.materialize_pending()
     rt.share(t._gp_h)
-    return wrap(rt, t._gp_h, t.shape, t.stride(), int(t.storage_offset()), t.dtype)
+    key = t._gp_key  # (shape, stride, offset, dtype), as the tensor has it
+    return wrap(rt, t._gp_h, key[0], key[1], key[2], key[3], key)
 
 
 def unshare(t: RemoteTensor) -> None:
@@ -119,7 +120,6 @@ def _copy_from_and_resize(func: Any, args: tuple[Any, ...], kwargs: dict[str, An
         dst.resize_(src.shape)
         return _copy(aten.copy_.default, (dst, src), {})
     if dst.shape != src.shape:
-
         run_remote(dst._gp_rt, meta.schema_of(aten.resize_.default), (dst, list(src.shape)), {})
     return _copy(aten.copy_.default, (dst, src), {})
 

@@ -110,6 +110,24 @@ def test_adam_step_takes_the_foreach_path(dev: torch.device) -> None:
     assert adam_step_ops(dev, foreach=False) >= 5 * default
 
 
+def test_a_cpu_tensor_to_gpupool_is_one_upload(dev: torch.device) -> None:
+    """x.to("gpupool") of a contiguous CPU tensor sends no op (the upload is the new tensor); other layouts, dtype
+    changes and autograd keep their meaning."""
+    rt = runtime.get(dev.index)
+    assert rt is not None
+    x = torch.randn(4, 5)
+    sent = rt.ops_sent
+    y = x.to(dev)
+    assert rt.ops_sent == sent and torch.equal(y.cpu(), x)
+    z = x.t().to(dev)  # not contiguous: the generic path (upload, then _to_copy on the daemon)
+    assert rt.ops_sent > sent and torch.equal(z.cpu(), x.t())
+    w = x.to(dev, torch.float64)
+    assert w.dtype == torch.float64 and torch.equal(w.cpu(), x.double())
+    g = torch.randn(3, requires_grad=True)
+    (g.to(dev) * 2).sum().backward()
+    assert g.grad is not None and torch.equal(g.grad, torch.full((3,), 2.0))
+
+
 def test_factories_sync_points_and_printing(dev: torch.device) -> None:
     z = torch.zeros(2, 3, device=dev)
     assert z.device == dev and z.sum().item() == 0.0
