@@ -28,6 +28,7 @@ class ModelConfig:
     embed_std: float = 1.0
     bigram_buckets: int = 0
     embed_dropout: float = 0.0
+    trigram_buckets: int = 0
 
     def build(self) -> SentimentCNN:
         return SentimentCNN(
@@ -39,6 +40,7 @@ class ModelConfig:
             embed_std=self.embed_std,
             bigram_buckets=self.bigram_buckets,
             embed_dropout=self.embed_dropout,
+            trigram_buckets=self.trigram_buckets,
         )
 
 

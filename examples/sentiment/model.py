@@ -42,6 +42,7 @@ class SentimentCNN(nn.Module):
         embed_std: float = 1.0,
         bigram_buckets: int = 0,
         embed_dropout: float = 0.0,
+        trigram_buckets: int = 0,
     ) -> None:
         super().__init__()
         if vocab_size < 2:
@@ -63,6 +64,13 @@ class SentimentCNN(nn.Module):
             with torch.no_grad():
                 self.bigrams.weight.normal_(0.0, embed_std)
                 self.bigrams.weight[0].zero_()
+        # Optional, the same for the trigram that starts at each position (exact word triples).
+        self.trigram_buckets = trigram_buckets
+        self.trigrams = nn.Embedding(trigram_buckets, embed_dim, padding_idx=0) if trigram_buckets > 1 else None
+        if self.trigrams is not None:
+            with torch.no_grad():
+                self.trigrams.weight.normal_(0.0, embed_std)
+                self.trigrams.weight[0].zero_()
         self.convs = nn.ModuleList(nn.Conv1d(embed_dim, filters, k, padding=k // 2) for k in kernel_sizes)
         # Dropout on the word vectors too: without it the (bigram) embeddings memorise the training set in 2 epochs.
         self.embed_dropout = nn.Dropout(embed_dropout)
@@ -79,6 +87,10 @@ class SentimentCNN(nn.Module):
             x = x + (
                 self.bigrams(self.bigram_ids(tokens)) if sparse is None else sparse.lookup("bigrams", self.bigrams)
             )
+        if self.trigrams is not None:
+            x = x + (
+                self.trigrams(self.trigram_ids(tokens)) if sparse is None else sparse.lookup("trigrams", self.trigrams)
+            )
         x = self.embed_dropout(x).transpose(1, 2)  # (B, E, L)
         pooled = []
         for conv in self.convs:
@@ -89,13 +101,15 @@ class SentimentCNN(nn.Module):
 
     def embedding_tables(self) -> list[torch.Tensor]:
         """The weights of the embedding tables (what LazyAdam updates; a dense optimizer takes the others)."""
-        return [self.embedding.weight] + ([self.bigrams.weight] if self.bigrams is not None else [])
+        return [self.embedding.weight] + [t.weight for t in (self.bigrams, self.trigrams) if t is not None]
 
     def sparse_batch(self, tokens: torch.Tensor) -> SparseBatch:
         """The rows a (CPU) batch of tokens reads from each table: computed on the host, then sent with the batch."""
         tables = {"words": TouchedRows.of(tokens, self.pad_id)}
         if self.bigrams is not None:
             tables["bigrams"] = TouchedRows.of(self.bigram_ids(tokens))
+        if self.trigrams is not None:
+            tables["trigrams"] = TouchedRows.of(self.trigram_ids(tokens))
         return SparseBatch(tables)
 
     def bigram_ids(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -104,6 +118,15 @@ class SentimentCNN(nn.Module):
         ids = (first * 1_000_003 + second) % (self.bigram_buckets - 1) + 1
         ids = ids * ((first != self.pad_id) & (second != self.pad_id)).to(ids.dtype)
         return torch.cat([ids, torch.zeros_like(tokens[:, :1])], dim=1)
+
+    def trigram_ids(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) bucket of the trigram (tokens[t], tokens[t+1], tokens[t+2]) in [1, buckets); 0 where any word is
+        padding (word ids stay below 2^31, so the hash fits in int64)."""
+        first, second, third = tokens[:, :-2], tokens[:, 1:-1], tokens[:, 2:]
+        ids = ((first * 1_000_003 + second) * 999_983 + third) % (self.trigram_buckets - 1) + 1
+        real = (first != self.pad_id) & (second != self.pad_id) & (third != self.pad_id)
+        ids = ids * real.to(ids.dtype)
+        return torch.cat([ids, torch.zeros_like(tokens[:, :2])], dim=1)
 
 
 def build_model(
@@ -115,6 +138,7 @@ def build_model(
     bigram_buckets: int = 0,
     embed_dropout: float = 0.0,
     embed_std: float = 1.0,
+    trigram_buckets: int = 0,
 ) -> SentimentCNN:
     """The CNN with the given sizes; bigram embeddings and embedding dropout are off unless asked for (the
     benchmark configuration is benchmark_model)."""
@@ -127,6 +151,7 @@ def build_model(
         bigram_buckets=bigram_buckets,
         embed_dropout=embed_dropout,
         embed_std=embed_std,
+        trigram_buckets=trigram_buckets,
     )
 
 

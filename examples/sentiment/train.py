@@ -83,6 +83,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--bigram-buckets", type=int, default=BENCHMARK["bigram_buckets"], help="hashed bigram embeddings (0: off)"
     )
     p.add_argument(
+        "--trigram-buckets", type=int, default=BENCHMARK.get("trigram_buckets", 0),
+        help="hashed trigram embeddings (0: off)",
+    )  # fmt: skip
+    p.add_argument(
         "--embed-dropout", type=float, default=BENCHMARK["embed_dropout"], help="dropout on the word vectors"
     )
     p.add_argument(
@@ -265,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         max_len=args.max_len,
         embed_std=args.embed_std,
         bigram_buckets=args.bigram_buckets,
+        trigram_buckets=args.trigram_buckets,
         embed_dropout=args.embed_dropout,
     )
     model = config.build().to(device)

@@ -42,16 +42,19 @@ def test_touched_rows_drop_padding_and_index_a_zero_row_for_it() -> None:
 
 
 def test_the_sparse_lookup_gives_the_dense_logits_and_gradients_only_for_the_rows_read() -> None:
-    model = _model().eval()
+    torch.manual_seed(0)
+    model = SentimentCNN(50, embed_dim=8, filters=6, bigram_buckets=40, trigram_buckets=30, embed_std=0.1).eval()
     x = torch.randint(1, 50, (3, 12))
     x[:, 9:] = 0
     sparse = model.sparse_batch(x)
     torch.testing.assert_close(model(x, sparse), model(x), rtol=0, atol=0)
     sparse = model.sparse_batch(x)  # a fresh one: each forward pass adds its leaves
     model(x, sparse).sum().backward()
-    words, bigrams = sparse.leaves[0][2], sparse.leaves[1][2]
+    words, bigrams, trigrams = (leaf for _, _, leaf in sparse.leaves)
     assert words.shape == (len(torch.unique(x[x != 0])), 8) and words.grad is not None
-    assert bigrams.grad is not None and model.embedding.weight.grad is None  # the table itself gets no dense gradient
+    assert bigrams.grad is not None and trigrams.grad is not None
+    assert model.embedding.weight.grad is None  # the table itself gets no dense gradient
+    assert len(model.embedding_tables()) == 3
 
 
 def test_lazy_adam_equals_adam_when_every_row_is_read_every_step() -> None:
