@@ -93,8 +93,10 @@ class Schema:
             name = None
             if info is not None and info.is_write:
                 for a in schema.arguments:
-                    if a.alias_info is not None and a.alias_info.is_write and set(a.alias_info.before_set) & set(
-                        info.before_set
+                    if (
+                        a.alias_info is not None
+                        and a.alias_info.is_write
+                        and set(a.alias_info.before_set) & set(info.before_set)
                     ):
                         name = a.name
                         break

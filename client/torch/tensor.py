@@ -183,7 +183,6 @@ def to_cpu(t: RemoteTensor) -> torch.Tensor:
     local = rt.download(t._gp_h)
     if tuple(local.shape) != tuple(t.shape) or local.dtype != t.dtype:
         raise RuntimeError(
-            f"{t.device}: daemon returned {tuple(local.shape)} {local.dtype} for a tensor of "
-            f"{tuple(t.shape)} {t.dtype}"
+            f"{t.device}: daemon returned {tuple(local.shape)} {local.dtype} for a tensor of {tuple(t.shape)} {t.dtype}"
         )
     return local

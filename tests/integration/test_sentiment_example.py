@@ -20,7 +20,6 @@ from examples.sentiment import data
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # pool start-up and training: minutes on a loaded box
 
 
-
 def test_one_epoch_on_2000_reviews_through_gpupool_then_serve(pool_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
     env = {**os.environ, **pool_env}
     out = tmp_path / "model"

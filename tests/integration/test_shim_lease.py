@@ -76,9 +76,7 @@ def test_a_child_that_attaches_after_its_tokens_expired_renews_first(pool: str) 
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
-def test_device_allocates_its_own_lease_and_detach_releases_it(
-    pool: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_device_allocates_its_own_lease_and_detach_releases_it(pool: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GPUPOOL_LEASE", raising=False)
     monkeypatch.setenv("GPUPOOL_SCHEDULER", pool)
     monkeypatch.setenv("GPUPOOL_FRACTION", "0.25")

@@ -97,4 +97,3 @@ def test_host_bytes_is_a_view() -> None:
     view[0:4] = (7).to_bytes(4, "little")
     assert t.tolist() == [7, 0, 0, 0] and len(view) == 16
     assert len(wire.host_bytes(torch.empty(0))) == 0
-
