@@ -62,7 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="lazy (default): Adam on the embedding rows each batch reads (LazyAdam, lazy.py); dense: torch's Adam "
         "over the whole tables, as --capture needs (a replayed step has fixed shapes)",
     )  # fmt: skip
-    p.add_argument("--ema", type=float, default=0.0, help="evaluate and save an EMA of the weights (decay; 0: off)")
+    p.add_argument(
+        "--ema", type=float, default=0.998,
+        help="evaluate and save an EMA of the weights (decay, default 0.998: about one epoch of aclImdb; 0: off)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--target", type=float, default=0.906, help="stop when test accuracy reaches this (default 0.906)")
     p.add_argument(
