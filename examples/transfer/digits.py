@@ -18,7 +18,7 @@ from torch import nn
 
 @dataclass
 class Images:
-    x: torch.Tensor  # float32 (N, 1, 8, 8) in [0, 1]
+    x: torch.Tensor  # float32 (N, 1, H, W) in [0, 1]: 8x8 or 28x28
     y: torch.Tensor  # int64 (N,): class index within its task (0..k-1)
     digits: tuple[int, ...]  # the digit each class index stands for
 
@@ -61,11 +61,12 @@ def with_rotations(data: Images) -> Images:
     return Images(x, y, tuple(range(4 * k)))
 
 
-def shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Each image (N, 1, 8, 8) moved by -1, 0 or +1 pixel on each axis at random (zeros shift in)."""
-    padded = nn.functional.pad(x, (1, 1, 1, 1))
-    crops = torch.stack([padded[:, :, dy : dy + 8, dx : dx + 8] for dy in range(3) for dx in range(3)])
-    pick = torch.randint(0, 9, (x.shape[0],), generator=gen)
+def shift(x: torch.Tensor, gen: torch.Generator, pixels: int = 1) -> torch.Tensor:
+    """Each image (N, 1, H, W) moved by up to `pixels` on each axis at random (zeros shift in)."""
+    h, w, n = x.shape[2], x.shape[3], 2 * pixels + 1
+    padded = nn.functional.pad(x, (pixels,) * 4)
+    crops = torch.stack([padded[:, :, dy : dy + h, dx : dx + w] for dy in range(n) for dx in range(n)])
+    pick = torch.randint(0, n * n, (x.shape[0],), generator=gen)
     return crops[pick, torch.arange(x.shape[0])]
 
 
@@ -91,25 +92,27 @@ class CosineHead(nn.Module):
 
 
 class DigitsCNN(nn.Module):
-    """conv-relu x2, max-pool, conv-relu, max-pool -> `features` (2*width x 2 x 2, flattened) -> linear head.
+    """8x8 images (`size` 8): conv-relu x2, max-pool, conv-relu, max-pool -> 2*width x 2 x 2 features;
+    28x28 images (`size` 28): (conv-relu, max-pool) x 3 -> 2*width x 3 x 3 features; then a linear head.
 
-    The features keep a coarse 2x2 layout: a global average would throw away where the strokes are, which is most
+    The features keep a coarse layout: a global average would throw away where the strokes are, which is most
     of what tells a new digit from the old ones."""
 
-    def __init__(self, num_classes: int, width: int = 32) -> None:
+    def __init__(self, num_classes: int, width: int = 32, size: int = 8) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),  # 8x8 -> 4x4
-            nn.Conv2d(width, 2 * width, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),  # 4x4 -> 2x2
-            nn.Flatten(),
-        )
-        self.feature_dim = 2 * width * 4
+        if size == 8:
+            layers: list[nn.Module] = [nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
+                                       nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]  # 4x4
+            side = 2
+        elif size == 28:
+            layers = [nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 14x14
+                      nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]  # 7x7
+            side = 3
+        else:
+            raise ValueError(f"DigitsCNN takes 8x8 or 28x28 images, not {size}x{size}")
+        layers += [nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()]
+        self.features = nn.Sequential(*layers)
+        self.feature_dim = 2 * width * side * side
         self.head: nn.Module = nn.Linear(self.feature_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +133,7 @@ def fit(
     seed: int = 0,
     params: list[nn.Parameter] | None = None,
     augment: bool = False,
+    shift_pixels: int = 1,
 ) -> float:
     """Train `params` (default: all that require grad) for `steps` Adam steps on shuffled batches. Without
     `augment` the data are uploaded once; with it each batch is shifted on the CPU and uploaded. Returns the last
@@ -143,7 +147,7 @@ def fit(
     for _ in range(steps):
         rows = torch.randperm(n, generator=gen)[: min(batch_size, n)]
         if augment:
-            xb, yb = shift(x[rows], gen).to(device), y[rows].to(device)
+            xb, yb = shift(x[rows], gen, shift_pixels).to(device), y[rows].to(device)
         else:
             rows = rows.to(device)
             xb, yb = x.index_select(0, rows), y.index_select(0, rows)
