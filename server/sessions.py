@@ -184,16 +184,7 @@ class WorkerSession:
     def bind_new(self, handle: int, tensor: torch.Tensor) -> None:
         """`bind` for a handle the caller checked (`check_handle`), admitted (`admit_handles`) and found neither
         live nor failed: the eager ops' and graph runs' hot path."""
-        storage = tensor.untyped_storage()
-        key = storage._cdata
-        entry = self._storages.get(key)
-        if entry is None:
-            nbytes = storage.nbytes()
-            self._storages[key] = [1, nbytes]
-            self._account(nbytes)
-        else:
-            entry[0] += 1
-        self._keys[handle] = key
+        self._count(handle, tensor.untyped_storage())
         self.tensors[handle] = tensor
 
     def rebind(self, handle: int, tensor: torch.Tensor) -> None:
