@@ -27,6 +27,17 @@ UNK_ID = 1
 BENCHMARK: dict[str, Any] = {"bigram_buckets": 2**18, "embed_dropout": 0.5, "embed_std": 0.1}
 
 
+def _hashed_table(buckets: int, dim: int, std: float) -> nn.Embedding | None:
+    """An embedding of hashed n-gram buckets drawn from N(0, std), bucket 0 (padding) all zeros; None when off."""
+    if buckets <= 1:
+        return None
+    table = nn.Embedding(buckets, dim, padding_idx=0)
+    with torch.no_grad():
+        table.weight.normal_(0.0, std)
+        table.weight[0].zero_()
+    return table
+
+
 class SentimentCNN(nn.Module):
     """CNN over token ids (B, L) -> logits (B, num_classes). Token id ``pad_id`` marks padding."""
 
@@ -59,18 +70,10 @@ class SentimentCNN(nn.Module):
         # Optional: each position also gets a (hashed) embedding of the bigram that starts there, so the convolution
         # sees exact word pairs, not just sums of word vectors (the "bigram features" of bag-of-n-gram models).
         self.bigram_buckets = bigram_buckets
-        self.bigrams = nn.Embedding(bigram_buckets, embed_dim, padding_idx=0) if bigram_buckets > 1 else None
-        if self.bigrams is not None:
-            with torch.no_grad():
-                self.bigrams.weight.normal_(0.0, embed_std)
-                self.bigrams.weight[0].zero_()
+        self.bigrams = _hashed_table(bigram_buckets, embed_dim, embed_std)
         # Optional, the same for the trigram that starts at each position (exact word triples).
         self.trigram_buckets = trigram_buckets
-        self.trigrams = nn.Embedding(trigram_buckets, embed_dim, padding_idx=0) if trigram_buckets > 1 else None
-        if self.trigrams is not None:
-            with torch.no_grad():
-                self.trigrams.weight.normal_(0.0, embed_std)
-                self.trigrams.weight[0].zero_()
+        self.trigrams = _hashed_table(trigram_buckets, embed_dim, embed_std)
         self.convs = nn.ModuleList(nn.Conv1d(embed_dim, filters, k, padding=k // 2) for k in kernel_sizes)
         # Dropout on the word vectors too: without it the (bigram) embeddings memorise the training set in 2 epochs.
         self.embed_dropout = nn.Dropout(embed_dropout)
