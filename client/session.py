@@ -27,6 +27,8 @@ from gpupool import protocol, tls, tokens, wire
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, Unavailable, from_failure
 
+from . import bulk
+
 MAX_BATCH_COMMANDS = 256
 MAX_BATCH_BYTES = 1024 * 1024
 REFRESH_TIMEOUT = 10.0  # seconds; a renewal runs well ahead of expiry, so a slow daemon still gets it in time
@@ -138,6 +140,12 @@ def eager_command(record: bytes) -> bytes:
     return b"\x0a" + protocol.varint(len(inner) + n) + inner + record
 
 
+def _scratch(n: int) -> memoryview:
+    if n > protocol.BULK_MAX_CHUNK:
+        raise Unavailable(f"the daemon announced a bulk chunk of {n} bytes (at most {protocol.BULK_MAX_CHUNK})")
+    return memoryview(bytearray(n))
+
+
 class Handle(int):
     """An int that names a tensor on the daemon (so `Session.call` sends it as a tensor argument)."""
 
@@ -168,6 +176,21 @@ class _Waiter:
         if c.last:
             self.done.set()
 
+    def bulk_chunk(self, request_id: int, c: device_pb2.TensorChunk, side: bulk.BulkSocket) -> None:
+        """A chunk announced on the stream whose `bulk_bytes` follow on the side socket: read them into the
+        tensor (a chunk past its end is read into scratch, so the socket stays in step, and fails the wait)."""
+        if c.HasField("meta"):
+            self.tensor = torch.empty(list(c.meta.shape), dtype=wire.dtype_from_proto(c.meta.dtype))
+            _huge_pages(self.tensor)
+            self._bytes = wire.host_bytes(self.tensor)
+        n = c.bulk_bytes
+        fits = self._bytes is not None and c.offset + n <= len(self._bytes)
+        side.recv_download(request_id, c.offset, self._bytes[c.offset : c.offset + n] if fits else _scratch(n))
+        if not fits:
+            self.fail(InvalidArgument("download chunk past the tensor's end (or before its metadata)"))
+        elif c.last:
+            self.done.set()
+
     def fail(self, exc: GpupoolError) -> None:
         if not self.done.is_set():
             self.error = exc
@@ -177,8 +200,15 @@ class _Waiter:
 class Session:
     """One attached session. Use `Session.attach(address, token)`; close it (or use `with`) when done."""
 
-    def __init__(self, channel: grpc.Channel, reply: device_pb2.AttachReply, address: str = "") -> None:
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        reply: device_pb2.AttachReply,
+        address: str = "",
+        side: bulk.BulkSocket | None = None,
+    ) -> None:
         self.address = address
+        self._side = side  # the bulk side socket (client/bulk.py), None: every byte goes on the stream
         self.session_id: str = reply.session_id
         self.handle_base: int = reply.handle_base
         self.device: device_pb2.DeviceInfo = reply.device
@@ -223,7 +253,7 @@ class Session:
         except grpc.RpcError as exc:
             channel.close()
             raise from_failure(exc) from None
-        return cls(channel, reply, address)
+        return cls(channel, reply, address, bulk.connect(address, reply.bulk_port, reply.session_id, name))
 
     # ---- commands ----
 
@@ -242,6 +272,9 @@ class Session:
             up = device_pb2.Upload(handle=h, meta=meta, data=data.tobytes(), last=True)
             self._add(device_pb2.Command(upload=up), total)
             return h
+        if self._side is not None and total >= bulk.MIN_UPLOAD:
+            self._upload_side(self._side, h, meta, data)
+            return h
         with self._lock:
             self.flush()
             for off in range(0, total, wire.CHUNK_BYTES):
@@ -251,6 +284,24 @@ class Session:
                     up.meta.CopyFrom(meta)
                 self._put(protocol.upload_frame(up, data[off:end]))
         return h
+
+    def _upload_side(self, side: bulk.BulkSocket, h: int, meta: tensor_pb2.TensorMeta, data: memoryview) -> None:
+        """An upload whose bytes go on the side socket: each chunk's command (in its frame, in order) on the
+        stream, then its bytes from the tensor's memory."""
+        total = data.nbytes
+        with self._lock:
+            self.flush()
+            for off in range(0, total, bulk.CHUNK):
+                end = min(off + bulk.CHUNK, total)
+                up = device_pb2.Upload(handle=h, offset=off, last=end >= total, bulk_bytes=end - off)
+                if off == 0:
+                    up.meta.CopyFrom(meta)
+                self._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
+                try:
+                    side.send_upload(h, off, data[off:end])
+                except Unavailable as exc:
+                    self._dead = self._dead or exc
+                    raise
 
     def op(
         self,
@@ -377,7 +428,7 @@ class Session:
     def download(self, handle: int) -> torch.Tensor:
         """The tensor's value as a CPU tensor (waits for the ops before it); like `sync`, raises the first error
         since the last sync instead."""
-        rid, w = self._request(device_pb2.Command(get=device_pb2.Get(handle=handle)))
+        rid, w = self._request(device_pb2.Command(get=device_pb2.Get(handle=handle, bulk=self._side is not None)))
         self._wait(rid, w)
         assert w.tensor is not None
         return w.tensor
@@ -399,6 +450,8 @@ class Session:
             except queue.Full:
                 pass
             self._channel.close()
+            if self._side is not None:
+                self._side.close()
 
     def __enter__(self) -> Session:
         return self
@@ -486,6 +539,11 @@ class Session:
             for frame in self._responses:
                 with self._wlock:
                     w = self._waiters.get(frame.request_id)
+                if not isinstance(frame, _Chunk) and frame.HasField("chunk") and frame.chunk.bulk_bytes:
+                    if self._side is None:
+                        raise Unavailable("the daemon announced bulk bytes, but this session has no bulk socket")
+                    (w or _Waiter()).bulk_chunk(frame.request_id, frame.chunk, self._side)
+                    continue
                 if w is None:
                     continue
                 if isinstance(frame, _Chunk):
@@ -502,6 +560,8 @@ class Session:
             err = Unavailable(f"daemon {self.address} ended the session's stream")
         except grpc.RpcError as exc:
             err = from_failure(exc)
+        except GpupoolError as exc:  # the side socket broke or fell out of step: the session cannot go on
+            err = exc
         self._dead = err
         with self._wlock:
             waiters = list(self._waiters.values())

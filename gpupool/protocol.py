@@ -12,6 +12,7 @@ Values and tensors <-> protobuf are in `gpupool.wire`; statuses and errors in `g
 from __future__ import annotations
 
 import functools
+import struct
 from enum import StrEnum
 from typing import Any
 
@@ -78,15 +79,40 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-def upload_frame(up: device_pb2.Upload, data: memoryview | bytes) -> bytes:
-    """ClientFrame{commands: [Command{upload: up + data}]} serialized with one copy of `data` (protobuf's
-    bytes fields would copy it three times); fields may come in any order on the wire, so data goes last."""
+def upload_head(up: device_pb2.Upload, n: int) -> bytes:
+    """The bytes of ClientFrame{commands: [Command{upload: up + data}]} that precede `n` bytes of data (which
+    go last: fields may come in any order on the wire)."""
     small = up.SerializeToString()
-    data_head = _UPLOAD_DATA_TAG + varint(len(data))
-    upload_len = len(small) + len(data_head) + len(data)
+    data_head = _UPLOAD_DATA_TAG + varint(n)
+    upload_len = len(small) + len(data_head) + n
     command_head = _COMMAND_UPLOAD_TAG + varint(upload_len)
     frame_head = FRAME_COMMANDS_TAG + varint(len(command_head) + upload_len)
-    return b"".join((frame_head, command_head, small, data_head, data))
+    return b"".join((frame_head, command_head, small, data_head))
+
+
+def upload_frame(up: device_pb2.Upload, data: memoryview | bytes) -> bytes:
+    """ClientFrame{commands: [Command{upload: up + data}]} serialized with one copy of `data` (protobuf's
+    bytes fields would copy it three times)."""
+    return b"".join((upload_head(up, len(data)), data))
+
+
+# ---- the bulk side channel (docs/wire.md): one TLS socket per session next to its stream ----
+
+BULK_HELLO = b"GPBULK1\n"  # then a u16 length and the session id; the daemon answers BULK_OK or an error
+BULK_OK = b"\x00"  # an error is b"\x01", a u16 length and a UTF-8 message, then the daemon closes the socket
+BULK_UPLOAD, BULK_DOWNLOAD = 1, 2  # the kinds of a transfer's header
+BULK_HEAD = struct.Struct("<IQQQ")  # kind, id (an upload's handle, a download's request id), offset, length
+BULK_MAX_CHUNK = 16 * 1024 * 1024  # the most bytes one transfer (one Upload or TensorChunk) carries
+
+
+def bulk_hello(session_id: str) -> bytes:
+    sid = session_id.encode()
+    return BULK_HELLO + struct.pack("<H", len(sid)) + sid
+
+
+def bulk_error(message: str) -> bytes:
+    text = message.encode()[:1000]
+    return b"\x01" + struct.pack("<H", len(text)) + text
 
 
 class Frame:

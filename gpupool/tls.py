@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,3 +307,50 @@ def channel(
         ch = grpc.secure_channel(address, channel_credentials(cfg), options=opts)
     secret = api_token(cfg) if token else ""
     return grpc.intercept_channel(ch, _TokenInterceptor(secret)) if secret else ch
+
+
+# ---- raw sockets (the daemon's bulk side channel: the same certificates and client-certificate rule) ----
+
+
+class SocketServerTls:
+    """An `ssl.SSLContext` for a raw server socket with `cfg`'s certificate, key and client-certificate rule
+    (the gRPC port's), rebuilt when the files change (new connections use it, as on the gRPC port)."""
+
+    def __init__(self, cfg: TlsConfig) -> None:
+        cfg.check_server()
+        self.cfg = cfg
+        self._lock = threading.Lock()
+        self._reloader = _Reloader(cfg)
+        self._ctx = self._build()
+
+    def _build(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.cfg.cert, self.cfg.key)
+        if self.cfg.client_auth == "require":
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cafile=self.cfg.ca)
+        return ctx
+
+    def context(self) -> ssl.SSLContext:
+        with self._lock:
+            if self._reloader() is not None:  # the files changed and load: rebuild
+                try:
+                    self._ctx = self._build()
+                except (OSError, ssl.SSLError) as exc:
+                    log.warning("TLS files changed but cannot be loaded (keeping the old ones): %s", exc)
+            return self._ctx
+
+
+def socket_client_context(cfg: TlsConfig | None = None) -> ssl.SSLContext | None:
+    """The client side of `SocketServerTls` from GPUPOOL_TLS_* (as `channel`); None when configured insecure."""
+    cfg = cfg or client_config()
+    if cfg.insecure:
+        return None
+    if bool(cfg.cert) != bool(cfg.key):
+        raise InvalidArgument("a client certificate needs both GPUPOOL_TLS_CERT and GPUPOOL_TLS_KEY")
+    ctx = ssl.create_default_context(cafile=cfg.ca or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cfg.cert:
+        ctx.load_cert_chain(cfg.cert, cfg.key)
+    return ctx

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2
 from gpupool import tls, tokens
 from gpupool.config import split_address
 
+from .bulkside import BulkPort
 from .daemon import Daemon, DaemonConfig
 from .devices import Device
 from .service import SERVICE, create_server
@@ -23,13 +24,18 @@ class RunningDaemon:
     def __init__(self, config: DaemonConfig, devices: list[Device] | None = None) -> None:
         self.daemon = Daemon(config, devices)
         self.daemon.start()
+        self.bulk: BulkPort | None = None
         try:
-            self.server, self.port, self.health = create_server(self.daemon, config.listen)
+            if config.bulk_listen:
+                self.bulk = BulkPort(split_address(config.bulk_listen), config.tls, self.daemon.session_list)
+            self.server, self.port, self.health = create_server(self.daemon, config.listen, self.bulk)
             host, _ = split_address(config.listen)
             self.address = f"{host}:{self.port}"
             self.metrics_port = self.daemon.metrics.serve(config.metrics_listen)
             self.health_server = tls.serve_health(config.health_listen, self.health)
         except Exception:
+            if self.bulk is not None:
+                self.bulk.stop()
             self.daemon.stop()
             raise
         self.registrar: Any = None
@@ -50,6 +56,8 @@ class RunningDaemon:
             self.registrar.start()
         self._stopped = False
         log.info("listening on %s", self.address)
+        if self.bulk is not None:
+            log.info("bulk side port %d", self.bulk.port)
         if self.metrics_port:
             log.info("metrics on http://%s:%d/metrics", split_address(config.metrics_listen)[0], self.metrics_port)
 
@@ -67,6 +75,8 @@ class RunningDaemon:
                 self.registrar.stop()
             except Exception:
                 log.exception("stopping the registrar failed")
+        if self.bulk is not None:
+            self.bulk.stop()
         self.daemon.stop()
         if self.health_server is not None:
             self.health_server[0].stop(0)

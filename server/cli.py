@@ -114,6 +114,13 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         "network (leases of several devices: torch.distributed collectives between daemons) may open TCP "
         "sockets; with off, no worker may (on/off, default off)",
     )
+    add_flag(
+        p,
+        "--bulk-listen",
+        default="",
+        help="HOST:PORT of the bulk side port (port 0 picks one): large uploads and downloads travel on one TLS "
+        "socket per session there instead of the gRPC stream (docs/wire.md); empty (default): off",
+    )
 
 
 def _on_off(value: str) -> bool:
@@ -152,6 +159,7 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
         worker_user=args.worker_user,
         seccomp=args.seccomp,
         worker_network=args.worker_network,
+        bulk_listen=args.bulk_listen,
     )
 
 

@@ -104,6 +104,7 @@ class DaemonConfig:
     worker_user: str = "nobody"
     seccomp: bool = True
     worker_network: bool = False  # workers keep TCP sockets, for torch.distributed collectives between daemons
+    bulk_listen: str = ""  # the bulk side port (server/bulkside.py), named in AttachReply; "": none
 
 
 def worker_user(name: str) -> str:
@@ -383,6 +384,7 @@ class Daemon:
             if self._by_lease.get(key) is s:
                 del self._by_lease[key]
         self.queues[s.device.index].remove(s.entry)
+        s.close_bulk()  # a transfer blocked on the session's side socket fails now
         if s.runner is not None and s.runner.pid and self.zygote is not None:
             self.zygote.kill(s.runner.pid)  # its memory goes back now, and a running slice ends with it
         with s.lock:  # waits for a running slice of this session to finish

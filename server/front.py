@@ -46,6 +46,23 @@ class FrontSession:
         self.entry: Any = None  # its place in the device's fair queue
         self.streaming = False
         self.error_pending = False  # its worker holds an error for the next Sync (mirrored after each slice)
+        self.bulk: Any = None  # its bound side socket (server/bulkside.py BulkLink), if its client opened one
+
+    def bind_bulk(self, link: Any) -> bool:
+        """Bind the session's side socket: one per session, and none once it is closed."""
+        with self._outbox_lock:
+            if self.bulk is not None or self.closed:
+                return False
+            self.bulk = link
+        if self.closed:  # closed while binding: close_session may have missed it
+            link.close()
+        return True
+
+    def close_bulk(self) -> None:
+        with self._outbox_lock:
+            link = self.bulk
+        if link is not None:
+            link.close()
 
     @property
     def worker_pid(self) -> int:

@@ -23,7 +23,8 @@ from gpupool import protocol, tls
 from gpupool._proto import device_pb2
 from gpupool.errors import ErrorInterceptor, GpupoolError, InvalidArgument, Unauthenticated, error_class
 
-from . import bulk, slices
+from . import bulk, bulkside, slices
+from .bulkside import BulkPort
 from .daemon import END_OF_STREAM, Closed, Daemon
 from .front import FrontSession
 
@@ -33,8 +34,9 @@ MAX_WORKERS = 256  # one thread per open stream plus unary calls; streams are lo
 
 
 class DeviceServicer:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, bulk_port: BulkPort | None = None) -> None:
         self.daemon = daemon
+        self.bulk_port = bulk_port.port if bulk_port is not None else 0
 
     def Attach(self, request: device_pb2.AttachRequest, context: grpc.ServicerContext) -> device_pb2.AttachReply:
         s = self.daemon.attach(request.token)
@@ -44,6 +46,7 @@ class DeviceServicer:
             device=s.device.info(),
             quota_bytes=s.quota,
             share=s.share,
+            bulk_port=self.bulk_port,
         )
 
     def Detach(self, request: device_pb2.DetachRequest, context: grpc.ServicerContext) -> device_pb2.DetachReply:
@@ -97,7 +100,15 @@ class DeviceServicer:
                     return
                 if not commands:  # an empty frame asks for nothing; queueing it would grow memory for free
                     continue
-                if not self.daemon.submit(s, commands, len(raw)):
+                nbytes = len(raw)
+                if any(kind in _BULK_KINDS for kind, _ in commands):
+                    try:
+                        nbytes += _take_bulk(s, commands)
+                    except GpupoolError as exc:  # a transfer that broke the side channel's rules ends the session
+                        s.close_bulk()
+                        s.outbox.put(exc)
+                        return
+                if not self.daemon.submit(s, commands, nbytes):
                     return
             self.daemon.submit(s, [END_OF_STREAM], 0)
         except grpc.RpcError:
@@ -116,7 +127,10 @@ class DeviceServicer:
                 continue
             if item is END_OF_STREAM:
                 return
-            if isinstance(item, bytes | device_pb2.ServerFrame):
+            if isinstance(item, bytes):
+                yield from _send(s, item)
+                self.daemon.replied(s, item)
+            elif isinstance(item, device_pb2.ServerFrame):
                 yield item
                 self.daemon.replied(s, item)
             elif isinstance(item, Closed):
@@ -124,8 +138,52 @@ class DeviceServicer:
             elif isinstance(item, GpupoolError):
                 raise item
             else:
-                yield from item  # a download's chunk frames, already serialized
+                for frame in item:  # a download's chunk frames, already serialized
+                    yield from _send(s, frame)
                 self.daemon.replied(s, item)
+
+
+_BULK_KINDS = (protocol.UPLOAD, protocol.GET)
+
+
+def _take_bulk(s: FrontSession, commands: list[tuple[int, memoryview]]) -> int:
+    """The side channel's part of a frame's commands (server/bulkside.py): an Upload with `bulk_bytes` becomes
+    the canonical span of its bytes, read from the session's side socket here; a Get with `bulk` is noted for
+    the writer. Returns the bytes read; raises InvalidArgument for a transfer that breaks the rules."""
+    link = s.bulk
+    extra = 0
+    for n, (kind, span) in enumerate(commands):
+        if kind == protocol.UPLOAD:
+            parsed = bulk.parse_upload(span)
+            cmd = parsed[0] if parsed is not None else device_pb2.ClientFrame.FromString(span).commands[0]
+            up = cmd.upload
+            if not up.bulk_bytes:
+                continue
+            if parsed is None or len(parsed[1]):
+                raise InvalidArgument("an Upload with bulk_bytes carries no data and no other command fields")
+            if link is None or link.closed:
+                raise InvalidArgument("an Upload asks for the bulk socket, but this session has none")
+            if up.bulk_bytes > protocol.BULK_MAX_CHUNK:
+                raise InvalidArgument(f"a bulk chunk of {up.bulk_bytes} bytes; at most {protocol.BULK_MAX_CHUNK}")
+            data = link.recv_upload(up)
+            extra += len(data)
+            commands[n] = (kind, memoryview(data))
+        elif kind == protocol.GET:
+            get = device_pb2.ClientFrame.FromString(span).commands[0].get
+            if get.bulk:
+                if link is None or link.closed:
+                    raise InvalidArgument("a Get asks for the bulk socket, but this session has none")
+                link.gets.add(get.request_id)
+    return extra
+
+
+def _send(s: FrontSession, frame: bytes) -> Iterator[bytes]:
+    """A reply frame for the stream; a chunk of a bulk Get goes out as its announcement, its bytes then follow on
+    the side socket (after gRPC took the announcement, so the client knows where they go)."""
+    out, parts = bulkside.outgoing(s.bulk, frame)
+    yield out
+    if parts is not None:
+        s.bulk.send_download(parts.request_id, parts.offset, parts.data)
 
 
 def _serialize_frame(frame: device_pb2.ServerFrame | bytes) -> bytes:
@@ -172,8 +230,11 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
-def create_server(daemon: Daemon, address: str) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A started gRPC server serving Device and grpc.health.v1 on `address` (port 0 picks one)."""
+def create_server(
+    daemon: Daemon, address: str, bulk_port: BulkPort | None = None
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A started gRPC server serving Device and grpc.health.v1 on `address` (port 0 picks one); `bulk_port`: the
+    side port its AttachReply names."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="gpupool-grpc"),
         options=server_options(daemon.config.max_message_bytes),
@@ -181,7 +242,7 @@ def create_server(daemon: Daemon, address: str) -> tuple[grpc.Server, int, healt
         maximum_concurrent_rpcs=MAX_WORKERS - 8,
         interceptors=[ErrorInterceptor()],
     )
-    server.add_generic_rpc_handlers((_handlers(DeviceServicer(daemon)),))
+    server.add_generic_rpc_handlers((_handlers(DeviceServicer(daemon, bulk_port)),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = tls.add_port(server, address, daemon.config.tls, "the daemon")

@@ -80,11 +80,14 @@ class AttachReply(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     QUOTA_BYTES_FIELD_NUMBER: _builtins.int
     SHARE_FIELD_NUMBER: _builtins.int
+    BULK_PORT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     handle_base: _builtins.int
     """Handles of this session are handle_base + n, n in [1, 2^32): the high bits name the session."""
     quota_bytes: _builtins.int
     share: _builtins.float
+    bulk_port: _builtins.int
+    """The daemon's bulk side port (docs/wire.md, "bulk side channel"); 0: none (the stream carries every byte)."""
     @_builtins.property
     def device(self) -> Global___DeviceInfo: ...
     def __init__(
@@ -95,10 +98,11 @@ class AttachReply(_message.Message):
         device: Global___DeviceInfo | None = ...,
         quota_bytes: _builtins.int = ...,
         share: _builtins.float = ...,
+        bulk_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "handle_base", b"handle_base", "quota_bytes", b"quota_bytes", "session_id", b"session_id", "share", b"share"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_port", b"bulk_port", "device", b"device", "handle_base", b"handle_base", "quota_bytes", b"quota_bytes", "session_id", b"session_id", "share", b"share"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -375,10 +379,13 @@ class Upload(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     LAST_FIELD_NUMBER: _builtins.int
+    BULK_BYTES_FIELD_NUMBER: _builtins.int
     handle: _builtins.int
     offset: _builtins.int
     data: _builtins.bytes
     last: _builtins.bool
+    bulk_bytes: _builtins.int
+    """This many bytes of the chunk travel on the session's bulk socket instead of `data` (which is then empty)."""
     @_builtins.property
     def meta(self) -> _tensor_pb2.TensorMeta: ...
     def __init__(
@@ -389,10 +396,11 @@ class Upload(_message.Message):
         offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
         last: _builtins.bool = ...,
+        bulk_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "handle", b"handle", "last", b"last", "meta", b"meta", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_bytes", b"bulk_bytes", "data", b"data", "handle", b"handle", "last", b"last", "meta", b"meta", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -406,17 +414,21 @@ class Get(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     HANDLE_FIELD_NUMBER: _builtins.int
+    BULK_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     handle: _builtins.int
+    bulk: _builtins.bool
+    """Send large chunks of the answer on the session's bulk socket (each announced by a TensorChunk with bulk_bytes)."""
     def __init__(
         self,
         *,
         request_id: _builtins.int = ...,
         handle: _builtins.int = ...,
+        bulk: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk", b"bulk", "handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -851,9 +863,12 @@ class TensorChunk(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     LAST_FIELD_NUMBER: _builtins.int
+    BULK_BYTES_FIELD_NUMBER: _builtins.int
     offset: _builtins.int
     data: _builtins.bytes
     last: _builtins.bool
+    bulk_bytes: _builtins.int
+    """This many bytes of the chunk follow on the session's bulk socket instead of `data` (which is then empty)."""
     @_builtins.property
     def meta(self) -> _tensor_pb2.TensorMeta:
         """on the first chunk: contiguous shape and dtype"""
@@ -865,10 +880,11 @@ class TensorChunk(_message.Message):
         offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
         last: _builtins.bool = ...,
+        bulk_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "last", b"last", "meta", b"meta", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_bytes", b"bulk_bytes", "data", b"data", "last", b"last", "meta", b"meta", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,117 @@
+"""The client's end of the bulk side channel (docs/wire.md; the daemon's is server/bulkside.py).
+
+`connect` opens a session's one socket to the port `AttachReply.bulk_port` names, at the host the session's
+address dialled: TLS with the GPUPOOL_TLS_* settings of the gRPC channel (the same CA, client certificate and
+server name), plaintext only when the client is configured insecure; then `protocol.bulk_hello` with the
+session id, and the daemon's answer. Where the port is absent (an old daemon, or the daemon runs without
+`--bulk-listen`) or cannot be reached, it returns None and the session sends everything on its stream, as
+before; an unreachable port is said once per daemon address in a log line.
+
+`BulkSocket.send_upload` writes a chunk's header and bytes from the tensor's memory (no copy);
+`BulkSocket.recv_download` reads a chunk straight into the download's tensor. A lock keeps uploads (the user's
+thread) and downloads (the session's reader) from using the TLS connection at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import struct
+import threading
+
+from gpupool import protocol, tls
+from gpupool.config import split_address
+from gpupool.errors import InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0  # seconds to connect, shake hands and be bound
+IO_TIMEOUT = 60.0  # seconds a transfer may stall before the session gives up on its daemon
+MIN_UPLOAD = 1024 * 1024  # uploads of at least this many bytes take the side socket
+CHUNK = 4 * 1024 * 1024  # bytes per Upload command (each a canonical upload the daemon's worker copies once)
+_warned: set[str] = set()
+
+
+class BulkSocket:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+
+    def send_upload(self, handle: int, offset: int, data: memoryview) -> None:
+        with self.lock:
+            try:
+                self.sock.sendall(protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, handle, offset, len(data)))
+                self.sock.sendall(data)
+            except (OSError, ValueError) as exc:
+                raise Unavailable(f"bulk socket: sending an upload failed: {exc}") from None
+
+    def recv_download(self, request_id: int, offset: int, into: memoryview) -> None:
+        """Read a download chunk's header (it must be the one the stream announced) and its bytes into `into`."""
+        with self.lock:
+            head = bytearray(protocol.BULK_HEAD.size)
+            self._recv_into(memoryview(head))
+            got = protocol.BULK_HEAD.unpack(head)
+            want = (protocol.BULK_DOWNLOAD, request_id, offset, len(into))
+            if got != want:
+                raise InvalidArgument(f"bulk socket: expected download chunk {want}, got {got}")
+            self._recv_into(into)
+
+    def _recv_into(self, view: memoryview) -> None:
+        got = 0
+        try:
+            while got < len(view):
+                k = self.sock.recv_into(view[got:], len(view) - got)
+                if k == 0:
+                    raise Unavailable("bulk socket closed by the daemon")
+                got += k
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"bulk socket: receiving a download failed: {exc}") from None
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def connect(address: str, port: int, session_id: str, server_name: str = "") -> BulkSocket | None:
+    """The session's side socket, or None (its transfers then use the stream): see the module's docstring."""
+    if not port:
+        if address not in _warned:
+            _warned.add(address)
+            log.info("daemon %s has no bulk side port; transfers use the stream", address)
+        return None
+    host, _ = split_address(address)
+    sock: socket.socket | None = None
+    try:
+        ctx = tls.socket_client_context()
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ctx is not None:
+            sock = ctx.wrap_socket(sock, server_hostname=server_name or host)
+        sock.sendall(protocol.bulk_hello(session_id))
+        answer = _recv_exact(sock, 1)
+        if answer != protocol.BULK_OK:
+            (n,) = struct.unpack("<H", _recv_exact(sock, 2))
+            raise ValueError(_recv_exact(sock, n).decode(errors="replace"))
+        sock.settimeout(IO_TIMEOUT)
+        return BulkSocket(sock)
+    except (OSError, ssl.SSLError, ValueError, InvalidArgument) as exc:
+        if sock is not None:
+            sock.close()
+        if address not in _warned:
+            _warned.add(address)
+            log.warning("daemon %s: bulk side port %d not usable (%s); transfers use the stream", address, port, exc)
+        return None
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        part = sock.recv(n - len(buf))
+        if not part:
+            raise ValueError("the daemon closed the bulk socket")
+        buf += part
+    return bytes(buf)

@@ -1,0 +1,312 @@
+"""The bulk side channel (docs/wire.md): per session one TLS socket next to its gRPC stream, for the bytes of
+large uploads and downloads, which Python gRPC moves at a fraction of what a raw socket moves.
+
+`BulkPort` listens on a second port (`--bulk-listen`, named in `AttachReply.bulk_port`), with the gRPC port's
+certificate and client-certificate rule (`tls.SocketServerTls`; plaintext only when the daemon runs
+`--insecure`). A client opens one socket per session and sends `protocol.bulk_hello`: the session id that
+`Attach` returned (what authorizes its stream), compared in constant time with every open session's. One socket
+per session; a closed session closes it. Before that, a connection is bounded: `HELLO_TIMEOUT` for the TLS
+handshake and the hello together, `MAX_PENDING` unauthenticated connections in all, `MAX_PENDING_PER_SOURCE`
+per source address.
+
+The stream keeps every command and its order: an `Upload` with `bulk_bytes` (no `data`) makes the session's
+stream reader read that many bytes from the socket, after a header (`protocol.BULK_HEAD`: kind, handle,
+offset, length) that must match the command, straight into the canonical upload span the worker gets
+(`BulkLink.recv_upload`); a `Get` with `bulk` makes the stream's writer send each chunk of its answer of
+`SIDE_MIN` bytes or more as a `TensorChunk` with `bulk_bytes` (no data) on the stream, then header and bytes on
+the socket, from the frame's memory (`BulkLink.send_download`). Anything else on the socket, a short read, or
+`IO_TIMEOUT` without progress ends that session (INVALID_ARGUMENT or UNAVAILABLE, with the reason) and only it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+import ssl
+import struct
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from gpupool import protocol, tls
+from gpupool._proto import device_pb2, tensor_pb2
+from gpupool.errors import InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT = 5.0  # seconds for a new connection's TLS handshake and hello together
+IO_TIMEOUT = 30.0  # seconds a transfer may stall (no bytes moving) before its session ends
+MAX_PENDING = 64  # connections not yet bound to a session, in all
+MAX_PENDING_PER_SOURCE = 8  # ... and per source address
+SIDE_MIN = 64 * 1024  # download chunks at least this large go on the socket; smaller ones stay on the stream
+_SID_MAX = 128
+
+
+class BulkLink:
+    """A session's bound side socket. The stream's reader reads uploads from it, the stream's writer sends
+    downloads on it; a lock keeps the two from using the TLS connection at once."""
+
+    def __init__(self, sock: socket.socket, session_number: int) -> None:
+        self.sock = sock
+        self.number = session_number
+        self.lock = threading.Lock()
+        self.closed = False
+        self.gets: set[int] = set()  # request ids of bulk Gets whose last chunk has not gone out yet
+
+    def recv_upload(self, up: device_pb2.Upload) -> bytearray:
+        """The canonical span (`protocol.upload_head` + data) of an Upload whose `bulk_bytes` follow on the
+        socket: the bytes are read straight into it."""
+        n = up.bulk_bytes
+        small = device_pb2.Upload(handle=up.handle, offset=up.offset, last=up.last)
+        if up.HasField("meta"):
+            small.meta.CopyFrom(up.meta)
+        head = protocol.upload_head(small, n)
+        span = bytearray(len(head) + n)
+        span[: len(head)] = head
+        with self.lock:
+            got = protocol.BULK_HEAD.unpack(self._recv_exact(protocol.BULK_HEAD.size))
+            want = (protocol.BULK_UPLOAD, up.handle, up.offset, n)
+            if got != want:
+                raise InvalidArgument(
+                    f"bulk socket of session {self.number}: expected an upload of {n} bytes for handle {up.handle} "
+                    f"at offset {up.offset} (kind, id, offset, length = {want}), got {got}"
+                )
+            self._recv_into(memoryview(span)[len(head) :])
+        return span
+
+    def send_download(self, request_id: int, offset: int, data: memoryview) -> None:
+        with self.lock:
+            try:
+                self.sock.sendall(protocol.BULK_HEAD.pack(protocol.BULK_DOWNLOAD, request_id, offset, len(data)))
+                self.sock.sendall(data)
+            except (OSError, ValueError) as exc:
+                raise Unavailable(f"bulk socket of session {self.number}: sending a download failed: {exc}") from None
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self._recv_into(memoryview(buf))
+        return bytes(buf)
+
+    def _recv_into(self, view: memoryview) -> None:
+        got = 0
+        try:
+            while got < len(view):
+                k = self.sock.recv_into(view[got:], len(view) - got)
+                if k == 0:
+                    raise Unavailable(f"bulk socket of session {self.number} closed in the middle of an upload")
+                got += k
+        except TimeoutError:
+            raise InvalidArgument(
+                f"bulk socket of session {self.number}: an announced upload stalled for {IO_TIMEOUT:.0f} s "
+                f"({got} of {len(view)} bytes read)"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"bulk socket of session {self.number}: {exc}") from None
+
+    def close(self) -> None:
+        """Stop the socket now (a transfer blocked on it fails at once); closed for good by its last user."""
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if self.lock.acquire(timeout=0.1):
+            try:
+                self.sock.close()
+            finally:
+                self.lock.release()
+
+
+class ChunkParts:
+    """A download chunk frame as the worker writes it: request id, chunk fields, and a view of its data."""
+
+    __slots__ = ("data", "last", "meta", "offset", "request_id")
+
+    def __init__(self, request_id: int, meta: bytes | None, offset: int, data: memoryview, last: bool) -> None:
+        self.request_id, self.meta, self.offset, self.data, self.last = request_id, meta, offset, data, last
+
+    def announce(self) -> bytes:
+        """The stream's part: the same chunk with `bulk_bytes` instead of its data."""
+        chunk = device_pb2.TensorChunk(offset=self.offset, last=self.last, bulk_bytes=len(self.data))
+        if self.meta is not None:
+            chunk.meta.CopyFrom(tensor_pb2.TensorMeta.FromString(self.meta))
+        return device_pb2.ServerFrame(request_id=self.request_id, chunk=chunk).SerializeToString()
+
+
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise ValueError("truncated varint")
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def request_id(frame: bytes) -> int:
+    """The request id of a reply frame (its first field, as protobuf writes it), 0 when it has none."""
+    try:
+        return _varint(memoryview(frame), 1)[0] if frame[:1] == b"\x08" else 0
+    except ValueError:
+        return 0
+
+
+def chunk_parts(frame: bytes) -> ChunkParts | None:
+    """The parts of a chunk frame in the shape `protocol.chunk_frame` writes (request id, then one TensorChunk
+    of meta, offset, data, last, each at most once); None for any other frame (it goes out unchanged)."""
+    view = memoryview(frame)
+    try:
+        rid, i = _varint(view, 1) if frame[:1] == b"\x08" else (0, 0)
+        if i >= len(view) or view[i] != 0x1A:
+            return None
+        length, i = _varint(view, i + 1)
+        if i + length != len(view):
+            return None
+        meta, offset, data, last, seen = None, 0, view[0:0], False, set()
+        while i < len(view):
+            tag, i = _varint(view, i)
+            if tag in seen or tag not in (0x0A, 0x10, 0x1A, 0x20):
+                return None
+            seen.add(tag)
+            if tag in (0x10, 0x20):
+                value, i = _varint(view, i)
+                if tag == 0x10:
+                    offset = value
+                else:
+                    last = bool(value)
+                continue
+            n, i = _varint(view, i)
+            if i + n > len(view):
+                return None
+            if tag == 0x0A:
+                meta = bytes(view[i : i + n])
+            else:
+                data = view[i : i + n]
+            i += n
+        return ChunkParts(rid, meta, offset, data, last)
+    except ValueError:
+        return None
+
+
+def outgoing(link: BulkLink | None, frame: bytes) -> tuple[bytes, ChunkParts | None]:
+    """What the stream sends for a reply frame, and the chunk whose data then follows on the side socket."""
+    if link is None or not link.gets:
+        return frame, None
+    parts = chunk_parts(frame)
+    if parts is None:
+        link.gets.discard(request_id(frame))  # an error answered the Get: nothing more comes for it
+        return frame, None
+    if parts.request_id not in link.gets:
+        return frame, None
+    if parts.last:
+        link.gets.discard(parts.request_id)
+    if len(parts.data) < SIDE_MIN:
+        return frame, None
+    return parts.announce(), parts
+
+
+SessionLookup = Callable[[], Iterable[Any]]  # the open sessions (FrontSession: session_id, bind_bulk, number)
+
+
+class BulkPort:
+    """The side port's listener: authenticates connections and binds each to its session."""
+
+    def __init__(self, address: tuple[str, int], tls_config: tls.TlsConfig, sessions: SessionLookup) -> None:
+        self._sessions = sessions
+        self._tls = None if tls_config.insecure else tls.SocketServerTls(tls_config)
+        if tls_config.insecure:
+            log.warning("the bulk side port serves PLAINTEXT (--insecure): tensor bytes cross the network readable")
+        self._sock = socket.create_server(address, backlog=64)
+        self.port: int = self._sock.getsockname()[1]
+        self._lock = threading.Lock()
+        self._pending: dict[str, int] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._accept, name="gpupool-bulk-accept", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+    def _accept(self) -> None:
+        while not self._stopped:
+            try:
+                conn, addr = self._sock.accept()
+            except OSError:
+                if self._stopped:
+                    return
+                continue
+            source = str(addr[0])
+            with self._lock:
+                total = sum(self._pending.values())
+                if total >= MAX_PENDING or self._pending.get(source, 0) >= MAX_PENDING_PER_SOURCE:
+                    log.warning("bulk port: refusing a connection from %s (%d not yet authenticated)", source, total)
+                    conn.close()
+                    continue
+                self._pending[source] = self._pending.get(source, 0) + 1
+            threading.Thread(target=self._hello, args=(conn, source), name="gpupool-bulk-hello", daemon=True).start()
+
+    def _hello(self, conn: socket.socket, source: str) -> None:
+        sock: socket.socket = conn
+        bound = False
+        try:
+            conn.settimeout(HELLO_TIMEOUT)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                sock = self._tls.context().wrap_socket(conn, server_side=True)
+            head = _recv_exact(sock, len(protocol.BULK_HELLO) + 2)
+            if head[: len(protocol.BULK_HELLO)] != protocol.BULK_HELLO:
+                raise ValueError("not a gpupool bulk hello")
+            (n,) = struct.unpack("<H", head[len(protocol.BULK_HELLO) :])
+            if n > _SID_MAX:
+                raise ValueError("session id too long")
+            given = _recv_exact(sock, n)
+            s = self._find(given)
+            if s is None:
+                sock.sendall(protocol.bulk_error("unknown or closed session"))
+                raise ValueError("unknown or closed session")
+            link = BulkLink(sock, s.number)
+            if not s.bind_bulk(link):
+                sock.sendall(protocol.bulk_error(f"session {s.number} already has a bulk socket (one per session)"))
+                raise ValueError(f"a second bulk socket for session {s.number}")
+            sock.settimeout(IO_TIMEOUT)
+            sock.sendall(protocol.BULK_OK)
+            bound = True
+            log.info("session %d: bulk socket from %s bound", s.number, source)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.info("bulk port: connection from %s refused: %s", source, exc)
+        finally:
+            with self._lock:
+                left = self._pending.get(source, 1) - 1
+                if left:
+                    self._pending[source] = left
+                else:
+                    self._pending.pop(source, None)
+            if not bound:
+                sock.close()
+
+    def _find(self, given: bytes) -> Any:
+        """The open session whose id is `given`, compared in constant time with every session's."""
+        found = None
+        for s in self._sessions():
+            if hmac.compare_digest(s.session_id.encode(), given) and not s.closed:
+                found = s
+        return found
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        part = sock.recv(n - len(buf))
+        if not part:
+            raise ValueError("connection closed during the hello")
+        buf += part
+    return bytes(buf)
