@@ -183,9 +183,11 @@ class _Waiter:
             self.tensor = torch.empty(list(c.meta.shape), dtype=wire.dtype_from_proto(c.meta.dtype))
             _huge_pages(self.tensor)
             self._bytes = wire.host_bytes(self.tensor)
-        n = c.bulk_bytes
-        fits = self._bytes is not None and c.offset + n <= len(self._bytes)
-        side.recv_download(request_id, c.offset, self._bytes[c.offset : c.offset + n] if fits else _scratch(n))
+        n, into = c.bulk_bytes, self._bytes
+        fits = into is not None and c.offset + n <= len(into)
+        side.recv_download(
+            request_id, c.offset, into[c.offset : c.offset + n] if into is not None and fits else _scratch(n)
+        )
         if not fits:
             self.fail(InvalidArgument("download chunk past the tensor's end (or before its metadata)"))
         elif c.last:

@@ -155,7 +155,7 @@ def _take_bulk(s: FrontSession, commands: list[tuple[int, memoryview]]) -> int:
     for n, (kind, span) in enumerate(commands):
         if kind == protocol.UPLOAD:
             parsed = bulk.parse_upload(span)
-            cmd = parsed[0] if parsed is not None else device_pb2.ClientFrame.FromString(span).commands[0]
+            cmd = parsed[0] if parsed is not None else device_pb2.ClientFrame.FromString(bytes(span)).commands[0]
             up = cmd.upload
             if not up.bulk_bytes:
                 continue
@@ -169,7 +169,7 @@ def _take_bulk(s: FrontSession, commands: list[tuple[int, memoryview]]) -> int:
             extra += len(data)
             commands[n] = (kind, memoryview(data))
         elif kind == protocol.GET:
-            get = device_pb2.ClientFrame.FromString(span).commands[0].get
+            get = device_pb2.ClientFrame.FromString(bytes(span)).commands[0].get
             if get.bulk:
                 if link is None or link.closed:
                     raise InvalidArgument("a Get asks for the bulk socket, but this session has none")

@@ -3,8 +3,8 @@ byte-exact round trips, credentials, garbage frames, fallback, a detach in the m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import socket
 import ssl
 import struct
@@ -53,3 +53,208 @@ def test_large_round_trips_are_byte_exact(bulk_daemon: Any) -> None:
         x = torch.randn(2 * MiB)
         [doubled] = s.call("aten::mul.Tensor", s.upload(x), 2.0)  # ops see what the side socket carried
         assert torch.equal(s.download(doubled), x * 2)
+
+
+def _raw_side(address: str, port: int, insecure: bool) -> socket.socket:
+    """A bare connection to the side port (TLS as the tests' client certificate, unless plaintext)."""
+    host = address.rsplit(":", 1)[0]
+    sock = socket.create_connection((host, port), timeout=10)
+    ctx = tls.socket_client_context(tls.client_config(insecure=insecure))
+    return ctx.wrap_socket(sock, server_hostname=host) if ctx is not None else sock
+
+
+def _hello_answer(sock: socket.socket, session_id: str) -> bytes:
+    sock.sendall(protocol.bulk_hello(session_id))
+    answer = sock.recv(1)
+    if answer == protocol.BULK_OK:
+        return answer
+    (n,) = struct.unpack("<H", client_bulk._recv_exact(sock, 2))
+    return client_bulk._recv_exact(sock, n)
+
+
+def _closed_without_answer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(10) == b""
+    except (ConnectionResetError, ssl.SSLError):
+        return True
+
+
+def _side_port(d: Any) -> int:
+    return int(d.running.bulk.port)
+
+
+def _insecure(d: Any) -> bool:
+    return bool(d.running.daemon.config.tls.insecure)
+
+
+def test_wrong_forged_and_second_credentials_are_refused(bulk_daemon: Any) -> None:
+    port, insecure = _side_port(bulk_daemon), _insecure(bulk_daemon)
+    with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
+        assert s._side is not None
+        forged = s.session_id[:-1] + ("A" if s.session_id[-1] != "A" else "B")
+        for sid in (forged, "", "x" * 100):
+            with _raw_side(bulk_daemon.address, port, insecure) as sock:
+                assert _hello_answer(sock, sid) == b"unknown or closed session"
+        with _raw_side(bulk_daemon.address, port, insecure) as sock:  # its own id again: one socket per session
+            assert b"already has a bulk socket" in _hello_answer(sock, s.session_id)
+        with _raw_side(bulk_daemon.address, port, insecure) as sock:  # not a hello at all
+            sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            assert _closed_without_answer(sock)
+        big = torch.randn(3 * MiB)  # the session's own socket still works
+        assert torch.equal(s.download(s.upload(big)), big)
+
+
+def test_tls_side_port_refuses_plaintext_and_clients_without_certificates(daemon_factory: Any) -> None:
+    """The side port is never weaker than the gRPC port: with client certificates required there, a TLS client
+    without one is refused in the handshake, and plaintext gets nothing."""
+    server = dataclasses.replace(get_pki().server_config(), client_auth="require")
+    d = daemon_factory(bulk_listen="127.0.0.1:0", tls=server)
+    host, port = "127.0.0.1", _side_port(d)
+    with Session.attach(d.address, d.token()) as s:
+        assert s._side is not None  # the tests' client certificate is signed by the CA
+        with socket.create_connection((host, port), timeout=10) as sock:  # plaintext to a TLS port
+            sock.sendall(protocol.bulk_hello(s.session_id))
+            assert _closed_without_answer(sock)
+        ctx = ssl.create_default_context(cafile=get_pki().ca_file)  # TLS, but no client certificate
+        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+            with ctx.wrap_socket(socket.create_connection((host, port), timeout=10), server_hostname=host) as sock:
+                sock.sendall(protocol.bulk_hello(s.session_id))  # TLS 1.3: the refusal arrives with the first read
+                if sock.recv(1) == b"":
+                    raise ConnectionResetError("closed")
+        big = torch.randn(3 * MiB)
+        assert torch.equal(s.download(s.upload(big)), big)
+
+
+def test_garbage_on_the_side_socket_ends_that_session_only(bulk_daemon: Any) -> None:
+    """A client that announces an upload and sends other bytes (a wrong header, then raw garbage) gets a clear
+    INVALID_ARGUMENT; a second session streaming big transfers at the same time is untouched."""
+    other_errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def other() -> None:
+        try:
+            with Session.attach(bulk_daemon.address, bulk_daemon.token(lease_id="other")) as s2:
+                while not stop.is_set():
+                    x = torch.randn(2 * MiB)
+                    assert torch.equal(s2.download(s2.upload(x)), x)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            other_errors.append(exc)
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        for header in (
+            protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, 999, 0, 2 * MiB),  # another handle
+            b"\xff" * protocol.BULK_HEAD.size,  # garbage
+        ):
+            with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
+                assert s._side is not None
+                h = s.new_handle()
+                up = device_pb2.Upload(handle=h, last=True, bulk_bytes=2 * MiB)
+                up.meta.dtype, up.meta.shape[:] = 1, [MiB // 2]  # float32
+                s._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
+                try:
+                    s._side.sock.sendall(header + b"\x00" * (2 * MiB))
+                except OSError:
+                    pass  # the daemon may close the socket before the rest arrives
+                with pytest.raises(InvalidArgument, match="bulk socket of session"):
+                    s.sync()
+        with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:  # an announced upload that never comes
+            up = device_pb2.Upload(handle=s.new_handle(), last=True, bulk_bytes=protocol.BULK_MAX_CHUNK + 1)
+            s._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
+            with pytest.raises(InvalidArgument, match="at most"):
+                s.sync()
+    finally:
+        stop.set()
+        t.join(60)
+    assert not other_errors, other_errors
+
+
+def test_bulk_flags_without_a_side_socket_are_refused(bulk_daemon: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client_bulk, "connect", lambda *a, **k: None)  # this client never opens the socket
+    with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
+        h = s.upload(torch.ones(3))
+        s._put(
+            device_pb2.ClientFrame(
+                commands=[device_pb2.Command(get=device_pb2.Get(request_id=77, handle=h, bulk=True))]
+            ).SerializeToString()
+        )
+        with pytest.raises(InvalidArgument, match="has none"):
+            s.sync()
+    with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
+        up = device_pb2.Upload(handle=s.new_handle(), last=True, bulk_bytes=1024)
+        s._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
+        with pytest.raises(InvalidArgument, match="has none"):
+            s.sync()
+
+
+def test_falls_back_to_the_stream_when_the_side_port_is_closed_or_absent(
+    daemon_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = daemon_factory(bulk_listen="127.0.0.1:0")
+    d.running.bulk.stop()  # the port named in AttachReply refuses connections now
+    caplog.set_level(logging.INFO, logger="gpupool.client.bulk")
+    for _ in range(2):
+        with Session.attach(d.address, d.token()) as s:
+            assert s._side is None
+            big = torch.randn(5 * MiB)
+            assert torch.equal(s.download(s.upload(big)), big)
+    lines = [r for r in caplog.records if "transfers use the stream" in r.getMessage()]
+    assert len(lines) == 1, "the fallback is said once per daemon"
+    old = daemon_factory()  # no side port (as an old daemon): AttachReply names none
+    with Session.attach(old.address, old.token()) as s:
+        assert s._side is None
+        big = torch.randn(5 * MiB)
+        assert torch.equal(s.download(s.upload(big)), big)
+
+
+def test_detach_in_the_middle_of_a_transfer(bulk_daemon: Any) -> None:
+    """An upload announced and half sent, then Detach: the daemon closes the session's socket, its stream reader
+    ends, nothing leaks into the next session and the daemon goes on serving."""
+    daemon = bulk_daemon.running.daemon
+    s = Session.attach(bulk_daemon.address, bulk_daemon.token())
+    assert s._side is not None
+    up = device_pb2.Upload(handle=s.new_handle(), last=True, bulk_bytes=8 * MiB)
+    up.meta.dtype, up.meta.shape[:] = 1, [2 * MiB]
+    s._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
+    s._side.sock.sendall(protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, up.handle, 0, 8 * MiB) + b"\x01" * MiB)
+    time.sleep(0.3)
+    s.close()  # Detach while the daemon waits for the other 7 MiB
+    deadline = time.time() + 10
+    while daemon.session_list() and time.time() < deadline:
+        time.sleep(0.05)
+    assert daemon.session_list() == []
+    with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s2:
+        big = torch.randn(9 * MiB)
+        assert torch.equal(s2.download(s2.upload(big)), big)
+
+
+def test_a_download_cut_by_the_daemon_fails_the_wait_clearly(bulk_daemon: Any) -> None:
+    """The daemon closes the session (Detach from elsewhere) while a bulk download is in flight: the client's
+    wait fails with a gpupool error, never a hang or a wrong tensor."""
+    with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
+        h = s.upload(torch.randn(64 * MiB))
+        s.sync()
+        threading.Timer(0.05, lambda: bulk_daemon.running.daemon.detach(s.session_id)).start()
+        try:
+            back = s.download(h)
+        except GpupoolError:
+            return
+        assert back.numel() == 64 * MiB  # the download won the race: it is whole
+
+
+def test_hello_limits_per_source(daemon_factory: Any) -> None:
+    """Idle connections that never say hello are bounded per source and time out; a real client gets in after."""
+    d = daemon_factory(bulk_listen="127.0.0.1:0")
+    port = _side_port(d)
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(bulkside.MAX_PENDING_PER_SOURCE)]
+    try:
+        extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert extra.recv(1) == b"", "a connection past the per-source limit is closed at once"
+        extra.close()
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.5)
+    with Session.attach(d.address, d.token()) as s:
+        assert s._side is not None
