@@ -1,0 +1,137 @@
+"""server/bulkside.py's frame helpers: which reply frames become side-socket transfers, and what the stream
+then carries; the span a side upload becomes is the canonical upload the worker's copy-once path reads."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+import torch
+from gpupool.server import bulk, bulkside
+
+from gpupool import protocol, wire
+from gpupool._proto import device_pb2, tensor_pb2
+from gpupool.errors import InvalidArgument, Unavailable
+
+MiB = 1024 * 1024
+META = tensor_pb2.TensorMeta(dtype=wire.dtype_to_proto(torch.float32), shape=[MiB // 2], stride=[1])
+
+
+def chunk(rid: int, data: bytes, offset: int = 0, last: bool = True, meta: bool = True) -> bytes:
+    c = device_pb2.TensorChunk(offset=offset, last=last)
+    if meta:
+        c.meta.CopyFrom(META)
+    head = device_pb2.ServerFrame(request_id=rid).SerializeToString()
+    out = protocol.chunk_frame(head, c, data)
+    assert isinstance(out, bytes)
+    return out
+
+
+class _Link(bulkside.BulkLink):
+    def __init__(self) -> None:
+        a, self.peer = socket.socketpair()
+        super().__init__(a, 1)
+
+
+def test_chunk_parts_agree_with_protobuf() -> None:
+    data = bytes(range(256)) * 1024
+    raw = chunk(7, data, offset=4 * MiB, last=False)
+    parts = bulkside.chunk_parts(raw)
+    assert parts is not None and parts.request_id == 7 and parts.offset == 4 * MiB and not parts.last
+    assert bytes(parts.data) == data and parts.meta == META.SerializeToString()
+    announced = device_pb2.ServerFrame.FromString(parts.announce())
+    assert announced.request_id == 7 and announced.chunk.bulk_bytes == len(data) and not announced.chunk.data
+    assert announced.chunk.meta == META and announced.chunk.offset == 4 * MiB
+    for other in (
+        protocol.sync_reply(7),
+        device_pb2.ServerFrame(
+            request_id=7, error=tensor_pb2.Error(code="INVALID_ARGUMENT", message="x")
+        ).SerializeToString(),
+        raw + b"\x00",  # trailing bytes: not the shape the worker writes
+    ):
+        assert bulkside.chunk_parts(other) is None
+
+
+def test_outgoing_sends_only_large_chunks_of_bulk_gets() -> None:
+    link = _Link()
+    big, small = b"\x01" * bulkside.SIDE_MIN, b"\x02" * (bulkside.SIDE_MIN - 1)
+    assert bulkside.outgoing(link, chunk(5, big)) == (chunk(5, big), None)  # not a bulk Get
+    link.gets.update({5, 6, 8})
+    out, parts = bulkside.outgoing(link, chunk(5, big, last=False))
+    assert parts is not None and bytes(parts.data) == big and 5 in link.gets
+    assert device_pb2.ServerFrame.FromString(out).chunk.bulk_bytes == len(big)
+    assert bulkside.outgoing(link, chunk(5, small, offset=len(big), meta=False)) == (
+        chunk(5, small, offset=len(big), meta=False),
+        None,
+    )  # small chunks stay on the stream
+    assert 5 not in link.gets  # its last chunk went out
+    error = device_pb2.ServerFrame(
+        request_id=6, error=tensor_pb2.Error(code="INVALID_ARGUMENT", message="x")
+    ).SerializeToString()
+    assert bulkside.outgoing(link, error) == (error, None) and 6 not in link.gets
+    assert bulkside.outgoing(None, chunk(8, big)) == (chunk(8, big), None)
+
+
+def test_recv_upload_builds_the_canonical_span_and_checks_the_header() -> None:
+    link = _Link()
+    data = bytes(range(256)) * (4 * MiB // 256)
+    up = device_pb2.Upload(handle=(3 << 32) + 1, meta=META, offset=0, last=True, bulk_bytes=len(data))
+    sender = threading.Thread(
+        target=lambda: link.peer.sendall(protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, up.handle, 0, len(data)) + data)
+    )
+    sender.start()
+    span = link.recv_upload(up)
+    sender.join()
+    parsed = bulk.parse_upload(memoryview(span))
+    assert parsed is not None
+    cmd, got = parsed
+    assert bytes(got) == data and cmd.upload.handle == up.handle and cmd.upload.meta == META
+    assert cmd.upload.last and not cmd.upload.bulk_bytes  # the worker sees an ordinary upload
+    plain = device_pb2.Upload(handle=up.handle, meta=META, last=True)
+    assert bytes(span) == protocol.upload_frame(plain, data)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        protocol.BULK_HEAD.pack(protocol.BULK_DOWNLOAD, 9, 0, 16),  # wrong kind
+        protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, 10, 0, 16),  # another handle
+        protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, 9, 4, 16),  # another offset
+        protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, 9, 0, 15),  # another length
+    ],
+)
+def test_recv_upload_refuses_any_other_header(header: bytes) -> None:
+    link = _Link()
+    link.peer.sendall(header + b"\x00" * 16)
+    with pytest.raises(InvalidArgument, match="expected an upload of 16 bytes for handle 9"):
+        link.recv_upload(device_pb2.Upload(handle=9, bulk_bytes=16, last=True))
+
+
+def test_recv_upload_of_a_closed_or_silent_socket_fails_clearly() -> None:
+    link = _Link()
+    link.peer.sendall(protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, 9, 0, 16) + b"\x00" * 3)
+    link.peer.close()
+    with pytest.raises(Unavailable, match="closed in the middle of an upload"):
+        link.recv_upload(device_pb2.Upload(handle=9, bulk_bytes=16, last=True))
+    silent = _Link()
+    silent.sock.settimeout(0.2)
+    with pytest.raises(InvalidArgument, match="stalled"):
+        silent.recv_upload(device_pb2.Upload(handle=9, bulk_bytes=16, last=True))
+
+
+def test_close_unblocks_a_reader() -> None:
+    link = _Link()
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            link.recv_upload(device_pb2.Upload(handle=9, bulk_bytes=16, last=True))
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            errors.append(exc)
+
+    t = threading.Thread(target=read)
+    t.start()
+    link.close()
+    t.join(5)
+    assert not t.is_alive() and errors and isinstance(errors[0], Unavailable | InvalidArgument)
