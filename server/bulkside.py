@@ -5,8 +5,8 @@ large uploads and downloads, which Python gRPC moves at a fraction of what a raw
 certificate and client-certificate rule (`tls.SocketServerTls`; plaintext only when the daemon runs
 `--insecure`). A client opens one socket per session and sends `protocol.bulk_hello`: the session id that
 `Attach` returned (what authorizes its stream), compared in constant time with every open session's. One socket
-per session; a closed session closes it. Before that, a connection is bounded: `HELLO_TIMEOUT` for the TLS
-handshake and the hello together, `MAX_PENDING` unauthenticated connections in all, `MAX_PENDING_PER_SOURCE`
+per session; a closed session closes it. Before that, a connection is bounded: `HELLO_TIMEOUT` for each step
+of the TLS handshake and the hello, `MAX_PENDING` unauthenticated connections in all, `MAX_PENDING_PER_SOURCE`
 per source address.
 
 The stream keeps every command and its order: an `Upload` with `bulk_bytes` (no `data`) makes the session's
@@ -35,7 +35,7 @@ from gpupool.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
-HELLO_TIMEOUT = 5.0  # seconds for a new connection's TLS handshake and hello together
+HELLO_TIMEOUT = 5.0  # seconds for each step of a new connection's TLS handshake and hello
 IO_TIMEOUT = 30.0  # seconds a transfer may stall (no bytes moving) before its session ends
 MAX_PENDING = 64  # connections not yet bound to a session, in all
 MAX_PENDING_PER_SOURCE = 8  # ... and per source address
@@ -194,7 +194,7 @@ def chunk_parts(frame: bytes) -> ChunkParts | None:
 
 def outgoing(link: BulkLink | None, frame: bytes) -> tuple[bytes, ChunkParts | None]:
     """What the stream sends for a reply frame, and the chunk whose data then follows on the side socket."""
-    if link is None or not link.gets:
+    if link is None or not link.gets or not isinstance(frame, bytes):
         return frame, None
     parts = chunk_parts(frame)
     if parts is None:

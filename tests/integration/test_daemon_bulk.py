@@ -55,6 +55,14 @@ def test_large_round_trips_are_byte_exact(bulk_daemon: Any) -> None:
         assert torch.equal(s.download(doubled), x * 2)
 
 
+def test_round_trip_in_thread_isolation(daemon_factory: Any) -> None:
+    d = daemon_factory(fake_gpu_memory=128 * MiB, bulk_listen="127.0.0.1:0", isolation="thread")
+    with Session.attach(d.address, d.token()) as s:
+        assert s._side is not None
+        big = _bits(20 * MiB + 8, seed=3)
+        assert torch.equal(s.download(s.upload(big)), big)
+
+
 def _raw_side(address: str, port: int, insecure: bool) -> socket.socket:
     """A bare connection to the side port (TLS as the tests' client certificate, unless plaintext)."""
     host = address.rsplit(":", 1)[0]
