@@ -26,6 +26,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -54,7 +55,7 @@ class BulkLink:
         self.closed = False
         self.gets: set[int] = set()  # request ids of bulk Gets whose last chunk has not gone out yet
 
-    def recv_upload(self, up: device_pb2.Upload) -> bytearray:
+    def recv_upload(self, up: device_pb2.Upload) -> memoryview:
         """The canonical span (`protocol.upload_head` + data) of an Upload whose `bulk_bytes` follow on the
         socket: the bytes are read straight into it."""
         n = up.bulk_bytes
@@ -62,7 +63,7 @@ class BulkLink:
         if up.HasField("meta"):
             small.meta.CopyFrom(up.meta)
         head = protocol.upload_head(small, n)
-        span = bytearray(len(head) + n)
+        span = memoryview(bytearray(len(head) + n))
         span[: len(head)] = head
         with self.lock:
             got = protocol.BULK_HEAD.unpack(self._recv_exact(protocol.BULK_HEAD.size))
@@ -72,7 +73,7 @@ class BulkLink:
                     f"bulk socket of session {self.number}: expected an upload of {n} bytes for handle {up.handle} "
                     f"at offset {up.offset} (kind, id, offset, length = {want}), got {got}"
                 )
-            self._recv_into(memoryview(span)[len(head) :])
+            self._recv_into(span[len(head) :])
         return span
 
     def send_download(self, request_id: int, offset: int, data: memoryview) -> None:
@@ -225,6 +226,7 @@ class BulkPort:
         self._lock = threading.Lock()
         self._pending: dict[str, int] = {}
         self._stopped = False
+        self._warned_at = 0.0
         self._thread = threading.Thread(target=self._accept, name="gpupool-bulk-accept", daemon=True)
         self._thread.start()
 
@@ -248,7 +250,10 @@ class BulkPort:
             with self._lock:
                 total = sum(self._pending.values())
                 if total >= MAX_PENDING or self._pending.get(source, 0) >= MAX_PENDING_PER_SOURCE:
-                    log.warning("bulk port: refusing a connection from %s (%d not yet authenticated)", source, total)
+                    now = time.monotonic()
+                    if now - self._warned_at > 10.0:  # a flood of connections must not flood the log
+                        self._warned_at = now
+                        log.warning("bulk port: refusing connections from %s (%d not yet authenticated)", source, total)
                     conn.close()
                     continue
                 self._pending[source] = self._pending.get(source, 0) + 1

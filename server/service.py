@@ -167,7 +167,7 @@ def _take_bulk(s: FrontSession, commands: list[tuple[int, memoryview]]) -> int:
                 raise InvalidArgument(f"a bulk chunk of {up.bulk_bytes} bytes; at most {protocol.BULK_MAX_CHUNK}")
             data = link.recv_upload(up)
             extra += len(data)
-            commands[n] = (kind, memoryview(data))
+            commands[n] = (kind, data)
         elif kind == protocol.GET:
             get = device_pb2.ClientFrame.FromString(bytes(span)).commands[0].get
             if get.bulk:
