@@ -541,9 +541,7 @@ class Session:
             for frame in self._responses:
                 with self._wlock:
                     w = self._waiters.get(frame.request_id)
-                if not isinstance(frame, _Chunk) and frame.HasField("chunk") and frame.chunk.bulk_bytes:
-                    if self._side is None:
-                        raise Unavailable("the daemon announced bulk bytes, but this session has no bulk socket")
+                if self._side is not None and not isinstance(frame, _Chunk) and frame.chunk.bulk_bytes:
                     (w or _Waiter()).bulk_chunk(frame.request_id, frame.chunk, self._side)
                     continue
                 if w is None:
@@ -556,6 +554,9 @@ class Session:
                     w.reply = frame.sync
                     w.done.set()
                 elif kind == "chunk":
+                    if frame.chunk.bulk_bytes:  # never asked for: this session has no side socket
+                        w.fail(Unavailable("the daemon sent a download's bytes to a bulk socket this session lacks"))
+                        continue
                     w.chunk(frame.chunk)
                 elif kind == "error":
                     w.fail(from_failure(frame.error))
