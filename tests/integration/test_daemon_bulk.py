@@ -258,7 +258,7 @@ def test_hello_limits_per_source(daemon_factory: Any) -> None:
     idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(bulkside.MAX_PENDING_PER_SOURCE)]
     try:
         extra = socket.create_connection(("127.0.0.1", port), timeout=10)
-        assert extra.recv(1) == b"", "a connection past the per-source limit is closed at once"
+        assert _closed_without_answer(extra), "a connection past the per-source limit is closed at once"
         extra.close()
     finally:
         for sock in idle:
@@ -266,3 +266,14 @@ def test_hello_limits_per_source(daemon_factory: Any) -> None:
     time.sleep(0.5)
     with Session.attach(d.address, d.token()) as s:
         assert s._side is not None
+
+
+def test_a_silent_connection_is_dropped_after_the_hello_timeout(
+    daemon_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bulkside, "HELLO_TIMEOUT", 0.5)
+    d = daemon_factory(bulk_listen="127.0.0.1:0")
+    with socket.create_connection(("127.0.0.1", _side_port(d)), timeout=10) as silent:
+        t0 = time.monotonic()
+        assert _closed_without_answer(silent)
+        assert time.monotonic() - t0 < 8
