@@ -277,3 +277,24 @@ def test_a_silent_connection_is_dropped_after_the_hello_timeout(
         t0 = time.monotonic()
         assert _closed_without_answer(silent)
         assert time.monotonic() - t0 < 8
+
+
+def test_a_stalled_upload_holds_no_other_session(bulk_daemon: Any) -> None:
+    """Session A announces an upload and never sends its bytes: its reader waits on its own socket, while
+    session B on the same device moves big transfers both ways; A's Detach then ends A's wait."""
+    a = Session.attach(bulk_daemon.address, bulk_daemon.token(lease_id="stalled"))
+    try:
+        up = device_pb2.Upload(handle=a.new_handle(), last=True, bulk_bytes=8 * MiB)
+        up.meta.dtype, up.meta.shape[:] = 1, [2 * MiB]
+        a._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
+        time.sleep(0.2)
+        with Session.attach(bulk_daemon.address, bulk_daemon.token(lease_id="busy")) as b:
+            for seed in range(3):
+                big = _bits(8 * MiB, seed=seed)
+                assert torch.equal(b.download(b.upload(big)), big)
+    finally:
+        a.close()
+    deadline = time.time() + 10
+    while bulk_daemon.running.daemon.session_list() and time.time() < deadline:
+        time.sleep(0.05)
+    assert bulk_daemon.running.daemon.session_list() == []
