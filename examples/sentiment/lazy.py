@@ -1,8 +1,8 @@
 """Sparse ("lazy") Adam updates of the embedding tables, in ordinary aten ops.
 
-The benchmark model's embedding tables hold 37M of its 38M weights (30k words and 2^18 hashed bigrams of 128
-floats), yet a batch of 50 reviews reads only a few thousand rows of them. A dense Adam step reads and writes all
-37M weights, their gradient and both moments every step: on a CPU (or a fake GPU) that is over half of the step.
+The benchmark model's embedding tables hold 140.6M of its 140.7M weights (49,994 words and 2^20 hashed bigrams of
+128 floats), yet a batch of 50 reviews reads only a few thousand rows of them. A dense Adam step reads and writes
+all of them, their gradient and both moments every step: on a CPU (or a fake GPU) that is over half of the step.
 
 Here the batch's distinct rows are found on the host, before the batch is sent (`SparseBatch.of`); the model looks
 its embeddings up from a small leaf tensor of just those rows (`SparseBatch.lookup`), so backward produces a

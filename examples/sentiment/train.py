@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make `examples.sentiment` impo
 
 from examples.sentiment import checkpoint, data, fetch
 from examples.sentiment.lazy import LazyAdam, SparseBatch
-from examples.sentiment.model import BENCHMARK, SentimentCNN
+from examples.sentiment.model import BENCHMARK, BENCHMARK_VOCAB, SentimentCNN
 from examples.sentiment.runtime import DEVICES, resolve_device, setup_logging
 
 log = logging.getLogger("sentiment.train")
@@ -76,7 +76,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=data.default_cache_dir(), help="where the encoded data is cached")
     p.add_argument("--no-cache", action="store_true", help="tokenize the tarball every time")
     p.add_argument("--out", type=Path, default=Path("runs/sentiment"), help="checkpoint directory")
-    p.add_argument("--vocab-size", type=int, default=30000)
+    p.add_argument(
+        "--vocab-size", type=int, default=BENCHMARK_VOCAB,
+        help="most words kept (those seen at least twice in training, most frequent first)",
+    )
     p.add_argument("--max-len", type=int, default=800, help="reviews are cut to this many tokens")
     p.add_argument("--embed-dim", type=int, default=128)
     p.add_argument("--filters", type=int, default=256)

@@ -76,8 +76,8 @@ def test_benchmark_model_is_what_train_py_defaults_to() -> None:
     from examples.sentiment import train
 
     args = train.parse_args([])
-    model = benchmark_model(30000)
+    model = benchmark_model(3000)
     assert model.bigrams is not None and model.bigrams.num_embeddings == args.bigram_buckets
     assert model.embed_dropout.p == args.embed_dropout and model.dropout.p == args.dropout
     assert abs(float(model.embedding.weight.detach()[2:].std()) - args.embed_std) < 0.01
-    assert model.embedding.weight.shape == (30000, args.embed_dim) and model.fc.in_features == 2 * args.filters
+    assert model.embedding.weight.shape == (3000, args.embed_dim) and model.fc.in_features == 2 * args.filters
