@@ -247,3 +247,34 @@ def test_a_dying_tensor_counts_its_bytes_without_asking_torch(dev: torch.device,
     del a, b
     assert rt._dead[dead0:] == [ha, hb]
     assert rt._dead_bytes - bytes0 == 16 * 64 * 4 + 3 * 5 * 8
+
+
+def test_threads_waiting_at_once_each_read_their_own_replies(dev: torch.device) -> None:
+    """The thread that waits reads the reply stream (no reader thread): two threads syncing and downloading at
+    the same time on one session take turns reading, and each gets exactly its own answers."""
+    import threading
+
+    rt = runtime.get(dev.index)
+    assert rt is not None
+    tensors = [torch.full((256,), float(i), device=dev) for i in range(2)]
+    handles = [t._gp_h for t in tensors]
+    gt.synchronize()
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(40):
+                rt.session.sync()
+                got = rt.session.download(handles[i])
+                assert torch.equal(got, torch.full((256,), float(i))), (i, got[:3])
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors
+    assert float(tensors[1].sum().item()) == 256.0
