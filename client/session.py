@@ -2,9 +2,10 @@
 on client-chosen handles, sync and download, all over one ordered gRPC stream.
 
 Commands accumulate client-side and travel as one ClientFrame per ~256 commands / ~1 MiB, or at a sync
-point (sync, download, flush). Only Sync and Get are answered; a background reader thread matches replies
-to waiters and fails every waiter with Unavailable as soon as the stream dies, so a lost daemon raises
-within seconds instead of hanging. Safe for one user thread plus the reader.
+point (sync, download, flush). Only Sync and Get are answered, and the thread that waits for an answer reads
+it off the stream itself (no reader thread to hand it over: one thread wake-up less per round trip); the
+stream's end fails every waiter with its reason, and gRPC's keepalive ends the stream of a lost daemon within
+seconds, so a wait never hangs. Safe for one user thread (plus helpers that only send, like capture's timer).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy
@@ -233,7 +234,7 @@ class Session:
         self._sealed_count = 0
         self._send: queue.Queue[device_pb2.ClientFrame | bytes | None] = queue.Queue(maxsize=SEND_QUEUE_FRAMES)
         self._waiters: dict[int, _Waiter] = {}
-        self._wlock = threading.Lock()  # the reader takes only this one, never the batching lock
+        self._wlock = threading.Lock()  # the replies' reader takes only this one, never the batching lock
         self._dead: GpupoolError | None = None
         self._closed = False
         stream = channel.stream_stream(
@@ -241,9 +242,13 @@ class Session:
             request_serializer=_serialize_frame,
             response_deserializer=_read_frame,
         )
-        self._responses = stream(self._frames(), metadata=((protocol.SESSION_METADATA, self.session_id),))
-        self._reader = threading.Thread(target=self._read, name=f"gpupool-session-{self.session_id[:6]}", daemon=True)
-        self._reader.start()
+        # a grpc Rendezvous: an iterator of replies, a Call and a Future (its stubs type only the first two)
+        self._responses: Any = cast(
+            Any, stream(self._frames(), metadata=((protocol.SESSION_METADATA, self.session_id),))
+        )
+        self._rlock = threading.Lock()  # held by the one thread reading replies (`_wait`)
+        self._ended: GpupoolError | None = None  # how the reply stream ended, once a reader met its end
+        self._responses.add_done_callback(self._stream_done)
 
     @classmethod
     def attach(cls, address: str, token: str, *, timeout: float = 10.0) -> Session:
@@ -508,10 +513,18 @@ class Session:
         return rid, w
 
     def _wait(self, rid: int, w: _Waiter) -> None:
+        """Read the reply stream in this thread until `w` is answered: no reader thread hands the reply over (a
+        thread wake-up per round trip). Whoever waits reads, one thread at a time, and files every reply it
+        meets with its own waiter; another waiting thread takes over when this one is done."""
         try:
-            while not w.done.wait(0.25):
-                if self._dead is not None:
-                    w.fail(self._dead)
+            while not w.done.is_set():
+                if not self._rlock.acquire(timeout=0.25):
+                    continue
+                try:
+                    while not w.done.is_set():
+                        self._read_one()
+                finally:
+                    self._rlock.release()
         finally:
             with self._wlock:
                 self._waiters.pop(rid, None)
@@ -535,38 +548,60 @@ class Session:
                 return
             yield frame
 
-    def _read(self) -> None:
-        err: GpupoolError
-        try:
-            for frame in self._responses:
-                with self._wlock:
-                    w = self._waiters.get(frame.request_id)
-                if self._side is not None and not isinstance(frame, _Chunk) and frame.chunk.bulk_bytes:
-                    (w or _Waiter()).bulk_chunk(frame.request_id, frame.chunk, self._side)
-                    continue
-                if w is None:
-                    continue
-                if isinstance(frame, _Chunk):
-                    w.chunk(frame)
-                    continue
-                kind = frame.WhichOneof("reply")
-                if kind == "sync":
-                    w.reply = frame.sync
-                    w.done.set()
-                elif kind == "chunk":
-                    if frame.chunk.bulk_bytes:  # never asked for: this session has no side socket
-                        w.fail(Unavailable("the daemon sent a download's bytes to a bulk socket this session lacks"))
-                        continue
-                    w.chunk(frame.chunk)
-                elif kind == "error":
-                    w.fail(from_failure(frame.error))
-            err = Unavailable(f"daemon {self.address} ended the session's stream")
-        except grpc.RpcError as exc:
-            err = from_failure(exc)
-        except GpupoolError as exc:  # the side socket broke or fell out of step: the session cannot go on
-            err = exc
-        self._dead = err
+    def _read_one(self) -> None:
+        """Read one reply and give it to its waiter; at the stream's end, fail every waiter with its reason
+        (replies the daemon sent before it ended are read first, in order). Called holding `_rlock`."""
+        err = self._ended
+        if err is None:
+            try:
+                frame = next(self._responses)
+                self._file(frame)
+                return
+            except StopIteration:
+                err = Unavailable(f"daemon {self.address} ended the session's stream")
+            except grpc.RpcError as exc:
+                err = from_failure(exc)
+            except GpupoolError as exc:  # the side socket broke or fell out of step: the session cannot go on
+                err = exc
+            self._ended = self._dead = err
         with self._wlock:
             waiters = list(self._waiters.values())
         for w in waiters:
             w.fail(err)
+
+    def _file(self, frame: Any) -> None:
+        with self._wlock:
+            w = self._waiters.get(frame.request_id)
+        if self._side is not None and not isinstance(frame, _Chunk) and frame.chunk.bulk_bytes:
+            (w or _Waiter()).bulk_chunk(frame.request_id, frame.chunk, self._side)  # keeps the socket in step
+            return
+        if w is None:
+            return
+        if isinstance(frame, _Chunk):
+            w.chunk(frame)
+            return
+        kind = frame.WhichOneof("reply")
+        if kind == "sync":
+            w.reply = frame.sync
+            w.done.set()
+        elif kind == "chunk":
+            if frame.chunk.bulk_bytes:  # never asked for: this session has no side socket
+                w.fail(Unavailable("the daemon sent a download's bytes to a bulk socket this session lacks"))
+                return
+            w.chunk(frame.chunk)
+        elif kind == "error":
+            w.fail(from_failure(frame.error))
+
+    def _stream_done(self, call: Any) -> None:
+        """gRPC's callback when the stream ends, read or not: later commands fail at once with its reason (a
+        waiter still reads the replies sent before the end, then gets the same reason)."""
+        if self._dead is not None:
+            return
+        try:
+            failed = call.code() != grpc.StatusCode.OK
+        except Exception:  # noqa: BLE001 - a call that cannot say how it ended ended badly
+            failed = True
+        if failed and isinstance(call, grpc.RpcError):
+            self._dead = from_failure(call)
+        else:
+            self._dead = Unavailable(f"daemon {self.address} ended the session's stream")

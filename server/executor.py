@@ -72,6 +72,12 @@ class CommandExecutor:
         self._plans: dict[str, checks.OpPlan] = {}  # allowed op name -> its plan
         self._verdicts: dict[Any, int] = {}  # op signature -> new bytes, once its shape-only checks passed
 
+    def forget(self, s: WorkerSession) -> None:
+        """Drop what this executor keeps for a closed session (its op id table, its device): a process that
+        outlives its sessions (`--isolation thread`) must not keep one table per session it ever served."""
+        self._op_ids.pop(s.session_id, None)
+        self._devices.pop(s.session_id, None)
+
     def warm_up(self) -> None:
         """Load torch's meta kernels now (about a second, once per process), not on some session's clock."""
         one = torch.ones(2, 2)

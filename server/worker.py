@@ -152,6 +152,7 @@ class InlineRunner:
 
     def close(self) -> None:
         self._state.session.release_all()
+        self._state.executor.forget(self._state.session)
 
 
 class ProcessRunner:

@@ -11,6 +11,7 @@ import pytest
 import shim_fixtures
 import torch
 from gpupool.client.torch import runtime
+from gpupool.client.torch.tensor import RemoteTensor
 from torch import nn
 
 import gpupool.torch as gt
@@ -225,3 +226,55 @@ def test_data_assignment_and_dtype_conversion_follow_the_handle(dev: torch.devic
     assert torch.equal(model.weight.cpu(), nn.Linear(3, 2).double().weight.detach())
     out = model(torch.ones(1, 3, dtype=torch.float64).to(dev))
     assert out.dtype == torch.float64 and out.shape == (1, 2)
+
+
+def test_a_dying_tensor_counts_its_bytes_without_asking_torch(dev: torch.device, monkeypatch: Any) -> None:
+    """Its death queues its handle and its bytes (what steers an early Free) from the tensor's own key: the
+    tensor methods that used to count them (~1-2 us on every death) are not called, so here they raise."""
+    rt = runtime.get(dev.index)
+    assert rt is not None
+    gt.synchronize()
+    a = torch.ones(16, 64, device=dev)
+    b = torch.zeros(3, 5, dtype=torch.float64, device=dev)
+    ha, hb = a._gp_h, b._gp_h
+    dead0, bytes0 = len(rt._dead), rt._dead_bytes
+
+    def refuse(*_: Any) -> Any:
+        raise AssertionError("tensor metadata read in __del__")
+
+    for name in ("nelement", "numel", "element_size"):
+        monkeypatch.setattr(RemoteTensor, name, refuse)
+    del a, b
+    assert rt._dead[dead0:] == [ha, hb]
+    assert rt._dead_bytes - bytes0 == 16 * 64 * 4 + 3 * 5 * 8
+
+
+def test_threads_waiting_at_once_each_read_their_own_replies(dev: torch.device) -> None:
+    """The thread that waits reads the reply stream (no reader thread): two threads syncing and downloading at
+    the same time on one session take turns reading, and each gets exactly its own answers."""
+    import threading
+
+    rt = runtime.get(dev.index)
+    assert rt is not None
+    tensors = [torch.full((256,), float(i), device=dev) for i in range(2)]
+    handles = [t._gp_h for t in tensors]
+    gt.synchronize()
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(40):
+                rt.session.sync()
+                got = rt.session.download(handles[i])
+                assert torch.equal(got, torch.full((256,), float(i))), (i, got[:3])
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors
+    assert float(tensors[1].sum().item()) == 256.0
