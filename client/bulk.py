@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0  # seconds to connect, shake hands and be bound
 IO_TIMEOUT = 60.0  # seconds a transfer may stall before the session gives up on its daemon
+_CLOSED = "the daemon closed the bulk socket"
 MIN_UPLOAD = 1024 * 1024  # uploads of at least this many bytes take the side socket
 CHUNK = 4 * 1024 * 1024  # bytes per Upload command (each a canonical upload the daemon's worker copies once)
 _warned: set[str] = set()
@@ -92,10 +93,10 @@ def connect(address: str, port: int, session_id: str, server_name: str = "") -> 
         if ctx is not None:
             sock = ctx.wrap_socket(sock, server_hostname=server_name or host)
         sock.sendall(protocol.bulk_hello(session_id))
-        answer = _recv_exact(sock, 1)
+        answer = protocol.recv_exact(sock, 1, _CLOSED)
         if answer != protocol.BULK_OK:
-            (n,) = struct.unpack("<H", _recv_exact(sock, 2))
-            raise ValueError(_recv_exact(sock, n).decode(errors="replace"))
+            (n,) = struct.unpack("<H", protocol.recv_exact(sock, 2, _CLOSED))
+            raise ValueError(protocol.recv_exact(sock, n, _CLOSED).decode(errors="replace"))
         sock.settimeout(IO_TIMEOUT)
         return BulkSocket(sock)
     except (OSError, ssl.SSLError, ValueError, InvalidArgument) as exc:
@@ -105,13 +106,3 @@ def connect(address: str, port: int, session_id: str, server_name: str = "") -> 
             _warned.add(address)
             log.warning("daemon %s: bulk side port %d not usable (%s); transfers use the stream", address, port, exc)
         return None
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        part = sock.recv(n - len(buf))
-        if not part:
-            raise ValueError("the daemon closed the bulk socket")
-        buf += part
-    return bytes(buf)

@@ -79,6 +79,20 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
+def read_varint(buf: memoryview | bytes, i: int, end: int) -> tuple[int, int]:
+    """(value, next index) of the varint at `i`; raises ValueError past `end` or beyond 64 bits."""
+    value = shift = 0
+    while True:
+        if i >= end or shift > 63:
+            raise ValueError("truncated varint")
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
 def upload_head(up: device_pb2.Upload, n: int) -> bytes:
     """The bytes of ClientFrame{commands: [Command{upload: up + data}]} that precede `n` bytes of data (which
     go last: fields may come in any order on the wire)."""
@@ -113,6 +127,18 @@ def bulk_hello(session_id: str) -> bytes:
 def bulk_error(message: str) -> bytes:
     text = message.encode()[:1000]
     return b"\x01" + struct.pack("<H", len(text)) + text
+
+
+def recv_exact(sock: Any, n: int, closed: str) -> bytes:
+    """Exactly `n` bytes from a (TLS) socket, for the bulk hello and its answer; ValueError(`closed`) when the
+    peer closes first."""
+    buf = bytearray()
+    while len(buf) < n:
+        part = sock.recv(n - len(buf))
+        if not part:
+            raise ValueError(closed)
+        buf += part
+    return bytes(buf)
 
 
 class Frame:

@@ -39,20 +39,6 @@ UPLOADS = protocol.UPLOAD  # Command.upload
 _DATA = 4  # Upload.data
 
 
-def _varint(buf: memoryview, i: int, end: int) -> tuple[int, int]:
-    """(value, next index) of the varint at `i`; raises ValueError past `end` or beyond 64 bits."""
-    value = shift = 0
-    while True:
-        if i >= end or shift > 63:
-            raise ValueError("truncated varint")
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-
-
 def parse_upload(span: memoryview) -> tuple[device_pb2.Command, memoryview] | None:
     """A command span (`ClientFrame.commands` tag, length, Command) holding one Upload: the command without its
     data, and the data as a view of `span`. None when the span is not in the canonical shape (or malformed):
@@ -61,26 +47,26 @@ def parse_upload(span: memoryview) -> tuple[device_pb2.Command, memoryview] | No
         end = len(span)
         if end < 2 or span[0] != 0x0A:
             return None
-        length, i = _varint(span, 1, end)
+        length, i = protocol.read_varint(span, 1, end)
         if i + length != end or i >= end or span[i] != (UPLOADS << 3 | 2):
             return None
-        length, i = _varint(span, i + 1, end)
+        length, i = protocol.read_varint(span, i + 1, end)
         if i + length != end:  # the Command holds exactly one field: its upload
             return None
         small = bytearray()
         data: memoryview | None = None
         while i < end:
             start = i
-            tag, i = _varint(span, i, end)
+            tag, i = protocol.read_varint(span, i, end)
             field, wire_type = tag >> 3, tag & 7
             if wire_type == 0:
-                _, i = _varint(span, i, end)
+                _, i = protocol.read_varint(span, i, end)
             elif wire_type == 1:
                 i += 8
             elif wire_type == 5:
                 i += 4
             elif wire_type == 2:
-                n, i = _varint(span, i, end)
+                n, i = protocol.read_varint(span, i, end)
                 if field == _DATA:
                     if data is not None:
                         return None  # two data fields: protobuf's merge rules decide

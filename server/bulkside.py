@@ -135,23 +135,10 @@ class ChunkParts:
         return device_pb2.ServerFrame(request_id=self.request_id, chunk=chunk).SerializeToString()
 
 
-def _varint(buf: memoryview, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if i >= len(buf) or shift > 63:
-            raise ValueError("truncated varint")
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-
-
 def request_id(frame: bytes) -> int:
     """The request id of a reply frame (its first field, as protobuf writes it), 0 when it has none."""
     try:
-        return _varint(memoryview(frame), 1)[0] if frame[:1] == b"\x08" else 0
+        return protocol.read_varint(memoryview(frame), 1, len(frame))[0] if frame[:1] == b"\x08" else 0
     except ValueError:
         return 0
 
@@ -161,26 +148,26 @@ def chunk_parts(frame: bytes) -> ChunkParts | None:
     of meta, offset, data, last, each at most once); None for any other frame (it goes out unchanged)."""
     view = memoryview(frame)
     try:
-        rid, i = _varint(view, 1) if frame[:1] == b"\x08" else (0, 0)
+        rid, i = protocol.read_varint(view, 1, len(view)) if frame[:1] == b"\x08" else (0, 0)
         if i >= len(view) or view[i] != 0x1A:
             return None
-        length, i = _varint(view, i + 1)
+        length, i = protocol.read_varint(view, i + 1, len(view))
         if i + length != len(view):
             return None
         meta, offset, data, last, seen = None, 0, view[0:0], False, set()
         while i < len(view):
-            tag, i = _varint(view, i)
+            tag, i = protocol.read_varint(view, i, len(view))
             if tag in seen or tag not in (0x0A, 0x10, 0x1A, 0x20):
                 return None
             seen.add(tag)
             if tag in (0x10, 0x20):
-                value, i = _varint(view, i)
+                value, i = protocol.read_varint(view, i, len(view))
                 if tag == 0x10:
                     offset = value
                 else:
                     last = bool(value)
                 continue
-            n, i = _varint(view, i)
+            n, i = protocol.read_varint(view, i, len(view))
             if i + n > len(view):
                 return None
             if tag == 0x0A:
@@ -267,13 +254,13 @@ class BulkPort:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is not None:
                 sock = self._tls.context().wrap_socket(conn, server_side=True)
-            head = _recv_exact(sock, len(protocol.BULK_HELLO) + 2)
+            head = protocol.recv_exact(sock, len(protocol.BULK_HELLO) + 2, "connection closed during the hello")
             if head[: len(protocol.BULK_HELLO)] != protocol.BULK_HELLO:
                 raise ValueError("not a gpupool bulk hello")
             (n,) = struct.unpack("<H", head[len(protocol.BULK_HELLO) :])
             if n > _SID_MAX:
                 raise ValueError("session id too long")
-            given = _recv_exact(sock, n)
+            given = protocol.recv_exact(sock, n, "connection closed during the hello")
             s = self._find(given)
             if s is None:
                 sock.sendall(protocol.bulk_error("unknown or closed session"))
@@ -305,13 +292,3 @@ class BulkPort:
             if hmac.compare_digest(s.session_id.encode(), given) and not s.closed:
                 found = s
         return found
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        part = sock.recv(n - len(buf))
-        if not part:
-            raise ValueError("connection closed during the hello")
-        buf += part
-    return bytes(buf)

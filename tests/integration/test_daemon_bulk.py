@@ -76,8 +76,8 @@ def _hello_answer(sock: socket.socket, session_id: str) -> bytes:
     answer = sock.recv(1)
     if answer == protocol.BULK_OK:
         return answer
-    (n,) = struct.unpack("<H", client_bulk._recv_exact(sock, 2))
-    return client_bulk._recv_exact(sock, n)
+    (n,) = struct.unpack("<H", protocol.recv_exact(sock, 2, "the daemon closed the bulk socket"))
+    return protocol.recv_exact(sock, n, "the daemon closed the bulk socket")
 
 
 def _closed_without_answer(sock: socket.socket) -> bool:
