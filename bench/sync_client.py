@@ -34,13 +34,17 @@ BLOCK = 50
 
 
 def _other_session_class(tree: str) -> Any:
-    path = Path(tree) / "client" / "session.py"
-    spec = importlib.util.spec_from_file_location("gpupool_other_session", path)
+    """`Session` of the other checkout's client/session.py, loaded as a module of a package made of its client/
+    folder, so its relative imports (`from . import bulk`) take the other checkout's modules too."""
+    folder = Path(tree) / "client"
+    spec = importlib.util.spec_from_file_location(
+        "gpupool_other_client", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
     assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module.Session
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = package  # its modules' dataclasses look their module up
+    spec.loader.exec_module(package)
+    return importlib.import_module("gpupool_other_client.session").Session
 
 
 def _floor(port: int) -> Any:
