@@ -238,20 +238,29 @@ def grpc_figures(port: int, size: int, pings: int, messages: int, tls: bool = Fa
     }
 
 
+def round_trip(s: Any, size: int, what: str) -> tuple[float, float, int]:
+    """Upload `size` random bytes and download them again through session `s`: (upload GB/s, download GB/s,
+    the tensor's handle); asserts the bytes came back exact."""
+    import torch
+
+    big = torch.randint(0, 255, (size,), dtype=torch.uint8)
+    t0 = time.perf_counter()
+    h = s.upload(big)
+    s.sync()
+    up = size / (time.perf_counter() - t0) / 1e9
+    t0 = time.perf_counter()
+    back = s.download(h)
+    down = size / (time.perf_counter() - t0) / 1e9
+    assert torch.equal(back, big), f"{what} is not bit-exact"
+    return up, down, h
+
+
 def gpupool_figures(address: str, token: str, size: int, ops: int, syncs: int) -> dict[str, float]:
     import torch
     from gpupool.client.session import Handle, Session
 
     with Session.attach(address, token) as s:
-        big = torch.randint(0, 255, (size,), dtype=torch.uint8)
-        t0 = time.perf_counter()
-        h = s.upload(big)
-        s.sync()
-        up = size / (time.perf_counter() - t0) / 1e9
-        t0 = time.perf_counter()
-        back = s.download(h)
-        down = size / (time.perf_counter() - t0) / 1e9
-        assert torch.equal(back, big), "256 MiB round trip is not bit-exact"
+        up, down, h = round_trip(s, size, "the round trip")
         s.free([h])
         a = Handle(s.upload(torch.ones(1)))
         out = s.new_handle()
@@ -272,20 +281,11 @@ def gpupool_figures(address: str, token: str, size: int, ops: int, syncs: int) -
 
 def transfer_figures(address: str, token: str, size: int) -> dict[str, float]:
     """Upload and download only, on a daemon started with --bulk-listen: the bytes take the side socket."""
-    import torch
     from gpupool.client.session import Session
 
     with Session.attach(address, token) as s:
         assert s._side is not None, f"no bulk side socket to {address}"
-        big = torch.randint(0, 255, (size,), dtype=torch.uint8)
-        t0 = time.perf_counter()
-        h = s.upload(big)
-        s.sync()
-        up = size / (time.perf_counter() - t0) / 1e9
-        t0 = time.perf_counter()
-        back = s.download(h)
-        down = size / (time.perf_counter() - t0) / 1e9
-        assert torch.equal(back, big), "the side channel's round trip is not bit-exact"
+        up, down, _ = round_trip(s, size, "the side channel's round trip")
     return {"up": up, "down": down}
 
 
@@ -303,6 +303,20 @@ def plaintext(fn: Callable[[], dict[str, float]]) -> Callable[[], dict[str, floa
             del os.environ["GPUPOOL_INSECURE"]
 
     return run
+
+
+def loopback_keys(tmp: str, tls: bool = True) -> tuple[bytes, Path]:
+    """A token seed and the file of its public key (what daemons get), and this process's environment set for
+    the loopback PKI under `tmp` (plus GPUPOOL_INSECURE when not `tls`)."""
+    from gpupool import pki, tokens
+
+    key = secrets.token_hex(32).encode()
+    key_file = Path(tmp) / "key.pub"
+    key_file.write_bytes(tokens.public_pem(tokens.Signer.from_seed(key).public))
+    os.environ.update(pki.loopback_env(Path(tmp) / "pki"))
+    if not tls:
+        os.environ["GPUPOOL_INSECURE"] = "1"
+    return key, key_file
 
 
 def start_daemon(
@@ -343,16 +357,13 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
 
 def isolation_cost(args: argparse.Namespace) -> int:
     """The same figures against a process-isolated and an in-thread daemon, alternating, medians side by side."""
-    from gpupool import pki, tokens
+    from gpupool import tokens
 
     size = args.size_mib * MiB
     modes = ("thread", "process")
     runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
-        key = secrets.token_hex(32).encode()  # a token seed; the daemons get its public key only
-        key_file = Path(tmp) / "key.pub"
-        key_file.write_bytes(tokens.public_pem(tokens.Signer.from_seed(key).public))
-        os.environ.update(pki.loopback_env(Path(tmp) / "pki"))  # both daemons and this process speak TLS
+        key, key_file = loopback_keys(tmp)  # both daemons and this process speak TLS
         daemons = {m: start_daemon(key_file, "--isolation", m) for m in modes}
         try:
             for i in range(args.repeat):
@@ -383,17 +394,12 @@ def against(args: argparse.Namespace) -> int:
     the same client, alternating sessions (transfers) and blocks of 50 syncs, medians and this/other ratios."""
     from gpupool.client.session import Session
 
-    from gpupool import pki, tokens
+    from gpupool import tokens
 
     size = args.size_mib * MiB
     extra = () if args.tls else ("--insecure",)
     with tempfile.TemporaryDirectory() as tmp:
-        key = secrets.token_hex(32).encode()
-        key_file = Path(tmp) / "key.pub"
-        key_file.write_bytes(tokens.public_pem(tokens.Signer.from_seed(key).public))
-        os.environ.update(pki.loopback_env(Path(tmp) / "pki"))
-        if not args.tls:
-            os.environ["GPUPOOL_INSECURE"] = "1"
+        key, key_file = loopback_keys(tmp, args.tls)
         daemons = {
             "other": start_daemon(key_file, *extra, python=args.against_python, cwd=args.against),
             "this": start_daemon(key_file, *extra),
@@ -455,14 +461,11 @@ def main(argv: list[str] | None = None) -> int:
         return isolation_cost(args)
     if args.against:
         return against(args)
-    from gpupool import pki, tokens
+    from gpupool import tokens
 
     size = args.size_mib * MiB
     with tempfile.TemporaryDirectory() as tmp:
-        key = secrets.token_hex(32).encode()  # a token seed; the daemon gets its public key only
-        key_file = Path(tmp) / "key.pub"
-        key_file.write_bytes(tokens.public_pem(tokens.Signer.from_seed(key).public))
-        os.environ.update(pki.loopback_env(Path(tmp) / "pki"))  # the daemon and this process speak TLS
+        key, key_file = loopback_keys(tmp)  # the daemon and this process speak TLS
         daemon, address = start_daemon(key_file)
         plain_daemon, plain_address = start_daemon(key_file, "--insecure")
         side = ("--bulk-listen", "127.0.0.1:0")

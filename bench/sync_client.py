@@ -17,7 +17,6 @@ import argparse
 import importlib.util
 import os
 import queue
-import secrets
 import statistics
 import subprocess
 import sys
@@ -74,16 +73,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from gpupool.client.session import Session
 
-    from gpupool import pki, tokens
+    from gpupool import tokens
 
     other = _other_session_class(args.against)
     with tempfile.TemporaryDirectory() as tmp:
-        key = secrets.token_hex(32).encode()
-        key_file = Path(tmp) / "key.pub"
-        key_file.write_bytes(tokens.public_pem(tokens.Signer.from_seed(key).public))
-        os.environ.update(pki.loopback_env(Path(tmp) / "pki"))
-        if not args.tls:
-            os.environ["GPUPOOL_INSECURE"] = "1"
+        key, key_file = daemon_wire.loopback_keys(tmp, args.tls)
         proc, address = daemon_wire.start_daemon(key_file, *(() if args.tls else ("--insecure",)))
         floor = subprocess.Popen(
             [sys.executable, daemon_wire.__file__, "--floor-server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
