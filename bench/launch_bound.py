@@ -8,17 +8,19 @@ transformer classifier (`classifier`: d 64, 2 layers, batch 32 x 48 tokens; not 
 ways: local CPU eager (the baseline: one torch thread, on the daemon's core), through a daemon eagerly, and
 through a daemon with `gpupool.torch.capture` (Adam with capturable=True and a device lr, as capture needs).
 
-Each measurement is a fresh worker process pinned to a core (`taskset`), the daemon (`gpupool serve`, one fake
-GPU, one torch thread) on another. A block of steps is timed with one sync at its end (throughput: the client
-may run ahead of the daemon within a block, as a training loop that logs every N steps does); the median block
-counts, and local / eager / captured runs alternate for a few rounds, best of each counting. Columns: ms/step,
-ratio to local, aten ops per step (the graph's ops when captured), commands sent per step, client CPU per op and
-the daemon's CPU per op: front, zygote and the session's worker together (everything above the kernels on a
-fake GPU is overhead; the kernels are included). "core-1 CPU" is the CPU time per step of what runs on the daemon's
-core: the local process, or the whole daemon (front and worker); its ratio is what the wall-clock ratio becomes
-on a quiet box whenever the daemon's core is the bottleneck, and it moves much less with the load of a shared
-box than wall-clock times do. The load average at the start and end is printed with the table: on a shared
-box, compare ratios from one run only.
+Each measurement is a fresh worker process pinned to a core (`taskset`), the daemon (`gpupool serve`, one fake GPU,
+one torch thread) on another. A block of steps is timed with one sync at its end (throughput: the client may run
+ahead of the daemon within a block, as a training loop that logs every N steps does); the median block counts, and
+local / eager / captured runs alternate for a few rounds (a last local run closes them), best of each counting.
+Columns: ms/step, ratio to local (best over best), "paired" (the median over rounds of each run's step over the
+mean of the local runs just before and after it: the box drifts between minutes, and neighbours share the drift, so
+this is the figure to quote on a shared box), aten ops per step (the graph's ops when captured), commands sent per
+step, client CPU per op and the daemon's CPU per op: front, zygote and the session's worker together (everything
+above the kernels on a fake GPU is overhead; the kernels are included). "core-1 CPU" is the CPU time per step of
+what runs on the daemon's core: the local process, or the whole daemon (front and worker); its ratio is what the
+wall-clock ratio becomes on a quiet box whenever the daemon's core is the bottleneck, and it moves much less with
+the load of a shared box than wall-clock times do. The load average at the start and end is printed with the table:
+on a shared box, compare ratios from one run only.
 
     nice python bench/launch_bound.py                       # ~3-5 min
     python bench/launch_bound.py --models tiny-mlp,encoder --steps 40
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="steps per timed block")
     p.add_argument("--blocks", type=int, default=5, help="timed blocks (the median counts)")
     p.add_argument("--warmup", type=int, default=6, help="untimed steps first (capture records in these)")
-    p.add_argument("--rounds", type=int, default=2, help="alternating local/eager/captured runs; best of each")
+    p.add_argument("--rounds", type=int, default=2, help="alternating runs: best of each, paired ratios")
     add_worker_flags(p)
     p.add_argument("--model", default="tiny-mlp", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="local", help=argparse.SUPPRESS)
@@ -198,30 +200,54 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.models.split(","):
             modes = args.modes.split(",")
             results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+            order: list[tuple[str, dict[str, Any]]] = []  # every run in the order it ran
             for _ in range(args.rounds):
                 for mode in modes:
                     if mode == "local":
-                        results[mode].append(_worker(args.daemon_core, model, mode, args))
+                        r = _worker(args.daemon_core, model, mode, args)
                     else:
-                        results[mode].append(_worker(args.client_core, model, mode, args, **daemons.remote()))
+                        r = _worker(args.client_core, model, mode, args, **daemons.remote())
+                    results[mode].append(r)
+                    order.append((mode, r))
+            if "local" in modes and args.rounds > 1:
+                order.append(("local", _worker(args.daemon_core, model, "local", args)))  # brackets the last round
             best = {m: min(rs, key=lambda r: r["step_s"]) for m, rs in results.items()}
+            for mode, ratios in paired_ratios(order).items():
+                best[mode]["paired"] = statistics.median(ratios)
             rows.append((model, best))
     print_table(rows, args)
     print(f"load average (1 min): {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
     return 0
 
 
+def paired_ratios(order: list[tuple[str, dict[str, Any]]]) -> dict[str, list[float]]:
+    """Each remote run's step time over the local runs just before and after it (their mean; one when it is at
+    an end): the box's speed drifts by tens of percent between minutes, and a ratio of neighbours cancels most
+    of that drift, where best-of-each can pair a fast minute's local run with a slow minute's remote one."""
+    out: dict[str, list[float]] = {}
+    locals_at = [i for i, (mode, _) in enumerate(order) if mode == "local"]
+    for i, (mode, r) in enumerate(order):
+        if mode == "local" or not locals_at:
+            continue
+        before = [j for j in locals_at if j < i][-1:]
+        after = [j for j in locals_at if j > i][:1]
+        local = statistics.mean(order[j][1]["step_s"] for j in before + after)
+        out.setdefault(mode, []).append(r["step_s"] / local)
+    return out
+
+
 def print_table(rows: list[tuple[str, dict[str, dict[str, Any]]]], args: argparse.Namespace) -> None:
     table = Table(title=f"launch-bound training (median of {args.blocks} blocks of {args.steps} steps, best of "
                         f"{args.rounds} rounds, 1 torch thread each; daemon on core {args.daemon_core}, client on "
-                        f"core {args.client_core})")  # fmt: skip
-    cols = ("model", "mode", "ms/step", "ratio", "ops/step", "commands/step", "client us/op", "daemon us/op",
-            "core-1 CPU ms/step", "CPU ratio")  # fmt: skip
+                        f"core {args.client_core}; paired: median over rounds of each run / the local runs beside "
+                        f"it)")  # fmt: skip
+    cols = ("model", "mode", "ms/step", "ratio", "paired", "ops/step", "commands/step", "client us/op",
+            "daemon us/op", "core-1 CPU ms/step", "CPU ratio")  # fmt: skip
     for col in cols:
         table.add_column(col, justify="right")
     for model, best in rows:
-        local = best["local"]["step_s"]
-        local_cpu = best["local"]["client_cpu_per_step_s"]
+        local = best["local"]["step_s"] if "local" in best else float("nan")
+        local_cpu = best["local"]["client_cpu_per_step_s"] if "local" in best else float("nan")
         ops = best["eager"]["commands_per_step"] if "eager" in best else 1  # eager: one command per aten op
         ops = (best["captured"].get("graph_ops") if "captured" in best else 0) or ops or 1
         for mode in best:
@@ -233,6 +259,7 @@ def print_table(rows: list[tuple[str, dict[str, dict[str, Any]]]], args: argpars
                 mode,
                 f"{r['step_s'] * 1e3:.3f}",
                 f"{r['step_s'] / local:.2f}",
+                f"{r['paired']:.2f}" if "paired" in r else "",
                 f"{ops:.0f}" if remote else "",
                 f"{r['commands_per_step']:.1f}" if remote else "",
                 f"{r['client_cpu_per_step_s'] / ops * 1e6:.1f}" if remote else "",
