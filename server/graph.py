@@ -12,7 +12,8 @@ in its used bytes for as long as it holds it -- as a CUDA graph's private pool h
 is checked once, at definition, and `gpupool smi` and the device's accounting see what the steps need.
 
 On CUDA devices a graph without random ops is additionally captured as a CUDA graph once it has run eagerly
-(`_CudaGraph`); CPU-backed fake GPUs never take that path.
+(`_CudaGraph`); CPU-backed fake GPUs never take that path. On CPU-backed devices a graph runs, from its second run
+on, as a TorchScript graph where it can (graph_trace.py): one call per step, the ops dispatched in C++.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ import torch
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, NotFound, ResourceExhausted
 
+from . import graph_trace, slices
 from .graph_build import GATHER, ONE, Graph, Host, build, flat
 from .sessions import Poison, WorkerSession, zero_bytes
 
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 32  # per session: each holds prebuilt calls in host memory
-EVENTS = ("defined", "rerecorded", "replayed", "dropped")
+EVENTS = slices.GRAPH_EVENTS
 
 
 class GraphLedger(Protocol):
@@ -167,6 +169,10 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph) -> No
             s.check_handle(h)
     if g.cuda is not None or (not g.cuda_failed and g.device.type == "cuda" and g.runs >= 2):
         _run_cuda(host, s, g, slots)
+    elif g.traced is not None:
+        g.traced.run(host, s, g, slots)
+    elif not g.trace_refused and g.runs >= graph_trace.TRACE_AFTER_RUNS:
+        _run_traced(host, s, g, slots)
     else:
         execute(g, slots)
     rebind = s.rebind  # every handle was checked: outputs above, writes at definition
@@ -237,6 +243,23 @@ def execute(g: Graph, slots: list[Any]) -> None:
         raise ResourceExhausted(f"graph {g.graph_id} op {i} ({g.calls[i].name}): device out of memory: {exc}") from None
     except (RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
         raise InvalidArgument(f"graph {g.graph_id} op {i} ({g.calls[i].name}): {str(exc)[:300]}") from None
+
+
+def _run_traced(host: Host, s: WorkerSession, g: Graph, slots: list[Any]) -> None:
+    """The run that decides whether the graph becomes a TorchScript graph (graph_trace)."""
+    why = graph_trace.refusal(host, g)
+    if why is not None:
+        g.trace_refused = True
+        log.info("session %d: graph %d stays on the Python replay: %s", s.number, g.graph_id, why)
+        execute(g, slots)
+        return
+    g.traced = graph_trace.trace(host, s, g, slots, execute)
+    g.trace_refused = g.traced is None  # one attempt: a refusal keeps the Python replay from now on
+    if g.traced is None:
+        execute(g, slots)
+    else:
+        host.ledger.graph(s, "traced")
+        g.traced.run(host, s, g, slots)
 
 
 # ---- CUDA graphs (real GPUs only) ----

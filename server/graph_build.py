@@ -84,6 +84,7 @@ class Call:
     check: Callable[[list[Any], dict[str, Any]], None] | None  # a guard that reads values
     zero: bool  # outputs are uninitialized memory
     seeded: bool  # draws random numbers from the session's generator
+    replaced: bool = False  # runs guards.replacement's Python code instead of the kernel
 
 
 @dataclass
@@ -104,6 +105,8 @@ class Graph:
     runs: int = 0
     cuda: Any = None
     cuda_failed: bool = False
+    traced: Any = None  # graph_trace.Traced once the graph runs as a TorchScript graph
+    trace_refused: bool = False  # graph_trace said no (or failed): the Python replay for good
     plan: list[Step] = field(default_factory=list)  # the calls as graph.execute runs them (`compile_calls`)
 
 
@@ -431,6 +434,7 @@ def _prebuild(
         check,
         op._schema.name in _UNINITIALIZED,
         torch.Tag.nondeterministic_seeded in op.tags,
+        guards.replacement(op) is not None,
     )
     return call, values[: len(outs)], reads
 

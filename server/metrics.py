@@ -52,7 +52,8 @@ class Ledger:
             self.transfers["download"] += downloaded
 
     def graphs_of(self, session: FrontSession, events: dict[str, int]) -> None:
-        """A slice's step-capture graph events (defined, rerecorded, replayed, dropped), as its worker counted them."""
+        """A slice's step-capture graph events (defined, rerecorded, replayed, dropped, traced), as its worker counted
+        them."""
         with self._lock:
             for event, n in events.items():
                 self.graphs[(session.device.index, session.tenant, event)] += n
@@ -139,7 +140,7 @@ class DaemonCollector(Collector):
 
         graphs = CounterMetricFamily(
             "gpupool_graph_events",
-            "Captured-step graphs of a tenant by event: defined, rerecorded, replayed, dropped",
+            "Captured-step graphs of a tenant by event: defined, rerecorded, replayed, dropped, traced",
             labels=tlabels + ["event"],
         )
         for (i, tenant, event), n in snap["graphs"].items():

@@ -144,7 +144,8 @@ def is_ping(body: bytes | bytearray) -> bool:
 _RES = struct.Struct("<IdqqqqqHHIB")
 _ERROR_PENDING = 1  # flags: the session holds an error for its next Sync
 _PARTIAL = 2  # flags: the command after the executed ones (a Get) answered a piece and continues next slice
-_EVENT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz_")
+# Step capture's graph events (server/graph.py): the only names a worker may report (they become metric labels).
+GRAPH_EVENTS = ("defined", "rerecorded", "replayed", "dropped", "traced")
 
 
 @dataclass
@@ -210,11 +211,11 @@ def decode_result(body: bytes | bytearray | memoryview, commands: int) -> SliceR
         pos += 5
         errors[CODES[code]] = errors.get(CODES[code], 0) + min(n, executed)
     events: dict[str, int] = {}
-    for _ in range(min(n_ev, 16)):  # names become metric label values: a few short lowercase words only
+    for _ in range(min(n_ev, 16)):  # names become metric label values: the known events only
         length, n = struct.unpack_from("<BI", view, pos)
         name = bytes(view[pos + 5 : pos + 5 + length]).decode("ascii", "replace")
         pos += 5 + length
-        if name and set(name) <= _EVENT_CHARS:
+        if name in GRAPH_EVENTS:
             events[name] = min(n, executed)
     replies: list[bytes | list[bytes]] = []
     for _ in range(n_rep):

@@ -3,6 +3,7 @@ status code at the next sync, the session stays usable, and a healthy session on
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -181,3 +182,38 @@ def test_graph_temporaries_count_in_used_memory(daemon: Any, session: Session) -
     session.free([fill, y])
     session.sync()
     assert used_bytes(daemon, session) == before
+
+
+def test_a_traced_graph_keeps_the_embedding_index_guard(daemon: Any, session: Session) -> None:
+    """From its second run a graph on a fake GPU runs as a TorchScript graph (server/graph_trace.py), where no
+    Python guard runs: the embedding backward's index range check travels into the trace as tensor ops, so
+    indices out of range are still refused there, with INVALID_ARGUMENT, and the session goes on working."""
+    grad, idx = torch.randn(4, 3), torch.tensor([0, 9, 3, 3])
+    body = [
+        device_pb2.Op(
+            name="aten::embedding_dense_backward.default",
+            args=[slot(1), slot(2), tensor_pb2.Arg(i=10), tensor_pb2.Arg(i=-1), tensor_pb2.Arg(b=False)],
+            outputs=[3],
+        )
+    ]
+    meta = [wire.meta_to_proto(grad), wire.meta_to_proto(idx)]
+    session.define_graph(device_pb2.DefineGraph(graph_id=7, inputs=2, input_meta=meta, ops=body, outputs=[3]))
+
+    def run(indices: torch.Tensor) -> Handle:
+        out = session.new_handle()
+        session.run_graph(7, [Handle(session.upload(grad)), Handle(session.upload(indices))], [out])
+        return Handle(out)
+
+    for k in range(4):  # the first run is the Python replay, the second is traced
+        want = torch.ops.aten.embedding_dense_backward.default(grad, idx.roll(k), 10, -1, False)
+        assert torch.equal(session.download(run(idx.roll(k))), want)
+    for bad in (torch.tensor([0, 10, 3, 3]), torch.tensor([0, -1, 3, 3]), torch.tensor([0, 1 << 40, 3, 3])):
+        run(bad)
+        with pytest.raises(errors.InvalidArgument, match="out of"):
+            session.sync()
+    want = torch.ops.aten.embedding_dense_backward.default(grad, idx, 10, -1, False)
+    assert torch.equal(session.download(run(idx)), want)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10).read().decode()
+    lines = text.splitlines()
+    traced = [line for line in lines if line.startswith("gpupool_graph_events_total{") and 'event="traced"' in line]
+    assert any('tenant="bad"' in line and line.endswith(" 1.0") for line in traced), traced
