@@ -197,6 +197,19 @@ class Traced:
             slots[slot] = value
 
 
+def _no_meta(graph: Any) -> None:
+    """A dry run's device must not leak into the trace (a Python meta kernel run under the tracer could record a
+    factory on the meta device): every constant device and tensor must be a real one."""
+    for node in graph.nodes():
+        if node.kind() != "prim::Constant" or not node.outputsSize():
+            continue
+        value = node.output().toIValue()
+        if (isinstance(value, torch.device) and value.type == "meta") or (
+            isinstance(value, torch.Tensor) and value.is_meta
+        ):
+            raise ValueError("the trace holds a meta constant")
+
+
 def _reason(exc: BaseException) -> str:
     """The error of a failed op, from the TorchScript interpreter's report (its last line; the rest is a trace)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -240,6 +253,7 @@ def trace(host: Host, s: Any, g: Graph, slots: list[Any], execute: Any) -> Trace
                 fn = torch.jit.trace(step, dry, check_trace=False)
             if not ran or any(not isinstance(ran[0][k], torch.Tensor) for k in kept):
                 raise ValueError("an output is not a tensor")
+            _no_meta(fn.graph)
             break
         except Exception as exc:  # noqa: BLE001 - tracing is an optimisation: a refusal keeps the Python replay
             # An op whose meta kernel is Python (sizes turn into traced values) fails under the tracer: record
