@@ -2,30 +2,33 @@
 
 graph.execute calls each prebuilt kernel from Python: per op a loop iteration, argument gathering and the call's
 own Python-to-C++ argument parsing, about 4-6 us on this project's box, where a tiny model's kernels take 3-10 us.
-Once a graph has run once the plain way, `torch.jit.trace` records graph.execute running the graph's prebuilt
-calls on meta copies of its tensors (a dry run: nothing is read, written or drawn, so a trace that fails midway
-harms nothing), and from then on the session's runs call the traced function: one Python call per step, the ops
-dispatched in C++. Nothing is parsed or
-evaluated from the wire: the trace records the calls the daemon itself built and checked at DefineGraph (the
-allowlist, guards, size and quota checks all ran there), on the tensors of this session.
+Once a graph has run once the plain way, its calls are written into a TorchScript graph (torch._C.Graph), one
+node per call with the call's own overload and arguments, while graph.execute runs the calls on meta copies of
+the step's tensors (a dry run: nothing is read, written or drawn, so a failure midway harms nothing); from then
+on the session's runs call that graph's function: one Python call per step, the ops dispatched in C++. Nothing
+from the wire is parsed or evaluated here: the nodes are the calls the daemon itself built and checked at
+DefineGraph (the allowlist, guards, size and quota checks all ran there), and the graph is kept only when it
+holds exactly those calls in order (`_same_ops`: no tracer, so no kernel's meta code or decomposition can slip
+in) and no meta constant. The graph executor's optimisation passes are off: the same kernels in the same order as
+the Python replay, so the same bits.
 
-A graph is traced only when every run would call exactly the same kernels with the same arguments:
+A graph runs this way only when every run would call exactly the same kernels with the same arguments:
 - on a CPU-backed device (fake GPUs): real GPUs capture CUDA graphs instead (graph._CudaGraph);
 - in a session's own worker process (`exclusive_rng`): its random ops draw from the device's default generator,
-  which holds the session's stream there, so traced random ops draw the same numbers as the Python replay (the
-  session's stream is loaded before each traced run, as the Python replay's first random op would);
+  which holds the session's stream there, so they draw the same numbers as the Python replay (the session's
+  stream is loaded before each run, as the Python replay's first random op would);
 - with no value guard (`check`: Python that reads tensor values on every run) except those rewritten as tensor
-  ops that the trace keeps (`_TRACED_GUARDS`: the embedding backward's index range), no factory of uninitialized
+  ops that the graph keeps (`_TRACED_GUARDS`: the embedding backward's index range), no factory of uninitialized
   memory (zeroed per run by Python) and no Python replacement of a kernel (guards.replacement: it may branch on
   values);
-- with arguments of the kinds the tracer records (tensors, lists of tensors, numbers, strings, dtypes, ...).
-Anything else, or a trace that fails, keeps graph.execute (logged once per graph).
+- with arguments a node can hold (tensors, lists of tensors, numbers, strings, dtypes, devices, ...; a Python
+  number where the overload takes a tensor only for add/sub/mul/div, whose .Scalar overloads are that call).
+Anything else, or a graph that fails to build, keeps graph.execute (logged once per graph).
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any
 
 import torch
@@ -38,10 +41,8 @@ from .graph_build import Graph, Host
 log = logging.getLogger(__name__)
 
 TRACE_AFTER_RUNS = 1  # a graph's first run is the plain replay; the next one is traced
-MAX_ATTEMPTS = 16  # dry traces per graph (each failing one names one more call to record by hand)
 _META = torch.device("meta")
-_C: Any = torch._C  # the tracer's and the graph executor's private bindings (untyped)
-_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+_C: Any = torch._C  # TorchScript's IR and graph executor bindings (untyped)
 
 
 def refusal(host: Host, g: Graph) -> str | None:
@@ -60,68 +61,113 @@ def refusal(host: Host, g: Graph) -> str | None:
             return f"{c.name} returns uninitialized memory"
         if c.replaced:
             return f"{c.name} runs a Python replacement"
-        if not all(_traceable(v) for v in (*c.args, *c.kwargs.values())):
-            return f"{c.name} takes an argument the tracer does not record"
     return None
 
 
-def _embedding_dense_backward(kernel: Any) -> Any:
+class _Builder:
+    """A TorchScript graph being written, one node per call, while graph.execute runs the calls on meta tensors.
+    Each tensor's value in the graph is found by the tensor's identity (every tensor of the dry run is kept alive
+    until the graph is done, so no identity is reused)."""
+
+    def __init__(self) -> None:
+        self.graph: Any = _C.Graph()
+        self.values: dict[int, Any] = {}
+        self.alive: list[torch.Tensor] = []
+
+    def input(self, t: torch.Tensor) -> None:
+        v = self.graph.addInput()
+        v.setType(_C.TensorType.get())
+        self.bind(t, v)
+
+    def bind(self, t: torch.Tensor, v: Any) -> None:
+        self.values[id(t)] = v
+        self.alive.append(t)
+
+    def node(self, kind: str, inputs: list[Any], outputs: int) -> Any:
+        n = self.graph.create(kind, inputs, outputs)
+        self.graph.insertNode(n)
+        return n
+
+    def value(self, v: Any, spec: Any) -> Any:
+        """The graph's value for one argument (`spec`: its schema argument)."""
+        if isinstance(v, torch.Tensor):
+            if v.is_meta:
+                return self.values[id(v)]  # a KeyError (a tensor from nowhere) fails the trace
+            return self.graph.insertConstant(v)  # a tensor the definition carried inline (a real one)
+        if isinstance(v, list | tuple) and any(isinstance(x, torch.Tensor) for x in v):
+            if any(x is not None and not isinstance(x, torch.Tensor) for x in v):
+                raise ValueError("a list mixing tensors and other values")
+            items = [self.value(x, None) if x is not None else self.graph.insertConstant(None) for x in v]
+            n = self.node("prim::ListConstruct", items, 1)
+            element = _C.TensorType.get() if all(x is not None for x in v) else _C.OptionalType(_C.TensorType.get())
+            n.output().setType(_C.ListType(element))
+            return n.output()
+        if spec is not None and str(spec.type) == "Tensor" and isinstance(v, bool | int | float | complex):
+            raise ValueError("a number where the schema takes a tensor")  # see _SCALAR_TWINS
+        if isinstance(v, torch.memory_format):
+            return self.graph.insertConstant(_MEMORY_FORMATS[v])
+        return self.graph.insertConstant(list(v) if isinstance(v, tuple) else v)
+
+    def recorder(self, op: torch._ops.OpOverload) -> Any:
+        """The callable graph.execute runs for `op` in the dry run: the kernel on meta tensors, and its node."""
+        schema = op._schema
+        twin = _SCALAR_TWINS.get(f"{schema.name}.{schema.overload_name}")
+        returns = [str(r.type) for r in schema.returns]
+        kernel = op._op
+
+        def call(*a: Any, **k: Any) -> Any:
+            out = kernel(*(_dry(v) for v in a), **{name: _dry(v) for name, v in k.items()})
+            use = schema
+            given = [a[i] if i < len(a) else k[spec.name] if spec.name in k else spec.default_value
+                     for i, spec in enumerate(schema.arguments)]  # fmt: skip
+            if twin is not None and isinstance(given[1], bool | int | float):
+                use = twin._schema  # `x * 2.5` as the .Scalar overload: the same kernel on a wrapped number
+            values = [self.value(v, spec) for v, spec in zip(given, use.arguments, strict=True)]
+            if returns == ["List[Tensor]"]:
+                results = list(out)
+                n = self.node(schema.name, values, 1)
+                n.output().setType(_C.ListType(_C.TensorType.get()))
+                outputs = list(self.node("prim::ListUnpack", [n.output()], len(results)).outputs())
+            else:
+                if any(r != "Tensor" and not r.startswith("Tensor(") for r in returns):
+                    raise ValueError(f"{schema.name} returns {returns}")
+                results = [] if not returns else list(out) if len(returns) > 1 else [out]
+                n = self.node(schema.name, values, len(results))
+                outputs = list(n.outputs())
+            if n.schema() != str(use):
+                raise ValueError(f"{schema.name}.{schema.overload_name} resolved to {n.schema()}")
+            for t, v in zip(results, outputs, strict=True):
+                v.setType(_C.TensorType.get())
+                if isinstance(t, torch.Tensor):
+                    self.bind(t, v)
+            return out
+
+        return call
+
+
+# Overloads taking a Tensor that the client may give a Python number (which the kernel call wraps into a
+# "wrapped number" tensor), and the .Scalar overload ATen implements as exactly that call.
+_SCALAR_TWINS = {
+    f"aten::{name}.Tensor": getattr(torch.ops.aten, name).Scalar
+    for name in ("add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_")
+}
+
+
+def _embedding_dense_backward(b: _Builder, kernel: Any) -> Any:
     def call(*given: Any, **k: Any) -> Any:
         a = list(given)
         n = int(opargs.arg(a, k, 2, "num_weights", 0))
         if len(a) > 1:
-            a[1] = guards.checked_indices(a[1], n)
+            a[1] = guards.checked_indices(a[1], n, b.recorder)
         else:
-            k["indices"] = guards.checked_indices(k["indices"], n)
+            k["indices"] = guards.checked_indices(k["indices"], n, b.recorder)
         return kernel(*a, **k)
 
     return call
 
 
-# Value guards a traced graph keeps, as tensor ops in the trace (schema name -> the kernel wrapped with them).
+# Value guards a traced graph keeps, as tensor ops in its graph (schema name -> the call wrapped with them).
 _TRACED_GUARDS = {"aten::embedding_dense_backward": _embedding_dense_backward}
-
-
-def _recorded(op: torch._ops.OpOverload, kernel: Any) -> Any:
-    """`kernel` for the tracer when its arguments include one the tracer cannot record (bool[N], e.g. the
-    output_mask of the convolution, layer and batch norm backwards) or a device (which the dry run must replace by
-    meta): run untraced, and put the node into the trace by hand, with every argument in schema order (constants as
-    constants). The node must resolve to `op` itself, else the trace fails (and the graph keeps the Python
-    replay)."""
-    schema = op._schema
-
-    def call(*a: Any, **k: Any) -> Any:
-        state = _C._get_tracing_state()
-        _C._set_tracing_state(None)
-        try:  # the dry run's tensors are meta tensors: so are its devices (the node keeps the real one)
-            out = kernel(*(_dry(v) for v in a), **{name: _dry(v) for name, v in k.items()})
-        finally:
-            _C._set_tracing_state(state)
-        graph: Any = state.graph()
-        values = []
-        for i, spec in enumerate(schema.arguments):
-            v = a[i] if i < len(a) else k[spec.name] if spec.name in k else spec.default_value
-            if isinstance(v, list | tuple) and any(isinstance(x, torch.Tensor) for x in v):
-                raise ValueError(f"{schema.name}: a list of tensors beside an argument the tracer cannot take")
-            if isinstance(v, torch.Tensor):
-                values.append(_C._get_value_trace(v))
-            else:
-                constant = _MEMORY_FORMATS.get(v, v) if isinstance(v, torch.memory_format) else v
-                values.append(graph.insertConstant(constant))
-        results = out if isinstance(out, tuple) else (out,)
-        node = graph.create(schema.name, values, len(results))
-        graph.insertNode(node)
-        if node.schema() != str(schema):
-            raise ValueError(f"{schema.name}: recorded as {node.schema()}")
-        for t, v in zip(results, node.outputs(), strict=True):
-            v.setType(_C.TensorType.get())
-            if isinstance(t, torch.Tensor):
-                _C._set_value_trace(t, v)
-        return out
-
-    return call
-
-
 # TorchScript holds memory formats as ints (c10::MemoryFormat's values).
 _MEMORY_FORMATS = {torch.contiguous_format: 0, torch.preserve_format: 1, torch.channels_last: 2,
                    torch.channels_last_3d: 3}  # fmt: skip
@@ -131,48 +177,24 @@ def _dry(v: Any) -> Any:
     return _META if isinstance(v, torch.device) else v
 
 
-def _by_hand(v: Any) -> bool:
-    """An argument the tracer cannot take (bool[N]) or must not run as given on meta tensors (a device)."""
-    if isinstance(v, list | tuple):
-        return bool(v) and all(isinstance(x, bool) for x in v)
-    return isinstance(v, torch.device)
-
-
-def _traced_plan(host: Host, g: Graph, by_hand: set[int], at: list[int]) -> list[Any]:
-    """g.plan as the tracer runs it: each value-guarded call's Python check replaced by the same check as tensor
-    ops; calls in `by_hand`, or with arguments the tracer cannot take, recorded by hand; `at[0]` says which call
-    runs (so that a failed trace names the call to record by hand in the next attempt)."""
+def _recording_plan(host: Host, g: Graph, b: _Builder) -> list[Any]:
+    """g.plan as the dry run executes it: every call through `b`, each value-guarded call's Python check replaced
+    by the same check as tensor ops (recorded too)."""
     plan = list(g.plan)
     for i, c in enumerate(g.calls):
         step = list(plan[i])
         op = host.ops.resolve(c.name)
-        fn = step[1]
-        if i in by_hand or any(_by_hand(v) for v in (*c.args, *c.kwargs.values())):
-            fn = _recorded(op, fn)
+        fn = b.recorder(op)  # the kernel itself: a seeded call's Python wrapper only picks the generator
         if c.check is not None:
-            fn = _TRACED_GUARDS[op._schema.name](fn)
+            fn = _TRACED_GUARDS[op._schema.name](b, fn)
             step[7] = None
-        step[1] = _counted(fn, i, at)
+        step[1] = fn
         plan[i] = tuple(step)
     return plan
 
 
-def _counted(fn: Any, i: int, at: list[int]) -> Any:
-    def call(*a: Any, **k: Any) -> Any:
-        at[0] = i
-        return fn(*a, **k)
-
-    return call
-
-
-def _traceable(v: Any) -> bool:
-    if isinstance(v, list | tuple):
-        return all(_traceable(x) for x in v)
-    return v is None or isinstance(v, _PLAIN) or isinstance(v, torch.Tensor)
-
-
 class Traced:
-    """A graph's traced function and how its slots map to the function's inputs and outputs."""
+    """A graph's TorchScript function and how its slots map to the function's inputs and outputs."""
 
     def __init__(self, fn: Any, g: Graph, kept: list[int], seeded: bool) -> None:
         self.fn = fn
@@ -198,8 +220,7 @@ class Traced:
 
 
 def _no_meta(graph: Any) -> None:
-    """A dry run's device must not leak into the trace (a Python meta kernel run under the tracer could record a
-    factory on the meta device): every constant device and tensor must be a real one."""
+    """The dry run's device must never reach the graph: every constant device and tensor must be a real one."""
     for node in graph.nodes():
         if node.kind() != "prim::Constant" or not node.outputsSize():
             continue
@@ -207,7 +228,24 @@ def _no_meta(graph: Any) -> None:
         if (isinstance(value, torch.device) and value.type == "meta") or (
             isinstance(value, torch.Tensor) and value.is_meta
         ):
-            raise ValueError("the trace holds a meta constant")
+            raise ValueError("the graph holds a meta constant")
+
+
+# The ops the embedding backward's kept index check adds before it (guards.checked_indices).
+_GUARD_OPS = {"aten::embedding_dense_backward": ["aten::new_zeros", "aten::reshape", "aten::index_select",
+                                                  "aten::sum", "aten::add"]}  # fmt: skip
+
+
+def _same_ops(host: Host, g: Graph, graph: Any) -> None:
+    """The graph must run exactly the graph's calls, in order (plus the index checks of _TRACED_GUARDS)."""
+    want: list[str] = []
+    for c in g.calls:
+        name = host.ops.resolve(c.name)._schema.name
+        want += _GUARD_OPS.get(name, []) if c.check is not None else []
+        want.append(name)
+    got = [n.kind() for n in graph.nodes() if not n.kind().startswith("prim::")]
+    if got != want:
+        raise ValueError(f"the graph holds {len(got)} ops where the step has {len(want)}")
 
 
 def _reason(exc: BaseException) -> str:
@@ -222,53 +260,39 @@ def _nothing() -> None:
 
 
 def trace(host: Host, s: Any, g: Graph, slots: list[Any], execute: Any) -> Traced | None:
-    """Trace the step on meta copies of its tensors (a dry run: no data is read or written, no random number
-    drawn), so a tracer that refuses an op midway harms nothing. Returns the traced function, or None."""
+    """Write the step's TorchScript graph from a dry run of its calls on meta copies of its tensors (nothing is
+    read or written, no random number drawn, so a failure midway harms nothing). Returns it, or None."""
     kept = sorted(set(g.outputs) | set(g.writes.values()))
     layout = Traced(None, g, kept, any(c.seeded for c in g.calls))
-    ran: list[list[Any]] = []
-
-    def step(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        inner: list[Any] = [None] * g.n_slots
-        inner[1 : layout.n_inputs + 1] = tensors[: layout.n_inputs]
-        for slot, t in zip(layout.externals, tensors[layout.n_inputs :], strict=True):
-            inner[slot] = t
+    b = _Builder()
+    inner: list[Any] = [None] * g.n_slots
+    dry = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=_META) for t in layout.args(slots)]
+    for t in dry:
+        b.input(t)
+    inner[1 : layout.n_inputs + 1] = dry[: layout.n_inputs]
+    for slot, t in zip(layout.externals, dry[layout.n_inputs :], strict=True):
+        inner[slot] = t
+    plan, g.plan = g.plan, _recording_plan(host, g, b)
+    try:
         execute(g, inner)
-        ran.append(inner)
-        return tuple(inner[k] for k in kept)
-
-    dry = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=_META) for t in layout.args(slots))
-    # Traced graphs run as traced, without the graph executor's optimisation passes: the same kernels in the same
-    # order as the Python replay, so the same bits. (Process-wide, and this is a session's own worker process.)
-    _C._set_graph_executor_optimize(False)
-    by_hand: set[int] = set()
-    plan = g.plan
-    for _ in range(MAX_ATTEMPTS):
-        at = [-1]
-        ran.clear()
-        g.plan = _traced_plan(host, g, by_hand, at)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # TracerWarnings about in-place ops on inputs: expected here
-                fn = torch.jit.trace(step, dry, check_trace=False)
-            if not ran or any(not isinstance(ran[0][k], torch.Tensor) for k in kept):
-                raise ValueError("an output is not a tensor")
-            _no_meta(fn.graph)
-            break
-        except Exception as exc:  # noqa: BLE001 - tracing is an optimisation: a refusal keeps the Python replay
-            # An op whose meta kernel is Python (sizes turn into traced values) fails under the tracer: record
-            # that call by hand next time. Anything else, or a call that failed by hand too, ends the attempts.
-            if ran or at[0] < 0 or at[0] in by_hand:
-                log.info("session %d: graph %d stays on the Python replay: the trace failed: %s", s.number,
-                         g.graph_id, str(exc).splitlines()[0][:200])  # fmt: skip
-                return None
-            by_hand.add(at[0])
-        finally:
-            g.plan = plan
-    else:
-        log.info("session %d: graph %d stays on the Python replay: %d ops would need recording by hand",
-                 s.number, g.graph_id, len(by_hand))  # fmt: skip
+        if any(not isinstance(inner[k], torch.Tensor) for k in kept):
+            raise ValueError("an output is not a tensor")
+        result = b.node("prim::TupleConstruct", [b.values[id(inner[k])] for k in kept], 1)
+        result.output().setType(_C.TupleType([_C.TensorType.get()] * len(kept)))
+        b.graph.registerOutput(result.output())
+        b.graph.lint()
+        _same_ops(host, g, b.graph)
+        _no_meta(b.graph)
+        # Run as written, without the graph executor's optimisation passes: the same kernels in the same order as
+        # the Python replay, so the same bits. (Process-wide: this is a session's own worker process.)
+        _C._set_graph_executor_optimize(False)
+        fn = _C._create_function_from_graph(f"gpupool_graph_{g.graph_id}", b.graph)
+    except Exception as exc:  # noqa: BLE001 - this is an optimisation: a refusal keeps the Python replay
+        log.info("session %d: graph %d stays on the Python replay: its TorchScript graph failed: %s", s.number,
+                 g.graph_id, str(exc).splitlines()[0][:200])  # fmt: skip
         return None
+    finally:
+        g.plan = plan
     layout.fn = fn
     log.info("session %d: graph %d runs as a TorchScript graph (%d ops)", s.number, g.graph_id, len(g.calls))
     return layout

@@ -36,14 +36,16 @@ def _embedding_dense_backward(args: Args, kwargs: Kwargs) -> None:
     _in_range(arg(args, kwargs, 1, "indices"), 0, int(arg(args, kwargs, 2, "num_weights", 0)), "indices")
 
 
-def checked_indices(indices: torch.Tensor, num_weights: int) -> torch.Tensor:
+def checked_indices(indices: torch.Tensor, num_weights: int, via: Callable[[Any], Any] = lambda op: op) -> torch.Tensor:
     """`indices`, after the range check of `_embedding_dense_backward` made of tensor ops, for a graph traced by
     server/graph_trace.py (where no Python guard runs): index_select on a (num_weights, 0) tensor, which holds no
     bytes, raises for any index outside [0, num_weights); its empty result's sum (0) is added to the indices so
-    that the check feeds the op and the tracer keeps it."""
-    probe = torch.ops.aten.new_empty.default(indices, [num_weights, 0], dtype=torch.float32)
-    hits = torch.ops.aten.index_select.default(probe, 0, torch.ops.aten.reshape.default(indices, [-1]))
-    return torch.ops.aten.add.Tensor(indices, torch.ops.aten.sum.default(hits, dtype=indices.dtype))
+    that the check feeds the op and the tracer keeps it. `via(op)` gives the callable that runs each op (the
+    trace records them by hand)."""
+    aten = torch.ops.aten
+    probe = via(aten.new_zeros.default)(indices, [num_weights, 0], dtype=torch.float32)
+    hits = via(aten.index_select.default)(probe, 0, via(aten.reshape.default)(indices, [-1]))
+    return via(aten.add.Tensor)(indices, via(aten.sum.default)(hits, dtype=indices.dtype))
 
 
 def _embedding_bag_dense_backward(args: Args, kwargs: Kwargs) -> None:
