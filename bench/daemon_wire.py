@@ -11,7 +11,7 @@ can meet the transfer target, however little it adds.
 
     python bench/daemon_wire.py [--repeat 3] [--size-mib 256] [--ops 10000] [--syncs 1000]
     python bench/daemon_wire.py --isolation-cost [--repeat 5]
-    python bench/daemon_wire.py --against /work/main [--against-python python3] [--tls] [--repeat 6]
+    python bench/daemon_wire.py --against /work/main [--against-python python3] [--tls] [--bulk] [--repeat 6]
 
 Each figure is the median of --repeat runs; the table prints gpupool / floor ratios. With --isolation-cost it
 instead compares two daemons started side by side, `--isolation process` (each session in its own worker
@@ -397,7 +397,9 @@ def against(args: argparse.Namespace) -> int:
     from gpupool import tokens
 
     size = args.size_mib * MiB
-    extra = () if args.tls else ("--insecure",)
+    extra: tuple[str, ...] = () if args.tls else ("--insecure",)
+    if args.bulk:
+        extra += ("--bulk-listen", "127.0.0.1:0")
     with tempfile.TemporaryDirectory() as tmp:
         key, key_file = loopback_keys(tmp, args.tls)
         daemons = {
@@ -410,7 +412,11 @@ def against(args: argparse.Namespace) -> int:
             for i in range(args.repeat):
                 for name in daemons if i % 2 == 0 else reversed(list(daemons)):
                     claims = tokens.TokenClaims(f"{name}-{i}", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
-                    figures[name].append(gpupool_figures(daemons[name][1], tokens.mint(key, claims), size, 1, 1))
+                    token = tokens.mint(key, claims)
+                    if args.bulk:
+                        figures[name].append(transfer_figures(daemons[name][1], token, size))
+                    else:
+                        figures[name].append(gpupool_figures(daemons[name][1], token, size, 1, 1))
                 print(f"transfers {i + 1}/{args.repeat} done", file=sys.stderr)
             sessions = {}
             for name, (_, address) in daemons.items():
@@ -432,7 +438,8 @@ def against(args: argparse.Namespace) -> int:
     o, t = median_of(figures["other"]), median_of(figures["this"])
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"\nthis tree against {args.against} ({'TLS' if args.tls else 'plaintext'} daemons side by side, load {load})"
+        f"\nthis tree against {args.against} ({'TLS' if args.tls else 'plaintext'} daemons side by side"
+        f"{', side socket' if args.bulk else ''}, load {load})"
     )
     print(f"{'metric':<34}{'other':>12}{'this':>12}{'this/other':>12}")
     for name, k in ((f"upload {args.size_mib} MiB (GB/s)", "up"), (f"download {args.size_mib} MiB (GB/s)", "down")):
@@ -452,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against", metavar="DIR", help="compare with the daemon of another checkout (side by side)")
     p.add_argument("--against-python", default="python3", help="the interpreter that imports --against's gpupool")
     p.add_argument("--tls", action="store_true", help="with --against: TLS daemons (default: plaintext)")
+    p.add_argument("--bulk", action="store_true", help="with --against: daemons with --bulk-listen (side socket)")
     p.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.floor_server:
