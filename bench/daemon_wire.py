@@ -279,14 +279,53 @@ def gpupool_figures(address: str, token: str, size: int, ops: int, syncs: int) -
     return {"up": up, "down": down, "ops": op_rate, "p50": percentile(rtts, 0.5), "p99": percentile(rtts, 0.99)}
 
 
-def transfer_figures(address: str, token: str, size: int) -> dict[str, float]:
-    """Upload and download only, on a daemon started with --bulk-listen: the bytes take the side socket."""
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process `pid` and every live descendant (a daemon, its zygote, workers)."""
+    stats: dict[int, tuple[int, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)  # ppid, utime + stime
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats.get(p, (0, 0.0))[1]
+        todo += [c for c, (ppid, _) in stats.items() if ppid == p]
+    return total
+
+
+def transfer_figures(address: str, token: str, size: int, pid: int = 0) -> dict[str, float]:
+    """Upload and download only, on a daemon started with --bulk-listen: the bytes take the side socket. With
+    `pid` (the daemon's), also the CPU seconds per GiB of the daemon's process tree and of this client."""
+    import torch
     from gpupool.client.session import Session
 
+    gib = size / 2**30
     with Session.attach(address, token) as s:
         assert s._side is not None, f"no bulk side socket to {address}"
-        up, down, _ = round_trip(s, size, "the side channel's round trip")
-    return {"up": up, "down": down}
+        big = torch.randint(0, 255, (size,), dtype=torch.uint8)
+        s.sync()
+        d0, c0, t0 = tree_cpu(pid) if pid else 0.0, time.process_time(), time.perf_counter()
+        h = s.upload(big)
+        s.sync()
+        d1, c1, t1 = tree_cpu(pid) if pid else 0.0, time.process_time(), time.perf_counter()
+        back = s.download(h)
+        d2, c2, t2 = tree_cpu(pid) if pid else 0.0, time.process_time(), time.perf_counter()
+        assert torch.equal(back, big), "the side channel's round trip is not bit-exact"
+    return {
+        "up": size / (t1 - t0) / 1e9,
+        "down": size / (t2 - t1) / 1e9,
+        "up_daemon_cpu": (d1 - d0) / gib,
+        "down_daemon_cpu": (d2 - d1) / gib,
+        "up_client_cpu": (c1 - c0) / gib,
+        "down_client_cpu": (c2 - c1) / gib,
+    }
 
 
 # ---------------------------------------------------------------- driver
@@ -414,7 +453,7 @@ def against(args: argparse.Namespace) -> int:
                     claims = tokens.TokenClaims(f"{name}-{i}", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
                     token = tokens.mint(key, claims)
                     if args.bulk:
-                        figures[name].append(transfer_figures(daemons[name][1], token, size))
+                        figures[name].append(transfer_figures(daemons[name][1], token, size, daemons[name][0].pid))
                     else:
                         figures[name].append(gpupool_figures(daemons[name][1], token, size, 1, 1))
                 print(f"transfers {i + 1}/{args.repeat} done", file=sys.stderr)
@@ -444,6 +483,10 @@ def against(args: argparse.Namespace) -> int:
     print(f"{'metric':<34}{'other':>12}{'this':>12}{'this/other':>12}")
     for name, k in ((f"upload {args.size_mib} MiB (GB/s)", "up"), (f"download {args.size_mib} MiB (GB/s)", "down")):
         print(f"{name:<34}{o[k]:>12.3f}{t[k]:>12.3f}{t[k] / o[k]:>12.2f}")
+    if args.bulk:
+        for k in ("up_daemon_cpu", "down_daemon_cpu", "up_client_cpu", "down_client_cpu"):
+            name = k.replace("_cpu", "").replace("_", " ") + " CPU (s/GiB)"
+            print(f"{name:<34}{o[k]:>12.3f}{t[k]:>12.3f}{t[k] / o[k]:>12.2f}")
     po, pt = statistics.median(rtts["other"]) * 1e6, statistics.median(rtts["this"]) * 1e6
     print(f"{'sync round trip p50 (us)':<34}{po:>12.0f}{pt:>12.0f}{pt / po:>12.2f}")
     return 0
