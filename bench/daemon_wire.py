@@ -11,7 +11,7 @@ can meet the transfer target, however little it adds.
 
     python bench/daemon_wire.py [--repeat 3] [--size-mib 256] [--ops 10000] [--syncs 1000]
     python bench/daemon_wire.py --isolation-cost [--repeat 5]
-    python bench/daemon_wire.py --against /work/main [--against-python python3] [--tls] [--repeat 6]
+    python bench/daemon_wire.py --against /work/main [--against-python python3] [--tls] [--bulk] [--repeat 6]
 
 Each figure is the median of --repeat runs; the table prints gpupool / floor ratios. With --isolation-cost it
 instead compares two daemons started side by side, `--isolation process` (each session in its own worker
@@ -279,14 +279,53 @@ def gpupool_figures(address: str, token: str, size: int, ops: int, syncs: int) -
     return {"up": up, "down": down, "ops": op_rate, "p50": percentile(rtts, 0.5), "p99": percentile(rtts, 0.99)}
 
 
-def transfer_figures(address: str, token: str, size: int) -> dict[str, float]:
-    """Upload and download only, on a daemon started with --bulk-listen: the bytes take the side socket."""
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process `pid` and every live descendant (a daemon, its zygote, workers)."""
+    stats: dict[int, tuple[int, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)  # ppid, utime + stime
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats.get(p, (0, 0.0))[1]
+        todo += [c for c, (ppid, _) in stats.items() if ppid == p]
+    return total
+
+
+def transfer_figures(address: str, token: str, size: int, pid: int = 0) -> dict[str, float]:
+    """Upload and download only, on a daemon started with --bulk-listen: the bytes take the side socket. With
+    `pid` (the daemon's), also the CPU seconds per GiB of the daemon's process tree and of this client."""
+    import torch
     from gpupool.client.session import Session
 
+    gib = size / 2**30
     with Session.attach(address, token) as s:
         assert s._side is not None, f"no bulk side socket to {address}"
-        up, down, _ = round_trip(s, size, "the side channel's round trip")
-    return {"up": up, "down": down}
+        big = torch.randint(0, 255, (size,), dtype=torch.uint8)
+        s.sync()
+        d0, c0, t0 = tree_cpu(pid) if pid else 0.0, time.process_time(), time.perf_counter()
+        h = s.upload(big)
+        s.sync()
+        d1, c1, t1 = tree_cpu(pid) if pid else 0.0, time.process_time(), time.perf_counter()
+        back = s.download(h)
+        d2, c2, t2 = tree_cpu(pid) if pid else 0.0, time.process_time(), time.perf_counter()
+        assert torch.equal(back, big), "the side channel's round trip is not bit-exact"
+    return {
+        "up": size / (t1 - t0) / 1e9,
+        "down": size / (t2 - t1) / 1e9,
+        "up_daemon_cpu": (d1 - d0) / gib,
+        "down_daemon_cpu": (d2 - d1) / gib,
+        "up_client_cpu": (c1 - c0) / gib,
+        "down_client_cpu": (c2 - c1) / gib,
+    }
 
 
 # ---------------------------------------------------------------- driver
@@ -397,7 +436,9 @@ def against(args: argparse.Namespace) -> int:
     from gpupool import tokens
 
     size = args.size_mib * MiB
-    extra = () if args.tls else ("--insecure",)
+    extra: tuple[str, ...] = () if args.tls else ("--insecure",)
+    if args.bulk:
+        extra += ("--bulk-listen", "127.0.0.1:0")
     with tempfile.TemporaryDirectory() as tmp:
         key, key_file = loopback_keys(tmp, args.tls)
         daemons = {
@@ -410,7 +451,11 @@ def against(args: argparse.Namespace) -> int:
             for i in range(args.repeat):
                 for name in daemons if i % 2 == 0 else reversed(list(daemons)):
                     claims = tokens.TokenClaims(f"{name}-{i}", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
-                    figures[name].append(gpupool_figures(daemons[name][1], tokens.mint(key, claims), size, 1, 1))
+                    token = tokens.mint(key, claims)
+                    if args.bulk:
+                        figures[name].append(transfer_figures(daemons[name][1], token, size, daemons[name][0].pid))
+                    else:
+                        figures[name].append(gpupool_figures(daemons[name][1], token, size, 1, 1))
                 print(f"transfers {i + 1}/{args.repeat} done", file=sys.stderr)
             sessions = {}
             for name, (_, address) in daemons.items():
@@ -432,11 +477,16 @@ def against(args: argparse.Namespace) -> int:
     o, t = median_of(figures["other"]), median_of(figures["this"])
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"\nthis tree against {args.against} ({'TLS' if args.tls else 'plaintext'} daemons side by side, load {load})"
+        f"\nthis tree against {args.against} ({'TLS' if args.tls else 'plaintext'} daemons side by side"
+        f"{', side socket' if args.bulk else ''}, load {load})"
     )
     print(f"{'metric':<34}{'other':>12}{'this':>12}{'this/other':>12}")
     for name, k in ((f"upload {args.size_mib} MiB (GB/s)", "up"), (f"download {args.size_mib} MiB (GB/s)", "down")):
         print(f"{name:<34}{o[k]:>12.3f}{t[k]:>12.3f}{t[k] / o[k]:>12.2f}")
+    if args.bulk:
+        for k in ("up_daemon_cpu", "down_daemon_cpu", "up_client_cpu", "down_client_cpu"):
+            name = k.replace("_cpu", "").replace("_", " ") + " CPU (s/GiB)"
+            print(f"{name:<34}{o[k]:>12.3f}{t[k]:>12.3f}{t[k] / o[k]:>12.2f}")
     po, pt = statistics.median(rtts["other"]) * 1e6, statistics.median(rtts["this"]) * 1e6
     print(f"{'sync round trip p50 (us)':<34}{po:>12.0f}{pt:>12.0f}{pt / po:>12.2f}")
     return 0
@@ -452,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against", metavar="DIR", help="compare with the daemon of another checkout (side by side)")
     p.add_argument("--against-python", default="python3", help="the interpreter that imports --against's gpupool")
     p.add_argument("--tls", action="store_true", help="with --against: TLS daemons (default: plaintext)")
+    p.add_argument("--bulk", action="store_true", help="with --against: daemons with --bulk-listen (side socket)")
     p.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.floor_server:

@@ -34,6 +34,7 @@ BIG_UPLOAD = MiB  # an upload command at least this large takes the copy-once pa
 # The most command bytes one slice carries: four 4 MiB upload chunks and their framing (the worker's shared
 # buffer is this large).
 SLICE_BYTES = 16 * MiB + 64 * 1024
+SIDE_MIN = 64 * 1024  # download chunks at least this large go on the bulk side socket (server/bulkside.py)
 PIECE_BYTES = 16 * MiB  # the most download bytes one slice answers (four 4 MiB chunks; framing fits the rest)
 UPLOADS = protocol.UPLOAD  # Command.upload
 _DATA = 4  # Upload.data

@@ -34,13 +34,15 @@ from gpupool import protocol, tls
 from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import InvalidArgument, Unavailable
 
+from . import bulk
+
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 5.0  # seconds for each step of a new connection's TLS handshake and hello
 IO_TIMEOUT = 30.0  # seconds a transfer may stall (no bytes moving) before its session ends
 MAX_PENDING = 64  # connections not yet bound to a session, in all
 MAX_PENDING_PER_SOURCE = 8  # ... and per source address
-SIDE_MIN = 64 * 1024  # download chunks at least this large go on the socket; smaller ones stay on the stream
+SIDE_MIN = bulk.SIDE_MIN  # download chunks at least this large go on the socket; smaller ones stay on the stream
 _SID_MAX = 128
 
 

@@ -22,12 +22,13 @@ from gpupool import compact, protocol, wire
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
 
-from . import checks, cost, guards, sizing
+from . import bulk, checks, cost, guards, sizing
 from .collectives import Collectives
 from .graph import GraphTable
 from .ops import OpTable
 from .sessions import HANDLE_BITS, Poison, PoisonedInput, WorkerSession, zero_bytes
 from .sizing import NO_META, MetaSizer
+from .slices import SideChunk
 from .speedmodel import SpeedModel
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,10 @@ class CommandExecutor:
         # generator instead of swapping states per op (`_seeded`).
         self.exclusive_rng = False
         self.piece_bytes = 0  # > 0: a Get answers at most this many bytes per run (workers: bulk.PIECE_BYTES)
+        # A worker's download slot for this slice (slices.SideChunk): a bulk Get's chunks of bulk.SIDE_MIN bytes
+        # or more are written there, for the daemon to send on the side socket without copying them out.
+        self.side_slot: memoryview | None = None
+        self.side_used = 0
         self._op_ids: dict[str, dict[int, str | checks.OpPlan]] = {}  # session id -> compact op id -> its op
         self._devices: dict[str, torch.device] = {}  # session id -> its torch device (a property builds it anew)
         self._plans: dict[str, checks.OpPlan] = {}  # allowed op name -> its plan
@@ -389,7 +394,9 @@ class CommandExecutor:
             if offset + len(data) != total:
                 raise InvalidArgument(f"upload ended at {offset + len(data)} of {total} bytes")
 
-    def _get(self, s: WorkerSession, get: device_pb2.Get) -> device_pb2.ServerFrame | list[bytes | protocol.Frame]:
+    def _get(
+        self, s: WorkerSession, get: device_pb2.Get
+    ) -> device_pb2.ServerFrame | list[bytes | protocol.Frame | SideChunk]:
         """Serialized chunk frames of the tensor's value, built now (so later ops cannot change them), each
         with one copy of the data: protobuf's own bytes fields would cost two more. With `piece_bytes` set
         (a session worker), at most that many bytes per call: `s.download` then holds the rest, and the same
@@ -416,7 +423,8 @@ class CommandExecutor:
         total = flat.nbytes
         stop = min(total, offset + self.piece_bytes) if self.piece_bytes else total
         head = device_pb2.ServerFrame(request_id=get.request_id).SerializeToString()
-        frames: list[bytes | protocol.Frame] = []
+        frames: list[bytes | protocol.Frame | SideChunk] = []
+        side = self.side_slot if get.bulk and self.piece_bytes else None
         while True:
             if offset >= stop and offset < total:
                 s.download = (get.request_id, get.handle, src, offset)
@@ -425,11 +433,18 @@ class CommandExecutor:
             chunk = device_pb2.TensorChunk(offset=offset, last=offset + n >= total)
             if offset == 0:
                 chunk.meta.CopyFrom(wire.meta_to_proto(src))
-            # A worker's frames stay views of `src` until its result copies them into the shared buffer
-            # (slices.run_commands ends the slice after this Get, so no later op changes them first).
-            frames.append(
-                protocol.chunk_frame(head, chunk, flat[offset : offset + n], src if self.piece_bytes else None)
-            )
+            if side is not None and n >= bulk.SIDE_MIN and self.side_used + n <= len(side):
+                at = self.side_used  # one copy, into the slot the daemon sends from
+                side[at : at + n] = flat[offset : offset + n]
+                self.side_used += n
+                meta = chunk.meta.SerializeToString() if offset == 0 else None
+                frames.append(SideChunk(get.request_id, meta, offset, chunk.last, at, n))
+            else:
+                # A worker's frames stay views of `src` until its result copies them into the shared buffer
+                # (slices.run_commands ends the slice after this Get, so no later op changes them first).
+                frames.append(
+                    protocol.chunk_frame(head, chunk, flat[offset : offset + n], src if self.piece_bytes else None)
+                )
             self.ledger.transfer("download", n)
             offset += n
             if offset >= total:

@@ -13,6 +13,7 @@ from gpupool.tokens import TokenClaims
 
 from .devices import Device
 from .fairqueue import FairQueue
+from .slices import SideChunk
 from .worker import Runner
 
 
@@ -105,6 +106,6 @@ def reply_bytes(item: Any) -> int:
     """What a queued reply holds in memory: a download's frames, or one serialized frame."""
     if isinstance(item, list):
         return sum(len(b) for b in item)
-    if isinstance(item, bytes | bytearray):
+    if isinstance(item, bytes | bytearray | SideChunk):  # a side chunk holds its download slot until sent
         return len(item)
     return 64

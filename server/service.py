@@ -21,7 +21,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gpupool import protocol, tls
 from gpupool._proto import device_pb2
-from gpupool.errors import ErrorInterceptor, GpupoolError, InvalidArgument, Unauthenticated, error_class
+from gpupool.errors import (
+    ErrorInterceptor,
+    GpupoolError,
+    InvalidArgument,
+    Unauthenticated,
+    Unavailable,
+    error_class,
+)
 
 from . import bulk, bulkside, slices
 from .bulkside import BulkPort
@@ -130,6 +137,12 @@ class DeviceServicer:
             if isinstance(item, bytes):
                 yield from _send(s, item)
                 self.daemon.replied(s, item)
+            elif isinstance(item, slices.SideChunk):
+                try:
+                    yield from _send_side(s, item)
+                finally:
+                    item.release()
+                self.daemon.replied(s, item)
             elif isinstance(item, device_pb2.ServerFrame):
                 yield item
                 self.daemon.replied(s, item)
@@ -184,6 +197,20 @@ def _send(s: FrontSession, frame: bytes) -> Iterator[bytes]:
     yield out
     if parts is not None:
         s.bulk.send_download(parts.request_id, parts.offset, parts.data)
+
+
+def _send_side(s: FrontSession, chunk: slices.SideChunk) -> Iterator[bytes]:
+    """A bulk Get's chunk whose bytes the worker wrote into its download slot: the announcement on the stream,
+    then the bytes on the side socket straight from the slot (no copy out of the worker's memory)."""
+    link = s.bulk
+    if link is None or link.closed or chunk.request_id not in link.gets:
+        # the worker wrote a side chunk for a Get that asked for none, or the socket is gone: end the session
+        raise Unavailable(f"bulk socket of session {s.number} is gone (or was never asked for) mid-download")
+    if chunk.last:
+        link.gets.discard(chunk.request_id)
+    parts = bulkside.ChunkParts(chunk.request_id, chunk.meta, chunk.offset, chunk.data, chunk.last)
+    yield parts.announce()
+    link.send_download(chunk.request_id, chunk.offset, chunk.data)
 
 
 def _serialize_frame(frame: device_pb2.ServerFrame | bytes) -> bytes:

@@ -18,10 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from grpc import StatusCode
 
 from gpupool import protocol
-from gpupool._proto import device_pb2
+from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import InvalidArgument, ResourceExhausted
 from gpupool.protocol import FRAME_COMMANDS_TAG, GET, SYNC
 
@@ -92,7 +93,10 @@ def _field_number(raw: bytes, i: int, end: int) -> int:
 REQ_RUN, REQ_EXIT, REQ_RUN_SHARED = 1, 2, 3  # RUN_SHARED: the payload is in the shared buffer
 REQ_UPLOADS = 0x10  # or-ed into the kind: the payload is big uploads only (server/bulk.py's copy-once path)
 SHARED = 0x80000000  # set in a result's length word: the result is in the shared buffer
-_REQ = struct.Struct("<Bqqqd")  # kind, free device bytes, reply room (bytes), shared payload length, budget (s)
+# kind, free device bytes, reply room (bytes), shared payload length, budget (s), download slot (-1: none)
+_REQ = struct.Struct("<Bqqqdb")
+SIDE = 0x80000000  # set in a reply frame's length word: a side chunk record (`SideChunk`), not frame bytes
+_SIDE = struct.Struct("<qqBqq")  # request id, offset, last, offset in the slot, length; then the meta's bytes
 
 
 @dataclass
@@ -102,6 +106,32 @@ class SliceRequest:
     budget: float  # seconds: stop after the command that passes it
     payload: bytes | memoryview  # the concatenated command spans
     uploads: bool = False  # the spans are big uploads only (bulk.slice_length): copied once, no budget cut
+    slot: int = -1  # a download slot of the shared memory the worker may write side chunks into (-1: none)
+
+
+class SideChunk:
+    """A download chunk for the bulk side socket whose bytes the worker wrote into a download slot of the
+    memory it shares with the daemon (server/worker.py): the daemon sends them to the socket from there and
+    then `release`s the slot; the stream gets only the chunk's announcement (server/bulkside.py). In the
+    worker `data` is empty and `at` is the bytes' place in the slot; in the daemon `data` is a view of it."""
+
+    __slots__ = ("at", "data", "last", "meta", "offset", "release", "request_id", "size")
+
+    def __init__(self, request_id: int, meta: bytes | None, offset: int, last: bool, at: int, size: int) -> None:
+        self.request_id, self.meta, self.offset, self.last = request_id, meta, offset, last
+        self.at, self.size = at, size
+        self.data = memoryview(b"")
+        self.release: Callable[[], None] = _nothing
+
+    def __len__(self) -> int:  # what it holds of the reply bound (`reply_room`, the daemon's outbox count)
+        return 64 + self.size
+
+    def record(self) -> bytes:
+        return _SIDE.pack(self.request_id, self.offset, self.last, self.at, self.size) + (self.meta or b"")
+
+
+def _nothing() -> None:
+    pass
 
 
 def encode_request(
@@ -111,26 +141,26 @@ def encode_request(
     the payload (that many bytes) was written to the shared buffer instead."""
     flag = REQ_UPLOADS if req.uploads else 0
     if shared >= 0:
-        head = _REQ.pack(REQ_RUN_SHARED | flag, req.device_free, req.reply_room, shared, req.budget)
+        head = _REQ.pack(REQ_RUN_SHARED | flag, req.device_free, req.reply_room, shared, req.budget, req.slot)
         return [struct.pack("<I", len(head)), head]
-    head = _REQ.pack(REQ_RUN | flag, req.device_free, req.reply_room, 0, req.budget)
+    head = _REQ.pack(REQ_RUN | flag, req.device_free, req.reply_room, 0, req.budget, req.slot)
     body = list(parts) if parts else [req.payload]
     return [struct.pack("<I", len(head) + sum(len(b) for b in body)), head, *body]
 
 
 def decode_request(body: bytes | bytearray, shared: memoryview) -> SliceRequest | None:
-    kind, device_free, reply_room, shared_len, budget = _REQ.unpack_from(body, 0)
+    kind, device_free, reply_room, shared_len, budget, slot = _REQ.unpack_from(body, 0)
     uploads, kind = bool(kind & REQ_UPLOADS), kind & ~REQ_UPLOADS
     if kind == REQ_RUN_SHARED and 0 <= shared_len <= len(shared):
-        return SliceRequest(device_free, reply_room, budget, shared[:shared_len], uploads)
+        return SliceRequest(device_free, reply_room, budget, shared[:shared_len], uploads, slot)
     if kind != REQ_RUN:
         return None
-    return SliceRequest(device_free, reply_room, budget, memoryview(body)[_REQ.size :], uploads)  # no copy
+    return SliceRequest(device_free, reply_room, budget, memoryview(body)[_REQ.size :], uploads, slot)  # no copy
 
 
-EXIT_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_EXIT, 0, 0, 0, 0.0)
+EXIT_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_EXIT, 0, 0, 0, 0.0, -1)
 REQ_PING = 4  # is the worker alive? it answers PONG at once (the daemon's fast Sync asks before answering)
-PING_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_PING, 0, 0, 0, 0.0)
+PING_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_PING, 0, 0, 0, 0.0, -1)
 PONG = 0xFFFFFFFF  # a result length word that is no result (a late pong is skipped)
 
 
@@ -159,7 +189,7 @@ class SliceResult:
     downloaded: int = 0
     errors: dict[StatusCode, int] = field(default_factory=dict)
     events: dict[str, int] = field(default_factory=dict)  # step capture's graph events ("replayed", ...)
-    replies: list[bytes | list[Any]] = field(default_factory=list)  # a frame, or a download's frames (bytes or Frame)
+    replies: list[bytes | SideChunk | list[Any]] = field(default_factory=list)  # a frame, a side chunk, or frames
     error_pending: bool = False  # an error waits for the next Sync (else the daemon may answer a Sync itself)
     partial: bool = False  # command `executed` (a big Get) sent a piece of its answer and must run again
 
@@ -189,6 +219,10 @@ def encode_result(r: SliceResult) -> list[bytes | memoryview]:
         frames = item if isinstance(item, list) else [item]
         parts.append(struct.pack("<BI", isinstance(item, list), len(frames)))
         for f in frames:
+            if isinstance(f, SideChunk):  # its bytes are in the download slot already
+                record = f.record()
+                parts += (struct.pack("<I", len(record) | SIDE), record)
+                continue
             parts.append(struct.pack("<I", len(f)))
             if isinstance(f, protocol.Frame):  # written (or sent) from the tensor's memory: no join
                 parts += (f.head, f.data)
@@ -198,8 +232,9 @@ def encode_result(r: SliceResult) -> list[bytes | memoryview]:
     return [struct.pack("<I", body_len), *parts]
 
 
-def decode_result(body: bytes | bytearray | memoryview, commands: int) -> SliceResult:
-    """Parse a worker's result; raises ValueError on anything malformed or impossible."""
+def decode_result(body: bytes | bytearray | memoryview, commands: int, slot: memoryview | None = None) -> SliceResult:
+    """Parse a worker's result; raises ValueError on anything malformed or impossible. `slot`: the download
+    slot the slice was given; side chunks (`SideChunk`) must lie inside it, in order, without overlapping."""
     view = memoryview(body)
     executed, seconds, used, ops, handles, up, down, n_err, n_ev, n_rep, flags = _RES.unpack_from(view, 0)
     if executed > commands or not 0.0 <= seconds < 1e6 or min(used, ops, handles, up, down) < 0:
@@ -217,17 +252,25 @@ def decode_result(body: bytes | bytearray | memoryview, commands: int) -> SliceR
         pos += 5 + length
         if name in GRAPH_EVENTS:
             events[name] = min(n, executed)
-    replies: list[bytes | list[bytes]] = []
+    replies: list[Any] = []
+    slot_end = 0
     for _ in range(n_rep):
         is_list, count = struct.unpack_from("<BI", view, pos)
         pos += 5
-        frames = []
+        frames: list[Any] = []
         for _ in range(count):
             (length,) = struct.unpack_from("<I", view, pos)
             pos += 4
+            side = bool(length & SIDE)
+            length &= ~SIDE
             if pos + length > len(view):
                 raise ValueError("reply runs past the result's end")
-            frames.append(bytes(view[pos : pos + length]))
+            if side:
+                chunk = _side_chunk(view[pos : pos + length], slot, slot_end)
+                slot_end = chunk.at + chunk.size
+                frames.append(chunk)
+            else:
+                frames.append(bytes(view[pos : pos + length]))
             pos += length
         replies.append(frames if is_list else frames[0])
     partial = bool(flags & _PARTIAL)
@@ -240,6 +283,25 @@ def decode_result(body: bytes | bytearray | memoryview, commands: int) -> SliceR
     return SliceResult(
         executed, seconds, used, ops, handles, up, down, errors, events, replies, bool(flags & _ERROR_PENDING), partial
     )
+
+
+def _side_chunk(record: memoryview, slot: memoryview | None, start: int) -> SideChunk:
+    """A side chunk record of a worker's result, its data a view of the slot (checked: inside it, after
+    `start`, and the meta a TensorMeta); raises ValueError otherwise."""
+    if slot is None or not _SIDE.size <= len(record) <= _SIDE.size + 4096:  # a TensorMeta is never kilobytes
+        raise ValueError("a malformed side chunk, or one without a download slot")
+    rid, offset, last, at, size = _SIDE.unpack_from(record, 0)
+    if not (start <= at and 0 < size and at + size <= len(slot) and offset >= 0 and rid > 0):
+        raise ValueError(f"a side chunk of {size} bytes at {at} outside its download slot")
+    meta = bytes(record[_SIDE.size :]) or None
+    if meta is not None:
+        try:
+            tensor_pb2.TensorMeta.FromString(meta)
+        except DecodeError:
+            raise ValueError("a side chunk with a malformed TensorMeta") from None
+    chunk = SideChunk(rid, meta, offset, bool(last), at, size)
+    chunk.data = slot[at : at + size]
+    return chunk
 
 
 # ---- running a slice (inside the worker, or in-thread) ----
@@ -303,7 +365,7 @@ def run_commands(
             item = item.SerializeToString()
         if isinstance(item, list):
             produced[0] += sum(len(b) for b in item)
-            views[0] = views[0] or any(isinstance(b, protocol.Frame) for b in item)
+            views[0] = views[0] or any(isinstance(b, protocol.Frame | SideChunk) for b in item)
         else:
             produced[0] += len(item)
         replies.append(item)

@@ -16,8 +16,9 @@ import select
 import socket
 import struct
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -33,7 +34,12 @@ log = logging.getLogger(__name__)
 # megabytes: one memcpy each way instead of a socket's many small copies and wake-ups).
 DATA_AT = 4096
 DATA_BYTES = bulk.SLICE_BYTES  # a slice of four 4 MiB upload chunks, or a download piece of four
-SHARED_BYTES = DATA_AT + DATA_BYTES
+# Behind it, two download slots (slices.SideChunk): a bulk Get's piece is written into a free one and sent on
+# the side socket from there, while the worker writes the next piece into the other.
+SLOTS_AT = DATA_AT + DATA_BYTES
+SLOT_BYTES = bulk.PIECE_BYTES
+SLOTS = 2
+SHARED_BYTES = SLOTS_AT + SLOTS * SLOT_BYTES
 
 
 @dataclass(frozen=True)
@@ -162,13 +168,18 @@ class ProcessRunner:
         self.pid = pid
         self._sock = sock
         self._progress = progress
-        self._data = memoryview(progress)[DATA_AT:SHARED_BYTES]
+        self._data = memoryview(progress)[DATA_AT:SLOTS_AT]
+        self._slots = [memoryview(progress)[SLOTS_AT + k * SLOT_BYTES :][:SLOT_BYTES] for k in range(SLOTS)]
+        self._slot_users = [0] * SLOTS  # side chunks of each slot not yet sent (released by the stream's writer)
+        self._slot_lock = threading.Lock()
         self._max_reply = max_reply
         self._closed = False
 
     def run(self, req: SliceRequest, commands: int, parts: Sequence[memoryview] = ()) -> SliceResult:
         if self._closed:
             raise WorkerDied("the session's worker was stopped")
+        with self._slot_lock:
+            req.slot = next((k for k in range(SLOTS) if not self._slot_users[k]), -1)
         try:
             size = sum(len(p) for p in parts)
             if parts and size <= DATA_BYTES:
@@ -186,15 +197,39 @@ class ProcessRunner:
                 length &= ~slices.SHARED
                 if length > DATA_BYTES:
                     raise WorkerDied(f"the session's worker claims a {length} byte result in its shared buffer")
-                return slices.decode_result(self._data[:length], commands)
+                return self._hold_slot(req.slot, slices.decode_result(self._data[:length], commands, self._slot(req)))
             if length > self._max_reply + max(0, req.reply_room):
                 raise WorkerDied(f"the session's worker sent a {length} byte result (more than it may)")
             body = _recv_exact(self._sock, length)
-            return slices.decode_result(body, commands)
+            return self._hold_slot(req.slot, slices.decode_result(body, commands, self._slot(req)))
         except (OSError, EOFError) as exc:
             raise WorkerDied(f"the session's worker stopped answering ({type(exc).__name__})") from None
         except (ValueError, struct.error) as exc:
             raise WorkerDied(f"the session's worker sent a malformed result: {exc}") from None
+
+    def _slot(self, req: SliceRequest) -> memoryview | None:
+        return self._slots[req.slot] if req.slot >= 0 else None
+
+    def _hold_slot(self, k: int, res: SliceResult) -> SliceResult:
+        """Count the result's side chunks as users of slot `k` (it is given to no slice until they are sent)."""
+        chunks: list[slices.SideChunk] = [f for f in res.replies if isinstance(f, slices.SideChunk)]
+        if chunks:
+            with self._slot_lock:
+                self._slot_users[k] += len(chunks)
+            for chunk in chunks:
+                chunk.release = self._releaser(k)
+        return res
+
+    def _releaser(self, k: int) -> Callable[[], None]:
+        done = [False]
+
+        def release() -> None:
+            with self._slot_lock:
+                if not done[0]:
+                    done[0] = True
+                    self._slot_users[k] -= 1
+
+        return release
 
     def alive(self, timeout: float = 1.0) -> bool:
         """Whether the (idle) worker answers a ping: a worker that died, or has a fatal signal pending, never
@@ -242,7 +277,10 @@ class ProcessRunner:
             pass
         self._sock.close()
         self._data.release()
-        self._progress.close()
+        try:
+            self._progress.close()
+        except BufferError:  # side chunks not yet sent still view a slot: the mapping goes with the last of them
+            pass
 
 
 # Task flags (/proc/PID/stat field 9) of a task on its way out: exiting, dumping core, killed by a signal.
@@ -313,7 +351,8 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     log.debug("session %d worker %d sandbox: %s; missing: %s", spec.number, os.getpid(), report.applied, report.missing)
     progress = mmap.mmap(progress_fd, SHARED_BYTES)
     os.close(progress_fd)
-    data = memoryview(progress)[DATA_AT:SHARED_BYTES]
+    data = memoryview(progress)[DATA_AT:SLOTS_AT]
+    slots = [memoryview(progress)[SLOTS_AT + k * SLOT_BYTES :][:SLOT_BYTES] for k in range(SLOTS)]
 
     def mark(i: int) -> None:
         struct.pack_into("<i", progress, 0, i)
@@ -334,7 +373,10 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
         if req is None:
             return 0
         start = time.perf_counter()
+        state.executor.side_slot = slots[req.slot] if 0 <= req.slot < SLOTS else None
+        state.executor.side_used = 0
         result = state.run(req, mark)
+        state.executor.side_slot = None
         log.debug("slice of %d commands in %.6f s", result.executed, time.perf_counter() - start)
         parts = slices.encode_result(result)[1:]  # without its length word
         size = sum(len(p) for p in parts)

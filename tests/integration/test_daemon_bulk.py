@@ -298,3 +298,26 @@ def test_a_stalled_upload_holds_no_other_session(bulk_daemon: Any) -> None:
     while bulk_daemon.running.daemon.session_list() and time.time() < deadline:
         time.sleep(0.05)
     assert bulk_daemon.running.daemon.session_list() == []
+
+
+def test_a_stalled_download_holds_no_other_session(bulk_daemon: Any) -> None:
+    """Session A asks for a 64 MiB download over the side socket and never reads it: its two download slots
+    (server/worker.py) fill, its writer blocks on its own socket and its worker is parked by its reply bound,
+    while session B on the same device moves big transfers both ways; A's Detach then ends it all."""
+    a = Session.attach(bulk_daemon.address, bulk_daemon.token(lease_id="stalled"))
+    try:
+        h = a.upload(_bits(64 * MiB, seed=9))
+        a.sync()
+        get = device_pb2.Get(handle=h, request_id=77, bulk=True)
+        a._put(device_pb2.ClientFrame(commands=[device_pb2.Command(get=get)]).SerializeToString())
+        time.sleep(0.5)
+        with Session.attach(bulk_daemon.address, bulk_daemon.token(lease_id="busy")) as b:
+            for seed in range(3):
+                big = _bits(40 * MiB, seed=seed)  # three pieces: both of B's own slots and one more
+                assert torch.equal(b.download(b.upload(big)), big)
+    finally:
+        a.close()
+    deadline = time.time() + 10
+    while bulk_daemon.running.daemon.session_list() and time.time() < deadline:
+        time.sleep(0.05)
+    assert bulk_daemon.running.daemon.session_list() == []
