@@ -271,12 +271,24 @@ def gpupool_figures(address: str, token: str, size: int, ops: int, syncs: int) -
             s.call("aten::add.Tensor", a, a, outputs=[out])
         s.sync()
         op_rate = ops / (time.perf_counter() - t0)
-        rtts = []
+        rtts, items = [], []
         for _ in range(syncs):
             t0 = time.perf_counter()
             s.sync()
             rtts.append(time.perf_counter() - t0)
-    return {"up": up, "down": down, "ops": op_rate, "p50": percentile(rtts, 0.5), "p99": percentile(rtts, 0.99)}
+        for _ in range(syncs):  # what `loss.item()` pays: a Sync that asks for one scalar (a slice on the worker)
+            t0 = time.perf_counter()
+            s.sync([int(a)])
+            items.append(time.perf_counter() - t0)
+    return {
+        "up": up,
+        "down": down,
+        "ops": op_rate,
+        "p50": percentile(rtts, 0.5),
+        "p99": percentile(rtts, 0.99),
+        "item_p50": percentile(items, 0.5),
+        "item_p99": percentile(items, 0.99),
+    }
 
 
 def transfer_figures(address: str, token: str, size: int) -> dict[str, float]:
@@ -383,6 +395,7 @@ def isolation_cost(args: argparse.Namespace) -> int:
         (f"download {args.size_mib} MiB (GB/s)", "down", 1.0),
         ("sync round trip p50 (us)", "p50", 1e6),
         ("sync round trip p99 (us)", "p99", 1e6),
+        (".item() round trip p50 (us)", "item_p50", 1e6),
         (f"{args.ops} tiny adds + 1 sync (ops/s)", "ops", 1.0),
     ):
         print(f"{name:<34}{t[key_] * scale:>12.3f}{p[key_] * scale:>12.3f}{p[key_] / t[key_]:>16.2f}")
@@ -391,7 +404,9 @@ def isolation_cost(args: argparse.Namespace) -> int:
 
 def against(args: argparse.Namespace) -> int:
     """This tree's daemon next to another checkout's (--against DIR, run by --against-python), side by side:
-    the same client, alternating sessions (transfers) and blocks of 50 syncs, medians and this/other ratios."""
+    the same client, alternating sessions (transfers and tiny-op throughput) and blocks of 50 syncs and 50
+    `.item()` syncs (one scalar), medians and this/other ratios."""
+    import torch
     from gpupool.client.session import Session
 
     from gpupool import tokens
@@ -406,23 +421,26 @@ def against(args: argparse.Namespace) -> int:
         }
         figures: dict[str, list[dict[str, float]]] = {k: [] for k in daemons}
         rtts: dict[str, list[float]] = {k: [] for k in daemons}
+        items: dict[str, list[float]] = {k: [] for k in daemons}  # Syncs with one scalar: `.item()`
         try:
             for i in range(args.repeat):
                 for name in daemons if i % 2 == 0 else reversed(list(daemons)):
                     claims = tokens.TokenClaims(f"{name}-{i}", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
-                    figures[name].append(gpupool_figures(daemons[name][1], tokens.mint(key, claims), size, 1, 1))
+                    figures[name].append(gpupool_figures(daemons[name][1], tokens.mint(key, claims), size, args.ops, 1))
                 print(f"transfers {i + 1}/{args.repeat} done", file=sys.stderr)
-            sessions = {}
+            sessions, scalars = {}, {}
             for name, (_, address) in daemons.items():
                 claims = tokens.TokenClaims(f"{name}-syncs", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
                 sessions[name] = Session.attach(address, tokens.mint(key, claims))
+                scalars[name] = [sessions[name].upload(torch.ones(()))]
                 sessions[name].sync()
             for block in range(max(1, args.syncs // 50)):
                 for name in sessions if block % 2 == 0 else reversed(list(sessions)):
-                    for _ in range(50):
-                        t0 = time.perf_counter()
-                        sessions[name].sync()
-                        rtts[name].append(time.perf_counter() - t0)
+                    for times, handles in ((rtts[name], []), (items[name], scalars[name])):
+                        for _ in range(50):
+                            t0 = time.perf_counter()
+                            sessions[name].sync(handles)
+                            times.append(time.perf_counter() - t0)
             for session in sessions.values():
                 session.close()
         finally:
@@ -437,8 +455,11 @@ def against(args: argparse.Namespace) -> int:
     print(f"{'metric':<34}{'other':>12}{'this':>12}{'this/other':>12}")
     for name, k in ((f"upload {args.size_mib} MiB (GB/s)", "up"), (f"download {args.size_mib} MiB (GB/s)", "down")):
         print(f"{name:<34}{o[k]:>12.3f}{t[k]:>12.3f}{t[k] / o[k]:>12.2f}")
-    po, pt = statistics.median(rtts["other"]) * 1e6, statistics.median(rtts["this"]) * 1e6
-    print(f"{'sync round trip p50 (us)':<34}{po:>12.0f}{pt:>12.0f}{pt / po:>12.2f}")
+    for name, times in (("sync round trip p50 (us)", rtts), (".item() round trip p50 (us)", items)):
+        po, pt = statistics.median(times["other"]) * 1e6, statistics.median(times["this"]) * 1e6
+        print(f"{name:<34}{po:>12.0f}{pt:>12.0f}{pt / po:>12.2f}")
+    name = f"{args.ops} tiny adds + 1 sync (ops/s)"
+    print(f"{name:<34}{o['ops']:>12.0f}{t['ops']:>12.0f}{t['ops'] / o['ops']:>12.2f}")
     return 0
 
 
@@ -522,7 +543,11 @@ def report(args: argparse.Namespace, m: dict[str, dict[str, float]]) -> None:
             (f"download {args.size_mib} MiB (GB/s)", "down", "down", 1.0),
             ("sync round trip p50 (us)", "p50", "stream_p50", us),
             ("sync round trip p99 (us)", "p99", "stream_p99", us),
+            (".item() round trip p50 (us)", "item_p50", "stream_p50", us),
         ):
+            if key not in t:  # the raw floors have no .item()
+                print(f"{name:<34}{g[key] * scale:>10.3f}{'':>10}{r[rkey] * scale:>10.3f}{g[key] / r[rkey]:>8.2f}")
+                continue
             print(
                 f"{name:<34}{g[key] * scale:>10.3f}{t[key] * scale:>10.3f}{r[rkey] * scale:>10.3f}"
                 f"{g[key] / r[rkey]:>8.2f}{g[key] / t[key]:>10.2f}{g[key] / tcp[key]:>10.2f}"
