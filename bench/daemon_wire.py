@@ -363,6 +363,19 @@ def start_daemon(
     raise RuntimeError("gpupool serve did not start")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds its live threads have run so far, to the nanosecond (the scheduler's own count in
+    /proc/PID/task/*/schedstat; /proc/PID/stat's ticks are too coarse for blocks of 50 round trips)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that ended meanwhile
+    return total / 1e9
+
+
 def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
@@ -422,6 +435,7 @@ def against(args: argparse.Namespace) -> int:
         figures: dict[str, list[dict[str, float]]] = {k: [] for k in daemons}
         rtts: dict[str, list[float]] = {k: [] for k in daemons}
         items: dict[str, list[float]] = {k: [] for k in daemons}  # Syncs with one scalar: `.item()`
+        cpu = {k: {"sync": 0.0, "item": 0.0} for k in daemons}  # the daemon process's CPU seconds over them
         try:
             for i in range(args.repeat):
                 for name in daemons if i % 2 == 0 else reversed(list(daemons)):
@@ -436,11 +450,13 @@ def against(args: argparse.Namespace) -> int:
                 sessions[name].sync()
             for block in range(max(1, args.syncs // 50)):
                 for name in sessions if block % 2 == 0 else reversed(list(sessions)):
-                    for times, handles in ((rtts[name], []), (items[name], scalars[name])):
+                    for kind, times, handles in (("sync", rtts[name], []), ("item", items[name], scalars[name])):
+                        c0 = cpu_seconds(daemons[name][0].pid)
                         for _ in range(50):
                             t0 = time.perf_counter()
                             sessions[name].sync(handles)
                             times.append(time.perf_counter() - t0)
+                        cpu[name][kind] += cpu_seconds(daemons[name][0].pid) - c0
             for session in sessions.values():
                 session.close()
         finally:
@@ -460,6 +476,11 @@ def against(args: argparse.Namespace) -> int:
         print(f"{name:<34}{po:>12.0f}{pt:>12.0f}{pt / po:>12.2f}")
     name = f"{args.ops} tiny adds + 1 sync (ops/s)"
     print(f"{name:<34}{o['ops']:>12.0f}{t['ops']:>12.0f}{t['ops'] / o['ops']:>12.2f}")
+    n = len(rtts["this"]) / 1e6
+    for name, kind in (("daemon CPU per sync (us)", "sync"), ("daemon CPU per .item() (us)", "item")):
+        co, ct = cpu["other"][kind] / n, cpu["this"][kind] / n
+        print(f"{name:<34}{co:>12.0f}{ct:>12.0f}{ct / co if co else 0.0:>12.2f}")
+    print("(daemon CPU: what its process's threads ran, not its session workers')")
     return 0
 
 
