@@ -271,12 +271,24 @@ def gpupool_figures(address: str, token: str, size: int, ops: int, syncs: int) -
             s.call("aten::add.Tensor", a, a, outputs=[out])
         s.sync()
         op_rate = ops / (time.perf_counter() - t0)
-        rtts = []
+        rtts, items = [], []
         for _ in range(syncs):
             t0 = time.perf_counter()
             s.sync()
             rtts.append(time.perf_counter() - t0)
-    return {"up": up, "down": down, "ops": op_rate, "p50": percentile(rtts, 0.5), "p99": percentile(rtts, 0.99)}
+        for _ in range(syncs):  # what `loss.item()` pays: a Sync that asks for one scalar (a slice on the worker)
+            t0 = time.perf_counter()
+            s.sync([int(a)])
+            items.append(time.perf_counter() - t0)
+    return {
+        "up": up,
+        "down": down,
+        "ops": op_rate,
+        "p50": percentile(rtts, 0.5),
+        "p99": percentile(rtts, 0.99),
+        "item_p50": percentile(items, 0.5),
+        "item_p99": percentile(items, 0.99),
+    }
 
 
 def tree_cpu(pid: int) -> float:
@@ -390,6 +402,19 @@ def start_daemon(
     raise RuntimeError("gpupool serve did not start")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds its live threads have run so far, to the nanosecond (the scheduler's own count in
+    /proc/PID/task/*/schedstat; /proc/PID/stat's ticks are too coarse for blocks of 50 round trips)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that ended meanwhile
+    return total / 1e9
+
+
 def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
@@ -422,6 +447,7 @@ def isolation_cost(args: argparse.Namespace) -> int:
         (f"download {args.size_mib} MiB (GB/s)", "down", 1.0),
         ("sync round trip p50 (us)", "p50", 1e6),
         ("sync round trip p99 (us)", "p99", 1e6),
+        (".item() round trip p50 (us)", "item_p50", 1e6),
         (f"{args.ops} tiny adds + 1 sync (ops/s)", "ops", 1.0),
     ):
         print(f"{name:<34}{t[key_] * scale:>12.3f}{p[key_] * scale:>12.3f}{p[key_] / t[key_]:>16.2f}")
@@ -430,7 +456,9 @@ def isolation_cost(args: argparse.Namespace) -> int:
 
 def against(args: argparse.Namespace) -> int:
     """This tree's daemon next to another checkout's (--against DIR, run by --against-python), side by side:
-    the same client, alternating sessions (transfers) and blocks of 50 syncs, medians and this/other ratios."""
+    the same client, alternating sessions (transfers and tiny-op throughput) and blocks of 50 syncs and 50
+    `.item()` syncs (one scalar), medians and this/other ratios."""
+    import torch
     from gpupool.client.session import Session
 
     from gpupool import tokens
@@ -447,6 +475,8 @@ def against(args: argparse.Namespace) -> int:
         }
         figures: dict[str, list[dict[str, float]]] = {k: [] for k in daemons}
         rtts: dict[str, list[float]] = {k: [] for k in daemons}
+        items: dict[str, list[float]] = {k: [] for k in daemons}  # Syncs with one scalar: `.item()`
+        cpu = {k: {"sync": 0.0, "item": 0.0} for k in daemons}  # the daemon process's CPU seconds over them
         try:
             for i in range(args.repeat):
                 for name in daemons if i % 2 == 0 else reversed(list(daemons)):
@@ -455,19 +485,23 @@ def against(args: argparse.Namespace) -> int:
                     if args.bulk:
                         figures[name].append(transfer_figures(daemons[name][1], token, size, daemons[name][0].pid))
                     else:
-                        figures[name].append(gpupool_figures(daemons[name][1], token, size, 1, 1))
+                        figures[name].append(gpupool_figures(daemons[name][1], token, size, args.ops, 1))
                 print(f"transfers {i + 1}/{args.repeat} done", file=sys.stderr)
-            sessions = {}
+            sessions, scalars = {}, {}
             for name, (_, address) in daemons.items():
                 claims = tokens.TokenClaims(f"{name}-syncs", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
                 sessions[name] = Session.attach(address, tokens.mint(key, claims))
+                scalars[name] = [sessions[name].upload(torch.ones(()))]
                 sessions[name].sync()
             for block in range(max(1, args.syncs // 50)):
                 for name in sessions if block % 2 == 0 else reversed(list(sessions)):
-                    for _ in range(50):
-                        t0 = time.perf_counter()
-                        sessions[name].sync()
-                        rtts[name].append(time.perf_counter() - t0)
+                    for kind, times, handles in (("sync", rtts[name], []), ("item", items[name], scalars[name])):
+                        c0 = cpu_seconds(daemons[name][0].pid)
+                        for _ in range(50):
+                            t0 = time.perf_counter()
+                            sessions[name].sync(handles)
+                            times.append(time.perf_counter() - t0)
+                        cpu[name][kind] += cpu_seconds(daemons[name][0].pid) - c0
             for session in sessions.values():
                 session.close()
         finally:
@@ -487,8 +521,17 @@ def against(args: argparse.Namespace) -> int:
         for k in ("up_daemon_cpu", "down_daemon_cpu", "up_client_cpu", "down_client_cpu"):
             name = k.replace("_cpu", "").replace("_", " ") + " CPU (s/GiB)"
             print(f"{name:<34}{o[k]:>12.3f}{t[k]:>12.3f}{t[k] / o[k]:>12.2f}")
-    po, pt = statistics.median(rtts["other"]) * 1e6, statistics.median(rtts["this"]) * 1e6
-    print(f"{'sync round trip p50 (us)':<34}{po:>12.0f}{pt:>12.0f}{pt / po:>12.2f}")
+    for name, times in (("sync round trip p50 (us)", rtts), (".item() round trip p50 (us)", items)):
+        po, pt = statistics.median(times["other"]) * 1e6, statistics.median(times["this"]) * 1e6
+        print(f"{name:<34}{po:>12.0f}{pt:>12.0f}{pt / po:>12.2f}")
+    if not args.bulk:
+        name = f"{args.ops} tiny adds + 1 sync (ops/s)"
+        print(f"{name:<34}{o['ops']:>12.0f}{t['ops']:>12.0f}{t['ops'] / o['ops']:>12.2f}")
+    n = len(rtts["this"]) / 1e6
+    for name, kind in (("daemon CPU per sync (us)", "sync"), ("daemon CPU per .item() (us)", "item")):
+        co, ct = cpu["other"][kind] / n, cpu["this"][kind] / n
+        print(f"{name:<34}{co:>12.0f}{ct:>12.0f}{ct / co if co else 0.0:>12.2f}")
+    print("(daemon CPU: what its process's threads ran, not its session workers')")
     return 0
 
 
@@ -573,7 +616,11 @@ def report(args: argparse.Namespace, m: dict[str, dict[str, float]]) -> None:
             (f"download {args.size_mib} MiB (GB/s)", "down", "down", 1.0),
             ("sync round trip p50 (us)", "p50", "stream_p50", us),
             ("sync round trip p99 (us)", "p99", "stream_p99", us),
+            (".item() round trip p50 (us)", "item_p50", "stream_p50", us),
         ):
+            if key not in t:  # the raw floors have no .item()
+                print(f"{name:<34}{g[key] * scale:>10.3f}{'':>10}{r[rkey] * scale:>10.3f}{g[key] / r[rkey]:>8.2f}")
+                continue
             print(
                 f"{name:<34}{g[key] * scale:>10.3f}{t[key] * scale:>10.3f}{r[rkey] * scale:>10.3f}"
                 f"{g[key] / r[rkey]:>8.2f}{g[key] / t[key]:>10.2f}{g[key] / tcp[key]:>10.2f}"

@@ -4,7 +4,8 @@
 loaded from --against DIR under another module name) under one daemon of this tree, so a change to how the
 client waits for a reply is measured side by side: blocks of 50 lone syncs alternate between a session of each
 client, and the medians and their ratio are printed. A bare gRPC stream ping-pong (the floor of
-bench/daemon_wire.py) is measured in the same blocks, so each client's ratio to it comes out of one run too.
+bench/daemon_wire.py) is measured in the same blocks, so each client's ratio to it comes out of one run too, and
+so is the client's CPU time per call (its calling thread, and its whole process with gRPC's threads).
 
     nice python bench/sync_client.py --against /work/main [--syncs 2000] [--tls]
 
@@ -94,14 +95,17 @@ def main(argv: list[str] | None = None) -> int:
                 sessions[name].sync()
             calls = {"other": sessions["other"].sync, "this": sessions["this"].sync, "floor": ping}
             rtts: dict[str, list[float]] = {k: [] for k in calls}
+            cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in calls}  # per call: this thread, the process
             for block in range(max(1, args.syncs // BLOCK)):
                 names = list(calls)
                 for name in names[block % 3 :] + names[: block % 3]:
                     call = calls[name]
+                    c0, p0 = time.thread_time(), time.process_time()
                     for _ in range(BLOCK):
                         t0 = time.perf_counter()
                         call()
                         rtts[name].append(time.perf_counter() - t0)
+                    cpu[name].append(((time.thread_time() - c0) / BLOCK, (time.process_time() - p0) / BLOCK))
             for s in sessions.values():
                 s.close()
             close_floor()
@@ -119,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'other':>10}{'this':>10}{'this/other':>12}{'floor':>10}{'other/floor':>13}{'this/floor':>12}")
     o, t, f = med["other"], med["this"], med["floor"]
     print(f"{o:>10.0f}{t:>10.0f}{t / o:>12.2f}{f:>10.0f}{o / f:>13.2f}{t / f:>12.2f}")
+    print("client CPU per call (us, medians of blocks): the calling thread / the whole client process (gRPC's too)")
+    for name in calls:
+        th = statistics.median(c for c, _ in cpu[name]) * 1e6
+        pr = statistics.median(p for _, p in cpu[name]) * 1e6
+        print(f"{name:>10}{th:>10.1f}{pr:>10.1f}")
     return 0
 
 

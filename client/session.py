@@ -89,12 +89,25 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def _read_frame(raw: bytes) -> device_pb2.ServerFrame | _Chunk:
+@dataclass
+class _Synced:
+    """An empty SyncReply (`protocol.sync_reply`, what every Sync without scalars or errors gets), read by hand."""
+
+    request_id: int
+
+
+_EMPTY_SYNC = device_pb2.SyncReply()
+
+
+def _read_frame(raw: bytes) -> device_pb2.ServerFrame | _Chunk | _Synced:
     """A reply frame: download chunks in the shape the daemon writes them (request id, then one TensorChunk)
-    are read by hand, leaving their 4 MiB of data where gRPC put it; anything else is parsed by protobuf."""
+    are read by hand, leaving their 4 MiB of data where gRPC put it, and so are empty sync replies (the bytes
+    compared whole); anything else is parsed by protobuf."""
     try:
         rid, i = _varint(raw, 1) if raw[:1] == b"\x08" else (0, 0)
         if raw[i] != 0x1A:
+            if i + 2 == len(raw) and raw == protocol.sync_reply(rid):
+                return _Synced(rid)
             return device_pb2.ServerFrame.FromString(raw)
         length, i = _varint(raw, i + 1)
         if i + length != len(raw):
@@ -153,7 +166,9 @@ class Handle(int):
 
 class _Waiter:
     def __init__(self) -> None:
-        self.done = threading.Event()
+        # Set once, by whichever thread reads the reply; nobody blocks on it (waiting threads read replies
+        # themselves and look at it after each one), so a flag does, not an Event (a Condition and a lock).
+        self.done = False
         self.reply: device_pb2.SyncReply | None = None
         self.error: GpupoolError | None = None
         self.tensor: torch.Tensor | None = None
@@ -175,7 +190,7 @@ class _Waiter:
                 return
             self._bytes[c.offset : c.offset + len(data)] = data
         if c.last:
-            self.done.set()
+            self.done = True
 
     def bulk_chunk(self, request_id: int, c: device_pb2.TensorChunk, side: bulk.BulkSocket) -> None:
         """A chunk announced on the stream whose `bulk_bytes` follow on the side socket: read them into the
@@ -192,12 +207,12 @@ class _Waiter:
         if not fits:
             self.fail(InvalidArgument("download chunk past the tensor's end (or before its metadata)"))
         elif c.last:
-            self.done.set()
+            self.done = True
 
     def fail(self, exc: GpupoolError) -> None:
-        if not self.done.is_set():
+        if not self.done:
             self.error = exc
-            self.done.set()
+            self.done = True
 
 
 class Session:
@@ -425,8 +440,13 @@ class Session:
 
     def sync(self, scalar_handles: Sequence[int] = ()) -> list[bool | int | float | complex]:
         """Wait for everything sent so far; raise the first error since the last sync; return scalar values."""
-        rid, w = self._request(device_pb2.Command(sync=device_pb2.Sync(scalar_handles=list(scalar_handles))))
+        if scalar_handles:
+            rid, w = self._request(device_pb2.Command(sync=device_pb2.Sync(scalar_handles=list(scalar_handles))))
+        else:
+            rid, w = self._request_sync()
         self._wait(rid, w)
+        if w.reply is _EMPTY_SYNC:
+            return []
         assert w.reply is not None
         if w.reply.HasField("error"):
             raise from_failure(w.reply.error)
@@ -512,16 +532,29 @@ class Session:
             self.flush()
         return rid, w
 
+    def _request_sync(self) -> tuple[int, _Waiter]:
+        """A Sync without scalars: with nothing batched before it, its frame is `protocol.sync_frame`'s bytes
+        (what protobuf would write; the daemon answers it on its fast path), built without protobuf."""
+        with self._lock:
+            if self._eager or self._sealed or len(self._frame.commands):
+                return self._request(device_pb2.Command(sync=device_pb2.Sync()))
+            w = _Waiter()
+            rid = next(self._requests)
+            with self._wlock:
+                self._waiters[rid] = w
+            self._put(protocol.sync_frame(rid))
+        return rid, w
+
     def _wait(self, rid: int, w: _Waiter) -> None:
         """Read the reply stream in this thread until `w` is answered: no reader thread hands the reply over (a
         thread wake-up per round trip). Whoever waits reads, one thread at a time, and files every reply it
         meets with its own waiter; another waiting thread takes over when this one is done."""
         try:
-            while not w.done.is_set():
+            while not w.done:
                 if not self._rlock.acquire(timeout=0.25):
                     continue
                 try:
-                    while not w.done.is_set():
+                    while not w.done:
                         self._read_one()
                 finally:
                     self._rlock.release()
@@ -572,6 +605,11 @@ class Session:
     def _file(self, frame: Any) -> None:
         with self._wlock:
             w = self._waiters.get(frame.request_id)
+        if type(frame) is _Synced:
+            if w is not None:
+                w.reply = _EMPTY_SYNC
+                w.done = True
+            return
         if self._side is not None and not isinstance(frame, _Chunk) and frame.chunk.bulk_bytes:
             (w or _Waiter()).bulk_chunk(frame.request_id, frame.chunk, self._side)  # keeps the socket in step
             return
@@ -583,7 +621,7 @@ class Session:
         kind = frame.WhichOneof("reply")
         if kind == "sync":
             w.reply = frame.sync
-            w.done.set()
+            w.done = True
         elif kind == "chunk":
             if frame.chunk.bulk_bytes:  # never asked for: this session has no side socket
                 w.fail(Unavailable("the daemon sent a download's bytes to a bulk socket this session lacks"))

@@ -68,9 +68,14 @@ _FRAME_CHUNK_TAG = field_tag(_number(device_pb2.ServerFrame, "chunk"))
 _CHUNK_DATA_TAG = field_tag(_number(device_pb2.TensorChunk, "data"))
 
 
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
+
+
 def varint(n: int) -> bytes:
     """Protobuf base-128 varint, for frames hand-built around large bytes fields (one copy of the data instead
     of protobuf's three)."""
+    if 0 <= n < 0x80:  # lengths and ids of small frames (sync_frame, sync_reply): no loop
+        return _ONE_BYTE[n]
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)

@@ -40,6 +40,8 @@ class FairQueue:
         self._entries: list[Entry] = []
         self._vnow = 0.0
         self._stopped = False
+        self._claimed = False  # a slice runs outside the device's thread (`put_and_claim`): take() waits
+        self._idle_waiters = 0  # threads in wait_idle
         self.max_commands = max_commands
         self.max_bytes = max_bytes
 
@@ -86,26 +88,50 @@ class FairQueue:
             while True:
                 if self._stopped:
                     return None
-                ready = [e for e in self._entries if e.commands and not e.running and not e.blocked]
+                ready = [] if self._claimed else self._ready()
                 if ready:
                     break
                 self._cond.wait()
             entry = min(ready, key=lambda e: e.vtime)
-            self._vnow = max(self._vnow, entry.vtime)
-            taken: list[Any] = []
-            while entry.frames and len(taken) < max_commands:
-                frame = entry.frames[0]
-                cmds, i = frame[0], frame[1]
-                n = min(max_commands - len(taken), len(cmds) - i)
-                taken.extend(cmds[i : i + n])
-                frame[1] = i + n
-                if frame[1] >= len(cmds):
-                    entry.frames.popleft()
-                    entry.nbytes -= frame[2]
-            entry.commands -= len(taken)
-            entry.running = True
+            taken = self._pop(entry, max_commands)
             self._cond.notify_all()
             return entry, taken
+
+    def put_and_claim(self, entry: Entry, commands: list[Any], nbytes: int, max_commands: int) -> list[Any] | None:
+        """`put`, and when the device is idle (no slice runs, no other session waits to run: `take` would hand
+        this session's first slice out next anyway), pop that slice for the caller to run in its own thread
+        instead of waking the device's: the device stays claimed (`take` hands out nothing) until the caller's
+        `charge`. None: queued as by `put` (the device's thread runs it; False from `put` reads as [])."""
+        with self._cond:
+            idle = not (self._claimed or entry.closed or self._stopped or entry.blocked or entry.commands)
+            if idle and not any(e.running for e in self._entries) and not self._ready():
+                entry.vtime = max(entry.vtime, self._vnow)  # back from idle: no banked credit
+                entry.frames.append([commands, 0, nbytes])
+                entry.commands += len(commands)
+                entry.nbytes += nbytes
+                self._claimed = True
+                return self._pop(entry, max_commands)  # no notify: nothing for the device's thread to do
+        return None if self.put(entry, commands, nbytes) else []
+
+    def _ready(self) -> list[Entry]:
+        return [e for e in self._entries if e.commands and not e.running and not e.blocked]
+
+    def _pop(self, entry: Entry, max_commands: int) -> list[Any]:
+        """Pop up to `max_commands` of the entry's commands and mark it running (holding the condition)."""
+        self._vnow = max(self._vnow, entry.vtime)
+        taken: list[Any] = []
+        while entry.frames and len(taken) < max_commands:
+            frame = entry.frames[0]
+            cmds, i = frame[0], frame[1]
+            n = min(max_commands - len(taken), len(cmds) - i)
+            taken.extend(cmds[i : i + n])
+            frame[1] = i + n
+            if frame[1] >= len(cmds):
+                entry.frames.popleft()
+                entry.nbytes -= frame[2]
+        entry.commands -= len(taken)
+        entry.running = True
+        return taken
 
     def idle(self, entry: Entry) -> bool:
         """Whether everything the session queued has run (and its replies are in its outbox)."""
@@ -136,22 +162,32 @@ class FairQueue:
                 entry.blocked = False
                 self._cond.notify_all()
 
-    def charge(self, entry: Entry, seconds: float) -> None:
+    def charge(self, entry: Entry, seconds: float, claimed: bool = False) -> None:
+        """A slice of `entry` ended after `seconds`; `claimed`: it ran by `put_and_claim`, the device is free again."""
         with self._cond:
             entry.vtime += seconds / entry.share
             entry.running = False
-            self._cond.notify_all()
+            if not claimed:
+                self._cond.notify_all()
+                return
+            self._claimed = False
+            if self._ready() or self._idle_waiters:  # else no one waits for this: the device's thread sleeps on
+                self._cond.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every queue is empty and nothing runs (draining); False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while any(e.commands or e.running for e in self._entries):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-            return True
+            self._idle_waiters += 1
+            try:
+                while any(e.commands or e.running for e in self._entries):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(left)
+                return True
+            finally:
+                self._idle_waiters -= 1
 
     def stop(self) -> None:
         with self._cond:

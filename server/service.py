@@ -9,7 +9,6 @@ with INVALID_ARGUMENT instead of an opaque deserialization failure. Handlers rai
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -125,16 +124,21 @@ class DeviceServicer:
             s.outbox.put(END_OF_STREAM)
 
     def _replies(self, s: FrontSession, context: grpc.ServicerContext) -> Iterator[device_pb2.ServerFrame | bytes]:
+        """Hand the session's replies to gRPC as they come, in order. The wait is untimed: a client that goes
+        away (a cancelled or broken RPC) wakes it through gRPC's termination callback, which queues the end."""
+        if not context.add_callback(lambda: s.outbox.put(END_OF_STREAM)):
+            return  # the RPC already ended
         while True:
-            try:
-                item: Any = s.outbox.get(timeout=1.0)
-            except queue.Empty:
-                if not context.is_active():
-                    return
-                continue
-            if item is END_OF_STREAM:
+            item: Any = s.outbox.get()
+            if type(item) is bytes:  # most replies: a serialized frame (a sync's answer, a download chunk)
+                if s.bulk is None:
+                    yield item
+                else:
+                    yield from _send(s, item)
+                self.daemon.replied(s, item)
+            elif item is END_OF_STREAM:
                 return
-            if isinstance(item, bytes):
+            elif isinstance(item, bytes):
                 yield from _send(s, item)
                 self.daemon.replied(s, item)
             elif isinstance(item, slices.SideChunk):

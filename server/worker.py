@@ -174,6 +174,11 @@ class ProcessRunner:
         self._slot_lock = threading.Lock()
         self._max_reply = max_reply
         self._closed = False
+        # idle()'s two probes, made once: a poller of the socket and the worker's /proc stat file, held open (a
+        # pread of it is half the cost of open, read, close; it names this process even once its pid is reused)
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLIN)
+        self._stat_fd = -1
 
     def run(self, req: SliceRequest, commands: int, parts: Sequence[memoryview] = ()) -> SliceResult:
         if self._closed:
@@ -256,11 +261,11 @@ class ProcessRunner:
         if self._closed:
             return False
         try:
-            poller = select.poll()
-            poller.register(self._sock, select.POLLIN)
-            if poller.poll(0):
+            if self._poller.poll(0):
                 return False  # end of stream (a dead worker), or a late pong
-            return _quiet(self.pid)
+            if self._stat_fd < 0:
+                self._stat_fd = os.open(f"/proc/{self.pid}/stat", os.O_RDONLY)
+            return _quiet_stat(self._stat_fd)
         except (OSError, ValueError):
             return False
 
@@ -281,6 +286,9 @@ class ProcessRunner:
             self._progress.close()
         except BufferError:  # side chunks not yet sent still view a slot: the mapping goes with the last of them
             pass
+        if self._stat_fd >= 0:
+            os.close(self._stat_fd)
+            self._stat_fd = -1
 
 
 # Task flags (/proc/PID/stat field 9) of a task on its way out: exiting, dumping core, killed by a signal.
@@ -297,9 +305,15 @@ def _quiet(pid: int) -> bool:
     either sets the dying flags before the task can sleep again."""
     fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
     try:
-        stat = os.read(fd, 4096)
+        return _quiet_stat(fd)
     finally:
         os.close(fd)
+
+
+def _quiet_stat(fd: int) -> bool:
+    """`_quiet` of the process whose /proc/PID/stat is open as `fd` (read afresh from its start: the kernel
+    writes the file anew for each read at offset 0); OSError once that process is reaped."""
+    stat = os.pread(fd, 4096, 0)
     fields = stat[stat.rindex(b")") + 2 :].split()
     # fields[0] is field 3 of proc(5) (state), [6] field 9 (flags), [28] field 31 (pending signals)
     return fields[0] == b"S" and not int(fields[6]) & _PF_DYING and fields[28] == b"0"

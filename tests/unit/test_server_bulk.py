@@ -97,7 +97,7 @@ def test_upload_slice_request_round_trips(n: int) -> None:
 
 
 def test_client_reads_download_frames_by_hand_like_protobuf() -> None:
-    from gpupool.client.session import _Chunk, _read_frame
+    from gpupool.client.session import _Chunk, _read_frame, _Synced
     from gpupool.server.devices import discover
     from gpupool.server.executor import CommandExecutor
     from gpupool.server.sessions import DeviceMemory, WorkerSession
@@ -119,7 +119,9 @@ def test_client_reads_download_frames_by_hand_like_protobuf() -> None:
         frames[1] + b"\x08\x05",  # a field after the chunk: protobuf decides (the last request id wins)
         frames[1][:-5],  # truncated: protobuf refuses it
     ]
-    for raw in others[:3]:
+    assert _read_frame(others[0]) == _Synced(3)  # an empty sync reply is read by hand too (client/session.py)
+    assert _read_frame(device_pb2.ServerFrame(sync=device_pb2.SyncReply()).SerializeToString()) == _Synced(0)
+    for raw in others[1:3]:
         assert _read_frame(raw) == device_pb2.ServerFrame.FromString(raw)
     with pytest.raises(DecodeError):
         _read_frame(others[3])

@@ -91,3 +91,68 @@ def test_wait_idle_and_stop() -> None:
     assert q.wait_idle(1)
     q.stop()
     assert q.take(1) is None
+
+
+def _take_in_thread(q: FairQueue) -> tuple[threading.Thread, list[object]]:
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(q.take(10)), daemon=True)
+    t.start()
+    return t, got
+
+
+def test_an_idle_device_hands_the_first_slice_to_the_caller_and_runs_nothing_else_meanwhile() -> None:
+    """put_and_claim (a stream reader running a slice itself): on an idle device it pops what take() would
+    have handed out next; until that slice is charged the device's thread gets nothing, not even a session
+    that became ready meanwhile; after it, the rest of the frame and the other session go to the device's
+    thread in virtual-time order, and the caller was charged like any slice."""
+    q = FairQueue()
+    a, b = q.add("a", 0.5), q.add("b", 0.5)
+    assert q.put_and_claim(a, [1, 2, 3], 30, 2) == [1, 2]
+    assert a.running and a.commands == 1
+    t, got = _take_in_thread(q)
+    q.put(b, ["b1"], 0)  # ready now, but the device is claimed
+    t.join(0.2)
+    assert t.is_alive() and not got
+    q.give_back(a, [2])  # the slice ran only command 1
+    q.charge(a, 0.010, claimed=True)
+    t.join(5)
+    assert got == [(b, ["b1"])]  # b never ran: it has the least virtual time
+    q.charge(b, 0.001)
+    assert q.take(10) == (a, [2, 3])
+    assert a.vtime == pytest.approx(0.020)
+
+
+def test_no_claim_while_another_session_runs_or_waits() -> None:
+    """Fair sharing is the device thread's: with another session running or backlogged, or this one's own
+    commands still queued, put_and_claim only queues (None), as put does; a closed session gets []."""
+    q = FairQueue()
+    a, b = q.add("a", 0.5), q.add("b", 0.5)
+    q.put(b, ["b1", "b2"], 0)
+    assert q.put_and_claim(a, ["a1"], 0, 8) is None  # b waits to run
+    assert a.commands == 1 and not a.running
+    q.put(b, ["b3"], 0)
+    c = q.add("c", 0.5)
+    taken = q.take(1)
+    assert taken is not None and taken[0] in (a, b)
+    assert q.put_and_claim(c, ["c1"], 0, 8) is None  # a session runs (and another waits)
+    q.charge(taken[0], 0.001)
+    assert q.put_and_claim(a, ["a2"], 0, 8) is None  # a's own commands are still queued
+    assert not a.running and not c.running
+    q.remove(a)
+    assert q.put_and_claim(a, ["a4"], 0, 8) == []
+    q2 = FairQueue()
+    x, y = q2.add("x", 0.5), q2.add("y", 0.5)
+    q2.put(x, ["x1"], 0)
+    assert q2.take(8) == (x, ["x1"])  # x runs, nothing waits
+    assert q2.put_and_claim(y, ["y1"], 0, 8) is None
+    q2.charge(x, 0.001)
+    assert q2.take(8) == (y, ["y1"])
+
+
+def test_a_claimed_slice_keeps_the_device_busy_for_a_drain() -> None:
+    q = FairQueue()
+    a = q.add("a", 1.0)
+    assert q.put_and_claim(a, ["a1"], 0, 8) == ["a1"]
+    assert not q.wait_idle(0.05)
+    threading.Timer(0.1, lambda: q.charge(a, 0.001, claimed=True)).start()
+    assert q.wait_idle(5)
