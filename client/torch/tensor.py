@@ -33,12 +33,23 @@ _dispatch: list[Dispatcher] = [_unregistered]
 _compiler = torch.compiler  # `_compiler._is_compiling_flag`: torch.compiler.is_compiling() without its two calls
 
 
-@torch.compiler.disable
 def _eager(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return _dispatch[0](func, args, kwargs)
+
+
+_out_of_dynamo: list[Dispatcher] = []
+
+
+def _eager_disabled() -> Dispatcher:
     """The dispatcher, out of torch.compile's reach: Dynamo cannot trace a Python device (its wrapper tensors
     and their remote handles have no fake version), so `torch.compile` on a gpupool model runs these ops
-    eagerly, with the same results; use `gpupool.torch.capture` to make a step one command."""
-    return _dispatch[0](func, args, kwargs)
+    eagerly, with the same results; use `gpupool.torch.capture` to make a step one command.
+
+    Wrapped by `torch.compiler.disable` when first needed, not at import: that imports torch._dynamo (about
+    1.3 s here), which a script that never compiles should not pay; one that compiles has loaded it by now."""
+    if not _out_of_dynamo:
+        _out_of_dynamo.append(torch.compiler.disable(_eager))
+    return _out_of_dynamo[0]
 
 
 def set_dispatcher(fn: Dispatcher) -> None:
@@ -61,7 +72,7 @@ class RemoteTensor(torch.Tensor):
         # Dynamo traced into here (the flag holds for a whole compile session, as is_compiling() says): run the op
         # eagerly instead (a graph break)
         if _compiler._is_compiling_flag:
-            return _eager(func, args, kwargs or {})
+            return _eager_disabled()(func, args, kwargs or {})
         return _dispatch[0](func, args, kwargs or {})
 
     def __del__(self) -> None:
