@@ -1,0 +1,200 @@
+"""The worker's cost per eager op, over the bare kernels: a recorded eager training stream replayed in-process.
+
+A launch_bound workload (tiny MLP, tiny encoder, the transformer classifier, ...) trains eagerly through a real
+daemon (Adam, as launch_bound's eager mode) while every frame the client sends is saved, bytes as they went out.
+A second process replays those frames with `CommandExecutor.execute` (what a session's worker runs for each
+command of a slice) on a fresh session of the same number, then calls the kernels of the timed steps bare with
+the arguments the replay gave them, interleaved. The difference per op is the worker's Python per eager op:
+decoding the compact record, the checks, running through the op plan, binding outputs, memory accounting, frees.
+What the front adds (gRPC, slicing, the hand-off to the worker) is not in it. CPU time of the thread
+(`time.thread_time`); the min of --repeats runs counts (a loaded box inflates single runs; the min moves least),
+the median ratio is printed beside it. `--against DIR` replays the same recording with another checkout's code
+too (run by --against-python), alternating, so that two versions of the worker compare on one box in one run.
+
+    python bench/eager_replay.py                                     # tiny-mlp, encoder, classifier: ~2 min
+    python bench/eager_replay.py --models tiny-mlp --against /work/base --against-python /work/base/.venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def dump(model_name: str, out: str, steps: int) -> None:
+    """Train the workload eagerly through a daemon and save every frame the client sent, in order."""
+    from gpupool.client.torch import runtime
+    from launch_bound import workload
+    from train_overhead import bench_daemons
+
+    import gpupool.torch as gt
+    from gpupool._proto import device_pb2
+
+    torch.set_num_threads(1)
+    frames: list[bytes] = []
+    with bench_daemons(1) as daemons:
+        remote = daemons.remote()
+        device = gt.attach(remote["address"], remote["token"])
+        session = runtime.get(device.index).session
+        put = session._put
+
+        def record(frame: Any) -> None:
+            frames.append(frame if isinstance(frame, bytes) else frame.SerializeToString())
+            put(frame)
+
+        session._put = record
+        model, data, loss_fn = workload(model_name)
+        model = model.to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            opt.zero_grad()
+            loss = loss_fn(model(x.to(device)), y.to(device))
+            loss.backward()
+            opt.step()
+            return loss
+
+        for i in range(6):  # warm-up: first use of every op, the optimizer's state
+            step(*data[i % 4]).item()
+        start = len(frames)
+        for i in range(steps):
+            loss = step(*data[i % 4])
+        loss.item()
+        end = len(frames)
+        gt.detach_all()
+    number = session.handle_base >> 32
+    ops = sum(
+        1 for f in frames[start:end] for c in device_pb2.ClientFrame.FromString(f).commands if c.HasField("eager_op")
+    )
+    Path(out).write_text(json.dumps({"number": number, "start": start, "end": end, "steps": steps, "ops": ops,
+                                     "frames": [f.hex() for f in frames]}))  # fmt: skip
+
+
+def replay(path: str, repeats: int) -> dict[str, Any]:
+    from gpupool.server import slices
+    from gpupool.server.devices import FakeDevice
+    from gpupool.server.executor import CommandExecutor
+    from gpupool.server.sessions import DeviceMemory, WorkerSession
+
+    from gpupool._proto import device_pb2
+
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    d = json.loads(Path(path).read_text())
+    frames = [device_pb2.ClientFrame.FromString(bytes.fromhex(f)).commands for f in d["frames"]]
+    ex = CommandExecutor(slices.SliceLedger())
+    ex.exclusive_rng = True  # as in a session's worker process
+    ex.warm_up()
+    dev = FakeDevice(0, "bench", 1 << 34)
+    replies: list[Any] = []
+    res: dict[str, list[float]] = {"bare": [], "replay": []}
+    for r in range(repeats + 1):
+        s = WorkerSession("bench", d["number"], dev, DeviceMemory(dev), 1 << 33)
+        for cmds in frames[: d["start"]]:
+            for c in cmds:
+                ex.execute(s, c, replies.append)
+        calls: list[tuple[Any, Any, Any]] = []
+        plans = list(ex._plans.values())
+        if r == 0:  # the first replay records the kernels of the timed steps (and warms every cache)
+            saved = [p.run for p in plans]
+            for p in plans:
+                p.run = _recording(p.run, calls)
+        timed = frames[d["start"] : d["end"]]
+        start = time.thread_time()
+        for cmds in timed:
+            for c in cmds:
+                ex.execute(s, c, replies.append)
+        took = time.thread_time() - start
+        if s.error is not None:
+            raise SystemExit(f"replay failed: {s.error.message}")
+        if r == 0:
+            for p, run in zip(plans, saved, strict=True):
+                p.run = run
+            kernels = calls
+            continue
+        res["replay"].append(took / d["steps"])
+        start = time.thread_time()
+        for fn, a, k in kernels:
+            fn(*a, **k)
+        res["bare"].append((time.thread_time() - start) / d["steps"])
+        s.release_all()
+        replies.clear()
+    return {
+        "ops": d["ops"] / d["steps"],
+        "kernels": len(kernels) / d["steps"],
+        "bare": min(res["bare"]),
+        "replay": min(res["replay"]),
+        "median_ratio": statistics.median(res["replay"]) / statistics.median(res["bare"]),
+    }
+
+
+def _recording(fn: Any, calls: list[tuple[Any, Any, Any]]) -> Any:
+    def rec(*a: Any, **k: Any) -> Any:
+        calls.append((fn, a, k))
+        return fn(*a, **k)
+
+    return rec
+
+
+def _line(name: str, r: dict[str, Any]) -> str:
+    over = (r["replay"] - r["bare"]) / r["ops"] * 1e6
+    return (f"{name:<18} {r['ops']:6.0f} ops/step  bare {r['bare'] * 1e3:7.3f} ms  replay {r['replay'] * 1e3:7.3f} ms"
+            f"  {over:6.2f} us/op over the kernels  ratio {r['replay'] / r['bare']:.3f} "
+            f"(median {r['median_ratio']:.3f})")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="tiny-mlp,encoder,classifier", help="comma-separated launch_bound workloads")
+    p.add_argument("--steps", type=int, default=20, help="recorded steps per replay")
+    p.add_argument("--repeats", type=int, default=5, help="replays per process (the min counts)")
+    p.add_argument("--rounds", type=int, default=3, help="replay processes per checkout, alternating")
+    p.add_argument("--against", metavar="DIR", help="another checkout replaying the same recording")
+    p.add_argument("--against-python", default=sys.executable, help="the python that imports DIR's gpupool")
+    p.add_argument("--dump", nargs=2, metavar=("MODEL", "FILE"), help=argparse.SUPPRESS)
+    p.add_argument("--replay", metavar="FILE", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.dump:
+        dump(*args.dump, args.steps)
+        return 0
+    if args.replay:
+        print(json.dumps(replay(args.replay, args.repeats)))
+        return 0
+    trees = {"this": (sys.executable, HERE)}
+    if args.against:
+        trees["other"] = (args.against_python, Path(args.against) / "bench")
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models.split(","):
+            path = str(Path(tmp) / f"{model}.json")
+            cmd = [sys.executable, __file__, "--dump", model, path, "--steps", str(args.steps)]
+            subprocess.run(cmd, check=True, capture_output=True, cwd=HERE)
+            runs: dict[str, list[dict[str, Any]]] = {k: [] for k in trees}
+            for i in range(args.rounds):
+                for name in trees if i % 2 == 0 else reversed(list(trees)):
+                    py, where = trees[name]
+                    argv2 = [py, str(where / "eager_replay.py"), "--replay", path, "--repeats", str(args.repeats)]
+                    out = subprocess.run(argv2, check=True, capture_output=True, text=True, cwd=where)
+                    runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            best = {k: min(v, key=lambda r: r["replay"] - r["bare"]) for k, v in runs.items()}
+            for name, r in best.items():
+                print(_line(f"{model} ({name})" if args.against else model, r))
+            if args.against:
+                this, other = best["this"], best["other"]
+                ratio = (this["replay"] - this["bare"]) / (other["replay"] - other["bare"])
+                print(f"{model}: this tree's worker Python per op / the other's: {ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
