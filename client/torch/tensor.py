@@ -73,7 +73,8 @@ class RemoteTensor(torch.Tensor):
         # eagerly instead (a graph break)
         if _compiler._is_compiling_flag:
             return _eager_disabled()(func, args, kwargs or {})
-        return _dispatch[0](func, args, kwargs or {})
+        # torch passes a fresh dict (often empty: `kwargs or {}` would make another one on every op)
+        return _dispatch[0](func, args, kwargs if kwargs is not None else {})
 
     def __del__(self) -> None:
         # The bytes freed come from the tensor's own key (shape, stride, offset, dtype; `rewrap` keeps it in step):
@@ -140,6 +141,7 @@ class RemoteTensor(torch.Tensor):
 
 
 _make_wrapper = torch.Tensor._make_wrapper_subclass
+_STRIDED = torch.strided
 
 
 def wrap(
@@ -153,14 +155,13 @@ def wrap(
 ) -> RemoteTensor:
     """A new remote tensor for a handle the daemon has (or will have, once queued ops run); `key` is its
     metadata as a `meta.OutMeta` when the caller has one."""
-    if offset:
-        t = _make_wrapper(RemoteTensor, shape, strides=stride, storage_offset=offset, dtype=dtype, device=rt.device)
-    else:  # each keyword costs argument parsing on every op: storage_offset only where it is not 0
-        t = _make_wrapper(RemoteTensor, shape, strides=stride, dtype=dtype, device=rt.device)
-    # requires_grad defaults to False
-    t._gp_rt = rt
-    t._gp_h = handle
-    t._gp_key = key if key is not None else (tuple(shape), tuple(stride), int(offset), dtype)
+    # Positional arguments (size, strides, storage_offset, memory_format, dtype, layout, device): keywords cost
+    # torch's argument parser a name match each, on every op; requires_grad defaults to False.
+    t = _make_wrapper(RemoteTensor, shape, stride, offset, None, dtype, _STRIDED, rt.device)
+    d = t.__dict__  # three stores into the instance dict: cheaper than three attribute sets on a tensor
+    d["_gp_rt"] = rt
+    d["_gp_h"] = handle
+    d["_gp_key"] = key if key is not None else (tuple(shape), tuple(stride), int(offset), dtype)
     return t  # type: ignore[no-any-return]
 
 
@@ -182,11 +183,10 @@ def rewrap(t: RemoteTensor, shape: Any, stride: Any, offset: int) -> None:
 
 def upload_new(rt: DeviceRuntime, t: torch.Tensor) -> RemoteTensor:
     """A new remote tensor with the contents of a CPU tensor (made contiguous)."""
-    local = t.detach()
-    if local.device.type != "cpu":
-        local = local.cpu()
-    local = local.contiguous()
-    h = rt.upload(local)
+    local = t
+    if local.device.type != "cpu" or not local.is_contiguous():  # the usual batch is neither: no calls for it
+        local = local.detach().cpu().contiguous()
+    h = rt.upload(local)  # the session copies the bytes now
     return wrap(rt, h, tuple(local.shape), local.stride(), 0, local.dtype)
 
 
