@@ -219,7 +219,6 @@ def test_falls_back_to_the_stream_when_the_side_port_is_closed_or_absent(
 def test_detach_in_the_middle_of_a_transfer(bulk_daemon: Any) -> None:
     """An upload announced and half sent, then Detach: the daemon closes the session's socket, its stream reader
     ends, nothing leaks into the next session and the daemon goes on serving."""
-    daemon = bulk_daemon.running.daemon
     s = Session.attach(bulk_daemon.address, bulk_daemon.token())
     assert s._side is not None
     up = device_pb2.Upload(handle=s.new_handle(), last=True, bulk_bytes=8 * MiB)
@@ -228,10 +227,7 @@ def test_detach_in_the_middle_of_a_transfer(bulk_daemon: Any) -> None:
     s._side.sock.sendall(protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, up.handle, 0, 8 * MiB) + b"\x01" * MiB)
     time.sleep(0.3)
     s.close()  # Detach while the daemon waits for the other 7 MiB
-    deadline = time.time() + 10
-    while daemon.session_list() and time.time() < deadline:
-        time.sleep(0.05)
-    assert daemon.session_list() == []
+    _all_sessions_end(bulk_daemon)
     with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s2:
         big = torch.randn(9 * MiB)
         assert torch.equal(s2.download(s2.upload(big)), big)
@@ -288,16 +284,10 @@ def test_a_stalled_upload_holds_no_other_session(bulk_daemon: Any) -> None:
         up.meta.dtype, up.meta.shape[:] = 1, [2 * MiB]
         a._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
         time.sleep(0.2)
-        with Session.attach(bulk_daemon.address, bulk_daemon.token(lease_id="busy")) as b:
-            for seed in range(3):
-                big = _bits(8 * MiB, seed=seed)
-                assert torch.equal(b.download(b.upload(big)), big)
+        _another_session_moves(bulk_daemon, 8 * MiB)
     finally:
         a.close()
-    deadline = time.time() + 10
-    while bulk_daemon.running.daemon.session_list() and time.time() < deadline:
-        time.sleep(0.05)
-    assert bulk_daemon.running.daemon.session_list() == []
+    _all_sessions_end(bulk_daemon)
 
 
 def test_a_stalled_download_holds_no_other_session(bulk_daemon: Any) -> None:
@@ -311,12 +301,22 @@ def test_a_stalled_download_holds_no_other_session(bulk_daemon: Any) -> None:
         get = device_pb2.Get(handle=h, request_id=77, bulk=True)
         a._put(device_pb2.ClientFrame(commands=[device_pb2.Command(get=get)]).SerializeToString())
         time.sleep(0.5)
-        with Session.attach(bulk_daemon.address, bulk_daemon.token(lease_id="busy")) as b:
-            for seed in range(3):
-                big = _bits(40 * MiB, seed=seed)  # three pieces: both of B's own slots and one more
-                assert torch.equal(b.download(b.upload(big)), big)
+        _another_session_moves(bulk_daemon, 40 * MiB)  # three pieces: both of B's own slots and one more
     finally:
         a.close()
+    _all_sessions_end(bulk_daemon)
+
+
+def _another_session_moves(bulk_daemon: Any, size: int) -> None:
+    """Session B on the same device moves three bit-exact transfers of `size` bytes both ways."""
+    with Session.attach(bulk_daemon.address, bulk_daemon.token(lease_id="busy")) as b:
+        for seed in range(3):
+            big = _bits(size, seed=seed)
+            assert torch.equal(b.download(b.upload(big)), big)
+
+
+def _all_sessions_end(bulk_daemon: Any) -> None:
+    """Every session of the daemon ends within 10 s (a detached one takes its worker and streams with it)."""
     deadline = time.time() + 10
     while bulk_daemon.running.daemon.session_list() and time.time() < deadline:
         time.sleep(0.05)
