@@ -22,7 +22,7 @@ from gpupool import compact, protocol, wire
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
 
-from . import bulk, checks, cost, guards, sizing
+from . import bulk, checks, cost, guards, sizing, templates
 from .collectives import Collectives
 from .graph import GraphTable
 from .ops import OpTable
@@ -37,6 +37,7 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 MAX_DIMS = 64
 MAX_VERDICTS = 8192  # cached op signatures (cleared when full)
+_COMPUTE = object()  # _run_op's default: compute the op's signature
 
 # With `exclusive_rng`: a default generator (named by the lock that guards it: fake GPUs share the CPU's) -> the
 # session whose stream it holds. One table per process, whatever the number of executors.
@@ -76,12 +77,14 @@ class CommandExecutor:
         self._devices: dict[str, torch.device] = {}  # session id -> its torch device (a property builds it anew)
         self._plans: dict[str, checks.OpPlan] = {}  # allowed op name -> its plan
         self._verdicts: dict[Any, int] = {}  # op signature -> new bytes, once its shape-only checks passed
+        self._templates: dict[str, templates.Table] = {}  # session id -> its record templates
 
     def forget(self, s: WorkerSession) -> None:
         """Drop what this executor keeps for a closed session (its op id table, its device): a process that
         outlives its sessions (`--isolation thread`) must not keep one table per session it ever served."""
         self._op_ids.pop(s.session_id, None)
         self._devices.pop(s.session_id, None)
+        self._templates.pop(s.session_id, None)
 
     def warm_up(self) -> None:
         """Load torch's meta kernels now (about a second, once per process), not on some session's clock."""
@@ -184,21 +187,39 @@ class CommandExecutor:
         self._run_op(s, plan, args, kwargs, msg.outputs, written, dev)
 
     def _eager_op(self, s: WorkerSession, data: bytes) -> None:
-        """A compact eager record (gpupool/compact.py): names are defined once per session, then referred to by id."""
+        """A compact eager record (gpupool/compact.py): names are defined once per session, then referred to by id.
+        A record laid out as one seen before takes its template (server/templates.py), any other the full decode."""
         table = self._op_ids.get(s.session_id)
         if table is None:
             table = self._op_ids[s.session_id] = {}
             self._devices[s.session_id] = s.device.torch_device
+            self._templates[s.session_id] = templates.Table()
         dev = self._devices[s.session_id]
         get = None if s.uploads else s.tensors.get  # a half-uploaded handle must go through resolve's check
+        learned = self._templates[s.session_id]
+        sizes = learned.heads.get(data[:5])
+        seen = sizes.get(len(data)) if sizes is not None else None
+        if seen is not None:
+            for tpl in seen:
+                fields = tpl.unpack(data)
+                if tpl.fixed_of(fields) == tpl.fixed:
+                    args, kwargs, handles, sig = templates.fill(tpl, fields, s.resolve, get)
+                    outputs = list(fields[1 : 1 + tpl.n_out])
+                    self._run_op(s, tpl.plan, args, kwargs, outputs, handles.copy, dev, sig)
+                    return
         op_id, name, outputs, args, kwargs, handles = compact.decode_parts(data, s.resolve, dev, get)
         if name:
             table[op_id] = name
+            learned.drop(op_id)
         entry = table.get(op_id)
         if entry is None:
             raise InvalidArgument(f"eager op id {op_id} was never defined in this session")
         if entry.__class__ is str:  # resolved (through the allowlist) on first use; a denied name stays denied
             entry = table[op_id] = self._plan(entry, s)  # type: ignore[arg-type]
+        if not name:
+            new = templates.learn(data, args, kwargs, entry)
+            if new is not None:
+                learned.add(data, new)
         self._run_op(s, entry, args, kwargs, outputs, lambda: handles, dev)  # type: ignore[arg-type]
 
     def _plan(self, name: str, s: WorkerSession) -> checks.OpPlan:
@@ -216,10 +237,12 @@ class CommandExecutor:
         outputs: Sequence[int],
         written: Callable[[], list[int]],
         dev: torch.device,
+        sig: Any = _COMPUTE,
     ) -> None:
         """Check and run one decoded op. The checks that depend only on the op and its arguments' shapes, dtypes and
         values (enums, sizes against the quota, list counts, compute bound, new bytes) are cached per signature;
-        value-dependent guards (indices) run every time, as do the quota and handle checks."""
+        value-dependent guards (indices) run every time, as do the quota and handle checks. `sig`: the verdict key
+        a record template gave (server/templates.py), None for an op never cached; by default computed here."""
         op = plan.op
         if plan.takes_device and kwargs.get("device") is None:
             kwargs["device"] = dev  # factories without a device would allocate in host memory
@@ -233,7 +256,8 @@ class CommandExecutor:
                     new_handles += 1
         if new_handles and len(tensors) + len(poisoned) + new_handles > s.max_handles:
             s.admit_handles(new_handles)  # raises
-        sig = checks.signature(plan, args, kwargs)
+        if sig is _COMPUTE:
+            sig = checks.signature(plan, args, kwargs)
         need = None
         if sig is not None:
             sig = (sig, s.quota, s.max_op_flops)  # the verdict of check_inputs and cost.check depends on these

@@ -1,0 +1,241 @@
+"""Record templates: the compact eager records a training loop sends every step, decoded with one unpack.
+
+A training step sends the same records every step (same op id, same argument layout, same non-tensor values),
+only with other handle numbers and, for an optimizer, other step sizes. After a record was fully decoded
+(`compact.decode_parts`, which stays the reference and the only path that reports malformed bytes), `learn` makes
+a `Template` of it: one `struct.Struct` over the whole record whose output handles, tensor handles and the
+numbers the op's verdict keys by type only (`checks.OpPlan.sig`: an optimizer's changing floats) are fields of
+their own, and whose other bytes (op id, counts, tags, keywords, every other value) are `Ns` segments.
+
+A later record hits a template when it has the template's length and its segments are byte for byte the
+template's: it then has the same layout and the same non-tensor values (a number field holds any 8 bytes, as
+the full decode reads them), so `fill` builds exactly what the full decode would (handles resolved in the same
+order through the same session checks: a foreign, unknown, failed or half-uploaded handle raises the same error)
+plus the op's verdict key: the template and its tensors' (dtype, shape, stride, offset), which determine the
+full signature (`checks.signature`) since everything else in it is fixed by the template's bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from operator import itemgetter
+from typing import Any
+
+from gpupool import compact
+
+T_ARG, T_KW, N_ARG, N_KW, L_ARG, L_KW, NL_ARG, NL_KW, C_ARG, C_KW = range(10)
+MAX_TEMPLATES = 4096  # per session (each under a KiB); the table is cleared when full
+PER_LAYOUT = 8  # templates kept per op id and record length (a loop calls `view` with many sizes)
+
+
+class Template:
+    """One learned record layout (see the module docstring)."""
+
+    __slots__ = ("size", "unpack", "fixed_of", "fixed", "n_out", "steps", "args", "kwargs", "plan", "keyed")
+
+    def __init__(self, plan: Any) -> None:
+        self.size = 0
+        self.unpack: Callable[[bytes], tuple[Any, ...]] = struct.Struct("<").unpack_from
+        self.fixed_of: Callable[[tuple[Any, ...]], Any] = itemgetter(0)
+        self.fixed: Any = None
+        self.n_out = 0
+        self.steps: list[tuple[int, int, Any, int]] = []  # (kind, first field, argument index or keyword, count)
+        self.args: list[Any] = []  # the decoded arguments, None where each record puts its own
+        self.kwargs: dict[str, Any] = {}
+        self.plan = plan  # the op plan of the template's op id when it was learned
+        self.keyed = plan.sig is not None  # whether the op's verdict is cached at all
+
+
+class Table:
+    """A session's templates: a record's first 5 bytes (op id, no name) -> its length -> templates, newest first."""
+
+    __slots__ = ("heads", "count")
+
+    def __init__(self) -> None:
+        self.heads: dict[bytes, dict[int, list[Template]]] = {}
+        self.count = 0
+
+    def add(self, data: bytes, tpl: Template) -> None:
+        """Keep `tpl`, learned from `data`: at most PER_LAYOUT per op id and length, MAX_TEMPLATES in all."""
+        if self.count >= MAX_TEMPLATES:
+            self.heads.clear()
+            self.count = 0
+        sizes = self.heads.setdefault(data[:5], {})
+        seen = sizes.setdefault(len(data), [])
+        if len(seen) >= PER_LAYOUT:
+            seen.pop()  # the oldest
+            self.count -= 1
+        seen.insert(0, tpl)
+        self.count += 1
+
+    def drop(self, op_id: int) -> None:
+        """Forget the templates of an op id that was just defined anew (they were learned under its old name)."""
+        sizes = self.heads.pop(compact.U32.pack(op_id) + b"\0", None)
+        if sizes is not None:
+            self.count -= sum(map(len, sizes.values()))
+
+
+class _Layout:
+    """The struct format being built: fixed byte runs become one `Ns` field each."""
+
+    def __init__(self) -> None:
+        self.fmt: list[str] = []
+        self.run = 0
+        self.count = 0
+        self.fixed_at: list[int] = []
+        self.steps: list[tuple[int, int, Any, int]] = []
+
+    def fixed(self, n: int) -> None:
+        self.run += n
+
+    def field(self, code: str, n: int = 1) -> int:
+        self.flush()
+        self.fmt.append(f"{n}{code}")
+        self.count += n
+        return self.count - n
+
+    def flush(self) -> None:
+        if self.run:
+            self.fmt.append(f"{self.run}s")
+            self.fixed_at.append(self.count)
+            self.count += 1
+            self.run = 0
+
+
+def learn(data: bytes, args: list[Any], kwargs: dict[str, Any], plan: Any) -> Template | None:
+    """A template of `data`, a record `compact.decode_parts` just decoded into `args` and `kwargs` without an
+    error (so every byte of it is valid) for an op id whose plan is `plan`; None for a record that defines a name."""
+    if data[4]:
+        return None
+    by_type, names = plan.sig if plan.sig is not None else ((), frozenset())
+    lay = _Layout()
+    n_out = data[5]
+    lay.fixed(6)
+    if n_out:
+        lay.field("Q", n_out)
+    pos = 6 + 8 * n_out
+    n_args = data[pos]
+    lay.fixed(1)
+    pos += 1
+    for i in range(n_args):
+        pos = _value(lay, data, pos, i < len(by_type) and by_type[i], i, False)
+    n_kwargs = data[pos]
+    lay.fixed(1)
+    pos += 1
+    for _ in range(n_kwargs):
+        k = data[pos]
+        key = data[pos + 1 : pos + 1 + k].decode("ascii")
+        lay.fixed(1 + k)
+        pos = _value(lay, data, pos + 1 + k, key in names, key, True)
+    if pos != len(data):  # cannot happen after a full decode; never guess
+        return None
+    lay.flush()
+    st = struct.Struct("<" + "".join(lay.fmt))
+    tpl = Template(plan)
+    tpl.size = st.size
+    tpl.unpack = st.unpack_from
+    tpl.fixed_of = itemgetter(*lay.fixed_at)
+    tpl.fixed = tpl.fixed_of(st.unpack_from(data))
+    tpl.n_out = n_out
+    tpl.steps = lay.steps
+    tpl.args, tpl.kwargs = list(args), dict(kwargs)
+    for kind, _, where, _ in lay.steps:  # never keep a tensor alive; each record puts its own there
+        if kind in (T_ARG, N_ARG, L_ARG, NL_ARG):
+            tpl.args[where] = None
+        elif kind in (T_KW, N_KW, L_KW, NL_KW):
+            tpl.kwargs[where] = None
+    return tpl
+
+
+def _value(lay: _Layout, data: bytes, pos: int, by_type: bool, where: Any, kw: bool) -> int:
+    """Lay out the (valid) argument at `pos`; returns the position after it."""
+    tag = data[pos]
+    if tag == compact.TENSOR:
+        lay.fixed(1)
+        lay.steps.append((T_KW if kw else T_ARG, lay.field("Q"), where, 1))
+        return pos + 9
+    if tag == compact.INT or tag == compact.FLOAT:
+        if by_type:
+            lay.fixed(1)
+            lay.steps.append((N_KW if kw else N_ARG, lay.field("q" if tag == compact.INT else "d"), where, 1))
+        else:
+            lay.fixed(9)
+        return pos + 9
+    if tag in (compact.NONE, compact.DEVICE, compact.CPU):
+        lay.fixed(1)
+        return pos + 1
+    if tag in _LISTS:
+        (n,) = compact.U16.unpack_from(data, pos + 1)
+        lay.fixed(3)
+        if tag == compact.TENSORS:
+            lay.steps.append((L_KW if kw else L_ARG, lay.field("Q", n), where, n))
+            return pos + 3 + 8 * n
+        code, size = _LISTS[tag]
+        if by_type and tag != compact.BOOLS:  # a Scalar[] keyed by type: an optimizer's per-tensor step sizes
+            lay.steps.append((NL_KW if kw else NL_ARG, lay.field(code, n), where, n))
+        else:
+            lay.fixed(size * n)
+            lay.steps.append((C_KW if kw else C_ARG, -1, where, 0))  # a fresh list per record, as decoded
+        return pos + 3 + size * n
+    lay.fixed(2)  # bool, dtype, layout, memory format: tag and one byte
+    return pos + 2
+
+
+_LISTS = {compact.TENSORS: ("Q", 8), compact.INTS: ("q", 8), compact.FLOATS: ("d", 8), compact.BOOLS: ("B", 1)}
+
+
+def fill(
+    tpl: Template, fields: tuple[Any, ...], resolve: compact.Resolve, get: Callable[[int], Any] | None
+) -> tuple[list[Any], dict[str, Any], list[int], Any]:
+    """(args, kwargs, handles, verdict key or None) of a record that hit `tpl`, `fields` its unpacked struct: what
+    `compact.decode_parts` would give, its handles resolved in the same order through the same checks."""
+    args = tpl.args.copy()
+    kwargs = tpl.kwargs.copy()
+    handles: list[int] = []
+    keyed = tpl.keyed
+    key: list[Any] = [tpl]
+    for kind, i, where, n in tpl.steps:
+        if kind == T_ARG:
+            h = fields[i]
+            handles.append(h)
+            t = get(h) if get is not None else None
+            if t is None:
+                t = resolve(h)
+            args[where] = t
+            if keyed:
+                key.append((t.dtype, t.shape, t.stride(), t.storage_offset()))
+        elif kind == N_ARG:
+            args[where] = fields[i]
+        elif kind == L_ARG or kind == L_KW:
+            raw = fields[i : i + n]
+            if 0 in raw:  # 0 is None in a Tensor?[] list
+                handles.extend([h for h in raw if h])
+                v = [None if h == 0 else resolve(h) for h in raw]
+            else:
+                handles.extend(raw)
+                v = list(map(resolve, raw))
+            if keyed:
+                metas = [None if t is None else (t.dtype, t.shape, t.stride(), t.storage_offset()) for t in v]
+                key.append(tuple(metas))
+            if kind == L_ARG:
+                args[where] = v
+            else:
+                kwargs[where] = v
+        elif kind == T_KW:
+            h = fields[i]
+            handles.append(h)
+            t = kwargs[where] = resolve(h)
+            if keyed:
+                key.append((t.dtype, t.shape, t.stride(), t.storage_offset()))
+        elif kind == N_KW:
+            kwargs[where] = fields[i]
+        elif kind == NL_ARG:
+            args[where] = list(fields[i : i + n])
+        elif kind == NL_KW:
+            kwargs[where] = list(fields[i : i + n])
+        elif kind == C_ARG:
+            args[where] = list(args[where])
+        else:
+            kwargs[where] = list(kwargs[where])
+    return args, kwargs, handles, tuple(key) if keyed else None
