@@ -10,15 +10,20 @@ What the front adds (gRPC, slicing, the hand-off to the worker) is not in it. CP
 (`time.thread_time`); the min of --repeats runs counts (a loaded box inflates single runs; the min moves least),
 the median ratio is printed beside it. `--against DIR` replays the same recording with another checkout's code
 too (run by --against-python), alternating, so that two versions of the worker compare on one box in one run.
+`--measure instr` counts instructions instead (callgrind, its instrumentation on only around the last timed
+replay and then the bare kernels, one dump each): exact, the same on a loaded box, so small changes show.
 
     python bench/eager_replay.py                                     # tiny-mlp, encoder, classifier: ~2 min
     python bench/eager_replay.py --models tiny-mlp --against /work/base --against-python /work/base/.venv/bin/python
+    python bench/eager_replay.py --measure instr --models tiny-mlp,encoder --against /work/base ...   # ~4 min
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,7 +86,12 @@ def dump(model_name: str, out: str, steps: int) -> None:
                                      "frames": [f.hex() for f in frames]}))  # fmt: skip
 
 
-def replay(path: str, repeats: int) -> dict[str, Any]:
+def _callgrind(*flags: str) -> None:
+    """Ask the callgrind this process runs under to do something (a no-op outside valgrind)."""
+    subprocess.run(["callgrind_control", *flags, str(os.getpid())], capture_output=True, check=False)
+
+
+def replay(path: str, repeats: int, instr: bool = False) -> dict[str, Any]:
     from gpupool.server import slices
     from gpupool.server.devices import FakeDevice
     from gpupool.server.executor import CommandExecutor
@@ -111,6 +121,9 @@ def replay(path: str, repeats: int) -> dict[str, Any]:
             for p in plans:
                 p.run = _recording(p.run, calls)
         timed = frames[d["start"] : d["end"]]
+        counting = instr and r == repeats
+        if counting:
+            _callgrind("--instr=on")
         start = time.thread_time()
         for cmds in timed:
             for c in cmds:
@@ -124,10 +137,15 @@ def replay(path: str, repeats: int) -> dict[str, Any]:
             kernels = calls
             continue
         res["replay"].append(took / d["steps"])
+        if counting:
+            _callgrind("--dump=replay")  # written to its own file; the counts start again from zero
         start = time.thread_time()
         for fn, a, k in kernels:
             fn(*a, **k)
         res["bare"].append((time.thread_time() - start) / d["steps"])
+        if counting:
+            _callgrind("--dump=bare")
+            _callgrind("--instr=off")
         s.release_all()
         replies.clear()
     return {
@@ -147,7 +165,33 @@ def _recording(fn: Any, calls: list[tuple[Any, Any, Any]]) -> Any:
     return rec
 
 
-def _line(name: str, r: dict[str, Any]) -> str:
+def _instructions(python: str, where: Path, path: str, tmp: str) -> dict[str, Any]:
+    """One replay under callgrind: instructions per step of the replay and of the bare kernels (this checkout's
+    replay code, over the gpupool that `python` imports)."""
+    out_file = Path(tmp) / "cg.out"
+    for old in Path(tmp).glob("cg.out*"):
+        old.unlink()
+    # the interpreter itself (valgrind would count a launcher script such as pyenv's shim instead)
+    exe = subprocess.check_output([python, "-c", "import sys; print(sys.executable)"], text=True).strip()
+    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}", exe,
+           str(HERE / "eager_replay.py"), "--replay", path, "--repeats", "1", "--instr"]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=where)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    counts = {}
+    for dump in Path(tmp).glob("cg.out.*"):
+        text = dump.read_text()
+        trigger = next(line for line in text.splitlines() if line.startswith("desc: Trigger:"))
+        totals = [line for line in text.splitlines() if line.startswith(("totals:", "summary:"))]
+        counts["replay" if "replay" in trigger else "bare"] = int(totals[-1].split()[1])
+    steps = json.loads(Path(path).read_text())["steps"]
+    return {**r, "replay": counts["replay"] / steps, "bare": counts["bare"] / steps}
+
+
+def _line(name: str, r: dict[str, Any], instr: bool = False) -> str:
+    if instr:
+        over = (r["replay"] - r["bare"]) / r["ops"]
+        return (f"{name:<18} {r['ops']:6.0f} ops/step  bare {r['bare'] / 1e6:8.3f} M instr  replay "
+                f"{r['replay'] / 1e6:8.3f} M instr  {over / 1e3:7.1f} k instr/op over the kernels")  # fmt: skip
     over = (r["replay"] - r["bare"]) / r["ops"] * 1e6
     return (f"{name:<18} {r['ops']:6.0f} ops/step  bare {r['bare'] * 1e3:7.3f} ms  replay {r['replay'] * 1e3:7.3f} ms"
             f"  {over:6.2f} us/op over the kernels  ratio {r['replay'] / r['bare']:.3f} "
@@ -163,13 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against", metavar="DIR", help="another checkout replaying the same recording")
     p.add_argument("--against-python", default=sys.executable, help="the python that imports DIR's gpupool")
     p.add_argument("--dump", nargs=2, metavar=("MODEL", "FILE"), help=argparse.SUPPRESS)
+    p.add_argument("--measure", choices=("cpu", "instr"), default="cpu", help="thread CPU time or instructions")
     p.add_argument("--replay", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--instr", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.measure == "instr" and shutil.which("valgrind") is None:
+        p.error("--measure instr needs valgrind (apt-get install valgrind)")
     if args.dump:
         dump(*args.dump, args.steps)
         return 0
     if args.replay:
-        print(json.dumps(replay(args.replay, args.repeats)))
+        print(json.dumps(replay(args.replay, args.repeats, args.instr)))
         return 0
     trees = {"this": (sys.executable, HERE)}
     if args.against:
@@ -180,15 +228,19 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--dump", model, path, "--steps", str(args.steps)]
             subprocess.run(cmd, check=True, capture_output=True, cwd=HERE)
             runs: dict[str, list[dict[str, Any]]] = {k: [] for k in trees}
-            for i in range(args.rounds):
+            instr = args.measure == "instr"
+            for i in range(1 if instr else args.rounds):  # instruction counts do not move between runs
                 for name in trees if i % 2 == 0 else reversed(list(trees)):
                     py, where = trees[name]
+                    if instr:
+                        runs[name].append(_instructions(py, where, path, tmp))
+                        continue
                     argv2 = [py, str(where / "eager_replay.py"), "--replay", path, "--repeats", str(args.repeats)]
                     out = subprocess.run(argv2, check=True, capture_output=True, text=True, cwd=where)
                     runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
             best = {k: min(v, key=lambda r: r["replay"] - r["bare"]) for k, v in runs.items()}
             for name, r in best.items():
-                print(_line(f"{model} ({name})" if args.against else model, r))
+                print(_line(f"{model} ({name})" if args.against else model, r, instr))
             if args.against:
                 this, other = best["this"], best["other"]
                 ratio = (this["replay"] - this["bare"]) / (other["replay"] - other["bare"])
