@@ -74,7 +74,8 @@ class OpPlan:
         self.grown = self.name in GROW_UNINITIALIZED
         self.uninitialized = self.name in UNINITIALIZED
         self.validate = self.name.startswith("aten::_foreach_") or self.name in guards._VALIDATORS
-        self.run = guards.replacement(op) or fallbacks.lookup(op, device) or op  # fallbacks: accelerator-only ops
+        # fallbacks: accelerator-only ops; `op._op` is the builtin `OpOverload.__call__` calls (one Python frame less)
+        self.run = guards.replacement(op) or fallbacks.lookup(op, device) or op._op
         self.sig = _plan(op)
 
 

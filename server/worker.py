@@ -9,6 +9,7 @@ segfault, abort or CUDA device-side assert in a kernel ends this session only.
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
@@ -346,6 +347,9 @@ def _vm_data() -> int:
     return 0
 
 
+_MARK = struct.Struct("<i")
+
+
 def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     """The worker's life: confine, then serve slices until the daemon closes the socket. Returns an exit code."""
     from . import sandbox
@@ -368,8 +372,8 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     data = memoryview(progress)[DATA_AT:SLOTS_AT]
     slots = [memoryview(progress)[SLOTS_AT + k * SLOT_BYTES :][:SLOT_BYTES] for k in range(SLOTS)]
 
-    def mark(i: int) -> None:
-        struct.pack_into("<i", progress, 0, i)
+    # the index of the command running, for the daemon to read (a C call per command, no Python frame)
+    mark = functools.partial(_MARK.pack_into, progress, 0)
 
     while True:
         try:
