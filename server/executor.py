@@ -74,17 +74,16 @@ class CommandExecutor:
         self.side_slot: memoryview | None = None
         self.side_used = 0
         self._op_ids: dict[str, dict[int, str | checks.OpPlan]] = {}  # session id -> compact op id -> its op
-        self._devices: dict[str, torch.device] = {}  # session id -> its torch device (a property builds it anew)
+        # session id -> (its op id table, its torch device (a property builds it anew), its record templates)
+        self._eager: dict[str, tuple[dict[int, str | checks.OpPlan], torch.device, templates.Table]] = {}
         self._plans: dict[str, checks.OpPlan] = {}  # allowed op name -> its plan
         self._verdicts: dict[Any, int] = {}  # op signature -> new bytes, once its shape-only checks passed
-        self._templates: dict[str, templates.Table] = {}  # session id -> its record templates
 
     def forget(self, s: WorkerSession) -> None:
         """Drop what this executor keeps for a closed session (its op id table, its device): a process that
         outlives its sessions (`--isolation thread`) must not keep one table per session it ever served."""
         self._op_ids.pop(s.session_id, None)
-        self._devices.pop(s.session_id, None)
-        self._templates.pop(s.session_id, None)
+        self._eager.pop(s.session_id, None)
 
     def warm_up(self) -> None:
         """Load torch's meta kernels now (about a second, once per process), not on some session's clock."""
@@ -189,14 +188,12 @@ class CommandExecutor:
     def _eager_op(self, s: WorkerSession, data: bytes) -> None:
         """A compact eager record (gpupool/compact.py): names are defined once per session, then referred to by id.
         A record laid out as one seen before takes its template (server/templates.py), any other the full decode."""
-        table = self._op_ids.get(s.session_id)
-        if table is None:
-            table = self._op_ids[s.session_id] = {}
-            self._devices[s.session_id] = s.device.torch_device
-            self._templates[s.session_id] = templates.Table()
-        dev = self._devices[s.session_id]
+        state = self._eager.get(s.session_id)
+        if state is None:
+            table = self._op_ids.setdefault(s.session_id, {})
+            state = self._eager[s.session_id] = (table, s.device.torch_device, templates.Table())
+        table, dev, learned = state
         get = None if s.uploads else s.tensors.get  # a half-uploaded handle must go through resolve's check
-        learned = self._templates[s.session_id]
         sizes = learned.heads.get(data[:5])
         seen = sizes.get(len(data)) if sizes is not None else None
         if seen is not None:
@@ -204,8 +201,7 @@ class CommandExecutor:
                 fields = tpl.unpack(data)
                 if tpl.fixed_of(fields) == tpl.fixed:
                     args, kwargs, handles, sig = templates.fill(tpl, fields, s.resolve, get)
-                    outputs = list(fields[1 : 1 + tpl.n_out])
-                    self._run_op(s, tpl.plan, args, kwargs, outputs, handles.copy, dev, sig)
+                    self._run_op(s, tpl.plan, args, kwargs, fields[1 : 1 + tpl.n_out], handles.copy, dev, sig)
                     return
         op_id, name, outputs, args, kwargs, handles = compact.decode_parts(data, s.resolve, dev, get)
         if name:

@@ -183,8 +183,20 @@ class WorkerSession:
 
     def bind_new(self, handle: int, tensor: torch.Tensor) -> None:
         """`bind` for a handle the caller checked (`check_handle`), admitted (`admit_handles`) and found neither
-        live nor failed: the eager ops' and graph runs' hot path."""
-        self._count(handle, tensor.untyped_storage())
+        live nor failed: the eager ops' and graph runs' hot path (`_count` and `_account` inline)."""
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        entry = self._storages.get(key)
+        if entry is None:
+            nbytes = storage.nbytes()
+            self._storages[key] = [1, nbytes]
+            self.used += nbytes
+            memory = self.memory
+            with memory.lock:
+                memory.used += nbytes
+        else:
+            entry[0] += 1
+        self._keys[handle] = key
         self.tensors[handle] = tensor
 
     def rebind(self, handle: int, tensor: torch.Tensor) -> None:
@@ -217,10 +229,20 @@ class WorkerSession:
 
     def unbind(self, handle: int) -> bool:
         t = self.tensors.pop(handle, None)
-        self.uploads.pop(handle, None)
+        if self.uploads:
+            self.uploads.pop(handle, None)
         if t is None:
             return False
-        self._uncount(handle)
+        key = self._keys.pop(handle)  # `_uncount` inline: frees and every step's outputs pass here
+        entry = self._storages[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self._storages[key]
+            nbytes = entry[1]
+            self.used -= nbytes
+            memory = self.memory
+            with memory.lock:
+                memory.used -= nbytes
         return True
 
     def recount(self, handles: list[int], *, zero_growth: bool = False) -> None:

@@ -215,8 +215,8 @@ def test_the_template_table_is_bounded(pair: Pair, monkeypatch: pytest.MonkeyPat
     shapes = [[1, 6], [6, 1], [2, 3], [3, 2], [1, 1, 6], [6, 1, 1], [2, 1, 3], [3, 1, 2], [1, 2, 3]]
     for k, shape in enumerate(shapes * 2):
         pair.op(record(2, None, [BASE + 11 + k % 3], [compact.tensor(C), compact.encode_value(shape)], {}))
-        table = pair.ex[0]._templates["t"]
+        table = pair.ex[0]._eager["t"][2]
         assert table.count <= 5
         assert all(len(v) <= templates.PER_LAYOUT for s in table.heads.values() for v in s.values())
     pair.ex[0].forget(pair.s[0])
-    assert "t" not in pair.ex[0]._templates
+    assert "t" not in pair.ex[0]._eager
