@@ -38,6 +38,8 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 MAX_DIMS = 64
 MAX_VERDICTS = 8192  # cached op signatures (cleared when full)
 _COMPUTE = object()  # _run_op's default: compute the op's signature
+_Tensor = torch.Tensor
+_STRIDED = torch.strided
 
 # With `exclusive_rng`: a default generator (named by the lock that guards it: fake GPUs share the CPU's) -> the
 # session whose stream it holds. One table per process, whatever the number of executors.
@@ -297,7 +299,23 @@ class CommandExecutor:
             for t in _slots(out):
                 if isinstance(t, torch.Tensor):
                     zero_bytes(t.untyped_storage(), 0, t.untyped_storage().nbytes())
-        bound = self._bind_outputs(s, outputs, out, dev)
+        if len(outputs) == 1 and out.__class__ is _Tensor:  # the common case: one new handle, one tensor
+            h = outputs[0]
+            if (
+                h
+                and out.layout == _STRIDED
+                and not out.is_quantized
+                and not out.is_nested
+                and out.dim() <= MAX_DIMS
+                and h not in tensors
+                and h not in poisoned
+            ):
+                s.bind_new(h, out)  # checked and admitted above
+                bound: Sequence[int] = outputs
+            else:
+                bound = self._bind_outputs(s, outputs, out, dev)
+        else:
+            bound = self._bind_outputs(s, outputs, out, dev)
         if s.used > s.quota and s.used > used_before:
             for h in bound:
                 s.unbind(h)
@@ -345,19 +363,7 @@ class CommandExecutor:
                 del _RNG_OWNER[s.device.rng_lock]
 
     def _bind_outputs(self, s: WorkerSession, handles: Any, out: Any, dev: torch.device) -> list[int]:
-        if len(handles) == 1 and out.__class__ is torch.Tensor:  # the common case: one new handle, one tensor
-            h = handles[0]
-            if (
-                h
-                and out.layout == torch.strided
-                and not out.is_quantized
-                and not out.is_nested
-                and out.dim() <= MAX_DIMS
-                and h not in s.tensors
-                and h not in s.poisoned
-            ):
-                s.bind_new(h, out)  # _run_op checked and admitted it
-                return handles  # type: ignore[no-any-return]
+        """Bind an op's returned values to its output handles (`_run_op` binds one new tensor itself)."""
         values = _slots(out)
         if len(handles) > len(values):
             raise InvalidArgument(f"{len(handles)} output handles given, the op returns {len(values)} values")
