@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.against:
                 this, other = best["this"], best["other"]
                 ratio = (this["replay"] - this["bare"]) / (other["replay"] - other["bare"])
-                print(f"{model}: this tree's worker Python per op / the other's: {ratio:.2f}")
+                print(f"{model}: this tree's worker Python per op / the other's: {ratio:.2f}; "
+                      f"replay per step: {this['replay'] / other['replay']:.2f}")  # fmt: skip
     return 0
 
 
