@@ -34,7 +34,8 @@ def _route(func: Any) -> tuple[int, Any]:
 
 
 def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """`RemoteTensor.__torch_dispatch__`."""
+    """An op on remote tensors routed from elsewhere than `__torch_dispatch__` (the backend kernels of `backend.py`,
+    the Dynamo-disabled path): the same routing as `torch_dispatch` below."""
     try:
         kind, how = func._gp_route
     except AttributeError:

@@ -3,8 +3,9 @@
 A `RemoteTensor` is a wrapper subclass (`torch.Tensor._make_wrapper_subclass`): it has real sizes,
 strides, dtype and the device `gpupool:<i>`, but no local data; it holds the runtime of its device
 and the handle the daemon knows the data by. Every aten op on it lands in `__torch_dispatch__`, which
-calls the dispatcher `backend.register` installs (`client.torch.dispatch`: this module sits below it, so
-it holds a slot the registration fills instead of importing upwards). When it truly dies (torch keeps
+`backend.register` replaces with the dispatcher's own (`client.torch.dispatch.torch_dispatch`: this module sits
+below it, so the registration fills a slot instead of this module importing upwards; the method defined here
+only reaches the slot's dispatcher, or says the device is not registered yet). When it truly dies (torch keeps
 the Python object alive while autograd still holds its TensorImpl), `__del__` queues its handle for a
 batched Free (cheaper than a weakref callback, and `torch.utils.swap_tensors` accepts it).
 Moving data in and out (`upload_new`, `to_cpu`) is here too: every layer above needs it.
