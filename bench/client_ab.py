@@ -72,7 +72,7 @@ def _run(side: dict[str, Any], model: str, a: argparse.Namespace, remote: dict[s
         cmd = ["taskset", "-c", str(a.client_core), side["python"], str(side["bench"] / "launch_bound.py"), "--worker"]
         out = subprocess.run([*cmd, *flags], cwd=side["cwd"], capture_output=True, text=True, env=env, check=False)
     else:
-        cg = Path(tmp) / "cg.out"
+        cg = Path(a.profile or tmp) / (f"cg.{side['name']}.{model}.out" if a.profile else "cg.out")
         # this checkout's worker code (launch_bound.worker, the same on both sides) over the side's own gpupool
         cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={cg}", side["python"],
                str(HERE / "client_ab.py"), "--instrumented"]  # fmt: skip
@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-bench", default="/work/main/bench")
     p.add_argument("--env", action="append", default=[], help="SIDE:NAME=VALUE, e.g. new:GPUPOOL_FLUSH_OPS=64")
     p.add_argument("--client-core", type=int, default=0)
+    p.add_argument("--profile", default="", help="with --measure instr: keep callgrind's files in this folder "
+                   "(cg.SIDE.MODEL.out, the last round's) for `callgrind_annotate --inclusive=yes`")  # fmt: skip
     p.add_argument("--daemon-core", type=int, default=1)
     a = p.parse_args(argv)
     if a.measure == "instr" and shutil.which("valgrind") is None:

@@ -17,7 +17,7 @@ import torch
 import torch.utils.backend_registration as backend_registration
 
 from . import api, runtime, tensor
-from .dispatch import dispatch, factory, find_runtime
+from .dispatch import dispatch, factory, find_runtime, torch_dispatch
 
 NAME = "gpupool"
 
@@ -92,7 +92,7 @@ def _pin_memory(self: torch.Tensor, device: torch.device | None = None) -> torch
 def register() -> None:
     """Idempotent: make the PrivateUse1 backend `gpupool` (fails if another backend took the name), and
     route the ops of remote tensors to the dispatcher."""
-    tensor.set_dispatcher(dispatch)
+    tensor.set_dispatcher(dispatch, torch_dispatch)
     current = torch._C._get_privateuse1_backend_name()
     if current == NAME and _library:
         return

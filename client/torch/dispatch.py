@@ -11,7 +11,7 @@ import torch
 
 from . import api, meta, transfer
 from .remote import cpu_fallback, find_runtime, lazy_empty, run_remote
-from .tensor import RemoteTensor, upload_new
+from .tensor import RemoteTensor, _compiler, _eager_disabled, upload_new
 
 aten = torch.ops.aten
 LAZY_EMPTY = {aten.empty.memory_format, aten.empty_strided.default}
@@ -34,7 +34,26 @@ def _route(func: Any) -> tuple[int, Any]:
 
 
 def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """`RemoteTensor.__torch_dispatch__`."""
+    """An op on remote tensors routed from elsewhere than `__torch_dispatch__` (the backend kernels of `backend.py`,
+    the Dynamo-disabled path): the same routing as `torch_dispatch` below."""
+    try:
+        kind, how = func._gp_route
+    except AttributeError:
+        kind, how = _route(func)
+    if kind == _PLAIN:
+        return run_remote(None, how, args, kwargs)
+    if kind == _SPECIAL:
+        return how(func, args, kwargs)
+    return _other(func, how, args, kwargs)
+
+
+def torch_dispatch(cls: Any, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+    """`RemoteTensor.__torch_dispatch__` itself once the device is registered (`tensor.set_dispatcher`): `dispatch`
+    with the Dynamo check in front, one Python frame less on every op than a method calling it."""
+    if _compiler._is_compiling_flag:  # Dynamo traced into here: run the op eagerly instead (a graph break)
+        return _eager_disabled()(func, args, kwargs or {})
+    if kwargs is None:  # torch passes a fresh dict (often empty: `kwargs or {}` would make another one)
+        kwargs = {}
     try:
         kind, how = func._gp_route
     except AttributeError:

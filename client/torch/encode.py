@@ -164,6 +164,16 @@ def _c_one(rt: DeviceRuntime | None, kind: str, v: Any, by_type: bool) -> tuple[
         return v._gp_key, _TAG_U64(compact.TENSOR, v._gp_h), vrt
     if v is None:
         return None, _C_NONE, rt
+    if kind == _V and (tv is int or (tv is list and list(map(type, v)).count(int) == len(v))):
+        # Dims and sizes (ints, lists of ints: the usual argument besides tensors) are keyed and encoded once per
+        # value. Only exact ints: equal values then encode alike (not so 0.0 and -0.0, nor 1 and True).
+        ck = v if tv is int else tuple(v)
+        hit = _INTS.get(ck)
+        if hit is None:
+            if len(_INTS) >= _INTS_MAX:
+                _INTS.clear()
+            hit = _INTS[ck] = (meta.arg_key(kind, v, by_type), compact.encode_value(v))
+        return hit[0], hit[1], rt
     if kind == meta.S or (kind == meta.T and (tv is float or tv is int or tv is bool)):
         return (tv if by_type else (tv, v)) if kind == meta.S else tv, compact.encode_value(v), rt
     if kind == meta.TL:
@@ -179,6 +189,9 @@ def _c_one(rt: DeviceRuntime | None, kind: str, v: Any, by_type: bool) -> tuple[
 
 
 _TAG_U64 = compact.TAG_U64.pack
+_V = meta.V
+_INTS: dict[Any, tuple[Any, bytes]] = {}  # an int or a tuple of ints -> (its key part, its compact bytes)
+_INTS_MAX = 4096
 _C_NONE = compact.encode_value(None)
 
 

@@ -19,7 +19,7 @@ from gpupool import compact
 
 from . import encode, meta
 from .runtime import DeviceRuntime
-from .tensor import RemoteTensor, rewrap, to_cpu, upload_new, wrap
+from .tensor import _STRIDED, RemoteTensor, _make_wrapper, rewrap, to_cpu, upload_new, wrap
 
 log = logging.getLogger("gpupool.torch")
 aten = torch.ops.aten
@@ -52,8 +52,8 @@ def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...]
         except (encode.NeedsUpload, compact.Unencodable):
             tail = None
         else:
-            if found is not None and not found.compact_ok():  # a capture records `Op`s
-                tail = None
+            if found is not None and (found.recorder is not None or len(found.op_ids) >= _MAX_OP_IDS):
+                tail = None  # not found.compact_ok(), inline: a capture records `Op`s
     if tail is None:
         try:
             found, key, wire_args, wire_kwargs = encode.build(rt, sch, args, kwargs)
@@ -84,8 +84,14 @@ def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...]
     if outs.spec is None and sch.first_is_new:  # one new tensor: most ops
         m = outs.metas[0]
         assert m is not None
-        h = rt.new_handle()
-        result = wrap(rt, h, m.shape, m.stride, m.offset, m.dtype, m)
+        count = rt._handle_count  # rt.new_handle() and wrap(), inline: two Python calls less on most ops
+        h = rt._handle_base + next(count) if count is not None else rt.new_handle()
+        shape, stride, offset, dtype = m
+        result = _make_wrapper(RemoteTensor, shape, stride, offset, None, dtype, _STRIDED, rt.device)
+        d = result.__dict__
+        d["_gp_rt"] = rt
+        d["_gp_h"] = h
+        d["_gp_key"] = m
         if tail is not None:
             rt.eager_op(sch.name, tail, [h])
         else:

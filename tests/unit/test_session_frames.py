@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from gpupool.client.session import eager_command, upload_command
@@ -55,3 +57,68 @@ def test_upload_command_with_negative_and_zero_values_parses_back() -> None:
     frame.commands.add(upload=device_pb2.Upload(handle=9, meta=tensor_pb2.TensorMeta(shape=[2, 3], stride=[-1, 0]),
                                                 data=b"xy", last=True))  # fmt: skip
     assert raw == frame.SerializeToString()
+
+
+def test_batching_keeps_every_command_in_order_and_frames_within_the_command_bound() -> None:
+    """Eager records, small uploads and protobuf commands interleaved in every pattern: the frames a session hands
+    to gRPC hold exactly the commands queued, in order, none more than MAX_BATCH_COMMANDS (the eager path counts
+    its frame without reading the protobuf part, which must then be empty)."""
+    import random
+
+    from gpupool.client.session import MAX_BATCH_COMMANDS, Session
+
+    s = Session.__new__(Session)  # the batching state only: no channel, frames stay in the send queue
+    s._dead = None
+    s._side = None
+    s._init_frames()
+    rng = random.Random(5)
+    sent: list[tuple[str, Any]] = []
+    frames: list[Any] = []
+    # long runs of eager records after each other kind (they fill frames), then a random mix
+    kinds = [k for other in ("seed", "upload", "op", "free") for k in [other] + ["eager"] * 300]
+    kinds += [rng.choice(["eager"] * 6 + ["upload", "seed", "op", "free", "flush"]) for _ in range(3000)]
+    for i, kind in enumerate(kinds):
+        while not s._send.empty():  # what gRPC's sending thread would take (a full queue blocks the caller)
+            frames.append(s._send.get())
+        if kind == "eager":
+            s.eager_op(b"r%d" % i)
+            sent.append(("eager_op", b"r%d" % i))
+        elif kind == "upload":
+            s.upload(torch.full((2,), float(i)), handle=i + 1)
+            sent.append(("upload", i + 1))
+        elif kind == "seed":
+            s.seed(i)
+            sent.append(("seed", i))
+        elif kind == "op":
+            s.op("aten::neg", [tensor_pb2.Arg(tensor=i)], {}, [i + 1])
+            sent.append(("op", i))
+        elif kind == "free":
+            s.free([i])
+            sent.append(("free", i))
+        else:
+            s.flush()
+    s.flush()
+    while not s._send.empty():
+        frames.append(s._send.get())
+    got: list[tuple[str, Any]] = []
+    for frame in frames:
+        parsed = device_pb2.ClientFrame.FromString(frame) if isinstance(frame, bytes) else frame
+        assert 0 < len(parsed.commands) <= MAX_BATCH_COMMANDS
+        for c in parsed.commands:
+            which = c.WhichOneof("cmd")
+            got.append((which, _identity(c)))
+    assert got == sent
+
+
+def _identity(c: device_pb2.Command) -> Any:
+    """What `test_batching_...` records of each command it queues."""
+    which = c.WhichOneof("cmd")
+    if which == "eager_op":
+        return c.eager_op
+    if which == "upload":
+        return c.upload.handle
+    if which == "seed":
+        return c.seed.seed
+    if which == "op":
+        return c.op.args[0].tensor
+    return c.free.handles[0]

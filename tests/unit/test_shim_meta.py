@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from gpupool.client.torch import meta
 from gpupool.client.torch.runtime import DeviceRuntime
@@ -190,3 +192,30 @@ def test_values_only_an_op_carries_fall_back() -> None:
         except compact.Unencodable:
             continue
         raise AssertionError(f"{func} should need an Op")
+
+
+def test_int_arguments_keyed_and_encoded_once_alike_with_values_that_compare_equal() -> None:
+    """`encode._c_one` keeps the key part and bytes of ints and int lists: a value equal to a kept one but of
+    another type (True, 1.0, -0.0, a bool inside a list) still gets its own key and bytes, in any order."""
+    from gpupool.client.torch import encode
+
+    from gpupool import compact
+
+    values: list[object] = [
+        [1, 2], [True, 2], [1.0, 2], [1, 2], 1, True, 1.0, 1, [0], [0.0], [-0.0], [False], [0], [], [[1], [2]],
+        [2**62, -(2**62)], 7, [7], (7,),
+    ]  # fmt: skip
+    for rounds in range(2):  # the second round answers from the kept ones
+        for v in values if rounds == 0 else values[::-1]:
+            got = _outcome(lambda v=v: encode._c_one(None, meta.V, v, True))
+            want = _outcome(lambda v=v: (meta.arg_key(meta.V, v, True), compact.encode_value(v), None))
+            assert got == want, v
+    assert encode._INTS, "ints and int lists are kept"
+
+
+def _outcome(fn: Any) -> str:
+    """What `fn` returns as its repr (True is not 1, -0.0 is not 0.0, where == says they are), or what it raises."""
+    try:
+        return repr(fn())
+    except Exception as exc:
+        return type(exc).__name__
