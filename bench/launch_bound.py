@@ -14,8 +14,9 @@ ahead of the daemon within a block, as a training loop that logs every N steps d
 local / eager / captured runs alternate for a few rounds (a last local run closes them), best of each counting.
 Columns: ms/step, ratio to local (best over best), "paired" (the median over rounds of each run's step over the
 mean of the local runs just before and after it: the box drifts between minutes, and neighbours share the drift, so
-this is the figure to quote on a shared box), aten ops per step (the graph's ops when captured), commands sent per
-step, client CPU per op and the daemon's CPU per op: front, zygote and the session's worker together (everything
+this is the figure to quote on a shared box), aten ops per step (eager: the ops sent; captured: the graph's ops,
+which capturable Adam makes more; each row's per-op columns divide by its own count), commands sent per step, client
+CPU per op and the daemon's CPU per op: front, zygote and the session's worker together (everything
 above the kernels on a fake GPU is overhead; the kernels are included). "core-1 CPU" is the CPU time per step of
 what runs on the daemon's core: the local process, or the whole daemon (front and worker); its ratio is what the
 wall-clock ratio becomes on a quiet box whenever the daemon's core is the bottleneck, and it moves much less with
@@ -248,11 +249,13 @@ def print_table(rows: list[tuple[str, dict[str, dict[str, Any]]]], args: argpars
     for model, best in rows:
         local = best["local"]["step_s"] if "local" in best else float("nan")
         local_cpu = best["local"]["client_cpu_per_step_s"] if "local" in best else float("nan")
-        ops = best["eager"]["commands_per_step"] if "eager" in best else 1  # eager: one command per aten op
-        ops = (best["captured"].get("graph_ops") if "captured" in best else 0) or ops or 1
         for mode in best:
             r = best[mode]
             remote = mode != "local"
+            # Per op of its own mode: eager sends one command per aten op; a captured step runs its graph's ops
+            # (capturable Adam's ops, more than the default Adam's), so each row divides by its own count.
+            ops = (r.get("graph_ops") or 0) if mode == "captured" else r["commands_per_step"] if remote else 1
+            ops = ops or 1
             core1 = r["daemon_cpu_per_step_s"] if remote else r["client_cpu_per_step_s"]
             table.add_row(
                 model,
