@@ -7,6 +7,7 @@ sit between it and the gRPC front without changing either side.
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import time
@@ -22,7 +23,7 @@ from gpupool import compact, protocol, wire
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
 
-from . import bulk, checks, cost, guards, sizing, templates
+from . import bulk, checks, cost, guards, runs, sizing, templates
 from .collectives import Collectives
 from .graph import GraphTable
 from .ops import OpTable
@@ -76,8 +77,9 @@ class CommandExecutor:
         self.side_slot: memoryview | None = None
         self.side_used = 0
         self._op_ids: dict[str, dict[int, str | checks.OpPlan]] = {}  # session id -> compact op id -> its op
-        # session id -> (its op id table, its torch device (a property builds it anew), its record templates)
-        self._eager: dict[str, tuple[dict[int, str | checks.OpPlan], torch.device, templates.Table]] = {}
+        # session id -> (its op id table, its torch device (a property builds it anew), its record templates, its
+        # learned runs of records)
+        self._eager: dict[str, tuple[dict[int, str | checks.OpPlan], torch.device, templates.Table, runs.Runs]] = {}
         self._plans: dict[str, checks.OpPlan] = {}  # allowed op name -> its plan
         self._verdicts: dict[Any, int] = {}  # op signature -> new bytes, once its shape-only checks passed
 
@@ -122,17 +124,22 @@ class CommandExecutor:
                 self.collectives.join(s, cmd.group_join)
             else:
                 raise InvalidArgument("empty command")
-        except PoisonedInput as exc:
+        except Exception as exc:
+            self._failed(s, cmd, exc, reply)
+
+    def _failed(self, s: WorkerSession, cmd: device_pb2.Command, exc: Exception, reply: Reply) -> None:
+        """A command raised `exc`: the error it answers or records, with its status (run spans share it)."""
+        if isinstance(exc, PoisonedInput):
             self._fail(s, cmd, exc.poison, reply)
-        except GpupoolError as exc:
+        elif isinstance(exc, GpupoolError):
             self._fail(s, cmd, Poison.of(exc, self._what(s, cmd)), reply)
-        except (torch.OutOfMemoryError, MemoryError) as exc:
+        elif isinstance(exc, torch.OutOfMemoryError | MemoryError):
             err = Poison(StatusCode.RESOURCE_EXHAUSTED, self._what(s, cmd), f"device out of memory: {exc}")
             self._fail(s, cmd, err, reply)
-        except (RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
+        elif isinstance(exc, RuntimeError | TypeError | ValueError | IndexError | OverflowError):
             self._fail(s, cmd, Poison(StatusCode.INVALID_ARGUMENT, self._what(s, cmd), _first_lines(exc)), reply)
-        except Exception as exc:  # a bug must cost one command, never the daemon
-            log.exception("internal error executing %s for session %s", kind, s.session_id)
+        else:  # a bug must cost one command, never the daemon
+            log.error("internal error executing %s for session %s", cmd.WhichOneof("cmd"), s.session_id, exc_info=exc)
             self._fail(s, cmd, Poison(StatusCode.INTERNAL, self._what(s, cmd), f"{type(exc).__name__}: {exc}"), reply)
 
     def _what(self, s: WorkerSession, cmd: device_pb2.Command) -> str:
@@ -187,14 +194,22 @@ class CommandExecutor:
         written = lambda: wire.arg_handles([*msg.args, *msg.kwargs.values()])  # noqa: E731
         self._run_op(s, plan, args, kwargs, msg.outputs, written, dev)
 
+    def _eager_state(
+        self, s: WorkerSession
+    ) -> tuple[dict[int, str | checks.OpPlan], torch.device, templates.Table, runs.Runs]:
+        state = self._eager.get(s.session_id)
+        if state is None:
+            table = self._op_ids.setdefault(s.session_id, {})
+            state = self._eager[s.session_id] = (table, s.device.torch_device, templates.Table(), runs.Runs())
+        return state
+
     def _eager_op(self, s: WorkerSession, data: bytes) -> None:
         """A compact eager record (gpupool/compact.py): names are defined once per session, then referred to by id.
         A record laid out as one seen before takes its template (server/templates.py), any other the full decode."""
         state = self._eager.get(s.session_id)
         if state is None:
-            table = self._op_ids.setdefault(s.session_id, {})
-            state = self._eager[s.session_id] = (table, s.device.torch_device, templates.Table())
-        table, dev, learned = state
+            state = self._eager_state(s)
+        table, dev, learned, known = state
         get = None if s.uploads else s.tensors.get  # a half-uploaded handle must go through resolve's check
         sizes = learned.heads.get(data[:5])
         seen = sizes.get(len(data)) if sizes is not None else None
@@ -204,11 +219,14 @@ class CommandExecutor:
                 if tpl.fixed_of(fields) == tpl.fixed:
                     args, kwargs, handles, sig = templates.fill(tpl, fields, s.resolve, get)
                     self._run_op(s, tpl.plan, args, kwargs, fields[1 : 1 + tpl.n_out], handles.copy, dev, sig)
+                    if known.rec is not None:  # `eager_span` is learning a run
+                        known.rec.append((tpl, fields, sig))
                     return
         op_id, name, outputs, args, kwargs, handles = compact.decode_parts(data, s.resolve, dev, get)
         if name:
             table[op_id] = name
             learned.drop(op_id)
+            known.clear()  # its traces hold templates learned under the old name
         entry = table.get(op_id)
         if entry is None:
             raise InvalidArgument(f"eager op id {op_id} was never defined in this session")
@@ -219,6 +237,107 @@ class CommandExecutor:
             if new is not None:
                 learned.add(data, new)
         self._run_op(s, entry, args, kwargs, outputs, lambda: handles, dev)  # type: ignore[arg-type]
+
+    def eager_span(
+        self,
+        s: WorkerSession,
+        commands: Sequence[device_pb2.Command],
+        i: int,
+        reply: Reply,
+        progress: Callable[[int], None] | None,
+        start: float,
+        budget: float,
+    ) -> tuple[int, bool]:
+        """Run the consecutive eager records from `commands[i]` on, through learned runs where they match
+        (server/runs.py) and on the normal path (`execute`, learning runs) where not, marking `progress` before
+        each as `slices.run_commands` does. Returns the index of the first command not run (a command that is no
+        eager record, or the end) and whether the slice's time budget passed (measured from `start`)."""
+        n = len(commands)
+        table, dev, learned, known = self._eager_state(s)
+        get = s.tensors.get
+        resolve = s.resolve
+        match = runs.match
+        perf = time.perf_counter
+        trace: runs.Trace | None = None
+        steps: list[runs.Step] = []
+        k = 0
+        objs: list[Any] = []
+        over = False
+        try:
+            while i < n:
+                cmd = commands[i]
+                if cmd.WhichOneof("cmd") != "eager_op":
+                    break
+                if progress is not None:
+                    progress(i)
+                data = cmd.eager_op
+                got = None
+                if not s.uploads:  # a half-uploaded handle must go through the normal path's checks
+                    if trace is not None:
+                        try:
+                            got = match(steps[k], data, get, resolve, objs)
+                        except Exception:  # the normal path raises it again, with its status
+                            got = None
+                    if got is None:
+                        trace = None
+                        found = known.heads.get((data[:5], len(data)))
+                        if found is not None:
+                            for cand in found:
+                                if cand.quota != s.quota or cand.flops != s.max_op_flops:
+                                    continue
+                                objs = []
+                                try:
+                                    got = match(cand.steps[0], data, get, resolve, objs)
+                                except Exception:
+                                    got = None
+                                if got is not None:
+                                    trace, steps, k = cand, cand.steps, 0
+                                    break
+                if got is not None:
+                    if known.rec is not None:
+                        self._learn(known, s)
+                    step = steps[k]
+                    args, kwargs, fields = got
+                    tpl = step.tpl
+                    outputs = fields[1 : 1 + tpl.n_out]
+                    written = functools.partial(runs.written, step, fields) if step.mutable else list
+                    try:
+                        self._run_op(s, tpl.plan, args, kwargs, outputs, written, dev, known=step.need)
+                    except Exception as exc:
+                        self._failed(s, cmd, exc, reply)
+                        trace = None
+                    else:
+                        known.hits += 1
+                        for j in step.keep:
+                            objs.append(get(outputs[j]))
+                        k += 1
+                        if k == len(steps):
+                            trace = None
+                else:
+                    if known.rec is None and not s.uploads:
+                        known.rec = []
+                    before = len(known.rec) if known.rec is not None else 0
+                    self.execute(s, cmd, reply)
+                    if known.rec is not None and len(known.rec) == before:  # no template hit, or it failed
+                        self._learn(known, s)
+                i += 1
+                if perf() - start > budget:
+                    over = True
+                    break
+        finally:
+            if known.rec is not None:
+                self._learn(known, s)
+        return i, over
+
+    def _learn(self, known: runs.Runs, s: WorkerSession) -> None:
+        """End the recording of a run of records: keep traces of it."""
+        rec, known.rec = known.rec, None
+        if not rec:
+            return
+        for trace in runs.build_all(rec, self._verdicts, s.quota, s.max_op_flops):
+            known.add(trace.steps[0].tpl.head, trace)
+            known.learned += 1
+            log.debug("session %s: learned a run of %d eager records", s.session_id, len(trace.steps))
 
     def _plan(self, name: str, s: WorkerSession) -> checks.OpPlan:
         plan = self._plans.get(name)
@@ -236,11 +355,13 @@ class CommandExecutor:
         written: Callable[[], list[int]],
         dev: torch.device,
         sig: Any = _COMPUTE,
+        known: int = -1,
     ) -> None:
         """Check and run one decoded op. The checks that depend only on the op and its arguments' shapes, dtypes and
         values (enums, sizes against the quota, list counts, compute bound, new bytes) are cached per signature;
         value-dependent guards (indices) run every time, as do the quota and handle checks. `sig`: the verdict key
-        a record template gave (server/templates.py), None for an op never cached; by default computed here."""
+        a record template gave (server/templates.py), None for an op never cached; by default computed here.
+        `known` >= 0: the verdict itself, for a record of a learned run (server/runs.py) whose signature it is."""
         op = plan.op
         if plan.takes_device and kwargs.get("device") is None:
             kwargs["device"] = dev  # factories without a device would allocate in host memory
@@ -254,15 +375,18 @@ class CommandExecutor:
                     new_handles += 1
         if new_handles and len(tensors) + len(poisoned) + new_handles > s.max_handles:
             s.admit_handles(new_handles)  # raises
-        if sig is _COMPUTE:
-            sig = checks.signature(plan, args, kwargs)
         need = None
-        if sig is not None:
-            sig = (sig, s.quota, s.max_op_flops)  # the verdict of check_inputs and cost.check depends on these
-            try:
-                need = self._verdicts.get(sig)
-            except TypeError:  # an unhashable value: the checks run every time
-                sig = None
+        if known >= 0:
+            need = known
+        else:
+            if sig is _COMPUTE:
+                sig = checks.signature(plan, args, kwargs)
+            if sig is not None:
+                sig = (sig, s.quota, s.max_op_flops)  # the verdict of check_inputs and cost.check depends on these
+                try:
+                    need = self._verdicts.get(sig)
+                except TypeError:  # an unhashable value: the checks run every time
+                    sig = None
         if need is None:
             guards.check_enums(op, args, kwargs)
             guards.check_inputs(args, kwargs, s.quota)
