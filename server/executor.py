@@ -38,6 +38,7 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 MAX_DIMS = 64
 MAX_VERDICTS = 8192  # cached op signatures (cleared when full)
+_RESHAPING = frozenset({"run_graph", "define_graph", "drop_graph", "collective", "group_join"})  # other kinds: no
 _COMPUTE = object()  # _run_op's default: compute the op's signature
 _Tensor = torch.Tensor
 _STRIDED = torch.strided
@@ -97,6 +98,10 @@ class CommandExecutor:
     def execute(self, s: WorkerSession, cmd: device_pb2.Command, reply: Reply, data: memoryview | None = None) -> None:
         """Run one command; `data`: an upload's bytes parsed out of its span by hand (server/bulk.py)."""
         kind = cmd.WhichOneof("cmd")
+        if kind in _RESHAPING:  # may change tensors' metas in place: learned runs check them again
+            state = self._eager.get(s.session_id)
+            if state is not None:
+                state[3].epoch += 1
         try:
             if kind == "eager_op":
                 self._eager_op(s, cmd.eager_op)
@@ -224,9 +229,10 @@ class CommandExecutor:
                     return
         op_id, name, outputs, args, kwargs, handles = compact.decode_parts(data, s.resolve, dev, get)
         if name:
+            if op_id in table:  # defined anew: its templates and the runs holding them were learned for the old name
+                learned.drop(op_id)
+                known.clear()
             table[op_id] = name
-            learned.drop(op_id)
-            known.clear()  # its traces hold templates learned under the old name
         entry = table.get(op_id)
         if entry is None:
             raise InvalidArgument(f"eager op id {op_id} was never defined in this session")
@@ -275,7 +281,7 @@ class CommandExecutor:
                 if not s.uploads:  # a half-uploaded handle must go through the normal path's checks
                     if trace is not None:
                         try:
-                            got = match(steps[k], data, get, resolve, objs)
+                            got = match(steps[k], data, get, resolve, objs, known.epoch)
                         except Exception:  # the normal path raises it again, with its status
                             got = None
                     if got is None:
@@ -287,7 +293,7 @@ class CommandExecutor:
                                     continue
                                 objs = []
                                 try:
-                                    got = match(cand.steps[0], data, get, resolve, objs)
+                                    got = match(cand.steps[0], data, get, resolve, objs, known.epoch)
                                 except Exception:
                                     got = None
                                 if got is not None:
@@ -363,6 +369,10 @@ class CommandExecutor:
         a record template gave (server/templates.py), None for an op never cached; by default computed here.
         `known` >= 0: the verdict itself, for a record of a learned run (server/runs.py) whose signature it is."""
         op = plan.op
+        if plan.reshapes:  # learned runs check their inputs' metas again (server/runs.py)
+            state = self._eager.get(s.session_id)
+            if state is not None:
+                state[3].epoch += 1
         if plan.takes_device and kwargs.get("device") is None:
             kwargs["device"] = dev  # factories without a device would allocate in host memory
         new_handles = 0

@@ -27,6 +27,7 @@ the templates when an op id is defined anew. A trace holds no tensor.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from .templates import C_ARG, L_ARG, L_KW, N_ARG, N_KW, NL_ARG, NL_KW, T_ARG, T_KW, Template
@@ -45,7 +46,7 @@ class Step:
     def __init__(self, tpl: Template, need: int, ins: list[tuple[Any, ...]], keep: tuple[int, ...]) -> None:
         self.tpl = tpl
         self.need = need  # new bytes: the verdict of the shape-only checks, as the normal path cached it
-        # per template step: (kind, field, where, count, source(s), meta(s) of the external ones)
+        # per template step: (kind, field, where, count, source(s), meta(s) and check cell(s) of the external ones)
         self.ins = ins
         self.keep = keep  # output slots whose bound tensor a later step takes (appended to the run's list)
         self.mutable = tpl.plan.mutable
@@ -66,7 +67,7 @@ class Trace:
 class Runs:
     """A session's traces and the recording in progress."""
 
-    __slots__ = ("heads", "count", "rec", "hits", "learned")
+    __slots__ = ("heads", "count", "rec", "hits", "learned", "epoch")
 
     def __init__(self) -> None:
         self.heads: dict[tuple[bytes, int], list[Trace]] = {}
@@ -74,6 +75,7 @@ class Runs:
         self.rec: list[tuple[Template, tuple[Any, ...], Any]] | None = None  # filled by `_eager_op` when set
         self.hits = 0  # records run inside a trace
         self.learned = 0  # traces built
+        self.epoch = 0  # ops (and commands) so far that may have changed a tensor's meta in place (`_checked`)
 
     def clear(self) -> None:
         self.heads.clear()
@@ -141,13 +143,14 @@ def build(records: list[tuple[Template, tuple[Any, ...], Any, int]], quota: int,
         for kind, i, where, n, src, meta in ins:
             if kind == T_ARG or kind == T_KW:
                 if isinstance(src, tuple):
-                    final.append((kind, i, where, n, index[src], None))
+                    final.append((kind, i, where, n, index[src], None, None))
                 else:
-                    final.append((kind, i, where, n, EXTERNAL, meta))
+                    final.append((kind, i, where, n, EXTERNAL, meta, [None, -1]))
             elif kind == L_ARG or kind == L_KW:
-                final.append((kind, i, where, n, tuple(index[s] if isinstance(s, tuple) else s for s in src), meta))
+                srcs = tuple(index[s] if isinstance(s, tuple) else s for s in src)
+                final.append((kind, i, where, n, srcs, meta, [[None, -1] for _ in srcs]))
             else:
-                final.append((kind, i, where, n, None, None))
+                final.append((kind, i, where, n, None, None, None))
         keep = tuple(j for (d, j) in used if d == k)
         out.append(Step(tpl, need, final, keep))
     return Trace(out, quota, flops)
@@ -158,11 +161,12 @@ def _sources(src: Any) -> list[Any]:
 
 
 def match(
-    step: Step, data: bytes, get: Any, resolve: Any, objs: list[Any]
+    step: Step, data: bytes, get: Any, resolve: Any, objs: list[Any], epoch: int
 ) -> tuple[list[Any], dict[str, Any], tuple[Any, ...]] | None:
     """(args, kwargs, fields) of a record that matches `step` (its template, its inputs' sources and the external
     inputs' metas), None otherwise; raises what resolving an external handle raises (the caller then runs the
-    record on the normal path, which raises the same). `objs`: the run's kept outputs so far."""
+    record on the normal path, which raises the same). `objs`: the run's kept outputs so far; `epoch`: the
+    session's count of ops that may have changed a tensor's meta in place (`Runs.epoch`)."""
     tpl = step.tpl
     if len(data) != tpl.size:
         return None
@@ -171,7 +175,7 @@ def match(
         return None
     args = tpl.args.copy()
     kwargs = tpl.kwargs.copy()
-    for kind, i, where, n, src, meta in step.ins:
+    for kind, i, where, n, src, meta, cell in step.ins:
         if kind == T_ARG or kind == T_KW:
             t = get(fields[i])
             if src >= 0:
@@ -180,7 +184,7 @@ def match(
             else:
                 if t is None:
                     t = resolve(fields[i])
-                if (t.dtype, t.shape, t.stride(), t.storage_offset()) != meta:
+                if not _checked(t, meta, cell, epoch):
                     return None
             if kind == T_ARG:
                 args[where] = t
@@ -190,7 +194,7 @@ def match(
             args[where] = fields[i]
         elif kind == L_ARG or kind == L_KW:
             v: list[Any] = []
-            for h, s, m in zip(fields[i : i + n], src, meta, strict=True):
+            for h, s, m, c in zip(fields[i : i + n], src, meta, cell, strict=True):
                 if s == NONE:
                     if h:
                         return None
@@ -203,7 +207,7 @@ def match(
                 else:
                     if t is None:
                         t = resolve(h)
-                    if (t.dtype, t.shape, t.stride(), t.storage_offset()) != m:
+                    if not _checked(t, m, c, epoch):
                         return None
                 v.append(t)
             if kind == L_ARG:
@@ -223,10 +227,25 @@ def match(
     return args, kwargs, fields
 
 
+def _checked(t: Any, meta: Any, cell: list[Any], epoch: int) -> bool:
+    """Whether external input `t` has the learned `meta`. `cell` remembers (weakly) the last tensor found to
+    have it, at which epoch: the same live object with no op since that could have changed a meta in place
+    still has it (a weak reference keeps no freed tensor alive, and a dead one never compares equal)."""
+    ref = cell[0]
+    if ref is not None and cell[1] == epoch and ref() is t:
+        return True
+    if (t.dtype, t.shape, t.stride(), t.storage_offset()) != meta:
+        return False
+    if ref is None or ref() is not t:
+        cell[0] = weakref.ref(t)
+    cell[1] = epoch
+    return True
+
+
 def written(step: Step, fields: tuple[Any, ...]) -> list[int]:
     """The record's input handles in the order `templates.fill` lists them (for a mutable op's recount)."""
     handles: list[int] = []
-    for kind, i, _, n, _, _ in step.ins:
+    for kind, i, _, n, _, _, _ in step.ins:
         if kind == T_ARG or kind == T_KW:
             handles.append(fields[i])
         elif kind == L_ARG or kind == L_KW:

@@ -38,6 +38,8 @@ OPS = {
     9: "aten::empty_like",
     10: "aten::add.Scalar",
     11: "aten::embedding_dense_backward",
+    12: "aten::resize_",
+    13: "aten::t_",
 }
 
 
@@ -228,6 +230,21 @@ def test_changed_shapes_and_provenance_fall_back_to_the_normal_path() -> None:
     cmds = step(p, 10) + step(p, 11)
     cmds[11 + 2] = p.rec(3, [h(11, 2)], [T(BASE + 53)])
     p.stream(cmds, itertools.cycle([64]))
+
+
+def test_an_op_that_changes_a_meta_in_place_makes_runs_check_it_again() -> None:
+    p = Pair()
+    p.stream(training(p, 6), itertools.cycle([64]))
+    hits = p.hits
+    p.stream(step(p, 6) + step(p, 7), itertools.cycle([64]))
+    assert p.hits - hits > 15  # the same objects, metas not checked again
+    # X grows in place (the same tensor object): its learned verdict would admit far too few bytes
+    p.stream([p.rec(12, [], [T(X), V([400, 3])])] + step(p, 8)[:3], itertools.cycle([64]))
+    for s in p.s:  # leave 3000 bytes of the quota (a changed quota would not take the learned runs)
+        s.bind(BASE + 60, torch.zeros((s.quota - s.used - 3000) // 4))
+    assert not p.s[0].poisoned
+    p.stream(step(p, 9) + [p.rec(13, [], [T(W)])] + step(p, 10), itertools.cycle([64]))
+    assert h(9, 0) in p.s[0].poisoned
 
 
 def test_redefining_an_op_id_drops_its_runs() -> None:
