@@ -147,8 +147,8 @@ def build(records: list[tuple[Template, tuple[Any, ...], Any, int]], quota: int,
                 else:
                     final.append((kind, i, where, n, EXTERNAL, meta, [None, -1]))
             elif kind == L_ARG or kind == L_KW:
-                srcs = tuple(index[s] if isinstance(s, tuple) else s for s in src)
-                final.append((kind, i, where, n, srcs, meta, [[None, -1] for _ in srcs]))
+                ids = tuple(index[s] if isinstance(s, tuple) else s for s in src)
+                final.append((kind, i, where, n, ids, meta, [[None, -1] for _ in ids]))
             else:
                 final.append((kind, i, where, n, None, None, None))
         keep = tuple(j for (d, j) in used if d == k)
