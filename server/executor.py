@@ -268,6 +268,7 @@ class CommandExecutor:
         steps: list[runs.Step] = []
         k = 0
         objs: list[Any] = []
+        after: runs.Trace | None = None  # the run that just ended at its last step
         over = False
         try:
             while i < n:
@@ -284,11 +285,21 @@ class CommandExecutor:
                             got = match(steps[k], data, get, resolve, objs, known.epoch)
                         except Exception:  # the normal path raises it again, with its status
                             got = None
+                    if got is None and after is not None:  # the run that followed it last time, first
+                        cand = after.next()
+                        if cand is not None and cand.quota == s.quota and cand.flops == s.max_op_flops:
+                            objs = []
+                            try:
+                                got = match(cand.steps[0], data, get, resolve, objs, known.epoch)
+                            except Exception:
+                                got = None
+                            if got is not None:
+                                trace, steps, k = cand, cand.steps, 0
                     if got is None:
                         trace = None
                         found = known.heads.get((data[:5], len(data)))
                         if found is not None:
-                            for cand in found:
+                            for at, cand in enumerate(found):
                                 if cand.quota != s.quota or cand.flops != s.max_op_flops:
                                     continue
                                 objs = []
@@ -298,9 +309,14 @@ class CommandExecutor:
                                     got = None
                                 if got is not None:
                                     trace, steps, k = cand, cand.steps, 0
+                                    if at:  # the most recently run first
+                                        found.insert(0, found.pop(at))
+                                    if after is not None:
+                                        after.next = weakref.ref(cand)
                                     break
+                    after = None
                 if got is not None:
-                    if known.rec is not None:
+                    if known.rec is not None:  # a learned run starts here: the recording ends
                         self._learn(known, s)
                     step = steps[k]
                     args, kwargs, fields = got
@@ -318,7 +334,7 @@ class CommandExecutor:
                             objs.append(get(outputs[j]))
                         k += 1
                         if k == len(steps):
-                            trace = None
+                            after, trace = trace, None
                 else:
                     if known.rec is None and not s.uploads:
                         known.rec = []

@@ -28,11 +28,12 @@ the templates when an op id is defined anew. A trace holds no tensor.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from .templates import C_ARG, L_ARG, L_KW, N_ARG, N_KW, NL_ARG, NL_KW, T_ARG, T_KW, Template
 
-PER_HEAD = 4  # traces kept per head (first record's op id and length); the newest first
+PER_HEAD = 16  # traces kept per head (first record's op id and length); the most recently run or learned first
 MAX_STEPS = 1 << 15  # steps of all a session's traces (each a few hundred bytes); cleared when full
 MAX_LEN = 4096  # steps of one trace (a slice holds at most a few thousand commands)
 EXTERNAL, NONE = -1, -2  # a tensor input's source: resolved by handle (meta checked), or a None in a Tensor?[]
@@ -55,13 +56,18 @@ class Step:
 class Trace:
     """A learned sequence of steps, valid under the quota and compute bound it was learned with."""
 
-    __slots__ = ("steps", "quota", "flops", "runs")
+    __slots__ = ("steps", "quota", "flops", "next", "__weakref__")
 
     def __init__(self, steps: list[Step], quota: int, flops: int) -> None:
         self.steps = steps
         self.quota = quota
         self.flops = flops
-        self.runs = 0  # steps run through this trace (a figure for tests and logs)
+        # the trace that followed it the last time it ran to its end (weakly: an evicted one goes)
+        self.next: Callable[[], Trace | None] = _nothing
+
+
+def _nothing() -> None:
+    return None
 
 
 class Runs:
