@@ -98,7 +98,9 @@ def _callgrind(*flags: str) -> None:
     subprocess.run(["callgrind_control", *flags, str(os.getpid())], capture_output=True, check=False)
 
 
-def replay(path: str, repeats: int, instr: bool = False, slice_commands: int = 64) -> dict[str, Any]:
+def replay(
+    path: str, repeats: int, instr: bool = False, slice_commands: int = 64, no_runs: bool = False
+) -> dict[str, Any]:
     from gpupool.server import slices
     from gpupool.server.devices import FakeDevice
     from gpupool.server.executor import CommandExecutor
@@ -129,6 +131,8 @@ def replay(path: str, repeats: int, instr: bool = False, slice_commands: int = 6
 
     ledger = slices.SliceLedger()
     ex = CommandExecutor(ledger)
+    if no_runs:  # run_commands then runs every command on its own (`execute`), as before round 9
+        ex.eager_span = None  # type: ignore[assignment,method-assign]
     ex.exclusive_rng = True  # as in a session's worker process
     ex.warm_up()
     dev = FakeDevice(0, "bench", 1 << 34)
@@ -193,7 +197,9 @@ def _recording(fn: Any, calls: list[tuple[Any, Any, Any]]) -> Any:
     return rec
 
 
-def _instructions(python: str, where: Path, path: str, tmp: str, slice_commands: int) -> dict[str, Any]:
+def _instructions(
+    python: str, where: Path, path: str, tmp: str, slice_commands: int, extra: list[str]
+) -> dict[str, Any]:
     """One replay under callgrind: instructions per step of the replay and of the bare kernels (this checkout's
     replay code, over the gpupool that `python` imports)."""
     out_file = Path(tmp) / "cg.out"
@@ -203,7 +209,7 @@ def _instructions(python: str, where: Path, path: str, tmp: str, slice_commands:
     exe = subprocess.check_output([python, "-c", "import sys; print(sys.executable)"], text=True).strip()
     cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}", exe,
            str(HERE / "eager_replay.py"), "--replay", path, "--repeats", "1", "--instr",
-           "--slice-commands", str(slice_commands)]  # fmt: skip
+           "--slice-commands", str(slice_commands), *extra]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=where)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     counts = {}
@@ -240,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure", choices=("cpu", "instr"), default="cpu", help="thread CPU time or instructions")
     p.add_argument("--replay", metavar="FILE", help=argparse.SUPPRESS)
     p.add_argument("--slice-commands", type=int, default=64, help="commands per slice (the daemon's fair queue: 64)")
+    p.add_argument("--no-runs", action="store_true", help="this tree without learned runs (server/runs.py)")
     p.add_argument("--instr", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.measure == "instr" and shutil.which("valgrind") is None:
@@ -248,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         dump(*args.dump, args.steps)
         return 0
     if args.replay:
-        print(json.dumps(replay(args.replay, args.repeats, args.instr, args.slice_commands)))
+        print(json.dumps(replay(args.replay, args.repeats, args.instr, args.slice_commands, args.no_runs)))
         return 0
     trees = {"this": (sys.executable, HERE)}
     if args.against:
@@ -264,10 +271,13 @@ def main(argv: list[str] | None = None) -> int:
                 for name in trees if i % 2 == 0 else reversed(list(trees)):
                     py, where = trees[name]
                     if instr:
-                        runs[name].append(_instructions(py, where, path, tmp, args.slice_commands))
+                        extra = ["--no-runs"] if args.no_runs and name == "this" else []
+                        runs[name].append(_instructions(py, where, path, tmp, args.slice_commands, extra))
                         continue
                     argv2 = [py, str(HERE / "eager_replay.py"), "--replay", path, "--repeats", str(args.repeats),
                              "--slice-commands", str(args.slice_commands)]  # fmt: skip
+                    if args.no_runs and name == "this":
+                        argv2.append("--no-runs")
                     out = subprocess.run(argv2, check=True, capture_output=True, text=True, cwd=where)
                     runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
             best = {k: min(v, key=lambda r: r["replay"] - r["bare"]) for k, v in runs.items()}

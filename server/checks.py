@@ -89,7 +89,9 @@ class OpPlan:
         # fallbacks: accelerator-only ops; `op._op` is the builtin `OpOverload.__call__` calls (one Python frame less)
         self.run = guards.replacement(op) or fallbacks.lookup(op, device) or op._op
         self.sig = _plan(op)
-        self.reshapes = self.mutable and not _keeps_meta(op)  # may change a tensor's meta in place (server/runs.py)
+        # may change a tensor's meta or storage in place: its written handles are recounted, learned runs check
+        # their inputs' metas again (server/runs.py)
+        self.reshapes = self.mutable and not _keeps_meta(op)
 
 
 # In-place ops that write values only, never a tensor's sizes, strides or storage (besides the pointwise ones).

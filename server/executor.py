@@ -443,7 +443,7 @@ class CommandExecutor:
             speed.hold_op(op, args, kwargs, out, started)
         s.ops += 1
         self.ledger.op(s)
-        if plan.mutable:
+        if plan.reshapes:  # an op that writes values only (`checks._keeps_meta`) leaves every storage as it was
             s.recount(written(), zero_growth=plan.grown)
         if plan.uninitialized:  # never hand out memory another session wrote and freed
             for t in _slots(out):

@@ -50,7 +50,7 @@ class Step:
         # per template step: (kind, field, where, count, source(s), meta(s) and check cell(s) of the external ones)
         self.ins = ins
         self.keep = keep  # output slots whose bound tensor a later step takes (appended to the run's list)
-        self.mutable = tpl.plan.mutable
+        self.mutable = tpl.plan.reshapes  # its written handles are recounted
 
 
 class Trace:

@@ -105,6 +105,8 @@ class Pair:
             assert meta == (u.dtype, u.shape, u.stride(), u.storage_offset()), h
             assert torch.equal(t, u) or (t.is_floating_point() and torch.allclose(t, u, equal_nan=True)), h
         assert (a.used, a.ops, a.memory.used) == (b.used, b.ops, b.memory.used)
+        storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in a.tensors.values()}
+        assert a.used == sum(storages.values())  # the accounting follows what in-place ops did to storages
 
     def rec(self, op_id: int, outputs: list[int], args: list[bytes], kwargs: dict[str, bytes] | None = None) -> Any:
         name = None
