@@ -7,7 +7,6 @@ sit between it and the gRPC front without changing either side.
 
 from __future__ import annotations
 
-import functools
 import logging
 import secrets
 import time
@@ -320,11 +319,9 @@ class CommandExecutor:
                         self._learn(known, s)
                     step = steps[k]
                     args, kwargs, fields = got
-                    tpl = step.tpl
-                    outputs = fields[1 : 1 + tpl.n_out]
-                    written = functools.partial(runs.written, step, fields) if step.mutable else list
+                    outputs = fields[1 : 1 + step.n_out]
                     try:
-                        self._run_op(s, tpl.plan, args, kwargs, outputs, written, dev, known=step.need)
+                        self._run_step(s, step, args, kwargs, outputs, fields, dev, known)
                     except Exception as exc:
                         self._failed(s, cmd, exc, reply)
                         trace = None
@@ -350,6 +347,78 @@ class CommandExecutor:
             if known.rec is not None:
                 self._learn(known, s)
         return i, over
+
+    def _run_step(
+        self,
+        s: WorkerSession,
+        step: runs.Step,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        outputs: Sequence[int],
+        fields: tuple[Any, ...],
+        dev: torch.device,
+        known: runs.Runs,
+    ) -> None:
+        """`_run_op` for a record that matched a step of a learned run (server/runs.py): the same checks in the same
+        order with the learned verdict; the output checks that depend only on its meta are done once per step."""
+        plan = step.plan
+        op = plan.op
+        if plan.reshapes:
+            known.epoch += 1
+        if plan.takes_device and kwargs.get("device") is None:
+            kwargs["device"] = dev
+        new_handles = 0
+        tensors, poisoned, number, base = s.tensors, s.poisoned, s.number, s.handle_base
+        for h in outputs:
+            if h:
+                if h >> HANDLE_BITS != number or h == base:
+                    s.check_handle(h)  # raises
+                if h not in tensors and h not in poisoned:
+                    new_handles += 1
+        if new_handles and len(tensors) + len(poisoned) + new_handles > s.max_handles:
+            s.admit_handles(new_handles)  # raises
+        if plan.validate:  # value guards run every time
+            guards.validate(op, args, kwargs)
+        need = step.need
+        if need > 0:
+            s.admit(need)
+        used_before = s.used
+        run = plan.run
+        speed = self.speed if self.speed is not None and self.speed.active else None
+        started = time.perf_counter() if speed is not None else 0.0
+        if plan.seeded:
+            out = self._seeded(s, run, args, kwargs)
+        else:
+            out = run(*args, **kwargs) if kwargs else run(*args)
+        if speed is not None:
+            speed.hold_op(op, args, kwargs, out, started)
+        s.ops += 1
+        self.ledger.op(s)
+        if plan.reshapes:
+            s.recount(runs.written(step, fields), zero_growth=plan.grown)
+        if plan.uninitialized:
+            for t in _slots(out):
+                if isinstance(t, torch.Tensor):
+                    zero_bytes(t.untyped_storage(), 0, t.untyped_storage().nbytes())
+        bound: Sequence[int]
+        if len(outputs) == 1 and out.__class__ is _Tensor:
+            h = outputs[0]
+            if h and h not in tensors and h not in poisoned and (step.single or _dense(out)):
+                step.single = True  # a function of the output's meta, and so of the step's inputs' metas
+                s.bind_new(h, out)
+                bound = outputs
+            else:
+                bound = self._bind_outputs(s, outputs, out, dev)
+        else:
+            bound = self._bind_outputs(s, outputs, out, dev)
+        if s.used > s.quota and s.used > used_before:
+            for h in bound:
+                s.unbind(h)
+            raise ResourceExhausted(
+                f"memory quota exceeded: {s.used} bytes would be used of a {s.quota} byte limit",
+                used_bytes=s.used,
+                limit_bytes=s.quota,
+            )
 
     def _learn(self, known: runs.Runs, s: WorkerSession) -> None:
         """End the recording of a run of records: keep traces of it."""
@@ -377,13 +446,12 @@ class CommandExecutor:
         written: Callable[[], list[int]],
         dev: torch.device,
         sig: Any = _COMPUTE,
-        known: int = -1,
     ) -> None:
         """Check and run one decoded op. The checks that depend only on the op and its arguments' shapes, dtypes and
         values (enums, sizes against the quota, list counts, compute bound, new bytes) are cached per signature;
         value-dependent guards (indices) run every time, as do the quota and handle checks. `sig`: the verdict key
         a record template gave (server/templates.py), None for an op never cached; by default computed here.
-        `known` >= 0: the verdict itself, for a record of a learned run (server/runs.py) whose signature it is."""
+        A record of a learned run (server/runs.py) takes `_run_step` instead."""
         op = plan.op
         if plan.reshapes:  # learned runs check their inputs' metas again (server/runs.py)
             state = self._eager.get(s.session_id)
@@ -401,18 +469,15 @@ class CommandExecutor:
                     new_handles += 1
         if new_handles and len(tensors) + len(poisoned) + new_handles > s.max_handles:
             s.admit_handles(new_handles)  # raises
+        if sig is _COMPUTE:
+            sig = checks.signature(plan, args, kwargs)
         need = None
-        if known >= 0:
-            need = known
-        else:
-            if sig is _COMPUTE:
-                sig = checks.signature(plan, args, kwargs)
-            if sig is not None:
-                sig = (sig, s.quota, s.max_op_flops)  # the verdict of check_inputs and cost.check depends on these
-                try:
-                    need = self._verdicts.get(sig)
-                except TypeError:  # an unhashable value: the checks run every time
-                    sig = None
+        if sig is not None:
+            sig = (sig, s.quota, s.max_op_flops)  # the verdict of check_inputs and cost.check depends on these
+            try:
+                need = self._verdicts.get(sig)
+            except TypeError:  # an unhashable value: the checks run every time
+                sig = None
         if need is None:
             guards.check_enums(op, args, kwargs)
             guards.check_inputs(args, kwargs, s.quota)
@@ -638,6 +703,11 @@ class CommandExecutor:
             reply.error.CopyFrom(s.error.to_proto())
             s.error = None
         return device_pb2.ServerFrame(request_id=sync.request_id, sync=reply)
+
+
+def _dense(out: torch.Tensor) -> bool:
+    """Whether `_run_op` binds this returned tensor itself (else `_bind_outputs` checks it)."""
+    return out.layout == _STRIDED and not out.is_quantized and not out.is_nested and out.dim() <= MAX_DIMS
 
 
 def _slots(out: Any) -> list[Any]:

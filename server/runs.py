@@ -42,15 +42,20 @@ EXTERNAL, NONE = -1, -2  # a tensor input's source: resolved by handle (meta che
 class Step:
     """One record of a trace: its template, the verdict, its inputs' sources, and which outputs later steps use."""
 
-    __slots__ = ("tpl", "need", "ins", "keep", "mutable")
+    __slots__ = ("tpl", "plan", "need", "ins", "tensors", "others", "keep", "n_out", "single")
 
     def __init__(self, tpl: Template, need: int, ins: list[tuple[Any, ...]], keep: tuple[int, ...]) -> None:
         self.tpl = tpl
+        self.plan = tpl.plan
         self.need = need  # new bytes: the verdict of the shape-only checks, as the normal path cached it
         # per template step: (kind, field, where, count, source(s), meta(s) and check cell(s) of the external ones)
         self.ins = ins
+        # the same, split: single tensors (is a keyword, field, where, source, meta, cell), then everything else
+        self.tensors = [(k == T_KW, i, w, s, m, c) for k, i, w, _, s, m, c in ins if k == T_ARG or k == T_KW]
+        self.others = [e for e in ins if e[0] != T_ARG and e[0] != T_KW]
         self.keep = keep  # output slots whose bound tensor a later step takes (appended to the run's list)
-        self.mutable = tpl.plan.reshapes  # its written handles are recounted
+        self.n_out = tpl.n_out
+        self.single = False  # set by `CommandExecutor`: one output, a plain dense tensor when the run was learned
 
 
 class Trace:
@@ -181,22 +186,24 @@ def match(
         return None
     args = tpl.args.copy()
     kwargs = tpl.kwargs.copy()
-    for kind, i, where, n, src, meta, cell in step.ins:
-        if kind == T_ARG or kind == T_KW:
-            t = get(fields[i])
-            if src >= 0:
-                if t is None or t is not objs[src]:
-                    return None
-            else:
-                if t is None:
-                    t = resolve(fields[i])
+    for kw, i, where, src, meta, cell in step.tensors:
+        t = get(fields[i])
+        if src >= 0:
+            if t is None or t is not objs[src]:
+                return None
+        else:
+            if t is None:
+                t = resolve(fields[i])
+            ref = cell[0]
+            if ref is None or cell[1] != epoch or ref() is not t:
                 if not _checked(t, meta, cell, epoch):
                     return None
-            if kind == T_ARG:
-                args[where] = t
-            else:
-                kwargs[where] = t
-        elif kind == N_ARG:
+        if kw:
+            kwargs[where] = t
+        else:
+            args[where] = t
+    for kind, i, where, n, src, meta, cell in step.others:
+        if kind == N_ARG:
             args[where] = fields[i]
         elif kind == L_ARG or kind == L_KW:
             v: list[Any] = []
@@ -213,8 +220,10 @@ def match(
                 else:
                     if t is None:
                         t = resolve(h)
-                    if not _checked(t, m, c, epoch):
-                        return None
+                    ref = c[0]
+                    if ref is None or c[1] != epoch or ref() is not t:
+                        if not _checked(t, m, c, epoch):
+                            return None
                 v.append(t)
             if kind == L_ARG:
                 args[where] = v
