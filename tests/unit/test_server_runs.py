@@ -18,6 +18,7 @@ from gpupool.server import runs, slices
 from gpupool.server.devices import FakeDevice
 from gpupool.server.executor import CommandExecutor
 from gpupool.server.sessions import DeviceMemory, WorkerSession
+from gpupool.server.speedmodel import SpeedModel
 
 from gpupool import compact
 from gpupool._proto import device_pb2
@@ -70,20 +71,22 @@ class Pair:
     def runs(self) -> runs.Runs:
         return self.ex[0]._eager["t"][3]
 
-    def slice(self, cmds: list[device_pb2.Command]) -> None:
+    def slice(self, cmds: list[device_pb2.Command], budget: float = 1e9) -> int:
+        """Run one slice in both; returns how many commands it executed."""
         payload = device_pb2.ClientFrame(commands=cmds).SerializeToString()
         seen = []
         for k, (ex, s) in enumerate(zip(self.ex, self.s, strict=True)):
             ex.ledger.reset()
             execute = ex.execute if k == 0 else (lambda *a, ex=ex: ex.execute(*a))  # no `eager_span` behind it
             marks: list[int] = []
-            req = slices.SliceRequest(1 << 40, 1 << 40, 1e9, payload)
+            req = slices.SliceRequest(1 << 40, 1 << 40, budget, payload)
             res = slices.run_commands(s, execute, ex.ledger, req, _clock, marks.append)
             err, s.error = s.error, None
             seen.append((res.executed, res.errors, res.used, res.ops, res.handles, marks,
                          None if err is None else (err.code, err.op, err.message)))  # fmt: skip
         assert seen[0] == seen[1]
         self.same()
+        return seen[0][0]
 
     def stream(self, cmds: list[device_pb2.Command], cuts: Iterator[int]) -> None:
         """Run `cmds` in slices of the sizes `cuts` gives."""
@@ -180,6 +183,29 @@ def test_a_training_loop_runs_in_learned_runs_across_drifting_slice_cuts() -> No
     cmds = [c for t in range(12, 20) for c in step(p, t) + [free(t - 1)]]
     p.stream(cmds, itertools.cycle([64]))
     assert p.hits - hits >= 8 * 11 * 0.7
+
+
+def test_a_spent_time_budget_ends_the_slice_after_the_same_command() -> None:
+    p = Pair()
+    p.stream(training(p, 6), itertools.cycle([64]))
+    hits = p.hits
+    cmds = step(p, 6) + [free(5)] + step(p, 7)
+    while cmds:  # as the daemon does: the commands not executed come again in the next slice
+        n = p.slice(cmds, budget=0.0)
+        assert n == 1
+        cmds = cmds[n:]
+    assert p.hits > hits
+
+
+def test_the_fake_gpu_speed_model_holds_every_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    held: dict[float, list[str]] = {1e9: [], 2e9: []}
+    monkeypatch.setattr(SpeedModel, "hold_op", lambda self, op, *a: held[self.tflops].append(op.name()))
+    p = Pair()
+    p.ex[0].speed, p.ex[1].speed = SpeedModel(tflops=1e9), SpeedModel(tflops=2e9)
+    p.stream(training(p, 8), itertools.cycle([64]))
+    assert p.hits > 0
+    assert held[1e9] == held[2e9]
+    assert len(held[1e9]) == p.s[0].ops
 
 
 def test_an_op_that_fails_inside_a_run_fails_as_on_the_normal_path() -> None:
