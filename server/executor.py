@@ -451,7 +451,7 @@ class CommandExecutor:
         values (enums, sizes against the quota, list counts, compute bound, new bytes) are cached per signature;
         value-dependent guards (indices) run every time, as do the quota and handle checks. `sig`: the verdict key
         a record template gave (server/templates.py), None for an op never cached; by default computed here.
-        A record of a learned run (server/runs.py) takes `_run_step` instead."""
+        A record of a learned run (server/runs.py) takes `_run_step` instead: keep the two in step."""
         op = plan.op
         if plan.reshapes:  # learned runs check their inputs' metas again (server/runs.py)
             state = self._eager.get(s.session_id)
