@@ -21,7 +21,8 @@ the learned verdict holds and the step runs through `_run_op` with it: every per
 guards, seeding, zeroing, recounting and accounting still run as on the normal path.
 
 Traces are per session (`CommandExecutor.forget` drops them), indexed by their first record's first 5 bytes
-and length, at most PER_HEAD per head and MAX_STEPS steps per session (cleared when full), and dropped with
+and length, at most PER_HEAD per head and MAX_ENTRIES steps and tensor inputs per session (cleared when full),
+and dropped with
 the templates when an op id is defined anew. A trace holds no tensor.
 """
 
@@ -34,8 +35,9 @@ from typing import Any
 from .templates import C_ARG, L_ARG, L_KW, N_ARG, N_KW, NL_ARG, NL_KW, T_ARG, T_KW, Template
 
 PER_HEAD = 16  # traces kept per head (first record's op id and length); the most recently run or learned first
-MAX_STEPS = 1 << 15  # steps of all a session's traces (each a few hundred bytes); cleared when full
+MAX_ENTRIES = 1 << 16  # steps and tensor inputs of all a session's traces (each ~100-300 bytes); cleared when full
 MAX_LEN = 4096  # steps of one trace (a slice holds at most a few thousand commands)
+_TENSOR_KINDS = (T_ARG, T_KW, L_ARG, L_KW)
 EXTERNAL, NONE = -1, -2  # a tensor input's source: resolved by handle (meta checked), or a None in a Tensor?[]
 
 
@@ -61,7 +63,7 @@ class Step:
 class Trace:
     """A learned sequence of steps, valid under the quota and compute bound it was learned with."""
 
-    __slots__ = ("steps", "quota", "flops", "next", "__weakref__")
+    __slots__ = ("steps", "quota", "flops", "next", "weight", "__weakref__")
 
     def __init__(self, steps: list[Step], quota: int, flops: int) -> None:
         self.steps = steps
@@ -69,6 +71,8 @@ class Trace:
         self.flops = flops
         # the trace that followed it the last time it ran to its end (weakly: an evicted one goes)
         self.next: Callable[[], Trace | None] = _nothing
+        # what it holds: its steps and their tensor inputs (`Runs` bounds the sum)
+        self.weight = len(steps) + sum(e[3] for step in steps for e in step.ins if e[0] in _TENSOR_KINDS)
 
 
 def _nothing() -> None:
@@ -93,13 +97,13 @@ class Runs:
         self.count = 0
 
     def add(self, head: tuple[bytes, int], trace: Trace) -> None:
-        if self.count + len(trace.steps) > MAX_STEPS:
+        if self.count + trace.weight > MAX_ENTRIES:
             self.clear()
         seen = self.heads.setdefault(head, [])
         if len(seen) >= PER_HEAD:
-            self.count -= len(seen.pop().steps)  # the oldest
+            self.count -= seen.pop().weight  # the oldest
         seen.insert(0, trace)
-        self.count += len(trace.steps)
+        self.count += trace.weight
 
 
 Record = tuple[Template, tuple[Any, ...], Any]  # a record that ran on the normal path: template, fields, verdict key

@@ -291,7 +291,7 @@ def test_redefining_an_op_id_drops_its_runs() -> None:
 
 def test_bounds_and_forget(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runs, "PER_HEAD", 2)
-    monkeypatch.setattr(runs, "MAX_STEPS", 40)
+    monkeypatch.setattr(runs, "MAX_ENTRIES", 40)
     monkeypatch.setattr(runs, "MAX_LEN", 6)
     p = Pair()
     p.stream(training(p, 10), itertools.cycle([3, 17, 9, 40, 5]))
