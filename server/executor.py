@@ -258,6 +258,8 @@ class CommandExecutor:
         each as `slices.run_commands` does. Returns the index of the first command not run (a command that is no
         eager record, or the end) and whether the slice's time budget passed (measured from `start`)."""
         n = len(commands)
+        if commands[i].WhichOneof("cmd") != "eager_op":  # before any setup: slices of uploads, gets, frees
+            return i, False
         table, dev, learned, known = self._eager_state(s)
         get = s.tensors.get
         resolve = s.resolve
