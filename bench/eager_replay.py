@@ -2,11 +2,15 @@
 
 A launch_bound workload (tiny MLP, tiny encoder, the transformer classifier, ...) trains eagerly through a real
 daemon (Adam, as launch_bound's eager mode) while every frame the client sends is saved, bytes as they went out.
-A second process replays those frames with `CommandExecutor.execute` (what a session's worker runs for each
-command of a slice) on a fresh session of the same number, then calls the kernels of the timed steps bare with
-the arguments the replay gave them, interleaved. The difference per op is the worker's Python per eager op:
-decoding the compact record, the checks, running through the op plan, binding outputs, memory accounting, frees.
-What the front adds (gRPC, slicing, the hand-off to the worker) is not in it. CPU time of the thread
+A second process replays those frames' commands as a session's worker runs them: in slices of
+--slice-commands (the daemon's fair queue hands a worker at most 64 of a session's queued commands, across the
+client's frames, so slices drift within the step) through `slices.run_commands` with a progress mark, on a fresh
+session of the same number; then it calls the kernels of the timed steps bare with the arguments the replay gave
+them, interleaved. The difference per op is the worker's Python per eager op: decoding the compact record, the
+checks, running through the op plan, binding outputs, memory accounting, frees, the slice loop. "in runs": the
+share of the timed eager records that ran inside a learned run (server/runs.py). What the front adds (gRPC,
+cutting slices, the hand-off to the worker) is not in it. The same replay code runs each checkout's gpupool
+(--against-python imports the other's). CPU time of the thread
 (`time.thread_time`); the min of --repeats runs counts (a loaded box inflates single runs; the min moves least),
 the median ratio is printed beside it. `--against DIR` replays the same recording with another checkout's code
 too (run by --against-python), alternating, so that two versions of the worker compare on one box in one run.
@@ -21,10 +25,13 @@ replay and then the bare kernels, one dump each): exact, the same on a loaded bo
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -91,19 +98,41 @@ def _callgrind(*flags: str) -> None:
     subprocess.run(["callgrind_control", *flags, str(os.getpid())], capture_output=True, check=False)
 
 
-def replay(path: str, repeats: int, instr: bool = False) -> dict[str, Any]:
+def replay(
+    path: str, repeats: int, instr: bool = False, slice_commands: int = 64, no_runs: bool = False
+) -> dict[str, Any]:
     from gpupool.server import slices
     from gpupool.server.devices import FakeDevice
     from gpupool.server.executor import CommandExecutor
     from gpupool.server.sessions import DeviceMemory, WorkerSession
 
-    from gpupool._proto import device_pb2
-
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     d = json.loads(Path(path).read_text())
-    frames = [device_pb2.ClientFrame.FromString(bytes.fromhex(f)).commands for f in d["frames"]]
-    ex = CommandExecutor(slices.SliceLedger())
+    frames = [bytes.fromhex(f) for f in d["frames"]]
+
+    def cut(part: list[bytes]) -> list[bytes]:
+        """The frames' commands in slices of `slice_commands` (the daemon's fair queue hands a worker at most that
+        many of a session's queued commands, across the client's frames)."""
+        spans = [bytes(span) for f in part for _, span in slices.split_frame(f, 1 << 20)]
+        return [b"".join(spans[i : i + slice_commands]) for i in range(0, len(spans), slice_commands)]
+
+    warm, timed_slices = cut(frames[: d["start"]]), cut(frames[d["start"] : d["end"]])
+    mark = functools.partial(struct.Struct("<i").pack_into, bytearray(4), 0)  # as a worker marks its progress
+
+    @contextlib.contextmanager
+    def clock() -> Any:
+        yield [0.0]
+
+    def run_slice(s: Any, payload: bytes) -> None:
+        """One recorded frame as one slice of a session's worker (`slices.run_commands`: its frame cuts kept)."""
+        req = slices.SliceRequest(1 << 40, 1 << 40, 1e9, payload)
+        slices.run_commands(s, ex.execute, ledger, req, clock, mark)
+
+    ledger = slices.SliceLedger()
+    ex = CommandExecutor(ledger)
+    if no_runs:  # run_commands then runs every command on its own (`execute`), as before round 9
+        ex.eager_span = None  # type: ignore[assignment,method-assign]
     ex.exclusive_rng = True  # as in a session's worker process
     ex.warm_up()
     dev = FakeDevice(0, "bench", 1 << 34)
@@ -111,24 +140,26 @@ def replay(path: str, repeats: int, instr: bool = False) -> dict[str, Any]:
     res: dict[str, list[float]] = {"bare": [], "replay": []}
     for r in range(repeats + 1):
         s = WorkerSession("bench", d["number"], dev, DeviceMemory(dev), 1 << 33)
-        for cmds in frames[: d["start"]]:
-            for c in cmds:
-                ex.execute(s, c, replies.append)
+        for payload in warm:
+            run_slice(s, payload)
         calls: list[tuple[Any, Any, Any]] = []
         plans = list(ex._plans.values())
         if r == 0:  # the first replay records the kernels of the timed steps (and warms every cache)
             saved = [p.run for p in plans]
             for p in plans:
                 p.run = _recording(p.run, calls)
-        timed = frames[d["start"] : d["end"]]
+        timed = timed_slices
         counting = instr and r == repeats
         if counting:
             _callgrind("--instr=on")
+        runs = getattr(ex, "_eager", {}).get("bench")
+        hits = runs[3].hits if runs is not None and len(runs) > 3 else 0
         start = time.thread_time()
-        for cmds in timed:
-            for c in cmds:
-                ex.execute(s, c, replies.append)
+        for payload in timed:
+            run_slice(s, payload)
         took = time.thread_time() - start
+        if runs is not None and len(runs) > 3:
+            res["hits"] = [runs[3].hits - hits]
         if s.error is not None:
             raise SystemExit(f"replay failed: {s.error.message}")
         if r == 0:
@@ -154,6 +185,7 @@ def replay(path: str, repeats: int, instr: bool = False) -> dict[str, Any]:
         "bare": min(res["bare"]),
         "replay": min(res["replay"]),
         "median_ratio": statistics.median(res["replay"]) / statistics.median(res["bare"]),
+        "in_runs": res["hits"][0] / d["ops"] if "hits" in res else 0.0,  # eager records run inside a learned run
     }
 
 
@@ -165,7 +197,9 @@ def _recording(fn: Any, calls: list[tuple[Any, Any, Any]]) -> Any:
     return rec
 
 
-def _instructions(python: str, where: Path, path: str, tmp: str) -> dict[str, Any]:
+def _instructions(
+    python: str, where: Path, path: str, tmp: str, slice_commands: int, extra: list[str]
+) -> dict[str, Any]:
     """One replay under callgrind: instructions per step of the replay and of the bare kernels (this checkout's
     replay code, over the gpupool that `python` imports)."""
     out_file = Path(tmp) / "cg.out"
@@ -174,7 +208,8 @@ def _instructions(python: str, where: Path, path: str, tmp: str) -> dict[str, An
     # the interpreter itself (valgrind would count a launcher script such as pyenv's shim instead)
     exe = subprocess.check_output([python, "-c", "import sys; print(sys.executable)"], text=True).strip()
     cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}", exe,
-           str(HERE / "eager_replay.py"), "--replay", path, "--repeats", "1", "--instr"]  # fmt: skip
+           str(HERE / "eager_replay.py"), "--replay", path, "--repeats", "1", "--instr",
+           "--slice-commands", str(slice_commands), *extra]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=where)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     counts = {}
@@ -191,11 +226,12 @@ def _line(name: str, r: dict[str, Any], instr: bool = False) -> str:
     if instr:
         over = (r["replay"] - r["bare"]) / r["ops"]
         return (f"{name:<18} {r['ops']:6.0f} ops/step  bare {r['bare'] / 1e6:8.3f} M instr  replay "
-                f"{r['replay'] / 1e6:8.3f} M instr  {over / 1e3:7.1f} k instr/op over the kernels")  # fmt: skip
+                f"{r['replay'] / 1e6:8.3f} M instr  {over / 1e3:7.1f} k instr/op over the kernels"
+                f"  in runs {r.get('in_runs', 0.0):.0%}")  # fmt: skip
     over = (r["replay"] - r["bare"]) / r["ops"] * 1e6
     return (f"{name:<18} {r['ops']:6.0f} ops/step  bare {r['bare'] * 1e3:7.3f} ms  replay {r['replay'] * 1e3:7.3f} ms"
             f"  {over:6.2f} us/op over the kernels  ratio {r['replay'] / r['bare']:.3f} "
-            f"(median {r['median_ratio']:.3f})")  # fmt: skip
+            f"(median {r['median_ratio']:.3f})  in runs {r.get('in_runs', 0.0):.0%}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dump", nargs=2, metavar=("MODEL", "FILE"), help=argparse.SUPPRESS)
     p.add_argument("--measure", choices=("cpu", "instr"), default="cpu", help="thread CPU time or instructions")
     p.add_argument("--replay", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--slice-commands", type=int, default=64, help="commands per slice (the daemon's fair queue: 64)")
+    p.add_argument("--no-runs", action="store_true", help="this tree without learned runs (server/runs.py)")
     p.add_argument("--instr", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.measure == "instr" and shutil.which("valgrind") is None:
@@ -217,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         dump(*args.dump, args.steps)
         return 0
     if args.replay:
-        print(json.dumps(replay(args.replay, args.repeats, args.instr)))
+        print(json.dumps(replay(args.replay, args.repeats, args.instr, args.slice_commands, args.no_runs)))
         return 0
     trees = {"this": (sys.executable, HERE)}
     if args.against:
@@ -233,9 +271,13 @@ def main(argv: list[str] | None = None) -> int:
                 for name in trees if i % 2 == 0 else reversed(list(trees)):
                     py, where = trees[name]
                     if instr:
-                        runs[name].append(_instructions(py, where, path, tmp))
+                        extra = ["--no-runs"] if args.no_runs and name == "this" else []
+                        runs[name].append(_instructions(py, where, path, tmp, args.slice_commands, extra))
                         continue
-                    argv2 = [py, str(where / "eager_replay.py"), "--replay", path, "--repeats", str(args.repeats)]
+                    argv2 = [py, str(HERE / "eager_replay.py"), "--replay", path, "--repeats", str(args.repeats),
+                             "--slice-commands", str(args.slice_commands)]  # fmt: skip
+                    if args.no_runs and name == "this":
+                        argv2.append("--no-runs")
                     out = subprocess.run(argv2, check=True, capture_output=True, text=True, cwd=where)
                     runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
             best = {k: min(v, key=lambda r: r["replay"] - r["bare"]) for k, v in runs.items()}

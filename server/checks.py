@@ -62,7 +62,19 @@ GROW_UNINITIALIZED = frozenset({"aten::resize_", "aten::resize_as_", "aten::_res
 class OpPlan:
     """What the executor needs to know of one allowed op overload, computed once: no schema lookups per op."""
 
-    __slots__ = ("op", "name", "takes_device", "seeded", "mutable", "grown", "uninitialized", "validate", "run", "sig")
+    __slots__ = (
+        "op",
+        "name",
+        "takes_device",
+        "seeded",
+        "mutable",
+        "grown",
+        "uninitialized",
+        "validate",
+        "run",
+        "sig",
+        "reshapes",
+    )
 
     def __init__(self, op: torch._ops.OpOverload, device: torch.device) -> None:
         schema = op._schema
@@ -77,6 +89,27 @@ class OpPlan:
         # fallbacks: accelerator-only ops; `op._op` is the builtin `OpOverload.__call__` calls (one Python frame less)
         self.run = guards.replacement(op) or fallbacks.lookup(op, device) or op._op
         self.sig = _plan(op)
+        # may change a tensor's meta or storage in place: its written handles are recounted, learned runs check
+        # their inputs' metas again (server/runs.py)
+        self.reshapes = self.mutable and not _keeps_meta(op)
+
+
+# In-place ops that write values only, never a tensor's sizes, strides or storage (besides the pointwise ones).
+_VALUES_ONLY = frozenset(
+    {"aten::copy_", "aten::zero_", "aten::fill_", "aten::bernoulli_", "aten::normal_", "aten::uniform_"}
+)
+
+
+def _keeps_meta(op: torch._ops.OpOverload) -> bool:
+    """Whether a mutable op leaves every tensor's meta (dtype, sizes, strides, offset, storage) as it was: in-place
+    pointwise ops (an in-place result never broadcasts to another shape), `_foreach_` in-place ops and a few
+    others that write values only. Out= ops resize their outputs, `resize_`, `set_` and the in-place views
+    (`t_`, `squeeze_`, ...) change metas: they do not."""
+    schema = op._schema
+    name = schema.name
+    if any(a.is_out for a in schema.arguments) or "resize" in name or "set_" in name:
+        return False
+    return torch.Tag.pointwise in op.tags or name.startswith("aten::_foreach_") or name in _VALUES_ONLY
 
 
 def _key(v: Any, by_type: bool) -> Any:

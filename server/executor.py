@@ -22,7 +22,7 @@ from gpupool import compact, protocol, wire
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
 
-from . import bulk, checks, cost, guards, sizing, templates
+from . import bulk, checks, cost, guards, runs, sizing, templates
 from .collectives import Collectives
 from .graph import GraphTable
 from .ops import OpTable
@@ -37,6 +37,7 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 MAX_DIMS = 64
 MAX_VERDICTS = 8192  # cached op signatures (cleared when full)
+_RESHAPING = frozenset({"run_graph", "define_graph", "drop_graph", "collective", "group_join"})  # other kinds: no
 _COMPUTE = object()  # _run_op's default: compute the op's signature
 _Tensor = torch.Tensor
 _STRIDED = torch.strided
@@ -76,8 +77,9 @@ class CommandExecutor:
         self.side_slot: memoryview | None = None
         self.side_used = 0
         self._op_ids: dict[str, dict[int, str | checks.OpPlan]] = {}  # session id -> compact op id -> its op
-        # session id -> (its op id table, its torch device (a property builds it anew), its record templates)
-        self._eager: dict[str, tuple[dict[int, str | checks.OpPlan], torch.device, templates.Table]] = {}
+        # session id -> (its op id table, its torch device (a property builds it anew), its record templates, its
+        # learned runs of records)
+        self._eager: dict[str, tuple[dict[int, str | checks.OpPlan], torch.device, templates.Table, runs.Runs]] = {}
         self._plans: dict[str, checks.OpPlan] = {}  # allowed op name -> its plan
         self._verdicts: dict[Any, int] = {}  # op signature -> new bytes, once its shape-only checks passed
 
@@ -95,6 +97,10 @@ class CommandExecutor:
     def execute(self, s: WorkerSession, cmd: device_pb2.Command, reply: Reply, data: memoryview | None = None) -> None:
         """Run one command; `data`: an upload's bytes parsed out of its span by hand (server/bulk.py)."""
         kind = cmd.WhichOneof("cmd")
+        if kind in _RESHAPING:  # may change tensors' metas in place: learned runs check them again
+            state = self._eager.get(s.session_id)
+            if state is not None:
+                state[3].epoch += 1
         try:
             if kind == "eager_op":
                 self._eager_op(s, cmd.eager_op)
@@ -122,17 +128,22 @@ class CommandExecutor:
                 self.collectives.join(s, cmd.group_join)
             else:
                 raise InvalidArgument("empty command")
-        except PoisonedInput as exc:
+        except Exception as exc:
+            self._failed(s, cmd, exc, reply)
+
+    def _failed(self, s: WorkerSession, cmd: device_pb2.Command, exc: Exception, reply: Reply) -> None:
+        """A command raised `exc`: the error it answers or records, with its status (run spans share it)."""
+        if isinstance(exc, PoisonedInput):
             self._fail(s, cmd, exc.poison, reply)
-        except GpupoolError as exc:
+        elif isinstance(exc, GpupoolError):
             self._fail(s, cmd, Poison.of(exc, self._what(s, cmd)), reply)
-        except (torch.OutOfMemoryError, MemoryError) as exc:
+        elif isinstance(exc, torch.OutOfMemoryError | MemoryError):
             err = Poison(StatusCode.RESOURCE_EXHAUSTED, self._what(s, cmd), f"device out of memory: {exc}")
             self._fail(s, cmd, err, reply)
-        except (RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
+        elif isinstance(exc, RuntimeError | TypeError | ValueError | IndexError | OverflowError):
             self._fail(s, cmd, Poison(StatusCode.INVALID_ARGUMENT, self._what(s, cmd), _first_lines(exc)), reply)
-        except Exception as exc:  # a bug must cost one command, never the daemon
-            log.exception("internal error executing %s for session %s", kind, s.session_id)
+        else:  # a bug must cost one command, never the daemon
+            log.error("internal error executing %s for session %s", cmd.WhichOneof("cmd"), s.session_id, exc_info=exc)
             self._fail(s, cmd, Poison(StatusCode.INTERNAL, self._what(s, cmd), f"{type(exc).__name__}: {exc}"), reply)
 
     def _what(self, s: WorkerSession, cmd: device_pb2.Command) -> str:
@@ -187,14 +198,22 @@ class CommandExecutor:
         written = lambda: wire.arg_handles([*msg.args, *msg.kwargs.values()])  # noqa: E731
         self._run_op(s, plan, args, kwargs, msg.outputs, written, dev)
 
+    def _eager_state(
+        self, s: WorkerSession
+    ) -> tuple[dict[int, str | checks.OpPlan], torch.device, templates.Table, runs.Runs]:
+        state = self._eager.get(s.session_id)
+        if state is None:
+            table = self._op_ids.setdefault(s.session_id, {})
+            state = self._eager[s.session_id] = (table, s.device.torch_device, templates.Table(), runs.Runs())
+        return state
+
     def _eager_op(self, s: WorkerSession, data: bytes) -> None:
         """A compact eager record (gpupool/compact.py): names are defined once per session, then referred to by id.
         A record laid out as one seen before takes its template (server/templates.py), any other the full decode."""
         state = self._eager.get(s.session_id)
         if state is None:
-            table = self._op_ids.setdefault(s.session_id, {})
-            state = self._eager[s.session_id] = (table, s.device.torch_device, templates.Table())
-        table, dev, learned = state
+            state = self._eager_state(s)
+        table, dev, learned, known = state
         get = None if s.uploads else s.tensors.get  # a half-uploaded handle must go through resolve's check
         sizes = learned.heads.get(data[:5])
         seen = sizes.get(len(data)) if sizes is not None else None
@@ -204,11 +223,15 @@ class CommandExecutor:
                 if tpl.fixed_of(fields) == tpl.fixed:
                     args, kwargs, handles, sig = templates.fill(tpl, fields, s.resolve, get)
                     self._run_op(s, tpl.plan, args, kwargs, fields[1 : 1 + tpl.n_out], handles.copy, dev, sig)
+                    if known.rec is not None:  # `eager_span` is learning a run
+                        known.rec.append((tpl, fields, sig))
                     return
         op_id, name, outputs, args, kwargs, handles = compact.decode_parts(data, s.resolve, dev, get)
         if name:
+            if op_id in table:  # defined anew: its templates and the runs holding them were learned for the old name
+                learned.drop(op_id)
+                known.clear()
             table[op_id] = name
-            learned.drop(op_id)
         entry = table.get(op_id)
         if entry is None:
             raise InvalidArgument(f"eager op id {op_id} was never defined in this session")
@@ -219,6 +242,195 @@ class CommandExecutor:
             if new is not None:
                 learned.add(data, new)
         self._run_op(s, entry, args, kwargs, outputs, lambda: handles, dev)  # type: ignore[arg-type]
+
+    def eager_span(
+        self,
+        s: WorkerSession,
+        commands: Sequence[device_pb2.Command],
+        i: int,
+        reply: Reply,
+        progress: Callable[[int], None] | None,
+        start: float,
+        budget: float,
+    ) -> tuple[int, bool]:
+        """Run the consecutive eager records from `commands[i]` on, through learned runs where they match
+        (server/runs.py) and on the normal path (`execute`, learning runs) where not, marking `progress` before
+        each as `slices.run_commands` does. Returns the index of the first command not run (a command that is no
+        eager record, or the end) and whether the slice's time budget passed (measured from `start`)."""
+        n = len(commands)
+        if commands[i].WhichOneof("cmd") != "eager_op":  # before any setup: slices of uploads, gets, frees
+            return i, False
+        table, dev, learned, known = self._eager_state(s)
+        get = s.tensors.get
+        resolve = s.resolve
+        match = runs.match
+        perf = time.perf_counter
+        trace: runs.Trace | None = None
+        steps: list[runs.Step] = []
+        k = 0
+        objs: list[Any] = []
+        after: runs.Trace | None = None  # the run that just ended at its last step
+        over = False
+        try:
+            while i < n:
+                cmd = commands[i]
+                if cmd.WhichOneof("cmd") != "eager_op":
+                    break
+                if progress is not None:
+                    progress(i)
+                data = cmd.eager_op
+                got = None
+                if not s.uploads:  # a half-uploaded handle must go through the normal path's checks
+                    if trace is not None:
+                        try:
+                            got = match(steps[k], data, get, resolve, objs, known.epoch)
+                        except Exception:  # the normal path raises it again, with its status
+                            got = None
+                    if got is None and after is not None:  # the run that followed it last time, first
+                        cand = after.next()
+                        if cand is not None and cand.quota == s.quota and cand.flops == s.max_op_flops:
+                            objs = []
+                            try:
+                                got = match(cand.steps[0], data, get, resolve, objs, known.epoch)
+                            except Exception:
+                                got = None
+                            if got is not None:
+                                trace, steps, k = cand, cand.steps, 0
+                    if got is None:
+                        trace = None
+                        found = known.heads.get((data[:5], len(data)))
+                        if found is not None:
+                            for at, cand in enumerate(found):
+                                if cand.quota != s.quota or cand.flops != s.max_op_flops:
+                                    continue
+                                objs = []
+                                try:
+                                    got = match(cand.steps[0], data, get, resolve, objs, known.epoch)
+                                except Exception:
+                                    got = None
+                                if got is not None:
+                                    trace, steps, k = cand, cand.steps, 0
+                                    if at:  # the most recently run first
+                                        found.insert(0, found.pop(at))
+                                    if after is not None:
+                                        after.next = weakref.ref(cand)
+                                    break
+                    after = None
+                if got is not None:
+                    if known.rec is not None:  # a learned run starts here: the recording ends
+                        self._learn(known, s)
+                    step = steps[k]
+                    args, kwargs, fields = got
+                    outputs = fields[1 : 1 + step.n_out]
+                    try:
+                        self._run_step(s, step, args, kwargs, outputs, fields, dev, known)
+                    except Exception as exc:
+                        self._failed(s, cmd, exc, reply)
+                        trace = None
+                    else:
+                        known.hits += 1
+                        for j in step.keep:
+                            objs.append(get(outputs[j]))
+                        k += 1
+                        if k == len(steps):
+                            after, trace = trace, None
+                else:
+                    if known.rec is None and not s.uploads:
+                        known.rec = []
+                    before = len(known.rec) if known.rec is not None else 0
+                    self.execute(s, cmd, reply)
+                    if known.rec is not None and len(known.rec) == before:  # no template hit, or it failed
+                        self._learn(known, s)
+                i += 1
+                if perf() - start > budget:
+                    over = True
+                    break
+        finally:
+            if known.rec is not None:
+                self._learn(known, s)
+        return i, over
+
+    def _run_step(
+        self,
+        s: WorkerSession,
+        step: runs.Step,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        outputs: Sequence[int],
+        fields: tuple[Any, ...],
+        dev: torch.device,
+        known: runs.Runs,
+    ) -> None:
+        """`_run_op` for a record that matched a step of a learned run (server/runs.py): the same checks in the same
+        order with the learned verdict; the output checks that depend only on its meta are done once per step."""
+        plan = step.plan
+        op = plan.op
+        if plan.reshapes:
+            known.epoch += 1
+        if plan.takes_device and kwargs.get("device") is None:
+            kwargs["device"] = dev
+        new_handles = 0
+        tensors, poisoned, number, base = s.tensors, s.poisoned, s.number, s.handle_base
+        for h in outputs:
+            if h:
+                if h >> HANDLE_BITS != number or h == base:
+                    s.check_handle(h)  # raises
+                if h not in tensors and h not in poisoned:
+                    new_handles += 1
+        if new_handles and len(tensors) + len(poisoned) + new_handles > s.max_handles:
+            s.admit_handles(new_handles)  # raises
+        if plan.validate:  # value guards run every time
+            guards.validate(op, args, kwargs)
+        need = step.need
+        if need > 0:
+            s.admit(need)
+        used_before = s.used
+        run = plan.run
+        speed = self.speed if self.speed is not None and self.speed.active else None
+        started = time.perf_counter() if speed is not None else 0.0
+        if plan.seeded:
+            out = self._seeded(s, run, args, kwargs)
+        else:
+            out = run(*args, **kwargs) if kwargs else run(*args)
+        if speed is not None:
+            speed.hold_op(op, args, kwargs, out, started)
+        s.ops += 1
+        self.ledger.op(s)
+        if plan.reshapes:
+            s.recount(runs.written(step, fields), zero_growth=plan.grown)
+        if plan.uninitialized:
+            for t in _slots(out):
+                if isinstance(t, torch.Tensor):
+                    zero_bytes(t.untyped_storage(), 0, t.untyped_storage().nbytes())
+        bound: Sequence[int]
+        if len(outputs) == 1 and out.__class__ is _Tensor:
+            h = outputs[0]
+            if h and h not in tensors and h not in poisoned and (step.single or _dense(out)):
+                step.single = True  # a function of the output's meta, and so of the step's inputs' metas
+                s.bind_new(h, out)
+                bound = outputs
+            else:
+                bound = self._bind_outputs(s, outputs, out, dev)
+        else:
+            bound = self._bind_outputs(s, outputs, out, dev)
+        if s.used > s.quota and s.used > used_before:
+            for h in bound:
+                s.unbind(h)
+            raise ResourceExhausted(
+                f"memory quota exceeded: {s.used} bytes would be used of a {s.quota} byte limit",
+                used_bytes=s.used,
+                limit_bytes=s.quota,
+            )
+
+    def _learn(self, known: runs.Runs, s: WorkerSession) -> None:
+        """End the recording of a run of records: keep traces of it."""
+        rec, known.rec = known.rec, None
+        if not rec:
+            return
+        for trace in runs.build_all(rec, self._verdicts, s.quota, s.max_op_flops):
+            known.add(trace.steps[0].tpl.head, trace)
+            known.learned += 1
+            log.debug("session %s: learned a run of %d eager records", s.session_id, len(trace.steps))
 
     def _plan(self, name: str, s: WorkerSession) -> checks.OpPlan:
         plan = self._plans.get(name)
@@ -240,8 +452,13 @@ class CommandExecutor:
         """Check and run one decoded op. The checks that depend only on the op and its arguments' shapes, dtypes and
         values (enums, sizes against the quota, list counts, compute bound, new bytes) are cached per signature;
         value-dependent guards (indices) run every time, as do the quota and handle checks. `sig`: the verdict key
-        a record template gave (server/templates.py), None for an op never cached; by default computed here."""
+        a record template gave (server/templates.py), None for an op never cached; by default computed here.
+        A record of a learned run (server/runs.py) takes `_run_step` instead: keep the two in step."""
         op = plan.op
+        if plan.reshapes:  # learned runs check their inputs' metas again (server/runs.py)
+            state = self._eager.get(s.session_id)
+            if state is not None:
+                state[3].epoch += 1
         if plan.takes_device and kwargs.get("device") is None:
             kwargs["device"] = dev  # factories without a device would allocate in host memory
         new_handles = 0
@@ -293,7 +510,7 @@ class CommandExecutor:
             speed.hold_op(op, args, kwargs, out, started)
         s.ops += 1
         self.ledger.op(s)
-        if plan.mutable:
+        if plan.reshapes:  # an op that writes values only (`checks._keeps_meta`) leaves every storage as it was
             s.recount(written(), zero_growth=plan.grown)
         if plan.uninitialized:  # never hand out memory another session wrote and freed
             for t in _slots(out):
@@ -488,6 +705,11 @@ class CommandExecutor:
             reply.error.CopyFrom(s.error.to_proto())
             s.error = None
         return device_pb2.ServerFrame(request_id=sync.request_id, sync=reply)
+
+
+def _dense(out: torch.Tensor) -> bool:
+    """Whether `_run_op` binds this returned tensor itself (else `_bind_outputs` checks it)."""
+    return out.layout == _STRIDED and not out.is_quantized and not out.is_nested and out.dim() <= MAX_DIMS
 
 
 def _slots(out: Any) -> list[Any]:

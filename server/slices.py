@@ -375,9 +375,22 @@ def run_commands(
     ledger.reset()
     executed = 0
     partial = False
+    # An executor's spans of eager records run through its learned runs (server/runs.py), with the same progress
+    # marks and budget as here.
+    span = getattr(getattr(execute, "__self__", None), "eager_span", None)
     start = time.perf_counter()
+    n = len(commands)
+    i = 0
     with timed() as measured:
-        for i, cmd in enumerate(commands):
+        while i < n:
+            if span is not None:
+                j, over = span(session, commands, i, reply, progress, start, req.budget)
+                if j > i:
+                    executed = i = j
+                    if over:
+                        break
+                    continue
+            cmd = commands[i]
             if i and req.reply_room - produced[0] <= 0 and cmd.WhichOneof("cmd") in ("get", "sync"):
                 break
             if progress is not None:
@@ -386,7 +399,7 @@ def run_commands(
             if session.download is not None:  # a piece of a big Get: the Get runs again next slice
                 partial = True
                 break
-            executed = i + 1
+            executed = i = i + 1
             if views[0] or time.perf_counter() - start > req.budget:
                 break  # a Get's frames are views of its tensor: nothing runs before they are copied
     return _result(session, ledger, executed, measured, replies, partial)

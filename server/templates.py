@@ -32,7 +32,7 @@ PER_LAYOUT = 8  # templates kept per op id and record length (a loop calls `view
 class Template:
     """One learned record layout (see the module docstring)."""
 
-    __slots__ = ("size", "unpack", "fixed_of", "fixed", "n_out", "steps", "args", "kwargs", "plan", "keyed")
+    __slots__ = ("size", "unpack", "fixed_of", "fixed", "n_out", "steps", "args", "kwargs", "plan", "keyed", "head")
 
     def __init__(self, plan: Any) -> None:
         self.size = 0
@@ -45,6 +45,7 @@ class Template:
         self.kwargs: dict[str, Any] = {}
         self.plan = plan  # the op plan of the template's op id when it was learned
         self.keyed = plan.sig is not None  # whether the op's verdict is cached at all
+        self.head: tuple[bytes, int] = (b"", 0)  # a record's first 5 bytes (op id, no name) and its length
 
 
 class Table:
@@ -134,6 +135,7 @@ def learn(data: bytes, args: list[Any], kwargs: dict[str, Any], plan: Any) -> Te
     st = struct.Struct("<" + "".join(lay.fmt))
     tpl = Template(plan)
     tpl.size = st.size
+    tpl.head = (data[:5], len(data))
     tpl.unpack = st.unpack_from
     tpl.fixed_of = itemgetter(*lay.fixed_at)
     tpl.fixed = tpl.fixed_of(st.unpack_from(data))

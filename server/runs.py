@@ -1,0 +1,272 @@
+"""Eager run caching: the sequences of compact eager records a training loop sends every step, run as prebuilt steps.
+
+A training step sends the same records every step (server/templates.py), in the same order, and each record's
+tensor inputs come from the same places: an output of a record a few places back, or a tensor made before (a
+parameter, an optimizer state, the batch). Only the handle numbers change (and a non-capturable optimizer's
+step sizes, by-type fields of their templates). The client cuts frames at 256 commands and sends frees in
+batches, not at step boundaries, so a slice holds several steps and starts anywhere in one: runs are keyed by
+the records themselves, never by their position in a slice.
+
+While a session worker runs a span of consecutive eager records (`CommandExecutor.eager_span`) that match no
+trace, it records each one that hit a template (`Runs.rec`: the template, its unpacked fields, its verdict key)
+and then `build`s a `Trace` of them: per record (a `Step`) its template, the verdict (new bytes) the normal
+path computed for it, and where each tensor input came from: output j of an earlier step of the trace
+(`src` >= 0: an index into the run's list of kept outputs) or "external" (-1, with the meta it had: dtype,
+shape, stride, offset). Later spans `match` records against a trace step by step: the record must hit the
+step's template (its fixed bytes equal), each internal input's handle must hold the very tensor the earlier
+step of this run bound (identity: the same object the normal path would resolve), and each external input must
+resolve and have the learned meta. Internal tensors' metas then follow from the external ones (a step is traced
+only when its verdict was cached, so its output metas are a function of its input metas and fixed bytes), so
+the learned verdict holds and the step runs through `_run_op` with it: every per-op check, the quota, value
+guards, seeding, zeroing, recounting and accounting still run as on the normal path.
+
+Traces are per session (`CommandExecutor.forget` drops them), indexed by their first record's first 5 bytes
+and length, at most PER_HEAD per head and MAX_ENTRIES steps and tensor inputs per session (cleared when full),
+and dropped with
+the templates when an op id is defined anew. A trace holds no tensor.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from .templates import C_ARG, L_ARG, L_KW, N_ARG, N_KW, NL_ARG, NL_KW, T_ARG, T_KW, Template
+
+PER_HEAD = 16  # traces kept per head (first record's op id and length); the most recently run or learned first
+MAX_ENTRIES = 1 << 16  # steps and tensor inputs of all a session's traces (each ~100-300 bytes); cleared when full
+MAX_LEN = 4096  # steps of one trace (a slice holds at most a few thousand commands)
+_TENSOR_KINDS = (T_ARG, T_KW, L_ARG, L_KW)
+EXTERNAL, NONE = -1, -2  # a tensor input's source: resolved by handle (meta checked), or a None in a Tensor?[]
+
+
+class Step:
+    """One record of a trace: its template, the verdict, its inputs' sources, and which outputs later steps use."""
+
+    __slots__ = ("tpl", "plan", "need", "ins", "tensors", "others", "keep", "n_out", "single")
+
+    def __init__(self, tpl: Template, need: int, ins: list[tuple[Any, ...]], keep: tuple[int, ...]) -> None:
+        self.tpl = tpl
+        self.plan = tpl.plan
+        self.need = need  # new bytes: the verdict of the shape-only checks, as the normal path cached it
+        # per template step: (kind, field, where, count, source(s), meta(s) and check cell(s) of the external ones)
+        self.ins = ins
+        # the same, split: single tensors (is a keyword, field, where, source, meta, cell), then everything else
+        self.tensors = [(k == T_KW, i, w, s, m, c) for k, i, w, _, s, m, c in ins if k == T_ARG or k == T_KW]
+        self.others = [e for e in ins if e[0] != T_ARG and e[0] != T_KW]
+        self.keep = keep  # output slots whose bound tensor a later step takes (appended to the run's list)
+        self.n_out = tpl.n_out
+        self.single = False  # set by `CommandExecutor`: one output, a plain dense tensor when the run was learned
+
+
+class Trace:
+    """A learned sequence of steps, valid under the quota and compute bound it was learned with."""
+
+    __slots__ = ("steps", "quota", "flops", "next", "weight", "__weakref__")
+
+    def __init__(self, steps: list[Step], quota: int, flops: int) -> None:
+        self.steps = steps
+        self.quota = quota
+        self.flops = flops
+        # the trace that followed it the last time it ran to its end (weakly: an evicted one goes)
+        self.next: Callable[[], Trace | None] = _nothing
+        # what it holds: its steps and their tensor inputs (`Runs` bounds the sum)
+        self.weight = len(steps) + sum(e[3] for step in steps for e in step.ins if e[0] in _TENSOR_KINDS)
+
+
+def _nothing() -> None:
+    return None
+
+
+class Runs:
+    """A session's traces and the recording in progress."""
+
+    __slots__ = ("heads", "count", "rec", "hits", "learned", "epoch")
+
+    def __init__(self) -> None:
+        self.heads: dict[tuple[bytes, int], list[Trace]] = {}
+        self.count = 0
+        self.rec: list[tuple[Template, tuple[Any, ...], Any]] | None = None  # filled by `_eager_op` when set
+        self.hits = 0  # records run inside a trace
+        self.learned = 0  # traces built
+        self.epoch = 0  # ops (and commands) so far that may have changed a tensor's meta in place (`_checked`)
+
+    def clear(self) -> None:
+        self.heads.clear()
+        self.count = 0
+
+    def add(self, head: tuple[bytes, int], trace: Trace) -> None:
+        if self.count + trace.weight > MAX_ENTRIES:
+            self.clear()
+        seen = self.heads.setdefault(head, [])
+        if len(seen) >= PER_HEAD:
+            self.count -= seen.pop().weight  # the oldest
+        seen.insert(0, trace)
+        self.count += trace.weight
+
+
+Record = tuple[Template, tuple[Any, ...], Any]  # a record that ran on the normal path: template, fields, verdict key
+
+
+def build_all(records: list[Record], verdicts: dict[Any, int], quota: int, flops: int) -> list[Trace]:
+    """Traces of records that ran one after another on the normal path: one per maximal part of them whose
+    verdicts are cached (a record whose verdict is not, say one whose outputs' shapes depend on values, is left
+    out and the run's next trace starts after it), each at most MAX_LEN steps."""
+    out: list[Trace] = []
+    part: list[tuple[Template, tuple[Any, ...], Any, int]] = []
+    for tpl, fields, sig in records:
+        need = verdicts.get((sig, quota, flops)) if sig is not None else None
+        if need is None or need < 0 or len(part) >= MAX_LEN:
+            if part:
+                out.append(build(part, quota, flops))
+            part = []
+            if need is None or need < 0:
+                continue
+        part.append((tpl, fields, sig, need))
+    if part:
+        out.append(build(part, quota, flops))
+    return out
+
+
+def build(records: list[tuple[Template, tuple[Any, ...], Any, int]], quota: int, flops: int) -> Trace:
+    """A trace of consecutive records, each (template, fields, verdict key, verdict)."""
+    where_bound: dict[int, tuple[int, int]] = {}  # handle -> (step, output slot) that bound it last
+    steps: list[tuple[Template, int, list[list[Any]]]] = []
+    for k, (tpl, fields, sig, need) in enumerate(records):
+        metas = iter(sig[1:])
+        ins: list[list[Any]] = []
+        for kind, i, where, n in tpl.steps:
+            if kind == T_ARG or kind == T_KW:
+                ins.append([kind, i, where, 1, where_bound.get(fields[i], EXTERNAL), next(metas)])
+            elif kind == L_ARG or kind == L_KW:
+                raw = fields[i : i + n]
+                srcs = [NONE if h == 0 else where_bound.get(h, EXTERNAL) for h in raw]
+                ins.append([kind, i, where, n, srcs, next(metas)])
+            else:
+                ins.append([kind, i, where, n, None, None])
+        steps.append((tpl, need, ins))
+        for j, h in enumerate(fields[1 : 1 + tpl.n_out]):
+            if h:
+                where_bound[h] = (k, j)
+    # Number the kept outputs in run order: the run appends step k's kept outputs after step k ran.
+    used = sorted({src for _, _, ins in steps for e in ins for src in _sources(e[4]) if isinstance(src, tuple)})
+    index = {src: n for n, src in enumerate(used)}
+    out: list[Step] = []
+    for k, (tpl, need, ins) in enumerate(steps):
+        final: list[tuple[Any, ...]] = []
+        for kind, i, where, n, src, meta in ins:
+            if kind == T_ARG or kind == T_KW:
+                if isinstance(src, tuple):
+                    final.append((kind, i, where, n, index[src], None, None))
+                else:
+                    final.append((kind, i, where, n, EXTERNAL, meta, [None, -1]))
+            elif kind == L_ARG or kind == L_KW:
+                ids = tuple(index[s] if isinstance(s, tuple) else s for s in src)
+                final.append((kind, i, where, n, ids, meta, [[None, -1] for _ in ids]))
+            else:
+                final.append((kind, i, where, n, None, None, None))
+        keep = tuple(j for (d, j) in used if d == k)
+        out.append(Step(tpl, need, final, keep))
+    return Trace(out, quota, flops)
+
+
+def _sources(src: Any) -> list[Any]:
+    return list(src) if isinstance(src, list) else [src]
+
+
+def match(
+    step: Step, data: bytes, get: Any, resolve: Any, objs: list[Any], epoch: int
+) -> tuple[list[Any], dict[str, Any], tuple[Any, ...]] | None:
+    """(args, kwargs, fields) of a record that matches `step` (its template, its inputs' sources and the external
+    inputs' metas), None otherwise; raises what resolving an external handle raises (the caller then runs the
+    record on the normal path, which raises the same). `objs`: the run's kept outputs so far; `epoch`: the
+    session's count of ops that may have changed a tensor's meta in place (`Runs.epoch`)."""
+    tpl = step.tpl
+    if len(data) != tpl.size:
+        return None
+    fields = tpl.unpack(data)
+    if tpl.fixed_of(fields) != tpl.fixed:
+        return None
+    args = tpl.args.copy()
+    kwargs = tpl.kwargs.copy()
+    for kw, i, where, src, meta, cell in step.tensors:
+        t = get(fields[i])
+        if src >= 0:
+            if t is None or t is not objs[src]:
+                return None
+        else:
+            if t is None:
+                t = resolve(fields[i])
+            ref = cell[0]
+            if ref is None or cell[1] != epoch or ref() is not t:
+                if not _checked(t, meta, cell, epoch):
+                    return None
+        if kw:
+            kwargs[where] = t
+        else:
+            args[where] = t
+    for kind, i, where, n, src, meta, cell in step.others:
+        if kind == N_ARG:
+            args[where] = fields[i]
+        elif kind == L_ARG or kind == L_KW:
+            v: list[Any] = []
+            for h, s, m, c in zip(fields[i : i + n], src, meta, cell, strict=True):
+                if s == NONE:
+                    if h:
+                        return None
+                    v.append(None)
+                    continue
+                t = get(h)
+                if s >= 0:
+                    if t is None or t is not objs[s]:
+                        return None
+                else:
+                    if t is None:
+                        t = resolve(h)
+                    ref = c[0]
+                    if ref is None or c[1] != epoch or ref() is not t:
+                        if not _checked(t, m, c, epoch):
+                            return None
+                v.append(t)
+            if kind == L_ARG:
+                args[where] = v
+            else:
+                kwargs[where] = v
+        elif kind == N_KW:
+            kwargs[where] = fields[i]
+        elif kind == NL_ARG:
+            args[where] = list(fields[i : i + n])
+        elif kind == NL_KW:
+            kwargs[where] = list(fields[i : i + n])
+        elif kind == C_ARG:
+            args[where] = list(args[where])
+        else:
+            kwargs[where] = list(kwargs[where])
+    return args, kwargs, fields
+
+
+def _checked(t: Any, meta: Any, cell: list[Any], epoch: int) -> bool:
+    """Whether external input `t` has the learned `meta`. `cell` remembers (weakly) the last tensor found to
+    have it, at which epoch: the same live object with no op since that could have changed a meta in place
+    still has it (a weak reference keeps no freed tensor alive, and a dead one never compares equal)."""
+    ref = cell[0]
+    if ref is not None and cell[1] == epoch and ref() is t:
+        return True
+    if (t.dtype, t.shape, t.stride(), t.storage_offset()) != meta:
+        return False
+    if ref is None or ref() is not t:
+        cell[0] = weakref.ref(t)
+    cell[1] = epoch
+    return True
+
+
+def written(step: Step, fields: tuple[Any, ...]) -> list[int]:
+    """The record's input handles in the order `templates.fill` lists them (for a mutable op's recount)."""
+    handles: list[int] = []
+    for kind, i, _, n, _, _, _ in step.ins:
+        if kind == T_ARG or kind == T_KW:
+            handles.append(fields[i])
+        elif kind == L_ARG or kind == L_KW:
+            handles.extend(h for h in fields[i : i + n] if h)
+    return handles

@@ -1,0 +1,304 @@
+"""Eager run caching (server/runs.py): the records of a training loop, learned as runs and replayed as prebuilt steps,
+must behave exactly as the normal path (the reference). Each test cuts the same command stream into the same
+slices for two executors on identical sessions: one runs them through `slices.run_commands` with its learned runs,
+the other command by command on the normal path (no `eager_span`). After every slice it compares everything a
+client can observe: the slice's result (commands executed, error counts), the session's pending error (code, op,
+message), the poisoned handles, every live tensor's meta and value, the memory and op counters. A counter checks
+that the learned runs really ran."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from gpupool.server import runs, slices
+from gpupool.server.devices import FakeDevice
+from gpupool.server.executor import CommandExecutor
+from gpupool.server.sessions import DeviceMemory, WorkerSession
+from gpupool.server.speedmodel import SpeedModel
+
+from gpupool import compact
+from gpupool._proto import device_pb2
+
+NUMBER = 3
+BASE = NUMBER << 32
+X, W, P, IDX, G = BASE + 1, BASE + 2, BASE + 3, BASE + 4, BASE + 5  # batch, weight, scalar param, indices, grads
+FOREIGN = (NUMBER + 1 << 32) + 1
+OPS = {
+    1: "aten::mul.Scalar",
+    2: "aten::mm",
+    3: "aten::relu",
+    4: "aten::rand_like",
+    5: "aten::add.Tensor",
+    6: "aten::sum",
+    7: "aten::add_.Tensor",
+    8: "aten::_foreach_add.Scalar",
+    9: "aten::empty_like",
+    10: "aten::add.Scalar",
+    11: "aten::embedding_dense_backward",
+    12: "aten::resize_",
+    13: "aten::t_",
+}
+
+
+class Pair:
+    """Two executors and sessions fed the same slices: `ex[0]` runs learned runs, `ex[1]` the normal path only."""
+
+    def __init__(self, quota: int = 1 << 24, max_handles: int = 4096) -> None:
+        self.ex = [CommandExecutor(slices.SliceLedger()) for _ in range(2)]
+        self.s: list[WorkerSession] = []
+        for _ in range(2):
+            dev = FakeDevice(0, "h", 1 << 30)
+            s = WorkerSession("t", NUMBER, dev, DeviceMemory(dev), quota, max_handles=max_handles)
+            torch.manual_seed(0)
+            s.bind(X, torch.randn(4, 3))
+            s.bind(W, torch.randn(3, 5))
+            s.bind(P, torch.zeros(()))
+            s.bind(IDX, torch.tensor([0, 1, 2, 1]))
+            s.bind(G, torch.randn(4, 3))
+            s.rng_state = dev.new_rng_state(1234)  # both sessions draw the same random numbers
+            self.s.append(s)
+        self.defined: set[int] = set()
+
+    @property
+    def hits(self) -> int:
+        state = self.ex[0]._eager.get("t")
+        return state[3].hits if state is not None else 0
+
+    def runs(self) -> runs.Runs:
+        return self.ex[0]._eager["t"][3]
+
+    def slice(self, cmds: list[device_pb2.Command], budget: float = 1e9) -> int:
+        """Run one slice in both; returns how many commands it executed."""
+        payload = device_pb2.ClientFrame(commands=cmds).SerializeToString()
+        seen = []
+        for k, (ex, s) in enumerate(zip(self.ex, self.s, strict=True)):
+            ex.ledger.reset()
+            execute = ex.execute if k == 0 else (lambda *a, ex=ex: ex.execute(*a))  # no `eager_span` behind it
+            marks: list[int] = []
+            req = slices.SliceRequest(1 << 40, 1 << 40, budget, payload)
+            res = slices.run_commands(s, execute, ex.ledger, req, _clock, marks.append)
+            err, s.error = s.error, None
+            seen.append((res.executed, res.errors, res.used, res.ops, res.handles, marks,
+                         None if err is None else (err.code, err.op, err.message)))  # fmt: skip
+        assert seen[0] == seen[1]
+        self.same()
+        return seen[0][0]
+
+    def stream(self, cmds: list[device_pb2.Command], cuts: Iterator[int]) -> None:
+        """Run `cmds` in slices of the sizes `cuts` gives."""
+        i = 0
+        while i < len(cmds):
+            n = next(cuts)
+            self.slice(cmds[i : i + n])
+            i += n
+
+    def same(self) -> None:
+        a, b = self.s
+        assert {h: (p.code, p.op, p.message) for h, p in a.poisoned.items()} == {
+            h: (p.code, p.op, p.message) for h, p in b.poisoned.items()
+        }
+        assert a.tensors.keys() == b.tensors.keys()
+        for h, t in a.tensors.items():
+            u = b.tensors[h]
+            meta = (t.dtype, t.shape, t.stride(), t.storage_offset())
+            assert meta == (u.dtype, u.shape, u.stride(), u.storage_offset()), h
+            assert torch.equal(t, u) or (t.is_floating_point() and torch.allclose(t, u, equal_nan=True)), h
+        assert (a.used, a.ops, a.memory.used) == (b.used, b.ops, b.memory.used)
+        storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in a.tensors.values()}
+        assert a.used == sum(storages.values())  # the accounting follows what in-place ops did to storages
+
+    def rec(self, op_id: int, outputs: list[int], args: list[bytes], kwargs: dict[str, bytes] | None = None) -> Any:
+        name = None
+        if op_id not in self.defined:
+            self.defined.add(op_id)
+            name = OPS[op_id]
+        parts = [compact.head(op_id, name, outputs), compact.U8.pack(len(args)), *args]
+        parts.append(compact.U8.pack(len(kwargs or {})))
+        for k, v in (kwargs or {}).items():
+            parts += [compact.kwarg_key(k), v]
+        return device_pb2.Command(eager_op=b"".join(parts))
+
+
+def _clock() -> Any:
+    class Clock:
+        def __enter__(self) -> list[float]:
+            return [0.0]
+
+        def __exit__(self, *a: Any) -> None:
+            pass
+
+    return Clock()
+
+
+T, V = compact.tensor, compact.encode_value
+
+
+def h(step: int, j: int) -> int:
+    return BASE + 1000 + 100 * step + j
+
+
+def step(p: Pair, t: int, x: int = X, scale: int = 0) -> list[device_pb2.Command]:
+    """One "training step": a chain whose inputs come from earlier records of the step and from the session's
+    tensors; a random op, an in-place op on a parameter, a list op, an uninitialized factory, a value-guarded op
+    whose indices are an output of the step (`scale` moves them: past 2 they are out of range)."""
+    return [
+        p.rec(1, [h(t, 0)], [T(x), V(1.0 + t)]),
+        p.rec(2, [h(t, 1)], [T(h(t, 0)), T(W)]),
+        p.rec(3, [h(t, 2)], [T(h(t, 1))]),
+        p.rec(4, [h(t, 3)], [T(h(t, 2))]),
+        p.rec(5, [h(t, 4)], [T(h(t, 2)), T(h(t, 3))], {"alpha": V(0.5 * t)}),
+        p.rec(6, [h(t, 5)], [T(h(t, 4))]),
+        p.rec(7, [P], [T(P), T(h(t, 5))], {"alpha": V(-0.01)}),
+        p.rec(8, [h(t, 6), h(t, 7)], [compact.tensors([h(t, 1), h(t, 4)]), V(1.0)]),
+        p.rec(9, [h(t, 8)], [T(h(t, 2))]),
+        p.rec(10, [h(t, 9)], [T(IDX), V(scale)]),
+        p.rec(11, [h(t, 10)], [T(G), T(h(t, 9)), V(5), V(-1), V(False)]),
+    ]
+
+
+def free(t: int) -> device_pb2.Command:
+    return device_pb2.Command(free=device_pb2.Free(handles=[h(t, j) for j in range(11)]))
+
+
+def training(p: Pair, steps: int, **kw: Any) -> list[device_pb2.Command]:
+    cmds: list[device_pb2.Command] = []
+    for t in range(steps):
+        cmds += step(p, t, **kw)
+        if t:
+            cmds.insert(len(cmds) - 4, free(t - 1))  # frees land inside a step, as the client's batches do
+    return cmds
+
+
+def test_a_training_loop_runs_in_learned_runs_across_drifting_slice_cuts() -> None:
+    p = Pair()
+    cmds = training(p, 12)
+    p.stream(cmds, itertools.cycle([7, 13, 5, 30, 64, 11]))
+    assert p.hits > len(cmds) // 2  # most records ran inside a run once learned
+    assert p.runs().learned > 0
+    hits = p.hits
+    cmds = [c for t in range(12, 20) for c in step(p, t) + [free(t - 1)]]
+    p.stream(cmds, itertools.cycle([64]))
+    assert p.hits - hits >= 8 * 11 * 0.7
+
+
+def test_a_spent_time_budget_ends_the_slice_after_the_same_command() -> None:
+    p = Pair()
+    p.stream(training(p, 6), itertools.cycle([64]))
+    hits = p.hits
+    cmds = step(p, 6) + [free(5)] + step(p, 7)
+    while cmds:  # as the daemon does: the commands not executed come again in the next slice
+        n = p.slice(cmds, budget=0.0)
+        assert n == 1
+        cmds = cmds[n:]
+    assert p.hits > hits
+
+
+def test_the_fake_gpu_speed_model_holds_every_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    held: dict[float, list[str]] = {1e9: [], 2e9: []}
+    monkeypatch.setattr(SpeedModel, "hold_op", lambda self, op, *a: held[self.tflops].append(op.name()))
+    p = Pair()
+    p.ex[0].speed, p.ex[1].speed = SpeedModel(tflops=1e9), SpeedModel(tflops=2e9)
+    p.stream(training(p, 8), itertools.cycle([64]))
+    assert p.hits > 0
+    assert held[1e9] == held[2e9]
+    assert len(held[1e9]) == p.s[0].ops
+
+
+def test_an_op_that_fails_inside_a_run_fails_as_on_the_normal_path() -> None:
+    p = Pair()
+    p.stream(training(p, 4), itertools.cycle([16]))
+    hits = p.hits
+    # value guard: the indices of step 6 are out of range (the op after it still runs, on the poisoned output)
+    cmds = step(p, 4) + [free(3)] + step(p, 5) + [free(4)] + step(p, 6, scale=3) + step(p, 7)
+    p.stream(cmds, itertools.cycle([64]))
+    assert p.hits - hits > 30
+    assert p.s[0].poisoned  # the guard's failure poisoned its output in both
+    # a freed input in a later step, a foreign output handle, a foreign input
+    cmds = step(p, 8)
+    cmds[3] = p.rec(4, [h(8, 3)], [T(h(6, 2))])  # freed? no: live from step 6; the next one is freed
+    cmds[5] = p.rec(6, [h(8, 5)], [T(h(3, 4))])  # freed with step 3
+    cmds[7] = p.rec(8, [h(8, 6), FOREIGN], [compact.tensors([h(8, 1), h(8, 4)]), V(1.0)])
+    cmds += step(p, 9)
+    cmds[11 + 2] = p.rec(3, [h(9, 2)], [T(FOREIGN)])
+    p.stream(cmds, itertools.cycle([9, 64]))
+
+
+def test_the_quota_and_the_handle_limit_fail_at_the_same_op() -> None:
+    for quota, handles in ((1 << 24, 80), (8000, 4096), (10000, 4096)):
+        p = Pair(quota=quota, max_handles=handles)
+        cmds = [c for t in range(14) for c in step(p, t)]  # nothing freed: memory and handles grow
+        p.stream(cmds, itertools.cycle([64]))
+        assert p.hits > 0
+        assert p.s[0].poisoned
+
+
+def test_changed_shapes_and_provenance_fall_back_to_the_normal_path() -> None:
+    p = Pair()
+    p.stream(training(p, 5), itertools.cycle([64]))
+    new = {BASE + 50: torch.randn(4, 3), BASE + 51: torch.randn(4, 5), BASE + 52: torch.randn(8, 3)}
+    for s in p.s:  # another shape and stride; the shape of step t's mm output; another shape
+        for k, v in new.items():
+            s.bind(k, v.clone() if k != BASE + 50 else v.clone()[:, :2])
+    cmds = step(p, 5, x=BASE + 50) + step(p, 6, x=BASE + 52) + [free(4), free(5)]
+    p.stream(cmds, itertools.cycle([64]))
+    # an input that came from an earlier record of the step now comes from the session (same meta, other value)
+    cmds = step(p, 7)
+    cmds[2] = p.rec(3, [h(7, 2)], [T(BASE + 51)])
+    cmds += step(p, 8) + step(p, 9)
+    cmds[11 + 2] = p.rec(3, [h(8, 2)], [T(h(7, 1))])  # the output of another step's record
+    p.stream(cmds, itertools.cycle([64]))
+    # a bigger tensor where an earlier record's output was: its verdict must not be the learned one
+    for s in p.s:
+        s.bind(BASE + 53, torch.ones(600, 5))
+        s.quota = s.used + 8000
+    cmds = step(p, 10) + step(p, 11)
+    cmds[11 + 2] = p.rec(3, [h(11, 2)], [T(BASE + 53)])
+    p.stream(cmds, itertools.cycle([64]))
+
+
+def test_an_op_that_changes_a_meta_in_place_makes_runs_check_it_again() -> None:
+    p = Pair()
+    p.stream(training(p, 6), itertools.cycle([64]))
+    hits = p.hits
+    p.stream(step(p, 6) + step(p, 7), itertools.cycle([64]))
+    assert p.hits - hits > 15  # the same objects, metas not checked again
+    # X grows in place (the same tensor object): its learned verdict would admit far too few bytes
+    p.stream([p.rec(12, [], [T(X), V([400, 3])])] + step(p, 8)[:3], itertools.cycle([64]))
+    for s in p.s:  # leave 3000 bytes of the quota (a changed quota would not take the learned runs)
+        s.bind(BASE + 60, torch.zeros((s.quota - s.used - 3000) // 4))
+    assert not p.s[0].poisoned
+    p.stream(step(p, 9) + [p.rec(13, [], [T(W)])] + step(p, 10), itertools.cycle([64]))
+    assert h(9, 0) in p.s[0].poisoned
+
+
+def test_redefining_an_op_id_drops_its_runs() -> None:
+    p = Pair()
+    p.stream(training(p, 4), itertools.cycle([64]))
+    assert p.runs().count > 0
+    OPS[3] = "aten::neg"
+    try:
+        p.defined.discard(3)
+        p.stream(step(p, 4) + step(p, 5), itertools.cycle([64]))
+    finally:
+        OPS[3] = "aten::relu"
+    p.defined.discard(3)
+    p.stream(step(p, 6) + step(p, 7) + step(p, 8), itertools.cycle([64]))
+
+
+def test_bounds_and_forget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runs, "PER_HEAD", 2)
+    monkeypatch.setattr(runs, "MAX_ENTRIES", 40)
+    monkeypatch.setattr(runs, "MAX_LEN", 6)
+    p = Pair()
+    p.stream(training(p, 10), itertools.cycle([3, 17, 9, 40, 5]))
+    known = p.runs()
+    assert 0 < known.count <= 40
+    assert all(len(seen) <= 2 for seen in known.heads.values())
+    assert all(len(t.steps) <= 6 for seen in known.heads.values() for t in seen)
+    assert p.hits > 0
+    p.ex[0].forget(p.s[0])
+    assert "t" not in p.ex[0]._eager
