@@ -25,6 +25,11 @@ on a shared box, compare ratios from one run only.
 
     nice python bench/launch_bound.py                       # ~3-5 min
     python bench/launch_bound.py --models tiny-mlp,encoder --steps 40
+    python bench/launch_bound.py --models tiny-mlp --modes local,eager --rounds 5 --against /work/main
+
+`--against DIR` runs a second daemon from another checkout (its `.venv/bin/python`, or `--against-python`) beside
+this tree's, on the same core, and every remote run once against each, alternating which goes first (rows
+`eager@base`, ...): the same client against both daemons, then the medians over rounds of both and their ratios.
 """
 
 from __future__ import annotations
@@ -187,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=5, help="timed blocks (the median counts)")
     p.add_argument("--warmup", type=int, default=6, help="untimed steps first (capture records in these)")
     p.add_argument("--rounds", type=int, default=2, help="alternating runs: best of each, paired ratios")
+    p.add_argument("--against", metavar="DIR", default="", help="also run every remote mode against DIR's daemon")
+    p.add_argument("--against-python", default="", help="the python of --against (default: DIR/.venv/bin/python)")
     add_worker_flags(p)
     p.add_argument("--model", default="tiny-mlp", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="local", help=argparse.SUPPRESS)
@@ -197,17 +204,25 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     load0 = os.getloadavg()[0]
-    with bench_daemons(args.daemon_core) as daemons:
+    against = None
+    if args.against:
+        against = (args.against, args.against_python or str(Path(args.against) / ".venv" / "bin" / "python"))
+    with bench_daemons(args.daemon_core, against=against) as daemons:
         for model in args.models.split(","):
             modes = args.modes.split(",")
+            if against:
+                modes = [x for m in modes for x in ((m,) if m == "local" else (m, f"{m}@base"))]
             results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
             order: list[tuple[str, dict[str, Any]]] = []  # every run in the order it ran
-            for _ in range(args.rounds):
-                for mode in modes:
+            for k in range(args.rounds):
+                for i, mode in enumerate(modes):
+                    if against and k % 2 and mode != "local":  # odd rounds: the base daemon's run goes first
+                        mode = modes[i + 1] if not mode.endswith("@base") else modes[i - 1]
                     if mode == "local":
                         r = _worker(args.daemon_core, model, mode, args)
                     else:
-                        r = _worker(args.client_core, model, mode, args, **daemons.remote())
+                        name, _, which = mode.partition("@")
+                        r = _worker(args.client_core, model, name, args, **daemons.remote(which or "process"))
                     results[mode].append(r)
                     order.append((mode, r))
             if "local" in modes and args.rounds > 1:
@@ -216,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             for mode, ratios in paired_ratios(order).items():
                 best[mode]["paired"] = statistics.median(ratios)
             rows.append((model, best))
+            if against:
+                print_against(model, results)
     print_table(rows, args)
     print(f"load average (1 min): {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
     return 0
@@ -237,6 +254,22 @@ def paired_ratios(order: list[tuple[str, dict[str, Any]]]) -> dict[str, list[flo
     return out
 
 
+def print_against(model: str, results: dict[str, list[dict[str, Any]]]) -> None:
+    """This tree's daemon against --against's: medians over rounds of the step time and the daemon's CPU per
+    step (CPU is steadier than wall time on a shared box), and this/base ratios."""
+    for mode in results:
+        base = results.get(f"{mode}@base")
+        if mode == "local" or base is None:
+            continue
+        this = results[mode]
+        ms = [statistics.median(r["step_s"] for r in rs) * 1e3 for rs in (this, base)]
+        cpu = [statistics.median(r["daemon_cpu_per_step_s"] for r in rs) * 1e3 for rs in (this, base)]
+        ops = max(this[0]["commands_per_step"], 1.0)
+        print(f"{model} {mode}: this {ms[0]:.3f} ms/step, base {ms[1]:.3f} ({ms[0] / ms[1]:.3f}); daemon CPU "
+              f"this {cpu[0] / ops * 1e3:.1f} us/op, base {cpu[1] / ops * 1e3:.1f} ({cpu[0] / cpu[1]:.3f}); "
+              f"medians of {len(this)} runs each")  # fmt: skip
+
+
 def print_table(rows: list[tuple[str, dict[str, dict[str, Any]]]], args: argparse.Namespace) -> None:
     table = Table(title=f"launch-bound training (median of {args.blocks} blocks of {args.steps} steps, best of "
                         f"{args.rounds} rounds, 1 torch thread each; daemon on core {args.daemon_core}, client on "
@@ -254,8 +287,10 @@ def print_table(rows: list[tuple[str, dict[str, dict[str, Any]]]], args: argpars
             remote = mode != "local"
             # Per op of its own mode: eager sends one command per aten op; a captured step runs its graph's ops
             # (capturable Adam's ops, more than the default Adam's), so each row divides by its own count.
-            ops = (r.get("graph_ops") or 0) if mode == "captured" else r["commands_per_step"] if remote else 1
-            ops = ops or 1
+            if mode.partition("@")[0] == "captured":
+                ops = r.get("graph_ops") or 1
+            else:
+                ops = (r["commands_per_step"] if remote else 1) or 1
             core1 = r["daemon_cpu_per_step_s"] if remote else r["client_cpu_per_step_s"]
             table.add_row(
                 model,

@@ -133,12 +133,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 # ---- driver ----
 
 
-def start_daemon(core: int, key_file: Path, isolation: str = "process") -> tuple[subprocess.Popen[str], str]:
-    cmd = ["taskset", "-c", str(core), sys.executable, "-m", "gpupool.cli", "serve", "--listen", "127.0.0.1:0",
+def start_daemon(
+    core: int, key_file: Path, isolation: str = "process", python: str = sys.executable, cwd: str | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    cmd = ["taskset", "-c", str(core), python, "-m", "gpupool.cli", "serve", "--listen", "127.0.0.1:0",
            "--metrics-listen", "0", "--fake-gpus", "1", "--fake-gpu-memory", "16GiB",
            "--token-public-keys", str(key_file), "--host-id", "bench", "--isolation", isolation]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     assert proc.stdout is not None
     for line in proc.stdout:
         m = re.search(r"listening on (\S+:\d+)", line)
@@ -149,9 +151,12 @@ def start_daemon(core: int, key_file: Path, isolation: str = "process") -> tuple
 
 
 @contextlib.contextmanager
-def bench_daemons(core: int, isolations: Sequence[str] = ("process",)) -> Iterator[Daemons]:
+def bench_daemons(
+    core: int, isolations: Sequence[str] = ("process",), against: tuple[str, str] | None = None
+) -> Iterator[Daemons]:
     """A daemon per isolation mode on a fake GPU pinned to `core`, speaking TLS (a loopback PKI in a temporary
-    directory); yields them with a function that mints a fresh one-hour token for device 0. Stops them after."""
+    directory); yields them with a function that mints a fresh one-hour token for device 0. Stops them after.
+    `against` (a checkout's directory, its python): one more daemon of that checkout, under the name "base"."""
     with tempfile.TemporaryDirectory() as tmp:
         key = secrets.token_hex(32).encode()  # a token seed; the daemons get its public key only
         key_file = Path(tmp) / "key.pub"
@@ -167,7 +172,9 @@ def bench_daemons(core: int, isolations: Sequence[str] = ("process",)) -> Iterat
         try:
             for mode in isolations:
                 daemons[mode] = start_daemon(core, key_file, mode)
-            yield Daemons(daemons, token)
+            if against is not None:
+                daemons["base"] = start_daemon(core, key_file, "process", python=against[1], cwd=against[0])
+            yield Daemons(daemons, token, key_file)
         finally:
             for proc, _ in daemons.values():
                 proc.terminate()
@@ -178,6 +185,7 @@ def bench_daemons(core: int, isolations: Sequence[str] = ("process",)) -> Iterat
 class Daemons:
     running: dict[str, tuple[subprocess.Popen[str], str]]  # isolation mode -> (process, address)
     token: Callable[[], str]
+    key_file: Path  # the token key's public half (what a daemon started by hand is given)
 
     def remote(self, mode: str = "process") -> dict[str, Any]:
         """The worker flags that point it at the daemon of `mode` with a fresh token."""

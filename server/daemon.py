@@ -204,6 +204,7 @@ class Daemon:
         self._stop = threading.Event()
         self._expiry_hold = 0.0  # set by the registrar: no token expiry ends a session before this (unix s)
         self._reaper = threading.Thread(target=self._reap, name="gpupool-reaper", daemon=True)
+        self._batch_hist: dict[int, Any] = {}  # device -> its slice-duration histogram child
 
     def start(self) -> None:
         if self.config.isolation == "process":
@@ -445,8 +446,15 @@ class Daemon:
             if items[0] is END_OF_STREAM:
                 s.outbox.put(END_OF_STREAM)
                 return items[1:], 0.0
-            n = next((i for i, it in enumerate(items) if it is END_OF_STREAM), len(items))
-            n, uploads = bulk.slice_length([k for k, _ in items[:n]], [len(span) for _, span in items[:n]])
+            n = items.index(END_OF_STREAM) if END_OF_STREAM in items else len(items)
+            head = items[:n] if n < len(items) else items
+            spans = [span for _, span in head]
+            sizes = list(map(len, spans))
+            if sum(sizes) <= bulk.SLICE_BYTES and max(sizes) < bulk.BIG_UPLOAD:
+                uploads = False  # what slice_length says of them, without its loop: the usual slice, all of it
+            else:
+                n, uploads = bulk.slice_length([k for k, _ in head], sizes)
+                spans = spans[:n]
             batch, after = items[:n], items[n:]
             room = self.config.outbox_bytes - s.outbox_bytes
             if room <= 0 and batch[0][0] in slices.ANSWERED and self._parked(s):
@@ -460,7 +468,7 @@ class Daemon:
             )
             start = time.perf_counter()
             try:
-                res = s.runner.run(req, len(batch), [span for _, span in batch])
+                res = s.runner.run(req, len(batch), spans)
                 if res.executed == 0 and not res.partial:
                     raise WorkerDied("the session's worker made no progress")
             except WorkerDied as exc:
@@ -555,7 +563,12 @@ class Daemon:
         s: FrontSession = entry.owner
         s.busy_seconds += seconds
         self.ledger.charge(s, seconds)
-        self.metrics.batch_duration.labels(self.host_id, str(s.device.index)).observe(seconds)
+        hist = self._batch_hist.get(s.device.index)
+        if hist is None:  # the labelled child once per device (.labels() takes a lock and builds a key per call)
+            hist = self._batch_hist[s.device.index] = self.metrics.batch_duration.labels(
+                self.host_id, str(s.device.index)
+            )
+        hist.observe(seconds)
 
     # ---- RegistrationSource and Status ----
 

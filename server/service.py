@@ -107,7 +107,7 @@ class DeviceServicer:
                 if not commands:  # an empty frame asks for nothing; queueing it would grow memory for free
                     continue
                 nbytes = len(raw)
-                if any(kind in _BULK_KINDS for kind, _ in commands):
+                if not _BULK_KINDS.isdisjoint([kind for kind, _ in commands]):
                     try:
                         nbytes += _take_bulk(s, commands)
                     except GpupoolError as exc:  # a transfer that broke the side channel's rules ends the session
@@ -160,7 +160,7 @@ class DeviceServicer:
                 self.daemon.replied(s, item)
 
 
-_BULK_KINDS = (protocol.UPLOAD, protocol.GET)
+_BULK_KINDS = frozenset((protocol.UPLOAD, protocol.GET))
 
 
 def _take_bulk(s: FrontSession, commands: list[tuple[int, memoryview]]) -> int:

@@ -44,34 +44,54 @@ CODES = (
 
 def split_frame(raw: bytes, max_commands: int) -> list[tuple[int, memoryview]]:
     """(kind, span) of each command of a serialized ClientFrame; refuses more than `max_commands` commands
-    before materializing any (a 16 MiB frame of empty commands would otherwise cost gigabytes)."""
+    before materializing any (a 16 MiB frame of empty commands would otherwise cost gigabytes).
+
+    The stream reader runs this on every frame, so the usual shapes take a short path inline: a command of
+    fewer than 128 bytes (a one-byte length) and a kind of one or two tag bytes (eager ops are field 30: two)."""
     view = memoryview(raw)
     out: list[tuple[int, memoryview]] = []
+    append = out.append
+    left = max_commands
     i, n = 0, len(raw)
     while i < n:
         start = i
         if raw[i] != _COMMANDS_TAG:
             raise InvalidArgument(f"malformed ClientFrame: unexpected field tag {raw[i]:#x} at byte {i}")
-        i += 1
-        length = shift = 0
-        while True:
-            if i >= n or shift > 35:
-                raise InvalidArgument("malformed ClientFrame: truncated length")
-            b = raw[i]
+        length = raw[i + 1] if i + 1 < n else 0x80
+        if length < 0x80:
+            i += 2
+        else:
             i += 1
-            length |= (b & 0x7F) << shift
-            if b < 0x80:
-                break
-            shift += 7
-        if i + length > n:
+            length = shift = 0
+            while True:
+                if i >= n or shift > 35:
+                    raise InvalidArgument("malformed ClientFrame: truncated length")
+                b = raw[i]
+                i += 1
+                length |= (b & 0x7F) << shift
+                if b < 0x80:
+                    break
+                shift += 7
+        end = i + length
+        if end > n:
             raise InvalidArgument(f"malformed ClientFrame: a command of {length} bytes runs past the frame's end")
-        kind = _field_number(raw, i, i + length) if length else 0
-        i += length
-        if kind == 0:
+        if not length:
+            i = end
             continue  # an empty command asks for nothing
-        if len(out) >= max_commands:
+        b = raw[i]
+        if b < 0x80:
+            kind = b >> 3
+        elif i + 1 < end and raw[i + 1] < 0x80:
+            kind = ((b & 0x7F) | raw[i + 1] << 7) >> 3
+        else:
+            kind = _field_number(raw, i, end)
+        i = end
+        if kind == 0:
+            continue
+        if not left:
             raise ResourceExhausted(f"a frame of more than {max_commands} commands (the limit); send smaller frames")
-        out.append((kind, view[start:i]))
+        left -= 1
+        append((kind, view[start:end]))
     return out
 
 
@@ -95,6 +115,7 @@ REQ_UPLOADS = 0x10  # or-ed into the kind: the payload is big uploads only (serv
 SHARED = 0x80000000  # set in a result's length word: the result is in the shared buffer
 # kind, free device bytes, reply room (bytes), shared payload length, budget (s), download slot (-1: none)
 _REQ = struct.Struct("<Bqqqdb")
+REQUEST_HEAD = _REQ.size  # bytes of a request without a payload in the socket (after its length word)
 SIDE = 0x80000000  # set in a reply frame's length word: a side chunk record (`SideChunk`), not frame bytes
 _SIDE = struct.Struct("<qqBqq")  # request id, offset, last, offset in the slot, length; then the meta's bytes
 
@@ -148,7 +169,18 @@ def encode_request(
     return [struct.pack("<I", len(head) + sum(len(b) for b in body)), head, *body]
 
 
-def decode_request(body: bytes | bytearray, shared: memoryview) -> SliceRequest | None:
+_SHARED_REQ = struct.Struct("<I" + _REQ.format[1:])  # the length word and the header: a request in one piece
+
+
+def shared_request(req: SliceRequest, size: int) -> bytes:
+    """`encode_request(req, shared=size)` as one buffer (the usual request: its payload in the shared buffer)."""
+    flag = REQ_UPLOADS if req.uploads else 0
+    return _SHARED_REQ.pack(
+        _REQ.size, REQ_RUN_SHARED | flag, req.device_free, req.reply_room, size, req.budget, req.slot
+    )
+
+
+def decode_request(body: bytes | bytearray | memoryview, shared: memoryview) -> SliceRequest | None:
     kind, device_free, reply_room, shared_len, budget, slot = _REQ.unpack_from(body, 0)
     uploads, kind = bool(kind & REQ_UPLOADS), kind & ~REQ_UPLOADS
     if kind == REQ_RUN_SHARED and 0 <= shared_len <= len(shared):
@@ -164,7 +196,7 @@ PING_REQUEST = struct.pack("<I", _REQ.size) + _REQ.pack(REQ_PING, 0, 0, 0, 0.0, 
 PONG = 0xFFFFFFFF  # a result length word that is no result (a late pong is skipped)
 
 
-def is_ping(body: bytes | bytearray) -> bool:
+def is_ping(body: bytes | bytearray | memoryview) -> bool:
     return len(body) >= 1 and body[0] == REQ_PING
 
 
@@ -230,6 +262,57 @@ def encode_result(r: SliceResult) -> list[bytes | memoryview]:
                 parts.append(f)
     body_len = sum(len(p) for p in parts)
     return [struct.pack("<I", body_len), *parts]
+
+
+_CODE_COUNT = struct.Struct("<BI")
+_REPLY_HEAD = struct.Struct("<BII")  # one reply of one frame: is_list (0), 1 frame, its length
+
+
+def write_result(r: SliceResult, buf: memoryview) -> int:
+    """`encode_result(r)` without its length word, written straight into `buf`; returns its size, or -1 (nothing
+    meaningful written) when it does not fit or holds replies other than plain frames (downloads' lists, side
+    chunks, views of a tensor): `encode_result` then. The bytes are exactly `encode_result`'s."""
+    replies = r.replies
+    size = _RES.size + 5 * len(r.errors)
+    for event in r.events:
+        size += 5 + len(event.encode()[:32])
+    for item in replies:
+        if type(item) is not bytes:
+            return -1
+        size += _REPLY_HEAD.size + len(item)
+    if size > len(buf):
+        return -1
+    _RES.pack_into(
+        buf,
+        0,
+        r.executed,
+        r.seconds,
+        r.used,
+        r.ops,
+        r.handles,
+        r.uploaded,
+        r.downloaded,
+        len(r.errors),
+        len(r.events),
+        len(replies),
+        (_ERROR_PENDING if r.error_pending else 0) | (_PARTIAL if r.partial else 0),
+    )
+    pos = _RES.size
+    for code, n in r.errors.items():
+        _CODE_COUNT.pack_into(buf, pos, CODES.index(code) if code in CODES else CODES.index(StatusCode.INTERNAL), n)
+        pos += 5
+    for event, n in r.events.items():
+        name = event.encode()[:32]
+        _CODE_COUNT.pack_into(buf, pos, len(name), n)
+        buf[pos + 5 : pos + 5 + len(name)] = name
+        pos += 5 + len(name)
+    for frame in replies:
+        assert isinstance(frame, bytes)  # checked above
+        _REPLY_HEAD.pack_into(buf, pos, 0, 1, len(frame))
+        pos += _REPLY_HEAD.size
+        buf[pos : pos + len(frame)] = frame
+        pos += len(frame)
+    return pos
 
 
 def decode_result(body: bytes | bytearray | memoryview, commands: int, slot: memoryview | None = None) -> SliceResult:

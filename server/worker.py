@@ -18,7 +18,6 @@ import socket
 import struct
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -187,18 +186,16 @@ class ProcessRunner:
         with self._slot_lock:
             req.slot = next((k for k in range(SLOTS) if not self._slot_users[k]), -1)
         try:
-            size = sum(len(p) for p in parts)
+            size = sum(map(len, parts))
             if parts and size <= DATA_BYTES:
-                pos = 0
-                for p in parts:
-                    self._data[pos : pos + len(p)] = p
-                    pos += len(p)
-                slices.send_parts(self._sock, slices.encode_request(req, shared=size))
+                # One copy into the shared buffer: joined in C (a frame's spans are tens of small pieces)
+                self._data[:size] = parts[0] if len(parts) == 1 else b"".join(parts)
+                self._sock.sendall(slices.shared_request(req, size))
             else:
                 slices.send_parts(self._sock, slices.encode_request(req, parts))
-            (length,) = struct.unpack("<I", _recv_exact(self._sock, 4))
+            (length,) = _recv_word(self._sock)
             while length == slices.PONG:  # the late answer to a ping that timed out
-                (length,) = struct.unpack("<I", _recv_exact(self._sock, 4))
+                (length,) = _recv_word(self._sock)
             if length & slices.SHARED:
                 length &= ~slices.SHARED
                 if length > DATA_BYTES:
@@ -320,6 +317,19 @@ def _quiet_stat(fd: int) -> bool:
     return fields[0] == b"S" and not int(fields[6]) & _PF_DYING and fields[28] == b"0"
 
 
+_WORD = struct.Struct("<I")
+
+
+def _recv_word(sock: socket.socket) -> tuple[int]:
+    """One little-endian u32 (a result's length word): one recv, as the four bytes come together."""
+    got = sock.recv(4)
+    if len(got) == 4:
+        return _WORD.unpack(got)  # type: ignore[return-value]
+    if not got:
+        raise EOFError("end of stream")
+    return _WORD.unpack(got + _recv_exact(sock, 4 - len(got)))  # type: ignore[return-value]
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     buf = bytearray(n)
     view = memoryview(buf)
@@ -333,6 +343,37 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
 
 
 # ---- inside the worker process ----
+
+
+def _recv_request(sock: socket.socket, head: bytearray) -> bytearray | memoryview:
+    """The next request's body (after its length word). A header-only request (a slice whose payload is in the
+    shared buffer, a ping, the exit) comes in one recv into `head`, reused (a view of it is returned): never more
+    than one request's bytes are read, so a request that follows (after a late ping) stays in the socket."""
+    got = sock.recv_into(head, len(head))
+    while got < 4:
+        if not got:
+            raise EOFError("end of stream")
+        k = sock.recv_into(memoryview(head)[got:], len(head) - got)
+        if not k:
+            raise EOFError("end of stream")
+        got += k
+    (length,) = _WORD.unpack_from(head, 0)
+    if 4 + length > len(head):  # a payload in the socket (bigger than the shared buffer, or an old daemon's)
+        body = bytearray(length)
+        body[: got - 4] = memoryview(head)[4:got]
+        view = memoryview(body)
+        while got - 4 < length:
+            k = sock.recv_into(view[got - 4 :], length - (got - 4))
+            if not k:
+                raise EOFError("end of stream")
+            got += k
+        return body
+    while got < 4 + length:
+        k = sock.recv_into(memoryview(head)[got:], 4 + length - got)
+        if not k:
+            raise EOFError("end of stream")
+        got += k
+    return memoryview(head)[4 : 4 + length]
 
 
 def _vm_data() -> int:
@@ -375,10 +416,10 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     # the index of the command running, for the daemon to read (a C call per command, no Python frame)
     mark = functools.partial(_MARK.pack_into, progress, 0)
 
+    head = bytearray(4 + slices.REQUEST_HEAD)
     while True:
         try:
-            (length,) = struct.unpack("<I", _recv_exact(sock, 4))
-            body = _recv_exact(sock, length)
+            body = _recv_request(sock, head)
         except (OSError, EOFError):
             return 0  # the daemon closed the session
         if slices.is_ping(body):
@@ -390,23 +431,25 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
         req = slices.decode_request(body, data)
         if req is None:
             return 0
-        start = time.perf_counter()
         state.executor.side_slot = slots[req.slot] if 0 <= req.slot < SLOTS else None
         state.executor.side_used = 0
         result = state.run(req, mark)
         state.executor.side_slot = None
-        log.debug("slice of %d commands in %.6f s", result.executed, time.perf_counter() - start)
-        parts = slices.encode_result(result)[1:]  # without its length word
-        size = sum(len(p) for p in parts)
         try:
+            size = slices.write_result(result, data)  # the usual result, straight into the shared buffer
+            if size >= 0:
+                sock.sendall(_WORD.pack(size | slices.SHARED))
+                continue
+            parts = slices.encode_result(result)[1:]  # without its length word
+            size = sum(len(p) for p in parts)
             if size <= DATA_BYTES:
                 pos = 0
                 for p in parts:
                     data[pos : pos + len(p)] = p
                     pos += len(p)
-                sock.sendall(struct.pack("<I", size | slices.SHARED))
+                sock.sendall(_WORD.pack(size | slices.SHARED))
             else:
-                slices.send_parts(sock, [struct.pack("<I", size), *parts])
+                slices.send_parts(sock, [_WORD.pack(size), *parts])
         except OSError:
             return 0
 

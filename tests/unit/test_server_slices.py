@@ -4,6 +4,7 @@ defensively (a compromised worker must not make the daemon allocate, crash or mi
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 from gpupool.server import slices
@@ -67,3 +68,119 @@ def test_partial_results_and_pending_errors_round_trip_and_lies_are_refused() ->
     empty = slices.SliceResult(0, 0.1, 0, 0, 0, 0, 0, {}, {}, [], partial=True)
     with pytest.raises(ValueError):
         slices.decode_result(b"".join(slices.encode_result(empty))[4:], 3)  # a piece with no bytes is no progress
+
+
+def _reference_split(raw: bytes, max_commands: int) -> list[tuple[int, bytes]]:
+    """The plain reading of split_frame's contract (round 8's code, one varint loop per field): the fast paths
+    of the real one must give exactly this, and the same errors."""
+    out: list[tuple[int, bytes]] = []
+    i, n = 0, len(raw)
+    while i < n:
+        start = i
+        if raw[i] != 0x0A:
+            raise InvalidArgument("tag")
+        i += 1
+        length = shift = 0
+        while True:
+            if i >= n or shift > 35:
+                raise InvalidArgument("truncated")
+            b = raw[i]
+            i += 1
+            length |= (b & 0x7F) << shift
+            if b < 0x80:
+                break
+            shift += 7
+        if i + length > n:
+            raise InvalidArgument("past the end")
+        kind = tag = shift = 0
+        j = i
+        while j < i + length and shift < 35:
+            b = raw[j]
+            tag |= (b & 0x7F) << shift
+            if b < 0x80:
+                kind = tag >> 3
+                break
+            j += 1
+            shift += 7
+        i += length
+        if kind == 0:
+            continue
+        if len(out) >= max_commands:
+            raise ResourceExhausted("more")
+        out.append((kind, raw[start:i]))
+    return out
+
+
+def test_split_frame_fast_paths_match_the_plain_reading() -> None:
+    """Random frames of real commands (one- and two-byte tags, one- and two-byte lengths, empty commands), and
+    every truncation and one-byte change of them: the same spans and kinds, or the same kind of error."""
+    import random
+
+    rng = random.Random(7)
+    record = device_pb2.Command(eager_op=b"r" * 40)
+    cmds = [
+        record,
+        device_pb2.Command(eager_op=b"x" * 200),  # a two-byte length
+        device_pb2.Command(),
+        device_pb2.Command(sync=device_pb2.Sync(request_id=3)),
+        device_pb2.Command(get=device_pb2.Get(request_id=1, handle=9)),
+        device_pb2.Command(free=device_pb2.Free(handles=[1, 2])),
+        device_pb2.Command(upload=device_pb2.Upload(handle=7, data=b"y" * 130)),
+        device_pb2.Command(run_graph=device_pb2.RunGraph(graph_id=2)),
+    ]
+    frames = [frame(*rng.choices(cmds, k=rng.randint(0, 12))) for _ in range(40)]
+    frames += [b"\x0a\x00", b"\x0a", b"\x0a\x80", b"\x0a\x01\x00", b"\x0a\x02\xf2\x81", b"\x0a\x03\xf2\x81\x01"]
+    tried = 0
+    for raw in frames:
+        variants = [raw, *(raw[:k] for k in range(len(raw)))]
+        for _ in range(20):
+            if raw:
+                k = rng.randrange(len(raw))
+                variants.append(raw[:k] + bytes([rng.randrange(256)]) + raw[k + 1 :])
+        for v in variants:
+            for limit in (3, 4096):
+                tried += 1
+                try:
+                    want: Any = [(k, bytes(s)) for k, s in _reference_split(v, limit)]
+                except (InvalidArgument, ResourceExhausted) as exc:
+                    want = type(exc)
+                try:
+                    got: Any = [(k, bytes(s)) for k, s in slices.split_frame(v, limit)]
+                except (InvalidArgument, ResourceExhausted) as exc:
+                    got = type(exc)
+                assert got == want, (v, limit)
+    assert tried > 5000
+
+
+def test_write_result_writes_exactly_encode_results_bytes() -> None:
+    buf = memoryview(bytearray(4096))
+    cases = [
+        slices.SliceResult(32, 0.002, 100, 5, 7, 0, 0),
+        slices.SliceResult(
+            3,
+            0.25,
+            100,
+            5,
+            7,
+            1,
+            2,
+            {StatusCode.INVALID_ARGUMENT: 1, StatusCode.INTERNAL: 2},
+            {"replayed": 2},
+            [b"frame", b"", b"z" * 300],
+            error_pending=True,
+        ),  # fmt: skip
+        slices.SliceResult(1, 0.0, 0, 0, 0, 0, 0, {}, {"x" * 40: 1, "defined": 3}),
+        slices.SliceResult(2, 0.1, 0, 0, 0, 0, 12, {}, {}, [b"piece"], partial=True),
+    ]
+    for r in cases:
+        size = slices.write_result(r, buf)
+        assert bytes(buf[:size]) == b"".join(bytes(p) for p in slices.encode_result(r))[4:]
+    # what it leaves to encode_result: a download's frame list, side chunks, tensor views, too little room
+    for replies in ([[b"a", b"b"]], [slices.SideChunk(1, None, 0, True, 0, 8)], [bytearray(b"x")]):
+        assert slices.write_result(slices.SliceResult(1, replies=replies), buf) == -1
+    assert slices.write_result(slices.SliceResult(1, replies=[b"x" * 5000]), buf) == -1
+
+
+def test_a_shared_request_is_encode_requests_bytes_in_one_piece() -> None:
+    for req in (slices.SliceRequest(1, 2, 0.005, b""), slices.SliceRequest(-5, 0, 1.5, b"", uploads=True, slot=1)):
+        assert slices.shared_request(req, 777) == b"".join(bytes(p) for p in slices.encode_request(req, shared=777))

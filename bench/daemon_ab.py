@@ -1,0 +1,213 @@
+"""The daemon's cost per eager op, this checkout's daemon against another checkout's, with the same client.
+
+`launch_bound.py --against DIR` shows the daemon's CPU per op and the step time of both daemons side by side, but
+CPU time moves by tens of percent between runs of the same code on a shared 2-core box. This counts instead:
+each side's daemon (`gpupool serve --fake-gpus 1`, one torch thread) runs under callgrind with its
+instrumentation off, and the launch-bound eager worker of this checkout (Adam, one torch thread, the batch
+uploaded every step) switches it on in the daemon's whole process tree -- the front, the zygote and the
+session's worker -- for its timed blocks only, then has each process dump its counts. The result is exact and
+does not depend on the load: the instructions the daemon spends per aten op, its kernels included (the same
+kernels on both sides), and, per process, where they went (front = the daemon process: gRPC, the stream
+reader, the device thread; worker = the session's worker process).
+
+Both daemons run with slices bounded by their commands only, not by the 5 ms budget (valgrind slows a slice
+~50x, and natively a frame's slice ends well within it), with `--seccomp off` (valgrind's own system calls are
+not the worker's) and, as root, `--worker-user keep` (callgrind_control must reach the worker, which must write
+its counts); the sandbox is set up once per session, so it does not change the per-op figures. The client runs
+ahead of the slowed daemon, so its frames queue and the device's thread takes two at a time (64 commands), where
+natively the stream reader mostly runs each frame as it comes: the front's count is that of the queued path.
+
+    nice python bench/daemon_ab.py --against /work/main                      # ~3 min per side and model
+    nice python bench/daemon_ab.py --against /work/main --models tiny-mlp,encoder --profile /tmp/cg
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def _tree(pid: int) -> list[int]:
+    """The process and its descendants alive now."""
+    out = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+                out += _tree(int(child))
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+def _control(pids: list[int], *flags: str) -> None:
+    for pid in pids:
+        for flag in flags:
+            subprocess.run(["callgrind_control", flag, str(pid)], capture_output=True, check=False, timeout=120)
+
+
+def _client(argv: list[str]) -> int:
+    """The eager worker, with the daemon's callgrind switched on from its first timed block to its end."""
+    import launch_bound as lb
+
+    p = argparse.ArgumentParser()
+    lb.add_worker_flags(p)
+    for a in ("--model", "--mode"):
+        p.add_argument(a)
+    for a in ("--steps", "--blocks", "--warmup"):
+        p.add_argument(a, type=int)
+    args = p.parse_args(argv)
+    pids: list[int] = []
+
+    def first_block(pid: int) -> float:  # called at every block's start and end: the first call starts counting
+        if not pids:
+            pids.extend(_tree(pid))
+            _control(pids, "--zero", "--instr=on")
+        return 0.0
+
+    lb._tree_cpu = first_block
+    out = lb.worker(args)
+    _control(pids, "--instr=off", "--dump=ab")
+    print(json.dumps({"ops": out["commands_per_step"] * args.blocks * args.steps, "pids": pids, **out}))
+    return 0
+
+
+SLICE_SECONDS = 30.0  # under valgrind a 32-op slice takes ~50x its 1-2 ms: no time budget may cut it short
+
+
+def _serve(argv: list[str]) -> int:
+    """`gpupool serve ARGV` (of whichever checkout `import gpupool` finds) with slices bounded by commands only:
+    natively a frame's slice ends well within its 5 ms budget; under valgrind it would end after a command or
+    two, and the rest of it would be copied, sent and parsed again for every command (not what runs natively)."""
+    from gpupool.server import daemon
+
+    start = daemon.Daemon.start
+
+    def patched(self: Any) -> None:
+        for w in self.workers:
+            w.slice_seconds = SLICE_SECONDS
+        start(self)
+
+    daemon.Daemon.start = patched  # type: ignore[method-assign]
+    from gpupool import cli
+
+    return int(cli.main(["serve", *argv]))
+
+
+def _start(python: str, cwd: str, key_file: str, core: int, out_dir: Path) -> tuple[subprocess.Popen[str], str]:
+    exe = subprocess.check_output([python, "-c", "import sys; print(sys.executable)"], text=True, cwd=cwd).strip()
+    cmd = ["taskset", "-c", str(core), "valgrind", "--tool=callgrind", "--instr-atstart=no", "--trace-children=yes",
+           f"--callgrind-out-file={out_dir}/cg.%p", exe, str(HERE / "daemon_ab.py"), "--serve",
+           "--listen", "127.0.0.1:0",
+           "--metrics-listen", "0", "--fake-gpus", "1", "--fake-gpu-memory", "16GiB", "--token-public-keys", key_file,
+           "--host-id", "bench", "--seccomp", "off", "--worker-user", "keep"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        m = re.search(r"listening on (\S+:\d+)", line)
+        if m:
+            threading.Thread(target=lambda: [None for _ in proc.stdout or ()], daemon=True).start()
+            return proc, m.group(1)
+    raise RuntimeError(f"gpupool serve under valgrind did not start (exit {proc.wait()})")
+
+
+def _counts(out_dir: Path, pids: list[int], daemon_pid: int) -> dict[str, int]:
+    """Instructions of the dumps the client asked for (cg.PID.N; the one at exit is cg.PID): the daemon process
+    (front) and its descendants (zygote, session worker)."""
+    front = rest = 0
+    for pid in pids:
+        for dump in out_dir.glob(f"cg.{pid}.*"):
+            totals = [line for line in dump.read_text(errors="replace").splitlines() if line.startswith("totals:")]
+            n = int(totals[-1].split()[1]) if totals else 0
+            if pid == daemon_pid:
+                front += n
+            else:
+                rest += n
+    return {"front": front, "worker": rest}
+
+
+def _side(name: str, python: str, cwd: str, model: str, a: argparse.Namespace, key_file: str, token: Any,
+          tmp: str) -> dict[str, float]:  # fmt: skip
+    out_dir = Path(a.profile or tmp) / f"{name}.{model}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    proc, address = _start(python, cwd, key_file, a.daemon_core, out_dir)
+    try:
+        flags = ["--model", model, "--mode", "eager", "--steps", str(a.steps), "--blocks", str(a.blocks),
+                 "--warmup", str(a.warmup), "--address", address, "--token", token(),
+                 "--daemon-pid", str(proc.pid)]  # fmt: skip
+        cmd = ["taskset", "-c", str(a.client_core), sys.executable, str(HERE / "daemon_ab.py"), "--client", *flags]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=str(HERE.parent))
+        if out.returncode != 0:
+            raise RuntimeError(f"{name} {model} failed:\n{out.stderr[-3000:]}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        for _ in range(100):  # the dumps are written asynchronously by each process
+            counts = _counts(out_dir, r["pids"], r["pids"][0])
+            if counts["front"] and counts["worker"]:
+                break
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    return {k: v / r["ops"] for k, v in counts.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve"]:  # the daemon under valgrind: no torch, rich or bench helpers imported here
+        return _serve(argv[1:])
+    import launch_bound as lb
+    from train_overhead import bench_daemons
+
+    if argv[:1] == ["--client"]:
+        return _client(argv[1:])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--against", metavar="DIR", required=True, help="the other checkout (the baseline)")
+    p.add_argument("--against-python", default="", help="its python (default: DIR/.venv/bin/python)")
+    p.add_argument("--models", default="tiny-mlp", help="comma-separated: " + ",".join(lb.MODELS))
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--daemon-core", type=int, default=1)
+    p.add_argument("--client-core", type=int, default=0)
+    p.add_argument("--profile", default="", help="keep callgrind's files in this folder (SIDE.MODEL/cg.PID.N) for "
+                   "`callgrind_annotate --inclusive=yes`")  # fmt: skip
+    a = p.parse_args(argv)
+    if shutil.which("valgrind") is None:
+        p.error("needs valgrind (apt-get install valgrind)")
+    base_python = a.against_python or str(Path(a.against) / ".venv" / "bin" / "python")
+    sides = [("base", base_python, a.against), ("this", sys.executable, str(HERE.parent))]
+    print(f"load average {os.getloadavg()[0]:.1f} (counts do not depend on it)", flush=True)
+    res: dict[tuple[str, str], dict[str, float]] = {}
+    # bench_daemons for its loopback PKI and token key only (no daemon of its own)
+    with bench_daemons(a.daemon_core, ()) as daemons, tempfile.TemporaryDirectory() as tmp:
+        key_file = str(daemons.key_file)
+        for model in a.models.split(","):
+            for name, python, cwd in sides:
+                r = res[(model, name)] = _side(name, python, cwd, model, a, key_file, daemons.token, tmp)
+                print(f"{model:>10} {name:>4}: front {r['front'] / 1e3:8.1f}k  worker {r['worker'] / 1e3:8.1f}k  "
+                      f"total {(r['front'] + r['worker']) / 1e3:8.1f}k instructions per op", flush=True)  # fmt: skip
+    for model in a.models.split(","):
+        base, this = res[(model, "base")], res[(model, "this")]
+        ratio = {k: this[k] / base[k] for k in ("front", "worker")}
+        total = (this["front"] + this["worker"]) / (base["front"] + base["worker"])
+        print(f"{model:>10}: this/base front {ratio['front']:.3f}, worker {ratio['worker']:.3f}, total {total:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
