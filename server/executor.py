@@ -56,6 +56,7 @@ class CommandLedger(Protocol):
     def error(self, session: WorkerSession, code: StatusCode) -> None: ...
     def transfer(self, direction: str, nbytes: int) -> None: ...
     def graph(self, session: WorkerSession, event: str, ops: int = 0) -> None: ...
+    def learned(self, session: WorkerSession, n: int) -> None: ...
 
 
 class CommandExecutor:
@@ -271,6 +272,7 @@ class CommandExecutor:
         objs: list[Any] = []
         after: runs.Trace | None = None  # the run that just ended at its last step
         over = False
+        hits = known.hits
         try:
             while i < n:
                 cmd = commands[i]
@@ -348,6 +350,8 @@ class CommandExecutor:
         finally:
             if known.rec is not None:
                 self._learn(known, s)
+            if known.hits != hits:  # the metric gpupool_eager_learned_ops_total
+                self.ledger.learned(s, known.hits - hits)
         return i, over
 
     def _run_step(

@@ -19,6 +19,8 @@ from prometheus_client.registry import Collector
 
 from gpupool.config import split_address
 
+from .slices import LEARNED_OPS
+
 if TYPE_CHECKING:
     from .daemon import Daemon
     from .front import FrontSession
@@ -37,6 +39,7 @@ class Ledger:
         self.transfers: dict[str, int] = {"upload": 0, "download": 0}
         self.device_busy: dict[int, float] = defaultdict(float)
         self.graphs: dict[tuple[int, str, str], int] = defaultdict(int)  # (device, tenant, event)
+        self.learned: dict[tuple[int, str], int] = defaultdict(int)  # (device, tenant) -> eager ops in learned runs
 
     def add(
         self, session: FrontSession, ops: int, errors: dict[StatusCode, int], uploaded: int, downloaded: int
@@ -46,6 +49,7 @@ class Ledger:
         with self._lock:
             if ops:
                 self.ops[key] += ops
+                self.learned[key] += 0  # a tenant that ran ops has a learned-run count, zero until one ran
             for code, n in errors.items():
                 self.errors[(session.device.index, session.tenant, code)] += n
             self.transfers["upload"] += uploaded
@@ -53,10 +57,13 @@ class Ledger:
 
     def graphs_of(self, session: FrontSession, events: dict[str, int]) -> None:
         """A slice's step-capture graph events (defined, rerecorded, replayed, dropped, traced), as its worker counted
-        them."""
+        them, and its eager records run inside learned runs (`slices.LEARNED_OPS`)."""
         with self._lock:
             for event, n in events.items():
-                self.graphs[(session.device.index, session.tenant, event)] += n
+                if event == LEARNED_OPS:
+                    self.learned[(session.device.index, session.tenant)] += n
+                else:
+                    self.graphs[(session.device.index, session.tenant, event)] += n
 
     def charge(self, session: FrontSession, seconds: float) -> None:
         with self._lock:
@@ -72,6 +79,7 @@ class Ledger:
                 "transfers": dict(self.transfers),
                 "device_busy": dict(self.device_busy),
                 "graphs": dict(self.graphs),
+                "learned": dict(self.learned),
             }
 
 
@@ -146,6 +154,15 @@ class DaemonCollector(Collector):
         for (i, tenant, event), n in snap["graphs"].items():
             graphs.add_metric([host, str(i), ids[i][0], tenant, event], n)
         yield graphs
+
+        learned = CounterMetricFamily(
+            "gpupool_eager_learned_ops",
+            "Eager ops of a tenant that its session worker ran inside learned runs of records (server/runs.py)",
+            labels=tlabels,
+        )
+        for (i, tenant), n in snap["learned"].items():
+            learned.add_metric([host, str(i), ids[i][0], tenant], n)
+        yield learned
 
         xfer = CounterMetricFamily(
             "gpupool_transfer_bytes", "Tensor bytes moved over the wire", labels=["host", "direction"]

@@ -208,6 +208,8 @@ _ERROR_PENDING = 1  # flags: the session holds an error for its next Sync
 _PARTIAL = 2  # flags: the command after the executed ones (a Get) answered a piece and continues next slice
 # Step capture's graph events (server/graph.py): the only names a worker may report (they become metric labels).
 GRAPH_EVENTS = ("defined", "rerecorded", "replayed", "dropped", "traced")
+# Eager records a worker ran inside learned runs (server/runs.py), reported with the graph events.
+LEARNED_OPS = "learned_ops"
 
 
 @dataclass
@@ -333,7 +335,7 @@ def decode_result(body: bytes | bytearray | memoryview, commands: int, slot: mem
         length, n = struct.unpack_from("<BI", view, pos)
         name = bytes(view[pos + 5 : pos + 5 + length]).decode("ascii", "replace")
         pos += 5 + length
-        if name in GRAPH_EVENTS:
+        if name in GRAPH_EVENTS or name == LEARNED_OPS:
             events[name] = min(n, executed)
     replies: list[Any] = []
     slot_end = 0
@@ -414,6 +416,10 @@ class SliceLedger:
     def graph(self, session: Any, event: str, ops: int = 0) -> None:
         """Step capture's graph events (server/graph.py); its ops are counted by the session's `ops`."""
         self.events[event] = self.events.get(event, 0) + 1
+
+    def learned(self, session: Any, n: int) -> None:
+        """`n` eager records of this slice ran inside learned runs (server/runs.py)."""
+        self.events[LEARNED_OPS] = self.events.get(LEARNED_OPS, 0) + n
 
     def reset(self) -> None:
         self.events = {}
