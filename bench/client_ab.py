@@ -39,13 +39,7 @@ from train_overhead import bench_daemons  # noqa: E402
 
 def _instrumented_worker(argv: list[str]) -> int:
     """Inside valgrind: the eager worker, callgrind's instrumentation on from the first timed block to the end."""
-    p = argparse.ArgumentParser()
-    lb.add_worker_flags(p)
-    for a in ("--model", "--mode"):
-        p.add_argument(a)
-    for a in ("--steps", "--blocks", "--warmup"):
-        p.add_argument(a, type=int)
-    args = p.parse_args(argv)
+    args = lb.worker_args(argv)
     on: list[int] = []
     tree_cpu = lb._tree_cpu
 

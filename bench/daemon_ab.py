@@ -26,12 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -62,13 +60,7 @@ def _client(argv: list[str]) -> int:
     """The eager worker, with the daemon's callgrind switched on from its first timed block to its end."""
     import launch_bound as lb
 
-    p = argparse.ArgumentParser()
-    lb.add_worker_flags(p)
-    for a in ("--model", "--mode"):
-        p.add_argument(a)
-    for a in ("--steps", "--blocks", "--warmup"):
-        p.add_argument(a, type=int)
-    args = p.parse_args(argv)
+    args = lb.worker_args(argv)
     pids: list[int] = []
 
     def first_block(pid: int) -> float:  # called at every block's start and end: the first call starts counting
@@ -107,21 +99,15 @@ def _serve(argv: list[str]) -> int:
 
 
 def _start(python: str, cwd: str, key_file: str, core: int, out_dir: Path) -> tuple[subprocess.Popen[str], str]:
+    from train_overhead import start_listening
+
     exe = subprocess.check_output([python, "-c", "import sys; print(sys.executable)"], text=True, cwd=cwd).strip()
     cmd = ["taskset", "-c", str(core), "valgrind", "--tool=callgrind", "--instr-atstart=no", "--trace-children=yes",
            f"--callgrind-out-file={out_dir}/cg.%p", exe, str(HERE / "daemon_ab.py"), "--serve",
            "--listen", "127.0.0.1:0",
            "--metrics-listen", "0", "--fake-gpus", "1", "--fake-gpu-memory", "16GiB", "--token-public-keys", key_file,
            "--host-id", "bench", "--seccomp", "off", "--worker-user", "keep"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        m = re.search(r"listening on (\S+:\d+)", line)
-        if m:
-            threading.Thread(target=lambda: [None for _ in proc.stdout or ()], daemon=True).start()
-            return proc, m.group(1)
-    raise RuntimeError(f"gpupool serve under valgrind did not start (exit {proc.wait()})")
+    return start_listening(cmd, cwd, "gpupool serve under valgrind")
 
 
 def _counts(out_dir: Path, pids: list[int], daemon_pid: int) -> dict[str, int]:

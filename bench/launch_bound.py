@@ -175,6 +175,18 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def worker_args(argv: list[str]) -> argparse.Namespace:
+    """The arguments of one measurement's worker (what `_worker` passes), for scripts that run `worker` their way
+    (bench/client_ab.py, bench/daemon_ab.py)."""
+    p = argparse.ArgumentParser()
+    add_worker_flags(p)
+    for a in ("--model", "--mode"):
+        p.add_argument(a)
+    for a in ("--steps", "--blocks", "--warmup"):
+        p.add_argument(a, type=int)
+    return p.parse_args(argv)
+
+
 # ---- driver ----
 
 

@@ -139,6 +139,12 @@ def start_daemon(
     cmd = ["taskset", "-c", str(core), python, "-m", "gpupool.cli", "serve", "--listen", "127.0.0.1:0",
            "--metrics-listen", "0", "--fake-gpus", "1", "--fake-gpu-memory", "16GiB",
            "--token-public-keys", str(key_file), "--host-id", "bench", "--isolation", isolation]  # fmt: skip
+    return start_listening(cmd, cwd, "gpupool serve")
+
+
+def start_listening(cmd: list[str], cwd: str | None, what: str) -> tuple[subprocess.Popen[str], str]:
+    """Start a daemon (one torch thread) and wait for its "listening on HOST:PORT" line; its later output is
+    drained by a thread. Returns the process and the address."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     assert proc.stdout is not None
@@ -147,7 +153,7 @@ def start_daemon(
         if m:
             threading.Thread(target=lambda: [None for _ in proc.stdout or ()], daemon=True).start()
             return proc, m.group(1)
-    raise RuntimeError(f"gpupool serve did not start (exit {proc.wait()})")
+    raise RuntimeError(f"{what} did not start (exit {proc.wait()})")
 
 
 @contextlib.contextmanager
