@@ -265,6 +265,7 @@ class CommandExecutor:
         get = s.tensors.get
         resolve = s.resolve
         match = runs.match
+        kept = runs.kept
         perf = time.perf_counter
         trace: runs.Trace | None = None
         steps: list[runs.Step] = []
@@ -322,17 +323,17 @@ class CommandExecutor:
                     if known.rec is not None:  # a learned run starts here: the recording ends
                         self._learn(known, s)
                     step = steps[k]
-                    args, kwargs, fields = got
+                    fields = got[2]  # its inputs (`got`) must not outlive this iteration: see `runs.kept`
                     outputs = fields[1 : 1 + step.n_out]
                     try:
-                        self._run_step(s, step, args, kwargs, outputs, fields, dev, known)
+                        self._run_step(s, step, got[0], got[1], outputs, fields, dev, known)
                     except Exception as exc:
                         self._failed(s, cmd, exc, reply)
                         trace = None
                     else:
                         known.hits += 1
                         for j in step.keep:
-                            objs.append(get(outputs[j]))
+                            objs.append(kept(get(outputs[j])))
                         k += 1
                         if k == len(steps):
                             after, trace = trace, None
