@@ -88,6 +88,37 @@ def test_a_learned_run_keeps_no_tensor_whose_handle_a_later_record_rebound() -> 
     assert w.ex._eager[s.session_id][3].hits >= 2 * 100 - 2  # the runs really ran
 
 
+def test_resize_never_hands_out_bytes_another_session_freed() -> None:
+    """The functional `resize`/`resize_as` and `resize.out` (a clone of `self`, resized) returned the allocator's
+    old bytes past `self`'s: a neighbour's freed values (`empty` and `resize_` were zeroed, these were not)."""
+    w = Worker()
+    victim, bad = w.session(2, 1 << 30), w.session(3, 1 << 30)
+    n = 65536
+    a, out, tmpl, got = (bad.handle_base + i for i in range(1, 5))
+    cases = [
+        ("aten::resize.default", [got], [T(a), V([n])], {}),
+        ("aten::resize_as.default", [got], [T(a), T(tmpl)], {}),
+        ("aten::resize.out", [out], [T(a), V([n])], {"out": T(out)}),
+    ]
+    for name, outs, args, kw in cases:
+        for _ in range(4):  # the victim's secret, freed: the allocator hands its bytes out again
+            secret = torch.full((4 * n,), 7.25)
+            victim.bind(victim.handle_base + 1, secret)
+            victim.free([victim.handle_base + 1])
+            del secret
+        bad.bind(a, torch.arange(4.0))
+        bad.bind(out, torch.ones(4))
+        bad.bind(tmpl, torch.ones(n))
+        res = w.slice(bad, [w.rec(bad, name, outs, args, kw)])
+        assert not res.errors and bad.error is None, (name, bad.error)
+        t = bad.tensors[outs[0]]
+        assert t.shape == (n,), name
+        assert torch.equal(t[:4], torch.arange(4.0)), name  # what resize keeps of `self`
+        assert not (t == 7.25).any(), f"{name}: {int((t == 7.25).sum())} of another session's values read"
+        assert torch.equal(t[4:], torch.zeros(n - 4)), name
+        bad.free([a, out, tmpl, got])
+
+
 def test_the_learned_and_the_plain_path_agree_on_a_rebinding_run() -> None:
     """The same rebinding records, learned or not: the same values, errors and accounting (the fix frees the
     rebound outputs; it must not change what a run computes)."""
