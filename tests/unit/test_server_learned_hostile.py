@@ -138,3 +138,17 @@ def test_the_learned_and_the_plain_path_agree_on_a_rebinding_run() -> None:
     p.stream(cmds, itertools.cycle([64, 7, 30]))
     p.stream(cmds, itertools.cycle([64]))
     assert p.hits > len(cmds) // 2
+
+
+def test_a_meta_kernel_that_asserts_is_an_invalid_argument() -> None:
+    """torch's Python meta kernels refuse some bad arguments with AssertionError (`nll_loss_forward` with a 2-D
+    target): it reached the client as INTERNAL, with a traceback in the daemon's log per record."""
+    w = Worker()
+    s = w.session(3, 1 << 30)
+    x, target, out = s.handle_base + 1, s.handle_base + 2, s.handle_base + 3
+    s.bind(x, torch.randn(4, 2))
+    s.bind(target, torch.zeros(2, 2, dtype=torch.long))
+    rec = w.rec(s, "aten::nll_loss_forward", [out, out + 1], [T(x), T(target), V(None), V(1), V(-100)])
+    res = w.slice(s, [rec])
+    assert s.error is not None and s.error.code.name == "INVALID_ARGUMENT", s.error
+    assert "multi-target" in s.error.message and res.errors
