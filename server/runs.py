@@ -79,14 +79,6 @@ def _nothing() -> None:
     return None
 
 
-def kept(t: Any) -> Callable[[], Any]:
-    """A run's reference to an output a later step takes: weak, so that a tensor whose handle a later record
-    rebinds (or a failure poisons) is freed then, as on the normal path, instead of living on outside the
-    session's accounting until the run ends (a run of thousands of steps could otherwise hold many times the
-    quota); a dead one never matches. An output slot given no handle (0) keeps nothing."""
-    return _nothing if t is None else weakref.ref(t)
-
-
 class Runs:
     """A session's traces and the recording in progress."""
 
@@ -188,8 +180,8 @@ def match(
 ) -> tuple[list[Any], dict[str, Any], tuple[Any, ...]] | None:
     """(args, kwargs, fields) of a record that matches `step` (its template, its inputs' sources and the external
     inputs' metas), None otherwise; raises what resolving an external handle raises (the caller then runs the
-    record on the normal path, which raises the same). `objs`: the run's kept outputs so far, each as a weak
-    reference (`kept`): a run must keep no tensor alive that its session no longer holds; `epoch`: the
+    record on the normal path, which raises the same). `objs`: the run's kept outputs so far (all bound in the
+    session: `CommandExecutor.eager_span` ends a run at a step that unbinds a tensor); `epoch`: the
     session's count of ops that may have changed a tensor's meta in place (`Runs.epoch`)."""
     tpl = step.tpl
     if len(data) != tpl.size:
@@ -202,7 +194,7 @@ def match(
     for kw, i, where, src, meta, cell in step.tensors:
         t = get(fields[i])
         if src >= 0:
-            if t is None or t is not objs[src]():
+            if t is None or t is not objs[src]:
                 return None
         else:
             if t is None:
@@ -228,7 +220,7 @@ def match(
                     continue
                 t = get(h)
                 if s >= 0:
-                    if t is None or t is not objs[s]():
+                    if t is None or t is not objs[s]:
                         return None
                 else:
                     if t is None:

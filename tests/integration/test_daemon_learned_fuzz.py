@@ -703,6 +703,7 @@ ATTACKS: dict[str, Mutation] = {
     "an output equal to a handle the run holds": _outputs(_held_by_the_run),
     "an output equal to the previous record's": _outputs(lambda c, i, base, old: (old - 1) % 2**64),
     "another session's handle as an output": _outputs(lambda c, i, base, old: (1 << 32) + 5),
+    "handle 0 as an output (the result dropped)": _outputs(lambda c, i, base, old: 0),
     "the handle base as an output": _outputs(lambda c, i, base, old: base),
     "handle 2^64-1 as an output": _outputs(lambda c, i, base, old: 2**64 - 1),
     "uploads, frees, gets and seeds between records": _interleave(
@@ -797,6 +798,14 @@ def mutations(draw: Any) -> list[tuple[str, int, int]]:
     )
 
 
+def _parsed(rec: bytes) -> tuple[list[int], list[int], list[int], list[int]]:
+    """`fields` of a record, or none for one an earlier mutation mangled."""
+    try:
+        return fields(rec)
+    except (AssertionError, IndexError, struct.error):
+        return [], [], [], []
+
+
 def mutated(plan: list[tuple[str, int, int]]) -> Mutation:
     def mutate(cmds: list[device_pb2.Command], base: int) -> list[device_pb2.Command]:
         cmds = list(cmds)
@@ -811,7 +820,7 @@ def mutated(plan: list[tuple[str, int, int]]) -> Mutation:
                 if at < len(rec):
                     cmds[i] = device_pb2.Command(eager_op=rec[:at] + bytes([rec[at] ^ (1 + b % 255)]) + rec[at + 1 :])
             elif what == "swap":  # an input handle of one record into another record's input
-                ins_i, ins_j = fields(rec)[1], fields(cmds[j].eager_op)[1]
+                ins_i, ins_j = _parsed(rec)[1], _parsed(cmds[j].eager_op)[1]
                 if ins_i and ins_j:
                     h = struct.unpack_from("<Q", cmds[j].eager_op, ins_j[b % len(ins_j)])[0]
                     cmds[i] = _set(cmds[i], ins_i[a % len(ins_i)], "<Q", h)
@@ -825,7 +834,7 @@ def mutated(plan: list[tuple[str, int, int]]) -> Mutation:
                 cmds.insert(j if j < len(cmds) else len(cmds), c)
                 eager = _eager(cmds)
             elif what == "foreign":
-                outs = fields(rec)[0]
+                outs = _parsed(rec)[0]
                 if outs:
                     cmds[i] = _set(cmds[i], outs[a % len(outs)], "<Q", (1 << 32) + b)
         return cmds
