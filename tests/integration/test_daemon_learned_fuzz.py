@@ -1,19 +1,27 @@
 """Hostile records against a session whose runs were LEARNED (server/runs.py), through a live `gpupool serve`.
 
-A real training loop (the shim: Linear-ReLU-Linear, Adam, cross entropy) is recorded once at the client's
-`Session._put` (its frames as they went out). Each case then replays those frames into two fresh sessions, their
-handles moved to each session's own base: session L gets them as they are, so its worker learns runs from the
-first steps and runs the later ones inside them; session P gets every record with its op name spelled out, which
-defines the op id anew each time and so never hits a template nor learns a run (the plain path, the reference).
-After the clean steps both get the same mutated steps: deterministic attacks (another session's handle, freed
-handles, output handles aliasing inputs or what the run holds, handle 0 and the handle base, in-place meta
-changes between records, commands interleaved mid-run, records cut or extended by a byte, NaN/inf/huge numbers,
-the quota hit mid-run) and a bounded hypothesis part (byte flips, handle swaps, record drops, duplicates and
-reorders of the recorded frames). Oracle: after every frame both sessions answer the same sync outcome (status
-code and op), never INTERNAL/UNKNOWN; at the end every handle either holds the same values in both (bit-exact) or
-fails in both with the same status; no downloaded value carries the canary a neighbour writes and frees all
-along; a neighbour training on the same device stays bit-exact throughout; the daemon stays up and SERVING, and
-its device accounting returns to the neighbour's bytes.
+A real training loop (the shim: Linear-ReLU-Linear, Adam, cross entropy) is recorded once per daemon at the
+client's `Session._put` (its frames as they went out). Each case then replays those frames into two fresh sessions,
+their handles moved to each session's own base: session L gets them as they are, so its worker learns runs from
+the first steps and runs the later ones inside them (the daemon's gpupool_eager_learned_ops_total must grow);
+session P gets every record with its op name spelled out, which defines the op id anew each time and so never hits
+a template nor learns a run (the plain path, the reference: it must count no learned op). After the clean steps
+both get the same mutated steps: deterministic attacks (another session's handle, never created, freed, zero and
+base handles as inputs and outputs, outputs aliasing the record's input or what the run holds, in-place meta
+changes between steps through t_/squeeze_/unsqueeze_/resize_/as_strided_/set_/detach_ and a batch grown in place
+under a small quota, uploads/frees/seeds and a half-finished upload between records, records cut or extended by a
+byte, NaN/inf/huge/negative numbers, the quota hit mid-run, a step reversed or cut in half, uninitialized outputs
+(empty*, new_empty*, resize, resize_as) inside the runs) and a bounded hypothesis part (byte flips, handle swaps,
+foreign outputs, record drops, duplicates and moves).
+
+Oracle: after every frame of at most 64 commands both sessions answer the same sync outcome (status, op without
+its overload, message with handles relative to the session's base), never INTERNAL/UNKNOWN; at the end every
+handle either holds the same bytes in both or fails in both the same way; no downloaded value carries the canary
+another session writes and frees before each case, and the uninitialized outputs are zeros (past what `resize`
+keeps of `self`); a neighbour training on the same device stays bit-exact throughout; the daemon stays up and
+SERVING, and its device accounting returns to zero once every session closed. Two daemons: sessions in worker
+processes (the default: the shared buffer, the worker's results) and `--isolation thread` (one process, one
+allocator: the canary's freed bytes are there to be handed out).
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
 GiB = 1024**3
 QUOTA = 64 * MiB
 EXPECTED = {"INVALID_ARGUMENT", "PERMISSION_DENIED", "NOT_FOUND", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"}
-CANARY = -7.125e-33  # the neighbour writes it and frees it; no other session may ever read it
+CANARY = -7.125e-33  # the canary session writes it and frees it; no other session may ever read it
 EXAMPLES = int(os.environ.get("GPUPOOL_LEARNED_FUZZ_EXAMPLES", "8"))
 CLEAN_STEPS = 3  # replayed as recorded before the attack (the runs are learned from them)
 SPAN = 1 << 32
