@@ -11,8 +11,8 @@ base handles as inputs and outputs, outputs aliasing the record's input or what 
 changes between steps through t_/squeeze_/unsqueeze_/resize_/as_strided_/set_/detach_ and a batch grown in place
 under a small quota, uploads/frees/seeds and a half-finished upload between records, records cut or extended by a
 byte, NaN/inf/huge/negative numbers, the quota hit mid-run, a step reversed or cut in half, uninitialized outputs
-(empty*, new_empty*, resize, resize_as) inside the runs) and a bounded hypothesis part (byte flips, handle swaps,
-foreign outputs, record drops, duplicates and moves).
+(empty*, new_empty*, resize, resize_as) inside the runs) and a bounded hypothesis part (flips of handle and
+number bytes, handle swaps, foreign outputs, record drops, duplicates and moves).
 
 Oracle: after every frame of at most 64 commands both sessions answer the same sync outcome (status, op without
 its overload, message with handles relative to the session's base), never INTERNAL/UNKNOWN; at the end every
@@ -823,9 +823,13 @@ def mutated(plan: list[tuple[str, int, int]]) -> Mutation:
                 break
             i, j = eager[a % len(eager)], eager[b % len(eager)]
             rec = cmds[i].eager_op
-            if what == "flip":
-                at = 5 + a % max(1, len(rec) - 5)  # past the op id: a flipped id just fails to resolve
-                if at < len(rec):
+            if what == "flip":  # a byte of a handle or number: tags and counts stay (a record with another layout
+                # reads bytes holding the session's base as tags and counts, and the two sessions' bases differ;
+                # cut and extended records are deterministic cases)
+                outs, ins, ints, floats = _parsed(rec)
+                slots = outs + ins + ints + floats
+                if slots:
+                    at = slots[a % len(slots)] + b % 8
                     cmds[i] = device_pb2.Command(eager_op=rec[:at] + bytes([rec[at] ^ (1 + b % 255)]) + rec[at + 1 :])
             elif what == "swap":  # an input handle of one record into another record's input
                 ins_i, ins_j = _parsed(rec)[1], _parsed(cmds[j].eager_op)[1]
