@@ -39,6 +39,7 @@ MAX_DIMS = 64
 MAX_VERDICTS = 8192  # cached op signatures (cleared when full)
 _RESHAPING = frozenset({"run_graph", "define_graph", "drop_graph", "collective", "group_join"})  # other kinds: no
 _COMPUTE = object()  # _run_op's default: compute the op's signature
+_NO_OBJS: list[Any] = []  # a learned run's kept outputs when none runs (never appended to: a run starts with [])
 _Tensor = torch.Tensor
 _STRIDED = torch.strided
 
@@ -299,7 +300,7 @@ class CommandExecutor:
                             if got is not None:
                                 trace, steps, k = cand, cand.steps, 0
                     if got is None:
-                        trace = None
+                        trace, objs = None, _NO_OBJS
                         found = known.heads.get((data[:5], len(data)))
                         if found is not None:
                             for at, cand in enumerate(found):
@@ -322,20 +323,27 @@ class CommandExecutor:
                     if known.rec is not None:  # a learned run starts here: the recording ends
                         self._learn(known, s)
                     step = steps[k]
-                    args, kwargs, fields = got
+                    fields = got[2]  # its inputs (`got`) must not outlive this iteration, as on the normal path
                     outputs = fields[1 : 1 + step.n_out]
+                    # A run holds its kept outputs (`objs`) only while its session does: a step that unbinds a
+                    # tensor (fails, or rebinds an output handle) ends it, and whenever a run ends they go. Else
+                    # records rebinding kept handles would leave them alive outside the accounting until the
+                    # run's end: a run of thousands of steps holding many quotas of the device's memory.
                     try:
-                        self._run_step(s, step, args, kwargs, outputs, fields, dev, known)
+                        rebound = self._run_step(s, step, got[0], got[1], outputs, fields, dev, known)
                     except Exception as exc:
                         self._failed(s, cmd, exc, reply)
-                        trace = None
+                        trace, objs = None, _NO_OBJS
                     else:
                         known.hits += 1
-                        for j in step.keep:
-                            objs.append(get(outputs[j]))
                         k += 1
-                        if k == len(steps):
-                            after, trace = trace, None
+                        if rebound:
+                            trace, objs = None, _NO_OBJS
+                        elif k == len(steps):
+                            after, trace, objs = trace, None, _NO_OBJS
+                        else:
+                            for j in step.keep:
+                                objs.append(get(outputs[j]))
                 else:
                     if known.rec is None and not s.uploads:
                         known.rec = []
@@ -364,9 +372,10 @@ class CommandExecutor:
         fields: tuple[Any, ...],
         dev: torch.device,
         known: runs.Runs,
-    ) -> None:
+    ) -> bool:
         """`_run_op` for a record that matched a step of a learned run (server/runs.py): the same checks in the same
-        order with the learned verdict; the output checks that depend only on its meta are done once per step."""
+        order with the learned verdict; the output checks that depend only on its meta are done once per step.
+        Returns whether an output handle held a tensor before (the caller's run then ends: `eager_span`)."""
         plan = step.plan
         op = plan.op
         if plan.reshapes:
@@ -374,6 +383,7 @@ class CommandExecutor:
         if plan.takes_device and kwargs.get("device") is None:
             kwargs["device"] = dev
         new_handles = 0
+        rebound = False
         tensors, poisoned, number, base = s.tensors, s.poisoned, s.number, s.handle_base
         for h in outputs:
             if h:
@@ -381,6 +391,8 @@ class CommandExecutor:
                     s.check_handle(h)  # raises
                 if h not in tensors and h not in poisoned:
                     new_handles += 1
+                elif h in tensors:
+                    rebound = True
         if new_handles and len(tensors) + len(poisoned) + new_handles > s.max_handles:
             s.admit_handles(new_handles)  # raises
         if plan.validate:  # value guards run every time
@@ -425,6 +437,7 @@ class CommandExecutor:
                 used_bytes=s.used,
                 limit_bytes=s.quota,
             )
+        return rebound
 
     def _learn(self, known: runs.Runs, s: WorkerSession) -> None:
         """End the recording of a run of records: keep traces of it."""

@@ -23,6 +23,7 @@ import torch
 from gpupool.errors import InvalidArgument, ResourceExhausted
 
 from .opargs import Args, Kwargs, arg, checked, tensors
+from .sessions import zero_bytes
 
 
 def _in_range(t: Any, low: int, high: int, what: str) -> None:
@@ -194,7 +195,29 @@ def _masked_index_put_accumulate(x: torch.Tensor, mask: torch.Tensor, indices: l
     return torch.ops.aten.index_put.default(x, _clamped(x, indices), masked, True)
 
 
+def _grown_zeroed(inplace: Callable[..., Any]) -> Callable[..., Any]:
+    """The functional (and out=) form of an in-place resize (`resize`, `resize_as`: a clone of `self`, resized),
+    with the bytes the resize added zeroed: torch leaves them as the allocator had them, which may be another
+    session's freed data. The out= form then copies the whole result into `out`, resized to it."""
+
+    def run(self: torch.Tensor, *args: Any, out: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        t = self.clone()
+        before = t.untyped_storage().nbytes()
+        inplace(t, *args, **kwargs)
+        storage = t.untyped_storage()
+        if storage.nbytes() > before:
+            zero_bytes(storage, before, storage.nbytes())
+        if out is None:
+            return t
+        out.resize_(t.shape)
+        return out.copy_(t)  # writes every element of `out`: what its resize added too
+
+    return run
+
+
 _REPLACEMENTS: dict[str, Callable[..., Any]] = {
+    "aten::resize": _grown_zeroed(torch.Tensor.resize_),
+    "aten::resize_as": _grown_zeroed(torch.Tensor.resize_as_),
     "aten::_reshape_alias": _checked_reshape_alias,
     "aten::_unsafe_masked_index": _masked_index,
     "aten::_unsafe_masked_index_put_accumulate": _masked_index_put_accumulate,

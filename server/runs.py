@@ -180,7 +180,8 @@ def match(
 ) -> tuple[list[Any], dict[str, Any], tuple[Any, ...]] | None:
     """(args, kwargs, fields) of a record that matches `step` (its template, its inputs' sources and the external
     inputs' metas), None otherwise; raises what resolving an external handle raises (the caller then runs the
-    record on the normal path, which raises the same). `objs`: the run's kept outputs so far; `epoch`: the
+    record on the normal path, which raises the same). `objs`: the run's kept outputs so far (all bound in the
+    session: `CommandExecutor.eager_span` ends a run at a step that unbinds a tensor); `epoch`: the
     session's count of ops that may have changed a tensor's meta in place (`Runs.epoch`)."""
     tpl = step.tpl
     if len(data) != tpl.size:

@@ -1,0 +1,154 @@
+"""Hostile records against learned runs (server/runs.py) and the ops around them, in-process: what a session's
+worker holds must stay what its session accounts, and no session reads bytes another one freed (both sessions
+here share one process, as with `--isolation thread`). Found by tests/integration/test_daemon_learned_fuzz.py's
+review of the learned-run code."""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Any
+
+import torch
+from gpupool.server import slices
+from gpupool.server.devices import FakeDevice
+from gpupool.server.executor import CommandExecutor
+from gpupool.server.sessions import DeviceMemory, WorkerSession
+from test_server_runs import _clock
+
+from gpupool import compact
+from gpupool._proto import device_pb2
+
+T, V = compact.tensor, compact.encode_value
+
+
+class Worker:
+    """One executor and its sessions in one process; records by op name (ids defined on first use)."""
+
+    def __init__(self) -> None:
+        self.ex = CommandExecutor(slices.SliceLedger())
+        self.dev = FakeDevice(0, "h", 1 << 34)
+        self.memory = DeviceMemory(self.dev)
+        self.ids: dict[tuple[int, str], int] = {}
+
+    def session(self, number: int, quota: int) -> WorkerSession:
+        return WorkerSession(f"s{number}", number, self.dev, self.memory, quota)
+
+    def rec(self, s: WorkerSession, name: str, outs: list[int], args: list[bytes], kw: dict[str, bytes] | None = None):
+        key = (s.number, name)
+        new = key not in self.ids
+        op_id = self.ids.setdefault(key, len(self.ids) + 1)
+        parts = [compact.head(op_id, name if new else None, outs), compact.U8.pack(len(args)), *args]
+        parts.append(compact.U8.pack(len(kw or {})))
+        for k, v in (kw or {}).items():
+            parts += [compact.kwarg_key(k), v]
+        return device_pb2.Command(eager_op=b"".join(parts))
+
+    def slice(self, s: WorkerSession, cmds: list[device_pb2.Command], progress: Any = None) -> slices.SliceResult:
+        payload = device_pb2.ClientFrame(commands=cmds).SerializeToString()
+        req = slices.SliceRequest(1 << 40, 1 << 40, 1e9, payload)
+        return slices.run_commands(s, self.ex.execute, self.ex.ledger, req, _clock, progress)
+
+
+def test_a_learned_run_keeps_no_tensor_whose_handle_a_later_record_rebound() -> None:
+    """A run kept (strongly) every output a later step takes until the run ended: records that rebind such a
+    handle after its last use (legal: the learned run did the same) unbind it from the session's accounting while
+    the run kept it alive. 50 steps of 4 MiB each under a 12 MiB quota held 184 MiB at once; a run of
+    thousands of steps could hold thousands of quotas of device memory the daemon never saw, the neighbours'."""
+    w = Worker()
+    n = 1 << 20  # float32: 4 MiB a tensor
+    s = w.session(3, 3 * 4 * n)
+    big, small = s.handle_base + 1, s.handle_base + 2
+
+    def pairs() -> list[device_pb2.Command]:  # (the first slice's first records define the op ids)
+        return [
+            c
+            for _ in range(50)
+            for c in (w.rec(s, "aten::ones", [big], [V([n])]), w.rec(s, "aten::sum", [small], [T(big)]))
+        ]
+
+    seen: dict[int, weakref.ref[torch.Tensor]] = {}
+    peak = [0]
+
+    def live(i: int) -> None:  # before each command: the bytes of every tensor the session ever held still alive
+        for t in s.tensors.values():
+            seen.setdefault(id(t), weakref.ref(t))
+        storages = {}
+        for ref in list(seen.values()):
+            t = ref()
+            if t is not None:
+                storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        peak[0] = max(peak[0], sum(storages.values()))
+
+    for k in range(3):  # learned in the first slice, run inside the learned run in the next ones
+        peak[0] = 0
+        res = w.slice(s, pairs(), live)
+        assert res.executed == 100 and not res.errors
+        assert peak[0] <= s.quota, f"slice {k}: {peak[0] >> 20} MiB alive for a {s.quota >> 20} MiB quota"
+    assert w.ex._eager[s.session_id][3].hits >= 2 * 100 - 2  # the runs really ran
+
+
+def test_resize_never_hands_out_bytes_another_session_freed() -> None:
+    """The functional `resize`/`resize_as` and `resize.out` (a clone of `self`, resized) returned the allocator's
+    old bytes past `self`'s: a neighbour's freed values (`empty` and `resize_` were zeroed, these were not)."""
+    w = Worker()
+    victim, bad = w.session(2, 1 << 30), w.session(3, 1 << 30)
+    n = 65536
+    a, out, tmpl, got = (bad.handle_base + i for i in range(1, 5))
+    cases = [
+        ("aten::resize.default", [got], [T(a), V([n])], {}),
+        ("aten::resize_as.default", [got], [T(a), T(tmpl)], {}),
+        ("aten::resize.out", [out], [T(a), V([n])], {"out": T(out)}),
+    ]
+    for name, outs, args, kw in cases:
+        for _ in range(4):  # the victim's secret, freed: the allocator hands its bytes out again
+            secret = torch.full((4 * n,), 7.25)
+            victim.bind(victim.handle_base + 1, secret)
+            victim.free([victim.handle_base + 1])
+            del secret
+        bad.bind(a, torch.arange(4.0))
+        bad.bind(out, torch.ones(4))
+        bad.bind(tmpl, torch.ones(n))
+        res = w.slice(bad, [w.rec(bad, name, outs, args, kw)])
+        assert not res.errors and bad.error is None, (name, bad.error)
+        t = bad.tensors[outs[0]]
+        assert t.shape == (n,), name
+        assert torch.equal(t[:4], torch.arange(4.0)), name  # what resize keeps of `self`
+        assert not (t == 7.25).any(), f"{name}: {int((t == 7.25).sum())} of another session's values read"
+        assert torch.equal(t[4:], torch.zeros(n - 4)), name
+        bad.free([a, out, tmpl, got])
+
+
+def test_the_learned_and_the_plain_path_agree_on_a_rebinding_run() -> None:
+    """The same rebinding records, learned or not: the same values, errors and accounting (the fix frees the
+    rebound outputs; it must not change what a run computes)."""
+    from test_server_runs import BASE, Pair
+
+    p = Pair(quota=1 << 16)
+    a, b = BASE + 70, BASE + 71
+    cmds = [
+        c
+        for k in range(40)
+        for c in (
+            p.rec(10, [a], [T(BASE + 1), V(float(k % 3))]),  # add.Scalar: a fresh `a`, rebinding the last one
+            p.rec(6, [b], [T(a)]),
+            p.rec(5, [a], [T(a), T(b)]),  # rebinds `a` with a function of itself
+        )
+    ]
+    p.stream(cmds, itertools.cycle([64, 7, 30]))
+    p.stream(cmds, itertools.cycle([64]))
+    assert p.hits > len(cmds) // 2
+
+
+def test_a_meta_kernel_that_asserts_is_an_invalid_argument() -> None:
+    """torch's Python meta kernels refuse some bad arguments with AssertionError (`nll_loss_forward` with a 2-D
+    target): it reached the client as INTERNAL, with a traceback in the daemon's log per record."""
+    w = Worker()
+    s = w.session(3, 1 << 30)
+    x, target, out = s.handle_base + 1, s.handle_base + 2, s.handle_base + 3
+    s.bind(x, torch.randn(4, 2))
+    s.bind(target, torch.zeros(2, 2, dtype=torch.long))
+    rec = w.rec(s, "aten::nll_loss_forward", [out, out + 1], [T(x), T(target), V(None), V(1), V(-100)])
+    res = w.slice(s, [rec])
+    assert s.error is not None and s.error.code.name == "INVALID_ARGUMENT", s.error
+    assert "multi-target" in s.error.message and res.errors
