@@ -2,7 +2,7 @@
 
 torch's C++ asks the device guard of `gpupool` (PrivateUse1) for the current device and stream ~3 times per eager op
 (the autograd engine, InputMetadata, guards around kernels). The guard torch's Python-backend setup registers answers
-each call through pybind's override lookup (GIL, attribute lookup, a Python call): ~6% of the shim's instructions.
+each call through pybind's override lookup (GIL, attribute lookup, a Python call): 5-9 % of the client's instructions.
 The C++ guard gives the same answers (device gpupool:0, its default stream, no events) for ~100 instructions a call.
 
 It is optional. `install()` (from `backend.register`, after torch's Python setup) compiles the source shipped in this
