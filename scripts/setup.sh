@@ -23,5 +23,11 @@ if [ "${GPUPOOL_SKIP_APT:-0}" != 1 ] && ! { have_tools && have_pg && have_seccom
 fi
 python3 -m pip install -q --disable-pip-version-check "torch==2.13.0"
 python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
-python3 -c 'from gpupool.client.torch import native; print("setup: native device guard:", native.build())' ||
-  echo "setup: the native device guard did not build; the client keeps torch's Python device guard" >&2
+GPUPOOL_NATIVE=0 python3 - <<'PY'  # build() below, not the import's own try (one message)
+import sys
+from gpupool.client.torch import native
+try:
+    print("setup: native device guard:", native.build())
+except native.BuildError as exc:  # optional: the client keeps torch's Python device guard
+    print(f"setup: the native device guard did not build ({exc}); the client keeps torch's Python one", file=sys.stderr)
+PY

@@ -113,7 +113,8 @@ def build() -> Path:
             if done.returncode != 0:
                 lines = (done.stderr or done.stdout).strip().splitlines()
                 first = next((ln for ln in lines if "error" in ln), lines[0] if lines else "")
-                raise BuildError(f"{cmd[0]} exited with {done.returncode}: {first.strip()[:300]}")
+                detail = f": {first.strip()[:300]}" if first.strip() else " (no output)"
+                raise BuildError(f"{cmd[0]} exited with {done.returncode}{detail}")
             os.replace(tmp, path)
             log.info("gpupool: built the native device guard in %.1f s: %s", time.monotonic() - start, path)
         finally:
