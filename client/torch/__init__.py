@@ -10,7 +10,8 @@ Layers, top to bottom (each module imports only modules below it; `.importlinter
 backend, optim (registration with torch), capture (step capture) -> dispatch (routing of each op) ->
 transfer (copies, sync points, aliases) -> remote (the generic remote op) -> encode (arguments as wire Args) ->
 meta (output metadata) -> tensor (the wrapper class, uploads/downloads) -> api (attach, leases, the device
-registry) -> runtime (one session: handles, frees, commands) -> errors.
+registry) -> runtime (one session: handles, frees, commands) -> errors; native (the C++ device guard, which
+`backend` registers) imports none of them.
 """
 
 from __future__ import annotations

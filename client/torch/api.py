@@ -65,8 +65,8 @@ def device(index: int = 0) -> torch.device:
                 _env_lease.append(lease)
             lease = _env_lease[0]
             # A torchrun rank (LOCAL_RANK r) sees its own leased device first, as gpupool:0, like CUDA_VISIBLE_DEVICES:
-            # gpupool:i is lease device (r + i) mod n. (torch's Python device guard reports one device, so autograd
-            # runs backward on gpupool:0 only.)
+            # gpupool:i is lease device (r + i) mod n. (The device guard, native or torch's Python one, reports one
+            # device, so autograd runs backward on gpupool:0 only.)
             shift = rank_shift(len(lease.devices))
             return attach_lease(lease, (index + shift) % len(lease.devices), as_index=index)
         fraction = float(os.environ.get("GPUPOOL_FRACTION") or 1.0)

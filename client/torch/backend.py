@@ -6,7 +6,8 @@ with `device="gpupool"` are real; `torch.gpupool` becomes the backend module bel
 `manual_seed_all` for `torch.manual_seed`, `synchronize`). One PrivateUse1 fallback kernel takes
 every op that reaches the backend without a remote tensor (factories such as `torch.empty`,
 `torch.zeros`, `torch.arange`): remote tensors themselves are caught earlier, by the Python
-dispatch key of their wrapper class.
+dispatch key of their wrapper class. torch's setup registers a Python device guard; `native.install` replaces it
+with the C++ guard of `native_guard.cpp` (same answers, no Python call per op) when it can be built.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 import torch.utils.backend_registration as backend_registration
 
-from . import api, runtime, tensor
+from . import api, native, runtime, tensor
 from .dispatch import dispatch, factory, find_runtime, torch_dispatch
 
 NAME = "gpupool"
@@ -100,6 +101,7 @@ def register() -> None:
         raise RuntimeError(f"the PrivateUse1 backend is already registered as {current!r}; gpupool needs it")
     if current == "privateuseone":
         backend_registration._setup_privateuseone_for_python_backend(NAME, backend_module=BackendModule())
+        native.install()  # the C++ device guard replaces the Python one torch's setup registered (native.py)
     lib = torch.library.Library("_", "IMPL")  # noqa: TOR901 - the global namespace is required for fallbacks
     lib.fallback(_backend_fallback, "PrivateUse1")
     _library.append(lib)

@@ -16,7 +16,7 @@ loop repeats its op signatures, so results are cached by a key made of the op an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -24,7 +24,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten
 
 from gpupool import wire
 
-from .tensor import RemoteTensor
+from .tensor import RemoteTensor, wrapper_args
 
 T, TL, S, SL, V = "T", "TL", "S", "SL", "V"  # argument kinds: tensor, tensor list, scalar, scalar list, value
 META = torch.device("meta")
@@ -46,6 +46,12 @@ class Outputs:
     metas: tuple[OutMeta | None, ...]
     spec: TreeSpec | None  # None: exactly one tensor
     flat_tuple: bool = False  # the outputs are a plain tuple of them (rebuilt without pytree)
+    # per meta, `tensor.wrapper_args` (strides, storage offset) for `_make_wrapper_subclass`: worked out once here
+    wrapper: tuple[tuple[Any, int | None] | None, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        args = tuple(None if m is None else wrapper_args(m.shape, m.stride, m.offset) for m in self.metas)
+        object.__setattr__(self, "wrapper", args)
 
 
 def _kind(t: Any) -> str:

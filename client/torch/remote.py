@@ -86,8 +86,8 @@ def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...]
         assert m is not None
         count = rt._handle_count  # rt.new_handle() and wrap(), inline: two Python calls less on most ops
         h = rt._handle_base + next(count) if count is not None else rt.new_handle()
-        shape, stride, offset, dtype = m
-        result = _make_wrapper(RemoteTensor, shape, stride, offset, None, dtype, _STRIDED, rt.device)
+        strides, offset = outs.wrapper[0]  # type: ignore[misc]  # None where torch's default is the same
+        result = _make_wrapper(RemoteTensor, m[0], strides, offset, None, m[3], _STRIDED, rt.device)
         d = result.__dict__
         d["_gp_rt"] = rt
         d["_gp_h"] = h

@@ -156,6 +156,27 @@ _make_wrapper = torch.Tensor._make_wrapper_subclass
 _STRIDED = torch.strided
 
 
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides torch gives a tensor of `shape` made without strides (TensorImpl::empty_tensor_restride)."""
+    out = [1] * len(shape)
+    for i in range(len(shape) - 1, 0, -1):
+        out[i - 1] = out[i] * max(shape[i], 1)
+    return tuple(out)
+
+
+def wrapper_args(shape: Any, stride: Any, offset: int) -> tuple[Any, int | None]:
+    """The strides and storage offset to hand `_make_wrapper_subclass` for this metadata: None where torch's default
+    is the same (contiguous strides, offset 0). An argument left None is one its argument parser need not convert
+    (a SymInt list, a SymInt): ~2.7k instructions less per wrapper of a contiguous tensor. (torch refuses an offset
+    without strides.)"""
+    if offset:
+        return stride, offset
+    return (None if tuple(stride) == _contiguous_strides(tuple(shape)) else stride), None
+
+
+_WRAPPER_ARGS: dict[tuple[Any, ...], tuple[Any, int | None]] = {}  # metadata key -> wrapper_args (like meta.CACHE)
+
+
 def wrap(
     rt: DeviceRuntime,
     handle: int,
@@ -167,13 +188,18 @@ def wrap(
 ) -> RemoteTensor:
     """A new remote tensor for a handle the daemon has (or will have, once queued ops run); `key` is its
     metadata as a `meta.OutMeta` when the caller has one."""
+    if key is None:
+        key = (tuple(shape), tuple(stride), int(offset), dtype)
+    args = _WRAPPER_ARGS.get(key)
+    if args is None:
+        args = _WRAPPER_ARGS[key] = wrapper_args(shape, stride, offset)
     # Positional arguments (size, strides, storage_offset, memory_format, dtype, layout, device): keywords cost
     # torch's argument parser a name match each, on every op; requires_grad defaults to False.
-    t = _make_wrapper(RemoteTensor, shape, stride, offset, None, dtype, _STRIDED, rt.device)
+    t = _make_wrapper(RemoteTensor, shape, args[0], args[1], None, dtype, _STRIDED, rt.device)
     d = t.__dict__  # three stores into the instance dict: cheaper than three attribute sets on a tensor
     d["_gp_rt"] = rt
     d["_gp_h"] = handle
-    d["_gp_key"] = key if key is not None else (tuple(shape), tuple(stride), int(offset), dtype)
+    d["_gp_key"] = key
     return t  # type: ignore[no-any-return]
 
 

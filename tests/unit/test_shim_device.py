@@ -3,12 +3,16 @@ backend module torch.manual_seed reaches, the foreach default of optimizers, the
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import grpc
 import pytest
 import torch
 import torch.optim.optimizer as optimizer
 import torch.utils._foreach_utils as foreach_utils
-from gpupool.client.torch import runtime
+import torch.utils.backend_registration as registration
+from gpupool.client.torch import native, runtime
 from gpupool.client.torch.errors import DeviceLost, OutOfMemoryError, RemoteError, translate
 from gpupool.client.torch.runtime import DeviceRuntime
 from gpupool.client.torch.tensor import wrap
@@ -42,6 +46,26 @@ def test_device_type_is_registered() -> None:
 
     backend.register()  # idempotent
     assert torch._C._get_privateuse1_backend_name() == "gpupool"
+
+
+def test_native_device_guard_answers_for_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's C++ asks the device guard for the device and stream: the native guard answers, not torch's Python one
+    (whose every answer would ask its Python object for `type_`). tests/integration/test_native_guard.py compares the
+    two guards in a training run."""
+    if not native.enabled():
+        pytest.skip("GPUPOOL_NATIVE=0")
+    if shutil.which((os.environ.get("CXX") or "c++").split()[0]) is None:
+        pytest.skip("no C++ compiler: the native guard cannot be built (scripts/setup.sh installs g++)")
+    assert native.active()
+    calls: list[int] = []
+    python_type = registration._DummyDeviceGuard.type_
+    monkeypatch.setattr(registration._DummyDeviceGuard, "type_", lambda self: calls.append(1) or python_type(self))
+    assert torch.accelerator.current_device_index() == 0  # the guard's getDevice
+    stream = torch.accelerator.current_stream()  # its getStream
+    assert (stream.device, stream.stream_id) == (torch.device("gpupool:0"), 0)
+    with torch.accelerator.device_index(1):  # exchangeDevice / setDevice: one device, as torch's Python guard has
+        assert torch.accelerator.current_device_index() == 0
+    assert calls == []
 
 
 def test_manual_seed_reaches_attached_and_later_sessions() -> None:

@@ -219,3 +219,37 @@ def _outcome(fn: Any) -> str:
         return repr(fn())
     except Exception as exc:
         return type(exc).__name__
+
+
+def test_wrappers_get_exactly_their_metadata() -> None:
+    """`wrap` and the meta cache's outputs leave contiguous strides and offset 0 to torch's defaults (cheaper to parse):
+    every wrapper must still have exactly the shape, strides and offset asked for, contiguous or not."""
+    cases = [
+        ((3, 4), (4, 1), 0),
+        ((3, 4), (1, 3), 0),
+        ((2, 1, 5), (5, 5, 1), 0),
+        ((2, 1, 5), (5, 1, 1), 0),  # contiguous to torch, but not the strides torch would pick
+        ((2, 0, 3), (3, 3, 1), 0),
+        ((2, 0, 3), (0, 3, 1), 0),  # an empty tensor's strides need not be the default ones either
+        ((4,), (1,), 2),
+        ((4,), (2,), 0),
+        ((), (), 0),
+        ((), (), 5),
+    ]
+    for shape, stride, offset in cases:
+        for t in (wrap(RT, 0, shape, stride, offset, torch.float32),
+                  wrap(RT, 0, list(shape), list(stride), offset, torch.float32)):  # fmt: skip
+            assert (tuple(t.shape), t.stride(), t.storage_offset()) == (shape, stride, offset)
+            assert t._gp_key == (shape, stride, offset, torch.float32)
+        outs = meta.Outputs((meta.OutMeta(shape, stride, offset, torch.float32), None), None)
+        strides, off = outs.wrapper[0]  # type: ignore[misc]
+        assert outs.wrapper[1] is None
+        t = torch.Tensor._make_wrapper_subclass(RemoteTensor, shape, strides, off, None, torch.float32)
+        assert (tuple(t.shape), t.stride(), t.storage_offset()) == (shape, stride, offset)
+    # through the remote path's own wrappers: a transposed view and a sliced one come out as the meta kernel says
+    x = torch.empty(3, 4, device="meta")
+    for view in (x.t(), x[1:], x[:, 1:]):
+        out = meta.infer(meta.schema_of(torch.ops.aten.alias.default), (view,), {})
+        (m,) = out.metas
+        assert m is not None
+        assert (m.shape, m.stride, m.offset) == (tuple(view.shape), view.stride(), view.storage_offset())

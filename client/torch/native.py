@@ -1,0 +1,148 @@
+"""The native device guard: `native_guard.cpp`, compiled at first use, replaces torch's Python device guard.
+
+torch's C++ asks the device guard of `gpupool` (PrivateUse1) for the current device and stream ~3 times per eager op
+(the autograd engine, InputMetadata, guards around kernels). The guard torch's Python-backend setup registers answers
+each call through pybind's override lookup (GIL, attribute lookup, a Python call): 5-9 % of the client's instructions.
+The C++ guard gives the same answers (device gpupool:0, its default stream, no events) for ~100 instructions a call.
+
+It is optional. `install()` (from `backend.register`, after torch's Python setup) compiles the source shipped in this
+package with the system's C++ compiler (`$CXX`, else `c++`) against the installed torch's headers and libc10 (~1.5 s,
+once), into a per-user cache keyed by torch's version and the source's hash (`$GPUPOOL_NATIVE_CACHE`, default
+`$XDG_CACHE_HOME/gpupool/native` or `~/.cache/gpupool/native`), under a file lock so that processes starting together
+build it once. Without a compiler, or when the build fails, torch's Python guard stays and one log line says why;
+`GPUPOOL_NATIVE=0` keeps the Python guard without trying. Nothing is downloaded: only the shipped source is compiled.
+
+    python -c 'from gpupool.client.torch import native; print(native.build())'   # build now (scripts/setup.sh)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("gpupool.torch")
+
+SOURCE = Path(__file__).with_name("native_guard.cpp")
+_loaded: list[Any] = []  # the ctypes library once loaded and registered
+
+
+class BuildError(RuntimeError):
+    """The native guard could not be built (no compiler, or the compiler failed)."""
+
+
+def enabled() -> bool:
+    """False when `GPUPOOL_NATIVE=0` asks for torch's Python device guard."""
+    return os.environ.get("GPUPOOL_NATIVE", "1").strip() != "0"
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("GPUPOOL_NATIVE_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gpupool" / "native"
+
+
+def _torch_dir() -> Path:
+    return Path(torch.__file__).resolve().parent
+
+
+def library_path() -> Path:
+    """Where the built guard lives: one file per (torch build, C++ ABI, machine, source)."""
+    key = hashlib.sha256()
+    for part in (torch.__version__, str(torch.version.git_version), str(torch._C._GLIBCXX_USE_CXX11_ABI),
+                 platform.machine(), str(_torch_dir())):  # fmt: skip
+        key.update(part.encode() + b"\0")
+    key.update(SOURCE.read_bytes())
+    version = "".join(c if c.isalnum() or c in ".-" else "_" for c in torch.__version__)
+    return cache_dir() / f"guard-{version}-{key.hexdigest()[:16]}.so"
+
+
+def _compiler() -> list[str]:
+    cxx = shlex.split(os.environ.get("CXX") or "") or ["c++"]
+    if shutil.which(cxx[0]) is None:
+        raise BuildError(f"no C++ compiler ({cxx[0]!r} not found; set $CXX)")
+    return cxx
+
+
+def compile_command(out: Path) -> list[str]:
+    tdir = _torch_dir()
+    cmd = [*_compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden",
+           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+           f"-I{tdir / 'include'}", "-o", str(out), str(SOURCE), f"-L{tdir / 'lib'}", "-lc10",
+           f"-Wl,-rpath,{tdir / 'lib'}"]  # fmt: skip
+    if sys.platform.startswith("linux"):
+        cmd.append("-Wl,--no-undefined")  # a missing symbol fails the build, not the load
+    return cmd
+
+
+def build() -> Path:
+    """The built guard's path, compiling it first if the cache has none (under a lock; atomic rename)."""
+    import fcntl
+
+    path = library_path()
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same file: wait for it
+        if path.is_file():
+            return path
+        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            cmd = compile_command(Path(tmp))
+            start = time.monotonic()
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise BuildError(f"{cmd[0]}: {exc}") from exc
+            if done.returncode != 0:
+                lines = (done.stderr or done.stdout).strip().splitlines()
+                first = next((ln for ln in lines if "error" in ln), lines[0] if lines else "")
+                detail = f": {first.strip()[:300]}" if first.strip() else " (no output)"
+                raise BuildError(f"{cmd[0]} exited with {done.returncode}{detail}")
+            os.replace(tmp, path)
+            log.info("gpupool: built the native device guard in %.1f s: %s", time.monotonic() - start, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path
+
+
+def install() -> bool:
+    """Put the native guard in torch's registry for PrivateUse1, replacing the Python guard; True if it is there.
+    Never raises: on any failure torch's Python guard stays and one line is logged."""
+    if _loaded:
+        return active()
+    if not enabled():
+        log.info("gpupool: GPUPOOL_NATIVE=0: torch's Python device guard stays (slower per op)")
+        return False
+    try:
+        path = build()
+        lib = ctypes.CDLL(str(path))
+        lib.gpupool_register_guard()
+    except Exception as exc:  # BuildError, a broken cache file, an ABI mismatch: the Python guard still works
+        log.warning("gpupool: native device guard unavailable, torch's Python device guard stays (slower per op; "
+                    "GPUPOOL_NATIVE=0 skips this): %s", exc)  # fmt: skip
+        return False
+    _loaded.append(lib)
+    return active()
+
+
+def active() -> bool:
+    """True if torch's registry holds the native guard for PrivateUse1 now."""
+    return bool(_loaded) and bool(_loaded[0].gpupool_guard_active())
