@@ -156,8 +156,9 @@ def detach_all() -> None:
 
 
 def device_count() -> int:
-    """Devices this process can name: at least every attached index + 1 and the devices of $GPUPOOL_LEASE (a DDP
-    rank attaches only gpupool:<LOCAL_RANK>, and autograd sizes its per-device queues from this count)."""
+    """Devices this process can name (`torch.gpupool.device_count()`): at least every attached index + 1 and the
+    devices of $GPUPOOL_LEASE. autograd does not read it: its per-device queues follow the device guard's count,
+    which is one (client/torch/native_guard.cpp, as torch's Python guard), so backward runs on gpupool:0's queue."""
     rts = runtime.all_runtimes()
     n = max([len(rts)] + [rt.index + 1 for rt in rts])
     return max(n, len(_env_lease[0].devices)) if _env_lease else n
