@@ -228,22 +228,25 @@ class SliceResult:
     partial: bool = False  # command `executed` (a big Get) sent a piece of its answer and must run again
 
 
+def _head(r: SliceResult) -> tuple[Any, ...]:
+    """The fields of a result's fixed head (`_RES`), for `encode_result` and `write_result` alike."""
+    return (
+        r.executed,
+        r.seconds,
+        r.used,
+        r.ops,
+        r.handles,
+        r.uploaded,
+        r.downloaded,
+        len(r.errors),
+        len(r.events),
+        len(r.replies),
+        (_ERROR_PENDING if r.error_pending else 0) | (_PARTIAL if r.partial else 0),
+    )
+
+
 def encode_result(r: SliceResult) -> list[bytes | memoryview]:
-    parts: list[bytes | memoryview] = [
-        _RES.pack(
-            r.executed,
-            r.seconds,
-            r.used,
-            r.ops,
-            r.handles,
-            r.uploaded,
-            r.downloaded,
-            len(r.errors),
-            len(r.events),
-            len(r.replies),
-            (_ERROR_PENDING if r.error_pending else 0) | (_PARTIAL if r.partial else 0),
-        )
-    ]
+    parts: list[bytes | memoryview] = [_RES.pack(*_head(r))]
     for code, n in r.errors.items():
         parts.append(struct.pack("<BI", CODES.index(code) if code in CODES else CODES.index(StatusCode.INTERNAL), n))
     for event, n in r.events.items():
@@ -284,21 +287,7 @@ def write_result(r: SliceResult, buf: memoryview) -> int:
         size += _REPLY_HEAD.size + len(item)
     if size > len(buf):
         return -1
-    _RES.pack_into(
-        buf,
-        0,
-        r.executed,
-        r.seconds,
-        r.used,
-        r.ops,
-        r.handles,
-        r.uploaded,
-        r.downloaded,
-        len(r.errors),
-        len(r.events),
-        len(replies),
-        (_ERROR_PENDING if r.error_pending else 0) | (_PARTIAL if r.partial else 0),
-    )
+    _RES.pack_into(buf, 0, *_head(r))
     pos = _RES.size
     for code, n in r.errors.items():
         _CODE_COUNT.pack_into(buf, pos, CODES.index(code) if code in CODES else CODES.index(StatusCode.INTERNAL), n)
