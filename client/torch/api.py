@@ -19,23 +19,28 @@ import torch
 from .. import pool
 from ..pool import Lease
 from ..session import Session
-from . import runtime
+from . import native, runtime
 from .runtime import DeviceRuntime
 
 log = logging.getLogger("gpupool.torch")
 
 _lock = threading.RLock()
-_current = [0]
 _env_lease: list[Any] = []  # the lease of $GPUPOOL_LEASE, once parsed
 _subscribed: set[int] = set()  # id() of leases whose renewals we forward
 
 
 def current_index() -> int:
-    return _current[0]
+    """The calling thread's current gpupool device (per thread, as CUDA's): the native device guard's own variable,
+    which torch's device guards and torch.accelerator read and set too (native.current_device)."""
+    return int(native.current_device())
 
 
 def set_device(index: int) -> None:
-    _current[0] = int(index)
+    """Make gpupool:<index> the calling thread's current device (`torch.gpupool.set_device`, torch.accelerator's
+    set_device_index and torch's device guards set the same one)."""
+    i = int(index)
+    if native.set_current_device(i) != 0 or i < 0:
+        raise ValueError(f"gpupool device index {i} is out of range 0..127")
 
 
 def runtime_for(index: int | None) -> DeviceRuntime:
@@ -65,8 +70,7 @@ def device(index: int = 0) -> torch.device:
                 _env_lease.append(lease)
             lease = _env_lease[0]
             # A torchrun rank (LOCAL_RANK r) sees its own leased device first, as gpupool:0, like CUDA_VISIBLE_DEVICES:
-            # gpupool:i is lease device (r + i) mod n. (The device guard, native or torch's Python one, reports one
-            # device, so autograd runs backward on gpupool:0 only.)
+            # gpupool:i is lease device (r + i) mod n.
             shift = rank_shift(len(lease.devices))
             return attach_lease(lease, (index + shift) % len(lease.devices), as_index=index)
         fraction = float(os.environ.get("GPUPOOL_FRACTION") or 1.0)
@@ -103,6 +107,7 @@ def attach_lease(lease: Any, index: int = 0, *, as_index: int | None = None, own
         session = Session.attach(leased.address, leased.token)
         rt = DeviceRuntime(as_index, session, lease=lease, owns_lease=owns_lease, lease_index=index)
         runtime.add(rt)
+        native.set_device_count(device_count())
         if id(lease) not in _subscribed and hasattr(lease, "subscribe"):
             _subscribed.add(id(lease))
             lease.subscribe(lambda *_: _forward_tokens(lease))
@@ -125,6 +130,7 @@ def attach(address: str, token: str, index: int | None = None) -> torch.device:
         i = runtime.next_free_index() if index is None else index
         session = Session.attach(address, token)
         runtime.add(DeviceRuntime(i, session))
+        native.set_device_count(device_count())
         return torch.device("gpupool", i)
 
 
@@ -157,8 +163,8 @@ def detach_all() -> None:
 
 def device_count() -> int:
     """Devices this process can name (`torch.gpupool.device_count()`): at least every attached index + 1 and the
-    devices of $GPUPOOL_LEASE. autograd does not read it: its per-device queues follow the device guard's count,
-    which is one (client/torch/native_guard.cpp, as torch's Python guard), so backward runs on gpupool:0's queue."""
+    devices of $GPUPOOL_LEASE. The native device guard reports it to torch as its deviceCount (native.set_device_count
+    at each attach); the autograd engine does not depend on it (backend.py runs backward on the calling thread)."""
     rts = runtime.all_runtimes()
     n = max([len(rts)] + [rt.index + 1 for rt in rts])
     return max(n, len(_env_lease[0].devices)) if _env_lease else n

@@ -7,7 +7,15 @@ with `device="gpupool"` are real; `torch.gpupool` becomes the backend module bel
 every op that reaches the backend without a remote tensor (factories such as `torch.empty`,
 `torch.zeros`, `torch.arange`): remote tensors themselves are caught earlier, by the Python
 dispatch key of their wrapper class. torch's setup registers a Python device guard; `native.install` replaces it
-with the C++ guard of `native_guard.cpp` (same answers, no Python call per op) when it can be built.
+with the C++ guard of `native_guard.cpp` (no Python call per op; every nameable device, a per-thread current device)
+when it can be built.
+
+Backward runs on the calling thread (`_CallingThreadEngine`): torch's autograd engine hands the nodes of a device's
+tensors to one worker thread per device index, and sizes that set of threads once, from the device guard's count, at
+the process's first backward. torch's Python guard always says one device, and a process can attach gpupool:1 after
+its first backward, so a node on gpupool:1 would find no queue (an INTERNAL ASSERT). With autograd's multithreading off
+for the call every node runs on the caller's CPU queue, in the same order, whatever the device: remote ops are queued
+to the daemons asynchronously anyway, so the worker threads bought nothing but a thread hand-off per backward.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.utils.backend_registration as backend_registration
+from torch.autograd.variable import Variable
 
 from . import api, native, runtime, tensor
 from .dispatch import dispatch, factory, find_runtime, torch_dispatch
@@ -90,6 +99,27 @@ def _pin_memory(self: torch.Tensor, device: torch.device | None = None) -> torch
     return torch.ops.aten._pin_memory.default.redispatch(keys, self, device)
 
 
+_Engine: Any = type(Variable._execution_engine)
+
+
+class _CallingThreadEngine(_Engine):  # type: ignore[misc, valid-type]
+    """torch's autograd engine, with multithreading off while it runs a backward (see the module's docstring): every
+    node runs on the thread that called backward()/grad(), whatever its device index."""
+
+    def run_backward(self, *args: Any, **kwargs: Any) -> Any:
+        prev = torch._C._is_multithreading_enabled()
+        torch._C._set_multithreading_enabled(False)
+        try:
+            return super().run_backward(*args, **kwargs)
+        finally:
+            torch._C._set_multithreading_enabled(prev)
+
+
+def _run_backward_on_calling_thread() -> None:
+    if not isinstance(Variable._execution_engine, _CallingThreadEngine):
+        Variable._execution_engine = _CallingThreadEngine()
+
+
 def register() -> None:
     """Idempotent: make the PrivateUse1 backend `gpupool` (fails if another backend took the name), and
     route the ops of remote tensors to the dispatcher."""
@@ -102,6 +132,7 @@ def register() -> None:
     if current == "privateuseone":
         backend_registration._setup_privateuseone_for_python_backend(NAME, backend_module=BackendModule())
         native.install()  # the C++ device guard replaces the Python one torch's setup registered (native.py)
+        _run_backward_on_calling_thread()
     lib = torch.library.Library("_", "IMPL")  # noqa: TOR901 - the global namespace is required for fallbacks
     lib.fallback(_backend_fallback, "PrivateUse1")
     _library.append(lib)

@@ -3,7 +3,11 @@
 torch's C++ asks the device guard of `gpupool` (PrivateUse1) for the current device and stream ~3 times per eager op
 (the autograd engine, InputMetadata, guards around kernels). The guard torch's Python-backend setup registers answers
 each call through pybind's override lookup (GIL, attribute lookup, a Python call): 5-9 % of the client's instructions.
-The C++ guard gives the same answers (device gpupool:0, its default stream, no events) for ~100 instructions a call.
+The C++ guard answers for ~100 instructions a call, and answers for every device the process can name: the calling
+thread's current device (the one gpupool's own api.current_index reads: one variable), deviceCount = the devices the
+process can name, each device's default stream, no events. torch's Python guard can only say "one device, index 0"
+(its pybind class lets Python override `type_` alone), so without this guard torch.accelerator's current index stays 0;
+the autograd engine works with either (backend.py runs backward on the calling thread).
 
 It is optional. `install()` (from `backend.register`, after torch's Python setup) compiles the source shipped in this
 package with the system's C++ compiler (`$CXX`, else `c++`) against the installed torch's headers and libc10 (~1.5 s,
@@ -27,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,25 @@ log = logging.getLogger("gpupool.torch")
 
 SOURCE = Path(__file__).with_name("native_guard.cpp")
 _loaded: list[Any] = []  # the ctypes library once loaded and registered
+_thread = threading.local()  # the current device of each thread while torch's Python guard is in place
+
+
+def _python_current_device() -> int:
+    return getattr(_thread, "index", 0)
+
+
+def _python_set_current_device(index: int) -> int:
+    if not 0 <= index <= 127:  # c10's DeviceIndex is a signed byte: the C++ guard's range
+        return -1
+    _thread.index = index
+    return 0
+
+
+# The calling thread's current gpupool device, and its setter (0, or -1 for an index out of 0..127): the C++ guard's own
+# thread-local variable once it is installed (torch's guards, torch.accelerator and gpupool read the same one), else a
+# threading.local. api.current_index/set_device are the public face.
+current_device: Any = _python_current_device
+set_current_device: Any = _python_set_current_device
 
 
 class BuildError(RuntimeError):
@@ -131,16 +155,30 @@ def install() -> bool:
     if not enabled():
         log.info("gpupool: GPUPOOL_NATIVE=0: torch's Python device guard stays (slower per op)")
         return False
+    global current_device, set_current_device
     try:
         path = build()
         lib = ctypes.CDLL(str(path))
+        for name in ("gpupool_current_device", "gpupool_set_current_device", "gpupool_set_device_count"):
+            getattr(lib, name).restype = ctypes.c_int
+        lib.gpupool_set_current_device.argtypes = [ctypes.c_int]
+        lib.gpupool_set_device_count.argtypes = [ctypes.c_int]
+        lib.gpupool_set_current_device(_python_current_device())  # keep what was set before the guard came
         lib.gpupool_register_guard()
     except Exception as exc:  # BuildError, a broken cache file, an ABI mismatch: the Python guard still works
         log.warning("gpupool: native device guard unavailable, torch's Python device guard stays (slower per op; "
                     "GPUPOOL_NATIVE=0 skips this): %s", exc)  # fmt: skip
         return False
     _loaded.append(lib)
+    current_device, set_current_device = lib.gpupool_current_device, lib.gpupool_set_current_device
     return active()
+
+
+def set_device_count(count: int) -> None:
+    """Raise the guard's deviceCount to `count` (it never shrinks); nothing while torch's Python guard (count 1) is in
+    place."""
+    if _loaded:
+        _loaded[0].gpupool_set_device_count(int(count))
 
 
 def active() -> bool:

@@ -1,19 +1,26 @@
 // The device guard of the `gpupool` (PrivateUse1) device in C++: what torch's C++ (the autograd engine, the device
-// guards around kernels, InputMetadata's current stream) asks of the device several times per op.
+// guards around kernels, InputMetadata's current stream, torch.accelerator) asks of the device several times per op.
 //
 // torch's Python-backend setup registers torch::acc::PythonDeviceGuard, whose every method asks the Python object for
-// its `type_` through pybind's override lookup (the GIL, an attribute lookup, a Python call): ~3 calls per op. This
-// guard answers the same questions with the same answers, without Python:
-//   - one device, gpupool:0: getDevice/exchangeDevice report index 0, setDevice/uncheckedSetDevice do nothing
-//     (gpupool keeps its own current device in client/torch/api.py; torch's guard never moved it), deviceCount 1;
-//   - one stream per device, the default stream of gpupool:0 (getStream/getNewStream/exchangeStream);
+// its `type_` through pybind's override lookup (the GIL, an attribute lookup, a Python call): ~3 calls per op, and
+// whose answers are fixed (one device, always index 0, setDevice ignored). This guard answers without Python, and
+// answers for every device the process can name:
+//   - the current device is per thread, as CUDA's is: getDevice/exchangeDevice/setDevice/uncheckedSetDevice read and
+//     write it, and gpupool's own current device (client/torch/api.py current_index/set_device, torch.gpupool.
+//     set_device) is this same variable, read and written through gpupool_current_device/gpupool_set_current_device:
+//     one source of truth for torch's guards, torch.accelerator and gpupool's factories;
+//   - deviceCount is the number of devices the process can name (api.device_count), pushed from Python as devices
+//     are attached (gpupool_set_device_count; it never shrinks, as a CUDA process's count does not);
+//   - one stream per device, its default stream (getStream/getNewStream/exchangeStream);
 //   - no events: record/block/destroy do nothing, queryEvent and queryStream are true, synchronizeStream returns.
 // Everything else keeps DeviceGuardImplInterface's defaults, as the Python guard does.
 //
 // Built at first use by client/torch/native.py (g++ against torch's headers and libc10 only) and loaded with ctypes:
-// the two C functions below are its whole interface. No Python headers, no pybind: nothing but c10.
+// the C functions below are its whole interface. No Python headers, no pybind: nothing but c10.
 
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+
+#include <atomic>
 
 namespace {
 
@@ -24,29 +31,44 @@ using c10::Stream;
 
 constexpr DeviceType kType = DeviceType::PrivateUse1;
 
+thread_local DeviceIndex t_current = 0;           // this thread's current gpupool device
+std::atomic<DeviceIndex> g_count{1};             // devices the process can name
+
 struct GpupoolGuard final : public c10::impl::DeviceGuardImplInterface {
   DeviceType type() const override {
     return kType;
   }
-  Device exchangeDevice(Device /*unused*/) const override {
-    return Device(kType, 0);
+  Device exchangeDevice(Device d) const override {
+    const DeviceIndex old = t_current;
+    if (d.index() >= 0) {
+      t_current = d.index();
+    }
+    return Device(kType, old);
   }
   Device getDevice() const override {
-    return Device(kType, 0);
+    return Device(kType, t_current);
   }
-  void setDevice(Device /*unused*/) const override {}
-  void uncheckedSetDevice(Device /*unused*/) const noexcept override {}
-  Stream getStream(Device /*unused*/) const noexcept override {
-    return Stream(Stream::DEFAULT, Device(kType, 0));
+  void setDevice(Device d) const override {
+    if (d.index() >= 0) {
+      t_current = d.index();
+    }
   }
-  Stream getNewStream(Device /*unused*/, int /*priority*/ = 0) const override {
-    return Stream(Stream::DEFAULT, Device(kType, 0));
+  void uncheckedSetDevice(Device d) const noexcept override {
+    if (d.index() >= 0) {
+      t_current = d.index();
+    }
   }
-  Stream exchangeStream(Stream /*unused*/) const noexcept override {
-    return Stream(Stream::DEFAULT, Device(kType, 0));
+  Stream getStream(Device d) const noexcept override {
+    return Stream(Stream::DEFAULT, Device(kType, d.index() >= 0 ? d.index() : t_current));
+  }
+  Stream getNewStream(Device d, int /*priority*/ = 0) const override {
+    return getStream(d);
+  }
+  Stream exchangeStream(Stream s) const noexcept override {
+    return getStream(s.device());
   }
   DeviceIndex deviceCount() const noexcept override {
-    return 1;
+    return g_count.load(std::memory_order_relaxed);
   }
   void record(void** /*event*/, const Stream& /*stream*/, const DeviceIndex /*device_index*/,
               const c10::EventFlag /*flag*/) const override {}
@@ -78,5 +100,31 @@ __attribute__((visibility("default"))) int gpupool_register_guard() {
 // 1 if c10's registry holds this guard for PrivateUse1 now, else 0 (the tests check it).
 __attribute__((visibility("default"))) int gpupool_guard_active() {
   return c10::impl::device_guard_impl_registry[static_cast<size_t>(kType)].load() == kGuard ? 1 : 0;
+}
+
+// The calling thread's current gpupool device (what getDevice answers torch).
+__attribute__((visibility("default"))) int gpupool_current_device() {
+  return t_current;
+}
+
+// Make `index` the calling thread's current gpupool device (what setDevice does for torch). Returns 0, or -1 for an
+// index outside 0..127 (c10's DeviceIndex is a signed byte).
+__attribute__((visibility("default"))) int gpupool_set_current_device(int index) {
+  if (index < 0 || index > 127) {
+    return -1;
+  }
+  t_current = static_cast<DeviceIndex>(index);
+  return 0;
+}
+
+// Raise deviceCount to `count` (1..127); it never shrinks. Returns the count now.
+__attribute__((visibility("default"))) int gpupool_set_device_count(int count) {
+  if (count > 127) {
+    count = 127;
+  }
+  DeviceIndex now = g_count.load();
+  while (count > now && !g_count.compare_exchange_weak(now, static_cast<DeviceIndex>(count))) {
+  }
+  return g_count.load();
 }
 }
