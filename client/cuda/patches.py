@@ -4,7 +4,7 @@
   loads onto `gpupool:N` without a map_location, like on the machine that saved it.
 - `torch.autocast("cuda")`, `torch.amp.GradScaler("cuda")` and their `torch.cuda.amp` spellings use the
   gpupool device, with torch's CUDA cast policy (amp.py).
-- `torch.compile`, CUDA extensions: one RuntimeError naming the call.
+- `torch.compile`, CUDA extensions, `torch.nn.DataParallel` over "cuda" devices: one RuntimeError naming the call.
 (`nccl` is mapped onto the gpupool collective backend by nccl.py.)
 """
 
@@ -117,6 +117,9 @@ def install() -> None:
     _patch_init(DeviceContext, "device", 0)  # torch.set_default_device("cuda"), `with torch.device("cuda"):`
     _patch_init(GradScaler, "device", 0)
     nccl.install()
+    from ..torch import backend
+
+    backend.DATA_PARALLEL_REFUSED.add("cuda")  # DataParallel's "cuda" devices are gpupool's (backend.py says why)
     torch.compile = _refuse("torch.compile", "Dynamo/Inductor cannot trace gpupool's tensors; run eagerly")
     import torch.utils.cpp_extension as ext
 

@@ -167,7 +167,21 @@ def device_count() -> int:
     at each attach); the autograd engine does not depend on it (backend.py runs backward on the calling thread)."""
     rts = runtime.all_runtimes()
     n = max([len(rts)] + [rt.index + 1 for rt in rts])
-    return max(n, len(_env_lease[0].devices)) if _env_lease else n
+    return max(n, len(_env_lease[0].devices) if _env_lease else _env_lease_size())
+
+
+_env_sizes: dict[str, int] = {}  # $GPUPOOL_LEASE -> its number of devices (read before any device is attached)
+
+
+def _env_lease_size() -> int:
+    raw = os.environ.get("GPUPOOL_LEASE") or ""
+    if raw and raw not in _env_sizes:
+        try:
+            lease = Lease.from_env()
+        except Exception:  # a malformed lease says so at attach (device()); it names no device here
+            lease = None
+        _env_sizes[raw] = len(lease.devices) if lease is not None else 0
+    return _env_sizes.get(raw, 0)
 
 
 atexit.register(detach_all)

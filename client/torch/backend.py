@@ -20,6 +20,7 @@ to the daemons asynchronously anyway, so the worker threads bought nothing but a
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -120,6 +121,36 @@ def _run_backward_on_calling_thread() -> None:
         Variable._execution_engine = _CallingThreadEngine()
 
 
+# Device types whose DataParallel is refused: gpupool's own, and "cuda" once `--cuda` maps it onto gpupool
+# (client/cuda/patches.py adds it).
+DATA_PARALLEL_REFUSED = {NAME}
+DATA_PARALLEL_WHY = (
+    "torch.nn.DataParallel is not available on gpupool devices: it scatters inputs, replicates the module and gathers "
+    "outputs through torch.cuda.comm's C++ kernels (torch._C._scatter, _broadcast_coalesced, _gather), which torch "
+    "builds for CUDA GPUs only. Use DistributedDataParallel, one process per device (gpupool run -n N -- torchrun "
+    "--nproc-per-node N script.py), or place the layers on gpupool:0 and gpupool:1 yourself (docs/distributed.md)"
+)
+
+
+def _refuse_data_parallel() -> None:
+    """DataParallel over gpupool devices fails at its first forward with "module 'torch._C' has no attribute
+    '_scatter'": refuse it where it is built, with the reason and what works instead."""
+    from torch.nn.parallel import DataParallel
+
+    original = DataParallel.__init__
+    if getattr(original, "_gpupool_refusal", False):
+        return
+
+    @functools.wraps(original)
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if self.device_ids and self.src_device_obj.type in DATA_PARALLEL_REFUSED:
+            raise RuntimeError(DATA_PARALLEL_WHY)
+
+    init._gpupool_refusal = True  # type: ignore[attr-defined]
+    DataParallel.__init__ = init  # type: ignore[method-assign]
+
+
 def register() -> None:
     """Idempotent: make the PrivateUse1 backend `gpupool` (fails if another backend took the name), and
     route the ops of remote tensors to the dispatcher."""
@@ -132,7 +163,9 @@ def register() -> None:
     if current == "privateuseone":
         backend_registration._setup_privateuseone_for_python_backend(NAME, backend_module=BackendModule())
         native.install()  # the C++ device guard replaces the Python one torch's setup registered (native.py)
+        native.set_device_count(api.device_count())  # `gpupool run -n 2`: both devices, before either is attached
         _run_backward_on_calling_thread()
+        _refuse_data_parallel()
     lib = torch.library.Library("_", "IMPL")  # noqa: TOR901 - the global namespace is required for fallbacks
     lib.fallback(_backend_fallback, "PrivateUse1")
     _library.append(lib)

@@ -106,6 +106,17 @@ def test_torchrun_ddp_script_with_nccl_gives_the_cpu_losses(pool: str) -> None:
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
+def test_model_parallel_script_over_cuda_0_and_cuda_1_gives_the_cpu_losses(pool: str) -> None:
+    """`gpupool run --cuda -n 2`: one process, layers on cuda:0 and cuda:1 (gpupool:0 and gpupool:1), backward across
+    both; the same losses as the script on the CPU."""
+    pooled = on_pool(pool, "model_parallel.py", "-n", "2", "-p", "0.5")
+    local = on_cpu("model_parallel.py")
+    losses = LOSS.findall(pooled.stdout)
+    assert len(losses) == 6 and losses == LOSS.findall(local.stdout), pooled.stdout + local.stdout
+    assert "done on cuda:0 cuda:1" in pooled.stdout and "done on cpu cpu" in local.stdout
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
 def test_script_took_the_cuda_branch(pool: str) -> None:
     assert "done on cuda" in on_pool(pool, "device_agnostic.py").stdout
     assert "done on cpu" in on_cpu("device_agnostic.py").stdout
