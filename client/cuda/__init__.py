@@ -78,6 +78,6 @@ def _announce() -> None:
     log.info(
         "cuda -> gpupool (%d leased device(s)): device strings/ids, .cuda(), .to(), device=, is_cuda, torch.cuda.*, "
         "torch.load(map_location), autocast/GradScaler, pin_memory, nccl -> gpupool backend; refused: CUDA graphs, "
-        "torch.compile, CUDA extensions (docs/cuda.md)",
+        "torch.compile, CUDA extensions, DataParallel (docs/cuda.md)",
         leased_count(),
     )

@@ -12,7 +12,7 @@ import torch
 import torch.optim.optimizer as optimizer
 import torch.utils._foreach_utils as foreach_utils
 import torch.utils.backend_registration as registration
-from gpupool.client.torch import native, runtime
+from gpupool.client.torch import api, native, runtime
 from gpupool.client.torch.errors import DeviceLost, OutOfMemoryError, RemoteError, translate
 from gpupool.client.torch.runtime import DeviceRuntime
 from gpupool.client.torch.tensor import wrap
@@ -63,8 +63,11 @@ def test_native_device_guard_answers_for_the_device(monkeypatch: pytest.MonkeyPa
     assert torch.accelerator.current_device_index() == 0  # the guard's getDevice
     stream = torch.accelerator.current_stream()  # its getStream
     assert (stream.device, stream.stream_id) == (torch.device("gpupool:0"), 0)
-    with torch.accelerator.device_index(1):  # exchangeDevice / setDevice: one device, as torch's Python guard has
-        assert torch.accelerator.current_device_index() == 0
+    with torch.accelerator.device_index(1):  # exchangeDevice: gpupool's own current device, per thread
+        assert torch.accelerator.current_device_index() == 1 == api.current_index()
+        stream = torch.accelerator.current_stream()
+        assert (stream.device, stream.stream_id) == (torch.device("gpupool:1"), 0)
+    assert torch.accelerator.current_device_index() == 0 == api.current_index()
     assert calls == []
 
 
