@@ -117,6 +117,39 @@ def test_model_parallel_script_over_cuda_0_and_cuda_1_gives_the_cpu_losses(pool:
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
+GPUPOOL_SPLIT = """
+import gpupool.torch, torch
+from torch import nn
+print("count", torch.gpupool.device_count())  # both leased devices, before either is attached
+torch.manual_seed(0)
+l1, l2 = nn.Linear(4, 8).to("gpupool:0"), nn.Linear(8, 1).to("gpupool:1")
+opt = torch.optim.SGD([*l1.parameters(), *l2.parameters()], lr=0.1)
+x, y = torch.ones(16, 4), torch.zeros(16, 1)
+for step in range(3):
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(l2(torch.relu(l1(x.to("gpupool:0"))).to("gpupool:1")), y.to("gpupool:1"))
+    loss.backward()
+    opt.step()
+    print(f"step {step} loss {loss.item():.6f}", l1.weight.grad.device, l2.weight.grad.device)
+"""
+
+
+def test_gpupool_run_two_devices_in_one_process_without_cuda_flag(pool: str) -> None:
+    """`gpupool run -n 2 -- python script.py`: torch.gpupool.device_count() is 2 from the start, and a model split
+    across gpupool:0 and gpupool:1 trains (its backward crosses both)."""
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", "-n", "2", "-p", "0.5", "--", sys.executable, "-c"]
+    done = run([*cmd, GPUPOOL_SPLIT], clean_env(GPUPOOL_SCHEDULER=pool))
+    assert done.stdout.startswith("count 2\n"), done.stdout
+    assert done.stdout.count("gpupool:0 gpupool:1") == 3, done.stdout
+    cpu_script = GPUPOOL_SPLIT.replace("gpupool.torch, ", "").replace("torch.gpupool.device_count()", "2")
+    local = run([sys.executable, "-c", cpu_script.replace('"gpupool:0"', '"cpu"').replace('"gpupool:1"', '"cpu"')],
+                clean_env())  # fmt: skip
+    losses = values(LOSS.findall(done.stdout.replace(" gpupool:0 gpupool:1", "")))
+    assert losses == values(LOSS.findall(local.stdout.replace(" cpu cpu", ""))), done.stdout + local.stdout
+    assert len(losses) == 3 and losses[2] < losses[0], done.stdout
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
 def test_script_took_the_cuda_branch(pool: str) -> None:
     assert "done on cuda" in on_pool(pool, "device_agnostic.py").stdout
     assert "done on cpu" in on_cpu("device_agnostic.py").stdout
