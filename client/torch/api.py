@@ -39,7 +39,7 @@ def set_device(index: int) -> None:
     """Make gpupool:<index> the calling thread's current device (`torch.gpupool.set_device`, torch.accelerator's
     set_device_index and torch's device guards set the same one)."""
     i = int(index)
-    if native.set_current_device(i) != 0 or i < 0:
+    if not 0 <= i <= 127 or native.set_current_device(i) != 0:  # c10's DeviceIndex is a signed byte
         raise ValueError(f"gpupool device index {i} is out of range 0..127")
 
 
