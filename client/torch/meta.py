@@ -277,12 +277,23 @@ def cpu_fixup(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any], outs: 
 
 
 class MetaCache:
-    """Inferred outputs by cache key, with hit/miss counters (the benchmark reports them)."""
+    """Inferred outputs by cache key, with hit/miss counters (the benchmark reports them).
 
-    def __init__(self) -> None:
+    Bounded, so that a long run whose shapes keep changing (per-batch sequence lengths) does not grow it without
+    end: two generations, `entries` (the young one, which the hot path reads: `remote.run_remote` looks up
+    `entries` itself) and `_old`. A miss in `entries` looks in `_old` and moves a hit back (a dict move, no
+    inference); when `entries` reaches `limit`, it becomes `_old` and the former `_old` is dropped. So at most
+    2 x `limit` entries are kept, the keys a loop keeps using survive every turn, and a hit costs what it did."""
+
+    def __init__(self, limit: int = 4096) -> None:
         self.entries: dict[Any, Outputs] = {}
+        self._old: dict[Any, Outputs] = {}
+        self.limit = limit
         self.hits = 0
         self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.entries) + len(self._old)
 
     def outputs(self, sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any], key: Any = None) -> Outputs:
         """The outputs of the op on these arguments; `key` if the caller has made it (`encode.build`)."""
@@ -292,10 +303,24 @@ class MetaCache:
         if found is not None:
             self.hits += 1
             return found
-        self.misses += 1
-        out = infer(sch, args, kwargs)
+        found = self._old.pop(key, None)
+        if found is not None:
+            self.hits += 1
+        else:
+            self.misses += 1
+            found = infer(sch, args, kwargs)
+        self._add(key, found)
+        return found
+
+    def _add(self, key: Any, out: Outputs) -> None:
+        if len(self.entries) >= self.limit:
+            self._old = self.entries
+            self.entries = {}
         self.entries[key] = out
-        return out
+
+    def clear(self) -> None:
+        self.entries = {}
+        self._old = {}
 
 
 CACHE = MetaCache()
