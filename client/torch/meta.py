@@ -46,12 +46,21 @@ class Outputs:
     metas: tuple[OutMeta | None, ...]
     spec: TreeSpec | None  # None: exactly one tensor
     flat_tuple: bool = False  # the outputs are a plain tuple of them (rebuilt without pytree)
+    first_is_new: bool = True  # the op's `Schema.first_is_new`: its first output is a new tensor, not an argument
     # per meta, `tensor.wrapper_args` (strides, storage offset) for `_make_wrapper_subclass`: worked out once here
     wrapper: tuple[tuple[Any, int | None] | None, ...] = field(init=False, repr=False, compare=False)
+    # the usual op's one new tensor, all `remote.run_remote` needs of it in one unpacking: (meta, shape, strides,
+    # storage offset, dtype) with strides and offset as `wrapper` has them; None for any other outputs
+    one: tuple[Any, ...] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         args = tuple(None if m is None else wrapper_args(m.shape, m.stride, m.offset) for m in self.metas)
         object.__setattr__(self, "wrapper", args)
+        m = self.metas[0] if len(self.metas) == 1 else None
+        one = None
+        if self.spec is None and self.first_is_new and m is not None and args[0] is not None:
+            one = (m, m.shape, args[0][0], args[0][1], m.dtype)
+        object.__setattr__(self, "one", one)
 
 
 def _kind(t: Any) -> str:
@@ -228,7 +237,7 @@ def infer(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outputs
             raise NoMeta(text) from exc
         raise
     if isinstance(out, torch.Tensor):
-        return Outputs((_out_meta(out),), None)
+        return Outputs((_out_meta(out),), None, False, sch.first_is_new)
     leaves, spec = tree_flatten(out)
     metas: list[OutMeta | None] = []
     for leaf in leaves:
@@ -239,7 +248,7 @@ def infer(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outputs
         else:
             raise NoMeta(f"{sch.name} returns a {type(leaf).__name__}")
     flat = spec.type is tuple and all(c.is_leaf() for c in spec.children())
-    return Outputs(tuple(metas), spec, flat)
+    return Outputs(tuple(metas), spec, flat, sch.first_is_new)
 
 
 def _out_meta(t: torch.Tensor) -> OutMeta:
@@ -273,7 +282,7 @@ def cpu_fixup(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any], outs: 
     if training or outs.metas[1] is None:
         return outs
     empty = OutMeta((0,), (1,), 0, outs.metas[1].dtype)
-    return Outputs((outs.metas[0], empty, empty), outs.spec, outs.flat_tuple)
+    return Outputs((outs.metas[0], empty, empty), outs.spec, outs.flat_tuple, outs.first_is_new)
 
 
 class MetaCache:
