@@ -47,6 +47,7 @@ class Outputs:
     spec: TreeSpec | None  # None: exactly one tensor
     flat_tuple: bool = False  # the outputs are a plain tuple of them (rebuilt without pytree)
     first_is_new: bool = True  # the op's `Schema.first_is_new`: its first output is a new tensor, not an argument
+    flat_list: bool = False  # the outputs are a plain list of them (_foreach_sqrt, split: rebuilt without pytree)
     # per meta, `tensor.wrapper_args` (strides, storage offset) for `_make_wrapper_subclass`: worked out once here
     wrapper: tuple[tuple[Any, int | None] | None, ...] = field(init=False, repr=False, compare=False)
     # the usual op's one new tensor, all `remote.run_remote` needs of it in one unpacking: (meta, shape, strides,
@@ -247,8 +248,9 @@ def infer(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outputs
             metas.append(_out_meta(leaf))
         else:
             raise NoMeta(f"{sch.name} returns a {type(leaf).__name__}")
-    flat = spec.type is tuple and all(c.is_leaf() for c in spec.children())
-    return Outputs(tuple(metas), spec, flat, sch.first_is_new)
+    leaves_only = all(c.is_leaf() for c in spec.children())
+    flat = spec.type is tuple and leaves_only
+    return Outputs(tuple(metas), spec, flat, sch.first_is_new, spec.type is list and leaves_only)
 
 
 def _out_meta(t: torch.Tensor) -> OutMeta:
@@ -282,7 +284,7 @@ def cpu_fixup(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any], outs: 
     if training or outs.metas[1] is None:
         return outs
     empty = OutMeta((0,), (1,), 0, outs.metas[1].dtype)
-    return Outputs((outs.metas[0], empty, empty), outs.spec, outs.flat_tuple, outs.first_is_new)
+    return Outputs((outs.metas[0], empty, empty), outs.spec, outs.flat_tuple, outs.first_is_new, outs.flat_list)
 
 
 class MetaCache:

@@ -123,6 +123,8 @@ def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...]
         return results[0]
     if outs.flat_tuple:
         return tuple(results)
+    if outs.flat_list:
+        return results
     return tree_unflatten(results, outs.spec)
 
 

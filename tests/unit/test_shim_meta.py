@@ -310,3 +310,24 @@ def test_caches_stay_bounded_under_changing_shapes(monkeypatch: pytest.MonkeyPat
         assert len(sink.records) > 399 * 4
     finally:
         rt.close()
+
+
+def test_list_outputs_come_back_as_lists_of_their_tensors() -> None:
+    """An op returning a list of tensors (the foreach ops) is rebuilt without pytree: a list, each tensor with the
+    shape, strides and dtype the meta kernel gives, each with a handle of its own."""
+    sink = _Sink()
+    rt = DeviceRuntime(96, sink)
+    try:
+        xs = [wrap(rt, rt.new_handle(), s, torch.empty(s).stride(), 0, torch.float32) for s in ((3, 4), (5,), ())]
+        sch = meta.schema_of(aten._foreach_sqrt.default)
+        assert meta.CACHE.outputs(sch, (xs,), {}).flat_list
+        out = RemoteTensor.__torch_dispatch__(aten._foreach_sqrt.default, (), (xs,), None)  # what torch gets back
+        assert type(out) is list and len(out) == 3
+        assert [tuple(y.shape) for y in torch._foreach_sqrt(xs)] == [(3, 4), (5,), ()]  # and hands the caller
+        for x, y in zip(xs, out, strict=True):
+            assert type(y) is RemoteTensor and y._gp_rt is rt and y._gp_h not in {t._gp_h for t in xs}
+            assert (y.shape, y.stride(), y.dtype) == (x.shape, x.stride(), x.dtype)
+        assert len({y._gp_h for y in out}) == 3
+        assert not meta.CACHE.outputs(meta.schema_of(aten.max.dim), (xs[0], 0), {}).flat_list  # a tuple: flat_tuple
+    finally:
+        rt.close()
