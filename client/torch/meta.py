@@ -248,6 +248,8 @@ def infer(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outputs
             metas.append(_out_meta(leaf))
         else:
             raise NoMeta(f"{sch.name} returns a {type(leaf).__name__}")
+    if spec.is_leaf():  # one None (the in-place foreach ops return nothing): as one output, rebuilt without pytree
+        return Outputs(tuple(metas), None, False, sch.first_is_new)
     leaves_only = all(c.is_leaf() for c in spec.children())
     flat = spec.type is tuple and leaves_only
     return Outputs(tuple(metas), spec, flat, sch.first_is_new, spec.type is list and leaves_only)

@@ -312,7 +312,7 @@ def test_caches_stay_bounded_under_changing_shapes(monkeypatch: pytest.MonkeyPat
         rt.close()
 
 
-def test_list_outputs_come_back_as_lists_of_their_tensors() -> None:
+def test_list_and_no_outputs_come_back_without_pytree() -> None:
     """An op returning a list of tensors (the foreach ops) is rebuilt without pytree: a list, each tensor with the
     shape, strides and dtype the meta kernel gives, each with a handle of its own."""
     sink = _Sink()
@@ -329,5 +329,11 @@ def test_list_outputs_come_back_as_lists_of_their_tensors() -> None:
             assert (y.shape, y.stride(), y.dtype) == (x.shape, x.stride(), x.dtype)
         assert len({y._gp_h for y in out}) == 3
         assert not meta.CACHE.outputs(meta.schema_of(aten.max.dim), (xs[0], 0), {}).flat_list  # a tuple: flat_tuple
+        # an in-place foreach op returns nothing (one None, no pytree either), and sends its op all the same
+        sent = len(sink.records)
+        assert meta.CACHE.outputs(meta.schema_of(aten._foreach_add_.Scalar), (xs, 1.0), {}).spec is None
+        assert RemoteTensor.__torch_dispatch__(aten._foreach_add_.Scalar, (), (xs, 1.0), None) is None
+        torch._foreach_add_(xs, 2.0)
+        assert len(sink.records) == sent + 2
     finally:
         rt.close()
