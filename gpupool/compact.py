@@ -80,6 +80,12 @@ def head(op_id: int, name: str | None, outputs: list[int]) -> bytes:
 _HEADS = [struct.Struct(f"<IBB{n}Q") for n in range(8)]  # op id, no name, n outputs
 
 
+def named_head(op_id: int, name: str) -> bytes:
+    """A record's op id with the name it defines (`head` without the outputs, which follow it)."""
+    raw = name.encode("ascii")
+    return HEAD.pack(op_id, len(raw)) + raw
+
+
 def encode_value(v: Any) -> bytes:
     """Any non-tensor argument value (tensors are encoded by the caller, which knows their handles)."""
     tv = type(v)

@@ -164,16 +164,19 @@ def _c_one(rt: DeviceRuntime | None, kind: str, v: Any, by_type: bool) -> tuple[
         return v._gp_key, _TAG_U64(compact.TENSOR, v._gp_h), vrt
     if v is None:
         return None, _C_NONE, rt
-    if kind == _V and (tv is int or (tv is list and list(map(type, v)).count(int) == len(v))):
-        # Dims and sizes (ints, lists of ints: the usual argument besides tensors) are keyed and encoded once per
-        # value. Only exact ints: equal values then encode alike (not so 0.0 and -0.0, nor 1 and True).
-        ck = v if tv is int else tuple(v)
-        hit = _INTS.get(ck)
-        if hit is None:
-            if len(_INTS) >= _INTS_MAX:
-                _INTS.clear()
-            hit = _INTS[ck] = (meta.arg_key(kind, v, by_type), compact.encode_value(v))
-        return hit[0], hit[1], rt
+    if kind == _V:
+        if tv is bool:  # keepdim and the like: keyed by value (meta._value_key), two encodings
+            return v, _C_BOOLS[v], rt
+        if tv is int or (tv is list and list(map(type, v)).count(int) == len(v)):
+            # Dims and sizes (ints, lists of ints: the usual argument besides tensors) are keyed and encoded once per
+            # value. Only exact ints: equal values then encode alike (not so 0.0 and -0.0, nor 1 and True).
+            ck = v if tv is int else tuple(v)
+            hit = _INTS.get(ck)
+            if hit is None:
+                if len(_INTS) >= _INTS_MAX:
+                    _INTS.clear()
+                hit = _INTS[ck] = (meta.arg_key(kind, v, by_type), compact.encode_value(v))
+            return hit[0], hit[1], rt
     if kind == meta.S or (kind == meta.T and (tv is float or tv is int or tv is bool)):
         return (tv if by_type else (tv, v)) if kind == meta.S else tv, compact.encode_value(v), rt
     if kind == meta.TL:
@@ -193,6 +196,9 @@ _V = meta.V
 _INTS: dict[Any, tuple[Any, bytes]] = {}  # an int or a tuple of ints -> (its key part, its compact bytes)
 _INTS_MAX = 4096
 _C_NONE = compact.encode_value(None)
+_C_BOOLS = {False: compact.encode_value(False), True: compact.encode_value(True)}  # indexed by bools only
+_TENSOR = compact.TENSOR
+_NO_KWARGS = b"\x00"
 
 
 def build_compact(
@@ -200,8 +206,6 @@ def build_compact(
 ) -> tuple[DeviceRuntime | None, tuple[Any, ...], bytes]:
     """`build` for a compact record: (device, meta-cache key, the record's argument bytes). Raises NeedsUpload
     as `build` does, and compact.Unencodable for arguments only an `Op` carries (then use `build`)."""
-    by_type = sch.has_tensor_inputs
-    kinds = sch.kinds
     key: list[Any] = [sch]  # the Schema (one per overload) hashes in C; an OpOverload in Python
     parts = [_U8_BYTES[len(args)]]
     i = 0
@@ -213,9 +217,9 @@ def build_compact(
                     raise _two_devices(rt, vrt)
                 rt = vrt
             key.append(v._gp_key)
-            parts.append(_TAG_U64(compact.TENSOR, v._gp_h))
+            parts.append(_TAG_U64(_TENSOR, v._gp_h))
         else:
-            k, b, rt = _c_one(rt, kinds[i], v, by_type)
+            k, b, rt = _c_one(rt, sch.kinds[i], v, sch.has_tensor_inputs)
             key.append(k)
             parts.append(b)
         i += 1
@@ -223,12 +227,12 @@ def build_compact(
         parts.append(compact.U8.pack(len(kwargs)))
         kk = sch.kwarg_kinds
         for name in sorted(kwargs):
-            k, b, rt = _c_one(rt, kk.get(name, meta.V), kwargs[name], by_type)
+            k, b, rt = _c_one(rt, kk.get(name, meta.V), kwargs[name], sch.has_tensor_inputs)
             key.append((name, k))
             parts.append(compact.kwarg_key(name))
             parts.append(b)
     else:
-        parts.append(_U8_BYTES[0])
+        parts.append(_NO_KWARGS)
     return rt, tuple(key), b"".join(parts)
 
 

@@ -46,12 +46,22 @@ class Outputs:
     metas: tuple[OutMeta | None, ...]
     spec: TreeSpec | None  # None: exactly one tensor
     flat_tuple: bool = False  # the outputs are a plain tuple of them (rebuilt without pytree)
+    first_is_new: bool = True  # the op's `Schema.first_is_new`: its first output is a new tensor, not an argument
+    flat_list: bool = False  # the outputs are a plain list of them (_foreach_sqrt, split: rebuilt without pytree)
     # per meta, `tensor.wrapper_args` (strides, storage offset) for `_make_wrapper_subclass`: worked out once here
     wrapper: tuple[tuple[Any, int | None] | None, ...] = field(init=False, repr=False, compare=False)
+    # the usual op's one new tensor, all `remote.run_remote` needs of it in one unpacking: (meta, shape, strides,
+    # storage offset, dtype) with strides and offset as `wrapper` has them; None for any other outputs
+    one: tuple[Any, ...] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         args = tuple(None if m is None else wrapper_args(m.shape, m.stride, m.offset) for m in self.metas)
         object.__setattr__(self, "wrapper", args)
+        m = self.metas[0] if len(self.metas) == 1 else None
+        one = None
+        if self.spec is None and self.first_is_new and m is not None and args[0] is not None:
+            one = (m, m.shape, args[0][0], args[0][1], m.dtype)
+        object.__setattr__(self, "one", one)
 
 
 def _kind(t: Any) -> str:
@@ -228,7 +238,7 @@ def infer(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outputs
             raise NoMeta(text) from exc
         raise
     if isinstance(out, torch.Tensor):
-        return Outputs((_out_meta(out),), None)
+        return Outputs((_out_meta(out),), None, False, sch.first_is_new)
     leaves, spec = tree_flatten(out)
     metas: list[OutMeta | None] = []
     for leaf in leaves:
@@ -238,8 +248,11 @@ def infer(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outputs
             metas.append(_out_meta(leaf))
         else:
             raise NoMeta(f"{sch.name} returns a {type(leaf).__name__}")
-    flat = spec.type is tuple and all(c.is_leaf() for c in spec.children())
-    return Outputs(tuple(metas), spec, flat)
+    if spec.is_leaf():  # one None (the in-place foreach ops return nothing): as one output, rebuilt without pytree
+        return Outputs(tuple(metas), None, False, sch.first_is_new)
+    leaves_only = all(c.is_leaf() for c in spec.children())
+    flat = spec.type is tuple and leaves_only
+    return Outputs(tuple(metas), spec, flat, sch.first_is_new, spec.type is list and leaves_only)
 
 
 def _out_meta(t: torch.Tensor) -> OutMeta:
@@ -273,16 +286,27 @@ def cpu_fixup(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any], outs: 
     if training or outs.metas[1] is None:
         return outs
     empty = OutMeta((0,), (1,), 0, outs.metas[1].dtype)
-    return Outputs((outs.metas[0], empty, empty), outs.spec, outs.flat_tuple)
+    return Outputs((outs.metas[0], empty, empty), outs.spec, outs.flat_tuple, outs.first_is_new, outs.flat_list)
 
 
 class MetaCache:
-    """Inferred outputs by cache key, with hit/miss counters (the benchmark reports them)."""
+    """Inferred outputs by cache key, with hit/miss counters (the benchmark reports them).
 
-    def __init__(self) -> None:
+    Bounded, so that a long run whose shapes keep changing (per-batch sequence lengths) does not grow it without
+    end: two generations, `entries` (the young one, which the hot path reads: `remote.run_remote` looks up
+    `entries` itself) and `_old`. A miss in `entries` looks in `_old` and moves a hit back (a dict move, no
+    inference); when `entries` reaches `limit`, it becomes `_old` and the former `_old` is dropped. So at most
+    2 x `limit` entries are kept, the keys a loop keeps using survive every turn, and a hit costs what it did."""
+
+    def __init__(self, limit: int = 4096) -> None:
         self.entries: dict[Any, Outputs] = {}
+        self._old: dict[Any, Outputs] = {}
+        self.limit = limit
         self.hits = 0
         self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.entries) + len(self._old)
 
     def outputs(self, sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any], key: Any = None) -> Outputs:
         """The outputs of the op on these arguments; `key` if the caller has made it (`encode.build`)."""
@@ -292,10 +316,24 @@ class MetaCache:
         if found is not None:
             self.hits += 1
             return found
-        self.misses += 1
-        out = infer(sch, args, kwargs)
+        found = self._old.pop(key, None)
+        if found is not None:
+            self.hits += 1
+        else:
+            self.misses += 1
+            found = infer(sch, args, kwargs)
+        self._add(key, found)
+        return found
+
+    def _add(self, key: Any, out: Outputs) -> None:
+        if len(self.entries) >= self.limit:
+            self._old = self.entries
+            self.entries = {}
         self.entries[key] = out
-        return out
+
+    def clear(self) -> None:
+        self.entries = {}
+        self._old = {}
 
 
 CACHE = MetaCache()

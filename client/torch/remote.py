@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_map, tree_unflatten
 from gpupool import compact
 
 from . import encode, meta
-from .runtime import DeviceRuntime
+from .runtime import ONE_OUTPUT, DeviceRuntime, outputs_part
 from .tensor import _STRIDED, RemoteTensor, _make_wrapper, rewrap, to_cpu, upload_new, wrap
 
 log = logging.getLogger("gpupool.torch")
@@ -81,19 +81,17 @@ def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...]
     if rt.cpu_backed and sch.name in meta.CPU_FIXUPS:
         outs = meta.cpu_fixup(sch, args, kwargs, outs)
 
-    if outs.spec is None and sch.first_is_new:  # one new tensor: most ops
-        m = outs.metas[0]
-        assert m is not None
-        count = rt._handle_count  # rt.new_handle() and wrap(), inline: two Python calls less on most ops
-        h = rt._handle_base + next(count) if count is not None else rt.new_handle()
-        strides, offset = outs.wrapper[0]  # type: ignore[misc]  # None where torch's default is the same
-        result = _make_wrapper(RemoteTensor, m[0], strides, offset, None, m[3], _STRIDED, rt.device)
+    one = outs.one
+    if one is not None:  # one new tensor: most ops
+        m, shape, strides, offset, dtype = one  # strides and offset None where torch's default is the same
+        h = rt._handle_base + next(rt._handle_count)  # rt.new_handle() and wrap(), inline: two Python calls less
+        result = _make_wrapper(RemoteTensor, shape, strides, offset, None, dtype, _STRIDED, rt.device)
         d = result.__dict__
         d["_gp_rt"] = rt
         d["_gp_h"] = h
         d["_gp_key"] = m
         if tail is not None:
-            rt.eager_op(sch.name, tail, [h])
+            rt.eager_op(sch.name, ONE_OUTPUT(1, h) + tail)
         else:
             rt.op(sch.name, wire_args, wire_kwargs, [h])
         return result
@@ -115,7 +113,7 @@ def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...]
             handles.append(h)
             results.append(wrap(rt, h, m.shape, m.stride, m.offset, m.dtype, m))
     if tail is not None:
-        rt.eager_op(sch.name, tail, handles)
+        rt.eager_op(sch.name, outputs_part(handles) + tail)
     else:
         rt.op(sch.name, wire_args, wire_kwargs, handles)
 
@@ -125,6 +123,8 @@ def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...]
         return results[0]
     if outs.flat_tuple:
         return tuple(results)
+    if outs.flat_list:
+        return results
     return tree_unflatten(results, outs.spec)
 
 

@@ -13,7 +13,7 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, Protocol
 
 import grpc
@@ -31,6 +31,7 @@ FREE_BATCH = 256  # dead handles collected before one Free command goes out ...
 # runs it; small frames let the two overlap. A frame costs the client ~100 us of gRPC work, so 8 ops a frame
 # cost 12 us an op; 32 cost 3 us and still overlap (BENCHMARKS.md, launch-bound).
 FLUSH_OPS = int(os.environ.get("GPUPOOL_FLUSH_OPS", "32"))
+_NEVER = object()  # the sentinel of the handle iterator over a session's own new_handle (it never returns this)
 FREE_QUOTA_FRACTION = 64  # ... or dead bytes above 1/64 of the quota, so that freed memory is soon usable again
 
 
@@ -77,19 +78,21 @@ class DeviceRuntime:
         self.cpu_backed = bool(getattr(getattr(session, "device", None), "fake", False))
         # Handles straight from the session's counter (the same one Session.new_handle draws from, so the two
         # never collide), without its Handle objects: one add per output instead of three calls.
-        self._handle_base = getattr(session, "handle_base", None)
-        self._handle_count = getattr(session, "_handles", None)
-        if not isinstance(self._handle_base, int) or not isinstance(self._handle_count, itertools.count):
-            self._handle_count = None
+        # Any other session: its own new_handle on every `next` (base 0), so the hot path never asks which it has.
+        base = getattr(session, "handle_base", None)
+        count = getattr(session, "_handles", None)
+        if isinstance(base, int) and isinstance(count, itertools.count):
+            self._handle_base: int = base
+            self._handle_count: Iterator[int] = count
+        else:
+            self._handle_base = 0
+            self._handle_count = map(int, iter(lambda: session.new_handle(), _NEVER))
         self._heads: dict[str, bytes] = {}  # op name -> its record's op id bytes (no name), once defined
 
     # ---- handles ----
 
     def new_handle(self) -> int:
-        count = self._handle_count
-        if count is None:
-            return int(self.session.new_handle())
-        return self._handle_base + next(count)  # type: ignore[operator]
+        return self._handle_base + next(self._handle_count)
 
     def share(self, handle: int) -> None:
         """One more tensor holds `handle` (a detach or alias made without asking the daemon)."""
@@ -178,8 +181,9 @@ class DeviceRuntime:
             self._unflushed = 0
             self.session.flush()
 
-    def eager_op(self, name: str, record_tail: bytes, outputs: list[int]) -> None:
-        """An op as a compact record (gpupool/compact.py): `record_tail` is its arguments, encoded by the caller."""
+    def eager_op(self, name: str, body: bytes) -> None:
+        """An op as a compact record (gpupool/compact.py): `body` is the record after its op id, its output count, its
+        output handles and its arguments (`ONE_OUTPUT(1, h) + tail` for the usual op), encoded by the caller."""
         self.ops_sent += 1
         if self._dead and (len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):
             self.flush_frees()
@@ -188,11 +192,9 @@ class DeviceRuntime:
         head = self._heads.get(name)
         try:
             if head is None:
-                self._define(name, record_tail, outputs)
-            elif len(outputs) == 1:
-                self.session.eager_op(head + _ONE_OUTPUT(1, outputs[0]) + record_tail)
+                self._define(name, body)
             else:
-                self.session.eager_op(head + _outputs(outputs) + record_tail)
+                self.session.eager_op(head + body)
             self._unflushed += 1  # self._sent_op(), inline
             if self._unflushed >= FLUSH_OPS:
                 self._unflushed = 0
@@ -200,16 +202,16 @@ class DeviceRuntime:
         except Exception as exc:
             self._raise(exc)
 
-    def _define(self, name: str, record_tail: bytes, outputs: list[int]) -> None:
+    def _define(self, name: str, body: bytes) -> None:
         """The first record of an op name defines its id. Under the lock, and the id is published only once the
         defining record is queued: another thread (autograd's device thread) never refers to an undefined id."""
         with self._lock:
             op_id = self.op_ids.get(name)
             if op_id is not None:
-                self.session.eager_op(compact.head(op_id, None, outputs) + record_tail)
+                self.session.eager_op(compact.HEAD.pack(op_id, 0) + body)
                 return
             op_id = len(self.op_ids)
-            self.session.eager_op(compact.head(op_id, name, outputs) + record_tail)
+            self.session.eager_op(compact.named_head(op_id, name) + body)
             self.op_ids[name] = op_id
             self._heads[name] = compact.HEAD.pack(op_id, 0)
 
@@ -352,11 +354,19 @@ class DeviceRuntime:
             log.debug("closing %s: %s", self.device, exc)
 
 
-_ONE_OUTPUT = struct.Struct("<BQ").pack  # a record's output count and handle, for the usual single output
+# The output part of a record (`eager_op`'s body starts with it) for the usual single output: ONE_OUTPUT(1, handle)
+ONE_OUTPUT = struct.Struct("<BQ").pack
 
 
-def _outputs(handles: list[int]) -> bytes:
-    return struct.pack(f"<B{len(handles)}Q", len(handles), *handles)
+def outputs_part(handles: list[int]) -> bytes:
+    """The output part of a record for any number of outputs (0: a returned tensor that is not new)."""
+    n = len(handles)
+    if n < len(_OUTPUTS):
+        return _OUTPUTS[n](n, *handles)
+    return struct.pack(f"<B{n}Q", n, *handles)
+
+
+_OUTPUTS = [struct.Struct(f"<B{n}Q").pack for n in range(16)]  # the output parts of up to 15 outputs
 
 
 def translate_and_mark(rt: DeviceRuntime, exc: BaseException) -> BaseException:

@@ -174,7 +174,10 @@ def wrapper_args(shape: Any, stride: Any, offset: int) -> tuple[Any, int | None]
     return (None if tuple(stride) == _contiguous_strides(tuple(shape)) else stride), None
 
 
-_WRAPPER_ARGS: dict[tuple[Any, ...], tuple[Any, int | None]] = {}  # metadata key -> wrapper_args (like meta.CACHE)
+# metadata key -> wrapper_args (like meta.CACHE); emptied when full (an entry is cheap to make again), so that
+# changing shapes do not grow it without end
+_WRAPPER_ARGS: dict[tuple[Any, ...], tuple[Any, int | None]] = {}
+_WRAPPER_ARGS_MAX = 4096
 
 
 def wrap(
@@ -192,6 +195,8 @@ def wrap(
         key = (tuple(shape), tuple(stride), int(offset), dtype)
     args = _WRAPPER_ARGS.get(key)
     if args is None:
+        if len(_WRAPPER_ARGS) >= _WRAPPER_ARGS_MAX:
+            _WRAPPER_ARGS.clear()
         args = _WRAPPER_ARGS[key] = wrapper_args(shape, stride, offset)
     # Positional arguments (size, strides, storage_offset, memory_format, dtype, layout, device): keywords cost
     # torch's argument parser a name match each, on every op; requires_grad defaults to False.

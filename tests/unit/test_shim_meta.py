@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
+import pytest
 import torch
-from gpupool.client.torch import meta
+from gpupool.client.torch import meta, tensor
 from gpupool.client.torch.runtime import DeviceRuntime
 from gpupool.client.torch.tensor import RemoteTensor, wrap
 
@@ -253,3 +255,85 @@ def test_wrappers_get_exactly_their_metadata() -> None:
         (m,) = out.metas
         assert m is not None
         assert (m.shape, m.stride, m.offset) == (tuple(view.shape), view.stride(), view.storage_offset())
+
+
+class _Sink:
+    """A session that takes the op records the shim sends and keeps them (the sends are not what these tests check)."""
+
+    quota_bytes = 0
+    handle_base = 1 << 40
+
+    def __init__(self) -> None:
+        self._handles = itertools.count(1)
+        self.records: list[bytes] = []
+
+    def new_handle(self) -> int:
+        return self.handle_base + next(self._handles)
+
+    def eager_op(self, record: bytes) -> None:
+        self.records.append(record)
+
+    def flush(self) -> None:
+        pass
+
+    def free(self, handles: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_caches_stay_bounded_under_changing_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long run whose shapes keep changing (an NLP loop's per-batch sequence lengths) must not grow the meta cache
+    or the wrapper-argument cache without end; the ops a loop keeps using stay cached across the caches' turns, and
+    every op still gets the right outputs."""
+    limit = 32
+    monkeypatch.setattr(meta.CACHE, "limit", limit)
+    monkeypatch.setattr(tensor, "_WRAPPER_ARGS_MAX", limit)
+    sink = _Sink()
+    rt = DeviceRuntime(97, sink)  # not attached (no registry entry): its tensors' ops find it themselves
+    try:
+        w = wrap(rt, rt.new_handle(), (4, 4), (4, 1), 0, torch.float32)  # the fixed-shape weight of every step
+        misses = meta.CACHE.misses
+        for n in range(1, 400):  # 399 sequence lengths, each a new key for every op below but the last
+            x = wrap(rt, rt.new_handle(), (n, 4), (4, 1), 0, torch.float32)
+            y = torch.relu(x @ w)
+            z = torch.cat([x, y.t().t()], 1)  # several new keys per step
+            assert (tuple(z.shape), z.stride()) == ((n, 8), (8, 1))
+            assert len(meta.CACHE) <= 2 * limit and len(tensor._WRAPPER_ARGS) <= limit
+            u = w * 2.0  # a key used on every step: it must never be inferred again
+            if n == 1:
+                misses_per_step = meta.CACHE.misses - misses
+            assert tuple(u.shape) == (4, 4)
+        new_keys_per_step = misses_per_step - 1  # all of the first step's keys but w * 2.0's
+        assert meta.CACHE.misses - misses == misses_per_step + 398 * new_keys_per_step
+        assert len(sink.records) > 399 * 4
+    finally:
+        rt.close()
+
+
+def test_list_and_no_outputs_come_back_without_pytree() -> None:
+    """An op returning a list of tensors (the foreach ops) is rebuilt without pytree: a list, each tensor with the
+    shape, strides and dtype the meta kernel gives, each with a handle of its own."""
+    sink = _Sink()
+    rt = DeviceRuntime(96, sink)
+    try:
+        xs = [wrap(rt, rt.new_handle(), s, torch.empty(s).stride(), 0, torch.float32) for s in ((3, 4), (5,), ())]
+        sch = meta.schema_of(aten._foreach_sqrt.default)
+        assert meta.CACHE.outputs(sch, (xs,), {}).flat_list
+        out = RemoteTensor.__torch_dispatch__(aten._foreach_sqrt.default, (), (xs,), None)  # what torch gets back
+        assert type(out) is list and len(out) == 3
+        assert [tuple(y.shape) for y in torch._foreach_sqrt(xs)] == [(3, 4), (5,), ()]  # and hands the caller
+        for x, y in zip(xs, out, strict=True):
+            assert type(y) is RemoteTensor and y._gp_rt is rt and y._gp_h not in {t._gp_h for t in xs}
+            assert (y.shape, y.stride(), y.dtype) == (x.shape, x.stride(), x.dtype)
+        assert len({y._gp_h for y in out}) == 3
+        assert not meta.CACHE.outputs(meta.schema_of(aten.max.dim), (xs[0], 0), {}).flat_list  # a tuple: flat_tuple
+        # an in-place foreach op returns nothing (one None, no pytree either), and sends its op all the same
+        sent = len(sink.records)
+        assert meta.CACHE.outputs(meta.schema_of(aten._foreach_add_.Scalar), (xs, 1.0), {}).spec is None
+        assert RemoteTensor.__torch_dispatch__(aten._foreach_add_.Scalar, (), (xs, 1.0), None) is None
+        torch._foreach_add_(xs, 2.0)
+        assert len(sink.records) == sent + 2
+    finally:
+        rt.close()
