@@ -32,6 +32,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from .guards import value_guarded
 from .templates import C_ARG, L_ARG, L_KW, N_ARG, N_KW, NL_ARG, NL_KW, T_ARG, T_KW, Template
 
 PER_HEAD = 16  # traces kept per head (first record's op id and length); the most recently run or learned first
@@ -44,7 +45,7 @@ EXTERNAL, NONE = -1, -2  # a tensor input's source: resolved by handle (meta che
 class Step:
     """One record of a trace: its template, the verdict, its inputs' sources, and which outputs later steps use."""
 
-    __slots__ = ("tpl", "plan", "need", "ins", "tensors", "others", "keep", "n_out", "single")
+    __slots__ = ("tpl", "plan", "need", "ins", "tensors", "others", "keep", "n_out", "single", "check", "fast")
 
     def __init__(self, tpl: Template, need: int, ins: list[tuple[Any, ...]], keep: tuple[int, ...]) -> None:
         self.tpl = tpl
@@ -58,6 +59,15 @@ class Step:
         self.keep = keep  # output slots whose bound tensor a later step takes (appended to the run's list)
         self.n_out = tpl.n_out
         self.single = False  # set by `CommandExecutor`: one output, a plain dense tensor when the run was learned
+        plan = self.plan
+        # Whether its value guards (`guards.validate`) run per record. A `_foreach_` op's own guard (its lists'
+        # lengths) reads only lengths the template fixes (tensor and number lists' counts are fixed bytes), and
+        # the record this step was learned from passed it: only an op with a value guard of its own runs it.
+        self.check = bool(plan.validate) and value_guarded(plan.name)
+        # `CommandExecutor.eager_span` runs it inline: one output, none of the per-op extras `_run_step` handles
+        self.fast = self.n_out == 1 and not (
+            plan.reshapes or plan.takes_device or plan.seeded or plan.uninitialized or self.check
+        )
 
 
 class Trace:
