@@ -275,6 +275,7 @@ class CommandExecutor:
         over = False
         hits = known.hits
         tensors, poisoned, number, base = s.tensors, s.poisoned, s.number, s.handle_base
+        quota, memory, capacity = s.quota, s.memory, s.memory.device.capacity
         # the inline path leaves the speed model's hold and a counting ledger's call to `_run_step`
         plain = self.speed is None or not self.speed.active
         count = self.ledger.op if getattr(self.ledger, "counts_ops", True) else None
@@ -343,9 +344,9 @@ class CommandExecutor:
                             if h not in poisoned and len(tensors) + len(poisoned) >= s.max_handles:
                                 s.admit_handles(1)  # raises
                             need = step.need
-                            if need > 0:
-                                s.admit(need)
                             used_before = s.used
+                            if need > 0 and (used_before + need > quota or memory.used + need > capacity):
+                                s.admit(need)  # raises
                             args, kwargs = got[0], got[1]
                             run = step.plan.run
                             out = run(*args, **kwargs) if kwargs else run(*args)
@@ -360,7 +361,7 @@ class CommandExecutor:
                             else:
                                 bound = self._bind_outputs(s, outputs, out, dev)
                             del out
-                            if s.used > s.quota and s.used > used_before:
+                            if s.used > quota and s.used > used_before:
                                 _over_quota(s, bound)  # raises
                             rebound = False
                         else:
