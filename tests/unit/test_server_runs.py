@@ -336,3 +336,26 @@ def test_the_inline_step_unbinds_an_output_past_the_quota_as_the_normal_path() -
     p.stream(step(p, 6) + [free(5)] + step(p, 7), itertools.cycle([64]))
     assert p.hits - hits > 3
     assert h(6, 2) in p.s[0].poisoned and h(7, 2) in p.s[0].poisoned
+
+
+def test_a_list_of_session_tensors_is_checked_again_when_a_handle_holds_another() -> None:
+    """A Tensor[] argument of tensors made before the run (an optimizer's parameters and states) is accepted in one
+    go while it holds the same objects as last time (`match`'s list cell); a handle rebound to a bigger tensor in
+    between must fail at the same op with the same error as on the normal path (here: the quota)."""
+    p = Pair(quota=90_000)  # a changed quota would not take the learned runs
+    state, out = BASE + 82, [BASE + 80, BASE + 81]
+    for s in p.s:
+        s.bind(state, torch.ones(4, 3))
+
+    def opt(t: int) -> list[device_pb2.Command]:
+        return step(p, t) + [p.rec(8, out, [compact.tensors([X, state]), V(1.0)])]
+
+    p.stream([c for t in range(6) for c in opt(t) + ([free(t - 1)] if t else [])], itertools.cycle([64]))
+    hits = p.hits
+    p.stream(opt(6) + [free(5)] + opt(7) + [free(6)], itertools.cycle([64]))
+    assert p.hits - hits >= 20
+    for s in p.s:  # another, bigger tensor under the same handle; no room for a copy of it
+        s.free([state, *out])
+        s.bind(state, torch.ones(4000, 3))
+    p.stream(opt(8) + [free(7)], itertools.cycle([64]))
+    assert out[1] in p.s[0].poisoned
