@@ -274,6 +274,11 @@ class CommandExecutor:
         after: runs.Trace | None = None  # the run that just ended at its last step
         over = False
         hits = known.hits
+        tensors, poisoned, number, base = s.tensors, s.poisoned, s.number, s.handle_base
+        quota, memory, capacity = s.quota, s.memory, s.memory.device.capacity
+        # the inline path leaves the speed model's hold and a counting ledger's call to `_run_step`
+        plain = self.speed is None or not self.speed.active
+        count = self.ledger.op if getattr(self.ledger, "counts_ops", True) else None
         try:
             while i < n:
                 cmd = commands[i]
@@ -330,7 +335,37 @@ class CommandExecutor:
                     # records rebinding kept handles would leave them alive outside the accounting until the
                     # run's end: a run of thousands of steps holding many quotas of the device's memory.
                     try:
-                        rebound = self._run_step(s, step, got[0], got[1], outputs, fields, dev, known)
+                        h = outputs[0] if step.fast and plain else 0
+                        if h and h not in tensors:
+                            # `_run_step` inline for the commonest step (one new output, no per-op extras): the
+                            # same checks in the same order (tests/unit/test_server_runs.py compares the two)
+                            if h >> HANDLE_BITS != number or h == base:
+                                s.check_handle(h)  # raises
+                            if h not in poisoned and len(tensors) + len(poisoned) >= s.max_handles:
+                                s.admit_handles(1)  # raises
+                            need = step.need
+                            used_before = s.used
+                            if need > 0 and (used_before + need > quota or memory.used + need > capacity):
+                                s.admit(need)  # raises
+                            args, kwargs = got[0], got[1]
+                            run = step.plan.run
+                            out = run(*args, **kwargs) if kwargs else run(*args)
+                            del got, args, kwargs
+                            s.ops += 1
+                            if count is not None:
+                                count(s)
+                            if out.__class__ is _Tensor and h not in poisoned and (step.single or _dense(out)):
+                                step.single = True
+                                s.bind_new(h, out)
+                                bound: Sequence[int] = outputs
+                            else:
+                                bound = self._bind_outputs(s, outputs, out, dev)
+                            del out
+                            if s.used > quota and s.used > used_before:
+                                _over_quota(s, bound)  # raises
+                            rebound = False
+                        else:
+                            rebound = self._run_step(s, step, got[0], got[1], outputs, fields, dev, known)
                     except Exception as exc:
                         self._failed(s, cmd, exc, reply)
                         trace, objs = None, _NO_OBJS
@@ -395,7 +430,7 @@ class CommandExecutor:
                     rebound = True
         if new_handles and len(tensors) + len(poisoned) + new_handles > s.max_handles:
             s.admit_handles(new_handles)  # raises
-        if plan.validate:  # value guards run every time
+        if step.check:  # value guards run every time (a `_foreach_` op's list lengths: fixed by its template)
             guards.validate(op, args, kwargs)
         need = step.need
         if need > 0:
@@ -430,13 +465,7 @@ class CommandExecutor:
         else:
             bound = self._bind_outputs(s, outputs, out, dev)
         if s.used > s.quota and s.used > used_before:
-            for h in bound:
-                s.unbind(h)
-            raise ResourceExhausted(
-                f"memory quota exceeded: {s.used} bytes would be used of a {s.quota} byte limit",
-                used_bytes=s.used,
-                limit_bytes=s.quota,
-            )
+            _over_quota(s, bound)  # raises
         return rebound
 
     def _learn(self, known: runs.Runs, s: WorkerSession) -> None:
@@ -551,13 +580,7 @@ class CommandExecutor:
         else:
             bound = self._bind_outputs(s, outputs, out, dev)
         if s.used > s.quota and s.used > used_before:
-            for h in bound:
-                s.unbind(h)
-            raise ResourceExhausted(
-                f"memory quota exceeded: {s.used} bytes would be used of a {s.quota} byte limit",
-                used_bytes=s.used,
-                limit_bytes=s.quota,
-            )
+            _over_quota(s, bound)  # raises
 
     def _seeded(self, s: WorkerSession, op: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
         """Run a random op on the session's own generator.
@@ -722,6 +745,17 @@ class CommandExecutor:
             reply.error.CopyFrom(s.error.to_proto())
             s.error = None
         return device_pb2.ServerFrame(request_id=sync.request_id, sync=reply)
+
+
+def _over_quota(s: WorkerSession, bound: Sequence[int]) -> None:
+    """An op's outputs took the session past its quota: unbind them and raise."""
+    for h in bound:
+        s.unbind(h)
+    raise ResourceExhausted(
+        f"memory quota exceeded: {s.used} bytes would be used of a {s.quota} byte limit",
+        used_bytes=s.used,
+        limit_bytes=s.quota,
+    )
 
 
 def _dense(out: torch.Tensor) -> bool:

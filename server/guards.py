@@ -168,6 +168,11 @@ def _foreach_lengths(args: Args, kwargs: Kwargs) -> None:
         raise InvalidArgument(f"list arguments of different lengths {sorted(lengths)}")
 
 
+def value_guarded(name: str) -> bool:
+    """Whether op `name` has a guard of its own in `validate` (besides a `_foreach_` op's lists' lengths)."""
+    return name in _VALIDATORS
+
+
 def validate(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs) -> None:
     if op._schema.name.startswith("aten::_foreach_"):
         checked(op._schema.name, _foreach_lengths, args, kwargs)

@@ -28,10 +28,13 @@ the templates when an op id is defined anew. A trace holds no tensor.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Callable
+from operator import call, is_
 from typing import Any
 
+from .guards import value_guarded
 from .templates import C_ARG, L_ARG, L_KW, N_ARG, N_KW, NL_ARG, NL_KW, T_ARG, T_KW, Template
 
 PER_HEAD = 16  # traces kept per head (first record's op id and length); the most recently run or learned first
@@ -39,12 +42,13 @@ MAX_ENTRIES = 1 << 16  # steps and tensor inputs of all a session's traces (each
 MAX_LEN = 4096  # steps of one trace (a slice holds at most a few thousand commands)
 _TENSOR_KINDS = (T_ARG, T_KW, L_ARG, L_KW)
 EXTERNAL, NONE = -1, -2  # a tensor input's source: resolved by handle (meta checked), or a None in a Tensor?[]
+_MISSING = itertools.repeat(object())  # what `match` reads for a handle that holds no tensor (never a live one)
 
 
 class Step:
     """One record of a trace: its template, the verdict, its inputs' sources, and which outputs later steps use."""
 
-    __slots__ = ("tpl", "plan", "need", "ins", "tensors", "others", "keep", "n_out", "single")
+    __slots__ = ("tpl", "plan", "need", "ins", "tensors", "others", "keep", "n_out", "single", "check", "fast")
 
     def __init__(self, tpl: Template, need: int, ins: list[tuple[Any, ...]], keep: tuple[int, ...]) -> None:
         self.tpl = tpl
@@ -54,10 +58,21 @@ class Step:
         self.ins = ins
         # the same, split: single tensors (is a keyword, field, where, source, meta, cell), then everything else
         self.tensors = [(k == T_KW, i, w, s, m, c) for k, i, w, _, s, m, c in ins if k == T_ARG or k == T_KW]
-        self.others = [e for e in ins if e[0] != T_ARG and e[0] != T_KW]
+        # each with a cell for the whole list when all its tensors are external (an optimizer's parameters and
+        # states): the weak references of the tensors last found to have the learned metas, and at which epoch
+        self.others = [(*e, _list_cell(e)) for e in ins if e[0] != T_ARG and e[0] != T_KW]
         self.keep = keep  # output slots whose bound tensor a later step takes (appended to the run's list)
         self.n_out = tpl.n_out
         self.single = False  # set by `CommandExecutor`: one output, a plain dense tensor when the run was learned
+        plan = self.plan
+        # Whether its value guards (`guards.validate`) run per record. A `_foreach_` op's own guard (its lists'
+        # lengths) reads only lengths the template fixes (tensor and number lists' counts are fixed bytes), and
+        # the record this step was learned from passed it: only an op with a value guard of its own runs it.
+        self.check = bool(plan.validate) and value_guarded(plan.name)
+        # `CommandExecutor.eager_span` runs it inline: one output, none of the per-op extras `_run_step` handles
+        self.fast = self.n_out == 1 and not (
+            plan.reshapes or plan.takes_device or plan.seeded or plan.uninitialized or self.check
+        )
 
 
 class Trace:
@@ -76,6 +91,12 @@ class Trace:
 
 
 def _nothing() -> None:
+    return None
+
+
+def _list_cell(e: tuple[Any, ...]) -> list[Any] | None:
+    if (e[0] == L_ARG or e[0] == L_KW) and all(src == EXTERNAL for src in e[4]):
+        return [(), -1, 3]  # weak references, epoch, misses left
     return None
 
 
@@ -207,11 +228,20 @@ def match(
             kwargs[where] = t
         else:
             args[where] = t
-    for kind, i, where, n, src, meta, cell in step.others:
+    for kind, i, where, n, src, meta, cell, whole in step.others:
         if kind == N_ARG:
             args[where] = fields[i]
         elif kind == L_ARG or kind == L_KW:
-            v: list[Any] = []
+            v: list[Any]
+            if whole is not None and whole[2]:  # the same live objects as last time, no meta change since?
+                v = list(map(get, fields[i : i + n], _MISSING))
+                if whole[1] == epoch and all(map(is_, v, map(call, whole[0]))):
+                    if kind == L_ARG:
+                        args[where] = v
+                    else:
+                        kwargs[where] = v
+                    continue
+            v = []
             for h, s, m, c in zip(fields[i : i + n], src, meta, cell, strict=True):
                 if s == NONE:
                     if h:
@@ -230,6 +260,11 @@ def match(
                         if not _checked(t, m, c, epoch):
                             return None
                 v.append(t)
+            if whole is not None and whole[2]:  # every element passed its check at this epoch
+                if whole[1] == epoch:  # but other objects than last time (a step's gradients): not worth it
+                    whole[2] -= 1
+                whole[0] = tuple(map(weakref.ref, v))
+                whole[1] = epoch
             if kind == L_ARG:
                 args[where] = v
             else:

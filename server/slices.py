@@ -390,6 +390,8 @@ class SliceLedger:
         self.uploaded = 0
         self.downloaded = 0
 
+    counts_ops = False  # `op` does nothing: the executor's learned runs skip the call (`eager_span`)
+
     def op(self, session: Any) -> None:
         pass  # the session's own `ops` counter is reported instead
 

@@ -302,3 +302,60 @@ def test_bounds_and_forget(monkeypatch: pytest.MonkeyPatch) -> None:
     assert p.hits > 0
     p.ex[0].forget(p.s[0])
     assert "t" not in p.ex[0]._eager
+
+
+def test_the_inline_step_checks_its_output_handle_as_the_normal_path() -> None:
+    """A one-output step without per-op extras runs inline in `eager_span` (runs.Step.fast): a foreign output
+    handle, the session's reserved handle 0 and a handle that still holds a tensor must fail or rebind there as
+    on the normal path."""
+    p = Pair()
+    p.stream(training(p, 6), itertools.cycle([64]))
+    assert p.runs().heads and any(st.fast for seen in p.runs().heads.values() for t in seen for st in t.steps)
+    hits = p.hits
+    cmds = step(p, 6) + [free(5)] + step(p, 7)
+    cmds[2] = p.rec(3, [FOREIGN], [T(h(6, 1))])  # relu: a fast step
+    cmds[12 + 1] = p.rec(2, [BASE], [T(h(7, 0)), T(W)])  # mm: handle 0 of the session
+    cmds += [free(6)] + step(p, 8)
+    cmds[-11 + 2] = p.rec(3, [X], [T(h(8, 1))])  # a live handle: rebound
+    p.stream(cmds, itertools.cycle([64]))
+    assert p.hits - hits > 5
+    assert p.s[0].poisoned
+
+
+def test_the_inline_step_unbinds_an_output_past_the_quota_as_the_normal_path() -> None:
+    """An op whose output is bigger than its learned verdict admitted (the check after binding) fails on the inline
+    path as on the normal path: the output is unbound, the quota holds."""
+    p = Pair(quota=1 << 16)
+    p.stream(training(p, 6), itertools.cycle([64]))
+    hits = p.hits
+    big = [False]
+    for ex in p.ex:
+        plan = ex._plans["aten::relu"]
+        plan.run = lambda x, real=plan.run: torch.zeros(1 << 15) if big[0] else real(x)
+    big[0] = True
+    p.stream(step(p, 6) + [free(5)] + step(p, 7), itertools.cycle([64]))
+    assert p.hits - hits > 3
+    assert h(6, 2) in p.s[0].poisoned and h(7, 2) in p.s[0].poisoned
+
+
+def test_a_list_of_session_tensors_is_checked_again_when_a_handle_holds_another() -> None:
+    """A Tensor[] argument of tensors made before the run (an optimizer's parameters and states) is accepted in one
+    go while it holds the same objects as last time (`match`'s list cell); a handle rebound to a bigger tensor in
+    between must fail at the same op with the same error as on the normal path (here: the quota)."""
+    p = Pair(quota=90_000)  # a changed quota would not take the learned runs
+    state, out = BASE + 82, [BASE + 80, BASE + 81]
+    for s in p.s:
+        s.bind(state, torch.ones(4, 3))
+
+    def opt(t: int) -> list[device_pb2.Command]:
+        return step(p, t) + [p.rec(8, out, [compact.tensors([X, state]), V(1.0)])]
+
+    p.stream([c for t in range(6) for c in opt(t) + ([free(t - 1)] if t else [])], itertools.cycle([64]))
+    hits = p.hits
+    p.stream(opt(6) + [free(5)] + opt(7) + [free(6)], itertools.cycle([64]))
+    assert p.hits - hits >= 20
+    for s in p.s:  # another, bigger tensor under the same handle; no room for a copy of it
+        s.free([state, *out])
+        s.bind(state, torch.ones(4000, 3))
+    p.stream(opt(8) + [free(7)], itertools.cycle([64]))
+    assert out[1] in p.s[0].poisoned
