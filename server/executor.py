@@ -748,12 +748,14 @@ class CommandExecutor:
 
 
 def _over_quota(s: WorkerSession, bound: Sequence[int]) -> None:
-    """An op's outputs took the session past its quota: unbind them and raise."""
+    """An op's outputs took the session past its quota: unbind them and raise, naming the use the op would have
+    made (read before the rollback: after it, `s.used` is back under the limit)."""
+    would = s.used
     for h in bound:
         s.unbind(h)
     raise ResourceExhausted(
-        f"memory quota exceeded: {s.used} bytes would be used of a {s.quota} byte limit",
-        used_bytes=s.used,
+        f"memory quota exceeded: {would} bytes would be used of a {s.quota} byte limit",
+        used_bytes=would,
         limit_bytes=s.quota,
     )
 

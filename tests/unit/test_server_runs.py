@@ -9,6 +9,7 @@ that the learned runs really ran."""
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -336,6 +337,9 @@ def test_the_inline_step_unbinds_an_output_past_the_quota_as_the_normal_path() -
     p.stream(step(p, 6) + [free(5)] + step(p, 7), itertools.cycle([64]))
     assert p.hits - hits > 3
     assert h(6, 2) in p.s[0].poisoned and h(7, 2) in p.s[0].poisoned
+    # the message names the use the op would have made (over the limit), not the use after the rollback
+    would = re.search(r"(\d+) bytes would be used of a (\d+) byte limit", p.s[0].poisoned[h(6, 2)].message)
+    assert would is not None and int(would[1]) > int(would[2]) == 1 << 16
 
 
 def test_a_list_of_session_tensors_is_checked_again_when_a_handle_holds_another() -> None:
