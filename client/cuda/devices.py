@@ -9,9 +9,10 @@ CUDA numbers are the lease's: `cuda:i` is lease device i. Under torchrun a rank 
 LOCAL_RANK as `gpupool:0` (client/torch/api.py), so there `cuda:i` is `gpupool:(i - LOCAL_RANK) mod n`:
 `cuda:LOCAL_RANK`, `model.to(local_rank)` and `torch.cuda.set_device(local_rank)` land on the rank's own device.
 
-torch keeps TorchFunctionModes per thread, so threads started after `install()` enter the mode too (threads
-that were running before, and torch's own C++ threads, do not). Limits (docs/cuda.md): `torch.device("cuda")`
-objects stay CUDA-typed (the mapping happens where they are used), and a tensor's `.device` says `gpupool:N`.
+torch keeps TorchFunctionModes per thread, so threads started after `install()` enter the mode too, and every backward
+runs with it (`_backward_in_mode`); threads that were running before do not. Limits (docs/cuda.md):
+`torch.device("cuda")` objects stay CUDA-typed (the mapping happens where they are used), and a tensor's `.device`
+says `gpupool:N`.
 """
 
 from __future__ import annotations
@@ -179,6 +180,29 @@ def install() -> None:
         start(thread)
 
     threading.Thread.start = start_with_mode  # type: ignore[method-assign,assignment]
+    _backward_in_mode(mode)
+
+
+def _backward_in_mode(mode: TorchFunctionMode) -> None:
+    """Run the autograd engine with the mode on. torch calls a mode's `__torch_function__` with the mode off, and
+    `loss.backward()` and `torch.autograd.grad` reach the engine from inside it (`Tensor.backward` is a torch
+    function): without this, Python `autograd.Function.backward` code that makes `device="cuda"` tensors would see
+    plain torch and fail. The engine keeps the caller's thread-local state (the mode stack included) for the
+    nodes it runs, and gpupool runs every backward on the calling thread (client/torch/backend.py)."""
+    import torch.autograd as autograd
+
+    inner = autograd._engine_run_backward
+    if getattr(inner, "_gpupool_mode", False):
+        return
+
+    def run_backward(*args: Any, **kwargs: Any) -> Any:
+        if mode in torch.overrides._get_current_function_mode_stack():
+            return inner(*args, **kwargs)
+        with _entered(mode):
+            return inner(*args, **kwargs)
+
+    run_backward._gpupool_mode = True  # type: ignore[attr-defined]
+    autograd._engine_run_backward = run_backward
 
 
 class _entered:

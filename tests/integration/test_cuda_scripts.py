@@ -60,7 +60,9 @@ def no_leases(address: str) -> bool:
     return not SchedulerClient(address).list_pool().leases
 
 
-@pytest.mark.parametrize("script", ["mnist_style.py", "device_agnostic.py", "checkpoint.py", "amp.py", "lstm_lm.py"])
+@pytest.mark.parametrize(
+    "script", ["mnist_style.py", "device_agnostic.py", "checkpoint.py", "amp.py", "lstm_lm.py", "custom_function.py"]
+)
 def test_unmodified_script_gives_the_cpu_losses(pool: str, script: str) -> None:
     pooled = on_pool(pool, script, "-p", "0.5")
     local = on_cpu(script)
