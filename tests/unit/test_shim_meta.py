@@ -288,6 +288,10 @@ def test_caches_stay_bounded_under_changing_shapes(monkeypatch: pytest.MonkeyPat
     or the wrapper-argument cache without end; the ops a loop keeps using stay cached across the caches' turns, and
     every op still gets the right outputs."""
     limit = 32
+    # start empty: earlier tests of the same process (the in-process shim tests) leave thousands of entries, which
+    # the smaller limit would only drop at the caches' next turns
+    meta.CACHE.clear()
+    tensor._WRAPPER_ARGS.clear()
     monkeypatch.setattr(meta.CACHE, "limit", limit)
     monkeypatch.setattr(tensor, "_WRAPPER_ARGS_MAX", limit)
     sink = _Sink()
