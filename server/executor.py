@@ -254,13 +254,20 @@ class CommandExecutor:
         progress: Callable[[int], None] | None,
         start: float,
         budget: float,
+        records: Sequence[bytes] | None = None,
     ) -> tuple[int, bool]:
         """Run the consecutive eager records from `commands[i]` on, through learned runs where they match
         (server/runs.py) and on the normal path (`execute`, learning runs) where not, marking `progress` before
         each as `slices.run_commands` does. Returns the index of the first command not run (a command that is no
-        eager record, or the end) and whether the slice's time budget passed (measured from `start`)."""
+        eager record, or the end) and whether the slice's time budget passed (measured from `start`).
+
+        `records`: each command's `eager_op` field (`eager_records`; empty where the command is another kind: a
+        oneof's other fields read as their default), read once per slice rather than through a message object
+        and `WhichOneof` per command. An empty eager record ends the span too (the normal path refuses it)."""
         n = len(commands)
-        if commands[i].WhichOneof("cmd") != "eager_op":  # before any setup: slices of uploads, gets, frees
+        if records is None:
+            records = eager_records(commands)
+        if not records[i]:  # before any setup: slices of uploads, gets, frees
             return i, False
         table, dev, learned, known = self._eager_state(s)
         get = s.tensors.get
@@ -281,12 +288,11 @@ class CommandExecutor:
         count = self.ledger.op if getattr(self.ledger, "counts_ops", True) else None
         try:
             while i < n:
-                cmd = commands[i]
-                if cmd.WhichOneof("cmd") != "eager_op":
+                data = records[i]
+                if not data:
                     break
                 if progress is not None:
                     progress(i)
-                data = cmd.eager_op
                 got = None
                 if not s.uploads:  # a half-uploaded handle must go through the normal path's checks
                     if trace is not None:
@@ -367,7 +373,7 @@ class CommandExecutor:
                         else:
                             rebound = self._run_step(s, step, got[0], got[1], outputs, fields, dev, known)
                     except Exception as exc:
-                        self._failed(s, cmd, exc, reply)
+                        self._failed(s, commands[i], exc, reply)
                         trace, objs = None, _NO_OBJS
                     else:
                         known.hits += 1
@@ -383,7 +389,7 @@ class CommandExecutor:
                     if known.rec is None and not s.uploads:
                         known.rec = []
                     before = len(known.rec) if known.rec is not None else 0
-                    self.execute(s, cmd, reply)
+                    self.execute(s, commands[i], reply)
                     if known.rec is not None and len(known.rec) == before:  # no template hit, or it failed
                         self._learn(known, s)
                 i += 1
@@ -745,6 +751,11 @@ class CommandExecutor:
             reply.error.CopyFrom(s.error.to_proto())
             s.error = None
         return device_pb2.ServerFrame(request_id=sync.request_id, sync=reply)
+
+
+def eager_records(commands: Sequence[device_pb2.Command]) -> list[bytes]:
+    """Each command's eager record (its `eager_op` field; b"" for a command of another kind), for `eager_span`."""
+    return [c.eager_op for c in commands]
 
 
 def _over_quota(s: WorkerSession, bound: Sequence[int]) -> None:

@@ -363,3 +363,23 @@ def test_a_list_of_session_tensors_is_checked_again_when_a_handle_holds_another(
         s.bind(state, torch.ones(4000, 3))
     p.stream(opt(8) + [free(7)], itertools.cycle([64]))
     assert out[1] in p.s[0].poisoned
+
+
+def test_commands_of_other_kinds_and_empty_records_inside_a_run_end_it_as_on_the_normal_path() -> None:
+    """`eager_span` reads each command's eager record once per slice (`executor.eager_records`: b"" for another
+    kind) instead of through `WhichOneof` per command: a seed, an empty command and an eager command with an empty
+    record in the middle of learned runs must end the span there and run (or fail) as on the normal path, and
+    the records after them must be the ones of their own commands."""
+    p = Pair()
+    p.stream(training(p, 6), itertools.cycle([64]))
+    hits = p.hits
+    odd = [
+        device_pb2.Command(seed=device_pb2.Seed(seed=7)),
+        device_pb2.Command(),  # no kind: "empty command"
+        device_pb2.Command(eager_op=b""),  # an eager command whose record is empty: malformed
+    ]
+    cmds = step(p, 6) + [free(5)] + step(p, 7) + [free(6)] + step(p, 8)
+    for k, c in zip((3, 14, 27), odd, strict=True):
+        cmds.insert(k, c)
+    p.stream(cmds, itertools.cycle([64]))
+    assert p.hits - hits > 20
