@@ -383,3 +383,27 @@ def test_commands_of_other_kinds_and_empty_records_inside_a_run_end_it_as_on_the
         cmds.insert(k, c)
     p.stream(cmds, itertools.cycle([64]))
     assert p.hits - hits > 20
+
+
+def test_an_input_that_is_another_tensor_every_step_is_checked_every_step() -> None:
+    """An external input that holds another tensor object every step (an output of another run) turns its check
+    cell off (`runs._checked`): its meta is then checked on every record, so a tensor of another shape or
+    stride under the same handle after many steps still leaves the learned run, as on the normal path."""
+    p = Pair()
+    p.stream(training(p, 4), itertools.cycle([64]))
+    hits = p.hits
+    for t in range(4, 12):
+        for s in p.s:
+            s.bind(X, torch.full((4, 3), float(t)))  # the same meta, another object
+        p.stream(step(p, t) + [free(t - 1)], itertools.cycle([64]))
+    assert p.hits - hits >= 8 * 11 * 0.7
+    cells = [e[5] for seen in p.runs().heads.values() for tr in seen for st in tr.steps for e in st.tensors if e[3] < 0]
+    assert any(c[2] == 0 and c[0] is None for c in cells)  # turned off
+    for shape, stride in (((4, 3), (1, 4)), ((8, 3), (3, 1))):
+        for s in p.s:
+            s.bind(X, torch.empty_strided(shape, stride).fill_(2.0))
+        hits = p.hits
+        p.stream(step(p, 12) + [free(11)], itertools.cycle([64]))
+        assert p.hits - hits < 11  # the record that takes X left the learned run (the rest compared above)
+        for s in p.s:
+            s.free([h(12, j) for j in range(11)])
