@@ -266,9 +266,32 @@ class WorkerSession:
                 entry[1] = nbytes
 
     def free(self, handles: list[int]) -> None:
-        for h in handles:
-            if not self.unbind(h) and self.poisoned.pop(h, None) is None:
-                self.check_handle(h)  # freeing unknown handles is harmless; freeing another session's is not
+        """`unbind` each (inline: every output of every step passes here), the bytes of the storages freed counted
+        once at the end; freeing unknown handles is harmless, freeing another session's is not."""
+        pop, keys, storages, uploads = self.tensors.pop, self._keys, self._storages, self.uploads
+        freed = 0
+        try:
+            for h in handles:
+                t = pop(h, None)
+                if uploads:
+                    uploads.pop(h, None)
+                if t is None:
+                    if self.poisoned.pop(h, None) is None:
+                        self.check_handle(h)  # raises for another session's
+                    continue
+                del t
+                key = keys.pop(h)
+                entry = storages[key]
+                entry[0] -= 1
+                if entry[0] == 0:
+                    del storages[key]
+                    freed += entry[1]
+        finally:
+            if freed:
+                self.used -= freed
+                memory = self.memory
+                with memory.lock:
+                    memory.used -= freed
 
     def poison(self, handle: int, err: Poison) -> None:
         if handle >> HANDLE_BITS == self.number and handle != self.handle_base:
