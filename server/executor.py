@@ -280,8 +280,8 @@ class CommandExecutor:
         objs: list[Any] = []
         after: runs.Trace | None = None  # the run that just ended at its last step
         over = False
-        hits = known.hits
-        tensors, poisoned, number, base = s.tensors, s.poisoned, s.number, s.handle_base
+        hits = 0  # records of this span run inside a learned run (added to `known.hits` at the end)
+        tensors, poisoned, number, base, max_handles = s.tensors, s.poisoned, s.number, s.handle_base, s.max_handles
         quota, memory, capacity = s.quota, s.memory, s.memory.device.capacity
         # the inline path leaves the speed model's hold and a counting ledger's call to `_run_step`
         plain = self.speed is None or not self.speed.active
@@ -347,7 +347,7 @@ class CommandExecutor:
                             # same checks in the same order (tests/unit/test_server_runs.py compares the two)
                             if h >> HANDLE_BITS != number or h == base:
                                 s.check_handle(h)  # raises
-                            if h not in poisoned and len(tensors) + len(poisoned) >= s.max_handles:
+                            if h not in poisoned and len(tensors) + len(poisoned) >= max_handles:
                                 s.admit_handles(1)  # raises
                             need = step.need
                             used_before = s.used
@@ -376,7 +376,7 @@ class CommandExecutor:
                         self._failed(s, commands[i], exc, reply)
                         trace, objs = None, _NO_OBJS
                     else:
-                        known.hits += 1
+                        hits += 1
                         k += 1
                         if rebound:
                             trace, objs = None, _NO_OBJS
@@ -399,8 +399,9 @@ class CommandExecutor:
         finally:
             if known.rec is not None:
                 self._learn(known, s)
-            if known.hits != hits:  # the metric gpupool_eager_learned_ops_total
-                self.ledger.learned(s, known.hits - hits)
+            if hits:  # the metric gpupool_eager_learned_ops_total
+                known.hits += hits
+                self.ledger.learned(s, hits)
         return i, over
 
     def _run_step(
