@@ -79,8 +79,9 @@ def host_bytes(t: torch.Tensor) -> memoryview:
     n = t.numel() * t.element_size()
     if n == 0:
         return memoryview(bytearray())
-    # Not `(ctypes.c_char * n).from_address(...)`: that makes a new ctypes type per size (a class, ~100k
-    # instructions, and reference cycles that only the cyclic GC frees) for every upload and download.
+    # Not `(ctypes.c_char * n).from_address(...)`: ctypes keeps its array types only weakly, and each is a class
+    # with reference cycles, so every cyclic collection frees them and the next transfer builds them again (~90k
+    # instructions each): the garbage that made a session's worker collect more often.
     return _memory_view(t.data_ptr(), n, _PYBUF_WRITE)  # type: ignore[no-any-return]
 
 

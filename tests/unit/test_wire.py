@@ -100,8 +100,9 @@ def test_host_bytes_is_a_view() -> None:
 
 
 def test_host_bytes_leaves_no_garbage_cycles() -> None:
-    """Every upload and download takes a view: a new ctypes array type per size (what `(c_char * n)` makes) would
-    cost a class creation each time and leave reference cycles that only the cyclic collector frees."""
+    """Every upload and download takes a view: a ctypes array type per size (what `(c_char * n)` makes, kept only
+    weakly by ctypes) is a class with reference cycles that only the cyclic collector frees, and is built again
+    after each collection."""
     import gc
 
     tensors = [torch.arange(n, dtype=torch.uint8) for n in (3, 128, 2048, 4099)]
