@@ -79,7 +79,16 @@ def host_bytes(t: torch.Tensor) -> memoryview:
     n = t.numel() * t.element_size()
     if n == 0:
         return memoryview(bytearray())
-    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+    # Not `(ctypes.c_char * n).from_address(...)`: ctypes keeps its array types only weakly, and each is a class
+    # with reference cycles, so every cyclic collection frees them and the next transfer builds them again (~90k
+    # instructions each): the garbage that made a session's worker collect more often.
+    return _memory_view(t.data_ptr(), n, _PYBUF_WRITE)  # type: ignore[no-any-return]
+
+
+_memory_view = ctypes.pythonapi.PyMemoryView_FromMemory  # a memoryview over raw memory; owns nothing
+_memory_view.restype = ctypes.py_object
+_memory_view.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+_PYBUF_WRITE = 0x200
 
 
 def tensor_to_bytes(t: torch.Tensor) -> bytes:

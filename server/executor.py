@@ -254,13 +254,20 @@ class CommandExecutor:
         progress: Callable[[int], None] | None,
         start: float,
         budget: float,
+        records: Sequence[bytes] | None = None,
     ) -> tuple[int, bool]:
         """Run the consecutive eager records from `commands[i]` on, through learned runs where they match
         (server/runs.py) and on the normal path (`execute`, learning runs) where not, marking `progress` before
         each as `slices.run_commands` does. Returns the index of the first command not run (a command that is no
-        eager record, or the end) and whether the slice's time budget passed (measured from `start`)."""
+        eager record, or the end) and whether the slice's time budget passed (measured from `start`).
+
+        `records`: each command's `eager_op` field (`eager_records`; empty where the command is another kind: a
+        oneof's other fields read as their default), read once per slice rather than through a message object
+        and `WhichOneof` per command. An empty eager record ends the span too (the normal path refuses it)."""
         n = len(commands)
-        if commands[i].WhichOneof("cmd") != "eager_op":  # before any setup: slices of uploads, gets, frees
+        if records is None:
+            records = eager_records(commands)
+        if not records[i]:  # before any setup: slices of uploads, gets, frees
             return i, False
         table, dev, learned, known = self._eager_state(s)
         get = s.tensors.get
@@ -273,20 +280,19 @@ class CommandExecutor:
         objs: list[Any] = []
         after: runs.Trace | None = None  # the run that just ended at its last step
         over = False
-        hits = known.hits
-        tensors, poisoned, number, base = s.tensors, s.poisoned, s.number, s.handle_base
+        hits = 0  # records of this span run inside a learned run (added to `known.hits` at the end)
+        tensors, poisoned, number, base, max_handles = s.tensors, s.poisoned, s.number, s.handle_base, s.max_handles
         quota, memory, capacity = s.quota, s.memory, s.memory.device.capacity
         # the inline path leaves the speed model's hold and a counting ledger's call to `_run_step`
         plain = self.speed is None or not self.speed.active
         count = self.ledger.op if getattr(self.ledger, "counts_ops", True) else None
         try:
             while i < n:
-                cmd = commands[i]
-                if cmd.WhichOneof("cmd") != "eager_op":
+                data = records[i]
+                if not data:
                     break
                 if progress is not None:
                     progress(i)
-                data = cmd.eager_op
                 got = None
                 if not s.uploads:  # a half-uploaded handle must go through the normal path's checks
                     if trace is not None:
@@ -341,7 +347,7 @@ class CommandExecutor:
                             # same checks in the same order (tests/unit/test_server_runs.py compares the two)
                             if h >> HANDLE_BITS != number or h == base:
                                 s.check_handle(h)  # raises
-                            if h not in poisoned and len(tensors) + len(poisoned) >= s.max_handles:
+                            if h not in poisoned and len(tensors) + len(poisoned) >= max_handles:
                                 s.admit_handles(1)  # raises
                             need = step.need
                             used_before = s.used
@@ -367,10 +373,10 @@ class CommandExecutor:
                         else:
                             rebound = self._run_step(s, step, got[0], got[1], outputs, fields, dev, known)
                     except Exception as exc:
-                        self._failed(s, cmd, exc, reply)
+                        self._failed(s, commands[i], exc, reply)
                         trace, objs = None, _NO_OBJS
                     else:
-                        known.hits += 1
+                        hits += 1
                         k += 1
                         if rebound:
                             trace, objs = None, _NO_OBJS
@@ -383,7 +389,7 @@ class CommandExecutor:
                     if known.rec is None and not s.uploads:
                         known.rec = []
                     before = len(known.rec) if known.rec is not None else 0
-                    self.execute(s, cmd, reply)
+                    self.execute(s, commands[i], reply)
                     if known.rec is not None and len(known.rec) == before:  # no template hit, or it failed
                         self._learn(known, s)
                 i += 1
@@ -393,8 +399,9 @@ class CommandExecutor:
         finally:
             if known.rec is not None:
                 self._learn(known, s)
-            if known.hits != hits:  # the metric gpupool_eager_learned_ops_total
-                self.ledger.learned(s, known.hits - hits)
+            if hits:  # the metric gpupool_eager_learned_ops_total
+                known.hits += hits
+                self.ledger.learned(s, hits)
         return i, over
 
     def _run_step(
@@ -745,6 +752,11 @@ class CommandExecutor:
             reply.error.CopyFrom(s.error.to_proto())
             s.error = None
         return device_pb2.ServerFrame(request_id=sync.request_id, sync=reply)
+
+
+def eager_records(commands: Sequence[device_pb2.Command]) -> list[bytes]:
+    """Each command's eager record (its `eager_op` field; b"" for a command of another kind), for `eager_span`."""
+    return [c.eager_op for c in commands]
 
 
 def _over_quota(s: WorkerSession, bound: Sequence[int]) -> None:

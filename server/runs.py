@@ -42,6 +42,7 @@ MAX_ENTRIES = 1 << 16  # steps and tensor inputs of all a session's traces (each
 MAX_LEN = 4096  # steps of one trace (a slice holds at most a few thousand commands)
 _TENSOR_KINDS = (T_ARG, T_KW, L_ARG, L_KW)
 EXTERNAL, NONE = -1, -2  # a tensor input's source: resolved by handle (meta checked), or a None in a Tensor?[]
+_MISSES = 3  # other objects an external input's check cell sees before it turns off (`_checked`)
 _MISSING = itertools.repeat(object())  # what `match` reads for a handle that holds no tensor (never a live one)
 
 
@@ -181,10 +182,10 @@ def build(records: list[tuple[Template, tuple[Any, ...], Any, int]], quota: int,
                 if isinstance(src, tuple):
                     final.append((kind, i, where, n, index[src], None, None))
                 else:
-                    final.append((kind, i, where, n, EXTERNAL, meta, [None, -1]))
+                    final.append((kind, i, where, n, EXTERNAL, meta, [None, -1, _MISSES]))
             elif kind == L_ARG or kind == L_KW:
                 ids = tuple(index[s] if isinstance(s, tuple) else s for s in src)
-                final.append((kind, i, where, n, ids, meta, [[None, -1] for _ in ids]))
+                final.append((kind, i, where, n, ids, meta, [[None, -1, _MISSES] for _ in ids]))
             else:
                 final.append((kind, i, where, n, None, None, None))
         keep = tuple(j for (d, j) in used if d == k)
@@ -283,16 +284,21 @@ def match(
 
 
 def _checked(t: Any, meta: Any, cell: list[Any], epoch: int) -> bool:
-    """Whether external input `t` has the learned `meta`. `cell` remembers (weakly) the last tensor found to
-    have it, at which epoch: the same live object with no op since that could have changed a meta in place
-    still has it (a weak reference keeps no freed tensor alive, and a dead one never compares equal)."""
-    ref = cell[0]
-    if ref is not None and cell[1] == epoch and ref() is t:
-        return True
+    """Whether external input `t` has the learned `meta`, where its `cell` did not vouch for it (`match` asks the
+    cell first). The cell remembers (weakly) the last tensor found to have it, at which epoch: the same live
+    object with no op since that could have changed a meta in place still has it (a weak reference keeps no
+    freed tensor alive, and a dead one never compares equal). An input that is another object each time (an
+    output of another run, made anew every step) turns its cell off after _MISSES of them: a weak reference
+    per record that never vouches is only cost."""
     if (t.dtype, t.shape, t.stride(), t.storage_offset()) != meta:
         return False
-    if ref is None or ref() is not t:
-        cell[0] = weakref.ref(t)
+    ref = cell[0]
+    if ref is None:
+        if cell[2]:
+            cell[0] = weakref.ref(t)
+    elif ref() is not t:
+        cell[2] -= 1
+        cell[0] = weakref.ref(t) if cell[2] else None
     cell[1] = epoch
     return True
 

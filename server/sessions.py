@@ -60,7 +60,10 @@ class Poison:
 
 @dataclass
 class DeviceMemory:
-    """Bytes in use on one device across all its sessions."""
+    """Bytes in use on one device across all its sessions. The daemon's count of each device (daemon.py) is shared
+    by its threads and changed under `lock`; a session's own copy (worker._SessionState makes one per session,
+    and slices.run_commands sets it from the daemon's count before each slice) is changed by `WorkerSession`
+    only, on the one thread that runs the session's commands, without the lock."""
 
     device: Device
     used: int = 0
@@ -156,8 +159,7 @@ class WorkerSession:
 
     def _account(self, delta: int) -> None:
         self.used += delta
-        with self.memory.lock:
-            self.memory.used += delta
+        self.memory.used += delta  # the session's own copy (DeviceMemory): no lock
 
     def handle_count(self) -> int:
         """Handles that cost host memory: live (views and zero-byte tensors too) and poisoned."""
@@ -191,9 +193,7 @@ class WorkerSession:
             nbytes = storage.nbytes()
             self._storages[key] = [1, nbytes]
             self.used += nbytes
-            memory = self.memory
-            with memory.lock:
-                memory.used += nbytes
+            self.memory.used += nbytes
         else:
             entry[0] += 1
         self._keys[handle] = key
@@ -240,9 +240,7 @@ class WorkerSession:
             del self._storages[key]
             nbytes = entry[1]
             self.used -= nbytes
-            memory = self.memory
-            with memory.lock:
-                memory.used -= nbytes
+            self.memory.used -= nbytes
         return True
 
     def recount(self, handles: list[int], *, zero_growth: bool = False) -> None:
@@ -266,9 +264,30 @@ class WorkerSession:
                 entry[1] = nbytes
 
     def free(self, handles: list[int]) -> None:
-        for h in handles:
-            if not self.unbind(h) and self.poisoned.pop(h, None) is None:
-                self.check_handle(h)  # freeing unknown handles is harmless; freeing another session's is not
+        """`unbind` each (inline: every output of every step passes here), the bytes of the storages freed counted
+        once at the end; freeing unknown handles is harmless, freeing another session's is not."""
+        pop, keys, storages, uploads = self.tensors.pop, self._keys, self._storages, self.uploads
+        freed = 0
+        try:
+            for h in handles:
+                t = pop(h, None)
+                if uploads:
+                    uploads.pop(h, None)
+                if t is None:
+                    if self.poisoned.pop(h, None) is None:
+                        self.check_handle(h)  # raises for another session's
+                    continue
+                del t
+                key = keys.pop(h)
+                entry = storages[key]
+                entry[0] -= 1
+                if entry[0] == 0:
+                    del storages[key]
+                    freed += entry[1]
+        finally:
+            if freed:
+                self.used -= freed
+                self.memory.used -= freed
 
     def poison(self, handle: int, err: Poison) -> None:
         if handle >> HANDLE_BITS == self.number and handle != self.handle_base:

@@ -458,13 +458,14 @@ def run_commands(
     # An executor's spans of eager records run through its learned runs (server/runs.py), with the same progress
     # marks and budget as here.
     span = getattr(getattr(execute, "__self__", None), "eager_span", None)
+    records = [c.eager_op for c in commands] if span is not None else None  # `eager_span`'s, read once
     start = time.perf_counter()
     n = len(commands)
     i = 0
     with timed() as measured:
         while i < n:
             if span is not None:
-                j, over = span(session, commands, i, reply, progress, start, req.budget)
+                j, over = span(session, commands, i, reply, progress, start, req.budget, records)
                 if j > i:
                     executed = i = j
                     if over:

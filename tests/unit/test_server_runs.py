@@ -363,3 +363,47 @@ def test_a_list_of_session_tensors_is_checked_again_when_a_handle_holds_another(
         s.bind(state, torch.ones(4000, 3))
     p.stream(opt(8) + [free(7)], itertools.cycle([64]))
     assert out[1] in p.s[0].poisoned
+
+
+def test_commands_of_other_kinds_and_empty_records_inside_a_run_end_it_as_on_the_normal_path() -> None:
+    """`eager_span` reads each command's eager record once per slice (`executor.eager_records`: b"" for another
+    kind) instead of through `WhichOneof` per command: a seed, an empty command and an eager command with an empty
+    record in the middle of learned runs must end the span there and run (or fail) as on the normal path, and
+    the records after them must be the ones of their own commands."""
+    p = Pair()
+    p.stream(training(p, 6), itertools.cycle([64]))
+    hits = p.hits
+    odd = [
+        device_pb2.Command(seed=device_pb2.Seed(seed=7)),
+        device_pb2.Command(),  # no kind: "empty command"
+        device_pb2.Command(eager_op=b""),  # an eager command whose record is empty: malformed
+    ]
+    cmds = step(p, 6) + [free(5)] + step(p, 7) + [free(6)] + step(p, 8)
+    for k, c in zip((3, 14, 27), odd, strict=True):
+        cmds.insert(k, c)
+    p.stream(cmds, itertools.cycle([64]))
+    assert p.hits - hits > 20
+
+
+def test_an_input_that_is_another_tensor_every_step_is_checked_every_step() -> None:
+    """An external input that holds another tensor object every step (an output of another run) turns its check
+    cell off (`runs._checked`): its meta is then checked on every record, so a tensor of another shape or
+    stride under the same handle after many steps still leaves the learned run, as on the normal path."""
+    p = Pair()
+    p.stream(training(p, 4), itertools.cycle([64]))
+    hits = p.hits
+    for t in range(4, 12):
+        for s in p.s:
+            s.bind(X, torch.full((4, 3), float(t)))  # the same meta, another object
+        p.stream(step(p, t) + [free(t - 1)], itertools.cycle([64]))
+    assert p.hits - hits >= 8 * 11 * 0.7
+    cells = [e[5] for seen in p.runs().heads.values() for tr in seen for st in tr.steps for e in st.tensors if e[3] < 0]
+    assert any(c[2] == 0 and c[0] is None for c in cells)  # turned off
+    for shape, stride in (((4, 3), (1, 4)), ((8, 3), (3, 1))):
+        for s in p.s:
+            s.bind(X, torch.empty_strided(shape, stride).fill_(2.0))
+        hits = p.hits
+        p.stream(step(p, 12) + [free(11)], itertools.cycle([64]))
+        assert p.hits - hits < 11  # the record that takes X left the learned run (the rest compared above)
+        for s in p.s:
+            s.free([h(12, j) for j in range(11)])

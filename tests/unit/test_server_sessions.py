@@ -34,6 +34,28 @@ def test_views_share_one_storage_count() -> None:
     assert s.used == 0 and s.memory.used == 0
 
 
+def test_a_free_that_fails_midway_keeps_the_accounting_of_what_it_freed() -> None:
+    """`free` counts the bytes it freed once at the end: a foreign handle in the middle of the list fails it after
+    the handles before it are freed and counted, and the ones after it stay bound and counted."""
+    memory = DeviceMemory(FakeDevice(0, "h", 1 << 20))
+    s, other = make(1, memory=memory), make(2, memory=memory)
+    b = s.handle_base
+    other.bind(other.handle_base + 1, torch.zeros(10))
+    s.bind(b + 1, torch.zeros(100))
+    shared = torch.zeros(50)
+    s.bind(b + 2, shared)
+    s.bind(b + 3, shared[10:])
+    s.bind(b + 4, torch.zeros(25))
+    s.poison(b + 5, Poison(StatusCode.INVALID_ARGUMENT, "op", "failed"))
+    assert s.used == 700 and memory.used == 740
+    with pytest.raises(PermissionDenied):
+        s.free([b + 1, b + 2, b + 5, b + 99, other.handle_base + 1, b + 4])
+    assert set(s.tensors) == {b + 3, b + 4} and not s.poisoned
+    assert s.used == 300 and memory.used == 340  # the shared storage stays counted while b + 3 holds it
+    s.free([b + 3, b + 4])
+    assert s.used == 0 and memory.used == 40 and not s._storages and not s._keys
+
+
 def test_rebinding_a_handle_releases_the_old_tensor() -> None:
     s = make()
     h = s.handle_base + 1
