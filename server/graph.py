@@ -2,9 +2,10 @@
 training step (RunGraph).
 
 A run executes the graph's prebuilt calls (graph_build.Call): per run it only resolves the input and persistent
-handles (checking that their metadata is what the graph was built for), takes inputs sent by value (the batch,
-RunGraph.input_data) straight into their slots, fills slots, calls kernels, runs the guards that read tensor
-values (embedding backward index ranges), and binds outputs. No protobuf decoding, name lookups or argument
+handles (checking that their metadata is what the graph was built for; for a persistent tensor that is the object
+the last run ended with, its version counter unchanged, that verdict stands: `_externals`), takes inputs sent by
+value (the batch, RunGraph.input_data) straight into their slots, fills slots, calls kernels, runs the guards that
+read tensor values (embedding backward index ranges), and binds outputs. No protobuf decoding, name lookups or argument
 checks per op.
 
 Memory: a session that holds graphs has its largest graph's peak (temporaries plus inputs sent by value) counted

@@ -229,13 +229,13 @@ class WorkerSession:
                     self.admit_handles(1)
                 storage = tensor.untyped_storage()  # `bind_new`
                 key = storage._cdata
-                entry = storages.get(key)
-                if entry is None:
+                found = storages.get(key)
+                if found is None:
                     nbytes = storage.nbytes()
                     storages[key] = [1, nbytes]
                     delta += nbytes
                 else:
-                    entry[0] += 1
+                    found[0] += 1
                 keys[handle] = key
                 tensors[handle] = tensor
         finally:

@@ -195,3 +195,34 @@ def test_rebind_all_does_what_rebind_does_one_by_one() -> None:
         assert state(one) == state(many), trial
         live = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in many.tensors.values()}
         assert many.used == sum(live.values()) == many.memory.used
+
+
+def test_inputs_by_value_of_every_rank_arrive_as_sent() -> None:
+    """Inputs sent by value become tensors of the defined shape whatever their rank (0-d, 1-d: no view; more:
+    view(*sizes)), and of their own memory: a later run's bytes never show through an earlier run's output."""
+    dev = FakeDevice(0, "h", 1 << 30)
+    s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 28)
+    ex = CommandExecutor(slices.SliceLedger())
+    shapes = [(), (5,), (2, 3, 4), (1, 1), (0, 3)]
+    xs = [torch.randn(shape) for shape in shapes]
+    body = [op("aten::clone", slot(1 + i), out=(1 + len(shapes) + i,)) for i in range(len(shapes))]
+    msg = device_pb2.DefineGraph(
+        graph_id=1, inputs=len(shapes), input_meta=[wire.meta_to_proto(x) for x in xs], ops=body,
+        outputs=[1 + len(shapes) + i for i in range(len(shapes))],
+    )  # fmt: skip
+    ex.execute(s, device_pb2.Command(define_graph=msg), _no_reply)
+    assert s.error is None
+    outs = []
+    for k in range(4):  # the plain replay, then the TorchScript graph
+        sent = [x + k for x in xs]
+        handles = [s.handle_base + 100 + 10 * k + i for i in range(len(shapes))]
+        run = device_pb2.RunGraph(graph_id=1, inputs=[0] * len(shapes), outputs=handles)
+        run.input_data.extend(x.numpy().tobytes() for x in sent)
+        ex.execute(s, device_pb2.Command(run_graph=run), _no_reply)
+        assert s.error is None
+        for h, x in zip(handles, sent, strict=True):
+            got = s.tensors[h]
+            assert got.shape == x.shape and got.stride() == x.stride() and torch.equal(got, x)
+        outs.append((handles, sent))
+    for handles, sent in outs:
+        assert all(torch.equal(s.tensors[h], x) for h, x in zip(handles, sent, strict=True))
