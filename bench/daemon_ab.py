@@ -17,8 +17,17 @@ its counts); the sandbox is set up once per session, so it does not change the p
 ahead of the slowed daemon, so its frames queue and the device's thread takes two at a time (64 commands), where
 natively the stream reader mostly runs each frame as it comes: the front's count is that of the queued path.
 
+`--mode captured` runs the step as one RunGraph (gpupool.torch.capture, Adam with capturable=True) and counts per
+step: the front, the worker, and apart from the worker the instructions inside its TorchScript graph's call
+(`kernels`: the kernels, the interpreter's dispatch of them and its argument stack); `outside` is the worker less
+those -- the fixed cost of a step on the worker. `--with-client` runs each side's own client under callgrind too
+(its python, its gpupool) and counts it over the same steps, all its threads (gRPC's and the hold timer's
+included); `all outside` = client + front + worker outside the kernels: a captured step's fixed cost, the figure
+of record for issue 8's captured target (launch_bound.steady_for_callgrind keeps its frames and waits as native).
+
     nice python bench/daemon_ab.py --against /work/main                      # ~3 min per side and model
     nice python bench/daemon_ab.py --against /work/main --models tiny-mlp,encoder --profile /tmp/cg
+    nice python bench/daemon_ab.py --against /work/main --mode captured --with-client   # ~5 min per side
 """
 
 from __future__ import annotations
