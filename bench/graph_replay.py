@@ -10,6 +10,7 @@ kept tensors, memory accounting. CPU time of the thread (`time.thread_time`); th
 
     python bench/graph_replay.py                                    # tiny-mlp and encoder, ~2 min
     python bench/graph_replay.py --models classifier --steps 20
+    python bench/graph_replay.py --measure instr                    # exact, under callgrind, ~2 min a model
 """
 
 from __future__ import annotations
@@ -157,6 +158,66 @@ def replay(path: str, steps: int, repeats: int) -> str:
             f"{(run - bare) / n_ops * 1e6:+6.2f} us/op  ratio {run / bare:.3f} (medians: {med:.3f})")  # fmt: skip
 
 
+def replay_instr(path: str, steps: int) -> str:
+    """Inside valgrind: the worker's instructions per RunGraph (`CommandExecutor.execute`, the TorchScript call
+    from the 3rd run on) over `steps` runs after 5 warm-up runs, and those inside the TorchScript call."""
+    import os
+
+    from gpupool.server import slices
+    from gpupool.server.devices import FakeDevice
+    from gpupool.server.executor import CommandExecutor
+    from gpupool.server.sessions import DeviceMemory, WorkerSession
+
+    from gpupool._proto import device_pb2
+
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    d = torch.load(path)
+    msg = device_pb2.DefineGraph.FromString(d["define"])
+    number = next(iter(d["tensors"])) >> 32
+    dev = FakeDevice(0, "bench", 1 << 34)
+    s = WorkerSession("bench", number, dev, DeviceMemory(dev), 1 << 33)
+    ex = CommandExecutor(slices.SliceLedger())
+    ex.exclusive_rng = True
+    ex.warm_up()
+    for h, t in d["tensors"].items():
+        s.bind(h, t.clone())
+    ex.execute(s, device_pb2.Command(define_graph=msg), _no_reply)
+    inputs, data, n_out = d["run"]
+    handles = iter(range((number << 32) + (1 << 28), (number << 32) + (1 << 31)))
+
+    def command() -> Any:
+        run = device_pb2.RunGraph(graph_id=msg.graph_id, inputs=inputs, outputs=[next(handles) for _ in range(n_out)])
+        run.input_data.extend(data)
+        return device_pb2.Command(run_graph=run)
+
+    for _ in range(5):
+        c = command()
+        ex.execute(s, c, _no_reply)
+        s.free(list(c.run_graph.outputs))
+    cmds = [command() for _ in range(steps)]
+    subprocess.run(["callgrind_control", "--instr=on", str(os.getpid())], capture_output=True, check=False)
+    for c in cmds:
+        ex.execute(s, c, _no_reply)
+    subprocess.run(["callgrind_control", "--instr=off", str(os.getpid())], capture_output=True, check=False)
+    if s.error is not None:
+        raise SystemExit(f"replay failed: {s.error}")
+    return "done"
+
+
+def _instr(model: str, path: str, steps: int, tmp: str) -> str:
+    sys.path.insert(0, str(HERE))
+    from daemon_ab import KERNELS, _inclusive, _total
+
+    out = Path(tmp) / f"cg.{model}"
+    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", sys.executable,
+           __file__, "--replay-instr", path, "--steps", str(steps)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True)
+    total, kernels = _total(out) / steps, _inclusive(out, KERNELS) / steps
+    return (f"worker per RunGraph {total / 1e3:8.1f}k instructions: TorchScript call {kernels / 1e3:8.1f}k, "
+            f"outside it {(total - kernels) / 1e3:8.1f}k")  # fmt: skip
+
+
 def _recording(fn: Any, calls: list[tuple[Any, Any, Any]]) -> Any:
     def rec(*a: Any, **k: Any) -> Any:
         calls.append((fn, a, k))
@@ -176,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7, help="measurements (the min counts)")
     p.add_argument("--dump", nargs=2, metavar=("MODEL", "FILE"), help=argparse.SUPPRESS)
     p.add_argument("--replay", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--replay-instr", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--measure", choices=("cpu", "instr"), default="cpu", help="instr: the worker's instructions "
+                   "per RunGraph under callgrind (20 runs), in and out of its TorchScript call; exact")  # fmt: skip
     args = p.parse_args(argv)
     if args.dump:
         dump(*args.dump)
@@ -183,10 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.replay:
         print(replay(args.replay, args.steps, args.repeats))
         return 0
+    if args.replay_instr:
+        print(replay_instr(args.replay_instr, args.steps))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             path = str(Path(tmp) / f"{model}.pt")
             subprocess.run([sys.executable, __file__, "--dump", model, path], check=True, capture_output=True)
+            if args.measure == "instr":
+                print(f"{model:10s} {_instr(model, path, min(args.steps, 20), tmp)}", flush=True)
+                continue
             argv = ["--replay", path, "--steps", str(args.steps), "--repeats", str(args.repeats)]
             out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True, text=True)
             print(f"{model:10s} {out.stdout.strip()}")
