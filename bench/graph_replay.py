@@ -79,8 +79,10 @@ def dump(model_name: str, out: str) -> None:
         torch.save({"define": saved["define"], "run": saved["run"], "tensors": tensors}, out)
 
 
-def replay(path: str, steps: int, repeats: int) -> str:
-    from gpupool.server import graph, slices
+def _worker(path: str) -> tuple[Any, Any, Any]:
+    """A session's worker in-process with the saved graph defined and its persistent tensors bound: the executor,
+    the session, and a function making the next RunGraph command (fresh output handles each time)."""
+    from gpupool.server import slices
     from gpupool.server.devices import FakeDevice
     from gpupool.server.executor import CommandExecutor
     from gpupool.server.sessions import DeviceMemory, WorkerSession
@@ -110,6 +112,13 @@ def replay(path: str, steps: int, repeats: int) -> str:
         run.input_data.extend(data)
         return device_pb2.Command(run_graph=run)
 
+    return ex, s, command
+
+
+def replay(path: str, steps: int, repeats: int) -> str:
+    from gpupool.server import graph
+
+    ex, s, command = _worker(path)
     calls: list[tuple[Any, Any, Any]] = []  # (kernel, args, kwargs) of one replay, for the bare column
     original = graph.execute
 
@@ -163,34 +172,7 @@ def replay_instr(path: str, steps: int) -> str:
     from the 3rd run on) over `steps` runs after 5 warm-up runs, and those inside the TorchScript call."""
     import os
 
-    from gpupool.server import slices
-    from gpupool.server.devices import FakeDevice
-    from gpupool.server.executor import CommandExecutor
-    from gpupool.server.sessions import DeviceMemory, WorkerSession
-
-    from gpupool._proto import device_pb2
-
-    torch.set_num_threads(1)
-    torch.set_grad_enabled(False)
-    d = torch.load(path)
-    msg = device_pb2.DefineGraph.FromString(d["define"])
-    number = next(iter(d["tensors"])) >> 32
-    dev = FakeDevice(0, "bench", 1 << 34)
-    s = WorkerSession("bench", number, dev, DeviceMemory(dev), 1 << 33)
-    ex = CommandExecutor(slices.SliceLedger())
-    ex.exclusive_rng = True
-    ex.warm_up()
-    for h, t in d["tensors"].items():
-        s.bind(h, t.clone())
-    ex.execute(s, device_pb2.Command(define_graph=msg), _no_reply)
-    inputs, data, n_out = d["run"]
-    handles = iter(range((number << 32) + (1 << 28), (number << 32) + (1 << 31)))
-
-    def command() -> Any:
-        run = device_pb2.RunGraph(graph_id=msg.graph_id, inputs=inputs, outputs=[next(handles) for _ in range(n_out)])
-        run.input_data.extend(data)
-        return device_pb2.Command(run_graph=run)
-
+    ex, s, command = _worker(path)
     for _ in range(5):
         c = command()
         ex.execute(s, c, _no_reply)
