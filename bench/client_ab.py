@@ -49,6 +49,7 @@ def _instrumented_worker(argv: list[str]) -> int:
             on.append(1)
         return tree_cpu(pid)
 
+    lb.steady_for_callgrind(args.mode)
     lb._tree_cpu = first_block
     out = lb.worker(args)
     subprocess.run(["callgrind_control", "--instr=off", str(os.getpid())], capture_output=True, check=False)
@@ -58,7 +59,7 @@ def _instrumented_worker(argv: list[str]) -> int:
 
 def _run(side: dict[str, Any], model: str, a: argparse.Namespace, remote: dict[str, Any], tmp: str) -> float:
     """One worker run of one side: client CPU microseconds or instructions per aten op."""
-    flags = ["--model", model, "--mode", "eager", "--steps", str(a.steps), "--blocks", str(a.blocks),
+    flags = ["--model", model, "--mode", a.mode, "--steps", str(a.steps), "--blocks", str(a.blocks),
              "--warmup", str(a.warmup), "--address", remote["address"], "--token", remote["token"],
              "--daemon-pid", str(remote["daemon_pid"])]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", **side["env"]}
@@ -74,7 +75,7 @@ def _run(side: dict[str, Any], model: str, a: argparse.Namespace, remote: dict[s
     if out.returncode != 0:
         raise RuntimeError(f"{side['name']} {model} failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    ops = r["commands_per_step"] * a.blocks * a.steps
+    ops = (1 if a.mode == "captured" else r["commands_per_step"]) * a.blocks * a.steps  # captured: per step
     if a.measure == "cpu":
         return float(r["client_cpu_per_step_s"] * a.blocks * a.steps / ops * 1e6)
     totals = [line for line in cg.read_text().splitlines() if line.startswith(("totals:", "summary:"))]
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--measure", choices=("cpu", "instr"), default="instr")
     p.add_argument("--models", default="tiny-mlp", help="comma-separated: " + ",".join(lb.MODELS))
+    p.add_argument("--mode", choices=("eager", "captured"), default="eager", help="captured: the step as one "
+                   "RunGraph (gpupool.torch.capture), figures per step instead of per op")  # fmt: skip
     p.add_argument("--rounds", type=int, default=0, help="runs of each side (default: 5 for cpu, 1 for instr)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--blocks", type=int, default=5)
@@ -104,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--measure instr needs valgrind (apt-get install valgrind)")
     if a.measure == "instr" and a.steps * a.blocks > 20:
         a.steps, a.blocks, a.warmup = 10, 2, 4  # exact counts: a few steps are enough, and valgrind is slow
+    if a.mode == "captured":
+        a.warmup = max(a.warmup, 7)  # one eager, two recorded, then replays: count replays only
     # the interpreter itself (valgrind would count a launcher script such as pyenv's shim instead)
     base_python = subprocess.check_output([a.base_python, "-c", "import sys; print(sys.executable)"], text=True).strip()
     sides = [
@@ -115,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         k, v = kv.split("=", 1)
         next(s for s in sides if s["name"] == name)["env"][k] = v
     rounds = a.rounds or (5 if a.measure == "cpu" else 1)
-    unit = "us/op" if a.measure == "cpu" else "instr/op"
+    per = "step" if a.mode == "captured" else "op"
+    unit = f"us/{per}" if a.measure == "cpu" else f"instr/{per}"
     res: dict[tuple[str, str], list[float]] = {}
     print(f"load average {os.getloadavg()[0]:.1f}", flush=True)
     with bench_daemons(a.daemon_core) as daemons, tempfile.TemporaryDirectory() as tmp:

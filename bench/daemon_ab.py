@@ -17,8 +17,17 @@ its counts); the sandbox is set up once per session, so it does not change the p
 ahead of the slowed daemon, so its frames queue and the device's thread takes two at a time (64 commands), where
 natively the stream reader mostly runs each frame as it comes: the front's count is that of the queued path.
 
+`--mode captured` runs the step as one RunGraph (gpupool.torch.capture, Adam with capturable=True) and counts per
+step: the front, the worker, and apart from the worker the instructions inside its TorchScript graph's call
+(`kernels`: the kernels, the interpreter's dispatch of them and its argument stack); `outside` is the worker less
+those -- the fixed cost of a step on the worker. `--with-client` runs each side's own client under callgrind too
+(its python, its gpupool) and counts it over the same steps, all its threads (gRPC's and the hold timer's
+included); `all outside` = client + front + worker outside the kernels: a captured step's fixed cost, the figure
+of record for issue 8's captured target (launch_bound.steady_for_callgrind keeps its frames and waits as native).
+
     nice python bench/daemon_ab.py --against /work/main                      # ~3 min per side and model
     nice python bench/daemon_ab.py --against /work/main --models tiny-mlp,encoder --profile /tmp/cg
+    nice python bench/daemon_ab.py --against /work/main --mode captured --with-client   # ~5 min per side
 """
 
 from __future__ import annotations
@@ -57,22 +66,30 @@ def _control(pids: list[int], *flags: str) -> None:
 
 
 def _client(argv: list[str]) -> int:
-    """The eager worker, with the daemon's callgrind switched on from its first timed block to its end."""
+    """The worker, with the daemon's callgrind switched on from its first timed block to its end (and the client's
+    own, with --counted: it runs under callgrind too)."""
     import launch_bound as lb
 
-    args = lb.worker_args(argv)
+    counted = "--counted" in argv
+    args = lb.worker_args([a for a in argv if a != "--counted"])
     pids: list[int] = []
 
     def first_block(pid: int) -> float:  # called at every block's start and end: the first call starts counting
         if not pids:
             pids.extend(_tree(pid))
             _control(pids, "--zero", "--instr=on")
+            if counted:
+                _control([os.getpid()], "--instr=on")
         return 0.0
 
+    lb.steady_for_callgrind(args.mode)
     lb._tree_cpu = first_block
     out = lb.worker(args)
+    if counted:
+        _control([os.getpid()], "--instr=off")
     _control(pids, "--instr=off", "--dump=ab")
-    print(json.dumps({"ops": out["commands_per_step"] * args.blocks * args.steps, "pids": pids, **out}))
+    steps = args.blocks * args.steps
+    print(json.dumps({"ops": out["commands_per_step"] * steps, "steps": steps, "pids": pids, **out}))
     return 0
 
 
@@ -110,34 +127,65 @@ def _start(python: str, cwd: str, key_file: str, core: int, out_dir: Path) -> tu
     return start_listening(cmd, cwd, "gpupool serve under valgrind")
 
 
+def _total(dump: Path) -> int:
+    lines = dump.read_text(errors="replace").splitlines()
+    totals = [line for line in lines if line.startswith(("totals:", "summary:"))]
+    return int(totals[-1].split()[1]) if totals else 0
+
+
+# Where a captured step's kernels run in the worker: TorchScript's call of the graph's function (the kernels, the
+# interpreter's dispatch of them and its argument stack); everything else in the worker is per-step bookkeeping.
+KERNELS = "torch::jit::GraphFunction::run("
+
+
+def _inclusive(dump: Path, symbol: str) -> int:
+    """Inclusive instructions of the functions whose name starts with `symbol` in one dump (0 if none ran)."""
+    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(dump)],
+                         capture_output=True, text=True, check=False).stdout  # fmt: skip
+    best = 0
+    for line in out.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) == 3 and symbol in parts[2]:
+            best = max(best, int(parts[0].replace(",", "")))
+    return best
+
+
 def _counts(out_dir: Path, pids: list[int], daemon_pid: int) -> dict[str, int]:
     """Instructions of the dumps the client asked for (cg.PID.N; the one at exit is cg.PID): the daemon process
-    (front) and its descendants (zygote, session worker)."""
-    front = rest = 0
+    (front) and its descendants (zygote, session worker), and the worker's inside the TorchScript call."""
+    front = rest = kernels = 0
     for pid in pids:
         for dump in out_dir.glob(f"cg.{pid}.*"):
-            totals = [line for line in dump.read_text(errors="replace").splitlines() if line.startswith("totals:")]
-            n = int(totals[-1].split()[1]) if totals else 0
+            n = _total(dump)
             if pid == daemon_pid:
                 front += n
             else:
                 rest += n
-    return {"front": front, "worker": rest}
+                kernels += _inclusive(dump, KERNELS) if n else 0
+    return {"front": front, "worker": rest, "kernels": kernels}
 
 
 def _side(name: str, python: str, cwd: str, model: str, a: argparse.Namespace, key_file: str, token: Any,
           tmp: str) -> dict[str, float]:  # fmt: skip
+    """One side's counts per op (eager) or per step (captured): front, worker, kernels (the worker's
+    instructions inside the TorchScript graph's call, captured only) and client (with --with-client)."""
     out_dir = Path(a.profile or tmp) / f"{name}.{model}"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     proc, address = _start(python, cwd, key_file, a.daemon_core, out_dir)
     try:
-        flags = ["--model", model, "--mode", "eager", "--steps", str(a.steps), "--blocks", str(a.blocks),
+        flags = ["--model", model, "--mode", a.mode, "--steps", str(a.steps), "--blocks", str(a.blocks),
                  "--warmup", str(a.warmup), "--address", address, "--token", token(),
                  "--daemon-pid", str(proc.pid)]  # fmt: skip
-        cmd = ["taskset", "-c", str(a.client_core), sys.executable, str(HERE / "daemon_ab.py"), "--client", *flags]
+        client = [sys.executable, str(HERE / "daemon_ab.py"), "--client", *flags]
+        if a.with_client:  # the side's own client (its python, its gpupool), counted by callgrind too
+            exe = subprocess.check_output([python, "-c", "import sys; print(sys.executable)"], text=True).strip()
+            client = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_dir}/client",
+                      exe, str(HERE / "daemon_ab.py"), "--client", *flags, "--counted"]  # fmt: skip
+        cmd = ["taskset", "-c", str(a.client_core), *client]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=str(HERE.parent))
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False,
+                             cwd=cwd if a.with_client else str(HERE.parent))  # fmt: skip
         if out.returncode != 0:
             raise RuntimeError(f"{name} {model} failed:\n{out.stderr[-3000:]}")
         r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -149,7 +197,29 @@ def _side(name: str, python: str, cwd: str, model: str, a: argparse.Namespace, k
     finally:
         proc.terminate()
         proc.wait(timeout=120)
-    return {k: v / r["ops"] for k, v in counts.items()}
+    if a.with_client:
+        counts["client"] = _total(out_dir / "client")
+    per = r["steps"] if a.mode == "captured" else r["ops"]
+    res = {k: v / per for k, v in counts.items()}
+    res["ops"] = r.get("graph_ops", 0) if a.mode == "captured" else 1
+    return res
+
+
+def _parts(mode: str, client: bool) -> list[str]:
+    parts = ["front", "worker"] + (["outside", "kernels"] if mode == "captured" else []) + ["total"]
+    return parts + (["client", "all outside"] if client and mode == "captured" else ["client"] if client else [])
+
+
+def _line(r: dict[str, float], mode: str) -> str:
+    """One side's figures; captured: per step, `outside` = the worker outside its TorchScript call, `all outside`
+    = client + front + worker outside the kernels (the step's fixed cost)."""
+    r["total"] = r["front"] + r["worker"]
+    if mode == "captured":
+        r["outside"] = r["worker"] - r["kernels"]
+        if "client" in r:
+            r["all outside"] = r["client"] + r["front"] + r["outside"]
+    unit = f"instructions per step ({r['ops']:.0f} ops)" if mode == "captured" else "instructions per op"
+    return "  ".join(f"{k} {r[k] / 1e3:8.1f}k" for k in _parts(mode, "client" in r)) + f"  {unit}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,14 +235,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against", metavar="DIR", required=True, help="the other checkout (the baseline)")
     p.add_argument("--against-python", default="", help="its python (default: DIR/.venv/bin/python)")
     p.add_argument("--models", default="tiny-mlp", help="comma-separated: " + ",".join(lb.MODELS))
+    p.add_argument("--mode", choices=("eager", "captured"), default="eager",
+                   help="captured: the step as one RunGraph (gpupool.torch.capture); counts per step, with the "
+                   "worker's TorchScript call (kernels) apart")  # fmt: skip
+    p.add_argument("--with-client", action="store_true", help="run each side's own client under callgrind too and "
+                   "count it (default: this checkout's client, not counted)")  # fmt: skip
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--blocks", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=0, help="steps before counting (default: 4 eager; 7 captured: "
+                   "one eager, two recorded, one plain replay, the TorchScript trace, and two more)")  # fmt: skip
     p.add_argument("--daemon-core", type=int, default=1)
     p.add_argument("--client-core", type=int, default=0)
     p.add_argument("--profile", default="", help="keep callgrind's files in this folder (SIDE.MODEL/cg.PID.N) for "
                    "`callgrind_annotate --inclusive=yes`")  # fmt: skip
     a = p.parse_args(argv)
+    a.warmup = a.warmup or (7 if a.mode == "captured" else 4)
     if shutil.which("valgrind") is None:
         p.error("needs valgrind (apt-get install valgrind)")
     base_python = a.against_python or str(Path(a.against) / ".venv" / "bin" / "python")
@@ -185,13 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         for model in a.models.split(","):
             for name, python, cwd in sides:
                 r = res[(model, name)] = _side(name, python, cwd, model, a, key_file, daemons.token, tmp)
-                print(f"{model:>10} {name:>4}: front {r['front'] / 1e3:8.1f}k  worker {r['worker'] / 1e3:8.1f}k  "
-                      f"total {(r['front'] + r['worker']) / 1e3:8.1f}k instructions per op", flush=True)  # fmt: skip
+                print(f"{model:>10} {name:>4}: " + _line(r, a.mode), flush=True)
     for model in a.models.split(","):
         base, this = res[(model, "base")], res[(model, "this")]
-        ratio = {k: this[k] / base[k] for k in ("front", "worker")}
-        total = (this["front"] + this["worker"]) / (base["front"] + base["worker"])
-        print(f"{model:>10}: this/base front {ratio['front']:.3f}, worker {ratio['worker']:.3f}, total {total:.3f}")
+        ratios = ", ".join(f"{k} {this[k] / base[k]:.3f}" for k in _parts(a.mode, a.with_client) if base[k])
+        print(f"{model:>10}: this/base {ratios}")
     return 0
 
 

@@ -10,6 +10,7 @@ kept tensors, memory accounting. CPU time of the thread (`time.thread_time`); th
 
     python bench/graph_replay.py                                    # tiny-mlp and encoder, ~2 min
     python bench/graph_replay.py --models classifier --steps 20
+    python bench/graph_replay.py --measure instr                    # exact, under callgrind, ~2 min a model
 """
 
 from __future__ import annotations
@@ -78,8 +79,10 @@ def dump(model_name: str, out: str) -> None:
         torch.save({"define": saved["define"], "run": saved["run"], "tensors": tensors}, out)
 
 
-def replay(path: str, steps: int, repeats: int) -> str:
-    from gpupool.server import graph, slices
+def _worker(path: str) -> tuple[Any, Any, Any]:
+    """A session's worker in-process with the saved graph defined and its persistent tensors bound: the executor,
+    the session, and a function making the next RunGraph command (fresh output handles each time)."""
+    from gpupool.server import slices
     from gpupool.server.devices import FakeDevice
     from gpupool.server.executor import CommandExecutor
     from gpupool.server.sessions import DeviceMemory, WorkerSession
@@ -109,6 +112,13 @@ def replay(path: str, steps: int, repeats: int) -> str:
         run.input_data.extend(data)
         return device_pb2.Command(run_graph=run)
 
+    return ex, s, command
+
+
+def replay(path: str, steps: int, repeats: int) -> str:
+    from gpupool.server import graph
+
+    ex, s, command = _worker(path)
     calls: list[tuple[Any, Any, Any]] = []  # (kernel, args, kwargs) of one replay, for the bare column
     original = graph.execute
 
@@ -157,6 +167,39 @@ def replay(path: str, steps: int, repeats: int) -> str:
             f"{(run - bare) / n_ops * 1e6:+6.2f} us/op  ratio {run / bare:.3f} (medians: {med:.3f})")  # fmt: skip
 
 
+def replay_instr(path: str, steps: int) -> str:
+    """Inside valgrind: the worker's instructions per RunGraph (`CommandExecutor.execute`, the TorchScript call
+    from the 3rd run on) over `steps` runs after 5 warm-up runs, and those inside the TorchScript call."""
+    import os
+
+    ex, s, command = _worker(path)
+    for _ in range(5):
+        c = command()
+        ex.execute(s, c, _no_reply)
+        s.free(list(c.run_graph.outputs))
+    cmds = [command() for _ in range(steps)]
+    subprocess.run(["callgrind_control", "--instr=on", str(os.getpid())], capture_output=True, check=False)
+    for c in cmds:
+        ex.execute(s, c, _no_reply)
+    subprocess.run(["callgrind_control", "--instr=off", str(os.getpid())], capture_output=True, check=False)
+    if s.error is not None:
+        raise SystemExit(f"replay failed: {s.error}")
+    return "done"
+
+
+def _instr(model: str, path: str, steps: int, tmp: str) -> str:
+    sys.path.insert(0, str(HERE))
+    from daemon_ab import KERNELS, _inclusive, _total
+
+    out = Path(tmp) / f"cg.{model}"
+    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", sys.executable,
+           __file__, "--replay-instr", path, "--steps", str(steps)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True)
+    total, kernels = _total(out) / steps, _inclusive(out, KERNELS) / steps
+    return (f"worker per RunGraph {total / 1e3:8.1f}k instructions: TorchScript call {kernels / 1e3:8.1f}k, "
+            f"outside it {(total - kernels) / 1e3:8.1f}k")  # fmt: skip
+
+
 def _recording(fn: Any, calls: list[tuple[Any, Any, Any]]) -> Any:
     def rec(*a: Any, **k: Any) -> Any:
         calls.append((fn, a, k))
@@ -176,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7, help="measurements (the min counts)")
     p.add_argument("--dump", nargs=2, metavar=("MODEL", "FILE"), help=argparse.SUPPRESS)
     p.add_argument("--replay", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--replay-instr", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--measure", choices=("cpu", "instr"), default="cpu", help="instr: the worker's instructions "
+                   "per RunGraph under callgrind (20 runs), in and out of its TorchScript call; exact")  # fmt: skip
     args = p.parse_args(argv)
     if args.dump:
         dump(*args.dump)
@@ -183,10 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.replay:
         print(replay(args.replay, args.steps, args.repeats))
         return 0
+    if args.replay_instr:
+        print(replay_instr(args.replay_instr, args.steps))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             path = str(Path(tmp) / f"{model}.pt")
             subprocess.run([sys.executable, __file__, "--dump", model, path], check=True, capture_output=True)
+            if args.measure == "instr":
+                print(f"{model:10s} {_instr(model, path, min(args.steps, 20), tmp)}", flush=True)
+                continue
             argv = ["--replay", path, "--steps", str(args.steps), "--repeats", str(args.repeats)]
             out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True, text=True)
             print(f"{model:10s} {out.stdout.strip()}")

@@ -175,6 +175,23 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def steady_for_callgrind(mode: str) -> None:
+    """For captured runs under callgrind (bench/client_ab.py, bench/daemon_ab.py), so that the client's counts are
+    those of the native run and repeat:
+    - replays travel 4 to a frame while they come faster than one per millisecond (capture.HOLD_STEPS,
+      HOLD_SECONDS), as a tiny model's do natively; slowed ~50x by valgrind they would go one to a frame, sent by
+      the hold timer, as the timing fell. No timer here: frames of 4 steps, the rest of a block sent by its sync;
+    - a thread waiting for a reply wakes every 0.1 s to look for signals (grpc._common.wait): over the seconds a
+      valgrind-slowed daemon takes to answer a block's sync, that polling would be counted as the client's work.
+    The eager mode keeps both (its figures stay comparable with earlier rounds')."""
+    if mode == "captured":
+        import grpc._common
+        from gpupool.client.torch import capture
+
+        capture.HOLD_SECONDS = 3600.0
+        grpc._common.MAXIMUM_WAIT_TIMEOUT = 3600.0  # type: ignore[attr-defined]
+
+
 def worker_args(argv: list[str]) -> argparse.Namespace:
     """The arguments of one measurement's worker (what `_worker` passes), for scripts that run `worker` their way
     (bench/client_ab.py, bench/daemon_ab.py)."""

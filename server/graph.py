@@ -2,9 +2,10 @@
 training step (RunGraph).
 
 A run executes the graph's prebuilt calls (graph_build.Call): per run it only resolves the input and persistent
-handles (checking that their metadata is what the graph was built for), takes inputs sent by value (the batch,
-RunGraph.input_data) straight into their slots, fills slots, calls kernels, runs the guards that read tensor
-values (embedding backward index ranges), and binds outputs. No protobuf decoding, name lookups or argument
+handles (checking that their metadata is what the graph was built for; for a persistent tensor that is the object
+the last run ended with, its version counter unchanged, that verdict stands: `_externals`), takes inputs sent by
+value (the batch, RunGraph.input_data) straight into their slots, fills slots, calls kernels, runs the guards that
+read tensor values (embedding backward index ranges), and binds outputs. No protobuf decoding, name lookups or argument
 checks per op.
 
 Memory: a session that holds graphs has its largest graph's peak (temporaries plus inputs sent by value) counted
@@ -136,13 +137,15 @@ class GraphTable:
 
 
 def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph) -> None:
-    inputs = msg.inputs
+    inputs = list(msg.inputs)
+    outputs = list(msg.outputs)
     if len(inputs) != len(g.input_meta):
         raise InvalidArgument(f"graph {g.graph_id} takes {len(g.input_meta)} inputs, got {len(inputs)}")
-    if len(msg.outputs) > len(g.outputs):
-        raise InvalidArgument(f"graph {g.graph_id} has {len(g.outputs)} outputs, got {len(msg.outputs)} handles")
+    if len(outputs) > len(g.outputs):
+        raise InvalidArgument(f"graph {g.graph_id} has {len(g.outputs)} outputs, got {len(outputs)} handles")
     slots: list[Any] = [None] * g.n_slots
     tensors = s.tensors
+    data = None
     for i, h in enumerate(inputs):
         m = g.input_meta[i]
         if h:
@@ -155,34 +158,74 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph) -> No
                     f"was defined for {list(m[0])} {list(m[1])} {m[3]} (define it again)"
                 )
         else:
-            t = _by_value(g, i, msg.input_data, g.device)
+            if data is None:
+                data = list(msg.input_data)
+            t = _by_value(g, i, data, g.device)
         slots[i + 1] = t
-    for slot, h, m in g.externals:
-        t = tensors.get(h) if not s.uploads else None
-        if t is None:
-            t = s.resolve(h)
-        if t.shape != m[0] or t.stride() != m[1] or t.storage_offset() != m[2] or t.dtype != m[3]:
-            raise InvalidArgument(f"graph {g.graph_id}: persistent tensor {h:#x} changed shape or dtype since")
-        slots[slot] = t
-    for h in msg.outputs:
+    persistent = _externals(s, g, slots)
+    for h in outputs:
         if h:
             s.check_handle(h)
-    if g.cuda is not None or (not g.cuda_failed and g.device.type == "cuda" and g.runs >= 2):
-        _run_cuda(host, s, g, slots)
-    elif g.traced is not None:
-        g.traced.run(host, s, g, slots)
-    elif not g.trace_refused and g.runs >= graph_trace.TRACE_AFTER_RUNS:
-        _run_traced(host, s, g, slots)
-    else:
-        execute(g, slots)
-    rebind = s.rebind  # every handle was checked: outputs above, writes at definition
-    for h, slot in zip(msg.outputs, g.outputs, strict=False):
-        if h:
-            rebind(h, slots[slot])
-    for h, slot in g.writes.items():
-        rebind(h, slots[slot])
+    try:
+        if g.cuda is not None or (not g.cuda_failed and g.device.type == "cuda" and g.runs >= 2):
+            _run_cuda(host, s, g, slots)
+        elif g.traced is not None:
+            g.traced.run(host, s, g, slots)
+        elif not g.trace_refused and g.runs >= graph_trace.TRACE_AFTER_RUNS:
+            _run_traced(host, s, g, slots)
+        else:
+            execute(g, slots)
+    except BaseException:
+        _forget_seen(g)  # a run that failed midway may have left any of them half-written: check all next time
+        raise
+    _seen_after(g, persistent)
+    # every handle was checked: outputs above, writes at definition
+    bound = [(h, slots[slot]) for h, slot in zip(outputs, g.outputs, strict=False) if h]
+    bound += [(h, slots[slot]) for h, slot in g.writes.items()]
+    s.rebind_all(bound)
     if g.mutated:
         s.recount(g.mutated)
+
+
+def _externals(s: WorkerSession, g: Graph, slots: list[Any]) -> list[torch.Tensor]:
+    """Resolve the persistent tensors into their slots, each checked against the metadata the graph was built
+    for. A tensor that is the same live object the last run ended with, its version counter unchanged since, has
+    had no op on it in between -- every op that changes a tensor's sizes, strides, offset or storage in place
+    (resize_, set_, as_strided_, transpose_, an out= resize, ...) bumps that counter -- so it still has the
+    metadata it was checked for then: no need to read it again (`Graph.stable`: only for tensors no op of the
+    graph itself may change the metadata of). Returns the tensors, in order."""
+    tensors = s.tensors
+    found = []
+    seen = g.seen
+    if len(seen) != len(g.externals):
+        seen[:] = [[None, -1] for _ in g.externals]
+    uploads = s.uploads
+    for (slot, h, m), cell in zip(g.externals, seen, strict=True):
+        t = tensors.get(h) if not uploads else None
+        if t is None:
+            t = s.resolve(h)
+        ref = cell[0]
+        if ref is None or ref() is not t or cell[1] != t._version:
+            if t.shape != m[0] or t.stride() != m[1] or t.storage_offset() != m[2] or t.dtype != m[3]:
+                cell[0] = None
+                raise InvalidArgument(f"graph {g.graph_id}: persistent tensor {h:#x} changed shape or dtype since")
+            cell[0], cell[1] = weakref.ref(t), -1  # checked now; its version is taken when the run ends
+        slots[slot] = t
+        found.append(t)
+    return found
+
+
+def _seen_after(g: Graph, persistent: list[torch.Tensor]) -> None:
+    """After a run: each stable persistent tensor's version counter as the run left it (the run's own in-place
+    ops count), for `_externals` to compare with next time."""
+    seen = g.seen
+    for k in g.stable:
+        seen[k][1] = persistent[k]._version
+
+
+def _forget_seen(g: Graph) -> None:
+    for cell in g.seen:
+        cell[0], cell[1] = None, -1
 
 
 def _by_value(g: Graph, i: int, data: Any, dev: torch.device) -> torch.Tensor:
@@ -197,7 +240,12 @@ def _by_value(g: Graph, i: int, data: Any, dev: torch.device) -> torch.Tensor:
             f"{g.input_bytes[i]} bytes of {list(shape)} {dtype}, contiguous"
         )
     # One copy, into memory the tensor owns (the command's bytes are read-only and go with the command).
-    t = torch.frombuffer(bytearray(raw), dtype=dtype).view(shape) if raw else torch.empty(shape, dtype=dtype)
+    if not raw:
+        t = torch.empty(shape, dtype=dtype)
+    else:
+        t = torch.frombuffer(bytearray(raw), dtype=dtype)  # 1-d, all of it (its length was checked)
+        if len(shape) != 1:  # view(*sizes): torch parses a tuple argument ~3x slower than separate sizes
+            t = t.view(*shape) if shape else t.view(())
     return t if dev.type == "cpu" else t.to(dev)
 
 

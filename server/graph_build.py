@@ -25,7 +25,7 @@ from gpupool import wire
 from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import GpupoolError, InvalidArgument
 
-from . import cost, guards
+from . import checks, cost, guards
 from .sessions import WorkerSession
 
 if TYPE_CHECKING:
@@ -108,6 +108,12 @@ class Graph:
     traced: Any = None  # graph_trace.Traced once the graph runs as a TorchScript graph
     trace_refused: bool = False  # graph_trace said no (or failed): the Python replay for good
     plan: list[Step] = field(default_factory=list)  # the calls as graph.execute runs them (`compile_calls`)
+    # Per persistent tensor: [a weak reference to the tensor last found to have its metadata, that tensor's
+    # version counter when the last run ended] (graph._externals); [None, -1] until then.
+    seen: list[list[Any]] = field(default_factory=list)
+    # The persistent tensors (indexes into `externals`) no op of the graph may change the metadata of in place:
+    # only these skip the check when their version is unchanged (the others are checked on every run).
+    stable: list[int] = field(default_factory=list)
 
 
 # How a step gathers its positional arguments (graph.execute): all from slots (two or more, by one
@@ -193,6 +199,7 @@ def build(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Graph:
     calls: list[Call] = []
     mutated: set[int] = set()
     external_handle = {slot: h for slot, h, _ in externals}
+    reshaped: set[int] = set()  # external slots a mutable op that may change metas reads
     external_storages = {t.untyped_storage()._cdata for t in meta_slots[fixed - len(externals) : fixed]}
     grows_externals = False
     live = peak = grown = 0
@@ -209,9 +216,12 @@ def build(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Graph:
             last_use[slot] = i
         op = host.ops.resolve(op_msg.name)
         if op._schema.is_mutable:
+            keeps = checks._keeps_meta(op)
             for slot in reads:
                 if slot in external_handle:
                     mutated.add(external_handle[slot])
+                    if not keeps:
+                        reshaped.add(slot)
         before = {st._cdata: st.nbytes() for st in _storages(meta_slots, reads)}
         for slot, value in zip(call.outs, meta_out, strict=False):
             if not slot:
@@ -283,6 +293,7 @@ def build(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Graph:
         dev,
     )
     graph.plan = compile_calls(calls)
+    graph.stable = [k for k, (slot, _, _) in enumerate(externals) if slot not in reshaped]
     return graph
 
 

@@ -29,6 +29,7 @@ Anything else, or a graph that fails to build, keeps graph.execute (logged once 
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any
 
 import torch
@@ -202,9 +203,14 @@ class Traced:
         self.externals = [slot for slot, _, _ in g.externals]
         self.kept = kept
         self.seeded = seeded
+        # The function's arguments out of the slots in one call (a tuple; itemgetter of one index returns the item)
+        picks = [*range(1, self.n_inputs + 1), *self.externals]
+        self._pick = operator.itemgetter(*picks) if len(picks) > 1 else None
 
-    def args(self, slots: list[Any]) -> list[torch.Tensor]:
-        return [*slots[1 : self.n_inputs + 1], *(slots[x] for x in self.externals)]
+    def args(self, slots: list[Any]) -> Any:
+        if self._pick is None:
+            return [*slots[1 : self.n_inputs + 1], *(slots[x] for x in self.externals)]
+        return self._pick(slots)
 
     def run(self, host: Host, s: Any, g: Graph, slots: list[Any]) -> None:
         if self.seeded:

@@ -9,6 +9,7 @@ outputs: using such a handle fails with the original error.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,6 +208,39 @@ class WorkerSession:
         elif self.poisoned.pop(handle, None) is None:
             self.admit_handles(1)
         self.bind_new(handle, tensor)
+
+    def rebind_all(self, pairs: Iterable[tuple[int, torch.Tensor]]) -> None:
+        """`rebind` for several handles at once (a captured step's outputs and kept tensors, after every run): the
+        same bookkeeping inline, the device's memory lock taken once."""
+        tensors, keys, storages = self.tensors, self._keys, self._storages
+        delta = 0
+        try:
+            for handle, tensor in pairs:
+                if tensors.pop(handle, None) is not None:  # `unbind`
+                    if self.uploads:
+                        self.uploads.pop(handle, None)
+                    old = keys.pop(handle)
+                    entry = storages[old]
+                    entry[0] -= 1
+                    if entry[0] == 0:
+                        del storages[old]
+                        delta -= entry[1]
+                elif self.poisoned.pop(handle, None) is None:
+                    self.admit_handles(1)
+                storage = tensor.untyped_storage()  # `bind_new`
+                key = storage._cdata
+                found = storages.get(key)
+                if found is None:
+                    nbytes = storage.nbytes()
+                    storages[key] = [1, nbytes]
+                    delta += nbytes
+                else:
+                    found[0] += 1
+                keys[handle] = key
+                tensors[handle] = tensor
+        finally:
+            if delta:
+                self._account(delta)
 
     def _count(self, handle: int, storage: torch.UntypedStorage) -> None:
         key = storage._cdata

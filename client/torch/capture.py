@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import SUPPORTED_NODES, tree_flatten, tree_unflatten
 
 from gpupool import wire
 
@@ -66,6 +66,7 @@ from .tensor import RemoteTensor, upload_new, wrap
 
 log = logging.getLogger("gpupool.torch")
 _graph_ids = itertools.count(1)
+_spec_numbers = itertools.count(1)  # CapturedStep._spec_id
 RECORD_ATTEMPTS = 3  # recordings that may disagree before the step is declared uncapturable
 MAX_GRAPHS = 16  # graphs one captured step keeps (the daemon holds at most 32 per session)
 BY_VALUE_BYTES = 256 * 1024  # CPU arguments up to this size (together) travel inside the RunGraph command
@@ -93,6 +94,7 @@ class _Graph:
     drop_writes: list[int] = field(default_factory=list)
     watching: list[int] = field(default_factory=list)  # handles whose release this graph hears of
     ops: int = 0  # aten ops it runs per step
+    single: bool = False  # the step returns one tensor (no pytree to rebuild per replay)
 
 
 class CapturedStep:
@@ -114,6 +116,10 @@ class CapturedStep:
         self._recorded: dict[Any, tuple[Built, int]] = {}  # key -> (last recording, recordings that disagreed)
         self._first = True
         self.stats = {"eager": 0, "recorded": 0, "replayed": 0, "defined": 0, "rerecorded": 0}
+        # A guard key holds its call's argument structure as a small number: hashing and comparing a TreeSpec
+        # runs Python per node, and a key is hashed on every call. One number per structure seen (`_structure`).
+        self._spec_ids: dict[Any, int] = {}
+        self._arity: dict[int, tuple[Any, int]] = {}  # positional tensor arguments only: n -> (spec, its number)
 
     @property
     def state(self) -> str:
@@ -122,18 +128,19 @@ class CapturedStep:
     # ---- the call ----
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        leaves, spec = tree_flatten((args, kwargs))
+        leaves, spec, structure = self._structure(args, kwargs)
         rt = self._runtime(leaves)
         key = (
-            spec,
-            tuple(guard.leaf_key(x) for x in leaves),
+            structure,
+            tuple(map(guard.leaf_key, leaves)),
             guard.watch_key(self.watched),
             guard.values_key(self.values),
         )
         g = self.graphs.get(key)
         if g is not None:
             if g.valid:
-                self.graphs[key] = self.graphs.pop(key)  # most recently used
+                if len(self.graphs) > 1:
+                    self.graphs[key] = self.graphs.pop(key)  # most recently used
                 return self._replay(rt, g, leaves)
             log.info("%s: graph %d re-recorded: %s", rt.device, g.graph_id, g.why)
             self.stats["rerecorded"] += 1
@@ -147,6 +154,31 @@ class CapturedStep:
             self.stats["eager"] += 1
             return self.fn(*args, **kwargs)
         return self._record(rt, key, leaves, args, kwargs)
+
+    def _structure(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], Any, int]:
+        """tree_flatten((args, kwargs)), and the number standing for its spec in guard keys. Positional tensor
+        arguments only (the usual step): the spec depends on their count alone, so it is built once per count."""
+        if not kwargs:
+            for x in args:
+                if not isinstance(x, torch.Tensor) or type(x) in SUPPORTED_NODES:
+                    break
+            else:
+                found = self._arity.get(len(args))
+                if found is None:
+                    spec = tree_flatten((args, kwargs))[1]
+                    found = self._arity[len(args)] = (spec, self._spec_id(spec))
+                return list(args), found[0], found[1]
+        leaves, spec = tree_flatten((args, kwargs))
+        return leaves, spec, self._spec_id(spec)
+
+    def _spec_id(self, spec: Any) -> int:
+        found = self._spec_ids.get(spec)
+        if found is None:
+            if len(self._spec_ids) >= 4 * MAX_GRAPHS:  # structures that never repeat: numbers are never reused
+                self._spec_ids.clear()
+                self._arity.clear()
+            found = self._spec_ids[spec] = next(_spec_numbers)
+        return found
 
     def _runtime(self, leaves: list[Any]) -> DeviceRuntime:
         found = {x._gp_rt for x in leaves if isinstance(x, RemoteTensor)}
@@ -236,7 +268,7 @@ class CapturedStep:
         out_leaves, spec = tree_flatten(result)
         outputs = [(i, _meta(x)) for i, x in enumerate(out_leaves) if isinstance(x, RemoteTensor)]
         plain = [None if isinstance(x, RemoteTensor) else x for x in out_leaves]
-        g = _Graph(rt, graph_id, key, outputs, spec, plain, consts, built, ops=len(msg.ops))
+        g = _Graph(rt, graph_id, key, outputs, spec, plain, consts, built, ops=len(msg.ops), single=spec.is_leaf())
         for h in built.persistent:
             rt.watched.setdefault(h, []).append(functools.partial(_invalidate, g))
         for h in built.writes:
@@ -292,8 +324,8 @@ class CapturedStep:
         self.stats["replayed"] += 1
         out = list(g.leaves)
         for h, (i, m) in zip(handles, g.outputs, strict=True):
-            out[i] = wrap(rt, h, m[0], m[1], m[2], m[3])
-        return tree_unflatten(out, g.spec)
+            out[i] = wrap(rt, h, m[0], m[1], m[2], m[3], m)
+        return out[0] if g.single else tree_unflatten(out, g.spec)
 
     def drop(self) -> None:
         """Forget every graph (the daemon frees them); the next calls record again."""
@@ -396,7 +428,7 @@ def _is_cpu_tensor(x: Any) -> bool:
 
 
 def _host_bytes(x: torch.Tensor) -> bytes:
-    t = x.detach()
+    t = x.detach() if x.requires_grad else x  # a detach costs a new tensor object; the bytes are the same
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()

@@ -25,12 +25,24 @@ def watch_key(watched: list[Any]) -> tuple[Any, ...]:
     out: list[Any] = []
     for obj in watched:
         if isinstance(obj, torch.nn.Module):
-            out.append(tuple(m.training for m in obj.modules()))
+            flags: list[bool] = []
+            _training(obj, set(), flags)
+            out.append(tuple(flags))
         elif isinstance(obj, torch.optim.Optimizer):
             for group in obj.param_groups:
-                out.append(tuple(id(p) for p in group["params"]))
-                out.append(tuple((k, value_key(v)) for k, v in group.items() if k != "params"))
+                out.append(tuple(map(id, group["params"])))
+                out.append(tuple([(k, value_key(v)) for k, v in group.items() if k != "params"]))
     return tuple(out)
+
+
+def _training(m: torch.nn.Module, seen: set[int], out: list[bool]) -> None:
+    """The `training` flags of `m.modules()`, in its order (each module once), without its generators' prefix
+    strings: a guard key is computed on every call."""
+    seen.add(id(m))
+    out.append(m.training)
+    for child in m._modules.values():
+        if child is not None and id(child) not in seen:
+            _training(child, seen, out)
 
 
 def values_key(values: dict[str, Callable[[], Any]]) -> tuple[Any, ...]:
@@ -58,7 +70,12 @@ def leaf_key(x: Any) -> Any:
     return ("value", value_key(x))
 
 
+_PLAIN = frozenset({bool, int, float, str, type(None)})
+
+
 def value_key(v: Any) -> Any:
+    if type(v) in _PLAIN:  # the common case, first
+        return (type(v), v)
     if isinstance(v, torch.Tensor):
         if isinstance(v, RemoteTensor):
             return ("tensor", id(v))

@@ -73,3 +73,156 @@ def test_every_gather_mode_replays_what_eager_computes() -> None:
     assert s.used == sum(live.values()) + reserved
     s.free([out for out in s.tensors if out != w])
     assert s.used == 4 * 3 * 4 + reserved
+
+
+def _graph_with_persistent(ex: CommandExecutor, s: WorkerSession, w: int, body: list[device_pb2.Op]) -> None:
+    msg = device_pb2.DefineGraph(
+        graph_id=1, inputs=1, input_meta=[wire.meta_to_proto(torch.ones(4, 3))], persistent=[w], ops=body,
+        outputs=[len(body) + 2],
+    )  # fmt: skip
+    ex.execute(s, device_pb2.Command(define_graph=msg), _no_reply)
+    assert s.error is None
+
+
+def _run(ex: CommandExecutor, s: WorkerSession, out: int) -> torch.Tensor:
+    run = device_pb2.RunGraph(graph_id=1, inputs=[0], outputs=[out])
+    run.input_data.append(torch.ones(4, 3).numpy().tobytes())
+    ex.execute(s, device_pb2.Command(run_graph=run), _no_reply)
+    return s.tensors.get(out)
+
+
+def _no_reply(item: object) -> None:
+    raise AssertionError("graph commands are not answered")
+
+
+def test_a_persistent_tensor_whose_metadata_changed_in_place_between_runs_is_refused() -> None:
+    """A run skips reading a persistent tensor's metadata when it is the object the last run ended with and its
+    version counter has not moved since (graph._externals); every in-place change of sizes, strides or storage
+    moves it, so such a change is still refused -- here strides that the kernel would happily read wrong."""
+    dev = FakeDevice(0, "h", 1 << 30)
+    s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 28)
+    ex = CommandExecutor(slices.SliceLedger())
+    w = s.handle_base + 1
+    s.bind(w, torch.arange(12.0).reshape(4, 3))
+    _graph_with_persistent(ex, s, w, [op("aten::add.Tensor", slot(1), slot(2), out=(3,))])
+    g = ex.graphs._of(s)[1]
+    assert g.stable == [0]
+    for k in range(3):  # the first run checks and remembers; the next ones take the remembered verdict
+        assert torch.equal(_run(ex, s, s.handle_base + 10 + k), torch.arange(12.0).reshape(4, 3) + 1)
+    assert g.seen[0][0]() is s.tensors[w] and g.seen[0][1] == s.tensors[w]._version
+    s.tensors[w].mul_(2)  # values only: the version moves, the metadata is read again and passes
+    assert torch.equal(_run(ex, s, s.handle_base + 20), torch.arange(12.0).reshape(4, 3) * 2 + 1)
+    s.tensors[w].as_strided_((4, 3), (1, 4))  # same sizes, other strides: the add would read it transposed
+    assert _run(ex, s, s.handle_base + 21) is None
+    assert s.error is not None and "changed shape or dtype" in s.error.message
+    s.error = None
+    s.tensors[w].as_strided_((4, 3), (3, 1))  # back as defined: runs again
+    assert _run(ex, s, s.handle_base + 22) is not None and s.error is None
+    other = torch.zeros(3, 4).t()  # another tensor under the handle, same sizes, other strides, same version
+    while other._version < s.tensors[w]._version:
+        other.add_(0)
+    assert other._version == g.seen[0][1]
+    s.bind(w, other)
+    assert _run(ex, s, s.handle_base + 23) is None
+    assert s.error is not None and "changed shape or dtype" in s.error.message
+
+
+def test_a_graph_that_reshapes_a_persistent_tensor_in_place_checks_it_on_every_run() -> None:
+    """A persistent tensor that one of the graph's own ops may re-shape in place (here squeeze_) is not one whose
+    check a run may skip: its version after the run says nothing about its metadata (Graph.stable)."""
+    dev = FakeDevice(0, "h", 1 << 30)
+    s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 28)
+    ex = CommandExecutor(slices.SliceLedger())
+    w = s.handle_base + 1
+    s.bind(w, torch.ones(4, 3, 1))
+    body = [op("aten::squeeze_.default", slot(2), out=(3,)), op("aten::add.Tensor", slot(1), slot(3), out=(4,))]
+    msg = device_pb2.DefineGraph(
+        graph_id=1, inputs=1, input_meta=[wire.meta_to_proto(torch.ones(4, 3))], persistent=[w], ops=body,
+        outputs=[4],
+    )  # fmt: skip
+    ex.execute(s, device_pb2.Command(define_graph=msg), _no_reply)
+    assert s.error is None
+    assert ex.graphs._of(s)[1].stable == []
+    assert torch.equal(_run(ex, s, s.handle_base + 10), torch.full((4, 3), 2.0))
+    assert s.tensors[w].shape == (4, 3)  # the run squeezed it
+    assert _run(ex, s, s.handle_base + 11) is None  # not what the graph was built for: refused, as before
+    assert s.error is not None and "changed shape or dtype" in s.error.message
+
+
+def test_rebind_all_does_what_rebind_does_one_by_one() -> None:
+    """A run binds its outputs and kept tensors with one `rebind_all`: the same tensors, storages counted and
+    bytes (session and device) as `rebind` per handle, through a handle that held a tensor, one that held a
+    failure, a new one, two handles on one storage and a tensor rebound to its own storage -- and, when the
+    handle limit stops it midway, the same partial state."""
+    import random
+
+    from gpupool.server.sessions import Poison
+
+    from gpupool.errors import ResourceExhausted
+
+    def state(s: WorkerSession) -> tuple[object, ...]:
+        keys = {h: s._keys[h] for h in s.tensors}
+        return (s.used, s.memory.used, {h: id(t) for h, t in s.tensors.items()}, sorted(s.poisoned), keys,
+                {k: list(v) for k, v in s._storages.items()})  # fmt: skip
+
+    rng = random.Random(7)
+    for trial in range(30):
+        sessions = []
+        pool = [torch.zeros(rng.randint(1, 50)) for _ in range(6)]
+        pool.append(pool[0][1:])  # a view: the storage of pool[0]
+        limit = rng.choice([100, 4])
+        for _ in range(2):
+            dev = FakeDevice(0, "h", 1 << 30)
+            s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 28, max_handles=limit)
+            for k in range(3):
+                s.bind(s.handle_base + 1 + k, pool[k])
+            s.poison(s.handle_base + 9, Poison.of(ResourceExhausted("x"), ""))
+            sessions.append(s)
+        handles = [sessions[0].handle_base + h for h in (1, 2, 3, 9, 10, 11)]
+        pairs = [(rng.choice(handles), rng.choice(pool)) for _ in range(rng.randint(1, 8))]
+        one, many = sessions
+        failed = []
+        try:
+            for h, t in pairs:
+                one.rebind(h, t)
+        except ResourceExhausted:
+            failed.append(one)
+        try:
+            many.rebind_all(pairs)
+        except ResourceExhausted:
+            failed.append(many)
+        assert failed in ([], [one, many]), trial
+        assert state(one) == state(many), trial
+        live = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in many.tensors.values()}
+        assert many.used == sum(live.values()) == many.memory.used
+
+
+def test_inputs_by_value_of_every_rank_arrive_as_sent() -> None:
+    """Inputs sent by value become tensors of the defined shape whatever their rank (0-d, 1-d: no view; more:
+    view(*sizes)), and of their own memory: a later run's bytes never show through an earlier run's output."""
+    dev = FakeDevice(0, "h", 1 << 30)
+    s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 28)
+    ex = CommandExecutor(slices.SliceLedger())
+    shapes = [(), (5,), (2, 3, 4), (1, 1), (0, 3)]
+    xs = [torch.randn(shape) for shape in shapes]
+    body = [op("aten::clone", slot(1 + i), out=(1 + len(shapes) + i,)) for i in range(len(shapes))]
+    msg = device_pb2.DefineGraph(
+        graph_id=1, inputs=len(shapes), input_meta=[wire.meta_to_proto(x) for x in xs], ops=body,
+        outputs=[1 + len(shapes) + i for i in range(len(shapes))],
+    )  # fmt: skip
+    ex.execute(s, device_pb2.Command(define_graph=msg), _no_reply)
+    assert s.error is None
+    outs = []
+    for k in range(4):  # the plain replay, then the TorchScript graph
+        sent = [x + k for x in xs]
+        handles = [s.handle_base + 100 + 10 * k + i for i in range(len(shapes))]
+        run = device_pb2.RunGraph(graph_id=1, inputs=[0] * len(shapes), outputs=handles)
+        run.input_data.extend(x.numpy().tobytes() for x in sent)
+        ex.execute(s, device_pb2.Command(run_graph=run), _no_reply)
+        assert s.error is None
+        for h, x in zip(handles, sent, strict=True):
+            got = s.tensors[h]
+            assert got.shape == x.shape and got.stride() == x.stride() and torch.equal(got, x)
+        outs.append((handles, sent))
+    for handles, sent in outs:
+        assert all(torch.equal(s.tensors[h], x) for h, x in zip(handles, sent, strict=True))
