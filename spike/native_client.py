@@ -8,7 +8,7 @@ module builds it at first use with torch.utils.cpp_extension.load (g++ and ninja
 It must own PrivateUse1: run it in a process that has not registered gpupool's device, i.e. with
 TORCH_DEVICE_BACKEND_AUTOLOAD=0 set before `import torch` and without importing gpupool.torch. `load()` checks.
 
-    TORCH_DEVICE_BACKEND_AUTOLOAD=0 python -c 'import sys; sys.path.insert(0, "spike"); import native_client as n; n.load()'
+    cd spike && TORCH_DEVICE_BACKEND_AUTOLOAD=0 python -c 'import native_client as n; n.load()'
 """
 
 from __future__ import annotations
