@@ -30,6 +30,7 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <memory>
@@ -68,7 +69,23 @@ const DispatchKeySet kKeys{DispatchKey::PrivateUse1};
 
 std::mutex g_mu;                 // guards the buffer, the stats, the op ids and the cache (ops may run on the
                                  // autograd engine's device thread)
-std::vector<uint8_t> g_buf;      // records not yet "sent"
+// A byte buffer that grows without zero-filling (std::vector::resize value-initializes: ~1.9k instructions a record).
+struct Buf {
+  std::vector<uint8_t> v;
+  size_t n = 0;
+  uint8_t* grow(size_t k) {
+    if (n + k > v.size()) v.resize(std::max(2 * v.size(), n + k + 4096));
+    uint8_t* p = v.data() + n;
+    n += k;
+    return p;
+  }
+  size_t size() const { return n; }
+  bool empty() const { return n == 0; }
+  uint8_t* data() { return v.data(); }
+  void clear() { n = 0; }
+  void resize(size_t k) { n = k; }  // shrink only
+};
+Buf g_buf;                       // records not yet "sent"
 bool g_keep = false;            // keep records for Python (tests) instead of dropping full buffers
 size_t g_flush_at = 1 << 16;    // the null sink drops the buffer past this many bytes
 std::mutex g_free_mu;             // guards the free list and the live set: deleters take it, never g_mu
@@ -88,16 +105,12 @@ std::vector<std::string> g_op_names;                           // op id -> "aten
 std::unordered_map<c10::OperatorHandle, uint32_t> g_op_ids;    // guarded by g_mu
 
 template <typename T>
-inline void put(std::vector<uint8_t>& b, T v) {
-  const size_t n = b.size();
-  b.resize(n + sizeof(T));
-  std::memcpy(b.data() + n, &v, sizeof(T));
+inline void put(Buf& b, T v) {
+  std::memcpy(b.grow(sizeof(T)), &v, sizeof(T));
 }
 
-inline void put_bytes(std::vector<uint8_t>& b, const void* p, size_t n) {
-  const size_t at = b.size();
-  b.resize(at + n);
-  if (n) std::memcpy(b.data() + at, p, n);
+inline void put_bytes(Buf& b, const void* p, size_t n) {
+  if (n) std::memcpy(b.grow(n), p, n);
 }
 
 // Start a record (returns where its length goes); finish_record patches the length.
@@ -214,7 +227,7 @@ const bool kHooksRegistered = [] {
 // Encoding arguments, and the meta-inference cache key.
 // ---------------------------------------------------------------------------------------------------------------------
 
-void put_geometry(std::vector<uint8_t>& b, const at::Tensor& t) {
+void put_geometry(Buf& b, const at::Tensor& t) {
   put<uint8_t>(b, static_cast<uint8_t>(t.scalar_type()));
   const auto sizes = t.sizes();
   const auto strides = t.strides();
@@ -224,7 +237,7 @@ void put_geometry(std::vector<uint8_t>& b, const at::Tensor& t) {
   put<int64_t>(b, t.storage_offset());
 }
 
-void put_tensor(std::vector<uint8_t>& b, const at::Tensor& t) {
+void put_tensor(Buf& b, const at::Tensor& t) {
   if (!t.defined()) {
     put<uint8_t>(b, 'N');
     return;
@@ -248,7 +261,7 @@ void put_tensor(std::vector<uint8_t>& b, const at::Tensor& t) {
 
 // One argument into the record (b) and the cache key (k). Doubles go into the key by type only (their value never
 // changes an output's metadata: Adam's step sizes would otherwise miss every time), as the Python shim keys them.
-void put_arg(std::vector<uint8_t>& b, std::string& k, const IValue& v) {
+void put_arg(Buf& b, std::string& k, const IValue& v) {
   auto key_tensor = [&k](const at::Tensor& t) {
     if (!t.defined()) {
       k.push_back('N');
@@ -557,7 +570,7 @@ void spike_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   if (plan == nullptr) {
     // Run the Meta kernel without the lock (a meta registration may be Python, which may free tensors or run ops):
     // set the record so far aside and put it back after.
-    std::vector<uint8_t> head(g_buf.begin() + static_cast<std::ptrdiff_t>(at), g_buf.end());
+    std::vector<uint8_t> head(g_buf.data() + at, g_buf.data() + g_buf.size());
     g_buf.resize(at);
     lock.unlock();
     std::vector<IValue> margs;
