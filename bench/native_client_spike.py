@@ -20,8 +20,10 @@ Instructions of record come from callgrind, one way per run, instrumentation swi
         python bench/native_client_spike.py --callgrind spike --steps 5
     grep ^totals: /tmp/cg.out      # divide by the ops (or steps) the script prints
 
-`--no-claim` leaves torch's own routing (structured ops as empty_strided + their out= form, foreach ops as per-tensor
-loops: what a fallback-only backend gets), `--no-cache` runs every op's Meta kernel (no meta cache).
+The spike's backward runs on autograd's device thread (torch's default); `--calling-thread` runs it on the calling
+thread, as gpupool's shim does. `--no-claim` leaves torch's own routing (structured ops as empty_strided + their out=
+form, foreach ops as per-tensor loops: what a fallback-only backend gets), `--no-cache` runs every op's Meta kernel
+(no meta cache).
 This process must own PrivateUse1: the script sets TORCH_DEVICE_BACKEND_AUTOLOAD=0 before importing torch and never
 imports gpupool.torch.
 """
@@ -66,8 +68,10 @@ class OpLog(TorchDispatchMode):
         return out
 
 
-def setup(how: str, model_name: str = "tiny-mlp") -> tuple[Callable[[int], Any], Any]:
-    """(step function, optimizer) for one way of running: local or spike."""
+def setup(how: str, model_name: str = "tiny-mlp", calling_thread: bool = False) -> tuple[Callable[[int], Any], Any]:
+    """(step function, optimizer) for one way of running: local or spike. torch's autograd engine runs the spike's
+    backward on its device thread, unless `calling_thread`: then on the calling thread, as gpupool's shim runs it
+    (client/torch/backend.py `_CallingThreadEngine`)."""
     model, data, loss_fn = workload(model_name)
     dev = native_client.device() if how == "spike" else None
     if dev is not None:
@@ -80,7 +84,15 @@ def setup(how: str, model_name: str = "tiny-mlp") -> tuple[Callable[[int], Any],
             x, y = x.to(dev), y.to(dev)
         opt.zero_grad()
         loss = loss_fn(model(x), y)
-        loss.backward()
+        if dev is not None and calling_thread:
+            prev = torch._C._is_multithreading_enabled()
+            torch._C._set_multithreading_enabled(False)
+            try:
+                loss.backward()
+            finally:
+                torch._C._set_multithreading_enabled(prev)
+        else:
+            loss.backward()
         opt.step()
         return loss
 
@@ -115,12 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--callgrind", choices=("local", "spike"), help="under callgrind: count one way's steps")
     p.add_argument("--no-claim", action="store_true", help="leave structured and foreach ops to torch's routing")
     p.add_argument("--no-cache", action="store_true", help="run every op's Meta kernel (no meta inference cache)")
+    p.add_argument("--calling-thread", action="store_true", help="the spike's backward on the calling thread")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     claimed = start(not args.no_claim, not args.no_cache)
     if args.callgrind:
-        return callgrind(args.callgrind, args.steps)
-    steps = {how: setup(how)[0] for how in ("local", "spike")}
+        return callgrind(args.callgrind, args.steps, args.calling_thread)
+    steps = {how: setup(how, calling_thread=args.calling_thread)[0] for how in ("local", "spike")}
     for step in steps.values():  # warm up: optimizer state, caches
         for i in range(3):
             step(i)
@@ -149,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def callgrind(how: str, steps: int) -> int:
+def callgrind(how: str, steps: int, calling_thread: bool) -> int:
     """Run `steps` steps of one way with callgrind's instrumentation on (`callgrind_control`), then print what to
     divide callgrind's totals by."""
-    spike = setup("spike")[0]
+    spike = setup("spike", calling_thread=calling_thread)[0]
     for i in range(3):
         spike(i)
     ops = spike_ops_per_step(spike)["op_records"]
