@@ -122,6 +122,7 @@ def spike_ops_per_step(step: Callable[[int], Any]) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny-mlp", help="a launch_bound.py workload: tiny-mlp (the issue's) or encoder")
     p.add_argument("--steps", type=int, default=50, help="steps per measurement")
     p.add_argument("--rounds", type=int, default=7, help="interleaved measurements of each way")
     p.add_argument("--callgrind", choices=("local", "spike"), help="under callgrind: count one way's steps")
@@ -132,15 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     claimed = start(not args.no_claim, not args.no_cache)
     if args.callgrind:
-        return callgrind(args.callgrind, args.steps, args.calling_thread)
-    steps = {how: setup(how, calling_thread=args.calling_thread)[0] for how in ("local", "spike")}
+        return callgrind(args.model, args.callgrind, args.steps, args.calling_thread)
+    steps = {how: setup(how, args.model, calling_thread=args.calling_thread)[0] for how in ("local", "spike")}
     for step in steps.values():  # warm up: optimizer state, caches
         for i in range(3):
             step(i)
     counts = spike_ops_per_step(steps["spike"])
     ops = counts["op_records"]
     local_ops = local_ops_per_step(steps["local"])
-    print(f"claimed ops: {claimed}; meta cache: {'off' if args.no_cache else 'on'}")
+    print(f"{args.model}: claimed ops: {claimed}; meta cache: {'off' if args.no_cache else 'on'}")
     print(f"spike, per step: {counts}")
     print(f"local, aten ops per step at the Python dispatch key: {local_ops}")
     cpu: dict[str, list[float]] = {how: [] for how in steps}
@@ -162,14 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def callgrind(how: str, steps: int, calling_thread: bool) -> int:
+def callgrind(model: str, how: str, steps: int, calling_thread: bool) -> int:
     """Run `steps` steps of one way with callgrind's instrumentation on (`callgrind_control`), then print what to
     divide callgrind's totals by."""
-    spike = setup("spike", calling_thread=calling_thread)[0]
+    spike = setup("spike", model, calling_thread=calling_thread)[0]
     for i in range(3):
         spike(i)
     ops = spike_ops_per_step(spike)["op_records"]
-    step = spike if how == "spike" else setup("local")[0]
+    step = spike if how == "spike" else setup("local", model)[0]
     for i in range(3):
         step(i)
     pid = str(os.getpid())
@@ -177,7 +178,7 @@ def callgrind(how: str, steps: int, calling_thread: bool) -> int:
     for i in range(steps):
         step(i)
     subprocess.run(["callgrind_control", "--instr=off", pid], capture_output=True, check=False)
-    print(f"tiny-mlp {how}: steps {steps}, spike op records {ops * steps} (divide callgrind's totals by these)")
+    print(f"{model} {how}: steps {steps}, spike op records {ops * steps} (divide callgrind's totals by these)")
     return 0
 
 
