@@ -35,11 +35,12 @@ import os
 os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"  # before torch: gpupool's package would take PrivateUse1
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -163,6 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def instrumented() -> Iterator[None]:
+    """callgrind's instrumentation on inside the block (nothing happens outside valgrind)."""
+    pid = str(os.getpid())
+    subprocess.run(["callgrind_control", "--instr=on", pid], capture_output=True, check=False)
+    try:
+        yield
+    finally:
+        subprocess.run(["callgrind_control", "--instr=off", pid], capture_output=True, check=False)
+
+
 def callgrind(model: str, how: str, steps: int, calling_thread: bool) -> int:
     """Run `steps` steps of one way with callgrind's instrumentation on (`callgrind_control`), then print what to
     divide callgrind's totals by."""
@@ -173,11 +185,9 @@ def callgrind(model: str, how: str, steps: int, calling_thread: bool) -> int:
     step = spike if how == "spike" else setup("local", model)[0]
     for i in range(3):
         step(i)
-    pid = str(os.getpid())
-    subprocess.run(["callgrind_control", "--instr=on", pid], capture_output=True, check=False)
-    for i in range(steps):
-        step(i)
-    subprocess.run(["callgrind_control", "--instr=off", pid], capture_output=True, check=False)
+    with instrumented():
+        for i in range(steps):
+            step(i)
     print(f"{model} {how}: steps {steps}, spike op records {ops * steps} (divide callgrind's totals by these)")
     return 0
 

@@ -259,6 +259,14 @@ void put_tensor(Buf& b, const at::Tensor& t) {
   put_bytes(b, c.const_data_ptr(), n);
 }
 
+// A list's tag and count, into the record and the key.
+inline void list_head(Buf& b, std::string& k, char tag, size_t n) {
+  put<uint8_t>(b, static_cast<uint8_t>(tag));
+  put<uint32_t>(b, static_cast<uint32_t>(n));
+  k.push_back(tag);
+  k.push_back(static_cast<char>(n));
+}
+
 // One argument into the record (b) and the cache key (k). Doubles go into the key by type only (their value never
 // changes an output's metadata: Adam's step sizes would otherwise miss every time), as the Python shim keys them.
 void put_arg(Buf& b, std::string& k, const IValue& v) {
@@ -298,10 +306,7 @@ void put_arg(Buf& b, std::string& k, const IValue& v) {
     k.push_back(v.toBool() ? 'y' : 'n');
   } else if (v.isTensorList()) {
     const auto list = v.toTensorList();
-    put<uint8_t>(b, 'L');
-    put<uint32_t>(b, static_cast<uint32_t>(list.size()));
-    k.push_back('L');
-    k.push_back(static_cast<char>(list.size()));
+    list_head(b, k, 'L', list.size());
     for (size_t i = 0; i < list.size(); i++) {
       const at::Tensor t = list.get(i);
       put_tensor(b, t);
@@ -309,10 +314,7 @@ void put_arg(Buf& b, std::string& k, const IValue& v) {
     }
   } else if (v.isIntList()) {
     const auto list = v.toIntList();
-    put<uint8_t>(b, 'I');
-    put<uint32_t>(b, static_cast<uint32_t>(list.size()));
-    k.push_back('I');
-    k.push_back(static_cast<char>(list.size()));
+    list_head(b, k, 'I', list.size());
     for (size_t i = 0; i < list.size(); i++) {
       const int64_t x = list.get(i);
       put<int64_t>(b, x);
@@ -320,26 +322,18 @@ void put_arg(Buf& b, std::string& k, const IValue& v) {
     }
   } else if (v.isDoubleList()) {
     const auto list = v.toDoubleList();
-    put<uint8_t>(b, 'D');
-    put<uint32_t>(b, static_cast<uint32_t>(list.size()));
-    k.push_back('D');
-    k.push_back(static_cast<char>(list.size()));
+    list_head(b, k, 'D', list.size());
     for (size_t i = 0; i < list.size(); i++) put<double>(b, list.get(i));
   } else if (v.isBoolList()) {
     const auto list = v.toBoolList();
-    put<uint8_t>(b, 'B');
-    put<uint32_t>(b, static_cast<uint32_t>(list.size()));
-    k.push_back('B');
+    list_head(b, k, 'B', list.size());
     for (size_t i = 0; i < list.size(); i++) {
       put<uint8_t>(b, list.get(i));
       k.push_back(list.get(i) ? 'y' : 'n');
     }
   } else if (v.isList()) {  // Tensor?[] (index), Scalar[] (_foreach_div_.ScalarList): each element tagged
     const auto list = v.toListRef();
-    put<uint8_t>(b, 'L');
-    put<uint32_t>(b, static_cast<uint32_t>(list.size()));
-    k.push_back('L');
-    k.push_back(static_cast<char>(list.size()));
+    list_head(b, k, 'L', list.size());
     for (const IValue& e : list) {
       TORCH_CHECK(!e.isList(), "spike: a list of lists");
       put_arg(b, k, e);
