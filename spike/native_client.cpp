@@ -551,7 +551,12 @@ void spike_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   std::string& key = t_key;
   key.clear();
   key.append(reinterpret_cast<const char*>(&id), sizeof(id));
-  for (size_t i = 0; i < nargs; i++) put_arg(g_buf, key, args[i]);
+  try {
+    for (size_t i = 0; i < nargs; i++) put_arg(g_buf, key, args[i]);
+  } catch (...) {
+    g_buf.resize(at);  // an unsupported argument: no partial record stays in the buffer
+    throw;
+  }
   const Plan* plan = nullptr;
   Plan fresh;
   if (g_cache_on) {

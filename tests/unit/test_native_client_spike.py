@@ -79,6 +79,10 @@ if __name__ != "__main__":
     def test_resizing_out_is_a_clear_error(child: dict[str, Any]) -> None:
         assert "resizes an out= argument" in child["resize_error"]
 
+    def test_unsupported_argument_is_a_clear_error_and_leaves_no_partial_record(child: dict[str, Any]) -> None:
+        assert "an argument of kind Generator is not supported" in child["generator_error"]
+        assert child["after_error_kinds"] == ["alloc", "op:aten::add.Tensor"]  # randn's empty; the buffer still decodes
+
 
 def _run_child() -> dict[str, Any]:
     """The checks, in a process that owns PrivateUse1."""
@@ -173,7 +177,16 @@ def _run_child() -> dict[str, Any]:
         result["resize_error"] = ""
     except RuntimeError as e:
         result["resize_error"] = str(e)
-    del x, xd, loss, ups
+    # An argument the spike cannot encode: a clear error, and the buffer stays whole (take() decodes it, strictly).
+    take()
+    try:
+        torch.randn(3, device=spike_dev, generator=torch.Generator())
+        result["generator_error"] = ""
+    except RuntimeError as e:
+        result["generator_error"] = str(e)
+    _ = xd + xd
+    result["after_error_kinds"] = _kinds(take())
+    del x, xd, loss, ups, _
 
     # Handles: the ones alive after the steps are exactly the state's; all come back once everything dies.
     import gc
