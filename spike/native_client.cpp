@@ -533,12 +533,495 @@ uint32_t op_id(const c10::OperatorHandle& op) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
+// Wire mode (configure_wire): records in the daemon's own format, for a real session. The buffer then holds finished
+// `ClientFrame.commands` entries (Command{eager_op}, Command{upload}, Command{free}: byte for byte what protobuf
+// writes, as client/session.py's eager_command and upload_command write them), and every kFlushCommands commands, and
+// at every sync, the buffer goes to Python once (the `spike_client::send` / `sync_scalar` / `download` operators,
+// implemented in Python by spike/native_client.py over client/session.py's Session). Compact records
+// (gpupool/compact.py): u32 op id (u8 name length and the name the first time), u8 n, u64 outputs, u8 n, args,
+// u8 n, (u8 length, name, arg) kwargs; kwarg-only arguments of the schema go by name.
+//
+// Handles: the daemon names tensors, not storages. A storage's handle (its DataPtr id + the session's handle base)
+// names the tensor its first op made (its "base" geometry); a tensor argument with another geometry on that storage
+// (a view: t(), expand, a slice) gets a handle of its own, made by an `aten::as_strided` record from the storage's
+// handle and cached per storage and geometry until the storage dies (then freed with it). No wire change.
+// ---------------------------------------------------------------------------------------------------------------------
+
+// Compact tags (gpupool/compact.py).
+enum : uint8_t { T_NONE = 0, T_TENSOR, T_INT, T_FLOAT, T_BOOL, T_TENSORS, T_INTS, T_FLOATS, T_BOOLS, T_DTYPE, T_DEVICE,
+                 T_CPU, T_LAYOUT, T_MEMORY_FORMAT };
+constexpr size_t kFlushCommands = 32;                    // client/torch/runtime.py FLUSH_OPS
+constexpr size_t kChunkBytes = 4 * 1024 * 1024;          // gpupool/wire.py CHUNK_BYTES: one-chunk uploads only
+
+bool g_wire = false;
+uint64_t g_base = 0;                                      // the session's handle_base
+int g_dtype_code[64];                                     // c10::ScalarType -> tensor.proto DType (-1: none)
+int g_layout_strided = -1;                                // tensor.proto Layout of torch.strided
+int g_mf_code[4] = {-1, -1, -1, -1};                      // c10::MemoryFormat -> tensor.proto MemoryFormat
+std::unordered_set<std::string> g_wire_ops;               // the op set the wire mode sends
+size_t g_cmds = 0;                                        // commands in g_buf
+std::mutex g_send_mu;                                     // frames go to Python in the order they were cut
+
+struct Geo {
+  at::ScalarType dtype = at::kFloat;
+  std::vector<int64_t> sizes, strides;
+  int64_t offset = 0;
+  static Geo of(const at::Tensor& t) { return {t.scalar_type(), t.sizes().vec(), t.strides().vec(), t.storage_offset()}; }
+  bool same(const at::Tensor& t) const {
+    return t.scalar_type() == dtype && t.storage_offset() == offset && t.sizes().equals(sizes) &&
+           t.strides().equals(strides);
+  }
+};
+struct Store {
+  Geo base;
+  std::vector<std::pair<Geo, uint64_t>> views;  // as_strided handles on this storage
+};
+std::unordered_map<uint64_t, Store> g_stores;                          // storage id -> what the daemon holds
+std::vector<std::pair<uint64_t, std::vector<uint8_t>>> g_pending;       // empty/empty_strided held back (args part)
+
+struct WireOp {
+  bool named = false, allowed = false;
+  size_t npos = 0;
+  std::vector<uint8_t> kind;  // per schema argument: 0 (by value), T_DTYPE, T_LAYOUT, T_MEMORY_FORMAT
+};
+std::vector<WireOp> g_wire_info;  // by op id
+thread_local Buf t_rec, t_aux;
+struct WireStats { int64_t frames = 0, view_handles = 0, frees = 0, skipped_views = 0; } g_wstats;
+
+inline void put_varint(Buf& b, uint64_t v) {
+  while (v >= 0x80) {
+    put<uint8_t>(b, static_cast<uint8_t>(v | 0x80));
+    v >>= 7;
+  }
+  put<uint8_t>(b, static_cast<uint8_t>(v));
+}
+
+inline size_t varint_len(uint64_t v) {
+  size_t n = 1;
+  while (v >= 0x80) {
+    v >>= 7;
+    n++;
+  }
+  return n;
+}
+
+// One ClientFrame.commands entry: tag 1, the Command (field `field_tag`, length-delimited `body`).
+void emit_command(const uint8_t* field_tag, size_t tag_len, const Buf& body) {
+  const size_t cmd = tag_len + varint_len(body.n) + body.n;
+  put<uint8_t>(g_buf, 0x0a);
+  put_varint(g_buf, cmd);
+  put_bytes(g_buf, field_tag, tag_len);
+  put_varint(g_buf, body.n);
+  put_bytes(g_buf, body.v.data(), body.n);
+  g_cmds++;
+}
+
+uint32_t op_id(const c10::OperatorHandle& op);
+
+WireOp& wire_info(const c10::OperatorHandle& op, uint32_t id, bool internal) {
+  if (g_wire_info.size() <= id) g_wire_info.resize(id + 1);
+  WireOp& w = g_wire_info[id];
+  if (w.kind.empty() && !op.schema().arguments().empty()) {
+    for (const auto& a : op.schema().arguments()) {
+      c10::TypePtr t = a.real_type();
+      if (auto o = t->cast<c10::OptionalType>()) t = o->getElementType();
+      const auto k = t->kind();
+      w.kind.push_back(k == c10::TypeKind::ScalarTypeType   ? T_DTYPE
+                       : k == c10::TypeKind::LayoutType     ? T_LAYOUT
+                       : k == c10::TypeKind::MemoryFormatType ? T_MEMORY_FORMAT
+                                                              : 0);
+      if (!a.kwarg_only()) w.npos++;
+    }
+    w.allowed = g_wire_ops.count(g_op_names[id]) > 0;
+  }
+  if (internal) w.allowed = true;
+  return w;
+}
+
+// A compact record: head (op id, the name the first time), outputs, then `args` (the argument part).
+void emit_record(uint32_t id, const std::vector<uint64_t>& outs, const Buf& args) {
+  WireOp& w = g_wire_info[id];
+  Buf& r = t_aux;
+  r.clear();
+  put<uint32_t>(r, id);
+  if (!w.named) {
+    const std::string& name = g_op_names[id];
+    put<uint8_t>(r, static_cast<uint8_t>(name.size()));
+    put_bytes(r, name.data(), name.size());
+    w.named = true;
+  } else {
+    put<uint8_t>(r, 0);
+  }
+  put<uint8_t>(r, static_cast<uint8_t>(outs.size()));
+  put_bytes(r, outs.data(), outs.size() * sizeof(uint64_t));
+  put_bytes(r, args.v.data(), args.n);
+  static const uint8_t tag[] = {0xf2, 0x01};  // Command.eager_op (30)
+  emit_command(tag, 2, r);
+  g_stats.op_records++;
+  g_stats.bytes += static_cast<int64_t>(r.n);
+}
+
+inline void put_ints(Buf& b, uint8_t tag, c10::IntArrayRef v) {
+  put<uint8_t>(b, tag);
+  put<uint16_t>(b, static_cast<uint16_t>(v.size()));
+  put_bytes(b, v.data(), v.size() * sizeof(int64_t));
+}
+
+const c10::OperatorHandle& named_op(const char* name) {
+  static std::unordered_map<std::string, c10::OperatorHandle> ops;
+  auto it = ops.find(name);
+  if (it == ops.end()) it = ops.emplace(name, c10::Dispatcher::singleton().findSchemaOrThrow(name, "")).first;
+  return it->second;
+}
+
+// The wire handle of a device tensor: its storage's, or a view handle (made now, once per geometry and storage).
+uint64_t wire_handle(const at::Tensor& t) {
+  const uint64_t sid = handle_of(t);
+  auto it = g_stores.find(sid);
+  TORCH_CHECK(it != g_stores.end(), "spike: a tensor on a storage the daemon never saw (storage ", sid, ")");
+  Store& s = it->second;
+  if (s.base.same(t)) return g_base + sid;
+  for (const auto& [g, h] : s.views)
+    if (g.same(t)) return g_base + h;
+  TORCH_CHECK(t.scalar_type() == s.base.dtype, "spike: a view with another dtype than its storage's: not supported");
+  const uint64_t vh = g_next.fetch_add(1, std::memory_order_relaxed);
+  const auto& op = named_op("aten::as_strided");
+  const uint32_t id = op_id(op);
+  wire_info(op, id, true);
+  Buf local;
+  put<uint8_t>(local, 4);
+  put<uint8_t>(local, T_TENSOR);
+  put<uint64_t>(local, g_base + sid);
+  put_ints(local, T_INTS, t.sizes());
+  put_ints(local, T_INTS, t.strides());
+  put<uint8_t>(local, T_INT);
+  put<int64_t>(local, t.storage_offset());
+  put<uint8_t>(local, 0);
+  emit_record(id, {g_base + vh}, local);
+  s.views.emplace_back(Geo::of(t), vh);
+  g_wstats.view_handles++;
+  return g_base + vh;
+}
+
+// Frees of the storages that died, as one Command{free}: a storage's handle and its view handles. A storage whose
+// empty was held back and never sent is simply forgotten.
+void drain_frees_wire() {
+  std::vector<uint64_t> dead;
+  {
+    std::lock_guard<std::mutex> flock(g_free_mu);
+    if (g_free.empty()) return;
+    dead.swap(g_free);
+  }
+  Buf packed;
+  for (uint64_t sid : dead) {
+    auto p = std::find_if(g_pending.begin(), g_pending.end(), [sid](const auto& e) { return e.first == sid; });
+    if (p != g_pending.end()) g_pending.erase(p);
+    auto it = g_stores.find(sid);
+    if (it == g_stores.end()) continue;
+    if (p == g_pending.end()) put_varint(packed, g_base + sid);
+    for (const auto& v : it->second.views) put_varint(packed, g_base + v.second);
+    g_stores.erase(it);
+  }
+  if (packed.n == 0) return;
+  Buf fr;
+  put<uint8_t>(fr, 0x0a);  // Free.handles (1), packed
+  put_varint(fr, packed.n);
+  put_bytes(fr, packed.v.data(), packed.n);
+  static const uint8_t tag[] = {0x22};  // Command.free (4)
+  emit_command(tag, 1, fr);
+  g_stats.free_records++;
+  g_wstats.frees++;
+}
+
+void materialize_pending() {
+  if (g_pending.empty()) return;
+  const auto& op = named_op("aten::empty_strided");
+  const uint32_t id = op_id(op);
+  wire_info(op, id, true);
+  for (auto& [sid, args] : g_pending) {
+    Buf b;
+    put_bytes(b, args.data(), args.size());
+    emit_record(id, {g_base + sid}, b);
+  }
+  g_pending.clear();
+}
+
+// Before a record: the held-back empties it may name. Frees wait for the frame's end (take_frame_locked), one
+// Command{free} per frame as the runtime batches them: handles are never reused, so a late free is still right.
+inline void prelude_wire() {
+  if (g_pending.empty()) return;
+  drain_frees_wire();  // an empty that died unsent is dropped, not sent
+  materialize_pending();
+}
+
+at::Tensor take_frame_locked() {
+  drain_frees_wire();
+  at::Tensor out = at::empty({static_cast<int64_t>(g_buf.size())}, at::kByte);
+  if (!g_buf.empty()) std::memcpy(out.data_ptr(), g_buf.data(), g_buf.size());
+  g_buf.clear();
+  g_cmds = 0;
+  g_wstats.frames++;
+  return out;
+}
+
+// Hand the buffer to Python (spike_client::send): one call per frame.
+void flush_frame() {
+  std::lock_guard<std::mutex> send(g_send_mu);
+  at::Tensor frame;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    frame = take_frame_locked();
+  }
+  if (frame.numel() == 0) return;
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("spike_client::send", "").typed<void(const at::Tensor&)>();
+  op.call(frame);
+}
+
+void key_tensor(std::string& k, const at::Tensor& t) {
+  if (!t.defined()) {
+    k.push_back('N');
+    return;
+  }
+  k.push_back(t.device().type() == kType ? 'T' : 'C');
+  k.push_back(static_cast<char>(t.scalar_type()));
+  k.push_back(static_cast<char>(t.dim()));
+  k.append(reinterpret_cast<const char*>(t.sizes().data()), t.dim() * sizeof(int64_t));
+  k.append(reinterpret_cast<const char*>(t.strides().data()), t.dim() * sizeof(int64_t));
+  const int64_t off = t.storage_offset();
+  k.append(reinterpret_cast<const char*>(&off), sizeof(off));
+}
+
+void put_wire_tensor(Buf& b, std::string& k, const at::Tensor& t) {
+  key_tensor(k, t);
+  if (!t.defined()) {
+    put<uint8_t>(b, T_NONE);
+  } else if (t.device().type() == kType) {
+    put<uint8_t>(b, T_TENSOR);
+    put<uint64_t>(b, wire_handle(t));
+  } else {
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 0, "spike: a ", t.device(), " tensor of ", t.dim(),
+                " dims among a device op's arguments: only 0-dim CPU tensors (sent as numbers) are in the spike");
+    if (at::isFloatingType(t.scalar_type())) {
+      put<uint8_t>(b, T_FLOAT);
+      put<double>(b, t.item<double>());
+    } else if (t.scalar_type() == at::kBool) {
+      put<uint8_t>(b, T_BOOL);
+      put<uint8_t>(b, t.item<bool>());
+    } else {
+      TORCH_CHECK(at::isIntegralType(t.scalar_type(), false), "spike: a complex CPU scalar tensor argument");
+      put<uint8_t>(b, T_INT);
+      put<int64_t>(b, t.item<int64_t>());
+    }
+  }
+}
+
+// One argument in the compact format (b) and into the meta-cache key (k, as put_arg keys it).
+void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind) {
+  if (v.isTensor()) {
+    put_wire_tensor(b, k, v.toTensor());
+  } else if (v.isNone()) {
+    put<uint8_t>(b, T_NONE);
+    k.push_back('N');
+  } else if (v.isInt()) {
+    const int64_t x = v.toInt();
+    k.push_back('i');
+    k.append(reinterpret_cast<const char*>(&x), sizeof(x));
+    int code = -1;
+    if (kind == T_DTYPE) code = (x >= 0 && x < 64) ? g_dtype_code[x] : -1;
+    else if (kind == T_LAYOUT) code = x == static_cast<int64_t>(at::kStrided) ? g_layout_strided : -1;
+    else if (kind == T_MEMORY_FORMAT) code = (x >= 0 && x < 4) ? g_mf_code[x] : -1;
+    if (kind != 0) {
+      TORCH_CHECK(code >= 0, "spike: no wire code for this dtype/layout/memory format (", x, ")");
+      put<uint8_t>(b, kind);
+      put<uint8_t>(b, static_cast<uint8_t>(code));
+    } else {
+      put<uint8_t>(b, T_INT);
+      put<int64_t>(b, x);
+    }
+  } else if (v.isDouble()) {
+    put<uint8_t>(b, T_FLOAT);
+    put<double>(b, v.toDouble());
+    k.push_back('d');
+  } else if (v.isBool()) {
+    put<uint8_t>(b, T_BOOL);
+    put<uint8_t>(b, v.toBool());
+    k.push_back(v.toBool() ? 'y' : 'n');
+  } else if (v.isTensorList() || (v.isList() && !v.isIntList() && !v.isDoubleList() && !v.isBoolList())) {
+    // Tensor[], Tensor?[] (TENSORS, 0 for None) or Scalar[] (FLOATS / INTS)
+    std::vector<IValue> items;
+    if (v.isTensorList()) {
+      for (const at::Tensor& t : v.toTensorList().vec()) items.emplace_back(t);
+    } else {
+      for (const IValue& e : v.toListRef()) items.push_back(e);
+    }
+    bool tensors = true, doubles = true, ints = true;
+    for (const IValue& e : items) {
+      tensors &= e.isTensor() || e.isNone();
+      doubles &= e.isDouble();
+      ints &= e.isInt();
+    }
+    TORCH_CHECK(items.size() <= 65535, "spike: a list of ", items.size(), " entries");
+    k.push_back('L');
+    k.push_back(static_cast<char>(items.size()));
+    if (tensors) {
+      put<uint8_t>(b, T_TENSORS);
+      put<uint16_t>(b, static_cast<uint16_t>(items.size()));
+      for (const IValue& e : items) {
+        if (e.isNone()) {
+          put<uint64_t>(b, 0);
+          k.push_back('N');
+          continue;
+        }
+        const at::Tensor& t = e.toTensor();
+        TORCH_CHECK(t.device().type() == kType, "spike: a ", t.device(), " tensor in a tensor list: not in the spike");
+        key_tensor(k, t);
+        put<uint64_t>(b, wire_handle(t));
+      }
+    } else if (doubles || ints) {
+      put<uint8_t>(b, doubles ? T_FLOATS : T_INTS);
+      put<uint16_t>(b, static_cast<uint16_t>(items.size()));
+      for (const IValue& e : items) {
+        if (doubles) {
+          put<double>(b, e.toDouble());
+        } else {
+          const int64_t x = e.toInt();
+          put<int64_t>(b, x);
+          k.append(reinterpret_cast<const char*>(&x), sizeof(x));
+        }
+      }
+    } else {
+      TORCH_CHECK(false, "spike: a list of mixed values: not in the compact format");
+    }
+  } else if (v.isIntList()) {
+    const auto list = v.toIntList();
+    TORCH_CHECK(list.size() <= 65535, "spike: a list of ", list.size(), " entries");
+    put<uint8_t>(b, T_INTS);
+    put<uint16_t>(b, static_cast<uint16_t>(list.size()));
+    k.push_back('I');
+    for (size_t i = 0; i < list.size(); i++) {
+      const int64_t x = list.get(i);
+      put<int64_t>(b, x);
+      k.append(reinterpret_cast<const char*>(&x), sizeof(x));
+    }
+  } else if (v.isDoubleList()) {
+    const auto list = v.toDoubleList();
+    put<uint8_t>(b, T_FLOATS);
+    put<uint16_t>(b, static_cast<uint16_t>(list.size()));
+    k.push_back('D');
+    k.push_back(static_cast<char>(list.size()));
+    for (size_t i = 0; i < list.size(); i++) put<double>(b, list.get(i));
+  } else if (v.isBoolList()) {
+    const auto list = v.toBoolList();
+    put<uint8_t>(b, T_BOOLS);
+    put<uint16_t>(b, static_cast<uint16_t>(list.size()));
+    k.push_back('B');
+    for (size_t i = 0; i < list.size(); i++) {
+      put<uint8_t>(b, list.get(i));
+      k.push_back(list.get(i) ? 'y' : 'n');
+    }
+  } else if (v.isDevice()) {
+    const Device d = v.toDevice();
+    TORCH_CHECK(d.type() == kType || d.is_cpu(), "spike: a ", d, " device argument");
+    put<uint8_t>(b, d.type() == kType ? T_DEVICE : T_CPU);
+    k.push_back('v');
+    k.push_back(static_cast<char>(d.type()));
+  } else {
+    TORCH_CHECK(false, "spike: an argument of kind ", v.tagKind(), " has no compact form (strings, complex numbers, "
+                "Generators: the daemon-backed spike does not send them)");
+  }
+}
+
+thread_local std::string t_wkey;
+
+void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const auto& sargs = schema.arguments();
+  const size_t nargs = sargs.size();
+  IValue* args = stack->data() + (stack->size() - nargs);
+  std::unique_lock<std::mutex> lock(g_mu);
+  const uint32_t id = op_id(op);
+  const size_t npos = wire_info(op, id, false).npos;
+  TORCH_CHECK(g_wire_info[id].allowed, "spike: ", g_op_names[id], " is outside the op set the daemon-backed spike "
+              "sends (the tiny MLP's training step): not supported");
+  prelude_wire();
+  Buf& rec = t_rec;
+  rec.clear();
+  std::string& key = t_wkey;
+  key.clear();
+  key.append(reinterpret_cast<const char*>(&id), sizeof(id));
+  put<uint8_t>(rec, static_cast<uint8_t>(npos));
+  for (size_t i = 0; i < npos; i++) put_wire_arg(rec, key, args[i], g_wire_info[id].kind[i]);
+  put<uint8_t>(rec, static_cast<uint8_t>(nargs - npos));
+  for (size_t i = npos; i < nargs; i++) {
+    const std::string& name = sargs[i].name();
+    put<uint8_t>(rec, static_cast<uint8_t>(name.size()));
+    put_bytes(rec, name.data(), name.size());
+    put_wire_arg(rec, key, args[i], g_wire_info[id].kind[i]);
+  }
+  const Plan* plan = nullptr;
+  Plan fresh;
+  auto it = g_cache.find(key);
+  if (it != g_cache.end()) {
+    plan = &it->second;
+    g_stats.cache_hits++;
+  } else {
+    lock.unlock();  // a Python meta kernel may free tensors or run ops
+    std::vector<IValue> margs;
+    fresh = infer(op, args, nargs, margs);
+    margs.clear();
+    lock.lock();
+    g_stats.meta_runs++;
+    plan = &g_cache.emplace(key, std::move(fresh)).first->second;
+  }
+  std::vector<uint64_t> outs;
+  c10::SmallVector<at::Tensor, 4> made;
+  bool any_named = false;
+  for (const RetPlan& r : plan->rets) {
+    for (const OutPlan& p : r.outs) {
+      made.push_back(make_out(p, args));
+      if (p.kind == OutPlan::NEW) {
+        const uint64_t sid = handle_of(made.back());
+        g_stores[sid] = Store{Geo{p.dtype, p.sizes, p.strides, p.offset}, {}};
+        outs.push_back(g_base + sid);
+      } else {
+        outs.push_back(0);
+      }
+      any_named |= p.kind != OutPlan::VIEW;
+    }
+  }
+  if (any_named || outs.empty()) {
+    emit_record(id, outs, rec);
+  } else {
+    g_wstats.skipped_views++;  // only views of inputs: the daemon need not compute what no handle names
+  }
+  const bool full = g_cmds >= kFlushCommands;
+  lock.unlock();
+  torch::jit::drop(*stack, nargs);
+  size_t k = 0;
+  for (const RetPlan& r : plan->rets) {
+    if (r.is_list) {
+      c10::List<at::Tensor> l;
+      l.reserve(r.outs.size());
+      for (size_t j = 0; j < r.outs.size(); j++) l.push_back(std::move(made[k++]));
+      stack->emplace_back(std::move(l));
+    } else {
+      stack->emplace_back(std::move(made[k++]));
+    }
+  }
+  if (full) flush_frame();
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
 // The boxed fallback: every op without a kernel of its own on PrivateUse1.
 // ---------------------------------------------------------------------------------------------------------------------
 
 thread_local std::string t_key;
 
 void spike_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  if (g_wire) {
+    wire_fallback(op, stack);
+    return;
+  }
   const auto& schema = op.schema();
   const size_t nargs = schema.arguments().size();
   IValue* args = stack->data() + (stack->size() - nargs);
@@ -612,7 +1095,35 @@ void spike_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 // Kernels of our own: factories, copies, syncs, metadata-only views.
 // ---------------------------------------------------------------------------------------------------------------------
 
+// Wire mode: an empty is held back (the usual next step, a copy from the CPU, then becomes one Upload into its handle);
+// anything else that names it first sends it as aten::empty_strided.
+void wire_alloc(const at::Tensor& t) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  const int code = g_dtype_code[static_cast<int>(t.scalar_type())];
+  TORCH_CHECK(code >= 0, "spike: no wire code for ", t.scalar_type());
+  Buf b;
+  put<uint8_t>(b, 2);
+  put_ints(b, T_INTS, t.sizes());
+  put_ints(b, T_INTS, t.strides());
+  put<uint8_t>(b, 2);
+  put<uint8_t>(b, 5);
+  put_bytes(b, "dtype", 5);
+  put<uint8_t>(b, T_DTYPE);
+  put<uint8_t>(b, static_cast<uint8_t>(code));
+  put<uint8_t>(b, 6);
+  put_bytes(b, "device", 6);
+  put<uint8_t>(b, T_DEVICE);
+  const uint64_t sid = handle_of(t);
+  g_stores[sid] = Store{Geo::of(t), {}};
+  g_pending.emplace_back(sid, std::vector<uint8_t>(b.v.data(), b.v.data() + b.n));
+  g_stats.alloc_records++;
+}
+
 void alloc_record(const at::Tensor& t) {
+  if (g_wire) {
+    wire_alloc(t);
+    return;
+  }
   std::lock_guard<std::mutex> lock(g_mu);
   drain_frees();
   const size_t at = begin_record('A');
@@ -651,7 +1162,115 @@ void sync_record(const at::Tensor& t) {
   finish_record(at);
 }
 
+// Wire mode: Command{upload} of a contiguous CPU tensor into wire handle `wh` (one chunk).
+void emit_upload(uint64_t wh, const at::Tensor& c) {
+  const size_t n = c.nbytes();
+  TORCH_CHECK(n <= kChunkBytes, "spike: an upload of ", n, " bytes (over one 4 MiB chunk: not in the spike)");
+  const int code = g_dtype_code[static_cast<int>(c.scalar_type())];
+  TORCH_CHECK(code >= 0, "spike: no wire code for ", c.scalar_type());
+  Buf meta;
+  if (code != 0) {
+    put<uint8_t>(meta, 0x08);
+    put_varint(meta, static_cast<uint64_t>(code));
+  }
+  for (int f = 0; f < 2; f++) {  // TensorMeta.shape (2), .stride (3): packed varints, left out when empty
+    const auto v = f == 0 ? c.sizes() : c.strides();
+    if (v.empty()) continue;
+    Buf body;
+    for (int64_t x : v) put_varint(body, static_cast<uint64_t>(x));
+    put<uint8_t>(meta, f == 0 ? 0x12 : 0x1a);
+    put_varint(meta, body.n);
+    put_bytes(meta, body.v.data(), body.n);
+  }
+  Buf up;
+  put<uint8_t>(up, 0x08);  // Upload.handle (1)
+  put_varint(up, wh);
+  put<uint8_t>(up, 0x12);  // Upload.meta (2)
+  put_varint(up, meta.n);
+  put_bytes(up, meta.v.data(), meta.n);
+  if (n) {
+    put<uint8_t>(up, 0x22);  // Upload.data (4)
+    put_varint(up, n);
+    put_bytes(up, c.const_data_ptr(), n);
+  }
+  put<uint8_t>(up, 0x28);  // Upload.last (5) = true
+  put<uint8_t>(up, 0x01);
+  static const uint8_t tag[] = {0x12};  // Command.upload (2)
+  emit_command(tag, 1, up);
+  g_stats.uploads++;
+}
+
+at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocking) {
+  const bool dst_dev = self.device().type() == kType;
+  const bool src_dev = src.device().type() == kType;
+  if (dst_dev && !src_dev) {
+    TORCH_CHECK(src.device().is_cpu(), "spike: copy from ", src.device());
+    const at::Tensor c = src.to(self.scalar_type()).expand(self.sizes()).contiguous();
+    bool full;
+    {
+      std::lock_guard<std::mutex> lock(g_mu);
+      const uint64_t sid = handle_of(self);
+      auto p = std::find_if(g_pending.begin(), g_pending.end(), [sid](const auto& e) { return e.first == sid; });
+      if (p != g_pending.end() && self.is_contiguous() && self.storage_offset() == 0 &&
+          self.nbytes() == self.storage().nbytes()) {
+        g_pending.erase(p);  // the held-back empty becomes the upload itself
+        g_stores[sid] = Store{Geo::of(self), {}};
+        emit_upload(g_base + sid, c);
+      } else {  // into a temporary handle, then copy_ on the daemon
+        materialize_pending();
+        const uint64_t tmp = g_base + g_next.fetch_add(1, std::memory_order_relaxed);
+        emit_upload(tmp, c);
+        const auto& op = named_op("aten::copy_");
+        const uint32_t id = op_id(op);
+        wire_info(op, id, true);
+        Buf b;
+        put<uint8_t>(b, 2);
+        put<uint8_t>(b, T_TENSOR);
+        put<uint64_t>(b, wire_handle(self));
+        put<uint8_t>(b, T_TENSOR);
+        put<uint64_t>(b, tmp);
+        put<uint8_t>(b, 0);
+        emit_record(id, {0}, b);
+        Buf fr, packed;
+        put_varint(packed, tmp);
+        put<uint8_t>(fr, 0x0a);
+        put_varint(fr, packed.n);
+        put_bytes(fr, packed.v.data(), packed.n);
+        static const uint8_t tag[] = {0x22};
+        emit_command(tag, 1, fr);
+      }
+      full = g_cmds >= kFlushCommands;
+    }
+    if (full) flush_frame();
+    return self;
+  }
+  if (!dst_dev && src_dev) {  // a download: the frame goes out, then Session.download of the tensor's handle
+    TORCH_CHECK(self.device().is_cpu(), "spike: copy to ", self.device());
+    std::lock_guard<std::mutex> send(g_send_mu);
+    at::Tensor frame;
+    uint64_t h;
+    {
+      std::lock_guard<std::mutex> lock(g_mu);
+      prelude_wire();
+      h = wire_handle(src);
+      frame = take_frame_locked();
+      g_stats.syncs++;
+    }
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("spike_client::download", "")
+                         .typed<at::Tensor(const at::Tensor&, int64_t)>();
+    const at::Tensor value = op.call(frame, static_cast<int64_t>(h));
+    self.copy_(value.view(src.sizes()));
+    return self;
+  }
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("aten::copy_", "");
+  torch::jit::Stack st{self, src, non_blocking};
+  spike_fallback(op, &st);
+  return self;
+}
+
 at::Tensor& spike_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocking) {
+  if (g_wire) return wire_copy_(self, src, non_blocking);
   const bool dst_dev = self.device().type() == kType;
   const bool src_dev = src.device().type() == kType;
   if (dst_dev && !src_dev) {  // upload: the bytes, converted to the destination's dtype and shape, contiguous
@@ -682,6 +1301,26 @@ at::Tensor& spike_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocki
 }
 
 at::Scalar spike_local_scalar_dense(const at::Tensor& self) {
+  if (g_wire) {  // flush the frame and read the value in the same round trip (Sync.scalar_handles)
+    std::lock_guard<std::mutex> send(g_send_mu);
+    at::Tensor frame;
+    uint64_t h;
+    {
+      std::lock_guard<std::mutex> lock(g_mu);
+      prelude_wire();
+      h = wire_handle(self);
+      frame = take_frame_locked();
+      g_stats.syncs++;
+    }
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("spike_client::sync_scalar", "")
+                         .typed<double(const at::Tensor&, int64_t)>();
+    const double v = op.call(frame, static_cast<int64_t>(h));
+    if (at::isFloatingType(self.scalar_type())) return at::Scalar(v);
+    if (self.scalar_type() == at::kBool) return at::Scalar(v != 0.0);
+    TORCH_CHECK(!at::isComplexType(self.scalar_type()), "spike: .item() of a complex tensor");
+    return at::Scalar(static_cast<int64_t>(v));
+  }
   sync_record(self);
   if (at::isFloatingType(self.scalar_type())) return at::Scalar(0.0);
   if (self.scalar_type() == at::kBool) return at::Scalar(false);
@@ -773,6 +1412,33 @@ int64_t claim(bool functional, bool foreach) {
   return n;
 }
 
+// Wire mode from now on (before any tensor is made on the device): handles are base + n, ops outside `ops` refused.
+void configure_wire(int64_t base, std::vector<std::string> ops, std::vector<int64_t> dtype_codes, int64_t strided,
+                    std::vector<int64_t> mf_codes) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  TORCH_CHECK(!g_wire, "spike: wire mode is set once per process");
+  TORCH_CHECK(g_next.load() == 1, "spike: wire mode must be set before any tensor is made on the device");
+  TORCH_CHECK(dtype_codes.size() <= 64 && mf_codes.size() == 4, "spike: bad code tables");
+  std::fill(std::begin(g_dtype_code), std::end(g_dtype_code), -1);
+  for (size_t i = 0; i < dtype_codes.size(); i++) g_dtype_code[i] = static_cast<int>(dtype_codes[i]);
+  for (size_t i = 0; i < 4; i++) g_mf_code[i] = static_cast<int>(mf_codes[i]);
+  g_layout_strided = static_cast<int>(strided);
+  g_wire_ops = std::unordered_set<std::string>(ops.begin(), ops.end());
+  g_base = static_cast<uint64_t>(base);
+  g_keep = true;  // the buffer is a frame: never dropped
+  g_wire = true;
+}
+
+int64_t scalar_type_of(const at::Tensor& t) { return static_cast<int64_t>(t.scalar_type()); }
+
+void flush_now() { flush_frame(); }
+
+std::vector<int64_t> wire_stats() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  return {g_wstats.frames, g_wstats.view_handles, g_wstats.frees, g_wstats.skipped_views,
+          static_cast<int64_t>(g_stores.size()), static_cast<int64_t>(g_pending.size())};
+}
+
 void reset_stats() {
   std::lock_guard<std::mutex> lock(g_mu);
   g_stats = Stats{};
@@ -807,4 +1473,12 @@ TORCH_LIBRARY(spike_client, m) {
   m.def("op_name(int id) -> str", &op_name);
   m.def("reset_stats() -> ()", &reset_stats);
   m.def("claim(bool functional, bool foreach) -> int", &claim);
+  m.def("configure_wire(int base, str[] ops, int[] dtype_codes, int strided, int[] mf_codes) -> ()", &configure_wire);
+  m.def("scalar_type(Tensor t) -> int", &scalar_type_of);
+  m.def("flush() -> ()", &flush_now);
+  m.def("wire_stats() -> int[]", &wire_stats);
+  // Implemented in Python (spike/native_client.py, over client/session.py's Session): the frame hand-offs.
+  m.def("send(Tensor frame) -> ()");
+  m.def("sync_scalar(Tensor frame, int handle) -> float");
+  m.def("download(Tensor frame, int handle) -> Tensor");
 }

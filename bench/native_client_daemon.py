@@ -1,0 +1,172 @@
+"""The C++ client spike (spike/native_client.cpp) against a real daemon: the tiny MLP trained through a session.
+
+The spike's wire mode writes the daemon's compact eager records (docs/wire.md, "Compact eager ops"), uploads and
+frees as `ClientFrame.commands` bytes in C++, and hands the buffer to client/session.py's Session once per frame (32
+commands, or a sync: `.item()` flushes and reads the value in the same round trip). Views get a handle of their own per
+geometry (an `as_strided` record from their storage's handle). Only the tiny MLP's op set is sent; any other op is an
+error naming it.
+
+    .venv/bin/python bench/native_client_daemon.py --steps 20            # losses: spike vs local CPU eager
+    nice -n 10 .venv/bin/python bench/native_client_daemon.py --time --rounds 5 --steps 50
+    .venv/bin/python bench/native_client_daemon.py --callgrind --steps 5  # instructions of the whole client
+
+The driver starts `gpupool serve --fake-gpus 1` on loopback with TLS (bench/train_overhead.py's bench_daemons) and
+runs the worker in a child process (TORCH_DEVICE_BACKEND_AUTOLOAD=0: the spike must own PrivateUse1); `--callgrind`
+runs that child under valgrind with the instrumentation on around the measured steps only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _model_and_data() -> tuple[Any, list[tuple[Any, Any]]]:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    data = [(torch.randn(16, 32, generator=gen), torch.randint(0, 2, (16,), generator=gen)) for _ in range(4)]
+    return model, data  # launch_bound.py's tiny MLP and batches
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    if os.environ.get("TORCH_DEVICE_BACKEND_AUTOLOAD") != "0":
+        raise SystemExit("the worker needs TORCH_DEVICE_BACKEND_AUTOLOAD=0 (the spike must own PrivateUse1)")
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, str(ROOT / "spike"))
+    import native_client as nc
+
+    from gpupool.client.session import Session
+
+    torch.set_num_threads(1)
+    nc.load()
+    nc.claim()
+    session = Session.attach(args.address, args.token)
+    nc.connect(session, nc.TINY_MLP_OPS)
+    dev = nc.device()
+    base, data = _model_and_data()
+    local = copy.deepcopy(base)
+    remote = copy.deepcopy(base).to(dev)
+    ways = {"local": (local, torch.device("cpu")), "spike": (remote, dev)}
+    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, (m, _) in ways.items()}
+
+    def step(way: str, i: int) -> Any:
+        model, d = ways[way]
+        opt = opts[way]
+        x, y = data[i % 4]
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x.to(d)), y.to(d))
+        loss.backward()
+        opt.step()
+        return loss
+
+    out: dict[str, Any] = {}
+    if args.callgrind:
+        for i in range(3):
+            step(args.callgrind, i).item()
+        ops0 = nc.stats()["op_records"]
+        _instr("on")
+        for i in range(args.steps):
+            loss = step(args.callgrind, i)
+        loss.item()  # the last frame goes out and comes back: every step of it has run
+        _instr("off")
+        out["op_records"] = nc.stats()["op_records"] - ops0
+        out["steps"] = args.steps
+    elif args.time:
+        times: dict[str, list[float]] = {"local": [], "spike": []}
+        for i in range(3):
+            for way in times:
+                step(way, i).item()
+        for _ in range(args.rounds):
+            for way in times:
+                t = time.perf_counter()
+                for i in range(args.steps):
+                    loss = step(way, i)
+                loss.item()  # one sync per block, as launch_bound.py's eager mode
+                times[way].append((time.perf_counter() - t) / args.steps)
+        out["step_us"] = {w: {"best": min(v) * 1e6, "median": statistics.median(v) * 1e6} for w, v in times.items()}
+    else:
+        out["local"] = [step("local", i).item() for i in range(args.steps)]
+        out["spike"] = [step("spike", i).item() for i in range(args.steps)]
+        out["max_param_diff"] = max(
+            (p.detach().cpu() - q.detach()).abs().max().item()
+            for p, q in zip(remote.parameters(), local.parameters(), strict=True)
+        )
+        try:
+            torch.sin(next(remote.parameters()))
+            out["outside_error"] = ""
+        except RuntimeError as exc:
+            out["outside_error"] = str(exc).splitlines()[0]
+    torch.ops.spike_client.flush()
+    out["stats"] = nc.stats()
+    out["wire"] = nc.wire_stats()
+    session.close()
+    return out
+
+
+def _instr(state: str) -> None:
+    subprocess.run(["callgrind_control", f"--instr={state}", str(os.getpid())], capture_output=True, check=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=5, help="--time: blocks of --steps steps per way")
+    p.add_argument("--time", action="store_true", help="step times, local and spike interleaved in one process")
+    p.add_argument("--callgrind", nargs="?", const="spike", choices=("spike", "local"), default=None,
+                   help="run the worker under callgrind (instrumentation on around --steps steps of one way)")  # fmt: skip
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--address", help=argparse.SUPPRESS)
+    p.add_argument("--token", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_overhead import bench_daemons
+
+    with bench_daemons(1) as daemons, tempfile.TemporaryDirectory() as tmp:
+        remote = daemons.remote()
+        cmd = [sys.executable, __file__, "--worker", "--address", remote["address"], "--token", remote["token"],
+               "--steps", str(args.steps), "--rounds", str(args.rounds)]  # fmt: skip
+        if args.time:
+            cmd.append("--time")
+        if args.callgrind:
+            out_file = Path(tmp) / "cg.out"
+            cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}",
+                   *cmd, "--callgrind", args.callgrind]  # fmt: skip
+        env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if proc.returncode != 0:
+            print(proc.stderr[-4000:], file=sys.stderr)
+            return 1
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        if args.callgrind:
+            totals = [ln for ln in out_file.read_text().splitlines() if ln.startswith(("totals:", "summary:"))]
+            instr = int(totals[-1].split()[1])
+            result["instructions"] = instr
+            result["per_step"] = instr / result["steps"]
+            result["per_shim_op"] = instr / result["steps"] / 44  # the Python shim's 44 ops per step
+            result["per_record"] = instr / max(1, result["op_records"])
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
