@@ -8,7 +8,7 @@ error naming it.
 
     .venv/bin/python bench/native_client_daemon.py --steps 20            # losses: spike vs local CPU eager
     nice -n 10 .venv/bin/python bench/native_client_daemon.py --time --rounds 5 --steps 50
-    .venv/bin/python bench/native_client_daemon.py --callgrind --steps 5  # instructions of the whole client
+    .venv/bin/python bench/native_client_daemon.py --callgrind --steps 10  # instructions of the whole client
 
 The driver starts `gpupool serve --fake-gpus 1` on loopback with TLS (bench/train_overhead.py's bench_daemons) and
 runs the worker in a child process (TORCH_DEVICE_BACKEND_AUTOLOAD=0: the spike must own PrivateUse1); `--callgrind`
@@ -51,13 +51,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     sys.path.insert(0, str(ROOT / "spike"))
     import native_client as nc
-
     from gpupool.client.session import Session
 
     torch.set_num_threads(1)
     nc.load()
     nc.claim()
-    session = Session.attach(args.address, args.token)
+    session = Session.attach(args.address, args.token, timeout=120.0)  # 120 s: under valgrind
     nc.connect(session, nc.TINY_MLP_OPS)
     dev = nc.device()
     base, data = _model_and_data()
@@ -78,16 +77,19 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     if args.callgrind:
-        for i in range(3):
+        # as client_ab.py --measure instr counts the Python shim: 4 warm-up steps, then 2 blocks of --steps steps,
+        # each ended by one .item() (the frame goes out and the value comes back)
+        for i in range(4):
             step(args.callgrind, i).item()
         ops0 = nc.stats()["op_records"]
         _instr("on")
-        for i in range(args.steps):
-            loss = step(args.callgrind, i)
-        loss.item()  # the last frame goes out and comes back: every step of it has run
+        for _ in range(2):
+            for i in range(args.steps):
+                loss = step(args.callgrind, i)
+            loss.item()
         _instr("off")
         out["op_records"] = nc.stats()["op_records"] - ops0
-        out["steps"] = args.steps
+        out["steps"] = 2 * args.steps
     elif args.time:
         times: dict[str, list[float]] = {"local": [], "spike": []}
         for i in range(3):
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="--time: blocks of --steps steps per way")
     p.add_argument("--time", action="store_true", help="step times, local and spike interleaved in one process")
     p.add_argument("--callgrind", nargs="?", const="spike", choices=("spike", "local"), default=None,
-                   help="run the worker under callgrind (instrumentation on around --steps steps of one way)")  # fmt: skip
+                   help="under callgrind: instrumentation on around 2 x --steps steps of one way")  # fmt: skip
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--address", help=argparse.SUPPRESS)
     p.add_argument("--token", help=argparse.SUPPRESS)

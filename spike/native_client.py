@@ -275,7 +275,7 @@ def wire_stats() -> dict[str, int]:
 TINY_MLP_OPS = (
     "aten::_foreach_add_.Scalar", "aten::_foreach_addcdiv_.ScalarList", "aten::_foreach_addcmul_.Scalar",
     "aten::_foreach_div_.ScalarList", "aten::_foreach_lerp_.Scalar", "aten::_foreach_mul_.Scalar",
-    "aten::_foreach_sqrt", "aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::addmm", "aten::fill_.Scalar",
-    "aten::mm", "aten::nll_loss_backward", "aten::nll_loss_forward", "aten::relu", "aten::sum.dim_IntList",
-    "aten::threshold_backward", "aten::zero_",
+    "aten::_foreach_sqrt", "aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::addmm",
+    "aten::fill_.Scalar", "aten::mm", "aten::nll_loss_backward", "aten::nll_loss_forward", "aten::relu",
+    "aten::sum.dim_IntList", "aten::threshold_backward", "aten::zero_",
 )  # fmt: skip
