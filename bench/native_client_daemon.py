@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time", action="store_true", help="step times, local and spike interleaved in one process")
     p.add_argument("--callgrind", nargs="?", const="spike", choices=("spike", "local"), default=None,
                    help="under callgrind: instrumentation on around 2 x --steps steps of one way")  # fmt: skip
+    p.add_argument("--callgrind-out", default="", help="keep callgrind's file here (for callgrind_annotate)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--address", help=argparse.SUPPRESS)
     p.add_argument("--token", help=argparse.SUPPRESS)
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.time:
             cmd.append("--time")
         if args.callgrind:
-            out_file = Path(tmp) / "cg.out"
+            out_file = Path(args.callgrind_out or Path(tmp) / "cg.out")
             cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}",
                    *cmd, "--callgrind", args.callgrind]  # fmt: skip
         env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "OMP_NUM_THREADS": "1"}

@@ -848,12 +848,7 @@ void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind) {
     k.push_back(v.toBool() ? 'y' : 'n');
   } else if (v.isTensorList() || (v.isList() && !v.isIntList() && !v.isDoubleList() && !v.isBoolList())) {
     // Tensor[], Tensor?[] (TENSORS, 0 for None) or Scalar[] (FLOATS / INTS)
-    std::vector<IValue> items;
-    if (v.isTensorList()) {
-      for (const at::Tensor& t : v.toTensorList().vec()) items.emplace_back(t);
-    } else {
-      for (const IValue& e : v.toListRef()) items.push_back(e);
-    }
+    const c10::ArrayRef<IValue> items = v.toListRef();  // any list's elements, without copies
     bool tensors = true, doubles = true, ints = true;
     for (const IValue& e : items) {
       tensors &= e.isTensor() || e.isNone();
