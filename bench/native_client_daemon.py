@@ -92,17 +92,20 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         out["steps"] = 2 * args.steps
     elif args.time:
         times: dict[str, list[float]] = {"local": [], "spike": []}
+        cpu: dict[str, list[float]] = {"local": [], "spike": []}
         for i in range(3):
             for way in times:
                 step(way, i).item()
         for _ in range(args.rounds):
             for way in times:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 for i in range(args.steps):
                     loss = step(way, i)
                 loss.item()  # one sync per block, as launch_bound.py's eager mode
                 times[way].append((time.perf_counter() - t) / args.steps)
+                cpu[way].append((time.process_time() - c) / args.steps)  # this process, all its threads (gRPC's)
         out["step_us"] = {w: {"best": min(v) * 1e6, "median": statistics.median(v) * 1e6} for w, v in times.items()}
+        out["client_cpu_us"] = {w: {"best": min(v) * 1e6, "median": statistics.median(v) * 1e6} for w, v in cpu.items()}
     else:
         out["local"] = [step("local", i).item() for i in range(args.steps)]
         out["spike"] = [step("spike", i).item() for i in range(args.steps)]
@@ -148,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         remote = daemons.remote()
         cmd = [sys.executable, __file__, "--worker", "--address", remote["address"], "--token", remote["token"],
                "--steps", str(args.steps), "--rounds", str(args.rounds)]  # fmt: skip
-        if args.time:
-            cmd.append("--time")
+        if args.time:  # the client on core 0, the daemon on core 1, as launch_bound.py runs them
+            cmd = ["taskset", "-c", "0", *cmd, "--time"]
         if args.callgrind:
             out_file = Path(args.callgrind_out or Path(tmp) / "cg.out")
             cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}",
