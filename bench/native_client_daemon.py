@@ -32,17 +32,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _model_and_data() -> tuple[Any, list[tuple[Any, Any]]]:
-    import torch
-    from torch import nn
-
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(1)
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
-    data = [(torch.randn(16, 32, generator=gen), torch.randint(0, 2, (16,), generator=gen)) for _ in range(4)]
-    return model, data  # launch_bound.py's tiny MLP and batches
-
-
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     if os.environ.get("TORCH_DEVICE_BACKEND_AUTOLOAD") != "0":
         raise SystemExit("the worker needs TORCH_DEVICE_BACKEND_AUTOLOAD=0 (the spike must own PrivateUse1)")
@@ -57,9 +46,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     nc.load()
     nc.claim()
     session = Session.attach(args.address, args.token, timeout=120.0)  # 120 s: under valgrind
-    nc.connect(session, nc.TINY_MLP_OPS)
+    nc.connect(session, nc.TINY_MLP_OPS if args.model == "tiny-mlp" else nc.TINY_MLP_OPS + nc.ENCODER_OPS)
     dev = nc.device()
-    base, data = _model_and_data()
+    sys.path.insert(0, str(ROOT / "bench"))
+    from launch_bound import workload
+
+    base, data, loss_fn = workload(args.model)
+    if args.model == "encoder":
+        base.eval()  # no dropout: the daemon's random numbers are not the CPU's (the weights still train)
     local = copy.deepcopy(base)
     remote = copy.deepcopy(base).to(dev)
     ways = {"local": (local, torch.device("cpu")), "spike": (remote, dev)}
@@ -70,7 +64,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         opt = opts[way]
         x, y = data[i % 4]
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x.to(d)), y.to(d))
+        loss = loss_fn(model(x.to(d)), y.to(d))
         loss.backward()
         opt.step()
         return loss
@@ -109,10 +103,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     else:
         out["local"] = [step("local", i).item() for i in range(args.steps)]
         out["spike"] = [step("spike", i).item() for i in range(args.steps)]
-        out["max_param_diff"] = max(
-            (p.detach().cpu() - q.detach()).abs().max().item()
-            for p, q in zip(remote.parameters(), local.parameters(), strict=True)
-        )
+        diffs = {
+            name: (p.detach().cpu() - q.detach()).abs().max().item()
+            for (name, p), q in zip(remote.named_parameters(), local.parameters(), strict=True)
+        }
+        out["max_param_diff"] = max(diffs.values())
+        out["worst_param"] = max(diffs, key=lambda k: diffs[k])
+        out["param_diffs"] = diffs
         try:
             torch.sin(next(remote.parameters()))
             out["outside_error"] = ""
@@ -132,6 +129,8 @@ def _instr(state: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--model", choices=("tiny-mlp", "encoder"), default="tiny-mlp",
+                   help="launch_bound.py's workload (the encoder in eval mode: no dropout)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=5, help="--time: blocks of --steps steps per way")
     p.add_argument("--time", action="store_true", help="step times, local and spike interleaved in one process")
     p.add_argument("--callgrind", nargs="?", const="spike", choices=("spike", "local"), default=None,
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     with bench_daemons(1) as daemons, tempfile.TemporaryDirectory() as tmp:
         remote = daemons.remote()
         cmd = [sys.executable, __file__, "--worker", "--address", remote["address"], "--token", remote["token"],
-               "--steps", str(args.steps), "--rounds", str(args.rounds)]  # fmt: skip
+               "--steps", str(args.steps), "--rounds", str(args.rounds), "--model", args.model]  # fmt: skip
         if args.time:  # the client on core 0, the daemon on core 1, as launch_bound.py runs them
             cmd = ["taskset", "-c", "0", *cmd, "--time"]
         if args.callgrind:
@@ -168,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             instr = int(totals[-1].split()[1])
             result["instructions"] = instr
             result["per_step"] = instr / result["steps"]
-            result["per_shim_op"] = instr / result["steps"] / 44  # the Python shim's 44 ops per step
+            shim_ops = 44 if args.model == "tiny-mlp" else 340  # the Python shim's commands per step
+            result["per_shim_op"] = instr / result["steps"] / shim_ops
             result["per_record"] = instr / max(1, result["op_records"])
     print(json.dumps(result, indent=1))
     return 0

@@ -279,3 +279,11 @@ TINY_MLP_OPS = (
     "aten::fill_.Scalar", "aten::mm", "aten::nll_loss_backward", "aten::nll_loss_forward", "aten::relu",
     "aten::sum.dim_IntList", "aten::threshold_backward", "aten::zero_",
 )  # fmt: skip
+
+# What launch_bound.py's encoder (in eval mode: no dropout) adds to the tiny MLP's set.
+ENCODER_OPS = (
+    "aten::_softmax", "aten::_softmax_backward_data", "aten::add.Tensor", "aten::add_.Tensor", "aten::addcmul",
+    "aten::all.dim", "aten::bmm", "aten::copy_", "aten::div.Tensor", "aten::embedding_dense_backward",
+    "aten::index_select", "aten::isneginf", "aten::mean.dim", "aten::mul.Tensor", "aten::native_batch_norm",
+    "aten::native_layer_norm_backward", "aten::select_backward", "aten::where.self_out",
+)  # fmt: skip
