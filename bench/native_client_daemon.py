@@ -36,7 +36,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if os.environ.get("TORCH_DEVICE_BACKEND_AUTOLOAD") != "0":
         raise SystemExit("the worker needs TORCH_DEVICE_BACKEND_AUTOLOAD=0 (the spike must own PrivateUse1)")
     import torch
-    from torch import nn
 
     sys.path.insert(0, str(ROOT / "spike"))
     import native_client as nc
@@ -52,7 +51,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from launch_bound import workload
 
     base, data, loss_fn = workload(args.model)
-    if args.model == "encoder":
+    if args.model == "encoder" and not args.dropout:
         base.eval()  # no dropout: the daemon's random numbers are not the CPU's (the weights still train)
     local = copy.deepcopy(base)
     remote = copy.deepcopy(base).to(dev)
@@ -132,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=("tiny-mlp", "encoder"), default="tiny-mlp",
                    help="launch_bound.py's workload (the encoder in eval mode: no dropout)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=5, help="--time: blocks of --steps steps per way")
+    p.add_argument("--dropout", action="store_true", help="the encoder in train mode (its losses then differ: the "
+                   "daemon's random numbers), as client_ab.py runs the shim: for --callgrind and --time")  # fmt: skip
     p.add_argument("--time", action="store_true", help="step times, local and spike interleaved in one process")
     p.add_argument("--callgrind", nargs="?", const="spike", choices=("spike", "local"), default=None,
                    help="under callgrind: instrumentation on around 2 x --steps steps of one way")  # fmt: skip
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         remote = daemons.remote()
         cmd = [sys.executable, __file__, "--worker", "--address", remote["address"], "--token", remote["token"],
                "--steps", str(args.steps), "--rounds", str(args.rounds), "--model", args.model]  # fmt: skip
+        if args.dropout:
+            cmd.append("--dropout")
         if args.time:  # the client on core 0, the daemon on core 1, as launch_bound.py runs them
             cmd = ["taskset", "-c", "0", *cmd, "--time"]
         if args.callgrind:

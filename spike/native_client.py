@@ -280,8 +280,9 @@ TINY_MLP_OPS = (
     "aten::sum.dim_IntList", "aten::threshold_backward", "aten::zero_",
 )  # fmt: skip
 
-# What launch_bound.py's encoder (in eval mode: no dropout) adds to the tiny MLP's set.
+# What launch_bound.py's encoder adds to the tiny MLP's set (dropout's two ops only in train mode).
 ENCODER_OPS = (
+    "aten::native_dropout", "aten::native_dropout_backward",
     "aten::_softmax", "aten::_softmax_backward_data", "aten::add.Tensor", "aten::add_.Tensor", "aten::addcmul",
     "aten::all.dim", "aten::bmm", "aten::copy_", "aten::div.Tensor", "aten::embedding_dense_backward",
     "aten::index_select", "aten::isneginf", "aten::mean.dim", "aten::mul.Tensor", "aten::native_batch_norm",
