@@ -109,6 +109,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         out["max_param_diff"] = max(diffs.values())
         out["worst_param"] = max(diffs, key=lambda k: diffs[k])
         out["param_diffs"] = diffs
+        try:  # a failure on the daemon (a target out of range: only the kernel sees values) comes back at the sync
+            model, d = ways["spike"]
+            x, _ = data[0]
+            loss_fn(model(x.to(d)), torch.full((x.shape[0],), 99).to(d)).item()
+            out["daemon_error"] = ""
+        except Exception as exc:  # noqa: BLE001 (reported, whatever its type)
+            out["daemon_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        out["after_error"] = step("spike", 0).item()  # the session goes on
         try:
             torch.sin(next(remote.parameters()))
             out["outside_error"] = ""

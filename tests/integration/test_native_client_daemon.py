@@ -79,3 +79,9 @@ def test_the_encoder_trains_like_local_cpu(encoder: dict[str, Any]) -> None:
         # its float noise, summed in another order on the daemon, into steps of up to lr (1e-3)
         assert diff <= (1e-3 if name.endswith("in_proj_bias") else 1e-5), name
     assert encoder["wire"]["view_handles"] > 0
+
+
+def test_a_daemon_failure_comes_back_at_the_sync(trained: dict[str, Any]) -> None:
+    # the meta kernels cannot see a target out of range; the daemon's kernel does, and .item() raises its error
+    assert trained["daemon_error"] == "InvalidArgument: aten::nll_loss_forward: Target 99 is out of bounds."
+    assert trained["after_error"] > 0  # the session goes on
