@@ -1,0 +1,1479 @@
+// A C++ client spike (round 12): what a real PrivateUse1 backend would cost per eager op, with no Python per op.
+//
+// Tensors on the spike device are plain at::Tensors with no local data: the Allocator hands out a DataPtr whose
+// pointer and context are a handle id (never dereferenced), and whose deleter queues that id on a C++ free list, so a
+// tensor's death costs no Python. Every aten op that reaches PrivateUse1 lands in one boxed fallback, which
+//   1. infers the outputs' metadata by running the op's Meta kernel on meta copies of the inputs (or finds it in a
+//      cache keyed by the op and the inputs' geometry and non-tensor arguments),
+//   2. allocates the new outputs (new handles) or hands back the written inputs (in-place, out=), or makes views
+//      sharing an input's storage (aliasing ops without a metadata kernel of their own),
+//   3. appends one compact record to a byte buffer: op id, each argument (tensors as storage handle + dtype + sizes +
+//      strides + offset, CPU scalar tensors inline, other values tagged), output handles.
+// View ops with a metadata-only kernel in at::native (view, as_strided, _reshape_alias; and through as_strided every
+// CompositeExplicitAutograd view: t, transpose, expand, unsqueeze, squeeze, permute, select, slice, detach, alias)
+// share the input's storage and make no record: later records carry their geometry.
+// Copies from CPU are upload records (the bytes follow); syncs (`.item()`, `.cpu()`) append a sync record and return
+// ZEROS (there is no daemon to answer). The sink is null: a full buffer is counted and dropped, or, in "keep" mode
+// (tests), kept for Python to decode.
+//
+// The Python side (spike/native_client.py) builds this with torch.utils.cpp_extension.load (is_python_module=False)
+// and talks to it through the `spike_client::*` operators below. No pybind, no Python headers.
+
+#include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/detail/PrivateUse1HooksInterface.h>
+#include <ATen/ops/_reshape_alias_native.h>
+#include <ATen/ops/as_strided_native.h>
+#include <ATen/ops/view_native.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+namespace {
+
+using c10::Device;
+using c10::DeviceIndex;
+using c10::DeviceType;
+using c10::DispatchKey;
+using c10::DispatchKeySet;
+using c10::IValue;
+using c10::Stream;
+
+constexpr DeviceType kType = DeviceType::PrivateUse1;
+const DispatchKeySet kKeys{DispatchKey::PrivateUse1};
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Record kinds and argument tags of the byte buffer (little-endian, no alignment). One record:
+//   u32 length of the rest, u8 kind, then
+//   'O' op:     u32 op id, u8 nargs, args..., u8 nouts, u64 out handles (0 for an output that is an input or a view)
+//   'U' upload: tensor geometry (as an argument), u64 nbytes, the bytes (dtype of the destination, contiguous)
+//   'S' sync:   tensor geometry (the tensor read back)
+//   'F' free:   u32 count, u64 handles
+//   'A' alloc:  u64 handle, u64 nbytes (an explicit empty/empty_strided: the daemon allocates it)
+// Argument tags: 'T' tensor (u64 handle, u8 dtype, u8 ndim, i64 sizes, i64 strides, i64 offset), 'C' CPU tensor
+// inline (u8 dtype, u8 ndim, sizes, u64 nbytes, bytes: contiguous), 'N' none, 'i' i64, 'd' f64, 'b' u8, 'I' int list
+// (u32 n, i64...), 'D' double list, 'B' bool list, 'L' tensor list (u32 n, each 'T'/'C'/'N'), 's' string (u32 n, bytes),
+// 'v' device (i8 type, i8 index), 'c' complex (2 f64).
+// ---------------------------------------------------------------------------------------------------------------------
+
+std::mutex g_mu;                 // guards the buffer, the stats, the op ids and the cache (ops may run on the
+                                 // autograd engine's device thread)
+// A byte buffer that grows without zero-filling (std::vector::resize value-initializes: ~1.9k instructions a record).
+struct Buf {
+  std::vector<uint8_t> v;
+  size_t n = 0;
+  uint8_t* grow(size_t k) {
+    if (n + k > v.size()) v.resize(std::max(2 * v.size(), n + k + 4096));
+    uint8_t* p = v.data() + n;
+    n += k;
+    return p;
+  }
+  size_t size() const { return n; }
+  bool empty() const { return n == 0; }
+  uint8_t* data() { return v.data(); }
+  void clear() { n = 0; }
+  void resize(size_t k) { n = k; }  // shrink only
+};
+Buf g_buf;                       // records not yet "sent"
+bool g_keep = false;            // keep records for Python (tests) instead of dropping full buffers
+size_t g_flush_at = 1 << 16;    // the null sink drops the buffer past this many bytes
+std::mutex g_free_mu;             // guards the free list and the live set: deleters take it, never g_mu
+std::vector<uint64_t> g_free;    // handles whose tensors died, not yet in a free record
+std::atomic<uint64_t> g_next{1};
+std::atomic<bool> g_track{false};  // keep the set of live handles (tests: every handle freed exactly once)
+std::unordered_set<uint64_t> g_live;
+std::atomic<int64_t> g_allocated{0}, g_freed{0}, g_double_frees{0};
+bool g_cache_on = true;
+
+struct Stats {
+  int64_t op_records = 0, uploads = 0, syncs = 0, free_records = 0,
+          alloc_records = 0, bytes = 0, dropped_bytes = 0, meta_runs = 0, cache_hits = 0, view_outputs = 0;
+} g_stats;
+
+std::vector<std::string> g_op_names;                           // op id -> "aten::name.overload"
+std::unordered_map<c10::OperatorHandle, uint32_t> g_op_ids;    // guarded by g_mu
+
+template <typename T>
+inline void put(Buf& b, T v) {
+  std::memcpy(b.grow(sizeof(T)), &v, sizeof(T));
+}
+
+inline void put_bytes(Buf& b, const void* p, size_t n) {
+  if (n) std::memcpy(b.grow(n), p, n);
+}
+
+// Start a record (returns where its length goes); finish_record patches the length.
+inline size_t begin_record(uint8_t kind) {
+  const size_t at = g_buf.size();
+  put<uint32_t>(g_buf, 0);
+  put<uint8_t>(g_buf, kind);
+  return at;
+}
+
+inline void finish_record(size_t at) {
+  const uint32_t len = static_cast<uint32_t>(g_buf.size() - at - 4);
+  std::memcpy(g_buf.data() + at, &len, 4);
+  g_stats.bytes += len + 4;
+  if (!g_keep && g_buf.size() >= g_flush_at) {  // the null sink: count and drop
+    g_stats.dropped_bytes += static_cast<int64_t>(g_buf.size());
+    g_buf.clear();
+  }
+}
+
+// Free records for the handles that died since the last record (called under g_mu before each record).
+inline void drain_frees() {
+  std::lock_guard<std::mutex> flock(g_free_mu);
+  if (g_free.empty()) return;
+  const size_t at = begin_record('F');
+  put<uint32_t>(g_buf, static_cast<uint32_t>(g_free.size()));
+  put_bytes(g_buf, g_free.data(), g_free.size() * sizeof(uint64_t));
+  g_free.clear();
+  g_stats.free_records++;
+  finish_record(at);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// The allocator: no memory, a handle per storage.
+// ---------------------------------------------------------------------------------------------------------------------
+
+void free_handle(void* ctx) {
+  const uint64_t h = reinterpret_cast<uintptr_t>(ctx);
+  std::lock_guard<std::mutex> lock(g_free_mu);
+  if (g_track.load(std::memory_order_relaxed) && g_live.erase(h) == 0) {
+    g_double_frees++;
+    return;
+  }
+  g_free.push_back(h);
+  g_freed.fetch_add(1, std::memory_order_relaxed);
+}
+
+struct HandleAllocator final : public c10::Allocator {
+  c10::DataPtr allocate(size_t /*nbytes*/) override {
+    const uint64_t h = g_next.fetch_add(1, std::memory_order_relaxed);
+    g_allocated.fetch_add(1, std::memory_order_relaxed);
+    if (g_track.load(std::memory_order_relaxed)) {
+      std::lock_guard<std::mutex> lock(g_free_mu);
+      g_live.insert(h);
+    }
+    void* p = reinterpret_cast<void*>(static_cast<uintptr_t>(h));
+    return {p, p, &free_handle, Device(kType, 0)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override {
+    return nullptr;  // no raw allocations
+  }
+  void copy_data(void* /*dest*/, const void* /*src*/, std::size_t /*count*/) const override {
+    TORCH_CHECK(false, "spike: the spike device holds no bytes to copy");
+  }
+};
+
+HandleAllocator g_alloc;
+
+inline uint64_t handle_of(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.storage().data_ptr().get_context());
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// The device guard (a minimal one: one device, one stream, no events), as client/torch/native_guard.cpp's.
+// ---------------------------------------------------------------------------------------------------------------------
+
+struct SpikeGuard final : public c10::impl::DeviceGuardImplInterface {
+  DeviceType type() const override { return kType; }
+  Device exchangeDevice(Device) const override { return Device(kType, 0); }
+  Device getDevice() const override { return Device(kType, 0); }
+  void setDevice(Device) const override {}
+  void uncheckedSetDevice(Device) const noexcept override {}
+  Stream getStream(Device) const noexcept override { return Stream(Stream::DEFAULT, Device(kType, 0)); }
+  Stream getNewStream(Device d, int = 0) const override { return getStream(d); }
+  Stream exchangeStream(Stream s) const noexcept override { return getStream(s.device()); }
+  DeviceIndex deviceCount() const noexcept override { return 1; }
+  void record(void**, const Stream&, const DeviceIndex, const c10::EventFlag) const override {}
+  void block(void*, const Stream&) const override {}
+  bool queryEvent(void*) const override { return true; }
+  void destroyEvent(void*, const DeviceIndex) const noexcept override {}
+  bool queryStream(const Stream&) const override { return true; }
+  void synchronizeStream(const Stream&) const override {}
+};
+
+// The hooks torch's autograd engine and the accelerator API ask of a PrivateUse1 backend: one device, always there.
+struct SpikeHooks final : public at::PrivateUse1HooksInterface {
+  bool isBuilt() const override { return true; }
+  bool isAvailable() const override { return true; }
+  bool hasPrimaryContext(DeviceIndex) const override { return true; }
+  Device getDeviceFromPtr(void*) const override { return Device(kType, 0); }
+  DeviceIndex deviceCount() const override { return 1; }
+  DeviceIndex getCurrentDevice() const override { return 0; }
+  void setCurrentDevice(DeviceIndex) const override {}
+  DeviceIndex exchangeDevice(DeviceIndex) const override { return 0; }
+  DeviceIndex maybeExchangeDevice(DeviceIndex) const override { return 0; }
+};
+
+const bool kHooksRegistered = [] {
+  at::RegisterPrivateUse1HooksInterface(new SpikeHooks());  // leaked: torch keeps the pointer
+  return true;
+}();
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Encoding arguments, and the meta-inference cache key.
+// ---------------------------------------------------------------------------------------------------------------------
+
+void put_geometry(Buf& b, const at::Tensor& t) {
+  put<uint8_t>(b, static_cast<uint8_t>(t.scalar_type()));
+  const auto sizes = t.sizes();
+  const auto strides = t.strides();
+  put<uint8_t>(b, static_cast<uint8_t>(sizes.size()));
+  put_bytes(b, sizes.data(), sizes.size() * sizeof(int64_t));
+  put_bytes(b, strides.data(), strides.size() * sizeof(int64_t));
+  put<int64_t>(b, t.storage_offset());
+}
+
+void put_tensor(Buf& b, const at::Tensor& t) {
+  if (!t.defined()) {
+    put<uint8_t>(b, 'N');
+    return;
+  }
+  if (t.device().type() == kType) {
+    put<uint8_t>(b, 'T');
+    put<uint64_t>(b, handle_of(t));
+    put_geometry(b, t);
+    return;
+  }
+  TORCH_CHECK(t.device().is_cpu(), "spike: a ", t.device(), " tensor among the arguments of a spike op");
+  const at::Tensor c = t.contiguous();
+  put<uint8_t>(b, 'C');
+  put<uint8_t>(b, static_cast<uint8_t>(c.scalar_type()));
+  put<uint8_t>(b, static_cast<uint8_t>(c.dim()));
+  put_bytes(b, c.sizes().data(), c.dim() * sizeof(int64_t));
+  const uint64_t n = c.nbytes();
+  put<uint64_t>(b, n);
+  put_bytes(b, c.const_data_ptr(), n);
+}
+
+// A list's tag and count, into the record and the key.
+inline void list_head(Buf& b, std::string& k, char tag, size_t n) {
+  put<uint8_t>(b, static_cast<uint8_t>(tag));
+  put<uint32_t>(b, static_cast<uint32_t>(n));
+  k.push_back(tag);
+  k.push_back(static_cast<char>(n));
+}
+
+// One argument into the record (b) and the cache key (k). Doubles go into the key by type only (their value never
+// changes an output's metadata: Adam's step sizes would otherwise miss every time), as the Python shim keys them.
+void put_arg(Buf& b, std::string& k, const IValue& v) {
+  auto key_tensor = [&k](const at::Tensor& t) {
+    if (!t.defined()) {
+      k.push_back('N');
+      return;
+    }
+    k.push_back(t.device().type() == kType ? 'T' : 'C');
+    k.push_back(static_cast<char>(t.scalar_type()));
+    k.push_back(static_cast<char>(t.dim()));
+    k.append(reinterpret_cast<const char*>(t.sizes().data()), t.dim() * sizeof(int64_t));
+    k.append(reinterpret_cast<const char*>(t.strides().data()), t.dim() * sizeof(int64_t));
+    const int64_t off = t.storage_offset();
+    k.append(reinterpret_cast<const char*>(&off), sizeof(off));
+  };
+  if (v.isTensor()) {
+    const at::Tensor& t = v.toTensor();
+    put_tensor(b, t);
+    key_tensor(t);
+  } else if (v.isNone()) {
+    put<uint8_t>(b, 'N');
+    k.push_back('N');
+  } else if (v.isInt()) {
+    const int64_t x = v.toInt();
+    put<uint8_t>(b, 'i');
+    put<int64_t>(b, x);
+    k.push_back('i');
+    k.append(reinterpret_cast<const char*>(&x), sizeof(x));
+  } else if (v.isDouble()) {
+    put<uint8_t>(b, 'd');
+    put<double>(b, v.toDouble());
+    k.push_back('d');
+  } else if (v.isBool()) {
+    put<uint8_t>(b, 'b');
+    put<uint8_t>(b, v.toBool());
+    k.push_back(v.toBool() ? 'y' : 'n');
+  } else if (v.isTensorList()) {
+    const auto list = v.toTensorList();
+    list_head(b, k, 'L', list.size());
+    for (size_t i = 0; i < list.size(); i++) {
+      const at::Tensor t = list.get(i);
+      put_tensor(b, t);
+      key_tensor(t);
+    }
+  } else if (v.isIntList()) {
+    const auto list = v.toIntList();
+    list_head(b, k, 'I', list.size());
+    for (size_t i = 0; i < list.size(); i++) {
+      const int64_t x = list.get(i);
+      put<int64_t>(b, x);
+      k.append(reinterpret_cast<const char*>(&x), sizeof(x));
+    }
+  } else if (v.isDoubleList()) {
+    const auto list = v.toDoubleList();
+    list_head(b, k, 'D', list.size());
+    for (size_t i = 0; i < list.size(); i++) put<double>(b, list.get(i));
+  } else if (v.isBoolList()) {
+    const auto list = v.toBoolList();
+    list_head(b, k, 'B', list.size());
+    for (size_t i = 0; i < list.size(); i++) {
+      put<uint8_t>(b, list.get(i));
+      k.push_back(list.get(i) ? 'y' : 'n');
+    }
+  } else if (v.isList()) {  // Tensor?[] (index), Scalar[] (_foreach_div_.ScalarList): each element tagged
+    const auto list = v.toListRef();
+    list_head(b, k, 'L', list.size());
+    for (const IValue& e : list) {
+      TORCH_CHECK(!e.isList(), "spike: a list of lists");
+      put_arg(b, k, e);
+    }
+  } else if (v.isString()) {
+    const auto& s = v.toStringRef();
+    put<uint8_t>(b, 's');
+    put<uint32_t>(b, static_cast<uint32_t>(s.size()));
+    put_bytes(b, s.data(), s.size());
+    k.push_back('s');
+    k.append(s);
+  } else if (v.isDevice()) {
+    const Device d = v.toDevice();
+    put<uint8_t>(b, 'v');
+    put<int8_t>(b, static_cast<int8_t>(d.type()));
+    put<int8_t>(b, d.index());
+    k.push_back('v');
+    k.push_back(static_cast<char>(d.type()));
+  } else if (v.isComplexDouble()) {
+    const auto c = v.toComplexDouble();
+    put<uint8_t>(b, 'c');
+    put<double>(b, c.real());
+    put<double>(b, c.imag());
+    k.push_back('c');
+  } else {
+    TORCH_CHECK(false, "spike: an argument of kind ", v.tagKind(), " is not supported (a Generator: random ops need "
+                "the daemon's RNG; a Storage or a Stream)");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Meta inference and its cache.
+// ---------------------------------------------------------------------------------------------------------------------
+
+// What one output is: a new tensor, an input written in place (in-place, out=), or a view of an input's storage.
+struct OutPlan {
+  enum Kind : uint8_t { NEW, INPUT, VIEW } kind = NEW;
+  int arg = -1;        // INPUT/VIEW: the argument it is (or views); for a tensor-list argument also `elem`
+  int elem = -1;
+  at::ScalarType dtype = at::kFloat;
+  std::vector<int64_t> sizes, strides;
+  int64_t offset = 0;
+};
+
+// One return of the op: a tensor (one plan), a tensor list (n plans), or nothing else is supported.
+struct RetPlan {
+  bool is_list = false;
+  std::vector<OutPlan> outs;
+};
+
+struct Plan {
+  std::vector<RetPlan> rets;
+};
+
+std::unordered_map<std::string, Plan> g_cache;  // guarded by g_mu
+
+at::Tensor to_meta(const at::Tensor& t) {
+  if (!t.defined()) return t;
+  auto opts = t.options().device(c10::kMeta);
+  if (t.storage_offset() == 0) {
+    return at::empty_strided(t.sizes(), t.strides(), opts);
+  }
+  // Keep the offset (views' outputs are placed by it): a meta storage as large as the real one.
+  const auto bytes = t.storage().nbytes();
+  at::Tensor base = at::empty({static_cast<int64_t>(bytes)}, opts.dtype(at::kByte));
+  return at::empty({0}, opts).set_(base.storage(), t.storage_offset(), t.sizes(), t.strides());
+}
+
+IValue meta_ivalue(const IValue& v) {
+  if (v.isTensor()) return to_meta(v.toTensor());
+  if (v.isTensorList()) {
+    c10::List<at::Tensor> out;
+    for (const at::Tensor& t : v.toTensorList().vec()) out.push_back(to_meta(t));
+    return out;
+  }
+  if (v.isList() && !v.isIntList() && !v.isDoubleList() && !v.isBoolList()) {
+    bool tensors = false;
+    for (const IValue& e : v.toListRef()) tensors |= e.isTensor();
+    if (!tensors) return v;  // Scalar[]
+    c10::List<std::optional<at::Tensor>> out;
+    for (const IValue& e : v.toListRef()) {
+      out.push_back(e.isTensor() ? std::optional<at::Tensor>(to_meta(e.toTensor())) : std::nullopt);
+    }
+    return out;
+  }
+  if (v.isDevice()) return Device(c10::kMeta);
+  return v;
+}
+
+// Which meta input (argument index, list element) is this meta tensor: by TensorImpl identity (in-place / out=
+// returns its argument) or, for a view, by sharing its storage.
+std::pair<int, int> find_input(const std::vector<IValue>& margs, const at::Tensor& m, bool by_storage) {
+  for (size_t i = 0; i < margs.size(); i++) {
+    const IValue& a = margs[i];
+    auto same = [&](const at::Tensor& t) {
+      if (!t.defined()) return false;
+      return by_storage ? t.storage().is_alias_of(m.storage()) : t.unsafeGetTensorImpl() == m.unsafeGetTensorImpl();
+    };
+    if (a.isTensor()) {
+      if (same(a.toTensor())) return {static_cast<int>(i), -1};
+    } else if (a.isTensorList()) {
+      const auto list = a.toTensorList();
+      for (size_t j = 0; j < list.size(); j++)
+        if (same(list.get(j))) return {static_cast<int>(i), static_cast<int>(j)};
+    } else if (a.isList() && !a.isIntList() && !a.isDoubleList() && !a.isBoolList()) {
+      const auto list = a.toListRef();
+      for (size_t j = 0; j < list.size(); j++)
+        if (list[j].isTensor() && same(list[j].toTensor())) return {static_cast<int>(i), static_cast<int>(j)};
+    }
+  }
+  return {-1, -1};
+}
+
+OutPlan plan_one(const c10::Argument& ret, const std::vector<IValue>& margs, const at::Tensor& m) {
+  OutPlan p;
+  p.dtype = m.scalar_type();
+  p.sizes = m.sizes().vec();
+  p.strides = m.strides().vec();
+  p.offset = m.storage_offset();
+  const auto* alias = ret.alias_info();
+  if (alias != nullptr && alias->isWrite()) {
+    auto [i, j] = find_input(margs, m, false);
+    TORCH_CHECK(i >= 0, "spike: a written output that is none of the inputs");
+    p.kind = OutPlan::INPUT;
+    p.arg = i;
+    p.elem = j;
+  } else if (alias != nullptr) {
+    auto [i, j] = find_input(margs, m, true);
+    TORCH_CHECK(i >= 0, "spike: a view output whose storage is none of the inputs'");
+    p.kind = OutPlan::VIEW;
+    p.arg = i;
+    p.elem = j;
+  }
+  return p;
+}
+
+Plan infer(const c10::OperatorHandle& op, const IValue* args, size_t nargs, std::vector<IValue>& margs_out) {
+  const auto& schema = op.schema();
+  std::vector<IValue> margs;
+  margs.reserve(nargs);
+  for (size_t i = 0; i < nargs; i++) margs.push_back(meta_ivalue(args[i]));
+  torch::jit::Stack ms(margs.begin(), margs.end());
+  op.redispatchBoxed(DispatchKeySet(DispatchKey::Meta), &ms);
+  Plan plan;
+  const auto& rets = schema.returns();
+  TORCH_CHECK(ms.size() == rets.size(), "spike: ", schema.name(), " returned ", ms.size(), " values for ", rets.size());
+  for (size_t r = 0; r < rets.size(); r++) {
+    RetPlan rp;
+    const IValue& v = ms[r];
+    if (v.isTensor()) {
+      rp.outs.push_back(plan_one(rets[r], margs, v.toTensor()));
+    } else if (v.isTensorList()) {
+      rp.is_list = true;
+      for (const at::Tensor& t : v.toTensorList().vec()) rp.outs.push_back(plan_one(rets[r], margs, t));
+    } else {
+      TORCH_CHECK(false, "spike: ", schema.name(), " returns a ", v.tagKind(),
+                  ": a value read from the device needs a sync, which the spike does not do");
+    }
+    // A written input whose meta copy was resized (out= of the wrong size) would need its storage replaced.
+    for (const OutPlan& p : rp.outs) {
+      if (p.kind != OutPlan::INPUT) continue;
+      const IValue& a = args[p.arg];
+      const at::Tensor in = p.elem < 0 ? a.toTensor()
+                                       : (a.isTensorList() ? a.toTensorList().get(p.elem) : a.toListRef()[p.elem].toTensor());
+      TORCH_CHECK(in.sizes().vec() == p.sizes && in.strides().vec() == p.strides,
+                  "spike: ", schema.name(), " resizes an out= argument: not supported");
+    }
+    plan.rets.push_back(std::move(rp));
+  }
+  margs_out = std::move(margs);
+  return plan;
+}
+
+at::Tensor make_out(const OutPlan& p, const IValue* args) {
+  if (p.kind == OutPlan::NEW) {
+    return at::detail::empty_strided_generic(p.sizes, p.strides, &g_alloc, kKeys, p.dtype);
+  }
+  const IValue& a = args[p.arg];
+  const at::Tensor in = p.elem < 0 ? a.toTensor()
+                                   : (a.isTensorList() ? a.toTensorList().get(p.elem) : a.toListRef()[p.elem].toTensor());
+  if (p.kind == OutPlan::INPUT) return in;
+  g_stats.view_outputs++;
+  at::Tensor v = at::detail::make_tensor<c10::TensorImpl>(c10::TensorImpl::VIEW, c10::Storage(in.storage()),
+                                                           in.key_set(), in.dtype());
+  v.unsafeGetTensorImpl()->set_sizes_and_strides(p.sizes, p.strides, p.offset);
+  return v;
+}
+
+uint32_t op_id(const c10::OperatorHandle& op) {
+  auto it = g_op_ids.find(op);
+  if (it != g_op_ids.end()) return it->second;
+  const uint32_t id = static_cast<uint32_t>(g_op_names.size());
+  const auto& name = op.operator_name();
+  g_op_names.push_back(name.overload_name.empty() ? name.name : name.name + "." + name.overload_name);
+  g_op_ids.emplace(op, id);
+  return id;
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Wire mode (configure_wire): records in the daemon's own format, for a real session. The buffer then holds finished
+// `ClientFrame.commands` entries (Command{eager_op}, Command{upload}, Command{free}: byte for byte what protobuf
+// writes, as client/session.py's eager_command and upload_command write them), and every kFlushCommands commands, and
+// at every sync, the buffer goes to Python once (the `spike_client::send` / `sync_scalar` / `download` operators,
+// implemented in Python by spike/native_client.py over client/session.py's Session). Compact records
+// (gpupool/compact.py): u32 op id (u8 name length and the name the first time), u8 n, u64 outputs, u8 n, args,
+// u8 n, (u8 length, name, arg) kwargs; kwarg-only arguments of the schema go by name.
+//
+// Handles: the daemon names tensors, not storages. A storage's handle (its DataPtr id + the session's handle base)
+// names the tensor its first op made (its "base" geometry); a tensor argument with another geometry on that storage
+// (a view: t(), expand, a slice) gets a handle of its own, made by an `aten::as_strided` record from the storage's
+// handle and cached per storage and geometry until the storage dies (then freed with it). No wire change.
+// ---------------------------------------------------------------------------------------------------------------------
+
+// Compact tags (gpupool/compact.py).
+enum : uint8_t { T_NONE = 0, T_TENSOR, T_INT, T_FLOAT, T_BOOL, T_TENSORS, T_INTS, T_FLOATS, T_BOOLS, T_DTYPE, T_DEVICE,
+                 T_CPU, T_LAYOUT, T_MEMORY_FORMAT };
+constexpr size_t kFlushCommands = 32;                    // client/torch/runtime.py FLUSH_OPS
+constexpr size_t kChunkBytes = 4 * 1024 * 1024;          // gpupool/wire.py CHUNK_BYTES: one-chunk uploads only
+
+bool g_wire = false;
+uint64_t g_base = 0;                                      // the session's handle_base
+int g_dtype_code[64];                                     // c10::ScalarType -> tensor.proto DType (-1: none)
+int g_layout_strided = -1;                                // tensor.proto Layout of torch.strided
+int g_mf_code[4] = {-1, -1, -1, -1};                      // c10::MemoryFormat -> tensor.proto MemoryFormat
+std::unordered_set<std::string> g_wire_ops;               // the op set the wire mode sends
+size_t g_cmds = 0;                                        // commands in g_buf
+std::mutex g_send_mu;                                     // frames go to Python in the order they were cut
+
+struct Geo {
+  at::ScalarType dtype = at::kFloat;
+  std::vector<int64_t> sizes, strides;
+  int64_t offset = 0;
+  static Geo of(const at::Tensor& t) { return {t.scalar_type(), t.sizes().vec(), t.strides().vec(), t.storage_offset()}; }
+  bool same(const at::Tensor& t) const {
+    return t.scalar_type() == dtype && t.storage_offset() == offset && t.sizes().equals(sizes) &&
+           t.strides().equals(strides);
+  }
+};
+struct Store {
+  Geo base;
+  std::vector<std::pair<Geo, uint64_t>> views;  // as_strided handles on this storage
+};
+std::unordered_map<uint64_t, Store> g_stores;                          // storage id -> what the daemon holds
+std::vector<std::pair<uint64_t, std::vector<uint8_t>>> g_pending;       // empty/empty_strided held back (args part)
+
+struct WireOp {
+  bool named = false, allowed = false;
+  size_t npos = 0;
+  std::vector<uint8_t> kind;  // per schema argument: 0 (by value), T_DTYPE, T_LAYOUT, T_MEMORY_FORMAT
+};
+std::vector<WireOp> g_wire_info;  // by op id
+thread_local Buf t_rec, t_aux;
+struct WireStats { int64_t frames = 0, view_handles = 0, frees = 0, skipped_views = 0; } g_wstats;
+
+inline void put_varint(Buf& b, uint64_t v) {
+  while (v >= 0x80) {
+    put<uint8_t>(b, static_cast<uint8_t>(v | 0x80));
+    v >>= 7;
+  }
+  put<uint8_t>(b, static_cast<uint8_t>(v));
+}
+
+inline size_t varint_len(uint64_t v) {
+  size_t n = 1;
+  while (v >= 0x80) {
+    v >>= 7;
+    n++;
+  }
+  return n;
+}
+
+// One ClientFrame.commands entry: tag 1, the Command (field `field_tag`, length-delimited `body`).
+void emit_command(const uint8_t* field_tag, size_t tag_len, const Buf& body) {
+  const size_t cmd = tag_len + varint_len(body.n) + body.n;
+  put<uint8_t>(g_buf, 0x0a);
+  put_varint(g_buf, cmd);
+  put_bytes(g_buf, field_tag, tag_len);
+  put_varint(g_buf, body.n);
+  put_bytes(g_buf, body.v.data(), body.n);
+  g_cmds++;
+}
+
+uint32_t op_id(const c10::OperatorHandle& op);
+
+WireOp& wire_info(const c10::OperatorHandle& op, uint32_t id, bool internal) {
+  if (g_wire_info.size() <= id) g_wire_info.resize(id + 1);
+  WireOp& w = g_wire_info[id];
+  if (w.kind.empty() && !op.schema().arguments().empty()) {
+    for (const auto& a : op.schema().arguments()) {
+      c10::TypePtr t = a.real_type();
+      if (auto o = t->cast<c10::OptionalType>()) t = o->getElementType();
+      const auto k = t->kind();
+      w.kind.push_back(k == c10::TypeKind::ScalarTypeType   ? T_DTYPE
+                       : k == c10::TypeKind::LayoutType     ? T_LAYOUT
+                       : k == c10::TypeKind::MemoryFormatType ? T_MEMORY_FORMAT
+                                                              : 0);
+      if (!a.kwarg_only()) w.npos++;
+    }
+    w.allowed = g_wire_ops.count(g_op_names[id]) > 0;
+  }
+  if (internal) w.allowed = true;
+  return w;
+}
+
+// A compact record: head (op id, the name the first time), outputs, then `args` (the argument part).
+void emit_record(uint32_t id, const std::vector<uint64_t>& outs, const Buf& args) {
+  WireOp& w = g_wire_info[id];
+  Buf& r = t_aux;
+  r.clear();
+  put<uint32_t>(r, id);
+  if (!w.named) {
+    const std::string& name = g_op_names[id];
+    put<uint8_t>(r, static_cast<uint8_t>(name.size()));
+    put_bytes(r, name.data(), name.size());
+    w.named = true;
+  } else {
+    put<uint8_t>(r, 0);
+  }
+  put<uint8_t>(r, static_cast<uint8_t>(outs.size()));
+  put_bytes(r, outs.data(), outs.size() * sizeof(uint64_t));
+  put_bytes(r, args.v.data(), args.n);
+  static const uint8_t tag[] = {0xf2, 0x01};  // Command.eager_op (30)
+  emit_command(tag, 2, r);
+  g_stats.op_records++;
+  g_stats.bytes += static_cast<int64_t>(r.n);
+}
+
+inline void put_ints(Buf& b, uint8_t tag, c10::IntArrayRef v) {
+  put<uint8_t>(b, tag);
+  put<uint16_t>(b, static_cast<uint16_t>(v.size()));
+  put_bytes(b, v.data(), v.size() * sizeof(int64_t));
+}
+
+const c10::OperatorHandle& named_op(const char* name) {
+  static std::unordered_map<std::string, c10::OperatorHandle> ops;
+  auto it = ops.find(name);
+  if (it == ops.end()) it = ops.emplace(name, c10::Dispatcher::singleton().findSchemaOrThrow(name, "")).first;
+  return it->second;
+}
+
+// The wire handle of a device tensor: its storage's, or a view handle (made now, once per geometry and storage).
+uint64_t wire_handle(const at::Tensor& t) {
+  const uint64_t sid = handle_of(t);
+  auto it = g_stores.find(sid);
+  TORCH_CHECK(it != g_stores.end(), "spike: a tensor on a storage the daemon never saw (storage ", sid, ")");
+  Store& s = it->second;
+  if (s.base.same(t)) return g_base + sid;
+  for (const auto& [g, h] : s.views)
+    if (g.same(t)) return g_base + h;
+  TORCH_CHECK(t.scalar_type() == s.base.dtype, "spike: a view with another dtype than its storage's: not supported");
+  const uint64_t vh = g_next.fetch_add(1, std::memory_order_relaxed);
+  const auto& op = named_op("aten::as_strided");
+  const uint32_t id = op_id(op);
+  wire_info(op, id, true);
+  Buf local;
+  put<uint8_t>(local, 4);
+  put<uint8_t>(local, T_TENSOR);
+  put<uint64_t>(local, g_base + sid);
+  put_ints(local, T_INTS, t.sizes());
+  put_ints(local, T_INTS, t.strides());
+  put<uint8_t>(local, T_INT);
+  put<int64_t>(local, t.storage_offset());
+  put<uint8_t>(local, 0);
+  emit_record(id, {g_base + vh}, local);
+  s.views.emplace_back(Geo::of(t), vh);
+  g_wstats.view_handles++;
+  return g_base + vh;
+}
+
+// Frees of the storages that died, as one Command{free}: a storage's handle and its view handles. A storage whose
+// empty was held back and never sent is simply forgotten.
+void drain_frees_wire() {
+  std::vector<uint64_t> dead;
+  {
+    std::lock_guard<std::mutex> flock(g_free_mu);
+    if (g_free.empty()) return;
+    dead.swap(g_free);
+  }
+  Buf packed;
+  for (uint64_t sid : dead) {
+    auto p = std::find_if(g_pending.begin(), g_pending.end(), [sid](const auto& e) { return e.first == sid; });
+    if (p != g_pending.end()) g_pending.erase(p);
+    auto it = g_stores.find(sid);
+    if (it == g_stores.end()) continue;
+    if (p == g_pending.end()) put_varint(packed, g_base + sid);
+    for (const auto& v : it->second.views) put_varint(packed, g_base + v.second);
+    g_stores.erase(it);
+  }
+  if (packed.n == 0) return;
+  Buf fr;
+  put<uint8_t>(fr, 0x0a);  // Free.handles (1), packed
+  put_varint(fr, packed.n);
+  put_bytes(fr, packed.v.data(), packed.n);
+  static const uint8_t tag[] = {0x22};  // Command.free (4)
+  emit_command(tag, 1, fr);
+  g_stats.free_records++;
+  g_wstats.frees++;
+}
+
+void materialize_pending() {
+  if (g_pending.empty()) return;
+  const auto& op = named_op("aten::empty_strided");
+  const uint32_t id = op_id(op);
+  wire_info(op, id, true);
+  for (auto& [sid, args] : g_pending) {
+    Buf b;
+    put_bytes(b, args.data(), args.size());
+    emit_record(id, {g_base + sid}, b);
+  }
+  g_pending.clear();
+}
+
+// Before a record: the held-back empties it may name. Frees wait for the frame's end (take_frame_locked), one
+// Command{free} per frame as the runtime batches them: handles are never reused, so a late free is still right.
+inline void prelude_wire() {
+  if (g_pending.empty()) return;
+  drain_frees_wire();  // an empty that died unsent is dropped, not sent
+  materialize_pending();
+}
+
+at::Tensor take_frame_locked() {
+  drain_frees_wire();
+  at::Tensor out = at::empty({static_cast<int64_t>(g_buf.size())}, at::kByte);
+  if (!g_buf.empty()) std::memcpy(out.data_ptr(), g_buf.data(), g_buf.size());
+  g_buf.clear();
+  g_cmds = 0;
+  g_wstats.frames++;
+  return out;
+}
+
+// Hand the buffer to Python (spike_client::send): one call per frame.
+void flush_frame() {
+  std::lock_guard<std::mutex> send(g_send_mu);
+  at::Tensor frame;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    frame = take_frame_locked();
+  }
+  if (frame.numel() == 0) return;
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("spike_client::send", "").typed<void(const at::Tensor&)>();
+  op.call(frame);
+}
+
+void key_tensor(std::string& k, const at::Tensor& t) {
+  if (!t.defined()) {
+    k.push_back('N');
+    return;
+  }
+  k.push_back(t.device().type() == kType ? 'T' : 'C');
+  k.push_back(static_cast<char>(t.scalar_type()));
+  k.push_back(static_cast<char>(t.dim()));
+  k.append(reinterpret_cast<const char*>(t.sizes().data()), t.dim() * sizeof(int64_t));
+  k.append(reinterpret_cast<const char*>(t.strides().data()), t.dim() * sizeof(int64_t));
+  const int64_t off = t.storage_offset();
+  k.append(reinterpret_cast<const char*>(&off), sizeof(off));
+}
+
+void put_wire_tensor(Buf& b, std::string& k, const at::Tensor& t) {
+  key_tensor(k, t);
+  if (!t.defined()) {
+    put<uint8_t>(b, T_NONE);
+  } else if (t.device().type() == kType) {
+    put<uint8_t>(b, T_TENSOR);
+    put<uint64_t>(b, wire_handle(t));
+  } else {
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 0, "spike: a ", t.device(), " tensor of ", t.dim(),
+                " dims among a device op's arguments: only 0-dim CPU tensors (sent as numbers) are in the spike");
+    if (at::isFloatingType(t.scalar_type())) {
+      put<uint8_t>(b, T_FLOAT);
+      put<double>(b, t.item<double>());
+    } else if (t.scalar_type() == at::kBool) {
+      put<uint8_t>(b, T_BOOL);
+      put<uint8_t>(b, t.item<bool>());
+    } else {
+      TORCH_CHECK(at::isIntegralType(t.scalar_type(), false), "spike: a complex CPU scalar tensor argument");
+      put<uint8_t>(b, T_INT);
+      put<int64_t>(b, t.item<int64_t>());
+    }
+  }
+}
+
+// One argument in the compact format (b) and into the meta-cache key (k, as put_arg keys it).
+void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind) {
+  if (v.isTensor()) {
+    put_wire_tensor(b, k, v.toTensor());
+  } else if (v.isNone()) {
+    put<uint8_t>(b, T_NONE);
+    k.push_back('N');
+  } else if (v.isInt()) {
+    const int64_t x = v.toInt();
+    k.push_back('i');
+    k.append(reinterpret_cast<const char*>(&x), sizeof(x));
+    int code = -1;
+    if (kind == T_DTYPE) code = (x >= 0 && x < 64) ? g_dtype_code[x] : -1;
+    else if (kind == T_LAYOUT) code = x == static_cast<int64_t>(at::kStrided) ? g_layout_strided : -1;
+    else if (kind == T_MEMORY_FORMAT) code = (x >= 0 && x < 4) ? g_mf_code[x] : -1;
+    if (kind != 0) {
+      TORCH_CHECK(code >= 0, "spike: no wire code for this dtype/layout/memory format (", x, ")");
+      put<uint8_t>(b, kind);
+      put<uint8_t>(b, static_cast<uint8_t>(code));
+    } else {
+      put<uint8_t>(b, T_INT);
+      put<int64_t>(b, x);
+    }
+  } else if (v.isDouble()) {
+    put<uint8_t>(b, T_FLOAT);
+    put<double>(b, v.toDouble());
+    k.push_back('d');
+  } else if (v.isBool()) {
+    put<uint8_t>(b, T_BOOL);
+    put<uint8_t>(b, v.toBool());
+    k.push_back(v.toBool() ? 'y' : 'n');
+  } else if (v.isTensorList() || (v.isList() && !v.isIntList() && !v.isDoubleList() && !v.isBoolList())) {
+    // Tensor[], Tensor?[] (TENSORS, 0 for None) or Scalar[] (FLOATS / INTS)
+    const c10::ArrayRef<IValue> items = v.toListRef();  // any list's elements, without copies
+    bool tensors = true, doubles = true, ints = true;
+    for (const IValue& e : items) {
+      tensors &= e.isTensor() || e.isNone();
+      doubles &= e.isDouble();
+      ints &= e.isInt();
+    }
+    TORCH_CHECK(items.size() <= 65535, "spike: a list of ", items.size(), " entries");
+    k.push_back('L');
+    k.push_back(static_cast<char>(items.size()));
+    if (tensors) {
+      put<uint8_t>(b, T_TENSORS);
+      put<uint16_t>(b, static_cast<uint16_t>(items.size()));
+      for (const IValue& e : items) {
+        if (e.isNone()) {
+          put<uint64_t>(b, 0);
+          k.push_back('N');
+          continue;
+        }
+        const at::Tensor& t = e.toTensor();
+        TORCH_CHECK(t.device().type() == kType, "spike: a ", t.device(), " tensor in a tensor list: not in the spike");
+        key_tensor(k, t);
+        put<uint64_t>(b, wire_handle(t));
+      }
+    } else if (doubles || ints) {
+      put<uint8_t>(b, doubles ? T_FLOATS : T_INTS);
+      put<uint16_t>(b, static_cast<uint16_t>(items.size()));
+      for (const IValue& e : items) {
+        if (doubles) {
+          put<double>(b, e.toDouble());
+        } else {
+          const int64_t x = e.toInt();
+          put<int64_t>(b, x);
+          k.append(reinterpret_cast<const char*>(&x), sizeof(x));
+        }
+      }
+    } else {
+      TORCH_CHECK(false, "spike: a list of mixed values: not in the compact format");
+    }
+  } else if (v.isIntList()) {
+    const auto list = v.toIntList();
+    TORCH_CHECK(list.size() <= 65535, "spike: a list of ", list.size(), " entries");
+    put<uint8_t>(b, T_INTS);
+    put<uint16_t>(b, static_cast<uint16_t>(list.size()));
+    k.push_back('I');
+    for (size_t i = 0; i < list.size(); i++) {
+      const int64_t x = list.get(i);
+      put<int64_t>(b, x);
+      k.append(reinterpret_cast<const char*>(&x), sizeof(x));
+    }
+  } else if (v.isDoubleList()) {
+    const auto list = v.toDoubleList();
+    put<uint8_t>(b, T_FLOATS);
+    put<uint16_t>(b, static_cast<uint16_t>(list.size()));
+    k.push_back('D');
+    k.push_back(static_cast<char>(list.size()));
+    for (size_t i = 0; i < list.size(); i++) put<double>(b, list.get(i));
+  } else if (v.isBoolList()) {
+    const auto list = v.toBoolList();
+    put<uint8_t>(b, T_BOOLS);
+    put<uint16_t>(b, static_cast<uint16_t>(list.size()));
+    k.push_back('B');
+    for (size_t i = 0; i < list.size(); i++) {
+      put<uint8_t>(b, list.get(i));
+      k.push_back(list.get(i) ? 'y' : 'n');
+    }
+  } else if (v.isDevice()) {
+    const Device d = v.toDevice();
+    TORCH_CHECK(d.type() == kType || d.is_cpu(), "spike: a ", d, " device argument");
+    put<uint8_t>(b, d.type() == kType ? T_DEVICE : T_CPU);
+    k.push_back('v');
+    k.push_back(static_cast<char>(d.type()));
+  } else {
+    TORCH_CHECK(false, "spike: an argument of kind ", v.tagKind(), " has no compact form (strings, complex numbers, "
+                "Generators: the daemon-backed spike does not send them)");
+  }
+}
+
+thread_local std::string t_wkey;
+
+void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const auto& sargs = schema.arguments();
+  const size_t nargs = sargs.size();
+  IValue* args = stack->data() + (stack->size() - nargs);
+  std::unique_lock<std::mutex> lock(g_mu);
+  const uint32_t id = op_id(op);
+  const size_t npos = wire_info(op, id, false).npos;
+  TORCH_CHECK(g_wire_info[id].allowed, "spike: ", g_op_names[id], " is outside the op set the daemon-backed spike "
+              "sends (the tiny MLP's training step): not supported");
+  prelude_wire();
+  Buf& rec = t_rec;
+  rec.clear();
+  std::string& key = t_wkey;
+  key.clear();
+  key.append(reinterpret_cast<const char*>(&id), sizeof(id));
+  put<uint8_t>(rec, static_cast<uint8_t>(npos));
+  for (size_t i = 0; i < npos; i++) put_wire_arg(rec, key, args[i], g_wire_info[id].kind[i]);
+  put<uint8_t>(rec, static_cast<uint8_t>(nargs - npos));
+  for (size_t i = npos; i < nargs; i++) {
+    const std::string& name = sargs[i].name();
+    put<uint8_t>(rec, static_cast<uint8_t>(name.size()));
+    put_bytes(rec, name.data(), name.size());
+    put_wire_arg(rec, key, args[i], g_wire_info[id].kind[i]);
+  }
+  const Plan* plan = nullptr;
+  Plan fresh;
+  auto it = g_cache.find(key);
+  if (it != g_cache.end()) {
+    plan = &it->second;
+    g_stats.cache_hits++;
+  } else {
+    lock.unlock();  // a Python meta kernel may free tensors or run ops
+    std::vector<IValue> margs;
+    fresh = infer(op, args, nargs, margs);
+    margs.clear();
+    lock.lock();
+    g_stats.meta_runs++;
+    plan = &g_cache.emplace(key, std::move(fresh)).first->second;
+  }
+  std::vector<uint64_t> outs;
+  c10::SmallVector<at::Tensor, 4> made;
+  bool any_named = false;
+  for (const RetPlan& r : plan->rets) {
+    for (const OutPlan& p : r.outs) {
+      made.push_back(make_out(p, args));
+      if (p.kind == OutPlan::NEW) {
+        const uint64_t sid = handle_of(made.back());
+        g_stores[sid] = Store{Geo{p.dtype, p.sizes, p.strides, p.offset}, {}};
+        outs.push_back(g_base + sid);
+      } else {
+        outs.push_back(0);
+      }
+      any_named |= p.kind != OutPlan::VIEW;
+    }
+  }
+  if (any_named || outs.empty()) {
+    emit_record(id, outs, rec);
+  } else {
+    g_wstats.skipped_views++;  // only views of inputs: the daemon need not compute what no handle names
+  }
+  const bool full = g_cmds >= kFlushCommands;
+  lock.unlock();
+  torch::jit::drop(*stack, nargs);
+  size_t k = 0;
+  for (const RetPlan& r : plan->rets) {
+    if (r.is_list) {
+      c10::List<at::Tensor> l;
+      l.reserve(r.outs.size());
+      for (size_t j = 0; j < r.outs.size(); j++) l.push_back(std::move(made[k++]));
+      stack->emplace_back(std::move(l));
+    } else {
+      stack->emplace_back(std::move(made[k++]));
+    }
+  }
+  if (full) flush_frame();
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// The boxed fallback: every op without a kernel of its own on PrivateUse1.
+// ---------------------------------------------------------------------------------------------------------------------
+
+thread_local std::string t_key;
+
+void spike_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  if (g_wire) {
+    wire_fallback(op, stack);
+    return;
+  }
+  const auto& schema = op.schema();
+  const size_t nargs = schema.arguments().size();
+  IValue* args = stack->data() + (stack->size() - nargs);
+  std::unique_lock<std::mutex> lock(g_mu);
+  drain_frees();
+  const uint32_t id = op_id(op);
+  size_t at = begin_record('O');
+  put<uint32_t>(g_buf, id);
+  put<uint8_t>(g_buf, static_cast<uint8_t>(nargs));
+  std::string& key = t_key;
+  key.clear();
+  key.append(reinterpret_cast<const char*>(&id), sizeof(id));
+  try {
+    for (size_t i = 0; i < nargs; i++) put_arg(g_buf, key, args[i]);
+  } catch (...) {
+    g_buf.resize(at);  // an unsupported argument: no partial record stays in the buffer
+    throw;
+  }
+  const Plan* plan = nullptr;
+  Plan fresh;
+  if (g_cache_on) {
+    auto it = g_cache.find(key);
+    if (it != g_cache.end()) {
+      plan = &it->second;
+      g_stats.cache_hits++;
+    }
+  }
+  if (plan == nullptr) {
+    // Run the Meta kernel without the lock (a meta registration may be Python, which may free tensors or run ops):
+    // set the record so far aside and put it back after.
+    std::vector<uint8_t> head(g_buf.data() + at, g_buf.data() + g_buf.size());
+    g_buf.resize(at);
+    lock.unlock();
+    std::vector<IValue> margs;
+    fresh = infer(op, args, nargs, margs);
+    margs.clear();  // meta tensors die here, outside the lock
+    lock.lock();
+    g_stats.meta_runs++;
+    at = g_buf.size();
+    put_bytes(g_buf, head.data(), head.size());
+    plan = g_cache_on ? &g_cache.emplace(key, std::move(fresh)).first->second : &fresh;
+  }
+  size_t nouts = 0;
+  for (const RetPlan& r : plan->rets) nouts += r.outs.size();
+  put<uint8_t>(g_buf, static_cast<uint8_t>(nouts));
+  c10::SmallVector<at::Tensor, 4> made;
+  for (const RetPlan& r : plan->rets) {
+    for (const OutPlan& p : r.outs) {
+      made.push_back(make_out(p, args));  // the allocator does not take g_mu
+      put<uint64_t>(g_buf, p.kind == OutPlan::NEW ? handle_of(made.back()) : 0);
+    }
+  }
+  g_stats.op_records++;
+  finish_record(at);
+  lock.unlock();
+  torch::jit::drop(*stack, nargs);  // inputs may die here: their deleters take g_free_mu only
+  size_t k = 0;
+  for (const RetPlan& r : plan->rets) {
+    if (r.is_list) {
+      c10::List<at::Tensor> l;
+      l.reserve(r.outs.size());
+      for (size_t j = 0; j < r.outs.size(); j++) l.push_back(std::move(made[k++]));
+      stack->emplace_back(std::move(l));
+    } else {
+      stack->emplace_back(std::move(made[k++]));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Kernels of our own: factories, copies, syncs, metadata-only views.
+// ---------------------------------------------------------------------------------------------------------------------
+
+// Wire mode: an empty is held back (the usual next step, a copy from the CPU, then becomes one Upload into its handle);
+// anything else that names it first sends it as aten::empty_strided.
+void wire_alloc(const at::Tensor& t) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  const int code = g_dtype_code[static_cast<int>(t.scalar_type())];
+  TORCH_CHECK(code >= 0, "spike: no wire code for ", t.scalar_type());
+  Buf b;
+  put<uint8_t>(b, 2);
+  put_ints(b, T_INTS, t.sizes());
+  put_ints(b, T_INTS, t.strides());
+  put<uint8_t>(b, 2);
+  put<uint8_t>(b, 5);
+  put_bytes(b, "dtype", 5);
+  put<uint8_t>(b, T_DTYPE);
+  put<uint8_t>(b, static_cast<uint8_t>(code));
+  put<uint8_t>(b, 6);
+  put_bytes(b, "device", 6);
+  put<uint8_t>(b, T_DEVICE);
+  const uint64_t sid = handle_of(t);
+  g_stores[sid] = Store{Geo::of(t), {}};
+  g_pending.emplace_back(sid, std::vector<uint8_t>(b.v.data(), b.v.data() + b.n));
+  g_stats.alloc_records++;
+}
+
+void alloc_record(const at::Tensor& t) {
+  if (g_wire) {
+    wire_alloc(t);
+    return;
+  }
+  std::lock_guard<std::mutex> lock(g_mu);
+  drain_frees();
+  const size_t at = begin_record('A');
+  put<uint64_t>(g_buf, handle_of(t));
+  put<uint64_t>(g_buf, t.storage().nbytes());
+  g_stats.alloc_records++;
+  finish_record(at);
+}
+
+at::Tensor spike_empty(c10::IntArrayRef size, std::optional<at::ScalarType> dtype, std::optional<at::Layout> layout,
+                       std::optional<Device> /*device*/, std::optional<bool> /*pin*/,
+                       std::optional<at::MemoryFormat> mf) {
+  TORCH_CHECK(!layout || *layout == at::kStrided, "spike: only strided tensors");
+  at::Tensor t = at::detail::empty_generic(size, &g_alloc, kKeys, dtype.value_or(at::get_default_dtype_as_scalartype()), mf);
+  alloc_record(t);
+  return t;
+}
+
+at::Tensor spike_empty_strided(c10::IntArrayRef size, c10::IntArrayRef stride, std::optional<at::ScalarType> dtype,
+                               std::optional<at::Layout> layout, std::optional<Device> /*device*/,
+                               std::optional<bool> /*pin*/) {
+  TORCH_CHECK(!layout || *layout == at::kStrided, "spike: only strided tensors");
+  at::Tensor t = at::detail::empty_strided_generic(size, stride, &g_alloc, kKeys,
+                                                   dtype.value_or(at::get_default_dtype_as_scalartype()));
+  alloc_record(t);
+  return t;
+}
+
+void sync_record(const at::Tensor& t) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  drain_frees();
+  const size_t at = begin_record('S');
+  put<uint64_t>(g_buf, handle_of(t));
+  put_geometry(g_buf, t);
+  g_stats.syncs++;
+  finish_record(at);
+}
+
+// Wire mode: Command{upload} of a contiguous CPU tensor into wire handle `wh` (one chunk).
+void emit_upload(uint64_t wh, const at::Tensor& c) {
+  const size_t n = c.nbytes();
+  TORCH_CHECK(n <= kChunkBytes, "spike: an upload of ", n, " bytes (over one 4 MiB chunk: not in the spike)");
+  const int code = g_dtype_code[static_cast<int>(c.scalar_type())];
+  TORCH_CHECK(code >= 0, "spike: no wire code for ", c.scalar_type());
+  Buf meta;
+  if (code != 0) {
+    put<uint8_t>(meta, 0x08);
+    put_varint(meta, static_cast<uint64_t>(code));
+  }
+  for (int f = 0; f < 2; f++) {  // TensorMeta.shape (2), .stride (3): packed varints, left out when empty
+    const auto v = f == 0 ? c.sizes() : c.strides();
+    if (v.empty()) continue;
+    Buf body;
+    for (int64_t x : v) put_varint(body, static_cast<uint64_t>(x));
+    put<uint8_t>(meta, f == 0 ? 0x12 : 0x1a);
+    put_varint(meta, body.n);
+    put_bytes(meta, body.v.data(), body.n);
+  }
+  Buf up;
+  put<uint8_t>(up, 0x08);  // Upload.handle (1)
+  put_varint(up, wh);
+  put<uint8_t>(up, 0x12);  // Upload.meta (2)
+  put_varint(up, meta.n);
+  put_bytes(up, meta.v.data(), meta.n);
+  if (n) {
+    put<uint8_t>(up, 0x22);  // Upload.data (4)
+    put_varint(up, n);
+    put_bytes(up, c.const_data_ptr(), n);
+  }
+  put<uint8_t>(up, 0x28);  // Upload.last (5) = true
+  put<uint8_t>(up, 0x01);
+  static const uint8_t tag[] = {0x12};  // Command.upload (2)
+  emit_command(tag, 1, up);
+  g_stats.uploads++;
+}
+
+at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocking) {
+  const bool dst_dev = self.device().type() == kType;
+  const bool src_dev = src.device().type() == kType;
+  if (dst_dev && !src_dev) {
+    TORCH_CHECK(src.device().is_cpu(), "spike: copy from ", src.device());
+    const at::Tensor c = src.to(self.scalar_type()).expand(self.sizes()).contiguous();
+    bool full;
+    {
+      std::lock_guard<std::mutex> lock(g_mu);
+      const uint64_t sid = handle_of(self);
+      auto p = std::find_if(g_pending.begin(), g_pending.end(), [sid](const auto& e) { return e.first == sid; });
+      if (p != g_pending.end() && self.is_contiguous() && self.storage_offset() == 0 &&
+          self.nbytes() == self.storage().nbytes()) {
+        g_pending.erase(p);  // the held-back empty becomes the upload itself
+        g_stores[sid] = Store{Geo::of(self), {}};
+        emit_upload(g_base + sid, c);
+      } else {  // into a temporary handle, then copy_ on the daemon
+        materialize_pending();
+        const uint64_t tmp = g_base + g_next.fetch_add(1, std::memory_order_relaxed);
+        emit_upload(tmp, c);
+        const auto& op = named_op("aten::copy_");
+        const uint32_t id = op_id(op);
+        wire_info(op, id, true);
+        Buf b;
+        put<uint8_t>(b, 2);
+        put<uint8_t>(b, T_TENSOR);
+        put<uint64_t>(b, wire_handle(self));
+        put<uint8_t>(b, T_TENSOR);
+        put<uint64_t>(b, tmp);
+        put<uint8_t>(b, 0);
+        emit_record(id, {0}, b);
+        Buf fr, packed;
+        put_varint(packed, tmp);
+        put<uint8_t>(fr, 0x0a);
+        put_varint(fr, packed.n);
+        put_bytes(fr, packed.v.data(), packed.n);
+        static const uint8_t tag[] = {0x22};
+        emit_command(tag, 1, fr);
+      }
+      full = g_cmds >= kFlushCommands;
+    }
+    if (full) flush_frame();
+    return self;
+  }
+  if (!dst_dev && src_dev) {  // a download: the frame goes out, then Session.download of the tensor's handle
+    TORCH_CHECK(self.device().is_cpu(), "spike: copy to ", self.device());
+    std::lock_guard<std::mutex> send(g_send_mu);
+    at::Tensor frame;
+    uint64_t h;
+    {
+      std::lock_guard<std::mutex> lock(g_mu);
+      prelude_wire();
+      h = wire_handle(src);
+      frame = take_frame_locked();
+      g_stats.syncs++;
+    }
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("spike_client::download", "")
+                         .typed<at::Tensor(const at::Tensor&, int64_t)>();
+    const at::Tensor value = op.call(frame, static_cast<int64_t>(h));
+    self.copy_(value.view(src.sizes()));
+    return self;
+  }
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("aten::copy_", "");
+  torch::jit::Stack st{self, src, non_blocking};
+  spike_fallback(op, &st);
+  return self;
+}
+
+at::Tensor& spike_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocking) {
+  if (g_wire) return wire_copy_(self, src, non_blocking);
+  const bool dst_dev = self.device().type() == kType;
+  const bool src_dev = src.device().type() == kType;
+  if (dst_dev && !src_dev) {  // upload: the bytes, converted to the destination's dtype and shape, contiguous
+    TORCH_CHECK(src.device().is_cpu(), "spike: copy from ", src.device());
+    const at::Tensor c = src.to(self.scalar_type()).expand(self.sizes()).contiguous();
+    std::lock_guard<std::mutex> lock(g_mu);
+    drain_frees();
+    const size_t at = begin_record('U');
+    put<uint64_t>(g_buf, handle_of(self));
+    put_geometry(g_buf, self);
+    put<uint64_t>(g_buf, c.nbytes());
+    put_bytes(g_buf, c.const_data_ptr(), c.nbytes());
+    g_stats.uploads++;
+    finish_record(at);
+    return self;
+  }
+  if (!dst_dev && src_dev) {  // download: a sync record; no daemon answers, so the bytes are zeros
+    TORCH_CHECK(self.device().is_cpu(), "spike: copy to ", self.device());
+    sync_record(src);
+    self.zero_();
+    return self;
+  }
+  // On the device: an op record, through the fallback.
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("aten::copy_", "");
+  torch::jit::Stack st{self, src, non_blocking};
+  spike_fallback(op, &st);
+  return self;
+}
+
+at::Scalar spike_local_scalar_dense(const at::Tensor& self) {
+  if (g_wire) {  // flush the frame and read the value in the same round trip (Sync.scalar_handles)
+    std::lock_guard<std::mutex> send(g_send_mu);
+    at::Tensor frame;
+    uint64_t h;
+    {
+      std::lock_guard<std::mutex> lock(g_mu);
+      prelude_wire();
+      h = wire_handle(self);
+      frame = take_frame_locked();
+      g_stats.syncs++;
+    }
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("spike_client::sync_scalar", "")
+                         .typed<double(const at::Tensor&, int64_t)>();
+    const double v = op.call(frame, static_cast<int64_t>(h));
+    if (at::isFloatingType(self.scalar_type())) return at::Scalar(v);
+    if (self.scalar_type() == at::kBool) return at::Scalar(v != 0.0);
+    TORCH_CHECK(!at::isComplexType(self.scalar_type()), "spike: .item() of a complex tensor");
+    return at::Scalar(static_cast<int64_t>(v));
+  }
+  sync_record(self);
+  if (at::isFloatingType(self.scalar_type())) return at::Scalar(0.0);
+  if (self.scalar_type() == at::kBool) return at::Scalar(false);
+  TORCH_CHECK(!at::isComplexType(self.scalar_type()), "spike: .item() of a complex tensor");
+  return at::Scalar(int64_t{0});
+}
+
+at::Tensor spike_view(const at::Tensor& self, c10::IntArrayRef size) {
+  return at::native::view(self, size);
+}
+
+at::Tensor spike_as_strided(const at::Tensor& self, c10::IntArrayRef size, c10::IntArrayRef stride,
+                            std::optional<int64_t> offset) {
+  return at::native::as_strided_tensorimpl(self, size, stride, offset);
+}
+
+at::Tensor spike_reshape_alias(const at::Tensor& self, c10::IntArrayRef size, c10::IntArrayRef stride) {
+  return at::native::_reshape_alias(self, size, stride);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Control operators for Python (spike_client::*).
+// ---------------------------------------------------------------------------------------------------------------------
+
+// In the order of spike/native_client.py's STATS.
+std::vector<int64_t> stats() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  std::lock_guard<std::mutex> flock(g_free_mu);
+  const Stats& s = g_stats;
+  return {g_allocated.load(), g_freed.load(), g_double_frees.load(), s.op_records, s.uploads, s.syncs,
+          s.free_records, s.alloc_records, s.bytes, s.dropped_bytes, s.meta_runs, s.cache_hits, s.view_outputs,
+          static_cast<int64_t>(g_live.size()), static_cast<int64_t>(g_free.size()),
+          static_cast<int64_t>(g_cache.size())};
+}
+
+void configure(bool keep, bool track, bool cache) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  std::lock_guard<std::mutex> flock(g_free_mu);
+  g_keep = keep;
+  g_track = track;
+  if (!track) g_live.clear();
+  g_cache_on = cache;
+  if (!cache) g_cache.clear();
+}
+
+// The records kept since the last call (keep mode), as bytes; the frees pending are drained into them first.
+at::Tensor take_records() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  drain_frees();
+  at::Tensor out = at::empty({static_cast<int64_t>(g_buf.size())}, at::kByte);
+  if (!g_buf.empty()) std::memcpy(out.data_ptr(), g_buf.data(), g_buf.size());
+  g_buf.clear();
+  return out;
+}
+
+std::string op_name(int64_t id) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(g_op_names.size()), "spike: no op id ", id);
+  return g_op_names[id];
+}
+
+// Send more ops to the fallback than the ones with no kernel at all on PrivateUse1:
+//  - functional: every op whose PrivateUse1 kernel would be a CompositeExplicitAutogradNonFunctional one (the
+//    functional and in-place forms of structured ops: addmm, relu, add_, lerp_, ...). Without this claim torch runs
+//    such an op as empty_strided + its out= form (addmm.out, out=self for add_), two dispatches and an extra record;
+//  - foreach: every _foreach_* op whose kernel would be CompositeExplicitAutograd's per-tensor loop (a record per
+//    tensor and per op) becomes one record.
+// Returns the number of ops claimed now. The registrations live until the process ends.
+int64_t claim(bool functional, bool foreach) {
+  static std::vector<std::unique_ptr<torch::Library>> libs;
+  auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "aten", DispatchKey::PrivateUse1, __FILE__,
+                                              __LINE__);
+  int64_t n = 0;
+  auto& d = c10::Dispatcher::singleton();
+  for (const auto& name : d.getAllOpNames()) {
+    if (name.name.rfind("aten::", 0) != 0) continue;
+    auto op = d.findOp(name);
+    if (!op || !op->hasSchema() || op->hasKernelForDispatchKey(DispatchKey::PrivateUse1)) continue;
+    const bool nonfunctional = op->hasKernelForDispatchKey(DispatchKey::CompositeExplicitAutogradNonFunctional);
+    const bool is_foreach = name.name.rfind("aten::_foreach_", 0) == 0 &&
+                            op->hasKernelForDispatchKey(DispatchKey::CompositeExplicitAutograd);
+    if (!((functional && nonfunctional) || (foreach && is_foreach))) continue;
+    const std::string short_name = name.name.substr(6);
+    const std::string full = name.overload_name.empty() ? short_name : short_name + "." + name.overload_name;
+    lib->impl(full.c_str(), torch::CppFunction::makeFromBoxedFunction<&spike_fallback>());
+    n++;
+  }
+  libs.push_back(std::move(lib));
+  return n;
+}
+
+// Wire mode from now on (before any tensor is made on the device): handles are base + n, ops outside `ops` refused.
+void configure_wire(int64_t base, std::vector<std::string> ops, std::vector<int64_t> dtype_codes, int64_t strided,
+                    std::vector<int64_t> mf_codes) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  TORCH_CHECK(!g_wire, "spike: wire mode is set once per process");
+  TORCH_CHECK(g_next.load() == 1, "spike: wire mode must be set before any tensor is made on the device");
+  TORCH_CHECK(dtype_codes.size() <= 64 && mf_codes.size() == 4, "spike: bad code tables");
+  std::fill(std::begin(g_dtype_code), std::end(g_dtype_code), -1);
+  for (size_t i = 0; i < dtype_codes.size(); i++) g_dtype_code[i] = static_cast<int>(dtype_codes[i]);
+  for (size_t i = 0; i < 4; i++) g_mf_code[i] = static_cast<int>(mf_codes[i]);
+  g_layout_strided = static_cast<int>(strided);
+  g_wire_ops = std::unordered_set<std::string>(ops.begin(), ops.end());
+  g_base = static_cast<uint64_t>(base);
+  g_keep = true;  // the buffer is a frame: never dropped
+  g_wire = true;
+}
+
+int64_t scalar_type_of(const at::Tensor& t) { return static_cast<int64_t>(t.scalar_type()); }
+
+void flush_now() { flush_frame(); }
+
+std::vector<int64_t> wire_stats() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  return {g_wstats.frames, g_wstats.view_handles, g_wstats.frees, g_wstats.skipped_views,
+          static_cast<int64_t>(g_stores.size()), static_cast<int64_t>(g_pending.size())};
+}
+
+void reset_stats() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_stats = Stats{};
+  g_allocated = 0;
+  g_freed = 0;
+  g_double_frees = 0;
+}
+
+}  // namespace
+
+C10_REGISTER_GUARD_IMPL(PrivateUse1, SpikeGuard);
+REGISTER_ALLOCATOR(c10::DeviceType::PrivateUse1, &g_alloc);
+
+TORCH_LIBRARY_IMPL(_, PrivateUse1, m) {
+  m.fallback(torch::CppFunction::makeFromBoxedFunction<&spike_fallback>());
+}
+
+TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
+  m.impl("empty.memory_format", TORCH_FN(spike_empty));
+  m.impl("empty_strided", TORCH_FN(spike_empty_strided));
+  m.impl("copy_", TORCH_FN(spike_copy_));
+  m.impl("_local_scalar_dense", TORCH_FN(spike_local_scalar_dense));
+  m.impl("view", TORCH_FN(spike_view));
+  m.impl("as_strided", TORCH_FN(spike_as_strided));
+  m.impl("_reshape_alias", TORCH_FN(spike_reshape_alias));
+}
+
+TORCH_LIBRARY(spike_client, m) {
+  m.def("stats() -> int[]", &stats);
+  m.def("configure(bool keep, bool track, bool cache) -> ()", &configure);
+  m.def("take_records() -> Tensor", &take_records);
+  m.def("op_name(int id) -> str", &op_name);
+  m.def("reset_stats() -> ()", &reset_stats);
+  m.def("claim(bool functional, bool foreach) -> int", &claim);
+  m.def("configure_wire(int base, str[] ops, int[] dtype_codes, int strided, int[] mf_codes) -> ()", &configure_wire);
+  m.def("scalar_type(Tensor t) -> int", &scalar_type_of);
+  m.def("flush() -> ()", &flush_now);
+  m.def("wire_stats() -> int[]", &wire_stats);
+  // Implemented in Python (spike/native_client.py, over client/session.py's Session): the frame hand-offs.
+  m.def("send(Tensor frame) -> ()");
+  m.def("sync_scalar(Tensor frame, int handle) -> float");
+  m.def("download(Tensor frame, int handle) -> Tensor");
+}
