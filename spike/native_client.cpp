@@ -267,26 +267,34 @@ inline void list_head(Buf& b, std::string& k, char tag, size_t n) {
   k.push_back(static_cast<char>(n));
 }
 
+// An int64 into the record and, as the same bytes, into the cache key (ints can change an output's metadata).
+inline void put_keyed(Buf& b, std::string& k, int64_t x) {
+  put<int64_t>(b, x);
+  k.append(reinterpret_cast<const char*>(&x), sizeof(x));
+}
+
+// An argument's tensor in a cache key: where it lives, its dtype and geometry.
+void key_tensor(std::string& k, const at::Tensor& t) {
+  if (!t.defined()) {
+    k.push_back('N');
+    return;
+  }
+  k.push_back(t.device().type() == kType ? 'T' : 'C');
+  k.push_back(static_cast<char>(t.scalar_type()));
+  k.push_back(static_cast<char>(t.dim()));
+  k.append(reinterpret_cast<const char*>(t.sizes().data()), t.dim() * sizeof(int64_t));
+  k.append(reinterpret_cast<const char*>(t.strides().data()), t.dim() * sizeof(int64_t));
+  const int64_t off = t.storage_offset();
+  k.append(reinterpret_cast<const char*>(&off), sizeof(off));
+}
+
 // One argument into the record (b) and the cache key (k). Doubles go into the key by type only (their value never
 // changes an output's metadata: Adam's step sizes would otherwise miss every time), as the Python shim keys them.
 void put_arg(Buf& b, std::string& k, const IValue& v) {
-  auto key_tensor = [&k](const at::Tensor& t) {
-    if (!t.defined()) {
-      k.push_back('N');
-      return;
-    }
-    k.push_back(t.device().type() == kType ? 'T' : 'C');
-    k.push_back(static_cast<char>(t.scalar_type()));
-    k.push_back(static_cast<char>(t.dim()));
-    k.append(reinterpret_cast<const char*>(t.sizes().data()), t.dim() * sizeof(int64_t));
-    k.append(reinterpret_cast<const char*>(t.strides().data()), t.dim() * sizeof(int64_t));
-    const int64_t off = t.storage_offset();
-    k.append(reinterpret_cast<const char*>(&off), sizeof(off));
-  };
   if (v.isTensor()) {
     const at::Tensor& t = v.toTensor();
     put_tensor(b, t);
-    key_tensor(t);
+    key_tensor(k, t);
   } else if (v.isNone()) {
     put<uint8_t>(b, 'N');
     k.push_back('N');
@@ -310,15 +318,14 @@ void put_arg(Buf& b, std::string& k, const IValue& v) {
     for (size_t i = 0; i < list.size(); i++) {
       const at::Tensor t = list.get(i);
       put_tensor(b, t);
-      key_tensor(t);
+      key_tensor(k, t);
     }
   } else if (v.isIntList()) {
     const auto list = v.toIntList();
     list_head(b, k, 'I', list.size());
     for (size_t i = 0; i < list.size(); i++) {
       const int64_t x = list.get(i);
-      put<int64_t>(b, x);
-      k.append(reinterpret_cast<const char*>(&x), sizeof(x));
+      put_keyed(b, k, x);
     }
   } else if (v.isDoubleList()) {
     const auto list = v.toDoubleList();
@@ -674,6 +681,15 @@ const c10::OperatorHandle& named_op(const char* name) {
   return it->second;
 }
 
+// The id of an op the client sends of its own accord (as_strided for a view handle, empty_strided, copy_), its name
+// defined on the wire the first time.
+uint32_t internal_op(const char* name) {
+  const auto& op = named_op(name);
+  const uint32_t id = op_id(op);
+  wire_info(op, id, true);
+  return id;
+}
+
 // The wire handle of a device tensor: its storage's, or a view handle (made now, once per geometry and storage).
 uint64_t wire_handle(const at::Tensor& t) {
   const uint64_t sid = handle_of(t);
@@ -685,9 +701,7 @@ uint64_t wire_handle(const at::Tensor& t) {
     if (g.same(t)) return g_base + h;
   TORCH_CHECK(t.scalar_type() == s.base.dtype, "spike: a view with another dtype than its storage's: not supported");
   const uint64_t vh = g_next.fetch_add(1, std::memory_order_relaxed);
-  const auto& op = named_op("aten::as_strided");
-  const uint32_t id = op_id(op);
-  wire_info(op, id, true);
+  const uint32_t id = internal_op("aten::as_strided");
   Buf local;
   put<uint8_t>(local, 4);
   put<uint8_t>(local, T_TENSOR);
@@ -735,9 +749,7 @@ void drain_frees_wire() {
 
 void materialize_pending() {
   if (g_pending.empty()) return;
-  const auto& op = named_op("aten::empty_strided");
-  const uint32_t id = op_id(op);
-  wire_info(op, id, true);
+  const uint32_t id = internal_op("aten::empty_strided");
   for (auto& [sid, args] : g_pending) {
     Buf b;
     put_bytes(b, args.data(), args.size());
@@ -775,20 +787,6 @@ void flush_frame() {
   if (frame.numel() == 0) return;
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("spike_client::send", "").typed<void(const at::Tensor&)>();
   op.call(frame);
-}
-
-void key_tensor(std::string& k, const at::Tensor& t) {
-  if (!t.defined()) {
-    k.push_back('N');
-    return;
-  }
-  k.push_back(t.device().type() == kType ? 'T' : 'C');
-  k.push_back(static_cast<char>(t.scalar_type()));
-  k.push_back(static_cast<char>(t.dim()));
-  k.append(reinterpret_cast<const char*>(t.sizes().data()), t.dim() * sizeof(int64_t));
-  k.append(reinterpret_cast<const char*>(t.strides().data()), t.dim() * sizeof(int64_t));
-  const int64_t off = t.storage_offset();
-  k.append(reinterpret_cast<const char*>(&off), sizeof(off));
 }
 
 void put_wire_tensor(Buf& b, std::string& k, const at::Tensor& t) {
@@ -880,8 +878,7 @@ void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind) {
           put<double>(b, e.toDouble());
         } else {
           const int64_t x = e.toInt();
-          put<int64_t>(b, x);
-          k.append(reinterpret_cast<const char*>(&x), sizeof(x));
+          put_keyed(b, k, x);
         }
       }
     } else {
@@ -895,8 +892,7 @@ void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind) {
     k.push_back('I');
     for (size_t i = 0; i < list.size(); i++) {
       const int64_t x = list.get(i);
-      put<int64_t>(b, x);
-      k.append(reinterpret_cast<const char*>(&x), sizeof(x));
+      put_keyed(b, k, x);
     }
   } else if (v.isDoubleList()) {
     const auto list = v.toDoubleList();
@@ -923,6 +919,21 @@ void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind) {
   } else {
     TORCH_CHECK(false, "spike: an argument of kind ", v.tagKind(), " has no compact form (strings, complex numbers, "
                 "Generators: the daemon-backed spike does not send them)");
+  }
+}
+
+// The op's outputs onto the stack in the plan's order, a list return as one list.
+void push_outputs(torch::jit::Stack* stack, const std::vector<RetPlan>& rets, c10::SmallVector<at::Tensor, 4>& made) {
+  size_t k = 0;
+  for (const RetPlan& r : rets) {
+    if (r.is_list) {
+      c10::List<at::Tensor> l;
+      l.reserve(r.outs.size());
+      for (size_t j = 0; j < r.outs.size(); j++) l.push_back(std::move(made[k++]));
+      stack->emplace_back(std::move(l));
+    } else {
+      stack->emplace_back(std::move(made[k++]));
+    }
   }
 }
 
@@ -992,17 +1003,7 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const bool full = g_cmds >= kFlushCommands;
   lock.unlock();
   torch::jit::drop(*stack, nargs);
-  size_t k = 0;
-  for (const RetPlan& r : plan->rets) {
-    if (r.is_list) {
-      c10::List<at::Tensor> l;
-      l.reserve(r.outs.size());
-      for (size_t j = 0; j < r.outs.size(); j++) l.push_back(std::move(made[k++]));
-      stack->emplace_back(std::move(l));
-    } else {
-      stack->emplace_back(std::move(made[k++]));
-    }
-  }
+  push_outputs(stack, plan->rets, made);
   if (full) flush_frame();
 }
 
@@ -1073,17 +1074,7 @@ void spike_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   finish_record(at);
   lock.unlock();
   torch::jit::drop(*stack, nargs);  // inputs may die here: their deleters take g_free_mu only
-  size_t k = 0;
-  for (const RetPlan& r : plan->rets) {
-    if (r.is_list) {
-      c10::List<at::Tensor> l;
-      l.reserve(r.outs.size());
-      for (size_t j = 0; j < r.outs.size(); j++) l.push_back(std::move(made[k++]));
-      stack->emplace_back(std::move(l));
-    } else {
-      stack->emplace_back(std::move(made[k++]));
-    }
-  }
+  push_outputs(stack, plan->rets, made);
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -1195,6 +1186,15 @@ void emit_upload(uint64_t wh, const at::Tensor& c) {
   g_stats.uploads++;
 }
 
+// A sync's frame (the caller holds g_send_mu): everything recorded so far, and the handle `t` is read by.
+at::Tensor take_sync_frame(const at::Tensor& t, uint64_t* h) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  prelude_wire();
+  *h = wire_handle(t);
+  g_stats.syncs++;
+  return take_frame_locked();
+}
+
 at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocking) {
   const bool dst_dev = self.device().type() == kType;
   const bool src_dev = src.device().type() == kType;
@@ -1215,9 +1215,7 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
         materialize_pending();
         const uint64_t tmp = g_base + g_next.fetch_add(1, std::memory_order_relaxed);
         emit_upload(tmp, c);
-        const auto& op = named_op("aten::copy_");
-        const uint32_t id = op_id(op);
-        wire_info(op, id, true);
+        const uint32_t id = internal_op("aten::copy_");
         Buf b;
         put<uint8_t>(b, 2);
         put<uint8_t>(b, T_TENSOR);
@@ -1242,15 +1240,8 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
   if (!dst_dev && src_dev) {  // a download: the frame goes out, then Session.download of the tensor's handle
     TORCH_CHECK(self.device().is_cpu(), "spike: copy to ", self.device());
     std::lock_guard<std::mutex> send(g_send_mu);
-    at::Tensor frame;
     uint64_t h;
-    {
-      std::lock_guard<std::mutex> lock(g_mu);
-      prelude_wire();
-      h = wire_handle(src);
-      frame = take_frame_locked();
-      g_stats.syncs++;
-    }
+    const at::Tensor frame = take_sync_frame(src, &h);
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("spike_client::download", "")
                          .typed<at::Tensor(const at::Tensor&, int64_t)>();
@@ -1298,15 +1289,8 @@ at::Tensor& spike_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocki
 at::Scalar spike_local_scalar_dense(const at::Tensor& self) {
   if (g_wire) {  // flush the frame and read the value in the same round trip (Sync.scalar_handles)
     std::lock_guard<std::mutex> send(g_send_mu);
-    at::Tensor frame;
     uint64_t h;
-    {
-      std::lock_guard<std::mutex> lock(g_mu);
-      prelude_wire();
-      h = wire_handle(self);
-      frame = take_frame_locked();
-      g_stats.syncs++;
-    }
+    const at::Tensor frame = take_sync_frame(self, &h);
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("spike_client::sync_scalar", "")
                          .typed<double(const at::Tensor&, int64_t)>();
