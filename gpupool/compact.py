@@ -70,20 +70,25 @@ class Unencodable(Exception):
 
 def head(op_id: int, name: str | None, outputs: list[int]) -> bytes:
     """The record's start: op id (with its name the first time), then the output handles."""
-    n = len(outputs)
-    if name is None and n < len(_HEADS):
-        return _HEADS[n].pack(op_id, 0, n, *outputs)
-    raw = name.encode("ascii") if name is not None else b""
-    return HEAD.pack(op_id, len(raw)) + raw + U8.pack(n) + struct.pack(f"<{n}Q", *outputs)
-
-
-_HEADS = [struct.Struct(f"<IBB{n}Q") for n in range(8)]  # op id, no name, n outputs
+    return (named_head(op_id, name) if name is not None else HEAD.pack(op_id, 0)) + outputs_part(outputs)
 
 
 def named_head(op_id: int, name: str) -> bytes:
     """A record's op id with the name it defines (`head` without the outputs, which follow it)."""
     raw = name.encode("ascii")
     return HEAD.pack(op_id, len(raw)) + raw
+
+
+def outputs_part(handles: list[int]) -> bytes:
+    """The output part of a record (its count, then the handles) for any number of outputs (0: a returned tensor
+    that is not new). The client's usual single output has its own Struct (client/torch/runtime.ONE_OUTPUT)."""
+    n = len(handles)
+    if n < len(_OUTPUTS):
+        return _OUTPUTS[n](n, *handles)
+    return struct.pack(f"<B{n}Q", n, *handles)
+
+
+_OUTPUTS = [struct.Struct(f"<B{n}Q").pack for n in range(16)]  # the output parts of up to 15 outputs
 
 
 def encode_value(v: Any) -> bytes:

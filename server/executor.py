@@ -28,7 +28,7 @@ from .graph import GraphTable
 from .ops import OpTable
 from .sessions import HANDLE_BITS, Poison, PoisonedInput, WorkerSession, zero_bytes
 from .sizing import NO_META, MetaSizer
-from .slices import SideChunk
+from .slices import SideChunk, eager_records
 from .speedmodel import SpeedModel
 
 log = logging.getLogger(__name__)
@@ -752,11 +752,6 @@ class CommandExecutor:
             reply.error.CopyFrom(s.error.to_proto())
             s.error = None
         return device_pb2.ServerFrame(request_id=sync.request_id, sync=reply)
-
-
-def eager_records(commands: Sequence[device_pb2.Command]) -> list[bytes]:
-    """Each command's eager record (its `eager_op` field; b"" for a command of another kind), for `eager_span`."""
-    return [c.eager_op for c in commands]
 
 
 def _over_quota(s: WorkerSession, bound: Sequence[int]) -> None:

@@ -211,7 +211,7 @@ class WorkerSession:
 
     def rebind_all(self, pairs: Iterable[tuple[int, torch.Tensor]]) -> None:
         """`rebind` for several handles at once (a captured step's outputs and kept tensors, after every run): the
-        same bookkeeping inline, the device's memory lock taken once."""
+        same bookkeeping inline, the bytes accounted once at the end (also when the handle limit stops it midway)."""
         tensors, keys, storages = self.tensors, self._keys, self._storages
         delta = 0
         try:

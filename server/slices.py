@@ -422,6 +422,11 @@ Execute = Callable[..., None]  # (session, command, reply[, an upload's data])
 Progress = Callable[[int], None]
 
 
+def eager_records(commands: Sequence[device_pb2.Command]) -> list[bytes]:
+    """Each command's eager record (its `eager_op` field; b"" for a command of another kind), for `eager_span`."""
+    return [c.eager_op for c in commands]
+
+
 def run_commands(
     session: Any,
     execute: Execute,
@@ -458,7 +463,7 @@ def run_commands(
     # An executor's spans of eager records run through its learned runs (server/runs.py), with the same progress
     # marks and budget as here.
     span = getattr(getattr(execute, "__self__", None), "eager_span", None)
-    records = [c.eager_op for c in commands] if span is not None else None  # `eager_span`'s, read once
+    records = eager_records(commands) if span is not None else None  # `eager_span`'s, read once
     start = time.perf_counter()
     n = len(commands)
     i = 0

@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_map, tree_unflatten
 from gpupool import compact
 
 from . import encode, meta
-from .runtime import ONE_OUTPUT, DeviceRuntime, outputs_part
+from .runtime import ONE_OUTPUT, DeviceRuntime
 from .tensor import _STRIDED, RemoteTensor, _make_wrapper, rewrap, to_cpu, upload_new, wrap
 
 log = logging.getLogger("gpupool.torch")
@@ -113,7 +113,7 @@ def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...]
             handles.append(h)
             results.append(wrap(rt, h, m.shape, m.stride, m.offset, m.dtype, m))
     if tail is not None:
-        rt.eager_op(sch.name, outputs_part(handles) + tail)
+        rt.eager_op(sch.name, compact.outputs_part(handles) + tail)
     else:
         rt.op(sch.name, wire_args, wire_kwargs, handles)
 

@@ -358,17 +358,6 @@ class DeviceRuntime:
 ONE_OUTPUT = struct.Struct("<BQ").pack
 
 
-def outputs_part(handles: list[int]) -> bytes:
-    """The output part of a record for any number of outputs (0: a returned tensor that is not new)."""
-    n = len(handles)
-    if n < len(_OUTPUTS):
-        return _OUTPUTS[n](n, *handles)
-    return struct.pack(f"<B{n}Q", n, *handles)
-
-
-_OUTPUTS = [struct.Struct(f"<B{n}Q").pack for n in range(16)]  # the output parts of up to 15 outputs
-
-
 def translate_and_mark(rt: DeviceRuntime, exc: BaseException) -> BaseException:
     out = errors.translate(exc)
     if isinstance(out, errors.DeviceLost) and out.code is grpc.StatusCode.UNAVAILABLE:

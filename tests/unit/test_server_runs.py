@@ -366,7 +366,7 @@ def test_a_list_of_session_tensors_is_checked_again_when_a_handle_holds_another(
 
 
 def test_commands_of_other_kinds_and_empty_records_inside_a_run_end_it_as_on_the_normal_path() -> None:
-    """`eager_span` reads each command's eager record once per slice (`executor.eager_records`: b"" for another
+    """`eager_span` reads each command's eager record once per slice (`slices.eager_records`: b"" for another
     kind) instead of through `WhichOneof` per command: a seed, an empty command and an eager command with an empty
     record in the middle of learned runs must end the span there and run (or fail) as on the normal path, and
     the records after them must be the ones of their own commands."""
