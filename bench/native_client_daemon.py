@@ -49,6 +49,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     dev = nc.device()
     sys.path.insert(0, str(ROOT / "bench"))
     from launch_bound import workload
+    from native_client_spike import instrumented
 
     base, data, loss_fn = workload(args.model)
     if args.model == "encoder" and not args.dropout:
@@ -75,12 +76,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(4):
             step(args.callgrind, i).item()
         ops0 = nc.stats()["op_records"]
-        _instr("on")
-        for _ in range(2):
-            for i in range(args.steps):
-                loss = step(args.callgrind, i)
-            loss.item()
-        _instr("off")
+        with instrumented():
+            for _ in range(2):
+                for i in range(args.steps):
+                    loss = step(args.callgrind, i)
+                loss.item()
         out["op_records"] = nc.stats()["op_records"] - ops0
         out["steps"] = 2 * args.steps
     elif args.time:
@@ -127,10 +127,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     out["wire"] = nc.wire_stats()
     session.close()
     return out
-
-
-def _instr(state: str) -> None:
-    subprocess.run(["callgrind_control", f"--instr={state}", str(os.getpid())], capture_output=True, check=False)
 
 
 def main(argv: list[str] | None = None) -> int:
