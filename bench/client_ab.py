@@ -33,6 +33,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import cgtools  # noqa: E402
 import launch_bound as lb  # noqa: E402
 from train_overhead import bench_daemons  # noqa: E402
 
@@ -45,14 +46,14 @@ def _instrumented_worker(argv: list[str]) -> int:
 
     def first_block(pid: int) -> float:  # called at every block's start and end: the first call starts counting
         if not on:
-            subprocess.run(["callgrind_control", "--instr=on", str(os.getpid())], capture_output=True, check=False)
+            cgtools.control("--instr=on")
             on.append(1)
         return tree_cpu(pid)
 
     lb.steady_for_callgrind(args.mode)
     lb._tree_cpu = first_block
     out = lb.worker(args)
-    subprocess.run(["callgrind_control", "--instr=off", str(os.getpid())], capture_output=True, check=False)
+    cgtools.control("--instr=off")
     print(json.dumps({"ops": out["commands_per_step"] * args.blocks * args.steps, **out}))
     return 0
 
@@ -69,8 +70,7 @@ def _run(side: dict[str, Any], model: str, a: argparse.Namespace, remote: dict[s
     else:
         cg = Path(a.profile or tmp) / (f"cg.{side['name']}.{model}.out" if a.profile else "cg.out")
         # this checkout's worker code (launch_bound.worker, the same on both sides) over the side's own gpupool
-        cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={cg}", side["python"],
-               str(HERE / "client_ab.py"), "--instrumented"]  # fmt: skip
+        cmd = [*cgtools.valgrind(cg), side["python"], str(HERE / "client_ab.py"), "--instrumented"]
         out = subprocess.run([*cmd, *flags], cwd=side["cwd"], capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{side['name']} {model} failed:\n{out.stderr[-3000:]}")

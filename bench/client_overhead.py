@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +39,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cgtools  # noqa: E402
 from gpupool.client.torch import runtime  # noqa: E402
 from launch_bound import workload  # noqa: E402
 
@@ -217,11 +216,9 @@ def callgrind(name: str, how: str, steps: int) -> int:
     step = shim if how == "shim" else setup(name, how)[0]
     for i in range(3):
         step(i)
-    pid = str(os.getpid())
-    subprocess.run(["callgrind_control", "--instr=on", pid], capture_output=True, check=False)
-    for i in range(steps):
-        step(i)
-    subprocess.run(["callgrind_control", "--instr=off", pid], capture_output=True, check=False)
+    with cgtools.instrumented():
+        for i in range(steps):
+            step(i)
     print(f"{name} {how}: ops {ops * steps} (divide callgrind's totals by this)")
     return 0
 

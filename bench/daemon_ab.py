@@ -45,6 +45,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import cgtools  # noqa: E402
 
 
 def _tree(pid: int) -> list[int]:
@@ -61,8 +62,7 @@ def _tree(pid: int) -> list[int]:
 
 def _control(pids: list[int], *flags: str) -> None:
     for pid in pids:
-        for flag in flags:
-            subprocess.run(["callgrind_control", flag, str(pid)], capture_output=True, check=False, timeout=120)
+        cgtools.control(*flags, pid=pid)
 
 
 def _client(argv: list[str]) -> int:
@@ -119,8 +119,8 @@ def _start(python: str, cwd: str, key_file: str, core: int, out_dir: Path) -> tu
     from train_overhead import start_listening
 
     exe = subprocess.check_output([python, "-c", "import sys; print(sys.executable)"], text=True, cwd=cwd).strip()
-    cmd = ["taskset", "-c", str(core), "valgrind", "--tool=callgrind", "--instr-atstart=no", "--trace-children=yes",
-           f"--callgrind-out-file={out_dir}/cg.%p", exe, str(HERE / "daemon_ab.py"), "--serve",
+    cmd = ["taskset", "-c", str(core), *cgtools.valgrind(f"{out_dir}/cg.%p", "--trace-children=yes"), exe,
+           str(HERE / "daemon_ab.py"), "--serve",
            "--listen", "127.0.0.1:0",
            "--metrics-listen", "0", "--fake-gpus", "1", "--fake-gpu-memory", "16GiB", "--token-public-keys", key_file,
            "--host-id", "bench", "--seccomp", "off", "--worker-user", "keep"]  # fmt: skip
@@ -180,8 +180,8 @@ def _side(name: str, python: str, cwd: str, model: str, a: argparse.Namespace, k
         client = [sys.executable, str(HERE / "daemon_ab.py"), "--client", *flags]
         if a.with_client:  # the side's own client (its python, its gpupool), counted by callgrind too
             exe = subprocess.check_output([python, "-c", "import sys; print(sys.executable)"], text=True).strip()
-            client = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_dir}/client",
-                      exe, str(HERE / "daemon_ab.py"), "--client", *flags, "--counted"]  # fmt: skip
+            client = [*cgtools.valgrind(f"{out_dir}/client"), exe, str(HERE / "daemon_ab.py"), "--client", *flags,
+                      "--counted"]  # fmt: skip
         cmd = ["taskset", "-c", str(a.client_core), *client]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False,

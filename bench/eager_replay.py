@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import functools
 import json
-import os
 import shutil
 import statistics
 import struct
@@ -39,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cgtools
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -91,11 +91,6 @@ def dump(model_name: str, out: str, steps: int) -> None:
     )
     Path(out).write_text(json.dumps({"number": number, "start": start, "end": end, "steps": steps, "ops": ops,
                                      "frames": [f.hex() for f in frames]}))  # fmt: skip
-
-
-def _callgrind(*flags: str) -> None:
-    """Ask the callgrind this process runs under to do something (a no-op outside valgrind)."""
-    subprocess.run(["callgrind_control", *flags, str(os.getpid())], capture_output=True, check=False)
 
 
 def replay(
@@ -151,7 +146,7 @@ def replay(
         timed = timed_slices
         counting = instr and r == repeats
         if counting:
-            _callgrind("--instr=on")
+            cgtools.control("--instr=on")
         runs = getattr(ex, "_eager", {}).get("bench")
         hits = runs[3].hits if runs is not None and len(runs) > 3 else 0
         start = time.thread_time()
@@ -169,14 +164,14 @@ def replay(
             continue
         res["replay"].append(took / d["steps"])
         if counting:
-            _callgrind("--dump=replay")  # written to its own file; the counts start again from zero
+            cgtools.control("--dump=replay")  # written to its own file; the counts start again from zero
         start = time.thread_time()
         for fn, a, k in kernels:
             fn(*a, **k)
         res["bare"].append((time.thread_time() - start) / d["steps"])
         if counting:
-            _callgrind("--dump=bare")
-            _callgrind("--instr=off")
+            cgtools.control("--dump=bare")
+            cgtools.control("--instr=off")
         s.release_all()
         replies.clear()
     return {
@@ -207,9 +202,8 @@ def _instructions(
         old.unlink()
     # the interpreter itself (valgrind would count a launcher script such as pyenv's shim instead)
     exe = subprocess.check_output([python, "-c", "import sys; print(sys.executable)"], text=True).strip()
-    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}", exe,
-           str(HERE / "eager_replay.py"), "--replay", path, "--repeats", "1", "--instr",
-           "--slice-commands", str(slice_commands), *extra]  # fmt: skip
+    cmd = [*cgtools.valgrind(out_file), exe, str(HERE / "eager_replay.py"), "--replay", path, "--repeats", "1",
+           "--instr", "--slice-commands", str(slice_commands), *extra]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=where)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     counts = {}

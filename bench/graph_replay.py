@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cgtools
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -170,18 +171,15 @@ def replay(path: str, steps: int, repeats: int) -> str:
 def replay_instr(path: str, steps: int) -> str:
     """Inside valgrind: the worker's instructions per RunGraph (`CommandExecutor.execute`, the TorchScript call
     from the 3rd run on) over `steps` runs after 5 warm-up runs, and those inside the TorchScript call."""
-    import os
-
     ex, s, command = _worker(path)
     for _ in range(5):
         c = command()
         ex.execute(s, c, _no_reply)
         s.free(list(c.run_graph.outputs))
     cmds = [command() for _ in range(steps)]
-    subprocess.run(["callgrind_control", "--instr=on", str(os.getpid())], capture_output=True, check=False)
-    for c in cmds:
-        ex.execute(s, c, _no_reply)
-    subprocess.run(["callgrind_control", "--instr=off", str(os.getpid())], capture_output=True, check=False)
+    with cgtools.instrumented():
+        for c in cmds:
+            ex.execute(s, c, _no_reply)
     if s.error is not None:
         raise SystemExit(f"replay failed: {s.error}")
     return "done"
@@ -192,8 +190,7 @@ def _instr(model: str, path: str, steps: int, tmp: str) -> str:
     from daemon_ab import KERNELS, _inclusive, _total
 
     out = Path(tmp) / f"cg.{model}"
-    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", sys.executable,
-           __file__, "--replay-instr", path, "--steps", str(steps)]  # fmt: skip
+    cmd = [*cgtools.valgrind(out), sys.executable, __file__, "--replay-instr", path, "--steps", str(steps)]
     subprocess.run(cmd, check=True, capture_output=True)
     total, kernels = _total(out) / steps, _inclusive(out, KERNELS) / steps
     return (f"worker per RunGraph {total / 1e3:8.1f}k instructions: TorchScript call {kernels / 1e3:8.1f}k, "

@@ -1,0 +1,36 @@
+"""callgrind for the bench scripts: start a program under it, and switch its instrumentation on and off from inside.
+
+The figures of record on this noisy box are instruction counts. A script runs its measured process under
+`valgrind(out_file, ...)` (instrumentation off at the start), and the process switches it on around what it counts
+(`instrumented()`, or `control("--instr=on")` ... `control("--instr=off")` where the window spans functions).
+Outside valgrind `callgrind_control` finds no such process and every call here is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+
+
+def valgrind(out_file: object, *more: str) -> list[str]:
+    """The command prefix that runs a program under callgrind, instrumentation off until `control` turns it on."""
+    return ["valgrind", "--tool=callgrind", "--instr-atstart=no", *more, f"--callgrind-out-file={out_file}"]
+
+
+def control(*flags: str, pid: int | None = None) -> None:
+    """Ask the callgrind that runs `pid` (default: this process) to do each of `flags` (`--instr=on`, `--dump=NAME`)."""
+    for flag in flags:
+        subprocess.run(["callgrind_control", flag, str(pid or os.getpid())], capture_output=True, check=False,
+                       timeout=120)  # fmt: skip
+
+
+@contextlib.contextmanager
+def instrumented() -> Iterator[None]:
+    """callgrind's instrumentation on inside the block."""
+    control("--instr=on")
+    try:
+        yield
+    finally:
+        control("--instr=off")
