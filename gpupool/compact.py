@@ -161,16 +161,18 @@ def tensor(handle: int) -> bytes:
 def view(handle: int, sizes: Any, strides: Any, offset: int) -> bytes:
     """A view argument: `as_strided(sizes, strides, offset)` of the handle's tensor (offset in elements from the
     start of its storage). Raises Unencodable for a geometry the daemon would refuse (send a record instead)."""
+    return TAG_U64.pack(VIEW, handle) + geometry(sizes, strides, offset)
+
+
+def geometry(sizes: Any, strides: Any, offset: int) -> bytes:
+    """A view argument's bytes after its handle (`view`); Unencodable for a geometry the daemon would refuse."""
     n = len(sizes)
     if n > MAX_DIMS or len(strides) != n or offset < 0 or any(x < 0 for x in sizes) or any(x < 0 for x in strides):
         raise Unencodable
     try:
-        return _VIEW_HEAD.pack(VIEW, handle, n) + struct.pack(f"<{2 * n + 1}q", *sizes, *strides, offset)
+        return U8.pack(n) + struct.pack(f"<{2 * n + 1}q", *sizes, *strides, offset)
     except struct.error:  # a value past int64
         raise Unencodable from None
-
-
-_VIEW_HEAD = struct.Struct("<BQB")
 
 
 def tensors(handles: list[int]) -> bytes:
