@@ -125,6 +125,7 @@ class Schema:
             self.write_alias.append(name)
         self.first_is_new = not (self.write_alias and self.write_alias[0])  # its first output is a new tensor
         self.mutates = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+        self.written = [(i, a.name) for i, a in enumerate(schema.arguments) if a.alias_info and a.alias_info.is_write]
         # May change a written argument's sizes, strides or storage (out= resizing, resize_, set_, t_): a lazy view
         # (`tensor.RemoteView`) it takes gets a daemon tensor of its own first, which the op then changes. In-place
         # pointwise, `_foreach_` and a few value-only ops write values only, through the view into its base.

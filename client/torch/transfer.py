@@ -16,7 +16,7 @@ import torch
 
 from gpupool import compact
 
-from . import api, encode, meta
+from . import api, meta
 from .remote import copy_into, run_remote
 from .tensor import _STRIDED, RemoteTensor, RemoteView, _make_wrapper, own, to_cpu, upload_new, wrap, wrapper_args
 
@@ -188,17 +188,6 @@ def _view(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     base = t._gp_h
     rt.share(base)
     return _lazy_view(rt, base, m, _VIEW_HEAD(compact.VIEW, base) + geometry, one[2], one[3])
-
-
-def unshare(t: RemoteTensor) -> None:
-    """Before an op changes `t`'s own metadata on the daemon (t_, resize_): give it a tensor of its own."""
-    own(t)
-    rt = t._gp_rt
-    if t._gp_h in rt.shared:
-        h = rt.new_handle()
-        rt.op("aten::alias", [encode.handle_arg(t._gp_h)], {}, [h])
-        rt.release(t._gp_h)
-        t._gp_h = h
 
 
 @_special(aten._copy_from.default)

@@ -171,3 +171,22 @@ def test_a_view_on_a_lost_device_fails_as_an_op_would(attach: Callable[..., torc
     gt.detach_all()
     with pytest.raises(Exception, match="detached"):
         x.view(2, 2)
+
+
+def test_a_base_re_pointed_or_resized_leaves_its_views_and_aliases_as_on_the_cpu(dev: torch.device) -> None:
+    def run(d: Any) -> list[torch.Tensor]:
+        x = torch.arange(6.0).to(d)
+        v, a = x[1:3], x.detach()  # a lazy view and a detached alias share x's daemon tensor
+        x.set_(torch.zeros(2).to(d))  # x now names another storage; v and a keep the old one
+        y = torch.arange(4.0).to(d)
+        w, b = y[1:3], y.detach()
+        y.resize_(10)  # y grows (its storage may move); w and b keep their metadata and values
+        y[:4] = torch.arange(4.0).to(d) * 10
+        z = torch.zeros(0).to(d)
+        c = z.detach()
+        torch.mul(y[:4], 2, out=z)  # an out= op resizes z: its alias keeps its (empty) metadata
+        return [x, v, a, w, b, y[:4], z, c]
+
+    for got, want in zip(run(dev), run("cpu"), strict=True):
+        assert got.shape == want.shape
+        assert torch.equal(got.cpu(), want)
