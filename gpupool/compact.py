@@ -195,7 +195,7 @@ Resolve = Callable[[int], torch.Tensor]
 
 class Geometry:
     """A view argument's sizes, strides and storage offset, checked on their own (`read_geometry`); `last` is the
-    number of storage elements the view spans from the storage's start (its offset if it has no element)."""
+    number of storage elements the view spans from the storage's start (0 if it has no element)."""
 
     __slots__ = ("sizes", "strides", "offset", "last")
 
@@ -208,8 +208,8 @@ class Geometry:
             numel *= n
         if numel > _I64_MAX:
             raise InvalidArgument(f"view argument of {numel} elements (more than int64 counts)")
-        span = 0 if numel == 0 else 1 + sum((n - 1) * st for n, st in zip(sizes, strides, strict=True))
-        self.last = offset + span
+        # an empty view reaches no byte: like torch's own check, any offset (a pad's empty slices have such views)
+        self.last = 0 if numel == 0 else offset + 1 + sum((n - 1) * st for n, st in zip(sizes, strides, strict=True))
 
     def __repr__(self) -> str:
         return f"Geometry({self.sizes}, {self.strides}, {self.offset})"

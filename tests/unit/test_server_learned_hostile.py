@@ -196,3 +196,18 @@ def test_view_arguments_never_reach_past_their_storage_into_a_neighbours_bytes()
     for t in bad.tensors.values():
         assert not (t == 7.25).any()
     assert torch.equal(victim.tensors[victim.handle_base + 2], torch.full((n,), 7.25))
+
+
+def test_an_empty_view_far_past_its_storage_grows_nothing_unaccounted() -> None:
+    """An empty view may sit at any offset (it reaches no byte, as torch's own check has it); `resize_` through it
+    grows the viewed tensor's storage up to that offset, which the quota and the accounting must see."""
+    w = Worker()
+    s = w.session(3, 1 << 20)
+    src = s.handle_base + 1
+    s.bind(src, torch.ones(4))
+    for offset, n, ok in ((2**40, 10, False), (2**62, 1, False), (100, 10, True)):
+        res = w.slice(s, [w.rec(s, "aten::resize_", [], [compact.view(src, [0], [1], offset), V([n])])])
+        assert (not res.errors) == ok, (offset, s.error)
+        s.error = None
+    assert s.tensors[src].untyped_storage().nbytes() == 440 and s.used == 440
+    assert torch.equal(s.tensors[src], torch.ones(4))
