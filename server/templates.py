@@ -258,11 +258,10 @@ def fill(
                 t = resolve(h)
             if keyed:
                 key.append((t.dtype, t.shape, t.stride(), t.storage_offset()))
-            v = compact.view_of(t, n)
             if kind == V_ARG:
-                args[where] = v
+                args[where] = compact.view_of(t, n)
             else:
-                kwargs[where] = v
+                kwargs[where] = compact.view_of(t, n)
         elif kind == C_ARG:
             args[where] = list(args[where])
         else:

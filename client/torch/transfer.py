@@ -158,16 +158,10 @@ def _view(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             key.append(a)
         else:  # a symbolic size, a tensor: the generic path
             return run_remote(None, sch, args, kwargs)
-    cache = meta.CACHE
-    k = tuple(key)
-    outs = cache.entries.get(k)
-    if outs is not None:
-        cache.hits += 1
-    else:
-        try:
-            outs = cache.outputs(sch, args, kwargs, k)
-        except meta.NoMeta:
-            return run_remote(None, sch, args, kwargs)
+    try:
+        outs = meta.CACHE.outputs(sch, args, kwargs, tuple(key))
+    except meta.NoMeta:
+        return run_remote(None, sch, args, kwargs)
     one = outs.one
     if one is None:
         return run_remote(None, sch, args, kwargs)
