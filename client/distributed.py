@@ -135,6 +135,9 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
                 f"a collective of the gpupool backend got a tensor on {t.device}; this rank's tensors live on "
                 f"{self._rt.device} (move them there: tensor.to({str(self._rt.device)!r}))"
             )
+        from .torch.tensor import own
+
+        own(t)  # type: ignore[arg-type]  # a lazy view (`RemoteView`) gets a daemon tensor of its own, written in place
         handle = int(t._gp_h)  # type: ignore[attr-defined]
         if rt.pending and handle in rt.pending:  # made by torch.empty and not sent yet
             rt.materialize_pending()

@@ -9,10 +9,19 @@ The compact record carries the same op as one little-endian byte string, with op
               u8 n_kwargs, (u8 key_len, key[key_len], arg)[n_kwargs]
     arg    := u8 tag, payload (below)
 
-Only values a training loop sends travel this way (handles, numbers, int/float/bool lists, dtypes, devices,
-layouts, memory formats); anything else (strings, complex numbers, inline tensors) goes as an `Op`. Decoding
-is strict: every length, count, tag and enum is checked, trailing bytes are refused, and any malformed byte is
-an InvalidArgument, never a crash. Decoding yields plain Python values; nothing is evaluated or unpickled.
+Only values a training loop sends travel this way (handles, views of handles, numbers, int/float/bool lists,
+dtypes, devices, layouts, memory formats); anything else (strings, complex numbers, inline tensors) goes as an
+`Op`. Decoding is strict: every length, count, tag and enum is checked, trailing bytes are refused, and any
+malformed byte is an InvalidArgument, never a crash. Decoding yields plain Python values; nothing is evaluated
+or unpickled.
+
+A view argument (tag VIEW) is a handle plus a geometry: `u64 handle, u8 rank, i64 sizes[rank], i64
+strides[rank], i64 offset`. It stands for `t.as_strided(sizes, strides, offset)` of the handle's tensor `t`
+(same dtype; the offset counts elements from the start of `t`'s storage, as `as_strided`'s does), so a client's
+view ops cost no record of their own. The geometry is checked when the record is read (rank at most MAX_DIMS,
+no negative size, stride or offset, element count within int64) and against the tensor each time it is applied
+(`view_of`: a plain dense tensor, and every element of the view inside its storage as it is now), so no view
+reaches a byte outside the storage of a tensor the session owns.
 """
 
 from __future__ import annotations
@@ -34,6 +43,9 @@ MAX_LIST = 65535  # entries of one list argument (u16 count)
 NONE, TENSOR, INT, FLOAT, BOOL = 0, 1, 2, 3, 4
 TENSORS, INTS, FLOATS, BOOLS = 5, 6, 7, 8
 DTYPE, DEVICE, CPU, LAYOUT, MEMORY_FORMAT = 9, 10, 11, 12, 13
+VIEW = 14
+MAX_DIMS = 64  # dimensions of a view argument (as the daemon's bound on any tensor's)
+_I64_MAX = 2**63 - 1
 
 U8 = struct.Struct("<B")
 U16 = struct.Struct("<H")
@@ -146,6 +158,23 @@ def tensor(handle: int) -> bytes:
     return TAG_U64.pack(TENSOR, handle)
 
 
+def view(handle: int, sizes: Any, strides: Any, offset: int) -> bytes:
+    """A view argument: `as_strided(sizes, strides, offset)` of the handle's tensor (offset in elements from the
+    start of its storage). Raises Unencodable for a geometry the daemon would refuse (send a record instead)."""
+    return TAG_U64.pack(VIEW, handle) + geometry(sizes, strides, offset)
+
+
+def geometry(sizes: Any, strides: Any, offset: int) -> bytes:
+    """A view argument's bytes after its handle (`view`); Unencodable for a geometry the daemon would refuse."""
+    n = len(sizes)
+    if n > MAX_DIMS or len(strides) != n or offset < 0 or any(x < 0 for x in sizes) or any(x < 0 for x in strides):
+        raise Unencodable
+    try:
+        return U8.pack(n) + struct.pack(f"<{2 * n + 1}q", *sizes, *strides, offset)
+    except struct.error:  # a value past int64
+        raise Unencodable from None
+
+
 def tensors(handles: list[int]) -> bytes:
     if len(handles) > MAX_LIST:
         raise Unencodable
@@ -162,6 +191,63 @@ def kwarg_key(name: str) -> bytes:
 # ---- decoding (the daemon) ----
 
 Resolve = Callable[[int], torch.Tensor]
+
+
+class Geometry:
+    """A view argument's sizes, strides and storage offset, checked on their own (`read_geometry`); `last` is the
+    number of storage elements the view spans from the storage's start (0 if it has no element)."""
+
+    __slots__ = ("sizes", "strides", "offset", "last")
+
+    def __init__(self, sizes: tuple[int, ...], strides: tuple[int, ...], offset: int) -> None:
+        self.sizes = sizes
+        self.strides = strides
+        self.offset = offset
+        numel = 1
+        for n in sizes:
+            numel *= n
+        if numel > _I64_MAX:
+            raise InvalidArgument(f"view argument of {numel} elements (more than int64 counts)")
+        # an empty view reaches no byte: like torch's own check, any offset (a pad's empty slices have such views)
+        self.last = 0 if numel == 0 else offset + 1 + sum((n - 1) * st for n, st in zip(sizes, strides, strict=True))
+
+    def __repr__(self) -> str:
+        return f"Geometry({self.sizes}, {self.strides}, {self.offset})"
+
+
+def read_geometry(data: bytes, pos: int) -> tuple[Geometry, int]:
+    """The geometry at `pos` (after a view argument's handle) and the position after it."""
+    if pos >= len(data):
+        _short(pos)
+    rank = data[pos]
+    if rank > MAX_DIMS:
+        raise InvalidArgument(f"view argument of {rank} dimensions; at most {MAX_DIMS}")
+    fmt = _GEOMETRY[rank]
+    if pos + 1 + fmt.size > len(data):
+        raise InvalidArgument(f"malformed eager op: a view argument of {rank} dimensions runs past the end")
+    raw = fmt.unpack_from(data, pos + 1)
+    if any(v < 0 for v in raw):
+        raise InvalidArgument("view argument with a negative size, stride or offset")
+    return Geometry(raw[:rank], raw[rank : 2 * rank], raw[2 * rank]), pos + 1 + fmt.size
+
+
+_GEOMETRY = [struct.Struct(f"<{2 * n + 1}q") for n in range(MAX_DIMS + 1)]
+_STRIDED = torch.strided
+
+
+def view_of(t: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """`t.as_strided` with geometry `g`, after checking that `t` is a plain dense tensor and that the whole view
+    lies inside `t`'s storage as it is now (it may have been resized since `g` was read)."""
+    if t.layout != _STRIDED or t.is_quantized or t.is_nested or t.is_conj() or t.is_neg():
+        raise InvalidArgument("view argument of a tensor that is not a plain dense tensor")
+    size = t.element_size()
+    have = t.untyped_storage().nbytes()
+    if g.last * size > have:
+        raise InvalidArgument(
+            f"view argument reaches storage byte {g.last * size} of a {have}-byte storage "
+            f"(sizes {list(g.sizes)}, strides {list(g.strides)}, offset {g.offset})"
+        )
+    return t.as_strided(g.sizes, g.strides, g.offset)
 
 
 class Record:
@@ -257,6 +343,12 @@ def decode_parts(
             elif tag == NONE:
                 args.append(None)
                 pos += 1
+            elif tag == VIEW:
+                (h,) = _unpack_u64(data, pos + 1)
+                g, pos = read_geometry(data, pos + 9)
+                handles.append(h)
+                t = get(h) if get is not None else None
+                args.append(view_of(t if t is not None else resolve(h), g))
             else:
                 v, pos = _value(data, pos, resolve, device, handles)
                 args.append(v)
@@ -293,6 +385,11 @@ def _value(data: bytes, pos: int, resolve: Resolve, device: torch.device, handle
         (h,) = _unpack_u64(data, pos)
         handles.append(h)
         return resolve(h), pos + 8
+    if tag == VIEW:
+        (h,) = _unpack_u64(data, pos)
+        g, pos = read_geometry(data, pos + 8)
+        handles.append(h)
+        return view_of(resolve(h), g), pos
     if tag == INT:
         return _unpack_i64(data, pos)[0], pos + 8
     if tag == FLOAT:

@@ -24,6 +24,10 @@ Traces are per session (`CommandExecutor.forget` drops them), indexed by their f
 and length, at most PER_HEAD per head and MAX_ENTRIES steps and tensor inputs per session (cleared when full),
 and dropped with
 the templates when an op id is defined anew. A trace holds no tensor.
+
+A view argument (`compact.VIEW`, templates' V_ARG/V_KW) is traced as a tensor input whose source is its handle's
+tensor (the identity or meta check applies to that tensor); its geometry is among the template's fixed bytes and
+`compact.view_of` applies it, with its checks against the tensor's storage, for every record.
 """
 
 from __future__ import annotations
@@ -34,13 +38,17 @@ from collections.abc import Callable
 from operator import call, is_
 from typing import Any
 
+from gpupool.compact import view_of
+
 from .guards import value_guarded
-from .templates import C_ARG, L_ARG, L_KW, N_ARG, N_KW, NL_ARG, NL_KW, T_ARG, T_KW, Template
+from .templates import C_ARG, L_ARG, L_KW, N_ARG, N_KW, NL_ARG, NL_KW, T_ARG, T_KW, V_ARG, V_KW, Template
 
 PER_HEAD = 16  # traces kept per head (first record's op id and length); the most recently run or learned first
 MAX_ENTRIES = 1 << 16  # steps and tensor inputs of all a session's traces (each ~100-300 bytes); cleared when full
 MAX_LEN = 4096  # steps of one trace (a slice holds at most a few thousand commands)
 _TENSOR_KINDS = (T_ARG, T_KW, L_ARG, L_KW)
+_SINGLE = (T_ARG, T_KW, V_ARG, V_KW)  # one tensor input each (a view's: the tensor it is a view of)
+_COUNTED = (*_TENSOR_KINDS, V_ARG, V_KW)
 EXTERNAL, NONE = -1, -2  # a tensor input's source: resolved by handle (meta checked), or a None in a Tensor?[]
 _MISSES = 3  # other objects an external input's check cell sees before it turns off (`_checked`)
 _MISSING = itertools.repeat(object())  # what `match` reads for a handle that holds no tensor (never a live one)
@@ -57,11 +65,16 @@ class Step:
         self.need = need  # new bytes: the verdict of the shape-only checks, as the normal path cached it
         # per template step: (kind, field, where, count, source(s), meta(s) and check cell(s) of the external ones)
         self.ins = ins
-        # the same, split: single tensors (is a keyword, field, where, source, meta, cell), then everything else
-        self.tensors = [(k == T_KW, i, w, s, m, c) for k, i, w, _, s, m, c in ins if k == T_ARG or k == T_KW]
+        # the same, split: single tensors (is a keyword, field, where, source, meta, cell, a view's geometry or
+        # None), then everything else
+        self.tensors = [
+            (k == T_KW or k == V_KW, i, w, s, m, c, n if k == V_ARG or k == V_KW else None)
+            for k, i, w, n, s, m, c in ins
+            if k in _SINGLE
+        ]
         # each with a cell for the whole list when all its tensors are external (an optimizer's parameters and
         # states): the weak references of the tensors last found to have the learned metas, and at which epoch
-        self.others = [(*e, _list_cell(e)) for e in ins if e[0] != T_ARG and e[0] != T_KW]
+        self.others = [(*e, _list_cell(e)) for e in ins if e[0] not in _SINGLE]
         self.keep = keep  # output slots whose bound tensor a later step takes (appended to the run's list)
         self.n_out = tpl.n_out
         self.single = False  # set by `CommandExecutor`: one output, a plain dense tensor when the run was learned
@@ -88,7 +101,9 @@ class Trace:
         # the trace that followed it the last time it ran to its end (weakly: an evicted one goes)
         self.next: Callable[[], Trace | None] = _nothing
         # what it holds: its steps and their tensor inputs (`Runs` bounds the sum)
-        self.weight = len(steps) + sum(e[3] for step in steps for e in step.ins if e[0] in _TENSOR_KINDS)
+        self.weight = len(steps) + sum(
+            e[3] if e[0] in _TENSOR_KINDS else 1 for step in steps for e in step.ins if e[0] in _COUNTED
+        )
 
 
 def _nothing() -> None:
@@ -159,8 +174,9 @@ def build(records: list[tuple[Template, tuple[Any, ...], Any, int]], quota: int,
         metas = iter(sig[1:])
         ins: list[list[Any]] = []
         for kind, i, where, n in tpl.steps:
-            if kind == T_ARG or kind == T_KW:
-                ins.append([kind, i, where, 1, where_bound.get(fields[i], EXTERNAL), next(metas)])
+            if kind in _SINGLE:
+                count = n if kind == V_ARG or kind == V_KW else 1  # a view keeps its geometry there
+                ins.append([kind, i, where, count, where_bound.get(fields[i], EXTERNAL), next(metas)])
             elif kind == L_ARG or kind == L_KW:
                 raw = fields[i : i + n]
                 srcs = [NONE if h == 0 else where_bound.get(h, EXTERNAL) for h in raw]
@@ -178,7 +194,7 @@ def build(records: list[tuple[Template, tuple[Any, ...], Any, int]], quota: int,
     for k, (tpl, need, ins) in enumerate(steps):
         final: list[tuple[Any, ...]] = []
         for kind, i, where, n, src, meta in ins:
-            if kind == T_ARG or kind == T_KW:
+            if kind in _SINGLE:
                 if isinstance(src, tuple):
                     final.append((kind, i, where, n, index[src], None, None))
                 else:
@@ -213,7 +229,7 @@ def match(
         return None
     args = tpl.args.copy()
     kwargs = tpl.kwargs.copy()
-    for kw, i, where, src, meta, cell in step.tensors:
+    for kw, i, where, src, meta, cell, geometry in step.tensors:
         t = get(fields[i])
         if src >= 0:
             if t is None or t is not objs[src]:
@@ -225,6 +241,8 @@ def match(
             if ref is None or cell[1] != epoch or ref() is not t:
                 if not _checked(t, meta, cell, epoch):
                     return None
+        if geometry is not None:
+            t = view_of(t, geometry)
         if kw:
             kwargs[where] = t
         else:
@@ -307,7 +325,7 @@ def written(step: Step, fields: tuple[Any, ...]) -> list[int]:
     """The record's input handles in the order `templates.fill` lists them (for a mutable op's recount)."""
     handles: list[int] = []
     for kind, i, _, n, _, _, _ in step.ins:
-        if kind == T_ARG or kind == T_KW:
+        if kind in _SINGLE:
             handles.append(fields[i])
         elif kind == L_ARG or kind == L_KW:
             handles.extend(h for h in fields[i : i + n] if h)

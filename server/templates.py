@@ -13,6 +13,12 @@ the full decode reads them), so `fill` builds exactly what the full decode would
 order through the same session checks: a foreign, unknown, failed or half-uploaded handle raises the same error)
 plus the op's verdict key: the template and its tensors' (dtype, shape, stride, offset), which determine the
 full signature (`checks.signature`) since everything else in it is fixed by the template's bytes.
+
+A view argument (`compact.VIEW`: a handle and a geometry) has its handle as a field and its geometry among the
+fixed bytes; its step (V_ARG, V_KW) carries the geometry (`compact.Geometry`) where other steps carry a count.
+`fill` resolves the handle as for a tensor, keys the verdict by that tensor's meta (the view's meta follows from
+its dtype and the fixed geometry) and applies the geometry with `compact.view_of`, whose checks against the
+tensor's storage run for every record, as on the full decode.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 
 from gpupool import compact
 
-T_ARG, T_KW, N_ARG, N_KW, L_ARG, L_KW, NL_ARG, NL_KW, C_ARG, C_KW = range(10)
+T_ARG, T_KW, N_ARG, N_KW, L_ARG, L_KW, NL_ARG, NL_KW, C_ARG, C_KW, V_ARG, V_KW = range(12)
 MAX_TEMPLATES = 4096  # per session (each under a KiB); the table is cleared when full
 PER_LAYOUT = 8  # templates kept per op id and record length (a loop calls `view` with many sizes)
 
@@ -40,7 +46,8 @@ class Template:
         self.fixed_of: Callable[[tuple[Any, ...]], Any] = itemgetter(0)
         self.fixed: Any = None
         self.n_out = 0
-        self.steps: list[tuple[int, int, Any, int]] = []  # (kind, first field, argument index or keyword, count)
+        # (kind, first field, argument index or keyword, count or a view's geometry)
+        self.steps: list[tuple[int, int, Any, Any]] = []
         self.args: list[Any] = []  # the decoded arguments, None where each record puts its own
         self.kwargs: dict[str, Any] = {}
         self.plan = plan  # the op plan of the template's op id when it was learned
@@ -85,7 +92,7 @@ class _Layout:
         self.run = 0
         self.count = 0
         self.fixed_at: list[int] = []
-        self.steps: list[tuple[int, int, Any, int]] = []
+        self.steps: list[tuple[int, int, Any, Any]] = []
 
     def fixed(self, n: int) -> None:
         self.run += n
@@ -143,9 +150,9 @@ def learn(data: bytes, args: list[Any], kwargs: dict[str, Any], plan: Any) -> Te
     tpl.steps = lay.steps
     tpl.args, tpl.kwargs = list(args), dict(kwargs)
     for kind, _, where, _ in lay.steps:  # never keep a tensor alive; each record puts its own there
-        if kind in (T_ARG, N_ARG, L_ARG, NL_ARG):
+        if kind in (T_ARG, N_ARG, L_ARG, NL_ARG, V_ARG):
             tpl.args[where] = None
-        elif kind in (T_KW, N_KW, L_KW, NL_KW):
+        elif kind in (T_KW, N_KW, L_KW, NL_KW, V_KW):
             tpl.kwargs[where] = None
     return tpl
 
@@ -157,6 +164,13 @@ def _value(lay: _Layout, data: bytes, pos: int, by_type: bool, where: Any, kw: b
         lay.fixed(1)
         lay.steps.append((T_KW if kw else T_ARG, lay.field("Q"), where, 1))
         return pos + 9
+    if tag == compact.VIEW:
+        lay.fixed(1)
+        field = lay.field("Q")
+        g, end = compact.read_geometry(data, pos + 9)
+        lay.fixed(end - pos - 9)
+        lay.steps.append((V_KW if kw else V_ARG, field, where, g))
+        return end
     if tag == compact.INT or tag == compact.FLOAT:
         if by_type:
             lay.fixed(1)
@@ -236,6 +250,18 @@ def fill(
             args[where] = list(fields[i : i + n])
         elif kind == NL_KW:
             kwargs[where] = list(fields[i : i + n])
+        elif kind == V_ARG or kind == V_KW:
+            h = fields[i]
+            handles.append(h)
+            t = get(h) if get is not None and kind == V_ARG else None
+            if t is None:
+                t = resolve(h)
+            if keyed:
+                key.append((t.dtype, t.shape, t.stride(), t.storage_offset()))
+            if kind == V_ARG:
+                args[where] = compact.view_of(t, n)
+            else:
+                kwargs[where] = compact.view_of(t, n)
         elif kind == C_ARG:
             args[where] = list(args[where])
         else:

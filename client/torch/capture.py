@@ -62,7 +62,7 @@ from . import capture_guard as guard
 from .capture_record import Built, Elsewhere, Recording, build, compare
 from .errors import CaptureError
 from .runtime import DeviceRuntime
-from .tensor import RemoteTensor, upload_new, wrap
+from .tensor import RemoteTensor, RemoteView, own, upload_new, wrap
 
 log = logging.getLogger("gpupool.torch")
 _graph_ids = itertools.count(1)
@@ -130,6 +130,9 @@ class CapturedStep:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec, structure = self._structure(args, kwargs)
         rt = self._runtime(leaves)
+        for x in leaves:  # a graph's inputs are daemon tensors equal to them
+            if type(x) is RemoteView:
+                own(x)
         key = (
             structure,
             tuple(map(guard.leaf_key, leaves)),

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from . import api, meta, transfer
-from .remote import cpu_fallback, find_runtime, lazy_empty, run_remote
+from .remote import cpu_fallback, find_runtime, lazy_empty, run_remote, unshare
 from .tensor import RemoteTensor, _compiler, _eager_disabled, upload_new
 
 aten = torch.ops.aten
@@ -83,7 +83,7 @@ def _other(func: Any, sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str,
     if not sch.returns_tensors:
         return cpu_fallback(rt, func, args, kwargs)
     if sch.inplace_view and args and isinstance(args[0], RemoteTensor):
-        transfer.unshare(args[0])  # before its handle goes into the op's arguments
+        unshare(args[0])  # before its handle goes into the op's arguments
     return run_remote(rt, sch, args, kwargs)
 
 

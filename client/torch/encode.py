@@ -17,7 +17,7 @@ from gpupool._proto import tensor_pb2
 
 from . import meta
 from .runtime import DeviceRuntime
-from .tensor import RemoteTensor, upload_new
+from .tensor import RemoteTensor, RemoteView, own, upload_new
 
 
 def _is_local(x: Any) -> bool:
@@ -76,7 +76,10 @@ def _no_tensor(t: torch.Tensor) -> tensor_pb2.Arg:
 
 def _one(rt: DeviceRuntime | None, kind: str, v: Any, by_type: bool) -> tuple[Any, Any, DeviceRuntime | None]:
     """(cache-key part, wire Arg, runtime) of one argument."""
-    if type(v) is RemoteTensor:
+    tv = type(v)
+    if tv is RemoteTensor or tv is RemoteView:
+        if tv is RemoteView:
+            own(v)  # an `Op` names daemon tensors by handle only
         vrt = v._gp_rt
         if rt is not None and vrt is not rt:
             raise _two_devices(rt, vrt)
@@ -110,8 +113,11 @@ def _tensor_list(v: Any, rt: Any) -> tuple[tuple[Any, ...], list[int], Any]:
             handles.append(0)
             keys.append(None)
             continue
-        if type(x) is not RemoteTensor:
-            raise NeedsUpload
+        tx = type(x)
+        if tx is not RemoteTensor:
+            if tx is not RemoteView:
+                raise NeedsUpload
+            own(x)  # a tensor list holds handles only
         xrt = x._gp_rt
         if rt is None:
             rt = xrt
@@ -152,6 +158,19 @@ def build(
 
 
 # ---- the compact record (gpupool/compact.py) ----
+
+
+def _c_view(rt: DeviceRuntime | None, sch: meta.Schema, v: Any) -> tuple[Any, bytes, DeviceRuntime | None]:
+    """`_c_one` of a `RemoteView`: its view argument while it is lazy, unless the op may change its written
+    arguments' metadata (it must then have a daemon tensor of its own: `own`)."""
+    vrt = v._gp_rt
+    if rt is not None and vrt is not rt:
+        raise _two_devices(rt, vrt)
+    arg = v._gp_v
+    if arg is not None and sch.reshapes:
+        own(v)
+        arg = None
+    return v._gp_key, arg if arg is not None else _TAG_U64(compact.TENSOR, v._gp_h), vrt
 
 
 def _c_one(rt: DeviceRuntime | None, kind: str, v: Any, by_type: bool) -> tuple[Any, bytes, DeviceRuntime | None]:
@@ -219,7 +238,10 @@ def build_compact(
             key.append(v._gp_key)
             parts.append(_TAG_U64(_TENSOR, v._gp_h))
         else:
-            k, b, rt = _c_one(rt, sch.kinds[i], v, sch.has_tensor_inputs)
+            if type(v) is RemoteView:
+                k, b, rt = _c_view(rt, sch, v)
+            else:
+                k, b, rt = _c_one(rt, sch.kinds[i], v, sch.has_tensor_inputs)
             key.append(k)
             parts.append(b)
         i += 1
@@ -227,7 +249,11 @@ def build_compact(
         parts.append(compact.U8.pack(len(kwargs)))
         kk = sch.kwarg_kinds
         for name in sorted(kwargs):
-            k, b, rt = _c_one(rt, kk.get(name, meta.V), kwargs[name], sch.has_tensor_inputs)
+            v = kwargs[name]
+            if type(v) is RemoteView:
+                k, b, rt = _c_view(rt, sch, v)
+            else:
+                k, b, rt = _c_one(rt, kk.get(name, meta.V), v, sch.has_tensor_inputs)
             key.append((name, k))
             parts.append(compact.kwarg_key(name))
             parts.append(b)

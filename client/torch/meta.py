@@ -82,6 +82,12 @@ def _kind(t: Any) -> str:
     return V
 
 
+# In-place ops besides the pointwise ones that write values only (as server/checks.py's list)
+_VALUES = frozenset(
+    {"aten::copy_", "aten::zero_", "aten::fill_", "aten::bernoulli_", "aten::normal_", "aten::uniform_"}
+)
+
+
 class Schema:
     """What the client needs to know about one op overload, computed once."""
 
@@ -119,6 +125,14 @@ class Schema:
             self.write_alias.append(name)
         self.first_is_new = not (self.write_alias and self.write_alias[0])  # its first output is a new tensor
         self.mutates = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+        self.written = [(i, a.name) for i, a in enumerate(schema.arguments) if a.alias_info and a.alias_info.is_write]
+        # May change a written argument's sizes, strides or storage (out= resizing, resize_, set_, t_): a lazy view
+        # (`tensor.RemoteView`) it takes gets a daemon tensor of its own first, which the op then changes. In-place
+        # pointwise, `_foreach_` and a few value-only ops write values only, through the view into its base.
+        self.reshapes = self.mutates and not (
+            not any(a.is_out for a in schema.arguments)
+            and (torch.Tag.pointwise in tags or schema.name.startswith("aten::_foreach_") or schema.name in _VALUES)
+        )
         self.arg_names = [a.name for a in schema.arguments]
         self.has_device_arg = "device" in self.kwarg_kinds
         # Composite ops normally decompose above the Python key; below autograd (inside custom ops) they

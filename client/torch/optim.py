@@ -13,11 +13,12 @@ from __future__ import annotations
 import torch.optim.optimizer as optimizer
 import torch.utils._foreach_utils as foreach_utils
 
-from .tensor import RemoteTensor
+from .tensor import RemoteTensor, RemoteView
 
 
 def enable_foreach_default() -> None:
-    """Idempotent."""
+    """Idempotent. (`RemoteView`, a remote tensor made by a view op, too: gradients often are.)"""
     for types in (optimizer._foreach_supported_types, foreach_utils._foreach_supported_types):
-        if RemoteTensor not in types:
-            types.append(RemoteTensor)
+        for cls in (RemoteTensor, RemoteView):
+            if cls not in types:
+                types.append(cls)

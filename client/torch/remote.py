@@ -19,7 +19,7 @@ from gpupool import compact
 
 from . import encode, meta
 from .runtime import ONE_OUTPUT, DeviceRuntime
-from .tensor import _STRIDED, RemoteTensor, _make_wrapper, rewrap, to_cpu, upload_new, wrap
+from .tensor import _STRIDED, RemoteTensor, _make_wrapper, own, rewrap, to_cpu, upload_new, wrap
 
 log = logging.getLogger("gpupool.torch")
 aten = torch.ops.aten
@@ -44,6 +44,8 @@ def find_runtime(args: Any, kwargs: dict[str, Any]) -> DeviceRuntime | None:
 
 
 def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if sch.reshapes:  # rare: resize_, set_, out= ops
+        _unshare_written(sch, args, kwargs)
     # The common case: a compact record (gpupool/compact.py), one bytes string for the whole op.
     tail: bytes | None = None
     if rt is None or (rt.recorder is None and len(rt.op_ids) < _MAX_OP_IDS):  # rt.compact_ok(), inline
@@ -129,6 +131,27 @@ def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...]
 
 
 _MAX_OP_IDS = compact.MAX_OP_IDS
+
+
+def unshare(t: RemoteTensor) -> None:
+    """Before an op changes `t`'s own metadata or storage on the daemon (t_, resize_, set_, an out= op's resize):
+    give it a daemon tensor of its own, so that the tensors sharing its daemon tensor (detached aliases, lazy views:
+    `tensor.RemoteView`) keep theirs, as they keep their metadata and storage on any device."""
+    own(t)
+    rt = t._gp_rt
+    if t._gp_h in rt.shared:
+        h = rt.new_handle()
+        rt.op("aten::alias", [encode.handle_arg(t._gp_h)], {}, [h])
+        rt.release(t._gp_h)
+        t._gp_h = h
+
+
+def _unshare_written(sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    for i, name in sch.written:
+        v = kwargs.get(name) if name in kwargs else (args[i] if i < len(args) else None)
+        for x in v if isinstance(v, list | tuple) else (v,):
+            if isinstance(x, RemoteTensor):
+                unshare(x)
 
 
 def _arg(sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> Any:

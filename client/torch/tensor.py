@@ -9,10 +9,18 @@ only reaches the slot's dispatcher, or says the device is not registered yet). W
 the Python object alive while autograd still holds its TensorImpl), `__del__` queues its handle for a
 batched Free (cheaper than a weakref callback, and `torch.utils.swap_tensors` accepts it).
 Moving data in and out (`upload_new`, `to_cpu`) is here too: every layer above needs it.
+
+A `RemoteView` is the result of a view op (`transfer._view`): no record is sent for it. While it is lazy its
+handle is the daemon tensor it is a view of (which it holds, as a detach does: `DeviceRuntime.share`) and
+`_gp_v` is its compact view argument (`compact.VIEW`: that handle, its own sizes, strides and storage offset),
+which ops taking it send in place of a handle. Where a path needs a daemon tensor equal to it (a download, an
+`Op` message, a tensor list, a capture, a collective, an op that changes its metadata), `own` gives it one: one
+record, the first time.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from math import prod as _prod
 from typing import Any
@@ -121,10 +129,13 @@ class RemoteTensor(torch.Tensor):
         # any op: the handle must follow, or this tensor would keep naming its old daemon tensor.
         if not isinstance(new, RemoteTensor):
             raise TypeError(f"cannot assign a {new.device} tensor to .data of a {self.device} tensor")
+        own(new)  # this tensor takes its handle: one equal to it
         torch._C.TensorBase.data.__set__(self, new)  # type: ignore[attr-defined]
         new._gp_rt.share(new._gp_h)
         old_rt, old_h = self._gp_rt, self._gp_h
         self._gp_rt, self._gp_h, self._gp_key = new._gp_rt, new._gp_h, new._gp_key
+        if "_gp_v" in self.__dict__:  # a view, lazy or not: its handle is now the new one
+            self.__dict__["_gp_v"] = None
         old_rt.release(old_h)
 
     def tolist(self) -> Any:  # type: ignore[override]
@@ -152,6 +163,35 @@ class RemoteTensor(torch.Tensor):
         return out
 
 
+class RemoteView(RemoteTensor):
+    """A remote tensor made by a view op without a record (see the module docstring): `_gp_v` is its view
+    argument's bytes while it is lazy (`_gp_h` then names the daemon tensor it is a view of), None once `own`
+    gave it a daemon tensor of its own."""
+
+    _gp_v: bytes | None
+
+
+def own(t: RemoteTensor) -> None:
+    """Give a lazy `RemoteView` a daemon tensor of its own (an alias of its view argument), so that its handle
+    names a daemon tensor equal to it; nothing for any other remote tensor."""
+    d = t.__dict__
+    arg = d.get("_gp_v")
+    if arg is None:
+        return
+    rt = d["_gp_rt"]
+    h = rt.new_handle()
+    # a compact record even while a capture records (the recorder sees `Op`s only): the view was made before
+    rt.eager_op("aten::alias", _ONE_OUTPUT(1, h) + b"\x01" + arg + b"\x00")
+    with rt._lock:  # another thread may have given it one meanwhile: the first wins
+        won = d.get("_gp_v") is arg
+        if won:
+            base = d["_gp_h"]
+            d["_gp_h"] = h
+            d["_gp_v"] = None
+    rt.release(base if won else h)
+
+
+_ONE_OUTPUT = struct.Struct("<BQ").pack
 _make_wrapper = torch.Tensor._make_wrapper_subclass
 _STRIDED = torch.strided
 
@@ -235,6 +275,7 @@ def upload_new(rt: DeviceRuntime, t: torch.Tensor) -> RemoteTensor:
 
 def to_cpu(t: RemoteTensor) -> torch.Tensor:
     """The contents of a remote tensor as a new CPU tensor of the same shape (a sync point)."""
+    own(t)
     rt = t._gp_rt
     if rt.pending:
         rt.materialize_pending()

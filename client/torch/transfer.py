@@ -3,7 +3,8 @@
 `x.to("gpupool")` arrives as `empty` (on the backend) + `copy_` (on the remote tensor): the empty is
 held back (`remote.lazy_empty`) so that the copy becomes a single upload into its handle. `.cpu()`,
 `.item()`, `bool(t)`, `.tolist()` and printing read back (sync points); `copy_` across devices
-uploads or downloads; detach/alias share the daemon tensor. `SPECIAL` maps each such op to its handler.
+uploads or downloads; detach/alias share the daemon tensor; view ops send nothing (`_view`: a `RemoteView`
+whose ops send its geometry). `SPECIAL` maps each such op to its handler.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from typing import Any
 
 import torch
 
-from . import api, encode, meta
+from gpupool import compact
+
+from . import api, meta
 from .remote import copy_into, run_remote
-from .tensor import RemoteTensor, to_cpu, upload_new, wrap
+from .tensor import _STRIDED, RemoteTensor, RemoteView, _make_wrapper, own, to_cpu, upload_new, wrap, wrapper_args
 
 aten = torch.ops.aten
 Special = Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]
@@ -47,6 +50,7 @@ def _as_python(value: Any, dtype: torch.dtype) -> Any:
 @_special(aten._local_scalar_dense.default)
 def _item(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     t = args[0]
+    own(t)
     rt = t._gp_rt
     if rt.pending:
         rt.materialize_pending()
@@ -94,17 +98,90 @@ def _alias(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> RemoteTe
         rt.materialize_pending()
     rt.share(t._gp_h)
     key = t._gp_key  # (shape, stride, offset, dtype), as the tensor has it
+    arg = t.__dict__.get("_gp_v")
+    if arg is not None:  # a lazy view: so is its alias, of the same daemon tensor
+        return _lazy_view(rt, t._gp_h, key, arg, *wrapper_args(key[0], key[1], key[2]))
     return wrap(rt, t._gp_h, key[0], key[1], key[2], key[3], key)
 
 
-def unshare(t: RemoteTensor) -> None:
-    """Before an op changes `t`'s own metadata on the daemon (t_, resize_): give it a tensor of its own."""
-    rt = t._gp_rt
-    if t._gp_h in rt.shared:
-        h = rt.new_handle()
-        rt.op("aten::alias", [encode.handle_arg(t._gp_h)], {}, [h])
-        rt.release(t._gp_h)
-        t._gp_h = h
+def _lazy_view(rt: Any, base: int, m: Any, arg: bytes, strides: Any, offset: int | None) -> RemoteView:
+    """A lazy `RemoteView` of daemon tensor `base` (one share of it already taken for it) with meta `m`, view
+    argument `arg`, and `strides` and `offset` as `wrapper_args` gives them."""
+    t = _make_wrapper(RemoteView, m[0], strides, offset, None, m[3], _STRIDED, rt.device)
+    d = t.__dict__
+    d["_gp_rt"] = rt
+    d["_gp_h"] = base
+    d["_gp_key"] = m
+    d["_gp_v"] = arg
+    return t  # type: ignore[no-any-return]
+
+
+_VIEW_OPS = (
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten._reshape_alias.default,
+    aten.t.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.expand.default,
+    aten.select.int,
+    aten.slice.Tensor,
+    aten.unsqueeze.default,
+    aten.squeeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.as_strided.default,
+)
+_GEOMETRY: dict[Any, bytes] = {}  # a view's meta -> its view argument's bytes after the handle
+_GEOMETRY_MAX = 4096
+_VIEW_HEAD = compact.TAG_U64.pack
+
+
+@_special(*_VIEW_OPS)
+def _view(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A view op: metadata only. The result refers to its input's daemon tensor (the one a lazy input refers to)
+    and its own sizes, strides and offset into that tensor's storage (`RemoteView`); no record is sent. Not while
+    a capture records (its graph names daemon tensors), nor where the meta kernel cannot tell the result."""
+    t = args[0]
+    sch = meta.schema_of(func)
+    rt = t._gp_rt if isinstance(t, RemoteTensor) else None
+    if rt is None or rt.recorder is not None or kwargs:
+        return run_remote(None, sch, args, kwargs)
+    key: list[Any] = [sch, t._gp_key]
+    for a in args[1:]:
+        ta = type(a)
+        if ta is list or ta is tuple:
+            if any(type(x) is not int for x in a):
+                return run_remote(None, sch, args, kwargs)
+            key.append(tuple(a))
+        elif ta is int or ta is bool or a is None:
+            key.append(a)
+        else:  # a symbolic size, a tensor: the generic path
+            return run_remote(None, sch, args, kwargs)
+    try:
+        outs = meta.CACHE.outputs(sch, args, kwargs, tuple(key))
+    except meta.NoMeta:
+        return run_remote(None, sch, args, kwargs)
+    one = outs.one
+    if one is None:
+        return run_remote(None, sch, args, kwargs)
+    m = one[0]
+    geometry = _GEOMETRY.get(m)
+    if geometry is None:
+        try:
+            geometry = compact.geometry(m.shape, m.stride, m.offset)
+        except compact.Unencodable:
+            return run_remote(None, sch, args, kwargs)
+        if len(_GEOMETRY) >= _GEOMETRY_MAX:
+            _GEOMETRY.clear()
+        _GEOMETRY[m] = geometry
+    if rt.closed:
+        rt._check_open()
+    if rt.pending:
+        rt.materialize_pending()
+    base = t._gp_h
+    rt.share(base)
+    return _lazy_view(rt, base, m, _VIEW_HEAD(compact.VIEW, base) + geometry, one[2], one[3])
 
 
 @_special(aten._copy_from.default)

@@ -5,6 +5,7 @@ clear error on its own session only (a healthy neighbour keeps computing exact r
 from __future__ import annotations
 
 import random
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,6 +39,12 @@ def rec(op_id: int, name: str | None, outputs: list[int], args: list[bytes], kwa
     return b"".join(parts)
 
 
+def _view(h: int, sizes: list[int], strides: list[int], offset: int) -> bytes:
+    """A view argument (compact.VIEW) with any values: the client's encoder would refuse bad ones."""
+    n = len(sizes)
+    return bytes([compact.VIEW]) + struct.pack(f"<QB{2 * n + 1}q", h, n, *sizes, *strides, offset)
+
+
 def assert_still_usable(s: Session) -> None:
     a = s.upload(torch.ones(3))
     out = s.new_handle()
@@ -62,6 +69,15 @@ def test_records_compute_and_reuse_their_op_id(session: Session) -> None:
     session.sync()
 
 
+def test_view_arguments_compute_and_write_their_handles_storage(session: Session) -> None:
+    a, b = session.upload(torch.arange(6.0)), session.upload(torch.ones(3, 2))
+    out = session.new_handle()
+    session.eager_op(rec(0, "aten::add.Tensor", [out], [compact.view(a, [3, 2], [1, 3], 0), compact.tensor(b)], {}))
+    session.eager_op(rec(1, "aten::mul_.Scalar", [0], [compact.view(a, [2], [2], 1), compact.encode_value(10)], {}))
+    assert torch.equal(session.download(out), torch.arange(6.0).reshape(2, 3).t() + 1)
+    assert torch.equal(session.download(a), torch.tensor([0.0, 10, 2, 30, 4, 5]))
+
+
 @pytest.mark.parametrize(
     ("make", "error", "match"),
     [
@@ -76,6 +92,29 @@ def test_records_compute_and_reuse_their_op_id(session: Session) -> None:
         (lambda a, o: rec(7, "aten::neg.default", [o], [compact.tensor(1 << 32 | 5)], {}), errors.PermissionDenied, ""),
         (lambda a, o: rec(7, "aten::neg.default", [o], [compact.tensor(a + 1000)], {}), errors.NotFound, ""),
         (lambda a, o: rec(7, "aten::neg.default", [1 << 32 | 5], [compact.tensor(a)], {}), errors.PermissionDenied, ""),
+        (lambda a, o: rec(7, "aten::neg.default", [o], [_view(a, [3], [1], 0)], {}), errors.InvalidArgument, "byte 12"),
+        (lambda a, o: rec(7, "aten::neg.default", [o], [_view(a, [], [], 2)], {}), errors.InvalidArgument, "byte 12"),
+        (
+            lambda a, o: rec(7, "aten::neg.default", [o], [_view(a, [2**62, 4], [1, 1], 0)], {}),
+            errors.InvalidArgument,
+            "more than int64",
+        ),
+        (
+            lambda a, o: rec(7, "aten::neg.default", [o], [_view(a, [-1], [1], 0)], {}),
+            errors.InvalidArgument,
+            "negative",
+        ),
+        (
+            lambda a, o: rec(7, "aten::neg.default", [o], [_view(a, [1] * 65, [1] * 65, 0)], {}),
+            errors.InvalidArgument,
+            "65 dimensions",
+        ),
+        (
+            lambda a, o: rec(7, "aten::neg.default", [o], [_view(1 << 32 | 5, [1], [1], 0)], {}),
+            errors.PermissionDenied,
+            "",
+        ),
+        (lambda a, o: rec(7, "aten::neg.default", [o], [_view(a + 1000, [1], [1], 0)], {}), errors.NotFound, ""),
     ],
 )
 def test_bad_records_fail_alone(session: Session, make: Any, error: type, match: str) -> None:

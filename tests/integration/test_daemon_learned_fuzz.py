@@ -134,7 +134,8 @@ def record(daemon: DaemonHandle, steps: int) -> Recording:
 
 
 def fields(rec: bytes) -> tuple[list[int], list[int], list[int], list[int]]:
-    """Byte offsets of a record's output handles, input handles (tensors and tensor lists), ints and floats."""
+    """Byte offsets of a record's output handles, input handles (tensors, tensor lists and views), ints (a view's
+    sizes, strides and offset among them) and floats."""
     n_name = rec[4]
     pos = 5 + n_name
     n_out = rec[pos]
@@ -149,6 +150,11 @@ def fields(rec: bytes) -> tuple[list[int], list[int], list[int], list[int]]:
         if tag == compact.TENSOR:
             ins.append(pos + 1)
             return pos + 9
+        if tag == compact.VIEW:  # a handle, a rank, then sizes, strides and offset: numbers to attack as ints
+            ins.append(pos + 1)
+            n = 2 * rec[pos + 9] + 1
+            ints.extend(pos + 10 + 8 * i for i in range(n))
+            return pos + 10 + 8 * n
         if tag in (compact.INT, compact.FLOAT):
             (ints if tag == compact.INT else floats).append(pos + 1)
             return pos + 9
@@ -763,6 +769,17 @@ ATTACKS: dict[str, Mutation] = {
     "the step's records reversed": lambda cmds, base: list(reversed(cmds)),
     "the step's second half only": lambda cmds, base: cmds[len(cmds) // 2 :],
 }
+
+
+def test_the_recorded_loop_sends_view_arguments(world: World) -> None:
+    """The shim's view ops (a Linear's weight.t(), the loss's views) travel as view arguments (compact.VIEW): the
+    attacks below hit them (their handles as inputs, their sizes, strides and offsets as ints)."""
+    views = 0
+    for cmds in world.rec.steps:
+        for i in _eager(cmds):
+            rec = cmds[i].eager_op
+            views += sum(rec[at - 1] == compact.VIEW for at in fields(rec)[1])
+    assert views >= len(world.rec.steps)
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))

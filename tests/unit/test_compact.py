@@ -127,9 +127,10 @@ def test_malformed_heads() -> None:
 _VALID = record(
     "aten::add.Tensor",
     [5, 6],
-    [compact.tensor(7), compact.tensors([8, 0]), compact.encode_value([1.5, 2]), compact.encode_value(torch.float32)],
+    [compact.tensor(7), compact.tensors([8, 0]), compact.encode_value([1.5, 2]), compact.encode_value(torch.float32),
+     compact.view(8, [1, 2], [0, 1], 1)],
     {"alpha": compact.encode_value(3)},
-)
+)  # fmt: skip
 
 
 @settings(max_examples=400, deadline=None, derandomize=True)
@@ -169,3 +170,104 @@ def test_decode_parts_finds_live_handles_first_and_resolves_the_rest() -> None:
     for n in range(len(data)):  # truncations inside the inline tags are refused too
         with pytest.raises(InvalidArgument):
             compact.decode_parts(data[:n], resolve, DEV, live.get)
+
+
+# ---- view arguments: a handle and a geometry (sizes, strides, storage offset) ----
+
+
+def _view_record(handle: int, sizes: list[int], strides: list[int], offset: int, kw: bool = False) -> bytes:
+    arg = compact.view(handle, sizes, strides, offset)
+    return record(None, [9], [] if kw else [arg], {"self": arg} if kw else {})
+
+
+def test_a_view_argument_is_as_strided_of_its_handles_tensor_sharing_its_storage() -> None:
+    base = torch.arange(12.0)
+    TENSORS[20] = base[2:]  # a tensor that is itself a view: the offset counts from its storage's start
+    try:
+        for kw in (False, True):
+            rec = compact.decode(_view_record(20, [2, 3], [1, 2], 5, kw), resolve, DEV)
+            v = rec.kwargs["self"] if kw else rec.args[0]
+            assert v.shape == (2, 3) and v.stride() == (1, 2) and v.storage_offset() == 5
+            assert torch.equal(v, base.as_strided((2, 3), (1, 2), 5))
+            assert v.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+            assert rec.handles == [20]
+            v.fill_(-1.0)  # writes through the view land in the handle's storage
+            assert (base[5:10] == -1.0).all()
+            base.copy_(torch.arange(12.0))
+        # the last element of the storage is reachable; an empty view reaches no byte
+        compact.decode(_view_record(20, [12], [1], 0), resolve, DEV)
+        compact.decode(_view_record(20, [0, 5], [100, 100], 12), resolve, DEV)
+        compact.decode(_view_record(20, [5, 0], [1, 1], 2**40), resolve, DEV)  # no element: any offset, as torch
+        compact.decode(_view_record(20, [4, 3], [0, 0], 11), resolve, DEV)  # an expand: stride 0
+        compact.decode(_view_record(20, [], [], 11), resolve, DEV)  # a 0-dim view
+    finally:
+        del TENSORS[20]
+
+
+def _raw_view(handle: int, rank: int, values: list[int]) -> bytes:
+    """A view argument with any rank byte and any i64 values (the client's encoder refuses bad ones)."""
+    return struct.pack("<BQB", compact.VIEW, handle, rank) + struct.pack(f"<{len(values)}q", *values)
+
+
+HOSTILE_VIEWS = [
+    (_raw_view(7, 1, [3, 1, 0]), "storage byte 12 of a 8-byte"),  # one element past the end (2 floats)
+    (_raw_view(7, 1, [1, 1, 2]), "storage byte 12"),  # an offset past the end
+    (_raw_view(7, 0, [2]), "storage byte 12"),  # a 0-dim view past the end
+    (_raw_view(7, 1, [2, 2**40, 0]), "storage byte"),  # a huge stride
+    (_raw_view(7, 2, [2**62, 2**62, 1, 1, 0]), "more than int64"),  # an overflowing element count
+    (_raw_view(7, 2, [2**40, 2**40, 0, 0, 0]), "more than int64"),  # as much, all stride 0
+    (_raw_view(7, 1, [2**62, 2, 0]), "storage byte"),  # its extent overflows int64 (Python ints do not)
+    (_raw_view(7, 1, [2, 1, 2**63 - 1]), "storage byte"),
+    (_raw_view(7, 1, [-1, 1, 0]), "negative"),
+    (_raw_view(7, 1, [2, -1, 1]), "negative"),
+    (_raw_view(7, 1, [1, 1, -1]), "negative"),
+    (_raw_view(7, 1, [-(2**63), 1, 0]), "negative"),
+    (_raw_view(7, 65, [1] * 131), "65 dimensions"),
+    (_raw_view(7, 255, []), "255 dimensions"),
+    (_raw_view(7, 3, [1, 1, 1]), "runs past the end"),
+    (_raw_view(99, 1, [1, 1, 0]), "unknown handle 99"),
+]
+
+
+@pytest.mark.parametrize(("arg", "match"), HOSTILE_VIEWS)
+def test_hostile_view_arguments_are_refused(arg: bytes, match: str) -> None:
+    for data in (record(None, [9], [arg], {}), record(None, [9], [], {"x": arg})):
+        with pytest.raises(InvalidArgument, match=match):
+            compact.decode(data, resolve, DEV)
+        with pytest.raises(InvalidArgument, match=match):
+            compact.decode_parts(data, resolve, DEV, TENSORS.get)
+
+
+def test_a_view_is_checked_against_its_storage_as_it_is_now() -> None:
+    """A storage that shrank (or a tensor that is no plain dense tensor) since the geometry was written."""
+    t = torch.arange(8.0)
+    TENSORS[21] = t
+    try:
+        data = _view_record(21, [2, 2], [2, 1], 4)
+        compact.decode(data, resolve, DEV)
+        t.untyped_storage().resize_(16)  # 4 floats left: the view reaches the 8th
+        with pytest.raises(InvalidArgument, match="storage byte 32 of a 16-byte"):
+            compact.decode(data, resolve, DEV)
+        TENSORS[21] = torch.arange(8.0)._neg_view()  # as_strided would keep its neg bit
+        with pytest.raises(InvalidArgument, match="not a plain dense"):
+            compact.decode(data, resolve, DEV)
+        TENSORS[21] = torch.arange(8.0).to_sparse()
+        with pytest.raises(InvalidArgument, match="not a plain dense"):
+            compact.decode(data, resolve, DEV)
+    finally:
+        del TENSORS[21]
+
+
+def test_the_view_encoder_refuses_what_the_daemon_would() -> None:
+    for sizes, strides, offset in [([1] * 65, [1] * 65, 0), ([-1], [1], 0), ([1], [-1], 0), ([1], [1], -1),
+                                   ([1, 2], [1], 0), ([2**63], [1], 0)]:  # fmt: skip
+        with pytest.raises(compact.Unencodable):
+            compact.view(7, sizes, strides, offset)
+
+
+def test_every_truncation_of_a_view_argument_is_refused() -> None:
+    data = _view_record(7, [2], [1], 0)
+    compact.decode(data, resolve, DEV)
+    for n in range(len(data)):
+        with pytest.raises(InvalidArgument):
+            compact.decode(data[:n], resolve, DEV)

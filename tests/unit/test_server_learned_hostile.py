@@ -152,3 +152,62 @@ def test_a_meta_kernel_that_asserts_is_an_invalid_argument() -> None:
     res = w.slice(s, [rec])
     assert s.error is not None and s.error.code.name == "INVALID_ARGUMENT", s.error
     assert "multi-target" in s.error.message and res.errors
+
+
+def test_view_arguments_never_reach_past_their_storage_into_a_neighbours_bytes() -> None:
+    """View arguments (compact.VIEW) whose geometry reaches past the storage of the session's tensor, learned in a
+    run on a big tensor and replayed on a small one with the same meta's storage, a freed handle, another
+    session's handle: each is refused, and no value the victim freed is ever read or written."""
+    w = Worker()
+    victim, bad = w.session(2, 1 << 30), w.session(3, 1 << 30)
+    n = 4096
+    src, dst = bad.handle_base + 1, bad.handle_base + 2
+    for _ in range(4):  # the victim's secret, freed: the allocator hands its bytes out again
+        secret = torch.full((4 * n,), 7.25)
+        victim.bind(victim.handle_base + 1, secret)
+        victim.free([victim.handle_base + 1])
+        del secret
+    victim.bind(victim.handle_base + 2, torch.full((n,), 7.25))  # and a live one
+
+    def steps(k: int) -> list[device_pb2.Command]:
+        return [
+            c
+            for i in range(k)
+            for c in (
+                w.rec(bad, "aten::clone", [dst + i], [compact.view(src, [n], [1], n)]),  # the storage's second half
+                w.rec(bad, "aten::mul_.Scalar", [0], [compact.view(src, [n], [1], n), V(1.0)]),
+                w.rec(bad, "aten::neg", [dst + 100 + i], [T(dst + i)]),
+            )
+        ]
+
+    bad.bind(src, torch.ones(2 * n)[:n])  # meta (n,), storage of 2n
+    for _ in range(2):  # learned in the first slice, run inside the learned run in the next
+        res = w.slice(bad, steps(4))
+        assert not res.errors and torch.equal(bad.tensors[dst], torch.ones(n))
+        bad.free([dst + i for i in range(4)] + [dst + 100 + i for i in range(4)])
+    assert w.ex._eager[bad.session_id][3].hits > 0
+    bad.bind(src, torch.ones(n))  # the same meta on a storage of n: the learned geometry reaches past it
+    res = w.slice(bad, steps(2))
+    assert sum(res.errors.values()) == 6 and dst in bad.poisoned
+    assert "view argument reaches storage byte" in bad.poisoned[dst].message
+    for h in (victim.handle_base + 2, victim.handle_base + 1, bad.handle_base + 99):  # foreign, freed foreign, unknown
+        res = w.slice(bad, [w.rec(bad, "aten::clone", [dst], [compact.view(h, [1], [1], 0)])])
+        assert sum(res.errors.values()) == 1
+    for t in bad.tensors.values():
+        assert not (t == 7.25).any()
+    assert torch.equal(victim.tensors[victim.handle_base + 2], torch.full((n,), 7.25))
+
+
+def test_an_empty_view_far_past_its_storage_grows_nothing_unaccounted() -> None:
+    """An empty view may sit at any offset (it reaches no byte, as torch's own check has it); `resize_` through it
+    grows the viewed tensor's storage up to that offset, which the quota and the accounting must see."""
+    w = Worker()
+    s = w.session(3, 1 << 20)
+    src = s.handle_base + 1
+    s.bind(src, torch.ones(4))
+    for offset, n, ok in ((2**40, 10, False), (2**62, 1, False), (100, 10, True)):
+        res = w.slice(s, [w.rec(s, "aten::resize_", [], [compact.view(src, [0], [1], offset), V([n])])])
+        assert (not res.errors) == ok, (offset, s.error)
+        s.error = None
+    assert s.tensors[src].untyped_storage().nbytes() == 440 and s.used == 440
+    assert torch.equal(s.tensors[src], torch.ones(4))

@@ -407,3 +407,66 @@ def test_an_input_that_is_another_tensor_every_step_is_checked_every_step() -> N
         assert p.hits - hits < 11  # the record that takes X left the learned run (the rest compared above)
         for s in p.s:
             s.free([h(12, j) for j in range(11)])
+
+
+VW = compact.view
+
+
+def view_step(p: Pair, t: int, x: int = X) -> list[device_pb2.Command]:
+    """A step whose inputs are views (`compact.VIEW`): of the session's tensors (external: the meta check applies to
+    the viewed tensor) and of earlier records' outputs (internal: the identity check applies to it), one reaching
+    past its tensor's own elements into its storage, an expand, a 0-dim view, an in-place op through a view."""
+    return [
+        p.rec(1, [h(t, 0)], [VW(x, [3, 4], [1, 3], 20), V(1.0 + t)]),  # x.t(), at storage element 20
+        p.rec(2, [h(t, 1)], [VW(h(t, 0), [4, 3], [1, 4], 0), T(W)]),
+        p.rec(3, [h(t, 2)], [VW(h(t, 1), [2, 5], [10, 1], 5)]),  # rows 1 and 3
+        p.rec(6, [h(t, 3)], [VW(h(t, 2), [3, 2, 5], [0, 5, 1], 0)]),  # an expand, summed
+        p.rec(7, [P], [T(P), VW(h(t, 2), [], [], 3)], {"alpha": V(-0.01)}),
+        p.rec(7, [0], [VW(W, [5], [1], 5), VW(h(t, 1), [5], [1], 0)], {"alpha": V(-0.01)}),  # W's row 1 in place
+        p.rec(5, [h(t, 4)], [VW(h(t, 1), [4, 5], [5, 1], 0), T(h(t, 1))], {"alpha": V(0.5 * t)}),
+    ]
+
+
+def _wide_x(p: Pair, storage: int) -> None:
+    """X as a (4, 3) tensor at offset 20 of a storage of `storage` floats (the same values in both sessions)."""
+    torch.manual_seed(5)
+    base = torch.randn(storage)
+    for s in p.s:
+        s.bind(X, base.clone()[20:32].view(4, 3))
+
+
+def test_view_arguments_run_in_learned_runs_as_on_the_normal_path() -> None:
+    p = Pair()
+    _wide_x(p, 40)
+    cmds = [c for t in range(10) for c in view_step(p, t) + ([free(t - 1)] if t else [])]
+    p.stream(cmds, itertools.cycle([7, 13, 64]))
+    assert p.hits > len(cmds) // 2
+    hits = p.hits
+    p.stream([c for t in range(10, 14) for c in view_step(p, t) + [free(t - 1)]], itertools.cycle([64]))
+    assert p.hits - hits >= 4 * 7 - 2
+    w = p.s[0].tensors[W]
+    assert not torch.equal(w[1], p.s[0].tensors[W][0])  # (the in-place op wrote W's row 1 through a view)
+    # X again with the same meta, on a storage the learned geometry (offset 20) now reaches past: refused by
+    # the run's step as by the normal path, and by a storage just long enough, accepted
+    for storage, bad in ((32, False), (24, True), (40, False)):
+        if storage == 24:
+            small = torch.randn(12).view(4, 3)
+            for s in p.s:
+                s.bind(X, small.clone())
+        else:
+            _wide_x(p, storage)
+        hits = p.hits
+        t = 14 + storage
+        p.stream(view_step(p, t) + view_step(p, t + 1), itertools.cycle([64]))
+        poisoned = h(t, 0) in p.s[0].poisoned
+        assert poisoned == bad
+        if bad:
+            assert "view argument reaches storage byte" in p.s[0].poisoned[h(t, 0)].message
+        else:
+            assert p.hits - hits >= 7
+    # an internal view's source replaced by another tensor of the same meta: not the run's, the normal path
+    cmds = view_step(p, 60) + view_step(p, 61)
+    cmds[7 + 1] = p.rec(2, [h(61, 1)], [VW(h(60, 0), [4, 3], [1, 4], 0), T(W)])
+    cmds[7 + 2] = p.rec(3, [h(61, 2)], [VW(FOREIGN, [2, 5], [10, 1], 5)])
+    p.stream(cmds, itertools.cycle([64]))
+    assert h(61, 2) in p.s[0].poisoned

@@ -220,3 +220,51 @@ def test_the_template_table_is_bounded(pair: Pair, monkeypatch: pytest.MonkeyPat
         assert all(len(v) <= templates.PER_LAYOUT for s in table.heads.values() for v in s.values())
     pair.ex[0].forget(pair.s[0])
     assert "t" not in pair.ex[0]._eager
+
+
+def view(h: int, sizes: list[int], strides: list[int], offset: int) -> bytes:
+    return compact.view(h, sizes, strides, offset)
+
+
+def test_view_arguments_on_a_template_behave_as_the_full_decode(pair: Pair) -> None:
+    """A view argument's handle is a field and its geometry fixed bytes: a hit resolves the handle through the same
+    checks and applies the geometry with the same storage check as the full decode."""
+    mul = lambda out, x, y: record(2, None, [out], [view(x, [3, 2], [1, 3], 0), view(y, [3, 2], [1, 3], 0)], {})  # noqa: E731
+    pair.op(record(2, "aten::mul.Tensor", [BASE + 10], [view(A, [3, 2], [1, 3], 0), compact.tensor(B)], {}))
+    pair.op(mul(BASE + 11, A, B))  # learned
+    before = pair.hits
+    pair.op(mul(BASE + 12, B, A))
+    assert pair.hits == before + 1
+    assert torch.equal(pair.s[0].tensors[BASE + 12], (pair.s[0].tensors[A] * pair.s[0].tensors[B]).t())
+    pair.op(mul(BASE + 13, FOREIGN, A))  # PERMISSION_DENIED
+    pair.op(mul(BASE + 14, A, FREED))  # NOT_FOUND
+    pair.op(mul(BASE + 15, A, BASE))  # handle 0 of the session
+    pair.op(mul(BASE + 16, A, C))  # C has 6 elements: the same geometry fits its storage
+    pair.op(record(5, "aten::resize_", [], [compact.tensor(C), compact.encode_value([2])], {}))
+    pair.op(record(6, "aten::set_.source_Storage", [], [compact.tensor(C), compact.tensor(BASE + 10)], {}))
+    pair.op(mul(BASE + 17, A, C))  # C's storage is another (shared) one now
+    for h, n in ((BASE + 18, 2), (BASE + 19, 6)):  # a storage too small for a learned geometry, then not
+        pair.op(record(8, "aten::ones", [h], [compact.encode_value([n])], {}))
+        pair.op(mul(BASE + 20 + n, h, A))
+    assert pair.hits >= before + 7
+    assert set(pair.s[0].poisoned) >= {BASE + 13, BASE + 14, BASE + 15, BASE + 22}
+    assert "storage byte 24 of a 8-byte storage" in pair.s[0].poisoned[BASE + 22].message
+    assert BASE + 26 in pair.s[0].tensors
+    good = mul(BASE + 27, A, B)
+    for bad in variants(good):  # flips of its geometry's bytes too: every one behaves as the full decode
+        pair.op(bad)
+        pair.op(good)
+
+
+def test_an_in_place_op_through_a_view_argument_writes_its_handles_storage(pair: Pair) -> None:
+    pair.op(record(2, "aten::mul_.Scalar", [0], [view(A, [2], [3], 1), compact.encode_value(10.0)], {}))
+    for _ in range(2):  # learned, then a template hit
+        pair.op(record(2, None, [0], [view(A, [2], [3], 1), compact.encode_value(10.0)], {}))
+    assert pair.hits == 1
+    assert pair.s[0].tensors[A].tolist() == [[0.0, 1000.0, 2.0], [3.0, 4000.0, 5.0]]
+    kw = {"src": view(B, [2], [1], 0)}
+    pair.op(record(3, "aten::copy_", [0], [view(C, [2], [2], 1)], kw))
+    pair.op(record(3, None, [0], [view(C, [2], [2], 1)], kw))
+    pair.op(record(3, None, [0], [view(C, [2], [2], 1)], kw))
+    assert pair.hits == 2
+    assert pair.s[0].tensors[C].tolist() == [1.0, 0.5, 1.0, 0.5, 1.0, 1.0]

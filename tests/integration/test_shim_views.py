@@ -1,0 +1,192 @@
+"""View ops on the gpupool device cost no record (client/torch/transfer.py `_view`): the result is a `RemoteView`
+that names its base's daemon tensor and its own geometry, sent as a view argument (gpupool/compact.py) by the ops
+that take it, and given a daemon tensor of its own (`tensor.own`) where a path needs one. Every case compares
+with the same code on the CPU."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import shim_fixtures
+import torch
+from gpupool.client.torch import runtime
+from gpupool.client.torch.tensor import RemoteView
+from torch import nn
+
+import gpupool.torch as gt
+
+serve, attach, dev = shim_fixtures.serve, shim_fixtures.attach, shim_fixtures.dev
+
+
+def _rt(d: torch.device) -> runtime.DeviceRuntime:
+    found = runtime.get(d.index or 0)
+    assert found is not None
+    return found
+
+
+def test_view_ops_send_no_record_and_their_results_compute(dev: torch.device) -> None:
+    rt = _rt(dev)
+    x = torch.arange(24.0).reshape(4, 6).to(dev)
+    sent = rt.ops_sent
+    views = [
+        x.t(), x.view(6, 4), x.transpose(0, 1), x[1], x[:, 2:5], x[1:3, ::2], x.unsqueeze(0), x.unsqueeze(2).squeeze(),
+        x.permute(1, 0), x[0].expand(3, 6), x.as_strided((2, 2), (1, 6), 3), x.t()[2].unsqueeze(1).expand(4, 3),
+        x.reshape(24), x.view(2, 2, 6).select(1, 1), x.squeeze(), x[2, 3],
+    ]  # fmt: skip
+    assert rt.ops_sent == sent, "view ops sent records"
+    assert all(type(v) is RemoteView for v in views)
+    local = torch.arange(24.0).reshape(4, 6)
+    expected = [
+        local.t(), local.view(6, 4), local.transpose(0, 1), local[1], local[:, 2:5], local[1:3, ::2],
+        local.unsqueeze(0), local.unsqueeze(2).squeeze(), local.permute(1, 0), local[0].expand(3, 6),
+        local.as_strided((2, 2), (1, 6), 3), local.t()[2].unsqueeze(1).expand(4, 3), local.reshape(24),
+        local.view(2, 2, 6).select(1, 1), local.squeeze(), local[2, 3],
+    ]  # fmt: skip
+    for v, e in zip(views, expected, strict=True):
+        assert (v.shape, v.stride(), v.storage_offset()) == (e.shape, e.stride(), e.storage_offset())
+        assert torch.equal((v * 2).cpu(), e * 2)  # one record: the mul, its input a view argument
+        assert torch.equal(v.cpu(), e)  # a download: the view gets a daemon tensor of its own
+    assert views[-1].item() == 15.0
+
+
+def test_in_place_ops_through_views_write_the_base(dev: torch.device) -> None:
+    def run(d: Any) -> list[torch.Tensor]:
+        x = torch.arange(24.0).reshape(4, 6).to(d)
+        x.t()[1].mul_(10)  # a view of a view
+        x[2].copy_(torch.ones(6).to(d))
+        x[:, 4:].add_(x[:, :2])
+        x.view(-1)[5] = -1.0  # index assignment on a view: copy_/fill_ into a select
+        x[3, ::2].zero_()
+        y = torch.zeros(3, 4).to(d)
+        torch.add(x[:3, :4], 1, out=y.t().t())  # out= a view of the right shape: written through
+        z = torch.zeros(6).to(d)
+        w = z[3:3]
+        torch.mul(x[0, :2], 2, out=w)  # out= an empty view: resized (it gets a tensor of its own), into z's storage
+        v = x[1:3]
+        v.t_()  # an in-place view op on a view
+        u = x.view(24)[::5]
+        u.add_(100)
+        return [x, y, z, w, v, u, x[1:3] + 0]
+
+    for got, want in zip(run(dev), run("cpu"), strict=True):
+        assert (got.shape, got.stride()) == (want.shape, want.stride())
+        assert torch.equal(got.cpu(), want)
+
+
+def test_views_outlive_their_base_and_free_it_after(dev: torch.device) -> None:
+    rt = _rt(dev)
+    x = torch.arange(10.0).to(dev)
+    h = x._gp_h
+    v = x[2:5]
+    w = v.unsqueeze(0).detach()  # a detached view is a view too
+    assert type(w) is RemoteView and w._gp_h == h
+    del x
+    gc.collect()
+    rt.sync()
+    assert torch.equal(v.cpu(), torch.tensor([2.0, 3, 4]))  # the base still lives on the daemon
+    assert torch.equal(w.cpu(), torch.tensor([[2.0, 3, 4]]))
+    del v, w
+    gc.collect()
+    assert h not in rt.shared
+    assert h in rt._dead or not rt._dead  # queued for the next batched free (or freed)
+    rt.sync()
+
+
+def _train(d: Any, steps: int, grad_views: bool) -> tuple[list[float], list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(d)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 6, generator=gen).to(d)
+    y = torch.randint(0, 3, (5,), generator=gen).to(d)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        h = model(x)
+        h = h.t().contiguous().t()[:, :3].unsqueeze(0).squeeze(0)  # views in the graph, and in its backward
+        loss = nn.functional.cross_entropy(h, y)
+        if grad_views:
+            loss = loss + model[0].weight.t().reshape(-1).unsqueeze(0).pow(2).sum() * 1e-3
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, [p.detach().cpu() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("grad_views", [False, True])
+def test_training_through_views_matches_the_cpu(dev: torch.device, grad_views: bool) -> None:
+    got, params = _train(dev, 6, grad_views)
+    want, local = _train("cpu", 6, grad_views)
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    for p, q in zip(params, local, strict=True):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_data_and_autograd_views(dev: torch.device) -> None:
+    a = torch.arange(6.0).reshape(2, 3).to(dev).requires_grad_()
+    b = a * 1  # a non-leaf: in-place ops on its views are recorded as CopySlices
+    b[0].mul_(3)
+    b.t()[2].add_(1)
+    b.sum().backward()
+    la = torch.arange(6.0).reshape(2, 3).requires_grad_()
+    lb = la * 1
+    lb[0].mul_(3)
+    lb.t()[2].add_(1)
+    lb.sum().backward()
+    assert torch.equal(b.detach().cpu(), lb.detach())
+    assert a.grad is not None and la.grad is not None
+    assert torch.equal(a.grad.cpu(), la.grad)
+    p = torch.zeros(4).to(dev)
+    q = torch.arange(8.0).to(dev)
+    p.data = q[::2]  # .data of a view
+    assert torch.equal(p.cpu(), torch.tensor([0.0, 2, 4, 6]))
+    assert torch.equal(p.data.cpu(), torch.tensor([0.0, 2, 4, 6]))
+    p.data.add_(1)  # writes q's storage too, as on the CPU
+    assert torch.equal(q.cpu(), torch.tensor([1.0, 1, 3, 3, 5, 5, 7, 7]))
+
+
+def test_capture_with_view_inputs_and_views_inside(dev: torch.device) -> None:
+    def step(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return (x @ w.t()).t()[0].relu().sum().reshape(1)
+
+    cap = gt.capture(step)
+    base = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    w_remote = base.to(dev)
+    outs = []
+    for i in range(4):
+        x = torch.full((2, 4), float(i)).to(dev)
+        outs.append(cap(w_remote[:, :4], x).cpu())  # a lazy view as the step's argument
+    want = [step(base[:, :4], torch.full((2, 4), float(i))) for i in range(4)]
+    for o, e in zip(outs, want, strict=True):
+        assert torch.allclose(o, e)
+    assert cap.stats["replayed"] >= 1
+
+
+def test_a_view_on_a_lost_device_fails_as_an_op_would(attach: Callable[..., torch.device]) -> None:
+    d = attach()
+    x = torch.ones(4).to(d)
+    gt.detach_all()
+    with pytest.raises(Exception, match="detached"):
+        x.view(2, 2)
+
+
+def test_a_base_re_pointed_or_resized_leaves_its_views_and_aliases_as_on_the_cpu(dev: torch.device) -> None:
+    def run(d: Any) -> list[torch.Tensor]:
+        x = torch.arange(6.0).to(d)
+        v, a = x[1:3], x.detach()  # a lazy view and a detached alias share x's daemon tensor
+        x.set_(torch.zeros(2).to(d))  # x now names another storage; v and a keep the old one
+        y = torch.arange(4.0).to(d)
+        w, b = y[1:3], y.detach()
+        y.resize_(10)  # y grows (its storage may move); w and b keep their metadata and values
+        y[:4] = torch.arange(4.0).to(d) * 10
+        z = torch.zeros(0).to(d)
+        c = z.detach()
+        torch.mul(y[:4], 2, out=z)  # an out= op resizes z: its alias keeps its (empty) metadata
+        return [x, v, a, w, b, y[:4], z, c]
+
+    for got, want in zip(run(dev), run("cpu"), strict=True):
+        assert got.shape == want.shape
+        assert torch.equal(got.cpu(), want)
