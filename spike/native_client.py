@@ -239,11 +239,8 @@ def connect(session: Any, ops: Any) -> None:
     )  # fmt: skip
 
     def send(frame: torch.Tensor) -> None:
-        if frame.numel():
-            raw = frame.numpy().tobytes()
-            with session._lock:  # after what the session queued itself, as one more frame of the same stream
-                session.flush()
-                session._put(raw)
+        if frame.numel():  # after what the session queued itself, as one more frame of the same stream
+            session.send_commands(frame.numpy().tobytes())
 
     def sync_scalar(frame: torch.Tensor, handle: int) -> float:
         send(frame)
