@@ -393,6 +393,7 @@ struct RetPlan {
 
 struct Plan {
   std::vector<RetPlan> rets;
+  bool python = false;  // wire mode: the Meta kernel cannot say (data-dependent shapes, a non-tensor return): Python
 };
 
 std::unordered_map<std::string, Plan> g_cache;  // guarded by g_mu
@@ -565,7 +566,9 @@ uint64_t g_base = 0;                                      // the session's handl
 int g_dtype_code[64];                                     // c10::ScalarType -> tensor.proto DType (-1: none)
 int g_layout_strided = -1;                                // tensor.proto Layout of torch.strided
 int g_mf_code[4] = {-1, -1, -1, -1};                      // c10::MemoryFormat -> tensor.proto MemoryFormat
-std::unordered_set<std::string> g_wire_ops;               // the op set the wire mode sends
+std::unordered_set<std::string> g_wire_ops;               // the op set the wire mode sends (g_wire_all: every op)
+bool g_wire_all = false;
+bool g_python = false;                                    // a Python fallback is registered (PrivateUse2)
 size_t g_cmds = 0;                                        // commands in g_buf
 std::mutex g_send_mu;                                     // frames go to Python in the order they were cut
 
@@ -593,7 +596,7 @@ struct WireOp {
 };
 std::vector<WireOp> g_wire_info;  // by op id
 thread_local Buf t_rec, t_aux;
-struct WireStats { int64_t frames = 0, view_handles = 0, frees = 0, skipped_views = 0; } g_wstats;
+struct WireStats { int64_t frames = 0, view_handles = 0, frees = 0, skipped_views = 0, python_ops = 0; } g_wstats;
 
 inline void put_varint(Buf& b, uint64_t v) {
   while (v >= 0x80) {
@@ -639,7 +642,7 @@ WireOp& wire_info(const c10::OperatorHandle& op, uint32_t id, bool internal) {
                                                               : 0);
       if (!a.kwarg_only()) w.npos++;
     }
-    w.allowed = g_wire_ops.count(g_op_names[id]) > 0;
+    w.allowed = g_wire_all || g_wire_ops.count(g_op_names[id]) > 0;
   }
   if (internal) w.allowed = true;
   return w;
@@ -939,6 +942,18 @@ void push_outputs(torch::jit::Stack* stack, const std::vector<RetPlan>& rets, c1
 
 thread_local std::string t_wkey;
 
+// The op the C++ encoder cannot send (outside the op set; an argument the compact form lacks: a string, a complex
+// number, a Generator, a CPU tensor of some size; outputs the Meta kernel cannot infer: data-dependent shapes, a
+// non-tensor return) goes to the Python fallback registered at PrivateUse2 (spike/native_client.py `_python_op`),
+// which sends it as a protobuf `Op` or runs it on the CPU around a sync. Called without g_mu.
+void python_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    g_wstats.python_ops++;
+  }
+  op.redispatchBoxed(DispatchKeySet(DispatchKey::PrivateUse2), stack);
+}
+
 void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const auto& schema = op.schema();
   const auto& sargs = schema.arguments();
@@ -947,22 +962,34 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   std::unique_lock<std::mutex> lock(g_mu);
   const uint32_t id = op_id(op);
   const size_t npos = wire_info(op, id, false).npos;
-  TORCH_CHECK(g_wire_info[id].allowed, "spike: ", g_op_names[id], " is outside the op set the daemon-backed spike "
-              "sends (the tiny MLP's training step): not supported");
+  if (!g_wire_info[id].allowed) {
+    TORCH_CHECK(g_python, "spike: ", g_op_names[id], " is outside the op set the daemon-backed spike sends: not "
+                "supported");
+    lock.unlock();
+    python_fallback(op, stack);
+    return;
+  }
   prelude_wire();
   Buf& rec = t_rec;
   rec.clear();
   std::string& key = t_wkey;
   key.clear();
   key.append(reinterpret_cast<const char*>(&id), sizeof(id));
-  put<uint8_t>(rec, static_cast<uint8_t>(npos));
-  for (size_t i = 0; i < npos; i++) put_wire_arg(rec, key, args[i], g_wire_info[id].kind[i]);
-  put<uint8_t>(rec, static_cast<uint8_t>(nargs - npos));
-  for (size_t i = npos; i < nargs; i++) {
-    const std::string& name = sargs[i].name();
-    put<uint8_t>(rec, static_cast<uint8_t>(name.size()));
-    put_bytes(rec, name.data(), name.size());
-    put_wire_arg(rec, key, args[i], g_wire_info[id].kind[i]);
+  try {
+    put<uint8_t>(rec, static_cast<uint8_t>(npos));
+    for (size_t i = 0; i < npos; i++) put_wire_arg(rec, key, args[i], g_wire_info[id].kind[i]);
+    put<uint8_t>(rec, static_cast<uint8_t>(nargs - npos));
+    for (size_t i = npos; i < nargs; i++) {
+      const std::string& name = sargs[i].name();
+      put<uint8_t>(rec, static_cast<uint8_t>(name.size()));
+      put_bytes(rec, name.data(), name.size());
+      put_wire_arg(rec, key, args[i], g_wire_info[id].kind[i]);
+    }
+  } catch (const std::exception&) {
+    if (!g_python) throw;
+    lock.unlock();  // an argument without a compact form: the view handles made so far stay (they are right)
+    python_fallback(op, stack);
+    return;
   }
   const Plan* plan = nullptr;
   Plan fresh;
@@ -973,11 +1000,22 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   } else {
     lock.unlock();  // a Python meta kernel may free tensors or run ops
     std::vector<IValue> margs;
-    fresh = infer(op, args, nargs, margs);
+    try {
+      fresh = infer(op, args, nargs, margs);
+    } catch (const std::exception&) {  // c10::Error, or a Python meta kernel's error
+      if (!g_python) throw;
+      fresh = Plan{};  // no Meta kernel, data-dependent outputs, a non-tensor return, an out= resize: Python's
+      fresh.python = true;
+    }
     margs.clear();
     lock.lock();
     g_stats.meta_runs++;
     plan = &g_cache.emplace(key, std::move(fresh)).first->second;
+  }
+  if (plan->python) {
+    lock.unlock();
+    python_fallback(op, stack);
+    return;
   }
   std::vector<uint64_t> outs;
   c10::SmallVector<at::Tensor, 4> made;
@@ -1392,8 +1430,8 @@ int64_t claim(bool functional, bool foreach) {
 }
 
 // Wire mode from now on (before any tensor is made on the device): handles are base + n, ops outside `ops` refused.
-void configure_wire(int64_t base, std::vector<std::string> ops, std::vector<int64_t> dtype_codes, int64_t strided,
-                    std::vector<int64_t> mf_codes) {
+void configure_wire(int64_t base, std::optional<std::vector<std::string>> ops, std::vector<int64_t> dtype_codes,
+                    int64_t strided, std::vector<int64_t> mf_codes, bool python) {
   std::lock_guard<std::mutex> lock(g_mu);
   TORCH_CHECK(!g_wire, "spike: wire mode is set once per process");
   TORCH_CHECK(g_next.load() == 1, "spike: wire mode must be set before any tensor is made on the device");
@@ -1402,7 +1440,9 @@ void configure_wire(int64_t base, std::vector<std::string> ops, std::vector<int6
   for (size_t i = 0; i < dtype_codes.size(); i++) g_dtype_code[i] = static_cast<int>(dtype_codes[i]);
   for (size_t i = 0; i < 4; i++) g_mf_code[i] = static_cast<int>(mf_codes[i]);
   g_layout_strided = static_cast<int>(strided);
-  g_wire_ops = std::unordered_set<std::string>(ops.begin(), ops.end());
+  g_wire_all = !ops.has_value();
+  if (ops) g_wire_ops = std::unordered_set<std::string>(ops->begin(), ops->end());
+  g_python = python;
   g_base = static_cast<uint64_t>(base);
   g_keep = true;  // the buffer is a frame: never dropped
   g_wire = true;
@@ -1415,7 +1455,49 @@ void flush_now() { flush_frame(); }
 std::vector<int64_t> wire_stats() {
   std::lock_guard<std::mutex> lock(g_mu);
   return {g_wstats.frames, g_wstats.view_handles, g_wstats.frees, g_wstats.skipped_views,
-          static_cast<int64_t>(g_stores.size()), static_cast<int64_t>(g_pending.size())};
+          static_cast<int64_t>(g_stores.size()), static_cast<int64_t>(g_pending.size()), g_wstats.python_ops};
+}
+
+// For the Python fallback (spike/native_client.py `_python_op`), wire mode.
+// The handle a record names `t` by (its storage's, or a view handle made now); held-back empties are sent first.
+int64_t py_wire_handle(const at::Tensor& t) {
+  TORCH_CHECK(t.device().type() == kType, "spike: wire_handle of a ", t.device(), " tensor");
+  std::lock_guard<std::mutex> lock(g_mu);
+  prelude_wire();
+  return static_cast<int64_t>(wire_handle(t));
+}
+
+// A new output of an op the Python fallback sends: a fresh storage the daemon does not know yet (see adopt).
+at::Tensor py_new_output(c10::IntArrayRef size, c10::IntArrayRef stride, at::ScalarType dtype) {
+  return at::detail::empty_strided_generic(size, stride, &g_alloc, kKeys, dtype);
+}
+
+// An out= argument the op resizes (the daemon's kernel resizes its tensor in place, under the same handle): the
+// spike tensor takes the new geometry, and its storage the new size, keeping its handle. Only a whole storage.
+void py_resize_output(const at::Tensor& t, c10::IntArrayRef size, c10::IntArrayRef stride) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  const uint64_t sid = handle_of(t);
+  auto it = g_stores.find(sid);
+  TORCH_CHECK(it != g_stores.end() && it->second.base.same(t) && t.storage_offset() == 0,
+              "spike: an op resizes an out= argument that is a view: not supported");
+  t.storage().unsafeGetStorageImpl()->set_nbytes(at::detail::computeStorageNbytes(size, stride, t.dtype().itemsize()));
+  t.unsafeGetTensorImpl()->set_sizes_and_strides(size, stride, 0);
+  it->second.base = Geo::of(t);
+}
+
+// The handles of new outputs (their storages' ids + the session's base); with `commit`, the daemon now holds them
+// (their op was queued): they are named by later records and freed when they die. Uncommitted, a storage dies
+// unseen (no Free).
+std::vector<int64_t> py_adopt(const std::vector<at::Tensor>& ts, bool commit) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  std::vector<int64_t> out;
+  for (const at::Tensor& t : ts) {
+    TORCH_CHECK(t.device().type() == kType && t.storage_offset() == 0, "spike: adopt of a tensor that is no output");
+    const uint64_t sid = handle_of(t);
+    if (commit) g_stores[sid] = Store{Geo::of(t), {}};
+    out.push_back(static_cast<int64_t>(g_base + sid));
+  }
+  return out;
 }
 
 void reset_stats() {
@@ -1452,7 +1534,12 @@ TORCH_LIBRARY(spike_client, m) {
   m.def("op_name(int id) -> str", &op_name);
   m.def("reset_stats() -> ()", &reset_stats);
   m.def("claim(bool functional, bool foreach) -> int", &claim);
-  m.def("configure_wire(int base, str[] ops, int[] dtype_codes, int strided, int[] mf_codes) -> ()", &configure_wire);
+  m.def("configure_wire(int base, str[]? ops, int[] dtype_codes, int strided, int[] mf_codes, bool python) -> ()",
+        &configure_wire);
+  m.def("wire_handle(Tensor t) -> int", &py_wire_handle);
+  m.def("new_output(int[] size, int[] stride, ScalarType dtype) -> Tensor", &py_new_output);
+  m.def("adopt(Tensor[] ts, bool commit) -> int[]", &py_adopt);
+  m.def("resize_output(Tensor t, int[] size, int[] stride) -> ()", &py_resize_output);
   m.def("scalar_type(Tensor t) -> int", &scalar_type_of);
   m.def("flush() -> ()", &flush_now);
   m.def("wire_stats() -> int[]", &wire_stats);
