@@ -54,7 +54,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from native_client_spike import instrumented
 
     base, data, loss_fn = workload(args.model)
-    if args.model == "encoder" and not args.dropout:
+    if args.model in ("encoder", "cnn") and not args.dropout:
         base.eval()  # no dropout: the daemon's random numbers are not the CPU's (the weights still train)
     local = copy.deepcopy(base)
     remote = copy.deepcopy(base).to(dev)
@@ -111,6 +111,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         out["max_param_diff"] = max(diffs.values())
         out["worst_param"] = max(diffs, key=lambda k: diffs[k])
         out["param_diffs"] = diffs
+        # an op outside --op-set (or any op, without it): the Python fallback's `Op` (or the C++ record)
+        p_remote, p_local = next(remote.parameters()), next(local.parameters())
+        out["outside_diff"] = (torch.sin(p_remote).cpu() - torch.sin(p_local)).abs().max().item()
+        out["python"] = dict(nc.PYTHON_STATS)
         try:  # a failure on the daemon (a target out of range: only the kernel sees values) comes back at the sync
             model, d = ways["spike"]
             x, _ = data[0]
@@ -119,10 +123,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 (reported, whatever its type)
             out["daemon_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         out["after_error"] = step("spike", 0).item()  # the session goes on
-        # an op outside --op-set (or any op, without it): the Python fallback's `Op` (or the C++ record)
-        p_remote, p_local = next(remote.parameters()), next(local.parameters())
-        out["outside_diff"] = (torch.sin(p_remote).cpu() - torch.sin(p_local)).abs().max().item()
-        out["python"] = dict(nc.PYTHON_STATS)
     torch.ops.spike_client.flush()
     out["stats"] = nc.stats()
     out["wire"] = nc.wire_stats()
@@ -255,8 +255,8 @@ def errors(nc: Any, session: Any, x: Any) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--model", choices=("tiny-mlp", "encoder"), default="tiny-mlp",
-                   help="launch_bound.py's workload (the encoder in eval mode: no dropout)")  # fmt: skip
+    p.add_argument("--model", choices=("tiny-mlp", "encoder", "mlp", "cnn"), default="tiny-mlp",
+                   help="launch_bound.py's workload (the encoder and the CNN in eval mode: no dropout)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=5, help="--time: blocks of --steps steps per way")
     p.add_argument("--dropout", action="store_true", help="the encoder in train mode (its losses then differ: the "
                    "daemon's random numbers), as client_ab.py runs the shim: for --callgrind and --time")  # fmt: skip

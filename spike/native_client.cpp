@@ -559,7 +559,9 @@ uint32_t op_id(const c10::OperatorHandle& op) {
 enum : uint8_t { T_NONE = 0, T_TENSOR, T_INT, T_FLOAT, T_BOOL, T_TENSORS, T_INTS, T_FLOATS, T_BOOLS, T_DTYPE, T_DEVICE,
                  T_CPU, T_LAYOUT, T_MEMORY_FORMAT };
 constexpr size_t kFlushCommands = 32;                    // client/torch/runtime.py FLUSH_OPS
-constexpr size_t kChunkBytes = 4 * 1024 * 1024;          // gpupool/wire.py CHUNK_BYTES: one-chunk uploads only
+constexpr size_t kChunkBytes = 4 * 1024 * 1024;          // gpupool/wire.py CHUNK_BYTES: an upload's chunks
+constexpr size_t kMaxUpload = 32 * 1024 * 1024;         // a frame stays under gRPC's 64 MiB message limit
+constexpr size_t kFlushBytes = 1024 * 1024;              // client/session.py MAX_BATCH_BYTES: a frame goes out past it
 
 bool g_wire = false;
 uint64_t g_base = 0;                                      // the session's handle_base
@@ -1038,7 +1040,7 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   } else {
     g_wstats.skipped_views++;  // only views of inputs: the daemon need not compute what no handle names
   }
-  const bool full = g_cmds >= kFlushCommands;
+  const bool full = g_cmds >= kFlushCommands || g_buf.size() >= kFlushBytes;
   lock.unlock();
   torch::jit::drop(*stack, nargs);
   push_outputs(stack, plan->rets, made);
@@ -1186,10 +1188,12 @@ void sync_record(const at::Tensor& t) {
   finish_record(at);
 }
 
-// Wire mode: Command{upload} of a contiguous CPU tensor into wire handle `wh` (one chunk).
+// Wire mode: Command{upload}s of a contiguous CPU tensor into wire handle `wh`: chunks of at most 4 MiB, the first
+// with the tensor's meta, the last marked (as client/session.py's `upload` writes them on the stream).
 void emit_upload(uint64_t wh, const at::Tensor& c) {
   const size_t n = c.nbytes();
-  TORCH_CHECK(n <= kChunkBytes, "spike: an upload of ", n, " bytes (over one 4 MiB chunk: not in the spike)");
+  TORCH_CHECK(n <= kMaxUpload, "spike: an upload of ", n, " bytes (over 32 MiB: one frame holds it whole, and the "
+              "bulk socket is not in the spike)");
   const int code = g_dtype_code[static_cast<int>(c.scalar_type())];
   TORCH_CHECK(code >= 0, "spike: no wire code for ", c.scalar_type());
   Buf meta;
@@ -1206,21 +1210,34 @@ void emit_upload(uint64_t wh, const at::Tensor& c) {
     put_varint(meta, body.n);
     put_bytes(meta, body.v.data(), body.n);
   }
-  Buf up;
-  put<uint8_t>(up, 0x08);  // Upload.handle (1)
-  put_varint(up, wh);
-  put<uint8_t>(up, 0x12);  // Upload.meta (2)
-  put_varint(up, meta.n);
-  put_bytes(up, meta.v.data(), meta.n);
-  if (n) {
-    put<uint8_t>(up, 0x22);  // Upload.data (4)
-    put_varint(up, n);
-    put_bytes(up, c.const_data_ptr(), n);
-  }
-  put<uint8_t>(up, 0x28);  // Upload.last (5) = true
-  put<uint8_t>(up, 0x01);
-  static const uint8_t tag[] = {0x12};  // Command.upload (2)
-  emit_command(tag, 1, up);
+  const auto* bytes = static_cast<const uint8_t*>(c.const_data_ptr());
+  size_t off = 0;
+  do {
+    const size_t k = std::min(kChunkBytes, n - off);
+    Buf up;
+    put<uint8_t>(up, 0x08);  // Upload.handle (1)
+    put_varint(up, wh);
+    if (off == 0) {
+      put<uint8_t>(up, 0x12);  // Upload.meta (2)
+      put_varint(up, meta.n);
+      put_bytes(up, meta.v.data(), meta.n);
+    } else {
+      put<uint8_t>(up, 0x18);  // Upload.offset (3)
+      put_varint(up, off);
+    }
+    if (k) {
+      put<uint8_t>(up, 0x22);  // Upload.data (4)
+      put_varint(up, k);
+      put_bytes(up, bytes + off, k);
+    }
+    off += k;
+    if (off >= n) {
+      put<uint8_t>(up, 0x28);  // Upload.last (5) = true
+      put<uint8_t>(up, 0x01);
+    }
+    static const uint8_t tag[] = {0x12};  // Command.upload (2)
+    emit_command(tag, 1, up);
+  } while (off < n);
   g_stats.uploads++;
 }
 
@@ -1270,7 +1287,7 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
         static const uint8_t tag[] = {0x22};
         emit_command(tag, 1, fr);
       }
-      full = g_cmds >= kFlushCommands;
+      full = g_cmds >= kFlushCommands || g_buf.size() >= kFlushBytes;
     }
     if (full) flush_frame();
     return self;
@@ -1404,7 +1421,8 @@ std::string op_name(int64_t id) {
 //    functional and in-place forms of structured ops: addmm, relu, add_, lerp_, ...). Without this claim torch runs
 //    such an op as empty_strided + its out= form (addmm.out, out=self for add_), two dispatches and an extra record;
 //  - foreach: every _foreach_* op whose kernel would be CompositeExplicitAutograd's per-tensor loop (a record per
-//    tensor and per op) becomes one record.
+//    tensor and per op) becomes one record;
+//  - with functional, also convolution and convolution_backward (else convolution_overrideable: not implemented).
 // Returns the number of ops claimed now. The registrations live until the process ends.
 int64_t claim(bool functional, bool foreach) {
   static std::vector<std::unique_ptr<torch::Library>> libs;
@@ -1419,7 +1437,10 @@ int64_t claim(bool functional, bool foreach) {
     const bool nonfunctional = op->hasKernelForDispatchKey(DispatchKey::CompositeExplicitAutogradNonFunctional);
     const bool is_foreach = name.name.rfind("aten::_foreach_", 0) == 0 &&
                             op->hasKernelForDispatchKey(DispatchKey::CompositeExplicitAutograd);
-    if (!((functional && nonfunctional) || (foreach && is_foreach))) continue;
+    // convolution: its CompositeExplicitAutograd kernel ends in convolution_overrideable, which no backend but
+    // CPU/CUDA/MKLDNN has (the daemon runs the whole op, as the shim sends it)
+    const bool whole = functional && (name.name == "aten::convolution" || name.name == "aten::convolution_backward");
+    if (!((functional && nonfunctional) || (foreach && is_foreach) || whole)) continue;
     const std::string short_name = name.name.substr(6);
     const std::string full = name.overload_name.empty() ? short_name : short_name + "." + name.overload_name;
     lib->impl(full.c_str(), torch::CppFunction::makeFromBoxedFunction<&spike_fallback>());
