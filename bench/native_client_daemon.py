@@ -215,7 +215,8 @@ def errors(nc: Any, session: Any, x: Any) -> dict[str, Any]:
             f()
         except Exception as exc:  # noqa: BLE001 - reported
             return {"type": type(exc).__name__, "mro": [c.__name__ for c in type(exc).__mro__],
-                    "op": getattr(exc, "op", None), "message": str(exc).splitlines()[0]}  # fmt: skip
+                    "op": getattr(exc, "op", None), "message": str(exc).splitlines()[0],
+                    "torch_oom": isinstance(exc, torch.OutOfMemoryError)}  # fmt: skip
         return {}
 
     out: dict[str, Any] = {}
