@@ -178,8 +178,13 @@ def breadth(nc: Any, session: Any) -> dict[str, Any]:
     def generator(x: Any, y: Any) -> Any:  # a Generator argument (the CPU's numbers, as the shim gives them)
         return torch.rand(3, 4, generator=torch.Generator().manual_seed(5), device=x.device) + x[:3, :4]
 
+    def out_resized(x: Any, y: Any) -> Any:  # an out= argument the op resizes (the Meta kernel's plan cannot keep it)
+        o = torch.empty(0, device=x.device)
+        torch.add(x, y, out=o)
+        return o * 1.0
+
     cases = {f.__name__: f for f in (rounding, rounding_, gelu_tanh, searchsorted, nonzero, masked_select, unique,
-                                       equal, cpu_tensor_arg, generator)}  # fmt: skip
+                                       equal, cpu_tensor_arg, generator, out_resized)}  # fmt: skip
     out: dict[str, Any] = {}
     for name, f in cases.items():
         before = dict(nc.PYTHON_STATS)
