@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# the Python shim's commands per step (launch_bound.py's "commands/step", eager): the spike's instructions per step
+# are divided by these, as client_ab.py --measure instr divides the shim's
+SHIM_OPS = {"tiny-mlp": 44, "encoder": 340}
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -270,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--callgrind", nargs="?", const="spike", choices=("spike", "local"), default=None,
                    help="under callgrind: instrumentation on around 2 x --steps steps of one way")  # fmt: skip
     p.add_argument("--callgrind-out", default="", help="keep callgrind's file here (for callgrind_annotate)")
+    p.add_argument("--shim-ops", type=float, default=0.0, help="--callgrind: the shim's commands per step to divide "
+                   "by (default: SHIM_OPS)")  # fmt: skip
     p.add_argument("--op-set", action="store_true", help="the C++ encoder sends only the tiny MLP's and the encoder's "
                    "ops (spike/native_client.py); every other op goes to the Python fallback")  # fmt: skip
     p.add_argument("--breadth", action="store_true", help="each class of op the C++ encoder does not send (worker)")
@@ -287,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         remote = daemons.remote()
         cmd = [sys.executable, __file__, "--worker", "--address", remote["address"], "--token", remote["token"],
                "--steps", str(args.steps), "--rounds", str(args.rounds), "--model", args.model]  # fmt: skip
-        cmd += [f for f, on in (("--dropout", args.dropout), ("--op-set", args.op_set), ("--breadth", args.breadth)) if on]
+        flags = (("--dropout", args.dropout), ("--op-set", args.op_set), ("--breadth", args.breadth))
+        cmd += [f for f, on in flags if on]
         if args.time:  # the client on core 0, the daemon on core 1, as launch_bound.py runs them
             cmd = ["taskset", "-c", "0", *cmd, "--time"]
         if args.callgrind:
@@ -305,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
             instr = int(totals[-1].split()[1])
             result["instructions"] = instr
             result["per_step"] = instr / result["steps"]
-            shim_ops = 44 if args.model == "tiny-mlp" else 340  # the Python shim's commands per step
-            result["per_shim_op"] = instr / result["steps"] / shim_ops
+            shim_ops = args.shim_ops or SHIM_OPS.get(args.model, 0)  # the Python shim's commands per step
+            if shim_ops:
+                result["per_shim_op"] = instr / result["steps"] / shim_ops
             result["per_record"] = instr / max(1, result["op_records"])
     print(json.dumps(result, indent=1))
     return 0

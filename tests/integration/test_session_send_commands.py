@@ -38,7 +38,9 @@ def test_commands_compute_in_order_after_what_the_session_queued(session: Sessio
             up(b, torch.full((6,), 2.0)),
             eager_command(rec(0, "aten::mul.Tensor", [total], [compact.tensor(a), compact.tensor(b)])),
             eager_command(rec(0, None, [c], [compact.tensor(total), compact.tensor(total)])),  # by id only
-            device_pb2.ClientFrame(commands=[device_pb2.Command(free=device_pb2.Free(handles=[b]))]).SerializeToString(),
+            device_pb2.ClientFrame(
+                commands=[device_pb2.Command(free=device_pb2.Free(handles=[b]))]
+            ).SerializeToString(),
         ]
     )
     session.send_commands(frame)
