@@ -1214,29 +1214,36 @@ void emit_upload(uint64_t wh, const at::Tensor& c) {
   size_t off = 0;
   do {
     const size_t k = std::min(kChunkBytes, n - off);
-    Buf up;
-    put<uint8_t>(up, 0x08);  // Upload.handle (1)
-    put_varint(up, wh);
+    Buf head;  // the Upload's fields before its data; the data goes straight from the tensor into the frame
+    put<uint8_t>(head, 0x08);  // Upload.handle (1)
+    put_varint(head, wh);
     if (off == 0) {
-      put<uint8_t>(up, 0x12);  // Upload.meta (2)
-      put_varint(up, meta.n);
-      put_bytes(up, meta.v.data(), meta.n);
+      put<uint8_t>(head, 0x12);  // Upload.meta (2)
+      put_varint(head, meta.n);
+      put_bytes(head, meta.v.data(), meta.n);
     } else {
-      put<uint8_t>(up, 0x18);  // Upload.offset (3)
-      put_varint(up, off);
+      put<uint8_t>(head, 0x18);  // Upload.offset (3)
+      put_varint(head, off);
     }
     if (k) {
-      put<uint8_t>(up, 0x22);  // Upload.data (4)
-      put_varint(up, k);
-      put_bytes(up, bytes + off, k);
+      put<uint8_t>(head, 0x22);  // Upload.data (4)
+      put_varint(head, k);
     }
+    const bool last = off + k >= n;
+    const size_t up = head.n + k + (last ? 2 : 0);
+    const size_t cmd = 1 + varint_len(up) + up;
+    put<uint8_t>(g_buf, 0x0a);  // ClientFrame.commands (1)
+    put_varint(g_buf, cmd);
+    put<uint8_t>(g_buf, 0x12);  // Command.upload (2)
+    put_varint(g_buf, up);
+    put_bytes(g_buf, head.v.data(), head.n);
+    put_bytes(g_buf, bytes + off, k);
+    if (last) {
+      put<uint8_t>(g_buf, 0x28);  // Upload.last (5) = true
+      put<uint8_t>(g_buf, 0x01);
+    }
+    g_cmds++;
     off += k;
-    if (off >= n) {
-      put<uint8_t>(up, 0x28);  // Upload.last (5) = true
-      put<uint8_t>(up, 0x01);
-    }
-    static const uint8_t tag[] = {0x12};  // Command.upload (2)
-    emit_command(tag, 1, up);
   } while (off < n);
   g_stats.uploads++;
 }
