@@ -32,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 # the Python shim's commands per step (launch_bound.py's "commands/step", eager): the spike's instructions per step
 # are divided by these, as client_ab.py --measure instr divides the shim's
-SHIM_OPS = {"tiny-mlp": 44, "encoder": 340}
+SHIM_OPS = {"tiny-mlp": 44, "encoder": 340, "mlp": 66, "cnn": 55}
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -206,7 +206,29 @@ def breadth(nc: Any, session: Any) -> dict[str, Any]:
             out[name] = {"error": f"{type(exc).__name__}: {exc}"}
         out[name]["python"] = {k: nc.PYTHON_STATS[k] - before[k] for k in before}
         out[name]["python_ops"] = nc.wire_stats()["python_ops"] - calls
+    out["cost_us"] = costs(nc, a.to(dev), b.to(dev))
     out["errors"] = errors(nc, session, a.to(dev))
+    return out
+
+
+def costs(nc: Any, x: Any, y: Any, n: int = 200) -> dict[str, float]:
+    """Client CPU per op (secondary, noisy) of each way: a C++ record, the Python fallback's `Op`, its CPU path."""
+    import torch
+
+    ways = {
+        "cpp_record": lambda: torch.div(x, y),
+        "python_op": lambda: torch.div(x, y, rounding_mode="floor"),
+        "cpu_path": lambda: torch.nonzero(x > 0),
+    }
+    out: dict[str, float] = {}
+    for name, f in ways.items():
+        f()
+        torch.ops.spike_client.flush()
+        t = time.process_time()
+        for _ in range(n):
+            f()
+        torch.ops.spike_client.flush()
+        out[name] = (time.process_time() - t) / n * 1e6
     return out
 
 

@@ -1500,6 +1500,20 @@ at::Tensor py_new_output(c10::IntArrayRef size, c10::IntArrayRef stride, at::Sca
   return at::detail::empty_strided_generic(size, stride, &g_alloc, kKeys, dtype);
 }
 
+// A finished ClientFrame.commands entry (the Python fallback's `Op`) into the frame, in order with the records.
+void py_append_command(const at::Tensor& raw) {
+  TORCH_CHECK(raw.device().is_cpu() && raw.scalar_type() == at::kByte && raw.is_contiguous(), "spike: bad command");
+  bool full;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    prelude_wire();
+    put_bytes(g_buf, raw.const_data_ptr(), raw.numel());
+    g_cmds++;
+    full = g_cmds >= kFlushCommands || g_buf.size() >= kFlushBytes;
+  }
+  if (full) flush_frame();
+}
+
 // An out= argument the op resizes (the daemon's kernel resizes its tensor in place, under the same handle): the
 // spike tensor takes the new geometry, and its storage the new size, keeping its handle. Only a whole storage.
 void py_resize_output(const at::Tensor& t, c10::IntArrayRef size, c10::IntArrayRef stride) {
@@ -1568,6 +1582,7 @@ TORCH_LIBRARY(spike_client, m) {
   m.def("new_output(int[] size, int[] stride, ScalarType dtype) -> Tensor", &py_new_output);
   m.def("adopt(Tensor[] ts, bool commit) -> int[]", &py_adopt);
   m.def("resize_output(Tensor t, int[] size, int[] stride) -> ()", &py_resize_output);
+  m.def("append_command(Tensor raw) -> ()", &py_append_command);
   m.def("scalar_type(Tensor t) -> int", &scalar_type_of);
   m.def("flush() -> ()", &flush_now);
   m.def("wire_stats() -> int[]", &wire_stats);

@@ -273,7 +273,7 @@ def connect(session: Any, ops: Any = None, python: bool = True) -> None:
     _libs.append(lib)
     if python:
         fb = torch.library.Library("_", "IMPL")  # noqa: TOR901
-        fb.fallback(lambda op, *args, **kwargs: _python_op(session, op, args, kwargs), "PrivateUse2")
+        fb.fallback(lambda op, *args, **kwargs: _python_op(op, args, kwargs), "PrivateUse2")
         _libs.append(fb)
 
     def synchronize(device: Any = None) -> None:
@@ -345,14 +345,14 @@ def _to_meta(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(n, dtype=t.dtype, device="meta").as_strided(t.size(), t.stride(), t.storage_offset())
 
 
-def _python_op(session: Any, op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _python_op(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """An op the C++ encoder does not send (native_client.cpp `python_fallback`, through PrivateUse2): as a protobuf
     `Op` with the session's own encoder (gpupool/wire.py `encode_arg`: strings, complex numbers, any list) when the
     Meta kernel can say its outputs; else on the CPU around a sync, as the shim's `cpu_fallback` (inputs read back,
     written inputs written back, new outputs uploaded): data-dependent shapes (nonzero, masked_select), non-tensor
     returns (equal), no Meta kernel."""
     try:
-        out = _as_op(session, op, args, kwargs)
+        out = _as_op(op, args, kwargs)
         PYTHON_STATS["remote"] += 1
         return out
     except _OnCpu:
@@ -370,18 +370,34 @@ def _upload_cpu(v: Any) -> Any:
     return v
 
 
-def _as_op(session: Any, op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+_META: dict[Any, list[Any] | None] = {}  # (op, arguments' key) -> the outputs' meta tensors, None: the CPU path
+_META_MAX = 4096
+
+
+def _key(v: Any) -> Any:
+    """An argument in the meta cache's key: a tensor by where it is and its geometry, lists by their items, anything
+    else by value (TypeError: not hashable, no caching)."""
+    if isinstance(v, torch.Tensor):
+        return (v.device.type, v.dtype, tuple(v.size()), tuple(v.stride()), v.storage_offset())
+    if isinstance(v, list | tuple):
+        return tuple(_key(x) for x in v)
+    hash(v)
+    return (type(v), v)
+
+
+def _metas(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """The op's outputs run on Meta (cached by `_key`); raises _OnCpu where Meta cannot say."""
     from torch.utils._pytree import tree_map
 
-    from gpupool import wire
-    from gpupool._proto import tensor_pb2
-
-    sch = op._schema
-    for r in sch.returns:
-        if str(r.type) not in ("Tensor", "Tensor?", "List[Tensor]"):
+    try:
+        key: Any = (op, _key(args), _key(tuple(sorted(kwargs.items()))))
+    except TypeError:
+        key = None
+    if key is not None and key in _META:
+        hit = _META[key]
+        if hit is None:
             raise _OnCpu
-    args = tuple(_upload_cpu(v) for v in args)
-    kwargs = {k: _upload_cpu(v) for k, v in kwargs.items()}
+        return hit
 
     def meta(x: Any) -> Any:
         if _on_device(x):
@@ -392,9 +408,30 @@ def _as_op(session: Any, op: Any, args: tuple[Any, ...], kwargs: dict[str, Any])
 
     try:
         mout = op(*tree_map(meta, args), **tree_map(meta, kwargs))
-    except Exception as exc:  # noqa: BLE001 - data-dependent shapes, no Meta kernel: the CPU says
-        raise _OnCpu from exc
-    metas = list(mout) if isinstance(mout, tuple) else [mout]
+        metas: list[Any] | None = list(mout) if isinstance(mout, tuple) else [mout]
+    except Exception:  # noqa: BLE001 - data-dependent shapes, no Meta kernel: the CPU says
+        metas = None
+    if key is not None:
+        if len(_META) >= _META_MAX:
+            _META.clear()
+        _META[key] = metas
+    if metas is None:
+        raise _OnCpu
+    return metas
+
+
+def _as_op(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    from gpupool import protocol, wire
+    from gpupool._proto import device_pb2, tensor_pb2
+
+    sch = op._schema
+    for r in sch.returns:
+        if str(r.type) not in ("Tensor", "Tensor?", "List[Tensor]"):
+            raise _OnCpu
+    args = tuple(_upload_cpu(v) for v in args)
+    kwargs = {k: _upload_cpu(v) for k, v in kwargs.items()}
+
+    metas = _metas(op, args, kwargs)
     gpu_dev = tensor_pb2.Arg(device=tensor_pb2.DeviceRef(type="gpupool", index=-1))
 
     def encode(v: Any) -> tensor_pb2.Arg:
@@ -415,7 +452,7 @@ def _as_op(session: Any, op: Any, args: tuple[Any, ...], kwargs: dict[str, Any])
             raise _OnCpu from exc
 
     # Every record the encoder makes (view handles, held-back empties, uploads above) goes into the C++ buffer
-    # before the flush below, so before the op.
+    # before the op's command, which follows them there.
     wargs = [encode(v) for v in args]
     wkwargs = {k: encode(v) for k, v in kwargs.items()}
     results: list[Any] = []
@@ -451,8 +488,16 @@ def _as_op(session: Any, op: Any, args: tuple[Any, ...], kwargs: dict[str, Any])
                 outs.append(t)
         results.append(outs if isinstance(m, list | tuple) else outs[0])
     handles = torch.ops.spike_client.adopt(new, False)
-    flush()  # the C++ buffer first: the session's own frame follows it on the stream
-    session.op(op.name(), wargs, wkwargs, [0 if k < 0 else handles[k] for k in slots])
+    cmd = device_pb2.Command()
+    o = cmd.op
+    o.name = op.name()
+    o.args.extend(wargs)
+    for k, v in wkwargs.items():
+        o.kwargs[k].CopyFrom(v)
+    o.outputs.extend([0 if i < 0 else handles[i] for i in slots])
+    raw = cmd.SerializeToString()
+    entry = bytearray(protocol.FRAME_COMMANDS_TAG + protocol.varint(len(raw)) + raw)
+    torch.ops.spike_client.append_command(torch.frombuffer(entry, dtype=torch.uint8))
     torch.ops.spike_client.adopt(new, True)
     for s, mt in resized:
         torch.ops.spike_client.resize_output(s, mt.size(), mt.stride())
