@@ -297,9 +297,9 @@ def errors() -> types.ModuleType:
     if not _errors:
         import importlib.util
 
-        import gpupool
+        import gpupool.client  # the package (session.py's), whose `__init__` registers nothing
 
-        path = Path(gpupool.__file__).resolve().parent.parent / "client" / "torch" / "errors.py"
+        path = Path(gpupool.client.__file__).resolve().parent / "torch" / "errors.py"
         spec = importlib.util.spec_from_file_location("gpupool_spike_errors", path)
         assert spec is not None and spec.loader is not None
         mod = importlib.util.module_from_spec(spec)
