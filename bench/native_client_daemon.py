@@ -1,12 +1,16 @@
-"""The C++ client spike (spike/native_client.cpp) against a real daemon: the tiny MLP trained through a session.
+"""The C++ client spike (spike/native_client.cpp) against a real daemon: launch_bound.py's models trained through a
+session, each class of op the C++ encoder does not send, and daemon errors.
 
 The spike's wire mode writes the daemon's compact eager records (docs/wire.md, "Compact eager ops"), uploads and
 frees as `ClientFrame.commands` bytes in C++, and hands the buffer to client/session.py's Session once per frame (32
-commands, or a sync: `.item()` flushes and reads the value in the same round trip). Views get a handle of their own per
-geometry (an `as_strided` record from their storage's handle). Only the tiny MLP's op set is sent; any other op is an
-error naming it.
+commands or 1 MiB, or a sync: `.item()` flushes and reads the value in the same round trip) with
+`Session.send_commands`. Views get a handle of their own per geometry (an `as_strided` record from their storage's
+handle). Every op goes to the C++ encoder (`--op-set`: only the tiny MLP's and the encoder's); what it cannot send
+goes to the Python fallback (spike/native_client.py `_python_op`: a protobuf `Op`, or the CPU around a sync).
 
     .venv/bin/python bench/native_client_daemon.py --steps 20            # losses: spike vs local CPU eager
+    .venv/bin/python bench/native_client_daemon.py --model cnn --steps 4 # also encoder, mlp (cnn, encoder: eval mode)
+    .venv/bin/python bench/native_client_daemon.py --breadth             # the Python fallback's op classes, errors
     nice -n 10 .venv/bin/python bench/native_client_daemon.py --time --rounds 5 --steps 50
     .venv/bin/python bench/native_client_daemon.py --callgrind --steps 10  # instructions of the whole client
 

@@ -1457,7 +1457,8 @@ int64_t claim(bool functional, bool foreach) {
   return n;
 }
 
-// Wire mode from now on (before any tensor is made on the device): handles are base + n, ops outside `ops` refused.
+// Wire mode from now on (before any tensor is made on the device): handles are base + n; ops outside `ops` (none: every
+// op is in) and what the encoder cannot send go to the Python fallback at PrivateUse2 with `python`, else are refused.
 void configure_wire(int64_t base, std::optional<std::vector<std::string>> ops, std::vector<int64_t> dtype_codes,
                     int64_t strided, std::vector<int64_t> mf_codes, bool python) {
   std::lock_guard<std::mutex> lock(g_mu);

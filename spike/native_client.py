@@ -4,6 +4,8 @@
 outputs with the Meta kernels and appends compact records, metadata-only views, uploads, zero-filled syncs); this
 module builds it at first use with torch.utils.cpp_extension.load (g++ and ninja, ~1-2 min, cached under
 `$SPIKE_BUILD_DIR`, default ~/.cache/gpupool/spike), names the device `spike` and decodes records for the tests.
+Wire mode (`connect`, round 12-13) sends the records to a daemon through client/session.py's Session, raises the shim's
+exceptions at sync points, and sends what the C++ encoder cannot through a Python fallback (`_python_op`).
 
 It must own PrivateUse1: run it in a process that has not registered gpupool's device, i.e. with
 TORCH_DEVICE_BACKEND_AUTOLOAD=0 set before `import torch` and without importing gpupool.torch. `load()` checks.
