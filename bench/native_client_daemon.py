@@ -263,6 +263,8 @@ def errors(nc: Any, session: Any, x: Any) -> dict[str, Any]:
 
     out["compact"] = caught(compact_op)
     out["compact_after"] = [(x * 2).sum().item(), (xl * 2).sum().item()]
+    out["synchronize"] = caught(lambda: (x.index_select(0, bad), torch.spike.synchronize()))  # type: ignore[attr-defined]
+    out["synchronize_after"] = caught(lambda: torch.spike.synchronize())  # type: ignore[attr-defined]
 
     def python_op() -> None:  # an `Op` the Python fallback sent (a string argument)
         y = torch.searchsorted(x[0].sort().values, x[1], side="left", sorter=torch.tensor([9, 0, 1, 2, 3]).to(dev))

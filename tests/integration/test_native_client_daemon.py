@@ -134,6 +134,8 @@ def test_daemon_errors_surface_at_the_next_sync_as_the_shims(breadth: dict[str, 
     e = breadth["errors"]
     assert e["compact_fire_and_forget"] and e["python_fire_and_forget"]  # nothing raised before the sync
     _shim_error(e["compact"], "RemoteError", "aten::index_select", "index out of range in self")
+    _shim_error(e["synchronize"], "RemoteError", "aten::index_select", "index out of range in self")
+    assert e["synchronize_after"] == {}  # reported once: the next synchronize is clean
     _shim_error(e["python"], "RemoteError", "aten::searchsorted.Tensor",
                 "torch.searchsorted(): sorter index out of range")  # fmt: skip
     assert e["quota"]["type"] == "OutOfMemoryError" and e["quota"]["torch_oom"]  # as CUDA's, as the shim's
