@@ -185,13 +185,19 @@ def breadth(nc: Any, session: Any) -> dict[str, Any]:
     def generator(x: Any, y: Any) -> Any:  # a Generator argument (the CPU's numbers, as the shim gives them)
         return torch.rand(3, 4, generator=torch.Generator().manual_seed(5), device=x.device) + x[:3, :4]
 
+    def generator_(x: Any, y: Any) -> Any:  # a Generator, in place: the CPU's result written back into the tensor
+        z = x.clone()
+        w = z[1:3]  # a view of it, written through its view handle
+        w.normal_(generator=torch.Generator().manual_seed(7))
+        return z + 0.0
+
     def out_resized(x: Any, y: Any) -> Any:  # an out= argument the op resizes (the Meta kernel's plan cannot keep it)
         o = torch.empty(0, device=x.device)
         torch.add(x, y, out=o)
         return o * 1.0
 
     cases = {f.__name__: f for f in (rounding, rounding_, gelu_tanh, searchsorted, nonzero, masked_select, unique,
-                                       equal, cpu_tensor_arg, generator, out_resized)}  # fmt: skip
+                                       equal, cpu_tensor_arg, generator, generator_, out_resized)}  # fmt: skip
     out: dict[str, Any] = {}
     for name, f in cases.items():
         before = dict(nc.PYTHON_STATS)

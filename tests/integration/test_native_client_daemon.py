@@ -110,6 +110,7 @@ ROUTES = {
     "equal": ({"remote": 0, "cpu": 2}, 2),  # a non-tensor return
     "cpu_tensor_arg": ({"remote": 1, "cpu": 0}, 1),  # a CPU tensor of 20 elements among the arguments
     "generator": ({"remote": 0, "cpu": 1}, 1),  # a Generator argument
+    "generator_": ({"remote": 0, "cpu": 1}, 1),  # a Generator, in place on a view: written back
     "out_resized": ({"remote": 1, "cpu": 0}, 1),  # an out= argument the op resizes
 }
 
