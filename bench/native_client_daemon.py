@@ -269,6 +269,7 @@ def errors(nc: Any, session: Any, x: Any) -> dict[str, Any]:
 
     out["compact"] = caught(compact_op)
     out["compact_after"] = [(x * 2).sum().item(), (xl * 2).sum().item()]
+    out["shapes"] = caught(lambda: x + torch.ones(3).to(dev))  # an invalid call: torch's own error, at once
     out["synchronize"] = caught(lambda: (x.index_select(0, bad), torch.spike.synchronize()))  # type: ignore[attr-defined]
     out["synchronize_after"] = caught(lambda: torch.spike.synchronize())  # type: ignore[attr-defined]
 

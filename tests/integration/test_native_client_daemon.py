@@ -137,6 +137,8 @@ def test_daemon_errors_surface_at_the_next_sync_as_the_shims(breadth: dict[str, 
     _shim_error(e["compact"], "RemoteError", "aten::index_select", "index out of range in self")
     _shim_error(e["synchronize"], "RemoteError", "aten::index_select", "index out of range in self")
     assert e["synchronize_after"] == {}  # reported once: the next synchronize is clean
+    # an invalid call: Meta refuses it, and the Python fallback's CPU path raises what local torch raises
+    assert e["shapes"]["type"] == "RuntimeError" and "must match the size of tensor b (3)" in e["shapes"]["message"]
     _shim_error(e["python"], "RemoteError", "aten::searchsorted.Tensor",
                 "torch.searchsorted(): sorter index out of range")  # fmt: skip
     assert e["quota"]["type"] == "OutOfMemoryError" and e["quota"]["torch_oom"]  # as CUDA's, as the shim's
