@@ -771,14 +771,20 @@ inline void prelude_wire() {
   materialize_pending();
 }
 
+// The frame being handed to Python: the buffer's bytes, swapped out of g_buf (no copy; both keep their capacity).
+// Guarded by g_send_mu: whoever takes a frame holds it until the frame is sent.
+Buf g_out;
+
+// The frame so far, as a tensor over g_out's bytes (not owning them: valid while the caller holds g_send_mu).
 at::Tensor take_frame_locked() {
   drain_frees_wire();
-  at::Tensor out = at::empty({static_cast<int64_t>(g_buf.size())}, at::kByte);
-  if (!g_buf.empty()) std::memcpy(out.data_ptr(), g_buf.data(), g_buf.size());
-  g_buf.clear();
+  g_out.clear();
+  std::swap(g_out.v, g_buf.v);
+  std::swap(g_out.n, g_buf.n);
   g_cmds = 0;
   g_wstats.frames++;
-  return out;
+  if (g_out.empty()) return at::empty({0}, at::kByte);
+  return at::from_blob(g_out.data(), {static_cast<int64_t>(g_out.size())}, at::kByte);
 }
 
 // Hand the buffer to Python (spike_client::send): one call per frame.
