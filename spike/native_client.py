@@ -3,7 +3,8 @@
 `native_client.cpp` is the whole backend (an allocator of handles with a C++ free list, a boxed fallback that infers
 outputs with the Meta kernels and appends compact records, metadata-only views, uploads, zero-filled syncs); this
 module builds it at first use with torch.utils.cpp_extension.load (g++ and ninja, ~1-2 min, cached under
-`$SPIKE_BUILD_DIR`, default ~/.cache/gpupool/spike), names the device `spike` and decodes records for the tests.
+`$SPIKE_BUILD_DIR`, default ~/.cache/gpupool/spike, a folder per torch version and source hash), names the device
+`spike` and decodes records for the tests.
 Wire mode (`connect`, round 12-13) sends the records to a daemon through client/session.py's Session, raises the shim's
 exceptions at sync points, and sends what the C++ encoder cannot through a Python fallback (`_python_op`).
 
@@ -15,6 +16,7 @@ TORCH_DEVICE_BACKEND_AUTOLOAD=0 set before `import torch` and without importing 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import struct
@@ -59,7 +61,10 @@ def load(verbose: bool = False) -> None:
         raise RuntimeError(f"cannot build the spike backend: {why}")
     from torch.utils import cpp_extension
 
-    build = Path(os.environ.get("SPIKE_BUILD_DIR", Path.home() / ".cache" / "gpupool" / "spike"))
+    # one folder per torch version and source: checkouts with other sources (other worktrees, main) building into one
+    # folder would replace each other's library under each other's running processes
+    tag = f"{torch.__version__}-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
+    build = Path(os.environ.get("SPIKE_BUILD_DIR", Path.home() / ".cache" / "gpupool" / "spike")) / tag
     build.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name="gpupool_spike_client",
