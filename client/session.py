@@ -33,13 +33,14 @@ from . import bulk
 
 MAX_BATCH_COMMANDS = 256
 MAX_BATCH_BYTES = 1024 * 1024
+MAX_FRAME_BYTES = 64 * 1024 * 1024  # gRPC's send limit below (CHANNEL_OPTIONS): a larger frame could not be sent
 REFRESH_TIMEOUT = 10.0  # seconds; a renewal runs well ahead of expiry, so a slow daemon still gets it in time
 SEND_QUEUE_FRAMES = 32  # frames waiting for gRPC; a full queue blocks the caller (back-pressure) ...
 SEND_QUEUE_POLL = 0.0005  # ... which looks again this often (seconds): only while that many frames wait
 CHANNEL_OPTIONS = [
     # Download chunks are 4 MiB plus framing, over gRPC's 4 MiB default receive limit.
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", MAX_FRAME_BYTES),
     # Ping every 5 s, give up after 5 s without an answer: a vanished daemon fails waits within seconds.
     ("grpc.keepalive_time_ms", 5_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -409,6 +410,30 @@ class Session:
             # seals `_frame` before the first eager op after it (len() of a protobuf field costs ~0.2 us an op)
             if len(eager) + self._sealed_count >= MAX_BATCH_COMMANDS:
                 self.flush()
+
+    def send_commands(self, commands: bytes) -> None:
+        """Send finished `ClientFrame.commands` entries, encoded by the caller (a client that writes its own
+        records, such as the C++ client in spike/: `eager_command`, `upload_command`, or any `Command` as protobuf
+        writes it, each as field 1 of a ClientFrame), as one frame after everything queued before it: what the
+        session had queued goes out first, in order. The hand-off for a client that batches its frames itself.
+
+        Flow control and errors are the shim's frames': a full send queue (SEND_QUEUE_FRAMES frames gRPC has not
+        taken) blocks here until it drains; a session whose stream ended raises its reason (Unavailable, or what the
+        daemon said) here; a daemon error on one of these commands (an op that fails on the device) is raised by the
+        next `sync` or `download`, as for commands queued any other way, and the session goes on. The bytes are not
+        parsed here: the daemon reads them as it reads any frame (one it cannot parse ends the stream with
+        INVALID_ARGUMENT). Raises InvalidArgument for what cannot be such a frame (not bytes, empty, not starting with
+        a commands entry, over the channel's message limit)."""
+        if not isinstance(commands, bytes | bytearray | memoryview):
+            raise InvalidArgument(f"send_commands takes bytes, not {type(commands).__name__}")
+        raw = bytes(commands)
+        if not raw or raw[0] != protocol.FRAME_COMMANDS_TAG[0]:
+            raise InvalidArgument("send_commands: the bytes do not start with a ClientFrame.commands entry")
+        if len(raw) > MAX_FRAME_BYTES:
+            raise InvalidArgument(f"send_commands: a frame of {len(raw)} bytes (at most {MAX_FRAME_BYTES})")
+        with self._lock:
+            self.flush()
+            self._put(raw)
 
     def call(self, name: str, *args: Any, outputs: int | Sequence[int] = 1, **kwargs: Any) -> list[int]:
         """`op` with Python values: Handles become tensor args, small CPU tensors travel inline."""

@@ -393,6 +393,7 @@ struct RetPlan {
 
 struct Plan {
   std::vector<RetPlan> rets;
+  bool python = false;  // wire mode: the Meta kernel cannot say (data-dependent shapes, a non-tensor return): Python
 };
 
 std::unordered_map<std::string, Plan> g_cache;  // guarded by g_mu
@@ -558,14 +559,18 @@ uint32_t op_id(const c10::OperatorHandle& op) {
 enum : uint8_t { T_NONE = 0, T_TENSOR, T_INT, T_FLOAT, T_BOOL, T_TENSORS, T_INTS, T_FLOATS, T_BOOLS, T_DTYPE, T_DEVICE,
                  T_CPU, T_LAYOUT, T_MEMORY_FORMAT };
 constexpr size_t kFlushCommands = 32;                    // client/torch/runtime.py FLUSH_OPS
-constexpr size_t kChunkBytes = 4 * 1024 * 1024;          // gpupool/wire.py CHUNK_BYTES: one-chunk uploads only
+constexpr size_t kChunkBytes = 4 * 1024 * 1024;          // gpupool/wire.py CHUNK_BYTES: an upload's chunks
+constexpr size_t kMaxUpload = 32 * 1024 * 1024;         // a frame stays under gRPC's 64 MiB message limit
+constexpr size_t kFlushBytes = 1024 * 1024;              // client/session.py MAX_BATCH_BYTES: a frame goes out past it
 
 bool g_wire = false;
 uint64_t g_base = 0;                                      // the session's handle_base
 int g_dtype_code[64];                                     // c10::ScalarType -> tensor.proto DType (-1: none)
 int g_layout_strided = -1;                                // tensor.proto Layout of torch.strided
 int g_mf_code[4] = {-1, -1, -1, -1};                      // c10::MemoryFormat -> tensor.proto MemoryFormat
-std::unordered_set<std::string> g_wire_ops;               // the op set the wire mode sends
+std::unordered_set<std::string> g_wire_ops;               // the op set the wire mode sends (g_wire_all: every op)
+bool g_wire_all = false;
+bool g_python = false;                                    // a Python fallback is registered (PrivateUse2)
 size_t g_cmds = 0;                                        // commands in g_buf
 std::mutex g_send_mu;                                     // frames go to Python in the order they were cut
 
@@ -593,7 +598,7 @@ struct WireOp {
 };
 std::vector<WireOp> g_wire_info;  // by op id
 thread_local Buf t_rec, t_aux;
-struct WireStats { int64_t frames = 0, view_handles = 0, frees = 0, skipped_views = 0; } g_wstats;
+struct WireStats { int64_t frames = 0, view_handles = 0, frees = 0, skipped_views = 0, python_ops = 0; } g_wstats;
 
 inline void put_varint(Buf& b, uint64_t v) {
   while (v >= 0x80) {
@@ -639,7 +644,7 @@ WireOp& wire_info(const c10::OperatorHandle& op, uint32_t id, bool internal) {
                                                               : 0);
       if (!a.kwarg_only()) w.npos++;
     }
-    w.allowed = g_wire_ops.count(g_op_names[id]) > 0;
+    w.allowed = g_wire_all || g_wire_ops.count(g_op_names[id]) > 0;
   }
   if (internal) w.allowed = true;
   return w;
@@ -766,14 +771,20 @@ inline void prelude_wire() {
   materialize_pending();
 }
 
+// The frame being handed to Python: the buffer's bytes, swapped out of g_buf (no copy; both keep their capacity).
+// Guarded by g_send_mu: whoever takes a frame holds it until the frame is sent.
+Buf g_out;
+
+// The frame so far, as a tensor over g_out's bytes (not owning them: valid while the caller holds g_send_mu).
 at::Tensor take_frame_locked() {
   drain_frees_wire();
-  at::Tensor out = at::empty({static_cast<int64_t>(g_buf.size())}, at::kByte);
-  if (!g_buf.empty()) std::memcpy(out.data_ptr(), g_buf.data(), g_buf.size());
-  g_buf.clear();
+  g_out.clear();
+  std::swap(g_out.v, g_buf.v);
+  std::swap(g_out.n, g_buf.n);
   g_cmds = 0;
   g_wstats.frames++;
-  return out;
+  if (g_out.empty()) return at::empty({0}, at::kByte);
+  return at::from_blob(g_out.data(), {static_cast<int64_t>(g_out.size())}, at::kByte);
 }
 
 // Hand the buffer to Python (spike_client::send): one call per frame.
@@ -939,6 +950,18 @@ void push_outputs(torch::jit::Stack* stack, const std::vector<RetPlan>& rets, c1
 
 thread_local std::string t_wkey;
 
+// The op the C++ encoder cannot send (outside the op set; an argument the compact form lacks: a string, a complex
+// number, a Generator, a CPU tensor of some size; outputs the Meta kernel cannot infer: data-dependent shapes, a
+// non-tensor return) goes to the Python fallback registered at PrivateUse2 (spike/native_client.py `_python_op`),
+// which sends it as a protobuf `Op` or runs it on the CPU around a sync. Called without g_mu.
+void python_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    g_wstats.python_ops++;
+  }
+  op.redispatchBoxed(DispatchKeySet(DispatchKey::PrivateUse2), stack);
+}
+
 void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const auto& schema = op.schema();
   const auto& sargs = schema.arguments();
@@ -947,22 +970,34 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   std::unique_lock<std::mutex> lock(g_mu);
   const uint32_t id = op_id(op);
   const size_t npos = wire_info(op, id, false).npos;
-  TORCH_CHECK(g_wire_info[id].allowed, "spike: ", g_op_names[id], " is outside the op set the daemon-backed spike "
-              "sends (the tiny MLP's training step): not supported");
+  if (!g_wire_info[id].allowed) {
+    TORCH_CHECK(g_python, "spike: ", g_op_names[id], " is outside the op set the daemon-backed spike sends: not "
+                "supported");
+    lock.unlock();
+    python_fallback(op, stack);
+    return;
+  }
   prelude_wire();
   Buf& rec = t_rec;
   rec.clear();
   std::string& key = t_wkey;
   key.clear();
   key.append(reinterpret_cast<const char*>(&id), sizeof(id));
-  put<uint8_t>(rec, static_cast<uint8_t>(npos));
-  for (size_t i = 0; i < npos; i++) put_wire_arg(rec, key, args[i], g_wire_info[id].kind[i]);
-  put<uint8_t>(rec, static_cast<uint8_t>(nargs - npos));
-  for (size_t i = npos; i < nargs; i++) {
-    const std::string& name = sargs[i].name();
-    put<uint8_t>(rec, static_cast<uint8_t>(name.size()));
-    put_bytes(rec, name.data(), name.size());
-    put_wire_arg(rec, key, args[i], g_wire_info[id].kind[i]);
+  try {
+    put<uint8_t>(rec, static_cast<uint8_t>(npos));
+    for (size_t i = 0; i < npos; i++) put_wire_arg(rec, key, args[i], g_wire_info[id].kind[i]);
+    put<uint8_t>(rec, static_cast<uint8_t>(nargs - npos));
+    for (size_t i = npos; i < nargs; i++) {
+      const std::string& name = sargs[i].name();
+      put<uint8_t>(rec, static_cast<uint8_t>(name.size()));
+      put_bytes(rec, name.data(), name.size());
+      put_wire_arg(rec, key, args[i], g_wire_info[id].kind[i]);
+    }
+  } catch (const std::exception&) {
+    if (!g_python) throw;
+    lock.unlock();  // an argument without a compact form: the view handles made so far stay (they are right)
+    python_fallback(op, stack);
+    return;
   }
   const Plan* plan = nullptr;
   Plan fresh;
@@ -973,11 +1008,22 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   } else {
     lock.unlock();  // a Python meta kernel may free tensors or run ops
     std::vector<IValue> margs;
-    fresh = infer(op, args, nargs, margs);
+    try {
+      fresh = infer(op, args, nargs, margs);
+    } catch (const std::exception&) {  // c10::Error, or a Python meta kernel's error
+      if (!g_python) throw;
+      fresh = Plan{};  // no Meta kernel, data-dependent outputs, a non-tensor return, an out= resize: Python's
+      fresh.python = true;
+    }
     margs.clear();
     lock.lock();
     g_stats.meta_runs++;
     plan = &g_cache.emplace(key, std::move(fresh)).first->second;
+  }
+  if (plan->python) {
+    lock.unlock();
+    python_fallback(op, stack);
+    return;
   }
   std::vector<uint64_t> outs;
   c10::SmallVector<at::Tensor, 4> made;
@@ -1000,7 +1046,7 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   } else {
     g_wstats.skipped_views++;  // only views of inputs: the daemon need not compute what no handle names
   }
-  const bool full = g_cmds >= kFlushCommands;
+  const bool full = g_cmds >= kFlushCommands || g_buf.size() >= kFlushBytes;
   lock.unlock();
   torch::jit::drop(*stack, nargs);
   push_outputs(stack, plan->rets, made);
@@ -1148,10 +1194,12 @@ void sync_record(const at::Tensor& t) {
   finish_record(at);
 }
 
-// Wire mode: Command{upload} of a contiguous CPU tensor into wire handle `wh` (one chunk).
+// Wire mode: Command{upload}s of a contiguous CPU tensor into wire handle `wh`: chunks of at most 4 MiB, the first
+// with the tensor's meta, the last marked (as client/session.py's `upload` writes them on the stream).
 void emit_upload(uint64_t wh, const at::Tensor& c) {
   const size_t n = c.nbytes();
-  TORCH_CHECK(n <= kChunkBytes, "spike: an upload of ", n, " bytes (over one 4 MiB chunk: not in the spike)");
+  TORCH_CHECK(n <= kMaxUpload, "spike: an upload of ", n, " bytes (over 32 MiB: one frame holds it whole, and the "
+              "bulk socket is not in the spike)");
   const int code = g_dtype_code[static_cast<int>(c.scalar_type())];
   TORCH_CHECK(code >= 0, "spike: no wire code for ", c.scalar_type());
   Buf meta;
@@ -1168,21 +1216,41 @@ void emit_upload(uint64_t wh, const at::Tensor& c) {
     put_varint(meta, body.n);
     put_bytes(meta, body.v.data(), body.n);
   }
-  Buf up;
-  put<uint8_t>(up, 0x08);  // Upload.handle (1)
-  put_varint(up, wh);
-  put<uint8_t>(up, 0x12);  // Upload.meta (2)
-  put_varint(up, meta.n);
-  put_bytes(up, meta.v.data(), meta.n);
-  if (n) {
-    put<uint8_t>(up, 0x22);  // Upload.data (4)
-    put_varint(up, n);
-    put_bytes(up, c.const_data_ptr(), n);
-  }
-  put<uint8_t>(up, 0x28);  // Upload.last (5) = true
-  put<uint8_t>(up, 0x01);
-  static const uint8_t tag[] = {0x12};  // Command.upload (2)
-  emit_command(tag, 1, up);
+  const auto* bytes = static_cast<const uint8_t*>(c.const_data_ptr());
+  size_t off = 0;
+  do {
+    const size_t k = std::min(kChunkBytes, n - off);
+    Buf head;  // the Upload's fields before its data; the data goes straight from the tensor into the frame
+    put<uint8_t>(head, 0x08);  // Upload.handle (1)
+    put_varint(head, wh);
+    if (off == 0) {
+      put<uint8_t>(head, 0x12);  // Upload.meta (2)
+      put_varint(head, meta.n);
+      put_bytes(head, meta.v.data(), meta.n);
+    } else {
+      put<uint8_t>(head, 0x18);  // Upload.offset (3)
+      put_varint(head, off);
+    }
+    if (k) {
+      put<uint8_t>(head, 0x22);  // Upload.data (4)
+      put_varint(head, k);
+    }
+    const bool last = off + k >= n;
+    const size_t up = head.n + k + (last ? 2 : 0);
+    const size_t cmd = 1 + varint_len(up) + up;
+    put<uint8_t>(g_buf, 0x0a);  // ClientFrame.commands (1)
+    put_varint(g_buf, cmd);
+    put<uint8_t>(g_buf, 0x12);  // Command.upload (2)
+    put_varint(g_buf, up);
+    put_bytes(g_buf, head.v.data(), head.n);
+    put_bytes(g_buf, bytes + off, k);
+    if (last) {
+      put<uint8_t>(g_buf, 0x28);  // Upload.last (5) = true
+      put<uint8_t>(g_buf, 0x01);
+    }
+    g_cmds++;
+    off += k;
+  } while (off < n);
   g_stats.uploads++;
 }
 
@@ -1232,7 +1300,7 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
         static const uint8_t tag[] = {0x22};
         emit_command(tag, 1, fr);
       }
-      full = g_cmds >= kFlushCommands;
+      full = g_cmds >= kFlushCommands || g_buf.size() >= kFlushBytes;
     }
     if (full) flush_frame();
     return self;
@@ -1366,7 +1434,8 @@ std::string op_name(int64_t id) {
 //    functional and in-place forms of structured ops: addmm, relu, add_, lerp_, ...). Without this claim torch runs
 //    such an op as empty_strided + its out= form (addmm.out, out=self for add_), two dispatches and an extra record;
 //  - foreach: every _foreach_* op whose kernel would be CompositeExplicitAutograd's per-tensor loop (a record per
-//    tensor and per op) becomes one record.
+//    tensor and per op) becomes one record;
+//  - with functional, also convolution and convolution_backward (else convolution_overrideable: not implemented).
 // Returns the number of ops claimed now. The registrations live until the process ends.
 int64_t claim(bool functional, bool foreach) {
   static std::vector<std::unique_ptr<torch::Library>> libs;
@@ -1381,7 +1450,10 @@ int64_t claim(bool functional, bool foreach) {
     const bool nonfunctional = op->hasKernelForDispatchKey(DispatchKey::CompositeExplicitAutogradNonFunctional);
     const bool is_foreach = name.name.rfind("aten::_foreach_", 0) == 0 &&
                             op->hasKernelForDispatchKey(DispatchKey::CompositeExplicitAutograd);
-    if (!((functional && nonfunctional) || (foreach && is_foreach))) continue;
+    // convolution: its CompositeExplicitAutograd kernel ends in convolution_overrideable, which no backend but
+    // CPU/CUDA/MKLDNN has (the daemon runs the whole op, as the shim sends it)
+    const bool whole = functional && (name.name == "aten::convolution" || name.name == "aten::convolution_backward");
+    if (!((functional && nonfunctional) || (foreach && is_foreach) || whole)) continue;
     const std::string short_name = name.name.substr(6);
     const std::string full = name.overload_name.empty() ? short_name : short_name + "." + name.overload_name;
     lib->impl(full.c_str(), torch::CppFunction::makeFromBoxedFunction<&spike_fallback>());
@@ -1391,9 +1463,10 @@ int64_t claim(bool functional, bool foreach) {
   return n;
 }
 
-// Wire mode from now on (before any tensor is made on the device): handles are base + n, ops outside `ops` refused.
-void configure_wire(int64_t base, std::vector<std::string> ops, std::vector<int64_t> dtype_codes, int64_t strided,
-                    std::vector<int64_t> mf_codes) {
+// Wire mode from now on (before any tensor is made on the device): handles are base + n; ops outside `ops` (none: every
+// op is in) and what the encoder cannot send go to the Python fallback at PrivateUse2 with `python`, else are refused.
+void configure_wire(int64_t base, std::optional<std::vector<std::string>> ops, std::vector<int64_t> dtype_codes,
+                    int64_t strided, std::vector<int64_t> mf_codes, bool python) {
   std::lock_guard<std::mutex> lock(g_mu);
   TORCH_CHECK(!g_wire, "spike: wire mode is set once per process");
   TORCH_CHECK(g_next.load() == 1, "spike: wire mode must be set before any tensor is made on the device");
@@ -1402,7 +1475,9 @@ void configure_wire(int64_t base, std::vector<std::string> ops, std::vector<int6
   for (size_t i = 0; i < dtype_codes.size(); i++) g_dtype_code[i] = static_cast<int>(dtype_codes[i]);
   for (size_t i = 0; i < 4; i++) g_mf_code[i] = static_cast<int>(mf_codes[i]);
   g_layout_strided = static_cast<int>(strided);
-  g_wire_ops = std::unordered_set<std::string>(ops.begin(), ops.end());
+  g_wire_all = !ops.has_value();
+  if (ops) g_wire_ops = std::unordered_set<std::string>(ops->begin(), ops->end());
+  g_python = python;
   g_base = static_cast<uint64_t>(base);
   g_keep = true;  // the buffer is a frame: never dropped
   g_wire = true;
@@ -1415,7 +1490,63 @@ void flush_now() { flush_frame(); }
 std::vector<int64_t> wire_stats() {
   std::lock_guard<std::mutex> lock(g_mu);
   return {g_wstats.frames, g_wstats.view_handles, g_wstats.frees, g_wstats.skipped_views,
-          static_cast<int64_t>(g_stores.size()), static_cast<int64_t>(g_pending.size())};
+          static_cast<int64_t>(g_stores.size()), static_cast<int64_t>(g_pending.size()), g_wstats.python_ops};
+}
+
+// For the Python fallback (spike/native_client.py `_python_op`), wire mode.
+// The handle a record names `t` by (its storage's, or a view handle made now); held-back empties are sent first.
+int64_t py_wire_handle(const at::Tensor& t) {
+  TORCH_CHECK(t.device().type() == kType, "spike: wire_handle of a ", t.device(), " tensor");
+  std::lock_guard<std::mutex> lock(g_mu);
+  prelude_wire();
+  return static_cast<int64_t>(wire_handle(t));
+}
+
+// A new output of an op the Python fallback sends: a fresh storage the daemon does not know yet (see adopt).
+at::Tensor py_new_output(c10::IntArrayRef size, c10::IntArrayRef stride, at::ScalarType dtype) {
+  return at::detail::empty_strided_generic(size, stride, &g_alloc, kKeys, dtype);
+}
+
+// A finished ClientFrame.commands entry (the Python fallback's `Op`) into the frame, in order with the records.
+void py_append_command(const at::Tensor& raw) {
+  TORCH_CHECK(raw.device().is_cpu() && raw.scalar_type() == at::kByte && raw.is_contiguous(), "spike: bad command");
+  bool full;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    prelude_wire();
+    put_bytes(g_buf, raw.const_data_ptr(), raw.numel());
+    g_cmds++;
+    full = g_cmds >= kFlushCommands || g_buf.size() >= kFlushBytes;
+  }
+  if (full) flush_frame();
+}
+
+// An out= argument the op resizes (the daemon's kernel resizes its tensor in place, under the same handle): the
+// spike tensor takes the new geometry, and its storage the new size, keeping its handle. Only a whole storage.
+void py_resize_output(const at::Tensor& t, c10::IntArrayRef size, c10::IntArrayRef stride) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  const uint64_t sid = handle_of(t);
+  auto it = g_stores.find(sid);
+  TORCH_CHECK(it != g_stores.end() && it->second.base.same(t) && t.storage_offset() == 0,
+              "spike: an op resizes an out= argument that is a view: not supported");
+  t.storage().unsafeGetStorageImpl()->set_nbytes(at::detail::computeStorageNbytes(size, stride, t.dtype().itemsize()));
+  t.unsafeGetTensorImpl()->set_sizes_and_strides(size, stride, 0);
+  it->second.base = Geo::of(t);
+}
+
+// The handles of new outputs (their storages' ids + the session's base); with `commit`, the daemon now holds them
+// (their op was queued): they are named by later records and freed when they die. Uncommitted, a storage dies
+// unseen (no Free).
+std::vector<int64_t> py_adopt(const std::vector<at::Tensor>& ts, bool commit) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  std::vector<int64_t> out;
+  for (const at::Tensor& t : ts) {
+    TORCH_CHECK(t.device().type() == kType && t.storage_offset() == 0, "spike: adopt of a tensor that is no output");
+    const uint64_t sid = handle_of(t);
+    if (commit) g_stores[sid] = Store{Geo::of(t), {}};
+    out.push_back(static_cast<int64_t>(g_base + sid));
+  }
+  return out;
 }
 
 void reset_stats() {
@@ -1452,7 +1583,13 @@ TORCH_LIBRARY(spike_client, m) {
   m.def("op_name(int id) -> str", &op_name);
   m.def("reset_stats() -> ()", &reset_stats);
   m.def("claim(bool functional, bool foreach) -> int", &claim);
-  m.def("configure_wire(int base, str[] ops, int[] dtype_codes, int strided, int[] mf_codes) -> ()", &configure_wire);
+  m.def("configure_wire(int base, str[]? ops, int[] dtype_codes, int strided, int[] mf_codes, bool python) -> ()",
+        &configure_wire);
+  m.def("wire_handle(Tensor t) -> int", &py_wire_handle);
+  m.def("new_output(int[] size, int[] stride, ScalarType dtype) -> Tensor", &py_new_output);
+  m.def("adopt(Tensor[] ts, bool commit) -> int[]", &py_adopt);
+  m.def("resize_output(Tensor t, int[] size, int[] stride) -> ()", &py_resize_output);
+  m.def("append_command(Tensor raw) -> ()", &py_append_command);
   m.def("scalar_type(Tensor t) -> int", &scalar_type_of);
   m.def("flush() -> ()", &flush_now);
   m.def("wire_stats() -> int[]", &wire_stats);

@@ -122,3 +122,32 @@ def _identity(c: device_pb2.Command) -> Any:
     if which == "op":
         return c.op.args[0].tensor
     return c.free.handles[0]
+
+
+def test_send_commands_waits_for_a_full_send_queue_and_keeps_the_order() -> None:
+    """`Session.send_commands` (a client's own finished frames) after the session's queued commands, with the shim's
+    back-pressure: while SEND_QUEUE_FRAMES frames wait for gRPC it blocks; when one goes, it goes."""
+    import threading
+
+    from gpupool.client.session import SEND_QUEUE_FRAMES, Session
+
+    s = Session.__new__(Session)  # the batching state only: no channel, frames stay in the send queue
+    s._dead = None
+    s._side = None
+    s._init_frames()
+    s.seed(1)  # queued by the session: goes out first
+    s.send_commands(eager_command(b"a"))
+    first = [s._send.get() for _ in range(2)]
+    parsed = [device_pb2.ClientFrame.FromString(f) if isinstance(f, bytes) else f for f in first]
+    assert [p.commands[0].WhichOneof("cmd") for p in parsed] == ["seed", "eager_op"]
+    for _ in range(SEND_QUEUE_FRAMES):
+        s._send.put(b"")
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (s.send_commands(eager_command(b"b")), done.set()))
+    t.start()
+    assert not done.wait(0.2)  # blocked: gRPC has taken none of the frames
+    s._send.get()
+    assert done.wait(5)
+    t.join()
+    frames = [s._send.get() for _ in range(SEND_QUEUE_FRAMES)]
+    assert device_pb2.ClientFrame.FromString(frames[-1]).commands[0].eager_op == b"b"
