@@ -335,14 +335,14 @@ class Raw:
 # ---- the daemon, a neighbour, a canary ----
 
 
-def serve(tmp: Path, *args: str) -> Iterator[DaemonHandle]:
+def serve(tmp: Path, *args: str, native: bool = True) -> Iterator[DaemonHandle]:
     key = secrets.token_hex(32).encode()
     key_file = tmp / "token.key"
     key_file.write_bytes(key + b"\n")
     proc, address = start_serve_process(
         key_file,
         *("--fake-gpus", "1", "--fake-gpu-memory", "64GiB", "--metrics-listen", "127.0.0.1:0", *args),
-        env={"GPUPOOL_LOG_LEVEL": "INFO"},
+        env={"GPUPOOL_LOG_LEVEL": "INFO", "GPUPOOL_NATIVE_RUNNER": "1" if native else "0"},
     )
     resource.prlimit(proc.pid, resource.RLIMIT_AS, (6 * GiB, 6 * GiB))
     port = 0
@@ -410,10 +410,12 @@ def world_of(daemon: DaemonHandle) -> Iterator[World]:
         w.close()
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    """Sessions in worker processes (the default): the shared buffer, the worker's result path."""
-    for daemon in serve(tmp_path_factory.mktemp("learned-fuzz")):
+@pytest.fixture(scope="module", params=["native", "python"])
+def world(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[World]:
+    """Sessions in worker processes (the default): the shared buffer, the worker's result path; with the native
+    runner of learned runs (server/native_runner.py) on, then with `GPUPOOL_NATIVE_RUNNER=0`."""
+    native = request.param == "native"
+    for daemon in serve(tmp_path_factory.mktemp("learned-fuzz"), native=native):
         yield from world_of(daemon)
 
 
