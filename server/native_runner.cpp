@@ -49,6 +49,7 @@ struct Arg {
 
 struct Plan {
   std::optional<c10::OperatorHandle> op;
+  py::object owner, run;  // the step's `OpPlan` and its op's own binding: runs here only while `owner.run is run`
   int64_t size = 0;
   std::vector<std::pair<int64_t, std::string>> fixed;
   int64_t out_offset = 0;
@@ -83,9 +84,11 @@ Input make_input(int64_t offset, int64_t src, py::handle meta) {
 // args: per schema argument, ("c", value) | ("d",) | ("t", offset, src, meta) | ("l", optional, [(offset, src, meta)])
 std::shared_ptr<Plan> make_plan(
     const std::string& name, const std::string& overload, int64_t size, py::list fixed, int64_t out_offset,
-    py::list args, int64_t need, bool keep) {
+    py::list args, int64_t need, bool keep, py::object owner, py::object run) {
   auto plan = std::make_shared<Plan>();
   plan->op = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), overload.c_str());
+  plan->owner = owner;
+  plan->run = run;
   const auto& schema = plan->op->schema();
   if (args.size() != schema.arguments().size()) throw std::invalid_argument("argument count");
   plan->size = size;
@@ -175,6 +178,7 @@ enum Flags { END = 1, OVER = 2 };
 
 PyObject* S_used;
 PyObject* S_ops;
+PyObject* S_run;
 
 struct Ctx {
   py::object s, tensors, poisoned, storages, keys, memory, count, bind_outputs, over_quota;
@@ -196,6 +200,13 @@ struct Ctx {
     while (i < n && k < nsteps) {
       const Plan* p = trace.steps[k].get();
       if (p == nullptr) break;
+      {
+        PyObject* r = PyObject_GetAttr(p->owner.ptr(), S_run);
+        if (r == nullptr) throw py::error_already_set();
+        const bool same = r == p->run.ptr();
+        Py_DECREF(r);
+        if (!same) break;  // the op plan runs something else (a guard's replacement, a test's wrapper)
+      }
       PyObject* data = PyList_GET_ITEM(records.ptr(), i);
       if (!PyBytes_Check(data)) break;
       const Py_ssize_t len = PyBytes_GET_SIZE(data);
@@ -414,6 +425,7 @@ struct Ctx {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   S_used = PyUnicode_InternFromString("used");
   S_ops = PyUnicode_InternFromString("ops");
+  S_run = PyUnicode_InternFromString("run");
   py::class_<Plan, std::shared_ptr<Plan>>(m, "Plan");
   m.def("plan", &make_plan);
   py::class_<Trace>(m, "Trace")

@@ -15,8 +15,9 @@ qualify) goes back to the Python path untouched (nothing above has a side effect
 runs or refuses it exactly as without the runner; an op that raises reports its exception to the Python loop,
 which records it as the Python path would have.
 
-A step qualifies when it is `fast` (one output, no per-op extras), its op is a plain `OpOverload` run as itself
-(no guard replacement or fallback), returning one Tensor, and every variable field of its template is the output
+A step qualifies when it is `fast` (one output, no per-op extras), its op is a plain `OpOverload` returning one
+Tensor and run as itself (checked per record: while its `OpPlan.run` is something else, a guard's replacement, a
+fallback or a wrapper, its records take the Python path), and every variable field of its template is the output
 handle or a tensor handle (`Tensor`, `Tensor?`, `Tensor[]`, `Tensor?[]`); the other arguments are converted to
 IValues once, with the same conversion torch's Python binding uses (`torch::jit::toIValue` on the schema's type).
 Steps with by-type numbers (a non-capturable optimizer's step sizes) or argument kinds the runner does not know stay
@@ -134,7 +135,7 @@ def _plan(mod: Any, step: Any) -> Any:
 def _compile(mod: Any, step: Any) -> Any:
     tpl, plan = step.tpl, step.plan
     op = plan.op
-    if not step.fast or tpl.n_out != 1 or op.__class__ is not torch._ops.OpOverload or plan.run is not op._op:
+    if not step.fast or tpl.n_out != 1 or op.__class__ is not torch._ops.OpOverload:
         return None
     if any(kind not in _KINDS for kind, _, _, _ in tpl.steps):
         return None
@@ -196,7 +197,7 @@ def _compile(mod: Any, step: Any) -> Any:
     if placed:  # a tensor the schema has no place for
         return None
     name, overload = schema.name, schema.overload_name
-    return mod.plan(name, overload, tpl.size, fixed, offsets[1], out, step.need, bool(step.keep))
+    return mod.plan(name, overload, tpl.size, fixed, offsets[1], out, step.need, bool(step.keep), plan, op._op)
 
 
 def _tensor(t: Any) -> bool:
