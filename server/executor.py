@@ -297,7 +297,7 @@ class CommandExecutor:
                 if trace is not None and native is not None and plain and not s.uploads:
                     nat = trace.native
                     if nat is None:
-                        nat = trace.native = native_runner.compile_trace(native, trace) or False
+                        nat = trace.native = native_runner.compile_trace(native, trace, dev) or False
                     if nat and nat.runs(k):  # records of this run in C++ while they match (native_runner.py)
                         if ctx is None:
                             ctx = native.Ctx(s, memory, count, self._binder(dev), _over_quota, capacity)

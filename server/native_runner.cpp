@@ -39,10 +39,13 @@ struct Input {
   int64_t storage_offset = 0;
 };
 
-enum Kind { CONST = 0, TENSOR = 1, TENSORS = 2, OPT_TENSORS = 3 };
+// CONST: converted once; the others read from the record: tensor handles, and the numbers an op's verdict keys by
+// type only (an optimizer's step sizes), as torch's `toIValue` converts the Python int or float the full decode gives
+enum Kind { CONST = 0, TENSOR = 1, TENSORS = 2, OPT_TENSORS = 3, INT = 4, INT_AS_DOUBLE = 5, DOUBLE = 6 };
 
 struct Arg {
   Kind kind = CONST;
+  int64_t offset = 0;  // INT, INT_AS_DOUBLE, DOUBLE: of the 8-byte number in the record
   c10::IValue value;  // CONST
   std::vector<Input> inputs;  // TENSOR: one; the lists: their elements
 };
@@ -56,6 +59,7 @@ struct Plan {
   std::vector<Arg> args;
   int64_t need = 0;
   bool keep = false;
+  bool returns = true;  // one Tensor; false: nothing (an in-place `_foreach_` op)
 };
 
 inline uint64_t read_u64(const char* p) {
@@ -84,11 +88,12 @@ Input make_input(int64_t offset, int64_t src, py::handle meta) {
 // args: per schema argument, ("c", value) | ("d",) | ("t", offset, src, meta) | ("l", optional, [(offset, src, meta)])
 std::shared_ptr<Plan> make_plan(
     const std::string& name, const std::string& overload, int64_t size, py::list fixed, int64_t out_offset,
-    py::list args, int64_t need, bool keep, py::object owner, py::object run) {
+    py::list args, int64_t need, bool keep, py::object owner, py::object run, bool returns) {
   auto plan = std::make_shared<Plan>();
   plan->op = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), overload.c_str());
   plan->owner = owner;
   plan->run = run;
+  plan->returns = returns;
   const auto& schema = plan->op->schema();
   if (args.size() != schema.arguments().size()) throw std::invalid_argument("argument count");
   plan->size = size;
@@ -116,6 +121,11 @@ std::shared_ptr<Plan> make_plan(
     } else if (tag == "t") {
       out.kind = TENSOR;
       out.inputs.push_back(make_input(t[1].cast<int64_t>(), t[2].cast<int64_t>(), t[3]));
+    } else if (tag == "n") {  // ("n", offset, kind)
+      out.kind = static_cast<Kind>(t[2].cast<int>());
+      if (out.kind != INT && out.kind != INT_AS_DOUBLE && out.kind != DOUBLE) throw std::invalid_argument("number");
+      out.offset = t[1].cast<int64_t>();
+      if (out.offset < 0 || out.offset + 8 > size) throw std::invalid_argument("number out of range");
     } else if (tag == "l") {
       out.kind = t[1].cast<bool>() ? OPT_TENSORS : TENSORS;
       for (auto e : t[2]) {
@@ -220,18 +230,23 @@ struct Ctx {
         }
       }
       if (!ok) break;
+      // the output handle: 0 binds nothing (the `self` an in-place op returns; `_run_step` checks no handle then)
       const uint64_t h = read_u64(buf + p->out_offset);
-      if (h == 0 || (h >> HANDLE_BITS) != static_cast<uint64_t>(number) || h == static_cast<uint64_t>(base)) break;
-      py::object hkey = py::reinterpret_steal<py::object>(PyLong_FromUnsignedLongLong(h));
-      if (!hkey) throw py::error_already_set();
-      int in_t = PyDict_Contains(tdict, hkey.ptr());
-      if (in_t != 0) {
-        if (in_t < 0) throw py::error_already_set();
-        break;  // rebinds a live handle: `_run_step`
+      py::object hkey;
+      int in_p = 0;
+      if (h != 0) {
+        if ((h >> HANDLE_BITS) != static_cast<uint64_t>(number) || h == static_cast<uint64_t>(base)) break;
+        hkey = py::reinterpret_steal<py::object>(PyLong_FromUnsignedLongLong(h));
+        if (!hkey) throw py::error_already_set();
+        int in_t = PyDict_Contains(tdict, hkey.ptr());
+        if (in_t != 0) {
+          if (in_t < 0) throw py::error_already_set();
+          break;  // rebinds a live handle: `_run_step`
+        }
+        in_p = PyDict_Contains(pdict, hkey.ptr());
+        if (in_p < 0) throw py::error_already_set();
+        if (!in_p && PyDict_GET_SIZE(tdict) + PyDict_GET_SIZE(pdict) >= max_handles) break;
       }
-      int in_p = PyDict_Contains(pdict, hkey.ptr());
-      if (in_p < 0) throw py::error_already_set();
-      if (!in_p && PyDict_GET_SIZE(tdict) + PyDict_GET_SIZE(pdict) >= max_handles) break;
       // inputs
       stack.clear();
       stack.reserve(p->args.size());
@@ -263,6 +278,18 @@ struct Ctx {
       for (const auto& a : p->args) {
         if (a.kind == CONST) {
           stack.push_back(a.value);
+        } else if (a.kind == INT) {
+          int64_t v;
+          std::memcpy(&v, buf + a.offset, 8);
+          stack.emplace_back(v);
+        } else if (a.kind == INT_AS_DOUBLE) {
+          int64_t v;
+          std::memcpy(&v, buf + a.offset, 8);
+          stack.emplace_back(static_cast<double>(v));
+        } else if (a.kind == DOUBLE) {
+          double v;
+          std::memcpy(&v, buf + a.offset, 8);
+          stack.emplace_back(v);
         } else if (a.kind == TENSOR) {
           at::Tensor t;
           if (!tensor_of(a.inputs[0], &t)) {
@@ -325,13 +352,13 @@ struct Ctx {
         break;
       }
       Py_DECREF(ran);
-      if (stack.size() != 1 || !stack[0].isTensor()) {
+      if (p->returns ? stack.size() != 1 || !stack[0].isTensor() : !stack.empty()) {
         stack.clear();
-        PyErr_SetString(PyExc_RuntimeError, "native runner: the op did not return one tensor");
+        PyErr_SetString(PyExc_RuntimeError, "native runner: the op did not return what its schema says");
         exc = fetch();
         break;
       }
-      at::Tensor out = std::move(stack[0]).toTensor();
+      at::Tensor out = p->returns ? std::move(stack[0]).toTensor() : at::Tensor();
       stack.clear();
       {
         py::object ops = get_attr(s, S_ops);
@@ -339,11 +366,14 @@ struct Ctx {
         if (!one || PyObject_SetAttr(s.ptr(), S_ops, one.ptr()) < 0) throw py::error_already_set();
       }
       if (!count.is_none()) count(s);
-      py::object obj = py::reinterpret_steal<py::object>(THPVariable_Wrap(out));
+      py::object obj = p->returns ? py::reinterpret_steal<py::object>(THPVariable_Wrap(out)) : py::none();
       if (!obj) throw py::error_already_set();
       try {
         py::object bound;
-        if (Py_TYPE(obj.ptr()) == reinterpret_cast<PyTypeObject*>(THPVariableClass) && !in_p &&
+        if (!p->returns || h == 0) {
+          bound = py::list();  // `_bind_outputs` of None, or to handle 0: nothing bound
+          obj = py::none();  // what the session's table holds for the output handle (`objs` below)
+        } else if (Py_TYPE(obj.ptr()) == reinterpret_cast<PyTypeObject*>(THPVariableClass) && !in_p &&
             out.layout() == at::kStrided && !out.is_quantized() && !out.is_nested() && out.dim() <= MAX_DIMS) {
           bind_new(hkey, out, obj);
           bound = py::none();

@@ -15,13 +15,15 @@ qualify) goes back to the Python path untouched (nothing above has a side effect
 runs or refuses it exactly as without the runner; an op that raises reports its exception to the Python loop,
 which records it as the Python path would have.
 
-A step qualifies when it is `fast` (one output, no per-op extras), its op is a plain `OpOverload` returning one
+A step qualifies when it is `fast` (one output, no per-op extras; or a factory that takes the session's device), its op is a plain `OpOverload` returning one
 Tensor and run as itself (checked per record: while its `OpPlan.run` is something else, a guard's replacement, a
 fallback or a wrapper, its records take the Python path), and every variable field of its template is the output
-handle or a tensor handle (`Tensor`, `Tensor?`, `Tensor[]`, `Tensor?[]`); the other arguments are converted to
-IValues once, with the same conversion torch's Python binding uses (`torch::jit::toIValue` on the schema's type).
-Steps with by-type numbers (a non-capturable optimizer's step sizes) or argument kinds the runner does not know stay
-in Python.
+handle, a tensor handle (`Tensor`, `Tensor?`, `Tensor[]`, `Tensor?[]`) or a number the verdict keys by type (a
+`Scalar`, `float` or `int`, say an optimizer's step size: read from the record and converted as `toIValue` converts
+the Python number the full decode gives); the other arguments are converted to IValues once, with the same
+conversion torch's Python binding uses (`torch::jit::toIValue` on the schema's type). The op may also return nothing
+(an in-place `_foreach_` op: its output handle stays unbound, as `_bind_outputs` leaves it). Steps with lists of
+by-type numbers or argument kinds the runner does not know stay in Python.
 
 The extension is built with `torch.utils.cpp_extension.load` (g++ and ninja, ~1 min once, cached under
 `$GPUPOOL_NATIVE_RUNNER_CACHE`, default `~/.cache/gpupool/runner`) by the first `load()`: the zygote does it before it
@@ -42,7 +44,7 @@ from typing import Any
 
 import torch
 
-from .templates import C_ARG, C_KW, L_ARG, L_KW, T_ARG, T_KW
+from .templates import C_ARG, C_KW, L_ARG, L_KW, N_ARG, N_KW, T_ARG, T_KW
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,8 @@ EXTERNAL, NONE = -1, -2  # runs.EXTERNAL, runs.NONE
 END, OVER = 1, 2  # flags of `Ctx.run`
 _state: list[Any] = []  # [the module, or None when unavailable] once `load` decided
 _no_build: list[bool] = []
-_KINDS = frozenset({T_ARG, T_KW, L_ARG, L_KW, C_ARG, C_KW})
+_KINDS = frozenset({T_ARG, T_KW, L_ARG, L_KW, C_ARG, C_KW, N_ARG, N_KW})
+INT, INT_AS_DOUBLE, DOUBLE = 4, 5, 6  # how the C++ runner reads a number field (native_runner.cpp, `Kind`)
 
 
 def enabled() -> bool:
@@ -116,33 +119,38 @@ def load() -> Any:
     return mod
 
 
-def compile_trace(mod: Any, trace: Any) -> Any:
-    """The native form of `trace` (a `runs.Trace`): a plan per step that qualifies; None when none does."""
-    plans = [_plan(mod, step) for step in trace.steps]
+def compile_trace(mod: Any, trace: Any, dev: torch.device) -> Any:
+    """The native form of `trace` (a `runs.Trace` of a session on `dev`): a plan per step that qualifies; None when
+    none does."""
+    plans = [_plan(mod, step, dev) for step in trace.steps]
     if not any(p is not None for p in plans):
         return None
     return mod.Trace(plans)
 
 
-def _plan(mod: Any, step: Any) -> Any:
+def _plan(mod: Any, step: Any, dev: torch.device) -> Any:
     try:
-        return _compile(mod, step)
+        return _compile(mod, step, dev)
     except Exception as exc:  # a step the runner cannot express stays in Python
         log.debug("native runner: step %s stays in Python: %s", getattr(step.plan, "name", "?"), exc)
         return None
 
 
-def _compile(mod: Any, step: Any) -> Any:
+def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
     tpl, plan = step.tpl, step.plan
     op = plan.op
-    if not step.fast or tpl.n_out != 1 or op.__class__ is not torch._ops.OpOverload:
+    # `Step.fast`, or a factory of the session's device (`_run_step` gives it the device when the record has none)
+    if tpl.n_out != 1 or plan.reshapes or plan.seeded or plan.uninitialized or step.check:
+        return None
+    if op.__class__ is not torch._ops.OpOverload:
         return None
     if any(kind not in _KINDS for kind, _, _, _ in tpl.steps):
         return None
     schema = op._schema
-    if len(schema.returns) != 1 or not isinstance(schema.returns[0].type, torch.TensorType):
+    returns = len(schema.returns) == 1
+    if schema.returns and not (returns and isinstance(schema.returns[0].type, torch.TensorType)):
         return None
-    offsets, fixed = _layout(tpl)
+    offsets, fixed, codes = _layout(tpl)
     if offsets is None:
         return None
     # where each record puts its own tensors: argument index or keyword -> ("t", ...) / ("l", ...)
@@ -153,7 +161,11 @@ def _compile(mod: Any, step: Any) -> Any:
         elif kind == L_ARG or kind == L_KW:
             elems = [(offsets[i + j], src[j], meta[j]) for j in range(n)]
             placed[(kind == L_KW, where)] = ("l", elems)
+        elif kind == N_ARG or kind == N_KW:
+            placed[(kind == N_KW, where)] = ("n", offsets[i], codes[i] == "d")
     args, kwargs = tpl.args, tpl.kwargs
+    if plan.takes_device and kwargs.get("device") is None:
+        kwargs = {**kwargs, "device": dev}
     params = schema.arguments
     if len(args) > len(params) or any(p.kwarg_only for p in params[: len(args)]):
         return None
@@ -178,6 +190,11 @@ def _compile(mod: Any, step: Any) -> Any:
             if isinstance(value, torch.Tensor):  # a tensor in a template's constants: never (templates hold none)
                 return None
             out.append(("c", value))
+        elif got[0] == "n":
+            number = _number(p.type, got[2])
+            if number is None:
+                return None
+            out.append(("n", got[1], number))
         elif got[0] == "t":
             t = p.type
             if not (isinstance(t, torch.TensorType) or (isinstance(t, torch.OptionalType) and _tensor(t))):
@@ -197,40 +214,59 @@ def _compile(mod: Any, step: Any) -> Any:
     if placed:  # a tensor the schema has no place for
         return None
     name, overload = schema.name, schema.overload_name
-    return mod.plan(name, overload, tpl.size, fixed, offsets[1], out, step.need, bool(step.keep), plan, op._op)
+    keep = bool(step.keep)
+    return mod.plan(name, overload, tpl.size, fixed, offsets[1], out, step.need, keep, plan, op._op, returns)
+
+
+def _number(t: Any, is_float: bool) -> int | None:
+    """How the runner converts a number field for an argument of type `t`, as `toIValue` converts the Python
+    number the full decode gives: a Scalar keeps an int an int and a float a float, a float takes either, an int
+    only an int; None for any other type (the step stays in Python)."""
+    if isinstance(t, torch.OptionalType):
+        t = t.getElementType()
+    if isinstance(t, torch.NumberType):
+        return DOUBLE if is_float else INT
+    if isinstance(t, torch.FloatType):
+        return DOUBLE if is_float else INT_AS_DOUBLE
+    if t.__class__ is torch.IntType and not is_float:
+        return INT
+    return None
 
 
 def _tensor(t: Any) -> bool:
     return isinstance(t.getElementType(), torch.TensorType)
 
 
-def _layout(tpl: Any) -> tuple[list[int] | None, list[tuple[int, bytes]]]:
-    """Each field's byte offset in the record, and the fixed segments (offset, bytes); None for a format the
-    runner does not read (anything but byte runs and unsigned 64-bit handles)."""
+def _layout(tpl: Any) -> tuple[list[int] | None, list[tuple[int, bytes]], list[str]]:
+    """Each field's byte offset in the record, the fixed segments (offset, bytes) and each field's struct code; None
+    for a format the runner does not read (anything but byte runs, handles and 64-bit numbers)."""
     fmt = tpl.unpack.__self__.format
     if not fmt.startswith("<") or struct.calcsize(fmt) != tpl.size:
-        return None, []
+        return None, [], []
     fixed_values = tpl.fixed if isinstance(tpl.fixed, tuple) else (tpl.fixed,)
     offsets: list[int] = []
+    codes: list[str] = []
     runs: list[tuple[int, int]] = []
     pos = 0
     for count, code in _tokens(fmt[1:]):
         if code == "s":
             offsets.append(pos)
+            codes.append(code)
             runs.append((pos, count))
             pos += count
-        elif code == "Q":
+        elif code in "Qqd":
             for _ in range(count):
                 offsets.append(pos)
+                codes.append(code)
                 pos += 8
         else:
-            return None, []
+            return None, [], []
     if pos != tpl.size or len(runs) != len(fixed_values):
-        return None, []
+        return None, [], []
     segs = [(at, bytes(v)) for (at, count), v in zip(runs, fixed_values, strict=True)]
     if any(len(v) != count for (_, v), (_, count) in zip(segs, runs, strict=True)):
-        return None, []
-    return offsets, segs
+        return None, [], []
+    return offsets, segs, codes
 
 
 def _tokens(fmt: str) -> list[tuple[int, str]]:

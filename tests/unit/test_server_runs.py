@@ -466,3 +466,33 @@ def test_a_record_of_another_op_with_the_same_layout_inside_a_run_runs_that_op()
     p.stream(cmds, itertools.cycle([64]))
     assert p.hits > hits
     assert p.s[0].tensors[h(5, 2)].shape == ()
+
+
+def test_hostile_bytes_in_a_runs_records_run_or_fail_as_on_the_normal_path() -> None:
+    """Random damage to one record of each step of a learned loop (a flipped byte, a handle field pointing at a
+    foreign, reserved, unknown, freed or other live handle, a truncated or lengthened record): every slice must
+    leave both sessions as the normal path leaves them (`Pair.slice` compares all a client can see)."""
+    import random
+
+    rng = random.Random(13)
+    p = Pair()
+    p.stream(training(p, 5), itertools.cycle([64]))
+    hits = p.hits
+    for t in range(5, 45):
+        cmds = step(p, t) + [free(t - 1)]
+        k = rng.randrange(11)
+        data = bytearray(cmds[k].eager_op)
+        how = rng.randrange(4)
+        if how == 0:
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        elif how == 1:
+            at = rng.randrange(6, len(data) - 7)
+            pick = [FOREIGN, BASE, X, W, P, G, BASE + 999, h(t - 1, 1), h(t, 3), 0]
+            data[at : at + 8] = rng.choice(pick).to_bytes(8, "little")
+        elif how == 2:
+            del data[rng.randrange(6, len(data)) :]
+        else:
+            data += bytes(rng.randrange(1, 9))
+        cmds[k] = device_pb2.Command(eager_op=bytes(data))
+        p.stream(cmds, itertools.cycle([rng.choice([5, 12, 64])]))
+    assert p.hits - hits > 100
