@@ -15,15 +15,16 @@ qualify) goes back to the Python path untouched (nothing above has a side effect
 runs or refuses it exactly as without the runner; an op that raises reports its exception to the Python loop,
 which records it as the Python path would have.
 
-A step qualifies when it is `fast` (one output, no per-op extras; or a factory that takes the session's device), its op is a plain `OpOverload` returning one
-Tensor and run as itself (checked per record: while its `OpPlan.run` is something else, a guard's replacement, a
-fallback or a wrapper, its records take the Python path), and every variable field of its template is the output
-handle, a tensor handle (`Tensor`, `Tensor?`, `Tensor[]`, `Tensor?[]`) or a number the verdict keys by type (a
-`Scalar`, `float` or `int`, say an optimizer's step size: read from the record and converted as `toIValue` converts
-the Python number the full decode gives); the other arguments are converted to IValues once, with the same
-conversion torch's Python binding uses (`torch::jit::toIValue` on the schema's type). The op may also return nothing
-(an in-place `_foreach_` op: its output handle stays unbound, as `_bind_outputs` leaves it). Steps with lists of
-by-type numbers or argument kinds the runner does not know stay in Python.
+A step qualifies when it is `fast` (one output, no per-op extras; or a factory that takes the session's device), its
+op is a plain `OpOverload` returning one Tensor and run as itself (checked per record: while its `OpPlan.run` is
+something else, a guard's replacement, a fallback or a wrapper, its records take the Python path), and every
+variable field of its template is the output handle, a tensor handle (`Tensor`, `Tensor?`, `Tensor[]`, `Tensor?[]`)
+or a number the verdict keys by type (a `Scalar`, `float` or `int`, say an optimizer's step size: read from the
+record and converted as `toIValue` converts the Python number the full decode gives); the other arguments are
+converted to IValues once, with the same conversion torch's Python binding uses (`torch::jit::toIValue` on the
+schema's type). The op may also return nothing (an in-place `_foreach_` op: its output handle stays unbound, as
+`_bind_outputs` leaves it). Steps with lists of by-type numbers or argument kinds the runner does not know stay in
+Python.
 
 The extension is built with `torch.utils.cpp_extension.load` (g++ and ninja, ~1 min once, cached under
 `$GPUPOOL_NATIVE_RUNNER_CACHE`, default `~/.cache/gpupool/runner`) by the first `load()`: the zygote does it before it

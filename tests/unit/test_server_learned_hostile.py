@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 import torch
-from gpupool.server import native_runner, slices
+from gpupool.server import slices
 from gpupool.server.devices import FakeDevice
 from gpupool.server.executor import CommandExecutor
 from gpupool.server.sessions import DeviceMemory, WorkerSession
-from test_server_runs import _clock
+from test_server_runs import _clock, use_runner
 
 from gpupool import compact
 from gpupool._proto import device_pb2
@@ -28,11 +28,8 @@ _WORKERS: list[Worker] = []
 
 @pytest.fixture(params=["native", "python"], autouse=True)
 def runner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """With the native runner on (it must really run where learned runs ran), then with it off."""
-    if request.param == "python":
-        monkeypatch.setenv("GPUPOOL_NATIVE_RUNNER", "0")
-    elif native_runner.load() is None:
-        pytest.skip("the native runner cannot be built here")
+    """With the native runner on, then with it off."""
+    use_runner(request.param, monkeypatch)
     _WORKERS.clear()
     yield request.param
     states = [st for w in _WORKERS for st in w.ex._eager.values()]

@@ -51,13 +51,19 @@ OPS = {
 _PAIRS: list[Pair] = []  # the test's pairs (`runner`)
 
 
-@pytest.fixture(params=["native", "python"], autouse=True)
-def runner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Run the test with the native runner on (its fast steps must really run in C++), then with it off."""
-    if request.param == "python":
+def use_runner(param: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Executors made from now on: with the native runner ("native"; skipped where it cannot be built), or with
+    `GPUPOOL_NATIVE_RUNNER=0` ("python")."""
+    if param == "python":
         monkeypatch.setenv("GPUPOOL_NATIVE_RUNNER", "0")
     elif native_runner.load() is None:
         pytest.skip("the native runner cannot be built here")
+
+
+@pytest.fixture(params=["native", "python"], autouse=True)
+def runner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Run the test with the native runner on (its fast steps must really run in C++), then with it off."""
+    use_runner(request.param, monkeypatch)
     _PAIRS.clear()
     yield request.param
     pairs, _ = list(_PAIRS), _PAIRS.clear()
