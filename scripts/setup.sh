@@ -31,3 +31,10 @@ try:
 except native.BuildError as exc:  # optional: the client keeps torch's Python device guard
     print(f"setup: the native device guard did not build ({exc}); the client keeps torch's Python one", file=sys.stderr)
 PY
+# The daemon's native runner of learned runs (server/native_runner.cpp, g++ and ninja, ~1 min once): built now into
+# the per-user cache so that a daemon's zygote finds it built instead of building it while sessions wait to attach.
+python3 - <<'PY'
+from gpupool.server import native_runner
+why = native_runner.missing()
+print("setup: native runner:", "built" if native_runner.load() is not None else f"not built ({why or 'the build failed'})")
+PY

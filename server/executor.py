@@ -22,7 +22,7 @@ from gpupool import compact, protocol, wire
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
 
-from . import bulk, checks, cost, guards, runs, sizing, templates
+from . import bulk, checks, cost, guards, native_runner, runs, sizing, templates
 from .collectives import Collectives
 from .graph import GraphTable
 from .ops import OpTable
@@ -84,6 +84,8 @@ class CommandExecutor:
         self._eager: dict[str, tuple[dict[int, str | checks.OpPlan], torch.device, templates.Table, runs.Runs]] = {}
         self._plans: dict[str, checks.OpPlan] = {}  # allowed op name -> its plan
         self._verdicts: dict[Any, int] = {}  # op signature -> new bytes, once its shape-only checks passed
+        # the C++ runner of learned runs' fast steps (server/native_runner.py), None: the Python path only
+        self.native: Any = native_runner.load()
 
     def forget(self, s: WorkerSession) -> None:
         """Drop what this executor keeps for a closed session (its op id table, its device): a process that
@@ -286,11 +288,43 @@ class CommandExecutor:
         # the inline path leaves the speed model's hold and a counting ledger's call to `_run_step`
         plain = self.speed is None or not self.speed.active
         count = self.ledger.op if getattr(self.ledger, "counts_ops", True) else None
+        native, ctx = self.native, None
         try:
             while i < n:
                 data = records[i]
                 if not data:
                     break
+                if trace is not None and native is not None and plain and not s.uploads:
+                    nat = trace.native
+                    if nat is None:
+                        nat = trace.native = native_runner.compile_trace(native, trace, dev) or False
+                    if nat and nat.runs(k):  # records of this run in C++ while they match (native_runner.py)
+                        if ctx is None:
+                            ctx = native.Ctx(s, memory, count, self._binder(dev), _over_quota, capacity)
+                        j, k, done, flags, exc = ctx.run(nat, k, records, i, objs, progress, start, budget)
+                        hits += done
+                        known.native += done
+                        i = j
+                        if exc is not None:  # record i raised (the op, or its binding): as on the Python path
+                            self._failed(s, commands[i], exc, reply)
+                            trace, objs = None, _NO_OBJS
+                            i += 1
+                            if perf() - start > budget:
+                                over = True
+                                break
+                            continue
+                        if flags:
+                            if flags & native_runner.END:
+                                after, trace, objs = trace, None, _NO_OBJS
+                            if flags & native_runner.OVER:
+                                over = True
+                                break
+                            continue
+                        if i >= n:
+                            break
+                        data = records[i]  # the record C++ left to the Python path
+                        if not data:
+                            break
                 if progress is not None:
                     progress(i)
                 got = None
@@ -474,6 +508,10 @@ class CommandExecutor:
         if s.used > s.quota and s.used > used_before:
             _over_quota(s, bound)  # raises
         return rebound
+
+    def _binder(self, dev: torch.device) -> Callable[[WorkerSession, Any, Any], list[int]]:
+        """`_bind_outputs` on `dev`, for the native runner's outputs that `bind_new` does not take."""
+        return lambda s, handles, out: self._bind_outputs(s, handles, out, dev)
 
     def _learn(self, known: runs.Runs, s: WorkerSession) -> None:
         """End the recording of a run of records: keep traces of it."""

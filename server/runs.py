@@ -92,10 +92,11 @@ class Step:
 class Trace:
     """A learned sequence of steps, valid under the quota and compute bound it was learned with."""
 
-    __slots__ = ("steps", "quota", "flops", "next", "weight", "__weakref__")
+    __slots__ = ("steps", "quota", "flops", "next", "weight", "native", "__weakref__")
 
     def __init__(self, steps: list[Step], quota: int, flops: int) -> None:
         self.steps = steps
+        self.native: Any = None  # its native form (server/native_runner.py) once compiled, False when none runs
         self.quota = quota
         self.flops = flops
         # the trace that followed it the last time it ran to its end (weakly: an evicted one goes)
@@ -119,13 +120,14 @@ def _list_cell(e: tuple[Any, ...]) -> list[Any] | None:
 class Runs:
     """A session's traces and the recording in progress."""
 
-    __slots__ = ("heads", "count", "rec", "hits", "learned", "epoch")
+    __slots__ = ("heads", "count", "rec", "hits", "native", "learned", "epoch")
 
     def __init__(self) -> None:
         self.heads: dict[tuple[bytes, int], list[Trace]] = {}
         self.count = 0
         self.rec: list[tuple[Template, tuple[Any, ...], Any]] | None = None  # filled by `_eager_op` when set
         self.hits = 0  # records run inside a trace
+        self.native = 0  # of them, run by the native runner (server/native_runner.py)
         self.learned = 0  # traces built
         self.epoch = 0  # ops (and commands) so far that may have changed a tensor's meta in place (`_checked`)
 

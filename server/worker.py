@@ -394,9 +394,10 @@ _MARK = struct.Struct("<i")
 
 def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     """The worker's life: confine, then serve slices until the daemon closes the socket. Returns an exit code."""
-    from . import sandbox
+    from . import native_runner, sandbox
 
     sys.dont_write_bytecode = True  # no .pyc writes from a process that may not create files
+    native_runner.forbid_build()  # the zygote loaded it before the fork, or it stays off (never exec a compiler here)
     import torch
 
     torch.set_grad_enabled(False)  # this process never records autograd history

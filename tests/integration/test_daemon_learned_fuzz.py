@@ -341,14 +341,14 @@ class Raw:
 # ---- the daemon, a neighbour, a canary ----
 
 
-def serve(tmp: Path, *args: str) -> Iterator[DaemonHandle]:
+def serve(tmp: Path, *args: str, native: bool = True) -> Iterator[DaemonHandle]:
     key = secrets.token_hex(32).encode()
     key_file = tmp / "token.key"
     key_file.write_bytes(key + b"\n")
     proc, address = start_serve_process(
         key_file,
         *("--fake-gpus", "1", "--fake-gpu-memory", "64GiB", "--metrics-listen", "127.0.0.1:0", *args),
-        env={"GPUPOOL_LOG_LEVEL": "INFO"},
+        env={"GPUPOOL_LOG_LEVEL": "INFO", "GPUPOOL_NATIVE_RUNNER": "1" if native else "0"},
     )
     resource.prlimit(proc.pid, resource.RLIMIT_AS, (6 * GiB, 6 * GiB))
     port = 0
@@ -418,9 +418,20 @@ def world_of(daemon: DaemonHandle) -> Iterator[World]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    """Sessions in worker processes (the default): the shared buffer, the worker's result path."""
+    """Sessions in worker processes (the default): the shared buffer, the worker's result path; learned runs'
+    fast steps in the native runner (server/native_runner.py) where it can be built."""
     for daemon in serve(tmp_path_factory.mktemp("learned-fuzz")):
         yield from world_of(daemon)
+
+
+@pytest.fixture(scope="module")
+def world_python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """`world` with `GPUPOOL_NATIVE_RUNNER=0`: learned runs on the Python path only."""
+    for daemon in serve(tmp_path_factory.mktemp("learned-fuzz-python"), native=False):
+        yield from world_of(daemon)
+
+
+_WORLDS = {"process": "world", "process-python": "world_python", "thread": "world_thread"}
 
 
 @pytest.fixture(scope="module")
@@ -782,16 +793,18 @@ def test_the_recorded_loop_sends_view_arguments(world: World) -> None:
     assert views >= len(world.rec.steps)
 
 
+@pytest.mark.parametrize("runner", ["native", "python"])
 @pytest.mark.parametrize("name", list(ATTACKS))
-def test_attacks_on_learned_runs(world: World, name: str) -> None:
+def test_attacks_on_learned_runs(request: pytest.FixtureRequest, name: str, runner: str) -> None:
+    world = request.getfixturevalue("world" if runner == "native" else "world_python")
     attack(world, ATTACKS[name])
 
 
-@pytest.mark.parametrize("isolation", ["process", "thread"])
+@pytest.mark.parametrize("isolation", list(_WORLDS))
 def test_uninitialized_outputs_inside_learned_runs_hold_no_freed_bytes(
     request: pytest.FixtureRequest, isolation: str
 ) -> None:
-    w = request.getfixturevalue("world" if isolation == "process" else "world_thread")
+    w = request.getfixturevalue(_WORLDS[isolation])
     # all zeros but what `resize` keeps of `self` (the first parameter: 16 x 8 floats)
     zeros = {
         0x7000 + n: 512 if name.startswith("aten::resize") else 0 for n, (name, _) in enumerate(UNINITIALIZED.values())
@@ -872,9 +885,9 @@ def mutated(plan: list[tuple[str, int, int]]) -> Mutation:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("isolation", ["process", "thread"])
+@pytest.mark.parametrize("isolation", list(_WORLDS))
 def test_mutated_frames_of_learned_runs(request: pytest.FixtureRequest, isolation: str) -> None:
-    world = request.getfixturevalue("world" if isolation == "process" else "world_thread")
+    world = request.getfixturevalue(_WORLDS[isolation])
 
     @settings(
         max_examples=EXAMPLES,

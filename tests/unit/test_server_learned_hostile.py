@@ -1,7 +1,7 @@
 """Hostile records against learned runs (server/runs.py) and the ops around them, in-process: what a session's
 worker holds must stay what its session accounts, and no session reads bytes another one freed (both sessions
 here share one process, as with `--isolation thread`). Found by tests/integration/test_daemon_learned_fuzz.py's
-review of the learned-run code."""
+review of the learned-run code. Each test runs with the native runner (server/native_runner.py) on and off."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import itertools
 import weakref
 from typing import Any
 
+import pytest
 import torch
 from gpupool.server import slices
 from gpupool.server.devices import FakeDevice
 from gpupool.server.executor import CommandExecutor
 from gpupool.server.sessions import DeviceMemory, WorkerSession
-from test_server_runs import _clock
+from test_server_runs import _clock, use_runner
 
 from gpupool import compact
 from gpupool._proto import device_pb2
@@ -22,10 +23,28 @@ from gpupool._proto import device_pb2
 T, V = compact.tensor, compact.encode_value
 
 
+_WORKERS: list[Worker] = []
+
+
+@pytest.fixture(params=["native", "python"], autouse=True)
+def runner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """With the native runner on, then with it off."""
+    use_runner(request.param, monkeypatch)
+    _WORKERS.clear()
+    yield request.param
+    states = [st for w in _WORKERS for st in w.ex._eager.values()]
+    _WORKERS.clear()
+    native = sum(st[3].native for st in states)
+    print(f"native runner: {native} of {sum(st[3].hits for st in states)} learned records")
+    if request.param == "python":
+        assert native == 0
+
+
 class Worker:
     """One executor and its sessions in one process; records by op name (ids defined on first use)."""
 
     def __init__(self) -> None:
+        _WORKERS.append(self)
         self.ex = CommandExecutor(slices.SliceLedger())
         self.dev = FakeDevice(0, "h", 1 << 34)
         self.memory = DeviceMemory(self.dev)

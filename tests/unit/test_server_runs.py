@@ -4,7 +4,10 @@ slices for two executors on identical sessions: one runs them through `slices.ru
 the other command by command on the normal path (no `eager_span`). After every slice it compares everything a
 client can observe: the slice's result (commands executed, error counts), the session's pending error (code, op,
 message), the poisoned handles, every live tensor's meta and value, the memory and op counters. A counter checks
-that the learned runs really ran."""
+that the learned runs really ran.
+
+Every test runs twice: with the native runner (server/native_runner.py) running the learned runs' fast steps in
+C++ (a counter checks that it ran), and with `GPUPOOL_NATIVE_RUNNER=0` (the Python path only)."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from gpupool.server import runs, slices
+from gpupool.server import native_runner, runs, slices
 from gpupool.server.devices import FakeDevice
 from gpupool.server.executor import CommandExecutor
 from gpupool.server.sessions import DeviceMemory, WorkerSession
@@ -45,10 +48,40 @@ OPS = {
 }
 
 
+_PAIRS: list[Pair] = []  # the test's pairs (`runner`)
+
+
+def use_runner(param: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Executors made from now on: with the native runner ("native"; skipped where it cannot be built), or with
+    `GPUPOOL_NATIVE_RUNNER=0` ("python")."""
+    if param == "python":
+        monkeypatch.setenv("GPUPOOL_NATIVE_RUNNER", "0")
+    elif native_runner.load() is None:
+        pytest.skip("the native runner cannot be built here")
+
+
+@pytest.fixture(params=["native", "python"], autouse=True)
+def runner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Run the test with the native runner on (its fast steps must really run in C++), then with it off."""
+    use_runner(request.param, monkeypatch)
+    _PAIRS.clear()
+    yield request.param
+    pairs, _ = list(_PAIRS), _PAIRS.clear()
+    native = sum(p.runs().native for p in pairs if "t" in p.ex[0]._eager)
+    if request.param == "native":
+        ran = [p for p in pairs if p.hits and not p.python_only]
+        assert native > 0 or not ran, "the native runner never ran"
+        assert not any(p.runs().native for p in pairs if p.python_only and "t" in p.ex[0]._eager)
+    else:
+        assert native == 0
+
+
 class Pair:
     """Two executors and sessions fed the same slices: `ex[0]` runs learned runs, `ex[1]` the normal path only."""
 
     def __init__(self, quota: int = 1 << 24, max_handles: int = 4096) -> None:
+        _PAIRS.append(self)
+        self.python_only = False  # set where the native runner must not run (the speed model holds every op)
         self.ex = [CommandExecutor(slices.SliceLedger()) for _ in range(2)]
         self.s: list[WorkerSession] = []
         for _ in range(2):
@@ -203,6 +236,7 @@ def test_the_fake_gpu_speed_model_holds_every_op(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(SpeedModel, "hold_op", lambda self, op, *a: held[self.tflops].append(op.name()))
     p = Pair()
     p.ex[0].speed, p.ex[1].speed = SpeedModel(tflops=1e9), SpeedModel(tflops=2e9)
+    p.python_only = True
     p.stream(training(p, 8), itertools.cycle([64]))
     assert p.hits > 0
     assert held[1e9] == held[2e9]
@@ -470,3 +504,64 @@ def test_view_arguments_run_in_learned_runs_as_on_the_normal_path() -> None:
     cmds[7 + 2] = p.rec(3, [h(61, 2)], [VW(FOREIGN, [2, 5], [10, 1], 5)])
     p.stream(cmds, itertools.cycle([64]))
     assert h(61, 2) in p.s[0].poisoned
+
+
+def test_an_external_input_of_another_meta_inside_a_run_is_refused_before_the_op() -> None:
+    """A session tensor that a step takes by handle (mm's weight) is rebound to a bigger one: the step's learned
+    verdict no longer holds, so the record takes the normal path, whose quota check refuses the op before it runs
+    ("requested"). A step that ran with the learned verdict would run the op and fail after it ("would be used"),
+    with another message: the native runner's meta check, as `runs.match`'s."""
+    p = Pair(quota=40000)  # the run's learned outputs fit beside the bigger weight (24 kB), mm's real one does not
+    p.stream(training(p, 5), itertools.cycle([64]))
+    hits = p.hits
+    big = torch.randn(3, 2000)
+    for s in p.s:
+        s.bind(W, big.clone())
+    p.stream(step(p, 5) + [free(4)] + step(p, 6), itertools.cycle([64]))
+    assert p.hits > hits  # the run started (its first record); its mm step did not match
+    refused = p.s[0].poisoned[h(5, 1)]
+    assert "requested" in refused.message and refused.op == "aten::mm"
+
+
+def test_a_record_of_another_op_with_the_same_layout_inside_a_run_runs_that_op() -> None:
+    """Where a run's step is `relu(x)`, a record `sum(x)` has the same length and layout, another op id: its fixed
+    bytes differ from the step's template, so it runs as `sum` (on the normal path), never as the step's op."""
+    p = Pair()
+    p.stream(training(p, 5), itertools.cycle([64]))
+    hits = p.hits
+    cmds = step(p, 5) + [free(4)] + step(p, 6)
+    cmds[2] = p.rec(6, [h(5, 2)], [T(h(5, 1))])  # sum: the run's relu step
+    cmds[12 + 2] = p.rec(3, [h(6, 2)], [T(h(6, 1))], {"x": V(1)})  # relu with a keyword: another length
+    p.stream(cmds, itertools.cycle([64]))
+    assert p.hits > hits
+    assert p.s[0].tensors[h(5, 2)].shape == ()
+
+
+def test_hostile_bytes_in_a_runs_records_run_or_fail_as_on_the_normal_path() -> None:
+    """Random damage to one record of each step of a learned loop (a flipped byte, a handle field pointing at a
+    foreign, reserved, unknown, freed or other live handle, a truncated or lengthened record): every slice must
+    leave both sessions as the normal path leaves them (`Pair.slice` compares all a client can see)."""
+    import random
+
+    rng = random.Random(13)
+    p = Pair()
+    p.stream(training(p, 5), itertools.cycle([64]))
+    hits = p.hits
+    for t in range(5, 45):
+        cmds = step(p, t) + [free(t - 1)]
+        k = rng.randrange(11)
+        data = bytearray(cmds[k].eager_op)
+        how = rng.randrange(4)
+        if how == 0:
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        elif how == 1:
+            at = rng.randrange(6, len(data) - 7)
+            pick = [FOREIGN, BASE, X, W, P, G, BASE + 999, h(t - 1, 1), h(t, 3), 0]
+            data[at : at + 8] = rng.choice(pick).to_bytes(8, "little")
+        elif how == 2:
+            del data[rng.randrange(6, len(data)) :]
+        else:
+            data += bytes(rng.randrange(1, 9))
+        cmds[k] = device_pb2.Command(eager_op=bytes(data))
+        p.stream(cmds, itertools.cycle([rng.choice([5, 12, 64])]))
+    assert p.hits - hits > 100

@@ -1,0 +1,501 @@
+// The native runner: a learned run's `fast` steps (server/runs.py) matched and run in C++ (server/native_runner.py).
+//
+// A `Plan` is one step compiled once: the record's length and fixed byte segments, where its output handle and its
+// tensor handles sit in the record, each tensor input's source (a kept output of the run, or external with the
+// learned dtype, sizes, strides and storage offset), the op's other arguments as IValues converted once, and the
+// verdict (new bytes). `Ctx.run` runs consecutive records of one run for as long as each matches its step and
+// needs nothing the Python path does beyond what is here; the first record it cannot take goes back to Python
+// (`CommandExecutor.eager_span`) untouched: no check here has a side effect before the op runs. Every read of the
+// record is bounds-checked (its length is compared with the plan's first).
+#include <torch/extension.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Dtype.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/python/pybind_utils.h>
+
+#include <cstring>
+#include <ctime>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr int64_t EXTERNAL = -1;
+constexpr int64_t NONE = -2;
+constexpr int64_t MAX_DIMS = 64;
+constexpr int HANDLE_BITS = 32;
+
+struct Input {
+  int64_t offset = 0;  // of the 8-byte handle in the record
+  int64_t src = EXTERNAL;  // >= 0: the run's kept output; EXTERNAL; NONE (a None in a Tensor?[], handle 0)
+  at::ScalarType dtype = at::ScalarType::Undefined;
+  std::vector<int64_t> sizes, strides;
+  int64_t storage_offset = 0;
+};
+
+// CONST: converted once; the others read from the record: tensor handles, and the numbers an op's verdict keys by
+// type only (an optimizer's step sizes), as torch's `toIValue` converts the Python int or float the full decode gives
+enum Kind { CONST = 0, TENSOR = 1, TENSORS = 2, OPT_TENSORS = 3, INT = 4, INT_AS_DOUBLE = 5, DOUBLE = 6 };
+
+struct Arg {
+  Kind kind = CONST;
+  int64_t offset = 0;  // INT, INT_AS_DOUBLE, DOUBLE: of the 8-byte number in the record
+  c10::IValue value;  // CONST
+  std::vector<Input> inputs;  // TENSOR: one; the lists: their elements
+};
+
+struct Plan {
+  std::optional<c10::OperatorHandle> op;
+  py::object owner, run;  // the step's `OpPlan` and its op's own binding: runs here only while `owner.run is run`
+  int64_t size = 0;
+  std::vector<std::pair<int64_t, std::string>> fixed;
+  int64_t out_offset = 0;
+  std::vector<Arg> args;
+  int64_t need = 0;
+  bool keep = false;
+  bool returns = true;  // one Tensor; false: nothing (an in-place `_foreach_` op)
+};
+
+inline uint64_t read_u64(const char* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);  // little-endian hosts only (checked at load)
+  return v;
+}
+
+Input make_input(int64_t offset, int64_t src, py::handle meta) {
+  Input in;
+  in.offset = offset;
+  in.src = src;
+  if (src == EXTERNAL) {
+    auto m = py::reinterpret_borrow<py::tuple>(meta);
+    if (m.size() != 4 || !THPDtype_Check(m[0].ptr())) {
+      throw std::invalid_argument("bad meta");
+    }
+    in.dtype = reinterpret_cast<THPDtype*>(m[0].ptr())->scalar_type;
+    for (auto d : m[1]) in.sizes.push_back(d.cast<int64_t>());
+    for (auto d : m[2]) in.strides.push_back(d.cast<int64_t>());
+    in.storage_offset = m[3].cast<int64_t>();
+  }
+  return in;
+}
+
+// args: per schema argument, ("c", value) | ("d",) | ("t", offset, src, meta) | ("l", optional, [(offset, src, meta)])
+std::shared_ptr<Plan> make_plan(
+    const std::string& name, const std::string& overload, int64_t size, py::list fixed, int64_t out_offset,
+    py::list args, int64_t need, bool keep, py::object owner, py::object run, bool returns) {
+  auto plan = std::make_shared<Plan>();
+  plan->op = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), overload.c_str());
+  plan->owner = owner;
+  plan->run = run;
+  plan->returns = returns;
+  const auto& schema = plan->op->schema();
+  if (args.size() != schema.arguments().size()) throw std::invalid_argument("argument count");
+  plan->size = size;
+  for (auto f : fixed) {
+    auto t = f.cast<py::tuple>();
+    int64_t at = t[0].cast<int64_t>();
+    std::string bytes = t[1].cast<std::string>();
+    if (at < 0 || at + static_cast<int64_t>(bytes.size()) > size) throw std::invalid_argument("fixed out of range");
+    plan->fixed.emplace_back(at, std::move(bytes));
+  }
+  if (out_offset < 0 || out_offset + 8 > size) throw std::invalid_argument("output out of range");
+  plan->out_offset = out_offset;
+  for (size_t a = 0; a < args.size(); ++a) {
+    auto t = args[a].cast<py::tuple>();
+    auto tag = t[0].cast<std::string>();
+    const auto& arg = schema.arguments()[a];
+    Arg out;
+    if (tag == "c") {
+      out.kind = CONST;
+      out.value = torch::jit::toIValue(t[1], arg.real_type(), arg.N());
+    } else if (tag == "d") {
+      if (!arg.default_value()) throw std::invalid_argument("no default");
+      out.kind = CONST;
+      out.value = *arg.default_value();
+    } else if (tag == "t") {
+      out.kind = TENSOR;
+      out.inputs.push_back(make_input(t[1].cast<int64_t>(), t[2].cast<int64_t>(), t[3]));
+    } else if (tag == "n") {  // ("n", offset, kind)
+      out.kind = static_cast<Kind>(t[2].cast<int>());
+      if (out.kind != INT && out.kind != INT_AS_DOUBLE && out.kind != DOUBLE) throw std::invalid_argument("number");
+      out.offset = t[1].cast<int64_t>();
+      if (out.offset < 0 || out.offset + 8 > size) throw std::invalid_argument("number out of range");
+    } else if (tag == "l") {
+      out.kind = t[1].cast<bool>() ? OPT_TENSORS : TENSORS;
+      for (auto e : t[2]) {
+        auto el = e.cast<py::tuple>();
+        out.inputs.push_back(make_input(el[0].cast<int64_t>(), el[1].cast<int64_t>(), el[2]));
+      }
+    } else {
+      throw std::invalid_argument("bad argument tag");
+    }
+    for (const auto& in : out.inputs) {
+      if (in.offset < 0 || in.offset + 8 > size) throw std::invalid_argument("input out of range");
+    }
+    plan->args.push_back(std::move(out));
+  }
+  plan->need = need;
+  plan->keep = keep;
+  return plan;
+}
+
+struct Trace {
+  std::vector<std::shared_ptr<Plan>> steps;  // null where a step runs in Python
+};
+
+inline double now() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);  // time.perf_counter's clock
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+}
+
+py::object get_attr(py::handle o, PyObject* name) {
+  PyObject* v = PyObject_GetAttr(o.ptr(), name);
+  if (!v) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(v);
+}
+
+bool as_i64(PyObject* v, int64_t* out) {
+  int overflow = 0;
+  long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+  if (overflow || (x == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    return false;
+  }
+  *out = x;
+  return true;
+}
+
+// The op, as torch's Python binding runs it (`invokeOperatorFromPython`): the GIL released, torch's warnings and
+// errors translated as `HANDLE_TH_ERRORS` does. nullptr with the Python error set when it raised.
+PyObject* call_op(const c10::OperatorHandle& op, torch::jit::Stack& stack) {
+  HANDLE_TH_ERRORS
+  {
+    py::gil_scoped_release nogil;
+    op.callBoxed(stack);
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+enum Flags { END = 1, OVER = 2 };
+
+PyObject* S_used;
+PyObject* S_ops;
+PyObject* S_run;
+
+struct Ctx {
+  py::object s, tensors, poisoned, storages, keys, memory, count, bind_outputs, over_quota;
+  int64_t quota, capacity, max_handles, number, base;
+
+  // Run records[i:] through `trace` from step k on. Returns (i, k, hits, flags, exception or None): the first record
+  // not run, the step it is at, the records run, END (the trace ran to its end) | OVER (the time budget passed);
+  // an exception is that of record i (the op raised, or the binding / quota check after it), which is not run.
+  py::tuple run(const Trace& trace, int64_t k, py::list records, int64_t i, py::list objs, py::object progress,
+                double start, double budget) {
+    const int64_t n = static_cast<int64_t>(PyList_GET_SIZE(records.ptr()));
+    const int64_t nsteps = static_cast<int64_t>(trace.steps.size());
+    int64_t hits = 0;
+    int flags = 0;
+    py::object exc = py::none();
+    PyObject* tdict = tensors.ptr();
+    PyObject* pdict = poisoned.ptr();
+    torch::jit::Stack stack;
+    while (i < n && k < nsteps) {
+      const Plan* p = trace.steps[k].get();
+      if (p == nullptr) break;
+      {
+        PyObject* r = PyObject_GetAttr(p->owner.ptr(), S_run);
+        if (r == nullptr) throw py::error_already_set();
+        const bool same = r == p->run.ptr();
+        Py_DECREF(r);
+        if (!same) break;  // the op plan runs something else (a guard's replacement, a test's wrapper)
+      }
+      PyObject* data = PyList_GET_ITEM(records.ptr(), i);
+      if (!PyBytes_Check(data)) break;
+      const Py_ssize_t len = PyBytes_GET_SIZE(data);
+      if (len != p->size) break;  // also an empty record: no plan has size 0
+      const char* buf = PyBytes_AS_STRING(data);
+      bool ok = true;
+      for (const auto& f : p->fixed) {
+        if (std::memcmp(buf + f.first, f.second.data(), f.second.size()) != 0) {
+          ok = false;
+          break;
+        }
+      }
+      if (!ok) break;
+      // the output handle: 0 binds nothing (the `self` an in-place op returns; `_run_step` checks no handle then)
+      const uint64_t h = read_u64(buf + p->out_offset);
+      py::object hkey;
+      int in_p = 0;
+      if (h != 0) {
+        if ((h >> HANDLE_BITS) != static_cast<uint64_t>(number) || h == static_cast<uint64_t>(base)) break;
+        hkey = py::reinterpret_steal<py::object>(PyLong_FromUnsignedLongLong(h));
+        if (!hkey) throw py::error_already_set();
+        int in_t = PyDict_Contains(tdict, hkey.ptr());
+        if (in_t != 0) {
+          if (in_t < 0) throw py::error_already_set();
+          break;  // rebinds a live handle: `_run_step`
+        }
+        in_p = PyDict_Contains(pdict, hkey.ptr());
+        if (in_p < 0) throw py::error_already_set();
+        if (!in_p && PyDict_GET_SIZE(tdict) + PyDict_GET_SIZE(pdict) >= max_handles) break;
+      }
+      // inputs
+      stack.clear();
+      stack.reserve(p->args.size());
+      const Py_ssize_t nobjs = PyList_GET_SIZE(objs.ptr());
+      auto tensor_of = [&](const Input& in, at::Tensor* t) -> bool {
+        const uint64_t hin = read_u64(buf + in.offset);
+        PyObject* key = PyLong_FromUnsignedLongLong(hin);
+        if (!key) throw py::error_already_set();
+        PyObject* obj = PyDict_GetItemWithError(tdict, key);  // borrowed
+        Py_DECREF(key);
+        if (obj == nullptr) {
+          if (PyErr_Occurred()) throw py::error_already_set();
+          return false;  // not live: the Python path resolves it (and raises)
+        }
+        if (in.src >= 0) {
+          if (in.src >= nobjs || PyList_GET_ITEM(objs.ptr(), in.src) != obj) return false;
+        }
+        if (!THPVariable_Check(obj)) return false;
+        const at::Tensor& v = THPVariable_Unpack(obj);
+        if (in.src == EXTERNAL) {
+          if (v.scalar_type() != in.dtype || v.sizes() != at::IntArrayRef(in.sizes) ||
+              v.strides() != at::IntArrayRef(in.strides) || v.storage_offset() != in.storage_offset) {
+            return false;
+          }
+        }
+        *t = v;
+        return true;
+      };
+      for (const auto& a : p->args) {
+        if (a.kind == CONST) {
+          stack.push_back(a.value);
+        } else if (a.kind == INT) {
+          int64_t v;
+          std::memcpy(&v, buf + a.offset, 8);
+          stack.emplace_back(v);
+        } else if (a.kind == INT_AS_DOUBLE) {
+          int64_t v;
+          std::memcpy(&v, buf + a.offset, 8);
+          stack.emplace_back(static_cast<double>(v));
+        } else if (a.kind == DOUBLE) {
+          double v;
+          std::memcpy(&v, buf + a.offset, 8);
+          stack.emplace_back(v);
+        } else if (a.kind == TENSOR) {
+          at::Tensor t;
+          if (!tensor_of(a.inputs[0], &t)) {
+            ok = false;
+            break;
+          }
+          stack.emplace_back(std::move(t));
+        } else if (a.kind == TENSORS) {
+          c10::List<at::Tensor> list;
+          list.reserve(a.inputs.size());
+          for (const auto& in : a.inputs) {
+            at::Tensor t;
+            if (in.src == NONE || !tensor_of(in, &t)) {
+              ok = false;
+              break;
+            }
+            list.push_back(std::move(t));
+          }
+          if (!ok) break;
+          stack.emplace_back(std::move(list));
+        } else {
+          c10::List<std::optional<at::Tensor>> list;
+          list.reserve(a.inputs.size());
+          for (const auto& in : a.inputs) {
+            if (in.src == NONE) {
+              if (read_u64(buf + in.offset) != 0) {
+                ok = false;
+                break;
+              }
+              list.push_back(std::nullopt);
+              continue;
+            }
+            at::Tensor t;
+            if (!tensor_of(in, &t)) {
+              ok = false;
+              break;
+            }
+            list.push_back(std::move(t));
+          }
+          if (!ok) break;
+          stack.emplace_back(std::move(list));
+        }
+      }
+      if (!ok) break;
+      // the quota and the device's capacity (`_run_step`'s order: the handle checks above came first)
+      py::object used_obj = get_attr(s, S_used);
+      int64_t used_before = 0;
+      if (!as_i64(used_obj.ptr(), &used_before)) break;
+      if (p->need > 0) {
+        py::object mused_obj = get_attr(memory, S_used);
+        int64_t mused = 0;
+        if (!as_i64(mused_obj.ptr(), &mused)) break;
+        if (used_before + p->need > quota || mused + p->need > capacity) break;  // Python raises it
+      }
+      // From here on the record is run here: the op, the count, the binding, the quota check.
+      if (!progress.is_none()) progress(i);
+      PyObject* ran = call_op(*p->op, stack);
+      if (ran == nullptr) {
+        exc = fetch();
+        break;
+      }
+      Py_DECREF(ran);
+      if (p->returns ? stack.size() != 1 || !stack[0].isTensor() : !stack.empty()) {
+        stack.clear();
+        PyErr_SetString(PyExc_RuntimeError, "native runner: the op did not return what its schema says");
+        exc = fetch();
+        break;
+      }
+      at::Tensor out = p->returns ? std::move(stack[0]).toTensor() : at::Tensor();
+      stack.clear();
+      {
+        py::object ops = get_attr(s, S_ops);
+        py::object one = py::reinterpret_steal<py::object>(PyNumber_Add(ops.ptr(), py::int_(1).ptr()));
+        if (!one || PyObject_SetAttr(s.ptr(), S_ops, one.ptr()) < 0) throw py::error_already_set();
+      }
+      if (!count.is_none()) count(s);
+      py::object obj = p->returns ? py::reinterpret_steal<py::object>(THPVariable_Wrap(out)) : py::none();
+      if (!obj) throw py::error_already_set();
+      try {
+        py::object bound;
+        if (!p->returns || h == 0) {
+          bound = py::list();  // `_bind_outputs` of None, or to handle 0: nothing bound
+          obj = py::none();  // what the session's table holds for the output handle (`objs` below)
+        } else if (Py_TYPE(obj.ptr()) == reinterpret_cast<PyTypeObject*>(THPVariableClass) && !in_p &&
+            out.layout() == at::kStrided && !out.is_quantized() && !out.is_nested() && out.dim() <= MAX_DIMS) {
+          bind_new(hkey, out, obj);
+          bound = py::none();
+        } else {
+          bound = bind_outputs(s, py::make_tuple(hkey), obj);
+        }
+        py::object used_now = get_attr(s, S_used);
+        int64_t after = 0;
+        if (!as_i64(used_now.ptr(), &after)) throw std::overflow_error("session use out of range");
+        if (after > quota && after > used_before) {
+          over_quota(s, bound.is_none() ? py::object(py::make_tuple(hkey)) : bound);  // raises
+        }
+      } catch (py::error_already_set& e) {
+        e.restore();
+        exc = fetch();
+        break;
+      }
+      ++hits;
+      ++k;
+      ++i;
+      if (k == nsteps) {
+        flags |= END;
+      } else if (p->keep) {
+        if (PyList_Append(objs.ptr(), obj.ptr()) < 0) throw py::error_already_set();
+      }
+      if (now() - start > budget) {
+        flags |= OVER;
+        break;
+      }
+    }
+    return py::make_tuple(i, k, hits, flags, exc);
+  }
+
+  static py::object fetch() {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != nullptr && value != nullptr) PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    if (value == nullptr) return py::none();
+    return py::reinterpret_steal<py::object>(value);
+  }
+
+  // `WorkerSession.bind_new`: count the storage once, bind the handle
+  void bind_new(const py::object& hkey, const at::Tensor& out, const py::object& obj) {
+    const auto& storage = out.storage();
+    py::object skey = py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(storage.unsafeGetStorageImpl()));
+    if (!skey) throw py::error_already_set();
+    PyObject* entry = PyDict_GetItemWithError(storages.ptr(), skey.ptr());
+    if (entry == nullptr) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      const int64_t nbytes = static_cast<int64_t>(storage.nbytes());
+      py::list fresh(2);
+      fresh[0] = py::int_(1);
+      fresh[1] = py::int_(nbytes);
+      if (PyDict_SetItem(storages.ptr(), skey.ptr(), fresh.ptr()) < 0) throw py::error_already_set();
+      add(s, nbytes);
+      add(memory, nbytes);
+    } else {
+      PyObject* c = PyList_GetItem(entry, 0);
+      if (c == nullptr) throw py::error_already_set();
+      PyObject* c1 = PyNumber_Add(c, py::int_(1).ptr());
+      if (c1 == nullptr || PyList_SetItem(entry, 0, c1) < 0) throw py::error_already_set();
+    }
+    if (PyDict_SetItem(keys.ptr(), hkey.ptr(), skey.ptr()) < 0) throw py::error_already_set();
+    if (PyDict_SetItem(tensors.ptr(), hkey.ptr(), obj.ptr()) < 0) throw py::error_already_set();
+  }
+
+  static void add(const py::object& o, int64_t nbytes) {
+    py::object v = get_attr(o, S_used);
+    py::object w = py::reinterpret_steal<py::object>(PyNumber_Add(v.ptr(), py::int_(nbytes).ptr()));
+    if (!w || PyObject_SetAttr(o.ptr(), S_used, w.ptr()) < 0) throw py::error_already_set();
+  }
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  S_used = PyUnicode_InternFromString("used");
+  S_ops = PyUnicode_InternFromString("ops");
+  S_run = PyUnicode_InternFromString("run");
+  py::class_<Plan, std::shared_ptr<Plan>>(m, "Plan");
+  m.def("plan", &make_plan);
+  py::class_<Trace>(m, "Trace")
+      .def(py::init([](py::list steps) {
+        Trace t;
+        for (auto st : steps) {
+          t.steps.push_back(st.is_none() ? nullptr : st.cast<std::shared_ptr<Plan>>());
+        }
+        return t;
+      }))
+      .def("__len__", [](const Trace& t) { return t.steps.size(); })
+      .def("runs", [](const Trace& t, int64_t k) {
+        return k >= 0 && k < static_cast<int64_t>(t.steps.size()) && t.steps[k] != nullptr;
+      });
+  py::class_<Ctx>(m, "Ctx")
+      .def(py::init([](py::object s, py::object memory, py::object count, py::object bind_outputs,
+                       py::object over_quota, int64_t capacity) {
+        Ctx c;
+        c.s = s;
+        c.tensors = s.attr("tensors");
+        c.poisoned = s.attr("poisoned");
+        c.storages = s.attr("_storages");
+        c.keys = s.attr("_keys");
+        if (!PyDict_CheckExact(c.tensors.ptr()) || !PyDict_CheckExact(c.poisoned.ptr()) ||
+            !PyDict_CheckExact(c.storages.ptr()) || !PyDict_CheckExact(c.keys.ptr())) {
+          throw std::invalid_argument("a session's tables must be dicts");
+        }
+        c.memory = memory;
+        c.count = count;
+        c.bind_outputs = bind_outputs;
+        c.over_quota = over_quota;
+        c.quota = s.attr("quota").cast<int64_t>();
+        c.capacity = capacity;
+        c.max_handles = s.attr("max_handles").cast<int64_t>();
+        c.number = s.attr("number").cast<int64_t>();
+        c.base = s.attr("handle_base").cast<int64_t>();
+        return c;
+      }))
+      .def("run", &Ctx::run);
+  m.def("storage_key", [](const at::Tensor& t) {
+    return py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(t.storage().unsafeGetStorageImpl()));
+  });
+}

@@ -1,0 +1,282 @@
+"""The native runner: a learned run's `fast` steps (server/runs.py) matched and run in C++ (`native_runner.cpp`).
+
+A session worker spends ~700 interpreter bytecodes per record of a learned run on `runs.match` and the inline path of
+`CommandExecutor.eager_span`. For a step that qualifies (`compile_trace`), the C++ runner does the same per record:
+the record's length and fixed bytes against the template's, its handles read at their offsets (the length is
+checked first, so every read is in bounds), each input looked up in the session's own table (`WorkerSession.tensors`),
+an input a step of the run bound must be that very tensor, an external one must have the learned dtype, sizes,
+strides and storage offset; the output handle's checks (this session's, not reserved, not live), the handle limit,
+the quota and the device's capacity against the learned verdict; then the op, called boxed through its
+`OperatorHandle` as torch's Python binding calls it (the GIL released, errors and warnings translated by
+torch's own handler), `s.ops`, the ledger's count, the output bound into the session's table with its storage
+counted as `WorkerSession.bind_new` does, and the quota checked after it. It runs consecutive records of a run
+for as long as each matches its step. A record it cannot take (no match, a check that fails, a step that does not
+qualify) goes back to the Python path untouched (nothing above has a side effect before the op runs), which then
+runs or refuses it exactly as without the runner; an op that raises reports its exception to the Python loop,
+which records it as the Python path would have.
+
+A step qualifies when it is `fast` (one output, no per-op extras; or a factory that takes the session's device), its
+op is a plain `OpOverload` returning one Tensor and run as itself (checked per record: while its `OpPlan.run` is
+something else, a guard's replacement, a fallback or a wrapper, its records take the Python path), and every
+variable field of its template is the output handle, a tensor handle (`Tensor`, `Tensor?`, `Tensor[]`, `Tensor?[]`)
+or a number the verdict keys by type (a `Scalar`, `float` or `int`, say an optimizer's step size: read from the
+record and converted as `toIValue` converts the Python number the full decode gives); the other arguments are
+converted to IValues once, with the same conversion torch's Python binding uses (`torch::jit::toIValue` on the
+schema's type). The op may also return nothing (an in-place `_foreach_` op: its output handle stays unbound, as
+`_bind_outputs` leaves it). Steps with lists of by-type numbers or argument kinds the runner does not know stay in
+Python.
+
+The extension is built with `torch.utils.cpp_extension.load` (g++ and ninja, ~1 min once, cached under
+`$GPUPOOL_NATIVE_RUNNER_CACHE`, default `~/.cache/gpupool/runner`) by the first `load()`: the zygote does it before it
+forks any worker (`CommandExecutor` calls `load()`; a worker process never builds: `forbid_build`, and its
+sandbox denies exec anyway). `GPUPOOL_NATIVE_RUNNER=0` keeps every record on the Python path; without a
+compiler or ninja, or when the build fails, one log line says so and the Python path runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .templates import C_ARG, C_KW, L_ARG, L_KW, N_ARG, N_KW, T_ARG, T_KW
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native_runner.cpp")
+EXTERNAL, NONE = -1, -2  # runs.EXTERNAL, runs.NONE
+END, OVER = 1, 2  # flags of `Ctx.run`
+_state: list[Any] = []  # [the module, or None when unavailable] once `load` decided
+_no_build: list[bool] = []
+_KINDS = frozenset({T_ARG, T_KW, L_ARG, L_KW, C_ARG, C_KW, N_ARG, N_KW})
+INT, INT_AS_DOUBLE, DOUBLE = 4, 5, 6  # how the C++ runner reads a number field (native_runner.cpp, `Kind`)
+
+
+def enabled() -> bool:
+    """False when `GPUPOOL_NATIVE_RUNNER=0` asks for the Python path."""
+    return os.environ.get("GPUPOOL_NATIVE_RUNNER", "1").strip() != "0"
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("GPUPOOL_NATIVE_RUNNER_CACHE")
+    if explicit:
+        return Path(explicit)
+    return Path.home() / ".cache" / "gpupool" / "runner"
+
+
+def forbid_build() -> None:
+    """In a worker process: `load` only uses a module the zygote loaded before the fork, never builds one."""
+    _no_build.append(True)
+
+
+def missing() -> str | None:
+    """Why the runner cannot be built here, or None."""
+    if sys.byteorder != "little":
+        return "a big-endian host (records are little-endian)"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return f"no C++ compiler ({os.environ.get('CXX', 'c++')} not on PATH)"
+    if shutil.which("ninja") is None:
+        return "no ninja (torch.utils.cpp_extension needs it)"
+    return None
+
+
+def load() -> Any:
+    """The extension module (built at the first call in this process tree), or None: disabled or unavailable."""
+    if not enabled():
+        return None
+    if _state:
+        return _state[0]
+    if _no_build:
+        log.info("native runner: not loaded before this worker forked; learned runs stay in Python")
+        _state.append(None)
+        return None
+    why = missing()
+    mod = None
+    if why is not None:
+        log.info("native runner unavailable (%s): learned runs stay in Python", why)
+    else:
+        try:
+            from torch.utils import cpp_extension
+
+            build = cache_dir()
+            build.mkdir(parents=True, exist_ok=True)
+            mod = cpp_extension.load(
+                name="gpupool_native_runner",
+                sources=[str(SOURCE)],
+                extra_cflags=["-O2"],
+                build_directory=str(build),
+                verbose=False,
+            )
+        except Exception as exc:  # a failed build costs speed, never the daemon
+            log.warning("native runner: the build failed (%s): learned runs stay in Python", str(exc)[:300])
+            mod = None
+    _state.append(mod)
+    return mod
+
+
+def compile_trace(mod: Any, trace: Any, dev: torch.device) -> Any:
+    """The native form of `trace` (a `runs.Trace` of a session on `dev`): a plan per step that qualifies; None when
+    none does."""
+    plans = [_plan(mod, step, dev) for step in trace.steps]
+    if not any(p is not None for p in plans):
+        return None
+    return mod.Trace(plans)
+
+
+def _plan(mod: Any, step: Any, dev: torch.device) -> Any:
+    try:
+        return _compile(mod, step, dev)
+    except Exception as exc:  # a step the runner cannot express stays in Python
+        log.debug("native runner: step %s stays in Python: %s", getattr(step.plan, "name", "?"), exc)
+        return None
+
+
+def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
+    tpl, plan = step.tpl, step.plan
+    op = plan.op
+    # `Step.fast`, or a factory of the session's device (`_run_step` gives it the device when the record has none)
+    if tpl.n_out != 1 or plan.reshapes or plan.seeded or plan.uninitialized or step.check:
+        return None
+    if op.__class__ is not torch._ops.OpOverload:
+        return None
+    if any(kind not in _KINDS for kind, _, _, _ in tpl.steps):
+        return None
+    schema = op._schema
+    returns = len(schema.returns) == 1
+    if schema.returns and not (returns and isinstance(schema.returns[0].type, torch.TensorType)):
+        return None
+    offsets, fixed, codes = _layout(tpl)
+    if offsets is None:
+        return None
+    # where each record puts its own tensors: argument index or keyword -> ("t", ...) / ("l", ...)
+    placed: dict[tuple[bool, Any], tuple[Any, ...]] = {}
+    for kind, i, where, n, src, meta, _ in step.ins:
+        if kind == T_ARG or kind == T_KW:
+            placed[(kind == T_KW, where)] = ("t", offsets[i], src, meta)
+        elif kind == L_ARG or kind == L_KW:
+            elems = [(offsets[i + j], src[j], meta[j]) for j in range(n)]
+            placed[(kind == L_KW, where)] = ("l", elems)
+        elif kind == N_ARG or kind == N_KW:
+            placed[(kind == N_KW, where)] = ("n", offsets[i], codes[i] == "d")
+    args, kwargs = tpl.args, tpl.kwargs
+    if plan.takes_device and kwargs.get("device") is None:
+        kwargs = {**kwargs, "device": dev}
+    params = schema.arguments
+    if len(args) > len(params) or any(p.kwarg_only for p in params[: len(args)]):
+        return None
+    names = {p.name for p in params}
+    if any(k not in names for k in kwargs):
+        return None
+    out: list[tuple[Any, ...]] = []
+    for a, p in enumerate(params):
+        if a < len(args):
+            key: tuple[bool, Any] = (False, a)
+            value = args[a]
+        elif p.name in kwargs:
+            key = (True, p.name)
+            value = kwargs[p.name]
+        elif p.has_default_value():
+            out.append(("d",))
+            continue
+        else:
+            return None
+        got = placed.pop(key, None)
+        if got is None:
+            if isinstance(value, torch.Tensor):  # a tensor in a template's constants: never (templates hold none)
+                return None
+            out.append(("c", value))
+        elif got[0] == "n":
+            number = _number(p.type, got[2])
+            if number is None:
+                return None
+            out.append(("n", got[1], number))
+        elif got[0] == "t":
+            t = p.type
+            if not (isinstance(t, torch.TensorType) or (isinstance(t, torch.OptionalType) and _tensor(t))):
+                return None
+            out.append(got)
+        else:
+            t = p.type
+            if not isinstance(t, torch.ListType):
+                return None
+            elem = t.getElementType()
+            optional = isinstance(elem, torch.OptionalType)
+            if not (isinstance(elem, torch.TensorType) or (optional and _tensor(elem))):
+                return None
+            if not optional and any(src == NONE for _, src, _ in got[1]):
+                return None
+            out.append(("l", optional, got[1]))
+    if placed:  # a tensor the schema has no place for
+        return None
+    name, overload = schema.name, schema.overload_name
+    keep = bool(step.keep)
+    return mod.plan(name, overload, tpl.size, fixed, offsets[1], out, step.need, keep, plan, op._op, returns)
+
+
+def _number(t: Any, is_float: bool) -> int | None:
+    """How the runner converts a number field for an argument of type `t`, as `toIValue` converts the Python
+    number the full decode gives: a Scalar keeps an int an int and a float a float, a float takes either, an int
+    only an int; None for any other type (the step stays in Python)."""
+    if isinstance(t, torch.OptionalType):
+        t = t.getElementType()
+    if isinstance(t, torch.NumberType):
+        return DOUBLE if is_float else INT
+    if isinstance(t, torch.FloatType):
+        return DOUBLE if is_float else INT_AS_DOUBLE
+    if t.__class__ is torch.IntType and not is_float:
+        return INT
+    return None
+
+
+def _tensor(t: Any) -> bool:
+    return isinstance(t.getElementType(), torch.TensorType)
+
+
+def _layout(tpl: Any) -> tuple[list[int] | None, list[tuple[int, bytes]], list[str]]:
+    """Each field's byte offset in the record, the fixed segments (offset, bytes) and each field's struct code; None
+    for a format the runner does not read (anything but byte runs, handles and 64-bit numbers)."""
+    fmt = tpl.unpack.__self__.format
+    if not fmt.startswith("<") or struct.calcsize(fmt) != tpl.size:
+        return None, [], []
+    fixed_values = tpl.fixed if isinstance(tpl.fixed, tuple) else (tpl.fixed,)
+    offsets: list[int] = []
+    codes: list[str] = []
+    runs: list[tuple[int, int]] = []
+    pos = 0
+    for count, code in _tokens(fmt[1:]):
+        if code == "s":
+            offsets.append(pos)
+            codes.append(code)
+            runs.append((pos, count))
+            pos += count
+        elif code in "Qqd":
+            for _ in range(count):
+                offsets.append(pos)
+                codes.append(code)
+                pos += 8
+        else:
+            return None, [], []
+    if pos != tpl.size or len(runs) != len(fixed_values):
+        return None, [], []
+    segs = [(at, bytes(v)) for (at, count), v in zip(runs, fixed_values, strict=True)]
+    if any(len(v) != count for (_, v), (_, count) in zip(segs, runs, strict=True)):
+        return None, [], []
+    return offsets, segs, codes
+
+
+def _tokens(fmt: str) -> list[tuple[int, str]]:
+    out: list[tuple[int, str]] = []
+    num = ""
+    for ch in fmt:
+        if ch.isdigit():
+            num += ch
+        else:
+            out.append((int(num) if num else 1, ch))
+            num = ""
+    return out
