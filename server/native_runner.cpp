@@ -37,6 +37,11 @@ struct Input {
   at::ScalarType dtype = at::ScalarType::Undefined;
   std::vector<int64_t> sizes, strides;
   int64_t storage_offset = 0;
+  // a view argument (compact.VIEW): the tensor above is the one it views; the geometry applied to it, and the
+  // storage elements the view spans from the storage's start (`compact.Geometry.last`)
+  bool view = false;
+  std::vector<int64_t> view_sizes, view_strides;
+  int64_t view_offset = 0, view_last = 0;
 };
 
 // CONST: converted once; the others read from the record: tensor handles, and the numbers an op's verdict keys by
@@ -85,7 +90,8 @@ Input make_input(int64_t offset, int64_t src, py::handle meta) {
   return in;
 }
 
-// args: per schema argument, ("c", value) | ("d",) | ("t", offset, src, meta) | ("l", optional, [(offset, src, meta)])
+// args: per schema argument, ("c", value) | ("d",) | ("t", offset, src, meta[, view geometry or None]) |
+// ("l", optional, [(offset, src, meta)])
 std::shared_ptr<Plan> make_plan(
     const std::string& name, const std::string& overload, int64_t size, py::list fixed, int64_t out_offset,
     py::list args, int64_t need, bool keep, py::object owner, py::object run, bool returns) {
@@ -121,6 +127,19 @@ std::shared_ptr<Plan> make_plan(
     } else if (tag == "t") {
       out.kind = TENSOR;
       out.inputs.push_back(make_input(t[1].cast<int64_t>(), t[2].cast<int64_t>(), t[3]));
+      if (t.size() > 4 && !t[4].is_none()) {  // (sizes, strides, offset, last)
+        auto g = t[4].cast<py::tuple>();
+        Input& in = out.inputs.back();
+        in.view = true;
+        for (auto d : g[0]) in.view_sizes.push_back(d.cast<int64_t>());
+        for (auto d : g[1]) in.view_strides.push_back(d.cast<int64_t>());
+        in.view_offset = g[2].cast<int64_t>();
+        in.view_last = g[3].cast<int64_t>();
+        if (in.view_sizes.size() != in.view_strides.size() || in.view_sizes.size() > MAX_DIMS || in.view_offset < 0 ||
+            in.view_last < 0) {
+          throw std::invalid_argument("bad view geometry");
+        }
+      }
     } else if (tag == "n") {  // ("n", offset, kind)
       out.kind = static_cast<Kind>(t[2].cast<int>());
       if (out.kind != INT && out.kind != INT_AS_DOUBLE && out.kind != DOUBLE) throw std::invalid_argument("number");
@@ -271,6 +290,21 @@ struct Ctx {
               v.strides() != at::IntArrayRef(in.strides) || v.storage_offset() != in.storage_offset) {
             return false;
           }
+        }
+        if (in.view) {  // `compact.view_of`'s checks, against the tensor as it is now; a refusal is Python's to raise
+          if (v.layout() != at::kStrided || v.is_quantized() || v.is_nested() || v.is_conj() || v.is_neg()) {
+            return false;
+          }
+          const auto have = static_cast<unsigned __int128>(v.storage().nbytes());
+          if (static_cast<unsigned __int128>(in.view_last) * static_cast<unsigned __int128>(v.element_size()) > have) {
+            return false;
+          }
+          try {
+            *t = v.as_strided(in.view_sizes, in.view_strides, in.view_offset);
+          } catch (const std::exception&) {
+            return false;
+          }
+          return true;
         }
         *t = v;
         return true;

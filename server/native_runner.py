@@ -18,7 +18,9 @@ which records it as the Python path would have.
 A step qualifies when it is `fast` (one output, no per-op extras; or a factory that takes the session's device), its
 op is a plain `OpOverload` returning one Tensor and run as itself (checked per record: while its `OpPlan.run` is
 something else, a guard's replacement, a fallback or a wrapper, its records take the Python path), and every
-variable field of its template is the output handle, a tensor handle (`Tensor`, `Tensor?`, `Tensor[]`, `Tensor?[]`)
+variable field of its template is the output handle, a tensor handle (`Tensor`, `Tensor?`, `Tensor[]`, `Tensor?[]`;
+also a view argument's, `compact.VIEW`: its tensor is checked as any input's, then `compact.view_of`'s checks run
+against its storage as it is now, for every record, and the geometry is applied)
 or a number the verdict keys by type (a `Scalar`, `float` or `int`, say an optimizer's step size: read from the
 record and converted as `toIValue` converts the Python number the full decode gives); the other arguments are
 converted to IValues once, with the same conversion torch's Python binding uses (`torch::jit::toIValue` on the
@@ -35,17 +37,20 @@ compiler or ninja, or when the build fails, one log line says so and the Python 
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import logging
 import os
 import shutil
 import struct
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .templates import C_ARG, C_KW, L_ARG, L_KW, N_ARG, N_KW, T_ARG, T_KW
+from .templates import C_ARG, C_KW, L_ARG, L_KW, N_ARG, N_KW, T_ARG, T_KW, V_ARG, V_KW
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +59,7 @@ EXTERNAL, NONE = -1, -2  # runs.EXTERNAL, runs.NONE
 END, OVER = 1, 2  # flags of `Ctx.run`
 _state: list[Any] = []  # [the module, or None when unavailable] once `load` decided
 _no_build: list[bool] = []
-_KINDS = frozenset({T_ARG, T_KW, L_ARG, L_KW, C_ARG, C_KW, N_ARG, N_KW})
+_KINDS = frozenset({T_ARG, T_KW, L_ARG, L_KW, C_ARG, C_KW, N_ARG, N_KW, V_ARG, V_KW})
 INT, INT_AS_DOUBLE, DOUBLE = 4, 5, 6  # how the C++ runner reads a number field (native_runner.cpp, `Kind`)
 
 
@@ -102,21 +107,46 @@ def load() -> Any:
         log.info("native runner unavailable (%s): learned runs stay in Python", why)
     else:
         try:
-            from torch.utils import cpp_extension
-
-            build = cache_dir()
-            build.mkdir(parents=True, exist_ok=True)
-            mod = cpp_extension.load(
-                name="gpupool_native_runner",
-                sources=[str(SOURCE)],
-                extra_cflags=["-O2"],
-                build_directory=str(build),
-                verbose=False,
-            )
+            mod = _import(_built())
         except Exception as exc:  # a failed build costs speed, never the daemon
             log.warning("native runner: the build failed (%s): learned runs stay in Python", str(exc)[:300])
             mod = None
     _state.append(mod)
+    return mod
+
+
+_NAME = "gpupool_native_runner"
+
+
+def _built() -> Path:
+    """The extension for this torch and this source, built once per cache (a folder per torch version and source
+    hash, so checkouts of other sources never replace each other's build). Each build runs in a private folder and
+    its result is moved into place (`os.replace`, atomic), so concurrent first starts each build and the last one
+    wins, and a build killed midway leaves no lock behind that would hang every later start (cpp_extension's own
+    build folder lock waits forever for a dead holder)."""
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    final = cache_dir() / f"torch-{torch.__version__}-{digest}" / f"{_NAME}.so"
+    if final.exists():
+        return final
+    from torch.utils import cpp_extension
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="build-", dir=final.parent))
+    try:
+        cpp_extension.load(name=_NAME, sources=[str(SOURCE)], extra_cflags=["-O2"], build_directory=str(tmp),
+                           is_python_module=False, verbose=False)  # fmt: skip
+        os.replace(tmp / f"{_NAME}.so", final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _import(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(_NAME, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
     return mod
 
 
@@ -158,7 +188,10 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
     placed: dict[tuple[bool, Any], tuple[Any, ...]] = {}
     for kind, i, where, n, src, meta, _ in step.ins:
         if kind == T_ARG or kind == T_KW:
-            placed[(kind == T_KW, where)] = ("t", offsets[i], src, meta)
+            placed[(kind == T_KW, where)] = ("t", offsets[i], src, meta, None)
+        elif kind == V_ARG or kind == V_KW:  # a view argument: its tensor as above, and the geometry to apply
+            g = n  # compact.Geometry (read and checked on its own when the template was made)
+            placed[(kind == V_KW, where)] = ("t", offsets[i], src, meta, (g.sizes, g.strides, g.offset, g.last))
         elif kind == L_ARG or kind == L_KW:
             elems = [(offsets[i + j], src[j], meta[j]) for j in range(n)]
             placed[(kind == L_KW, where)] = ("l", elems)
