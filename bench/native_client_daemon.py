@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cgtools
+
 ROOT = Path(__file__).resolve().parent.parent
 # the Python shim's commands per step (launch_bound.py's "commands/step", eager): the spike's instructions per step
 # are divided by these, as client_ab.py --measure instr divides the shim's
@@ -57,8 +59,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         return breadth(nc, session)
     dev = nc.device()
     sys.path.insert(0, str(ROOT / "bench"))
+    from cgtools import instrumented
     from launch_bound import workload
-    from native_client_spike import instrumented
 
     base, data, loss_fn = workload(args.model)
     if args.model in ("encoder", "cnn") and not args.dropout:
@@ -333,8 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = ["taskset", "-c", "0", *cmd, "--time"]
         if args.callgrind:
             out_file = Path(args.callgrind_out or Path(tmp) / "cg.out")
-            cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}",
-                   *cmd, "--callgrind", args.callgrind]  # fmt: skip
+            cmd = [*cgtools.valgrind(out_file), *cmd, "--callgrind", args.callgrind]
         env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if proc.returncode != 0:

@@ -35,12 +35,10 @@ import os
 os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"  # before torch: gpupool's package would take PrivateUse1
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -51,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "spike"))
 import native_client  # noqa: E402
+from cgtools import instrumented  # noqa: E402
 from launch_bound import workload  # noqa: E402
 
 
@@ -162,17 +161,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{how:>6} {min(cpu[how]):17.1f} {med:8.1f} {statistics.median(wall[how]):12.1f} {med / ops:16.2f} "
               f"{med / local:15.2f}")  # fmt: skip
     return 0
-
-
-@contextlib.contextmanager
-def instrumented() -> Iterator[None]:
-    """callgrind's instrumentation on inside the block (nothing happens outside valgrind)."""
-    pid = str(os.getpid())
-    subprocess.run(["callgrind_control", "--instr=on", pid], capture_output=True, check=False)
-    try:
-        yield
-    finally:
-        subprocess.run(["callgrind_control", "--instr=off", pid], capture_output=True, check=False)
 
 
 def callgrind(model: str, how: str, steps: int, calling_thread: bool) -> int:
