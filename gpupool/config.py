@@ -10,6 +10,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 _UNITS = {
@@ -99,6 +100,17 @@ def size_arg(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def cache_dir(name: str, env: str) -> Path:
+    """A folder of gpupool's cache: `$ENV` when set, else `$XDG_CACHE_HOME/gpupool/NAME` (default
+    `~/.cache/gpupool/NAME`): where builds that outlive a process (the client's device guard, the daemon's native
+    runner) are kept."""
+    explicit = os.environ.get(env)
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gpupool" / name
 
 
 def setup_logging(program: str, level: str | None = None) -> None:

@@ -29,8 +29,9 @@ schema's type). The op may also return nothing (an in-place `_foreach_` op: its 
 Python.
 
 The extension is built with `torch.utils.cpp_extension.load` (g++ and ninja, ~1 min once, cached under
-`$GPUPOOL_NATIVE_RUNNER_CACHE`, default `~/.cache/gpupool/runner`) by the first `load()`: the zygote does it before it
-forks any worker (`CommandExecutor` calls `load()`; a worker process never builds: `forbid_build`, and its
+`$GPUPOOL_NATIVE_RUNNER_CACHE`, default `$XDG_CACHE_HOME/gpupool/runner` or `~/.cache/gpupool/runner`, a folder per
+torch version and source hash) by the first `load()`: the zygote does it before it forks any worker
+(`CommandExecutor` calls `load()`; a worker process never builds: `forbid_build`, and its
 sandbox denies exec anyway). `GPUPOOL_NATIVE_RUNNER=0` keeps every record on the Python path; without a
 compiler or ninja, or when the build fails, one log line says so and the Python path runs.
 """
@@ -49,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from gpupool import config
 
 from .templates import C_ARG, C_KW, L_ARG, L_KW, N_ARG, N_KW, T_ARG, T_KW, V_ARG, V_KW
 
@@ -69,10 +72,7 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    explicit = os.environ.get("GPUPOOL_NATIVE_RUNNER_CACHE")
-    if explicit:
-        return Path(explicit)
-    return Path.home() / ".cache" / "gpupool" / "runner"
+    return config.cache_dir("runner", "GPUPOOL_NATIVE_RUNNER_CACHE")
 
 
 def forbid_build() -> None:

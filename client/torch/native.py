@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from gpupool import config
+
 log = logging.getLogger("gpupool.torch")
 
 SOURCE = Path(__file__).with_name("native_guard.cpp")
@@ -73,11 +75,7 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    explicit = os.environ.get("GPUPOOL_NATIVE_CACHE")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "gpupool" / "native"
+    return config.cache_dir("native", "GPUPOOL_NATIVE_CACHE")
 
 
 def _torch_dir() -> Path:
