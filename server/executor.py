@@ -57,7 +57,7 @@ class CommandLedger(Protocol):
     def error(self, session: WorkerSession, code: StatusCode) -> None: ...
     def transfer(self, direction: str, nbytes: int) -> None: ...
     def graph(self, session: WorkerSession, event: str, ops: int = 0) -> None: ...
-    def learned(self, session: WorkerSession, n: int) -> None: ...
+    def learned(self, session: WorkerSession, n: int, native: int = 0) -> None: ...
 
 
 class CommandExecutor:
@@ -283,6 +283,7 @@ class CommandExecutor:
         after: runs.Trace | None = None  # the run that just ended at its last step
         over = False
         hits = 0  # records of this span run inside a learned run (added to `known.hits` at the end)
+        natives = 0  # of which the C++ runner ran (server/native_runner.py)
         tensors, poisoned, number, base, max_handles = s.tensors, s.poisoned, s.number, s.handle_base, s.max_handles
         quota, memory, capacity = s.quota, s.memory, s.memory.device.capacity
         # the inline path leaves the speed model's hold and a counting ledger's call to `_run_step`
@@ -303,7 +304,7 @@ class CommandExecutor:
                             ctx = native.Ctx(s, memory, count, self._binder(dev), _over_quota, capacity)
                         j, k, done, flags, exc = ctx.run(nat, k, records, i, objs, progress, start, budget)
                         hits += done
-                        known.native += done
+                        natives += done
                         i = j
                         if exc is not None:  # record i raised (the op, or its binding): as on the Python path
                             self._failed(s, commands[i], exc, reply)
@@ -433,9 +434,10 @@ class CommandExecutor:
         finally:
             if known.rec is not None:
                 self._learn(known, s)
-            if hits:  # the metric gpupool_eager_learned_ops_total
+            if hits:  # the metrics gpupool_eager_learned_ops_total and gpupool_eager_native_ops_total
                 known.hits += hits
-                self.ledger.learned(s, hits)
+                known.native += natives
+                self.ledger.learned(s, hits, natives)
         return i, over
 
     def _run_step(

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 from gpupool.config import split_address
 
-from .slices import LEARNED_OPS
+from .slices import LEARNED_OPS, NATIVE_OPS
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -40,6 +40,7 @@ class Ledger:
         self.device_busy: dict[int, float] = defaultdict(float)
         self.graphs: dict[tuple[int, str, str], int] = defaultdict(int)  # (device, tenant, event)
         self.learned: dict[tuple[int, str], int] = defaultdict(int)  # (device, tenant) -> eager ops in learned runs
+        self.native: dict[tuple[int, str], int] = defaultdict(int)  # (device, tenant) -> of them, run by the C++ runner
 
     def add(
         self, session: FrontSession, ops: int, errors: dict[StatusCode, int], uploaded: int, downloaded: int
@@ -50,6 +51,7 @@ class Ledger:
             if ops:
                 self.ops[key] += ops
                 self.learned[key] += 0  # a tenant that ran ops has a learned-run count, zero until one ran
+                self.native[key] += 0
             for code, n in errors.items():
                 self.errors[(session.device.index, session.tenant, code)] += n
             self.transfers["upload"] += uploaded
@@ -57,11 +59,13 @@ class Ledger:
 
     def graphs_of(self, session: FrontSession, events: dict[str, int]) -> None:
         """A slice's step-capture graph events (defined, rerecorded, replayed, dropped, traced), as its worker counted
-        them, and its eager records run inside learned runs (`slices.LEARNED_OPS`)."""
+        them, and its eager records run inside learned runs (`slices.LEARNED_OPS`; `NATIVE_OPS` of them in C++)."""
         with self._lock:
             for event, n in events.items():
                 if event == LEARNED_OPS:
                     self.learned[(session.device.index, session.tenant)] += n
+                elif event == NATIVE_OPS:
+                    self.native[(session.device.index, session.tenant)] += n
                 else:
                     self.graphs[(session.device.index, session.tenant, event)] += n
 
@@ -80,6 +84,7 @@ class Ledger:
                 "device_busy": dict(self.device_busy),
                 "graphs": dict(self.graphs),
                 "learned": dict(self.learned),
+                "native": dict(self.native),
             }
 
 
@@ -163,6 +168,15 @@ class DaemonCollector(Collector):
         for (i, tenant), n in snap["learned"].items():
             learned.add_metric([host, str(i), ids[i][0], tenant], n)
         yield learned
+
+        native = CounterMetricFamily(
+            "gpupool_eager_native_ops",
+            "Of a tenant's eager ops in learned runs, those its session worker's C++ runner ran",
+            labels=tlabels,
+        )
+        for (i, tenant), n in snap["native"].items():
+            native.add_metric([host, str(i), ids[i][0], tenant], n)
+        yield native
 
         xfer = CounterMetricFamily(
             "gpupool_transfer_bytes", "Tensor bytes moved over the wire", labels=["host", "direction"]

@@ -210,6 +210,7 @@ _PARTIAL = 2  # flags: the command after the executed ones (a Get) answered a pi
 GRAPH_EVENTS = ("defined", "rerecorded", "replayed", "dropped", "traced")
 # Eager records a worker ran inside learned runs (server/runs.py), reported with the graph events.
 LEARNED_OPS = "learned_ops"
+NATIVE_OPS = "native_ops"  # of the learned ones, those the C++ runner ran (server/native_runner.py)
 
 
 @dataclass
@@ -324,7 +325,7 @@ def decode_result(body: bytes | bytearray | memoryview, commands: int, slot: mem
         length, n = struct.unpack_from("<BI", view, pos)
         name = bytes(view[pos + 5 : pos + 5 + length]).decode("ascii", "replace")
         pos += 5 + length
-        if name in GRAPH_EVENTS or name == LEARNED_OPS:
+        if name in GRAPH_EVENTS or name in (LEARNED_OPS, NATIVE_OPS):
             events[name] = min(n, executed)
     replies: list[Any] = []
     slot_end = 0
@@ -408,9 +409,11 @@ class SliceLedger:
         """Step capture's graph events (server/graph.py); its ops are counted by the session's `ops`."""
         self.events[event] = self.events.get(event, 0) + 1
 
-    def learned(self, session: Any, n: int) -> None:
-        """`n` eager records of this slice ran inside learned runs (server/runs.py)."""
+    def learned(self, session: Any, n: int, native: int = 0) -> None:
+        """`n` eager records of this slice ran inside learned runs (server/runs.py), `native` of them in C++."""
         self.events[LEARNED_OPS] = self.events.get(LEARNED_OPS, 0) + n
+        if native:
+            self.events[NATIVE_OPS] = self.events.get(NATIVE_OPS, 0) + native
 
     def reset(self) -> None:
         self.events = {}
