@@ -47,10 +47,18 @@ struct Input {
 // CONST: converted once; the others read from the record: tensor handles, and the numbers an op's verdict keys by
 // type only (an optimizer's step sizes), as torch's `toIValue` converts the Python int or float the full decode gives
 enum Kind { CONST = 0, TENSOR = 1, TENSORS = 2, OPT_TENSORS = 3, INT = 4, INT_AS_DOUBLE = 5, DOUBLE = 6 };
+// a Scalar[] of numbers keyed by type (an optimizer's per-tensor step sizes): the list `toIValue` makes of the
+// decoded Python ints or floats (a generic list of Number)
+enum ListKind { INTS = 7, DOUBLES = 8 };
+// what the op returns: nothing (an in-place `_foreach_` op), one Tensor, or several (a tuple of tensors, or one
+// Tensor[]) that `bind_outputs` binds to the record's output handles as `_run_step` does
+
+enum Returns { NOTHING = 0, ONE = 1, SEVERAL = 2 };
 
 struct Arg {
-  Kind kind = CONST;
+  int kind = CONST;  // a Kind or a ListKind
   int64_t offset = 0;  // INT, INT_AS_DOUBLE, DOUBLE: of the 8-byte number in the record
+  std::vector<int64_t> numbers;  // INTS, DOUBLES: their 8-byte numbers' offsets
   c10::IValue value;  // CONST
   std::vector<Input> inputs;  // TENSOR: one; the lists: their elements
 };
@@ -60,11 +68,13 @@ struct Plan {
   py::object owner, run;  // the step's `OpPlan` and its op's own binding: runs here only while `owner.run is run`
   int64_t size = 0;
   std::vector<std::pair<int64_t, std::string>> fixed;
-  int64_t out_offset = 0;
+  int64_t out_offset = 0;  // the first output handle's
+  std::vector<int64_t> more_outs;  // SEVERAL: the other output handles' offsets
   std::vector<Arg> args;
   int64_t need = 0;
-  bool keep = false;
-  bool returns = true;  // one Tensor; false: nothing (an in-place `_foreach_` op)
+  bool keep = false;  // ONE, NOTHING: the run keeps the output (`Step.keep`)
+  std::vector<int64_t> keep_at;  // SEVERAL: the outputs the run keeps, by position
+  int returns = ONE;
 };
 
 inline uint64_t read_u64(const char* p) {
@@ -91,15 +101,18 @@ Input make_input(int64_t offset, int64_t src, py::handle meta) {
 }
 
 // args: per schema argument, ("c", value) | ("d",) | ("t", offset, src, meta[, view geometry or None]) |
-// ("l", optional, [(offset, src, meta)])
+// ("l", optional, [(offset, src, meta)]) | ("s", INTS or DOUBLES, [offset]); outs: the output handles' offsets;
+// keep: the positions of the outputs the run keeps
 std::shared_ptr<Plan> make_plan(
-    const std::string& name, const std::string& overload, int64_t size, py::list fixed, int64_t out_offset,
-    py::list args, int64_t need, bool keep, py::object owner, py::object run, bool returns) {
+    const std::string& name, const std::string& overload, int64_t size, py::list fixed, py::list outs,
+    py::list args, int64_t need, py::list keep, py::object owner, py::object run, int returns) {
   auto plan = std::make_shared<Plan>();
   plan->op = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), overload.c_str());
   plan->owner = owner;
   plan->run = run;
+  if (returns != NOTHING && returns != ONE && returns != SEVERAL) throw std::invalid_argument("returns");
   plan->returns = returns;
+  if (outs.size() < 1 || (returns != SEVERAL && outs.size() != 1)) throw std::invalid_argument("output count");
   const auto& schema = plan->op->schema();
   if (args.size() != schema.arguments().size()) throw std::invalid_argument("argument count");
   plan->size = size;
@@ -110,8 +123,21 @@ std::shared_ptr<Plan> make_plan(
     if (at < 0 || at + static_cast<int64_t>(bytes.size()) > size) throw std::invalid_argument("fixed out of range");
     plan->fixed.emplace_back(at, std::move(bytes));
   }
-  if (out_offset < 0 || out_offset + 8 > size) throw std::invalid_argument("output out of range");
-  plan->out_offset = out_offset;
+  for (size_t j = 0; j < outs.size(); ++j) {
+    const int64_t at = outs[j].cast<int64_t>();
+    if (at < 0 || at + 8 > size) throw std::invalid_argument("output out of range");
+    if (j == 0) {
+      plan->out_offset = at;
+    } else {
+      plan->more_outs.push_back(at);
+    }
+  }
+  for (auto j : keep) {
+    const int64_t at = j.cast<int64_t>();
+    if (at < 0 || at >= static_cast<int64_t>(outs.size())) throw std::invalid_argument("kept output out of range");
+    plan->keep_at.push_back(at);
+  }
+  plan->keep = !plan->keep_at.empty();
   for (size_t a = 0; a < args.size(); ++a) {
     auto t = args[a].cast<py::tuple>();
     auto tag = t[0].cast<std::string>();
@@ -145,6 +171,14 @@ std::shared_ptr<Plan> make_plan(
       if (out.kind != INT && out.kind != INT_AS_DOUBLE && out.kind != DOUBLE) throw std::invalid_argument("number");
       out.offset = t[1].cast<int64_t>();
       if (out.offset < 0 || out.offset + 8 > size) throw std::invalid_argument("number out of range");
+    } else if (tag == "s") {
+      out.kind = t[1].cast<int>();
+      if (out.kind != INTS && out.kind != DOUBLES) throw std::invalid_argument("number list");
+      for (auto e : t[2]) {
+        const int64_t at = e.cast<int64_t>();
+        if (at < 0 || at + 8 > size) throw std::invalid_argument("number out of range");
+        out.numbers.push_back(at);
+      }
     } else if (tag == "l") {
       out.kind = t[1].cast<bool>() ? OPT_TENSORS : TENSORS;
       for (auto e : t[2]) {
@@ -160,7 +194,6 @@ std::shared_ptr<Plan> make_plan(
     plan->args.push_back(std::move(out));
   }
   plan->need = need;
-  plan->keep = keep;
   return plan;
 }
 
@@ -264,7 +297,37 @@ struct Ctx {
         }
         in_p = PyDict_Contains(pdict, hkey.ptr());
         if (in_p < 0) throw py::error_already_set();
-        if (!in_p && PyDict_GET_SIZE(tdict) + PyDict_GET_SIZE(pdict) >= max_handles) break;
+        if (p->more_outs.empty() && !in_p && PyDict_GET_SIZE(tdict) + PyDict_GET_SIZE(pdict) >= max_handles) break;
+      }
+      // SEVERAL: every output handle as `_run_step` checks them (its own session's, none live, the handle limit)
+      py::tuple hkeys;
+      if (!p->more_outs.empty()) {
+        hkeys = py::tuple(1 + p->more_outs.size());
+        int64_t fresh = h != 0 && !in_p ? 1 : 0;
+        hkeys[0] = h != 0 ? hkey : py::int_(0);
+        for (size_t j = 0; j < p->more_outs.size() && ok; ++j) {
+          const uint64_t hj = read_u64(buf + p->more_outs[j]);
+          py::object kj = py::reinterpret_steal<py::object>(PyLong_FromUnsignedLongLong(hj));
+          if (!kj) throw py::error_already_set();
+          if (hj != 0) {
+            if ((hj >> HANDLE_BITS) != static_cast<uint64_t>(number) || hj == static_cast<uint64_t>(base)) {
+              ok = false;
+              break;
+            }
+            int live = PyDict_Contains(tdict, kj.ptr());
+            if (live < 0) throw py::error_already_set();
+            if (live) {
+              ok = false;  // rebinds a live handle: `_run_step`
+              break;
+            }
+            int pj = PyDict_Contains(pdict, kj.ptr());
+            if (pj < 0) throw py::error_already_set();
+            if (!pj) ++fresh;
+          }
+          hkeys[j + 1] = kj;
+        }
+        if (!ok) break;
+        if (fresh && PyDict_GET_SIZE(tdict) + PyDict_GET_SIZE(pdict) + fresh > max_handles) break;
       }
       // inputs
       stack.clear();
@@ -324,6 +387,21 @@ struct Ctx {
           double v;
           std::memcpy(&v, buf + a.offset, 8);
           stack.emplace_back(v);
+        } else if (a.kind == INTS || a.kind == DOUBLES) {
+          c10::impl::GenericList list(c10::NumberType::get());
+          list.reserve(a.numbers.size());
+          for (const int64_t at : a.numbers) {
+            if (a.kind == INTS) {
+              int64_t v;
+              std::memcpy(&v, buf + at, 8);
+              list.push_back(v);
+            } else {
+              double v;
+              std::memcpy(&v, buf + at, 8);
+              list.push_back(v);
+            }
+          }
+          stack.emplace_back(std::move(list));
         } else if (a.kind == TENSOR) {
           at::Tensor t;
           if (!tensor_of(a.inputs[0], &t)) {
@@ -386,6 +464,26 @@ struct Ctx {
         break;
       }
       Py_DECREF(ran);
+      if (p->returns == SEVERAL) {
+        if (!several(hkeys, stack, used_before, &exc)) break;
+        ++hits;
+        ++k;
+        ++i;
+        if (k == nsteps) {
+          flags |= END;
+        } else {
+          for (const int64_t j : p->keep_at) {  // `objs.append(get(outputs[j]))`
+            PyObject* got = PyDict_GetItemWithError(tdict, hkeys[j].ptr());  // borrowed
+            if (got == nullptr && PyErr_Occurred()) throw py::error_already_set();
+            if (PyList_Append(objs.ptr(), got != nullptr ? got : Py_None) < 0) throw py::error_already_set();
+          }
+        }
+        if (now() - start > budget) {
+          flags |= OVER;
+          break;
+        }
+        continue;
+      }
       if (p->returns ? stack.size() != 1 || !stack[0].isTensor() : !stack.empty()) {
         stack.clear();
         PyErr_SetString(PyExc_RuntimeError, "native runner: the op did not return what its schema says");
@@ -439,6 +537,51 @@ struct Ctx {
       }
     }
     return py::make_tuple(i, k, hits, flags, exc);
+  }
+
+  // The rest of a SEVERAL step after its op ran: the count, `bind_outputs` of its values (a tuple's tensors, or a
+  // Tensor[]'s: `_slots` flattens either; an undefined tensor is None), the quota, the kept outputs. False with
+  // `exc` set when binding or the quota raised (the record failed after its op, as on the Python path).
+  bool several(const py::tuple& hkeys, torch::jit::Stack& stack, int64_t used_before, py::object* exc) {
+    py::list values;
+    for (auto& v : stack) {
+      if (v.isTensor()) {
+        PyObject* o = THPVariable_Wrap(std::move(v).toTensor());
+        if (o == nullptr) throw py::error_already_set();
+        values.append(py::reinterpret_steal<py::object>(o));
+      } else if (v.isTensorList()) {
+        for (const at::Tensor& t : v.toTensorVector()) {
+          PyObject* o = THPVariable_Wrap(t);
+          if (o == nullptr) throw py::error_already_set();
+          values.append(py::reinterpret_steal<py::object>(o));
+        }
+      } else {
+        stack.clear();
+        PyErr_SetString(PyExc_RuntimeError, "native runner: the op did not return what its schema says");
+        *exc = fetch();
+        return false;
+      }
+    }
+    stack.clear();
+    {
+      py::object ops = get_attr(s, S_ops);
+      py::object one = py::reinterpret_steal<py::object>(PyNumber_Add(ops.ptr(), py::int_(1).ptr()));
+      if (!one || PyObject_SetAttr(s.ptr(), S_ops, one.ptr()) < 0) throw py::error_already_set();
+    }
+    if (!count.is_none()) count(s);
+    try {
+      py::object bound = bind_outputs(s, hkeys, values);
+      values = py::list();
+      py::object used_now = get_attr(s, S_used);
+      int64_t after = 0;
+      if (!as_i64(used_now.ptr(), &after)) throw std::overflow_error("session use out of range");
+      if (after > quota && after > used_before) over_quota(s, bound);  // raises
+    } catch (py::error_already_set& e) {
+      e.restore();
+      *exc = fetch();
+      return false;
+    }
+    return true;
   }
 
   static py::object fetch() {

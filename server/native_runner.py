@@ -15,18 +15,21 @@ qualify) goes back to the Python path untouched (nothing above has a side effect
 runs or refuses it exactly as without the runner; an op that raises reports its exception to the Python loop,
 which records it as the Python path would have.
 
-A step qualifies when it is `fast` (one output, no per-op extras; or a factory that takes the session's device), its
-op is a plain `OpOverload` returning one Tensor and run as itself (checked per record: while its `OpPlan.run` is
+A step qualifies when it has no per-op extras (`Step.fast`; a factory that takes the session's device; or an op
+returning several tensors), its op is a plain `OpOverload` run as itself (checked per record: while its `OpPlan.run` is
 something else, a guard's replacement, a fallback or a wrapper, its records take the Python path), and every
 variable field of its template is the output handle, a tensor handle (`Tensor`, `Tensor?`, `Tensor[]`, `Tensor?[]`;
 also a view argument's, `compact.VIEW`: its tensor is checked as any input's, then `compact.view_of`'s checks run
 against its storage as it is now, for every record, and the geometry is applied)
 or a number the verdict keys by type (a `Scalar`, `float` or `int`, say an optimizer's step size: read from the
-record and converted as `toIValue` converts the Python number the full decode gives); the other arguments are
+record and converted as `toIValue` converts the Python number the full decode gives; also a `Scalar[]` of them, the
+step sizes of a `_foreach_div_` or `_foreach_addcdiv_`); the other arguments are
 converted to IValues once, with the same conversion torch's Python binding uses (`torch::jit::toIValue` on the
-schema's type). The op may also return nothing (an in-place `_foreach_` op: its output handle stays unbound, as
-`_bind_outputs` leaves it). Steps with lists of by-type numbers or argument kinds the runner does not know stay in
-Python.
+schema's type). The op returns one Tensor (bound as above), nothing (an in-place `_foreach_` op: its output handle
+stays unbound, as `_bind_outputs` leaves it), or several tensors (a tuple, say `native_layer_norm`'s, or a Tensor[],
+`_foreach_sqrt`'s): each output handle is checked as `_run_step` checks them (none live, the handle limit counted
+for all of them) and the values are bound by the executor's own `_bind_outputs`. Steps with argument kinds the
+runner does not know (a `float[]` or `int[]` keyed by type, other returns) stay in Python.
 
 The extension is built with `torch.utils.cpp_extension.load` (g++ and ninja, ~1 min once, cached under
 `$GPUPOOL_NATIVE_RUNNER_CACHE`, default `$XDG_CACHE_HOME/gpupool/runner` or `~/.cache/gpupool/runner`, a folder per
@@ -53,7 +56,7 @@ import torch
 
 from gpupool import config
 
-from .templates import C_ARG, C_KW, L_ARG, L_KW, N_ARG, N_KW, T_ARG, T_KW, V_ARG, V_KW
+from .templates import C_ARG, C_KW, L_ARG, L_KW, N_ARG, N_KW, NL_ARG, NL_KW, T_ARG, T_KW, V_ARG, V_KW
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,10 @@ EXTERNAL, NONE = -1, -2  # runs.EXTERNAL, runs.NONE
 END, OVER = 1, 2  # flags of `Ctx.run`
 _state: list[Any] = []  # [the module, or None when unavailable] once `load` decided
 _no_build: list[bool] = []
-_KINDS = frozenset({T_ARG, T_KW, L_ARG, L_KW, C_ARG, C_KW, N_ARG, N_KW, V_ARG, V_KW})
+_KINDS = frozenset({T_ARG, T_KW, L_ARG, L_KW, C_ARG, C_KW, N_ARG, N_KW, V_ARG, V_KW, NL_ARG, NL_KW})
 INT, INT_AS_DOUBLE, DOUBLE = 4, 5, 6  # how the C++ runner reads a number field (native_runner.cpp, `Kind`)
+INTS, DOUBLES = 7, 8  # a Scalar[] of ints or floats (`ListKind`)
+NOTHING, ONE, SEVERAL = 0, 1, 2  # what a step's op returns (`Returns`)
 
 
 def enabled() -> bool:
@@ -170,16 +175,26 @@ def _plan(mod: Any, step: Any, dev: torch.device) -> Any:
 def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
     tpl, plan = step.tpl, step.plan
     op = plan.op
-    # `Step.fast`, or a factory of the session's device (`_run_step` gives it the device when the record has none)
-    if tpl.n_out != 1 or plan.reshapes or plan.seeded or plan.uninitialized or step.check:
+    # `Step.fast`, a factory of the session's device (`_run_step` gives it the device when the record has none), or
+    # an op returning several tensors (a tuple, or a Tensor[]) that `_run_step` binds with `_bind_outputs`
+    n_out = tpl.n_out
+    if n_out < 1 or plan.reshapes or plan.seeded or plan.uninitialized or step.check:
         return None
     if op.__class__ is not torch._ops.OpOverload:
         return None
     if any(kind not in _KINDS for kind, _, _, _ in tpl.steps):
         return None
     schema = op._schema
-    returns = len(schema.returns) == 1
-    if schema.returns and not (returns and isinstance(schema.returns[0].type, torch.TensorType)):
+    rets = [r.type for r in schema.returns]
+    if not rets:
+        returns = NOTHING
+    elif len(rets) == 1 and isinstance(rets[0], torch.TensorType):
+        returns = ONE
+    elif all(isinstance(t, torch.TensorType) for t in rets) or (len(rets) == 1 and _tensors(rets[0])):
+        returns = SEVERAL
+    else:
+        return None
+    if returns != SEVERAL and n_out != 1:  # `_bind_outputs` refuses more handles than values: the Python path's
         return None
     offsets, fixed, codes = _layout(tpl)
     if offsets is None:
@@ -197,6 +212,8 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
             placed[(kind == L_KW, where)] = ("l", elems)
         elif kind == N_ARG or kind == N_KW:
             placed[(kind == N_KW, where)] = ("n", offsets[i], codes[i] == "d")
+        elif kind == NL_ARG or kind == NL_KW:  # numbers of one code (a FLOATS or an INTS list)
+            placed[(kind == NL_KW, where)] = ("s", offsets[i : i + n], codes[i] == "d" if n else None)
     args, kwargs = tpl.args, tpl.kwargs
     if plan.takes_device and kwargs.get("device") is None:
         kwargs = {**kwargs, "device": dev}
@@ -229,6 +246,11 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
             if number is None:
                 return None
             out.append(("n", got[1], number))
+        elif got[0] == "s":
+            t = p.type
+            if not (isinstance(t, torch.ListType) and isinstance(t.getElementType(), torch.NumberType)):
+                return None  # a float[] or int[] keyed by type: Python's (a Scalar[] is an optimizer's step sizes)
+            out.append(("s", DOUBLES if got[2] else INTS, got[1]))
         elif got[0] == "t":
             t = p.type
             if not (isinstance(t, torch.TensorType) or (isinstance(t, torch.OptionalType) and _tensor(t))):
@@ -248,8 +270,8 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
     if placed:  # a tensor the schema has no place for
         return None
     name, overload = schema.name, schema.overload_name
-    keep = bool(step.keep)
-    return mod.plan(name, overload, tpl.size, fixed, offsets[1], out, step.need, keep, plan, op._op, returns)
+    outs = offsets[1 : 1 + n_out]
+    return mod.plan(name, overload, tpl.size, fixed, outs, out, step.need, list(step.keep), plan, op._op, returns)
 
 
 def _number(t: Any, is_float: bool) -> int | None:
@@ -269,6 +291,11 @@ def _number(t: Any, is_float: bool) -> int | None:
 
 def _tensor(t: Any) -> bool:
     return isinstance(t.getElementType(), torch.TensorType)
+
+
+def _tensors(t: Any) -> bool:
+    """A `Tensor[]`."""
+    return isinstance(t, torch.ListType) and isinstance(t.getElementType(), torch.TensorType)
 
 
 def _layout(tpl: Any) -> tuple[list[int] | None, list[tuple[int, bytes]], list[str]]:

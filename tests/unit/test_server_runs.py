@@ -45,6 +45,9 @@ OPS = {
     11: "aten::embedding_dense_backward",
     12: "aten::resize_",
     13: "aten::t_",
+    14: "aten::max.dim",
+    15: "aten::_foreach_div.ScalarList",
+    16: "aten::_foreach_addcdiv_.ScalarList",
 }
 
 
@@ -565,3 +568,94 @@ def test_hostile_bytes_in_a_runs_records_run_or_fail_as_on_the_normal_path() -> 
         cmds[k] = device_pb2.Command(eager_op=bytes(data))
         p.stream(cmds, itertools.cycle([rng.choice([5, 12, 64])]))
     assert p.hits - hits > 100
+
+
+def several_step(p: Pair, t: int) -> list[device_pb2.Command]:
+    """Ops returning several tensors (a tuple: `max.dim`; a Tensor[]: `_foreach_div`) and lists of step sizes
+    (`Scalar[]`) that change every record, as Adam's bias corrections do."""
+    return [
+        p.rec(2, [h(t, 0)], [T(X), T(W)]),
+        p.rec(14, [h(t, 1), h(t, 2)], [T(h(t, 0)), V(1), V(False)]),
+        p.rec(15, [h(t, 3), h(t, 4)], [compact.tensors([h(t, 0), h(t, 1)]), V([1.0 + t, 2.0 - 0.25 * t])]),
+        p.rec(16, [0], [compact.tensors([h(t, 3)]), compact.tensors([h(t, 0)]), compact.tensors([h(t, 0)]),
+                        V([0.5 * t + 0.125])]),  # fmt: skip
+        p.rec(5, [h(t, 5)], [T(h(t, 4)), T(h(t, 1))], {"alpha": V(0.5)}),
+    ]
+
+
+def free5(t: int) -> device_pb2.Command:
+    return device_pb2.Command(free=device_pb2.Free(handles=[h(t, j) for j in range(6)]))
+
+
+def test_several_outputs_and_step_size_lists_run_in_learned_runs_as_on_the_normal_path(runner: str) -> None:
+    """Steps whose op returns several tensors or takes a `Scalar[]` of by-type numbers run as on the normal path;
+    with the native runner most records run in C++ (before it took them, at most 2 of each step's 5 could)."""
+    p = Pair()
+    cmds = [c for t in range(12) for c in several_step(p, t) + ([free5(t - 1)] if t else [])]
+    p.stream(cmds, itertools.cycle([7, 13, 64]))
+    assert p.hits > len(cmds) // 2
+    hits, native = p.hits, p.runs().native
+    p.stream([c for t in range(12, 20) for c in several_step(p, t) + [free5(t - 1)]], itertools.cycle([64]))
+    assert p.hits - hits >= 8 * 5 - 5
+    if runner == "native":
+        assert p.runs().native - native >= (p.hits - hits) * 0.75, (p.runs().native - native, p.hits - hits)
+    # a live second output handle (rebound: the normal path), a foreign one, the session's reserved handle, one
+    # output handle twice
+    cmds = several_step(p, 20) + [free5(19)] + several_step(p, 21) + [free5(20)] + several_step(p, 22)
+    cmds[1] = p.rec(14, [h(20, 1), X], [T(h(20, 0)), V(1), V(False)])
+    cmds[6 + 2] = p.rec(15, [h(21, 3), FOREIGN], [compact.tensors([h(21, 0), h(21, 1)]), V([1.0, 2.0])])
+    cmds[12 + 1] = p.rec(14, [BASE, h(22, 2)], [T(h(22, 0)), V(1), V(False)])
+    cmds += [free5(21)] + several_step(p, 23)
+    cmds[-5 + 2] = p.rec(15, [h(23, 3), h(23, 3)], [compact.tensors([h(23, 0), h(23, 1)]), V([1.0, 2.0])])
+    p.stream(cmds, itertools.cycle([64]))
+    assert p.s[0].poisoned
+
+
+def test_the_handle_limit_counts_every_output_of_a_step() -> None:
+    """At the handle limit, a step with two new output handles fails where the normal path fails (one free slot
+    is not enough for two)."""
+    # each step leaves max.dim's two outputs bound: the limit falls on the division (two outputs, one slot free)
+    # or on max.dim (two outputs, one slot free) depending on the limit's parity
+    leak = [device_pb2.Command(free=device_pb2.Free(handles=[h(t, j) for j in (0, 3, 4, 5)])) for t in range(40)]
+    for handles in range(20, 28):
+        p = Pair(max_handles=handles)
+        cmds = [c for t in range(24) for c in several_step(p, t) + ([leak[t - 1]] if t else [])]
+        p.stream(cmds, itertools.cycle([64]))
+        assert p.hits > 0
+        assert p.s[0].ops < len(cmds) - 23  # some ops were refused
+
+
+def test_hostile_bytes_in_several_output_and_step_size_records() -> None:
+    """Random damage to the records of steps with several outputs and with `Scalar[]` step sizes: NaN and
+    infinite step sizes, flipped bytes, handles swapped, truncated and lengthened records."""
+    import random
+    import struct
+
+    rng = random.Random(29)
+    p = Pair()
+    p.stream([c for t in range(5) for c in several_step(p, t) + ([free5(t - 1)] if t else [])], itertools.cycle([64]))
+    hits = p.hits
+    for t in range(5, 40):
+        cmds = several_step(p, t) + [free5(t - 1)]
+        k = rng.randrange(5)
+        data = bytearray(cmds[k].eager_op)
+        how = rng.randrange(5)
+        if how == 0:
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        elif how == 1:
+            at = rng.randrange(6, len(data) - 7)
+            pick = [FOREIGN, BASE, X, W, h(t - 1, 1), h(t, 3), 0]
+            data[at : at + 8] = rng.choice(pick).to_bytes(8, "little")
+        elif how == 2:
+            del data[rng.randrange(6, len(data)) :]
+        elif how == 3:
+            data += bytes(rng.randrange(1, 9))
+        else:  # a step size (the last 8 bytes of the division's list) made NaN, infinite or huge
+            cmds[2] = p.rec(15, [h(t, 3), h(t, 4)], [compact.tensors([h(t, 0), h(t, 1)]), V([1.0, 2.0])])
+            data = bytearray(cmds[2].eager_op)
+            at = data.rfind(struct.pack("<d", 2.0))
+            data[at : at + 8] = struct.pack("<d", rng.choice([float("nan"), float("inf"), -1e308, 0.0]))
+            k = 2
+        cmds[k] = device_pb2.Command(eager_op=bytes(data))
+        p.stream(cmds, itertools.cycle([rng.choice([4, 9, 64])]))
+    assert p.hits - hits > 60
