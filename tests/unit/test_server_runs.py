@@ -570,6 +570,9 @@ def test_hostile_bytes_in_a_runs_records_run_or_fail_as_on_the_normal_path() -> 
     assert p.hits - hits > 100
 
 
+L = compact.tensors
+
+
 def several_step(p: Pair, t: int) -> list[device_pb2.Command]:
     """Ops returning several tensors (a tuple: `max.dim`; a Tensor[]: `_foreach_div`) and lists of step sizes
     (`Scalar[]`) that change every record, as Adam's bias corrections do."""
@@ -577,8 +580,7 @@ def several_step(p: Pair, t: int) -> list[device_pb2.Command]:
         p.rec(2, [h(t, 0)], [T(X), T(W)]),
         p.rec(14, [h(t, 1), h(t, 2)], [T(h(t, 0)), V(1), V(False)]),
         p.rec(15, [h(t, 3), h(t, 4)], [compact.tensors([h(t, 0), h(t, 1)]), V([1.0 + t, 2.0 - 0.25 * t])]),
-        p.rec(16, [0], [compact.tensors([h(t, 3)]), compact.tensors([h(t, 0)]), compact.tensors([h(t, 0)]),
-                        V([0.5 * t + 0.125])]),  # fmt: skip
+        p.rec(16, [0], [L([h(t, 3)]), L([h(t, 0)]), L([h(t, 0)]), V([0.5 * t + 0.125])]),  # in place
         p.rec(5, [h(t, 5)], [T(h(t, 4)), T(h(t, 1))], {"alpha": V(0.5)}),
     ]
 
