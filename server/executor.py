@@ -295,14 +295,41 @@ class CommandExecutor:
                 data = records[i]
                 if not data:
                     break
-                if trace is not None and native is not None and plain and not s.uploads:
-                    nat = trace.native
-                    if nat is None:
-                        nat = trace.native = native_runner.compile_trace(native, trace, dev) or False
-                    if nat and nat.runs(k):  # records of this run in C++ while they match (native_runner.py)
+                if native is not None and plain and not s.uploads and (trace is not None or known.rec is None):
+                    # records of a run in C++ while they match (native_runner.py); where no run is under way (a
+                    # span's first record, or after a run ended) the first step of each run the Python path would
+                    # try (`after.next()`, then the runs of this first record, in the same order) is tried in C++:
+                    # any run whose step C++ takes runs the record as the normal path would (the record's op and
+                    # arguments, checked against that step's verdict), so which one it is only decides what the
+                    # next records are checked against
+                    if trace is not None:
+                        tries: Any = ((trace, k, objs, -1),)
+                    else:
+                        tries = self._native_candidates(known, after, data, s)
+                    for cand, k0, o, at in tries:
+                        nat = cand.native
+                        if nat is None:
+                            nat = cand.native = native_runner.compile_trace(native, cand, dev) or False
+                        if not (nat and nat.runs(k0)):
+                            continue
                         if ctx is None:
                             ctx = native.Ctx(s, memory, count, self._binder(dev), _over_quota, capacity)
-                        j, k, done, flags, exc = ctx.run(nat, k, records, i, objs, progress, start, budget)
+                        j, k1, done, flags, exc = ctx.run(nat, k0, records, i, o, progress, start, budget)
+                        if not done and exc is None:
+                            continue  # not taken: the Python path decides (match, or the normal path)
+                        if cand is not trace:  # a run starts here
+                            if at > 0:  # the most recently run first, as the Python path orders them
+                                found = known.heads.get((data[:5], len(data)))
+                                if found is not None and found[at] is cand:
+                                    found.insert(0, found.pop(at))
+                            if after is not None and at >= 0:
+                                after.next = weakref.ref(cand)
+                            trace, steps, objs, after = cand, cand.steps, o, None
+                        k = k1
+                        break
+                    else:
+                        j = -1
+                    if j >= 0:
                         hits += done
                         natives += done
                         i = j
@@ -510,6 +537,25 @@ class CommandExecutor:
         if s.used > s.quota and s.used > used_before:
             _over_quota(s, bound)  # raises
         return rebound
+
+    @staticmethod
+    def _native_candidates(
+        known: runs.Runs, after: runs.Trace | None, data: bytes, s: WorkerSession
+    ) -> list[tuple[runs.Trace, int, list[Any], int]]:
+        """The runs whose first step `eager_span`'s Python path would try for record `data` where no run is under
+        way, in its order: the one that followed the run that just ended, then those of this first record (with
+        their position); each with a fresh list of kept outputs."""
+        out: list[tuple[runs.Trace, int, list[Any], int]] = []
+        if after is not None:
+            cand = after.next()
+            if cand is not None and cand.quota == s.quota and cand.flops == s.max_op_flops:
+                out.append((cand, 0, [], -1))
+        found = known.heads.get((data[:5], len(data)))
+        if found is not None:
+            for at, cand in enumerate(found):
+                if cand.quota == s.quota and cand.flops == s.max_op_flops:
+                    out.append((cand, 0, [], at))
+        return out
 
     def _binder(self, dev: torch.device) -> Callable[[WorkerSession, Any, Any], list[int]]:
         """`_bind_outputs` on `dev`, for the native runner's outputs that `bind_new` does not take."""

@@ -60,13 +60,13 @@ def test_a_training_loop_runs_in_learned_runs_and_the_metrics_count_them(daemon:
     per_step = ops / steps
     assert learned >= ops / 2, (learned, ops)
     assert learned <= ops - per_step / 2, (learned, ops)
-    # Of those, the C++ runner (server/native_runner.py) ran the records it takes: here ~43 % of them (57 of 132
-    # when written: each run's first step is matched in Python, and Adam's Scalar[] step-size lists and multi-output
-    # ops stay there too). Where the runner is off or cannot be built, the counter exists and stays zero.
+    # Of those, the C++ runner (server/native_runner.py) ran the records it takes: here nearly all (124 of 130 when
+    # written; 57 of 133 before it took runs' first steps, several outputs and Scalar[] step sizes, round 14).
+    # Where the runner is off or cannot be built, the counter exists and stays zero.
     assert re.search(r"^# TYPE gpupool_eager_native_ops_total counter$", text, re.M), text[:2000]
     native = _counter(text, "gpupool_eager_native_ops_total", "runs")
     assert native <= learned, (native, learned)
     if native_runner.enabled() and native_runner.missing() is None:
-        assert native >= learned / 4, (native, learned)
+        assert native >= learned * 0.7, (native, learned)
     else:
         assert native == 0, native
