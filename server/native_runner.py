@@ -10,10 +10,11 @@ the quota and the device's capacity against the learned verdict; then the op, ca
 `OperatorHandle` as torch's Python binding calls it (the GIL released, errors and warnings translated by
 torch's own handler), `s.ops`, the ledger's count, the output bound into the session's table with its storage
 counted as `WorkerSession.bind_new` does, and the quota checked after it. It runs consecutive records of a run
-for as long as each matches its step. A record it cannot take (no match, a check that fails, a step that does not
-qualify) goes back to the Python path untouched (nothing above has a side effect before the op runs), which then
-runs or refuses it exactly as without the runner; an op that raises reports its exception to the Python loop,
-which records it as the Python path would have.
+for as long as each matches its step; where no run is under way, `CommandExecutor.eager_span` offers it the first
+steps of the runs the Python path would try (`_native_candidates`). A record it cannot take (no match, a check
+that fails, a step that does not qualify) goes back to the Python path untouched (nothing above has a side effect
+before the op runs), which then runs or refuses it exactly as without the runner; an op that raises reports its
+exception to the Python loop, which records it as the Python path would have.
 
 A step qualifies when it has no per-op extras (`Step.fast`; a factory that takes the session's device; or an op
 returning several tensors), its op is a plain `OpOverload` run as itself (checked per record: while its `OpPlan.run` is
