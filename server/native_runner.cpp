@@ -544,17 +544,12 @@ struct Ctx {
   // `exc` set when binding or the quota raised (the record failed after its op, as on the Python path).
   bool several(const py::tuple& hkeys, torch::jit::Stack& stack, int64_t used_before, py::object* exc) {
     py::list values;
+    std::vector<at::Tensor> outs;
     for (auto& v : stack) {
       if (v.isTensor()) {
-        PyObject* o = THPVariable_Wrap(std::move(v).toTensor());
-        if (o == nullptr) throw py::error_already_set();
-        values.append(py::reinterpret_steal<py::object>(o));
+        outs.push_back(std::move(v).toTensor());
       } else if (v.isTensorList()) {
-        for (const at::Tensor& t : v.toTensorVector()) {
-          PyObject* o = THPVariable_Wrap(t);
-          if (o == nullptr) throw py::error_already_set();
-          values.append(py::reinterpret_steal<py::object>(o));
-        }
+        for (const at::Tensor& t : v.toTensorVector()) outs.push_back(t);
       } else {
         stack.clear();
         PyErr_SetString(PyExc_RuntimeError, "native runner: the op did not return what its schema says");
@@ -563,14 +558,54 @@ struct Ctx {
       }
     }
     stack.clear();
+    for (const at::Tensor& t : outs) {
+      PyObject* o = THPVariable_Wrap(t);  // an undefined tensor is None, as the op's Python binding returns it
+      if (o == nullptr) throw py::error_already_set();
+      values.append(py::reinterpret_steal<py::object>(o));
+    }
     {
       py::object ops = get_attr(s, S_ops);
       py::object one = py::reinterpret_steal<py::object>(PyNumber_Add(ops.ptr(), py::int_(1).ptr()));
       if (!one || PyObject_SetAttr(s.ptr(), S_ops, one.ptr()) < 0) throw py::error_already_set();
     }
     if (!count.is_none()) count(s);
+    // `_bind_outputs` binds each (handle, value) pair with `WorkerSession.bind`; for fresh handles (checked and
+    // admitted above, none live) that are not failed ones and plain dense tensors, `bind_new` does the same here.
+    // Anything else (a failed handle, one handle twice, more handles than values, a value `_bind_outputs` refuses)
+    // takes `_bind_outputs` itself.
+    const size_t nh = hkeys.size();
+    bool here = nh <= outs.size();
+    std::vector<uint64_t> seen;
+    for (size_t j = 0; j < nh && here; ++j) {
+      const uint64_t hj = PyLong_AsUnsignedLongLong(hkeys[j].ptr());
+      if (hj == 0 || !outs[j].defined()) continue;
+      const at::Tensor& t = outs[j];
+      if (Py_TYPE(values[j].ptr()) != reinterpret_cast<PyTypeObject*>(THPVariableClass) ||
+          t.layout() != at::kStrided || t.is_quantized() || t.is_nested() || t.dim() > MAX_DIMS) {
+        here = false;
+        break;
+      }
+      for (const uint64_t o : seen) {
+        if (o == hj) here = false;
+      }
+      seen.push_back(hj);
+      int pj = PyDict_Contains(poisoned.ptr(), hkeys[j].ptr());
+      if (pj < 0) throw py::error_already_set();
+      if (pj) here = false;
+    }
     try {
-      py::object bound = bind_outputs(s, hkeys, values);
+      py::object bound;
+      if (here) {
+        py::list got;
+        for (size_t j = 0; j < nh; ++j) {
+          if (!outs[j].defined() || PyLong_AsUnsignedLongLong(hkeys[j].ptr()) == 0) continue;
+          bind_new(hkeys[j], outs[j], values[j]);
+          got.append(hkeys[j]);
+        }
+        bound = got;
+      } else {
+        bound = bind_outputs(s, hkeys, values);
+      }
       values = py::list();
       py::object used_now = get_attr(s, S_used);
       int64_t after = 0;

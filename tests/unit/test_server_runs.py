@@ -615,6 +615,16 @@ def test_several_outputs_and_step_size_lists_run_in_learned_runs_as_on_the_norma
     cmds[-5 + 2] = p.rec(15, [h(23, 3), h(23, 3)], [compact.tensors([h(23, 0), h(23, 1)]), V([1.0, 2.0])])
     p.stream(cmds, itertools.cycle([64]))
     assert p.s[0].poisoned
+    # a failed handle as a second output: bound again, no longer failed (X again a float matrix: above, a record
+    # bound max.dim's indices to it)
+    bad = sorted(p.s[0].poisoned)[0]
+    x = torch.randn(4, 3)
+    for s in p.s:
+        s.bind(X, x.clone())
+    cmds = several_step(p, 24) + [free5(23)] + several_step(p, 25) + [free5(24)] + several_step(p, 26)
+    cmds[6 + 1] = p.rec(14, [h(25, 1), bad], [T(h(25, 0)), V(1), V(False)])
+    p.stream(cmds, itertools.cycle([64]))
+    assert bad in p.s[0].tensors and bad not in p.s[0].poisoned
 
 
 def test_the_handle_limit_counts_every_output_of_a_step() -> None:
