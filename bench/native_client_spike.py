@@ -1,4 +1,4 @@
-"""What a C++ client would cost per eager op: the spike backend of spike/native_client.cpp against local CPU eager.
+"""What a C++ client would cost per eager op: the spike backend of client/native/native_client.cpp against local CPU eager.
 
 The spike is a PrivateUse1 device (named `spike`) whose tensors are plain at::Tensors holding a handle instead of
 memory; one C++ boxed fallback infers every op's outputs with its Meta kernel (cached), allocates handles and appends a
@@ -47,8 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "spike"))
-import native_client  # noqa: E402
+from gpupool.client.native import backend as native_client  # noqa: E402
 from cgtools import instrumented  # noqa: E402
 from launch_bound import workload  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The C++ client spike (spike/native_client.cpp) in wire mode against a real daemon (`gpupool serve --fake-gpus 1`,
+"""The C++ client spike (client/native/native_client.cpp) in wire mode against a real daemon (`gpupool serve --fake-gpus 1`,
 loopback, TLS): the tiny MLP, the encoder, the stock MLP and the sentiment CNN trained through a client/session.py
 Session give local CPU eager's losses and weights; every class of op the C++ encoder does not send goes to the Python
 fallback and gives local's result; daemon errors surface at the next sync as the shim's exceptions.
@@ -21,8 +21,7 @@ import pytest
 import shim_fixtures
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "spike"))
-from native_client import compiler_missing  # noqa: E402
+from gpupool.client.native.backend import compiler_missing  # noqa: E402
 
 serve = shim_fixtures.serve
 _why = compiler_missing()
