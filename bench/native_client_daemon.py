@@ -1,5 +1,6 @@
-"""The C++ client spike (client/native/native_client.cpp) against a real daemon: launch_bound.py's models trained through a
-session, each class of op the C++ encoder does not send, and daemon errors.
+"""The C++ client (client/native/native_client.cpp: the round-12 spike, since round 14 gpupool.client.native, the device
+of `gpupool run --native-client`) against a real daemon: launch_bound.py's models trained through a session, each
+class of op the C++ encoder does not send, and daemon errors.
 
 The spike's wire mode writes the daemon's compact eager records (docs/wire.md, "Compact eager ops"), uploads and
 frees as `ClientFrame.commands` bytes in C++, and hands the buffer to client/session.py's Session once per frame (32
@@ -45,7 +46,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if os.environ.get("TORCH_DEVICE_BACKEND_AUTOLOAD") != "0":
         raise SystemExit("the worker needs TORCH_DEVICE_BACKEND_AUTOLOAD=0 (the spike must own PrivateUse1)")
     import torch
-
     from gpupool.client.native import backend as nc
     from gpupool.client.session import Session
 

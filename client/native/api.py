@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from . import enable, refuse
 from . import backend as _backend
+from . import enable, refuse
 
 enable()  # idempotent: torch's backend entry point has usually run it at `import torch` already
 

@@ -1,6 +1,7 @@
-// A C++ client spike (round 12): what a real PrivateUse1 backend would cost per eager op, with no Python per op.
+// The C++ client of `gpupool run --native-client` (experimental; rounds 12-13 a spike in spike/): a PrivateUse1 backend
+// that records eager ops in C++, with no Python per op.
 //
-// Tensors on the spike device are plain at::Tensors with no local data: the Allocator hands out a DataPtr whose
+// Tensors on the device are plain at::Tensors with no local data: the Allocator hands out a DataPtr whose
 // pointer and context are a handle id (never dereferenced), and whose deleter queues that id on a C++ free list, so a
 // tensor's death costs no Python. Every aten op that reaches PrivateUse1 lands in one boxed fallback, which
 //   1. infers the outputs' metadata by running the op's Meta kernel on meta copies of the inputs (or finds it in a
@@ -38,6 +39,7 @@
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -69,12 +71,33 @@ const DispatchKeySet kKeys{DispatchKey::PrivateUse1};
 
 std::mutex g_mu;                 // guards the buffer, the stats, the op ids and the cache (ops may run on the
                                  // autograd engine's device thread)
-// A byte buffer that grows without zero-filling (std::vector::resize value-initializes: ~1.9k instructions a record).
+// An allocator whose value-less construct leaves bytes uninitialized: std::vector::resize would zero-fill every byte
+// it adds (round 14: 4.8% of the tiny MLP's client instructions, each small temporary Buf zeroing its first 4 KiB).
+template <typename T>
+struct NoInit : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = NoInit<U>;
+  };
+  NoInit() = default;
+  template <typename U>
+  NoInit(const NoInit<U>&) noexcept {}
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+
+// A byte buffer that grows without zero-filling (`NoInit`; a fresh one starts at 256 bytes).
 struct Buf {
-  std::vector<uint8_t> v;
+  std::vector<uint8_t, NoInit<uint8_t>> v;
   size_t n = 0;
   uint8_t* grow(size_t k) {
-    if (n + k > v.size()) v.resize(std::max(2 * v.size(), n + k + 4096));
+    if (n + k > v.size()) v.resize(std::max({2 * v.size(), n + k, size_t{256}}));
     uint8_t* p = v.data() + n;
     n += k;
     return p;
@@ -173,7 +196,7 @@ struct HandleAllocator final : public c10::Allocator {
     return nullptr;  // no raw allocations
   }
   void copy_data(void* /*dest*/, const void* /*src*/, std::size_t /*count*/) const override {
-    TORCH_CHECK(false, "gpupool native client: the spike device holds no bytes to copy");
+    TORCH_CHECK(false, "gpupool native client: the device holds no bytes to copy");
   }
 };
 
@@ -248,7 +271,7 @@ void put_tensor(Buf& b, const at::Tensor& t) {
     put_geometry(b, t);
     return;
   }
-  TORCH_CHECK(t.device().is_cpu(), "gpupool native client: a ", t.device(), " tensor among the arguments of a spike op");
+  TORCH_CHECK(t.device().is_cpu(), "gpupool native client: a ", t.device(), " tensor among the arguments of a device op");
   const at::Tensor c = t.contiguous();
   put<uint8_t>(b, 'C');
   put<uint8_t>(b, static_cast<uint8_t>(c.scalar_type()));
@@ -498,7 +521,7 @@ Plan infer(const c10::OperatorHandle& op, const IValue* args, size_t nargs, std:
       for (const at::Tensor& t : v.toTensorList().vec()) rp.outs.push_back(plan_one(rets[r], margs, t));
     } else {
       TORCH_CHECK(false, "gpupool native client: ", schema.name(), " returns a ", v.tagKind(),
-                  ": a value read from the device needs a sync, which the spike does not do");
+                  ": a value read from the device needs a sync, which the records cannot do");
     }
     // A written input whose meta copy was resized (out= of the wrong size) would need its storage replaced.
     for (const OutPlan& p : rp.outs) {
@@ -587,7 +610,8 @@ inline void ensure_wire() {
 // One device: gpupool:0 (the shim's several devices, and leases of several GPUs, are not in the C++ client).
 inline void check_index(std::optional<Device> device) {
   TORCH_CHECK(!device || !device->has_index() || device->index() == 0, "gpupool --native-client: ", *device,
-              ": the native client has one device, gpupool:0 (for several devices run without --native-client)");
+              " (several devices) is not supported by the native client; run without --native-client (the Python "
+              "client)");
 }
 size_t g_cmds = 0;                                        // commands in g_buf
 std::mutex g_send_mu;                                     // frames go to Python in the order they were cut
@@ -827,7 +851,7 @@ void put_wire_tensor(Buf& b, std::string& k, const at::Tensor& t) {
     put<uint64_t>(b, wire_handle(t));
   } else {
     TORCH_CHECK(t.device().is_cpu() && t.dim() == 0, "gpupool native client: a ", t.device(), " tensor of ", t.dim(),
-                " dims among a device op's arguments: only 0-dim CPU tensors (sent as numbers) are in the spike");
+                " dims among a device op's arguments: only 0-dim CPU tensors (sent as numbers) are in the native client");
     if (at::isFloatingType(t.scalar_type())) {
       put<uint8_t>(b, T_FLOAT);
       put<double>(b, t.item<double>());
@@ -895,7 +919,7 @@ void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind) {
           continue;
         }
         const at::Tensor& t = e.toTensor();
-        TORCH_CHECK(t.device().type() == kType, "gpupool native client: a ", t.device(), " tensor in a tensor list: not in the spike");
+        TORCH_CHECK(t.device().type() == kType, "gpupool native client: a ", t.device(), " tensor in a tensor list: not in the native client");
         key_tensor(k, t);
         put<uint64_t>(b, wire_handle(t));
       }
@@ -947,7 +971,7 @@ void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind) {
     k.push_back(static_cast<char>(d.type()));
   } else {
     TORCH_CHECK(false, "gpupool native client: an argument of kind ", v.tagKind(), " has no compact form (strings, complex numbers, "
-                "Generators: the daemon-backed spike does not send them)");
+                "Generators: the C++ encoder does not send them)");
   }
 }
 
@@ -989,7 +1013,7 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const uint32_t id = op_id(op);
   const size_t npos = wire_info(op, id, false).npos;
   if (!g_wire_info[id].allowed) {
-    TORCH_CHECK(g_python, "gpupool native client: ", g_op_names[id], " is outside the op set the daemon-backed spike sends: not "
+    TORCH_CHECK(g_python, "gpupool native client: ", g_op_names[id], " is outside the op set the C++ encoder sends: not "
                 "supported");
     lock.unlock();
     python_fallback(op, stack);
@@ -1221,8 +1245,9 @@ void sync_record(const at::Tensor& t) {
 // with the tensor's meta, the last marked (as client/session.py's `upload` writes them on the stream).
 void emit_upload(uint64_t wh, const at::Tensor& c) {
   const size_t n = c.nbytes();
-  TORCH_CHECK(n <= kMaxUpload, "gpupool native client: an upload of ", n, " bytes (over 32 MiB: one frame holds it whole, and the "
-              "bulk socket is not in the spike)");
+  TORCH_CHECK(n <= kMaxUpload, "gpupool --native-client: an upload of ", n, " bytes (over 32 MiB: one frame holds it whole, "
+              "and the bulk socket is not in the native client) is not supported by the native client; upload it in "
+              "pieces, or run without --native-client (the Python client)");
   const int code = g_dtype_code[static_cast<int>(c.scalar_type())];
   TORCH_CHECK(code >= 0, "gpupool native client: no wire code for ", c.scalar_type());
   Buf meta;

@@ -111,7 +111,7 @@ UNSUPPORTED = {
         "dist.init_process_group('gpupool', rank=0, world_size=1)",
         "torch.distributed's `gpupool` backend (collectives)",
     ),
-    "second_device": ("import torch\ntorch.ones(2).to('gpupool:1')", "gpupool:1"),
+    "second_device": ("import torch\ntorch.ones(2).to('gpupool:1')", "gpupool:1 (several devices)"),
     "second_device_api": ("import gpupool.torch as gt\ngt.device(1)", "gpupool:1 (several devices)"),
 }
 

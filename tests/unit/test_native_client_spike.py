@@ -18,7 +18,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 if __name__ != "__main__":
     import pytest
-
     from gpupool.client.native.backend import compiler_missing
 
     _why = compiler_missing()
