@@ -186,6 +186,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "client_cpu_per_step_s": cpu / n,
         "daemon_cpu_per_step_s": daemon_cpu / n,
     }
+    if native is not None:  # ops the C++ encoder could not send, per step: 0 means every op was a C++ record
+        out["python_fallback_per_step"] = sum(native.PYTHON_STATS.values()) / max(1, args.warmup + n)
     if step_obj is not None:
         out["graph_ops"] = max((g.ops for g in step_obj.graphs.values()), default=0)
         out["stats"] = step_obj.stats
@@ -280,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
             if against:
                 print_against(model, results)
     print_table(rows, args)
+    for model, best in rows:
+        if "native" in best:
+            print(f"{model} native: {best['native']['python_fallback_per_step']:.2f} ops a step through the Python "
+                  "fallback (the rest are C++ records)")  # fmt: skip
     print(f"load average (1 min): {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
     return 0
 
