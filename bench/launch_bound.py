@@ -6,7 +6,9 @@ encoder classifier (d 32, 2 layers, 4 heads, batch 4 x 16 tokens), the stock-pre
 128-1, batch 256), the sentiment CNN of examples/sentiment (benchmark size, batch 50 x 400 tokens) and issue 8's
 transformer classifier (`classifier`: d 64, 2 layers, batch 32 x 48 tokens; not in the default set). Three
 ways: local CPU eager (the baseline: one torch thread, on the daemon's core), through a daemon eagerly, and
-through a daemon with `gpupool.torch.capture` (Adam with capturable=True and a device lr, as capture needs).
+through a daemon with `gpupool.torch.capture` (Adam with capturable=True and a device lr, as capture needs); a fourth,
+`native` (not in the default set), runs eagerly through the C++ client of `gpupool run --native-client`
+(gpupool.client.native) against the same daemon: its ops/step are its op records (and the Python fallback's ops).
 
 Each measurement is a fresh worker process pinned to a core (`taskset`), the daemon (`gpupool serve`, one fake GPU,
 one torch thread) on another. A block of steps is timed with one sync at its end (throughput: the client may run
@@ -26,6 +28,7 @@ on a shared box, compare ratios from one run only.
     nice python bench/launch_bound.py                       # ~3-5 min
     python bench/launch_bound.py --models tiny-mlp,encoder --steps 40
     python bench/launch_bound.py --models tiny-mlp --modes local,eager --rounds 5 --against /work/main
+    nice python bench/launch_bound.py --models tiny-mlp,encoder,classifier --modes local,eager,native --rounds 3
 
 `--against DIR` runs a second daemon from another checkout (its `.venv/bin/python`, or `--against-python`) beside
 this tree's, on the same core, and every remote run once against each, alternating which goes first (rows
@@ -51,7 +54,7 @@ from train_overhead import _proc_cpu, add_worker_flags, bench_daemons, run_worke
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("tiny-mlp", "encoder", "mlp", "cnn", "classifier")
-MODES = ("local", "eager", "captured")
+MODES = ("local", "eager", "captured", "native")
 
 
 class Encoder(nn.Module):
@@ -114,8 +117,16 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     model, data, loss_fn = workload(args.model)
     rt = None
     step_obj: Any = None
+    native = None
     if args.mode == "local":
         device = torch.device("cpu")
+    elif args.mode == "native":  # the C++ client (gpupool run --native-client's), attached to the same daemon
+        from gpupool.client import native as nc
+        from gpupool.client.native import backend as native
+
+        nc.enable()
+        nc.attach(args.address, args.token)
+        device = torch.device("gpupool", 0)
     else:
         from gpupool.client.torch import runtime
 
@@ -147,9 +158,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     for i in range(args.warmup):
         run(*data[i % 4]).item()
+
+    def ops_sent() -> int:
+        if native is not None:  # the C++ encoder's op records and the Python fallback's ops
+            return int(native.stats()["op_records"]) + sum(native.PYTHON_STATS.values())
+        return rt.ops_sent if rt else 0
+
     blocks, cpu, daemon_cpu, sent = [], 0.0, 0.0, 0
     for _ in range(args.blocks):
-        ops0 = rt.ops_sent if rt else 0
+        ops0 = ops_sent()
         d0 = _tree_cpu(args.daemon_pid) if args.daemon_pid else 0.0
         c0 = time.process_time()
         t = time.perf_counter()
@@ -161,7 +178,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         blocks.append((time.perf_counter() - t) / args.steps)
         cpu += time.process_time() - c0
         daemon_cpu += (_tree_cpu(args.daemon_pid) - d0) if args.daemon_pid else 0.0
-        sent += (rt.ops_sent - ops0) if rt else 0
+        sent += ops_sent() - ops0
     n = args.blocks * args.steps
     out = {
         "step_s": statistics.median(blocks),
@@ -169,6 +186,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "client_cpu_per_step_s": cpu / n,
         "daemon_cpu_per_step_s": daemon_cpu / n,
     }
+    if native is not None:  # ops the C++ encoder could not send, per step: 0 means every op was a C++ record
+        out["python_fallback_per_step"] = sum(native.PYTHON_STATS.values()) / max(1, args.warmup + n)
     if step_obj is not None:
         out["graph_ops"] = max((g.ops for g in step_obj.graphs.values()), default=0)
         out["stats"] = step_obj.stats
@@ -216,7 +235,7 @@ def _worker(core: int, model: str, mode: str, args: argparse.Namespace, **remote
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS[:4]), help="comma-separated: " + ",".join(MODELS))
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated, local first: " + ",".join(MODES))
+    p.add_argument("--modes", default=",".join(MODES[:3]), help="comma-separated, local first: " + ",".join(MODES))
     p.add_argument("--steps", type=int, default=20, help="steps per timed block")
     p.add_argument("--blocks", type=int, default=5, help="timed blocks (the median counts)")
     p.add_argument("--warmup", type=int, default=6, help="untimed steps first (capture records in these)")
@@ -263,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
             if against:
                 print_against(model, results)
     print_table(rows, args)
+    for model, best in rows:
+        if "native" in best:
+            print(f"{model} native: {best['native']['python_fallback_per_step']:.2f} ops a step through the Python "
+                  "fallback (the rest are C++ records)")  # fmt: skip
     print(f"load average (1 min): {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
     return 0
 

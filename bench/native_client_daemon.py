@@ -1,12 +1,13 @@
-"""The C++ client spike (spike/native_client.cpp) against a real daemon: launch_bound.py's models trained through a
-session, each class of op the C++ encoder does not send, and daemon errors.
+"""The C++ client (client/native/native_client.cpp: the round-12 spike, since round 14 gpupool.client.native, the device
+of `gpupool run --native-client`) against a real daemon: launch_bound.py's models trained through a session, each
+class of op the C++ encoder does not send, and daemon errors.
 
 The spike's wire mode writes the daemon's compact eager records (docs/wire.md, "Compact eager ops"), uploads and
 frees as `ClientFrame.commands` bytes in C++, and hands the buffer to client/session.py's Session once per frame (32
 commands or 1 MiB, or a sync: `.item()` flushes and reads the value in the same round trip) with
 `Session.send_commands`. Views get a handle of their own per geometry (an `as_strided` record from their storage's
 handle). Every op goes to the C++ encoder (`--op-set`: only the tiny MLP's and the encoder's); what it cannot send
-goes to the Python fallback (spike/native_client.py `_python_op`: a protobuf `Op`, or the CPU around a sync).
+goes to the Python fallback (client/native/backend.py `_python_op`: a protobuf `Op`, or the CPU around a sync).
 
     .venv/bin/python bench/native_client_daemon.py --steps 20            # losses: spike vs local CPU eager
     .venv/bin/python bench/native_client_daemon.py --model cnn --steps 4 # also encoder, mlp (cnn, encoder: eval mode)
@@ -45,9 +46,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if os.environ.get("TORCH_DEVICE_BACKEND_AUTOLOAD") != "0":
         raise SystemExit("the worker needs TORCH_DEVICE_BACKEND_AUTOLOAD=0 (the spike must own PrivateUse1)")
     import torch
-
-    sys.path.insert(0, str(ROOT / "spike"))
-    import native_client as nc
+    from gpupool.client.native import backend as nc
     from gpupool.client.session import Session
 
     torch.set_num_threads(1)
@@ -132,7 +131,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 (reported, whatever its type)
             out["daemon_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         out["after_error"] = step("spike", 0).item()  # the session goes on
-    torch.ops.spike_client.flush()
+    torch.ops.gpupool_native.flush()
     out["stats"] = nc.stats()
     out["wire"] = nc.wire_stats()
     session.close()
@@ -235,11 +234,11 @@ def costs(nc: Any, x: Any, y: Any, n: int = 200) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, f in ways.items():
         f()
-        torch.ops.spike_client.flush()
+        torch.ops.gpupool_native.flush()
         t = time.process_time()
         for _ in range(n):
             f()
-        torch.ops.spike_client.flush()
+        torch.ops.gpupool_native.flush()
         out[name] = (time.process_time() - t) / n * 1e6
     return out
 
@@ -272,8 +271,8 @@ def errors(nc: Any, session: Any, x: Any) -> dict[str, Any]:
     out["compact"] = caught(compact_op)
     out["compact_after"] = [(x * 2).sum().item(), (xl * 2).sum().item()]
     out["shapes"] = caught(lambda: x + torch.ones(3).to(dev))  # an invalid call: torch's own error, at once
-    out["synchronize"] = caught(lambda: (x.index_select(0, bad), torch.spike.synchronize()))  # type: ignore[attr-defined]
-    out["synchronize_after"] = caught(lambda: torch.spike.synchronize())  # type: ignore[attr-defined]
+    out["synchronize"] = caught(lambda: (x.index_select(0, bad), torch.gpupool.synchronize()))  # type: ignore[attr-defined]
+    out["synchronize_after"] = caught(lambda: torch.gpupool.synchronize())  # type: ignore[attr-defined]
 
     def python_op() -> None:  # an `Op` the Python fallback sent (a string argument)
         y = torch.searchsorted(x[0].sort().values, x[1], side="left", sorter=torch.tensor([9, 0, 1, 2, 3]).to(dev))
@@ -291,7 +290,7 @@ def errors(nc: Any, session: Any, x: Any) -> dict[str, Any]:
 
         out["quota"] = caught(quota)
         out["quota_after"] = [(x + 1).sum().item(), (xl + 1).sum().item()]
-    torch.ops.spike_client.flush()
+    torch.ops.gpupool_native.flush()
     session.sync()
     session.close()
     out["closed"] = caught(lambda: (x + 1).sum().item())
@@ -313,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shim-ops", type=float, default=0.0, help="--callgrind: the shim's commands per step to divide "
                    "by (default: SHIM_OPS)")  # fmt: skip
     p.add_argument("--op-set", action="store_true", help="the C++ encoder sends only the tiny MLP's and the encoder's "
-                   "ops (spike/native_client.py); every other op goes to the Python fallback")  # fmt: skip
+                   "ops (client/native/backend.py); every other op goes to the Python fallback")  # fmt: skip
     p.add_argument("--breadth", action="store_true", help="each class of op the C++ encoder does not send (worker)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--address", help=argparse.SUPPRESS)

@@ -1,10 +1,11 @@
-"""What a C++ client would cost per eager op: the spike backend of spike/native_client.cpp against local CPU eager.
+"""What the C++ client costs per eager op without a daemon: client/native/native_client.cpp (the round-12 spike, since
+round 14 gpupool.client.native) against local CPU eager.
 
-The spike is a PrivateUse1 device (named `spike`) whose tensors are plain at::Tensors holding a handle instead of
-memory; one C++ boxed fallback infers every op's outputs with its Meta kernel (cached), allocates handles and appends a
-compact record to a byte buffer that a null sink counts and drops (as client_overhead.py's null session). No Python
-runs per op. The workload is launch_bound.py's tiny MLP (32-64-64-2, batch 16; Adam, foreach), one step =
-upload x, y + zero_grad + forward + loss + backward + step, as client_overhead.py runs it.
+The spike is a PrivateUse1 device (named `gpupool` since round 14) whose tensors are plain at::Tensors holding a handle
+instead of memory; one C++ boxed fallback infers every op's outputs with its Meta kernel (cached), allocates handles and
+appends a compact record to a byte buffer that a null sink counts and drops (as client_overhead.py's null session). No
+Python runs per op. The workload is launch_bound.py's tiny MLP (32-64-64-2, batch 16; Adam, foreach), one step = upload
+x, y + zero_grad + forward + loss + backward + step, as client_overhead.py runs it.
 
 Two ways, interleaved in one process, one torch thread:
 - `local`: plain CPU tensors (autograd, dispatcher and the kernels);
@@ -47,9 +48,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "spike"))
-import native_client  # noqa: E402
 from cgtools import instrumented  # noqa: E402
+from gpupool.client.native import backend as native_client  # noqa: E402
 from launch_bound import workload  # noqa: E402
 
 

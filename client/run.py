@@ -9,6 +9,11 @@ declares the lease lost (its host died, it expired), the child is stopped at onc
 With --cuda (or $GPUPOOL_CUDA=1) the child also gets GPUPOOL_CUDA=1, and the leased devices appear to it as
 CUDA devices (gpupool.client.cuda, loaded by torch itself at `import torch`; docs/cuda.md).
 
+With --native-client (or $GPUPOOL_CLIENT=native; experimental) the child gets GPUPOOL_CLIENT=native, and its `gpupool`
+device is the C++ client instead of the Python shim (gpupool.client.native; docs/native-client.md). `run` builds it
+first (once per torch version, ~1-2 min, cached), before it leases: no compiler, no ninja, --cuda or several GPUs
+with it are one line and exit 2 (usage) or 1 (the build).
+
 Exit codes of its own: 2 bad usage, 1 no lease (e.g. RESOURCE_EXHAUSTED), 127 command not found.
 """
 
@@ -27,6 +32,7 @@ from gpupool.config import add_flag, setup_logging, size_arg
 from gpupool.errors import GpupoolError
 from gpupool.protocol import Policy
 
+from . import native
 from .pool import lease
 
 log = logging.getLogger("gpupool.run")
@@ -53,8 +59,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         p, "--cuda", action="store_true", help="the leased GPUs appear as CUDA to an unmodified script (docs/cuda.md)"
     )
+    p.add_argument(
+        "--native-client",
+        action="store_true",
+        help="experimental: the `gpupool` device is the C++ client (fewer instructions per op) instead of the Python "
+        "one; eager ops only: no step capture, collectives, --cuda or several GPUs (also $GPUPOOL_CLIENT=native; "
+        "builds once with g++ and ninja, ~1-2 min; docs/native-client.md)",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
     return p
+
+
+def _prepare_native(args: argparse.Namespace) -> int:
+    """--native-client: refuse what it lacks, and build the C++ client before leasing (0: ready)."""
+    if args.cuda:
+        print(f"gpupool run: --native-client and --cuda: --cuda is not supported by the native client; "
+              f"{native.WAY_OUT}", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.gpus != 1:
+        print(f"gpupool run: --native-client and -n {args.gpus}: several devices are not supported by the native "
+              f"client; {native.WAY_OUT}", file=sys.stderr)  # fmt: skip
+        return 2
+    from .native import backend
+
+    try:
+        backend.build()
+    except backend.BuildError as exc:
+        print(f"gpupool run: {exc}; install g++ and ninja, or {native.WAY_OUT}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -64,6 +97,11 @@ def main(argv: list[str]) -> int:
         print("gpupool run: no command given (gpupool run -n 1 -p 0.5 -- python train.py)", file=sys.stderr)
         return 2
     setup_logging("gpupool-run", os.environ.get("GPUPOOL_LOG_LEVEL", "WARNING"))
+    use_native = args.native_client or native.requested()
+    if use_native:
+        code = _prepare_native(args)
+        if code:
+            return code
     tls.export_client_args(args)  # the library, and the child through os.environ, use the same credentials
     try:
         held = lease(
@@ -84,6 +122,8 @@ def main(argv: list[str]) -> int:
         log.info("lease %s on %s", held.lease_id, where)
         try:
             env = {**os.environ, **held.to_env(), **({"GPUPOOL_CUDA": "1"} if args.cuda else {})}
+            if use_native:
+                env[native.ENV] = "native"
             child = subprocess.Popen(command, env=env)
         except OSError as exc:
             print(f"gpupool run: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)

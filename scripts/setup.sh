@@ -2,23 +2,23 @@
 # Install everything gpupool needs on a fresh Debian machine: system packages (Prometheus for the e2e tests,
 # PostgreSQL for the scheduler's HA tests - the tests start their own server with initdb/pg_ctl -, libseccomp2 for
 # the daemon's sandboxed session workers, Chromium and its WebDriver for the browser test of the sentiment web page,
-# g++ for the client's native device guard), the CPU build of torch (pinned, so pip does not pull a multi-GB CUDA
-# build), and the project with its dev extras. Last it builds the native device guard (client/torch/native_guard.cpp,
+# g++ for the client's native device guard, ninja for the daemon's native runner and the C++ client), the CPU build
+# of torch (pinned, so pip does not pull a multi-GB CUDA build), and the project with its dev extras. Last it builds the native device guard (client/torch/native_guard.cpp,
 # ~1-2 s) into the per-user cache, so that tests and CI find it built; `import gpupool.torch` would build it at
 # first use anyway, and without a compiler the client keeps torch's Python device guard (GPUPOOL_NATIVE=0 forces that).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 have_pg() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
 have_seccomp() { ldconfig -p | grep -q libseccomp.so.2; }
-have_tools() { command -v prometheus && command -v chromium && command -v chromedriver && command -v g++; } >/dev/null 2>&1
+have_tools() { command -v prometheus && command -v chromium && command -v chromedriver && command -v g++ && command -v ninja; } >/dev/null 2>&1
 if [ "${GPUPOOL_SKIP_APT:-0}" != 1 ] && ! { have_tools && have_pg && have_seccomp; }; then
   if command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus postgresql libseccomp2 chromium \
-      chromium-driver g++ >/dev/null
+      chromium-driver g++ ninja-build >/dev/null
   else
-    echo "setup: no apt-get; install Prometheus, PostgreSQL, libseccomp2, Chromium (+ chromedriver) and g++ yourself" >&2
+    echo "setup: no apt-get; install Prometheus, PostgreSQL, libseccomp2, Chromium (+ chromedriver), g++ and ninja yourself" >&2
   fi
 fi
 python3 -m pip install -q --disable-pip-version-check "torch==2.13.0"
@@ -37,4 +37,14 @@ python3 - <<'PY'
 from gpupool.server import native_runner
 why = native_runner.missing()
 print("setup: native runner:", "built" if native_runner.load() is not None else f"not built ({why or 'the build failed'})")
+PY
+# The experimental C++ client of `gpupool run --native-client` (client/native/native_client.cpp, g++ and ninja, ~1-2
+# min once): built now into the per-user cache, so that tests and a first `gpupool run --native-client` find it built.
+TORCH_DEVICE_BACKEND_AUTOLOAD=0 python3 - <<'PY'
+import sys
+from gpupool.client.native import backend
+try:
+    print("setup: native client:", backend.build())
+except backend.BuildError as exc:  # optional: only --native-client needs it
+    print(f"setup: {exc} (only gpupool run --native-client needs it)", file=sys.stderr)
 PY

@@ -3,7 +3,8 @@
 torch calls `autoload()` at the end of `import torch` (the `torch.backends` entry point of this
 distribution; off with TORCH_DEVICE_BACKEND_AUTOLOAD=0). It does nothing unless $GPUPOOL_CUDA is set
 (`gpupool run --cuda` sets it for its child; launchers such as torchrun pass it on to their workers), so
-`--cuda` never changes a script run without it. When set, `enable()`:
+`--cuda` never changes a script run without it ($GPUPOOL_CLIENT=native instead loads the C++ client: `autoload`).
+When set, `enable()`:
 
 - registers the `gpupool` device (as `import gpupool.torch` does),
 - maps `cuda`, `cuda:N`, integer device ids, `.cuda()`, `.to(...)`, factory `device=` arguments and
@@ -42,8 +43,16 @@ def _is_gpupool_program() -> bool:
 
 
 def autoload() -> None:
-    """torch's `torch.backends` entry point: runs at `import torch` in every process, so it is cheap."""
-    if requested() and not _is_gpupool_program():
+    """torch's `torch.backends` entry point: runs at `import torch` in every process, so it is cheap. It also loads the
+    C++ client as the `gpupool` device with $GPUPOOL_CLIENT=native (`gpupool run --native-client`, experimental:
+    gpupool.client.native), which refuses --cuda with one line."""
+    if _is_gpupool_program():
+        return
+    from gpupool.client import native
+
+    if native.requested():
+        native.enable()
+    elif requested():
         enable()
 
 

@@ -1,7 +1,8 @@
-"""The C++ client spike (spike/native_client.cpp) in wire mode against a real daemon (`gpupool serve --fake-gpus 1`,
-loopback, TLS): the tiny MLP, the encoder, the stock MLP and the sentiment CNN trained through a client/session.py
-Session give local CPU eager's losses and weights; every class of op the C++ encoder does not send goes to the Python
-fallback and gives local's result; daemon errors surface at the next sync as the shim's exceptions.
+"""The C++ client (client/native/native_client.cpp, gpupool.client.native: the round-12 spike) in wire mode against a
+real daemon (`gpupool serve --fake-gpus 1`, loopback, TLS): the tiny MLP, the encoder, the stock MLP and the
+sentiment CNN trained through a client/session.py Session give local CPU eager's losses and weights; every class of
+op the C++ encoder does not send goes to the Python fallback and gives local's result; daemon errors surface at the
+next sync as the shim's exceptions.
 
 The spike must own PrivateUse1, which this pytest process has given to gpupool, so the training runs in a child
 (bench/native_client_daemon.py's worker, TORCH_DEVICE_BACKEND_AUTOLOAD=0) that prints JSON. Slow (the backend's first
@@ -21,8 +22,7 @@ import pytest
 import shim_fixtures
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "spike"))
-from native_client import compiler_missing  # noqa: E402
+from gpupool.client.native.backend import compiler_missing  # noqa: E402
 
 serve = shim_fixtures.serve
 _why = compiler_missing()

@@ -1,4 +1,4 @@
-"""The C++ client spike (spike/native_client.cpp): one training step of the tiny MLP on the spike device.
+"""The C++ client spike (client/native/native_client.cpp): one training step of the tiny MLP on the spike device.
 
 The spike must own PrivateUse1, which this pytest process has given to gpupool (its package registers at `import
 torch`), so the checks run in a child process (this file as a script, TORCH_DEVICE_BACKEND_AUTOLOAD=0) that prints
@@ -18,9 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 if __name__ != "__main__":
     import pytest
-
-    sys.path.insert(0, str(ROOT / "spike"))
-    from native_client import compiler_missing
+    from gpupool.client.native.backend import compiler_missing
 
     _why = compiler_missing()
     pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"spike backend: {_why}")]
@@ -89,9 +87,8 @@ def _run_child() -> dict[str, Any]:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    sys.path.insert(0, str(ROOT / "spike"))
     sys.path.insert(0, str(ROOT / "bench"))
-    import native_client as n
+    from gpupool.client.native import backend as n
 
     n.load()
     n.configure(keep=True, track=True)  # before any tensor: every handle is tracked

@@ -1,17 +1,19 @@
-"""A C++ client spike (round 12): a PrivateUse1 backend whose tensors are plain at::Tensors, recording ops in C++.
+"""The C++ client (`gpupool run --native-client`): a PrivateUse1 backend whose tensors are plain at::Tensors, recording
+ops in C++ (rounds 12-13 a spike in spike/, round 14 an opt-in mode of the product; docs/native-client.md).
 
 `native_client.cpp` is the whole backend (an allocator of handles with a C++ free list, a boxed fallback that infers
-outputs with the Meta kernels and appends compact records, metadata-only views, uploads, zero-filled syncs); this
-module builds it at first use with torch.utils.cpp_extension.load (g++ and ninja, ~1-2 min, cached under
-`$SPIKE_BUILD_DIR`, default ~/.cache/gpupool/spike, a folder per torch version and source hash), names the device
-`spike` and decodes records for the tests.
-Wire mode (`connect`, round 12-13) sends the records to a daemon through client/session.py's Session, raises the shim's
-exceptions at sync points, and sends what the C++ encoder cannot through a Python fallback (`_python_op`).
+outputs with the Meta kernels and appends compact records, metadata-only views, uploads, syncs); this module builds it
+at first use (`load`: g++ and ninja through torch.utils.cpp_extension, ~1-2 min once, cached per torch version and
+source hash under gpupool.config.cache_dir("native-client"), built in a private folder and moved into place
+atomically), names the device (`gpupool` by default) and decodes records for the tests.
+Wire mode (`connect`) sends the records to a daemon through client/session.py's Session, raises the shim's exceptions
+at sync points, and sends what the C++ encoder cannot through a Python fallback (`_python_op`).
 
-It must own PrivateUse1: run it in a process that has not registered gpupool's device, i.e. with
-TORCH_DEVICE_BACKEND_AUTOLOAD=0 set before `import torch` and without importing gpupool.torch. `load()` checks.
+It must own PrivateUse1: run it in a process where the Python shim (gpupool.client.torch) has not registered the
+device: `gpupool run --native-client` (gpupool.client.native.enable, at `import torch`), or a process with
+TORCH_DEVICE_BACKEND_AUTOLOAD=0 set before `import torch` (the tests, the bench scripts). `load()` checks.
 
-    cd spike && TORCH_DEVICE_BACKEND_AUTOLOAD=0 python -c 'import native_client as n; n.load()'
+    TORCH_DEVICE_BACKEND_AUTOLOAD=0 python -c 'from gpupool.client.native import backend; backend.load()'
 """
 
 from __future__ import annotations
@@ -20,19 +22,28 @@ import hashlib
 import os
 import shutil
 import struct
+import sys
+import tempfile
 import types
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gpupool import config
+
 SOURCE = Path(__file__).with_name("native_client.cpp")
-NAME = "spike"  # the device's name (torch.utils.rename_privateuse1_backend)
+NAME = "gpupool"  # the device's name (torch.utils.rename_privateuse1_backend)
+_LIB = "gpupool_native_client"
 STATS = (
     "allocated", "freed", "double_frees", "op_records", "uploads", "syncs", "free_records", "alloc_records", "bytes",
     "dropped_bytes", "meta_runs", "cache_hits", "view_outputs", "live", "free_pending", "cache_entries",
 )  # fmt: skip
 _loaded: list[bool] = []
+
+
+class BuildError(RuntimeError):
+    """The C++ client could not be built here (no compiler, no ninja, or the compiler failed)."""
 
 
 def compiler_missing() -> str | None:
@@ -44,42 +55,69 @@ def compiler_missing() -> str | None:
     return None
 
 
-def load(verbose: bool = False) -> None:
-    """Build (once) and load the backend, and name PrivateUse1 `spike`."""
-    if _loaded:
-        return
-    if os.environ.get("TORCH_DEVICE_BACKEND_AUTOLOAD") != "0":
-        raise RuntimeError("set TORCH_DEVICE_BACKEND_AUTOLOAD=0 before importing torch: gpupool's package would "
-                           "register itself as PrivateUse1 at `import torch`")  # fmt: skip
-    name = torch._C._get_privateuse1_backend_name()
-    if name not in ("privateuseone", NAME):
-        raise RuntimeError(f"PrivateUse1 is already {name!r} in this process")
-    if name != NAME:
-        torch.utils.rename_privateuse1_backend(NAME)
+def cache_dir() -> Path:
+    return config.cache_dir("native-client", "GPUPOOL_NATIVE_CLIENT_CACHE")
+
+
+def built_path() -> Path:
+    """Where the library of this torch and this source lives once built (a folder per torch version and source hash:
+    checkouts of other sources never replace each other's library under each other's running processes)."""
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    return cache_dir() / f"torch-{torch.__version__}-{digest}" / f"{_LIB}.so"
+
+
+def build(verbose: bool = False) -> Path:
+    """The library, built now unless cached. Each build runs in a private folder and its result is moved into place
+    (`os.replace`, atomic), as server/native_runner.py's: concurrent first uses each build and the last one wins, and
+    a build killed midway leaves no lock behind (cpp_extension's own build-folder lock waits forever for a dead
+    holder). Raises BuildError with one line saying why."""
+    final = built_path()
+    if final.exists():
+        return final
     why = compiler_missing()
     if why:
-        raise RuntimeError(f"cannot build the spike backend: {why}")
+        raise BuildError(f"cannot build the native client: {why}")
     from torch.utils import cpp_extension
 
-    # one folder per torch version and source: checkouts with other sources (other worktrees, main) building into one
-    # folder would replace each other's library under each other's running processes
-    tag = f"{torch.__version__}-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
-    build = Path(os.environ.get("SPIKE_BUILD_DIR", Path.home() / ".cache" / "gpupool" / "spike")) / tag
-    build.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name="gpupool_spike_client",
-        sources=[str(SOURCE)],
-        extra_cflags=["-O2"],
-        build_directory=str(build),
-        is_python_module=False,
-        verbose=verbose,
-    )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="build-", dir=final.parent))
+    try:
+        print(f"gpupool: building the native client (once per torch version, ~1-2 min) into {final.parent}",
+              file=sys.stderr)  # fmt: skip
+        try:
+            cpp_extension.load(name=_LIB, sources=[str(SOURCE)], extra_cflags=["-O2"], build_directory=str(tmp),
+                               is_python_module=False, verbose=verbose)  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - the compiler's output is in the message: its last line says why
+            last = [ln for ln in str(exc).splitlines() if ln.strip()][-1:] or [type(exc).__name__]
+            raise BuildError(f"the native client did not build: {last[0][:300]}") from exc
+        os.replace(tmp / f"{_LIB}.so", final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load(verbose: bool = False, name: str = NAME) -> None:
+    """Build (once) and load the backend, and name PrivateUse1 `name`."""
+    global NAME
+    if _loaded:
+        return
+    if "gpupool.client.torch" in sys.modules:
+        raise RuntimeError("the Python shim (gpupool.client.torch) is loaded in this process: it owns PrivateUse1")
+    current = torch._C._get_privateuse1_backend_name()
+    if current not in ("privateuseone", name):
+        raise RuntimeError(f"PrivateUse1 is already {current!r} in this process")
+    path = build(verbose)
+    if current != name:
+        torch.utils.rename_privateuse1_backend(name)
+    NAME = name
+    torch.ops.load_library(str(path))
     _register_module()
     _loaded.append(True)
 
 
 def _register_module() -> None:
-    """torch.spike: what torch's Python asks of a PrivateUse1 device's module (Module.to, the optimizers, autograd)."""
+    """torch.gpupool: what torch's Python asks of a PrivateUse1 device's module (Module.to, the optimizers,
+    autograd)."""
     mod = types.ModuleType(f"torch.{NAME}")
     funcs: dict[str, Any] = {
         "is_available": lambda: True,
@@ -91,6 +129,7 @@ def _register_module() -> None:
         "manual_seed": lambda seed: None,
         "manual_seed_all": lambda seed: None,
         "get_amp_supported_dtype": lambda: [torch.float16, torch.bfloat16],
+        "synchronize": lambda device=None: flush(),
     }
     for k, f in funcs.items():
         setattr(mod, k, f)
@@ -102,28 +141,28 @@ def device() -> torch.device:
 
 
 def stats() -> dict[str, int]:
-    return dict(zip(STATS, torch.ops.spike_client.stats(), strict=True))
+    return dict(zip(STATS, torch.ops.gpupool_native.stats(), strict=True))
 
 
 def configure(keep: bool = False, track: bool = False, cache: bool = True) -> None:
     """keep: keep records for take_records (else the null sink drops them); track: keep the live handles' set (set it
     before making tensors: a handle made before it is freed as a "double free"); cache: cache meta inference."""
-    torch.ops.spike_client.configure(keep, track, cache)
+    torch.ops.gpupool_native.configure(keep, track, cache)
 
 
 def claim(functional: bool = True, foreach: bool = True) -> int:
     """Route more ops to the fallback (native_client.cpp `claim`): the functional/in-place forms of structured ops (else
     torch runs them as empty_strided + their out= form) and the _foreach_ ops (else a per-tensor loop). Once only."""
-    return int(torch.ops.spike_client.claim(functional, foreach))
+    return int(torch.ops.gpupool_native.claim(functional, foreach))
 
 
 def reset_stats() -> None:
-    torch.ops.spike_client.reset_stats()
+    torch.ops.gpupool_native.reset_stats()
 
 
 def take_records() -> list[dict[str, Any]]:
     """The records kept since the last call, decoded (keep mode)."""
-    raw = torch.ops.spike_client.take_records().numpy().tobytes()
+    raw = torch.ops.gpupool_native.take_records().numpy().tobytes()
     return decode(raw)
 
 
@@ -194,7 +233,7 @@ def decode(buf: bytes) -> list[dict[str, Any]]:
         if k == "O":
             op_id, nargs = r.take("IB")
             if op_id not in names:
-                names[op_id] = torch.ops.spike_client.op_name(op_id)
+                names[op_id] = torch.ops.gpupool_native.op_name(op_id)
             args = [_arg(r) for _ in range(nargs)]
             nouts = r.take("B")
             outs = [r.take("Q") for _ in range(nouts)]
@@ -229,7 +268,7 @@ _libs: list[Any] = []
 def connect(session: Any, ops: Any = None, python: bool = True) -> None:
     """Send every op from now on to `session` (client/session.py's Session, attached to a daemon) as compact records
     (docs/wire.md, "Compact eager ops"): the C++ side writes whole `ClientFrame.commands` entries and hands them over
-    once per frame (every 32 commands, and at each sync) through the `spike_client::send` / `sync_scalar` / `download`
+    once per frame (every 32 commands, and at each sync) through the `gpupool_native::send` / `sync_scalar` / `download`
     operators, whose Python implementations here put the bytes on the session's stream (`Session.send_commands`) after
     whatever the session itself queued. Errors are the shim's (`errors`): a daemon error surfaces at the next sync as
     a RemoteError (an OutOfMemoryError for a quota refusal, a DeviceLost for a lost session) naming the op.
@@ -244,9 +283,9 @@ def connect(session: Any, ops: Any = None, python: bool = True) -> None:
 
     codes = [-1] * 64
     for dtype, code in compact.DTYPE_CODES.items():
-        codes[int(torch.ops.spike_client.scalar_type(torch.empty(0, dtype=dtype)))] = code
+        codes[int(torch.ops.gpupool_native.scalar_type(torch.empty(0, dtype=dtype)))] = code
     formats = (torch.contiguous_format, torch.preserve_format, torch.channels_last, torch.channels_last_3d)
-    torch.ops.spike_client.configure_wire(
+    torch.ops.gpupool_native.configure_wire(
         int(session.handle_base), None if ops is None else sorted(ops), codes, compact.LAYOUT_CODES[torch.strided],
         [compact.MEMORY_FORMAT_CODES[f] for f in formats], python,
     )  # fmt: skip
@@ -273,7 +312,7 @@ def connect(session: Any, ops: Any = None, python: bool = True) -> None:
         except Exception as exc:  # noqa: BLE001
             raise translate(exc) from exc
 
-    lib = torch.library.Library("spike_client", "IMPL")  # noqa: TOR901 (ops defined in C++, implemented here)
+    lib = torch.library.Library("gpupool_native", "IMPL")  # noqa: TOR901 (ops defined in C++, implemented here)
     lib.impl("send", send, "CPU")
     lib.impl("sync_scalar", sync_scalar, "CPU")
     lib.impl("download", download, "CPU")
@@ -290,7 +329,7 @@ def connect(session: Any, ops: Any = None, python: bool = True) -> None:
         except Exception as exc:  # noqa: BLE001
             raise translate(exc) from exc
 
-    torch.spike.synchronize = synchronize  # type: ignore[attr-defined]
+    getattr(torch, NAME).synchronize = synchronize
 
 
 _errors: list[types.ModuleType] = []
@@ -307,7 +346,7 @@ def errors() -> types.ModuleType:
         import gpupool.client  # the package (session.py's), whose `__init__` registers nothing
 
         path = Path(gpupool.client.__file__).resolve().parent / "torch" / "errors.py"
-        spec = importlib.util.spec_from_file_location("gpupool_spike_errors", path)
+        spec = importlib.util.spec_from_file_location("gpupool_native_errors", path)
         assert spec is not None and spec.loader is not None
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
@@ -443,7 +482,7 @@ def _as_op(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
     def encode(v: Any) -> tensor_pb2.Arg:
         if _on_device(v):
-            return tensor_pb2.Arg(tensor=int(torch.ops.spike_client.wire_handle(v)))
+            return tensor_pb2.Arg(tensor=int(torch.ops.gpupool_native.wire_handle(v)))
         if isinstance(v, torch.Tensor):  # 0-dim on the CPU
             return tensor_pb2.Arg(inline=wire.inline_to_proto(v))
         if isinstance(v, torch.device) and v.type == NAME:
@@ -451,7 +490,7 @@ def _as_op(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if isinstance(v, list | tuple) and v and all(x is None or isinstance(x, torch.Tensor) for x in v):
             if not all(x is None or _on_device(x) for x in v):
                 raise _OnCpu
-            hs = [0 if x is None else int(torch.ops.spike_client.wire_handle(x)) for x in v]
+            hs = [0 if x is None else int(torch.ops.gpupool_native.wire_handle(x)) for x in v]
             return tensor_pb2.Arg(tensors=tensor_pb2.TensorList(handles=hs))
         try:
             return wire.encode_arg(v, _no_tensor)
@@ -489,12 +528,12 @@ def _as_op(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             else:
                 if mt.storage_offset() != 0:
                     raise _OnCpu
-                t = torch.ops.spike_client.new_output(mt.size(), mt.stride(), mt.dtype)
+                t = torch.ops.gpupool_native.new_output(mt.size(), mt.stride(), mt.dtype)
                 slots.append(len(new))
                 new.append(t)
                 outs.append(t)
         results.append(outs if isinstance(m, list | tuple) else outs[0])
-    handles = torch.ops.spike_client.adopt(new, False)
+    handles = torch.ops.gpupool_native.adopt(new, False)
     cmd = device_pb2.Command()
     o = cmd.op
     o.name = op.name()
@@ -504,10 +543,10 @@ def _as_op(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     o.outputs.extend([0 if i < 0 else handles[i] for i in slots])
     raw = cmd.SerializeToString()
     entry = bytearray(protocol.FRAME_COMMANDS_TAG + protocol.varint(len(raw)) + raw)
-    torch.ops.spike_client.append_command(torch.frombuffer(entry, dtype=torch.uint8))
-    torch.ops.spike_client.adopt(new, True)
+    torch.ops.gpupool_native.append_command(torch.frombuffer(entry, dtype=torch.uint8))
+    torch.ops.gpupool_native.adopt(new, True)
     for s, mt in resized:
-        torch.ops.spike_client.resize_output(s, mt.size(), mt.stride())
+        torch.ops.gpupool_native.resize_output(s, mt.size(), mt.stride())
     return tuple(results) if len(results) != 1 else results[0]
 
 
@@ -557,11 +596,11 @@ def _on_cpu(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 def flush() -> None:
     """Send the records buffered so far (wire mode)."""
-    torch.ops.spike_client.flush()
+    torch.ops.gpupool_native.flush()
 
 
 def wire_stats() -> dict[str, int]:
-    return dict(zip(WIRE_STATS, torch.ops.spike_client.wire_stats(), strict=True))
+    return dict(zip(WIRE_STATS, torch.ops.gpupool_native.wire_stats(), strict=True))
 
 
 # The ops of launch_bound.py's tiny MLP training step (Adam, foreach), as the claimed fallback records them: the op set

@@ -1,6 +1,7 @@
-// A C++ client spike (round 12): what a real PrivateUse1 backend would cost per eager op, with no Python per op.
+// The C++ client of `gpupool run --native-client` (experimental; rounds 12-13 a spike in spike/): a PrivateUse1 backend
+// that records eager ops in C++, with no Python per op.
 //
-// Tensors on the spike device are plain at::Tensors with no local data: the Allocator hands out a DataPtr whose
+// Tensors on the device are plain at::Tensors with no local data: the Allocator hands out a DataPtr whose
 // pointer and context are a handle id (never dereferenced), and whose deleter queues that id on a C++ free list, so a
 // tensor's death costs no Python. Every aten op that reaches PrivateUse1 lands in one boxed fallback, which
 //   1. infers the outputs' metadata by running the op's Meta kernel on meta copies of the inputs (or finds it in a
@@ -16,8 +17,8 @@
 // ZEROS (there is no daemon to answer). The sink is null: a full buffer is counted and dropped, or, in "keep" mode
 // (tests), kept for Python to decode.
 //
-// The Python side (spike/native_client.py) builds this with torch.utils.cpp_extension.load (is_python_module=False)
-// and talks to it through the `spike_client::*` operators below. No pybind, no Python headers.
+// The Python side (client/native/backend.py) builds this with torch.utils.cpp_extension.load (is_python_module=False)
+// and talks to it through the `gpupool_native::*` operators below. No pybind, no Python headers.
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
@@ -38,6 +39,7 @@
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -69,12 +71,33 @@ const DispatchKeySet kKeys{DispatchKey::PrivateUse1};
 
 std::mutex g_mu;                 // guards the buffer, the stats, the op ids and the cache (ops may run on the
                                  // autograd engine's device thread)
-// A byte buffer that grows without zero-filling (std::vector::resize value-initializes: ~1.9k instructions a record).
+// An allocator whose value-less construct leaves bytes uninitialized: std::vector::resize would zero-fill every byte
+// it adds (round 14: 4.8% of the tiny MLP's client instructions, each small temporary Buf zeroing its first 4 KiB).
+template <typename T>
+struct NoInit : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = NoInit<U>;
+  };
+  NoInit() = default;
+  template <typename U>
+  NoInit(const NoInit<U>&) noexcept {}
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+
+// A byte buffer that grows without zero-filling (`NoInit`; a fresh one starts at 256 bytes).
 struct Buf {
-  std::vector<uint8_t> v;
+  std::vector<uint8_t, NoInit<uint8_t>> v;
   size_t n = 0;
   uint8_t* grow(size_t k) {
-    if (n + k > v.size()) v.resize(std::max(2 * v.size(), n + k + 4096));
+    if (n + k > v.size()) v.resize(std::max({2 * v.size(), n + k, size_t{256}}));
     uint8_t* p = v.data() + n;
     n += k;
     return p;
@@ -173,7 +196,7 @@ struct HandleAllocator final : public c10::Allocator {
     return nullptr;  // no raw allocations
   }
   void copy_data(void* /*dest*/, const void* /*src*/, std::size_t /*count*/) const override {
-    TORCH_CHECK(false, "spike: the spike device holds no bytes to copy");
+    TORCH_CHECK(false, "gpupool native client: the device holds no bytes to copy");
   }
 };
 
@@ -248,7 +271,7 @@ void put_tensor(Buf& b, const at::Tensor& t) {
     put_geometry(b, t);
     return;
   }
-  TORCH_CHECK(t.device().is_cpu(), "spike: a ", t.device(), " tensor among the arguments of a spike op");
+  TORCH_CHECK(t.device().is_cpu(), "gpupool native client: a ", t.device(), " tensor among the arguments of a device op");
   const at::Tensor c = t.contiguous();
   put<uint8_t>(b, 'C');
   put<uint8_t>(b, static_cast<uint8_t>(c.scalar_type()));
@@ -342,7 +365,7 @@ void put_arg(Buf& b, std::string& k, const IValue& v) {
     const auto list = v.toListRef();
     list_head(b, k, 'L', list.size());
     for (const IValue& e : list) {
-      TORCH_CHECK(!e.isList(), "spike: a list of lists");
+      TORCH_CHECK(!e.isList(), "gpupool native client: a list of lists");
       put_arg(b, k, e);
     }
   } else if (v.isString()) {
@@ -366,7 +389,7 @@ void put_arg(Buf& b, std::string& k, const IValue& v) {
     put<double>(b, c.imag());
     k.push_back('c');
   } else {
-    TORCH_CHECK(false, "spike: an argument of kind ", v.tagKind(), " is not supported (a Generator: random ops need "
+    TORCH_CHECK(false, "gpupool native client: an argument of kind ", v.tagKind(), " is not supported (a Generator: random ops need "
                 "the daemon's RNG; a Storage or a Stream)");
   }
 }
@@ -464,13 +487,13 @@ OutPlan plan_one(const c10::Argument& ret, const std::vector<IValue>& margs, con
   const auto* alias = ret.alias_info();
   if (alias != nullptr && alias->isWrite()) {
     auto [i, j] = find_input(margs, m, false);
-    TORCH_CHECK(i >= 0, "spike: a written output that is none of the inputs");
+    TORCH_CHECK(i >= 0, "gpupool native client: a written output that is none of the inputs");
     p.kind = OutPlan::INPUT;
     p.arg = i;
     p.elem = j;
   } else if (alias != nullptr) {
     auto [i, j] = find_input(margs, m, true);
-    TORCH_CHECK(i >= 0, "spike: a view output whose storage is none of the inputs'");
+    TORCH_CHECK(i >= 0, "gpupool native client: a view output whose storage is none of the inputs'");
     p.kind = OutPlan::VIEW;
     p.arg = i;
     p.elem = j;
@@ -487,7 +510,7 @@ Plan infer(const c10::OperatorHandle& op, const IValue* args, size_t nargs, std:
   op.redispatchBoxed(DispatchKeySet(DispatchKey::Meta), &ms);
   Plan plan;
   const auto& rets = schema.returns();
-  TORCH_CHECK(ms.size() == rets.size(), "spike: ", schema.name(), " returned ", ms.size(), " values for ", rets.size());
+  TORCH_CHECK(ms.size() == rets.size(), "gpupool native client: ", schema.name(), " returned ", ms.size(), " values for ", rets.size());
   for (size_t r = 0; r < rets.size(); r++) {
     RetPlan rp;
     const IValue& v = ms[r];
@@ -497,8 +520,8 @@ Plan infer(const c10::OperatorHandle& op, const IValue* args, size_t nargs, std:
       rp.is_list = true;
       for (const at::Tensor& t : v.toTensorList().vec()) rp.outs.push_back(plan_one(rets[r], margs, t));
     } else {
-      TORCH_CHECK(false, "spike: ", schema.name(), " returns a ", v.tagKind(),
-                  ": a value read from the device needs a sync, which the spike does not do");
+      TORCH_CHECK(false, "gpupool native client: ", schema.name(), " returns a ", v.tagKind(),
+                  ": a value read from the device needs a sync, which the records cannot do");
     }
     // A written input whose meta copy was resized (out= of the wrong size) would need its storage replaced.
     for (const OutPlan& p : rp.outs) {
@@ -507,7 +530,7 @@ Plan infer(const c10::OperatorHandle& op, const IValue* args, size_t nargs, std:
       const at::Tensor in = p.elem < 0 ? a.toTensor()
                                        : (a.isTensorList() ? a.toTensorList().get(p.elem) : a.toListRef()[p.elem].toTensor());
       TORCH_CHECK(in.sizes().vec() == p.sizes && in.strides().vec() == p.strides,
-                  "spike: ", schema.name(), " resizes an out= argument: not supported");
+                  "gpupool native client: ", schema.name(), " resizes an out= argument: not supported");
     }
     plan.rets.push_back(std::move(rp));
   }
@@ -544,8 +567,8 @@ uint32_t op_id(const c10::OperatorHandle& op) {
 // Wire mode (configure_wire): records in the daemon's own format, for a real session. The buffer then holds finished
 // `ClientFrame.commands` entries (Command{eager_op}, Command{upload}, Command{free}: byte for byte what protobuf
 // writes, as client/session.py's eager_command and upload_command write them), and every kFlushCommands commands, and
-// at every sync, the buffer goes to Python once (the `spike_client::send` / `sync_scalar` / `download` operators,
-// implemented in Python by spike/native_client.py over client/session.py's Session). Compact records
+// at every sync, the buffer goes to Python once (the `gpupool_native::send` / `sync_scalar` / `download` operators,
+// implemented in Python by client/native/backend.py over client/session.py's Session). Compact records
 // (gpupool/compact.py): u32 op id (u8 name length and the name the first time), u8 n, u64 outputs, u8 n, args,
 // u8 n, (u8 length, name, arg) kwargs; kwarg-only arguments of the schema go by name.
 //
@@ -571,6 +594,25 @@ int g_mf_code[4] = {-1, -1, -1, -1};                      // c10::MemoryFormat -
 std::unordered_set<std::string> g_wire_ops;               // the op set the wire mode sends (g_wire_all: every op)
 bool g_wire_all = false;
 bool g_python = false;                                    // a Python fallback is registered (PrivateUse2)
+
+// `gpupool run --native-client`: the session is attached at the first tensor made on the device (as the Python
+// shim's device() attaches on first use), by the Python operator `gpupool_native::autoconnect` (backend.py
+// `_autoconnect`), which calls configure_wire. Set once by `set_autoconnect`.
+std::atomic<bool> g_autoconnect{false};
+
+inline void ensure_wire() {
+  if (g_wire || !g_autoconnect.load(std::memory_order_relaxed)) return;
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("gpupool_native::autoconnect", "").typed<void()>();
+  op.call();
+}
+
+// One device: gpupool:0 (the shim's several devices, and leases of several GPUs, are not in the C++ client).
+inline void check_index(std::optional<Device> device) {
+  TORCH_CHECK(!device || !device->has_index() || device->index() == 0, "gpupool --native-client: ", *device,
+              " (several devices) is not supported by the native client; run without --native-client (the Python "
+              "client)");
+}
 size_t g_cmds = 0;                                        // commands in g_buf
 std::mutex g_send_mu;                                     // frames go to Python in the order they were cut
 
@@ -699,12 +741,12 @@ uint32_t internal_op(const char* name) {
 uint64_t wire_handle(const at::Tensor& t) {
   const uint64_t sid = handle_of(t);
   auto it = g_stores.find(sid);
-  TORCH_CHECK(it != g_stores.end(), "spike: a tensor on a storage the daemon never saw (storage ", sid, ")");
+  TORCH_CHECK(it != g_stores.end(), "gpupool native client: a tensor on a storage the daemon never saw (storage ", sid, ")");
   Store& s = it->second;
   if (s.base.same(t)) return g_base + sid;
   for (const auto& [g, h] : s.views)
     if (g.same(t)) return g_base + h;
-  TORCH_CHECK(t.scalar_type() == s.base.dtype, "spike: a view with another dtype than its storage's: not supported");
+  TORCH_CHECK(t.scalar_type() == s.base.dtype, "gpupool native client: a view with another dtype than its storage's: not supported");
   const uint64_t vh = g_next.fetch_add(1, std::memory_order_relaxed);
   const uint32_t id = internal_op("aten::as_strided");
   Buf local;
@@ -787,7 +829,7 @@ at::Tensor take_frame_locked() {
   return at::from_blob(g_out.data(), {static_cast<int64_t>(g_out.size())}, at::kByte);
 }
 
-// Hand the buffer to Python (spike_client::send): one call per frame.
+// Hand the buffer to Python (gpupool_native::send): one call per frame.
 void flush_frame() {
   std::lock_guard<std::mutex> send(g_send_mu);
   at::Tensor frame;
@@ -796,7 +838,7 @@ void flush_frame() {
     frame = take_frame_locked();
   }
   if (frame.numel() == 0) return;
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("spike_client::send", "").typed<void(const at::Tensor&)>();
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("gpupool_native::send", "").typed<void(const at::Tensor&)>();
   op.call(frame);
 }
 
@@ -808,8 +850,8 @@ void put_wire_tensor(Buf& b, std::string& k, const at::Tensor& t) {
     put<uint8_t>(b, T_TENSOR);
     put<uint64_t>(b, wire_handle(t));
   } else {
-    TORCH_CHECK(t.device().is_cpu() && t.dim() == 0, "spike: a ", t.device(), " tensor of ", t.dim(),
-                " dims among a device op's arguments: only 0-dim CPU tensors (sent as numbers) are in the spike");
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 0, "gpupool native client: a ", t.device(), " tensor of ", t.dim(),
+                " dims among a device op's arguments: only 0-dim CPU tensors (sent as numbers) are in the native client");
     if (at::isFloatingType(t.scalar_type())) {
       put<uint8_t>(b, T_FLOAT);
       put<double>(b, t.item<double>());
@@ -817,7 +859,7 @@ void put_wire_tensor(Buf& b, std::string& k, const at::Tensor& t) {
       put<uint8_t>(b, T_BOOL);
       put<uint8_t>(b, t.item<bool>());
     } else {
-      TORCH_CHECK(at::isIntegralType(t.scalar_type(), false), "spike: a complex CPU scalar tensor argument");
+      TORCH_CHECK(at::isIntegralType(t.scalar_type(), false), "gpupool native client: a complex CPU scalar tensor argument");
       put<uint8_t>(b, T_INT);
       put<int64_t>(b, t.item<int64_t>());
     }
@@ -840,7 +882,7 @@ void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind) {
     else if (kind == T_LAYOUT) code = x == static_cast<int64_t>(at::kStrided) ? g_layout_strided : -1;
     else if (kind == T_MEMORY_FORMAT) code = (x >= 0 && x < 4) ? g_mf_code[x] : -1;
     if (kind != 0) {
-      TORCH_CHECK(code >= 0, "spike: no wire code for this dtype/layout/memory format (", x, ")");
+      TORCH_CHECK(code >= 0, "gpupool native client: no wire code for this dtype/layout/memory format (", x, ")");
       put<uint8_t>(b, kind);
       put<uint8_t>(b, static_cast<uint8_t>(code));
     } else {
@@ -864,7 +906,7 @@ void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind) {
       doubles &= e.isDouble();
       ints &= e.isInt();
     }
-    TORCH_CHECK(items.size() <= 65535, "spike: a list of ", items.size(), " entries");
+    TORCH_CHECK(items.size() <= 65535, "gpupool native client: a list of ", items.size(), " entries");
     k.push_back('L');
     k.push_back(static_cast<char>(items.size()));
     if (tensors) {
@@ -877,7 +919,7 @@ void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind) {
           continue;
         }
         const at::Tensor& t = e.toTensor();
-        TORCH_CHECK(t.device().type() == kType, "spike: a ", t.device(), " tensor in a tensor list: not in the spike");
+        TORCH_CHECK(t.device().type() == kType, "gpupool native client: a ", t.device(), " tensor in a tensor list: not in the native client");
         key_tensor(k, t);
         put<uint64_t>(b, wire_handle(t));
       }
@@ -893,11 +935,11 @@ void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind) {
         }
       }
     } else {
-      TORCH_CHECK(false, "spike: a list of mixed values: not in the compact format");
+      TORCH_CHECK(false, "gpupool native client: a list of mixed values: not in the compact format");
     }
   } else if (v.isIntList()) {
     const auto list = v.toIntList();
-    TORCH_CHECK(list.size() <= 65535, "spike: a list of ", list.size(), " entries");
+    TORCH_CHECK(list.size() <= 65535, "gpupool native client: a list of ", list.size(), " entries");
     put<uint8_t>(b, T_INTS);
     put<uint16_t>(b, static_cast<uint16_t>(list.size()));
     k.push_back('I');
@@ -923,13 +965,13 @@ void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind) {
     }
   } else if (v.isDevice()) {
     const Device d = v.toDevice();
-    TORCH_CHECK(d.type() == kType || d.is_cpu(), "spike: a ", d, " device argument");
+    TORCH_CHECK(d.type() == kType || d.is_cpu(), "gpupool native client: a ", d, " device argument");
     put<uint8_t>(b, d.type() == kType ? T_DEVICE : T_CPU);
     k.push_back('v');
     k.push_back(static_cast<char>(d.type()));
   } else {
-    TORCH_CHECK(false, "spike: an argument of kind ", v.tagKind(), " has no compact form (strings, complex numbers, "
-                "Generators: the daemon-backed spike does not send them)");
+    TORCH_CHECK(false, "gpupool native client: an argument of kind ", v.tagKind(), " has no compact form (strings, complex numbers, "
+                "Generators: the C++ encoder does not send them)");
   }
 }
 
@@ -952,7 +994,7 @@ thread_local std::string t_wkey;
 
 // The op the C++ encoder cannot send (outside the op set; an argument the compact form lacks: a string, a complex
 // number, a Generator, a CPU tensor of some size; outputs the Meta kernel cannot infer: data-dependent shapes, a
-// non-tensor return) goes to the Python fallback registered at PrivateUse2 (spike/native_client.py `_python_op`),
+// non-tensor return) goes to the Python fallback registered at PrivateUse2 (client/native/backend.py `_python_op`),
 // which sends it as a protobuf `Op` or runs it on the CPU around a sync. Called without g_mu.
 void python_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   {
@@ -971,7 +1013,7 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const uint32_t id = op_id(op);
   const size_t npos = wire_info(op, id, false).npos;
   if (!g_wire_info[id].allowed) {
-    TORCH_CHECK(g_python, "spike: ", g_op_names[id], " is outside the op set the daemon-backed spike sends: not "
+    TORCH_CHECK(g_python, "gpupool native client: ", g_op_names[id], " is outside the op set the C++ encoder sends: not "
                 "supported");
     lock.unlock();
     python_fallback(op, stack);
@@ -1060,6 +1102,7 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 thread_local std::string t_key;
 
 void spike_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  ensure_wire();
   if (g_wire) {
     wire_fallback(op, stack);
     return;
@@ -1132,7 +1175,7 @@ void spike_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 void wire_alloc(const at::Tensor& t) {
   std::lock_guard<std::mutex> lock(g_mu);
   const int code = g_dtype_code[static_cast<int>(t.scalar_type())];
-  TORCH_CHECK(code >= 0, "spike: no wire code for ", t.scalar_type());
+  TORCH_CHECK(code >= 0, "gpupool native client: no wire code for ", t.scalar_type());
   Buf b;
   put<uint8_t>(b, 2);
   put_ints(b, T_INTS, t.sizes());
@@ -1166,18 +1209,22 @@ void alloc_record(const at::Tensor& t) {
 }
 
 at::Tensor spike_empty(c10::IntArrayRef size, std::optional<at::ScalarType> dtype, std::optional<at::Layout> layout,
-                       std::optional<Device> /*device*/, std::optional<bool> /*pin*/,
+                       std::optional<Device> device, std::optional<bool> /*pin*/,
                        std::optional<at::MemoryFormat> mf) {
-  TORCH_CHECK(!layout || *layout == at::kStrided, "spike: only strided tensors");
+  check_index(device);
+  ensure_wire();
+  TORCH_CHECK(!layout || *layout == at::kStrided, "gpupool native client: only strided tensors");
   at::Tensor t = at::detail::empty_generic(size, &g_alloc, kKeys, dtype.value_or(at::get_default_dtype_as_scalartype()), mf);
   alloc_record(t);
   return t;
 }
 
 at::Tensor spike_empty_strided(c10::IntArrayRef size, c10::IntArrayRef stride, std::optional<at::ScalarType> dtype,
-                               std::optional<at::Layout> layout, std::optional<Device> /*device*/,
+                               std::optional<at::Layout> layout, std::optional<Device> device,
                                std::optional<bool> /*pin*/) {
-  TORCH_CHECK(!layout || *layout == at::kStrided, "spike: only strided tensors");
+  check_index(device);
+  ensure_wire();
+  TORCH_CHECK(!layout || *layout == at::kStrided, "gpupool native client: only strided tensors");
   at::Tensor t = at::detail::empty_strided_generic(size, stride, &g_alloc, kKeys,
                                                    dtype.value_or(at::get_default_dtype_as_scalartype()));
   alloc_record(t);
@@ -1198,10 +1245,11 @@ void sync_record(const at::Tensor& t) {
 // with the tensor's meta, the last marked (as client/session.py's `upload` writes them on the stream).
 void emit_upload(uint64_t wh, const at::Tensor& c) {
   const size_t n = c.nbytes();
-  TORCH_CHECK(n <= kMaxUpload, "spike: an upload of ", n, " bytes (over 32 MiB: one frame holds it whole, and the "
-              "bulk socket is not in the spike)");
+  TORCH_CHECK(n <= kMaxUpload, "gpupool --native-client: an upload of ", n, " bytes (over 32 MiB: one frame holds it whole, "
+              "and the bulk socket is not in the native client) is not supported by the native client; upload it in "
+              "pieces, or run without --native-client (the Python client)");
   const int code = g_dtype_code[static_cast<int>(c.scalar_type())];
-  TORCH_CHECK(code >= 0, "spike: no wire code for ", c.scalar_type());
+  TORCH_CHECK(code >= 0, "gpupool native client: no wire code for ", c.scalar_type());
   Buf meta;
   if (code != 0) {
     put<uint8_t>(meta, 0x08);
@@ -1267,7 +1315,7 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
   const bool dst_dev = self.device().type() == kType;
   const bool src_dev = src.device().type() == kType;
   if (dst_dev && !src_dev) {
-    TORCH_CHECK(src.device().is_cpu(), "spike: copy from ", src.device());
+    TORCH_CHECK(src.device().is_cpu(), "gpupool native client: copy from ", src.device());
     const at::Tensor c = src.to(self.scalar_type()).expand(self.sizes()).contiguous();
     bool full;
     {
@@ -1306,12 +1354,12 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
     return self;
   }
   if (!dst_dev && src_dev) {  // a download: the frame goes out, then Session.download of the tensor's handle
-    TORCH_CHECK(self.device().is_cpu(), "spike: copy to ", self.device());
+    TORCH_CHECK(self.device().is_cpu(), "gpupool native client: copy to ", self.device());
     std::lock_guard<std::mutex> send(g_send_mu);
     uint64_t h;
     const at::Tensor frame = take_sync_frame(src, &h);
     static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("spike_client::download", "")
+                         .findSchemaOrThrow("gpupool_native::download", "")
                          .typed<at::Tensor(const at::Tensor&, int64_t)>();
     const at::Tensor value = op.call(frame, static_cast<int64_t>(h));
     self.copy_(value.view(src.sizes()));
@@ -1328,7 +1376,7 @@ at::Tensor& spike_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocki
   const bool dst_dev = self.device().type() == kType;
   const bool src_dev = src.device().type() == kType;
   if (dst_dev && !src_dev) {  // upload: the bytes, converted to the destination's dtype and shape, contiguous
-    TORCH_CHECK(src.device().is_cpu(), "spike: copy from ", src.device());
+    TORCH_CHECK(src.device().is_cpu(), "gpupool native client: copy from ", src.device());
     const at::Tensor c = src.to(self.scalar_type()).expand(self.sizes()).contiguous();
     std::lock_guard<std::mutex> lock(g_mu);
     drain_frees();
@@ -1342,7 +1390,7 @@ at::Tensor& spike_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocki
     return self;
   }
   if (!dst_dev && src_dev) {  // download: a sync record; no daemon answers, so the bytes are zeros
-    TORCH_CHECK(self.device().is_cpu(), "spike: copy to ", self.device());
+    TORCH_CHECK(self.device().is_cpu(), "gpupool native client: copy to ", self.device());
     sync_record(src);
     self.zero_();
     return self;
@@ -1360,18 +1408,18 @@ at::Scalar spike_local_scalar_dense(const at::Tensor& self) {
     uint64_t h;
     const at::Tensor frame = take_sync_frame(self, &h);
     static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("spike_client::sync_scalar", "")
+                         .findSchemaOrThrow("gpupool_native::sync_scalar", "")
                          .typed<double(const at::Tensor&, int64_t)>();
     const double v = op.call(frame, static_cast<int64_t>(h));
     if (at::isFloatingType(self.scalar_type())) return at::Scalar(v);
     if (self.scalar_type() == at::kBool) return at::Scalar(v != 0.0);
-    TORCH_CHECK(!at::isComplexType(self.scalar_type()), "spike: .item() of a complex tensor");
+    TORCH_CHECK(!at::isComplexType(self.scalar_type()), "gpupool native client: .item() of a complex tensor");
     return at::Scalar(static_cast<int64_t>(v));
   }
   sync_record(self);
   if (at::isFloatingType(self.scalar_type())) return at::Scalar(0.0);
   if (self.scalar_type() == at::kBool) return at::Scalar(false);
-  TORCH_CHECK(!at::isComplexType(self.scalar_type()), "spike: .item() of a complex tensor");
+  TORCH_CHECK(!at::isComplexType(self.scalar_type()), "gpupool native client: .item() of a complex tensor");
   return at::Scalar(int64_t{0});
 }
 
@@ -1389,10 +1437,10 @@ at::Tensor spike_reshape_alias(const at::Tensor& self, c10::IntArrayRef size, c1
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-// Control operators for Python (spike_client::*).
+// Control operators for Python (gpupool_native::*).
 // ---------------------------------------------------------------------------------------------------------------------
 
-// In the order of spike/native_client.py's STATS.
+// In the order of client/native/backend.py's STATS.
 std::vector<int64_t> stats() {
   std::lock_guard<std::mutex> lock(g_mu);
   std::lock_guard<std::mutex> flock(g_free_mu);
@@ -1425,7 +1473,7 @@ at::Tensor take_records() {
 
 std::string op_name(int64_t id) {
   std::lock_guard<std::mutex> lock(g_mu);
-  TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(g_op_names.size()), "spike: no op id ", id);
+  TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(g_op_names.size()), "gpupool native client: no op id ", id);
   return g_op_names[id];
 }
 
@@ -1468,9 +1516,9 @@ int64_t claim(bool functional, bool foreach) {
 void configure_wire(int64_t base, std::optional<std::vector<std::string>> ops, std::vector<int64_t> dtype_codes,
                     int64_t strided, std::vector<int64_t> mf_codes, bool python) {
   std::lock_guard<std::mutex> lock(g_mu);
-  TORCH_CHECK(!g_wire, "spike: wire mode is set once per process");
-  TORCH_CHECK(g_next.load() == 1, "spike: wire mode must be set before any tensor is made on the device");
-  TORCH_CHECK(dtype_codes.size() <= 64 && mf_codes.size() == 4, "spike: bad code tables");
+  TORCH_CHECK(!g_wire, "gpupool native client: wire mode is set once per process");
+  TORCH_CHECK(g_next.load() == 1, "gpupool native client: wire mode must be set before any tensor is made on the device");
+  TORCH_CHECK(dtype_codes.size() <= 64 && mf_codes.size() == 4, "gpupool native client: bad code tables");
   std::fill(std::begin(g_dtype_code), std::end(g_dtype_code), -1);
   for (size_t i = 0; i < dtype_codes.size(); i++) g_dtype_code[i] = static_cast<int>(dtype_codes[i]);
   for (size_t i = 0; i < 4; i++) g_mf_code[i] = static_cast<int>(mf_codes[i]);
@@ -1493,10 +1541,10 @@ std::vector<int64_t> wire_stats() {
           static_cast<int64_t>(g_stores.size()), static_cast<int64_t>(g_pending.size()), g_wstats.python_ops};
 }
 
-// For the Python fallback (spike/native_client.py `_python_op`), wire mode.
+// For the Python fallback (client/native/backend.py `_python_op`), wire mode.
 // The handle a record names `t` by (its storage's, or a view handle made now); held-back empties are sent first.
 int64_t py_wire_handle(const at::Tensor& t) {
-  TORCH_CHECK(t.device().type() == kType, "spike: wire_handle of a ", t.device(), " tensor");
+  TORCH_CHECK(t.device().type() == kType, "gpupool native client: wire_handle of a ", t.device(), " tensor");
   std::lock_guard<std::mutex> lock(g_mu);
   prelude_wire();
   return static_cast<int64_t>(wire_handle(t));
@@ -1504,12 +1552,13 @@ int64_t py_wire_handle(const at::Tensor& t) {
 
 // A new output of an op the Python fallback sends: a fresh storage the daemon does not know yet (see adopt).
 at::Tensor py_new_output(c10::IntArrayRef size, c10::IntArrayRef stride, at::ScalarType dtype) {
+  ensure_wire();
   return at::detail::empty_strided_generic(size, stride, &g_alloc, kKeys, dtype);
 }
 
 // A finished ClientFrame.commands entry (the Python fallback's `Op`) into the frame, in order with the records.
 void py_append_command(const at::Tensor& raw) {
-  TORCH_CHECK(raw.device().is_cpu() && raw.scalar_type() == at::kByte && raw.is_contiguous(), "spike: bad command");
+  TORCH_CHECK(raw.device().is_cpu() && raw.scalar_type() == at::kByte && raw.is_contiguous(), "gpupool native client: bad command");
   bool full;
   {
     std::lock_guard<std::mutex> lock(g_mu);
@@ -1528,7 +1577,7 @@ void py_resize_output(const at::Tensor& t, c10::IntArrayRef size, c10::IntArrayR
   const uint64_t sid = handle_of(t);
   auto it = g_stores.find(sid);
   TORCH_CHECK(it != g_stores.end() && it->second.base.same(t) && t.storage_offset() == 0,
-              "spike: an op resizes an out= argument that is a view: not supported");
+              "gpupool native client: an op resizes an out= argument that is a view: not supported");
   t.storage().unsafeGetStorageImpl()->set_nbytes(at::detail::computeStorageNbytes(size, stride, t.dtype().itemsize()));
   t.unsafeGetTensorImpl()->set_sizes_and_strides(size, stride, 0);
   it->second.base = Geo::of(t);
@@ -1541,13 +1590,15 @@ std::vector<int64_t> py_adopt(const std::vector<at::Tensor>& ts, bool commit) {
   std::lock_guard<std::mutex> lock(g_mu);
   std::vector<int64_t> out;
   for (const at::Tensor& t : ts) {
-    TORCH_CHECK(t.device().type() == kType && t.storage_offset() == 0, "spike: adopt of a tensor that is no output");
+    TORCH_CHECK(t.device().type() == kType && t.storage_offset() == 0, "gpupool native client: adopt of a tensor that is no output");
     const uint64_t sid = handle_of(t);
     if (commit) g_stores[sid] = Store{Geo::of(t), {}};
     out.push_back(static_cast<int64_t>(g_base + sid));
   }
   return out;
 }
+
+void set_autoconnect() { g_autoconnect = true; }
 
 void reset_stats() {
   std::lock_guard<std::mutex> lock(g_mu);
@@ -1576,7 +1627,7 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   m.impl("_reshape_alias", TORCH_FN(spike_reshape_alias));
 }
 
-TORCH_LIBRARY(spike_client, m) {
+TORCH_LIBRARY(gpupool_native, m) {
   m.def("stats() -> int[]", &stats);
   m.def("configure(bool keep, bool track, bool cache) -> ()", &configure);
   m.def("take_records() -> Tensor", &take_records);
@@ -1593,8 +1644,10 @@ TORCH_LIBRARY(spike_client, m) {
   m.def("scalar_type(Tensor t) -> int", &scalar_type_of);
   m.def("flush() -> ()", &flush_now);
   m.def("wire_stats() -> int[]", &wire_stats);
-  // Implemented in Python (spike/native_client.py, over client/session.py's Session): the frame hand-offs.
+  m.def("set_autoconnect() -> ()", &set_autoconnect);
+  // Implemented in Python (client/native/backend.py, over client/session.py's Session): the frame hand-offs.
   m.def("send(Tensor frame) -> ()");
   m.def("sync_scalar(Tensor frame, int handle) -> float");
   m.def("download(Tensor frame, int handle) -> Tensor");
+  m.def("autoconnect() -> ()");  // gpupool run --native-client: attach the lease's session (backend.py)
 }

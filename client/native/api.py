@@ -1,0 +1,64 @@
+"""`import gpupool.torch` under `gpupool run --native-client`: the part of the Python client's API the C++ client has.
+
+`device()`, `device_count()`, `current_index()`, `synchronize()` and the error classes (`RemoteError`,
+`OutOfMemoryError`, `DeviceLost`: the very classes of client/torch/errors.py, which the C++ client raises). Every
+other name of gpupool.torch (step capture, `attach`, leases of several devices, ...) raises `Unsupported` with one
+message naming it and the way out (`refuse`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import backend as _backend
+from . import enable, refuse
+
+enable()  # idempotent: torch's backend entry point has usually run it at `import torch` already
+
+_errors = _backend.errors()
+RemoteError = _errors.RemoteError
+OutOfMemoryError = _errors.OutOfMemoryError
+DeviceLost = _errors.DeviceLost
+CaptureError = _errors.CaptureError
+
+# what each missing name is, in the refusal's words
+_MISSING = {
+    "capture": "step capture (gpupool.torch.capture)",
+    "CapturedStep": "step capture (gpupool.torch.CapturedStep)",
+    "attach": "attaching a daemon by hand (gpupool.torch.attach)",
+    "attach_lease": "attaching a lease by hand (gpupool.torch.attach_lease)",
+    "detach_all": "gpupool.torch.detach_all",
+    "RemoteTensor": "gpupool.torch.RemoteTensor (the Python client's tensor class)",
+    "meta_cache": "gpupool.torch.meta_cache (the Python client's meta cache)",
+}
+
+__all__ = ["CaptureError", "DeviceLost", "OutOfMemoryError", "RemoteError", "current_index", "device",
+           "device_count", "synchronize"]  # fmt: skip
+
+
+def device(index: int = 0) -> torch.device:
+    """`gpupool:0`, the leased device (attached at its first tensor)."""
+    if index != 0:
+        refuse(f"gpupool:{index} (several devices)")
+    return torch.device("gpupool", 0)
+
+
+def device_count() -> int:
+    return 1
+
+
+def current_index() -> int:
+    return 0
+
+
+def synchronize(device: Any = None) -> None:
+    """Wait until the daemon has run every queued op; raise the first error among them."""
+    torch.gpupool.synchronize()  # type: ignore[attr-defined]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MISSING:
+        refuse(_MISSING[name])
+    raise AttributeError(f"module 'gpupool.torch' has no attribute {name!r}")

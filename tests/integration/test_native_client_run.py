@@ -1,0 +1,168 @@
+"""`gpupool run --native-client` against a real pool (`gpupool up`: scheduler + daemon with fake GPUs, loopback, TLS):
+an ordinary eager training script (`model.to("gpupool")`, no gpupool import) trains through the C++ client with
+local CPU's losses bit for bit; what the native client lacks fails with one message naming it and the way out; no
+compiler is one line.
+
+Slow (the C++ client's first build takes ~1 min; cached after). Skipped only where no C++ compiler or ninja exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from examples_fixtures import gpupool_up
+from gpupool.client.native import WAY_OUT
+from gpupool.client.native.backend import built_path, compiler_missing
+from gpupool.client.pool import SchedulerClient
+from scheduler_fixtures import ROOT, wait_until
+
+_why = compiler_missing()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"native client: {_why}")]
+
+# An ordinary script: torch only, the device from argv; the losses and the final weights' checksum as JSON.
+SCRIPT = """
+import json, sys
+import torch
+from torch import nn
+
+dev = sys.argv[1]
+torch.manual_seed(0)
+gen = torch.Generator().manual_seed(1)
+model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)).to(dev)
+opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+data = [(torch.randn(16, 32, generator=gen), torch.randint(0, 2, (16,), generator=gen)) for _ in range(4)]
+losses = []
+for i in range(8):
+    x, y = data[i % 4]
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x.to(dev)), y.to(dev))
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+weights = [p.detach().cpu().tolist() for p in model.parameters()]
+out = {"losses": losses, "weights": weights, "device": str(next(model.parameters()).device)}
+if dev != "cpu":
+    from gpupool.client.native import backend
+    out["client"] = "python shim" if "gpupool.client.torch" in sys.modules else "native"
+    out["op_records"] = backend.stats()["op_records"]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A `gpupool up` with one 512 MiB fake GPU; yields the scheduler address."""
+    with gpupool_up(tmp_path_factory.mktemp("up"), "--fake-gpus", "1", "--fake-gpu-memory", "512MiB") as env:
+        yield env["GPUPOOL_SCHEDULER"]
+
+
+def _env(pool: str, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GPUPOOL_SCHEDULER": pool}
+    for k in ("GPUPOOL_LEASE", "GPUPOOL_CUDA", "GPUPOOL_CLIENT"):
+        env.pop(k, None)
+    return {**env, **extra}
+
+
+def _run(pool: str, *args: str, timeout: float = 280, **env: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(pool, **env))
+
+
+def _script(tmp: Path) -> Path:
+    path = tmp / "train.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def test_a_training_script_runs_unchanged_with_local_losses_bit_for_bit(pool: str, tmp_path: Path) -> None:
+    script = _script(tmp_path)
+    local = subprocess.run([sys.executable, str(script), "cpu"], capture_output=True, text=True, timeout=120,
+                           env=_env(pool))  # fmt: skip
+    assert local.returncode == 0, local.stderr[-3000:]
+    want = json.loads(local.stdout.strip().splitlines()[-1])
+    ran = _run(pool, "-p", "0.5", "--native-client", "--", sys.executable, str(script), "gpupool")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    got = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert got["client"] == "native" and got["device"] == "gpupool:0"
+    assert got["op_records"] > 8 * 20  # the ops went through the C++ encoder
+    assert len(set(got["losses"])) == 8  # it trains: every step's loss differs
+    assert got["losses"] == want["losses"]  # bit for bit
+    assert got["weights"] == want["weights"]  # read back from the daemon (.cpu())
+    wait_until(lambda: not SchedulerClient(pool).list_pool().leases, timeout=10, what="the run's lease released")
+
+
+def test_the_env_selects_it_too(pool: str, tmp_path: Path) -> None:
+    ran = _run(pool, "-p", "0.5", "--", sys.executable, str(_script(tmp_path)), "gpupool", GPUPOOL_CLIENT="native")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert json.loads(ran.stdout.strip().splitlines()[-1])["client"] == "native"
+
+
+UNSUPPORTED = {
+    "capture": ("import torch, gpupool.torch as gt\ngt.capture(lambda: None)", "step capture (gpupool.torch.capture)"),
+    "collectives": (
+        "import os, torch, torch.distributed as dist\nos.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29561')\n"
+        "dist.init_process_group('gpupool', rank=0, world_size=1)",
+        "torch.distributed's `gpupool` backend (collectives)",
+    ),
+    "second_device": ("import torch\ntorch.ones(2).to('gpupool:1')", "gpupool:1 (several devices)"),
+    "second_device_api": ("import gpupool.torch as gt\ngt.device(1)", "gpupool:1 (several devices)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSUPPORTED))
+def test_what_it_lacks_fails_with_one_message_and_the_way_out(pool: str, tmp_path: Path, case: str) -> None:
+    code, feature = UNSUPPORTED[case]
+    ran = _run(pool, "--native-client", "--", sys.executable, "-c", code)
+    assert ran.returncode == 1, ran.stdout
+    last = ran.stderr.strip().splitlines()[-1]
+    assert feature in last and "--native-client" in last and WAY_OUT in last, ran.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("flags", "feature"), [(("--cuda",), "--cuda is not supported"), (("-n", "2"), "several devices")]
+)
+def test_run_refuses_flags_it_lacks_before_leasing(pool: str, flags: tuple[str, ...], feature: str) -> None:
+    ran = _run(pool, "--native-client", *flags, "--", sys.executable, "-c", "print('ran')")
+    assert ran.returncode == 2 and "ran" not in ran.stdout
+    assert ran.stderr.count("\n") == 1 and feature in ran.stderr and WAY_OUT in ran.stderr, ran.stderr
+
+
+def test_cuda_env_in_the_child_is_one_line(pool: str) -> None:
+    ran = _run(pool, "--native-client", "--", sys.executable, "-c", "import torch; print('ran')", GPUPOOL_CUDA="1")
+    assert ran.returncode == 2  # `gpupool run` reads $GPUPOOL_CUDA as --cuda
+    assert ran.stderr.count("\n") == 1 and "--cuda is not supported" in ran.stderr
+
+
+def test_no_compiler_is_one_line(pool: str, tmp_path: Path) -> None:
+    """A PATH without c++ and an empty build cache: `gpupool run` says so in one line, before leasing; a child with
+    $GPUPOOL_CLIENT=native (no `gpupool run` to build first) ends at `import torch` with the same line."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    os.symlink(sys.executable, bin_dir / "python3")
+    env = {"PATH": str(bin_dir), "GPUPOOL_NATIVE_CLIENT_CACHE": str(tmp_path / "cache")}
+    ran = _run(pool, "--native-client", "--", sys.executable, "-c", "print('ran')", **env)
+    assert ran.returncode == 1 and "ran" not in ran.stdout
+    assert ran.stderr.count("\n") == 1, ran.stderr
+    assert "no C++ compiler" in ran.stderr and "install g++ and ninja" in ran.stderr and WAY_OUT in ran.stderr
+    child = subprocess.run([sys.executable, "-c", "import torch; print('ran')"], capture_output=True, text=True,
+                           timeout=120, env=_env(pool, GPUPOOL_CLIENT="native", **env))  # fmt: skip
+    assert child.returncode == 1 and "ran" not in child.stdout
+    assert child.stderr.count("\n") == 1 and "no C++ compiler" in child.stderr, child.stderr
+
+
+def test_the_build_is_cached_per_torch_and_source() -> None:
+    path = built_path()
+    assert path.exists()  # built by the runs above (or scripts/setup.sh)
+    assert shutil.which("c++") is not None
+    parent = path.parent.name
+    import torch
+
+    assert parent.startswith(f"torch-{torch.__version__}-") and len(parent.rsplit("-", 1)[1]) == 16
+    assert not list(path.parent.glob("build-*"))  # the private build folders are gone
