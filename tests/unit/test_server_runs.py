@@ -45,6 +45,8 @@ OPS = {
     11: "aten::embedding_dense_backward",
     12: "aten::resize_",
     13: "aten::t_",
+    14: "aten::_foreach_add_.List",
+    15: "aten::cat",
 }
 
 
@@ -565,3 +567,57 @@ def test_hostile_bytes_in_a_runs_records_run_or_fail_as_on_the_normal_path() -> 
         cmds[k] = device_pb2.Command(eager_op=bytes(data))
         p.stream(cmds, itertools.cycle([rng.choice([5, 12, 64])]))
     assert p.hits - hits > 100
+
+
+VL = compact.tensors_with_views
+
+
+def view_list_step(p: Pair, t: int, x: int = X) -> list[device_pb2.Command]:
+    """A step whose tensor lists hold views (`compact.VIEWS`): of the session's tensors (external) and of earlier
+    records' outputs (internal), mixed with plain tensors; a `cat` of them (one output: the native runner's), an
+    in-place `_foreach_` op writing W and G through view elements, an out-of-place one with two outputs."""
+    return [
+        p.rec(1, [h(t, 0)], [VW(x, [3, 4], [1, 3], 20), V(1.0 + t)]),  # x.t(), at storage element 20
+        p.rec(15, [h(t, 1)], [VL([T(h(t, 0)), VW(h(t, 0), [2, 4], [4, 1], 4), VW(W, [3, 4], [5, 1], 1)])]),
+        p.rec(
+            14,
+            [0],
+            [
+                VL([VW(W, [3, 4], [5, 1], 1), T(G)]),
+                VL([VW(h(t, 1), [3, 4], [4, 1], 0), VW(h(t, 1), [4, 3], [1, 4], 12)]),
+            ],
+            {"alpha": V(-0.01)},
+        ),
+        p.rec(8, [h(t, 2), h(t, 3)], [VL([T(h(t, 1)), VW(h(t, 1), [4], [1], 4)]), V(1.0)]),
+    ]
+
+
+def test_tensor_lists_with_views_run_in_learned_runs_as_on_the_normal_path() -> None:
+    p = Pair()
+    _wide_x(p, 40)
+    free_step = lambda t: device_pb2.Command(free=device_pb2.Free(handles=[h(t, j) for j in range(4)]))  # noqa: E731
+    cmds = [c for t in range(10) for c in view_list_step(p, t) + ([free_step(t - 1)] if t else [])]
+    p.stream(cmds, itertools.cycle([5, 13, 64]))
+    assert p.hits > len(cmds) // 2
+    hits = p.hits
+    p.stream([c for t in range(10, 14) for c in view_list_step(p, t) + [free_step(t - 1)]], itertools.cycle([64]))
+    assert p.hits - hits >= 4 * 4 - 1
+    # X again with the same meta, on a storage the learned geometry now reaches past: refused by the run's step as
+    # by the normal path; the run's internal view elements with another source, a foreign or freed element
+    for storage, bad in ((32, False), (24, True), (40, False)):
+        if storage == 24:
+            small = torch.randn(12).view(4, 3)
+            for s in p.s:
+                s.bind(X, small.clone())
+        else:
+            _wide_x(p, storage)
+        t = 14 + storage
+        p.stream(view_list_step(p, t) + view_list_step(p, t + 1), itertools.cycle([64]))
+        assert (h(t, 0) in p.s[0].poisoned) == bad
+    cmds = view_list_step(p, 60) + view_list_step(p, 61) + view_list_step(p, 62) + view_list_step(p, 63)
+    cmds[4 + 1] = p.rec(15, [h(61, 1)], [VL([T(h(61, 0)), VW(h(60, 0), [2, 4], [4, 1], 4), VW(W, [3, 4], [5, 1], 1)])])
+    cmds[8 + 1] = p.rec(15, [h(62, 1)], [VL([T(h(62, 0)), VW(FOREIGN, [2, 4], [4, 1], 4), VW(W, [3, 4], [5, 1], 1)])])
+    cmds[12 + 2] = p.rec(14, [0], [VL([VW(W, [3, 4], [5, 1], 1), T(G)]), VL([VW(h(62, 1), [3, 4], [4, 1], 0),
+                         VW(h(63, 1), [4, 3], [1, 4], 12)])], {"alpha": V(-0.01)})  # fmt: skip
+    p.stream(cmds, itertools.cycle([64]))
+    assert h(62, 1) in p.s[0].poisoned and "PERMISSION" in p.s[0].poisoned[h(62, 1)].code.name
