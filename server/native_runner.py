@@ -194,7 +194,7 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
             # n: the compact.Geometry (read and checked on its own when the template was made)
             placed[(kind == V_KW, where)] = ("t", offsets[i], src, meta, _geometry(n))
         elif kind == L_ARG or kind == L_KW:
-            elems = [(offsets[i + j], src[j], meta[j]) for j in range(n)]
+            elems: list[tuple[Any, ...]] = [(offsets[i + j], src[j], meta[j]) for j in range(n)]
             placed[(kind == L_KW, where)] = ("l", elems)
         elif kind == LV_ARG or kind == LV_KW:  # a tensor list with views (compact.VIEWS): per element as above
             elems = [(offsets[f], src[j], meta[j], None if g is None else _geometry(g)) for j, (f, g) in enumerate(n)]
