@@ -173,8 +173,45 @@ def _c_view(rt: DeviceRuntime | None, sch: meta.Schema, v: Any) -> tuple[Any, by
     return v._gp_key, arg if arg is not None else _TAG_U64(compact.TENSOR, v._gp_h), vrt
 
 
-def _c_one(rt: DeviceRuntime | None, kind: str, v: Any, by_type: bool) -> tuple[Any, bytes, DeviceRuntime | None]:
-    """(cache-key part, compact bytes, runtime) of one argument; the key parts are exactly `_one`'s."""
+def _c_tensor_list(v: Any, rt: DeviceRuntime | None, reshapes: bool) -> tuple[Any, bytes, DeviceRuntime | None]:
+    """`_c_one` of a tensor list: while it holds lazy views (`RemoteView`), a list with views (`compact.VIEWS`:
+    each view its view argument, no record of its own), unless the op may change its written arguments' metadata
+    (`_c_view`) or the list holds a None or a CPU tensor; else the plain list of handles (`_tensor_list`)."""
+    if not reshapes:
+        keys: list[Any] = []
+        parts: list[bytes] = []
+        lazy = False
+        for x in v:
+            tx = type(x)
+            if tx is RemoteView:
+                part = x.__dict__.get("_gp_v")
+                if part is not None:
+                    lazy = True
+                else:
+                    part = _TAG_U64(_TENSOR, x._gp_h)
+            elif tx is RemoteTensor:
+                part = _TAG_U64(_TENSOR, x._gp_h)
+            else:
+                break  # a None or a CPU tensor: the plain form says what to do with it
+            xrt = x._gp_rt
+            if rt is None:
+                rt = xrt
+            elif xrt is not rt:
+                raise _two_devices(rt, xrt)
+            keys.append(x._gp_key)
+            parts.append(part)
+        else:
+            if lazy:
+                return tuple(keys), compact.tensors_with_views(parts), rt
+    keys_, handles, rt = _tensor_list(v, rt)
+    return keys_, compact.tensors(handles), rt
+
+
+def _c_one(
+    rt: DeviceRuntime | None, kind: str, v: Any, by_type: bool, reshapes: bool = False
+) -> tuple[Any, bytes, DeviceRuntime | None]:
+    """(cache-key part, compact bytes, runtime) of one argument; the key parts are exactly `_one`'s. `reshapes`:
+    the op's (`meta.Schema.reshapes`), which decides whether a tensor list may carry lazy views as views."""
     tv = type(v)
     if tv is RemoteTensor:
         vrt = v._gp_rt
@@ -199,8 +236,7 @@ def _c_one(rt: DeviceRuntime | None, kind: str, v: Any, by_type: bool) -> tuple[
     if kind == meta.S or (kind == meta.T and (tv is float or tv is int or tv is bool)):
         return (tv if by_type else (tv, v)) if kind == meta.S else tv, compact.encode_value(v), rt
     if kind == meta.TL:
-        keys, handles, rt = _tensor_list(v, rt)
-        return keys, compact.tensors(handles), rt
+        return _c_tensor_list(v, rt, reshapes)
     if isinstance(v, torch.Tensor):
         raise compact.Unencodable  # a 0-dim CPU tensor travels inline in an Op (or must be uploaded first)
     if kind == meta.SL:
@@ -241,7 +277,7 @@ def build_compact(
             if type(v) is RemoteView:
                 k, b, rt = _c_view(rt, sch, v)
             else:
-                k, b, rt = _c_one(rt, sch.kinds[i], v, sch.has_tensor_inputs)
+                k, b, rt = _c_one(rt, sch.kinds[i], v, sch.has_tensor_inputs, sch.reshapes)
             key.append(k)
             parts.append(b)
         i += 1
@@ -253,7 +289,7 @@ def build_compact(
             if type(v) is RemoteView:
                 k, b, rt = _c_view(rt, sch, v)
             else:
-                k, b, rt = _c_one(rt, kk.get(name, meta.V), v, sch.has_tensor_inputs)
+                k, b, rt = _c_one(rt, kk.get(name, meta.V), v, sch.has_tensor_inputs, sch.reshapes)
             key.append((name, k))
             parts.append(compact.kwarg_key(name))
             parts.append(b)
