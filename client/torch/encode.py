@@ -174,37 +174,45 @@ def _c_view(rt: DeviceRuntime | None, sch: meta.Schema, v: Any) -> tuple[Any, by
 
 
 def _c_tensor_list(v: Any, rt: DeviceRuntime | None, reshapes: bool) -> tuple[Any, bytes, DeviceRuntime | None]:
-    """`_c_one` of a tensor list: while it holds lazy views (`RemoteView`), a list with views (`compact.VIEWS`:
-    each view its view argument, no record of its own), unless the op may change its written arguments' metadata
-    (`_c_view`) or the list holds a None or a CPU tensor; else the plain list of handles (`_tensor_list`)."""
-    if not reshapes:
-        keys: list[Any] = []
-        parts: list[bytes] = []
-        lazy = False
-        for x in v:
-            tx = type(x)
-            if tx is RemoteView:
-                part = x.__dict__.get("_gp_v")
-                if part is not None:
-                    lazy = True
-                else:
-                    part = _TAG_U64(_TENSOR, x._gp_h)
-            elif tx is RemoteTensor:
-                part = _TAG_U64(_TENSOR, x._gp_h)
-            else:
-                break  # a None or a CPU tensor: the plain form says what to do with it
-            xrt = x._gp_rt
-            if rt is None:
-                rt = xrt
-            elif xrt is not rt:
-                raise _two_devices(rt, xrt)
-            keys.append(x._gp_key)
-            parts.append(part)
+    """`_c_one` of a tensor list (`_tensor_list`'s loop, once): while it holds lazy views (`RemoteView`), a list with
+    views (`compact.VIEWS`: each view its view argument, no record of its own), unless the op may change its written
+    arguments' metadata (`_c_view`) or the list holds a None: those views get daemon tensors of their own (`own`)
+    and the list is the plain list of handles, as is a list without lazy views."""
+    handles: list[int] = []
+    keys: list[Any] = []
+    lazy: list[tuple[int, Any, bytes]] | None = None
+    for x in v:
+        if x is None:
+            handles.append(0)
+            keys.append(None)
+            continue
+        tx = type(x)
+        if tx is not RemoteTensor:
+            if tx is not RemoteView:
+                raise NeedsUpload
+            arg = x.__dict__.get("_gp_v")
+            if arg is not None:
+                if lazy is None:
+                    lazy = []
+                lazy.append((len(handles), x, arg))
+        xrt = x._gp_rt
+        if rt is None:
+            rt = xrt
+        elif xrt is not rt:
+            raise _two_devices(rt, xrt)
+        handles.append(x._gp_h)
+        keys.append(x._gp_key)
+    if lazy is not None:
+        if reshapes or 0 in handles:
+            for j, x, _ in lazy:
+                own(x)  # a plain list holds handles only
+                handles[j] = x._gp_h
         else:
-            if lazy:
-                return tuple(keys), compact.tensors_with_views(parts), rt
-    keys_, handles, rt = _tensor_list(v, rt)
-    return keys_, compact.tensors(handles), rt
+            parts = [_TAG_U64(_TENSOR, h) for h in handles]
+            for j, _, arg in lazy:
+                parts[j] = arg
+            return tuple(keys), compact.tensors_with_views(parts), rt
+    return tuple(keys), compact.tensors(handles), rt
 
 
 def _c_one(
