@@ -22,6 +22,12 @@ view ops cost no record of their own. The geometry is checked when the record is
 no negative size, stride or offset, element count within int64) and against the tensor each time it is applied
 (`view_of`: a plain dense tensor, and every element of the view inside its storage as it is now), so no view
 reaches a byte outside the storage of a tensor the session owns.
+
+A tensor list with views (tag VIEWS) is `u16 count, element[count]`, each element a TENSOR or a VIEW argument as
+above, tag included (`u8 TENSOR, u64 handle` or `u8 VIEW, u64 handle, geometry`), so a list of gradients that are
+views of other tensors costs no record per view. Every element is read within the record (a count whose elements
+cannot fit is refused before any is read), each view is checked as a VIEW argument is (`view_of`), and no other
+element kind is valid (a None goes in the plain TENSORS form, as handle 0).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ NONE, TENSOR, INT, FLOAT, BOOL = 0, 1, 2, 3, 4
 TENSORS, INTS, FLOATS, BOOLS = 5, 6, 7, 8
 DTYPE, DEVICE, CPU, LAYOUT, MEMORY_FORMAT = 9, 10, 11, 12, 13
 VIEW = 14
+VIEWS = 15  # a tensor list whose elements are TENSOR or VIEW arguments (tag included)
 MAX_DIMS = 64  # dimensions of a view argument (as the daemon's bound on any tensor's)
 _I64_MAX = 2**63 - 1
 
@@ -179,6 +186,13 @@ def tensors(handles: list[int]) -> bytes:
     if len(handles) > MAX_LIST:
         raise Unencodable
     return TAG_U16.pack(TENSORS, len(handles)) + struct.pack(f"<{len(handles)}Q", *handles)
+
+
+def tensors_with_views(elements: list[bytes]) -> bytes:
+    """A tensor list (VIEWS) of encoded elements, each `tensor(h)` or a view argument (`view`), in order."""
+    if len(elements) > MAX_LIST:
+        raise Unencodable
+    return TAG_U16.pack(VIEWS, len(elements)) + b"".join(elements)
 
 
 def kwarg_key(name: str) -> bytes:
@@ -394,6 +408,8 @@ def _value(data: bytes, pos: int, resolve: Resolve, device: torch.device, handle
         return _unpack_i64(data, pos)[0], pos + 8
     if tag == FLOAT:
         return _unpack_f64(data, pos)[0], pos + 8
+    if tag == VIEWS:
+        return _views(data, pos, resolve, handles)
     if tag == NONE:
         return None, pos
     if tag == BOOL:
@@ -434,6 +450,32 @@ def _value(data: bytes, pos: int, resolve: Resolve, device: torch.device, handle
     if found is None:
         raise InvalidArgument(f"malformed eager op: unknown {table[0]} {number}")
     return found, pos + 1
+
+
+def _views(data: bytes, pos: int, resolve: Resolve, handles: list[int]) -> tuple[list[torch.Tensor], int]:
+    """A VIEWS list at `pos` (after its tag): its tensors (views applied) and the position after it."""
+    end = len(data)
+    (n,) = _unpack_u16(data, pos)
+    pos += 2
+    if pos + 9 * n > end:  # each element takes at least a kind byte and a handle
+        raise InvalidArgument(f"malformed eager op: a list of {n} tensors runs past the end")
+    out: list[torch.Tensor] = []
+    for _ in range(n):
+        if pos + 9 > end:
+            raise InvalidArgument(f"malformed eager op: a tensor list element runs past the end at byte {pos}")
+        kind = data[pos]
+        (h,) = _unpack_u64(data, pos + 1)
+        if kind == TENSOR:
+            handles.append(h)
+            out.append(resolve(h))
+            pos += 9
+        elif kind == VIEW:
+            g, pos = read_geometry(data, pos + 9)
+            handles.append(h)
+            out.append(view_of(resolve(h), g))
+        else:
+            raise InvalidArgument(f"malformed eager op: tensor list element of kind {kind}")
+    return out, pos
 
 
 _LISTS = {TENSORS: ("Q", 8), INTS: ("q", 8), FLOATS: ("d", 8), BOOLS: ("B", 1)}

@@ -100,9 +100,27 @@ Input make_input(int64_t offset, int64_t src, py::handle meta) {
   return in;
 }
 
+// A view argument's geometry (sizes, strides, offset, last) on `in`: the tensor `in` names is the one it views
+void set_view(Input& in, py::handle geometry) {
+  auto g = py::reinterpret_borrow<py::tuple>(geometry);
+  if (g.size() != 4) throw std::invalid_argument("bad view geometry");
+  in.view = true;
+  for (auto d : g[0]) in.view_sizes.push_back(d.cast<int64_t>());
+  for (auto d : g[1]) in.view_strides.push_back(d.cast<int64_t>());
+  in.view_offset = g[2].cast<int64_t>();
+  in.view_last = g[3].cast<int64_t>();
+  if (in.view_sizes.size() != in.view_strides.size() || in.view_sizes.size() > MAX_DIMS || in.view_offset < 0 ||
+      in.view_last < 0) {
+    throw std::invalid_argument("bad view geometry");
+  }
+  for (size_t d = 0; d < in.view_sizes.size(); ++d) {
+    if (in.view_sizes[d] < 0 || in.view_strides[d] < 0) throw std::invalid_argument("bad view geometry");
+  }
+}
+
 // args: per schema argument, ("c", value) | ("d",) | ("t", offset, src, meta[, view geometry or None]) |
-// ("l", optional, [(offset, src, meta)]) | ("s", INTS or DOUBLES, [offset]); outs: the output handles' offsets;
-// keep: the positions of the outputs the run keeps
+// ("l", optional, [(offset, src, meta[, view geometry or None])]) (a list element that is a view: compact.VIEWS) |
+// ("s", INTS or DOUBLES, [offset]); outs: the output handles' offsets; keep: the positions of the outputs the run keeps
 std::shared_ptr<Plan> make_plan(
     const std::string& name, const std::string& overload, int64_t size, py::list fixed, py::list outs,
     py::list args, int64_t need, py::list keep, py::object owner, py::object run, int returns) {
@@ -153,19 +171,7 @@ std::shared_ptr<Plan> make_plan(
     } else if (tag == "t") {
       out.kind = TENSOR;
       out.inputs.push_back(make_input(t[1].cast<int64_t>(), t[2].cast<int64_t>(), t[3]));
-      if (t.size() > 4 && !t[4].is_none()) {  // (sizes, strides, offset, last)
-        auto g = t[4].cast<py::tuple>();
-        Input& in = out.inputs.back();
-        in.view = true;
-        for (auto d : g[0]) in.view_sizes.push_back(d.cast<int64_t>());
-        for (auto d : g[1]) in.view_strides.push_back(d.cast<int64_t>());
-        in.view_offset = g[2].cast<int64_t>();
-        in.view_last = g[3].cast<int64_t>();
-        if (in.view_sizes.size() != in.view_strides.size() || in.view_sizes.size() > MAX_DIMS || in.view_offset < 0 ||
-            in.view_last < 0) {
-          throw std::invalid_argument("bad view geometry");
-        }
-      }
+      if (t.size() > 4 && !t[4].is_none()) set_view(out.inputs.back(), t[4]);  // (sizes, strides, offset, last)
     } else if (tag == "n") {  // ("n", offset, kind)
       out.kind = static_cast<Kind>(t[2].cast<int>());
       if (out.kind != INT && out.kind != INT_AS_DOUBLE && out.kind != DOUBLE) throw std::invalid_argument("number");
@@ -184,6 +190,10 @@ std::shared_ptr<Plan> make_plan(
       for (auto e : t[2]) {
         auto el = e.cast<py::tuple>();
         out.inputs.push_back(make_input(el[0].cast<int64_t>(), el[1].cast<int64_t>(), el[2]));
+        if (el.size() > 3 && !el[3].is_none()) {
+          if (out.inputs.back().src == NONE) throw std::invalid_argument("a view of no tensor");
+          set_view(out.inputs.back(), el[3]);
+        }
       }
     } else {
       throw std::invalid_argument("bad argument tag");

@@ -20,8 +20,9 @@ A step qualifies when it has no per-op extras (`Step.fast`; a factory that takes
 returning several tensors), its op is a plain `OpOverload` run as itself (checked per record: while its `OpPlan.run` is
 something else, a guard's replacement, a fallback or a wrapper, its records take the Python path), and every
 variable field of its template is the output handle, a tensor handle (`Tensor`, `Tensor?`, `Tensor[]`, `Tensor?[]`;
-also a view argument's, `compact.VIEW`: its tensor is checked as any input's, then `compact.view_of`'s checks run
-against its storage as it is now, for every record, and the geometry is applied)
+also a view argument's, `compact.VIEW`, and a view element's of a tensor list with views, `compact.VIEWS`: its
+tensor is checked as any input's, then `compact.view_of`'s checks run against its storage as it is now, for every
+record, and the geometry is applied)
 or a number the verdict keys by type (a `Scalar`, `float` or `int`, say an optimizer's step size: read from the
 record and converted as `toIValue` converts the Python number the full decode gives; also a `Scalar[]` of them, the
 step sizes of a `_foreach_div_` or `_foreach_addcdiv_`); the other arguments are
@@ -57,7 +58,7 @@ import torch
 
 from gpupool import config
 
-from .templates import C_ARG, C_KW, L_ARG, L_KW, N_ARG, N_KW, NL_ARG, NL_KW, T_ARG, T_KW, V_ARG, V_KW
+from .templates import C_ARG, C_KW, L_ARG, L_KW, LV_ARG, LV_KW, N_ARG, N_KW, NL_ARG, NL_KW, T_ARG, T_KW, V_ARG, V_KW
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ EXTERNAL, NONE = -1, -2  # runs.EXTERNAL, runs.NONE
 END, OVER = 1, 2  # flags of `Ctx.run`
 _state: list[Any] = []  # [the module, or None when unavailable] once `load` decided
 _no_build: list[bool] = []
-_KINDS = frozenset({T_ARG, T_KW, L_ARG, L_KW, C_ARG, C_KW, N_ARG, N_KW, V_ARG, V_KW, NL_ARG, NL_KW})
+_KINDS = frozenset({T_ARG, T_KW, L_ARG, L_KW, C_ARG, C_KW, N_ARG, N_KW, V_ARG, V_KW, LV_ARG, LV_KW, NL_ARG, NL_KW})
 INT, INT_AS_DOUBLE, DOUBLE = 4, 5, 6  # how the C++ runner reads a number field (native_runner.cpp, `Kind`)
 INTS, DOUBLES = 7, 8  # a Scalar[] of ints or floats (`ListKind`)
 NOTHING, ONE, SEVERAL = 0, 1, 2  # what a step's op returns (`Returns`)
@@ -206,11 +207,14 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
         if kind == T_ARG or kind == T_KW:
             placed[(kind == T_KW, where)] = ("t", offsets[i], src, meta, None)
         elif kind == V_ARG or kind == V_KW:  # a view argument: its tensor as above, and the geometry to apply
-            g = n  # compact.Geometry (read and checked on its own when the template was made)
-            placed[(kind == V_KW, where)] = ("t", offsets[i], src, meta, (g.sizes, g.strides, g.offset, g.last))
+            # n: the compact.Geometry (read and checked on its own when the template was made)
+            placed[(kind == V_KW, where)] = ("t", offsets[i], src, meta, _geometry(n))
         elif kind == L_ARG or kind == L_KW:
-            elems = [(offsets[i + j], src[j], meta[j]) for j in range(n)]
+            elems: list[tuple[Any, ...]] = [(offsets[i + j], src[j], meta[j]) for j in range(n)]
             placed[(kind == L_KW, where)] = ("l", elems)
+        elif kind == LV_ARG or kind == LV_KW:  # a tensor list with views (compact.VIEWS): per element as above
+            elems = [(offsets[f], src[j], meta[j], None if g is None else _geometry(g)) for j, (f, g) in enumerate(n)]
+            placed[(kind == LV_KW, where)] = ("l", elems)
         elif kind == N_ARG or kind == N_KW:
             placed[(kind == N_KW, where)] = ("n", offsets[i], codes[i] == "d")
         elif kind == NL_ARG or kind == NL_KW:  # numbers of one code (a FLOATS or an INTS list)
@@ -265,7 +269,7 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
             optional = isinstance(elem, torch.OptionalType)
             if not (isinstance(elem, torch.TensorType) or (optional and _tensor(elem))):
                 return None
-            if not optional and any(src == NONE for _, src, _ in got[1]):
+            if not optional and any(e[1] == NONE for e in got[1]):
                 return None
             out.append(("l", optional, got[1]))
     if placed:  # a tensor the schema has no place for
@@ -273,6 +277,11 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
     name, overload = schema.name, schema.overload_name
     outs = offsets[1 : 1 + n_out]
     return mod.plan(name, overload, tpl.size, fixed, outs, out, step.need, list(step.keep), plan, op._op, returns)
+
+
+def _geometry(g: Any) -> tuple[Any, ...]:
+    """A `compact.Geometry` as the C++ runner takes it: (sizes, strides, offset, last)."""
+    return (g.sizes, g.strides, g.offset, g.last)
 
 
 def _number(t: Any, is_float: bool) -> int | None:

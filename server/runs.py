@@ -27,7 +27,10 @@ the templates when an op id is defined anew. A trace holds no tensor.
 
 A view argument (`compact.VIEW`, templates' V_ARG/V_KW) is traced as a tensor input whose source is its handle's
 tensor (the identity or meta check applies to that tensor); its geometry is among the template's fixed bytes and
-`compact.view_of` applies it, with its checks against the tensor's storage, for every record.
+`compact.view_of` applies it, with its checks against the tensor's storage, for every record. A tensor list with
+views (`compact.VIEWS`, templates' LV_ARG/LV_KW) is traced as a tensor list of its elements' handles' tensors,
+each with its own source and check; the elements' geometries come from the template's fixed bytes and are applied
+with `view_of` for every record.
 """
 
 from __future__ import annotations
@@ -41,14 +44,30 @@ from typing import Any
 from gpupool.compact import view_of
 
 from .guards import value_guarded
-from .templates import C_ARG, L_ARG, L_KW, N_ARG, N_KW, NL_ARG, NL_KW, T_ARG, T_KW, V_ARG, V_KW, Template
+from .templates import (
+    C_ARG,
+    L_ARG,
+    L_KW,
+    LV_ARG,
+    LV_KW,
+    N_ARG,
+    N_KW,
+    NL_ARG,
+    NL_KW,
+    T_ARG,
+    T_KW,
+    V_ARG,
+    V_KW,
+    Template,
+)
 
 PER_HEAD = 16  # traces kept per head (first record's op id and length); the most recently run or learned first
 MAX_ENTRIES = 1 << 16  # steps and tensor inputs of all a session's traces (each ~100-300 bytes); cleared when full
 MAX_LEN = 4096  # steps of one trace (a slice holds at most a few thousand commands)
 _TENSOR_KINDS = (T_ARG, T_KW, L_ARG, L_KW)
 _SINGLE = (T_ARG, T_KW, V_ARG, V_KW)  # one tensor input each (a view's: the tensor it is a view of)
-_COUNTED = (*_TENSOR_KINDS, V_ARG, V_KW)
+_VIEW_LISTS = (LV_ARG, LV_KW)  # a tensor list with views: per element (field, geometry or None) where others count
+_COUNTED = (*_TENSOR_KINDS, V_ARG, V_KW, *_VIEW_LISTS)
 EXTERNAL, NONE = -1, -2  # a tensor input's source: resolved by handle (meta checked), or a None in a Tensor?[]
 _MISSES = 3  # other objects an external input's check cell sees before it turns off (`_checked`)
 _MISSING = itertools.repeat(object())  # what `match` reads for a handle that holds no tensor (never a live one)
@@ -103,7 +122,10 @@ class Trace:
         self.next: Callable[[], Trace | None] = _nothing
         # what it holds: its steps and their tensor inputs (`Runs` bounds the sum)
         self.weight = len(steps) + sum(
-            e[3] if e[0] in _TENSOR_KINDS else 1 for step in steps for e in step.ins if e[0] in _COUNTED
+            e[3] if e[0] in _TENSOR_KINDS else len(e[3]) if e[0] in _VIEW_LISTS else 1
+            for step in steps
+            for e in step.ins
+            if e[0] in _COUNTED
         )
 
 
@@ -183,6 +205,9 @@ def build(records: list[tuple[Template, tuple[Any, ...], Any, int]], quota: int,
                 raw = fields[i : i + n]
                 srcs = [NONE if h == 0 else where_bound.get(h, EXTERNAL) for h in raw]
                 ins.append([kind, i, where, n, srcs, next(metas)])
+            elif kind in _VIEW_LISTS:
+                srcs = [where_bound.get(fields[f], EXTERNAL) for f, _ in n]
+                ins.append([kind, i, where, n, srcs, next(metas)])
             else:
                 ins.append([kind, i, where, n, None, None])
         steps.append((tpl, need, ins))
@@ -201,7 +226,7 @@ def build(records: list[tuple[Template, tuple[Any, ...], Any, int]], quota: int,
                     final.append((kind, i, where, n, index[src], None, None))
                 else:
                     final.append((kind, i, where, n, EXTERNAL, meta, [None, -1, _MISSES]))
-            elif kind == L_ARG or kind == L_KW:
+            elif kind == L_ARG or kind == L_KW or kind in _VIEW_LISTS:
                 ids = tuple(index[s] if isinstance(s, tuple) else s for s in src)
                 final.append((kind, i, where, n, ids, meta, [[None, -1, _MISSES] for _ in ids]))
             else:
@@ -296,6 +321,26 @@ def match(
             args[where] = list(fields[i : i + n])
         elif kind == NL_KW:
             kwargs[where] = list(fields[i : i + n])
+        elif kind == LV_ARG or kind == LV_KW:
+            v = []
+            for (f, g), s, m, c in zip(n, src, meta, cell, strict=True):
+                h = fields[f]
+                t = get(h)
+                if s >= 0:
+                    if t is None or t is not objs[s]:
+                        return None
+                else:
+                    if t is None:
+                        t = resolve(h)
+                    ref = c[0]
+                    if ref is None or c[1] != epoch or ref() is not t:
+                        if not _checked(t, m, c, epoch):
+                            return None
+                v.append(t if g is None else view_of(t, g))
+            if kind == LV_ARG:
+                args[where] = v
+            else:
+                kwargs[where] = v
         elif kind == C_ARG:
             args[where] = list(args[where])
         else:
@@ -331,4 +376,6 @@ def written(step: Step, fields: tuple[Any, ...]) -> list[int]:
             handles.append(fields[i])
         elif kind == L_ARG or kind == L_KW:
             handles.extend(h for h in fields[i : i + n] if h)
+        elif kind in _VIEW_LISTS:
+            handles.extend(fields[f] for f, _ in n)
     return handles

@@ -19,6 +19,11 @@ fixed bytes; its step (V_ARG, V_KW) carries the geometry (`compact.Geometry`) wh
 `fill` resolves the handle as for a tensor, keys the verdict by that tensor's meta (the view's meta follows from
 its dtype and the fixed geometry) and applies the geometry with `compact.view_of`, whose checks against the
 tensor's storage run for every record, as on the full decode.
+
+A tensor list with views (`compact.VIEWS`) has each element's handle as a field and its kind byte and (for a view)
+geometry among the fixed bytes; its step (LV_ARG, LV_KW) carries, per element, (field, geometry or None). `fill`
+resolves the elements in order, keys the verdict by each handle's tensor's meta, and applies each geometry with
+`compact.view_of`, as the full decode does.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any
 
 from gpupool import compact
 
-T_ARG, T_KW, N_ARG, N_KW, L_ARG, L_KW, NL_ARG, NL_KW, C_ARG, C_KW, V_ARG, V_KW = range(12)
+T_ARG, T_KW, N_ARG, N_KW, L_ARG, L_KW, NL_ARG, NL_KW, C_ARG, C_KW, V_ARG, V_KW, LV_ARG, LV_KW = range(14)
 MAX_TEMPLATES = 4096  # per session (each under a KiB); the table is cleared when full
 PER_LAYOUT = 8  # templates kept per op id and record length (a loop calls `view` with many sizes)
 
@@ -150,9 +155,9 @@ def learn(data: bytes, args: list[Any], kwargs: dict[str, Any], plan: Any) -> Te
     tpl.steps = lay.steps
     tpl.args, tpl.kwargs = list(args), dict(kwargs)
     for kind, _, where, _ in lay.steps:  # never keep a tensor alive; each record puts its own there
-        if kind in (T_ARG, N_ARG, L_ARG, NL_ARG, V_ARG):
+        if kind in (T_ARG, N_ARG, L_ARG, NL_ARG, V_ARG, LV_ARG):
             tpl.args[where] = None
-        elif kind in (T_KW, N_KW, L_KW, NL_KW, V_KW):
+        elif kind in (T_KW, N_KW, L_KW, NL_KW, V_KW, LV_KW):
             tpl.kwargs[where] = None
     return tpl
 
@@ -171,6 +176,27 @@ def _value(lay: _Layout, data: bytes, pos: int, by_type: bool, where: Any, kw: b
         lay.fixed(end - pos - 9)
         lay.steps.append((V_KW if kw else V_ARG, field, where, g))
         return end
+    if tag == compact.VIEWS:
+        (n,) = compact.U16.unpack_from(data, pos + 1)
+        lay.fixed(3)
+        pos += 3
+        elems: list[tuple[int, Any]] = []
+        first = -1
+        for _ in range(n):
+            kind = data[pos]
+            lay.fixed(1)
+            field = lay.field("Q")
+            first = field if first < 0 else first
+            if kind == compact.VIEW:
+                g, end = compact.read_geometry(data, pos + 9)
+                lay.fixed(end - pos - 9)
+                elems.append((field, g))
+                pos = end
+            else:
+                elems.append((field, None))
+                pos += 9
+        lay.steps.append((LV_KW if kw else LV_ARG, first, where, tuple(elems)))
+        return pos
     if tag == compact.INT or tag == compact.FLOAT:
         if by_type:
             lay.fixed(1)
@@ -262,6 +288,22 @@ def fill(
                 args[where] = compact.view_of(t, n)
             else:
                 kwargs[where] = compact.view_of(t, n)
+        elif kind == LV_ARG or kind == LV_KW:
+            v = []
+            metas = []
+            for f, g in n:
+                h = fields[f]
+                handles.append(h)
+                t = resolve(h)
+                if keyed:
+                    metas.append((t.dtype, t.shape, t.stride(), t.storage_offset()))
+                v.append(t if g is None else compact.view_of(t, g))
+            if keyed:
+                key.append(tuple(metas))
+            if kind == LV_ARG:
+                args[where] = v
+            else:
+                kwargs[where] = v
         elif kind == C_ARG:
             args[where] = list(args[where])
         else:

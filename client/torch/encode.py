@@ -173,8 +173,53 @@ def _c_view(rt: DeviceRuntime | None, sch: meta.Schema, v: Any) -> tuple[Any, by
     return v._gp_key, arg if arg is not None else _TAG_U64(compact.TENSOR, v._gp_h), vrt
 
 
-def _c_one(rt: DeviceRuntime | None, kind: str, v: Any, by_type: bool) -> tuple[Any, bytes, DeviceRuntime | None]:
-    """(cache-key part, compact bytes, runtime) of one argument; the key parts are exactly `_one`'s."""
+def _c_tensor_list(v: Any, rt: DeviceRuntime | None, reshapes: bool) -> tuple[Any, bytes, DeviceRuntime | None]:
+    """`_c_one` of a tensor list (`_tensor_list`'s loop, once): while it holds lazy views (`RemoteView`), a list with
+    views (`compact.VIEWS`: each view its view argument, no record of its own), unless the op may change its written
+    arguments' metadata (`_c_view`) or the list holds a None: those views get daemon tensors of their own (`own`)
+    and the list is the plain list of handles, as is a list without lazy views."""
+    handles: list[int] = []
+    keys: list[Any] = []
+    lazy: list[tuple[int, Any, bytes]] | None = None
+    for x in v:
+        if x is None:
+            handles.append(0)
+            keys.append(None)
+            continue
+        tx = type(x)
+        if tx is not RemoteTensor:
+            if tx is not RemoteView:
+                raise NeedsUpload
+            arg = x.__dict__.get("_gp_v")
+            if arg is not None:
+                if lazy is None:
+                    lazy = []
+                lazy.append((len(handles), x, arg))
+        xrt = x._gp_rt
+        if rt is None:
+            rt = xrt
+        elif xrt is not rt:
+            raise _two_devices(rt, xrt)
+        handles.append(x._gp_h)
+        keys.append(x._gp_key)
+    if lazy is not None:
+        if reshapes or 0 in handles:
+            for j, x, _ in lazy:
+                own(x)  # a plain list holds handles only
+                handles[j] = x._gp_h
+        else:
+            parts = [_TAG_U64(_TENSOR, h) for h in handles]
+            for j, _, arg in lazy:
+                parts[j] = arg
+            return tuple(keys), compact.tensors_with_views(parts), rt
+    return tuple(keys), compact.tensors(handles), rt
+
+
+def _c_one(
+    rt: DeviceRuntime | None, kind: str, v: Any, by_type: bool, reshapes: bool = False
+) -> tuple[Any, bytes, DeviceRuntime | None]:
+    """(cache-key part, compact bytes, runtime) of one argument; the key parts are exactly `_one`'s. `reshapes`:
+    the op's (`meta.Schema.reshapes`), which decides whether a tensor list may carry lazy views as views."""
     tv = type(v)
     if tv is RemoteTensor:
         vrt = v._gp_rt
@@ -199,8 +244,7 @@ def _c_one(rt: DeviceRuntime | None, kind: str, v: Any, by_type: bool) -> tuple[
     if kind == meta.S or (kind == meta.T and (tv is float or tv is int or tv is bool)):
         return (tv if by_type else (tv, v)) if kind == meta.S else tv, compact.encode_value(v), rt
     if kind == meta.TL:
-        keys, handles, rt = _tensor_list(v, rt)
-        return keys, compact.tensors(handles), rt
+        return _c_tensor_list(v, rt, reshapes)
     if isinstance(v, torch.Tensor):
         raise compact.Unencodable  # a 0-dim CPU tensor travels inline in an Op (or must be uploaded first)
     if kind == meta.SL:
@@ -241,7 +285,7 @@ def build_compact(
             if type(v) is RemoteView:
                 k, b, rt = _c_view(rt, sch, v)
             else:
-                k, b, rt = _c_one(rt, sch.kinds[i], v, sch.has_tensor_inputs)
+                k, b, rt = _c_one(rt, sch.kinds[i], v, sch.has_tensor_inputs, sch.reshapes)
             key.append(k)
             parts.append(b)
         i += 1
@@ -253,7 +297,7 @@ def build_compact(
             if type(v) is RemoteView:
                 k, b, rt = _c_view(rt, sch, v)
             else:
-                k, b, rt = _c_one(rt, kk.get(name, meta.V), v, sch.has_tensor_inputs)
+                k, b, rt = _c_one(rt, kk.get(name, meta.V), v, sch.has_tensor_inputs, sch.reshapes)
             key.append((name, k))
             parts.append(compact.kwarg_key(name))
             parts.append(b)

@@ -13,9 +13,10 @@ Moving data in and out (`upload_new`, `to_cpu`) is here too: every layer above n
 A `RemoteView` is the result of a view op (`transfer._view`): no record is sent for it. While it is lazy its
 handle is the daemon tensor it is a view of (which it holds, as a detach does: `DeviceRuntime.share`) and
 `_gp_v` is its compact view argument (`compact.VIEW`: that handle, its own sizes, strides and storage offset),
-which ops taking it send in place of a handle. Where a path needs a daemon tensor equal to it (a download, an
-`Op` message, a tensor list, a capture, a collective, an op that changes its metadata), `own` gives it one: one
-record, the first time.
+which ops taking it send in place of a handle, also as an element of a tensor list (`compact.VIEWS`, made by
+`encode._c_tensor_list`). Where a path needs a daemon tensor equal to it (a download, an `Op` message, a tensor
+list with a None or a CPU tensor, a capture, a collective, an op that changes its metadata), `own` gives it one:
+one record, the first time.
 """
 
 from __future__ import annotations

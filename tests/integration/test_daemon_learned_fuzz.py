@@ -133,9 +133,10 @@ def record(daemon: DaemonHandle, steps: int) -> Recording:
 # ---- compact records: where their handles and numbers are ----
 
 
-def fields(rec: bytes) -> tuple[list[int], list[int], list[int], list[int]]:
-    """Byte offsets of a record's output handles, input handles (tensors, tensor lists and views), ints (a view's
-    sizes, strides and offset among them) and floats."""
+def fields(rec: bytes, lists: list[int] | None = None) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Byte offsets of a record's output handles, input handles (tensors, tensor lists, views and the elements of
+    tensor lists with views), ints (a view's sizes, strides and offset among them) and floats; `lists`, when given,
+    gets the offset of each tensor list with views (compact.VIEWS)."""
     n_name = rec[4]
     pos = 5 + n_name
     n_out = rec[pos]
@@ -158,6 +159,15 @@ def fields(rec: bytes) -> tuple[list[int], list[int], list[int], list[int]]:
         if tag in (compact.INT, compact.FLOAT):
             (ints if tag == compact.INT else floats).append(pos + 1)
             return pos + 9
+        if tag == compact.VIEWS:  # each element a tensor or a view argument, its tag included
+            if lists is not None:
+                lists.append(pos)
+            (n,) = struct.unpack_from("<H", rec, pos + 1)
+            pos += 3
+            for _ in range(n):
+                assert rec[pos] in (compact.TENSOR, compact.VIEW)
+                pos = value(pos)
+            return pos
         if tag in (compact.NONE, compact.DEVICE, compact.CPU):
             return pos + 1
         if tag in (compact.TENSORS, compact.INTS, compact.FLOATS, compact.BOOLS):
@@ -791,6 +801,18 @@ def test_the_recorded_loop_sends_view_arguments(world: World) -> None:
             rec = cmds[i].eager_op
             views += sum(rec[at - 1] == compact.VIEW for at in fields(rec)[1])
     assert views >= len(world.rec.steps)
+
+
+def test_the_recorded_loop_sends_tensor_lists_with_views(world: World) -> None:
+    """Adam's `_foreach_` lists of gradients hold views (a Linear's weight gradient is a `t()`): they travel as
+    tensor lists with views (compact.VIEWS), whose elements' handles and geometries the attacks below hit."""
+    per_step = []
+    for cmds in world.rec.steps:
+        lists: list[int] = []
+        for i in _eager(cmds):
+            fields(cmds[i].eager_op, lists)
+        per_step.append(len(lists))
+    assert all(per_step), per_step
 
 
 @pytest.mark.parametrize("runner", ["native", "python"])

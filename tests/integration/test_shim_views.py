@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 import shim_fixtures
 import torch
-from gpupool.client.torch import runtime
+from gpupool.client.torch import encode, runtime
 from gpupool.client.torch.tensor import RemoteView
 from torch import nn
 
 import gpupool.torch as gt
+from gpupool import compact
 
 serve, attach, dev = shim_fixtures.serve, shim_fixtures.attach, shim_fixtures.dev
 
@@ -190,3 +191,103 @@ def test_a_base_re_pointed_or_resized_leaves_its_views_and_aliases_as_on_the_cpu
     for got, want in zip(run(dev), run("cpu"), strict=True):
         assert got.shape == want.shape
         assert torch.equal(got.cpu(), want)
+
+
+class _Encoder(nn.Module):
+    """bench/launch_bound.py's tiny encoder classifier (d 32, 2 layers, 4 heads)."""
+
+    def __init__(self, d: int = 32, vocab: int = 100) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)).mean(dim=1))
+
+
+def _foreach_train(d: Any, model_name: str, opt_name: str, steps: int) -> tuple[list[float], list[torch.Tensor]]:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    if model_name == "tiny-mlp":
+        model: nn.Module = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+        x, y = torch.randn(16, 32, generator=gen), torch.randint(0, 2, (16,), generator=gen)
+    else:
+        model = _Encoder()
+        x, y = torch.randint(0, 100, (4, 16), generator=gen), torch.randint(0, 2, (4,), generator=gen)
+    model = model.to(d)
+    make = torch.optim.Adam if opt_name == "adam" else torch.optim.AdamW
+    opt = make(model.parameters(), lr=1e-2, foreach=True)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x.to(d)), y.to(d))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, [p.detach().cpu() for p in model.parameters()]
+
+
+def _plain_lists(v: Any, rt: Any, reshapes: bool) -> Any:
+    """The shim's tensor lists before lists with views: every lazy view in a list gets a record of its own."""
+    keys, handles, rt = encode._tensor_list(v, rt)
+    return keys, compact.tensors(handles), rt
+
+
+@pytest.mark.parametrize("opt_name", ["adam", "adamw"])
+@pytest.mark.parametrize("model_name", ["tiny-mlp", "encoder"])
+def test_foreach_optimizers_take_gradient_views_in_their_lists_and_match_bit_for_bit(
+    dev: torch.device, model_name: str, opt_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The optimizers' `_foreach_` lists hold gradients that are lazy views (AccumulateGrad's detach of a `t()`,
+    ...): they travel as view elements of a tensor list (compact.VIEWS), with no `aten::alias` record for them,
+    and the losses and parameters are bit for bit those of the lists of handles (each view its own record) and,
+    for the tiny MLP, of the CPU (the encoder's differ from the CPU's in the last bits with or without views)."""
+    rt = _rt(dev)
+    names: list[str] = []
+    real = rt.eager_op
+    monkeypatch.setattr(rt, "eager_op", lambda name, data: (names.append(name), real(name, data))[1])
+    got, params = _foreach_train(dev, model_name, opt_name, 5)
+    foreach = [n for n in names if n.startswith("aten::_foreach_")]
+    assert foreach and "aten::alias" not in names, sorted(set(names))
+    with monkeypatch.context() as m:
+        m.setattr(encode, "_c_tensor_list", _plain_lists)
+        names.clear()
+        plain, plain_params = _foreach_train(dev, model_name, opt_name, 5)
+        assert "aten::alias" in names  # (the path compared with)
+    want, local = _foreach_train("cpu", model_name, opt_name, 5)
+    assert got == plain
+    for p, q in zip(params, plain_params, strict=True):
+        assert torch.equal(p, q)
+    if model_name == "tiny-mlp":
+        assert got == want
+        for p, q in zip(params, local, strict=True):
+            assert torch.equal(p, q)
+    else:
+        assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_in_place_foreach_ops_write_their_view_elements_bases(
+    dev: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lazy view in the written list of an in-place `_foreach_` op travels as a view element and writes its base's
+    storage, as on the CPU; the other lists' views are read through; the views themselves see the new values."""
+    rt = _rt(dev)
+    names: list[str] = []
+    real = rt.eager_op
+    monkeypatch.setattr(rt, "eager_op", lambda name, data: (names.append(name), real(name, data))[1])
+
+    def run(d: Any) -> list[torch.Tensor]:
+        x = torch.arange(24.0).reshape(4, 6).to(d)
+        y = torch.ones(3, 4).to(d)
+        written = [x.t()[1], x[1:3, ::2], y, y.t()[2:]]
+        torch._foreach_mul_(written, [x[:, 0], x[3, :3].unsqueeze(0), y.t().t(), x[:2, 1:4]])
+        torch._foreach_add_(written, 0.5)
+        out = torch._foreach_sub([x.view(-1)[::5], y[0]], [x[0, :5], x.t()[0]])
+        return [x, y, *written, *out]
+
+    for got, want in zip(run(dev), run("cpu"), strict=True):
+        assert (got.shape, got.stride(), got.storage_offset()) == (want.shape, want.stride(), want.storage_offset())
+        assert torch.equal(got.cpu(), want)
+    assert "aten::_foreach_mul_.List" in names and "aten::alias" not in names[: names.index("aten::_foreach_sub.List")]

@@ -271,3 +271,72 @@ def test_every_truncation_of_a_view_argument_is_refused() -> None:
     for n in range(len(data)):
         with pytest.raises(InvalidArgument):
             compact.decode(data[:n], resolve, DEV)
+
+
+# ---- tensor lists with views (VIEWS): each element a TENSOR or a VIEW argument, tag included ----
+
+
+def _views_list(*elements: bytes) -> bytes:
+    return compact.tensors_with_views(list(elements))
+
+
+def test_a_tensor_list_with_views_decodes_each_element_in_order() -> None:
+    base = torch.arange(12.0)
+    TENSORS[22] = base
+    try:
+        arg = _views_list(compact.tensor(7), compact.view(22, [2, 3], [1, 2], 5), compact.view(22, [], [], 11))
+        for data in (record(None, [9], [arg], {}), record(None, [9], [], {"tensors": arg})):
+            for rec in (compact.decode(data, resolve, DEV), compact.Record()):
+                if isinstance(rec, compact.Record) and not rec.handles:  # decode_parts with a live lookup
+                    parts = compact.decode_parts(data, resolve, DEV, TENSORS.get)
+                    rec.args, rec.kwargs, rec.handles = parts[3], parts[4], parts[5]
+                got = rec.args[0] if rec.args else rec.kwargs["tensors"]
+                assert rec.handles == [7, 22, 22]
+                assert got[0] is TENSORS[7]
+                assert torch.equal(got[1], base.as_strided((2, 3), (1, 2), 5))
+                assert got[1].untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+                assert got[2].shape == () and float(got[2]) == 11.0
+        got[1].fill_(-1.0)  # a list element written in place writes its handle's storage
+        assert (base[5:10] == -1.0).all()
+        assert compact.decode(record(None, [9], [_views_list()], {}), resolve, DEV).args == [[]]
+    finally:
+        del TENSORS[22]
+
+
+HOSTILE_VIEW_LISTS = [
+    (_views_list(compact.tensor(7), _raw_view(7, 1, [3, 1, 0])), "storage byte 12 of a 8-byte"),
+    (_views_list(_raw_view(7, 1, [2, 2**40, 0])), "storage byte"),
+    (_views_list(_raw_view(7, 2, [2**62, 2**62, 1, 1, 0])), "more than int64"),
+    (_views_list(_raw_view(7, 1, [-1, 1, 0])), "negative"),
+    (_views_list(compact.tensor(8), _raw_view(7, 1, [1, 1, -1])), "negative"),
+    (_views_list(_raw_view(7, 65, [1] * 131)), "65 dimensions"),
+    (_views_list(_raw_view(7, 3, [1, 1, 1])), "runs past the end"),
+    (_views_list(_raw_view(99, 1, [1, 1, 0])), "unknown handle 99"),
+    (_views_list(compact.tensor(8), compact.tensor(99)), "unknown handle 99"),
+    (_views_list(compact.tensor(7), compact.encode_value(1)), "element of kind 2"),  # an int is no element
+    (_views_list(compact.tensor(7), struct.pack("<BQ", compact.TENSORS, 7)), "element of kind 5"),
+    (_views_list(struct.pack("<BQ", compact.NONE, 0)), "element of kind 0"),
+    (struct.pack("<BH", compact.VIEWS, 3) + compact.tensor(7) * 2, "a list of 3 tensors runs past the end"),
+    (struct.pack("<BH", compact.VIEWS, 65535) + compact.tensor(7), "a list of 65535 tensors runs past"),
+    (struct.pack("<BH", compact.VIEWS, 2) + compact.view(7, [1], [1], 0) + b"\x01" * 4, "element runs past the end"),
+]
+
+
+@pytest.mark.parametrize(("arg", "match"), HOSTILE_VIEW_LISTS)
+def test_hostile_tensor_lists_with_views_are_refused(arg: bytes, match: str) -> None:
+    for data in (record(None, [9], [arg], {}), record(None, [9], [], {"x": arg})):
+        with pytest.raises(InvalidArgument, match=match):
+            compact.decode(data, resolve, DEV)
+        with pytest.raises(InvalidArgument, match=match):
+            compact.decode_parts(data, resolve, DEV, TENSORS.get)
+
+
+def test_every_truncation_of_a_tensor_list_with_views_is_refused() -> None:
+    arg = _views_list(compact.tensor(7), compact.view(8, [3], [1], 0), compact.view(7, [2, 1], [1, 1], 0))
+    data = record(None, [9], [arg, compact.encode_value(1.5)], {})
+    compact.decode(data, resolve, DEV)
+    for n in range(len(data)):
+        with pytest.raises(InvalidArgument):
+            compact.decode(data[:n], resolve, DEV)
+    with pytest.raises(InvalidArgument, match="after its end"):
+        compact.decode(data + b"\x00", resolve, DEV)

@@ -230,3 +230,68 @@ def test_an_empty_view_far_past_its_storage_grows_nothing_unaccounted() -> None:
         s.error = None
     assert s.tensors[src].untyped_storage().nbytes() == 440 and s.used == 440
     assert torch.equal(s.tensors[src], torch.ones(4))
+
+
+def test_views_inside_tensor_lists_never_reach_past_their_storage_into_a_neighbours_bytes() -> None:
+    """Tensor lists with views (compact.VIEWS), learned in a run on a big storage and replayed on a small one with
+    the same meta, with a freed, another session's or an unknown handle as an element, or an element kind
+    changed: each is refused (where the full decode would refuse it), and no value the victim freed is ever read
+    or written. The in-place `_foreach_` op writes through its view elements into their tensor's storage."""
+    w = Worker()
+    victim, bad = w.session(2, 1 << 30), w.session(3, 1 << 30)
+    n = 4096
+    src, other, dst = bad.handle_base + 1, bad.handle_base + 40, bad.handle_base + 2
+    for _ in range(4):  # the victim's secret, freed: the allocator hands its bytes out again
+        secret = torch.full((4 * n,), 7.25)
+        victim.bind(victim.handle_base + 1, secret)
+        victim.free([victim.handle_base + 1])
+        del secret
+    victim.bind(victim.handle_base + 2, torch.full((n,), 7.25))  # and a live one
+
+    def views(h: int = src, first: bytes | None = None) -> bytes:
+        second = compact.view(h, [n // 2], [1], n + n // 2)
+        return compact.tensors_with_views([first or compact.view(h, [n // 2], [1], n), T(other), second])
+
+    def steps(k: int, lst: bytes | None = None) -> list[device_pb2.Command]:
+        return [
+            c
+            for i in range(k)
+            for c in (
+                w.rec(bad, "aten::cat", [dst + i], [lst or views()]),  # the storage's second half, in two
+                w.rec(bad, "aten::_foreach_mul_.Scalar", [], [lst or views(), V(1.0)]),
+                w.rec(bad, "aten::neg", [dst + 100 + i], [T(dst + i)]),
+            )
+        ]
+
+    bad.bind(src, torch.ones(2 * n)[:n])  # meta (n,), storage of 2n
+    bad.bind(other, torch.ones(3))
+    for _ in range(2):  # learned in the first slice, run inside the learned run in the next
+        res = w.slice(bad, steps(4))
+        assert not res.errors, bad.error
+        assert torch.equal(bad.tensors[dst], torch.ones(n + 3))
+        bad.free([dst + i for i in range(4)] + [dst + 100 + i for i in range(4)])
+    assert w.ex._eager[bad.session_id][3].hits > 0
+    res = w.slice(bad, [w.rec(bad, "aten::_foreach_mul_.Scalar", [], [views(), V(3.0)])])
+    assert not res.errors  # written in place through the list's views: the storage's second half only
+    storage = torch.tensor([], dtype=torch.float32).set_(bad.tensors[src].untyped_storage())
+    assert torch.equal(storage, torch.cat([torch.ones(n), torch.full((n,), 3.0)]))
+    bad.bind(src, torch.ones(n))  # the same meta on a storage of n: the learned geometry reaches past it
+    res = w.slice(bad, steps(2))
+    assert sum(res.errors.values()) == 6 and dst in bad.poisoned
+    assert "view argument reaches storage byte" in bad.poisoned[dst].message
+    bad.free([dst, dst + 1, dst + 100, dst + 101])
+    freed = bad.handle_base + 50
+    bad.bind(freed, torch.ones(n))
+    bad.free([freed])
+    # foreign, freed foreign, unknown, freed: as an element of a learned layout (a template's field) and as the view
+    for h, code in ((victim.handle_base + 2, "PERMISSION_DENIED"), (victim.handle_base + 1, "PERMISSION_DENIED"),
+                    (bad.handle_base + 99, "NOT_FOUND"), (freed, "NOT_FOUND")):  # fmt: skip
+        for lst in (views(h), views(src, first=T(h))):
+            bad.bind(src, torch.ones(2 * n)[:n])
+            res = w.slice(bad, steps(1, lst))
+            assert sum(res.errors.values()) == 3, (h, lst)
+            assert bad.poisoned[dst].code.name == code, bad.poisoned[dst]
+            bad.free([dst, dst + 100])
+    for t in bad.tensors.values():
+        assert not (t == 7.25).any()
+    assert torch.equal(victim.tensors[victim.handle_base + 2], torch.full((n,), 7.25))

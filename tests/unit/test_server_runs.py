@@ -45,9 +45,11 @@ OPS = {
     11: "aten::embedding_dense_backward",
     12: "aten::resize_",
     13: "aten::t_",
-    14: "aten::max.dim",
-    15: "aten::_foreach_div.ScalarList",
-    16: "aten::_foreach_addcdiv_.ScalarList",
+    14: "aten::_foreach_add_.List",
+    15: "aten::cat",
+    16: "aten::max.dim",
+    17: "aten::_foreach_div.ScalarList",
+    18: "aten::_foreach_addcdiv_.ScalarList",
 }
 
 
@@ -574,6 +576,60 @@ def test_hostile_bytes_in_a_runs_records_run_or_fail_as_on_the_normal_path() -> 
     assert p.hits - hits > 100
 
 
+VL = compact.tensors_with_views
+
+
+def view_list_step(p: Pair, t: int, x: int = X) -> list[device_pb2.Command]:
+    """A step whose tensor lists hold views (`compact.VIEWS`): of the session's tensors (external) and of earlier
+    records' outputs (internal), mixed with plain tensors; a `cat` of them (one output: the native runner's), an
+    in-place `_foreach_` op writing W and G through view elements, an out-of-place one with two outputs."""
+    return [
+        p.rec(1, [h(t, 0)], [VW(x, [3, 4], [1, 3], 20), V(1.0 + t)]),  # x.t(), at storage element 20
+        p.rec(15, [h(t, 1)], [VL([T(h(t, 0)), VW(h(t, 0), [2, 4], [4, 1], 4), VW(W, [3, 4], [5, 1], 1)])]),
+        p.rec(
+            14,
+            [0],
+            [
+                VL([VW(W, [3, 4], [5, 1], 1), T(G)]),
+                VL([VW(h(t, 1), [3, 4], [4, 1], 0), VW(h(t, 1), [4, 3], [1, 4], 12)]),
+            ],
+            {"alpha": V(-0.01)},
+        ),
+        p.rec(8, [h(t, 2), h(t, 3)], [VL([T(h(t, 1)), VW(h(t, 1), [4], [1], 4)]), V(1.0)]),
+    ]
+
+
+def test_tensor_lists_with_views_run_in_learned_runs_as_on_the_normal_path() -> None:
+    p = Pair()
+    _wide_x(p, 40)
+    free_step = lambda t: device_pb2.Command(free=device_pb2.Free(handles=[h(t, j) for j in range(4)]))  # noqa: E731
+    cmds = [c for t in range(10) for c in view_list_step(p, t) + ([free_step(t - 1)] if t else [])]
+    p.stream(cmds, itertools.cycle([5, 13, 64]))
+    assert p.hits > len(cmds) // 2
+    hits = p.hits
+    p.stream([c for t in range(10, 14) for c in view_list_step(p, t) + [free_step(t - 1)]], itertools.cycle([64]))
+    assert p.hits - hits >= 4 * 4 - 1
+    # X again with the same meta, on a storage the learned geometry now reaches past: refused by the run's step as
+    # by the normal path; the run's internal view elements with another source, a foreign or freed element
+    for storage, bad in ((32, False), (24, True), (40, False)):
+        if storage == 24:
+            small = torch.randn(12).view(4, 3)
+            for s in p.s:
+                s.bind(X, small.clone())
+        else:
+            _wide_x(p, storage)
+        t = 14 + storage
+        p.stream(view_list_step(p, t) + view_list_step(p, t + 1), itertools.cycle([64]))
+        assert (h(t, 0) in p.s[0].poisoned) == bad
+    cmds = view_list_step(p, 60) + view_list_step(p, 61) + view_list_step(p, 62) + view_list_step(p, 63)
+    cmds[4 + 1] = p.rec(15, [h(61, 1)], [VL([T(h(61, 0)), VW(h(60, 0), [2, 4], [4, 1], 4), VW(W, [3, 4], [5, 1], 1)])])
+    cmds[8 + 1] = p.rec(15, [h(62, 1)], [VL([T(h(62, 0)), VW(FOREIGN, [2, 4], [4, 1], 4), VW(W, [3, 4], [5, 1], 1)])])
+    cmds[12 + 2] = p.rec(14, [0], [VL([VW(W, [3, 4], [5, 1], 1), T(G)]), VL([VW(h(62, 1), [3, 4], [4, 1], 0),
+                         VW(h(63, 1), [4, 3], [1, 4], 12)])], {"alpha": V(-0.01)})  # fmt: skip
+    p.stream(cmds, itertools.cycle([64]))
+    assert h(62, 1) in p.s[0].poisoned and "PERMISSION" in p.s[0].poisoned[h(62, 1)].code.name
+
+
 L = compact.tensors
 
 
@@ -582,9 +638,9 @@ def several_step(p: Pair, t: int) -> list[device_pb2.Command]:
     (`Scalar[]`) that change every record, as Adam's bias corrections do."""
     return [
         p.rec(2, [h(t, 0)], [T(X), T(W)]),
-        p.rec(14, [h(t, 1), h(t, 2)], [T(h(t, 0)), V(1), V(False)]),
-        p.rec(15, [h(t, 3), h(t, 4)], [compact.tensors([h(t, 0), h(t, 1)]), V([1.0 + t, 2.0 - 0.25 * t])]),
-        p.rec(16, [0], [L([h(t, 3)]), L([h(t, 0)]), L([h(t, 0)]), V([0.5 * t + 0.125])]),  # in place
+        p.rec(16, [h(t, 1), h(t, 2)], [T(h(t, 0)), V(1), V(False)]),
+        p.rec(17, [h(t, 3), h(t, 4)], [compact.tensors([h(t, 0), h(t, 1)]), V([1.0 + t, 2.0 - 0.25 * t])]),
+        p.rec(18, [0], [L([h(t, 3)]), L([h(t, 0)]), L([h(t, 0)]), V([0.5 * t + 0.125])]),  # in place
         p.rec(5, [h(t, 5)], [T(h(t, 4)), T(h(t, 1))], {"alpha": V(0.5)}),
     ]
 
@@ -608,11 +664,11 @@ def test_several_outputs_and_step_size_lists_run_in_learned_runs_as_on_the_norma
     # a live second output handle (rebound: the normal path), a foreign one, the session's reserved handle, one
     # output handle twice
     cmds = several_step(p, 20) + [free5(19)] + several_step(p, 21) + [free5(20)] + several_step(p, 22)
-    cmds[1] = p.rec(14, [h(20, 1), X], [T(h(20, 0)), V(1), V(False)])
-    cmds[6 + 2] = p.rec(15, [h(21, 3), FOREIGN], [compact.tensors([h(21, 0), h(21, 1)]), V([1.0, 2.0])])
-    cmds[12 + 1] = p.rec(14, [BASE, h(22, 2)], [T(h(22, 0)), V(1), V(False)])
+    cmds[1] = p.rec(16, [h(20, 1), X], [T(h(20, 0)), V(1), V(False)])
+    cmds[6 + 2] = p.rec(17, [h(21, 3), FOREIGN], [compact.tensors([h(21, 0), h(21, 1)]), V([1.0, 2.0])])
+    cmds[12 + 1] = p.rec(16, [BASE, h(22, 2)], [T(h(22, 0)), V(1), V(False)])
     cmds += [free5(21)] + several_step(p, 23)
-    cmds[-5 + 2] = p.rec(15, [h(23, 3), h(23, 3)], [compact.tensors([h(23, 0), h(23, 1)]), V([1.0, 2.0])])
+    cmds[-5 + 2] = p.rec(17, [h(23, 3), h(23, 3)], [compact.tensors([h(23, 0), h(23, 1)]), V([1.0, 2.0])])
     p.stream(cmds, itertools.cycle([64]))
     assert p.s[0].poisoned
     # a failed handle as a second output: bound again, no longer failed (X again a float matrix: above, a record
@@ -622,7 +678,7 @@ def test_several_outputs_and_step_size_lists_run_in_learned_runs_as_on_the_norma
     for s in p.s:
         s.bind(X, x.clone())
     cmds = several_step(p, 24) + [free5(23)] + several_step(p, 25) + [free5(24)] + several_step(p, 26)
-    cmds[6 + 1] = p.rec(14, [h(25, 1), bad], [T(h(25, 0)), V(1), V(False)])
+    cmds[6 + 1] = p.rec(16, [h(25, 1), bad], [T(h(25, 0)), V(1), V(False)])
     p.stream(cmds, itertools.cycle([64]))
     assert bad in p.s[0].tensors and bad not in p.s[0].poisoned
 
@@ -667,7 +723,7 @@ def test_hostile_bytes_in_several_output_and_step_size_records() -> None:
         elif how == 3:
             data += bytes(rng.randrange(1, 9))
         else:  # a step size (the last 8 bytes of the division's list) made NaN, infinite or huge
-            cmds[2] = p.rec(15, [h(t, 3), h(t, 4)], [compact.tensors([h(t, 0), h(t, 1)]), V([1.0, 2.0])])
+            cmds[2] = p.rec(17, [h(t, 3), h(t, 4)], [compact.tensors([h(t, 0), h(t, 1)]), V([1.0, 2.0])])
             data = bytearray(cmds[2].eager_op)
             at = data.rfind(struct.pack("<d", 2.0))
             data[at : at + 8] = struct.pack("<d", rng.choice([float("nan"), float("inf"), -1e308, 0.0]))

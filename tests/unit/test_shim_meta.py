@@ -311,7 +311,7 @@ def test_caches_stay_bounded_under_changing_shapes(monkeypatch: pytest.MonkeyPat
             assert tuple(u.shape) == (4, 4)
         new_keys_per_step = misses_per_step - 1  # all of the first step's keys but w * 2.0's
         assert meta.CACHE.misses - misses == misses_per_step + 398 * new_keys_per_step
-        assert len(sink.records) > 399 * 4
+        assert len(sink.records) >= 399 * 4  # mm, relu, cat (its view travels in its list: no record), mul
     finally:
         rt.close()
 
