@@ -71,8 +71,19 @@ def enabled() -> bool:
     return os.environ.get("GPUPOOL_NATIVE_RUNNER", "1").strip() != "0"
 
 
+def sanitized() -> bool:
+    """`GPUPOOL_NATIVE_RUNNER_SANITIZE=1`: build (and load) the runner with AddressSanitizer and
+    UndefinedBehaviorSanitizer, in a cache folder of its own. Only for a Python started with the ASan runtime
+    preloaded (docs/operations.md "The native runner under sanitizers", scripts/runner_asan.sh): never a daemon."""
+    return os.environ.get("GPUPOOL_NATIVE_RUNNER_SANITIZE", "0").strip() not in ("", "0")
+
+
+_SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+
+
 def cache_dir() -> Path:
-    return config.cache_dir("runner", "GPUPOOL_NATIVE_RUNNER_CACHE")
+    base = config.cache_dir("runner", "GPUPOOL_NATIVE_RUNNER_CACHE")
+    return base / "asan" if sanitized() else base
 
 
 def forbid_build() -> None:
@@ -133,8 +144,9 @@ def _built() -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="build-", dir=final.parent))
     try:
-        cpp_extension.load(name=_NAME, sources=[str(SOURCE)], extra_cflags=["-O2"], build_directory=str(tmp),
-                           is_python_module=False, verbose=False)  # fmt: skip
+        cflags, ldflags = (["-O1", "-g", *_SANITIZE], _SANITIZE) if sanitized() else (["-O2"], [])
+        cpp_extension.load(name=_NAME, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
+                           build_directory=str(tmp), is_python_module=False, verbose=False)  # fmt: skip
         os.replace(tmp / f"{_NAME}.so", final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
