@@ -18,7 +18,7 @@ CXX=${CXX:-g++}
 work=${RUNNER_ASAN_DIR:-${TMPDIR:-/tmp}/gpupool-runner-asan}
 mkdir -p "$work"
 for model in tiny-mlp encoder; do
-    [ -s "$work/$model.json" ] || "$PY" bench/eager_replay.py --dump "$model" "$work/$model.json" --steps 3
+    [ -s "$work/$model.json" ] || "$PY" bench/eager_replay.py --dump "$model" "$work/$model.json" --steps 6
 done
 # libstdc++ preloaded beside libasan: python itself does not link it, and ASan's __cxa_throw interceptor needs it
 # at startup (else the first C++ exception torch throws aborts: "real___cxa_throw != 0")
