@@ -39,6 +39,11 @@ torch version and source hash) by the first `load()`: the zygote does it before 
 (`CommandExecutor` calls `load()`; a worker process never builds: `forbid_build`, and its
 sandbox denies exec anyway). `GPUPOOL_NATIVE_RUNNER=0` keeps every record on the Python path; without a
 compiler or ninja, or when the build fails, one log line says so and the Python path runs.
+
+`GPUPOOL_NATIVE_RUNNER_SANITIZE=1` builds it with AddressSanitizer and UBSan instead (its own cache folder,
+`asan/` under the cache), for tests in a Python started with the ASan runtime preloaded (`scripts/runner_asan.sh`,
+docs/operations.md); without that runtime in the process it stays off (the Python path runs). Not for a daemon:
+ASan's shadow memory is terabytes of private mappings, which a worker's RLIMIT_DATA (server/sandbox.py) refuses.
 """
 
 from __future__ import annotations
@@ -78,8 +83,19 @@ def enabled() -> bool:
     return os.environ.get("GPUPOOL_NATIVE_RUNNER", "1").strip() != "0"
 
 
+def sanitized() -> bool:
+    """`GPUPOOL_NATIVE_RUNNER_SANITIZE=1`: build (and load) the runner with AddressSanitizer and
+    UndefinedBehaviorSanitizer, in a cache folder of its own. Only for a Python started with the ASan runtime
+    preloaded (docs/operations.md "The native runner under sanitizers", scripts/runner_asan.sh): never a daemon."""
+    return os.environ.get("GPUPOOL_NATIVE_RUNNER_SANITIZE", "0").strip() not in ("", "0")
+
+
+_SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+
+
 def cache_dir() -> Path:
-    return config.cache_dir("runner", "GPUPOOL_NATIVE_RUNNER_CACHE")
+    base = config.cache_dir("runner", "GPUPOOL_NATIVE_RUNNER_CACHE")
+    return base / "asan" if sanitized() else base
 
 
 def forbid_build() -> None:
@@ -108,7 +124,7 @@ def load() -> Any:
         log.info("native runner: not loaded before this worker forked; learned runs stay in Python")
         _state.append(None)
         return None
-    why = missing()
+    why = missing() or _no_asan()
     mod = None
     if why is not None:
         log.info("native runner unavailable (%s): learned runs stay in Python", why)
@@ -140,12 +156,27 @@ def _built() -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="build-", dir=final.parent))
     try:
-        cpp_extension.load(name=_NAME, sources=[str(SOURCE)], extra_cflags=["-O2"], build_directory=str(tmp),
-                           is_python_module=False, verbose=False)  # fmt: skip
+        cflags, ldflags = (["-O1", "-g", *_SANITIZE], _SANITIZE) if sanitized() else (["-O2"], [])
+        cpp_extension.load(name=_NAME, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
+                           build_directory=str(tmp), is_python_module=False, verbose=False)  # fmt: skip
         os.replace(tmp / f"{_NAME}.so", final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _no_asan() -> str | None:
+    """Why a sanitized runner cannot load in this process, or None: ASan's runtime must have been loaded first (a
+    sanitized extension dlopened without it ends the process)."""
+    if not sanitized():
+        return None
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        maps = ""
+    if "libasan" not in maps:
+        return "GPUPOOL_NATIVE_RUNNER_SANITIZE=1 without the ASan runtime preloaded (see scripts/runner_asan.sh)"
+    return None
 
 
 def _import(path: Path) -> Any:

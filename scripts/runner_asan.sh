@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The native runner (server/native_runner.cpp) under AddressSanitizer and UBSan, in-process: the unit tests that
+# drive it (tests/unit/test_server_runs.py, test_server_learned_hostile.py) and the structured fuzz on recorded
+# training streams (tests/integration/test_runner_fuzz.py). docs/operations.md "The native runner under sanitizers".
+#
+#   bash scripts/runner_asan.sh                 # ~4 min the first time (the sanitized build), then ~1 min
+#   CASES=40 SEED=7 bash scripts/runner_asan.sh # a longer fuzz (cases per workload), other seeds
+#   bash scripts/runner_asan.sh -k encoder      # extra arguments go to pytest
+#
+# Why in-process: a session's worker caps its private mappings (RLIMIT_DATA, server/sandbox.py) and ASan's
+# shadow memory is terabytes of them, so a live daemon's workers cannot run it. The recordings are made first by a
+# plain Python (through a real daemon), then replayed under ASan.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+CXX=${CXX:-g++}
+work=${RUNNER_ASAN_DIR:-${TMPDIR:-/tmp}/gpupool-runner-asan}
+mkdir -p "$work"
+for model in tiny-mlp encoder; do
+    [ -s "$work/$model.json" ] || "$PY" bench/eager_replay.py --dump "$model" "$work/$model.json" --steps 6
+done
+# libstdc++ preloaded beside libasan: python itself does not link it, and ASan's __cxa_throw interceptor needs it
+# at startup (else the first C++ exception torch throws aborts: "real___cxa_throw != 0")
+export LD_PRELOAD="$("$CXX" -print-file-name=libasan.so) $("$CXX" -print-file-name=libstdc++.so)"
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=0}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+# every Python object from malloc: a record (a bytes object of tens of bytes) otherwise lives in a pymalloc arena,
+# where ASan sees no redzone and a read past its end goes unreported (checked: an 8-byte read 4 bytes before a
+# record's end is reported with this and passes silently without it)
+export PYTHONMALLOC=malloc
+export GPUPOOL_NATIVE_RUNNER_SANITIZE=1
+export GPUPOOL_RUNNER_FUZZ_RECORDINGS="$work"
+export GPUPOOL_RUNNER_FUZZ_CASES=${CASES:-10}
+export GPUPOOL_RUNNER_FUZZ_SEED=${SEED:-0}
+# the sanitized build must really be the one loaded (else every test would pass on the Python path alone)
+"$PY" -c '
+from gpupool.server import native_runner as n
+m = n.load()
+assert m is not None, "the sanitized native runner did not load"
+print("sanitized native runner:", m.__file__)
+'
+exec "$PY" -m pytest -q -p no:cacheprovider -s tests/unit/test_server_runs.py tests/unit/test_server_learned_hostile.py \
+    tests/integration/test_runner_fuzz.py "$@"
