@@ -546,6 +546,21 @@ def test_a_record_of_another_op_with_the_same_layout_inside_a_run_runs_that_op()
     assert p.s[0].tensors[h(5, 2)].shape == ()
 
 
+def damage(rng: Any, how: int, record: bytes, pick: list[int]) -> bytes:
+    """`record` with a flipped bit (0), a handle field set to one of `pick` (1), cut short (2) or lengthened (3)."""
+    data = bytearray(record)
+    if how == 0:
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    elif how == 1:
+        at = rng.randrange(6, len(data) - 7)
+        data[at : at + 8] = rng.choice(pick).to_bytes(8, "little")
+    elif how == 2:
+        del data[rng.randrange(6, len(data)) :]
+    else:
+        data += bytes(rng.randrange(1, 9))
+    return bytes(data)
+
+
 def test_hostile_bytes_in_a_runs_records_run_or_fail_as_on_the_normal_path() -> None:
     """Random damage to one record of each step of a learned loop (a flipped byte, a handle field pointing at a
     foreign, reserved, unknown, freed or other live handle, a truncated or lengthened record): every slice must
@@ -559,19 +574,8 @@ def test_hostile_bytes_in_a_runs_records_run_or_fail_as_on_the_normal_path() -> 
     for t in range(5, 45):
         cmds = step(p, t) + [free(t - 1)]
         k = rng.randrange(11)
-        data = bytearray(cmds[k].eager_op)
-        how = rng.randrange(4)
-        if how == 0:
-            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
-        elif how == 1:
-            at = rng.randrange(6, len(data) - 7)
-            pick = [FOREIGN, BASE, X, W, P, G, BASE + 999, h(t - 1, 1), h(t, 3), 0]
-            data[at : at + 8] = rng.choice(pick).to_bytes(8, "little")
-        elif how == 2:
-            del data[rng.randrange(6, len(data)) :]
-        else:
-            data += bytes(rng.randrange(1, 9))
-        cmds[k] = device_pb2.Command(eager_op=bytes(data))
+        pick = [FOREIGN, BASE, X, W, P, G, BASE + 999, h(t - 1, 1), h(t, 3), 0]
+        cmds[k] = device_pb2.Command(eager_op=damage(rng, rng.randrange(4), cmds[k].eager_op, pick))
         p.stream(cmds, itertools.cycle([rng.choice([5, 12, 64])]))
     assert p.hits - hits > 100
 
@@ -709,25 +713,14 @@ def test_hostile_bytes_in_several_output_and_step_size_records() -> None:
     hits = p.hits
     for t in range(5, 40):
         cmds = several_step(p, t) + [free5(t - 1)]
-        k = rng.randrange(5)
-        data = bytearray(cmds[k].eager_op)
-        how = rng.randrange(5)
-        if how == 0:
-            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
-        elif how == 1:
-            at = rng.randrange(6, len(data) - 7)
+        k, how = rng.randrange(5), rng.randrange(5)
+        if how < 4:
             pick = [FOREIGN, BASE, X, W, h(t - 1, 1), h(t, 3), 0]
-            data[at : at + 8] = rng.choice(pick).to_bytes(8, "little")
-        elif how == 2:
-            del data[rng.randrange(6, len(data)) :]
-        elif how == 3:
-            data += bytes(rng.randrange(1, 9))
+            cmds[k] = device_pb2.Command(eager_op=damage(rng, how, cmds[k].eager_op, pick))
         else:  # a step size (the last 8 bytes of the division's list) made NaN, infinite or huge
-            cmds[2] = p.rec(17, [h(t, 3), h(t, 4)], [compact.tensors([h(t, 0), h(t, 1)]), V([1.0, 2.0])])
-            data = bytearray(cmds[2].eager_op)
+            data = bytearray(p.rec(17, [h(t, 3), h(t, 4)], [L([h(t, 0), h(t, 1)]), V([1.0, 2.0])]).eager_op)
             at = data.rfind(struct.pack("<d", 2.0))
             data[at : at + 8] = struct.pack("<d", rng.choice([float("nan"), float("inf"), -1e308, 0.0]))
-            k = 2
-        cmds[k] = device_pb2.Command(eager_op=bytes(data))
+            cmds[2] = device_pb2.Command(eager_op=bytes(data))
         p.stream(cmds, itertools.cycle([rng.choice([4, 9, 64])]))
     assert p.hits - hits > 60
