@@ -173,6 +173,17 @@ def test_a_meta_kernel_that_asserts_is_an_invalid_argument() -> None:
     assert "multi-target" in s.error.message and res.errors
 
 
+def _secrets(victim: Any, n: int) -> None:
+    """The victim's secret (7.25s), freed four times over so the allocator hands its bytes out again, and a live one
+    under its handle 2."""
+    for _ in range(4):
+        secret = torch.full((4 * n,), 7.25)
+        victim.bind(victim.handle_base + 1, secret)
+        victim.free([victim.handle_base + 1])
+        del secret
+    victim.bind(victim.handle_base + 2, torch.full((n,), 7.25))
+
+
 def test_view_arguments_never_reach_past_their_storage_into_a_neighbours_bytes() -> None:
     """View arguments (compact.VIEW) whose geometry reaches past the storage of the session's tensor, learned in a
     run on a big tensor and replayed on a small one with the same meta's storage, a freed handle, another
@@ -181,12 +192,7 @@ def test_view_arguments_never_reach_past_their_storage_into_a_neighbours_bytes()
     victim, bad = w.session(2, 1 << 30), w.session(3, 1 << 30)
     n = 4096
     src, dst = bad.handle_base + 1, bad.handle_base + 2
-    for _ in range(4):  # the victim's secret, freed: the allocator hands its bytes out again
-        secret = torch.full((4 * n,), 7.25)
-        victim.bind(victim.handle_base + 1, secret)
-        victim.free([victim.handle_base + 1])
-        del secret
-    victim.bind(victim.handle_base + 2, torch.full((n,), 7.25))  # and a live one
+    _secrets(victim, n)
 
     def steps(k: int) -> list[device_pb2.Command]:
         return [
@@ -241,12 +247,7 @@ def test_views_inside_tensor_lists_never_reach_past_their_storage_into_a_neighbo
     victim, bad = w.session(2, 1 << 30), w.session(3, 1 << 30)
     n = 4096
     src, other, dst = bad.handle_base + 1, bad.handle_base + 40, bad.handle_base + 2
-    for _ in range(4):  # the victim's secret, freed: the allocator hands its bytes out again
-        secret = torch.full((4 * n,), 7.25)
-        victim.bind(victim.handle_base + 1, secret)
-        victim.free([victim.handle_base + 1])
-        del secret
-    victim.bind(victim.handle_base + 2, torch.full((n,), 7.25))  # and a live one
+    _secrets(victim, n)
 
     def views(h: int = src, first: bytes | None = None) -> bytes:
         second = compact.view(h, [n // 2], [1], n + n // 2)

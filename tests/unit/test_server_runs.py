@@ -478,6 +478,17 @@ def _wide_x(p: Pair, storage: int) -> None:
         s.bind(X, base.clone()[20:32].view(4, 3))
 
 
+def _x_on(p: Pair, storage: int) -> None:
+    """X with the same meta: `_wide_x`'s, or for 24 a tensor of its own 12-float storage at offset 0 (which a learned
+    geometry at offset 20 reaches past)."""
+    if storage == 24:
+        small = torch.randn(12).view(4, 3)
+        for s in p.s:
+            s.bind(X, small.clone())
+    else:
+        _wide_x(p, storage)
+
+
 def test_view_arguments_run_in_learned_runs_as_on_the_normal_path() -> None:
     p = Pair()
     _wide_x(p, 40)
@@ -492,12 +503,7 @@ def test_view_arguments_run_in_learned_runs_as_on_the_normal_path() -> None:
     # X again with the same meta, on a storage the learned geometry (offset 20) now reaches past: refused by
     # the run's step as by the normal path, and by a storage just long enough, accepted
     for storage, bad in ((32, False), (24, True), (40, False)):
-        if storage == 24:
-            small = torch.randn(12).view(4, 3)
-            for s in p.s:
-                s.bind(X, small.clone())
-        else:
-            _wide_x(p, storage)
+        _x_on(p, storage)
         hits = p.hits
         t = 14 + storage
         p.stream(view_step(p, t) + view_step(p, t + 1), itertools.cycle([64]))
@@ -616,12 +622,7 @@ def test_tensor_lists_with_views_run_in_learned_runs_as_on_the_normal_path() -> 
     # X again with the same meta, on a storage the learned geometry now reaches past: refused by the run's step as
     # by the normal path; the run's internal view elements with another source, a foreign or freed element
     for storage, bad in ((32, False), (24, True), (40, False)):
-        if storage == 24:
-            small = torch.randn(12).view(4, 3)
-            for s in p.s:
-                s.bind(X, small.clone())
-        else:
-            _wide_x(p, storage)
+        _x_on(p, storage)
         t = 14 + storage
         p.stream(view_list_step(p, t) + view_list_step(p, t + 1), itertools.cycle([64]))
         assert (h(t, 0) in p.s[0].poisoned) == bad
