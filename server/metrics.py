@@ -160,23 +160,16 @@ class DaemonCollector(Collector):
             graphs.add_metric([host, str(i), ids[i][0], tenant, event], n)
         yield graphs
 
-        learned = CounterMetricFamily(
-            "gpupool_eager_learned_ops",
-            "Eager ops of a tenant that its session worker ran inside learned runs of records (server/runs.py)",
-            labels=tlabels,
-        )
-        for (i, tenant), n in snap["learned"].items():
-            learned.add_metric([host, str(i), ids[i][0], tenant], n)
-        yield learned
-
-        native = CounterMetricFamily(
-            "gpupool_eager_native_ops",
-            "Of a tenant's eager ops in learned runs, those its session worker's C++ runner ran",
-            labels=tlabels,
-        )
-        for (i, tenant), n in snap["native"].items():
-            native.add_metric([host, str(i), ids[i][0], tenant], n)
-        yield native
+        for key, name, text in (
+            ("learned", "gpupool_eager_learned_ops",
+             "Eager ops of a tenant that its session worker ran inside learned runs of records (server/runs.py)"),
+            ("native", "gpupool_eager_native_ops",
+             "Of a tenant's eager ops in learned runs, those its session worker's C++ runner ran"),
+        ):  # fmt: skip
+            family = CounterMetricFamily(name, text, labels=tlabels)
+            for (i, tenant), n in snap[key].items():
+                family.add_metric([host, str(i), ids[i][0], tenant], n)
+            yield family
 
         xfer = CounterMetricFamily(
             "gpupool_transfer_bytes", "Tensor bytes moved over the wire", labels=["host", "direction"]
