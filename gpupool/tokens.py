@@ -19,6 +19,7 @@ import binascii
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -278,11 +279,17 @@ def _claims(body: bytes) -> TokenClaims:
         fields = TokenClaims.__dataclass_fields__
         if any(not isinstance(getattr(claims, f), t) for f, t in zip(fields, types, strict=True)):
             raise ValueError("wrong types")
+        # JSON `true` is a Python int too: `"device":true` would be a second spelling of device 1.
+        if any(type(getattr(claims, f)) is bool for f in ("device", "quota_bytes", "share", "expires_at")):
+            raise ValueError("wrong types")
         if _canonical(claims) != body:
             raise ValueError("non-canonical claims")
     except (ValueError, TypeError) as exc:
         raise Unauthenticated("malformed lease token claims") from exc
-    if not 0.0 < claims.share <= 1.0 or claims.quota_bytes < 0 or claims.device < 0:
+    # json.loads reads NaN and Infinity: a NaN expiry passes every comparison with the clock (it never expires).
+    if not 0.0 < claims.share <= 1.0 or claims.quota_bytes < 0 or claims.device < 0 or not math.isfinite(
+        claims.expires_at
+    ):
         raise Unauthenticated("lease token claims out of range")
     return claims
 

@@ -213,10 +213,27 @@ class AuthInterceptor(grpc.ServerInterceptor):
         roles = METHOD_ROLES.get(details.method)
         if roles is None and details.method.startswith(SCHEDULER_PREFIX):
             roles = (ADMIN,)
-        if handler is None or roles is None or handler.unary_unary is None:
+        if handler is None or roles is None:
             return handler
+        if handler.unary_unary is None:
+            return _refused(handler)  # a streaming Scheduler method would pass unchecked: fail closed
         return grpc.unary_unary_rpc_method_handler(
             _wrap(handler.unary_unary, self.authn, roles),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+def _refused(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind that refuses every call: the interceptor authenticates unary methods only, so a
+    streaming Scheduler method added later must not be served without a check (it would be open to everyone)."""
+
+    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+        abort(context, PermissionDenied("streaming Scheduler methods are not authenticated: refused"))
+
+    args = (refuse, handler.request_deserializer, handler.response_serializer)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(*args)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(*args)
+    return grpc.stream_stream_rpc_method_handler(*args)

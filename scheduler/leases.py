@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 import uuid
@@ -121,6 +122,8 @@ class Core:
         """Grant a lease now, or after waiting up to `wait` seconds in FIFO order; else ResourceExhausted."""
         start = time.monotonic()
         try:
+            if not (math.isfinite(ttl) and math.isfinite(wait)):  # a NaN ttl would be a lease that never expires
+                raise InvalidArgument("ttl and wait must be finite")
             if ttl < 0 or wait < 0:
                 raise InvalidArgument("ttl and wait must not be negative")
             ttl = min(ttl or self.config.lease_ttl, self.config.max_lease_ttl)

@@ -1,0 +1,257 @@
+"""A hostile look at the credential chain (scheduler -> lease -> token -> daemon), round 15: attacks against a real
+scheduler and real daemons on loopback (port 0, the test PKI, mutual TLS at the scheduler).
+
+Findings fixed here (each test fails without its fix):
+- a lease token whose `expires_at` is NaN (json reads NaN) passed every comparison with the clock: a token, and a
+  session, that never expires; `"device": true` was a second spelling of device 1 (tokens.py `_claims`);
+- a streaming method of the Scheduler service would have been served without authentication (the interceptor
+  wrapped unary handlers only and passed the others through): now refused (scheduler/auth.py).
+The rest are regression guards of what was checked and held: who may call what, replays after renewal and release.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from gpupool.client.pool import SchedulerClient
+from gpupool.client.session import Session
+from gpupool.scheduler.auth import AuthInterceptor, Authenticator, credential_line
+from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
+from gpupool.server.registration import Registrar
+from support import DaemonFactory, get_pki, plaintext_channel
+
+from gpupool import errors, tls, tokens
+from gpupool._proto import device_pb2, scheduler_pb2
+
+HOST = "chain-host"
+
+
+@dataclass
+class Pool:
+    scheduler: SchedulerServer
+    address: str
+    signer: tokens.Signer
+    public: Path
+
+    def client(self, role: str, name: str) -> SchedulerClient:
+        return SchedulerClient(self.address, get_pki().client_config(role, name))
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[Pool]:
+    signer = tokens.generate_key_file(tmp_path / "token.key", tmp_path / "token.pub")
+    config = SchedulerConfig(
+        listen="127.0.0.1:0",
+        metrics_listen="0",
+        heartbeat_interval=0.3,
+        tls=dataclasses.replace(get_pki().server_config(), client_auth="require"),
+    )
+    server = SchedulerServer(config, signer).start()
+    yield Pool(server, server.address, signer, tmp_path / "token.pub")
+    server.stop(grace=0.5)
+
+
+@pytest.fixture
+def host(pool: Pool, daemon_factory: DaemonFactory) -> Any:
+    """A daemon registered as HOST (its host certificate), with two devices and the public key file only."""
+    files = get_pki().issue("host", HOST)
+    handle = daemon_factory(
+        host_id=HOST,
+        fake_gpus=2,
+        scheduler=pool.address,
+        heartbeat_interval=0.3,
+        token_key=tokens.load_verifier(pool.public),
+        tls=tls.TlsConfig(cert=str(files.cert), key=str(files.key), ca=get_pki().ca_file),
+    )
+    assert handle.running.registrar.registered.wait(20)
+    return handle
+
+
+def wait_until(predicate: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+# ---- tokens with claims the scheduler never signs ----
+
+
+def test_a_token_that_never_expires_is_refused(daemon: Any) -> None:
+    """NaN compares false with everything: `expires_at <= now` and `> now + MAX_TTL` both let it through, so the
+    session would outlive every renewal and its reaper. Signed with the daemon's own key (a signer bug, a
+    hand-minted token): the daemon must still refuse it."""
+    signer = tokens.Signer.from_seed(daemon.key)
+    claims = tokens.TokenClaims("nan-lease", daemon.host_id, 0, 0, 0.5, math.nan, "t")
+    token = tokens.mint(signer, claims)
+    assert ":NaN" in __import__("base64").urlsafe_b64decode(token.split(".")[1] + "==").decode()
+    with pytest.raises(errors.Unauthenticated, match="out of range"):
+        Session.attach(daemon.address, token).close()
+    for bad in (math.inf, -math.inf):  # refused before too (too long-lived / expired): kept so
+        with pytest.raises(errors.Unauthenticated):
+            Session.attach(daemon.address, tokens.mint(signer, dataclasses.replace(claims, expires_at=bad))).close()
+    # the same claims with a real expiry attach: only the NaN was the problem
+    with Session.attach(daemon.address, tokens.mint(signer, dataclasses.replace(claims, expires_at=time.time() + 60))):
+        pass
+
+
+def test_a_boolean_is_not_a_number_in_a_token(daemon: Any) -> None:
+    """`"device": true` decoded as device 1 (bool is an int in Python): two spellings of one claim, and a quota or
+    an expiry of `true`. Refused as malformed, whatever the daemon has."""
+    signer = tokens.Signer.from_seed(daemon.key)
+    good = tokens.TokenClaims("bool-lease", daemon.host_id, 0, 0, 0.5, time.time() + 60, "t")
+    for field in ("device", "quota_bytes", "share"):
+        token = tokens.mint(signer, dataclasses.replace(good, **{field: True}))
+        with pytest.raises(errors.Unauthenticated, match="malformed"):
+            Session.attach(daemon.address, token).close()
+
+
+def test_huge_and_negative_claims(daemon: Any) -> None:
+    """Checked, held: a quota beyond any int64 is clamped to the device, negative quota/device are refused."""
+    signer = tokens.Signer.from_seed(daemon.key)
+    base = tokens.TokenClaims("big-lease", daemon.host_id, 0, 10**40, 1.0, time.time() + 60, "t")
+    with Session.attach(daemon.address, tokens.mint(signer, base)) as s:
+        assert s.quota_bytes == 256 * 1024 * 1024  # the device's capacity, not 10**40
+    for bad in ({"quota_bytes": -1}, {"device": -1}, {"share": 0.0}, {"device": 2**70}):
+        with pytest.raises((errors.Unauthenticated, errors.NotFound)):
+            Session.attach(daemon.address, tokens.mint(signer, dataclasses.replace(base, lease_id="x", **bad)))
+
+
+# ---- who may call what at the scheduler ----
+
+
+def _register(pool: Pool, host_id: str, cfg: tls.TlsConfig) -> grpc.StatusCode | None:
+    class Source:
+        def devices(self) -> list[device_pb2.DeviceInfo]:
+            return [device_pb2.DeviceInfo(index=0, uuid=f"GPU-{host_id}", model="fake", memory_bytes=1 << 30)]
+
+    reg = Registrar(pool.address, host_id, "127.0.0.1:1", Source(), tls_config=cfg)  # type: ignore[arg-type]
+    try:
+        reg._register()
+        return None
+    except grpc.RpcError as err:
+        return err.code()  # type: ignore[no-any-return]
+    finally:
+        reg._channel.close()
+
+
+def test_role_matrix(pool: Pool, host: Any) -> None:
+    """Checked, held: a tenant cannot drain, remove, register or heartbeat; a host cannot drain, remove, renew,
+    release or allocate, nor act as another host; nobody learns another tenant's lease id or any token."""
+    alice, bob = pool.client("tenant", "alice"), pool.client("tenant", "bob")
+    other_host = pool.client("host", "some-other-host")
+    lease = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5))
+    for who in (bob, other_host):
+        with pytest.raises(errors.PermissionDenied):
+            who.drain_host(HOST)
+        with pytest.raises(errors.PermissionDenied):
+            who.remove_host(HOST, force=True)
+    for call in (other_host.renew, other_host.release, bob.renew, bob.release):
+        with pytest.raises(errors.PermissionDenied):
+            call(lease.lease_id)
+    p = get_pki()
+    assert _register(pool, HOST, p.client_config("tenant", HOST)) == grpc.StatusCode.PERMISSION_DENIED
+    assert _register(pool, HOST, p.client_config("host", "some-other-host")) == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(errors.PermissionDenied):
+        other_host._call("Heartbeat", scheduler_pb2.HeartbeatRequest(host_id=HOST))
+    with pytest.raises(errors.PermissionDenied):
+        bob._call("Heartbeat", scheduler_pb2.HeartbeatRequest(host_id="bob"))
+    # a host reporting someone else's lease as its session learns nothing: it is only told to drop it
+    reply = other_host._call(
+        "Heartbeat", scheduler_pb2.HeartbeatRequest(host_id="some-other-host"), timeout=5
+    )  # unknown host: asked to register, no leases named
+    assert reply.reregister and not reply.revoked_leases
+    for who in (bob, other_host):
+        state = who.list_pool()
+        assert [x.lease_id for x in state.leases] == [""]
+        assert all(d.token == "" for x in state.leases for d in x.devices)
+    alice.release(lease.lease_id)
+    for c in (alice, bob, other_host):
+        c.close()
+
+
+def test_replays_after_renewal_and_release(pool: Pool, host: Any) -> None:
+    """Checked, held: a renewal racing a release never leaves a usable token behind. After Release (and the
+    heartbeat that carries it), the first token, every renewed token and a token of the lease's other device are
+    all refused by the daemon, and a session open with one of them is closed."""
+    alice = pool.client("tenant", "alice")
+    lease = alice.allocate(scheduler_pb2.AllocateRequest(gpus=2, fraction=0.25, policy="spread"))
+    first = [d.token for d in lease.devices]
+    session = Session.attach(host.address, first[0])
+    renewed: list[str] = []
+    stop = threading.Event()
+
+    def renew_loop() -> None:
+        while not stop.is_set():
+            try:
+                renewed.extend(d.token for d in alice.renew(lease.lease_id).devices)
+            except errors.FailedPrecondition:
+                return  # released: the race is over
+
+    t = threading.Thread(target=renew_loop)
+    t.start()
+    time.sleep(0.2)
+    alice.release(lease.lease_id)
+    stop.set()
+    t.join(10)
+    assert renewed, "the renewals never ran"
+    verifier = host.running.daemon.config.token_key
+    wait_until(lambda: verifier.revoked(lease.lease_id, time.time()))
+    wait_until(lambda: not _alive(session))
+    for token in {*first, *renewed[-4:]}:
+        with pytest.raises(errors.Unauthenticated, match="released"):
+            Session.attach(host.address, token).close()
+    with pytest.raises(errors.FailedPrecondition):
+        alice.renew(lease.lease_id)
+    alice.close()
+
+
+def _alive(session: Session) -> bool:
+    try:
+        session.sync()
+        return True
+    except errors.GpupoolError:
+        return False
+
+
+# ---- the scheduler's interceptor fails closed ----
+
+
+def test_a_streaming_scheduler_method_is_not_served_unauthenticated(tmp_path: Path) -> None:
+    """The AuthInterceptor wrapped unary handlers and passed any other through untouched: a streaming method added
+    to the Scheduler service would answer everyone. A real server with the real interceptor and such a method."""
+    from concurrent import futures
+
+    creds = tmp_path / "credentials"
+    creds.write_text(credential_line("tenant", "tina", "t0k"))
+    authn = Authenticator(str(creds), verified_certs=False, open_access=False)
+    served = threading.Event()
+
+    def watch(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        served.set()
+        yield b"every lease and token"
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[AuthInterceptor(authn)])
+    handler = grpc.unary_stream_rpc_method_handler(watch)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("gpupool.v1.Scheduler", {"Watch": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with plaintext_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.unary_stream("/gpupool.v1.Scheduler/Watch")
+            for metadata in ((), (("authorization", "Bearer t0k"),)):  # nobody, and a tenant
+                with pytest.raises(grpc.RpcError) as err:
+                    list(call(b"", metadata=metadata, timeout=5))
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert not served.is_set()
+    finally:
+        server.stop(0)
