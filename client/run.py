@@ -28,7 +28,7 @@ import sys
 from types import FrameType
 
 from gpupool import tls
-from gpupool.config import add_flag, setup_logging, size_arg
+from gpupool.config import UnsafeCacheDir, add_flag, setup_logging, size_arg
 from gpupool.errors import GpupoolError
 from gpupool.protocol import Policy
 
@@ -86,6 +86,9 @@ def _prepare_native(args: argparse.Namespace) -> int:
         backend.build()
     except backend.BuildError as exc:
         print(f"gpupool run: {exc}; install g++ and ninja, or {native.WAY_OUT}", file=sys.stderr)
+        return 1
+    except UnsafeCacheDir as exc:  # another user could replace the library there: never build or load it
+        print(f"gpupool run: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,15 +103,44 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+class UnsafeCacheDir(PermissionError):
+    """A cache folder that another user could write into: a library built there could be replaced under us."""
+
+
 def cache_dir(name: str, env: str) -> Path:
     """A folder of gpupool's cache: `$ENV` when set, else `$XDG_CACHE_HOME/gpupool/NAME` (default
-    `~/.cache/gpupool/NAME`): where builds that outlive a process (the client's device guard, the daemon's native
-    runner) are kept."""
+    `~/.cache/gpupool/NAME`): where builds that outlive a process (the client's device guard and C++ client, the
+    daemon's native runner) are kept. Those builds are shared libraries this process loads, so the folder is
+    created owner-only when missing and refused (`UnsafeCacheDir`) when another user could plant a file in it:
+    see `check_private_dir`."""
     explicit = os.environ.get(env)
     if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "gpupool" / name
+        path = Path(explicit)
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        path = Path(base) / "gpupool" / name
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_private_dir(path)
+    return path
+
+
+def check_private_dir(path: Path) -> None:
+    """Raise UnsafeCacheDir unless only this user (and root) can change what `path` holds: the folder and every
+    folder above it (symbolic links resolved) belong to this user or root, and none is writable by others, or by a
+    group other than this process's own (a user-private group with umask 002 is fine) - except, above the folder
+    itself, one with the sticky bit (/tmp), where others cannot rename what is ours."""
+    real = Path(os.path.realpath(path))
+    me, my_group = os.geteuid(), os.getegid()
+    for i, folder in enumerate((real, *real.parents)):
+        st = folder.stat()
+        if st.st_uid not in (me, 0):
+            raise UnsafeCacheDir(f"cache folder {path}: {folder} belongs to uid {st.st_uid}, not this user")
+        shared = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != my_group)
+        if shared and (i == 0 or not st.st_mode & stat.S_ISVTX):
+            raise UnsafeCacheDir(
+                f"cache folder {path}: {folder} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); "
+                f"a library built there could be replaced: use a folder only you can write (chmod go-w)"
+            )
 
 
 def setup_logging(program: str, level: str | None = None) -> None:

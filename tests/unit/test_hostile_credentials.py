@@ -1,0 +1,173 @@
+"""Round 15's hostile review of the credential chain, the parts without a network: the scheduler core's own guard
+against a lease that never expires, and the build caches whose shared libraries clients and daemons load
+(tests/integration/test_credential_chain_hostile.py has the attacks over gRPC)."""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from gpupool.scheduler.hosts import DeviceSpec
+from gpupool.scheduler.leases import Core, CoreConfig
+from gpupool.scheduler.placement import Request
+from gpupool.scheduler.store import MemoryStore
+
+from gpupool import config, tokens
+from gpupool.errors import InvalidArgument
+
+KEY = b"k" * 32
+
+
+@pytest.mark.parametrize("ttl, wait", [(math.nan, 0.0), (10.0, math.nan), (10.0, math.inf)])
+def test_the_core_refuses_a_ttl_or_wait_that_is_not_finite(ttl: float, wait: float) -> None:
+    """The gRPC servicer checks isfinite, but Core.allocate is the domain API (library users, future callers): a
+    NaN ttl made a lease whose expiry is NaN - never swept, its capacity held for good - and whose tokens carried
+    `expires_at: NaN`."""
+    core = Core(MemoryStore(), KEY, CoreConfig())
+    core.hosts.register("h0", "127.0.0.1:1", [DeviceSpec(0, "u", "fake", 1 << 30, True)])
+    with pytest.raises(InvalidArgument, match="finite"):
+        core.allocate(Request(1, fraction=0.5), tenant="a", ttl=ttl, wait=wait)
+    assert not core.leases
+    lease = core.allocate(Request(1, fraction=0.5), tenant="a", ttl=10.0)
+    assert math.isfinite(tokens.verify(KEY, core.token(lease, 0)).expires_at)
+
+
+# ---- build caches: another user must not be able to plant the library we load ----
+
+
+def _plant(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x7fELF not what you built")
+
+
+def _cache_paths() -> list[tuple[str, object]]:
+    """(cache variable, a function answering the path of the library loaded from that cache) for every cache."""
+    pytest.importorskip("torch")
+    from gpupool.client.native import backend
+    from gpupool.client.torch import native as guard
+    from gpupool.server import native_runner
+
+    def runner_path() -> Path:
+        import hashlib
+
+        import torch
+
+        digest = hashlib.sha256(native_runner.SOURCE.read_bytes()).hexdigest()[:16]
+        return native_runner.cache_dir() / f"torch-{torch.__version__}-{digest}" / "gpupool_native_runner.so"
+
+    return [
+        ("GPUPOOL_NATIVE_CLIENT_CACHE", backend.built_path),
+        ("GPUPOOL_NATIVE_CACHE", guard.library_path),
+        ("GPUPOOL_NATIVE_RUNNER_CACHE", runner_path),
+    ]
+
+
+def test_a_library_planted_in_a_world_writable_cache_is_never_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache folder others can write (GPUPOOL_*_CACHE or XDG_CACHE_HOME on shared scratch): another user creates
+    the folder of this torch version and source hash (both predictable) and puts a library in it; `build()` found
+    it "already built" and the process loaded it - their code in our process. Now the folder is refused."""
+    from gpupool.client.native import backend
+    from gpupool.client.torch import native as guard
+    from gpupool.server import native_runner
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    for env, where in _cache_paths():
+        monkeypatch.setenv(env, str(shared / env))
+        (shared / env).mkdir()
+        os.chmod(shared / env, 0o777)  # made by someone else, open to all
+        with pytest.raises(config.UnsafeCacheDir, match="writable by other users"):
+            _plant(where())  # type: ignore[operator]
+    # the loaders themselves: the C++ client's build, the device guard's, the daemon's runner's
+    with pytest.raises(config.UnsafeCacheDir):
+        backend.build()
+    with pytest.raises(config.UnsafeCacheDir):
+        guard.build()  # install() logs this and keeps torch's Python guard
+    with pytest.raises(config.UnsafeCacheDir):
+        native_runner._built()
+
+
+def test_the_cache_folder_is_made_owner_only_and_checked_above(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("T_CACHE", str(tmp_path / "a" / "b"))
+    made = config.cache_dir("x", "T_CACHE")
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700
+    # a folder above it that others may write (and may rename ours away): refused
+    os.chmod(tmp_path / "a", 0o777)
+    with pytest.raises(config.UnsafeCacheDir, match=str(tmp_path / "a")):
+        config.cache_dir("x", "T_CACHE")
+    # ...unless it has the sticky bit (/tmp): others cannot rename what is ours there
+    os.chmod(tmp_path / "a", 0o1777)
+    assert config.cache_dir("x", "T_CACHE") == made
+    # a symbolic link is followed: what counts is where the files really are
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o777)
+    os.chmod(open_dir, 0o777)
+    (tmp_path / "link").symlink_to(open_dir)
+    monkeypatch.setenv("T_CACHE", str(tmp_path / "link"))
+    with pytest.raises(config.UnsafeCacheDir):
+        config.cache_dir("x", "T_CACHE")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a folder to another user")
+def test_a_cache_folder_of_another_user_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)  # nobody
+    monkeypatch.setenv("T_CACHE", str(theirs))
+    with pytest.raises(config.UnsafeCacheDir, match="belongs to uid 65534"):
+        config.cache_dir("x", "T_CACHE")
+
+
+def test_gpupool_run_refuses_an_unsafe_cache_in_one_line(tmp_path: Path) -> None:
+    """`gpupool run --native-client` builds (or finds) the C++ client before it leases: with a cache others can
+    write it stops there, in one line, and never runs the command."""
+    pytest.importorskip("torch")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    env = {**os.environ, "GPUPOOL_NATIVE_CLIENT_CACHE": str(shared), "GPUPOOL_SCHEDULER": "127.0.0.1:9"}
+    for k in ("GPUPOOL_LEASE", "GPUPOOL_CUDA", "GPUPOOL_CLIENT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", "--native-client", "--", sys.executable, "-c", "print('ran')"]
+    ran = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert ran.returncode == 1 and "ran" not in ran.stdout
+    assert ran.stderr.count("\n") == 1 and "writable by other users" in ran.stderr, ran.stderr
+
+
+def _api_token(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_TOKEN")}
+    cmd = [sys.executable, "-m", "gpupool.cli", "token", "api-token", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_api_token_out_is_owner_only_even_when_it_existed(tmp_path: Path) -> None:
+    """O_CREAT's 0600 applies to a new file only: an --out that existed (0644, say from `touch`) kept its mode, and the
+    new bearer token was readable by every local user."""
+    creds, out = tmp_path / "credentials", tmp_path / "alice.token"
+    out.write_text("")
+    os.chmod(out, 0o644)
+    made = _api_token("--role", "tenant", "--name", "alice", "--credentials", str(creds), "--out", str(out))
+    assert made.returncode == 0, made.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("name", ["alice\nadmin root", "two words", "a#b", "", "x" * 129])
+def test_api_token_names_cannot_break_the_credentials_file(tmp_path: Path, name: str) -> None:
+    """A newline in --name wrote a second line (another role, another name) into the credentials file; a space made
+    a line the scheduler refuses - and a scheduler refuses to start on such a file."""
+    from gpupool.scheduler.auth import parse_credentials
+
+    creds, out = tmp_path / "credentials", tmp_path / "t.token"
+    assert _api_token("--name", "ok", "--credentials", str(creds), "--out", str(out)).returncode == 0
+    before = creds.read_text()
+    made = _api_token("--role", "tenant", "--name", name, "--credentials", str(creds), "--out", str(out))
+    assert made.returncode == 2 and "--name" in made.stderr
+    assert creds.read_text() == before and len(parse_credentials(before)) == 1
