@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
 import socket
 import sys
@@ -23,6 +24,7 @@ from gpupool.config import add_flag, size_arg
 from gpupool.errors import GpupoolError
 
 ROLES = ("tenant", "host", "admin")
+NAME = re.compile(r"[^\s#]{1,128}")  # what one field of a credentials line can hold (scheduler/auth.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,8 +102,11 @@ def _api_token(argv: list[str]) -> int:
         p.error("--credentials is required")
     from gpupool.scheduler.auth import credential_line  # the hash format is the scheduler's
 
+    if not NAME.fullmatch(args.name):  # a space or newline would break (or add) lines of the credentials file
+        p.error(f"--name {args.name!r}: 1-128 characters, no spaces and no '#'")
     token = secrets.token_urlsafe(32)
     fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # O_CREAT's mode applies to a new file only: an existing --out keeps its own
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     fd = os.open(args.credentials, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
