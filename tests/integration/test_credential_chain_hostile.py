@@ -255,3 +255,44 @@ def test_a_streaming_scheduler_method_is_not_served_unauthenticated(tmp_path: Pa
         assert not served.is_set()
     finally:
         server.stop(0)
+
+
+# ---- a compromised GPU host learns nothing beyond its own sessions' tokens ----
+
+
+def test_sessions_never_send_the_api_token_to_a_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked, held: a daemon is a tenant's code runner, not its scheduler; a compromised one that got the tenant's
+    API token could allocate, renew and release as that tenant and get tokens for other hosts. A TLS server of the
+    pool's CA that records what each call carries: Attach comes with the lease token only, while a scheduler call
+    on the same channel settings carries the API token (so the check can see one)."""
+    from concurrent import futures
+
+    monkeypatch.setenv("GPUPOOL_API_TOKEN", "tenant-api-secret")
+    seen: dict[str, list[tuple[str, str]]] = {}
+
+    def record(name: str) -> Any:
+        def behavior(request: bytes, context: grpc.ServicerContext) -> bytes:
+            seen[name] = [(k, str(v)) for k, v in context.invocation_metadata()]
+            context.abort(grpc.StatusCode.UNAVAILABLE, "recorded")
+            raise AssertionError
+
+        return grpc.unary_unary_rpc_method_handler(behavior)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((
+        grpc.method_handlers_generic_handler("gpupool.v1.Device", {"Attach": record("attach")}),
+        grpc.method_handlers_generic_handler("gpupool.v1.Scheduler", {"ListPool": record("scheduler")}),
+    ))  # fmt: skip
+    port = server.add_secure_port("127.0.0.1:0", tls.server_credentials(get_pki().server_config()))
+    server.start()
+    try:
+        with pytest.raises(errors.Unavailable):
+            Session.attach(f"127.0.0.1:{port}", "the-lease-token")
+        client = SchedulerClient(f"127.0.0.1:{port}")
+        with pytest.raises(errors.Unavailable):
+            client.list_pool()
+        client.close()
+    finally:
+        server.stop(0)
+    assert ("authorization", "Bearer tenant-api-secret") in seen["scheduler"]
+    assert not any("tenant-api-secret" in v or k == "authorization" for k, v in seen["attach"])
