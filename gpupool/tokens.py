@@ -287,8 +287,11 @@ def _claims(body: bytes) -> TokenClaims:
     except (ValueError, TypeError) as exc:
         raise Unauthenticated("malformed lease token claims") from exc
     # json.loads reads NaN and Infinity: a NaN expiry passes every comparison with the clock (it never expires).
-    if not 0.0 < claims.share <= 1.0 or claims.quota_bytes < 0 or claims.device < 0 or not math.isfinite(
-        claims.expires_at
+    if (
+        not 0.0 < claims.share <= 1.0
+        or claims.quota_bytes < 0
+        or claims.device < 0
+        or not math.isfinite(claims.expires_at)
     ):
         raise Unauthenticated("lease token claims out of range")
     return claims

@@ -24,7 +24,7 @@ import grpc
 import pytest
 from gpupool.client.pool import SchedulerClient
 from gpupool.client.session import Session
-from gpupool.scheduler.auth import AuthInterceptor, Authenticator, credential_line
+from gpupool.scheduler.auth import Authenticator, AuthInterceptor, credential_line
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
 from gpupool.server.registration import Registrar
 from support import DaemonFactory, get_pki, plaintext_channel
