@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import signal
@@ -276,8 +277,8 @@ def main(argv: list[str]) -> int:
     for flag in ("lease_ttl", "host_timeout", "heartbeat_interval", "outage_grace", "max_lease_ttl"):
         if not getattr(args, flag) > 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
-    if args.tenant_max_share < 0 or args.tenant_max_waiting < 0:
-        parser.error("--tenant-max-share and --tenant-max-waiting must not be negative")
+    if not (0 <= args.tenant_max_share < math.inf) or args.tenant_max_waiting < 0:  # nan: every Allocate failed
+        parser.error("--tenant-max-share and --tenant-max-waiting must be finite and not negative")
     config = config_from_args(args)
     setup_logging("scheduler")
     try:

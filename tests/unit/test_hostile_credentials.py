@@ -171,3 +171,11 @@ def test_api_token_names_cannot_break_the_credentials_file(tmp_path: Path, name:
     made = _api_token("--role", "tenant", "--name", name, "--credentials", str(creds), "--out", str(out))
     assert made.returncode == 2 and "--name" in made.stderr
     assert creds.read_text() == before and len(parse_credentials(before)) == 1
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_the_scheduler_refuses_a_tenant_limit_that_is_not_a_number(value: str) -> None:
+    """`--tenant-max-share nan` passed `< 0` and then made every Allocate fail with INTERNAL (round(nan))."""
+    cmd = [sys.executable, "-m", "gpupool.cli", "scheduler", "--tenant-max-share", value, "--listen", "127.0.0.1:0"]
+    ran = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 2 and "--tenant-max-share" in ran.stderr, ran.stderr
