@@ -113,7 +113,9 @@ def replay(
         return [b"".join(spans[i : i + slice_commands]) for i in range(0, len(spans), slice_commands)]
 
     warm, timed_slices = cut(frames[: d["start"]]), cut(frames[d["start"] : d["end"]])
-    mark = functools.partial(struct.Struct("<i").pack_into, bytearray(4), 0)  # as a worker marks its progress
+    # as a worker marks its progress (`slices.word_mark`; a tree from before round 15 has none: the same partial)
+    word_mark = getattr(slices, "word_mark", None)
+    mark = word_mark(bytearray(4)) if word_mark else functools.partial(struct.Struct("<i").pack_into, bytearray(4), 0)
 
     @contextlib.contextmanager
     def clock() -> Any:

@@ -28,7 +28,7 @@ from .graph import GraphTable
 from .ops import OpTable
 from .sessions import HANDLE_BITS, Poison, PoisonedInput, WorkerSession, zero_bytes
 from .sizing import NO_META, MetaSizer
-from .slices import SideChunk, eager_records
+from .slices import SideChunk, eager_records, mark_word
 from .speedmodel import SpeedModel
 
 log = logging.getLogger(__name__)
@@ -313,8 +313,10 @@ class CommandExecutor:
                         if not (nat and nat.runs(k0)):
                             continue
                         if ctx is None:
-                            ctx = native.Ctx(s, memory, count, self._binder(dev), _over_quota, capacity)
-                        j, k1, done, flags, exc = ctx.run(nat, k0, records, i, o, progress, start, budget)
+                            ctx = self._native_ctx(native, s, known, memory, capacity, count, dev)
+                            word = mark_word(progress)  # a worker's shared word: C++ stores it, calls nothing
+                            mark = progress if word is None else word
+                        j, k1, done, flags, exc = ctx.run(nat, k0, records, i, o, mark, start, budget)
                         if not done and exc is None:
                             continue  # not taken: the Python path decides (match, or the normal path)
                         if cand is not trace:  # a run starts here
@@ -557,9 +559,27 @@ class CommandExecutor:
                     out.append((cand, 0, [], at))
         return out
 
+    def _native_ctx(
+        self, native: Any, s: WorkerSession, known: runs.Runs, memory: Any, capacity: int, count: Any, dev: torch.device
+    ) -> Any:
+        """The native runner's context for session `s` (its tables, quota, handle limit, memory and counter, read
+        once when it is made), kept in `known` from span to span and made again when any of those changed (~14k
+        instructions a context: a span's first native record paid it before). The session's tables are dicts it
+        never replaces; the key holds `s` itself, so a context never serves another session object."""
+        key = (s, s.quota, s.max_handles, memory, capacity, count)
+        got = known.ctx
+        if got is not None and got[0] == key:
+            return got[1]
+        ctx = native.Ctx(s, memory, count, self._binder(dev), _over_quota, capacity)
+        known.ctx = (key, ctx)
+        return ctx
+
     def _binder(self, dev: torch.device) -> Callable[[WorkerSession, Any, Any], list[int]]:
-        """`_bind_outputs` on `dev`, for the native runner's outputs that `bind_new` does not take."""
-        return lambda s, handles, out: self._bind_outputs(s, handles, out, dev)
+        """`_bind_outputs` on `dev`, for the native runner's outputs that `bind_new` does not take. It holds the
+        executor weakly: the context holding it is kept in the executor's own state (`_native_ctx`), and a cycle
+        through a C++ object is one Python's collector cannot see (only this executor runs the context)."""
+        ref = weakref.ref(self)
+        return lambda s, handles, out: ref()._bind_outputs(s, handles, out, dev)  # type: ignore[union-attr]
 
     def _learn(self, known: runs.Runs, s: WorkerSession) -> None:
         """End the recording of a run of records: keep traces of it."""

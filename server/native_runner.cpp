@@ -10,6 +10,7 @@
 #include <torch/extension.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/as_strided_native.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -75,6 +76,10 @@ struct Plan {
   bool keep = false;  // ONE, NOTHING: the run keeps the output (`Step.keep`)
   std::vector<int64_t> keep_at;  // SEVERAL: the outputs the run keeps, by position
   int returns = ONE;
+  // view arguments made without the dispatcher (`view_of`): for every op that returns no argument of its own (an
+  // in-place op's `Tensor(a!)`): such an op would bind the view itself to its output handle, and a later record
+  // could tell a direct view from the dispatcher's (`detach_` refuses a view that `aten::as_strided` made)
+  bool direct_views = true;
 };
 
 inline uint64_t read_u64(const char* p) {
@@ -128,6 +133,9 @@ std::shared_ptr<Plan> make_plan(
   plan->op = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), overload.c_str());
   plan->owner = owner;
   plan->run = run;
+  for (const auto& r : plan->op->schema().returns()) {
+    if (r.alias_info() != nullptr && r.alias_info()->isWrite()) plan->direct_views = false;
+  }
   if (returns != NOTHING && returns != ONE && returns != SEVERAL) throw std::invalid_argument("returns");
   plan->returns = returns;
   if (outs.size() < 1 || (returns != SEVERAL && outs.size() != 1)) throw std::invalid_argument("output count");
@@ -207,6 +215,25 @@ std::shared_ptr<Plan> make_plan(
   return plan;
 }
 
+// The keys of a plain dense CPU tensor (the daemon's fake GPU and CPU devices): a tensor with any key beyond these
+// (another device, sparse, quantized, a Python subclass, conjugate or negative bits, a zero tensor, ...) has its
+// view made by the dispatcher's `as_strided`
+const c10::DispatchKeySet PLAIN_CPU({c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView,
+                                     c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutocastCPU});
+
+// A view argument's tensor, once `compact.view_of`'s checks passed against `v` as it is now. For a plain dense CPU
+// tensor it is made as the CPU kernel of `aten::as_strided` makes it (`at::native::as_strided_tensorimpl`: a
+// TensorImpl on the same storage, its geometry set, and the storage bounds checked again by `setStrided`), without
+// the dispatcher's autograd and ADInplaceOrView layers (~3.4k instructions a view): the daemon records no autograd
+// history (its workers run with grad mode off), so the view's autograd metadata (`_base`, a version counter shared
+// with `v`) would go unused. Any other tensor goes through the dispatcher as before.
+at::Tensor view_of(const at::Tensor& v, const Input& in, bool direct) {
+  if (direct && (v.key_set().raw_repr() & ~PLAIN_CPU.raw_repr()) == 0 && v.device().is_cpu()) {
+    return at::native::as_strided_tensorimpl(v, in.view_sizes, in.view_strides, in.view_offset);
+  }
+  return v.as_strided(in.view_sizes, in.view_strides, in.view_offset);
+}
+
 struct Trace {
   std::vector<std::shared_ptr<Plan>> steps;  // null where a step runs in Python
 };
@@ -215,12 +242,6 @@ inline double now() {
   timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);  // time.perf_counter's clock
   return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
-}
-
-py::object get_attr(py::handle o, PyObject* name) {
-  PyObject* v = PyObject_GetAttr(o.ptr(), name);
-  if (!v) throw py::error_already_set();
-  return py::reinterpret_steal<py::object>(v);
 }
 
 bool as_i64(PyObject* v, int64_t* out) {
@@ -232,6 +253,33 @@ bool as_i64(PyObject* v, int64_t* out) {
   }
   *out = x;
   return true;
+}
+
+// A new reference, released at the end of its scope with a plain Py_XDECREF (pybind11's object checks the GIL on
+// every reference change, ~50 instructions each; `Ctx.run` holds the GIL throughout, but for the op's call)
+struct Own {
+  PyObject* p;
+  explicit Own(PyObject* o) : p(o) {}
+  ~Own() { Py_XDECREF(p); }
+  Own(const Own&) = delete;
+  Own& operator=(const Own&) = delete;
+};
+
+// `o.<name>` as an int64: false when it is not an int that fits
+bool attr_i64(PyObject* o, PyObject* name, int64_t* out) {
+  Own v(PyObject_GetAttr(o, name));
+  if (v.p == nullptr) throw py::error_already_set();
+  return as_i64(v.p, out);
+}
+
+// `o.<name> += n`
+void add_attr(PyObject* o, PyObject* name, int64_t n) {
+  Own v(PyObject_GetAttr(o, name));
+  if (v.p == nullptr) throw py::error_already_set();
+  Own d(PyLong_FromLongLong(n));
+  if (d.p == nullptr) throw py::error_already_set();
+  Own w(PyNumber_Add(v.p, d.p));
+  if (w.p == nullptr || PyObject_SetAttr(o, name, w.p) < 0) throw py::error_already_set();
 }
 
 // The op, as torch's Python binding runs it (`invokeOperatorFromPython`): the GIL released, torch's warnings and
@@ -247,6 +295,26 @@ PyObject* call_op(const c10::OperatorHandle& op, torch::jit::Stack& stack) {
 }
 
 enum Flags { END = 1, OVER = 2 };
+
+// A writable buffer of at least 4 bytes held for one `Ctx.run` (buf stays nullptr for anything else)
+struct Word {
+  Py_buffer view{};
+  void* buf = nullptr;
+  explicit Word(const py::object& o) {
+    if (o.is_none() || !PyObject_CheckBuffer(o.ptr())) return;
+    if (PyObject_GetBuffer(o.ptr(), &view, PyBUF_WRITABLE) < 0) throw py::error_already_set();
+    if (view.len < 4) {
+      PyBuffer_Release(&view);
+      throw std::invalid_argument("a progress word of fewer than 4 bytes");
+    }
+    buf = view.buf;
+  }
+  ~Word() {
+    if (buf != nullptr) PyBuffer_Release(&view);
+  }
+  Word(const Word&) = delete;
+  Word& operator=(const Word&) = delete;
+};
 
 PyObject* S_used;
 PyObject* S_ops;
@@ -268,6 +336,9 @@ struct Ctx {
     py::object exc = py::none();
     PyObject* tdict = tensors.ptr();
     PyObject* pdict = poisoned.ptr();
+    // `progress`: None, a callable, or the writable buffer of a worker's word mark (`slices.mark_word`): the index
+    // of the record about to run stored as a little-endian int32 at its start, as `slices.word_mark` writes it
+    Word word(progress);
     torch::jit::Stack stack;
     while (i < n && k < nsteps) {
       const Plan* p = trace.steps[k].get();
@@ -373,7 +444,7 @@ struct Ctx {
             return false;
           }
           try {
-            *t = v.as_strided(in.view_sizes, in.view_strides, in.view_offset);
+            *t = view_of(v, in, p->direct_views);
           } catch (const std::exception&) {
             return false;
           }
@@ -457,17 +528,20 @@ struct Ctx {
       }
       if (!ok) break;
       // the quota and the device's capacity (`_run_step`'s order: the handle checks above came first)
-      py::object used_obj = get_attr(s, S_used);
       int64_t used_before = 0;
-      if (!as_i64(used_obj.ptr(), &used_before)) break;
+      if (!attr_i64(s.ptr(), S_used, &used_before)) break;
       if (p->need > 0) {
-        py::object mused_obj = get_attr(memory, S_used);
         int64_t mused = 0;
-        if (!as_i64(mused_obj.ptr(), &mused)) break;
+        if (!attr_i64(memory.ptr(), S_used, &mused)) break;
         if (used_before + p->need > quota || mused + p->need > capacity) break;  // Python raises it
       }
       // From here on the record is run here: the op, the count, the binding, the quota check.
-      if (!progress.is_none()) progress(i);
+      if (word.buf != nullptr) {
+        const int32_t at = static_cast<int32_t>(i);  // a slice holds far fewer than 2^31 commands
+        std::memcpy(word.buf, &at, 4);
+      } else if (!progress.is_none()) {
+        progress(i);
+      }
       PyObject* ran = call_op(*p->op, stack);
       if (ran == nullptr) {
         exc = fetch();
@@ -502,11 +576,7 @@ struct Ctx {
       }
       at::Tensor out = p->returns ? std::move(stack[0]).toTensor() : at::Tensor();
       stack.clear();
-      {
-        py::object ops = get_attr(s, S_ops);
-        py::object one = py::reinterpret_steal<py::object>(PyNumber_Add(ops.ptr(), py::int_(1).ptr()));
-        if (!one || PyObject_SetAttr(s.ptr(), S_ops, one.ptr()) < 0) throw py::error_already_set();
-      }
+      add_attr(s.ptr(), S_ops, 1);
       if (!count.is_none()) count(s);
       py::object obj = p->returns ? py::reinterpret_steal<py::object>(THPVariable_Wrap(out)) : py::none();
       if (!obj) throw py::error_already_set();
@@ -522,9 +592,8 @@ struct Ctx {
         } else {
           bound = bind_outputs(s, py::make_tuple(hkey), obj);
         }
-        py::object used_now = get_attr(s, S_used);
         int64_t after = 0;
-        if (!as_i64(used_now.ptr(), &after)) throw std::overflow_error("session use out of range");
+        if (!attr_i64(s.ptr(), S_used, &after)) throw std::overflow_error("session use out of range");
         if (after > quota && after > used_before) {
           over_quota(s, bound.is_none() ? py::object(py::make_tuple(hkey)) : bound);  // raises
         }
@@ -573,11 +642,7 @@ struct Ctx {
       if (o == nullptr) throw py::error_already_set();
       values.append(py::reinterpret_steal<py::object>(o));
     }
-    {
-      py::object ops = get_attr(s, S_ops);
-      py::object one = py::reinterpret_steal<py::object>(PyNumber_Add(ops.ptr(), py::int_(1).ptr()));
-      if (!one || PyObject_SetAttr(s.ptr(), S_ops, one.ptr()) < 0) throw py::error_already_set();
-    }
+    add_attr(s.ptr(), S_ops, 1);
     if (!count.is_none()) count(s);
     // `_bind_outputs` binds each (handle, value) pair with `WorkerSession.bind`; for fresh handles (checked and
     // admitted above, none live) that are not failed ones and plain dense tensors, `bind_new` does the same here.
@@ -617,9 +682,8 @@ struct Ctx {
         bound = bind_outputs(s, hkeys, values);
       }
       values = py::list();
-      py::object used_now = get_attr(s, S_used);
       int64_t after = 0;
-      if (!as_i64(used_now.ptr(), &after)) throw std::overflow_error("session use out of range");
+      if (!attr_i64(s.ptr(), S_used, &after)) throw std::overflow_error("session use out of range");
       if (after > quota && after > used_before) over_quota(s, bound);  // raises
     } catch (py::error_already_set& e) {
       e.restore();
@@ -643,32 +707,33 @@ struct Ctx {
   // `WorkerSession.bind_new`: count the storage once, bind the handle
   void bind_new(const py::object& hkey, const at::Tensor& out, const py::object& obj) {
     const auto& storage = out.storage();
-    py::object skey = py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(storage.unsafeGetStorageImpl()));
-    if (!skey) throw py::error_already_set();
-    PyObject* entry = PyDict_GetItemWithError(storages.ptr(), skey.ptr());
+    Own skey(PyLong_FromVoidPtr(storage.unsafeGetStorageImpl()));
+    if (skey.p == nullptr) throw py::error_already_set();
+    PyObject* entry = PyDict_GetItemWithError(storages.ptr(), skey.p);  // borrowed
     if (entry == nullptr) {
       if (PyErr_Occurred()) throw py::error_already_set();
       const int64_t nbytes = static_cast<int64_t>(storage.nbytes());
-      py::list fresh(2);
-      fresh[0] = py::int_(1);
-      fresh[1] = py::int_(nbytes);
-      if (PyDict_SetItem(storages.ptr(), skey.ptr(), fresh.ptr()) < 0) throw py::error_already_set();
-      add(s, nbytes);
-      add(memory, nbytes);
+      Own fresh(PyList_New(2));  // [handles on the storage, its bytes]
+      if (fresh.p == nullptr) throw py::error_already_set();
+      PyObject* one = PyLong_FromLong(1);
+      if (one == nullptr) throw py::error_already_set();
+      PyList_SET_ITEM(fresh.p, 0, one);  // steals
+      PyObject* size = PyLong_FromLongLong(nbytes);
+      if (size == nullptr) throw py::error_already_set();
+      PyList_SET_ITEM(fresh.p, 1, size);
+      if (PyDict_SetItem(storages.ptr(), skey.p, fresh.p) < 0) throw py::error_already_set();
+      add_attr(s.ptr(), S_used, nbytes);
+      add_attr(memory.ptr(), S_used, nbytes);
     } else {
-      PyObject* c = PyList_GetItem(entry, 0);
+      PyObject* c = PyList_GetItem(entry, 0);  // borrowed
       if (c == nullptr) throw py::error_already_set();
-      PyObject* c1 = PyNumber_Add(c, py::int_(1).ptr());
-      if (c1 == nullptr || PyList_SetItem(entry, 0, c1) < 0) throw py::error_already_set();
+      Own one(PyLong_FromLong(1));
+      if (one.p == nullptr) throw py::error_already_set();
+      PyObject* c1 = PyNumber_Add(c, one.p);
+      if (c1 == nullptr || PyList_SetItem(entry, 0, c1) < 0) throw py::error_already_set();  // steals c1
     }
-    if (PyDict_SetItem(keys.ptr(), hkey.ptr(), skey.ptr()) < 0) throw py::error_already_set();
+    if (PyDict_SetItem(keys.ptr(), hkey.ptr(), skey.p) < 0) throw py::error_already_set();
     if (PyDict_SetItem(tensors.ptr(), hkey.ptr(), obj.ptr()) < 0) throw py::error_already_set();
-  }
-
-  static void add(const py::object& o, int64_t nbytes) {
-    py::object v = get_attr(o, S_used);
-    py::object w = py::reinterpret_steal<py::object>(PyNumber_Add(v.ptr(), py::int_(nbytes).ptr()));
-    if (!w || PyObject_SetAttr(o.ptr(), S_used, w.ptr()) < 0) throw py::error_already_set();
   }
 };
 

@@ -11,7 +11,10 @@ the quota and the device's capacity against the learned verdict; then the op, ca
 torch's own handler), `s.ops`, the ledger's count, the output bound into the session's table with its storage
 counted as `WorkerSession.bind_new` does, and the quota checked after it. It runs consecutive records of a run
 for as long as each matches its step; where no run is under way, `CommandExecutor.eager_span` offers it the first
-steps of the runs the Python path would try (`_native_candidates`). A record it cannot take (no match, a check
+steps of the runs the Python path would try (`_native_candidates`). Before each record's op it marks the slice's
+progress: a worker's mark (`slices.word_mark`, a word of memory shared with the daemon) it stores itself, any other
+mark it calls. Its context (`Ctx`: the session's tables, quota, handle limit) is kept per session from slice to slice
+(`CommandExecutor._native_ctx`) and made again when any of those changed. A record it cannot take (no match, a check
 that fails, a step that does not qualify) goes back to the Python path untouched (nothing above has a side effect
 before the op runs), which then runs or refuses it exactly as without the runner; an op that raises reports its
 exception to the Python loop, which records it as the Python path would have.
@@ -22,7 +25,11 @@ something else, a guard's replacement, a fallback or a wrapper, its records take
 variable field of its template is the output handle, a tensor handle (`Tensor`, `Tensor?`, `Tensor[]`, `Tensor?[]`;
 also a view argument's, `compact.VIEW`, and a view element's of a tensor list with views, `compact.VIEWS`: its
 tensor is checked as any input's, then `compact.view_of`'s checks run against its storage as it is now, for every
-record, and the geometry is applied)
+record, and the geometry is applied: for a plain dense CPU tensor as `aten::as_strided`'s CPU kernel applies it
+(`at::native::as_strided_tensorimpl`, which checks the storage bounds once more), without the dispatcher's autograd
+and view-tracking layers that the daemon, recording no autograd history, has no use for; through the dispatcher for
+any other tensor, and for an op that returns an argument of its own (an in-place op's `Tensor(a!)`), whose output
+handle would bind the view itself)
 or a number the verdict keys by type (a `Scalar`, `float` or `int`, say an optimizer's step size: read from the
 record and converted as `toIValue` converts the Python number the full decode gives; also a `Scalar[]` of them, the
 step sizes of a `_foreach_div_` or `_foreach_addcdiv_`); the other arguments are

@@ -142,7 +142,7 @@ def _list_cell(e: tuple[Any, ...]) -> list[Any] | None:
 class Runs:
     """A session's traces and the recording in progress."""
 
-    __slots__ = ("heads", "count", "rec", "hits", "native", "learned", "epoch")
+    __slots__ = ("heads", "count", "rec", "hits", "native", "learned", "epoch", "ctx")
 
     def __init__(self) -> None:
         self.heads: dict[tuple[bytes, int], list[Trace]] = {}
@@ -152,6 +152,8 @@ class Runs:
         self.native = 0  # of them, run by the native runner (server/native_runner.py)
         self.learned = 0  # traces built
         self.epoch = 0  # ops (and commands) so far that may have changed a tensor's meta in place (`_checked`)
+        # the native runner's context for this session (`CommandExecutor._native_ctx`): (its key, the Ctx) or None
+        self.ctx: tuple[tuple[Any, ...], Any] | None = None
 
     def clear(self) -> None:
         self.heads.clear()

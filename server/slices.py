@@ -12,6 +12,7 @@ the daemon parses a worker's result defensively (a worker may be compromised by 
 
 from __future__ import annotations
 
+import functools
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -423,6 +424,27 @@ class SliceLedger:
 
 Execute = Callable[..., None]  # (session, command, reply[, an upload's data])
 Progress = Callable[[int], None]
+_WORD = struct.Struct("<i")
+
+
+def word_mark(buffer: Any) -> Progress:
+    """A worker's progress mark: the index of the command running, written as a little-endian int32 at the start of
+    `buffer` (shared memory the daemon reads; a C call per command, no Python frame). The native runner stores the
+    word itself (`mark_word`) instead of calling it."""
+    return functools.partial(_WORD.pack_into, buffer, 0)
+
+
+def mark_word(progress: Progress | None) -> Any:
+    """The buffer a `word_mark` writes, or None for any other progress callable (called as it is)."""
+    if (
+        progress.__class__ is functools.partial
+        and progress.func == _WORD.pack_into  # type: ignore[attr-defined]
+        and len(progress.args) == 2  # type: ignore[attr-defined]
+        and progress.args[1] == 0  # type: ignore[attr-defined]
+        and not progress.keywords  # type: ignore[attr-defined]
+    ):
+        return progress.args[0]  # type: ignore[attr-defined]
+    return None
 
 
 def eager_records(commands: Sequence[device_pb2.Command]) -> list[bytes]:

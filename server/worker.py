@@ -9,7 +9,6 @@ segfault, abort or CUDA device-side assert in a kernel ends this session only.
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import mmap
@@ -389,9 +388,6 @@ def _vm_data() -> int:
     return 0
 
 
-_MARK = struct.Struct("<i")
-
-
 def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     """The worker's life: confine, then serve slices until the daemon closes the socket. Returns an exit code."""
     from . import native_runner, sandbox
@@ -417,7 +413,7 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     slots = [memoryview(progress)[SLOTS_AT + k * SLOT_BYTES :][:SLOT_BYTES] for k in range(SLOTS)]
 
     # the index of the command running, for the daemon to read (a C call per command, no Python frame)
-    mark = functools.partial(_MARK.pack_into, progress, 0)
+    mark = slices.word_mark(progress)
 
     head = bytearray(4 + slices.REQUEST_HEAD)
     while True:

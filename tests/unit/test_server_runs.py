@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -87,6 +88,7 @@ class Pair:
     def __init__(self, quota: int = 1 << 24, max_handles: int = 4096) -> None:
         _PAIRS.append(self)
         self.python_only = False  # set where the native runner must not run (the speed model holds every op)
+        self.word = False  # `ex[0]` marks progress as a worker does (`slices.word_mark`): its last mark is compared
         self.ex = [CommandExecutor(slices.SliceLedger()) for _ in range(2)]
         self.s: list[WorkerSession] = []
         for _ in range(2):
@@ -119,7 +121,12 @@ class Pair:
             execute = ex.execute if k == 0 else (lambda *a, ex=ex: ex.execute(*a))  # no `eager_span` behind it
             marks: list[int] = []
             req = slices.SliceRequest(1 << 40, 1 << 40, budget, payload)
-            res = slices.run_commands(s, execute, ex.ledger, req, _clock, marks.append)
+            word = bytearray(struct.pack("<i", -1))
+            mark = slices.word_mark(word) if self.word and k == 0 else marks.append
+            res = slices.run_commands(s, execute, ex.ledger, req, _clock, mark)
+            if self.word:  # the last mark each made (the word holds only that)
+                last = struct.unpack("<i", word)[0] if k == 0 else (marks[-1] if marks else -1)
+                marks = [last]
             err, s.error = s.error, None
             seen.append((res.executed, res.errors, res.used, res.ops, res.handles, marks,
                          None if err is None else (err.code, err.op, err.message)))  # fmt: skip
@@ -269,6 +276,43 @@ def test_an_op_that_fails_inside_a_run_fails_as_on_the_normal_path() -> None:
     cmds += step(p, 9)
     cmds[11 + 2] = p.rec(3, [h(9, 2)], [T(FOREIGN)])
     p.stream(cmds, itertools.cycle([9, 64]))
+
+
+def test_a_workers_word_mark_holds_the_record_running_as_the_normal_paths_marks() -> None:
+    """A worker's progress mark is a word of shared memory (`slices.word_mark`), which the native runner stores
+    itself rather than calling the mark: after every slice (cut anywhere, or ended by the time budget after each
+    command) it holds the index the normal path marked last."""
+    p = Pair()
+    p.word = True
+    p.stream(training(p, 8), itertools.cycle([5, 64, 17, 3]))
+    hits = p.hits
+    p.stream([c for t in range(8, 12) for c in step(p, t) + [free(t - 1)]], itertools.cycle([64, 30, 9]))
+    assert p.hits - hits >= 4 * 10
+    cmds = step(p, 12) + [free(11)] + step(p, 13)
+    while cmds:
+        n = p.slice(cmds, budget=0.0)
+        cmds = cmds[n:]
+    # an op that raises inside a run: the mark stays at its record (the scale puts indices out of range)
+    p.stream([c for t in range(14, 17) for c in step(p, t, scale=3 if t == 15 else 0)], itertools.cycle([64]))
+    assert p.s[0].poisoned
+
+
+def test_a_changed_quota_or_handle_limit_holds_for_the_next_slice() -> None:
+    """The native runner's context (the session's tables, quota and handle limit) is kept from slice to slice
+    (`CommandExecutor._native_ctx`): a quota or handle limit changed between slices must hold at once, in C++ as
+    on the normal path."""
+    for lower in ("quota", "max_handles"):
+        p = Pair()
+        p.stream(training(p, 6), itertools.cycle([64]))
+        hits = p.hits
+        for s in p.s:  # room for a few steps that free nothing (runs are learned per quota: again, at this one)
+            if lower == "quota":
+                s.quota = s.used + 6000
+            else:
+                s.max_handles = len(s.tensors) + len(s.poisoned) + 50
+        p.stream([c for t in range(6, 20) for c in step(p, t)], itertools.cycle([64]))
+        assert p.hits - hits > 11
+        assert p.s[0].poisoned
 
 
 def test_the_quota_and_the_handle_limit_fail_at_the_same_op() -> None:
