@@ -168,8 +168,8 @@ def test_native_dropout_backward_is_torchs_bit_for_bit(dtype: torch.dtype, scale
     torch.manual_seed(5)
     grads = layouts(special((6, 5, 8), dtype, 11))
     masks = layouts(torch.rand(6, 5, 8) < 0.7)
-    for gname, grad in grads.items():
-        for mname, mask in masks.items():
+    for grad in grads.values():
+        for mask in masks.values():
             if grad.shape != mask.shape:
                 continue
             want = aten.native_dropout_backward.default(grad, mask, scale)
