@@ -131,11 +131,12 @@ def _native_dropout(input: Tensor, p: float, train: bool | None) -> tuple[Tensor
     return _MUL_SCALAR_(input.mul(mask.view(torch.uint8)), scale), mask
 
 
-def _native_dropout_backward(grad: Tensor, mask: Tensor, scale: float) -> Tensor:
-    """torch's `grad * mask * scale` (the second product in place, on the first's new tensor: the same bits)."""
-    if mask.dtype != torch.bool or not grad.is_floating_point():
-        return _NATIVE_DROPOUT_BACKWARD(grad, mask, scale)  # type: ignore[no-any-return]
-    return grad.mul(mask.view(torch.uint8)).mul_(scale)
+def _native_dropout_backward(grad_output: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """torch's `grad * mask * scale` (the second product in place, on the first's new tensor: the same bits).
+    (The parameters are named as the schema's: a client may pass any of them by keyword.)"""
+    if mask.dtype != torch.bool or not grad_output.is_floating_point():
+        return _NATIVE_DROPOUT_BACKWARD(grad_output, mask, scale)  # type: ignore[no-any-return]
+    return grad_output.mul(mask.view(torch.uint8)).mul_(scale)
 
 
 def _depthwise(conv: Callable[..., Tensor]) -> Callable[..., Tensor]:

@@ -179,6 +179,19 @@ def test_native_dropout_backward_is_torchs_bit_for_bit(dtype: torch.dtype, scale
     for mask in (torch.rand(4, 3) < 0.5).to(torch.float64), (torch.rand(4, 3) < 0.5).to(torch.uint8):
         same_bits(run(aten.native_dropout_backward.default, grad, mask, scale),  # type: ignore[arg-type]
                   aten.native_dropout_backward.default(grad, mask, scale))  # fmt: skip
+    # by keyword, as a client may send them: the schema's own names
+    mask = torch.rand(4, 3) < 0.5
+    ops = {aten.native_dropout.default: {"input": grad, "p": 0.3, "train": True},
+           aten.native_dropout_backward.default: {"grad_output": grad, "mask": mask, "scale": scale}}  # fmt: skip
+    for op, kwargs in ops.items():
+        fn = fallbacks.lookup(op, CPU)
+        assert fn is not None
+        torch.manual_seed(4)
+        got = fn(**kwargs)
+        torch.manual_seed(4)
+        want = op(**kwargs)
+        for g, w in zip(*((got, want) if isinstance(want, tuple) else ((got,), (want,))), strict=True):
+            same_bits(g, w)
     ints = torch.arange(12).reshape(4, 3)
     same_bits(run(aten.native_dropout_backward.default, ints, ints > 3, scale),  # type: ignore[arg-type]
               aten.native_dropout_backward.default(ints, ints > 3, scale))  # fmt: skip
