@@ -8,8 +8,20 @@ This module computes each from ordinary CPU ops, with the accelerator kernels' s
 (the LSTM workspace holds the activated gates i, f, g, o; the GRU's holds r, z, n, hx, hn, as in
 aten/src/ATen/native/cuda/RNN.cu), so a forward and its backward always pair up.
 
-`lookup(op, device)` is the executor's hook: a replacement for ops without a kernel on `device`, else None.
-On a real GPU every op here has its CUDA kernel, so nothing is replaced there.
+A second table holds ops that DO have a CPU kernel, but one that a fake GPU pays for where local CPU does not:
+torch's `at::dropout` takes the fused `native_dropout` on an accelerator (PrivateUse1 included) and local CPU's
+`empty_like().bernoulli_().div_()` on the CPU, so only a fake GPU's client sends `native_dropout` and
+`native_dropout_backward`. Their CPU kernels (aten/src/ATen/native/Dropout.cpp) multiply by a bool mask, and a
+float-by-bool multiply is TensorIterator's casting loop: ~4x the instructions of a float-by-float one (~3 M
+instructions for a 295k-element mask, as many as a bool-to-float copy). Here each does torch's own steps in torch's
+order, with the mask read as uint8 (`mask.view(torch.uint8)`, the same bytes; a bool of torch's is 0 or 1):
+promoting a floating tensor with uint8 gives the same dtype as with bool, 0 and 1 convert to the same 0.0 and 1.0,
+so the products are the same bits, and the uint8 loop is the fast one. The same generator draws the same mask
+(`bernoulli_` on the bool tensor torch makes). Anything else (train False, an empty or non-floating input, a mask
+that is not bool) runs torch's kernel itself.
+
+`lookup(op, device)` is the executor's hook: a replacement for ops without a kernel on `device` (or with a slow one
+there), else None. On a real GPU every op here has its CUDA kernel, so nothing is replaced there.
 """
 
 from __future__ import annotations
@@ -100,6 +112,33 @@ def _masked_scale(self: Tensor, mask: Tensor, scale: float) -> Tensor:
     return self * mask * scale
 
 
+_NATIVE_DROPOUT = torch.ops.aten.native_dropout.default._op
+_NATIVE_DROPOUT_BACKWARD = torch.ops.aten.native_dropout_backward.default._op
+# `Tensor::mul_(Scalar)`, as the forward's C++ calls it: for half and bfloat16 its scale is rounded to the tensor's
+# dtype first, where Python's `t.mul_(float)` (and the backward's C++ `grad * mask * scale`) multiply by a wrapped
+# number in float: different bits. Each side here calls what torch's kernel calls (the tests compare every dtype).
+_MUL_SCALAR_ = torch.ops.aten.mul_.Scalar._op
+
+
+def _native_dropout(input: Tensor, p: float, train: bool | None) -> tuple[Tensor, Tensor]:
+    """`native_dropout_cpu`: a bool mask drawn by `bernoulli_(1 - p)`, the output `input * mask * (1 / (1 - p))`."""
+    if train is False or not input.is_floating_point() or input.numel() == 0:
+        return _NATIVE_DROPOUT(input, p, train)  # type: ignore[no-any-return]
+    p1m = 1.0 - p
+    scale = 0.0 if p1m == 0 else 1.0 / p1m  # as torch's: p == 1 drops everything, no division by zero
+    mask = torch.empty_like(input, dtype=torch.bool)
+    mask.bernoulli_(p1m)
+    return _MUL_SCALAR_(input.mul(mask.view(torch.uint8)), scale), mask
+
+
+def _native_dropout_backward(grad_output: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """torch's `grad * mask * scale` (the second product in place, on the first's new tensor: the same bits).
+    (The parameters are named as the schema's: a client may pass any of them by keyword.)"""
+    if mask.dtype != torch.bool or not grad_output.is_floating_point():
+        return _NATIVE_DROPOUT_BACKWARD(grad_output, mask, scale)  # type: ignore[no-any-return]
+    return grad_output.mul(mask.view(torch.uint8)).mul_(scale)
+
+
 def _depthwise(conv: Callable[..., Tensor]) -> Callable[..., Tensor]:
     def run(
         self: Tensor, weight: Tensor, kernel_size: Any, bias: Tensor | None, stride: Any, padding: Any, dilation: Any
@@ -121,11 +160,20 @@ _CPU: dict[str, Callable[..., Any]] = {
     "aten::conv_depthwise3d": _depthwise(torch.nn.functional.conv3d),
 }
 
-NAMES = frozenset(_CPU)
+# Ops with a CPU kernel that only a fake GPU's client reaches, and a faster composition of the same bits.
+_FASTER: dict[str, Callable[..., Any]] = {
+    "aten::native_dropout": _native_dropout,
+    "aten::native_dropout_backward": _native_dropout_backward,
+}
+
+NAMES = frozenset(_CPU)  # ops without a CPU kernel
+FASTER = frozenset(_FASTER)
 
 
 def lookup(op: torch._ops.OpOverload, device: torch.device) -> Callable[..., Any] | None:
-    """The CPU equivalent of an accelerator-only op on a CPU-backed (fake) device, else None."""
+    """The CPU equivalent of an accelerator-only op (or the faster one of a slow CPU kernel) on a CPU-backed
+    (fake) device, else None."""
     if device.type != "cpu" or op._overloadname != "default":
         return None
-    return _CPU.get(op._schema.name)
+    name = op._schema.name
+    return _CPU.get(name) or _FASTER.get(name)
