@@ -63,6 +63,7 @@ buf[3:5].addcmul_(a[0:2, 0:8 - 1].sum(1, keepdim=True), buf[0:2], value=0.5)
 out["inplace_views"] = c(buf)
 out["cat_views"] = c(torch.cat([a[0:2], b.t()[:, 1:3].t(), w.t()[2:4, :7]]))  # a tensor list with views
 out["stack_views"] = c(torch.stack([a[0], a[2], b[1]]))
+out["clone_views"] = c(a[1:4, 0:5].t().contiguous() * 2 + b[2:5, 1:6].t().reshape(-1).view(5, 3))  # clone of views
 idx = d(torch.tensor([0, 2, 3, 1, 4]))
 out["index_none"] = c(w[:, idx[1:4]])  # a Tensor?[] with a None and a view: the handle path
 out["index_select"] = c(a.t().index_select(1, idx[1:4]))  # both arguments views
@@ -116,7 +117,7 @@ print(json.dumps(out))
 
 CASES = (
     "matmul_t", "matmul_t_left", "matmul_slices", "add_slice", "add_expand", "select_diag", "inplace_views",
-    "cat_views", "stack_views", "index_none", "index_select", "freed_base", "out_view", "adam", "adamw",
+    "cat_views", "stack_views", "clone_views", "index_none", "index_select", "freed_base", "out_view", "adam", "adamw",
     "train_losses", "train_weights",
 )  # fmt: skip
 
