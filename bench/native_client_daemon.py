@@ -5,9 +5,11 @@ class of op the C++ encoder does not send, and daemon errors.
 The spike's wire mode writes the daemon's compact eager records (docs/wire.md, "Compact eager ops"), uploads and
 frees as `ClientFrame.commands` bytes in C++, and hands the buffer to client/session.py's Session once per frame (32
 commands or 1 MiB, or a sync: `.item()` flushes and reads the value in the same round trip) with
-`Session.send_commands`. Views get a handle of their own per geometry (an `as_strided` record from their storage's
-handle). Every op goes to the C++ encoder (`--op-set`: only the tiny MLP's and the encoder's); what it cannot send
-goes to the Python fallback (client/native/backend.py `_python_op`: a protobuf `Op`, or the CPU around a sync).
+`Session.send_commands`. Views travel as view arguments of the records that take them (compact VIEW / VIEWS: their
+storage's handle and their geometry; `wire_stats()`' `view_args`); an `as_strided` view handle only where a daemon
+tensor of the view's own is needed (a sync of a view, an op that may restride its written arguments). Every op goes
+to the C++ encoder (`--op-set`: only the tiny MLP's and the encoder's); what it cannot send goes to
+the Python fallback (client/native/backend.py `_python_op`: a protobuf `Op`, or the CPU around a sync).
 
     .venv/bin/python bench/native_client_daemon.py --steps 20            # losses: spike vs local CPU eager
     .venv/bin/python bench/native_client_daemon.py --model cnn --steps 4 # also encoder, mlp (cnn, encoder: eval mode)

@@ -261,7 +261,9 @@ def decode(buf: bytes) -> list[dict[str, Any]]:
 
 # ---- wire mode: records in the daemon's compact format, sent through a real session ----
 
-WIRE_STATS = ("frames", "view_handles", "free_commands", "skipped_views", "storages", "pending", "python_ops")
+WIRE_STATS = (
+    "frames", "view_handles", "free_commands", "skipped_views", "storages", "pending", "python_ops", "view_args",
+)  # fmt: skip
 _libs: list[Any] = []
 
 

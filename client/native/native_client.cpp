@@ -96,12 +96,13 @@ struct NoInit : std::allocator<T> {
 struct Buf {
   std::vector<uint8_t, NoInit<uint8_t>> v;
   size_t n = 0;
-  uint8_t* grow(size_t k) {
-    if (n + k > v.size()) v.resize(std::max({2 * v.size(), n + k, size_t{256}}));
+  uint8_t* grow(size_t k) {  // inlined at every put; the rare reallocation out of line (round 15: 1% of the tiny MLP)
+    if (__builtin_expect(n + k > v.size(), 0)) enlarge(n + k);
     uint8_t* p = v.data() + n;
     n += k;
     return p;
   }
+  __attribute__((noinline)) void enlarge(size_t need) { v.resize(std::max({2 * v.size(), need, size_t{256}})); }
   size_t size() const { return n; }
   bool empty() const { return n == 0; }
   uint8_t* data() { return v.data(); }
@@ -302,13 +303,27 @@ void key_tensor(std::string& k, const at::Tensor& t) {
     k.push_back('N');
     return;
   }
-  k.push_back(t.device().type() == kType ? 'T' : 'C');
-  k.push_back(static_cast<char>(t.scalar_type()));
-  k.push_back(static_cast<char>(t.dim()));
-  k.append(reinterpret_cast<const char*>(t.sizes().data()), t.dim() * sizeof(int64_t));
-  k.append(reinterpret_cast<const char*>(t.strides().data()), t.dim() * sizeof(int64_t));
+  // one append of the whole part (round 15: push_back and append per field were 1.5% of the tiny MLP's instructions)
+  const size_t n = static_cast<size_t>(t.dim());
+  char part[3 + (2 * 64 + 1) * sizeof(int64_t)];
   const int64_t off = t.storage_offset();
-  k.append(reinterpret_cast<const char*>(&off), sizeof(off));
+  if (n > 64) {  // the long way
+    k.push_back(t.device().type() == kType ? 'T' : 'C');
+    k.push_back(static_cast<char>(t.scalar_type()));
+    k.append(reinterpret_cast<const char*>(&n), sizeof(n));
+    k.append(reinterpret_cast<const char*>(t.sizes().data()), n * sizeof(int64_t));
+    k.append(reinterpret_cast<const char*>(t.strides().data()), n * sizeof(int64_t));
+    k.append(reinterpret_cast<const char*>(&off), sizeof(off));
+    return;
+  }
+  const size_t dims = n * sizeof(int64_t);
+  part[0] = t.device().type() == kType ? 'T' : 'C';
+  part[1] = static_cast<char>(t.scalar_type());
+  part[2] = static_cast<char>(n);
+  std::memcpy(part + 3, t.sizes().data(), dims);
+  std::memcpy(part + 3 + dims, t.strides().data(), dims);
+  std::memcpy(part + 3 + 2 * dims, &off, sizeof(off));
+  k.append(part, 3 + 2 * dims + sizeof(off));
 }
 
 // One argument into the record (b) and the cache key (k). Doubles go into the key by type only (their value never
@@ -573,14 +588,25 @@ uint32_t op_id(const c10::OperatorHandle& op) {
 // u8 n, (u8 length, name, arg) kwargs; kwarg-only arguments of the schema go by name.
 //
 // Handles: the daemon names tensors, not storages. A storage's handle (its DataPtr id + the session's handle base)
-// names the tensor its first op made (its "base" geometry); a tensor argument with another geometry on that storage
-// (a view: t(), expand, a slice) gets a handle of its own, made by an `aten::as_strided` record from the storage's
-// handle and cached per storage and geometry until the storage dies (then freed with it). No wire change.
+// names the tensor its first op made (its "base" geometry). A tensor argument with another geometry on that storage
+// (a view: t(), expand, a slice) travels as a view argument (compact tag VIEW: the storage's handle and the view's
+// sizes, strides and storage offset; a tensor list with such elements as VIEWS), which the daemon applies to the
+// handle's tensor for that record only (compact.view_of, bounds checked against the storage as it is then): no record
+// of its own. As the Python shim (client/torch/encode.py `_c_view`, `_c_tensor_list`), three cases need a daemon
+// tensor of the view's own instead, a view handle made by an `aten::as_strided` record from the storage's handle and
+// cached per storage and geometry until the storage dies (then freed with it):
+//   - every view argument of an op that may change its written arguments' sizes, strides or storage (WireOp.reshapes:
+//     it writes an argument and has an out= argument, or is neither pointwise nor a `_foreach_` op nor one of
+//     copy_/zero_/fill_/bernoulli_/normal_/uniform_: resize_, set_, t_, out= ops that resize);
+//   - a tensor list holding a None (the plain TENSORS form, 0 for the None; VIEWS has no None element);
+//   - whatever names a tensor by handle alone: a sync (`.item()`, `.cpu()`), the Python fallback (`wire_handle`);
+// and a view with another dtype than its storage's, or of more than 64 dims, is refused or goes by handle as before.
 // ---------------------------------------------------------------------------------------------------------------------
 
 // Compact tags (gpupool/compact.py).
 enum : uint8_t { T_NONE = 0, T_TENSOR, T_INT, T_FLOAT, T_BOOL, T_TENSORS, T_INTS, T_FLOATS, T_BOOLS, T_DTYPE, T_DEVICE,
-                 T_CPU, T_LAYOUT, T_MEMORY_FORMAT };
+                 T_CPU, T_LAYOUT, T_MEMORY_FORMAT, T_VIEW, T_VIEWS };
+constexpr size_t kMaxViewDims = 64;                      // compact.MAX_DIMS
 constexpr size_t kFlushCommands = 32;                    // client/torch/runtime.py FLUSH_OPS
 constexpr size_t kChunkBytes = 4 * 1024 * 1024;          // gpupool/wire.py CHUNK_BYTES: an upload's chunks
 constexpr size_t kMaxUpload = 32 * 1024 * 1024;         // a frame stays under gRPC's 64 MiB message limit
@@ -635,12 +661,15 @@ std::vector<std::pair<uint64_t, std::vector<uint8_t>>> g_pending;       // empty
 
 struct WireOp {
   bool named = false, allowed = false;
+  bool reshapes = false;  // may change a written argument's geometry: its view arguments go by handle (see Handles:)
   size_t npos = 0;
   std::vector<uint8_t> kind;  // per schema argument: 0 (by value), T_DTYPE, T_LAYOUT, T_MEMORY_FORMAT
 };
 std::vector<WireOp> g_wire_info;  // by op id
 thread_local Buf t_rec, t_aux;
-struct WireStats { int64_t frames = 0, view_handles = 0, frees = 0, skipped_views = 0, python_ops = 0; } g_wstats;
+struct WireStats {
+  int64_t frames = 0, view_handles = 0, frees = 0, skipped_views = 0, python_ops = 0, view_args = 0;
+} g_wstats;
 
 inline void put_varint(Buf& b, uint64_t v) {
   while (v >= 0x80) {
@@ -686,6 +715,18 @@ WireOp& wire_info(const c10::OperatorHandle& op, uint32_t id, bool internal) {
                                                               : 0);
       if (!a.kwarg_only()) w.npos++;
     }
+    // client/torch/meta.py Schema.reshapes, on the schema: writes an argument, and has an out= argument or is neither
+    // pointwise nor `_foreach_` nor one of the ops that write values only
+    static const std::unordered_set<std::string> values{"aten::copy_", "aten::zero_", "aten::fill_",
+                                                        "aten::bernoulli_", "aten::normal_", "aten::uniform_"};
+    bool mutates = false, out = false;
+    for (const auto& a : op.schema().arguments()) {
+      mutates |= a.alias_info() != nullptr && a.alias_info()->isWrite();
+      out |= a.is_out();
+    }
+    const std::string& base = op.schema().name();
+    w.reshapes = mutates && (out || !(op.hasTag(at::Tag::pointwise) || base.rfind("aten::_foreach_", 0) == 0 ||
+                                      values.count(base) > 0));
     w.allowed = g_wire_all || g_wire_ops.count(g_op_names[id]) > 0;
   }
   if (internal) w.allowed = true;
@@ -762,6 +803,38 @@ uint64_t wire_handle(const at::Tensor& t) {
   s.views.emplace_back(Geo::of(t), vh);
   g_wstats.view_handles++;
   return g_base + vh;
+}
+
+// A device tensor as a record names it (`views`: the op may take view arguments, !WireOp.reshapes): its storage's
+// handle (TENSOR) when it has its storage's base geometry, else a view argument (VIEW: the storage's handle and the
+// tensor's geometry, gpupool/compact.py `view`), or, where views may not travel so, a view handle (`wire_handle`).
+void put_ref(Buf& b, const at::Tensor& t, bool views) {
+  const uint64_t sid = handle_of(t);
+  auto it = g_stores.find(sid);
+  TORCH_CHECK(it != g_stores.end(), "gpupool native client: a tensor on a storage the daemon never saw (storage ", sid, ")");
+  const Geo& base = it->second.base;
+  if (base.same(t)) {
+    put<uint8_t>(b, T_TENSOR);
+    put<uint64_t>(b, g_base + sid);
+    return;
+  }
+  const size_t n = static_cast<size_t>(t.dim());
+  if (!views || t.scalar_type() != base.dtype || n > kMaxViewDims) {
+    put<uint8_t>(b, T_TENSOR);
+    put<uint64_t>(b, wire_handle(t));
+    return;
+  }
+  // u8 VIEW, u64 handle, u8 rank, i64 sizes[rank], i64 strides[rank], i64 offset (torch's are never negative)
+  uint8_t* p = b.grow(1 + 8 + 1 + (2 * n + 1) * sizeof(int64_t));
+  const uint64_t h = g_base + sid;
+  const int64_t off = t.storage_offset();
+  p[0] = T_VIEW;
+  std::memcpy(p + 1, &h, 8);
+  p[9] = static_cast<uint8_t>(n);
+  std::memcpy(p + 10, t.sizes().data(), n * sizeof(int64_t));
+  std::memcpy(p + 10 + n * sizeof(int64_t), t.strides().data(), n * sizeof(int64_t));
+  std::memcpy(p + 10 + 2 * n * sizeof(int64_t), &off, sizeof(off));
+  g_wstats.view_args++;
 }
 
 // Frees of the storages that died, as one Command{free}: a storage's handle and its view handles. A storage whose
@@ -842,13 +915,12 @@ void flush_frame() {
   op.call(frame);
 }
 
-void put_wire_tensor(Buf& b, std::string& k, const at::Tensor& t) {
+void put_wire_tensor(Buf& b, std::string& k, const at::Tensor& t, bool views) {
   key_tensor(k, t);
   if (!t.defined()) {
     put<uint8_t>(b, T_NONE);
   } else if (t.device().type() == kType) {
-    put<uint8_t>(b, T_TENSOR);
-    put<uint64_t>(b, wire_handle(t));
+    put_ref(b, t, views);
   } else {
     TORCH_CHECK(t.device().is_cpu() && t.dim() == 0, "gpupool native client: a ", t.device(), " tensor of ", t.dim(),
                 " dims among a device op's arguments: only 0-dim CPU tensors (sent as numbers) are in the native client");
@@ -866,10 +938,10 @@ void put_wire_tensor(Buf& b, std::string& k, const at::Tensor& t) {
   }
 }
 
-// One argument in the compact format (b) and into the meta-cache key (k, as put_arg keys it).
-void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind) {
+// One argument in the compact format (b) and into the meta-cache key (k, as put_arg keys it); `views`: as put_ref's.
+void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind, bool views) {
   if (v.isTensor()) {
-    put_wire_tensor(b, k, v.toTensor());
+    put_wire_tensor(b, k, v.toTensor(), views);
   } else if (v.isNone()) {
     put<uint8_t>(b, T_NONE);
     k.push_back('N');
@@ -910,7 +982,23 @@ void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind) {
     k.push_back('L');
     k.push_back(static_cast<char>(items.size()));
     if (tensors) {
-      put<uint8_t>(b, T_TENSORS);
+      // VIEWS (each element TENSOR or VIEW, tag included) when an element is a view and none is a None; else the
+      // plain TENSORS list of handles (views by view handle, `wire_handle`)
+      bool any_view = false, any_none = false;
+      for (const IValue& e : items) {
+        if (e.isNone()) {
+          any_none = true;
+          continue;
+        }
+        const at::Tensor& t = e.toTensor();
+        TORCH_CHECK(t.device().type() == kType, "gpupool native client: a ", t.device(), " tensor in a tensor list: not in the native client");
+        if (!any_view) {
+          auto it = g_stores.find(handle_of(t));
+          any_view = it == g_stores.end() || !it->second.base.same(t);
+        }
+      }
+      const bool as_views = views && any_view && !any_none;
+      put<uint8_t>(b, as_views ? T_VIEWS : T_TENSORS);
       put<uint16_t>(b, static_cast<uint16_t>(items.size()));
       for (const IValue& e : items) {
         if (e.isNone()) {
@@ -919,9 +1007,12 @@ void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind) {
           continue;
         }
         const at::Tensor& t = e.toTensor();
-        TORCH_CHECK(t.device().type() == kType, "gpupool native client: a ", t.device(), " tensor in a tensor list: not in the native client");
         key_tensor(k, t);
-        put<uint64_t>(b, wire_handle(t));
+        if (as_views) {
+          put_ref(b, t, true);
+        } else {
+          put<uint64_t>(b, wire_handle(t));
+        }
       }
     } else if (doubles || ints) {
       put<uint8_t>(b, doubles ? T_FLOATS : T_INTS);
@@ -1026,14 +1117,16 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   key.clear();
   key.append(reinterpret_cast<const char*>(&id), sizeof(id));
   try {
+    const WireOp& w = g_wire_info[id];
+    const bool views = !w.reshapes;
     put<uint8_t>(rec, static_cast<uint8_t>(npos));
-    for (size_t i = 0; i < npos; i++) put_wire_arg(rec, key, args[i], g_wire_info[id].kind[i]);
+    for (size_t i = 0; i < npos; i++) put_wire_arg(rec, key, args[i], w.kind[i], views);
     put<uint8_t>(rec, static_cast<uint8_t>(nargs - npos));
     for (size_t i = npos; i < nargs; i++) {
       const std::string& name = sargs[i].name();
       put<uint8_t>(rec, static_cast<uint8_t>(name.size()));
       put_bytes(rec, name.data(), name.size());
-      put_wire_arg(rec, key, args[i], g_wire_info[id].kind[i]);
+      put_wire_arg(rec, key, args[i], w.kind[i], views);
     }
   } catch (const std::exception&) {
     if (!g_python) throw;
@@ -1334,8 +1427,7 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
         const uint32_t id = internal_op("aten::copy_");
         Buf b;
         put<uint8_t>(b, 2);
-        put<uint8_t>(b, T_TENSOR);
-        put<uint64_t>(b, wire_handle(self));
+        put_ref(b, self, true);  // copy_ writes values only: a view goes as a view argument
         put<uint8_t>(b, T_TENSOR);
         put<uint64_t>(b, tmp);
         put<uint8_t>(b, 0);
@@ -1499,8 +1591,10 @@ int64_t claim(bool functional, bool foreach) {
     const bool is_foreach = name.name.rfind("aten::_foreach_", 0) == 0 &&
                             op->hasKernelForDispatchKey(DispatchKey::CompositeExplicitAutograd);
     // convolution: its CompositeExplicitAutograd kernel ends in convolution_overrideable, which no backend but
-    // CPU/CUDA/MKLDNN has (the daemon runs the whole op, as the shim sends it)
-    const bool whole = functional && (name.name == "aten::convolution" || name.name == "aten::convolution_backward");
+    // CPU/CUDA/MKLDNN has (the daemon runs the whole op, as the shim sends it); clone (`contiguous()`, `reshape` of a
+    // view): one record, as the shim sends it, not its composite kernel's empty_strided + copy_ (round 15)
+    const bool whole = functional && (name.name == "aten::convolution" || name.name == "aten::convolution_backward" ||
+                                      name.name == "aten::clone");
     if (!((functional && nonfunctional) || (foreach && is_foreach) || whole)) continue;
     const std::string short_name = name.name.substr(6);
     const std::string full = name.overload_name.empty() ? short_name : short_name + "." + name.overload_name;
@@ -1538,7 +1632,8 @@ void flush_now() { flush_frame(); }
 std::vector<int64_t> wire_stats() {
   std::lock_guard<std::mutex> lock(g_mu);
   return {g_wstats.frames, g_wstats.view_handles, g_wstats.frees, g_wstats.skipped_views,
-          static_cast<int64_t>(g_stores.size()), static_cast<int64_t>(g_pending.size()), g_wstats.python_ops};
+          static_cast<int64_t>(g_stores.size()), static_cast<int64_t>(g_pending.size()), g_wstats.python_ops,
+          g_wstats.view_args};
 }
 
 // For the Python fallback (client/native/backend.py `_python_op`), wire mode.
