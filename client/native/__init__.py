@@ -59,10 +59,14 @@ def enable() -> None:
         sys.exit(f"gpupool --native-client: --cuda ($GPUPOOL_CUDA) is not supported by the native client; {WAY_OUT}")
     from . import backend
 
+    from gpupool.config import UnsafeCacheDir
+
     try:
         backend.load()
     except backend.BuildError as exc:
         sys.exit(f"gpupool --native-client: {exc}; install g++ and ninja, or {WAY_OUT}")
+    except UnsafeCacheDir as exc:  # another user could replace the library there: never build or load it
+        sys.exit(f"gpupool --native-client: {exc}")
     import torch
 
     backend.claim()
