@@ -57,9 +57,9 @@ def enable() -> None:
 
     if cuda.requested():
         sys.exit(f"gpupool --native-client: --cuda ($GPUPOOL_CUDA) is not supported by the native client; {WAY_OUT}")
-    from . import backend
-
     from gpupool.config import UnsafeCacheDir
+
+    from . import backend
 
     try:
         backend.load()
