@@ -142,7 +142,6 @@ def test_gpupool_run_refuses_an_unsafe_cache_in_one_line(tmp_path: Path) -> None
     assert ran.stderr.count("\n") == 1 and "writable by other users" in ran.stderr, ran.stderr
 
 
-
 def test_native_client_env_refuses_an_unsafe_cache_in_one_line(tmp_path: Path) -> None:
     """`$GPUPOOL_CLIENT=native` outside `gpupool run`: `import torch` loads the C++ client from the backend entry
     point; with a cache others can write it ends the process in one line (no traceback), never loading a library."""
@@ -153,11 +152,12 @@ def test_native_client_env_refuses_an_unsafe_cache_in_one_line(tmp_path: Path) -
     env = {**os.environ, "GPUPOOL_NATIVE_CLIENT_CACHE": str(shared), "GPUPOOL_CLIENT": "native"}
     for k in ("GPUPOOL_LEASE", "GPUPOOL_CUDA", "TORCH_DEVICE_BACKEND_AUTOLOAD"):
         env.pop(k, None)
-    ran = subprocess.run([sys.executable, "-c", "import torch; print('ran')"], capture_output=True, text=True,
-                         timeout=120, env=env)  # fmt: skip
+    cmd = [sys.executable, "-c", "import torch; print('ran')"]
+    ran = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert ran.returncode == 1 and "ran" not in ran.stdout
     assert ran.stderr.count("\n") == 1 and "writable by other users" in ran.stderr, ran.stderr
     assert not any(shared.iterdir())
+
 
 def _api_token(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_TOKEN")}
