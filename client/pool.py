@@ -243,6 +243,11 @@ class Lease:
             self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.lease_id[:8]}", daemon=True)
             self._thread.start()
 
+    def stop_renewing(self) -> None:
+        """Stop the renewal thread without giving the devices back: a child of `gpupool run` at its exit (the
+        release is the parent's). It does not wait for a renewal in flight (the thread is a daemon thread)."""
+        self._stop.set()
+
     def _renew_loop(self) -> None:
         # The first renewal comes sooner when the lease is already old (a child of `gpupool run` that took its
         # time to import torch): at the latest half-way through what is left of it.

@@ -131,9 +131,7 @@ def _close() -> None:
         session.close()
     except Exception:  # noqa: BLE001, S110 - the daemon frees a dead session's tensors anyway
         pass
-    # client/pool.py's Lease has no stop_renewing (the shim's detach_all guards it the same way): its renewal thread is
-    # a daemon thread that ends with the process; the lease is `gpupool run`'s to release
-    if lease is not None and hasattr(lease, "stop_renewing"):
+    if lease is not None:  # the lease is `gpupool run`'s to release
         lease.stop_renewing()
 
 

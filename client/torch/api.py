@@ -156,8 +156,7 @@ def detach_all() -> None:
                     log.warning("releasing lease of %s: %s", rt.device, exc)
         _subscribed.clear()
         for lease in _env_lease:
-            if hasattr(lease, "stop_renewing"):
-                lease.stop_renewing()
+            lease.stop_renewing()
         _env_lease.clear()
 
 

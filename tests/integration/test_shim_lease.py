@@ -100,3 +100,19 @@ def test_lease_device_and_token_refresh(pool: str) -> None:
         assert torch.allclose((x @ x).cpu(), x.cpu() @ x.cpu(), atol=1e-5)
         gt.detach_all()
     wait_until(lambda: no_leases(pool), timeout=10, what="the lease to be released")
+
+
+def test_stop_renewing_ends_the_renewals_and_keeps_the_lease(pool: str) -> None:
+    """A child of `gpupool run` stops renewing its parent's lease at exit without giving it back."""
+    held = lease(gpus=1, fraction=0.5, scheduler=pool, ttl=1)
+    try:
+        held.start_renewing()
+        thread = held._thread
+        assert thread is not None and thread.is_alive()
+        held.stop_renewing()
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+        assert [x.lease_id for x in SchedulerClient(pool).list_pool().leases] == [held.lease_id]  # not released
+    finally:
+        held.release()
+    wait_until(lambda: no_leases(pool), timeout=10, what="the lease to be released")
