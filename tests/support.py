@@ -21,8 +21,10 @@ from typing import Any
 import grpc
 import torch
 from gpupool.client.session import Handle, Session
+from gpupool.server.registration import Registrar
 
 from gpupool import pki, tls, tokens
+from gpupool._proto import device_pb2
 
 TEST_HOST = "test-host"
 MiB = 1024**2
@@ -326,3 +328,37 @@ class Healthy:
         self._stop.set()
         self._thread.join(timeout=30)
         self.session.close()
+
+
+def register_host(address: str, host_id: str, cfg: tls.TlsConfig) -> grpc.StatusCode | None:
+    """Register `host_id` (one fake device) with the scheduler at `address` as a daemon would: None when it was
+    accepted, else the refusal's status code."""
+
+    class Source:
+        def devices(self) -> list[device_pb2.DeviceInfo]:
+            return [device_pb2.DeviceInfo(index=0, uuid=f"GPU-{host_id}", model="fake", memory_bytes=1 << 30)]
+
+    reg = Registrar(address, host_id, "127.0.0.1:1", Source(), tls_config=cfg)  # type: ignore[arg-type]
+    try:
+        reg._register()
+        return None
+    except grpc.RpcError as err:
+        return err.code()  # type: ignore[no-any-return]
+    finally:
+        reg._channel.close()
+
+
+def registered_host(factory: DaemonFactory, address: str, public: Path, host_id: str, **flags: Any) -> DaemonHandle:
+    """A daemon registered with the scheduler at `address` as `host_id` (its host certificate), verifying lease
+    tokens with the public key file `public` only."""
+    files = get_pki().issue("host", host_id)
+    handle = factory(
+        host_id=host_id,
+        scheduler=address,
+        heartbeat_interval=0.3,
+        token_key=tokens.load_verifier(public),
+        tls=tls.TlsConfig(cert=str(files.cert), key=str(files.key), ca=get_pki().ca_file),
+        **flags,
+    )
+    assert handle.running.registrar.registered.wait(20)
+    return handle

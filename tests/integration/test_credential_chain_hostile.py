@@ -26,11 +26,11 @@ from gpupool.client.pool import SchedulerClient
 from gpupool.client.session import Session
 from gpupool.scheduler.auth import Authenticator, AuthInterceptor, credential_line
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
-from gpupool.server.registration import Registrar
-from support import DaemonFactory, get_pki, plaintext_channel
+from scheduler_fixtures import wait_until
+from support import DaemonFactory, get_pki, plaintext_channel, register_host, registered_host
 
 from gpupool import errors, tls, tokens
-from gpupool._proto import device_pb2, scheduler_pb2
+from gpupool._proto import scheduler_pb2
 
 HOST = "chain-host"
 
@@ -63,24 +63,7 @@ def pool(tmp_path: Path) -> Iterator[Pool]:
 @pytest.fixture
 def host(pool: Pool, daemon_factory: DaemonFactory) -> Any:
     """A daemon registered as HOST (its host certificate), with two devices and the public key file only."""
-    files = get_pki().issue("host", HOST)
-    handle = daemon_factory(
-        host_id=HOST,
-        fake_gpus=2,
-        scheduler=pool.address,
-        heartbeat_interval=0.3,
-        token_key=tokens.load_verifier(pool.public),
-        tls=tls.TlsConfig(cert=str(files.cert), key=str(files.key), ca=get_pki().ca_file),
-    )
-    assert handle.running.registrar.registered.wait(20)
-    return handle
-
-
-def wait_until(predicate: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+    return registered_host(daemon_factory, pool.address, pool.public, HOST, fake_gpus=2)
 
 
 # ---- tokens with claims the scheduler never signs ----
@@ -130,18 +113,7 @@ def test_huge_and_negative_claims(daemon: Any) -> None:
 
 
 def _register(pool: Pool, host_id: str, cfg: tls.TlsConfig) -> grpc.StatusCode | None:
-    class Source:
-        def devices(self) -> list[device_pb2.DeviceInfo]:
-            return [device_pb2.DeviceInfo(index=0, uuid=f"GPU-{host_id}", model="fake", memory_bytes=1 << 30)]
-
-    reg = Registrar(pool.address, host_id, "127.0.0.1:1", Source(), tls_config=cfg)  # type: ignore[arg-type]
-    try:
-        reg._register()
-        return None
-    except grpc.RpcError as err:
-        return err.code()  # type: ignore[no-any-return]
-    finally:
-        reg._channel.close()
+    return register_host(pool.address, host_id, cfg)
 
 
 def test_role_matrix(pool: Pool, host: Any) -> None:

@@ -25,7 +25,8 @@ from gpupool.scheduler.auth import credential_line
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
 from gpupool.server.registration import Registrar
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import DaemonFactory, get_pki, mint_token, plaintext_channel
+from scheduler_fixtures import wait_until
+from support import DaemonFactory, get_pki, mint_token, plaintext_channel, register_host, registered_host
 
 from gpupool import errors, pki, tls, tokens
 from gpupool._proto import device_pb2, scheduler_pb2
@@ -80,23 +81,7 @@ def pool(tmp_path: Path) -> Iterator[Pool]:
 @pytest.fixture
 def host(pool: Pool, daemon_factory: DaemonFactory) -> Any:
     """A daemon registered as HOST with its host certificate, verifying tokens with the public key file only."""
-    files = get_pki().issue("host", HOST)
-    handle = daemon_factory(
-        host_id=HOST,
-        scheduler=pool.address,
-        heartbeat_interval=0.3,
-        token_key=tokens.load_verifier(pool.public),
-        tls=tls.TlsConfig(cert=str(files.cert), key=str(files.key), ca=get_pki().ca_file),
-    )
-    assert handle.running.registrar.registered.wait(20)
-    return handle
-
-
-def wait_until(predicate: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
+    return registered_host(daemon_factory, pool.address, pool.public, HOST)
 
 
 def health(channel: grpc.Channel) -> Any:
@@ -145,18 +130,7 @@ def test_certificates_reload_without_a_restart(daemon_factory: DaemonFactory, tm
 
 
 def register(pool: Pool, host_id: str, cfg: tls.TlsConfig) -> grpc.StatusCode | None:
-    class Source:
-        def devices(self) -> list[device_pb2.DeviceInfo]:
-            return [device_pb2.DeviceInfo(index=0, uuid=f"GPU-{host_id}", model="fake", memory_bytes=1 << 30)]
-
-    reg = Registrar(pool.address, host_id, "127.0.0.1:1", Source(), tls_config=cfg)  # type: ignore[arg-type]
-    try:
-        reg._register()
-        return None
-    except grpc.RpcError as err:
-        return err.code()  # type: ignore[no-any-return]
-    finally:
-        reg._channel.close()
+    return register_host(pool.address, host_id, cfg)
 
 
 def test_a_rogue_daemon_cannot_register_as_another_host(pool: Pool, tmp_path: Path) -> None:

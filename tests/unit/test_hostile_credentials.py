@@ -126,37 +126,37 @@ def test_a_cache_folder_of_another_user_is_refused(tmp_path: Path, monkeypatch: 
         config.cache_dir("x", "T_CACHE")
 
 
-def test_gpupool_run_refuses_an_unsafe_cache_in_one_line(tmp_path: Path) -> None:
-    """`gpupool run --native-client` builds (or finds) the C++ client before it leases: with a cache others can
-    write it stops there, in one line, and never runs the command."""
+def _refused_with_a_shared_cache(tmp_path: Path, cmd: list[str], env: dict[str, str]) -> None:
+    """`cmd` with the C++ client's cache in a folder every user can write: it ends in one line (no traceback) and
+    never runs the command, nor builds or loads a library there."""
     pytest.importorskip("torch")
     shared = tmp_path / "shared"
     shared.mkdir()
     os.chmod(shared, 0o777)
-    env = {**os.environ, "GPUPOOL_NATIVE_CLIENT_CACHE": str(shared), "GPUPOOL_SCHEDULER": "127.0.0.1:9"}
-    for k in ("GPUPOOL_LEASE", "GPUPOOL_CUDA", "GPUPOOL_CLIENT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "gpupool.cli", "run", "--native-client", "--", sys.executable, "-c", "print('ran')"]
-    ran = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert ran.returncode == 1 and "ran" not in ran.stdout
-    assert ran.stderr.count("\n") == 1 and "writable by other users" in ran.stderr, ran.stderr
-
-
-def test_native_client_env_refuses_an_unsafe_cache_in_one_line(tmp_path: Path) -> None:
-    """`$GPUPOOL_CLIENT=native` outside `gpupool run`: `import torch` loads the C++ client from the backend entry
-    point; with a cache others can write it ends the process in one line (no traceback), never loading a library."""
-    pytest.importorskip("torch")
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    os.chmod(shared, 0o777)
-    env = {**os.environ, "GPUPOOL_NATIVE_CLIENT_CACHE": str(shared), "GPUPOOL_CLIENT": "native"}
-    for k in ("GPUPOOL_LEASE", "GPUPOOL_CUDA", "TORCH_DEVICE_BACKEND_AUTOLOAD"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-c", "import torch; print('ran')"]
+    inherited = ("GPUPOOL_LEASE", "GPUPOOL_CUDA", "GPUPOOL_CLIENT", "TORCH_DEVICE_BACKEND_AUTOLOAD")
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in inherited},
+        "GPUPOOL_NATIVE_CLIENT_CACHE": str(shared),
+        **env,
+    }
     ran = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert ran.returncode == 1 and "ran" not in ran.stdout
     assert ran.stderr.count("\n") == 1 and "writable by other users" in ran.stderr, ran.stderr
     assert not any(shared.iterdir())
+
+
+def test_gpupool_run_refuses_an_unsafe_cache_in_one_line(tmp_path: Path) -> None:
+    """`gpupool run --native-client` builds (or finds) the C++ client before it leases: it stops there."""
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", "--native-client", "--", sys.executable, "-c", "print('ran')"]
+    _refused_with_a_shared_cache(tmp_path, cmd, {"GPUPOOL_SCHEDULER": "127.0.0.1:9"})
+
+
+def test_native_client_env_refuses_an_unsafe_cache_in_one_line(tmp_path: Path) -> None:
+    """`$GPUPOOL_CLIENT=native` outside `gpupool run`: `import torch` loads the C++ client from the backend entry
+    point, and stops there."""
+    _refused_with_a_shared_cache(
+        tmp_path, [sys.executable, "-c", "import torch; print('ran')"], {"GPUPOOL_CLIENT": "native"}
+    )
 
 
 def _api_token(*args: str) -> subprocess.CompletedProcess[str]:
