@@ -25,7 +25,7 @@ from gpupool import wire
 from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import GpupoolError, InvalidArgument
 
-from . import checks, cost, guards
+from . import checks, cost, fallbacks, guards
 from .sessions import WorkerSession
 
 if TYPE_CHECKING:
@@ -417,8 +417,13 @@ def _prebuild(
             kfill.append((k, [x.slot if isinstance(x, _Ref) else 0 for x in v]))
         else:
             ktemplate[k] = v
-    # The overload's C++ entry point itself (OpOverload.__call__ is one Python frame around it).
-    fn: Callable[..., Any] = guards.replacement(op) or op._op
+    # The overload's C++ entry point itself (OpOverload.__call__ is one Python frame around it); on a fake GPU an
+    # accelerator-only op runs its CPU equivalent, as eager ops do (not fallbacks' faster compositions of ops that
+    # have a CPU kernel: those would keep the graph from TorchScript, which runs the kernel at its own speed).
+    replacement = guards.replacement(op)
+    if replacement is None and op._schema.name in fallbacks.NAMES:
+        replacement = fallbacks.lookup(op, dev)
+    fn: Callable[..., Any] = replacement or op._op
     if torch.Tag.nondeterministic_seeded in op.tags:
         seeded, kernel = host._seeded, op._op
 
@@ -445,7 +450,7 @@ def _prebuild(
         check,
         op._schema.name in _UNINITIALIZED,
         torch.Tag.nondeterministic_seeded in op.tags,
-        guards.replacement(op) is not None,
+        replacement is not None,
     )
     return call, values[: len(outs)], reads
 

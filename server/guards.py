@@ -279,7 +279,9 @@ def check_counts(op: torch._ops.OpOverload, msg_lists: Sequence[int], args: Args
     if any(n > MAX_TENSORS for n in msg_lists):
         raise InvalidArgument(f"a tensor list argument of {max(msg_lists)} tensors; at most {MAX_TENSORS}")
     count = _LIST_COUNTS.get(op._schema.name)
-    n = 0 if count is None else int(checked(op._schema.name, count, args, kwargs))
+    if count is None or not (args or kwargs):  # the message's list lengths alone, before its arguments are decoded
+        return
+    n = int(checked(op._schema.name, count, args, kwargs))
     if n > MAX_TENSORS:
         raise InvalidArgument(f"{op._schema.name} would return {n} tensors; at most {MAX_TENSORS}")
 
