@@ -44,6 +44,7 @@ from gpupool.errors import InvalidArgument
 MAX_OP_IDS = 4096  # op names a session may define (a table of at most this many short strings)
 MAX_NAME = 128  # as the daemon's op-name check
 MAX_LIST = 65535  # entries of one list argument (u16 count)
+MAX_OUTPUTS = 255  # output handles of one record (u8 count)
 
 # Tags (one byte each).
 NONE, TENSOR, INT, FLOAT, BOOL = 0, 1, 2, 3, 4

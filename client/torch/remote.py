@@ -114,6 +114,9 @@ def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...]
             h = rt.new_handle()
             handles.append(h)
             results.append(wrap(rt, h, m.shape, m.stride, m.offset, m.dtype, m))
+    if tail is not None and len(handles) > compact.MAX_OUTPUTS:  # `unbind` of a long dim: the `Op` form has no limit
+        _, _, wire_args, wire_kwargs = encode.build(rt, sch, args, kwargs)
+        tail = None
     if tail is not None:
         rt.eager_op(sch.name, compact.outputs_part(handles) + tail)
     else:

@@ -36,6 +36,19 @@ def test_failing_op_raises_at_next_sync_with_its_name(dev: torch.device) -> None
     assert (x + 1).sum().item() == 6.0
 
 
+def test_an_op_returning_more_tensors_than_allowed_is_refused(dev: torch.device) -> None:
+    """Each tensor an op returns costs the daemon host memory outside the quota: `unbind` of 65537 rows is refused
+    before it runs (server/guards.py MAX_TENSORS), and the session keeps working. 300 rows is more outputs than a
+    compact record names (a u8 count): the op goes as an `Op` and returns every row."""
+    rows = torch.arange(600.0).reshape(300, 2)
+    got = rows.to(dev).unbind()
+    assert len(got) == 300 and torch.equal(torch.stack([r.cpu() for r in got[::37]]), rows[::37])
+    x = torch.zeros(65537, 1).to(dev)
+    with pytest.raises(gt.RemoteError, match="would return 65537 tensors; at most 65536"):
+        x.unbind()[0].item()
+    assert (x[:4] + 1).sum().item() == 4.0
+
+
 def test_failed_in_place_op_raises_at_read_back_not_a_stale_value(dev: torch.device) -> None:
     # quantile ends with an in-place lerp_ into the lower neighbours: a failed in-place op leaves its (unpoisoned)
     # tensor as it was, so a read-back that skipped the pending error returned a wrong value without raising.
