@@ -549,6 +549,12 @@ Plan infer(const c10::OperatorHandle& op, const IValue* args, size_t nargs, std:
     }
     plan.rets.push_back(std::move(rp));
   }
+  size_t nouts = 0;
+  for (const RetPlan& r : plan.rets) nouts += r.outs.size();
+  // A compact record names at most 255 outputs (a u8 count): a `_foreach_` op over more tensors (Adam's over a model
+  // of more than 255 parameters) goes through the Python fallback, as an `Op`.
+  TORCH_CHECK(nouts <= 255, "gpupool native client: ", schema.name(), " returns ", nouts,
+              " tensors: more than a compact record names");
   margs_out = std::move(margs);
   return plan;
 }

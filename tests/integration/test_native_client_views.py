@@ -106,6 +106,17 @@ for step in range(4):
     losses.append(loss.item())
 out["train_losses"] = losses
 out["train_weights"] = [c(p) for p in lin.parameters()]
+
+# 300 parameters: Adam's `_foreach_` ops return more tensors than a compact record names (a u8 count of outputs)
+torch.manual_seed(3)
+deep = nn.Sequential(*(nn.Linear(4, 4) for _ in range(150))).to(dev)
+optim = torch.optim.Adam(deep.parameters(), lr=1e-3, foreach=True)
+x = d(torch.randn(8, 4))
+for step in range(2):
+    optim.zero_grad()
+    deep(x).square().mean().backward()
+    optim.step()
+out["adam_300_params"] = [c(deep[0].weight), c(deep[-1].bias)]
 if dev != "cpu":
     from gpupool.client.native import backend
 
@@ -118,7 +129,7 @@ print(json.dumps(out))
 CASES = (
     "matmul_t", "matmul_t_left", "matmul_slices", "add_slice", "add_expand", "select_diag", "inplace_views",
     "cat_views", "stack_views", "clone_views", "index_none", "index_select", "freed_base", "out_view", "adam", "adamw",
-    "train_losses", "train_weights",
+    "train_losses", "train_weights", "adam_300_params",
 )  # fmt: skip
 
 

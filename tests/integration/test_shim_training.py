@@ -111,6 +111,28 @@ def test_adam_step_takes_the_foreach_path(dev: torch.device) -> None:
     assert adam_step_ops(dev, foreach=False) >= 5 * default
 
 
+def train_deep(device: torch.device | str, steps: int) -> list[float]:
+    """150 linear layers: 300 parameters, so Adam's `_foreach_` ops return more tensors than a compact record
+    names (a u8 count of outputs): `_foreach_sqrt` of 300 tensors raised struct.error in the client."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(4, 4) for _ in range(150))).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    data = torch.Generator().manual_seed(2)
+    losses = []
+    for _ in range(steps):
+        x, y = torch.randn(8, 4, generator=data).to(device), torch.randn(8, 4, generator=data).to(device)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_adam_over_more_parameters_than_a_record_names_matches_local(dev: torch.device) -> None:
+    assert_losses_close(train_deep(dev, 3), train_deep("cpu", 3))
+
+
 def test_a_cpu_tensor_to_gpupool_is_one_upload(dev: torch.device) -> None:
     """x.to("gpupool") of a contiguous CPU tensor sends no op (the upload is the new tensor); other layouts, dtype
     changes and autograd keep their meaning."""
