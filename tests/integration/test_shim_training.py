@@ -32,13 +32,25 @@ def stock_mlp() -> nn.Module:
 
 def train_mlp(device: torch.device | str, steps: int) -> list[float]:
     torch.manual_seed(0)
-    model = stock_mlp().to(device)
+    return train_adam(device, stock_mlp(), steps, (256, 500), (256, 1), seed=1)
+
+
+def train_adam(
+    device: torch.device | str,
+    model: nn.Module,
+    steps: int,
+    x_shape: tuple[int, ...],
+    y_shape: tuple[int, ...],
+    seed: int,
+) -> list[float]:
+    """`steps` Adam steps of `model` on `device` (MSE on random batches of the given shapes); the losses."""
+    model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    data = torch.Generator().manual_seed(1)
+    data = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
-        x = torch.randn(256, 500, generator=data)
-        y = torch.randn(256, 1, generator=data)
+        x = torch.randn(*x_shape, generator=data)
+        y = torch.randn(*y_shape, generator=data)
         x, y = x.to(device), y.to(device)
         opt.zero_grad()
         loss = nn.functional.mse_loss(model(x), y)
@@ -115,18 +127,7 @@ def train_deep(device: torch.device | str, steps: int) -> list[float]:
     """150 linear layers: 300 parameters, so Adam's `_foreach_` ops return more tensors than a compact record
     names (a u8 count of outputs): `_foreach_sqrt` of 300 tensors raised struct.error in the client."""
     torch.manual_seed(0)
-    model = nn.Sequential(*(nn.Linear(4, 4) for _ in range(150))).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    data = torch.Generator().manual_seed(2)
-    losses = []
-    for _ in range(steps):
-        x, y = torch.randn(8, 4, generator=data).to(device), torch.randn(8, 4, generator=data).to(device)
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return train_adam(device, nn.Sequential(*(nn.Linear(4, 4) for _ in range(150))), steps, (8, 4), (8, 4), seed=2)
 
 
 def test_adam_over_more_parameters_than_a_record_names_matches_local(dev: torch.device) -> None:
