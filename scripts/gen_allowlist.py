@@ -56,6 +56,7 @@ EXTRA = {
     "aten::_reshape_alias.default": "view decompositions (checked: server/guards.py replaces it with as_strided)",
     "aten::chunk.default": "torch.chunk from raw clients (its count is bounded in server/guards.py)",
     "aten::contiguous.default": "the shim makes tensors contiguous before transfers",
+    "aten::_index_put_impl_.default": "index_put_ through its composite kernel (the C++ client; run as index_put_)",
     # What autograd picks on a non-CPU device (nn.LSTM/GRU cells, depthwise convs): CPU-backed fake GPUs run
     # them through server/fallbacks.py.
     "aten::_thnn_fused_lstm_cell.default": "nn.LSTM on a non-CPU device",

@@ -5,7 +5,8 @@
   aborting the whole daemon on bad indices or mismatched lists.
 - `replacement`: checked implementations for ops whose kernels reach out of bounds (`_reshape_alias` sets any
   sizes and strides on a storage, where `as_strided` checks them; `_unsafe_masked_index*` read and write
-  wherever their indices point, where torch's decomposition clamps them).
+  wherever their indices point, where torch's decomposition clamps them; `_index_put_impl_` runs as
+  `index_put_`, its `unsafe` flag ignored).
 - `check_enums`, `check_counts`: dtype-like parameters must not be plain ints; list arguments and list
   results are capped. (How many bytes an op will allocate is sizing.py's business.)
 - `check_inputs`: no tensor argument may be logically larger than the session's quota in elements. Expanded
@@ -200,6 +201,15 @@ def _masked_index_put_accumulate(x: torch.Tensor, mask: torch.Tensor, indices: l
     return torch.ops.aten.index_put.default(x, _clamped(x, indices), masked, True)
 
 
+def _index_put_impl_checked(
+    self: torch.Tensor, indices: list[Any], values: torch.Tensor, accumulate: bool = False, unsafe: bool = False
+) -> torch.Tensor:
+    """`_index_put_impl_` is what `index_put_` calls under its composite kernel (a PrivateUse1 client such as
+    the C++ one sees it, not `index_put_`); its `unsafe` flag lets a CUDA kernel skip the index bounds check.
+    Run as `index_put_`: always checked, whatever the client asked."""
+    return torch.ops.aten.index_put_.default(self, indices, values, accumulate)
+
+
 def _grown_zeroed(inplace: Callable[..., Any]) -> Callable[..., Any]:
     """The functional (and out=) form of an in-place resize (`resize`, `resize_as`: a clone of `self`, resized),
     with the bytes the resize added zeroed: torch leaves them as the allocator had them, which may be another
@@ -226,6 +236,7 @@ _REPLACEMENTS: dict[str, Callable[..., Any]] = {
     "aten::_reshape_alias": _checked_reshape_alias,
     "aten::_unsafe_masked_index": _masked_index,
     "aten::_unsafe_masked_index_put_accumulate": _masked_index_put_accumulate,
+    "aten::_index_put_impl_": _index_put_impl_checked,
 }
 
 

@@ -21,6 +21,7 @@ import grpc
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
+from gpupool.server import guards
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import DaemonHandle, Healthy, MiB, start_serve_process, stop_process, tls_channel
 
@@ -160,6 +161,29 @@ def test_out_of_bounds_views_are_refused(bad: Session) -> None:
     [ok] = bad.call("aten::_reshape_alias.default", h, [2, 2], [2, 1])
     assert torch.equal(bad.download(ok), torch.arange(4.0).view(2, 2))
     assert torch.equal(bad.download(h), torch.arange(4.0))
+
+
+def test_index_put_impl_is_checked_whatever_its_unsafe_flag(bad: Session) -> None:
+    """`_index_put_impl_` (what `index_put_`'s composite kernel calls: the C++ client sends it) runs as
+    `index_put_`: in-range indices give local torch's result, out-of-range ones are refused, unsafe or not."""
+    # On a real GPU `unsafe=True` lets the CUDA kernel skip its bounds check; CPU kernels check whatever it
+    # says, so there only the replacement's presence shows.
+    assert guards.replacement(torch.ops.aten._index_put_impl_.default) is not None
+    base, values = torch.arange(30.0).view(5, 6), torch.full((2, 6), 0.5)
+    index = torch.tensor([0, 3])
+    for accumulate in (False, True):
+        h = Handle(bad.upload(base))
+        bad.call("aten::_index_put_impl_.default", h, [Handle(bad.upload(index))], Handle(bad.upload(values)),
+                 accumulate, True, outputs=[0])  # fmt: skip
+        expected = base.clone().index_put_((index,), values, accumulate)
+        assert torch.equal(bad.download(h), expected)
+    for far in (5, -6, 1 << 40):
+        h = Handle(bad.upload(base))
+        bad.call("aten::_index_put_impl_.default", h, [Handle(bad.upload(torch.tensor([far])))],
+                 Handle(bad.upload(values[:1])), True, True, outputs=[0])  # fmt: skip
+        with pytest.raises(errors.InvalidArgument, match="out of bounds|index"):
+            bad.sync()
+        assert torch.equal(bad.download(h), base)
 
 
 def test_kernels_that_trust_their_inputs_are_checked(served: DaemonHandle, bad: Session) -> None:

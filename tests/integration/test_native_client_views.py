@@ -77,6 +77,10 @@ out["freed_base_local"] = c(want)
 o = d(torch.zeros(4, 7))
 torch.mul(a[1:3], 2.0, out=o[1:3])  # out= into a view: may restride, so a view handle (as_strided)
 out["out_view"] = c(o)
+put = d(torch.zeros(5, 3))
+put[idx[1:3]] = d(torch.ones(2, 3))  # index_put_: the C++ client sends its composite's _index_put_impl_
+put.index_put_((idx[0:2],), d(torch.full((2, 3), 2.0)), accumulate=True)
+out["index_put"] = c(put)
 
 # Adam / AdamW (foreach) over gradients that are views of one flat buffer
 for name, cls in (("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)):
@@ -129,7 +133,7 @@ print(json.dumps(out))
 CASES = (
     "matmul_t", "matmul_t_left", "matmul_slices", "add_slice", "add_expand", "select_diag", "inplace_views",
     "cat_views", "stack_views", "clone_views", "index_none", "index_select", "freed_base", "out_view", "adam", "adamw",
-    "train_losses", "train_weights", "adam_300_params",
+    "train_losses", "train_weights", "adam_300_params", "index_put",
 )  # fmt: skip
 
 
