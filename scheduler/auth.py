@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,12 +93,23 @@ def current() -> Identity:
     return ident
 
 
+# A file modified this close to when it was read may change again within one tick of the file system's clock
+# (git's "racy clean"): until its mtime is older than that, every lookup reads it again.
+_RACY_NS = 2_000_000_000
+
+
 class Credentials:
-    """The credentials file: sha256(token) -> Identity, re-read when it changes."""
+    """The credentials file: sha256(token) -> Identity, re-read when it changes.
+
+    A change is seen by inode, mtime, ctime and size; a file modified within two seconds of its last read is
+    read again on every lookup (its content compared), so removing a token takes effect at the next call even
+    when the edit kept the size and landed in the same timestamp tick (or restored the mtime)."""
 
     def __init__(self, path: str | None) -> None:
         self.path = Path(path) if path else None
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int, int] | None = None
+        self._settled = False  # the stamp was taken long enough after the last write to stand for the content
+        self._text: str | None = None
         self._table: dict[str, Identity] = {}
         self._lock = threading.Lock()
         if self.path is not None:
@@ -106,17 +118,21 @@ class Credentials:
     def _reload(self, strict: bool = False) -> None:
         assert self.path is not None
         try:
+            now = time.time_ns()
             st = self.path.stat()
-            if (st.st_mtime_ns, st.st_size) == self._stamp:
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+            if stamp == self._stamp and self._settled:
                 return
-            table = parse_credentials(self.path.read_text())
+            text = self.path.read_text()
+            table = self._table if text == self._text else parse_credentials(text)
         except (OSError, InvalidArgument) as exc:
             if strict:
                 raise InvalidArgument(f"credentials file {self.path}: {exc}") from exc
             log.warning("credentials file %s unreadable (keeping the previous one): %s", self.path, exc)
             return
         with self._lock:
-            self._table, self._stamp = table, (st.st_mtime_ns, st.st_size)
+            self._table, self._stamp, self._text = table, stamp, text
+            self._settled = max(st.st_mtime_ns, st.st_ctime_ns) < now - _RACY_NS
 
     def lookup(self, token: str) -> Identity | None:
         if self.path is None:

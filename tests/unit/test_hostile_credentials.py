@@ -4,14 +4,17 @@ against a lease that never expires, and the build caches whose shared libraries 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from gpupool.scheduler import auth
 from gpupool.scheduler.hosts import DeviceSpec
 from gpupool.scheduler.leases import Core, CoreConfig
 from gpupool.scheduler.placement import Request
@@ -196,3 +199,23 @@ def test_the_scheduler_refuses_a_tenant_limit_that_is_not_a_number(value: str) -
     cmd = [sys.executable, "-m", "gpupool.cli", "scheduler", "--tenant-max-share", value, "--listen", "127.0.0.1:0"]
     ran = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert ran.returncode == 2 and "--tenant-max-share" in ran.stderr, ran.stderr
+
+
+@pytest.mark.parametrize("age_s", [0, 3600], ids=["just-written", "an-hour-old"])
+def test_a_removed_api_token_stops_working_even_when_size_and_mtime_are_kept(tmp_path: Path, age_s: int) -> None:
+    """Replacing a tenant's token by another of the same length, in place, within one timestamp tick (or putting
+    the mtime back) kept the (mtime, size) stamp the scheduler compared: the revoked token went on working."""
+    path = tmp_path / "credentials"
+    line = "tenant alice sha256:{}\n"
+    old, new = "a" * 40, "b" * 40
+    path.write_text(line.format(hashlib.sha256(old.encode()).hexdigest()))
+    then = time.time_ns() - age_s * 10**9
+    os.utime(path, ns=(then, then))
+    creds = auth.Credentials(str(path))
+    assert creds.lookup(old) is not None and creds.lookup(new) is None
+    with path.open("r+") as f:  # the same inode, the same size
+        f.write(line.format(hashlib.sha256(new.encode()).hexdigest()))
+    os.utime(path, ns=(then, then))
+    assert path.stat().st_size == len(line.format("0" * 64)) and path.stat().st_mtime_ns == then
+    assert creds.lookup(old) is None
+    assert creds.lookup(new) is not None and creds.lookup(new).name == "alice"
