@@ -29,7 +29,7 @@ from typing import Any
 
 import grpc
 
-from gpupool.errors import InvalidArgument, PermissionDenied, Unauthenticated, abort
+from gpupool.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated, abort
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,41 @@ class Authenticator:
         raise Unauthenticated("no credentials: present a client certificate or an API token (GPUPOOL_API_TOKEN_FILE)")
 
 
-def _wrap(behavior: Callable[..., Any], authn: Authenticator, roles: tuple[str, ...]) -> Callable[..., Any]:
+class TenantRate:
+    """Calls per second each tenant may make, a token bucket per tenant name (`--tenant-rate`; 0: no limit).
+
+    Hosts (heartbeats) and admins are never limited: a tenant that floods the scheduler with cheap calls
+    (ListPool) gets RESOURCE_EXHAUSTED instead of slowing every other caller's calls down."""
+
+    MAX_TRACKED = 10_000  # names come from credentials and the CA's certificates; idle buckets are dropped past it
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, 10.0 * rate)
+        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def take(self, name: str) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        with self._lock:
+            tokens, at = self._buckets.get(name, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - at) * self.rate)
+            if len(self._buckets) >= self.MAX_TRACKED and name not in self._buckets:
+                full = [k for k, (t, a) in self._buckets.items() if t + (now - a) * self.rate >= self.burst]
+                for k in full:
+                    del self._buckets[k]  # a full bucket holds no state worth keeping
+            if tokens < 1.0:
+                self._buckets[name] = (tokens, now)
+                return False
+            self._buckets[name] = (tokens - 1.0, now)
+            return True
+
+
+def _wrap(
+    behavior: Callable[..., Any], authn: Authenticator, roles: tuple[str, ...], rate: TenantRate | None = None
+) -> Callable[..., Any]:
     def call(request: Any, context: grpc.ServicerContext) -> Any:
         try:
             ident = authn.identify(context.invocation_metadata(), context)
@@ -208,6 +242,9 @@ def _wrap(behavior: Callable[..., Any], authn: Authenticator, roles: tuple[str, 
                 raise PermissionDenied(f"a {ident.role} credential may not call this method")
         except (Unauthenticated, PermissionDenied) as exc:
             abort(context, exc)
+        if rate is not None and ident.role == TENANT and not rate.take(ident.name):
+            abort(context, ResourceExhausted(f"tenant {ident.name!r} is over its {rate.rate:g} calls a second "
+                                             "to the scheduler (--tenant-rate): slow down and retry"))  # fmt: skip
         token = _current.set(ident)
         try:
             return behavior(request, context)
@@ -221,8 +258,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
     """Authenticates every Scheduler call before its handler runs (unary handlers only: the Scheduler has no
     streams), and exposes the identity through `current()`."""
 
-    def __init__(self, authn: Authenticator) -> None:
+    def __init__(self, authn: Authenticator, rate: TenantRate | None = None) -> None:
         self.authn = authn
+        self.rate = rate
 
     def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
@@ -234,7 +272,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler.unary_unary is None:
             return _refused(handler)  # a streaming Scheduler method would pass unchecked: fail closed
         return grpc.unary_unary_rpc_method_handler(
-            _wrap(handler.unary_unary, self.authn, roles),
+            _wrap(handler.unary_unary, self.authn, roles, self.rate),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )

@@ -29,7 +29,7 @@ from gpupool.errors import ErrorInterceptor, GpupoolError
 from gpupool.protocol import Policy
 from gpupool.tls import TlsConfig
 
-from .auth import Authenticator, AuthInterceptor
+from .auth import Authenticator, AuthInterceptor, TenantRate
 from .leases import Core, CoreConfig
 from .metrics import SchedulerMetrics
 from .placement import POLICIES
@@ -70,6 +70,7 @@ class SchedulerConfig:
     max_lease_ttl: float = 24 * 3600.0
     tenant_max_share: float = 0.0
     tenant_max_waiting: int = 8
+    tenant_rate: float = 100.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--tenant-max-waiting", type=int, default=8, help="waiting Allocate requests per tenant; 0: no limit")
     add_flag(
         p,
+        "--tenant-rate",
+        type=float,
+        default=100.0,
+        help="calls a second each tenant may make (bursts of 10 s worth; hosts and admins are never limited); "
+        "0: no limit",
+    )
+    add_flag(
+        p,
         "--standby",
         action="store_true",
         help="if another scheduler owns the state, wait and take over when it stops (default: refuse to start)",
@@ -140,7 +149,7 @@ class SchedulerServer:
         authn = Authenticator(config.credentials, verified_certs=verified, open_access=config.tls.insecure)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="sched"),
-            interceptors=[AuthInterceptor(authn), ErrorInterceptor()],
+            interceptors=[AuthInterceptor(authn, TenantRate(config.tenant_rate)), ErrorInterceptor()],
         )
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
@@ -268,6 +277,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         max_lease_ttl=args.max_lease_ttl,
         tenant_max_share=args.tenant_max_share,
         tenant_max_waiting=args.tenant_max_waiting,
+        tenant_rate=args.tenant_rate,
     )
 
 
@@ -279,6 +289,8 @@ def main(argv: list[str]) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
     if not (0 <= args.tenant_max_share < math.inf) or args.tenant_max_waiting < 0:  # nan: every Allocate failed
         parser.error("--tenant-max-share and --tenant-max-waiting must be finite and not negative")
+    if not 0 <= args.tenant_rate < math.inf:
+        parser.error("--tenant-rate must be finite and not negative")
     config = config_from_args(args)
     setup_logging("scheduler")
     try:

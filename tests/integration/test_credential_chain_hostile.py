@@ -6,6 +6,7 @@ Findings fixed here (each test fails without its fix):
   session, that never expires; `"device": true` was a second spelling of device 1 (tokens.py `_claims`);
 - a streaming method of the Scheduler service would have been served without authentication (the interceptor
   wrapped unary handlers only and passed the others through): now refused (scheduler/auth.py).
+Round 16: a tenant flooding the scheduler with calls is limited alone (`--tenant-rate`).
 The rest are regression guards of what was checked and held: who may call what, replays after renewal and release.
 """
 
@@ -268,3 +269,34 @@ def test_sessions_never_send_the_api_token_to_a_daemon(monkeypatch: pytest.Monke
         server.stop(0)
     assert ("authorization", "Bearer tenant-api-secret") in seen["scheduler"]
     assert not any("tenant-api-secret" in v or k == "authorization" for k, v in seen["attach"])
+
+
+def test_a_tenant_flooding_the_scheduler_is_slowed_alone(tmp_path: Path) -> None:
+    """--tenant-rate: a tenant's calls beyond its bucket get RESOURCE_EXHAUSTED; another tenant, a host's
+    heartbeats and an admin are not touched, and the flooder's bucket refills (round 15's known limit: a ListPool
+    flood slowed every caller, heartbeats included)."""
+    signer = tokens.generate_key_file(tmp_path / "token.key", tmp_path / "token.pub")
+    config = SchedulerConfig(
+        listen="127.0.0.1:0",
+        metrics_listen="0",
+        tls=dataclasses.replace(get_pki().server_config(), client_auth="require"),
+        tenant_rate=5.0,  # bursts of 50 calls
+    )
+    server = SchedulerServer(config, signer).start()
+    pool = Pool(server, server.address, signer, tmp_path / "token.pub")
+    alice, bob = pool.client("tenant", "alice"), pool.client("tenant", "bob")
+    host, admin = pool.client("host", "h1"), pool.client("admin", "ops")
+    try:
+        with pytest.raises(errors.ResourceExhausted, match="--tenant-rate"):
+            for _ in range(200):
+                alice.list_pool()
+        bob.list_pool()
+        admin.list_pool()
+        for _ in range(100):
+            host._call("Heartbeat", scheduler_pb2.HeartbeatRequest(host_id="h1"))
+        time.sleep(0.5)  # 5 calls a second: two are back
+        alice.list_pool()
+    finally:
+        for c in (alice, bob, host, admin):
+            c.close()
+        server.stop(grace=0.5)
