@@ -33,9 +33,11 @@ the sockets close, and the peers see their collective fail too. Every length rea
 (MAX_FRAME, and what the receiver expects), every read has the group's deadline.
 
 Collectives (what server/collectives.py runs): allreduce (sum, product, min, max; avg is sum then divide),
-broadcast, allgather, barrier. The hub reduces in rank order, `((t0 op t1) op t2) ...` with torch's CPU
-kernels, and sends the result back: the outcome equals that local computation bit for bit, on every rank.
-CUDA tensors go through host copies.
+broadcast, allgather, barrier. An allreduce streams: each rank sends its tensor frame by frame from a thread
+while it receives the result; the hub reduces each frame's elements in rank order, `((t0 op t1) op t2) ...`
+with torch's CPU kernels, and sends that frame of the result back at once. The outcome equals that local
+computation bit for bit, on every rank. Broadcast and allgather go through the hub whole (they are small in
+DDP: parameters once, shape signatures). CUDA tensors go through host copies.
 
 Not protected: the store itself (plain TCP; values signed, not secret: the hub's address and the generation),
 traffic analysis (sizes and timing), and denial of service by anyone who can reach or cut the connections.
@@ -72,7 +74,7 @@ HELLO = struct.Struct("!8sI32s")  # magic, rank, nonce
 HELLO_BYTES = HELLO.size
 HUB_HELLO_BYTES = HELLO_BYTES + MAC_BYTES
 CONFIRM_BYTES = MAC_BYTES
-MAX_FRAME = 4 << 20  # plaintext bytes of one frame
+MAX_FRAME = 1 << 20  # plaintext bytes of one frame (a multiple of every element size; several in flight pipeline)
 MAX_FRAMES = 1 << 48  # per direction of a connection: far below 2^64 counter values
 MAX_PENDING = 32  # handshakes in progress at the hub at once (outsiders cannot hold more sockets open)
 HANDSHAKE_SECONDS = 10.0  # at most, per connection: an idle outsider is dropped after this
@@ -95,7 +97,8 @@ def connection_keys(
 
 
 class Channel:
-    """One authenticated connection: a key and a frame counter per direction."""
+    """One authenticated connection: a key and a frame counter per direction. One thread may send while
+    another receives (each direction has its own state and buffer)."""
 
     def __init__(self, sock: socket.socket, peer: int, send_key: bytes, recv_key: bytes) -> None:
         self.sock = sock
@@ -104,63 +107,72 @@ class Channel:
         self._recv = AESGCM(recv_key)
         self._sent = 0
         self._received = 0
-        self._buf = bytearray(MAX_FRAME + TAG_BYTES)
+        self._out = bytearray(_LEN.size + MAX_FRAME + TAG_BYTES)  # a frame as it goes out: length, sealed bytes
+        self._in = bytearray(MAX_FRAME + TAG_BYTES)  # a frame as it comes in
+        self._plain = bytearray(MAX_FRAME)  # its plaintext, once authenticated
 
     def _nonce(self, counter: int) -> bytes:
         if counter >= MAX_FRAMES:
             raise LinkError(f"the link with rank {self.peer} has carried its limit of frames")
         return counter.to_bytes(12, "big")
 
+    def send_frame(self, chunk: memoryview, deadline: float) -> None:
+        """One frame of at most MAX_FRAME bytes."""
+        n = len(chunk)
+        assert n <= MAX_FRAME
+        header = _LEN.pack(n + TAG_BYTES)
+        self._out[: _LEN.size] = header
+        nonce = self._nonce(self._sent)
+        self._sent += 1
+        self._send.encrypt_into(nonce, chunk, header, memoryview(self._out)[_LEN.size : _LEN.size + n + TAG_BYTES])
+        _set_deadline(self.sock, deadline, self.peer)
+        try:
+            self.sock.sendall(memoryview(self._out)[: _LEN.size + n + TAG_BYTES])
+        except OSError as exc:
+            raise LinkError(f"sending to rank {self.peer} failed: {_why(exc)}") from None
+
+    def recv_frame(self, want: int, deadline: float) -> memoryview:
+        """The plaintext of the next frame, which must hold `want` bytes (<= MAX_FRAME), authenticated before
+        it is returned; valid until the next call."""
+        (length,) = _LEN.unpack(_recv_exact(self.sock, _LEN.size, deadline, self.peer))
+        if length != want + TAG_BYTES:
+            raise LinkError(
+                f"rank {self.peer} sent a frame of {length} bytes where {want + TAG_BYTES} were due "
+                "(altered on the wire, or the ranks disagree)"
+            )
+        sealed = memoryview(self._in)[:length]
+        _recv_into(self.sock, sealed, deadline, self.peer)
+        plain = memoryview(self._plain)[:want]
+        try:  # into a scratch buffer: bytes that fail authentication never reach a tensor
+            self._recv.decrypt_into(self._nonce(self._received), sealed, _LEN.pack(length), plain)
+        except InvalidTag:
+            raise LinkError(
+                f"a frame from rank {self.peer} failed authentication (altered, replayed or forged on the "
+                "wire): the collective is abandoned"
+            ) from None
+        self._received += 1
+        return plain
+
     def send(self, data: memoryview, deadline: float) -> None:
         """`data` as ceil(len / MAX_FRAME) frames (at least one: an empty message still is one)."""
-        n = len(data)
-        offset = 0
-        while True:
-            chunk = data[offset : offset + MAX_FRAME]
-            header = _LEN.pack(len(chunk) + TAG_BYTES)
-            sealed = self._send.encrypt(self._nonce(self._sent), chunk, header)
-            self._sent += 1
-            _set_deadline(self.sock, deadline, self.peer)
-            try:
-                self.sock.sendall(header + sealed)
-            except OSError as exc:
-                raise LinkError(f"sending to rank {self.peer} failed: {_why(exc)}") from None
-            offset += len(chunk)
-            if offset >= n:
-                return
+        for start, end in _frames(len(data)):
+            self.send_frame(data[start:end], deadline)
 
     def recv_into(self, out: memoryview, deadline: float) -> None:
-        """Exactly len(out) bytes, in the frames `send` makes of them; each authenticated before it is used."""
-        n = len(out)
-        offset = 0
-        while True:
-            want = min(MAX_FRAME, n - offset)
-            (length,) = _LEN.unpack(_recv_exact(self.sock, _LEN.size, deadline, self.peer))
-            if length != want + TAG_BYTES:
-                raise LinkError(
-                    f"rank {self.peer} sent a frame of {length} bytes where {want + TAG_BYTES} were due "
-                    "(altered on the wire, or the ranks disagree)"
-                )
-            view = memoryview(self._buf)[:length]
-            _recv_into(self.sock, view, deadline, self.peer)
-            try:
-                plain = self._recv.decrypt(self._nonce(self._received), view, _LEN.pack(length))
-            except InvalidTag:
-                raise LinkError(
-                    f"a frame from rank {self.peer} failed authentication (altered, replayed or forged on the "
-                    "wire): the collective is abandoned"
-                ) from None
-            self._received += 1
-            out[offset : offset + want] = plain
-            offset += want
-            if offset >= n:
-                return
+        """Exactly len(out) bytes, in the frames `send` makes of them."""
+        for start, end in _frames(len(out)):
+            out[start:end] = self.recv_frame(end - start, deadline)
 
     def close(self) -> None:
         try:
             self.sock.close()
         except OSError:
             pass
+
+
+def _frames(n: int) -> list[tuple[int, int]]:
+    """The (start, end) of each frame of a message of n bytes: MAX_FRAME each, the last shorter; one if empty."""
+    return [(start, min(start + MAX_FRAME, n)) for start in range(0, n, MAX_FRAME)] or [(0, 0)]
 
 
 # ---- forming the group ----
@@ -340,6 +352,8 @@ class SecureGroup:
         return _Done()
 
     def allreduce(self, tensors: list[torch.Tensor], opts: Any) -> _Done:
+        """Frame by frame: each rank streams its tensor to the hub (from a thread of its own, while it
+        receives); the hub reduces each frame's elements in rank order and streams the result back at once."""
         (t,) = tensors
         reducer = next((f for op, f in _REDUCERS if opts.reduceOp == op), None)
         if reducer is None:
@@ -347,16 +361,21 @@ class SecureGroup:
 
         def run(deadline: float) -> None:
             host = _host(t)
+            data, size = _bytes(host), host.element_size()
+            flat = host.reshape(-1)
             if self.rank == 0:
-                incoming = torch.empty_like(host)
-                for r in range(1, self.size):  # rank order: ((t0 op t1) op t2) ...
-                    self.channels[r].recv_into(_bytes(incoming), deadline)
-                    reducer(host, incoming)
-                for r in range(1, self.size):
-                    self.channels[r].send(_bytes(host), deadline)
+                for start, end in _frames(len(data)):
+                    acc = flat[start // size : end // size]
+                    for r in range(1, self.size):  # rank order: ((t0 op t1) op t2) ...
+                        plain = self.channels[r].recv_frame(end - start, deadline)
+                        if end > start:
+                            reducer(acc, torch.frombuffer(plain, dtype=host.dtype))
+                    for r in range(1, self.size):
+                        self.channels[r].send_frame(data[start:end], deadline)
             else:
-                self.channels[0].send(_bytes(host), deadline)
-                self.channels[0].recv_into(_bytes(host), deadline)
+                # The hub sends frame k of the result only after it read frame k from here: receiving into
+                # the tensor never overwrites bytes the sending thread has yet to encrypt.
+                _send_while(self.channels[0], data, deadline, lambda: self.channels[0].recv_into(data, deadline))
             if host is not t:
                 t.copy_(host)
 
@@ -421,6 +440,33 @@ class SecureGroup:
                 self.channels[0].recv_into(empty, deadline)
 
         return self._guard(run)
+
+
+def _send_while(channel: Channel, data: memoryview, deadline: float, receive: Callable[[], None]) -> None:
+    """Send `data` from another thread while `receive` runs here (a rank cannot first send all of a large
+    tensor and then read: the hub's result would fill the buffers both ways). The first error wins."""
+    failed: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            channel.send(data, deadline)
+        except BaseException as exc:  # reported by the receiving thread
+            failed.append(exc)
+            channel.close()  # wakes the receiver at once rather than at the deadline
+
+    sender = threading.Thread(target=send, name="gpupool-seclink-send", daemon=True)
+    sender.start()
+    try:
+        receive()
+    except BaseException:
+        channel.close()  # stops the sender too
+        sender.join()
+        if failed:  # the sender's error came first (its close is what the receiver saw)
+            raise failed[0] from None
+        raise
+    sender.join()
+    if failed:
+        raise failed[0]
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
