@@ -33,7 +33,6 @@ MiB = 1 << 20
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
-
     from gpupool.server import seclink
     from gpupool.server.collectives import _process_group, _SignedStore
 
@@ -132,14 +131,19 @@ def main() -> int:
                 g, s = instructions(tmp, "gloo", i) / 1e6, instructions(tmp, "secure", i) / 1e6
                 print(f"| {mib} | {g / args.rounds:.1f} | {s / args.rounds:.1f} | {s / g:.2f}x |")
             return 0
-        print("| MiB | gloo wall ms | secure wall ms | secure/gloo | gloo CPU ms (both) | secure CPU ms (both) | secure GB/s |")
+        print(
+            "| MiB | gloo wall ms | secure wall ms | secure/gloo | gloo CPU ms (both ranks) | secure CPU ms (both) "
+            "| secure GB/s |"
+        )
         print("|---|---|---|---|---|---|---|")
         for mib in args.sizes:
             k = str(mib)
             gw, sw = (statistics.median(rows[t][0][k]["wall"]) * 1e3 for t in ("gloo", "secure"))
             gc, sc = (statistics.median(a + b for a, b in zip(rows[t][0][k]["cpu"], rows[t][1][k]["cpu"], strict=True))
                       * 1e3 for t in ("gloo", "secure"))  # fmt: skip
-            print(f"| {mib} | {gw:.1f} | {sw:.1f} | {sw / gw:.2f}x | {gc:.1f} | {sc:.1f} | {mib * MiB / sw / 1e6:.2f} |")
+            print(
+                f"| {mib} | {gw:.1f} | {sw:.1f} | {sw / gw:.2f}x | {gc:.1f} | {sc:.1f} | {mib * MiB / sw / 1e6:.2f} |"
+            )
     return 0
 
 

@@ -178,9 +178,7 @@ def _frames(n: int) -> list[tuple[int, int]]:
 # ---- forming the group ----
 
 
-def form(
-    store: Any, secret: bytes, lease_id: str, rank: int, size: int, timeout: float, host: str
-) -> SecureGroup:
+def form(store: Any, secret: bytes, lease_id: str, rank: int, size: int, timeout: float, host: str) -> SecureGroup:
     """Connect this rank into the group's star (blocks until every rank is in, or raises LinkError)."""
     deadline = time.monotonic() + timeout
     if rank == 0:
@@ -286,7 +284,9 @@ def _connect(
     return Channel(sock, 0, c2s, s2c)
 
 
-def _accept(sock: socket.socket, secret: bytes, lease_id: str, generation: bytes, size: int, deadline: float) -> Channel:
+def _accept(
+    sock: socket.socket, secret: bytes, lease_id: str, generation: bytes, size: int, deadline: float
+) -> Channel:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     hello = _recv_exact(sock, HELLO_BYTES, deadline, -1)
     magic, rank, nonce_c = HELLO.unpack(hello)
@@ -480,7 +480,7 @@ def _bytes(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, writable in place."""
     if t.numel() == 0:
         return memoryview(bytearray())
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    return t.reshape(-1).view(torch.uint8).numpy().data  # a uint8 array: format "B", one dimension
 
 
 # ---- sockets with deadlines ----

@@ -27,18 +27,20 @@ import pytest
 import torch
 import torch.distributed as dist
 from gpupool.client.session import Session
+from gpupool.server import seclink
+from gpupool.server.collectives import _SignedStore, group_secret
 from support import MiB
 from test_collectives import collective, join_all
 
 from gpupool._proto import device_pb2
-from gpupool.server import seclink
-from gpupool.server.collectives import _SignedStore, group_secret
 
 TIMEOUT = 4.0
 Tamper = Callable[[int, int, bytes], bytes]  # (connection number, frame number, frame) -> frame to forward
 
 
-def sessions_of(daemon_factory: Any, devices: list[int], collectives: str = "secure") -> tuple[list[Session], list[str]]:
+def sessions_of(
+    daemon_factory: Any, devices: list[int], collectives: str = "secure"
+) -> tuple[list[Session], list[str]]:
     """One daemon per host, `devices[i]` fake GPUs on host i; one session per device, all of one lease."""
     lease = uuid.uuid4().hex
     tokens, sessions = [], []

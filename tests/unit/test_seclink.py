@@ -12,7 +12,6 @@ import time
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from gpupool.server import seclink
 from gpupool.server.seclink import Channel, LinkError
 
