@@ -210,29 +210,29 @@ def _form_hub(
     listener = socket.create_server((host, 0), family=family, backlog=64)
     generation = os.urandom(16)
     channels: dict[int, Channel] = {}
-    cond = threading.Condition()
-    pending = [0]
+    lock = threading.Lock()
+    state = {"pending": 0, "over": False}  # handshakes in progress; whether the group has formed or failed
     try:
         store.set(HUB_KEY, f"{generation.hex()} {host} {listener.getsockname()[1]}")
 
         def handshake(sock: socket.socket, where: str) -> None:
             try:
                 channel = _accept(sock, secret, lease_id, generation, size, min(deadline, _handshake_deadline()))
-                with cond:
-                    if channel.peer in channels:
-                        raise LinkError(f"rank {channel.peer} is connected already")
+                with lock:
+                    if state["over"] or channel.peer in channels:
+                        raise LinkError(f"rank {channel.peer} is connected already, or the group is over")
                     channels[channel.peer] = channel
             except (LinkError, OSError) as exc:
                 log.warning("refused a collective link from %s (lease %s): %s", where, lease_id, _why(exc))
                 sock.close()
             finally:
-                with cond:
-                    pending[0] -= 1
-                    cond.notify_all()
+                with lock:
+                    state["pending"] -= 1
 
         while True:
-            with cond:
+            with lock:
                 if len(channels) == size - 1:
+                    state["over"] = True
                     break
             left = deadline - time.monotonic()
             if left <= 0:
@@ -243,14 +243,15 @@ def _form_hub(
                 sock, addr = listener.accept()
             except TimeoutError:
                 continue
-            with cond:
-                if pending[0] >= MAX_PENDING:
+            with lock:
+                if state["pending"] >= MAX_PENDING:
                     sock.close()
                     continue
-                pending[0] += 1
+                state["pending"] += 1
             threading.Thread(target=handshake, args=(sock, f"{addr[0]}:{addr[1]}"), daemon=True).start()
     except BaseException:
-        with cond:
+        with lock:
+            state["over"] = True
             for c in channels.values():
                 c.close()
             channels.clear()
