@@ -96,20 +96,30 @@ def connection_keys(
     return okm[:32], okm[32:64], okm[64:96], okm[96:]
 
 
+class Buffers:
+    """The scratch space of a channel's frames (3 MiB): the hub's channels, used by one thread one at a time,
+    share one set, so a hub of many ranks does not hold 3 MiB per peer."""
+
+    def __init__(self) -> None:
+        self.out = bytearray(_LEN.size + MAX_FRAME + TAG_BYTES)  # a frame as it goes out: length, sealed bytes
+        self.sealed = bytearray(MAX_FRAME + TAG_BYTES)  # a frame as it comes in
+        self.plain = bytearray(MAX_FRAME)  # its plaintext, once authenticated
+
+
 class Channel:
     """One authenticated connection: a key and a frame counter per direction. One thread may send while
     another receives (each direction has its own state and buffer)."""
 
-    def __init__(self, sock: socket.socket, peer: int, send_key: bytes, recv_key: bytes) -> None:
+    def __init__(
+        self, sock: socket.socket, peer: int, send_key: bytes, recv_key: bytes, buffers: Buffers | None = None
+    ) -> None:
         self.sock = sock
         self.peer = peer
         self._send = AESGCM(send_key)
         self._recv = AESGCM(recv_key)
         self._sent = 0
         self._received = 0
-        self._out = bytearray(_LEN.size + MAX_FRAME + TAG_BYTES)  # a frame as it goes out: length, sealed bytes
-        self._in = bytearray(MAX_FRAME + TAG_BYTES)  # a frame as it comes in
-        self._plain = bytearray(MAX_FRAME)  # its plaintext, once authenticated
+        self.buffers = buffers or Buffers()
 
     def _nonce(self, counter: int) -> bytes:
         if counter >= MAX_FRAMES:
@@ -121,13 +131,14 @@ class Channel:
         n = len(chunk)
         assert n <= MAX_FRAME
         header = _LEN.pack(n + TAG_BYTES)
-        self._out[: _LEN.size] = header
+        out = memoryview(self.buffers.out)[: _LEN.size + n + TAG_BYTES]
+        out[: _LEN.size] = header
         nonce = self._nonce(self._sent)
         self._sent += 1
-        self._send.encrypt_into(nonce, chunk, header, memoryview(self._out)[_LEN.size : _LEN.size + n + TAG_BYTES])
+        self._send.encrypt_into(nonce, chunk, header, out[_LEN.size :])
         _set_deadline(self.sock, deadline, self.peer)
         try:
-            self.sock.sendall(memoryview(self._out)[: _LEN.size + n + TAG_BYTES])
+            self.sock.sendall(out)
         except OSError as exc:
             raise LinkError(f"sending to rank {self.peer} failed: {_why(exc)}") from None
 
@@ -140,9 +151,9 @@ class Channel:
                 f"rank {self.peer} sent a frame of {length} bytes where {want + TAG_BYTES} were due "
                 "(altered on the wire, or the ranks disagree)"
             )
-        sealed = memoryview(self._in)[:length]
+        sealed = memoryview(self.buffers.sealed)[:length]
         _recv_into(self.sock, sealed, deadline, self.peer)
-        plain = memoryview(self._plain)[:want]
+        plain = memoryview(self.buffers.plain)[:want]
         try:  # into a scratch buffer: bytes that fail authentication never reach a tensor
             self._recv.decrypt_into(self._nonce(self._received), sealed, _LEN.pack(length), plain)
         except InvalidTag:
@@ -210,6 +221,7 @@ def _form_hub(
     listener = socket.create_server((host, 0), family=family, backlog=64)
     generation = os.urandom(16)
     channels: dict[int, Channel] = {}
+    shared = Buffers()  # the hub's channels are used by one thread, one at a time
     lock = threading.Lock()
     state = {"pending": 0, "over": False}  # handshakes in progress; whether the group has formed or failed
     try:
@@ -217,7 +229,8 @@ def _form_hub(
 
         def handshake(sock: socket.socket, where: str) -> None:
             try:
-                channel = _accept(sock, secret, lease_id, generation, size, min(deadline, _handshake_deadline()))
+                until = min(deadline, _handshake_deadline())
+                channel = _accept(sock, secret, lease_id, generation, size, until, shared)
                 with lock:
                     if state["over"] or channel.peer in channels:
                         raise LinkError(f"rank {channel.peer} is connected already, or the group is over")
@@ -286,7 +299,13 @@ def _connect(
 
 
 def _accept(
-    sock: socket.socket, secret: bytes, lease_id: str, generation: bytes, size: int, deadline: float
+    sock: socket.socket,
+    secret: bytes,
+    lease_id: str,
+    generation: bytes,
+    size: int,
+    deadline: float,
+    buffers: Buffers | None = None,
 ) -> Channel:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     hello = _recv_exact(sock, HELLO_BYTES, deadline, -1)
@@ -302,7 +321,7 @@ def _accept(
     proof = _recv_exact(sock, CONFIRM_BYTES, deadline, rank)
     if not hmac.compare_digest(proof, _mac(m_c, b"rank", transcript)):
         raise LinkError(f"a connection claiming rank {rank} does not hold the group's keys")
-    return Channel(sock, rank, s2c, c2s)
+    return Channel(sock, rank, s2c, c2s, buffers)
 
 
 def _mac(key: bytes, role: bytes, transcript: bytes) -> bytes:
