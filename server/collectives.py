@@ -97,7 +97,11 @@ class Group:
             name = hashlib.sha256(b"gpupool-group-keys:" + secret.encode()).hexdigest()
             keys = _SignedStore(dist.PrefixStore(f"gpupool/{name}/", store), secret.encode())
             if self.transport == "secure":
-                self.pg = seclink.form(keys, secret.encode(), self.lease_id, self.rank, self.size, self.timeout, host)
+                pg = seclink.form(keys, secret.encode(), self.lease_id, self.rank, self.size, self.timeout, host)
+                if self.closed:  # the session ended while the group formed: its links go with it
+                    pg.close()
+                else:
+                    self.pg = pg
             else:
                 self.pg = _process_group(keys, self.rank, self.size, self.timeout, host, device)
         except Exception as exc:  # any failure here is reported at the group's first collective
