@@ -56,6 +56,13 @@ class RunningDaemon:
             self.registrar.start()
         self._stopped = False
         log.info("listening on %s", self.address)
+        if config.collectives == "gloo":
+            log.warning(
+                "--collectives gloo: collectives between daemons run over plaintext gloo/NCCL (readable and "
+                "alterable on the hosts' network)"
+            )
+        else:
+            log.info("collectives between daemons: secure (AES-256-GCM links, authenticated by the lease's keys)")
         if self.bulk is not None:
             log.info("bulk side port %d", self.bulk.port)
         if self.metrics_port:

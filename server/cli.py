@@ -116,11 +116,28 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
     )
     add_flag(
         p,
+        "--collectives",
+        type=_transport,
+        default="secure",
+        metavar="secure|gloo",
+        help="transport of torch.distributed collectives between daemons: secure (default) encrypts and "
+        "authenticates every link (AES-256-GCM, keys from the lease's tokens; server/seclink.py); gloo is "
+        "torch's plaintext gloo (NCCL on real GPUs), faster, readable and alterable by anyone on the hosts' "
+        "network: an explicit opt-in for trusted networks (docs/security.md)",
+    )
+    add_flag(
+        p,
         "--bulk-listen",
         default="",
         help="HOST:PORT of the bulk side port (port 0 picks one): large uploads and downloads travel on one TLS "
         "socket per session there instead of the gRPC stream (docs/wire.md); empty (default): off",
     )
+
+
+def _transport(value: str) -> str:
+    if value in ("secure", "gloo"):
+        return value
+    raise ValueError(f"expected secure or gloo, not {value!r}")
 
 
 def _on_off(value: str) -> bool:
@@ -159,6 +176,7 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
         worker_user=args.worker_user,
         seccomp=args.seccomp,
         worker_network=args.worker_network,
+        collectives=args.collectives,
         bulk_listen=args.bulk_listen,
     )
 

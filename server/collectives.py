@@ -12,10 +12,14 @@ that disagree get a clear INVALID_ARGUMENT on every rank instead of a hang or a 
 runs the collective in place on the session's tensors. A peer that dies or never calls fails the collective
 within the group timeout (UNAVAILABLE); the group is then broken and every later collective fails at once.
 
+Transport (`--collectives`): `secure` (the default) runs the collectives over server/seclink.py's links,
+AES-256-GCM with keys from the group's secret, mutually authenticated; `gloo` is the operator's explicit
+opt-in to torch's plaintext gloo (NCCL on real GPUs), faster and unencrypted.
+
 Trust and its limits (docs/security.md, "Collectives between daemons"): tokens prove lease membership; only
 the workers of a lease of several devices may open sockets at all (the token's `network` claim, bounded by
---worker-network); the store and gloo links are plain TCP without TLS or authentication, meant for the hosts'
-private network. A group of one rank needs no socket: its collectives are the identity.
+--worker-network); the store is plain TCP (its values HMAC-signed), meant for the hosts' private network.
+A group of one rank needs no socket: its collectives are the identity.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from gpupool._proto import device_pb2
 from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument, PermissionDenied, Unavailable
 from gpupool.tokens import TokenClaims
 
+from . import seclink
 from .sessions import WorkerSession
 from .speedmodel import SpeedModel
 
@@ -46,6 +51,7 @@ log = logging.getLogger(__name__)
 MAX_RANKS = 1024
 DEFAULT_TIMEOUT = 30.0
 MAX_TIMEOUT = 300.0  # a collective holds its device's executor thread while it waits for peers
+TRANSPORTS = ("secure", "gloo")  # --collectives: encrypted links (server/seclink.py), or plaintext gloo/NCCL
 KINDS = ("allreduce", "broadcast", "allgather", "reduce_scatter", "barrier")
 _REDUCE = {"sum": dist.ReduceOp.SUM, "product": dist.ReduceOp.PRODUCT, "min": dist.ReduceOp.MIN,
            "max": dist.ReduceOp.MAX, "avg": dist.ReduceOp.SUM}  # fmt: skip
@@ -59,8 +65,9 @@ Verifier = Callable[[str], TokenClaims]
 class Group:
     """One session's membership in its lease's process group."""
 
-    def __init__(self, lease_id: str, rank: int, size: int, timeout: float) -> None:
+    def __init__(self, lease_id: str, rank: int, size: int, timeout: float, transport: str = "secure") -> None:
         self.lease_id = lease_id
+        self.transport = transport
         self.rank = rank
         self.size = size
         self.timeout = timeout
@@ -77,7 +84,8 @@ class Group:
         """Build the process group (blocks until every rank has joined or the timeout passes). The group's
         keys (gloo's rendezvous: each rank's address) live under a prefix derived from `secret` (from rank 0's
         lease token), not the public lease id, and each value carries an HMAC under `secret` (_SignedStore):
-        a stranger who reaches the store can neither find them nor forge or alter one unnoticed."""
+        a stranger who reaches the store can neither find them nor forge or alter one unnoticed. The secure
+        transport keys its links from the same secret (server/seclink.py)."""
         try:
             prefixed = dist.PrefixStore(f"gpupool/{self.lease_id}/", store)
             if self.rank == 0:
@@ -88,7 +96,14 @@ class Group:
                     raise PermissionDenied("the group's store was not set up by rank 0 of this lease")
             name = hashlib.sha256(b"gpupool-group-keys:" + secret.encode()).hexdigest()
             keys = _SignedStore(dist.PrefixStore(f"gpupool/{name}/", store), secret.encode())
-            self.pg = _process_group(keys, self.rank, self.size, self.timeout, host, device)
+            if self.transport == "secure":
+                pg = seclink.form(keys, secret.encode(), self.lease_id, self.rank, self.size, self.timeout, host)
+                if self.closed:  # the session ended while the group formed: its links go with it
+                    pg.close()
+                else:
+                    self.pg = pg
+            else:
+                self.pg = _process_group(keys, self.rank, self.size, self.timeout, host, device)
         except Exception as exc:  # any failure here is reported at the group's first collective
             self.broken = f"joining the collective group as {self.describe()} failed: {_short(exc)}"
             log.warning("%s", self.broken)
@@ -105,6 +120,8 @@ class Group:
     def close(self) -> None:
         self.closed = True
         self.broken = self.broken or "the session closed"
+        if isinstance(self.pg, seclink.SecureGroup):
+            self.pg.close()
         self.pg, self.store = None, None
 
 
@@ -185,9 +202,13 @@ class Collectives:
         self.verify: Verifier | None = None
         self.host = "127.0.0.1"  # where this daemon's store and gloo listen and are reached by peers
         self.speed: SpeedModel | None = None  # fake GPUs' modelled link (server/speedmodel.py)
+        self.transport = "secure"  # --collectives
 
-    def configure(self, verify: Verifier, host: str) -> None:
+    def configure(self, verify: Verifier, host: str, transport: str = "secure") -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown collectives transport {transport!r} (known: {', '.join(TRANSPORTS)})")
         self.verify = verify
+        self.transport = transport
         self.host = host if host not in ("", "0.0.0.0", "::", "[::]") else socket.gethostname()
 
     # ---- joining ----
@@ -202,7 +223,7 @@ class Collectives:
             raise InvalidArgument(f"bad group: rank {rank} of {size} with {len(msg.tokens)} tokens")
         self._check_tokens(s, rank, list(msg.tokens))
         timeout = min(msg.timeout_seconds, MAX_TIMEOUT) if msg.timeout_seconds > 0 else DEFAULT_TIMEOUT
-        group = Group(s.lease_id, rank, size, timeout)
+        group = Group(s.lease_id, rank, size, timeout, self.transport)
         owner = hashlib.sha256(b"gpupool-group:" + msg.tokens[0].encode()).hexdigest()
         secret = group_secret(msg.tokens[0])
         if rank == 0:
@@ -240,7 +261,10 @@ class Collectives:
             group.form(group.store, owner, secret, self.host, dev)
 
         threading.Thread(target=run, name=f"gpupool-group-{s.number}", daemon=True).start()
-        log.info("session %d joins the collective group of lease %s as rank %d of %d", s.number, s.lease_id, rank, size)
+        log.info(
+            "session %d joins the collective group of lease %s as rank %d of %d (%s)",
+            s.number, s.lease_id, rank, size, self.transport,
+        )  # fmt: skip
 
     def _check_tokens(self, s: WorkerSession, rank: int, tokens: list[str]) -> None:
         assert self.verify is not None

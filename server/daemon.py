@@ -104,6 +104,9 @@ class DaemonConfig:
     worker_user: str = "nobody"
     seccomp: bool = True
     worker_network: bool = False  # workers keep TCP sockets, for torch.distributed collectives between daemons
+    # Transport of those collectives: "secure" (encrypted, authenticated: server/seclink.py) or "gloo"
+    # (torch's plaintext gloo/NCCL, an explicit opt-in).
+    collectives: str = "secure"
     bulk_listen: str = ""  # the bulk side port (server/bulkside.py), named in AttachReply; "": none
 
 
@@ -292,6 +295,7 @@ class Daemon:
             lease_id=s.lease_id,
             host_id=self.host_id,
             network=network and c.worker_network,
+            collectives=c.collectives,
             peer_host=(c.advertise or c.listen).rpartition(":")[0].strip("[]"),
             token_keys=tuple(self._token_pems),
             speed=(c.fake_speed.tflops, c.fake_speed.gbps, c.fake_speed.link_gbps),

@@ -60,6 +60,7 @@ class WorkerSpec:
     host_id: str = ""
     network: bool = False  # keep TCP sockets (torch.distributed collectives between daemons: --worker-network)
     peer_host: str = "127.0.0.1"  # where this daemon's collective stores and gloo listen for peers
+    collectives: str = "secure"  # their transport (--collectives): "secure" (server/seclink.py) or "gloo"
     token_keys: tuple[str, ...] = ()  # PEM public keys: collectives verify the tokens of a job's other ranks
     speed: tuple[float, float, float] = (0.0, 0.0, 0.0)  # fake GPUs' speed model (tflops, gbps, link_gbps)
 
@@ -115,7 +116,7 @@ class _SessionState:
             from .speedmodel import SpeedModel
 
             verifier = Verifier.from_pems(list(spec.token_keys))
-            self.executor.collectives.configure(verifier.verify, spec.peer_host)
+            self.executor.collectives.configure(verifier.verify, spec.peer_host, spec.collectives)
             speed = SpeedModel(*spec.speed)
             if self.device.fake and (speed.active or speed.link_gbps > 0):
                 self.executor.speed = self.executor.collectives.speed = speed

@@ -39,11 +39,15 @@ def collective(s: Session, kind: str, tensors: list[int], inputs: list[int] = ()
     s.flush()
 
 
-@pytest.fixture
-def group(daemon_factory) -> tuple[list[Session], list[DaemonHandle], list[str]]:  # type: ignore[no-untyped-def]
-    """Two daemons (two hosts), one session each, of one lease; joined."""
+@pytest.fixture(params=["secure", "gloo"])
+def group(daemon_factory, request) -> tuple[list[Session], list[DaemonHandle], list[str]]:  # type: ignore[no-untyped-def]
+    """Two daemons (two hosts), one session each, of one lease; joined. Over each transport (--collectives):
+    the secure default (server/seclink.py) and the plaintext gloo opt-in."""
     lease = uuid.uuid4().hex
-    daemons = [daemon_factory(host_id=f"host-{i}", fake_gpu_memory=64 * MiB, worker_network=True) for i in range(2)]
+    daemons = [
+        daemon_factory(host_id=f"host-{i}", fake_gpu_memory=64 * MiB, worker_network=True, collectives=request.param)
+        for i in range(2)
+    ]
     tokens = [d.token(lease_id=lease, network=True) for d in daemons]
     sessions = [Session.attach(d.address, t) for d, t in zip(daemons, tokens, strict=True)]
     join_all(sessions, tokens)

@@ -340,20 +340,25 @@ def test_only_tokens_of_leases_of_several_devices_grant_network(pool: Pool, daem
     assert tokens.verify(signer, out).network is True
 
 
-def test_a_forged_value_in_a_groups_store_fails_the_join(daemon_factory: DaemonFactory) -> None:
+@pytest.mark.parametrize("transport", ["secure", "gloo"])
+def test_a_forged_value_in_a_groups_store_fails_the_join(daemon_factory: DaemonFactory, transport: str) -> None:
     """The store between the daemons of a multi-GPU job is plain TCP: a stranger who reaches it (here one that
     even knows where the group's keys are) and overwrites rank 0's published address does not steer rank 1's
-    gloo to itself: the value's HMAC does not match and the join fails, saying so."""
+    links to itself: the value's HMAC does not match and the join fails, saying so."""
     import hashlib
     import uuid
     from datetime import timedelta
 
     import torch
     import torch.distributed as dist
+    from gpupool.server import seclink
     from gpupool.server.collectives import group_secret
 
     lease = uuid.uuid4().hex
-    daemons = [daemon_factory(host_id=f"host-{i}", fake_gpu_memory=16 * 1024**2, worker_network=True) for i in (0, 1)]
+    daemons = [
+        daemon_factory(host_id=f"host-{i}", fake_gpu_memory=16 * 1024**2, worker_network=True, collectives=transport)
+        for i in (0, 1)
+    ]
     toks = [d.token(lease_id=lease, network=True) for d in daemons]
     s0, s1 = (Session.attach(d.address, t) for d, t in zip(daemons, toks, strict=True))
     h = s0.new_handle()
@@ -362,7 +367,8 @@ def test_a_forged_value_in_a_groups_store_fails_the_join(daemon_factory: DaemonF
     (port,) = s0.sync([h])
     stranger = dist.TCPStore("127.0.0.1", int(port), is_master=False, timeout=timedelta(seconds=20))
     name = hashlib.sha256(b"gpupool-group-keys:" + group_secret(toks[0]).encode()).hexdigest()
-    key = f"gpupool/{name}//0/0"  # (PrefixStore adds a /) where gloo's rendezvous keeps rank 0's address
+    # (PrefixStore adds a /) where gloo's rendezvous, or the secure links', keep rank 0's address
+    key = f"gpupool/{name}//" + ("0/0" if transport == "gloo" else seclink.HUB_KEY)
     stranger.wait([key])
     stranger.set(key, b"\0" * 32 + b"an address of the stranger's choosing")
     join1 = device_pb2.GroupJoin(rank=1, size=2, tokens=toks, store_address=f"127.0.0.1:{port}", timeout_seconds=8)

@@ -1,0 +1,542 @@
+"""The encrypted, authenticated transport of collectives between daemons (`--collectives secure`, the default).
+
+gloo and NCCL move a job's tensors between daemons in plain TCP, and neither can be given TLS from here
+(torch's gloo device takes a host name only; NCCL has no encryption at all). A confined worker cannot write
+the certificate files Python's `ssl` needs, and `ssl` has no pre-shared keys. So the links of a secure group
+are plain TCP sockets carrying AES-256-GCM frames (`cryptography`, i.e. OpenSSL), keyed from the group's
+secret, which only daemons that were handed the lease's tokens can compute (`group_secret`, server/collectives.py):
+
+Topology: a star around rank 0 (the hub). The hub listens on the daemon's peer-facing host; it publishes
+`<generation> <host> <port>` in the group's signed store (an HMAC under the secret: `_SignedStore`), where the
+generation is 16 fresh random bytes of this group. Every other rank connects to the hub once.
+
+Handshake (fixed sizes, no lengths to trust):
+
+    connector -> hub   HELLO  = MAGIC, rank (u32), nonce_c (32 random bytes)
+    hub -> connector   HELLO' = MAGIC, 0 (u32), nonce_s (32 random bytes), HMAC(m_s, b"hub" + transcript)
+    connector -> hub   HMAC(m_c, b"rank" + transcript)            transcript = HELLO + HELLO' without its MAC
+
+    k_c2s, k_s2c, m_c, m_s = HKDF-SHA256(ikm=secret, salt=nonce_c + nonce_s,
+                                        info=VERSION, lease id, generation, size, connector rank, hub rank)
+
+Each side proves it holds the secret before the other sends a tensor byte; a connection that fails (an
+outsider, a replayed handshake, a rank rewritten on the way) is closed and the hub keeps waiting for the
+real peer, until the group's timeout. Binding the lease, generation, size and both ranks into the keys means
+a recorded connection cannot be replayed into another group, generation or rank, and both sides' fresh nonces
+mean no two connections ever share a key, even if one side's random numbers repeated.
+
+Frames: `len (u32) | AES-256-GCM(key of the direction, nonce = 0^4 | counter (u64), plaintext, aad = len)`.
+Each direction has its own key and its own counter from 0, one per frame, never reset or reused within a
+connection (the connection ends before it could wrap). A frame that fails authentication (altered, dropped,
+reordered, replayed, forged) ends the group with a clear error, never a wrong result: the collective fails,
+the sockets close, and the peers see their collective fail too. Every length read from a peer is bounded
+(MAX_FRAME, and what the receiver expects), every read has the group's deadline.
+
+Collectives (what server/collectives.py runs): allreduce (sum, product, min, max; avg is sum then divide),
+broadcast, allgather, barrier. An allreduce streams: each rank sends its tensor frame by frame from a thread
+while it receives the result; the hub reduces each frame's elements in rank order, `((t0 op t1) op t2) ...`
+with torch's CPU kernels, and sends that frame of the result back at once. The outcome equals that local
+computation bit for bit, on every rank. Broadcast and allgather go through the hub whole (they are small in
+DDP: parameters once, shape signatures). CUDA tensors go through host copies.
+
+Not protected: the store itself (plain TCP; values signed, not secret: the hub's address and the generation),
+traffic analysis (sizes and timing), and denial of service by anyone who can reach or cut the connections.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+log = logging.getLogger(__name__)
+
+VERSION = b"gpupool-seclink-v1"
+MAGIC = b"GPSLINK1"
+NONCE_BYTES = 32
+MAC_BYTES = 32
+TAG_BYTES = 16
+HELLO = struct.Struct("!8sI32s")  # magic, rank, nonce
+HELLO_BYTES = HELLO.size
+HUB_HELLO_BYTES = HELLO_BYTES + MAC_BYTES
+CONFIRM_BYTES = MAC_BYTES
+MAX_FRAME = 1 << 20  # plaintext bytes of one frame (a multiple of every element size; several in flight pipeline)
+MAX_FRAMES = 1 << 48  # per direction of a connection: far below 2^64 counter values
+MAX_PENDING = 32  # handshakes in progress at the hub at once (outsiders cannot hold more sockets open)
+HANDSHAKE_SECONDS = 10.0  # at most, per connection: an idle outsider is dropped after this
+HUB_KEY = "seclink/hub"
+_LEN = struct.Struct("!I")
+
+
+class LinkError(Exception):
+    """A link of a secure group failed: the group is over (never a GpupoolError: collectives.py breaks the
+    group on any other exception)."""
+
+
+def connection_keys(
+    secret: bytes, nonce_c: bytes, nonce_s: bytes, lease_id: str, generation: bytes, size: int, rank: int, hub: int
+) -> tuple[bytes, bytes, bytes, bytes]:
+    """(connector-to-hub key, hub-to-connector key, connector's MAC key, hub's MAC key) of one connection."""
+    info = b"\0".join([VERSION, lease_id.encode(), generation, struct.pack("!III", size, rank, hub)])
+    okm = HKDF(algorithm=hashes.SHA256(), length=128, salt=nonce_c + nonce_s, info=info).derive(secret)
+    return okm[:32], okm[32:64], okm[64:96], okm[96:]
+
+
+class Buffers:
+    """The scratch space of a channel's frames (3 MiB): the hub's channels, used by one thread one at a time,
+    share one set, so a hub of many ranks does not hold 3 MiB per peer."""
+
+    def __init__(self) -> None:
+        self.out = bytearray(_LEN.size + MAX_FRAME + TAG_BYTES)  # a frame as it goes out: length, sealed bytes
+        self.sealed = bytearray(MAX_FRAME + TAG_BYTES)  # a frame as it comes in
+        self.plain = bytearray(MAX_FRAME)  # its plaintext, once authenticated
+
+
+class Channel:
+    """One authenticated connection: a key and a frame counter per direction. One thread may send while
+    another receives (each direction has its own state and buffer)."""
+
+    def __init__(
+        self, sock: socket.socket, peer: int, send_key: bytes, recv_key: bytes, buffers: Buffers | None = None
+    ) -> None:
+        self.sock = sock
+        self.peer = peer
+        self._send = AESGCM(send_key)
+        self._recv = AESGCM(recv_key)
+        self._sent = 0
+        self._received = 0
+        self.buffers = buffers or Buffers()
+
+    def _nonce(self, counter: int) -> bytes:
+        if counter >= MAX_FRAMES:
+            raise LinkError(f"the link with rank {self.peer} has carried its limit of frames")
+        return counter.to_bytes(12, "big")
+
+    def send_frame(self, chunk: memoryview, deadline: float) -> None:
+        """One frame of at most MAX_FRAME bytes."""
+        n = len(chunk)
+        assert n <= MAX_FRAME
+        header = _LEN.pack(n + TAG_BYTES)
+        out = memoryview(self.buffers.out)[: _LEN.size + n + TAG_BYTES]
+        out[: _LEN.size] = header
+        nonce = self._nonce(self._sent)
+        self._sent += 1
+        self._send.encrypt_into(nonce, chunk, header, out[_LEN.size :])
+        _set_deadline(self.sock, deadline, self.peer)
+        try:
+            self.sock.sendall(out)
+        except OSError as exc:
+            raise LinkError(f"sending to rank {self.peer} failed: {_why(exc)}") from None
+
+    def recv_frame(self, want: int, deadline: float) -> memoryview:
+        """The plaintext of the next frame, which must hold `want` bytes (<= MAX_FRAME), authenticated before
+        it is returned; valid until the next call."""
+        (length,) = _LEN.unpack(_recv_exact(self.sock, _LEN.size, deadline, self.peer))
+        if length != want + TAG_BYTES:
+            raise LinkError(
+                f"rank {self.peer} sent a frame of {length} bytes where {want + TAG_BYTES} were due "
+                "(altered on the wire, or the ranks disagree)"
+            )
+        sealed = memoryview(self.buffers.sealed)[:length]
+        _recv_into(self.sock, sealed, deadline, self.peer)
+        plain = memoryview(self.buffers.plain)[:want]
+        try:  # into a scratch buffer: bytes that fail authentication never reach a tensor
+            self._recv.decrypt_into(self._nonce(self._received), sealed, _LEN.pack(length), plain)
+        except InvalidTag:
+            raise LinkError(
+                f"a frame from rank {self.peer} failed authentication (altered, replayed or forged on the "
+                "wire): the collective is abandoned"
+            ) from None
+        self._received += 1
+        return plain
+
+    def send(self, data: memoryview, deadline: float) -> None:
+        """`data` as ceil(len / MAX_FRAME) frames (at least one: an empty message still is one)."""
+        for start, end in _frames(len(data)):
+            self.send_frame(data[start:end], deadline)
+
+    def recv_into(self, out: memoryview, deadline: float) -> None:
+        """Exactly len(out) bytes, in the frames `send` makes of them."""
+        for start, end in _frames(len(out)):
+            out[start:end] = self.recv_frame(end - start, deadline)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _frames(n: int) -> list[tuple[int, int]]:
+    """The (start, end) of each frame of a message of n bytes: MAX_FRAME each, the last shorter; one if empty."""
+    return [(start, min(start + MAX_FRAME, n)) for start in range(0, n, MAX_FRAME)] or [(0, 0)]
+
+
+# ---- forming the group ----
+
+
+def form(store: Any, secret: bytes, lease_id: str, rank: int, size: int, timeout: float, host: str) -> SecureGroup:
+    """Connect this rank into the group's star (blocks until every rank is in, or raises LinkError)."""
+    deadline = time.monotonic() + timeout
+    if rank == 0:
+        return _form_hub(store, secret, lease_id, size, timeout, host, deadline)
+    raw = store.get(HUB_KEY).decode(errors="replace").split()
+    if len(raw) != 3 or not raw[2].isdigit():
+        raise LinkError(f"the group's store holds a malformed hub address {' '.join(raw)!r}")
+    generation, hub_host, port = bytes.fromhex(raw[0]), raw[1], int(raw[2])
+    while True:
+        try:
+            sock = socket.create_connection((hub_host, port), timeout=max(0.1, deadline - time.monotonic()))
+            break
+        except OSError as exc:
+            if time.monotonic() + 0.2 >= deadline:
+                raise LinkError(f"cannot reach rank 0 at {hub_host}:{port}: {_why(exc)}") from None
+            time.sleep(0.2)
+    try:
+        channel = _connect(sock, secret, lease_id, generation, size, rank, min(deadline, _handshake_deadline()))
+    except BaseException:
+        sock.close()
+        raise
+    return SecureGroup(rank, size, timeout, {0: channel})
+
+
+def _form_hub(
+    store: Any, secret: bytes, lease_id: str, size: int, timeout: float, host: str, deadline: float
+) -> SecureGroup:
+    family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
+    listener = socket.create_server((host, 0), family=family, backlog=64)
+    generation = os.urandom(16)
+    channels: dict[int, Channel] = {}
+    shared = Buffers()  # the hub's channels are used by one thread, one at a time
+    lock = threading.Lock()
+    state = {"pending": 0, "over": False}  # handshakes in progress; whether the group has formed or failed
+    try:
+        store.set(HUB_KEY, f"{generation.hex()} {host} {listener.getsockname()[1]}")
+
+        def handshake(sock: socket.socket, where: str) -> None:
+            try:
+                until = min(deadline, _handshake_deadline())
+                channel = _accept(sock, secret, lease_id, generation, size, until, shared)
+                with lock:
+                    if state["over"] or channel.peer in channels:
+                        raise LinkError(f"rank {channel.peer} is connected already, or the group is over")
+                    channels[channel.peer] = channel
+            except (LinkError, OSError) as exc:
+                log.warning("refused a collective link from %s (lease %s): %s", where, lease_id, _why(exc))
+                sock.close()
+            finally:
+                with lock:
+                    state["pending"] -= 1
+
+        while True:
+            with lock:
+                if len(channels) == size - 1:
+                    state["over"] = True
+                    break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(1, size)) - set(channels))
+                raise LinkError(f"ranks {missing} did not connect (with the group's keys) within {timeout:g} s")
+            listener.settimeout(min(left, 0.2))
+            try:
+                sock, addr = listener.accept()
+            except TimeoutError:
+                continue
+            with lock:
+                if state["pending"] >= MAX_PENDING:
+                    sock.close()
+                    continue
+                state["pending"] += 1
+            threading.Thread(target=handshake, args=(sock, f"{addr[0]}:{addr[1]}"), daemon=True).start()
+    except BaseException:
+        with lock:
+            state["over"] = True
+            for c in channels.values():
+                c.close()
+            channels.clear()
+        raise
+    finally:
+        listener.close()
+    return SecureGroup(0, size, timeout, channels)
+
+
+def _handshake_deadline() -> float:
+    return time.monotonic() + HANDSHAKE_SECONDS
+
+
+def _connect(
+    sock: socket.socket, secret: bytes, lease_id: str, generation: bytes, size: int, rank: int, deadline: float
+) -> Channel:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    nonce_c = os.urandom(NONCE_BYTES)
+    hello = HELLO.pack(MAGIC, rank, nonce_c)
+    _set_deadline(sock, deadline, 0)
+    sock.sendall(hello)
+    reply = _recv_exact(sock, HUB_HELLO_BYTES, deadline, 0)
+    magic, hub, nonce_s = HELLO.unpack(reply[:HELLO_BYTES])
+    if magic != MAGIC or hub != 0:
+        raise LinkError("rank 0's end of the link does not speak this protocol")
+    c2s, s2c, m_c, m_s = connection_keys(secret, nonce_c, nonce_s, lease_id, generation, size, rank, 0)
+    transcript = hello + reply[:HELLO_BYTES]
+    if not hmac.compare_digest(reply[HELLO_BYTES:], _mac(m_s, b"hub", transcript)):
+        raise LinkError("rank 0's end of the link does not hold the group's keys (a stranger or a tampered handshake)")
+    sock.sendall(_mac(m_c, b"rank", transcript))
+    return Channel(sock, 0, c2s, s2c)
+
+
+def _accept(
+    sock: socket.socket,
+    secret: bytes,
+    lease_id: str,
+    generation: bytes,
+    size: int,
+    deadline: float,
+    buffers: Buffers | None = None,
+) -> Channel:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    hello = _recv_exact(sock, HELLO_BYTES, deadline, -1)
+    magic, rank, nonce_c = HELLO.unpack(hello)
+    if magic != MAGIC or not 0 < rank < size:
+        raise LinkError("not a collective link of this group")
+    nonce_s = os.urandom(NONCE_BYTES)
+    mine = HELLO.pack(MAGIC, 0, nonce_s)
+    c2s, s2c, m_c, m_s = connection_keys(secret, nonce_c, nonce_s, lease_id, generation, size, rank, 0)
+    transcript = hello + mine
+    _set_deadline(sock, deadline, rank)
+    sock.sendall(mine + _mac(m_s, b"hub", transcript))
+    proof = _recv_exact(sock, CONFIRM_BYTES, deadline, rank)
+    if not hmac.compare_digest(proof, _mac(m_c, b"rank", transcript)):
+        raise LinkError(f"a connection claiming rank {rank} does not hold the group's keys")
+    return Channel(sock, rank, s2c, c2s, buffers)
+
+
+def _mac(key: bytes, role: bytes, transcript: bytes) -> bytes:
+    return hmac.new(key, role + b"\0" + transcript, hashlib.sha256).digest()
+
+
+# ---- the collectives ----
+
+
+class _Done:
+    def wait(self, *_: Any) -> bool:
+        return True
+
+
+_REDUCERS: list[tuple[Any, Callable[[torch.Tensor, torch.Tensor], Any]]] = [
+    (dist.ReduceOp.SUM, lambda acc, x: acc.add_(x)),
+    (dist.ReduceOp.PRODUCT, lambda acc, x: acc.mul_(x)),
+    (dist.ReduceOp.MIN, lambda acc, x: torch.minimum(acc, x, out=acc)),
+    (dist.ReduceOp.MAX, lambda acc, x: torch.maximum(acc, x, out=acc)),
+]
+
+
+class SecureGroup:
+    """A process group over the star's channels, with the calls server/collectives.py makes of a gloo group
+    (allreduce, broadcast, allgather, barrier; each returns a done work). Any failure closes every link: the
+    group is over, and peers blocked on it see their collective fail at once rather than at the timeout."""
+
+    def __init__(self, rank: int, size: int, timeout: float, channels: dict[int, Channel]) -> None:
+        self.rank = rank
+        self.size = size
+        self.timeout = timeout
+        self.channels = channels
+        self.failed: str | None = None
+
+    def close(self) -> None:
+        for c in self.channels.values():
+            c.close()
+
+    def _guard(self, fn: Callable[[float], None]) -> _Done:
+        if self.failed:
+            raise LinkError(self.failed)
+        try:
+            fn(time.monotonic() + self.timeout)
+        except BaseException as exc:
+            self.failed = str(exc) if isinstance(exc, LinkError) else f"{type(exc).__name__}: {exc}"
+            self.close()
+            raise
+        return _Done()
+
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any) -> _Done:
+        """Frame by frame: each rank streams its tensor to the hub (from a thread of its own, while it
+        receives); the hub reduces each frame's elements in rank order and streams the result back at once."""
+        (t,) = tensors
+        reducer = next((f for op, f in _REDUCERS if opts.reduceOp == op), None)
+        if reducer is None:
+            raise LinkError(f"reduce op {opts.reduceOp} is not supported by secure collectives")
+
+        def run(deadline: float) -> None:
+            host = _host(t)
+            data, size = _bytes(host), host.element_size()
+            flat = host.reshape(-1)
+            if self.rank == 0:
+                for start, end in _frames(len(data)):
+                    acc = flat[start // size : end // size]
+                    for r in range(1, self.size):  # rank order: ((t0 op t1) op t2) ...
+                        plain = self.channels[r].recv_frame(end - start, deadline)
+                        if end > start:
+                            reducer(acc, torch.frombuffer(plain, dtype=host.dtype))
+                    for r in range(1, self.size):
+                        self.channels[r].send_frame(data[start:end], deadline)
+            else:
+                # The hub sends frame k of the result only after it read frame k from here: receiving into
+                # the tensor never overwrites bytes the sending thread has yet to encrypt.
+                _send_while(self.channels[0], data, deadline, lambda: self.channels[0].recv_into(data, deadline))
+            if host is not t:
+                t.copy_(host)
+
+        return self._guard(run)
+
+    def broadcast(self, tensors: list[torch.Tensor], opts: Any) -> _Done:
+        (t,) = tensors
+        root = int(opts.rootRank)
+
+        def run(deadline: float) -> None:
+            host = _host(t)
+            if self.rank == 0:
+                if root != 0:
+                    self.channels[root].recv_into(_bytes(host), deadline)
+                for r in range(1, self.size):
+                    if r != root:
+                        self.channels[r].send(_bytes(host), deadline)
+            elif self.rank == root:
+                self.channels[0].send(_bytes(host), deadline)
+            else:
+                self.channels[0].recv_into(_bytes(host), deadline)
+            if host is not t and self.rank != root:
+                t.copy_(host)
+
+        return self._guard(run)
+
+    def allgather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], *_: Any) -> _Done:
+        (outs,), (inp,) = outputs, inputs
+
+        def run(deadline: float) -> None:
+            hosts = [_host(o) for o in outs]
+            mine = _host(inp)
+            hosts[self.rank].copy_(mine)
+            if self.rank == 0:
+                for r in range(1, self.size):
+                    self.channels[r].recv_into(_bytes(hosts[r]), deadline)
+                for r in range(1, self.size):
+                    for i, h in enumerate(hosts):
+                        if i != r:
+                            self.channels[r].send(_bytes(h), deadline)
+            else:
+                self.channels[0].send(_bytes(mine), deadline)
+                for i, h in enumerate(hosts):
+                    if i != self.rank:
+                        self.channels[0].recv_into(_bytes(h), deadline)
+            for o, h in zip(outs, hosts, strict=True):
+                if h is not o:
+                    o.copy_(h)
+
+        return self._guard(run)
+
+    def barrier(self, *_: Any) -> _Done:
+        def run(deadline: float) -> None:
+            empty = memoryview(bytearray())
+            if self.rank == 0:
+                for r in range(1, self.size):
+                    self.channels[r].recv_into(empty, deadline)
+                for r in range(1, self.size):
+                    self.channels[r].send(empty, deadline)
+            else:
+                self.channels[0].send(empty, deadline)
+                self.channels[0].recv_into(empty, deadline)
+
+        return self._guard(run)
+
+
+def _send_while(channel: Channel, data: memoryview, deadline: float, receive: Callable[[], None]) -> None:
+    """Send `data` from another thread while `receive` runs here (a rank cannot first send all of a large
+    tensor and then read: the hub's result would fill the buffers both ways). The first error wins."""
+    failed: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            channel.send(data, deadline)
+        except BaseException as exc:  # reported by the receiving thread
+            failed.append(exc)
+            channel.close()  # wakes the receiver at once rather than at the deadline
+
+    sender = threading.Thread(target=send, name="gpupool-seclink-send", daemon=True)
+    sender.start()
+    try:
+        receive()
+    except BaseException:
+        channel.close()  # stops the sender too
+        sender.join()
+        if failed:  # the sender's error came first (its close is what the receiver saw)
+            raise failed[0] from None
+        raise
+    sender.join()
+    if failed:
+        raise failed[0]
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor holding t's values (t itself when it is one)."""
+    if t.device.type == "cpu" and t.is_contiguous():
+        return t
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable in place."""
+    if t.numel() == 0:
+        return memoryview(bytearray())
+    return t.reshape(-1).view(torch.uint8).numpy().data  # a uint8 array: format "B", one dimension
+
+
+# ---- sockets with deadlines ----
+
+
+def _set_deadline(sock: socket.socket, deadline: float, peer: int) -> None:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise LinkError(f"{_who(peer)} did not answer within the group's timeout")
+    sock.settimeout(left)
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float, peer: int) -> bytes:
+    buf = bytearray(n)
+    _recv_into(sock, memoryview(buf), deadline, peer)
+    return bytes(buf)
+
+
+def _recv_into(sock: socket.socket, view: memoryview, deadline: float, peer: int) -> None:
+    got = 0
+    while got < len(view):
+        _set_deadline(sock, deadline, peer)
+        try:
+            n = sock.recv_into(view[got:])
+        except TimeoutError:
+            raise LinkError(f"{_who(peer)} did not answer within the group's timeout") from None
+        except OSError as exc:
+            raise LinkError(f"the link with {_who(peer)} failed: {_why(exc)}") from None
+        if n == 0:
+            raise LinkError(f"{_who(peer)} closed the link (its daemon or session ended, or the group failed there)")
+        got += n
+
+
+def _who(peer: int) -> str:
+    return "the peer" if peer < 0 else f"rank {peer}"
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

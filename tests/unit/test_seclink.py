@@ -1,0 +1,206 @@
+"""server/seclink.py on real socket pairs: frames round-trip, every frame has its own nonce, an altered,
+replayed or oversized frame is refused before its bytes are used, the keys bind both ranks, the lease and
+the generation, and a handshake without the group's secret is refused on both ends."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from gpupool.server import seclink
+from gpupool.server.seclink import Channel, LinkError
+
+SECRET = b"s" * 64
+GEN = bytes(16)
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of a loopback TCP connection (what the links are)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    return a, b
+
+
+def pair() -> tuple[Channel, Channel, socket.socket, socket.socket]:
+    a, b = tcp_pair()
+    k1, k2 = os.urandom(32), os.urandom(32)
+    return Channel(a, 1, k1, k2), Channel(b, 0, k2, k1), a, b
+
+
+def later(seconds: float = 5.0) -> float:
+    return time.monotonic() + seconds
+
+
+def sent_frames(payloads: list[bytes]) -> list[bytes]:
+    """What a Channel puts on the wire for each message (one frame each: they are small)."""
+    ca, _, a, b = pair()
+    out = []
+    for p in payloads:
+        ca.send(memoryview(p), later())
+        (length,) = struct.unpack("!I", b.recv(4))
+        body = b""
+        while len(body) < length:
+            body += b.recv(length - len(body))
+        out.append(struct.pack("!I", length) + body)
+    a.close()
+    b.close()
+    return out
+
+
+def test_messages_round_trip_in_frames_of_bounded_size() -> None:
+    ca, cb, _, _ = pair()
+    big = os.urandom(2 * seclink.MAX_FRAME + 123)  # three frames
+    got = bytearray(len(big))
+    t = threading.Thread(target=ca.send, args=(memoryview(big), later()))
+    t.start()
+    cb.recv_into(memoryview(got), later())
+    t.join()
+    assert bytes(got) == big
+    empty = memoryview(bytearray())
+    ca.send(empty, later())  # an empty message is still a frame: a barrier really waits for it
+    cb.recv_into(empty, later())
+    cb.send(memoryview(b"back"), later())
+    back = bytearray(4)
+    ca.recv_into(memoryview(back), later())
+    assert bytes(back) == b"back"
+
+
+def test_each_frame_has_its_own_nonce() -> None:
+    one, two = sent_frames([b"same plaintext!!", b"same plaintext!!"])
+    assert one[:4] == two[:4] and one[4:] != two[4:]  # a reused (key, nonce) would encrypt them alike
+
+
+@pytest.mark.parametrize("where", [4, 10, -1], ids=["first-byte", "middle", "tag"])
+def test_an_altered_frame_fails_authentication(where: int) -> None:
+    ca, cb, a, b = pair()
+    ca.send(memoryview(b"0123456789abcdef"), later())
+    frame = bytearray(b.recv(4 + 16 + 16))
+    frame[where] ^= 0x01
+    a2, b2 = tcp_pair()  # feed the altered bytes to the receiving channel
+    cb.sock = b2
+    a2.sendall(frame)
+    with pytest.raises(LinkError, match="failed authentication"):
+        cb.recv_into(memoryview(bytearray(16)), later())
+
+
+def test_a_replayed_frame_fails_authentication() -> None:
+    ca, cb, a, b = pair()
+    for msg in (b"first message!!!", b"second message!!"):
+        ca.send(memoryview(msg), later())
+    first = b.recv(4 + 32)
+    b.recv(4 + 32)
+    a2, b2 = tcp_pair()
+    cb.sock = b2
+    a2.sendall(first + first)  # the first frame again where the second was due
+    out = bytearray(16)
+    cb.recv_into(memoryview(out), later())
+    assert bytes(out) == b"first message!!!"
+    with pytest.raises(LinkError, match="failed authentication"):
+        cb.recv_into(memoryview(out), later())
+    assert bytes(out) == b"first message!!!"  # nothing of the refused frame was written
+
+
+def test_lengths_from_the_peer_are_bounded() -> None:
+    _, cb, a, _ = pair()
+    a.sendall(struct.pack("!I", 0xFFFFFFF0))  # a 4 GiB frame: refused before anything is allocated or read
+    with pytest.raises(LinkError, match="frame of 4294967280 bytes where 32 were due"):
+        cb.recv_into(memoryview(bytearray(16)), later())
+
+
+def test_a_silent_peer_times_out_and_a_closed_one_is_named() -> None:
+    _, cb, a, _ = pair()
+    start = time.monotonic()
+    with pytest.raises(LinkError, match="rank 0 did not answer within the group's timeout"):
+        cb.recv_into(memoryview(bytearray(8)), later(0.3))
+    assert time.monotonic() - start < 2.0
+    a.close()
+    with pytest.raises(LinkError, match="rank 0 closed the link"):
+        cb.recv_into(memoryview(bytearray(8)), later())
+
+
+def test_keys_bind_ranks_lease_generation_size_and_nonces() -> None:
+    nc, ns = os.urandom(32), os.urandom(32)
+    base = seclink.connection_keys(SECRET, nc, ns, "lease", GEN, 3, 1, 0)
+    variants = [
+        seclink.connection_keys(SECRET, nc, ns, "lease", GEN, 3, 2, 0),  # another rank
+        seclink.connection_keys(SECRET, nc, ns, "lease", GEN, 4, 1, 0),  # another size
+        seclink.connection_keys(SECRET, nc, ns, "other", GEN, 3, 1, 0),  # another lease
+        seclink.connection_keys(SECRET, nc, ns, "lease", b"\1" * 16, 3, 1, 0),  # another generation
+        seclink.connection_keys(SECRET, ns, nc, "lease", GEN, 3, 1, 0),  # other nonces
+        seclink.connection_keys(b"t" * 64, nc, ns, "lease", GEN, 3, 1, 0),  # another secret
+    ]
+    assert len(set(base)) == 4  # each direction and each MAC its own key
+    for v in variants:
+        assert not set(v) & set(base)
+
+
+def handshake(hub_secret: bytes, rank_secret: bytes, rank: int = 1) -> tuple[object, object]:
+    """Run both ends of a handshake on a socket pair; each result is a Channel or the exception raised."""
+    a, b = tcp_pair()
+    results: dict[str, object] = {}
+
+    def hub() -> None:
+        try:
+            results["hub"] = seclink._accept(b, hub_secret, "lease", GEN, 3, later(2))
+        except (LinkError, OSError) as exc:
+            results["hub"] = exc
+        b.close()
+
+    t = threading.Thread(target=hub)
+    t.start()
+    try:
+        results["rank"] = seclink._connect(a, rank_secret, "lease", GEN, 3, rank, later(2))
+    except (LinkError, OSError) as exc:
+        results["rank"] = exc
+    a.close()
+    t.join()
+    return results["hub"], results["rank"]
+
+
+def test_handshake_authenticates_both_ends() -> None:
+    hub, rank = handshake(SECRET, SECRET)
+    assert isinstance(hub, Channel) and isinstance(rank, Channel) and hub.peer == 1 and rank.peer == 0
+    hub, rank = handshake(SECRET, b"x" * 64)  # a connector without the secret
+    assert isinstance(rank, LinkError) and "does not hold the group's keys" in str(rank)
+    assert isinstance(hub, LinkError | OSError)
+    hub, rank = handshake(b"x" * 64, SECRET)  # a hub without it
+    assert isinstance(rank, LinkError) and "rank 0's end" in str(rank)
+    hub, rank = handshake(SECRET, SECRET, rank=3)  # not a rank of a group of 3
+    assert isinstance(hub, LinkError) and "not a collective link" in str(hub)
+
+
+def test_a_forged_proof_is_refused_by_the_hub() -> None:
+    a, b = tcp_pair()
+    a.sendall(seclink.HELLO.pack(seclink.MAGIC, 1, os.urandom(32)))
+    out: list[object] = []
+    t = threading.Thread(target=lambda: out.append(_try_accept(b)))
+    t.start()
+    assert len(a.recv(seclink.HUB_HELLO_BYTES, socket.MSG_WAITALL)) == seclink.HUB_HELLO_BYTES
+    a.sendall(os.urandom(32))
+    t.join()
+    assert isinstance(out[0], LinkError) and "claiming rank 1 does not hold the group's keys" in str(out[0])
+
+
+def _try_accept(sock: socket.socket) -> object:
+    try:
+        return seclink._accept(sock, SECRET, "lease", GEN, 3, later(2))
+    except LinkError as exc:
+        return exc
+
+
+def test_gcm_is_what_protects_the_frames() -> None:
+    """The frame format is AES-256-GCM with the length as associated data: a frame sealed by hand decrypts."""
+    key = os.urandom(32)
+    a, b = tcp_pair()
+    ch = Channel(b, 1, os.urandom(32), key)
+    body = AESGCM(key).encrypt((0).to_bytes(12, "big"), b"hello", struct.pack("!I", 5 + 16))
+    a.sendall(struct.pack("!I", len(body)) + body)
+    out = bytearray(5)
+    ch.recv_into(memoryview(out), later())
+    assert bytes(out) == b"hello"
