@@ -92,6 +92,7 @@ class DeviceServicer:
             for raw in requests:
                 rid = protocol.lone_sync(raw)  # a round trip: no split, no protobuf, answered here when idle
                 if rid is not None and self.daemon.sync_now(s, rid):
+                    s.hand_over()
                     continue
                 try:
                     commands = slices.split_frame(raw, limit)  # counted before anything is materialized
@@ -116,6 +117,7 @@ class DeviceServicer:
                         return
                 if not self.daemon.submit(s, commands, nbytes):
                     return
+                s.hand_over()  # replies of the slice this thread may have run (`submit`)
             self.daemon.submit(s, [END_OF_STREAM], 0)
         except grpc.RpcError:
             s.outbox.put(END_OF_STREAM)  # the client went away; nothing to answer
