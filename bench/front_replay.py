@@ -80,10 +80,11 @@ class NullRunner:
 
 def replay(path: str, repeats: int, instr: bool) -> dict[str, Any]:
     """Frames of the recording's timed steps through the front, `repeats` times; CPU (or instructions) per frame."""
-    from gpupool.server.daemon import Daemon, DaemonConfig
     from gpupool.server import slices
+    from gpupool.server.daemon import Daemon, DaemonConfig
     from gpupool.server.front import FrontSession
     from gpupool.server.service import DeviceServicer
+
     from gpupool.tokens import TokenClaims
 
     d = json.loads(Path(path).read_text())
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                     if instr:
                         runs[name].append(_instructions(trees[name], where[name], path, tmp))
                         continue
-                    argv2 = [trees[name], str(HERE / "front_replay.py"), "--replay", path, "--repeats", str(args.repeats)]
+                    script = str(HERE / "front_replay.py")
+                    argv2 = [trees[name], script, "--replay", path, "--repeats", str(args.repeats)]
                     out = subprocess.run(argv2, check=True, capture_output=True, text=True, cwd=where[name])
                     runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
             key = "instr" if instr else "cpu"
