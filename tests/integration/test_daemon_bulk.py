@@ -208,7 +208,8 @@ def test_bulk_flags_behind_other_commands_are_refused(bulk_daemon: Any, monkeypa
                 s.sync()
                 plain = device_pb2.Upload(handle=s.new_handle(), last=True, data=torch.ones(3).numpy().tobytes())
                 plain.meta.dtype, plain.meta.shape[:] = 1, [3]
-                cmds = [device_pb2.Command(upload=plain), device_pb2.Command(get=device_pb2.Get(request_id=5, handle=h))]
+                get = device_pb2.Get(request_id=5, handle=h)
+                cmds = [device_pb2.Command(upload=plain), device_pb2.Command(get=get)]
                 if flagged == "get":
                     last = device_pb2.Command(get=device_pb2.Get(request_id=77, handle=h, bulk=True))
                 else:
