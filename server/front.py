@@ -96,8 +96,8 @@ class FrontSession:
         return True
 
     def hand_over(self) -> None:
-        """Called by the stream's reader after it queued replies itself (a fast Sync, a slice it ran): let the
-        stream's writer take the GIL now, before this thread goes on to wait for the next frame. Without it the
+        """Called by the stream's reader after it queued replies itself (a fast Sync, a slice it ran, before
+        that slice's bookkeeping): let the stream's writer take the GIL now, before this thread goes on. Without it the
         writer, woken by the outbox, waits for the GIL until the reader is back in gRPC's receive (tens of us of
         Python in grpc's request iterator), on every round trip: `sched_yield` (<1 us, no sleep; `time.sleep(0)`
         sleeps ~60 us of timer slack) halved the reply's hop to the writer (BENCHMARKS.md, round 16, front16)."""

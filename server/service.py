@@ -118,7 +118,6 @@ class DeviceServicer:
                         return
                 if not self.daemon.submit(s, commands, nbytes):
                     return
-                s.hand_over()  # replies of the slice this thread may have run (`submit`)
             self.daemon.submit(s, [END_OF_STREAM], 0)
         except grpc.RpcError:
             s.outbox.put(END_OF_STREAM)  # the client went away; nothing to answer
