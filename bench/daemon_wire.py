@@ -16,7 +16,8 @@ can meet the transfer target, however little it adds.
 Each figure is the median of --repeat runs; the table prints gpupool / floor ratios. With --isolation-cost it
 instead compares two daemons started side by side, `--isolation process` (each session in its own worker
 process, the default) and `--isolation thread` (sessions in the daemon process), measured alternately. With
---against DIR it compares this tree's daemon with another checkout's (before/after a change), side by side.
+--against DIR it compares this tree's daemon with another checkout's (before/after a change), side by side, and both
+with a bare gRPC stream ping-pong of their kind measured in the same alternating blocks.
 """
 
 from __future__ import annotations
@@ -454,10 +455,41 @@ def isolation_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stream_ping(port: int, tls: bool) -> tuple[Callable[[], None], Callable[[], None]]:
+    """A bare gRPC stream ping-pong of 16 bytes to the floor server (its Echo, as `grpc_figures` measures it):
+    (one round trip, close)."""
+    import queue
+
+    import grpc
+
+    target = f"127.0.0.1:{port}"
+    if tls:
+        with open(_tls_files()[0], "rb") as f:
+            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+        opts = [*GRPC_OPTIONS, ("grpc.ssl_target_name_override", "localhost")]
+        channel = grpc.secure_channel(target, creds, options=opts)
+    else:
+        channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+    q: queue.Queue[bytes | None] = queue.Queue()
+    replies = iter(channel.stream_stream("/floor/Echo", None, None)(iter(q.get, None)))
+
+    def ping() -> None:
+        q.put(b"x" * 16)
+        next(replies)
+
+    def close() -> None:
+        q.put(None)
+        channel.close()
+
+    return ping, close
+
+
 def against(args: argparse.Namespace) -> int:
     """This tree's daemon next to another checkout's (--against DIR, run by --against-python), side by side:
     the same client, alternating sessions (transfers and tiny-op throughput) and blocks of 50 syncs and 50
-    `.item()` syncs (one scalar), medians and this/other ratios."""
+    `.item()` syncs (one scalar), medians and this/other ratios; beside them, in the same alternating blocks, a
+    bare gRPC stream ping-pong of the same kind (TLS or plaintext, the floor server's): each daemon's ratio to it
+    comes out of one run."""
     import torch
     from gpupool.client.session import Session
 
@@ -473,6 +505,12 @@ def against(args: argparse.Namespace) -> int:
             "other": start_daemon(key_file, *extra, python=args.against_python, cwd=args.against),
             "this": start_daemon(key_file, *extra),
         }
+        floor = subprocess.Popen(
+            [sys.executable, __file__, "--floor-server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert floor.stdout is not None
+        _, _, grpc_port, _, grpc_tls_port = floor.stdout.readline().split()
+        floor_times: list[float] = []
         figures: dict[str, list[dict[str, float]]] = {k: [] for k in daemons}
         rtts: dict[str, list[float]] = {k: [] for k in daemons}
         items: dict[str, list[float]] = {k: [] for k in daemons}  # Syncs with one scalar: `.item()`
@@ -493,7 +531,13 @@ def against(args: argparse.Namespace) -> int:
                 sessions[name] = Session.attach(address, tokens.mint(key, claims))
                 scalars[name] = [sessions[name].upload(torch.ones(()))]
                 sessions[name].sync()
+            ping, close_floor = _stream_ping(int(grpc_tls_port if args.tls else grpc_port), args.tls)
+            ping()
             for block in range(max(1, args.syncs // 50)):
+                for _ in range(50):
+                    t0 = time.perf_counter()
+                    ping()
+                    floor_times.append(time.perf_counter() - t0)
                 for name in sessions if block % 2 == 0 else reversed(list(sessions)):
                     for kind, times, handles in (("sync", rtts[name], []), ("item", items[name], scalars[name])):
                         c0 = cpu_seconds(daemons[name][0].pid)
@@ -504,10 +548,14 @@ def against(args: argparse.Namespace) -> int:
                         cpu[name][kind] += cpu_seconds(daemons[name][0].pid) - c0
             for session in sessions.values():
                 session.close()
+            close_floor()
         finally:
             for proc, _ in daemons.values():
                 proc.terminate()
                 proc.wait(30)
+            if floor.stdin:
+                floor.stdin.close()
+            floor.wait(30)
     o, t = median_of(figures["other"]), median_of(figures["this"])
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
@@ -521,9 +569,11 @@ def against(args: argparse.Namespace) -> int:
         for k in ("up_daemon_cpu", "down_daemon_cpu", "up_client_cpu", "down_client_cpu"):
             name = k.replace("_cpu", "").replace("_", " ") + " CPU (s/GiB)"
             print(f"{name:<34}{o[k]:>12.3f}{t[k]:>12.3f}{t[k] / o[k]:>12.2f}")
+    ping_p50 = statistics.median(floor_times) * 1e6
     for name, times in (("sync round trip p50 (us)", rtts), (".item() round trip p50 (us)", items)):
         po, pt = statistics.median(times["other"]) * 1e6, statistics.median(times["this"]) * 1e6
         print(f"{name:<34}{po:>12.0f}{pt:>12.0f}{pt / po:>12.2f}")
+        print(f"{'  / gRPC stream ping-pong':<34}{po / ping_p50:>12.2f}{pt / ping_p50:>12.2f}")
     if not args.bulk:
         name = f"{args.ops} tiny adds + 1 sync (ops/s)"
         print(f"{name:<34}{o['ops']:>12.0f}{t['ops']:>12.0f}{t['ops'] / o['ops']:>12.2f}")
@@ -532,6 +582,8 @@ def against(args: argparse.Namespace) -> int:
         co, ct = cpu["other"][kind] / n, cpu["this"][kind] / n
         print(f"{name:<34}{co:>12.0f}{ct:>12.0f}{ct / co if co else 0.0:>12.2f}")
     print("(daemon CPU: what its process's threads ran, not its session workers')")
+    kind = "TLS" if args.tls else "plaintext"
+    print(f"bare {kind} gRPC stream ping-pong p50 (us), in the same blocks: {ping_p50:.0f}")
     return 0
 
 

@@ -198,6 +198,8 @@ def lone_sync(raw: bytes) -> int | None:
     for b in raw[5:] if raw[4:5] == b"\x08" else b"":
         request_id |= (b & 0x7F) << shift
         shift += 7
+        if b < 0x80:  # the id's last byte: a lone Sync ends here (the comparison below says whether it did)
+            break
     return request_id if raw == sync_frame(request_id) else None
 
 

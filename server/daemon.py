@@ -371,6 +371,7 @@ class Daemon:
         seconds = 0.0
         try:  # as DeviceWorker.run does it
             rest, seconds = self._run_slice(s.entry, taken, worker.slice_seconds)
+            s.hand_over()  # its replies to the stream's writer first, then the bookkeeping (front.py)
             queue.give_back(s.entry, rest)
         except Exception:  # the slice runner handles command errors; this is a last line of defence
             log.exception("stream reader of session %d: slice failed", s.number)

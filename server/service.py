@@ -92,12 +92,14 @@ class DeviceServicer:
             for raw in requests:
                 rid = protocol.lone_sync(raw)  # a round trip: no split, no protobuf, answered here when idle
                 if rid is not None and self.daemon.sync_now(s, rid):
+                    s.hand_over()
                     continue
+                parsed: Any = None
                 try:
                     commands = slices.split_frame(raw, limit)  # counted before anything is materialized
                     big = len(raw) >= bulk.BIG_UPLOAD  # big uploads are checked without a copy (server/bulk.py)
                     if not (big and bulk.uploads_only([span for _, span in commands])):
-                        device_pb2.ClientFrame.FromString(raw)  # malformed commands end the stream here
+                        parsed = device_pb2.ClientFrame.FromString(raw).commands  # malformed commands end it here
                 except (DecodeError, InvalidArgument) as exc:
                     s.outbox.put(InvalidArgument(f"malformed ClientFrame ({len(raw)} bytes): {exc}"))
                     return
@@ -109,7 +111,7 @@ class DeviceServicer:
                 nbytes = len(raw)
                 if not _BULK_KINDS.isdisjoint([kind for kind, _ in commands]):
                     try:
-                        nbytes += _take_bulk(s, commands)
+                        nbytes += _take_bulk(s, commands, parsed)
                     except GpupoolError as exc:  # a transfer that broke the side channel's rules ends the session
                         s.close_bulk()
                         s.outbox.put(exc)
@@ -163,13 +165,25 @@ class DeviceServicer:
 _BULK_KINDS = frozenset((protocol.UPLOAD, protocol.GET))
 
 
-def _take_bulk(s: FrontSession, commands: list[tuple[int, memoryview]]) -> int:
+def _take_bulk(s: FrontSession, commands: list[tuple[int, memoryview]], parsed: Any = None) -> int:
     """The side channel's part of a frame's commands (server/bulkside.py): an Upload with `bulk_bytes` becomes
     the canonical span of its bytes, read from the session's side socket here; a Get with `bulk` is noted for
-    the writer. Returns the bytes read; raises InvalidArgument for a transfer that breaks the rules."""
+    the writer. Returns the bytes read; raises InvalidArgument for a transfer that breaks the rules.
+
+    `parsed`: the frame's commands as protobuf parsed them (the reader's check), or None. When they are the
+    spans' commands one for one (no empty command was skipped), an Upload or Get that asks nothing of the side
+    channel (the usual: an eager step's small inputs) is passed over on the parsed fields, in C, instead of
+    reading its span again in Python."""
     link = s.bulk
     extra = 0
+    known = parsed if parsed is not None and len(parsed) == len(commands) else None
     for n, (kind, span) in enumerate(commands):
+        if known is not None:
+            if kind == protocol.UPLOAD:
+                if not known[n].upload.bulk_bytes:
+                    continue
+            elif kind == protocol.GET and not known[n].get.bulk:
+                continue
         if kind == protocol.UPLOAD:
             parsed = bulk.parse_upload(span)
             cmd = parsed[0] if parsed is not None else device_pb2.ClientFrame.FromString(bytes(span)).commands[0]

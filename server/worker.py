@@ -313,7 +313,7 @@ def _quiet_stat(fd: int) -> bool:
     """`_quiet` of the process whose /proc/PID/stat is open as `fd` (read afresh from its start: the kernel
     writes the file anew for each read at offset 0); OSError once that process is reaped."""
     stat = os.pread(fd, 4096, 0)
-    fields = stat[stat.rindex(b")") + 2 :].split()
+    fields = stat[stat.rindex(b")") + 2 :].split(b" ", 29)  # the first 29 fields and the rest unsplit
     # fields[0] is field 3 of proc(5) (state), [6] field 9 (flags), [28] field 31 (pending signals)
     return fields[0] == b"S" and not int(fields[6]) & _PF_DYING and fields[28] == b"0"
 

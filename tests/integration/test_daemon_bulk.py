@@ -196,6 +196,29 @@ def test_bulk_flags_without_a_side_socket_are_refused(bulk_daemon: Any, monkeypa
             s.sync()
 
 
+def test_bulk_flags_behind_other_commands_are_refused(bulk_daemon: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader passes over an Upload or Get without bulk flags on the fields it parsed (server/service.py,
+    `_take_bulk`); a flagged one later in the frame, after ordinary uploads and gets (and, in the second frame,
+    after an empty command, so that the parsed commands and the spans no longer line up), is still refused."""
+    monkeypatch.setattr(client_bulk, "connect", lambda *a, **k: None)  # this client never opens the socket
+    for empty in ([], [device_pb2.Command()]):
+        for flagged in ("get", "upload"):
+            with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
+                h = s.upload(torch.ones(3))
+                s.sync()
+                plain = device_pb2.Upload(handle=s.new_handle(), last=True, data=torch.ones(3).numpy().tobytes())
+                plain.meta.dtype, plain.meta.shape[:] = 1, [3]
+                get = device_pb2.Get(request_id=5, handle=h)
+                cmds = [device_pb2.Command(upload=plain), device_pb2.Command(get=get)]
+                if flagged == "get":
+                    last = device_pb2.Command(get=device_pb2.Get(request_id=77, handle=h, bulk=True))
+                else:
+                    last = device_pb2.Command(upload=device_pb2.Upload(handle=s.new_handle(), last=True, bulk_bytes=64))
+                s._put(device_pb2.ClientFrame(commands=[*cmds, *empty, last]).SerializeToString())
+                with pytest.raises(InvalidArgument, match="has none"):
+                    s.sync()
+
+
 def test_falls_back_to_the_stream_when_the_side_port_is_closed_or_absent(
     daemon_factory: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

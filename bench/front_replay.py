@@ -1,0 +1,187 @@
+"""The daemon's front per frame, alone: a recorded eager stream replayed through the stream reader with a null worker.
+
+A launch_bound workload trains eagerly through a real daemon while every frame its client sends is saved
+(`eager_replay.py --dump`, the same recording). Then, in one process, the frames go through the daemon's own stream
+reader (`DeviceServicer._read`: checking the frame, splitting it into commands, the fair queue, the slice, the
+hand-off to the session's runner, mirroring the result) exactly as a gRPC stream would hand them over, but the
+session's runner is a null worker: it does the daemon's side of a real worker's hand-off (the slice's spans copied
+into a shared buffer, the request's header, the result decoded) and nothing else (no process, no socket, no
+kernel runs). What is left is the front's own Python per frame; gRPC's, the worker's and the wake-ups are not in
+it (bench/daemon_wire.py measures the round trip whole). Each frame runs while the device is idle, so the reader
+runs its slices itself (`Daemon.submit`), as it does for a session alone on its device.
+
+`--measure instr` counts instructions (callgrind, on around the timed replay only): exact on a loaded box.
+`--against DIR` replays the same recording through another checkout's front too (run by --against-python).
+
+    python bench/front_replay.py [--models tiny-mlp,encoder] [--repeats 20]
+    python bench/front_replay.py --measure instr --against /work/wt/base --against-python /work/wt/base/.venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import cgtools
+
+HERE = Path(__file__).resolve().parent
+
+
+class NullRunner:
+    """A session's runner that runs nothing: the daemon's side of `worker.ProcessRunner.run` (the spans joined into
+    the shared buffer, the request header, the result decoded and checked) against a worker that has already
+    answered "all of them ran"."""
+
+    pid = 1  # not 0: the reader runs the slice itself, as for a worker process
+
+    def __init__(self) -> None:
+        from gpupool.server import slices, worker
+
+        self._slices = slices
+        self._data = memoryview(bytearray(worker.DATA_BYTES))
+        self._results: dict[int, bytes] = {}
+        self.commands = 0  # commands it was handed: the replay checks that every frame went through
+
+    def _result(self, commands: int) -> bytes:
+        got = self._results.get(commands)
+        if got is None:
+            buf = memoryview(bytearray(4096))
+            n = self._slices.write_result(self._slices.SliceResult(executed=commands, seconds=1e-6), buf)
+            got = self._results[commands] = bytes(buf[:n])
+        return got
+
+    def run(self, req: Any, commands: int, parts: Any = ()) -> Any:
+        self.commands += commands
+        size = sum(map(len, parts))
+        self._data[:size] = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._slices.shared_request(req, size)
+        return self._slices.decode_result(self._result(commands), commands, None)
+
+    def alive(self, timeout: float = 1.0) -> bool:
+        return True
+
+    def idle(self) -> bool:
+        return True
+
+    def progress(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+def replay(path: str, repeats: int, instr: bool) -> dict[str, Any]:
+    """Frames of the recording's timed steps through the front, `repeats` times; CPU (or instructions) per frame."""
+    from gpupool.server import slices
+    from gpupool.server.daemon import Daemon, DaemonConfig
+    from gpupool.server.front import FrontSession
+    from gpupool.server.service import DeviceServicer
+
+    from gpupool.tokens import TokenClaims
+
+    d = json.loads(Path(path).read_text())
+    frames = [bytes.fromhex(f) for f in d["frames"][d["start"] : d["end"]]]
+    daemon = Daemon(DaemonConfig(fake_gpus=1, host_id="bench", metrics_listen=""))  # not started: no threads
+    servicer = DeviceServicer(daemon)
+    dev = daemon.device_list[0]
+    times: list[float] = []
+    total = sum(len(slices.split_frame(f, 1 << 20)) for f in frames)
+    for r in range(repeats + 1):
+        claims = TokenClaims(f"bench-{r}", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
+        s = FrontSession(f"s{r}", r + 1, claims, dev, 1 << 30, "bench")
+        s.runner = NullRunner()  # type: ignore[assignment]
+        s.entry = daemon.queues[dev.index].add(s, 1.0)
+        counting = instr and r == repeats
+        if counting:
+            cgtools.control("--instr=on")
+        start = time.thread_time()
+        servicer._read(s, iter(frames))
+        took = time.thread_time() - start
+        if counting:
+            cgtools.control("--dump=front", "--instr=off")
+        ran = s.runner.commands  # type: ignore[union-attr]
+        if ran != total:  # the reader stopped early: what it queued for the stream says why
+            raise SystemExit(f"the front ran {ran} of the frames' {total} commands: {s.outbox.get_nowait()!r}")
+        if r:  # the first one warms every cache
+            times.append(took / len(frames))
+        daemon.queues[dev.index].remove(s.entry)
+    ops = d["ops"]
+    return {"frames": len(frames), "ops_per_frame": ops / len(frames), "cpu": min(times),
+            "median": statistics.median(times)}  # fmt: skip
+
+
+def _instructions(python: str, where: Path, path: str, tmp: str) -> dict[str, Any]:
+    out_file = Path(tmp) / "front.out"
+    for old in Path(tmp).glob("front.out*"):
+        old.unlink()
+    exe = subprocess.check_output([python, "-c", "import sys; print(sys.executable)"], text=True).strip()
+    cmd = [*cgtools.valgrind(out_file), exe, str(HERE / "front_replay.py"), "--replay", path, "--repeats", "1",
+           "--instr"]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=where)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    dumps = [p for p in Path(tmp).glob("front.out.*") if "front" in p.read_text().split("desc: Trigger:", 1)[1][:200]]
+    text = dumps[0].read_text()
+    totals = [line for line in text.splitlines() if line.startswith(("totals:", "summary:"))]
+    return {**r, "instr": int(totals[-1].split()[1]) / r["frames"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="tiny-mlp", help="comma-separated launch_bound workloads")
+    p.add_argument("--steps", type=int, default=20, help="recorded steps")
+    p.add_argument("--repeats", type=int, default=20, help="replays per process (the min counts)")
+    p.add_argument("--rounds", type=int, default=3, help="replay processes per checkout, alternating")
+    p.add_argument("--against", metavar="DIR", help="another checkout's front replaying the same recording")
+    p.add_argument("--against-python", default=sys.executable, help="the python that imports DIR's gpupool")
+    p.add_argument("--measure", choices=("cpu", "instr"), default="cpu", help="thread CPU time or instructions")
+    p.add_argument("--recording", metavar="FILE", help="replay this recording (eager_replay.py --dump) for every model")
+    p.add_argument("--replay", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--instr", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.replay:
+        print(json.dumps(replay(args.replay, args.repeats, args.instr)))
+        return 0
+    if args.measure == "instr" and shutil.which("valgrind") is None:
+        p.error("--measure instr needs valgrind (apt-get install valgrind)")
+    # the other checkout runs this file too (its gpupool, this tree's replay code): only the front is compared
+    trees = {"this": sys.executable}
+    if args.against:
+        trees["other"] = args.against_python
+    where = {"this": HERE, "other": Path(args.against or HERE) / "bench"}
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models.split(","):
+            path = args.recording or str(Path(tmp) / f"{model}.json")
+            if not args.recording:
+                cmd = [sys.executable, str(HERE / "eager_replay.py"), "--dump", model, path, "--steps", str(args.steps)]
+                subprocess.run(cmd, check=True, capture_output=True, cwd=HERE)
+            runs: dict[str, list[dict[str, Any]]] = {k: [] for k in trees}
+            instr = args.measure == "instr"
+            for i in range(1 if instr else args.rounds):
+                for name in trees if i % 2 == 0 else reversed(list(trees)):
+                    if instr:
+                        runs[name].append(_instructions(trees[name], where[name], path, tmp))
+                        continue
+                    script = str(HERE / "front_replay.py")
+                    argv2 = [trees[name], script, "--replay", path, "--repeats", str(args.repeats)]
+                    out = subprocess.run(argv2, check=True, capture_output=True, text=True, cwd=where[name])
+                    runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            key = "instr" if instr else "cpu"
+            best = {k: min(v, key=lambda r: r[key]) for k, v in runs.items()}
+            for name, r in best.items():
+                figure = f"{r['instr'] / 1e3:.0f} k instructions" if instr else f"{r['cpu'] * 1e6:.1f} us CPU"
+                print(f"{model} ({name}): {r['frames']} frames of {r['ops_per_frame']:.1f} ops: {figure} per frame")
+            if args.against:
+                print(f"{model}: this front / the other's per frame: {best['this'][key] / best['other'][key]:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
