@@ -323,6 +323,14 @@ def connect(session: Any, ops: Any = None, python: bool = True) -> None:
         fb = torch.library.Library("_", "IMPL")  # noqa: TOR901
         fb.fallback(lambda op, *args, **kwargs: _python_op(op, args, kwargs), "PrivateUse2")
         _libs.append(fb)
+        # An op with a CompositeExplicitAutograd kernel never reaches that fallback: the kernel covers PrivateUse2 too.
+        # Mostly harmless (it decomposes into ops that come back to the device), but convolution's two end in
+        # *_overrideable, which only CPU/CUDA/MKLDNN have: a conv's backward failed. They go to `_python_op` by name.
+        named = torch.library.Library("aten", "IMPL")  # noqa: TOR901 - kernels for existing aten ops
+        for name in ("convolution", "convolution_backward"):
+            aten_op = getattr(torch.ops.aten, name).default
+            named.impl(name, lambda *a, _op=aten_op, **k: _python_op(_op, a, k), "PrivateUse2")
+        _libs.append(named)
 
     def synchronize(device: Any = None) -> None:
         flush()
