@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from examples_fixtures import gpupool_up
@@ -21,13 +19,20 @@ from gpupool.client.native import WAY_OUT
 from gpupool.client.native.backend import compiler_missing
 from gpupool.client.pool import SchedulerClient
 from scheduler_fixtures import ROOT, wait_until
+from test_cuda_scripts import LOSS, SCRIPTS
 
 _why = compiler_missing()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"native client: {_why}")]
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "cuda_scripts"
-LOSS = re.compile(r"^(?:step|epoch) .*loss \S+$", re.M)
 ANNOUNCE = "gpupool --cuda: cuda -> gpupool (1 leased device(s), native client)"
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The pool of these tests: `gpupool up` with one fake GPU of 512 MiB (the scheduler's address)."""
+    with gpupool_up(tmp_path_factory.mktemp("up"), "--fake-gpus", "1", "--fake-gpu-memory", "512MiB") as env:
+        yield env["GPUPOOL_SCHEDULER"]
+
 
 # A CUDA training script as tutorials write it: `.cuda()` when CUDA is there; a conv, a LayerNorm (their composite
 # kernels used to run on the client: a conv's backward failed, a LayerNorm's loss was off in the last bits), Adam.
@@ -58,18 +63,10 @@ for i in range(6):
     losses.append(loss.item())
 out = {"losses": losses, "weights": [p.detach().cpu().tolist() for p in model.parameters()],
        "device": str(next(model.parameters()).device), "shim": "gpupool.client.torch" in sys.modules}
-if cuda:
-    from gpupool.client.native import backend
-    out["op_records"] = backend.stats()["op_records"]
+if cuda:  # the C++ client's op records (its stats' 4th counter)
+    out["op_records"] = int(torch.ops.gpupool_native.stats()[3])
 print(json.dumps(out))
 """
-
-
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A `gpupool up` with one 512 MiB fake GPU; yields the scheduler address."""
-    with gpupool_up(tmp_path_factory.mktemp("up"), "--fake-gpus", "1", "--fake-gpu-memory", "512MiB") as env:
-        yield env["GPUPOOL_SCHEDULER"]
 
 
 def _env(**extra: str) -> dict[str, str]:
