@@ -11,8 +11,8 @@ CUDA devices (gpupool.client.cuda, loaded by torch itself at `import torch`; doc
 
 With --native-client (or $GPUPOOL_CLIENT=native; experimental) the child gets GPUPOOL_CLIENT=native, and its `gpupool`
 device is the C++ client instead of the Python shim (gpupool.client.native; docs/native-client.md). `run` builds it
-first (once per torch version, ~1-2 min, cached), before it leases: no compiler, no ninja, --cuda or several GPUs
-with it are one line and exit 2 (usage) or 1 (the build).
+first (once per torch version, ~1-2 min, cached), before it leases: no compiler, no ninja, or several GPUs with it
+are one line and exit 2 (usage) or 1 (the build). With --cuda as well, the CUDA mapping runs on the C++ client.
 
 Exit codes of its own: 2 bad usage, 1 no lease (e.g. RESOURCE_EXHAUSTED), 127 command not found.
 """
@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--native-client",
         action="store_true",
         help="experimental: the `gpupool` device is the C++ client (fewer instructions per op) instead of the Python "
-        "one; eager ops only: no step capture, collectives, --cuda or several GPUs (also $GPUPOOL_CLIENT=native; "
-        "builds once with g++ and ninja, ~1-2 min; docs/native-client.md)",
+        "one, with --cuda too; eager ops only: no step capture, collectives or several GPUs (also "
+        "$GPUPOOL_CLIENT=native; builds once with g++ and ninja, ~1-2 min; docs/native-client.md)",
     )
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
     return p
@@ -72,10 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _prepare_native(args: argparse.Namespace) -> int:
     """--native-client: refuse what it lacks, and build the C++ client before leasing (0: ready)."""
-    if args.cuda:
-        print(f"gpupool run: --native-client and --cuda: --cuda is not supported by the native client; "
-              f"{native.WAY_OUT}", file=sys.stderr)  # fmt: skip
-        return 2
     if args.gpus != 1:
         print(f"gpupool run: --native-client and -n {args.gpus}: several devices are not supported by the native "
               f"client; {native.WAY_OUT}", file=sys.stderr)  # fmt: skip

@@ -3,16 +3,18 @@
 torch calls `autoload()` at the end of `import torch` (the `torch.backends` entry point of this
 distribution; off with TORCH_DEVICE_BACKEND_AUTOLOAD=0). It does nothing unless $GPUPOOL_CUDA is set
 (`gpupool run --cuda` sets it for its child; launchers such as torchrun pass it on to their workers), so
-`--cuda` never changes a script run without it ($GPUPOOL_CLIENT=native instead loads the C++ client: `autoload`).
+`--cuda` never changes a script run without it ($GPUPOOL_CLIENT=native loads the C++ client first: `autoload`).
 When set, `enable()`:
 
-- registers the `gpupool` device (as `import gpupool.torch` does),
+- registers the `gpupool` device (as `import gpupool.torch` does: the Python shim, or the C++ client under
+  `gpupool run --native-client --cuda`, gpupool.client.native),
 - maps `cuda`, `cuda:N`, integer device ids, `.cuda()`, `.to(...)`, factory `device=` arguments and
   `tensor.is_cuda` onto `gpupool:N` (devices.py: one global TorchFunctionMode),
 - answers `torch.cuda.*` from the lease (facade.py),
 - maps `torch.load(map_location=...)`, autocast/GradScaler, and refuses what cannot work on a pooled
   GPU with one message naming the call (patches.py),
-- maps `init_process_group("nccl")` onto the `gpupool` collective backend (nccl.py),
+- maps `init_process_group("nccl")` onto the `gpupool` collective backend (nccl.py; refused, naming the call, under
+  the C++ client, which has no collectives),
 
 and logs one line saying so. docs/cuda.md lists every API and the limits.
 """
@@ -45,14 +47,14 @@ def _is_gpupool_program() -> bool:
 def autoload() -> None:
     """torch's `torch.backends` entry point: runs at `import torch` in every process, so it is cheap. It also loads the
     C++ client as the `gpupool` device with $GPUPOOL_CLIENT=native (`gpupool run --native-client`, experimental:
-    gpupool.client.native), which refuses --cuda with one line."""
+    gpupool.client.native), under the mapping with $GPUPOOL_CUDA too."""
     if _is_gpupool_program():
         return
     from gpupool.client import native
 
     if native.requested():
         native.enable()
-    elif requested():
+    if requested():
         enable()
 
 
@@ -75,6 +77,13 @@ def enabled() -> bool:
     return bool(_enabled)
 
 
+def on_native() -> bool:
+    """Whether the `gpupool` device under the mapping is the C++ client (`gpupool run --native-client --cuda`)."""
+    from gpupool.client import native
+
+    return native.active()
+
+
 def _announce() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("gpupool --cuda: %(message)s"))
@@ -84,6 +93,14 @@ def _announce() -> None:
     log.setLevel(logging.INFO)
     from .facade import leased_count
 
+    if on_native():
+        log.info(
+            "cuda -> gpupool (%d leased device(s), native client): device strings/ids, .cuda(), .to(), device=, "
+            "is_cuda, torch.cuda.*, torch.load(map_location), autocast/GradScaler, pin_memory; refused: collectives "
+            "(nccl), CUDA graphs, torch.compile, CUDA extensions, DataParallel (docs/cuda.md)",
+            leased_count(),
+        )
+        return
     log.info(
         "cuda -> gpupool (%d leased device(s)): device strings/ids, .cuda(), .to(), device=, is_cuda, torch.cuda.*, "
         "torch.load(map_location), autocast/GradScaler, pin_memory, nccl -> gpupool backend; refused: CUDA graphs, "

@@ -32,12 +32,17 @@ _SHIFT: list[tuple[int, int]] = []  # (LOCAL_RANK shift, leased devices), read o
 
 def _shift() -> tuple[int, int]:
     if not _SHIFT:
+        from .. import native
         from ..pool import Lease
-        from ..torch.api import rank_shift
 
         lease = Lease.from_env() if os.environ.get("GPUPOOL_LEASE") else None
         n = len(lease.devices) if lease is not None else 1
-        _SHIFT.append((rank_shift(n), n))
+        if native.active():  # the C++ client: one process holds the lease's devices in lease order, no torchrun shift
+            _SHIFT.append((0, n))
+        else:
+            from ..torch.api import rank_shift
+
+            _SHIFT.append((rank_shift(n), n))
     return _SHIFT[0]
 
 
@@ -188,7 +193,8 @@ def _backward_in_mode(mode: TorchFunctionMode) -> None:
     `loss.backward()` and `torch.autograd.grad` reach the engine from inside it (`Tensor.backward` is a torch
     function): without this, Python `autograd.Function.backward` code that makes `device="cuda"` tensors would see
     plain torch and fail. The engine keeps the caller's thread-local state (the mode stack included) for the
-    nodes it runs, and gpupool runs every backward on the calling thread (client/torch/backend.py)."""
+    nodes it runs, on the calling thread (the shim: client/torch/backend.py) or on its device thread (the C++
+    client)."""
     import torch.autograd as autograd
 
     inner = autograd._engine_run_backward

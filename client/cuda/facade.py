@@ -45,14 +45,30 @@ def _index(device: Any = None) -> int:
 
 
 def _session(device: Any = None) -> Any:
-    """The shim's session of a device (attached on first use)."""
-    from ..torch import runtime  # the session's DeviceInfo and quota are not exported otherwise
+    """The session of a device (attached on first use): the shim's, or the C++ client's (gpupool.client.native)."""
+    from .. import native
 
     i = _index(device)
-    gt.device(i)
+    gt.device(i)  # the C++ client refuses any device but gpupool:0, naming it
+    if native.active():
+        return native.ensure_session()
+    from ..torch import runtime  # the session's DeviceInfo and quota are not exported otherwise
+
     rt = runtime.get(i)
     assert rt is not None
     return rt.session
+
+
+def _synced_session(device: Any = None) -> Any:
+    """The session, after every op queued so far ran (the C++ client's buffered records go out first)."""
+    from .. import native
+
+    s = _session(device)
+    if native.active():
+        torch.gpupool.synchronize()  # type: ignore[attr-defined]
+    else:
+        s.sync()
+    return s
 
 
 @dataclass(frozen=True)
@@ -89,8 +105,7 @@ def memory_allocated(device: Any = None) -> int:
     from gpupool._proto import device_pb2, device_pb2_grpc
     from gpupool.tokens import public_session_id
 
-    s = _session(device)
-    s.sync()
+    s = _synced_session(device)
     reply = device_pb2_grpc.DeviceStub(s._channel).Status(device_pb2.StatusRequest(), timeout=10)
     tag = public_session_id(s.session_id)
     used = next((int(u.used_bytes) for u in reply.sessions if u.session_id == tag), 0)

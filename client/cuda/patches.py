@@ -5,7 +5,8 @@
 - `torch.autocast("cuda")`, `torch.amp.GradScaler("cuda")` and their `torch.cuda.amp` spellings use the
   gpupool device, with torch's CUDA cast policy (amp.py).
 - `torch.compile`, CUDA extensions, `torch.nn.DataParallel` over "cuda" devices: one RuntimeError naming the call.
-(`nccl` is mapped onto the gpupool collective backend by nccl.py.)
+(`nccl` is mapped onto the gpupool collective backend by nccl.py; under the C++ client, which has no collectives,
+it is refused there, and DataParallel here.)
 """
 
 from __future__ import annotations
@@ -102,6 +103,25 @@ def _refuse(name: str, why: str) -> Callable[..., Any]:
     return refused
 
 
+def _refuse_data_parallel() -> None:
+    """Under the C++ client, as the shim does (client/torch/backend.py): DataParallel over "cuda" devices would fail
+    at its first forward in torch.cuda.comm's scatter, which torch builds for CUDA GPUs only. Refused before torch's
+    __init__ runs (its balance check divides by the leased GPU's multiprocessor count, 0)."""
+    from torch.nn.parallel import DataParallel
+    from torch.nn.parallel.data_parallel import _get_available_device_type
+
+    original = DataParallel.__init__
+
+    @functools.wraps(original)
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        if _get_available_device_type() in ("cuda", GPUPOOL):
+            _refuse("torch.nn.DataParallel", "it scatters and gathers through CUDA-only kernels (torch.cuda.comm); "
+                    "place the layers on the device yourself")()  # fmt: skip
+        original(self, *args, **kwargs)
+
+    DataParallel.__init__ = init  # type: ignore[method-assign]
+
+
 def install() -> None:
     if _installed:
         return
@@ -116,10 +136,16 @@ def install() -> None:
     _patch_init(autocast, "device_type", 0)
     _patch_init(DeviceContext, "device", 0)  # torch.set_default_device("cuda"), `with torch.device("cuda"):`
     _patch_init(GradScaler, "device", 0)
-    nccl.install()
-    from ..torch import backend
+    from .. import native
 
-    backend.DATA_PARALLEL_REFUSED.add("cuda")  # DataParallel's "cuda" devices are gpupool's (backend.py says why)
+    if native.active():  # the C++ client: no collectives, and DataParallel refused here
+        nccl.install(native=True)
+        _refuse_data_parallel()
+    else:
+        nccl.install()
+        from ..torch import backend
+
+        backend.DATA_PARALLEL_REFUSED.add("cuda")  # DataParallel's "cuda" devices are gpupool's (backend.py says why)
     torch.compile = _refuse("torch.compile", "Dynamo/Inductor cannot trace gpupool's tensors; run eagerly")
     import torch.utils.cpp_extension as ext
 

@@ -10,8 +10,12 @@ the lease `gpupool run` hands over ($GPUPOOL_LEASE) is attached at the first ten
 eager script (`model.to("gpupool")`, `.item()`, `.cpu()`) then runs unchanged; `import gpupool.torch` gives the part
 of its API the native client has (`device()`, `synchronize()`, the error classes).
 
+With `--cuda` too ($GPUPOOL_CUDA), torch's entry point then installs gpupool.client.cuda's mapping on top of this
+device (`cuda` -> `gpupool`, `torch.cuda.*` from the lease; docs/cuda.md): `set_device`, `manual_seed_all` and the
+session (`ensure_session`) are here for it.
+
 What it does not do fails with one message naming the feature and the way out (`refuse`): step capture, collectives,
-several devices, `--cuda`, a process without a lease. docs/native-client.md.
+several devices, a process without a lease. docs/native-client.md.
 """
 
 from __future__ import annotations
@@ -50,13 +54,9 @@ def active() -> bool:
 
 def enable() -> None:
     """Load the C++ client as the `gpupool` device (at `import torch`, from the backend entry point). A build that
-    cannot happen, and --cuda with it, end the process with one line: the script would fail at its first tensor."""
+    cannot happen ends the process with one line: the script would fail at its first tensor."""
     if active():
         return
-    from gpupool.client import cuda
-
-    if cuda.requested():
-        sys.exit(f"gpupool --native-client: --cuda ($GPUPOOL_CUDA) is not supported by the native client; {WAY_OUT}")
     from gpupool.config import UnsafeCacheDir
 
     from . import backend
@@ -73,9 +73,59 @@ def enable() -> None:
     lib = torch.library.Library("gpupool_native", "IMPL")  # noqa: TOR901 (defined in C++, implemented here)
     lib.impl("autoconnect", _autoconnect, "CompositeExplicitAutograd")
     _state["lib"] = lib
+    aten = torch.library.Library("aten", "IMPL")  # noqa: TOR901 - a kernel for an existing aten op
+    aten.impl("_pin_memory", _pin_memory, "CPU")  # torch's raises for PrivateUse1 (a DataLoader with pin_memory=True)
+    _state["aten"] = aten
     torch.ops.gpupool_native.set_autoconnect()
     _refuse_collectives()
+    module = getattr(torch, backend.NAME)
+    module.set_device = set_device
+    module.manual_seed = module.manual_seed_all = manual_seed_all
     _state["enabled"] = True
+
+
+def _pin_memory(self: Any, device: Any = None) -> Any:
+    """`pin_memory()` for the device: uploads go over the network, not by DMA, so host memory as it is (a copy, as
+    torch's pinned copy is); pinning for another accelerator goes on to torch's kernel."""
+    import torch
+
+    from . import backend
+
+    target = device if device is not None else torch.accelerator.current_accelerator()
+    if target is None or torch.device(target).type == backend.NAME:
+        return self.clone()
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    return torch.ops.aten._pin_memory.default.redispatch(keys, self, device)
+
+
+def set_device(device: Any) -> None:
+    """`torch.gpupool.set_device`: gpupool:0 is the one device."""
+    import torch
+
+    index = device if isinstance(device, int) else torch.device(device).index
+    if index not in (None, 0):
+        refuse(f"gpupool:{index} (several devices)")
+
+
+def manual_seed_all(seed: int) -> None:
+    """`torch.manual_seed` (and `torch.cuda.manual_seed_all` under --cuda) seeds the daemon's generator of the session,
+    as the Python client does: now, after the ops recorded so far, or when the session attaches."""
+    from . import backend
+
+    with _lock:
+        _state["seed"] = int(seed)
+        session = _state.get("session")
+        if session is not None:
+            backend.flush()  # the ops recorded before the seed run before it
+            session.seed(int(seed))
+
+
+def ensure_session() -> Any:
+    """The session, attached now if no tensor has been made on the device yet (`torch.cuda.get_device_name` may come
+    first)."""
+    if _state.get("session") is None:
+        _autoconnect()
+    return _state["session"]
 
 
 def _autoconnect() -> None:
@@ -115,6 +165,8 @@ def _connect(session: Any, lease: Any) -> None:
     from . import backend
 
     backend.connect(session)
+    if "seed" in _state:  # a torch.manual_seed before the first tensor
+        session.seed(_state["seed"])
     _state["session"], _state["lease"] = session, lease
     atexit.register(_close)
 

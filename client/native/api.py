@@ -55,6 +55,9 @@ def current_index() -> int:
 
 def synchronize(device: Any = None) -> None:
     """Wait until the daemon has run every queued op; raise the first error among them."""
+    index = device if isinstance(device, int) or device is None else torch.device(device).index
+    if index not in (None, 0):
+        refuse(f"gpupool:{index} (several devices)")
     torch.gpupool.synchronize()  # type: ignore[attr-defined]
 
 

@@ -1453,6 +1453,25 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
   }
   if (!dst_dev && src_dev) {  // a download: the frame goes out, then Session.download of the tensor's handle
     TORCH_CHECK(self.device().is_cpu(), "gpupool native client: copy to ", self.device());
+    std::optional<Geo> base;
+    {
+      std::lock_guard<std::mutex> lock(g_mu);
+      auto it = g_stores.find(handle_of(src));
+      if (it != g_stores.end() && it->second.base.dtype != src.scalar_type()) base = it->second.base;
+    }
+    if (base) {  // a view with another dtype than its storage's (torch.save reads a storage as bytes): the storage's
+                 // tensor comes back into a host storage of the same bytes, and the view is taken of those
+      const at::Tensor whole = at::detail::make_tensor<c10::TensorImpl>(
+          c10::TensorImpl::VIEW, c10::Storage(src.storage()), src.key_set(), c10::scalarTypeToTypeMeta(base->dtype));
+      whole.unsafeGetTensorImpl()->set_sizes_and_strides(base->sizes, base->strides, base->offset);
+      const at::Tensor host = at::zeros({static_cast<int64_t>(src.storage().nbytes())}, at::kByte);
+      at::empty({0}, host.options().dtype(base->dtype))
+          .set_(host.storage(), base->offset, base->sizes, base->strides)
+          .copy_(whole);
+      self.copy_(at::empty({0}, host.options().dtype(src.scalar_type()))
+                     .set_(host.storage(), src.storage_offset(), src.sizes(), src.strides()));
+      return self;
+    }
     std::lock_guard<std::mutex> send(g_send_mu);
     uint64_t h;
     const at::Tensor frame = take_sync_frame(src, &h);
@@ -1534,6 +1553,43 @@ at::Tensor spike_reshape_alias(const at::Tensor& self, c10::IntArrayRef size, c1
   return at::native::_reshape_alias(self, size, stride);
 }
 
+// set_(Storage): a tensor takes another device storage, metadata only as a view (its records name the storage's
+// handle). torch.save's `storage.cpu()` is `empty({0}).set_(storage)` then a copy to the host.
+at::Tensor& spike_set_storage_offset(at::Tensor& self, c10::Storage source, int64_t offset, c10::IntArrayRef size,
+                                     c10::IntArrayRef stride) {
+  TORCH_CHECK(source.device() == self.device(), "gpupool native client: set_ of a storage on ", source.device(),
+              " to a tensor on ", self.device());
+  std::vector<int64_t> strides = stride.vec();
+  if (strides.empty()) {  // contiguous
+    strides.resize(size.size());
+    int64_t step = 1;
+    for (size_t i = size.size(); i-- > 0;) {
+      strides[i] = step;
+      step *= std::max<int64_t>(size[i], 1);
+    }
+  }
+  TORCH_CHECK(strides.size() == size.size(), "gpupool native client: set_: ", size.size(), " sizes and ",
+              strides.size(), " strides");
+  int64_t last = offset;
+  bool empty = false;
+  for (size_t i = 0; i < size.size(); i++) {
+    TORCH_CHECK(size[i] >= 0 && strides[i] >= 0, "gpupool native client: set_: negative sizes or strides");
+    empty = empty || size[i] == 0;
+    last += (size[i] - 1) * strides[i];
+  }
+  TORCH_CHECK(offset >= 0 && (empty || (last + 1) * static_cast<int64_t>(self.itemsize()) <=
+                                           static_cast<int64_t>(source.nbytes())),
+              "gpupool native client: set_: the geometry is out of the storage's bounds");
+  self.unsafeGetTensorImpl()->set_storage_keep_dtype(std::move(source));
+  self.unsafeGetTensorImpl()->set_sizes_and_strides(size, strides, offset);
+  return self;
+}
+
+at::Tensor& spike_set_storage(at::Tensor& self, c10::Storage source) {
+  const int64_t n = static_cast<int64_t>(source.nbytes() / self.itemsize());
+  return spike_set_storage_offset(self, std::move(source), 0, {n}, {});
+}
+
 // ---------------------------------------------------------------------------------------------------------------------
 // Control operators for Python (gpupool_native::*).
 // ---------------------------------------------------------------------------------------------------------------------
@@ -1581,7 +1637,8 @@ std::string op_name(int64_t id) {
 //    such an op as empty_strided + its out= form (addmm.out, out=self for add_), two dispatches and an extra record;
 //  - foreach: every _foreach_* op whose kernel would be CompositeExplicitAutograd's per-tensor loop (a record per
 //    tensor and per op) becomes one record;
-//  - with functional, also convolution and convolution_backward (else convolution_overrideable: not implemented).
+//  - with functional, also convolution and convolution_backward (else convolution_overrideable: not implemented), and
+//    the ops whose CompositeExplicitAutograd kernel stands in for a CPU kernel (native_layer_norm, ...: bit for bit).
 // Returns the number of ops claimed now. The registrations live until the process ends.
 int64_t claim(bool functional, bool foreach) {
   static std::vector<std::unique_ptr<torch::Library>> libs;
@@ -1599,8 +1656,14 @@ int64_t claim(bool functional, bool foreach) {
     // convolution: its CompositeExplicitAutograd kernel ends in convolution_overrideable, which no backend but
     // CPU/CUDA/MKLDNN has (the daemon runs the whole op, as the shim sends it); clone (`contiguous()`, `reshape` of a
     // view): one record, as the shim sends it, not its composite kernel's empty_strided + copy_ (round 15)
+    // an op with both a CPU kernel and a CompositeExplicitAutograd one (native_layer_norm, native_group_norm, addr,
+    // _stack, any/all.dims): the composite one decomposes it here into other ops, whose results differ from the CPU
+    // kernel's in the last bits (a LayerNorm's loss did); the daemon runs the whole op, as the shim sends it (round 16)
+    const bool cpu_and_composite = op->hasKernelForDispatchKey(DispatchKey::CPU) &&
+                                   op->hasKernelForDispatchKey(DispatchKey::CompositeExplicitAutograd) &&
+                                   !op->schema().is_mutable();
     const bool whole = functional && (name.name == "aten::convolution" || name.name == "aten::convolution_backward" ||
-                                      name.name == "aten::clone");
+                                      name.name == "aten::clone" || cpu_and_composite);
     if (!((functional && nonfunctional) || (foreach && is_foreach) || whole)) continue;
     const std::string short_name = name.name.substr(6);
     const std::string full = name.overload_name.empty() ? short_name : short_name + "." + name.overload_name;
@@ -1726,6 +1789,8 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   m.impl("view", TORCH_FN(spike_view));
   m.impl("as_strided", TORCH_FN(spike_as_strided));
   m.impl("_reshape_alias", TORCH_FN(spike_reshape_alias));
+  m.impl("set_.source_Storage", TORCH_FN(spike_set_storage));
+  m.impl("set_.source_Storage_storage_offset", TORCH_FN(spike_set_storage_offset));
 }
 
 TORCH_LIBRARY(gpupool_native, m) {

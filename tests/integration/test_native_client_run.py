@@ -125,19 +125,11 @@ def test_what_it_lacks_fails_with_one_message_and_the_way_out(pool: str, tmp_pat
     assert feature in last and "--native-client" in last and WAY_OUT in last, ran.stderr[-2000:]
 
 
-@pytest.mark.parametrize(
-    ("flags", "feature"), [(("--cuda",), "--cuda is not supported"), (("-n", "2"), "several devices")]
-)
-def test_run_refuses_flags_it_lacks_before_leasing(pool: str, flags: tuple[str, ...], feature: str) -> None:
+@pytest.mark.parametrize("flags", [("-n", "2"), ("--cuda", "-n", "2")])
+def test_run_refuses_several_devices_before_leasing(pool: str, flags: tuple[str, ...]) -> None:
     ran = _run(pool, "--native-client", *flags, "--", sys.executable, "-c", "print('ran')")
     assert ran.returncode == 2 and "ran" not in ran.stdout
-    assert ran.stderr.count("\n") == 1 and feature in ran.stderr and WAY_OUT in ran.stderr, ran.stderr
-
-
-def test_cuda_env_in_the_child_is_one_line(pool: str) -> None:
-    ran = _run(pool, "--native-client", "--", sys.executable, "-c", "import torch; print('ran')", GPUPOOL_CUDA="1")
-    assert ran.returncode == 2  # `gpupool run` reads $GPUPOOL_CUDA as --cuda
-    assert ran.stderr.count("\n") == 1 and "--cuda is not supported" in ran.stderr
+    assert ran.stderr.count("\n") == 1 and "several devices" in ran.stderr and WAY_OUT in ran.stderr, ran.stderr
 
 
 def test_no_compiler_is_one_line(pool: str, tmp_path: Path) -> None:
