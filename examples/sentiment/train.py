@@ -77,7 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-cache", action="store_true", help="tokenize the tarball every time")
     p.add_argument("--out", type=Path, default=Path("runs/sentiment"), help="checkpoint directory")
     p.add_argument(
-        "--vocab-size", type=int, default=BENCHMARK_VOCAB,
+        "--vocab-size",
+        type=int,
+        default=BENCHMARK_VOCAB,
         help="most words kept (those seen at least twice in training, most frequent first)",
     )
     p.add_argument("--max-len", type=int, default=800, help="reviews are cut to this many tokens")

@@ -101,12 +101,23 @@ class DigitsCNN(nn.Module):
     def __init__(self, num_classes: int, width: int = 32, size: int = 8) -> None:
         super().__init__()
         if size == 8:
-            layers: list[nn.Module] = [nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-                                       nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]  # 4x4
+            layers: list[nn.Module] = [
+                nn.Conv2d(1, width, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(width, width, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]  # 4x4
             side = 2
         elif size == 28:
-            layers = [nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 14x14
-                      nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]  # 7x7
+            layers = [
+                nn.Conv2d(1, width, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),  # 14x14
+                nn.Conv2d(width, width, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]  # 7x7
             side = 3
         else:
             raise ValueError(f"DigitsCNN takes 8x8 or 28x28 images, not {size}x{size}")

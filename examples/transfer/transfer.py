@@ -74,8 +74,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pretrain-steps", type=int, default=600, help="Adam steps of pretraining (batch 64)")
     p.add_argument("--steps", type=int, default=200, help="Adam steps for each few-shot method")
     p.add_argument("--width", type=int, default=32, help="channels of the first convolutions")
-    p.add_argument("--shift", type=int, default=None,
-                   help="augmentation: random shifts of up to this many pixels (default 2 on 28x28, 1 on 8x8)")
+    p.add_argument(
+        "--shift",
+        type=int,
+        default=None,
+        help="augmentation: random shifts of up to this many pixels (default 2 on 28x28, 1 on 8x8)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/transfer"), help="checkpoint and results.json")
     p.add_argument("-v", "--verbose", action="store_true")
