@@ -17,10 +17,12 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -40,7 +42,8 @@ MAX_TOKEN_LENGTH = 4096
 MAX_TTL = 24 * 3600.0  # no token lives longer; so a revoked lease is remembered this long
 MAX_REVOKED = 200_000
 _CLAIM_FIELDS = ("device", "expires_at", "host", "lease_id", "quota_bytes", "share", "tenant")
-_OPTIONAL_CLAIMS = {"network": True}  # written only with this value (one spelling per token): absent = default
+# Written only when they differ from these defaults (one spelling per token): absent = the default.
+_OPTIONAL_CLAIMS: dict[str, object] = {"network": False, "group": ""}
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ class TokenClaims:
     ``network``: the session's worker may open TCP sockets (torch.distributed between the daemons of a lease of
     several devices; the scheduler grants it to those only). Absent from the encoding when False, so tokens
     minted before it existed keep their one spelling.
+    ``group``: a secret the scheduler derives per lease of several devices (`lease_group`), the same in every
+    token of the lease, renewed or not: the daemons key a collective group's store and links from it, so ranks
+    whose processes renewed the lease at different moments still agree. Absent from hand-minted tokens.
     """
 
     lease_id: str
@@ -61,6 +67,7 @@ class TokenClaims:
     expires_at: float
     tenant: str = ""
     network: bool = False
+    group: str = ""
 
 
 def _b64(data: bytes) -> str:
@@ -78,7 +85,7 @@ def _unb64(text: str) -> bytes:
 def _canonical(claims: TokenClaims) -> bytes:
     raw = asdict(claims)
     for name, value in _OPTIONAL_CLAIMS.items():
-        if raw[name] != value:
+        if raw[name] == value:
             del raw[name]
     return json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
 
@@ -147,6 +154,11 @@ class Signer:
     def public(self) -> Ed25519PublicKey:
         self._reload()
         return self._key.public_key()
+
+    def secret(self) -> bytes:
+        """Key material for derived secrets (`lease_group`), never the signing key itself."""
+        self._reload()
+        return hashlib.sha256(b"gpupool-derive\0" + self._key.private_bytes_raw()).digest()
 
     def _reload(self) -> None:
         data = self._file.changed()
@@ -275,7 +287,7 @@ def _claims(body: bytes) -> TokenClaims:
         if not isinstance(raw, dict) or tuple(sorted(k for k in raw if k not in _OPTIONAL_CLAIMS)) != _CLAIM_FIELDS:
             raise ValueError("unexpected fields")
         claims = TokenClaims(**raw)
-        types: tuple[type | tuple[type, ...], ...] = (str, str, int, int, (int, float), (int, float), str, bool)
+        types: tuple[type | tuple[type, ...], ...] = (str, str, int, int, (int, float), (int, float), str, bool, str)
         fields = TokenClaims.__dataclass_fields__
         if any(not isinstance(getattr(claims, f), t) for f, t in zip(fields, types, strict=True)):
             raise ValueError("wrong types")
@@ -292,6 +304,7 @@ def _claims(body: bytes) -> TokenClaims:
         or claims.quota_bytes < 0
         or claims.device < 0
         or not math.isfinite(claims.expires_at)
+        or (claims.group and not _GROUP_RE.fullmatch(claims.group))
     ):
         raise Unauthenticated("lease token claims out of range")
     return claims
@@ -329,6 +342,15 @@ def _signer(key: Signer | bytes) -> Signer:
     if not key:
         raise InvalidArgument("empty token key")
     return Signer.from_seed(key)
+
+
+_GROUP_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def lease_group(key: Signer | bytes, lease_id: str) -> str:
+    """The `group` claim of a lease's tokens: HMAC-SHA256 of the lease id under the signing key's private bytes
+    (stable across renewals, unknowable without the key; a rotated key gives later tokens another value)."""
+    return hmac.new(_signer(key).secret(), b"gpupool-lease-group\0" + lease_id.encode(), hashlib.sha256).hexdigest()
 
 
 def mint(key: Signer | bytes, claims: TokenClaims) -> str:

@@ -303,9 +303,11 @@ class Core:
         g = lease.grants[index]
         # Only the sessions of a lease of several devices form a collective group between daemons: only their
         # workers get network sockets (the daemon's --worker-network is the upper bound).
+        # Their tokens carry the lease's group secret, the same at every renewal (tokens.lease_group).
+        several = len(lease.grants) > 1
         claims = tokens.TokenClaims(
             lease.lease_id, g.host_id, g.device, g.quota_bytes, g.share, lease.expires_at, lease.tenant,
-            network=len(lease.grants) > 1,
+            network=several, group=tokens.lease_group(self.key, lease.lease_id) if several else "",
         )  # fmt: skip
         return tokens.mint(self.key, claims)
 

@@ -125,9 +125,10 @@ class Group:
         self.pg, self.store = None, None
 
 
-def group_secret(token: str) -> str:
-    """The secret of a group's store, from rank 0's lease token (which only the lease's holders know)."""
-    return hmac.new(b"gpupool-group-store", token.encode(), hashlib.sha256).hexdigest()
+def group_secret(basis: str) -> str:
+    """The secret of a group's store and links, from the lease's `group` claim (or rank 0's lease token, for
+    tokens without one): only the lease's holders know either."""
+    return hmac.new(b"gpupool-group-store", basis.encode(), hashlib.sha256).hexdigest()
 
 
 class _SignedStore(dist.Store):
@@ -221,11 +222,14 @@ class Collectives:
         size, rank = msg.size, msg.rank
         if not 1 <= size <= MAX_RANKS or rank >= size or len(msg.tokens) != size:
             raise InvalidArgument(f"bad group: rank {rank} of {size} with {len(msg.tokens)} tokens")
-        self._check_tokens(s, rank, list(msg.tokens))
+        first = self._check_tokens(s, rank, list(msg.tokens))
         timeout = min(msg.timeout_seconds, MAX_TIMEOUT) if msg.timeout_seconds > 0 else DEFAULT_TIMEOUT
         group = Group(s.lease_id, rank, size, timeout, self.transport)
-        owner = hashlib.sha256(b"gpupool-group:" + msg.tokens[0].encode()).hexdigest()
-        secret = group_secret(msg.tokens[0])
+        # The scheduler's tokens carry the lease's group secret, the same in every renewal: ranks whose processes
+        # renewed at different moments send different tokens. Hand-minted tokens have none: rank 0's token then.
+        basis = first.group or msg.tokens[0]
+        owner = hashlib.sha256(b"gpupool-group:" + basis.encode()).hexdigest()
+        secret = group_secret(basis)
         if rank == 0:
             if msg.store_address:
                 raise InvalidArgument("rank 0 hosts the group's store; it takes no store_address")
@@ -266,11 +270,17 @@ class Collectives:
             s.number, s.lease_id, rank, size, self.transport,
         )  # fmt: skip
 
-    def _check_tokens(self, s: WorkerSession, rank: int, tokens: list[str]) -> None:
+    def _check_tokens(self, s: WorkerSession, rank: int, tokens: list[str]) -> TokenClaims:
+        """Every rank's token is of this session's lease, one device each, this rank's is this session's; rank
+        0's claims are returned."""
         assert self.verify is not None
         seen: set[tuple[str, int]] = set()
+        first: TokenClaims | None = None
         for i, token in enumerate(tokens):
             claims = self.verify(token)  # Unauthenticated for forged or expired tokens
+            first = first or claims
+            if claims.group != first.group:
+                raise PermissionDenied(f"rank {i}'s token names another group secret than rank 0's")
             if claims.lease_id != s.lease_id:
                 raise PermissionDenied(f"rank {i}'s token is of lease {claims.lease_id}, not this session's lease")
             where = (claims.host, claims.device)
@@ -279,6 +289,8 @@ class Collectives:
             seen.add(where)
             if i == rank and where != (s.host_id, s.device.index):
                 raise PermissionDenied(f"rank {rank}'s token is not this session's device")
+        assert first is not None  # 1 <= size == len(tokens)
+        return first
 
     # ---- collectives ----
 

@@ -134,9 +134,11 @@ def mint_token(
     tenant: str = "",
     lease_id: str = "",
     network: bool = False,
+    group: str = "",
 ) -> str:
-    """A signed lease token for tests (negative ttl: already expired); `key` bytes are a seed. `network`: the
-    claim the scheduler sets on tokens of a lease of several devices (their workers may open sockets)."""
+    """A signed lease token for tests (negative ttl: already expired); `key` bytes are a seed. `network` and
+    `group`: the claims the scheduler sets on tokens of a lease of several devices (their workers may open
+    sockets; the lease's group secret, `tokens.lease_group`)."""
     claims = tokens.TokenClaims(
         lease_id=lease_id or uuid.uuid4().hex,
         host=host,
@@ -146,6 +148,7 @@ def mint_token(
         expires_at=time.time() + ttl,
         tenant=tenant,
         network=network,
+        group=group,
     )
     return tokens.mint(key, claims)
 

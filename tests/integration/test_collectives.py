@@ -13,6 +13,7 @@ import torch
 from gpupool.client.session import Session
 from support import DaemonHandle, MiB
 
+from gpupool import tokens
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, PermissionDenied, Unavailable
 
@@ -207,3 +208,46 @@ def test_a_waiting_collective_leaves_other_devices_sessions_alone(daemon_factory
     assert other.download(x).tolist() == [0.0, 1.0, 2.0]
     for s in (s0, s1, other):
         s.close()
+
+
+@pytest.mark.parametrize("transport", ["secure", "gloo"])
+def test_ranks_holding_differently_renewed_tokens_form_one_group(daemon_factory, transport: str) -> None:  # type: ignore[no-untyped-def]
+    """Each rank's process renews the lease on its own, so the ranks send different tokens of it (another expiry,
+    another signature). The group is keyed from the lease's `group` claim, the same in all of them: it forms.
+    Tokens naming different group secrets are refused."""
+    lease = uuid.uuid4().hex
+    daemons = [
+        daemon_factory(host_id=f"host-{i}", fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport)
+        for i in range(2)
+    ]
+    group = tokens.lease_group(daemons[0].key, lease)
+    assert group == tokens.lease_group(daemons[1].key, lease)  # one scheduler key for both daemons
+    first, renewed = (
+        [d.token(lease_id=lease, network=True, group=group, ttl=ttl) for d in daemons] for ttl in (3600.0, 3000.0)
+    )
+    assert first[0] != renewed[0]
+    sessions = [Session.attach(d.address, t) for d, t in zip(daemons, first, strict=True)]
+    try:
+        h = sessions[0].new_handle()
+        join = device_pb2.GroupJoin(rank=0, size=2, tokens=first, port_handle=h, timeout_seconds=TIMEOUT)
+        sessions[0].command(device_pb2.Command(group_join=join))
+        (port,) = sessions[0].sync([h])
+        join = device_pb2.GroupJoin(
+            rank=1, size=2, tokens=renewed, store_address=f"127.0.0.1:{port}", timeout_seconds=TIMEOUT
+        )
+        sessions[1].command(device_pb2.Command(group_join=join))
+        sessions[1].sync()
+        a0, a1 = sessions[0].upload(torch.tensor([1.0, 2.0])), sessions[1].upload(torch.tensor([10.0, 20.0]))
+        collective(sessions[0], "allreduce", [a0], op="sum")
+        collective(sessions[1], "allreduce", [a1], op="sum")
+        assert sessions[0].download(a0).tolist() == sessions[1].download(a1).tolist() == [11.0, 22.0]
+        sessions.pop().close()  # the device's session of this lease: a new one may attach
+        other = [first[0], daemons[1].token(lease_id=lease, network=True, group="0" * 64, device=0)]
+        with Session.attach(daemons[1].address, other[1]) as s:
+            join = device_pb2.GroupJoin(rank=1, size=2, tokens=other, store_address=f"127.0.0.1:{port}")
+            s.command(device_pb2.Command(group_join=join))
+            with pytest.raises(PermissionDenied, match="another group secret"):
+                s.sync()
+    finally:
+        for s in sessions:
+            s.close()

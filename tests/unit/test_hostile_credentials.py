@@ -20,7 +20,7 @@ from gpupool.scheduler.leases import Core, CoreConfig
 from gpupool.scheduler.placement import Request
 from gpupool.scheduler.store import MemoryStore
 
-from gpupool import config, tokens
+from gpupool import config, errors, tokens
 from gpupool.errors import InvalidArgument
 
 KEY = b"k" * 32
@@ -219,3 +219,31 @@ def test_a_removed_api_token_stops_working_even_when_size_and_mtime_are_kept(tmp
     assert path.stat().st_size == len(line.format("0" * 64)) and path.stat().st_mtime_ns == then
     assert creds.lookup(old) is None
     assert creds.lookup(new) is not None and creds.lookup(new).name == "alice"
+
+
+def test_tokens_of_a_lease_of_several_devices_share_a_group_secret_across_renewals() -> None:
+    """Each rank of a multi-GPU job renews the lease in its own process, so the ranks hold different tokens of it;
+    the daemons key the job's collective group from the `group` claim, which must be the same in all of them,
+    differ between leases and keys, and never appear in a lease of one device."""
+    core = Core(MemoryStore(), KEY, CoreConfig())
+    core.hosts.register("h0", "127.0.0.1:1", [DeviceSpec(i, f"u{i}", "fake", 1 << 30, True) for i in range(2)])
+    two = core.allocate(Request(2, fraction=0.5), tenant="a", ttl=60.0)
+    first = [tokens.verify(KEY, core.token(two, i)) for i in range(2)]
+    time.sleep(0.01)
+    core.renew(two.lease_id, tenant="a")
+    again = [tokens.verify(KEY, core.token(two, i)) for i in range(2)]
+    assert again[0].expires_at > first[0].expires_at
+    assert {c.group for c in first + again} == {tokens.lease_group(KEY, two.lease_id)}
+    assert len(first[0].group) == 64
+    other = core.allocate(Request(2, fraction=0.25), tenant="a", ttl=60.0)
+    assert tokens.verify(KEY, core.token(other, 0)).group not in ("", first[0].group)
+    assert tokens.lease_group(b"another key", two.lease_id) != first[0].group
+    one = core.allocate(Request(1, fraction=0.25), tenant="a", ttl=60.0)
+    assert tokens.verify(KEY, core.token(one, 0)).group == ""
+
+
+@pytest.mark.parametrize("group", ["xyz", "A" * 64, "0" * 63, "0" * 65])
+def test_a_malformed_group_claim_is_refused(group: str) -> None:
+    claims = tokens.TokenClaims("l", "h", 0, 0, 0.5, time.time() + 60, "t", network=True, group=group)
+    with pytest.raises(errors.Unauthenticated, match="out of range"):
+        tokens.verify(KEY, tokens.mint(KEY, claims))
