@@ -85,7 +85,7 @@ def runner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
 class Pair:
     """Two executors and sessions fed the same slices: `ex[0]` runs learned runs, `ex[1]` the normal path only."""
 
-    def __init__(self, quota: int = 1 << 24, max_handles: int = 4096) -> None:
+    def __init__(self, quota: int = 1 << 24, max_handles: int = 4096, session: type = WorkerSession) -> None:
         _PAIRS.append(self)
         self.python_only = False  # set where the native runner must not run (the speed model holds every op)
         self.word = False  # `ex[0]` marks progress as a worker does (`slices.word_mark`): its last mark is compared
@@ -93,7 +93,7 @@ class Pair:
         self.s: list[WorkerSession] = []
         for _ in range(2):
             dev = FakeDevice(0, "h", 1 << 30)
-            s = WorkerSession("t", NUMBER, dev, DeviceMemory(dev), quota, max_handles=max_handles)
+            s = session("t", NUMBER, dev, DeviceMemory(dev), quota, max_handles=max_handles)
             torch.manual_seed(0)
             s.bind(X, torch.randn(4, 3))
             s.bind(W, torch.randn(3, 5))
@@ -313,6 +313,29 @@ def test_a_changed_quota_or_handle_limit_holds_for_the_next_slice() -> None:
         p.stream([c for t in range(6, 20) for c in step(p, t)], itertools.cycle([64]))
         assert p.hits - hits > 11
         assert p.s[0].poisoned
+
+
+class _WatchedSession(WorkerSession):
+    """A session whose `used` is a property that counts its writes (its value kept in the instance dict, where a
+    plain attribute would be): the native runner reads and writes a session's counters in its instance dict only
+    where Python's own attribute access would (`Fields` in native_runner.cpp), so every write goes through it."""
+
+    @property  # type: ignore[override]
+    def used(self) -> int:
+        return self.__dict__["used"]  # type: ignore[no-any-return]
+
+    @used.setter
+    def used(self, value: int) -> None:
+        self.__dict__["used"] = value
+        self.__dict__["writes"] = self.__dict__.get("writes", 0) + 1
+
+
+def test_a_session_counter_behind_a_property_is_written_through_it() -> None:
+    p = Pair(session=_WatchedSession)
+    p.stream(training(p, 10), itertools.cycle([64, 13]))
+    assert p.hits > 0
+    a, b = p.s
+    assert a.__dict__["writes"] == b.__dict__["writes"] > 10
 
 
 def test_the_quota_and_the_handle_limit_fail_at_the_same_op() -> None:
