@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 import torch
-from grpc import StatusCode
 from gpupool.server import native_runner, slices
 from gpupool.server.devices import FakeDevice
 from gpupool.server.executor import CommandExecutor
 from gpupool.server.sessions import DeviceMemory, Poison, WorkerSession
+from grpc import StatusCode
 
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError

@@ -51,6 +51,7 @@ OPS = {
     16: "aten::max.dim",
     17: "aten::_foreach_div.ScalarList",
     18: "aten::_foreach_addcdiv_.ScalarList",
+    19: "aten::detach_",
 }
 
 
@@ -535,6 +536,28 @@ def view_step(p: Pair, t: int, x: int = X) -> list[device_pb2.Command]:
         p.rec(7, [0], [VW(W, [5], [1], 5), VW(h(t, 1), [5], [1], 0)], {"alpha": V(-0.01)}),  # W's row 1 in place
         p.rec(5, [h(t, 4)], [VW(h(t, 1), [4, 5], [5, 1], 0), T(h(t, 1))], {"alpha": V(0.5 * t)}),
     ]
+
+
+def inplace_view_step(p: Pair, t: int) -> list[device_pb2.Command]:
+    """An in-place op through a view argument whose output handle binds what it returns: the view itself
+    (`Tensor(a!)`), which a later record reads. `detach_` of it must fail as on the normal path ("Can't detach views
+    in-place"): the runner makes such an op's view arguments through the dispatcher (`Plan.direct_views`), since a
+    view it made directly carries no autograd view metadata and `detach_` would take it."""
+    return [
+        p.rec(1, [h(t, 0)], [T(G), V(1.0 + t)]),
+        p.rec(7, [h(t, 1)], [VW(W, [5], [1], 5), VW(h(t, 0), [5], [1], 0)], {"alpha": V(-0.01)}),
+        p.rec(3, [h(t, 2)], [T(h(t, 1))]),
+        p.rec(19, [h(t, 3)], [T(h(t, 1))]),
+    ]
+
+
+def test_an_in_place_op_through_a_view_binds_the_dispatchers_view() -> None:
+    p = Pair()
+    cmds = [c for t in range(12) for c in inplace_view_step(p, t) + ([free(t - 1)] if t else [])]
+    p.stream(cmds, itertools.cycle([64, 9]))
+    assert p.hits > 0  # the run [mul, add_, relu] (detach_ fails, and ends it): add_ in C++ with the runner on
+    assert h(11, 3) in p.s[0].poisoned
+    assert "detach views in-place" in p.s[0].poisoned[h(11, 3)].message
 
 
 def _wide_x(p: Pair, storage: int) -> None:
