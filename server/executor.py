@@ -115,7 +115,9 @@ class CommandExecutor:
             elif kind == "get":
                 reply(self._get(s, cmd.get))
             elif kind == "free":
-                s.free(list(cmd.free.handles))
+                native = self.native  # `WorkerSession.free` in C++ (native_runner.cpp `free_handles`), or here
+                if native is None or s.__class__.free is not _FREE or not native.free(s, cmd.free.SerializeToString()):
+                    s.free(list(cmd.free.handles))
             elif kind == "seed":
                 self._seed(s, cmd.seed.seed)
             elif kind == "sync":
@@ -858,6 +860,9 @@ class CommandExecutor:
             reply.error.CopyFrom(s.error.to_proto())
             s.error = None
         return device_pb2.ServerFrame(request_id=sync.request_id, sync=reply)
+
+
+_FREE = WorkerSession.free
 
 
 def _over_quota(s: WorkerSession, bound: Sequence[int]) -> None:

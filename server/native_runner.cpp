@@ -18,6 +18,7 @@
 
 #include <cstring>
 #include <ctime>
+#include <initializer_list>
 #include <memory>
 #include <optional>
 #include <string>
@@ -263,6 +264,11 @@ struct Own {
   ~Own() { Py_XDECREF(p); }
   Own(const Own&) = delete;
   Own& operator=(const Own&) = delete;
+  void reset(PyObject* o) {  // takes `o`'s reference
+    PyObject* old = p;
+    p = o;
+    Py_XDECREF(old);
+  }
 };
 
 // `o.<name>` as an int64: false when it is not an int that fits
@@ -281,6 +287,58 @@ void add_attr(PyObject* o, PyObject* name, int64_t n) {
   Own w(PyNumber_Add(v.p, d.p));
   if (w.p == nullptr || PyObject_SetAttr(o, name, w.p) < 0) throw py::error_already_set();
 }
+
+// The int attributes (`used`, `ops`) of a session or of its device's memory, for one `Ctx.run`: read and written in
+// the object's instance dict, which is where Python's own attribute access reads and writes them when the type has
+// the generic getattr and setattr and defines no data descriptor (a property, a slot) of that name (~100
+// instructions a read and ~150 an add, against ~250 and ~650 through getattr and setattr). An object of any other
+// type, a name missing from the dict (Python would read the class's value) or a value that is not an int that fits
+// goes through `attr_i64` / `add_attr`. Fetched at each `run`: a dict a callback replaced is never written to.
+struct Fields {
+  PyObject* o;
+  Own dict{nullptr};
+  Fields(PyObject* obj, std::initializer_list<PyObject*> names) : o(obj) {
+    PyTypeObject* tp = Py_TYPE(o);
+    if (tp->tp_getattro != PyObject_GenericGetAttr || tp->tp_setattro != PyObject_GenericSetAttr) return;
+    for (PyObject* name : names) {
+      PyObject* d = _PyType_Lookup(tp, name);  // borrowed
+      if (d != nullptr && Py_TYPE(d)->tp_descr_set != nullptr) return;
+    }
+    PyObject* d = PyObject_GenericGetDict(o, nullptr);
+    if (d == nullptr) {
+      PyErr_Clear();  // no instance dict: getattr and setattr say what they say
+      return;
+    }
+    if (!PyDict_CheckExact(d)) {
+      Py_DECREF(d);
+      return;
+    }
+    dict.reset(d);
+  }
+  // `o.<name>` as an int64: false when it is not an int that fits
+  bool get(PyObject* name, int64_t* out) {
+    if (dict.p != nullptr) {
+      PyObject* v = PyDict_GetItemWithError(dict.p, name);  // borrowed
+      if (v != nullptr && PyLong_CheckExact(v)) return as_i64(v, out);
+      if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
+    }
+    return attr_i64(o, name, out);
+  }
+  // `o.<name> += n`
+  void add(PyObject* name, int64_t n) {
+    if (dict.p != nullptr) {
+      PyObject* v = PyDict_GetItemWithError(dict.p, name);  // borrowed
+      int64_t x = 0, sum = 0;
+      if (v != nullptr && PyLong_CheckExact(v) && as_i64(v, &x) && !__builtin_add_overflow(x, n, &sum)) {
+        Own w(PyLong_FromLongLong(sum));
+        if (w.p == nullptr || PyDict_SetItem(dict.p, name, w.p) < 0) throw py::error_already_set();
+        return;
+      }
+      if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
+    }
+    add_attr(o, name, n);
+  }
+};
 
 // The op, as torch's Python binding runs it (`invokeOperatorFromPython`): the GIL released, torch's warnings and
 // errors translated as `HANDLE_TH_ERRORS` does. nullptr with the Python error set when it raised.
@@ -339,7 +397,12 @@ struct Ctx {
     // `progress`: None, a callable, or the writable buffer of a worker's word mark (`slices.mark_word`): the index
     // of the record about to run stored as a little-endian int32 at its start, as `slices.word_mark` writes it
     Word word(progress);
+    Fields sf(s.ptr(), {S_used, S_ops}), mf(memory.ptr(), {S_used});
     torch::jit::Stack stack;
+    // A second reference to each input tensor, held until the op returned: the kernel's own references (the
+    // stack's) then never drop the last C++ one, which hands the tensor's Python object back (`decref_pyobject`)
+    // and, the GIL being released around the op, takes the GIL for it (~1k instructions an input)
+    std::vector<at::Tensor> held;
     while (i < n && k < nsteps) {
       const Plan* p = trace.steps[k].get();
       if (p == nullptr) break;
@@ -365,53 +428,58 @@ struct Ctx {
       if (!ok) break;
       // the output handle: 0 binds nothing (the `self` an in-place op returns; `_run_step` checks no handle then)
       const uint64_t h = read_u64(buf + p->out_offset);
-      py::object hkey;
+      Own hkey(nullptr);
       int in_p = 0;
       if (h != 0) {
         if ((h >> HANDLE_BITS) != static_cast<uint64_t>(number) || h == static_cast<uint64_t>(base)) break;
-        hkey = py::reinterpret_steal<py::object>(PyLong_FromUnsignedLongLong(h));
-        if (!hkey) throw py::error_already_set();
-        int in_t = PyDict_Contains(tdict, hkey.ptr());
+        hkey.reset(PyLong_FromUnsignedLongLong(h));
+        if (hkey.p == nullptr) throw py::error_already_set();
+        int in_t = PyDict_Contains(tdict, hkey.p);
         if (in_t != 0) {
           if (in_t < 0) throw py::error_already_set();
           break;  // rebinds a live handle: `_run_step`
         }
-        in_p = PyDict_Contains(pdict, hkey.ptr());
+        in_p = PyDict_Contains(pdict, hkey.p);
         if (in_p < 0) throw py::error_already_set();
         if (p->more_outs.empty() && !in_p && PyDict_GET_SIZE(tdict) + PyDict_GET_SIZE(pdict) >= max_handles) break;
       }
       // SEVERAL: every output handle as `_run_step` checks them (its own session's, none live, the handle limit)
-      py::tuple hkeys;
+      Own hkeys(nullptr);
       if (!p->more_outs.empty()) {
-        hkeys = py::tuple(1 + p->more_outs.size());
+        hkeys.reset(PyTuple_New(static_cast<Py_ssize_t>(1 + p->more_outs.size())));
+        if (hkeys.p == nullptr) throw py::error_already_set();
         int64_t fresh = h != 0 && !in_p ? 1 : 0;
-        hkeys[0] = h != 0 ? hkey : py::int_(0);
+        PyObject* k0 = h != 0 ? hkey.p : PyLong_FromLong(0);
+        if (k0 == nullptr) throw py::error_already_set();
+        if (h != 0) Py_INCREF(k0);
+        PyTuple_SET_ITEM(hkeys.p, 0, k0);  // steals
         for (size_t j = 0; j < p->more_outs.size() && ok; ++j) {
           const uint64_t hj = read_u64(buf + p->more_outs[j]);
-          py::object kj = py::reinterpret_steal<py::object>(PyLong_FromUnsignedLongLong(hj));
-          if (!kj) throw py::error_already_set();
+          PyObject* kj = PyLong_FromUnsignedLongLong(hj);
+          if (kj == nullptr) throw py::error_already_set();
+          PyTuple_SET_ITEM(hkeys.p, static_cast<Py_ssize_t>(j + 1), kj);  // steals: the tuple owns it from here
           if (hj != 0) {
             if ((hj >> HANDLE_BITS) != static_cast<uint64_t>(number) || hj == static_cast<uint64_t>(base)) {
               ok = false;
               break;
             }
-            int live = PyDict_Contains(tdict, kj.ptr());
+            int live = PyDict_Contains(tdict, kj);
             if (live < 0) throw py::error_already_set();
             if (live) {
               ok = false;  // rebinds a live handle: `_run_step`
               break;
             }
-            int pj = PyDict_Contains(pdict, kj.ptr());
+            int pj = PyDict_Contains(pdict, kj);
             if (pj < 0) throw py::error_already_set();
             if (!pj) ++fresh;
           }
-          hkeys[j + 1] = kj;
         }
         if (!ok) break;
         if (fresh && PyDict_GET_SIZE(tdict) + PyDict_GET_SIZE(pdict) + fresh > max_handles) break;
       }
       // inputs
       stack.clear();
+      held.clear();
       stack.reserve(p->args.size());
       const Py_ssize_t nobjs = PyList_GET_SIZE(objs.ptr());
       auto tensor_of = [&](const Input& in, at::Tensor* t) -> bool {
@@ -450,6 +518,7 @@ struct Ctx {
           }
           return true;
         }
+        held.push_back(v);
         *t = v;
         return true;
       };
@@ -529,10 +598,10 @@ struct Ctx {
       if (!ok) break;
       // the quota and the device's capacity (`_run_step`'s order: the handle checks above came first)
       int64_t used_before = 0;
-      if (!attr_i64(s.ptr(), S_used, &used_before)) break;
+      if (!sf.get(S_used, &used_before)) break;
       if (p->need > 0) {
         int64_t mused = 0;
-        if (!attr_i64(memory.ptr(), S_used, &mused)) break;
+        if (!mf.get(S_used, &mused)) break;
         if (used_before + p->need > quota || mused + p->need > capacity) break;  // Python raises it
       }
       // From here on the record is run here: the op, the count, the binding, the quota check.
@@ -543,13 +612,14 @@ struct Ctx {
         progress(i);
       }
       PyObject* ran = call_op(*p->op, stack);
+      held.clear();  // the GIL held again: the last C++ reference goes without taking it
       if (ran == nullptr) {
         exc = fetch();
         break;
       }
       Py_DECREF(ran);
       if (p->returns == SEVERAL) {
-        if (!several(hkeys, stack, used_before, &exc)) break;
+        if (!several(sf, mf, hkeys.p, stack, used_before, &exc)) break;
         ++hits;
         ++k;
         ++i;
@@ -557,7 +627,7 @@ struct Ctx {
           flags |= END;
         } else {
           for (const int64_t j : p->keep_at) {  // `objs.append(get(outputs[j]))`
-            PyObject* got = PyDict_GetItemWithError(tdict, hkeys[j].ptr());  // borrowed
+            PyObject* got = PyDict_GetItemWithError(tdict, PyTuple_GET_ITEM(hkeys.p, j));  // borrowed
             if (got == nullptr && PyErr_Occurred()) throw py::error_already_set();
             if (PyList_Append(objs.ptr(), got != nullptr ? got : Py_None) < 0) throw py::error_already_set();
           }
@@ -576,26 +646,33 @@ struct Ctx {
       }
       at::Tensor out = p->returns ? std::move(stack[0]).toTensor() : at::Tensor();
       stack.clear();
-      add_attr(s.ptr(), S_ops, 1);
+      sf.add(S_ops, 1);
       if (!count.is_none()) count(s);
-      py::object obj = p->returns ? py::reinterpret_steal<py::object>(THPVariable_Wrap(out)) : py::none();
-      if (!obj) throw py::error_already_set();
+      Own obj(p->returns ? THPVariable_Wrap(out) : Py_NewRef(Py_None));
+      if (obj.p == nullptr) throw py::error_already_set();
       try {
+        // what `_bind_outputs` bound, for `over_quota`: nothing (None, or handle 0), the output handle (`bind_new`),
+        // or the list `_bind_outputs` returned
         py::object bound;
+        bool one = false;
         if (!p->returns || h == 0) {
-          bound = py::list();  // `_bind_outputs` of None, or to handle 0: nothing bound
-          obj = py::none();  // what the session's table holds for the output handle (`objs` below)
-        } else if (Py_TYPE(obj.ptr()) == reinterpret_cast<PyTypeObject*>(THPVariableClass) && !in_p &&
+          obj.reset(Py_NewRef(Py_None));  // what the session's table holds for the output handle (`objs` below)
+        } else if (Py_TYPE(obj.p) == reinterpret_cast<PyTypeObject*>(THPVariableClass) && !in_p &&
             out.layout() == at::kStrided && !out.is_quantized() && !out.is_nested() && out.dim() <= MAX_DIMS) {
-          bind_new(hkey, out, obj);
-          bound = py::none();
+          bind_new(sf, mf, hkey.p, out, obj.p);
+          one = true;
         } else {
-          bound = bind_outputs(s, py::make_tuple(hkey), obj);
+          bound = bind_outputs(s, py::make_tuple(py::handle(hkey.p)), py::handle(obj.p));
         }
         int64_t after = 0;
-        if (!attr_i64(s.ptr(), S_used, &after)) throw std::overflow_error("session use out of range");
+        if (!sf.get(S_used, &after)) throw std::overflow_error("session use out of range");
         if (after > quota && after > used_before) {
-          over_quota(s, bound.is_none() ? py::object(py::make_tuple(hkey)) : bound);  // raises
+          if (one || (bound && bound.is_none())) {
+            bound = py::make_tuple(py::handle(hkey.p));
+          } else if (!bound) {
+            bound = py::list();
+          }
+          over_quota(s, bound);  // raises
         }
       } catch (py::error_already_set& e) {
         e.restore();
@@ -608,7 +685,7 @@ struct Ctx {
       if (k == nsteps) {
         flags |= END;
       } else if (p->keep) {
-        if (PyList_Append(objs.ptr(), obj.ptr()) < 0) throw py::error_already_set();
+        if (PyList_Append(objs.ptr(), obj.p) < 0) throw py::error_already_set();
       }
       if (now() - start > budget) {
         flags |= OVER;
@@ -621,8 +698,8 @@ struct Ctx {
   // The rest of a SEVERAL step after its op ran: the count, `bind_outputs` of its values (a tuple's tensors, or a
   // Tensor[]'s: `_slots` flattens either; an undefined tensor is None), the quota, the kept outputs. False with
   // `exc` set when binding or the quota raised (the record failed after its op, as on the Python path).
-  bool several(const py::tuple& hkeys, torch::jit::Stack& stack, int64_t used_before, py::object* exc) {
-    py::list values;
+  bool several(Fields& sf, Fields& mf, PyObject* hkeys, torch::jit::Stack& stack, int64_t used_before,
+               py::object* exc) {
     std::vector<at::Tensor> outs;
     for (auto& v : stack) {
       if (v.isTensor()) {
@@ -637,25 +714,30 @@ struct Ctx {
       }
     }
     stack.clear();
-    for (const at::Tensor& t : outs) {
-      PyObject* o = THPVariable_Wrap(t);  // an undefined tensor is None, as the op's Python binding returns it
+    Own values(PyList_New(static_cast<Py_ssize_t>(outs.size())));
+    if (values.p == nullptr) throw py::error_already_set();
+    for (size_t j = 0; j < outs.size(); ++j) {
+      PyObject* o = THPVariable_Wrap(outs[j]);  // an undefined tensor is None, as the op's Python binding returns it
       if (o == nullptr) throw py::error_already_set();
-      values.append(py::reinterpret_steal<py::object>(o));
+      PyList_SET_ITEM(values.p, static_cast<Py_ssize_t>(j), o);  // steals
     }
-    add_attr(s.ptr(), S_ops, 1);
+    sf.add(S_ops, 1);
     if (!count.is_none()) count(s);
     // `_bind_outputs` binds each (handle, value) pair with `WorkerSession.bind`; for fresh handles (checked and
     // admitted above, none live) that are not failed ones and plain dense tensors, `bind_new` does the same here.
     // Anything else (a failed handle, one handle twice, more handles than values, a value `_bind_outputs` refuses)
     // takes `_bind_outputs` itself.
-    const size_t nh = hkeys.size();
+    const size_t nh = static_cast<size_t>(PyTuple_GET_SIZE(hkeys));
     bool here = nh <= outs.size();
     std::vector<uint64_t> seen;
     for (size_t j = 0; j < nh && here; ++j) {
-      const uint64_t hj = PyLong_AsUnsignedLongLong(hkeys[j].ptr());
+      PyObject* kj = PyTuple_GET_ITEM(hkeys, static_cast<Py_ssize_t>(j));
+      const uint64_t hj = PyLong_AsUnsignedLongLong(kj);
+      if (hj == static_cast<uint64_t>(-1) && PyErr_Occurred()) throw py::error_already_set();
       if (hj == 0 || !outs[j].defined()) continue;
       const at::Tensor& t = outs[j];
-      if (Py_TYPE(values[j].ptr()) != reinterpret_cast<PyTypeObject*>(THPVariableClass) ||
+      if (Py_TYPE(PyList_GET_ITEM(values.p, static_cast<Py_ssize_t>(j))) !=
+              reinterpret_cast<PyTypeObject*>(THPVariableClass) ||
           t.layout() != at::kStrided || t.is_quantized() || t.is_nested() || t.dim() > MAX_DIMS) {
         here = false;
         break;
@@ -664,26 +746,29 @@ struct Ctx {
         if (o == hj) here = false;
       }
       seen.push_back(hj);
-      int pj = PyDict_Contains(poisoned.ptr(), hkeys[j].ptr());
+      int pj = PyDict_Contains(poisoned.ptr(), kj);
       if (pj < 0) throw py::error_already_set();
       if (pj) here = false;
     }
     try {
       py::object bound;
       if (here) {
-        py::list got;
+        Own got(PyList_New(0));
+        if (got.p == nullptr) throw py::error_already_set();
         for (size_t j = 0; j < nh; ++j) {
-          if (!outs[j].defined() || PyLong_AsUnsignedLongLong(hkeys[j].ptr()) == 0) continue;
-          bind_new(hkeys[j], outs[j], values[j]);
-          got.append(hkeys[j]);
+          PyObject* kj = PyTuple_GET_ITEM(hkeys, static_cast<Py_ssize_t>(j));
+          if (!outs[j].defined() || PyLong_AsUnsignedLongLong(kj) == 0) continue;
+          bind_new(sf, mf, kj, outs[j], PyList_GET_ITEM(values.p, static_cast<Py_ssize_t>(j)));
+          if (PyList_Append(got.p, kj) < 0) throw py::error_already_set();
         }
-        bound = got;
+        bound = py::reinterpret_steal<py::object>(got.p);
+        got.p = nullptr;
       } else {
-        bound = bind_outputs(s, hkeys, values);
+        bound = bind_outputs(s, py::handle(hkeys), py::handle(values.p));
       }
-      values = py::list();
+      values.reset(nullptr);
       int64_t after = 0;
-      if (!attr_i64(s.ptr(), S_used, &after)) throw std::overflow_error("session use out of range");
+      if (!sf.get(S_used, &after)) throw std::overflow_error("session use out of range");
       if (after > quota && after > used_before) over_quota(s, bound);  // raises
     } catch (py::error_already_set& e) {
       e.restore();
@@ -705,7 +790,7 @@ struct Ctx {
   }
 
   // `WorkerSession.bind_new`: count the storage once, bind the handle
-  void bind_new(const py::object& hkey, const at::Tensor& out, const py::object& obj) {
+  void bind_new(Fields& sf, Fields& mf, PyObject* hkey, const at::Tensor& out, PyObject* obj) {
     const auto& storage = out.storage();
     Own skey(PyLong_FromVoidPtr(storage.unsafeGetStorageImpl()));
     if (skey.p == nullptr) throw py::error_already_set();
@@ -722,8 +807,8 @@ struct Ctx {
       if (size == nullptr) throw py::error_already_set();
       PyList_SET_ITEM(fresh.p, 1, size);
       if (PyDict_SetItem(storages.ptr(), skey.p, fresh.p) < 0) throw py::error_already_set();
-      add_attr(s.ptr(), S_used, nbytes);
-      add_attr(memory.ptr(), S_used, nbytes);
+      sf.add(S_used, nbytes);
+      mf.add(S_used, nbytes);
     } else {
       PyObject* c = PyList_GetItem(entry, 0);  // borrowed
       if (c == nullptr) throw py::error_already_set();
@@ -732,10 +817,213 @@ struct Ctx {
       PyObject* c1 = PyNumber_Add(c, one.p);
       if (c1 == nullptr || PyList_SetItem(entry, 0, c1) < 0) throw py::error_already_set();  // steals c1
     }
-    if (PyDict_SetItem(keys.ptr(), hkey.ptr(), skey.p) < 0) throw py::error_already_set();
-    if (PyDict_SetItem(tensors.ptr(), hkey.ptr(), obj.ptr()) < 0) throw py::error_already_set();
+    if (PyDict_SetItem(keys.ptr(), hkey, skey.p) < 0) throw py::error_already_set();
+    if (PyDict_SetItem(tensors.ptr(), hkey, obj) < 0) throw py::error_already_set();
   }
 };
+
+// The handles of a serialized `Free` message (field 1, `repeated uint64`: packed varints as upb writes them, or one
+// varint a field): false for anything else (another field, a truncated or overlong varint), before any side effect.
+bool parse_free(const std::string& msg, std::vector<uint64_t>* out) {
+  const auto* p = reinterpret_cast<const unsigned char*>(msg.data());
+  const auto* end = p + msg.size();
+  auto varint = [&](const unsigned char* lim, uint64_t* v) -> bool {
+    uint64_t x = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      if (p >= lim) return false;
+      const unsigned char b = *p++;
+      if (shift == 63 && b > 1) return false;
+      x |= static_cast<uint64_t>(b & 0x7f) << shift;
+      if ((b & 0x80) == 0) {
+        *v = x;
+        return true;
+      }
+    }
+    return false;
+  };
+  while (p < end) {
+    const unsigned char tag = *p++;
+    uint64_t v = 0;
+    if (tag == 0x08) {  // field 1, a varint
+      if (!varint(end, &v)) return false;
+      out->push_back(v);
+    } else if (tag == 0x0a) {  // field 1, packed
+      uint64_t len = 0;
+      if (!varint(end, &len) || len > static_cast<uint64_t>(end - p)) return false;
+      const unsigned char* lim = p + len;
+      while (p < lim) {
+        if (!varint(lim, &v)) return false;
+        out->push_back(v);
+      }
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
+// `o.<name> -= n` for a Python int n
+void sub_attr(PyObject* o, PyObject* name, PyObject* n) {
+  Own v(PyObject_GetAttr(o, name));
+  if (v.p == nullptr) throw py::error_already_set();
+  Own w(PyNumber_Subtract(v.p, n));
+  if (w.p == nullptr || PyObject_SetAttr(o, name, w.p) < 0) throw py::error_already_set();
+}
+
+PyObject* S_tensors;
+PyObject* S_keys;
+PyObject* S_storages;
+PyObject* S_uploads;
+PyObject* S_poisoned;
+PyObject* S_memory;
+PyObject* S_check_handle;
+
+// `WorkerSession.free` (server/sessions.py) of a serialized `Free` message's handles, step for step: each handle
+// unbound (its tensor dropped, an upload in progress forgotten), a failed one forgotten, any other checked by
+// `check_handle` (which raises for another session's handle, ending the loop), its storage's count dropped and the
+// storage's bytes freed with the last; the bytes freed taken off the session's and the device's use at the end,
+// also when a handle raised. False (nothing done) when the message is not read here or a table is not a dict: the
+// caller runs `WorkerSession.free` on the parsed message. Saves the message's conversion to Python ints (~1k
+// instructions a handle through upb) and the interpreter's loop (~50 bytecodes a handle).
+bool free_handles(const py::object& session, const py::bytes& msg) {
+  std::vector<uint64_t> hs;
+  if (!parse_free(std::string(msg), &hs)) return false;
+  PyObject* s = session.ptr();
+  Own tensors(PyObject_GetAttr(s, S_tensors)), keys(PyObject_GetAttr(s, S_keys)),
+      storages(PyObject_GetAttr(s, S_storages)), uploads(PyObject_GetAttr(s, S_uploads)),
+      poisoned(PyObject_GetAttr(s, S_poisoned));
+  for (PyObject* d : {tensors.p, keys.p, storages.p, uploads.p, poisoned.p}) {
+    if (d == nullptr) throw py::error_already_set();
+    if (!PyDict_CheckExact(d)) return false;
+  }
+  Own freed(PyLong_FromLong(0)), one(PyLong_FromLong(1)), zero(PyLong_FromLong(0));
+  if (freed.p == nullptr || one.p == nullptr || zero.p == nullptr) throw py::error_already_set();
+  bool failed = false;
+  for (const uint64_t h : hs) {
+    Own key(PyLong_FromUnsignedLongLong(h));
+    if (key.p == nullptr) {
+      failed = true;
+      break;
+    }
+    Own t(PyDict_GetItemWithError(tensors.p, key.p));  // `tensors.pop(h, None)`
+    if (t.p != nullptr) {
+      Py_INCREF(t.p);
+      if (PyDict_DelItem(tensors.p, key.p) < 0) {
+        failed = true;
+        break;
+      }
+      if (t.p == Py_None) t.reset(nullptr);
+    } else if (PyErr_Occurred()) {
+      failed = true;
+      break;
+    }
+    if (PyDict_GET_SIZE(uploads.p) > 0) {  // `uploads.pop(h, None)`
+      PyObject* u = PyDict_GetItemWithError(uploads.p, key.p);  // borrowed
+      if (u != nullptr ? PyDict_DelItem(uploads.p, key.p) < 0 : PyErr_Occurred() != nullptr) {
+        failed = true;
+        break;
+      }
+    }
+    if (t.p == nullptr) {
+      PyObject* poison = PyDict_GetItemWithError(poisoned.p, key.p);  // borrowed
+      if (poison != nullptr) {
+        if (Py_IsNone(poison) == 0) {  // `poisoned.pop(h, None) is None`: a failed handle is forgotten
+          if (PyDict_DelItem(poisoned.p, key.p) < 0) {
+            failed = true;
+            break;
+          }
+          continue;
+        }
+        if (PyDict_DelItem(poisoned.p, key.p) < 0) {
+          failed = true;
+          break;
+        }
+      } else if (PyErr_Occurred()) {
+        failed = true;
+        break;
+      }
+      Own r(PyObject_CallMethodOneArg(s, S_check_handle, key.p));  // raises for another session's
+      if (r.p == nullptr) {
+        failed = true;
+        break;
+      }
+      continue;
+    }
+    t.reset(nullptr);  // `del t`
+    Own skey(PyDict_GetItemWithError(keys.p, key.p));  // `keys.pop(h)`
+    if (skey.p == nullptr) {
+      if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, key.p);
+      failed = true;
+      break;
+    }
+    Py_INCREF(skey.p);
+    if (PyDict_DelItem(keys.p, key.p) < 0) {
+      failed = true;
+      break;
+    }
+    Own entry(PyDict_GetItemWithError(storages.p, skey.p));  // `storages[key]`
+    if (entry.p == nullptr) {
+      if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, skey.p);
+      failed = true;
+      break;
+    }
+    Py_INCREF(entry.p);
+    Own c(PySequence_GetItem(entry.p, 0));  // `entry[0] -= 1`
+    Own c1(c.p != nullptr ? PyNumber_InPlaceSubtract(c.p, one.p) : nullptr);
+    if (c1.p == nullptr || PySequence_SetItem(entry.p, 0, c1.p) < 0) {
+      failed = true;
+      break;
+    }
+    Own now0(PySequence_GetItem(entry.p, 0));  // `if entry[0] == 0`
+    const int last = now0.p != nullptr ? PyObject_RichCompareBool(now0.p, zero.p, Py_EQ) : -1;
+    if (last < 0) {
+      failed = true;
+      break;
+    }
+    if (last) {
+      if (PyDict_DelItem(storages.p, skey.p) < 0) {
+        failed = true;
+        break;
+      }
+      Own nbytes(PySequence_GetItem(entry.p, 1));  // `freed += entry[1]`
+      Own sum(nbytes.p != nullptr ? PyNumber_InPlaceAdd(freed.p, nbytes.p) : nullptr);
+      if (sum.p == nullptr) {
+        failed = true;
+        break;
+      }
+      freed.reset(sum.p);
+      sum.p = nullptr;
+    }
+  }
+  // `finally`: the bytes freed so far, also when a handle raised (that error is the one raised)
+  PyObject *type = nullptr, *value = nullptr, *tb = nullptr;
+  if (failed) PyErr_Fetch(&type, &value, &tb);
+  const int any = PyObject_IsTrue(freed.p);
+  if (any < 0) {
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    throw py::error_already_set();
+  }
+  if (any) {
+    try {
+      sub_attr(s, S_used, freed.p);
+      Own memory(PyObject_GetAttr(s, S_memory));
+      if (memory.p == nullptr) throw py::error_already_set();
+      sub_attr(memory.p, S_used, freed.p);
+    } catch (...) {
+      Py_XDECREF(type);
+      Py_XDECREF(value);
+      Py_XDECREF(tb);
+      throw;
+    }
+  }
+  if (failed) {
+    PyErr_Restore(type, value, tb);
+    throw py::error_already_set();
+  }
+  return true;
+}
 
 }  // namespace
 
@@ -743,6 +1031,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   S_used = PyUnicode_InternFromString("used");
   S_ops = PyUnicode_InternFromString("ops");
   S_run = PyUnicode_InternFromString("run");
+  S_tensors = PyUnicode_InternFromString("tensors");
+  S_keys = PyUnicode_InternFromString("_keys");
+  S_storages = PyUnicode_InternFromString("_storages");
+  S_uploads = PyUnicode_InternFromString("uploads");
+  S_poisoned = PyUnicode_InternFromString("poisoned");
+  S_memory = PyUnicode_InternFromString("memory");
+  S_check_handle = PyUnicode_InternFromString("check_handle");
   py::class_<Plan, std::shared_ptr<Plan>>(m, "Plan");
   m.def("plan", &make_plan);
   py::class_<Trace>(m, "Trace")
@@ -782,6 +1077,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return c;
       }))
       .def("run", &Ctx::run);
+  m.def("free", &free_handles);
   m.def("storage_key", [](const at::Tensor& t) {
     return py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(t.storage().unsafeGetStorageImpl()));
   });

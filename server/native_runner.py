@@ -17,7 +17,13 @@ mark it calls. Its context (`Ctx`: the session's tables, quota, handle limit) is
 (`CommandExecutor._native_ctx`) and made again when any of those changed. A record it cannot take (no match, a check
 that fails, a step that does not qualify) goes back to the Python path untouched (nothing above has a side effect
 before the op runs), which then runs or refuses it exactly as without the runner; an op that raises reports its
-exception to the Python loop, which records it as the Python path would have.
+exception to the Python loop, which records it as the Python path would have. Each input tensor is held by a second
+C++ reference until the op returned, so the kernel, which runs with the GIL released, never drops the last one (which
+would take the GIL to hand the tensor's Python object back); the session's and the device's counters (`used`, `ops`)
+are read and written in their instance dicts where Python's own attribute access would (the generic getattr and
+setattr, no data descriptor of that name), through getattr and setattr otherwise. A `Free` command runs here too
+(`free`, called by `CommandExecutor.execute`): `WorkerSession.free` step for step, the handles read from the
+message's bytes (a message it does not read, or a session class with its own `free`, takes `WorkerSession.free`).
 
 A step qualifies when it has no per-op extras (`Step.fast`; a factory that takes the session's device; or an op
 returning several tensors), its op is a plain `OpOverload` run as itself (checked per record: while its `OpPlan.run` is

@@ -427,24 +427,24 @@ Progress = Callable[[int], None]
 _WORD = struct.Struct("<i")
 
 
+class WordMark(functools.partial[None]):
+    """A worker's progress mark (`word_mark`): calling it writes the word; `buffer` is the memory it writes."""
+
+    buffer: Any
+
+
 def word_mark(buffer: Any) -> Progress:
     """A worker's progress mark: the index of the command running, written as a little-endian int32 at the start of
     `buffer` (shared memory the daemon reads; a C call per command, no Python frame). The native runner stores the
     word itself (`mark_word`) instead of calling it."""
-    return functools.partial(_WORD.pack_into, buffer, 0)
+    mark = WordMark(_WORD.pack_into, buffer, 0)
+    mark.buffer = buffer
+    return mark
 
 
 def mark_word(progress: Progress | None) -> Any:
     """The buffer a `word_mark` writes, or None for any other progress callable (called as it is)."""
-    if (
-        progress.__class__ is functools.partial
-        and progress.func == _WORD.pack_into  # type: ignore[attr-defined]
-        and len(progress.args) == 2  # type: ignore[attr-defined]
-        and progress.args[1] == 0  # type: ignore[attr-defined]
-        and not progress.keywords  # type: ignore[attr-defined]
-    ):
-        return progress.args[0]  # type: ignore[attr-defined]
-    return None
+    return progress.buffer if progress.__class__ is WordMark else None  # type: ignore[union-attr]
 
 
 def eager_records(commands: Sequence[device_pb2.Command]) -> list[bytes]:

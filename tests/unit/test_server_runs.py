@@ -51,6 +51,7 @@ OPS = {
     16: "aten::max.dim",
     17: "aten::_foreach_div.ScalarList",
     18: "aten::_foreach_addcdiv_.ScalarList",
+    19: "aten::detach_",
 }
 
 
@@ -85,7 +86,7 @@ def runner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
 class Pair:
     """Two executors and sessions fed the same slices: `ex[0]` runs learned runs, `ex[1]` the normal path only."""
 
-    def __init__(self, quota: int = 1 << 24, max_handles: int = 4096) -> None:
+    def __init__(self, quota: int = 1 << 24, max_handles: int = 4096, session: type = WorkerSession) -> None:
         _PAIRS.append(self)
         self.python_only = False  # set where the native runner must not run (the speed model holds every op)
         self.word = False  # `ex[0]` marks progress as a worker does (`slices.word_mark`): its last mark is compared
@@ -93,7 +94,7 @@ class Pair:
         self.s: list[WorkerSession] = []
         for _ in range(2):
             dev = FakeDevice(0, "h", 1 << 30)
-            s = WorkerSession("t", NUMBER, dev, DeviceMemory(dev), quota, max_handles=max_handles)
+            s = session("t", NUMBER, dev, DeviceMemory(dev), quota, max_handles=max_handles)
             torch.manual_seed(0)
             s.bind(X, torch.randn(4, 3))
             s.bind(W, torch.randn(3, 5))
@@ -315,6 +316,29 @@ def test_a_changed_quota_or_handle_limit_holds_for_the_next_slice() -> None:
         assert p.s[0].poisoned
 
 
+class _WatchedSession(WorkerSession):
+    """A session whose `used` is a property that counts its writes (its value kept in the instance dict, where a
+    plain attribute would be): the native runner reads and writes a session's counters in its instance dict only
+    where Python's own attribute access would (`Fields` in native_runner.cpp), so every write goes through it."""
+
+    @property  # type: ignore[override]
+    def used(self) -> int:
+        return self.__dict__["used"]  # type: ignore[no-any-return]
+
+    @used.setter
+    def used(self, value: int) -> None:
+        self.__dict__["used"] = value
+        self.__dict__["writes"] = self.__dict__.get("writes", 0) + 1
+
+
+def test_a_session_counter_behind_a_property_is_written_through_it() -> None:
+    p = Pair(session=_WatchedSession)
+    p.stream(training(p, 10), itertools.cycle([64, 13]))
+    assert p.hits > 0
+    a, b = p.s
+    assert a.__dict__["writes"] == b.__dict__["writes"] > 10
+
+
 def test_the_quota_and_the_handle_limit_fail_at_the_same_op() -> None:
     for quota, handles in ((1 << 24, 80), (8000, 4096), (10000, 4096)):
         p = Pair(quota=quota, max_handles=handles)
@@ -512,6 +536,28 @@ def view_step(p: Pair, t: int, x: int = X) -> list[device_pb2.Command]:
         p.rec(7, [0], [VW(W, [5], [1], 5), VW(h(t, 1), [5], [1], 0)], {"alpha": V(-0.01)}),  # W's row 1 in place
         p.rec(5, [h(t, 4)], [VW(h(t, 1), [4, 5], [5, 1], 0), T(h(t, 1))], {"alpha": V(0.5 * t)}),
     ]
+
+
+def inplace_view_step(p: Pair, t: int) -> list[device_pb2.Command]:
+    """An in-place op through a view argument whose output handle binds what it returns: the view itself
+    (`Tensor(a!)`), which a later record reads. `detach_` of it must fail as on the normal path ("Can't detach views
+    in-place"): the runner makes such an op's view arguments through the dispatcher (`Plan.direct_views`), since a
+    view it made directly carries no autograd view metadata and `detach_` would take it."""
+    return [
+        p.rec(1, [h(t, 0)], [T(G), V(1.0 + t)]),
+        p.rec(7, [h(t, 1)], [VW(W, [5], [1], 5), VW(h(t, 0), [5], [1], 0)], {"alpha": V(-0.01)}),
+        p.rec(3, [h(t, 2)], [T(h(t, 1))]),
+        p.rec(19, [h(t, 3)], [T(h(t, 1))]),
+    ]
+
+
+def test_an_in_place_op_through_a_view_binds_the_dispatchers_view() -> None:
+    p = Pair()
+    cmds = [c for t in range(12) for c in inplace_view_step(p, t) + ([free(t - 1)] if t else [])]
+    p.stream(cmds, itertools.cycle([64, 9]))
+    assert p.hits > 0  # the run [mul, add_, relu] (detach_ fails, and ends it): add_ in C++ with the runner on
+    assert h(11, 3) in p.s[0].poisoned
+    assert "detach views in-place" in p.s[0].poisoned[h(11, 3)].message
 
 
 def _wide_x(p: Pair, storage: int) -> None:
