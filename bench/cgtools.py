@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
+from typing import Any
 
 
 def valgrind(out_file: object, *more: str) -> list[str]:
@@ -34,3 +36,11 @@ def instrumented() -> Iterator[None]:
         yield
     finally:
         control("--instr=off")
+
+
+def add_against_flags(parser: Any, what: str) -> None:
+    """--against DIR (`what`: what that checkout runs), --against-python and --measure cpu|instr: the A/B flags of
+    the in-process replays (eager_replay, front_replay, kernel_compare)."""
+    parser.add_argument("--against", metavar="DIR", help=what)
+    parser.add_argument("--against-python", default=sys.executable, help="the python that imports DIR's gpupool")
+    parser.add_argument("--measure", choices=("cpu", "instr"), default="cpu", help="thread CPU time or instructions")

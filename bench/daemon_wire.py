@@ -184,19 +184,22 @@ def tcp_figures(port: int, size: int, pings: int, tls: bool = False) -> dict[str
     return {"up": up, "down": down, "p50": percentile(rtts, 0.5), "p99": percentile(rtts, 0.99)}
 
 
-def grpc_figures(port: int, size: int, pings: int, messages: int, tls: bool = False) -> dict[str, float]:
-    import queue
-
+def _floor_channel(port: int, tls: bool) -> Any:
+    """A channel to the floor server on `port` (TLS with the test certificates, or plaintext)."""
     import grpc
 
     target = f"127.0.0.1:{port}"
-    if tls:
-        with open(_tls_files()[0], "rb") as f:
-            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
-        opts = [*GRPC_OPTIONS, ("grpc.ssl_target_name_override", "localhost")]
-        channel = grpc.secure_channel(target, creds, options=opts)
-    else:
-        channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+    if not tls:
+        return grpc.insecure_channel(target, options=GRPC_OPTIONS)
+    with open(_tls_files()[0], "rb") as f:
+        creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+    return grpc.secure_channel(target, creds, options=[*GRPC_OPTIONS, ("grpc.ssl_target_name_override", "localhost")])
+
+
+def grpc_figures(port: int, size: int, pings: int, messages: int, tls: bool = False) -> dict[str, float]:
+    import queue
+
+    channel = _floor_channel(port, tls)
     with channel as ch:
         unary = ch.unary_unary("/floor/Unary", None, None)
         sink = ch.stream_unary("/floor/Sink", None, None)
@@ -458,18 +461,13 @@ def isolation_cost(args: argparse.Namespace) -> int:
 def _stream_ping(port: int, tls: bool) -> tuple[Callable[[], None], Callable[[], None]]:
     """A bare gRPC stream ping-pong of 16 bytes to the floor server (its Echo, as `grpc_figures` measures it):
     (one round trip, close)."""
+    return echo_pinger(_floor_channel(port, tls))
+
+
+def echo_pinger(channel: Any) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(one 16-byte round trip on the floor server's Echo stream over `channel`, close)."""
     import queue
 
-    import grpc
-
-    target = f"127.0.0.1:{port}"
-    if tls:
-        with open(_tls_files()[0], "rb") as f:
-            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
-        opts = [*GRPC_OPTIONS, ("grpc.ssl_target_name_override", "localhost")]
-        channel = grpc.secure_channel(target, creds, options=opts)
-    else:
-        channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
     q: queue.Queue[bytes | None] = queue.Queue()
     replies = iter(channel.stream_stream("/floor/Echo", None, None)(iter(q.get, None)))
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import queue
 import statistics
 import subprocess
 import sys
@@ -50,19 +49,7 @@ def _other_session_class(tree: str) -> Any:
 def _floor(port: int) -> Any:
     import grpc
 
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=daemon_wire.GRPC_OPTIONS)
-    q: queue.Queue[bytes | None] = queue.Queue()
-    replies = iter(channel.stream_stream("/floor/Echo", None, None)(iter(q.get, None)))
-
-    def ping() -> None:
-        q.put(b"x" * 16)
-        next(replies)
-
-    def close() -> None:
-        q.put(None)
-        channel.close()
-
-    return ping, close
+    return daemon_wire.echo_pinger(grpc.insecure_channel(f"127.0.0.1:{port}", options=daemon_wire.GRPC_OPTIONS))
 
 
 def main(argv: list[str] | None = None) -> int:
