@@ -82,10 +82,10 @@ class Group:
 
     def form(self, store: Any, owner: str, secret: str, host: str, device: torch.device) -> None:
         """Build the process group (blocks until every rank has joined or the timeout passes). The group's
-        keys (gloo's rendezvous: each rank's address) live under a prefix derived from `secret` (from rank 0's
-        lease token), not the public lease id, and each value carries an HMAC under `secret` (_SignedStore):
-        a stranger who reaches the store can neither find them nor forge or alter one unnoticed. The secure
-        transport keys its links from the same secret (server/seclink.py)."""
+        keys (gloo's rendezvous: each rank's address) live under a prefix derived from `secret` (`group_secret`
+        of the lease's group claim, or of rank 0's token without one), not the public lease id, and each value
+        carries an HMAC under `secret` (_SignedStore): a stranger who reaches the store can neither find them nor
+        forge or alter one unnoticed. The secure transport keys its links from the same secret (server/seclink.py)."""
         try:
             prefixed = dist.PrefixStore(f"gpupool/{self.lease_id}/", store)
             if self.rank == 0:
