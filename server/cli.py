@@ -135,9 +135,11 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _transport(value: str) -> str:
-    if value in ("secure", "gloo"):
+    from .collectives import TRANSPORTS
+
+    if value in TRANSPORTS:
         return value
-    raise ValueError(f"expected secure or gloo, not {value!r}")
+    raise argparse.ArgumentTypeError(f"expected {' or '.join(TRANSPORTS)}, not {value!r}")
 
 
 def _on_off(value: str) -> bool:
