@@ -45,10 +45,13 @@ traffic analysis (sizes and timing), and denial of service by anyone who can rea
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
+import selectors
 import socket
 import struct
 import threading
@@ -76,8 +79,11 @@ HUB_HELLO_BYTES = HELLO_BYTES + MAC_BYTES
 CONFIRM_BYTES = MAC_BYTES
 MAX_FRAME = 1 << 20  # plaintext bytes of one frame (a multiple of every element size; several in flight pipeline)
 MAX_FRAMES = 1 << 48  # per direction of a connection: far below 2^64 counter values
-MAX_PENDING = 32  # handshakes in progress at the hub at once (outsiders cannot hold more sockets open)
-HANDSHAKE_SECONDS = 10.0  # at most, per connection: an idle outsider is dropped after this
+MAX_PENDING = 32  # handshakes in progress at the hub at once; a newcomer past it pushes out the busiest source's oldest
+MAX_PENDING_PER_SOURCE = 8  # ... from one source address (an IPv6 /64); a newcomer past it pushes out its own oldest
+HELLO_SECONDS = 2.0  # a connection's hello is due this soon (a rank sends it as soon as it connects)
+HANDSHAKE_SECONDS = 10.0  # at most, per connection: an outsider that sent a hello and no proof is dropped after this
+RETRY_SECONDS = 0.1  # a rank whose link the hub dropped before its hello connects again after this
 HUB_KEY = "seclink/hub"
 _LEN = struct.Struct("!I")
 
@@ -85,6 +91,10 @@ _LEN = struct.Struct("!I")
 class LinkError(Exception):
     """A link of a secure group failed: the group is over (never a GpupoolError: collectives.py breaks the
     group on any other exception)."""
+
+
+class _Dropped(LinkError):
+    """The hub closed a rank's connection before its hello came back (crowded by strangers): the rank retries."""
 
 
 def connection_keys(
@@ -201,16 +211,22 @@ def form(store: Any, secret: bytes, lease_id: str, rank: int, size: int, timeout
     while True:
         try:
             sock = socket.create_connection((hub_host, port), timeout=max(0.1, deadline - time.monotonic()))
-            break
         except OSError as exc:
             if time.monotonic() + 0.2 >= deadline:
                 raise LinkError(f"cannot reach rank 0 at {hub_host}:{port}: {_why(exc)}") from None
             time.sleep(0.2)
-    try:
-        channel = _connect(sock, secret, lease_id, generation, size, rank, min(deadline, _handshake_deadline()))
-    except BaseException:
-        sock.close()
-        raise
+            continue
+        try:
+            channel = _connect(sock, secret, lease_id, generation, size, rank, min(deadline, _handshake_deadline()))
+            break
+        except _Dropped:  # strangers crowd the hub, which pushed this link out before it answered: again
+            sock.close()
+            if time.monotonic() + RETRY_SECONDS >= deadline:
+                raise
+            time.sleep(RETRY_SECONDS)
+        except BaseException:
+            sock.close()
+            raise
     return SecureGroup(rank, size, timeout, {0: channel})
 
 
@@ -220,58 +236,156 @@ def _form_hub(
     family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
     listener = socket.create_server((host, 0), family=family, backlog=64)
     generation = os.urandom(16)
-    channels: dict[int, Channel] = {}
-    shared = Buffers()  # the hub's channels are used by one thread, one at a time
-    lock = threading.Lock()
-    state = {"pending": 0, "over": False}  # handshakes in progress; whether the group has formed or failed
+    hub = _Hub(secret, lease_id, generation, size, deadline)
     try:
         store.set(HUB_KEY, f"{generation.hex()} {host} {listener.getsockname()[1]}")
-
-        def handshake(sock: socket.socket, where: str) -> None:
-            try:
-                until = min(deadline, _handshake_deadline())
-                channel = _accept(sock, secret, lease_id, generation, size, until, shared)
-                with lock:
-                    if state["over"] or channel.peer in channels:
-                        raise LinkError(f"rank {channel.peer} is connected already, or the group is over")
-                    channels[channel.peer] = channel
-            except (LinkError, OSError) as exc:
-                log.warning("refused a collective link from %s (lease %s): %s", where, lease_id, _why(exc))
-                sock.close()
-            finally:
-                with lock:
-                    state["pending"] -= 1
-
-        while True:
-            with lock:
-                if len(channels) == size - 1:
-                    state["over"] = True
-                    break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                missing = sorted(set(range(1, size)) - set(channels))
-                raise LinkError(f"ranks {missing} did not connect (with the group's keys) within {timeout:g} s")
-            listener.settimeout(min(left, 0.2))
-            try:
-                sock, addr = listener.accept()
-            except TimeoutError:
-                continue
-            with lock:
-                if state["pending"] >= MAX_PENDING:
-                    sock.close()
-                    continue
-                state["pending"] += 1
-            threading.Thread(target=handshake, args=(sock, f"{addr[0]}:{addr[1]}"), daemon=True).start()
+        hub.run(listener, timeout)
     except BaseException:
-        with lock:
-            state["over"] = True
-            for c in channels.values():
-                c.close()
-            channels.clear()
+        hub.close_all()
         raise
     finally:
         listener.close()
-    return SecureGroup(0, size, timeout, channels)
+    return SecureGroup(0, size, timeout, hub.channels)
+
+
+class _Handshake:
+    """One connection the hub accepted, until it proves it is a rank of the group (or is dropped)."""
+
+    def __init__(self, sock: socket.socket, where: str, source: str, now: float, deadline: float) -> None:
+        self.sock, self.where, self.source = sock, where, source
+        self.accepted = now
+        self.until = min(deadline, now + HELLO_SECONDS)  # its hello is due at once
+        self.buf = b""
+        self.want = HELLO_BYTES
+        self.rank = -1
+        self.keys: tuple[bytes, bytes, bytes, bytes] | None = None
+        self.transcript = b""
+
+
+class _Hub:
+    """Rank 0 forming the star: one thread runs every handshake (non-blocking sockets, one selector), so what
+    strangers hold is bounded and a newcomer never waits for a slot. A hello is due within HELLO_SECONDS of
+    the connection, the proof within HANDSHAKE_SECONDS; at most MAX_PENDING_PER_SOURCE handshakes per source
+    address and MAX_PENDING in all are in progress. A connection past either cap drops the oldest handshake of
+    its own source, or when the hub is full, of the source holding the most (so strangers on other addresses
+    push out each other's connections, not a rank's: a rank's connector retries a link the hub dropped)."""
+
+    def __init__(self, secret: bytes, lease_id: str, generation: bytes, size: int, deadline: float) -> None:
+        self.secret, self.lease_id, self.generation, self.size = secret, lease_id, generation, size
+        self.deadline = deadline
+        self.channels: dict[int, Channel] = {}
+        self.pending: list[_Handshake] = []  # in the order they were accepted
+        self.shared = Buffers()  # the hub's channels are used by one thread, one at a time
+        self._warned = 0.0
+
+    def run(self, listener: socket.socket, timeout: float) -> None:
+        listener.setblocking(False)
+        with selectors.DefaultSelector() as sel:
+            sel.register(listener, selectors.EVENT_READ)
+            while len(self.channels) < self.size - 1:
+                now = time.monotonic()
+                if now >= self.deadline:
+                    missing = sorted(set(range(1, self.size)) - set(self.channels))
+                    raise LinkError(f"ranks {missing} did not connect (with the group's keys) within {timeout:g} s")
+                for h in [h for h in self.pending if h.until <= now]:
+                    self._drop(sel, h, "did not complete its handshake in time")
+                wake = min([self.deadline, *(h.until for h in self.pending)])
+                for key, _ in sel.select(max(0.0, wake - now)):
+                    if key.fileobj is listener:
+                        self._accept_new(sel, listener)
+                    elif key.data in self.pending:  # not dropped by an earlier event of this round
+                        self._step(sel, key.data)
+
+    def _accept_new(self, sel: selectors.BaseSelector, listener: socket.socket) -> None:
+        for _ in range(MAX_PENDING):  # what is waiting now; the selector reports the rest next round
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. out of file descriptors: the connection stays in the backlog
+                log.warning("collective hub: accept failed: %s", _why(exc))
+                time.sleep(0.05)  # not a busy loop on a listener that stays readable
+                return
+            source = source_key(addr[0])
+            mine = [h for h in self.pending if h.source == source]
+            if len(mine) >= MAX_PENDING_PER_SOURCE:
+                self._drop(sel, mine[0], "pushed out by a newer connection from its address")
+            elif len(self.pending) >= MAX_PENDING:
+                counts = collections.Counter(h.source for h in self.pending)
+                busiest = max(counts.values())
+                oldest = next(h for h in self.pending if counts[h.source] == busiest)
+                self._drop(sel, oldest, "pushed out by a newer connection (too many handshakes in progress)")
+            sock.setblocking(False)
+            h = _Handshake(sock, f"{addr[0]}:{addr[1]}", source, time.monotonic(), self.deadline)
+            self.pending.append(h)
+            sel.register(sock, selectors.EVENT_READ, h)
+
+    def _step(self, sel: selectors.BaseSelector, h: _Handshake) -> None:
+        try:
+            data = h.sock.recv(h.want - len(h.buf))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop(sel, h, _why(exc))
+            return
+        if not data:
+            self._drop(sel, h, "closed the connection during the handshake")
+            return
+        h.buf += data
+        if len(h.buf) < h.want:
+            return
+        try:
+            if h.keys is None:
+                h.rank, reply, h.keys, h.transcript = _hub_hello(
+                    h.buf, self.secret, self.lease_id, self.generation, self.size
+                )
+                h.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if h.sock.send(reply) != len(reply):  # a fresh socket's buffer takes 64 bytes
+                    raise LinkError("the connection does not take the hub's hello")
+                h.buf, h.want = b"", CONFIRM_BYTES
+                h.until = min(self.deadline, h.accepted + HANDSHAKE_SECONDS)
+                return
+            c2s, s2c, m_c, _ = h.keys
+            _hub_check(h.buf, m_c, h.transcript, h.rank)
+            if h.rank in self.channels:
+                raise LinkError(f"rank {h.rank} is connected already")
+        except (LinkError, OSError) as exc:
+            self._drop(sel, h, _why(exc))
+            return
+        sel.unregister(h.sock)
+        self.pending.remove(h)
+        h.sock.setblocking(True)
+        self.channels[h.rank] = Channel(h.sock, h.rank, s2c, c2s, self.shared)
+
+    def _drop(self, sel: selectors.BaseSelector, h: _Handshake, why: str) -> None:
+        self.pending.remove(h)
+        sel.unregister(h.sock)
+        h.sock.close()
+        now = time.monotonic()
+        if now - self._warned > 1.0:  # a flood of connections must not flood the log
+            self._warned = now
+            log.warning("refused a collective link from %s (lease %s): %s", h.where, self.lease_id, why)
+
+    def close_all(self) -> None:
+        for h in self.pending:
+            h.sock.close()
+        self.pending.clear()
+        for c in self.channels.values():
+            c.close()
+        self.channels.clear()
+
+
+def source_key(address: str) -> str:
+    """The unit the hub caps handshakes by: an IPv4 address (also when IPv4-mapped), an IPv6 /64."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def _handshake_deadline() -> float:
@@ -284,9 +398,12 @@ def _connect(
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     nonce_c = os.urandom(NONCE_BYTES)
     hello = HELLO.pack(MAGIC, rank, nonce_c)
-    _set_deadline(sock, deadline, 0)
-    sock.sendall(hello)
-    reply = _recv_exact(sock, HUB_HELLO_BYTES, deadline, 0)
+    try:
+        _set_deadline(sock, deadline, 0)
+        sock.sendall(hello)
+        reply = _recv_exact(sock, HUB_HELLO_BYTES, deadline, 0)
+    except (LinkError, OSError) as exc:  # no answer: the hub dropped the connection (or never took it)
+        raise _Dropped(_why(exc)) from None
     magic, hub, nonce_s = HELLO.unpack(reply[:HELLO_BYTES])
     if magic != MAGIC or hub != 0:
         raise LinkError("rank 0's end of the link does not speak this protocol")
@@ -307,21 +424,33 @@ def _accept(
     deadline: float,
     buffers: Buffers | None = None,
 ) -> Channel:
+    """The hub's end of one handshake on a blocking socket (what `_Hub` does on many at once)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     hello = _recv_exact(sock, HELLO_BYTES, deadline, -1)
+    rank, reply, (c2s, s2c, m_c, _), transcript = _hub_hello(hello, secret, lease_id, generation, size)
+    _set_deadline(sock, deadline, rank)
+    sock.sendall(reply)
+    _hub_check(_recv_exact(sock, CONFIRM_BYTES, deadline, rank), m_c, transcript, rank)
+    return Channel(sock, rank, s2c, c2s, buffers)
+
+
+def _hub_hello(
+    hello: bytes, secret: bytes, lease_id: str, generation: bytes, size: int
+) -> tuple[int, bytes, tuple[bytes, bytes, bytes, bytes], bytes]:
+    """A connector's hello -> (its rank, the hub's hello with its MAC, the connection's keys, the transcript)."""
     magic, rank, nonce_c = HELLO.unpack(hello)
     if magic != MAGIC or not 0 < rank < size:
         raise LinkError("not a collective link of this group")
     nonce_s = os.urandom(NONCE_BYTES)
     mine = HELLO.pack(MAGIC, 0, nonce_s)
-    c2s, s2c, m_c, m_s = connection_keys(secret, nonce_c, nonce_s, lease_id, generation, size, rank, 0)
+    keys = connection_keys(secret, nonce_c, nonce_s, lease_id, generation, size, rank, 0)
     transcript = hello + mine
-    _set_deadline(sock, deadline, rank)
-    sock.sendall(mine + _mac(m_s, b"hub", transcript))
-    proof = _recv_exact(sock, CONFIRM_BYTES, deadline, rank)
+    return rank, mine + _mac(keys[3], b"hub", transcript), keys, transcript
+
+
+def _hub_check(proof: bytes, m_c: bytes, transcript: bytes, rank: int) -> None:
     if not hmac.compare_digest(proof, _mac(m_c, b"rank", transcript)):
         raise LinkError(f"a connection claiming rank {rank} does not hold the group's keys")
-    return Channel(sock, rank, s2c, c2s, buffers)
 
 
 def _mac(key: bytes, role: bytes, transcript: bytes) -> bytes:

@@ -359,6 +359,74 @@ def test_strangers_connections_are_refused_and_the_group_forms(daemon_factory) -
         s.close()
 
 
+class Crowd:
+    """Strangers crowding the hub from other loopback addresses (127.0.0.2 ...): each opens connections as fast
+    as it can and sends a well-formed hello claiming rank 1, then nothing (it has no keys); it keeps the newest
+    few of its sockets open."""
+
+    def __init__(self, hub: tuple[str, int], sources: list[str]) -> None:
+        self.hub, self.sources = hub, sources
+        self.stop = threading.Event()
+        self.opened = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        held: list[socket.socket] = []
+        while not self.stop.is_set():
+            for source in self.sources:
+                try:
+                    s = socket.create_connection(self.hub, timeout=1.0, source_address=(source, 0))
+                    s.sendall(seclink.HELLO.pack(seclink.MAGIC, 1, os.urandom(32)))
+                except OSError:
+                    continue
+                self.opened += 1
+                held.append(s)
+            while len(held) > 4 * seclink.MAX_PENDING:
+                held.pop(0).close()
+        for s in held:
+            s.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def test_idle_and_flooding_strangers_do_not_keep_ranks_out(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    """Round 16's known limit: 32 idle connections held every handshake slot of the hub for 10 s, and a rank
+    that came then was hung up on (its group failed). Now strangers push out each other's handshakes (per
+    source address first), a hello is due within 2 s, and a rank whose link was pushed out connects again: a
+    group forms with a timeout shorter than one stranger's 10 s, while the hub is held by idle connections
+    from the ranks' own address and from others, and flooded with fresh ones from four other addresses."""
+    sessions, tokens = sessions_of(daemon_factory, [2, 1])
+    timeout = seclink.HANDSHAKE_SECONDS * 0.8
+    port = join_rank0(sessions, tokens, timeout)
+    _, host, hub_port = group_store(port, tokens[0]).get(seclink.HUB_KEY).decode().split()
+    hub = (host, int(hub_port))
+    idle = [socket.create_connection(hub) for _ in range(seclink.MAX_PENDING_PER_SOURCE // 2)]  # the ranks' address
+    idle += [socket.create_connection(hub, source_address=("127.0.0.9", 0)) for _ in range(2 * seclink.MAX_PENDING)]
+    crowd = Crowd(hub, [f"127.0.0.{i}" for i in range(2, 6)])
+    try:
+        wait_for(lambda: crowd.opened > 4 * seclink.MAX_PENDING)
+        join_others(sessions, tokens, port, timeout)
+        handles = [s.upload(torch.tensor([1.5, float(r)])) for r, s in enumerate(sessions)]
+        run_everywhere(sessions, "allreduce", [([h], []) for h in handles], op="sum")
+        assert [s.download(h).tolist() for s, h in zip(sessions, handles, strict=True)] == [[4.5, 3.0]] * 3
+    finally:
+        crowd.close()
+        for s in idle:
+            s.close()
+        for s in sessions:
+            s.close()
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
 def test_plaintext_gloo_is_an_explicit_opt_in(daemon_factory) -> None:  # type: ignore[no-untyped-def]
     sessions, tokens = sessions_of(daemon_factory, [1, 1], collectives="gloo")
     port = join_rank0(sessions, tokens, TIMEOUT)

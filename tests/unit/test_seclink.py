@@ -204,3 +204,74 @@ def test_gcm_is_what_protects_the_frames() -> None:
     out = bytearray(5)
     ch.recv_into(memoryview(out), later())
     assert bytes(out) == b"hello"
+
+
+class DictStore:
+    """The two calls `seclink.form` makes of the group's store."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, bytes] = {}
+
+    def set(self, key: str, value: str) -> None:
+        self.values[key] = value.encode()
+
+    def get(self, key: str) -> bytes:
+        return self.values[key]
+
+
+def test_a_rank_the_hub_drops_before_answering_connects_again() -> None:
+    """The hub pushes out the oldest handshakes when strangers crowd it; the rank whose link was dropped before
+    the hub's hello came back connects again (here the first two connections are hung up on, then served)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    store = DictStore()
+    store.set(seclink.HUB_KEY, f"{GEN.hex()} 127.0.0.1 {listener.getsockname()[1]}")
+    served: list[object] = []
+
+    def hub() -> None:
+        for _ in range(2):
+            listener.accept()[0].close()
+        sock, _ = listener.accept()
+        served.append(_try_accept(sock))
+
+    t = threading.Thread(target=hub)
+    t.start()
+    group = seclink.form(store, SECRET, "lease", 1, 3, 5.0, "127.0.0.1")
+    t.join()
+    listener.close()
+    assert isinstance(served[0], Channel) and served[0].peer == 1 and set(group.channels) == {0}
+    group.close()
+    served[0].close()
+
+
+def test_a_hub_without_the_keys_is_not_retried() -> None:
+    """Only a link dropped before the hub answered is tried again: a hub that answers without the group's keys
+    ends the rank's join at once."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    store = DictStore()
+    store.set(seclink.HUB_KEY, f"{GEN.hex()} 127.0.0.1 {listener.getsockname()[1]}")
+    accepted: list[socket.socket] = []
+
+    def hub() -> None:
+        sock, _ = listener.accept()
+        accepted.append(sock)
+        try:
+            seclink._accept(sock, b"x" * 64, "lease", GEN, 3, later(2))
+        except (LinkError, OSError):
+            pass
+
+    t = threading.Thread(target=hub)
+    t.start()
+    with pytest.raises(LinkError, match="rank 0's end of the link does not hold"):
+        seclink.form(store, SECRET, "lease", 1, 3, 5.0, "127.0.0.1")
+    t.join()
+    listener.close()
+    assert len(accepted) == 1
+    accepted[0].close()
+
+
+def test_source_key_groups_ipv6_by_64_and_unmaps_ipv4() -> None:
+    assert seclink.source_key("10.1.2.3") == "10.1.2.3"
+    assert seclink.source_key("::ffff:10.1.2.3") == "10.1.2.3"
+    assert seclink.source_key("2001:db8:1:2:aaaa::1") == seclink.source_key("2001:db8:1:2:bbbb::7")
+    assert seclink.source_key("2001:db8:1:2::1") != seclink.source_key("2001:db8:1:3::1")
+    assert seclink.source_key("fe80::1%eth0") == "fe80::/64"
