@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 
 from gpupool.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated, abort
+from gpupool.peers import grpc_source
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +174,16 @@ def identity_from_uri(uri: str) -> Identity | None:
 class Authenticator:
     """Maps a call (metadata, TLS peer) to an Identity."""
 
-    def __init__(self, credentials: str | None, *, verified_certs: bool, open_access: bool) -> None:
+    def __init__(
+        self,
+        credentials: str | None,
+        *,
+        verified_certs: bool,
+        open_access: bool,
+        failures: AuthFailRate | None = None,
+    ) -> None:
         self.credentials = Credentials(credentials)
+        self.failures = failures if failures is not None else AuthFailRate(0.0)
         self.verified_certs = verified_certs  # the TLS layer required and verified client certificates
         self.open_access = open_access and credentials is None
         if self.open_access:
@@ -183,9 +192,16 @@ class Authenticator:
     def identify(self, metadata: Any, context: grpc.ServicerContext) -> Identity:
         auth = next((str(v) for k, v in metadata or () if k == "authorization"), "")
         if auth:
+            source = grpc_source(context.peer())
+            if not self.failures.allows(source):
+                raise ResourceExhausted(
+                    f"too many failed authentications from {source} (over {self.failures.rate:g} a second, "
+                    "--auth-fail-rate): its API tokens are refused unchecked for a while; fix the token, then retry"
+                )
             scheme, _, token = auth.partition(" ")
             ident = self.credentials.lookup(token.strip()) if scheme.lower() == "bearer" else None
             if ident is None:
+                self.failures.take(source)
                 raise Unauthenticated("unknown API token")
             return ident
         if self.verified_certs:
@@ -200,36 +216,70 @@ class Authenticator:
         raise Unauthenticated("no credentials: present a client certificate or an API token (GPUPOOL_API_TOKEN_FILE)")
 
 
-class TenantRate:
-    """Calls per second each tenant may make, a token bucket per tenant name (`--tenant-rate`; 0: no limit).
+class Buckets:
+    """A token bucket per key: `rate` a second, up to `burst` (default 10 s worth); rate 0: no limit.
 
-    Hosts (heartbeats) and admins are never limited: a tenant that floods the scheduler with cheap calls
-    (ListPool) gets RESOURCE_EXHAUSTED instead of slowing every other caller's calls down."""
+    At most MAX_TRACKED keys: past it, full buckets (which hold no state worth keeping) are dropped, and when
+    none is full a new key shares the one OVERFLOW bucket (memory stays bounded whatever the keys are)."""
 
-    MAX_TRACKED = 10_000  # names come from credentials and the CA's certificates; idle buckets are dropped past it
+    MAX_TRACKED = 10_000
+    OVERFLOW = "*"
 
     def __init__(self, rate: float, burst: float | None = None) -> None:
         self.rate = rate
         self.burst = burst if burst is not None else max(1.0, 10.0 * rate)
-        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, at)
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
         self._lock = threading.Lock()
 
-    def take(self, name: str) -> bool:
+    def _level(self, key: str, now: float) -> tuple[str, float]:
+        """(the key the bucket is kept under, its tokens now); the caller holds the lock."""
+        if key not in self._buckets and len(self._buckets) >= self.MAX_TRACKED:
+            full = [k for k, (t, a) in self._buckets.items() if t + (now - a) * self.rate >= self.burst]
+            for k in full:
+                del self._buckets[k]
+            if len(self._buckets) >= self.MAX_TRACKED:
+                key = self.OVERFLOW
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        return key, min(self.burst, tokens + (now - at) * self.rate)
+
+    def take(self, key: str) -> bool:
+        """Take a token from `key`'s bucket; False (and nothing taken) when it has none."""
         if self.rate <= 0:
             return True
         now = time.monotonic()
         with self._lock:
-            tokens, at = self._buckets.get(name, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - at) * self.rate)
-            if len(self._buckets) >= self.MAX_TRACKED and name not in self._buckets:
-                full = [k for k, (t, a) in self._buckets.items() if t + (now - a) * self.rate >= self.burst]
-                for k in full:
-                    del self._buckets[k]  # a full bucket holds no state worth keeping
-            if tokens < 1.0:
-                self._buckets[name] = (tokens, now)
-                return False
-            self._buckets[name] = (tokens - 1.0, now)
+            key, tokens = self._level(key, now)
+            ok = tokens >= 1.0
+            self._buckets[key] = (tokens - 1.0 if ok else tokens, now)
+            return ok
+
+    def allows(self, key: str) -> bool:
+        """Whether `key`'s bucket holds a token (taking none)."""
+        if self.rate <= 0:
             return True
+        now = time.monotonic()
+        with self._lock:
+            key = key if key in self._buckets or len(self._buckets) < self.MAX_TRACKED else self.OVERFLOW
+            tokens, at = self._buckets.get(key, (self.burst, now))
+            return min(self.burst, tokens + (now - at) * self.rate) >= 1.0
+
+
+class TenantRate(Buckets):
+    """Calls per second each tenant may make, a bucket per tenant name (`--tenant-rate`; 0: no limit).
+
+    Hosts (heartbeats) and admins are never limited: a tenant that floods the scheduler with cheap calls
+    (ListPool) gets RESOURCE_EXHAUSTED instead of slowing every other caller's calls down."""
+
+
+class AuthFailRate(Buckets):
+    """Failed API-token authentications per second from each source address, an IPv4 address or an IPv6 /64
+    (`--auth-fail-rate`; 0: no limit).
+
+    Each unknown token costs the scheduler a hash and a look at the credentials file (a stat; a read of all of
+    it within two seconds of an edit). Once an address has spent its bucket on failures, its calls that carry
+    an API token are refused with RESOURCE_EXHAUSTED before the token is looked at, good tokens included (they
+    are not checked, so UNAUTHENTICATED would be a lie), until the bucket refills. Calls from other addresses,
+    and calls with a verified client certificate and no token from any address, are not touched."""
 
 
 def _wrap(
@@ -240,7 +290,7 @@ def _wrap(
             ident = authn.identify(context.invocation_metadata(), context)
             if ident.role not in roles:
                 raise PermissionDenied(f"a {ident.role} credential may not call this method")
-        except (Unauthenticated, PermissionDenied) as exc:
+        except (Unauthenticated, PermissionDenied, ResourceExhausted) as exc:
             abort(context, exc)
         if rate is not None and ident.role == TENANT and not rate.take(ident.name):
             abort(context, ResourceExhausted(f"tenant {ident.name!r} is over its {rate.rate:g} calls a second "

@@ -29,7 +29,7 @@ from gpupool.errors import ErrorInterceptor, GpupoolError
 from gpupool.protocol import Policy
 from gpupool.tls import TlsConfig
 
-from .auth import Authenticator, AuthInterceptor, TenantRate
+from .auth import Authenticator, AuthFailRate, AuthInterceptor, TenantRate
 from .leases import Core, CoreConfig
 from .metrics import SchedulerMetrics
 from .placement import POLICIES
@@ -71,6 +71,7 @@ class SchedulerConfig:
     tenant_max_share: float = 0.0
     tenant_max_waiting: int = 8
     tenant_rate: float = 100.0
+    auth_fail_rate: float = 1.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(
         p,
+        "--auth-fail-rate",
+        type=float,
+        default=1.0,
+        help="failed API-token authentications a second one source address (an IPv6 /64) may make, in bursts of "
+        "10 s worth; beyond, its token calls are refused unchecked (RESOURCE_EXHAUSTED) until it slows; 0: no limit",
+    )
+    add_flag(
+        p,
         "--standby",
         action="store_true",
         help="if another scheduler owns the state, wait and take over when it stops (default: refuse to start)",
@@ -146,7 +155,12 @@ class SchedulerServer:
         self.failed = threading.Event()
         self.servicer = SchedulerServicer(None, config.policy)
         verified = not config.tls.insecure and config.tls.client_auth == "require"
-        authn = Authenticator(config.credentials, verified_certs=verified, open_access=config.tls.insecure)
+        authn = Authenticator(
+            config.credentials,
+            verified_certs=verified,
+            open_access=config.tls.insecure,
+            failures=AuthFailRate(config.auth_fail_rate),
+        )
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="sched"),
             interceptors=[AuthInterceptor(authn, TenantRate(config.tenant_rate)), ErrorInterceptor()],
@@ -278,6 +292,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         tenant_max_share=args.tenant_max_share,
         tenant_max_waiting=args.tenant_max_waiting,
         tenant_rate=args.tenant_rate,
+        auth_fail_rate=args.auth_fail_rate,
     )
 
 
@@ -289,8 +304,9 @@ def main(argv: list[str]) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
     if not (0 <= args.tenant_max_share < math.inf) or args.tenant_max_waiting < 0:  # nan: every Allocate failed
         parser.error("--tenant-max-share and --tenant-max-waiting must be finite and not negative")
-    if not 0 <= args.tenant_rate < math.inf:
-        parser.error("--tenant-rate must be finite and not negative")
+    for flag in ("tenant_rate", "auth_fail_rate"):
+        if not 0 <= getattr(args, flag) < math.inf:
+            parser.error(f"--{flag.replace('_', '-')} must be finite and not negative")
     config = config_from_args(args)
     setup_logging("scheduler")
     try:

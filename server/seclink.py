@@ -48,7 +48,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import selectors
@@ -65,6 +64,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from gpupool.peers import source_key
 
 log = logging.getLogger(__name__)
 
@@ -373,19 +374,6 @@ class _Hub:
         for c in self.channels.values():
             c.close()
         self.channels.clear()
-
-
-def source_key(address: str) -> str:
-    """The unit the hub caps handshakes by: an IPv4 address (also when IPv4-mapped), an IPv6 /64."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
 
 
 def _handshake_deadline() -> float:

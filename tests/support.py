@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -365,3 +366,44 @@ def registered_host(factory: DaemonFactory, address: str, public: Path, host_id:
     )
     assert handle.running.registrar.registered.wait(20)
     return handle
+
+
+class SourceRelay:
+    """A TCP forwarder to `upstream` whose connections there come from another loopback address (`source`,
+    e.g. 127.0.0.2): a client through it is, to the server, a peer on another address."""
+
+    def __init__(self, upstream: tuple[str, int], source: str) -> None:
+        self.upstream, self.source = upstream, source
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                down, _ = self.listener.accept()
+                up = socket.create_connection(self.upstream, source_address=(self.source, 0))
+            except OSError:
+                return
+            self.socks += [down, up]
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.socks:
+            s.close()

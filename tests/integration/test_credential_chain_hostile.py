@@ -7,6 +7,7 @@ Findings fixed here (each test fails without its fix):
 - a streaming method of the Scheduler service would have been served without authentication (the interceptor
   wrapped unary handlers only and passed the others through): now refused (scheduler/auth.py).
 Round 16: a tenant flooding the scheduler with calls is limited alone (`--tenant-rate`).
+Round 17: a source address flooding it with bad API tokens is limited alone (`--auth-fail-rate`).
 The rest are regression guards of what was checked and held: who may call what, replays after renewal and release.
 """
 
@@ -28,7 +29,7 @@ from gpupool.client.session import Session
 from gpupool.scheduler.auth import Authenticator, AuthInterceptor, credential_line
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
 from scheduler_fixtures import wait_until
-from support import DaemonFactory, get_pki, plaintext_channel, register_host, registered_host
+from support import DaemonFactory, SourceRelay, get_pki, plaintext_channel, register_host, registered_host
 
 from gpupool import errors, tls, tokens
 from gpupool._proto import scheduler_pb2
@@ -299,4 +300,53 @@ def test_a_tenant_flooding_the_scheduler_is_slowed_alone(tmp_path: Path) -> None
     finally:
         for c in (alice, bob, host, admin):
             c.close()
+        server.stop(grace=0.5)
+
+
+def test_an_address_flooding_bad_api_tokens_is_refused_alone(tmp_path: Path) -> None:
+    """--auth-fail-rate: each unknown API token costs the scheduler a hash and a look at the credentials file;
+    past its bucket of failures, an address's token calls are refused (RESOURCE_EXHAUSTED) before the token is
+    looked at, its good tokens too, until the bucket refills. A tenant on another address calls on throughout,
+    and a bad token from there is still just UNAUTHENTICATED (round 16's known limit: failed authentications
+    were not limited at all)."""
+    signer = tokens.generate_key_file(tmp_path / "token.key", tmp_path / "token.pub")
+    creds = tmp_path / "credentials"
+    creds.write_text(credential_line("tenant", "alice", "alice-token") + credential_line("tenant", "mallory", "m-tok"))
+    config = SchedulerConfig(
+        listen="127.0.0.1:0",
+        metrics_listen="0",
+        tls=dataclasses.replace(get_pki().server_config(), client_auth="none"),
+        credentials=str(creds),
+        auth_fail_rate=4.0,  # bursts of 40 failures
+    )
+    server = SchedulerServer(config, signer).start()
+    relay = SourceRelay(("127.0.0.1", int(server.address.rsplit(":", 1)[1])), "127.0.0.2")
+
+    def client(address: str, token: str) -> SchedulerClient:
+        (tmp_path / token).write_text(token)
+        return SchedulerClient(address, tls.TlsConfig(ca=get_pki().ca_file, api_token_file=str(tmp_path / token)))
+
+    attacker, insider = client(relay.address, "guess"), client(relay.address, "m-tok")
+    alice, stranger = client(server.address, "alice-token"), client(server.address, "wrong")
+    codes: list[str] = []
+    try:
+        for _ in range(200):
+            try:
+                attacker.list_pool()
+            except (errors.Unauthenticated, errors.ResourceExhausted) as exc:
+                codes.append(type(exc).__name__)
+                if isinstance(exc, errors.ResourceExhausted):
+                    assert "--auth-fail-rate" in str(exc) and "127.0.0.2" in str(exc)
+            alice.list_pool()  # another address: never refused
+        assert codes[0] == "Unauthenticated" and codes[-1] == "ResourceExhausted"
+        with pytest.raises(errors.ResourceExhausted):  # a good token from that address: refused unchecked
+            insider.list_pool()
+        with pytest.raises(errors.Unauthenticated):  # a bad token from another address: just unknown
+            stranger.list_pool()
+        time.sleep(0.5)  # 4 a second: two are back
+        insider.list_pool()
+    finally:
+        for c in (attacker, insider, alice, stranger):
+            c.close()
+        relay.close()
         server.stop(grace=0.5)

@@ -247,3 +247,18 @@ def test_a_malformed_group_claim_is_refused(group: str) -> None:
     claims = tokens.TokenClaims("l", "h", 0, 0, 0.5, time.time() + 60, "t", network=True, group=group)
     with pytest.raises(errors.Unauthenticated, match="out of range"):
         tokens.verify(KEY, tokens.mint(KEY, claims))
+
+
+def test_per_address_buckets_stay_bounded_whatever_the_addresses() -> None:
+    """An attacker with more addresses than the scheduler tracks shares one overflow bucket (memory bounded);
+    addresses already tracked keep their own."""
+    from gpupool.scheduler.auth import AuthFailRate
+
+    fails = AuthFailRate(0.001, burst=2.0)
+    fails.MAX_TRACKED = 3
+    for source in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
+        assert fails.take(source)  # spent one of two: not full, kept
+    assert fails.take("10.0.0.4") and fails.take("10.0.0.5")  # the overflow bucket's two
+    assert not fails.take("10.0.0.6") and not fails.allows("10.0.0.7")
+    assert fails.allows("10.0.0.1") and fails.take("10.0.0.1") and not fails.allows("10.0.0.1")
+    assert len(fails._buckets) == 4

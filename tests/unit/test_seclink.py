@@ -267,11 +267,3 @@ def test_a_hub_without_the_keys_is_not_retried() -> None:
     listener.close()
     assert len(accepted) == 1
     accepted[0].close()
-
-
-def test_source_key_groups_ipv6_by_64_and_unmaps_ipv4() -> None:
-    assert seclink.source_key("10.1.2.3") == "10.1.2.3"
-    assert seclink.source_key("::ffff:10.1.2.3") == "10.1.2.3"
-    assert seclink.source_key("2001:db8:1:2:aaaa::1") == seclink.source_key("2001:db8:1:2:bbbb::7")
-    assert seclink.source_key("2001:db8:1:2::1") != seclink.source_key("2001:db8:1:3::1")
-    assert seclink.source_key("fe80::1%eth0") == "fe80::/64"

@@ -1,0 +1,35 @@
+"""Source addresses of network peers, as the unit that per-address limits count by (the scheduler's failed
+authentications, the collective hub's handshakes).
+
+An IPv4 address counts as itself (also when it arrives IPv4-mapped on a dual-stack socket); an IPv6 address
+counts by its /64, the smallest block a host is usually given (one host could otherwise take 2^64 addresses)."""
+
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import unquote
+
+
+def source_key(address: str) -> str:
+    """The counting unit of an IP address ("10.1.2.3", "::ffff:10.1.2.3", "2001:db8::1%eth0"); anything
+    that is not an IP address counts as itself."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def grpc_source(peer: str) -> str:
+    """The counting unit of a gRPC peer string: "ipv4:1.2.3.4:5678", "ipv6:[::1]:5678" (or URL-quoted,
+    "ipv6:%5B::1%5D:5678"); other kinds ("unix:...") count as the whole string."""
+    kind, _, rest = unquote(peer).partition(":")
+    if kind == "ipv4":
+        return source_key(rest.rsplit(":", 1)[0])
+    if kind == "ipv6":
+        return source_key(rest.rsplit(":", 1)[0].strip("[]"))
+    return peer
