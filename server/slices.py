@@ -320,6 +320,8 @@ def decode_result(body: bytes | bytearray | memoryview, commands: int, slot: mem
     for _ in range(min(n_err, len(CODES))):
         code, n = struct.unpack_from("<BI", view, pos)
         pos += 5
+        if code >= len(CODES):
+            raise ValueError(f"an error count under status code index {code}")
         errors[CODES[code]] = errors.get(CODES[code], 0) + min(n, executed)
     events: dict[str, int] = {}
     for _ in range(min(n_ev, 16)):  # names become metric label values: the known events only
@@ -333,6 +335,8 @@ def decode_result(body: bytes | bytearray | memoryview, commands: int, slot: mem
     for _ in range(n_rep):
         is_list, count = struct.unpack_from("<BI", view, pos)
         pos += 5
+        if not (is_list or count == 1):
+            raise ValueError(f"a reply of {count} frames that is not a list")
         frames: list[Any] = []
         for _ in range(count):
             (length,) = struct.unpack_from("<I", view, pos)

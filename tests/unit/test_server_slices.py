@@ -58,6 +58,29 @@ def test_results_round_trip_and_lies_are_refused() -> None:
     assert slices.decode_result(b"".join(slices.encode_result(odd))[4:], 1).events == {"traced": 1}
 
 
+def test_results_with_impossible_codes_or_reply_shapes_are_malformed() -> None:
+    """Round 17: a worker's result naming a status code past the known ones, or a single reply of no frames (or
+    two), raised IndexError (or passed, a frame dropped), not the ValueError worker.Runner turns into WorkerDied:
+    it escaped the runner's checks, caught only by the device thread's last line of defence, instead of ending
+    the session with a clear error."""
+    ok = slices.SliceResult(1, 0.1, 0, 0, 0, 0, 0, {StatusCode.INVALID_ARGUMENT: 1}, {}, [b"frame"])
+    body = bytearray(b"".join(slices.encode_result(ok))[4:])
+    at = slices._RES.size
+    assert slices.decode_result(bytes(body), 1) == ok
+    bad_code = bytearray(body)
+    bad_code[at] = 200
+    with pytest.raises(ValueError, match="status code"):
+        slices.decode_result(bytes(bad_code), 1)
+    for count in (0, 2):
+        head = slices.SliceResult(1, 0.1, 0, 0, 0, 0, 0, {}, {}, [])
+        lie = b"".join(slices.encode_result(head))[4:]
+        lie = bytearray(lie)
+        struct.pack_into("<I", lie, slices._RES.size - 5, 1)  # n_rep: one reply
+        lie += struct.pack("<BI", 0, count) + b"".join(struct.pack("<I", 1) + b"x" for _ in range(count))
+        with pytest.raises(ValueError, match="not a list"):
+            slices.decode_result(bytes(lie), 1)
+
+
 def test_partial_results_and_pending_errors_round_trip_and_lies_are_refused() -> None:
     r = slices.SliceResult(2, 0.1, 0, 0, 0, 0, 12, {}, {}, [[b"piece"]], error_pending=True, partial=True)
     body = b"".join(slices.encode_result(r))[4:]
