@@ -21,9 +21,12 @@ Handshake (fixed sizes, no lengths to trust):
 
 Each side proves it holds the secret before the other sends a tensor byte; a connection that fails (an
 outsider, a replayed handshake, a rank rewritten on the way) is closed and the hub keeps waiting for the
-real peer, until the group's timeout. Binding the lease, generation, size and both ranks into the keys means
-a recorded connection cannot be replayed into another group, generation or rank, and both sides' fresh nonces
-mean no two connections ever share a key, even if one side's random numbers repeated.
+real peer, until the group's timeout. Strangers cannot crowd a rank out: the hub runs every handshake in
+one thread with per-source and total caps, the newest connection pushing out the busiest source's oldest
+(`_Hub`), and a rank whose link was dropped before the hub answered connects again. Binding the lease,
+generation, size and both ranks into the keys means a recorded connection cannot be replayed into another
+group, generation or rank, and both sides' fresh nonces mean no two connections ever share a key, even if one
+side's random numbers repeated.
 
 Frames: `len (u32) | AES-256-GCM(key of the direction, nonce = 0^4 | counter (u64), plaintext, aad = len)`.
 Each direction has its own key and its own counter from 0, one per frame, never reset or reused within a

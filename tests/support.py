@@ -368,14 +368,17 @@ def registered_host(factory: DaemonFactory, address: str, public: Path, host_id:
     return handle
 
 
-class SourceRelay:
-    """A TCP forwarder to `upstream` whose connections there come from another loopback address (`source`,
-    e.g. 127.0.0.2): a client through it is, to the server, a peer on another address."""
+class TcpRelay:
+    """A TCP forwarder on loopback to `upstream`, each connection relayed both ways (`_relay`). With `source`
+    (another loopback address, e.g. 127.0.0.2) its connections upstream come from there: a client through it
+    is, to the server, a peer on another address."""
 
-    def __init__(self, upstream: tuple[str, int], source: str) -> None:
+    def __init__(self, upstream: tuple[str, int], source: str | None = None) -> None:
         self.upstream, self.source = upstream, source
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.port = self.listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self.connections = 0
         self.socks: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -383,12 +386,17 @@ class SourceRelay:
         while True:
             try:
                 down, _ = self.listener.accept()
-                up = socket.create_connection(self.upstream, source_address=(self.source, 0))
+                up = socket.create_connection(self.upstream, source_address=(self.source, 0) if self.source else None)
             except OSError:
                 return
             self.socks += [down, up]
-            for a, b in ((down, up), (up, down)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            self.connections += 1
+            self._relay(down, up, self.connections - 1)
+
+    def _relay(self, down: socket.socket, up: socket.socket, n: int) -> None:
+        """Start copying connection n's bytes both ways (byte for byte here)."""
+        for a, b in ((down, up), (up, down)):
+            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
     @staticmethod
     def _pump(src: socket.socket, dst: socket.socket) -> None:
@@ -397,13 +405,18 @@ class SourceRelay:
                 dst.sendall(data)
         except OSError:
             pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        shut(src, dst)
 
     def close(self) -> None:
         self.listener.close()
         for s in self.socks:
             s.close()
+
+
+def shut(*socks: socket.socket) -> None:
+    """Both directions of each socket shut down (a relay passing a close on), errors ignored."""
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from gpupool.client.session import Session
 from gpupool.server import seclink
 from gpupool.server.collectives import _SignedStore, group_secret
-from support import MiB
+from support import MiB, TcpRelay, shut
 from test_collectives import collective, join_all
 
 from gpupool._proto import device_pb2
@@ -79,7 +79,7 @@ def join_others(sessions: list[Session], tokens: list[str], port: int, timeout: 
         s.sync()
 
 
-class Relay:
+class Relay(TcpRelay):
     """A man in the middle between the ranks and the hub: forwards each connection, parsing the handshake's
     fixed-size messages and then the length-prefixed frames, and lets `tamper_*` change any of them."""
 
@@ -90,31 +90,17 @@ class Relay:
         tamper_down: Tamper | None = None,
         hello: Callable[[bytes], bytes] | None = None,
     ) -> None:
-        self.upstream = upstream
         self.tamper_up, self.tamper_down, self.hello = tamper_up, tamper_down, hello
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.connections = 0
-        self.socks: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                down, _ = self.listener.accept()
-            except OSError:
-                return
-            up = socket.create_connection(self.upstream)
-            self.socks += [down, up]
-            n = self.connections
-            self.connections += 1
-            first_up = [(seclink.HELLO_BYTES, self.hello), (seclink.CONFIRM_BYTES, None)]
-            first_down = [(seclink.HUB_HELLO_BYTES, None)]
-            threading.Thread(target=self._pump, args=(down, up, n, first_up, self.tamper_up), daemon=True).start()
-            threading.Thread(target=self._pump, args=(up, down, n, first_down, self.tamper_down), daemon=True).start()
+    def _relay(self, down: socket.socket, up: socket.socket, n: int) -> None:
+        first_up = [(seclink.HELLO_BYTES, self.hello), (seclink.CONFIRM_BYTES, None)]
+        first_down = [(seclink.HUB_HELLO_BYTES, None)]
+        threading.Thread(target=self._frames, args=(down, up, n, first_up, self.tamper_up), daemon=True).start()
+        threading.Thread(target=self._frames, args=(up, down, n, first_down, self.tamper_down), daemon=True).start()
 
     @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, n: int, first: list[Any], tamper: Tamper | None) -> None:
+    def _frames(src: socket.socket, dst: socket.socket, n: int, first: list[Any], tamper: Tamper | None) -> None:
         try:
             for size, change in first:
                 data = _read(src, size)
@@ -127,16 +113,7 @@ class Relay:
                 frame += 1
         except OSError:
             pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.listener.close()
-        for s in self.socks:
-            s.close()
+        shut(src, dst)
 
 
 def _read(sock: socket.socket, n: int) -> bytes:
