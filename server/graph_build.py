@@ -23,7 +23,7 @@ import torch
 
 from gpupool import wire
 from gpupool._proto import device_pb2, tensor_pb2
-from gpupool.errors import GpupoolError, InvalidArgument
+from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
 
 from . import checks, cost, fallbacks, guards
 from .sessions import WorkerSession
@@ -202,16 +202,23 @@ def build(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Graph:
     reshaped: set[int] = set()  # external slots a mutable op that may change metas reads
     external_storages = {t.untyped_storage()._cdata for t in meta_slots[fixed - len(externals) : fixed]}
     grows_externals = False
-    live = peak = grown = 0
+    live = peak = grown = total_work = 0
 
     for i, op_msg in enumerate(msg.ops):
         where = f"graph op {i} ({op_msg.name})"
         try:
-            call, meta_out, reads = _prebuild(host, s, op_msg, meta_slots, dev)
+            call, meta_out, reads, work = _prebuild(host, s, op_msg, meta_slots, dev)
         except GpupoolError as exc:
             raise type(exc)(f"{where}: {exc.message}") from None
         except (RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
             raise InvalidArgument(f"{where}: {str(exc).splitlines()[0][:300]}") from None
+        total_work += work
+        if total_work > s.max_op_flops:
+            raise ResourceExhausted(
+                f"{where}: the graph's ops would do about {total_work:.3g} multiply-adds and element visits in "
+                f"one run, more than the {s.max_op_flops:.3g} one command may take on this device (a run is not "
+                "pre-empted between its ops): capture a smaller step, or run it eagerly"
+            )
         for slot in reads:
             last_use[slot] = i
         op = host.ops.resolve(op_msg.name)
@@ -342,9 +349,9 @@ def _storages(meta_slots: list[Any], reads: list[int]) -> list[torch.UntypedStor
 
 def _prebuild(
     host: Host, s: WorkerSession, msg: device_pb2.Op, meta_slots: list[Any], dev: torch.device
-) -> tuple[Call, list[Any], list[int]]:
+) -> tuple[Call, list[Any], list[int], int]:
     """Resolve and check one op of a graph, run it on meta tensors; returns the prebuilt call, the meta outputs
-    (one per output slot) and the slots it reads."""
+    (one per output slot), the slots it reads and the work it does (multiply-adds, or elements it visits)."""
     op = host.ops.resolve(msg.name)  # the allowlist: PermissionDenied / InvalidArgument
     if op._schema.name in NOT_IN_GRAPHS:
         raise InvalidArgument("this op changes storages; it cannot be part of a graph")
@@ -384,6 +391,7 @@ def _prebuild(
     guards.check_inputs(margs, mkwargs, s.quota)
     guards.check_counts(op, [], margs, mkwargs)
     cost.check(op, margs, mkwargs, s.max_op_flops)  # shapes decide the work: meta tensors tell it as well
+    work = max(cost.estimate(op, margs, mkwargs), _elements([*margs, *mkwargs.values()]))
     value_guard = op._schema.name in guards.VALUE_GUARDS
     if not value_guard:
         guards.validate(op, margs, mkwargs)
@@ -452,7 +460,18 @@ def _prebuild(
         torch.Tag.nondeterministic_seeded in op.tags,
         replacement is not None,
     )
-    return call, values[: len(outs)], reads
+    return call, values[: len(outs)], reads, work + _elements(values)
+
+
+def _elements(values: list[Any]) -> int:
+    """Elements of the tensors among `values` (and in their lists): what an op linear in its data visits."""
+    n = 0
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            n += v.numel()
+        elif isinstance(v, list | tuple):
+            n += _elements(list(v))
+    return n
 
 
 def flat(out: Any) -> list[Any]:

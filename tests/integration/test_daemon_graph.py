@@ -217,3 +217,30 @@ def test_a_traced_graph_keeps_the_embedding_index_guard(daemon: Any, session: Se
     lines = text.splitlines()
     traced = [line for line in lines if line.startswith("gpupool_graph_events_total{") and 'event="traced"' in line]
     assert any('tenant="bad"' in line and line.endswith(" 1.0") for line in traced), traced
+
+
+def test_a_graph_whose_run_would_hold_the_device_too_long_is_refused(daemon_factory: Any) -> None:
+    """Round 17: each op of a graph was checked against --max-op-flops, the graph as a whole not. A run is one
+    command, never pre-empted between its ops: 300 matmuls of 512 x 512, each far under the default bound,
+    held the device's thread for their sum (10 s on this box, another tenant's download waiting all of it;
+    100,000 ops near the bound would hold it for days). A graph's ops together now get the bound of one command
+    (multiply-adds, or the elements an op linear in its data visits); a graph under it defines and runs."""
+    d = daemon_factory(max_op_flops=10**9, fake_gpu_memory=128 * MiB)
+    x = torch.full((512, 512), 1e-3)
+
+    def chain(n: int, graph_id: int) -> Any:
+        body = [op("aten::mm.default", slot(i + 1), slot(1), out=i + 2) for i in range(n)]  # 1.3e8 each
+        meta = [wire.meta_to_proto(x)]
+        return device_pb2.DefineGraph(graph_id=graph_id, inputs=1, input_meta=meta, ops=body, outputs=[n + 1])
+
+    with Session.attach(d.address, d.token(quota_bytes=64 * MiB)) as s:
+        s.define_graph(chain(300, 1))
+        with pytest.raises(errors.ResourceExhausted, match=r"graph op 7 .*the graph's ops would do about 1\.0\d*e\+09"):
+            s.sync()
+        s.define_graph(chain(5, 2))  # 6.7e8
+        y = s.new_handle()
+        s.run_graph(2, [Handle(s.upload(x))], [y])
+        want = x
+        for _ in range(5):
+            want = want @ x
+        assert torch.allclose(s.download(y), want)
