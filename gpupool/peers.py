@@ -2,7 +2,9 @@
 authentications, the collective hub's handshakes).
 
 An IPv4 address counts as itself (also when it arrives IPv4-mapped on a dual-stack socket); an IPv6 address
-counts by its /64, the smallest block a host is usually given (one host could otherwise take 2^64 addresses)."""
+counts by its /64 by default, the smallest block a host is usually given (one host could otherwise take 2^64
+addresses); by itself where the peers to keep apart are hosts of one subnet (the collective hub, on the daemons'
+private network)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ import ipaddress
 from urllib.parse import unquote
 
 
-def source_key(address: str) -> str:
-    """The counting unit of an IP address ("10.1.2.3", "::ffff:10.1.2.3", "2001:db8::1%eth0"); anything
-    that is not an IP address counts as itself."""
+def source_key(address: str, v6_prefix: int = 64) -> str:
+    """The counting unit of an IP address ("10.1.2.3", "::ffff:10.1.2.3", "2001:db8::1%eth0"): IPv6 by its
+    first `v6_prefix` bits (128: each address alone); anything that is not an IP address counts as itself."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
@@ -20,7 +22,7 @@ def source_key(address: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+        return str(ipaddress.IPv6Network((ip, v6_prefix), strict=False))
     return str(ip)
 
 

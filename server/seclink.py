@@ -84,7 +84,7 @@ CONFIRM_BYTES = MAC_BYTES
 MAX_FRAME = 1 << 20  # plaintext bytes of one frame (a multiple of every element size; several in flight pipeline)
 MAX_FRAMES = 1 << 48  # per direction of a connection: far below 2^64 counter values
 MAX_PENDING = 32  # handshakes in progress at the hub at once; a newcomer past it pushes out the busiest source's oldest
-MAX_PENDING_PER_SOURCE = 8  # ... from one source address (an IPv6 /64); a newcomer past it pushes out its own oldest
+MAX_PENDING_PER_SOURCE = 8  # ... from one source address; a newcomer past it pushes out its own oldest
 HELLO_SECONDS = 2.0  # a connection's hello is due this soon (a rank sends it as soon as it connects)
 HANDSHAKE_SECONDS = 10.0  # at most, per connection: an outsider that sent a hello and no proof is dropped after this
 RETRY_SECONDS = 0.1  # a rank whose link the hub dropped before its hello connects again after this
@@ -272,7 +272,9 @@ class _Hub:
     the connection, the proof within HANDSHAKE_SECONDS; at most MAX_PENDING_PER_SOURCE handshakes per source
     address and MAX_PENDING in all are in progress. A connection past either cap drops the oldest handshake of
     its own source, or when the hub is full, of the source holding the most (so strangers on other addresses
-    push out each other's connections, not a rank's: a rank's connector retries a link the hub dropped)."""
+    push out each other's connections, not a rank's: a rank's connector retries a link the hub dropped). A rank
+    pushed out in the one round trip between the hub's hello and its proof cannot know it: the join fails (the
+    hub's timeout), and that rank's first collective with it, each with a clear error."""
 
     def __init__(self, secret: bytes, lease_id: str, generation: bytes, size: int, deadline: float) -> None:
         self.secret, self.lease_id, self.generation, self.size = secret, lease_id, generation, size
@@ -310,7 +312,7 @@ class _Hub:
                 log.warning("collective hub: accept failed: %s", _why(exc))
                 time.sleep(0.05)  # not a busy loop on a listener that stays readable
                 return
-            source = source_key(addr[0])
+            source = source_key(addr[0], v6_prefix=128)  # ranks on hosts of one IPv6 subnet stay apart
             mine = [h for h in self.pending if h.source == source]
             if len(mine) >= MAX_PENDING_PER_SOURCE:
                 self._drop(sel, mine[0], "pushed out by a newer connection from its address")

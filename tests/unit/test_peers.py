@@ -12,6 +12,8 @@ def test_source_key_groups_ipv6_by_64_and_unmaps_ipv4() -> None:
     assert source_key("2001:db8:1:2::1") != source_key("2001:db8:1:3::1")
     assert source_key("fe80::1%eth0") == "fe80::/64"
     assert source_key("not-an-address") == "not-an-address"
+    assert source_key("2001:db8:1:2::1", v6_prefix=128) == "2001:db8:1:2::1/128"
+    assert source_key("::ffff:10.1.2.3", v6_prefix=128) == "10.1.2.3"
 
 
 def test_grpc_source_reads_the_peer_strings_grpc_gives() -> None:
