@@ -1,16 +1,15 @@
 """`cuda` -> `gpupool`: device strings, objects and integer ids, `.cuda()`, `.to()`, `device=`, `is_cuda`.
 
-The mapping wraps the torch functions that can take a device, found in torch itself at install time, so no
-hand-written list can miss a factory: every builtin of torch's Python namespaces (`torch`, `torch.Tensor`,
+The mapping wraps the torch functions that can take a device, found in torch itself at install time (so a factory
+a new torch adds is wrapped with no change here): every builtin of torch's Python namespaces (`torch`, `torch.Tensor`,
 `torch.fft`, `torch.nested`, `torch.sparse`, `torch._C._nn`, ...) that an aten schema with a `device` argument
 names (`torch._C._jit_get_all_schemas()`: `zeros`, `randn`, `*_like`, `new_*`, `tensor`, `fft_fftfreq`, ...) or
 whose docstring signature has one (the Python-only bindings: `asarray`, `new_tensor`, ...). Their `device=`
 is rewritten before torch parses it; `Tensor.to`, `Tensor.cuda`, `torch._C._nn._parse_to` (what `Module.to`
 parses) and `Tensor.is_cuda` have their own wrappers. Every other torch call (a module's forward, an
 optimizer's `_foreach_` ops, autograd) runs untouched at torch's own speed: round 17 replaced a
-TorchFunctionMode that saw every call (BENCHMARKS.md, "Round 17, cuda17"). Everything else passes through
-untouched. `cuda` without an index is `gpupool` without one, which the shim reads as the current device
-(`torch.cuda.set_device`).
+TorchFunctionMode that saw every call (BENCHMARKS.md, "Round 17, cuda17"). `cuda` without an index is
+`gpupool` without one, which the shim reads as the current device (`torch.cuda.set_device`).
 
 CUDA numbers are the lease's: `cuda:i` is lease device i. Under torchrun a rank sees its own lease device
 LOCAL_RANK as `gpupool:0` (client/torch/api.py), so there `cuda:i` is `gpupool:(i - LOCAL_RANK) mod n`:
