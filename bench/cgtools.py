@@ -38,9 +38,12 @@ def instrumented() -> Iterator[None]:
         control("--instr=off")
 
 
-def add_against_flags(parser: Any, what: str) -> None:
-    """--against DIR (`what`: what that checkout runs), --against-python and --measure cpu|instr: the A/B flags of
-    the in-process replays (eager_replay, front_replay, kernel_compare)."""
+def add_against_flags(parser: Any, what: str, measure: bool = True) -> None:
+    """--against DIR (`what`: what that checkout runs), --against-python and (with `measure`) --measure cpu|instr: the
+    A/B flags of the in-process replays (eager_replay, front_replay, kernel_compare) and cuda_mode_overhead."""
     parser.add_argument("--against", metavar="DIR", help=what)
     parser.add_argument("--against-python", default=sys.executable, help="the python that imports DIR's gpupool")
-    parser.add_argument("--measure", choices=("cpu", "instr"), default="cpu", help="thread CPU time or instructions")
+    if measure:
+        parser.add_argument(
+            "--measure", choices=("cpu", "instr"), default="cpu", help="thread CPU time or instructions"
+        )

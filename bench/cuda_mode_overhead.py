@@ -1,7 +1,7 @@
 """What `--cuda` costs: per torch call (the default), and per training step against a daemon (`--training`).
 
-Per call: the same calls with and without the TorchFunctionMode, alternating rounds in one process, medians (no
-daemon: the mode runs on the client before any op leaves).
+Per call: the same calls with and without the mapping (client/cuda/devices.py's wrappers, installed and taken out
+again), alternating rounds in one process, medians (no daemon: the mapping runs on the client before any op leaves).
 
     python bench/cuda_mode_overhead.py [--calls 20000] [--rounds 7]
 
@@ -15,10 +15,14 @@ the daemon (`gpupool serve`, one fake GPU, one torch thread) on core 1: `local` 
 `cuda` branch), `native` and `native-cuda` (the same on the C++ client, `gpupool run --native-client [--cuda]`). Rounds
 alternate the ways; ms/step is the best median block, "paired" the median over rounds of each run over the local runs
 around it (launch_bound.py's). `--callgrind` counts instructions instead (the figure of record): each way's worker
-under callgrind, instrumentation on around 2 blocks of --steps steps after 4 warm-up steps, instructions a step.
+under callgrind, instrumentation on around 2 blocks of --steps steps after 4 warm-up steps, instructions a step;
+with `--against DIR --against-python PY` each way runs in that checkout too (its own bench script and gpupool, the
+same daemon), side by side with this tree's.
 
     nice -n 10 python bench/cuda_mode_overhead.py --training --rounds 3
     python bench/cuda_mode_overhead.py --training --callgrind --steps 10
+    python bench/cuda_mode_overhead.py --training --callgrind --steps 10 --against /work/wt/base \
+        --against-python /work/wt/base/.venv/bin/python
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def per_call(fn: Callable[[], object], calls: int) -> float:
 
 
 def per_call_table(args: argparse.Namespace) -> None:
-    from gpupool.client.cuda.devices import CudaToGpupool
+    from gpupool.client.cuda import devices
 
     torch.set_num_threads(1)
     x, y = torch.ones(4), torch.ones(4)
@@ -60,14 +64,16 @@ def per_call_table(args: argparse.Namespace) -> None:
         "x.is_cuda": lambda: x.is_cuda,
         "Linear(4, 4)(x)": lambda: lin(x),
     }
-    mode = CudaToGpupool()
     print(f"{'call':32} {'plain µs':>9} {'--cuda µs':>9} {'added µs':>9} {'ratio':>6}")
     for name, fn in cases.items():
         plain, mapped = [], []
         for _ in range(args.rounds):
             plain.append(per_call(fn, args.calls))
-            with mode:
+            devices.install()
+            try:
                 mapped.append(per_call(fn, args.calls))
+            finally:
+                devices.uninstall()
         p, m = statistics.median(plain), statistics.median(mapped)
         print(f"{name:32} {p:9.2f} {m:9.2f} {m - p:9.2f} {m / p:6.2f}")
 
@@ -137,8 +143,13 @@ def train_worker(args: argparse.Namespace) -> dict[str, Any]:
             "device": str(loss.device)}  # fmt: skip
 
 
-def _run_way(way: str, args: argparse.Namespace, remote: dict[str, Any], out_file: Path | None) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", "--way", way, "--steps", str(args.steps), "--blocks",
+def _run_way(
+    way: str, args: argparse.Namespace, remote: dict[str, Any], out_file: Path | None, other: bool = False
+) -> dict[str, Any]:
+    """One way's worker: this tree's, or (`other`) the --against checkout's bench script under its own python."""
+    python, script = (args.against_python, str(Path(args.against) / "bench" / Path(__file__).name)) if other else (
+        sys.executable, __file__)  # fmt: skip
+    cmd = [python, script, "--worker", "--way", way, "--steps", str(args.steps), "--blocks",
            str(args.blocks), "--warmup", str(args.warmup)]  # fmt: skip
     if way != "local":
         cmd += ["--address", remote["address"], "--token", remote["token"]]
@@ -153,7 +164,7 @@ def _run_way(way: str, args: argparse.Namespace, remote: dict[str, Any], out_fil
         cmd = [*cgtools.valgrind(out_file), *cmd, "--callgrind"]
     else:
         cmd = ["taskset", "-c", str(args.client_core), *cmd]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=Path(script).parent)
     if done.returncode != 0:
         raise RuntimeError(f"{way} failed:\n{done.stderr[-3000:]}")
     result = dict(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -172,9 +183,17 @@ def training_table(args: argparse.Namespace) -> None:
     load0 = os.getloadavg()[0]
     with bench_daemons(args.daemon_core) as daemons, tempfile.TemporaryDirectory() as tmp:
         if args.callgrind:
+            if args.against:
+                print(f"{'way':12} {'this tree':>13} {'--against':>13} {'ratio':>6}  (instructions a step)")
             for way in ways:
                 r = _run_way(way, args, daemons.remote(), Path(tmp) / f"{way}.cg")
-                print(f"{way:12} {r['instr_per_step'] / 1e3:12,.1f}k instructions a step  ({r['device']})")
+                if not args.against:
+                    print(f"{way:12} {r['instr_per_step'] / 1e3:12,.1f}k instructions a step  ({r['device']})")
+                    continue
+                o = _run_way(way, args, daemons.remote(), Path(tmp) / f"{way}.other.cg", other=True)
+                mine, theirs = r["instr_per_step"], o["instr_per_step"]
+                print(f"{way:12} {mine / 1e3:12,.1f}k {theirs / 1e3:12,.1f}k {mine / theirs:6.3f}  ({r['device']})")
+            print(f"load average (1 min): {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
             return
         results: dict[str, list[dict[str, Any]]] = {w: [] for w in ways}
         order: list[tuple[str, dict[str, Any]]] = []
@@ -208,6 +227,10 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=5, help="--training: timed blocks (the median counts)")
     parser.add_argument("--warmup", type=int, default=6, help="--training: untimed steps first")
     parser.add_argument("--daemon-core", type=int, default=1)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import cgtools
+
+    cgtools.add_against_flags(parser, "--training --callgrind: another checkout, each way run there too", measure=False)
     parser.add_argument("--client-core", type=int, default=0)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--way", default="local", help=argparse.SUPPRESS)
@@ -217,6 +240,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(train_worker(args)))
     elif args.training:
+        if args.against and not args.callgrind:
+            parser.error("--against needs --callgrind (instructions are the figure of record)")
         training_table(args)
     else:
         per_call_table(args)

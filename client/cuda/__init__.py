@@ -9,7 +9,8 @@ When set, `enable()`:
 - registers the `gpupool` device (as `import gpupool.torch` does: the Python shim, or the C++ client under
   `gpupool run --native-client --cuda`, gpupool.client.native),
 - maps `cuda`, `cuda:N`, integer device ids, `.cuda()`, `.to(...)`, factory `device=` arguments and
-  `tensor.is_cuda` onto `gpupool:N` (devices.py: one global TorchFunctionMode),
+  `tensor.is_cuda` onto `gpupool:N` (devices.py: wrappers of the torch functions that take a device, found in
+  torch's own schemas and docstrings; every other call runs at torch's speed),
 - answers `torch.cuda.*` from the lease (facade.py),
 - maps `torch.load(map_location=...)`, autocast/GradScaler, and refuses what cannot work on a pooled
   GPU with one message naming the call (patches.py),

@@ -1,32 +1,40 @@
 """`cuda` -> `gpupool`: device strings, objects and integer ids, `.cuda()`, `.to()`, `device=`, `is_cuda`.
 
-One TorchFunctionMode, entered once and never left, sees every call of torch's Python API (factories,
-Tensor methods, property reads) before it runs, so no list of patched functions can miss a factory. It
-rewrites only CUDA device arguments; everything else passes through untouched. `cuda` without an index is
+The mapping wraps the torch functions that can take a device, found in torch itself at install time (so a factory
+a new torch adds is wrapped with no change here): every builtin of torch's Python namespaces (`torch`, `torch.Tensor`,
+`torch.fft`, `torch.nested`, `torch.sparse`, `torch._C._nn`, ...) that an aten schema with a `device` argument
+names (`torch._C._jit_get_all_schemas()`: `zeros`, `randn`, `*_like`, `new_*`, `tensor`, `fft_fftfreq`, ...) or
+whose docstring signature has one (the Python-only bindings: `asarray`, `new_tensor`, ...). Their `device=`
+is rewritten before torch parses it; `Tensor.to`, `Tensor.cuda`, `torch._C._nn._parse_to` (what `Module.to`
+parses) and `Tensor.is_cuda` have their own wrappers. Every other torch call (a module's forward, an
+optimizer's `_foreach_` ops, autograd) runs untouched at torch's own speed: round 17 replaced a
+TorchFunctionMode that saw every call (BENCHMARKS.md, "Round 17, cuda17"). `cuda` without an index is
 `gpupool` without one, which the shim reads as the current device (`torch.cuda.set_device`).
 
 CUDA numbers are the lease's: `cuda:i` is lease device i. Under torchrun a rank sees its own lease device
 LOCAL_RANK as `gpupool:0` (client/torch/api.py), so there `cuda:i` is `gpupool:(i - LOCAL_RANK) mod n`:
 `cuda:LOCAL_RANK`, `model.to(local_rank)` and `torch.cuda.set_device(local_rank)` land on the rank's own device.
 
-torch keeps TorchFunctionModes per thread, so threads started after `install()` enter the mode too, and every backward
-runs with it (`_backward_in_mode`); threads that were running before do not. Limits (docs/cuda.md):
-`torch.device("cuda")` objects stay CUDA-typed (the mapping happens where they are used), and a tensor's `.device`
-says `gpupool:N`.
+The wrappers replace module and class attributes, so every thread and every backward sees them; code that took
+a reference to a torch function before `install()` (during `import torch`) keeps torch's own. Limits
+(docs/cuda.md): `torch.device("cuda")` objects stay CUDA-typed (the mapping happens where they are used), and a
+tensor's `.device` says `gpupool:N`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import threading
-from collections.abc import Callable
+import re
+import types
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 GPUPOOL = "gpupool"
-_MODE: list[TorchFunctionMode] = []
+_PATCHED: list[tuple[Any, str, Any]] = []  # (owner, name, what owner.__dict__ held: _MISSING if nothing)
+_MISSING = object()
 _SHIFT: list[tuple[int, int]] = []  # (LOCAL_RANK shift, leased devices), read once
 
 
@@ -93,132 +101,149 @@ def _location_str(value: Any) -> Any:
     return str(mapped) if isinstance(mapped, torch.device) else mapped
 
 
-def _to(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    # Tensor.to(device=None, dtype=None, ...), Tensor.to(dtype), Tensor.to(other): only a device moves.
-    if len(args) > 1 and (isinstance(args[1], str | int | torch.device)) and not isinstance(args[1], bool):
-        args = (args[0], to_gpupool(args[1]), *args[2:])
-    if "device" in kwargs:
-        kwargs["device"] = to_gpupool(kwargs["device"])
-    return func(*args, **kwargs)
+def _is_mapped(device: Any) -> bool:
+    """A device argument the mapping rewrites: a CUDA device or an integer id."""
+    if isinstance(device, int):
+        return device is not True and device is not False
+    return is_cuda_device(device)
 
 
-def _cuda(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    # Tensor.cuda(device=None, non_blocking=False, memory_format=torch.preserve_format)
-    self, rest = args[0], list(args[1:])
-    device = kwargs.pop("device", rest.pop(0) if rest else None)
-    non_blocking = kwargs.pop("non_blocking", rest.pop(0) if rest else False)
-    target = torch.device(GPUPOOL) if device is None else to_gpupool(device)
-    return self.to(target, non_blocking=non_blocking, **kwargs)
+def _mapping_device_kwarg(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`func` with a CUDA (or integer) `device=` keyword rewritten to gpupool (torch's factories take it by keyword)."""
+
+    def mapped(*args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            device = kwargs.get("device")
+            if device is not None and _is_mapped(device):
+                kwargs["device"] = to_gpupool(device)
+        return func(*args, **kwargs)
+
+    return _named_after(mapped, func)
 
 
-def _parse_to(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    # Module.to(device) parses its arguments here first: an integer id would become the accelerator's (gpupool:N)
+def _named_after(wrapper: Callable[..., Any], func: Any) -> Callable[..., Any]:
+    """`wrapper` with `func`'s name and docstring, and `func` as `_gpupool_cuda`. No `__wrapped__`: TorchScript
+    would unwrap it to the builtin, which `dir(torch)` no longer shows, where the wrapper is its builtin op."""
+    functools.update_wrapper(wrapper, func, updated=())
+    del wrapper.__wrapped__  # type: ignore[attr-defined]
+    wrapper._gpupool_cuda = func  # type: ignore[attr-defined]
+    return wrapper
+
+
+_TENSOR_TO = torch.Tensor.to
+_TENSOR_IS_CUDA = vars(torch._C.TensorBase)["is_cuda"]  # the property's descriptor
+_PARSE_TO = torch._C._nn._parse_to
+
+
+def _device_first(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    # A device given first (`.to("cuda")`, `.to(0)`, `Module.to(local_rank)`) or by keyword; a dtype or a tensor
+    # given first stays as it is.
     if args and isinstance(args[0], str | int | torch.device) and not isinstance(args[0], bool):
         args = (to_gpupool(args[0]), *args[1:])
     if "device" in kwargs:
         kwargs["device"] = to_gpupool(kwargs["device"])
-    return func(*args, **kwargs)
+    return args
 
 
-def _is_cuda(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return args[0].device.type == GPUPOOL or func(*args, **kwargs)
+def tensor_to(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """Tensor.to(device=None, dtype=None, ...), Tensor.to(dtype), Tensor.to(other): only a device moves."""
+    return _TENSOR_TO(self, *_device_first(args, kwargs), **kwargs)
 
 
-def _special(func: Any) -> Callable[..., Any] | None:
-    if func is torch.Tensor.to:
-        return _to
-    if func is torch.Tensor.cuda:
-        return _cuda
-    if func is torch._C._nn._parse_to:
-        return _parse_to
-    owner = getattr(func, "__self__", None)  # a property read: `is_cuda.__get__`
-    if getattr(func, "__name__", "") == "__get__" and getattr(owner, "__name__", "") == "is_cuda":
-        return _is_cuda
-    return None
+def tensor_cuda(self: torch.Tensor, device: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+    """Tensor.cuda(device=None, non_blocking=False, memory_format=torch.preserve_format)."""
+    target = torch.device(GPUPOOL) if device is None else to_gpupool(device)
+    return _TENSOR_TO(self, target, non_blocking=non_blocking, **kwargs)
 
 
-class CudaToGpupool(TorchFunctionMode):
-    """Rewrites CUDA device arguments of every torch call to the leased gpupool devices."""
+def parse_to(*args: Any, **kwargs: Any) -> Any:
+    """torch._C._nn._parse_to, which Module.to(...) calls first: an integer id would become the accelerator's."""
+    return _PARSE_TO(*_device_first(args, kwargs), **kwargs)
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._handlers: dict[Any, Callable[..., Any] | None] = {}
 
-    def __torch_function__(
-        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
-    ) -> Any:
-        try:
-            handler = self._handlers[func]
-        except (KeyError, TypeError):
-            handler = _special(func)
-            try:
-                self._handlers[func] = handler
-            except TypeError:  # unhashable callables are looked at every time
-                pass
-        if handler is not None:
-            return handler(func, args, dict(kwargs) if kwargs else {})
-        if not kwargs:
-            return func(*args)
-        device = kwargs.get("device")
-        if device is not None and (is_cuda_device(device) or (isinstance(device, int) and device is not False)):
-            kwargs = {**kwargs, "device": to_gpupool(device)}
-        return func(*args, **kwargs)
+def _is_cuda(self: torch.Tensor) -> bool:
+    return self.device.type == GPUPOOL or bool(_TENSOR_IS_CUDA.__get__(self))
+
+
+# Where torch's device-taking builtins live, as Python sees them (a builtin reachable under two names, such as
+# torch.fft.fftfreq and torch._C._fft.fft_fftfreq, is wrapped under both).
+_NAMESPACES = ("torch", "torch.Tensor", "torch._C._nn", "torch.fft", "torch._C._fft", "torch.linalg",
+               "torch._C._linalg", "torch.special", "torch._C._special", "torch.nested", "torch._C._nested",
+               "torch.sparse", "torch._C._sparse")  # fmt: skip
+_OWN = {"to", "cuda", "_parse_to"}  # their own wrappers above
+_UNDOCUMENTED = {"nested_tensor"}  # torch._C._nested.nested_tensor(list, *, dtype, device, ...): no schema nor doc
+_SIGNATURE_DEVICE = re.compile(r"\bdevice\b")
+
+
+def _namespace(dotted: str) -> Any:
+    obj: Any = torch
+    for part in dotted.split(".")[1:]:
+        obj = getattr(obj, part)
+    return obj
+
+
+def device_functions() -> Iterator[tuple[Any, str, Callable[..., Any]]]:
+    """(owner, attribute, builtin) for every torch builtin that can take a `device` argument."""
+    schema_names = {
+        schema.name.partition("::")[2]
+        for schema in torch._C._jit_get_all_schemas()
+        if any(arg.name == "device" for arg in schema.arguments)
+    }
+    for dotted in _NAMESPACES:
+        owner = _namespace(dotted)
+        for name, func in list(vars(owner).items()):
+            if name in _OWN or not isinstance(func, types.BuiltinFunctionType | types.MethodDescriptorType):
+                continue
+            doc = (func.__doc__ or "").lstrip().split("\n", 1)[0]
+            if func.__name__ in schema_names or func.__name__ in _UNDOCUMENTED or _SIGNATURE_DEVICE.search(doc):
+                yield owner, name, func
+        if owner is torch.Tensor:  # TensorBase's methods, as torch.Tensor shows them
+            for name, func in list(vars(torch._C.TensorBase).items()):
+                if name in _OWN or name in vars(owner) or not isinstance(func, types.MethodDescriptorType):
+                    continue
+                doc = (func.__doc__ or "").lstrip().split("\n", 1)[0]
+                if func.__name__ in schema_names or _SIGNATURE_DEVICE.search(doc):
+                    yield owner, name, func
+
+
+def _patch(owner: Any, name: str, new: Any) -> None:
+    old = vars(owner).get(name, _MISSING)
+    _PATCHED.append((owner, name, old))
+    setattr(owner, name, new)
+    from torch.jit import _builtins  # TorchScript knows torch's builtins by identity (its table is built at import)
+
+    op = _builtins._find_builtin(old) if old is not _MISSING else None
+    if op is not None:
+        _builtins._register_builtin(new, op)
 
 
 def install() -> None:
-    """Enter the mode for good (idempotent), in this thread and in every thread started from now on."""
-    if _MODE:
+    """Wrap torch's device-taking functions (idempotent); `uninstall()` puts torch's own back."""
+    if _PATCHED:
         return
-    mode = CudaToGpupool()
-    mode.__enter__()
-    _MODE.append(mode)
-    start = threading.Thread.start
+    from torch.utils._device import _device_constructors
 
-    def start_with_mode(thread: threading.Thread) -> None:
-        run = thread.run
-
-        def run_with_mode() -> None:
-            with _entered(mode):
-                run()
-
-        thread.run = run_with_mode  # type: ignore[method-assign]
-        start(thread)
-
-    threading.Thread.start = start_with_mode  # type: ignore[method-assign,assignment]
-    _backward_in_mode(mode)
+    _device_constructors()  # `with torch.device(...)`'s mode matches torch's own builtins: cache them unwrapped
+    wrapped: dict[int, Callable[..., Any]] = {}
+    for owner, name, func in list(device_functions()):
+        if id(func) not in wrapped:
+            wrapped[id(func)] = _mapping_device_kwarg(func)
+        _patch(owner, name, wrapped[id(func)])
+    _patch(torch.Tensor, "to", _named_after(tensor_to, _TENSOR_TO))
+    _patch(torch.Tensor, "cuda", _named_after(tensor_cuda, torch._C.TensorBase.cuda))
+    _patch(torch.Tensor, "is_cuda", property(_is_cuda, doc=_TENSOR_IS_CUDA.__doc__))
+    _patch(torch._C._nn, "_parse_to", _named_after(parse_to, _PARSE_TO))
 
 
-def _backward_in_mode(mode: TorchFunctionMode) -> None:
-    """Run the autograd engine with the mode on. torch calls a mode's `__torch_function__` with the mode off, and
-    `loss.backward()` and `torch.autograd.grad` reach the engine from inside it (`Tensor.backward` is a torch
-    function): without this, Python `autograd.Function.backward` code that makes `device="cuda"` tensors would see
-    plain torch and fail. The engine keeps the caller's thread-local state (the mode stack included) for the
-    nodes it runs, on the calling thread (the shim: client/torch/backend.py) or on its device thread (the C++
-    client)."""
-    import torch.autograd as autograd
-
-    inner = autograd._engine_run_backward
-    if getattr(inner, "_gpupool_mode", False):
-        return
-
-    def run_backward(*args: Any, **kwargs: Any) -> Any:
-        if mode in torch.overrides._get_current_function_mode_stack():
-            return inner(*args, **kwargs)
-        with _entered(mode):
-            return inner(*args, **kwargs)
-
-    run_backward._gpupool_mode = True  # type: ignore[attr-defined]
-    autograd._engine_run_backward = run_backward
+def uninstall() -> None:
+    """Put torch's own functions back (benchmarks and tests that compare both in one process)."""
+    while _PATCHED:
+        owner, name, old = _PATCHED.pop()
+        if old is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, old)
 
 
-class _entered:
-    """Enter a mode on this thread's stack for the duration (torch keeps mode stacks per thread)."""
-
-    def __init__(self, mode: TorchFunctionMode) -> None:
-        self.mode = mode
-
-    def __enter__(self) -> None:
-        self.mode.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self.mode.__exit__(*exc)
+def installed() -> bool:
+    return bool(_PATCHED)

@@ -168,6 +168,13 @@ def test_torch_cuda_facade_and_refusals_on_a_two_gpu_lease(pool: str) -> None:
     assert "(2 leased device(s))" in done.stderr
 
 
+def test_every_device_form_lands_on_the_pool_on_a_two_gpu_lease(pool: str) -> None:
+    """device_forms.py: each form (a factory's device= as string/id/torch.device, *_like, new_*, Tensor.to/.cuda in
+    each argument position, Module.to/.cuda/.to_empty, is_cuda, a thread) lands on gpupool:1 for cuda:1."""
+    done = on_pool(pool, "device_forms.py", "-n", "2")
+    assert "device forms ok 1" in done.stdout, done.stdout
+
+
 def test_without_cuda_flag_torch_is_untouched(pool: str) -> None:
     assert "untouched" in on_pool(pool, "no_cuda.py", cuda=False).stdout
     assert "untouched" in on_cpu("no_cuda.py").stdout

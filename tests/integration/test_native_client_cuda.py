@@ -143,6 +143,12 @@ def test_torch_cuda_facade_and_refusals(pool: str) -> None:
     assert ANNOUNCE in done.stderr
 
 
+def test_every_device_form_lands_on_the_pool(pool: str) -> None:
+    """device_forms.py (the Python client's test runs it on cuda:1 of two GPUs): on the C++ client's one device
+    (`native`: but torch.fft.fftfreq, which the C++ client cannot run)."""
+    assert "device forms ok 0" in on_pool(pool, "device_forms.py", "native").stdout
+
+
 def test_the_env_selects_both(pool: str) -> None:
     """$GPUPOOL_CLIENT=native and $GPUPOOL_CUDA=1 in `gpupool run`'s environment are the two flags."""
     cmd = [sys.executable, "-m", "gpupool.cli", "run", "-p", "0.5", "--", sys.executable, "mnist_style.py"]

@@ -4,8 +4,11 @@ entry point does nothing unless $GPUPOOL_CUDA asks for it (a process-wide switch
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,9 +97,8 @@ def test_a_torchrun_rank_maps_cuda_numbers_of_the_lease_onto_its_own_device(monk
     assert devices.to_gpupool(torch.device("cuda", 0)) == torch.device(GP, 1)
     assert devices.to_gpupool("cuda") == torch.device(GP)  # the current device (set_device(local_rank) -> 0)
     assert [devices.cuda_index(i) for i in (0, 1)] == [1, 0] and devices.pool_index(5) == 5  # out of range: as is
-    parsed = devices._parse_to(torch._C._nn._parse_to, (1,), {})  # Module.to(local_rank)
-    assert parsed[0] == torch.device(GP, 0)
-    assert devices._parse_to(torch._C._nn._parse_to, (), {"device": "cuda:0"})[0] == torch.device(GP, 1)
+    assert devices.parse_to(1)[0] == torch.device(GP, 0)  # Module.to(local_rank)
+    assert devices.parse_to(device="cuda:0")[0] == torch.device(GP, 1)
     assert [nccl._ddp_index(d) for d in (1, torch.device("cuda", 1), "cuda:0", None)] == [0, 0, 1, None]
     monkeypatch.setattr(devices, "_SHIFT", [(0, 2)])  # one process holding the whole lease: numbers as they are
     assert devices.to_gpupool(1) == torch.device(GP, 1) and devices.cuda_index(1) == 1
@@ -140,3 +142,107 @@ def test_under_cuda_gloo_still_works_and_mixed_nccl_strings_are_refused() -> Non
     done = subprocess.run([sys.executable, "-c", DIST_CHILD], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok [1.0, 1.0, 1.0]"
+
+
+# ---- the wrappers (devices.install): in this process, taken out again after each test ----
+
+
+@pytest.fixture
+def mapped(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(devices, "_SHIFT", [(0, 2)])  # a 2-device lease, no torchrun
+    devices.install()
+    try:
+        yield
+    finally:
+        devices.uninstall()
+
+
+def declared_device_functions(stub: str, section: str | None = None) -> set[str]:
+    """Names of the functions that torch's own type stubs (torch/_C/*.pyi) declare with a `device` parameter."""
+    path = Path(torch.__file__).parent / "_C" / stub
+    if not path.exists():
+        pytest.skip(f"torch ships no {stub}")
+    text, indent = path.read_text(), ""
+    if section is not None:  # the class's methods: indented, up to the next top-level line
+        text, indent = text[text.index(f"class {section}(") :], "    "
+        text = text[: re.search(r"\n(?=[^\s#])", text).start()]  # type: ignore[union-attr]
+    defs = re.finditer(rf"^{indent}def (\w+)\((.*?)\)\s*->", text, re.S | re.M)
+    return {m[1] for m in defs if re.search(r"\bdevice\b", m[2])}
+
+
+def test_every_builtin_torch_declares_with_a_device_is_wrapped(mapped: None) -> None:
+    """The wrappers are found in torch's schemas and docstrings at install time; torch's stubs are a third, independent
+    list (tests only): a factory torch adds, or one found by a source that breaks, fails here."""
+    factories = declared_device_functions("_VariableFunctions.pyi")
+    # not torch functions (constructors; the subclass authors' _make_wrapper_subclass): no mapping ever saw them
+    methods = declared_device_functions("__init__.pyi", "TensorBase") - {"__init__", "__new__", "new",
+                                                                          "_make_wrapper_subclass"}  # fmt: skip
+    assert {"zeros", "randn", "tensor", "asarray", "zeros_like"} <= factories
+    assert {"new_zeros", "new_tensor", "to", "cuda"} <= methods
+    missed = [f"torch.{n}" for n in sorted(factories) if not hasattr(getattr(torch, n), "_gpupool_cuda")]
+    missed += [f"Tensor.{n}" for n in sorted(methods) if not hasattr(getattr(torch.Tensor, n), "_gpupool_cuda")]
+    missed += [f"{ns}.fftfreq" for ns in ("torch.fft",) if not hasattr(torch.fft.fftfreq, "_gpupool_cuda")]
+    assert not missed, missed
+    assert hasattr(torch._C._nn._parse_to, "_gpupool_cuda") and isinstance(vars(torch.Tensor)["is_cuda"], property)
+    assert not hasattr(torch.add, "_gpupool_cuda") and not hasattr(torch.Tensor.add, "_gpupool_cuda")  # no device
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "want"),
+    [
+        ({"device": "cuda:1"}, {"device": torch.device(GP, 1)}),
+        ({"device": torch.device("cuda")}, {"device": torch.device(GP)}),
+        ({"device": 1, "dtype": torch.float16}, {"device": torch.device(GP, 1), "dtype": torch.float16}),
+        ({"device": "cpu"}, {"device": "cpu"}),
+        ({"device": True}, {"device": True}),
+        ({"device": None}, {"device": None}),
+        ({}, {}),
+    ],
+)
+def test_a_factory_wrapper_rewrites_the_device_keyword(mapped: None, kwargs: dict, want: dict) -> None:
+    record = devices._mapping_device_kwarg(lambda *a, **k: (a, k))
+    assert record(3, "cuda:1", **kwargs) == ((3, "cuda:1"), want)  # positional arguments are never a factory's device
+
+
+def test_to_cuda_and_parse_to_read_a_device_in_first_place_or_by_keyword(mapped: None) -> None:
+    first = devices._device_first
+    assert first(("cuda:1", torch.float16), {}) == (torch.device(GP, 1), torch.float16)
+    assert first((0,), {}) == (torch.device(GP, 0),)  # an integer id: model.to(local_rank)
+    assert first((torch.float16,), {}) == (torch.float16,) and first((True,), {}) == (True,)
+    kwargs = {"device": "cuda", "non_blocking": True}
+    assert first((), kwargs) == () and kwargs == {"device": torch.device(GP), "non_blocking": True}
+    x = torch.arange(3.0)  # CPU calls pass through the wrappers unchanged
+    assert x.to(torch.float64).dtype == torch.float64 and x.to("cpu", torch.float16).dtype == torch.float16
+    assert torch.nn.Linear(2, 2).to(torch.float64).weight.dtype == torch.float64
+    assert torch.zeros(2, device="cpu").device.type == "cpu" and not x.is_cuda
+    assert x.new_zeros(2, device="cpu").device.type == "cpu"
+
+
+def test_default_device_contexts_still_see_torchs_factories() -> None:
+    """`with torch.device(...)` / set_default_device: torch's mode matches its factories by identity, in a list it
+    caches on first use; install() fills it with torch's own builtins before it wraps them."""
+    from torch.utils._device import _device_constructors
+
+    _device_constructors.cache_clear()
+    devices.install()
+    try:
+        with torch.device("meta"):
+            assert torch.zeros(2).device.type == "meta" and torch.nn.Linear(2, 2).weight.device.type == "meta"
+    finally:
+        devices.uninstall()
+
+
+def test_torchscript_compiles_code_calling_wrapped_factories(mapped: None) -> None:
+    def f(n: int) -> torch.Tensor:
+        return torch.zeros(n) + torch.ones(n, device="cpu")
+
+    assert torch.jit.script(f)(3).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_uninstall_puts_torchs_own_functions_back() -> None:
+    zeros, to, is_cuda, parse_to = torch.zeros, torch.Tensor.to, torch.Tensor.is_cuda, torch._C._nn._parse_to
+    devices.install()
+    assert torch.zeros is not zeros and "new_zeros" in vars(torch.Tensor)
+    devices.uninstall()
+    assert torch.zeros is zeros and torch.Tensor.to is to and torch.Tensor.is_cuda is is_cuda
+    assert "new_zeros" not in vars(torch.Tensor) and torch._C._nn._parse_to is parse_to
