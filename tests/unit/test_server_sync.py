@@ -99,3 +99,37 @@ def test_sync_replies_carry_each_scalar_kind_and_errors() -> None:
     assert replies[0].sync.error.code and not replies[0].sync.values
     (clear,) = run(sync(14, base + 1))
     assert [wire.scalar_from_proto(v) for v in clear.sync.values] == [-7]
+
+
+def test_a_slice_result_keeps_its_counts_after_the_next_slice() -> None:
+    """`slices._result` hands the ledger's error and event counts to the result without copying them: the next
+    slice through the same ledger (an in-thread runner's) must not change an earlier result's counts."""
+    from gpupool.server import slices
+    from grpc import StatusCode
+
+    from gpupool._proto import device_pb2
+
+    spec = worker.WorkerSpec(
+        "s",
+        1,
+        {"index": 0, "uuid": "u", "model": "fake", "memory_bytes": 1 << 30, "fake": True},
+        1 << 30,
+        1000,
+        0,
+        0,
+        1,
+        "",
+        False,
+    )
+    state = worker._SessionState(spec)
+    bad = device_pb2.Command(op=device_pb2.Op(name="aten::no_such_op", outputs=[(1 << 32) + 3]))
+    sync = device_pb2.Command(sync=device_pb2.Sync(request_id=1))
+
+    def run(*commands: device_pb2.Command) -> slices.SliceResult:
+        frame = device_pb2.ClientFrame(commands=commands).SerializeToString()
+        return state.run(slices.SliceRequest(1 << 30, 1 << 24, 1.0, frame))
+
+    first = run(bad, sync)
+    assert first.errors == {StatusCode.INVALID_ARGUMENT: 1}
+    second = run(sync)
+    assert second.errors == {} and first.errors == {StatusCode.INVALID_ARGUMENT: 1}
