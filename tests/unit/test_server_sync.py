@@ -47,6 +47,12 @@ def test_a_held_stat_file_follows_its_process_to_the_end(sig: str) -> None:
             p.wait()
 
 
+def _session_state() -> worker._SessionState:
+    """A session's tensors and executor as its worker holds them (on a fake device), in this process."""
+    device = {"index": 0, "uuid": "u", "model": "fake", "memory_bytes": 1 << 30, "fake": True}
+    return worker._SessionState(worker.WorkerSpec("s", 1, device, 1 << 30, 1000, 0, 0, 1, "", False))
+
+
 def test_sync_replies_carry_each_scalar_kind_and_errors() -> None:
     """A Sync's answer, as a session's worker builds it (executor `_sync`, through `slices.run_commands` on a real
     session): each scalar kind keeps its type and value, a Sync without scalars still answers with a SyncReply, a
@@ -57,9 +63,7 @@ def test_sync_replies_carry_each_scalar_kind_and_errors() -> None:
     from gpupool import wire
     from gpupool._proto import device_pb2, tensor_pb2
 
-    spec = worker.WorkerSpec("s", 1, {"index": 0, "uuid": "u", "model": "fake", "memory_bytes": 1 << 30, "fake": True},
-                             1 << 30, 1000, 0, 0, 1, "", False)  # fmt: skip
-    state = worker._SessionState(spec)
+    state = _session_state()
     base = 1 << 32
     values = [torch.tensor(1.5), torch.tensor(-7), torch.tensor(True), torch.tensor(2 - 3j), torch.ones(2)]
     base += 1  # handle 0 of a session is reserved
@@ -109,19 +113,7 @@ def test_a_slice_result_keeps_its_counts_after_the_next_slice() -> None:
 
     from gpupool._proto import device_pb2
 
-    spec = worker.WorkerSpec(
-        "s",
-        1,
-        {"index": 0, "uuid": "u", "model": "fake", "memory_bytes": 1 << 30, "fake": True},
-        1 << 30,
-        1000,
-        0,
-        0,
-        1,
-        "",
-        False,
-    )
-    state = worker._SessionState(spec)
+    state = _session_state()
     bad = device_pb2.Command(op=device_pb2.Op(name="aten::no_such_op", outputs=[(1 << 32) + 3]))
     sync = device_pb2.Command(sync=device_pb2.Sync(request_id=1))
 
