@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import json
 import shutil
 import statistics
@@ -132,6 +133,9 @@ def replay(
         ex.eager_span = None  # type: ignore[assignment,method-assign]
     ex.exclusive_rng = True  # as in a session's worker process
     ex.warm_up()
+    settle_gc = getattr(importlib.import_module("gpupool.server.worker"), "settle_gc", None)
+    if settle_gc is not None:  # as a worker does after its setup (gc.freeze): else a collection every few steps
+        settle_gc()  # scans torch's ~200k objects, which no worker pays
     dev = FakeDevice(0, "bench", 1 << 34)
     replies: list[Any] = []
     res: dict[str, list[float]] = {"bare": [], "replay": []}

@@ -849,17 +849,27 @@ class CommandExecutor:
                 return frames
 
     def _sync(self, s: WorkerSession, sync: device_pb2.Sync) -> device_pb2.ServerFrame:
-        reply = device_pb2.SyncReply()
+        """The answer to a Sync: built in place (no SyncReply copied into its frame), a float scalar (what
+        `loss.item()` asks for) added without a Scalar message of its own. Every `.item()` of a training loop
+        runs this."""
+        frame = device_pb2.ServerFrame(request_id=sync.request_id)
+        reply = frame.sync
+        reply.SetInParent()  # an empty SyncReply is an answer too
         if s.error is None:
+            values = reply.values
             for h in sync.scalar_handles:
                 t = s.resolve(h)
                 if t.numel() != 1:
                     raise InvalidArgument(f"scalar handle {h:#x} has {t.numel()} elements, not 1")
-                reply.values.append(wire.scalar_to_proto(t.item()))
+                v = t.item()
+                if v.__class__ is float:
+                    values.add(f=v)
+                else:
+                    values.append(wire.scalar_to_proto(v))
         else:
             reply.error.CopyFrom(s.error.to_proto())
             s.error = None
-        return device_pb2.ServerFrame(request_id=sync.request_id, sync=reply)
+        return frame
 
 
 _FREE = WorkerSession.free

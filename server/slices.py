@@ -421,6 +421,7 @@ class SliceLedger:
             self.events[NATIVE_OPS] = self.events.get(NATIVE_OPS, 0) + native
 
     def reset(self) -> None:
+        # new dicts, never cleared: the last slice's result holds the old ones (`_result` takes them uncopied)
         self.events = {}
         self.errors = {}
         self.uploaded = self.downloaded = 0
@@ -523,19 +524,21 @@ def run_commands(
 def _result(
     session: Any, ledger: SliceLedger, executed: int, measured: Any, replies: list[Any], partial: bool = False
 ) -> SliceResult:
+    # positional (the fields in order: no keyword dict a slice); the ledger's counts are taken, not copied: its
+    # `reset` at the next slice's start makes new ones
     return SliceResult(
-        executed=executed,
-        seconds=measured[0] if measured else 0.0,
-        used=session.used,
-        ops=session.ops,
-        handles=session.handle_count(),
-        uploaded=ledger.uploaded,
-        downloaded=ledger.downloaded,
-        errors=dict(ledger.errors),
-        events=dict(ledger.events),
-        replies=replies,
-        error_pending=session.error is not None,
-        partial=partial,
+        executed,
+        measured[0] if measured else 0.0,
+        session.used,
+        session.ops,
+        session.handle_count(),
+        ledger.uploaded,
+        ledger.downloaded,
+        ledger.errors,
+        ledger.events,
+        replies,
+        session.error is not None,
+        partial,
     )
 
 
