@@ -1340,13 +1340,13 @@ void sync_record(const at::Tensor& t) {
   finish_record(at);
 }
 
-// Wire mode: Command{upload}s of a contiguous CPU tensor into wire handle `wh`: chunks of at most 4 MiB, the first
-// with the tensor's meta, the last marked (as client/session.py's `upload` writes them on the stream).
+// Wire mode: Command{upload}s of a contiguous CPU tensor of at most 32 MiB into wire handle `wh`, in the frame: chunks
+// of at most 4 MiB, the first with the tensor's meta, the last marked (as client/session.py's `upload` writes them on
+// the stream). A larger one goes through Session.upload itself (wire_big_upload).
 void emit_upload(uint64_t wh, const at::Tensor& c) {
   const size_t n = c.nbytes();
-  TORCH_CHECK(n <= kMaxUpload, "gpupool --native-client: an upload of ", n, " bytes (over 32 MiB: one frame holds it whole, "
-              "and the bulk socket is not in the native client) is not supported by the native client; upload it in "
-              "pieces, or run without --native-client (the Python client)");
+  TORCH_CHECK(n <= kMaxUpload, "gpupool native client: an upload of ", n, " bytes into the frame (wire_copy_ sends those "
+              "over 32 MiB through Session.upload)");
   const int code = g_dtype_code[static_cast<int>(c.scalar_type())];
   TORCH_CHECK(code >= 0, "gpupool native client: no wire code for ", c.scalar_type());
   Buf meta;
@@ -1410,12 +1410,78 @@ at::Tensor take_sync_frame(const at::Tensor& t, uint64_t* h) {
   return take_frame_locked();
 }
 
+// `self` (a device tensor, or a view) takes the values of wire handle `tmp` (an upload's temporary): a copy_ record
+// on the daemon, then a Free of `tmp`. The caller holds g_mu.
+void emit_copy_from(const at::Tensor& self, uint64_t tmp) {
+  const uint32_t id = internal_op("aten::copy_");
+  Buf b;
+  put<uint8_t>(b, 2);
+  put_ref(b, self, true);  // copy_ writes values only: a view goes as a view argument
+  put<uint8_t>(b, T_TENSOR);
+  put<uint64_t>(b, tmp);
+  put<uint8_t>(b, 0);
+  emit_record(id, {0}, b);
+  Buf fr, packed;
+  put_varint(packed, tmp);
+  put<uint8_t>(fr, 0x0a);
+  put_varint(fr, packed.n);
+  put_bytes(fr, packed.v.data(), packed.n);
+  static const uint8_t tag[] = {0x22};
+  emit_command(tag, 1, fr);
+}
+
+// Wire mode: an upload over 32 MiB (a frame could not hold it under gRPC's 64 MiB message limit). The frame so far goes
+// out, then client/session.py's Session.upload sends the bytes as the Python client's uploads go (the bulk side socket
+// when the session has one, else 4 MiB chunks on the stream, a frame each; the daemon's quota and bounds as for any
+// upload): into the held-back empty's handle when `self` is all of it, else into a temporary handle that a copy_
+// record then copies into `self` (a slice, a view, an earlier tensor), as for the small ones.
+void wire_big_upload(const at::Tensor& self, const at::Tensor& c) {
+  bool full = false;
+  {
+    std::lock_guard<std::mutex> send(g_send_mu);
+    uint64_t h;
+    bool whole;
+    at::Tensor frame;
+    {
+      std::lock_guard<std::mutex> lock(g_mu);
+      const uint64_t sid = handle_of(self);
+      auto p = std::find_if(g_pending.begin(), g_pending.end(), [sid](const auto& e) { return e.first == sid; });
+      whole = p != g_pending.end() && self.is_contiguous() && self.storage_offset() == 0 &&
+              self.nbytes() == self.storage().nbytes();
+      if (whole) {
+        g_pending.erase(p);
+        g_stores[sid] = Store{Geo::of(self), {}};
+        h = g_base + sid;
+      } else {
+        materialize_pending();
+        h = g_base + g_next.fetch_add(1, std::memory_order_relaxed);
+      }
+      g_stats.uploads++;
+      frame = take_frame_locked();
+    }
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("gpupool_native::upload", "")
+                         .typed<void(const at::Tensor&, int64_t, const at::Tensor&)>();
+    op.call(frame, static_cast<int64_t>(h), c);
+    if (!whole) {
+      std::lock_guard<std::mutex> lock(g_mu);
+      emit_copy_from(self, h);
+      full = g_cmds >= kFlushCommands || g_buf.size() >= kFlushBytes;
+    }
+  }
+  if (full) flush_frame();
+}
+
 at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocking) {
   const bool dst_dev = self.device().type() == kType;
   const bool src_dev = src.device().type() == kType;
   if (dst_dev && !src_dev) {
     TORCH_CHECK(src.device().is_cpu(), "gpupool native client: copy from ", src.device());
     const at::Tensor c = src.to(self.scalar_type()).expand(self.sizes()).contiguous();
+    if (c.nbytes() > kMaxUpload) {
+      wire_big_upload(self, c);
+      return self;
+    }
     bool full;
     {
       std::lock_guard<std::mutex> lock(g_mu);
@@ -1430,21 +1496,7 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
         materialize_pending();
         const uint64_t tmp = g_base + g_next.fetch_add(1, std::memory_order_relaxed);
         emit_upload(tmp, c);
-        const uint32_t id = internal_op("aten::copy_");
-        Buf b;
-        put<uint8_t>(b, 2);
-        put_ref(b, self, true);  // copy_ writes values only: a view goes as a view argument
-        put<uint8_t>(b, T_TENSOR);
-        put<uint64_t>(b, tmp);
-        put<uint8_t>(b, 0);
-        emit_record(id, {0}, b);
-        Buf fr, packed;
-        put_varint(packed, tmp);
-        put<uint8_t>(fr, 0x0a);
-        put_varint(fr, packed.n);
-        put_bytes(fr, packed.v.data(), packed.n);
-        static const uint8_t tag[] = {0x22};
-        emit_command(tag, 1, fr);
+        emit_copy_from(self, tmp);
       }
       full = g_cmds >= kFlushCommands || g_buf.size() >= kFlushBytes;
     }
@@ -1815,5 +1867,6 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("send(Tensor frame) -> ()");
   m.def("sync_scalar(Tensor frame, int handle) -> float");
   m.def("download(Tensor frame, int handle) -> Tensor");
+  m.def("upload(Tensor frame, int handle, Tensor data) -> ()");  // an upload over 32 MiB: Session.upload
   m.def("autoconnect() -> ()");  // gpupool run --native-client: attach the lease's session (backend.py)
 }
