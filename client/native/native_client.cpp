@@ -42,6 +42,12 @@
 #include <utility>
 #include <vector>
 
+namespace torch {
+// libtorch_python (torch/csrc/utils/python_arg_parser.h): the aten ops whose Python call (`torch.ops.aten.X.Y(...)`,
+// the daemon's) takes a number for a Tensor argument. Declared here: the header pulls in Python's.
+bool should_allow_numbers_as_tensors(const std::string& name);
+}  // namespace torch
+
 namespace {
 
 using c10::Device;
@@ -668,6 +674,7 @@ std::vector<std::pair<uint64_t, std::vector<uint8_t>>> g_pending;       // empty
 struct WireOp {
   bool named = false, allowed = false;
   bool reshapes = false;  // may change a written argument's geometry: its view arguments go by handle (see Handles:)
+  bool numbers = false;   // the daemon's call of it takes a number for a Tensor argument (a wrapped number goes so)
   size_t npos = 0;
   std::vector<uint8_t> kind;  // per schema argument: 0 (by value), T_DTYPE, T_LAYOUT, T_MEMORY_FORMAT
 };
@@ -734,6 +741,7 @@ WireOp& wire_info(const c10::OperatorHandle& op, uint32_t id, bool internal) {
     w.reshapes = mutates && (out || !(op.hasTag(at::Tag::pointwise) || base.rfind("aten::_foreach_", 0) == 0 ||
                                       values.count(base) > 0));
     w.allowed = g_wire_all || g_wire_ops.count(g_op_names[id]) > 0;
+    w.numbers = base.rfind("aten::", 0) == 0 && torch::should_allow_numbers_as_tensors(base.substr(6));
   }
   if (internal) w.allowed = true;
   return w;
@@ -921,7 +929,13 @@ void flush_frame() {
   op.call(frame);
 }
 
-void put_wire_tensor(Buf& b, std::string& k, const at::Tensor& t, bool views) {
+// A tensor argument. A 0-dim CPU tensor goes as a number only where that is what it is and the daemon's call of the op
+// takes one (`numbers`: add, mul, ...; a Python number `x * 2` reaches the op as a wrapped number); any other throws
+// here, and the op goes to the Python fallback: a `torch.tensor(2.0, dtype=torch.float64)`, whose dtype takes part in
+// type promotion as a number's does not, is sent inline in an `Op`, as the Python client sends it; a wrapped number
+// reaches Python as a number, and an op whose call refuses one fails there with torch's own error (the Scalar
+// overloads that would make such calls, `x % 3`'s remainder.Scalar, are sent whole: `claim`).
+void put_wire_tensor(Buf& b, std::string& k, const at::Tensor& t, bool views, bool numbers) {
   key_tensor(k, t);
   if (!t.defined()) {
     put<uint8_t>(b, T_NONE);
@@ -930,6 +944,8 @@ void put_wire_tensor(Buf& b, std::string& k, const at::Tensor& t, bool views) {
   } else {
     TORCH_CHECK(t.device().is_cpu() && t.dim() == 0, "gpupool native client: a ", t.device(), " tensor of ", t.dim(),
                 " dims among a device op's arguments: only 0-dim CPU tensors (sent as numbers) are in the native client");
+    TORCH_CHECK(numbers && t.unsafeGetTensorImpl()->is_wrapped_number(), "gpupool native client: a 0-dim CPU tensor "
+                "that is no number the daemon takes (sent inline by the Python fallback)");
     if (at::isFloatingType(t.scalar_type())) {
       put<uint8_t>(b, T_FLOAT);
       put<double>(b, t.item<double>());
@@ -945,9 +961,9 @@ void put_wire_tensor(Buf& b, std::string& k, const at::Tensor& t, bool views) {
 }
 
 // One argument in the compact format (b) and into the meta-cache key (k, as put_arg keys it); `views`: as put_ref's.
-void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind, bool views) {
+void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind, bool views, bool numbers) {
   if (v.isTensor()) {
-    put_wire_tensor(b, k, v.toTensor(), views);
+    put_wire_tensor(b, k, v.toTensor(), views, numbers);
   } else if (v.isNone()) {
     put<uint8_t>(b, T_NONE);
     k.push_back('N');
@@ -1126,13 +1142,13 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     const WireOp& w = g_wire_info[id];
     const bool views = !w.reshapes;
     put<uint8_t>(rec, static_cast<uint8_t>(npos));
-    for (size_t i = 0; i < npos; i++) put_wire_arg(rec, key, args[i], w.kind[i], views);
+    for (size_t i = 0; i < npos; i++) put_wire_arg(rec, key, args[i], w.kind[i], views, w.numbers);
     put<uint8_t>(rec, static_cast<uint8_t>(nargs - npos));
     for (size_t i = npos; i < nargs; i++) {
       const std::string& name = sargs[i].name();
       put<uint8_t>(rec, static_cast<uint8_t>(name.size()));
       put_bytes(rec, name.data(), name.size());
-      put_wire_arg(rec, key, args[i], w.kind[i], views);
+      put_wire_arg(rec, key, args[i], w.kind[i], views, w.numbers);
     }
   } catch (const std::exception&) {
     if (!g_python) throw;
@@ -1690,7 +1706,9 @@ std::string op_name(int64_t id) {
 //  - foreach: every _foreach_* op whose kernel would be CompositeExplicitAutograd's per-tensor loop (a record per
 //    tensor and per op) becomes one record;
 //  - with functional, also convolution and convolution_backward (else convolution_overrideable: not implemented), and
-//    the ops whose CompositeExplicitAutograd kernel stands in for a CPU kernel (native_layer_norm, ...: bit for bit).
+//    the ops whose CompositeExplicitAutograd kernel stands in for a CPU kernel (native_layer_norm, ...: bit for bit),
+//    and the Scalar overloads whose CompositeExplicitAutograd kernel calls their Tensor sibling with a wrapped number
+//    the daemon's call of that sibling refuses (remainder.Scalar, fmod.Scalar, bitwise_and.Scalar: `wraps_scalar`).
 // Returns the number of ops claimed now. The registrations live until the process ends.
 int64_t claim(bool functional, bool foreach) {
   static std::vector<std::unique_ptr<torch::Library>> libs;
@@ -1698,6 +1716,38 @@ int64_t claim(bool functional, bool foreach) {
                                               __LINE__);
   int64_t n = 0;
   auto& d = c10::Dispatcher::singleton();
+  std::unordered_map<std::string, std::vector<c10::OperatorHandle>> overloads;
+  for (const auto& name : d.getAllOpNames()) {
+    auto op = d.findOp(name);
+    if (op && op->hasSchema()) overloads[name.name].push_back(*op);
+  }
+  // `x % 3` is remainder.Scalar, whose CompositeExplicitAutograd kernel calls remainder.Tensor with 3 as a wrapped
+  // number: sent so, the daemon's `torch.ops.aten.remainder.Tensor(x, 3)` refuses the number (only add, mul, ... take
+  // one: WireOp.numbers). Such an op (an overload with a Scalar where a sibling overload of the same name has a Tensor,
+  // all else equal) goes whole, as the Python client sends it.
+  auto wraps_scalar = [&](const c10::OperatorHandle& op) {
+    const auto& s = op.schema();
+    if (torch::should_allow_numbers_as_tensors(s.name().substr(6)) ||
+        !op.hasKernelForDispatchKey(DispatchKey::CompositeExplicitAutograd) ||
+        op.hasKernelForDispatchKey(DispatchKey::CPU))
+      return false;
+    for (const auto& a : s.arguments())
+      if (a.is_out()) return false;
+    for (const auto& other : overloads[s.name()]) {
+      const auto& t = other.schema();
+      if (t.overload_name() == s.overload_name() || t.arguments().size() != s.arguments().size()) continue;
+      bool same = true, scalar_for_tensor = false;
+      for (size_t i = 0; i < s.arguments().size() && same; i++) {
+        const auto &a = s.arguments()[i], &b = t.arguments()[i];
+        if (a.name() != b.name()) same = false;
+        else if (a.type()->kind() == c10::TypeKind::NumberType && b.type()->kind() == c10::TypeKind::TensorType)
+          scalar_for_tensor = true;
+        else if (*a.type() != *b.type()) same = false;
+      }
+      if (same && scalar_for_tensor) return true;
+    }
+    return false;
+  };
   for (const auto& name : d.getAllOpNames()) {
     if (name.name.rfind("aten::", 0) != 0) continue;
     auto op = d.findOp(name);
@@ -1715,7 +1765,7 @@ int64_t claim(bool functional, bool foreach) {
                                    op->hasKernelForDispatchKey(DispatchKey::CompositeExplicitAutograd) &&
                                    !op->schema().is_mutable();
     const bool whole = functional && (name.name == "aten::convolution" || name.name == "aten::convolution_backward" ||
-                                      name.name == "aten::clone" || cpu_and_composite);
+                                      name.name == "aten::clone" || cpu_and_composite || wraps_scalar(*op));
     if (!((functional && nonfunctional) || (foreach && is_foreach) || whole)) continue;
     const std::string short_name = name.name.substr(6);
     const std::string full = name.overload_name.empty() ? short_name : short_name + "." + name.overload_name;
