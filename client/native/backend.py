@@ -314,10 +314,20 @@ def connect(session: Any, ops: Any = None, python: bool = True) -> None:
         except Exception as exc:  # noqa: BLE001
             raise translate(exc) from exc
 
+    def upload(frame: torch.Tensor, handle: int, data: torch.Tensor) -> None:
+        """An upload over 32 MiB (native_client.cpp `wire_big_upload`): after the frame, as the Python client's go (the
+        bulk side socket, or 4 MiB chunks on the stream)."""
+        send(frame)
+        try:
+            session.upload(data, handle)
+        except Exception as exc:  # noqa: BLE001
+            raise translate(exc) from exc
+
     lib = torch.library.Library("gpupool_native", "IMPL")  # noqa: TOR901 (ops defined in C++, implemented here)
     lib.impl("send", send, "CPU")
     lib.impl("sync_scalar", sync_scalar, "CPU")
     lib.impl("download", download, "CPU")
+    lib.impl("upload", upload, "CPU")
     _libs.append(lib)
     if python:
         fb = torch.library.Library("_", "IMPL")  # noqa: TOR901

@@ -42,6 +42,12 @@
 #include <utility>
 #include <vector>
 
+namespace torch {
+// libtorch_python (torch/csrc/utils/python_arg_parser.h): the aten ops whose Python call (`torch.ops.aten.X.Y(...)`,
+// the daemon's) takes a number for a Tensor argument. Declared here: the header pulls in Python's.
+bool should_allow_numbers_as_tensors(const std::string& name);
+}  // namespace torch
+
 namespace {
 
 using c10::Device;
@@ -668,6 +674,7 @@ std::vector<std::pair<uint64_t, std::vector<uint8_t>>> g_pending;       // empty
 struct WireOp {
   bool named = false, allowed = false;
   bool reshapes = false;  // may change a written argument's geometry: its view arguments go by handle (see Handles:)
+  bool numbers = false;   // the daemon's call of it takes a number for a Tensor argument (a wrapped number goes so)
   size_t npos = 0;
   std::vector<uint8_t> kind;  // per schema argument: 0 (by value), T_DTYPE, T_LAYOUT, T_MEMORY_FORMAT
 };
@@ -734,6 +741,7 @@ WireOp& wire_info(const c10::OperatorHandle& op, uint32_t id, bool internal) {
     w.reshapes = mutates && (out || !(op.hasTag(at::Tag::pointwise) || base.rfind("aten::_foreach_", 0) == 0 ||
                                       values.count(base) > 0));
     w.allowed = g_wire_all || g_wire_ops.count(g_op_names[id]) > 0;
+    w.numbers = base.rfind("aten::", 0) == 0 && torch::should_allow_numbers_as_tensors(base.substr(6));
   }
   if (internal) w.allowed = true;
   return w;
@@ -921,7 +929,13 @@ void flush_frame() {
   op.call(frame);
 }
 
-void put_wire_tensor(Buf& b, std::string& k, const at::Tensor& t, bool views) {
+// A tensor argument. A 0-dim CPU tensor goes as a number only where that is what it is and the daemon's call of the op
+// takes one (`numbers`: add, mul, ...; a Python number `x * 2` reaches the op as a wrapped number); any other throws
+// here, and the op goes to the Python fallback: a `torch.tensor(2.0, dtype=torch.float64)`, whose dtype takes part in
+// type promotion as a number's does not, is sent inline in an `Op`, as the Python client sends it; a wrapped number
+// reaches Python as a number, and an op whose call refuses one fails there with torch's own error (the Scalar
+// overloads that would make such calls, `x % 3`'s remainder.Scalar, are sent whole: `claim`).
+void put_wire_tensor(Buf& b, std::string& k, const at::Tensor& t, bool views, bool numbers) {
   key_tensor(k, t);
   if (!t.defined()) {
     put<uint8_t>(b, T_NONE);
@@ -930,6 +944,8 @@ void put_wire_tensor(Buf& b, std::string& k, const at::Tensor& t, bool views) {
   } else {
     TORCH_CHECK(t.device().is_cpu() && t.dim() == 0, "gpupool native client: a ", t.device(), " tensor of ", t.dim(),
                 " dims among a device op's arguments: only 0-dim CPU tensors (sent as numbers) are in the native client");
+    TORCH_CHECK(numbers && t.unsafeGetTensorImpl()->is_wrapped_number(), "gpupool native client: a 0-dim CPU tensor "
+                "that is no number the daemon takes (sent inline by the Python fallback)");
     if (at::isFloatingType(t.scalar_type())) {
       put<uint8_t>(b, T_FLOAT);
       put<double>(b, t.item<double>());
@@ -945,9 +961,9 @@ void put_wire_tensor(Buf& b, std::string& k, const at::Tensor& t, bool views) {
 }
 
 // One argument in the compact format (b) and into the meta-cache key (k, as put_arg keys it); `views`: as put_ref's.
-void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind, bool views) {
+void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind, bool views, bool numbers) {
   if (v.isTensor()) {
-    put_wire_tensor(b, k, v.toTensor(), views);
+    put_wire_tensor(b, k, v.toTensor(), views, numbers);
   } else if (v.isNone()) {
     put<uint8_t>(b, T_NONE);
     k.push_back('N');
@@ -1126,13 +1142,13 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     const WireOp& w = g_wire_info[id];
     const bool views = !w.reshapes;
     put<uint8_t>(rec, static_cast<uint8_t>(npos));
-    for (size_t i = 0; i < npos; i++) put_wire_arg(rec, key, args[i], w.kind[i], views);
+    for (size_t i = 0; i < npos; i++) put_wire_arg(rec, key, args[i], w.kind[i], views, w.numbers);
     put<uint8_t>(rec, static_cast<uint8_t>(nargs - npos));
     for (size_t i = npos; i < nargs; i++) {
       const std::string& name = sargs[i].name();
       put<uint8_t>(rec, static_cast<uint8_t>(name.size()));
       put_bytes(rec, name.data(), name.size());
-      put_wire_arg(rec, key, args[i], w.kind[i], views);
+      put_wire_arg(rec, key, args[i], w.kind[i], views, w.numbers);
     }
   } catch (const std::exception&) {
     if (!g_python) throw;
@@ -1340,13 +1356,13 @@ void sync_record(const at::Tensor& t) {
   finish_record(at);
 }
 
-// Wire mode: Command{upload}s of a contiguous CPU tensor into wire handle `wh`: chunks of at most 4 MiB, the first
-// with the tensor's meta, the last marked (as client/session.py's `upload` writes them on the stream).
+// Wire mode: Command{upload}s of a contiguous CPU tensor of at most 32 MiB into wire handle `wh`, in the frame: chunks
+// of at most 4 MiB, the first with the tensor's meta, the last marked (as client/session.py's `upload` writes them on
+// the stream). A larger one goes through Session.upload itself (wire_big_upload).
 void emit_upload(uint64_t wh, const at::Tensor& c) {
   const size_t n = c.nbytes();
-  TORCH_CHECK(n <= kMaxUpload, "gpupool --native-client: an upload of ", n, " bytes (over 32 MiB: one frame holds it whole, "
-              "and the bulk socket is not in the native client) is not supported by the native client; upload it in "
-              "pieces, or run without --native-client (the Python client)");
+  TORCH_CHECK(n <= kMaxUpload, "gpupool native client: an upload of ", n, " bytes into the frame (wire_copy_ sends those "
+              "over 32 MiB through Session.upload)");
   const int code = g_dtype_code[static_cast<int>(c.scalar_type())];
   TORCH_CHECK(code >= 0, "gpupool native client: no wire code for ", c.scalar_type());
   Buf meta;
@@ -1410,12 +1426,78 @@ at::Tensor take_sync_frame(const at::Tensor& t, uint64_t* h) {
   return take_frame_locked();
 }
 
+// `self` (a device tensor, or a view) takes the values of wire handle `tmp` (an upload's temporary): a copy_ record
+// on the daemon, then a Free of `tmp`. The caller holds g_mu.
+void emit_copy_from(const at::Tensor& self, uint64_t tmp) {
+  const uint32_t id = internal_op("aten::copy_");
+  Buf b;
+  put<uint8_t>(b, 2);
+  put_ref(b, self, true);  // copy_ writes values only: a view goes as a view argument
+  put<uint8_t>(b, T_TENSOR);
+  put<uint64_t>(b, tmp);
+  put<uint8_t>(b, 0);
+  emit_record(id, {0}, b);
+  Buf fr, packed;
+  put_varint(packed, tmp);
+  put<uint8_t>(fr, 0x0a);
+  put_varint(fr, packed.n);
+  put_bytes(fr, packed.v.data(), packed.n);
+  static const uint8_t tag[] = {0x22};
+  emit_command(tag, 1, fr);
+}
+
+// Wire mode: an upload over 32 MiB (a frame could not hold it under gRPC's 64 MiB message limit). The frame so far goes
+// out, then client/session.py's Session.upload sends the bytes as the Python client's uploads go (the bulk side socket
+// when the session has one, else 4 MiB chunks on the stream, a frame each; the daemon's quota and bounds as for any
+// upload): into the held-back empty's handle when `self` is all of it, else into a temporary handle that a copy_
+// record then copies into `self` (a slice, a view, an earlier tensor), as for the small ones.
+void wire_big_upload(const at::Tensor& self, const at::Tensor& c) {
+  bool full = false;
+  {
+    std::lock_guard<std::mutex> send(g_send_mu);
+    uint64_t h;
+    bool whole;
+    at::Tensor frame;
+    {
+      std::lock_guard<std::mutex> lock(g_mu);
+      const uint64_t sid = handle_of(self);
+      auto p = std::find_if(g_pending.begin(), g_pending.end(), [sid](const auto& e) { return e.first == sid; });
+      whole = p != g_pending.end() && self.is_contiguous() && self.storage_offset() == 0 &&
+              self.nbytes() == self.storage().nbytes();
+      if (whole) {
+        g_pending.erase(p);
+        g_stores[sid] = Store{Geo::of(self), {}};
+        h = g_base + sid;
+      } else {
+        materialize_pending();
+        h = g_base + g_next.fetch_add(1, std::memory_order_relaxed);
+      }
+      g_stats.uploads++;
+      frame = take_frame_locked();
+    }
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("gpupool_native::upload", "")
+                         .typed<void(const at::Tensor&, int64_t, const at::Tensor&)>();
+    op.call(frame, static_cast<int64_t>(h), c);
+    if (!whole) {
+      std::lock_guard<std::mutex> lock(g_mu);
+      emit_copy_from(self, h);
+      full = g_cmds >= kFlushCommands || g_buf.size() >= kFlushBytes;
+    }
+  }
+  if (full) flush_frame();
+}
+
 at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocking) {
   const bool dst_dev = self.device().type() == kType;
   const bool src_dev = src.device().type() == kType;
   if (dst_dev && !src_dev) {
     TORCH_CHECK(src.device().is_cpu(), "gpupool native client: copy from ", src.device());
     const at::Tensor c = src.to(self.scalar_type()).expand(self.sizes()).contiguous();
+    if (c.nbytes() > kMaxUpload) {
+      wire_big_upload(self, c);
+      return self;
+    }
     bool full;
     {
       std::lock_guard<std::mutex> lock(g_mu);
@@ -1430,21 +1512,7 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
         materialize_pending();
         const uint64_t tmp = g_base + g_next.fetch_add(1, std::memory_order_relaxed);
         emit_upload(tmp, c);
-        const uint32_t id = internal_op("aten::copy_");
-        Buf b;
-        put<uint8_t>(b, 2);
-        put_ref(b, self, true);  // copy_ writes values only: a view goes as a view argument
-        put<uint8_t>(b, T_TENSOR);
-        put<uint64_t>(b, tmp);
-        put<uint8_t>(b, 0);
-        emit_record(id, {0}, b);
-        Buf fr, packed;
-        put_varint(packed, tmp);
-        put<uint8_t>(fr, 0x0a);
-        put_varint(fr, packed.n);
-        put_bytes(fr, packed.v.data(), packed.n);
-        static const uint8_t tag[] = {0x22};
-        emit_command(tag, 1, fr);
+        emit_copy_from(self, tmp);
       }
       full = g_cmds >= kFlushCommands || g_buf.size() >= kFlushBytes;
     }
@@ -1638,7 +1706,9 @@ std::string op_name(int64_t id) {
 //  - foreach: every _foreach_* op whose kernel would be CompositeExplicitAutograd's per-tensor loop (a record per
 //    tensor and per op) becomes one record;
 //  - with functional, also convolution and convolution_backward (else convolution_overrideable: not implemented), and
-//    the ops whose CompositeExplicitAutograd kernel stands in for a CPU kernel (native_layer_norm, ...: bit for bit).
+//    the ops whose CompositeExplicitAutograd kernel stands in for a CPU kernel (native_layer_norm, ...: bit for bit),
+//    and the Scalar overloads whose CompositeExplicitAutograd kernel calls their Tensor sibling with a wrapped number
+//    the daemon's call of that sibling refuses (remainder.Scalar, fmod.Scalar, bitwise_and.Scalar: `wraps_scalar`).
 // Returns the number of ops claimed now. The registrations live until the process ends.
 int64_t claim(bool functional, bool foreach) {
   static std::vector<std::unique_ptr<torch::Library>> libs;
@@ -1646,6 +1716,38 @@ int64_t claim(bool functional, bool foreach) {
                                               __LINE__);
   int64_t n = 0;
   auto& d = c10::Dispatcher::singleton();
+  std::unordered_map<std::string, std::vector<c10::OperatorHandle>> overloads;
+  for (const auto& name : d.getAllOpNames()) {
+    auto op = d.findOp(name);
+    if (op && op->hasSchema()) overloads[name.name].push_back(*op);
+  }
+  // `x % 3` is remainder.Scalar, whose CompositeExplicitAutograd kernel calls remainder.Tensor with 3 as a wrapped
+  // number: sent so, the daemon's `torch.ops.aten.remainder.Tensor(x, 3)` refuses the number (only add, mul, ... take
+  // one: WireOp.numbers). Such an op (an overload with a Scalar where a sibling overload of the same name has a Tensor,
+  // all else equal) goes whole, as the Python client sends it.
+  auto wraps_scalar = [&](const c10::OperatorHandle& op) {
+    const auto& s = op.schema();
+    if (torch::should_allow_numbers_as_tensors(s.name().substr(6)) ||
+        !op.hasKernelForDispatchKey(DispatchKey::CompositeExplicitAutograd) ||
+        op.hasKernelForDispatchKey(DispatchKey::CPU))
+      return false;
+    for (const auto& a : s.arguments())
+      if (a.is_out()) return false;
+    for (const auto& other : overloads[s.name()]) {
+      const auto& t = other.schema();
+      if (t.overload_name() == s.overload_name() || t.arguments().size() != s.arguments().size()) continue;
+      bool same = true, scalar_for_tensor = false;
+      for (size_t i = 0; i < s.arguments().size() && same; i++) {
+        const auto &a = s.arguments()[i], &b = t.arguments()[i];
+        if (a.name() != b.name()) same = false;
+        else if (a.type()->kind() == c10::TypeKind::NumberType && b.type()->kind() == c10::TypeKind::TensorType)
+          scalar_for_tensor = true;
+        else if (*a.type() != *b.type()) same = false;
+      }
+      if (same && scalar_for_tensor) return true;
+    }
+    return false;
+  };
   for (const auto& name : d.getAllOpNames()) {
     if (name.name.rfind("aten::", 0) != 0) continue;
     auto op = d.findOp(name);
@@ -1663,7 +1765,7 @@ int64_t claim(bool functional, bool foreach) {
                                    op->hasKernelForDispatchKey(DispatchKey::CompositeExplicitAutograd) &&
                                    !op->schema().is_mutable();
     const bool whole = functional && (name.name == "aten::convolution" || name.name == "aten::convolution_backward" ||
-                                      name.name == "aten::clone" || cpu_and_composite);
+                                      name.name == "aten::clone" || cpu_and_composite || wraps_scalar(*op));
     if (!((functional && nonfunctional) || (foreach && is_foreach) || whole)) continue;
     const std::string short_name = name.name.substr(6);
     const std::string full = name.overload_name.empty() ? short_name : short_name + "." + name.overload_name;
@@ -1815,5 +1917,6 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("send(Tensor frame) -> ()");
   m.def("sync_scalar(Tensor frame, int handle) -> float");
   m.def("download(Tensor frame, int handle) -> Tensor");
+  m.def("upload(Tensor frame, int handle, Tensor data) -> ()");  // an upload over 32 MiB: Session.upload
   m.def("autoconnect() -> ()");  // gpupool run --native-client: attach the lease's session (backend.py)
 }

@@ -249,12 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
     # The device first: a pool lease's token is short-lived (gpupool run hands it over at start), and the first
     # tokenization of the tarball takes a minute or more; attaching first also fails fast when the pool is down.
     device = resolve_device(args.device)
+    # Then the seed: the Python client's `gpupool` device exists only from `import gpupool.torch` (resolve_device) on,
+    # and a torch.manual_seed before it would not reach the daemon's generator (dropout's masks would differ per run).
+    torch.manual_seed(args.seed)
     try:
         tarball = fetch.locate(args.data)
     except fetch.DataNotFound as exc:

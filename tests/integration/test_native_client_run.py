@@ -98,6 +98,40 @@ def test_a_training_script_runs_unchanged_with_local_losses_bit_for_bit(pool: st
     wait_until(lambda: not SchedulerClient(pool).list_pool().leases, timeout=10, what="the run's lease released")
 
 
+# Numbers and 0-dim CPU tensors among a device op's arguments: each value and dtype as local CPU's (round 17: `x % 7`,
+# the sentiment example's bigram hashing, was remainder.Tensor with a number the daemon's call refuses; a float64 0-dim
+# tensor went as a number, which type promotion treats otherwise).
+SCALARS = """
+import json, sys
+import torch
+
+dev = sys.argv[1]
+x = torch.arange(-20, 20).to(dev)
+f = (torch.arange(40) / 7 - 2.5).to(dev)
+h = f.half()
+outs = {
+    "remainder": x % 7, "remainder_float": x % 2.5, "remainder_": x.clone().remainder_(6), "fmod": torch.fmod(x, 3),
+    "bitwise_and": x & 5, "xlogy": torch.xlogy(f.abs(), 2.0), "mul_half": h * 3.3, "where": torch.where(f > 0, f, 0.0),
+    "f64_tensor": f * torch.tensor(1.5, dtype=torch.float64), "int_f64": x * torch.tensor(0.5, dtype=torch.float64),
+    "remainder_tensor": x % torch.tensor(4),
+}
+print(json.dumps({k: [str(v.dtype), v.cpu().tolist()] for k, v in outs.items()}))
+"""
+
+
+def test_numbers_and_cpu_scalars_give_local_values_and_dtypes(pool: str, tmp_path: Path) -> None:
+    path = tmp_path / "scalars.py"
+    path.write_text(SCALARS)
+    local = subprocess.run([sys.executable, str(path), "cpu"], capture_output=True, text=True, timeout=120,
+                           env=_env(pool))  # fmt: skip
+    assert local.returncode == 0, local.stderr[-3000:]
+    ran = _run(pool, "-p", "0.5", "--native-client", "--", sys.executable, str(path), "gpupool")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    want, got = (json.loads(p.stdout.strip().splitlines()[-1]) for p in (local, ran))
+    for k in want:
+        assert got[k] == want[k], k
+
+
 def test_the_env_selects_it_too(pool: str, tmp_path: Path) -> None:
     ran = _run(pool, "-p", "0.5", "--", sys.executable, str(_script(tmp_path)), "gpupool", GPUPOOL_CLIENT="native")
     assert ran.returncode == 0, ran.stderr[-3000:]

@@ -11,8 +11,10 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from examples_fixtures import REPO, pool_env  # noqa: F401 (a fixture)
 
 from examples.sentiment import data
@@ -46,3 +48,43 @@ def test_one_epoch_on_2000_reviews_through_gpupool_then_serve(pool_env: dict[str
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [r["text"] for r in rows] == texts.splitlines()
     assert all(r["label"] in ("pos", "neg") and 0.0 <= r["p_pos"] <= 1.0 for r in rows)
+
+
+def _train(
+    env: dict[str, str], tmp: Path, name: str, *flags: str, run: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """train.py for one epoch of 4 steps on 200 reviews (with `run`: under `gpupool run RUN`, on its device; else on the
+    CPU): the epoch's figures and the saved weights."""
+    out = tmp / name
+    script = [sys.executable, "examples/sentiment/train.py", "--epochs", "1", "--limit", "200", "--no-progress",
+              "--data", str(data.SAMPLE), "--cache-dir", str(tmp / "cache"), "--out", str(out), *flags]  # fmt: skip
+    cmd = script
+    if run is not None:
+        cmd = [sys.executable, "-m", "gpupool.cli", "run", "-n", "1", "-p", "0.5", *run, "--", *script, "--device",
+               "gpupool"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr[-6000:]
+    (epoch,) = json.loads((out / "config.json").read_text())["results"]["history"]
+    state = torch.load(out / "model.pt", map_location="cpu")
+    return {"epoch": {k: epoch[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")}, "state": state}
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a["epoch"] == b["epoch"]  # bit for bit
+    assert a["state"].keys() == b["state"].keys()
+    for k, v in a["state"].items():
+        assert torch.equal(v, b["state"][k]), k
+
+
+def test_the_cpp_client_trains_it_as_the_shim_and_local_do(pool_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """The seed workload on `gpupool run --native-client` (round 17): its 512 MiB bigram table is an upload over 32 MiB
+    (Session.upload), the bigram hashing's `%` a remainder.Scalar (sent whole). With the default flags (dropout: the
+    daemon's generator, seeded by --seed) the epoch's losses and the weights are the Python client's bit for bit;
+    without dropout they are local CPU's bit for bit too (fake GPUs compute with CPU kernels)."""
+    env = {**os.environ, **pool_env}
+    native = _train(env, tmp_path, "native", run=("--native-client",))
+    shim = _train(env, tmp_path, "shim", run=())
+    _same(native, shim)
+    assert 0.0 < native["epoch"]["train_loss"] < 1.0
+    off = ("--dropout", "0", "--embed-dropout", "0")
+    _same(_train(env, tmp_path, "native0", *off, run=("--native-client",)), _train(env, tmp_path, "local0", *off))

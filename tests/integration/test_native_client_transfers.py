@@ -1,0 +1,116 @@
+"""The C++ client's transfers of any size against a real daemon (`gpupool serve --fake-gpus 1`, loopback, TLS), with
+and without the bulk side port (`--bulk-listen`): an upload over 32 MiB (a frame holds 32 MiB at most; round 17 sends
+the larger ones through Session.upload, as the Python client's go) into a whole new tensor and into a slice of one,
+and downloads over 32 MiB and over gRPC's 64 MiB message limit, come back bit for bit and compute as local CPU does;
+an upload over the session's quota is the daemon's OutOfMemoryError at the next sync, and the session goes on.
+
+The C++ client must own PrivateUse1 (this pytest process has given it to the shim), so each case runs in a child
+(TORCH_DEVICE_BACKEND_AUTOLOAD=0) that prints JSON. Skipped without a C++ compiler or ninja.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gpupool.client.native.backend import compiler_missing
+from shim_fixtures import ServeProcess
+from support import start_serve_process, stop_process
+
+ROOT = Path(__file__).resolve().parents[2]
+_why = compiler_missing()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"native client: {_why}")]
+MiB = 1024 * 1024
+
+CHILD = """
+import json, sys
+import torch
+from gpupool.client.native import backend as nc
+from gpupool.client.session import Session
+
+nc.load()
+nc.claim()
+session = Session.attach(sys.argv[1], sys.argv[2], timeout=120.0)
+nc.connect(session)
+dev = nc.device()
+out = {"bulk": session._side is not None}
+g = torch.Generator().manual_seed(0)
+x = torch.randn(10_000_000, generator=g)  # 40 MB: over the frame's 32 MiB
+d = x.to(dev)  # a new tensor: the upload fills its handle
+out["whole"] = torch.equal(d.cpu(), x)
+out["ops"] = [(d * 3 + 1).sum().item(), (x * 3 + 1).sum().item()]
+two = torch.zeros(3, 10_000_000, device=dev)  # a slice of a tensor the daemon has: a temporary handle and copy_
+two[1].copy_(x)
+two[2] = x.flip(0)
+want = torch.zeros(3, 10_000_000)
+want[1].copy_(x)
+want[2] = x.flip(0)
+out["slices"] = torch.equal(two.cpu(), want)  # a 120 MB download: over gRPC's 64 MiB message limit
+out["slice_ops"] = [two.sum(1).tolist(), want.sum(1).tolist()]
+h = torch.randint(0, 2**62, (5_000_000,), generator=g)  # int64, 40 MB: another dtype
+out["int64"] = torch.equal(h.to(dev).cpu(), h)
+del d, two
+if session.quota_bytes:
+    try:
+        big = torch.ones(session.quota_bytes // 4 + MiB, dtype=torch.float32)
+        torch.gpupool.synchronize()
+        over = big.to(dev)
+        over.sum().item()
+        out["quota"] = {}
+    except Exception as exc:
+        out["quota"] = {"type": type(exc).__name__, "message": str(exc).splitlines()[0],
+                        "torch_oom": isinstance(exc, torch.OutOfMemoryError)}
+    del big
+    out["after"] = [(x.to(dev) * 2).sum().item(), (x * 2).sum().item()]
+out["uploads"] = nc.stats()["uploads"]
+print(json.dumps(out))
+""".replace("MiB", str(MiB))
+
+
+def _daemon(tmp: Path, *flags: str) -> ServeProcess:
+    key = secrets.token_hex(32).encode()
+    key_file = tmp / "token.key"
+    key_file.write_bytes(key + b"\n")
+    proc, address = start_serve_process(key_file, "--fake-gpus", "1", "--fake-gpu-memory", "1GiB", *flags)
+    return ServeProcess(address, key, proc)
+
+
+@pytest.fixture(scope="module", params=["stream", "bulk"])
+def daemon(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    flags = ("--bulk-listen", "127.0.0.1:0") if request.param == "bulk" else ()
+    d = _daemon(tmp_path_factory.mktemp(request.param), *flags)
+    d.bulk = request.param == "bulk"  # type: ignore[attr-defined]
+    yield d
+    stop_process(d.process)
+
+
+def _child(d: ServeProcess, **claims: Any) -> dict[str, Any]:
+    env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", CHILD, d.address, d.token(**claims)], env=env, capture_output=True,
+                          text=True, timeout=280)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_uploads_and_downloads_over_32_mib_are_bit_for_bit(daemon: ServeProcess) -> None:
+    got = _child(daemon)
+    assert got["bulk"] is daemon.bulk  # type: ignore[attr-defined]
+    assert got["whole"] and got["slices"] and got["int64"]
+    assert got["ops"][0] == got["ops"][1]
+    assert got["slice_ops"][0] == got["slice_ops"][1]
+    assert got["uploads"] >= 4
+
+
+def test_an_upload_over_the_quota_is_the_daemons_oom_and_the_session_goes_on(daemon: ServeProcess) -> None:
+    got = _child(daemon, quota_bytes=320 * MiB)
+    q = got["quota"]
+    assert q.get("type") == "OutOfMemoryError" and q["torch_oom"], q
+    assert "memory quota exceeded" in q["message"], q
+    assert got["after"][0] == got["after"][1]
