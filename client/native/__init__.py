@@ -162,11 +162,13 @@ def attach(address: str, token: str) -> Any:
 
 
 def _connect(session: Any, lease: Any) -> None:
+    import torch
+
     from . import backend
 
     backend.connect(session)
-    if "seed" in _state:  # a torch.manual_seed before the first tensor
-        session.seed(_state["seed"])
+    # The last torch.manual_seed (before the first tensor, or before this module was loaded: torch.initial_seed()).
+    session.seed(_state.get("seed", torch.initial_seed()))
     _state["session"], _state["lease"] = session, lease
     atexit.register(_close)
 

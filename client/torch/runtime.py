@@ -381,8 +381,9 @@ def add(rt: DeviceRuntime) -> None:
         if rt.index in _runtimes and not _runtimes[rt.index].closed:
             raise RuntimeError(f"gpupool:{rt.index} is already attached")
         _runtimes[rt.index] = rt
-        if _seed:
-            rt.seed(_seed[-1])
+        # A torch.manual_seed before this module was imported never reached `manual_seed_all`; torch.initial_seed()
+        # is that seed (or torch's own random one), as a CUDA generator takes it when it initializes lazily.
+        rt.seed(_seed[-1] if _seed else torch.initial_seed())
 
 
 def all_runtimes() -> list[DeviceRuntime]:

@@ -192,3 +192,33 @@ def test_the_build_is_cached_per_torch_and_source() -> None:
 
     assert parent.startswith(f"torch-{torch.__version__}-") and len(parent.rsplit("-", 1)[1]) == 16
     assert not list(path.parent.glob("build-*"))  # the private build folders are gone
+
+
+# A torch.manual_seed before the device's module is imported (the sentiment example did so until round 17) must seed
+# the daemon's generator as one after it does: the seed is torch.initial_seed() when the session attaches.
+SEED_FIRST = """
+import json, sys
+import torch
+
+torch.manual_seed(int(sys.argv[2]))
+if sys.argv[1] == "python":
+    import gpupool.torch  # noqa: F401  (the Python client, imported after the seed)
+x = torch.ones(256, device="gpupool")
+print(json.dumps(torch.nn.functional.dropout(x, 0.5).cpu().tolist()))
+"""
+
+
+@pytest.mark.parametrize("client", ["python", "native"])
+def test_a_seed_set_before_the_client_loads_seeds_the_daemon(pool: str, tmp_path: Path, client: str) -> None:
+    path = tmp_path / "seed_first.py"
+    path.write_text(SEED_FIRST)
+    flags = ("--native-client",) if client == "native" else ()
+
+    def masks(seed: int) -> list[float]:
+        ran = _run(pool, "-p", "0.5", *flags, "--", sys.executable, str(path), client, str(seed))
+        assert ran.returncode == 0, ran.stderr[-3000:]
+        return json.loads(ran.stdout.strip().splitlines()[-1])
+
+    first, again, other = masks(5), masks(5), masks(6)
+    assert first == again  # the same seed, the same dropout mask
+    assert first != other and 0 < first.count(0.0) < 256
