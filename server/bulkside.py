@@ -5,9 +5,11 @@ large uploads and downloads, which Python gRPC moves at a fraction of what a raw
 certificate and client-certificate rule (`tls.SocketServerTls`; plaintext only when the daemon runs
 `--insecure`). A client opens one socket per session and sends `protocol.bulk_hello`: the session id that
 `Attach` returned (what authorizes its stream), compared in constant time with every open session's. One socket
-per session; a closed session closes it. Before that, a connection is bounded: `HELLO_TIMEOUT` for each step
-of the TLS handshake and the hello, `MAX_PENDING` unauthenticated connections in all, `MAX_PENDING_PER_SOURCE`
-per source address.
+per session; a closed session closes it. Before that, a connection is bounded: its TLS handshake and hello are
+due within `HELLO_TIMEOUT` of its arrival, all steps together; at most `MAX_PENDING` unauthenticated connections
+are open in all and `MAX_PENDING_PER_SOURCE` per source address, and a newcomer past a cap is never refused: it
+pushes out its own source's oldest (past the per-source cap) or the busiest source's oldest (past the total), the
+policy of the collective hub (seclink.py), so that idle strangers cannot keep a real client on the slower stream.
 
 The stream keeps every command and its order: an `Upload` with `bulk_bytes` (no `data`) makes the session's
 stream reader read that many bytes from the socket, after a header (`protocol.BULK_HEAD`: kind, handle,
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import socket
 import ssl
 import struct
@@ -38,10 +41,10 @@ from . import bulk
 
 log = logging.getLogger(__name__)
 
-HELLO_TIMEOUT = 5.0  # seconds for each step of a new connection's TLS handshake and hello
+HELLO_TIMEOUT = 5.0  # seconds from a connection's arrival to its hello (TLS handshake included)
 IO_TIMEOUT = 30.0  # seconds a transfer may stall (no bytes moving) before its session ends
-MAX_PENDING = 64  # connections not yet bound to a session, in all
-MAX_PENDING_PER_SOURCE = 8  # ... and per source address
+MAX_PENDING = 64  # connections not yet bound to a session, in all; a newcomer past it pushes out the busiest
+MAX_PENDING_PER_SOURCE = 8  # source's oldest; ... and per source address, a newcomer pushing out its own oldest
 SIDE_MIN = bulk.SIDE_MIN  # download chunks at least this large go on the socket; smaller ones stay on the stream
 _SID_MAX = 128
 
@@ -199,6 +202,25 @@ def outgoing(link: BulkLink | None, frame: bytes) -> tuple[bytes, ChunkParts | N
     return parts.announce(), parts
 
 
+class _Pending:
+    """A connection not yet bound to a session: its socket's descriptor (shut down to push it out), its source,
+    when its hello is due (monotonic)."""
+
+    __slots__ = ("due", "fd", "source")
+
+    def __init__(self, fd: int, source: str, due: float) -> None:
+        self.fd, self.source, self.due = fd, source, due
+
+    def kick(self) -> None:
+        """End the connection's handshake now: its hello thread's read fails, and that thread closes it (the
+        descriptor is open while the connection is pending: the thread forgets it before closing it)."""
+        try:
+            with socket.socket(fileno=os.dup(self.fd)) as dup:
+                dup.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 SessionLookup = Callable[[], Iterable[Any]]  # the open sessions (FrontSession: session_id, bind_bulk, number)
 
 
@@ -212,8 +234,9 @@ class BulkPort:
             log.warning("the bulk side port serves PLAINTEXT (--insecure): tensor bytes cross the network readable")
         self._sock = socket.create_server(address, backlog=64)
         self.port: int = self._sock.getsockname()[1]
+        self._sock.settimeout(0.25)  # the accept loop also pushes out connections past their hello's due time
         self._lock = threading.Lock()
-        self._pending: dict[str, int] = {}
+        self._pending: list[_Pending] = []  # in arrival order
         self._stopped = False
         self._warned_at = 0.0
         self._thread = threading.Thread(target=self._accept, name="gpupool-bulk-accept", daemon=True)
@@ -231,28 +254,60 @@ class BulkPort:
         while not self._stopped:
             try:
                 conn, addr = self._sock.accept()
+            except TimeoutError:
+                self._expire()
+                continue
             except OSError:
                 if self._stopped:
                     return
                 continue
-            source = str(addr[0])
-            with self._lock:
-                total = sum(self._pending.values())
-                if total >= MAX_PENDING or self._pending.get(source, 0) >= MAX_PENDING_PER_SOURCE:
-                    now = time.monotonic()
-                    if now - self._warned_at > 10.0:  # a flood of connections must not flood the log
-                        self._warned_at = now
-                        log.warning("bulk port: refusing connections from %s (%d not yet authenticated)", source, total)
-                    conn.close()
-                    continue
-                self._pending[source] = self._pending.get(source, 0) + 1
-            threading.Thread(target=self._hello, args=(conn, source), name="gpupool-bulk-hello", daemon=True).start()
+            conn.settimeout(HELLO_TIMEOUT)
+            pending = _Pending(conn.fileno(), str(addr[0]), time.monotonic() + HELLO_TIMEOUT)
+            self._admit(pending)
+            threading.Thread(target=self._hello, args=(conn, pending), name="gpupool-bulk-hello", daemon=True).start()
 
-    def _hello(self, conn: socket.socket, source: str) -> None:
+    def _admit(self, new: _Pending) -> None:
+        """Count a new connection; past a cap, push out its source's oldest or the busiest source's oldest."""
+        self._expire()
+        with self._lock:
+            mine = [p for p in self._pending if p.source == new.source]
+            victim = None
+            if len(mine) >= MAX_PENDING_PER_SOURCE:
+                victim = mine[0]
+            elif len(self._pending) >= MAX_PENDING:
+                counts: dict[str, int] = {}
+                for p in self._pending:
+                    counts[p.source] = counts.get(p.source, 0) + 1
+                busiest = max(counts.values())
+                victim = next(p for p in self._pending if counts[p.source] == busiest)
+            if victim is not None:
+                self._pending.remove(victim)
+                victim.kick()
+                now = time.monotonic()
+                if now - self._warned_at > 10.0:  # a flood of connections must not flood the log
+                    self._warned_at = now
+                    log.warning(
+                        "bulk port: %d connections not yet authenticated; one from %s pushed out by one from %s",
+                        len(self._pending) + 1,
+                        victim.source,
+                        new.source,
+                    )
+            self._pending.append(new)
+
+    def _expire(self) -> None:
+        """Push out the connections whose hello is overdue."""
+        now = time.monotonic()
+        with self._lock:
+            late = [p for p in self._pending if p.due <= now]
+            for p in late:
+                self._pending.remove(p)
+                p.kick()
+
+    def _hello(self, conn: socket.socket, pending: _Pending) -> None:
         sock: socket.socket = conn
+        source = pending.source
         bound = False
         try:
-            conn.settimeout(HELLO_TIMEOUT)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is not None:
                 sock = self._tls.context().wrap_socket(conn, server_side=True)
@@ -263,6 +318,10 @@ class BulkPort:
             if n > _SID_MAX:
                 raise ValueError("session id too long")
             given = protocol.recv_exact(sock, n, "connection closed during the hello")
+            with self._lock:  # no longer pending: never pushed out once bound
+                if pending not in self._pending:
+                    raise ValueError("pushed out before its hello was read")
+                self._pending.remove(pending)
             s = self._find(given)
             if s is None:
                 sock.sendall(protocol.bulk_error("unknown or closed session"))
@@ -279,11 +338,8 @@ class BulkPort:
             log.info("bulk port: connection from %s refused: %s", source, exc)
         finally:
             with self._lock:
-                left = self._pending.get(source, 1) - 1
-                if left:
-                    self._pending[source] = left
-                else:
-                    self._pending.pop(source, None)
+                if pending in self._pending:
+                    self._pending.remove(pending)
             if not bound:
                 sock.close()
 

@@ -480,10 +480,13 @@ class Daemon:
                 self._worker_died(s, batch, exc)
                 return [], time.perf_counter() - start
             wall = time.perf_counter() - start
+            # A piece that answers nothing (of a graph's definition) pays its wall time: a worker claiming pieces
+            # forever, none of them progress the daemon can see, pays for each in its share of the device.
+            seconds = wall if res.partial and not res.replies else min(res.seconds, wall)
             self._apply(s, res)
             if s.closed:  # its replies would take the host past --max-unread-bytes
-                return [], min(res.seconds, wall)
-            return batch[res.executed :] + after, min(res.seconds, wall)
+                return [], seconds
+            return batch[res.executed :] + after, seconds
 
     def _apply(self, s: FrontSession, res: slices.SliceResult) -> None:
         """Mirror a slice's outcome: memory, counters, ledger, replies (a worker may lie only about itself)."""

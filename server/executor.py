@@ -92,6 +92,7 @@ class CommandExecutor:
         outlives its sessions (`--isolation thread`) must not keep one table per session it ever served."""
         self._op_ids.pop(s.session_id, None)
         self._eager.pop(s.session_id, None)
+        s.defining = None  # a graph definition under way holds the session (a reference cycle)
 
     def warm_up(self) -> None:
         """Load torch's meta kernels now (about a second, once per process), not on some session's clock."""

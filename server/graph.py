@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
+from collections.abc import Generator
 from typing import Any, Protocol
 
 import torch
@@ -30,17 +32,43 @@ from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, NotFound, ResourceExhausted
 
 from . import graph_trace, slices
-from .graph_build import GATHER, ONE, Graph, Host, build, flat
+from .graph_build import GATHER, ONE, Graph, Host, building, flat
 from .sessions import Poison, WorkerSession, zero_bytes
 
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 32  # per session: each holds prebuilt calls in host memory
+# A definition runs for at most about this long per slice (then the session's next slice goes on with it): a
+# definition of 100,000 ops takes seconds, and held the device's thread for all of them as one command.
+DEFINE_PIECE_SECONDS = 0.05
 EVENTS = slices.GRAPH_EVENTS
 
 
 class GraphLedger(Protocol):
     def graph(self, session: WorkerSession, event: str, ops: int = 0) -> None: ...
+
+
+class Defining:
+    """A graph definition under way (`GraphTable.define`): the command it came from (the one parse of it that is
+    kept: later slices parse the same bytes again, and only its id and size are compared), its pieces left."""
+
+    __slots__ = ("msg", "steps", "replaced")
+
+    def __init__(self, msg: device_pb2.DefineGraph, steps: Generator[None, None, Graph], replaced: bool) -> None:
+        self.msg = msg
+        self.steps = steps
+        self.replaced = replaced
+
+    def advance(self, deadline: float) -> Graph | None:
+        """Run pieces until the graph is built (returned) or `deadline` (perf_counter) has passed (None)."""
+        steps, clock = self.steps, time.perf_counter
+        try:
+            while True:
+                next(steps)
+                if clock() > deadline:
+                    return None
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
 
 class GraphTable:
@@ -52,6 +80,9 @@ class GraphTable:
         self._graphs: weakref.WeakKeyDictionary[WorkerSession, dict[int, Graph]] = weakref.WeakKeyDictionary()
         self._reserved: weakref.WeakKeyDictionary[WorkerSession, int] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
+        # > 0: a definition runs for about this many seconds per command (session workers: DEFINE_PIECE_SECONDS),
+        # `define`'s pieces; 0: all of it at once
+        self.piece_seconds = 0.0
 
     def _of(self, s: WorkerSession) -> dict[int, Graph]:
         with self._lock:
@@ -81,19 +112,29 @@ class GraphTable:
     # ---- commands ----
 
     def define(self, s: WorkerSession, msg: device_pb2.DefineGraph) -> None:
+        """Build the graph for at most about `piece_seconds`; when that is not enough, `s.defining` keeps the
+        rest and the same command, run again first in the session's next slice (slices.run_commands: nothing else
+        of the session runs before it), goes on with it, while the device serves its other sessions between."""
         graphs = self._of(s)
-        replaced = msg.graph_id in graphs
-        if not replaced and len(graphs) >= MAX_GRAPHS:
-            raise InvalidArgument(f"a session holds at most {MAX_GRAPHS} graphs; drop one first")
-        old = graphs.pop(msg.graph_id, None)
+        pending = s.defining
+        if pending is None or pending.msg.graph_id != msg.graph_id or len(pending.msg.ops) != len(msg.ops):
+            replaced = msg.graph_id in graphs
+            if not replaced and len(graphs) >= MAX_GRAPHS:
+                raise InvalidArgument(f"a session holds at most {MAX_GRAPHS} graphs; drop one first")
+            old = graphs.pop(msg.graph_id, None)
+            pending = s.defining = Defining(msg, building(self.host, s, msg), old is not None)
+        s.defining = None
         try:
-            g = build(self.host, s, msg)
+            g = pending.advance(time.perf_counter() + self.piece_seconds if self.piece_seconds > 0 else float("inf"))
+            if g is None:
+                s.defining = pending
+                return
             self._reserve(s, graphs, g)  # the whole graph's memory, before its first run
         except GpupoolError:
             self._reserve(s, graphs)  # the replaced graph is gone either way
             raise
         graphs[msg.graph_id] = g
-        event = "rerecorded" if old is not None else "defined"
+        event = "rerecorded" if pending.replaced else "defined"
         self.host.ledger.graph(s, event)
         log.info(
             "session %d: graph %d %s: %d ops, %d inputs, %d persistent tensors, %d outputs, %d kept, peak %d bytes",

@@ -15,7 +15,7 @@ graph.py's part.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .ops import OpTable
 
 MAX_GRAPH_OPS = 100_000
+_EVERY = 256  # records a piece of a pass over a graph's ops takes (`building`): well under a millisecond
 MAX_DIMS = 64
 _META = torch.device("meta")
 # Ops that re-point or grow storages: a graph's memory must be known before it runs.
@@ -171,7 +172,10 @@ def _proto_meta(m: tensor_pb2.TensorMeta) -> Meta:
     return (tuple(m.shape), tuple(m.stride), int(m.storage_offset), wire.dtype_from_proto(m.dtype))
 
 
-def build(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Graph:
+def building(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Generator[None, None, Graph]:
+    """The definition in small pieces: each `next` does a bounded part of it (one op's checks and dry run, or
+    `_EVERY` ops' worth of a pass over the records), so that graph.py can stop after a time budget and go on in
+    the session's next slice; returns the Graph. A fault is raised by the piece that finds it."""
     if len(msg.ops) > MAX_GRAPH_OPS:
         raise InvalidArgument(f"a graph of {len(msg.ops)} ops; at most {MAX_GRAPH_OPS}")
     if len(msg.input_meta) != msg.inputs:
@@ -195,8 +199,9 @@ def build(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Graph:
     slot_storage: dict[int, int] = {}
     last_use: dict[int, int] = {}
     kept = {int(w.slot) for w in msg.writes} | {int(x) for x in msg.outputs}
-    last_read = _last_reads(msg)
+    last_read = yield from _last_reads(msg)
     calls: list[Call] = []
+    produced: dict[int, int] = {}  # slot -> the op that produces it
     mutated: set[int] = set()
     external_handle = {slot: h for slot, h, _ in externals}
     reshaped: set[int] = set()  # external slots a mutable op that may change metas reads
@@ -240,6 +245,7 @@ def build(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Graph:
             if value.layout != torch.strided or value.dim() > MAX_DIMS:
                 raise InvalidArgument(f"{where}: returns a {value.layout} tensor of {value.dim()} dimensions")
             meta_slots.append(value)
+            produced[slot] = i
             st = value.untyped_storage()
             key = st._cdata
             if key not in known:
@@ -265,6 +271,7 @@ def build(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Graph:
                     entry[1] -= 1
                     if entry[1] == 0:
                         live -= entry[0]
+        yield
 
     n_slots = len(meta_slots)
     for slot in list(msg.outputs) + [w.slot for w in msg.writes]:
@@ -279,9 +286,11 @@ def build(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Graph:
         if slot in kept:
             continue
         at = last_use.get(slot)
-        if at is None:
-            at = _producer(calls, slot)
+        if at is None:  # never read: dropped after the op that makes it (was a scan of every call per slot)
+            at = produced.get(slot, len(calls) - 1)
         calls[at].dead.append(slot)
+        if not slot % _EVERY:
+            yield
     input_bytes = [_nbytes(m) for m in input_meta]
     contiguous = [_contiguous(m) for m in input_meta]
     graph = Graph(
@@ -299,7 +308,7 @@ def build(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Graph:
         peak + sum(b for b, c in zip(input_bytes, contiguous, strict=True) if c),
         dev,
     )
-    graph.plan = compile_calls(calls)
+    graph.plan = yield from _compiled(calls)
     graph.stable = [k for k, (slot, _, _) in enumerate(externals) if slot not in reshaped]
     return graph
 
@@ -322,10 +331,21 @@ def _contiguous(m: Meta) -> bool:
     return offset == 0
 
 
-def _last_reads(msg: device_pb2.DefineGraph) -> dict[int, int]:
-    """slot -> index of the last op that reads it."""
+def _compiled(calls: list[Call]) -> Generator[None, None, list[Step]]:
+    """`compile_calls` in pieces of `_EVERY` calls."""
+    plan: list[Step] = []
+    for at in range(0, len(calls), _EVERY):
+        plan += compile_calls(calls[at : at + _EVERY])
+        yield
+    return plan
+
+
+def _last_reads(msg: device_pb2.DefineGraph) -> Generator[None, None, dict[int, int]]:
+    """slot -> index of the last op that reads it (in pieces of `_EVERY` ops)."""
     last: dict[int, int] = {}
     for i, op in enumerate(msg.ops):
+        if i and not i % _EVERY:
+            yield
         for a in list(op.args) + list(op.kwargs.values()):
             kind = a.WhichOneof("value")
             if kind == "tensor":
@@ -334,13 +354,6 @@ def _last_reads(msg: device_pb2.DefineGraph) -> dict[int, int]:
                 for h in a.tensors.handles:
                     last[h] = i
     return last
-
-
-def _producer(calls: list[Call], slot: int) -> int:
-    for i, c in enumerate(calls):
-        if slot in c.outs:
-            return i
-    return len(calls) - 1
 
 
 def _storages(meta_slots: list[Any], reads: list[int]) -> list[torch.UntypedStorage]:

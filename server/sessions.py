@@ -106,6 +106,9 @@ class WorkerSession:
         # A download answered in pieces (server/bulk.py): (request id, handle, source, next offset); nothing
         # else of the session runs until its last piece.
         self.download: tuple[int, int, torch.Tensor, int] | None = None
+        # A graph definition built over several slices (server/graph.py `Defining`): as with a download, nothing
+        # else of the session runs until it is done.
+        self.defining: Any = None
         self._storages: dict[int, list[int]] = {}  # storage id -> [handles referencing it, bytes counted]
         self._keys: dict[int, int] = {}  # handle -> the storage id it is counted under (set_ can swap storages)
         self.used = 0

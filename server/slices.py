@@ -206,7 +206,7 @@ def is_ping(body: bytes | bytearray | memoryview) -> bool:
 # executed, seconds, used, ops, handles, uploaded, downloaded, n errors, n events, n replies, flags
 _RES = struct.Struct("<IdqqqqqHHIB")
 _ERROR_PENDING = 1  # flags: the session holds an error for its next Sync
-_PARTIAL = 2  # flags: the command after the executed ones (a Get) answered a piece and continues next slice
+_PARTIAL = 2  # flags: the command after the executed ones (a Get, a DefineGraph) did a piece, continues next slice
 # Step capture's graph events (server/graph.py): the only names a worker may report (they become metric labels).
 GRAPH_EVENTS = ("defined", "rerecorded", "replayed", "dropped", "traced")
 # Eager records a worker ran inside learned runs (server/runs.py), reported with the graph events.
@@ -227,7 +227,7 @@ class SliceResult:
     events: dict[str, int] = field(default_factory=dict)  # step capture's graph events ("replayed", ...)
     replies: list[bytes | SideChunk | list[Any]] = field(default_factory=list)  # a frame, a side chunk, or frames
     error_pending: bool = False  # an error waits for the next Sync (else the daemon may answer a Sync itself)
-    partial: bool = False  # command `executed` (a big Get) sent a piece of its answer and must run again
+    partial: bool = False  # command `executed` (a big Get, a DefineGraph) did a piece of its work and must run again
 
 
 def _head(r: SliceResult) -> tuple[Any, ...]:
@@ -354,7 +354,7 @@ def decode_result(body: bytes | bytearray | memoryview, commands: int, slot: mem
             pos += length
         replies.append(frames if is_list else frames[0])
     partial = bool(flags & _PARTIAL)
-    if pos != len(view) or len(replies) > executed + partial or (partial and (executed >= commands or not replies)):
+    if pos != len(view) or len(replies) > executed + partial or (partial and executed >= commands):
         raise ValueError("malformed slice result")
     # A download's frames go to the outbox one by one: each frame gRPC takes makes room for the next piece,
     # so the worker builds piece n+1 while gRPC sends piece n (one list would park the session until the last
@@ -512,8 +512,8 @@ def run_commands(
             if progress is not None:
                 progress(i)
             execute(session, cmd, reply)
-            if session.download is not None:  # a piece of a big Get: the Get runs again next slice
-                partial = True
+            if session.download is not None or session.defining is not None:
+                partial = True  # a piece of a big Get or of a graph's definition: it runs again next slice
                 break
             executed = i = i + 1
             if views[0] or time.perf_counter() - start > req.budget:

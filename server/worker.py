@@ -92,6 +92,7 @@ class _SessionState:
     """The session's tensors and executor, shared by both runners."""
 
     def __init__(self, spec: WorkerSpec) -> None:
+        from . import graph
         from .executor import CommandExecutor
         from .sessions import DeviceMemory, WorkerSession
 
@@ -110,6 +111,7 @@ class _SessionState:
         self.ledger = slices.SliceLedger()
         self.executor = CommandExecutor(self.ledger)
         self.executor.piece_bytes = bulk.PIECE_BYTES  # big downloads in pieces through the shared buffer
+        self.executor.graphs.piece_seconds = graph.DEFINE_PIECE_SECONDS  # long graph definitions in pieces too
         if spec.token_keys:
             from gpupool.tokens import Verifier
 

@@ -270,21 +270,51 @@ def test_a_download_cut_by_the_daemon_fails_the_wait_clearly(bulk_daemon: Any) -
         assert back.numel() == 64 * MiB  # the download won the race: it is whole
 
 
+def _idle_from(source: str, port: int, n: int) -> list[socket.socket]:
+    """`n` connections to the side port from the loopback address `source` (127.0.0.0/8) that never say hello."""
+    out = []
+    for _ in range(n):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+        out.append(sock)
+    return out
+
+
 def test_hello_limits_per_source(daemon_factory: Any) -> None:
-    """Idle connections that never say hello are bounded per source and time out; a real client gets in after."""
+    """Idle connections that never say hello are bounded per source: one past the bound pushes out its source's
+    oldest (not itself: a real client behind a busy address still gets in), and a real client gets in."""
     d = daemon_factory(bulk_listen="127.0.0.1:0")
     port = _side_port(d)
-    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(bulkside.MAX_PENDING_PER_SOURCE)]
+    idle = _idle_from("127.0.0.1", port, bulkside.MAX_PENDING_PER_SOURCE)
     try:
-        extra = socket.create_connection(("127.0.0.1", port), timeout=10)
-        assert _closed_without_answer(extra), "a connection past the per-source limit is closed at once"
-        extra.close()
+        with _raw_side(d.address, port, insecure=False) as extra:  # heard (before: closed at once)
+            assert _hello_answer(extra, "nobody") == b"unknown or closed session"
+        assert _closed_without_answer(idle[0]), "the source's oldest connection is pushed out"
+        with Session.attach(d.address, d.token()) as s:
+            assert s._side is not None
     finally:
         for sock in idle:
             sock.close()
-    time.sleep(0.5)
-    with Session.attach(d.address, d.token()) as s:
-        assert s._side is not None
+
+
+def test_strangers_from_many_addresses_cannot_keep_a_client_off_the_side_port(daemon_factory: Any) -> None:
+    """Round 17: the side port refused newcomers once MAX_PENDING connections (8 sources x 8) were waiting for
+    their hello, so idle strangers from 8 addresses, reconnecting as each timed out, kept every real client on the
+    slower stream. A newcomer now pushes out the busiest source's oldest: the client's socket binds."""
+    d = daemon_factory(bulk_listen="127.0.0.1:0")
+    port = _side_port(d)
+    sources = bulkside.MAX_PENDING // bulkside.MAX_PENDING_PER_SOURCE
+    idle = [
+        sock for k in range(sources) for sock in _idle_from(f"127.0.0.{k + 2}", port, bulkside.MAX_PENDING_PER_SOURCE)
+    ]
+    try:
+        with Session.attach(d.address, d.token()) as s:
+            assert s._side is not None, "the client's side socket should bind past the strangers"
+            big = torch.randn(5 * MiB)
+            assert torch.equal(s.download(s.upload(big)), big)
+        assert _closed_without_answer(idle[0]), "the oldest of the (equally) busiest sources is pushed out"
+    finally:
+        for sock in idle:
+            sock.close()
 
 
 def test_a_silent_connection_is_dropped_after_the_hello_timeout(
@@ -344,3 +374,31 @@ def _all_sessions_end(bulk_daemon: Any) -> None:
     while bulk_daemon.running.daemon.session_list() and time.time() < deadline:
         time.sleep(0.05)
     assert bulk_daemon.running.daemon.session_list() == []
+
+
+def test_a_hello_dripped_byte_by_byte_is_dropped_when_due(daemon_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HELLO_TIMEOUT bounded each read of the handshake and hello, so a stranger sending a byte a little more
+    often than that held its slot for as long as it liked; now the whole hello is due HELLO_TIMEOUT after the
+    connection arrives."""
+    monkeypatch.setattr(bulkside, "HELLO_TIMEOUT", 1.0)
+    monkeypatch.setenv("GPUPOOL_INSECURE", "1")
+    d = daemon_factory(bulk_listen="127.0.0.1:0", tls=tls.TlsConfig(insecure=True))
+    hello = protocol.bulk_hello("x" * 100)
+    with socket.create_connection(("127.0.0.1", _side_port(d)), timeout=10) as drip:
+        dropped = False
+        for b in hello[:40]:  # 40 bytes, 0.25 s apart: 10 s, each gap far under the timeout
+            try:
+                drip.sendall(bytes([b]))
+            except OSError:
+                dropped = True
+                break
+            time.sleep(0.25)
+        if not dropped:
+            drip.settimeout(0.5)
+            try:
+                dropped = drip.recv(10) == b""
+            except ConnectionResetError:
+                dropped = True
+            except TimeoutError:  # still open
+                dropped = False
+        assert dropped, "a hello dripped byte by byte kept its connection past its due time"

@@ -1,0 +1,104 @@
+"""How long one tenant's DefineGraph holds another tenant's downloads on the same device, this tree against another
+checkout (round 17: a 100,000-op definition was one command on the device's turn; now it goes in pieces).
+
+For each daemon: tenant A defines a graph of `--ops` trivial ops (aten::neg on 4 elements) and syncs; tenant B,
+on the same fake GPU, downloads 4 KiB in a loop until A's sync returns. Printed per daemon: A's definition time,
+B's downloads meanwhile, and B's median and longest download wait.
+
+    nice -n 10 .venv/bin/python bench/graph_define_stall.py --against /work/wt/base \\
+        --against-python /work/wt/base/.venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from daemon_wire import loopback_keys, start_daemon  # noqa: E402
+
+
+def stall(address: str, key: bytes, ops: int, name: str) -> dict[str, float]:
+    import torch
+    from gpupool.client.session import Session
+
+    from gpupool import tokens, wire
+    from gpupool._proto import device_pb2, tensor_pb2
+
+    x = torch.ones(4)
+    body = [
+        device_pb2.Op(name="aten::neg.default", args=[tensor_pb2.Arg(tensor=i + 1)], outputs=[i + 2])
+        for i in range(ops)
+    ]
+    big = device_pb2.DefineGraph(graph_id=1, inputs=1, input_meta=[wire.meta_to_proto(x)], ops=body, outputs=[ops + 1])
+
+    def token(who: str) -> str:
+        claims = tokens.TokenClaims(f"{name}-{who}", "bench", 0, 1 << 30, 1.0, time.time() + 3600, who)
+        return tokens.mint(key, claims)
+
+    with Session.attach(address, token("definer")) as a, Session.attach(address, token("other")) as b:
+        h = b.upload(torch.arange(1024.0))
+        b.download(h)
+        done = threading.Event()
+        took = [0.0]
+
+        def define() -> None:
+            t0 = time.perf_counter()
+            a.define_graph(big)
+            a.sync()
+            took[0] = time.perf_counter() - t0
+            done.set()
+
+        t = threading.Thread(target=define, daemon=True)
+        t.start()
+        waits: list[float] = []
+        while not done.is_set():
+            t0 = time.perf_counter()
+            b.download(h)
+            waits.append(time.perf_counter() - t0)
+        t.join()
+    return {"define_s": took[0], "downloads": len(waits), "median_ms": statistics.median(waits) * 1e3,
+            "max_ms": max(waits) * 1e3}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--against", metavar="DIR", required=True, help="the other checkout (its daemon)")
+    parser.add_argument("--against-python", default=sys.executable, help="the python that imports DIR's gpupool")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        key, key_file = loopback_keys(tmp)
+        daemons = {
+            "other": start_daemon(key_file, python=args.against_python, cwd=args.against),
+            "this": start_daemon(key_file),
+        }
+        runs: dict[str, list[dict[str, float]]] = {k: [] for k in daemons}
+        try:
+            for i in range(args.repeat):
+                for name in daemons if i % 2 == 0 else reversed(list(daemons)):
+                    runs[name].append(stall(daemons[name][1], key, args.ops, f"{name}-{i}"))
+                    print(name, i, runs[name][-1], file=sys.stderr)
+        finally:
+            for proc, _ in daemons.values():
+                proc.terminate()
+                proc.wait(10)
+    print(f"{args.ops} ops, {args.repeat} run(s) each; medians over runs")
+    print(f"{'':8}{'define s':>10}{'B downloads':>13}{'B median ms':>13}{'B max ms':>10}")
+    for name, got in runs.items():
+        med: dict[str, Any] = {k: statistics.median(r[k] for r in got) for k in got[0]}
+        print(
+            f"{name:8}{med['define_s']:>10.2f}{med['downloads']:>13.0f}{med['median_ms']:>13.1f}{med['max_ms']:>10.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
