@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
-import hmac
 import logging
 import threading
 import time
@@ -112,12 +111,14 @@ class Credentials:
         self._settled = False  # the stamp was taken long enough after the last write to stand for the content
         self._text: str | None = None
         self._table: dict[str, Identity] = {}
+        self._checked = 0.0  # time.monotonic() of the last look at the file
         self._lock = threading.Lock()
         if self.path is not None:
             self._reload(strict=True)
 
     def _reload(self, strict: bool = False) -> None:
         assert self.path is not None
+        self._checked = time.monotonic()
         try:
             now = time.time_ns()
             st = self.path.stat()
@@ -135,16 +136,19 @@ class Credentials:
             self._table, self._stamp, self._text = table, stamp, text
             self._settled = max(st.st_mtime_ns, st.st_ctime_ns) < now - _RACY_NS
 
-    def lookup(self, token: str) -> Identity | None:
+    def lookup(self, token: str, *, stale: float = 0.0) -> Identity | None:
+        """The token's identity. The file is looked at first (a stat), or, with `stale` > 0, only when it was last
+        looked at more than `stale` seconds ago (the path of an address over `--auth-fail-rate`: a flood of bad
+        tokens costs a hash and a dictionary lookup each, and a removed token stops working within `stale`)."""
         if self.path is None:
             return None
-        self._reload()
+        if stale <= 0 or time.monotonic() - self._checked > stale:
+            self._reload()
+        # A dictionary of SHA-256 digests: its lookup's timing depends on the digest, which no caller can steer
+        # toward a stored one (a comparison of every stored digest per call made each bad token cost O(tokens)).
         digest = hashlib.sha256(token.encode()).hexdigest()
         with self._lock:
-            for known, ident in self._table.items():
-                if hmac.compare_digest(known, digest):
-                    return ident
-        return None
+            return self._table.get(digest)
 
 
 def parse_credentials(text: str) -> dict[str, Identity]:
@@ -193,15 +197,19 @@ class Authenticator:
         auth = next((str(v) for k, v in metadata or () if k == "authorization"), "")
         if auth:
             source = grpc_source(context.peer())
-            if not self.failures.allows(source):
-                raise ResourceExhausted(
-                    f"too many failed authentications from {source} (over {self.failures.rate:g} a second, "
-                    "--auth-fail-rate): its API tokens are refused unchecked for a while; fix the token, then retry"
-                )
+            limited = not self.failures.allows(source)
             scheme, _, token = auth.partition(" ")
-            ident = self.credentials.lookup(token.strip()) if scheme.lower() == "bearer" else None
+            bearer = scheme.lower() == "bearer"
+            # Over the limit, good tokens still pass (tenants behind one NAT address, or on one login node, share
+            # its bucket with whoever floods it), checked against the table as last read (at most 1 s old).
+            ident = self.credentials.lookup(token.strip(), stale=1.0 if limited else 0.0) if bearer else None
             if ident is None:
                 self.failures.take(source)
+                if limited:
+                    raise ResourceExhausted(
+                        f"too many failed authentications from {source} (over {self.failures.rate:g} a second, "
+                        "--auth-fail-rate): unknown API token; fix the token, then retry after a while"
+                    )
                 raise Unauthenticated("unknown API token")
             return ident
         if self.verified_certs:
@@ -276,9 +284,10 @@ class AuthFailRate(Buckets):
     (`--auth-fail-rate`; 0: no limit).
 
     Each unknown token costs the scheduler a hash and a look at the credentials file (a stat; a read of all of
-    it within two seconds of an edit). Once an address has spent its bucket on failures, its calls that carry
-    an API token are refused with RESOURCE_EXHAUSTED before the token is looked at, good tokens included (they
-    are not checked, so UNAUTHENTICATED would be a lie), until the bucket refills. Calls from other addresses,
+    it within two seconds of an edit). Once an address has spent its bucket on failures, its tokens are checked
+    against the table as last read (the file looked at no more than once a second for it), and its bad ones get
+    RESOURCE_EXHAUSTED ("slow down") instead of UNAUTHENTICATED until the bucket refills; its good tokens still
+    pass (tenants behind one address must not be locked out by whoever floods it). Calls from other addresses,
     and calls with a verified client certificate and no token from any address, are not touched."""
 
 

@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="failed API-token authentications a second one source address (an IPv6 /64) may make, in bursts of "
-        "10 s worth; beyond, its token calls are refused unchecked (RESOURCE_EXHAUSTED) until it slows; 0: no limit",
+        "10 s worth; beyond, its bad tokens get RESOURCE_EXHAUSTED and the credentials file is read for it at most "
+        "once a second until it slows (its good tokens still pass); 0: no limit",
     )
     add_flag(
         p,
