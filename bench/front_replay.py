@@ -12,9 +12,12 @@ runs its slices itself (`Daemon.submit`), as it does for a session alone on its 
 
 `--measure instr` counts instructions (callgrind, on around the timed replay only): exact on a loaded box.
 `--against DIR` replays the same recording through another checkout's front too (run by --against-python).
+`--items N` replays N `.item()`s instead (what `loss.item()` sends: a Sync of one scalar handle, which the null
+worker answers with a SyncReply of one float, each reply taken off the outbox as the stream's writer takes it).
 
     python bench/front_replay.py [--models tiny-mlp,encoder] [--repeats 20]
     python bench/front_replay.py --measure instr --against /work/wt/base --against-python /work/wt/base/.venv/bin/python
+    python bench/front_replay.py --items 2000 --measure instr --against DIR --against-python DIR/.venv/bin/python
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import cgtools
