@@ -12,9 +12,12 @@ runs its slices itself (`Daemon.submit`), as it does for a session alone on its 
 
 `--measure instr` counts instructions (callgrind, on around the timed replay only): exact on a loaded box.
 `--against DIR` replays the same recording through another checkout's front too (run by --against-python).
+`--items N` replays N `.item()`s instead (what `loss.item()` sends: a Sync of one scalar handle, which the null
+worker answers with a SyncReply of one float, each reply taken off the outbox as the stream's writer takes it).
 
     python bench/front_replay.py [--models tiny-mlp,encoder] [--repeats 20]
     python bench/front_replay.py --measure instr --against /work/wt/base --against-python /work/wt/base/.venv/bin/python
+    python bench/front_replay.py --items 2000 --measure instr --against DIR --against-python DIR/.venv/bin/python
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +46,11 @@ class NullRunner:
 
     pid = 1  # not 0: the reader runs the slice itself, as for a worker process
 
-    def __init__(self) -> None:
+    def __init__(self, reply: bytes = b"") -> None:
         from gpupool.server import slices, worker
 
         self._slices = slices
+        self._reply = [reply] if reply else []  # each slice answers this frame (an `.item()`'s SyncReply)
         self._data = memoryview(bytearray(worker.DATA_BYTES))
         self._results: dict[int, bytes] = {}
         self.commands = 0  # commands it was handed: the replay checks that every frame went through
@@ -54,7 +59,9 @@ class NullRunner:
         got = self._results.get(commands)
         if got is None:
             buf = memoryview(bytearray(4096))
-            n = self._slices.write_result(self._slices.SliceResult(executed=commands, seconds=1e-6), buf)
+            n = self._slices.write_result(
+                self._slices.SliceResult(executed=commands, seconds=1e-6, replies=self._reply), buf
+            )
             got = self._results[commands] = bytes(buf[:n])
         return got
 
@@ -97,25 +104,56 @@ def replay(path: str, repeats: int, instr: bool) -> dict[str, Any]:
     for r in range(repeats + 1):
         claims = TokenClaims(f"bench-{r}", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
         s = FrontSession(f"s{r}", r + 1, claims, dev, 1 << 30, "bench")
-        s.runner = NullRunner()  # type: ignore[assignment]
+        s.runner = NullRunner(bytes.fromhex(d.get("reply", "")))  # type: ignore[assignment]
         s.entry = daemon.queues[dev.index].add(s, 1.0)
         counting = instr and r == repeats
         if counting:
             cgtools.control("--instr=on")
         start = time.thread_time()
-        servicer._read(s, iter(frames))
+        out: list[Any] = []
+        servicer._read(s, _writer(daemon, s, frames, out))
+        list(_writer(daemon, s, [], out))  # the last replies
         took = time.thread_time() - start
         if counting:
             cgtools.control("--dump=front", "--instr=off")
         ran = s.runner.commands  # type: ignore[union-attr]
         if ran != total:  # the reader stopped early: what it queued for the stream says why
-            raise SystemExit(f"the front ran {ran} of the frames' {total} commands: {s.outbox.get_nowait()!r}")
+            raise SystemExit(f"the front ran {ran} of the frames' {total} commands: {out[:1]!r}")
         if r:  # the first one warms every cache
             times.append(took / len(frames))
         daemon.queues[dev.index].remove(s.entry)
     ops = d["ops"]
     return {"frames": len(frames), "ops_per_frame": ops / len(frames), "cpu": min(times),
             "median": statistics.median(times)}  # fmt: skip
+
+
+def _item_recording(n: int) -> dict[str, Any]:
+    """A recording of `n` `.item()`s: what `loss.item()` sends (a Sync of one scalar handle, its own request id)
+    and the worker's answer (a SyncReply with one float), as the null worker answers each."""
+    from gpupool._proto import device_pb2
+
+    frames = []
+    for i in range(n):
+        frame = device_pb2.ClientFrame()
+        frame.commands.add().sync.MergeFrom(device_pb2.Sync(request_id=i + 1, scalar_handles=[(1 << 32) + 7]))
+        frames.append(frame.SerializeToString().hex())
+    reply = device_pb2.ServerFrame(request_id=n)
+    reply.sync.values.add(f=0.6931)
+    return {"frames": frames, "start": 0, "end": n, "ops": n, "reply": reply.SerializeToString().hex()}
+
+
+def _writer(daemon: Any, s: Any, frames: list[bytes], out: list[Any]) -> Iterator[bytes]:
+    """The frames for the reader, one by one; before each (and at the end) the replies queued so far are taken
+    as the stream's writer takes them (`DeviceServicer._replies`: `Daemon.replied` for each) into `out`."""
+    from gpupool.server.daemon import END_OF_STREAM
+
+    for f in [*frames, None]:
+        while not s.outbox.empty():
+            out.append(s.outbox.get_nowait())
+            if out[-1] is not END_OF_STREAM:
+                daemon.replied(s, out[-1])
+        if f is not None:
+            yield f
 
 
 def _instructions(python: str, where: Path, path: str, tmp: str) -> dict[str, Any]:
@@ -141,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="replay processes per checkout, alternating")
     cgtools.add_against_flags(p, "another checkout's front replaying the same recording")
     p.add_argument("--recording", metavar="FILE", help="replay this recording (eager_replay.py --dump) for every model")
+    p.add_argument(
+        "--items",
+        type=int,
+        metavar="N",
+        help="replay N `.item()` frames (a Sync of one scalar, each answered with its value) instead of a model",
+    )
     p.add_argument("--replay", metavar="FILE", help=argparse.SUPPRESS)
     p.add_argument("--instr", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -155,9 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         trees["other"] = args.against_python
     where = {"this": HERE, "other": Path(args.against or HERE) / "bench"}
     with tempfile.TemporaryDirectory() as tmp:
-        for model in args.models.split(","):
+        for model in [".item()"] if args.items else args.models.split(","):
             path = args.recording or str(Path(tmp) / f"{model}.json")
-            if not args.recording:
+            if args.items:
+                Path(path).write_text(json.dumps(_item_recording(args.items)))
+            elif not args.recording:
                 cmd = [sys.executable, str(HERE / "eager_replay.py"), "--dump", model, path, "--steps", str(args.steps)]
                 subprocess.run(cmd, check=True, capture_output=True, cwd=HERE)
             runs: dict[str, list[dict[str, Any]]] = {k: [] for k in trees}

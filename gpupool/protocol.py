@@ -195,11 +195,16 @@ def lone_sync(raw: bytes) -> int | None:
     if len(raw) > 16 or raw[2:3] != _COMMAND_SYNC_TAG:
         return None
     request_id = shift = 0
+    end = 4
     for b in raw[5:] if raw[4:5] == b"\x08" else b"":
         request_id |= (b & 0x7F) << shift
         shift += 7
+        end += 1
         if b < 0x80:  # the id's last byte: a lone Sync ends here (the comparison below says whether it did)
+            end += 1
             break
+    if end != len(raw):  # more after the id (an `.item()`'s scalar handles): no frame to build and compare
+        return None
     return request_id if raw == sync_frame(request_id) else None
 
 

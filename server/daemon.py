@@ -497,10 +497,14 @@ class Daemon:
         s.error_pending = res.error_pending
         if res.events:
             self.ledger.graphs_of(s, res.events)
-        if res.replies and not self._room_for_replies(s, sum(reply_bytes(r) for r in res.replies)):
+        replies = res.replies
+        if not replies:
             return
-        for item in res.replies:
-            s.send(item)
+        sizes = [len(r) if type(r) is bytes else reply_bytes(r) for r in replies]  # once a reply: room, then send
+        if not self._room_for_replies(s, sum(sizes)):
+            return
+        for item, size in zip(replies, sizes, strict=True):
+            s.send(item, size)
 
     def _room_for_replies(self, s: FrontSession, n: int) -> bool:
         """Whether the host may hold `n` more bytes of `s`'s unread replies (--max-unread-bytes). Past the limit

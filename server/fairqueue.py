@@ -106,10 +106,14 @@ class FairQueue:
             idle = not (self._claimed or entry.closed or self._stopped or entry.blocked or entry.commands)
             if idle and not any(e.running for e in self._entries) and not self._ready():
                 entry.vtime = max(entry.vtime, self._vnow)  # back from idle: no banked credit
+                self._claimed = True
+                if len(commands) <= max_commands:  # the usual: the whole frame is the slice (`_pop` of it, no queue)
+                    self._vnow = entry.vtime
+                    entry.running = True
+                    return commands
                 entry.frames.append([commands, 0, nbytes])
                 entry.commands += len(commands)
                 entry.nbytes += nbytes
-                self._claimed = True
                 return self._pop(entry, max_commands)  # no notify: nothing for the device's thread to do
         return None if self.put(entry, commands, nbytes) else []
 

@@ -70,9 +70,12 @@ class FrontSession:
     def worker_pid(self) -> int:
         return self.runner.pid if self.runner is not None else 0
 
-    def send(self, item: Any) -> None:
-        """Queue a reply for the stream, counting its bytes until `sent` says gRPC took them."""
-        self._count_out(reply_bytes(item))
+    def send(self, item: Any, size: int = -1) -> None:
+        """Queue a reply for the stream, counting its bytes (`size`: its `reply_bytes`, when the caller has them)
+        until `sent` says gRPC took them."""
+        n = reply_bytes(item) if size < 0 else size
+        with self._outbox_lock:
+            self.outbox_bytes += n
         self.outbox.put(item)
 
     def answer_sync(self, request_id: int, queue: FairQueue, outbox_limit: int) -> bool:
@@ -105,15 +108,15 @@ class FrontSession:
             os.sched_yield()
 
     def sent(self, item: Any) -> None:
-        self._count_out(-reply_bytes(item))
-
-    def _count_out(self, n: int) -> None:
+        n = len(item) if type(item) is bytes else reply_bytes(item)
         with self._outbox_lock:
-            self.outbox_bytes += n
+            self.outbox_bytes -= n
 
 
 def reply_bytes(item: Any) -> int:
     """What a queued reply holds in memory: a download's frames, or one serialized frame."""
+    if type(item) is bytes:  # most replies: a serialized frame
+        return len(item)
     if isinstance(item, list):
         return sum(len(b) for b in item)
     if isinstance(item, bytes | bytearray | SideChunk):  # a side chunk holds its download slot until sent

@@ -317,27 +317,38 @@ def decode_result(body: bytes | bytearray | memoryview, commands: int, slot: mem
         raise ValueError("impossible slice result")
     pos = _RES.size
     errors: dict[StatusCode, int] = {}
-    for _ in range(min(n_err, len(CODES))):
-        code, n = struct.unpack_from("<BI", view, pos)
+    for _ in range(min(n_err, len(CODES))) if n_err else ():
+        code, n = _CODE_COUNT.unpack_from(view, pos)
         pos += 5
         if code >= len(CODES):
             raise ValueError(f"an error count under status code index {code}")
         errors[CODES[code]] = errors.get(CODES[code], 0) + min(n, executed)
     events: dict[str, int] = {}
-    for _ in range(min(n_ev, 16)):  # names become metric label values: the known events only
-        length, n = struct.unpack_from("<BI", view, pos)
+    for _ in range(min(n_ev, 16)) if n_ev else ():  # names become metric label values: the known events only
+        length, n = _CODE_COUNT.unpack_from(view, pos)
         name = bytes(view[pos + 5 : pos + 5 + length]).decode("ascii", "replace")
         pos += 5 + length
         if name in GRAPH_EVENTS or name in (LEARNED_OPS, NATIVE_OPS):
             events[name] = min(n, executed)
+    # A download's frames go to the outbox one by one: each frame gRPC takes makes room for the next piece,
+    # so the worker builds piece n+1 while gRPC sends piece n (one list would park the session until the last
+    # frame of the piece was sent): a list's frames are replies of their own here.
     replies: list[Any] = []
     slot_end = 0
     for _ in range(n_rep):
-        is_list, count = struct.unpack_from("<BI", view, pos)
-        pos += 5
+        if len(view) - pos >= _REPLY_HEAD.size:
+            is_list, count, length = _REPLY_HEAD.unpack_from(view, pos)
+            if not is_list and count == 1 and not length & SIDE:  # the usual: one frame (a sync's answer...)
+                pos += _REPLY_HEAD.size
+                if pos + length > len(view):
+                    raise ValueError("reply runs past the result's end")
+                replies.append(bytes(view[pos : pos + length]))
+                pos += length
+                continue
+        is_list, count = _CODE_COUNT.unpack_from(view, pos)
         if not (is_list or count == 1):
             raise ValueError(f"a reply of {count} frames that is not a list")
-        frames: list[Any] = []
+        pos += 5
         for _ in range(count):
             (length,) = struct.unpack_from("<I", view, pos)
             pos += 4
@@ -348,18 +359,13 @@ def decode_result(body: bytes | bytearray | memoryview, commands: int, slot: mem
             if side:
                 chunk = _side_chunk(view[pos : pos + length], slot, slot_end)
                 slot_end = chunk.at + chunk.size
-                frames.append(chunk)
+                replies.append(chunk)
             else:
-                frames.append(bytes(view[pos : pos + length]))
+                replies.append(bytes(view[pos : pos + length]))
             pos += length
-        replies.append(frames if is_list else frames[0])
     partial = bool(flags & _PARTIAL)
-    if pos != len(view) or len(replies) > executed + partial or (partial and executed >= commands):
+    if pos != len(view) or n_rep > executed + partial or (partial and executed >= commands):
         raise ValueError("malformed slice result")
-    # A download's frames go to the outbox one by one: each frame gRPC takes makes room for the next piece,
-    # so the worker builds piece n+1 while gRPC sends piece n (one list would park the session until the last
-    # frame of the piece was sent).
-    replies = [f for item in replies for f in (item if isinstance(item, list) else (item,))]
     return SliceResult(
         executed, seconds, used, ops, handles, up, down, errors, events, replies, bool(flags & _ERROR_PENDING), partial
     )

@@ -122,6 +122,34 @@ def test_an_idle_device_hands_the_first_slice_to_the_caller_and_runs_nothing_els
     assert a.vtime == pytest.approx(0.020)
 
 
+def test_a_claimed_frame_that_fits_the_slice_leaves_the_queue_as_popping_it_would() -> None:
+    """The usual claim (an `.item()`: the whole frame is the slice) is handed back without queueing it: the
+    session runs with nothing queued, the device stays claimed, and virtual time moves as a popped slice's
+    does: the session comes back from idle without banked credit and the queue's clock reaches its time."""
+    q = FairQueue()
+    a, b = q.add("a", 0.5), q.add("b", 0.5)
+    assert q.put_and_claim(a, ["a1"], 10, 8) == ["a1"]
+    q.charge(a, 0.05, claimed=True)  # a.vtime 0.1, the clock still 0
+    q.put(b, ["b1"], 0)
+    assert q.take(8) == (b, ["b1"])
+    q.charge(b, 0.01)  # b.vtime 0.02
+    frame = ["a2", "a3"]
+    assert q.put_and_claim(a, frame, 20, 2) is frame
+    assert a.running and a.commands == 0 and a.nbytes == 0 and not q.idle(a)
+    t, got = _take_in_thread(q)
+    q.put(b, ["b2"], 0)  # ready, but the device is claimed
+    t.join(0.2)
+    assert t.is_alive() and not got
+    q.charge(a, 0.0, claimed=True)
+    t.join(5)
+    assert got == [(b, ["b2"])]
+    q.charge(b, 0.0)
+    c = q.add("c", 0.5)
+    q.put(c, ["c1"], 0)  # new: starts at the clock, which the claim moved to a's 0.1
+    assert c.vtime == pytest.approx(0.1)
+    assert q.idle(a) and a.vtime == pytest.approx(0.1)
+
+
 def test_no_claim_while_another_session_runs_or_waits() -> None:
     """Fair sharing is the device thread's: with another session running or backlogged, or this one's own
     commands still queued, put_and_claim only queues (None), as put does; a closed session gets []."""

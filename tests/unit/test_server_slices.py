@@ -81,6 +81,26 @@ def test_results_with_impossible_codes_or_reply_shapes_are_malformed() -> None:
             slices.decode_result(bytes(lie), 1)
 
 
+def test_one_frame_replies_are_checked_like_any_other() -> None:
+    """Round 17 (front17): a reply of one plain frame (the usual: a sync's answer) is read in one step; a length
+    past the result's end, a side chunk's flag, or a cut anywhere are refused all the same."""
+    r = slices.SliceResult(2, 0.1, 0, 0, 0, 0, 0, {}, {}, [b"frame", b"x" * 20])
+    body = b"".join(slices.encode_result(r))[4:]
+    assert slices.decode_result(body, 2) == r
+    at = slices._RES.size + 5  # the first reply's length word
+    past = bytearray(body)
+    struct.pack_into("<I", past, at, len(body))
+    with pytest.raises(ValueError, match="past the result's end"):
+        slices.decode_result(bytes(past), 2)
+    side = bytearray(body)
+    struct.pack_into("<I", side, at, 5 | slices.SIDE)
+    with pytest.raises(ValueError, match="side chunk"):
+        slices.decode_result(bytes(side), 2)  # no download slot was given: no side chunk may come back
+    for cut in range(len(body)):
+        with pytest.raises((ValueError, struct.error)):
+            slices.decode_result(body[:cut], 2)
+
+
 def test_partial_results_and_pending_errors_round_trip_and_lies_are_refused() -> None:
     r = slices.SliceResult(2, 0.1, 0, 0, 0, 0, 12, {}, {}, [[b"piece"]], error_pending=True, partial=True)
     body = b"".join(slices.encode_result(r))[4:]
