@@ -213,7 +213,8 @@ class _Pending:
 
     def kick(self) -> None:
         """End the connection's handshake now: its hello thread's read fails, and that thread closes it (the
-        descriptor is open while the connection is pending: the thread forgets it before closing it)."""
+        descriptor is open while the connection is pending: the thread takes it off the pending list before
+        closing it, and nothing closes it earlier: `_hello` does the TLS handshake by hand for that)."""
         try:
             with socket.socket(fileno=os.dup(self.fd)) as dup:
                 dup.shutdown(socket.SHUT_RDWR)
@@ -310,7 +311,12 @@ class BulkPort:
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is not None:
-                sock = self._tls.context().wrap_socket(conn, server_side=True)
+                # The handshake by hand: wrap_socket's own closes the descriptor when it fails, while the
+                # connection is still pending, and a kick (`_Pending.kick`, the descriptor's number) could then
+                # shut down whatever socket of the daemon's took that number (a client's gRPC connection). The
+                # descriptor stays open until `finally` has taken the connection off the pending list.
+                sock = self._tls.context().wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+                sock.do_handshake()
             head = protocol.recv_exact(sock, len(protocol.BULK_HELLO) + 2, "connection closed during the hello")
             if head[: len(protocol.BULK_HELLO)] != protocol.BULK_HELLO:
                 raise ValueError("not a gpupool bulk hello")
