@@ -8,7 +8,9 @@ private network)."""
 
 from __future__ import annotations
 
+import collections
 import ipaddress
+from collections.abc import Sequence
 from urllib.parse import unquote
 
 
@@ -35,3 +37,19 @@ def grpc_source(peer: str) -> str:
     if kind == "ipv6":
         return source_key(rest.rsplit(":", 1)[0].strip("[]"))
     return peer
+
+
+def push_out(sources: Sequence[str], new: str, per_source: int, total: int) -> tuple[int, bool] | None:
+    """The policy of a listener whose unauthenticated connections are capped (the collective hub, the bulk side
+    port): a newcomer from `new` is never refused; past `per_source` connections of its own source it pushes out
+    that source's oldest, past `total` in all the oldest of the source holding the most. `sources`: the pending
+    connections' sources in arrival order. Returns (the index of the one to push out, whether it was its own
+    source's cap), or None."""
+    mine = [i for i, source in enumerate(sources) if source == new]
+    if len(mine) >= per_source:
+        return mine[0], True
+    if len(sources) >= total:
+        counts = collections.Counter(sources)
+        busiest = max(counts.values())
+        return next(i for i, source in enumerate(sources) if counts[source] == busiest), False
+    return None

@@ -247,8 +247,12 @@ class Buckets:
                 del self._buckets[k]
             if len(self._buckets) >= self.MAX_TRACKED:
                 key = self.OVERFLOW
+        return key, self._tokens(key, now)
+
+    def _tokens(self, key: str, now: float) -> float:
+        """The tokens `key`'s bucket holds now (a new key's bucket is full); the caller holds the lock."""
         tokens, at = self._buckets.get(key, (self.burst, now))
-        return key, min(self.burst, tokens + (now - at) * self.rate)
+        return min(self.burst, tokens + (now - at) * self.rate)
 
     def take(self, key: str) -> bool:
         """Take a token from `key`'s bucket; False (and nothing taken) when it has none."""
@@ -268,8 +272,7 @@ class Buckets:
         now = time.monotonic()
         with self._lock:
             key = key if key in self._buckets or len(self._buckets) < self.MAX_TRACKED else self.OVERFLOW
-            tokens, at = self._buckets.get(key, (self.burst, now))
-            return min(self.burst, tokens + (now - at) * self.rate) >= 1.0
+            return self._tokens(key, now) >= 1.0
 
 
 class TenantRate(Buckets):

@@ -36,6 +36,7 @@ from typing import Any
 from gpupool import protocol, tls
 from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import InvalidArgument, Unavailable
+from gpupool.peers import push_out
 
 from . import bulk
 
@@ -271,18 +272,9 @@ class BulkPort:
         """Count a new connection; past a cap, push out its source's oldest or the busiest source's oldest."""
         self._expire()
         with self._lock:
-            mine = [p for p in self._pending if p.source == new.source]
-            victim = None
-            if len(mine) >= MAX_PENDING_PER_SOURCE:
-                victim = mine[0]
-            elif len(self._pending) >= MAX_PENDING:
-                counts: dict[str, int] = {}
-                for p in self._pending:
-                    counts[p.source] = counts.get(p.source, 0) + 1
-                busiest = max(counts.values())
-                victim = next(p for p in self._pending if counts[p.source] == busiest)
-            if victim is not None:
-                self._pending.remove(victim)
+            out = push_out([p.source for p in self._pending], new.source, MAX_PENDING_PER_SOURCE, MAX_PENDING)
+            if out is not None:
+                victim = self._pending.pop(out[0])
                 victim.kick()
                 now = time.monotonic()
                 if now - self._warned_at > 10.0:  # a flood of connections must not flood the log

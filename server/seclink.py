@@ -48,7 +48,6 @@ traffic analysis (sizes and timing), and denial of service by anyone who can rea
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import hmac
 import logging
@@ -68,7 +67,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from gpupool.peers import source_key
+from gpupool.peers import push_out, source_key
 
 log = logging.getLogger(__name__)
 
@@ -313,14 +312,11 @@ class _Hub:
                 time.sleep(0.05)  # not a busy loop on a listener that stays readable
                 return
             source = source_key(addr[0], v6_prefix=128)  # ranks on hosts of one IPv6 subnet stay apart
-            mine = [h for h in self.pending if h.source == source]
-            if len(mine) >= MAX_PENDING_PER_SOURCE:
-                self._drop(sel, mine[0], "pushed out by a newer connection from its address")
-            elif len(self.pending) >= MAX_PENDING:
-                counts = collections.Counter(h.source for h in self.pending)
-                busiest = max(counts.values())
-                oldest = next(h for h in self.pending if counts[h.source] == busiest)
-                self._drop(sel, oldest, "pushed out by a newer connection (too many handshakes in progress)")
+            out = push_out([h.source for h in self.pending], source, MAX_PENDING_PER_SOURCE, MAX_PENDING)
+            if out is not None:
+                at, own = out
+                why = "from its address" if own else "(too many handshakes in progress)"
+                self._drop(sel, self.pending[at], f"pushed out by a newer connection {why}")
             sock.setblocking(False)
             h = _Handshake(sock, f"{addr[0]}:{addr[1]}", source, time.monotonic(), self.deadline)
             self.pending.append(h)
