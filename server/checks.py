@@ -85,7 +85,7 @@ class OpPlan:
         self.mutable = schema.is_mutable
         self.grown = self.name in GROW_UNINITIALIZED
         self.uninitialized = self.name in UNINITIALIZED
-        self.validate = self.name.startswith("aten::_foreach_") or self.name in guards._VALIDATORS
+        self.validate = self.name.startswith("aten::_foreach_") or guards.value_guarded(self.name)
         # fallbacks: accelerator-only ops; `op._op` is the builtin `OpOverload.__call__` calls (one Python frame less)
         self.run = guards.replacement(op) or fallbacks.lookup(op, device) or op._op
         self.sig = _plan(op)

@@ -506,7 +506,7 @@ class CommandExecutor:
         if new_handles and len(tensors) + len(poisoned) + new_handles > s.max_handles:
             s.admit_handles(new_handles)  # raises
         if step.check:  # value guards run every time (a `_foreach_` op's list lengths: fixed by its template)
-            guards.validate(op, args, kwargs)
+            guards.validate(op, args, kwargs, s.max_op_flops)
         need = step.need
         if need > 0:
             s.admit(need)
@@ -647,7 +647,7 @@ class CommandExecutor:
             guards.check_inputs(args, kwargs, s.quota)
             guards.check_counts(op, [], args, kwargs)
             if plan.validate:  # value guards run before any kernel (even a meta kernel) reads the arguments
-                guards.validate(op, args, kwargs)
+                guards.validate(op, args, kwargs, s.max_op_flops)
             cost.check(op, args, kwargs, s.max_op_flops)
             need = self.sizer.new_bytes(op, args, kwargs)
             if sig is not None and need != NO_META:
@@ -655,7 +655,7 @@ class CommandExecutor:
                     self._verdicts.clear()
                 self._verdicts[sig] = need
         elif plan.validate:  # the shape-only checks passed for this signature; the value guards run every time
-            guards.validate(op, args, kwargs)
+            guards.validate(op, args, kwargs, s.max_op_flops)
         if need == NO_META:  # bounded from the real inputs, so its output cannot exhaust the host first
             need = sizing.no_meta_bound(op, args, kwargs)
         if need > 0:

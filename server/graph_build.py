@@ -407,7 +407,7 @@ def _prebuild(
     work = max(cost.estimate(op, margs, mkwargs), _elements([*margs, *mkwargs.values()]))
     value_guard = op._schema.name in guards.VALUE_GUARDS
     if not value_guard:
-        guards.validate(op, margs, mkwargs)
+        guards.validate(op, margs, mkwargs, s.max_op_flops)
     try:
         out = op(*margs, **mkwargs)
     except NotImplementedError:
@@ -455,7 +455,7 @@ def _prebuild(
     if value_guard:
 
         def check(a: list[Any], k: dict[str, Any]) -> None:
-            guards.validate(op, a, k)
+            guards.validate(op, a, k, s.max_op_flops)
 
     call = Call(
         msg.name,

@@ -161,6 +161,92 @@ VALUE_GUARDS = frozenset(
 )
 
 
+# ---- kernels that loop per element as many times as an argument's value says ----
+#
+# Shapes bound every other op's work (cost.py, `check_inputs`), but these kernels (ATen/native/Math.h) run a
+# recurrence per element whose length is a value: the Laguerre and Legendre polynomials (and the Chebyshev ones
+# for |x| just past 1) loop n times, the Hurwitz zeta function (and polygamma of order 2 or more, which calls it)
+# steps from q up to 9 one at a time, so a negative q is |q| steps. One element with n = 1e15 or q = -1e15 + 0.5
+# held the device's thread for months (measured here: 1e8 steps take 1-3 s), and a kernel is never pre-empted.
+# The loops are counted from the values (read from the tensors: a sync on a GPU, as the index guards) and bounded
+# as multiply-adds are (`--max-op-flops`).
+
+
+def _elements(*values: Any) -> int:
+    """Elements of the result: the broadcast of the tensor arguments' shapes (numbers broadcast as scalars)."""
+    shapes = [v.shape for v in values if isinstance(v, torch.Tensor)]
+    return math.prod(torch.broadcast_shapes(*shapes)) if shapes else 1
+
+
+def _largest(value: Any, sign: int = 1) -> float:
+    """The largest of `sign * value` over a tensor's values (or a number); unknown (meta, empty): 0; NaN: inf
+    (a kernel casts it to int64, which is undefined: CUDA saturates)."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "meta" or not value.numel():
+            return 0.0
+        if value.is_complex():
+            value = value.real
+        found = float(value.max() if sign > 0 else value.min()) * sign
+    else:
+        found = float(value) * sign
+    return math.inf if math.isnan(found) else found
+
+
+def _degree_loops(args: Args, kwargs: Kwargs) -> float:
+    """Orthogonal polynomials (x, n): up to n steps per element."""
+    x, n = arg(args, kwargs, 0, "x"), arg(args, kwargs, 1, "n")
+    return _elements(x, n) * max(0.0, _largest(n))
+
+
+def _zeta_steps(q: Any) -> float:
+    return max(0.0, _largest(q, -1))  # steps from q up to 9: only a negative q makes them many
+
+
+def _zeta_loops(args: Args, kwargs: Kwargs) -> float:
+    x, q = arg(args, kwargs, 0, "self"), arg(args, kwargs, 1, "other")
+    return _elements(x, q) * _zeta_steps(q)
+
+
+def _polygamma_loops(n_at: int, x_at: int) -> Callable[[Args, Kwargs], float]:
+    """polygamma(n, x) of order 2 or more is zeta(n + 1, x)."""
+
+    def loops(args: Args, kwargs: Kwargs) -> float:
+        n, x = int(arg(args, kwargs, n_at, "n", 0)), arg(args, kwargs, x_at, "self")
+        return _elements(x) * _zeta_steps(x) if n >= 2 else 0.0
+
+    return loops
+
+
+_LOOPS: dict[str, Callable[[Args, Kwargs], float]] = {
+    **{
+        f"aten::special_{name}_polynomial_{kind}": _degree_loops
+        for name, kinds in (
+            ("chebyshev", "tuvw"),
+            ("shifted_chebyshev", "tuvw"),
+            ("hermite", ("h", "he")),
+            ("laguerre", "l"),
+            ("legendre", "p"),
+        )
+        for kind in kinds
+    },
+    "aten::special_zeta": _zeta_loops,
+    "aten::polygamma": _polygamma_loops(0, 1),
+    "aten::polygamma_": _polygamma_loops(1, 0),
+}
+
+
+def _check_loops(name: str, args: Args, kwargs: Kwargs, limit: int) -> None:
+    loops = _LOOPS.get(name)
+    if loops is None:
+        return
+    n = checked(name, loops, args, kwargs)
+    if n > limit:
+        raise ResourceExhausted(
+            f"{name} would loop about {n:.3g} times (its degree or order, times its elements), more than the "
+            f"{limit:.3g} one op may take on this device"
+        )
+
+
 def _foreach_lengths(args: Args, kwargs: Kwargs) -> None:
     """_foreach_ kernels walk their lists in step; _foreach_copy_ with a shorter `self` aborted the daemon."""
     lengths = {len(v) for v in list(args) + list(kwargs.values()) if isinstance(v, list) and v}
@@ -169,17 +255,23 @@ def _foreach_lengths(args: Args, kwargs: Kwargs) -> None:
         raise InvalidArgument(f"list arguments of different lengths {sorted(lengths)}")
 
 
+VALUE_GUARDS |= frozenset(_LOOPS)
+
+
 def value_guarded(name: str) -> bool:
     """Whether op `name` has a guard of its own in `validate` (besides a `_foreach_` op's lists' lengths)."""
-    return name in _VALIDATORS
+    return name in _VALIDATORS or name in _LOOPS
 
 
-def validate(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs) -> None:
-    if op._schema.name.startswith("aten::_foreach_"):
-        checked(op._schema.name, _foreach_lengths, args, kwargs)
-    check = _VALIDATORS.get(op._schema.name)
+def validate(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs, max_flops: int) -> None:
+    """The guards of op's argument values; `max_flops`: the most work one op may do (the session's bound)."""
+    name = op._schema.name
+    if name.startswith("aten::_foreach_"):
+        checked(name, _foreach_lengths, args, kwargs)
+    check = _VALIDATORS.get(name)
     if check is not None:
-        checked(op._schema.name, check, args, kwargs)
+        checked(name, check, args, kwargs)
+    _check_loops(name, args, kwargs, max_flops)
 
 
 def _checked_reshape_alias(self: torch.Tensor, size: list[int], stride: list[int]) -> torch.Tensor:
