@@ -88,7 +88,8 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         "--max-op-flops",
         type=float,
         default=0,
-        help="multiply-adds one op may do (0: 1e12 on fake GPUs, 1e15 on real ones)",
+        help="multiply-adds (or like steps: pool windows, polynomial degrees) one op may do (0: 1e12 on fake GPUs, "
+        "1e15 on real ones)",
     )
     add_flag(
         p,

@@ -4,7 +4,11 @@ Expanded views are free to make (a few bytes of real memory), and a per-input el
 keeps elementwise work linear in the quota; but contractions multiply sizes: a matmul of two expanded
 32768 x 32768 views is 7e13 multiply-adds, hours on a CPU-backed device, and a worker cannot be pre-empted
 inside a kernel. So ops whose work grows faster than their inputs are estimated here (output elements times
-contraction length) and refused when the estimate passes the device's bound (`--max-op-flops`).
+contraction length) and refused when the estimate passes the device's bound (`--max-op-flops`). Not only
+contractions: a sliding-window pool reads its whole window per output position (a window as large as an
+expanded input, at stride 1: input x window reads), dense linear algebra is cubic in the matrix side, pairwise
+distances and the multilabel margin loss are quadratic (round 17 estimated only the contractions: a max pool held
+a fake GPU for days). Ops whose work a *value* decides (a polynomial's degree) are guards.py's `_LOOPS`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Any
 import torch
 
 from gpupool.errors import ResourceExhausted
+
+from .opargs import arg
 
 Args = Sequence[Any]
 Kwargs = Mapping[str, Any]
@@ -75,6 +81,148 @@ def _attention(args: Args, kwargs: Kwargs) -> int:
     return 2 * _numel(q.shape[:-1]) * k.shape[-2] * q.shape[-1]
 
 
+def _ints(value: Any, dims: int, default: int) -> list[int]:
+    """An int[N] argument as N ints (one int stands for all; empty: `default`)."""
+    if value is None:
+        return [default] * dims
+    if isinstance(value, int):
+        return [value] * dims
+    values = [int(v) for v in value]
+    if not values:
+        return [default] * dims
+    return values * dims if len(values) == 1 else values
+
+
+def _pool(dims: int, stride_at: int, padding_at: int) -> Callable[[Args, Kwargs], int]:
+    """A sliding-window pool (self, kernel_size, stride, padding, ...): every output position reads the whole
+    window, so a window as large as the input at stride 1 is input x window reads (the input may be an expanded
+    view, the output far smaller than either): output positions (at most (size + 2 * padding - window) / stride
+    + 2 per dimension) x window elements."""
+
+    def cost(args: Args, kwargs: Kwargs) -> int:
+        x = _t(args, 0)
+        if x is None or x.dim() < dims:
+            return 0
+        kernel = _ints(arg(args, kwargs, 1, "kernel_size"), dims, 1)
+        stride = _ints(arg(args, kwargs, stride_at, "stride"), dims, 0)
+        stride = [s if s > 0 else k for s, k in zip(stride, kernel, strict=False)]
+        padding = _ints(arg(args, kwargs, padding_at, "padding"), dims, 0)
+        sizes = x.shape[-dims:]
+        positions = _numel(x.shape[:-dims])
+        for size, k, s, pad in zip(sizes, kernel, stride, padding, strict=False):
+            positions *= max(1, (size + 2 * max(pad, 0) - k) // max(s, 1) + 2)  # + 1, + 1 more for ceil_mode
+        return positions * _numel(kernel)
+
+    return cost
+
+
+def _fractional_pool(dims: int) -> Callable[[Args, Kwargs], int]:
+    """(self, kernel_size, output_size, random_samples): output positions x window elements."""
+
+    def cost(args: Args, kwargs: Kwargs) -> int:
+        x = _t(args, 0)
+        if x is None or x.dim() < dims:
+            return 0
+        kernel = _ints(arg(args, kwargs, 1, "kernel_size"), dims, 1)
+        out = _ints(arg(args, kwargs, 2, "output_size"), dims, 1)
+        return _numel(x.shape[:-dims]) * _numel(out) * _numel(kernel)
+
+    return cost
+
+
+def _pool_backward(dims: int) -> Callable[[Args, Kwargs], int]:
+    """An average pool's backward (grad_output, self, kernel_size, ...): each gradient element spreads over its
+    window."""
+
+    def cost(args: Args, kwargs: Kwargs) -> int:
+        grad = _t(args, 0)
+        if grad is None:
+            return 0
+        return grad.numel() * _numel(_ints(arg(args, kwargs, 2, "kernel_size"), dims, 1))
+
+    return cost
+
+
+def _matrix(t: torch.Tensor | None) -> tuple[int, int, int]:
+    """(batch, rows, columns) of a (batch of) matrix; (0, 0, 0) for anything else."""
+    if t is None or t.dim() < 2:
+        return 0, 0, 0
+    return _numel(t.shape[:-2]), int(t.shape[-2]), int(t.shape[-1])
+
+
+def _decomposition(at: int, factor: int = 1) -> Callable[[Args, Kwargs], int]:
+    """A factorization, inverse or decomposition of an m x n matrix (LU, QR, Cholesky, eigen- and singular values):
+    about m * n * min(m, n) per matrix (`factor` times that for the iterative ones: eigenvalues, SVD, exp)."""
+
+    def cost(args: Args, kwargs: Kwargs) -> int:
+        batch, m, n = _matrix(_t(args, at))
+        return factor * batch * m * n * min(m, n)
+
+    return cost
+
+
+def _solve(a_at: int, b_at: int, factor: bool) -> Callable[[Args, Kwargs], int]:
+    """A solve with an n x n matrix A (factorized first when `factor`) for the columns of B: n * n per column,
+    B's batch and A's broadcast."""
+
+    def cost(args: Args, kwargs: Kwargs) -> int:
+        a, b = _t(args, a_at), _t(args, b_at)
+        batch_a, m, n = _matrix(a)
+        if b is None:
+            return 0
+        columns = b.numel() // max(1, int(b.shape[-2]) if b.dim() > 1 else b.numel())  # B's columns, batch included
+        work = max(batch_a, 1) * m * n * min(m, n) if factor else 0
+        return work + max(m, n) * max(m, n) * max(columns, batch_a)
+
+    return cost
+
+
+def _pdist(args: Args, kwargs: Kwargs) -> int:
+    """Every pair of the n rows (n x m): n * (n - 1) / 2 * m."""
+    x = _t(args, 0)
+    if x is None or x.dim() != 2:
+        return 0
+    n, m = int(x.shape[0]), int(x.shape[1])
+    return n * (n - 1) // 2 * m
+
+
+def _multilabel_margin(self_at: int) -> Callable[[Args, Kwargs], int]:
+    """(N, C) scores: per sample, every target label against every class: N * C * C."""
+
+    def cost(args: Args, kwargs: Kwargs) -> int:
+        x = _t(args, self_at)
+        if x is None or x.dim() == 0:
+            return 0
+        c = int(x.shape[-1])
+        return x.numel() * c
+
+    return cost
+
+
+def _trilinear(args: Args, kwargs: Kwargs) -> int:
+    """i1, i2, i3 with dimensions inserted at expand1..3: the product of the largest size of each dimension
+    (every combination of the three is multiplied once)."""
+    found = [_t(args, i) for i in range(3)]
+    if any(t is None for t in found):
+        return 0
+    shapes = []
+    for i, t in enumerate(found):
+        shape = list(t.shape)  # type: ignore[union-attr]
+        for d in sorted(int(e) for e in (arg(args, kwargs, 3 + i, f"expand{i + 1}") or [])):
+            shape.insert(d, 1)
+        shapes.append(shape)
+    ndim = max(len(s) for s in shapes)
+    return _numel([max((s[d] if d < len(s) else 1) for s in shapes) for d in range(ndim)])
+
+
+def _foreach_mm(args: Args, kwargs: Kwargs) -> int:
+    first, second = arg(args, kwargs, 0, "self"), arg(args, kwargs, 1, "mat2")
+    if not isinstance(first, list | tuple) or not isinstance(second, list | tuple):
+        return 0
+    mm = _mm(0, 1)
+    return sum(mm([a, b], {}) for a, b in zip(first, second, strict=False))
+
+
 _COSTS: dict[str, Callable[[Args, Kwargs], int]] = {
     "aten::mm": _mm(0, 1),
     "aten::bmm": _mm(0, 1),
@@ -94,6 +242,49 @@ _COSTS: dict[str, Callable[[Args, Kwargs], int]] = {
     "aten::_scaled_dot_product_flash_attention_for_cpu": _attention,
     "aten::_scaled_dot_product_attention_math": _attention,
     "aten::scaled_dot_product_attention": _attention,
+    "aten::_scaled_mm": _mm(0, 1),
+    "aten::_scaled_mm_v2": _mm(0, 1),
+    "aten::_foreach_mm": _foreach_mm,
+    "aten::_conv_depthwise2d": _conv,
+    "aten::conv_depthwise3d": _conv,
+    "aten::_trilinear": _trilinear,
+    "aten::_pdist_forward": _pdist,
+    "aten::multilabel_margin_loss_forward": _multilabel_margin(0),
+    "aten::multilabel_margin_loss_backward": _multilabel_margin(1),
+    # pools: output positions x window
+    "aten::max_pool2d_with_indices": _pool(2, 2, 3),
+    "aten::max_pool3d_with_indices": _pool(3, 2, 3),
+    "aten::avg_pool2d": _pool(2, 2, 3),
+    "aten::avg_pool3d": _pool(3, 2, 3),
+    "aten::avg_pool2d_backward": _pool_backward(2),
+    "aten::fractional_max_pool2d": _fractional_pool(2),
+    "aten::fractional_max_pool3d": _fractional_pool(3),
+    # dense linear algebra: cubic in the matrix side
+    "aten::cholesky": _decomposition(0),
+    "aten::linalg_cholesky_ex": _decomposition(0),
+    "aten::cholesky_inverse": _decomposition(0, 2),
+    "aten::linalg_inv_ex": _decomposition(0, 2),
+    "aten::linalg_lu": _decomposition(0),
+    "aten::linalg_lu_factor_ex": _decomposition(0),
+    "aten::linalg_ldl_factor_ex": _decomposition(0),
+    "aten::_linalg_det": _decomposition(0),
+    "aten::_linalg_slogdet": _decomposition(0),
+    "aten::geqrf": _decomposition(0, 2),
+    "aten::linalg_qr": _decomposition(0, 2),
+    "aten::linalg_householder_product": _decomposition(0, 2),
+    "aten::_linalg_eigh": _decomposition(0, 10),
+    "aten::linalg_eig": _decomposition(0, 25),
+    "aten::_linalg_svd": _decomposition(0, 20),
+    "aten::linalg_pinv": _decomposition(0, 20),
+    "aten::linalg_matrix_exp": _decomposition(0, 30),
+    "aten::linalg_lstsq": _decomposition(0, 2),
+    "aten::ormqr": _solve(0, 2, False),
+    "aten::triangular_solve": _solve(1, 0, False),
+    "aten::linalg_solve_triangular": _solve(0, 1, False),
+    "aten::cholesky_solve": _solve(1, 0, False),
+    "aten::linalg_lu_solve": _solve(0, 2, False),
+    "aten::linalg_ldl_solve": _solve(0, 2, False),
+    "aten::_linalg_solve_ex": _solve(0, 1, True),
 }
 
 
