@@ -111,7 +111,7 @@ class DeviceServicer:
                 nbytes = len(raw)
                 if not _BULK_KINDS.isdisjoint([kind for kind, _ in commands]):
                     try:
-                        nbytes += _take_bulk(s, commands, parsed)
+                        nbytes += _take_bulk(s, commands, parsed, self.daemon.config.queue_bytes)
                     except GpupoolError as exc:  # a transfer that broke the side channel's rules ends the session
                         s.close_bulk()
                         s.outbox.put(exc)
@@ -165,17 +165,25 @@ class DeviceServicer:
 _BULK_KINDS = frozenset((protocol.UPLOAD, protocol.GET))
 
 
-def _take_bulk(s: FrontSession, commands: list[tuple[int, memoryview]], parsed: Any = None) -> int:
+def _take_bulk(
+    s: FrontSession, commands: list[tuple[int, memoryview]], parsed: Any = None, limit: int = 64 << 20
+) -> int:
     """The side channel's part of a frame's commands (server/bulkside.py): an Upload with `bulk_bytes` becomes
     the canonical span of its bytes, read from the session's side socket here; a Get with `bulk` is noted for
     the writer. Returns the bytes read; raises InvalidArgument for a transfer that breaks the rules.
+
+    A frame's bulk uploads carry at most `limit` bytes in all (the session's queue's bytes, `queue_bytes`; at
+    least one chunk): they are read into the daemon's memory before the frame meets the queue's back-pressure,
+    and a frame of 4,096 tiny commands each announcing 16 MiB made the daemon hold 64 GiB (round 17; clients
+    send one chunk a frame).
 
     `parsed`: the frame's commands as protobuf parsed them (the reader's check), or None. When they are the
     spans' commands one for one (no empty command was skipped), an Upload or Get that asks nothing of the side
     channel (the usual: an eager step's small inputs) is passed over on the parsed fields, in C, instead of
     reading its span again in Python."""
     link = s.bulk
-    extra = 0
+    extra = announced = 0
+    cap = max(limit, protocol.BULK_MAX_CHUNK)
     known = parsed if parsed is not None and len(parsed) == len(commands) else None
     for n, (kind, span) in enumerate(commands):
         if known is not None:
@@ -196,6 +204,9 @@ def _take_bulk(s: FrontSession, commands: list[tuple[int, memoryview]], parsed: 
                 raise InvalidArgument("an Upload asks for the bulk socket, but this session has none")
             if up.bulk_bytes > protocol.BULK_MAX_CHUNK:
                 raise InvalidArgument(f"a bulk chunk of {up.bulk_bytes} bytes; at most {protocol.BULK_MAX_CHUNK}")
+            announced += up.bulk_bytes
+            if announced > cap:
+                raise InvalidArgument(f"a frame's bulk uploads announce more than {cap} bytes in all (one a frame)")
             data = link.recv_upload(up)
             extra += len(data)
             commands[n] = (kind, data)

@@ -178,6 +178,43 @@ def test_garbage_on_the_side_socket_ends_that_session_only(bulk_daemon: Any) -> 
     assert not other_errors, other_errors
 
 
+def test_a_frame_announcing_many_bulk_chunks_is_refused(bulk_daemon: Any) -> None:
+    """The stream's reader reads a frame's bulk uploads into the daemon's memory before the frame meets its
+    session queue's back-pressure (64 MiB): a frame of 4,096 tiny Upload commands each announcing 16 MiB made the
+    daemon hold 64 GiB (round 17). A frame's bulk uploads now announce at most the queue's bytes in all (clients
+    send one chunk a frame): the fifth 16 MiB chunk of one frame is INVALID_ARGUMENT, before its bytes are read;
+    the session's next attach uploads the same tensor chunk by chunk."""
+    chunk = protocol.BULK_MAX_CHUNK
+    n = 5
+    with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
+        assert s._side is not None
+        h = s.new_handle()
+        cmds = []
+        for k in range(n):
+            up = device_pb2.Upload(handle=h, offset=k * chunk, last=k == n - 1, bulk_bytes=chunk)
+            if k == 0:
+                up.meta.dtype, up.meta.shape[:] = 1, [n * chunk // 4]  # float32
+            cmds.append(device_pb2.Command(upload=up))
+        s._put(device_pb2.ClientFrame(commands=cmds).SerializeToString())
+        side = s._side.sock
+
+        def send() -> None:
+            try:
+                for k in range(n):
+                    side.sendall(protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, h, k * chunk, chunk) + bytes(chunk))
+            except OSError:
+                pass  # the daemon closes the socket with the session
+
+        t = threading.Thread(target=send, daemon=True)
+        t.start()
+        with pytest.raises(InvalidArgument, match="announce more than"):
+            s.sync()
+    t.join(30)
+    with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
+        big = _bits(n * chunk, seed=5)
+        assert torch.equal(s.download(s.upload(big)), big)
+
+
 def test_bulk_flags_without_a_side_socket_are_refused(bulk_daemon: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(client_bulk, "connect", lambda *a, **k: None)  # this client never opens the socket
     with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
