@@ -208,11 +208,14 @@ def building(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Gener
     external_storages = {t.untyped_storage()._cdata for t in meta_slots[fixed - len(externals) : fixed]}
     grows_externals = False
     live = peak = grown = total_work = 0
+    # What the calls whose work their values decide (guards.py `_LOOPS`) may do at a run, each: the bound less the
+    # rest's work, shared among them (set once all ops are known; the dry run sees no values)
+    loop_budget = [s.max_op_flops]
 
     for i, op_msg in enumerate(msg.ops):
         where = f"graph op {i} ({op_msg.name})"
         try:
-            call, meta_out, reads, work = _prebuild(host, s, op_msg, meta_slots, dev)
+            call, meta_out, reads, work = _prebuild(host, s, op_msg, meta_slots, dev, loop_budget)
         except GpupoolError as exc:
             raise type(exc)(f"{where}: {exc.message}") from None
         except (RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
@@ -273,6 +276,8 @@ def building(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Gener
                         live -= entry[0]
         yield
 
+    loops = sum(1 for op_msg in msg.ops if guards.value_loops(host.ops.resolve(op_msg.name)._schema.name))
+    loop_budget[0] = max(0, s.max_op_flops - total_work) // max(1, loops)
     n_slots = len(meta_slots)
     for slot in list(msg.outputs) + [w.slot for w in msg.writes]:
         if not 0 < slot < n_slots:
@@ -361,7 +366,12 @@ def _storages(meta_slots: list[Any], reads: list[int]) -> list[torch.UntypedStor
 
 
 def _prebuild(
-    host: Host, s: WorkerSession, msg: device_pb2.Op, meta_slots: list[Any], dev: torch.device
+    host: Host,
+    s: WorkerSession,
+    msg: device_pb2.Op,
+    meta_slots: list[Any],
+    dev: torch.device,
+    loop_budget: list[int] | None = None,
 ) -> tuple[Call, list[Any], list[int], int]:
     """Resolve and check one op of a graph, run it on meta tensors; returns the prebuilt call, the meta outputs
     (one per output slot), the slots it reads and the work it does (multiply-adds, or elements it visits)."""
@@ -453,9 +463,10 @@ def _prebuild(
 
     check = None
     if value_guard:
+        budget = loop_budget if loop_budget is not None else [s.max_op_flops]
 
         def check(a: list[Any], k: dict[str, Any]) -> None:
-            guards.validate(op, a, k, s.max_op_flops)
+            guards.validate(op, a, k, budget[0])
 
     call = Call(
         msg.name,

@@ -235,6 +235,11 @@ _LOOPS: dict[str, Callable[[Args, Kwargs], float]] = {
 }
 
 
+def value_loops(name: str) -> bool:
+    """Whether op `name`'s work is decided by its arguments' values (checked by `validate` against a bound)."""
+    return name in _LOOPS
+
+
 def _check_loops(name: str, args: Args, kwargs: Kwargs, limit: int) -> None:
     loops = _LOOPS.get(name)
     if loops is None:
@@ -243,7 +248,8 @@ def _check_loops(name: str, args: Args, kwargs: Kwargs, limit: int) -> None:
     if n > limit:
         raise ResourceExhausted(
             f"{name} would loop about {n:.3g} times (its degree or order, times its elements), more than the "
-            f"{limit:.3g} one op may take on this device"
+            f"{limit:.3g} it may take on this device (--max-op-flops; in a graph, what its other ops leave, shared "
+            "among such ops)"
         )
 
 

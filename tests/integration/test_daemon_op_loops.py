@@ -117,6 +117,37 @@ def test_a_graph_run_bounds_the_loops_from_its_inputs(session: Session) -> None:
     assert torch.equal(s.download(run(n)), torch.special.laguerre_polynomial_l(x, n))
 
 
+def test_a_graph_shares_the_bound_among_its_loops(session: Session) -> None:
+    """A graph's run is one command: its loops together get the bound (less its other ops' work), not each: four
+    ops of 4e6 steps each, each under the bound of 1e7, are refused together; two of them pass."""
+    s = session
+    x = torch.tensor([0.25, 0.5, -0.75, 0.125], dtype=F64)
+
+    def chain(n_ops: int, graph_id: int) -> Any:
+        body = [
+            device_pb2.Op(
+                name="aten::special_legendre_polynomial_p.n_scalar",
+                args=[tensor_pb2.Arg(tensor=1), tensor_pb2.Arg(i=10**6)],
+                outputs=[i + 2],
+            )
+            for i in range(n_ops)
+        ]
+        meta = [wire.meta_to_proto(x)]
+        return device_pb2.DefineGraph(graph_id=graph_id, inputs=1, input_meta=meta, ops=body, outputs=[n_ops + 1])
+
+    def run(graph_id: int) -> Handle:
+        out = s.new_handle()
+        s.run_graph(graph_id, [Handle(s.upload(x))], [out])
+        return Handle(out)
+
+    s.define_graph(chain(4, 1))
+    run(1)
+    with pytest.raises(errors.ResourceExhausted, match="would loop about 4e\\+06"):
+        s.sync()
+    s.define_graph(chain(2, 2))
+    assert torch.equal(s.download(run(2)), torch.special.legendre_polynomial_p(x, 10**6))
+
+
 def test_compact_records_bound_the_loops_every_time(session: Session) -> None:
     """The clients' eager records, and the learned runs of repeated ones (server/runs.py), check the values of
     every record, not once per signature: an honest step of two records repeated, then the same step with a
