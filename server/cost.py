@@ -277,7 +277,7 @@ _COSTS: dict[str, Callable[[Args, Kwargs], int]] = {
     "aten::_linalg_svd": _decomposition(0, 20),
     "aten::linalg_pinv": _decomposition(0, 20),
     "aten::linalg_matrix_exp": _decomposition(0, 30),
-    "aten::linalg_lstsq": _decomposition(0, 2),
+    "aten::linalg_lstsq": _solve(0, 1, True),
     "aten::ormqr": _solve(0, 2, False),
     "aten::triangular_solve": _solve(1, 0, False),
     "aten::linalg_solve_triangular": _solve(0, 1, False),

@@ -70,6 +70,7 @@ def test_superlinear_ops_past_the_bound_are_refused(session: Session) -> None:
         ("aten::_linalg_solve_ex.default", (eye, eye)),
         ("aten::linalg_solve_triangular.default", (eye, _wide(s, 300, 300)), {"upper": True}),
         ("aten::linalg_inv_ex.default", (eye,)),
+        ("aten::linalg_lstsq.default", (Handle(s.upload(torch.eye(10))), _wide(s, 10, 200_000))),  # columns
     ]
     for name, args, *kw in cases:
         outs = s.call(name, *args, **(kw[0] if kw else {}), outputs=1)
