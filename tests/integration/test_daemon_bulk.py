@@ -182,10 +182,10 @@ def test_a_frame_announcing_many_bulk_chunks_is_refused(bulk_daemon: Any) -> Non
     """The stream's reader reads a frame's bulk uploads into the daemon's memory before the frame meets its
     session queue's back-pressure (64 MiB): a frame of 4,096 tiny Upload commands each announcing 16 MiB made the
     daemon hold 64 GiB (round 17). A frame's bulk uploads now announce at most the queue's bytes in all (clients
-    send one chunk a frame): the fifth 16 MiB chunk of one frame is INVALID_ARGUMENT, before its bytes are read;
-    the session's next attach uploads the same tensor chunk by chunk."""
-    chunk = protocol.BULK_MAX_CHUNK
-    n = 5
+    send one chunk a frame): the seventeenth 4 MiB chunk of one frame is INVALID_ARGUMENT, before its bytes are
+    read (before, all 68 MiB were read and uploaded); the next session uploads the same tensor chunk by chunk."""
+    chunk = client_bulk.CHUNK
+    n = 17
     with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
         assert s._side is not None
         h = s.new_handle()
