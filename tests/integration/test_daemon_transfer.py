@@ -89,6 +89,42 @@ def _count_slices(d: Any) -> list[int]:
     return count
 
 
+def test_every_slice_is_booked_once(daemon: Any) -> None:
+    """Each slice the daemon runs (by the device's thread or by a stream's reader, one that reached its worker
+    or ended the stream) is booked once: the slice histogram counts them all, and the busy time it sums is the
+    time charged to the tenant and to the device."""
+    d = daemon.running.daemon
+    ran = _count_slices(daemon)
+    inner = d._run_slice
+
+    def counted(*args: Any) -> Any:  # the slices a stream's reader runs itself (`Daemon.submit`)
+        ran[0] += 1
+        return inner(*args)
+
+    d._run_slice = counted
+    before = d.ledger.snapshot()["slices"].get(0, ([0], 0.0, 0.0))
+    with Session.attach(daemon.address, daemon.token()) as s:
+        h = Handle(s.upload(torch.arange(4.0)))
+        for _ in range(5):
+            s.call("aten::add.Tensor", h, h, outputs=[0])
+        s.call("aten::not_an_op.default")
+        with pytest.raises(InvalidArgument):
+            s.sync()
+        assert s.download(h).shape == (4,)
+    deadline = time.monotonic() + 10
+    while True:  # the stream's end is a slice of its own, booked as the session closes
+        snap = d.ledger.snapshot()
+        counts, total, _ = snap["slices"][0]
+        if sum(counts) - sum(before[0]) >= ran[0] or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    time.sleep(0.2)  # a slice booked twice would show by now
+    snap = d.ledger.snapshot()
+    counts, total, _ = snap["slices"][0]
+    assert ran[0] >= 2 and sum(counts) - sum(before[0]) == ran[0]
+    assert total == pytest.approx(snap["device_busy"][0]) == pytest.approx(sum(snap["busy"].values()))
+
+
 def test_idle_sync_is_answered_by_the_front_with_the_same_errors(daemon: Any) -> None:
     slices = _count_slices(daemon)
     with Session.attach(daemon.address, daemon.token()) as s:
