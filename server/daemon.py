@@ -466,11 +466,10 @@ class Daemon:
             n = len(items) - 1 if items[-1] is END_OF_STREAM else len(items)
             head = items[:n] if n < len(items) else items
             spans = [span for _, span in head]
-            sizes = list(map(len, spans))
-            if sum(sizes) <= bulk.SLICE_BYTES and max(sizes) < bulk.BIG_UPLOAD:
+            if sum(map(len, spans)) < bulk.BIG_UPLOAD:  # no big upload, and less than SLICE_BYTES in all
                 uploads = False  # what slice_length says of them, without its loop: the usual slice, all of it
             else:
-                n, uploads = bulk.slice_length([k for k, _ in head], sizes)
+                n, uploads = bulk.slice_length([k for k, _ in head], list(map(len, spans)))
                 spans = spans[:n]
             batch, after = items[:n], items[n:]
             room = self.config.outbox_bytes - s.outbox_bytes

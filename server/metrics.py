@@ -61,13 +61,9 @@ class Ledger:
             self.transfers["upload"] += uploaded
             self.transfers["download"] += downloaded
 
-    def graphs_of(self, session: FrontSession, events: dict[str, int]) -> None:
+    def _events(self, key: tuple[int, str], events: dict[str, int]) -> None:
         """A slice's step-capture graph events (defined, rerecorded, replayed, dropped, traced), as its worker counted
         them, and its eager records run inside learned runs (`slices.LEARNED_OPS`; `NATIVE_OPS` of them in C++)."""
-        with self._lock:
-            self._events((session.device.index, session.tenant), events)
-
-    def _events(self, key: tuple[int, str], events: dict[str, int]) -> None:
         for event, n in events.items():
             if event == LEARNED_OPS:
                 self.learned[key] += n
@@ -77,6 +73,8 @@ class Ledger:
                 self.graphs[(*key, event)] += n
 
     def charge(self, session: FrontSession, seconds: float) -> None:
+        """A slice that did nothing the daemon saw (its session closed, its worker died, the stream's end): its
+        time, and its duration in the histogram."""
         self.slice_done(session, 0, _NO_ERRORS, 0, 0, None, seconds)
 
     def slice_done(
@@ -89,9 +87,9 @@ class Ledger:
         events: dict[str, int] | None,
         seconds: float,
     ) -> None:
-        """One slice of a session, booked under one lock: what it did (`add`, and `graphs_of` its `events`), the
-        `seconds` charged to its tenant and device, and the slice's duration in its device's histogram
-        (gpupool_batch_duration_seconds). Every slice the daemon runs is booked once, with whatever it did."""
+        """One slice of a session, booked under one lock: what it did (`add`, and its `events`: graph events,
+        learned and native ops), the `seconds` charged to its tenant and device, and the slice's duration in its
+        device's histogram (gpupool_batch_duration_seconds). Every slice the daemon runs is booked once."""
         dev = session.device.index
         key = (dev, session.tenant)
         with self._lock:

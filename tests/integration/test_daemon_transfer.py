@@ -125,6 +125,27 @@ def test_every_slice_is_booked_once(daemon: Any) -> None:
     assert total == pytest.approx(snap["device_busy"][0]) == pytest.approx(sum(snap["busy"].values()))
 
 
+def test_a_big_upload_goes_to_the_worker_as_an_uploads_slice(daemon: Any) -> None:
+    """The front's short test for the usual slice (no big upload among its commands) hands big uploads on as
+    `slice_length` does: a slice of big uploads only, copied once (server/bulk.py); small commands in ordinary
+    slices."""
+    seen: list[tuple[int, bool]] = []
+    with Session.attach(daemon.address, daemon.token()) as s:
+        front = daemon.running.daemon.session_list()[0]
+        run = front.runner.run
+
+        def watched(req: Any, commands: int, parts: Any = ()) -> Any:
+            seen.append((commands, req.uploads))
+            return run(req, commands, parts)
+
+        front.runner.run = watched
+        big = torch.arange(2 * MiB // 4, dtype=torch.float32)  # one chunk, at least bulk.BIG_UPLOAD
+        h = s.upload(big)
+        small = s.upload(torch.ones(3))
+        assert torch.equal(s.download(h), big) and torch.equal(s.download(small), torch.ones(3))
+    assert (1, True) in seen and any(not uploads for _, uploads in seen)
+
+
 def test_idle_sync_is_answered_by_the_front_with_the_same_errors(daemon: Any) -> None:
     slices = _count_slices(daemon)
     with Session.attach(daemon.address, daemon.token()) as s:

@@ -1,4 +1,4 @@
-"""The daemon's ledger books each slice under one lock (`Ledger.slice_done`): the same counts as booking it
+"""The daemon's ledger books each slice under one lock (`Ledger.slice_done`): the same counts as booking its parts
 call by call, and the slice-duration histogram exactly as a prometheus Histogram would expose it."""
 
 from __future__ import annotations
@@ -32,12 +32,15 @@ def test_a_slice_booked_at_once_counts_as_booked_call_by_call() -> None:
     for k, seconds in enumerate(DURATIONS):
         once.slice_done(s, k, errors if k % 2 else {}, 10 * k, k, events if k % 3 else {}, seconds)
         by_call.add(s, k, errors if k % 2 else {}, 10 * k, k)
-        by_call.graphs_of(s, events if k % 3 else {})
         by_call.charge(s, seconds)
     a, b = once.snapshot(), by_call.snapshot()
     assert a.pop("slices")[0][:2] == b.pop("slices")[0][:2]  # bucket counts and sum (not the creation time)
+    with_events = sum(1 for k in range(len(DURATIONS)) if k % 3)
+    assert a.pop("graphs") == {(0, "acme", "replayed"): with_events} and not b.pop("graphs")
+    assert a.pop("learned") == {(0, "acme"): 3 * with_events} and b.pop("learned") == {(0, "acme"): 0}
+    assert a.pop("native") == {(0, "acme"): 2 * with_events} and b.pop("native") == {(0, "acme"): 0}
     assert a == b
-    assert a["ops"] == {(0, "acme"): sum(range(len(DURATIONS)))} and a["learned"][(0, "acme")] == 3 * 6
+    assert a["ops"] == {(0, "acme"): sum(range(len(DURATIONS)))} and a["busy"] == {(0, "acme"): sum(DURATIONS)}
 
 
 def test_the_slice_histogram_is_exposed_as_a_prometheus_histogram_would_be() -> None:
