@@ -190,7 +190,6 @@ class Daemon:
                 f"gpupool-device-{d.index}",
                 self.queues[d.index],
                 self._run_slice,
-                self._charged,
                 slice_seconds=config.slice_seconds,
                 threads=config.cpu_threads,
             )
@@ -207,7 +206,6 @@ class Daemon:
         self._stop = threading.Event()
         self._expiry_hold = 0.0  # set by the registrar: no token expiry ends a session before this (unix s)
         self._reaper = threading.Thread(target=self._reap, name="gpupool-reaper", daemon=True)
-        self._batch_hist: dict[int, Any] = {}  # device -> its slice-duration histogram child
 
     def start(self) -> None:
         if self.config.isolation == "process":
@@ -368,16 +366,15 @@ class Daemon:
         taken = queue.put_and_claim(s.entry, commands, nbytes, worker.slice_commands)
         if not taken:
             return taken is None  # None: queued for the device's thread; []: the session is closed
+        rest: list[Any] = []
         seconds = 0.0
         try:  # as DeviceWorker.run does it
             rest, seconds = self._run_slice(s.entry, taken, worker.slice_seconds)
-            s.hand_over()  # its replies to the stream's writer first, then the bookkeeping (front.py)
-            queue.give_back(s.entry, rest)
+            s.hand_over()  # its replies to the stream's writer first, then the queue's bookkeeping (front.py)
         except Exception:  # the slice runner handles command errors; this is a last line of defence
             log.exception("stream reader of session %d: slice failed", s.number)
         finally:
-            queue.charge(s.entry, seconds, claimed=True)
-        self._charged(s.entry, seconds)
+            queue.done(s.entry, rest, seconds, claimed=True)
         return True
 
     def sync_now(self, s: FrontSession, request_id: int) -> bool:
@@ -443,27 +440,41 @@ class Daemon:
     # ---- execution ----
 
     def _run_slice(self, entry: Entry, items: list[Any], budget: float) -> tuple[list[Any], float]:
-        """Send the session's next commands to its worker; returns (the unexecuted rest, seconds to charge)."""
+        """Send the session's next commands to its worker; returns (the unexecuted rest, seconds to charge). Every
+        slice is booked once (`_book`: the session's busy time, the ledger, the slice histogram), whatever happens;
+        one that reached its worker before its replies are queued (`_apply`), so that a client that saw a reply
+        sees what its slice did in Status and the metrics."""
         s: FrontSession = entry.owner
+        try:
+            rest, seconds, booked = self._slice(s, items, budget)
+        except BaseException:
+            self._book(s, 0.0)
+            raise
+        if not booked:
+            self._book(s, seconds)
+        return rest, seconds
+
+    def _slice(self, s: FrontSession, items: list[Any], budget: float) -> tuple[list[Any], float, bool]:
+        """`_run_slice`'s work; the third value: whether `_apply` booked the slice."""
         with s.lock:
             if s.closed or s.runner is None:
-                return [], 0.0
+                return [], 0.0, False
             if items[0] is END_OF_STREAM:
                 s.outbox.put(END_OF_STREAM)
-                return items[1:], 0.0
-            n = items.index(END_OF_STREAM) if END_OF_STREAM in items else len(items)
+                return items[1:], 0.0, False
+            # END_OF_STREAM is the last thing a reader queues: only a slice's last item can be it
+            n = len(items) - 1 if items[-1] is END_OF_STREAM else len(items)
             head = items[:n] if n < len(items) else items
             spans = [span for _, span in head]
-            sizes = list(map(len, spans))
-            if sum(sizes) <= bulk.SLICE_BYTES and max(sizes) < bulk.BIG_UPLOAD:
+            if sum(map(len, spans)) < bulk.BIG_UPLOAD:  # no big upload, and less than SLICE_BYTES in all
                 uploads = False  # what slice_length says of them, without its loop: the usual slice, all of it
             else:
-                n, uploads = bulk.slice_length([k for k, _ in head], sizes)
+                n, uploads = bulk.slice_length([k for k, _ in head], list(map(len, spans)))
                 spans = spans[:n]
             batch, after = items[:n], items[n:]
             room = self.config.outbox_bytes - s.outbox_bytes
             if room <= 0 and batch[0][0] in slices.ANSWERED and self._parked(s):
-                return items, 0.0
+                return items, 0.0, False
             req = slices.SliceRequest(
                 device_free=s.device.capacity - self.memory[s.device.index].used,
                 reply_room=room,
@@ -478,25 +489,25 @@ class Daemon:
                     raise WorkerDied("the session's worker made no progress")
             except WorkerDied as exc:
                 self._worker_died(s, batch, exc)
-                return [], time.perf_counter() - start
+                return [], time.perf_counter() - start, False
             wall = time.perf_counter() - start
             # A piece that answers nothing (of a graph's definition) pays its wall time: a worker claiming pieces
             # forever, none of them progress the daemon can see, pays for each in its share of the device.
             seconds = wall if res.partial and not res.replies else min(res.seconds, wall)
-            self._apply(s, res)
+            self._apply(s, res, seconds)
             if s.closed:  # its replies would take the host past --max-unread-bytes
-                return [], seconds
-            return batch[res.executed :] + after, seconds
+                return [], seconds, True
+            return (batch[res.executed :] + after if res.executed < n else after), seconds, True
 
-    def _apply(self, s: FrontSession, res: slices.SliceResult) -> None:
-        """Mirror a slice's outcome: memory, counters, ledger, replies (a worker may lie only about itself)."""
+    def _apply(self, s: FrontSession, res: slices.SliceResult, seconds: float) -> None:
+        """Mirror a slice's outcome: memory, counters, ledger, replies (a worker may lie only about itself); the
+        slice is booked (`seconds`) before its replies are queued."""
         self._set_used(s, min(res.used, s.quota))
         ops = max(0, res.ops - s.ops)
         s.ops, s.handles = max(s.ops, res.ops), res.handles
-        self.ledger.add(s, ops, res.errors, res.uploaded, res.downloaded)
+        s.busy_seconds += seconds
+        self.ledger.slice_done(s, ops, res.errors, res.uploaded, res.downloaded, res.events, seconds)
         s.error_pending = res.error_pending
-        if res.events:
-            self.ledger.graphs_of(s, res.events)
         replies = res.replies
         if not replies:
             return
@@ -571,16 +582,10 @@ class Daemon:
         if s.entry.blocked:
             self.queues[s.device.index].unblock(s.entry, lambda: self._outbox_full(s))
 
-    def _charged(self, entry: Entry, seconds: float) -> None:
-        s: FrontSession = entry.owner
+    def _book(self, s: FrontSession, seconds: float) -> None:
+        """Book a slice that did nothing the daemon saw (its session closed, a worker that died, the stream's end)."""
         s.busy_seconds += seconds
         self.ledger.charge(s, seconds)
-        hist = self._batch_hist.get(s.device.index)
-        if hist is None:  # the labelled child once per device (.labels() takes a lock and builds a key per call)
-            hist = self._batch_hist[s.device.index] = self.metrics.batch_duration.labels(
-                self.host_id, str(s.device.index)
-            )
-        hist.observe(seconds)
 
     # ---- RegistrationSource and Status ----
 

@@ -168,7 +168,14 @@ class FairQueue:
 
     def charge(self, entry: Entry, seconds: float, claimed: bool = False) -> None:
         """A slice of `entry` ended after `seconds`; `claimed`: it ran by `put_and_claim`, the device is free again."""
+        self.done(entry, [], seconds, claimed)
+
+    def done(self, entry: Entry, rest: list[Any], seconds: float, claimed: bool = False) -> None:
+        """A slice of `entry` ended: `give_back` its unexecuted `rest` and `charge` its `seconds`, under one lock."""
         with self._cond:
+            if rest and not entry.closed:
+                entry.frames.appendleft([rest, 0, 0])
+                entry.commands += len(rest)
             entry.vtime += seconds / entry.share
             entry.running = False
             if not claimed:
@@ -199,9 +206,9 @@ class FairQueue:
             self._cond.notify_all()
 
 
-# Runs up to a time budget of a session's commands; returns (the unexecuted rest, measured seconds to charge).
+# Runs up to a time budget of a session's commands; returns (the unexecuted rest, measured seconds to charge). It
+# books the slice's time in the daemon's accounts itself; the queue charges it to the session's virtual time.
 SliceRunner = Callable[[Entry, list[Any], float], tuple[list[Any], float]]
-Charged = Callable[[Entry, float], None]
 
 
 class DeviceWorker(threading.Thread):
@@ -213,7 +220,6 @@ class DeviceWorker(threading.Thread):
         name: str,
         queue: FairQueue,
         run_slice: SliceRunner,
-        charged: Charged,
         *,
         slice_commands: int = 64,
         slice_seconds: float = 0.005,
@@ -222,7 +228,6 @@ class DeviceWorker(threading.Thread):
         super().__init__(name=name, daemon=True)
         self.queue = queue
         self.run_slice = run_slice
-        self.charged = charged
         self.slice_commands = slice_commands
         self.slice_seconds = slice_seconds
         self.threads = threads
@@ -238,12 +243,11 @@ class DeviceWorker(threading.Thread):
             if got is None:
                 return
             entry, commands = got
+            rest: list[Any] = []
             seconds = 0.0
             try:
                 rest, seconds = self.run_slice(entry, commands, self.slice_seconds)
-                self.queue.give_back(entry, rest)
             except Exception:  # the slice runner handles command errors; this is a last line of defence
                 log.exception("device worker %s: slice failed", self.name)
             finally:
-                self.queue.charge(entry, seconds)
-            self.charged(entry, seconds)
+                self.queue.done(entry, rest, seconds)

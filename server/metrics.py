@@ -8,14 +8,17 @@ Every daemon has its own CollectorRegistry, so several can run in one process (t
 from __future__ import annotations
 
 import threading
+import time
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from grpc import StatusCode
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from gpupool.config import split_address
 
@@ -41,6 +44,7 @@ class Ledger:
         self.graphs: dict[tuple[int, str, str], int] = defaultdict(int)  # (device, tenant, event)
         self.learned: dict[tuple[int, str], int] = defaultdict(int)  # (device, tenant) -> eager ops in learned runs
         self.native: dict[tuple[int, str], int] = defaultdict(int)  # (device, tenant) -> of them, run by the C++ runner
+        self.slices: dict[int, SliceHistogram] = {}  # device -> its slices' durations (from its first slice on)
 
     def add(
         self, session: FrontSession, ops: int, errors: dict[StatusCode, int], uploaded: int, downloaded: int
@@ -57,22 +61,57 @@ class Ledger:
             self.transfers["upload"] += uploaded
             self.transfers["download"] += downloaded
 
-    def graphs_of(self, session: FrontSession, events: dict[str, int]) -> None:
+    def _events(self, key: tuple[int, str], events: dict[str, int]) -> None:
         """A slice's step-capture graph events (defined, rerecorded, replayed, dropped, traced), as its worker counted
         them, and its eager records run inside learned runs (`slices.LEARNED_OPS`; `NATIVE_OPS` of them in C++)."""
-        with self._lock:
-            for event, n in events.items():
-                if event == LEARNED_OPS:
-                    self.learned[(session.device.index, session.tenant)] += n
-                elif event == NATIVE_OPS:
-                    self.native[(session.device.index, session.tenant)] += n
-                else:
-                    self.graphs[(session.device.index, session.tenant, event)] += n
+        for event, n in events.items():
+            if event == LEARNED_OPS:
+                self.learned[key] += n
+            elif event == NATIVE_OPS:
+                self.native[key] += n
+            else:
+                self.graphs[(*key, event)] += n
 
     def charge(self, session: FrontSession, seconds: float) -> None:
+        """A slice that did nothing the daemon saw (its session closed, its worker died, the stream's end): its
+        time, and its duration in the histogram."""
+        self.slice_done(session, 0, _NO_ERRORS, 0, 0, None, seconds)
+
+    def slice_done(
+        self,
+        session: FrontSession,
+        ops: int,
+        errors: dict[StatusCode, int],
+        uploaded: int,
+        downloaded: int,
+        events: dict[str, int] | None,
+        seconds: float,
+    ) -> None:
+        """One slice of a session, booked under one lock: what it did (`add`, and its `events`: graph events,
+        learned and native ops), the `seconds` charged to its tenant and device, and the slice's duration in its
+        device's histogram (gpupool_batch_duration_seconds). Every slice the daemon runs is booked once."""
+        dev = session.device.index
+        key = (dev, session.tenant)
         with self._lock:
-            self.busy[(session.device.index, session.tenant)] += seconds
-            self.device_busy[session.device.index] += seconds
+            if ops:
+                self.ops[key] += ops
+                self.learned[key] += 0  # a tenant that ran ops has a learned-run count, zero until one ran
+                self.native[key] += 0
+            if errors:
+                for code, n in errors.items():
+                    self.errors[(dev, session.tenant, code)] += n
+            if uploaded or downloaded:
+                self.transfers["upload"] += uploaded
+                self.transfers["download"] += downloaded
+            if events:
+                self._events(key, events)
+            self.busy[key] += seconds
+            self.device_busy[dev] += seconds
+            hist = self.slices.get(dev)
+            if hist is None:
+                hist = self.slices[dev] = SliceHistogram()
+            hist.counts[bisect_left(BATCH_BUCKETS, seconds)] += 1
+            hist.sum += seconds
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -85,7 +124,24 @@ class Ledger:
                 "graphs": dict(self.graphs),
                 "learned": dict(self.learned),
                 "native": dict(self.native),
+                "slices": {dev: (list(h.counts), h.sum, h.created) for dev, h in self.slices.items()},
             }
+
+
+class SliceHistogram:
+    """The durations of a device's slices in BATCH_BUCKETS (counts per bucket, not cumulative; the last: above
+    them all), their sum and when the first was booked: what a prometheus Histogram child would hold, kept under
+    the ledger's lock (a Histogram's `observe` takes two locks of its own per slice)."""
+
+    __slots__ = ("counts", "created", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BATCH_BUCKETS) + 1)
+        self.sum = 0.0
+        self.created = time.time()
+
+
+_NO_ERRORS: dict[StatusCode, int] = {}
 
 
 class DaemonCollector(Collector):
@@ -178,20 +234,27 @@ class DaemonCollector(Collector):
             xfer.add_metric([host, direction], n)
         yield xfer
 
+        hist = HistogramMetricFamily(
+            "gpupool_batch_duration_seconds",
+            "Duration of one executed slice of a session's commands",
+            labels=["host", "device"],
+        )
+        for i, (counts, total, created) in snap["slices"].items():
+            cumulative, buckets = 0, []
+            for bound, n in zip([*map(floatToGoString, BATCH_BUCKETS), "+Inf"], counts, strict=True):
+                cumulative += n
+                buckets.append((bound, cumulative))
+            hist.add_metric([host, str(i)], buckets, total)
+            hist.add_sample("gpupool_batch_duration_seconds_created", {"host": host, "device": str(i)}, created)
+        yield hist
+
 
 class Metrics:
-    """The registry of one daemon: the live collector plus the batch duration histogram."""
+    """The registry of one daemon: the live collector (the slice duration histogram included: `Ledger.slice_done`)."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(DaemonCollector(daemon))
-        self.batch_duration = Histogram(
-            "gpupool_batch_duration_seconds",
-            "Duration of one executed slice of a session's commands",
-            ["host", "device"],
-            registry=self.registry,
-            buckets=BATCH_BUCKETS,
-        )
         self._server: Any = None
         self.port = 0
 

@@ -95,8 +95,9 @@ class DeviceServicer:
                     s.hand_over()
                     continue
                 parsed: Any = None
+                marked: list[int] = []  # the positions of its Uploads and Gets
                 try:
-                    commands = slices.split_frame(raw, limit)  # counted before anything is materialized
+                    commands = slices.split_frame(raw, limit, marked)  # counted before anything is materialized
                     big = len(raw) >= bulk.BIG_UPLOAD  # big uploads are checked without a copy (server/bulk.py)
                     if not (big and bulk.uploads_only([span for _, span in commands])):
                         parsed = device_pb2.ClientFrame.FromString(raw).commands  # malformed commands end it here
@@ -109,9 +110,9 @@ class DeviceServicer:
                 if not commands:  # an empty frame asks for nothing; queueing it would grow memory for free
                     continue
                 nbytes = len(raw)
-                if not _BULK_KINDS.isdisjoint([kind for kind, _ in commands]):
+                if marked:
                     try:
-                        nbytes += _take_bulk(s, commands, parsed, self.daemon.config.queue_bytes)
+                        nbytes += _take_bulk(s, commands, marked, parsed, self.daemon.config.queue_bytes)
                     except GpupoolError as exc:  # a transfer that broke the side channel's rules ends the session
                         s.close_bulk()
                         s.outbox.put(exc)
@@ -162,15 +163,17 @@ class DeviceServicer:
                 self.daemon.replied(s, item)
 
 
-_BULK_KINDS = frozenset((protocol.UPLOAD, protocol.GET))
-
-
 def _take_bulk(
-    s: FrontSession, commands: list[tuple[int, memoryview]], parsed: Any = None, limit: int = 64 << 20
+    s: FrontSession,
+    commands: list[tuple[int, memoryview]],
+    marked: list[int],
+    parsed: Any = None,
+    limit: int = 64 << 20,
 ) -> int:
     """The side channel's part of a frame's commands (server/bulkside.py): an Upload with `bulk_bytes` becomes
     the canonical span of its bytes, read from the session's side socket here; a Get with `bulk` is noted for
-    the writer. Returns the bytes read; raises InvalidArgument for a transfer that breaks the rules.
+    the writer. `marked`: the positions of the frame's Uploads and Gets, in order (`slices.split_frame`'s `bulk`).
+    Returns the bytes read; raises InvalidArgument for a transfer that breaks the rules.
 
     A frame's bulk uploads carry at most `limit` bytes in all (the session's queue's bytes, `queue_bytes`; at
     least one chunk): they are read into the daemon's memory before the frame meets the queue's back-pressure,
@@ -185,7 +188,8 @@ def _take_bulk(
     extra = announced = 0
     cap = max(limit, protocol.BULK_MAX_CHUNK)
     known = parsed if parsed is not None and len(parsed) == len(commands) else None
-    for n, (kind, span) in enumerate(commands):
+    for n in marked:
+        kind, span = commands[n]
         if known is not None:
             if kind == protocol.UPLOAD:
                 if not known[n].upload.bulk_bytes:

@@ -25,9 +25,10 @@ from grpc import StatusCode
 from gpupool import protocol
 from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import InvalidArgument, ResourceExhausted
-from gpupool.protocol import FRAME_COMMANDS_TAG, GET, SYNC
+from gpupool.protocol import FRAME_COMMANDS_TAG, GET, SYNC, UPLOAD
 
 ANSWERED = (GET, SYNC)  # commands that produce replies (command kinds: gpupool.wire)
+_BULK_KINDS = frozenset((UPLOAD, GET))  # commands that may use the side channel (`split_frame`'s `bulk`)
 _COMMANDS_TAG = FRAME_COMMANDS_TAG[0]
 
 # The status codes a worker may report errors under (anything else is a lie and becomes INTERNAL).
@@ -43,15 +44,18 @@ CODES = (
 )
 
 
-def split_frame(raw: bytes, max_commands: int) -> list[tuple[int, memoryview]]:
+def split_frame(raw: bytes, max_commands: int, bulk: list[int] | None = None) -> list[tuple[int, memoryview]]:
     """(kind, span) of each command of a serialized ClientFrame; refuses more than `max_commands` commands
-    before materializing any (a 16 MiB frame of empty commands would otherwise cost gigabytes).
+    before materializing any (a 16 MiB frame of empty commands would otherwise cost gigabytes). `bulk`: the
+    positions of its Uploads and Gets (what may use the side channel, server/bulkside.py) are appended to it.
 
     The stream reader runs this on every frame, so the usual shapes take a short path inline: a command of
-    fewer than 128 bytes (a one-byte length) and a kind of one or two tag bytes (eager ops are field 30: two)."""
+    fewer than 16 KiB (a length of one or two bytes) and a kind of one or two tag bytes (eager ops are field 30:
+    two)."""
     view = memoryview(raw)
     out: list[tuple[int, memoryview]] = []
     append = out.append
+    marks = [] if bulk is None else bulk
     left = max_commands
     i, n = 0, len(raw)
     while i < n:
@@ -61,6 +65,9 @@ def split_frame(raw: bytes, max_commands: int) -> list[tuple[int, memoryview]]:
         length = raw[i + 1] if i + 1 < n else 0x80
         if length < 0x80:
             i += 2
+        elif i + 2 < n and raw[i + 2] < 0x80:  # two bytes: a command of 128 bytes to 16 KiB (an eager op's)
+            length = (length & 0x7F) | raw[i + 2] << 7
+            i += 3
         else:
             i += 1
             length = shift = 0
@@ -91,6 +98,8 @@ def split_frame(raw: bytes, max_commands: int) -> list[tuple[int, memoryview]]:
             continue
         if not left:
             raise ResourceExhausted(f"a frame of more than {max_commands} commands (the limit); send smaller frames")
+        if kind in _BULK_KINDS:
+            marks.append(max_commands - left)
         left -= 1
         append((kind, view[start:end]))
     return out

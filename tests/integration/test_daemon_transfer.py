@@ -89,6 +89,63 @@ def _count_slices(d: Any) -> list[int]:
     return count
 
 
+def test_every_slice_is_booked_once(daemon: Any) -> None:
+    """Each slice the daemon runs (by the device's thread or by a stream's reader, one that reached its worker
+    or ended the stream) is booked once: the slice histogram counts them all, and the busy time it sums is the
+    time charged to the tenant and to the device."""
+    d = daemon.running.daemon
+    ran = _count_slices(daemon)
+    inner = d._run_slice
+
+    def counted(*args: Any) -> Any:  # the slices a stream's reader runs itself (`Daemon.submit`)
+        ran[0] += 1
+        return inner(*args)
+
+    d._run_slice = counted
+    before = d.ledger.snapshot()["slices"].get(0, ([0], 0.0, 0.0))
+    with Session.attach(daemon.address, daemon.token()) as s:
+        h = Handle(s.upload(torch.arange(4.0)))
+        for _ in range(5):
+            s.call("aten::add.Tensor", h, h, outputs=[0])
+        s.call("aten::not_an_op.default")
+        with pytest.raises(InvalidArgument):
+            s.sync()
+        assert s.download(h).shape == (4,)
+    deadline = time.monotonic() + 10
+    while True:  # the stream's end is a slice of its own, booked as the session closes
+        snap = d.ledger.snapshot()
+        counts, total, _ = snap["slices"][0]
+        if sum(counts) - sum(before[0]) >= ran[0] or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    time.sleep(0.2)  # a slice booked twice would show by now
+    snap = d.ledger.snapshot()
+    counts, total, _ = snap["slices"][0]
+    assert ran[0] >= 2 and sum(counts) - sum(before[0]) == ran[0]
+    assert total == pytest.approx(snap["device_busy"][0]) == pytest.approx(sum(snap["busy"].values()))
+
+
+def test_a_big_upload_goes_to_the_worker_as_an_uploads_slice(daemon: Any) -> None:
+    """The front's short test for the usual slice (no big upload among its commands) hands big uploads on as
+    `slice_length` does: a slice of big uploads only, copied once (server/bulk.py); small commands in ordinary
+    slices."""
+    seen: list[tuple[int, bool]] = []
+    with Session.attach(daemon.address, daemon.token()) as s:
+        front = daemon.running.daemon.session_list()[0]
+        run = front.runner.run
+
+        def watched(req: Any, commands: int, parts: Any = ()) -> Any:
+            seen.append((commands, req.uploads))
+            return run(req, commands, parts)
+
+        front.runner.run = watched
+        big = torch.arange(2 * MiB // 4, dtype=torch.float32)  # one chunk, at least bulk.BIG_UPLOAD
+        h = s.upload(big)
+        small = s.upload(torch.ones(3))
+        assert torch.equal(s.download(h), big) and torch.equal(s.download(small), torch.ones(3))
+    assert (1, True) in seen and any(not uploads for _, uploads in seen)
+
+
 def test_idle_sync_is_answered_by_the_front_with_the_same_errors(daemon: Any) -> None:
     slices = _count_slices(daemon)
     with Session.attach(daemon.address, daemon.token()) as s:

@@ -100,11 +100,13 @@ def _take_in_thread(q: FairQueue) -> tuple[threading.Thread, list[object]]:
     return t, got
 
 
-def test_an_idle_device_hands_the_first_slice_to_the_caller_and_runs_nothing_else_meanwhile() -> None:
+@pytest.mark.parametrize("at_once", [False, True])
+def test_an_idle_device_hands_the_first_slice_to_the_caller_and_runs_nothing_else_meanwhile(at_once: bool) -> None:
     """put_and_claim (a stream reader running a slice itself): on an idle device it pops what take() would
     have handed out next; until that slice is charged the device's thread gets nothing, not even a session
     that became ready meanwhile; after it, the rest of the frame and the other session go to the device's
-    thread in virtual-time order, and the caller was charged like any slice."""
+    thread in virtual-time order, and the caller was charged like any slice. `at_once`: the slice's end told
+    by `done` (its unexecuted rest and its time under one lock), as the daemon tells it."""
     q = FairQueue()
     a, b = q.add("a", 0.5), q.add("b", 0.5)
     assert q.put_and_claim(a, [1, 2, 3], 30, 2) == [1, 2]
@@ -113,8 +115,11 @@ def test_an_idle_device_hands_the_first_slice_to_the_caller_and_runs_nothing_els
     q.put(b, ["b1"], 0)  # ready now, but the device is claimed
     t.join(0.2)
     assert t.is_alive() and not got
-    q.give_back(a, [2])  # the slice ran only command 1
-    q.charge(a, 0.010, claimed=True)
+    if at_once:
+        q.done(a, [2], 0.010, claimed=True)  # the slice ran only command 1
+    else:
+        q.give_back(a, [2])
+        q.charge(a, 0.010, claimed=True)
     t.join(5)
     assert got == [(b, ["b1"])]  # b never ran: it has the least virtual time
     q.charge(b, 0.001)

@@ -159,7 +159,8 @@ def _reference_split(raw: bytes, max_commands: int) -> list[tuple[int, bytes]]:
 
 def test_split_frame_fast_paths_match_the_plain_reading() -> None:
     """Random frames of real commands (one- and two-byte tags, one- and two-byte lengths, empty commands), and
-    every truncation and one-byte change of them: the same spans and kinds, or the same kind of error."""
+    every truncation and one-byte change of them: the same spans and kinds, or the same kind of error; and the
+    positions of the Uploads and Gets among them (`bulk`: what the stream's reader hands the side channel)."""
     import random
 
     rng = random.Random(7)
@@ -188,14 +189,53 @@ def test_split_frame_fast_paths_match_the_plain_reading() -> None:
                 tried += 1
                 try:
                     want: Any = [(k, bytes(s)) for k, s in _reference_split(v, limit)]
+                    bulk = [n for n, (k, _) in enumerate(want) if k in (protocol.UPLOAD, protocol.GET)]
+                    want = (want, bulk)
                 except (InvalidArgument, ResourceExhausted) as exc:
                     want = type(exc)
                 try:
-                    got: Any = [(k, bytes(s)) for k, s in slices.split_frame(v, limit)]
+                    marked: list[int] = []
+                    got: Any = ([(k, bytes(s)) for k, s in slices.split_frame(v, limit, marked)], marked)
                 except (InvalidArgument, ResourceExhausted) as exc:
                     got = type(exc)
                 assert got == want, (v, limit)
     assert tried > 5000
+
+
+def test_split_frame_reads_lengths_of_any_size_and_marks_bulk_commands() -> None:
+    """Lengths of one, two and three bytes, lengths written with needless more bytes (protobuf reads them), each
+    command whole; the bulk marks are the Uploads' and Gets' positions among the commands."""
+    cmds = [
+        device_pb2.Command(eager_op=b"a" * 20),
+        device_pb2.Command(upload=device_pb2.Upload(handle=7, data=b"u" * 200)),
+        device_pb2.Command(eager_op=b"b" * 20000),  # a three-byte length
+        device_pb2.Command(get=device_pb2.Get(request_id=1, handle=7)),
+    ]
+    raw = frame(*cmds)
+    marked: list[int] = []
+    spans = slices.split_frame(raw, 16, marked)
+    assert [device_pb2.ClientFrame.FromString(bytes(s)).commands[0] for _, s in spans] == cmds
+    assert marked == [1, 3]
+    for cmd, kind, bulk in ((cmds[0], spans[0][0], []), (cmds[1], protocol.UPLOAD, [0])):
+        body = cmd.SerializeToString()
+        for extra in (1, 2):
+            padded = b"\x0a" + _padded_varint(len(body), extra) + body
+            assert device_pb2.ClientFrame.FromString(padded).commands[0] == cmd
+            marked = []
+            assert [(k, bytes(s)) for k, s in slices.split_frame(padded, 16, marked)] == [(kind, padded)]
+            assert marked == bulk
+
+
+def _padded_varint(value: int, extra: int) -> bytes:
+    """`value` as a varint of `extra` more bytes than it needs (continuation bits over zero groups)."""
+    out = []
+    while True:
+        out.append(value & 0x7F)
+        value >>= 7
+        if not value:
+            break
+    out += [0] * extra
+    return bytes([b | 0x80 for b in out[:-1]] + [out[-1]])
 
 
 def test_write_result_writes_exactly_encode_results_bytes() -> None:
