@@ -78,6 +78,9 @@ def enable() -> None:
     aten.impl("_pin_memory", _pin_memory, "CPU")  # torch's raises for PrivateUse1 (a DataLoader with pin_memory=True)
     _state["aten"] = aten
     torch.ops.gpupool_native.set_device_count(max(1, leased_count()))
+    from gpupool.client.engine import run_backward_on_calling_thread
+
+    run_backward_on_calling_thread()  # as the Python client's: no thread hand-off per device in a backward
     torch.ops.gpupool_native.set_autoconnect()
     _refuse_collectives()
     module = getattr(torch, backend.NAME)
