@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--native-client",
         action="store_true",
         help="experimental: the `gpupool` device is the C++ client (fewer instructions per op) instead of the Python "
-        "one, with --cuda too, on each of the -n GPUs; eager ops only: no step capture or collectives (also "
+        "one, with --cuda too, on each of the -n GPUs; eager ops and collectives; no step capture (also "
         "$GPUPOOL_CLIENT=native; builds once with g++ and ninja, ~1-2 min; docs/native-client.md)",
     )
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")

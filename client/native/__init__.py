@@ -15,8 +15,9 @@ With `--cuda` too ($GPUPOOL_CUDA), torch's entry point then installs gpupool.cli
 device (`cuda` -> `gpupool`, `torch.cuda.*` from the lease; docs/cuda.md): `set_device`, `manual_seed_all` and the
 session (`ensure_session`) are here for it.
 
-What it does not do fails with one message naming the feature and the way out (`refuse`): step capture, collectives,
-a process without a lease. docs/native-client.md.
+torch.distributed's `gpupool` backend (client/distributed.py) runs its collectives over these sessions (group.py).
+What it does not do fails with one message naming the feature and the way out (`refuse`): step capture, a process
+without a lease. docs/native-client.md.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def enable() -> None:
 
     run_backward_on_calling_thread()  # as the Python client's: no thread hand-off per device in a backward
     torch.ops.gpupool_native.set_autoconnect()
-    _refuse_collectives()
+    from gpupool.client import distributed
+
+    distributed.register()  # torch.distributed's `gpupool` backend: collectives between the daemons (group.py)
     module = getattr(torch, backend.NAME)
     module.set_device = set_device
     module.manual_seed = module.manual_seed_all = manual_seed_all
@@ -184,7 +187,7 @@ def ensure_session(device: Any = None) -> Any:
     return _sessions()[index]
 
 
-def _lease() -> Any:
+def lease() -> Any:
     """The lease of $GPUPOOL_LEASE, read once and renewed from then on."""
     from gpupool.client.pool import Lease
 
@@ -200,18 +203,23 @@ def _lease() -> Any:
 
 
 def _autoconnect(index: int = 0) -> None:
-    """The first tensor on gpupool:<index>: attach the session of $GPUPOOL_LEASE's device <index> (its own daemon
-    session, perhaps on another daemon than the others') and send its ops from now on."""
+    """The first tensor on gpupool:<index>: attach the session of $GPUPOOL_LEASE's device <index> (shifted by a torchrun
+    rank's LOCAL_RANK; its own daemon session, perhaps on another daemon than the others') and send its ops from now
+    on."""
     with _lock:
         if index in _sessions():
             return
         from gpupool.client.session import Session
 
-        lease = _lease()
+        held = lease()
         check_index(index)
-        leased = lease.devices[index]
+        # A torchrun rank (LOCAL_RANK r) sees its own leased device first, as gpupool:0, like CUDA_VISIBLE_DEVICES and
+        # the Python client (client/torch/api.py): gpupool:i is lease device (r + i) mod n.
+        n = len(held.devices)
+        at = (index + (int(os.environ.get("LOCAL_RANK") or 0) if n > 1 else 0)) % n
+        leased = held.devices[at]
         session = Session.attach(leased.address, leased.token)
-        lease.subscribe(lambda fresh: session.refresh(fresh.devices[index].token))
+        held.subscribe(lambda fresh: session.refresh(fresh.devices[at].token))
         _connect(session, index)
 
 
@@ -268,16 +276,3 @@ def _close() -> None:
 def session(device: Any = None) -> Any:
     """The attached session of a device (None: the current one; None before its first tensor)."""
     return _sessions().get(_index(device))
-
-
-def _refuse_collectives() -> None:
-    """torch.distributed's `gpupool` backend (the Python client's collectives) says it is not here."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return
-
-    def create(*args: Any, **kwargs: Any) -> Any:
-        refuse("torch.distributed's `gpupool` backend (collectives)")
-
-    dist.Backend.register_backend("gpupool", create, devices=["gpupool"])

@@ -2003,6 +2003,12 @@ std::vector<int64_t> py_adopt(const std::vector<at::Tensor>& ts, bool commit) {
 
 void set_autoconnect() { g_autoconnect = true; }
 
+// A fresh handle on device `index`'s session that no storage names (a collective's port handle: group.py).
+int64_t py_new_handle(int64_t index) {
+  const Dev& d = g_devs[wired(checked_index(static_cast<DeviceIndex>(index)))];
+  return static_cast<int64_t>(d.base + g_next.fetch_add(1, std::memory_order_relaxed));
+}
+
 // The devices the process can name (the lease's, 1..kMaxDevices), set before the first tensor (enable()).
 void set_device_count(int64_t n) {
   TORCH_CHECK(n >= 1 && n <= kMaxDevices, "gpupool native client: ", n, " devices (1..", kMaxDevices, ")");
@@ -2063,6 +2069,7 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("flush() -> ()", &flush_now);
   m.def("wire_stats() -> int[]", &wire_stats);
   m.def("set_autoconnect() -> ()", &set_autoconnect);
+  m.def("new_handle(int index) -> int", &py_new_handle);
   m.def("set_device_count(int n) -> ()", &set_device_count);
   m.def("device_count() -> int", &device_count);
   m.def("current_device() -> int", &current_device);

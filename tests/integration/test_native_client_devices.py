@@ -15,13 +15,14 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from examples_fixtures import gpupool_up
 from gpupool.client.native.backend import compiler_missing
 from gpupool.client.pool import SchedulerClient
 from scheduler_fixtures import ROOT, wait_until
-from test_cuda_scripts import LOSS, SCRIPTS
+from test_cuda_scripts import LOSS, RANK_LINE, SCRIPTS, torchrun, values
 
 _why = compiler_missing()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"native client: {_why}")]
@@ -192,4 +193,48 @@ torch.cuda.synchronize("cuda:1")
 def test_cuda_current_device_and_copies(pool: str) -> None:
     done = _run(pool, "--native-client", "--cuda", "-n", "2", "-p", "0.5", "--", sys.executable, "-c", CUDA_CURRENT)
     assert "seen (1, 1, 1) (0, 0) 1 0 30.0 True" in done.stdout, done.stdout + done.stderr[-2000:]
+    released(pool)
+
+
+def test_ddp_example_on_two_ranks_trains_like_one_device(pool: str, tmp_path: Path) -> None:
+    """examples/ddp/train.py under `gpupool run --native-client -n 2 -- torchrun --nproc-per-node 2`: each rank's C++
+    client on its own lease device (LOCAL_RANK, as gpupool:0), DDP's allreduces on the `gpupool` backend between the
+    daemons; rank 0's parameters equal a single-device CPU run on the global batch (test_ddp_example.py's check)."""
+    import torch
+
+    from examples.ddp import train
+
+    out = tmp_path / "ranks2.pt"
+    done = _run(pool, "--native-client", "-n", "2", "--", sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2", str(ROOT / "examples" / "ddp" / "train.py"), "--steps", "3",
+                "--global-batch", "16", "--out", str(out))  # fmt: skip
+    assert "joined the daemons' group" in done.stderr
+    assert "gpupool.client.torch" not in done.stderr  # (no traceback through the Python client)
+    got = torch.load(out)
+    reference = train.train(torch.device("cpu"), 3, 16, 0.05, 0, rank=0, world=1).state_dict()
+    assert got.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(got[name], value.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    initial = train.build_model(0).state_dict()
+    assert any(not torch.equal(got[k], initial[k]) for k in initial)  # it trained
+    released(pool)
+
+
+def test_torchrun_ddp_cuda_script_with_nccl_gives_the_cpu_losses(pool: str) -> None:
+    """tests/cuda_scripts/ddp_torchrun.py under `gpupool run --native-client --cuda -n 2 -- torchrun
+    --nproc-per-node 2`: nccl is the gpupool backend on the C++ client too, cuda:LOCAL_RANK each rank's own leased
+    device; the losses and weights of the same script under torchrun on the CPU with gloo (test_cuda_scripts.py's
+    check)."""
+    pooled = _run(pool, "--native-client", "--cuda", "-n", "2", "-p", "0.5", "--", *torchrun("ddp_torchrun.py", 2))
+    local = subprocess.run(torchrun("ddp_torchrun.py", 2), capture_output=True, text=True, timeout=280,
+                           env=_env(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"), cwd=SCRIPTS)  # fmt: skip
+    assert local.returncode == 0, local.stderr[-3000:]
+    losses, reference = values(LOSS.findall(pooled.stdout)), values(LOSS.findall(local.stdout))
+    assert len(losses) == 8 and len(reference) == 8, pooled.stdout + local.stdout
+    assert losses == pytest.approx(reference, rel=1e-5, abs=1e-7)
+    ranks = sorted(RANK_LINE.findall(pooled.stdout))
+    assert [r[:3] for r in ranks] == [("0", "cuda:0", "0"), ("1", "cuda:1", "1")], pooled.stdout
+    sums = [float(r[3]) for r in ranks + sorted(RANK_LINE.findall(local.stdout))]
+    assert sums[0] == sums[1] and sums == pytest.approx([sums[2]] * 4, rel=1e-5)  # DDP kept the ranks in step
+    assert pooled.stderr.count("(2 leased device(s), native client)") >= 2, pooled.stderr[-2000:]
     released(pool)

@@ -140,11 +140,6 @@ def test_the_env_selects_it_too(pool: str, tmp_path: Path) -> None:
 
 UNSUPPORTED = {
     "capture": ("import torch, gpupool.torch as gt\ngt.capture(lambda: None)", "step capture (gpupool.torch.capture)"),
-    "collectives": (
-        "import os, torch, torch.distributed as dist\nos.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29561')\n"
-        "dist.init_process_group('gpupool', rank=0, world_size=1)",
-        "torch.distributed's `gpupool` backend (collectives)",
-    ),
 }
 
 
