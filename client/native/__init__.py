@@ -83,9 +83,10 @@ def enable() -> None:
 
     run_backward_on_calling_thread()  # as the Python client's: no thread hand-off per device in a backward
     torch.ops.gpupool_native.set_autoconnect()
-    from gpupool.client import distributed
+    if torch.distributed.is_available():
+        from gpupool.client import distributed
 
-    distributed.register()  # torch.distributed's `gpupool` backend: collectives between the daemons (group.py)
+        distributed.register()  # torch.distributed's `gpupool` backend: collectives between the daemons (group.py)
     module = getattr(torch, backend.NAME)
     module.set_device = set_device
     module.manual_seed = module.manual_seed_all = manual_seed_all
