@@ -129,6 +129,8 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
         self._rt.command(device_pb2.Command(collective=msg), flush=True)
 
     def _handle(self, t: torch.Tensor) -> int:
+        if hasattr(self._rt, "handle"):  # the C++ client's (gpupool.client.native.group.NativeRuntime)
+            return int(self._rt.handle(t))
         rt = getattr(t, "_gp_rt", None)
         if rt is not self._rt:
             raise InvalidArgument(
@@ -165,8 +167,8 @@ def _op(opts: Any) -> str:
 
 def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta) -> ProcessGroupGpupool:
     """The backend's creator: attach this rank's leased device and join the daemons' group."""
+    from . import native
     from .pool import Lease
-    from .torch import api, runtime
 
     if not os.environ.get("GPUPOOL_LEASE"):
         raise InvalidArgument(
@@ -179,10 +181,20 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
         raise InvalidArgument(
             f"LOCAL_RANK {local} but the lease has {len(lease.devices)} device(s): gpupool run -n {size}"
         )
-    dev = api.device(0)  # lease device LOCAL_RANK (client/torch/api.py: a rank sees its own device first)
-    lease = api.env_lease() or lease  # the renewed one: its tokens are current
-    rt = runtime.get(dev.index)
-    assert rt is not None
+    rt: Any
+    if native.active():  # the C++ client (`gpupool run --native-client`): the session of its gpupool:0
+        from .native.group import NativeRuntime
+
+        dev = torch.device("gpupool", 0)  # lease device LOCAL_RANK (a rank sees its own device first)
+        rt = NativeRuntime(0, native.ensure_session(0))
+        lease = native.lease()  # the renewed one: its tokens are current
+    else:
+        from .torch import api, runtime
+
+        dev = api.device(0)  # lease device LOCAL_RANK (client/torch/api.py: a rank sees its own device first)
+        lease = api.env_lease() or lease  # the renewed one: its tokens are current
+        rt = runtime.get(dev.index)
+        assert rt is not None
     store.set(f"gpupool/dev/{rank}", str(local))
     devices = [int(store.get(f"gpupool/dev/{r}")) for r in range(size)]
     tokens = [lease.devices[d].token for d in devices]

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--native-client",
         action="store_true",
         help="experimental: the `gpupool` device is the C++ client (fewer instructions per op) instead of the Python "
-        "one, with --cuda too; eager ops only: no step capture, collectives or several GPUs (also "
+        "one, with --cuda too, on each of the -n GPUs; eager ops and collectives; no step capture (also "
         "$GPUPOOL_CLIENT=native; builds once with g++ and ninja, ~1-2 min; docs/native-client.md)",
     )
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
@@ -71,11 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prepare_native(args: argparse.Namespace) -> int:
-    """--native-client: refuse what it lacks, and build the C++ client before leasing (0: ready)."""
-    if args.gpus != 1:
-        print(f"gpupool run: --native-client and -n {args.gpus}: several devices are not supported by the native "
-              f"client; {native.WAY_OUT}", file=sys.stderr)  # fmt: skip
-        return 2
+    """--native-client: build the C++ client before leasing (0: ready)."""
     from .native import backend
 
     try:

@@ -40,17 +40,12 @@ _SHIFT: list[tuple[int, int]] = []  # (LOCAL_RANK shift, leased devices), read o
 
 def _shift() -> tuple[int, int]:
     if not _SHIFT:
-        from .. import native
         from ..pool import Lease
 
         lease = Lease.from_env() if os.environ.get("GPUPOOL_LEASE") else None
         n = len(lease.devices) if lease is not None else 1
-        if native.active():  # the C++ client: one process holds the lease's devices in lease order, no torchrun shift
-            _SHIFT.append((0, n))
-        else:
-            from ..torch.api import rank_shift
-
-            _SHIFT.append((rank_shift(n), n))
+        # a torchrun rank sees its own leased device as gpupool:0 (both clients: client/torch/api.py rank_shift)
+        _SHIFT.append((int(os.environ.get("LOCAL_RANK") or 0) if n > 1 else 0, n))
     return _SHIFT[0]
 
 

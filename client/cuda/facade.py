@@ -49,9 +49,9 @@ def _session(device: Any = None) -> Any:
     from .. import native
 
     i = _index(device)
-    gt.device(i)  # the C++ client refuses any device but gpupool:0, naming it
+    gt.device(i)  # attached on first use; an index the lease lacks is a ValueError naming it
     if native.active():
-        return native.ensure_session()
+        return native.ensure_session(i)
     from ..torch import runtime  # the session's DeviceInfo and quota are not exported otherwise
 
     rt = runtime.get(i)

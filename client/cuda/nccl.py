@@ -15,8 +15,8 @@ backend is a whole process group for its devices, so torch cannot add a gloo bac
 `DistributedDataParallel(device_ids=[local_rank])` gets the rank's gpupool index (devices.pool_index), and
 `dist.is_nccl_available()` says True.
 
-Under the C++ client (`gpupool run --native-client --cuda`), which has no collectives, a process group asking for
-nccl is refused instead, with one message naming the backend (`install(native=True)`).
+The same holds under the C++ client (`gpupool run --native-client --cuda`): its `gpupool` backend is this one, over
+its sessions (client/native/group.py).
 """
 
 from __future__ import annotations
@@ -98,31 +98,9 @@ def _patch_ddp() -> None:
     DistributedDataParallel.__init__ = init  # type: ignore[method-assign]
 
 
-def _refuse_nccl(helper: Callable[..., Any]) -> Callable[..., Any]:
-    """Under the C++ client (no collectives): a process group asking for nccl fails where it is made, naming it."""
-    signature = inspect.signature(helper)
-
-    @functools.wraps(helper)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        asked = signature.bind(*args, **kwargs).arguments.get("backend")
-        if _wants_nccl(asked):
-            from .. import native
-
-            native.refuse(f"torch.distributed process group backend {str(asked)!r} (collectives)")
-        return helper(*args, **kwargs)
-
-    return wrapped
-
-
-def install(native: bool = False) -> None:
-    """Map nccl onto the gpupool backend (the caller installs once); with `native` (the C++ client, which has no
-    collectives) refuse it instead."""
+def install() -> None:
+    """Map nccl onto the gpupool backend (the caller installs once)."""
     if not torch.distributed.is_available():
-        return
-    if native:
-        import torch.distributed.distributed_c10d as c10d_
-
-        c10d_._new_process_group_helper = _refuse_nccl(c10d_._new_process_group_helper)
         return
     import torch.distributed as dist
     import torch.distributed.distributed_c10d as c10d

@@ -138,11 +138,10 @@ def install() -> None:
     _patch_init(GradScaler, "device", 0)
     from .. import native
 
-    if native.active():  # the C++ client: no collectives, and DataParallel refused here
-        nccl.install(native=True)
+    nccl.install()
+    if native.active():  # the C++ client: DataParallel refused here
         _refuse_data_parallel()
     else:
-        nccl.install()
         from ..torch import backend
 
         backend.DATA_PARALLEL_REFUSED.add("cuda")  # DataParallel's "cuda" devices are gpupool's (backend.py says why)

@@ -6,7 +6,8 @@ at::Tensors that infers outputs with the Meta kernels and writes the daemon's co
 ops for a third to a half of that. It is opt-in: `gpupool run --native-client` sets $GPUPOOL_CLIENT=native for the
 child, and torch's backend entry point (gpupool.client.cuda.autoload, at `import torch`) calls `enable()`: the backend
 is built (once per torch version and source, ~1-2 min, cached) and loaded as the `gpupool` device, and the session of
-the lease `gpupool run` hands over ($GPUPOOL_LEASE) is attached at the first tensor made on the device. An ordinary
+the lease `gpupool run` hands over ($GPUPOOL_LEASE) is attached at the first tensor made on the device: a lease of N
+GPUs gives the devices gpupool:0..N-1, each its own session, attached at its own first tensor. An ordinary
 eager script (`model.to("gpupool")`, `.item()`, `.cpu()`) then runs unchanged; `import gpupool.torch` gives the part
 of its API the native client has (`device()`, `synchronize()`, the error classes).
 
@@ -14,8 +15,9 @@ With `--cuda` too ($GPUPOOL_CUDA), torch's entry point then installs gpupool.cli
 device (`cuda` -> `gpupool`, `torch.cuda.*` from the lease; docs/cuda.md): `set_device`, `manual_seed_all` and the
 session (`ensure_session`) are here for it.
 
-What it does not do fails with one message naming the feature and the way out (`refuse`): step capture, collectives,
-several devices, a process without a lease. docs/native-client.md.
+torch.distributed's `gpupool` backend (client/distributed.py) runs its collectives over these sessions (group.py).
+What it does not do fails with one message naming the feature and the way out (`refuse`): step capture, a process
+without a lease. docs/native-client.md.
 """
 
 from __future__ import annotations
@@ -76,12 +78,30 @@ def enable() -> None:
     aten = torch.library.Library("aten", "IMPL")  # noqa: TOR901 - a kernel for an existing aten op
     aten.impl("_pin_memory", _pin_memory, "CPU")  # torch's raises for PrivateUse1 (a DataLoader with pin_memory=True)
     _state["aten"] = aten
+    torch.ops.gpupool_native.set_device_count(max(1, leased_count()))
+    from gpupool.client.engine import run_backward_on_calling_thread
+
+    run_backward_on_calling_thread()  # as the Python client's: no thread hand-off per device in a backward
     torch.ops.gpupool_native.set_autoconnect()
-    _refuse_collectives()
+    if torch.distributed.is_available():
+        from gpupool.client import distributed
+
+        distributed.register()  # torch.distributed's `gpupool` backend: collectives between the daemons (group.py)
     module = getattr(torch, backend.NAME)
     module.set_device = set_device
     module.manual_seed = module.manual_seed_all = manual_seed_all
     _state["enabled"] = True
+
+
+def leased_count() -> int:
+    """The devices of $GPUPOOL_LEASE (0 without one, or with one that holds no lease: the first tensor says so)."""
+    from gpupool.client.pool import Lease
+
+    try:
+        lease = Lease.from_env() if os.environ.get("GPUPOOL_LEASE") else None
+    except Exception:  # noqa: BLE001 - a malformed lease says so at attach (_autoconnect), not at `import torch`
+        lease = None
+    return len(lease.devices) if lease is not None else 0
 
 
 def _pin_memory(self: Any, device: Any = None) -> Any:
@@ -98,110 +118,162 @@ def _pin_memory(self: Any, device: Any = None) -> Any:
     return torch.ops.aten._pin_memory.default.redispatch(keys, self, device)
 
 
-def set_device(device: Any) -> None:
-    """`torch.gpupool.set_device`: gpupool:0 is the one device."""
+def _index(device: Any) -> int:
+    """A device's index (an int, a torch.device or a string; None or no index: the current device)."""
     import torch
 
-    index = device if isinstance(device, int) else torch.device(device).index
-    if index not in (None, 0):
-        refuse(f"gpupool:{index} (several devices)")
+    if device is None:
+        return current_index()
+    if isinstance(device, int) and not isinstance(device, bool):
+        return device
+    index = torch.device(device).index
+    return current_index() if index is None else int(index)
+
+
+def current_index() -> int:
+    """The calling thread's current gpupool device (per thread, as CUDA's: torch's device guards set the same one)."""
+    import torch
+
+    return int(torch.ops.gpupool_native.current_device())
+
+
+def device_count() -> int:
+    """The devices this process can name: the lease's."""
+    import torch
+
+    return int(torch.ops.gpupool_native.device_count())
+
+
+def check_index(index: int) -> int:
+    """`index` if it names a leased device, else a RuntimeError naming it (as a CUDA ordinal past the GPUs is)."""
+    n = device_count()
+    if not 0 <= index < n:
+        raise RuntimeError(f"gpupool --native-client: gpupool:{index} is not a device of this process ({n} leased: "
+                         f"gpupool:0..{n - 1})")  # fmt: skip
+    return index
+
+
+def set_device(device: Any) -> None:
+    """`torch.gpupool.set_device`: the calling thread's current device (`torch.cuda.set_device` under --cuda)."""
+    import torch
+
+    torch.ops.gpupool_native.set_current_device(check_index(_index(device)))
 
 
 def manual_seed_all(seed: int) -> None:
-    """`torch.manual_seed` (and `torch.cuda.manual_seed_all` under --cuda) seeds the daemon's generator of the session,
-    as the Python client does: now, after the ops recorded so far, or when the session attaches."""
+    """`torch.manual_seed` (and `torch.cuda.manual_seed_all` under --cuda) seeds the daemon's generator of every
+    session, as the Python client does: now, after the ops recorded so far, or when a session attaches."""
     from . import backend
 
     with _lock:
         _state["seed"] = int(seed)
-        session = _state.get("session")
-        if session is not None:
+        sessions = _sessions()
+        if sessions:
             backend.flush()  # the ops recorded before the seed run before it
-            session.seed(int(seed))
+        for s in sessions.values():
+            s.seed(int(seed))
 
 
-def ensure_session() -> Any:
-    """The session, attached now if no tensor has been made on the device yet (`torch.cuda.get_device_name` may come
-    first)."""
-    if _state.get("session") is None:
-        _autoconnect()
-    return _state["session"]
+def _sessions() -> dict[int, Any]:
+    sessions: dict[int, Any] = _state.setdefault("sessions", {})
+    return sessions
 
 
-def _autoconnect() -> None:
-    """The first tensor on the device: attach the session of $GPUPOOL_LEASE's device and send from now on."""
-    with _lock:
-        if _state.get("session") is not None:
-            return
-        from gpupool.client.pool import Lease
-        from gpupool.client.session import Session
+def ensure_session(device: Any = None) -> Any:
+    """The session of a device (None: the current one), attached now if no tensor has been made on it yet
+    (`torch.cuda.get_device_name` may come first)."""
+    index = check_index(_index(device))
+    if index not in _sessions():
+        _autoconnect(index)
+    return _sessions()[index]
 
+
+def lease() -> Any:
+    """The lease of $GPUPOOL_LEASE, read once and renewed from then on."""
+    from gpupool.client.pool import Lease
+
+    if _state.get("lease") is None:
         lease = Lease.from_env() if os.environ.get("GPUPOOL_LEASE") else None
         if lease is None:
             refuse("a process without a lease ($GPUPOOL_LEASE: run the script under `gpupool run --native-client`)")
-        if len(lease.devices) != 1:
-            refuse(f"a lease of {len(lease.devices)} devices (several devices)")
         lease.refresh_if_stale()
         lease.start_renewing()
-        session = Session.attach(lease.devices[0].address, lease.devices[0].token)
-        lease.subscribe(lambda fresh: session.refresh(fresh.devices[0].token))
-        _connect(session, lease)
+        _state["lease"] = lease
+        _close_at_exit()
+    return _state["lease"]
 
 
-def attach(address: str, token: str) -> Any:
-    """Send the device's ops to one daemon directly (a lease token; the bench scripts), before its first tensor: the
-    session. Call after enable()."""
+def _autoconnect(index: int = 0) -> None:
+    """The first tensor on gpupool:<index>: attach the session of $GPUPOOL_LEASE's device <index> (shifted by a torchrun
+    rank's LOCAL_RANK; its own daemon session, perhaps on another daemon than the others') and send its ops from now
+    on."""
+    with _lock:
+        if index in _sessions():
+            return
+        from gpupool.client.session import Session
+
+        held = lease()
+        check_index(index)
+        # A torchrun rank (LOCAL_RANK r) sees its own leased device first, as gpupool:0, like CUDA_VISIBLE_DEVICES and
+        # the Python client (client/torch/api.py): gpupool:i is lease device (r + i) mod n.
+        n = len(held.devices)
+        at = (index + (int(os.environ.get("LOCAL_RANK") or 0) if n > 1 else 0)) % n
+        leased = held.devices[at]
+        session = Session.attach(leased.address, leased.token)
+        held.subscribe(lambda fresh: session.refresh(fresh.devices[at].token))
+        _connect(session, index)
+
+
+def attach(address: str, token: str, index: int = 0) -> Any:
+    """Send gpupool:<index>'s ops to one daemon directly (a lease token; the bench scripts), before its first tensor:
+    the session. Call after enable() (and `torch.ops.gpupool_native.set_device_count` for an index past 0)."""
     from gpupool.client.session import Session
 
     with _lock:
-        if _state.get("session") is not None:
-            raise RuntimeError("gpupool --native-client: the device is attached already")
+        if index in _sessions():
+            raise RuntimeError(f"gpupool --native-client: gpupool:{index} is attached already")
         session = Session.attach(address, token)
-        _connect(session, None)
+        _connect(session, index)
         return session
 
 
-def _connect(session: Any, lease: Any) -> None:
+def _connect(session: Any, index: int) -> None:
     import torch
 
     from . import backend
 
-    backend.connect(session)
+    backend.connect(session, index=index)
     # The last torch.manual_seed (before the first tensor, or before this module was loaded: torch.initial_seed()).
     session.seed(_state.get("seed", torch.initial_seed()))
-    _state["session"], _state["lease"] = session, lease
-    atexit.register(_close)
+    _close_at_exit()
+    _sessions()[index] = session
+
+
+def _close_at_exit() -> None:
+    if not _state.get("at_exit"):
+        _state["at_exit"] = True
+        atexit.register(_close)
 
 
 def _close() -> None:
-    """At exit: what is still buffered goes out, the session closes (the daemon frees its tensors)."""
+    """At exit: what is still buffered goes out, the sessions close (the daemons free their tensors)."""
     from . import backend
 
-    session, lease = _state.pop("session", None), _state.pop("lease", None)
-    if session is None:
-        return
-    try:
-        backend.flush()
-        session.close()
-    except Exception:  # noqa: BLE001, S110 - the daemon frees a dead session's tensors anyway
-        pass
+    sessions, lease = _state.pop("sessions", {}), _state.pop("lease", None)
+    if sessions:
+        try:
+            backend.flush()
+        except Exception:  # noqa: BLE001, S110 - the daemon frees a dead session's tensors anyway
+            pass
+    for s in sessions.values():
+        try:
+            s.close()
+        except Exception:  # noqa: BLE001, S110 - as above
+            pass
     if lease is not None:  # the lease is `gpupool run`'s to release
         lease.stop_renewing()
 
 
-def session() -> Any:
-    """The attached session (None before the first tensor)."""
-    return _state.get("session")
-
-
-def _refuse_collectives() -> None:
-    """torch.distributed's `gpupool` backend (the Python client's collectives) says it is not here."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return
-
-    def create(*args: Any, **kwargs: Any) -> Any:
-        refuse("torch.distributed's `gpupool` backend (collectives)")
-
-    dist.Backend.register_backend("gpupool", create, devices=["gpupool"])
+def session(device: Any = None) -> Any:
+    """The attached session of a device (None: the current one; None before its first tensor)."""
+    return _sessions().get(_index(device))

@@ -1,8 +1,8 @@
 """`import gpupool.torch` under `gpupool run --native-client`: the part of the Python client's API the C++ client has.
 
 `device()`, `device_count()`, `current_index()`, `synchronize()` and the error classes (`RemoteError`,
-`OutOfMemoryError`, `DeviceLost`: the very classes of client/torch/errors.py, which the C++ client raises). Every
-other name of gpupool.torch (step capture, `attach`, leases of several devices, ...) raises `Unsupported` with one
+`OutOfMemoryError`, `DeviceLost`: the very classes of client/torch/errors.py, which the C++ client raises), for each
+of the lease's devices. Every other name of gpupool.torch (step capture, `attach`, ...) raises `Unsupported` with one
 message naming it and the way out (`refuse`).
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import backend as _backend
-from . import enable, refuse
+from . import check_index, current_index, device_count, enable, ensure_session, refuse
 
 enable()  # idempotent: torch's backend entry point has usually run it at `import torch` already
 
@@ -39,26 +39,18 @@ __all__ = ["CaptureError", "DeviceLost", "OutOfMemoryError", "RemoteError", "cur
 
 
 def device(index: int = 0) -> torch.device:
-    """`gpupool:0`, the leased device (attached at its first tensor)."""
-    if index != 0:
-        refuse(f"gpupool:{index} (several devices)")
-    return torch.device("gpupool", 0)
-
-
-def device_count() -> int:
-    return 1
-
-
-def current_index() -> int:
-    return 0
+    """`gpupool:<index>`, the lease's device <index>, its session attached now (as the Python client's)."""
+    ensure_session(check_index(index))
+    return torch.device("gpupool", index)
 
 
 def synchronize(device: Any = None) -> None:
-    """Wait until the daemon has run every queued op; raise the first error among them."""
-    index = device if isinstance(device, int) or device is None else torch.device(device).index
-    if index not in (None, 0):
-        refuse(f"gpupool:{index} (several devices)")
-    torch.gpupool.synchronize()  # type: ignore[attr-defined]
+    """Wait until the daemon has run every queued op of the device (None: of every device); raise the first error
+    among them."""
+    if device is not None:
+        index = device if isinstance(device, int) else torch.device(device).index
+        device = None if index is None else check_index(index)
+    torch.gpupool.synchronize(device)  # type: ignore[attr-defined]
 
 
 def __getattr__(name: str) -> Any:

@@ -121,8 +121,9 @@ def _register_module() -> None:
     mod = types.ModuleType(f"torch.{NAME}")
     funcs: dict[str, Any] = {
         "is_available": lambda: True,
-        "device_count": lambda: 1,
-        "current_device": lambda: 0,
+        "device_count": lambda: int(torch.ops.gpupool_native.device_count()),
+        "current_device": lambda: int(torch.ops.gpupool_native.current_device()),
+        "set_device": lambda device: torch.ops.gpupool_native.set_current_device(_index(device)),
         "is_initialized": lambda: True,
         "_is_in_bad_fork": lambda: False,
         "_lazy_init": lambda: None,
@@ -136,8 +137,16 @@ def _register_module() -> None:
     torch._register_device_module(NAME, mod)
 
 
-def device() -> torch.device:
-    return torch.device(NAME, 0)
+def device(index: int = 0) -> torch.device:
+    return torch.device(NAME, index)
+
+
+def _index(device: Any) -> int:
+    """A device argument's index (the current device for none)."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return device
+    index = None if device is None else torch.device(device).index
+    return int(torch.ops.gpupool_native.current_device()) if index is None else int(index)
 
 
 def stats() -> dict[str, int]:
@@ -265,10 +274,12 @@ WIRE_STATS = (
     "frames", "view_handles", "free_commands", "skipped_views", "storages", "pending", "python_ops", "view_args",
 )  # fmt: skip
 _libs: list[Any] = []
+_sessions: dict[int, Any] = {}  # device index -> its Session
 
 
-def connect(session: Any, ops: Any = None, python: bool = True) -> None:
-    """Send every op from now on to `session` (client/session.py's Session, attached to a daemon) as compact records
+def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) -> None:
+    """Send every op on gpupool:<index> from now on to `session` (client/session.py's Session, attached to a daemon;
+    each device its own session, perhaps on another daemon) as compact records
     (docs/wire.md, "Compact eager ops"): the C++ side writes whole `ClientFrame.commands` entries and hands them over
     once per frame (every 32 commands, and at each sync) through the `gpupool_native::send` / `sync_scalar` / `download`
     operators, whose Python implementations here put the bytes on the session's stream (`Session.send_commands`) after
@@ -278,7 +289,8 @@ def connect(session: Any, ops: Any = None, python: bool = True) -> None:
     `ops`: the op names the C++ encoder sends (None: every op). With `python` (the default) every other op, and every
     op the C++ encoder cannot send (an argument the compact form lacks, outputs the Meta kernel cannot infer, a
     non-tensor return), goes to the Python fallback `_python_op`; without it such an op is an error naming it.
-    Call after `load()`, before any tensor is made on the device. (client/torch/runtime.py's DeviceRuntime cannot be
+    Call after `load()`, before any tensor is made on the device; `ops` and `python` are the first call's.
+    (client/torch/runtime.py's DeviceRuntime cannot be
     used: importing anything under gpupool.client.torch registers gpupool's device as PrivateUse1, which this
     process's spike owns.)"""
     from gpupool import compact
@@ -288,38 +300,41 @@ def connect(session: Any, ops: Any = None, python: bool = True) -> None:
         codes[int(torch.ops.gpupool_native.scalar_type(torch.empty(0, dtype=dtype)))] = code
     formats = (torch.contiguous_format, torch.preserve_format, torch.channels_last, torch.channels_last_3d)
     torch.ops.gpupool_native.configure_wire(
-        int(session.handle_base), None if ops is None else sorted(ops), codes, compact.LAYOUT_CODES[torch.strided],
-        [compact.MEMORY_FORMAT_CODES[f] for f in formats], python,
+        index, int(session.handle_base), None if ops is None else sorted(ops), codes,
+        compact.LAYOUT_CODES[torch.strided], [compact.MEMORY_FORMAT_CODES[f] for f in formats], python,
     )  # fmt: skip
+    _sessions[index] = session
+    if _libs:  # the hand-offs below serve every device (by index)
+        return
     translate = errors().translate
 
-    def send(frame: torch.Tensor) -> None:
+    def send(frame: torch.Tensor, index: int) -> None:
         if frame.numel():  # after what the session queued itself, as one more frame of the same stream
             try:
-                session.send_commands(frame.numpy().tobytes())
+                _sessions[index].send_commands(frame.numpy().tobytes())
             except Exception as exc:  # noqa: BLE001 - translated, or raised as it is
                 raise translate(exc) from exc
 
-    def sync_scalar(frame: torch.Tensor, handle: int) -> float:
-        send(frame)
+    def sync_scalar(frame: torch.Tensor, index: int, handle: int) -> float:
+        send(frame, index)
         try:
-            return float(session.sync([handle])[0])
+            return float(_sessions[index].sync([handle])[0])
         except Exception as exc:  # noqa: BLE001
             raise translate(exc) from exc
 
-    def download(frame: torch.Tensor, handle: int) -> torch.Tensor:
-        send(frame)
+    def download(frame: torch.Tensor, index: int, handle: int) -> torch.Tensor:
+        send(frame, index)
         try:
-            return session.download(handle)  # type: ignore[no-any-return]
+            return _sessions[index].download(handle)  # type: ignore[no-any-return]
         except Exception as exc:  # noqa: BLE001
             raise translate(exc) from exc
 
-    def upload(frame: torch.Tensor, handle: int, data: torch.Tensor) -> None:
+    def upload(frame: torch.Tensor, index: int, handle: int, data: torch.Tensor) -> None:
         """An upload over 32 MiB (native_client.cpp `wire_big_upload`): after the frame, as the Python client's go (the
         bulk side socket, or 4 MiB chunks on the stream)."""
-        send(frame)
+        send(frame, index)
         try:
-            session.upload(data, handle)
+            _sessions[index].upload(data, handle)
         except Exception as exc:  # noqa: BLE001
             raise translate(exc) from exc
 
@@ -343,9 +358,13 @@ def connect(session: Any, ops: Any = None, python: bool = True) -> None:
         _libs.append(named)
 
     def synchronize(device: Any = None) -> None:
+        """Every device's ops sent, then waits for the device's (None: every attached one's, as the Python client)."""
         flush()
+        indices = sorted(_sessions) if device is None else [_index(device)]
         try:
-            session.sync()
+            for i in indices:
+                if i in _sessions:
+                    _sessions[i].sync()
         except Exception as exc:  # noqa: BLE001
             raise translate(exc) from exc
 
@@ -417,18 +436,34 @@ def _python_op(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     Meta kernel can say its outputs; else on the CPU around a sync, as the shim's `cpu_fallback` (inputs read back,
     written inputs written back, new outputs uploaded): data-dependent shapes (nonzero, masked_select), non-tensor
     returns (equal), no Meta kernel."""
+    index = _op_index(args, kwargs)
     try:
-        out = _as_op(op, args, kwargs)
+        out = _as_op(op, args, kwargs, index)
         PYTHON_STATS["remote"] += 1
         return out
     except _OnCpu:
         PYTHON_STATS["cpu"] += 1
-        return _on_cpu(op, args, kwargs)
+        return _on_cpu(op, args, kwargs, index)
 
 
-def _upload_cpu(v: Any) -> Any:
+def _op_index(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """The device an op runs on (as native_client.cpp `op_index`, which checked that its tensors share one): its first
+    device tensor's, else its device argument's, else the current device."""
+    from torch.utils._pytree import tree_leaves
+
+    leaves = tree_leaves((args, kwargs))
+    for x in leaves:
+        if _on_device(x):
+            return int(x.device.index)
+    for x in leaves:
+        if isinstance(x, torch.device) and x.type == NAME and x.index is not None:
+            return int(x.index)
+    return int(torch.ops.gpupool_native.current_device())
+
+
+def _upload_cpu(v: Any, index: int) -> Any:
     """CPU tensors (other than 0-dim ones, which travel inline) moved to the device, as the shim's `localize`."""
-    dev = device()
+    dev = device(index)
     if isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dim() > 0:
         return v.to(dev)
     if isinstance(v, list | tuple) and any(isinstance(x, torch.Tensor) and x.device.type == "cpu" for x in v):
@@ -486,7 +521,7 @@ def _metas(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
     return metas
 
 
-def _as_op(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _as_op(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any], index: int) -> Any:
     from gpupool import protocol, wire
     from gpupool._proto import device_pb2, tensor_pb2
 
@@ -494,8 +529,8 @@ def _as_op(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     for r in sch.returns:
         if str(r.type) not in ("Tensor", "Tensor?", "List[Tensor]"):
             raise _OnCpu
-    args = tuple(_upload_cpu(v) for v in args)
-    kwargs = {k: _upload_cpu(v) for k, v in kwargs.items()}
+    args = tuple(_upload_cpu(v, index) for v in args)
+    kwargs = {k: _upload_cpu(v, index) for k, v in kwargs.items()}
 
     metas = _metas(op, args, kwargs)
     gpu_dev = tensor_pb2.Arg(device=tensor_pb2.DeviceRef(type="gpupool", index=-1))
@@ -548,7 +583,7 @@ def _as_op(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             else:
                 if mt.storage_offset() != 0:
                     raise _OnCpu
-                t = torch.ops.gpupool_native.new_output(mt.size(), mt.stride(), mt.dtype)
+                t = torch.ops.gpupool_native.new_output(mt.size(), mt.stride(), mt.dtype, index)
                 slots.append(len(new))
                 new.append(t)
                 outs.append(t)
@@ -563,7 +598,7 @@ def _as_op(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     o.outputs.extend([0 if i < 0 else handles[i] for i in slots])
     raw = cmd.SerializeToString()
     entry = bytearray(protocol.FRAME_COMMANDS_TAG + protocol.varint(len(raw)) + raw)
-    torch.ops.gpupool_native.append_command(torch.frombuffer(entry, dtype=torch.uint8))
+    torch.ops.gpupool_native.append_command(torch.frombuffer(entry, dtype=torch.uint8), index)
     torch.ops.gpupool_native.adopt(new, True)
     for s, mt in resized:
         torch.ops.gpupool_native.resize_output(s, mt.size(), mt.stride())
@@ -574,7 +609,7 @@ def _no_tensor(t: torch.Tensor) -> Any:
     raise _OnCpu
 
 
-def _on_cpu(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _on_cpu(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any], index: int) -> Any:
     """Run the op on the CPU with its device inputs read back (a sync each), written inputs written back, new
     tensors uploaded; what the shim's `cpu_fallback` does."""
     from torch.utils._pytree import tree_map
@@ -600,7 +635,7 @@ def _on_cpu(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             for c in v if isinstance(v, list | tuple) else [v]:
                 if isinstance(c, torch.Tensor) and id(c) in fetched:
                     fetched[id(c)][0].copy_(c)
-    dev = device()
+    dev = device(index)
     asked = kwargs.get("device")
     to_cpu = asked is not None and torch.device(asked).type == "cpu"
 

@@ -115,11 +115,29 @@ struct Buf {
   void clear() { n = 0; }
   void resize(size_t k) { n = k; }  // shrink only
 };
-Buf g_buf;                       // records not yet "sent"
+// Several devices (gpupool:0..N-1, a lease of N GPUs: each its own daemon session): a storage's id carries its device's
+// index in its top bits (the deleter, which gets the id alone, queues it on that device's free list); the id's low bits
+// are a process-wide counter, so ids are unique across devices and the wire handle is the session's base + the low bits.
+constexpr int kMaxDevices = 64;
+constexpr int kIndexShift = 48;
+constexpr uint64_t kIdMask = (uint64_t{1} << kIndexShift) - 1;
+thread_local DeviceIndex t_current = 0;  // this thread's current gpupool device (torch's guards, set_device)
+std::atomic<int> g_count{1};             // the devices the process can name (the lease's)
+
+inline DeviceIndex index_of_id(uint64_t id) { return static_cast<DeviceIndex>(id >> kIndexShift); }
+
+// The current device for a scope (the allocator makes storages on the current device).
+struct AtDevice {
+  DeviceIndex prev;
+  explicit AtDevice(DeviceIndex i) : prev(t_current) { t_current = i; }
+  ~AtDevice() { t_current = prev; }
+};
+
+Buf g_buf;                       // records not yet "sent" (the null/keep sink, no daemon: every device's)
 bool g_keep = false;            // keep records for Python (tests) instead of dropping full buffers
 size_t g_flush_at = 1 << 16;    // the null sink drops the buffer past this many bytes
 std::mutex g_free_mu;             // guards the free list and the live set: deleters take it, never g_mu
-std::vector<uint64_t> g_free;    // handles whose tensors died, not yet in a free record
+std::vector<uint64_t> g_free[kMaxDevices];  // per device: the storages whose tensors died, not yet in a free record
 std::atomic<uint64_t> g_next{1};
 std::atomic<bool> g_track{false};  // keep the set of live handles (tests: every handle freed exactly once)
 std::unordered_set<uint64_t> g_live;
@@ -164,13 +182,15 @@ inline void finish_record(size_t at) {
 // Free records for the handles that died since the last record (called under g_mu before each record).
 inline void drain_frees() {
   std::lock_guard<std::mutex> flock(g_free_mu);
-  if (g_free.empty()) return;
-  const size_t at = begin_record('F');
-  put<uint32_t>(g_buf, static_cast<uint32_t>(g_free.size()));
-  put_bytes(g_buf, g_free.data(), g_free.size() * sizeof(uint64_t));
-  g_free.clear();
-  g_stats.free_records++;
-  finish_record(at);
+  for (auto& dead : g_free) {
+    if (dead.empty()) continue;
+    const size_t at = begin_record('F');
+    put<uint32_t>(g_buf, static_cast<uint32_t>(dead.size()));
+    put_bytes(g_buf, dead.data(), dead.size() * sizeof(uint64_t));
+    dead.clear();
+    g_stats.free_records++;
+    finish_record(at);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -184,20 +204,21 @@ void free_handle(void* ctx) {
     g_double_frees++;
     return;
   }
-  g_free.push_back(h);
+  g_free[index_of_id(h)].push_back(h);
   g_freed.fetch_add(1, std::memory_order_relaxed);
 }
 
 struct HandleAllocator final : public c10::Allocator {
   c10::DataPtr allocate(size_t /*nbytes*/) override {
-    const uint64_t h = g_next.fetch_add(1, std::memory_order_relaxed);
+    const DeviceIndex i = t_current;
+    const uint64_t h = g_next.fetch_add(1, std::memory_order_relaxed) | (static_cast<uint64_t>(i) << kIndexShift);
     g_allocated.fetch_add(1, std::memory_order_relaxed);
     if (g_track.load(std::memory_order_relaxed)) {
       std::lock_guard<std::mutex> lock(g_free_mu);
       g_live.insert(h);
     }
     void* p = reinterpret_cast<void*>(static_cast<uintptr_t>(h));
-    return {p, p, &free_handle, Device(kType, 0)};
+    return {p, p, &free_handle, Device(kType, i)};
   }
   c10::DeleterFnPtr raw_deleter() const override {
     return nullptr;  // no raw allocations
@@ -214,19 +235,30 @@ inline uint64_t handle_of(const at::Tensor& t) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-// The device guard (a minimal one: one device, one stream, no events), as client/torch/native_guard.cpp's.
+// The device guard (a minimal one: the current device per thread as CUDA's, one stream per device, no events), as
+// client/torch/native_guard.cpp's.
 // ---------------------------------------------------------------------------------------------------------------------
 
 struct SpikeGuard final : public c10::impl::DeviceGuardImplInterface {
   DeviceType type() const override { return kType; }
-  Device exchangeDevice(Device) const override { return Device(kType, 0); }
-  Device getDevice() const override { return Device(kType, 0); }
-  void setDevice(Device) const override {}
-  void uncheckedSetDevice(Device) const noexcept override {}
-  Stream getStream(Device) const noexcept override { return Stream(Stream::DEFAULT, Device(kType, 0)); }
+  Device exchangeDevice(Device d) const override {
+    const DeviceIndex old = t_current;
+    if (d.index() >= 0) t_current = d.index();
+    return Device(kType, old);
+  }
+  Device getDevice() const override { return Device(kType, t_current); }
+  void setDevice(Device d) const override {
+    if (d.index() >= 0) t_current = d.index();
+  }
+  void uncheckedSetDevice(Device d) const noexcept override {
+    if (d.index() >= 0) t_current = d.index();
+  }
+  Stream getStream(Device d) const noexcept override {
+    return Stream(Stream::DEFAULT, Device(kType, d.index() >= 0 ? d.index() : t_current));
+  }
   Stream getNewStream(Device d, int = 0) const override { return getStream(d); }
   Stream exchangeStream(Stream s) const noexcept override { return getStream(s.device()); }
-  DeviceIndex deviceCount() const noexcept override { return 1; }
+  DeviceIndex deviceCount() const noexcept override { return static_cast<DeviceIndex>(g_count.load()); }
   void record(void**, const Stream&, const DeviceIndex, const c10::EventFlag) const override {}
   void block(void*, const Stream&) const override {}
   bool queryEvent(void*) const override { return true; }
@@ -235,17 +267,26 @@ struct SpikeGuard final : public c10::impl::DeviceGuardImplInterface {
   void synchronizeStream(const Stream&) const override {}
 };
 
-// The hooks torch's autograd engine and the accelerator API ask of a PrivateUse1 backend: one device, always there.
+// The hooks torch's autograd engine and the accelerator API ask of a PrivateUse1 backend: the lease's devices, always
+// there, the current one per thread.
 struct SpikeHooks final : public at::PrivateUse1HooksInterface {
   bool isBuilt() const override { return true; }
   bool isAvailable() const override { return true; }
   bool hasPrimaryContext(DeviceIndex) const override { return true; }
-  Device getDeviceFromPtr(void*) const override { return Device(kType, 0); }
-  DeviceIndex deviceCount() const override { return 1; }
-  DeviceIndex getCurrentDevice() const override { return 0; }
-  void setCurrentDevice(DeviceIndex) const override {}
-  DeviceIndex exchangeDevice(DeviceIndex) const override { return 0; }
-  DeviceIndex maybeExchangeDevice(DeviceIndex) const override { return 0; }
+  Device getDeviceFromPtr(void* p) const override {
+    return Device(kType, index_of_id(reinterpret_cast<uintptr_t>(p)));
+  }
+  DeviceIndex deviceCount() const override { return static_cast<DeviceIndex>(g_count.load()); }
+  DeviceIndex getCurrentDevice() const override { return t_current; }
+  void setCurrentDevice(DeviceIndex i) const override {
+    if (i >= 0) t_current = i;
+  }
+  DeviceIndex exchangeDevice(DeviceIndex i) const override {
+    const DeviceIndex old = t_current;
+    if (i >= 0) t_current = i;
+    return old;
+  }
+  DeviceIndex maybeExchangeDevice(DeviceIndex i) const override { return exchangeDevice(i); }
 };
 
 const bool kHooksRegistered = [] {
@@ -599,7 +640,8 @@ uint32_t op_id(const c10::OperatorHandle& op) {
 // (gpupool/compact.py): u32 op id (u8 name length and the name the first time), u8 n, u64 outputs, u8 n, args,
 // u8 n, (u8 length, name, arg) kwargs; kwarg-only arguments of the schema go by name.
 //
-// Handles: the daemon names tensors, not storages. A storage's handle (its DataPtr id + the session's handle base)
+// Handles: the daemon names tensors, not storages. A storage's handle (its DataPtr id's low bits + its device's session's
+// handle base: each device its own session, Dev)
 // names the tensor its first op made (its "base" geometry). A tensor argument with another geometry on that storage
 // (a view: t(), expand, a slice) travels as a view argument (compact tag VIEW: the storage's handle and the view's
 // sizes, strides and storage offset; a tensor list with such elements as VIEWS), which the daemon applies to the
@@ -624,8 +666,7 @@ constexpr size_t kChunkBytes = 4 * 1024 * 1024;          // gpupool/wire.py CHUN
 constexpr size_t kMaxUpload = 32 * 1024 * 1024;         // a frame stays under gRPC's 64 MiB message limit
 constexpr size_t kFlushBytes = 1024 * 1024;              // client/session.py MAX_BATCH_BYTES: a frame goes out past it
 
-bool g_wire = false;
-uint64_t g_base = 0;                                      // the session's handle_base
+bool g_wire = false;                                      // wire mode (configure_wire ran for some device)
 int g_dtype_code[64];                                     // c10::ScalarType -> tensor.proto DType (-1: none)
 int g_layout_strided = -1;                                // tensor.proto Layout of torch.strided
 int g_mf_code[4] = {-1, -1, -1, -1};                      // c10::MemoryFormat -> tensor.proto MemoryFormat
@@ -638,21 +679,17 @@ bool g_python = false;                                    // a Python fallback i
 // `_autoconnect`), which calls configure_wire. Set once by `set_autoconnect`.
 std::atomic<bool> g_autoconnect{false};
 
-inline void ensure_wire() {
-  if (g_wire || !g_autoconnect.load(std::memory_order_relaxed)) return;
-  static auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("gpupool_native::autoconnect", "").typed<void()>();
-  op.call();
+// A device index the process can name: one of the lease's (0..g_count-1).
+inline DeviceIndex checked_index(DeviceIndex i) {
+  TORCH_CHECK(i >= 0 && i < g_count.load(), "gpupool --native-client: gpupool:", static_cast<int>(i),
+              " is not a device of this process (", g_count.load(), " leased: gpupool:0..", g_count.load() - 1, ")");
+  return i;
 }
 
-// One device: gpupool:0 (the shim's several devices, and leases of several GPUs, are not in the C++ client).
-inline void check_index(std::optional<Device> device) {
-  TORCH_CHECK(!device || !device->has_index() || device->index() == 0, "gpupool --native-client: ", *device,
-              " (several devices) is not supported by the native client; run without --native-client (the Python "
-              "client)");
+// The device a factory makes its tensor on: its device argument's index, else the current device.
+inline DeviceIndex factory_index(std::optional<Device> device) {
+  return checked_index(device && device->has_index() ? device->index() : t_current);
 }
-size_t g_cmds = 0;                                        // commands in g_buf
-std::mutex g_send_mu;                                     // frames go to Python in the order they were cut
 
 struct Geo {
   at::ScalarType dtype = at::kFloat;
@@ -668,11 +705,40 @@ struct Store {
   Geo base;
   std::vector<std::pair<Geo, uint64_t>> views;  // as_strided handles on this storage
 };
-std::unordered_map<uint64_t, Store> g_stores;                          // storage id -> what the daemon holds
-std::vector<std::pair<uint64_t, std::vector<uint8_t>>> g_pending;       // empty/empty_strided held back (args part)
+// One device's session as the records see it (wire mode; the fields but send_mu are guarded by g_mu).
+struct Dev {
+  bool wire = false;                          // its session is attached (configure_wire)
+  uint64_t base = 0;                          // the session's handle_base
+  Buf buf;                                    // the frame being written
+  size_t cmds = 0;                            // commands in buf
+  std::unordered_map<uint64_t, Store> stores;                       // storage id -> what the daemon holds
+  std::vector<std::pair<uint64_t, std::vector<uint8_t>>> pending;   // empty/empty_strided held back (args part)
+  std::vector<uint8_t> named;                 // op id -> its name went out on this session's stream
+  Buf out;                                    // the frame being handed to Python (guarded by send_mu)
+  std::mutex send_mu;                         // frames go to Python in the order they were cut
+  uint64_t handle(uint64_t sid) const { return base + (sid & kIdMask); }  // a storage's wire handle
+};
+Dev g_devs[kMaxDevices];
+
+// Wire mode: device i's session must be attached (it is, by ensure_wire, under `gpupool run --native-client`).
+inline DeviceIndex wired(DeviceIndex i) {
+  TORCH_CHECK(g_devs[i].wire, "gpupool native client: gpupool:", static_cast<int>(i), " has no session attached");
+  return i;
+}
+
+inline Dev& dev_of(const at::Tensor& t) { return g_devs[wired(t.device().index())]; }
+
+// The session of device `i` is attached from the first tensor made on it (`gpupool run --native-client`: the
+// Python operator `gpupool_native::autoconnect`, backend.py `_autoconnect`, calls configure_wire for it).
+inline void ensure_wire(DeviceIndex i) {
+  if (g_devs[i].wire || !g_autoconnect.load(std::memory_order_relaxed)) return;
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("gpupool_native::autoconnect", "").typed<void(int64_t)>();
+  op.call(i);
+}
 
 struct WireOp {
-  bool named = false, allowed = false;
+  bool allowed = false;
   bool reshapes = false;  // may change a written argument's geometry: its view arguments go by handle (see Handles:)
   bool numbers = false;   // the daemon's call of it takes a number for a Tensor argument (a wrapped number goes so)
   size_t npos = 0;
@@ -702,14 +768,14 @@ inline size_t varint_len(uint64_t v) {
 }
 
 // One ClientFrame.commands entry: tag 1, the Command (field `field_tag`, length-delimited `body`).
-void emit_command(const uint8_t* field_tag, size_t tag_len, const Buf& body) {
+void emit_command(Dev& d, const uint8_t* field_tag, size_t tag_len, const Buf& body) {
   const size_t cmd = tag_len + varint_len(body.n) + body.n;
-  put<uint8_t>(g_buf, 0x0a);
-  put_varint(g_buf, cmd);
-  put_bytes(g_buf, field_tag, tag_len);
-  put_varint(g_buf, body.n);
-  put_bytes(g_buf, body.v.data(), body.n);
-  g_cmds++;
+  put<uint8_t>(d.buf, 0x0a);
+  put_varint(d.buf, cmd);
+  put_bytes(d.buf, field_tag, tag_len);
+  put_varint(d.buf, body.n);
+  put_bytes(d.buf, body.v.data(), body.n);
+  d.cmds++;
 }
 
 uint32_t op_id(const c10::OperatorHandle& op);
@@ -748,16 +814,16 @@ WireOp& wire_info(const c10::OperatorHandle& op, uint32_t id, bool internal) {
 }
 
 // A compact record: head (op id, the name the first time), outputs, then `args` (the argument part).
-void emit_record(uint32_t id, const std::vector<uint64_t>& outs, const Buf& args) {
-  WireOp& w = g_wire_info[id];
+void emit_record(Dev& d, uint32_t id, const std::vector<uint64_t>& outs, const Buf& args) {
   Buf& r = t_aux;
   r.clear();
   put<uint32_t>(r, id);
-  if (!w.named) {
+  if (d.named.size() <= id) d.named.resize(id + 1, 0);
+  if (!d.named[id]) {  // each session learns an op's name on its own stream
     const std::string& name = g_op_names[id];
     put<uint8_t>(r, static_cast<uint8_t>(name.size()));
     put_bytes(r, name.data(), name.size());
-    w.named = true;
+    d.named[id] = 1;
   } else {
     put<uint8_t>(r, 0);
   }
@@ -765,7 +831,7 @@ void emit_record(uint32_t id, const std::vector<uint64_t>& outs, const Buf& args
   put_bytes(r, outs.data(), outs.size() * sizeof(uint64_t));
   put_bytes(r, args.v.data(), args.n);
   static const uint8_t tag[] = {0xf2, 0x01};  // Command.eager_op (30)
-  emit_command(tag, 2, r);
+  emit_command(d, tag, 2, r);
   g_stats.op_records++;
   g_stats.bytes += static_cast<int64_t>(r.n);
 }
@@ -793,54 +859,54 @@ uint32_t internal_op(const char* name) {
 }
 
 // The wire handle of a device tensor: its storage's, or a view handle (made now, once per geometry and storage).
-uint64_t wire_handle(const at::Tensor& t) {
+uint64_t wire_handle(Dev& d, const at::Tensor& t) {
   const uint64_t sid = handle_of(t);
-  auto it = g_stores.find(sid);
-  TORCH_CHECK(it != g_stores.end(), "gpupool native client: a tensor on a storage the daemon never saw (storage ", sid, ")");
+  auto it = d.stores.find(sid);
+  TORCH_CHECK(it != d.stores.end(), "gpupool native client: a tensor on a storage the daemon never saw (storage ", sid, ")");
   Store& s = it->second;
-  if (s.base.same(t)) return g_base + sid;
+  if (s.base.same(t)) return d.handle(sid);
   for (const auto& [g, h] : s.views)
-    if (g.same(t)) return g_base + h;
+    if (g.same(t)) return d.base + h;
   TORCH_CHECK(t.scalar_type() == s.base.dtype, "gpupool native client: a view with another dtype than its storage's: not supported");
   const uint64_t vh = g_next.fetch_add(1, std::memory_order_relaxed);
   const uint32_t id = internal_op("aten::as_strided");
   Buf local;
   put<uint8_t>(local, 4);
   put<uint8_t>(local, T_TENSOR);
-  put<uint64_t>(local, g_base + sid);
+  put<uint64_t>(local, d.handle(sid));
   put_ints(local, T_INTS, t.sizes());
   put_ints(local, T_INTS, t.strides());
   put<uint8_t>(local, T_INT);
   put<int64_t>(local, t.storage_offset());
   put<uint8_t>(local, 0);
-  emit_record(id, {g_base + vh}, local);
+  emit_record(d, id, {d.base + vh}, local);
   s.views.emplace_back(Geo::of(t), vh);
   g_wstats.view_handles++;
-  return g_base + vh;
+  return d.base + vh;
 }
 
 // A device tensor as a record names it (`views`: the op may take view arguments, !WireOp.reshapes): its storage's
 // handle (TENSOR) when it has its storage's base geometry, else a view argument (VIEW: the storage's handle and the
 // tensor's geometry, gpupool/compact.py `view`), or, where views may not travel so, a view handle (`wire_handle`).
-void put_ref(Buf& b, const at::Tensor& t, bool views) {
+void put_ref(Dev& d, Buf& b, const at::Tensor& t, bool views) {
   const uint64_t sid = handle_of(t);
-  auto it = g_stores.find(sid);
-  TORCH_CHECK(it != g_stores.end(), "gpupool native client: a tensor on a storage the daemon never saw (storage ", sid, ")");
+  auto it = d.stores.find(sid);
+  TORCH_CHECK(it != d.stores.end(), "gpupool native client: a tensor on a storage the daemon never saw (storage ", sid, ")");
   const Geo& base = it->second.base;
   if (base.same(t)) {
     put<uint8_t>(b, T_TENSOR);
-    put<uint64_t>(b, g_base + sid);
+    put<uint64_t>(b, d.handle(sid));
     return;
   }
   const size_t n = static_cast<size_t>(t.dim());
   if (!views || t.scalar_type() != base.dtype || n > kMaxViewDims) {
     put<uint8_t>(b, T_TENSOR);
-    put<uint64_t>(b, wire_handle(t));
+    put<uint64_t>(b, wire_handle(d, t));
     return;
   }
   // u8 VIEW, u64 handle, u8 rank, i64 sizes[rank], i64 strides[rank], i64 offset (torch's are never negative)
   uint8_t* p = b.grow(1 + 8 + 1 + (2 * n + 1) * sizeof(int64_t));
-  const uint64_t h = g_base + sid;
+  const uint64_t h = d.handle(sid);
   const int64_t off = t.storage_offset();
   p[0] = T_VIEW;
   std::memcpy(p + 1, &h, 8);
@@ -853,22 +919,24 @@ void put_ref(Buf& b, const at::Tensor& t, bool views) {
 
 // Frees of the storages that died, as one Command{free}: a storage's handle and its view handles. A storage whose
 // empty was held back and never sent is simply forgotten.
-void drain_frees_wire() {
+void drain_frees_wire(Dev& d) {
   std::vector<uint64_t> dead;
   {
     std::lock_guard<std::mutex> flock(g_free_mu);
-    if (g_free.empty()) return;
-    dead.swap(g_free);
+    std::vector<uint64_t>& list = g_free[&d - g_devs];
+    if (list.empty()) return;
+    dead.swap(list);
   }
   Buf packed;
   for (uint64_t sid : dead) {
-    auto p = std::find_if(g_pending.begin(), g_pending.end(), [sid](const auto& e) { return e.first == sid; });
-    if (p != g_pending.end()) g_pending.erase(p);
-    auto it = g_stores.find(sid);
-    if (it == g_stores.end()) continue;
-    if (p == g_pending.end()) put_varint(packed, g_base + sid);
-    for (const auto& v : it->second.views) put_varint(packed, g_base + v.second);
-    g_stores.erase(it);
+    auto p = std::find_if(d.pending.begin(), d.pending.end(), [sid](const auto& e) { return e.first == sid; });
+    const bool held = p != d.pending.end();
+    if (held) d.pending.erase(p);
+    auto it = d.stores.find(sid);
+    if (it == d.stores.end()) continue;
+    if (!held) put_varint(packed, d.handle(sid));
+    for (const auto& v : it->second.views) put_varint(packed, d.base + v.second);
+    d.stores.erase(it);
   }
   if (packed.n == 0) return;
   Buf fr;
@@ -876,58 +944,61 @@ void drain_frees_wire() {
   put_varint(fr, packed.n);
   put_bytes(fr, packed.v.data(), packed.n);
   static const uint8_t tag[] = {0x22};  // Command.free (4)
-  emit_command(tag, 1, fr);
+  emit_command(d, tag, 1, fr);
   g_stats.free_records++;
   g_wstats.frees++;
 }
 
-void materialize_pending() {
-  if (g_pending.empty()) return;
+void materialize_pending(Dev& d) {
+  if (d.pending.empty()) return;
   const uint32_t id = internal_op("aten::empty_strided");
-  for (auto& [sid, args] : g_pending) {
+  for (auto& [sid, args] : d.pending) {
     Buf b;
     put_bytes(b, args.data(), args.size());
-    emit_record(id, {g_base + sid}, b);
+    emit_record(d, id, {d.handle(sid)}, b);
   }
-  g_pending.clear();
+  d.pending.clear();
 }
 
 // Before a record: the held-back empties it may name. Frees wait for the frame's end (take_frame_locked), one
 // Command{free} per frame as the runtime batches them: handles are never reused, so a late free is still right.
-inline void prelude_wire() {
-  if (g_pending.empty()) return;
-  drain_frees_wire();  // an empty that died unsent is dropped, not sent
-  materialize_pending();
+inline void prelude_wire(Dev& d) {
+  if (d.pending.empty()) return;
+  drain_frees_wire(d);  // an empty that died unsent is dropped, not sent
+  materialize_pending(d);
 }
 
-// The frame being handed to Python: the buffer's bytes, swapped out of g_buf (no copy; both keep their capacity).
-// Guarded by g_send_mu: whoever takes a frame holds it until the frame is sent.
-Buf g_out;
+inline int64_t index_of(const Dev& d) { return &d - g_devs; }
 
-// The frame so far, as a tensor over g_out's bytes (not owning them: valid while the caller holds g_send_mu).
-at::Tensor take_frame_locked() {
-  drain_frees_wire();
-  g_out.clear();
-  std::swap(g_out.v, g_buf.v);
-  std::swap(g_out.n, g_buf.n);
-  g_cmds = 0;
+// The frame so far, as a tensor over d.out's bytes: the buffer's, swapped out of d.buf (no copy; both keep their
+// capacity). Not owning them: valid while the caller holds d.send_mu (whoever takes a frame holds it until it is sent).
+at::Tensor take_frame_locked(Dev& d) {
+  drain_frees_wire(d);
+  d.out.clear();
+  std::swap(d.out.v, d.buf.v);
+  std::swap(d.out.n, d.buf.n);
+  d.cmds = 0;
   g_wstats.frames++;
-  if (g_out.empty()) return at::empty({0}, at::kByte);
-  return at::from_blob(g_out.data(), {static_cast<int64_t>(g_out.size())}, at::kByte);
+  if (d.out.empty()) return at::empty({0}, at::kByte);
+  return at::from_blob(d.out.data(), {static_cast<int64_t>(d.out.size())}, at::kByte);
 }
 
-// Hand the buffer to Python (gpupool_native::send): one call per frame.
-void flush_frame() {
-  std::lock_guard<std::mutex> send(g_send_mu);
+// Hand device d's buffer to Python (gpupool_native::send, to its session): one call per frame.
+void flush_frame(Dev& d) {
+  std::lock_guard<std::mutex> send(d.send_mu);
   at::Tensor frame;
   {
     std::lock_guard<std::mutex> lock(g_mu);
-    frame = take_frame_locked();
+    frame = take_frame_locked(d);
   }
   if (frame.numel() == 0) return;
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("gpupool_native::send", "").typed<void(const at::Tensor&)>();
-  op.call(frame);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("gpupool_native::send", "")
+                       .typed<void(const at::Tensor&, int64_t)>();
+  op.call(frame, index_of(d));
 }
+
+inline bool frame_full(const Dev& d) { return d.cmds >= kFlushCommands || d.buf.size() >= kFlushBytes; }
 
 // A tensor argument. A 0-dim CPU tensor goes as a number only where that is what it is and the daemon's call of the op
 // takes one (`numbers`: add, mul, ...; a Python number `x * 2` reaches the op as a wrapped number); any other throws
@@ -935,12 +1006,12 @@ void flush_frame() {
 // type promotion as a number's does not, is sent inline in an `Op`, as the Python client sends it; a wrapped number
 // reaches Python as a number, and an op whose call refuses one fails there with torch's own error (the Scalar
 // overloads that would make such calls, `x % 3`'s remainder.Scalar, are sent whole: `claim`).
-void put_wire_tensor(Buf& b, std::string& k, const at::Tensor& t, bool views, bool numbers) {
+void put_wire_tensor(Dev& d, Buf& b, std::string& k, const at::Tensor& t, bool views, bool numbers) {
   key_tensor(k, t);
   if (!t.defined()) {
     put<uint8_t>(b, T_NONE);
   } else if (t.device().type() == kType) {
-    put_ref(b, t, views);
+    put_ref(d, b, t, views);
   } else {
     TORCH_CHECK(t.device().is_cpu() && t.dim() == 0, "gpupool native client: a ", t.device(), " tensor of ", t.dim(),
                 " dims among a device op's arguments: only 0-dim CPU tensors (sent as numbers) are in the native client");
@@ -961,9 +1032,9 @@ void put_wire_tensor(Buf& b, std::string& k, const at::Tensor& t, bool views, bo
 }
 
 // One argument in the compact format (b) and into the meta-cache key (k, as put_arg keys it); `views`: as put_ref's.
-void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind, bool views, bool numbers) {
+void put_wire_arg(Dev& d, Buf& b, std::string& k, const IValue& v, uint8_t kind, bool views, bool numbers) {
   if (v.isTensor()) {
-    put_wire_tensor(b, k, v.toTensor(), views, numbers);
+    put_wire_tensor(d, b, k, v.toTensor(), views, numbers);
   } else if (v.isNone()) {
     put<uint8_t>(b, T_NONE);
     k.push_back('N');
@@ -1015,8 +1086,8 @@ void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind, bool vi
         const at::Tensor& t = e.toTensor();
         TORCH_CHECK(t.device().type() == kType, "gpupool native client: a ", t.device(), " tensor in a tensor list: not in the native client");
         if (!any_view) {
-          auto it = g_stores.find(handle_of(t));
-          any_view = it == g_stores.end() || !it->second.base.same(t);
+          auto it = d.stores.find(handle_of(t));
+          any_view = it == d.stores.end() || !it->second.base.same(t);
         }
       }
       const bool as_views = views && any_view && !any_none;
@@ -1031,9 +1102,9 @@ void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind, bool vi
         const at::Tensor& t = e.toTensor();
         key_tensor(k, t);
         if (as_views) {
-          put_ref(b, t, true);
+          put_ref(d, b, t, true);
         } else {
-          put<uint64_t>(b, wire_handle(t));
+          put<uint64_t>(b, wire_handle(d, t));
         }
       }
     } else if (doubles || ints) {
@@ -1088,6 +1159,35 @@ void put_wire_arg(Buf& b, std::string& k, const IValue& v, uint8_t kind, bool vi
   }
 }
 
+// The device an op runs on: its device tensors' (all on one device, else torch's own error for tensors on two
+// devices), else its device argument's index, else the current device.
+void note_index(DeviceIndex& found, const at::Tensor& t) {
+  if (!t.defined() || t.device().type() != kType) return;
+  const DeviceIndex i = t.device().index();
+  if (found < 0) {
+    found = i;
+    return;
+  }
+  TORCH_CHECK(found == i, "Expected all tensors to be on the same device, but found at least two devices, ",
+              Device(kType, found), " and ", Device(kType, i), "!");
+}
+
+DeviceIndex op_index(const IValue* args, size_t nargs) {
+  DeviceIndex found = -1, asked = -1;
+  for (size_t i = 0; i < nargs; i++) {
+    const IValue& v = args[i];
+    if (v.isTensor()) {
+      note_index(found, v.toTensor());
+    } else if (v.isTensorList() || (v.isList() && !v.isIntList() && !v.isDoubleList() && !v.isBoolList())) {
+      for (const IValue& e : v.toListRef())
+        if (e.isTensor()) note_index(found, e.toTensor());
+    } else if (v.isDevice() && v.toDevice().type() == kType && v.toDevice().has_index()) {
+      asked = v.toDevice().index();
+    }
+  }
+  return checked_index(found >= 0 ? found : asked >= 0 ? asked : t_current);
+}
+
 // The op's outputs onto the stack in the plan's order, a list return as one list.
 void push_outputs(torch::jit::Stack* stack, const std::vector<RetPlan>& rets, c10::SmallVector<at::Tensor, 4>& made) {
   size_t k = 0;
@@ -1117,11 +1217,12 @@ void python_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   op.redispatchBoxed(DispatchKeySet(DispatchKey::PrivateUse2), stack);
 }
 
-void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack, DeviceIndex index) {
   const auto& schema = op.schema();
   const auto& sargs = schema.arguments();
   const size_t nargs = sargs.size();
   IValue* args = stack->data() + (stack->size() - nargs);
+  Dev& d = g_devs[index];
   std::unique_lock<std::mutex> lock(g_mu);
   const uint32_t id = op_id(op);
   const size_t npos = wire_info(op, id, false).npos;
@@ -1132,7 +1233,7 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     python_fallback(op, stack);
     return;
   }
-  prelude_wire();
+  prelude_wire(d);
   Buf& rec = t_rec;
   rec.clear();
   std::string& key = t_wkey;
@@ -1142,13 +1243,13 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     const WireOp& w = g_wire_info[id];
     const bool views = !w.reshapes;
     put<uint8_t>(rec, static_cast<uint8_t>(npos));
-    for (size_t i = 0; i < npos; i++) put_wire_arg(rec, key, args[i], w.kind[i], views, w.numbers);
+    for (size_t i = 0; i < npos; i++) put_wire_arg(d, rec, key, args[i], w.kind[i], views, w.numbers);
     put<uint8_t>(rec, static_cast<uint8_t>(nargs - npos));
     for (size_t i = npos; i < nargs; i++) {
       const std::string& name = sargs[i].name();
       put<uint8_t>(rec, static_cast<uint8_t>(name.size()));
       put_bytes(rec, name.data(), name.size());
-      put_wire_arg(rec, key, args[i], w.kind[i], views, w.numbers);
+      put_wire_arg(d, rec, key, args[i], w.kind[i], views, w.numbers);
     }
   } catch (const std::exception&) {
     if (!g_python) throw;
@@ -1185,13 +1286,14 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   std::vector<uint64_t> outs;
   c10::SmallVector<at::Tensor, 4> made;
   bool any_named = false;
+  const AtDevice at_device(index);  // new outputs on the op's device
   for (const RetPlan& r : plan->rets) {
     for (const OutPlan& p : r.outs) {
       made.push_back(make_out(p, args));
       if (p.kind == OutPlan::NEW) {
         const uint64_t sid = handle_of(made.back());
-        g_stores[sid] = Store{Geo{p.dtype, p.sizes, p.strides, p.offset}, {}};
-        outs.push_back(g_base + sid);
+        d.stores[sid] = Store{Geo{p.dtype, p.sizes, p.strides, p.offset}, {}};
+        outs.push_back(d.handle(sid));
       } else {
         outs.push_back(0);
       }
@@ -1199,15 +1301,15 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     }
   }
   if (any_named || outs.empty()) {
-    emit_record(id, outs, rec);
+    emit_record(d, id, outs, rec);
   } else {
     g_wstats.skipped_views++;  // only views of inputs: the daemon need not compute what no handle names
   }
-  const bool full = g_cmds >= kFlushCommands || g_buf.size() >= kFlushBytes;
+  const bool full = frame_full(d);
   lock.unlock();
   torch::jit::drop(*stack, nargs);
   push_outputs(stack, plan->rets, made);
-  if (full) flush_frame();
+  if (full) flush_frame(d);
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -1217,14 +1319,15 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 thread_local std::string t_key;
 
 void spike_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
-  ensure_wire();
+  const size_t nargs = op.schema().arguments().size();
+  IValue* args = stack->data() + (stack->size() - nargs);
+  const DeviceIndex index = op_index(args, nargs);
+  ensure_wire(index);
   if (g_wire) {
-    wire_fallback(op, stack);
+    wire_fallback(op, stack, wired(index));
     return;
   }
-  const auto& schema = op.schema();
-  const size_t nargs = schema.arguments().size();
-  IValue* args = stack->data() + (stack->size() - nargs);
+  const AtDevice at_device(index);
   std::unique_lock<std::mutex> lock(g_mu);
   drain_frees();
   const uint32_t id = op_id(op);
@@ -1288,6 +1391,7 @@ void spike_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 // Wire mode: an empty is held back (the usual next step, a copy from the CPU, then becomes one Upload into its handle);
 // anything else that names it first sends it as aten::empty_strided.
 void wire_alloc(const at::Tensor& t) {
+  Dev& d = dev_of(t);
   std::lock_guard<std::mutex> lock(g_mu);
   const int code = g_dtype_code[static_cast<int>(t.scalar_type())];
   TORCH_CHECK(code >= 0, "gpupool native client: no wire code for ", t.scalar_type());
@@ -1304,8 +1408,8 @@ void wire_alloc(const at::Tensor& t) {
   put_bytes(b, "device", 6);
   put<uint8_t>(b, T_DEVICE);
   const uint64_t sid = handle_of(t);
-  g_stores[sid] = Store{Geo::of(t), {}};
-  g_pending.emplace_back(sid, std::vector<uint8_t>(b.v.data(), b.v.data() + b.n));
+  d.stores[sid] = Store{Geo::of(t), {}};
+  d.pending.emplace_back(sid, std::vector<uint8_t>(b.v.data(), b.v.data() + b.n));
   g_stats.alloc_records++;
 }
 
@@ -1326,8 +1430,9 @@ void alloc_record(const at::Tensor& t) {
 at::Tensor spike_empty(c10::IntArrayRef size, std::optional<at::ScalarType> dtype, std::optional<at::Layout> layout,
                        std::optional<Device> device, std::optional<bool> /*pin*/,
                        std::optional<at::MemoryFormat> mf) {
-  check_index(device);
-  ensure_wire();
+  const DeviceIndex index = factory_index(device);
+  ensure_wire(index);
+  const AtDevice at_device(index);
   TORCH_CHECK(!layout || *layout == at::kStrided, "gpupool native client: only strided tensors");
   at::Tensor t = at::detail::empty_generic(size, &g_alloc, kKeys, dtype.value_or(at::get_default_dtype_as_scalartype()), mf);
   alloc_record(t);
@@ -1337,8 +1442,9 @@ at::Tensor spike_empty(c10::IntArrayRef size, std::optional<at::ScalarType> dtyp
 at::Tensor spike_empty_strided(c10::IntArrayRef size, c10::IntArrayRef stride, std::optional<at::ScalarType> dtype,
                                std::optional<at::Layout> layout, std::optional<Device> device,
                                std::optional<bool> /*pin*/) {
-  check_index(device);
-  ensure_wire();
+  const DeviceIndex index = factory_index(device);
+  ensure_wire(index);
+  const AtDevice at_device(index);
   TORCH_CHECK(!layout || *layout == at::kStrided, "gpupool native client: only strided tensors");
   at::Tensor t = at::detail::empty_strided_generic(size, stride, &g_alloc, kKeys,
                                                    dtype.value_or(at::get_default_dtype_as_scalartype()));
@@ -1359,7 +1465,7 @@ void sync_record(const at::Tensor& t) {
 // Wire mode: Command{upload}s of a contiguous CPU tensor of at most 32 MiB into wire handle `wh`, in the frame: chunks
 // of at most 4 MiB, the first with the tensor's meta, the last marked (as client/session.py's `upload` writes them on
 // the stream). A larger one goes through Session.upload itself (wire_big_upload).
-void emit_upload(uint64_t wh, const at::Tensor& c) {
+void emit_upload(Dev& d, uint64_t wh, const at::Tensor& c) {
   const size_t n = c.nbytes();
   TORCH_CHECK(n <= kMaxUpload, "gpupool native client: an upload of ", n, " bytes into the frame (wire_copy_ sends those "
               "over 32 MiB through Session.upload)");
@@ -1401,49 +1507,49 @@ void emit_upload(uint64_t wh, const at::Tensor& c) {
     const bool last = off + k >= n;
     const size_t up = head.n + k + (last ? 2 : 0);
     const size_t cmd = 1 + varint_len(up) + up;
-    put<uint8_t>(g_buf, 0x0a);  // ClientFrame.commands (1)
-    put_varint(g_buf, cmd);
-    put<uint8_t>(g_buf, 0x12);  // Command.upload (2)
-    put_varint(g_buf, up);
-    put_bytes(g_buf, head.v.data(), head.n);
-    put_bytes(g_buf, bytes + off, k);
+    put<uint8_t>(d.buf, 0x0a);  // ClientFrame.commands (1)
+    put_varint(d.buf, cmd);
+    put<uint8_t>(d.buf, 0x12);  // Command.upload (2)
+    put_varint(d.buf, up);
+    put_bytes(d.buf, head.v.data(), head.n);
+    put_bytes(d.buf, bytes + off, k);
     if (last) {
-      put<uint8_t>(g_buf, 0x28);  // Upload.last (5) = true
-      put<uint8_t>(g_buf, 0x01);
+      put<uint8_t>(d.buf, 0x28);  // Upload.last (5) = true
+      put<uint8_t>(d.buf, 0x01);
     }
-    g_cmds++;
+    d.cmds++;
     off += k;
   } while (off < n);
   g_stats.uploads++;
 }
 
-// A sync's frame (the caller holds g_send_mu): everything recorded so far, and the handle `t` is read by.
-at::Tensor take_sync_frame(const at::Tensor& t, uint64_t* h) {
+// A sync's frame (the caller holds d.send_mu): everything recorded so far on t's device, and the handle `t` is read by.
+at::Tensor take_sync_frame(Dev& d, const at::Tensor& t, uint64_t* h) {
   std::lock_guard<std::mutex> lock(g_mu);
-  prelude_wire();
-  *h = wire_handle(t);
+  prelude_wire(d);
+  *h = wire_handle(d, t);
   g_stats.syncs++;
-  return take_frame_locked();
+  return take_frame_locked(d);
 }
 
 // `self` (a device tensor, or a view) takes the values of wire handle `tmp` (an upload's temporary): a copy_ record
 // on the daemon, then a Free of `tmp`. The caller holds g_mu.
-void emit_copy_from(const at::Tensor& self, uint64_t tmp) {
+void emit_copy_from(Dev& d, const at::Tensor& self, uint64_t tmp) {
   const uint32_t id = internal_op("aten::copy_");
   Buf b;
   put<uint8_t>(b, 2);
-  put_ref(b, self, true);  // copy_ writes values only: a view goes as a view argument
+  put_ref(d, b, self, true);  // copy_ writes values only: a view goes as a view argument
   put<uint8_t>(b, T_TENSOR);
   put<uint64_t>(b, tmp);
   put<uint8_t>(b, 0);
-  emit_record(id, {0}, b);
+  emit_record(d, id, {0}, b);
   Buf fr, packed;
   put_varint(packed, tmp);
   put<uint8_t>(fr, 0x0a);
   put_varint(fr, packed.n);
   put_bytes(fr, packed.v.data(), packed.n);
   static const uint8_t tag[] = {0x22};
-  emit_command(tag, 1, fr);
+  emit_command(d, tag, 1, fr);
 }
 
 // Wire mode: an upload over 32 MiB (a frame could not hold it under gRPC's 64 MiB message limit). The frame so far goes
@@ -1452,46 +1558,53 @@ void emit_copy_from(const at::Tensor& self, uint64_t tmp) {
 // upload): into the held-back empty's handle when `self` is all of it, else into a temporary handle that a copy_
 // record then copies into `self` (a slice, a view, an earlier tensor), as for the small ones.
 void wire_big_upload(const at::Tensor& self, const at::Tensor& c) {
+  Dev& d = dev_of(self);
   bool full = false;
   {
-    std::lock_guard<std::mutex> send(g_send_mu);
+    std::lock_guard<std::mutex> send(d.send_mu);
     uint64_t h;
     bool whole;
     at::Tensor frame;
     {
       std::lock_guard<std::mutex> lock(g_mu);
       const uint64_t sid = handle_of(self);
-      auto p = std::find_if(g_pending.begin(), g_pending.end(), [sid](const auto& e) { return e.first == sid; });
-      whole = p != g_pending.end() && self.is_contiguous() && self.storage_offset() == 0 &&
+      auto p = std::find_if(d.pending.begin(), d.pending.end(), [sid](const auto& e) { return e.first == sid; });
+      whole = p != d.pending.end() && self.is_contiguous() && self.storage_offset() == 0 &&
               self.nbytes() == self.storage().nbytes();
       if (whole) {
-        g_pending.erase(p);
-        g_stores[sid] = Store{Geo::of(self), {}};
-        h = g_base + sid;
+        d.pending.erase(p);
+        d.stores[sid] = Store{Geo::of(self), {}};
+        h = d.handle(sid);
       } else {
-        materialize_pending();
-        h = g_base + g_next.fetch_add(1, std::memory_order_relaxed);
+        materialize_pending(d);
+        h = d.base + g_next.fetch_add(1, std::memory_order_relaxed);
       }
       g_stats.uploads++;
-      frame = take_frame_locked();
+      frame = take_frame_locked(d);
     }
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("gpupool_native::upload", "")
-                         .typed<void(const at::Tensor&, int64_t, const at::Tensor&)>();
-    op.call(frame, static_cast<int64_t>(h), c);
+                         .typed<void(const at::Tensor&, int64_t, int64_t, const at::Tensor&)>();
+    op.call(frame, index_of(d), static_cast<int64_t>(h), c);
     if (!whole) {
       std::lock_guard<std::mutex> lock(g_mu);
-      emit_copy_from(self, h);
-      full = g_cmds >= kFlushCommands || g_buf.size() >= kFlushBytes;
+      emit_copy_from(d, self, h);
+      full = frame_full(d);
     }
   }
-  if (full) flush_frame();
+  if (full) flush_frame(d);
 }
 
 at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocking) {
   const bool dst_dev = self.device().type() == kType;
   const bool src_dev = src.device().type() == kType;
+  if (dst_dev && src_dev && self.device() != src.device()) {
+    // gpupool:i to gpupool:j (`.to("gpupool:1")`): through the host, as the Python client copies between devices
+    // (client/torch/transfer.py: a download from i, an upload to j). Each session keeps its own order.
+    return self.copy_(src.cpu());
+  }
   if (dst_dev && !src_dev) {
+    Dev& d = dev_of(self);
     TORCH_CHECK(src.device().is_cpu(), "gpupool native client: copy from ", src.device());
     const at::Tensor c = src.to(self.scalar_type()).expand(self.sizes()).contiguous();
     if (c.nbytes() > kMaxUpload) {
@@ -1502,30 +1615,31 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
     {
       std::lock_guard<std::mutex> lock(g_mu);
       const uint64_t sid = handle_of(self);
-      auto p = std::find_if(g_pending.begin(), g_pending.end(), [sid](const auto& e) { return e.first == sid; });
-      if (p != g_pending.end() && self.is_contiguous() && self.storage_offset() == 0 &&
+      auto p = std::find_if(d.pending.begin(), d.pending.end(), [sid](const auto& e) { return e.first == sid; });
+      if (p != d.pending.end() && self.is_contiguous() && self.storage_offset() == 0 &&
           self.nbytes() == self.storage().nbytes()) {
-        g_pending.erase(p);  // the held-back empty becomes the upload itself
-        g_stores[sid] = Store{Geo::of(self), {}};
-        emit_upload(g_base + sid, c);
+        d.pending.erase(p);  // the held-back empty becomes the upload itself
+        d.stores[sid] = Store{Geo::of(self), {}};
+        emit_upload(d, d.handle(sid), c);
       } else {  // into a temporary handle, then copy_ on the daemon
-        materialize_pending();
-        const uint64_t tmp = g_base + g_next.fetch_add(1, std::memory_order_relaxed);
-        emit_upload(tmp, c);
-        emit_copy_from(self, tmp);
+        materialize_pending(d);
+        const uint64_t tmp = d.base + g_next.fetch_add(1, std::memory_order_relaxed);
+        emit_upload(d, tmp, c);
+        emit_copy_from(d, self, tmp);
       }
-      full = g_cmds >= kFlushCommands || g_buf.size() >= kFlushBytes;
+      full = frame_full(d);
     }
-    if (full) flush_frame();
+    if (full) flush_frame(d);
     return self;
   }
   if (!dst_dev && src_dev) {  // a download: the frame goes out, then Session.download of the tensor's handle
     TORCH_CHECK(self.device().is_cpu(), "gpupool native client: copy to ", self.device());
+    Dev& d = dev_of(src);
     std::optional<Geo> base;
     {
       std::lock_guard<std::mutex> lock(g_mu);
-      auto it = g_stores.find(handle_of(src));
-      if (it != g_stores.end() && it->second.base.dtype != src.scalar_type()) base = it->second.base;
+      auto it = d.stores.find(handle_of(src));
+      if (it != d.stores.end() && it->second.base.dtype != src.scalar_type()) base = it->second.base;
     }
     if (base) {  // a view with another dtype than its storage's (torch.save reads a storage as bytes): the storage's
                  // tensor comes back into a host storage of the same bytes, and the view is taken of those
@@ -1540,13 +1654,13 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
                      .set_(host.storage(), src.storage_offset(), src.sizes(), src.strides()));
       return self;
     }
-    std::lock_guard<std::mutex> send(g_send_mu);
+    std::lock_guard<std::mutex> send(d.send_mu);
     uint64_t h;
-    const at::Tensor frame = take_sync_frame(src, &h);
+    const at::Tensor frame = take_sync_frame(d, src, &h);
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("gpupool_native::download", "")
-                         .typed<at::Tensor(const at::Tensor&, int64_t)>();
-    const at::Tensor value = op.call(frame, static_cast<int64_t>(h));
+                         .typed<at::Tensor(const at::Tensor&, int64_t, int64_t)>();
+    const at::Tensor value = op.call(frame, index_of(d), static_cast<int64_t>(h));
     self.copy_(value.view(src.sizes()));
     return self;
   }
@@ -1589,13 +1703,14 @@ at::Tensor& spike_copy_(at::Tensor& self, const at::Tensor& src, bool non_blocki
 
 at::Scalar spike_local_scalar_dense(const at::Tensor& self) {
   if (g_wire) {  // flush the frame and read the value in the same round trip (Sync.scalar_handles)
-    std::lock_guard<std::mutex> send(g_send_mu);
+    Dev& d = dev_of(self);
+    std::lock_guard<std::mutex> send(d.send_mu);
     uint64_t h;
-    const at::Tensor frame = take_sync_frame(self, &h);
+    const at::Tensor frame = take_sync_frame(d, self, &h);
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("gpupool_native::sync_scalar", "")
-                         .typed<double(const at::Tensor&, int64_t)>();
-    const double v = op.call(frame, static_cast<int64_t>(h));
+                         .typed<double(const at::Tensor&, int64_t, int64_t)>();
+    const double v = op.call(frame, index_of(d), static_cast<int64_t>(h));
     if (at::isFloatingType(self.scalar_type())) return at::Scalar(v);
     if (self.scalar_type() == at::kBool) return at::Scalar(v != 0.0);
     TORCH_CHECK(!at::isComplexType(self.scalar_type()), "gpupool native client: .item() of a complex tensor");
@@ -1667,9 +1782,11 @@ std::vector<int64_t> stats() {
   std::lock_guard<std::mutex> lock(g_mu);
   std::lock_guard<std::mutex> flock(g_free_mu);
   const Stats& s = g_stats;
+  size_t free_pending = 0;
+  for (const auto& dead : g_free) free_pending += dead.size();
   return {g_allocated.load(), g_freed.load(), g_double_frees.load(), s.op_records, s.uploads, s.syncs,
           s.free_records, s.alloc_records, s.bytes, s.dropped_bytes, s.meta_runs, s.cache_hits, s.view_outputs,
-          static_cast<int64_t>(g_live.size()), static_cast<int64_t>(g_free.size()),
+          static_cast<int64_t>(g_live.size()), static_cast<int64_t>(free_pending),
           static_cast<int64_t>(g_cache.size())};
 }
 
@@ -1776,13 +1893,18 @@ int64_t claim(bool functional, bool foreach) {
   return n;
 }
 
-// Wire mode from now on (before any tensor is made on the device): handles are base + n; ops outside `ops` (none: every
-// op is in) and what the encoder cannot send go to the Python fallback at PrivateUse2 with `python`, else are refused.
-void configure_wire(int64_t base, std::optional<std::vector<std::string>> ops, std::vector<int64_t> dtype_codes,
-                    int64_t strided, std::vector<int64_t> mf_codes, bool python) {
+// Wire mode from now on for device `index` (before any tensor is made on it): its handles are base + n; ops outside
+// `ops` (none: every op is in) and what the encoder cannot send go to the Python fallback at PrivateUse2 with `python`,
+// else are refused. The op set and the tables are the first call's (the process's).
+void configure_wire(int64_t index, int64_t base, std::optional<std::vector<std::string>> ops,
+                    std::vector<int64_t> dtype_codes, int64_t strided, std::vector<int64_t> mf_codes, bool python) {
   std::lock_guard<std::mutex> lock(g_mu);
-  TORCH_CHECK(!g_wire, "gpupool native client: wire mode is set once per process");
-  TORCH_CHECK(g_next.load() == 1, "gpupool native client: wire mode must be set before any tensor is made on the device");
+  Dev& d = g_devs[checked_index(static_cast<DeviceIndex>(index))];
+  TORCH_CHECK(!d.wire, "gpupool native client: gpupool:", index, " has its session already");
+  TORCH_CHECK(g_wire || g_next.load() == 1, "gpupool native client: wire mode must be set before any tensor is made on the device");
+  d.base = static_cast<uint64_t>(base);
+  d.wire = true;
+  if (g_wire) return;
   TORCH_CHECK(dtype_codes.size() <= 64 && mf_codes.size() == 4, "gpupool native client: bad code tables");
   std::fill(std::begin(g_dtype_code), std::end(g_dtype_code), -1);
   for (size_t i = 0; i < dtype_codes.size(); i++) g_dtype_code[i] = static_cast<int>(dtype_codes[i]);
@@ -1791,58 +1913,72 @@ void configure_wire(int64_t base, std::optional<std::vector<std::string>> ops, s
   g_wire_all = !ops.has_value();
   if (ops) g_wire_ops = std::unordered_set<std::string>(ops->begin(), ops->end());
   g_python = python;
-  g_base = static_cast<uint64_t>(base);
   g_keep = true;  // the buffer is a frame: never dropped
   g_wire = true;
 }
 
 int64_t scalar_type_of(const at::Tensor& t) { return static_cast<int64_t>(t.scalar_type()); }
 
-void flush_now() { flush_frame(); }
+// Every attached device's frame goes out (a sync of all of them, an exit).
+void flush_now() {
+  for (Dev& d : g_devs)
+    if (d.wire) flush_frame(d);
+}
 
 std::vector<int64_t> wire_stats() {
   std::lock_guard<std::mutex> lock(g_mu);
+  size_t stores = 0, pending = 0;
+  for (const Dev& d : g_devs) {
+    stores += d.stores.size();
+    pending += d.pending.size();
+  }
   return {g_wstats.frames, g_wstats.view_handles, g_wstats.frees, g_wstats.skipped_views,
-          static_cast<int64_t>(g_stores.size()), static_cast<int64_t>(g_pending.size()), g_wstats.python_ops,
-          g_wstats.view_args};
+          static_cast<int64_t>(stores), static_cast<int64_t>(pending), g_wstats.python_ops, g_wstats.view_args};
 }
 
 // For the Python fallback (client/native/backend.py `_python_op`), wire mode.
 // The handle a record names `t` by (its storage's, or a view handle made now); held-back empties are sent first.
 int64_t py_wire_handle(const at::Tensor& t) {
   TORCH_CHECK(t.device().type() == kType, "gpupool native client: wire_handle of a ", t.device(), " tensor");
+  Dev& d = dev_of(t);
   std::lock_guard<std::mutex> lock(g_mu);
-  prelude_wire();
-  return static_cast<int64_t>(wire_handle(t));
+  prelude_wire(d);
+  return static_cast<int64_t>(wire_handle(d, t));
 }
 
-// A new output of an op the Python fallback sends: a fresh storage the daemon does not know yet (see adopt).
-at::Tensor py_new_output(c10::IntArrayRef size, c10::IntArrayRef stride, at::ScalarType dtype) {
-  ensure_wire();
+// A new output of an op the Python fallback sends on device `index`: a fresh storage the daemon does not know yet (see
+// adopt).
+at::Tensor py_new_output(c10::IntArrayRef size, c10::IntArrayRef stride, at::ScalarType dtype, int64_t index) {
+  const DeviceIndex i = checked_index(static_cast<DeviceIndex>(index));
+  ensure_wire(i);
+  const AtDevice at_device(i);
   return at::detail::empty_strided_generic(size, stride, &g_alloc, kKeys, dtype);
 }
 
-// A finished ClientFrame.commands entry (the Python fallback's `Op`) into the frame, in order with the records.
-void py_append_command(const at::Tensor& raw) {
+// A finished ClientFrame.commands entry (the Python fallback's `Op`) into device `index`'s frame, in order with its
+// records.
+void py_append_command(const at::Tensor& raw, int64_t index) {
   TORCH_CHECK(raw.device().is_cpu() && raw.scalar_type() == at::kByte && raw.is_contiguous(), "gpupool native client: bad command");
+  Dev& d = g_devs[wired(checked_index(static_cast<DeviceIndex>(index)))];
   bool full;
   {
     std::lock_guard<std::mutex> lock(g_mu);
-    prelude_wire();
-    put_bytes(g_buf, raw.const_data_ptr(), raw.numel());
-    g_cmds++;
-    full = g_cmds >= kFlushCommands || g_buf.size() >= kFlushBytes;
+    prelude_wire(d);
+    put_bytes(d.buf, raw.const_data_ptr(), raw.numel());
+    d.cmds++;
+    full = frame_full(d);
   }
-  if (full) flush_frame();
+  if (full) flush_frame(d);
 }
 
 // An out= argument the op resizes (the daemon's kernel resizes its tensor in place, under the same handle): the
 // spike tensor takes the new geometry, and its storage the new size, keeping its handle. Only a whole storage.
 void py_resize_output(const at::Tensor& t, c10::IntArrayRef size, c10::IntArrayRef stride) {
+  Dev& d = dev_of(t);
   std::lock_guard<std::mutex> lock(g_mu);
   const uint64_t sid = handle_of(t);
-  auto it = g_stores.find(sid);
-  TORCH_CHECK(it != g_stores.end() && it->second.base.same(t) && t.storage_offset() == 0,
+  auto it = d.stores.find(sid);
+  TORCH_CHECK(it != d.stores.end() && it->second.base.same(t) && t.storage_offset() == 0,
               "gpupool native client: an op resizes an out= argument that is a view: not supported");
   t.storage().unsafeGetStorageImpl()->set_nbytes(at::detail::computeStorageNbytes(size, stride, t.dtype().itemsize()));
   t.unsafeGetTensorImpl()->set_sizes_and_strides(size, stride, 0);
@@ -1857,14 +1993,34 @@ std::vector<int64_t> py_adopt(const std::vector<at::Tensor>& ts, bool commit) {
   std::vector<int64_t> out;
   for (const at::Tensor& t : ts) {
     TORCH_CHECK(t.device().type() == kType && t.storage_offset() == 0, "gpupool native client: adopt of a tensor that is no output");
+    Dev& d = g_devs[wired(t.device().index())];
     const uint64_t sid = handle_of(t);
-    if (commit) g_stores[sid] = Store{Geo::of(t), {}};
-    out.push_back(static_cast<int64_t>(g_base + sid));
+    if (commit) d.stores[sid] = Store{Geo::of(t), {}};
+    out.push_back(static_cast<int64_t>(d.handle(sid)));
   }
   return out;
 }
 
 void set_autoconnect() { g_autoconnect = true; }
+
+// A fresh handle on device `index`'s session that no storage names (a collective's port handle: group.py).
+int64_t py_new_handle(int64_t index) {
+  const Dev& d = g_devs[wired(checked_index(static_cast<DeviceIndex>(index)))];
+  return static_cast<int64_t>(d.base + g_next.fetch_add(1, std::memory_order_relaxed));
+}
+
+// The devices the process can name (the lease's, 1..kMaxDevices), set before the first tensor (enable()).
+void set_device_count(int64_t n) {
+  TORCH_CHECK(n >= 1 && n <= kMaxDevices, "gpupool native client: ", n, " devices (1..", kMaxDevices, ")");
+  g_count = static_cast<int>(n);
+}
+
+int64_t device_count() { return g_count.load(); }
+
+// The calling thread's current device (torch.gpupool.current_device / set_device; torch's guards use the same).
+int64_t current_device() { return t_current; }
+
+void set_current_device(int64_t index) { t_current = checked_index(static_cast<DeviceIndex>(index)); }
 
 void reset_stats() {
   std::lock_guard<std::mutex> lock(g_mu);
@@ -1902,21 +2058,27 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("op_name(int id) -> str", &op_name);
   m.def("reset_stats() -> ()", &reset_stats);
   m.def("claim(bool functional, bool foreach) -> int", &claim);
-  m.def("configure_wire(int base, str[]? ops, int[] dtype_codes, int strided, int[] mf_codes, bool python) -> ()",
-        &configure_wire);
+  m.def("configure_wire(int index, int base, str[]? ops, int[] dtype_codes, int strided, int[] mf_codes, bool python) "
+        "-> ()", &configure_wire);
   m.def("wire_handle(Tensor t) -> int", &py_wire_handle);
-  m.def("new_output(int[] size, int[] stride, ScalarType dtype) -> Tensor", &py_new_output);
+  m.def("new_output(int[] size, int[] stride, ScalarType dtype, int index) -> Tensor", &py_new_output);
   m.def("adopt(Tensor[] ts, bool commit) -> int[]", &py_adopt);
   m.def("resize_output(Tensor t, int[] size, int[] stride) -> ()", &py_resize_output);
-  m.def("append_command(Tensor raw) -> ()", &py_append_command);
+  m.def("append_command(Tensor raw, int index) -> ()", &py_append_command);
   m.def("scalar_type(Tensor t) -> int", &scalar_type_of);
   m.def("flush() -> ()", &flush_now);
   m.def("wire_stats() -> int[]", &wire_stats);
   m.def("set_autoconnect() -> ()", &set_autoconnect);
-  // Implemented in Python (client/native/backend.py, over client/session.py's Session): the frame hand-offs.
-  m.def("send(Tensor frame) -> ()");
-  m.def("sync_scalar(Tensor frame, int handle) -> float");
-  m.def("download(Tensor frame, int handle) -> Tensor");
-  m.def("upload(Tensor frame, int handle, Tensor data) -> ()");  // an upload over 32 MiB: Session.upload
-  m.def("autoconnect() -> ()");  // gpupool run --native-client: attach the lease's session (backend.py)
+  m.def("new_handle(int index) -> int", &py_new_handle);
+  m.def("set_device_count(int n) -> ()", &set_device_count);
+  m.def("device_count() -> int", &device_count);
+  m.def("current_device() -> int", &current_device);
+  m.def("set_current_device(int index) -> ()", &set_current_device);
+  // Implemented in Python (client/native/backend.py, over client/session.py's Session of device `index`): the frame
+  // hand-offs.
+  m.def("send(Tensor frame, int index) -> ()");
+  m.def("sync_scalar(Tensor frame, int index, int handle) -> float");
+  m.def("download(Tensor frame, int index, int handle) -> Tensor");
+  m.def("upload(Tensor frame, int index, int handle, Tensor data) -> ()");  // an upload over 32 MiB: Session.upload
+  m.def("autoconnect(int index) -> ()");  // gpupool run --native-client: attach the session of the lease's device
 }

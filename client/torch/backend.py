@@ -10,7 +10,7 @@ dispatch key of their wrapper class. torch's setup registers a Python device gua
 with the C++ guard of `native_guard.cpp` (no Python call per op; every nameable device, a per-thread current device)
 when it can be built.
 
-Backward runs on the calling thread (`_CallingThreadEngine`): torch's autograd engine hands the nodes of a device's
+Backward runs on the calling thread (client/engine.py): torch's autograd engine hands the nodes of a device's
 tensors to one worker thread per device index, and sizes that set of threads once, from the device guard's count, at
 the process's first backward. torch's Python guard always says one device, and a process can attach gpupool:1 after
 its first backward, so a node on gpupool:1 would find no queue (an INTERNAL ASSERT). With autograd's multithreading off
@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 import torch.utils.backend_registration as backend_registration
-from torch.autograd.variable import Variable
 
+from ..engine import run_backward_on_calling_thread
 from . import api, native, runtime, tensor
 from .dispatch import dispatch, factory, find_runtime, torch_dispatch
 
@@ -100,27 +100,6 @@ def _pin_memory(self: torch.Tensor, device: torch.device | None = None) -> torch
     return torch.ops.aten._pin_memory.default.redispatch(keys, self, device)
 
 
-_Engine: Any = type(Variable._execution_engine)
-
-
-class _CallingThreadEngine(_Engine):  # type: ignore[misc, valid-type]
-    """torch's autograd engine, with multithreading off while it runs a backward (see the module's docstring): every
-    node runs on the thread that called backward()/grad(), whatever its device index."""
-
-    def run_backward(self, *args: Any, **kwargs: Any) -> Any:
-        prev = torch._C._is_multithreading_enabled()
-        torch._C._set_multithreading_enabled(False)
-        try:
-            return super().run_backward(*args, **kwargs)
-        finally:
-            torch._C._set_multithreading_enabled(prev)
-
-
-def _run_backward_on_calling_thread() -> None:
-    if not isinstance(Variable._execution_engine, _CallingThreadEngine):
-        Variable._execution_engine = _CallingThreadEngine()
-
-
 # Device types whose DataParallel is refused: gpupool's own, and "cuda" once `--cuda` maps it onto gpupool
 # (client/cuda/patches.py adds it).
 DATA_PARALLEL_REFUSED = {NAME}
@@ -164,7 +143,7 @@ def register() -> None:
         backend_registration._setup_privateuseone_for_python_backend(NAME, backend_module=BackendModule())
         native.install()  # the C++ device guard replaces the Python one torch's setup registered (native.py)
         native.set_device_count(api.device_count())  # `gpupool run -n 2`: both devices, before either is attached
-        _run_backward_on_calling_thread()
+        run_backward_on_calling_thread()
         _refuse_data_parallel()
     lib = torch.library.Library("_", "IMPL")  # noqa: TOR901 - the global namespace is required for fallbacks
     lib.fallback(_backend_fallback, "PrivateUse1")

@@ -71,6 +71,13 @@ assert torch.load(buf, map_location="cpu")["w"].device.type == "cpu"
 
 import torch.distributed as dist  # noqa: E402
 
+# nccl is the gpupool backend on the C++ client too (a group of one: its allreduce is the identity)
+dist.init_process_group("nccl", store=dist.TCPStore("127.0.0.1", 0, 1, True), rank=0, world_size=1)
+reduced = torch.arange(3.0, device="cuda") * 2
+dist.all_reduce(reduced)
+assert dist.get_backend() == "nccl" and reduced.tolist() == [0.0, 2.0, 4.0]
+dist.destroy_process_group()
+
 
 def refused(fn, *names):
     try:
@@ -83,12 +90,10 @@ def refused(fn, *names):
 
 
 pooled = "not available on a pooled GPU"
-native = "is not supported by the native client; run without --native-client"
-store = dist.TCPStore("127.0.0.1", 0, 1, True)
-refused(lambda: dist.init_process_group("nccl", store=store, rank=0, world_size=1), "'nccl' (collectives)", native)
-refused(lambda: torch.ones(2, device="cuda:1"), "gpupool:1 (several devices)", native)
-refused(lambda: torch.cuda.get_device_name(1), "gpupool:1 (several devices)", native)
-refused(lambda: torch.cuda.synchronize("cuda:1"), "gpupool:1 (several devices)", native)
+past = "gpupool:1 is not a device of this process (1 leased: gpupool:0..0)"  # a lease of one GPU
+refused(lambda: torch.ones(2, device="cuda:1"), past)
+refused(lambda: torch.cuda.get_device_name(1), past)
+refused(lambda: torch.cuda.synchronize("cuda:1"), past)
 refused(lambda: torch.nn.DataParallel(torch.nn.Linear(2, 2).cuda()), "torch.nn.DataParallel", pooled)
 refused(lambda: torch.cuda.CUDAGraph(), "torch.cuda.CUDAGraph", pooled)
 refused(lambda: torch.compile(torch.nn.Linear(2, 2)), "torch.compile", pooled)

@@ -140,13 +140,6 @@ def test_the_env_selects_it_too(pool: str, tmp_path: Path) -> None:
 
 UNSUPPORTED = {
     "capture": ("import torch, gpupool.torch as gt\ngt.capture(lambda: None)", "step capture (gpupool.torch.capture)"),
-    "collectives": (
-        "import os, torch, torch.distributed as dist\nos.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29561')\n"
-        "dist.init_process_group('gpupool', rank=0, world_size=1)",
-        "torch.distributed's `gpupool` backend (collectives)",
-    ),
-    "second_device": ("import torch\ntorch.ones(2).to('gpupool:1')", "gpupool:1 (several devices)"),
-    "second_device_api": ("import gpupool.torch as gt\ngt.device(1)", "gpupool:1 (several devices)"),
 }
 
 
@@ -157,13 +150,6 @@ def test_what_it_lacks_fails_with_one_message_and_the_way_out(pool: str, tmp_pat
     assert ran.returncode == 1, ran.stdout
     last = ran.stderr.strip().splitlines()[-1]
     assert feature in last and "--native-client" in last and WAY_OUT in last, ran.stderr[-2000:]
-
-
-@pytest.mark.parametrize("flags", [("-n", "2"), ("--cuda", "-n", "2")])
-def test_run_refuses_several_devices_before_leasing(pool: str, flags: tuple[str, ...]) -> None:
-    ran = _run(pool, "--native-client", *flags, "--", sys.executable, "-c", "print('ran')")
-    assert ran.returncode == 2 and "ran" not in ran.stdout
-    assert ran.stderr.count("\n") == 1 and "several devices" in ran.stderr and WAY_OUT in ran.stderr, ran.stderr
 
 
 def test_no_compiler_is_one_line(pool: str, tmp_path: Path) -> None:
