@@ -254,6 +254,9 @@ _COSTS: dict[str, Callable[[Args, Kwargs], int]] = {
     "aten::bmm": _mm(0, 1),
     "aten::matmul": _mm(0, 1),
     "aten::addmm": _mm(1, 2),
+    "aten::addmm_": _mm(1, 2),  # the in-place forms are schemas of their own names
+    "aten::baddbmm_": _mm(1, 2),
+    "aten::addbmm_": _mm(1, 2),
     "aten::_addmm_activation": _mm(1, 2),
     "aten::baddbmm": _mm(1, 2),
     "aten::addbmm": _mm(1, 2),

@@ -2,7 +2,8 @@
 only for contractions: sliding-window pools (output positions x window: a window as large as an expanded input
 at stride 1), the depthwise convolutions, pairwise distances, the multilabel margin loss (N x C x C), the
 trilinear contraction, `_foreach_mm`, dense linear algebra (cubic in the matrix side), and (round 18) `isin`
-with few test elements (n x m comparisons) and the embedding bags (indices x row width). Round 17: a max pool
+with few test elements (n x m comparisons), the embedding bags (indices x row width) and the in-place
+contractions (`addmm_`, `baddbmm_`, `addbmm_`: schemas of their own names, never estimated). Round 17: a max pool
 of a 64 MiB quota's expanded input held a fake GPU for days (8e9 window reads took 5.5 s here), shapes refused
 nothing. Each is estimated and refused past the bound now; honest sizes run as torch runs them locally.
 
@@ -72,6 +73,16 @@ def test_superlinear_ops_past_the_bound_are_refused(session: Session) -> None:
         ("aten::linalg_solve_triangular.default", (eye, _wide(s, 300, 300)), {"upper": True}),
         ("aten::linalg_inv_ex.default", (eye,)),
         ("aten::linalg_lstsq.default", (Handle(s.upload(torch.eye(10))), _wide(s, 10, 200_000))),  # columns
+        # the in-place contractions (schemas of their own names): 200 x 200 outputs, each 1000 long
+        ("aten::addmm_.default", (Handle(s.upload(torch.zeros(200, 200))), _wide(s, 200, 1000), _wide(s, 1000, 200))),
+        (
+            "aten::baddbmm_.default",
+            (Handle(s.upload(torch.zeros(1, 200, 200))), _wide(s, 1, 200, 1000), _wide(s, 1, 1000, 200)),
+        ),
+        (
+            "aten::addbmm_.default",
+            (Handle(s.upload(torch.zeros(200, 200))), _wide(s, 1, 200, 1000), _wide(s, 1, 1000, 200)),
+        ),
         # few test elements: every element against each (1e6 x 50; past 10 * n ** 0.145 = 74 torch sorts instead)
         ("aten::isin.Tensor_Tensor", (_wide(s, 10**6), Handle(s.upload(torch.arange(50.0))))),
         (
