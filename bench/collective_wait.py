@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from daemon_wire import loopback_keys, start_daemon  # noqa: E402
+from daemon_wire import alternate, loopback_keys, print_table, start_daemon, stop_all  # noqa: E402
 
 
 def measure(addresses: list[str], key: bytes, delay: float, rounds: int) -> dict[str, float]:
@@ -120,24 +120,20 @@ def main() -> None:
             ]
             for name, (py, cwd) in trees.items()
         }
-        runs: dict[str, list[dict[str, float]]] = {k: [] for k in daemons}
         try:
-            for i in range(args.repeat):
-                for name in daemons if i % 2 == 0 else reversed(list(daemons)):
-                    runs[name].append(measure([a for _, a in daemons[name]], key, args.delay, args.rounds))
-                    print(name, i, runs[name][-1], file=sys.stderr)
+            medians = alternate(
+                list(daemons),
+                args.repeat,
+                lambda name, i: measure([a for _, a in daemons[name]], key, args.delay, args.rounds),
+            )
         finally:
-            for pair in daemons.values():
-                for proc, _ in pair:
-                    proc.terminate()
-                    proc.wait(10)
+            stop_all([proc for pair in daemons.values() for proc, _ in pair])
     print(f"rank 1 {args.delay:g} s late; {args.rounds} allreduces a size; {args.repeat} run(s) each; medians")
-    print(f"{'':8}{'B downloads':>13}{'B max ms':>10}{'1 KiB ms':>10}{'4 MiB ms':>10}")
-    for name, got in runs.items():
-        med: dict[str, Any] = {k: statistics.median(r[k] for r in got) for k in got[0]}
-        print(
-            f"{name:8}{med['b_downloads']:>13.0f}{med['b_max_ms']:>10.0f}{med['1KiB_ms']:>10.2f}{med['4MiB_ms']:>10.2f}"
-        )
+    print_table(
+        medians,
+        [("B downloads", "b_downloads", ".0f"), ("B max ms", "b_max_ms", ".0f"), ("1 KiB ms", "1KiB_ms", ".2f"),
+         ("4 MiB ms", "4MiB_ms", ".2f")],
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
