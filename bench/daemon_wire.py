@@ -724,3 +724,29 @@ def report(args: argparse.Namespace, m: dict[str, dict[str, float]]) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def alternate(
+    names: list[str], repeat: int, measure: Callable[[str, int], dict[str, float]]
+) -> dict[str, dict[str, Any]]:
+    """`measure(name, i)` for each tree `repeat` times, in alternating order (A B, B A, ...: neither always runs on
+    the box's warmer or busier turn), each result said on stderr; returns each tree's medians over its runs."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for i in range(repeat):
+        for name in names if i % 2 == 0 else reversed(names):
+            runs[name].append(measure(name, i))
+            print(name, i, runs[name][-1], file=sys.stderr)
+    return {name: {k: statistics.median(r[k] for r in got) for k in got[0]} for name, got in runs.items()}
+
+
+def stop_all(procs: list[subprocess.Popen[str]]) -> None:
+    for proc in procs:
+        proc.terminate()
+        proc.wait(10)
+
+
+def print_table(medians: dict[str, dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
+    """One row a tree: its name, then each (title, key, format) column of its medians, right-aligned."""
+    print(f"{'':8}" + "".join(f"{title:>{len(title) + 2}}" for title, _, _ in columns))
+    for name, med in medians.items():
+        print(f"{name:8}" + "".join(f"{med[key]:>{len(title) + 2}{fmt}}" for title, key, fmt in columns))

@@ -18,11 +18,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from daemon_wire import loopback_keys, start_daemon  # noqa: E402
+from daemon_wire import alternate, loopback_keys, print_table, start_daemon, stop_all  # noqa: E402
 
 
 def stall(address: str, key: bytes, ops: int, name: str) -> dict[str, float]:
@@ -81,23 +80,18 @@ def main() -> None:
             "other": start_daemon(key_file, python=args.against_python, cwd=args.against),
             "this": start_daemon(key_file),
         }
-        runs: dict[str, list[dict[str, float]]] = {k: [] for k in daemons}
         try:
-            for i in range(args.repeat):
-                for name in daemons if i % 2 == 0 else reversed(list(daemons)):
-                    runs[name].append(stall(daemons[name][1], key, args.ops, f"{name}-{i}"))
-                    print(name, i, runs[name][-1], file=sys.stderr)
+            medians = alternate(
+                list(daemons), args.repeat, lambda name, i: stall(daemons[name][1], key, args.ops, f"{name}-{i}")
+            )
         finally:
-            for proc, _ in daemons.values():
-                proc.terminate()
-                proc.wait(10)
+            stop_all([proc for proc, _ in daemons.values()])
     print(f"{args.ops} ops, {args.repeat} run(s) each; medians over runs")
-    print(f"{'':8}{'define s':>10}{'B downloads':>13}{'B median ms':>13}{'B max ms':>10}")
-    for name, got in runs.items():
-        med: dict[str, Any] = {k: statistics.median(r[k] for r in got) for k in got[0]}
-        print(
-            f"{name:8}{med['define_s']:>10.2f}{med['downloads']:>13.0f}{med['median_ms']:>13.1f}{med['max_ms']:>10.0f}"
-        )
+    print_table(
+        medians,
+        [("define s", "define_s", ".2f"), ("B downloads", "downloads", ".0f"), ("B median ms", "median_ms", ".1f"),
+         ("B max ms", "max_ms", ".0f")],
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

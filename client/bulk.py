@@ -30,7 +30,7 @@ CONNECT_TIMEOUT = 5.0  # seconds to connect, shake hands and be bound
 IO_TIMEOUT = 60.0  # seconds a transfer may stall before the session gives up on its daemon
 _CLOSED = "the daemon closed the bulk socket"
 MIN_UPLOAD = 1024 * 1024  # uploads of at least this many bytes take the side socket
-CHUNK = 4 * 1024 * 1024  # bytes per Upload command (each a canonical upload the daemon's worker copies once)
+CHUNK = protocol.CHUNK_BYTES  # bytes per Upload command (each a canonical upload the daemon's worker copies once)
 _warned: set[str] = set()
 
 

@@ -36,7 +36,7 @@ from gpupool.errors import InvalidArgument
 log = logging.getLogger(__name__)
 
 BACKEND = "gpupool"
-MAX_TIMEOUT = 300.0  # the daemons cap it too: a collective holds its device's executor while it waits
+MAX_TIMEOUT = 300.0  # the daemons cap it too: the longest a collective waits for its peers
 _OPS = {dist.ReduceOp.SUM: "sum", dist.ReduceOp.AVG: "avg", dist.ReduceOp.PRODUCT: "product",
         dist.ReduceOp.MIN: "min", dist.ReduceOp.MAX: "max"}  # fmt: skip
 

@@ -194,8 +194,8 @@ def eager_command(record: bytes) -> bytes:
 
 
 def _scratch(n: int) -> memoryview:
-    if n > protocol.BULK_MAX_CHUNK:
-        raise Unavailable(f"the daemon announced a bulk chunk of {n} bytes (at most {protocol.BULK_MAX_CHUNK})")
+    if n > protocol.CHUNK_BYTES:
+        raise Unavailable(f"the daemon announced a bulk chunk of {n} bytes (at most {protocol.CHUNK_BYTES})")
     return memoryview(bytearray(n))
 
 

@@ -19,6 +19,9 @@ from typing import Any
 from gpupool._proto import device_pb2
 
 SESSION_METADATA = "gpupool-session"  # metadata of a Stream call: the session (from Attach) it drives
+# The largest upload or download chunk (DESIGN.md's wire contract): the worker refuses a larger upload chunk, the
+# bulk side channel's reader refuses to read one (an Upload's `bulk_bytes`), clients refuse a larger announcement.
+CHUNK_BYTES = 4 * 1024 * 1024
 
 
 class Policy(StrEnum):
@@ -121,7 +124,6 @@ BULK_HELLO = b"GPBULK1\n"  # then a u16 length and the session id; the daemon an
 BULK_OK = b"\x00"  # an error is b"\x01", a u16 length and a UTF-8 message, then the daemon closes the socket
 BULK_UPLOAD, BULK_DOWNLOAD = 1, 2  # the kinds of a transfer's header
 BULK_HEAD = struct.Struct("<IQQQ")  # kind, id (an upload's handle, a download's request id), offset, length
-BULK_MAX_CHUNK = 16 * 1024 * 1024  # the most bytes one transfer (one Upload or TensorChunk) carries
 
 
 def bulk_hello(session_id: str) -> bytes:

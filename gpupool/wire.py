@@ -16,9 +16,9 @@ import torch
 
 from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import InvalidArgument
+from gpupool.protocol import CHUNK_BYTES as CHUNK_BYTES  # re-exported: largest upload/download chunk
 from gpupool.protocol import varint as varint  # re-exported: frames built by hand elsewhere use wire.varint
 
-CHUNK_BYTES = 4 * 1024 * 1024  # largest upload/download chunk: DESIGN.md's wire contract
 INLINE_MAX_BYTES = 64 * 1024  # largest tensor carried by value inside an op
 MAX_STRING_ARG = 256
 DTYPES: dict[torch.dtype, tensor_pb2.DType.ValueType] = {

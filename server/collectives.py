@@ -50,7 +50,11 @@ log = logging.getLogger(__name__)
 
 MAX_RANKS = 1024
 DEFAULT_TIMEOUT = 30.0
-MAX_TIMEOUT = 300.0  # a collective holds its device's executor thread while it waits for peers
+MAX_TIMEOUT = 300.0  # the longest a collective waits for its peers (group formation, each call)
+# The longest a waiting collective holds its device's thread at a time: it waits in a thread of its own, and each
+# slice of its session looks for the outcome this long, then lets the device run other sessions (a tenant that
+# held back its other rank held a shared device up to MAX_TIMEOUT per call until round 18).
+POLL_SECONDS = 0.005
 TRANSPORTS = ("secure", "gloo")  # --collectives: encrypted links (server/seclink.py), or plaintext gloo/NCCL
 KINDS = ("allreduce", "broadcast", "allgather", "reduce_scatter", "barrier")
 _REDUCE = {"sum": dist.ReduceOp.SUM, "product": dist.ReduceOp.PRODUCT, "min": dist.ReduceOp.MIN,
@@ -295,6 +299,23 @@ class Collectives:
     # ---- collectives ----
 
     def run(self, s: WorkerSession, msg: device_pb2.Collective) -> None:
+        """Check the call, then wait for the group and the peers in a thread of the collective's own, at most
+        `POLL_SECONDS` here: a collective still waiting stays the session's `waiting` (slices.run_slice ends the
+        slice with it unexecuted, and its next slice runs it again: this call then looks again), so the device's
+        thread serves the device's other sessions meanwhile, and nothing else of this session runs before it."""
+        pending: _Waiting | None = s.waiting
+        if pending is None:
+            pending = self._start(s, msg)
+        elif pending.key != msg.SerializeToString():  # a session's commands run in order: the same comes again
+            raise FailedPrecondition(f"collective {msg.kind} while another collective of the session waits")
+        if not pending.done.wait(POLL_SECONDS):
+            s.waiting = pending
+            return
+        s.waiting = None
+        if pending.error is not None:
+            raise pending.error
+
+    def _start(self, s: WorkerSession, msg: device_pb2.Collective) -> _Waiting:
         group: Group | None = s.group
         if group is None or group.closed:
             raise FailedPrecondition(f"collective {msg.kind} before joining a group (init_process_group)")
@@ -302,10 +323,34 @@ class Collectives:
             raise InvalidArgument(f"unknown collective {msg.kind!r} (known: {', '.join(KINDS)})")
         if msg.reduce_op not in _OPS:
             raise InvalidArgument(f"unknown reduce op {msg.reduce_op!r}")
-        pg = group.wait_ready()
         tensors = [s.resolve(h) for h in msg.tensors]
         inputs = [s.resolve(h) for h in msg.inputs]
         _check_shape(msg, tensors, inputs, group.size)
+        # its own copy: the command's message may be a view of the slice's buffer, which the next slice refills
+        msg = device_pb2.Collective.FromString(msg.SerializeToString())
+        pending = _Waiting(msg)
+        device = s.device.torch_device
+        threads = torch.get_num_threads()
+
+        def wait() -> None:
+            torch.set_grad_enabled(False)  # thread-local, as the device's thread has it
+            torch.set_num_threads(threads)  # OpenMP's team size is per thread: a new one's is every core's
+            try:
+                if device.type == "cuda":  # pragma: no cover - needs real GPUs
+                    with torch.cuda.device(device):
+                        self._call(group, msg, tensors, inputs)
+                else:
+                    self._call(group, msg, tensors, inputs)
+            except Exception as exc:
+                pending.error = exc
+            finally:
+                pending.done.set()
+
+        threading.Thread(target=wait, name=f"gpupool-collective-{s.number}", daemon=True).start()
+        return pending
+
+    def _call(self, group: Group, msg: device_pb2.Collective, tensors: list[Any], inputs: list[Any]) -> None:
+        pg = group.wait_ready()
         self._agree(group, pg, msg, tensors, inputs)
         started = time.perf_counter()
         try:
@@ -338,6 +383,15 @@ class Collectives:
         if any(r != got[0] for r in got):
             parts = "; ".join(f"rank {i}: {_describe(r)}" for i, r in enumerate(got))
             raise InvalidArgument(f"ranks disagree on a collective {msg.kind}: {parts}")
+
+
+class _Waiting:
+    """A collective under way in its own thread: its command, and its outcome once `done`."""
+
+    def __init__(self, msg: device_pb2.Collective) -> None:
+        self.key = msg.SerializeToString()
+        self.done = threading.Event()
+        self.error: Exception | None = None
 
 
 def _describe(sig: list[int]) -> str:

@@ -223,11 +223,40 @@ def _foreach_mm(args: Args, kwargs: Kwargs) -> int:
     return sum(mm([a, b], {}) for a, b in zip(first, second, strict=False))
 
 
+def _isin(args: Args, kwargs: Kwargs) -> int:
+    """isin(elements, test_elements): torch's kernel compares every element with every test element when the test
+    elements are few (fewer than 10 * n ** 0.145, numpy's heuristic, at::isin_out): n * m comparisons, n an
+    expanded view's; past that it sorts both (n log n, like the sorts, not estimated)."""
+    elements, test = _t(args, 0), _t(args, 1)
+    if elements is None or test is None:
+        return 0
+    n, m = elements.numel(), test.numel()
+    if m >= int(10.0 * math.pow(max(n, 1), 0.145)) + 1:  # + 1: float rounding never hides the naive path
+        return 0
+    return n * m
+
+
+def _embedding_bag(indices_at: int, rows_at: int) -> Callable[[Args, Kwargs], int]:
+    """An embedding bag (or its backward): every index adds (or spreads) a row of D elements: indices x D, where
+    neither input holds that many (an expanded view of indices into one bag of a wide, expanded weight)."""
+
+    def cost(args: Args, kwargs: Kwargs) -> int:
+        indices, rows = _t(args, indices_at), _t(args, rows_at)
+        if indices is None or rows is None or rows.dim() == 0:
+            return 0
+        return indices.numel() * int(rows.shape[-1])
+
+    return cost
+
+
 _COSTS: dict[str, Callable[[Args, Kwargs], int]] = {
     "aten::mm": _mm(0, 1),
     "aten::bmm": _mm(0, 1),
     "aten::matmul": _mm(0, 1),
     "aten::addmm": _mm(1, 2),
+    "aten::addmm_": _mm(1, 2),  # the in-place forms are schemas of their own names
+    "aten::baddbmm_": _mm(1, 2),
+    "aten::addbmm_": _mm(1, 2),
     "aten::_addmm_activation": _mm(1, 2),
     "aten::baddbmm": _mm(1, 2),
     "aten::addbmm": _mm(1, 2),
@@ -251,6 +280,12 @@ _COSTS: dict[str, Callable[[Args, Kwargs], int]] = {
     "aten::_pdist_forward": _pdist,
     "aten::multilabel_margin_loss_forward": _multilabel_margin(0),
     "aten::multilabel_margin_loss_backward": _multilabel_margin(1),
+    "aten::isin": _isin,
+    "aten::_embedding_bag": _embedding_bag(1, 0),  # (weight, indices, ...)
+    "aten::_embedding_bag_forward_only": _embedding_bag(1, 0),
+    "aten::_embedding_bag_backward": _embedding_bag(1, 0),  # (grad, indices, ...)
+    "aten::_embedding_bag_dense_backward": _embedding_bag(1, 0),
+    "aten::_embedding_bag_per_sample_weights_backward": _embedding_bag(2, 0),  # (grad, weight, indices, ...)
     # pools: output positions x window
     "aten::max_pool2d_with_indices": _pool(2, 2, 3),
     "aten::max_pool3d_with_indices": _pool(3, 2, 3),

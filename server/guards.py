@@ -338,7 +338,41 @@ _REPLACEMENTS: dict[str, Callable[..., Any]] = {
 }
 
 
+# Kernels that read some tensor arguments as if contiguous, whatever their strides: the embedding bags' CPU kernels
+# walk indices, offsets (and offset2bag, per-sample weights) by raw pointer, so an expanded (stride 0) view of
+# one element read past its storage (round 18: expanded indices read the worker's heap, an out-of-range word came
+# back in the error message; expanded offsets segfaulted the worker). They get contiguous copies of every input
+# (an expanded input's copy is within `check_inputs`' element bound); outputs (`out=`) are left as they are.
+_CONTIGUOUS_INPUTS = frozenset(
+    {
+        "aten::_embedding_bag",
+        "aten::_embedding_bag_forward_only",
+        "aten::_embedding_bag_backward",
+        "aten::_embedding_bag_dense_backward",
+        "aten::_embedding_bag_per_sample_weights_backward",
+    }
+)
+
+
+def _contiguous(v: Any) -> Any:
+    return v.contiguous() if isinstance(v, torch.Tensor) else v
+
+
+def _with_contiguous_inputs(op: torch._ops.OpOverload) -> Callable[..., Any]:
+    kernel = op._op
+    outs = frozenset(a.name for a in op._schema.arguments if a.is_out)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return kernel(
+            *[_contiguous(a) for a in args], **{k: v if k in outs else _contiguous(v) for k, v in kwargs.items()}
+        )
+
+    return run
+
+
 def replacement(op: torch._ops.OpOverload) -> Callable[..., Any] | None:
+    if op._schema.name in _CONTIGUOUS_INPUTS:
+        return _with_contiguous_inputs(op)
     return _REPLACEMENTS.get(op._schema.name)
 
 

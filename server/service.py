@@ -186,7 +186,7 @@ def _take_bulk(
     reading its span again in Python."""
     link = s.bulk
     extra = announced = 0
-    cap = max(limit, protocol.BULK_MAX_CHUNK)
+    cap = max(limit, protocol.CHUNK_BYTES)
     known = parsed if parsed is not None and len(parsed) == len(commands) else None
     for n in marked:
         kind, span = commands[n]
@@ -206,8 +206,10 @@ def _take_bulk(
                 raise InvalidArgument("an Upload with bulk_bytes carries no data and no other command fields")
             if link is None or link.closed:
                 raise InvalidArgument("an Upload asks for the bulk socket, but this session has none")
-            if up.bulk_bytes > protocol.BULK_MAX_CHUNK:
-                raise InvalidArgument(f"a bulk chunk of {up.bulk_bytes} bytes; at most {protocol.BULK_MAX_CHUNK}")
+            if up.bulk_bytes > protocol.CHUNK_BYTES:
+                raise InvalidArgument(
+                    f"a bulk chunk of {up.bulk_bytes} bytes; at most {protocol.CHUNK_BYTES} (the worker's chunk size)"
+                )
             announced += up.bulk_bytes
             if announced > cap:
                 raise InvalidArgument(f"a frame's bulk uploads announce more than {cap} bytes in all (one a frame)")

@@ -109,6 +109,9 @@ class WorkerSession:
         # A graph definition built over several slices (server/graph.py `Defining`): as with a download, nothing
         # else of the session runs until it is done.
         self.defining: Any = None
+        # A collective waiting for its peers in a thread of its own (server/collectives.py): as with a download,
+        # nothing else of the session runs until it is done.
+        self.waiting: Any = None
         self._storages: dict[int, list[int]] = {}  # storage id -> [handles referencing it, bytes counted]
         self._keys: dict[int, int] = {}  # handle -> the storage id it is counted under (set_ can swap storages)
         self.used = 0

@@ -527,8 +527,8 @@ def run_commands(
             if progress is not None:
                 progress(i)
             execute(session, cmd, reply)
-            if session.download is not None or session.defining is not None:
-                partial = True  # a piece of a big Get or of a graph's definition: it runs again next slice
+            if session.download is not None or session.defining is not None or session.waiting is not None:
+                partial = True  # a piece of a big Get or of a graph's definition, a waiting collective: runs again
                 break
             executed = i = i + 1
             if views[0] or time.perf_counter() - start > req.budget:

@@ -5,6 +5,7 @@ a rank that never calls and a daemon that dies (each a clear error within second
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -206,6 +207,50 @@ def test_a_waiting_collective_leaves_other_devices_sessions_alone(daemon_factory
     with pytest.raises(Unavailable, match="collective allreduce"):
         s0.sync()
     assert other.download(x).tolist() == [0.0, 1.0, 2.0]
+    for s in (s0, s1, other):
+        s.close()
+
+
+@pytest.mark.parametrize("transport", ["secure", "gloo"])
+def test_a_waiting_collective_leaves_its_own_devices_other_sessions_alone(daemon_factory, transport: str) -> None:  # type: ignore[no-untyped-def]
+    """A tenant holding both ranks holds back rank 1: rank 0's collective waits for it (up to the group's
+    timeout, 300 s at most, every call). It held its device's thread all that time, so another tenant's session
+    on the same device got nothing done (round 17). The collective now waits in a thread of its own: the other
+    tenant's ops are served while it waits, and it completes, correct, once rank 1 calls."""
+    lease = uuid.uuid4().hex
+    daemons = [
+        daemon_factory(host_id=f"host-{i}", fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport)
+        for i in range(2)
+    ]
+    tokens = [d.token(lease_id=lease, network=True) for d in daemons]
+    s0, s1 = (Session.attach(d.address, t) for d, t in zip(daemons, tokens, strict=True))
+    other = Session.attach(daemons[0].address, daemons[0].token(tenant="other"))  # device 0 of host-0, as s0
+    join_all([s0, s1], tokens, timeout=60.0)
+    h0, h1 = s0.upload(torch.ones(4)), s1.upload(torch.full((4,), 2.0))
+    collective(s0, "allreduce", [h0], op="sum")  # rank 1 does not call yet: rank 0 waits
+    done = threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def wait() -> None:
+        try:
+            s0.sync()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=wait)
+    t.start()
+    x = other.upload(torch.arange(3.0))
+    [y] = other.call("aten::mul.Tensor", x, x)
+    assert other.download(y).tolist() == [0.0, 1.0, 4.0]
+    assert not done.is_set(), f"rank 0's collective ended before the other tenant was served: {outcome}"
+    collective(s1, "allreduce", [h1], op="sum")
+    s1.sync()
+    t.join(60)
+    assert outcome == [None]
+    assert s0.download(h0).tolist() == [3.0] * 4 and s1.download(h1).tolist() == [3.0] * 4
     for s in (s0, s1, other):
         s.close()
 

@@ -186,6 +186,30 @@ def test_index_put_impl_is_checked_whatever_its_unsafe_flag(bad: Session) -> Non
         assert torch.equal(bad.download(h), base)
 
 
+def test_embedding_bags_read_expanded_inputs_as_torch_means_them(served: DaemonHandle, bad: Session) -> None:
+    """The embedding bags' CPU kernels walk indices and offsets by raw pointer whatever their strides: an expanded
+    (stride 0) view of one index read the worker's memory past its 8 bytes (an out-of-range word came back in
+    the error, an in-range one picked a row), expanded offsets segfaulted the worker (round 18). They run on
+    contiguous copies now: the bags are what torch computes from the same values, contiguous."""
+    weight = torch.arange(20.0).reshape(10, 2)
+    w = Handle(bad.upload(weight))
+    for indices, offsets in (
+        (torch.tensor([3]).expand(4096), torch.tensor([0])),
+        (torch.arange(6), torch.tensor([0]).expand(4096)),
+    ):
+        sent = [
+            bad.call("aten::expand.default", Handle(bad.upload(t[:1].clone())), list(t.shape))[0]
+            if t.stride(0) == 0
+            else bad.upload(t)
+            for t in (indices, offsets)
+        ]
+        for name in ("aten::_embedding_bag.default", "aten::_embedding_bag_forward_only.default"):
+            want = getattr(torch.ops.aten, name[6:].split(".")[0])(weight, indices.contiguous(), offsets.contiguous())
+            [bags, *_] = bad.call(name, w, Handle(sent[0]), Handle(sent[1]), outputs=4)
+            assert torch.equal(bad.download(bags), want[0]), name
+    assert served.process is not None and served.process.poll() is None
+
+
 def test_kernels_that_trust_their_inputs_are_checked(served: DaemonHandle, bad: Session) -> None:
     grad = Handle(bad.upload(torch.ones(2, 3)))
     far = Handle(bad.upload(torch.tensor([10**6, 0])))

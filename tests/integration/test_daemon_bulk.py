@@ -168,7 +168,7 @@ def test_garbage_on_the_side_socket_ends_that_session_only(bulk_daemon: Any) -> 
                 with pytest.raises(InvalidArgument, match="bulk socket of session"):
                     s.sync()
         with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:  # an announced upload that never comes
-            up = device_pb2.Upload(handle=s.new_handle(), last=True, bulk_bytes=protocol.BULK_MAX_CHUNK + 1)
+            up = device_pb2.Upload(handle=s.new_handle(), last=True, bulk_bytes=protocol.CHUNK_BYTES + 1)
             s._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
             with pytest.raises(InvalidArgument, match="at most"):
                 s.sync()
@@ -213,6 +213,36 @@ def test_a_frame_announcing_many_bulk_chunks_is_refused(bulk_daemon: Any) -> Non
     with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
         big = _bits(n * chunk, seed=5)
         assert torch.equal(s.download(s.upload(big)), big)
+
+
+def test_a_bulk_chunk_over_the_workers_chunk_size_is_refused_before_it_is_read(bulk_daemon: Any) -> None:
+    """The worker refuses an upload chunk over `protocol.CHUNK_BYTES` (4 MiB); the side channel's reader accepted
+    `bulk_bytes` up to 16 MiB and read them into the daemon's memory first, for the worker to refuse. The reader
+    now refuses with the worker's bound, before reading: its message, not the worker's ("exceeds"), comes back
+    although the 16 MiB follow on the socket; the next session uploads a whole chunk."""
+    n = 4 * protocol.CHUNK_BYTES
+    with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
+        assert s._side is not None
+        h = s.new_handle()
+        up = device_pb2.Upload(handle=h, last=True, bulk_bytes=n)
+        up.meta.dtype, up.meta.shape[:] = 1, [n // 4]  # float32
+        s._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
+        side = s._side.sock
+
+        def send() -> None:
+            try:
+                side.sendall(protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, h, 0, n) + bytes(n))
+            except OSError:
+                pass  # the daemon closes the socket with the session
+
+        t = threading.Thread(target=send, daemon=True)
+        t.start()
+        with pytest.raises(InvalidArgument, match=f"a bulk chunk of {n} bytes; at most {protocol.CHUNK_BYTES} "):
+            s.sync()
+    t.join(30)
+    with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
+        whole = _bits(protocol.CHUNK_BYTES, seed=6)
+        assert torch.equal(s.download(s.upload(whole)), whole)
 
 
 def test_bulk_flags_without_a_side_socket_are_refused(bulk_daemon: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -281,12 +311,12 @@ def test_detach_in_the_middle_of_a_transfer(bulk_daemon: Any) -> None:
     ends, nothing leaks into the next session and the daemon goes on serving."""
     s = Session.attach(bulk_daemon.address, bulk_daemon.token())
     assert s._side is not None
-    up = device_pb2.Upload(handle=s.new_handle(), last=True, bulk_bytes=8 * MiB)
-    up.meta.dtype, up.meta.shape[:] = 1, [2 * MiB]
+    up = device_pb2.Upload(handle=s.new_handle(), last=True, bulk_bytes=4 * MiB)
+    up.meta.dtype, up.meta.shape[:] = 1, [MiB]
     s._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
-    s._side.sock.sendall(protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, up.handle, 0, 8 * MiB) + b"\x01" * MiB)
+    s._side.sock.sendall(protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, up.handle, 0, 4 * MiB) + b"\x01" * MiB)
     time.sleep(0.3)
-    s.close()  # Detach while the daemon waits for the other 7 MiB
+    s.close()  # Detach while the daemon waits for the other 3 MiB
     _all_sessions_end(bulk_daemon)
     with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s2:
         big = torch.randn(9 * MiB)

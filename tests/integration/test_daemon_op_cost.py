@@ -1,7 +1,9 @@
 """Ops whose work grows faster than their inputs and outputs, which `--max-op-flops` (server/cost.py) counted
 only for contractions: sliding-window pools (output positions x window: a window as large as an expanded input
 at stride 1), the depthwise convolutions, pairwise distances, the multilabel margin loss (N x C x C), the
-trilinear contraction, `_foreach_mm`, and dense linear algebra (cubic in the matrix side). Round 17: a max pool
+trilinear contraction, `_foreach_mm`, dense linear algebra (cubic in the matrix side), and (round 18) `isin`
+with few test elements (n x m comparisons), the embedding bags (indices x row width) and the in-place
+contractions (`addmm_`, `baddbmm_`, `addbmm_`: schemas of their own names, never estimated). Round 17: a max pool
 of a 64 MiB quota's expanded input held a fake GPU for days (8e9 window reads took 5.5 s here), shapes refused
 nothing. Each is estimated and refused past the bound now; honest sizes run as torch runs them locally.
 
@@ -71,6 +73,22 @@ def test_superlinear_ops_past_the_bound_are_refused(session: Session) -> None:
         ("aten::linalg_solve_triangular.default", (eye, _wide(s, 300, 300)), {"upper": True}),
         ("aten::linalg_inv_ex.default", (eye,)),
         ("aten::linalg_lstsq.default", (Handle(s.upload(torch.eye(10))), _wide(s, 10, 200_000))),  # columns
+        # the in-place contractions (schemas of their own names): 200 x 200 outputs, each 1000 long
+        ("aten::addmm_.default", (Handle(s.upload(torch.zeros(200, 200))), _wide(s, 200, 1000), _wide(s, 1000, 200))),
+        (
+            "aten::baddbmm_.default",
+            (Handle(s.upload(torch.zeros(1, 200, 200))), _wide(s, 1, 200, 1000), _wide(s, 1, 1000, 200)),
+        ),
+        (
+            "aten::addbmm_.default",
+            (Handle(s.upload(torch.zeros(200, 200))), _wide(s, 1, 200, 1000), _wide(s, 1, 1000, 200)),
+        ),
+        # few test elements: every element against each (1e6 x 50; past 10 * n ** 0.145 = 74 torch sorts instead)
+        ("aten::isin.Tensor_Tensor", (_wide(s, 10**6), Handle(s.upload(torch.arange(50.0))))),
+        (
+            "aten::_embedding_bag.default",
+            (_wide(s, 2, 10_000), _wide(s, 10_000, dtype=torch.long), Handle(s.upload(torch.tensor([0])))),
+        ),  # 1e4 indices into one bag, each a row of 1e4
     ]
     for name, args, *kw in cases:
         outs = s.call(name, *args, **(kw[0] if kw else {}), outputs=1)
@@ -94,6 +112,12 @@ def test_honest_sizes_of_the_same_ops_run(session: Session) -> None:
         ("aten::cholesky.default", (spd,)),
         ("aten::_linalg_solve_ex.default", (spd, a)),
         ("aten::_pdist_forward.default", (rows,)),
+        ("aten::isin.Tensor_Tensor", (torch.randint(0, 20, (1000,), generator=gen), torch.tensor([3, 5, 7]))),
+        ("aten::isin.Tensor_Tensor", (torch.randint(0, 20, (100,), generator=gen), torch.arange(0, 40, 2))),
+        (
+            "aten::_embedding_bag.default",
+            (torch.randn(10, 8, generator=gen), torch.randint(0, 10, (20,), generator=gen), torch.tensor([0, 5, 12])),
+        ),
     ]
     for name, args in cases:
         base, overload = name.removeprefix("aten::").split(".")
