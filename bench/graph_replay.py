@@ -1,12 +1,12 @@
 """The worker's cost per replayed op of a captured step, over the bare kernels: `RunGraph` in-process on a fake GPU.
 
-A launch_bound workload (tiny MLP, tiny encoder, ...) is captured through a real daemon (`gpupool.torch.capture`,
-Adam with capturable=True); its DefineGraph, its persistent tensors and one RunGraph's by-value inputs are saved,
-and a second process replays that graph with `CommandExecutor.execute` (what a session's worker runs per step)
-against the same kernels called bare with the arguments the replay gave them, interleaved. The difference per op
-is what the replay adds: input and persistent-tensor checks, slot filling, dead-slot drops, binding outputs and
-kept tensors, memory accounting. CPU time of the thread (`time.thread_time`); the min of --repeats runs counts
-(a loaded box inflates single runs; the min moves least).
+A launch_bound workload (tiny MLP, tiny encoder, ...) is captured through a real daemon (`gpupool.torch.capture`, Adam
+with capturable=True, or fused=True with `--adam fused`); its DefineGraph, its persistent tensors and one RunGraph's
+by-value inputs are saved, and a second process replays that graph with `CommandExecutor.execute` (what a session's
+worker runs per step) against the same kernels called bare with the arguments the replay gave them, interleaved. The
+difference per op is what the replay adds: input and persistent-tensor checks, slot filling, dead-slot drops, binding
+outputs and kept tensors, memory accounting. CPU time of the thread (`time.thread_time`); the min of --repeats runs
+counts (a loaded box inflates single runs; the min moves least).
 
     python bench/graph_replay.py                                    # tiny-mlp and encoder, ~2 min
     python bench/graph_replay.py --models classifier --steps 20
@@ -31,11 +31,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def dump(model_name: str, out: str) -> None:
+def dump(model_name: str, out: str, adam_kind: str = "capturable") -> None:
     """Capture the workload's step through a daemon; save the graph, its persistent tensors and one run's inputs."""
     from gpupool.client.torch import runtime
     from gpupool.client.torch.tensor import RemoteTensor
-    from launch_bound import workload
+    from launch_bound import adam, workload
     from train_overhead import bench_daemons
 
     import gpupool.torch as gt
@@ -49,7 +49,7 @@ def dump(model_name: str, out: str) -> None:
         rt = runtime.get(device.index)
         model, data, loss_fn = workload(model_name)
         model = model.to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3, device=device), capturable=True)
+        opt = adam(model, device, True, adam_kind)
 
         def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             opt.zero_grad()
@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="tiny-mlp,encoder", help="comma-separated launch_bound workloads")
     p.add_argument("--steps", type=int, default=50, help="replays per measurement")
     p.add_argument("--repeats", type=int, default=7, help="measurements (the min counts)")
+    p.add_argument("--adam", choices=("capturable", "fused"), default="capturable",
+                   help="the captured step's Adam: capturable=True, or fused=True (both with a device lr)")  # fmt: skip
     p.add_argument("--dump", nargs=2, metavar=("MODEL", "FILE"), help=argparse.SUPPRESS)
     p.add_argument("--replay", metavar="FILE", help=argparse.SUPPRESS)
     p.add_argument("--replay-instr", metavar="FILE", help=argparse.SUPPRESS)
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                    "per RunGraph under callgrind (20 runs), in and out of its TorchScript call; exact")  # fmt: skip
     args = p.parse_args(argv)
     if args.dump:
-        dump(*args.dump)
+        dump(*args.dump, args.adam)
         return 0
     if args.replay:
         print(replay(args.replay, args.steps, args.repeats))
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             path = str(Path(tmp) / f"{model}.pt")
-            subprocess.run([sys.executable, __file__, "--dump", model, path], check=True, capture_output=True)
+            dump_argv = ["--dump", model, path, "--adam", args.adam]
+            subprocess.run([sys.executable, __file__, *dump_argv], check=True, capture_output=True)
             if args.measure == "instr":
                 print(f"{model:10s} {_instr(model, path, min(args.steps, 20), tmp)}", flush=True)
                 continue

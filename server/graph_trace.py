@@ -95,6 +95,12 @@ class _Builder:
             if v.is_meta:
                 return self.values[id(v)]  # a KeyError (a tensor from nowhere) fails the trace
             return self.graph.insertConstant(v)  # a tensor the definition carried inline (a real one)
+        if isinstance(v, list | tuple) and not v and spec is not None and spec.type.kind() == "ListType":
+            element = spec.type.getElementType()  # an empty tensor list (a fused Adam's max_exp_avg_sqs without
+            if element.kind() in ("TensorType", "OptionalType"):  # amsgrad): a constant cannot tell its type
+                n = self.node("prim::ListConstruct", [], 1)
+                n.output().setType(_C.ListType(element))
+                return n.output()
         if isinstance(v, list | tuple) and any(isinstance(x, torch.Tensor) for x in v):
             if any(x is not None and not isinstance(x, torch.Tensor) for x in v):
                 raise ValueError("a list mixing tensors and other values")
