@@ -6,11 +6,13 @@ by-value inputs are saved, and a second process replays that graph with `Command
 worker runs per step) against the same kernels called bare with the arguments the replay gave them, interleaved. The
 difference per op is what the replay adds: input and persistent-tensor checks, slot filling, dead-slot drops, binding
 outputs and kept tensors, memory accounting. CPU time of the thread (`time.thread_time`); the min of --repeats runs
-counts (a loaded box inflates single runs; the min moves least).
+counts (a loaded box inflates single runs; the min moves least). `--measure instr` counts instructions instead, and
+also those of launch_bound's local step with the same `--adam` (the baseline the TorchScript call competes with).
 
     python bench/graph_replay.py                                    # tiny-mlp and encoder, ~2 min
     python bench/graph_replay.py --models classifier --steps 20
     python bench/graph_replay.py --measure instr                    # exact, under callgrind, ~2 min a model
+    python bench/graph_replay.py --measure instr --adam fused --models tiny-mlp
 """
 
 from __future__ import annotations
@@ -185,6 +187,42 @@ def replay_instr(path: str, steps: int) -> str:
     return "done"
 
 
+def local_instr(model_name: str, adam_kind: str, steps: int) -> str:
+    """Inside valgrind: launch_bound's local step (CPU, one torch thread, its Adam: `--adam capturable` is torch's
+    default Adam locally, `fused` Adam(fused=True)) over `steps` steps after 10 warm-up steps, all of it counted
+    (autograd and the optimizer's Python included: what a local step costs)."""
+    from launch_bound import adam, workload
+
+    torch.set_num_threads(1)
+    model, data, loss_fn = workload(model_name)
+    opt = adam(model, torch.device("cpu"), False, adam_kind)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for i in range(10):
+        step(*data[i % 4]).item()
+    with cgtools.instrumented():
+        for i in range(steps):
+            step(*data[i % 4])
+    return "done"
+
+
+def _local_instr(model: str, adam_kind: str, steps: int, tmp: str) -> str:
+    sys.path.insert(0, str(HERE))
+    from daemon_ab import _total
+
+    out = Path(tmp) / f"cg.local.{model}"
+    cmd = [*cgtools.valgrind(out), sys.executable, __file__, "--local-instr", model, "--adam", adam_kind,
+           "--steps", str(steps)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True)
+    return f"local step {_total(out) / steps / 1e3:8.1f}k instructions (Adam: {adam_kind})"
+
+
 def _instr(model: str, path: str, steps: int, tmp: str) -> str:
     sys.path.insert(0, str(HERE))
     from daemon_ab import KERNELS, _inclusive, _total
@@ -219,14 +257,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dump", nargs=2, metavar=("MODEL", "FILE"), help=argparse.SUPPRESS)
     p.add_argument("--replay", metavar="FILE", help=argparse.SUPPRESS)
     p.add_argument("--replay-instr", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--local-instr", metavar="MODEL", help=argparse.SUPPRESS)
     p.add_argument("--measure", choices=("cpu", "instr"), default="cpu", help="instr: the worker's instructions "
-                   "per RunGraph under callgrind (20 runs), in and out of its TorchScript call; exact")  # fmt: skip
+                   "per RunGraph under callgrind (20 runs), in and out of its TorchScript call, and launch_bound's "
+                   "local step's (the same --adam; exact)")  # fmt: skip
     args = p.parse_args(argv)
     if args.dump:
         dump(*args.dump, args.adam)
         return 0
     if args.replay:
         print(replay(args.replay, args.steps, args.repeats))
+        return 0
+    if args.local_instr:
+        print(local_instr(args.local_instr, args.adam, args.steps))
         return 0
     if args.replay_instr:
         print(replay_instr(args.replay_instr, args.steps))
@@ -238,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([sys.executable, __file__, *dump_argv], check=True, capture_output=True)
             if args.measure == "instr":
                 print(f"{model:10s} {_instr(model, path, min(args.steps, 20), tmp)}", flush=True)
+                print(f"{model:10s} {_local_instr(model, args.adam, min(args.steps, 20), tmp)}", flush=True)
                 continue
             argv = ["--replay", path, "--steps", str(args.steps), "--repeats", str(args.repeats)]
             out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True, text=True)

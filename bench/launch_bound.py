@@ -97,15 +97,16 @@ def workload(name: str) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tenso
     return build_model(30000), data, nn.functional.cross_entropy
 
 
-ADAMS = ("capturable", "fused")
+ADAMS = ("capturable", "fused", "fused-captured")
 
 
 def adam(model: nn.Module, device: torch.device, captured: bool, kind: str = "capturable") -> torch.optim.Adam:
     """The run's Adam (lr 1e-3). `capturable` (the default): a captured step's Adam(capturable=True) with a device
     lr, torch's default Adam (foreach) elsewhere. `fused`: Adam(fused=True) in every mode, with a device lr when
-    captured (a float lr would be baked into the graph): torch's fused kernel, one op for the whole update."""
+    captured (a float lr would be baked into the graph): torch's fused kernel, one op for the whole update.
+    `fused-captured`: fused when captured, torch's default Adam in the other modes (the default's baseline)."""
     lr: Any = torch.tensor(1e-3, device=device) if captured else 1e-3
-    if kind == "fused":
+    if kind == "fused" or (kind == "fused-captured" and captured):
         return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     if captured:
         return torch.optim.Adam(model.parameters(), lr=lr, capturable=True)
@@ -256,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=6, help="untimed steps first (capture records in these)")
     p.add_argument("--rounds", type=int, default=2, help="alternating runs: best of each, paired ratios")
     p.add_argument("--adam", choices=ADAMS, default="capturable", help="capturable: Adam(capturable=True) when "
-                   "captured, torch's default Adam in the other modes; fused: Adam(fused=True) in every mode (a device "
-                   "lr when captured), so that local runs the same optimizer")  # fmt: skip
+                   "captured, torch's default Adam in the other modes; fused: Adam(fused=True) in every mode (a "
+                   "device lr when captured), so that local runs the same optimizer; fused-captured: fused when "
+                   "captured, the default Adam elsewhere")  # fmt: skip
     p.add_argument("--against", metavar="DIR", default="", help="also run every remote mode against DIR's daemon")
     p.add_argument("--against-python", default="", help="the python of --against (default: DIR/.venv/bin/python)")
     add_worker_flags(p)
