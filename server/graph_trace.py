@@ -21,8 +21,9 @@ A graph runs this way only when every run would call exactly the same kernels wi
   ops that the graph keeps (`_TRACED_GUARDS`: the embedding backward's index range), no factory of uninitialized
   memory (zeroed per run by Python) and no Python replacement of a kernel (guards.replacement: it may branch on
   values);
-- with arguments a node can hold (tensors, lists of tensors, numbers, strings, dtypes, devices, ...; a Python
-  number where the overload takes a tensor only for add/sub/mul/div, whose .Scalar overloads are that call).
+- with arguments a node can hold (tensors, lists of tensors -- an empty one typed by the schema --, numbers, strings,
+  dtypes, devices, ...; a Python number where the overload takes a tensor only for add/sub/mul/div, whose .Scalar
+  overloads are that call).
 Anything else, or a graph that fails to build, keeps graph.execute (logged once per graph).
 """
 
