@@ -37,7 +37,7 @@ def dump(model_name: str, out: str, adam_kind: str = "capturable") -> None:
     """Capture the workload's step through a daemon; save the graph, its persistent tensors and one run's inputs."""
     from gpupool.client.torch import runtime
     from gpupool.client.torch.tensor import RemoteTensor
-    from launch_bound import adam, workload
+    from launch_bound import adam, training_step, workload
     from train_overhead import bench_daemons
 
     import gpupool.torch as gt
@@ -51,14 +51,7 @@ def dump(model_name: str, out: str, adam_kind: str = "capturable") -> None:
         rt = runtime.get(device.index)
         model, data, loss_fn = workload(model_name)
         model = model.to(device)
-        opt = adam(model, device, True, adam_kind)
-
-        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
-            return loss
+        step = training_step(model, adam(model, device, True, adam_kind), loss_fn)
 
         define, run = rt.define_graph, rt.run_graph
 
@@ -191,18 +184,11 @@ def local_instr(model_name: str, adam_kind: str, steps: int) -> str:
     """Inside valgrind: launch_bound's local step (CPU, one torch thread, its Adam: `--adam capturable` is torch's
     default Adam locally, `fused` Adam(fused=True)) over `steps` steps after 10 warm-up steps, all of it counted
     (autograd and the optimizer's Python included: what a local step costs)."""
-    from launch_bound import adam, workload
+    from launch_bound import adam, training_step, workload
 
     torch.set_num_threads(1)
     model, data, loss_fn = workload(model_name)
-    opt = adam(model, torch.device("cpu"), False, adam_kind)
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
+    step = training_step(model, adam(model, torch.device("cpu"), False, adam_kind), loss_fn)
 
     for i in range(10):
         step(*data[i % 4]).item()

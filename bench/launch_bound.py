@@ -113,6 +113,19 @@ def adam(model: nn.Module, device: torch.device, captured: bool, kind: str = "ca
     return torch.optim.Adam(model.parameters(), lr=lr)
 
 
+def training_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Any) -> Any:
+    """The workloads' step: forward, loss, backward, the optimizer; returns the loss (what capture replays)."""
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
 # ---- worker: one measurement in its own pinned process ----
 
 
@@ -154,13 +167,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         rt = runtime.get(device.index)
     model = model.to(device)
     opt = adam(model, device, args.mode == "captured", args.adam)
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
+    step = training_step(model, opt, loss_fn)
 
     def eager(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # the batch is uploaded in the loop in every mode
         return step(x.to(device), y.to(device))
