@@ -176,7 +176,7 @@ def _side(name: str, python: str, cwd: str, model: str, a: argparse.Namespace, k
     try:
         flags = ["--model", model, "--mode", a.mode, "--steps", str(a.steps), "--blocks", str(a.blocks),
                  "--warmup", str(a.warmup), "--address", address, "--token", token(),
-                 "--daemon-pid", str(proc.pid)]  # fmt: skip
+                 "--daemon-pid", str(proc.pid), "--adam", a.adam]  # fmt: skip
         client = [sys.executable, str(HERE / "daemon_ab.py"), "--client", *flags]
         if a.with_client:  # the side's own client (its python, its gpupool), counted by callgrind too
             exe = subprocess.check_output([python, "-c", "import sys; print(sys.executable)"], text=True).strip()
@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                    "worker's TorchScript call (kernels) apart")  # fmt: skip
     p.add_argument("--with-client", action="store_true", help="run each side's own client under callgrind too and "
                    "count it (default: this checkout's client, not counted)")  # fmt: skip
+    p.add_argument("--adam", choices=lb.ADAMS, default="capturable", help="launch_bound's --adam (fused needs a "
+                   "daemon with gpupool/metas.py on both sides: --against this checkout)")  # fmt: skip
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--warmup", type=int, default=0, help="steps before counting (default: 4 eager; 7 captured: "

@@ -1,16 +1,18 @@
 """The worker's cost per replayed op of a captured step, over the bare kernels: `RunGraph` in-process on a fake GPU.
 
-A launch_bound workload (tiny MLP, tiny encoder, ...) is captured through a real daemon (`gpupool.torch.capture`,
-Adam with capturable=True); its DefineGraph, its persistent tensors and one RunGraph's by-value inputs are saved,
-and a second process replays that graph with `CommandExecutor.execute` (what a session's worker runs per step)
-against the same kernels called bare with the arguments the replay gave them, interleaved. The difference per op
-is what the replay adds: input and persistent-tensor checks, slot filling, dead-slot drops, binding outputs and
-kept tensors, memory accounting. CPU time of the thread (`time.thread_time`); the min of --repeats runs counts
-(a loaded box inflates single runs; the min moves least).
+A launch_bound workload (tiny MLP, tiny encoder, ...) is captured through a real daemon (`gpupool.torch.capture`, Adam
+with capturable=True, or fused=True with `--adam fused`); its DefineGraph, its persistent tensors and one RunGraph's
+by-value inputs are saved, and a second process replays that graph with `CommandExecutor.execute` (what a session's
+worker runs per step) against the same kernels called bare with the arguments the replay gave them, interleaved. The
+difference per op is what the replay adds: input and persistent-tensor checks, slot filling, dead-slot drops, binding
+outputs and kept tensors, memory accounting. CPU time of the thread (`time.thread_time`); the min of --repeats runs
+counts (a loaded box inflates single runs; the min moves least). `--measure instr` counts instructions instead, and
+also those of launch_bound's local step with the same `--adam` (the baseline the TorchScript call competes with).
 
     python bench/graph_replay.py                                    # tiny-mlp and encoder, ~2 min
     python bench/graph_replay.py --models classifier --steps 20
     python bench/graph_replay.py --measure instr                    # exact, under callgrind, ~2 min a model
+    python bench/graph_replay.py --measure instr --adam fused --models tiny-mlp
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def dump(model_name: str, out: str) -> None:
+def dump(model_name: str, out: str, adam_kind: str = "capturable") -> None:
     """Capture the workload's step through a daemon; save the graph, its persistent tensors and one run's inputs."""
     from gpupool.client.torch import runtime
     from gpupool.client.torch.tensor import RemoteTensor
-    from launch_bound import workload
+    from launch_bound import adam, training_step, workload
     from train_overhead import bench_daemons
 
     import gpupool.torch as gt
@@ -49,14 +51,7 @@ def dump(model_name: str, out: str) -> None:
         rt = runtime.get(device.index)
         model, data, loss_fn = workload(model_name)
         model = model.to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3, device=device), capturable=True)
-
-        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
-            return loss
+        step = training_step(model, adam(model, device, True, adam_kind), loss_fn)
 
         define, run = rt.define_graph, rt.run_graph
 
@@ -185,6 +180,35 @@ def replay_instr(path: str, steps: int) -> str:
     return "done"
 
 
+def local_instr(model_name: str, adam_kind: str, steps: int) -> str:
+    """Inside valgrind: launch_bound's local step (CPU, one torch thread, its Adam: `--adam capturable` is torch's
+    default Adam locally, `fused` Adam(fused=True)) over `steps` steps after 10 warm-up steps, all of it counted
+    (autograd and the optimizer's Python included: what a local step costs)."""
+    from launch_bound import adam, training_step, workload
+
+    torch.set_num_threads(1)
+    model, data, loss_fn = workload(model_name)
+    step = training_step(model, adam(model, torch.device("cpu"), False, adam_kind), loss_fn)
+
+    for i in range(10):
+        step(*data[i % 4]).item()
+    with cgtools.instrumented():
+        for i in range(steps):
+            step(*data[i % 4])
+    return "done"
+
+
+def _local_instr(model: str, adam_kind: str, steps: int, tmp: str) -> str:
+    sys.path.insert(0, str(HERE))
+    from daemon_ab import _total
+
+    out = Path(tmp) / f"cg.local.{model}"
+    cmd = [*cgtools.valgrind(out), sys.executable, __file__, "--local-instr", model, "--adam", adam_kind,
+           "--steps", str(steps)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True)
+    return f"local step {_total(out) / steps / 1e3:8.1f}k instructions (Adam: {adam_kind})"
+
+
 def _instr(model: str, path: str, steps: int, tmp: str) -> str:
     sys.path.insert(0, str(HERE))
     from daemon_ab import KERNELS, _inclusive, _total
@@ -214,17 +238,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="tiny-mlp,encoder", help="comma-separated launch_bound workloads")
     p.add_argument("--steps", type=int, default=50, help="replays per measurement")
     p.add_argument("--repeats", type=int, default=7, help="measurements (the min counts)")
+    p.add_argument("--adam", choices=("capturable", "fused"), default="capturable",
+                   help="the captured step's Adam: capturable=True, or fused=True (both with a device lr)")  # fmt: skip
     p.add_argument("--dump", nargs=2, metavar=("MODEL", "FILE"), help=argparse.SUPPRESS)
     p.add_argument("--replay", metavar="FILE", help=argparse.SUPPRESS)
     p.add_argument("--replay-instr", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--local-instr", metavar="MODEL", help=argparse.SUPPRESS)
     p.add_argument("--measure", choices=("cpu", "instr"), default="cpu", help="instr: the worker's instructions "
-                   "per RunGraph under callgrind (20 runs), in and out of its TorchScript call; exact")  # fmt: skip
+                   "per RunGraph under callgrind (20 runs), in and out of its TorchScript call, and launch_bound's "
+                   "local step's (the same --adam; exact)")  # fmt: skip
     args = p.parse_args(argv)
     if args.dump:
-        dump(*args.dump)
+        dump(*args.dump, args.adam)
         return 0
     if args.replay:
         print(replay(args.replay, args.steps, args.repeats))
+        return 0
+    if args.local_instr:
+        print(local_instr(args.local_instr, args.adam, args.steps))
         return 0
     if args.replay_instr:
         print(replay_instr(args.replay_instr, args.steps))
@@ -232,9 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             path = str(Path(tmp) / f"{model}.pt")
-            subprocess.run([sys.executable, __file__, "--dump", model, path], check=True, capture_output=True)
+            dump_argv = ["--dump", model, path, "--adam", args.adam]
+            subprocess.run([sys.executable, __file__, *dump_argv], check=True, capture_output=True)
             if args.measure == "instr":
                 print(f"{model:10s} {_instr(model, path, min(args.steps, 20), tmp)}", flush=True)
+                print(f"{model:10s} {_local_instr(model, args.adam, min(args.steps, 20), tmp)}", flush=True)
                 continue
             argv = ["--replay", path, "--steps", str(args.steps), "--repeats", str(args.repeats)]
             out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True, text=True)

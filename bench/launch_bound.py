@@ -6,29 +6,31 @@ encoder classifier (d 32, 2 layers, 4 heads, batch 4 x 16 tokens), the stock-pre
 128-1, batch 256), the sentiment CNN of examples/sentiment (benchmark size, batch 50 x 400 tokens) and issue 8's
 transformer classifier (`classifier`: d 64, 2 layers, batch 32 x 48 tokens; not in the default set). Three
 ways: local CPU eager (the baseline: one torch thread, on the daemon's core), through a daemon eagerly, and
-through a daemon with `gpupool.torch.capture` (Adam with capturable=True and a device lr, as capture needs); a fourth,
+through a daemon with `gpupool.torch.capture` (Adam with capturable=True and a device lr, as capture needs; with
+`--adam fused`, Adam(fused=True) in every mode, a device lr when captured: torch's one fused kernel for the update,
+local CPU included, so that local runs the same optimizer); a fourth,
 `native` (not in the default set), runs eagerly through the C++ client of `gpupool run --native-client`
 (gpupool.client.native) against the same daemon: its ops/step are its op records (and the Python fallback's ops).
 
-Each measurement is a fresh worker process pinned to a core (`taskset`), the daemon (`gpupool serve`, one fake GPU,
-one torch thread) on another. A block of steps is timed with one sync at its end (throughput: the client may run
-ahead of the daemon within a block, as a training loop that logs every N steps does); the median block counts, and
-local / eager / captured runs alternate for a few rounds (a last local run closes them), best of each counting.
-Columns: ms/step, ratio to local (best over best), "paired" (the median over rounds of each run's step over the
-mean of the local runs just before and after it: the box drifts between minutes, and neighbours share the drift, so
-this is the figure to quote on a shared box), aten ops per step (eager: the ops sent; captured: the graph's ops,
-which capturable Adam makes more; each row's per-op columns divide by its own count), commands sent per step, client
-CPU per op and the daemon's CPU per op: front, zygote and the session's worker together (everything
-above the kernels on a fake GPU is overhead; the kernels are included). "core-1 CPU" is the CPU time per step of
-what runs on the daemon's core: the local process, or the whole daemon (front and worker); its ratio is what the
-wall-clock ratio becomes on a quiet box whenever the daemon's core is the bottleneck, and it moves much less with
-the load of a shared box than wall-clock times do. The load average at the start and end is printed with the table:
-on a shared box, compare ratios from one run only.
+Each measurement is a fresh worker process pinned to a core (`taskset`), the daemon (`gpupool serve`, one fake GPU, one
+torch thread) on another. A block of steps is timed with one sync at its end (throughput: the client may run ahead of
+the daemon within a block, as a training loop that logs every N steps does); the median block counts, and local / eager
+/ captured runs alternate for a few rounds (a last local run closes them), best of each counting. Columns: ms/step,
+ratio to local (best over best), "paired" (the median over rounds of each run's step over the mean of the local runs
+just before and after it: the box drifts between minutes, and neighbours share the drift, so this is the figure to quote
+on a shared box), aten ops per step (eager: the ops sent; captured: the graph's ops, which capturable Adam makes more,
+fused Adam fewer; each row's per-op columns divide by its own count), commands sent per step, client CPU per op and the
+daemon's CPU per op: front, zygote and the session's worker together (everything above the kernels on a fake GPU is
+overhead; the kernels are included). "core-1 CPU" is the CPU time per step of what runs on the daemon's core: the local
+process, or the whole daemon (front and worker); its ratio is what the wall-clock ratio becomes on a quiet box whenever
+the daemon's core is the bottleneck, and it moves much less with the load of a shared box than wall-clock times do. The
+load average at the start and end is printed with the table: on a shared box, compare ratios from one run only.
 
     nice python bench/launch_bound.py                       # ~3-5 min
     python bench/launch_bound.py --models tiny-mlp,encoder --steps 40
     python bench/launch_bound.py --models tiny-mlp --modes local,eager --rounds 5 --against /work/main
     nice python bench/launch_bound.py --models tiny-mlp,encoder,classifier --modes local,eager,native --rounds 3
+    nice python bench/launch_bound.py --models tiny-mlp --modes local,captured --rounds 3 --adam fused
 
 `--against DIR` runs a second daemon from another checkout (its `.venv/bin/python`, or `--against-python`) beside
 this tree's, on the same core, and every remote run once against each, alternating which goes first (rows
@@ -95,6 +97,35 @@ def workload(name: str) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tenso
     return build_model(30000), data, nn.functional.cross_entropy
 
 
+ADAMS = ("capturable", "fused", "fused-captured")
+
+
+def adam(model: nn.Module, device: torch.device, captured: bool, kind: str = "capturable") -> torch.optim.Adam:
+    """The run's Adam (lr 1e-3). `capturable` (the default): a captured step's Adam(capturable=True) with a device
+    lr, torch's default Adam (foreach) elsewhere. `fused`: Adam(fused=True) in every mode, with a device lr when
+    captured (a float lr would be baked into the graph): torch's fused kernel, one op for the whole update.
+    `fused-captured`: fused when captured, torch's default Adam in the other modes (the default's baseline)."""
+    lr: Any = torch.tensor(1e-3, device=device) if captured else 1e-3
+    if kind == "fused" or (kind == "fused-captured" and captured):
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    if captured:
+        return torch.optim.Adam(model.parameters(), lr=lr, capturable=True)
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def training_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Any) -> Any:
+    """The workloads' step: forward, loss, backward, the optimizer; returns the loss (what capture replays)."""
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
 # ---- worker: one measurement in its own pinned process ----
 
 
@@ -135,17 +166,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         device = gt.attach(args.address, args.token)
         rt = runtime.get(device.index)
     model = model.to(device)
-    if args.mode == "captured":
-        opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3, device=device), capturable=True)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
+    opt = adam(model, device, args.mode == "captured", args.adam)
+    step = training_step(model, opt, loss_fn)
 
     def eager(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # the batch is uploaded in the loop in every mode
         return step(x.to(device), y.to(device))
@@ -218,6 +240,7 @@ def worker_args(argv: list[str]) -> argparse.Namespace:
     add_worker_flags(p)
     for a in ("--model", "--mode"):
         p.add_argument(a)
+    p.add_argument("--adam", default="capturable")
     for a in ("--steps", "--blocks", "--warmup"):
         p.add_argument(a, type=int)
     return p.parse_args(argv)
@@ -228,7 +251,7 @@ def worker_args(argv: list[str]) -> argparse.Namespace:
 
 def _worker(core: int, model: str, mode: str, args: argparse.Namespace, **remote: Any) -> dict[str, Any]:
     argv = ["--model", model, "--mode", mode, "--steps", str(args.steps), "--blocks", str(args.blocks),
-            "--warmup", str(args.warmup)]  # fmt: skip
+            "--warmup", str(args.warmup), "--adam", args.adam]  # fmt: skip
     return run_worker(__file__, core, f"{model}/{mode}", argv, **remote)
 
 
@@ -240,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=5, help="timed blocks (the median counts)")
     p.add_argument("--warmup", type=int, default=6, help="untimed steps first (capture records in these)")
     p.add_argument("--rounds", type=int, default=2, help="alternating runs: best of each, paired ratios")
+    p.add_argument("--adam", choices=ADAMS, default="capturable", help="capturable: Adam(capturable=True) when "
+                   "captured, torch's default Adam in the other modes; fused: Adam(fused=True) in every mode (a "
+                   "device lr when captured), so that local runs the same optimizer; fused-captured: fused when "
+                   "captured, the default Adam elsewhere")  # fmt: skip
     p.add_argument("--against", metavar="DIR", default="", help="also run every remote mode against DIR's daemon")
     p.add_argument("--against-python", default="", help="the python of --against (default: DIR/.venv/bin/python)")
     add_worker_flags(p)

@@ -21,12 +21,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from gpupool import wire
+from gpupool import metas, wire
 from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
 
 from . import checks, cost, fallbacks, guards
 from .sessions import WorkerSession
+
+metas.register()  # Meta kernels torch lacks (a fused Adam's tensor-lr overload): a graph's ops run on meta tensors
 
 if TYPE_CHECKING:
     from .ops import OpTable

@@ -21,8 +21,9 @@ A graph runs this way only when every run would call exactly the same kernels wi
   ops that the graph keeps (`_TRACED_GUARDS`: the embedding backward's index range), no factory of uninitialized
   memory (zeroed per run by Python) and no Python replacement of a kernel (guards.replacement: it may branch on
   values);
-- with arguments a node can hold (tensors, lists of tensors, numbers, strings, dtypes, devices, ...; a Python
-  number where the overload takes a tensor only for add/sub/mul/div, whose .Scalar overloads are that call).
+- with arguments a node can hold (tensors, lists of tensors -- an empty one typed by the schema --, numbers, strings,
+  dtypes, devices, ...; a Python number where the overload takes a tensor only for add/sub/mul/div, whose .Scalar
+  overloads are that call).
 Anything else, or a graph that fails to build, keeps graph.execute (logged once per graph).
 """
 
@@ -95,6 +96,12 @@ class _Builder:
             if v.is_meta:
                 return self.values[id(v)]  # a KeyError (a tensor from nowhere) fails the trace
             return self.graph.insertConstant(v)  # a tensor the definition carried inline (a real one)
+        if isinstance(v, list | tuple) and not v and spec is not None and spec.type.kind() == "ListType":
+            element = spec.type.getElementType()  # an empty tensor list (a fused Adam's max_exp_avg_sqs without
+            if element.kind() in ("TensorType", "OptionalType"):  # amsgrad): a constant cannot tell its type
+                n = self.node("prim::ListConstruct", [], 1)
+                n.output().setType(_C.ListType(element))
+                return n.output()
         if isinstance(v, list | tuple) and any(isinstance(x, torch.Tensor) for x in v):
             if any(x is not None and not isinstance(x, torch.Tensor) for x in v):
                 raise ValueError("a list mixing tensors and other values")

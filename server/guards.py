@@ -67,19 +67,62 @@ def _embedding_bag_per_sample_weights_backward(args: Args, kwargs: Kwargs) -> No
     _in_range(arg(args, kwargs, 4, "offset2bag"), 0, grad.size(0) if grad.dim() else 0, "offset2bag")
 
 
-def _same_lists(args: Args, kwargs: Kwargs) -> None:
-    """Fused optimizers index every list by the params' position and trust all shapes to match."""
-    lists = [v for v in list(args) + list(kwargs.values()) if isinstance(v, list) and v]
-    lists = [v for v in lists if all(isinstance(t, torch.Tensor) for t in v)]
-    if not lists:
-        return
-    params = lists[0]
-    for other in lists[1:]:
-        if len(other) != len(params):
-            raise InvalidArgument(f"tensor lists of different lengths ({len(params)} and {len(other)})")
-        for p, t in zip(params, other, strict=True):
-            if t.numel() not in (p.numel(), 1):
-                raise InvalidArgument(f"tensor of {t.numel()} elements where {p.numel()} are expected")
+# A fused optimizer's tensor-list arguments: each holds one tensor per parameter, except the step counts (one
+# number per parameter); those that may be empty (max_exp_avg_sqs without amsgrad, momentum_buffer_list without
+# momentum) are left to torch's own length checks when they are.
+_STEPS = "state_steps"
+_MAY_BE_EMPTY = frozenset({"max_exp_avg_sqs", "momentum_buffer_list"})
+_DENSE = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+def _strides(t: torch.Tensor) -> list[int]:
+    """A tensor's strides where they matter (a dimension of size 1 may have any)."""
+    return [st for n, st in zip(t.shape, t.stride(), strict=True) if n != 1]
+
+
+def _fused_optimizer(args: Args, kwargs: Kwargs, schema: Any) -> None:
+    """torch's CPU fused optimizers (`_fused_adam_`, ...) walk every tensor of a parameter's lists as numel()
+    contiguous elements from its data pointer, trusting them all to match the parameter: a one-element grad read
+    past its storage, an expanded parameter (stride 0) wrote past its one element and corrupted the heap, an
+    empty found_inf was read. So every per-parameter tensor must have its parameter's shape, strides, dtype and
+    device, each parameter must be dense (contiguous in some memory format), each list as long as the parameters,
+    each step count and each tensor scalar (lr, grad_scale, found_inf) one element on the parameters' device."""
+    lists: dict[str, list[Any]] = {}
+    scalars: list[Any] = []
+    for i, spec in enumerate(schema.arguments):
+        v = arg(args, kwargs, i, spec.name) if not spec.kwarg_only else kwargs.get(spec.name)
+        if isinstance(v, list | tuple):
+            lists[spec.name] = list(v)
+        elif isinstance(v, torch.Tensor):
+            scalars.append((spec.name, v))
+    params = lists.get("self", [])
+    if not params or not all(isinstance(p, torch.Tensor) for p in params):
+        raise InvalidArgument("a fused optimizer needs a list of parameter tensors")
+    device = params[0].device
+    for i, p in enumerate(params):
+        if p.device != device or not p.dtype.is_floating_point:
+            raise InvalidArgument(f"parameter {i} must be a floating-point tensor on {device}")
+        if not any(p.is_contiguous(memory_format=f) for f in _DENSE if f == torch.contiguous_format or p.dim() >= 4):
+            raise InvalidArgument(f"parameter {i} must be dense (contiguous), not a view with strides {p.stride()}")
+    for name, values in lists.items():
+        if name == "self" or (not values and name in _MAY_BE_EMPTY):
+            continue
+        if len(values) != len(params):
+            raise InvalidArgument(f"{name} holds {len(values)} tensors for {len(params)} parameters")
+        for i, (p, t) in enumerate(zip(params, values, strict=True)):
+            if not isinstance(t, torch.Tensor) or t.device != device:
+                raise InvalidArgument(f"{name}[{i}] must be a tensor on {device}")
+            if name == _STEPS:
+                if t.numel() != 1:
+                    raise InvalidArgument(f"{name}[{i}] must hold one number, not {t.numel()}")
+            elif t.shape != p.shape or _strides(t) != _strides(p) or t.dtype != p.dtype:
+                raise InvalidArgument(
+                    f"{name}[{i}] ({list(t.shape)}, strides {list(t.stride())}, {t.dtype}) must match its parameter "
+                    f"({list(p.shape)}, strides {list(p.stride())}, {p.dtype})"
+                )
+    for name, t in scalars:
+        if t.numel() != 1 or t.device != device:
+            raise InvalidArgument(f"{name} must be one number on {device}, not {t.numel()} on {t.device}")
 
 
 def _fractional_pool_backward(dims: int) -> Callable[[Args, Kwargs], None]:
@@ -136,10 +179,13 @@ _VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {
     "aten::_embedding_bag_dense_backward": _embedding_bag_dense_backward,
     "aten::_embedding_bag_backward": _embedding_bag_dense_backward,
     "aten::_embedding_bag_per_sample_weights_backward": _embedding_bag_per_sample_weights_backward,
-    "aten::_fused_adam_": _same_lists,
-    "aten::_fused_adamw_": _same_lists,
-    "aten::_fused_sgd_": _same_lists,
-    "aten::_fused_adagrad_": _same_lists,
+}
+# Guards that need the overload's schema (its argument names): the fused optimizers' lists.
+_SCHEMA_VALIDATORS: dict[str, Callable[[Args, Kwargs, Any], None]] = {
+    "aten::_fused_adam_": _fused_optimizer,
+    "aten::_fused_adamw_": _fused_optimizer,
+    "aten::_fused_sgd_": _fused_optimizer,
+    "aten::_fused_adagrad_": _fused_optimizer,
 }
 
 
@@ -266,7 +312,7 @@ VALUE_GUARDS |= frozenset(_LOOPS)
 
 def value_guarded(name: str) -> bool:
     """Whether op `name` has a guard of its own in `validate` (besides a `_foreach_` op's lists' lengths)."""
-    return name in _VALIDATORS or name in _LOOPS
+    return name in _VALIDATORS or name in _SCHEMA_VALIDATORS or name in _LOOPS
 
 
 def validate(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs, max_flops: int) -> None:
@@ -277,6 +323,9 @@ def validate(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs, max_flops: i
     check = _VALIDATORS.get(name)
     if check is not None:
         checked(name, check, args, kwargs)
+    with_schema = _SCHEMA_VALIDATORS.get(name)
+    if with_schema is not None:
+        checked(name, lambda a, k: with_schema(a, k, op._schema), args, kwargs)
     _check_loops(name, args, kwargs, max_flops)
 
 

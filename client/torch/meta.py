@@ -22,9 +22,11 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten
 
-from gpupool import wire
+from gpupool import metas, wire
 
 from .tensor import RemoteTensor, wrapper_args
+
+metas.register()  # Meta kernels torch lacks (Adam(fused=True)'s tensor-lr overload): without one an op runs on the CPU
 
 T, TL, S, SL, V = "T", "TL", "S", "SL", "V"  # argument kinds: tensor, tensor list, scalar, scalar list, value
 META = torch.device("meta")

@@ -228,6 +228,19 @@ def test_kernels_that_trust_their_inputs_are_checked(served: DaemonHandle, bad: 
         ),
         ("aten::repeat_interleave.Tensor", [pair], {"output_size": 10**4}),
     ]
+    # torch's CPU fused Adam walks each list's tensors as numel() contiguous elements: an expanded parameter (stride
+    # 0, one element of storage) was written 10^5 elements past its storage, a one-element grad read past its own.
+    big = Handle(bad.upload(torch.zeros(10**5)))
+    [expanded] = bad.call("aten::expand.default", Handle(bad.upload(torch.zeros(1))), [10**5])
+    one, step = Handle(bad.upload(torch.ones(1))), Handle(bad.upload(torch.tensor(1.0)))
+    adam = dict(beta1=0.9, beta2=0.9, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+    cases += [
+        ("aten::_fused_adam_.default", [[expanded], [big], [big], [big], [], [step]], dict(lr=0.1, **adam)),
+        ("aten::_fused_adamw_.default", [[big], [one], [big], [big], [], [step]], dict(lr=0.1, **adam)),
+        ("aten::_fused_adam_.tensor_lr", [[big], [big], [big], [big], [], [step]], dict(lr=big, **adam)),
+        ("aten::_fused_adam_.default", [[big], [big], [big], [big], [], [step]],
+         dict(lr=0.1, found_inf=Handle(bad.upload(torch.zeros(0))), **adam)),
+    ]  # fmt: skip
     for name, args, kwargs in cases:
         bad.call(name, *args, outputs=0, **kwargs)
         with pytest.raises(errors.InvalidArgument):
@@ -235,6 +248,10 @@ def test_kernels_that_trust_their_inputs_are_checked(served: DaemonHandle, bad: 
     assert served.process is not None and served.process.poll() is None
     [w] = bad.call("aten::embedding_dense_backward.default", grad, pair, 2, -1, False)  # a valid one still runs
     assert torch.equal(bad.download(w), torch.ones(2, 3))
+    p, g, m, v = (Handle(bad.upload(torch.full((3,), x))) for x in (1.0, 0.5, 0.0, 0.0))
+    bad.call("aten::_fused_adam_.tensor_lr", [p], [g], [m], [v], [], [step], outputs=0,
+             lr=Handle(bad.upload(torch.tensor(0.1))), **adam)  # fmt: skip
+    assert torch.allclose(bad.download(p), torch.full((3,), 0.9))  # one Adam step: 1 - lr * sign(grad)
     # Masked-off indices may be anything (it read wherever they pointed): now clamped, as torch decomposes it.
     rows = Handle(bad.upload(torch.arange(3.0)))
     mask = Handle(bad.upload(torch.tensor([True, False])))

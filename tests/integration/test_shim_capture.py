@@ -78,6 +78,17 @@ def adamw(params: Any, device: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=torch.tensor(1e-3, device=device), weight_decay=0.01, capturable=True)
 
 
+def adam_fused(params: Any, device: Any) -> torch.optim.Optimizer:
+    """torch's fused Adam (one `_fused_adam_` for the update; CPU has the kernel too), a device lr when remote."""
+    lr = 1e-3 if torch.device(device).type == "cpu" else torch.tensor(1e-3, device=device)
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
+def adamw_fused(params: Any, device: Any) -> torch.optim.Optimizer:
+    lr = 1e-3 if torch.device(device).type == "cpu" else torch.tensor(1e-3, device=device)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True)
+
+
 def train(
     device: Any,
     model_fn: Callable[[], nn.Module],
@@ -121,6 +132,8 @@ CASES = {
     "cnn-adam-dropout": (cnn, adam, cnn_batch, nn.functional.cross_entropy),
     "cnn-sgd-dropout": (cnn, sgd, cnn_batch, nn.functional.cross_entropy),
     "encoder-adamw-dropout": (Encoder, adamw, encoder_batch, nn.functional.cross_entropy),
+    "mlp-adam-fused": (stock_mlp, adam_fused, mlp_batch, nn.functional.mse_loss),
+    "encoder-adamw-fused-dropout": (Encoder, adamw_fused, encoder_batch, nn.functional.cross_entropy),
 }
 
 

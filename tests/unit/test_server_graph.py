@@ -226,3 +226,74 @@ def test_inputs_by_value_of_every_rank_arrive_as_sent() -> None:
         outs.append((handles, sent))
     for handles, sent in outs:
         assert all(torch.equal(s.tensors[h], x) for h, x in zip(handles, sent, strict=True))
+
+
+def _fused_adam_graph(grad_slot: int) -> device_pb2.DefineGraph:
+    """A captured Adam(fused=True) update: the steps' increment and `_fused_adam_.tensor_lr` over persistent tensors
+    (slot 2 param, 3 grad, 4 exp_avg, 5 exp_avg_sq, 6 step, 7 lr, 8 a grad of other strides), the grad scaled by
+    input 1."""
+    lists = {k: tensor_pb2.Arg(tensors=tensor_pb2.TensorList(handles=v)) for k, v in
+             {"p": [2], "g": [grad_slot], "m": [4], "v": [5], "none": [], "steps": [6]}.items()}  # fmt: skip
+    body = [
+        op("aten::mul_.Tensor", slot(grad_slot), slot(1)),
+        op("aten::_foreach_add_.Scalar", lists["steps"], tensor_pb2.Arg(f=1.0)),
+        op("aten::_fused_adam_.tensor_lr", lists["p"], lists["g"], lists["m"], lists["v"], lists["none"],
+           lists["steps"], lr=slot(7), beta1=tensor_pb2.Arg(f=0.9), beta2=tensor_pb2.Arg(f=0.999),
+           weight_decay=tensor_pb2.Arg(f=0.0), eps=tensor_pb2.Arg(f=1e-8), amsgrad=tensor_pb2.Arg(b=False),
+           maximize=tensor_pb2.Arg(b=False)),
+        op("aten::sum", slot(2), out=(9,)),
+    ]  # fmt: skip
+    return device_pb2.DefineGraph(graph_id=1, inputs=1, input_meta=[wire.meta_to_proto(torch.ones(()))],
+                                  persistent=[100 + k for k in range(7)], ops=body, outputs=[9])  # fmt: skip
+
+
+def test_a_captured_fused_adam_runs_as_torchscript_and_steps_as_eager_does() -> None:
+    """Adam(fused=True) captured: one `_fused_adam_.tensor_lr` (its Meta kernel: gpupool/metas.py), its empty
+    max_exp_avg_sqs list written into the TorchScript graph (server/graph_trace.py), its tensors stable across runs
+    (it writes values only); every run steps as torch's own kernel does eagerly."""
+    dev = FakeDevice(0, "h", 1 << 30)
+    s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 28)
+    ex = CommandExecutor(slices.SliceLedger())
+    ex.exclusive_rng = True  # as in a session's worker process: graphs may run as TorchScript
+    start = [torch.randn(5, 3), torch.randn(5, 3), torch.zeros(5, 3), torch.zeros(5, 3), torch.zeros(()),
+             torch.tensor(0.01), torch.randn(3, 5).t()]  # fmt: skip
+    handles = [s.handle_base + 100 + k for k in range(7)]
+    for h, t in zip(handles, start, strict=True):
+        s.bind(h, t.clone())
+    msg = _fused_adam_graph(3)
+    msg.persistent[:] = handles
+    ex.execute(s, device_pb2.Command(define_graph=msg), _no_reply)
+    assert s.error is None, s.error
+    g = ex.graphs._of(s)[1]
+    assert g.stable == list(range(7))
+    want = [t.clone() for t in start]
+    for k in range(4):  # the first run is the Python replay, the next ones the TorchScript graph
+        run = device_pb2.RunGraph(graph_id=1, inputs=[0], outputs=[s.handle_base + 10 + k])
+        run.input_data.append(torch.tensor(1.0 + k).numpy().tobytes())
+        ex.execute(s, device_pb2.Command(run_graph=run), _no_reply)
+        assert s.error is None, s.error
+        p, grad, m, v, step, lr, _ = want
+        grad.mul_(1.0 + k)
+        torch._foreach_add_([step], 1.0)
+        torch._fused_adam_([p], [grad], [m], [v], [], [step], lr=lr, beta1=0.9, beta2=0.999, weight_decay=0.0,
+                           eps=1e-8, amsgrad=False, maximize=False)  # fmt: skip
+        for h, t in zip(handles, want, strict=True):
+            assert torch.equal(s.tensors[h], t)
+        assert torch.equal(s.tensors[s.handle_base + 10 + k], p.sum())
+    assert g.traced is not None  # runs 2-4 were the TorchScript graph's
+
+
+def test_a_fused_adam_over_a_grad_of_other_strides_is_refused_at_definition() -> None:
+    """torch's CPU kernel walks every list's tensors as its parameter's contiguous elements: a grad with other
+    strides (here transposed) would be read in the wrong order, an expanded or shorter one past its storage."""
+    dev = FakeDevice(0, "h", 1 << 30)
+    s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 28)
+    ex = CommandExecutor(slices.SliceLedger())
+    handles = [s.handle_base + 100 + k for k in range(7)]
+    for h, t in zip(handles, [torch.randn(5, 3), torch.randn(5, 3), torch.zeros(5, 3), torch.zeros(5, 3),
+                              torch.zeros(()), torch.tensor(0.01), torch.randn(3, 5).t()], strict=True):  # fmt: skip
+        s.bind(h, t)
+    msg = _fused_adam_graph(8)
+    msg.persistent[:] = handles
+    ex.execute(s, device_pb2.Command(define_graph=msg), _no_reply)
+    assert s.error is not None and "must match its parameter" in s.error.message
