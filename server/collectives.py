@@ -51,9 +51,10 @@ log = logging.getLogger(__name__)
 MAX_RANKS = 1024
 DEFAULT_TIMEOUT = 30.0
 MAX_TIMEOUT = 300.0  # the longest a collective waits for its peers (group formation, each call)
-# The longest a waiting collective holds its device's thread at a time: it waits in a thread of its own, and each
-# slice of its session looks for the outcome this long, then lets the device run other sessions (a tenant that
-# held back its other rank held a shared device up to MAX_TIMEOUT per call until round 18).
+# The longest a waiting collective holds its device's thread while another session of the device waits to run: it
+# waits in a thread of its own, and each slice of its session looks for the outcome in steps this long, then lets
+# the device run the others (a tenant that held back its other rank held a shared device up to MAX_TIMEOUT per
+# call until round 18). While nobody else waits it keeps looking: a lone job pays no slice per step.
 POLL_SECONDS = 0.005
 TRANSPORTS = ("secure", "gloo")  # --collectives: encrypted links (server/seclink.py), or plaintext gloo/NCCL
 KINDS = ("allreduce", "broadcast", "allgather", "reduce_scatter", "barrier")
@@ -208,6 +209,9 @@ class Collectives:
         self.host = "127.0.0.1"  # where this daemon's store and gloo listen and are reached by peers
         self.speed: SpeedModel | None = None  # fake GPUs' modelled link (server/speedmodel.py)
         self.transport = "secure"  # --collectives
+        # Whether another session of the device waits to run (the daemon says: server/worker.py `contend`): a
+        # waiting collective keeps the device's thread while nobody does. Until told: always (it yields).
+        self.contended: Callable[[], bool] = _always
 
     def configure(self, verify: Verifier, host: str, transport: str = "secure") -> None:
         if transport not in TRANSPORTS:
@@ -299,18 +303,20 @@ class Collectives:
     # ---- collectives ----
 
     def run(self, s: WorkerSession, msg: device_pb2.Collective) -> None:
-        """Check the call, then wait for the group and the peers in a thread of the collective's own, at most
-        `POLL_SECONDS` here: a collective still waiting stays the session's `waiting` (slices.run_slice ends the
-        slice with it unexecuted, and its next slice runs it again: this call then looks again), so the device's
-        thread serves the device's other sessions meanwhile, and nothing else of this session runs before it."""
+        """Check the call, then wait for the group and the peers in a thread of the collective's own, here in steps
+        of `POLL_SECONDS` for as long as no other session of the device waits to run (`contended`), then no longer:
+        a collective still waiting stays the session's `waiting` (slices.run_slice ends the slice with it
+        unexecuted, and its next slice runs it again: this call then looks again), so the device's thread serves
+        the device's other sessions meanwhile, and nothing else of this session runs before it."""
         pending: _Waiting | None = s.waiting
         if pending is None:
             pending = self._start(s, msg)
         elif pending.key != msg.SerializeToString():  # a session's commands run in order: the same comes again
             raise FailedPrecondition(f"collective {msg.kind} while another collective of the session waits")
-        if not pending.done.wait(POLL_SECONDS):
-            s.waiting = pending
-            return
+        while not pending.done.wait(POLL_SECONDS):
+            if self.contended():
+                s.waiting = pending
+                return
         s.waiting = None
         if pending.error is not None:
             raise pending.error
@@ -383,6 +389,10 @@ class Collectives:
         if any(r != got[0] for r in got):
             parts = "; ".join(f"rank {i}: {_describe(r)}" for i, r in enumerate(got))
             raise InvalidArgument(f"ranks disagree on a collective {msg.kind}: {parts}")
+
+
+def _always() -> bool:
+    return True
 
 
 class _Waiting:

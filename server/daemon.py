@@ -154,6 +154,14 @@ def _unreadable_by(entry: pwd.struct_passwd, path: str) -> str:
     return ""
 
 
+def _contend(entry: Entry, contended: bool) -> None:
+    """The fair queue says whether another session of the device waits while `entry`'s slice runs: its worker
+    reads it (a collective waiting for its peers keeps the device until someone does: server/collectives.py)."""
+    runner = entry.owner.runner
+    if runner is not None:
+        runner.contend(contended)
+
+
 def _drop_replies(s: FrontSession) -> None:
     """Take a closing session's unread replies off its outbox (and its count)."""
     while True:
@@ -185,6 +193,8 @@ class Daemon:
         self._token_pems = tokens.public_pems(config.token_key)
         self.metrics = Metrics(self)
         self.queues = {d.index: FairQueue(config.queue_commands, config.queue_bytes) for d in self.device_list}
+        for fq in self.queues.values():
+            fq.contend = _contend
         self.workers = [
             DeviceWorker(
                 f"gpupool-device-{d.index}",

@@ -32,6 +32,7 @@ class Entry:
         self.running = False
         self.closed = False
         self.blocked = False  # its replies are not being read: run nothing more until they are
+        self.contended = False  # while it runs: another session of the device has work queued (`FairQueue.contend`)
 
 
 class FairQueue:
@@ -44,6 +45,10 @@ class FairQueue:
         self._idle_waiters = 0  # threads in wait_idle
         self.max_commands = max_commands
         self.max_bytes = max_bytes
+        # Told, under the queue's lock, whether another session waits to run while `entry` runs: set when its
+        # slice is handed out, and again when another session's work arrives meanwhile (a collective waiting for
+        # its peers keeps the device while nobody else wants it: server/collectives.py). None: nobody listens.
+        self.contend: Callable[[Entry, bool], None] | None = None
 
     def add(self, owner: Any, share: float) -> Entry:
         entry = Entry(owner, share)
@@ -79,6 +84,7 @@ class FairQueue:
             entry.frames.append([commands, 0, nbytes])
             entry.commands += len(commands)
             entry.nbytes += nbytes
+            self._contended(entry)
             self._cond.notify_all()
             return True
 
@@ -94,6 +100,7 @@ class FairQueue:
                 self._cond.wait()
             entry = min(ready, key=lambda e: e.vtime)
             taken = self._pop(entry, max_commands)
+            self._tell(entry, len(ready) > 1)  # `ready` held it too
             self._cond.notify_all()
             return entry, taken
 
@@ -107,6 +114,7 @@ class FairQueue:
             if idle and not any(e.running for e in self._entries) and not self._ready():
                 entry.vtime = max(entry.vtime, self._vnow)  # back from idle: no banked credit
                 self._claimed = True
+                self._tell(entry, False)  # nobody else waits (`_ready` is empty)
                 if len(commands) <= max_commands:  # the usual: the whole frame is the slice (`_pop` of it, no queue)
                     self._vnow = entry.vtime
                     entry.running = True
@@ -119,6 +127,21 @@ class FairQueue:
 
     def _ready(self) -> list[Entry]:
         return [e for e in self._entries if e.commands and not e.running and not e.blocked]
+
+    def _tell(self, entry: Entry, contended: bool) -> None:
+        """Tell `contend` whether others wait while `entry`'s slice runs (holding the condition)."""
+        entry.contended = contended
+        if self.contend is not None:
+            self.contend(entry, contended)
+
+    def _contended(self, ready: Entry) -> None:
+        """`ready` may run now: a running slice of another session that was told nobody waits is told otherwise
+        (holding the condition)."""
+        if ready.running or ready.blocked:
+            return
+        for e in self._entries:
+            if e.running and not e.contended and e is not ready:
+                self._tell(e, True)
 
     def _pop(self, entry: Entry, max_commands: int) -> list[Any]:
         """Pop up to `max_commands` of the entry's commands and mark it running (holding the condition)."""
@@ -164,6 +187,8 @@ class FairQueue:
         with self._cond:
             if entry.blocked and not still():
                 entry.blocked = False
+                if entry.commands:
+                    self._contended(entry)
                 self._cond.notify_all()
 
     def charge(self, entry: Entry, seconds: float, claimed: bool = False) -> None:

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 # running (so a crash can be named), and a buffer for slices and results that fit (uploads and downloads are
 # megabytes: one memcpy each way instead of a socket's many small copies and wake-ups).
 DATA_AT = 4096
+# A byte the daemon sets while another session of the device waits to run (fairqueue.FairQueue.contend), before
+# each slice and when one arrives: a collective waiting for its peers gives the device back only then
+# (server/collectives.py).
+CONTENDED_AT = 64
 DATA_BYTES = bulk.SLICE_BYTES  # a slice of four 4 MiB upload chunks, or a download piece of four
 # Behind it, two download slots (slices.SideChunk): a bulk Get's piece is written into a free one and sent on
 # the side socket from there, while the worker writes the next piece into the other.
@@ -76,6 +80,7 @@ class Runner(Protocol):
     def alive(self, timeout: float = 1.0) -> bool: ...
     def idle(self) -> bool: ...
     def progress(self) -> int: ...
+    def contend(self, contended: bool) -> None: ...
     def close(self) -> None: ...
 
 
@@ -137,6 +142,11 @@ class InlineRunner:
 
     def __init__(self, spec: WorkerSpec) -> None:
         self._state = _SessionState(spec)
+        self._contended = True
+        self._state.executor.collectives.contended = lambda: self._contended
+
+    def contend(self, contended: bool) -> None:
+        self._contended = contended
 
     def run(self, req: SliceRequest, commands: int, parts: Sequence[memoryview] = ()) -> SliceResult:
         import torch
@@ -182,6 +192,12 @@ class ProcessRunner:
         self._poller = select.poll()
         self._poller.register(sock, select.POLLIN)
         self._stat_fd = -1
+
+    def contend(self, contended: bool) -> None:
+        try:
+            self._progress[CONTENDED_AT] = contended
+        except ValueError:  # closed meanwhile (the session ended): nobody reads it
+            pass
 
     def run(self, req: SliceRequest, commands: int, parts: Sequence[memoryview] = ()) -> SliceResult:
         if self._closed:
@@ -413,6 +429,7 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     os.close(progress_fd)
     settle_gc()
     data = memoryview(progress)[DATA_AT:SLOTS_AT]
+    state.executor.collectives.contended = lambda: progress[CONTENDED_AT] != 0
     slots = [memoryview(progress)[SLOTS_AT + k * SLOT_BYTES :][:SLOT_BYTES] for k in range(SLOTS)]
 
     # the index of the command running, for the daemon to read (a C call per command, no Python frame)

@@ -189,3 +189,33 @@ def test_a_claimed_slice_keeps_the_device_busy_for_a_drain() -> None:
     assert not q.wait_idle(0.05)
     threading.Timer(0.1, lambda: q.charge(a, 0.001, claimed=True)).start()
     assert q.wait_idle(5)
+
+
+def test_a_running_slice_is_told_whether_another_session_waits_to_run() -> None:
+    """`contend` (a collective waiting for its peers keeps the device while it says nobody waits): told at each
+    slice handed out, and once more when another session's work arrives or is unblocked while it runs."""
+    q = FairQueue()
+    told: list[tuple[str, bool]] = []
+    q.contend = lambda entry, contended: told.append((entry.owner, contended))
+    a, b = q.add("a", 0.5), q.add("b", 0.5)
+    q.put(a, ["op"] * 4, 0)
+    entry, _ = q.take(1) or (None, None)
+    assert entry is a and told == [("a", False)]  # alone
+    q.put(a, ["op"], 0)  # its own work is no other session's
+    assert told == [("a", False)]
+    q.put(b, ["op"], 0)
+    assert told == [("a", False), ("a", True)]
+    q.put(b, ["op"], 0)  # said once
+    assert told == [("a", False), ("a", True)]
+    q.done(a, [], 0.001)
+    taken = q.take(1)
+    assert taken is not None and taken[0] is b and told[-1] == ("b", True)  # a waits too
+    q.done(b, [], 0.001)
+    q.block(b, lambda: True)
+    assert q.take(8) is not None and told[-1] == ("a", False)  # b is parked: nobody else may run
+    q.unblock(b, lambda: False)
+    assert told[-1] == ("a", True)  # b may run again
+    q.done(a, [], 0.001)
+    c = q.add("c", 0.5)
+    q.remove(b)
+    assert q.put_and_claim(c, ["op"], 0, 8) == ["op"] and told[-1] == ("c", False)  # an idle device, claimed
