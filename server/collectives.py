@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import queue
 import socket
 import threading
 import time
@@ -52,7 +53,7 @@ MAX_RANKS = 1024
 DEFAULT_TIMEOUT = 30.0
 MAX_TIMEOUT = 300.0  # the longest a collective waits for its peers (group formation, each call)
 # The longest a waiting collective holds its device's thread while another session of the device waits to run: it
-# waits in a thread of its own, and each slice of its session looks for the outcome in steps this long, then lets
+# waits in its group's thread, and each slice of its session looks for the outcome in steps this long, then lets
 # the device run the others (a tenant that held back its other rank held a shared device up to MAX_TIMEOUT per
 # call until round 18). While nobody else waits it keeps looking: a lone job pays no slice per step.
 POLL_SECONDS = 0.005
@@ -81,6 +82,16 @@ class Group:
         self.store: Any = None
         self.broken: str | None = None
         self.closed = False
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] | None = None  # its collectives' thread's
+
+    def submit(self, job: Callable[[], None], name: str, threads: int) -> None:
+        """Run `job` (a collective's call and wait) in the group's thread, started at its first collective with
+        the device thread's torch settings, ended by `close` (a thread a collective cost ~0.2-0.3 ms of CPU
+        here, most of it torch's per-thread setup). The session runs one collective at a time."""
+        if self._jobs is None:
+            self._jobs = queue.SimpleQueue()
+            threading.Thread(target=_serve, args=(self._jobs, threads), name=name, daemon=True).start()
+        self._jobs.put(job)
 
     def describe(self) -> str:
         return f"rank {self.rank} of {self.size} (lease {self.lease_id})"
@@ -125,9 +136,19 @@ class Group:
     def close(self) -> None:
         self.closed = True
         self.broken = self.broken or "the session closed"
+        if self._jobs is not None:
+            self._jobs.put(None)  # its thread ends once the collective it runs (if any) has failed
         if isinstance(self.pg, seclink.SecureGroup):
             self.pg.close()
         self.pg, self.store = None, None
+
+
+def _serve(jobs: queue.SimpleQueue[Callable[[], None] | None], threads: int) -> None:
+    """A group's collectives' thread: runs its jobs in order until told to stop (None)."""
+    torch.set_grad_enabled(False)  # thread-local, as the device's thread has it
+    torch.set_num_threads(threads)  # OpenMP's team size is per thread: a new one's is every core's
+    while (job := jobs.get()) is not None:
+        job()
 
 
 def group_secret(basis: str) -> str:
@@ -303,7 +324,7 @@ class Collectives:
     # ---- collectives ----
 
     def run(self, s: WorkerSession, msg: device_pb2.Collective) -> None:
-        """Check the call, then wait for the group and the peers in a thread of the collective's own, here in steps
+        """Check the call, then wait for the group and the peers in its group's thread (`Group.submit`), here in steps
         of `POLL_SECONDS` for as long as no other session of the device waits to run (`contended`), then no longer:
         a collective still waiting stays the session's `waiting` (slices.run_slice ends the slice with it
         unexecuted, and its next slice runs it again: this call then looks again), so the device's thread serves
@@ -339,8 +360,6 @@ class Collectives:
         threads = torch.get_num_threads()
 
         def wait() -> None:
-            torch.set_grad_enabled(False)  # thread-local, as the device's thread has it
-            torch.set_num_threads(threads)  # OpenMP's team size is per thread: a new one's is every core's
             try:
                 if device.type == "cuda":  # pragma: no cover - needs real GPUs
                     with torch.cuda.device(device):
@@ -352,7 +371,7 @@ class Collectives:
             finally:
                 pending.done.set()
 
-        threading.Thread(target=wait, name=f"gpupool-collective-{s.number}", daemon=True).start()
+        group.submit(wait, f"gpupool-collective-{s.number}", threads)
         return pending
 
     def _call(self, group: Group, msg: device_pb2.Collective, tensors: list[Any], inputs: list[Any]) -> None:
