@@ -8,7 +8,8 @@ of both (sessions A0, A1) and another tenant B on A0's device.
 - stall: A0 allreduces while A1 sleeps `--delay` seconds before it calls; B downloads 4 KiB in a loop until
   A0's collective returns. Printed: B's downloads meanwhile and B's longest wait.
 - latency: A0 and A1 allreduce (sum) `--rounds` times with nobody else there, each call synced: the median time
-  of one allreduce of 1 KiB and of 4 MiB (what the waiting thread and its looks cost a collective).
+  of one allreduce of 1 KiB and of 4 MiB (what the waiting thread and its looks cost a collective), and the CPU
+  time both daemons' process trees (daemon, zygote, workers; /proc utime + stime) spent per allreduce.
 
     nice -n 10 .venv/bin/python bench/collective_wait.py --against /work/wt/base \\
         --against-python /work/wt/base/.venv/bin/python
@@ -28,10 +29,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from daemon_wire import alternate, loopback_keys, print_table, start_daemon, stop_all  # noqa: E402
+from daemon_wire import alternate, loopback_keys, print_table, start_daemon, stop_all, tree_cpu  # noqa: E402
 
 
-def measure(addresses: list[str], key: bytes, delay: float, rounds: int) -> dict[str, float]:
+def measure(addresses: list[str], pids: list[int], key: bytes, delay: float, rounds: int) -> dict[str, float]:
     import torch
     from gpupool.client.session import Session
 
@@ -65,7 +66,9 @@ def measure(addresses: list[str], key: bytes, delay: float, rounds: int) -> dict
         for label, n in (("1KiB", 256), ("4MiB", 1 << 20)):
             x0, x1 = a0.upload(torch.ones(n)), a1.upload(torch.ones(n))
             times = []
-            for _ in range(rounds + 1):
+            for k in range(rounds + 1):
+                if k == 1:  # after the first (warm-up) call
+                    cpu = sum(map(tree_cpu, pids))
                 t0 = time.perf_counter()
                 allreduce(a0, x0)
                 allreduce(a1, x1)
@@ -73,6 +76,7 @@ def measure(addresses: list[str], key: bytes, delay: float, rounds: int) -> dict
                 a1.sync()
                 times.append(time.perf_counter() - t0)
             out[f"{label}_ms"] = statistics.median(times[1:]) * 1e3
+            out[f"{label}_cpu_ms"] = (sum(map(tree_cpu, pids)) - cpu) / rounds * 1e3  # both daemons, per allreduce
         x0, x1 = a0.upload(torch.ones(4)), a1.upload(torch.ones(4))
         y = b.upload(torch.arange(1024.0))
         b.download(y)
@@ -124,7 +128,9 @@ def main() -> None:
             medians = alternate(
                 list(daemons),
                 args.repeat,
-                lambda name, i: measure([a for _, a in daemons[name]], key, args.delay, args.rounds),
+                lambda name, i: measure(
+                    [a for _, a in daemons[name]], [p.pid for p, _ in daemons[name]], key, args.delay, args.rounds
+                ),
             )
         finally:
             stop_all([proc for pair in daemons.values() for proc, _ in pair])
@@ -132,7 +138,8 @@ def main() -> None:
     print_table(
         medians,
         [("B downloads", "b_downloads", ".0f"), ("B max ms", "b_max_ms", ".0f"), ("1 KiB ms", "1KiB_ms", ".2f"),
-         ("4 MiB ms", "4MiB_ms", ".2f")],
+         ("4 MiB ms", "4MiB_ms", ".2f"), ("1 KiB CPU ms", "1KiB_cpu_ms", ".2f"),
+         ("4 MiB CPU ms", "4MiB_cpu_ms", ".2f")],
     )  # fmt: skip
 
 
