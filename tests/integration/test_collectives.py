@@ -211,19 +211,24 @@ def test_a_waiting_collective_leaves_other_devices_sessions_alone(daemon_factory
         s.close()
 
 
-@pytest.mark.parametrize("transport", ["secure", "gloo"])
-def test_a_waiting_collective_leaves_its_own_devices_other_sessions_alone(daemon_factory, transport: str) -> None:  # type: ignore[no-untyped-def]
-    """A tenant holding both ranks holds back rank 1: rank 0's collective waits for it (up to the group's
-    timeout, 300 s at most, every call). It held its device's thread all that time, so another tenant's session
-    on the same device got nothing done (round 17). The collective now waits in a thread of its own: the other
-    tenant's ops are served while it waits, and it completes, correct, once rank 1 calls."""
+def two_ranks(daemon_factory, transport: str) -> tuple[list[DaemonHandle], list[str], list[Session]]:  # type: ignore[no-untyped-def]
+    """Two daemons (two hosts) on `transport`, and a session on each of one lease (not joined yet)."""
     lease = uuid.uuid4().hex
     daemons = [
         daemon_factory(host_id=f"host-{i}", fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport)
         for i in range(2)
     ]
     tokens = [d.token(lease_id=lease, network=True) for d in daemons]
-    s0, s1 = (Session.attach(d.address, t) for d, t in zip(daemons, tokens, strict=True))
+    return daemons, tokens, [Session.attach(d.address, t) for d, t in zip(daemons, tokens, strict=True)]
+
+
+@pytest.mark.parametrize("transport", ["secure", "gloo"])
+def test_a_waiting_collective_leaves_its_own_devices_other_sessions_alone(daemon_factory, transport: str) -> None:  # type: ignore[no-untyped-def]
+    """A tenant holding both ranks holds back rank 1: rank 0's collective waits for it (up to the group's
+    timeout, 300 s at most, every call). It held its device's thread all that time, so another tenant's session
+    on the same device got nothing done (round 17). The collective now waits in its group's thread: the other
+    tenant's ops are served while it waits, and it completes, correct, once rank 1 calls."""
+    daemons, tokens, (s0, s1) = two_ranks(daemon_factory, transport)
     other = Session.attach(daemons[0].address, daemons[0].token(tenant="other"))  # device 0 of host-0, as s0
     join_all([s0, s1], tokens, timeout=60.0)
     h0, h1 = s0.upload(torch.ones(4)), s1.upload(torch.full((4,), 2.0))
@@ -267,13 +272,7 @@ def test_a_lone_waiting_collective_keeps_its_device_in_one_slice(daemon_factory,
     end its slice every 5 ms (POLL_SECONDS) for nobody, paying a slice round trip through the daemon each time
     (round 18's first version: ~200 slices a second). Counted in the daemon's slice histogram, not timed: rank 1
     calls a second late, and rank 0's device runs a handful of slices in all, not one per look."""
-    lease = uuid.uuid4().hex
-    daemons = [
-        daemon_factory(host_id=f"host-{i}", fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport)
-        for i in range(2)
-    ]
-    tokens = [d.token(lease_id=lease, network=True) for d in daemons]
-    s0, s1 = (Session.attach(d.address, t) for d, t in zip(daemons, tokens, strict=True))
+    daemons, tokens, (s0, s1) = two_ranks(daemon_factory, transport)
     join_all([s0, s1], tokens, timeout=60.0)
     h0, h1 = s0.upload(torch.ones(4)), s1.upload(torch.full((4,), 2.0))
     s0.sync()
