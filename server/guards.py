@@ -180,12 +180,11 @@ _VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {
     "aten::_embedding_bag_backward": _embedding_bag_dense_backward,
     "aten::_embedding_bag_per_sample_weights_backward": _embedding_bag_per_sample_weights_backward,
 }
-# Guards that need the overload's schema (its argument names): the fused optimizers' lists.
+# Guards that need the overload's schema (its argument names): the fused optimizers' lists, in place and in their
+# functional and out= forms (`_fused_adam`, `_fused_adam.out`, ...: the same kernel on clones of the lists they
+# write, reading the others -- a one-element grad -- as the in-place form does; an `out` list must match too).
 _SCHEMA_VALIDATORS: dict[str, Callable[[Args, Kwargs, Any], None]] = {
-    "aten::_fused_adam_": _fused_optimizer,
-    "aten::_fused_adamw_": _fused_optimizer,
-    "aten::_fused_sgd_": _fused_optimizer,
-    "aten::_fused_adagrad_": _fused_optimizer,
+    f"aten::_fused_{name}{form}": _fused_optimizer for name in ("adam", "adamw", "sgd", "adagrad") for form in ("_", "")
 }
 
 

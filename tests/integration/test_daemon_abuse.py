@@ -240,6 +240,8 @@ def test_kernels_that_trust_their_inputs_are_checked(served: DaemonHandle, bad: 
         ("aten::_fused_adam_.tensor_lr", [[big], [big], [big], [big], [], [step]], dict(lr=big, **adam)),
         ("aten::_fused_adam_.default", [[big], [big], [big], [big], [], [step]],
          dict(lr=0.1, found_inf=Handle(bad.upload(torch.zeros(0))), **adam)),
+        # the functional form runs the same kernel on clones of the lists it writes: the grad was read past
+        ("aten::_fused_adam.default", [[big], [one], [big], [big], [], [step]], dict(lr=0.1, **adam)),
     ]  # fmt: skip
     for name, args, kwargs in cases:
         bad.call(name, *args, outputs=0, **kwargs)

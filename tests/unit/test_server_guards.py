@@ -85,6 +85,34 @@ def test_lists_the_kernel_would_walk_out_of_bounds_are_refused(case: Any, match:
         guards.validate(torch.ops.aten._fused_adam_.default, args, kwargs, FAKE_GPU_FLOPS)
 
 
+@pytest.mark.parametrize(
+    "op",
+    [
+        torch.ops.aten._fused_adam.default,
+        torch.ops.aten._fused_adam.out,
+        torch.ops.aten._fused_adamw.default,
+        torch.ops.aten._fused_adamw.tensor_lr_out,
+    ],
+    ids=str,
+)
+def test_the_functional_and_out_forms_are_guarded_as_the_in_place_one(op: Any) -> None:
+    """`_fused_adam` (no underscore) runs the in-place kernel on clones of the lists it writes: a one-element grad
+    was read 999 floats past its storage (the worker's heap came back in exp_avg)."""
+    args, kwargs = _adam_args(g=torch.ones(1))
+    if "tensor_lr" in str(op):
+        kwargs["lr"] = torch.tensor(0.1)
+    if str(op).endswith("out"):
+        kwargs["out"] = [torch.zeros(1000)]
+    with pytest.raises(InvalidArgument, match="must match its parameter"):
+        guards.validate(op, args, kwargs, FAKE_GPU_FLOPS)
+    args, _ = _adam_args()
+    guards.validate(op, args, kwargs, FAKE_GPU_FLOPS)  # honest lists pass
+    if str(op).endswith("out"):
+        kwargs["out"] = [torch.zeros(1)]
+        with pytest.raises(InvalidArgument, match="out\\[0\\]"):
+            guards.validate(op, args, kwargs, FAKE_GPU_FLOPS)
+
+
 def test_a_tensor_lr_must_be_one_number() -> None:
     args, kwargs = _adam_args()
     kwargs["lr"] = torch.zeros(3)
