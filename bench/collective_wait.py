@@ -29,7 +29,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from daemon_wire import alternate, loopback_keys, print_table, start_daemon, stop_all, tree_cpu  # noqa: E402
+from daemon_wire import (  # noqa: E402
+    alternate,
+    downloads_while,
+    loopback_keys,
+    print_table,
+    start_daemon,
+    stop_all,
+    tree_cpu,
+)
 
 
 def measure(addresses: list[str], pids: list[int], key: bytes, delay: float, rounds: int) -> dict[str, float]:
@@ -80,23 +88,14 @@ def measure(addresses: list[str], pids: list[int], key: bytes, delay: float, rou
         x0, x1 = a0.upload(torch.ones(4)), a1.upload(torch.ones(4))
         y = b.upload(torch.arange(1024.0))
         b.download(y)
-        done = threading.Event()
+        late = threading.Timer(delay, lambda: (allreduce(a1, x1), a1.sync()))
 
         def wait() -> None:
+            late.start()
             allreduce(a0, x0)
             a0.sync()
-            done.set()
 
-        t = threading.Thread(target=wait, daemon=True)
-        t.start()
-        late = threading.Timer(delay, lambda: (allreduce(a1, x1), a1.sync()))
-        late.start()
-        waits: list[float] = []
-        while not done.is_set():
-            t0 = time.perf_counter()
-            b.download(y)
-            waits.append(time.perf_counter() - t0)
-        t.join()
+        waits = downloads_while(wait, b, y)
         late.join()
         out["b_downloads"] = len(waits)
         out["b_max_ms"] = max(waits) * 1e3

@@ -739,6 +739,28 @@ def alternate(
     return {name: {k: statistics.median(r[k] for r in got) for k in got[0]} for name, got in runs.items()}
 
 
+def downloads_while(action: Callable[[], None], b: Any, handle: Any) -> list[float]:
+    """Run `action` (another tenant's long command, to its sync) in a thread, and meanwhile time session `b`'s
+    downloads of `handle` one after the other until it returns: the seconds each download took."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            action()
+        finally:
+            done.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    waits: list[float] = []
+    while not done.is_set():
+        t0 = time.perf_counter()
+        b.download(handle)
+        waits.append(time.perf_counter() - t0)
+    t.join()
+    return waits
+
+
 def stop_all(procs: list[subprocess.Popen[str]]) -> None:
     for proc in procs:
         proc.terminate()

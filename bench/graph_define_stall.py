@@ -15,13 +15,12 @@ import argparse
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from daemon_wire import alternate, loopback_keys, print_table, start_daemon, stop_all  # noqa: E402
+from daemon_wire import alternate, downloads_while, loopback_keys, print_table, start_daemon, stop_all  # noqa: E402
 
 
 def stall(address: str, key: bytes, ops: int, name: str) -> dict[str, float]:
@@ -45,7 +44,6 @@ def stall(address: str, key: bytes, ops: int, name: str) -> dict[str, float]:
     with Session.attach(address, token("definer")) as a, Session.attach(address, token("other")) as b:
         h = b.upload(torch.arange(1024.0))
         b.download(h)
-        done = threading.Event()
         took = [0.0]
 
         def define() -> None:
@@ -53,16 +51,8 @@ def stall(address: str, key: bytes, ops: int, name: str) -> dict[str, float]:
             a.define_graph(big)
             a.sync()
             took[0] = time.perf_counter() - t0
-            done.set()
 
-        t = threading.Thread(target=define, daemon=True)
-        t.start()
-        waits: list[float] = []
-        while not done.is_set():
-            t0 = time.perf_counter()
-            b.download(h)
-            waits.append(time.perf_counter() - t0)
-        t.join()
+        waits = downloads_while(define, b, h)
     return {"define_s": took[0], "downloads": len(waits), "median_ms": statistics.median(waits) * 1e3,
             "max_ms": max(waits) * 1e3}  # fmt: skip
 
