@@ -97,9 +97,9 @@ class OpPlan:
 # In-place ops that write values only, never a tensor's sizes, strides or storage (besides the pointwise ones); the
 # fused optimizers write their lists' elements in place (through data pointers their guard checked: server/guards.py).
 _VALUES_ONLY = frozenset(
-    {"aten::copy_", "aten::zero_", "aten::fill_", "aten::bernoulli_", "aten::normal_", "aten::uniform_",
-     "aten::_fused_adam_", "aten::_fused_adamw_", "aten::_fused_sgd_", "aten::_fused_adagrad_"}
-)  # fmt: skip
+    {"aten::copy_", "aten::zero_", "aten::fill_", "aten::bernoulli_", "aten::normal_", "aten::uniform_"}
+    | {f"aten::_fused_{name}_" for name in guards.FUSED_OPTIMIZERS}
+)
 
 
 def _keeps_meta(op: torch._ops.OpOverload) -> bool:

@@ -183,8 +183,9 @@ _VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {
 # Guards that need the overload's schema (its argument names): the fused optimizers' lists, in place and in their
 # functional and out= forms (`_fused_adam`, `_fused_adam.out`, ...: the same kernel on clones of the lists they
 # write, reading the others -- a one-element grad -- as the in-place form does; an `out` list must match too).
+FUSED_OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad")  # torch's CPU fused optimizers: aten::_fused_NAME_ and forms
 _SCHEMA_VALIDATORS: dict[str, Callable[[Args, Kwargs, Any], None]] = {
-    f"aten::_fused_{name}{form}": _fused_optimizer for name in ("adam", "adamw", "sgd", "adagrad") for form in ("_", "")
+    f"aten::_fused_{name}{form}": _fused_optimizer for name in FUSED_OPTIMIZERS for form in ("_", "")
 }
 
 
