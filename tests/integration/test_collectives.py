@@ -336,10 +336,10 @@ def test_ranks_holding_differently_renewed_tokens_form_one_group(daemon_factory,
 def test_abandoned_collectives_end_with_their_sessions(daemon_factory, transport: str, isolation: str) -> None:  # type: ignore[no-untyped-def]
     """--isolation thread (sessions in the daemon's process; in its own worker process, the default, a session's
     collective ends with the process, killed at close: checked too): sessions join groups whose rank 1 never
-    comes, start a collective (it waits for the group to form, keeping the device while nobody else waits) and close. The
-    closed session had left the fair queue, so it was never told that others waited: its collective kept the
-    device, every other session of it waiting, for the group's timeout (60 s here, 300 s at most), and its
-    thread then waited out the timeout again holding the session's tensors. Both end with the session now."""
+    comes, start a collective (it waits for the group to form, keeping the device while nobody else waits) and
+    close. The closed session had left the fair queue, so it was never told that others waited: its collective
+    kept the device, every other session of it waiting, for the group's timeout (60 s here, 300 s at most), and
+    its thread then waited out the timeout again holding the session's tensors. Both end with the session now."""
     daemon = daemon_factory(fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport, isolation=isolation)
     other = Session.attach(daemon.address, daemon.token(tenant="other"))
 
