@@ -81,6 +81,9 @@ class NullRunner:
     def progress(self) -> int:
         return 0
 
+    def contend(self, contended: bool) -> None:  # the fair queue's word to a worker (a byte of shared memory)
+        pass
+
     def close(self) -> None:
         pass
 

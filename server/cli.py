@@ -100,6 +100,15 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
     )
     add_flag(
         p,
+        "--worker-gpu-margin",
+        type=size_arg,
+        default=None,
+        help="on a real GPU, bytes a session worker's CUDA caching allocator may hold beyond the session's quota "
+        "(composite ops' temporaries, the allocator's rounding); past it an allocation is that session's out of "
+        "memory (default: an eighth of the quota plus 256MiB; a margin reaching the device's size: no cap)",
+    )
+    add_flag(
+        p,
         "--worker-user",
         default="nobody",
         help="when run as root, session workers drop to this unprivileged user (after their sandbox setup); "
@@ -176,6 +185,7 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
         max_unread_bytes=args.max_unread_bytes,
         max_op_flops=int(args.max_op_flops),
         worker_memory=args.worker_memory,
+        worker_gpu_margin=-1 if args.worker_gpu_margin is None else args.worker_gpu_margin,
         worker_user=args.worker_user,
         seccomp=args.seccomp,
         worker_network=args.worker_network,

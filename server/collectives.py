@@ -136,6 +136,7 @@ class Group:
     def close(self) -> None:
         self.closed = True
         self.broken = self.broken or "the session closed"
+        self.ready.set()  # a collective waiting for the group to form fails now, not at the group's timeout
         if self._jobs is not None:
             self._jobs.put(None)  # its thread ends once the collective it runs (if any) has failed
         if isinstance(self.pg, seclink.SecureGroup):

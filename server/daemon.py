@@ -100,6 +100,9 @@ class DaemonConfig:
     # RLIMIT_DATA of a worker beyond what it holds at birth: 0 = the quota (fake GPUs hold tensors in host RAM)
     # plus 1 GiB of headroom, or 4 GiB on real GPUs.
     worker_memory: int = 0
+    # Real GPUs: bytes a worker's CUDA caching allocator may hold beyond the session's quota (server/worker.py
+    # `cap_gpu_memory`); -1: an eighth of the quota plus 256 MiB.
+    worker_gpu_margin: int = -1
     # When started as root, run workers as this unprivileged user; KEEP_USER (an explicit opt-out) keeps root.
     worker_user: str = "nobody"
     seccomp: bool = True
@@ -307,6 +310,7 @@ class Daemon:
             peer_host=(c.advertise or c.listen).rpartition(":")[0].strip("[]"),
             token_keys=tuple(self._token_pems),
             speed=(c.fake_speed.tflops, c.fake_speed.gbps, c.fake_speed.link_gbps),
+            gpu_margin=c.worker_gpu_margin,
         )
         if self.zygote is None:
             return InlineRunner(spec)

@@ -26,7 +26,7 @@ from . import bulk, checks, cost, guards, native_runner, runs, sizing, templates
 from .collectives import Collectives
 from .graph import GraphTable
 from .ops import OpTable
-from .sessions import HANDLE_BITS, Poison, PoisonedInput, WorkerSession, zero_bytes
+from .sessions import HANDLE_BITS, Poison, PoisonedInput, WorkerSession, out_of_memory, zero_bytes
 from .sizing import NO_META, MetaSizer
 from .slices import SideChunk, eager_records, mark_word
 from .speedmodel import SpeedModel
@@ -144,7 +144,7 @@ class CommandExecutor:
             self._fail(s, cmd, exc.poison, reply)
         elif isinstance(exc, GpupoolError):
             self._fail(s, cmd, Poison.of(exc, self._what(s, cmd)), reply)
-        elif isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        elif out_of_memory(exc):
             err = Poison(StatusCode.RESOURCE_EXHAUSTED, self._what(s, cmd), f"device out of memory: {exc}")
             self._fail(s, cmd, err, reply)
         elif isinstance(exc, RuntimeError | TypeError | ValueError | IndexError | OverflowError):

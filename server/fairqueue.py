@@ -65,6 +65,9 @@ class FairQueue:
             entry.commands = entry.nbytes = 0
             if entry in self._entries:
                 self._entries.remove(entry)
+            if entry.running and not entry.contended:  # a slice told nobody waits (a collective waiting for its
+                # peers keeps the device then) would not hear of others any more: it ends, the session is closing
+                self._tell(entry, True)
             self._cond.notify_all()
 
     def put(self, entry: Entry, commands: list[Any], nbytes: int) -> bool:

@@ -33,7 +33,7 @@ from gpupool.errors import GpupoolError, InvalidArgument, NotFound, ResourceExha
 
 from . import graph_trace, slices
 from .graph_build import GATHER, ONE, Graph, Host, building, flat
-from .sessions import Poison, WorkerSession, zero_bytes
+from .sessions import Poison, WorkerSession, out_of_memory, zero_bytes
 
 log = logging.getLogger(__name__)
 
@@ -328,9 +328,11 @@ def execute(g: Graph, slots: list[Any]) -> None:
                 slots[slot] = None
     except GpupoolError as exc:
         raise type(exc)(f"graph {g.graph_id} op {i} ({g.calls[i].name}): {exc.message}") from None
-    except (torch.OutOfMemoryError, MemoryError) as exc:
-        raise ResourceExhausted(f"graph {g.graph_id} op {i} ({g.calls[i].name}): device out of memory: {exc}") from None
-    except (RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
+    except (RuntimeError, TypeError, ValueError, IndexError, OverflowError, MemoryError) as exc:
+        if out_of_memory(exc):
+            raise ResourceExhausted(
+                f"graph {g.graph_id} op {i} ({g.calls[i].name}): device out of memory: {exc}"
+            ) from None
         raise InvalidArgument(f"graph {g.graph_id} op {i} ({g.calls[i].name}): {str(exc)[:300]}") from None
 
 

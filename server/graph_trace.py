@@ -39,6 +39,7 @@ from gpupool.errors import InvalidArgument, ResourceExhausted
 
 from . import guards, opargs
 from .graph_build import Graph, Host
+from .sessions import out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -224,9 +225,9 @@ class Traced:
             host._seeded(s, _nothing, [], {})  # the device's generator holds this session's stream
         try:
             out = self.fn(*self.args(slots))
-        except (torch.OutOfMemoryError, MemoryError) as exc:
-            raise ResourceExhausted(f"graph {g.graph_id}: device out of memory: {exc}") from None
-        except (RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
+        except (RuntimeError, TypeError, ValueError, IndexError, OverflowError, MemoryError) as exc:
+            if out_of_memory(exc):
+                raise ResourceExhausted(f"graph {g.graph_id}: device out of memory: {exc}") from None
             raise InvalidArgument(f"graph {g.graph_id}: {_reason(exc)}") from None
         for slot, value in zip(self.kept, out, strict=True):
             slots[slot] = value

@@ -350,6 +350,18 @@ class WorkerSession:
             self.uploads.clear()
 
 
+_CPU_OOM = "DefaultCPUAllocator: can't allocate memory"
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation that failed: CUDA's caching allocator past the device or the worker's cap
+    (torch.OutOfMemoryError), Python's, or torch's CPU allocator's (a plain RuntimeError: a fake GPU's worker
+    past its RLIMIT_DATA), all the session's own RESOURCE_EXHAUSTED."""
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
+        isinstance(exc, RuntimeError) and _CPU_OOM in str(exc)
+    )
+
+
 def zero_bytes(storage: torch.UntypedStorage, start: int, end: int) -> None:
     """Zero bytes [start, end) of a storage: allocators hand out memory freed by other sessions as it was."""
     view = torch.empty(0, dtype=torch.uint8, device=storage.device)

@@ -94,8 +94,9 @@ def split_frame(raw: bytes, max_commands: int, bulk: list[int] | None = None) ->
         else:
             kind = _field_number(raw, i, end)
         i = end
-        if kind == 0:
-            continue
+        if kind == 0:  # a first tag of field 0, or overlong: protobuf refuses it (it was dropped unread, and a big
+            # frame of canonical uploads is not parsed by protobuf: the rest of it ran)
+            raise InvalidArgument(f"malformed ClientFrame: the command at byte {start} starts with no valid field tag")
         if not left:
             raise ResourceExhausted(f"a frame of more than {max_commands} commands (the limit); send smaller frames")
         if kind in _BULK_KINDS:

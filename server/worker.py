@@ -67,6 +67,53 @@ class WorkerSpec:
     collectives: str = "secure"  # their transport (--collectives): "secure" (server/seclink.py) or "gloo"
     token_keys: tuple[str, ...] = ()  # PEM public keys: collectives verify the tokens of a job's other ranks
     speed: tuple[float, float, float] = (0.0, 0.0, 0.0)  # fake GPUs' speed model (tflops, gbps, link_gbps)
+    gpu_margin: int = -1  # real GPUs: bytes the CUDA allocator may hold beyond the quota (-1: `gpu_margin`)
+
+
+# ---- the worker's CUDA memory cap ----
+#
+# The daemon admits a session's tensors against its quota (the lease's share of the device), but on a real GPU
+# what a kernel allocates for itself never reaches that accounting: composite ops' temporaries (mvlgamma's
+# per-element arange, cdist's and linalg's workspaces, sorts' buffers) and the caching allocator's rounding. So
+# each session's worker (its own process) caps its CUDA caching allocator at the quota plus a margin
+# (torch.cuda.set_per_process_memory_fraction): past it an allocation fails as that tenant's out-of-memory
+# (RESOURCE_EXHAUSTED to its client), and the device's other sessions and the daemon never see it.
+GPU_MARGIN_FLOOR = 256 * 1024 * 1024
+
+
+def gpu_margin(quota: int) -> int:
+    """The default margin over a session's quota (--worker-gpu-margin 0): an eighth of the quota plus 256 MiB,
+    room for the caching allocator's block rounding and an honest step's cuBLAS workspaces and temporaries."""
+    return max(0, quota) // 8 + GPU_MARGIN_FLOOR
+
+
+def gpu_memory_fraction(quota: int, capacity: int, margin: int) -> float | None:
+    """The fraction of the device's memory (`capacity` bytes) the session's CUDA caching allocator may hold:
+    (quota + margin) / capacity; None for no cap (a whole-device quota, a margin that reaches the capacity, an
+    unknown capacity or quota)."""
+    if capacity <= 0 or quota <= 0:
+        return None
+    fraction = (quota + max(0, margin)) / capacity
+    return fraction if fraction < 1.0 else None
+
+
+def cap_gpu_memory(
+    device: Device, quota: int, margin: int, apply: Callable[[float, Any], None] | None = None
+) -> float | None:
+    """Cap this process's CUDA caching allocator on `device` (`gpu_memory_fraction`); returns the fraction set,
+    or None where nothing was done: fake GPUs and the CPU are left untouched (torch.cuda is never called).
+    `apply`: what sets it (torch.cuda.set_per_process_memory_fraction)."""
+    if device.fake or device.torch_device.type != "cuda":
+        return None
+    fraction = gpu_memory_fraction(quota, device.capacity, margin)
+    if fraction is None:
+        return None
+    if apply is None:
+        import torch
+
+        apply = torch.cuda.set_per_process_memory_fraction
+    apply(fraction, device.torch_device)
+    return fraction
 
 
 class WorkerDied(Exception):
@@ -421,6 +468,9 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     state = _SessionState(spec)  # on a real GPU this creates the worker's own CUDA context
     state.executor.exclusive_rng = True  # this process serves one session: its generator holds the session's stream
     if not state.device.fake:
+        margin = spec.gpu_margin if spec.gpu_margin >= 0 else gpu_margin(spec.quota)
+        capped = cap_gpu_memory(state.device, spec.quota, margin)
+        log.debug("session %d worker %d: CUDA allocator cap %s of the device", spec.number, os.getpid(), capped)
         _warm_cuda(state.device)
     limit = spec.memory_limit and _vm_data() + spec.memory_limit
     report = sandbox.apply(limit, user=spec.user, seccomp=spec.seccomp, network=spec.network)

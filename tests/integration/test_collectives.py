@@ -330,3 +330,42 @@ def test_ranks_holding_differently_renewed_tokens_form_one_group(daemon_factory,
     finally:
         for s in sessions:
             s.close()
+
+
+@pytest.mark.parametrize(("transport", "isolation"), [("secure", "thread"), ("gloo", "thread"), ("secure", "process")])
+def test_abandoned_collectives_end_with_their_sessions(daemon_factory, transport: str, isolation: str) -> None:  # type: ignore[no-untyped-def]
+    """--isolation thread (sessions in the daemon's process; in its own worker process, the default, a session's
+    collective ends with the process, killed at close: checked too): sessions join groups whose rank 1 never
+    comes, start a collective (it waits for the group to form, keeping the device while nobody else waits) and
+    close. The closed session had left the fair queue, so it was never told that others waited: its collective
+    kept the device, every other session of it waiting, for the group's timeout (60 s here, 300 s at most), and
+    its thread then waited out the timeout again holding the session's tensors. Both end with the session now."""
+    daemon = daemon_factory(fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport, isolation=isolation)
+    other = Session.attach(daemon.address, daemon.token(tenant="other"))
+
+    def collective_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("gpupool-collective-")}
+
+    before = collective_threads()
+    started = time.monotonic()
+    for _ in range(3):
+        lease = uuid.uuid4().hex
+        tokens = [daemon.token(lease_id=lease, network=True), daemon.token(lease_id=lease, host="absent-host")]
+        s = Session.attach(daemon.address, tokens[0])
+        h = s.new_handle()
+        join = device_pb2.GroupJoin(rank=0, size=2, tokens=tokens, port_handle=h, timeout_seconds=60.0)
+        s.command(device_pb2.Command(group_join=join))
+        s.sync([h])
+        collective(s, "allreduce", [s.upload(torch.ones(4))], op="sum")
+        time.sleep(0.2)  # its slice waits in the collective
+        s.close()
+        x = other.upload(torch.arange(3.0))  # another tenant of the device is served
+        assert other.download(x).tolist() == [0.0, 1.0, 2.0]
+    elapsed = time.monotonic() - started
+    assert elapsed < 30, f"the device was held {elapsed:.0f} s by closed sessions' collectives"
+    deadline = time.monotonic() + 10
+    while collective_threads() - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = collective_threads() - before
+    assert not left, f"{len(left)} collectives' threads outlived their sessions"
+    other.close()

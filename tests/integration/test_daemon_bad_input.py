@@ -175,6 +175,18 @@ def test_malformed_frame(daemon: Any, healthy: Healthy) -> None:
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in (err.details() or "")
 
 
+def test_a_command_without_a_field_tag_in_a_frame_of_big_uploads(daemon: Any, healthy: Healthy) -> None:
+    """A frame of big canonical uploads is not parsed by protobuf at the reader (server/bulk.py): split_frame's
+    reading decides. A command whose first tag is field 0 (invalid protobuf) was dropped unread and the rest of
+    the frame ran; the frame is malformed, as protobuf would say."""
+    meta = tensor_pb2.TensorMeta(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[MiB // 4])
+    up = device_pb2.Upload(handle=1, meta=meta, data=b"\0" * MiB, last=True)
+    uploads = device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString()
+    garbage = b"\x0a\x05\x04\x32\x02\x08\x03"  # a command of 5 bytes whose first tag is field 0, wire type 4
+    err = _raw_stream(daemon, [uploads + garbage + uploads])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "no valid field tag" in (err.details() or "")
+
+
 def test_truncated_frame(daemon: Any, healthy: Healthy) -> None:
     op = device_pb2.Op(name="aten::add.Tensor", args=[tensor_pb2.Arg(i=1)] * 20, outputs=[5])
     whole = device_pb2.ClientFrame(commands=[device_pb2.Command(op=op)]).SerializeToString()

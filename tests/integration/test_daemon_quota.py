@@ -124,3 +124,27 @@ def test_in_place_resize_is_accounted(daemon: Any) -> None:
         with pytest.raises(errors.ResourceExhausted):
             s.sync()
         assert used_bytes(daemon.address, s) == 512 * KiB
+
+
+@pytest.mark.parametrize("gpu", ["fake", "cuda"])
+def test_temporaries_past_the_quota_are_that_tenants_out_of_memory(daemon_factory: Any, gpu: str) -> None:
+    """A composite op's temporaries never reach the daemon's accounting: mvlgamma(x, p) adds an arange of p
+    values to every element, p times the input's bytes (here 2 GiB behind a 4 MiB output, on a 64 MiB quota).
+    The session's worker is capped where its memory lives (fake GPU: host memory, RLIMIT_DATA of the quota plus
+    1 GiB; real GPU: its CUDA caching allocator at the quota plus a margin, server/worker.py `cap_gpu_memory`):
+    the op fails as RESOURCE_EXHAUSTED for that tenant, another tenant of the device is served throughout, and
+    the tenant's session goes on. (No GPU was lent where this was written: the "cuda" case ran only as a skip.)"""
+    if gpu == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    daemon = daemon_factory(fake_gpus=1 if gpu == "fake" else 0, fake_gpu_memory=256 * MiB)
+    from support import Healthy
+
+    healthy = Healthy(daemon.address, daemon.token(tenant="healthy"))
+    with Session.attach(daemon.address, daemon.token(tenant="greedy", quota_bytes=64 * MiB)) as s:
+        x = Handle(s.upload(torch.full((2**19,), 1000.0)))  # 2 MiB
+        [y] = s.call("aten::mvlgamma.default", x, 1024)  # a 2 GiB temporary
+        with pytest.raises(errors.ResourceExhausted, match="out of memory"):
+            s.sync()
+        [z] = s.call("aten::mvlgamma.default", Handle(s.upload(torch.tensor([1000.0]))), 4)
+        assert torch.allclose(s.download(z), torch.mvlgamma(torch.tensor([1000.0]), 4))
+    healthy.check()

@@ -120,3 +120,100 @@ def test_a_tensor_lr_must_be_one_number() -> None:
         guards.validate(torch.ops.aten._fused_adam_.tensor_lr, args, kwargs, FAKE_GPU_FLOPS)
     kwargs["lr"] = torch.tensor(0.1)
     guards.validate(torch.ops.aten._fused_adam_.tensor_lr, args, kwargs, FAKE_GPU_FLOPS)
+
+
+def test_what_the_fused_optimizers_guard_lets_through_stays_in_its_tensors() -> None:
+    """Round 19's hostile read of the guard: random calls of every fused optimizer overload (lists of other
+    lengths, 0-dim, empty, expanded and transposed tensors, other dtypes, a parameter twice, the same tensor as
+    parameter and grad or exp_avg, one-element or wrong-sized steps, lr, grad_scale, found_inf), all of them views
+    of one sentinel buffer. Whatever the guard lets through and torch's kernel then runs writes nothing of the
+    buffer outside the calls' own tensors (aliasing among them is the caller's own memory, updated in place)."""
+    import random
+
+    from gpupool import metas
+    from gpupool.errors import GpupoolError
+
+    metas.register()
+    aten = torch.ops.aten
+    rng = random.Random(19)
+    overloads = [
+        getattr(getattr(aten, f"_fused_{name}{form}"), overload)
+        for name in guards.FUSED_OPTIMIZERS
+        for form, overloads_ in (("_", ("default", "tensor_lr")), ("", ("default", "out", "tensor_lr_out")))
+        for overload in overloads_
+    ]
+    buf = torch.full((4096,), 12345.0)
+    others = {dt: torch.full((4096,), 7.0, dtype=dt) for dt in (torch.float64, torch.float16, torch.int64)}
+
+    def carve(shape: list[int], dtype: torch.dtype = torch.float32, expanded: bool = False) -> torch.Tensor:
+        base = buf if dtype == torch.float32 else others[dtype]
+        stride = [0] * len(shape) if expanded else [int(torch.tensor(shape[k + 1 :]).prod()) for k in range(len(shape))]
+        return torch.as_strided(base, shape, stride, rng.randrange(200))
+
+    def anything() -> torch.Tensor:
+        shape = rng.choice([[4], [2, 3], [1], [], [0], [3, 1]])
+        dtype = rng.choice([torch.float32] * 6 + [torch.float64, torch.float16, torch.int64])
+        if rng.random() < 0.15 and len(shape) == 2:
+            return carve(shape[::-1], dtype).t()
+        return carve(shape, dtype, expanded=rng.random() < 0.1)
+
+    ran = refused = 0
+    for _ in range(2500):
+        op = rng.choice(overloads)
+        k, shape = rng.randint(1, 3), rng.choice([[4], [2, 3], [1], [], [0]])
+        wide = rng.random() < 0.05  # expanded parameters, and lists that match them
+        params = [carve(shape, expanded=wide) for _ in range(k)]
+        if rng.random() < 0.2:
+            params[-1] = params[0]
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        for spec in op._schema.arguments:
+            kind = str(spec.type)
+            v: Any = None
+            if spec.name == "self":
+                v = params
+            elif kind == "List[Tensor]":
+                m = k if rng.random() < 0.93 else rng.choice([k - 1, k + 1, 0])
+                if spec.name == "state_steps":
+                    v = [rng.choice([carve([]), carve([1]), anything()]) for _ in range(m)]
+                else:  # mostly the parameter's shape (expanded when it is), else anything, or a parameter itself
+                    how = rng.choices(["like", "expanded", "anything", "first", "last"], [12, 1, 1, 1, 1], k=m)
+                    v = [
+                        params[0] if h == "first" else params[-1] if h == "last" else anything()
+                        if h == "anything" else carve(shape, expanded=wide or h == "expanded")
+                        for h in how
+                    ]  # fmt: skip
+            elif "Tensor" in kind:
+                v = rng.choice([carve([]), carve([1]), anything(), carve([], torch.float64)])
+                if "Optional" in kind and rng.random() < 0.4:
+                    v = None
+            elif kind == "float":
+                v = rng.choice([0.1, 0.0, -1.0, float("nan"), 1e30])
+            elif kind == "bool":
+                v = rng.random() < 0.5
+            if spec.kwarg_only:
+                kwargs[spec.name] = v
+            else:
+                args.append(v)
+        try:
+            guards.validate(op, args, kwargs, 10**9)
+        except GpupoolError:
+            refused += 1
+            continue
+        mine = torch.zeros(4096, dtype=torch.bool)
+        for t in [*args, *kwargs.values()]:
+            for x in t if isinstance(t, list) else [t]:
+                if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr():
+                    mine[torch.as_strided(torch.arange(4096), x.shape, x.stride(), x.storage_offset()).reshape(-1)] = (
+                        True
+                    )
+        before = buf.clone()
+        try:
+            op(*args, **kwargs)
+            ran += 1
+        except RuntimeError:  # torch's own checks (dtypes, list lengths it checks itself)
+            pass
+        changed = (buf != before) & ~(buf.isnan() & before.isnan())
+        assert not (changed & ~mine).any(), (op, [(t.shape, t.stride()) for t in params])
+        buf.copy_(before)
+    assert ran > 150 and refused > 1000, (ran, refused)

@@ -149,6 +149,8 @@ def _reference_split(raw: bytes, max_commands: int) -> list[tuple[int, bytes]]:
             j += 1
             shift += 7
         i += length
+        if kind == 0 and length:  # an empty command asks for nothing; any other starts with a field's tag
+            raise InvalidArgument("no field tag")
         if kind == 0:
             continue
         if len(out) >= max_commands:
@@ -270,3 +272,56 @@ def test_write_result_writes_exactly_encode_results_bytes() -> None:
 def test_a_shared_request_is_encode_requests_bytes_in_one_piece() -> None:
     for req in (slices.SliceRequest(1, 2, 0.005, b""), slices.SliceRequest(-5, 0, 1.5, b"", uploads=True, slot=1)):
         assert slices.shared_request(req, 777) == b"".join(bytes(p) for p in slices.encode_request(req, shared=777))
+
+
+def test_split_frame_against_protobuf_on_hostile_bytes() -> None:
+    """protobuf is the reference: real frames with bytes changed, cut, inserted or flipped. Whenever split_frame
+    accepts a frame protobuf also accepts, its spans are protobuf's non-empty commands one for one, each a whole
+    command (never one command read as two); whenever it accepts a frame protobuf refuses, some span is not a
+    canonical Upload, so the stream reader's own protobuf parse still runs and refuses it (`bulk.uploads_only`:
+    only frames of canonical uploads skip it). A command whose first tag names field 0 was dropped unread, and a
+    big frame of canonical uploads around it was then accepted without protobuf's parse."""
+    import random
+
+    from google.protobuf.message import DecodeError
+    from gpupool.server import bulk
+
+    rng = random.Random(19)
+    sample = [
+        device_pb2.Command(upload=device_pb2.Upload(handle=(1 << 40) + 3, data=b"u" * 150)),
+        device_pb2.Command(get=device_pb2.Get(request_id=9, handle=5)),
+        device_pb2.Command(op=device_pb2.Op(name="aten::add.Tensor" * 10)),
+        device_pb2.Command(sync=device_pb2.Sync(request_id=3)),
+        device_pb2.Command(eager_op=b"e" * 20),
+    ]
+    both = 0
+    for _ in range(20000):
+        raw = bytearray(frame(*rng.choices(sample, k=rng.randint(0, 3))))
+        for _ in range(rng.choice([1, 1, 2, 3])):
+            if not raw:
+                break
+            j, how = rng.randrange(len(raw)), rng.random()
+            if how < 0.4:
+                raw[j] = rng.randrange(256)
+            elif how < 0.6:
+                del raw[j:]
+            elif how < 0.8:
+                raw[j:j] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 3)))
+            else:
+                raw[j] ^= 0x80
+        try:
+            spans = [bytes(s) for _, s in slices.split_frame(bytes(raw), 1000)]
+        except (InvalidArgument, ResourceExhausted):
+            continue
+        try:
+            ref = [c for c in device_pb2.ClientFrame.FromString(bytes(raw)).commands if c.ByteSize()]
+        except DecodeError:
+            assert not (spans and all(bulk.parse_upload(memoryview(s)) for s in spans)), bytes(raw).hex()
+            continue
+        both += 1
+        one_each = [device_pb2.ClientFrame.FromString(s).commands for s in spans]
+        assert all(len(c) == 1 for c in one_each) and [c[0] for c in one_each] == ref, bytes(raw).hex()
+    assert both > 2000
+    garbage = b"\x0a\x05\x04\x32\x02\x08\x03"  # a command whose first tag is field 0 (wire type 4)
+    with pytest.raises(InvalidArgument, match="no valid field tag"):
+        slices.split_frame(garbage + frame(sample[0]), 16)
