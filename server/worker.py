@@ -82,7 +82,7 @@ GPU_MARGIN_FLOOR = 256 * 1024 * 1024
 
 
 def gpu_margin(quota: int) -> int:
-    """The default margin over a session's quota (--worker-gpu-margin 0): an eighth of the quota plus 256 MiB,
+    """The default margin over a session's quota (no --worker-gpu-margin): an eighth of the quota plus 256 MiB,
     room for the caching allocator's block rounding and an honest step's cuBLAS workspaces and temporaries."""
     return max(0, quota) // 8 + GPU_MARGIN_FLOOR
 
