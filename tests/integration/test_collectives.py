@@ -333,6 +333,18 @@ def test_ranks_holding_differently_renewed_tokens_form_one_group(daemon_factory,
             s.close()
 
 
+def _rank_0_alone(daemon: DaemonHandle) -> Session:
+    """A session that joined, as rank 0, a two-rank group whose rank 1 (on an absent host) never comes."""
+    lease = uuid.uuid4().hex
+    tokens = [daemon.token(lease_id=lease, network=True), daemon.token(lease_id=lease, host="absent-host")]
+    s = Session.attach(daemon.address, tokens[0])
+    h = s.new_handle()
+    join = device_pb2.GroupJoin(rank=0, size=2, tokens=tokens, port_handle=h, timeout_seconds=60.0)
+    s.command(device_pb2.Command(group_join=join))
+    s.sync([h])
+    return s
+
+
 @pytest.mark.parametrize(("transport", "isolation"), [("secure", "thread"), ("gloo", "thread"), ("secure", "process")])
 def test_abandoned_collectives_end_with_their_sessions(daemon_factory, transport: str, isolation: str) -> None:  # type: ignore[no-untyped-def]
     """--isolation thread (sessions in the daemon's process; in its own worker process, the default, a session's
@@ -350,13 +362,7 @@ def test_abandoned_collectives_end_with_their_sessions(daemon_factory, transport
     before = collective_threads()
     started = time.monotonic()
     for _ in range(3):
-        lease = uuid.uuid4().hex
-        tokens = [daemon.token(lease_id=lease, network=True), daemon.token(lease_id=lease, host="absent-host")]
-        s = Session.attach(daemon.address, tokens[0])
-        h = s.new_handle()
-        join = device_pb2.GroupJoin(rank=0, size=2, tokens=tokens, port_handle=h, timeout_seconds=60.0)
-        s.command(device_pb2.Command(group_join=join))
-        s.sync([h])
+        s = _rank_0_alone(daemon)
         collective(s, "allreduce", [s.upload(torch.ones(4))], op="sum")
         time.sleep(0.2)  # its slice waits in the collective
         s.close()
@@ -408,13 +414,7 @@ def test_abandoned_groups_end_their_threads_and_sockets(daemon_factory, transpor
     before, listening, tasks = group_threads(), _listening_sockets(), len(os.listdir("/proc/self/task"))
     n = 8
     for _ in range(n):
-        lease = uuid.uuid4().hex
-        tokens = [daemon.token(lease_id=lease, network=True), daemon.token(lease_id=lease, host="absent-host")]
-        s = Session.attach(daemon.address, tokens[0])
-        h = s.new_handle()
-        join = device_pb2.GroupJoin(rank=0, size=2, tokens=tokens, port_handle=h, timeout_seconds=60.0)
-        s.command(device_pb2.Command(group_join=join))
-        s.sync([h])
+        s = _rank_0_alone(daemon)
         time.sleep(0.2)  # its join waits for rank 1
         s.close()
     deadline = time.monotonic() + 10
