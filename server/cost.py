@@ -352,26 +352,26 @@ _TEMPORARIES: dict[str, Callable[[Args, Kwargs], int]] = {
 }
 
 
-def estimate(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs) -> int:
-    """Multiply-adds the op will do (0 for ops whose work is linear in their inputs, bounded elsewhere)."""
-    cost = _COSTS.get(op._schema.name)
-    if cost is None:
+def _of(
+    table: Mapping[str, Callable[[Args, Kwargs], int]], op: torch._ops.OpOverload, args: Args, kwargs: Kwargs
+) -> int:
+    f = table.get(op._schema.name)
+    if f is None:
         return 0
     try:
-        return int(cost(args, kwargs))
-    except (AttributeError, IndexError, TypeError, ValueError):
+        return int(f(args, kwargs))
+    except (AttributeError, IndexError, TypeError, ValueError, OverflowError):
         return 0  # arguments that do not fit the schema fail in the op itself
+
+
+def estimate(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs) -> int:
+    """Multiply-adds the op will do (0 for ops whose work is linear in their inputs, bounded elsewhere)."""
+    return _of(_COSTS, op, args, kwargs)
 
 
 def temporary(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs) -> int:
     """Bytes the op allocates besides its outputs while it runs (0 for most ops), admitted with its outputs."""
-    size = _TEMPORARIES.get(op._schema.name)
-    if size is None:
-        return 0
-    try:
-        return int(size(args, kwargs))
-    except (AttributeError, IndexError, TypeError, ValueError, OverflowError):
-        return 0  # arguments that do not fit the schema fail in the op itself
+    return _of(_TEMPORARIES, op, args, kwargs)
 
 
 def check(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs, limit: int) -> None:

@@ -9,9 +9,10 @@ import pytest
 import torch
 from gpupool.client.session import Handle, Session
 from support import tls_channel
+from test_daemon_compact import rec
 
-from gpupool import errors
-from gpupool._proto import device_pb2, device_pb2_grpc
+from gpupool import compact, errors, wire
+from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
 from gpupool.tokens import public_session_id
 
 KiB, MiB, TiB = 1024, 1024**2, 1024**4
@@ -178,3 +179,44 @@ def test_mvlgamma_order_is_refused_before_it_runs(daemon_factory: Any, isolation
         assert used_bytes(daemon.address, s) < MiB
         assert torch.equal(s.download(x), torch.full((1024,), 1e6))  # the in-place one never ran
     healthy.check()
+
+
+def test_mvlgamma_order_is_bounded_in_graphs_and_learned_runs(daemon_factory: Any) -> None:
+    """The other paths an op takes: a graph's op is checked once, at its definition (the temporary must fit the
+    quota, the work the bound), and the clients' compact records, whose repeated runs the daemon learns
+    (server/runs.py: the cached verdict), key it by the order p, so a learned honest step does not admit a
+    huge p."""
+    daemon = daemon_factory(fake_gpu_memory=256 * MiB, isolation="thread", max_op_flops=10**10)
+    with Session.attach(daemon.address, daemon.token(quota_bytes=64 * MiB)) as s:
+        xs = torch.full((1024,), 1e6)
+        for graph_id, p, why in [(1, 200_000, "quota"), (2, 10**11, "multiply-adds")]:
+            op = device_pb2.Op(
+                name="aten::mvlgamma.default", args=[tensor_pb2.Arg(tensor=1), tensor_pb2.Arg(i=p)], outputs=[2]
+            )
+            graph = device_pb2.DefineGraph(
+                graph_id=graph_id, inputs=1, input_meta=[wire.meta_to_proto(xs)], ops=[op], outputs=[2]
+            )
+            with pytest.raises(errors.ResourceExhausted, match=why):
+                s.define_graph(graph)
+                s.sync()
+
+        x = s.upload(xs)
+        named: set[int] = set()
+
+        def step(p: int) -> Handle:
+            out = s.new_handle()
+            name = None if 0 in named else "aten::mvlgamma.default"
+            named.add(0)
+            s.eager_op(rec(0, name, [out], [compact.tensor(x), compact.encode_value(p)], {}))
+            return Handle(out)
+
+        want = torch.mvlgamma(xs, 4)
+        for _ in range(4):
+            outs = [step(4) for _ in range(8)]
+            assert all(torch.allclose(s.download(o), want) for o in outs)
+            s.free(outs)
+        step(4)
+        step(200_000)
+        with pytest.raises(errors.ResourceExhausted, match="memory quota exceeded"):
+            s.sync()
+        assert torch.allclose(s.download(step(4)), want)
