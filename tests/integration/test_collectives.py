@@ -416,6 +416,7 @@ def test_abandoned_groups_end_their_threads_and_sockets(daemon_factory, transpor
     for _ in range(n):
         s = _rank_0_alone(daemon)
         time.sleep(0.2)  # its join waits for rank 1
+        assert _listening_sockets() > listening  # rank 0's store (and hub) listen: the count sees them
         s.close()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and (group_threads() - before or _listening_sockets() > listening):
