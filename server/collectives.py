@@ -57,6 +57,7 @@ MAX_TIMEOUT = 300.0  # the longest a collective waits for its peers (group forma
 # the device run the others (a tenant that held back its other rank held a shared device up to MAX_TIMEOUT per
 # call until round 18). While nobody else waits it keeps looking: a lone job pays no slice per step.
 POLL_SECONDS = 0.005
+STOP_POLL_SECONDS = seclink.STOP_POLL_SECONDS  # how soon a closed session's join gives up
 TRANSPORTS = ("secure", "gloo")  # --collectives: encrypted links (server/seclink.py), or plaintext gloo/NCCL
 KINDS = ("allreduce", "broadcast", "allgather", "reduce_scatter", "barrier")
 _REDUCE = {"sum": dist.ReduceOp.SUM, "product": dist.ReduceOp.PRODUCT, "min": dist.ReduceOp.MIN,
@@ -82,6 +83,7 @@ class Group:
         self.store: Any = None
         self.broken: str | None = None
         self.closed = False
+        self.stop = threading.Event()  # set by `close`: a join still in progress gives up (its thread and sockets end)
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] | None = None  # its collectives' thread's
 
     def submit(self, job: Callable[[], None], name: str, threads: int) -> None:
@@ -111,15 +113,21 @@ class Group:
                 if got != owner:
                     raise PermissionDenied("the group's store was not set up by rank 0 of this lease")
             name = hashlib.sha256(b"gpupool-group-keys:" + secret.encode()).hexdigest()
-            keys = _SignedStore(dist.PrefixStore(f"gpupool/{name}/", store), secret.encode())
+            keys = _SignedStore(dist.PrefixStore(f"gpupool/{name}/", store), secret.encode(), self.stop, self.timeout)
             if self.transport == "secure":
-                pg = seclink.form(keys, secret.encode(), self.lease_id, self.rank, self.size, self.timeout, host)
-                if self.closed:  # the session ended while the group formed: its links go with it
+                pg = seclink.form(
+                    keys, secret.encode(), self.lease_id, self.rank, self.size, self.timeout, host, self.stop
+                )
+                if self.closed:  # the session ended as the group formed: its links go with it
                     pg.close()
                 else:
                     self.pg = pg
             else:
-                self.pg = _process_group(keys, self.rank, self.size, self.timeout, host, device)
+                pg = _process_group(keys, self.rank, self.size, self.timeout, host, device)
+                if self.closed:  # the session ended as the group formed: its connections go with it
+                    _shutdown(pg)
+                else:
+                    self.pg = pg
         except Exception as exc:  # any failure here is reported at the group's first collective
             self.broken = f"joining the collective group as {self.describe()} failed: {_short(exc)}"
             log.warning("%s", self.broken)
@@ -135,6 +143,7 @@ class Group:
 
     def close(self) -> None:
         self.closed = True
+        self.stop.set()  # a join in progress (rank 0's hub, a wait on the store) gives up within STOP_POLL_SECONDS
         self.broken = self.broken or "the session closed"
         self.ready.set()  # a collective waiting for the group to form fails now, not at the group's timeout
         if self._jobs is not None:
@@ -142,6 +151,17 @@ class Group:
         if isinstance(self.pg, seclink.SecureGroup):
             self.pg.close()
         self.pg, self.store = None, None
+
+
+def timedelta_seconds(t: Any) -> float:
+    return t.total_seconds() if isinstance(t, timedelta) else float(t)
+
+
+def _shutdown(pg: Any) -> None:
+    try:
+        pg.shutdown()
+    except Exception as exc:  # the group is dropped either way
+        log.debug("shutting down a closed session's process group: %s", _short(exc))
 
 
 def _serve(jobs: queue.SimpleQueue[Callable[[], None] | None], threads: int) -> None:
@@ -164,10 +184,24 @@ class _SignedStore(dist.Store):
     on the hosts' network) fails the join instead of steering gloo to another address. gloo's rendezvous uses
     only set, get and wait."""
 
-    def __init__(self, inner: Any, secret: bytes) -> None:
+    def __init__(self, inner: Any, secret: bytes, stop: threading.Event | None = None, timeout: float = 0.0) -> None:
         super().__init__()
         self._inner = inner
         self._secret = secret
+        self._stop = stop  # the session closed: a get or wait for a key not yet set fails now
+        self._timeout = timeout
+
+    def _await(self, keys: list[str], timeout: float) -> None:
+        """Wait for `keys` in steps, giving up when the session closes (the inner store's own wait blocks its
+        thread, and the group's sockets, for the group's timeout); past `timeout` the inner call times out."""
+        if self._stop is None:
+            return
+        deadline = time.monotonic() + timeout
+        while not self._inner.check(keys):
+            if self._stop.wait(STOP_POLL_SECONDS):
+                raise Unavailable("the session closed while its collective group formed")
+            if time.monotonic() >= deadline:
+                return
 
     def _mac(self, key: str, value: bytes) -> bytes:
         return hmac.new(self._secret, key.encode() + b"\0" + value, hashlib.sha256).digest()
@@ -177,6 +211,7 @@ class _SignedStore(dist.Store):
         self._inner.set(key, self._mac(key, data) + data)
 
     def get(self, key: str) -> bytes:
+        self._await([key], self._timeout)
         raw = bytes(self._inner.get(key))
         mac, data = raw[:32], raw[32:]
         if not hmac.compare_digest(mac, self._mac(key, data)):
@@ -184,6 +219,7 @@ class _SignedStore(dist.Store):
         return data
 
     def wait(self, keys: list[str], timeout: Any = None) -> None:
+        self._await(keys, self._timeout if timeout is None else timedelta_seconds(timeout))
         if timeout is None:
             self._inner.wait(keys)
         else:

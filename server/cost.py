@@ -9,6 +9,10 @@ contractions: a sliding-window pool reads its whole window per output position (
 expanded input, at stride 1: input x window reads), dense linear algebra is cubic in the matrix side, pairwise
 distances and the multilabel margin loss are quadratic (round 17 estimated only the contractions: a max pool held
 a fake GPU for days). Ops whose work a *value* decides (a polynomial's degree) are guards.py's `_LOOPS`.
+
+An integer argument can decide both: `mvlgamma(x, p)` evaluates p lgammas per element through a temporary of p
+values per element (torch's kernel broadcasts an arange of p against x), memory the sizer (outputs only) never
+sees. Its work is estimated here, and its temporary (`temporary`) is admitted against the quota with its output.
 """
 
 from __future__ import annotations
@@ -236,6 +240,22 @@ def _isin(args: Args, kwargs: Kwargs) -> int:
     return n * m
 
 
+def _mvlgamma_p(args: Args, kwargs: Kwargs) -> tuple[torch.Tensor | None, int]:
+    return _t(args, 0), max(int(arg(args, kwargs, 1, "p", 1)), 0)
+
+
+def _mvlgamma(args: Args, kwargs: Kwargs) -> int:
+    """p lgammas per element (and a sum of them)."""
+    x, p = _mvlgamma_p(args, kwargs)
+    return 0 if x is None else _numel(x.shape) * p
+
+
+def _mvlgamma_bytes(args: Args, kwargs: Kwargs) -> int:
+    """The kernel's (..., p) temporary: an arange of p, broadcast against every element, in x's floating dtype."""
+    x, p = _mvlgamma_p(args, kwargs)
+    return 0 if x is None else (_numel(x.shape) + 1) * p * max(x.element_size(), 4)
+
+
 def _embedding_bag(indices_at: int, rows_at: int) -> Callable[[Args, Kwargs], int]:
     """An embedding bag (or its backward): every index adds (or spreads) a row of D elements: indices x D, where
     neither input holds that many (an expanded view of indices into one bag of a wide, expanded weight)."""
@@ -320,18 +340,38 @@ _COSTS: dict[str, Callable[[Args, Kwargs], int]] = {
     "aten::linalg_lu_solve": _solve(0, 2, False),
     "aten::linalg_ldl_solve": _solve(0, 2, False),
     "aten::_linalg_solve_ex": _solve(0, 1, True),
+    # an integer argument's work: p lgammas per element
+    "aten::mvlgamma": _mvlgamma,
+    "aten::mvlgamma_": _mvlgamma,
 }
+
+# Bytes an op allocates besides its outputs, for the time it runs (freed when it returns).
+_TEMPORARIES: dict[str, Callable[[Args, Kwargs], int]] = {
+    "aten::mvlgamma": _mvlgamma_bytes,
+    "aten::mvlgamma_": _mvlgamma_bytes,
+}
+
+
+def _of(
+    table: Mapping[str, Callable[[Args, Kwargs], int]], op: torch._ops.OpOverload, args: Args, kwargs: Kwargs
+) -> int:
+    f = table.get(op._schema.name)
+    if f is None:
+        return 0
+    try:
+        return int(f(args, kwargs))
+    except (AttributeError, IndexError, TypeError, ValueError, OverflowError):
+        return 0  # arguments that do not fit the schema fail in the op itself
 
 
 def estimate(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs) -> int:
     """Multiply-adds the op will do (0 for ops whose work is linear in their inputs, bounded elsewhere)."""
-    cost = _COSTS.get(op._schema.name)
-    if cost is None:
-        return 0
-    try:
-        return int(cost(args, kwargs))
-    except (AttributeError, IndexError, TypeError, ValueError):
-        return 0  # arguments that do not fit the schema fail in the op itself
+    return _of(_COSTS, op, args, kwargs)
+
+
+def temporary(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs) -> int:
+    """Bytes the op allocates besides its outputs while it runs (0 for most ops), admitted with its outputs."""
+    return _of(_TEMPORARIES, op, args, kwargs)
 
 
 def check(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs, limit: int) -> None:

@@ -650,6 +650,8 @@ class CommandExecutor:
                 guards.validate(op, args, kwargs, s.max_op_flops)
             cost.check(op, args, kwargs, s.max_op_flops)
             need = self.sizer.new_bytes(op, args, kwargs)
+            if need != NO_META:
+                need += cost.temporary(op, args, kwargs)  # what the kernel allocates besides (mvlgamma's p)
             if sig is not None and need != NO_META:
                 if len(self._verdicts) >= MAX_VERDICTS:
                     self._verdicts.clear()

@@ -416,6 +416,11 @@ def _prebuild(
     guards.check_inputs(margs, mkwargs, s.quota)
     guards.check_counts(op, [], margs, mkwargs)
     cost.check(op, margs, mkwargs, s.max_op_flops)  # shapes decide the work: meta tensors tell it as well
+    temporary = cost.temporary(op, margs, mkwargs)
+    if temporary > s.quota:  # a graph's op is admitted once, here: its temporary must at least fit the quota
+        raise ResourceExhausted(
+            f"{msg.name} would allocate {temporary} bytes while it runs, more than the {s.quota} byte quota"
+        )
     work = max(cost.estimate(op, margs, mkwargs), _elements([*margs, *mkwargs.values()]))
     value_guard = op._schema.name in guards.VALUE_GUARDS
     if not value_guard:

@@ -80,6 +80,7 @@ HELLO = struct.Struct("!8sI32s")  # magic, rank, nonce
 HELLO_BYTES = HELLO.size
 HUB_HELLO_BYTES = HELLO_BYTES + MAC_BYTES
 CONFIRM_BYTES = MAC_BYTES
+STOP_POLL_SECONDS = 0.1  # how soon a closed session's join gives up (the hub looks this often)
 MAX_FRAME = 1 << 20  # plaintext bytes of one frame (a multiple of every element size; several in flight pipeline)
 MAX_FRAMES = 1 << 48  # per direction of a connection: far below 2^64 counter values
 MAX_PENDING = 32  # handshakes in progress at the hub at once; a newcomer past it pushes out the busiest source's oldest
@@ -202,11 +203,21 @@ def _frames(n: int) -> list[tuple[int, int]]:
 # ---- forming the group ----
 
 
-def form(store: Any, secret: bytes, lease_id: str, rank: int, size: int, timeout: float, host: str) -> SecureGroup:
-    """Connect this rank into the group's star (blocks until every rank is in, or raises LinkError)."""
+def form(
+    store: Any,
+    secret: bytes,
+    lease_id: str,
+    rank: int,
+    size: int,
+    timeout: float,
+    host: str,
+    stop: threading.Event | None = None,
+) -> SecureGroup:
+    """Connect this rank into the group's star (blocks until every rank is in, or raises LinkError; at once
+    when `stop` is set: the session closed, and rank 0's listener goes with it)."""
     deadline = time.monotonic() + timeout
     if rank == 0:
-        return _form_hub(store, secret, lease_id, size, timeout, host, deadline)
+        return _form_hub(store, secret, lease_id, size, timeout, host, deadline, stop)
     raw = store.get(HUB_KEY).decode(errors="replace").split()
     if len(raw) != 3 or not raw[2].isdigit():
         raise LinkError(f"the group's store holds a malformed hub address {' '.join(raw)!r}")
@@ -215,6 +226,8 @@ def form(store: Any, secret: bytes, lease_id: str, rank: int, size: int, timeout
         try:
             sock = socket.create_connection((hub_host, port), timeout=max(0.1, deadline - time.monotonic()))
         except OSError as exc:
+            if stop is not None and stop.is_set():
+                raise LinkError("the session closed while its collective group formed") from None
             if time.monotonic() + 0.2 >= deadline:
                 raise LinkError(f"cannot reach rank 0 at {hub_host}:{port}: {_why(exc)}") from None
             time.sleep(0.2)
@@ -234,12 +247,19 @@ def form(store: Any, secret: bytes, lease_id: str, rank: int, size: int, timeout
 
 
 def _form_hub(
-    store: Any, secret: bytes, lease_id: str, size: int, timeout: float, host: str, deadline: float
+    store: Any,
+    secret: bytes,
+    lease_id: str,
+    size: int,
+    timeout: float,
+    host: str,
+    deadline: float,
+    stop: threading.Event | None,
 ) -> SecureGroup:
     family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
     listener = socket.create_server((host, 0), family=family, backlog=64)
     generation = os.urandom(16)
-    hub = _Hub(secret, lease_id, generation, size, deadline)
+    hub = _Hub(secret, lease_id, generation, size, deadline, stop)
     try:
         store.set(HUB_KEY, f"{generation.hex()} {host} {listener.getsockname()[1]}")
         hub.run(listener, timeout)
@@ -275,9 +295,18 @@ class _Hub:
     pushed out in the one round trip between the hub's hello and its proof cannot know it: the join fails (the
     hub's timeout), and that rank's first collective with it, each with a clear error."""
 
-    def __init__(self, secret: bytes, lease_id: str, generation: bytes, size: int, deadline: float) -> None:
+    def __init__(
+        self,
+        secret: bytes,
+        lease_id: str,
+        generation: bytes,
+        size: int,
+        deadline: float,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.secret, self.lease_id, self.generation, self.size = secret, lease_id, generation, size
         self.deadline = deadline
+        self.stop = stop  # the session closed: the hub gives up within STOP_POLL_SECONDS
         self.channels: dict[int, Channel] = {}
         self.pending: list[_Handshake] = []  # in the order they were accepted
         self.shared = Buffers()  # the hub's channels are used by one thread, one at a time
@@ -294,7 +323,11 @@ class _Hub:
                     raise LinkError(f"ranks {missing} did not connect (with the group's keys) within {timeout:g} s")
                 for h in [h for h in self.pending if h.until <= now]:
                     self._drop(sel, h, "did not complete its handshake in time")
+                if self.stop is not None and self.stop.is_set():
+                    raise LinkError("the session closed while its collective group formed")
                 wake = min([self.deadline, *(h.until for h in self.pending)])
+                if self.stop is not None:
+                    wake = min(wake, now + STOP_POLL_SECONDS)
                 for key, _ in sel.select(max(0.0, wake - now)):
                     if key.fileobj is listener:
                         self._accept_new(sel, listener)

@@ -5,6 +5,7 @@ a rank that never calls and a daemon that dies (each a clear error within second
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -332,6 +333,18 @@ def test_ranks_holding_differently_renewed_tokens_form_one_group(daemon_factory,
             s.close()
 
 
+def _rank_0_alone(daemon: DaemonHandle) -> Session:
+    """A session that joined, as rank 0, a two-rank group whose rank 1 (on an absent host) never comes."""
+    lease = uuid.uuid4().hex
+    tokens = [daemon.token(lease_id=lease, network=True), daemon.token(lease_id=lease, host="absent-host")]
+    s = Session.attach(daemon.address, tokens[0])
+    h = s.new_handle()
+    join = device_pb2.GroupJoin(rank=0, size=2, tokens=tokens, port_handle=h, timeout_seconds=60.0)
+    s.command(device_pb2.Command(group_join=join))
+    s.sync([h])
+    return s
+
+
 @pytest.mark.parametrize(("transport", "isolation"), [("secure", "thread"), ("gloo", "thread"), ("secure", "process")])
 def test_abandoned_collectives_end_with_their_sessions(daemon_factory, transport: str, isolation: str) -> None:  # type: ignore[no-untyped-def]
     """--isolation thread (sessions in the daemon's process; in its own worker process, the default, a session's
@@ -349,13 +362,7 @@ def test_abandoned_collectives_end_with_their_sessions(daemon_factory, transport
     before = collective_threads()
     started = time.monotonic()
     for _ in range(3):
-        lease = uuid.uuid4().hex
-        tokens = [daemon.token(lease_id=lease, network=True), daemon.token(lease_id=lease, host="absent-host")]
-        s = Session.attach(daemon.address, tokens[0])
-        h = s.new_handle()
-        join = device_pb2.GroupJoin(rank=0, size=2, tokens=tokens, port_handle=h, timeout_seconds=60.0)
-        s.command(device_pb2.Command(group_join=join))
-        s.sync([h])
+        s = _rank_0_alone(daemon)
         collective(s, "allreduce", [s.upload(torch.ones(4))], op="sum")
         time.sleep(0.2)  # its slice waits in the collective
         s.close()
@@ -369,3 +376,53 @@ def test_abandoned_collectives_end_with_their_sessions(daemon_factory, transport
     left = collective_threads() - before
     assert not left, f"{len(left)} collectives' threads outlived their sessions"
     other.close()
+
+
+def _listening_sockets() -> int:
+    """TCP sockets of this process (the daemon's, under --isolation thread) in LISTEN state."""
+    mine = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            mine.add(target[8:-1])
+    count = 0
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                count += fields[3] == "0A" and fields[9] in mine
+    return count
+
+
+@pytest.mark.parametrize("transport", ["secure", "gloo"])
+def test_abandoned_groups_end_their_threads_and_sockets(daemon_factory, transport: str) -> None:  # type: ignore[no-untyped-def]
+    """Sessions join groups whose rank 1 never comes and close without a collective. Each group's join thread
+    (`gpupool-group-N`), rank 0's store and (secure) hub listener, or (gloo) its rendezvous, stayed until the
+    group's timeout (60 s here, 300 s at most): a tenant looping join-and-close held threads and listening
+    sockets without bound. They end with the session now (Group.close sets the join's stop)."""
+    daemon = daemon_factory(fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport, isolation="thread")
+
+    def group_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("gpupool-group-")}
+
+    with Session.attach(daemon.address, daemon.token(tenant="warm")) as warm:  # the daemon's own threads started
+        warm.download(warm.upload(torch.ones(1)))
+    time.sleep(0.5)
+    before, listening, tasks = group_threads(), _listening_sockets(), len(os.listdir("/proc/self/task"))
+    n = 8
+    for _ in range(n):
+        s = _rank_0_alone(daemon)
+        time.sleep(0.2)  # its join waits for rank 1
+        assert _listening_sockets() > listening  # rank 0's store (and hub) listen: the count sees them
+        s.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (group_threads() - before or _listening_sockets() > listening):
+        time.sleep(0.1)
+    left = group_threads() - before
+    assert not left, f"{len(left)} of {n} abandoned groups' join threads outlived their sessions"
+    assert _listening_sockets() <= listening, f"{_listening_sockets() - listening} listening sockets left"
+    grown = len(os.listdir("/proc/self/task")) - tasks
+    assert grown < n, f"{grown} threads more after {n} abandoned groups"

@@ -9,9 +9,10 @@ import pytest
 import torch
 from gpupool.client.session import Handle, Session
 from support import tls_channel
+from test_daemon_compact import rec
 
-from gpupool import errors
-from gpupool._proto import device_pb2, device_pb2_grpc
+from gpupool import compact, errors, wire
+from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
 from gpupool.tokens import public_session_id
 
 KiB, MiB, TiB = 1024, 1024**2, 1024**4
@@ -128,23 +129,94 @@ def test_in_place_resize_is_accounted(daemon: Any) -> None:
 
 @pytest.mark.parametrize("gpu", ["fake", "cuda"])
 def test_temporaries_past_the_quota_are_that_tenants_out_of_memory(daemon_factory: Any, gpu: str) -> None:
-    """A composite op's temporaries never reach the daemon's accounting: mvlgamma(x, p) adds an arange of p
-    values to every element, p times the input's bytes (here 2 GiB behind a 4 MiB output, on a 64 MiB quota).
-    The session's worker is capped where its memory lives (fake GPU: host memory, RLIMIT_DATA of the quota plus
-    1 GiB; real GPU: its CUDA caching allocator at the quota plus a margin, server/worker.py `cap_gpu_memory`):
-    the op fails as RESOURCE_EXHAUSTED for that tenant, another tenant of the device is served throughout, and
-    the tenant's session goes on. (No GPU was lent where this was written: the "cuda" case ran only as a skip.)"""
+    """A kernel's temporaries never reach the daemon's accounting: kthvalue of an expanded view copies it (values
+    and indices, 16 bytes per element: here 2 GiB behind a 1-element output, on a 128 MiB quota; mvlgamma's
+    temporary, which the daemon now estimates, was this test's op before). The session's worker is capped where
+    its memory lives (fake GPU: host memory, RLIMIT_DATA of the quota plus 1 GiB; real GPU: its CUDA caching
+    allocator at the quota plus a margin, server/worker.py `cap_gpu_memory`): the op fails as RESOURCE_EXHAUSTED
+    for that tenant, another tenant of the device is served throughout, and the tenant's session goes on. (No GPU
+    was lent where this was written: the "cuda" case ran only as a skip.)"""
     if gpu == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     daemon = daemon_factory(fake_gpus=1 if gpu == "fake" else 0, fake_gpu_memory=256 * MiB)
     from support import Healthy
 
     healthy = Healthy(daemon.address, daemon.token(tenant="healthy"))
-    with Session.attach(daemon.address, daemon.token(tenant="greedy", quota_bytes=64 * MiB)) as s:
-        x = Handle(s.upload(torch.full((2**19,), 1000.0)))  # 2 MiB
-        [y] = s.call("aten::mvlgamma.default", x, 1024)  # a 2 GiB temporary
+    with Session.attach(daemon.address, daemon.token(tenant="greedy", quota_bytes=128 * MiB)) as s:
+        x = Handle(s.upload(torch.tensor([1.0], dtype=torch.float64)))
+        [wide] = s.call("aten::expand.default", x, [128 * MiB])
+        s.call("aten::kthvalue.default", wide, 3)  # a 2 GiB copy
         with pytest.raises(errors.ResourceExhausted, match="out of memory"):
             s.sync()
         [z] = s.call("aten::mvlgamma.default", Handle(s.upload(torch.tensor([1000.0]))), 4)
         assert torch.allclose(s.download(z), torch.mvlgamma(torch.tensor([1000.0]), 4))
     healthy.check()
+
+
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_mvlgamma_order_is_refused_before_it_runs(daemon_factory: Any, isolation: str) -> None:
+    """mvlgamma(x, p) evaluates p lgammas per element through a temporary of p values per element; neither was
+    estimated (its output is x's size), so a huge p ran: under --isolation thread, memory the quota never saw
+    allocated in the daemon itself (a p of 1e11 on one element: 400 GB), and p lgammas of work per element past
+    --max-op-flops. Both are refused now before the kernel runs, whatever the verdict cache holds for the shape."""
+    daemon = daemon_factory(fake_gpu_memory=256 * MiB, isolation=isolation, max_op_flops=10**10)
+    from support import Healthy
+
+    healthy = Healthy(daemon.address, daemon.token(tenant="healthy"))
+    with Session.attach(daemon.address, daemon.token(tenant="greedy", quota_bytes=64 * MiB)) as s:
+        x = Handle(s.upload(torch.full((1024,), 1e6)))
+        [y] = s.call("aten::mvlgamma.default", x, 4)  # honest: runs, and its verdict is cached
+        assert torch.allclose(s.download(y), torch.mvlgamma(torch.full((1024,), 1e6), 4))
+        s.call("aten::mvlgamma.default", x, 200_000)  # an 800 MB temporary on a 64 MiB quota
+        with pytest.raises(errors.ResourceExhausted, match="memory quota exceeded"):
+            s.sync()
+        s.call("aten::mvlgamma_.default", x, 200_000, outputs=[0])
+        with pytest.raises(errors.ResourceExhausted, match="memory quota exceeded"):
+            s.sync()
+        s.call("aten::mvlgamma.default", Handle(s.upload(torch.tensor([1e6]))), 10**11)  # 1e11 lgammas
+        with pytest.raises(errors.ResourceExhausted, match="multiply-adds"):
+            s.sync()
+        assert used_bytes(daemon.address, s) < MiB
+        assert torch.equal(s.download(x), torch.full((1024,), 1e6))  # the in-place one never ran
+    healthy.check()
+
+
+def test_mvlgamma_order_is_bounded_in_graphs_and_learned_runs(daemon_factory: Any) -> None:
+    """The other paths an op takes: a graph's op is checked once, at its definition (the temporary must fit the
+    quota, the work the bound), and the clients' compact records, whose repeated runs the daemon learns
+    (server/runs.py: the cached verdict), key it by the order p, so a learned honest step does not admit a
+    huge p."""
+    daemon = daemon_factory(fake_gpu_memory=256 * MiB, isolation="thread", max_op_flops=10**10)
+    with Session.attach(daemon.address, daemon.token(quota_bytes=64 * MiB)) as s:
+        xs = torch.full((1024,), 1e6)
+        for graph_id, p, why in [(1, 200_000, "quota"), (2, 10**11, "multiply-adds")]:
+            op = device_pb2.Op(
+                name="aten::mvlgamma.default", args=[tensor_pb2.Arg(tensor=1), tensor_pb2.Arg(i=p)], outputs=[2]
+            )
+            graph = device_pb2.DefineGraph(
+                graph_id=graph_id, inputs=1, input_meta=[wire.meta_to_proto(xs)], ops=[op], outputs=[2]
+            )
+            with pytest.raises(errors.ResourceExhausted, match=why):
+                s.define_graph(graph)
+                s.sync()
+
+        x = s.upload(xs)
+        named: set[int] = set()
+
+        def step(p: int) -> Handle:
+            out = s.new_handle()
+            name = None if 0 in named else "aten::mvlgamma.default"
+            named.add(0)
+            s.eager_op(rec(0, name, [out], [compact.tensor(x), compact.encode_value(p)], {}))
+            return Handle(out)
+
+        want = torch.mvlgamma(xs, 4)
+        for _ in range(4):
+            outs = [step(4) for _ in range(8)]
+            assert all(torch.allclose(s.download(o), want) for o in outs)
+            s.free(outs)
+        step(4)
+        step(200_000)
+        with pytest.raises(errors.ResourceExhausted, match="memory quota exceeded"):
+            s.sync()
+        assert torch.allclose(s.download(step(4)), want)
