@@ -69,6 +69,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +208,9 @@ def compile_trace(mod: Any, trace: Any, dev: torch.device) -> Any:
     plans = [_plan(mod, step, dev) for step in trace.steps]
     if not any(p is not None for p in plans):
         return None
-    return mod.Trace(plans)
+    # weakly: the trace holds its native form (`Trace.native`), which reads its `next` when its records run on
+    # (`Ctx.run`'s chaining)
+    return mod.Trace(plans, weakref.ref(trace))
 
 
 def _plan(mod: Any, step: Any, dev: torch.device) -> Any:
