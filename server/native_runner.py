@@ -11,7 +11,12 @@ the quota and the device's capacity against the learned verdict; then the op, ca
 torch's own handler), `s.ops`, the ledger's count, the output bound into the session's table with its storage
 counted as `WorkerSession.bind_new` does, and the quota checked after it. It runs consecutive records of a run
 for as long as each matches its step; where no run is under way, `CommandExecutor.eager_span` offers it the first
-steps of the runs the Python path would try (`_native_candidates`). Before each record's op it marks the slice's
+steps of the runs the Python path would try (`_native_candidates`). A run that ends goes on in C++ into the run
+that followed it the last time (`runs.Trace.next`, the one the Python path tries first; `compile_trace` gives the
+native form a weak reference to its `runs.Trace` for it), if that one is alive, learned under the session's quota
+and compute bound, compiled, and its first step runs here: from that step, with a fresh list of kept outputs and
+every check above; where that step does not take the record the result is the first run's end, as without it
+(`Ctx.run`'s last element then None, else the `runs.Trace` under way and its kept outputs). Before each record's op it marks the slice's
 progress: a worker's mark (`slices.word_mark`, a word of memory shared with the daemon) it stores itself, any other
 mark it calls. Its context (`Ctx`: the session's tables, quota, handle limit) is kept per session from slice to slice
 (`CommandExecutor._native_ctx`) and made again when any of those changed. A record it cannot take (no match, a check
