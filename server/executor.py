@@ -569,9 +569,9 @@ class CommandExecutor:
         self, native: Any, s: WorkerSession, known: runs.Runs, memory: Any, capacity: int, count: Any, dev: torch.device
     ) -> Any:
         """The native runner's context for session `s` (its tables, quota, handle limit, compute bound, memory and
-        counter, read once when it is made), kept in `known` from span to span and made again when any of those changed (~14k
-        instructions a context: a span's first native record paid it before). The session's tables are dicts it
-        never replaces; the key holds `s` itself, so a context never serves another session object."""
+        counter, read once when it is made), kept in `known` from span to span and made again when any of those
+        changed (~14k instructions a context: a span's first native record paid it before). The session's tables are
+        dicts it never replaces; the key holds `s` itself, so a context never serves another session object."""
         key = (s, s.quota, s.max_handles, s.max_op_flops, memory, capacity, count)
         got = known.ctx
         if got is not None and got[0] == key:

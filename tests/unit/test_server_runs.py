@@ -819,7 +819,6 @@ def test_hostile_bytes_in_several_output_and_step_size_records() -> None:
     assert p.hits - hits > 60
 
 
-
 Y = BASE + 60  # a session tensor: the first part's external input
 Z = BASE + 61  # the second part's external input besides the first part's last output
 Q = BASE + 62  # a tensor of the first part's last output's meta
