@@ -100,8 +100,12 @@ def _serve(argv: list[str]) -> int:
     """`gpupool serve ARGV` (of whichever checkout `import gpupool` finds) with slices bounded by commands only:
     natively a frame's slice ends well within its 5 ms budget; under valgrind it would end after a command or
     two, and the rest of it would be copied, sent and parsed again for every command (not what runs natively)."""
-    from gpupool.server import daemon
+    from gpupool.server import daemon, zygote
 
+    # under valgrind the zygote's start (importing torch, building nothing) is ~50x slower: on a loaded box past
+    # the daemon's 120 s
+    wait_ready = zygote.Zygote.wait_ready
+    zygote.Zygote.wait_ready = lambda self, timeout=900.0: wait_ready(self, max(timeout, 900.0))  # type: ignore
     start = daemon.Daemon.start
 
     def patched(self: Any) -> None:

@@ -319,7 +319,7 @@ class CommandExecutor:
                             ctx = self._native_ctx(native, s, known, memory, capacity, count, dev)
                             word = mark_word(progress)  # a worker's shared word: C++ stores it, calls nothing
                             mark = progress if word is None else word
-                        j, k1, done, flags, exc = ctx.run(nat, k0, records, i, o, mark, start, budget)
+                        j, k1, done, flags, exc, chained = ctx.run(nat, k0, records, i, o, mark, start, budget)
                         if not done and exc is None:
                             continue  # not taken: the Python path decides (match, or the normal path)
                         if cand is not trace:  # a run starts here
@@ -330,6 +330,9 @@ class CommandExecutor:
                             if after is not None and at >= 0:
                                 after.next = weakref.ref(cand)
                             trace, steps, objs, after = cand, cand.steps, o, None
+                        if chained is not None:  # the records ran on into the runs that followed (`next`)
+                            trace, objs = chained
+                            steps = trace.steps
                         k = k1
                         break
                     else:
@@ -565,11 +568,11 @@ class CommandExecutor:
     def _native_ctx(
         self, native: Any, s: WorkerSession, known: runs.Runs, memory: Any, capacity: int, count: Any, dev: torch.device
     ) -> Any:
-        """The native runner's context for session `s` (its tables, quota, handle limit, memory and counter, read
-        once when it is made), kept in `known` from span to span and made again when any of those changed (~14k
-        instructions a context: a span's first native record paid it before). The session's tables are dicts it
-        never replaces; the key holds `s` itself, so a context never serves another session object."""
-        key = (s, s.quota, s.max_handles, memory, capacity, count)
+        """The native runner's context for session `s` (its tables, quota, handle limit, compute bound, memory and
+        counter, read once when it is made), kept in `known` from span to span and made again when any of those
+        changed (~14k instructions a context: a span's first native record paid it before). The session's tables are
+        dicts it never replaces; the key holds `s` itself, so a context never serves another session object."""
+        key = (s, s.quota, s.max_handles, s.max_op_flops, memory, capacity, count)
         got = known.ctx
         if got is not None and got[0] == key:
             return got[1]

@@ -237,6 +237,8 @@ at::Tensor view_of(const at::Tensor& v, const Input& in, bool direct) {
 
 struct Trace {
   std::vector<std::shared_ptr<Plan>> steps;  // null where a step runs in Python
+  // a weak reference to the `runs.Trace` it was compiled from (None: no chaining), for `Ctx::follow`: its `next`
+  py::object origin = py::none();
 };
 
 inline double now() {
@@ -377,21 +379,39 @@ struct Word {
 PyObject* S_used;
 PyObject* S_ops;
 PyObject* S_run;
+PyObject* S_next;
+PyObject* S_quota;
+PyObject* S_flops;
+PyObject* S_native;
 
 struct Ctx {
   py::object s, tensors, poisoned, storages, keys, memory, count, bind_outputs, over_quota;
-  int64_t quota, capacity, max_handles, number, base;
+  int64_t quota, capacity, max_handles, number, base, flops;
 
   // Run records[i:] through `trace` from step k on. Returns (i, k, hits, flags, exception or None): the first record
   // not run, the step it is at, the records run, END (the trace ran to its end) | OVER (the time budget passed);
   // an exception is that of record i (the op raised, or the binding / quota check after it), which is not run.
-  py::tuple run(const Trace& trace, int64_t k, py::list records, int64_t i, py::list objs, py::object progress,
+  //
+  // A run that ends (END) goes on in the run that followed it the last time (`runs.Trace.next`, `follow`), as the
+  // Python path tries that one first (`CommandExecutor.eager_span`): from its first step, with a fresh list of kept
+  // outputs, every check as for any step. The switch holds once that run took a record (or its first record
+  // raised); where its first step does not take the next record, the result is the first run's END, as without
+  // chaining, and the Python path decides. The last element of the result: None, or (the `runs.Trace` now under
+  // way, its kept outputs) when the records ran on into other runs.
+  py::tuple run(const Trace& first, int64_t k, py::list records, int64_t i, py::list objs, py::object progress,
                 double start, double budget) {
     const int64_t n = static_cast<int64_t>(PyList_GET_SIZE(records.ptr()));
-    const int64_t nsteps = static_cast<int64_t>(trace.steps.size());
+    const Trace* cur = &first;
+    int64_t nsteps = static_cast<int64_t>(cur->steps.size());
     int64_t hits = 0;
     int flags = 0;
     py::object exc = py::none();
+    // the run under way when records ran on into another (its `runs.Trace` and native form, kept alive here), and
+    // the one before the last switch with the hits at it, for going back to where no record was taken
+    py::object py_cur, nat_cur, py_prev, nat_prev;
+    py::list objs_prev;
+    const Trace* prev = nullptr;
+    int64_t switched_at = -1;
     PyObject* tdict = tensors.ptr();
     PyObject* pdict = poisoned.ptr();
     // `progress`: None, a callable, or the writable buffer of a worker's word mark (`slices.mark_word`): the index
@@ -403,296 +423,352 @@ struct Ctx {
     // stack's) then never drop the last C++ one, which hands the tensor's Python object back (`decref_pyobject`)
     // and, the GIL being released around the op, takes the GIL for it (~1k instructions an input)
     std::vector<at::Tensor> held;
-    while (i < n && k < nsteps) {
-      const Plan* p = trace.steps[k].get();
-      if (p == nullptr) break;
-      {
-        PyObject* r = PyObject_GetAttr(p->owner.ptr(), S_run);
-        if (r == nullptr) throw py::error_already_set();
-        const bool same = r == p->run.ptr();
-        Py_DECREF(r);
-        if (!same) break;  // the op plan runs something else (a guard's replacement, a test's wrapper)
-      }
-      PyObject* data = PyList_GET_ITEM(records.ptr(), i);
-      if (!PyBytes_Check(data)) break;
-      const Py_ssize_t len = PyBytes_GET_SIZE(data);
-      if (len != p->size) break;  // also an empty record: no plan has size 0
-      const char* buf = PyBytes_AS_STRING(data);
-      bool ok = true;
-      for (const auto& f : p->fixed) {
-        if (std::memcmp(buf + f.first, f.second.data(), f.second.size()) != 0) {
-          ok = false;
-          break;
+    for (;;) {
+      while (i < n && k < nsteps) {
+        const Plan* p = cur->steps[k].get();
+        if (p == nullptr) break;
+        {
+          PyObject* r = PyObject_GetAttr(p->owner.ptr(), S_run);
+          if (r == nullptr) throw py::error_already_set();
+          const bool same = r == p->run.ptr();
+          Py_DECREF(r);
+          if (!same) break;  // the op plan runs something else (a guard's replacement, a test's wrapper)
         }
-      }
-      if (!ok) break;
-      // the output handle: 0 binds nothing (the `self` an in-place op returns; `_run_step` checks no handle then)
-      const uint64_t h = read_u64(buf + p->out_offset);
-      Own hkey(nullptr);
-      int in_p = 0;
-      if (h != 0) {
-        if ((h >> HANDLE_BITS) != static_cast<uint64_t>(number) || h == static_cast<uint64_t>(base)) break;
-        hkey.reset(PyLong_FromUnsignedLongLong(h));
-        if (hkey.p == nullptr) throw py::error_already_set();
-        int in_t = PyDict_Contains(tdict, hkey.p);
-        if (in_t != 0) {
-          if (in_t < 0) throw py::error_already_set();
-          break;  // rebinds a live handle: `_run_step`
-        }
-        in_p = PyDict_Contains(pdict, hkey.p);
-        if (in_p < 0) throw py::error_already_set();
-        if (p->more_outs.empty() && !in_p && PyDict_GET_SIZE(tdict) + PyDict_GET_SIZE(pdict) >= max_handles) break;
-      }
-      // SEVERAL: every output handle as `_run_step` checks them (its own session's, none live, the handle limit)
-      Own hkeys(nullptr);
-      if (!p->more_outs.empty()) {
-        hkeys.reset(PyTuple_New(static_cast<Py_ssize_t>(1 + p->more_outs.size())));
-        if (hkeys.p == nullptr) throw py::error_already_set();
-        int64_t fresh = h != 0 && !in_p ? 1 : 0;
-        PyObject* k0 = h != 0 ? hkey.p : PyLong_FromLong(0);
-        if (k0 == nullptr) throw py::error_already_set();
-        if (h != 0) Py_INCREF(k0);
-        PyTuple_SET_ITEM(hkeys.p, 0, k0);  // steals
-        for (size_t j = 0; j < p->more_outs.size() && ok; ++j) {
-          const uint64_t hj = read_u64(buf + p->more_outs[j]);
-          PyObject* kj = PyLong_FromUnsignedLongLong(hj);
-          if (kj == nullptr) throw py::error_already_set();
-          PyTuple_SET_ITEM(hkeys.p, static_cast<Py_ssize_t>(j + 1), kj);  // steals: the tuple owns it from here
-          if (hj != 0) {
-            if ((hj >> HANDLE_BITS) != static_cast<uint64_t>(number) || hj == static_cast<uint64_t>(base)) {
-              ok = false;
-              break;
-            }
-            int live = PyDict_Contains(tdict, kj);
-            if (live < 0) throw py::error_already_set();
-            if (live) {
-              ok = false;  // rebinds a live handle: `_run_step`
-              break;
-            }
-            int pj = PyDict_Contains(pdict, kj);
-            if (pj < 0) throw py::error_already_set();
-            if (!pj) ++fresh;
-          }
-        }
-        if (!ok) break;
-        if (fresh && PyDict_GET_SIZE(tdict) + PyDict_GET_SIZE(pdict) + fresh > max_handles) break;
-      }
-      // inputs
-      stack.clear();
-      held.clear();
-      stack.reserve(p->args.size());
-      const Py_ssize_t nobjs = PyList_GET_SIZE(objs.ptr());
-      auto tensor_of = [&](const Input& in, at::Tensor* t) -> bool {
-        const uint64_t hin = read_u64(buf + in.offset);
-        PyObject* key = PyLong_FromUnsignedLongLong(hin);
-        if (!key) throw py::error_already_set();
-        PyObject* obj = PyDict_GetItemWithError(tdict, key);  // borrowed
-        Py_DECREF(key);
-        if (obj == nullptr) {
-          if (PyErr_Occurred()) throw py::error_already_set();
-          return false;  // not live: the Python path resolves it (and raises)
-        }
-        if (in.src >= 0) {
-          if (in.src >= nobjs || PyList_GET_ITEM(objs.ptr(), in.src) != obj) return false;
-        }
-        if (!THPVariable_Check(obj)) return false;
-        const at::Tensor& v = THPVariable_Unpack(obj);
-        if (in.src == EXTERNAL) {
-          if (v.scalar_type() != in.dtype || v.sizes() != at::IntArrayRef(in.sizes) ||
-              v.strides() != at::IntArrayRef(in.strides) || v.storage_offset() != in.storage_offset) {
-            return false;
-          }
-        }
-        if (in.view) {  // `compact.view_of`'s checks, against the tensor as it is now; a refusal is Python's to raise
-          if (v.layout() != at::kStrided || v.is_quantized() || v.is_nested() || v.is_conj() || v.is_neg()) {
-            return false;
-          }
-          const auto have = static_cast<unsigned __int128>(v.storage().nbytes());
-          if (static_cast<unsigned __int128>(in.view_last) * static_cast<unsigned __int128>(v.element_size()) > have) {
-            return false;
-          }
-          try {
-            *t = view_of(v, in, p->direct_views);
-          } catch (const std::exception&) {
-            return false;
-          }
-          return true;
-        }
-        held.push_back(v);
-        *t = v;
-        return true;
-      };
-      for (const auto& a : p->args) {
-        if (a.kind == CONST) {
-          stack.push_back(a.value);
-        } else if (a.kind == INT) {
-          int64_t v;
-          std::memcpy(&v, buf + a.offset, 8);
-          stack.emplace_back(v);
-        } else if (a.kind == INT_AS_DOUBLE) {
-          int64_t v;
-          std::memcpy(&v, buf + a.offset, 8);
-          stack.emplace_back(static_cast<double>(v));
-        } else if (a.kind == DOUBLE) {
-          double v;
-          std::memcpy(&v, buf + a.offset, 8);
-          stack.emplace_back(v);
-        } else if (a.kind == INTS || a.kind == DOUBLES) {
-          c10::impl::GenericList list(c10::NumberType::get());
-          list.reserve(a.numbers.size());
-          for (const int64_t at : a.numbers) {
-            if (a.kind == INTS) {
-              int64_t v;
-              std::memcpy(&v, buf + at, 8);
-              list.push_back(v);
-            } else {
-              double v;
-              std::memcpy(&v, buf + at, 8);
-              list.push_back(v);
-            }
-          }
-          stack.emplace_back(std::move(list));
-        } else if (a.kind == TENSOR) {
-          at::Tensor t;
-          if (!tensor_of(a.inputs[0], &t)) {
+        PyObject* data = PyList_GET_ITEM(records.ptr(), i);
+        if (!PyBytes_Check(data)) break;
+        const Py_ssize_t len = PyBytes_GET_SIZE(data);
+        if (len != p->size) break;  // also an empty record: no plan has size 0
+        const char* buf = PyBytes_AS_STRING(data);
+        bool ok = true;
+        for (const auto& f : p->fixed) {
+          if (std::memcmp(buf + f.first, f.second.data(), f.second.size()) != 0) {
             ok = false;
             break;
           }
-          stack.emplace_back(std::move(t));
-        } else if (a.kind == TENSORS) {
-          c10::List<at::Tensor> list;
-          list.reserve(a.inputs.size());
-          for (const auto& in : a.inputs) {
-            at::Tensor t;
-            if (in.src == NONE || !tensor_of(in, &t)) {
-              ok = false;
-              break;
-            }
-            list.push_back(std::move(t));
+        }
+        if (!ok) break;
+        // the output handle: 0 binds nothing (the `self` an in-place op returns; `_run_step` checks no handle then)
+        const uint64_t h = read_u64(buf + p->out_offset);
+        Own hkey(nullptr);
+        int in_p = 0;
+        if (h != 0) {
+          if ((h >> HANDLE_BITS) != static_cast<uint64_t>(number) || h == static_cast<uint64_t>(base)) break;
+          hkey.reset(PyLong_FromUnsignedLongLong(h));
+          if (hkey.p == nullptr) throw py::error_already_set();
+          int in_t = PyDict_Contains(tdict, hkey.p);
+          if (in_t != 0) {
+            if (in_t < 0) throw py::error_already_set();
+            break;  // rebinds a live handle: `_run_step`
           }
-          if (!ok) break;
-          stack.emplace_back(std::move(list));
-        } else {
-          c10::List<std::optional<at::Tensor>> list;
-          list.reserve(a.inputs.size());
-          for (const auto& in : a.inputs) {
-            if (in.src == NONE) {
-              if (read_u64(buf + in.offset) != 0) {
+          in_p = PyDict_Contains(pdict, hkey.p);
+          if (in_p < 0) throw py::error_already_set();
+          if (p->more_outs.empty() && !in_p && PyDict_GET_SIZE(tdict) + PyDict_GET_SIZE(pdict) >= max_handles) break;
+        }
+        // SEVERAL: every output handle as `_run_step` checks them (its own session's, none live, the handle limit)
+        Own hkeys(nullptr);
+        if (!p->more_outs.empty()) {
+          hkeys.reset(PyTuple_New(static_cast<Py_ssize_t>(1 + p->more_outs.size())));
+          if (hkeys.p == nullptr) throw py::error_already_set();
+          int64_t fresh = h != 0 && !in_p ? 1 : 0;
+          PyObject* k0 = h != 0 ? hkey.p : PyLong_FromLong(0);
+          if (k0 == nullptr) throw py::error_already_set();
+          if (h != 0) Py_INCREF(k0);
+          PyTuple_SET_ITEM(hkeys.p, 0, k0);  // steals
+          for (size_t j = 0; j < p->more_outs.size() && ok; ++j) {
+            const uint64_t hj = read_u64(buf + p->more_outs[j]);
+            PyObject* kj = PyLong_FromUnsignedLongLong(hj);
+            if (kj == nullptr) throw py::error_already_set();
+            PyTuple_SET_ITEM(hkeys.p, static_cast<Py_ssize_t>(j + 1), kj);  // steals: the tuple owns it from here
+            if (hj != 0) {
+              if ((hj >> HANDLE_BITS) != static_cast<uint64_t>(number) || hj == static_cast<uint64_t>(base)) {
                 ok = false;
                 break;
               }
-              list.push_back(std::nullopt);
-              continue;
+              int live = PyDict_Contains(tdict, kj);
+              if (live < 0) throw py::error_already_set();
+              if (live) {
+                ok = false;  // rebinds a live handle: `_run_step`
+                break;
+              }
+              int pj = PyDict_Contains(pdict, kj);
+              if (pj < 0) throw py::error_already_set();
+              if (!pj) ++fresh;
             }
+          }
+          if (!ok) break;
+          if (fresh && PyDict_GET_SIZE(tdict) + PyDict_GET_SIZE(pdict) + fresh > max_handles) break;
+        }
+        // inputs
+        stack.clear();
+        held.clear();
+        stack.reserve(p->args.size());
+        const Py_ssize_t nobjs = PyList_GET_SIZE(objs.ptr());
+        auto tensor_of = [&](const Input& in, at::Tensor* t) -> bool {
+          const uint64_t hin = read_u64(buf + in.offset);
+          PyObject* key = PyLong_FromUnsignedLongLong(hin);
+          if (!key) throw py::error_already_set();
+          PyObject* obj = PyDict_GetItemWithError(tdict, key);  // borrowed
+          Py_DECREF(key);
+          if (obj == nullptr) {
+            if (PyErr_Occurred()) throw py::error_already_set();
+            return false;  // not live: the Python path resolves it (and raises)
+          }
+          if (in.src >= 0) {
+            if (in.src >= nobjs || PyList_GET_ITEM(objs.ptr(), in.src) != obj) return false;
+          }
+          if (!THPVariable_Check(obj)) return false;
+          const at::Tensor& v = THPVariable_Unpack(obj);
+          if (in.src == EXTERNAL) {
+            if (v.scalar_type() != in.dtype || v.sizes() != at::IntArrayRef(in.sizes) ||
+                v.strides() != at::IntArrayRef(in.strides) || v.storage_offset() != in.storage_offset) {
+              return false;
+            }
+          }
+          if (in.view) {  // `compact.view_of`'s checks, against the tensor as it is now; a refusal is Python's to raise
+            if (v.layout() != at::kStrided || v.is_quantized() || v.is_nested() || v.is_conj() || v.is_neg()) {
+              return false;
+            }
+            const auto have = static_cast<unsigned __int128>(v.storage().nbytes());
+            if (static_cast<unsigned __int128>(in.view_last) * static_cast<unsigned __int128>(v.element_size()) > have) {
+              return false;
+            }
+            try {
+              *t = view_of(v, in, p->direct_views);
+            } catch (const std::exception&) {
+              return false;
+            }
+            return true;
+          }
+          held.push_back(v);
+          *t = v;
+          return true;
+        };
+        for (const auto& a : p->args) {
+          if (a.kind == CONST) {
+            stack.push_back(a.value);
+          } else if (a.kind == INT) {
+            int64_t v;
+            std::memcpy(&v, buf + a.offset, 8);
+            stack.emplace_back(v);
+          } else if (a.kind == INT_AS_DOUBLE) {
+            int64_t v;
+            std::memcpy(&v, buf + a.offset, 8);
+            stack.emplace_back(static_cast<double>(v));
+          } else if (a.kind == DOUBLE) {
+            double v;
+            std::memcpy(&v, buf + a.offset, 8);
+            stack.emplace_back(v);
+          } else if (a.kind == INTS || a.kind == DOUBLES) {
+            c10::impl::GenericList list(c10::NumberType::get());
+            list.reserve(a.numbers.size());
+            for (const int64_t at : a.numbers) {
+              if (a.kind == INTS) {
+                int64_t v;
+                std::memcpy(&v, buf + at, 8);
+                list.push_back(v);
+              } else {
+                double v;
+                std::memcpy(&v, buf + at, 8);
+                list.push_back(v);
+              }
+            }
+            stack.emplace_back(std::move(list));
+          } else if (a.kind == TENSOR) {
             at::Tensor t;
-            if (!tensor_of(in, &t)) {
+            if (!tensor_of(a.inputs[0], &t)) {
               ok = false;
               break;
             }
-            list.push_back(std::move(t));
+            stack.emplace_back(std::move(t));
+          } else if (a.kind == TENSORS) {
+            c10::List<at::Tensor> list;
+            list.reserve(a.inputs.size());
+            for (const auto& in : a.inputs) {
+              at::Tensor t;
+              if (in.src == NONE || !tensor_of(in, &t)) {
+                ok = false;
+                break;
+              }
+              list.push_back(std::move(t));
+            }
+            if (!ok) break;
+            stack.emplace_back(std::move(list));
+          } else {
+            c10::List<std::optional<at::Tensor>> list;
+            list.reserve(a.inputs.size());
+            for (const auto& in : a.inputs) {
+              if (in.src == NONE) {
+                if (read_u64(buf + in.offset) != 0) {
+                  ok = false;
+                  break;
+                }
+                list.push_back(std::nullopt);
+                continue;
+              }
+              at::Tensor t;
+              if (!tensor_of(in, &t)) {
+                ok = false;
+                break;
+              }
+              list.push_back(std::move(t));
+            }
+            if (!ok) break;
+            stack.emplace_back(std::move(list));
           }
-          if (!ok) break;
-          stack.emplace_back(std::move(list));
         }
-      }
-      if (!ok) break;
-      // the quota and the device's capacity (`_run_step`'s order: the handle checks above came first)
-      int64_t used_before = 0;
-      if (!sf.get(S_used, &used_before)) break;
-      if (p->need > 0) {
-        int64_t mused = 0;
-        if (!mf.get(S_used, &mused)) break;
-        if (used_before + p->need > quota || mused + p->need > capacity) break;  // Python raises it
-      }
-      // From here on the record is run here: the op, the count, the binding, the quota check.
-      if (word.buf != nullptr) {
-        const int32_t at = static_cast<int32_t>(i);  // a slice holds far fewer than 2^31 commands
-        std::memcpy(word.buf, &at, 4);
-      } else if (!progress.is_none()) {
-        progress(i);
-      }
-      PyObject* ran = call_op(*p->op, stack);
-      held.clear();  // the GIL held again: the last C++ reference goes without taking it
-      if (ran == nullptr) {
-        exc = fetch();
-        break;
-      }
-      Py_DECREF(ran);
-      if (p->returns == SEVERAL) {
-        if (!several(sf, mf, hkeys.p, stack, used_before, &exc)) break;
+        if (!ok) break;
+        // the quota and the device's capacity (`_run_step`'s order: the handle checks above came first)
+        int64_t used_before = 0;
+        if (!sf.get(S_used, &used_before)) break;
+        if (p->need > 0) {
+          int64_t mused = 0;
+          if (!mf.get(S_used, &mused)) break;
+          if (used_before + p->need > quota || mused + p->need > capacity) break;  // Python raises it
+        }
+        // From here on the record is run here: the op, the count, the binding, the quota check.
+        if (word.buf != nullptr) {
+          const int32_t at = static_cast<int32_t>(i);  // a slice holds far fewer than 2^31 commands
+          std::memcpy(word.buf, &at, 4);
+        } else if (!progress.is_none()) {
+          progress(i);
+        }
+        PyObject* ran = call_op(*p->op, stack);
+        held.clear();  // the GIL held again: the last C++ reference goes without taking it
+        if (ran == nullptr) {
+          exc = fetch();
+          break;
+        }
+        Py_DECREF(ran);
+        if (p->returns == SEVERAL) {
+          if (!several(sf, mf, hkeys.p, stack, used_before, &exc)) break;
+          ++hits;
+          ++k;
+          ++i;
+          if (k == nsteps) {
+            flags |= END;
+          } else {
+            for (const int64_t j : p->keep_at) {  // `objs.append(get(outputs[j]))`
+              PyObject* got = PyDict_GetItemWithError(tdict, PyTuple_GET_ITEM(hkeys.p, j));  // borrowed
+              if (got == nullptr && PyErr_Occurred()) throw py::error_already_set();
+              if (PyList_Append(objs.ptr(), got != nullptr ? got : Py_None) < 0) throw py::error_already_set();
+            }
+          }
+          if (now() - start > budget) {
+            flags |= OVER;
+            break;
+          }
+          continue;
+        }
+        if (p->returns ? stack.size() != 1 || !stack[0].isTensor() : !stack.empty()) {
+          stack.clear();
+          PyErr_SetString(PyExc_RuntimeError, "native runner: the op did not return what its schema says");
+          exc = fetch();
+          break;
+        }
+        at::Tensor out = p->returns ? std::move(stack[0]).toTensor() : at::Tensor();
+        stack.clear();
+        sf.add(S_ops, 1);
+        if (!count.is_none()) count(s);
+        Own obj(p->returns ? THPVariable_Wrap(out) : Py_NewRef(Py_None));
+        if (obj.p == nullptr) throw py::error_already_set();
+        try {
+          // what `_bind_outputs` bound, for `over_quota`: nothing (None, or handle 0), the output handle (`bind_new`),
+          // or the list `_bind_outputs` returned
+          py::object bound;
+          bool one = false;
+          if (!p->returns || h == 0) {
+            obj.reset(Py_NewRef(Py_None));  // what the session's table holds for the output handle (`objs` below)
+          } else if (Py_TYPE(obj.p) == reinterpret_cast<PyTypeObject*>(THPVariableClass) && !in_p &&
+              out.layout() == at::kStrided && !out.is_quantized() && !out.is_nested() && out.dim() <= MAX_DIMS) {
+            bind_new(sf, mf, hkey.p, out, obj.p);
+            one = true;
+          } else {
+            bound = bind_outputs(s, py::make_tuple(py::handle(hkey.p)), py::handle(obj.p));
+          }
+          int64_t after = 0;
+          if (!sf.get(S_used, &after)) throw std::overflow_error("session use out of range");
+          if (after > quota && after > used_before) {
+            if (one || (bound && bound.is_none())) {
+              bound = py::make_tuple(py::handle(hkey.p));
+            } else if (!bound) {
+              bound = py::list();
+            }
+            over_quota(s, bound);  // raises
+          }
+        } catch (py::error_already_set& e) {
+          e.restore();
+          exc = fetch();
+          break;
+        }
         ++hits;
         ++k;
         ++i;
         if (k == nsteps) {
           flags |= END;
-        } else {
-          for (const int64_t j : p->keep_at) {  // `objs.append(get(outputs[j]))`
-            PyObject* got = PyDict_GetItemWithError(tdict, PyTuple_GET_ITEM(hkeys.p, j));  // borrowed
-            if (got == nullptr && PyErr_Occurred()) throw py::error_already_set();
-            if (PyList_Append(objs.ptr(), got != nullptr ? got : Py_None) < 0) throw py::error_already_set();
-          }
+        } else if (p->keep) {
+          if (PyList_Append(objs.ptr(), obj.p) < 0) throw py::error_already_set();
         }
         if (now() - start > budget) {
           flags |= OVER;
           break;
         }
-        continue;
       }
-      if (p->returns ? stack.size() != 1 || !stack[0].isTensor() : !stack.empty()) {
-        stack.clear();
-        PyErr_SetString(PyExc_RuntimeError, "native runner: the op did not return what its schema says");
-        exc = fetch();
-        break;
-      }
-      at::Tensor out = p->returns ? std::move(stack[0]).toTensor() : at::Tensor();
-      stack.clear();
-      sf.add(S_ops, 1);
-      if (!count.is_none()) count(s);
-      Own obj(p->returns ? THPVariable_Wrap(out) : Py_NewRef(Py_None));
-      if (obj.p == nullptr) throw py::error_already_set();
-      try {
-        // what `_bind_outputs` bound, for `over_quota`: nothing (None, or handle 0), the output handle (`bind_new`),
-        // or the list `_bind_outputs` returned
-        py::object bound;
-        bool one = false;
-        if (!p->returns || h == 0) {
-          obj.reset(Py_NewRef(Py_None));  // what the session's table holds for the output handle (`objs` below)
-        } else if (Py_TYPE(obj.p) == reinterpret_cast<PyTypeObject*>(THPVariableClass) && !in_p &&
-            out.layout() == at::kStrided && !out.is_quantized() && !out.is_nested() && out.dim() <= MAX_DIMS) {
-          bind_new(sf, mf, hkey.p, out, obj.p);
-          one = true;
-        } else {
-          bound = bind_outputs(s, py::make_tuple(py::handle(hkey.p)), py::handle(obj.p));
-        }
-        int64_t after = 0;
-        if (!sf.get(S_used, &after)) throw std::overflow_error("session use out of range");
-        if (after > quota && after > used_before) {
-          if (one || (bound && bound.is_none())) {
-            bound = py::make_tuple(py::handle(hkey.p));
-          } else if (!bound) {
-            bound = py::list();
-          }
-          over_quota(s, bound);  // raises
-        }
-      } catch (py::error_already_set& e) {
-        e.restore();
-        exc = fetch();
-        break;
-      }
-      ++hits;
-      ++k;
-      ++i;
-      if (k == nsteps) {
+      if (switched_at >= 0 && hits == switched_at && exc.is_none()) {  // the next run did not take the record
+        cur = prev;
+        nsteps = k = static_cast<int64_t>(cur->steps.size());
         flags |= END;
-      } else if (p->keep) {
-        if (PyList_Append(objs.ptr(), obj.p) < 0) throw py::error_already_set();
-      }
-      if (now() - start > budget) {
-        flags |= OVER;
+        objs = objs_prev;
+        py_cur = py_prev;
+        nat_cur = nat_prev;
         break;
       }
+      if (flags != END || i >= n || !exc.is_none()) break;
+      py::object py_next, nat_next;
+      if (!follow(*cur, &py_next, &nat_next)) break;
+      prev = cur;
+      py_prev = py_cur;
+      nat_prev = nat_cur;
+      objs_prev = objs;
+      switched_at = hits;
+      cur = &nat_next.cast<const Trace&>();
+      py_cur = py_next;
+      nat_cur = nat_next;
+      Own fresh(PyList_New(0));
+      if (fresh.p == nullptr) throw py::error_already_set();
+      objs = py::reinterpret_borrow<py::list>(fresh.p);
+      nsteps = static_cast<int64_t>(cur->steps.size());
+      k = 0;
+      flags = 0;
     }
-    return py::make_tuple(i, k, hits, flags, exc);
+    py::object chained = py::none();
+    if (py_cur) chained = py::make_tuple(py_cur, objs);
+    return py::make_tuple(i, k, hits, flags, exc, chained);
+  }
+
+  // The run that followed `t` the last time it ran to its end (`runs.Trace.next`), where `Ctx.run` may go on in it:
+  // still alive, learned under this context's quota and compute bound (`_native_candidates`' test), compiled, and
+  // its first step one that runs here. Sets its `runs.Trace` and its native form.
+  bool follow(const Trace& t, py::object* py_next, py::object* nat_next) {
+    if (t.origin.is_none()) return false;
+    PyObject* o = PyWeakref_GetObject(t.origin.ptr());  // borrowed; None once the trace is gone
+    if (o == nullptr) throw py::error_already_set();
+    if (o == Py_None) return false;
+    Own next_of(PyObject_GetAttr(o, S_next));
+    if (next_of.p == nullptr) throw py::error_already_set();
+    Own c(PyObject_CallNoArgs(next_of.p));
+    if (c.p == nullptr) throw py::error_already_set();
+    if (c.p == Py_None) return false;
+    int64_t q = 0, f = 0;
+    if (!attr_i64(c.p, S_quota, &q) || q != quota || !attr_i64(c.p, S_flops, &f) || f != flops) return false;
+    Own nat(PyObject_GetAttr(c.p, S_native));
+    if (nat.p == nullptr) throw py::error_already_set();
+    py::handle h(nat.p);
+    if (!py::isinstance<Trace>(h)) return false;  // not compiled yet (the Python path compiles it), or none runs
+    const Trace& tn = h.cast<const Trace&>();
+    if (tn.steps.empty() || tn.steps[0] == nullptr) return false;
+    *py_next = py::reinterpret_borrow<py::object>(c.p);
+    *nat_next = py::reinterpret_borrow<py::object>(nat.p);
+    return true;
   }
 
   // The rest of a SEVERAL step after its op ran: the count, `bind_outputs` of its values (a tuple's tensors, or a
@@ -1034,6 +1110,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   S_tensors = PyUnicode_InternFromString("tensors");
   S_keys = PyUnicode_InternFromString("_keys");
   S_storages = PyUnicode_InternFromString("_storages");
+  S_next = PyUnicode_InternFromString("next");
+  S_quota = PyUnicode_InternFromString("quota");
+  S_flops = PyUnicode_InternFromString("flops");
+  S_native = PyUnicode_InternFromString("native");
   S_uploads = PyUnicode_InternFromString("uploads");
   S_poisoned = PyUnicode_InternFromString("poisoned");
   S_memory = PyUnicode_InternFromString("memory");
@@ -1041,13 +1121,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Plan, std::shared_ptr<Plan>>(m, "Plan");
   m.def("plan", &make_plan);
   py::class_<Trace>(m, "Trace")
-      .def(py::init([](py::list steps) {
-        Trace t;
-        for (auto st : steps) {
-          t.steps.push_back(st.is_none() ? nullptr : st.cast<std::shared_ptr<Plan>>());
-        }
-        return t;
-      }))
+      .def(py::init([](py::list steps, py::object origin) {
+             Trace t;
+             for (auto st : steps) {
+               t.steps.push_back(st.is_none() ? nullptr : st.cast<std::shared_ptr<Plan>>());
+             }
+             if (!origin.is_none() && !PyWeakref_CheckRef(origin.ptr())) {
+               throw std::invalid_argument("a trace's origin must be a weak reference or None");
+             }
+             t.origin = origin;
+             return t;
+           }),
+           py::arg("steps"), py::arg("origin") = py::none())
       .def("__len__", [](const Trace& t) { return t.steps.size(); })
       .def("runs", [](const Trace& t, int64_t k) {
         return k >= 0 && k < static_cast<int64_t>(t.steps.size()) && t.steps[k] != nullptr;
@@ -1074,6 +1159,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         c.max_handles = s.attr("max_handles").cast<int64_t>();
         c.number = s.attr("number").cast<int64_t>();
         c.base = s.attr("handle_base").cast<int64_t>();
+        c.flops = s.attr("max_op_flops").cast<int64_t>();
         return c;
       }))
       .def("run", &Ctx::run);

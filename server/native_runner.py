@@ -9,11 +9,16 @@ strides and storage offset; the output handle's checks (this session's, not rese
 the quota and the device's capacity against the learned verdict; then the op, called boxed through its
 `OperatorHandle` as torch's Python binding calls it (the GIL released, errors and warnings translated by
 torch's own handler), `s.ops`, the ledger's count, the output bound into the session's table with its storage
-counted as `WorkerSession.bind_new` does, and the quota checked after it. It runs consecutive records of a run
-for as long as each matches its step; where no run is under way, `CommandExecutor.eager_span` offers it the first
-steps of the runs the Python path would try (`_native_candidates`). Before each record's op it marks the slice's
-progress: a worker's mark (`slices.word_mark`, a word of memory shared with the daemon) it stores itself, any other
-mark it calls. Its context (`Ctx`: the session's tables, quota, handle limit) is kept per session from slice to slice
+counted as `WorkerSession.bind_new` does, and the quota checked after it. It runs consecutive records of a run for as
+long as each matches its step; where no run is under way, `CommandExecutor.eager_span` offers it the first steps of the
+runs the Python path would try (`_native_candidates`). A run that ends goes on in C++ into the run that followed it the
+last time (`runs.Trace.next`, the one the Python path tries first; `compile_trace` gives the native form a weak
+reference to its `runs.Trace` for it), if that one is alive, learned under the session's quota and compute bound,
+compiled, and its first step runs here: from that step, with a fresh list of kept outputs and every check above; where
+that step does not take the record the result is the first run's end, as without it (`Ctx.run`'s last element then None,
+else the `runs.Trace` under way and its kept outputs). Before each record's op it marks the slice's progress: a worker's
+mark (`slices.word_mark`, a word of memory shared with the daemon) it stores itself, any other mark it calls. Its
+context (`Ctx`: the session's tables, quota, handle limit, compute bound) is kept per session from slice to slice
 (`CommandExecutor._native_ctx`) and made again when any of those changed. A record it cannot take (no match, a check
 that fails, a step that does not qualify) goes back to the Python path untouched (nothing above has a side effect
 before the op runs), which then runs or refuses it exactly as without the runner; an op that raises reports its
@@ -69,6 +74,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +213,9 @@ def compile_trace(mod: Any, trace: Any, dev: torch.device) -> Any:
     plans = [_plan(mod, step, dev) for step in trace.steps]
     if not any(p is not None for p in plans):
         return None
-    return mod.Trace(plans)
+    # weakly: the trace holds its native form (`Trace.native`), which reads its `next` when its records run on
+    # (`Ctx.run`'s chaining)
+    return mod.Trace(plans, weakref.ref(trace))
 
 
 def _plan(mod: Any, step: Any, dev: torch.device) -> Any:

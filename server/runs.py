@@ -20,6 +20,11 @@ only when its verdict was cached, so its output metas are a function of its inpu
 the learned verdict holds and the step runs through `_run_op` with it: every per-op check, the quota, value
 guards, seeding, zeroing, recounting and accounting still run as on the normal path.
 
+A trace remembers (weakly) the trace that followed it the last time it ran to its end (`Trace.next`): the Python
+path tries that one first, and the native runner goes on into it without returning (server/native_runner.py).
+Traces learned apart stay apart (a recording ends where a record matches a learned trace's first step, so one
+training step is often several traces): that chaining, not longer traces, is what keeps a step in one C++ call.
+
 Traces are per session (`CommandExecutor.forget` drops them), indexed by their first record's first 5 bytes
 and length, at most PER_HEAD per head and MAX_ENTRIES steps and tensor inputs per session (cleared when full),
 and dropped with

@@ -52,6 +52,8 @@ OPS = {
     17: "aten::_foreach_div.ScalarList",
     18: "aten::_foreach_addcdiv_.ScalarList",
     19: "aten::detach_",
+    20: "aten::mm",  # the same ops under other ids: other templates (`part_b`)
+    21: "aten::relu",
 }
 
 
@@ -815,3 +817,138 @@ def test_hostile_bytes_in_several_output_and_step_size_records() -> None:
             cmds[2] = device_pb2.Command(eager_op=bytes(data))
         p.stream(cmds, itertools.cycle([rng.choice([4, 9, 64])]))
     assert p.hits - hits > 60
+
+
+Y = BASE + 60  # a session tensor: the first part's external input
+Z = BASE + 61  # the second part's external input besides the first part's last output
+Q = BASE + 62  # a tensor of the first part's last output's meta
+
+
+def c(t: int, j: int) -> int:
+    return BASE + 20000 + 100 * t + j
+
+
+def part_a(p: Pair, t: int) -> list[device_pb2.Command]:
+    """The first part of a "step", learned as a run of its own: 64 x 3, 64 x 3 (both kept), then 64 x 5."""
+    return [
+        p.rec(1, [c(t, 0)], [T(Y), V(1.0 + t)]),
+        p.rec(3, [c(t, 1)], [T(c(t, 0))]),
+        p.rec(2, [c(t, 2)], [T(c(t, 1)), T(W)]),
+    ]
+
+
+def part_b(p: Pair, t: int, first: int = 0, second: int = 0, python: bool = False) -> list[device_pb2.Command]:
+    """The second part, learned as another run: its first record takes Z and the first part's last output
+    (external inputs for this run) into a 2 x 5 output, the second record that output (internal: kept by this run),
+    the third the second's. `first` and `second` replace the inputs named; `python`: the second record is a random
+    op (a step the native runner leaves to the Python path)."""
+    return [
+        p.rec(20, [c(t, 3)], [T(Z), T(first or c(t, 2))]),
+        p.rec(4 if python else 21, [c(t, 4)], [T(second or c(t, 3))]),
+        p.rec(6, [c(t, 5)], [T(c(t, 4))]),
+    ]
+
+
+def free_c(t: int) -> device_pb2.Command:
+    return device_pb2.Command(free=device_pb2.Free(handles=[c(t, j) for j in range(6)]))
+
+
+class Calls:
+    """`ex[0]`'s native runner with its `Ctx.run` calls noted: (records taken, whether they ran on into another
+    run)."""
+
+    def __init__(self, p: Pair) -> None:
+        self.calls: list[tuple[int, bool]] = []
+        mod = p.ex[0].native
+        if mod is None:
+            return
+        calls = self.calls
+
+        class Ctx:
+            def __init__(self, *a: Any) -> None:
+                self.ctx = mod.Ctx(*a)
+
+            def run(self, *a: Any) -> Any:
+                got = self.ctx.run(*a)
+                calls.append((got[2], got[5] is not None))
+                return got
+
+        p.ex[0].native = type("Native", (), {"Ctx": Ctx, "__getattr__": lambda _, name: getattr(mod, name)})()
+
+
+def chained(quota: int = 1 << 24, python: bool = False) -> tuple[Pair, Calls]:
+    """A pair whose runs are the two parts, learned apart (each part in slices of its own), then run together
+    (a slice of both parts: the first run's `next` is then the second)."""
+    p = Pair(quota=quota)
+    made = {Y: torch.randn(64, 3), Z: torch.randn(2, 64), Q: torch.randn(64, 5)}
+    for s in p.s:
+        for k, v in made.items():
+            s.bind(k, v.clone())
+    calls = Calls(p)
+    for t in range(3):
+        p.slice(part_a(p, t))
+        p.slice(part_b(p, t, python=python))
+        p.slice([free_c(t)])
+    assert sum(map(len, p.runs().heads.values())) == 2  # a run of each part
+    p.slice(part_a(p, 3) + part_b(p, 3, python=python))
+    p.slice([free_c(3)])
+    return p, calls
+
+
+@pytest.mark.parametrize("python", [False, True])
+def test_a_run_goes_on_into_the_run_that_followed_it_last_time_in_one_native_call(runner: str, python: bool) -> None:
+    """Runs learned apart (a training step's parts, cut where recordings met runs learned before) and run one after
+    the other: once the first's `next` is the second, the native runner goes on into it itself (`Ctx::follow`),
+    one call a slice, every record as the normal path runs it. Where the second run has a step the native runner
+    leaves to Python, the Python path goes on in that run from that step (and the native runner after it)."""
+    p, calls = chained(python=python)
+    hits, native = p.hits, p.runs().native
+    calls.calls.clear()
+    for t in range(4, 9):
+        p.slice(part_a(p, t) + part_b(p, t, python=python))
+        p.slice([free_c(t)])
+    assert p.hits - hits == 5 * 6  # every record in a learned run
+    if runner == "native":
+        assert p.runs().native - native == 5 * (5 if python else 6)
+        # one call a slice, which ran on into the second run (and one for its step after the Python one)
+        assert calls.calls == ([(4, True), (1, False)] if python else [(6, True)]) * 5
+
+
+def test_a_chained_runs_first_step_checks_inputs_freed_rebound_or_reshaped_since(runner: str) -> None:
+    """The run the native runner goes on into checks its first record as any run's first record: an external
+    input freed, rebound to a tensor of another shape, or made another meta in place since it was learned leaves
+    the chain there (the Python path then runs or refuses the record as the normal path does), and the first run's
+    end is reported as without chaining; another live tensor of the learned meta runs."""
+    for how in ("freed", "rebound", "reshaped", "another"):
+        p, calls = chained()
+        if how == "freed":
+            p.slice([device_pb2.Command(free=device_pb2.Free(handles=[Z]))])
+        elif how == "rebound":
+            for s in p.s:
+                s.free([Z])
+                s.bind(Z, torch.ones(2, 65))
+        elif how == "reshaped":
+            p.slice([p.rec(13, [0], [T(Z)])])  # t_ in place: Z is now 64 x 2
+        calls.calls.clear()
+        hits = p.hits
+        p.slice(part_a(p, 4) + part_b(p, 4, first=Q if how == "another" else 0))
+        if runner == "native":
+            assert calls.calls[0] == ((6, True) if how == "another" else (3, False)), (how, calls.calls)
+        assert p.hits - hits >= 3
+        if how != "another":
+            assert p.s[0].poisoned  # the normal path refused the record, in both
+
+
+def test_a_chained_run_checks_its_own_outputs_against_its_own_kept_list() -> None:
+    """A run the native runner goes on into starts with a list of kept outputs of its own: a record that names an
+    output the first run kept where the second run's own output belongs (64 x 3 for 2 x 5: past the quota, which
+    the normal path refuses before the op) leaves the run and fails as on the normal path, with no op run."""
+    probe, _ = chained()
+    base = probe.s[0].used  # what the session holds when the hostile slice starts (the same whatever the quota)
+    step = 2 * 64 * 3 * 4 + 64 * 5 * 4 + 2 * 5 * 4  # what the slice binds before the hostile record
+    p, calls = chained(quota=base + step + 400)  # room for a 2 x 5 output (40 bytes), not for a 64 x 3 (768)
+    assert p.s[0].used == base
+    hits = p.hits
+    p.slice(part_a(p, 4) + part_b(p, 4, second=c(4, 0)))
+    assert p.hits - hits == 4
+    assert c(4, 4) in p.s[0].poisoned and c(4, 5) in p.s[0].poisoned  # refused, as on the normal path
