@@ -376,6 +376,11 @@ def test_an_error_in_a_held_step_reaches_the_next_sync_and_later_steps_run_on_so
         rt = runtime.get(dev.index)
         assert rt is not None
         rt.sync()
+        poisoned: Any = None
+        if captured:  # the daemon refuses index 99 of 10 rows: the result (x's shape) is poisoned
+            poisoned = src.to(dev).index_select(0, torch.tensor([0, 1, 2, 99], device=dev))
+            with pytest.raises(RemoteError, match="index out of range"):
+                rt.sync()  # its own error is raised (and done with) here: what the frame raises is step k's
         frames = sent_frames(rt, monkeypatch)
         losses: list[Any] = []
         for i in range(1, 12):
@@ -383,10 +388,7 @@ def test_an_error_in_a_held_step_reaches_the_next_sync_and_later_steps_run_on_so
             if i == bad and not captured:
                 losses.append(None)  # the reference skips it
                 continue
-            if i == bad:
-                # the daemon refuses index 99 of 10 rows: the result (x's shape) is poisoned, no error raised yet
-                x = src.to(dev).index_select(0, torch.tensor([0, 1, 2, 99], device=dev))
-            losses.append(fn(x, y))
+            losses.append(fn(poisoned if i == bad else x, y))
         return losses, model, frames
 
     bad = 6
@@ -395,7 +397,7 @@ def test_an_error_in_a_held_step_reaches_the_next_sync_and_later_steps_run_on_so
     got, model, frames = run(True, bad)
     assert all(f.count("run_graph") >= 2 for f in frames)  # steps before and after the bad one shared frames
     with pytest.raises(RemoteError, match="index out of range") as first:
-        got[0].item()  # the first sync after the frame: the error of step `bad` (a step before it asks)
+        got[0].item()  # the first sync after the frame: the error of step `bad` (its input's poison)
     assert first.value.code == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(RemoteError, match="index out of range"):
         got[bad - 1].item()  # its own loss is poisoned by it
