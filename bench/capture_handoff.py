@@ -26,22 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from daemon_ab import _tree
 from launch_bound import adam, training_step, workload
 from train_overhead import add_worker_flags, bench_daemons, run_worker
 
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _tree(pid: int) -> list[int]:
-    """A process and its descendants alive now."""
-    out = [pid]
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
-                out += _tree(int(child))
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return out
 
 
 def _threads(pids: list[int], who: str) -> dict[str, list[float]]:
