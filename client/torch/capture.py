@@ -386,6 +386,8 @@ class _Held:
             self.wake.clear()
             while True:
                 with self.lock:
+                    if self.count and self.rt.session.frames_put != self.frames:  # a sync sent them meanwhile
+                        self.frames, self.count, self.limit = self.rt.session.frames_put, 0, HOLD_STEPS
                     left = self.deadline - time.monotonic() if self.count else None
                     if left is not None and left <= 0:
                         # steps come slower than the limit per HOLD_SECONDS: frames of as many as came

@@ -326,12 +326,23 @@ def test_replays_share_frames_and_held_ones_go_out_soon(dev: torch.device, monke
     for _ in range(first):  # after a sync the daemon has nothing queued: a small frame gets it going
         step(*xy())
     assert len(frames) == 6 and frames[5].count("run_graph") == first
+    monkeypatch.setattr(capture_mod, "HOLD_SECONDS", 0.05)
+    held = [step(*xy()) for _ in range(first + 2)]  # held (the limit is 2 * first now)
+    assert held[-1].item() > 0 and len(frames) == 7  # the sync sends them; then their deadline passes
+    time.sleep(0.2)
+    assert len(frames) == 7
+    monkeypatch.setattr(capture_mod, "HOLD_SECONDS", 30.0)
+    for _ in range(first):  # the timer, woken after the sync, took nothing from it: frames start small again
+        step(*xy())
+    assert len(frames) == 8 and frames[7].count("run_graph") == first
+    frames[6:] = []
     monkeypatch.setattr(capture_mod, "HOLD_SECONDS", 0.001)
     step(*xy())  # arms the timer (the previous deadline has long passed)
     deadline = time.monotonic() + 10
     while len(rt.session._frame.commands) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(frames) == 7 and frames[6] == ["run_graph"] and not len(rt.session._frame.commands)
+    monkeypatch.setattr(capture_mod, "HOLD_SECONDS", 30.0)
     for _ in range(first):  # sent by the timer: steps come slowly, frames start from HOLD_STEPS again
         step(*xy())
     assert len(frames) == 8 and frames[7].count("run_graph") == first
