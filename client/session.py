@@ -309,6 +309,7 @@ class Session:
         # Frames handed to gRPC's sending thread: a SimpleQueue (put and get in C, no Condition per frame, ~0.3 us
         # against ~2.5-6 us for queue.Queue's pair here); `_put` keeps the back-pressure of SEND_QUEUE_FRAMES.
         self._send: queue.SimpleQueue[device_pb2.ClientFrame | bytes | None] = queue.SimpleQueue()
+        self.frames_put = 0  # frames handed to gRPC so far (capture.py: whether a sync sent its held steps)
 
     @classmethod
     def attach(cls, address: str, token: str, *, timeout: float = 10.0) -> Session:
@@ -648,6 +649,7 @@ class Session:
                 raise self._dead
             if send.qsize() < SEND_QUEUE_FRAMES:
                 send.put(frame)
+                self.frames_put += 1
                 return
             time.sleep(SEND_QUEUE_POLL)  # back-pressure: gRPC has not taken the frames queued so far yet
 

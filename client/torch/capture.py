@@ -70,10 +70,15 @@ _spec_numbers = itertools.count(1)  # CapturedStep._spec_id
 RECORD_ATTEMPTS = 3  # recordings that may disagree before the step is declared uncapturable
 MAX_GRAPHS = 16  # graphs one captured step keeps (the daemon holds at most 32 per session)
 BY_VALUE_BYTES = 256 * 1024  # CPU arguments up to this size (together) travel inside the RunGraph command
-# Replays travel HOLD_STEPS to a frame while they come fast, so that the daemon pays for one gRPC message and
-# one hop to the session's worker per few steps; a held step goes out at a sync (`.item()`), with any other
-# command that sends the frame, or after HOLD_SECONDS, whichever comes first: the daemon never waits long for it.
+# Replays travel several to a frame while they come fast, so that the daemon pays for one gRPC message and one
+# hop to the session's worker per few steps: HOLD_STEPS in the first frame after a pause (the daemon, idle,
+# starts soon), twice as many in each next frame that fills before its deadline (the client runs ahead of the
+# daemon, which has the frames before it still to run), up to HOLD_MAX_STEPS. A held step goes out at a sync
+# (`.item()`), with any other command that sends the frame, or HOLD_SECONDS after the frame's first step,
+# whichever comes first: the daemon never waits long for it. A frame the timer sent holds as many as came in
+# that time; a sync or any other frame starts again from HOLD_STEPS.
 HOLD_STEPS = 4
+HOLD_MAX_STEPS = 16
 HOLD_SECONDS = 0.001
 
 
@@ -344,7 +349,9 @@ class _Held:
 
     def __init__(self, rt: DeviceRuntime) -> None:
         self.rt = rt
-        self.count = 0
+        self.count = 0  # steps in the frame being filled
+        self.limit = HOLD_STEPS  # steps that send it (grows to HOLD_MAX_STEPS while frames fill fast)
+        self.frames = -1  # the session's frames_put after this holder last sent or saw one (-1: none yet)
         self.deadline = 0.0
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -352,11 +359,18 @@ class _Held:
         self.thread.start()
 
     def add(self) -> None:
+        session = self.rt.session
         with self.lock:
+            if session.frames_put != self.frames:  # another command sent the frame (a sync, an upload, ...)
+                self.frames = session.frames_put
+                self.count = 0
+                self.limit = HOLD_STEPS
             self.count += 1
-            full = self.count >= HOLD_STEPS
+            full = self.count >= self.limit
             if full:
                 self.count = 0
+                self.limit = min(2 * self.limit, HOLD_MAX_STEPS)
+                self.frames += 1  # the frame this flush sends (counted before: the timer may read it meanwhile)
             else:
                 soon = time.monotonic() + HOLD_SECONDS
                 if self.count == 1 or self.deadline > soon:
@@ -372,9 +386,14 @@ class _Held:
             self.wake.clear()
             while True:
                 with self.lock:
+                    if self.count and self.rt.session.frames_put != self.frames:  # a sync sent them meanwhile
+                        self.frames, self.count, self.limit = self.rt.session.frames_put, 0, HOLD_STEPS
                     left = self.deadline - time.monotonic() if self.count else None
                     if left is not None and left <= 0:
+                        # steps come slower than the limit per HOLD_SECONDS: frames of as many as came
+                        self.limit = max(HOLD_STEPS, self.count)
                         self.count = 0
+                        self.frames += 1
                 if left is None:
                     break
                 if left > 0:

@@ -9,14 +9,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 import pytest
 import shim_fixtures
 import torch
 from gpupool.client.torch import runtime
+from gpupool.client.torch.errors import RemoteError
 from torch import nn
 
 import gpupool.torch as gt
 from examples.sentiment.model import build_model, make_batch
+from gpupool._proto import device_pb2
 
 capture_mod = importlib.import_module("gpupool.client.torch.capture")  # the module (the package exports the function)
 serve, attach, dev = shim_fixtures.serve, shim_fixtures.attach, shim_fixtures.dev
@@ -287,29 +290,172 @@ def test_rerecorded_step_trains_like_eager(dev: torch.device) -> None:
     assert_close(captured, eager, "re-recorded")
 
 
+def sent_frames(rt: Any, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The frames the session sends from now on, each as its commands' kinds (`run_graph`, `free`, `sync`, ...)."""
+    frames: list[list[str]] = []
+    put = rt.session._put
+
+    def spy(f: Any) -> None:
+        frame = f if isinstance(f, device_pb2.ClientFrame) else device_pb2.ClientFrame.FromString(f)
+        frames.append([str(c.WhichOneof("cmd")) for c in frame.commands])
+        put(f)
+
+    monkeypatch.setattr(rt.session, "_put", spy)
+    return frames
+
+
 def test_replays_share_frames_and_held_ones_go_out_soon(dev: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Replays travel HOLD_STEPS to a frame (one gRPC message and one hop to the worker for several steps); a
-    step held back goes out at a sync or, with nothing else to send it, after HOLD_SECONDS on its own."""
+    """Replays travel several to a frame (one gRPC message and one hop to the worker for several steps):
+    HOLD_STEPS after a sync, twice as many in each next frame while they come fast, up to HOLD_MAX_STEPS; a
+    step held back goes out at a sync or, with nothing else to send it, after HOLD_SECONDS on its own, and the
+    frames after a sync or after the timer sent one start small again."""
     step, _, _ = capture_small(dev)
     replaying(step, *xy())
     rt = runtime.get(dev.index)
     assert rt is not None
     rt.sync()
-    frames: list[Any] = []
-    put = rt.session._put
-    monkeypatch.setattr(rt.session, "_put", lambda f: (frames.append(f), put(f))[1])
+    frames = sent_frames(rt, monkeypatch)
     monkeypatch.setattr(capture_mod, "HOLD_SECONDS", 30.0)  # no timer flush during the count below
-    for _ in range(2 * capture_mod.HOLD_STEPS):
+    first, most = capture_mod.HOLD_STEPS, capture_mod.HOLD_MAX_STEPS
+    assert first < 2 * first <= most
+    for _ in range(first + 2 * first + most + most):
         step(*xy())
-    assert len(frames) == 2
-    loss = step(*xy())  # held: the sync of .item() sends it, in one frame with the sync
-    assert loss.item() > 0 and len(frames) == 3
+    assert [f.count("run_graph") for f in frames] == [first, 2 * first, most, most]
+    losses = [step(*xy()) for _ in range(3)]  # held: the sync of .item() sends them, in one frame with the sync
+    assert losses[-1].item() > 0 and frames[4][:3] == ["run_graph"] * 3 and frames[4][-1] == "sync"
+    for _ in range(first):  # after a sync the daemon has nothing queued: a small frame gets it going
+        step(*xy())
+    assert len(frames) == 6 and frames[5].count("run_graph") == first
+    monkeypatch.setattr(capture_mod, "HOLD_SECONDS", 0.05)
+    held = [step(*xy()) for _ in range(first + 2)]  # held (the limit is 2 * first now)
+    assert held[-1].item() > 0 and len(frames) == 7  # the sync sends them; then their deadline passes
+    time.sleep(0.2)
+    assert len(frames) == 7
+    monkeypatch.setattr(capture_mod, "HOLD_SECONDS", 30.0)
+    for _ in range(first):  # the timer, woken after the sync, took nothing from it: frames start small again
+        step(*xy())
+    assert len(frames) == 8 and frames[7].count("run_graph") == first
+    frames[6:] = []
     monkeypatch.setattr(capture_mod, "HOLD_SECONDS", 0.001)
     step(*xy())  # arms the timer (the previous deadline has long passed)
     deadline = time.monotonic() + 10
     while len(rt.session._frame.commands) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert len(frames) >= 4 and not len(rt.session._frame.commands)  # sent with no sync and no further step
+    assert len(frames) == 7 and frames[6] == ["run_graph"] and not len(rt.session._frame.commands)
+    monkeypatch.setattr(capture_mod, "HOLD_SECONDS", 30.0)
+    for _ in range(first):  # sent by the timer: steps come slowly, frames start from HOLD_STEPS again
+        step(*xy())
+    assert len(frames) == 8 and frames[7].count("run_graph") == first
+
+
+def plain_setup(dev: torch.device) -> tuple[nn.Module, Any]:
+    """A model without dropout and its capturable Adam (the same numbers on every run), and its step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-2, device=dev), capturable=True)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return model, step
+
+
+def params_of(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().cpu() for p in model.parameters()]
+
+
+def test_an_error_in_a_held_step_reaches_the_next_sync_and_later_steps_run_on_sound_state(
+    dev: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step k of a held frame fails on the daemon (its input is a poisoned tensor: an op that failed): the first
+    sync after the frame raises k's error, k's loss stays poisoned, and the frame's later steps ran on the state
+    the steps before k left (a failed replay writes nothing the next one reads): the parameters end as an eager
+    run of the same steps without k leaves them, and so do the later steps' losses."""
+    monkeypatch.setattr(capture_mod, "HOLD_SECONDS", 30.0)  # the frame goes out at the sync only
+    batches = [xy(seed=50 + i) for i in range(12)]
+    src = torch.zeros(10, 8)
+
+    def run(captured: bool, bad: int) -> tuple[list[Any], nn.Module, Any]:
+        model, step = plain_setup(dev)
+        fn = gt.capture(step) if captured else step
+        for _ in range(3):  # eager, two recordings: replays from here on
+            fn(*[t.to(dev) for t in batches[0]])
+        rt = runtime.get(dev.index)
+        assert rt is not None
+        rt.sync()
+        poisoned: Any = None
+        if captured:  # the daemon refuses index 99 of 10 rows: the result (x's shape) is poisoned
+            poisoned = src.to(dev).index_select(0, torch.tensor([0, 1, 2, 99], device=dev))
+            with pytest.raises(RemoteError, match="index out of range"):
+                rt.sync()  # its own error is raised (and done with) here: what the frame raises is step k's
+        frames = sent_frames(rt, monkeypatch)
+        losses: list[Any] = []
+        for i in range(1, 12):
+            x, y = (t.to(dev) for t in batches[i])
+            if i == bad and not captured:
+                losses.append(None)  # the reference skips it
+                continue
+            losses.append(fn(poisoned if i == bad else x, y))
+        return losses, model, frames
+
+    bad = 6
+    want, ref_model, _ = run(False, bad)
+    want_values = [v.item() if v is not None else None for v in want]
+    got, model, frames = run(True, bad)
+    assert all(f.count("run_graph") >= 2 for f in frames)  # steps before and after the bad one shared frames
+    with pytest.raises(RemoteError, match="index out of range") as first:
+        got[0].item()  # the first sync after the frame: the error of step `bad` (its input's poison)
+    assert first.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(RemoteError, match="index out of range"):
+        got[bad - 1].item()  # its own loss is poisoned by it
+    for i, (g, w) in enumerate(zip(got, want_values, strict=True)):
+        if w is not None:
+            assert abs(g.item() - w) <= 1e-5 * max(1.0, abs(w)), f"step {i + 1}: {g.item()} vs {w}"
+    for a, b in zip(params_of(model), params_of(ref_model), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_frees_between_held_steps(dev: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frees that travel between held steps (losses dropped, a gradient set to None) run where they were sent:
+    the steps after them train exactly like eager steps, and the frame keeps filling around them."""
+    monkeypatch.setattr(capture_mod, "HOLD_SECONDS", 30.0)
+    batches = [xy(seed=70 + i) for i in range(14)]
+
+    def run(captured: bool) -> tuple[list[float], nn.Module, list[list[str]]]:
+        model, step = plain_setup(dev)
+        fn = gt.capture(step) if captured else step
+        rt = runtime.get(dev.index)
+        assert rt is not None
+        frames: list[list[str]] = []
+        kept = []
+        for i, (x, y) in enumerate(batches):
+            if i == 3:
+                rt.sync()
+                frames = sent_frames(rt, monkeypatch)
+            loss = fn(x.to(dev), y.to(dev))
+            if i % 2:
+                kept.append(loss)
+            del loss  # every other loss dies at once
+            if i == 8:
+                model[2].weight.grad = None  # a gradient the graph leaves behind, dropped between held steps
+            rt.flush_frees(force=True)  # their Free goes into the held frame now, between two steps
+        return [float(v.item()) for v in kept], model, frames
+
+    want, ref_model, _ = run(False)
+    got, model, frames = run(True)
+    assert_close(got, want, "frees between held steps")
+    for a, b in zip(params_of(model), params_of(ref_model), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(map(free_between_steps, frames)), frames  # a Free went out in a frame of held steps, inside it
+
+
+def free_between_steps(kinds: list[str]) -> bool:
+    runs = [i for i, k in enumerate(kinds) if k == "run_graph"]
+    return len(runs) >= 2 and "free" in kinds[runs[0] : runs[-1]]
 
 
 SCALE = 1.0  # a module global the step of the next test reads
