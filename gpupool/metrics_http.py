@@ -36,7 +36,7 @@ def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> WSGIServ
     class Server(_Server):
         address_family = family
 
-    server = make_server(sockaddr[0], port, make_wsgi_app(registry), Server, handler_class=_Quiet)
+    server = make_server(str(sockaddr[0]), port, make_wsgi_app(registry), Server, handler_class=_Quiet)
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": POLL_INTERVAL}, name="metrics-http", daemon=True
     )
