@@ -72,11 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _prepare_native(args: argparse.Namespace) -> int:
     """--native-client: build the C++ client before leasing (0: ready)."""
-    from .native import backend
+    from .native import build  # not backend: that imports torch (seconds), which only the child needs
 
     try:
-        backend.build()
-    except backend.BuildError as exc:
+        build.build()
+    except build.BuildError as exc:
         print(f"gpupool run: {exc}; install g++ and ninja, or {native.WAY_OUT}", file=sys.stderr)
         return 1
     except UnsafeCacheDir as exc:  # another user could replace the library there: never build or load it

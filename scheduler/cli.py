@@ -20,12 +20,12 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import start_http_server
 
 from gpupool import tls, tokens
 from gpupool._proto import scheduler_pb2_grpc
 from gpupool.config import add_flag, setup_logging, split_address
 from gpupool.errors import ErrorInterceptor, GpupoolError
+from gpupool.metrics_http import serve_metrics, stop_metrics
 from gpupool.protocol import Policy
 from gpupool.tls import TlsConfig
 
@@ -205,7 +205,7 @@ class SchedulerServer:
         self.server.start()
         if self.config.metrics_listen not in ("", "0"):
             host, port = split_address(self.config.metrics_listen)
-            http, _ = start_http_server(port, host, registry=self.metrics.registry)
+            http = serve_metrics(host, port, self.metrics.registry)
             self._metrics_http = http
             self.metrics_port = http.server_port
         self._health_server = tls.serve_health(self.config.health_listen, self.health)
@@ -261,8 +261,7 @@ class SchedulerServer:
         if self._health_server is not None:
             self._health_server[0].stop(0)
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+            stop_metrics(self._metrics_http)
         if self._sweeper.is_alive():
             self._sweeper.join(timeout=2)
         if self.store is not None:

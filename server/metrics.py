@@ -15,12 +15,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from grpc import StatusCode
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from gpupool.config import split_address
+from gpupool.metrics_http import serve_metrics, stop_metrics
 
 from .slices import LEARNED_OPS, NATIVE_OPS
 
@@ -263,13 +264,12 @@ class Metrics:
         if address in ("", "0"):
             return 0
         host, port = split_address(address)
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        server = serve_metrics(host, port, self.registry)
         self._server = server
         self.port = int(server.server_port)
         return self.port
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            stop_metrics(self._server)
             self._server = None

@@ -2,10 +2,11 @@
 ops in C++ (rounds 12-13 a spike in spike/, round 14 an opt-in mode of the product; docs/native-client.md).
 
 `native_client.cpp` is the whole backend (an allocator of handles with a C++ free list, a boxed fallback that infers
-outputs with the Meta kernels and appends compact records, metadata-only views, uploads, syncs); this module builds it
-at first use (`load`: g++ and ninja through torch.utils.cpp_extension, ~1-2 min once, cached per torch version and
-source hash under gpupool.config.cache_dir("native-client"), built in a private folder and moved into place
-atomically), names the device (`gpupool` by default) and decodes records for the tests.
+outputs with the Meta kernels and appends compact records, metadata-only views, uploads, syncs); this module loads it
+(`load`; build.py builds it at first use, without importing torch: g++ and ninja through torch.utils.cpp_extension,
+~1-2 min once, cached per torch version and source hash under gpupool.config.cache_dir("native-client"), built in a
+private folder and moved into place atomically), names the device (`gpupool` by default) and decodes records for the
+tests.
 Wire mode (`connect`) sends the records to a daemon through client/session.py's Session, raises the shim's exceptions
 at sync points, and sends what the C++ encoder cannot through a Python fallback (`_python_op`).
 
@@ -18,82 +19,22 @@ TORCH_DEVICE_BACKEND_AUTOLOAD=0 set before `import torch` (the tests, the bench 
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 import struct
 import sys
-import tempfile
 import types
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gpupool import config
+from .build import BuildError, build, built_path, cache_dir, compiler_missing  # noqa: F401 (the build's names, here too)
 
-SOURCE = Path(__file__).with_name("native_client.cpp")
 NAME = "gpupool"  # the device's name (torch.utils.rename_privateuse1_backend)
-_LIB = "gpupool_native_client"
 STATS = (
     "allocated", "freed", "double_frees", "op_records", "uploads", "syncs", "free_records", "alloc_records", "bytes",
     "dropped_bytes", "meta_runs", "cache_hits", "view_outputs", "live", "free_pending", "cache_entries",
 )  # fmt: skip
 _loaded: list[bool] = []
-
-
-class BuildError(RuntimeError):
-    """The C++ client could not be built here (no compiler, no ninja, or the compiler failed)."""
-
-
-def compiler_missing() -> str | None:
-    """Why the backend cannot be built here, or None."""
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        return f"no C++ compiler ({os.environ.get('CXX', 'c++')} not on PATH)"
-    if shutil.which("ninja") is None:
-        return "no ninja (torch.utils.cpp_extension needs it)"
-    return None
-
-
-def cache_dir() -> Path:
-    return config.cache_dir("native-client", "GPUPOOL_NATIVE_CLIENT_CACHE")
-
-
-def built_path() -> Path:
-    """Where the library of this torch and this source lives once built (a folder per torch version and source hash:
-    checkouts of other sources never replace each other's library under each other's running processes)."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    return cache_dir() / f"torch-{torch.__version__}-{digest}" / f"{_LIB}.so"
-
-
-def build(verbose: bool = False) -> Path:
-    """The library, built now unless cached. Each build runs in a private folder and its result is moved into place
-    (`os.replace`, atomic), as server/native_runner.py's: concurrent first uses each build and the last one wins, and
-    a build killed midway leaves no lock behind (cpp_extension's own build-folder lock waits forever for a dead
-    holder). Raises BuildError with one line saying why."""
-    final = built_path()
-    if final.exists():
-        return final
-    why = compiler_missing()
-    if why:
-        raise BuildError(f"cannot build the native client: {why}")
-    from torch.utils import cpp_extension
-
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="build-", dir=final.parent))
-    try:
-        print(f"gpupool: building the native client (once per torch version, ~1-2 min) into {final.parent}",
-              file=sys.stderr)  # fmt: skip
-        try:
-            cpp_extension.load(name=_LIB, sources=[str(SOURCE)], extra_cflags=["-O2"], build_directory=str(tmp),
-                               is_python_module=False, verbose=verbose)  # fmt: skip
-        except Exception as exc:  # noqa: BLE001 - the compiler's output is in the message: its last line says why
-            last = [ln for ln in str(exc).splitlines() if ln.strip()][-1:] or [type(exc).__name__]
-            raise BuildError(f"the native client did not build: {last[0][:300]}") from exc
-        os.replace(tmp / f"{_LIB}.so", final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def load(verbose: bool = False, name: str = NAME) -> None:

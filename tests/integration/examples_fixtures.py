@@ -1,6 +1,6 @@
-"""A one-machine pool for the example tests: `gpupool up` (one fake GPU, loopback, port 0) and the environment a
-client needs to use it, taken from the `export GPUPOOL_...=...` lines it prints (so a change in how clients
-connect - TLS material, say - reaches these tests without touching them)."""
+"""`gpupool up` pools for the tests (fake GPUs, loopback, port 0) and the environment a client needs to use one, taken
+from the `export GPUPOOL_...=...` lines it prints (so a change in how clients connect - TLS material, say - reaches
+these tests without touching them). The pools shared by several modules are tests/integration/conftest.py's."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 EXPORT_RE = re.compile(r"^\s*export (GPUPOOL_[A-Z_]+)=(\S+)\s*$", re.MULTILINE)
@@ -51,8 +49,12 @@ def gpupool_up(tmp: Path, *flags: str) -> Iterator[dict[str, str]]:
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def pool_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A running `gpupool up` with one fake GPU; yields the client environment and stops the pool in teardown."""
-    with gpupool_up(tmp_path_factory.mktemp("pool"), "--fake-gpus", "1") as env:
-        yield env
+def idle_pool(scheduler: str, timeout: float = 30.0) -> str:
+    """Wait until the pool at `scheduler` holds no lease (what a test before left is released); returns `scheduler`."""
+    from gpupool.client.pool import SchedulerClient
+
+    deadline = time.monotonic() + timeout
+    while SchedulerClient(scheduler).list_pool().leases:
+        assert time.monotonic() < deadline, f"the pool at {scheduler} still holds leases after {timeout:g} s"
+        time.sleep(0.1)
+    return scheduler

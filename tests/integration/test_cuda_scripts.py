@@ -5,15 +5,14 @@ refusals are checked by facade_check.py under a 2-GPU lease; without --cuda torc
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from examples_fixtures import gpupool_up
 from gpupool.client.pool import SchedulerClient
 from scheduler_fixtures import ROOT, wait_until
 
@@ -25,10 +24,9 @@ ANNOUNCE = "gpupool --cuda: cuda -> gpupool"
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A `gpupool up` with two 512 MiB fake GPUs; yields the scheduler address."""
-    with gpupool_up(tmp_path_factory.mktemp("up"), "--fake-gpus", "2", "--fake-gpu-memory", "512MiB") as env:
-        yield env["GPUPOOL_SCHEDULER"]
+def pool(two_gpu_pool: str) -> str:
+    """The shared pool of two 512 MiB fake GPUs (conftest.py: two_gpu_pool); the scheduler's address."""
+    return two_gpu_pool
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -48,8 +46,20 @@ def on_pool(pool: str, script: str, *run_args: str, cuda: bool = True) -> subpro
     return run(cmd, clean_env(GPUPOOL_SCHEDULER=pool))
 
 
-def on_cpu(script: str) -> subprocess.CompletedProcess[str]:
-    return run([sys.executable, script], clean_env(CUDA_VISIBLE_DEVICES=""))
+def cpu_env(**extra: str) -> dict[str, str]:
+    """A run on the CPU: no CUDA device, and none of gpupool's switches (not even $GPUPOOL_CLIENT's backend)."""
+    env = clean_env(CUDA_VISIBLE_DEVICES="", **extra)
+    env.pop("GPUPOOL_CLIENT", None)
+    return env
+
+
+# The CPU runs are references: each script is seeded, so it prints the same on every run, and several tests (here,
+# test_native_client_cuda.py, test_native_client_devices.py) compare their pooled runs of one script with its CPU run.
+# Each runs once per test session (functools.cache); a pooled run is never cached.
+@functools.cache
+def on_cpu(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python ARGS` (a script in tests/cuda_scripts, or -c CODE) on the CPU."""
+    return run([sys.executable, *args], cpu_env())
 
 
 def values(lines: list[str]) -> list[float]:
@@ -74,11 +84,19 @@ def test_unmodified_script_gives_the_cpu_losses(pool: str, script: str) -> None:
     else:
         assert losses == LOSS.findall(local.stdout)
     assert ANNOUNCE in pooled.stderr and ANNOUNCE not in local.stderr
+    if script == "device_agnostic.py":  # the script took its CUDA branch on the pool, its CPU branch locally
+        assert "done on cuda" in pooled.stdout and "done on cpu" in local.stdout
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
 def torchrun(script: str, ranks: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), script]
+
+
+@functools.cache
+def torchrun_on_cpu(script: str, ranks: int) -> subprocess.CompletedProcess[str]:
+    """`torchrun --nproc-per-node RANKS SCRIPT` on the CPU (gloo; one OpenMP thread per rank)."""
+    return run(torchrun(script, ranks), cpu_env(OMP_NUM_THREADS="1"))
 
 
 RANK_LINE = re.compile(r"^rank (\d) on (\S+) \(current device (\S+)\) weight sum (\S+)$", re.M)
@@ -93,7 +111,7 @@ def test_torchrun_ddp_script_with_nccl_gives_the_cpu_losses(pool: str) -> None:
          *torchrun("ddp_torchrun.py", 2)],
         clean_env(GPUPOOL_SCHEDULER=pool, OMP_NUM_THREADS="1"),
     )  # fmt: skip
-    local = run(torchrun("ddp_torchrun.py", 2), clean_env(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))
+    local = torchrun_on_cpu("ddp_torchrun.py", 2)
     losses, reference = values(LOSS.findall(pooled.stdout)), values(LOSS.findall(local.stdout))
     assert len(losses) == 8 and len(reference) == 8, pooled.stdout + local.stdout
     assert losses == pytest.approx(reference, rel=1e-5, abs=1e-7)
@@ -150,11 +168,6 @@ def test_gpupool_run_two_devices_in_one_process_without_cuda_flag(pool: str) -> 
     assert losses == values(LOSS.findall(local.stdout.replace(" cpu cpu", ""))), done.stdout + local.stdout
     assert len(losses) == 3 and losses[2] < losses[0], done.stdout
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
-
-
-def test_script_took_the_cuda_branch(pool: str) -> None:
-    assert "done on cuda" in on_pool(pool, "device_agnostic.py").stdout
-    assert "done on cpu" in on_cpu("device_agnostic.py").stdout
 
 
 def test_torch_cuda_facade_and_refusals_on_a_two_gpu_lease(pool: str) -> None:

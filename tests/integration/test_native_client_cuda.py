@@ -11,15 +11,13 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
-from examples_fixtures import gpupool_up
 from gpupool.client.native import WAY_OUT
 from gpupool.client.native.backend import compiler_missing
 from gpupool.client.pool import SchedulerClient
 from scheduler_fixtures import ROOT, wait_until
-from test_cuda_scripts import LOSS, SCRIPTS
+from test_cuda_scripts import LOSS, SCRIPTS, on_cpu  # on_cpu: one CPU run per script and session
 
 _why = compiler_missing()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"native client: {_why}")]
@@ -28,10 +26,9 @@ ANNOUNCE = "gpupool --cuda: cuda -> gpupool (1 leased device(s), native client)"
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The pool of these tests: `gpupool up` with one fake GPU of 512 MiB (the scheduler's address)."""
-    with gpupool_up(tmp_path_factory.mktemp("up"), "--fake-gpus", "1", "--fake-gpu-memory", "512MiB") as env:
-        yield env["GPUPOOL_SCHEDULER"]
+def pool(two_gpu_pool: str) -> str:
+    """The shared pool of two 512 MiB fake GPUs (conftest.py: two_gpu_pool); these tests lease one."""
+    return two_gpu_pool
 
 
 # A CUDA training script as tutorials write it: `.cuda()` when CUDA is there; a conv, a LayerNorm (their composite
@@ -85,10 +82,6 @@ def on_pool(pool: str, *args: str, native: bool = True, ok: bool = True) -> subp
     flags = ["--native-client", "--cuda"] if native else ["--cuda"]
     cmd = [sys.executable, "-m", "gpupool.cli", "run", *flags, "-p", "0.5", "--", sys.executable, *args]
     return _run(cmd, _env(GPUPOOL_SCHEDULER=pool), ok)
-
-
-def on_cpu(*args: str) -> subprocess.CompletedProcess[str]:
-    return _run([sys.executable, *args], _env(CUDA_VISIBLE_DEVICES=""))
 
 
 def released(pool: str) -> None:

@@ -14,25 +14,22 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from examples_fixtures import gpupool_up
 from gpupool.client.native.backend import compiler_missing
 from gpupool.client.pool import SchedulerClient
 from scheduler_fixtures import ROOT, wait_until
-from test_cuda_scripts import LOSS, RANK_LINE, SCRIPTS, torchrun, values
+from test_cuda_scripts import LOSS, RANK_LINE, SCRIPTS, on_cpu, torchrun, torchrun_on_cpu, values
 
 _why = compiler_missing()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"native client: {_why}")]
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`gpupool up` with two fake GPUs of 512 MiB (the scheduler's address)."""
-    with gpupool_up(tmp_path_factory.mktemp("up"), "--fake-gpus", "2", "--fake-gpu-memory", "512MiB") as env:
-        yield env["GPUPOOL_SCHEDULER"]
+def pool(two_gpu_pool: str) -> str:
+    """The shared pool of two 512 MiB fake GPUs (conftest.py: two_gpu_pool); the scheduler's address."""
+    return two_gpu_pool
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -46,13 +43,6 @@ def _run(pool: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess[
                           cwd=SCRIPTS)  # fmt: skip
     if ok:
         assert done.returncode == 0, f"{cmd}\nstdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
-    return done
-
-
-def _local(*args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120,
-                          env=_env(CUDA_VISIBLE_DEVICES=""), cwd=SCRIPTS)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
@@ -126,7 +116,7 @@ def test_a_model_split_over_two_devices_gives_the_shims_and_the_cpus_losses_and_
     released(pool)
     shim = _last_json(_run(pool, "-n", "2", "-p", "0.5", "--", sys.executable, "-c", SPLIT, "gpupool:0", "gpupool:1"))
     released(pool)
-    local = _last_json(_local("-c", SPLIT, "cpu", "cpu"))
+    local = _last_json(on_cpu("-c", SPLIT, "cpu", "cpu"))
     assert native["client"] == "native" and shim["client"] == "python shim"
     assert len(set(native["losses"])) == 6  # it trains
     assert native["losses"] == shim["losses"] == local["losses"]
@@ -169,7 +159,7 @@ def test_model_parallel_cuda_script_over_cuda_0_and_cuda_1_gives_the_cpu_losses(
     """tests/cuda_scripts/model_parallel.py under `--native-client --cuda -n 2`: layers on cuda:0 and cuda:1,
     `torch.cuda.device_count()` 2, `torch.cuda.set_device(1)` then a factory on "cuda"; the CPU's losses."""
     done = _run(pool, "--native-client", "--cuda", "-n", "2", "-p", "0.5", "--", sys.executable, "model_parallel.py")
-    local = _local("model_parallel.py")
+    local = on_cpu("model_parallel.py")
     losses = LOSS.findall(done.stdout)
     assert len(losses) == 6 and losses == LOSS.findall(local.stdout), done.stdout + local.stdout
     assert "done on cuda:0 cuda:1" in done.stdout
@@ -226,9 +216,7 @@ def test_torchrun_ddp_cuda_script_with_nccl_gives_the_cpu_losses(pool: str) -> N
     device; the losses and weights of the same script under torchrun on the CPU with gloo (test_cuda_scripts.py's
     check)."""
     pooled = _run(pool, "--native-client", "--cuda", "-n", "2", "-p", "0.5", "--", *torchrun("ddp_torchrun.py", 2))
-    local = subprocess.run(torchrun("ddp_torchrun.py", 2), capture_output=True, text=True, timeout=280,
-                           env=_env(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"), cwd=SCRIPTS)  # fmt: skip
-    assert local.returncode == 0, local.stderr[-3000:]
+    local = torchrun_on_cpu("ddp_torchrun.py", 2)
     losses, reference = values(LOSS.findall(pooled.stdout)), values(LOSS.findall(local.stdout))
     assert len(losses) == 8 and len(reference) == 8, pooled.stdout + local.stdout
     assert losses == pytest.approx(reference, rel=1e-5, abs=1e-7)

@@ -13,11 +13,9 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from examples_fixtures import gpupool_up
 from gpupool.client.native import WAY_OUT
 from gpupool.client.native.backend import built_path, compiler_missing
 from gpupool.client.pool import SchedulerClient
@@ -57,10 +55,9 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A `gpupool up` with one 512 MiB fake GPU; yields the scheduler address."""
-    with gpupool_up(tmp_path_factory.mktemp("up"), "--fake-gpus", "1", "--fake-gpu-memory", "512MiB") as env:
-        yield env["GPUPOOL_SCHEDULER"]
+def pool(two_gpu_pool: str) -> str:
+    """The shared pool of two 512 MiB fake GPUs (conftest.py: two_gpu_pool); these tests lease one."""
+    return two_gpu_pool
 
 
 def _env(pool: str, **extra: str) -> dict[str, str]:

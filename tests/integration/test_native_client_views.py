@@ -16,11 +16,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from examples_fixtures import gpupool_up
 from gpupool.client.native.backend import compiler_missing
 from test_native_client_run import _env, _run
 
@@ -138,20 +136,18 @@ CASES = (
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    """(local CPU's results, the native client's) of SCRIPT, the latter through a `gpupool up` pool."""
-    tmp = tmp_path_factory.mktemp("views")
-    script = tmp / "views.py"
+def runs(two_gpu_pool: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(local CPU's results, the native client's) of SCRIPT, the latter through a `gpupool up` pool (conftest.py's
+    shared pool of two 512 MiB fake GPUs; a lease of one)."""
+    pool = two_gpu_pool
+    script = tmp_path_factory.mktemp("views") / "views.py"
     script.write_text(SCRIPT)
-    (tmp / "up").mkdir()
-    with gpupool_up(tmp / "up", "--fake-gpus", "1", "--fake-gpu-memory", "512MiB") as env:
-        pool = env["GPUPOOL_SCHEDULER"]
-        local = subprocess.run([sys.executable, str(script), "cpu"], capture_output=True, text=True, timeout=120,
-                               env=_env(pool))  # fmt: skip
-        assert local.returncode == 0, local.stderr[-3000:]
-        ran = _run(pool, "-p", "0.5", "--native-client", "--", sys.executable, str(script), "gpupool")
-        assert ran.returncode == 0, ran.stderr[-3000:]
-        yield _last_json(local.stdout), _last_json(ran.stdout)
+    local = subprocess.run([sys.executable, str(script), "cpu"], capture_output=True, text=True, timeout=120,
+                           env=_env(pool))  # fmt: skip
+    assert local.returncode == 0, local.stderr[-3000:]
+    ran = _run(pool, "-p", "0.5", "--native-client", "--", sys.executable, str(script), "gpupool")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    return _last_json(local.stdout), _last_json(ran.stdout)
 
 
 def _last_json(stdout: str) -> dict[str, Any]:

@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 import torch
-from examples_fixtures import REPO, pool_env  # noqa: F401 (a fixture)
+from examples_fixtures import REPO
 
 from examples.sentiment import data
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # pool start-up and training: minutes on a loaded box
 
 
-def test_one_epoch_on_2000_reviews_through_gpupool_then_serve(pool_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+def test_one_epoch_on_2000_reviews_through_gpupool_then_serve(pool_env: dict[str, str], tmp_path: Path) -> None:
     env = {**os.environ, **pool_env}
     out = tmp_path / "model"
     train_cmd = [sys.executable, "-m", "gpupool.cli", "run", "-n", "1", "-p", "0.5", "--",
@@ -76,7 +76,7 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
         assert torch.equal(v, b["state"][k]), k
 
 
-def test_the_cpp_client_trains_it_as_the_shim_and_local_do(pool_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+def test_the_cpp_client_trains_it_as_the_shim_and_local_do(pool_env: dict[str, str], tmp_path: Path) -> None:
     """The seed workload on `gpupool run --native-client` (round 17): its 512 MiB bigram table is an upload over 32 MiB
     (Session.upload), the bigram hashing's `%` a remainder.Scalar (sent whole). With the default flags (dropout: the
     daemon's generator, seeded by --seed) the epoch's losses and the weights are the Python client's bit for bit;

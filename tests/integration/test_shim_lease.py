@@ -8,12 +8,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from examples_fixtures import gpupool_up
 from gpupool.client.pool import SchedulerClient, lease
 from gpupool.client.torch import runtime
 from scheduler_fixtures import ROOT, wait_until
@@ -33,10 +31,9 @@ print("trained", d, x.sum().item(), rt.session.share, rt.session.quota_bytes, fl
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A `gpupool up` with two 512 MiB fake GPUs; yields the scheduler address."""
-    with gpupool_up(tmp_path_factory.mktemp("up"), "--fake-gpus", "2", "--fake-gpu-memory", "512MiB") as env:
-        yield env["GPUPOOL_SCHEDULER"]
+def pool(two_gpu_pool: str) -> str:
+    """The shared pool of two 512 MiB fake GPUs (conftest.py: two_gpu_pool); the scheduler's address."""
+    return two_gpu_pool
 
 
 def no_leases(address: str) -> bool:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from examples_fixtures import REPO, pool_env  # noqa: F401 (a fixture)
+from examples_fixtures import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # pool start-up and training: minutes on a loaded box
 
@@ -26,7 +26,7 @@ while time.monotonic() < end:
 """
 
 
-def test_watch_shows_a_busy_tenant_with_ops_per_second(pool_env: dict[str, str]) -> None:  # noqa: F811
+def test_watch_shows_a_busy_tenant_with_ops_per_second(pool_env: dict[str, str]) -> None:
     # The tenant is the credential's name: `gpupool up` issues this user a tenant certificate of its own name.
     tenant = getpass.getuser()
     env = {**os.environ, **pool_env, "COLUMNS": "200"}

