@@ -4,6 +4,13 @@ that stops at once.
 prometheus_client's `start_http_server` runs `serve_forever()` with its default 0.5 s poll interval, and
 `shutdown()` waits for that poll to come round: every daemon or scheduler stop took 0.3-0.5 s in that wait alone.
 Here the loop polls every `POLL_INTERVAL` s, so a stop waits at most that long.
+
+A client is served in a thread of its own (as prometheus_client's server does), so a slow one never delays a scrape;
+but prometheus_client's threads waited on their client without end: each idle or trickling connection (slowloris)
+kept a thread, and a local client opening thousands held that many threads and sockets in the daemon or scheduler
+(threads that gRPC, the workers and collectives then could not have). Here a connection's reads and writes give up
+after `REQUEST_SECONDS`, and at most `MAX_CONNECTIONS` are served at once: others are closed unanswered until one
+ends (a scrape retries at its next interval).
 """
 
 from __future__ import annotations
@@ -11,21 +18,56 @@ from __future__ import annotations
 import socket
 import threading
 from socketserver import ThreadingMixIn
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
 POLL_INTERVAL = 0.05  # seconds: the longest a stop waits for the serving loop
+REQUEST_SECONDS = 5.0  # a connection's socket timeout: a client silent this long is dropped
+MAX_CONNECTIONS = 32  # connections served at once (a thread each); more are closed at once
 
 
 class _Quiet(WSGIRequestHandler):
+    timeout = REQUEST_SECONDS  # socketserver.StreamRequestHandler sets it on the connection
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
         """No access log (as prometheus_client's own handler)."""
 
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a scrape in progress never holds the process open
+    request_queue_size = 64  # the listen backlog (socketserver's 5 made a burst of connections wait seconds)
+    open_connections = 0  # served now (a thread each): at most MAX_CONNECTIONS
+    _count_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._count_lock:
+            full = self.open_connections >= MAX_CONNECTIONS
+            if not full:
+                self.open_connections += 1
+        if full:
+            self.shutdown_request(request)  # closed unanswered: no thread for it
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started (the process is out of them): the slot is free again
+            self._release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._count_lock:
+            self.open_connections -= 1
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that timed out or went away: nothing to log (socketserver prints a traceback to stderr)."""
 
 
 def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:

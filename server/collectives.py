@@ -58,6 +58,7 @@ MAX_TIMEOUT = 300.0  # the longest a collective waits for its peers (group forma
 # call until round 18). While nobody else waits it keeps looking: a lone job pays no slice per step.
 POLL_SECONDS = 0.005
 STOP_POLL_SECONDS = seclink.STOP_POLL_SECONDS  # how soon a closed session's join gives up
+STORE_ATTEMPT_SECONDS = 0.5  # a rank's attempts to reach rank 0's store: how soon a closed session's join gives up
 TRANSPORTS = ("secure", "gloo")  # --collectives: encrypted links (server/seclink.py), or plaintext gloo/NCCL
 KINDS = ("allreduce", "broadcast", "allgather", "reduce_scatter", "barrier")
 _REDUCE = {"sum": dist.ReduceOp.SUM, "product": dist.ReduceOp.PRODUCT, "min": dist.ReduceOp.MIN,
@@ -155,6 +156,33 @@ class Group:
 
 def timedelta_seconds(t: Any) -> float:
     return t.total_seconds() if isinstance(t, timedelta) else float(t)
+
+
+def _connect_store(host: str, port: int, size: int, timeout: float, stop: threading.Event) -> Any:
+    """A client of the group's TCPStore at HOST:PORT (rank 0's), connected within `timeout` s, in attempts of
+    STORE_ATTEMPT_SECONDS that give up once `stop` is set (the session closed). One constructor call with the
+    group's timeout kept its join thread (`gpupool-group-N`) retrying a dead or black-holed address the client
+    named for up to MAX_TIMEOUT after the session closed: a tenant looping join-and-close held threads without
+    bound (--isolation thread; a worker process ends with its session). The store then waits `timeout` per call."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if stop.is_set():
+            raise Unavailable("the session closed before the group's store answered")
+        try:
+            store = dist.TCPStore(
+                host,
+                port,
+                size,
+                is_master=False,
+                timeout=timedelta(seconds=max(0.05, min(STORE_ATTEMPT_SECONDS, left))),
+            )
+        except Exception:
+            if time.monotonic() >= deadline:
+                raise
+            continue
+        store.set_timeout(timedelta(seconds=timeout))
+        return store
 
 
 def _shutdown(pg: Any) -> None:
@@ -321,9 +349,7 @@ class Collectives:
         def run() -> None:
             if group.store is None:
                 try:
-                    group.store = dist.TCPStore(
-                        host, port_num, size, is_master=False, timeout=timedelta(seconds=timeout)
-                    )
+                    group.store = _connect_store(host, port_num, size, timeout, group.stop)
                 except Exception as exc:
                     group.broken = f"cannot reach the group's store at {msg.store_address}: {_short(exc)}"
                     group.ready.set()

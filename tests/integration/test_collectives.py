@@ -6,6 +6,7 @@ a rank that never calls and a daemon that dies (each a clear error within second
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 import uuid
@@ -426,3 +427,37 @@ def test_abandoned_groups_end_their_threads_and_sockets(daemon_factory, transpor
     assert _listening_sockets() <= listening, f"{_listening_sockets() - listening} listening sockets left"
     grown = len(os.listdir("/proc/self/task")) - tasks
     assert grown < n, f"{grown} threads more after {n} abandoned groups"
+
+
+def test_a_join_to_a_dead_store_ends_with_its_session(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    """Rank 1 names a store address where nothing answers (a closed port: refused, retried). Its join thread
+    (`gpupool-group-N`) ran one TCPStore constructor with the group's timeout (60 s here, 300 s at most) that no
+    session close reached: a tenant looping join-and-close under --isolation thread held a thread per loop for
+    that long. The store is now reached in short attempts that stop with the session."""
+    daemon = daemon_factory(fake_gpu_memory=64 * MiB, worker_network=True, isolation="thread")
+
+    def group_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("gpupool-group-")}
+
+    with socket.socket() as probe:  # a port nobody listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    before = group_threads()
+    n = 4
+    for _ in range(n):
+        lease = uuid.uuid4().hex
+        tokens = [daemon.token(lease_id=lease, host="absent-host"), daemon.token(lease_id=lease, network=True)]
+        s = Session.attach(daemon.address, tokens[1])
+        join = device_pb2.GroupJoin(
+            rank=1, size=2, tokens=tokens, store_address=f"127.0.0.1:{dead}", timeout_seconds=60.0
+        )
+        s.command(device_pb2.Command(group_join=join))
+        s.sync()
+        time.sleep(0.3)  # its join retries the dead address
+        assert group_threads() - before, "the join thread is not running: the test sees nothing"
+        s.close()
+    deadline = time.monotonic() + 10
+    while group_threads() - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = group_threads() - before
+    assert not left, f"{len(left)} of {n} joins to a dead store outlived their sessions"

@@ -4,6 +4,8 @@ revocation), a lost daemon, and the metrics endpoint."""
 from __future__ import annotations
 
 import signal
+import socket
+import threading
 import time
 import urllib.request
 from typing import Any
@@ -15,7 +17,7 @@ from gpupool.client.session import Handle, Session
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import tls_channel
 
-from gpupool import errors
+from gpupool import errors, metrics_http
 from gpupool._proto import device_pb2, device_pb2_grpc
 from gpupool.tokens import public_session_id
 
@@ -191,6 +193,44 @@ def test_second_attach_of_a_lease_does_not_evict_the_first(daemon: Any) -> None:
     second.sync()
     assert second.handle_base != first.handle_base
     second.close()
+
+
+def test_metrics_endpoint_outlasts_idle_and_slow_clients(daemon: Any) -> None:
+    """A local client opens many connections to /metrics and sends a partial request on each (slowloris). Each
+    held a thread of the daemon for as long as the client liked (prometheus_client's server, then round 19's):
+    thousands held that many threads and sockets. Now at most MAX_CONNECTIONS are served at once (the others are
+    closed unanswered) and a silent one is dropped after REQUEST_SECONDS; a scrape is answered after that."""
+
+    def serving() -> int:
+        return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+    before = serving()
+    n = metrics_http.MAX_CONNECTIONS + 16
+    conns = []
+    for _ in range(n):
+        c = socket.create_connection(("127.0.0.1", daemon.metrics_port), timeout=10)
+        c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # the request never ends
+        conns.append(c)
+    deadline = time.monotonic() + 3  # the server accepts them one by one
+    while serving() - before <= metrics_http.MAX_CONNECTIONS and time.monotonic() < deadline:
+        time.sleep(0.05)
+    held = serving() - before
+    assert 0 < held <= metrics_http.MAX_CONNECTIONS, f"{held} threads serve {n} idle connections"
+    start = time.monotonic()
+    for c in conns:  # each is closed by the server: at once past the cap, after REQUEST_SECONDS else
+        c.settimeout(metrics_http.REQUEST_SECONDS + 10 - (time.monotonic() - start))
+        try:
+            assert c.recv(1024) == b""
+        except ConnectionResetError:
+            pass
+        c.close()
+    assert time.monotonic() - start < metrics_http.REQUEST_SECONDS + 5
+    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10).read().decode()
+    assert "gpupool_device_info{" in text
+    deadline = time.monotonic() + 5
+    while serving() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert serving() <= before
 
 
 def test_metrics_endpoint(daemon: Any) -> None:

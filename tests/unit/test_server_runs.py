@@ -11,6 +11,7 @@ C++ (a counter checks that it ran), and with `GPUPOOL_NATIVE_RUNNER=0` (the Pyth
 
 from __future__ import annotations
 
+import gc
 import itertools
 import re
 import struct
@@ -952,3 +953,42 @@ def test_a_chained_run_checks_its_own_outputs_against_its_own_kept_list() -> Non
     p.slice(part_a(p, 4) + part_b(p, 4, second=c(4, 0)))
     assert p.hits - hits == 4
     assert c(4, 4) in p.s[0].poisoned and c(4, 5) in p.s[0].poisoned  # refused, as on the normal path
+
+
+def _second_run(p: Pair) -> runs.Trace:
+    """The run `part_b` was learned as: the one `part_a`'s run follows into."""
+    (first,) = [t for ts in p.runs().heads.values() for t in ts if len(t.steps) == 3 and t.next() is not None]
+    second = first.next()
+    assert second is not None
+    return second
+
+
+@pytest.mark.parametrize("how", ["quota", "flops", "evicted", "uncompiled"])
+def test_a_run_goes_on_only_into_a_next_run_that_still_holds(runner: str, how: str) -> None:
+    """`Ctx::follow` goes on only into a next run that is alive, learned under the session's quota and compute
+    bound (its verdicts hold only under those), and compiled: a next run learned under another quota or
+    `max_op_flops` (its `quota`/`flops`), dropped from the session's runs (evicted: its weak reference is dead), or
+    not compiled (`native` None) is not run on into; the first run's end is the result, and the records run as on
+    the normal path (the pair compares them)."""
+    p, calls = chained()
+    second = _second_run(p)
+    if how == "quota":
+        second.quota += 1
+    elif how == "flops":
+        second.flops += 1
+    elif how == "evicted":
+        for ts in p.runs().heads.values():
+            if second in ts:
+                ts.remove(second)
+        del second
+        gc.collect()
+    else:
+        second.native = None
+        second.steps = second.steps[:0] + second.steps  # the same steps (the Python path compiles it again)
+    calls.calls.clear()
+    hits = p.hits
+    p.slice(part_a(p, 4) + part_b(p, 4))
+    if runner == "native":
+        assert calls.calls[0] == (3, False), calls.calls
+    if how in ("quota", "flops", "evicted"):
+        assert p.hits - hits == 3  # the second part ran on the normal path (and is learned again)
