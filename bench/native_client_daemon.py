@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="--time: blocks of --steps steps per way")
     p.add_argument("--dropout", action="store_true", help="the encoder in train mode (its losses then differ: the "
                    "daemon's random numbers), as client_ab.py runs the shim: for --callgrind and --time")  # fmt: skip
-    p.add_argument("--time", action="store_true", help="step times, local and spike interleaved in one process")
+    p.add_argument("--time", action="store_true", help="step times, local and spike interleaved in one process (and "
+                   "the client's CPU per step: user, system, context switches)")  # fmt: skip
     p.add_argument("--callgrind", nargs="?", const="spike", choices=("spike", "local"), default=None,
                    help="under callgrind: instrumentation on around 2 x --steps steps of one way")  # fmt: skip
     p.add_argument("--callgrind-out", default="", help="keep callgrind's file here (for callgrind_annotate)")
