@@ -28,6 +28,7 @@ import argparse
 import copy
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     nc.load()
     nc.claim()
+    from gpupool.client.engine import run_backward_on_calling_thread
+
+    run_backward_on_calling_thread()  # as gpupool.client.native.enable() (`gpupool run --native-client`) runs backward
     session = Session.attach(args.address, args.token, timeout=120.0)  # 120 s: under valgrind
     nc.connect(session, nc.TINY_MLP_OPS + nc.ENCODER_OPS if args.op_set else None)
     if args.breadth:
@@ -98,19 +102,31 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     elif args.time:
         times: dict[str, list[float]] = {"local": [], "spike": []}
         cpu: dict[str, list[float]] = {"local": [], "spike": []}
+        split: dict[str, dict[str, list[float]]] = {w: {"user": [], "sys": [], "switches": []} for w in times}
         for i in range(3):
             for way in times:
                 step(way, i).item()
         for _ in range(args.rounds):
             for way in times:
+                r0 = resource.getrusage(resource.RUSAGE_SELF)
                 t, c = time.perf_counter(), time.process_time()
                 for i in range(args.steps):
                     loss = step(way, i)
                 loss.item()  # one sync per block, as launch_bound.py's eager mode
                 times[way].append((time.perf_counter() - t) / args.steps)
                 cpu[way].append((time.process_time() - c) / args.steps)  # this process, all its threads (gRPC's)
+                r1 = resource.getrusage(resource.RUSAGE_SELF)
+                split[way]["user"].append((r1.ru_utime - r0.ru_utime) / args.steps)
+                split[way]["sys"].append((r1.ru_stime - r0.ru_stime) / args.steps)
+                switches = r1.ru_nvcsw + r1.ru_nivcsw - r0.ru_nvcsw - r0.ru_nivcsw
+                split[way]["switches"].append(switches / args.steps * 1e-6)  # * 1e6 below: per step
         out["step_us"] = {w: {"best": min(v) * 1e6, "median": statistics.median(v) * 1e6} for w, v in times.items()}
         out["client_cpu_us"] = {w: {"best": min(v) * 1e6, "median": statistics.median(v) * 1e6} for w, v in cpu.items()}
+        # the CPU time split: user (instructions, and what the load does to them) and system (the kernel: gRPC's
+        # socket writes, thread wake-ups); context switches of all the process's threads per step
+        out["client_cpu_split"] = {
+            w: {k: round(statistics.median(v) * 1e6, 2) for k, v in parts.items()} for w, parts in split.items()
+        }
     else:
         out["local"] = [step("local", i).item() for i in range(args.steps)]
         out["spike"] = [step("spike", i).item() for i in range(args.steps)]
@@ -307,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="--time: blocks of --steps steps per way")
     p.add_argument("--dropout", action="store_true", help="the encoder in train mode (its losses then differ: the "
                    "daemon's random numbers), as client_ab.py runs the shim: for --callgrind and --time")  # fmt: skip
-    p.add_argument("--time", action="store_true", help="step times, local and spike interleaved in one process")
+    p.add_argument("--time", action="store_true", help="step times, local and spike interleaved in one process (and "
+                   "the client's CPU per step: user, system, context switches)")  # fmt: skip
     p.add_argument("--callgrind", nargs="?", const="spike", choices=("spike", "local"), default=None,
                    help="under callgrind: instrumentation on around 2 x --steps steps of one way")  # fmt: skip
     p.add_argument("--callgrind-out", default="", help="keep callgrind's file here (for callgrind_annotate)")

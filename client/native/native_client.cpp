@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -634,9 +635,10 @@ uint32_t op_id(const c10::OperatorHandle& op) {
 // ---------------------------------------------------------------------------------------------------------------------
 // Wire mode (configure_wire): records in the daemon's own format, for a real session. The buffer then holds finished
 // `ClientFrame.commands` entries (Command{eager_op}, Command{upload}, Command{free}: byte for byte what protobuf
-// writes, as client/session.py's eager_command and upload_command write them), and every kFlushCommands commands, and
-// at every sync, the buffer goes to Python once (the `gpupool_native::send` / `sync_scalar` / `download` operators,
-// implemented in Python by client/native/backend.py over client/session.py's Session). Compact records
+// writes, as client/session.py's eager_command and upload_command write them), and every $GPUPOOL_FLUSH_OPS commands
+// (32 by default, as the Python client's frames), and at every sync, the buffer goes to Python once (the
+// `gpupool_native::send` / `sync_scalar` / `download` operators, implemented in Python by client/native/backend.py
+// over client/session.py's Session). Compact records
 // (gpupool/compact.py): u32 op id (u8 name length and the name the first time), u8 n, u64 outputs, u8 n, args,
 // u8 n, (u8 length, name, arg) kwargs; kwarg-only arguments of the schema go by name.
 //
@@ -661,12 +663,13 @@ uint32_t op_id(const c10::OperatorHandle& op) {
 enum : uint8_t { T_NONE = 0, T_TENSOR, T_INT, T_FLOAT, T_BOOL, T_TENSORS, T_INTS, T_FLOATS, T_BOOLS, T_DTYPE, T_DEVICE,
                  T_CPU, T_LAYOUT, T_MEMORY_FORMAT, T_VIEW, T_VIEWS };
 constexpr size_t kMaxViewDims = 64;                      // compact.MAX_DIMS
-constexpr size_t kFlushCommands = 32;                    // client/torch/runtime.py FLUSH_OPS
+constexpr size_t kFlushCommands = 32;                    // client/torch/runtime.py FLUSH_OPS (the default)
 constexpr size_t kChunkBytes = 4 * 1024 * 1024;          // gpupool/wire.py CHUNK_BYTES: an upload's chunks
 constexpr size_t kMaxUpload = 32 * 1024 * 1024;         // a frame stays under gRPC's 64 MiB message limit
 constexpr size_t kFlushBytes = 1024 * 1024;              // client/session.py MAX_BATCH_BYTES: a frame goes out past it
 
 bool g_wire = false;                                      // wire mode (configure_wire ran for some device)
+size_t g_flush_commands = kFlushCommands;                 // commands a frame (set by configure_wire: $GPUPOOL_FLUSH_OPS)
 int g_dtype_code[64];                                     // c10::ScalarType -> tensor.proto DType (-1: none)
 int g_layout_strided = -1;                                // tensor.proto Layout of torch.strided
 int g_mf_code[4] = {-1, -1, -1, -1};                      // c10::MemoryFormat -> tensor.proto MemoryFormat
@@ -814,7 +817,7 @@ WireOp& wire_info(const c10::OperatorHandle& op, uint32_t id, bool internal) {
 }
 
 // A compact record: head (op id, the name the first time), outputs, then `args` (the argument part).
-void emit_record(Dev& d, uint32_t id, const std::vector<uint64_t>& outs, const Buf& args) {
+void emit_record(Dev& d, uint32_t id, c10::ArrayRef<uint64_t> outs, const Buf& args) {
   Buf& r = t_aux;
   r.clear();
   put<uint32_t>(r, id);
@@ -998,7 +1001,7 @@ void flush_frame(Dev& d) {
   op.call(frame, index_of(d));
 }
 
-inline bool frame_full(const Dev& d) { return d.cmds >= kFlushCommands || d.buf.size() >= kFlushBytes; }
+inline bool frame_full(const Dev& d) { return d.cmds >= g_flush_commands || d.buf.size() >= kFlushBytes; }
 
 // A tensor argument. A 0-dim CPU tensor goes as a number only where that is what it is and the daemon's call of the op
 // takes one (`numbers`: add, mul, ...; a Python number `x * 2` reaches the op as a wrapped number); any other throws
@@ -1283,7 +1286,7 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack, Devi
     python_fallback(op, stack);
     return;
   }
-  std::vector<uint64_t> outs;
+  c10::SmallVector<uint64_t, 8> outs;  // no heap allocation per op
   c10::SmallVector<at::Tensor, 4> made;
   bool any_named = false;
   const AtDevice at_device(index);  // new outputs on the op's device
@@ -1913,6 +1916,14 @@ void configure_wire(int64_t index, int64_t base, std::optional<std::vector<std::
   g_wire_all = !ops.has_value();
   if (ops) g_wire_ops = std::unordered_set<std::string>(ops->begin(), ops->end());
   g_python = python;
+  // commands a frame, as the Python client's client/torch/runtime.py FLUSH_OPS: $GPUPOOL_FLUSH_OPS, else 32
+  if (const char* e = std::getenv("GPUPOOL_FLUSH_OPS"); e != nullptr && *e != '\0') {
+    char* end = nullptr;
+    const long long n = std::strtoll(e, &end, 10);
+    TORCH_CHECK(*end == '\0' && n >= 1 && n <= 65536, "gpupool native client: GPUPOOL_FLUSH_OPS=", e,
+                " is not a number of commands from 1 to 65536");
+    g_flush_commands = static_cast<size_t>(n);
+  }
   g_keep = true;  // the buffer is a frame: never dropped
   g_wire = true;
 }

@@ -30,11 +30,19 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"sp
 STEPS = 8
 
 
-def _train(serve: Any, model: str, steps: int, *flags: str, **claims: Any) -> dict[str, Any]:
+def _run(
+    serve: Any, model: str, steps: int, *flags: str, env: dict[str, str] | None = None, **claims: Any
+) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, str(ROOT / "bench" / "native_client_daemon.py"), "--worker", "--address", serve.address,
            "--token", serve.token(**claims), "--steps", str(steps), "--model", model, *flags]  # fmt: skip
-    env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
+    env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
+
+
+def _train(
+    serve: Any, model: str, steps: int, *flags: str, env: dict[str, str] | None = None, **claims: Any
+) -> dict[str, Any]:
+    proc = _run(serve, model, steps, *flags, env=env, **claims)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
@@ -60,6 +68,20 @@ def test_frames_not_ops_go_to_python(trained: dict[str, Any]) -> None:
     assert w["view_args"] > 0 and w["view_handles"] == 0
     assert s["meta_runs"] == s["cache_entries"]  # each layout inferred once
     assert w["pending"] == 0 and s["double_frees"] == 0
+
+
+def test_frames_follow_gpupool_flush_ops(serve: Any, trained: dict[str, Any]) -> None:
+    """$GPUPOOL_FLUSH_OPS sets the commands a frame, as it does the Python client's (client/torch/runtime.py): 4 cut
+    the same training into several times the default's frames, with the same losses; a bad value is refused at attach.
+    """
+    small = _train(serve, "tiny-mlp", STEPS, "--op-set", env={"GPUPOOL_FLUSH_OPS": "4"})
+    assert small["spike"] == trained["spike"]  # the same records, cut into frames elsewhere
+    assert small["stats"]["op_records"] == trained["stats"]["op_records"]
+    assert small["wire"]["frames"] > small["stats"]["op_records"] / 5  # the default's: fewer than records / 8
+    assert small["wire"]["frames"] > 3 * trained["wire"]["frames"]
+    bad = _run(serve, "tiny-mlp", 1, env={"GPUPOOL_FLUSH_OPS": "0"})
+    assert bad.returncode != 0
+    assert "GPUPOOL_FLUSH_OPS=0 is not a number of commands from 1 to 65536" in bad.stderr
 
 
 def test_an_op_outside_the_set_goes_to_the_python_fallback(trained: dict[str, Any]) -> None:
