@@ -776,7 +776,15 @@ class CommandExecutor:
             numel = 1
             for d in shape:
                 numel *= d
-            s.admit(numel * wire.itemsize(dtype))  # before allocating: a forged 1 TB shape never allocates
+            nbytes = numel * dtype.itemsize
+            s.admit(nbytes)  # before allocating: a forged 1 TB shape never allocates
+            native = self.native
+            if up.last and len(data) == nbytes and native is not None and s.device.fake:
+                # The whole tensor in one chunk (every small upload): made and filled in one C call, bound only
+                # once written (native_runner.cpp `filled`), never through `uploads`.
+                s.rebind(h, native.filled(shape, dtype, data))
+                self.ledger.transfer("upload", nbytes)
+                return
             s.bind(h, torch.empty(shape, dtype=dtype, device=s.device.torch_device))
             s.uploads[h] = 0
         elif h not in s.uploads:
