@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The native runner (server/native_runner.cpp) under AddressSanitizer and UBSan, in-process: the unit tests that
 # drive it (tests/unit/test_server_runs.py, test_server_learned_hostile.py, test_server_native_free.py,
-# test_server_native_upload.py) and the structured fuzz on recorded training streams (tests/integration/test_runner_fuzz.py). docs/operations.md "The
-# native runner under sanitizers".
+# test_server_native_upload.py) and the structured fuzz on recorded training streams
+# (tests/integration/test_runner_fuzz.py). docs/operations.md "The native runner under sanitizers".
 #
 #   bash scripts/runner_asan.sh                 # ~4 min the first time (the sanitized build), then ~1 min
 #   CASES=40 SEED=7 bash scripts/runner_asan.sh # a longer fuzz (cases per workload), other seeds

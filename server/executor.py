@@ -8,6 +8,7 @@ sit between it and the gRPC front without changing either side.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 import warnings
@@ -769,14 +770,12 @@ class CommandExecutor:
             raise InvalidArgument(f"upload chunk of {len(data)} bytes exceeds {wire.CHUNK_BYTES}")
         if up.offset == 0 and up.HasField("meta"):
             s.check_handle(h)
-            dtype = wire.dtype_from_proto(up.meta.dtype)
-            shape = list(up.meta.shape)
-            if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
+            meta = up.meta
+            dtype = wire.dtype_from_proto(meta.dtype)
+            shape = list(meta.shape)
+            if len(shape) > MAX_DIMS or (shape and min(shape) < 0):
                 raise InvalidArgument(f"bad upload shape {shape}")
-            numel = 1
-            for d in shape:
-                numel *= d
-            nbytes = numel * dtype.itemsize
+            nbytes = math.prod(shape) * dtype.itemsize
             s.admit(nbytes)  # before allocating: a forged 1 TB shape never allocates
             native = self.native
             if up.last and len(data) == nbytes and native is not None and s.device.fake:

@@ -75,6 +75,10 @@ def test_a_one_chunk_upload_past_the_quota_or_into_another_session_is_refused(da
         raw_upload(s, s.handle_base, torch.uint8, [4], b"abcd")  # handle 0 is reserved
         with pytest.raises(errors.InvalidArgument, match="reserved"):
             s.sync()
+        for shape in ([2, -2, -1], [-4], [1] * 64 + [4]):  # 65 dims; each product matches the 4 bytes
+            raw_upload(s, s.new_handle(), torch.uint8, shape, b"abcd")
+            with pytest.raises(errors.InvalidArgument, match="bad upload shape"):
+                s.sync()
         assert torch.equal(s.download(a), torch.ones(MiB // 8)) and used_bytes(daemon.address, s) == MiB // 2
 
 
