@@ -11,24 +11,17 @@ from typing import Any
 
 import pytest
 import torch
-from gpupool.server import native_runner
 from gpupool.server.devices import FakeDevice
 from gpupool.server.executor import CommandExecutor
 from gpupool.server.sessions import DeviceMemory, WorkerSession
+from test_server_native_free import mod as runner_module
 
 from gpupool import wire
 from gpupool._proto import device_pb2, tensor_pb2
 
+mod = runner_module  # the fixture: the runner's module, or a skip where it cannot be built
 NUMBER = 3
 BASE = NUMBER << 32
-
-
-@pytest.fixture(scope="module")
-def mod() -> Any:
-    m = native_runner.load()
-    if m is None:
-        pytest.skip("the native runner cannot be built here")
-    return m
 
 
 @pytest.mark.parametrize("dtype", list(wire.TORCH_DTYPES.values()))
