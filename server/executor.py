@@ -8,6 +8,7 @@ sit between it and the gRPC front without changing either side.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 import warnings
@@ -769,14 +770,20 @@ class CommandExecutor:
             raise InvalidArgument(f"upload chunk of {len(data)} bytes exceeds {wire.CHUNK_BYTES}")
         if up.offset == 0 and up.HasField("meta"):
             s.check_handle(h)
-            dtype = wire.dtype_from_proto(up.meta.dtype)
-            shape = list(up.meta.shape)
-            if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
+            meta = up.meta
+            dtype = wire.dtype_from_proto(meta.dtype)
+            shape = list(meta.shape)
+            if len(shape) > MAX_DIMS or (shape and min(shape) < 0):
                 raise InvalidArgument(f"bad upload shape {shape}")
-            numel = 1
-            for d in shape:
-                numel *= d
-            s.admit(numel * wire.itemsize(dtype))  # before allocating: a forged 1 TB shape never allocates
+            nbytes = math.prod(shape) * dtype.itemsize
+            s.admit(nbytes)  # before allocating: a forged 1 TB shape never allocates
+            native = self.native
+            if up.last and len(data) == nbytes and native is not None and s.device.fake:
+                # The whole tensor in one chunk (every small upload): made and filled in one C call, bound only
+                # once written (native_runner.cpp `filled`), never through `uploads`.
+                s.rebind(h, native.filled(shape, dtype, data))
+                self.ledger.transfer("upload", nbytes)
+                return
             s.bind(h, torch.empty(shape, dtype=dtype, device=s.device.torch_device))
             s.uploads[h] = 0
         elif h not in s.uploads:

@@ -1,0 +1,118 @@
+"""Uploads made and filled in one call of the native runner (native_runner.cpp `filled`, `CommandExecutor._upload`'s
+one-chunk path): exact bytes for every dtype and shape, the old tensor of a replaced handle left alone, the quota
+and handle checks before anything is made, and chunks whose length does not match their meta refused with the
+handle poisoned. Each against a real daemon (session workers in processes, the native runner loaded)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from gpupool.client.session import Handle, Session
+from test_daemon_quota import used_bytes
+
+from gpupool import errors, wire
+from gpupool._proto import device_pb2, tensor_pb2
+
+KiB, MiB = 1024, 1024**2
+
+
+def raw_upload(s: Session, h: int, dtype: torch.dtype, shape: list[int], data: bytes, last: bool = True) -> None:
+    """One hand-made Upload chunk at offset 0 with its meta (what a hostile client may send)."""
+    meta = tensor_pb2.TensorMeta(dtype=wire.dtype_to_proto(dtype), shape=shape)
+    s._add(device_pb2.Command(upload=device_pb2.Upload(handle=h, meta=meta, data=data, last=last)))
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and wire.tensor_to_bytes(a) == wire.tensor_to_bytes(b)
+
+
+def test_one_chunk_uploads_are_exact_for_every_dtype_and_shape(daemon: Any) -> None:
+    gen = torch.Generator().manual_seed(20)
+    with Session.attach(daemon.address, daemon.token()) as s:
+        sent = []
+        for dtype in wire.TORCH_DTYPES.values():
+            for shape in [(), (0,), (3, 0, 2), (7,), (2, 3, 5), (1, 1, 1, 1, 9)]:
+                n = torch.Size(shape).numel()
+                raw = torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=gen)
+                t = raw.view(dtype).reshape(shape)  # any bit pattern: NaNs, denormals, bools of 2..255
+                sent.append((t, s.upload(t)))
+        s.sync()
+        assert used_bytes(daemon.address, s) == sum(t.numel() * t.element_size() for t, _ in sent)
+        for t, h in sent:
+            assert same_bytes(s.download(h), t), (t.dtype, t.shape)
+
+
+def test_an_upload_over_a_live_handle_leaves_the_old_tensor_to_its_views(daemon: Any) -> None:
+    """A new tensor for each upload: one written into the handle's old storage would change its views."""
+    with Session.attach(daemon.address, daemon.token()) as s:
+        old, new = torch.arange(64.0), torch.arange(64.0) + 1000
+        h = Handle(s.upload(old))
+        [v] = s.call("aten::view.default", h, [8, 8])
+        s.upload(new, handle=h)
+        s.sync()
+        assert torch.equal(s.download(v), old.view(8, 8)) and torch.equal(s.download(h), new)
+        assert used_bytes(daemon.address, s) == 2 * 64 * 4  # the view still holds the old storage
+        s.free([v])
+        s.sync()
+        assert used_bytes(daemon.address, s) == 64 * 4
+
+
+def test_a_one_chunk_upload_past_the_quota_or_into_another_session_is_refused(daemon: Any) -> None:
+    with Session.attach(daemon.address, daemon.token(quota_bytes=MiB)) as s:
+        a = s.upload(torch.ones(MiB // 8))  # half the quota
+        s.sync()
+        b = s.upload(torch.ones(MiB // 8 + 1))  # one float past it
+        with pytest.raises(errors.ResourceExhausted, match=f"{MiB} byte limit"):
+            s.sync()
+        assert used_bytes(daemon.address, s) == MiB // 2
+        with pytest.raises(errors.ResourceExhausted):
+            s.download(b)  # poisoned with the error
+        raw_upload(s, s.handle_base + (1 << 32) + 5, torch.uint8, [4], b"abcd")  # the next session's range
+        with pytest.raises(errors.PermissionDenied):
+            s.sync()
+        raw_upload(s, s.handle_base, torch.uint8, [4], b"abcd")  # handle 0 is reserved
+        with pytest.raises(errors.InvalidArgument, match="reserved"):
+            s.sync()
+        for shape in ([2, -2, -1], [-4], [1] * 64 + [4]):  # 65 dims; each product matches the 4 bytes
+            raw_upload(s, s.new_handle(), torch.uint8, shape, b"abcd")
+            with pytest.raises(errors.InvalidArgument, match="bad upload shape"):
+                s.sync()
+        assert torch.equal(s.download(a), torch.ones(MiB // 8)) and used_bytes(daemon.address, s) == MiB // 2
+
+
+@pytest.mark.parametrize("length", [0, 1, 4 * KiB - 1, 4 * KiB + 1, 8 * KiB])
+def test_a_last_chunk_of_the_wrong_length_is_refused_and_its_handle_unreadable(daemon: Any, length: int) -> None:
+    """A one-chunk upload shorter or longer than its meta: refused before anything of it can be read. The session
+    first frees a tensor of the same size full of a pattern, so that memory the upload left unwritten would show."""
+    with Session.attach(daemon.address, daemon.token()) as s:
+        secret = s.upload(torch.full((1 * KiB,), 7.0))  # 4 KiB
+        s.free([secret])
+        h = s.new_handle()
+        raw_upload(s, h, torch.float32, [1 * KiB], b"\1" * length)
+        with pytest.raises(errors.InvalidArgument, match="upload ended at|does not follow"):
+            s.sync()
+        with pytest.raises(errors.InvalidArgument):
+            s.download(h)  # poisoned, not half written
+        assert used_bytes(daemon.address, s) == 0
+
+
+def test_a_chunked_upload_is_unreadable_until_its_last_chunk(daemon: Any) -> None:
+    """The chunked path (the one-chunk path's fallback) over memory the session just freed: no op and no download
+    sees the tensor before its last byte is written, then it holds exactly what was sent."""
+    with Session.attach(daemon.address, daemon.token()) as s:
+        secret = s.upload(torch.full((4 * KiB,), 7.0))  # 16 KiB
+        s.free([secret])
+        h = s.new_handle()
+        first, rest = b"\1" * (8 * KiB), b"\2" * (8 * KiB)
+        raw_upload(s, h, torch.uint8, [16 * KiB], first, last=False)
+        with pytest.raises(errors.FailedPrecondition, match="still being uploaded"):
+            s.download(h)
+        [total] = s.call("aten::sum.default", Handle(h))
+        with pytest.raises(errors.FailedPrecondition):
+            s.sync()
+        up = device_pb2.Upload(handle=h, offset=8 * KiB, data=rest, last=True)
+        s._add(device_pb2.Command(upload=up))
+        s.sync()
+        assert s.download(h).tolist() == [1] * (8 * KiB) + [2] * (8 * KiB)
