@@ -1,18 +1,27 @@
-"""Pools shared by the integration modules that use a `gpupool up` pool (through `gpupool run` or the client library).
+"""Pools and a daemon shared by the integration modules: `gpupool up` pools (used through `gpupool run` or the client
+library) and the shim tests' `gpupool serve` (`serve`, `attach`, `dev`).
 
 Each pool is started once per test session and stopped at its end (coming up took 10-40 s, once per module before
 round 19). The modules use it by turns, never at once: the module-scoped fixtures below wait for the pool to hold no
 lease before a module's first test and after its last (`examples_fixtures.idle_pool`), so each module starts on an
 idle pool, as it did on a fresh one. These fixtures are found by pytest, not imported by name: a fixture imported
 into several modules would be set up once per module.
+
+The shim tests' `gpupool serve` is likewise started once per session (once per module, ten starts, before round
+20). Its tests never need a fresh daemon: each attaches sessions of its own (a fresh lease and session per token,
+detached after the test, which frees what they held), the daemon's isolation of sessions being what they rely on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import torch
 from examples_fixtures import gpupool_up, idle_pool
+from shim_fixtures import Attach, ServeProcess, start_daemon
+from support import stop_process
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +52,29 @@ def pool_env(_example_pool: dict[str, str]) -> Iterator[dict[str, str]]:
     idle_pool(_example_pool["GPUPOOL_SCHEDULER"])
     yield _example_pool
     idle_pool(_example_pool["GPUPOOL_SCHEDULER"])
+
+
+@pytest.fixture(scope="session")
+def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    """`gpupool serve --fake-gpus 2 --fake-gpu-memory 2GiB` for the session: the shim tests (gpupool:0 unless they
+    ask for device 1), the C++ client's daemon tests, test_multi_device (both devices)."""
+    daemon = start_daemon(tmp_path_factory.mktemp("shim"), "2GiB", 2)
+    yield daemon
+    stop_process(daemon.process)
+
+
+@pytest.fixture
+def attach(serve: ServeProcess) -> Iterator[Attach]:
+    """`attach(quota_bytes=0, share=1.0)` -> a gpupool device on the shared daemon (a fresh lease and session)."""
+    import gpupool.torch as gt
+
+    def do(**claims: Any) -> torch.device:
+        return gt.attach(serve.address, serve.token(**claims))
+
+    yield do
+    gt.detach_all()
+
+
+@pytest.fixture
+def dev(attach: Attach) -> torch.device:
+    return attach()

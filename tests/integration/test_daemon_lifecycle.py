@@ -3,6 +3,7 @@ revocation), a lost daemon, and the metrics endpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import threading
@@ -137,19 +138,33 @@ def test_expired_lease_closes_the_session_unless_refreshed(daemon: Any) -> None:
 
 def test_refresh_is_not_held_up_by_a_backlog(daemon_factory: Any) -> None:
     """A client far ahead of the device (seconds of queued work, the daemon's queue full so its stream reader
-    waits) still gets its renewed token in before the old one expires: the refresh does not wait behind ops."""
-    daemon = daemon_factory(queue_commands=16)
-    lease = "lease-backlog"
-    s = Session.attach(daemon.address, daemon.token(ttl=2.0, lease_id=lease))
-    [a] = s.call("aten::ones.default", [1024, 1024])
-    start = time.monotonic()
-    for _ in range(400):  # 400 x 2 GFLOP: seconds of work, queued in no time (200 took 1.9 s on a quiet box)
-        s.free(s.call("aten::mm.default", Handle(a), Handle(a)))
-    s.flush()
-    s.refresh(daemon.token(ttl=60, lease_id=lease))
-    s.sync()  # before: FailedPrecondition "expired", the refresh having waited behind the backlog
-    assert time.monotonic() - start > 2.0, "the backlog must outlast the first token for this test to mean anything"
-    s.close()
+    waits) still gets its renewed token in before the old one expires: the refresh does not wait behind ops. The
+    session outlives its first token (the daemon's expiry sweep passing several times) with its backlog unfinished."""
+    daemon = daemon_factory(queue_commands=16, reap_interval=0.1)
+    # The client must send its backlog and the refresh within the first token's life for the case to exist: on a
+    # loaded box (load ~17 on 2 cores) queueing once took longer than 2 s. Then the case is tried again with a
+    # longer token and a backlog to match; a refresh sent in time must always keep the session.
+    for ttl in (2.0, 4.0, 8.0):
+        lease, mms = f"lease-backlog-{ttl:g}", int(25 * ttl)
+        expires = time.time() + ttl
+        s = Session.attach(daemon.address, daemon.token(ttl=ttl, lease_id=lease))
+        [a] = s.call("aten::ones.default", [2048, 2048])
+        for _ in range(mms):  # 50 x 17 GFLOP per 2 s of token: seconds of work (~4 s quiet), queued in no time
+            s.free(s.call("aten::mm.default", Handle(a), Handle(a)))
+        s.flush()
+        if time.time() > expires - 0.5:  # the client was slower than the token: no refresh in time to check
+            with contextlib.suppress(errors.GpupoolError):
+                s.close()
+            continue
+        s.refresh(daemon.token(ttl=60, lease_id=lease))
+        time.sleep(max(0.0, expires + 0.6 - time.time()))
+        # before: closed ("expired") at the first token's end, the refresh having waited behind the backlog
+        mine = [x for x in status(daemon.address).sessions if x.lease_id == lease]
+        assert len(mine) == 1, "the session ended with its first token: the refresh did not reach it in time"
+        assert mine[0].ops < 1 + mms, "the backlog must outlast the first token for this test to mean anything"
+        s.close()  # its backlog goes with it
+        return
+    pytest.fail("the client never queued its backlog within a token's life (8 s at most)")
 
 
 def test_revoked_leases_are_closed_and_freed(daemon: Any) -> None:

@@ -5,11 +5,8 @@ server/fallbacks.py. Losses equal those of the same model trained on the local C
 from __future__ import annotations
 
 import pytest
-import shim_fixtures
 import torch
 from torch import nn
-
-serve, attach, dev = shim_fixtures.serve, shim_fixtures.attach, shim_fixtures.dev
 
 
 class TinyLM(nn.Module):

@@ -2,37 +2,22 @@
 one split across gpupool:0 and gpupool:1 (model parallel, `.to()` between the layers), give the CPU's losses; torch's
 device guards, torch.accelerator and gpupool's current device agree; DataParallel is refused with its reason.
 
-Each case runs in a child process (the device guard is process-wide) against one real `gpupool serve --fake-gpus 2`,
-with the native device guard and with torch's Python guard (GPUPOOL_NATIVE=0)."""
+Each case runs in a child process (the device guard is process-wide) against the session's `gpupool serve --fake-gpus
+2` (conftest.py: serve), with the native device guard and with torch's Python guard (GPUPOOL_NATIVE=0)."""
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import shim_fixtures
-from support import start_serve_process, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def serve2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[shim_fixtures.ServeProcess]:
-    """One daemon with two fake GPUs for the module."""
-    tmp = tmp_path_factory.mktemp("two")
-    key = secrets.token_hex(32).encode()
-    (tmp / "token.key").write_bytes(key + b"\n")
-    proc, address = start_serve_process(tmp / "token.key", "--fake-gpus", "2", "--fake-gpu-memory", "1GiB")
-    yield shim_fixtures.ServeProcess(address, key, proc)
-    stop_process(proc)
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +126,10 @@ print("RESULT", json.dumps({"active": native.active(), "seen": seen}))
 """
 
 
-def _run(serve2: Any, cache: Path, script: str, native: bool) -> dict[str, Any]:
+def _run(serve: Any, cache: Path, script: str, native: bool) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k not in ("GPUPOOL_NATIVE", "CXX", "GPUPOOL_LEASE", "GPUPOOL_CUDA")}
-    env.update(GPUPOOL_NATIVE_CACHE=str(cache), GPUPOOL_NATIVE="1" if native else "0", T_ADDRESS=serve2.address,
-               T_TOKEN0=serve2.token(device=0), T_TOKEN1=serve2.token(device=1), PYTHONPATH=str(REPO))  # fmt: skip
+    env.update(GPUPOOL_NATIVE_CACHE=str(cache), GPUPOOL_NATIVE="1" if native else "0", T_ADDRESS=serve.address,
+               T_TOKEN0=serve.token(device=0), T_TOKEN1=serve.token(device=1), PYTHONPATH=str(REPO))  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-c", PRELUDE + script], env=env, capture_output=True, text=True, timeout=240
     )
@@ -162,9 +147,9 @@ def _have_compiler() -> bool:
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native-guard", "python-guard"])
-def test_training_on_gpupool_1_and_split_across_both_gives_the_cpu_losses(serve2: Any, cache: Path,
+def test_training_on_gpupool_1_and_split_across_both_gives_the_cpu_losses(serve: Any, cache: Path,
                                                                           native: bool) -> None:  # fmt: skip
-    seen = _run(serve2, cache, TRAIN, native)["seen"]
+    seen = _run(serve, cache, TRAIN, native)["seen"]
     cpu = seen["cpu"]
     assert cpu["grad_devices"] == ["cpu"]
     expected_grads = {"on_0": ["gpupool:0"], "on_1": ["gpupool:1"], "split_0_1": ["gpupool:0", "gpupool:1"],
@@ -178,10 +163,10 @@ def test_training_on_gpupool_1_and_split_across_both_gives_the_cpu_losses(serve2
     assert seen["device_count"] == [2, 2]
 
 
-def test_current_device_is_one_per_thread_and_torch_guards_agree(serve2: Any, cache: Path) -> None:
+def test_current_device_is_one_per_thread_and_torch_guards_agree(serve: Any, cache: Path) -> None:
     if not _have_compiler():
         pytest.skip("no C++ compiler here: the native guard cannot be built (scripts/setup.sh installs g++)")
-    seen = _run(serve2, cache, CURRENT, True)["seen"]
+    seen = _run(serve, cache, CURRENT, True)["seen"]
     assert seen["set_1"] == [1, 1, 1, "gpupool:1", "gpupool:1"]
     assert seen["with_device_no_index"] == "gpupool:1"
     assert seen["with_device_0"] == "gpupool:0"
@@ -196,11 +181,11 @@ def test_current_device_is_one_per_thread_and_torch_guards_agree(serve2: Any, ca
     assert "DistributedDataParallel" in seen["data_parallel"]
 
 
-def test_python_guard_keeps_gpupool_current_device_the_same_way(serve2: Any, cache: Path) -> None:
+def test_python_guard_keeps_gpupool_current_device_the_same_way(serve: Any, cache: Path) -> None:
     """torch's Python guard can only answer "index 0" (its pybind class lets Python override `type_` alone): gpupool's
     own current device (torch.gpupool, factories, threads) behaves as with the native guard; torch.accelerator's view
     of it, and torch's device guards, cannot move."""
-    seen = _run(serve2, cache, CURRENT, False)["seen"]
+    seen = _run(serve, cache, CURRENT, False)["seen"]
     assert seen["set_1"] == [1, 1, 0, "gpupool:1", "gpupool:1"]
     assert seen["with_device_no_index"] == "gpupool:1"
     assert seen["ops_on_1_keep_current"] == [12.0, 0, 0]

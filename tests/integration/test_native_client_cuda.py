@@ -17,7 +17,7 @@ from gpupool.client.native import WAY_OUT
 from gpupool.client.native.backend import compiler_missing
 from gpupool.client.pool import SchedulerClient
 from scheduler_fixtures import ROOT, wait_until
-from test_cuda_scripts import LOSS, SCRIPTS, on_cpu  # on_cpu: one CPU run per script and session
+from test_cuda_scripts import LOSS, SCRIPTS, amp_on_pool, on_cpu  # each: one run per session
 
 _why = compiler_missing()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"native client: {_why}")]
@@ -78,9 +78,9 @@ def _run(cmd: list[str], env: dict[str, str], ok: bool = True) -> subprocess.Com
     return done
 
 
-def on_pool(pool: str, *args: str, native: bool = True, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    flags = ["--native-client", "--cuda"] if native else ["--cuda"]
-    cmd = [sys.executable, "-m", "gpupool.cli", "run", *flags, "-p", "0.5", "--", sys.executable, *args]
+def on_pool(pool: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", "--native-client", "--cuda", "-p", "0.5", "--", sys.executable,
+           *args]  # fmt: skip
     return _run(cmd, _env(GPUPOOL_SCHEDULER=pool), ok)
 
 
@@ -117,7 +117,7 @@ def test_autocast_and_grad_scaler_give_the_shims_losses(pool: str) -> None:
     """amp.py (autocast float16 + GradScaler): the C++ client computes what the shim computes, bit for bit, and both are
     near the CPU's float32 losses (AMP is off there)."""
     native = LOSS.findall(on_pool(pool, "amp.py").stdout)
-    shim = LOSS.findall(on_pool(pool, "amp.py", native=False).stdout)
+    shim = LOSS.findall(amp_on_pool(pool).stdout)  # the shim's run (test_cuda_scripts.py ran it, or it runs now)
     local = LOSS.findall(on_cpu("amp.py").stdout)
     assert len(native) == 5 and native == shim
     assert native != local  # float16 really ran

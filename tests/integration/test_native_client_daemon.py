@@ -19,12 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import shim_fixtures
 
 ROOT = Path(__file__).resolve().parents[2]
 from gpupool.client.native.backend import compiler_missing  # noqa: E402
 
-serve = shim_fixtures.serve
 _why = compiler_missing()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"spike backend: {_why}")]
 STEPS = 8

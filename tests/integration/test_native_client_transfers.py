@@ -1,4 +1,4 @@
-"""The C++ client's transfers of any size against a real daemon (`gpupool serve --fake-gpus 1`, loopback, TLS), with
+"""The C++ client's transfers of any size against a real daemon (`gpupool serve`, fake GPUs, loopback, TLS), with
 and without the bulk side port (`--bulk-listen`): an upload over 32 MiB (a frame holds 32 MiB at most; round 17 sends
 the larger ones through Session.upload, as the Python client's go) into a whole new tensor and into a slice of one,
 and downloads over 32 MiB and over gRPC's 64 MiB message limit, come back bit for bit and compute as local CPU does;
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,8 +20,8 @@ from typing import Any
 
 import pytest
 from gpupool.client.native.backend import compiler_missing
-from shim_fixtures import ServeProcess
-from support import start_serve_process, stop_process
+from shim_fixtures import ServeProcess, start_daemon
+from support import stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 _why = compiler_missing()
@@ -57,6 +56,7 @@ out["slice_ops"] = [two.sum(1).tolist(), want.sum(1).tolist()]
 h = torch.randint(0, 2**62, (5_000_000,), generator=g)  # int64, 40 MB: another dtype
 out["int64"] = torch.equal(h.to(dev).cpu(), h)
 del d, two
+out["uploads"] = nc.stats()["uploads"]  # the transfers' (before the quota's)
 if session.quota_bytes:
     try:
         big = torch.ones(session.quota_bytes // 4 + MiB, dtype=torch.float32)
@@ -69,47 +69,49 @@ if session.quota_bytes:
                         "torch_oom": isinstance(exc, torch.OutOfMemoryError)}
     del big
     out["after"] = [(x.to(dev) * 2).sum().item(), (x * 2).sum().item()]
-out["uploads"] = nc.stats()["uploads"]
 print(json.dumps(out))
 """.replace("MiB", str(MiB))
 
 
-def _daemon(tmp: Path, *flags: str) -> ServeProcess:
-    key = secrets.token_hex(32).encode()
-    key_file = tmp / "token.key"
-    key_file.write_bytes(key + b"\n")
-    proc, address = start_serve_process(key_file, "--fake-gpus", "1", "--fake-gpu-memory", "1GiB", *flags)
-    return ServeProcess(address, key, proc)
-
-
 @pytest.fixture(scope="module", params=["stream", "bulk"])
-def daemon(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    flags = ("--bulk-listen", "127.0.0.1:0") if request.param == "bulk" else ()
-    d = _daemon(tmp_path_factory.mktemp(request.param), *flags)
-    d.bulk = request.param == "bulk"  # type: ignore[attr-defined]
-    yield d
+def daemon(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, serve: ServeProcess
+) -> Iterator[tuple[ServeProcess, bool]]:
+    """(daemon, bulk): stream: the session's shared `gpupool serve` (conftest.py: serve, no bulk port); bulk: one of
+    this module's own with `--bulk-listen`."""
+    if request.param == "stream":
+        yield serve, False
+        return
+    d = start_daemon(tmp_path_factory.mktemp("bulk"), "1GiB", 1, "--bulk-listen", "127.0.0.1:0")
+    yield d, True
     stop_process(d.process)
 
 
-def _child(d: ServeProcess, **claims: Any) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def ran(daemon: tuple[ServeProcess, bool]) -> dict[str, Any]:
+    """One child per daemon does the transfers and then the quota overrun (a session with a 320 MiB quota: the
+    transfers hold 200 MB at most, and free them before the overrun); both tests read its JSON."""
+    d, bulk = daemon
     env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", CHILD, d.address, d.token(**claims)], env=env, capture_output=True,
-                          text=True, timeout=280)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", CHILD, d.address, d.token(quota_bytes=320 * MiB)], env=env,
+                          capture_output=True, text=True, timeout=280)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    got: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    got["daemon_bulk"] = bulk
+    return got
 
 
-def test_uploads_and_downloads_over_32_mib_are_bit_for_bit(daemon: ServeProcess) -> None:
-    got = _child(daemon)
-    assert got["bulk"] is daemon.bulk  # type: ignore[attr-defined]
+def test_uploads_and_downloads_over_32_mib_are_bit_for_bit(ran: dict[str, Any]) -> None:
+    got = ran
+    assert got["bulk"] is got["daemon_bulk"]
     assert got["whole"] and got["slices"] and got["int64"]
     assert got["ops"][0] == got["ops"][1]
     assert got["slice_ops"][0] == got["slice_ops"][1]
     assert got["uploads"] >= 4
 
 
-def test_an_upload_over_the_quota_is_the_daemons_oom_and_the_session_goes_on(daemon: ServeProcess) -> None:
-    got = _child(daemon, quota_bytes=320 * MiB)
+def test_an_upload_over_the_quota_is_the_daemons_oom_and_the_session_goes_on(ran: dict[str, Any]) -> None:
+    got = ran
     q = got["quota"]
     assert q.get("type") == "OutOfMemoryError" and q["torch_oom"], q
     assert "memory quota exceeded" in q["message"], q

@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import shim_fixtures
 
-serve = shim_fixtures.serve
 REPO = Path(__file__).resolve().parents[2]
 
 CHILD = r"""

@@ -131,17 +131,18 @@ def test_a_paused_scheduler_does_not_blame_hosts_or_tenants(tmp_path: Path) -> N
         proc.stop()
 
 
+# Trains until the file argv[1] exists (the test creates it once what it waits for happened; 120 s at most).
 JOB = """
-import time, torch, gpupool.torch as gt
+import os, sys, time, torch, gpupool.torch as gt
 d = gt.device()
 w = torch.ones(4, device=d)
 t0, i = time.time(), 0
-while time.time() - t0 < {seconds}:
+while not os.path.exists(sys.argv[1]) and time.time() - t0 < 120:
     w = w + 1
-    print("step", i, w.sum().item(), flush=True)
+    print("step", i, w.sum().item(), time.time(), flush=True)  # the time: when the daemon answered
     i += 1
     time.sleep(0.2)
-print("done", w.sum().item(), flush=True)
+print("done", i, w.sum().item(), flush=True)
 """
 
 
@@ -161,14 +162,33 @@ def test_a_job_trains_through_a_scheduler_restart_longer_than_its_lease_ttl(tmp_
     proc2 = None
     try:
         wait_until(lambda: [h.state for h in pool(address).hosts] == ["up"], what="da up")
-        job = gpupool_run(address, "-p", "0.5", "--", sys.executable, "-c", JOB.format(seconds=40))
+        stop = tmp_path / "stop"
+        job = gpupool_run(address, "-p", "0.5", "--", sys.executable, "-c", JOB, str(stop))
         assert job.stdout is not None
         assert job.stdout.readline().startswith("step 0")
-        lease_id = pool(address).leases[0].lease_id
-        proc.kill()  # kill -9 with the lease held, and back 22 s later: twice its TTL
-        time.sleep(22)
+        [held] = pool(address).leases
+        proc.kill()  # kill -9 with the lease held; back once it has expired and more than its TTL (10 s) went by
+        killed = time.time()
+        time.sleep(max(killed + 10, held.expires_at) + 1 - time.time())
         proc2 = Proc(["scheduler", "--listen", address, *proc.args[3:]])
-        assert [x.lease_id for x in pool(address).leases] == [lease_id]
+        back = time.time()
+        assert [x.lease_id for x in pool(address).leases] == [held.lease_id]
+
+        # The job's renewals reach the restarted scheduler (an expiry past the restart), and it trains on after one.
+        def renewed_after_restart() -> bool:
+            leases = pool(address).leases
+            assert [x.lease_id for x in leases] == [held.lease_id], "the lease was lost after the restart"
+            return leases[0].expires_at > back + 1
+
+        wait_until(renewed_after_restart, timeout=30, what="a renewal after the restart")
+        renewed = time.time()
+        while True:  # a step the daemon answered a second after that renewal was seen
+            line = job.stdout.readline()
+            assert line.startswith("step "), line or job.communicate(timeout=60)[1][-3000:]
+            if float(line.split()[3]) > renewed + 1:
+                break
+        assert [x.lease_id for x in pool(address).leases] == [held.lease_id]
+        stop.touch()
         out, err = job.communicate(timeout=90)
         assert job.returncode == 0, err[-3000:]
         assert out.splitlines()[-1].startswith("done"), out[-500:]

@@ -20,14 +20,17 @@ from gpupool.errors import Unavailable
 
 pytestmark = pytest.mark.slow
 
+LEASE_TTL = 12.0
+
+# Trains until the file argv[1] exists (the test creates it once the failover is done; 120 s at most).
 JOB = """
-import time, torch, gpupool.torch as gt
+import os, sys, time, torch, gpupool.torch as gt
 d = gt.device()
 w = torch.ones(4, device=d)
 t0, i = time.time(), 0
-while time.time() - t0 < 35:
+while not os.path.exists(sys.argv[1]) and time.time() - t0 < 120:
     w = w + 1
-    print("step", i, w.sum().item(), flush=True)
+    print("step", i, w.sum().item(), time.time(), flush=True)  # the time: when the daemon answered
     i += 1
     time.sleep(0.2)
 print("done", i, flush=True)
@@ -46,7 +49,7 @@ def postgres() -> Iterator[str]:
 def replica(tmp: Path, dsn: str) -> tuple[Proc, str]:
     proc = Proc(
         ["scheduler", "--listen", "127.0.0.1:0", "--metrics-listen", "0", "--state", dsn, "--standby",
-         "--token-key-file", str(key_file(tmp)), "--host-timeout", "4", "--lease-ttl", "12"]
+         "--token-key-file", str(key_file(tmp)), "--host-timeout", "4", "--lease-ttl", f"{LEASE_TTL:g}"]
     )  # fmt: skip
     return proc, f"127.0.0.1:{proc.port()}"
 
@@ -69,12 +72,13 @@ def test_the_standby_takes_over_when_the_leader_is_killed(tmp_path: Path, postgr
     daemon, _ = start_daemon(tmp_path, both, "real")
     sims: list[SimHost] = []
     job = None
+    stop = tmp_path / "stop"
     try:
         wait_until(lambda: [h.state for h in SchedulerClient(both).list_pool().hosts] == ["up"], what="the daemon")
         env = {**os.environ, "PYTHONPATH": str(ROOT), "GPUPOOL_SCHEDULER": both}
         env.pop("GPUPOOL_LEASE", None)
         job = subprocess.Popen(  # the whole real (fake-GPU) daemon
-            [sys.executable, "-m", "gpupool.cli", "run", "-p", "1.0", "--", sys.executable, "-c", JOB],
+            [sys.executable, "-m", "gpupool.cli", "run", "-p", "1.0", "--", sys.executable, "-c", JOB, str(stop)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
         assert job.stdout is not None
@@ -93,11 +97,28 @@ def test_the_standby_takes_over_when_the_leader_is_killed(tmp_path: Path, postgr
         assert took < 10, f"takeover took {took:.1f} s"
         assert {x.lease_id for x in SchedulerClient(addr_b).list_pool().leases} == before
 
-        time.sleep(14)  # over a lease TTL: renewals and heartbeats must reach the new leader
+        # Renewals and heartbeats reach the new leader: every lease renewed there (an expiry a TTL past a moment
+        # after the takeover) and every host heard from since, the job training on after that.
+        served = time.time()
+
+        def renewed_and_heard() -> bool:
+            state = SchedulerClient(addr_b).list_pool()
+            return all(x.expires_at > served + LEASE_TTL for x in state.leases) and all(
+                h.last_seen > served for h in state.hosts
+            )
+
+        wait_until(renewed_and_heard, timeout=3 * LEASE_TTL, what="renewals and heartbeats at the new leader")
+        seen = time.time()
+        while True:  # a step the daemon answered a second after that
+            line = job.stdout.readline()
+            assert line.startswith("step "), line or job.communicate(timeout=60)[1][-3000:]
+            if float(line.split()[3]) > seen + 1:
+                break
         state = SchedulerClient(addr_b).list_pool()
         assert {x.lease_id for x in state.leases} == before, "a lease was lost in the failover"
         assert [h.state for h in state.hosts] == ["up"] * 3
         assert not any(x.lost.is_set() for x in held)
+        stop.touch()
         out, err = job.communicate(timeout=120)
         assert job.returncode == 0, err[-3000:]
         assert out.splitlines()[-1].startswith("done"), out[-500:]

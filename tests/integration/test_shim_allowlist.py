@@ -6,13 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import shim_fixtures
 import test_shim_training as training
 import torch
 from gpupool.client.session import Session
 from gpupool.server.ops import load_allowlist
-
-serve, attach, dev = shim_fixtures.serve, shim_fixtures.attach, shim_fixtures.dev
 
 
 def _canonical(name: str) -> str:

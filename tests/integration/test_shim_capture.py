@@ -11,7 +11,6 @@ from typing import Any
 
 import grpc
 import pytest
-import shim_fixtures
 import torch
 from gpupool.client.torch import runtime
 from gpupool.client.torch.errors import RemoteError
@@ -22,7 +21,6 @@ from examples.sentiment.model import build_model, make_batch
 from gpupool._proto import device_pb2
 
 capture_mod = importlib.import_module("gpupool.client.torch.capture")  # the module (the package exports the function)
-serve, attach, dev = shim_fixtures.serve, shim_fixtures.attach, shim_fixtures.dev
 Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 

@@ -19,7 +19,6 @@ from torch import nn
 import gpupool.torch as gt
 from gpupool import errors
 
-serve, attach, dev = shim_fixtures.serve, shim_fixtures.attach, shim_fixtures.dev
 MiB = 1024 * 1024
 
 

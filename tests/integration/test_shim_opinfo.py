@@ -26,8 +26,6 @@ from torch.utils._pytree import tree_map
 
 import gpupool.torch as gt
 
-serve, attach, dev = shim_fixtures.serve, shim_fixtures.attach, shim_fixtures.dev
-
 SAMPLES = 3  # first samples per op: bounds the test to a few minutes on 2 cores
 PASSING = 634  # the figure reached; the test fails if coverage drops below it
 FAILURES = Path(__file__).with_name("opinfo_failures.txt")

@@ -8,7 +8,6 @@ import io
 from typing import Any
 
 import pytest
-import shim_fixtures
 import torch
 from gpupool.client.torch import runtime
 from gpupool.client.torch.tensor import RemoteTensor
@@ -18,8 +17,6 @@ import gpupool.torch as gt
 from examples.sentiment.model import build_model, make_batch
 from gpupool._proto import device_pb2
 from gpupool.tokens import public_session_id
-
-serve, attach, dev = shim_fixtures.serve, shim_fixtures.attach, shim_fixtures.dev
 
 
 def stock_mlp() -> nn.Module:

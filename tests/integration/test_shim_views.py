@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import shim_fixtures
 import torch
 from gpupool.client.torch import encode, runtime
 from gpupool.client.torch.tensor import RemoteView
@@ -18,8 +17,6 @@ from torch import nn
 
 import gpupool.torch as gt
 from gpupool import compact
-
-serve, attach, dev = shim_fixtures.serve, shim_fixtures.attach, shim_fixtures.dev
 
 
 def _rt(d: torch.device) -> runtime.DeviceRuntime:
