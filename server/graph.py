@@ -172,7 +172,7 @@ class GraphTable:
             raise
         g.runs += 1
         s.ops += len(g.calls)
-        self.host.ledger.graph(s, "replayed", ops=len(g.calls))
+        self.host.ledger.graph(s, "replayed", len(g.calls))  # (positional: no keyword dict a step)
 
 
 # ---- runs ----
