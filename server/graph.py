@@ -159,8 +159,9 @@ class GraphTable:
         g = self._of(s).get(msg.graph_id)
         if g is None:
             raise NotFound(f"graph {msg.graph_id} was never defined in this session (or was dropped)")
-        for h in msg.drop_writes:
-            g.writes.pop(h, None)
+        if msg.drop_writes:  # (iterating an empty repeated field raises and catches an IndexError)
+            for h in msg.drop_writes[:]:
+                g.writes.pop(h, None)
         try:
             _run(self.host, s, g, msg)
         except GpupoolError as exc:
@@ -171,15 +172,16 @@ class GraphTable:
             raise
         g.runs += 1
         s.ops += len(g.calls)
-        self.host.ledger.graph(s, "replayed", ops=len(g.calls))
+        self.host.ledger.graph(s, "replayed", len(g.calls))  # (positional: no keyword dict a step)
 
 
 # ---- runs ----
 
 
 def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph) -> None:
-    inputs = list(msg.inputs)
-    outputs = list(msg.outputs)
+    # [:]: a repeated field's slice is a list in one call; list() iterates it item by item to an IndexError
+    inputs = msg.inputs[:]
+    outputs = msg.outputs[:]
     if len(inputs) != len(g.input_meta):
         raise InvalidArgument(f"graph {g.graph_id} takes {len(g.input_meta)} inputs, got {len(inputs)}")
     if len(outputs) > len(g.outputs):
@@ -200,7 +202,7 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph) -> No
                 )
         else:
             if data is None:
-                data = list(msg.input_data)
+                data = msg.input_data[:]
             t = _by_value(g, i, data, g.device)
         slots[i + 1] = t
     persistent = _externals(s, g, slots)
@@ -208,7 +210,7 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph) -> No
         if h:
             s.check_handle(h)
     try:
-        if g.cuda is not None or (not g.cuda_failed and g.device.type == "cuda" and g.runs >= 2):
+        if g.cuda is not None or (not g.cuda_failed and g.device_type == "cuda" and g.runs >= 2):
             _run_cuda(host, s, g, slots)
         elif g.traced is not None:
             g.traced.run(host, s, g, slots)
@@ -287,7 +289,7 @@ def _by_value(g: Graph, i: int, data: Any, dev: torch.device) -> torch.Tensor:
         t = torch.frombuffer(bytearray(raw), dtype=dtype)  # 1-d, all of it (its length was checked)
         if len(shape) != 1:  # view(*sizes): torch parses a tuple argument ~3x slower than separate sizes
             t = t.view(*shape) if shape else t.view(())
-    return t if dev.type == "cpu" else t.to(dev)
+    return t if g.device_type == "cpu" else t.to(dev)
 
 
 def execute(g: Graph, slots: list[Any]) -> None:

@@ -117,6 +117,12 @@ class Graph:
     # The persistent tensors (indexes into `externals`) no op of the graph may change the metadata of in place:
     # only these skip the check when their version is unchanged (the others are checked on every run).
     stable: list[int] = field(default_factory=list)
+    # `device.type`, read once: torch.device builds that string anew (a C++ stream) on every read, and a run asked
+    # for it once per step and once per input sent by value
+    device_type: str = field(init=False, default="meta")
+
+    def __post_init__(self) -> None:
+        self.device_type = self.device.type
 
 
 # How a step gathers its positional arguments (graph.execute): all from slots (two or more, by one

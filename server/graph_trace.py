@@ -291,8 +291,10 @@ def trace(host: Host, s: Any, g: Graph, slots: list[Any], execute: Any) -> Trace
         execute(g, inner)
         if any(not isinstance(inner[k], torch.Tensor) for k in kept):
             raise ValueError("an output is not a tensor")
-        result = b.node("prim::TupleConstruct", [b.values[id(inner[k])] for k in kept], 1)
-        result.output().setType(_C.TupleType([_C.TensorType.get()] * len(kept)))
+        # a list, not a tuple: TorchScript hands a tuple back to Python by building its TupleType (a TensorType
+        # per element) on every call, ~2x the cost of the call's own argument handling; a list is copied as is
+        result = b.node("prim::ListConstruct", [b.values[id(inner[k])] for k in kept], 1)
+        result.output().setType(_C.ListType(_C.TensorType.get()))
         b.graph.registerOutput(result.output())
         b.graph.lint()
         _same_ops(host, g, b.graph)

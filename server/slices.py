@@ -515,7 +515,7 @@ def run_commands(
     i = 0
     with timed() as measured:
         while i < n:
-            if span is not None:
+            if span is not None and records is not None and records[i]:  # (else `eager_span` runs nothing)
                 j, over = span(session, commands, i, reply, progress, start, req.budget, records)
                 if j > i:
                     executed = i = j

@@ -26,13 +26,9 @@ def op(name: str, *args: tensor_pb2.Arg, out: tuple[int, ...] = (), **kwargs: te
     return msg
 
 
-def test_every_gather_mode_replays_what_eager_computes() -> None:
-    dev = FakeDevice(0, "h", 1 << 30)
-    s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 28)
-    ex = CommandExecutor(slices.SliceLedger())
-    w, grad = s.handle_base + 1, s.handle_base + 2
-    s.bind(w, torch.randn(4, 3))
-    # slot 1: input x (4x3); slot 2: persistent w
+def _gather_graph(w: int, grad: int) -> device_pb2.DefineGraph:
+    """Graph 1: input x (4x3, slot 1), persistent w (slot 2); outputs: sum(values), indices; writes values to
+    `grad`. Every way a step gathers its arguments."""
     body = [
         op("aten::add.Tensor", slot(1), slot(2), out=(3,)),  # two slots: one itemgetter
         op("aten::relu", slot(3), out=(4,)),  # one slot alone
@@ -47,6 +43,21 @@ def test_every_gather_mode_replays_what_eager_computes() -> None:
         outputs=[10, 9],
     )  # fmt: skip
     msg.writes.add(slot=8, handle=grad)
+    return msg
+
+
+def _gather_expected(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.cat([torch.relu(x + w) * 0.5, x])
+    return (y + 2 * y).max(1)  # type: ignore[no-any-return]
+
+
+def test_every_gather_mode_replays_what_eager_computes() -> None:
+    dev = FakeDevice(0, "h", 1 << 30)
+    s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 28)
+    ex = CommandExecutor(slices.SliceLedger())
+    w, grad = s.handle_base + 1, s.handle_base + 2
+    s.bind(w, torch.randn(4, 3))
+    msg = _gather_graph(w, grad)
 
     def no_reply(item: object) -> None:
         raise AssertionError("graph commands are not answered")
@@ -63,8 +74,7 @@ def test_every_gather_mode_replays_what_eager_computes() -> None:
         run.input_data.append(x.numpy().tobytes())
         ex.execute(s, device_pb2.Command(run_graph=run), no_reply)
         assert s.error is None
-        y = torch.cat([torch.relu(x + s.tensors[w]) * 0.5, x])
-        values, indices = (y + 2 * y).max(1)
+        values, indices = _gather_expected(x, s.tensors[w])
         assert torch.equal(s.tensors[out_sum], values.sum())
         assert torch.equal(s.tensors[out_idx], indices)
         assert torch.equal(s.tensors[grad], values)  # rebound by every run
@@ -73,6 +83,39 @@ def test_every_gather_mode_replays_what_eager_computes() -> None:
     assert s.used == sum(live.values()) + reserved
     s.free([out for out in s.tensors if out != w])
     assert s.used == 4 * 3 * 4 + reserved
+
+
+def test_a_traced_graph_binds_every_output_and_write_and_drop_writes_stops_binding_one() -> None:
+    """From its third run the graph is one TorchScript call (server/graph_trace.py) that hands back its outputs and
+    writes as a list (a tuple costs TorchScript a TupleType per call); each is bound to its handle after every run,
+    until a run names the write in drop_writes: then that handle keeps what the last run before it left."""
+    dev = FakeDevice(0, "h", 1 << 30)
+    s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 28)
+    ex = CommandExecutor(slices.SliceLedger())
+    ex.exclusive_rng = True  # as in a session's worker process: graphs may run as TorchScript
+    w, grad = s.handle_base + 1, s.handle_base + 2
+    s.bind(w, torch.randn(4, 3))
+    ex.execute(s, device_pb2.Command(define_graph=_gather_graph(w, grad)), _no_reply)
+    assert s.error is None
+    g = ex.graphs._of(s)[1]
+    assert g.device_type == "cpu"  # read once, at definition
+    for k in range(5):
+        x = torch.randn(4, 3)
+        out_sum, out_idx = s.handle_base + 100 + 2 * k, s.handle_base + 101 + 2 * k
+        run = device_pb2.RunGraph(graph_id=1, inputs=[0], outputs=[out_sum, out_idx])
+        run.input_data.append(x.numpy().tobytes())
+        if k == 4:
+            run.drop_writes.append(grad)
+            kept = s.tensors[grad]
+        ex.execute(s, device_pb2.Command(run_graph=run), _no_reply)
+        assert s.error is None, s.error
+        values, indices = _gather_expected(x, s.tensors[w])
+        assert torch.equal(s.tensors[out_sum], values.sum())
+        assert torch.equal(s.tensors[out_idx], indices)
+        assert s.tensors[grad] is kept if k == 4 else torch.equal(s.tensors[grad], values)
+    assert g.traced is not None and g.writes == {}
+    out = g.traced.fn(*g.traced.args([None, torch.randn(4, 3), s.tensors[w]] + [None] * (g.n_slots - 3)))
+    assert type(out) is list and len(out) == 3  # slots 8 (the write: dropped from binding, not from the graph), 9, 10
 
 
 def _graph_with_persistent(ex: CommandExecutor, s: WorkerSession, w: int, body: list[device_pb2.Op]) -> None:
