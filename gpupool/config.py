@@ -107,6 +107,24 @@ class UnsafeCacheDir(PermissionError):
     """A cache folder that another user could write into: a library built there could be replaced under us."""
 
 
+FLUSH_OPS_DEFAULT = 32  # client/torch/runtime.py FLUSH_OPS: commands queued before a frame goes out
+FLUSH_OPS_MAX = 65536  # the most commands a frame (native_client.cpp checks the same bound)
+_WHOLE_RE = re.compile(r"\s*\+?[0-9]{1,6}\s*", re.ASCII)
+
+
+def flush_ops(environ: Any = None) -> int:
+    """$GPUPOOL_FLUSH_OPS, the commands a client queues before a frame goes out (unset or empty: 32): the one parser
+    of both clients (client/torch/runtime.py, and client/native/backend.py, which hands it to the C++ client). A value
+    that is not a whole number from 1 to FLUSH_OPS_MAX raises ValueError with one line naming the variable."""
+    text = (os.environ if environ is None else environ).get("GPUPOOL_FLUSH_OPS", "")
+    if not text.strip():
+        return FLUSH_OPS_DEFAULT
+    n = int(text) if _WHOLE_RE.fullmatch(text) else 0  # not int()'s "1_000" or "\u0661"
+    if not 1 <= n <= FLUSH_OPS_MAX:
+        raise ValueError(f"GPUPOOL_FLUSH_OPS={text} is not a number of commands from 1 to {FLUSH_OPS_MAX}")
+    return n
+
+
 def cache_dir(name: str, env: str) -> Path:
     """A folder of gpupool's cache: `$ENV` when set, else `$XDG_CACHE_HOME/gpupool/NAME` (default
     `~/.cache/gpupool/NAME`): where builds that outlive a process (the client's device guard and C++ client, the

@@ -59,6 +59,7 @@ MAX_TIMEOUT = 300.0  # the longest a collective waits for its peers (group forma
 POLL_SECONDS = 0.005
 STOP_POLL_SECONDS = seclink.STOP_POLL_SECONDS  # how soon a closed session's join gives up
 STORE_ATTEMPT_SECONDS = 0.5  # a rank's attempts to reach rank 0's store: how soon a closed session's join gives up
+STORE_BACKOFF_SECONDS = 30.0  # the longest wait between store constructors that failed on an address that accepts
 TRANSPORTS = ("secure", "gloo")  # --collectives: encrypted links (server/seclink.py), or plaintext gloo/NCCL
 KINDS = ("allreduce", "broadcast", "allgather", "reduce_scatter", "barrier")
 _REDUCE = {"sum": dist.ReduceOp.SUM, "product": dist.ReduceOp.PRODUCT, "min": dist.ReduceOp.MIN,
@@ -163,23 +164,35 @@ def _connect_store(host: str, port: int, size: int, timeout: float, stop: thread
     STORE_ATTEMPT_SECONDS that give up once `stop` is set (the session closed). One constructor call with the
     group's timeout kept its join thread (`gpupool-group-N`) retrying a dead or black-holed address the client
     named for up to MAX_TIMEOUT after the session closed: a tenant looping join-and-close held threads without
-    bound (--isolation thread; a worker process ends with its session). The store then waits `timeout` per call."""
+    bound (--isolation thread; a worker process ends with its session). The store then waits `timeout` per call.
+
+    Each attempt first only opens a TCP connection (closed at once; rank 0's store logs nothing for it): every
+    failed TCPStore constructor writes c10d's error and C++ stack trace to the daemon's stderr (~6 KB, 40 lines), so
+    round 20's attempts let a tenant naming a dead address write ~4 KB/s of log per join for up to 300 s. The store
+    itself is made only once the address accepts, and if that still fails (the address is no store) the next tries
+    back off, doubling from STORE_ATTEMPT_SECONDS to STORE_BACKOFF_SECONDS: at most ~10 such traces per join."""
     deadline = time.monotonic() + timeout
+    backoff = STORE_ATTEMPT_SECONDS
     while True:
-        left = deadline - time.monotonic()
         if stop.is_set():
             raise Unavailable("the session closed before the group's store answered")
+        start = time.monotonic()
+        left = deadline - start
+        attempt = max(0.05, min(STORE_ATTEMPT_SECONDS, left))
         try:
-            store = dist.TCPStore(
-                host,
-                port,
-                size,
-                is_master=False,
-                timeout=timedelta(seconds=max(0.05, min(STORE_ATTEMPT_SECONDS, left))),
-            )
+            socket.create_connection((host, port), timeout=attempt).close()
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise Unavailable(f"nothing answers there ({exc.strerror or type(exc).__name__})") from None
+            stop.wait(max(0.0, start + STORE_ATTEMPT_SECONDS - time.monotonic()))  # a refusal comes at once
+            continue
+        try:
+            store = dist.TCPStore(host, port, size, is_master=False, timeout=timedelta(seconds=attempt))
         except Exception:
             if time.monotonic() >= deadline:
                 raise
+            stop.wait(min(backoff, max(0.0, deadline - time.monotonic())))
+            backoff = min(2 * backoff, STORE_BACKOFF_SECONDS)
             continue
         store.set_timeout(timedelta(seconds=timeout))
         return store

@@ -73,14 +73,13 @@ import os
 import shutil
 import struct
 import sys
-import tempfile
 import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gpupool import config
+from gpupool import buildcache, config
 
 from .templates import C_ARG, C_KW, L_ARG, L_KW, LV_ARG, LV_KW, N_ARG, N_KW, NL_ARG, NL_KW, T_ARG, T_KW, V_ARG, V_KW
 
@@ -165,22 +164,20 @@ def _built() -> Path:
     hash, so checkouts of other sources never replace each other's build). Each build runs in a private folder and
     its result is moved into place (`os.replace`, atomic), so concurrent first starts each build and the last one
     wins, and a build killed midway leaves no lock behind that would hang every later start (cpp_extension's own
-    build folder lock waits forever for a dead holder)."""
+    build folder lock waits forever for a dead holder); the folder of a build killed midway is removed by the next
+    build or load (gpupool/buildcache.py)."""
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
     final = cache_dir() / f"torch-{torch.__version__}-{digest}" / f"{_NAME}.so"
     if final.exists():
+        buildcache.sweep(final.parent)  # the folders of builds killed midway (gpupool/buildcache.py)
         return final
     from torch.utils import cpp_extension
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="build-", dir=final.parent))
-    try:
+    with buildcache.private_build_dir(final.parent) as tmp:
         cflags, ldflags = (["-O1", "-g", *_SANITIZE], _SANITIZE) if sanitized() else (["-O2"], [])
         cpp_extension.load(name=_NAME, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
                            build_directory=str(tmp), is_python_module=False, verbose=False)  # fmt: skip
         os.replace(tmp / f"{_NAME}.so", final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -234,7 +234,7 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
     (client/torch/runtime.py's DeviceRuntime cannot be
     used: importing anything under gpupool.client.torch registers gpupool's device as PrivateUse1, which this
     process's spike owns.)"""
-    from gpupool import compact
+    from gpupool import compact, config
 
     codes = [-1] * 64
     for dtype, code in compact.DTYPE_CODES.items():
@@ -243,6 +243,7 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
     torch.ops.gpupool_native.configure_wire(
         index, int(session.handle_base), None if ops is None else sorted(ops), codes,
         compact.LAYOUT_CODES[torch.strided], [compact.MEMORY_FORMAT_CODES[f] for f in formats], python,
+        config.flush_ops(),  # $GPUPOOL_FLUSH_OPS: the Python client's parser, one bound, one message
     )  # fmt: skip
     _sessions[index] = session
     if _libs:  # the hand-offs below serve every device (by index)

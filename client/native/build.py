@@ -11,10 +11,9 @@ import importlib.metadata
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from gpupool import config
+from gpupool import buildcache, config
 
 SOURCE = Path(__file__).with_name("native_client.cpp")
 _LIB = "gpupool_native_client"
@@ -59,18 +58,18 @@ def build(verbose: bool = False) -> Path:
     """The library, built now unless cached. Each build runs in a private folder and its result is moved into place
     (`os.replace`, atomic), as server/native_runner.py's: concurrent first uses each build and the last one wins, and
     a build killed midway leaves no lock behind (cpp_extension's own build-folder lock waits forever for a dead
-    holder). Raises BuildError with one line saying why."""
+    holder), and the folder of a build killed midway is removed by the next build or use (gpupool/buildcache.py).
+    Raises BuildError with one line saying why."""
     final = built_path()
     if final.exists():
+        buildcache.sweep(final.parent)  # the folders of builds killed midway (gpupool/buildcache.py)
         return final
     why = compiler_missing()
     if why:
         raise BuildError(f"cannot build the native client: {why}")
     from torch.utils import cpp_extension
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="build-", dir=final.parent))
-    try:
+    with buildcache.private_build_dir(final.parent) as tmp:
         print(f"gpupool: building the native client (once per torch version, ~1-2 min) into {final.parent}",
               file=sys.stderr)  # fmt: skip
         try:
@@ -80,6 +79,4 @@ def build(verbose: bool = False) -> Path:
             last = [ln for ln in str(exc).splitlines() if ln.strip()][-1:] or [type(exc).__name__]
             raise BuildError(f"the native client did not build: {last[0][:300]}") from exc
         os.replace(tmp / f"{_LIB}.so", final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -669,7 +669,7 @@ constexpr size_t kMaxUpload = 32 * 1024 * 1024;         // a frame stays under g
 constexpr size_t kFlushBytes = 1024 * 1024;              // client/session.py MAX_BATCH_BYTES: a frame goes out past it
 
 bool g_wire = false;                                      // wire mode (configure_wire ran for some device)
-size_t g_flush_commands = kFlushCommands;                 // commands a frame (set by configure_wire: $GPUPOOL_FLUSH_OPS)
+size_t g_flush_commands = kFlushCommands;                 // commands a frame (configure_wire: $GPUPOOL_FLUSH_OPS)
 int g_dtype_code[64];                                     // c10::ScalarType -> tensor.proto DType (-1: none)
 int g_layout_strided = -1;                                // tensor.proto Layout of torch.strided
 int g_mf_code[4] = {-1, -1, -1, -1};                      // c10::MemoryFormat -> tensor.proto MemoryFormat
@@ -1900,7 +1900,12 @@ int64_t claim(bool functional, bool foreach) {
 // `ops` (none: every op is in) and what the encoder cannot send go to the Python fallback at PrivateUse2 with `python`,
 // else are refused. The op set and the tables are the first call's (the process's).
 void configure_wire(int64_t index, int64_t base, std::optional<std::vector<std::string>> ops,
-                    std::vector<int64_t> dtype_codes, int64_t strided, std::vector<int64_t> mf_codes, bool python) {
+                    std::vector<int64_t> dtype_codes, int64_t strided, std::vector<int64_t> mf_codes, bool python,
+                    int64_t flush_ops) {
+  // commands a frame: $GPUPOOL_FLUSH_OPS as gpupool/config.py `flush_ops` parsed it (the Python client's parser); the
+  // range is checked again here only as a guard
+  TORCH_CHECK(flush_ops >= 1 && flush_ops <= 65536, "gpupool native client: flush_ops=", flush_ops,
+              " is not a number of commands from 1 to 65536");
   std::lock_guard<std::mutex> lock(g_mu);
   Dev& d = g_devs[checked_index(static_cast<DeviceIndex>(index))];
   TORCH_CHECK(!d.wire, "gpupool native client: gpupool:", index, " has its session already");
@@ -1916,14 +1921,7 @@ void configure_wire(int64_t index, int64_t base, std::optional<std::vector<std::
   g_wire_all = !ops.has_value();
   if (ops) g_wire_ops = std::unordered_set<std::string>(ops->begin(), ops->end());
   g_python = python;
-  // commands a frame, as the Python client's client/torch/runtime.py FLUSH_OPS: $GPUPOOL_FLUSH_OPS, else 32
-  if (const char* e = std::getenv("GPUPOOL_FLUSH_OPS"); e != nullptr && *e != '\0') {
-    char* end = nullptr;
-    const long long n = std::strtoll(e, &end, 10);
-    TORCH_CHECK(*end == '\0' && n >= 1 && n <= 65536, "gpupool native client: GPUPOOL_FLUSH_OPS=", e,
-                " is not a number of commands from 1 to 65536");
-    g_flush_commands = static_cast<size_t>(n);
-  }
+  g_flush_commands = static_cast<size_t>(flush_ops);
   g_keep = true;  // the buffer is a frame: never dropped
   g_wire = true;
 }
@@ -2069,7 +2067,7 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("op_name(int id) -> str", &op_name);
   m.def("reset_stats() -> ()", &reset_stats);
   m.def("claim(bool functional, bool foreach) -> int", &claim);
-  m.def("configure_wire(int index, int base, str[]? ops, int[] dtype_codes, int strided, int[] mf_codes, bool python) "
+  m.def("configure_wire(int index, int base, str[]? ops, int[] dtype_codes, int strided, int[] mf_codes, bool python, int flush_ops) "
         "-> ()", &configure_wire);
   m.def("wire_handle(Tensor t) -> int", &py_wire_handle);
   m.def("new_output(int[] size, int[] stride, ScalarType dtype, int index) -> Tensor", &py_new_output);

@@ -123,6 +123,8 @@ def build() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same file: wait for it
         if path.is_file():
             return path
+        for stale in path.parent.glob(path.stem + ".*.tmp"):  # a build killed midway (only the lock's holder
+            stale.unlink(missing_ok=True)  # makes one, so none is anyone's now)
         fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -19,7 +18,7 @@ from typing import Any, NoReturn, Protocol
 import grpc
 import torch
 
-from gpupool import compact
+from gpupool import compact, config
 
 from . import errors
 
@@ -30,7 +29,7 @@ FREE_BATCH = 256  # dead handles collected before one Free command goes out ...
 # daemon would idle while the client builds a whole training step and the client idle while the daemon
 # runs it; small frames let the two overlap. A frame costs the client ~100 us of gRPC work, so 8 ops a frame
 # cost 12 us an op; 32 cost 3 us and still overlap (BENCHMARKS.md, launch-bound).
-FLUSH_OPS = int(os.environ.get("GPUPOOL_FLUSH_OPS", "32"))
+FLUSH_OPS = config.flush_ops()  # $GPUPOOL_FLUSH_OPS, 1..65536 (a bad value: one ValueError line naming it)
 _NEVER = object()  # the sentinel of the handle iterator over a session's own new_handle (it never returns this)
 FREE_QUOTA_FRACTION = 64  # ... or dead bytes above 1/64 of the quota, so that freed memory is soon usable again
 

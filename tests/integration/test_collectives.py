@@ -461,3 +461,27 @@ def test_a_join_to_a_dead_store_ends_with_its_session(daemon_factory) -> None:  
         time.sleep(0.1)
     left = group_threads() - before
     assert not left, f"{len(left)} of {n} joins to a dead store outlived their sessions"
+
+
+def test_a_join_to_a_dead_store_does_not_flood_the_daemons_log(daemon_factory, capfd) -> None:  # type: ignore[no-untyped-def]
+    """Every failed TCPStore constructor writes c10d's error and its C++ stack trace (~6 KB, 40 lines) to the
+    daemon's stderr: round 20's 0.5 s store attempts let a tenant naming a dead address write ~4 KB/s of log per
+    join, for the group's timeout (up to 300 s), join after join. Attempts now only open a TCP connection until
+    the address accepts: a join retrying a dead port for 3 s writes no c10d line."""
+    daemon = daemon_factory(fake_gpu_memory=64 * MiB, worker_network=True, isolation="thread")
+    with socket.socket() as probe:  # a port nobody listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    lease = uuid.uuid4().hex
+    tokens = [daemon.token(lease_id=lease, host="absent-host"), daemon.token(lease_id=lease, network=True)]
+    with Session.attach(daemon.address, tokens[1]) as s:
+        capfd.readouterr()  # what came before
+        join = device_pb2.GroupJoin(
+            rank=1, size=2, tokens=tokens, store_address=f"127.0.0.1:{dead}", timeout_seconds=60
+        )
+        s.command(device_pb2.Command(group_join=join))
+        s.sync()
+        time.sleep(3.0)  # its join retries the dead address (round 20: 2-3 failed constructors in this time)
+        assert any(t.name.startswith("gpupool-group-") for t in threading.enumerate()), "no join is retrying"
+        err = capfd.readouterr().err
+    assert "c10d" not in err and len(err) < 2000, f"{len(err)} bytes of stderr in 3 s: {err[:300]}"

@@ -288,3 +288,60 @@ def test_a_long_definition_does_not_hold_the_device_from_other_tenants(daemon_fa
         y = a.new_handle()
         a.run_graph(1, [Handle(a.upload(x))], [y])
         assert torch.equal(a.download(y), x if n % 2 == 0 else -x)
+
+
+def test_hostile_output_and_write_lists_bind_nothing_foreign_and_account_exactly(
+    daemon: Any, session: Session, healthy: Healthy
+) -> None:
+    """A graph's run names its output handles, and the writes to stop binding (drop_writes), as lists the client
+    writes: duplicates, an output that is also an input or the persistent tensor or the write's own handle,
+    drop_writes naming handles that are no write (another session's among them), more outputs than the graph
+    has, another session's handle as an output. Through the plain replay and the traced one (a list of outputs
+    from TorchScript since round 20): each binds what it says or is refused, nothing lands in another session, and
+    once everything is freed and the graph dropped the session counts no byte."""
+    s = session
+    session.sync()
+    base = used_bytes(daemon, s)
+    w = Handle(s.upload(torch.full((4,), 3.0)))
+    grad = s.new_handle()
+    body = [op("aten::mul.Tensor", slot(1), slot(2), out=3), op("aten::add.Tensor", slot(3), slot(1), out=4)]
+    g = graph(persistent=(w,), ops=body, outputs=[4, 3])
+    g.writes.add(slot=3, handle=grad)
+    s.define_graph(g)
+    other = healthy.session.handle_base + 7  # another session's range
+    held = []
+    for k in range(6):  # runs 2.. are traced
+        x = Handle(s.upload(torch.full((4,), float(k + 1))))
+        o, p = s.new_handle(), s.new_handle()
+        wk = s.download(w)
+        held += [x, o, p]
+        if k % 3 == 0:
+            s.run_graph(1, [x], [o, o], drop_writes=[w, other, s.handle_base + 999])  # the second binding wins
+            want = {o: wk * (k + 1), grad: wk * (k + 1)}
+        elif k % 3 == 1:
+            s.run_graph(1, [x], [x, grad])  # the input rebound to the output; the write's handle bound twice
+            want = {x: wk * (k + 1) + (k + 1), grad: wk * (k + 1)}
+        else:
+            s.run_graph(1, [x], [p, w])  # the persistent tensor itself replaced by an output (same shape)
+            want = {p: wk * (k + 1) + (k + 1), w: wk * (k + 1)}
+        for h, value in want.items():
+            assert torch.equal(s.download(h), value), (k, h)
+    s.run_graph(1, [x], [o, p, s.new_handle()])
+    with pytest.raises(errors.InvalidArgument, match="has 2 outputs, got 3"):
+        s.sync()
+    s.run_graph(1, [x], [other])
+    with pytest.raises(errors.PermissionDenied, match="another session"):
+        s.sync()
+    with pytest.raises(errors.PermissionDenied):
+        s.download(grad)  # a failed run poisons its outputs and writes (none of them another session's)
+    s.run_graph(1, [x], [o])
+    kept = s.download(grad)
+    s.run_graph(1, [x], [o], drop_writes=[grad, grad, other])
+    s.sync()
+    assert torch.equal(s.download(grad), kept)
+    s.run_graph(1, [x], [o])
+    assert torch.equal(s.download(grad), kept)  # dropped for good
+    s.free([w, grad, *held])
+    s.drop_graph(1)
+    s.sync()
+    assert used_bytes(daemon, s) == base

@@ -248,6 +248,60 @@ def test_metrics_endpoint_outlasts_idle_and_slow_clients(daemon: Any) -> None:
     assert serving() <= before
 
 
+def test_a_client_holding_every_metrics_connection_never_keeps_a_scrape_out(daemon: Any) -> None:
+    """One client holds MAX_CONNECTIONS connections to /metrics, each trickling a header line every 0.3 s (so no
+    read ever times out) and reopened as soon as it is dropped. Round 20 closed every further connection unanswered:
+    Prometheus' scrapes all failed for as long as the client liked. Now a scrape takes the slot of the oldest
+    connection still sending its request, and is answered; the threads serving stay within MAX_CONNECTIONS."""
+    port = daemon.metrics_port
+
+    def serving() -> int:
+        return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+    def opened() -> socket.socket:
+        c = socket.create_connection(("127.0.0.1", port), timeout=2)
+        c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # the request never ends
+        return c
+
+    before = serving()
+    stop = threading.Event()
+    conns = [opened() for _ in range(metrics_http.MAX_CONNECTIONS)]
+    reopened = [0]
+
+    def hold() -> None:
+        while not stop.wait(0.3):
+            for k, c in enumerate(conns):
+                try:
+                    c.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    c.close()
+                    try:
+                        conns[k] = opened()
+                        reopened[0] += 1
+                    except OSError:
+                        pass
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    try:
+        deadline = time.monotonic() + 5
+        while serving() - before < metrics_http.MAX_CONNECTIONS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert serving() - before == metrics_http.MAX_CONNECTIONS  # every slot is the client's
+        most = 0
+        for _ in range(10):
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            assert "gpupool_device_info{" in text
+            most = max(most, serving() - before)
+            time.sleep(0.1)
+        assert most <= metrics_http.MAX_CONNECTIONS and reopened[0] > 0  # its connections were taken, not added
+    finally:
+        stop.set()
+        holder.join()
+        for c in conns:
+            c.close()
+
+
 def test_metrics_endpoint(daemon: Any) -> None:
     with Session.attach(daemon.address, daemon.token(tenant="acme", lease_id="LM", share=0.5)) as s:
         h = Handle(s.upload(torch.randn(32, 32)))

@@ -116,3 +116,26 @@ def test_a_chunked_upload_is_unreadable_until_its_last_chunk(daemon: Any) -> Non
         s._add(device_pb2.Command(upload=up))
         s.sync()
         assert s.download(h).tolist() == [1] * (8 * KiB) + [2] * (8 * KiB)
+
+
+def test_a_one_chunk_upload_over_a_chunked_one_in_progress_replaces_it(daemon: Any) -> None:
+    """A handle half-way through a chunked upload, then uploaded whole in one chunk (the native `filled` path):
+    the new tensor is bound complete and readable, the chunked upload is over (its next chunk refused, never
+    written into the new tensor), and the session counts the new tensor's bytes only. A zero-element shape whose
+    contiguous strides overflow is refused with a clear error, the session still usable."""
+    with Session.attach(daemon.address, daemon.token()) as s:
+        h = s.new_handle()
+        raw_upload(s, h, torch.uint8, [16], b"\1" * 8, last=False)
+        raw_upload(s, h, torch.uint8, [16], bytes(range(16)))
+        s.sync()
+        assert s.download(h).tolist() == list(range(16))
+        assert used_bytes(daemon.address, s) == 16
+        s._add(device_pb2.Command(upload=device_pb2.Upload(handle=h, offset=8, data=b"\2" * 8, last=True)))
+        with pytest.raises(errors.InvalidArgument, match="without a first chunk"):
+            s.sync()
+        bad = s.new_handle()
+        raw_upload(s, bad, torch.uint8, [0, 1 << 62, 1 << 62], b"")
+        with pytest.raises(errors.InvalidArgument, match="overflow"):
+            s.sync()
+        g = s.upload(torch.arange(8.0))
+        assert torch.equal(s.download(g), torch.arange(8.0))

@@ -72,7 +72,7 @@ def test_frames_follow_gpupool_flush_ops(serve: Any, trained: dict[str, Any]) ->
     """$GPUPOOL_FLUSH_OPS sets the commands a frame, as it does the Python client's (client/torch/runtime.py): 4 cut
     the same training into several times the default's frames, with the same losses; a bad value is refused at attach.
     """
-    small = _train(serve, "tiny-mlp", STEPS, "--op-set", env={"GPUPOOL_FLUSH_OPS": "4"})
+    small = _train(serve, "tiny-mlp", STEPS, "--op-set", env={"GPUPOOL_FLUSH_OPS": "4 "})
     assert small["spike"] == trained["spike"]  # the same records, cut into frames elsewhere
     assert small["stats"]["op_records"] == trained["stats"]["op_records"]
     assert small["wire"]["frames"] > small["stats"]["op_records"] / 5  # the default's: fewer than records / 8

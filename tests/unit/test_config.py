@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
-from gpupool.config import add_flag, env_name, format_size, parse_size, split_address
+from gpupool.config import add_flag, env_name, flush_ops, format_size, parse_size, split_address
 
 
 @pytest.mark.parametrize(
@@ -47,3 +51,36 @@ def test_env_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (ns.fake_gpus, ns.drain, ns.listen) == (3, True, "127.0.0.1:1")
     assert p.parse_args(["--fake-gpus", "5"]).fake_gpus == 5
     assert "GPUPOOL_FAKE_GPUS" in p.format_help()
+
+
+@pytest.mark.parametrize(("text", "n"), [(None, 32), ("", 32), (" ", 32), ("1", 1), ("65536", 65536), (" 8\n", 8)])
+def test_flush_ops_reads_a_whole_number_of_commands(text: str | None, n: int) -> None:
+    assert flush_ops({} if text is None else {"GPUPOOL_FLUSH_OPS": text}) == n
+
+
+BAD_FLUSH_OPS = ["0", "65537", "-4", "abc", "4.0", "1e3", "1_000", "\u0664", "99999999999999999999"]
+
+
+@pytest.mark.parametrize("text", BAD_FLUSH_OPS)
+def test_flush_ops_refuses_anything_else_in_one_line_naming_the_variable(text: str) -> None:
+    with pytest.raises(
+        ValueError, match=f"^GPUPOOL_FLUSH_OPS={re.escape(text)} is not a number of commands from 1 to 65536$"
+    ):
+        flush_ops({"GPUPOOL_FLUSH_OPS": text})
+
+
+@pytest.mark.parametrize("text", ["abc", "65537", "1_000"])
+def test_the_shim_refuses_a_bad_flush_ops_at_import_with_that_line(text: str) -> None:
+    """client/torch/runtime.py reads $GPUPOOL_FLUSH_OPS with the parser the C++ client's backend hands to
+    configure_wire (client/native/backend.py): a bad value is one line naming the variable, not int()'s message or
+    (for 1_000, which int() reads as 1000) a value the C++ client would refuse."""
+    env = {**os.environ, "GPUPOOL_FLUSH_OPS": text, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
+    code = "import gpupool.torch"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    want = f"ValueError: GPUPOOL_FLUSH_OPS={text} is not a number of commands from 1 to 65536"
+    assert proc.stderr.strip().splitlines()[-1] == want
+    env["GPUPOOL_FLUSH_OPS"] = " 16 "
+    code = "import gpupool.torch; from gpupool.client.torch import runtime; print(runtime.FLUSH_OPS)"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["16"], proc.stderr[-2000:]

@@ -1,0 +1,119 @@
+"""A native build killed midway (SIGKILL: its `finally` never runs) leaves its private `build-*` folder in the cache;
+the next build or use of the cache removes it (gpupool/buildcache.py), never a live builder's folder. The C++
+client's build (client/native/build.py) is really started and killed; the runner's (server/native_runner.py) and
+the shim's device guard (client/torch/native.py) are checked on folders and files left by killed processes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpupool import buildcache
+
+HOLD = """
+import sys
+from pathlib import Path
+from gpupool import buildcache
+with buildcache.private_build_dir(Path(sys.argv[1])) as d:
+    print(d, flush=True)
+    sys.stdin.read()  # until told (or killed)
+"""
+
+
+def _holder(parent: Path) -> tuple[subprocess.Popen[str], Path]:
+    """A process holding a private build folder under `parent` (as a builder does while it compiles)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(parent)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    assert proc.stdout is not None
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def _killed_holder(parent: Path) -> Path:
+    proc, folder = _holder(parent)
+    proc.kill()
+    proc.wait()
+    assert (folder / buildcache.OWNER).exists()  # its `finally` never ran: left behind
+    return folder
+
+
+def test_a_killed_native_client_build_is_cleaned_by_the_next_use_and_a_live_one_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpupool.client.native import build
+
+    if build.compiler_missing():
+        pytest.skip(build.compiler_missing() or "")
+    env = {**os.environ, "GPUPOOL_NATIVE_CLIENT_CACHE": str(tmp_path)}
+    code = "from gpupool.client.native.build import build; build()"
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("torch-*/build-*/" + buildcache.OWNER)):
+        assert child.poll() is None and time.monotonic() < deadline, "the build never started"
+        time.sleep(0.05)
+    time.sleep(1.0)  # compiling now
+    os.killpg(child.pid, signal.SIGKILL)  # the builder and its compiler, as a lost machine or an OOM kill would
+    child.wait()
+    monkeypatch.setenv("GPUPOOL_NATIVE_CLIENT_CACHE", str(tmp_path))
+    final = build.built_path()
+    [killed] = list(final.parent.glob("build-*"))
+    live, live_folder = _holder(final.parent)  # a concurrent builder, still building
+    try:
+        final.write_bytes(b"")  # another build finished meanwhile: the next use finds the library cached
+        assert build.build() == final
+        assert not killed.exists() and live_folder.is_dir()
+        assert sorted(final.parent.glob("build-*")) == [live_folder]
+    finally:
+        live.communicate("")
+    assert not live_folder.exists() and not list(final.parent.glob("build-*"))
+
+
+def test_the_runner_sweeps_a_killed_build_before_its_next_build_or_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpupool.server import native_runner
+
+    monkeypatch.setenv("GPUPOOL_NATIVE_RUNNER_CACHE", str(tmp_path))
+    monkeypatch.delenv("GPUPOOL_NATIVE_RUNNER_SANITIZE", raising=False)
+    digest = hashlib.sha256(native_runner.SOURCE.read_bytes()).hexdigest()[:16]
+    parent = tmp_path / f"torch-{torch.__version__}-{digest}"
+    parent.mkdir()
+    killed = _killed_holder(parent)
+    live, live_folder = _holder(parent)
+    orphan = parent / "build-olderversion"  # no `.owner`: an older gpupool's, left over long ago
+    orphan.mkdir()
+    young = parent / "build-justmade"  # no `.owner` yet: a builder between making its folder and its lock
+    young.mkdir()
+    old = time.time() - buildcache.ORPHAN_SECONDS - 60
+    os.utime(orphan, (old, old))
+    try:
+        (parent / "gpupool_native_runner.so").write_bytes(b"")
+        assert native_runner._built() == parent / "gpupool_native_runner.so"
+        assert not killed.exists() and sorted(parent.glob("build-*")) == sorted([live_folder, young])
+    finally:
+        live.communicate("")
+
+
+def test_the_device_guard_build_removes_a_killed_builds_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """client/torch/native.py builds under a lock into a temporary file: one left by a killed build is nobody's once
+    the lock is held, and goes (here the compiler is `false`, so the build itself fails at once)."""
+    from gpupool.client.torch import native
+
+    monkeypatch.setenv("GPUPOOL_NATIVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    path = native.library_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stale = path.parent / f"{path.stem}.abc123.tmp"
+    stale.write_bytes(b"\x7fELF half a library")
+    with pytest.raises(native.BuildError):
+        native.build()
+    assert not stale.exists() and not list(path.parent.glob("*.tmp"))
