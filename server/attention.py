@@ -76,7 +76,7 @@ def check_forward(q: Any, k: Any, v: Any, bias: Any, dropout_p: Any, scale: Any,
         if bias.dtype != torch.bool and bias.dtype != q.dtype:
             raise InvalidArgument(f"fused attention: attn_bias must be bool or {q.dtype}, not {bias.dtype}")
         scores = (b, h, q.shape[2], k.shape[2])
-        if bias.dim() > 4 or torch.broadcast_shapes(tuple(bias.shape), scores) != scores:
+        if bias.dim() > 4 or any(n not in (1, want) for n, want in zip(reversed(bias.shape), reversed(scores))):
             raise InvalidArgument(f"fused attention: attn_bias of shape {list(bias.shape)} does not broadcast to "
                                   f"the scores' {list(scores)}")  # fmt: skip
     if not isinstance(dropout_p, float | int) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p <= 1.0:

@@ -2083,6 +2083,11 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   m.impl("_reshape_alias", TORCH_FN(spike_reshape_alias));
   m.impl("set_.source_Storage", TORCH_FN(spike_set_storage));
   m.impl("set_.source_Storage_storage_offset", TORCH_FN(spike_set_storage_offset));
+  // The fused attention `gpupool_sdp_choice` picks: its CompositeExplicitAutograd kernel only raises ("an operator for
+  // privateuse1 backends"), and would win over the fallback: recorded like any other op.
+  m.impl("_scaled_dot_product_fused_attention_overrideable", torch::CppFunction::makeFromBoxedFunction<&spike_fallback>());
+  m.impl("_scaled_dot_product_fused_attention_overrideable_backward",
+         torch::CppFunction::makeFromBoxedFunction<&spike_fallback>());
 }
 
 namespace {
