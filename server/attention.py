@@ -29,6 +29,7 @@ which the clients' output tensors already carry.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,7 +77,8 @@ def check_forward(q: Any, k: Any, v: Any, bias: Any, dropout_p: Any, scale: Any,
         if bias.dtype != torch.bool and bias.dtype != q.dtype:
             raise InvalidArgument(f"fused attention: attn_bias must be bool or {q.dtype}, not {bias.dtype}")
         scores = (b, h, q.shape[2], k.shape[2])
-        if bias.dim() > 4 or any(n not in (1, want) for n, want in zip(reversed(bias.shape), reversed(scores))):
+        trailing = zip(reversed(bias.shape), reversed(scores), strict=False)  # bias.dim() <= 4 = len(scores)
+        if bias.dim() > 4 or any(n not in (1, want) for n, want in trailing):
             raise InvalidArgument(f"fused attention: attn_bias of shape {list(bias.shape)} does not broadcast to "
                                   f"the scores' {list(scores)}")  # fmt: skip
     if not isinstance(dropout_p, float | int) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p <= 1.0:
@@ -116,7 +118,7 @@ def _validate_backward(args: Args, kwargs: Kwargs) -> None:
         raise InvalidArgument("fused attention backward: grad_input_mask must be 4 bools")
 
 
-VALIDATORS = {FORWARD: _validate_forward, BACKWARD: _validate_backward}
+VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {FORWARD: _validate_forward, BACKWARD: _validate_backward}
 
 
 def _scale(q: Tensor, scale: float | None) -> float:
@@ -264,9 +266,9 @@ def fused_attention_backward(
     empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
     if not want_bias and not empty:
         if q.device.type == "cpu" and v.shape[3] == q.shape[3]:
+            mask = _float_bias(attn_bias, q.dtype)
             gq, gk, gv = _FLASH_CPU_BACKWARD(
-                grad_out, q, k, v, out, logsumexp, 0.0, is_causal, attn_mask=_float_bias(attn_bias, q.dtype),
-                scale=scale,
+                grad_out, q, k, v, out, logsumexp, 0.0, is_causal, attn_mask=mask, scale=scale
             )
         elif q.device.type == "cuda" and _efficient_ok(q, k, v, attn_bias):
             try:
@@ -299,7 +301,7 @@ def _reduce_to(g: Tensor, like: Tensor) -> Tensor:
     return torch.ops.aten.sum_to_size(g, like.shape)
 
 
-REPLACEMENTS = {FORWARD: fused_attention, BACKWARD: fused_attention_backward}
+REPLACEMENTS: dict[str, Callable[..., Any]] = {FORWARD: fused_attention, BACKWARD: fused_attention_backward}
 
 
 def _uses_math(q: Tensor, k: Tensor, v: Any, bias: Any) -> bool:

@@ -1,8 +1,8 @@
-"""scaled_dot_product_attention on gpupool takes the fused backend (one `_scaled_dot_product_fused_attention_overrideable`
-op and its backward, run by server/attention.py) where the clients' choice allows, torch's math path elsewhere, and
-gives local CPU's outputs and gradients either way: the Python shim here, the C++ client in a child process
-(TORCH_DEVICE_BACKEND_AUTOLOAD=0: it must own PrivateUse1); hostile arguments to the fused ops get INVALID_ARGUMENT from
-a real daemon, which keeps serving the session."""
+"""scaled_dot_product_attention on gpupool takes the fused backend (one
+`_scaled_dot_product_fused_attention_overrideable` op and its backward, run by server/attention.py) where the clients'
+choice allows, torch's math path elsewhere, and gives local CPU's outputs and gradients either way: the Python shim
+here, the C++ client in a child process (TORCH_DEVICE_BACKEND_AUTOLOAD=0: it must own PrivateUse1); hostile arguments
+to the fused ops get INVALID_ARGUMENT from a real daemon, which keeps serving the session."""
 
 from __future__ import annotations
 
