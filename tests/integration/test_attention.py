@@ -307,3 +307,39 @@ def test_the_cpp_client_equals_local_cpu(serve: Any, fused: bool) -> None:
         assert result[name + ":node"] == node, (name, result)
     # bf16: the fused op runs local's kernel (the same bits); the math path rounds elsewhere (round 20: 1 bf16 ulp off)
     assert result["bf16"] <= (1e-5 if fused else 2e-2), result
+
+
+def test_torchs_opinfo_samples_equal_local_cpu(dev: torch.device) -> None:
+    """PyTorch's own SDPA samples (OpInfo, float32 and bfloat16, without dropout): 3-D and 4-D, masks, causal, GQA;
+    some take the fused op, the rest the math path, all give local CPU's outputs and gradients."""
+    from torch.testing._internal.common_methods_invocations import op_db
+    from torch.utils._pytree import tree_map
+
+    (op,) = [o for o in op_db if o.name == "nn.functional.scaled_dot_product_attention"]
+    samples = fused = 0
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        for s in op.sample_inputs("cpu", dtype, requires_grad=True):
+            if s.kwargs.get("dropout_p", 0.0) > 0:
+                continue
+
+            def to(x: Any) -> Any:
+                return x.detach().to(dev).requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
+
+            args, kwargs = tree_map(to, [s.input, *s.args]), tree_map(to, s.kwargs)
+            with OpLog() as log:
+                out = F.scaled_dot_product_attention(*args, **kwargs)
+            want = F.scaled_dot_product_attention(s.input, *s.args, **s.kwargs)
+            torch.testing.assert_close(out.cpu(), want, atol=tol, rtol=tol)
+            ins = [x for x in [s.input, *s.args] if isinstance(x, torch.Tensor) and x.requires_grad]
+            remote_ins = [x for x in args if isinstance(x, torch.Tensor) and x.requires_grad]
+            grad = torch.ones_like(want)
+            for got, w in zip(
+                torch.autograd.grad(out, remote_ins, grad.to(dev), allow_unused=True),
+                torch.autograd.grad(want, ins, grad, allow_unused=True),
+                strict=True,
+            ):
+                if w is not None:
+                    torch.testing.assert_close(got.cpu(), w, atol=tol, rtol=tol)
+            samples += 1
+            fused += FUSED in log.ops
+    assert samples >= 20 and 0 < fused < samples
