@@ -132,8 +132,20 @@ def _float_bias(bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return torch.zeros(bias.shape, dtype=dtype, device=bias.device).masked_fill_(bias.logical_not(), -math.inf)
 
 
+def _dense(t: Tensor) -> bool:
+    """Whether `t` is non-overlapping and dense (`torch.empty_like` then keeps its strides), for <= 4 dims."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda d: d[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _like(ref: Tensor, t: Tensor) -> Tensor:
     """`t` with `torch.empty_like(ref)`'s strides (the meta kernel's grads), copied only where they differ."""
+    if t.shape == ref.shape and t.stride() == ref.stride() and _dense(ref):
+        return t  # the usual case: the kernel's grads are laid out as its inputs
     want = torch.empty_like(ref, device="meta").stride()
     if t.stride() == want:
         return t
