@@ -142,6 +142,12 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
+def _dense_or_copy(t: Tensor) -> Tensor:
+    """A kernel's tensor input as non-overlapping and dense memory: an expanded (stride 0) or overlapping view from
+    a client becomes a copy, so no kernel that walks memory by its sizes reads past a storage (round 18's lesson)."""
+    return t if _dense(t) else t.contiguous()
+
+
 def _like(ref: Tensor, t: Tensor) -> Tensor:
     """`t` with `torch.empty_like(ref)`'s strides (the meta kernel's grads), copied only where they differ."""
     if t.shape == ref.shape and t.stride() == ref.stride() and _dense(ref):
@@ -220,7 +226,7 @@ def fused_attention(
 ) -> tuple[Any, ...]:  # fmt: skip
     """The overrideable forward: (output, logsumexp, None, None, L, S, seed, offset, None) as torch's meta kernel."""
     check_forward(query, key, value, attn_bias, dropout_p, scale, return_debug_mask)
-    q, k, v = query, key, value
+    q, k, v = _dense_or_copy(query), _dense_or_copy(key), _dense_or_copy(value)
     length, source = q.shape[2], k.shape[2]
     out: Tensor | None = None
     lse: Tensor | None = None
@@ -239,7 +245,7 @@ def fused_attention(
         out, lse = _math(q, k, v, attn_bias, is_causal, _scale(q, scale))
     seed = torch.zeros((), dtype=torch.long, device=q.device)
     offset = torch.zeros((), dtype=torch.long, device=q.device)
-    return (_matching_layout(q, out), lse.contiguous(), None, None, length, source, seed, offset, None)
+    return (_matching_layout(query, out), lse.contiguous(), None, None, length, source, seed, offset, None)
 
 
 def _math_backward(
@@ -272,7 +278,8 @@ def fused_attention_backward(
         [grad_out, query, key, value, attn_bias, grad_input_mask, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k,
          dropout_p, is_causal, philox_seed, philox_offset], {"scale": scale},
     )  # fmt: skip
-    q, k, v = query, key, value
+    q, k, v = _dense_or_copy(query), _dense_or_copy(key), _dense_or_copy(value)
+    grad_out, out, logsumexp = _dense_or_copy(grad_out), _dense_or_copy(out), _dense_or_copy(logsumexp)
     gq = gk = gv = gb = None
     want_bias = bool(grad_input_mask[3]) and attn_bias is not None and attn_bias.is_floating_point()
     empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
@@ -303,7 +310,7 @@ def fused_attention_backward(
             grad_bias = torch.zeros_like(attn_bias)
         else:
             grad_bias = _like(attn_bias, _reduce_to(gb, attn_bias).to(attn_bias.dtype))
-    return _like(q, gq), _like(k, gk), _like(v, gv), grad_bias
+    return _like(query, gq), _like(key, gk), _like(value, gv), grad_bias
 
 
 def _reduce_to(g: Tensor, like: Tensor) -> Tensor:

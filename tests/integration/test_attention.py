@@ -343,3 +343,29 @@ def test_torchs_opinfo_samples_equal_local_cpu(dev: torch.device) -> None:
             samples += 1
             fused += FUSED in log.ops
     assert samples >= 20 and 0 < fused < samples
+
+
+def test_expanded_inputs_are_read_as_their_values(session: Session) -> None:
+    """A client's expanded (stride 0) query, key, value and logsumexp: the daemon's kernels get dense copies (no kernel
+    walks a one-element storage by the view's sizes), and the results are local's for the same values."""
+    s = session
+    one = torch.randn(1, 1, 1, 8)
+    whole = Handle(s.upload(one))
+    name = "aten::_scaled_dot_product_fused_attention_overrideable.default"
+    [q] = s.call("aten::expand.default", whole, [2, 4, 16, 8])
+    out, lse = s.call(name, Handle(q), Handle(q), Handle(q), outputs=9)[:2]
+    want, want_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*[one.expand(2, 4, 16, 8)] * 3)
+    assert torch.equal(s.download(out), want)
+    [lse1] = s.call("aten::expand.default", Handle(s.upload(torch.zeros(1, 1, 1))), [2, 4, 16])
+    grads = s.call(
+        "aten::_scaled_dot_product_fused_attention_overrideable_backward.default",
+        Handle(q), Handle(q), Handle(q), Handle(q), None, [True, True, True, False], Handle(out), Handle(lse1),
+        None, None, 16, 16, 0.0, False, None, None, outputs=4,
+    )  # fmt: skip
+    e = one.expand(2, 4, 16, 8)
+    want_g = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        e, e, e, e, want, torch.zeros(2, 4, 16), 0.0, False
+    )
+    for h, w in zip(grads[:3], want_g, strict=True):
+        assert_close(s.download(h), w)  # the kernel on dense copies: local's on the expanded views, to the last bits
+    assert s.download(lse).shape == want_lse.shape
