@@ -4,7 +4,9 @@ On a real GPU the kernels of small models take microseconds, so a pooled GPU is 
 lets it be. Five workloads, each trained with Adam: a tiny MLP (32-64-64-2, batch 16), a tiny transformer
 encoder classifier (d 32, 2 layers, 4 heads, batch 4 x 16 tokens), the stock-prediction MLP (500-1024-512-256-
 128-1, batch 256), the sentiment CNN of examples/sentiment (benchmark size, batch 50 x 400 tokens) and issue 8's
-transformer classifier (`classifier`: d 64, 2 layers, batch 32 x 48 tokens; not in the default set). Three
+transformer classifier (`classifier`: d 64, 2 layers, batch 32 x 48 tokens; not in the default set) and the encoder
+without dropout (`encoder-nodrop`, not in the default set: its attention takes the fused op on gpupool, round 21;
+`GPUPOOL_FUSED_SDPA=0` in the environment keeps torch's math path, the before). Three
 ways: local CPU eager (the baseline: one torch thread, on the daemon's core), through a daemon eagerly, and
 through a daemon with `gpupool.torch.capture` (Adam with capturable=True and a device lr, as capture needs; with
 `--adam fused`, Adam(fused=True) in every mode, a device lr when captured: torch's one fused kernel for the update,
@@ -55,15 +57,15 @@ from torch import nn
 from train_overhead import _proc_cpu, add_worker_flags, bench_daemons, run_worker, stock_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ("tiny-mlp", "encoder", "mlp", "cnn", "classifier")
+MODELS = ("tiny-mlp", "encoder", "mlp", "cnn", "classifier", "encoder-nodrop")
 MODES = ("local", "eager", "captured", "native")
 
 
 class Encoder(nn.Module):
-    def __init__(self, d: int = 32, vocab: int = 100) -> None:
+    def __init__(self, d: int = 32, vocab: int = 100, dropout: float = 0.1) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        layer = nn.TransformerEncoderLayer(d, 4, dim_feedforward=2 * d, dropout=0.1, batch_first=True)
+        layer = nn.TransformerEncoderLayer(d, 4, dim_feedforward=2 * d, dropout=dropout, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.head = nn.Linear(d, 2)
 
@@ -79,10 +81,10 @@ def workload(name: str) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tenso
         model: nn.Module = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
         data = [(torch.randn(16, 32, generator=gen), torch.randint(0, 2, (16,), generator=gen)) for _ in range(4)]
         return model, data, nn.functional.cross_entropy
-    if name == "encoder":
+    if name in ("encoder", "encoder-nodrop"):  # -nodrop: dropout 0, so attention takes the fused op on gpupool
         data = [(torch.randint(0, 100, (4, 16), generator=gen), torch.randint(0, 2, (4,), generator=gen))
                 for _ in range(4)]  # fmt: skip
-        return Encoder(), data, nn.functional.cross_entropy
+        return Encoder(dropout=0.1 if name == "encoder" else 0.0), data, nn.functional.cross_entropy
     if name == "classifier":  # issue 8's transformer classifier: d_model 64, 2 layers, batch 32 x 48 tokens
         data = [(torch.randint(0, 1000, (32, 48), generator=gen), torch.randint(0, 2, (32,), generator=gen))
                 for _ in range(4)]  # fmt: skip

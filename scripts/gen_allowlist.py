@@ -66,6 +66,9 @@ EXTRA = {
     "aten::_masked_scale.default": "dropout backward on a non-CPU device",
     "aten::_conv_depthwise2d.default": "depthwise Conv2d on a non-CPU device",
     "aten::conv_depthwise3d.default": "depthwise Conv3d on a non-CPU device",
+    # scaled_dot_product_attention's fused backend on gpupool (the clients choose it): server/attention.py.
+    "aten::_scaled_dot_product_fused_attention_overrideable.default": "fused attention (server/attention.py)",
+    "aten::_scaled_dot_product_fused_attention_overrideable_backward.default": "fused attention backward",
 }
 # Families allowed as a whole: every overload of these, with the reason.
 FAMILIES = {

@@ -25,6 +25,7 @@ import torch
 
 from gpupool.errors import ResourceExhausted
 
+from . import attention
 from .opargs import arg
 
 Args = Sequence[Any]
@@ -290,6 +291,8 @@ _COSTS: dict[str, Callable[[Args, Kwargs], int]] = {
     "aten::_cdist_forward": _cdist,
     "aten::_scaled_dot_product_flash_attention_for_cpu": _attention,
     "aten::_scaled_dot_product_attention_math": _attention,
+    "aten::_scaled_dot_product_fused_attention_overrideable": _attention,
+    "aten::_scaled_dot_product_fused_attention_overrideable_backward": lambda a, k: 3 * _attention(a[1:], k),
     "aten::scaled_dot_product_attention": _attention,
     "aten::_scaled_mm": _mm(0, 1),
     "aten::_scaled_mm_v2": _mm(0, 1),
@@ -349,6 +352,8 @@ _COSTS: dict[str, Callable[[Args, Kwargs], int]] = {
 _TEMPORARIES: dict[str, Callable[[Args, Kwargs], int]] = {
     "aten::mvlgamma": _mvlgamma_bytes,
     "aten::mvlgamma_": _mvlgamma_bytes,
+    attention.FORWARD: attention.forward_bytes,
+    attention.BACKWARD: attention.backward_bytes,
 }
 
 

@@ -23,6 +23,7 @@ import torch
 
 from gpupool.errors import InvalidArgument, ResourceExhausted
 
+from . import attention
 from .opargs import Args, Kwargs, arg, checked, tensors
 from .sessions import zero_bytes
 
@@ -179,6 +180,7 @@ _VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {
     "aten::_embedding_bag_dense_backward": _embedding_bag_dense_backward,
     "aten::_embedding_bag_backward": _embedding_bag_dense_backward,
     "aten::_embedding_bag_per_sample_weights_backward": _embedding_bag_per_sample_weights_backward,
+    **attention.VALIDATORS,  # shapes, dtypes, dropout_p, scale of the fused attention ops (server/attention.py)
 }
 # Guards that need the overload's schema (its argument names): the fused optimizers' lists, in place and in their
 # functional and out= forms (`_fused_adam`, `_fused_adam.out`, ...: the same kernel on clones of the lists they
@@ -384,6 +386,7 @@ _REPLACEMENTS: dict[str, Callable[..., Any]] = {
     "aten::_unsafe_masked_index": _masked_index,
     "aten::_unsafe_masked_index_put_accumulate": _masked_index_put_accumulate,
     "aten::_index_put_impl_": _index_put_impl_checked,
+    **attention.REPLACEMENTS,  # no kernel on a CPU or CUDA device for the overrideable backend: server/attention.py
 }
 
 

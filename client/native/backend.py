@@ -612,9 +612,11 @@ TINY_MLP_OPS = (
 )  # fmt: skip
 
 # What launch_bound.py's encoder adds to the tiny MLP's set (dropout's two ops only in train mode; native_layer_norm
-# since the fallback claims it whole, round 16).
+# since the fallback claims it whole, round 16; the fused attention where the backend choice takes it, round 21).
 ENCODER_OPS = (
     "aten::native_dropout", "aten::native_dropout_backward",
+    "aten::_scaled_dot_product_fused_attention_overrideable",
+    "aten::_scaled_dot_product_fused_attention_overrideable_backward",
     "aten::_softmax", "aten::_softmax_backward_data", "aten::add.Tensor", "aten::add_.Tensor", "aten::addcmul",
     "aten::all.dim", "aten::bmm", "aten::copy_", "aten::div.Tensor", "aten::embedding_dense_backward",
     "aten::index_select", "aten::isneginf", "aten::mean.dim", "aten::mul.Tensor", "aten::native_batch_norm",

@@ -22,6 +22,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/SDPBackend.h>
+#include <ATen/native/transformers/attention.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/detail/PrivateUse1HooksInterface.h>
 #include <ATen/ops/_reshape_alias_native.h>
@@ -463,7 +465,8 @@ void put_arg(Buf& b, std::string& k, const IValue& v) {
 
 // What one output is: a new tensor, an input written in place (in-place, out=), or a view of an input's storage.
 struct OutPlan {
-  enum Kind : uint8_t { NEW, INPUT, VIEW } kind = NEW;
+  // NONE: an undefined tensor (no handle); VALUE: an int return that is a size of the inputs (`shape_ints`), in `offset`
+  enum Kind : uint8_t { NEW, INPUT, VIEW, NONE, VALUE } kind = NEW;
   int arg = -1;        // INPUT/VIEW: the argument it is (or views); for a tensor-list argument also `elem`
   int elem = -1;
   at::ScalarType dtype = at::kFloat;
@@ -474,6 +477,7 @@ struct OutPlan {
 // One return of the op: a tensor (one plan), a tensor list (n plans), or nothing else is supported.
 struct RetPlan {
   bool is_list = false;
+  bool is_int = false;  // one VALUE plan: the int goes back on the stack, the record's output handle is 0
   std::vector<OutPlan> outs;
 };
 
@@ -543,6 +547,10 @@ std::pair<int, int> find_input(const std::vector<IValue>& margs, const at::Tenso
 
 OutPlan plan_one(const c10::Argument& ret, const std::vector<IValue>& margs, const at::Tensor& m) {
   OutPlan p;
+  if (!m.defined()) {  // the fused attention's cum_seq_q/k, debug mask: an undefined tensor, no handle
+    p.kind = OutPlan::NONE;
+    return p;
+  }
   p.dtype = m.scalar_type();
   p.sizes = m.sizes().vec();
   p.strides = m.strides().vec();
@@ -579,6 +587,17 @@ Plan infer(const c10::OperatorHandle& op, const IValue* args, size_t nargs, std:
     const IValue& v = ms[r];
     if (v.isTensor()) {
       rp.outs.push_back(plan_one(rets[r], margs, v.toTensor()));
+    } else if (v.isNone()) {
+      OutPlan p;
+      p.kind = OutPlan::NONE;
+      rp.outs.push_back(p);
+    } else if (v.isInt() && schema.name() == "aten::_scaled_dot_product_fused_attention_overrideable") {
+      // its max_q and max_k: the query's and key's lengths, from the Meta kernel (client/torch/meta.py SHAPE_INTS)
+      OutPlan p;
+      p.kind = OutPlan::VALUE;
+      p.offset = v.toInt();
+      rp.is_int = true;
+      rp.outs.push_back(p);
     } else if (v.isTensorList()) {
       rp.is_list = true;
       for (const at::Tensor& t : v.toTensorList().vec()) rp.outs.push_back(plan_one(rets[r], margs, t));
@@ -608,6 +627,7 @@ Plan infer(const c10::OperatorHandle& op, const IValue* args, size_t nargs, std:
 }
 
 at::Tensor make_out(const OutPlan& p, const IValue* args) {
+  if (p.kind == OutPlan::NONE || p.kind == OutPlan::VALUE) return at::Tensor();
   if (p.kind == OutPlan::NEW) {
     return at::detail::empty_strided_generic(p.sizes, p.strides, &g_alloc, kKeys, p.dtype);
   }
@@ -1195,7 +1215,10 @@ DeviceIndex op_index(const IValue* args, size_t nargs) {
 void push_outputs(torch::jit::Stack* stack, const std::vector<RetPlan>& rets, c10::SmallVector<at::Tensor, 4>& made) {
   size_t k = 0;
   for (const RetPlan& r : rets) {
-    if (r.is_list) {
+    if (r.is_int) {
+      stack->emplace_back(r.outs[0].offset);
+      k++;
+    } else if (r.is_list) {
       c10::List<at::Tensor> l;
       l.reserve(r.outs.size());
       for (size_t j = 0; j < r.outs.size(); j++) l.push_back(std::move(made[k++]));
@@ -2058,7 +2081,65 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   m.impl("_reshape_alias", TORCH_FN(spike_reshape_alias));
   m.impl("set_.source_Storage", TORCH_FN(spike_set_storage));
   m.impl("set_.source_Storage_storage_offset", TORCH_FN(spike_set_storage_offset));
+  // The fused attention `gpupool_sdp_choice` picks: its CompositeExplicitAutograd kernel only raises ("an operator for
+  // privateuse1 backends"), and would win over the fallback: recorded like any other op.
+  m.impl("_scaled_dot_product_fused_attention_overrideable", torch::CppFunction::makeFromBoxedFunction<&spike_fallback>());
+  m.impl("_scaled_dot_product_fused_attention_overrideable_backward",
+         torch::CppFunction::makeFromBoxedFunction<&spike_fallback>());
 }
+
+namespace {
+
+// scaled_dot_product_attention's backend on a gpupool device (torch asks `_fused_sdp_choice_stub` for PrivateUse1;
+// without an answer it takes the math path: bmm, mul, `_safe_softmax`, views, ~30 autograd nodes and records a call).
+// `overrideable` sends one `_scaled_dot_product_fused_attention_overrideable` record (+ its backward), which the
+// daemon runs fused (server/attention.py); `math` is kept for every call the daemon's fused op refuses or where local
+// CPU's flash kernel would not run either: dropout (its random numbers then come from gpupool's seeded dropout, as
+// local CPU's math path draws them), GQA, other than 4-D, mixed or non-floating dtypes, unequal head sizes, an empty
+// or last-dim-strided input, a mask that needs a gradient, is of another dtype or does not broadcast to the scores.
+// server/attention.py `check_forward` holds the same rules (a test checks both sides on the same calls).
+std::atomic<bool> g_fused_sdp{std::getenv("GPUPOOL_FUSED_SDPA") == nullptr || std::string(std::getenv("GPUPOOL_FUSED_SDPA")) != "0"};
+
+int64_t gpupool_sdp_choice(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
+                           std::optional<double> /*scale*/, bool enable_gqa) {
+  const int64_t math = static_cast<int64_t>(at::SDPBackend::math);
+  if (!g_fused_sdp.load(std::memory_order_relaxed) || dropout_p != 0.0 || enable_gqa) return math;
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || q.is_nested() || k.is_nested() || v.is_nested()) return math;
+  const auto dt = q.scalar_type();
+  if (dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16 && dt != at::kDouble) return math;
+  if (k.scalar_type() != dt || v.scalar_type() != dt) return math;
+  const int64_t b = q.size(0), h = q.size(1), l = q.size(2), e = q.size(3), s = k.size(2);
+  if (k.size(0) != b || v.size(0) != b || k.size(1) != h || v.size(1) != h || v.size(2) != s) return math;
+  if (k.size(3) != e || v.size(3) != e) return math;
+  if (b == 0 || h == 0 || l == 0 || e == 0 || s == 0) return math;
+  if (q.stride(3) != 1 || k.stride(3) != 1 || v.stride(3) != 1) return math;
+  if (mask.has_value() && mask->defined()) {
+    const at::Tensor& m = *mask;
+    if (is_causal || m.requires_grad() || m.is_nested() || m.dim() > 4) return math;
+    if (m.scalar_type() != at::kBool && m.scalar_type() != dt) return math;
+    const int64_t scores[4] = {b, h, l, s};
+    for (int64_t i = 1; i <= m.dim(); i++) {
+      const int64_t n = m.size(m.dim() - i);
+      if (n != 1 && n != scores[4 - i]) return math;
+    }
+  }
+  return static_cast<int64_t>(at::SDPBackend::overrideable);
+}
+
+}  // namespace
+
+namespace at::native {
+REGISTER_PRIVATEUSE1_DISPATCH(_fused_sdp_choice_stub, &gpupool_sdp_choice);
+}  // namespace at::native
+
+namespace {
+
+bool set_fused_sdp(bool on) {
+  return g_fused_sdp.exchange(on);
+}
+
+}  // namespace
 
 TORCH_LIBRARY(gpupool_native, m) {
   m.def("stats() -> int[]", &stats);
@@ -2083,6 +2164,7 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("device_count() -> int", &device_count);
   m.def("current_device() -> int", &current_device);
   m.def("set_current_device(int index) -> ()", &set_current_device);
+  m.def("set_fused_sdp(bool on) -> bool", &set_fused_sdp);  // scaled_dot_product_attention's fused backend (default on)
   // Implemented in Python (client/native/backend.py, over client/session.py's Session of device `index`): the frame
   // hand-offs.
   m.def("send(Tensor frame, int index) -> ()");

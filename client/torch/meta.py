@@ -50,6 +50,8 @@ class Outputs:
     flat_tuple: bool = False  # the outputs are a plain tuple of them (rebuilt without pytree)
     first_is_new: bool = True  # the op's `Schema.first_is_new`: its first output is a new tensor, not an argument
     flat_list: bool = False  # the outputs are a plain list of them (_foreach_sqrt, split: rebuilt without pytree)
+    # (position, value) of int outputs that are sizes of the inputs (`SHAPE_INTS`): no handle, the value as it is
+    values: tuple[tuple[int, int], ...] = ()
     # per meta, `tensor.wrapper_args` (strides, storage offset) for `_make_wrapper_subclass`: worked out once here
     wrapper: tuple[tuple[Any, int | None] | None, ...] = field(init=False, repr=False, compare=False)
     # the usual op's one new tensor, all `remote.run_remote` needs of it in one unpacking: (meta, shape, strides,
@@ -84,6 +86,12 @@ def _kind(t: Any) -> str:
     return V
 
 
+# Ops whose int returns are sizes of their inputs, which the meta kernel gives (the fused attention's max_q and max_k:
+# the query's and key's lengths): these run remotely with those ints as they are, where any other int return means a
+# value read from the device (a round trip or the CPU).
+SHAPE_INTS = frozenset({"aten::_scaled_dot_product_fused_attention_overrideable"})
+
+
 # In-place ops besides the pointwise ones that write values only (as server/checks.py's list)
 _VALUES = frozenset(
     {"aten::copy_", "aten::zero_", "aten::fill_", "aten::bernoulli_", "aten::normal_", "aten::uniform_"}
@@ -107,7 +115,10 @@ class Schema:
         tags = set(func.tags)
         self.dynamic = torch.Tag.dynamic_output_shape in tags
         self.inplace_view = torch.Tag.inplace_view in tags
-        self.returns_tensors = all(_kind(r.type) in (T, TL) for r in schema.returns)
+        self.returns_tensors = all(
+            _kind(r.type) in (T, TL) or (self.name in SHAPE_INTS and str(r.type) in ("int", "SymInt"))
+            for r in schema.returns
+        )
         self.tensor_returns = sum(1 for r in schema.returns if _kind(r.type) == T)
         self.list_return = any(_kind(r.type) == TL for r in schema.returns)
         # Outputs that alias a written argument (in-place ops, out=): the op returns that argument.
@@ -257,18 +268,22 @@ def infer(sch: Schema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outputs
         return Outputs((_out_meta(out),), None, False, sch.first_is_new)
     leaves, spec = tree_flatten(out)
     metas: list[OutMeta | None] = []
-    for leaf in leaves:
+    values: list[tuple[int, int]] = []
+    for i, leaf in enumerate(leaves):
         if leaf is None:
             metas.append(None)
         elif isinstance(leaf, torch.Tensor):
             metas.append(_out_meta(leaf))
+        elif type(leaf) is int and sch.name in SHAPE_INTS:
+            metas.append(None)
+            values.append((i, leaf))
         else:
             raise NoMeta(f"{sch.name} returns a {type(leaf).__name__}")
     if spec.is_leaf():  # one None (the in-place foreach ops return nothing): as one output, rebuilt without pytree
         return Outputs(tuple(metas), None, False, sch.first_is_new)
     leaves_only = all(c.is_leaf() for c in spec.children())
     flat = spec.type is tuple and leaves_only
-    return Outputs(tuple(metas), spec, flat, sch.first_is_new, spec.type is list and leaves_only)
+    return Outputs(tuple(metas), spec, flat, sch.first_is_new, spec.type is list and leaves_only, tuple(values))
 
 
 def _out_meta(t: torch.Tensor) -> OutMeta:

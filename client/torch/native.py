@@ -16,6 +16,11 @@ once), into a per-user cache keyed by torch's version and the source's hash (`$G
 build it once. Without a compiler, or when the build fails, torch's Python guard stays and one log line says why;
 `GPUPOOL_NATIVE=0` keeps the Python guard without trying. Nothing is downloaded: only the shipped source is compiled.
 
+The same library answers torch's choice of `scaled_dot_product_attention`'s backend for the device (torch asks a C++
+dispatch stub; native_guard.cpp `gpupool_sdp_choice`): the fused `overrideable` backend, one op record a call that the
+daemon runs fused (server/attention.py), where the call allows it, else torch's math path. Without the native guard,
+or with `GPUPOOL_FUSED_SDPA=0`, it is always the math path.
+
     python -c 'from gpupool.client.torch import native; print(native.build())'   # build now (scripts/setup.sh)
 """
 
@@ -104,7 +109,7 @@ def compile_command(out: Path) -> list[str]:
     tdir = _torch_dir()
     cmd = [*_compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-           f"-I{tdir / 'include'}", "-o", str(out), str(SOURCE), f"-L{tdir / 'lib'}", "-lc10",
+           f"-I{tdir / 'include'}", "-o", str(out), str(SOURCE), f"-L{tdir / 'lib'}", "-lc10", "-ltorch_cpu",
            f"-Wl,-rpath,{tdir / 'lib'}"]  # fmt: skip
     if sys.platform.startswith("linux"):
         cmd.append("-Wl,--no-undefined")  # a missing symbol fails the build, not the load
@@ -159,12 +164,16 @@ def install() -> bool:
     try:
         path = build()
         lib = ctypes.CDLL(str(path))
-        for name in ("gpupool_current_device", "gpupool_set_current_device", "gpupool_set_device_count"):
+        for name in ("gpupool_current_device", "gpupool_set_current_device", "gpupool_set_device_count",
+                     "gpupool_set_fused_sdp"):  # fmt: skip
             getattr(lib, name).restype = ctypes.c_int
         lib.gpupool_set_current_device.argtypes = [ctypes.c_int]
         lib.gpupool_set_device_count.argtypes = [ctypes.c_int]
+        lib.gpupool_set_fused_sdp.argtypes = [ctypes.c_int]
         lib.gpupool_set_current_device(_python_current_device())  # keep what was set before the guard came
         lib.gpupool_register_guard()
+        lib.gpupool_set_fused_sdp(int(fused_attention_default()))
+        lib.gpupool_register_sdp_choice()  # scaled_dot_product_attention's fused backend (native_guard.cpp)
     except Exception as exc:  # BuildError, a broken cache file, an ABI mismatch: the Python guard still works
         log.warning("gpupool: native device guard unavailable, torch's Python device guard stays (slower per op; "
                     "GPUPOOL_NATIVE=0 skips this): %s", exc)  # fmt: skip
@@ -172,6 +181,20 @@ def install() -> bool:
     _loaded.append(lib)
     current_device, set_current_device = lib.gpupool_current_device, lib.gpupool_set_current_device
     return active()
+
+
+def fused_attention_default() -> bool:
+    """False when `GPUPOOL_FUSED_SDPA=0` asks for torch's math path of scaled_dot_product_attention on gpupool."""
+    return os.environ.get("GPUPOOL_FUSED_SDPA", "1").strip() != "0"
+
+
+def set_fused_attention(on: bool) -> bool:
+    """Whether `scaled_dot_product_attention` on gpupool may take the fused backend (one record a call, run fused by
+    the daemon: server/attention.py) from now on; returns the previous setting. Without the native guard it is always
+    torch's math path (False)."""
+    if not _loaded:
+        return False
+    return bool(_loaded[0].gpupool_set_fused_sdp(int(bool(on))))
 
 
 def set_device_count(count: int) -> None:

@@ -47,10 +47,10 @@ def cnn_batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
 class Encoder(nn.Module):
     """A transformer encoder classifier: embedding, 2 layers (d 32, 4 heads, dropout 0.1), mean pool, linear."""
 
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.1) -> None:
         super().__init__()
         self.embed = nn.Embedding(100, 32)
-        layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.1, batch_first=True)
+        layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=dropout, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.head = nn.Linear(32, 2)
 
@@ -135,6 +135,8 @@ CASES = {
     "encoder-adamw-dropout": (Encoder, adamw, encoder_batch, nn.functional.cross_entropy),
     "mlp-adam-fused": (stock_mlp, adam_fused, mlp_batch, nn.functional.mse_loss),
     "encoder-adamw-fused-dropout": (Encoder, adamw_fused, encoder_batch, nn.functional.cross_entropy),
+    # no dropout: eager steps take the fused attention (server/attention.py), recorded ones torch's math path
+    "encoder-adamw-no-dropout": (lambda: Encoder(0.0), adamw, encoder_batch, nn.functional.cross_entropy),
 }
 
 

@@ -1,0 +1,356 @@
+"""Fused attention on the daemon: `aten::_scaled_dot_product_fused_attention_overrideable` and its backward.
+
+torch's `scaled_dot_product_attention` takes the decomposed math path (bmm, mul, `_safe_softmax`, views: ~30 autograd
+nodes and as many op records per call) on a PrivateUse1 device unless the backend says otherwise. gpupool's clients
+(client/torch/native_guard.cpp, client/native/native_client.cpp) choose torch's `overrideable` backend for the calls
+this module runs (`fused_choice` in both: 4-D, one floating dtype, equal head sizes, no dropout, no GQA, a mask that
+does not require grad), so that one record goes out a forward and one a backward. No PrivateUse1 kernel exists on the
+daemon, whose devices are CPUs (fake GPUs) or CUDA GPUs, so both ops are replacements (server/checks.py `OpPlan.run`):
+
+- CPU (fake GPUs): `_scaled_dot_product_flash_attention_for_cpu` (+ `_backward`), the kernel local CPU runs for the
+  same call, so results are local's bits. Its logsumexp is (B, H, L) with (B, L, H) strides; the overrideable op's
+  (torch's meta kernel, which the clients infer from) is contiguous: it is copied to that layout, and the backward
+  takes either.
+- CUDA: `_scaled_dot_product_efficient_attention` (fp32/fp16/bf16, any float bias) when torch's constraints for it hold
+  (`_efficient_ok`: sdp_utils' mem-efficient checks that a caller can see), its logsumexp (B, H, ceil(L / 32) * 32)
+  cut to (B, H, L) and padded again for the backward. Any failure of that kernel, or a call outside its constraints,
+  runs the math composition below on the GPU instead: slower (L x S scores), never wrong. (No GPU was at hand when
+  this was written: the CUDA path is untested; it degrades to the math composition on any RuntimeError.)
+- The math composition (`_math_forward`, `_math_backward`: scores in float32, logsumexp, softmax, recomputed under
+  autograd for the backward) also serves the shapes the CPU kernel refuses and a gradient of the bias
+  (`grad_input_mask[3]`), which no fused kernel here computes.
+
+Dropout inside attention is refused (dropout_p must be 0): the clients keep torch's math path when dropout_p > 0 --
+as local CPU does (its flash kernel refuses dropout too) --, whose `native_dropout` draws from the session's seeded
+generator like every other dropout. Outputs have exactly the meta kernel's shapes, strides and dtypes (`_like`),
+which the clients' output tensors already carry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from gpupool.errors import InvalidArgument
+
+from .opargs import Args, Kwargs, arg
+
+Tensor = torch.Tensor
+aten = torch.ops.aten
+FORWARD = "aten::_scaled_dot_product_fused_attention_overrideable"
+BACKWARD = "aten::_scaled_dot_product_fused_attention_overrideable_backward"
+NAMES = frozenset({FORWARD, BACKWARD})
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FLASH_CPU = aten._scaled_dot_product_flash_attention_for_cpu.default._op
+_FLASH_CPU_BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward.default._op
+
+
+def _tensor(v: Any, name: str) -> Tensor:
+    if not isinstance(v, Tensor):
+        raise InvalidArgument(f"fused attention: {name} must be a tensor")
+    return v
+
+
+def check_forward(q: Any, k: Any, v: Any, bias: Any, dropout_p: Any, scale: Any, debug: Any = False) -> None:
+    """The hostile-input rules of the forward (and the backward's shared arguments): clear errors, no kernel run."""
+    q, k, v = _tensor(q, "query"), _tensor(k, "key"), _tensor(v, "value")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise InvalidArgument(
+            f"fused attention: query, key and value must be 4-D (batch, heads, length, head size), not "
+            f"{q.dim()}-D, {k.dim()}-D, {v.dim()}-D"
+        )
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise InvalidArgument(f"fused attention: query, key and value must share one floating dtype, not "
+                              f"{q.dtype}, {k.dtype}, {v.dtype}")  # fmt: skip
+    b, h, _, e = q.shape
+    if k.shape[0] != b or v.shape[0] != b or k.shape[1] != h or v.shape[1] != h:
+        raise InvalidArgument("fused attention: query, key and value must have the same batch size and heads")
+    if k.shape[2] != v.shape[2]:
+        raise InvalidArgument("fused attention: key and value must have the same length")
+    if k.shape[3] != e:
+        raise InvalidArgument("fused attention: query and key must have the same head size")
+    if bias is not None:
+        bias = _tensor(bias, "attn_bias")
+        if bias.dtype != torch.bool and bias.dtype != q.dtype:
+            raise InvalidArgument(f"fused attention: attn_bias must be bool or {q.dtype}, not {bias.dtype}")
+        scores = (b, h, q.shape[2], k.shape[2])
+        trailing = zip(reversed(bias.shape), reversed(scores), strict=False)  # bias.dim() <= 4 = len(scores)
+        if bias.dim() > 4 or any(n not in (1, want) for n, want in trailing):
+            raise InvalidArgument(f"fused attention: attn_bias of shape {list(bias.shape)} does not broadcast to "
+                                  f"the scores' {list(scores)}")  # fmt: skip
+    if not isinstance(dropout_p, float | int) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p <= 1.0:
+        raise InvalidArgument(f"fused attention: dropout_p must be a number in [0, 1], not {dropout_p!r}")
+    if dropout_p != 0:
+        raise InvalidArgument("fused attention: dropout_p must be 0 here (gpupool's clients take torch's math path, "
+                              "whose dropout is seeded, for dropout_p > 0)")  # fmt: skip
+    if scale is not None and (not isinstance(scale, float | int) or not math.isfinite(scale)):
+        raise InvalidArgument(f"fused attention: scale must be a finite number or None, not {scale!r}")
+    if debug:
+        raise InvalidArgument("fused attention: return_debug_mask is not supported")
+
+
+def _validate_forward(args: Args, kwargs: Kwargs) -> None:
+    check_forward(
+        arg(args, kwargs, 0, "query"), arg(args, kwargs, 1, "key"), arg(args, kwargs, 2, "value"),
+        arg(args, kwargs, 3, "attn_bias"), arg(args, kwargs, 4, "dropout_p", 0.0), kwargs.get("scale"),
+        arg(args, kwargs, 6, "return_debug_mask", False),
+    )  # fmt: skip
+
+
+def _validate_backward(args: Args, kwargs: Kwargs) -> None:
+    q, k, v = arg(args, kwargs, 1, "query"), arg(args, kwargs, 2, "key"), arg(args, kwargs, 3, "value")
+    check_forward(q, k, v, arg(args, kwargs, 4, "attn_bias"), arg(args, kwargs, 12, "dropout_p", 0.0),
+                  kwargs.get("scale"))  # fmt: skip
+    b, h, length = q.shape[0], q.shape[1], q.shape[2]
+    shape = (b, h, length, v.shape[3])
+    for name, i in (("grad_out", 0), ("out", 6)):
+        t = _tensor(arg(args, kwargs, i, name), name)
+        if tuple(t.shape) != shape or t.dtype != q.dtype:
+            raise InvalidArgument(f"fused attention backward: {name} must be {q.dtype} of shape {list(shape)}")
+    lse = _tensor(arg(args, kwargs, 7, "logsumexp"), "logsumexp")
+    if tuple(lse.shape) != (b, h, length) or lse.dtype != torch.float32:
+        raise InvalidArgument(f"fused attention backward: logsumexp must be float32 of shape {[b, h, length]}")
+    mask = arg(args, kwargs, 5, "grad_input_mask")
+    if not isinstance(mask, list | tuple) or len(mask) != 4 or not all(isinstance(m, bool) for m in mask):
+        raise InvalidArgument("fused attention backward: grad_input_mask must be 4 bools")
+
+
+VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {FORWARD: _validate_forward, BACKWARD: _validate_backward}
+
+
+def _scale(q: Tensor, scale: float | None) -> float:
+    return float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+
+def _float_bias(bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A bool mask as torch's `convert_boolean_attn_mask` makes it: 0 where True, -inf where False."""
+    if bias is None or bias.dtype != torch.bool:
+        return bias
+    return torch.zeros(bias.shape, dtype=dtype, device=bias.device).masked_fill_(bias.logical_not(), -math.inf)
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether `t` is non-overlapping and dense (`torch.empty_like` then keeps its strides), for <= 4 dims."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda d: d[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _dense_or_copy(t: Tensor) -> Tensor:
+    """A kernel's tensor input as non-overlapping and dense memory: an expanded (stride 0) or overlapping view from
+    a client becomes a copy, so no kernel that walks memory by its sizes reads past a storage (round 18's lesson)."""
+    return t if _dense(t) else t.contiguous()
+
+
+def _like(ref: Tensor, t: Tensor) -> Tensor:
+    """`t` with `torch.empty_like(ref)`'s strides (the meta kernel's grads), copied only where they differ."""
+    if t.shape == ref.shape and t.stride() == ref.stride() and _dense(ref):
+        return t  # the usual case: the kernel's grads are laid out as its inputs
+    want = torch.empty_like(ref, device="meta").stride()
+    if t.stride() == want:
+        return t
+    return torch.empty_like(ref).copy_(t)
+
+
+def _matching_layout(q: Tensor, t: Tensor) -> Tensor:
+    """`t` (the output) in the meta kernel's layout: `alloc_with_matching_layout(query, shape)`."""
+    if t.shape == q.shape:
+        return _like(q, t)
+    order = sorted(range(4), key=lambda i: q.stride()[i], reverse=True)
+    strides = [0] * 4
+    stride = 1
+    for i in reversed(order):
+        strides[i] = stride
+        stride *= t.shape[i]
+    if list(t.stride()) == strides:
+        return t
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _scores(q: Tensor, k: Tensor, bias: Tensor | None, is_causal: bool, scale: float) -> Tensor:
+    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    if is_causal:
+        keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(keep.logical_not(), -math.inf)
+    fb = _float_bias(bias, q.dtype)
+    if fb is not None:
+        s = s + fb.float()
+    return s
+
+
+def _math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """(output, logsumexp) of the math composition; a row with every score masked gives 0s (torch's `_safe_softmax`)."""
+    s = _scores(q, k, bias, is_causal, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    p = torch.where(torch.isfinite(lse).unsqueeze(-1), p, torch.zeros((), device=p.device))
+    return torch.matmul(p, v.float()).to(q.dtype), lse
+
+
+def _efficient_ok(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> bool:
+    """torch's sdp_utils constraints of the mem-efficient kernel that this call can fail (a CUDA device)."""
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    align = 4 if q.dtype == torch.float32 else 8
+    if q.shape[-1] % align or v.shape[-1] % align:
+        return False
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        return False
+    return bias is None or bias.dtype in (q.dtype, torch.bool)
+
+
+def _cuda_bias(bias: Tensor | None, q: Tensor, k: Tensor) -> Tensor | None:
+    """The bias as torch's SDPA hands it to the efficient kernel (attention.cpp `preprocess_mask`): float, expanded to
+    (B, H, L, S), its last dim's storage padded to a multiple of 16 elements."""
+    fb = _float_bias(bias, q.dtype)
+    if fb is None:
+        return None
+    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    s = shape[3]
+    if s % 16:
+        padded = torch.zeros((*shape[:3], s + 16 - s % 16), dtype=fb.dtype, device=fb.device)
+        padded[..., :s] = fb.expand(shape)
+        return padded[..., :s]
+    return fb.expand(shape)
+
+
+def fused_attention(
+    query: Tensor, key: Tensor, value: Tensor, attn_bias: Tensor | None = None, dropout_p: float = 0.0,
+    is_causal: bool = False, return_debug_mask: bool = False, *, scale: float | None = None,
+) -> tuple[Any, ...]:  # fmt: skip
+    """The overrideable forward: (output, logsumexp, None, None, L, S, seed, offset, None) as torch's meta kernel."""
+    check_forward(query, key, value, attn_bias, dropout_p, scale, return_debug_mask)
+    q, k, v = _dense_or_copy(query), _dense_or_copy(key), _dense_or_copy(value)
+    length, source = q.shape[2], k.shape[2]
+    out: Tensor | None = None
+    lse: Tensor | None = None
+    empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
+    if q.device.type == "cpu" and not empty and v.shape[3] == q.shape[3]:
+        out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, attn_mask=_float_bias(attn_bias, q.dtype), scale=scale)
+    elif q.device.type == "cuda" and not empty and _efficient_ok(q, k, v, attn_bias):
+        try:
+            out, lse, _, _ = aten._scaled_dot_product_efficient_attention.default(
+                q, k, v, _cuda_bias(attn_bias, q, k), True, 0.0, is_causal, scale=scale
+            )
+            lse = lse[..., :length]
+        except RuntimeError:  # a constraint not checked above: the math composition, on the same GPU
+            out = lse = None
+    if out is None or lse is None:
+        out, lse = _math(q, k, v, attn_bias, is_causal, _scale(q, scale))
+    seed = torch.zeros((), dtype=torch.long, device=q.device)
+    offset = torch.zeros((), dtype=torch.long, device=q.device)
+    return (_matching_layout(query, out), lse.contiguous(), None, None, length, source, seed, offset, None)
+
+
+def _math_backward(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, is_causal: bool, scale: float,
+    want_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """The gradients of `_math`, by autograd over it (recomputed: L x S memory, as torch's math path holds)."""
+    with torch.enable_grad():
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        bb = None
+        if bias is not None:
+            bb = bias.detach()
+            if want_bias and bb.is_floating_point():
+                bb = bb.requires_grad_()
+        out, _ = _math(qq, kk, vv, bb, is_causal, scale)
+        inputs = [qq, kk, vv] + ([bb] if bb is not None and bb.requires_grad else [])
+        grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
+    gb = grads[3] if len(grads) > 3 else None
+    return grads[0], grads[1], grads[2], gb
+
+
+def fused_attention_backward(
+    grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, attn_bias: Tensor | None, grad_input_mask: list[bool],
+    out: Tensor, logsumexp: Tensor, cum_seq_q: Any, cum_seq_k: Any, max_q: int, max_k: int, dropout_p: float,
+    is_causal: bool, philox_seed: Any, philox_offset: Any, *, scale: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """The overrideable backward: (grad_query, grad_key, grad_value, grad_attn_bias) as torch's meta kernel (a bias's
+    grad is zeros unless `grad_input_mask[3]` asks for it; None without a bias)."""
+    _validate_backward(
+        [grad_out, query, key, value, attn_bias, grad_input_mask, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k,
+         dropout_p, is_causal, philox_seed, philox_offset], {"scale": scale},
+    )  # fmt: skip
+    q, k, v = _dense_or_copy(query), _dense_or_copy(key), _dense_or_copy(value)
+    grad_out, out, logsumexp = _dense_or_copy(grad_out), _dense_or_copy(out), _dense_or_copy(logsumexp)
+    gq = gk = gv = gb = None
+    want_bias = bool(grad_input_mask[3]) and attn_bias is not None and attn_bias.is_floating_point()
+    empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
+    if not want_bias and not empty:
+        if q.device.type == "cpu" and v.shape[3] == q.shape[3]:
+            mask = _float_bias(attn_bias, q.dtype)
+            gq, gk, gv = _FLASH_CPU_BACKWARD(
+                grad_out, q, k, v, out, logsumexp, 0.0, is_causal, attn_mask=mask, scale=scale
+            )
+        elif q.device.type == "cuda" and _efficient_ok(q, k, v, attn_bias):
+            try:
+                length = q.shape[2]
+                padded = torch.zeros((*logsumexp.shape[:2], -(-length // 32) * 32), dtype=torch.float32,
+                                     device=q.device)  # fmt: skip
+                padded[..., :length] = logsumexp
+                seed = torch.zeros((), dtype=torch.long, device=q.device)
+                gq, gk, gv, _ = aten._scaled_dot_product_efficient_attention_backward.default(
+                    grad_out, q, k, v, _cuda_bias(attn_bias, q, k), out, padded, seed, seed, 0.0,
+                    [True, True, True, False], is_causal, scale=scale,
+                )  # fmt: skip
+            except RuntimeError:
+                gq = gk = gv = None
+    if gq is None or gk is None or gv is None:
+        gq, gk, gv, gb = _math_backward(grad_out, q, k, v, attn_bias, is_causal, _scale(q, scale), want_bias)
+    grad_bias = None
+    if attn_bias is not None:
+        if gb is None:
+            grad_bias = torch.zeros_like(attn_bias)
+        else:
+            grad_bias = _like(attn_bias, _reduce_to(gb, attn_bias).to(attn_bias.dtype))
+    return _like(query, gq), _like(key, gk), _like(value, gv), grad_bias
+
+
+def _reduce_to(g: Tensor, like: Tensor) -> Tensor:
+    """A broadcast bias's gradient summed back to the bias's own shape (autograd already did, kept as a guard)."""
+    if g.shape == like.shape:
+        return g
+    return torch.ops.aten.sum_to_size(g, like.shape)
+
+
+REPLACEMENTS: dict[str, Callable[..., Any]] = {FORWARD: fused_attention, BACKWARD: fused_attention_backward}
+
+
+def _uses_math(q: Tensor, k: Tensor, v: Any, bias: Any) -> bool:
+    """Whether the math composition runs for these inputs (before a CUDA kernel's own failure)."""
+    if not isinstance(v, Tensor) or v.dim() != 4 or q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return True
+    if q.device.type == "cpu":
+        return v.shape[3] != q.shape[3]
+    return not _efficient_ok(q, k, v, bias if isinstance(bias, Tensor) else None)
+
+
+def _math_bytes(q: Any, k: Any, v: Any, bias: Any, factor: int) -> int:
+    if not isinstance(q, Tensor) or not isinstance(k, Tensor) or q.dim() != 4 or k.dim() != 4:
+        return 0
+    if not _uses_math(q, k, v, bias):
+        return 0
+    return factor * 4 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+
+
+def forward_bytes(args: Args, kwargs: Kwargs) -> int:
+    """Temporary bytes of the math composition where it runs (scores, probabilities: float32 B x H x L x S each)."""
+    return _math_bytes(arg(args, kwargs, 0, "query"), arg(args, kwargs, 1, "key"), arg(args, kwargs, 2, "value"),
+                       arg(args, kwargs, 3, "attn_bias"), 3)  # fmt: skip
+
+
+def backward_bytes(args: Args, kwargs: Kwargs) -> int:
+    """The math backward's recomputation (twice the forward's), where it runs: also for a bias's gradient."""
+    q, k, v, bias = (arg(args, kwargs, i, n) for i, n in ((1, "query"), (2, "key"), (3, "value"), (4, "attn_bias")))
+    mask = arg(args, kwargs, 5, "grad_input_mask")
+    factor = 6
+    if isinstance(mask, list | tuple) and len(mask) == 4 and mask[3] and isinstance(bias, Tensor):
+        return _math_bytes(q, k, None, bias, factor)  # None: the math composition whatever the device
+    return _math_bytes(q, k, v, bias, factor)
