@@ -482,6 +482,47 @@ def test_the_inline_step_unbinds_an_output_past_the_quota_as_the_normal_path() -
     assert would is not None and int(would[1]) > int(would[2]) == 1 << 16
 
 
+def test_an_output_past_the_quota_inside_a_run_names_the_use_it_would_make(runner: str) -> None:
+    """An op inside a run whose output takes the session past its quota (its learned verdict admitted it: zeroed
+    here) is unbound and refused after it ran, natively as in Python (`_over_quota`), and the message names the use
+    the op would have made: the native runner writes the bytes its run added back before it calls `_over_quota`."""
+    p = Pair(quota=1 << 20)
+    p.stream(training(p, 6), itertools.cycle([64]))
+    ex, s = p.ex[0], p.s[0]
+    for found in p.runs().heads.values():
+        for trace in found:
+            for st in trace.steps:
+                st.need = 0
+            trace.native = None  # compiled again with the zeroed verdicts
+    raised: list[Any] = []  # what the native runner's calls reported
+    real = ex._native_ctx
+
+    def spy(*a: Any) -> Any:
+        ctx = real(*a)
+
+        class Watched:
+            def run(self, *b: Any) -> Any:
+                got = ctx.run(*b)
+                raised.append(got[4])
+                return got
+
+        return Watched()
+
+    ex._native_ctx = spy  # type: ignore[method-assign]
+    for k, cmds in enumerate(([free(5)], step(p, 6))):
+        if k:
+            s.bind(BASE + 60, torch.zeros((s.quota - s.used) // 4 - 8))  # room for 32 bytes: not for step 6's first
+        payload = device_pb2.ClientFrame(commands=cmds).SerializeToString()
+        req = slices.SliceRequest(1 << 40, 1 << 40, 1e9, payload)
+        slices.run_commands(s, ex.execute, ex.ledger, req, _clock, lambda i: None)
+    assert h(6, 0) in s.poisoned and h(6, 0) not in s.tensors
+    would = re.search(r"(\d+) bytes would be used of a (\d+) byte limit", s.poisoned[h(6, 0)].message)
+    assert would is not None and int(would[1]) == int(would[2]) - 32 + 48  # 4x3 float32 in 32 bytes of room
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in s.tensors.values()}
+    assert s.used == sum(storages.values())  # the output's bytes counted off again
+    assert any(e is not None and "would be used" in str(e) for e in raised) == (runner == "native")
+
+
 def test_a_list_of_session_tensors_is_checked_again_when_a_handle_holds_another() -> None:
     """A Tensor[] argument of tensors made before the run (an optimizer's parameters and states) is accepted in one
     go while it holds the same objects as last time (`match`'s list cell); a handle rebound to a bigger tensor in
