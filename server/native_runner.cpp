@@ -17,6 +17,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
 
+#include <cstdint>
 #include <cstring>
 #include <ctime>
 #include <initializer_list>
@@ -385,6 +386,71 @@ PyObject* S_quota;
 PyObject* S_flops;
 PyObject* S_native;
 
+// One int counter of a `Ctx.run` (`s.used`, `s.ops`, `memory.used`), kept here between the run's Python calls: read
+// once (`get`, through `Fields`) and added to in C++ (`add`), written back as one `+=` of what was added (`sync`) before
+// any session or executor code the run calls (a progress callable, the ledger's count, `bind_outputs`, `over_quota`)
+// and when it returns or raises, and read again after it. Python code of this thread thus never sees a value that
+// lags the records run (~1.5k instructions a record were the per-record `+=` of the dict's int objects). What the run
+// decides with a value is what it decided when it wrote it each time: the same ints, the same order of checks.
+struct Counter {
+  Fields* f;
+  PyObject* name;
+  int64_t base = 0;  // the attribute's value as last read, valid while `have`
+  bool have = false;
+  int64_t delta = 0;  // added here, not yet written
+  Counter(Fields* fields, PyObject* n) : f(fields), name(n) {}
+  // the value as Python will see it once synced: false when the attribute is not an int that fits
+  bool get(int64_t* out) {
+    if (!have) {
+      if (!f->get(name, &base)) return false;
+      have = true;
+    }
+    return !__builtin_add_overflow(base, delta, out);
+  }
+  void add(int64_t n) {
+    int64_t d = 0;
+    if (__builtin_add_overflow(delta, n, &d)) {
+      sync();
+      f->add(name, n);
+      return;
+    }
+    delta = d;
+  }
+  // write what was added; the next `get` reads the attribute again (Python code may change it)
+  void sync() {
+    have = false;
+    if (delta == 0) return;
+    const int64_t d = delta;
+    delta = 0;
+    f->add(name, d);
+  }
+};
+
+// A run's three counters; `sync_all` before Python code, and (the destructor) when the run raises
+struct Counts {
+  Counter used, mused, ops;
+  Counts(Fields& sf, Fields& mf) : used(&sf, S_used), mused(&mf, S_used), ops(&sf, S_ops) {}
+  void sync_all() {
+    used.sync();
+    mused.sync();
+    ops.sync();
+  }
+  ~Counts() {
+    if (used.delta == 0 && mused.delta == 0 && ops.delta == 0) return;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);  // the error the run raises stays the one raised
+    try {
+      sync_all();
+    } catch (py::error_already_set& e) {
+      e.discard_as_unraisable("gpupool native runner: writing back a session's counters");
+    } catch (...) {
+    }
+    PyErr_Restore(type, value, tb);
+  }
+  Counts(const Counts&) = delete;
+  Counts& operator=(const Counts&) = delete;
+};
+
 struct Ctx {
   py::object s, tensors, poisoned, storages, keys, memory, count, bind_outputs, over_quota;
   int64_t quota, capacity, max_handles, number, base, flops;
@@ -419,6 +485,7 @@ struct Ctx {
     // of the record about to run stored as a little-endian int32 at its start, as `slices.word_mark` writes it
     Word word(progress);
     Fields sf(s.ptr(), {S_used, S_ops}), mf(memory.ptr(), {S_used});
+    Counts c(sf, mf);  // `s.used`, `s.ops`, `memory.used`: synced before Python code, at the return, on a raise
     torch::jit::Stack stack;
     // A second reference to each input tensor, held until the op returned: the kernel's own references (the
     // stack's) then never drop the last C++ one, which hands the tensor's Python object back (`decref_pyobject`)
@@ -620,10 +687,10 @@ struct Ctx {
         if (!ok) break;
         // the quota and the device's capacity (`_run_step`'s order: the handle checks above came first)
         int64_t used_before = 0;
-        if (!sf.get(S_used, &used_before)) break;
+        if (!c.used.get(&used_before)) break;
         if (p->need > 0) {
           int64_t mused = 0;
-          if (!mf.get(S_used, &mused)) break;
+          if (!c.mused.get(&mused)) break;
           if (used_before + p->need > quota || mused + p->need > capacity) break;  // Python raises it
         }
         // From here on the record is run here: the op, the count, the binding, the quota check.
@@ -631,6 +698,7 @@ struct Ctx {
           const int32_t at = static_cast<int32_t>(i);  // a slice holds far fewer than 2^31 commands
           std::memcpy(word.buf, &at, 4);
         } else if (!progress.is_none()) {
+          c.sync_all();
           progress(i);
         }
         PyObject* ran = call_op(*p->op, stack);
@@ -641,7 +709,7 @@ struct Ctx {
         }
         Py_DECREF(ran);
         if (p->returns == SEVERAL) {
-          if (!several(sf, mf, hkeys.p, stack, used_before, &exc)) break;
+          if (!several(c, hkeys.p, stack, used_before, &exc)) break;
           ++hits;
           ++k;
           ++i;
@@ -668,8 +736,11 @@ struct Ctx {
         }
         at::Tensor out = p->returns ? std::move(stack[0]).toTensor() : at::Tensor();
         stack.clear();
-        sf.add(S_ops, 1);
-        if (!count.is_none()) count(s);
+        c.ops.add(1);
+        if (!count.is_none()) {
+          c.sync_all();
+          count(s);
+        }
         Own obj(p->returns ? THPVariable_Wrap(out) : Py_NewRef(Py_None));
         if (obj.p == nullptr) throw py::error_already_set();
         try {
@@ -681,19 +752,21 @@ struct Ctx {
             obj.reset(Py_NewRef(Py_None));  // what the session's table holds for the output handle (`objs` below)
           } else if (Py_TYPE(obj.p) == reinterpret_cast<PyTypeObject*>(THPVariableClass) && !in_p &&
               out.layout() == at::kStrided && !out.is_quantized() && !out.is_nested() && out.dim() <= MAX_DIMS) {
-            bind_new(sf, mf, hkey.p, out, obj.p);
+            bind_new(c, hkey.p, out, obj.p);
             one = true;
           } else {
+            c.sync_all();
             bound = bind_outputs(s, py::make_tuple(py::handle(hkey.p)), py::handle(obj.p));
           }
           int64_t after = 0;
-          if (!sf.get(S_used, &after)) throw std::overflow_error("session use out of range");
+          if (!c.used.get(&after)) throw std::overflow_error("session use out of range");
           if (after > quota && after > used_before) {
             if (one || (bound && bound.is_none())) {
               bound = py::make_tuple(py::handle(hkey.p));
             } else if (!bound) {
               bound = py::list();
             }
+            c.sync_all();
             over_quota(s, bound);  // raises
           }
         } catch (py::error_already_set& e) {
@@ -741,6 +814,7 @@ struct Ctx {
       k = 0;
       flags = 0;
     }
+    c.sync_all();
     py::object chained = py::none();
     if (py_cur) chained = py::make_tuple(py_cur, objs);
     return py::make_tuple(i, k, hits, flags, exc, chained);
@@ -775,8 +849,7 @@ struct Ctx {
   // The rest of a SEVERAL step after its op ran: the count, `bind_outputs` of its values (a tuple's tensors, or a
   // Tensor[]'s: `_slots` flattens either; an undefined tensor is None), the quota, the kept outputs. False with
   // `exc` set when binding or the quota raised (the record failed after its op, as on the Python path).
-  bool several(Fields& sf, Fields& mf, PyObject* hkeys, torch::jit::Stack& stack, int64_t used_before,
-               py::object* exc) {
+  bool several(Counts& c, PyObject* hkeys, torch::jit::Stack& stack, int64_t used_before, py::object* exc) {
     std::vector<at::Tensor> outs;
     for (auto& v : stack) {
       if (v.isTensor()) {
@@ -798,8 +871,11 @@ struct Ctx {
       if (o == nullptr) throw py::error_already_set();
       PyList_SET_ITEM(values.p, static_cast<Py_ssize_t>(j), o);  // steals
     }
-    sf.add(S_ops, 1);
-    if (!count.is_none()) count(s);
+    c.ops.add(1);
+    if (!count.is_none()) {
+      c.sync_all();
+      count(s);
+    }
     // `_bind_outputs` binds each (handle, value) pair with `WorkerSession.bind`; for fresh handles (checked and
     // admitted above, none live) that are not failed ones and plain dense tensors, `bind_new` does the same here.
     // Anything else (a failed handle, one handle twice, more handles than values, a value `_bind_outputs` refuses)
@@ -835,18 +911,22 @@ struct Ctx {
         for (size_t j = 0; j < nh; ++j) {
           PyObject* kj = PyTuple_GET_ITEM(hkeys, static_cast<Py_ssize_t>(j));
           if (!outs[j].defined() || PyLong_AsUnsignedLongLong(kj) == 0) continue;
-          bind_new(sf, mf, kj, outs[j], PyList_GET_ITEM(values.p, static_cast<Py_ssize_t>(j)));
+          bind_new(c, kj, outs[j], PyList_GET_ITEM(values.p, static_cast<Py_ssize_t>(j)));
           if (PyList_Append(got.p, kj) < 0) throw py::error_already_set();
         }
         bound = py::reinterpret_steal<py::object>(got.p);
         got.p = nullptr;
       } else {
+        c.sync_all();
         bound = bind_outputs(s, py::handle(hkeys), py::handle(values.p));
       }
       values.reset(nullptr);
       int64_t after = 0;
-      if (!sf.get(S_used, &after)) throw std::overflow_error("session use out of range");
-      if (after > quota && after > used_before) over_quota(s, bound);  // raises
+      if (!c.used.get(&after)) throw std::overflow_error("session use out of range");
+      if (after > quota && after > used_before) {
+        c.sync_all();
+        over_quota(s, bound);  // raises
+      }
     } catch (py::error_already_set& e) {
       e.restore();
       *exc = fetch();
@@ -867,7 +947,7 @@ struct Ctx {
   }
 
   // `WorkerSession.bind_new`: count the storage once, bind the handle
-  void bind_new(Fields& sf, Fields& mf, PyObject* hkey, const at::Tensor& out, PyObject* obj) {
+  void bind_new(Counts& c, PyObject* hkey, const at::Tensor& out, PyObject* obj) {
     const auto& storage = out.storage();
     Own skey(PyLong_FromVoidPtr(storage.unsafeGetStorageImpl()));
     if (skey.p == nullptr) throw py::error_already_set();
@@ -884,8 +964,8 @@ struct Ctx {
       if (size == nullptr) throw py::error_already_set();
       PyList_SET_ITEM(fresh.p, 1, size);
       if (PyDict_SetItem(storages.ptr(), skey.p, fresh.p) < 0) throw py::error_already_set();
-      sf.add(S_used, nbytes);
-      mf.add(S_used, nbytes);
+      c.used.add(nbytes);
+      c.mused.add(nbytes);
     } else {
       PyObject* c = PyList_GetItem(entry, 0);  // borrowed
       if (c == nullptr) throw py::error_already_set();
@@ -939,6 +1019,22 @@ bool parse_free(const std::string& msg, std::vector<uint64_t>* out) {
   return true;
 }
 
+PyObject* MISSING;  // `dict_pop`'s default: an object no session table holds
+
+// `d.pop(key, MISSING)`: one lookup where `d.get(key)` and `del d[key]` made two (~250 instructions each). A new
+// reference to the value, or MISSING (a new reference too) when `d` has no such key, or nullptr with the error set.
+PyObject* dict_pop(PyObject* d, PyObject* key) {
+#if PY_VERSION_HEX >= 0x030D0000
+  PyObject* v = nullptr;
+  const int r = PyDict_Pop(d, key, &v);
+  if (r < 0) return nullptr;
+  if (r == 0) return Py_NewRef(MISSING);
+  return v;
+#else
+  return _PyDict_Pop(d, key, MISSING);
+#endif
+}
+
 // `o.<name> -= n` for a Python int n
 void sub_attr(PyObject* o, PyObject* name, PyObject* n) {
   Own v(PyObject_GetAttr(o, name));
@@ -982,43 +1078,26 @@ bool free_handles(const py::object& session, const py::bytes& msg) {
       failed = true;
       break;
     }
-    Own t(PyDict_GetItemWithError(tensors.p, key.p));  // `tensors.pop(h, None)`
-    if (t.p != nullptr) {
-      Py_INCREF(t.p);
-      if (PyDict_DelItem(tensors.p, key.p) < 0) {
-        failed = true;
-        break;
-      }
-      if (t.p == Py_None) t.reset(nullptr);
-    } else if (PyErr_Occurred()) {
+    Own t(dict_pop(tensors.p, key.p));  // `tensors.pop(h, None)`
+    if (t.p == nullptr) {
       failed = true;
       break;
     }
+    if (t.p == MISSING || t.p == Py_None) t.reset(nullptr);
     if (PyDict_GET_SIZE(uploads.p) > 0) {  // `uploads.pop(h, None)`
-      PyObject* u = PyDict_GetItemWithError(uploads.p, key.p);  // borrowed
-      if (u != nullptr ? PyDict_DelItem(uploads.p, key.p) < 0 : PyErr_Occurred() != nullptr) {
+      Own u(dict_pop(uploads.p, key.p));
+      if (u.p == nullptr) {
         failed = true;
         break;
       }
     }
     if (t.p == nullptr) {
-      PyObject* poison = PyDict_GetItemWithError(poisoned.p, key.p);  // borrowed
-      if (poison != nullptr) {
-        if (Py_IsNone(poison) == 0) {  // `poisoned.pop(h, None) is None`: a failed handle is forgotten
-          if (PyDict_DelItem(poisoned.p, key.p) < 0) {
-            failed = true;
-            break;
-          }
-          continue;
-        }
-        if (PyDict_DelItem(poisoned.p, key.p) < 0) {
-          failed = true;
-          break;
-        }
-      } else if (PyErr_Occurred()) {
+      Own poison(dict_pop(poisoned.p, key.p));  // `poisoned.pop(h, None) is None`: a failed handle is forgotten
+      if (poison.p == nullptr) {
         failed = true;
         break;
       }
+      if (poison.p != MISSING && poison.p != Py_None) continue;
       Own r(PyObject_CallMethodOneArg(s, S_check_handle, key.p));  // raises for another session's
       if (r.p == nullptr) {
         failed = true;
@@ -1027,14 +1106,9 @@ bool free_handles(const py::object& session, const py::bytes& msg) {
       continue;
     }
     t.reset(nullptr);  // `del t`
-    Own skey(PyDict_GetItemWithError(keys.p, key.p));  // `keys.pop(h)`
-    if (skey.p == nullptr) {
-      if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, key.p);
-      failed = true;
-      break;
-    }
-    Py_INCREF(skey.p);
-    if (PyDict_DelItem(keys.p, key.p) < 0) {
+    Own skey(dict_pop(keys.p, key.p));  // `keys.pop(h)`
+    if (skey.p == nullptr || skey.p == MISSING) {
+      if (skey.p == MISSING) PyErr_SetObject(PyExc_KeyError, key.p);
       failed = true;
       break;
     }
@@ -1045,14 +1119,27 @@ bool free_handles(const py::object& session, const py::bytes& msg) {
       break;
     }
     Py_INCREF(entry.p);
-    Own c(PySequence_GetItem(entry.p, 0));  // `entry[0] -= 1`
-    Own c1(c.p != nullptr ? PyNumber_InPlaceSubtract(c.p, one.p) : nullptr);
-    if (c1.p == nullptr || PySequence_SetItem(entry.p, 0, c1.p) < 0) {
-      failed = true;
-      break;
+    // `entry[0] -= 1; if entry[0] == 0`: on the list of two ints `bind_new` made, the int's value; else as Python
+    int last = -1;
+    PyObject* c0 = PyList_CheckExact(entry.p) && PyList_GET_SIZE(entry.p) == 2 ? PyList_GET_ITEM(entry.p, 0) : nullptr;
+    int64_t n0 = 0;
+    if (c0 != nullptr && PyLong_CheckExact(c0) && as_i64(c0, &n0) && n0 > INT64_MIN) {
+      PyObject* c1 = PyLong_FromLongLong(n0 - 1);
+      if (c1 == nullptr || PyList_SetItem(entry.p, 0, c1) < 0) {  // steals c1
+        failed = true;
+        break;
+      }
+      last = n0 - 1 == 0;
+    } else {
+      Own c(PySequence_GetItem(entry.p, 0));
+      Own c1(c.p != nullptr ? PyNumber_InPlaceSubtract(c.p, one.p) : nullptr);
+      if (c1.p == nullptr || PySequence_SetItem(entry.p, 0, c1.p) < 0) {
+        failed = true;
+        break;
+      }
+      Own now0(PySequence_GetItem(entry.p, 0));
+      last = now0.p != nullptr ? PyObject_RichCompareBool(now0.p, zero.p, Py_EQ) : -1;
     }
-    Own now0(PySequence_GetItem(entry.p, 0));  // `if entry[0] == 0`
-    const int last = now0.p != nullptr ? PyObject_RichCompareBool(now0.p, zero.p, Py_EQ) : -1;
     if (last < 0) {
       failed = true;
       break;
@@ -1163,6 +1250,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   S_poisoned = PyUnicode_InternFromString("poisoned");
   S_memory = PyUnicode_InternFromString("memory");
   S_check_handle = PyUnicode_InternFromString("check_handle");
+  MISSING = PyObject_CallNoArgs(reinterpret_cast<PyObject*>(&PyBaseObject_Type));  // `object()`, never freed
   py::class_<Plan, std::shared_ptr<Plan>>(m, "Plan");
   m.def("plan", &make_plan);
   py::class_<Trace>(m, "Trace")

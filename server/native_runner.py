@@ -26,9 +26,14 @@ exception to the Python loop, which records it as the Python path would have. Ea
 C++ reference until the op returned, so the kernel, which runs with the GIL released, never drops the last one (which
 would take the GIL to hand the tensor's Python object back); the session's and the device's counters (`used`, `ops`)
 are read and written in their instance dicts where Python's own attribute access would (the generic getattr and
-setattr, no data descriptor of that name), through getattr and setattr otherwise. A `Free` command runs here too
+setattr, no data descriptor of that name), through getattr and setattr otherwise. Within one `Ctx.run` they are kept
+in C++ (`Counter`): read once, added to per record, and written back as one `+=` each before any session or executor
+code the run calls (a progress mark that is a callable, the ledger's count, `_bind_outputs`, `_over_quota`), when it
+returns and when it raises, then read again: Python code of the worker's thread never sees them lag a record run.
+A `Free` command runs here too
 (`free`, called by `CommandExecutor.execute`): `WorkerSession.free` step for step, the handles read from the
-message's bytes (a message it does not read, or a session class with its own `free`, takes `WorkerSession.free`).
+message's bytes (a message it does not read, or a session class with its own `free`, takes `WorkerSession.free`);
+each table's entry taken with one `pop` (`dict_pop`) rather than a lookup and a delete.
 
 A step qualifies when it has no per-op extras (`Step.fast`; a factory that takes the session's device; or an op
 returning several tensors), its op is a plain `OpOverload` run as itself (checked per record: while its `OpPlan.run` is
