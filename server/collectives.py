@@ -86,6 +86,7 @@ class Group:
         self.broken: str | None = None
         self.closed = False
         self.stop = threading.Event()  # set by `close`: a join still in progress gives up (its thread and sockets end)
+        self.store_deadline: float | None = None  # a rank > 0 still reaching the store reports failure by then
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] | None = None  # its collectives' thread's
 
     def submit(self, job: Callable[[], None], name: str, threads: int) -> None:
@@ -137,7 +138,10 @@ class Group:
         return f"the collective group of lease {self.lease_id} did not form within {self.timeout:g} s"
 
     def wait_ready(self) -> Any:
-        if not self.ready.wait(self.timeout):
+        wait = self.timeout
+        if self.store is None and self.store_deadline is not None:  # as every failed store join: by its deadline
+            wait = min(wait, max(0.0, self.store_deadline - time.monotonic()))  # (a hung TCPStore constructor too)
+        if not self.ready.wait(wait):
             self.broken = self.not_formed()
         if self.broken:
             raise Unavailable(self.broken)
@@ -398,7 +402,7 @@ class Collectives:
             group.ready.set()
             return
 
-        deadline = time.monotonic() + timeout
+        deadline = group.store_deadline = time.monotonic() + timeout
 
         def run() -> None:
             if group.store is None:
