@@ -66,6 +66,15 @@ def dtype_from_proto(value: int) -> torch.dtype:
 # ---- tensor bytes ----
 
 
+def check_bool_bytes(data: bytes | memoryview) -> None:
+    """A bool tensor's bytes from a client are each 0 or 1: torch's kernels are C++ and CUDA code on `bool`, where
+    any other byte is undefined behaviour (the CPU kernels probed on torch 2.13 - ~, ==, !=, &, *, +, max - happen
+    to give 0/1 results; nothing promises it for others, GPUs or compiled code). Refused, not normalised: such
+    bytes are a client's bug or attack, and a silent rewrite would hide it. Only bool uploads pay (one pass)."""
+    if bytes(data).translate(None, b"\0\1"):
+        raise InvalidArgument("a bool tensor's bytes must each be 0 or 1")
+
+
 def byte_view(t: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous tensor's elements (no copy)."""
     flat = t.reshape(-1)

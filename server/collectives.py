@@ -86,6 +86,7 @@ class Group:
         self.broken: str | None = None
         self.closed = False
         self.stop = threading.Event()  # set by `close`: a join still in progress gives up (its thread and sockets end)
+        self.store_deadline: float | None = None  # a rank > 0 still reaching the store reports failure by then
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] | None = None  # its collectives' thread's
 
     def submit(self, job: Callable[[], None], name: str, threads: int) -> None:
@@ -107,13 +108,8 @@ class Group:
         carries an HMAC under `secret` (_SignedStore): a stranger who reaches the store can neither find them nor
         forge or alter one unnoticed. The secure transport keys its links from the same secret (server/seclink.py)."""
         try:
-            prefixed = dist.PrefixStore(f"gpupool/{self.lease_id}/", store)
-            if self.rank == 0:
-                prefixed.set("owner", owner)
-            else:
-                got = prefixed.get("owner").decode(errors="replace")
-                if got != owner:
-                    raise PermissionDenied("the group's store was not set up by rank 0 of this lease")
+            if self.rank == 0:  # the others checked it before (Collectives.join's `run`: _check_owner)
+                dist.PrefixStore(f"gpupool/{self.lease_id}/", store).set("owner", owner)
             name = hashlib.sha256(b"gpupool-group-keys:" + secret.encode()).hexdigest()
             keys = _SignedStore(dist.PrefixStore(f"gpupool/{name}/", store), secret.encode(), self.stop, self.timeout)
             if self.transport == "secure":
@@ -136,9 +132,17 @@ class Group:
         finally:
             self.ready.set()
 
+    def not_formed(self) -> str:
+        """What the client learns of any failure to reach the group's store: the address's state (refused, timed
+        out, accepting but no store, another group's store) stays in the daemon's log (_STORE_LOG)."""
+        return f"the collective group of lease {self.lease_id} did not form within {self.timeout:g} s"
+
     def wait_ready(self) -> Any:
-        if not self.ready.wait(self.timeout):
-            self.broken = f"the collective group of lease {self.lease_id} did not form within {self.timeout:g} s"
+        wait = self.timeout
+        if self.store is None and self.store_deadline is not None:  # as every failed store join: by its deadline
+            wait = min(wait, max(0.0, self.store_deadline - time.monotonic()))  # (a hung TCPStore constructor too)
+        if not self.ready.wait(wait):
+            self.broken = self.not_formed()
         if self.broken:
             raise Unavailable(self.broken)
         return self.pg
@@ -196,6 +200,45 @@ def _connect_store(host: str, port: int, size: int, timeout: float, stop: thread
             continue
         store.set_timeout(timedelta(seconds=timeout))
         return store
+
+
+def _check_owner(store: Any, lease_id: str, owner: str, stop: threading.Event, deadline: float) -> None:
+    """Rank 0's mark in the store: waits for it in steps that give up once `stop` is set (a get on the store
+    waited the group's timeout whatever the session did), until `deadline`."""
+    prefixed = dist.PrefixStore(f"gpupool/{lease_id}/", store)
+    while not prefixed.check(["owner"]):
+        if stop.wait(STOP_POLL_SECONDS):
+            raise Unavailable("the session closed before rank 0 marked the group's store")
+        if time.monotonic() >= deadline:
+            raise Unavailable("rank 0 never marked the store")
+    if prefixed.get("owner").decode(errors="replace") != owner:
+        raise PermissionDenied("the group's store was not set up by rank 0 of this lease")
+
+
+class _RateLimitedLog:
+    """At most `limit` warnings a minute; the rest are counted and their number logged once the minute is over
+    (a tenant can fail joins in a loop: each failure's detail must not be a line of the daemon's log)."""
+
+    def __init__(self, logger: logging.Logger, limit: int = 10, window: float = 60.0) -> None:
+        self._log, self._limit, self._window = logger, limit, window
+        self._lock = threading.Lock()
+        self._start, self._count, self._dropped = time.monotonic(), 0, 0
+
+    def warning(self, fmt: str, *args: Any) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._start >= self._window:
+                if self._dropped:
+                    self._log.warning("%d more such warnings in %g s were not logged", self._dropped, self._window)
+                self._start, self._count, self._dropped = now, 0, 0
+            self._count += 1
+            if self._count > self._limit:
+                self._dropped += 1
+                return
+        self._log.warning(fmt, *args)
+
+
+_STORE_LOG = _RateLimitedLog(log)  # failures to reach a group's store: the address's state, for the operator only
 
 
 def _shutdown(pg: Any) -> None:
@@ -359,12 +402,24 @@ class Collectives:
             group.ready.set()
             return
 
+        deadline = group.store_deadline = time.monotonic() + timeout
+
         def run() -> None:
             if group.store is None:
                 try:
                     group.store = _connect_store(host, port_num, size, timeout, group.stop)
+                    _check_owner(group.store, s.lease_id, owner, group.stop, deadline)
                 except Exception as exc:
-                    group.broken = f"cannot reach the group's store at {msg.store_address}: {_short(exc)}"
+                    # One message, one status, at the group's deadline, whatever the address's state: the daemon
+                    # connects where the client names, and distinct errors or timings let a tenant map which
+                    # ports and hosts of the daemon's network are open. The detail is for the operator's log.
+                    _STORE_LOG.warning(
+                        "session %d, %s: the group's store at %s: %s",
+                        s.number, group.describe(), msg.store_address, _short(exc),
+                    )  # fmt: skip
+                    group.store = None
+                    group.stop.wait(max(0.0, deadline - time.monotonic()))
+                    group.broken = group.broken or group.not_formed()
                     group.ready.set()
                     return
             group.form(group.store, owner, secret, self.host, dev)

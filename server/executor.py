@@ -775,6 +775,8 @@ class CommandExecutor:
             shape = list(meta.shape)
             if len(shape) > MAX_DIMS or (shape and min(shape) < 0):
                 raise InvalidArgument(f"bad upload shape {shape}")
+            if dtype is torch.bool:  # torch assumes 0 or 1 (the one-chunk and the chunked path alike)
+                wire.check_bool_bytes(data)
             nbytes = math.prod(shape) * dtype.itemsize
             s.admit(nbytes)  # before allocating: a forged 1 TB shape never allocates
             native = self.native
@@ -789,6 +791,8 @@ class CommandExecutor:
         elif h not in s.uploads:
             s.check_handle(h)
             raise InvalidArgument(f"upload chunk for handle {h:#x} without a first chunk (offset 0 with meta)")
+        elif s.tensors[h].dtype is torch.bool:  # a later chunk (the first was checked above)
+            wire.check_bool_bytes(data)
         t = s.tensors[h]
         offset, total = s.uploads[h], t.numel() * t.element_size()
         if up.offset != offset or offset + len(data) > total:

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
+from gpupool import wire
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, NotFound, ResourceExhausted
 
@@ -282,6 +283,8 @@ def _by_value(g: Graph, i: int, data: Any, dev: torch.device) -> torch.Tensor:
             f"graph {g.graph_id} input {i}: {len(raw)} bytes given by value; the graph takes "
             f"{g.input_bytes[i]} bytes of {list(shape)} {dtype}, contiguous"
         )
+    if dtype is torch.bool:
+        wire.check_bool_bytes(raw)
     # One copy, into memory the tensor owns (the command's bytes are read-only and go with the command).
     if not raw:
         t = torch.empty(shape, dtype=dtype)

@@ -485,3 +485,52 @@ def test_a_join_to_a_dead_store_does_not_flood_the_daemons_log(daemon_factory, c
         assert any(t.name.startswith("gpupool-group-") for t in threading.enumerate()), "no join is retrying"
         err = capfd.readouterr().err
     assert "c10d" not in err and len(err) < 2000, f"{len(err)} bytes of stderr in 3 s: {err[:300]}"
+
+
+def test_a_store_address_s_state_is_not_told_to_the_tenant(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    """The daemon connects to whatever store address rank 1's client names, so its error must not say what is
+    there: round 20 answered "nothing answers there (Connection refused)" for a closed port, "(timed out)" for a
+    black-holed one, a c10d error or "did not form within" for one that accepts (a tenant could map the open ports
+    and hosts of the daemon's network). A closed port, a port that accepts but is no store, and another group's
+    store now each give one message and status, by the group's deadline (the detail is in the daemon's log)."""
+    daemon = daemon_factory(fake_gpu_memory=64 * MiB, worker_network=True, isolation="thread")
+    with socket.socket() as probe:  # a port nobody listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    accepting = socket.socket()  # accepts connections (the kernel's backlog), says nothing: no store
+    accepting.bind(("127.0.0.1", 0))
+    accepting.listen(16)
+    lease0 = uuid.uuid4().hex  # another lease's group, its rank 1 absent: a real store, without this lease's mark
+    tokens0 = [daemon.token(lease_id=lease0, network=True), daemon.token(lease_id=lease0, host="absent-host")]
+    other = Session.attach(daemon.address, tokens0[0])
+    h = other.new_handle()
+    other.command(device_pb2.Command(group_join=device_pb2.GroupJoin(rank=0, size=2, tokens=tokens0, port_handle=h)))
+    (store_port,) = other.sync([h])
+    timeout = 4.0
+    outcomes, took = [], []
+    try:
+        for port in (dead, accepting.getsockname()[1], int(store_port)):
+            lease = uuid.uuid4().hex
+            tokens = [daemon.token(lease_id=lease, host="absent-host"), daemon.token(lease_id=lease, network=True)]
+            with Session.attach(daemon.address, tokens[1]) as s:
+                join = device_pb2.GroupJoin(
+                    rank=1, size=2, tokens=tokens, store_address=f"127.0.0.1:{port}", timeout_seconds=timeout
+                )
+                s.command(device_pb2.Command(group_join=join))
+                s.sync()
+                a = s.upload(torch.ones(2))
+                time.sleep(timeout + 1.0)  # the join has given up: the collective reads its outcome at once
+                start = time.monotonic()
+                collective(s, "allreduce", [a], op="sum")
+                with pytest.raises(GpupoolError) as err:
+                    s.sync()
+                took.append(time.monotonic() - start)
+                outcomes.append((type(err.value).__name__, str(err.value).replace(lease, "LEASE")))
+    finally:
+        accepting.close()
+        other.close()
+    assert len(set(outcomes)) == 1, f"the tenant tells the addresses apart: {outcomes}"
+    assert outcomes[0][0] == "Unavailable" and "did not form" in outcomes[0][1], outcomes
+    # and when: each by the group's deadline from the join (round 21's first version: the port that accepts, its
+    # TCPStore constructor hung, answered a collective called after the deadline one timeout later)
+    assert max(took) < timeout / 2, f"seconds from the collective to its error, per address: {took}"

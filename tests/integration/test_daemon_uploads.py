@@ -36,7 +36,9 @@ def test_one_chunk_uploads_are_exact_for_every_dtype_and_shape(daemon: Any) -> N
             for shape in [(), (0,), (3, 0, 2), (7,), (2, 3, 5), (1, 1, 1, 1, 9)]:
                 n = torch.Size(shape).numel()
                 raw = torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=gen)
-                t = raw.view(dtype).reshape(shape)  # any bit pattern: NaNs, denormals, bools of 2..255
+                if dtype is torch.bool:  # bytes of 2..255 are refused (test_a_bool_upload_of_bytes_other_than...)
+                    raw &= 1
+                t = raw.view(dtype).reshape(shape)  # any bit pattern: NaNs, denormals
                 sent.append((t, s.upload(t)))
         s.sync()
         assert used_bytes(daemon.address, s) == sum(t.numel() * t.element_size() for t, _ in sent)
@@ -139,3 +141,42 @@ def test_a_one_chunk_upload_over_a_chunked_one_in_progress_replaces_it(daemon: A
             s.sync()
         g = s.upload(torch.arange(8.0))
         assert torch.equal(s.download(g), torch.arange(8.0))
+
+
+def test_a_bool_upload_of_bytes_other_than_0_and_1_is_refused(daemon: Any) -> None:
+    """torch assumes a bool tensor's bytes are 0 or 1 (any other byte in a C++ bool is undefined behaviour); a
+    client could upload 2..255. Refused with INVALID_ARGUMENT on every upload path: one
+    chunk (the native `filled` path), a chunked upload's first and later chunks, a graph's input by value; nothing
+    is bound, and 0/1 bytes still upload."""
+    with Session.attach(daemon.address, daemon.token()) as s:
+        one = s.new_handle()
+        raw_upload(s, one, torch.bool, [4], b"\0\1\2\1")
+        with pytest.raises(errors.InvalidArgument, match="bool"):
+            s.sync()
+        first = s.new_handle()
+        raw_upload(s, first, torch.bool, [16], b"\1" * 7 + b"\xff", last=False)
+        with pytest.raises(errors.InvalidArgument, match="bool"):
+            s.sync()
+        later = s.new_handle()
+        raw_upload(s, later, torch.bool, [16], b"\1" * 8, last=False)
+        s._add(
+            device_pb2.Command(upload=device_pb2.Upload(handle=later, offset=8, data=b"\0" * 7 + b"\x80", last=True))
+        )
+        with pytest.raises(errors.InvalidArgument, match="bool"):
+            s.sync()
+        for h in (one, first, later):
+            with pytest.raises(errors.GpupoolError):
+                s.download(h)
+        gid = 7
+        bitwise_not = device_pb2.Op(name="aten::bitwise_not.default", args=[tensor_pb2.Arg(tensor=1)], outputs=[2])
+        meta = [wire.meta_to_proto(torch.ones(4, dtype=torch.bool))]
+        s.define_graph(device_pb2.DefineGraph(graph_id=gid, inputs=1, input_meta=meta, ops=[bitwise_not], outputs=[2]))
+        y = s.new_handle()
+        s.run_graph(gid, [0], [y], data=[b"\0\1\3\1"])
+        with pytest.raises(errors.InvalidArgument, match="bool"):
+            s.sync()
+        s.run_graph(gid, [0], [y], data=[b"\0\1\0\1"])
+        assert s.download(y).tolist() == [True, False, True, False]
+        ok = s.new_handle()
+        raw_upload(s, ok, torch.bool, [3], b"\0\1\1")
+        assert s.download(ok).tolist() == [False, True, True]
