@@ -4,8 +4,9 @@ device guards, torch.accelerator and gpupool's current device agree; DataParalle
 
 The cases run in a child process (the device guard is process-wide) against the session's `gpupool serve --fake-gpus
 2` (conftest.py: serve): one child with the native device guard and one with torch's Python guard (GPUPOOL_NATIVE=0),
-each running TRAIN and then CURRENT (on sessions of their own) and printing one RESULT line for each; the tests check
-their parts of the two children's results (four children, one per test, until round 21)."""
+side by side, each running TRAIN and then CURRENT (on sessions of their own) and printing one RESULT line for each;
+the tests check their parts of the two children's results (four children, one per test and one at a time, until
+round 21)."""
 
 from __future__ import annotations
 
@@ -133,19 +134,27 @@ print("RESULT", json.dumps({"active": native.active(), "seen": seen}))
 """
 
 
-def _run(serve: Any, cache: Path, scripts: list[str], native: bool) -> list[dict[str, Any]]:
-    """Run `scripts` one after the other in one child; their results, in order."""
+def _start(serve: Any, cache: Path, scripts: list[str], native: bool) -> subprocess.Popen[str]:
+    """A child running `scripts` one after the other."""
     env = {k: v for k, v in os.environ.items() if k not in ("GPUPOOL_NATIVE", "CXX", "GPUPOOL_LEASE", "GPUPOOL_CUDA")}
     env.update(GPUPOOL_NATIVE_CACHE=str(cache), GPUPOOL_NATIVE="1" if native else "0", T_ADDRESS=serve.address,
                PYTHONPATH=str(REPO))  # fmt: skip
     env.update({f"T_TOKEN{part}_{i}": serve.token(device=i) for part in range(len(scripts)) for i in (0, 1)})
-    done = subprocess.run(
-        [sys.executable, "-c", PRELUDE + "".join(scripts)], env=env, capture_output=True, text=True, timeout=240
-    )
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-4000:]
-    result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert len(result) == len(scripts), out[-4000:]
+    cmd = [sys.executable, "-c", PRELUDE + "".join(scripts)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _results(proc: subprocess.Popen[str], scripts: int, native: bool) -> list[dict[str, Any]]:
+    """The child's results, one per script, in order."""
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+    out = stdout + stderr
+    assert proc.returncode == 0, out[-4000:]
+    result = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(result) == scripts, out[-4000:]
     got: list[dict[str, Any]] = [json.loads(line[len("RESULT ") :]) for line in result]
     for one in got:
         assert one["active"] == (native and _have_compiler()), out[-4000:]  # the guard the case asked for is in place
@@ -154,15 +163,23 @@ def _run(serve: Any, cache: Path, scripts: list[str], native: bool) -> list[dict
 
 @pytest.fixture(scope="module")
 def child(serve: Any, cache: Path) -> Child:
-    """child(native) -> {"train": TRAIN's seen, "current": CURRENT's}: one child per guard for the module, run when a
-    test first asks for it."""
-    results: dict[bool, dict[str, Any]] = {}
+    """child(native) -> {"train": TRAIN's seen, "current": CURRENT's}. The two children (native guard, Python guard)
+    start together when a test first asks for one, and run side by side; each test checks its own child's outcome."""
+    outcomes: dict[bool, list[dict[str, Any]] | AssertionError] = {}
 
     def get(native: bool) -> dict[str, Any]:
-        if native not in results:
-            train, current = _run(serve, cache, [TRAIN, CURRENT], native)
-            results[native] = {"train": train["seen"], "current": current["seen"]}
-        return results[native]
+        if not outcomes:
+            procs = {guard: _start(serve, cache, [TRAIN, CURRENT], guard) for guard in (True, False)}
+            for guard, proc in procs.items():
+                try:
+                    outcomes[guard] = _results(proc, 2, guard)
+                except AssertionError as exc:
+                    outcomes[guard] = exc
+        got = outcomes[native]
+        if isinstance(got, AssertionError):
+            raise got
+        train, current = got
+        return {"train": train["seen"], "current": current["seen"]}
 
     return get
 
