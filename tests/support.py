@@ -229,6 +229,16 @@ def _drain(proc: subprocess.Popen[str]) -> None:
         pass
 
 
+def communicate(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """proc.communicate(): its stdout and stderr; one that runs past `timeout` is killed first (what it wrote is kept).
+    For children a test starts side by side and then waits for in turn."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()
+
+
 def stop_process(proc: subprocess.Popen[str], timeout: float = 20.0) -> int:
     """SIGTERM, wait, and SIGKILL as a last resort; returns the exit code."""
     if proc.poll() is None:

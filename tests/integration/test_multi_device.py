@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import communicate
 
 REPO = Path(__file__).resolve().parents[2]
 Child = Callable[[bool], dict[str, Any]]
@@ -146,11 +147,7 @@ def _start(serve: Any, cache: Path, scripts: list[str], native: bool) -> subproc
 
 def _results(proc: subprocess.Popen[str], scripts: int, native: bool) -> list[dict[str, Any]]:
     """The child's results, one per script, in order."""
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
+    stdout, stderr = communicate(proc, 240)
     out = stdout + stderr
     assert proc.returncode == 0, out[-4000:]
     result = [line for line in stdout.splitlines() if line.startswith("RESULT ")]

@@ -20,6 +20,7 @@ from gpupool.client.native import WAY_OUT
 from gpupool.client.native.backend import built_path, compiler_missing
 from gpupool.client.pool import SchedulerClient
 from scheduler_fixtures import ROOT, wait_until
+from support import communicate
 
 _why = compiler_missing()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"native client: {_why}")]
@@ -202,7 +203,7 @@ def test_a_seed_set_before_the_client_loads_seeds_the_daemon(pool: str, tmp_path
                              env=_env(pool)) for seed in (5, 5, 6)]  # fmt: skip
 
     def masks(ran: subprocess.Popen[str]) -> list[float]:
-        stdout, stderr = ran.communicate(timeout=280)
+        stdout, stderr = communicate(ran, 280)
         assert ran.returncode == 0, stderr[-3000:]
         return json.loads(stdout.strip().splitlines()[-1])
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import communicate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -84,11 +85,7 @@ def _start(serve: Any, cache: Path, **env: str) -> subprocess.Popen[str]:
 
 
 def _result(proc: subprocess.Popen[str]) -> tuple[dict[str, Any], list[str]]:
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
+    stdout, stderr = communicate(proc, 240)
     out = stdout + stderr
     assert proc.returncode == 0, out[-4000:]
     result = [line for line in stdout.splitlines() if line.startswith("RESULT ")]

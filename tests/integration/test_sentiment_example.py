@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from examples_fixtures import REPO
+from support import communicate
 
 from examples.sentiment import data
 
@@ -69,12 +70,7 @@ def _start(
 def _finish(started: tuple[subprocess.Popen[str], Path]) -> dict[str, Any]:
     """The run's epoch figures and saved weights."""
     proc, out = started
-    try:
-        stdout, stderr = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    stdout, stderr = communicate(proc, 600)
     assert proc.returncode == 0, stdout + stderr[-6000:]
     (epoch,) = json.loads((out / "config.json").read_text())["results"]["history"]
     state = torch.load(out / "model.pt", map_location="cpu")
