@@ -22,6 +22,9 @@ SESSION_METADATA = "gpupool-session"  # metadata of a Stream call: the session (
 # The largest upload or download chunk (DESIGN.md's wire contract): the worker refuses a larger upload chunk, the
 # bulk side channel's reader refuses to read one (an Upload's `bulk_bytes`), clients refuse a larger announcement.
 CHUNK_BYTES = 4 * 1024 * 1024
+# `gpupool serve --collectives`: encrypted links (server/seclink.py), or plaintext gloo/NCCL (here, not in
+# server/collectives.py, which imports torch: the flag is parsed before the zygote starts, server/cli.py).
+COLLECTIVE_TRANSPORTS = ("secure", "gloo")
 
 
 class Policy(StrEnum):

@@ -10,4 +10,5 @@ diff -r -x __pycache__ "$tmp/_proto" gpupool/_proto || { echo "gpupool/_proto is
 python3 -m ruff check .
 python3 -m mypy gpupool server scheduler client
 bash scripts/lint_imports.sh  # .importlinter: the programs never import each other; client/torch is layered
-python3 -m pytest -q -p no:cacheprovider "$@"
+# --durations=30: every log ends with the 30 slowest setups, calls and teardowns (the suite should stay under ~30 min)
+python3 -m pytest -q -p no:cacheprovider --durations=30 "$@"

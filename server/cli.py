@@ -15,13 +15,15 @@ import socket
 import sys
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from gpupool import tls, tokens
 from gpupool.config import add_flag, setup_logging, size_arg
 from gpupool.errors import GpupoolError
+from gpupool.protocol import COLLECTIVE_TRANSPORTS
 
-from .daemon import DaemonConfig
-from .speedmodel import SpeedModel
+if TYPE_CHECKING:  # both import torch: main() starts the zygote first (see there)
+    from .daemon import DaemonConfig
 
 log = logging.getLogger("gpupool.server")
 
@@ -147,11 +149,9 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _transport(value: str) -> str:
-    from .collectives import TRANSPORTS
-
-    if value in TRANSPORTS:
+    if value in COLLECTIVE_TRANSPORTS:
         return value
-    raise argparse.ArgumentTypeError(f"expected {' or '.join(TRANSPORTS)}, not {value!r}")
+    raise argparse.ArgumentTypeError(f"expected {' or '.join(COLLECTIVE_TRANSPORTS)}, not {value!r}")
 
 
 def _on_off(value: str) -> bool:
@@ -163,6 +163,9 @@ def _on_off(value: str) -> bool:
 
 
 def config_from_args(args: argparse.Namespace) -> DaemonConfig:
+    from .daemon import DaemonConfig
+    from .speedmodel import SpeedModel
+
     return DaemonConfig(
         listen=args.listen,
         host_id=args.host_id,
@@ -199,16 +202,19 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("gpupool-serve", args.log_level)
+    if args.isolation == "process":
+        from .zygote import shared_zygote  # (imports no torch)
+
+        # First thing: the zygote imports torch (and warms up) while this process imports it for the config and
+        # the daemon below, two processes at once instead of one after the other. Nothing above may import torch
+        # (tests/unit/test_serve_start.py); a config error below ends the zygote with this process.
+        shared_zygote()
     try:
         config = config_from_args(args)
     except GpupoolError as exc:
         log.error("%s", exc)
         return 2
-    if config.isolation == "process":
-        from .zygote import shared_zygote
-
-        shared_zygote()  # the zygote imports torch while this process does the same below
-    from .app import RunningDaemon  # imports torch: after argument errors are reported
+    from .app import RunningDaemon
 
     try:
         running = RunningDaemon(config)

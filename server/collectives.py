@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gpupool import protocol
 from gpupool._proto import device_pb2
 from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument, PermissionDenied, Unavailable
 from gpupool.tokens import TokenClaims
@@ -60,7 +61,7 @@ POLL_SECONDS = 0.005
 STOP_POLL_SECONDS = seclink.STOP_POLL_SECONDS  # how soon a closed session's join gives up
 STORE_ATTEMPT_SECONDS = 0.5  # a rank's attempts to reach rank 0's store: how soon a closed session's join gives up
 STORE_BACKOFF_SECONDS = 30.0  # the longest wait between store constructors that failed on an address that accepts
-TRANSPORTS = ("secure", "gloo")  # --collectives: encrypted links (server/seclink.py), or plaintext gloo/NCCL
+TRANSPORTS = protocol.COLLECTIVE_TRANSPORTS  # --collectives: encrypted links, or plaintext gloo/NCCL
 KINDS = ("allreduce", "broadcast", "allgather", "reduce_scatter", "barrier")
 _REDUCE = {"sum": dist.ReduceOp.SUM, "product": dist.ReduceOp.PRODUCT, "min": dist.ReduceOp.MIN,
            "max": dist.ReduceOp.MAX, "avg": dist.ReduceOp.SUM}  # fmt: skip

@@ -31,6 +31,19 @@ def pytest_configure(config: pytest.Config) -> None:
     install_test_tls(Path(tempfile.mkdtemp(prefix="gpupool-test-pki-")))
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the process's zygote (server/zygote.py: a fresh interpreter that imports torch and warms up, 8-17 s)
+    once the tests are known, if any of them starts an in-process daemon: it gets ready in the background while the
+    tests before that one run, instead of inside that test's `daemon_factory` (the daemons of this process share
+    it, as before)."""
+    if session.config.option.collectonly:
+        return
+    if any("daemon_factory" in getattr(item, "fixturenames", ()) for item in session.items):
+        from gpupool.server.zygote import shared_zygote
+
+        shared_zygote()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(get_pki().directory, ignore_errors=True)
 

@@ -178,9 +178,13 @@ _LISTEN_RE = re.compile(r"listening on (\S+:\d+)")
 
 
 def start_serve_process(
-    key_file: Path, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None, host_id: str = TEST_HOST
+    key_file: Path, *args: str, timeout: float = 150.0, env: dict[str, str] | None = None, host_id: str = TEST_HOST
 ) -> tuple[subprocess.Popen[str], str]:
-    """Run `gpupool serve --listen 127.0.0.1:0 ...` and return (process, bound address) parsed from its log."""
+    """Run `gpupool serve --listen 127.0.0.1:0 ...` and return (process, bound address) parsed from its log.
+
+    `timeout` outlasts the daemon's own wait for its zygote (server/zygote.py START_TIMEOUT, 120 s): a start took
+    25-50 s on a 2-core box at load 5-10 (two torch imports), so 60 s failed loaded runs, and a daemon that cannot
+    start says why itself."""
     cmd = [
         sys.executable,
         "-m",
@@ -223,6 +227,16 @@ def _drain(proc: subprocess.Popen[str]) -> None:
             proc.log_lines.append(line)  # type: ignore[attr-defined]
     except (OSError, ValueError):
         pass
+
+
+def communicate(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """proc.communicate(): its stdout and stderr; one that runs past `timeout` is killed first (what it wrote is kept).
+    For children a test starts side by side and then waits for in turn."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()
 
 
 def stop_process(proc: subprocess.Popen[str], timeout: float = 20.0) -> int:

@@ -78,7 +78,8 @@ class Proc:
         return "\n".join(self.lines[-80:])
 
     def port(self) -> int:
-        return int(self.wait_for(LISTEN_RE).group(2))
+        """The port it listens on, once it does (150 s: a daemon waits up to 120 s for its zygote, support.py)."""
+        return int(self.wait_for(LISTEN_RE, timeout=150.0).group(2))
 
     def metrics_port(self) -> int:
         return int(self.wait_for(METRICS_RE).group(2))

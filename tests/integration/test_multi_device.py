@@ -2,8 +2,11 @@
 one split across gpupool:0 and gpupool:1 (model parallel, `.to()` between the layers), give the CPU's losses; torch's
 device guards, torch.accelerator and gpupool's current device agree; DataParallel is refused with its reason.
 
-Each case runs in a child process (the device guard is process-wide) against the session's `gpupool serve --fake-gpus
-2` (conftest.py: serve), with the native device guard and with torch's Python guard (GPUPOOL_NATIVE=0)."""
+The cases run in a child process (the device guard is process-wide) against the session's `gpupool serve --fake-gpus
+2` (conftest.py: serve): one child with the native device guard and one with torch's Python guard (GPUPOOL_NATIVE=0),
+side by side, each running TRAIN and then CURRENT (on sessions of their own) and printing one RESULT line for each;
+the tests check their parts of the two children's results (four children, one per test and one at a time, until
+round 21)."""
 
 from __future__ import annotations
 
@@ -12,12 +15,15 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import communicate
 
 REPO = Path(__file__).resolve().parents[2]
+Child = Callable[[bool], dict[str, Any]]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +38,10 @@ from torch import nn
 import gpupool.torch as gt
 from gpupool.client.torch import native
 
+PART = 0  # each script of the child attaches with tokens (leases) of its own
+
 def attach(i):
-    return gt.attach(os.environ["T_ADDRESS"], os.environ["T_TOKEN%d" % i], index=i)
+    return gt.attach(os.environ["T_ADDRESS"], os.environ["T_TOKEN%d_%d" % (PART, i)], index=i)
 
 def train(first, second, steps=4):
     "An MLP whose first layer lives on `first` and second on `second`: the CPU's losses or a gpupool run's."
@@ -79,6 +87,7 @@ print("RESULT", json.dumps({"active": native.active(), "seen": seen}))
 """
 
 CURRENT = r"""
+PART += 1
 seen = {}
 d0, d1 = attach(0), attach(1)
 a, b = torch.arange(4.0).to(d0), torch.arange(4.0).to(d1)
@@ -126,20 +135,50 @@ print("RESULT", json.dumps({"active": native.active(), "seen": seen}))
 """
 
 
-def _run(serve: Any, cache: Path, script: str, native: bool) -> dict[str, Any]:
+def _start(serve: Any, cache: Path, scripts: list[str], native: bool) -> subprocess.Popen[str]:
+    """A child running `scripts` one after the other."""
     env = {k: v for k, v in os.environ.items() if k not in ("GPUPOOL_NATIVE", "CXX", "GPUPOOL_LEASE", "GPUPOOL_CUDA")}
     env.update(GPUPOOL_NATIVE_CACHE=str(cache), GPUPOOL_NATIVE="1" if native else "0", T_ADDRESS=serve.address,
-               T_TOKEN0=serve.token(device=0), T_TOKEN1=serve.token(device=1), PYTHONPATH=str(REPO))  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, "-c", PRELUDE + script], env=env, capture_output=True, text=True, timeout=240
-    )
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-4000:]
-    result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert len(result) == 1, out[-4000:]
-    got: dict[str, Any] = json.loads(result[0][len("RESULT ") :])
-    assert got["active"] == (native and _have_compiler()), out[-4000:]  # the guard the case asked for is in place
+               PYTHONPATH=str(REPO))  # fmt: skip
+    env.update({f"T_TOKEN{part}_{i}": serve.token(device=i) for part in range(len(scripts)) for i in (0, 1)})
+    cmd = [sys.executable, "-c", PRELUDE + "".join(scripts)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _results(proc: subprocess.Popen[str], scripts: int, native: bool) -> list[dict[str, Any]]:
+    """The child's results, one per script, in order."""
+    stdout, stderr = communicate(proc, 240)
+    out = stdout + stderr
+    assert proc.returncode == 0, out[-4000:]
+    result = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(result) == scripts, out[-4000:]
+    got: list[dict[str, Any]] = [json.loads(line[len("RESULT ") :]) for line in result]
+    for one in got:
+        assert one["active"] == (native and _have_compiler()), out[-4000:]  # the guard the case asked for is in place
     return got
+
+
+@pytest.fixture(scope="module")
+def child(serve: Any, cache: Path) -> Child:
+    """child(native) -> {"train": TRAIN's seen, "current": CURRENT's}. The two children (native guard, Python guard)
+    start together when a test first asks for one, and run side by side; each test checks its own child's outcome."""
+    outcomes: dict[bool, list[dict[str, Any]] | AssertionError] = {}
+
+    def get(native: bool) -> dict[str, Any]:
+        if not outcomes:
+            procs = {guard: _start(serve, cache, [TRAIN, CURRENT], guard) for guard in (True, False)}
+            for guard, proc in procs.items():
+                try:
+                    outcomes[guard] = _results(proc, 2, guard)
+                except AssertionError as exc:
+                    outcomes[guard] = exc
+        got = outcomes[native]
+        if isinstance(got, AssertionError):
+            raise got
+        train, current = got
+        return {"train": train["seen"], "current": current["seen"]}
+
+    return get
 
 
 def _have_compiler() -> bool:
@@ -147,9 +186,8 @@ def _have_compiler() -> bool:
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native-guard", "python-guard"])
-def test_training_on_gpupool_1_and_split_across_both_gives_the_cpu_losses(serve: Any, cache: Path,
-                                                                          native: bool) -> None:  # fmt: skip
-    seen = _run(serve, cache, TRAIN, native)["seen"]
+def test_training_on_gpupool_1_and_split_across_both_gives_the_cpu_losses(child: Child, native: bool) -> None:
+    seen = child(native)["train"]
     cpu = seen["cpu"]
     assert cpu["grad_devices"] == ["cpu"]
     expected_grads = {"on_0": ["gpupool:0"], "on_1": ["gpupool:1"], "split_0_1": ["gpupool:0", "gpupool:1"],
@@ -163,10 +201,10 @@ def test_training_on_gpupool_1_and_split_across_both_gives_the_cpu_losses(serve:
     assert seen["device_count"] == [2, 2]
 
 
-def test_current_device_is_one_per_thread_and_torch_guards_agree(serve: Any, cache: Path) -> None:
+def test_current_device_is_one_per_thread_and_torch_guards_agree(child: Child) -> None:
     if not _have_compiler():
         pytest.skip("no C++ compiler here: the native guard cannot be built (scripts/setup.sh installs g++)")
-    seen = _run(serve, cache, CURRENT, True)["seen"]
+    seen = child(True)["current"]
     assert seen["set_1"] == [1, 1, 1, "gpupool:1", "gpupool:1"]
     assert seen["with_device_no_index"] == "gpupool:1"
     assert seen["with_device_0"] == "gpupool:0"
@@ -181,11 +219,11 @@ def test_current_device_is_one_per_thread_and_torch_guards_agree(serve: Any, cac
     assert "DistributedDataParallel" in seen["data_parallel"]
 
 
-def test_python_guard_keeps_gpupool_current_device_the_same_way(serve: Any, cache: Path) -> None:
+def test_python_guard_keeps_gpupool_current_device_the_same_way(child: Child) -> None:
     """torch's Python guard can only answer "index 0" (its pybind class lets Python override `type_` alone): gpupool's
     own current device (torch.gpupool, factories, threads) behaves as with the native guard; torch.accelerator's view
     of it, and torch's device guards, cannot move."""
-    seen = _run(serve, cache, CURRENT, False)["seen"]
+    seen = child(False)["current"]
     assert seen["set_1"] == [1, 1, 0, "gpupool:1", "gpupool:1"]
     assert seen["with_device_no_index"] == "gpupool:1"
     assert seen["ops_on_1_keep_current"] == [12.0, 0, 0]

@@ -20,6 +20,7 @@ from gpupool.client.native import WAY_OUT
 from gpupool.client.native.backend import built_path, compiler_missing
 from gpupool.client.pool import SchedulerClient
 from scheduler_fixtures import ROOT, wait_until
+from support import communicate
 
 _why = compiler_missing()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"native client: {_why}")]
@@ -196,12 +197,22 @@ def test_a_seed_set_before_the_client_loads_seeds_the_daemon(pool: str, tmp_path
     path = tmp_path / "seed_first.py"
     path.write_text(SEED_FIRST)
     flags = ("--native-client",) if client == "native" else ()
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", "-p", "0.5", *flags, "--", sys.executable, str(path), client]
+    # The three runs side by side (three half leases on the pool's two devices), each a process and session of its own
+    runs = [subprocess.Popen([*cmd, str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=_env(pool)) for seed in (5, 5, 6)]  # fmt: skip
 
-    def masks(seed: int) -> list[float]:
-        ran = _run(pool, "-p", "0.5", *flags, "--", sys.executable, str(path), client, str(seed))
-        assert ran.returncode == 0, ran.stderr[-3000:]
-        return json.loads(ran.stdout.strip().splitlines()[-1])
+    def masks(ran: subprocess.Popen[str]) -> list[float]:
+        stdout, stderr = communicate(ran, 280)
+        assert ran.returncode == 0, stderr[-3000:]
+        return json.loads(stdout.strip().splitlines()[-1])
 
-    first, again, other = masks(5), masks(5), masks(6)
+    try:
+        first, again, other = (masks(ran) for ran in runs)
+    finally:
+        for ran in runs:
+            if ran.poll() is None:
+                ran.kill()
+                ran.communicate()
     assert first == again  # the same seed, the same dropout mask
     assert first != other and 0 < first.count(0.0) < 256

@@ -2,7 +2,8 @@
 guard, and a client with it trains to exactly the losses and sees exactly the device semantics of one with the Python
 guard (GPUPOOL_NATIVE=0) or one whose compiler is broken (CXX=/bin/false), both of which log one line and work.
 
-Each way runs in a child process (the guard is process-wide) against the module's real daemon."""
+Each way runs in a child process (the guard is process-wide) against the session's real daemon; the three children
+run side by side (one after the other until round 21)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import communicate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,14 +76,19 @@ print("RESULT", json.dumps({"active": native.active(), "python_guard_calls": cal
 """
 
 
-def _run(serve: Any, cache: Path, **env: str) -> tuple[dict[str, Any], list[str]]:
+def _start(serve: Any, cache: Path, **env: str) -> subprocess.Popen[str]:
     full = {k: v for k, v in os.environ.items() if k not in ("GPUPOOL_NATIVE", "CXX")}
     full.update(GPUPOOL_NATIVE_CACHE=str(cache), T_ADDRESS=serve.address, T_TOKEN0=serve.token(),
                 T_TOKEN1=serve.token(), PYTHONPATH=str(REPO), **env)  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", CHILD], env=full, capture_output=True, text=True, timeout=240)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-4000:]
-    result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    cmd = [sys.executable, "-c", CHILD]
+    return subprocess.Popen(cmd, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen[str]) -> tuple[dict[str, Any], list[str]]:
+    stdout, stderr = communicate(proc, 240)
+    out = stdout + stderr
+    assert proc.returncode == 0, out[-4000:]
+    result = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     assert len(result) == 1, out[-4000:]
     logs = [line for line in out.splitlines() if "native device guard" in line or "GPUPOOL_NATIVE" in line]
     return json.loads(result[0][len("RESULT ") :]), logs
@@ -90,13 +98,32 @@ def _have_compiler() -> bool:
     return shutil.which((os.environ.get("CXX") or "c++").split()[0]) is not None
 
 
-def test_native_guard_trains_and_behaves_as_the_python_guard(serve: Any, tmp_path: Path) -> None:
-    python, python_logs = _run(serve, tmp_path / "unused", GPUPOOL_NATIVE="0")
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[str]]]:
+    """The test's children; any still running when it ends (a failed assertion) are killed."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_native_guard_trains_and_behaves_as_the_python_guard(
+    serve: Any, tmp_path: Path, children: list[subprocess.Popen[str]]
+) -> None:
+    # The three children run side by side (each with a cache of its own); the test waits for them in turn.
+    children += [
+        _start(serve, tmp_path / "unused", GPUPOOL_NATIVE="0"),
+        _start(serve, tmp_path / "broken", CXX="/bin/false"),
+        *([_start(serve, tmp_path / "cache")] if _have_compiler() else []),
+    ]
+    python, python_logs = _result(children[0])
     assert not python["active"] and python["python_guard_calls"] > 0  # the counter sees the Python guard at work
     assert len(python_logs) == 1 and "GPUPOOL_NATIVE=0" in python_logs[0], python_logs
     assert not (tmp_path / "unused").exists()  # nothing was built
 
-    broken, broken_logs = _run(serve, tmp_path / "broken", CXX="/bin/false")
+    broken, broken_logs = _result(children[1])
     assert not broken["active"] and broken["python_guard_calls"] > 0
     assert len(broken_logs) == 1 and "native device guard unavailable" in broken_logs[0], broken_logs
     assert "/bin/false" in broken_logs[0]
@@ -105,7 +132,7 @@ def test_native_guard_trains_and_behaves_as_the_python_guard(serve: Any, tmp_pat
     assert broken["seen"] == python["seen"]
     if not _have_compiler():
         pytest.skip("no C++ compiler here: the native guard cannot be built (scripts/setup.sh installs g++)")
-    native, native_logs = _run(serve, tmp_path / "cache")
+    native, native_logs = _result(children[2])
     assert native["active"], native_logs
     assert native["python_guard_calls"] == 0  # torch's C++ no longer calls into Python for the device guard
     assert len(native_logs) == 1 and "built the native device guard" in native_logs[0], native_logs

@@ -57,10 +57,19 @@ def recordings(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if given:
         return Path(given)
     out = tmp_path_factory.mktemp("recordings")
-    for model in MODELS:
+    procs = []
+    for model in MODELS:  # the models' recordings are made side by side
         cmd = [sys.executable, str(ROOT / "bench" / "eager_replay.py"), "--dump", model, str(out / f"{model}.json"),
                "--steps", "4"]  # fmt: skip
-        subprocess.run(cmd, check=True, timeout=300, cwd=ROOT)
+        procs.append((cmd, subprocess.Popen(cmd, cwd=ROOT)))
+    try:
+        for cmd, proc in procs:
+            assert proc.wait(timeout=300) == 0, f"{cmd} exited with {proc.returncode}"
+    finally:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return out
 
 

@@ -22,12 +22,17 @@ from gpupool.tokens import public_session_id
 FAKE_MEMORY = "256MiB"
 
 
-def start_daemon(tmp: Path, scheduler: str, host_id: str) -> tuple[Proc, str]:
-    proc = Proc(
+def launch_daemon(tmp: Path, scheduler: str, host_id: str) -> Proc:
+    """`gpupool serve` registering with `scheduler`, started (its port: once it listens, `proc.port()`)."""
+    return Proc(
         ["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "0", "--fake-gpus", "1", "--fake-gpu-memory",
          FAKE_MEMORY, "--token-key-file", str(key_file(tmp)), "--host-id", host_id, "--scheduler", scheduler,
          "--heartbeat-interval", "0.5"]
     )  # fmt: skip
+
+
+def start_daemon(tmp: Path, scheduler: str, host_id: str) -> tuple[Proc, str]:
+    proc = launch_daemon(tmp, scheduler, host_id)
     return proc, f"127.0.0.1:{proc.port()}"
 
 
@@ -49,13 +54,16 @@ class Cluster:
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     sched, address = start_scheduler(tmp_path)
     c = Cluster(tmp_path, sched, address, {})
+    started: list[Proc] = []
     try:
-        for host_id in ("da", "db"):
-            c.daemons[host_id] = start_daemon(tmp_path, address, host_id)
+        for host_id in ("da", "db"):  # the two daemons start side by side
+            started.append(launch_daemon(tmp_path, address, host_id))
+        for host_id, proc in zip(("da", "db"), started, strict=True):
+            c.daemons[host_id] = (proc, f"127.0.0.1:{proc.port()}")
         c.wait_hosts_up(2)
         yield c
     finally:
-        for proc, _ in c.daemons.values():
+        for proc in {*started, *(proc for proc, _ in c.daemons.values())}:
             proc.stop()
         c.scheduler.stop()
 

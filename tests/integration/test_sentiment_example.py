@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from examples_fixtures import REPO
+from support import communicate
 
 from examples.sentiment import data
 
@@ -50,11 +51,11 @@ def test_one_epoch_on_2000_reviews_through_gpupool_then_serve(pool_env: dict[str
     assert all(r["label"] in ("pos", "neg") and 0.0 <= r["p_pos"] <= 1.0 for r in rows)
 
 
-def _train(
+def _start(
     env: dict[str, str], tmp: Path, name: str, *flags: str, run: tuple[str, ...] | None = None
-) -> dict[str, Any]:
-    """train.py for one epoch of 4 steps on 200 reviews (with `run`: under `gpupool run RUN`, on its device; else on the
-    CPU): the epoch's figures and the saved weights."""
+) -> tuple[subprocess.Popen[str], Path]:
+    """Start train.py for one epoch of 4 steps on 200 reviews (with `run`: under `gpupool run RUN`, on its device;
+    else on the CPU); _finish gives its outcome."""
     out = tmp / name
     script = [sys.executable, "examples/sentiment/train.py", "--epochs", "1", "--limit", "200", "--no-progress",
               "--data", str(data.SAMPLE), "--cache-dir", str(tmp / "cache"), "--out", str(out), *flags]  # fmt: skip
@@ -62,11 +63,24 @@ def _train(
     if run is not None:
         cmd = [sys.executable, "-m", "gpupool.cli", "run", "-n", "1", "-p", "0.5", *run, "--", *script, "--device",
                "gpupool"]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
-    assert done.returncode == 0, done.stdout + done.stderr[-6000:]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    return proc, out
+
+
+def _finish(started: tuple[subprocess.Popen[str], Path]) -> dict[str, Any]:
+    """The run's epoch figures and saved weights."""
+    proc, out = started
+    stdout, stderr = communicate(proc, 600)
+    assert proc.returncode == 0, stdout + stderr[-6000:]
     (epoch,) = json.loads((out / "config.json").read_text())["results"]["history"]
     state = torch.load(out / "model.pt", map_location="cpu")
     return {"epoch": {k: epoch[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")}, "state": state}
+
+
+def _train(
+    env: dict[str, str], tmp: Path, name: str, *flags: str, run: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    return _finish(_start(env, tmp, name, *flags, run=run))
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
@@ -82,9 +96,18 @@ def test_the_cpp_client_trains_it_as_the_shim_and_local_do(pool_env: dict[str, s
     daemon's generator, seeded by --seed) the epoch's losses and the weights are the Python client's bit for bit;
     without dropout they are local CPU's bit for bit too (fake GPUs compute with CPU kernels)."""
     env = {**os.environ, **pool_env}
-    native = _train(env, tmp_path, "native", run=("--native-client",))
-    shim = _train(env, tmp_path, "shim", run=())
+    native = _train(env, tmp_path, "native", run=("--native-client",))  # alone: it writes the encoded data's cache
+    off = ("--dropout", "0", "--embed-dropout", "0")
+    # the other three side by side (two half leases on the pool's GPU, and the CPU), reading that cache
+    others = [_start(env, tmp_path, "shim", run=()), _start(env, tmp_path, "native0", *off, run=("--native-client",)),
+              _start(env, tmp_path, "local0", *off)]  # fmt: skip
+    try:
+        shim, native0, local0 = (_finish(started) for started in others)
+    finally:
+        for proc, _ in others:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     _same(native, shim)
     assert 0.0 < native["epoch"]["train_loss"] < 1.0
-    off = ("--dropout", "0", "--embed-dropout", "0")
-    _same(_train(env, tmp_path, "native0", *off, run=("--native-client",)), _train(env, tmp_path, "local0", *off))
+    _same(native0, local0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from gpupool import protocol
 from gpupool._proto import device_pb2
@@ -40,6 +41,26 @@ def test_the_scheduler_and_leasing_load_no_torch() -> None:
     code = "import sys, gpupool.protocol, gpupool.scheduler.cli, gpupool.client.pool; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
+
+
+# `gpupool serve` as far as its config, with the zygote's start recorded (and not done): was torch loaded by then?
+SERVE_START = """
+import sys
+import gpupool.server.zygote as zygote
+seen = []
+zygote.shared_zygote = lambda: seen.append("torch" in sys.modules)
+from gpupool.server import cli
+print(cli.main(["--token-public-keys", sys.argv[1]]), seen, "torch" in sys.modules)
+"""
+
+
+def test_gpupool_serve_starts_its_zygote_before_it_imports_torch(tmp_path: Path) -> None:
+    """The zygote imports torch (~4-8 s) while the daemon's process imports it too, not after: one of the two imports
+    off `gpupool serve`'s start (the daemon's module imports, server/daemon.py and speedmodel.py, load torch)."""
+    missing = str(tmp_path / "no-such-key.pub")  # a config error: main returns 2 after the zygote's start
+    out = subprocess.run([sys.executable, "-c", SERVE_START, missing], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["2", "[False]", "True"], out.stdout + out.stderr[-2000:]
 
 
 def test_a_lone_sync_is_recognized_by_its_exact_bytes() -> None:
