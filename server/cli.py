@@ -207,7 +207,8 @@ def main(argv: list[str]) -> int:
 
         # First thing: the zygote imports torch (and warms up) while this process imports it for the config and
         # the daemon below, two processes at once instead of one after the other. Nothing above may import torch
-        # (tests/unit/test_serve_start.py); a config error below ends the zygote with this process.
+        # (tests/unit/test_protocol.py `test_gpupool_serve_starts_its_zygote_before_it_imports_torch`); a config
+        # error below ends the zygote with this process.
         shared_zygote()
     try:
         config = config_from_args(args)
