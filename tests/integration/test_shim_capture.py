@@ -135,13 +135,25 @@ CASES = {
     "encoder-adamw-dropout": (Encoder, adamw, encoder_batch, nn.functional.cross_entropy),
     "mlp-adam-fused": (stock_mlp, adam_fused, mlp_batch, nn.functional.mse_loss),
     "encoder-adamw-fused-dropout": (Encoder, adamw_fused, encoder_batch, nn.functional.cross_entropy),
-    # no dropout: eager steps take the fused attention (server/attention.py), recorded ones torch's math path
+    # no dropout: eager and recorded steps take the fused attention (server/attention.py); the traced graph holds
+    # its composition's aten calls (server/graph_trace.py `_ComposedOps`)
     "encoder-adamw-no-dropout": (lambda: Encoder(0.0), adamw, encoder_batch, nn.functional.cross_entropy),
 }
 
 
 def traced_lines(serve: Any) -> int:
     return sum("runs as a TorchScript graph" in line for line in list(serve.process.log_lines))
+
+
+FUSED_OPS = {"aten::_scaled_dot_product_fused_attention_overrideable",
+             "aten::_scaled_dot_product_fused_attention_overrideable_backward"}  # fmt: skip
+# The captured steps whose graph holds the fused attention (a forward and a backward per encoder layer)
+FUSED_CALLS = {"encoder-adamw-no-dropout": 4}
+
+
+def fused_calls(step: Any) -> int:
+    [g] = step.graphs.values()
+    return sum(op.name.split(".")[0] in FUSED_OPS for op in g.built.ops)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -158,6 +170,10 @@ def test_captured_losses_equal_eager_and_local(serve: Any, dev: torch.device, ca
     while traced_lines(serve) == traced and time.monotonic() < deadline:
         time.sleep(0.05)
     assert traced_lines(serve) == traced + 1
+    fused = FUSED_CALLS.get(case, 0)
+    assert fused_calls(step) == fused  # the recorded step took the fused attention (no math path while recording)
+    [line] = [line for line in list(serve.process.log_lines) if "runs as a TorchScript graph" in line][traced:]
+    assert f", {fused} fused attention;" in line  # ...and the daemon traced it, fused calls included
     assert_close(eager, local, f"{case} eager vs local")
     assert_close(captured, eager, f"{case} captured vs eager")
     assert len(set(captured[3:])) == steps - 3  # replays computed new losses (fresh batches), not stale ones
