@@ -12,10 +12,18 @@ daemon, whose devices are CPUs (fake GPUs) or CUDA GPUs, so both ops are replace
   (torch's meta kernel, which the clients infer from) is contiguous: it is copied to that layout, and the backward
   takes either.
 - CUDA: `_scaled_dot_product_efficient_attention` (fp32/fp16/bf16, any float bias) when torch's constraints for it hold
-  (`_efficient_ok`: sdp_utils' mem-efficient checks that a caller can see), its logsumexp (B, H, ceil(L / 32) * 32)
-  cut to (B, H, L) and padded again for the backward. Any failure of that kernel, or a call outside its constraints,
-  runs the math composition below on the GPU instead: slower (L x S scores), never wrong. (No GPU was at hand when
-  this was written: the CUDA path is untested; it degrades to the math composition on any RuntimeError.)
+  (`_efficient_ok`: sdp_utils' mem-efficient checks that a caller can see, the device's compute capability included),
+  its logsumexp (B, H, ceil(L / 32) * 32) cut to (B, H, L) and padded again for the backward. A call outside those
+  constraints runs the math composition below on the GPU instead: slower (L x S scores), never wrong; an eager call
+  also does when the kernel itself refuses (a RuntimeError). (No GPU was at hand when this was written: the CUDA path
+  is untested.)
+
+Which of them runs is `choose_kernel`'s answer from shapes, strides and dtypes alone: per call for an eager op, once
+at DefineGraph for a captured step's call (`graph_kernel`, on the graph's meta tensors; a CUDA graph's capture then
+records one kernel, with no fallback inside it). The compositions make their aten calls through an `Ops` object:
+run as they come here, written as TorchScript nodes by server/graph_trace.py, so a captured step on a fake GPU runs
+this very composition inside its TorchScript graph (the math composition is not written that way: a graph that needs
+it keeps the Python replay).
 - The math composition (`_math_forward`, `_math_backward`: scores in float32, logsumexp, softmax, recomputed under
   autograd for the backward) also serves the shapes the CPU kernel refuses and a gradient of the bias
   (`grad_input_mask[3]`), which no fused kernel here computes.
@@ -217,7 +225,7 @@ def _math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, is_causal: bool,
     return torch.matmul(p, v.float()).to(q.dtype), lse
 
 
-# Kernels a fused call runs: local CPU's flash kernel (fake GPUs), the mem-efficient kernel (CUDA), the math composition.
+# Kernels a fused call runs: local CPU's flash kernel (fake GPUs), the mem-efficient kernel (CUDA), the math one.
 FLASH_CPU, EFFICIENT, MATH = "flash_cpu", "efficient", "math"
 
 

@@ -20,7 +20,8 @@ A graph runs this way only when every run would call exactly the same kernels wi
 - with no value guard (`check`: Python that reads tensor values on every run) except those rewritten as tensor
   ops that the graph keeps (`_TRACED_GUARDS`: the embedding backward's index range), no factory of uninitialized
   memory (zeroed per run by Python) and no Python replacement of a kernel (guards.replacement: it may branch on
-  values);
+  values) except the fused attention's (server/attention.py), whose composition of aten calls -- its kernel decided
+  at DefineGraph, branching on shapes only -- is written into the graph call by call (`_ComposedOps`);
 - with arguments a node can hold (tensors, lists of tensors -- an empty one typed by the schema --, numbers, strings,
   dtypes, devices, ...; a Python number where the overload takes a tensor only for add/sub/mul/div, whose .Scalar
   overloads are that call).
