@@ -332,25 +332,51 @@ def _uses_math(q: Tensor, k: Tensor, v: Any, bias: Any) -> bool:
     return not _efficient_ok(q, k, v, bias if isinstance(bias, Tensor) else None)
 
 
-def _math_bytes(q: Any, k: Any, v: Any, bias: Any, factor: int) -> int:
+# Bytes of the math composition's temporaries per score (B x H x L x S), measured on CPU (ru_maxrss, L = S = 2048,
+# float32): the forward's peak 3.5 x 4 bytes (scores, their masked and exponentiated copies), the backward's
+# (recomputed under autograd, which keeps every step's result for its gradient) 13 x 4 bytes.
+MATH_FORWARD_BYTES = 16
+MATH_BACKWARD_BYTES = 56
+
+
+def _temporaries(tensors: list[Any], q: Any, k: Any, v: Any, bias: Any, math_bytes: int, lse: Any = None) -> int:
+    """Bytes a call allocates besides its outputs while it runs, admitted with them (server/cost.py `temporary`):
+    dense copies of the `tensors` a client gave expanded or overlapping (`_dense_or_copy`: an expanded view of one
+    element is a copy of its whole size), a bool mask's floating copy and its negation (`_float_bias`, on every
+    path), and where the math composition runs its scores (`math_bytes` per score) and float32 copies of the inputs;
+    on CUDA the efficient kernel's bias expanded to the scores' shape (and the backward's padded logsumexp)."""
     if not isinstance(q, Tensor) or not isinstance(k, Tensor) or q.dim() != 4 or k.dim() != 4:
         return 0
-    if not _uses_math(q, k, v, bias):
-        return 0
-    return factor * 4 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+    total = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor) and not _dense(t))
+    scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+    if isinstance(bias, Tensor) and bias.dtype == torch.bool:
+        total += bias.numel() * (q.element_size() + 1)
+    if _uses_math(q, k, v, bias):
+        total += math_bytes * scores
+        if q.dtype != torch.float32:
+            total += 4 * sum(t.numel() for t in (q, k, v) if isinstance(t, Tensor))
+        if isinstance(bias, Tensor) and bias.dtype != torch.float32:
+            total += 4 * bias.numel()
+    elif q.device.type == "cuda":
+        if isinstance(bias, Tensor):
+            total += scores // k.shape[2] * -(-k.shape[2] // 16) * 16 * q.element_size()
+        if lse is not None:
+            total += 4 * q.shape[0] * q.shape[1] * -(-q.shape[2] // 32) * 32
+    return total
 
 
 def forward_bytes(args: Args, kwargs: Kwargs) -> int:
-    """Temporary bytes of the math composition where it runs (scores, probabilities: float32 B x H x L x S each)."""
-    return _math_bytes(arg(args, kwargs, 0, "query"), arg(args, kwargs, 1, "key"), arg(args, kwargs, 2, "value"),
-                       arg(args, kwargs, 3, "attn_bias"), 3)  # fmt: skip
+    """The forward's temporaries (`_temporaries`)."""
+    q, k, v, bias = (arg(args, kwargs, i, n) for i, n in ((0, "query"), (1, "key"), (2, "value"), (3, "attn_bias")))
+    return _temporaries([q, k, v], q, k, v, bias, MATH_FORWARD_BYTES)
 
 
 def backward_bytes(args: Args, kwargs: Kwargs) -> int:
-    """The math backward's recomputation (twice the forward's), where it runs: also for a bias's gradient."""
-    q, k, v, bias = (arg(args, kwargs, i, n) for i, n in ((1, "query"), (2, "key"), (3, "value"), (4, "attn_bias")))
-    mask = arg(args, kwargs, 5, "grad_input_mask")
-    factor = 6
+    """The backward's temporaries (`_temporaries`): the math composition also for a bias's gradient."""
+    names = ("grad_out", "query", "key", "value", "attn_bias", "grad_input_mask", "out", "logsumexp")
+    grad, q, k, v, bias, mask, out, lse = (arg(args, kwargs, i, n) for i, n in enumerate(names))
     if isinstance(mask, list | tuple) and len(mask) == 4 and mask[3] and isinstance(bias, Tensor):
-        return _math_bytes(q, k, None, bias, factor)  # None: the math composition whatever the device
-    return _math_bytes(q, k, v, bias, factor)
+        v_used = None  # None: the math composition whatever the device
+    else:
+        v_used = v
+    return _temporaries([grad, q, k, v, out, lse], q, k, v_used, bias, MATH_BACKWARD_BYTES, lse)

@@ -369,3 +369,48 @@ def test_expanded_inputs_are_read_as_their_values(session: Session) -> None:
     for h, w in zip(grads[:3], want_g, strict=True):
         assert_close(s.download(h), w)  # the kernel on dense copies: local's on the expanded views, to the last bits
     assert s.download(lse).shape == want_lse.shape
+
+
+def test_what_a_call_allocates_besides_its_outputs_counts_against_the_quota(serve: Any) -> None:
+    """Round 21 admitted the fused ops' outputs only (and a math-path estimate under what it allocates): a bool mask
+    of one element expanded to the scores' shape was converted to a dense float mask (and its negation) of that
+    whole size, 5 bytes per score on the CPU kernel's path, 0 counted, and the math backward's autograd holds ~13 x
+    4 bytes per score where 6 x 4 were counted; expanded keys and values were copied dense (uncounted). In a session
+    of a 4 MiB quota one call took 5 MiB, or 8 (up to 9 bytes per element of the quota's element bound per tensor;
+    on CUDA the efficient kernel's bias is the scores' whole size, bounded by no quota). Each is
+    RESOURCE_EXHAUSTED now (nothing run, the session usable); the same calls within the quota give local's values."""
+    quota = 4 * 1024 * 1024
+    with Session.attach(serve.address, serve.token(tenant="attention-quota", quota_bytes=quota)) as s:
+        g = torch.Generator().manual_seed(5)
+        q, k, v = (torch.randn(1, 1, 1024, 8, generator=g) for _ in range(3))
+        hq, hk, hv = (Handle(s.upload(t)) for t in (q, k, v))
+        [one] = s.call("aten::expand.default", Handle(s.upload(torch.ones(1, 1, 1, 1, dtype=torch.bool))),
+                       [1, 1, 1024, 1024])  # fmt: skip
+        out = _fused(s, hq, hk, hv, Handle(one))[0]
+        with pytest.raises(errors.ResourceExhausted, match="quota"):
+            s.sync()  # round 21: ran, 5 MiB of mask copies in a 4 MiB session
+        [small] = s.call("aten::expand.default", Handle(s.upload(torch.ones(1, 1, 1, 1, dtype=torch.bool))),
+                         [1, 1, 1024, 64])  # fmt: skip
+        kk, vv = Handle(s.upload(k[:, :, :64])), Handle(s.upload(v[:, :, :64]))
+        out = _fused(s, hq, kk, vv, Handle(small))[0]
+        want = F.scaled_dot_product_attention(q, k[:, :, :64], v[:, :, :64])
+        assert_close(s.download(Handle(out)), want)
+        # key and value of one row expanded to a million elements each: the kernel's dense copies, 8 MiB
+        [row] = s.call("aten::expand.default", Handle(s.upload(k[:, :, :1])), [1, 1, 1 << 17, 8])
+        _fused(s, Handle(s.upload(q[:, :, :16])), Handle(row), Handle(row))
+        with pytest.raises(errors.ResourceExhausted, match="quota"):
+            s.sync()
+        # the math composition (value's head size differs from the query's), its backward under autograd
+        n = 320  # scores: 400 KiB of float32
+        q2, k2, v2 = (torch.randn(1, 1, n, e, generator=g) for e in (8, 8, 4))
+        h2 = [Handle(s.upload(t)) for t in (q2, k2, v2)]
+        o2, lse2, _, _, _, _, seed, offset, _ = (Handle(h) for h in _fused(s, *h2))
+        assert_close(s.download(o2), F.scaled_dot_product_attention(q2, k2, v2))
+        name = "aten::_scaled_dot_product_fused_attention_overrideable_backward.default"
+        grad = Handle(s.upload(torch.ones(1, 1, n, 4)))
+        args = [grad, *h2, None, [True, True, True, False], o2, lse2, None, None, n, n, 0.0, False, seed, offset]
+        s.call(name, *args, outputs=4)
+        with pytest.raises(errors.ResourceExhausted, match="quota"):
+            s.sync()  # round 21: admitted (6 x 4 bytes per score counted: 2.3 MiB), ran: ~5 MiB (13 x 4 measured)
+        [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
+        assert torch.equal(s.download(ok), torch.full((3,), 2.0))
