@@ -122,7 +122,10 @@ VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {FORWARD: _validate_forw
 
 
 def _scale(q: Tensor, scale: float | None) -> float:
-    return float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    """The scores' scale; any for a head size of 0, whose scores are all 0 (round 21 divided by 0: INTERNAL)."""
+    if scale is not None:
+        return float(scale)
+    return 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
 
 
 def _float_bias(bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -142,10 +145,19 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
+def _kernel_layout(t: Tensor) -> bool:
+    """Whether a kernel may read `t` as it is: non-overlapping and dense, its last dimension's elements adjacent."""
+    return _dense(t) and (t.stride(-1) == 1 or t.shape[-1] <= 1)
+
+
 def _dense_or_copy(t: Tensor) -> Tensor:
-    """A kernel's tensor input as non-overlapping and dense memory: an expanded (stride 0) or overlapping view from
-    a client becomes a copy, so no kernel that walks memory by its sizes reads past a storage (round 18's lesson)."""
-    return t if _dense(t) else t.contiguous()
+    """A kernel's tensor input as non-overlapping and dense memory, its last dimension contiguous: an expanded
+    (stride 0) or overlapping view from a client becomes a copy, so no kernel that walks memory by its sizes reads
+    past a storage (round 18's lesson), and so does a dense view whose last dimension is not contiguous (a
+    transposed query, key, value, grad_out or out): the CPU flash kernels read each row's head as adjacent
+    elements whatever its stride (torch's SDPA front end makes it so before them), and returned values that were
+    neither the inputs' nor 0s, different run to run (round 21: up to 8e24 for inputs of randn)."""
+    return t if _kernel_layout(t) else t.contiguous()
 
 
 def _like(ref: Tensor, t: Tensor) -> Tensor:
@@ -347,7 +359,7 @@ def _temporaries(tensors: list[Any], q: Any, k: Any, v: Any, bias: Any, math_byt
     on CUDA the efficient kernel's bias expanded to the scores' shape (and the backward's padded logsumexp)."""
     if not isinstance(q, Tensor) or not isinstance(k, Tensor) or q.dim() != 4 or k.dim() != 4:
         return 0
-    total = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor) and not _dense(t))
+    total = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor) and not _kernel_layout(t))
     scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
     if isinstance(bias, Tensor) and bias.dtype == torch.bool:
         total += bias.numel() * (q.element_size() + 1)

@@ -414,3 +414,39 @@ def test_what_a_call_allocates_besides_its_outputs_counts_against_the_quota(serv
             s.sync()  # round 21: admitted (6 x 4 bytes per score counted: 2.3 MiB), ran: ~5 MiB (13 x 4 measured)
         [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
         assert torch.equal(s.download(ok), torch.full((3,), 2.0))
+
+
+def test_inputs_whose_last_dimension_is_not_contiguous_are_read_as_their_values(session: Session) -> None:
+    """torch's CPU flash kernels read each row's head as adjacent elements whatever the last dimension's stride
+    (torch's SDPA front end makes it so before calling them): round 21 handed them a client's dense but transposed
+    views as they were, and a transposed query gave values that were neither the inputs' nor 0s, different run to
+    run (up to 8e24 for inputs of randn: memory the session never wrote). Now such inputs (query, key, value;
+    grad_out, out, a permuted logsumexp in the backward) are copied first, and the results are local's. A head
+    size of 0 (scores all 0) gives local's mean of the values, not INTERNAL (a division by 0)."""
+    s = session
+    q, k, v = inputs(lk=16)
+
+    def transposed(t: torch.Tensor) -> Handle:  # the same values, the last dimension's stride the length's
+        [h] = s.call("aten::transpose.int", Handle(s.upload(t.transpose(-1, -2).contiguous())), -1, -2)
+        return Handle(h)
+
+    want, want_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    hq, hk, hv = (Handle(s.upload(t)) for t in (q, k, v))
+    for args in ((transposed(q), hk, hv), (hq, transposed(k), hv), (hq, hk, transposed(v))):
+        out = _fused(s, *args)[0]
+        assert_close(s.download(Handle(out)), want)
+    grad = torch.linspace(-1, 1, want.numel()).reshape(want.shape)
+    want_g = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad, q, k, v, want, want_lse, 0.0, False
+    )
+    [lse] = s.call("aten::permute.default", Handle(s.upload(want_lse.permute(1, 0, 2).contiguous())), [1, 0, 2])
+    grads = s.call(
+        "aten::_scaled_dot_product_fused_attention_overrideable_backward.default",
+        transposed(grad), hq, hk, hv, None, [True, True, True, False], transposed(want), Handle(lse),
+        None, None, 16, 16, 0.0, False, None, None, outputs=4,
+    )  # fmt: skip
+    for h, w in zip(grads[:3], want_g, strict=True):
+        assert_close(s.download(Handle(h)), w)
+    empty = [torch.randn(1, 2, 5, 0), torch.randn(1, 2, 7, 0), torch.randn(1, 2, 7, 3)]
+    out = _fused(s, *(Handle(s.upload(t)) for t in empty))[0]
+    assert_close(s.download(Handle(out)), F.scaled_dot_product_attention(*empty))
