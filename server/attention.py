@@ -345,9 +345,10 @@ def _uses_math(q: Tensor, k: Tensor, v: Any, bias: Any) -> bool:
 
 
 # Bytes of the math composition's temporaries per score (B x H x L x S), measured on CPU (ru_maxrss, L = S = 2048,
-# float32): the forward's peak 3.5 x 4 bytes (scores, their masked and exponentiated copies), the backward's
-# (recomputed under autograd, which keeps every step's result for its gradient) 13 x 4 bytes.
-MATH_FORWARD_BYTES = 16
+# float32, bench/attention_temporaries.py): the forward's peak 3.5-4.5 x 4 bytes (scores, their masked and
+# exponentiated copies), the backward's (recomputed under autograd, which keeps every step's result for its
+# gradient) 11-13 x 4 bytes.
+MATH_FORWARD_BYTES = 20
 MATH_BACKWARD_BYTES = 56
 
 
