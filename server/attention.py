@@ -78,9 +78,9 @@ def check_forward(q: Any, k: Any, v: Any, bias: Any, dropout_p: Any, scale: Any,
             raise InvalidArgument(f"fused attention: attn_bias must be bool or {q.dtype}, not {bias.dtype}")
         scores = (b, h, q.shape[2], k.shape[2])
         trailing = zip(reversed(bias.shape), reversed(scores), strict=False)  # bias.dim() <= 4 = len(scores)
-        if bias.dim() > 4 or any(n not in (1, want) for n, want in trailing):
+        if bias.dim() > 4 or bias.dim() < 2 or any(n not in (1, want) for n, want in trailing):
             raise InvalidArgument(f"fused attention: attn_bias of shape {list(bias.shape)} does not broadcast to "
-                                  f"the scores' {list(scores)}")  # fmt: skip
+                                  f"the scores' {list(scores)} (2 to 4 dims, as local SDPA takes)")  # fmt: skip
     if not isinstance(dropout_p, float | int) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p <= 1.0:
         raise InvalidArgument(f"fused attention: dropout_p must be a number in [0, 1], not {dropout_p!r}")
     if dropout_p != 0:
@@ -143,6 +143,15 @@ def _dense(t: Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def _four_d(bias: Tensor | None) -> Tensor | None:
+    """A mask of 2 or 3 dims (`check_forward` refuses fewer, as local SDPA does) as a 4-D view: the CPU flash kernels
+    take only 2-D or 4-D masks ("Attention mask dim in {2, 4}"), where local SDPA broadcasts a 3-D one (round 21
+    answered it, which the clients send fused, with INVALID_ARGUMENT)."""
+    if bias is None or bias.dim() == 4:
+        return bias
+    return bias[(None,) * (4 - bias.dim())]
 
 
 def _kernel_layout(t: Tensor) -> bool:
@@ -239,22 +248,23 @@ def fused_attention(
     """The overrideable forward: (output, logsumexp, None, None, L, S, seed, offset, None) as torch's meta kernel."""
     check_forward(query, key, value, attn_bias, dropout_p, scale, return_debug_mask)
     q, k, v = _dense_or_copy(query), _dense_or_copy(key), _dense_or_copy(value)
+    bias = _four_d(attn_bias)
     length, source = q.shape[2], k.shape[2]
     out: Tensor | None = None
     lse: Tensor | None = None
     empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
     if q.device.type == "cpu" and not empty and v.shape[3] == q.shape[3]:
-        out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, attn_mask=_float_bias(attn_bias, q.dtype), scale=scale)
-    elif q.device.type == "cuda" and not empty and _efficient_ok(q, k, v, attn_bias):
+        out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, attn_mask=_float_bias(bias, q.dtype), scale=scale)
+    elif q.device.type == "cuda" and not empty and _efficient_ok(q, k, v, bias):
         try:
             out, lse, _, _ = aten._scaled_dot_product_efficient_attention.default(
-                q, k, v, _cuda_bias(attn_bias, q, k), True, 0.0, is_causal, scale=scale
+                q, k, v, _cuda_bias(bias, q, k), True, 0.0, is_causal, scale=scale
             )
             lse = lse[..., :length]
         except RuntimeError:  # a constraint not checked above: the math composition, on the same GPU
             out = lse = None
     if out is None or lse is None:
-        out, lse = _math(q, k, v, attn_bias, is_causal, _scale(q, scale))
+        out, lse = _math(q, k, v, bias, is_causal, _scale(q, scale))
     seed = torch.zeros((), dtype=torch.long, device=q.device)
     offset = torch.zeros((), dtype=torch.long, device=q.device)
     return (_matching_layout(query, out), lse.contiguous(), None, None, length, source, seed, offset, None)
@@ -292,16 +302,17 @@ def fused_attention_backward(
     )  # fmt: skip
     q, k, v = _dense_or_copy(query), _dense_or_copy(key), _dense_or_copy(value)
     grad_out, out, logsumexp = _dense_or_copy(grad_out), _dense_or_copy(out), _dense_or_copy(logsumexp)
+    bias = _four_d(attn_bias)
     gq = gk = gv = gb = None
     want_bias = bool(grad_input_mask[3]) and attn_bias is not None and attn_bias.is_floating_point()
     empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
     if not want_bias and not empty:
         if q.device.type == "cpu" and v.shape[3] == q.shape[3]:
-            mask = _float_bias(attn_bias, q.dtype)
+            mask = _float_bias(bias, q.dtype)
             gq, gk, gv = _FLASH_CPU_BACKWARD(
                 grad_out, q, k, v, out, logsumexp, 0.0, is_causal, attn_mask=mask, scale=scale
             )
-        elif q.device.type == "cuda" and _efficient_ok(q, k, v, attn_bias):
+        elif q.device.type == "cuda" and _efficient_ok(q, k, v, bias):
             try:
                 length = q.shape[2]
                 padded = torch.zeros((*logsumexp.shape[:2], -(-length // 32) * 32), dtype=torch.float32,
@@ -309,13 +320,13 @@ def fused_attention_backward(
                 padded[..., :length] = logsumexp
                 seed = torch.zeros((), dtype=torch.long, device=q.device)
                 gq, gk, gv, _ = aten._scaled_dot_product_efficient_attention_backward.default(
-                    grad_out, q, k, v, _cuda_bias(attn_bias, q, k), out, padded, seed, seed, 0.0,
+                    grad_out, q, k, v, _cuda_bias(bias, q, k), out, padded, seed, seed, 0.0,
                     [True, True, True, False], is_causal, scale=scale,
                 )  # fmt: skip
             except RuntimeError:
                 gq = gk = gv = None
     if gq is None or gk is None or gv is None:
-        gq, gk, gv, gb = _math_backward(grad_out, q, k, v, attn_bias, is_causal, _scale(q, scale), want_bias)
+        gq, gk, gv, gb = _math_backward(grad_out, q, k, v, bias, is_causal, _scale(q, scale), want_bias)
     grad_bias = None
     if attn_bias is not None:
         if gb is None:

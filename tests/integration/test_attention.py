@@ -170,6 +170,7 @@ def _fused(s: Session, q: Any, k: Any, v: Any, *rest: Any, **kw: Any) -> list[in
         ("other batch", "batch size and heads"),
         ("other head size", "same head size"),
         ("mask shape", "does not broadcast"),
+        ("1-D mask", "does not broadcast"),
         ("mask dtype", "attn_bias must be bool"),
         ("dropout", "dropout_p must be 0"),
         ("dropout range", r"dropout_p must be a number in \[0, 1\]"),
@@ -196,6 +197,8 @@ def test_hostile_forward_arguments_are_invalid(session: Session, what: str, matc
         args[1] = Handle(s.upload(torch.randn(2, 4, 12, 4)))
     elif what == "mask shape":
         args.append(Handle(s.upload(torch.randn(16, 13))))
+    elif what == "1-D mask":  # local SDPA refuses it too (a 3-D one it broadcasts: test_3_d_masks_...)
+        args.append(Handle(s.upload(torch.randn(12))))
     elif what == "mask dtype":
         args.append(Handle(s.upload(torch.ones(16, 12, dtype=torch.int32))))
     elif what == "dropout":
@@ -450,3 +453,20 @@ def test_inputs_whose_last_dimension_is_not_contiguous_are_read_as_their_values(
     empty = [torch.randn(1, 2, 5, 0), torch.randn(1, 2, 7, 0), torch.randn(1, 2, 7, 3)]
     out = _fused(s, *(Handle(s.upload(t)) for t in empty))[0]
     assert_close(s.download(Handle(out)), F.scaled_dot_product_attention(*empty))
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 12), (4, 1, 12), (1, 16, 12)])
+def test_3_d_masks_are_broadcast_as_local(dev: torch.device, shape: tuple[int, ...]) -> None:
+    """The clients send a mask of any dims up to 4 that broadcasts to the scores fused (native_guard.cpp
+    `gpupool_sdp_choice`), but the CPU flash kernels take only 2-D or 4-D masks: round 21's daemon answered a 3-D
+    one with INVALID_ARGUMENT ("Attention mask dim in {2, 4}") where local CPU broadcasts it. The daemon gives the
+    kernels a 4-D view of any mask of fewer dims now: local's outputs and gradients, one fused op."""
+    g = torch.Generator().manual_seed(9)
+    tensors = inputs()
+    for mask in (torch.randn(shape, generator=g), torch.rand(shape, generator=g) > 0.2):
+        ops, out, grads = run_sdpa(dev, tensors, mask)
+        _, want, want_grads = run_sdpa("cpu", tensors, mask)
+        assert FUSED in ops
+        assert_close(out, want)
+        for got, w in zip(grads, want_grads, strict=True):
+            assert_close(got, w)
