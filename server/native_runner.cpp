@@ -1019,6 +1019,91 @@ bool parse_free(const std::string& msg, std::vector<uint64_t>* out) {
   return true;
 }
 
+// A varint of a serialized message at `*p` (before `lim`), as protobuf writes one (overlong forms read as upb reads
+// them); false for a truncated one or one of more than 64 bits
+bool read_varint(const unsigned char** p, const unsigned char* lim, uint64_t* v) {
+  uint64_t x = 0;
+  for (int shift = 0; shift < 64; shift += 7) {
+    if (*p >= lim) return false;
+    const unsigned char b = *(*p)++;
+    if (shift == 63 && b > 1) return false;
+    x |= static_cast<uint64_t>(b & 0x7f) << shift;
+    if ((b & 0x80) == 0) {
+      *v = x;
+      return true;
+    }
+  }
+  return false;
+}
+
+// The field numbers of `Command`'s oneof `cmd` (proto/gpupool/v1/device.proto), each a message or bytes: written
+// length-delimited. `EAGER_OP` is `eager_op`'s.
+constexpr uint64_t EAGER_OP = 30;
+bool command_member(uint64_t field) {
+  switch (field) {
+    case 1: case 2: case 3: case 4: case 5: case 6: case 20: case 21: case 22: case 30: case 70: case 71:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// `[c.eager_op for c in ClientFrame.FromString(payload).commands]` (`slices.eager_records`), read from the frame's
+// bytes instead of through upb's message objects (~1.2k instructions a command: a message object per command, its
+// attribute read, the oneof's case). Each command's record is its `eager_op` where the oneof's last member written
+// is `eager_op` (the last such field's bytes, as a parser keeps them), b"" where another member is last or none is
+// written. Only frames whose every field is a `commands` entry and whose commands hold only length-delimited `cmd`
+// members are read here; anything else (an unknown or misplaced field, another wire type, a truncated length)
+// gives None before anything is made, and the caller reads the parsed message. The caller parsed the frame first
+// (so a frame that does not parse never gets here); a length is still checked against what is left of the buffer.
+py::object eager_records(py::handle payload) {
+  Py_buffer view;
+  if (PyObject_GetBuffer(payload.ptr(), &view, PyBUF_SIMPLE) < 0) {
+    PyErr_Clear();
+    return py::none();
+  }
+  struct Release {
+    Py_buffer* v;
+    ~Release() { PyBuffer_Release(v); }
+  } release{&view};
+  const auto* p = static_cast<const unsigned char*>(view.buf);
+  const auto* end = p + view.len;
+  Own out(PyList_New(0));
+  if (out.p == nullptr) throw py::error_already_set();
+  Own empty(PyBytes_FromStringAndSize(nullptr, 0));
+  if (empty.p == nullptr) throw py::error_already_set();
+  while (p < end) {
+    uint64_t key = 0, len = 0;
+    if (!read_varint(&p, end, &key) || key != ((1 << 3) | 2)) return py::none();  // field 1, length-delimited
+    if (!read_varint(&p, end, &len) || len > static_cast<uint64_t>(end - p)) return py::none();
+    const unsigned char* cend = p + len;
+    uint64_t last = 0;  // the oneof member written last: 0, none
+    const unsigned char* rec = nullptr;
+    uint64_t rlen = 0;
+    while (p < cend) {
+      uint64_t k = 0, l = 0;
+      if (!read_varint(&p, cend, &k) || (k & 7) != 2 || !command_member(k >> 3)) return py::none();
+      if (!read_varint(&p, cend, &l) || l > static_cast<uint64_t>(cend - p)) return py::none();
+      last = k >> 3;
+      if (last == EAGER_OP) {
+        rec = p;
+        rlen = l;
+      }
+      p += l;
+    }
+    PyObject* item = last == EAGER_OP && rlen > 0
+                         ? PyBytes_FromStringAndSize(reinterpret_cast<const char*>(rec), static_cast<Py_ssize_t>(rlen))
+                         : Py_NewRef(empty.p);
+    if (item == nullptr) throw py::error_already_set();
+    const int r = PyList_Append(out.p, item);
+    Py_DECREF(item);
+    if (r < 0) throw py::error_already_set();
+  }
+  PyObject* got = out.p;
+  out.p = nullptr;
+  return py::reinterpret_steal<py::object>(got);
+}
+
 PyObject* MISSING;  // `dict_pop`'s default: an object no session table holds
 
 // `d.pop(key, MISSING)`: one lookup where `d.get(key)` and `del d[key]` made two (~250 instructions each). A new
@@ -1298,6 +1383,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("run", &Ctx::run);
   m.def("free", &free_handles);
   m.def("filled", &filled);
+  m.def("eager_records", &eager_records);
   m.def("storage_key", [](const at::Tensor& t) {
     return py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(t.storage().unsafeGetStorageImpl()));
   });

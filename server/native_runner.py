@@ -33,7 +33,10 @@ returns and when it raises, then read again: Python code of the worker's thread 
 A `Free` command runs here too
 (`free`, called by `CommandExecutor.execute`): `WorkerSession.free` step for step, the handles read from the
 message's bytes (a message it does not read, or a session class with its own `free`, takes `WorkerSession.free`);
-each table's entry taken with one `pop` (`dict_pop`) rather than a lookup and a delete.
+each table's entry taken with one `pop` (`dict_pop`) rather than a lookup and a delete. A slice's eager records
+(`slices.eager_records`, each command's `eager_op`) are read from the frame's bytes (`eager_records`) rather than
+through a upb message object per command: the oneof's last member decides, as for the parser; a frame with any
+other field or wire type is left to the parsed messages.
 
 A step qualifies when it has no per-op extras (`Step.fast`; a factory that takes the session's device; or an op
 returning several tensors), its op is a plain `OpOverload` run as itself (checked per record: while its `OpPlan.run` is
