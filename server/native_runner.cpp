@@ -24,6 +24,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace py = pybind11;
@@ -451,9 +452,50 @@ struct Counts {
   Counts& operator=(const Counts&) = delete;
 };
 
+// The Python ints a context looked its handles up with and bound its outputs under, by value, for the lookups of
+// later records: an input's key is then the very object the session's table holds where this context bound the
+// handle (the dict's identity test, no `==` of two ints) and no new int is made and freed (~220 instructions of the
+// ~440 an input). Only a cache: any int of the handle's value finds the same entry, so an entry that outlived its
+// handle (freed, or bound again from Python under another int) still looks up what the table holds now. At most
+// `LIMIT` entries (emptied when full); used under the GIL only (`Ctx.run` holds it but for the op's call).
+struct Keys {
+  static constexpr size_t LIMIT = 4096;
+  std::unordered_map<uint64_t, PyObject*> m;  // strong references
+  Keys() = default;
+  Keys(const Keys&) = delete;
+  Keys& operator=(const Keys&) = delete;
+  ~Keys() { clear(); }
+  void clear() {
+    for (auto& kv : m) Py_DECREF(kv.second);
+    m.clear();
+  }
+  // a new reference to an int of value h: the one kept, or a new one (kept from now on)
+  PyObject* get(uint64_t h) {
+    auto it = m.find(h);
+    if (it != m.end()) return Py_NewRef(it->second);
+    PyObject* k = PyLong_FromUnsignedLongLong(h);
+    if (k != nullptr) put(h, k);
+    return k;
+  }
+  // keep `key` (an int of value h; borrowed) as h's
+  void put(uint64_t h, PyObject* key) {
+    auto it = m.find(h);
+    if (it != m.end()) {
+      if (it->second == key) return;
+      PyObject* old = it->second;
+      it->second = Py_NewRef(key);
+      Py_DECREF(old);
+      return;
+    }
+    if (m.size() >= LIMIT) clear();
+    m.emplace(h, Py_NewRef(key));
+  }
+};
+
 struct Ctx {
   py::object s, tensors, poisoned, storages, keys, memory, count, bind_outputs, over_quota;
   int64_t quota, capacity, max_handles, number, base, flops;
+  std::shared_ptr<Keys> handle_keys = std::make_shared<Keys>();  // shared by copies of the context (pybind's init)
 
   // Run records[i:] through `trace` from step k on. Returns (i, k, hits, flags, exception or None): the first record
   // not run, the step it is at, the records run, END (the trace ran to its end) | OVER (the time budget passed);
@@ -573,7 +615,7 @@ struct Ctx {
         const Py_ssize_t nobjs = PyList_GET_SIZE(objs.ptr());
         auto tensor_of = [&](const Input& in, at::Tensor* t) -> bool {
           const uint64_t hin = read_u64(buf + in.offset);
-          PyObject* key = PyLong_FromUnsignedLongLong(hin);
+          PyObject* key = handle_keys->get(hin);
           if (!key) throw py::error_already_set();
           PyObject* obj = PyDict_GetItemWithError(tdict, key);  // borrowed
           Py_DECREF(key);
@@ -753,6 +795,7 @@ struct Ctx {
           } else if (Py_TYPE(obj.p) == reinterpret_cast<PyTypeObject*>(THPVariableClass) && !in_p &&
               out.layout() == at::kStrided && !out.is_quantized() && !out.is_nested() && out.dim() <= MAX_DIMS) {
             bind_new(c, hkey.p, out, obj.p);
+            handle_keys->put(h, hkey.p);  // the table's key for this handle now
             one = true;
           } else {
             c.sync_all();
@@ -910,8 +953,10 @@ struct Ctx {
         if (got.p == nullptr) throw py::error_already_set();
         for (size_t j = 0; j < nh; ++j) {
           PyObject* kj = PyTuple_GET_ITEM(hkeys, static_cast<Py_ssize_t>(j));
-          if (!outs[j].defined() || PyLong_AsUnsignedLongLong(kj) == 0) continue;
+          const uint64_t hj = PyLong_AsUnsignedLongLong(kj);
+          if (!outs[j].defined() || hj == 0) continue;
           bind_new(c, kj, outs[j], PyList_GET_ITEM(values.p, static_cast<Py_ssize_t>(j)));
+          handle_keys->put(hj, kj);
           if (PyList_Append(got.p, kj) < 0) throw py::error_already_set();
         }
         bound = py::reinterpret_steal<py::object>(got.p);
