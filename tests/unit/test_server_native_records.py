@@ -10,8 +10,8 @@ import random
 from typing import Any
 
 import pytest
-from gpupool.server import native_runner, slices
 from google.protobuf.message import DecodeError
+from gpupool.server import native_runner, slices
 
 from gpupool._proto import device_pb2
 

@@ -590,7 +590,6 @@ def test_an_input_that_is_another_tensor_every_step_is_checked_every_step() -> N
             s.free([h(12, j) for j in range(11)])
 
 
-
 def test_handles_bound_again_and_from_python_are_looked_up_as_the_table_holds_them(runner: str) -> None:
     """The native runner keeps the Python ints it looked handles up with and bound outputs under (native_runner.cpp
     `Keys`): an entry that outlived its handle must still find what the session's table holds now. The same
