@@ -3,7 +3,9 @@
 A session worker spends ~700 interpreter bytecodes per record of a learned run on `runs.match` and the inline path of
 `CommandExecutor.eager_span`. For a step that qualifies (`compile_trace`), the C++ runner does the same per record:
 the record's length and fixed bytes against the template's, its handles read at their offsets (the length is
-checked first, so every read is in bounds), each input looked up in the session's own table (`WorkerSession.tensors`),
+checked first, so every read is in bounds), each input looked up in the session's own table
+(`WorkerSession.tensors`; with the Python int the context bound or last looked that handle up under, kept per
+context: `Keys`, a cache of ints by value),
 an input a step of the run bound must be that very tensor, an external one must have the learned dtype, sizes,
 strides and storage offset; the output handle's checks (this session's, not reserved, not live), the handle limit,
 the quota and the device's capacity against the learned verdict; then the op, called boxed through its
