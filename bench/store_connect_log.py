@@ -20,13 +20,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 JOIN = """
-import sys, threading, time
+import inspect, sys, threading, time
 from gpupool.server.collectives import _connect_store
 stop = threading.Event()
 threading.Timer(float(sys.argv[2]), stop.set).start()
 start = time.monotonic()
+where = "127.0.0.1" if "host" in inspect.signature(_connect_store).parameters else ["127.0.0.1"]  # rounds <= 21: a host
 try:
-    _connect_store("127.0.0.1", int(sys.argv[1]), 2, 60.0, stop)
+    _connect_store(where, int(sys.argv[1]), 2, 60.0, stop)
 except Exception as exc:
     print(f"{time.monotonic() - start:.2f} {type(exc).__name__}", flush=True)
 """

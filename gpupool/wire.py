@@ -148,7 +148,10 @@ def inline_to_proto(t: torch.Tensor) -> tensor_pb2.InlineTensor:
 def inline_from_proto(msg: tensor_pb2.InlineTensor) -> torch.Tensor:
     if len(msg.data) > INLINE_MAX_BYTES:
         raise InvalidArgument(f"inline tensor of {len(msg.data)} bytes exceeds {INLINE_MAX_BYTES}; upload it")
-    return bytes_to_tensor(msg.data, dtype_from_proto(msg.dtype), msg.shape)
+    dtype = dtype_from_proto(msg.dtype)
+    if dtype is torch.bool:  # an op's inline argument (eager records, graph definitions): as every upload path
+        check_bool_bytes(msg.data)
+    return bytes_to_tensor(msg.data, dtype, msg.shape)
 
 
 # ---- scalars ----

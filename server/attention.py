@@ -52,8 +52,6 @@ FORWARD = "aten::_scaled_dot_product_fused_attention_overrideable"
 BACKWARD = "aten::_scaled_dot_product_fused_attention_overrideable_backward"
 NAMES = frozenset({FORWARD, BACKWARD})
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_FLASH_CPU = aten._scaled_dot_product_flash_attention_for_cpu.default._op
-_FLASH_CPU_BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward.default._op
 
 
 class Ops:
@@ -108,9 +106,9 @@ def check_forward(q: Any, k: Any, v: Any, bias: Any, dropout_p: Any, scale: Any,
             raise InvalidArgument(f"fused attention: attn_bias must be bool or {q.dtype}, not {bias.dtype}")
         scores = (b, h, q.shape[2], k.shape[2])
         trailing = zip(reversed(bias.shape), reversed(scores), strict=False)  # bias.dim() <= 4 = len(scores)
-        if bias.dim() > 4 or any(n not in (1, want) for n, want in trailing):
+        if bias.dim() > 4 or bias.dim() < 2 or any(n not in (1, want) for n, want in trailing):
             raise InvalidArgument(f"fused attention: attn_bias of shape {list(bias.shape)} does not broadcast to "
-                                  f"the scores' {list(scores)}")  # fmt: skip
+                                  f"the scores' {list(scores)} (2 to 4 dims, as local SDPA takes)")  # fmt: skip
     if not isinstance(dropout_p, float | int) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p <= 1.0:
         raise InvalidArgument(f"fused attention: dropout_p must be a number in [0, 1], not {dropout_p!r}")
     if dropout_p != 0:
@@ -152,7 +150,10 @@ VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {FORWARD: _validate_forw
 
 
 def _scale(q: Tensor, scale: float | None) -> float:
-    return float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    """The scores' scale; any for a head size of 0, whose scores are all 0 (round 21 divided by 0: INTERNAL)."""
+    if scale is not None:
+        return float(scale)
+    return 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
 
 
 def _float_bias(bias: Tensor | None, dtype: torch.dtype, ops: Ops = EAGER) -> Tensor | None:
@@ -173,10 +174,28 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
+def _four_d(bias: Tensor | None, ops: Ops = EAGER) -> Tensor | None:
+    """A mask of 2 or 3 dims (`check_forward` refuses fewer, as local SDPA does) as a 4-D view: the CPU flash kernels
+    take only 2-D or 4-D masks ("Attention mask dim in {2, 4}"), where local SDPA broadcasts a 3-D one (round 21
+    answered it, which the clients send fused, with INVALID_ARGUMENT)."""
+    while bias is not None and bias.dim() < 4:
+        bias = ops.call(aten.unsqueeze.default, bias, 0)
+    return bias
+
+
+def _kernel_layout(t: Tensor) -> bool:
+    """Whether a kernel may read `t` as it is: non-overlapping and dense, its last dimension's elements adjacent."""
+    return _dense(t) and (t.stride(-1) == 1 or t.shape[-1] <= 1)
+
+
 def _dense_or_copy(t: Tensor, ops: Ops = EAGER) -> Tensor:
-    """A kernel's tensor input as non-overlapping and dense memory: an expanded (stride 0) or overlapping view from
-    a client becomes a copy, so no kernel that walks memory by its sizes reads past a storage (round 18's lesson)."""
-    return t if _dense(t) else ops.call(aten.contiguous.default, t)
+    """A kernel's tensor input as non-overlapping and dense memory, its last dimension contiguous: an expanded
+    (stride 0) or overlapping view from a client becomes a copy, so no kernel that walks memory by its sizes reads
+    past a storage (round 18's lesson), and so does a dense view whose last dimension is not contiguous (a
+    transposed query, key, value, grad_out or out): the CPU flash kernels read each row's head as adjacent
+    elements whatever its stride (torch's SDPA front end makes it so before them), and returned values that were
+    neither the inputs' nor 0s, different run to run (round 21: up to 8e24 for inputs of randn)."""
+    return t if _kernel_layout(t) else ops.call(aten.contiguous.default, t)
 
 
 def _like(ref: Tensor, t: Tensor, ops: Ops = EAGER) -> Tensor:
@@ -295,19 +314,20 @@ def forward(
     check_forward(query, key, value, attn_bias, dropout_p, scale, return_debug_mask)
     scale = None if scale is None else float(scale)
     q, k, v = _dense_or_copy(query, ops), _dense_or_copy(key, ops), _dense_or_copy(value, ops)
+    bias = _four_d(attn_bias, ops)
     length, source = q.shape[2], k.shape[2]
-    chosen = kernel if kernel is not None else choose_kernel(q, k, v, attn_bias, q.device)
+    chosen = kernel if kernel is not None else choose_kernel(q, k, v, bias, q.device)
     out: Tensor | None = None
     lse: Tensor | None = None
     if chosen == FLASH_CPU:
-        mask = _float_bias(attn_bias, q.dtype, ops)
+        mask = _float_bias(bias, q.dtype, ops)
         out, lse = ops.call(aten._scaled_dot_product_flash_attention_for_cpu.default, q, k, v, 0.0, is_causal,
                             attn_mask=mask, scale=scale)  # fmt: skip
     elif chosen == EFFICIENT:
         ops.untraceable("the mem-efficient kernel")
         try:
             out, lse, _, _ = aten._scaled_dot_product_efficient_attention.default(
-                q, k, v, _cuda_bias(attn_bias, q, k), True, 0.0, is_causal, scale=scale
+                q, k, v, _cuda_bias(bias, q, k), True, 0.0, is_causal, scale=scale
             )
             lse = lse[..., :length]
         except RuntimeError:
@@ -316,7 +336,7 @@ def forward(
             out = lse = None  # an eager call: a constraint not checked above, the math composition on the same GPU
     if out is None or lse is None:
         ops.untraceable("the math composition")
-        out, lse = _math(q, k, v, attn_bias, is_causal, _scale(q, scale))
+        out, lse = _math(q, k, v, bias, is_causal, _scale(q, scale))
     seed = ops.call(aten.zeros.default, [], dtype=torch.long, device=ops.device(q))
     offset = ops.call(aten.zeros.default, [], dtype=torch.long, device=ops.device(q))
     lse = ops.call(aten.contiguous.default, lse)
@@ -380,10 +400,11 @@ def backward(
     q, k, v = _dense_or_copy(query, ops), _dense_or_copy(key, ops), _dense_or_copy(value, ops)
     grad_out, out = _dense_or_copy(grad_out, ops), _dense_or_copy(out, ops)
     logsumexp = _dense_or_copy(logsumexp, ops)
-    chosen = kernel if kernel is not None else backward_kernel(q, k, v, attn_bias, grad_input_mask, q.device)
+    bias = _four_d(attn_bias, ops)
+    chosen = kernel if kernel is not None else backward_kernel(q, k, v, bias, grad_input_mask, q.device)
     gq = gk = gv = gb = None
     if chosen == FLASH_CPU:
-        mask = _float_bias(attn_bias, q.dtype, ops)
+        mask = _float_bias(bias, q.dtype, ops)
         gq, gk, gv = ops.call(aten._scaled_dot_product_flash_attention_for_cpu_backward.default, grad_out, q, k, v,
                               out, logsumexp, 0.0, is_causal, attn_mask=mask, scale=scale)  # fmt: skip
     elif chosen == EFFICIENT:
@@ -395,7 +416,7 @@ def backward(
             padded[..., :length] = logsumexp
             seed = torch.zeros((), dtype=torch.long, device=q.device)
             gq, gk, gv, _ = aten._scaled_dot_product_efficient_attention_backward.default(
-                grad_out, q, k, v, _cuda_bias(attn_bias, q, k), out, padded, seed, seed, 0.0,
+                grad_out, q, k, v, _cuda_bias(bias, q, k), out, padded, seed, seed, 0.0,
                 [True, True, True, False], is_causal, scale=scale,
             )  # fmt: skip
         except RuntimeError:
@@ -405,7 +426,7 @@ def backward(
     if gq is None or gk is None or gv is None:
         ops.untraceable("the math composition")
         want_bias = bool(grad_input_mask[3]) and attn_bias is not None and attn_bias.is_floating_point()
-        gq, gk, gv, gb = _math_backward(grad_out, q, k, v, attn_bias, is_causal, _scale(q, scale), want_bias)
+        gq, gk, gv, gb = _math_backward(grad_out, q, k, v, bias, is_causal, _scale(q, scale), want_bias)
     grad_bias = None
     if attn_bias is not None:
         if gb is None:
@@ -455,25 +476,52 @@ def _uses_math(q: Tensor, k: Tensor, v: Any, bias: Any) -> bool:
     return not _efficient_ok(q, k, v, bias if isinstance(bias, Tensor) else None)
 
 
-def _math_bytes(q: Any, k: Any, v: Any, bias: Any, factor: int) -> int:
+# Bytes of the math composition's temporaries per score (B x H x L x S), measured on CPU (ru_maxrss, L = S = 2048,
+# float32, bench/attention_temporaries.py): the forward's peak 3.5-4.5 x 4 bytes (scores, their masked and
+# exponentiated copies), the backward's (recomputed under autograd, which keeps every step's result for its
+# gradient) 11-13 x 4 bytes.
+MATH_FORWARD_BYTES = 20
+MATH_BACKWARD_BYTES = 56
+
+
+def _temporaries(tensors: list[Any], q: Any, k: Any, v: Any, bias: Any, math_bytes: int, lse: Any = None) -> int:
+    """Bytes a call allocates besides its outputs while it runs, admitted with them (server/cost.py `temporary`):
+    dense copies of the `tensors` a client gave expanded or overlapping (`_dense_or_copy`: an expanded view of one
+    element is a copy of its whole size), a bool mask's floating copy and its negation (`_float_bias`, on every
+    path), and where the math composition runs its scores (`math_bytes` per score) and float32 copies of the inputs;
+    on CUDA the efficient kernel's bias expanded to the scores' shape (and the backward's padded logsumexp)."""
     if not isinstance(q, Tensor) or not isinstance(k, Tensor) or q.dim() != 4 or k.dim() != 4:
         return 0
-    if not _uses_math(q, k, v, bias):
-        return 0
-    return factor * 4 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+    total = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor) and not _kernel_layout(t))
+    scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+    if isinstance(bias, Tensor) and bias.dtype == torch.bool:
+        total += bias.numel() * (q.element_size() + 1)
+    if _uses_math(q, k, v, bias):
+        total += math_bytes * scores
+        if q.dtype != torch.float32:
+            total += 4 * sum(t.numel() for t in (q, k, v) if isinstance(t, Tensor))
+        if isinstance(bias, Tensor) and bias.dtype != torch.float32:
+            total += 4 * bias.numel()
+    elif q.device.type == "cuda":
+        if isinstance(bias, Tensor):
+            total += scores // k.shape[2] * -(-k.shape[2] // 16) * 16 * q.element_size()
+        if lse is not None:
+            total += 4 * q.shape[0] * q.shape[1] * -(-q.shape[2] // 32) * 32
+    return total
 
 
 def forward_bytes(args: Args, kwargs: Kwargs) -> int:
-    """Temporary bytes of the math composition where it runs (scores, probabilities: float32 B x H x L x S each)."""
-    return _math_bytes(arg(args, kwargs, 0, "query"), arg(args, kwargs, 1, "key"), arg(args, kwargs, 2, "value"),
-                       arg(args, kwargs, 3, "attn_bias"), 3)  # fmt: skip
+    """The forward's temporaries (`_temporaries`)."""
+    q, k, v, bias = (arg(args, kwargs, i, n) for i, n in ((0, "query"), (1, "key"), (2, "value"), (3, "attn_bias")))
+    return _temporaries([q, k, v], q, k, v, bias, MATH_FORWARD_BYTES)
 
 
 def backward_bytes(args: Args, kwargs: Kwargs) -> int:
-    """The math backward's recomputation (twice the forward's), where it runs: also for a bias's gradient."""
-    q, k, v, bias = (arg(args, kwargs, i, n) for i, n in ((1, "query"), (2, "key"), (3, "value"), (4, "attn_bias")))
-    mask = arg(args, kwargs, 5, "grad_input_mask")
-    factor = 6
+    """The backward's temporaries (`_temporaries`): the math composition also for a bias's gradient."""
+    names = ("grad_out", "query", "key", "value", "attn_bias", "grad_input_mask", "out", "logsumexp")
+    grad, q, k, v, bias, mask, out, lse = (arg(args, kwargs, i, n) for i, n in enumerate(names))
     if isinstance(mask, list | tuple) and len(mask) == 4 and mask[3] and isinstance(bias, Tensor):
-        return _math_bytes(q, k, None, bias, factor)  # None: the math composition whatever the device
-    return _math_bytes(q, k, v, bias, factor)
+        v_used = None  # None: the math composition whatever the device
+    else:
+        v_used = v
+    return _temporaries([grad, q, k, v, out, lse], q, k, v_used, bias, MATH_BACKWARD_BYTES, lse)

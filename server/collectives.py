@@ -164,8 +164,9 @@ def timedelta_seconds(t: Any) -> float:
     return t.total_seconds() if isinstance(t, timedelta) else float(t)
 
 
-def _connect_store(host: str, port: int, size: int, timeout: float, stop: threading.Event) -> Any:
-    """A client of the group's TCPStore at HOST:PORT (rank 0's), connected within `timeout` s, in attempts of
+def _connect_store(addresses: list[str], port: int, size: int, timeout: float, stop: threading.Event) -> Any:
+    """A client of the group's TCPStore at PORT of the first of `addresses` (IPs, `_resolve_store`'s: never a name,
+    which would be resolved again) that accepts, connected within `timeout` s, in attempts of
     STORE_ATTEMPT_SECONDS that give up once `stop` is set (the session closed). One constructor call with the
     group's timeout kept its join thread (`gpupool-group-N`) retrying a dead or black-holed address the client
     named for up to MAX_TIMEOUT after the session closed: a tenant looping join-and-close held threads without
@@ -184,11 +185,20 @@ def _connect_store(host: str, port: int, size: int, timeout: float, stop: thread
         start = time.monotonic()
         left = deadline - start
         attempt = max(0.05, min(STORE_ATTEMPT_SECONDS, left))
-        try:
-            socket.create_connection((host, port), timeout=attempt).close()
-        except OSError as exc:
+        host = ""
+        failure: OSError | None = None
+        for ip in addresses:
+            try:
+                socket.create_connection((ip, port), timeout=attempt).close()
+            except OSError as exc:
+                failure = exc
+                continue
+            host = ip
+            break
+        if not host:
             if time.monotonic() >= deadline:
-                raise Unavailable(f"nothing answers there ({exc.strerror or type(exc).__name__})") from None
+                why = (failure.strerror if failure else None) or type(failure).__name__
+                raise Unavailable(f"nothing answers there ({why})") from None
             stop.wait(max(0.0, start + STORE_ATTEMPT_SECONDS - time.monotonic()))  # a refusal comes at once
             continue
         try:
@@ -408,7 +418,8 @@ class Collectives:
         def run() -> None:
             if group.store is None:
                 try:
-                    group.store = _connect_store(host, port_num, size, timeout, group.stop)
+                    addresses = _resolve_store(host, port_num)  # once: the IPs checked are the IPs connected to
+                    group.store = _connect_store(addresses, port_num, size, timeout, group.stop)
                     _check_owner(group.store, s.lease_id, owner, group.stop, deadline)
                 except Exception as exc:
                     # One message, one status, at the group's deadline, whatever the address's state: the daemon
@@ -663,21 +674,48 @@ class _Solo:
 
 
 def _peer_address(address: str) -> tuple[str, int]:
-    """HOST:PORT of a group store, refused unless it is on a loopback or private network (the daemon must not
-    be pointed at arbitrary hosts of the internet by its client)."""
+    """HOST and PORT of a group store's address, checked for its form only (INVALID_ARGUMENT), and, where HOST is an
+    IP address, refused unless it is on a loopback or private network (the daemon must not be pointed at arbitrary
+    hosts of the internet by its client). A host name is resolved in the join's thread (`_resolve_store`), where
+    every failure is the one uniform answer of a join (`Group.not_formed`)."""
     host, sep, port = address.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidArgument(f"bad group store address {address!r} (HOST:PORT)")
     try:
-        infos = socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host, int(port)  # a name: `_resolve_store`
+    if not _private(ip):
+        raise PermissionDenied(f"group store {address} is not on a private network ({ip})")
+    return host, int(port)
+
+
+def _private(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return ip.is_private or ip.is_loopback
+
+
+def _resolve_store(host: str, port: int) -> list[str]:
+    """The IP addresses a rank connects to for its group's store at HOST:PORT, resolved once, here: every one is on
+    a loopback or private network, or none is used. Round 21 checked the addresses and handed on the NAME, which the
+    TCP probe and TCPStore resolved again at connect: a hostile DNS server answering a private address first and a
+    public one (or any host of the daemon's network) second pointed the daemon past the check (DNS rebinding).
+    Raises with the detail (the resolver's error, the address refused), which goes to the operator's log only: a
+    tenant told "cannot resolve" for some names and not others learns which names the daemon's resolver knows."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     except OSError as exc:
-        raise InvalidArgument(f"cannot resolve group store host {host!r}: {exc}") from None
+        raise Unavailable(f"cannot resolve {host!r}: {exc}") from None
+    addresses: list[str] = []
     for info in infos:
         ip = ipaddress.ip_address(info[4][0])
-        if not (ip.is_private or ip.is_loopback):
-            raise PermissionDenied(f"group store {address} is not on a private network ({ip})")
-    return host, int(port)
+        if not _private(ip):
+            raise PermissionDenied(f"{host!r} resolves to {ip}, not on a private network")
+        if str(ip) not in addresses:
+            addresses.append(str(ip))
+    if not addresses:
+        raise Unavailable(f"{host!r} resolves to no address")
+    return addresses
 
 
 def _short(exc: BaseException, limit: int = 400) -> str:

@@ -504,11 +504,38 @@ def _enums(op: torch._ops.OpOverload) -> list[tuple[int, str, type]]:
 
 def check_enums(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs) -> None:
     """dtype, layout, memory_format and device parameters are ints to the dispatcher: a plain int such as
-    dtype=-1 became an invalid ScalarType and crashed the daemon (segfault in `ones`, `sum`, `_to_copy`)."""
+    dtype=-1 became an invalid ScalarType and crashed the daemon (segfault in `ones`, `sum`, `_to_copy`). Also
+    refused here (the same shape-only checks, eager and graph): a view of another dtype's bytes as bool."""
     for i, name, kind in _enums(op):
         value = args[i] if i < len(args) else kwargs.get(name)
         if value is not None and not isinstance(value, kind):
             raise InvalidArgument(f"argument {name!r} must be a {kind.__name__}, not {type(value).__name__}")
+    if op._schema.name in _REINTERPRETS:
+        _check_bool_reinterpret(op._schema.name, args, kwargs)
+
+
+# Ops that show a tensor's bytes as another dtype (`view(dtype)`, `view_copy(dtype)`; `set_(source)` makes `self` a
+# view of `source`'s storage whatever the two dtypes). A non-bool tensor's bytes seen as bool are bytes other than
+# 0 and 1, which every upload path refuses (`wire.check_bool_bytes`): round 21's check was bypassed by uploading
+# uint8 bytes 2..255 and viewing them as bool. Any other view between dtypes is allowed (every bit pattern of
+# gpupool's other dtypes is a value).
+_REINTERPRETS = frozenset({"aten::view", "aten::view_copy", "aten::set_"})
+
+
+def _check_bool_reinterpret(name: str, args: Args, kwargs: Kwargs) -> None:
+    self = args[0] if args else kwargs.get("self")
+    if not isinstance(self, torch.Tensor):
+        return
+    if name == "aten::set_":
+        source = args[1] if len(args) > 1 else kwargs.get("source")
+        if self.dtype is torch.bool and isinstance(source, torch.Tensor) and source.dtype is not torch.bool:
+            raise InvalidArgument(f"set_: a bool tensor cannot take the storage of a {source.dtype} tensor (its "
+                                  "bytes would be bool bytes other than 0 and 1)")  # fmt: skip
+        return
+    dtype = args[1] if len(args) > 1 else kwargs.get("dtype")
+    if dtype is torch.bool and self.dtype is not torch.bool:
+        raise InvalidArgument(f"{name}: a {self.dtype} tensor's bytes cannot be viewed as bool (bytes other than "
+                              "0 and 1); convert it (`!= 0`, `.bool()`) instead")  # fmt: skip
 
 
 def check_inputs(args: Args, kwargs: Kwargs, limit: int) -> None:

@@ -24,6 +24,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace py = pybind11;
@@ -451,9 +452,50 @@ struct Counts {
   Counts& operator=(const Counts&) = delete;
 };
 
+// The Python ints a context looked its handles up with and bound its outputs under, by value, for the lookups of
+// later records: an input's key is then the very object the session's table holds where this context bound the
+// handle (the dict's identity test, no `==` of two ints) and no new int is made and freed (~220 instructions of the
+// ~440 an input). Only a cache: any int of the handle's value finds the same entry, so an entry that outlived its
+// handle (freed, or bound again from Python under another int) still looks up what the table holds now. At most
+// `LIMIT` entries (emptied when full); used under the GIL only (`Ctx.run` holds it but for the op's call).
+struct Keys {
+  static constexpr size_t LIMIT = 4096;
+  std::unordered_map<uint64_t, PyObject*> m;  // strong references
+  Keys() = default;
+  Keys(const Keys&) = delete;
+  Keys& operator=(const Keys&) = delete;
+  ~Keys() { clear(); }
+  void clear() {
+    for (auto& kv : m) Py_DECREF(kv.second);
+    m.clear();
+  }
+  // a new reference to an int of value h: the one kept, or a new one (kept from now on)
+  PyObject* get(uint64_t h) {
+    auto it = m.find(h);
+    if (it != m.end()) return Py_NewRef(it->second);
+    PyObject* k = PyLong_FromUnsignedLongLong(h);
+    if (k != nullptr) put(h, k);
+    return k;
+  }
+  // keep `key` (an int of value h; borrowed) as h's
+  void put(uint64_t h, PyObject* key) {
+    auto it = m.find(h);
+    if (it != m.end()) {
+      if (it->second == key) return;
+      PyObject* old = it->second;
+      it->second = Py_NewRef(key);
+      Py_DECREF(old);
+      return;
+    }
+    if (m.size() >= LIMIT) clear();
+    m.emplace(h, Py_NewRef(key));
+  }
+};
+
 struct Ctx {
   py::object s, tensors, poisoned, storages, keys, memory, count, bind_outputs, over_quota;
   int64_t quota, capacity, max_handles, number, base, flops;
+  std::shared_ptr<Keys> handle_keys = std::make_shared<Keys>();  // shared by copies of the context (pybind's init)
 
   // Run records[i:] through `trace` from step k on. Returns (i, k, hits, flags, exception or None): the first record
   // not run, the step it is at, the records run, END (the trace ran to its end) | OVER (the time budget passed);
@@ -573,7 +615,7 @@ struct Ctx {
         const Py_ssize_t nobjs = PyList_GET_SIZE(objs.ptr());
         auto tensor_of = [&](const Input& in, at::Tensor* t) -> bool {
           const uint64_t hin = read_u64(buf + in.offset);
-          PyObject* key = PyLong_FromUnsignedLongLong(hin);
+          PyObject* key = handle_keys->get(hin);
           if (!key) throw py::error_already_set();
           PyObject* obj = PyDict_GetItemWithError(tdict, key);  // borrowed
           Py_DECREF(key);
@@ -753,6 +795,7 @@ struct Ctx {
           } else if (Py_TYPE(obj.p) == reinterpret_cast<PyTypeObject*>(THPVariableClass) && !in_p &&
               out.layout() == at::kStrided && !out.is_quantized() && !out.is_nested() && out.dim() <= MAX_DIMS) {
             bind_new(c, hkey.p, out, obj.p);
+            handle_keys->put(h, hkey.p);  // the table's key for this handle now
             one = true;
           } else {
             c.sync_all();
@@ -910,8 +953,10 @@ struct Ctx {
         if (got.p == nullptr) throw py::error_already_set();
         for (size_t j = 0; j < nh; ++j) {
           PyObject* kj = PyTuple_GET_ITEM(hkeys, static_cast<Py_ssize_t>(j));
-          if (!outs[j].defined() || PyLong_AsUnsignedLongLong(kj) == 0) continue;
+          const uint64_t hj = PyLong_AsUnsignedLongLong(kj);
+          if (!outs[j].defined() || hj == 0) continue;
           bind_new(c, kj, outs[j], PyList_GET_ITEM(values.p, static_cast<Py_ssize_t>(j)));
+          handle_keys->put(hj, kj);
           if (PyList_Append(got.p, kj) < 0) throw py::error_already_set();
         }
         bound = py::reinterpret_steal<py::object>(got.p);
@@ -1017,6 +1062,91 @@ bool parse_free(const std::string& msg, std::vector<uint64_t>* out) {
     }
   }
   return true;
+}
+
+// A varint of a serialized message at `*p` (before `lim`), as protobuf writes one (overlong forms read as upb reads
+// them); false for a truncated one or one of more than 64 bits
+bool read_varint(const unsigned char** p, const unsigned char* lim, uint64_t* v) {
+  uint64_t x = 0;
+  for (int shift = 0; shift < 64; shift += 7) {
+    if (*p >= lim) return false;
+    const unsigned char b = *(*p)++;
+    if (shift == 63 && b > 1) return false;
+    x |= static_cast<uint64_t>(b & 0x7f) << shift;
+    if ((b & 0x80) == 0) {
+      *v = x;
+      return true;
+    }
+  }
+  return false;
+}
+
+// The field numbers of `Command`'s oneof `cmd` (proto/gpupool/v1/device.proto), each a message or bytes: written
+// length-delimited. `EAGER_OP` is `eager_op`'s.
+constexpr uint64_t EAGER_OP = 30;
+bool command_member(uint64_t field) {
+  switch (field) {
+    case 1: case 2: case 3: case 4: case 5: case 6: case 20: case 21: case 22: case 30: case 70: case 71:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// `[c.eager_op for c in ClientFrame.FromString(payload).commands]` (`slices.eager_records`), read from the frame's
+// bytes instead of through upb's message objects (~1.2k instructions a command: a message object per command, its
+// attribute read, the oneof's case). Each command's record is its `eager_op` where the oneof's last member written
+// is `eager_op` (the last such field's bytes, as a parser keeps them), b"" where another member is last or none is
+// written. Only frames whose every field is a `commands` entry and whose commands hold only length-delimited `cmd`
+// members are read here; anything else (an unknown or misplaced field, another wire type, a truncated length)
+// gives None before anything is made, and the caller reads the parsed message. The caller parsed the frame first
+// (so a frame that does not parse never gets here); a length is still checked against what is left of the buffer.
+py::object eager_records(py::handle payload) {
+  Py_buffer view;
+  if (PyObject_GetBuffer(payload.ptr(), &view, PyBUF_SIMPLE) < 0) {
+    PyErr_Clear();
+    return py::none();
+  }
+  struct Release {
+    Py_buffer* v;
+    ~Release() { PyBuffer_Release(v); }
+  } release{&view};
+  const auto* p = static_cast<const unsigned char*>(view.buf);
+  const auto* end = p + view.len;
+  Own out(PyList_New(0));
+  if (out.p == nullptr) throw py::error_already_set();
+  Own empty(PyBytes_FromStringAndSize(nullptr, 0));
+  if (empty.p == nullptr) throw py::error_already_set();
+  while (p < end) {
+    uint64_t key = 0, len = 0;
+    if (!read_varint(&p, end, &key) || key != ((1 << 3) | 2)) return py::none();  // field 1, length-delimited
+    if (!read_varint(&p, end, &len) || len > static_cast<uint64_t>(end - p)) return py::none();
+    const unsigned char* cend = p + len;
+    uint64_t last = 0;  // the oneof member written last: 0, none
+    const unsigned char* rec = nullptr;
+    uint64_t rlen = 0;
+    while (p < cend) {
+      uint64_t k = 0, l = 0;
+      if (!read_varint(&p, cend, &k) || (k & 7) != 2 || !command_member(k >> 3)) return py::none();
+      if (!read_varint(&p, cend, &l) || l > static_cast<uint64_t>(cend - p)) return py::none();
+      last = k >> 3;
+      if (last == EAGER_OP) {
+        rec = p;
+        rlen = l;
+      }
+      p += l;
+    }
+    PyObject* item = last == EAGER_OP && rlen > 0
+                         ? PyBytes_FromStringAndSize(reinterpret_cast<const char*>(rec), static_cast<Py_ssize_t>(rlen))
+                         : Py_NewRef(empty.p);
+    if (item == nullptr) throw py::error_already_set();
+    const int r = PyList_Append(out.p, item);
+    Py_DECREF(item);
+    if (r < 0) throw py::error_already_set();
+  }
+  PyObject* got = out.p;
+  out.p = nullptr;
+  return py::reinterpret_steal<py::object>(got);
 }
 
 PyObject* MISSING;  // `dict_pop`'s default: an object no session table holds
@@ -1298,6 +1428,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("run", &Ctx::run);
   m.def("free", &free_handles);
   m.def("filled", &filled);
+  m.def("eager_records", &eager_records);
   m.def("storage_key", [](const at::Tensor& t) {
     return py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(t.storage().unsafeGetStorageImpl()));
   });

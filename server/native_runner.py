@@ -3,7 +3,9 @@
 A session worker spends ~700 interpreter bytecodes per record of a learned run on `runs.match` and the inline path of
 `CommandExecutor.eager_span`. For a step that qualifies (`compile_trace`), the C++ runner does the same per record:
 the record's length and fixed bytes against the template's, its handles read at their offsets (the length is
-checked first, so every read is in bounds), each input looked up in the session's own table (`WorkerSession.tensors`),
+checked first, so every read is in bounds), each input looked up in the session's own table
+(`WorkerSession.tensors`; with the Python int the context bound or last looked that handle up under, kept per
+context: `Keys`, a cache of ints by value),
 an input a step of the run bound must be that very tensor, an external one must have the learned dtype, sizes,
 strides and storage offset; the output handle's checks (this session's, not reserved, not live), the handle limit,
 the quota and the device's capacity against the learned verdict; then the op, called boxed through its
@@ -33,7 +35,10 @@ returns and when it raises, then read again: Python code of the worker's thread 
 A `Free` command runs here too
 (`free`, called by `CommandExecutor.execute`): `WorkerSession.free` step for step, the handles read from the
 message's bytes (a message it does not read, or a session class with its own `free`, takes `WorkerSession.free`);
-each table's entry taken with one `pop` (`dict_pop`) rather than a lookup and a delete.
+each table's entry taken with one `pop` (`dict_pop`) rather than a lookup and a delete. A slice's eager records
+(`slices.eager_records`, each command's `eager_op`) are read from the frame's bytes (`eager_records`) rather than
+through a upb message object per command: the oneof's last member decides, as for the parser; a frame with any
+other field or wire type is left to the parsed messages.
 
 A step qualifies when it has no per-op extras (`Step.fast`; a factory that takes the session's device; or an op
 returning several tensors), its op is a plain `OpOverload` run as itself (checked per record: while its `OpPlan.run` is

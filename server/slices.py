@@ -468,8 +468,16 @@ def mark_word(progress: Progress | None) -> Any:
     return progress.buffer if progress.__class__ is WordMark else None  # type: ignore[union-attr]
 
 
-def eager_records(commands: Sequence[device_pb2.Command]) -> list[bytes]:
-    """Each command's eager record (its `eager_op` field; b"" for a command of another kind), for `eager_span`."""
+def eager_records(commands: Sequence[device_pb2.Command], payload: Any = None, native: Any = None) -> list[bytes]:
+    """Each command's eager record (its `eager_op` field; b"" for a command of another kind), for `eager_span`.
+
+    With the frame's bytes (`payload`, which `commands` was parsed from) and the native runner (`native`, the
+    executor's), read from the bytes (native_runner.cpp `eager_records`: no message object a command); a frame it
+    does not read (None), or one whose count differs from the parsed one, is read through the messages."""
+    if native is not None and payload is not None:
+        got = native.eager_records(payload)
+        if got is not None and len(got) == len(commands):
+            return got  # type: ignore[no-any-return]
     return [c.eager_op for c in commands]
 
 
@@ -508,8 +516,10 @@ def run_commands(
     partial = False
     # An executor's spans of eager records run through its learned runs (server/runs.py), with the same progress
     # marks and budget as here.
-    span = getattr(getattr(execute, "__self__", None), "eager_span", None)
-    records = eager_records(commands) if span is not None else None  # `eager_span`'s, read once
+    owner = getattr(execute, "__self__", None)
+    span = getattr(owner, "eager_span", None)
+    # `eager_span`'s, read once (from the frame's bytes where the executor has the native runner)
+    records = eager_records(commands, payload, getattr(owner, "native", None)) if span is not None else None
     start = time.perf_counter()
     n = len(commands)
     i = 0

@@ -172,6 +172,7 @@ def _fused(s: Session, q: Any, k: Any, v: Any, *rest: Any, **kw: Any) -> list[in
         ("other batch", "batch size and heads"),
         ("other head size", "same head size"),
         ("mask shape", "does not broadcast"),
+        ("1-D mask", "does not broadcast"),
         ("mask dtype", "attn_bias must be bool"),
         ("dropout", "dropout_p must be 0"),
         ("dropout range", r"dropout_p must be a number in \[0, 1\]"),
@@ -198,6 +199,8 @@ def test_hostile_forward_arguments_are_invalid(session: Session, what: str, matc
         args[1] = Handle(s.upload(torch.randn(2, 4, 12, 4)))
     elif what == "mask shape":
         args.append(Handle(s.upload(torch.randn(16, 13))))
+    elif what == "1-D mask":  # local SDPA refuses it too (a 3-D one it broadcasts: test_3_d_masks_...)
+        args.append(Handle(s.upload(torch.randn(12))))
     elif what == "mask dtype":
         args.append(Handle(s.upload(torch.ones(16, 12, dtype=torch.int32))))
     elif what == "dropout":
@@ -462,3 +465,101 @@ def test_a_graphs_hostile_fused_attention_is_refused_at_definition(
         s.sync()
     [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
     assert torch.equal(s.download(ok), torch.full((3,), 2.0))
+
+
+def test_what_a_call_allocates_besides_its_outputs_counts_against_the_quota(serve: Any) -> None:
+    """Round 21 admitted the fused ops' outputs only (and a math-path estimate under what it allocates): a bool mask
+    of one element expanded to the scores' shape was converted to a dense float mask (and its negation) of that
+    whole size, 5 bytes per score on the CPU kernel's path, 0 counted, and the math backward's autograd holds ~13 x
+    4 bytes per score where 6 x 4 were counted; expanded keys and values were copied dense (uncounted). In a session
+    of a 4 MiB quota one call took 5 MiB, or 8 (up to 9 bytes per element of the quota's element bound per tensor;
+    on CUDA the efficient kernel's bias is the scores' whole size, bounded by no quota). Each is
+    RESOURCE_EXHAUSTED now (nothing run, the session usable); the same calls within the quota give local's values."""
+    quota = 4 * 1024 * 1024
+    with Session.attach(serve.address, serve.token(tenant="attention-quota", quota_bytes=quota)) as s:
+        g = torch.Generator().manual_seed(5)
+        q, k, v = (torch.randn(1, 1, 1024, 8, generator=g) for _ in range(3))
+        hq, hk, hv = (Handle(s.upload(t)) for t in (q, k, v))
+        [one] = s.call("aten::expand.default", Handle(s.upload(torch.ones(1, 1, 1, 1, dtype=torch.bool))),
+                       [1, 1, 1024, 1024])  # fmt: skip
+        out = _fused(s, hq, hk, hv, Handle(one))[0]
+        with pytest.raises(errors.ResourceExhausted, match="quota"):
+            s.sync()  # round 21: ran, 5 MiB of mask copies in a 4 MiB session
+        [small] = s.call("aten::expand.default", Handle(s.upload(torch.ones(1, 1, 1, 1, dtype=torch.bool))),
+                         [1, 1, 1024, 64])  # fmt: skip
+        kk, vv = Handle(s.upload(k[:, :, :64])), Handle(s.upload(v[:, :, :64]))
+        out = _fused(s, hq, kk, vv, Handle(small))[0]
+        want = F.scaled_dot_product_attention(q, k[:, :, :64], v[:, :, :64])
+        assert_close(s.download(Handle(out)), want)
+        # key and value of one row expanded to a million elements each: the kernel's dense copies, 8 MiB
+        [row] = s.call("aten::expand.default", Handle(s.upload(k[:, :, :1])), [1, 1, 1 << 17, 8])
+        _fused(s, Handle(s.upload(q[:, :, :16])), Handle(row), Handle(row))
+        with pytest.raises(errors.ResourceExhausted, match="quota"):
+            s.sync()
+        # the math composition (value's head size differs from the query's), its backward under autograd
+        n = 320  # scores: 400 KiB of float32
+        q2, k2, v2 = (torch.randn(1, 1, n, e, generator=g) for e in (8, 8, 4))
+        h2 = [Handle(s.upload(t)) for t in (q2, k2, v2)]
+        o2, lse2, _, _, _, _, seed, offset, _ = (Handle(h) for h in _fused(s, *h2))
+        assert_close(s.download(o2), F.scaled_dot_product_attention(q2, k2, v2))
+        name = "aten::_scaled_dot_product_fused_attention_overrideable_backward.default"
+        grad = Handle(s.upload(torch.ones(1, 1, n, 4)))
+        args = [grad, *h2, None, [True, True, True, False], o2, lse2, None, None, n, n, 0.0, False, seed, offset]
+        s.call(name, *args, outputs=4)
+        with pytest.raises(errors.ResourceExhausted, match="quota"):
+            s.sync()  # round 21: admitted (6 x 4 bytes per score counted: 2.3 MiB), ran: ~5 MiB (13 x 4 measured)
+        [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
+        assert torch.equal(s.download(ok), torch.full((3,), 2.0))
+
+
+def test_inputs_whose_last_dimension_is_not_contiguous_are_read_as_their_values(session: Session) -> None:
+    """torch's CPU flash kernels read each row's head as adjacent elements whatever the last dimension's stride
+    (torch's SDPA front end makes it so before calling them): round 21 handed them a client's dense but transposed
+    views as they were, and a transposed query gave values that were neither the inputs' nor 0s, different run to
+    run (up to 8e24 for inputs of randn: memory the session never wrote). Now such inputs (query, key, value;
+    grad_out, out, a permuted logsumexp in the backward) are copied first, and the results are local's. A head
+    size of 0 (scores all 0) gives local's mean of the values, not INTERNAL (a division by 0)."""
+    s = session
+    q, k, v = inputs(lk=16)
+
+    def transposed(t: torch.Tensor) -> Handle:  # the same values, the last dimension's stride the length's
+        [h] = s.call("aten::transpose.int", Handle(s.upload(t.transpose(-1, -2).contiguous())), -1, -2)
+        return Handle(h)
+
+    want, want_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    hq, hk, hv = (Handle(s.upload(t)) for t in (q, k, v))
+    for args in ((transposed(q), hk, hv), (hq, transposed(k), hv), (hq, hk, transposed(v))):
+        out = _fused(s, *args)[0]
+        assert_close(s.download(Handle(out)), want)
+    grad = torch.linspace(-1, 1, want.numel()).reshape(want.shape)
+    want_g = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad, q, k, v, want, want_lse, 0.0, False
+    )
+    [lse] = s.call("aten::permute.default", Handle(s.upload(want_lse.permute(1, 0, 2).contiguous())), [1, 0, 2])
+    grads = s.call(
+        "aten::_scaled_dot_product_fused_attention_overrideable_backward.default",
+        transposed(grad), hq, hk, hv, None, [True, True, True, False], transposed(want), Handle(lse),
+        None, None, 16, 16, 0.0, False, None, None, outputs=4,
+    )  # fmt: skip
+    for h, w in zip(grads[:3], want_g, strict=True):
+        assert_close(s.download(Handle(h)), w)
+    empty = [torch.randn(1, 2, 5, 0), torch.randn(1, 2, 7, 0), torch.randn(1, 2, 7, 3)]
+    out = _fused(s, *(Handle(s.upload(t)) for t in empty))[0]
+    assert_close(s.download(Handle(out)), F.scaled_dot_product_attention(*empty))
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 12), (4, 1, 12), (1, 16, 12)])
+def test_3_d_masks_are_broadcast_as_local(dev: torch.device, shape: tuple[int, ...]) -> None:
+    """The clients send a mask of any dims up to 4 that broadcasts to the scores fused (native_guard.cpp
+    `gpupool_sdp_choice`), but the CPU flash kernels take only 2-D or 4-D masks: round 21's daemon answered a 3-D
+    one with INVALID_ARGUMENT ("Attention mask dim in {2, 4}") where local CPU broadcasts it. The daemon gives the
+    kernels a 4-D view of any mask of fewer dims now: local's outputs and gradients, one fused op."""
+    g = torch.Generator().manual_seed(9)
+    tensors = inputs()
+    for mask in (torch.randn(shape, generator=g), torch.rand(shape, generator=g) > 0.2):
+        ops, out, grads = run_sdpa(dev, tensors, mask)
+        _, want, want_grads = run_sdpa("cpu", tensors, mask)
+        assert FUSED in ops
+        assert_close(out, want)
+        for got, w in zip(grads, want_grads, strict=True):
+            assert_close(got, w)

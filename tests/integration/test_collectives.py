@@ -23,15 +23,16 @@ from gpupool.errors import GpupoolError, InvalidArgument, PermissionDenied, Unav
 TIMEOUT = 4.0
 
 
-def join_all(sessions: list[Session], tokens: list[str], timeout: float = TIMEOUT) -> None:
-    """What client/distributed.py's creator does: rank 0's daemon hosts the store, the others join it."""
+def join_all(sessions: list[Session], tokens: list[str], timeout: float = TIMEOUT, host: str = "127.0.0.1") -> None:
+    """What client/distributed.py's creator does: rank 0's daemon hosts the store, the others join it (at `host`,
+    an address or a name the joining daemon resolves once, server/collectives.py `_resolve_store`)."""
     h = sessions[0].new_handle()
     join = device_pb2.GroupJoin(rank=0, size=len(sessions), tokens=tokens, port_handle=h, timeout_seconds=timeout)
     sessions[0].command(device_pb2.Command(group_join=join))
     (port,) = sessions[0].sync([h])
     for rank, s in enumerate(sessions[1:], 1):
         join = device_pb2.GroupJoin(
-            rank=rank, size=len(sessions), tokens=tokens, store_address=f"127.0.0.1:{port}", timeout_seconds=timeout
+            rank=rank, size=len(sessions), tokens=tokens, store_address=f"{host}:{port}", timeout_seconds=timeout
         )
         s.command(device_pb2.Command(group_join=join))
         s.sync()
@@ -54,7 +55,7 @@ def group(daemon_factory, request) -> tuple[list[Session], list[DaemonHandle], l
     ]
     tokens = [d.token(lease_id=lease, network=True) for d in daemons]
     sessions = [Session.attach(d.address, t) for d, t in zip(daemons, tokens, strict=True)]
-    join_all(sessions, tokens)
+    join_all(sessions, tokens, host="localhost")  # a name: rank 1's daemon connects to the address it resolved
     yield sessions, daemons, tokens
     for s in sessions:
         s.close()
@@ -492,7 +493,9 @@ def test_a_store_address_s_state_is_not_told_to_the_tenant(daemon_factory) -> No
     there: round 20 answered "nothing answers there (Connection refused)" for a closed port, "(timed out)" for a
     black-holed one, a c10d error or "did not form within" for one that accepts (a tenant could map the open ports
     and hosts of the daemon's network). A closed port, a port that accepts but is no store, and another group's
-    store now each give one message and status, by the group's deadline (the detail is in the daemon's log)."""
+    store now each give one message and status, by the group's deadline (the detail is in the daemon's log). So
+    does a name the daemon cannot resolve (round 21 answered at once "cannot resolve group store host ...: [Errno
+    -2] Name or service not known", and went on with a name it could: which names its resolver knows)."""
     daemon = daemon_factory(fake_gpu_memory=64 * MiB, worker_network=True, isolation="thread")
     with socket.socket() as probe:  # a port nobody listens on once closed
         probe.bind(("127.0.0.1", 0))
@@ -509,12 +512,13 @@ def test_a_store_address_s_state_is_not_told_to_the_tenant(daemon_factory) -> No
     timeout = 4.0
     outcomes, took = [], []
     try:
-        for port in (dead, accepting.getsockname()[1], int(store_port)):
+        for address in (f"127.0.0.1:{dead}", f"127.0.0.1:{accepting.getsockname()[1]}", f"127.0.0.1:{store_port}",
+                        f"no-such-host.invalid:{dead}"):  # fmt: skip
             lease = uuid.uuid4().hex
             tokens = [daemon.token(lease_id=lease, host="absent-host"), daemon.token(lease_id=lease, network=True)]
             with Session.attach(daemon.address, tokens[1]) as s:
                 join = device_pb2.GroupJoin(
-                    rank=1, size=2, tokens=tokens, store_address=f"127.0.0.1:{port}", timeout_seconds=timeout
+                    rank=1, size=2, tokens=tokens, store_address=address, timeout_seconds=timeout
                 )
                 s.command(device_pb2.Command(group_join=join))
                 s.sync()

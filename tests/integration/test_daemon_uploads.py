@@ -180,3 +180,45 @@ def test_a_bool_upload_of_bytes_other_than_0_and_1_is_refused(daemon: Any) -> No
         ok = s.new_handle()
         raw_upload(s, ok, torch.bool, [3], b"\0\1\1")
         assert s.download(ok).tolist() == [False, True, True]
+
+
+def test_no_op_makes_a_bool_tensor_of_bytes_other_than_0_and_1(daemon: Any) -> None:
+    """Round 21 refused such bytes on the upload paths, but three others put a client's bytes into a bool tensor:
+    a small tensor sent inline in an op's arguments (eager, and the constants of a graph's definition), `view(dtype)`
+    (and `view_copy`) of a uint8 tensor as bool, and `set_` of a bool tensor onto a uint8 tensor's storage: the
+    daemon held bools of bytes 2 and 255 (read back as such). Each is refused now (INVALID_ARGUMENT, nothing bound),
+    and the same calls with 0/1 bytes or between other dtypes still work."""
+    bad = torch.tensor([2, 255], dtype=torch.uint8).view(torch.bool)  # a local bool tensor of such bytes
+    with Session.attach(daemon.address, daemon.token()) as s:
+        u8 = Handle(s.upload(torch.tensor([2, 255], dtype=torch.uint8)))
+        calls: list[Any] = [
+            lambda: s.call("aten::view.dtype", bad, torch.uint8)[0],  # eager: the inline bool argument itself
+            lambda: s.call("aten::view.dtype", u8, torch.bool)[0],
+            lambda: s.call("aten::view_copy.dtype", u8, torch.bool)[0],
+            lambda: s.call("aten::set_.source_Tensor", Handle(empty), u8)[0],
+        ]
+        [empty] = s.call("aten::empty.memory_format", [0], dtype=torch.bool)
+        for call in calls:
+            h = call()
+            with pytest.raises(errors.InvalidArgument, match="bool"):
+                s.sync()
+            with pytest.raises(errors.GpupoolError):
+                assert s.download(h).view(torch.uint8).tolist() == [2, 255]  # what round 21 gave
+        assert s.download(empty).tolist() == []  # set_ was refused before it ran: its self is as it was
+        add = device_pb2.Op(
+            name="aten::bitwise_and.Tensor",
+            args=[tensor_pb2.Arg(tensor=1), tensor_pb2.Arg(inline=wire.inline_to_proto(bad))],
+            outputs=[2],
+        )
+        meta = [wire.meta_to_proto(torch.ones(2, dtype=torch.bool))]
+        s.define_graph(device_pb2.DefineGraph(graph_id=3, inputs=1, input_meta=meta, ops=[add], outputs=[2]))
+        with pytest.raises(errors.InvalidArgument, match="bool"):
+            s.sync()
+        good = torch.tensor([True, False])
+        [a] = s.call("aten::view.dtype", good, torch.uint8)
+        [b] = s.call("aten::view.dtype", Handle(s.upload(good)), torch.uint8)
+        [c] = s.call("aten::view.dtype", u8, torch.int8)
+        [d] = s.call("aten::empty.memory_format", [0], dtype=torch.bool)
+        s.call("aten::set_.source_Tensor", Handle(d), Handle(s.upload(good)), outputs=0)
+        assert s.download(a).tolist() == s.download(b).tolist() == [1, 0]
+        assert s.download(c).tolist() == [2, -1] and s.download(d).tolist() == [True, False]

@@ -117,3 +117,32 @@ def test_the_device_guard_build_removes_a_killed_builds_partial_file(
     with pytest.raises(native.BuildError):
         native.build()
     assert not stale.exists() and not list(path.parent.glob("*.tmp"))
+
+
+def test_a_sweep_never_follows_what_is_planted_in_the_cache(tmp_path: Path) -> None:
+    """Hostile entries in a cache folder (only its owner can plant them: config.check_private_dir refuses a folder
+    others can write, but a user's own other tools can): a `build-*` symbolic link to a folder elsewhere, old and
+    with an unlocked `.owner`, and a dead builder's folder whose `.owner` is a link to a file elsewhere or a FIFO.
+    The sweep removes what is its own (the dead folders), never a link's target or what a link names, and never
+    blocks (a FIFO opened for reading would). No hole found in round 21's sweep; kept as a guard."""
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    cache.mkdir()
+    outside.mkdir()
+    (outside / ".owner").write_text("not a lock")
+    (outside / "precious").write_text("keep")
+    old = time.time() - 2 * buildcache.ORPHAN_SECONDS
+    os.utime(outside, (old, old))
+    (cache / "build-link").symlink_to(outside, target_is_directory=True)
+    linked = cache / "build-linked-owner"
+    linked.mkdir()
+    (linked / ".owner").symlink_to(outside / "precious")
+    fifo = cache / "build-fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / ".owner")
+    removed = buildcache.sweep(cache)
+    assert (outside / "precious").read_text() == "keep" and (outside / ".owner").exists()
+    assert not linked.exists() and not fifo.exists()  # dead builders' folders (nothing holds their lock)
+    assert {p.name for p in removed} >= {"build-linked-owner", "build-fifo"}
+    assert (cache / "build-link").is_symlink() or not (
+        cache / "build-link"
+    ).exists()  # the link at most, not its target

@@ -590,6 +590,29 @@ def test_an_input_that_is_another_tensor_every_step_is_checked_every_step() -> N
             s.free([h(12, j) for j in range(11)])
 
 
+def test_handles_bound_again_and_from_python_are_looked_up_as_the_table_holds_them(runner: str) -> None:
+    """The native runner keeps the Python ints it looked handles up with and bound outputs under (native_runner.cpp
+    `Keys`): an entry that outlived its handle must still find what the session's table holds now. The same
+    output handles every other step (freed, then bound again by the next such step), a parameter rebound from
+    Python under another int object each step, and a handle freed and bound from Python between slices: every
+    record gives the normal path's result (`Pair.slice` compares both sessions after each slice)."""
+    p = Pair()
+    p.stream(training(p, 4), itertools.cycle([64]))
+    hits, native = p.hits, p.runs().native
+    for t in range(4, 24):
+        cmds = step(p, t % 2) + [free(t % 2)]
+        p.stream(cmds, itertools.cycle([64]))
+        for s in p.s:
+            s.rebind(int(str(W)), torch.full((3, 5), float(t)))  # another int object, another tensor
+            if t % 5 == 0:  # an output handle of the other step's, bound from Python in between
+                s.bind(h((t + 1) % 2, 4), torch.ones(4, 5))
+        if t % 5 == 0:
+            p.stream([free((t + 1) % 2)], itertools.cycle([64]))
+    assert p.hits - hits >= 20 * 11 * 0.7
+    if runner == "native":  # in C++: a key of another value would find another tensor, which its checks refuse
+        assert p.runs().native - native >= 20 * 11 * 0.5
+
+
 VW = compact.view
 
 

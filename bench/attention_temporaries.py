@@ -1,0 +1,82 @@
+"""Bytes the fused attention ops take besides their outputs: what the daemon admits against the session's quota
+(server/cost.py `temporary`, server/attention.py) beside what the call really takes (its process's peak resident
+memory over the inputs', ru_maxrss), this checkout against another, side by side in one run.
+
+Each case runs in a fresh process per side (that checkout's python and gpupool), one thread, on the CPU (fake GPUs'
+path): the CPU flash kernel with a one-element bool mask expanded to the scores' shape, with a key and value of one
+row expanded, with no mask; the math composition (value head size 4, query's 8) forward and backward.
+
+    python bench/attention_temporaries.py --against /work/wt/base --against-python /work/wt/base/.venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = ("flash, expanded bool mask", "flash, expanded key/value", "flash, no mask", "math forward", "math backward")
+
+CHILD = """
+import gc, json, resource, sys
+import torch
+from gpupool.server import attention as A, cost
+torch.set_num_threads(1)
+case = sys.argv[1]
+L = S = 2048
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(1, 1, n, 8, generator=g) for n in (L, S, S))
+bias = None
+if case == "flash, expanded bool mask":
+    bias = torch.ones(1, 1, 1, 1, dtype=torch.bool).expand(1, 1, L, S)
+elif case == "flash, expanded key/value":
+    q = q[:, :, :16]
+    k = v = torch.randn(1, 1, 1, 8, generator=g).expand(1, 1, 1 << 18, 8)
+elif case.startswith("math"):
+    v = torch.randn(1, 1, S, 4, generator=g)
+fwd = torch.ops.aten._scaled_dot_product_fused_attention_overrideable.default
+bwd = torch.ops.aten._scaled_dot_product_fused_attention_overrideable_backward.default
+if case == "math backward":
+    out, lse = torch.randn(1, 1, L, 4, generator=g), torch.randn(1, 1, L, generator=g)
+    args = [torch.randn_like(out), q, k, v, bias, [True, True, True, False], out, lse, None, None, L, S, 0.0, False,
+            None, None]
+    op, run = bwd, A.fused_attention_backward
+else:
+    args = [q, k, v, bias]
+    op, run = fwd, A.fused_attention
+admitted = cost.temporary(op, args, {})
+gc.collect()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+run(*args)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"admitted": admitted, "took": (peak - before) * 1024}))
+"""
+
+
+def _side(python: str, tree: Path, case: str) -> dict[str, int]:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run([python, "-c", CHILD, case], cwd=tree, env=env, capture_output=True, text=True,
+                          timeout=600, check=True)  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--against", type=Path, required=True, help="the other checkout")
+    p.add_argument("--against-python", default=sys.executable, help="its python (its venv's)")
+    a = p.parse_args()
+    mib = 1024 * 1024
+    print(f"{'case':28} {'took MiB':>9} {'admitted MiB':>13} {'took (against)':>15} {'admitted (against)':>19}")
+    for case in CASES:
+        ours, theirs = _side(sys.executable, ROOT, case), _side(a.against_python, a.against.resolve(), case)
+        print(f"{case:28} {ours['took'] / mib:9.1f} {ours['admitted'] / mib:13.1f} {theirs['took'] / mib:15.1f} "
+              f"{theirs['admitted'] / mib:19.1f}")  # fmt: skip
+    print(f"load average {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

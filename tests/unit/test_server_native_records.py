@@ -1,0 +1,155 @@
+"""A slice's eager records read from the frame's bytes (native_runner.cpp `eager_records`, `slices.eager_records` with
+the executor's runner) must be exactly what upb's parsed messages say (`[c.eager_op for c in commands]`), for every
+frame it reads, hostile ones included: a oneof whose last member written is another kind (b""), several `eager_op`
+fields (the last one), an empty record, unknown and misplaced fields, other wire types, truncated lengths. A frame
+it does not read gives None (the caller reads the messages); it never gives other records."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from google.protobuf.message import DecodeError
+from gpupool.server import native_runner, slices
+
+from gpupool._proto import device_pb2
+
+
+@pytest.fixture(scope="module")
+def mod() -> Any:
+    m = native_runner.load()
+    if m is None:
+        pytest.skip("the native runner cannot be built here")
+    return m
+
+
+def _upb(payload: bytes) -> list[bytes]:
+    return [c.eager_op for c in device_pb2.ClientFrame.FromString(payload).commands]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:  # length-delimited
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _frame(*commands: bytes) -> bytes:
+    return b"".join(_field(1, c) for c in commands)
+
+
+def _typical() -> bytes:
+    """A frame as the clients write one: eager records among uploads, frees, a get, a seed, an empty command."""
+    cmds = [
+        device_pb2.Command(eager_op=b"\x01\x02\x03" * 9),
+        device_pb2.Command(upload=device_pb2.Upload(handle=(5 << 32) + 1, data=b"\x00" * 16, last=True)),
+        device_pb2.Command(eager_op=b"\x07" * 40),
+        device_pb2.Command(free=device_pb2.Free(handles=[(5 << 32) + 2, (5 << 32) + 3])),
+        device_pb2.Command(get=device_pb2.Get(handle=(5 << 32) + 4, request_id=9)),
+        device_pb2.Command(seed=device_pb2.Seed(seed=3)),
+        device_pb2.Command(),
+        device_pb2.Command(eager_op=b""),
+        device_pb2.Command(eager_op=bytes(range(256)) * 3),
+    ]
+    return device_pb2.ClientFrame(commands=cmds).SerializeToString()
+
+
+def test_frames_as_clients_write_them_are_read_from_their_bytes(mod: Any) -> None:
+    payload = _typical()
+    got = mod.eager_records(payload)
+    assert got == _upb(payload)
+    assert got[0] == b"\x01\x02\x03" * 9 and got[1] == b"" and got[6] == b"" and got[7] == b""
+    assert mod.eager_records(memoryview(payload)) == got  # any buffer, as upb parses one
+    assert mod.eager_records(b"") == []
+    commands = device_pb2.ClientFrame.FromString(payload).commands
+    assert slices.eager_records(commands, payload, mod) == got
+    assert slices.eager_records(commands) == got  # without the runner: the messages
+
+
+@pytest.mark.parametrize(
+    "command, record",
+    [
+        (_field(30, b"abc") + _field(4, b""), b""),  # the oneof's last member is `free`: no record
+        (_field(4, b"") + _field(30, b"abc"), b"abc"),
+        (_field(30, b"first") + _field(30, b"second"), b"second"),  # the last one, as a parser keeps it
+        (_field(30, b"first") + _field(2, b"") + _field(30, b"third"), b"third"),
+        (_field(30, b""), b""),
+        (_field(71, b"") + _field(30, b"x") + _field(20, b""), b""),
+    ],
+)
+def test_the_oneofs_last_member_decides(mod: Any, command: bytes, record: bytes) -> None:
+    payload = _frame(_field(30, b"before"), command, _field(30, b"after"))
+    assert _upb(payload) == [b"before", record, b"after"]
+    assert mod.eager_records(payload) == [b"before", record, b"after"]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        _frame(_field(30, b"r") + _field(99, b"unknown")),  # an unknown field in a command
+        _frame(_field(30, b"r") + _field(7, b"")),  # the retired Refresh
+        _frame(_field(30, b"r")) + _field(2, b"junk"),  # an unknown field in the frame
+        _frame(_field(30, b"r")) + _varint(1 << 3 | 0) + _varint(5),  # `commands` as a varint
+        _frame(_varint(30 << 3 | 0) + _varint(12345)),  # `eager_op` as a varint
+        _frame(_varint(6 << 3 | 5) + b"\x00\x00\x00\x00"),  # a fixed32 under a member's number
+        # `free`'s number as a varint after the record: upb keeps it as an unknown field, the record stays
+        _frame(_field(30, b"abc") + _varint(4 << 3 | 0) + _varint(0)),
+    ],
+)
+def test_a_frame_it_does_not_read_is_left_to_the_messages(mod: Any, payload: bytes) -> None:
+    assert mod.eager_records(payload) is None
+    try:
+        commands = device_pb2.ClientFrame.FromString(payload).commands
+    except DecodeError:
+        return
+    assert slices.eager_records(commands, payload, mod) == [c.eager_op for c in commands]
+
+
+def test_truncated_and_overlong_lengths_are_refused(mod: Any) -> None:
+    payload = _frame(_field(30, b"abcdef"), _field(30, b"gh"))
+    for cut in range(1, len(payload)):
+        got = mod.eager_records(payload[:cut])
+        assert got is None or got == _upb(payload[:cut])
+    assert mod.eager_records(_varint(1 << 3 | 2) + _varint(1 << 40) + b"x") is None
+    assert mod.eager_records(_frame(_varint(30 << 3 | 2) + _varint(100) + b"short")) is None
+    assert mod.eager_records(b"\x0a" + b"\xff" * 11) is None  # a varint of more than 64 bits
+    assert mod.eager_records(12) is None  # not a buffer
+
+
+def test_mutated_frames_give_upbs_records_or_none(mod: Any) -> None:
+    """Random byte flips, insertions and cuts of real frames: wherever upb parses the result, the reader gives
+    None or upb's own records, never others."""
+    rng = random.Random(22)
+    seeds = [_typical(), _frame(_field(30, b"a" * 30), _field(4, b"\x0a\x01\x05"), _field(30, b"b" * 3))]
+    read = 0
+    for n in range(4000):
+        b = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 3)):
+            op = rng.randrange(3)
+            at = rng.randrange(len(b))
+            if op == 0:
+                b[at] = rng.randrange(256)
+            elif op == 1:
+                b.insert(at, rng.randrange(256))
+            else:
+                del b[at : at + rng.randint(1, 4)]
+        payload = bytes(b)
+        try:
+            want = _upb(payload)
+        except DecodeError:
+            continue
+        got = mod.eager_records(payload)
+        if got is not None:
+            read += 1
+            assert got == want, (n, payload.hex())
+    assert read > 100  # most mutations of a record's bytes are still frames it reads
