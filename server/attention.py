@@ -12,10 +12,18 @@ daemon, whose devices are CPUs (fake GPUs) or CUDA GPUs, so both ops are replace
   (torch's meta kernel, which the clients infer from) is contiguous: it is copied to that layout, and the backward
   takes either.
 - CUDA: `_scaled_dot_product_efficient_attention` (fp32/fp16/bf16, any float bias) when torch's constraints for it hold
-  (`_efficient_ok`: sdp_utils' mem-efficient checks that a caller can see), its logsumexp (B, H, ceil(L / 32) * 32)
-  cut to (B, H, L) and padded again for the backward. Any failure of that kernel, or a call outside its constraints,
-  runs the math composition below on the GPU instead: slower (L x S scores), never wrong. (No GPU was at hand when
-  this was written: the CUDA path is untested; it degrades to the math composition on any RuntimeError.)
+  (`_efficient_ok`: sdp_utils' mem-efficient checks that a caller can see, the device's compute capability included),
+  its logsumexp (B, H, ceil(L / 32) * 32) cut to (B, H, L) and padded again for the backward. A call outside those
+  constraints runs the math composition below on the GPU instead: slower (L x S scores), never wrong; an eager call
+  also does when the kernel itself refuses (a RuntimeError). (No GPU was at hand when this was written: the CUDA path
+  is untested.)
+
+Which of them runs is `choose_kernel`'s answer from shapes, strides and dtypes alone: per call for an eager op, once
+at DefineGraph for a captured step's call (`graph_kernel`, on the graph's meta tensors; a CUDA graph's capture then
+records one kernel, with no fallback inside it). The compositions make their aten calls through an `Ops` object:
+run as they come here, written as TorchScript nodes by server/graph_trace.py, so a captured step on a fake GPU runs
+this very composition inside its TorchScript graph (the math composition is not written that way: a graph that needs
+it keeps the Python replay).
 - The math composition (`_math_forward`, `_math_backward`: scores in float32, logsumexp, softmax, recomputed under
   autograd for the backward) also serves the shapes the CPU kernel refuses and a gradient of the bias
   (`grad_input_mask[3]`), which no fused kernel here computes.
@@ -44,8 +52,28 @@ FORWARD = "aten::_scaled_dot_product_fused_attention_overrideable"
 BACKWARD = "aten::_scaled_dot_product_fused_attention_overrideable_backward"
 NAMES = frozenset({FORWARD, BACKWARD})
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_FLASH_CPU = aten._scaled_dot_product_flash_attention_for_cpu.default._op
-_FLASH_CPU_BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward.default._op
+
+
+class Ops:
+    """The aten calls of the fused ops' compositions (CPU kernel, layouts, bias, philox placeholders), run as they
+    come: the eager op and a graph's Python replay. graph_trace's subclass writes each call as a TorchScript node
+    instead, so a traced graph runs exactly this composition (`traceable`: only where every call goes through here).
+    """
+
+    traceable = False
+
+    def call(self, op: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> Any:
+        return op._op(*args, **kwargs)
+
+    def device(self, t: Tensor) -> torch.device:
+        """The device factories of the composition allocate on (a traced graph's dry run: the real one)."""
+        return t.device
+
+    def untraceable(self, why: str) -> None:
+        """A part of the composition that is not written through `call` (the math path, the CUDA kernel): fine here."""
+
+
+EAGER = Ops()
 
 
 def _tensor(v: Any, name: str) -> Tensor:
@@ -128,11 +156,12 @@ def _scale(q: Tensor, scale: float | None) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
 
 
-def _float_bias(bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+def _float_bias(bias: Tensor | None, dtype: torch.dtype, ops: Ops = EAGER) -> Tensor | None:
     """A bool mask as torch's `convert_boolean_attn_mask` makes it: 0 where True, -inf where False."""
     if bias is None or bias.dtype != torch.bool:
         return bias
-    return torch.zeros(bias.shape, dtype=dtype, device=bias.device).masked_fill_(bias.logical_not(), -math.inf)
+    zeros = ops.call(aten.zeros.default, list(bias.shape), dtype=dtype, device=ops.device(bias))
+    return ops.call(aten.masked_fill_.Scalar, zeros, ops.call(aten.logical_not.default, bias), -math.inf)
 
 
 def _dense(t: Tensor) -> bool:
@@ -145,13 +174,13 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
-def _four_d(bias: Tensor | None) -> Tensor | None:
+def _four_d(bias: Tensor | None, ops: Ops = EAGER) -> Tensor | None:
     """A mask of 2 or 3 dims (`check_forward` refuses fewer, as local SDPA does) as a 4-D view: the CPU flash kernels
     take only 2-D or 4-D masks ("Attention mask dim in {2, 4}"), where local SDPA broadcasts a 3-D one (round 21
     answered it, which the clients send fused, with INVALID_ARGUMENT)."""
-    if bias is None or bias.dim() == 4:
-        return bias
-    return bias[(None,) * (4 - bias.dim())]
+    while bias is not None and bias.dim() < 4:
+        bias = ops.call(aten.unsqueeze.default, bias, 0)
+    return bias
 
 
 def _kernel_layout(t: Tensor) -> bool:
@@ -159,30 +188,30 @@ def _kernel_layout(t: Tensor) -> bool:
     return _dense(t) and (t.stride(-1) == 1 or t.shape[-1] <= 1)
 
 
-def _dense_or_copy(t: Tensor) -> Tensor:
+def _dense_or_copy(t: Tensor, ops: Ops = EAGER) -> Tensor:
     """A kernel's tensor input as non-overlapping and dense memory, its last dimension contiguous: an expanded
     (stride 0) or overlapping view from a client becomes a copy, so no kernel that walks memory by its sizes reads
     past a storage (round 18's lesson), and so does a dense view whose last dimension is not contiguous (a
     transposed query, key, value, grad_out or out): the CPU flash kernels read each row's head as adjacent
     elements whatever its stride (torch's SDPA front end makes it so before them), and returned values that were
     neither the inputs' nor 0s, different run to run (round 21: up to 8e24 for inputs of randn)."""
-    return t if _kernel_layout(t) else t.contiguous()
+    return t if _kernel_layout(t) else ops.call(aten.contiguous.default, t)
 
 
-def _like(ref: Tensor, t: Tensor) -> Tensor:
+def _like(ref: Tensor, t: Tensor, ops: Ops = EAGER) -> Tensor:
     """`t` with `torch.empty_like(ref)`'s strides (the meta kernel's grads), copied only where they differ."""
     if t.shape == ref.shape and t.stride() == ref.stride() and _dense(ref):
         return t  # the usual case: the kernel's grads are laid out as its inputs
     want = torch.empty_like(ref, device="meta").stride()
     if t.stride() == want:
         return t
-    return torch.empty_like(ref).copy_(t)
+    return ops.call(aten.copy_.default, ops.call(aten.empty_like.default, ref), t)
 
 
-def _matching_layout(q: Tensor, t: Tensor) -> Tensor:
+def _matching_layout(q: Tensor, t: Tensor, ops: Ops = EAGER) -> Tensor:
     """`t` (the output) in the meta kernel's layout: `alloc_with_matching_layout(query, shape)`."""
     if t.shape == q.shape:
-        return _like(q, t)
+        return _like(q, t, ops)
     order = sorted(range(4), key=lambda i: q.stride()[i], reverse=True)
     strides = [0] * 4
     stride = 1
@@ -191,7 +220,8 @@ def _matching_layout(q: Tensor, t: Tensor) -> Tensor:
         stride *= t.shape[i]
     if list(t.stride()) == strides:
         return t
-    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
+    empty = ops.call(aten.empty_strided.default, list(t.shape), strides, dtype=t.dtype, device=ops.device(t))
+    return ops.call(aten.copy_.default, empty, t)
 
 
 def _scores(q: Tensor, k: Tensor, bias: Tensor | None, is_causal: bool, scale: float) -> Tensor:
@@ -214,16 +244,42 @@ def _math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, is_causal: bool,
     return torch.matmul(p, v.float()).to(q.dtype), lse
 
 
-def _efficient_ok(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> bool:
-    """torch's sdp_utils constraints of the mem-efficient kernel that this call can fail (a CUDA device)."""
+# Kernels a fused call runs: local CPU's flash kernel (fake GPUs), the mem-efficient kernel (CUDA), the math one.
+FLASH_CPU, EFFICIENT, MATH = "flash_cpu", "efficient", "math"
+
+
+def _efficient_ok(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, device: torch.device | None = None) -> bool:
+    """torch's sdp_utils constraints of the mem-efficient kernel that this call can fail (a CUDA device): dtypes the
+    device's architecture has (bfloat16 from sm80, nothing below sm50), the head sizes' gemm alignment (the largest
+    `minimum_gemm_alignment` gives), unit last strides, non-empty lengths. `device`: the GPU, when the caller cannot
+    read it off `q` (a graph's definition decides on meta tensors)."""
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
     align = 4 if q.dtype == torch.float32 else 8
     if q.shape[-1] % align or v.shape[-1] % align:
         return False
-    if any(t.stride(-1) != 1 for t in (q, k, v)):
+    if any(t.stride(-1) != 1 for t in (q, k, v)) or q.shape[2] == 0 or k.shape[2] == 0:
         return False
-    return bias is None or bias.dtype in (q.dtype, torch.bool)
+    if bias is not None and bias.dtype not in (q.dtype, torch.bool):
+        return False
+    dev = device if device is not None else q.device
+    if dev.type == "cuda" and torch.cuda.is_available():
+        major = torch.cuda.get_device_capability(dev)[0]
+        if major < 5 or (q.dtype == torch.bfloat16 and major < 8):
+            return False
+    return True
+
+
+def choose_kernel(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, device: torch.device) -> str:
+    """The kernel a fused call runs on `device`, decided from the inputs' shapes, strides and dtypes alone (after
+    `_dense_or_copy`): per call for an eager op, once at a graph's definition for its calls (meta tensors)."""
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return MATH
+    if device.type == "cpu":
+        return FLASH_CPU if v.shape[3] == q.shape[3] else MATH
+    if device.type == "cuda" and _efficient_ok(q, k, v, bias, device):
+        return EFFICIENT
+    return MATH
 
 
 def _cuda_bias(bias: Tensor | None, q: Tensor, k: Tensor) -> Tensor | None:
@@ -246,28 +302,45 @@ def fused_attention(
     is_causal: bool = False, return_debug_mask: bool = False, *, scale: float | None = None,
 ) -> tuple[Any, ...]:  # fmt: skip
     """The overrideable forward: (output, logsumexp, None, None, L, S, seed, offset, None) as torch's meta kernel."""
+    return forward(EAGER, None, query, key, value, attn_bias, dropout_p, is_causal, return_debug_mask, scale=scale)
+
+
+def forward(
+    ops: Ops, kernel: str | None, query: Tensor, key: Tensor, value: Tensor, attn_bias: Tensor | None = None,
+    dropout_p: float = 0.0, is_causal: bool = False, return_debug_mask: bool = False, *, scale: float | None = None,
+) -> tuple[Any, ...]:  # fmt: skip
+    """`fused_attention` through `ops`; `kernel`: the kernel decided at a graph's definition (None: decide here, and
+    an eager call on CUDA also falls back to the math composition when the kernel itself refuses)."""
     check_forward(query, key, value, attn_bias, dropout_p, scale, return_debug_mask)
-    q, k, v = _dense_or_copy(query), _dense_or_copy(key), _dense_or_copy(value)
-    bias = _four_d(attn_bias)
+    scale = None if scale is None else float(scale)
+    q, k, v = _dense_or_copy(query, ops), _dense_or_copy(key, ops), _dense_or_copy(value, ops)
+    bias = _four_d(attn_bias, ops)
     length, source = q.shape[2], k.shape[2]
+    chosen = kernel if kernel is not None else choose_kernel(q, k, v, bias, q.device)
     out: Tensor | None = None
     lse: Tensor | None = None
-    empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
-    if q.device.type == "cpu" and not empty and v.shape[3] == q.shape[3]:
-        out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, attn_mask=_float_bias(bias, q.dtype), scale=scale)
-    elif q.device.type == "cuda" and not empty and _efficient_ok(q, k, v, bias):
+    if chosen == FLASH_CPU:
+        mask = _float_bias(bias, q.dtype, ops)
+        out, lse = ops.call(aten._scaled_dot_product_flash_attention_for_cpu.default, q, k, v, 0.0, is_causal,
+                            attn_mask=mask, scale=scale)  # fmt: skip
+    elif chosen == EFFICIENT:
+        ops.untraceable("the mem-efficient kernel")
         try:
             out, lse, _, _ = aten._scaled_dot_product_efficient_attention.default(
                 q, k, v, _cuda_bias(bias, q, k), True, 0.0, is_causal, scale=scale
             )
             lse = lse[..., :length]
-        except RuntimeError:  # a constraint not checked above: the math composition, on the same GPU
-            out = lse = None
+        except RuntimeError:
+            if kernel is not None:  # a graph's choice stands: its run fails with the kernel's error
+                raise
+            out = lse = None  # an eager call: a constraint not checked above, the math composition on the same GPU
     if out is None or lse is None:
+        ops.untraceable("the math composition")
         out, lse = _math(q, k, v, bias, is_causal, _scale(q, scale))
-    seed = torch.zeros((), dtype=torch.long, device=q.device)
-    offset = torch.zeros((), dtype=torch.long, device=q.device)
-    return (_matching_layout(query, out), lse.contiguous(), None, None, length, source, seed, offset, None)
+    seed = ops.call(aten.zeros.default, [], dtype=torch.long, device=ops.device(q))
+    offset = ops.call(aten.zeros.default, [], dtype=torch.long, device=ops.device(q))
+    lse = ops.call(aten.contiguous.default, lse)
+    return (_matching_layout(query, out, ops), lse, None, None, length, source, seed, offset, None)
 
 
 def _math_backward(
@@ -296,44 +369,71 @@ def fused_attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
     """The overrideable backward: (grad_query, grad_key, grad_value, grad_attn_bias) as torch's meta kernel (a bias's
     grad is zeros unless `grad_input_mask[3]` asks for it; None without a bias)."""
+    return backward(
+        EAGER, None, grad_out, query, key, value, attn_bias, grad_input_mask, out, logsumexp, cum_seq_q, cum_seq_k,
+        max_q, max_k, dropout_p, is_causal, philox_seed, philox_offset, scale=scale,
+    )  # fmt: skip
+
+
+def backward_kernel(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, grad_input_mask: Any, device: torch.device
+) -> str:
+    """The backward's kernel: the forward's, except the math composition for a bias's gradient (no kernel here
+    computes one)."""
+    if bool(grad_input_mask[3]) and bias is not None and bias.is_floating_point():
+        return MATH
+    return choose_kernel(q, k, v, bias, device)
+
+
+def backward(
+    ops: Ops, kernel: str | None, grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
+    attn_bias: Tensor | None, grad_input_mask: list[bool], out: Tensor, logsumexp: Tensor, cum_seq_q: Any,
+    cum_seq_k: Any, max_q: int, max_k: int, dropout_p: float, is_causal: bool, philox_seed: Any, philox_offset: Any,
+    *, scale: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """`fused_attention_backward` through `ops`; `kernel` as `forward`'s."""
     _validate_backward(
         [grad_out, query, key, value, attn_bias, grad_input_mask, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k,
          dropout_p, is_causal, philox_seed, philox_offset], {"scale": scale},
     )  # fmt: skip
-    q, k, v = _dense_or_copy(query), _dense_or_copy(key), _dense_or_copy(value)
-    grad_out, out, logsumexp = _dense_or_copy(grad_out), _dense_or_copy(out), _dense_or_copy(logsumexp)
-    bias = _four_d(attn_bias)
+    scale = None if scale is None else float(scale)
+    q, k, v = _dense_or_copy(query, ops), _dense_or_copy(key, ops), _dense_or_copy(value, ops)
+    grad_out, out = _dense_or_copy(grad_out, ops), _dense_or_copy(out, ops)
+    logsumexp = _dense_or_copy(logsumexp, ops)
+    bias = _four_d(attn_bias, ops)
+    chosen = kernel if kernel is not None else backward_kernel(q, k, v, bias, grad_input_mask, q.device)
     gq = gk = gv = gb = None
-    want_bias = bool(grad_input_mask[3]) and attn_bias is not None and attn_bias.is_floating_point()
-    empty = q.numel() == 0 or k.numel() == 0 or v.numel() == 0
-    if not want_bias and not empty:
-        if q.device.type == "cpu" and v.shape[3] == q.shape[3]:
-            mask = _float_bias(bias, q.dtype)
-            gq, gk, gv = _FLASH_CPU_BACKWARD(
-                grad_out, q, k, v, out, logsumexp, 0.0, is_causal, attn_mask=mask, scale=scale
-            )
-        elif q.device.type == "cuda" and _efficient_ok(q, k, v, bias):
-            try:
-                length = q.shape[2]
-                padded = torch.zeros((*logsumexp.shape[:2], -(-length // 32) * 32), dtype=torch.float32,
-                                     device=q.device)  # fmt: skip
-                padded[..., :length] = logsumexp
-                seed = torch.zeros((), dtype=torch.long, device=q.device)
-                gq, gk, gv, _ = aten._scaled_dot_product_efficient_attention_backward.default(
-                    grad_out, q, k, v, _cuda_bias(bias, q, k), out, padded, seed, seed, 0.0,
-                    [True, True, True, False], is_causal, scale=scale,
-                )  # fmt: skip
-            except RuntimeError:
-                gq = gk = gv = None
+    if chosen == FLASH_CPU:
+        mask = _float_bias(bias, q.dtype, ops)
+        gq, gk, gv = ops.call(aten._scaled_dot_product_flash_attention_for_cpu_backward.default, grad_out, q, k, v,
+                              out, logsumexp, 0.0, is_causal, attn_mask=mask, scale=scale)  # fmt: skip
+    elif chosen == EFFICIENT:
+        ops.untraceable("the mem-efficient kernel")
+        try:
+            length = q.shape[2]
+            padded = torch.zeros((*logsumexp.shape[:2], -(-length // 32) * 32), dtype=torch.float32,
+                                 device=q.device)  # fmt: skip
+            padded[..., :length] = logsumexp
+            seed = torch.zeros((), dtype=torch.long, device=q.device)
+            gq, gk, gv, _ = aten._scaled_dot_product_efficient_attention_backward.default(
+                grad_out, q, k, v, _cuda_bias(bias, q, k), out, padded, seed, seed, 0.0,
+                [True, True, True, False], is_causal, scale=scale,
+            )  # fmt: skip
+        except RuntimeError:
+            if kernel is not None:
+                raise
+            gq = gk = gv = None
     if gq is None or gk is None or gv is None:
+        ops.untraceable("the math composition")
+        want_bias = bool(grad_input_mask[3]) and attn_bias is not None and attn_bias.is_floating_point()
         gq, gk, gv, gb = _math_backward(grad_out, q, k, v, bias, is_causal, _scale(q, scale), want_bias)
     grad_bias = None
     if attn_bias is not None:
         if gb is None:
-            grad_bias = torch.zeros_like(attn_bias)
+            grad_bias = ops.call(aten.zeros_like.default, attn_bias)
         else:
             grad_bias = _like(attn_bias, _reduce_to(gb, attn_bias).to(attn_bias.dtype))
-    return _like(query, gq), _like(key, gk), _like(value, gv), grad_bias
+    return _like(query, gq, ops), _like(key, gk, ops), _like(value, gv, ops), grad_bias
 
 
 def _reduce_to(g: Tensor, like: Tensor) -> Tensor:
@@ -344,6 +444,27 @@ def _reduce_to(g: Tensor, like: Tensor) -> Tensor:
 
 
 REPLACEMENTS: dict[str, Callable[..., Any]] = {FORWARD: fused_attention, BACKWARD: fused_attention_backward}
+
+
+def graph_kernel(name: str, args: Args, kwargs: Kwargs, device: torch.device) -> str:
+    """The kernel a graph's fused call runs, decided at the graph's definition from its meta arguments (already
+    through the validators): the same choice as an eager call's, made once; on CUDA no RuntimeError picks it."""
+    base = 0 if name == FORWARD else 1
+    q, k, v = (_dense_or_copy(arg(args, kwargs, base + i, n)) for i, n in enumerate(("query", "key", "value")))
+    bias = arg(args, kwargs, base + 3, "attn_bias")
+    if name == FORWARD:
+        return choose_kernel(q, k, v, bias, device)
+    return backward_kernel(q, k, v, bias, arg(args, kwargs, 5, "grad_input_mask"), device)
+
+
+def graph_call(name: str, kernel: str) -> Callable[..., Any]:
+    """A graph's fused call: the eager composition with its kernel decided (`graph_kernel`)."""
+    composed = forward if name == FORWARD else backward
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return composed(EAGER, kernel, *args, **kwargs)
+
+    return run
 
 
 def _uses_math(q: Tensor, k: Tensor, v: Any, bias: Any) -> bool:

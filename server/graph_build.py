@@ -25,7 +25,7 @@ from gpupool import metas, wire
 from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
 
-from . import checks, cost, fallbacks, guards
+from . import attention, checks, cost, fallbacks, guards
 from .sessions import WorkerSession
 
 metas.register()  # Meta kernels torch lacks (a fused Adam's tensor-lr overload): a graph's ops run on meta tensors
@@ -88,6 +88,7 @@ class Call:
     zero: bool  # outputs are uninitialized memory
     seeded: bool  # draws random numbers from the session's generator
     replaced: bool = False  # runs guards.replacement's Python code instead of the kernel
+    kernel: str | None = None  # a fused attention call's kernel (attention.graph_kernel)
 
 
 @dataclass
@@ -467,9 +468,15 @@ def _prebuild(
     replacement = guards.replacement(op)
     if replacement is None and op._schema.name in fallbacks.NAMES:
         replacement = fallbacks.lookup(op, dev)
+    attention_kernel = None
+    if op._schema.name in attention.NAMES:  # the fused attention's kernel, decided now (graph_trace writes it out)
+        attention_kernel = attention.graph_kernel(op._schema.name, margs, mkwargs, dev)
+        replacement = attention.graph_call(op._schema.name, attention_kernel)
     fn: Callable[..., Any] = replacement or op._op
-    if torch.Tag.nondeterministic_seeded in op.tags:
-        seeded, kernel = host._seeded, op._op
+    # The fused attention's forward is tagged as seeded (its dropout); its validator holds dropout_p at 0: no draw.
+    draws = torch.Tag.nondeterministic_seeded in op.tags and attention_kernel is None
+    if draws:
+        seeded, kernel = host._seeded, fn
 
         def fn(*a: Any, **k: Any) -> Any:
             return seeded(s, kernel, a, k)  # type: ignore[arg-type]
@@ -494,8 +501,9 @@ def _prebuild(
         [],
         check,
         op._schema.name in _UNINITIALIZED,
-        torch.Tag.nondeterministic_seeded in op.tags,
+        draws,
         replacement is not None,
+        attention_kernel,
     )
     return call, values[: len(outs)], reads, work + _elements(values)
 

@@ -20,7 +20,8 @@ A graph runs this way only when every run would call exactly the same kernels wi
 - with no value guard (`check`: Python that reads tensor values on every run) except those rewritten as tensor
   ops that the graph keeps (`_TRACED_GUARDS`: the embedding backward's index range), no factory of uninitialized
   memory (zeroed per run by Python) and no Python replacement of a kernel (guards.replacement: it may branch on
-  values);
+  values) except the fused attention's (server/attention.py), whose composition of aten calls -- its kernel decided
+  at DefineGraph, branching on shapes only -- is written into the graph call by call (`_ComposedOps`);
 - with arguments a node can hold (tensors, lists of tensors -- an empty one typed by the schema --, numbers, strings,
   dtypes, devices, ...; a Python number where the overload takes a tensor only for add/sub/mul/div, whose .Scalar
   overloads are that call).
@@ -37,7 +38,7 @@ import torch
 
 from gpupool.errors import InvalidArgument, ResourceExhausted
 
-from . import guards, opargs
+from . import attention, guards, opargs
 from .graph_build import Graph, Host
 from .sessions import out_of_memory
 
@@ -62,7 +63,7 @@ def refusal(host: Host, g: Graph) -> str | None:
             return f"{c.name} has a value guard"
         if c.zero:
             return f"{c.name} returns uninitialized memory"
-        if c.replaced:
+        if c.replaced and c.kernel is None:
             return f"{c.name} runs a Python replacement"
     return None
 
@@ -76,6 +77,7 @@ class _Builder:
         self.graph: Any = _C.Graph()
         self.values: dict[int, Any] = {}
         self.alive: list[torch.Tensor] = []
+        self.composed: dict[int, list[str]] = {}  # per fused attention call (by index): the ops it wrote
 
     def input(self, t: torch.Tensor) -> None:
         v = self.graph.addInput()
@@ -99,8 +101,8 @@ class _Builder:
             return self.graph.insertConstant(v)  # a tensor the definition carried inline (a real one)
         if isinstance(v, list | tuple) and not v and spec is not None and spec.type.kind() == "ListType":
             element = spec.type.getElementType()  # an empty tensor list (a fused Adam's max_exp_avg_sqs without
-            if element.kind() in ("TensorType", "OptionalType"):  # amsgrad): a constant cannot tell its type
-                n = self.node("prim::ListConstruct", [], 1)
+            if element.kind() in ("TensorType", "OptionalType", "IntType"):  # amsgrad; a 0-d tensor's size): a
+                n = self.node("prim::ListConstruct", [], 1)  # constant cannot tell its type
                 n.output().setType(_C.ListType(element))
                 return n.output()
         if isinstance(v, list | tuple) and any(isinstance(x, torch.Tensor) for x in v):
@@ -186,14 +188,47 @@ def _dry(v: Any) -> Any:
     return _META if isinstance(v, torch.device) else v
 
 
+class _ComposedOps(attention.Ops):
+    """A fused attention call's composition (server/attention.py) written out: each aten call it makes becomes a
+    node (`_Builder.recorder`); a part that is not aten calls through here (the math composition, a CUDA kernel)
+    fails the trace, which keeps the Python replay."""
+
+    traceable = True
+
+    def __init__(self, b: _Builder, device: torch.device, names: list[str]) -> None:
+        self.b, self.real, self.names = b, device, names
+
+    def call(self, op: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> Any:
+        self.names.append(op._schema.name)
+        return self.b.recorder(op)(*args, **kwargs)
+
+    def device(self, t: torch.Tensor) -> torch.device:
+        return self.real  # the graph's constants name the real device; the dry run's kernels get meta (`_dry`)
+
+    def untraceable(self, why: str) -> None:
+        raise ValueError(f"a fused attention call runs {why}")
+
+
+def _composed(b: _Builder, g: Graph, i: int, name: str, kernel: str) -> Any:
+    ops = _ComposedOps(b, g.device, b.composed.setdefault(i, []))
+    composed = attention.forward if name == attention.FORWARD else attention.backward
+
+    def call(*a: Any, **k: Any) -> Any:
+        return composed(ops, kernel, *a, **k)
+
+    return call
+
+
 def _recording_plan(host: Host, g: Graph, b: _Builder) -> list[Any]:
     """g.plan as the dry run executes it: every call through `b`, each value-guarded call's Python check replaced
-    by the same check as tensor ops (recorded too)."""
+    by the same check as tensor ops (recorded too), each fused attention call by its composition's aten calls."""
     plan = list(g.plan)
     for i, c in enumerate(g.calls):
         step = list(plan[i])
         op = host.ops.resolve(c.name)
         fn = b.recorder(op)  # the kernel itself: a seeded call's Python wrapper only picks the generator
+        if c.kernel is not None:
+            fn = _composed(b, g, i, op._schema.name, c.kernel)
         if c.check is not None:
             fn = _TRACED_GUARDS[op._schema.name](b, fn)
             step[7] = None
@@ -250,14 +285,17 @@ _GUARD_OPS = {"aten::embedding_dense_backward": ["aten::new_zeros", "aten::resha
                                                   "aten::sum", "aten::add"]}  # fmt: skip
 
 
-def _same_ops(host: Host, g: Graph, graph: Any) -> None:
+def _same_ops(host: Host, g: Graph, b: _Builder) -> None:
     """The graph must run exactly the graph's calls, in order (plus the index checks of _TRACED_GUARDS)."""
     want: list[str] = []
-    for c in g.calls:
+    for i, c in enumerate(g.calls):
         name = host.ops.resolve(c.name)._schema.name
+        if c.kernel is not None:  # a fused attention call: the aten calls of its composition, one node each
+            want += b.composed[i]
+            continue
         want += _GUARD_OPS.get(name, []) if c.check is not None else []
         want.append(name)
-    got = [n.kind() for n in graph.nodes() if not n.kind().startswith("prim::")]
+    got = [n.kind() for n in b.graph.nodes() if not n.kind().startswith("prim::")]
     if got != want:
         raise ValueError(f"the graph holds {len(got)} ops where the step has {len(want)}")
 
@@ -297,7 +335,7 @@ def trace(host: Host, s: Any, g: Graph, slots: list[Any], execute: Any) -> Trace
         result.output().setType(_C.ListType(_C.TensorType.get()))
         b.graph.registerOutput(result.output())
         b.graph.lint()
-        _same_ops(host, g, b.graph)
+        _same_ops(host, g, b)
         _no_meta(b.graph)
         # Run as written, without the graph executor's optimisation passes: the same kernels in the same order as
         # the Python replay, so the same bits. (Process-wide: this is a session's own worker process.)
@@ -310,5 +348,7 @@ def trace(host: Host, s: Any, g: Graph, slots: list[Any], execute: Any) -> Trace
     finally:
         g.plan = plan
     layout.fn = fn
-    log.info("session %d: graph %d runs as a TorchScript graph (%d ops)", s.number, g.graph_id, len(g.calls))
+    nodes = sum(1 for n in b.graph.nodes() if not n.kind().startswith("prim::"))
+    log.info("session %d: graph %d runs as a TorchScript graph (%d ops, %d fused attention; %d nodes)", s.number,
+             g.graph_id, len(g.calls), len(b.composed), nodes)  # fmt: skip
     return layout

@@ -57,7 +57,7 @@ from torch.utils._pytree import SUPPORTED_NODES, tree_flatten, tree_unflatten
 
 from gpupool import wire
 
-from . import api, native, runtime
+from . import api, runtime
 from . import capture_guard as guard
 from .capture_record import Built, Elsewhere, Recording, build, compare
 from .errors import CaptureError
@@ -207,14 +207,9 @@ class CapturedStep:
         rt.recorder = rec
         for o in others:
             o.recorder = Elsewhere(o)
-        # A recorded step keeps torch's math path of scaled_dot_product_attention: the fused op runs as a Python
-        # replacement on the daemon (server/attention.py), which would keep the whole graph from TorchScript
-        # (server/graph_trace.py): per op a Python call instead of one per step.
-        fused = native.set_fused_attention(False)
         try:
             result = self.fn(*args, **kwargs)
         finally:
-            native.set_fused_attention(fused)
             rt.recorder = None
             for o in others:
                 o.recorder = None

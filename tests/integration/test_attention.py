@@ -7,6 +7,7 @@ to the fused ops get INVALID_ARGUMENT from a real daemon, which keeps serving th
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 from gpupool.client.session import Handle, Session
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gpupool import errors
+from gpupool import errors, wire
+from gpupool._proto import device_pb2, tensor_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 FUSED = "aten._scaled_dot_product_fused_attention_overrideable.default"
@@ -372,6 +374,97 @@ def test_expanded_inputs_are_read_as_their_values(session: Session) -> None:
     for h, w in zip(grads[:3], want_g, strict=True):
         assert_close(s.download(h), w)  # the kernel on dense copies: local's on the expanded views, to the last bits
     assert s.download(lse).shape == want_lse.shape
+
+
+# ---- in a graph (DefineGraph written by hand): the define step's checks, the traced graph's bits ----
+
+
+class Slot(int):
+    pass
+
+
+def _op(name: str, *args: Any, outputs: list[int], **kwargs: Any) -> device_pb2.Op:
+    def enc(v: Any) -> tensor_pb2.Arg:
+        return tensor_pb2.Arg(tensor=int(v)) if isinstance(v, Slot) else wire.encode_arg(v, _no_tensor)
+
+    return device_pb2.Op(name=name, args=[enc(a) for a in args], kwargs={k: enc(v) for k, v in kwargs.items()},
+                         outputs=outputs)  # fmt: skip
+
+
+def _no_tensor(t: torch.Tensor) -> tensor_pb2.Arg:
+    raise AssertionError("tensors travel as slots here")
+
+
+BACKWARD = "aten::_scaled_dot_product_fused_attention_overrideable_backward.default"
+
+
+def _attention_graph(graph_id: int, dropout: float = 0.0, scale: Any = 0.5, mask_cols: int = 12) -> Any:
+    """Slots 1-5: query (B, L, H, E: transposed in the graph, as an encoder's), key, value, a bool mask, the
+    output's gradient; the fused forward and backward; outputs: out, logsumexp, the three gradients."""
+    q, k, v, mask, grad = (Slot(i) for i in range(1, 6))
+    body = [
+        _op("aten::transpose.int", q, 1, 2, outputs=[6]),
+        _op(FUSED.replace(".", "::", 1), Slot(6), k, v, mask, dropout, False, False, scale=scale,
+            outputs=[7, 8, 0, 0, 0, 0, 9, 10]),
+        _op(BACKWARD, grad, Slot(6), k, v, mask, [True, True, True, False], Slot(7), Slot(8), None, None, 16, 12,
+            0.0, False, Slot(9), Slot(10), scale=scale, outputs=[11, 12, 13, 14]),
+    ]  # fmt: skip
+    shapes = [((2, 16, 4, 8), torch.float32), ((2, 4, 12, 8), torch.float32), ((2, 4, 12, 8), torch.float32),
+              ((2, 1, 16, mask_cols), torch.bool), ((2, 4, 16, 8), torch.float32)]  # fmt: skip
+    meta = [wire.meta_to_proto(torch.empty(s, dtype=d)) for s, d in shapes]
+    return device_pb2.DefineGraph(graph_id=graph_id, inputs=5, input_meta=meta, ops=body, outputs=[7, 8, 11, 12, 13])
+
+
+def test_a_graphs_fused_attention_is_traced_and_gives_local_cpus_bits(serve: Any, session: Session) -> None:
+    """A graph holding the fused forward and backward runs as a TorchScript graph from its second run (the
+    composition's aten calls as nodes, server/graph_trace.py), with local CPU's flash kernels' bits every run."""
+    s = session
+    s.define_graph(_attention_graph(41))
+    before = [line for line in list(serve.process.log_lines) if "runs as a TorchScript graph" in line]
+    for i in range(4):  # run 1: the Python replay; runs 2-4: the TorchScript graph
+        g = torch.Generator().manual_seed(50 + i)
+        q, k, v = (
+            torch.randn(2, 16, 4, 8, generator=g),
+            torch.randn(2, 4, 12, 8, generator=g),
+            torch.randn(2, 4, 12, 8, generator=g),
+        )
+        mask = torch.rand(2, 1, 16, 12, generator=g) > 0.3
+        grad = torch.randn(2, 4, 16, 8, generator=g)
+        outs = [s.new_handle() for _ in range(5)]
+        s.run_graph(41, [Handle(s.upload(t)) for t in (q, k, v, mask, grad)], outs)
+        qt = q.transpose(1, 2)
+        fmask = torch.zeros(mask.shape).masked_fill_(mask.logical_not(), -math.inf)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, k, v, attn_mask=fmask, scale=0.5)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, qt, k, v, out, lse, 0.0, False, attn_mask=fmask, scale=0.5
+        )
+        for h, want in zip(outs, [out, lse, *grads], strict=True):
+            assert torch.equal(s.download(Handle(h)), want), i
+    lines = [line for line in list(serve.process.log_lines) if "runs as a TorchScript graph" in line]
+    assert len(lines) == len(before) + 1 and "(3 ops, 2 fused attention;" in lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"dropout": 0.5}, "dropout_p must be 0"),
+        ({"scale": float("inf")}, "scale must be a finite number"),
+        ({"mask_cols": 13}, "does not broadcast"),
+    ],  # fmt: skip
+)
+def test_a_graphs_hostile_fused_attention_is_refused_at_definition(
+    session: Session, change: dict[str, Any], match: str
+) -> None:
+    """The eager op's validators run on a graph's fused calls when the graph is defined: the same errors."""
+    s = session
+    s.define_graph(_attention_graph(42, **change))
+    with pytest.raises(errors.InvalidArgument, match=match):
+        s.sync()
+    s.run_graph(42, [Handle(s.upload(torch.ones(1)))] * 5, [])  # never defined: nothing runs
+    with pytest.raises(errors.NotFound):
+        s.sync()
+    [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
+    assert torch.equal(s.download(ok), torch.full((3,), 2.0))
 
 
 def test_what_a_call_allocates_besides_its_outputs_counts_against_the_quota(serve: Any) -> None:

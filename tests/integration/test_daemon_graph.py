@@ -345,3 +345,26 @@ def test_hostile_output_and_write_lists_bind_nothing_foreign_and_account_exactly
     s.drop_graph(1)
     s.sync()
     assert used_bytes(daemon, s) == base
+
+
+def test_a_graphs_seeded_call_with_a_fake_gpu_kernel_runs_it(session: Session) -> None:
+    """`_fused_dropout` has a CUDA kernel only: on a fake GPU the daemon runs its CPU equivalent (server/fallbacks.py).
+    A graph's seeded call ran the bare overload instead (no CPU kernel: every run failed); it now runs the
+    equivalent with the session's generator, as an eager call does: the same draws after the same seed."""
+    x = torch.arange(1.0, 65.0)
+    body = [op("aten::_fused_dropout.default", slot(1), tensor_pb2.Arg(f=0.5))]
+    body[0].outputs.extend([2, 3])
+    session.define_graph(device_pb2.DefineGraph(graph_id=9, inputs=1, input_meta=[wire.meta_to_proto(x)], ops=body,
+                                                outputs=[2, 3]))  # fmt: skip
+    results = []
+    for _ in range(2):
+        session.seed(7)
+        out, mask = session.new_handle(), session.new_handle()
+        session.run_graph(9, [Handle(session.upload(x))], [out, mask])
+        results.append((session.download(Handle(out)), session.download(Handle(mask))))
+    session.seed(7)
+    eager_out, eager_mask = session.call("aten::_fused_dropout.default", Handle(session.upload(x)), 0.5, outputs=2)
+    want = (session.download(Handle(eager_out)), session.download(Handle(eager_mask)))
+    for got in results:
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert 0 < int(want[1].sum()) < 64 and torch.equal(want[0], x * want[1] * 2)

@@ -5,6 +5,7 @@ after recording every call is one command, and every broken assumption re-record
 from __future__ import annotations
 
 import importlib
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,8 @@ import torch
 from gpupool.client.torch import runtime
 from gpupool.client.torch.errors import RemoteError
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 import gpupool.torch as gt
 from examples.sentiment.model import build_model, make_batch
@@ -135,13 +138,25 @@ CASES = {
     "encoder-adamw-dropout": (Encoder, adamw, encoder_batch, nn.functional.cross_entropy),
     "mlp-adam-fused": (stock_mlp, adam_fused, mlp_batch, nn.functional.mse_loss),
     "encoder-adamw-fused-dropout": (Encoder, adamw_fused, encoder_batch, nn.functional.cross_entropy),
-    # no dropout: eager steps take the fused attention (server/attention.py), recorded ones torch's math path
+    # no dropout: eager and recorded steps take the fused attention (server/attention.py); the traced graph holds
+    # its composition's aten calls (server/graph_trace.py `_ComposedOps`)
     "encoder-adamw-no-dropout": (lambda: Encoder(0.0), adamw, encoder_batch, nn.functional.cross_entropy),
 }
 
 
 def traced_lines(serve: Any) -> int:
     return sum("runs as a TorchScript graph" in line for line in list(serve.process.log_lines))
+
+
+FUSED_OPS = {"aten::_scaled_dot_product_fused_attention_overrideable",
+             "aten::_scaled_dot_product_fused_attention_overrideable_backward"}  # fmt: skip
+# The captured steps whose graph holds the fused attention (a forward and a backward per encoder layer)
+FUSED_CALLS = {"encoder-adamw-no-dropout": 4}
+
+
+def fused_calls(step: Any) -> int:
+    [g] = step.graphs.values()
+    return sum(op.name.split(".")[0] in FUSED_OPS for op in g.built.ops)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -158,6 +173,10 @@ def test_captured_losses_equal_eager_and_local(serve: Any, dev: torch.device, ca
     while traced_lines(serve) == traced and time.monotonic() < deadline:
         time.sleep(0.05)
     assert traced_lines(serve) == traced + 1
+    fused = FUSED_CALLS.get(case, 0)
+    assert fused_calls(step) == fused  # the recorded step took the fused attention (no math path while recording)
+    [line] = [line for line in list(serve.process.log_lines) if "runs as a TorchScript graph" in line][traced:]
+    assert f", {fused} fused attention;" in line  # ...and the daemon traced it, fused calls included
     assert_close(eager, local, f"{case} eager vs local")
     assert_close(captured, eager, f"{case} captured vs eager")
     assert len(set(captured[3:])) == steps - 3  # replays computed new losses (fresh batches), not stale ones
@@ -619,3 +638,61 @@ def test_captured_lstm_with_list_results_trains_like_eager(dev: torch.device) ->
     assert step.stats == {"eager": 1, "recorded": 2, "replayed": steps - 3, "defined": 1, "rerecorded": 0}
     assert_close(eager, local, "lstm eager vs local")
     assert_close(captured, eager, "lstm captured vs eager")
+
+
+class _OnMeta(TorchDispatchMode):
+    """Logs the ops dispatched in this thread (dispatch modes are per thread) and runs them on meta copies: nothing
+    reaches the daemon, so a thread may look at what its SDPA would send while another thread records a step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.append(str(func))
+
+        def meta(x: Any) -> Any:
+            if isinstance(x, torch.Tensor):
+                return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+            return torch.device("meta") if isinstance(x, torch.device) else x
+
+        a, k = tree_map(meta, (args, kwargs or {}))
+        return func(*a, **k)
+
+
+def test_a_recording_step_leaves_other_threads_attention_fused(dev: torch.device) -> None:
+    """While one thread records a step, another thread's scaled_dot_product_attention on gpupool still takes the
+    fused op (recording once turned the fused backend off process-wide: other threads took the math path)."""
+    q, k, v = (torch.randn(2, 4, 16, 8).to(dev) for _ in range(3))
+    inside, seen = threading.Event(), threading.Event()
+    sent: list[list[str]] = []
+
+    def other() -> None:
+        for _ in range(3):  # the step's calls: eager, record, record
+            assert inside.wait(60)
+            inside.clear()
+            with _OnMeta() as log:
+                nn.functional.scaled_dot_product_attention(q, k, v)
+            sent.append(log.ops)
+            seen.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    model, opt = small_setup(dev)
+
+    @gt.capture
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        inside.set()
+        assert seen.wait(60)
+        seen.clear()
+        loss.backward()
+        opt.step()
+        return loss
+
+    for i in range(3):
+        step(*xy(seed=i))
+    thread.join(60)
+    assert step.stats["recorded"] == 2
+    assert sent == [["aten._scaled_dot_product_fused_attention_overrideable.default"]] * 3
