@@ -398,7 +398,9 @@ def _no_tensor(t: torch.Tensor) -> tensor_pb2.Arg:
 BACKWARD = "aten::_scaled_dot_product_fused_attention_overrideable_backward.default"
 
 
-def _attention_graph(graph_id: int, dropout: float = 0.0, scale: Any = 0.5, mask_cols: int = 12) -> Any:
+def _attention_graph(
+    graph_id: int, dropout: float = 0.0, scale: Any = 0.5, mask_cols: int = 12, mask_lead: tuple[int, ...] = (2, 1)
+) -> Any:
     """Slots 1-5: query (B, L, H, E: transposed in the graph, as an encoder's), key, value, a bool mask, the
     output's gradient; the fused forward and backward; outputs: out, logsumexp, the three gradients."""
     q, k, v, mask, grad = (Slot(i) for i in range(1, 6))
@@ -410,16 +412,20 @@ def _attention_graph(graph_id: int, dropout: float = 0.0, scale: Any = 0.5, mask
             0.0, False, Slot(9), Slot(10), scale=scale, outputs=[11, 12, 13, 14]),
     ]  # fmt: skip
     shapes = [((2, 16, 4, 8), torch.float32), ((2, 4, 12, 8), torch.float32), ((2, 4, 12, 8), torch.float32),
-              ((2, 1, 16, mask_cols), torch.bool), ((2, 4, 16, 8), torch.float32)]  # fmt: skip
+              ((*mask_lead, 16, mask_cols), torch.bool), ((2, 4, 16, 8), torch.float32)]  # fmt: skip
     meta = [wire.meta_to_proto(torch.empty(s, dtype=d)) for s, d in shapes]
     return device_pb2.DefineGraph(graph_id=graph_id, inputs=5, input_meta=meta, ops=body, outputs=[7, 8, 11, 12, 13])
 
 
-def test_a_graphs_fused_attention_is_traced_and_gives_local_cpus_bits(serve: Any, session: Session) -> None:
+@pytest.mark.parametrize("mask_lead", [(2, 1), (1,)], ids=["4-d-mask", "3-d-mask"])
+def test_a_graphs_fused_attention_is_traced_and_gives_local_cpus_bits(
+    serve: Any, session: Session, mask_lead: tuple[int, ...]
+) -> None:
     """A graph holding the fused forward and backward runs as a TorchScript graph from its second run (the
-    composition's aten calls as nodes, server/graph_trace.py), with local CPU's flash kernels' bits every run."""
+    composition's aten calls as nodes, server/graph_trace.py), with local CPU's flash kernels' bits every run; a 3-D
+    mask is broadcast as local SDPA does (unsqueezed to 4-D inside the traced graph)."""
     s = session
-    s.define_graph(_attention_graph(41))
+    s.define_graph(_attention_graph(41, mask_lead=mask_lead))
     before = [line for line in list(serve.process.log_lines) if "runs as a TorchScript graph" in line]
     for i in range(4):  # run 1: the Python replay; runs 2-4: the TorchScript graph
         g = torch.Generator().manual_seed(50 + i)
@@ -428,12 +434,13 @@ def test_a_graphs_fused_attention_is_traced_and_gives_local_cpus_bits(serve: Any
             torch.randn(2, 4, 12, 8, generator=g),
             torch.randn(2, 4, 12, 8, generator=g),
         )
-        mask = torch.rand(2, 1, 16, 12, generator=g) > 0.3
+        mask = torch.rand(*mask_lead, 16, 12, generator=g) > 0.3
         grad = torch.randn(2, 4, 16, 8, generator=g)
         outs = [s.new_handle() for _ in range(5)]
         s.run_graph(41, [Handle(s.upload(t)) for t in (q, k, v, mask, grad)], outs)
         qt = q.transpose(1, 2)
         fmask = torch.zeros(mask.shape).masked_fill_(mask.logical_not(), -math.inf)
+        fmask = fmask.reshape(*(1,) * (4 - fmask.dim()), *fmask.shape)  # the CPU kernels take 2-D or 4-D masks
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, k, v, attn_mask=fmask, scale=0.5)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad, qt, k, v, out, lse, 0.0, False, attn_mask=fmask, scale=0.5
