@@ -1919,12 +1919,17 @@ int64_t claim(bool functional, bool foreach) {
   return n;
 }
 
+// scaled_dot_product_attention's fused backend (`gpupool_sdp_choice` below). On by default; `configure_wire` sets it
+// from $GPUPOOL_FUSED_SDPA as gpupool/config.py `fused_sdpa` parsed it (the shim's parser: this file reads no
+// environment), `set_fused_sdp` at any time.
+std::atomic<bool> g_fused_sdp{true};
+
 // Wire mode from now on for device `index` (before any tensor is made on it): its handles are base + n; ops outside
 // `ops` (none: every op is in) and what the encoder cannot send go to the Python fallback at PrivateUse2 with `python`,
 // else are refused. The op set and the tables are the first call's (the process's).
 void configure_wire(int64_t index, int64_t base, std::optional<std::vector<std::string>> ops,
                     std::vector<int64_t> dtype_codes, int64_t strided, std::vector<int64_t> mf_codes, bool python,
-                    int64_t flush_ops) {
+                    int64_t flush_ops, bool fused_sdpa) {
   // commands a frame: $GPUPOOL_FLUSH_OPS as gpupool/config.py `flush_ops` parsed it (the Python client's parser); the
   // range is checked again here only as a guard
   TORCH_CHECK(flush_ops >= 1 && flush_ops <= 65536, "gpupool native client: flush_ops=", flush_ops,
@@ -1945,6 +1950,7 @@ void configure_wire(int64_t index, int64_t base, std::optional<std::vector<std::
   if (ops) g_wire_ops = std::unordered_set<std::string>(ops->begin(), ops->end());
   g_python = python;
   g_flush_commands = static_cast<size_t>(flush_ops);
+  g_fused_sdp.store(fused_sdpa);
   g_keep = true;  // the buffer is a frame: never dropped
   g_wire = true;
 }
@@ -2098,7 +2104,7 @@ namespace {
 // local CPU's math path draws them), GQA, other than 4-D, mixed or non-floating dtypes, unequal head sizes, an empty
 // or last-dim-strided input, a mask that needs a gradient, is of another dtype or does not broadcast to the scores.
 // server/attention.py `check_forward` holds the same rules (a test checks both sides on the same calls).
-std::atomic<bool> g_fused_sdp{std::getenv("GPUPOOL_FUSED_SDPA") == nullptr || std::string(std::getenv("GPUPOOL_FUSED_SDPA")) != "0"};
+// (`g_fused_sdp`, declared above `configure_wire`, which sets it)
 
 int64_t gpupool_sdp_choice(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
@@ -2148,7 +2154,7 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("op_name(int id) -> str", &op_name);
   m.def("reset_stats() -> ()", &reset_stats);
   m.def("claim(bool functional, bool foreach) -> int", &claim);
-  m.def("configure_wire(int index, int base, str[]? ops, int[] dtype_codes, int strided, int[] mf_codes, bool python, int flush_ops) "
+  m.def("configure_wire(int index, int base, str[]? ops, int[] dtype_codes, int strided, int[] mf_codes, bool python, int flush_ops, bool fused_sdpa) "
         "-> ()", &configure_wire);
   m.def("wire_handle(Tensor t) -> int", &py_wire_handle);
   m.def("new_output(int[] size, int[] stride, ScalarType dtype, int index) -> Tensor", &py_new_output);

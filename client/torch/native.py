@@ -154,9 +154,11 @@ def build() -> Path:
 
 def install() -> bool:
     """Put the native guard in torch's registry for PrivateUse1, replacing the Python guard; True if it is there.
-    Never raises: on any failure torch's Python guard stays and one line is logged."""
+    Never raises (but for a bad $GPUPOOL_FUSED_SDPA: gpupool/config.py `fused_sdpa`'s one line): on any failure
+    torch's Python guard stays and one line is logged."""
     if _loaded:
         return active()
+    fused = fused_attention_default()  # before anything: a bad value is the user's error, not a failed build
     if not enabled():
         log.info("gpupool: GPUPOOL_NATIVE=0: torch's Python device guard stays (slower per op)")
         return False
@@ -172,7 +174,7 @@ def install() -> bool:
         lib.gpupool_set_fused_sdp.argtypes = [ctypes.c_int]
         lib.gpupool_set_current_device(_python_current_device())  # keep what was set before the guard came
         lib.gpupool_register_guard()
-        lib.gpupool_set_fused_sdp(int(fused_attention_default()))
+        lib.gpupool_set_fused_sdp(int(fused))
         lib.gpupool_register_sdp_choice()  # scaled_dot_product_attention's fused backend (native_guard.cpp)
     except Exception as exc:  # BuildError, a broken cache file, an ABI mismatch: the Python guard still works
         log.warning("gpupool: native device guard unavailable, torch's Python device guard stays (slower per op; "
@@ -184,8 +186,9 @@ def install() -> bool:
 
 
 def fused_attention_default() -> bool:
-    """False when `GPUPOOL_FUSED_SDPA=0` asks for torch's math path of scaled_dot_product_attention on gpupool."""
-    return os.environ.get("GPUPOOL_FUSED_SDPA", "1").strip() != "0"
+    """False when `GPUPOOL_FUSED_SDPA=0` asks for torch's math path of scaled_dot_product_attention on gpupool
+    (gpupool/config.py `fused_sdpa`, the C++ client's parser too: a bad value raises one line naming it)."""
+    return config.fused_sdpa()
 
 
 def set_fused_attention(on: bool) -> bool:
