@@ -327,7 +327,9 @@ print(type(F.scaled_dot_product_attention(*xs).grad_fn).__name__)
     ("value", "node"),
     [(" 0", "UnsafeViewBackward0"), ("1\n", "ScaledDotProductFusedAttentionOverrideableBackward0"), ("off", None)],
 )
-def test_the_cpp_client_takes_gpupool_fused_sdpa_as_the_shim_parses_it(serve: Any, value: str, node: str | None) -> None:
+def test_the_cpp_client_takes_gpupool_fused_sdpa_as_the_shim_parses_it(
+    serve: Any, value: str, node: str | None
+) -> None:
     """The C++ client reads no environment: client/native/backend.py hands it $GPUPOOL_FUSED_SDPA at connect as
     gpupool/config.py `fused_sdpa` (the shim's parser) reads it. Before round 22 it compared the raw value with "0"
     itself: " 0" was the math path in the shim and the fused one here, and "off" was silently on."""

@@ -86,7 +86,9 @@ def test_the_shim_refuses_a_bad_flush_ops_at_import_with_that_line(text: str) ->
     assert proc.stdout.split() == ["16"], proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize(("text", "on"), [(None, True), ("", True), (" ", True), ("1", True), ("0", False), (" 0\n", False)])
+@pytest.mark.parametrize(
+    ("text", "on"), [(None, True), ("", True), (" ", True), ("1", True), ("0", False), (" 0\n", False)]
+)
 def test_fused_sdpa_reads_0_or_1(text: str | None, on: bool) -> None:
     assert fused_sdpa({} if text is None else {"GPUPOOL_FUSED_SDPA": text}) is on
 
@@ -96,7 +98,8 @@ def test_fused_sdpa_refuses_anything_else_in_one_line_naming_the_variable(text: 
     """Before round 22 the shim read any value but "0" (stripped) as on and the C++ client any value but exactly
     "0" (" 0" was on there, off in the shim): one parser now, and "no" or "false" is an error, never silently on."""
     with pytest.raises(
-        ValueError, match=f"^GPUPOOL_FUSED_SDPA={re.escape(text)} is not 0 \\(torch's math path\\) or 1 \\(the fused backend\\)$"
+        ValueError,
+        match=f"^GPUPOOL_FUSED_SDPA={re.escape(text)} is not 0 \\(torch's math path\\) or 1 \\(the fused backend\\)$",
     ):
         fused_sdpa({"GPUPOOL_FUSED_SDPA": text})
 
