@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 import torch
 from gpupool.client.torch import encode
-from test_shim_views import _Encoder, _plain_lists
-from torch import nn
+from test_shim_views import _foreach_train, _plain_lists
 
 import gpupool.torch as gt
 
@@ -32,27 +31,10 @@ Run = tuple[list[float], list[float], list[torch.Tensor]]
 
 
 def _train(d: Any, steps: int = 5) -> Run:
-    """test_shim_views' `_foreach_train`, keeping each step's loss tensor to read it again at the end."""
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(1)
-    if MODEL == "tiny-mlp":
-        model: nn.Module = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
-        x, y = torch.randn(16, 32, generator=gen), torch.randint(0, 2, (16,), generator=gen)
-    else:
-        model = _Encoder()
-        x, y = torch.randint(0, 100, (4, 16), generator=gen), torch.randint(0, 2, (4,), generator=gen)
-    model = model.to(d)
-    make = torch.optim.Adam if OPT == "adam" else torch.optim.AdamW
-    opt = make(model.parameters(), lr=1e-2, foreach=True)
-    losses, kept = [], []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x.to(d)), y.to(d))
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        kept.append(loss.detach())
-    return losses, [t.item() for t in kept], [p.detach().cpu() for p in model.parameters()]
+    """test_shim_views' `_foreach_train`, each step's loss read again at the end (a download race would differ)."""
+    kept: list[torch.Tensor] = []
+    losses, params = _foreach_train(d, MODEL, OPT, steps, kept)
+    return losses, [t.item() for t in kept], params
 
 
 def _differ(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[int]:
