@@ -125,6 +125,20 @@ def flush_ops(environ: Any = None) -> int:
     return n
 
 
+def fused_sdpa(environ: Any = None) -> bool:
+    """$GPUPOOL_FUSED_SDPA, whether `scaled_dot_product_attention` on gpupool may take the fused backend (one record a
+    call, run fused by the daemon: server/attention.py): 1 (the default, also when unset or empty) or 0 (torch's math
+    path). The one parser of both clients (client/torch/native.py, and client/native/backend.py, which hands it to
+    the C++ client at connect); any other value raises ValueError with one line naming the variable."""
+    text = (os.environ if environ is None else environ).get("GPUPOOL_FUSED_SDPA", "")
+    value = text.strip()
+    if not value:
+        return True
+    if value not in ("0", "1") or not text.isascii():
+        raise ValueError(f"GPUPOOL_FUSED_SDPA={text} is not 0 (torch's math path) or 1 (the fused backend)")
+    return value == "1"
+
+
 def cache_dir(name: str, env: str) -> Path:
     """A folder of gpupool's cache: `$ENV` when set, else `$XDG_CACHE_HOME/gpupool/NAME` (default
     `~/.cache/gpupool/NAME`): where builds that outlive a process (the client's device guard and C++ client, the

@@ -96,9 +96,11 @@ class CommandExecutor:
         s.defining = None  # a graph definition under way holds the session (a reference cycle)
 
     def warm_up(self) -> None:
-        """Load torch's meta kernels now (about a second, once per process), not on some session's clock."""
+        """Load torch's meta kernels now (about a second, once per process), not on some session's clock, and
+        make MKL's vector math functions ready before any worker forks (`warm_vector_math`)."""
         one = torch.ones(2, 2)
         self.sizer.new_bytes(torch.ops.aten.mm.default, [one, one], {})
+        warm_vector_math()
 
     def execute(self, s: WorkerSession, cmd: device_pb2.Command, reply: Reply, data: memoryview | None = None) -> None:
         """Run one command; `data`: an upload's bytes parsed out of its span by hand (server/bulk.py)."""
@@ -908,6 +910,29 @@ def _over_quota(s: WorkerSession, bound: Sequence[int]) -> None:
 def _dense(out: torch.Tensor) -> bool:
     """Whether `_run_op` binds this returned tensor itself (else `_bind_outputs` checks it)."""
     return out.layout == _STRIDED and not out.is_quantized and not out.is_nested and out.dim() <= MAX_DIMS
+
+
+# The unary ops whose CPU kernels call MKL's vector math library (ATen's `vml::v<op>`, UnaryOpsKernel.cpp), each
+# with its own function per dtype.
+VECTOR_MATH_OPS = (
+    "acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp", "expm1", "lgamma", "log", "log10", "log1p",
+    "log2", "sin", "sqrt", "tan", "tanh",
+)  # fmt: skip
+
+
+def warm_vector_math() -> None:
+    """Call each MKL vector math function once, on one thread, before a worker forks from this process.
+
+    The first call of such a function in a process is not safe on several threads at once (MKL sets the function
+    up lazily; seen in round 21's flaky bit-for-bit encoder test): a float32 `sqrt` of 3200 elements (an embedding's
+    Adam state, above ATen's grain of 2048 for these kernels) runs on two OpenMP threads, and now and then, in a fresh
+    session worker where it was the first `sqrt`, the second thread's half came out ~3e-4 off (about 12 good bits),
+    where every later call gives the same bits. One-element tensors never take the parallel path (a zygote must not
+    start OpenMP's threads before it forks), and a forked worker inherits what these calls set up."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full((1,), 0.5, dtype=dtype)
+        for name in VECTOR_MATH_OPS:
+            getattr(torch, name)(x)
 
 
 def _slots(out: Any) -> list[Any]:

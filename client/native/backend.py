@@ -244,6 +244,7 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
         index, int(session.handle_base), None if ops is None else sorted(ops), codes,
         compact.LAYOUT_CODES[torch.strided], [compact.MEMORY_FORMAT_CODES[f] for f in formats], python,
         config.flush_ops(),  # $GPUPOOL_FLUSH_OPS: the Python client's parser, one bound, one message
+        config.fused_sdpa(),  # $GPUPOOL_FUSED_SDPA: the same parser as the shim's (the C++ client reads no environment)
     )  # fmt: skip
     _sessions[index] = session
     if _libs:  # the hand-offs below serve every device (by index)

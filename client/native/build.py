@@ -16,6 +16,7 @@ from pathlib import Path
 from gpupool import buildcache, config
 
 SOURCE = Path(__file__).with_name("native_client.cpp")
+HEADER = Path(__file__).parent.parent / "sdpa_choice.h"  # shared with the shim's guard: part of the build key
 _LIB = "gpupool_native_client"
 
 
@@ -39,7 +40,7 @@ def cache_dir() -> Path:
 def built_path() -> Path:
     """Where the library of this torch and this source lives once built (a folder per torch version and source hash:
     checkouts of other sources never replace each other's library under each other's running processes)."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.read_bytes() + b"\0" + HEADER.read_bytes()).hexdigest()[:16]  # either: a rebuild
     return cache_dir() / f"torch-{torch_version()}-{digest}" / f"{_LIB}.so"
 
 
@@ -74,6 +75,7 @@ def build(verbose: bool = False) -> Path:
               file=sys.stderr)  # fmt: skip
         try:
             cpp_extension.load(name=_LIB, sources=[str(SOURCE)], extra_cflags=["-O2"], build_directory=str(tmp),
+                               extra_include_paths=[str(HEADER.parent)],
                                is_python_module=False, verbose=verbose)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - the compiler's output is in the message: its last line says why
             last = [ln for ln in str(exc).splitlines() if ln.strip()][-1:] or [type(exc).__name__]

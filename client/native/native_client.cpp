@@ -24,6 +24,7 @@
 #include <ATen/EmptyTensor.h>
 #include <ATen/SDPBackend.h>
 #include <ATen/native/transformers/attention.h>
+#include "sdpa_choice.h"
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/detail/PrivateUse1HooksInterface.h>
 #include <ATen/ops/_reshape_alias_native.h>
@@ -1919,12 +1920,17 @@ int64_t claim(bool functional, bool foreach) {
   return n;
 }
 
+// scaled_dot_product_attention's fused backend (`gpupool_sdp_choice` below). On by default; `configure_wire` sets it
+// from $GPUPOOL_FUSED_SDPA as gpupool/config.py `fused_sdpa` parsed it (the shim's parser: this file reads no
+// environment), `set_fused_sdp` at any time.
+std::atomic<bool> g_fused_sdp{true};
+
 // Wire mode from now on for device `index` (before any tensor is made on it): its handles are base + n; ops outside
 // `ops` (none: every op is in) and what the encoder cannot send go to the Python fallback at PrivateUse2 with `python`,
 // else are refused. The op set and the tables are the first call's (the process's).
 void configure_wire(int64_t index, int64_t base, std::optional<std::vector<std::string>> ops,
                     std::vector<int64_t> dtype_codes, int64_t strided, std::vector<int64_t> mf_codes, bool python,
-                    int64_t flush_ops) {
+                    int64_t flush_ops, bool fused_sdpa) {
   // commands a frame: $GPUPOOL_FLUSH_OPS as gpupool/config.py `flush_ops` parsed it (the Python client's parser); the
   // range is checked again here only as a guard
   TORCH_CHECK(flush_ops >= 1 && flush_ops <= 65536, "gpupool native client: flush_ops=", flush_ops,
@@ -1945,6 +1951,7 @@ void configure_wire(int64_t index, int64_t base, std::optional<std::vector<std::
   if (ops) g_wire_ops = std::unordered_set<std::string>(ops->begin(), ops->end());
   g_python = python;
   g_flush_commands = static_cast<size_t>(flush_ops);
+  g_fused_sdp.store(fused_sdpa);
   g_keep = true;  // the buffer is a frame: never dropped
   g_wire = true;
 }
@@ -2090,41 +2097,14 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
 
 namespace {
 
-// scaled_dot_product_attention's backend on a gpupool device (torch asks `_fused_sdp_choice_stub` for PrivateUse1;
-// without an answer it takes the math path: bmm, mul, `_safe_softmax`, views, ~30 autograd nodes and records a call).
-// `overrideable` sends one `_scaled_dot_product_fused_attention_overrideable` record (+ its backward), which the
-// daemon runs fused (server/attention.py); `math` is kept for every call the daemon's fused op refuses or where local
-// CPU's flash kernel would not run either: dropout (its random numbers then come from gpupool's seeded dropout, as
-// local CPU's math path draws them), GQA, other than 4-D, mixed or non-floating dtypes, unequal head sizes, an empty
-// or last-dim-strided input, a mask that needs a gradient, is of another dtype or does not broadcast to the scores.
-// server/attention.py `check_forward` holds the same rules (a test checks both sides on the same calls).
-std::atomic<bool> g_fused_sdp{std::getenv("GPUPOOL_FUSED_SDPA") == nullptr || std::string(std::getenv("GPUPOOL_FUSED_SDPA")) != "0"};
+// scaled_dot_product_attention's backend on a gpupool device: client/sdpa_choice.h (shared with the shim's guard).
+// (`g_fused_sdp`, declared above `configure_wire`, which sets it)
 
 int64_t gpupool_sdp_choice(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
                            std::optional<double> /*scale*/, bool enable_gqa) {
-  const int64_t math = static_cast<int64_t>(at::SDPBackend::math);
-  if (!g_fused_sdp.load(std::memory_order_relaxed) || dropout_p != 0.0 || enable_gqa) return math;
-  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || q.is_nested() || k.is_nested() || v.is_nested()) return math;
-  const auto dt = q.scalar_type();
-  if (dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16 && dt != at::kDouble) return math;
-  if (k.scalar_type() != dt || v.scalar_type() != dt) return math;
-  const int64_t b = q.size(0), h = q.size(1), l = q.size(2), e = q.size(3), s = k.size(2);
-  if (k.size(0) != b || v.size(0) != b || k.size(1) != h || v.size(1) != h || v.size(2) != s) return math;
-  if (k.size(3) != e || v.size(3) != e) return math;
-  if (b == 0 || h == 0 || l == 0 || e == 0 || s == 0) return math;
-  if (q.stride(3) != 1 || k.stride(3) != 1 || v.stride(3) != 1) return math;
-  if (mask.has_value() && mask->defined()) {
-    const at::Tensor& m = *mask;
-    if (is_causal || m.requires_grad() || m.is_nested() || m.dim() > 4) return math;
-    if (m.scalar_type() != at::kBool && m.scalar_type() != dt) return math;
-    const int64_t scores[4] = {b, h, l, s};
-    for (int64_t i = 1; i <= m.dim(); i++) {
-      const int64_t n = m.size(m.dim() - i);
-      if (n != 1 && n != scores[4 - i]) return math;
-    }
-  }
-  return static_cast<int64_t>(at::SDPBackend::overrideable);
+  return gpupool_sdpa::sdp_choice(g_fused_sdp.load(std::memory_order_relaxed), q, k, v, mask, dropout_p, is_causal,
+                                  enable_gqa);
 }
 
 }  // namespace
@@ -2148,7 +2128,7 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("op_name(int id) -> str", &op_name);
   m.def("reset_stats() -> ()", &reset_stats);
   m.def("claim(bool functional, bool foreach) -> int", &claim);
-  m.def("configure_wire(int index, int base, str[]? ops, int[] dtype_codes, int strided, int[] mf_codes, bool python, int flush_ops) "
+  m.def("configure_wire(int index, int base, str[]? ops, int[] dtype_codes, int strided, int[] mf_codes, bool python, int flush_ops, bool fused_sdpa) "
         "-> ()", &configure_wire);
   m.def("wire_handle(Tensor t) -> int", &py_wire_handle);
   m.def("new_output(int[] size, int[] stride, ScalarType dtype, int index) -> Tensor", &py_new_output);

@@ -17,9 +17,9 @@ build it once. Without a compiler, or when the build fails, torch's Python guard
 `GPUPOOL_NATIVE=0` keeps the Python guard without trying. Nothing is downloaded: only the shipped source is compiled.
 
 The same library answers torch's choice of `scaled_dot_product_attention`'s backend for the device (torch asks a C++
-dispatch stub; native_guard.cpp `gpupool_sdp_choice`): the fused `overrideable` backend, one op record a call that the
-daemon runs fused (server/attention.py), where the call allows it, else torch's math path. Without the native guard,
-or with `GPUPOOL_FUSED_SDPA=0`, it is always the math path.
+dispatch stub; native_guard.cpp `gpupool_sdp_choice`, client/sdpa_choice.h): the fused `overrideable` backend, one op
+record a call that the daemon runs fused (server/attention.py), where the call allows it, else torch's math path.
+Without the native guard, or with `GPUPOOL_FUSED_SDPA=0`, it is always the math path.
 
     python -c 'from gpupool.client.torch import native; print(native.build())'   # build now (scripts/setup.sh)
 """
@@ -48,6 +48,7 @@ from gpupool import config
 log = logging.getLogger("gpupool.torch")
 
 SOURCE = Path(__file__).with_name("native_guard.cpp")
+HEADER = Path(__file__).parent.parent / "sdpa_choice.h"  # shared with the C++ client: part of the build key
 _loaded: list[Any] = []  # the ctypes library once loaded and registered
 _thread = threading.local()  # the current device of each thread while torch's Python guard is in place
 
@@ -93,7 +94,7 @@ def library_path() -> Path:
     for part in (torch.__version__, str(torch.version.git_version), str(torch._C._GLIBCXX_USE_CXX11_ABI),
                  platform.machine(), str(_torch_dir())):  # fmt: skip
         key.update(part.encode() + b"\0")
-    key.update(SOURCE.read_bytes())
+    key.update(SOURCE.read_bytes() + b"\0" + HEADER.read_bytes())  # an edit of either rebuilds
     version = "".join(c if c.isalnum() or c in ".-" else "_" for c in torch.__version__)
     return cache_dir() / f"guard-{version}-{key.hexdigest()[:16]}.so"
 
@@ -109,7 +110,8 @@ def compile_command(out: Path) -> list[str]:
     tdir = _torch_dir()
     cmd = [*_compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-           f"-I{tdir / 'include'}", "-o", str(out), str(SOURCE), f"-L{tdir / 'lib'}", "-lc10", "-ltorch_cpu",
+           f"-I{tdir / 'include'}", f"-I{HEADER.parent}", "-o", str(out), str(SOURCE), f"-L{tdir / 'lib'}",
+           "-lc10", "-ltorch_cpu",
            f"-Wl,-rpath,{tdir / 'lib'}"]  # fmt: skip
     if sys.platform.startswith("linux"):
         cmd.append("-Wl,--no-undefined")  # a missing symbol fails the build, not the load
@@ -154,9 +156,11 @@ def build() -> Path:
 
 def install() -> bool:
     """Put the native guard in torch's registry for PrivateUse1, replacing the Python guard; True if it is there.
-    Never raises: on any failure torch's Python guard stays and one line is logged."""
+    Never raises (but for a bad $GPUPOOL_FUSED_SDPA: gpupool/config.py `fused_sdpa`'s one line): on any failure
+    torch's Python guard stays and one line is logged."""
     if _loaded:
         return active()
+    fused = fused_attention_default()  # before anything: a bad value is the user's error, not a failed build
     if not enabled():
         log.info("gpupool: GPUPOOL_NATIVE=0: torch's Python device guard stays (slower per op)")
         return False
@@ -172,7 +176,7 @@ def install() -> bool:
         lib.gpupool_set_fused_sdp.argtypes = [ctypes.c_int]
         lib.gpupool_set_current_device(_python_current_device())  # keep what was set before the guard came
         lib.gpupool_register_guard()
-        lib.gpupool_set_fused_sdp(int(fused_attention_default()))
+        lib.gpupool_set_fused_sdp(int(fused))
         lib.gpupool_register_sdp_choice()  # scaled_dot_product_attention's fused backend (native_guard.cpp)
     except Exception as exc:  # BuildError, a broken cache file, an ABI mismatch: the Python guard still works
         log.warning("gpupool: native device guard unavailable, torch's Python device guard stays (slower per op; "
@@ -184,8 +188,9 @@ def install() -> bool:
 
 
 def fused_attention_default() -> bool:
-    """False when `GPUPOOL_FUSED_SDPA=0` asks for torch's math path of scaled_dot_product_attention on gpupool."""
-    return os.environ.get("GPUPOOL_FUSED_SDPA", "1").strip() != "0"
+    """False when `GPUPOOL_FUSED_SDPA=0` asks for torch's math path of scaled_dot_product_attention on gpupool
+    (gpupool/config.py `fused_sdpa`, the C++ client's parser too: a bad value raises one line naming it)."""
+    return config.fused_sdpa()
 
 
 def set_fused_attention(on: bool) -> bool:

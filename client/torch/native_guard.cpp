@@ -22,6 +22,7 @@
 #include <ATen/SDPBackend.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/native/transformers/attention.h>
+#include "sdpa_choice.h"
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <atomic>
@@ -92,41 +93,14 @@ struct GpupoolGuard final : public c10::impl::DeviceGuardImplInterface {
 // DeviceGuardImplInterface.h, "you must *leak* objects when putting them in the registry").
 const GpupoolGuard* const kGuard = new GpupoolGuard();
 
-// scaled_dot_product_attention's backend on a gpupool device (torch asks `_fused_sdp_choice_stub` for PrivateUse1;
-// without an answer it takes the math path: bmm, mul, `_safe_softmax`, views, ~30 autograd nodes and records a call).
-// `overrideable` sends one `_scaled_dot_product_fused_attention_overrideable` record (+ its backward), which the
-// daemon runs fused (server/attention.py); `math` is kept for every call the daemon's fused op refuses or where local
-// CPU's flash kernel would not run either: dropout (its random numbers then come from gpupool's seeded dropout, as
-// local CPU's math path draws them), GQA, other than 4-D, mixed or non-floating dtypes, unequal head sizes, an empty
-// or last-dim-strided input, a mask that needs a gradient, is of another dtype or does not broadcast to the scores.
-// server/attention.py `check_forward` holds the same rules (a test checks both sides on the same calls).
+// scaled_dot_product_attention's backend on a gpupool device: client/sdpa_choice.h (shared with the C++ client).
 std::atomic<bool> g_fused_sdp{true};
 
 int64_t gpupool_sdp_choice(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
                            std::optional<double> /*scale*/, bool enable_gqa) {
-  const int64_t math = static_cast<int64_t>(at::SDPBackend::math);
-  if (!g_fused_sdp.load(std::memory_order_relaxed) || dropout_p != 0.0 || enable_gqa) return math;
-  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || q.is_nested() || k.is_nested() || v.is_nested()) return math;
-  const auto dt = q.scalar_type();
-  if (dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16 && dt != at::kDouble) return math;
-  if (k.scalar_type() != dt || v.scalar_type() != dt) return math;
-  const int64_t b = q.size(0), h = q.size(1), l = q.size(2), e = q.size(3), s = k.size(2);
-  if (k.size(0) != b || v.size(0) != b || k.size(1) != h || v.size(1) != h || v.size(2) != s) return math;
-  if (k.size(3) != e || v.size(3) != e) return math;
-  if (b == 0 || h == 0 || l == 0 || e == 0 || s == 0) return math;
-  if (q.stride(3) != 1 || k.stride(3) != 1 || v.stride(3) != 1) return math;
-  if (mask.has_value() && mask->defined()) {
-    const at::Tensor& m = *mask;
-    if (is_causal || m.requires_grad() || m.is_nested() || m.dim() > 4) return math;
-    if (m.scalar_type() != at::kBool && m.scalar_type() != dt) return math;
-    const int64_t scores[4] = {b, h, l, s};
-    for (int64_t i = 1; i <= m.dim(); i++) {
-      const int64_t n = m.size(m.dim() - i);
-      if (n != 1 && n != scores[4 - i]) return math;
-    }
-  }
-  return static_cast<int64_t>(at::SDPBackend::overrideable);
+  return gpupool_sdpa::sdp_choice(g_fused_sdp.load(std::memory_order_relaxed), q, k, v, mask, dropout_p, is_causal,
+                                  enable_gqa);
 }
 
 }  // namespace

@@ -314,6 +314,49 @@ def test_the_cpp_client_equals_local_cpu(serve: Any, fused: bool) -> None:
     assert result["bf16"] <= (1e-5 if fused else 2e-2), result
 
 
+_NATIVE_ENV = r"""
+import sys
+import torch, torch.nn.functional as F
+from gpupool.client.native import backend as nc
+from gpupool.client.session import Session
+from gpupool.client.engine import run_backward_on_calling_thread
+torch.set_num_threads(1)
+nc.load(); nc.claim(); run_backward_on_calling_thread()
+nc.connect(Session.attach(sys.argv[1], sys.argv[2], timeout=120.0), None)
+xs = [torch.randn(2, 4, 16, 8).to(nc.device()).requires_grad_() for _ in range(3)]
+print(type(F.scaled_dot_product_attention(*xs).grad_fn).__name__)
+"""
+
+
+@pytest.mark.parametrize(
+    ("value", "node"),
+    [(" 0", "UnsafeViewBackward0"), ("1\n", "ScaledDotProductFusedAttentionOverrideableBackward0"), ("off", None)],
+)
+def test_the_cpp_client_takes_gpupool_fused_sdpa_as_the_shim_parses_it(
+    serve: Any, value: str, node: str | None
+) -> None:
+    """The C++ client reads no environment: client/native/backend.py hands it $GPUPOOL_FUSED_SDPA at connect as
+    gpupool/config.py `fused_sdpa` (the shim's parser) reads it. Before round 22 it compared the raw value with "0"
+    itself: " 0" was the math path in the shim and the fused one here, and "off" was silently on."""
+    from gpupool.client.native.backend import compiler_missing
+
+    why = compiler_missing()
+    if why is not None:
+        pytest.skip(f"C++ client: {why}")
+    env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "PYTHONPATH": str(ROOT), "GPUPOOL_FUSED_SDPA": value}
+    proc = subprocess.run(
+        [sys.executable, "-c", _NATIVE_ENV, serve.address, serve.token()], env=env, capture_output=True, text=True,
+        timeout=400,
+    )  # fmt: skip
+    if node is None:
+        assert proc.returncode != 0
+        want = f"ValueError: GPUPOOL_FUSED_SDPA={value} is not 0 (torch's math path) or 1 (the fused backend)"
+        assert proc.stderr.strip().splitlines()[-1] == want, proc.stderr[-3000:]
+    else:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert proc.stdout.split()[-1] == node
+
+
 def test_torchs_opinfo_samples_equal_local_cpu(dev: torch.device) -> None:
     """PyTorch's own SDPA samples (OpInfo, float32 and bfloat16, without dropout): 3-D and 4-D, masks, causal, GQA;
     some take the fused op, the rest the math path, all give local CPU's outputs and gradients."""

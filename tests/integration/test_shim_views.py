@@ -204,7 +204,10 @@ class _Encoder(nn.Module):
         return self.head(self.encoder(self.embed(tokens)).mean(dim=1))
 
 
-def _foreach_train(d: Any, model_name: str, opt_name: str, steps: int) -> tuple[list[float], list[torch.Tensor]]:
+def _foreach_train(
+    d: Any, model_name: str, opt_name: str, steps: int, kept: list[torch.Tensor] | None = None
+) -> tuple[list[float], list[torch.Tensor]]:
+    """Losses and final parameters; `kept` (loop_shim_views.py) gets each step's loss tensor, to read again."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     if model_name == "tiny-mlp":
@@ -223,6 +226,8 @@ def _foreach_train(d: Any, model_name: str, opt_name: str, steps: int) -> tuple[
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if kept is not None:
+            kept.append(loss.detach())
     return losses, [p.detach().cpu() for p in model.parameters()]
 
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from gpupool.config import add_flag, env_name, flush_ops, format_size, parse_size, split_address
+from gpupool.config import add_flag, env_name, flush_ops, format_size, fused_sdpa, parse_size, split_address
 
 
 @pytest.mark.parametrize(
@@ -84,3 +84,36 @@ def test_the_shim_refuses_a_bad_flush_ops_at_import_with_that_line(text: str) ->
     code = "import gpupool.torch; from gpupool.client.torch import runtime; print(runtime.FLUSH_OPS)"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["16"], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("text", "on"), [(None, True), ("", True), (" ", True), ("1", True), ("0", False), (" 0\n", False)]
+)
+def test_fused_sdpa_reads_0_or_1(text: str | None, on: bool) -> None:
+    assert fused_sdpa({} if text is None else {"GPUPOOL_FUSED_SDPA": text}) is on
+
+
+@pytest.mark.parametrize("text", ["00", "2", "no", "false", "off", "true", "-0", "0.0", "\u0660"])
+def test_fused_sdpa_refuses_anything_else_in_one_line_naming_the_variable(text: str) -> None:
+    """Before round 22 the shim read any value but "0" (stripped) as on and the C++ client any value but exactly
+    "0" (" 0" was on there, off in the shim): one parser now, and "no" or "false" is an error, never silently on."""
+    with pytest.raises(
+        ValueError,
+        match=f"^GPUPOOL_FUSED_SDPA={re.escape(text)} is not 0 \\(torch's math path\\) or 1 \\(the fused backend\\)$",
+    ):
+        fused_sdpa({"GPUPOOL_FUSED_SDPA": text})
+
+
+def test_the_shim_reads_gpupool_fused_sdpa_with_that_parser() -> None:
+    """client/torch/native.py sets the device guard's choice from `fused_sdpa` when it installs (at `import
+    gpupool.torch`): " 0" is the math path (as it was there; the C++ client took it for on), "off" one line."""
+    env = {**os.environ, "GPUPOOL_FUSED_SDPA": "off", "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
+    proc = subprocess.run([sys.executable, "-c", "import gpupool.torch"], env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode != 0
+    want = "ValueError: GPUPOOL_FUSED_SDPA=off is not 0 (torch's math path) or 1 (the fused backend)"
+    assert proc.stderr.strip().splitlines()[-1] == want, proc.stderr[-2000:]
+    env["GPUPOOL_FUSED_SDPA"] = " 0"
+    code = "import gpupool.torch; from gpupool.client.torch import native; print(native.set_fused_attention(True))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["False"], proc.stderr[-2000:]
