@@ -48,6 +48,18 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(get_pki().directory, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def native_runner_module() -> Any:
+    """The daemon's native runner (server/native_runner.cpp), built or loaded from its cache; skips where it cannot be
+    built."""
+    from gpupool.server import native_runner
+
+    m = native_runner.load()
+    if m is None:
+        pytest.skip("the native runner cannot be built here")
+    return m
+
+
 @pytest.fixture
 def token_key() -> bytes:
     """A fresh token seed: `mint_token(token_key, ...)` signs with the Ed25519 key derived from it, daemons get

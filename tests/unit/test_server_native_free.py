@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from gpupool.server import native_runner, slices
+from gpupool.server import slices
 from gpupool.server.devices import FakeDevice
 from gpupool.server.executor import CommandExecutor
 from gpupool.server.sessions import DeviceMemory, Poison, WorkerSession
@@ -25,12 +25,9 @@ BASE = NUMBER << 32
 FOREIGN = ((NUMBER + 1) << 32) + 7
 
 
-@pytest.fixture(scope="module")
-def mod() -> Any:
-    m = native_runner.load()
-    if m is None:
-        pytest.skip("the native runner cannot be built here")
-    return m
+@pytest.fixture
+def mod(native_runner_module: Any) -> Any:
+    return native_runner_module
 
 
 def _session() -> WorkerSession:

@@ -11,17 +11,14 @@ from typing import Any
 
 import pytest
 from google.protobuf.message import DecodeError
-from gpupool.server import native_runner, slices
+from gpupool.server import slices
 
 from gpupool._proto import device_pb2
 
 
-@pytest.fixture(scope="module")
-def mod() -> Any:
-    m = native_runner.load()
-    if m is None:
-        pytest.skip("the native runner cannot be built here")
-    return m
+@pytest.fixture
+def mod(native_runner_module: Any) -> Any:
+    return native_runner_module
 
 
 def _upb(payload: bytes) -> list[bytes]:
