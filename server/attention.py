@@ -468,13 +468,13 @@ def graph_call(name: str, kernel: str) -> Callable[..., Any]:
     return run
 
 
-def _uses_math(q: Tensor, k: Tensor, v: Any, bias: Any) -> bool:
-    """Whether the math composition runs for these inputs (before a CUDA kernel's own failure)."""
+def _uses_math(q: Tensor, k: Tensor, v: Any, bias: Any, device: torch.device) -> bool:
+    """Whether the math composition runs for these inputs on `device` (before a CUDA kernel's own failure)."""
     if not isinstance(v, Tensor) or v.dim() != 4 or q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         return True
-    if q.device.type == "cpu":
+    if device.type == "cpu":
         return v.shape[3] != q.shape[3]
-    return not _efficient_ok(q, k, v, bias if isinstance(bias, Tensor) else None)
+    return not _efficient_ok(q, k, v, bias if isinstance(bias, Tensor) else None, device)
 
 
 # Bytes of the math composition's temporaries per score (B x H x L x S), measured on CPU (ru_maxrss, L = S = 2048,
@@ -485,25 +485,30 @@ MATH_FORWARD_BYTES = 20
 MATH_BACKWARD_BYTES = 56
 
 
-def _temporaries(tensors: list[Any], q: Any, k: Any, v: Any, bias: Any, math_bytes: int, lse: Any = None) -> int:
+def _temporaries(
+    tensors: list[Any], q: Any, k: Any, v: Any, bias: Any, math_bytes: int, lse: Any = None,
+    device: torch.device | None = None,
+) -> int:  # fmt: skip
     """Bytes a call allocates besides its outputs while it runs, admitted with them (server/cost.py `temporary`):
     dense copies of the `tensors` a client gave expanded or overlapping (`_dense_or_copy`: an expanded view of one
     element is a copy of its whole size), a bool mask's floating copy and its negation (`_float_bias`, on every
     path), and where the math composition runs its scores (`math_bytes` per score) and float32 copies of the inputs;
-    on CUDA the efficient kernel's bias expanded to the scores' shape (and the backward's padded logsumexp)."""
+    on CUDA the efficient kernel's bias expanded to the scores' shape (and the backward's padded logsumexp).
+    `device`: where the call runs (a graph's definition sees meta tensors; default: the query's device)."""
     if not isinstance(q, Tensor) or not isinstance(k, Tensor) or q.dim() != 4 or k.dim() != 4:
         return 0
+    dev = device if device is not None else q.device
     total = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor) and not _kernel_layout(t))
     scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
     if isinstance(bias, Tensor) and bias.dtype == torch.bool:
         total += bias.numel() * (q.element_size() + 1)
-    if _uses_math(q, k, v, bias):
+    if _uses_math(q, k, v, bias, dev):
         total += math_bytes * scores
         if q.dtype != torch.float32:
             total += 4 * sum(t.numel() for t in (q, k, v) if isinstance(t, Tensor))
         if isinstance(bias, Tensor) and bias.dtype != torch.float32:
             total += 4 * bias.numel()
-    elif q.device.type == "cuda":
+    elif dev.type == "cuda":
         if isinstance(bias, Tensor):
             total += scores // k.shape[2] * -(-k.shape[2] // 16) * 16 * q.element_size()
         if lse is not None:
@@ -511,13 +516,13 @@ def _temporaries(tensors: list[Any], q: Any, k: Any, v: Any, bias: Any, math_byt
     return total
 
 
-def forward_bytes(args: Args, kwargs: Kwargs) -> int:
+def forward_bytes(args: Args, kwargs: Kwargs, device: torch.device | None = None) -> int:
     """The forward's temporaries (`_temporaries`)."""
     q, k, v, bias = (arg(args, kwargs, i, n) for i, n in ((0, "query"), (1, "key"), (2, "value"), (3, "attn_bias")))
-    return _temporaries([q, k, v], q, k, v, bias, MATH_FORWARD_BYTES)
+    return _temporaries([q, k, v], q, k, v, bias, MATH_FORWARD_BYTES, device=device)
 
 
-def backward_bytes(args: Args, kwargs: Kwargs) -> int:
+def backward_bytes(args: Args, kwargs: Kwargs, device: torch.device | None = None) -> int:
     """The backward's temporaries (`_temporaries`): the math composition also for a bias's gradient."""
     names = ("grad_out", "query", "key", "value", "attn_bias", "grad_input_mask", "out", "logsumexp")
     grad, q, k, v, bias, mask, out, lse = (arg(args, kwargs, i, n) for i, n in enumerate(names))
@@ -525,4 +530,11 @@ def backward_bytes(args: Args, kwargs: Kwargs) -> int:
         v_used = None  # None: the math composition whatever the device
     else:
         v_used = v
-    return _temporaries([grad, q, k, v, out, lse], q, k, v_used, bias, MATH_BACKWARD_BYTES, lse)
+    return _temporaries([grad, q, k, v, out, lse], q, k, v_used, bias, MATH_BACKWARD_BYTES, lse, device)
+
+
+def graph_temporary(name: str, args: Args, kwargs: Kwargs, device: torch.device) -> int:
+    """A graph's fused call's temporaries, decided at the graph's definition from its meta arguments for the device
+    it runs on (a meta tensor tells no device: without it, a fake GPU's call was sized by the CUDA rule, so a call
+    whose math composition runs there -- unequal head sizes -- was admitted without its scores)."""
+    return (forward_bytes if name == FORWARD else backward_bytes)(args, kwargs, device)

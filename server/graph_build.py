@@ -423,7 +423,10 @@ def _prebuild(
     guards.check_inputs(margs, mkwargs, s.quota)
     guards.check_counts(op, [], margs, mkwargs)
     cost.check(op, margs, mkwargs, s.max_op_flops)  # shapes decide the work: meta tensors tell it as well
-    temporary = cost.temporary(op, margs, mkwargs)
+    if op._schema.name in attention.NAMES:  # sized for the graph's device, not by its meta tensors' (no device)
+        temporary = attention.graph_temporary(op._schema.name, margs, mkwargs, dev)
+    else:
+        temporary = cost.temporary(op, margs, mkwargs)
     if temporary > s.quota:  # a graph's op is admitted once, here: its temporary must at least fit the quota
         raise ResourceExhausted(
             f"{msg.name} would allocate {temporary} bytes while it runs, more than the {s.quota} byte quota"

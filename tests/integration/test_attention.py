@@ -517,6 +517,33 @@ def test_a_graphs_hostile_fused_attention_is_refused_at_definition(
     assert torch.equal(s.download(ok), torch.full((3,), 2.0))
 
 
+def test_a_graphs_fused_attention_is_sized_for_its_device_at_definition(serve: Any) -> None:
+    """A graph's call is admitted at DefineGraph from meta tensors, which tell no device: the fused forward's
+    temporaries were sized by the CUDA rule there, so on a fake GPU a call whose math composition runs (a value head
+    size other than the query's) was admitted without its scores (20 MiB at L = S = 1024 in a 4 MiB session, where
+    the same eager call is RESOURCE_EXHAUSTED). Now it is refused at definition; equal head sizes (the CPU kernel,
+    no scores held) are defined and run with local's values."""
+    quota = 4 * 1024 * 1024
+    with Session.attach(serve.address, serve.token(tenant="attention-graph-quota", quota_bytes=quota)) as s:
+
+        def graph(graph_id: int, value_head: int) -> Any:
+            body = [_op(FUSED.replace(".", "::", 1), Slot(1), Slot(2), Slot(3), None, 0.0, False, False,
+                        outputs=[4, 5, 0, 0, 0, 0, 6, 7])]  # fmt: skip
+            shapes = [(1, 1, 1024, 8), (1, 1, 1024, 8), (1, 1, 1024, value_head)]
+            meta = [wire.meta_to_proto(torch.empty(shape)) for shape in shapes]
+            return device_pb2.DefineGraph(graph_id=graph_id, inputs=3, input_meta=meta, ops=body, outputs=[4])
+
+        s.define_graph(graph(43, 4))
+        with pytest.raises(errors.ResourceExhausted, match="quota"):
+            s.sync()
+        s.define_graph(graph(44, 8))
+        g = torch.Generator().manual_seed(7)
+        q, k, v = (torch.randn(1, 1, 1024, 8, generator=g) for _ in range(3))
+        [out] = outs = [s.new_handle()]
+        s.run_graph(44, [Handle(s.upload(t)) for t in (q, k, v)], outs)
+        assert_close(s.download(Handle(out)), F.scaled_dot_product_attention(q, k, v))
+
+
 def test_what_a_call_allocates_besides_its_outputs_counts_against_the_quota(serve: Any) -> None:
     """Round 21 admitted the fused ops' outputs only (and a math-path estimate under what it allocates): a bool mask
     of one element expanded to the scores' shape was converted to a dense float mask (and its negation) of that
