@@ -469,12 +469,11 @@ def graph_call(name: str, kernel: str) -> Callable[..., Any]:
 
 
 def _uses_math(q: Tensor, k: Tensor, v: Any, bias: Any, device: torch.device) -> bool:
-    """Whether the math composition runs for these inputs on `device` (before a CUDA kernel's own failure)."""
-    if not isinstance(v, Tensor) or v.dim() != 4 or q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+    """Whether the math composition runs for these inputs on `device` (before a CUDA kernel's own failure):
+    `choose_kernel`'s answer (v None: the math composition whatever the device, a bias's gradient)."""
+    if not isinstance(v, Tensor) or v.dim() != 4:
         return True
-    if device.type == "cpu":
-        return v.shape[3] != q.shape[3]
-    return not _efficient_ok(q, k, v, bias if isinstance(bias, Tensor) else None, device)
+    return choose_kernel(q, k, v, bias if isinstance(bias, Tensor) else None, device) == MATH
 
 
 # Bytes of the math composition's temporaries per score (B x H x L x S), measured on CPU (ru_maxrss, L = S = 2048,
