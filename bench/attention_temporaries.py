@@ -20,8 +20,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ("flash, expanded bool mask", "flash, expanded key/value", "flash, no mask", "math forward", "math backward",
-         "dropout forward", "dropout backward")
+CASES = (
+    "flash, expanded bool mask",
+    "flash, expanded key/value",
+    "flash, no mask",
+    "math forward",
+    "math backward",
+    "dropout forward",
+    "dropout backward",
+)
 
 CHILD = """
 import gc, json, resource, sys
@@ -80,6 +87,7 @@ def main() -> None:
     a = p.parse_args()
     mib = 1024 * 1024
     print(f"{'case':28} {'took MiB':>9} {'admitted MiB':>13} {'took (against)':>15} {'admitted (against)':>19}")
+
     def mb(n: int, width: int) -> str:
         return f"{n / mib:{width}.1f}" if n >= 0 else f"{'-':>{width}}"
 

@@ -4,8 +4,8 @@ torch's `scaled_dot_product_attention` takes the decomposed math path (bmm, mul,
 nodes and as many op records per call) on a PrivateUse1 device unless the backend says otherwise. gpupool's clients
 (client/torch/native_guard.cpp, client/native/native_client.cpp) choose torch's `overrideable` backend for the calls
 this module runs (client/sdpa_choice.h, included by both: 4-D, one floating dtype, equal head sizes, dropout_p in
-[0, 1), no GQA, a mask that does not require grad), so that one record goes out a forward and one a backward. No PrivateUse1
-kernel exists on the daemon, whose devices are CPUs (fake GPUs) or CUDA GPUs, so both ops are replacements
+[0, 1), no GQA, a mask that does not require grad), so that one record goes out a forward and one a backward. No
+PrivateUse1 kernel exists on the daemon, whose devices are CPUs (fake GPUs) or CUDA GPUs, so both ops are replacements
 (server/checks.py `OpPlan.run`):
 
 - CPU (fake GPUs): `_scaled_dot_product_flash_attention_for_cpu` (+ `_backward`), the kernel local CPU runs for the

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import gpupool.torch as gt
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +20,7 @@ from gpupool.client.session import Handle, Session
 from gpupool.client.torch import native
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import gpupool.torch as gt
 from gpupool import errors
 
 ROOT = Path(__file__).resolve().parents[2]
