@@ -36,9 +36,10 @@ client's math path (fake GPUs: fallbacks' `native_dropout`), so a fused call giv
 drawn from the session's seeded stream (the forward is a seeded op: server/executor.py `_seeded`) exactly as the
 math path's `native_dropout` draws it, leaving the stream where the math path leaves it. The forward returns the
 generator state it drew from in `philox_seed` (a 0-d int64 view of the state's bytes: the CPU's mt19937 state, 5056
-bytes, or a CUDA generator's seed and offset; `philox_offset` is 0), and the backward recomputes the forward under
-autograd with the mask drawn again from that state on a private generator: no L x S mask lives between the forward
-and the backward (only the 5 KB state), and the session's stream does not move. A forged state only changes the
+bytes, or a CUDA generator's seed and offset; `philox_offset` is 0), and the backward recomputes the forward with the
+mask drawn again from that state on a private generator, then runs the kernels autograd of the math path runs, on the
+same operands: no L x S mask lives between the forward and the backward (only the 5 KB state), and the session's
+stream does not move. A forged state only changes the
 session's own results; one of another shape, dtype, device or size is INVALID_ARGUMENT. A captured step's call
 keeps the Python replay (graph_trace: no TorchScript op reads a generator's state).
 
@@ -359,30 +360,23 @@ def _drop_backward(grad: Tensor, mask: Tensor, p: float) -> Tensor:
     return fallbacks._native_dropout_backward(grad, mask, 1.0 / (1.0 - p))
 
 
-class _Dropped(torch.autograd.Function):
-    """The backward's recomputed dropout: the forward's mask drawn again (private generator), its gradient
-    `native_dropout_backward`'s, as autograd of the math path's `native_dropout` computes it."""
-
-    @staticmethod
-    def forward(ctx: Any, attn: Tensor, p: float, generator: torch.Generator) -> Tensor:
-        out, mask = _drop(attn, p, generator)
-        ctx.save_for_backward(mask)
-        ctx.p = p
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        (mask,) = ctx.saved_tensors
-        return _drop_backward(grad, mask, ctx.p), None, None
+def _bmm(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`torch.matmul` of two 4-D tensors as it decomposes (its batched path): both expanded to the common batch and
+    reshaped to 3-D (a view where possible, else a copy), `bmm`, viewed back. Returns (product, a's 3-D operand, b's):
+    the tensors autograd of the math path saves for the bmm's gradient, which `_dropout_backward` computes with."""
+    batch = (max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1]))
+    a3 = a.expand(*batch, a.shape[2], a.shape[3]).reshape(batch[0] * batch[1], a.shape[2], a.shape[3])
+    b3 = b.expand(*batch, b.shape[2], b.shape[3]).reshape(batch[0] * batch[1], b.shape[2], b.shape[3])
+    return torch.bmm(a3, b3).view(*batch, a.shape[2], b.shape[3]), a3, b3
 
 
 def _dropout_math(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: float, is_causal: bool, scale: float | None,
     generator: torch.Generator | None,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """(output, scores) of torch's `_scaled_dot_product_attention_math` with dropout, op by op as a client's math path
-    sends them (what autograd records there, it records here): low precision computed in float32, q and k scaled by
-    the scale's square root each, the mask added, `_safe_softmax`, dropout, the second matmul, the query's dtype."""
+) -> tuple[Tensor, list[Any]]:  # fmt: skip
+    """(output, what the backward needs) of torch's `_scaled_dot_product_attention_math` with dropout, op by op as a
+    client's math path sends them: low precision computed in float32, q and k scaled by the scale's square root each,
+    the mask added, `_safe_softmax`, dropout, the second matmul, the query's dtype. `generator`: `_drop`'s."""
     origin = q.dtype
     if origin in _LOW_PRECISION:
         q, k, v = q.to(torch.float32), k.to(torch.float32), v.to(torch.float32)
@@ -391,17 +385,15 @@ def _dropout_math(
     mask = _float_bias(bias, origin)  # the front end's `convert_boolean_attn_mask`, in the query's own dtype
     if is_causal:  # the math path's own causal mask (a client's causal call carries no mask; both: both apply)
         keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-        causal = _float_bias(keep, q.dtype)
+        causal = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(keep.logical_not(), -math.inf)
         mask = causal if mask is None else mask + causal
-    scores = torch.matmul(q, aten.mul.Scalar(k.transpose(-2, -1), k_root))
+    scores, q3, kt3 = _bmm(q, aten.mul.Scalar(k.transpose(-2, -1), k_root))
     if mask is not None:
         scores = scores + mask
     attn = aten._safe_softmax.default(scores, -1)
-    if generator is None:
-        attn, _ = _drop(attn, p, None)
-    else:
-        attn = _Dropped.apply(attn, p, generator)
-    return torch.matmul(attn, v).to(origin), scores
+    dropped, kept = _drop(attn, p, generator)
+    out, dropped3, v3 = _bmm(dropped, v)
+    return out.to(origin), [scores, q3, kt3, attn, kept, dropped3, v3, q_root, k_root]
 
 
 def _generator_state(device: torch.device) -> Tensor:
@@ -421,14 +413,16 @@ _CPU_STATE_BYTES = int(torch.Generator().get_state().numel())
 
 def _dropout_forward(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: float, is_causal: bool, scale: float | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(output, logsumexp, philox_seed): the mask drawn from the device's default generator (the session's stream:
-    the forward is a seeded op), `philox_seed` a 0-d int64 view of the state it drew from (`_saved_generator`)."""
+) -> tuple[Any, ...]:
+    """The forward's outputs: the mask drawn from the device's default generator (the session's stream: the forward
+    is a seeded op), `philox_seed` a 0-d int64 view of the state it drew from (`_saved_generator`), `philox_offset` 0.
+    """
     state = _generator_state(q.device)
-    out, scores = _dropout_math(q, k, v, bias, p, is_causal, scale, None)
-    lse = torch.logsumexp(scores.float(), dim=-1)
+    out, saved = _dropout_math(q, k, v, bias, p, is_causal, scale, None)
+    lse = torch.logsumexp(saved[0].float(), dim=-1)
     seed = state.view(torch.int64).to(q.device).as_strided([], [], 0)
-    return out, lse, seed
+    offset = torch.zeros((), dtype=torch.long, device=q.device)
+    return (_matching_layout(q, out), lse, None, None, q.shape[2], k.shape[2], seed, offset, None)
 
 
 def _saved_generator(philox_seed: Tensor, device: torch.device) -> torch.Generator:
@@ -453,21 +447,28 @@ def _dropout_backward(
     grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: float, is_causal: bool,
     scale: float | None, philox_seed: Tensor, want_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
-    """The gradients of `_dropout_forward`, by autograd over it recomputed with the same mask (the forward's state on
-    a private generator: the session's stream does not move)."""
+    """The gradients of `_dropout_forward` in the meta kernel's layouts: the forward recomputed with the same mask (the
+    forward's state on a private generator: the session's stream does not move), then what autograd of the math path
+    runs, kernel for kernel on the same operands (derivatives.yaml: `_to_copy`, `mul.Scalar`, `bmm`, `_safe_softmax`,
+    `native_dropout`), so the math path's bits -- without autograd's own cost here (3-4x the kernels' time)."""
     generator = _saved_generator(philox_seed, q.device)
-    with torch.enable_grad():
-        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-        bb = None
-        if bias is not None:
-            bb = bias.detach()
-            if want_bias and bb.is_floating_point():
-                bb = bb.requires_grad_()
-        out, _ = _dropout_math(qq, kk, vv, bb, p, is_causal, scale, generator)
-        inputs = [qq, kk, vv] + ([bb] if bb is not None and bb.requires_grad else [])
-        grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
-    gb = grads[3] if len(grads) > 3 else None
-    return grads[0], grads[1], grads[2], gb
+    _, (_, q3, kt3, attn, kept, dropped3, v3, q_root, k_root) = _dropout_math(
+        q, k, v, bias, p, is_causal, scale, generator
+    )
+    g = grad.to(torch.float32) if q.dtype in _LOW_PRECISION else grad
+    b, h, length, source = attn.shape
+    g3 = g.reshape(b * h, length, v3.shape[2])
+    grad_v = torch.bmm(dropped3.transpose(1, 2), g3).view(b, h, source, v3.shape[2])
+    grad_dropped = torch.bmm(g3, v3.transpose(1, 2)).view(b, h, length, source)
+    grad_scores = aten._softmax_backward_data.default(_drop_backward(grad_dropped, kept, p), attn, -1, attn.dtype)
+    s3 = grad_scores.view(b * h, length, source)
+    grad_q = aten.mul.Scalar(torch.bmm(s3, kt3.transpose(1, 2)).view(b, h, length, q3.shape[2]), q_root)
+    grad_k = aten.mul.Scalar(torch.bmm(q3.transpose(1, 2), s3).view(b, h, kt3.shape[1], source), k_root)
+    grad_k = grad_k.transpose(-2, -1)
+    if q.dtype in _LOW_PRECISION:
+        grad_q, grad_k, grad_v = grad_q.to(q.dtype), grad_k.to(q.dtype), grad_v.to(q.dtype)
+    gb = grad_scores if want_bias and bias is not None and bias.is_floating_point() else None
+    return _like(q, grad_q), _like(k, grad_k), _like(v, grad_v), _bias_grad(bias, gb)
 
 
 def fused_attention(
@@ -488,9 +489,7 @@ def forward(
     scale = None if scale is None else float(scale)
     if kernel == DROPOUT or (kernel is None and dropout_p > 0):
         ops.untraceable("dropout (its generator state)")
-        out, lse, seed = _dropout_forward(query, key, value, attn_bias, float(dropout_p), is_causal, scale)
-        offset = torch.zeros((), dtype=torch.long, device=query.device)
-        return (_matching_layout(query, out), lse, None, None, query.shape[2], key.shape[2], seed, offset, None)
+        return _dropout_forward(query, key, value, attn_bias, float(dropout_p), is_causal, scale)
     q, k, v = _dense_or_copy(query, ops), _dense_or_copy(key, ops), _dense_or_copy(value, ops)
     bias = _four_d(attn_bias, ops)
     length, source = q.shape[2], k.shape[2]
@@ -578,9 +577,8 @@ def backward(
     want_bias = bool(grad_input_mask[3]) and attn_bias is not None and attn_bias.is_floating_point()
     if kernel == DROPOUT or (kernel is None and dropout_p > 0):
         ops.untraceable("dropout (its generator state)")
-        gq, gk, gv, gb = _dropout_backward(grad_out, query, key, value, attn_bias, float(dropout_p), is_causal, scale,
-                                           philox_seed, want_bias)  # fmt: skip
-        return _like(query, gq), _like(key, gk), _like(value, gv), _bias_grad(attn_bias, gb)
+        return _dropout_backward(grad_out, query, key, value, attn_bias, float(dropout_p), is_causal, scale,
+                                 philox_seed, want_bias)  # fmt: skip
     q, k, v = _dense_or_copy(query, ops), _dense_or_copy(key, ops), _dense_or_copy(value, ops)
     grad_out, out = _dense_or_copy(grad_out, ops), _dense_or_copy(out, ops)
     logsumexp = _dense_or_copy(logsumexp, ops)

@@ -18,25 +18,14 @@ import torch
 import torch.nn.functional as F
 from gpupool.client.session import Handle, Session
 from gpupool.client.torch import native
-from torch.utils._python_dispatch import TorchDispatchMode
+from test_attention import FUSED, OpLog
 
 import gpupool.torch as gt
 from gpupool import errors
 
 ROOT = Path(__file__).resolve().parents[2]
-FUSED = "aten._scaled_dot_product_fused_attention_overrideable.default"
 FORWARD = "aten::_scaled_dot_product_fused_attention_overrideable.default"
 BACKWARD = "aten::_scaled_dot_product_fused_attention_overrideable_backward.default"
-
-
-class OpLog(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture
@@ -219,3 +208,54 @@ def test_the_dropout_composition_counts_against_the_quota(serve: Any) -> None:
         assert s.download(Handle(gq)).shape == (1, 1, 256, 8)
         [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
         assert torch.equal(s.download(ok), torch.full((3,), 2.0))
+
+
+# ---- the C++ client (client/sdpa_choice.h is its choice too) ----
+
+_NATIVE = r"""
+import json, sys
+import torch, torch.nn.functional as F
+from gpupool.client.native import backend as nc
+from gpupool.client.session import Session
+from gpupool.client.engine import run_backward_on_calling_thread
+torch.set_num_threads(1)
+nc.load(); nc.claim(); run_backward_on_calling_thread()
+session = Session.attach(sys.argv[1], sys.argv[2], timeout=120.0)
+nc.connect(session, None)
+dev = nc.device()
+runs = {}
+for fused in (True, False):
+    torch.ops.gpupool_native.set_fused_sdp(fused)
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(2, 4, n, 8, generator=g).to(dev).requires_grad_() for n in (16, 12, 12)]
+    nc.flush()
+    session.seed(5)
+    out = F.scaled_dot_product_attention(*xs, dropout_p=0.2)
+    grads = torch.autograd.grad(out, xs, torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(dev))
+    after = torch.rand(16, device=dev)
+    runs[fused] = [type(out.grad_fn).__name__] + [t.detach().cpu() for t in (out, *grads, after)]
+a, b = runs[True], runs[False]
+print(json.dumps({"nodes": [a[0], b[0]], "equal": [torch.equal(x, y) for x, y in zip(a[1:], b[1:])]}))
+"""
+
+
+@pytest.mark.slow
+def test_the_cpp_client_sends_dropout_fused_with_the_math_paths_bits(serve: Any) -> None:
+    import json
+    import os
+    import subprocess
+
+    from gpupool.client.native.backend import compiler_missing
+
+    why = compiler_missing()
+    if why is not None:
+        pytest.skip(f"C++ client: {why}")
+    env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _NATIVE, serve.address, serve.token()], env=env, capture_output=True, text=True,
+        timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["nodes"] == ["ScaledDotProductFusedAttentionOverrideableBackward0", "UnsafeViewBackward0"]
+    assert result["equal"] == [True] * 5  # out, the three gradients, the next torch.rand
