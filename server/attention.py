@@ -392,6 +392,11 @@ def _dropout_math(
         scores = scores + mask
     attn = aten._safe_softmax.default(scores, -1)
     dropped, kept = _drop(attn, p, generator)
+    if generator is not None:  # the backward's recomputation: the second matmul's operands, not its product
+        b, h = attn.shape[0], attn.shape[1]
+        dropped3 = dropped.reshape(b * h, attn.shape[2], attn.shape[3])
+        v3 = v.expand(b, h, v.shape[2], v.shape[3]).reshape(b * h, v.shape[2], v.shape[3])
+        return dropped, [scores, q3, kt3, attn, kept, dropped3, v3, q_root, k_root]
     out, dropped3, v3 = _bmm(dropped, v)
     return out.to(origin), [scores, q3, kt3, attn, kept, dropped3, v3, q_root, k_root]
 
@@ -413,16 +418,18 @@ _CPU_STATE_BYTES = int(torch.Generator().get_state().numel())
 
 def _dropout_forward(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: float, is_causal: bool, scale: float | None
-) -> tuple[Any, ...]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The forward's outputs: the mask drawn from the device's default generator (the session's stream: the forward
-    is a seeded op), `philox_seed` a 0-d int64 view of the state it drew from (`_saved_generator`), `philox_offset` 0.
+    is a seeded op), `philox_seed` a 0-d int64 view of the state it drew from (`_saved_generator`), `philox_offset` 0,
+    and a logsumexp of zeros: torch's math path makes none, the backward recomputes the scores (a real one cost ~15 %
+    of the encoder's forward call), and nothing else reads it (a client cannot: SDPA returns the output only).
     """
     state = _generator_state(q.device)
-    out, saved = _dropout_math(q, k, v, bias, p, is_causal, scale, None)
-    lse = torch.logsumexp(saved[0].float(), dim=-1)
+    out, _ = _dropout_math(q, k, v, bias, p, is_causal, scale, None)
+    lse = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)  # what nothing reads: `_dropout_forward`
     seed = state.view(torch.int64).to(q.device).as_strided([], [], 0)
     offset = torch.zeros((), dtype=torch.long, device=q.device)
-    return (_matching_layout(q, out), lse, None, None, q.shape[2], k.shape[2], seed, offset, None)
+    return _matching_layout(q, out), lse, seed, offset
 
 
 def _saved_generator(philox_seed: Tensor, device: torch.device) -> torch.Generator:
@@ -471,6 +478,54 @@ def _dropout_backward(
     return _like(q, grad_q), _like(k, grad_k), _like(v, grad_v), _bias_grad(bias, gb)
 
 
+# The dropout composition as two operators of the dispatcher (Python kernels, the CPU's and CUDA's, and meta kernels
+# of the overrideable op's shapes): the eager op and a graph's Python replay call them like any other op, and a traced
+# graph holds each as one node, whose kernel the TorchScript interpreter calls back -- the composition itself reads
+# and sets generator states, which no aten op does, so it could not be written out node by node.
+_LIBRARY = torch.library.Library("gpupool_attention", "DEF")
+_LIBRARY.define(
+    "dropout_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_bias, float dropout_p, bool is_causal, "
+    "float? scale) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+_LIBRARY.define(
+    "dropout_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_bias, float dropout_p, "
+    "bool is_causal, float? scale, Tensor philox_seed) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def _dropout_backward_qkv(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: float, is_causal: bool,
+    scale: float | None, philox_seed: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    gq, gk, gv, _ = _dropout_backward(grad, q, k, v, bias, p, is_causal, scale, philox_seed, False)
+    return gq, gk, gv
+
+
+def _dropout_forward_meta(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: float, is_causal: bool, scale: float | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    out = _matching_layout(q, torch.empty((*q.shape[:3], v.shape[3]), dtype=q.dtype, device=q.device))
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    seed, offset = (torch.empty((), dtype=torch.long, device=q.device) for _ in range(2))
+    return out, lse, seed, offset
+
+
+def _dropout_backward_meta(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: float, is_causal: bool,
+    scale: float | None, philox_seed: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+for _key in ("CPU", "CUDA"):
+    _LIBRARY.impl("dropout_forward", _dropout_forward, _key)
+    _LIBRARY.impl("dropout_backward", _dropout_backward_qkv, _key)
+_LIBRARY.impl("dropout_forward", _dropout_forward_meta, "Meta")
+_LIBRARY.impl("dropout_backward", _dropout_backward_meta, "Meta")
+_DROPOUT_FORWARD = torch.ops.gpupool_attention.dropout_forward.default
+_DROPOUT_BACKWARD = torch.ops.gpupool_attention.dropout_backward.default
+
+
 def fused_attention(
     query: Tensor, key: Tensor, value: Tensor, attn_bias: Tensor | None = None, dropout_p: float = 0.0,
     is_causal: bool = False, return_debug_mask: bool = False, *, scale: float | None = None,
@@ -487,9 +542,10 @@ def forward(
     an eager call on CUDA also falls back to the math composition when the kernel itself refuses)."""
     check_forward(query, key, value, attn_bias, dropout_p, scale, return_debug_mask)
     scale = None if scale is None else float(scale)
-    if kernel == DROPOUT or (kernel is None and dropout_p > 0):
-        ops.untraceable("dropout (its generator state)")
-        return _dropout_forward(query, key, value, attn_bias, float(dropout_p), is_causal, scale)
+    if kernel == DROPOUT or (kernel is None and dropout_p > 0):  # one call (`_LIBRARY`): a traced graph's node too
+        out, lse, seed, offset = ops.call(_DROPOUT_FORWARD, query, key, value, attn_bias, float(dropout_p), is_causal,
+                                          scale)  # fmt: skip
+        return (out, lse, None, None, query.shape[2], key.shape[2], seed, offset, None)
     q, k, v = _dense_or_copy(query, ops), _dense_or_copy(key, ops), _dense_or_copy(value, ops)
     bias = _four_d(attn_bias, ops)
     length, source = q.shape[2], k.shape[2]
@@ -576,9 +632,13 @@ def backward(
     scale = None if scale is None else float(scale)
     want_bias = bool(grad_input_mask[3]) and attn_bias is not None and attn_bias.is_floating_point()
     if kernel == DROPOUT or (kernel is None and dropout_p > 0):
-        ops.untraceable("dropout (its generator state)")
-        return _dropout_backward(grad_out, query, key, value, attn_bias, float(dropout_p), is_causal, scale,
-                                 philox_seed, want_bias)  # fmt: skip
+        if want_bias:  # a bias's gradient too (no client asks the fused op for it): not through the library op
+            ops.untraceable("dropout with a bias's gradient")
+            return _dropout_backward(grad_out, query, key, value, attn_bias, float(dropout_p), is_causal, scale,
+                                     philox_seed, want_bias)  # fmt: skip
+        gq, gk, gv = ops.call(_DROPOUT_BACKWARD, grad_out, query, key, value, attn_bias, float(dropout_p), is_causal,
+                              scale, philox_seed)  # fmt: skip
+        return gq, gk, gv, _bias_grad(attn_bias, None, ops)
     q, k, v = _dense_or_copy(query, ops), _dense_or_copy(key, ops), _dense_or_copy(value, ops)
     grad_out, out = _dense_or_copy(grad_out, ops), _dense_or_copy(out, ops)
     logsumexp = _dense_or_copy(logsumexp, ops)

@@ -21,9 +21,9 @@ A graph runs this way only when every run would call exactly the same kernels wi
   ops that the graph keeps (`_TRACED_GUARDS`: the embedding backward's index range), no factory of uninitialized
   memory (zeroed per run by Python) and no Python replacement of a kernel (guards.replacement: it may branch on
   values) except the fused attention's (server/attention.py), whose composition of aten calls -- its kernel decided
-  at DefineGraph, branching on shapes only -- is written into the graph call by call (`_ComposedOps`), but for a
-  call with dropout: its forward saves the default generator's state for its backward (`philox_seed`), which only
-  Python reads (`Generator.get_state`, no aten op), and its backward draws the mask again on a private generator;
+  at DefineGraph, branching on shapes only -- is written into the graph call by call (`_ComposedOps`; a call with
+  dropout as one node of server/attention.py's `gpupool_attention` operators, whose Python kernels read and set
+  generator states, which no aten op does: the interpreter calls them back);
 - with arguments a node can hold (tensors, lists of tensors -- an empty one typed by the schema --, numbers, strings,
   dtypes, devices, ...; a Python number where the overload takes a tensor only for add/sub/mul/div, whose .Scalar
   overloads are that call).
@@ -67,8 +67,6 @@ def refusal(host: Host, g: Graph) -> str | None:
             return f"{c.name} returns uninitialized memory"
         if c.replaced and c.kernel is None:
             return f"{c.name} runs a Python replacement"
-        if c.kernel == attention.DROPOUT:  # the forward saves the generator's state for the backward: no TorchScript
-            return f"{c.name} drops out (it saves the generator's state, which no TorchScript op reads)"  # op does
     return None
 
 

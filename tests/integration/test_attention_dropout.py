@@ -9,6 +9,7 @@ INVALID_ARGUMENT (never a crash); the composition's temporaries count against th
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ def test_a_dropout_call_is_one_fused_op_with_the_math_paths_bits(
 
 def _encoder_run(dev: torch.device, captured: bool, steps: int) -> tuple[list[float], torch.Tensor, int, Any]:
     """(losses, the next torch.rand on the device, fused ops in the first step, the step) of launch_bound's encoder
-    (attention dropout 0.1) trained with Adam from torch.manual_seed(1), seeded again (3) before step 6."""
+    (attention dropout 0.1) trained with Adam from torch.manual_seed(1), seeded again before steps 4 and 7."""
     sys.path.insert(0, str(ROOT / "bench"))
     from launch_bound import adam, training_step, workload
 
@@ -101,23 +102,33 @@ def _encoder_run(dev: torch.device, captured: bool, steps: int) -> tuple[list[fl
                 losses.append(fn(x.to(dev), y.to(dev)))
             fused = log.ops.count(FUSED)
         else:
-            if i == 5:  # a new seed before a replay: its first draw (the attention's) starts the new stream
-                torch.manual_seed(3)
+            if i in (3, 6):  # a new seed before the first replay (the Python one) and a traced one: its first draw
+                torch.manual_seed(i)  # (the attention's) starts the new stream
             losses.append(fn(x.to(dev), y.to(dev)))
     after = torch.rand(32, device=dev).cpu()
     return [float(v.item()) for v in losses], after, fused, fn
 
 
+def _traced(serve: Any) -> list[str]:
+    return [line for line in list(serve.process.log_lines) if "runs as a TorchScript graph" in line]
+
+
 @pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
 def test_an_encoder_with_attention_dropout_trains_to_the_math_paths_bits(
-    dev: torch.device, fused_switch: Any, captured: bool
+    serve: Any, dev: torch.device, fused_switch: Any, captured: bool
 ) -> None:
     """launch_bound's `encoder` (dropout 0.1 in attention too), 8 steps of Adam: the same losses, bit for bit, and the
     same next random numbers with the fused op as with the math path; captured, the recorded step's graph holds the
-    fused op (a forward and a backward per layer) and every replay draws fresh numbers (8 different losses)."""
+    fused op (a forward and a backward per layer), runs as a TorchScript graph from its second replay (each fused call
+    one node: server/attention.py `_LIBRARY`) and every replay draws fresh numbers (8 different losses)."""
     steps = 8
     fused_switch(True)
+    traced = _traced(serve)
     losses, after, fused_ops, fn = _encoder_run(dev, captured, steps)
+    deadline = time.monotonic() + 10  # the daemon's log line comes through its output pipe
+    while captured and len(_traced(serve)) == len(traced) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = _traced(serve)
     fused_switch(False)
     want, want_after, math_ops, _ = _encoder_run(dev, captured, steps)
     assert fused_ops == 2 and math_ops == 0  # a fused forward per layer in the (eager) first step
@@ -129,6 +140,7 @@ def test_an_encoder_with_attention_dropout_trains_to_the_math_paths_bits(
         [g] = fn.graphs.values()
         names = [op.name.split(".")[0] for op in g.built.ops]
         assert names.count(FORWARD.split(".")[0]) == 2 and names.count(BACKWARD.split(".")[0]) == 2
+        assert len(lines) == len(traced) + 1 and ", 4 fused attention;" in lines[-1]
 
 
 # ---- hostile backward arguments, straight to a real daemon ----

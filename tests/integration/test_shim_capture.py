@@ -135,7 +135,7 @@ CASES = {
     "mlp-adam": (stock_mlp, adam, mlp_batch, nn.functional.mse_loss),
     "cnn-adam-dropout": (cnn, adam, cnn_batch, nn.functional.cross_entropy),
     "cnn-sgd-dropout": (cnn, sgd, cnn_batch, nn.functional.cross_entropy),
-    # dropout in attention too: the fused op's dropout composition (server/attention.py), the graph's Python replay
+    # dropout in attention too: the fused op's dropout composition (server/attention.py), one node of the traced graph
     "encoder-adamw-dropout": (Encoder, adamw, encoder_batch, nn.functional.cross_entropy),
     "mlp-adam-fused": (stock_mlp, adam_fused, mlp_batch, nn.functional.mse_loss),
     "encoder-adamw-fused-dropout": (Encoder, adamw_fused, encoder_batch, nn.functional.cross_entropy),
@@ -145,14 +145,8 @@ CASES = {
 }
 
 
-def traced_lines(serve: Any, what: str = "runs as a TorchScript graph") -> int:
-    return sum(what in line for line in list(serve.process.log_lines))
-
-
-# Whose graph keeps the Python replay: a fused attention call with dropout saves the generator's state, which no
-# TorchScript op reads (server/graph_trace.py `refusal`); the daemon logs why once per graph.
-REPLAYED = {"encoder-adamw-dropout": "drops out (it saves the generator's state",
-            "encoder-adamw-fused-dropout": "drops out (it saves the generator's state"}  # fmt: skip
+def traced_lines(serve: Any) -> int:
+    return sum("runs as a TorchScript graph" in line for line in list(serve.process.log_lines))
 
 
 FUSED_OPS = {"aten::_scaled_dot_product_fused_attention_overrideable",
@@ -172,22 +166,18 @@ def test_captured_losses_equal_eager_and_local(serve: Any, dev: torch.device, ca
     steps = 8
     local, _ = train("cpu", model_fn, opt_fn, batch, loss_fn, steps, captured=False)
     eager, _ = train(dev, model_fn, opt_fn, batch, loss_fn, steps, captured=False)
-    what = "stays on the Python replay: " if case in REPLAYED else "runs as a TorchScript graph"
-    traced = traced_lines(serve, what)
+    traced = traced_lines(serve)
     captured, step = train(dev, model_fn, opt_fn, batch, loss_fn, steps, captured=True)
     assert step.stats == {"eager": 1, "recorded": 2, "replayed": steps - 3, "defined": 1, "rerecorded": 0}
     # replays 2-5 of the 5 ran as a TorchScript graph (server/graph_trace.py): the daemon logs it once per graph
     deadline = time.monotonic() + 10
-    while traced_lines(serve, what) == traced and time.monotonic() < deadline:
+    while traced_lines(serve) == traced and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert traced_lines(serve, what) == traced + 1
+    assert traced_lines(serve) == traced + 1
     fused = FUSED_CALLS.get(case, 0)
     assert fused_calls(step) == fused  # the recorded step took the fused attention (no math path while recording)
-    [line] = [line for line in list(serve.process.log_lines) if what in line][traced:]
-    if case in REPLAYED:
-        assert REPLAYED[case] in line  # ...which keeps the Python replay, and the daemon says why
-    else:
-        assert f", {fused} fused attention;" in line  # ...and the daemon traced it, fused calls included
+    [line] = [line for line in list(serve.process.log_lines) if "runs as a TorchScript graph" in line][traced:]
+    assert f", {fused} fused attention;" in line  # ...and the daemon traced it, fused calls included
     assert_close(eager, local, f"{case} eager vs local")
     assert_close(captured, eager, f"{case} captured vs eager")
     assert len(set(captured[3:])) == steps - 3  # replays computed new losses (fresh batches), not stale ones
