@@ -39,9 +39,10 @@ generator state it drew from in `philox_seed` (a 0-d int64 view of the state's b
 bytes, or a CUDA generator's seed and offset; `philox_offset` is 0), and the backward recomputes the forward with the
 mask drawn again from that state on a private generator, then runs the kernels autograd of the math path runs, on the
 same operands: no L x S mask lives between the forward and the backward (only the 5 KB state), and the session's
-stream does not move. A forged state only changes the
-session's own results; one of another shape, dtype, device or size is INVALID_ARGUMENT. A captured step's call
-keeps the Python replay (graph_trace: no TorchScript op reads a generator's state).
+stream does not move. A forged state only changes the session's own results; one of another shape, dtype, device or
+size is INVALID_ARGUMENT. Its logsumexp output is zeros (the math path makes none; nothing reads it). No aten op reads
+or sets a generator's state, so the composition is two operators of its own (`_LIBRARY`): a traced graph holds each
+call as one node, which the TorchScript interpreter calls back.
 
 Outputs have exactly the meta kernel's shapes, strides and dtypes (`_like`), which the clients' output tensors
 already carry.
