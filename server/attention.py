@@ -734,9 +734,9 @@ def _uses_math(q: Tensor, k: Tensor, v: Any, bias: Any, device: torch.device) ->
 # gradient) 11-13 x 4 bytes.
 MATH_FORWARD_BYTES = 20
 MATH_BACKWARD_BYTES = 56
-# The dropout composition's (`_dropout_forward`, `_dropout_backward`; measured the same way, dropout_p 0.1: 74.7 and
-# 126 MiB for 4 Mi scores, 18.7 and 31.5 bytes each): the forward's scores, softmax, bool mask, its products and the
-# logsumexp; the backward's recomputation under autograd and its gradients.
+# The dropout composition's (`_dropout_forward`, `_dropout_backward`; measured the same way, dropout_p 0.1: 74.2 and
+# 122.8 MiB for 4 Mi scores, 18.6 and 30.7 bytes each): the forward's scores, softmax, bool mask and its products; the
+# backward's recomputation of them and the gradients of the scores.
 DROPOUT_FORWARD_BYTES = 24
 DROPOUT_BACKWARD_BYTES = 40
 
