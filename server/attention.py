@@ -544,9 +544,8 @@ def forward(
     check_forward(query, key, value, attn_bias, dropout_p, scale, return_debug_mask)
     scale = None if scale is None else float(scale)
     if kernel == DROPOUT or (kernel is None and dropout_p > 0):  # one call (`_LIBRARY`): a traced graph's node too
-        out, lse, seed, offset = ops.call(_DROPOUT_FORWARD, query, key, value, attn_bias, float(dropout_p), is_causal,
-                                          scale)  # fmt: skip
-        return (out, lse, None, None, query.shape[2], key.shape[2], seed, offset, None)
+        dropped = ops.call(_DROPOUT_FORWARD, query, key, value, attn_bias, float(dropout_p), is_causal, scale)
+        return (dropped[0], dropped[1], None, None, query.shape[2], key.shape[2], dropped[2], dropped[3], None)
     q, k, v = _dense_or_copy(query, ops), _dense_or_copy(key, ops), _dense_or_copy(value, ops)
     bias = _four_d(attn_bias, ops)
     length, source = q.shape[2], k.shape[2]
