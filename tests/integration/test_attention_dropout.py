@@ -186,6 +186,10 @@ def test_a_forged_philox_seed_is_invalid_and_the_real_one_gives_the_same_gradien
     tensors = [t.requires_grad_() for t in _inputs()]
     plain = want(F.scaled_dot_product_attention(*tensors), tensors, s.download(grad))
     assert not torch.allclose(first[2], plain[2])
+    # the composition's own operators (server/attention.py `_LIBRARY`) are the daemon's, never a client's to call
+    s.call("gpupool_attention::dropout_backward.default", *good[:4], None, 0.25, False, None, seed, outputs=3)
+    with pytest.raises(errors.PermissionDenied, match="only aten:: ops"):
+        s.sync()
     [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)  # the session keeps serving
     assert torch.equal(s.download(ok), torch.full((3,), 2.0))
 
