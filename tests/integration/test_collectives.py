@@ -464,6 +464,57 @@ def test_a_join_to_a_dead_store_ends_with_its_session(daemon_factory) -> None:  
     assert not left, f"{len(left)} of {n} joins to a dead store outlived their sessions"
 
 
+def test_a_join_to_a_port_that_accepts_and_never_answers_ends_with_its_session(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    """Rank 1 names a store address that accepts connections and never answers (no store; a listener that waits
+    for its client to speak in its own protocol). torch's TCPStore client constructor waits for the store's answer
+    to its handshake without its timeout and cannot be interrupted from Python: round 22's join thread
+    (`gpupool-group-N`) hung in it for the daemon's life, its socket open, after the session closed (a tenant
+    looping join-and-close under --isolation thread held a thread and a socket per loop). The client now talks to
+    the store through the join's own loopback relay, which closes at the join's deadline and with the session: the
+    constructor sees the connection end and raises, the thread ends, the address's connection is closed."""
+    daemon = daemon_factory(fake_gpu_memory=64 * MiB, worker_network=True, isolation="thread")
+
+    def group_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("gpupool-group-")}
+
+    silent = socket.socket()  # accepts (the kernel's backlog and accept below), never says anything
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    accepted: list[socket.socket] = []
+    before = group_threads()
+    n = 3
+    try:
+        for _ in range(n):
+            lease = uuid.uuid4().hex
+            tokens = [daemon.token(lease_id=lease, host="absent-host"), daemon.token(lease_id=lease, network=True)]
+            s = Session.attach(daemon.address, tokens[1])
+            join = device_pb2.GroupJoin(
+                rank=1, size=2, tokens=tokens, store_address=f"127.0.0.1:{silent.getsockname()[1]}",
+                timeout_seconds=60.0,
+            )  # fmt: skip
+            s.command(device_pb2.Command(group_join=join))
+            s.sync()
+            silent.settimeout(10)
+            conn, _ = silent.accept()  # the join reached the address (its probe, or the store client's connection)
+            accepted.append(conn)
+            time.sleep(1.0)  # past the probe: a store client waits for its handshake's answer
+            assert group_threads() - before, "the join thread is not running: the test sees nothing"
+            s.close()
+        deadline = time.monotonic() + 10
+        while group_threads() - before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = group_threads() - before
+        assert not left, f"{len(left)} of {n} joins to a silent port outlived their sessions"
+        for conn in accepted:  # every connection the daemon opened to the address is closed (reads its end)
+            conn.settimeout(5)
+            while conn.recv(4096):
+                pass
+    finally:
+        for conn in accepted:
+            conn.close()
+        silent.close()
+
+
 def test_a_join_to_a_dead_store_does_not_flood_the_daemons_log(daemon_factory, capfd) -> None:  # type: ignore[no-untyped-def]
     """Every failed TCPStore constructor writes c10d's error and its C++ stack trace (~6 KB, 40 lines) to the
     daemon's stderr: round 20's 0.5 s store attempts let a tenant naming a dead address write ~4 KB/s of log per
