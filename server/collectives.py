@@ -61,6 +61,9 @@ MAX_TIMEOUT = 300.0  # the longest a collective waits for its peers (group forma
 POLL_SECONDS = 0.005
 STOP_POLL_SECONDS = seclink.STOP_POLL_SECONDS  # how soon a closed session's join gives up
 STORE_ATTEMPT_SECONDS = 0.5  # a rank's attempts to reach rank 0's store: how soon a closed session's join gives up
+# the addresses of a store's name a join tries (in the resolver's order): a hostile name's hundreds of black-holed
+# addresses took STORE_ATTEMPT_SECONDS each, one after another, with no look at the session's close (round 22)
+MAX_STORE_ADDRESSES = 8
 STORE_BACKOFF_SECONDS = 30.0  # the longest wait between store constructors that failed on an address that accepts
 TRANSPORTS = protocol.COLLECTIVE_TRANSPORTS  # --collectives: encrypted links, or plaintext gloo/NCCL
 KINDS = ("allreduce", "broadcast", "allgather", "reduce_scatter", "barrier")
@@ -265,7 +268,9 @@ def _connect_store(addresses: list[str], port: int, size: int, timeout: float, s
         host = ""
         failure: OSError | None = None
         upstream: socket.socket | None = None
-        for ip in addresses:
+        for ip in addresses[:MAX_STORE_ADDRESSES]:
+            if stop.is_set() or time.monotonic() >= deadline:  # a name of many black-holed addresses: not each
+                break
             try:
                 upstream = socket.create_connection((ip, port), timeout=attempt)
             except OSError as exc:
