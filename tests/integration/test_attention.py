@@ -699,3 +699,30 @@ def test_a_traced_graph_reads_inputs_laid_out_otherwise_than_their_meta_tensors_
     said = f"graph {graph_id} stays on the Python replay: its TorchScript graph failed: graph {graph_id} op "
     why = "a fused attention call's tensors are laid out otherwise than their meta tensors"
     assert any(said in line and why in line for line in list(serve.process.log_lines))
+
+
+def test_the_cpu_flash_kernels_own_buffers_count_against_the_quota(serve: Any) -> None:
+    """torch's CPU flash kernels allocate blocks per thread of the call's team besides the outputs (forward: up to
+    256 x 512 scores, the rows' maxima and sums, and a block of the output of 256 rows x the head size, in float32),
+    which round 22 did not admit: over 32 query rows and one key, a head size of 12000 takes the query's own size
+    (1.5 MB) per thread, admitted nowhere (on a host of many cores, many times the quota; in the daemon itself
+    under --isolation thread). Now they are admitted with the outputs (server/attention.py `_flash_buffers`): in a
+    4 MiB session the call whose inputs and output take 3 MiB is RESOURCE_EXHAUSTED, nothing run, the session
+    usable; a head size of 1000 runs with local's values."""
+    quota = 4 * 1024 * 1024
+    with Session.attach(serve.address, serve.token(tenant="attention-flash-buffers", quota_bytes=quota)) as s:
+        g = torch.Generator().manual_seed(23)
+        for head, fits in ((12000, False), (1000, True)):
+            q, k, v = torch.randn(1, 1, 32, head, generator=g), *(torch.randn(1, 1, 1, head, generator=g) for _ in "kv")
+            handles = [Handle(s.upload(t)) for t in (q, k, v)]
+            out = _fused(s, *handles)[0]
+            if fits:
+                assert_close(
+                    s.download(Handle(out)), torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
+                )
+            else:
+                with pytest.raises(errors.ResourceExhausted, match="quota"):
+                    s.sync()
+            s.free(handles)
+        [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
+        assert torch.equal(s.download(ok), torch.full((3,), 2.0))
