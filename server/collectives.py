@@ -223,9 +223,9 @@ class _Relay:
         except OSError:
             return
         finally:
-            for sock in (self.listener, self.upstream, client):
-                if sock is not None:
-                    sock.close()
+            for end in (self.listener, self.upstream, client):
+                if end is not None:
+                    end.close()
             self.done.set()
 
 
