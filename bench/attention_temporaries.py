@@ -4,8 +4,9 @@ memory over the inputs', ru_maxrss), this checkout against another, side by side
 
 Each case runs in a fresh process per side (that checkout's python and gpupool), one thread, on the CPU (fake GPUs'
 path): the CPU flash kernel with a one-element bool mask expanded to the scores' shape, with a key and value of one
-row expanded, with no mask; the math composition (value head size 4, query's 8) forward and backward; the dropout
-composition (dropout_p 0.1) forward and backward ("-" where a checkout refuses the call: before round 23).
+row expanded, with no mask, with a head size of 2^14 over 32 rows (the kernel's own per-thread blocks); the math
+composition (value head size 4, query's 8) forward and backward; the dropout composition (dropout_p 0.1) forward and
+backward ("-" where a checkout refuses the call: before round 23).
 
     python bench/attention_temporaries.py --against /work/wt/base --against-python /work/wt/base/.venv/bin/python
 """
@@ -24,6 +25,7 @@ CASES = (
     "flash, expanded bool mask",
     "flash, expanded key/value",
     "flash, no mask",
+    "flash, head size 2^14",
     "math forward",
     "math backward",
     "dropout forward",
@@ -45,6 +47,8 @@ if case == "flash, expanded bool mask":
 elif case == "flash, expanded key/value":
     q = q[:, :, :16]
     k = v = torch.randn(1, 1, 1, 8, generator=g).expand(1, 1, 1 << 18, 8)
+elif case == "flash, head size 2^14":  # 32 query rows, one key: the kernel's output block is the query's size
+    q, k, v = (torch.randn(1, 1, n, 1 << 14, generator=g) for n in (32, 1, 1))
 elif case.startswith("math"):
     v = torch.randn(1, 1, S, 4, generator=g)
 fwd = torch.ops.aten._scaled_dot_product_fused_attention_overrideable.default

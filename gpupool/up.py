@@ -273,8 +273,6 @@ def main(argv: list[str]) -> int:
     for path in (cfg.state, Path(f"{cfg.state}-wal"), Path(f"{cfg.state}-shm")):
         if path.exists():
             os.chmod(path, 0o600)  # made by an older version with the default umask
-    real = _real_gpus() if cfg.fake_gpus is None else 0
-    fake = 0 if real else (2 if cfg.fake_gpus is None else cfg.fake_gpus)
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -287,6 +285,9 @@ def main(argv: list[str]) -> int:
              str(creds.key), "--metrics-listen", cfg.scheduler_metrics_listen, *_tls_args(creds.scheduler, creds.ca)],
         )  # fmt: skip
         children.append(sched)
+        # torch's import for the GPU count (2-5 s on 2 cores) runs while the scheduler starts, not before it
+        real = _real_gpus() if cfg.fake_gpus is None else 0
+        fake = 0 if real else (2 if cfg.fake_gpus is None else cfg.fake_gpus)
         sched_addr = sched.find(LISTEN_RE, START_TIMEOUT)
         if sched_addr is None:
             print("gpupool up: the scheduler did not start (see its log above)", file=sys.stderr)

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The native runner (server/native_runner.cpp) under AddressSanitizer and UBSan, in-process: the unit tests that
 # drive it (tests/unit/test_server_runs.py, test_server_learned_hostile.py, test_server_native_free.py,
-# test_server_native_upload.py) and the structured fuzz on recorded training streams
-# (tests/integration/test_runner_fuzz.py). docs/operations.md "The native runner under sanitizers".
+# test_server_native_upload.py, test_server_native_records.py: the frame reader `eager_records` on hostile frames)
+# and the structured fuzz on recorded training streams (tests/integration/test_runner_fuzz.py).
+# docs/operations.md "The native runner under sanitizers".
 #
 #   bash scripts/runner_asan.sh                 # ~4 min the first time (the sanitized build), then ~1 min
 #   CASES=40 SEED=7 bash scripts/runner_asan.sh # a longer fuzz (cases per workload), other seeds
+#   RECORDS=100000 bash scripts/runner_asan.sh -k records  # more hostile frames for eager_records
 #   bash scripts/runner_asan.sh -k encoder      # extra arguments go to pytest
 #
 # Why in-process: a session's worker caps its private mappings (RLIMIT_DATA, server/sandbox.py) and ASan's
@@ -34,6 +36,7 @@ export GPUPOOL_NATIVE_RUNNER_SANITIZE=1
 export GPUPOOL_RUNNER_FUZZ_RECORDINGS="$work"
 export GPUPOOL_RUNNER_FUZZ_CASES=${CASES:-10}
 export GPUPOOL_RUNNER_FUZZ_SEED=${SEED:-0}
+export GPUPOOL_RECORDS_FUZZ_CASES=${RECORDS:-3000}
 # the sanitized build must really be the one loaded (else every test would pass on the Python path alone)
 "$PY" -c '
 from gpupool.server import native_runner as n
@@ -43,4 +46,4 @@ print("sanitized native runner:", m.__file__)
 '
 exec "$PY" -m pytest -q -p no:cacheprovider -s tests/unit/test_server_runs.py tests/unit/test_server_learned_hostile.py \
     tests/unit/test_server_native_free.py tests/unit/test_server_native_upload.py \
-    tests/integration/test_runner_fuzz.py "$@"
+    tests/unit/test_server_native_records.py tests/integration/test_runner_fuzz.py "$@"

@@ -742,13 +742,14 @@ DROPOUT_BACKWARD_BYTES = 40
 
 def _temporaries(
     tensors: list[Any], q: Any, k: Any, v: Any, bias: Any, math_bytes: int, lse: Any = None,
-    device: torch.device | None = None,
+    device: torch.device | None = None, backward: bool = False,
 ) -> int:  # fmt: skip
     """Bytes a call allocates besides its outputs while it runs, admitted with them (server/cost.py `temporary`):
     dense copies of the `tensors` a client gave expanded or overlapping (`_dense_or_copy`: an expanded view of one
     element is a copy of its whole size), a bool mask's floating copy and its negation (`_float_bias`, on every
     path), and where the math composition runs its scores (`math_bytes` per score) and float32 copies of the inputs;
-    on CUDA the efficient kernel's bias expanded to the scores' shape (and the backward's padded logsumexp).
+    on CPU the flash kernels' own buffers (`_flash_buffers`); on CUDA the efficient kernel's bias expanded to the
+    scores' shape (and the backward's padded logsumexp).
     `device`: where the call runs (a graph's definition sees meta tensors; default: the query's device)."""
     if not isinstance(q, Tensor) or not isinstance(k, Tensor) or q.dim() != 4 or k.dim() != 4:
         return 0
@@ -763,11 +764,39 @@ def _temporaries(
             total += 4 * sum(t.numel() for t in (q, k, v) if isinstance(t, Tensor))
         if isinstance(bias, Tensor) and bias.dtype != torch.float32:
             total += 4 * bias.numel()
+    elif dev.type == "cpu":
+        total += _flash_buffers(q, k, backward)
     elif dev.type == "cuda":
         if isinstance(bias, Tensor):
             total += scores // k.shape[2] * -(-k.shape[2] // 16) * 16 * q.element_size()
         if lse is not None:
             total += 4 * q.shape[0] * q.shape[1] * -(-q.shape[2] // 32) * 32
+    return total
+
+
+def _flash_buffers(q: Tensor, k: Tensor, backward: bool) -> int:
+    """The CPU flash kernels' own buffers (torch's FlashAttentionKernel.cpp), per thread of the calling thread's
+    team: a block of qSplit x kvSplit scores in the accumulation type (float32, float64 for float64), with the
+    forward's row maxima and sums and a qSplit x head size block of output, the backward's block of score gradients
+    and its row sums; for float16 and bfloat16 the score blocks again in that dtype; the float16 forward's packed
+    path (where the CPU has it) reorders key and value, padded to 64. qSplit: 256 from 768 query rows, 64 from
+    192, else 32 (the backward of this torch picks it by the heads: the larger of both is taken), at most the rows;
+    kvSplit: 512, at most the keys. Round 22 left them out: a head size of 2^14 over 32 rows took a query's size
+    (2 MiB) per thread, unadmitted."""
+    length, source, head = q.shape[2], k.shape[2], q.shape[3]
+    rows = max(length, q.shape[1]) if backward else length
+    qs = min(length, 256 if rows >= 768 else 64 if rows >= 192 else 32)
+    kvs = min(source, 512)
+    acc = 8 if q.dtype == torch.float64 else 4
+    reduced = q.element_size() if q.dtype in (torch.float16, torch.bfloat16) else 0
+    if backward:
+        per = (2 * qs * kvs + qs) * acc + 2 * qs * kvs * reduced
+    else:
+        per = (qs * kvs + 2 * qs + qs * head) * acc + qs * kvs * reduced
+    total = torch.get_num_threads() * per
+    if q.dtype == torch.float16 and not backward:
+        padded = -(-head // 64) * 64 + 1
+        total += 2 * q.shape[0] * q.shape[1] * padded * (-(-source // 64) * 64 + 64) * q.element_size()
     return total
 
 
@@ -792,7 +821,10 @@ def backward_bytes(args: Args, kwargs: Kwargs, device: torch.device | None = Non
         v_used = None  # None: the math composition whatever the device
     else:
         v_used = v
-    return _temporaries([grad, q, k, v, out, lse], q, k, v_used, bias, MATH_BACKWARD_BYTES, lse, device)
+    total = _temporaries([grad, q, k, v, out, lse], q, k, v_used, bias, MATH_BACKWARD_BYTES, lse, device, True)
+    if isinstance(grad, Tensor) and _kernel_layout(grad) and not grad.is_contiguous():
+        total += grad.numel() * grad.element_size()  # the CPU flash backward's own `grad_out.contiguous()`
+    return total
 
 
 def graph_temporary(name: str, args: Args, kwargs: Kwargs, device: torch.device) -> int:

@@ -29,6 +29,7 @@ import hmac
 import ipaddress
 import logging
 import queue
+import selectors
 import socket
 import threading
 import time
@@ -60,6 +61,9 @@ MAX_TIMEOUT = 300.0  # the longest a collective waits for its peers (group forma
 POLL_SECONDS = 0.005
 STOP_POLL_SECONDS = seclink.STOP_POLL_SECONDS  # how soon a closed session's join gives up
 STORE_ATTEMPT_SECONDS = 0.5  # a rank's attempts to reach rank 0's store: how soon a closed session's join gives up
+# the addresses of a store's name a join tries (in the resolver's order): a hostile name's hundreds of black-holed
+# addresses took STORE_ATTEMPT_SECONDS each, one after another, with no look at the session's close (round 22)
+MAX_STORE_ADDRESSES = 8
 STORE_BACKOFF_SECONDS = 30.0  # the longest wait between store constructors that failed on an address that accepts
 TRANSPORTS = protocol.COLLECTIVE_TRANSPORTS  # --collectives: encrypted links, or plaintext gloo/NCCL
 KINDS = ("allreduce", "broadcast", "allgather", "reduce_scatter", "barrier")
@@ -164,6 +168,79 @@ def timedelta_seconds(t: Any) -> float:
     return t.total_seconds() if isinstance(t, timedelta) else float(t)
 
 
+class _Relay:
+    """The join's own loopback relay between its TCPStore client and the store's address: the client connects to
+    the relay's port, the relay forwards bytes both ways over `upstream` (the connection the join opened to the
+    store's address), and closes both connections once `stop` is set (the session closed), at `close_at` (set
+    while the client's constructor runs: the join's deadline), or when either side closes. torch's TCPStore client
+    waits for the store's answers without its timeout (2.13: its constructor's handshake, and each call after)
+    and cannot be interrupted from Python, so a store address that accepts and never answers held the join's
+    thread and socket for the daemon's life (round 22); the relay's close is an end of stream the client sees.
+    No protocol is read here: bytes only. It accepts one connection (from this process's TCPStore client) and
+    then listens no more."""
+
+    def __init__(self, upstream: socket.socket, stop: threading.Event) -> None:
+        self.upstream, self.stop = upstream, stop
+        self.close_at: float | None = None
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self.listener.bind(("127.0.0.1", 0))
+            self.listener.listen(1)
+        except OSError:
+            self.listener.close()
+            raise
+        self.port = self.listener.getsockname()[1]
+        self.done = threading.Event()
+        threading.Thread(target=self._pump, name="gpupool-store-relay", daemon=True).start()
+
+    def _over(self) -> bool:
+        return self.stop.is_set() or (self.close_at is not None and time.monotonic() >= self.close_at)
+
+    def _pump(self) -> None:
+        client: socket.socket | None = None
+        try:
+            self.listener.settimeout(STOP_POLL_SECONDS)
+            while client is None:
+                if self._over():
+                    return
+                try:
+                    client, _ = self.listener.accept()
+                except TimeoutError:
+                    continue
+            self.listener.close()
+            ends = {client: self.upstream, self.upstream: client}
+            for sock in ends:
+                sock.settimeout(STOP_POLL_SECONDS)
+            with selectors.DefaultSelector() as sel:
+                for sock in ends:
+                    sel.register(sock, selectors.EVENT_READ)
+                while not self._over():
+                    for key, _ in sel.select(STOP_POLL_SECONDS):
+                        data = key.fileobj.recv(1 << 16)  # type: ignore[union-attr]
+                        if not data:
+                            return
+                        _send_until(ends[key.fileobj], data, self._over)  # type: ignore[index]
+        except OSError:
+            return
+        finally:
+            for end in (self.listener, self.upstream, client):
+                if end is not None:
+                    end.close()
+            self.done.set()
+
+
+def _send_until(sock: socket.socket, data: bytes, over: Callable[[], bool]) -> None:
+    """`sock.sendall(data)` in steps of its timeout that give up once `over()` (a peer that never reads)."""
+    view = memoryview(data)
+    while view:
+        if over():
+            raise OSError("the relay closed")
+        try:
+            view = view[sock.send(view) :]
+        except TimeoutError:
+            continue
+
+
 def _connect_store(addresses: list[str], port: int, size: int, timeout: float, stop: threading.Event) -> Any:
     """A client of the group's TCPStore at PORT of the first of `addresses` (IPs, `_resolve_store`'s: never a name,
     which would be resolved again) that accepts, connected within `timeout` s, in attempts of
@@ -172,11 +249,14 @@ def _connect_store(addresses: list[str], port: int, size: int, timeout: float, s
     named for up to MAX_TIMEOUT after the session closed: a tenant looping join-and-close held threads without
     bound (--isolation thread; a worker process ends with its session). The store then waits `timeout` per call.
 
-    Each attempt first only opens a TCP connection (closed at once; rank 0's store logs nothing for it): every
+    Each attempt first only opens a TCP connection (rank 0's store logs nothing for it): every
     failed TCPStore constructor writes c10d's error and C++ stack trace to the daemon's stderr (~6 KB, 40 lines), so
     round 20's attempts let a tenant naming a dead address write ~4 KB/s of log per join for up to 300 s. The store
     itself is made only once the address accepts, and if that still fails (the address is no store) the next tries
-    back off, doubling from STORE_ATTEMPT_SECONDS to STORE_BACKOFF_SECONDS: at most ~10 such traces per join."""
+    back off, doubling from STORE_ATTEMPT_SECONDS to STORE_BACKOFF_SECONDS: at most ~10 such traces per join.
+    The connection that accepted is kept as the store's: the client talks to it through a `_Relay`, which ends a
+    constructor still waiting at `timeout` and every call once `stop` is set (torch's client waits for answers
+    without its timeout: an address that accepts and never answers held this thread for the daemon's life)."""
     deadline = time.monotonic() + timeout
     backoff = STORE_ATTEMPT_SECONDS
     while True:
@@ -187,9 +267,12 @@ def _connect_store(addresses: list[str], port: int, size: int, timeout: float, s
         attempt = max(0.05, min(STORE_ATTEMPT_SECONDS, left))
         host = ""
         failure: OSError | None = None
-        for ip in addresses:
+        upstream: socket.socket | None = None
+        for ip in addresses[:MAX_STORE_ADDRESSES]:
+            if stop.is_set() or time.monotonic() >= deadline:  # a name of many black-holed addresses: not each
+                break
             try:
-                socket.create_connection((ip, port), timeout=attempt).close()
+                upstream = socket.create_connection((ip, port), timeout=attempt)
             except OSError as exc:
                 failure = exc
                 continue
@@ -201,14 +284,24 @@ def _connect_store(addresses: list[str], port: int, size: int, timeout: float, s
                 raise Unavailable(f"nothing answers there ({why})") from None
             stop.wait(max(0.0, start + STORE_ATTEMPT_SECONDS - time.monotonic()))  # a refusal comes at once
             continue
+        assert upstream is not None
         try:
-            store = dist.TCPStore(host, port, size, is_master=False, timeout=timedelta(seconds=attempt))
+            relay = _Relay(upstream, stop)
+        except OSError:
+            upstream.close()
+            raise
+        relay.close_at = deadline  # a constructor still waiting then is ended by the relay's close
+        try:
+            store = dist.TCPStore("127.0.0.1", relay.port, size, is_master=False, timeout=timedelta(seconds=attempt))
         except Exception:
+            relay.close_at = 0.0
+            relay.done.wait(2 * STOP_POLL_SECONDS)
             if time.monotonic() >= deadline:
                 raise
             stop.wait(min(backoff, max(0.0, deadline - time.monotonic())))
             backoff = min(2 * backoff, STORE_BACKOFF_SECONDS)
             continue
+        relay.close_at = None  # the store lives on through the relay until the session closes
         store.set_timeout(timedelta(seconds=timeout))
         return store
 

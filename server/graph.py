@@ -349,7 +349,17 @@ def _run_traced(host: Host, s: WorkerSession, g: Graph, slots: list[Any]) -> Non
         log.info("session %d: graph %d stays on the Python replay: %s", s.number, g.graph_id, why)
         execute(g, slots)
         return
-    g.traced = graph_trace.trace(host, s, g, slots, execute)
+    dry = graph_trace.dry_inputs(g, slots)
+    if graph_trace.composes(g):
+        # A fused attention call's composition decides layouts: this run is the Python replay, whose real layouts
+        # the trace must meet on its meta tensors (some meta kernels lay outputs out otherwise); traced from the next.
+        real = graph_trace.replay_recording(host, g, slots, execute)
+        g.traced = graph_trace.trace(host, s, g, dry, execute, real)
+        g.trace_refused = g.traced is None
+        if g.traced is not None:
+            host.ledger.graph(s, "traced")
+        return
+    g.traced = graph_trace.trace(host, s, g, dry, execute)
     g.trace_refused = g.traced is None  # one attempt: a refusal keeps the Python replay from now on
     if g.traced is None:
         execute(g, slots)

@@ -23,7 +23,11 @@ A graph runs this way only when every run would call exactly the same kernels wi
   values) except the fused attention's (server/attention.py), whose composition of aten calls -- its kernel decided
   at DefineGraph, branching on shapes only -- is written into the graph call by call (`_ComposedOps`; a call with
   dropout as one node of server/attention.py's `gpupool_attention` operators, whose Python kernels read and set
-  generator states, which no aten op does: the interpreter calls them back);
+  generator states, which no aten op does: the interpreter calls them back), where the dry run's tensors are laid
+  out as a real run's were (the composition decides copies and layouts on strides, and some meta kernels lay out
+  their outputs otherwise than the CPU's, e.g. `_linalg_svd`'s Vh: the graph would hand the CPU flash kernel a
+  tensor it misreads). A graph with fused attention calls is traced after a Python replay that records its
+  compositions' layouts (`replay_recording`), and runs as TorchScript from the run after;
 - with arguments a node can hold (tensors, lists of tensors -- an empty one typed by the schema --, numbers, strings,
   dtypes, devices, ...; a Python number where the overload takes a tensor only for add/sub/mul/div, whose .Scalar
   overloads are that call).
@@ -197,12 +201,27 @@ class _ComposedOps(attention.Ops):
 
     traceable = True
 
-    def __init__(self, b: _Builder, device: torch.device, names: list[str]) -> None:
+    def __init__(self, b: _Builder, device: torch.device, names: list[str], real: list[Any] | None = None) -> None:
         self.b, self.real, self.names = b, device, names
+        self.layouts, self.at = real, 0  # the real run's layouts of this call (`_RecordingOps`), and where we are
 
     def call(self, op: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> Any:
         self.names.append(op._schema.name)
-        return self.b.recorder(op)(*args, **kwargs)
+        out = self.b.recorder(op)(*args, **kwargs)
+        self.same((op._schema.name, _layout(out)))
+        return out
+
+    def same(self, entry: Any) -> None:
+        """The dry run's tensors must be laid out as the real run's were at this point of the composition: its
+        layout decisions (`attention._dense_or_copy`, `_like`, `_matching_layout`) are written into the graph as
+        taken here, on meta tensors, and some ops' meta kernels lay their outputs out otherwise than their CPU
+        kernels (`_linalg_svd`'s Vh, `max_unpool2d` of a channels-last input), where the graph would hand the
+        CPU flash kernel a tensor whose last dimension is not contiguous, which it misreads."""
+        if self.layouts is None:
+            return
+        if self.at >= len(self.layouts) or self.layouts[self.at] != entry:
+            raise ValueError("a fused attention call's tensors are laid out otherwise than their meta tensors")
+        self.at += 1
 
     def device(self, t: torch.Tensor) -> torch.device:
         return self.real  # the graph's constants name the real device; the dry run's kernels get meta (`_dry`)
@@ -211,17 +230,81 @@ class _ComposedOps(attention.Ops):
         raise ValueError(f"a fused attention call runs {why}")
 
 
-def _composed(b: _Builder, g: Graph, i: int, name: str, kernel: str) -> Any:
-    ops = _ComposedOps(b, g.device, b.composed.setdefault(i, []))
+def _layout(v: Any) -> Any:
+    """What a composition's layout decisions read of a value: a tensor's shape, strides and dtype."""
+    if isinstance(v, torch.Tensor):
+        return (tuple(v.shape), v.stride(), v.dtype)
+    if isinstance(v, list | tuple):
+        return tuple(_layout(x) for x in v)
+    return None
+
+
+def _arguments(a: Any, k: dict[str, Any]) -> Any:
+    return ("arguments", _layout([*a, *k.values()]))
+
+
+class _RecordingOps(attention.Ops):
+    """A fused attention call's composition run for real (the Python replay before a trace), each aten call's
+    result's layout kept (`layouts`) for the dry run to compare with (`_ComposedOps.same`)."""
+
+    def __init__(self, layouts: list[Any]) -> None:
+        self.layouts = layouts
+
+    def call(self, op: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> Any:
+        out = op._op(*args, **kwargs)
+        self.layouts.append((op._schema.name, _layout(out)))
+        return out
+
+
+def composes(g: Graph) -> bool:
+    """Whether `g` holds a fused attention call, whose composition's layout decisions the trace must check against
+    a real run's (`replay_recording`)."""
+    return any(c.kernel is not None for c in g.calls)
+
+
+def replay_recording(host: Host, g: Graph, slots: list[Any], execute: Any) -> dict[int, list[Any]]:
+    """Run the step as the Python replay does (`execute`), each fused attention call's composition recording the
+    layouts of its arguments and of each aten call's result (by call index), for `trace`."""
+    seen: dict[int, list[Any]] = {}
+    plan = list(g.plan)
+    for i, c in enumerate(g.calls):
+        if c.kernel is None:
+            continue
+        composed = (
+            attention.forward if host.ops.resolve(c.name)._schema.name == attention.FORWARD else attention.backward
+        )
+
+        def call(*a: Any, _i: int = i, _f: Any = composed, _k: str = c.kernel, **k: Any) -> Any:
+            layouts = seen.setdefault(_i, [])
+            layouts.append(_arguments(a, k))
+            return _f(_RecordingOps(layouts), _k, *a, **k)
+
+        step = list(plan[i])
+        step[1] = call
+        plan[i] = tuple(step)
+    real, g.plan = g.plan, plan
+    try:
+        execute(g, slots)
+    finally:
+        g.plan = real
+    return seen
+
+
+def _composed(b: _Builder, g: Graph, i: int, name: str, kernel: str, real: dict[int, list[Any]] | None) -> Any:
+    ops = _ComposedOps(b, g.device, b.composed.setdefault(i, []), None if real is None else real.get(i, []))
     composed = attention.forward if name == attention.FORWARD else attention.backward
 
     def call(*a: Any, **k: Any) -> Any:
-        return composed(ops, kernel, *a, **k)
+        ops.same(_arguments(a, k))
+        out = composed(ops, kernel, *a, **k)
+        if ops.layouts is not None and ops.at != len(ops.layouts):  # the real run made more calls
+            raise ValueError("a fused attention call's tensors are laid out otherwise than their meta tensors")
+        return out
 
     return call
 
 
-def _recording_plan(host: Host, g: Graph, b: _Builder) -> list[Any]:
+def _recording_plan(host: Host, g: Graph, b: _Builder, real: dict[int, list[Any]] | None = None) -> list[Any]:
     """g.plan as the dry run executes it: every call through `b`, each value-guarded call's Python check replaced
     by the same check as tensor ops (recorded too), each fused attention call by its composition's aten calls."""
     plan = list(g.plan)
@@ -230,7 +313,7 @@ def _recording_plan(host: Host, g: Graph, b: _Builder) -> list[Any]:
         op = host.ops.resolve(c.name)
         fn = b.recorder(op)  # the kernel itself: a seeded call's Python wrapper only picks the generator
         if c.kernel is not None:
-            fn = _composed(b, g, i, op._schema.name, c.kernel)
+            fn = _composed(b, g, i, op._schema.name, c.kernel, real)
         if c.check is not None:
             fn = _TRACED_GUARDS[op._schema.name](b, fn)
             step[7] = None
@@ -313,20 +396,29 @@ def _nothing() -> None:
     return None
 
 
-def trace(host: Host, s: Any, g: Graph, slots: list[Any], execute: Any) -> Traced | None:
-    """Write the step's TorchScript graph from a dry run of its calls on meta copies of its tensors (nothing is
-    read or written, no random number drawn, so a failure midway harms nothing). Returns it, or None."""
+def dry_inputs(g: Graph, slots: list[Any]) -> list[torch.Tensor]:
+    """Meta copies of a run's inputs and persistent tensors (taken before the run, which may clear their slots)."""
+    layout = Traced(None, g, [], False)
+    return [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=_META) for t in layout.args(slots)]
+
+
+def trace(
+    host: Host, s: Any, g: Graph, dry: list[torch.Tensor], execute: Any, real: dict[int, list[Any]] | None = None
+) -> Traced | None:
+    """Write the step's TorchScript graph from a dry run of its calls on meta copies of its tensors (`dry_inputs`:
+    nothing is read or written, no random number drawn, so a failure midway harms nothing). Returns it, or None.
+    `real`: the layouts a run of the step's fused attention calls met (`replay_recording`); the dry run must meet
+    the same, or the graph keeps the Python replay."""
     kept = sorted(set(g.outputs) | set(g.writes.values()))
     layout = Traced(None, g, kept, any(c.seeded for c in g.calls))
     b = _Builder()
     inner: list[Any] = [None] * g.n_slots
-    dry = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=_META) for t in layout.args(slots)]
     for t in dry:
         b.input(t)
     inner[1 : layout.n_inputs + 1] = dry[: layout.n_inputs]
     for slot, t in zip(layout.externals, dry[layout.n_inputs :], strict=True):
         inner[slot] = t
-    plan, g.plan = g.plan, _recording_plan(host, g, b)
+    plan, g.plan = g.plan, _recording_plan(host, g, b, real)
     try:
         execute(g, inner)
         if any(not isinstance(inner[k], torch.Tensor) for k in kept):

@@ -12,9 +12,10 @@
         loss = step(x, y)          # call 1 eager, calls 2-3 recorded, then one RunGraph per call
 
 Call 1 runs eagerly (the optimizer creates its state). Calls 2 and 3 run eagerly too while every command the
-device receives is recorded (capture_record.py); the two recordings must agree (same ops, same Python numbers in
-them), otherwise the step is not capturable as written and `CaptureError` says which op and argument changed
-(default Adam's bias corrections: use `capturable=True`). Then the graph is defined on the daemon (DefineGraph:
+calling thread sends its device is recorded (capture_record.py; other threads' commands meanwhile go out
+unrecorded); the two recordings must agree (same ops, same Python numbers in them), otherwise the step is not
+capturable as written and `CaptureError` says which op and argument changed (default Adam's bias corrections: use
+`capturable=True`). Then the graph is defined on the daemon (DefineGraph:
 the recorded `Op`s with graph-local slots) and every later call sends one RunGraph; the user's Python, autograd
 and optimizer code no longer run, and the call returns without waiting for the daemon (the returned tensors are
 handles: `.item()` them whenever).
@@ -202,17 +203,20 @@ class CapturedStep:
     def _record(self, rt: DeviceRuntime, key: Any, leaves: list[Any], args: Any, kwargs: Any) -> Any:
         if rt.pending:
             rt.materialize_pending()
+        # Only this thread's commands are recorded (and, as always, sent): another thread's ops, uploads and syncs
+        # on this device meanwhile (a data loader, a metrics thread) go out unrecorded and unrefused. backward runs
+        # on this thread (client/engine.py), so its ops are recorded too.
         rec = Recording(rt)
         others = [o for o in runtime.all_runtimes() if o is not rt]
-        rt.recorder = rec
+        rt.start_recording(rec)
         for o in others:
-            o.recorder = Elsewhere(o)
+            o.start_recording(Elsewhere(o))
         try:
             result = self.fn(*args, **kwargs)
         finally:
-            rt.recorder = None
+            rt.stop_recording()
             for o in others:
-                o.recorder = None
+                o.stop_recording()
         self.stats["recorded"] += 1
         built = build(rec, leaves, result)
         previous = self._recorded.get(key)

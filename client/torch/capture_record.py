@@ -1,11 +1,12 @@
 """Recording a captured step and building its graph (DefineGraph) from the recording: the definition half of
 step capture (capture.py replays).
 
-While a step records, every command its device receives lands in a `Recording` (the runtime's `recorder`)
-instead of going out. `build` turns one recording into slots: 1..n the step's tensor inputs, then the tensors that
-existed before the step (bound by identity: parameters, optimizer state), then uploads made inside the step, then
-op outputs in order. `compare` says where two recordings of the same call differ (a Python number that changes
-from step to step would replay stale).
+While a step records, every command the recording thread sends its device also lands in a `Recording` (the
+runtime's `recorders`, by thread: other threads' commands meanwhile are neither recorded nor refused). `build`
+turns one recording into slots: 1..n the step's tensor inputs, then the tensors that existed before the step
+(bound by identity: parameters, optimizer state), then uploads made inside the step, then op outputs in order.
+`compare` says where two recordings of the same call differ (a Python number that changes from step to step would
+replay stale).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ NOT_IN_GRAPHS = ("aten::resize_", "aten::resize_as_", "aten::_resize_output_", "
 
 @dataclass
 class Recording:
-    """Every command one runtime received during one call of the step."""
+    """Every command the recording thread sent one runtime during one call of the step."""
 
     rt: DeviceRuntime
     ops: list[tuple[str, list[tensor_pb2.Arg], dict[str, tensor_pb2.Arg], list[int]]] = field(default_factory=list)
@@ -57,7 +58,8 @@ class Recording:
 
 
 class Elsewhere(Recording):
-    """Installed on every other device while a step records: a captured step uses one device."""
+    """Installed on every other device for the recording thread while a step records: a captured step uses one
+    device (other threads use any device meanwhile)."""
 
     def op(self, name: str, args: Any, kwargs: Any, outputs: list[int]) -> None:
         raise CaptureError(f"{self.rt.device}: a captured step must run on one gpupool device ({name})")

@@ -10,6 +10,7 @@ each op in `dispatch`.
 from __future__ import annotations
 
 import logging
+from _thread import get_ident
 from typing import Any
 
 import torch
@@ -48,13 +49,17 @@ def run_remote(rt: DeviceRuntime | None, sch: meta.Schema, args: tuple[Any, ...]
         _unshare_written(sch, args, kwargs)
     # The common case: a compact record (gpupool/compact.py), one bytes string for the whole op.
     tail: bytes | None = None
-    if rt is None or (rt.recorder is None and len(rt.op_ids) < _MAX_OP_IDS):  # rt.compact_ok(), inline
+    # rt.compact_ok(), inline: not while this thread records a step (its recorder sees `Op`s; other threads' ops
+    # are not recorded and travel as usual)
+    if rt is None or ((not rt.recorders or get_ident() not in rt.recorders) and len(rt.op_ids) < _MAX_OP_IDS):
         try:
             found, key, tail = encode.build_compact(rt, sch, args, kwargs)
         except (encode.NeedsUpload, compact.Unencodable):
             tail = None
         else:
-            if found is not None and (found.recorder is not None or len(found.op_ids) >= _MAX_OP_IDS):
+            if found is not None and (
+                (found.recorders and get_ident() in found.recorders) or len(found.op_ids) >= _MAX_OP_IDS
+            ):
                 tail = None  # not found.compact_ok(), inline: a capture records `Op`s
     if tail is None:
         try:
@@ -241,10 +246,13 @@ def copy_into(dst: RemoteTensor, src: torch.Tensor) -> None:
         and dst.is_contiguous()
         and dst.storage_offset() == 0
     ):
-        # The held-back empty becomes the upload itself: one command, no extra memory.
-        del rt.pending[dst._gp_h]
-        rt.upload(src.detach().cpu().contiguous(), dst._gp_h)
-        return
+        # The held-back empty becomes the upload itself: one command, no extra memory. Taken under the lock
+        # (`materialize_pending` sends an empty before it leaves `pending`): it is sent once, as one or the other.
+        with rt._lock:
+            held = rt.pending.pop(dst._gp_h, None) is not None
+        if held:
+            rt.upload(src.detach().cpu().contiguous(), dst._gp_h)
+            return
     tmp = upload_new(rt, src)
     run_remote(rt, meta.schema_of(aten.copy_.default), (dst, tmp), {})
 
@@ -254,5 +262,6 @@ def lazy_empty(rt: DeviceRuntime, sch: meta.Schema, args: tuple[Any, ...], kwarg
     (m,) = meta.CACHE.outputs(sch, args, kwargs, key).metas
     assert m is not None
     h = rt.new_handle()
-    rt.pending[h] = (sch.name, wire_args, wire_kwargs)
+    # made by a thread recording a step: an op of its recording (runtime.materialize_pending)
+    rt.pending[h] = (sch.name, wire_args, wire_kwargs, rt.recording())
     return wrap(rt, h, m.shape, m.stride, m.offset, m.dtype, m)

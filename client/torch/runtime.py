@@ -12,6 +12,7 @@ import itertools
 import logging
 import struct
 import threading
+from _thread import get_ident
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, Protocol
 
@@ -35,7 +36,8 @@ FREE_QUOTA_FRACTION = 64  # ... or dead bytes above 1/64 of the quota, so that f
 
 
 class Recorder(Protocol):
-    """What a step capture (`client.torch.capture`) sees of the commands a runtime sends while it records."""
+    """What a step capture (`client.torch.capture`) sees of the commands a runtime sends while it records: those of
+    the recording thread only (`DeviceRuntime.recorders`); other threads' commands go out as at any other time."""
 
     def op(self, name: str, args: Any, kwargs: Any, outputs: list[int]) -> None: ...
     def upload(self, handle: int, tensor: torch.Tensor) -> None: ...
@@ -62,16 +64,19 @@ class DeviceRuntime:
         self.free_bytes = max(64 * 1024, quota // FREE_QUOTA_FRACTION) if quota else 64 * 1024 * 1024
         # Tensors made by torch.empty(..., device="gpupool") whose Op is not sent yet: the usual next
         # step is a copy from the CPU (`x.to("gpupool")`), which then becomes one upload into the handle.
-        self.pending: dict[int, tuple[str, list[Any], dict[str, Any]]] = {}
+        # The last item: the recorder of the thread that made it while that thread recorded a step, else None
+        # (`materialize_pending`: a recording's empties are its own ops, sent by its thread only).
+        self.pending: dict[int, tuple[str, list[Any], dict[str, Any], Recorder | None]] = {}
         # Handles held by more than one tensor (detach/alias share the daemon tensor): extra holders.
         self.shared: dict[int, int] = {}
         self._lock = threading.RLock()  # re-entrant: a finalizer may run while this thread holds it
         self.ops_sent = 0
         self._unflushed = 0
         self.op_ids: dict[str, int] = {}  # op names defined in this session's compact records (gpupool/compact.py)
-        # Step capture: the recorder of a step being recorded, and handles that defined graphs hold (called
-        # with the handle when the client lets go of it).
-        self.recorder: Recorder | None = None
+        # Step capture: the recorder of each thread recording a step (by thread id: only that thread's commands
+        # are recorded; `start_recording`), and handles that defined graphs hold (called with the handle when the
+        # client lets go of it). The hot paths test `if self.recorders` (empty: nobody records) before any lookup.
+        self.recorders: dict[int, Recorder] = {}
         self.watched: dict[int, list[Callable[[int], None]]] = {}
         # A fake GPU computes with CPU kernels, whose outputs differ from meta's in a few places.
         self.cpu_backed = bool(getattr(getattr(session, "device", None), "fake", False))
@@ -101,7 +106,7 @@ class DeviceRuntime:
     def release(self, handle: int, nbytes: int = 0) -> None:
         """Called when a tensor dies (any thread, any time): remember the handle for the next batch.
         (`RemoteTensor.__del__` has the first branch inline: keep the two in step.)"""
-        if handle not in self.shared and not (self.watched or self.pending or self.closed) and self.recorder is None:
+        if handle not in self.shared and not (self.watched or self.pending or self.closed or self.recorders):
             # The usual death, without the lock (~0.3-0.7 us less per tensor): nothing to look up, one append.
             # `_dead` is never replaced, only trimmed at its front (`flush_frees`), so an append racing a flush
             # lands in this batch or the next; `_dead_bytes` is a threshold only, a lost add is harmless.
@@ -118,8 +123,8 @@ class DeviceRuntime:
                 else:
                     self.shared[handle] = extra - 1
                 return
-            if self.recorder is not None:
-                self.recorder.released(handle)
+            for rec in list(self.recorders.values()):  # a tensor may die on any thread (a finalizer, a queue)
+                rec.released(handle)
             if self.watched:
                 for watcher in self.watched.pop(handle, ()):
                     watcher(handle)
@@ -165,13 +170,34 @@ class DeviceRuntime:
         if self._dead and (len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):
             self.flush_frees()
         self._check_open()
-        if self.recorder is not None:
-            self.recorder.op(name, args, kwargs, outputs)
+        if self.recorders:
+            rec = self.recorders.get(get_ident())
+            if rec is not None:
+                rec.op(name, args, kwargs, outputs)
         try:
             self.session.op(name, args, kwargs, outputs)
             self._sent_op()
         except Exception as exc:
             self._raise(exc)
+
+    def recording(self) -> Recorder | None:
+        """The recorder of the calling thread, if it is recording a step on this device (else None)."""
+        return self.recorders.get(get_ident()) if self.recorders else None
+
+    def start_recording(self, rec: Recorder) -> None:
+        """From now on the calling thread's commands to this device are recorded by `rec` (and still sent)."""
+        with self._lock:
+            self.recorders[get_ident()] = rec
+
+    def stop_recording(self) -> None:
+        """The calling thread's recording ends. Empties it made and left unsent become ordinary pending ones."""
+        with self._lock:
+            rec = self.recorders.pop(get_ident(), None)
+            if rec is None:
+                return
+            for h, (name, args, kwargs, owner) in list(self.pending.items()):
+                if owner is rec:
+                    self.pending[h] = (name, args, kwargs, None)
 
     def _sent_op(self) -> None:
         """Count an op into the frame being built; every FLUSH_OPS ops the frame goes out."""
@@ -215,8 +241,8 @@ class DeviceRuntime:
             self._heads[name] = compact.HEAD.pack(op_id, 0)
 
     def compact_ok(self) -> bool:
-        """Whether ops may travel as compact records now (not while a step capture records `Op`s)."""
-        return self.recorder is None and len(self.op_ids) < compact.MAX_OP_IDS
+        """Whether the calling thread's ops may travel as compact records now (not while it records `Op`s)."""
+        return (not self.recorders or get_ident() not in self.recorders) and len(self.op_ids) < compact.MAX_OP_IDS
 
     def flush(self) -> None:
         self._check_open()
@@ -227,8 +253,8 @@ class DeviceRuntime:
 
     def sync(self, scalar_handles: tuple[int, ...] | list[int] = ()) -> list[Any]:
         """Wait for everything sent so far; raise the first error since the last sync."""
-        if self.recorder is not None:
-            self.recorder.refuse("a sync point (.item(), bool(t), synchronize)")
+        if self.recorders and (rec := self.recorders.get(get_ident())) is not None:
+            rec.refuse("a sync point (.item(), bool(t), synchronize)")
         self.flush_frees(force=True)
         self._check_open()
         try:
@@ -240,8 +266,8 @@ class DeviceRuntime:
         """Send a CPU tensor into `handle` (a new one by default); returns the handle."""
         h = self.new_handle() if handle is None else handle
         self._check_open()
-        if self.recorder is not None:
-            self.recorder.upload(h, tensor)
+        if self.recorders and (rec := self.recorders.get(get_ident())) is not None:
+            rec.upload(h, tensor)
         try:
             self.session.upload(tensor, h)
         except Exception as exc:
@@ -249,8 +275,8 @@ class DeviceRuntime:
         return h
 
     def download(self, handle: int) -> torch.Tensor:
-        if self.recorder is not None:
-            self.recorder.refuse("a read-back (.cpu(), .tolist(), printing, an op with data-dependent shapes)")
+        if self.recorders and (rec := self.recorders.get(get_ident())) is not None:
+            rec.refuse("a read-back (.cpu(), .tolist(), printing, an op with data-dependent shapes)")
         self.flush_frees(force=True)
         self._check_open()
         try:
@@ -268,8 +294,8 @@ class DeviceRuntime:
             self._raise(exc)
 
     def seed(self, seed: int) -> None:
-        if self.recorder is not None:
-            self.recorder.refuse("torch.manual_seed")
+        if self.recorders and (rec := self.recorders.get(get_ident())) is not None:
+            rec.refuse("torch.manual_seed")
         self._check_open()
         try:
             self.session.seed(seed)
@@ -336,11 +362,32 @@ class DeviceRuntime:
             self._raise(exc)
 
     def materialize_pending(self) -> None:
-        """Send the held-back empties (in creation order) before anything that might use them."""
-        while self.pending:
-            h = next(iter(self.pending))
-            name, args, kwargs = self.pending.pop(h)
-            self.op(name, args, kwargs, [h])
+        """Send the held-back empties (in creation order) before anything that might use them.
+
+        Under the lock, and each leaves `pending` only once sent: a thread that finds it still pending waits here
+        instead of sending a command that names a handle not yet created. An empty made by a thread recording a
+        step is an op of its recording: only that thread sends it (recorded); any thread sends the others, never
+        recorded, even when the recording thread sends them."""
+        with self._lock:
+            mine = self.recording()
+            for h, (name, args, kwargs, owner) in list(self.pending.items()):
+                if owner is not None and owner is not mine:
+                    continue  # the recording thread's own: its next command sends it into its recording
+                if h not in self.pending:  # released meanwhile (by a finalizer this thread ran)
+                    continue
+                self.ops_sent += 1
+                if self._dead and (len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):
+                    self.flush_frees()  # as `op` does: memory freed before the empty asks for more
+                self._check_open()
+                if owner is not None:
+                    owner.op(name, args, kwargs, [h])
+                try:
+                    self.session.op(name, args, kwargs, [h])
+                    self._sent_op()
+                except Exception as exc:
+                    self._raise(exc)
+                if self.pending.pop(h, None) is None:  # a finalizer this thread ran while sending let go of it
+                    self._dead.append(h)
 
     def close(self) -> None:
         if self.closed:

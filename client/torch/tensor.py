@@ -100,7 +100,7 @@ class RemoteTensor(torch.Tensor):
             nbytes = _prod(key[0]) * key[3].itemsize if key is not None else 0
             rt = d["_gp_rt"]
             # DeviceRuntime.release's lock-free case, inline (one Python call less on every death): see there
-            if h not in rt.shared and not (rt.watched or rt.pending or rt.closed) and rt.recorder is None:
+            if h not in rt.shared and not (rt.watched or rt.pending or rt.closed or rt.recorders):
                 rt._dead.append(h)
                 rt._dead_bytes += nbytes
             else:

@@ -9,6 +9,7 @@ whose ops send its geometry). `SPECIAL` maps each such op to its handler.
 
 from __future__ import annotations
 
+from _thread import get_ident
 from collections.abc import Callable
 from typing import Any
 
@@ -141,11 +142,11 @@ _VIEW_HEAD = compact.TAG_U64.pack
 def _view(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """A view op: metadata only. The result refers to its input's daemon tensor (the one a lazy input refers to)
     and its own sizes, strides and offset into that tensor's storage (`RemoteView`); no record is sent. Not while
-    a capture records (its graph names daemon tensors), nor where the meta kernel cannot tell the result."""
+    this thread records a step (its graph names daemon tensors), nor where the meta kernel cannot tell the result."""
     t = args[0]
     sch = meta.schema_of(func)
     rt = t._gp_rt if isinstance(t, RemoteTensor) else None
-    if rt is None or rt.recorder is not None or kwargs:
+    if rt is None or kwargs or (rt.recorders and get_ident() in rt.recorders):
         return run_remote(None, sch, args, kwargs)
     key: list[Any] = [sch, t._gp_key]
     for a in args[1:]:

@@ -639,3 +639,89 @@ def test_3_d_masks_are_broadcast_as_local(dev: torch.device, shape: tuple[int, .
         assert_close(out, want)
         for got, w in zip(grads, want_grads, strict=True):
             assert_close(got, w)
+
+
+@pytest.mark.parametrize("op", ["svd", "unpool"])
+def test_a_traced_graph_reads_inputs_laid_out_otherwise_than_their_meta_tensors_as_their_values(
+    serve: Any, session: Session, op: str
+) -> None:
+    """A graph's TorchScript form is written from a dry run on meta tensors (server/graph_trace.py), so the fused
+    attention's layout decisions (`_dense_or_copy`: copy a tensor whose last dimension is not contiguous, which the
+    CPU flash kernel misreads) were taken on the meta kernels' strides. Where an op's CPU kernel lays its output out
+    otherwise than its meta kernel -- `_linalg_svd`'s Vh (CPU: columns; meta: rows), `max_unpool2d` of a
+    channels-last input (CPU: channels last; meta: contiguous) -- the traced graph handed the kernel a tensor whose
+    last dimension is not contiguous, as is: every run after the first gave other values than the first (the
+    Python replay, local's), up to 7e21 and denormals such as 3e-41 (the kernel allocates its output in the
+    query's layout and writes its rows as adjacent elements: the rest is memory the session never wrote, different
+    run to run). Now the trace compares each composition's layouts with those of a real run (the one before it):
+    such a graph stays on the Python replay, which decides on the real tensors."""
+    s = session
+    k, v, x = Slot(2), Slot(3), Slot(4)  # slot 1: an input the graph does not use (its query is made inside)
+    if op == "svd":  # Vh of (2, 4, 6, 8): (2, 4, 6, 8), CPU strides (192, 48, 1, 6), meta (192, 48, 8, 1)
+        first = [_op("aten::_linalg_svd.default", x, False, outputs=[5, 6, 7])]
+        produced, x_shape, n = Slot(7), (2, 4, 6, 8), 8
+    else:  # (2, 6, 8, 4) permuted to channels last, pooled 2 x 2 with indices, unpooled to (2, 4, 6, 8)
+        first = [
+            _op("aten::permute.default", x, [0, 3, 1, 2], outputs=[5]),
+            _op("aten::max_pool2d_with_indices.default", Slot(5), [2, 2], [2, 2], outputs=[6, 7]),
+            _op("aten::max_unpool2d.default", Slot(6), Slot(7), [6, 8], outputs=[8]),
+        ]
+        produced, x_shape, n = Slot(8), (2, 6, 8, 4), 9
+    body = [
+        *first,
+        _op(FUSED.replace(".", "::", 1), produced, k, v, None, 0.0, False, False, scale=0.5,
+            outputs=[n, n + 1, 0, 0, 0, 0, n + 2, n + 3]),
+    ]  # fmt: skip
+    shapes = [(2, 4, 6, 8), (2, 4, 6, 8), (2, 4, 6, 8), x_shape]
+    meta = [wire.meta_to_proto(torch.empty(shape)) for shape in shapes]
+    graph_id = 46 if op == "svd" else 47
+    s.define_graph(
+        device_pb2.DefineGraph(graph_id=graph_id, inputs=4, input_meta=meta, ops=body, outputs=[n, int(produced)])
+    )
+    g = torch.Generator().manual_seed(46)
+    tensors = [torch.randn(shape, generator=g) for shape in shapes]
+    handles = [Handle(s.upload(t)) for t in tensors]
+    got = []
+    for _ in range(4):  # run 1: the Python replay; runs 2-4: the TorchScript graph where the graph is traced
+        outs = [s.new_handle() for _ in range(2)]
+        s.run_graph(graph_id, handles, outs)
+        got.append([s.download(Handle(h)) for h in outs])
+    out, query = got[0]
+    assert query.shape == (2, 4, 6, 8)
+    want, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query.contiguous(), tensors[1], tensors[2], scale=0.5
+    )
+    assert torch.equal(out, want)
+    for i, (o, qq) in enumerate(got[1:], 2):
+        assert torch.equal(qq, query), i
+        assert torch.equal(o, want), i
+    said = f"graph {graph_id} stays on the Python replay: its TorchScript graph failed: graph {graph_id} op "
+    why = "a fused attention call's tensors are laid out otherwise than their meta tensors"
+    assert any(said in line and why in line for line in list(serve.process.log_lines))
+
+
+def test_the_cpu_flash_kernels_own_buffers_count_against_the_quota(serve: Any) -> None:
+    """torch's CPU flash kernels allocate blocks per thread of the call's team besides the outputs (forward: up to
+    256 x 512 scores, the rows' maxima and sums, and a block of the output of 256 rows x the head size, in float32),
+    which round 22 did not admit: over 32 query rows and one key, a head size of 12000 takes the query's own size
+    (1.5 MB) per thread, admitted nowhere (on a host of many cores, many times the quota; in the daemon itself
+    under --isolation thread). Now they are admitted with the outputs (server/attention.py `_flash_buffers`): in a
+    4 MiB session the call whose inputs and output take 3 MiB is RESOURCE_EXHAUSTED, nothing run, the session
+    usable; a head size of 1000 runs with local's values."""
+    quota = 4 * 1024 * 1024
+    with Session.attach(serve.address, serve.token(tenant="attention-flash-buffers", quota_bytes=quota)) as s:
+        g = torch.Generator().manual_seed(23)
+        for head, fits in ((12000, False), (1000, True)):
+            q, k, v = torch.randn(1, 1, 32, head, generator=g), *(torch.randn(1, 1, 1, head, generator=g) for _ in "kv")
+            handles = [Handle(s.upload(t)) for t in (q, k, v)]
+            out = _fused(s, *handles)[0]
+            if fits:
+                assert_close(
+                    s.download(Handle(out)), torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
+                )
+            else:
+                with pytest.raises(errors.ResourceExhausted, match="quota"):
+                    s.sync()
+            s.free(handles)
+        [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
+        assert torch.equal(s.download(ok), torch.full((3,), 2.0))

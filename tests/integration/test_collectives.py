@@ -436,14 +436,10 @@ def test_a_join_to_a_dead_store_ends_with_its_session(daemon_factory) -> None:  
     session close reached: a tenant looping join-and-close under --isolation thread held a thread per loop for
     that long. The store is now reached in short attempts that stop with the session."""
     daemon = daemon_factory(fake_gpu_memory=64 * MiB, worker_network=True, isolation="thread")
-
-    def group_threads() -> set[threading.Thread]:
-        return {t for t in threading.enumerate() if t.name.startswith("gpupool-group-")}
-
     with socket.socket() as probe:  # a port nobody listens on once closed
         probe.bind(("127.0.0.1", 0))
         dead = probe.getsockname()[1]
-    before = group_threads()
+    before = _group_threads()
     n = 4
     for _ in range(n):
         lease = uuid.uuid4().hex
@@ -455,13 +451,65 @@ def test_a_join_to_a_dead_store_ends_with_its_session(daemon_factory) -> None:  
         s.command(device_pb2.Command(group_join=join))
         s.sync()
         time.sleep(0.3)  # its join retries the dead address
-        assert group_threads() - before, "the join thread is not running: the test sees nothing"
+        assert _group_threads() - before, "the join thread is not running: the test sees nothing"
         s.close()
+    _joins_end(before, n, "a dead store")
+
+
+def _group_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("gpupool-group-")}
+
+
+def _joins_end(before: set[threading.Thread], n: int, where: str) -> None:
+    """The join threads started since `before` end within 10 s (their sessions closed)."""
     deadline = time.monotonic() + 10
-    while group_threads() - before and time.monotonic() < deadline:
+    while _group_threads() - before and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = group_threads() - before
-    assert not left, f"{len(left)} of {n} joins to a dead store outlived their sessions"
+    left = _group_threads() - before
+    assert not left, f"{len(left)} of {n} joins to {where} outlived their sessions"
+
+
+def test_a_join_to_a_port_that_accepts_and_never_answers_ends_with_its_session(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    """Rank 1 names a store address that accepts connections and never answers (no store; a listener that waits
+    for its client to speak in its own protocol). torch's TCPStore client constructor waits for the store's answer
+    to its handshake without its timeout and cannot be interrupted from Python: round 22's join thread
+    (`gpupool-group-N`) hung in it for the daemon's life, its socket open, after the session closed (a tenant
+    looping join-and-close under --isolation thread held a thread and a socket per loop). The client now talks to
+    the store through the join's own loopback relay, which closes at the join's deadline and with the session: the
+    constructor sees the connection end and raises, the thread ends, the address's connection is closed."""
+    daemon = daemon_factory(fake_gpu_memory=64 * MiB, worker_network=True, isolation="thread")
+    silent = socket.socket()  # accepts (the kernel's backlog and accept below), never says anything
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    accepted: list[socket.socket] = []
+    before = _group_threads()
+    n = 3
+    try:
+        for _ in range(n):
+            lease = uuid.uuid4().hex
+            tokens = [daemon.token(lease_id=lease, host="absent-host"), daemon.token(lease_id=lease, network=True)]
+            s = Session.attach(daemon.address, tokens[1])
+            join = device_pb2.GroupJoin(
+                rank=1, size=2, tokens=tokens, store_address=f"127.0.0.1:{silent.getsockname()[1]}",
+                timeout_seconds=60.0,
+            )  # fmt: skip
+            s.command(device_pb2.Command(group_join=join))
+            s.sync()
+            silent.settimeout(10)
+            conn, _ = silent.accept()  # the join reached the address (its probe, or the store client's connection)
+            accepted.append(conn)
+            time.sleep(1.0)  # past the probe: a store client waits for its handshake's answer
+            assert _group_threads() - before, "the join thread is not running: the test sees nothing"
+            s.close()
+        _joins_end(before, n, "a silent port")
+        for conn in accepted:  # every connection the daemon opened to the address is closed (reads its end)
+            conn.settimeout(5)
+            while conn.recv(4096):
+                pass
+    finally:
+        for conn in accepted:
+            conn.close()
+        silent.close()
 
 
 def test_a_join_to_a_dead_store_does_not_flood_the_daemons_log(daemon_factory, capfd) -> None:  # type: ignore[no-untyped-def]

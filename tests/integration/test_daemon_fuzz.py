@@ -13,6 +13,7 @@ accounting holds only the neighbour's bytes.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import os
 import queue
@@ -104,19 +105,29 @@ INTS = st.one_of(
 FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([math.nan, math.inf, -0.0]))
 
 
-@st.composite
-def handles(draw: Any, base: int, other: int) -> int:
-    return draw(
-        st.one_of(
-            st.sampled_from([base + 1, base + 2, base + 3, base + 4]),  # uploaded by the prefix
-            st.sampled_from([0, 2**64 - 1, base, base + 999_999, other + 1, other]),
-            st.integers(0, 2**64 - 1),
-        )
+# The strategies are built once per (base, other), not on every draw: hypothesis validates a new strategy object
+# (its emptiness, recursion) at its first draw, which cost about as much as the drawing (half the example generation's
+# CPU); the same strategies drawn in the same order draw alike.
+@functools.cache
+def _handle_choices(base: int, other: int) -> st.SearchStrategy[int]:
+    return st.one_of(
+        st.sampled_from([base + 1, base + 2, base + 3, base + 4]),  # uploaded by the prefix
+        st.sampled_from([0, 2**64 - 1, base, base + 999_999, other + 1, other]),
+        st.integers(0, 2**64 - 1),
     )
 
 
+@st.composite
+def handles(draw: Any, base: int, other: int) -> int:
+    return draw(_handle_choices(base, other))
+
+
+_handles = functools.cache(handles)
+
+
+@functools.cache
 def args(base: int, other: int) -> st.SearchStrategy[tensor_pb2.Arg]:
-    h = handles(base, other)
+    h = _handles(base, other)
     A = tensor_pb2.Arg
     return st.one_of(
         st.builds(lambda: A(none=tensor_pb2.NoneArg())),
@@ -146,49 +157,65 @@ def args(base: int, other: int) -> st.SearchStrategy[tensor_pb2.Arg]:
     )
 
 
+class _CommandParts:
+    """The strategies `commands` draws from, built once per (base, other) (`_parts`)."""
+
+    def __init__(self, base: int, other: int) -> None:
+        h = _handles(base, other)
+        a = args(base, other)
+        self.h = h
+        self.kind = st.sampled_from(["op"] * 6 + ["upload", "upload", "get", "free", "seed", "sync", "empty"])
+        self.name = st.one_of(st.sampled_from(COMMON), st.sampled_from(ALL_ATEN), st.sampled_from(DENIED + UNKNOWN))
+        self.overload = st.sampled_from(["default", "Tensor", "out", "Scalar"])
+        self.op_args = st.lists(a, max_size=6)
+        self.op_outputs = st.lists(st.one_of(st.integers(base + 5, base + 12), h), max_size=3)
+        self.op_kwargs = st.dictionaries(st.sampled_from(["dtype", "out", "device", "dim", "x"]), a, max_size=2)
+        self.up_handle = st.one_of(st.integers(base + 5, base + 8), h)
+        self.up_offset = st.sampled_from([0, 0, 4, 16, 2**40, 2**64 - 1])
+        self.up_data = st.one_of(st.binary(max_size=64), st.just(b"\0" * (4 * MiB + 1)))
+        self.boolean = st.booleans()
+        self.up_dtype = st.integers(-1, 14)
+        self.up_shape = st.lists(st.one_of(st.integers(-2, 16), st.sampled_from([2**40, 2**62])), max_size=4)
+        self.request_id = st.integers(1, 2**62)
+        self.free_handles = st.lists(h, max_size=5)
+        self.seed = st.integers(0, 2**64 - 1)
+        self.sync_handles = st.lists(h, max_size=3)
+
+
+_parts = functools.cache(_CommandParts)
+_ALL_ATEN = frozenset(ALL_ATEN)  # `name in ALL_ATEN`, without a scan of thousands of names per drawn op
+
+
 @st.composite
 def commands(draw: Any, base: int, other: int) -> device_pb2.Command:
-    h = handles(base, other)
-    kind = draw(st.sampled_from(["op"] * 6 + ["upload", "upload", "get", "free", "seed", "sync", "empty"]))
+    p = _parts(base, other)
+    kind = draw(p.kind)
     if kind == "op":
-        name = draw(st.one_of(st.sampled_from(COMMON), st.sampled_from(ALL_ATEN), st.sampled_from(DENIED + UNKNOWN)))
-        if name in ALL_ATEN and "." not in name:
-            name += "." + draw(st.sampled_from(["default", "Tensor", "out", "Scalar"]))
-        a = args(base, other)
-        op = device_pb2.Op(
-            name=name,
-            args=draw(st.lists(a, max_size=6)),
-            outputs=draw(st.lists(st.one_of(st.integers(base + 5, base + 12), h), max_size=3)),
-        )
-        for key, value in draw(
-            st.dictionaries(st.sampled_from(["dtype", "out", "device", "dim", "x"]), a, max_size=2)
-        ).items():
+        name = draw(p.name)
+        if name in _ALL_ATEN and "." not in name:
+            name += "." + draw(p.overload)
+        op = device_pb2.Op(name=name, args=draw(p.op_args), outputs=draw(p.op_outputs))
+        for key, value in draw(p.op_kwargs).items():
             op.kwargs[key].CopyFrom(value)
         return device_pb2.Command(op=op)
     if kind == "upload":
         up = device_pb2.Upload(
-            handle=draw(st.one_of(st.integers(base + 5, base + 8), h)),
-            offset=draw(st.sampled_from([0, 0, 4, 16, 2**40, 2**64 - 1])),
-            data=draw(st.one_of(st.binary(max_size=64), st.just(b"\0" * (4 * MiB + 1)))),
-            last=draw(st.booleans()),
+            handle=draw(p.up_handle), offset=draw(p.up_offset), data=draw(p.up_data), last=draw(p.boolean)
         )
-        if draw(st.booleans()):
+        if draw(p.boolean):
             up.meta.CopyFrom(
-                tensor_pb2.TensorMeta(
-                    dtype=draw(st.integers(-1, 14)),  # type: ignore[arg-type]
-                    shape=draw(st.lists(st.one_of(st.integers(-2, 16), st.sampled_from([2**40, 2**62])), max_size=4)),
-                )
+                tensor_pb2.TensorMeta(dtype=draw(p.up_dtype), shape=draw(p.up_shape))  # type: ignore[arg-type]
             )
         return device_pb2.Command(upload=up)
     if kind == "get":
-        return device_pb2.Command(get=device_pb2.Get(request_id=draw(st.integers(1, 2**62)), handle=draw(h)))
+        return device_pb2.Command(get=device_pb2.Get(request_id=draw(p.request_id), handle=draw(p.h)))
     if kind == "free":
-        return device_pb2.Command(free=device_pb2.Free(handles=draw(st.lists(h, max_size=5))))
+        return device_pb2.Command(free=device_pb2.Free(handles=draw(p.free_handles)))
     if kind == "seed":
-        return device_pb2.Command(seed=device_pb2.Seed(seed=draw(st.integers(0, 2**64 - 1))))
+        return device_pb2.Command(seed=device_pb2.Seed(seed=draw(p.seed)))
     if kind == "sync":
         return device_pb2.Command(
-            sync=device_pb2.Sync(request_id=draw(st.integers(1, 2**62)), scalar_handles=draw(st.lists(h, max_size=3)))
+            sync=device_pb2.Sync(request_id=draw(p.request_id), scalar_handles=draw(p.sync_handles))
         )
     return device_pb2.Command()  # an empty command (the in-stream Refresh, field 7, is gone)
 
@@ -199,9 +226,15 @@ SYM = 0x5EED << 32  # frames are drawn for this handle base, then moved to the s
 @st.composite
 def frames(draw: Any) -> tuple[list[device_pb2.Command], str, int, int, bytes]:
     """Commands of one frame (for handle base SYM) and how to mangle its bytes."""
-    cmds = draw(st.lists(commands(SYM, OTHER), max_size=8))
-    mutation = draw(st.sampled_from(["none"] * 5 + ["truncate", "flip", "garbage", "append"]))
-    return cmds, mutation, draw(st.integers(0, 2**20)), draw(st.integers(1, 255)), draw(st.binary(max_size=200))
+    cmds = draw(_FRAME_COMMANDS)
+    mutation = draw(_MUTATIONS)
+    return cmds, mutation, draw(_WHERE), draw(_XOR), draw(_JUNK)
+
+
+# built once (see `_CommandParts`)
+_FRAME_COMMANDS = st.lists(commands(SYM, OTHER), max_size=8)
+_MUTATIONS = st.sampled_from(["none"] * 5 + ["truncate", "flip", "garbage", "append"])
+_WHERE, _XOR, _JUNK = st.integers(0, 2**20), st.integers(1, 255), st.binary(max_size=200)
 
 
 def _move(h: int, base: int) -> int:

@@ -697,3 +697,133 @@ def test_a_recording_step_leaves_other_threads_attention_fused(dev: torch.device
     thread.join(60)
     assert step.stats["recorded"] == 2
     assert sent == [["aten._scaled_dot_product_fused_attention_overrideable.default"]] * 3
+
+
+class EagerWorker(threading.Thread):
+    """A thread doing eager work on a gpupool device (uploads, a held-back empty filled by a copy, a lazy view,
+    .item(), .cpu()) in rounds, each checked against its exact value, until stopped; `call(fn)` runs fn on this
+    thread between rounds and waits for it (the captured step uses it to put this thread's commands at a known
+    point of its recording)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(daemon=True)
+        self.device = device
+        self.tasks: list[tuple[Callable[[], None], threading.Event]] = []
+        self.cond = threading.Condition()
+        self.rounds = 0
+        self.stopping = False
+        self.errors: list[BaseException] = []
+        self.left: torch.Tensor | None = None
+
+    def one_round(self) -> None:
+        n = 64
+        a = torch.arange(n, dtype=torch.float32, device=self.device)
+        e = torch.empty(n, device=self.device)  # held back, then one upload (remote.copy_into)
+        e.copy_(torch.full((n,), 2.0))
+        assert (a * e + 1).sum().item() == n * (n - 1) + n
+        assert a[8:16].sum().item() == sum(range(8, 16))  # a lazy view (no record), then a sync
+        assert a.cpu().tolist() == list(range(n))  # a read-back
+
+    def leave_empty(self) -> None:
+        """A held-back empty of this thread, left unsent: the next command of the recording thread sends it
+        (unrecorded: it is no op of the step)."""
+        self.left = torch.empty(32, device=self.device)
+
+    def use_empty(self) -> None:
+        assert self.left is not None
+        self.left.fill_(3.0)
+        assert self.left.sum().item() == 96.0
+
+    def run(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    if self.stopping:
+                        return
+                    task = self.tasks.pop(0) if self.tasks else None
+                if task is not None:
+                    task[0]()
+                    task[1].set()
+                    continue
+                self.one_round()
+                with self.cond:
+                    self.rounds += 1
+                    self.cond.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - the test thread reports it
+            self.errors.append(exc)
+
+    def call(self, fn: Callable[[], None]) -> None:
+        done = threading.Event()
+        with self.cond:
+            self.tasks.append((fn, done))
+        while not done.wait(0.05):
+            assert self.is_alive(), f"the eager thread failed: {self.errors!r}"
+
+    def another_round(self) -> None:
+        """Wait until a whole round ran after this call (its commands follow what this thread sent so far)."""
+        with self.cond:
+            target = self.rounds + 2
+            while self.rounds < target:
+                assert self.cond.wait(60) or self.rounds >= target
+                assert self.is_alive(), f"the eager thread failed: {self.errors!r}"
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+        self.join(60)
+        assert not self.errors, self.errors
+
+
+def train_with_neighbour(dev: torch.device, worker: EagerWorker | None) -> tuple[list[float], Any]:
+    """8 calls of a captured step (eager, 2 recordings, 5 replays); with `worker`, its eager thread works on a
+    device meanwhile: inside both recordings at fixed points and between the replays (and whenever it likes)."""
+    model, opt = small_setup(dev)  # dropout: the daemon's random stream must be the same with the neighbour
+    hook = worker.call if worker is not None else lambda fn: None
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        t = torch.empty(x.shape, device=x.device)  # held back: an op of this recording, whoever sends first
+        hook(worker.one_round if worker else None)  # uploads, syncs and read-backs of another thread
+        hook(worker.leave_empty if worker else None)
+        t.copy_(x)  # sends this step's empty (recorded) and the other thread's (not recorded)
+        loss = nn.functional.mse_loss(model(t), y)
+        hook(worker.use_empty if worker else None)
+        loss.backward()
+        opt.step()
+        return loss
+
+    captured = gt.capture(step)
+    if worker is not None:
+        worker.start()
+    losses = []
+    for i in range(8):
+        losses.append(captured(*xy(seed=i)))
+        if worker is not None:
+            worker.another_round()
+    values = [v.item() for v in losses]
+    if worker is not None:
+        worker.stop()
+    return values, captured
+
+
+@pytest.mark.parametrize("where", ["same device", "other device"])
+def test_other_threads_work_on_while_a_step_records_and_replays(attach: Any, where: str) -> None:
+    """Only the recording thread's commands are recorded: another thread's eager ops, uploads, held-back empties,
+    syncs and read-backs on the same device (or another) during both recordings and the replays run eagerly with
+    their right values, are neither recorded nor refused, and the captured step's losses and graph are the same
+    as without that thread (once, every thread's commands on the device were recorded and its syncs refused)."""
+    dev = attach()
+    alone, step_alone = train_with_neighbour(dev, None)
+    worker = EagerWorker(dev if where == "same device" else attach())
+    beside, step_beside = train_with_neighbour(dev, worker)
+    assert worker.rounds >= 8
+    assert step_beside.stats == step_alone.stats == {
+        "eager": 1, "recorded": 2, "replayed": 5, "defined": 1, "rerecorded": 0,
+    }  # fmt: skip
+    [g_alone], [g_beside] = step_alone.graphs.values(), step_beside.graphs.values()
+    assert g_beside.ops == g_alone.ops
+    assert [op.name for op in g_beside.built.ops] == [op.name for op in g_alone.built.ops]
+    assert g_beside.built.ops[0].name == "aten::empty.memory_format"  # the step's own empty, recorded
+    assert len(g_beside.built.persistent) == len(g_alone.built.persistent)
+    assert beside == alone  # bit-equal
+    assert len(set(alone)) == 8

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -25,7 +26,8 @@ def test_a_name_becomes_the_checked_ips_and_the_store_is_reached_at_one_of_them(
     assert addresses and set(addresses) <= answers
     assert all(ipaddress.ip_address(a).is_loopback for a in addresses)  # IPs, never the name
     store = _connect_store(addresses, master.port, 2, 10.0, threading.Event())
-    assert store.host in addresses  # the TCPStore was made with a checked IP: torch resolves nothing again
+    # the TCPStore talks to the join's loopback relay, whose connection went to a checked IP: torch resolves nothing
+    assert store.host == "127.0.0.1" and store.port != master.port
     store.set("k", "v")
     assert master.get("k") == b"v"
 
@@ -39,3 +41,38 @@ def test_addresses_are_checked_literal_ones_at_once_and_names_once_resolved() ->
         _resolve_store("8.8.8.8", 4000)  # a literal resolves to itself: the same check in the join's thread
     with pytest.raises(Exception, match="cannot resolve"):  # detail for the operator's log (the client: uniform)
         _resolve_store("no-such-host.invalid", 4000)
+
+
+def test_a_name_of_many_black_holed_addresses_gives_up_with_the_session() -> None:
+    """`_resolve_store` keeps every private address a name resolves to (a hostile DNS server can answer hundreds),
+    and round 22's join tried each for STORE_ATTEMPT_SECONDS in turn before it looked at the session's close: 40
+    black-holed ones held the join's thread 20 s per round after the session closed (a thousand: 8 minutes). Now
+    a join tries at most MAX_STORE_ADDRESSES of them and stops between two once the session closed. Black holes
+    here: 127.0.0.2-41 at a port whose listener's queue is full (the kernel drops the SYNs: each connect times
+    out)."""
+    full = socket.socket()
+    full.bind(("0.0.0.0", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    fill = []
+    for _ in range(4):  # the accept queue full: further connections get no answer
+        f = socket.socket()
+        f.setblocking(False)
+        try:
+            f.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fill.append(f)
+    time.sleep(0.2)
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()  # the session closes after 1 s
+    start = time.monotonic()
+    try:
+        with pytest.raises(Exception, match="session closed"):
+            _connect_store([f"127.0.0.{i}" for i in range(2, 42)], port, 2, 60.0, stop)
+        took = time.monotonic() - start
+    finally:
+        for f in fill:
+            f.close()
+        full.close()
+    assert took < 3.0, f"the join gave up {took:.1f} s after it began (its session closed at 1 s)"

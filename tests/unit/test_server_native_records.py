@@ -150,3 +150,88 @@ def test_mutated_frames_give_upbs_records_or_none(mod: Any) -> None:
             read += 1
             assert got == want, (n, payload.hex())
     assert read > 100  # most mutations of a record's bytes are still frames it reads
+
+
+def _overlong(n: int, extra: int) -> bytes:
+    """`n` as a varint padded with `extra` continuation bytes of 0 (an overlong form upb reads as `n`)."""
+    v = bytearray(_varint(n))
+    if extra:
+        v[-1] |= 0x80
+        v += b"\x80" * (extra - 1) + b"\x00"
+    return bytes(v)
+
+
+def _hostile_command(rng: random.Random, depth: int = 0) -> bytes:
+    """One command's bytes built from hostile pieces: every member number and wire type (3/4/6/7 included), varints
+    of up to 11 bytes, 64-bit lengths that wrap a pointer, lengths past the end, nested messages whose lengths pass
+    their parent's end, repeated and interleaved oneof members, empty and packed fields."""
+    out = bytearray()
+    for _ in range(rng.randint(0, 4)):
+        kind = rng.randrange(10)
+        number = rng.choice([1, 2, 3, 4, 5, 6, 7, 20, 21, 22, 30, 30, 30, 70, 71, 0, 99, (1 << 29) - 1, 1 << 29])
+        if kind == 0:  # a member with another wire type
+            wire_type = rng.choice([0, 1, 3, 4, 5, 6, 7])
+            out += _varint(number << 3 | wire_type)
+            out += rng.choice([_varint(rng.getrandbits(64)), b"\x00" * 4, b"\x00" * 8, b""])
+        elif kind == 1:  # a length that wraps a 64-bit pointer, or one just past the end
+            out += _varint(number << 3 | 2) + rng.choice(
+                [_varint((1 << 64) - rng.randint(1, 64)), _varint(1 << 63), b"\xff" * 9 + b"\x01", _varint(1 << 32)]
+            )
+        elif kind == 2:  # an overlong key or length (up to 10 bytes: read; 11: more than 64 bits)
+            body = rng.randbytes(rng.randint(0, 5))
+            out += _overlong(number << 3 | 2, rng.randint(0, 9)) + _overlong(len(body), rng.randint(0, 10)) + body
+        elif kind == 3 and depth < 3:  # a nested message (a member's body) holding further pieces
+            body = _hostile_command(rng, depth + 1)
+            out += _field(number, body)
+        elif kind == 4:  # a nested length past its parent's end
+            out += _varint(number << 3 | 2) + _varint(rng.randint(1, 64)) + rng.randbytes(rng.randint(0, 3))
+        elif kind == 5:  # a truncated varint
+            out += b"\x80" * rng.randint(1, 11)
+        else:  # an ordinary eager record or member
+            out += _field(rng.choice([30, 30, 4, 2, 71]), rng.randbytes(rng.randint(0, 40)))
+    return bytes(out)
+
+
+def _hostile_frame(rng: random.Random) -> bytes:
+    parts = []
+    for _ in range(rng.randint(0, 6)):
+        r = rng.randrange(8)
+        cmd = _hostile_command(rng)
+        if r == 0:  # the command's own length past the frame's end or wrapping
+            parts.append(_varint(1 << 3 | 2) + _varint(rng.choice([len(cmd) + 1, (1 << 64) - 1, 1 << 40])) + cmd)
+        elif r == 1:  # the frame's field in another wire type or number
+            parts.append(_varint(rng.choice([1 << 3 | 0, 1 << 3 | 3, 1 << 3 | 4, 2 << 3 | 2, 1 << 3 | 7])) + cmd)
+        elif r == 2:  # an overlong key / length for the command
+            parts.append(_overlong(1 << 3 | 2, rng.randint(0, 10)) + _overlong(len(cmd), rng.randint(0, 10)) + cmd)
+        else:
+            parts.append(_field(1, cmd))
+    frame = b"".join(parts)
+    if frame and rng.random() < 0.2:
+        frame = frame[: rng.randrange(len(frame))]
+    return frame
+
+
+def test_hostile_structured_frames_give_upbs_records_or_none(mod: Any) -> None:
+    """Frames built from hostile pieces (`_hostile_command`): where upb parses one, the reader gives None or upb's
+    records; where upb refuses it, the reader never reads past the buffer (run under ASan: scripts/runner_asan.sh,
+    each frame in a bytes object of its own size, PYTHONMALLOC=malloc so its end is a redzone) and gives None or a
+    list. GPUPOOL_RECORDS_FUZZ_CASES sets the count (default 3000)."""
+    import os
+
+    rng = random.Random(int(os.environ.get("GPUPOOL_RUNNER_FUZZ_SEED", "0")) + 23)
+    cases = int(os.environ.get("GPUPOOL_RECORDS_FUZZ_CASES", "3000"))
+    read = parsed = 0
+    for n in range(cases):
+        payload = _hostile_frame(rng)
+        got = mod.eager_records(payload)
+        try:
+            want = _upb(payload)
+        except DecodeError:
+            assert got is None or isinstance(got, list)
+            continue
+        parsed += 1
+        if got is not None:
+            read += 1
+            assert got == want, (n, payload.hex())
+    print(f"{cases} frames: {parsed} parsed by upb, {read} read by the native reader")
+    assert parsed > cases // 10 and read > cases // 20, (parsed, read)
