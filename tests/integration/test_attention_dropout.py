@@ -8,6 +8,7 @@ INVALID_ARGUMENT (never a crash); the composition's temporaries count against th
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from test_attention import FUSED, OpLog
 
 import gpupool.torch as gt
 from gpupool import errors
+
+gt_capture = importlib.import_module("gpupool.client.torch.capture")  # the module (gt.capture is its decorator)
 
 ROOT = Path(__file__).resolve().parents[2]
 FORWARD = "aten::_scaled_dot_product_fused_attention_overrideable.default"
@@ -113,14 +116,18 @@ def _traced(serve: Any) -> list[str]:
     return [line for line in list(serve.process.log_lines) if "runs as a TorchScript graph" in line]
 
 
-@pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
+@pytest.mark.parametrize("captured, in_graphs", [(False, False), (True, False), (True, True)],
+                         ids=["eager", "captured", "captured-fused"])  # fmt: skip
 def test_an_encoder_with_attention_dropout_trains_to_the_math_paths_bits(
-    serve: Any, dev: torch.device, fused_switch: Any, captured: bool
+    serve: Any, dev: torch.device, fused_switch: Any, captured: bool, in_graphs: bool, monkeypatch: Any
 ) -> None:
     """launch_bound's `encoder` (dropout 0.1 in attention too), 8 steps of Adam: the same losses, bit for bit, and the
-    same next random numbers with the fused op as with the math path; captured, the recorded step's graph holds the
-    fused op (a forward and a backward per layer), runs as a TorchScript graph from its second replay (each fused call
-    one node: server/attention.py `_LIBRARY`) and every replay draws fresh numbers (8 different losses)."""
+    same next random numbers with the fused op as with the math path. Captured, the recorded step takes the math path
+    for its dropout calls (client/torch/capture.py FUSED_DROPOUT_IN_GRAPHS: its aten calls trace into the graph) while
+    the eager first step sends the fused op; with FUSED_DROPOUT_IN_GRAPHS the graph holds the fused op (a forward and a
+    backward per layer), each fused call one node (server/attention.py `_LIBRARY`). Either graph runs as TorchScript
+    from its second replay and every replay draws fresh numbers (8 different losses)."""
+    monkeypatch.setattr(gt_capture, "FUSED_DROPOUT_IN_GRAPHS", in_graphs)
     steps = 8
     fused_switch(True)
     traced = _traced(serve)
@@ -139,8 +146,9 @@ def test_an_encoder_with_attention_dropout_trains_to_the_math_paths_bits(
         assert fn.stats["replayed"] == steps - 3
         [g] = fn.graphs.values()
         names = [op.name.split(".")[0] for op in g.built.ops]
-        assert names.count(FORWARD.split(".")[0]) == 2 and names.count(BACKWARD.split(".")[0]) == 2
-        assert len(lines) == len(traced) + 1 and ", 4 fused attention;" in lines[-1]
+        calls = 2 if in_graphs else 0
+        assert names.count(FORWARD.split(".")[0]) == calls and names.count(BACKWARD.split(".")[0]) == calls
+        assert len(lines) == len(traced) + 1 and f", {2 * calls} fused attention;" in lines[-1]
 
 
 # ---- hostile backward arguments, straight to a real daemon ----
