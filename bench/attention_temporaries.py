@@ -5,7 +5,8 @@ memory over the inputs', ru_maxrss), this checkout against another, side by side
 Each case runs in a fresh process per side (that checkout's python and gpupool), one thread, on the CPU (fake GPUs'
 path): the CPU flash kernel with a one-element bool mask expanded to the scores' shape, with a key and value of one
 row expanded, with no mask, with a head size of 2^14 over 32 rows (the kernel's own per-thread blocks); the math
-composition (value head size 4, query's 8) forward and backward.
+composition (value head size 4, query's 8) forward and backward; the dropout composition (dropout_p 0.1) forward and
+backward ("-" where a checkout refuses the call: before round 23).
 
     python bench/attention_temporaries.py --against /work/wt/base --against-python /work/wt/base/.venv/bin/python
 """
@@ -20,8 +21,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ("flash, expanded bool mask", "flash, expanded key/value", "flash, no mask", "flash, head size 2^14",
-         "math forward", "math backward")  # fmt: skip
+CASES = (
+    "flash, expanded bool mask",
+    "flash, expanded key/value",
+    "flash, no mask",
+    "flash, head size 2^14",
+    "math forward",
+    "math backward",
+    "dropout forward",
+    "dropout backward",
+)
 
 CHILD = """
 import gc, json, resource, sys
@@ -44,18 +53,25 @@ elif case.startswith("math"):
     v = torch.randn(1, 1, S, 4, generator=g)
 fwd = torch.ops.aten._scaled_dot_product_fused_attention_overrideable.default
 bwd = torch.ops.aten._scaled_dot_product_fused_attention_overrideable_backward.default
-if case == "math backward":
-    out, lse = torch.randn(1, 1, L, 4, generator=g), torch.randn(1, 1, L, generator=g)
-    args = [torch.randn_like(out), q, k, v, bias, [True, True, True, False], out, lse, None, None, L, S, 0.0, False,
-            None, None]
+p = 0.1 if case.startswith("dropout") else 0.0
+if case.endswith("backward"):
+    e = v.shape[-1]
+    out, lse = torch.randn(1, 1, L, e, generator=g), torch.randn(1, 1, L, generator=g)
+    seed = torch.get_rng_state().view(torch.int64)[0]  # a forward's philox_seed: the generator state it drew from
+    args = [torch.randn_like(out), q, k, v, bias, [True, True, True, False], out, lse, None, None, L, S, p, False,
+            seed, torch.zeros((), dtype=torch.long)]
     op, run = bwd, A.fused_attention_backward
 else:
-    args = [q, k, v, bias]
+    args = [q, k, v, bias, p]
     op, run = fwd, A.fused_attention
 admitted = cost.temporary(op, args, {})
 gc.collect()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-run(*args)
+try:
+    run(*args)
+except Exception:  # a checkout that refuses the call (dropout before round 23)
+    print(json.dumps({"admitted": -1, "took": -1}))
+    sys.exit(0)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"admitted": admitted, "took": (peak - before) * 1024}))
 """
@@ -75,10 +91,14 @@ def main() -> None:
     a = p.parse_args()
     mib = 1024 * 1024
     print(f"{'case':28} {'took MiB':>9} {'admitted MiB':>13} {'took (against)':>15} {'admitted (against)':>19}")
+
+    def mb(n: int, width: int) -> str:
+        return f"{n / mib:{width}.1f}" if n >= 0 else f"{'-':>{width}}"
+
     for case in CASES:
         ours, theirs = _side(sys.executable, ROOT, case), _side(a.against_python, a.against.resolve(), case)
-        print(f"{case:28} {ours['took'] / mib:9.1f} {ours['admitted'] / mib:13.1f} {theirs['took'] / mib:15.1f} "
-              f"{theirs['admitted'] / mib:19.1f}")  # fmt: skip
+        print(f"{case:28} {mb(ours['took'], 9)} {mb(ours['admitted'], 13)} {mb(theirs['took'], 15)} "
+              f"{mb(theirs['admitted'], 19)}")  # fmt: skip
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 

@@ -7,9 +7,9 @@
 // scaled_dot_product_attention's backend on a gpupool device (torch asks `_fused_sdp_choice_stub` for PrivateUse1;
 // without an answer it takes the math path: bmm, mul, `_safe_softmax`, views, ~30 autograd nodes and records a call).
 // `overrideable` sends one `_scaled_dot_product_fused_attention_overrideable` record (+ its backward), which the
-// daemon runs fused (server/attention.py); `math` is kept for every call the daemon's fused op refuses or where local
-// CPU's flash kernel would not run either: dropout (its random numbers then come from gpupool's seeded dropout, as
-// local CPU's math path draws them), GQA, other than 4-D, mixed or non-floating dtypes, unequal head sizes, an empty
+// daemon runs fused (server/attention.py; with dropout_p in (0, 1) torch's math path itself, its mask drawn from the
+// session's seeded stream exactly as the math path's `native_dropout` draws it); `math` is kept for every call the
+// daemon's fused op refuses or where local CPU's flash kernel would not run either: dropout_p of 1 or more, GQA, other than 4-D, mixed or non-floating dtypes, unequal head sizes, an empty
 // or last-dim-strided input, a mask that needs a gradient, is of another dtype or does not broadcast to the scores.
 // server/attention.py `check_forward` holds the same rules (a test checks both sides on the same calls).
 #pragma once
@@ -27,7 +27,9 @@ inline int64_t sdp_choice(bool fused, const at::Tensor& q, const at::Tensor& k, 
                           const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
                           bool enable_gqa) {
   const int64_t math = static_cast<int64_t>(at::SDPBackend::math);
-  if (!fused || dropout_p != 0.0 || enable_gqa) return math;
+  // dropout_p in (0, 1): the daemon's dropout composition draws the math path's `native_dropout` numbers from the
+  // session's seeded stream (server/attention.py); 1 (or out of range) keeps the math path, which handles it.
+  if (!fused || !(dropout_p >= 0.0 && dropout_p < 1.0) || enable_gqa) return math;
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || q.is_nested() || k.is_nested() || v.is_nested()) return math;
   const auto dt = q.scalar_type();
   if (dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16 && dt != at::kDouble) return math;

@@ -3,9 +3,9 @@
 torch's `scaled_dot_product_attention` takes the decomposed math path (bmm, mul, `_safe_softmax`, views: ~30 autograd
 nodes and as many op records per call) on a PrivateUse1 device unless the backend says otherwise. gpupool's clients
 (client/torch/native_guard.cpp, client/native/native_client.cpp) choose torch's `overrideable` backend for the calls
-this module runs (client/sdpa_choice.h, included by both: 4-D, one floating dtype, equal head sizes, no dropout, no
-GQA, a mask that does not require grad), so that one record goes out a forward and one a backward. No PrivateUse1
-kernel exists on the daemon, whose devices are CPUs (fake GPUs) or CUDA GPUs, so both ops are replacements
+this module runs (client/sdpa_choice.h, included by both: 4-D, one floating dtype, equal head sizes, dropout_p in
+[0, 1), no GQA, a mask that does not require grad), so that one record goes out a forward and one a backward. No
+PrivateUse1 kernel exists on the daemon, whose devices are CPUs (fake GPUs) or CUDA GPUs, so both ops are replacements
 (server/checks.py `OpPlan.run`):
 
 - CPU (fake GPUs): `_scaled_dot_product_flash_attention_for_cpu` (+ `_backward`), the kernel local CPU runs for the
@@ -29,10 +29,23 @@ it keeps the Python replay).
   autograd for the backward) also serves the shapes the CPU kernel refuses and a gradient of the bias
   (`grad_input_mask[3]`), which no fused kernel here computes.
 
-Dropout inside attention is refused (dropout_p must be 0): the clients keep torch's math path when dropout_p > 0 --
-as local CPU does (its flash kernel refuses dropout too) --, whose `native_dropout` draws from the session's seeded
-generator like every other dropout. Outputs have exactly the meta kernel's shapes, strides and dtypes (`_like`),
-which the clients' output tensors already carry.
+Dropout inside attention (0 < dropout_p < 1; no flash kernel here takes it, local CPU's refuses it too) runs the
+dropout composition (`_dropout_forward`, `_dropout_backward`, any device): torch's own math path
+(`_scaled_dot_product_attention_math`) step by step, each step the kernel the daemon runs for the same op of a
+client's math path (fake GPUs: fallbacks' `native_dropout`), so a fused call gives the math path's bits. Its mask is
+drawn from the session's seeded stream (the forward is a seeded op: server/executor.py `_seeded`) exactly as the
+math path's `native_dropout` draws it, leaving the stream where the math path leaves it. The forward returns the
+generator state it drew from in `philox_seed` (a 0-d int64 view of the state's bytes: the CPU's mt19937 state, 5056
+bytes, or a CUDA generator's seed and offset; `philox_offset` is 0), and the backward recomputes the forward with the
+mask drawn again from that state on a private generator, then runs the kernels autograd of the math path runs, on the
+same operands: no L x S mask lives between the forward and the backward (only the 5 KB state), and the session's
+stream does not move. A forged state only changes the session's own results; one of another shape, dtype, device or
+size is INVALID_ARGUMENT. Its logsumexp output is zeros (the math path makes none; nothing reads it). No aten op reads
+or sets a generator's state, so the composition is two operators of its own (`_LIBRARY`): a traced graph holds each
+call as one node, which the TorchScript interpreter calls back.
+
+Outputs have exactly the meta kernel's shapes, strides and dtypes (`_like`), which the clients' output tensors
+already carry.
 """
 
 from __future__ import annotations
@@ -45,6 +58,7 @@ import torch
 
 from gpupool.errors import InvalidArgument
 
+from . import fallbacks
 from .opargs import Args, Kwargs, arg
 
 Tensor = torch.Tensor
@@ -110,11 +124,9 @@ def check_forward(q: Any, k: Any, v: Any, bias: Any, dropout_p: Any, scale: Any,
         if bias.dim() > 4 or bias.dim() < 2 or any(n not in (1, want) for n, want in trailing):
             raise InvalidArgument(f"fused attention: attn_bias of shape {list(bias.shape)} does not broadcast to "
                                   f"the scores' {list(scores)} (2 to 4 dims, as local SDPA takes)")  # fmt: skip
-    if not isinstance(dropout_p, float | int) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p <= 1.0:
-        raise InvalidArgument(f"fused attention: dropout_p must be a number in [0, 1], not {dropout_p!r}")
-    if dropout_p != 0:
-        raise InvalidArgument("fused attention: dropout_p must be 0 here (gpupool's clients take torch's math path, "
-                              "whose dropout is seeded, for dropout_p > 0)")  # fmt: skip
+    if not isinstance(dropout_p, float | int) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+        raise InvalidArgument(f"fused attention: dropout_p must be a number in [0, 1) (gpupool's clients take torch's "
+                              f"math path for 1), not {dropout_p!r}")  # fmt: skip
     if scale is not None and (not isinstance(scale, float | int) or not math.isfinite(scale)):
         raise InvalidArgument(f"fused attention: scale must be a finite number or None, not {scale!r}")
     if debug:
@@ -145,6 +157,11 @@ def _validate_backward(args: Args, kwargs: Kwargs) -> None:
     mask = arg(args, kwargs, 5, "grad_input_mask")
     if not isinstance(mask, list | tuple) or len(mask) != 4 or not all(isinstance(m, bool) for m in mask):
         raise InvalidArgument("fused attention backward: grad_input_mask must be 4 bools")
+    if arg(args, kwargs, 12, "dropout_p", 0.0) > 0:  # the forward's generator state (`_saved_generator` at the run)
+        seed = arg(args, kwargs, 14, "philox_seed")
+        if not isinstance(seed, Tensor) or seed.dim() != 0 or seed.dtype != torch.int64 or seed.device != q.device:
+            raise InvalidArgument("fused attention backward: with dropout, philox_seed must be the forward's: a 0-d "
+                                  "int64 tensor on the query's device")  # fmt: skip
 
 
 VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {FORWARD: _validate_forward, BACKWARD: _validate_backward}
@@ -245,8 +262,9 @@ def _math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, is_causal: bool,
     return torch.matmul(p, v.float()).to(q.dtype), lse
 
 
-# Kernels a fused call runs: local CPU's flash kernel (fake GPUs), the mem-efficient kernel (CUDA), the math one.
-FLASH_CPU, EFFICIENT, MATH = "flash_cpu", "efficient", "math"
+# Kernels a fused call runs: local CPU's flash kernel (fake GPUs), the mem-efficient kernel (CUDA), the math one, and
+# torch's math path with its seeded dropout (dropout_p > 0, any device).
+FLASH_CPU, EFFICIENT, MATH, DROPOUT = "flash_cpu", "efficient", "math", "dropout"
 
 
 def _efficient_ok(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, device: torch.device | None = None) -> bool:
@@ -271,9 +289,14 @@ def _efficient_ok(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, device: 
     return True
 
 
-def choose_kernel(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, device: torch.device) -> str:
+def choose_kernel(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, device: torch.device, dropout: bool = False
+) -> str:
     """The kernel a fused call runs on `device`, decided from the inputs' shapes, strides and dtypes alone (after
-    `_dense_or_copy`): per call for an eager op, once at a graph's definition for its calls (meta tensors)."""
+    `_dense_or_copy`) and whether it drops out: per call for an eager op, once at a graph's definition for its calls
+    (meta tensors)."""
+    if dropout:
+        return DROPOUT
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         return MATH
     if device.type == "cpu":
@@ -298,6 +321,212 @@ def _cuda_bias(bias: Tensor | None, q: Tensor, k: Tensor) -> Tensor | None:
     return fb.expand(shape)
 
 
+# ---- dropout: torch's math path, its mask from the session's seeded stream ----
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _root_scales(q: Tensor, scale: float | None) -> tuple[float, float]:
+    """The factors the math path multiplies the query and the key by: the square root of `sdp::calculate_scale` each,
+    the query's negated for a negative scale (a head size of 0: 1, no element is scaled)."""
+    if scale is None:
+        root = math.sqrt(1.0 / math.sqrt(q.shape[-1])) if q.shape[-1] else 1.0
+        return root, root
+    root = math.sqrt(abs(scale))
+    return (0.0 - root if scale < 0 else root), root
+
+
+def _drop(attn: Tensor, p: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """(attn dropped out, its bool mask) as the daemon's `native_dropout` computes them for a client's math path:
+    on a fake GPU fallbacks' (a bool mask drawn by `bernoulli_(1 - p)`, `attn * mask * (1 / (1 - p))`), on CUDA the
+    kernel's. `generator` None: the device's default one (the forward: the session's stream, `_seeded`); else a
+    private generator in the forward's state (the backward: the same mask again).
+    CUDA (never run: no GPU at hand): `native_dropout` takes no generator; `_fused_dropout` (p: the probability to
+    keep) is the same `dropout_cuda` kernel with the same philox draws, its mask uint8 instead of bool."""
+    if attn.device.type == "cuda":
+        if generator is None:
+            out, mask = aten.native_dropout.default(attn, p, True)
+            return out, mask
+        out, mask8 = aten._fused_dropout.default(attn, 1.0 - p, generator)
+        return out, mask8.bool()
+    p1m = 1.0 - p
+    mask = torch.empty_like(attn, dtype=torch.bool).bernoulli_(p1m, generator=generator)
+    return fallbacks._MUL_SCALAR_(attn.mul(mask.view(torch.uint8)), 1.0 / p1m), mask
+
+
+def _drop_backward(grad: Tensor, mask: Tensor, p: float) -> Tensor:
+    """`native_dropout_backward` as the daemon runs it for a client's math path (fake GPUs: fallbacks')."""
+    if grad.device.type == "cuda":
+        return aten.native_dropout_backward.default(grad, mask, 1.0 / (1.0 - p))  # type: ignore[no-any-return]
+    return fallbacks._native_dropout_backward(grad, mask, 1.0 / (1.0 - p))
+
+
+def _bmm(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`torch.matmul` of two 4-D tensors as it decomposes (its batched path): both expanded to the common batch and
+    reshaped to 3-D (a view where possible, else a copy), `bmm`, viewed back. Returns (product, a's 3-D operand, b's):
+    the tensors autograd of the math path saves for the bmm's gradient, which `_dropout_backward` computes with."""
+    batch = (max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1]))
+    a3 = a.expand(*batch, a.shape[2], a.shape[3]).reshape(batch[0] * batch[1], a.shape[2], a.shape[3])
+    b3 = b.expand(*batch, b.shape[2], b.shape[3]).reshape(batch[0] * batch[1], b.shape[2], b.shape[3])
+    return torch.bmm(a3, b3).view(*batch, a.shape[2], b.shape[3]), a3, b3
+
+
+def _dropout_math(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: float, is_causal: bool, scale: float | None,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, list[Any]]:  # fmt: skip
+    """(output, what the backward needs) of torch's `_scaled_dot_product_attention_math` with dropout, op by op as a
+    client's math path sends them: low precision computed in float32, q and k scaled by the scale's square root each,
+    the mask added, `_safe_softmax`, dropout, the second matmul, the query's dtype. `generator`: `_drop`'s."""
+    origin = q.dtype
+    if origin in _LOW_PRECISION:
+        q, k, v = q.to(torch.float32), k.to(torch.float32), v.to(torch.float32)
+    q_root, k_root = _root_scales(q, scale)
+    q = aten.mul.Scalar(q, q_root)  # the math path's C++ `tensor * SymFloat`: the .Scalar overload (autograd's too)
+    mask = _float_bias(bias, origin)  # the front end's `convert_boolean_attn_mask`, in the query's own dtype
+    if is_causal:  # the math path's own causal mask (a client's causal call carries no mask; both: both apply)
+        keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        causal = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(keep.logical_not(), -math.inf)
+        mask = causal if mask is None else mask + causal
+    scores, q3, kt3 = _bmm(q, aten.mul.Scalar(k.transpose(-2, -1), k_root))
+    if mask is not None:
+        scores = scores + mask
+    attn = aten._safe_softmax.default(scores, -1)
+    dropped, kept = _drop(attn, p, generator)
+    if generator is not None:  # the backward's recomputation: the second matmul's operands, not its product
+        b, h = attn.shape[0], attn.shape[1]
+        dropped3 = dropped.reshape(b * h, attn.shape[2], attn.shape[3])
+        v3 = v.expand(b, h, v.shape[2], v.shape[3]).reshape(b * h, v.shape[2], v.shape[3])
+        return dropped, [scores, q3, kt3, attn, kept, dropped3, v3, q_root, k_root]
+    out, dropped3, v3 = _bmm(dropped, v)
+    return out.to(origin), [scores, q3, kt3, attn, kept, dropped3, v3, q_root, k_root]
+
+
+def _generator_state(device: torch.device) -> Tensor:
+    """The device's default generator state (uint8, on the CPU): the session's stream inside `_seeded`."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def _state_bytes(device: torch.device) -> int:
+    """Bytes of a generator state of `device`: the CPU's mt19937 (5056), a CUDA generator's seed and offset (16)."""
+    return 16 if device.type == "cuda" else _CPU_STATE_BYTES
+
+
+_CPU_STATE_BYTES = int(torch.Generator().get_state().numel())
+
+
+def _dropout_forward(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: float, is_causal: bool, scale: float | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward's outputs: the mask drawn from the device's default generator (the session's stream: the forward
+    is a seeded op), `philox_seed` a 0-d int64 view of the state it drew from (`_saved_generator`), `philox_offset` 0,
+    and a logsumexp of zeros: torch's math path makes none, the backward recomputes the scores (a real one cost ~15 %
+    of the encoder's forward call), and nothing else reads it (a client cannot: SDPA returns the output only).
+    """
+    state = _generator_state(q.device)
+    out, _ = _dropout_math(q, k, v, bias, p, is_causal, scale, None)
+    lse = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)  # what nothing reads: `_dropout_forward`
+    seed = state.view(torch.int64).to(q.device).as_strided([], [], 0)
+    offset = torch.zeros((), dtype=torch.long, device=q.device)
+    return _matching_layout(q, out), lse, seed, offset
+
+
+def _saved_generator(philox_seed: Tensor, device: torch.device) -> torch.Generator:
+    """A private generator of `device` in the state a forward saved in `philox_seed` (`_dropout_forward`): the whole
+    storage under the 0-d view. Hostile: another size is INVALID_ARGUMENT, a state torch refuses too (its mt19937
+    check), and a forged one that passes only changes the session's own gradients."""
+    want = _state_bytes(device)
+    storage = philox_seed.untyped_storage()
+    if philox_seed.dtype != torch.int64 or philox_seed.storage_offset() != 0 or storage.nbytes() != want:
+        raise InvalidArgument(f"fused attention backward: with dropout, philox_seed must be the forward's (a view of "
+                              f"a {want}-byte generator state)")  # fmt: skip
+    state = philox_seed.as_strided([want // 8], [1], 0).cpu().view(torch.uint8).clone()
+    generator = torch.Generator(device=device)
+    try:
+        generator.set_state(state)
+    except RuntimeError as exc:
+        raise InvalidArgument(f"fused attention backward: philox_seed holds no generator state: {exc}") from None
+    return generator
+
+
+def _dropout_backward(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: float, is_causal: bool,
+    scale: float | None, philox_seed: Tensor, want_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """The gradients of `_dropout_forward` in the meta kernel's layouts: the forward recomputed with the same mask (the
+    forward's state on a private generator: the session's stream does not move), then what autograd of the math path
+    runs, kernel for kernel on the same operands (derivatives.yaml: `_to_copy`, `mul.Scalar`, `bmm`, `_safe_softmax`,
+    `native_dropout`), so the math path's bits -- without autograd's own cost here (3-4x the kernels' time)."""
+    generator = _saved_generator(philox_seed, q.device)
+    _, (_, q3, kt3, attn, kept, dropped3, v3, q_root, k_root) = _dropout_math(
+        q, k, v, bias, p, is_causal, scale, generator
+    )
+    g = grad.to(torch.float32) if q.dtype in _LOW_PRECISION else grad
+    b, h, length, source = attn.shape
+    g3 = g.reshape(b * h, length, v3.shape[2])
+    grad_v = torch.bmm(dropped3.transpose(1, 2), g3).view(b, h, source, v3.shape[2])
+    grad_dropped = torch.bmm(g3, v3.transpose(1, 2)).view(b, h, length, source)
+    grad_scores = aten._softmax_backward_data.default(_drop_backward(grad_dropped, kept, p), attn, -1, attn.dtype)
+    s3 = grad_scores.view(b * h, length, source)
+    grad_q = aten.mul.Scalar(torch.bmm(s3, kt3.transpose(1, 2)).view(b, h, length, q3.shape[2]), q_root)
+    grad_k = aten.mul.Scalar(torch.bmm(q3.transpose(1, 2), s3).view(b, h, kt3.shape[1], source), k_root)
+    grad_k = grad_k.transpose(-2, -1)
+    if q.dtype in _LOW_PRECISION:
+        grad_q, grad_k, grad_v = grad_q.to(q.dtype), grad_k.to(q.dtype), grad_v.to(q.dtype)
+    gb = grad_scores if want_bias and bias is not None and bias.is_floating_point() else None
+    return _like(q, grad_q), _like(k, grad_k), _like(v, grad_v), _bias_grad(bias, gb)
+
+
+# The dropout composition as two operators of the dispatcher (Python kernels, the CPU's and CUDA's, and meta kernels
+# of the overrideable op's shapes): the eager op and a graph's Python replay call them like any other op, and a traced
+# graph holds each as one node, whose kernel the TorchScript interpreter calls back -- the composition itself reads
+# and sets generator states, which no aten op does, so it could not be written out node by node.
+_LIBRARY = torch.library.Library("gpupool_attention", "DEF")
+_LIBRARY.define(
+    "dropout_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_bias, float dropout_p, bool is_causal, "
+    "float? scale) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+_LIBRARY.define(
+    "dropout_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_bias, float dropout_p, "
+    "bool is_causal, float? scale, Tensor philox_seed) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def _dropout_backward_qkv(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: float, is_causal: bool,
+    scale: float | None, philox_seed: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    gq, gk, gv, _ = _dropout_backward(grad, q, k, v, bias, p, is_causal, scale, philox_seed, False)
+    return gq, gk, gv
+
+
+def _dropout_forward_meta(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: float, is_causal: bool, scale: float | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    out = _matching_layout(q, torch.empty((*q.shape[:3], v.shape[3]), dtype=q.dtype, device=q.device))
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    seed, offset = (torch.empty((), dtype=torch.long, device=q.device) for _ in range(2))
+    return out, lse, seed, offset
+
+
+def _dropout_backward_meta(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: float, is_causal: bool,
+    scale: float | None, philox_seed: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+for _key in ("CPU", "CUDA"):
+    _LIBRARY.impl("dropout_forward", _dropout_forward, _key)
+    _LIBRARY.impl("dropout_backward", _dropout_backward_qkv, _key)
+_LIBRARY.impl("dropout_forward", _dropout_forward_meta, "Meta")
+_LIBRARY.impl("dropout_backward", _dropout_backward_meta, "Meta")
+_DROPOUT_FORWARD = torch.ops.gpupool_attention.dropout_forward.default
+_DROPOUT_BACKWARD = torch.ops.gpupool_attention.dropout_backward.default
+
+
 def fused_attention(
     query: Tensor, key: Tensor, value: Tensor, attn_bias: Tensor | None = None, dropout_p: float = 0.0,
     is_causal: bool = False, return_debug_mask: bool = False, *, scale: float | None = None,
@@ -314,6 +543,9 @@ def forward(
     an eager call on CUDA also falls back to the math composition when the kernel itself refuses)."""
     check_forward(query, key, value, attn_bias, dropout_p, scale, return_debug_mask)
     scale = None if scale is None else float(scale)
+    if kernel == DROPOUT or (kernel is None and dropout_p > 0):  # one call (`_LIBRARY`): a traced graph's node too
+        dropped = ops.call(_DROPOUT_FORWARD, query, key, value, attn_bias, float(dropout_p), is_causal, scale)
+        return (dropped[0], dropped[1], None, None, query.shape[2], key.shape[2], dropped[2], dropped[3], None)
     q, k, v = _dense_or_copy(query, ops), _dense_or_copy(key, ops), _dense_or_copy(value, ops)
     bias = _four_d(attn_bias, ops)
     length, source = q.shape[2], k.shape[2]
@@ -398,6 +630,15 @@ def backward(
          dropout_p, is_causal, philox_seed, philox_offset], {"scale": scale},
     )  # fmt: skip
     scale = None if scale is None else float(scale)
+    want_bias = bool(grad_input_mask[3]) and attn_bias is not None and attn_bias.is_floating_point()
+    if kernel == DROPOUT or (kernel is None and dropout_p > 0):
+        if want_bias:  # a bias's gradient too (no client asks the fused op for it): not through the library op
+            ops.untraceable("dropout with a bias's gradient")
+            return _dropout_backward(grad_out, query, key, value, attn_bias, float(dropout_p), is_causal, scale,
+                                     philox_seed, want_bias)  # fmt: skip
+        gq, gk, gv = ops.call(_DROPOUT_BACKWARD, grad_out, query, key, value, attn_bias, float(dropout_p), is_causal,
+                              scale, philox_seed)  # fmt: skip
+        return gq, gk, gv, _bias_grad(attn_bias, None, ops)
     q, k, v = _dense_or_copy(query, ops), _dense_or_copy(key, ops), _dense_or_copy(value, ops)
     grad_out, out = _dense_or_copy(grad_out, ops), _dense_or_copy(out, ops)
     logsumexp = _dense_or_copy(logsumexp, ops)
@@ -426,15 +667,17 @@ def backward(
             gq = gk = gv = None
     if gq is None or gk is None or gv is None:
         ops.untraceable("the math composition")
-        want_bias = bool(grad_input_mask[3]) and attn_bias is not None and attn_bias.is_floating_point()
         gq, gk, gv, gb = _math_backward(grad_out, q, k, v, bias, is_causal, _scale(q, scale), want_bias)
-    grad_bias = None
-    if attn_bias is not None:
-        if gb is None:
-            grad_bias = ops.call(aten.zeros_like.default, attn_bias)
-        else:
-            grad_bias = _like(attn_bias, _reduce_to(gb, attn_bias).to(attn_bias.dtype))
-    return _like(query, gq, ops), _like(key, gk, ops), _like(value, gv, ops), grad_bias
+    return _like(query, gq, ops), _like(key, gk, ops), _like(value, gv, ops), _bias_grad(attn_bias, gb, ops)
+
+
+def _bias_grad(attn_bias: Tensor | None, gb: Tensor | None, ops: Ops = EAGER) -> Tensor | None:
+    """The bias's gradient as the meta kernel's: None without a bias, zeros unless one was computed."""
+    if attn_bias is None:
+        return None
+    if gb is None:
+        return ops.call(aten.zeros_like.default, attn_bias)  # type: ignore[no-any-return]
+    return _like(attn_bias, _reduce_to(gb, attn_bias).to(attn_bias.dtype))
 
 
 def _reduce_to(g: Tensor, like: Tensor) -> Tensor:
@@ -447,12 +690,20 @@ def _reduce_to(g: Tensor, like: Tensor) -> Tensor:
 REPLACEMENTS: dict[str, Callable[..., Any]] = {FORWARD: fused_attention, BACKWARD: fused_attention_backward}
 
 
+def _drops(name: str, args: Args, kwargs: Kwargs) -> bool:
+    """Whether a fused call (through its validator) drops out: the dropout composition runs."""
+    p = arg(args, kwargs, 4, "dropout_p", 0.0) if name == FORWARD else arg(args, kwargs, 12, "dropout_p", 0.0)
+    return isinstance(p, float | int) and p > 0
+
+
 def graph_kernel(name: str, args: Args, kwargs: Kwargs, device: torch.device) -> str:
     """The kernel a graph's fused call runs, decided at the graph's definition from its meta arguments (already
     through the validators): the same choice as an eager call's, made once; on CUDA no RuntimeError picks it."""
     base = 0 if name == FORWARD else 1
     q, k, v = (_dense_or_copy(arg(args, kwargs, base + i, n)) for i, n in enumerate(("query", "key", "value")))
     bias = arg(args, kwargs, base + 3, "attn_bias")
+    if _drops(name, args, kwargs):
+        return DROPOUT
     if name == FORWARD:
         return choose_kernel(q, k, v, bias, device)
     return backward_kernel(q, k, v, bias, arg(args, kwargs, 5, "grad_input_mask"), device)
@@ -482,6 +733,11 @@ def _uses_math(q: Tensor, k: Tensor, v: Any, bias: Any, device: torch.device) ->
 # gradient) 11-13 x 4 bytes.
 MATH_FORWARD_BYTES = 20
 MATH_BACKWARD_BYTES = 56
+# The dropout composition's (`_dropout_forward`, `_dropout_backward`; measured the same way, dropout_p 0.1: 74.2 and
+# 122.8 MiB for 4 Mi scores, 18.6 and 30.7 bytes each): the forward's scores, softmax, bool mask and its products; the
+# backward's recomputation of them and the gradients of the scores.
+DROPOUT_FORWARD_BYTES = 24
+DROPOUT_BACKWARD_BYTES = 40
 
 
 def _temporaries(
@@ -547,6 +803,9 @@ def _flash_buffers(q: Tensor, k: Tensor, backward: bool) -> int:
 def forward_bytes(args: Args, kwargs: Kwargs, device: torch.device | None = None) -> int:
     """The forward's temporaries (`_temporaries`)."""
     q, k, v, bias = (arg(args, kwargs, i, n) for i, n in ((0, "query"), (1, "key"), (2, "value"), (3, "attn_bias")))
+    if _drops(FORWARD, args, kwargs) and isinstance(q, Tensor):  # v None: a composition; and the generator's state
+        state = _state_bytes(device if device is not None else q.device)
+        return _temporaries([q, k, v], q, k, None, bias, DROPOUT_FORWARD_BYTES, device=device) + 2 * state
     return _temporaries([q, k, v], q, k, v, bias, MATH_FORWARD_BYTES, device=device)
 
 
@@ -554,6 +813,10 @@ def backward_bytes(args: Args, kwargs: Kwargs, device: torch.device | None = Non
     """The backward's temporaries (`_temporaries`): the math composition also for a bias's gradient."""
     names = ("grad_out", "query", "key", "value", "attn_bias", "grad_input_mask", "out", "logsumexp")
     grad, q, k, v, bias, mask, out, lse = (arg(args, kwargs, i, n) for i, n in enumerate(names))
+    if _drops(BACKWARD, args, kwargs):  # the dropout composition (and a copy of the forward's generator state)
+        dev = device if device is not None else q.device if isinstance(q, Tensor) else torch.device("cpu")
+        extra = 2 * _state_bytes(dev)
+        return _temporaries([grad, q, k, v, out, lse], q, k, None, bias, DROPOUT_BACKWARD_BYTES, None, device) + extra
     if isinstance(mask, list | tuple) and len(mask) == 4 and mask[3] and isinstance(bias, Tensor):
         v_used = None  # None: the math composition whatever the device
     else:

@@ -476,8 +476,9 @@ def _prebuild(
         attention_kernel = attention.graph_kernel(op._schema.name, margs, mkwargs, dev)
         replacement = attention.graph_call(op._schema.name, attention_kernel)
     fn: Callable[..., Any] = replacement or op._op
-    # The fused attention's forward is tagged as seeded (its dropout); its validator holds dropout_p at 0: no draw.
-    draws = torch.Tag.nondeterministic_seeded in op.tags and attention_kernel is None
+    # The fused attention's forward is tagged as seeded (its dropout): it draws only with dropout_p > 0 (its kernel is
+    # then the dropout composition, which draws from the session's stream as an eager call does).
+    draws = torch.Tag.nondeterministic_seeded in op.tags and attention_kernel in (None, attention.DROPOUT)
     if draws:
         seeded, kernel = host._seeded, fn
 

@@ -21,11 +21,13 @@ A graph runs this way only when every run would call exactly the same kernels wi
   ops that the graph keeps (`_TRACED_GUARDS`: the embedding backward's index range), no factory of uninitialized
   memory (zeroed per run by Python) and no Python replacement of a kernel (guards.replacement: it may branch on
   values) except the fused attention's (server/attention.py), whose composition of aten calls -- its kernel decided
-  at DefineGraph, branching on shapes only -- is written into the graph call by call (`_ComposedOps`), where the
-  dry run's tensors are laid out as a real run's were (the composition decides copies and layouts on strides, and
-  some meta kernels lay out their outputs otherwise than the CPU's, e.g. `_linalg_svd`'s Vh: the graph would hand
-  the CPU flash kernel a tensor it misreads). A graph with fused attention calls is traced after a Python replay
-  that records its compositions' layouts (`replay_recording`), and runs as TorchScript from the run after;
+  at DefineGraph, branching on shapes only -- is written into the graph call by call (`_ComposedOps`; a call with
+  dropout as one node of server/attention.py's `gpupool_attention` operators, whose Python kernels read and set
+  generator states, which no aten op does: the interpreter calls them back), where the dry run's tensors are laid
+  out as a real run's were (the composition decides copies and layouts on strides, and some meta kernels lay out
+  their outputs otherwise than the CPU's, e.g. `_linalg_svd`'s Vh: the graph would hand the CPU flash kernel a
+  tensor it misreads). A graph with fused attention calls is traced after a Python replay that records its
+  compositions' layouts (`replay_recording`), and runs as TorchScript from the run after;
 - with arguments a node can hold (tensors, lists of tensors -- an empty one typed by the schema --, numbers, strings,
   dtypes, devices, ...; a Python number where the overload takes a tensor only for add/sub/mul/div, whose .Scalar
   overloads are that call).

@@ -58,12 +58,20 @@ from torch.utils._pytree import SUPPORTED_NODES, tree_flatten, tree_unflatten
 
 from gpupool import wire
 
-from . import api, runtime
+from . import api, native, runtime
 from . import capture_guard as guard
 from .capture_record import Built, Elsewhere, Recording, build, compare
 from .errors import CaptureError
 from .runtime import DeviceRuntime
 from .tensor import RemoteTensor, RemoteView, own, upload_new, wrap
+
+# Whether a recorded step's scaled_dot_product_attention calls WITH dropout send the fused op (as eager calls do) or
+# torch's math path. The math path: its ~30 aten calls per call become TorchScript nodes of the step's graph
+# (server/graph_trace.py), where the daemon's fused dropout call is one node that calls back into Python and
+# recomputes the forward in its backward: the encoder's captured step took 1.6x the daemon's CPU with it (BENCHMARKS.md
+# "Round 23, lead"). Both give the same bits (tests/integration/test_attention_dropout.py); True is for tests of the
+# daemon's fused dropout inside graphs.
+FUSED_DROPOUT_IN_GRAPHS = False
 
 log = logging.getLogger("gpupool.torch")
 _graph_ids = itertools.count(1)
@@ -211,9 +219,13 @@ class CapturedStep:
         rt.start_recording(rec)
         for o in others:
             o.start_recording(Elsewhere(o))
+        # SDPA calls with dropout take torch's math path while this thread records (native.set_capturing), unless
+        # FUSED_DROPOUT_IN_GRAPHS: the daemon traces the math path's aten calls into the graph.
+        was_capturing = native.set_capturing(not FUSED_DROPOUT_IN_GRAPHS)
         try:
             result = self.fn(*args, **kwargs)
         finally:
+            native.set_capturing(was_capturing)
             rt.stop_recording()
             for o in others:
                 o.stop_recording()

@@ -169,11 +169,12 @@ def install() -> bool:
         path = build()
         lib = ctypes.CDLL(str(path))
         for name in ("gpupool_current_device", "gpupool_set_current_device", "gpupool_set_device_count",
-                     "gpupool_set_fused_sdp"):  # fmt: skip
+                     "gpupool_set_fused_sdp", "gpupool_set_capturing"):  # fmt: skip
             getattr(lib, name).restype = ctypes.c_int
         lib.gpupool_set_current_device.argtypes = [ctypes.c_int]
         lib.gpupool_set_device_count.argtypes = [ctypes.c_int]
         lib.gpupool_set_fused_sdp.argtypes = [ctypes.c_int]
+        lib.gpupool_set_capturing.argtypes = [ctypes.c_int]
         lib.gpupool_set_current_device(_python_current_device())  # keep what was set before the guard came
         lib.gpupool_register_guard()
         lib.gpupool_set_fused_sdp(int(fused))
@@ -200,6 +201,16 @@ def set_fused_attention(on: bool) -> bool:
     if not _loaded:
         return False
     return bool(_loaded[0].gpupool_set_fused_sdp(int(bool(on))))
+
+
+def set_capturing(on: bool) -> bool:
+    """Whether the calling thread records a captured step (client/torch/capture.py), where scaled_dot_product_attention
+    with dropout takes torch's math path (native_guard.cpp `t_capturing`: the daemon traces its aten calls into the
+    graph; the fused dropout call would be a Python callback there); returns the previous setting. Per thread: another
+    thread's eager calls keep the fused op."""
+    if not _loaded:
+        return False
+    return bool(_loaded[0].gpupool_set_capturing(int(bool(on))))
 
 
 def set_device_count(count: int) -> None:

@@ -96,9 +96,16 @@ const GpupoolGuard* const kGuard = new GpupoolGuard();
 // scaled_dot_product_attention's backend on a gpupool device: client/sdpa_choice.h (shared with the C++ client).
 std::atomic<bool> g_fused_sdp{true};
 
+// Set on a thread while it records a captured step (client/torch/capture.py): a call with dropout takes torch's
+// math path there. The daemon traces the math path's aten calls into the step's TorchScript graph, where the fused
+// dropout call would be a Python callback that recomputes the forward (round 23: 1.6x the daemon's CPU per captured
+// encoder step); eager calls keep the fused op (one record instead of ~30). Both give the same bits.
+thread_local bool t_capturing = false;
+
 int64_t gpupool_sdp_choice(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
                            std::optional<double> /*scale*/, bool enable_gqa) {
+  if (t_capturing && dropout_p != 0.0) return static_cast<int64_t>(at::SDPBackend::math);
   return gpupool_sdpa::sdp_choice(g_fused_sdp.load(std::memory_order_relaxed), q, k, v, mask, dropout_p, is_causal,
                                   enable_gqa);
 }
@@ -117,6 +124,13 @@ __attribute__((visibility("default"))) int gpupool_register_sdp_choice() {
 // benchmarks' before/after, the tests' reference). Returns the previous setting.
 __attribute__((visibility("default"))) int gpupool_set_fused_sdp(int on) {
   return g_fused_sdp.exchange(on != 0) ? 1 : 0;
+}
+
+// 1 while the calling thread records a captured step (`t_capturing`), 0 after. Returns the previous setting.
+__attribute__((visibility("default"))) int gpupool_set_capturing(int on) {
+  const bool was = t_capturing;
+  t_capturing = on != 0;
+  return was ? 1 : 0;
 }
 
 // Put this guard in c10's registry for PrivateUse1, replacing what is there (the Python guard). Returns 0.

@@ -135,6 +135,8 @@ CASES = {
     "mlp-adam": (stock_mlp, adam, mlp_batch, nn.functional.mse_loss),
     "cnn-adam-dropout": (cnn, adam, cnn_batch, nn.functional.cross_entropy),
     "cnn-sgd-dropout": (cnn, sgd, cnn_batch, nn.functional.cross_entropy),
+    # dropout in attention too: eager steps send the fused op's dropout composition (server/attention.py), a recorded
+    # step torch's math path (client/torch/capture.py FUSED_DROPOUT_IN_GRAPHS), traced call by call
     "encoder-adamw-dropout": (Encoder, adamw, encoder_batch, nn.functional.cross_entropy),
     "mlp-adam-fused": (stock_mlp, adam_fused, mlp_batch, nn.functional.mse_loss),
     "encoder-adamw-fused-dropout": (Encoder, adamw_fused, encoder_batch, nn.functional.cross_entropy),
@@ -662,7 +664,9 @@ class _OnMeta(TorchDispatchMode):
 
 def test_a_recording_step_leaves_other_threads_attention_fused(dev: torch.device) -> None:
     """While one thread records a step, another thread's scaled_dot_product_attention on gpupool still takes the
-    fused op (recording once turned the fused backend off process-wide: other threads took the math path)."""
+    fused op (recording once turned the fused backend off process-wide: other threads took the math path), with
+    dropout too (a recording thread's calls with dropout take the math path: native_guard.cpp `t_capturing` is per
+    thread)."""
     q, k, v = (torch.randn(2, 4, 16, 8).to(dev) for _ in range(3))
     inside, seen = threading.Event(), threading.Event()
     sent: list[list[str]] = []
@@ -673,6 +677,7 @@ def test_a_recording_step_leaves_other_threads_attention_fused(dev: torch.device
             inside.clear()
             with _OnMeta() as log:
                 nn.functional.scaled_dot_product_attention(q, k, v)
+                nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.25)
             sent.append(log.ops)
             seen.set()
 
@@ -695,7 +700,7 @@ def test_a_recording_step_leaves_other_threads_attention_fused(dev: torch.device
         step(*xy(seed=i))
     thread.join(60)
     assert step.stats["recorded"] == 2
-    assert sent == [["aten._scaled_dot_product_fused_attention_overrideable.default"]] * 3
+    assert sent == [["aten._scaled_dot_product_fused_attention_overrideable.default"] * 2] * 3
 
 
 class EagerWorker(threading.Thread):

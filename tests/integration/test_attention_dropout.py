@@ -1,0 +1,285 @@
+"""scaled_dot_product_attention with dropout on gpupool: one fused op and its backward (server/attention.py's dropout
+composition) instead of torch's math path (~30 records), with the math path's bits. The forward draws its mask from
+the session's seeded stream exactly as the math path's `native_dropout` draws it, and the backward draws it again
+from the generator state the forward returned in `philox_seed` on a private generator: a training run gives the same
+losses, bit for bit, fused or not (`GPUPOOL_FUSED_SDPA=0`, here `set_fused_attention(False)`), eager and captured, and
+leaves the session's stream in the same place (the next `torch.rand` on the device is equal). A forged `philox_seed` is
+INVALID_ARGUMENT (never a crash); the composition's temporaries count against the quota."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gpupool.client.session import Handle, Session
+from gpupool.client.torch import native
+from test_attention import FUSED, OpLog
+
+import gpupool.torch as gt
+from gpupool import errors
+
+gt_capture = importlib.import_module("gpupool.client.torch.capture")  # the module (gt.capture is its decorator)
+
+ROOT = Path(__file__).resolve().parents[2]
+FORWARD = "aten::_scaled_dot_product_fused_attention_overrideable.default"
+BACKWARD = "aten::_scaled_dot_product_fused_attention_overrideable_backward.default"
+
+
+@pytest.fixture
+def fused_switch() -> Iterator[Any]:
+    """`set(on)`: whether SDPA takes the fused op (the native guard's switch, as GPUPOOL_FUSED_SDPA sets it)."""
+    before = native.set_fused_attention(True)
+    if not before and not native.set_fused_attention(True):
+        pytest.skip("no native guard: SDPA always takes the math path")
+    yield native.set_fused_attention
+    native.set_fused_attention(before)
+
+
+def _sdpa_bits(dev: torch.device, dtype: torch.dtype, mask: str, causal: bool, scale: Any) -> list[torch.Tensor]:
+    torch.manual_seed(5)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g, dtype=dtype).to(dev).requires_grad_() for n in (6, 5, 5))
+    m = None
+    if mask == "bool":
+        m = (torch.rand(6, 5, generator=g) > 0.3).to(dev)
+    elif mask == "float":
+        m = torch.randn(2, 1, 6, 5, generator=g).to(dtype).to(dev)
+    with OpLog() as log:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=0.3, is_causal=causal, scale=scale)
+    grad = torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(dtype).to(dev)
+    grads = torch.autograd.grad(out, [q, k, v], grad)
+    after = torch.rand(16, device=dev)  # where the session's stream was left
+    fused = float(log.ops.count(FUSED))
+    return [out.detach().cpu(), *(x.cpu() for x in grads), after.cpu(), torch.tensor(fused)]
+
+
+@pytest.mark.parametrize(
+    "dtype, mask, causal, scale",
+    [
+        (torch.float32, "none", False, None),
+        (torch.float32, "bool", False, 0.5),
+        (torch.float32, "none", True, None),
+        (torch.float32, "none", False, -0.4),
+        (torch.bfloat16, "bool", False, None),
+        (torch.bfloat16, "float", False, None),
+        (torch.float64, "float", False, 0.3),
+    ],
+)
+def test_a_dropout_call_is_one_fused_op_with_the_math_paths_bits(
+    dev: torch.device, fused_switch: Any, dtype: torch.dtype, mask: str, causal: bool, scale: Any
+) -> None:
+    fused_switch(True)
+    fused = _sdpa_bits(dev, dtype, mask, causal, scale)
+    fused_switch(False)
+    math = _sdpa_bits(dev, dtype, mask, causal, scale)
+    assert fused[-1].item() == 1 and math[-1].item() == 0  # one fused op; the math path sends none
+    for what, a, b in zip(("out", "grad q", "grad k", "grad v", "next rand"), fused, math, strict=False):
+        assert torch.equal(a, b), what
+
+
+def _encoder_run(dev: torch.device, captured: bool, steps: int) -> tuple[list[float], torch.Tensor, int, Any]:
+    """(losses, the next torch.rand on the device, fused ops in the first step, the step) of launch_bound's encoder
+    (attention dropout 0.1) trained with Adam from torch.manual_seed(1), seeded again before steps 4 and 7."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from launch_bound import adam, training_step, workload
+
+    model, data, loss_fn = workload("encoder")
+    model = model.to(dev)
+    opt = adam(model, dev, captured)
+    step = training_step(model, opt, loss_fn)
+    fn = gt.capture(step) if captured else step
+    torch.manual_seed(1)
+    losses = []
+    fused = 0
+    for i in range(steps):
+        x, y = data[i % len(data)]
+        if i == 0:
+            with OpLog() as log:
+                losses.append(fn(x.to(dev), y.to(dev)))
+            fused = log.ops.count(FUSED)
+        else:
+            if i in (3, 6):  # a new seed before the first replay (the Python one) and a traced one: its first draw
+                torch.manual_seed(i)  # (the attention's) starts the new stream
+            losses.append(fn(x.to(dev), y.to(dev)))
+    after = torch.rand(32, device=dev).cpu()
+    return [float(v.item()) for v in losses], after, fused, fn
+
+
+def _traced(serve: Any) -> list[str]:
+    return [line for line in list(serve.process.log_lines) if "runs as a TorchScript graph" in line]
+
+
+@pytest.mark.parametrize("captured, in_graphs", [(False, False), (True, False), (True, True)],
+                         ids=["eager", "captured", "captured-fused"])  # fmt: skip
+def test_an_encoder_with_attention_dropout_trains_to_the_math_paths_bits(
+    serve: Any, dev: torch.device, fused_switch: Any, captured: bool, in_graphs: bool, monkeypatch: Any
+) -> None:
+    """launch_bound's `encoder` (dropout 0.1 in attention too), 8 steps of Adam: the same losses, bit for bit, and the
+    same next random numbers with the fused op as with the math path. Captured, the recorded step takes the math path
+    for its dropout calls (client/torch/capture.py FUSED_DROPOUT_IN_GRAPHS: its aten calls trace into the graph) while
+    the eager first step sends the fused op; with FUSED_DROPOUT_IN_GRAPHS the graph holds the fused op (a forward and a
+    backward per layer), each fused call one node (server/attention.py `_LIBRARY`). Either graph runs as TorchScript
+    from its second replay and every replay draws fresh numbers (8 different losses)."""
+    monkeypatch.setattr(gt_capture, "FUSED_DROPOUT_IN_GRAPHS", in_graphs)
+    steps = 8
+    fused_switch(True)
+    traced = _traced(serve)
+    losses, after, fused_ops, fn = _encoder_run(dev, captured, steps)
+    deadline = time.monotonic() + 10  # the daemon's log line comes through its output pipe
+    while captured and len(_traced(serve)) == len(traced) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = _traced(serve)
+    fused_switch(False)
+    want, want_after, math_ops, _ = _encoder_run(dev, captured, steps)
+    assert fused_ops == 2 and math_ops == 0  # a fused forward per layer in the (eager) first step
+    assert losses == want
+    assert torch.equal(after, want_after)
+    assert len(set(losses)) == steps
+    if captured:
+        assert fn.stats["replayed"] == steps - 3
+        [g] = fn.graphs.values()
+        names = [op.name.split(".")[0] for op in g.built.ops]
+        calls = 2 if in_graphs else 0
+        assert names.count(FORWARD.split(".")[0]) == calls and names.count(BACKWARD.split(".")[0]) == calls
+        assert len(lines) == len(traced) + 1 and f", {2 * calls} fused attention;" in lines[-1]
+
+
+# ---- hostile backward arguments, straight to a real daemon ----
+
+
+@pytest.fixture
+def session(serve: Any) -> Iterator[Session]:
+    with Session.attach(serve.address, serve.token(tenant="attention-dropout")) as s:
+        yield s
+
+
+def _inputs() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(2, 4, n, 8, generator=g) for n in (16, 12, 12)]
+
+
+def test_a_forged_philox_seed_is_invalid_and_the_real_one_gives_the_same_gradients_twice(session: Session) -> None:
+    s = session
+    q, k, v = (Handle(s.upload(t)) for t in _inputs())
+    fwd = s.call(FORWARD, q, k, v, None, 0.25, outputs=9)
+    out, lse, seed, offset = Handle(fwd[0]), Handle(fwd[1]), Handle(fwd[6]), Handle(fwd[7])
+    grad = Handle(s.upload(torch.linspace(-1, 1, 2 * 4 * 16 * 8).reshape(2, 4, 16, 8)))
+    good = [grad, q, k, v, None, [True, True, True, False], out, lse, None, None, 16, 12, 0.25, False, seed, offset]
+    [garbage] = s.call("aten::select.int", Handle(s.upload(torch.full((632,), 7, dtype=torch.int64))), 0, 0)
+    for value, match in [
+        (Handle(s.upload(torch.zeros(()))), "0-d int64"),  # float
+        (Handle(s.upload(torch.zeros(2, dtype=torch.int64))), "0-d int64"),  # 1-D
+        (None, "0-d int64"),
+        (3, "0-d int64"),
+        (Handle(s.upload(torch.tensor(5, dtype=torch.int64))), "5056-byte generator state"),  # 8 bytes of storage
+        (Handle(garbage), "holds no generator state"),  # 5056 bytes, no mt19937 state
+    ]:
+        args = list(good)
+        args[14] = value
+        s.call(BACKWARD, *args, outputs=4)
+        with pytest.raises(errors.InvalidArgument, match=match):
+            s.sync()
+    first = [s.download(Handle(h)) for h in s.call(BACKWARD, *good, outputs=3)]
+    again = [s.download(Handle(h)) for h in s.call(BACKWARD, *good, outputs=3)]  # the stream did not move
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+    want = torch.autograd.grad  # the gradients are dropout's: some grad of v rows differ from no-dropout's
+    tensors = [t.requires_grad_() for t in _inputs()]
+    plain = want(F.scaled_dot_product_attention(*tensors), tensors, s.download(grad))
+    assert not torch.allclose(first[2], plain[2])
+    # the composition's own operators (server/attention.py `_LIBRARY`) are the daemon's, never a client's to call
+    s.call("gpupool_attention::dropout_backward.default", *good[:4], None, 0.25, False, None, seed, outputs=3)
+    with pytest.raises(errors.PermissionDenied, match="only aten:: ops"):
+        s.sync()
+    [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)  # the session keeps serving
+    assert torch.equal(s.download(ok), torch.full((3,), 2.0))
+
+
+def test_the_dropout_composition_counts_against_the_quota(serve: Any) -> None:
+    """Without dropout the CPU flash kernel holds no scores: L = S = 1024 fits a 4 MiB session; with dropout the
+    composition's temporaries (24 bytes a score forward, 40 backward) are RESOURCE_EXHAUSTED before they run, the
+    session usable: the forward at 1024 (24 MiB); at 360 the forward (3 MiB) runs and its backward (5 MiB) is refused;
+    at 256 both run."""
+    quota = 4 * 1024 * 1024
+    with Session.attach(serve.address, serve.token(tenant="attention-dropout-quota", quota_bytes=quota)) as s:
+        g = torch.Generator().manual_seed(5)
+
+        def forward(n: int, p: float) -> list[Any]:
+            q, k, v = (Handle(s.upload(torch.randn(1, 1, n, 8, generator=g))) for _ in range(3))
+            fwd = s.call(FORWARD, q, k, v, None, p, outputs=9)
+            grad = Handle(s.upload(torch.ones(1, 1, n, 8)))
+            return [grad, q, k, v, None, [True, True, True, False], Handle(fwd[0]), Handle(fwd[1]), None, None, n, n,
+                    p, False, Handle(fwd[6]), Handle(fwd[7])]  # fmt: skip
+
+        forward(1024, 0.0)
+        s.sync()
+        forward(1024, 0.1)
+        with pytest.raises(errors.ResourceExhausted, match="quota"):
+            s.sync()
+        args = forward(360, 0.1)
+        s.sync()
+        s.call(BACKWARD, *args, outputs=3)
+        with pytest.raises(errors.ResourceExhausted, match="quota"):
+            s.sync()
+        gq, _, _ = s.call(BACKWARD, *forward(256, 0.1), outputs=3)
+        assert s.download(Handle(gq)).shape == (1, 1, 256, 8)
+        [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
+        assert torch.equal(s.download(ok), torch.full((3,), 2.0))
+
+
+# ---- the C++ client (client/sdpa_choice.h is its choice too) ----
+
+_NATIVE = r"""
+import json, sys
+import torch, torch.nn.functional as F
+from gpupool.client.native import backend as nc
+from gpupool.client.session import Session
+from gpupool.client.engine import run_backward_on_calling_thread
+torch.set_num_threads(1)
+nc.load(); nc.claim(); run_backward_on_calling_thread()
+session = Session.attach(sys.argv[1], sys.argv[2], timeout=120.0)
+nc.connect(session, None)
+dev = nc.device()
+runs = {}
+for fused in (True, False):
+    torch.ops.gpupool_native.set_fused_sdp(fused)
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(2, 4, n, 8, generator=g).to(dev).requires_grad_() for n in (16, 12, 12)]
+    nc.flush()
+    session.seed(5)
+    out = F.scaled_dot_product_attention(*xs, dropout_p=0.2)
+    grads = torch.autograd.grad(out, xs, torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(dev))
+    after = torch.rand(16, device=dev)
+    runs[fused] = [type(out.grad_fn).__name__] + [t.detach().cpu() for t in (out, *grads, after)]
+a, b = runs[True], runs[False]
+print(json.dumps({"nodes": [a[0], b[0]], "equal": [torch.equal(x, y) for x, y in zip(a[1:], b[1:])]}))
+"""
+
+
+@pytest.mark.slow
+def test_the_cpp_client_sends_dropout_fused_with_the_math_paths_bits(serve: Any) -> None:
+    import json
+    import os
+    import subprocess
+
+    from gpupool.client.native.backend import compiler_missing
+
+    why = compiler_missing()
+    if why is not None:
+        pytest.skip(f"C++ client: {why}")
+    env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _NATIVE, serve.address, serve.token()], env=env, capture_output=True, text=True,
+        timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["nodes"] == ["ScaledDotProductFusedAttentionOverrideableBackward0", "UnsafeViewBackward0"]
+    assert result["equal"] == [True] * 5  # out, the three gradients, the next torch.rand
