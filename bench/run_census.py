@@ -9,10 +9,15 @@ ones, in slices of --slice-commands through `slices.run_commands`), with the exe
 - the learned runs and their lengths;
 - over the timed slices: the native runner's `Ctx.run` calls, why each returned (END: its run ended and nothing
   went on; not taken; the next record did not match; the span ended at another command; the slice ended), and how
-  many records each ran.
+  many records each ran;
+- per training step, the timed eager records that ran natively, in Python inside a learned run, and outside any run,
+  with the reason each one in Python held its step back from the native runner (`native_runner.refusal`: `seeded`,
+  `reshapes`, `uninitialized`, `check`, another step kind the runner does not express, or a step it compiled whose
+  record it did not take) and the ops behind each reason.
 
     python bench/eager_replay.py --dump tiny-mlp /tmp/tiny.json
     python bench/run_census.py /tmp/tiny.json          # this tree; run it with another checkout's python for its
+    cd /work/base && .venv/bin/python /work/wt/NAME/bench/run_census.py /tmp/tiny.json    # (that checkout's code)
 """
 
 from __future__ import annotations
@@ -106,6 +111,43 @@ def main(argv: list[str] | None = None) -> int:
         return span(session, commands, *a)
 
     ex.eager_span = watched_span  # type: ignore[method-assign]
+    from gpupool.server import native_runner
+
+    held: collections.Counter[str] = collections.Counter()  # timed records of a run on the Python path, by reason
+    held_ops: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    outside: collections.Counter[str] = collections.Counter()  # timed eager records on the normal path, by op
+    run_op = ex._run_op
+    from gpupool.server import runs
+
+    match = runs.match
+
+    def why(step: Any) -> str:
+        if native is None:
+            return "no native runner"
+        refusal = getattr(native_runner, "refusal", None)
+        if refusal is not None:
+            return refusal(native, step, dev.torch_device) or "compiled, record not taken"
+        # a checkout from before round 23 (`--against`-style runs with its python): its `_compile`'s refusals
+        extras = [x for x in ("reshapes", "seeded", "uninitialized") if getattr(step.plan, x)]
+        if extras or step.check:
+            return extras[0] if extras else "check"
+        return "compiled, record not taken" if native_runner._plan(native, step, dev.torch_device) else "other"
+
+    def watched_match(step: Any, *a: Any) -> Any:
+        got = match(step, *a)
+        if got is not None and timing[0]:  # the record runs in Python as this step (or fails)
+            reason = why(step)
+            held[reason] += 1
+            held_ops[reason][step.plan.name] += 1
+        return got
+
+    def watched_op(session: Any, plan: Any, *a: Any, **kw: Any) -> Any:
+        if timing[0]:
+            outside[plan.name] += 1
+        return run_op(session, plan, *a, **kw)
+
+    runs.match = watched_match
+    ex._run_op = watched_op  # type: ignore[method-assign]
 
     @contextlib.contextmanager
     def clock() -> Any:
@@ -133,6 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     calls = sum(returns.values())
     print(f"Ctx.run calls: {calls} ({calls / max(1, len(timed)):.1f} a slice); returned at: {dict(returns)}")
     print(f"records per call: {dict(sorted(taken.items()))}")
+    steps = d["steps"]
+    ran, nat = known.hits - hits, known.native - natives
+    out_n = sum(outside.values())
+    print(f"per training step ({steps} timed): native {nat / steps:.1f}, Python in a run {(ran - nat) / steps:.1f}, "
+          f"outside any run {out_n / steps:.1f} records")  # fmt: skip
+    for reason, n in held.most_common():
+        ops = ", ".join(f"{name} {c / steps:g}" for name, c in held_ops[reason].most_common(6))
+        print(f"  held back by {reason}: {n / steps:.1f} a step" + (f" ({ops})" if ops else ""))
+    if outside:
+        ops = ", ".join(f"{name} {c / steps:g}" for name, c in outside.most_common(6))
+        print(f"  outside any run: {ops}")
     return 0
 
 

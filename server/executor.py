@@ -575,11 +575,14 @@ class CommandExecutor:
         counter, read once when it is made), kept in `known` from span to span and made again when any of those
         changed (~14k instructions a context: a span's first native record paid it before). The session's tables are
         dicts it never replaces; the key holds `s` itself, so a context never serves another session object."""
-        key = (s, s.quota, s.max_handles, s.max_op_flops, memory, capacity, count)
+        key = (s, s.quota, s.max_handles, s.max_op_flops, memory, capacity, count, self.exclusive_rng)
         got = known.ctx
         if got is not None and got[0] == key:
             return got[1]
-        ctx = native.Ctx(s, memory, count, self._binder(dev), _over_quota, capacity)
+        # seeded records: in a session's own worker process (`exclusive_rng`) `_seeded`'s check that the device's
+        # generator holds this session's stream, made in C++ per record; where sessions share it, Python's
+        rng = (_RNG_OWNER, s.device.rng_lock) if self.exclusive_rng else None
+        ctx = native.Ctx(s, memory, count, self._binder(dev), _over_quota, capacity, rng)
         known.ctx = (key, ctx)
         return ctx
 

@@ -65,6 +65,7 @@ struct Arg {
   int64_t offset = 0;  // INT, INT_AS_DOUBLE, DOUBLE: of the 8-byte number in the record
   std::vector<int64_t> numbers;  // INTS, DOUBLES: their 8-byte numbers' offsets
   c10::IValue value;  // CONST
+  py::object pyvalue;  // CONST of a Python run (`Plan::n_pos`): the template's own value; unset: not passed (a default)
   std::vector<Input> inputs;  // TENSOR: one; the lists: their elements
 };
 
@@ -84,6 +85,12 @@ struct Plan {
   // in-place op's `Tensor(a!)`): such an op would bind the view itself to its output handle, and a later record
   // could tell a direct view from the dispatcher's (`detach_` refuses a view that `aten::as_strided` made)
   bool direct_views = true;
+  // a random op (`OpPlan.seeded`): runs only where the context's session owns the device's generator (`Ctx::rng`)
+  bool seeded = false;
+  // >= 0: `run` is a Python function (a fallback of server/fallbacks.py's FASTER: the same bits as the op, on a
+  // fake GPU), called as `_run_step` calls it: the template's first n_pos arguments positionally, the others by
+  // keyword, defaults left out; -1: the op itself, through the dispatcher (`call_op`)
+  int64_t n_pos = -1;
 };
 
 inline uint64_t read_u64(const char* p) {
@@ -132,14 +139,21 @@ void set_view(Input& in, py::handle geometry) {
 // ("s", INTS or DOUBLES, [offset]); outs: the output handles' offsets; keep: the positions of the outputs the run keeps
 std::shared_ptr<Plan> make_plan(
     const std::string& name, const std::string& overload, int64_t size, py::list fixed, py::list outs,
-    py::list args, int64_t need, py::list keep, py::object owner, py::object run, int returns) {
+    py::list args, int64_t need, py::list keep, py::object owner, py::object run, int returns, bool seeded,
+    int64_t n_pos) {
   auto plan = std::make_shared<Plan>();
+  plan->seeded = seeded;
+  if (n_pos < -1 || n_pos > static_cast<int64_t>(args.size())) throw std::invalid_argument("positional count");
+  plan->n_pos = n_pos;
+  if (n_pos >= 0 && !PyCallable_Check(run.ptr())) throw std::invalid_argument("a Python run must be callable");
   plan->op = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), overload.c_str());
   plan->owner = owner;
   plan->run = run;
   for (const auto& r : plan->op->schema().returns()) {
     if (r.alias_info() != nullptr && r.alias_info()->isWrite()) plan->direct_views = false;
   }
+  // a Python run's view arguments are the dispatcher's, as `compact.view_of` makes them: what it returns may be one
+  if (n_pos >= 0) plan->direct_views = false;
   if (returns != NOTHING && returns != ONE && returns != SEVERAL) throw std::invalid_argument("returns");
   plan->returns = returns;
   if (outs.size() < 1 || (returns != SEVERAL && outs.size() != 1)) throw std::invalid_argument("output count");
@@ -176,7 +190,9 @@ std::shared_ptr<Plan> make_plan(
     if (tag == "c") {
       out.kind = CONST;
       out.value = torch::jit::toIValue(t[1], arg.real_type(), arg.N());
+      out.pyvalue = t[1];
     } else if (tag == "d") {
+      if (n_pos >= 0 && static_cast<int64_t>(a) < n_pos) throw std::invalid_argument("a default passed by position");
       if (!arg.default_value()) throw std::invalid_argument("no default");
       out.kind = CONST;
       out.value = *arg.default_value();
@@ -212,6 +228,10 @@ std::shared_ptr<Plan> make_plan(
     }
     for (const auto& in : out.inputs) {
       if (in.offset < 0 || in.offset + 8 > size) throw std::invalid_argument("input out of range");
+    }
+    // a Python run takes numbers, constants and single tensors (`call_py`)
+    if (n_pos >= 0 && (out.kind == TENSORS || out.kind == OPT_TENSORS || out.kind == INTS || out.kind == DOUBLES)) {
+      throw std::invalid_argument("an argument a Python run does not take");
     }
     plan->args.push_back(std::move(out));
   }
@@ -357,6 +377,83 @@ PyObject* call_op(const c10::OperatorHandle& op, torch::jit::Stack& stack) {
   END_HANDLE_TH_ERRORS
 }
 
+// A Python run (`Plan::n_pos` >= 0) called as `_run_step` calls `plan.run`: the record's arguments as the Python
+// path's decode gives them (the template's constants, its numbers as the record's ints or floats, the tensors)
+// positionally, then by keyword, defaults left out; the GIL held (the function's own ops release it). Its values
+// go on `stack` as the op's would: a Tensor for ONE, a tuple's for SEVERAL (None where it is not one: `Ctx::run`
+// then reports that the op did not return what its schema says). nullptr with the Python error set when it raised.
+PyObject* call_py(const Plan& p, const char* buf, torch::jit::Stack& stack) {
+  Own pos(PyTuple_New(static_cast<Py_ssize_t>(p.n_pos)));
+  if (pos.p == nullptr) return nullptr;
+  Own kw(nullptr);
+  const auto& params = p.op->schema().arguments();
+  for (size_t a = 0; a < p.args.size(); ++a) {
+    const Arg& arg = p.args[a];
+    PyObject* v = nullptr;
+    if (arg.kind == CONST) {
+      if (!arg.pyvalue) continue;  // a default: not passed
+      v = Py_NewRef(arg.pyvalue.ptr());
+    } else if (arg.kind == INT || arg.kind == INT_AS_DOUBLE) {  // the record's int, as `struct` unpacks it
+      int64_t x;
+      std::memcpy(&x, buf + arg.offset, 8);
+      v = PyLong_FromLongLong(x);
+    } else if (arg.kind == DOUBLE) {
+      double x;
+      std::memcpy(&x, buf + arg.offset, 8);
+      v = PyFloat_FromDouble(x);
+    } else if (arg.kind == TENSOR && stack[a].isTensor()) {
+      v = THPVariable_Wrap(stack[a].toTensor());  // the session's own object
+    } else if (arg.kind == TENSOR && stack[a].isNone()) {
+      v = Py_NewRef(Py_None);
+    } else {
+      PyErr_SetString(PyExc_RuntimeError, "native runner: an argument a Python run does not take");
+      return nullptr;
+    }
+    if (v == nullptr) return nullptr;
+    if (static_cast<int64_t>(a) < p.n_pos) {
+      PyTuple_SET_ITEM(pos.p, static_cast<Py_ssize_t>(a), v);  // steals
+      continue;
+    }
+    Own val(v);
+    if (kw.p == nullptr) {
+      kw.reset(PyDict_New());
+      if (kw.p == nullptr) return nullptr;
+    }
+    if (PyDict_SetItemString(kw.p, params[a].name().c_str(), val.p) < 0) return nullptr;
+  }
+  stack.clear();
+  PyObject* got = PyObject_Call(p.run.ptr(), pos.p, kw.p);
+  if (got == nullptr) return nullptr;
+  if (p.returns == ONE) {
+    stack.emplace_back(THPVariable_Check(got) ? c10::IValue(THPVariable_Unpack(got)) : c10::IValue());
+  } else if (p.returns == SEVERAL && PyTuple_Check(got)) {
+    for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(got); ++j) {
+      PyObject* o = PyTuple_GET_ITEM(got, j);
+      stack.emplace_back(THPVariable_Check(o) ? c10::IValue(THPVariable_Unpack(o)) : c10::IValue());
+    }
+  } else if (p.returns != NOTHING || got != Py_None) {
+    stack.emplace_back();
+  }
+  return got;
+}
+
+// The device's generator held for a seeded record (`CommandExecutor._seeded`'s `with dev.rng_lock`): `release`
+// is the lock's bound method while it is held; `drop` releases it (also on the way out of a raise).
+struct RngHold {
+  PyObject* release = nullptr;  // borrowed from the context
+  void drop() {
+    if (release == nullptr) return;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);  // an error being reported stays the one reported
+    PyObject* r = PyObject_CallNoArgs(release);
+    if (r == nullptr) PyErr_WriteUnraisable(release);
+    Py_XDECREF(r);
+    PyErr_Restore(type, value, tb);
+    release = nullptr;
+  }
+  ~RngHold() { drop(); }
+};
+
 enum Flags { END = 1, OVER = 2 };
 
 // A writable buffer of at least 4 bytes held for one `Ctx.run` (buf stays nullptr for anything else)
@@ -494,6 +591,10 @@ struct Keys {
 
 struct Ctx {
   py::object s, tensors, poisoned, storages, keys, memory, count, bind_outputs, over_quota;
+  // seeded records (`CommandExecutor._seeded` with `exclusive_rng`: a session's own worker process): the table of
+  // generator owners (`executor._RNG_OWNER`), the device's `rng_lock` (its key) and the lock's bound `acquire` and
+  // `release`; all None where sessions share the process (their states are swapped per op: Python's)
+  py::object rng_owner = py::none(), rng_lock = py::none(), rng_acquire = py::none(), rng_release = py::none();
   int64_t quota, capacity, max_handles, number, base, flops;
   std::shared_ptr<Keys> handle_keys = std::make_shared<Keys>();  // shared by copies of the context (pybind's init)
 
@@ -735,6 +836,22 @@ struct Ctx {
           if (!c.mused.get(&mused)) break;
           if (used_before + p->need > quota || mused + p->need > capacity) break;  // Python raises it
         }
+        // a random op: the lock taken without waiting (a holder elsewhere: the Python path waits for it), and the
+        // device's generator this session's (else the Python path loads the session's state into it first)
+        RngHold rng;
+        if (p->seeded) {
+          if (rng_lock.is_none()) break;
+          Own got(PyObject_CallOneArg(rng_acquire.ptr(), Py_False));
+          if (got.p == nullptr) throw py::error_already_set();
+          if (got.p != Py_True) break;
+          rng.release = rng_release.ptr();
+          PyObject* ref = PyDict_GetItemWithError(rng_owner.ptr(), rng_lock.ptr());  // borrowed
+          if (ref == nullptr && PyErr_Occurred()) throw py::error_already_set();
+          if (ref == nullptr || !PyWeakref_CheckRef(ref)) break;
+          PyObject* owner = PyWeakref_GetObject(ref);  // borrowed
+          if (owner == nullptr) throw py::error_already_set();
+          if (owner != s.ptr()) break;
+        }
         // From here on the record is run here: the op, the count, the binding, the quota check.
         if (word.buf != nullptr) {
           const int32_t at = static_cast<int32_t>(i);  // a slice holds far fewer than 2^31 commands
@@ -743,13 +860,14 @@ struct Ctx {
           c.sync_all();
           progress(i);
         }
-        PyObject* ran = call_op(*p->op, stack);
+        PyObject* ran = p->n_pos >= 0 ? call_py(*p, buf, stack) : call_op(*p->op, stack);
         held.clear();  // the GIL held again: the last C++ reference goes without taking it
         if (ran == nullptr) {
           exc = fetch();
           break;
         }
-        Py_DECREF(ran);
+        Own result(ran);  // a Python run's values, held until they are bound (their tensors keep their objects)
+        rng.drop();
         if (p->returns == SEVERAL) {
           if (!several(c, hkeys.p, stack, used_before, &exc)) break;
           ++hits;
@@ -1382,7 +1500,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   S_check_handle = PyUnicode_InternFromString("check_handle");
   MISSING = PyObject_CallNoArgs(reinterpret_cast<PyObject*>(&PyBaseObject_Type));  // `object()`, never freed
   py::class_<Plan, std::shared_ptr<Plan>>(m, "Plan");
-  m.def("plan", &make_plan);
+  m.def("plan", &make_plan, py::arg("name"), py::arg("overload"), py::arg("size"), py::arg("fixed"), py::arg("outs"),
+        py::arg("args"), py::arg("need"), py::arg("keep"), py::arg("owner"), py::arg("run"), py::arg("returns"),
+        py::arg("seeded") = false, py::arg("n_pos") = -1);
   py::class_<Trace>(m, "Trace")
       .def(py::init([](py::list steps, py::object origin) {
              Trace t;
@@ -1402,7 +1522,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       });
   py::class_<Ctx>(m, "Ctx")
       .def(py::init([](py::object s, py::object memory, py::object count, py::object bind_outputs,
-                       py::object over_quota, int64_t capacity) {
+                       py::object over_quota, int64_t capacity, py::object rng) {
         Ctx c;
         c.s = s;
         c.tensors = s.attr("tensors");
@@ -1423,8 +1543,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         c.number = s.attr("number").cast<int64_t>();
         c.base = s.attr("handle_base").cast<int64_t>();
         c.flops = s.attr("max_op_flops").cast<int64_t>();
+        if (!rng.is_none()) {  // (owner table, lock): seeded records run here (`exclusive_rng`)
+          auto r = rng.cast<py::tuple>();
+          if (r.size() != 2 || !PyDict_CheckExact(r[0].ptr())) throw std::invalid_argument("rng: (owners, lock)");
+          c.rng_owner = r[0];
+          c.rng_lock = r[1];
+          c.rng_acquire = c.rng_lock.attr("acquire");
+          c.rng_release = c.rng_lock.attr("release");
+        }
         return c;
-      }))
+      }),
+      py::arg("s"), py::arg("memory"), py::arg("count"), py::arg("bind_outputs"), py::arg("over_quota"),
+      py::arg("capacity"), py::arg("rng") = py::none())
       .def("run", &Ctx::run);
   m.def("free", &free_handles);
   m.def("filled", &filled);

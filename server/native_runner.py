@@ -40,9 +40,14 @@ each table's entry taken with one `pop` (`dict_pop`) rather than a lookup and a 
 through a upb message object per command: the oneof's last member decides, as for the parser; a frame with any
 other field or wire type is left to the parsed messages.
 
-A step qualifies when it has no per-op extras (`Step.fast`; a factory that takes the session's device; or an op
-returning several tensors), its op is a plain `OpOverload` run as itself (checked per record: while its `OpPlan.run` is
-something else, a guard's replacement, a fallback or a wrapper, its records take the Python path), and every
+A step qualifies when it has none of `_run_step`'s per-op extras but a random op's (`_extras`: no value guard
+run per record, no op that reshapes a storage in place or hands out uninitialized memory; a factory that takes the
+session's device, or an op returning several tensors, do qualify), its op is a plain `OpOverload` run as itself, or
+a fake GPU's faster composition of it (server/fallbacks.py FASTER: `native_dropout` and its backward; called as
+`_run_step` calls it, the template's arguments positionally or by keyword as the record gave them, its tensors the
+session's own objects and its view arguments the dispatcher's, as `compact.view_of` makes them; checked per record:
+while its `OpPlan.run` is something else, a guard's replacement, another fallback or a wrapper, its records take the
+Python path), and every
 variable field of its template is the output handle, a tensor handle (`Tensor`, `Tensor?`, `Tensor[]`, `Tensor?[]`;
 also a view argument's, `compact.VIEW`, and a view element's of a tensor list with views, `compact.VIEWS`: its
 tensor is checked as any input's, then `compact.view_of`'s checks run against its storage as it is now, for every
@@ -60,6 +65,15 @@ stays unbound, as `_bind_outputs` leaves it), or several tensors (a tuple, say `
 `_foreach_sqrt`'s): each output handle is checked as `_run_step` checks them (none live, the handle limit counted
 for all of them) and the values are bound by the executor's own `_bind_outputs`. Steps with argument kinds the
 runner does not know (a `float[]` or `int[]` keyed by type, other returns) stay in Python.
+
+A random op (`OpPlan.seeded`: dropout, `rand_like`, `bernoulli`, ...) runs here only in a session's own worker
+process (`CommandExecutor.exclusive_rng`, the context's `rng`): as `CommandExecutor._seeded` does there, per record,
+the device's generator lock taken (without waiting: a lock held elsewhere leaves the record to the Python path,
+which waits for it), the generator found to hold this session's stream (`executor._RNG_OWNER`), the op called, the
+lock released: the same draws in the same order as the Python path. A generator that holds no stream or another
+session's (the session's first random op, a new seed, another session drew last) leaves the record to the Python
+path, which loads the session's state into it; where sessions share the process (`--isolation thread`, states
+swapped per op) every random record is Python's.
 
 The extension is built with `torch.utils.cpp_extension.load` (g++ and ninja, ~1 min once, cached under
 `$GPUPOOL_NATIVE_RUNNER_CACHE`, default `$XDG_CACHE_HOME/gpupool/runner` or `~/.cache/gpupool/runner`, a folder per
@@ -91,6 +105,7 @@ import torch
 
 from gpupool import buildcache, config
 
+from . import fallbacks
 from .templates import C_ARG, C_KW, L_ARG, L_KW, LV_ARG, LV_KW, N_ARG, N_KW, NL_ARG, NL_KW, T_ARG, T_KW, V_ARG, V_KW
 
 log = logging.getLogger(__name__)
@@ -233,16 +248,36 @@ def _plan(mod: Any, step: Any, dev: torch.device) -> Any:
         return None
 
 
+def refusal(mod: Any, step: Any, dev: torch.device) -> str | None:
+    """Why `step` stays in Python, in a word (bench/run_census.py): the first of its per-op extras the runner does
+    not do (`_extras`), or "other" for a step it cannot express otherwise; None where it compiles."""
+    return _extras(step) or (None if _plan(mod, step, dev) is not None else "other")
+
+
+def _extras(step: Any) -> str | None:
+    """The first per-op extra of `_run_step` that keeps `step` in Python, or None."""
+    plan = step.plan
+    if step.tpl.n_out < 1:
+        return "no output"
+    for extra in ("reshapes", "uninitialized"):
+        if getattr(plan, extra):
+            return extra
+    return "check" if step.check else None
+
+
 def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
     tpl, plan = step.tpl, step.plan
     op = plan.op
     # `Step.fast`, a factory of the session's device (`_run_step` gives it the device when the record has none), or
     # an op returning several tensors (a tuple, or a Tensor[]) that `_run_step` binds with `_bind_outputs`
     n_out = tpl.n_out
-    if n_out < 1 or plan.reshapes or plan.seeded or plan.uninitialized or step.check:
+    if _extras(step) is not None:
         return None
     if op.__class__ is not torch._ops.OpOverload:
         return None
+    # a fake GPU's faster composition of the op (server/fallbacks.py FASTER, the same bits: native_dropout and its
+    # backward) is called here as the Python path calls it; any other run that is not the op stays in Python
+    py_run = plan.run is not op._op and op._schema.name in fallbacks.FASTER and plan.run is fallbacks.lookup(op, dev)
     if any(kind not in _KINDS for kind, _, _, _ in tpl.steps):
         return None
     schema = op._schema
@@ -333,9 +368,13 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
             out.append(("l", optional, got[1]))
     if placed:  # a tensor the schema has no place for
         return None
+    if py_run and any(a[0] in ("l", "s") for a in out):
+        return None  # lists: the runner passes a Python run numbers, constants and single tensors only
     name, overload = schema.name, schema.overload_name
     outs = offsets[1 : 1 + n_out]
-    return mod.plan(name, overload, tpl.size, fixed, outs, out, step.need, list(step.keep), plan, op._op, returns)
+    run = plan.run if py_run else op._op
+    return mod.plan(name, overload, tpl.size, fixed, outs, out, step.need, list(step.keep), plan, run, returns,
+                    plan.seeded, len(args) if py_run else -1)  # fmt: skip
 
 
 def _geometry(g: Any) -> tuple[Any, ...]:

@@ -1,6 +1,6 @@
 """Hostile records against a session whose runs were LEARNED (server/runs.py), through a live `gpupool serve`.
 
-A real training loop (the shim: Linear-ReLU-Linear, Adam, cross entropy) is recorded once per daemon at the
+A real training loop (the shim: Linear-ReLU-Dropout-Linear, Adam, cross entropy) is recorded once per daemon at the
 client's `Session._put` (its frames as they went out). Each case then replays those frames into two fresh sessions,
 their handles moved to each session's own base: session L gets them as they are, so its worker learns runs from
 the first steps and runs the later ones inside them (the daemon's gpupool_eager_learned_ops_total must grow);
@@ -73,7 +73,9 @@ class Recording:
 
 def _train(device: torch.device, steps: int) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)).to(device)
+    # with dropout: random ops inside the learned runs (the native runner draws them in a worker process); the seed
+    # above goes to the device too, so both sessions of a case draw alike
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.25), nn.Linear(16, 2)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 8, generator=gen), torch.randint(0, 2, (4,), generator=gen)

@@ -8,7 +8,9 @@ recorded (the runs are learned from them); every later frame gets seeded damage:
 lengthened, handle fields swapped to a neighbour session's live handle, the reserved base, 0, a never-made handle,
 a freed one, a handle of the step not made yet, or (most often) another live one; a view argument's sizes,
 strides or offset set to edge values; numbers set to NaN, inf, huge or negative; records dropped, duplicated or
-swapped. Every other case runs under a quota just above what the clean stream holds. After every
+swapped; now and then a new seed between records (the encoder's dropout draws inside learned runs: the runner
+must see the session's stream start again). Every other case runs under a quota just above what the clean stream
+holds. After every
 slice (drifting cuts) the three must agree on everything a client can observe: the slice's result, the pending
 error (code, op, message), the poisoned handles, every live tensor's meta and bytes, and the accounting; a
 neighbour session's tensor in the same executor stays bit-exact. The native runner must have run records.
@@ -47,6 +49,7 @@ CASES = int(os.environ.get("GPUPOOL_RUNNER_FUZZ_CASES", "3"))
 SEED = int(os.environ.get("GPUPOOL_RUNNER_FUZZ_SEED", "0"))
 QUOTA = 1 << 26
 RATE = 0.05  # of a damaged frame's records, damaged (at least one)
+SEEDS = 0.2  # of the damaged frames, those that get a seed command too
 _I64 = struct.Struct("<q")
 _F64 = struct.Struct("<d")
 
@@ -181,6 +184,8 @@ class Damage:
                     cmds[k] = device_pb2.Command(eager_op=cmds[k].eager_op[:5] + b"\x00\x00\x00")  # a dropped op
                 continue
             cmds[k] = device_pb2.Command(eager_op=self.record(cmds[k].eager_op, how, cmds))
+        if rng.random() < SEEDS:  # `torch.manual_seed` mid-step: every session's stream starts again
+            cmds.insert(rng.randrange(len(cmds) + 1), device_pb2.Command(seed=device_pb2.Seed(seed=rng.randrange(9))))
         return cmds
 
     def record(self, data: bytes, how: int, cmds: list[device_pb2.Command]) -> bytes:
@@ -230,6 +235,9 @@ class Three:
     def __init__(self, number: int, quota: int = QUOTA) -> None:
         self.ex = [CommandExecutor(slices.SliceLedger()) for _ in range(3)]
         self.ex[1].native = None
+        self.draws = [0, 0, 0]  # random records each executor's Python path ran (`_seeded`)
+        for k, ex in enumerate(self.ex):
+            ex._seeded = self._counted(ex._seeded, k)  # type: ignore[method-assign]
         self.s: list[WorkerSession] = []
         self.neighbours: list[WorkerSession] = []
         torch.manual_seed(0)
@@ -244,6 +252,13 @@ class Three:
             n = WorkerSession("neighbour", number + 1, dev, memory, QUOTA)
             n.bind(self.neighbour_handle, self.kept.clone())
             self.neighbours.append(n)
+
+    def _counted(self, seeded: Any, k: int) -> Any:
+        def run(*a: Any) -> Any:
+            self.draws[k] += 1
+            return seeded(*a)
+
+        return run
 
     @property
     def neighbour_handle(self) -> int:
@@ -371,6 +386,8 @@ def fuzz(path: Path, seed: int) -> tuple[int, int]:
                 i += cuts[0]
         runs = three.ex[0]._eager["fuzz"][3]
         assert three.ex[1]._eager["fuzz"][3].native == 0
+        # random ops (the encoder's dropout): the runner drew most of them itself (`Three.draws`: Python's draws)
+        assert three.draws[0] < three.draws[1] or three.draws[1] == 0 or native_runner.load() is None, three.draws
         return runs.native, runs.hits
     finally:
         three.close()
