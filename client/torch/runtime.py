@@ -242,7 +242,7 @@ class DeviceRuntime:
 
     def compact_ok(self) -> bool:
         """Whether the calling thread's ops may travel as compact records now (not while it records `Op`s)."""
-        return (not self.recorders or get_ident() not in self.recorders) and len(self.op_ids) < compact.MAX_OP_IDS
+        return self.recording() is None and len(self.op_ids) < compact.MAX_OP_IDS
 
     def flush(self) -> None:
         self._check_open()
@@ -253,7 +253,7 @@ class DeviceRuntime:
 
     def sync(self, scalar_handles: tuple[int, ...] | list[int] = ()) -> list[Any]:
         """Wait for everything sent so far; raise the first error since the last sync."""
-        if self.recorders and (rec := self.recorders.get(get_ident())) is not None:
+        if (rec := self.recording()) is not None:
             rec.refuse("a sync point (.item(), bool(t), synchronize)")
         self.flush_frees(force=True)
         self._check_open()
@@ -266,7 +266,7 @@ class DeviceRuntime:
         """Send a CPU tensor into `handle` (a new one by default); returns the handle."""
         h = self.new_handle() if handle is None else handle
         self._check_open()
-        if self.recorders and (rec := self.recorders.get(get_ident())) is not None:
+        if (rec := self.recording()) is not None:
             rec.upload(h, tensor)
         try:
             self.session.upload(tensor, h)
@@ -275,7 +275,7 @@ class DeviceRuntime:
         return h
 
     def download(self, handle: int) -> torch.Tensor:
-        if self.recorders and (rec := self.recorders.get(get_ident())) is not None:
+        if (rec := self.recording()) is not None:
             rec.refuse("a read-back (.cpu(), .tolist(), printing, an op with data-dependent shapes)")
         self.flush_frees(force=True)
         self._check_open()
@@ -294,7 +294,7 @@ class DeviceRuntime:
             self._raise(exc)
 
     def seed(self, seed: int) -> None:
-        if self.recorders and (rec := self.recorders.get(get_ident())) is not None:
+        if (rec := self.recording()) is not None:
             rec.refuse("torch.manual_seed")
         self._check_open()
         try:
