@@ -350,21 +350,18 @@ def _run_traced(host: Host, s: WorkerSession, g: Graph, slots: list[Any]) -> Non
         execute(g, slots)
         return
     dry = graph_trace.dry_inputs(g, slots)
-    if graph_trace.composes(g):
-        # A fused attention call's composition decides layouts: this run is the Python replay, whose real layouts
-        # the trace must meet on its meta tensors (some meta kernels lay outputs out otherwise); traced from the next.
-        real = graph_trace.replay_recording(host, g, slots, execute)
-        g.traced = graph_trace.trace(host, s, g, dry, execute, real)
-        g.trace_refused = g.traced is None
-        if g.traced is not None:
-            host.ledger.graph(s, "traced")
-        return
-    g.traced = graph_trace.trace(host, s, g, dry, execute)
+    # A fused attention call's composition decides layouts: then this run is the Python replay, whose real layouts
+    # the trace must meet on its meta tensors (some meta kernels lay outputs out otherwise); traced from the next.
+    real = graph_trace.replay_recording(host, g, slots, execute) if graph_trace.composes(g) else None
+    g.traced = graph_trace.trace(host, s, g, dry, execute, real)
     g.trace_refused = g.traced is None  # one attempt: a refusal keeps the Python replay from now on
+    if g.traced is not None:
+        host.ledger.graph(s, "traced")
+    if real is not None:
+        return  # the step ran above
     if g.traced is None:
         execute(g, slots)
     else:
-        host.ledger.graph(s, "traced")
         g.traced.run(host, s, g, slots)
 
 

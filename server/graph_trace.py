@@ -262,6 +262,11 @@ def composes(g: Graph) -> bool:
     return any(c.kernel is not None for c in g.calls)
 
 
+def _composition(name: str) -> Any:
+    """The composition (server/attention.py) a fused attention call of schema `name` runs: forward or backward."""
+    return attention.forward if name == attention.FORWARD else attention.backward
+
+
 def replay_recording(host: Host, g: Graph, slots: list[Any], execute: Any) -> dict[int, list[Any]]:
     """Run the step as the Python replay does (`execute`), each fused attention call's composition recording the
     layouts of its arguments and of each aten call's result (by call index), for `trace`."""
@@ -270,9 +275,7 @@ def replay_recording(host: Host, g: Graph, slots: list[Any], execute: Any) -> di
     for i, c in enumerate(g.calls):
         if c.kernel is None:
             continue
-        composed = (
-            attention.forward if host.ops.resolve(c.name)._schema.name == attention.FORWARD else attention.backward
-        )
+        composed = _composition(host.ops.resolve(c.name)._schema.name)
 
         def call(*a: Any, _i: int = i, _f: Any = composed, _k: str = c.kernel, **k: Any) -> Any:
             layouts = seen.setdefault(_i, [])
@@ -292,7 +295,7 @@ def replay_recording(host: Host, g: Graph, slots: list[Any], execute: Any) -> di
 
 def _composed(b: _Builder, g: Graph, i: int, name: str, kernel: str, real: dict[int, list[Any]] | None) -> Any:
     ops = _ComposedOps(b, g.device, b.composed.setdefault(i, []), None if real is None else real.get(i, []))
-    composed = attention.forward if name == attention.FORWARD else attention.backward
+    composed = _composition(name)
 
     def call(*a: Any, **k: Any) -> Any:
         ops.same(_arguments(a, k))
