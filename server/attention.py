@@ -415,6 +415,22 @@ def _state_bytes(device: torch.device) -> int:
 
 
 _CPU_STATE_BYTES = int(torch.Generator().get_state().numel())
+_MT_N = 624  # words of the mt19937 state (torch's MERSENNE_STATE_N)
+
+
+def _check_mt19937(state: Tensor) -> None:
+    """A CPU generator state (`CPUGeneratorImplState`'s bytes) whose draws stay inside its 624 words. torch's
+    `set_state` checks 1 <= left <= 624 and next <= 624 (next truncated to 32 bits) but each draw reads word
+    `next++` and regenerates only when `--left` reaches 0: a state of left 624 and next 624 read the 623 words past
+    the array -- the generator object's end and the heap after it -- into a forged `philox_seed`'s mask (round 24).
+    Every state a generator reaches has left + next = 625 (or 1 and 0 right after a seed)."""
+    head = state[:24].view(torch.int64).tolist()  # the_initial_seed, (left, seeded) as int32s, next
+    left = int(state[8:12].view(torch.int32).item())
+    seeded = int(state[12:16].view(torch.int32).item())
+    nxt = head[2]
+    if not (seeded and 1 <= left <= _MT_N and 0 <= nxt <= _MT_N and left + nxt <= _MT_N + 1):
+        raise InvalidArgument("fused attention backward: philox_seed holds no generator state a forward saved "
+                              f"(mt19937 left {left}, next {nxt})")  # fmt: skip
 
 
 def _dropout_forward(
@@ -443,6 +459,8 @@ def _saved_generator(philox_seed: Tensor, device: torch.device) -> torch.Generat
         raise InvalidArgument(f"fused attention backward: with dropout, philox_seed must be the forward's (a view of "
                               f"a {want}-byte generator state)")  # fmt: skip
     state = philox_seed.as_strided([want // 8], [1], 0).cpu().view(torch.uint8).clone()
+    if device.type != "cuda":
+        _check_mt19937(state)
     generator = torch.Generator(device=device)
     try:
         generator.set_state(state)

@@ -9,6 +9,7 @@ INVALID_ARGUMENT (never a crash); the composition's temporaries count against th
 from __future__ import annotations
 
 import importlib
+import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -200,6 +201,37 @@ def test_a_forged_philox_seed_is_invalid_and_the_real_one_gives_the_same_gradien
         s.sync()
     [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)  # the session keeps serving
     assert torch.equal(s.download(ok), torch.full((3,), 2.0))
+
+
+def _forged_state(left: int, nxt: int) -> torch.Tensor:
+    """A real mt19937 state (5056 bytes as 632 int64s) with its `left` and `next` words set."""
+    raw = bytearray(torch.Generator().manual_seed(1).get_state().numpy().tobytes())
+    struct.pack_into("<iiQ", raw, 8, left, 1, nxt)
+    return torch.frombuffer(raw, dtype=torch.int64).clone()
+
+
+def test_a_philox_seed_whose_draws_would_leave_the_mt19937_state_is_invalid(session: Session) -> None:
+    """torch's `set_state` takes left <= 624 and next <= 624, but a draw reads word `next++` until `--left` is 0:
+    left 624 with next 624 read 623 words past the state (the generator object's end, then the heap) into the
+    mask, whose bits the gradients show -- the same forged state gave other gradients from one call to the next.
+    Such a state is INVALID_ARGUMENT before any draw (`_check_mt19937`); states a generator reaches still run."""
+    s = session
+    q, k, v = (Handle(s.upload(t)) for t in _inputs())
+    fwd = s.call(FORWARD, q, k, v, None, 0.25, outputs=9)
+    out, lse, offset = Handle(fwd[0]), Handle(fwd[1]), Handle(fwd[7])
+    grad = Handle(s.upload(torch.linspace(-1, 1, 2 * 4 * 16 * 8).reshape(2, 4, 16, 8)))
+    args = [grad, q, k, v, None, [True, True, True, False], out, lse, None, None, 16, 12, 0.25, False, None, offset]
+    for left, nxt in [(624, 624), (624, 2), (2, 624), (1, 625), (625, 0), (0, 1), (624, (1 << 32) + 1)]:
+        [seed] = s.call("aten::select.int", Handle(s.upload(_forged_state(left, nxt))), 0, 0)
+        args[14] = Handle(seed)
+        s.call(BACKWARD, *args, outputs=3)
+        with pytest.raises(errors.InvalidArgument, match=f"mt19937 left {left}, next {nxt}"):
+            s.sync()
+    for left, nxt in [(1, 0), (624, 1), (1, 624), (300, 325)]:  # where a generator's own draws leave it
+        [seed] = s.call("aten::select.int", Handle(s.upload(_forged_state(left, nxt))), 0, 0)
+        args[14] = Handle(seed)
+        gq, _, _ = s.call(BACKWARD, *args, outputs=3)
+        assert s.download(Handle(gq)).shape == (2, 4, 16, 8)
 
 
 def test_the_dropout_composition_counts_against_the_quota(serve: Any) -> None:
