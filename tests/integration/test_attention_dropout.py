@@ -266,6 +266,37 @@ def test_the_dropout_composition_counts_against_the_quota(serve: Any) -> None:
         assert torch.equal(s.download(ok), torch.full((3,), 2.0))
 
 
+def test_float64_dropout_counts_its_8_byte_scores_against_the_quota(serve: Any) -> None:
+    """float64 computes the dropout composition's scores in 8-byte elements (34.6 bytes a score forward, 50.7
+    backward, measured), which the float32 figures (24, 40) left 1.4x and 1.3x unseen: in a 4 MiB session a
+    float64 forward at L = S = 360 (admitted 3.1 MiB, took 4.3 MiB) and a backward at 300 ran. Both are
+    RESOURCE_EXHAUSTED now, the session usable; float32 at 360 still runs."""
+    quota = 4 * 1024 * 1024
+    with Session.attach(serve.address, serve.token(tenant="attention-dropout-f64", quota_bytes=quota)) as s:
+        g = torch.Generator().manual_seed(5)
+
+        def qkv(n: int, dtype: torch.dtype) -> list[Handle]:
+            return [Handle(s.upload(torch.randn(1, 1, n, 8, generator=g, dtype=dtype))) for _ in range(3)]
+
+        s.call(FORWARD, *qkv(360, torch.float64), None, 0.1, outputs=9)
+        with pytest.raises(errors.ResourceExhausted, match="quota"):
+            s.sync()
+        s.call(FORWARD, *qkv(360, torch.float32), None, 0.1, outputs=9)
+        s.sync()
+        n = 300
+        q, k, v = qkv(n, torch.float64)
+        out, grad = (Handle(s.upload(torch.randn(1, 1, n, 8, generator=g, dtype=torch.float64))) for _ in range(2))
+        lse = Handle(s.upload(torch.zeros(1, 1, n)))
+        [seed] = s.call("aten::select.int", Handle(s.upload(_forged_state(1, 0))), 0, 0)
+        zero = Handle(s.upload(torch.zeros((), dtype=torch.long)))
+        s.call(BACKWARD, grad, q, k, v, None, [True, True, True, False], out, lse, None, None, n, n, 0.1, False,
+               Handle(seed), zero, outputs=3)  # fmt: skip
+        with pytest.raises(errors.ResourceExhausted, match="quota"):
+            s.sync()
+        [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
+        assert torch.equal(s.download(ok), torch.full((3,), 2.0))
+
+
 # ---- the C++ client (client/sdpa_choice.h is its choice too) ----
 
 _NATIVE = r"""
