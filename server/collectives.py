@@ -276,7 +276,7 @@ def _from_this_process(conn: socket.socket) -> bool:
                     return True
             except OSError:
                 continue
-    except Exception:  # noqa: BLE001 -- whatever fails, the connection is not known to be this process's
+    except Exception:  # whatever fails (a sandboxed worker's codecs, the tables' format): not known to be ours
         return False
     return False
 
