@@ -235,6 +235,35 @@ def test_a_philox_seed_whose_draws_would_leave_the_mt19937_state_is_invalid(sess
         assert s.download(Handle(gq)).shape == (2, 4, 16, 8)
 
 
+def test_sessions_sharing_a_process_neither_see_nor_move_each_others_dropout_stream(daemon_factory: Any) -> None:
+    """Under --isolation thread sessions share the process and its CPU generator. The fused forward's philox_seed
+    is the generator state its mask came from: each session's is its own stream's (its first 8 bytes: the seed it
+    set), and a neighbour's forwards between two of A's leave A's masks those of A alone (`_seeded` swaps states)."""
+    daemon = daemon_factory(fake_gpu_memory=64 * 1024 * 1024, isolation="thread")
+
+    def forward(s: Session, xs: list[Handle]) -> tuple[torch.Tensor, int]:
+        fwd = s.call(FORWARD, *xs, None, 0.5, outputs=9)
+        return s.download(Handle(fwd[0])), int(s.download(Handle(fwd[6])).item())
+
+    with (
+        Session.attach(daemon.address, daemon.token(tenant="a")) as a,
+        Session.attach(daemon.address, daemon.token(tenant="b")) as b,
+    ):
+        xa, xb = ([Handle(s.upload(t)) for t in _inputs()] for s in (a, b))
+        a.seed(11)
+        b.seed(22)
+        a1, seed_a = forward(a, xa)
+        outs_b = [forward(b, xb) for _ in range(3)]
+        a2, _ = forward(a, xa)
+    assert seed_a == 11 and {seed for _, seed in outs_b} == {22}
+    with Session.attach(daemon.address, daemon.token(tenant="alone")) as c:
+        xc = [Handle(c.upload(t)) for t in _inputs()]
+        c.seed(11)
+        c1, _ = forward(c, xc)
+        c2, _ = forward(c, xc)
+    assert torch.equal(a1, c1) and torch.equal(a2, c2) and not torch.equal(a1, a2)
+
+
 def test_the_dropout_composition_counts_against_the_quota(serve: Any) -> None:
     """Without dropout the CPU flash kernel holds no scores: L = S = 1024 fits a 4 MiB session; with dropout the
     composition's temporaries (24 bytes a score forward, 40 backward) are RESOURCE_EXHAUSTED before they run, the
