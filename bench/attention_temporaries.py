@@ -6,7 +6,7 @@ Each case runs in a fresh process per side (that checkout's python and gpupool),
 path): the CPU flash kernel with a one-element bool mask expanded to the scores' shape, with a key and value of one
 row expanded, with no mask, with a head size of 2^14 over 32 rows (the kernel's own per-thread blocks); the math
 composition (value head size 4, query's 8) forward and backward; the dropout composition (dropout_p 0.1) forward and
-backward ("-" where a checkout refuses the call: before round 23).
+backward ("-" where a checkout refuses the call: before round 23), and both in float64 (8-byte scores: round 24).
 
     python bench/attention_temporaries.py --against /work/wt/base --against-python /work/wt/base/.venv/bin/python
 """
@@ -30,6 +30,8 @@ CASES = (
     "math backward",
     "dropout forward",
     "dropout backward",
+    "dropout forward, float64",
+    "dropout backward, float64",
 )
 
 CHILD = """
@@ -40,7 +42,8 @@ torch.set_num_threads(1)
 case = sys.argv[1]
 L = S = 2048
 g = torch.Generator().manual_seed(0)
-q, k, v = (torch.randn(1, 1, n, 8, generator=g) for n in (L, S, S))
+dtype = torch.float64 if case.endswith("float64") else torch.float32
+q, k, v = (torch.randn(1, 1, n, 8, generator=g, dtype=dtype) for n in (L, S, S))
 bias = None
 if case == "flash, expanded bool mask":
     bias = torch.ones(1, 1, 1, 1, dtype=torch.bool).expand(1, 1, L, S)
@@ -54,9 +57,9 @@ elif case.startswith("math"):
 fwd = torch.ops.aten._scaled_dot_product_fused_attention_overrideable.default
 bwd = torch.ops.aten._scaled_dot_product_fused_attention_overrideable_backward.default
 p = 0.1 if case.startswith("dropout") else 0.0
-if case.endswith("backward"):
+if "backward" in case:
     e = v.shape[-1]
-    out, lse = torch.randn(1, 1, L, e, generator=g), torch.randn(1, 1, L, generator=g)
+    out, lse = torch.randn(1, 1, L, e, generator=g, dtype=dtype), torch.randn(1, 1, L, generator=g)
     seed = torch.get_rng_state().view(torch.int64)[0]  # a forward's philox_seed: the generator state it drew from
     args = [torch.randn_like(out), q, k, v, bias, [True, True, True, False], out, lse, None, None, L, S, p, False,
             seed, torch.zeros((), dtype=torch.long)]

@@ -415,6 +415,22 @@ def _state_bytes(device: torch.device) -> int:
 
 
 _CPU_STATE_BYTES = int(torch.Generator().get_state().numel())
+_MT_N = 624  # words of the mt19937 state (torch's MERSENNE_STATE_N)
+
+
+def _check_mt19937(state: Tensor) -> None:
+    """A CPU generator state (`CPUGeneratorImplState`'s bytes) whose draws stay inside its 624 words. torch's
+    `set_state` checks 1 <= left <= 624 and next <= 624 (next truncated to 32 bits) but each draw reads word
+    `next++` and regenerates only when `--left` reaches 0: a state of left 624 and next 624 read the 623 words past
+    the array -- the generator object's end and the heap after it -- into a forged `philox_seed`'s mask (round 24).
+    Every state a generator reaches has left + next = 625 (or 1 and 0 right after a seed)."""
+    head = state[:24].view(torch.int64).tolist()  # the_initial_seed, (left, seeded) as int32s, next
+    left = int(state[8:12].view(torch.int32).item())
+    seeded = int(state[12:16].view(torch.int32).item())
+    nxt = head[2]
+    if not (seeded and 1 <= left <= _MT_N and 0 <= nxt <= _MT_N and left + nxt <= _MT_N + 1):
+        raise InvalidArgument("fused attention backward: philox_seed holds no generator state a forward saved "
+                              f"(mt19937 left {left}, next {nxt})")  # fmt: skip
 
 
 def _dropout_forward(
@@ -443,6 +459,8 @@ def _saved_generator(philox_seed: Tensor, device: torch.device) -> torch.Generat
         raise InvalidArgument(f"fused attention backward: with dropout, philox_seed must be the forward's (a view of "
                               f"a {want}-byte generator state)")  # fmt: skip
     state = philox_seed.as_strided([want // 8], [1], 0).cpu().view(torch.uint8).clone()
+    if device.type != "cuda":
+        _check_mt19937(state)
     generator = torch.Generator(device=device)
     try:
         generator.set_state(state)
@@ -736,8 +754,15 @@ MATH_BACKWARD_BYTES = 56
 # The dropout composition's (`_dropout_forward`, `_dropout_backward`; measured the same way, dropout_p 0.1: 74.2 and
 # 122.8 MiB for 4 Mi scores, 18.6 and 30.7 bytes each): the forward's scores, softmax, bool mask and its products; the
 # backward's recomputation of them and the gradients of the scores.
+# float64 computes them in 8-byte elements (measured: 34.6 and 50.7 bytes a score), twice the float32 figures admitted
+# (round 24: 24 and 40 admitted let a float64 call take 1.4x and 1.3x of them unseen); low precision runs in float32.
 DROPOUT_FORWARD_BYTES = 24
 DROPOUT_BACKWARD_BYTES = 40
+
+
+def _dropout_bytes(q: Any, per_score: int) -> int:
+    """`per_score` of the dropout composition for the dtype it computes in (float64: twice float32's)."""
+    return 2 * per_score if isinstance(q, Tensor) and q.dtype == torch.float64 else per_score
 
 
 def _temporaries(
@@ -805,7 +830,8 @@ def forward_bytes(args: Args, kwargs: Kwargs, device: torch.device | None = None
     q, k, v, bias = (arg(args, kwargs, i, n) for i, n in ((0, "query"), (1, "key"), (2, "value"), (3, "attn_bias")))
     if _drops(FORWARD, args, kwargs) and isinstance(q, Tensor):  # v None: a composition; and the generator's state
         state = _state_bytes(device if device is not None else q.device)
-        return _temporaries([q, k, v], q, k, None, bias, DROPOUT_FORWARD_BYTES, device=device) + 2 * state
+        per_score = _dropout_bytes(q, DROPOUT_FORWARD_BYTES)
+        return _temporaries([q, k, v], q, k, None, bias, per_score, device=device) + 2 * state
     return _temporaries([q, k, v], q, k, v, bias, MATH_FORWARD_BYTES, device=device)
 
 
@@ -816,7 +842,8 @@ def backward_bytes(args: Args, kwargs: Kwargs, device: torch.device | None = Non
     if _drops(BACKWARD, args, kwargs):  # the dropout composition (and a copy of the forward's generator state)
         dev = device if device is not None else q.device if isinstance(q, Tensor) else torch.device("cpu")
         extra = 2 * _state_bytes(dev)
-        return _temporaries([grad, q, k, v, out, lse], q, k, None, bias, DROPOUT_BACKWARD_BYTES, None, device) + extra
+        per_score = _dropout_bytes(q, DROPOUT_BACKWARD_BYTES)
+        return _temporaries([grad, q, k, v, out, lse], q, k, None, bias, per_score, None, device) + extra
     if isinstance(mask, list | tuple) and len(mask) == 4 and mask[3] and isinstance(bias, Tensor):
         v_used = None  # None: the math composition whatever the device
     else:

@@ -28,9 +28,11 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import os
 import queue
 import selectors
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -176,8 +178,11 @@ class _Relay:
     waits for the store's answers without its timeout (2.13: its constructor's handshake, and each call after)
     and cannot be interrupted from Python, so a store address that accepts and never answers held the join's
     thread and socket for the daemon's life (round 22); the relay's close is an end of stream the client sees.
-    No protocol is read here: bytes only. It accepts one connection (from this process's TCPStore client) and
-    then listens no more."""
+    No protocol is read here: bytes only. It accepts one connection, from this process's TCPStore client, and
+    then listens no more: a connection from any other process on the host (a client on the same machine, another
+    session's worker with a network token) is closed unread (`_from_this_process`; round 23 forwarded the first
+    connection to arrive, whoever made it: store traffic on this join's connection, and the join's own client
+    refused)."""
 
     def __init__(self, upstream: socket.socket, stop: threading.Event) -> None:
         self.upstream, self.stop = upstream, stop
@@ -185,7 +190,7 @@ class _Relay:
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             self.listener.bind(("127.0.0.1", 0))
-            self.listener.listen(1)
+            self.listener.listen(8)
         except OSError:
             self.listener.close()
             raise
@@ -207,6 +212,9 @@ class _Relay:
                     client, _ = self.listener.accept()
                 except TimeoutError:
                     continue
+                if not _from_this_process(client):
+                    client.close()
+                    client = None
             self.listener.close()
             ends = {client: self.upstream, self.upstream: client}
             for sock in ends:
@@ -227,6 +235,50 @@ class _Relay:
                 if end is not None:
                     end.close()
             self.done.set()
+
+
+def _proc_address(field: bytes) -> tuple[str, int]:
+    """An address of /proc/net/tcp or tcp6 ("0100007F:1F90": the address's 32-bit words in host order, the port)
+    as (IP, port), an IPv4-mapped IPv6 address as its IPv4 one (torch's TCPStore client dials IPv6 sockets)."""
+    hexaddr, port = field.split(b":")
+    raw = b"".join(int(hexaddr[i : i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(hexaddr), 8))
+    ip = ipaddress.ip_address(raw)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip), int(port, 16)
+
+
+def _from_this_process(conn: socket.socket) -> bool:
+    """Whether the other end of `conn` (a connection accepted on loopback) is a socket this process holds: the
+    kernel's tables of TCP sockets (/proc/net/tcp, tcp6) name the socket whose local address is `conn`'s peer and
+    whose remote one is `conn`'s own, by inode; this process holds it when one of its descriptors is that socket.
+    Anything unreadable is False (the join then fails at its deadline: never a stranger's bytes)."""
+    try:
+        peer, own = conn.getpeername(), conn.getsockname()
+        want = ((peer[0], peer[1]), (own[0], own[1]))
+        inode = ""
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table, "rb") as rows:  # bytes: a sandboxed worker cannot import a codec module
+                next(rows, None)  # the header
+                for line in rows:
+                    fields = line.split()
+                    if len(fields) > 9 and (_proc_address(fields[1]), _proc_address(fields[2])) == want:
+                        inode = fields[9].decode()
+                        break
+            if inode:
+                break
+        if not inode or inode == "0":
+            return False
+        target = f"socket:[{inode}]"
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") == target:
+                    return True
+            except OSError:
+                continue
+    except Exception:  # whatever fails (a sandboxed worker's codecs, the tables' format): not known to be ours
+        return False
+    return False
 
 
 def _send_until(sock: socket.socket, data: bytes, over: Callable[[], bool]) -> None:

@@ -352,7 +352,7 @@ def _run_traced(host: Host, s: WorkerSession, g: Graph, slots: list[Any]) -> Non
     dry = graph_trace.dry_inputs(g, slots)
     # A fused attention call's composition decides layouts: then this run is the Python replay, whose real layouts
     # the trace must meet on its meta tensors (some meta kernels lay outputs out otherwise); traced from the next.
-    real = graph_trace.replay_recording(host, g, slots, execute) if graph_trace.composes(g) else None
+    real = graph_trace.replay_recording(host, s, g, slots, execute) if graph_trace.composes(g) else None
     g.traced = graph_trace.trace(host, s, g, dry, execute, real)
     g.trace_refused = g.traced is None  # one attempt: a refusal keeps the Python replay from now on
     if g.traced is not None:

@@ -267,9 +267,11 @@ def _composition(name: str) -> Any:
     return attention.forward if name == attention.FORWARD else attention.backward
 
 
-def replay_recording(host: Host, g: Graph, slots: list[Any], execute: Any) -> dict[int, list[Any]]:
+def replay_recording(host: Host, s: Any, g: Graph, slots: list[Any], execute: Any) -> dict[int, list[Any]]:
     """Run the step as the Python replay does (`execute`), each fused attention call's composition recording the
-    layouts of its arguments and of each aten call's result (by call index), for `trace`."""
+    layouts of its arguments and of each aten call's result (by call index), for `trace`. A call that draws (the
+    dropout forward) draws as the replay's does, on the session's stream (`host._seeded`; round 23 called the
+    composition bare: after a new seed it drew from where the device's generator was, not from the seed)."""
     seen: dict[int, list[Any]] = {}
     plan = list(g.plan)
     for i, c in enumerate(g.calls):
@@ -284,6 +286,12 @@ def replay_recording(host: Host, g: Graph, slots: list[Any], execute: Any) -> di
 
         step = list(plan[i])
         step[1] = call
+        if c.seeded:
+
+            def seeded(*a: Any, _call: Any = call, **k: Any) -> Any:
+                return host._seeded(s, _call, list(a), k)
+
+            step[1] = seeded
         plan[i] = tuple(step)
     real, g.plan = g.plan, plan
     try:

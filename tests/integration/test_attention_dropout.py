@@ -9,6 +9,7 @@ INVALID_ARGUMENT (never a crash); the composition's temporaries count against th
 from __future__ import annotations
 
 import importlib
+import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -86,7 +87,7 @@ def test_a_dropout_call_is_one_fused_op_with_the_math_paths_bits(
 
 def _encoder_run(dev: torch.device, captured: bool, steps: int) -> tuple[list[float], torch.Tensor, int, Any]:
     """(losses, the next torch.rand on the device, fused ops in the first step, the step) of launch_bound's encoder
-    (attention dropout 0.1) trained with Adam from torch.manual_seed(1), seeded again before steps 4 and 7."""
+    (attention dropout 0.1) trained with Adam from torch.manual_seed(1), seeded again before steps 4, 5 and 7."""
     sys.path.insert(0, str(ROOT / "bench"))
     from launch_bound import adam, training_step, workload
 
@@ -105,7 +106,8 @@ def _encoder_run(dev: torch.device, captured: bool, steps: int) -> tuple[list[fl
                 losses.append(fn(x.to(dev), y.to(dev)))
             fused = log.ops.count(FUSED)
         else:
-            if i in (3, 6):  # a new seed before the first replay (the Python one) and a traced one: its first draw
+            if i in (3, 4, 6):  # a new seed before the first replay, the second (the Python one that records the
+                # layouts: round 23 drew it from the old stream) and a traced one: its first draw
                 torch.manual_seed(i)  # (the attention's) starts the new stream
             losses.append(fn(x.to(dev), y.to(dev)))
     after = torch.rand(32, device=dev).cpu()
@@ -202,6 +204,66 @@ def test_a_forged_philox_seed_is_invalid_and_the_real_one_gives_the_same_gradien
     assert torch.equal(s.download(ok), torch.full((3,), 2.0))
 
 
+def _forged_state(left: int, nxt: int) -> torch.Tensor:
+    """A real mt19937 state (5056 bytes as 632 int64s) with its `left` and `next` words set."""
+    raw = bytearray(torch.Generator().manual_seed(1).get_state().numpy().tobytes())
+    struct.pack_into("<iiQ", raw, 8, left, 1, nxt)
+    return torch.frombuffer(raw, dtype=torch.int64).clone()
+
+
+def test_a_philox_seed_whose_draws_would_leave_the_mt19937_state_is_invalid(session: Session) -> None:
+    """torch's `set_state` takes left <= 624 and next <= 624, but a draw reads word `next++` until `--left` is 0:
+    left 624 with next 624 read 623 words past the state (the generator object's end, then the heap) into the
+    mask, whose bits the gradients show -- the same forged state gave other gradients from one call to the next.
+    Such a state is INVALID_ARGUMENT before any draw (`_check_mt19937`); states a generator reaches still run."""
+    s = session
+    q, k, v = (Handle(s.upload(t)) for t in _inputs())
+    fwd = s.call(FORWARD, q, k, v, None, 0.25, outputs=9)
+    out, lse, offset = Handle(fwd[0]), Handle(fwd[1]), Handle(fwd[7])
+    grad = Handle(s.upload(torch.linspace(-1, 1, 2 * 4 * 16 * 8).reshape(2, 4, 16, 8)))
+    args = [grad, q, k, v, None, [True, True, True, False], out, lse, None, None, 16, 12, 0.25, False, None, offset]
+    for left, nxt in [(624, 624), (624, 2), (2, 624), (1, 625), (625, 0), (0, 1), (624, (1 << 32) + 1)]:
+        [seed] = s.call("aten::select.int", Handle(s.upload(_forged_state(left, nxt))), 0, 0)
+        args[14] = Handle(seed)
+        s.call(BACKWARD, *args, outputs=3)
+        with pytest.raises(errors.InvalidArgument, match=f"mt19937 left {left}, next {nxt}"):
+            s.sync()
+    for left, nxt in [(1, 0), (624, 1), (1, 624), (300, 325)]:  # where a generator's own draws leave it
+        [seed] = s.call("aten::select.int", Handle(s.upload(_forged_state(left, nxt))), 0, 0)
+        args[14] = Handle(seed)
+        gq, _, _ = s.call(BACKWARD, *args, outputs=3)
+        assert s.download(Handle(gq)).shape == (2, 4, 16, 8)
+
+
+def test_sessions_sharing_a_process_neither_see_nor_move_each_others_dropout_stream(daemon_factory: Any) -> None:
+    """Under --isolation thread sessions share the process and its CPU generator. The fused forward's philox_seed
+    is the generator state its mask came from: each session's is its own stream's (its first 8 bytes: the seed it
+    set), and a neighbour's forwards between two of A's leave A's masks those of A alone (`_seeded` swaps states)."""
+    daemon = daemon_factory(fake_gpu_memory=64 * 1024 * 1024, isolation="thread")
+
+    def forward(s: Session, xs: list[Handle]) -> tuple[torch.Tensor, int]:
+        fwd = s.call(FORWARD, *xs, None, 0.5, outputs=9)
+        return s.download(Handle(fwd[0])), int(s.download(Handle(fwd[6])).item())
+
+    with (
+        Session.attach(daemon.address, daemon.token(tenant="a")) as a,
+        Session.attach(daemon.address, daemon.token(tenant="b")) as b,
+    ):
+        xa, xb = ([Handle(s.upload(t)) for t in _inputs()] for s in (a, b))
+        a.seed(11)
+        b.seed(22)
+        a1, seed_a = forward(a, xa)
+        outs_b = [forward(b, xb) for _ in range(3)]
+        a2, _ = forward(a, xa)
+    assert seed_a == 11 and {seed for _, seed in outs_b} == {22}
+    with Session.attach(daemon.address, daemon.token(tenant="alone")) as c:
+        xc = [Handle(c.upload(t)) for t in _inputs()]
+        c.seed(11)
+        c1, _ = forward(c, xc)
+        c2, _ = forward(c, xc)
+    assert torch.equal(a1, c1) and torch.equal(a2, c2) and not torch.equal(a1, a2)
+
+
 def test_the_dropout_composition_counts_against_the_quota(serve: Any) -> None:
     """Without dropout the CPU flash kernel holds no scores: L = S = 1024 fits a 4 MiB session; with dropout the
     composition's temporaries (24 bytes a score forward, 40 backward) are RESOURCE_EXHAUSTED before they run, the
@@ -230,6 +292,37 @@ def test_the_dropout_composition_counts_against_the_quota(serve: Any) -> None:
             s.sync()
         gq, _, _ = s.call(BACKWARD, *forward(256, 0.1), outputs=3)
         assert s.download(Handle(gq)).shape == (1, 1, 256, 8)
+        [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
+        assert torch.equal(s.download(ok), torch.full((3,), 2.0))
+
+
+def test_float64_dropout_counts_its_8_byte_scores_against_the_quota(serve: Any) -> None:
+    """float64 computes the dropout composition's scores in 8-byte elements (34.6 bytes a score forward, 50.7
+    backward, measured), which the float32 figures (24, 40) left 1.4x and 1.3x unseen: in a 4 MiB session a
+    float64 forward at L = S = 360 (admitted 3.1 MiB, took 4.3 MiB) and a backward at 300 ran. Both are
+    RESOURCE_EXHAUSTED now, the session usable; float32 at 360 still runs."""
+    quota = 4 * 1024 * 1024
+    with Session.attach(serve.address, serve.token(tenant="attention-dropout-f64", quota_bytes=quota)) as s:
+        g = torch.Generator().manual_seed(5)
+
+        def qkv(n: int, dtype: torch.dtype) -> list[Handle]:
+            return [Handle(s.upload(torch.randn(1, 1, n, 8, generator=g, dtype=dtype))) for _ in range(3)]
+
+        s.call(FORWARD, *qkv(360, torch.float64), None, 0.1, outputs=9)
+        with pytest.raises(errors.ResourceExhausted, match="quota"):
+            s.sync()
+        s.call(FORWARD, *qkv(360, torch.float32), None, 0.1, outputs=9)
+        s.sync()
+        n = 300
+        q, k, v = qkv(n, torch.float64)
+        out, grad = (Handle(s.upload(torch.randn(1, 1, n, 8, generator=g, dtype=torch.float64))) for _ in range(2))
+        lse = Handle(s.upload(torch.zeros(1, 1, n)))
+        [seed] = s.call("aten::select.int", Handle(s.upload(_forged_state(1, 0))), 0, 0)
+        zero = Handle(s.upload(torch.zeros((), dtype=torch.long)))
+        s.call(BACKWARD, grad, q, k, v, None, [True, True, True, False], out, lse, None, None, n, n, 0.1, False,
+               Handle(seed), zero, outputs=3)  # fmt: skip
+        with pytest.raises(errors.ResourceExhausted, match="quota"):
+            s.sync()
         [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
         assert torch.equal(s.download(ok), torch.full((3,), 2.0))
 

@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import pytest
 import torch.distributed as dist
-from gpupool.server.collectives import _connect_store, _peer_address, _resolve_store
+from gpupool.server.collectives import _connect_store, _peer_address, _Relay, _resolve_store
 
 from gpupool.errors import InvalidArgument, PermissionDenied
 
@@ -76,3 +76,42 @@ def test_a_name_of_many_black_holed_addresses_gives_up_with_the_session() -> Non
             f.close()
         full.close()
     assert took < 3.0, f"the join gave up {took:.1f} s after it began (its session closed at 1 s)"
+
+
+_STRANGER = """
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+s.sendall(b"INJECTED")
+s.settimeout(3)
+try:
+    got = s.recv(100)
+except TimeoutError:
+    got = b"-"
+print("closed" if got == b"" else "open")
+"""
+
+
+def test_the_relay_forwards_only_this_processs_connection() -> None:
+    """The join's loopback relay (`_Relay`) listens on 127.0.0.1, where any process of the host can connect: round
+    23 forwarded the first connection to arrive, so another process that reached the port before the join's own
+    TCPStore client spoke to the group's store on the daemon's connection (and the join's client was refused).
+    Now a connection whose other end this process does not hold is closed unread (`_from_this_process`), and the
+    relay waits for its own client. A real store behind the relay, a real second process as the stranger."""
+    import subprocess
+    import sys
+
+    master = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    upstream = socket.create_connection(("127.0.0.1", master.port), timeout=5)
+    stop = threading.Event()
+    relay = _Relay(upstream, stop)
+    try:
+        stranger = subprocess.run([sys.executable, "-c", _STRANGER, str(relay.port)], capture_output=True,
+                                  text=True, timeout=60, check=True)  # fmt: skip
+        assert stranger.stdout.strip() == "closed"  # its connection closed, nothing forwarded
+        store = dist.TCPStore("127.0.0.1", relay.port, 2, is_master=False, timeout=timedelta(seconds=10))
+        store.set("k", "v")  # the relay's own client still reaches the store
+        assert master.get("k") == b"v"
+        assert master.num_keys() == 1 + 1  # "k" and the store's own counter key of the join: no stranger's
+    finally:
+        stop.set()
+        assert relay.done.wait(5)
