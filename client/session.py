@@ -271,6 +271,9 @@ class Session:
         self.device: device_pb2.DeviceInfo = reply.device
         self.quota_bytes: int = reply.quota_bytes
         self.share: float = reply.share
+        # What the daemon supports beyond every daemon (gpupool/protocol.py FEATURES; none from a daemon before
+        # round 24): the clients' choice of scaled_dot_product_attention's backend reads it (sdpa_dropout)
+        self.features: frozenset[str] = frozenset(reply.features)
         self._channel = channel
         self._stub = device_pb2_grpc.DeviceStub(channel)
         self._handles = itertools.count(1)
