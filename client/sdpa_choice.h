@@ -43,7 +43,8 @@ inline int64_t sdp_choice(bool fused, bool dropout, const at::Tensor& q, const a
   if (q.stride(3) != 1 || k.stride(3) != 1 || v.stride(3) != 1) return math;
   if (mask.has_value() && mask->defined()) {
     const at::Tensor& m = *mask;
-    if (is_causal || m.requires_grad() || m.is_nested() || m.dim() > 4) return math;
+    // (a 0-D or 1-D mask: the daemon takes 2 to 4 dims, as local CPU's flash kernel does; the math path takes any)
+    if (is_causal || m.requires_grad() || m.is_nested() || m.dim() < 2 || m.dim() > 4) return math;
     if (m.scalar_type() != at::kBool && m.scalar_type() != dt) return math;
     const int64_t scores[4] = {b, h, l, s};
     for (int64_t i = 1; i <= m.dim(); i++) {

@@ -448,6 +448,30 @@ def test_torchs_opinfo_dropout_samples_equal_the_math_path_bit_for_bit(dev: torc
     assert samples >= 4 and fused >= 2
 
 
+@pytest.mark.parametrize("dims", [0, 1])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_a_mask_of_fewer_than_2_dims_takes_the_math_path(
+    dev: torch.device, fused_on: Any, dims: int, dropout_p: float
+) -> None:
+    """A 0-D or 1-D attn_mask broadcasts to the scores in torch's math path (local CPU takes it with dropout), but
+    the daemon's fused op takes 2 to 4 dims (server/attention.py): until round 24 the clients sent it fused and the
+    daemon refused it (INVALID_ARGUMENT "does not broadcast"). It takes the math path now, with the bits of the math
+    path on gpupool (GPUPOOL_FUSED_SDPA=0) and local math's values."""
+    tensors = inputs()
+    for mask in (torch.randn((12,)[:dims], generator=torch.Generator().manual_seed(2)), torch.ones((12,)[:dims]) > 0):
+        call = ([*(t.requires_grad_() for t in tensors)], {"attn_mask": mask, "dropout_p": dropout_p})
+        took, got = _seeded_sdpa(dev, 9, *call)
+        fused_on(False)
+        _, want = _seeded_sdpa(dev, 9, *call)
+        fused_on(True)
+        assert not took
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+        if dropout_p == 0:
+            local = torch.ops.aten._scaled_dot_product_attention_math(*(t.detach() for t in tensors), mask)[0]
+            assert_close(got[0], local)
+
+
 def test_expanded_inputs_are_read_as_their_values(session: Session) -> None:
     """A client's expanded (stride 0) query, key, value and logsumexp: the daemon's kernels get dense copies (no kernel
     walks a one-element storage by the view's sizes), and the results are local's for the same values."""
