@@ -393,18 +393,6 @@ def test_torchs_opinfo_samples_equal_local_cpu(dev: torch.device) -> None:
     assert samples >= 20 and 0 < fused < samples
 
 
-@pytest.fixture
-def fused_on() -> Iterator[Any]:
-    """`set(on)`: the native guard's switch of SDPA's fused backend (GPUPOOL_FUSED_SDPA), on to begin with."""
-    from gpupool.client.torch import native
-
-    before = native.set_fused_attention(True)
-    if not before and not native.set_fused_attention(True):
-        pytest.skip("no native guard: SDPA always takes the math path")
-    yield native.set_fused_attention
-    native.set_fused_attention(before)
-
-
 def _seeded_sdpa(dev: torch.device, seed: int, args: list[Any], kwargs: dict[str, Any]) -> tuple[bool, list[Any]]:
     """(whether the fused op ran, [output, grads of the inputs that need one, the next torch.rand]) of SDPA on
     `dev` from torch.manual_seed(seed), all on the CPU."""

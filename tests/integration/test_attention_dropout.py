@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gpupool.client.session import Handle, Session
-from gpupool.client.torch import native
 from shim_fixtures import ServeProcess, start_daemon
 from support import stop_process
 from test_attention import FUSED, OpLog
@@ -32,16 +31,6 @@ gt_capture = importlib.import_module("gpupool.client.torch.capture")  # the modu
 ROOT = Path(__file__).resolve().parents[2]
 FORWARD = "aten::_scaled_dot_product_fused_attention_overrideable.default"
 BACKWARD = "aten::_scaled_dot_product_fused_attention_overrideable_backward.default"
-
-
-@pytest.fixture
-def fused_switch() -> Iterator[Any]:
-    """`set(on)`: whether SDPA takes the fused op (the native guard's switch, as GPUPOOL_FUSED_SDPA sets it)."""
-    before = native.set_fused_attention(True)
-    if not before and not native.set_fused_attention(True):
-        pytest.skip("no native guard: SDPA always takes the math path")
-    yield native.set_fused_attention
-    native.set_fused_attention(before)
 
 
 def _sdpa_bits(dev: torch.device, dtype: torch.dtype, mask: str, causal: bool, scale: Any) -> list[torch.Tensor]:
@@ -75,11 +64,11 @@ def _sdpa_bits(dev: torch.device, dtype: torch.dtype, mask: str, causal: bool, s
     ],
 )
 def test_a_dropout_call_is_one_fused_op_with_the_math_paths_bits(
-    dev: torch.device, fused_switch: Any, dtype: torch.dtype, mask: str, causal: bool, scale: Any
+    dev: torch.device, fused_on: Any, dtype: torch.dtype, mask: str, causal: bool, scale: Any
 ) -> None:
-    fused_switch(True)
+    fused_on(True)
     fused = _sdpa_bits(dev, dtype, mask, causal, scale)
-    fused_switch(False)
+    fused_on(False)
     math = _sdpa_bits(dev, dtype, mask, causal, scale)
     assert fused[-1].item() == 1 and math[-1].item() == 0  # one fused op; the math path sends none
     for what, a, b in zip(("out", "grad q", "grad k", "grad v", "next rand"), fused, math, strict=False):
@@ -121,7 +110,7 @@ def _traced(serve: Any) -> list[str]:
 @pytest.mark.parametrize("captured, in_graphs", [(False, False), (True, False), (True, True)],
                          ids=["eager", "captured", "captured-fused"])  # fmt: skip
 def test_an_encoder_with_attention_dropout_trains_to_the_math_paths_bits(
-    serve: Any, dev: torch.device, fused_switch: Any, captured: bool, in_graphs: bool, monkeypatch: Any
+    serve: Any, dev: torch.device, fused_on: Any, captured: bool, in_graphs: bool, monkeypatch: Any
 ) -> None:
     """launch_bound's `encoder` (dropout 0.1 in attention too), 8 steps of Adam: the same losses, bit for bit, and the
     same next random numbers with the fused op as with the math path. Captured, the recorded step takes the math path
@@ -131,14 +120,14 @@ def test_an_encoder_with_attention_dropout_trains_to_the_math_paths_bits(
     from its second replay and every replay draws fresh numbers (8 different losses)."""
     monkeypatch.setattr(gt_capture, "FUSED_DROPOUT_IN_GRAPHS", in_graphs)
     steps = 8
-    fused_switch(True)
+    fused_on(True)
     traced = _traced(serve)
     losses, after, fused_ops, fn = _encoder_run(dev, captured, steps)
     deadline = time.monotonic() + 10  # the daemon's log line comes through its output pipe
     while captured and len(_traced(serve)) == len(traced) and time.monotonic() < deadline:
         time.sleep(0.05)
     lines = _traced(serve)
-    fused_switch(False)
+    fused_on(False)
     want, want_after, math_ops, _ = _encoder_run(dev, captured, steps)
     assert fused_ops == 2 and math_ops == 0  # a fused forward per layer in the (eager) first step
     assert losses == want
@@ -179,9 +168,7 @@ def test_attach_names_the_daemons_features_and_a_withheld_one_is_refused(serve: 
             s.sync()
 
 
-def test_against_a_daemon_without_fused_dropout_training_takes_the_math_path(
-    old_daemon: Any, fused_switch: Any
-) -> None:
+def test_against_a_daemon_without_fused_dropout_training_takes_the_math_path(old_daemon: Any, fused_on: Any) -> None:
     """A client of round 23 sent attention with dropout to any daemon as the fused op, which a daemon from before round
     23 refuses (INVALID_ARGUMENT, "dropout_p must be 0"; the only way out was GPUPOOL_FUSED_SDPA=0). Now the client
     reads AttachReply.features: against a daemon without "sdpa_dropout" the encoder (attention dropout 0.1) trains on
@@ -189,12 +176,12 @@ def test_against_a_daemon_without_fused_dropout_training_takes_the_math_path(
     still takes the fused op there."""
     dev = gt.attach(old_daemon.address, old_daemon.token(tenant="old-daemon"))
     try:
-        fused_switch(True)
+        fused_on(True)
         losses, after, fused_ops, _ = _encoder_run(dev, captured=False, steps=3)
         q, k, v = (t.to(dev) for t in _inputs())
         with OpLog() as log:
             F.scaled_dot_product_attention(q, k, v).cpu()
-        fused_switch(False)
+        fused_on(False)
         want, want_after, _, _ = _encoder_run(dev, captured=False, steps=3)
     finally:
         gt.detach_all()
