@@ -26,9 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gpupool import duplex, pki, protocol, tls  # noqa: E402
+from gpupool import duplex, pki, protocol, tls
 
 MiB = 1024**2
 CHUNK = 4 * MiB
