@@ -8,8 +8,11 @@ session id, and the daemon's answer. Where the port is absent (an old daemon, or
 before; an unreachable port is said once per daemon address in a log line.
 
 `BulkSocket.send_upload` writes a chunk's header and bytes from the tensor's memory (no copy);
-`BulkSocket.recv_download` reads a chunk straight into the download's tensor. A lock keeps uploads (the user's
-thread) and downloads (the session's reader) from using the TLS connection at once.
+`BulkSocket.recv_download` reads a chunk straight into the download's tensor. Uploads (a user's thread) and
+downloads (the thread reading the session's replies) share the TLS connection through gpupool/duplex.py: the
+socket is non-blocking and a lock is held for one call at a time, never while waiting, so an upload and a download
+of one session from two threads move at once (round 24: a lock held across `sendall` deadlocked them into the
+daemon's `IO_TIMEOUT`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import ssl
 import struct
 import threading
 
-from gpupool import protocol, tls
+from gpupool import duplex, protocol, tls
 from gpupool.config import split_address
 from gpupool.errors import InvalidArgument, Unavailable
 
@@ -40,34 +43,29 @@ class BulkSocket:
         self.lock = threading.Lock()
 
     def send_upload(self, handle: int, offset: int, data: memoryview) -> None:
-        with self.lock:
-            try:
-                self.sock.sendall(protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, handle, offset, len(data)))
-                self.sock.sendall(data)
-            except (OSError, ValueError) as exc:
-                raise Unavailable(f"bulk socket: sending an upload failed: {exc}") from None
+        head = protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, handle, offset, len(data))
+        try:  # (the header and its bytes go together: one upload at a time, the session's lock)
+            duplex.send_all(self.sock, self.lock, [head, data], IO_TIMEOUT)
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"bulk socket: sending an upload failed: {exc}") from None
 
     def recv_download(self, request_id: int, offset: int, into: memoryview) -> None:
         """Read a download chunk's header (it must be the one the stream announced) and its bytes into `into`."""
-        with self.lock:
-            head = bytearray(protocol.BULK_HEAD.size)
-            self._recv_into(memoryview(head))
-            got = protocol.BULK_HEAD.unpack(head)
-            want = (protocol.BULK_DOWNLOAD, request_id, offset, len(into))
-            if got != want:
-                raise InvalidArgument(f"bulk socket: expected download chunk {want}, got {got}")
-            self._recv_into(into)
+        head = bytearray(protocol.BULK_HEAD.size)
+        self._recv_into(memoryview(head))
+        got = protocol.BULK_HEAD.unpack(head)
+        want = (protocol.BULK_DOWNLOAD, request_id, offset, len(into))
+        if got != want:
+            raise InvalidArgument(f"bulk socket: expected download chunk {want}, got {got}")
+        self._recv_into(into)
 
     def _recv_into(self, view: memoryview) -> None:
-        got = 0
         try:
-            while got < len(view):
-                k = self.sock.recv_into(view[got:], len(view) - got)
-                if k == 0:
-                    raise Unavailable("bulk socket closed by the daemon")
-                got += k
+            got = duplex.recv_into(self.sock, self.lock, view, IO_TIMEOUT)
         except (OSError, ValueError) as exc:
             raise Unavailable(f"bulk socket: receiving a download failed: {exc}") from None
+        if got < len(view):
+            raise Unavailable("bulk socket closed by the daemon")
 
     def close(self) -> None:
         try:
@@ -97,7 +95,7 @@ def connect(address: str, port: int, session_id: str, server_name: str = "") -> 
         if answer != protocol.BULK_OK:
             (n,) = struct.unpack("<H", protocol.recv_exact(sock, 2, _CLOSED))
             raise ValueError(protocol.recv_exact(sock, n, _CLOSED).decode(errors="replace"))
-        sock.settimeout(IO_TIMEOUT)
+        sock.setblocking(False)  # gpupool/duplex.py waits (IO_TIMEOUT) with the lock released
         return BulkSocket(sock)
     except (OSError, ssl.SSLError, ValueError, InvalidArgument) as exc:
         if sock is not None:

@@ -22,14 +22,16 @@
 
 namespace gpupool_sdpa {
 
-// `fused`: the caller's switch (off: always the math path).
-inline int64_t sdp_choice(bool fused, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+// `fused`: the caller's switch (off: always the math path). `dropout`: whether the daemon of q's device serves the
+// fused op with dropout (AttachReply.features names "sdpa_dropout"; a daemon from before round 24 names nothing, and
+// one from before round 23 refuses dropout_p other than 0): without it a call with dropout takes the math path.
+inline int64_t sdp_choice(bool fused, bool dropout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
                           bool enable_gqa) {
   const int64_t math = static_cast<int64_t>(at::SDPBackend::math);
   // dropout_p in (0, 1): the daemon's dropout composition draws the math path's `native_dropout` numbers from the
   // session's seeded stream (server/attention.py); 1 (or out of range) keeps the math path, which handles it.
-  if (!fused || !(dropout_p >= 0.0 && dropout_p < 1.0) || enable_gqa) return math;
+  if (!fused || !(dropout_p >= 0.0 && dropout_p < 1.0) || (dropout_p != 0.0 && !dropout) || enable_gqa) return math;
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || q.is_nested() || k.is_nested() || v.is_nested()) return math;
   const auto dt = q.scalar_type();
   if (dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16 && dt != at::kDouble) return math;
@@ -41,7 +43,8 @@ inline int64_t sdp_choice(bool fused, const at::Tensor& q, const at::Tensor& k, 
   if (q.stride(3) != 1 || k.stride(3) != 1 || v.stride(3) != 1) return math;
   if (mask.has_value() && mask->defined()) {
     const at::Tensor& m = *mask;
-    if (is_causal || m.requires_grad() || m.is_nested() || m.dim() > 4) return math;
+    // (a 0-D or 1-D mask: the daemon takes 2 to 4 dims, as local CPU's flash kernel does; the math path takes any)
+    if (is_causal || m.requires_grad() || m.is_nested() || m.dim() < 2 || m.dim() > 4) return math;
     if (m.scalar_type() != at::kBool && m.scalar_type() != dt) return math;
     const int64_t scores[4] = {b, h, l, s};
     for (int64_t i = 1; i <= m.dim(); i++) {

@@ -5,7 +5,10 @@ Commands accumulate client-side and travel as one ClientFrame per ~256 commands 
 point (sync, download, flush). Only Sync and Get are answered, and the thread that waits for an answer reads
 it off the stream itself (no reader thread to hand it over: one thread wake-up less per round trip); the
 stream's end fails every waiter with its reason, and gRPC's keepalive ends the stream of a lost daemon within
-seconds, so a wait never hangs. Safe for one user thread (plus helpers that only send, like capture's timer).
+seconds, so a wait never hangs. Several user threads may use one session (since round 23 the shim lets other
+threads work while one records a step): commands are queued under one lock in the order their threads queue
+them, whoever waits reads the replies for every waiter (one thread at a time), and the bulk side socket's upload
+and download directions move at once (gpupool/duplex.py; before round 24 they could deadlock).
 """
 
 from __future__ import annotations
@@ -271,6 +274,9 @@ class Session:
         self.device: device_pb2.DeviceInfo = reply.device
         self.quota_bytes: int = reply.quota_bytes
         self.share: float = reply.share
+        # What the daemon supports beyond every daemon (gpupool/protocol.py FEATURES; none from a daemon before
+        # round 24): the clients' choice of scaled_dot_product_attention's backend reads it (sdpa_dropout)
+        self.features: frozenset[str] = frozenset(reply.features)
         self._channel = channel
         self._stub = device_pb2_grpc.DeviceStub(channel)
         self._handles = itertools.count(1)

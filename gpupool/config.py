@@ -139,6 +139,22 @@ def fused_sdpa(environ: Any = None) -> bool:
     return value == "1"
 
 
+def withheld_features(environ: Any = None) -> frozenset[str]:
+    """$GPUPOOL_WITHHOLD_FEATURES, for `gpupool serve`: feature names (gpupool/protocol.py FEATURES, comma- or
+    space-separated) the daemon neither names in AttachReply.features nor serves, as a daemon from before them would
+    (to test clients against it, or to turn a feature off). Empty (the default): none withheld. An unknown name raises
+    ValueError with one line naming the variable."""
+    from gpupool import protocol
+
+    text = (os.environ if environ is None else environ).get("GPUPOOL_WITHHOLD_FEATURES", "")
+    names = frozenset(re.split(r"[\s,]+", text.strip())) - {""}
+    unknown = sorted(names - set(protocol.FEATURES))
+    if unknown:
+        raise ValueError(f"GPUPOOL_WITHHOLD_FEATURES={text}: {', '.join(unknown)} is not a feature of this daemon "
+                         f"({', '.join(protocol.FEATURES)})")  # fmt: skip
+    return names
+
+
 def cache_dir(name: str, env: str) -> Path:
     """A folder of gpupool's cache: `$ENV` when set, else `$XDG_CACHE_HOME/gpupool/NAME` (default
     `~/.cache/gpupool/NAME`): where builds that outlive a process (the client's device guard and C++ client, the

@@ -19,6 +19,14 @@ from typing import Any
 from gpupool._proto import device_pb2
 
 SESSION_METADATA = "gpupool-session"  # metadata of a Stream call: the session (from Attach) it drives
+
+# AttachReply.features: what a daemon supports beyond what every daemon does (docs/wire.md, "Features"). A client
+# uses a feature only where the daemon names it; a daemon from before round 24 names none.
+# "sdpa_dropout": the fused attention op (`_scaled_dot_product_fused_attention_overrideable` and its backward) with
+# dropout_p in (0, 1) (server/attention.py's dropout composition, round 23); without it a daemon refuses such a call
+# ("dropout_p must be 0") and the clients take torch's math path for it, with the same bits.
+FEATURE_SDPA_DROPOUT = "sdpa_dropout"
+FEATURES = (FEATURE_SDPA_DROPOUT,)
 # The largest upload or download chunk (DESIGN.md's wire contract): the worker refuses a larger upload chunk, the
 # bulk side channel's reader refuses to read one (an Upload's `bulk_bytes`), clients refuse a larger announcement.
 CHUNK_BYTES = 4 * 1024 * 1024

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from gpupool import protocol, tls
+from gpupool import duplex, protocol, tls
 from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import InvalidArgument, Unavailable
 from gpupool.peers import push_out
@@ -52,7 +52,9 @@ _SID_MAX = 128
 
 class BulkLink:
     """A session's bound side socket. The stream's reader reads uploads from it, the stream's writer sends
-    downloads on it; a lock keeps the two from using the TLS connection at once."""
+    downloads on it, both through gpupool/duplex.py: a non-blocking socket and a lock held for one call at a time,
+    never while waiting, so neither direction waits for the other (round 24: a lock held across `sendall`
+    deadlocked a client uploading and downloading from two threads into `IO_TIMEOUT`)."""
 
     def __init__(self, sock: socket.socket, session_number: int) -> None:
         self.sock = sock
@@ -71,24 +73,22 @@ class BulkLink:
         head = protocol.upload_head(small, n)
         span = memoryview(bytearray(len(head) + n))
         span[: len(head)] = head
-        with self.lock:
-            got = protocol.BULK_HEAD.unpack(self._recv_exact(protocol.BULK_HEAD.size))
-            want = (protocol.BULK_UPLOAD, up.handle, up.offset, n)
-            if got != want:
-                raise InvalidArgument(
-                    f"bulk socket of session {self.number}: expected an upload of {n} bytes for handle {up.handle} "
-                    f"at offset {up.offset} (kind, id, offset, length = {want}), got {got}"
-                )
-            self._recv_into(span[len(head) :])
+        got = protocol.BULK_HEAD.unpack(self._recv_exact(protocol.BULK_HEAD.size))
+        want = (protocol.BULK_UPLOAD, up.handle, up.offset, n)
+        if got != want:
+            raise InvalidArgument(
+                f"bulk socket of session {self.number}: expected an upload of {n} bytes for handle {up.handle} "
+                f"at offset {up.offset} (kind, id, offset, length = {want}), got {got}"
+            )
+        self._recv_into(span[len(head) :])
         return span
 
     def send_download(self, request_id: int, offset: int, data: memoryview) -> None:
-        with self.lock:
-            try:
-                self.sock.sendall(protocol.BULK_HEAD.pack(protocol.BULK_DOWNLOAD, request_id, offset, len(data)))
-                self.sock.sendall(data)
-            except (OSError, ValueError) as exc:
-                raise Unavailable(f"bulk socket of session {self.number}: sending a download failed: {exc}") from None
+        head = protocol.BULK_HEAD.pack(protocol.BULK_DOWNLOAD, request_id, offset, len(data))
+        try:  # (the stream's one writer sends downloads: header and bytes stay together)
+            duplex.send_all(self.sock, self.lock, [head, data], IO_TIMEOUT)
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"bulk socket of session {self.number}: sending a download failed: {exc}") from None
 
     def _recv_exact(self, n: int) -> bytes:
         buf = bytearray(n)
@@ -96,20 +96,17 @@ class BulkLink:
         return bytes(buf)
 
     def _recv_into(self, view: memoryview) -> None:
-        got = 0
         try:
-            while got < len(view):
-                k = self.sock.recv_into(view[got:], len(view) - got)
-                if k == 0:
-                    raise Unavailable(f"bulk socket of session {self.number} closed in the middle of an upload")
-                got += k
+            got = duplex.recv_into(self.sock, self.lock, view, IO_TIMEOUT)
         except TimeoutError:
             raise InvalidArgument(
                 f"bulk socket of session {self.number}: an announced upload stalled for {IO_TIMEOUT:.0f} s "
-                f"({got} of {len(view)} bytes read)"
+                f"(of {len(view)} bytes)"
             ) from None
         except (OSError, ValueError) as exc:
             raise Unavailable(f"bulk socket of session {self.number}: {exc}") from None
+        if got < len(view):
+            raise Unavailable(f"bulk socket of session {self.number} closed in the middle of an upload")
 
     def close(self) -> None:
         """Stop the socket now (a transfer blocked on it fails at once); closed for good by its last user."""
@@ -330,6 +327,7 @@ class BulkPort:
                 raise ValueError(f"a second bulk socket for session {s.number}")
             sock.settimeout(IO_TIMEOUT)
             sock.sendall(protocol.BULK_OK)
+            sock.setblocking(False)  # from now on gpupool/duplex.py waits (IO_TIMEOUT) with the lock released
             bound = True
             log.info("session %d: bulk socket from %s bound", s.number, source)
         except (OSError, ssl.SSLError, ValueError) as exc:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from gpupool import config, protocol
 from gpupool.errors import InvalidArgument, ResourceExhausted
 
 from . import attention
@@ -182,6 +183,25 @@ _VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {
     "aten::_embedding_bag_per_sample_weights_backward": _embedding_bag_per_sample_weights_backward,
     **attention.VALIDATORS,  # shapes, dtypes, dropout_p, scale of the fused attention ops (server/attention.py)
 }
+# Features withheld by $GPUPOOL_WITHHOLD_FEATURES (gpupool/config.py `withheld_features`; AttachReply.features
+# leaves them out): served as a daemon from before them served them. "sdpa_dropout": the fused attention with
+# dropout_p other than 0 is refused as before round 23, so a client that ignored the features list would fail here.
+WITHHELD = config.withheld_features()
+
+
+def _no_fused_dropout(check: Callable[[Args, Kwargs], None], index: int) -> Callable[[Args, Kwargs], None]:
+    def refuse(args: Args, kwargs: Kwargs) -> None:
+        check(args, kwargs)
+        if arg(args, kwargs, index, "dropout_p", 0.0) != 0:
+            raise InvalidArgument(f"fused attention: dropout_p must be 0 (this daemon withholds the "
+                                  f"{protocol.FEATURE_SDPA_DROPOUT} feature: GPUPOOL_WITHHOLD_FEATURES)")  # fmt: skip
+
+    return refuse
+
+
+if protocol.FEATURE_SDPA_DROPOUT in WITHHELD:
+    for _name, _index in ((attention.FORWARD, 4), (attention.BACKWARD, 12)):
+        _VALIDATORS[_name] = _no_fused_dropout(_VALIDATORS[_name], _index)
 # Guards that need the overload's schema (its argument names): the fused optimizers' lists, in place and in their
 # functional and out= forms (`_fused_adam`, `_fused_adam.out`, ...: the same kernel on clones of the lists they
 # write, reading the others -- a one-element grad -- as the in-place form does; an `out` list must match too).

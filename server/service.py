@@ -18,7 +18,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gpupool import protocol, tls
+from gpupool import config, protocol, tls
 from gpupool._proto import device_pb2
 from gpupool.errors import (
     ErrorInterceptor,
@@ -43,6 +43,10 @@ class DeviceServicer:
     def __init__(self, daemon: Daemon, bulk_port: BulkPort | None = None) -> None:
         self.daemon = daemon
         self.bulk_port = bulk_port.port if bulk_port is not None else 0
+        # AttachReply.features: all of gpupool/protocol.py FEATURES but what $GPUPOOL_WITHHOLD_FEATURES withholds
+        # (the workers' guards refuse those: server/guards.py `WITHHELD`)
+        withheld = config.withheld_features()
+        self.features = [name for name in protocol.FEATURES if name not in withheld]
 
     def Attach(self, request: device_pb2.AttachRequest, context: grpc.ServicerContext) -> device_pb2.AttachReply:
         s = self.daemon.attach(request.token)
@@ -53,6 +57,7 @@ class DeviceServicer:
             quota_bytes=s.quota,
             share=s.share,
             bulk_port=self.bulk_port,
+            features=self.features,
         )
 
     def Detach(self, request: device_pb2.DetachRequest, context: grpc.ServicerContext) -> device_pb2.DetachReply:

@@ -234,7 +234,7 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
     (client/torch/runtime.py's DeviceRuntime cannot be
     used: importing anything under gpupool.client.torch registers gpupool's device as PrivateUse1, which this
     process's spike owns.)"""
-    from gpupool import compact, config
+    from gpupool import compact, config, protocol
 
     codes = [-1] * 64
     for dtype, code in compact.DTYPE_CODES.items():
@@ -245,6 +245,7 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
         compact.LAYOUT_CODES[torch.strided], [compact.MEMORY_FORMAT_CODES[f] for f in formats], python,
         config.flush_ops(),  # $GPUPOOL_FLUSH_OPS: the Python client's parser, one bound, one message
         config.fused_sdpa(),  # $GPUPOOL_FUSED_SDPA: the same parser as the shim's (the C++ client reads no environment)
+        protocol.FEATURE_SDPA_DROPOUT in getattr(session, "features", ()),  # its daemon runs dropout fused
     )  # fmt: skip
     _sessions[index] = session
     if _libs:  # the hand-offs below serve every device (by index)

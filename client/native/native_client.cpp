@@ -1924,13 +1924,16 @@ int64_t claim(bool functional, bool foreach) {
 // from $GPUPOOL_FUSED_SDPA as gpupool/config.py `fused_sdpa` parsed it (the shim's parser: this file reads no
 // environment), `set_fused_sdp` at any time.
 std::atomic<bool> g_fused_sdp{true};
+// Per device: whether its daemon serves the fused op with dropout (AttachReply.features has "sdpa_dropout"), set by
+// `configure_wire`; false before, and for a daemon from before round 24 (a call with dropout takes the math path).
+std::atomic<bool> g_sdp_dropout[kMaxDevices] = {};
 
 // Wire mode from now on for device `index` (before any tensor is made on it): its handles are base + n; ops outside
 // `ops` (none: every op is in) and what the encoder cannot send go to the Python fallback at PrivateUse2 with `python`,
 // else are refused. The op set and the tables are the first call's (the process's).
 void configure_wire(int64_t index, int64_t base, std::optional<std::vector<std::string>> ops,
                     std::vector<int64_t> dtype_codes, int64_t strided, std::vector<int64_t> mf_codes, bool python,
-                    int64_t flush_ops, bool fused_sdpa) {
+                    int64_t flush_ops, bool fused_sdpa, bool sdpa_dropout) {
   // commands a frame: $GPUPOOL_FLUSH_OPS as gpupool/config.py `flush_ops` parsed it (the Python client's parser); the
   // range is checked again here only as a guard
   TORCH_CHECK(flush_ops >= 1 && flush_ops <= 65536, "gpupool native client: flush_ops=", flush_ops,
@@ -1941,6 +1944,7 @@ void configure_wire(int64_t index, int64_t base, std::optional<std::vector<std::
   TORCH_CHECK(g_wire || g_next.load() == 1, "gpupool native client: wire mode must be set before any tensor is made on the device");
   d.base = static_cast<uint64_t>(base);
   d.wire = true;
+  g_sdp_dropout[checked_index(static_cast<DeviceIndex>(index))].store(sdpa_dropout);
   if (g_wire) return;
   TORCH_CHECK(dtype_codes.size() <= 64 && mf_codes.size() == 4, "gpupool native client: bad code tables");
   std::fill(std::begin(g_dtype_code), std::end(g_dtype_code), -1);
@@ -2103,8 +2107,10 @@ namespace {
 int64_t gpupool_sdp_choice(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
                            std::optional<double> /*scale*/, bool enable_gqa) {
-  return gpupool_sdpa::sdp_choice(g_fused_sdp.load(std::memory_order_relaxed), q, k, v, mask, dropout_p, is_causal,
-                                  enable_gqa);
+  const int index = q.device().index();
+  const bool dropout = index >= 0 && index < kMaxDevices && g_sdp_dropout[index].load(std::memory_order_relaxed);
+  return gpupool_sdpa::sdp_choice(g_fused_sdp.load(std::memory_order_relaxed), dropout, q, k, v, mask, dropout_p,
+                                  is_causal, enable_gqa);
 }
 
 }  // namespace
@@ -2128,7 +2134,7 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("op_name(int id) -> str", &op_name);
   m.def("reset_stats() -> ()", &reset_stats);
   m.def("claim(bool functional, bool foreach) -> int", &claim);
-  m.def("configure_wire(int index, int base, str[]? ops, int[] dtype_codes, int strided, int[] mf_codes, bool python, int flush_ops, bool fused_sdpa) "
+  m.def("configure_wire(int index, int base, str[]? ops, int[] dtype_codes, int strided, int[] mf_codes, bool python, int flush_ops, bool fused_sdpa, bool sdpa_dropout) "
         "-> ()", &configure_wire);
   m.def("wire_handle(Tensor t) -> int", &py_wire_handle);
   m.def("new_output(int[] size, int[] stride, ScalarType dtype, int index) -> Tensor", &py_new_output);

@@ -107,7 +107,7 @@ def attach_lease(lease: Any, index: int = 0, *, as_index: int | None = None, own
         session = Session.attach(leased.address, leased.token)
         rt = DeviceRuntime(as_index, session, lease=lease, owns_lease=owns_lease, lease_index=index)
         runtime.add(rt)
-        native.set_device_count(device_count())
+        native.device_attached(as_index, session, device_count())
         if id(lease) not in _subscribed and hasattr(lease, "subscribe"):
             _subscribed.add(id(lease))
             lease.subscribe(lambda *_: _forward_tokens(lease))
@@ -130,7 +130,7 @@ def attach(address: str, token: str, index: int | None = None) -> torch.device:
         i = runtime.next_free_index() if index is None else index
         session = Session.attach(address, token)
         runtime.add(DeviceRuntime(i, session))
-        native.set_device_count(device_count())
+        native.device_attached(i, session, device_count())
         return torch.device("gpupool", i)
 
 

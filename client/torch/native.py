@@ -18,7 +18,8 @@ build it once. Without a compiler, or when the build fails, torch's Python guard
 
 The same library answers torch's choice of `scaled_dot_product_attention`'s backend for the device (torch asks a C++
 dispatch stub; native_guard.cpp `gpupool_sdp_choice`, client/sdpa_choice.h): the fused `overrideable` backend, one op
-record a call that the daemon runs fused (server/attention.py), where the call allows it, else torch's math path.
+record a call that the daemon runs fused (server/attention.py), where the call allows it and, for a call with
+dropout, the device's daemon names the "sdpa_dropout" feature (`device_attached`), else torch's math path.
 Without the native guard, or with `GPUPOOL_FUSED_SDPA=0`, it is always the math path.
 
     python -c 'from gpupool.client.torch import native; print(native.build())'   # build now (scripts/setup.sh)
@@ -169,8 +170,9 @@ def install() -> bool:
         path = build()
         lib = ctypes.CDLL(str(path))
         for name in ("gpupool_current_device", "gpupool_set_current_device", "gpupool_set_device_count",
-                     "gpupool_set_fused_sdp", "gpupool_set_capturing"):  # fmt: skip
+                     "gpupool_set_fused_sdp", "gpupool_set_capturing", "gpupool_set_sdp_dropout"):  # fmt: skip
             getattr(lib, name).restype = ctypes.c_int
+        lib.gpupool_set_sdp_dropout.argtypes = [ctypes.c_int, ctypes.c_int]
         lib.gpupool_set_current_device.argtypes = [ctypes.c_int]
         lib.gpupool_set_device_count.argtypes = [ctypes.c_int]
         lib.gpupool_set_fused_sdp.argtypes = [ctypes.c_int]
@@ -201,6 +203,19 @@ def set_fused_attention(on: bool) -> bool:
     if not _loaded:
         return False
     return bool(_loaded[0].gpupool_set_fused_sdp(int(bool(on))))
+
+
+def device_attached(index: int, session: Any, count: int) -> None:
+    """Device `index` now drives `session` (client/session.py): raise deviceCount to `count`, and let its
+    scaled_dot_product_attention calls with dropout take the fused op only where its daemon names the
+    "sdpa_dropout" feature (AttachReply.features; a daemon from before round 24 names none, and one from before
+    round 23 refuses them), else torch's math path, with the same bits."""
+    from gpupool import protocol
+
+    set_device_count(count)
+    if _loaded:
+        on = protocol.FEATURE_SDPA_DROPOUT in getattr(session, "features", ())
+        _loaded[0].gpupool_set_sdp_dropout(int(index), int(on))
 
 
 def set_capturing(on: bool) -> bool:

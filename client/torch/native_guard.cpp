@@ -102,12 +102,18 @@ std::atomic<bool> g_fused_sdp{true};
 // encoder step); eager calls keep the fused op (one record instead of ~30). Both give the same bits.
 thread_local bool t_capturing = false;
 
+// Per device: whether its daemon serves the fused op with dropout (AttachReply.features has "sdpa_dropout"), set at
+// attach (`gpupool_set_sdp_dropout`); false until then, and for a daemon from before round 24.
+std::atomic<bool> g_sdp_dropout[128] = {};
+
 int64_t gpupool_sdp_choice(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
                            std::optional<double> /*scale*/, bool enable_gqa) {
   if (t_capturing && dropout_p != 0.0) return static_cast<int64_t>(at::SDPBackend::math);
-  return gpupool_sdpa::sdp_choice(g_fused_sdp.load(std::memory_order_relaxed), q, k, v, mask, dropout_p, is_causal,
-                                  enable_gqa);
+  const int index = q.device().index();
+  const bool dropout = index >= 0 && index < 128 && g_sdp_dropout[index].load(std::memory_order_relaxed);
+  return gpupool_sdpa::sdp_choice(g_fused_sdp.load(std::memory_order_relaxed), dropout, q, k, v, mask, dropout_p,
+                                  is_causal, enable_gqa);
 }
 
 }  // namespace
@@ -124,6 +130,15 @@ __attribute__((visibility("default"))) int gpupool_register_sdp_choice() {
 // benchmarks' before/after, the tests' reference). Returns the previous setting.
 __attribute__((visibility("default"))) int gpupool_set_fused_sdp(int on) {
   return g_fused_sdp.exchange(on != 0) ? 1 : 0;
+}
+
+// Whether device `index`'s daemon serves the fused op with dropout (`g_sdp_dropout`): 1 yes, 0 no. Returns the
+// previous setting, or -1 for an index outside 0..127.
+__attribute__((visibility("default"))) int gpupool_set_sdp_dropout(int index, int on) {
+  if (index < 0 || index > 127) {
+    return -1;
+  }
+  return g_sdp_dropout[index].exchange(on != 0) ? 1 : 0;
 }
 
 // 1 while the calling thread records a captured step (`t_capturing`), 0 after. Returns the previous setting.

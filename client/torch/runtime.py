@@ -229,7 +229,8 @@ class DeviceRuntime:
 
     def _define(self, name: str, body: bytes) -> None:
         """The first record of an op name defines its id. Under the lock, and the id is published only once the
-        defining record is queued: another thread (autograd's device thread) never refers to an undefined id."""
+        defining record is queued: another user thread of the process (since round 23 a session serves several:
+        one may record a step while others send eager ops) never refers to an undefined id, nor defines it twice."""
         with self._lock:
             op_id = self.op_ids.get(name)
             if op_id is not None:

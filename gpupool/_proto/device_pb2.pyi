@@ -81,6 +81,7 @@ class AttachReply(_message.Message):
     QUOTA_BYTES_FIELD_NUMBER: _builtins.int
     SHARE_FIELD_NUMBER: _builtins.int
     BULK_PORT_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     handle_base: _builtins.int
     """Handles of this session are handle_base + n, n in [1, 2^32): the high bits name the session."""
@@ -90,6 +91,13 @@ class AttachReply(_message.Message):
     """The daemon's bulk side port (docs/wire.md, "bulk side channel"); 0: none (the stream carries every byte)."""
     @_builtins.property
     def device(self) -> Global___DeviceInfo: ...
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What this daemon supports beyond what every daemon does (docs/wire.md, "Features"): names from
+        gpupool/protocol.py FEATURES, e.g. "sdpa_dropout". A client uses a feature only when its name is here; a daemon
+        from before round 24 sends none, and a client ignores names it does not know.
+        """
+
     def __init__(
         self,
         *,
@@ -99,10 +107,11 @@ class AttachReply(_message.Message):
         quota_bytes: _builtins.int = ...,
         share: _builtins.float = ...,
         bulk_port: _builtins.int = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_port", b"bulk_port", "device", b"device", "handle_base", b"handle_base", "quota_bytes", b"quota_bytes", "session_id", b"session_id", "share", b"share"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_port", b"bulk_port", "device", b"device", "features", b"features", "handle_base", b"handle_base", "quota_bytes", b"quota_bytes", "session_id", b"session_id", "share", b"share"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

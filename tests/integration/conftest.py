@@ -78,3 +78,16 @@ def attach(serve: ServeProcess) -> Iterator[Attach]:
 @pytest.fixture
 def dev(attach: Attach) -> torch.device:
     return attach()
+
+
+@pytest.fixture
+def fused_on() -> Iterator[Any]:
+    """`set(on)`: the native guard's switch of SDPA's fused backend (GPUPOOL_FUSED_SDPA), on to begin with
+    (test_attention.py, test_attention_dropout.py)."""
+    from gpupool.client.torch import native
+
+    before = native.set_fused_attention(True)
+    if not before and not native.set_fused_attention(True):
+        pytest.skip("no native guard: SDPA always takes the math path")
+    yield native.set_fused_attention
+    native.set_fused_attention(before)

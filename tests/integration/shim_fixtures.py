@@ -25,11 +25,15 @@ class ServeProcess:
         return mint_token(self.key, **kwargs)
 
 
-def start_daemon(tmp: Path, memory: str = "2GiB", gpus: int = 1, *flags: str) -> ServeProcess:
+def start_daemon(
+    tmp: Path, memory: str = "2GiB", gpus: int = 1, *flags: str, env: dict[str, str] | None = None
+) -> ServeProcess:
     key = secrets.token_hex(32).encode()
     key_file = tmp / "token.key"
     key_file.write_bytes(key + b"\n")
-    proc, address = start_serve_process(key_file, "--fake-gpus", str(gpus), "--fake-gpu-memory", memory, *flags)
+    proc, address = start_serve_process(
+        key_file, "--fake-gpus", str(gpus), "--fake-gpu-memory", memory, *flags, env=env
+    )
     return ServeProcess(address, key, proc)
 
 

@@ -357,8 +357,9 @@ def test_the_cpp_client_takes_gpupool_fused_sdpa_as_the_shim_parses_it(
 
 
 def test_torchs_opinfo_samples_equal_local_cpu(dev: torch.device) -> None:
-    """PyTorch's own SDPA samples (OpInfo, float32 and bfloat16, without dropout): 3-D and 4-D, masks, causal, GQA;
-    some take the fused op, the rest the math path, all give local CPU's outputs and gradients."""
+    """PyTorch's own SDPA samples (OpInfo, float32 and bfloat16, without dropout: those with dropout are the next
+    test's): 3-D and 4-D, masks, causal, GQA; some take the fused op, the rest the math path, all give local CPU's
+    outputs and gradients."""
     from torch.testing._internal.common_methods_invocations import op_db
     from torch.utils._pytree import tree_map
 
@@ -390,6 +391,73 @@ def test_torchs_opinfo_samples_equal_local_cpu(dev: torch.device) -> None:
             samples += 1
             fused += FUSED in log.ops
     assert samples >= 20 and 0 < fused < samples
+
+
+def _seeded_sdpa(dev: torch.device, seed: int, args: list[Any], kwargs: dict[str, Any]) -> tuple[bool, list[Any]]:
+    """(whether the fused op ran, [output, grads of the inputs that need one, the next torch.rand]) of SDPA on
+    `dev` from torch.manual_seed(seed), all on the CPU."""
+    from torch.utils._pytree import tree_map
+
+    def to(x: Any) -> Any:
+        return x.detach().to(dev).requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
+
+    args, kwargs = tree_map(to, args), tree_map(to, kwargs)
+    torch.manual_seed(seed)
+    with OpLog() as log:
+        out = F.scaled_dot_product_attention(*args, **kwargs)
+    ins = [x for x in args if isinstance(x, torch.Tensor) and x.requires_grad]
+    grads = torch.autograd.grad(out, ins, torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(dev))
+    return FUSED in log.ops, [t.detach().cpu() for t in (out, *grads, torch.rand(8, device=dev))]
+
+
+def test_torchs_opinfo_dropout_samples_equal_the_math_path_bit_for_bit(dev: torch.device, fused_on: Any) -> None:
+    """PyTorch's own SDPA samples with dropout (OpInfo, float32 and bfloat16), which local CPU cannot be compared
+    with (its generator is not the session's): from the same torch.manual_seed, the fused backend gives the math
+    path's output, gradients and next random numbers on gpupool, bit for bit (as test_attention_dropout.py does for
+    its own calls); the 4-D ones take the fused op."""
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    (op,) = [o for o in op_db if o.name == "nn.functional.scaled_dot_product_attention"]
+    samples = fused = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        for i, s in enumerate(op.sample_inputs("cpu", dtype, requires_grad=True)):
+            if not 0 < s.kwargs.get("dropout_p", 0.0) < 1:
+                continue
+            call = ([s.input, *s.args], s.kwargs)
+            fused_on(True)
+            took, got = _seeded_sdpa(dev, 100 + i, *call)
+            fused_on(False)
+            _, want = _seeded_sdpa(dev, 100 + i, *call)
+            for what, a, b in zip(("out", *(f"grad {k}" for k in range(len(got) - 2)), "next rand"), got, want,
+                                  strict=True):  # fmt: skip
+                assert torch.equal(a, b), (dtype, i, what, s.kwargs)
+            samples += 1
+            fused += took
+    assert samples >= 4 and fused >= 2
+
+
+@pytest.mark.parametrize("dims", [0, 1])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_a_mask_of_fewer_than_2_dims_takes_the_math_path(
+    dev: torch.device, fused_on: Any, dims: int, dropout_p: float
+) -> None:
+    """A 0-D or 1-D attn_mask broadcasts to the scores in torch's math path (local CPU takes it with dropout), but
+    the daemon's fused op takes 2 to 4 dims (server/attention.py): until round 24 the clients sent it fused and the
+    daemon refused it (INVALID_ARGUMENT "does not broadcast"). It takes the math path now, with the bits of the math
+    path on gpupool (GPUPOOL_FUSED_SDPA=0) and local math's values."""
+    tensors = inputs()
+    for mask in (torch.randn((12,)[:dims], generator=torch.Generator().manual_seed(2)), torch.ones((12,)[:dims]) > 0):
+        call = ([*(t.requires_grad_() for t in tensors)], {"attn_mask": mask, "dropout_p": dropout_p})
+        took, got = _seeded_sdpa(dev, 9, *call)
+        fused_on(False)
+        _, want = _seeded_sdpa(dev, 9, *call)
+        fused_on(True)
+        assert not took
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+        if dropout_p == 0:
+            local = torch.ops.aten._scaled_dot_product_attention_math(*(t.detach() for t in tensors), mask)[0]
+            assert_close(got[0], local)
 
 
 def test_expanded_inputs_are_read_as_their_values(session: Session) -> None:

@@ -20,27 +20,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gpupool.client.session import Handle, Session
-from gpupool.client.torch import native
+from shim_fixtures import ServeProcess, start_daemon
+from support import stop_process
 from test_attention import FUSED, OpLog
 
 import gpupool.torch as gt
-from gpupool import errors
+from gpupool import errors, protocol
 
 gt_capture = importlib.import_module("gpupool.client.torch.capture")  # the module (gt.capture is its decorator)
 
 ROOT = Path(__file__).resolve().parents[2]
 FORWARD = "aten::_scaled_dot_product_fused_attention_overrideable.default"
 BACKWARD = "aten::_scaled_dot_product_fused_attention_overrideable_backward.default"
-
-
-@pytest.fixture
-def fused_switch() -> Iterator[Any]:
-    """`set(on)`: whether SDPA takes the fused op (the native guard's switch, as GPUPOOL_FUSED_SDPA sets it)."""
-    before = native.set_fused_attention(True)
-    if not before and not native.set_fused_attention(True):
-        pytest.skip("no native guard: SDPA always takes the math path")
-    yield native.set_fused_attention
-    native.set_fused_attention(before)
 
 
 def _sdpa_bits(dev: torch.device, dtype: torch.dtype, mask: str, causal: bool, scale: Any) -> list[torch.Tensor]:
@@ -74,11 +65,11 @@ def _sdpa_bits(dev: torch.device, dtype: torch.dtype, mask: str, causal: bool, s
     ],
 )
 def test_a_dropout_call_is_one_fused_op_with_the_math_paths_bits(
-    dev: torch.device, fused_switch: Any, dtype: torch.dtype, mask: str, causal: bool, scale: Any
+    dev: torch.device, fused_on: Any, dtype: torch.dtype, mask: str, causal: bool, scale: Any
 ) -> None:
-    fused_switch(True)
+    fused_on(True)
     fused = _sdpa_bits(dev, dtype, mask, causal, scale)
-    fused_switch(False)
+    fused_on(False)
     math = _sdpa_bits(dev, dtype, mask, causal, scale)
     assert fused[-1].item() == 1 and math[-1].item() == 0  # one fused op; the math path sends none
     for what, a, b in zip(("out", "grad q", "grad k", "grad v", "next rand"), fused, math, strict=False):
@@ -121,7 +112,7 @@ def _traced(serve: Any) -> list[str]:
 @pytest.mark.parametrize("captured, in_graphs", [(False, False), (True, False), (True, True)],
                          ids=["eager", "captured", "captured-fused"])  # fmt: skip
 def test_an_encoder_with_attention_dropout_trains_to_the_math_paths_bits(
-    serve: Any, dev: torch.device, fused_switch: Any, captured: bool, in_graphs: bool, monkeypatch: Any
+    serve: Any, dev: torch.device, fused_on: Any, captured: bool, in_graphs: bool, monkeypatch: Any
 ) -> None:
     """launch_bound's `encoder` (dropout 0.1 in attention too), 8 steps of Adam: the same losses, bit for bit, and the
     same next random numbers with the fused op as with the math path. Captured, the recorded step takes the math path
@@ -131,14 +122,14 @@ def test_an_encoder_with_attention_dropout_trains_to_the_math_paths_bits(
     from its second replay and every replay draws fresh numbers (8 different losses)."""
     monkeypatch.setattr(gt_capture, "FUSED_DROPOUT_IN_GRAPHS", in_graphs)
     steps = 8
-    fused_switch(True)
+    fused_on(True)
     traced = _traced(serve)
     losses, after, fused_ops, fn = _encoder_run(dev, captured, steps)
     deadline = time.monotonic() + 10  # the daemon's log line comes through its output pipe
     while captured and len(_traced(serve)) == len(traced) and time.monotonic() < deadline:
         time.sleep(0.05)
     lines = _traced(serve)
-    fused_switch(False)
+    fused_on(False)
     want, want_after, math_ops, _ = _encoder_run(dev, captured, steps)
     assert fused_ops == 2 and math_ops == 0  # a fused forward per layer in the (eager) first step
     assert losses == want
@@ -151,6 +142,54 @@ def test_an_encoder_with_attention_dropout_trains_to_the_math_paths_bits(
         calls = 2 if in_graphs else 0
         assert names.count(FORWARD.split(".")[0]) == calls and names.count(BACKWARD.split(".")[0]) == calls
         assert len(lines) == len(traced) + 1 and f", {2 * calls} fused attention;" in lines[-1]
+
+
+# ---- a daemon without the fused dropout (AttachReply.features) ----
+
+
+@pytest.fixture(scope="module")
+def old_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    """A daemon that withholds "sdpa_dropout" (GPUPOOL_WITHHOLD_FEATURES): its AttachReply names no feature, as a
+    daemon from before round 24, and it refuses the fused op with dropout, as a daemon from before round 23."""
+    env = {"GPUPOOL_WITHHOLD_FEATURES": protocol.FEATURE_SDPA_DROPOUT}
+    daemon = start_daemon(tmp_path_factory.mktemp("old"), "1GiB", 1, env=env)
+    yield daemon
+    stop_process(daemon.process)
+
+
+def test_attach_names_the_daemons_features_and_a_withheld_one_is_refused(serve: Any, old_daemon: Any) -> None:
+    with Session.attach(serve.address, serve.token()) as s:
+        assert protocol.FEATURE_SDPA_DROPOUT in s.features
+    with Session.attach(old_daemon.address, old_daemon.token()) as s:
+        assert s.features == frozenset()
+        q, k, v = (Handle(s.upload(t)) for t in _inputs())
+        [out] = s.call(FORWARD, q, k, v, None, 0.0, outputs=9)[:1]  # without dropout: served, as before round 23
+        assert s.download(Handle(out)).shape == (2, 4, 16, 8)
+        s.call(FORWARD, q, k, v, None, 0.25, outputs=9)
+        with pytest.raises(errors.InvalidArgument, match="dropout_p must be 0"):
+            s.sync()
+
+
+def test_against_a_daemon_without_fused_dropout_training_takes_the_math_path(old_daemon: Any, fused_on: Any) -> None:
+    """A client of round 23 sent attention with dropout to any daemon as the fused op, which a daemon from before round
+    23 refuses (INVALID_ARGUMENT, "dropout_p must be 0"; the only way out was GPUPOOL_FUSED_SDPA=0). Now the client
+    reads AttachReply.features: against a daemon without "sdpa_dropout" the encoder (attention dropout 0.1) trains on
+    torch's math path with the fused backend on, to the same bits as with it off, while attention without dropout
+    still takes the fused op there."""
+    dev = gt.attach(old_daemon.address, old_daemon.token(tenant="old-daemon"))
+    try:
+        fused_on(True)
+        losses, after, fused_ops, _ = _encoder_run(dev, captured=False, steps=3)
+        q, k, v = (t.to(dev) for t in _inputs())
+        with OpLog() as log:
+            F.scaled_dot_product_attention(q, k, v).cpu()
+        fused_on(False)
+        want, want_after, _, _ = _encoder_run(dev, captured=False, steps=3)
+    finally:
+        gt.detach_all()
+    assert fused_ops == 0 and log.ops.count(FUSED) == 1
+    assert losses == want and len(set(losses)) == 3
+    assert torch.equal(after, want_after)
 
 
 # ---- hostile backward arguments, straight to a real daemon ----
@@ -357,7 +396,10 @@ print(json.dumps({"nodes": [a[0], b[0]], "equal": [torch.equal(x, y) for x, y in
 
 
 @pytest.mark.slow
-def test_the_cpp_client_sends_dropout_fused_with_the_math_paths_bits(serve: Any) -> None:
+@pytest.mark.parametrize("daemon", ["serve", "old_daemon"])
+def test_the_cpp_client_sends_dropout_fused_with_the_math_paths_bits(request: Any, daemon: str) -> None:
+    """The C++ client sends the fused op with dropout where the daemon names "sdpa_dropout", else the math path
+    (client/native/backend.py `connect` hands configure_wire the feature): the same bits either way."""
     import json
     import os
     import subprocess
@@ -367,6 +409,7 @@ def test_the_cpp_client_sends_dropout_fused_with_the_math_paths_bits(serve: Any)
     why = compiler_missing()
     if why is not None:
         pytest.skip(f"C++ client: {why}")
+    serve = request.getfixturevalue(daemon)
     env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-c", _NATIVE, serve.address, serve.token()], env=env, capture_output=True, text=True,
@@ -374,5 +417,6 @@ def test_the_cpp_client_sends_dropout_fused_with_the_math_paths_bits(serve: Any)
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["nodes"] == ["ScaledDotProductFusedAttentionOverrideableBackward0", "UnsafeViewBackward0"]
+    fused = "ScaledDotProductFusedAttentionOverrideableBackward0" if daemon == "serve" else "UnsafeViewBackward0"
+    assert result["nodes"] == [fused, "UnsafeViewBackward0"]
     assert result["equal"] == [True] * 5  # out, the three gradients, the next torch.rand

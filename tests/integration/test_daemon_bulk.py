@@ -19,7 +19,7 @@ from gpupool.client.session import Session
 from gpupool.server import bulkside
 from support import get_pki
 
-from gpupool import protocol, tls
+from gpupool import duplex, protocol, tls
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument
 
@@ -33,6 +33,11 @@ def bulk_daemon(request: Any, daemon_factory: Any, monkeypatch: pytest.MonkeyPat
         monkeypatch.setenv("GPUPOOL_INSECURE", "1")
         return daemon_factory(fake_gpu_memory=640 * MiB, bulk_listen="127.0.0.1:0", tls=tls.TlsConfig(insecure=True))
     return daemon_factory(fake_gpu_memory=640 * MiB, bulk_listen="127.0.0.1:0")
+
+
+def _send_raw(side: client_bulk.BulkSocket, data: bytes) -> None:
+    """Bytes of the test's choosing on a session's side socket (non-blocking: gpupool/duplex.py's send)."""
+    duplex.send_all(side.sock, side.lock, [data], client_bulk.IO_TIMEOUT)
 
 
 def _bits(n_bytes: int, seed: int = 0) -> torch.Tensor:
@@ -162,7 +167,7 @@ def test_garbage_on_the_side_socket_ends_that_session_only(bulk_daemon: Any) -> 
                 up.meta.dtype, up.meta.shape[:] = 1, [MiB // 2]  # float32
                 s._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
                 try:
-                    s._side.sock.sendall(header + b"\x00" * (2 * MiB))
+                    _send_raw(s._side, header + b"\x00" * (2 * MiB))
                 except OSError:
                     pass  # the daemon may close the socket before the rest arrives
                 with pytest.raises(InvalidArgument, match="bulk socket of session"):
@@ -196,12 +201,12 @@ def test_a_frame_announcing_many_bulk_chunks_is_refused(bulk_daemon: Any) -> Non
                 up.meta.dtype, up.meta.shape[:] = 1, [n * chunk // 4]  # float32
             cmds.append(device_pb2.Command(upload=up))
         s._put(device_pb2.ClientFrame(commands=cmds).SerializeToString())
-        side = s._side.sock
+        side = s._side
 
         def send() -> None:
             try:
                 for k in range(n):
-                    side.sendall(protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, h, k * chunk, chunk) + bytes(chunk))
+                    _send_raw(side, protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, h, k * chunk, chunk) + bytes(chunk))
             except OSError:
                 pass  # the daemon closes the socket with the session
 
@@ -227,11 +232,11 @@ def test_a_bulk_chunk_over_the_workers_chunk_size_is_refused_before_it_is_read(b
         up = device_pb2.Upload(handle=h, last=True, bulk_bytes=n)
         up.meta.dtype, up.meta.shape[:] = 1, [n // 4]  # float32
         s._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
-        side = s._side.sock
+        side = s._side
 
         def send() -> None:
             try:
-                side.sendall(protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, h, 0, n) + bytes(n))
+                _send_raw(side, protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, h, 0, n) + bytes(n))
             except OSError:
                 pass  # the daemon closes the socket with the session
 
@@ -314,7 +319,7 @@ def test_detach_in_the_middle_of_a_transfer(bulk_daemon: Any) -> None:
     up = device_pb2.Upload(handle=s.new_handle(), last=True, bulk_bytes=4 * MiB)
     up.meta.dtype, up.meta.shape[:] = 1, [MiB]
     s._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
-    s._side.sock.sendall(protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, up.handle, 0, 4 * MiB) + b"\x01" * MiB)
+    _send_raw(s._side, protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, up.handle, 0, 4 * MiB) + b"\x01" * MiB)
     time.sleep(0.3)
     s.close()  # Detach while the daemon waits for the other 3 MiB
     _all_sessions_end(bulk_daemon)
@@ -469,3 +474,47 @@ def test_a_hello_dripped_byte_by_byte_is_dropped_when_due(daemon_factory: Any, m
             except TimeoutError:  # still open
                 dropped = False
         assert dropped, "a hello dripped byte by byte kept its connection past its due time"
+
+
+def test_an_upload_and_a_download_from_two_threads_both_move(bulk_daemon: Any) -> None:
+    """One session, two user threads (a session supports other threads working while one records a step, round 23):
+    one uploads 48 MiB tensors, the other downloads a 64 MiB one, at once. Before round 24 each end held its side
+    socket's lock across a blocking send: the client's upload waited for the daemon's reader, which waited for the
+    daemon's lock, held by its writer sending a download the client's reader could not take (the upload held the
+    client's lock). Nothing moved for 30 s, and the session ended with "an announced upload stalled" (here, within the
+    first transfers). Now both ends wait with the lock released (gpupool/duplex.py): every transfer is byte-exact."""
+    rounds = 4
+    with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
+        assert s._side is not None
+        big = _bits(64 * MiB, seed=1)
+        h = s.upload(big)
+        s.sync()
+        failed: list[BaseException] = []
+        done = [0, 0]
+        last: list[int] = []
+
+        def up() -> None:
+            try:
+                for k in range(rounds):
+                    if last:
+                        s.free(last)
+                    last[:] = [s.upload(_bits(48 * MiB, seed=10 + k))]
+                    done[0] += 1
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                failed.append(exc)
+
+        def down() -> None:
+            try:
+                for _ in range(rounds):
+                    assert torch.equal(s.download(h), big)
+                    done[1] += 1
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                failed.append(exc)
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (up, down)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not failed and done == [rounds, rounds], (failed, done)
+        assert torch.equal(s.download(last[0]), _bits(48 * MiB, seed=10 + rounds - 1))  # the uploads too

@@ -10,7 +10,16 @@ import sys
 
 import pytest
 
-from gpupool.config import add_flag, env_name, flush_ops, format_size, fused_sdpa, parse_size, split_address
+from gpupool.config import (
+    add_flag,
+    env_name,
+    flush_ops,
+    format_size,
+    fused_sdpa,
+    parse_size,
+    split_address,
+    withheld_features,
+)
 
 
 @pytest.mark.parametrize(
@@ -102,6 +111,25 @@ def test_fused_sdpa_refuses_anything_else_in_one_line_naming_the_variable(text: 
         match=f"^GPUPOOL_FUSED_SDPA={re.escape(text)} is not 0 \\(torch's math path\\) or 1 \\(the fused backend\\)$",
     ):
         fused_sdpa({"GPUPOOL_FUSED_SDPA": text})
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        (None, set()),
+        ("", set()),
+        (" , ", set()),
+        ("sdpa_dropout", {"sdpa_dropout"}),
+        (" sdpa_dropout,\n", {"sdpa_dropout"}),
+    ],
+)
+def test_withheld_features_reads_known_names(text: str | None, names: set[str]) -> None:
+    assert withheld_features({} if text is None else {"GPUPOOL_WITHHOLD_FEATURES": text}) == names
+
+
+def test_withheld_features_refuses_an_unknown_name_in_one_line() -> None:
+    with pytest.raises(ValueError, match="^GPUPOOL_WITHHOLD_FEATURES=sdpa_dropout,flash: flash is not a feature"):
+        withheld_features({"GPUPOOL_WITHHOLD_FEATURES": "sdpa_dropout,flash"})
 
 
 def test_the_shim_reads_gpupool_fused_sdpa_with_that_parser() -> None:
