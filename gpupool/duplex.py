@@ -24,11 +24,14 @@ SLICE = 1 << 20  # bytes per non-blocking send: the longest the lock is held for
 
 
 def _wait(sock: Any, read: bool, timeout: float) -> None:
+    """Until `sock` is readable (`read`) or writable, or TimeoutError after `timeout` s. `poll`, not `select`: a
+    daemon serving many sessions has descriptors past select's 1024 (ValueError there)."""
     fd = sock.fileno()
     if fd < 0:
         raise OSError("socket closed")
-    r, w, _ = select.select([fd] if read else [], [] if read else [fd], [], timeout)
-    if not r and not w:
+    poller = select.poll()
+    poller.register(fd, (select.POLLIN if read else select.POLLOUT) | select.POLLERR | select.POLLHUP)
+    if not poller.poll(timeout * 1000):
         raise TimeoutError(f"no bytes moved for {timeout:.0f} s")
 
 
