@@ -184,6 +184,38 @@ def load() -> Any:
 _NAME = "gpupool_native_runner"
 
 
+def _final() -> Path:
+    """Where the build of this source for this torch lives (a folder per torch version and source hash)."""
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    return cache_dir() / f"torch-{torch.__version__}-{digest}" / f"{_NAME}.so"
+
+
+def decided() -> bool:
+    """Whether this process's answer is settled: disabled, or `load` (or `built`) gave a module or None."""
+    return bool(_state) or not enabled() or bool(_no_build)
+
+
+def built() -> Any:
+    """The extension module where it is at hand without a build, for the daemon's front (`slices.split_frame`): what
+    this process's `load` gave, else the cached build of this source, imported here (and kept as `load`'s answer)
+    but never built (the zygote builds it at its start, before it forks any worker). None while no build is
+    there (the caller may ask again later), and when disabled or unavailable (`load`'s reasons)."""
+    if _state:
+        return _state[0]
+    if not enabled() or _no_build or missing() or _no_asan():
+        return None
+    final = _final()
+    if not final.exists():
+        return None
+    try:
+        mod = _import(final)
+    except Exception as exc:  # a build that does not load costs speed, never the daemon
+        log.warning("native runner: the cached build did not load (%s): the front splits frames in Python", exc)
+        mod = None
+    _state.append(mod)
+    return mod
+
+
 def _built() -> Path:
     """The extension for this torch and this source, built once per cache (a folder per torch version and source
     hash, so checkouts of other sources never replace each other's build). Each build runs in a private folder and
@@ -191,8 +223,7 @@ def _built() -> Path:
     wins, and a build killed midway leaves no lock behind that would hang every later start (cpp_extension's own
     build folder lock waits forever for a dead holder); the folder of a build killed midway is removed by the next
     build or load (gpupool/buildcache.py)."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    final = cache_dir() / f"torch-{torch.__version__}-{digest}" / f"{_NAME}.so"
+    final = _final()
     if final.exists():
         buildcache.sweep(final.parent)  # the folders of builds killed midway (gpupool/buildcache.py)
         return final
