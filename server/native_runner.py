@@ -191,26 +191,27 @@ def _final() -> Path:
 
 
 def decided() -> bool:
-    """Whether this process's answer is settled: disabled, or `load` (or `built`) gave a module or None."""
-    return bool(_state) or not enabled() or bool(_no_build)
+    """Whether `built` has its last answer in this process: disabled or unavailable (`load`'s reasons), or a module or
+    None that `load` or `built` settled on."""
+    return bool(_state) or not enabled() or bool(_no_build) or (missing() or _no_asan()) is not None
 
 
 def built() -> Any:
     """The extension module where it is at hand without a build, for the daemon's front (`slices.split_frame`): what
     this process's `load` gave, else the cached build of this source, imported here (and kept as `load`'s answer)
     but never built (the zygote builds it at its start, before it forks any worker). None while no build is
-    there (the caller may ask again later), and when disabled or unavailable (`load`'s reasons)."""
+    there (the caller may ask again later: `decided`), and when disabled or unavailable."""
     if _state:
         return _state[0]
     if not enabled() or _no_build or missing() or _no_asan():
         return None
-    final = _final()
-    if not final.exists():
-        return None
     try:
+        final = _final()
+        if not final.exists():
+            return None
         mod = _import(final)
-    except Exception as exc:  # a build that does not load costs speed, never the daemon
-        log.warning("native runner: the cached build did not load (%s): the front splits frames in Python", exc)
+    except Exception as exc:  # an unsafe cache folder, a build that does not load: speed lost, never the daemon
+        log.warning("native runner: no cached build loaded (%s): the front cuts frames in Python", str(exc)[:300])
         mod = None
     _state.append(mod)
     return mod

@@ -409,3 +409,32 @@ def test_native_split_frame_is_the_python_reading_or_leaves_it_the_frame(native_
     ok = frame(cmds[0], cmds[7])
     for other in (bytearray(ok), memoryview(ok)):
         assert split(other, 16, protocol.UPLOAD, protocol.GET) is None
+
+
+def test_the_front_waits_for_the_runners_build_and_then_keeps_its_answer(
+    monkeypatch: pytest.MonkeyPatch, native_runner_module: Any
+) -> None:
+    """`slices.native_split` in a front whose zygote has not built the runner yet: the Python reading for now, asked
+    again after NATIVE_RETRY seconds (not per frame), then the build's `split_frame` for good; a runner that is
+    disabled or unavailable (`decided`) is settled at once, on the Python reading."""
+    import time
+
+    from gpupool.server import native_runner
+
+    monkeypatch.setattr(slices, "_native", [])
+    monkeypatch.setattr(slices, "_native_asked", [0.0])
+    monkeypatch.setattr(native_runner, "built", lambda: None)
+    monkeypatch.setattr(native_runner, "decided", lambda: False)
+    assert slices.native_split() is None and slices._native == []
+    monkeypatch.setattr(native_runner, "built", lambda: native_runner_module)
+    assert slices.native_split() is None  # asked within NATIVE_RETRY seconds: not yet
+    slices._native_asked[0] = time.monotonic() - slices.NATIVE_RETRY - 1
+    assert slices.native_split() is native_runner_module.split_frame
+    assert slices._native == [native_runner_module.split_frame]
+    raw = frame(device_pb2.Command(eager_op=b"e" * 9))
+    assert [(k, bytes(s)) for k, s in slices.split_frame(raw, 4)] == [(30, raw)]
+    monkeypatch.setattr(slices, "_native", [])
+    monkeypatch.setattr(slices, "_native_asked", [0.0])
+    monkeypatch.setattr(native_runner, "built", lambda: None)
+    monkeypatch.setattr(native_runner, "decided", lambda: True)
+    assert slices.native_split() is None and slices._native == [None]
