@@ -38,7 +38,9 @@ message's bytes (a message it does not read, or a session class with its own `fr
 each table's entry taken with one `pop` (`dict_pop`) rather than a lookup and a delete. A slice's eager records
 (`slices.eager_records`, each command's `eager_op`) are read from the frame's bytes (`eager_records`) rather than
 through a upb message object per command: the oneof's last member decides, as for the parser; a frame with any
-other field or wire type is left to the parsed messages.
+other field or wire type is left to the parsed messages. The daemon's front, too, imports the cached build
+(`built`: never a build there) for one function: `split_frame`, the stream reader's cut of every frame into its
+commands' spans (`slices.split_frame`), which hands any frame it does not accept back to the Python reading.
 
 A step qualifies when it has none of `_run_step`'s per-op extras but a random op's (`_extras`: no value guard
 run per record, no op that reshapes a storage in place or hands out uninitialized memory; a factory that takes the
