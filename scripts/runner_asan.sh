@@ -3,7 +3,8 @@
 # drive it (tests/unit/test_server_runs.py, test_server_learned_hostile.py, test_server_native_free.py,
 # test_server_native_upload.py, test_server_native_seeded.py, test_server_native_records.py: the frame reader
 # `eager_records` on hostile frames; test_server_slices.py: the front's frame cut `split_frame` on hostile frames)
-# and the structured fuzz on recorded training streams (tests/integration/test_runner_fuzz.py). docs/operations.md "The native runner under sanitizers".
+# and the structured fuzz on recorded training streams (tests/integration/test_runner_fuzz.py). docs/operations.md
+# "The native runner under sanitizers".
 #
 #   bash scripts/runner_asan.sh                 # ~4 min the first time (the sanitized build), then ~1 min
 #   CASES=40 SEED=7 bash scripts/runner_asan.sh # a longer fuzz (cases per workload), other seeds
