@@ -86,7 +86,7 @@ def measure(remote: dict[str, Any], model_name: str, steps: int) -> dict[str, An
     """Train `model_name` eagerly through the daemon of `remote`; CPU per op of each group, frames per step."""
     import torch
     from gpupool.client.torch import runtime
-    from launch_bound import workload
+    from launch_bound import training_step, workload
 
     import gpupool.torch as gt
 
@@ -103,14 +103,10 @@ def measure(remote: dict[str, Any], model_name: str, steps: int) -> dict[str, An
         session._put = counted
         model, data, loss_fn = workload(model_name)
         model = model.to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        train = training_step(model, torch.optim.Adam(model.parameters(), lr=1e-3), loss_fn)
 
-        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            opt.zero_grad()
-            loss = loss_fn(model(x.to(device)), y.to(device))
-            loss.backward()
-            opt.step()
-            return loss
+        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # the batch uploaded each step
+            return train(x.to(device), y.to(device))  # type: ignore[no-any-return]
 
         for i in range(10):  # warm-up: first use of every op, learned runs
             step(*data[i % 4]).item()
