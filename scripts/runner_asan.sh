@@ -2,8 +2,9 @@
 # The native runner (server/native_runner.cpp) under AddressSanitizer and UBSan, in-process: the unit tests that
 # drive it (tests/unit/test_server_runs.py, test_server_learned_hostile.py, test_server_native_free.py,
 # test_server_native_upload.py, test_server_native_seeded.py, test_server_native_records.py: the frame reader
-# `eager_records` on hostile frames) and the structured fuzz on recorded training streams
-# (tests/integration/test_runner_fuzz.py). docs/operations.md "The native runner under sanitizers".
+# `eager_records` on hostile frames; test_server_slices.py: the front's frame cut `split_frame` on hostile frames)
+# and the structured fuzz on recorded training streams (tests/integration/test_runner_fuzz.py). docs/operations.md
+# "The native runner under sanitizers".
 #
 #   bash scripts/runner_asan.sh                 # ~4 min the first time (the sanitized build), then ~1 min
 #   CASES=40 SEED=7 bash scripts/runner_asan.sh # a longer fuzz (cases per workload), other seeds
@@ -46,4 +47,4 @@ print("sanitized native runner:", m.__file__)
 '
 exec "$PY" -m pytest -q -p no:cacheprovider -s tests/unit/test_server_runs.py tests/unit/test_server_learned_hostile.py \
     tests/unit/test_server_native_free.py tests/unit/test_server_native_upload.py tests/unit/test_server_native_seeded.py \
-    tests/unit/test_server_native_records.py tests/integration/test_runner_fuzz.py "$@"
+    tests/unit/test_server_native_records.py tests/unit/test_server_slices.py tests/integration/test_runner_fuzz.py "$@"

@@ -38,7 +38,9 @@ message's bytes (a message it does not read, or a session class with its own `fr
 each table's entry taken with one `pop` (`dict_pop`) rather than a lookup and a delete. A slice's eager records
 (`slices.eager_records`, each command's `eager_op`) are read from the frame's bytes (`eager_records`) rather than
 through a upb message object per command: the oneof's last member decides, as for the parser; a frame with any
-other field or wire type is left to the parsed messages.
+other field or wire type is left to the parsed messages. The daemon's front, too, imports the cached build
+(`built`: never a build there) for one function: `split_frame`, the stream reader's cut of every frame into its
+commands' spans (`slices.split_frame`), which hands any frame it does not accept back to the Python reading.
 
 A step qualifies when it has none of `_run_step`'s per-op extras but a random op's (`_extras`: no value guard
 run per record, no op that reshapes a storage in place or hands out uninitialized memory; a factory that takes the
@@ -184,6 +186,39 @@ def load() -> Any:
 _NAME = "gpupool_native_runner"
 
 
+def _final() -> Path:
+    """Where the build of this source for this torch lives (a folder per torch version and source hash)."""
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    return cache_dir() / f"torch-{torch.__version__}-{digest}" / f"{_NAME}.so"
+
+
+def decided() -> bool:
+    """Whether `built` has its last answer in this process: disabled or unavailable (`load`'s reasons), or a module or
+    None that `load` or `built` settled on."""
+    return bool(_state) or not enabled() or bool(_no_build) or (missing() or _no_asan()) is not None
+
+
+def built() -> Any:
+    """The extension module where it is at hand without a build, for the daemon's front (`slices.split_frame`): what
+    this process's `load` gave, else the cached build of this source, imported here (and kept as `load`'s answer)
+    but never built (the zygote builds it at its start, before it forks any worker). None while no build is
+    there (the caller may ask again later: `decided`), and when disabled or unavailable."""
+    if _state:
+        return _state[0]
+    if not enabled() or _no_build or missing() or _no_asan():
+        return None
+    try:
+        final = _final()
+        if not final.exists():
+            return None
+        mod = _import(final)
+    except Exception as exc:  # an unsafe cache folder, a build that does not load: speed lost, never the daemon
+        log.warning("native runner: no cached build loaded (%s): the front cuts frames in Python", str(exc)[:300])
+        mod = None
+    _state.append(mod)
+    return mod
+
+
 def _built() -> Path:
     """The extension for this torch and this source, built once per cache (a folder per torch version and source
     hash, so checkouts of other sources never replace each other's build). Each build runs in a private folder and
@@ -191,8 +226,7 @@ def _built() -> Path:
     wins, and a build killed midway leaves no lock behind that would hang every later start (cpp_extension's own
     build folder lock waits forever for a dead holder); the folder of a build killed midway is removed by the next
     build or load (gpupool/buildcache.py)."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    final = cache_dir() / f"torch-{torch.__version__}-{digest}" / f"{_NAME}.so"
+    final = _final()
     if final.exists():
         buildcache.sweep(final.parent)  # the folders of builds killed midway (gpupool/buildcache.py)
         return final

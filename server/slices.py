@@ -49,8 +49,45 @@ def split_frame(raw: bytes, max_commands: int, bulk: list[int] | None = None) ->
     before materializing any (a 16 MiB frame of empty commands would otherwise cost gigabytes). `bulk`: the
     positions of its Uploads and Gets (what may use the side channel, server/bulkside.py) are appended to it.
 
-    The stream reader runs this on every frame, so the usual shapes take a short path inline: a command of
-    fewer than 16 KiB (a length of one or two bytes) and a kind of one or two tag bytes (eager ops are field 30:
+    The stream reader runs this on every frame: where the native runner's build is at hand (`native_split`), its
+    C++ reading (native_runner.cpp `split_frame`) cuts a frame it accepts (the same spans, kinds and positions);
+    a frame it does not accept, and every frame without it, takes the Python reading (`py_split_frame`), which
+    raises the error."""
+    fast = _native[0] if _native else native_split()
+    if fast is not None and raw.__class__ is bytes:
+        got = fast(raw, max_commands, UPLOAD, GET)
+        if got is not None:
+            if bulk is not None and got[1]:
+                bulk += got[1]
+            return got[0]  # type: ignore[no-any-return]
+    return py_split_frame(raw, max_commands, bulk)
+
+
+_native: list[Any] = []  # [native_runner.cpp's `split_frame`, or None], once decided
+_native_asked = [0.0]  # when `native_split` last found no build (it asks again after NATIVE_RETRY seconds)
+NATIVE_RETRY = 10.0
+
+
+def native_split() -> Any:
+    """The native runner's `split_frame` where its build is at hand (`native_runner.built`: never a build here),
+    else None. While no build is there (the zygote builds it at its start) the answer is None and asked again
+    after NATIVE_RETRY seconds; any other answer is kept."""
+    now = time.monotonic()
+    if _native_asked[0] and now - _native_asked[0] < NATIVE_RETRY:
+        return None
+    from . import native_runner  # imports torch: the front has by its first frame
+
+    mod = native_runner.built()
+    if mod is None and not native_runner.decided():
+        _native_asked[0] = now  # no build there yet: ask again later
+        return None
+    _native.append(None if mod is None else mod.split_frame)
+    return _native[0]
+
+
+def py_split_frame(raw: bytes, max_commands: int, bulk: list[int] | None = None) -> list[tuple[int, memoryview]]:
+    """`split_frame`'s Python reading, the reference: the usual shapes take a short path inline (a command of
+    fewer than 16 KiB: a length of one or two bytes; a kind of one or two tag bytes: eager ops are field 30,
     two)."""
     view = memoryview(raw)
     out: list[tuple[int, memoryview]] = []

@@ -19,7 +19,19 @@ def frame(*cmds: device_pb2.Command) -> bytes:
     return device_pb2.ClientFrame(commands=list(cmds)).SerializeToString()
 
 
-def test_split_frame_keeps_each_command_and_its_kind() -> None:
+@pytest.fixture(params=["python", "native"])
+def reading(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`slices.split_frame` with the Python reading alone, and with native_runner.cpp's `split_frame` first (the
+    stream reader's where the runner is built; skipped where it cannot be)."""
+    if request.param == "native":
+        mod = request.getfixturevalue("native_runner_module")
+        monkeypatch.setattr(slices, "_native", [mod.split_frame])
+    else:
+        monkeypatch.setattr(slices, "_native", [None])
+    return str(request.param)
+
+
+def test_split_frame_keeps_each_command_and_its_kind(reading: str) -> None:
     cmds = [
         device_pb2.Command(op=device_pb2.Op(name="aten::add.Tensor", outputs=[5])),
         device_pb2.Command(),  # empty: asks for nothing
@@ -33,7 +45,7 @@ def test_split_frame_keeps_each_command_and_its_kind() -> None:
     assert list(again.commands) == [cmds[0], *cmds[2:]]
 
 
-def test_split_frame_refuses_floods_and_garbage() -> None:
+def test_split_frame_refuses_floods_and_garbage(reading: str) -> None:
     many = frame(*[device_pb2.Command(free=device_pb2.Free(handles=[1]))] * 10)
     with pytest.raises(ResourceExhausted, match="more than 9 commands"):
         slices.split_frame(many, 9)
@@ -159,7 +171,7 @@ def _reference_split(raw: bytes, max_commands: int) -> list[tuple[int, bytes]]:
     return out
 
 
-def test_split_frame_fast_paths_match_the_plain_reading() -> None:
+def test_split_frame_fast_paths_match_the_plain_reading(reading: str) -> None:
     """Random frames of real commands (one- and two-byte tags, one- and two-byte lengths, empty commands), and
     every truncation and one-byte change of them: the same spans and kinds, or the same kind of error; and the
     positions of the Uploads and Gets among them (`bulk`: what the stream's reader hands the side channel)."""
@@ -204,7 +216,7 @@ def test_split_frame_fast_paths_match_the_plain_reading() -> None:
     assert tried > 5000
 
 
-def test_split_frame_reads_lengths_of_any_size_and_marks_bulk_commands() -> None:
+def test_split_frame_reads_lengths_of_any_size_and_marks_bulk_commands(reading: str) -> None:
     """Lengths of one, two and three bytes, lengths written with needless more bytes (protobuf reads them), each
     command whole; the bulk marks are the Uploads' and Gets' positions among the commands."""
     cmds = [
@@ -274,7 +286,7 @@ def test_a_shared_request_is_encode_requests_bytes_in_one_piece() -> None:
         assert slices.shared_request(req, 777) == b"".join(bytes(p) for p in slices.encode_request(req, shared=777))
 
 
-def test_split_frame_against_protobuf_on_hostile_bytes() -> None:
+def test_split_frame_against_protobuf_on_hostile_bytes(reading: str) -> None:
     """protobuf is the reference: real frames with bytes changed, cut, inserted or flipped. Whenever split_frame
     accepts a frame protobuf also accepts, its spans are protobuf's non-empty commands one for one, each a whole
     command (never one command read as two); whenever it accepts a frame protobuf refuses, some span is not a
@@ -325,3 +337,104 @@ def test_split_frame_against_protobuf_on_hostile_bytes() -> None:
     garbage = b"\x0a\x05\x04\x32\x02\x08\x03"  # a command whose first tag is field 0 (wire type 4)
     with pytest.raises(InvalidArgument, match="no valid field tag"):
         slices.split_frame(garbage + frame(sample[0]), 16)
+
+
+def test_native_split_frame_is_the_python_reading_or_leaves_it_the_frame(native_runner_module: Any) -> None:
+    """native_runner.cpp's `split_frame` (the stream reader's for every frame, in the daemon's own process) against
+    `py_split_frame` on real frames and on every truncation and one-byte change of them, flipped continuation bits
+    and inserted bytes, at limits that cut and that do not: wherever the Python reading accepts a frame the C++ one
+    gives the very same kinds, spans and bulk positions (so it never just hands every frame back); wherever the
+    Python reading refuses one the C++ one gives None, before anything (the caller then raises Python's error). A
+    buffer that is not exactly bytes is left to Python too."""
+    import random
+
+    split = native_runner_module.split_frame
+    rng = random.Random(24)
+    cmds = [
+        device_pb2.Command(eager_op=b"r" * 40),
+        device_pb2.Command(eager_op=b"x" * 200),  # a two-byte length
+        device_pb2.Command(),
+        device_pb2.Command(sync=device_pb2.Sync(request_id=3, scalar_handles=[(1 << 32) + 7])),
+        device_pb2.Command(get=device_pb2.Get(request_id=1, handle=9)),
+        device_pb2.Command(free=device_pb2.Free(handles=[1, 2])),
+        device_pb2.Command(upload=device_pb2.Upload(handle=7, data=b"u" * 130)),
+        device_pb2.Command(run_graph=device_pb2.RunGraph(graph_id=2)),
+    ]
+    frames = [frame(*rng.choices(cmds, k=rng.randint(0, 12))) for _ in range(40)]
+    big = frame(cmds[0], device_pb2.Command(eager_op=b"y" * 20000), cmds[6])  # a three-byte length
+    frames += [b"", b"\x0a\x00", b"\x0a", b"\x0a\x80", b"\x0a\x01\x00", b"\x0a\x02\xf2\x81", b"\x0a\x03\xf2\x81\x01"]
+    frames += [b"\x0a\x05\x04\x32\x02\x08\x03"]  # a first tag of field 0
+    frames += [b"\x0a\x86\x80\x80\x80\x80\x00" + b"\x08" * 6]  # a six-byte length (the most read)
+    frames += [b"\x0a\x87\x80\x80\x80\x80\x80\x00" + b"\x08" * 7]  # a seven-byte length: refused
+    frames += [b"\x0a\x06\xf8\xff\xff\xff\x7f\x00"]  # a five-byte first tag
+    frames += [b"\x0a\x06\x80\x80\x80\x80\x80\x08"]  # a first tag of more than five bytes: no kind
+    accepted = refused = 0
+    for raw in frames:
+        variants = [raw, *(raw[:k] for k in range(len(raw)))]
+        for _ in range(30):
+            if not raw:
+                break
+            k, how = rng.randrange(len(raw)), rng.random()
+            if how < 0.5:
+                variants.append(raw[:k] + bytes([rng.randrange(256)]) + raw[k + 1 :])
+            elif how < 0.75:
+                variants.append(raw[:k] + bytes([raw[k] ^ 0x80]) + raw[k + 1 :])
+            else:
+                variants.append(raw[:k] + bytes(rng.randrange(256) for _ in range(rng.randint(1, 3))) + raw[k:])
+        for v in variants:
+            for limit in (1, 3, 4096):
+                got = split(v, limit, protocol.UPLOAD, protocol.GET)
+                try:
+                    marked: list[int] = []
+                    want = [(k, bytes(s)) for k, s in slices.py_split_frame(v, limit, marked)]
+                except (InvalidArgument, ResourceExhausted):
+                    assert got is None, (v.hex(), limit)
+                    refused += 1
+                    continue
+                assert got is not None, (v.hex(), limit)
+                spans, marks = got
+                assert all(type(s) is memoryview and s.obj is v for _, s in spans)
+                assert ([(k, bytes(s)) for k, s in spans], marks) == (want, marked), (v.hex(), limit)
+                accepted += 1
+    assert accepted > 1500 and refused > 20000, (accepted, refused)
+    for v in (big, big[:-1], big[:46], big[:47], big[:20040]):
+        marked.clear()
+        try:
+            want = [(k, bytes(s)) for k, s in slices.py_split_frame(v, 16, marked)]
+        except InvalidArgument:
+            assert split(v, 16, protocol.UPLOAD, protocol.GET) is None
+            continue
+        spans, marks = split(v, 16, protocol.UPLOAD, protocol.GET)
+        assert ([(k, bytes(s)) for k, s in spans], marks) == (want, marked) and len(want) == 3
+    ok = frame(cmds[0], cmds[7])
+    for other in (bytearray(ok), memoryview(ok)):
+        assert split(other, 16, protocol.UPLOAD, protocol.GET) is None
+
+
+def test_the_front_waits_for_the_runners_build_and_then_keeps_its_answer(
+    monkeypatch: pytest.MonkeyPatch, native_runner_module: Any
+) -> None:
+    """`slices.native_split` in a front whose zygote has not built the runner yet: the Python reading for now, asked
+    again after NATIVE_RETRY seconds (not per frame), then the build's `split_frame` for good; a runner that is
+    disabled or unavailable (`decided`) is settled at once, on the Python reading."""
+    import time
+
+    from gpupool.server import native_runner
+
+    monkeypatch.setattr(slices, "_native", [])
+    monkeypatch.setattr(slices, "_native_asked", [0.0])
+    monkeypatch.setattr(native_runner, "built", lambda: None)
+    monkeypatch.setattr(native_runner, "decided", lambda: False)
+    assert slices.native_split() is None and slices._native == []
+    monkeypatch.setattr(native_runner, "built", lambda: native_runner_module)
+    assert slices.native_split() is None  # asked within NATIVE_RETRY seconds: not yet
+    slices._native_asked[0] = time.monotonic() - slices.NATIVE_RETRY - 1
+    assert slices.native_split() is native_runner_module.split_frame
+    assert slices._native == [native_runner_module.split_frame]
+    raw = frame(device_pb2.Command(eager_op=b"e" * 9))
+    assert [(k, bytes(s)) for k, s in slices.split_frame(raw, 4)] == [(30, raw)]
+    monkeypatch.setattr(slices, "_native", [])
+    monkeypatch.setattr(slices, "_native_asked", [0.0])
+    monkeypatch.setattr(native_runner, "built", lambda: None)
+    monkeypatch.setattr(native_runner, "decided", lambda: True)
+    assert slices.native_split() is None and slices._native == [None]

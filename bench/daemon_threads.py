@@ -1,0 +1,188 @@
+"""Where a live daemon's CPU per eager op goes, by process and thread: front (stream reader, gRPC's threads, the
+stream's writer), zygote and the session's worker.
+
+A launch_bound workload trains eagerly (Adam, a sync per block of 20 steps, as launch_bound's eager mode) through a
+real `gpupool serve` (one fake GPU, TLS, pinned to --daemon-core) from this process (pinned to --client-core), and the
+CPU time of every thread of the daemon's process tree is read from /proc/PID/task/TID/stat before and after the timed
+steps. The daemon's Python threads are named through `prctl(PR_SET_NAME)` by a `sitecustomize` put on its
+PYTHONPATH for the run (a Python thread has no kernel name of its own), so the rows read: `reader` (the session's
+stream reader, `gpupool-read-N`: it runs the slices of an idle device itself), `grpc serve` (gRPC's completion-queue
+thread, `Thread-1 (_serve)`), `grpc C` (gRPC core's `event_engine` and timer threads), `writer` (the stream's
+handler thread, `gpupool-grpc_N`), `worker` (the session's worker process), `other`. Each row is user + system
+CPU per eager op sent (and its system part); the figure is thread time, wake-ups and cache misses included, which
+instruction counts of replays (bench/front_replay.py, bench/eager_replay.py) do not see. Clock ticks: read medians
+of a few rounds on a shared box.
+
+    python bench/daemon_threads.py [--model tiny-mlp] [--steps 2000] [--rounds 3]
+    python bench/daemon_threads.py --against /work/wt/base --against-python /work/wt/base/.venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+SITECUSTOMIZE = """
+import ctypes, threading
+_libc = ctypes.CDLL(None)
+_run = threading.Thread._bootstrap_inner
+def _named(self):
+    try:
+        _libc.prctl(15, ctypes.c_char_p(self.name[-15:].encode()), 0, 0, 0)  # PR_SET_NAME: the last 15 bytes
+    except Exception:
+        pass
+    return _run(self)
+threading.Thread._bootstrap_inner = _named
+"""
+GROUPS = ("reader", "grpc serve", "grpc C", "writer", "worker", "other")
+
+
+def _group(pid: int, front: int, name: str) -> str:
+    if pid != front:
+        return "worker" if name == "python" else "other"  # the session's worker: the zygote's forked main thread
+    if name.startswith("gpupool-read"):
+        return "reader"
+    if name.endswith("(_serve)"):
+        return "grpc serve"
+    if name in ("event_engine", "grpc_global_tim") or name.startswith(("grpc_", "default-executo", "resolver")):
+        return "grpc C"
+    if name.startswith("gpupool-grpc"):
+        return "writer"
+    return "other"
+
+
+def _threads(front: int) -> dict[tuple[int, int], tuple[str, float, float]]:
+    """(pid, tid) -> (group, user + system seconds, system seconds) of every thread of the daemon's process tree."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[tuple[int, int], tuple[str, float, float]] = {}
+
+    def walk(pid: int) -> None:
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                stat = Path(f"/proc/{pid}/task/{task}/stat").read_text()
+                name = stat[stat.index("(") + 1 : stat.rindex(")")]
+                fields = stat[stat.rindex(")") + 2 :].split()
+                user, system = int(fields[11]) / tick, int(fields[12]) / tick
+                out[(pid, int(task))] = (_group(pid, front, name), user + system, system)
+                for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+                    walk(int(child))
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+
+    walk(front)
+    return out
+
+
+def measure(remote: dict[str, Any], model_name: str, steps: int) -> dict[str, Any]:
+    """Train `model_name` eagerly through the daemon of `remote`; CPU per op of each group, frames per step."""
+    import torch
+    from gpupool.client.torch import runtime
+    from launch_bound import training_step, workload
+
+    import gpupool.torch as gt
+
+    device = gt.attach(remote["address"], remote["token"])
+    try:
+        rt = runtime.get(device.index)
+        session = rt.session
+        put, frames = session._put, [0]
+
+        def counted(frame: Any) -> None:
+            frames[0] += 1
+            put(frame)
+
+        session._put = counted
+        model, data, loss_fn = workload(model_name)
+        model = model.to(device)
+        train = training_step(model, torch.optim.Adam(model.parameters(), lr=1e-3), loss_fn)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # the batch uploaded each step
+            return train(x.to(device), y.to(device))  # type: ignore[no-any-return]
+
+        for i in range(10):  # warm-up: first use of every op, learned runs
+            step(*data[i % 4]).item()
+        before, ops0, frames0 = _threads(remote["daemon_pid"]), rt.ops_sent, frames[0]
+        start = time.perf_counter()
+        for _ in range(max(1, steps // 20)):
+            for i in range(20):
+                loss = step(*data[i % 4])
+            loss.item()
+        wall = time.perf_counter() - start
+        after, ops = _threads(remote["daemon_pid"]), rt.ops_sent - ops0
+    finally:
+        gt.detach_all()
+    cpu = dict.fromkeys(GROUPS, 0.0)
+    system = dict.fromkeys(GROUPS, 0.0)
+    for key, (group, total, sys_s) in after.items():
+        _, total0, sys0 = before.get(key, (group, 0.0, 0.0))
+        cpu[group] += total - total0
+        system[group] += sys_s - sys0
+    n = max(1, steps // 20) * 20
+    return {"ops_per_step": ops / n, "frames_per_step": (frames[0] - frames0) / n, "step_s": wall / n,
+            "cpu": {g: v / ops for g, v in cpu.items()}, "sys": {g: v / ops for g, v in system.items()}}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny-mlp", help="a launch_bound workload")
+    p.add_argument("--steps", type=int, default=2000, help="timed steps per round (a sync per 20)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds (alternating daemons with --against); medians")
+    p.add_argument("--against", metavar="DIR", default="", help="also measure another checkout's daemon, alternating")
+    p.add_argument("--against-python", default="", help="the python of --against (default: DIR/.venv/bin/python)")
+    p.add_argument("--daemon-core", type=int, default=1)
+    p.add_argument("--client-core", type=int, default=0)
+    args = p.parse_args(argv)
+    import torch
+    from train_overhead import bench_daemons
+
+    torch.set_num_threads(1)
+    os.sched_setaffinity(0, {args.client_core})
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        os.environ["PYTHONPATH"] = os.pathsep.join([tmp, *filter(None, [os.environ.get("PYTHONPATH", "")])])
+        against = None
+        if args.against:
+            against = (args.against, args.against_python or str(Path(args.against) / ".venv/bin/python"))
+        load0 = os.getloadavg()
+        with bench_daemons(args.daemon_core, against=against) as daemons:
+            names = ["process", "base"] if against else ["process"]
+            runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+            for r in range(args.rounds):
+                for name in names if r % 2 == 0 else names[::-1]:
+                    runs[name].append(measure(daemons.remote(name), args.model, args.steps))
+        load1 = os.getloadavg()
+    print(f"{args.model}: {args.rounds} rounds of {args.steps} steps, load {load0[0]:.1f} -> {load1[0]:.1f}; "
+          "daemon CPU per eager op (us, median over rounds; system part in brackets)")  # fmt: skip
+    label = {"process": "this", "base": "other"}
+    header = f"{'':<12}" + "".join(f"{label[n]:>18}" for n in names) + ("   this/other" if against else "")
+    print(header)
+    med: dict[str, dict[str, float]] = {}
+    for name in names:
+        med[name] = {g: statistics.median(r["cpu"][g] for r in runs[name]) * 1e6 for g in GROUPS}
+        med[name]["all"] = statistics.median(sum(r["cpu"].values()) for r in runs[name]) * 1e6
+    for g in (*GROUPS, "all"):
+        cells = ""
+        for name in names:
+            sys_part = statistics.median(sum(r["sys"].values()) if g == "all" else r["sys"][g] for r in runs[name])
+            cells += f"{med[name][g]:>10.2f} ({sys_part * 1e6:4.1f})"
+        ratio = f"   {med['process'][g] / med['base'][g]:.3f}" if against and med["base"][g] else ""
+        print(f"{g:<12}{cells}{ratio}")
+    for name in names:
+        rs = runs[name]
+        print(f"{label[name]}: {statistics.median(r['ops_per_step'] for r in rs):.1f} ops/step, "
+              f"{statistics.median(r['frames_per_step'] for r in rs):.2f} frames/step, "
+              f"{statistics.median(r['step_s'] for r in rs) * 1e3:.3f} ms/step")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
