@@ -134,6 +134,7 @@ def register() -> None:
     """Idempotent: make the PrivateUse1 backend `gpupool` (fails if another backend took the name), and
     route the ops of remote tensors to the dispatcher."""
     tensor.set_dispatcher(dispatch, torch_dispatch)
+    native.use_native_ops(True)  # the steady ops in C (native_ops.cpp), the rest to torch_dispatch; GPUPOOL_NATIVE_OPS=0
     current = torch._C._get_privateuse1_backend_name()
     if current == NAME and _library:
         return
