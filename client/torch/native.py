@@ -277,7 +277,7 @@ def load_ops() -> Any:
 
             from gpupool import compact
 
-            from . import dispatch, meta, tensor, transfer
+            from . import dispatch, meta, runtime, tensor, transfer
 
             path = build_ops()
             loader = importlib.machinery.ExtensionFileLoader("gpupool_native_ops", str(path))
@@ -285,10 +285,11 @@ def load_ops() -> Any:
             assert spec is not None
             module = importlib.util.module_from_spec(spec)
             loader.exec_module(module)
-            module.setup(tensor.RemoteTensor, torch.Tensor._make_wrapper_subclass, torch.strided,
+            remote_del = module.setup(tensor.RemoteTensor, torch.Tensor._make_wrapper_subclass, torch.strided,
                          dispatch.torch_dispatch, torch.compiler, meta.CACHE, tensor.RemoteView, transfer._alias,
                          transfer._view, transfer._GEOMETRY, compact.MAX_OP_IDS, compact.MAX_OUTPUTS,
-                         dispatch._PLAIN, dispatch._SPECIAL)  # fmt: skip
+                         dispatch._PLAIN, dispatch._SPECIAL, runtime)  # fmt: skip
+            module.remote_del = remote_del
         except Exception as exc:  # BuildError, a broken cache file: the Python dispatcher still works
             log.warning("gpupool: native op path unavailable, every op takes the Python dispatcher (slower per op; "
                         "GPUPOOL_NATIVE_OPS=0 skips this): %s", exc)  # fmt: skip
@@ -301,12 +302,13 @@ def use_native_ops(on: bool) -> bool:
     """Route `RemoteTensor.__torch_dispatch__` through the C path (native_ops.cpp: its steady ops in C, the rest to
     `dispatch.torch_dispatch`) or straight to the Python dispatcher; True if the C path is in place now. `on` with no
     module (`load_ops`) leaves the Python dispatcher."""
-    from . import dispatch
+    from . import dispatch, tensor
     from .tensor import RemoteTensor
 
     module = load_ops() if on else None
     fn = module.torch_dispatch if module is not None else dispatch.torch_dispatch
     RemoteTensor.__torch_dispatch__ = classmethod(fn)  # type: ignore[assignment]
+    RemoteTensor.__del__ = module.remote_del if module is not None else tensor.python_del  # type: ignore[method-assign]
     return module is not None
 
 

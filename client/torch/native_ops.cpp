@@ -25,6 +25,7 @@ PyObject* g_view_type = nullptr;     // tensor.RemoteView (a lazy view: `_gp_v` 
 PyObject* g_alias_fn = nullptr;      // transfer._alias (detach, alias): `SPECIAL` handlers done here too
 PyObject* g_view_fn = nullptr;       // transfer._view (the view ops)
 PyObject* g_geometry = nullptr;      // transfer._GEOMETRY: a view's meta -> its view argument's bytes after the handle
+PyObject* g_runtime = nullptr;       // the runtime module (FREE_BATCH, FLUSH_OPS: read per op, as its methods do)
 PyObject* g_make_wrapper = nullptr;  // torch.Tensor._make_wrapper_subclass
 PyObject* g_strided = nullptr;       // torch.strided
 PyObject* g_py_dispatch = nullptr;   // dispatch.torch_dispatch: everything this path does not do
@@ -39,7 +40,9 @@ unsigned long long g_ran = 0, g_passed = 0;  // ops this path ran, ops it passed
 // interned attribute names
 PyObject *s_gp_route, *s_fast, *s_gp_rt, *s_gp_h, *s_gp_key, *s_recorders, *s_op_ids, *s_pending, *s_entries,
     *s_hits, *s_one, *s_metas, *s_wrapper, *s_spec, *s_flat_tuple, *s_flat_list, *s_values, *s_handle_base,
-    *s_handle_count, *s_device, *s_eager_op, *s_is_compiling, *s_gp_v, *s_closed, *s_share, *s_gp_sch;
+    *s_handle_count, *s_device, *s_eager_op, *s_is_compiling, *s_gp_v, *s_closed, *s_share, *s_gp_sch, *s_shared, *s_watched,
+    *s_dead, *s_dead_bytes, *s_release, *s_itemsize, *s_heads, *s_ops_sent, *s_unflushed, *s_session, *s_free_bytes,
+    *s_flush_ops, *s_free_batch, *s_raise;
 
 // Argument kinds (meta.T, TL, S, SL, V), as `Schema.fast` codes them.
 enum Kind : long { kT = 0, kTL = 1, kS = 2, kSL = 3, kV = 4 };
@@ -56,6 +59,8 @@ inline bool is_remote(PyObject* v) {
 
 PyObject* new_wrapper(PyObject* type, PyObject* rt_device, PyObject* rt, PyObject* handle, PyObject* m, PyObject* shape,
                       PyObject* strides, PyObject* offset, PyObject* dtype, PyObject* view);
+
+int send_record(PyObject* rt, PyObject* name, const std::string& body);
 
 struct Ref {  // an owned reference, released at scope end
   PyObject* p = nullptr;
@@ -345,6 +350,9 @@ PyObject* fast_plain(PyObject* sch, PyObject* args) {
     Ref pend(PyObject_GetAttr(rt, s_pending));
     if (pend.p == nullptr) return nullptr;
     if (truthy(pend.p) != 0) return nullptr;
+    Ref closed(PyObject_GetAttr(rt, s_closed));  // a detached device: the Python path raises DeviceLost
+    if (closed.p == nullptr) return nullptr;
+    if (truthy(closed.p) != 0) return nullptr;
   }
   Ref entries(PyObject_GetAttr(g_cache, s_entries));
   if (entries.p == nullptr || !PyDict_Check(entries.p)) return nullptr;
@@ -465,11 +473,7 @@ PyObject* fast_plain(PyObject* sch, PyObject* args) {
     }
   }
   body += tail;
-  Ref bytes(PyBytes_FromStringAndSize(body.data(), static_cast<Py_ssize_t>(body.size())));
-  if (bytes.p == nullptr) return nullptr;
-  PyObject* argv[] = {rt, name, bytes.p};
-  Ref done(PyObject_VectorcallMethod(s_eager_op, argv, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr));
-  if (done.p == nullptr) return nullptr;
+  if (send_record(rt, name, body) < 0) return nullptr;
   return result.release();
 }
 
@@ -632,6 +636,172 @@ PyObject* fast_view(PyObject* sch, PyObject* args) {
                      PyTuple_GET_ITEM(one.p, 3), PyTuple_GET_ITEM(one.p, 4), view.p);
 }
 
+// rt.<name> += delta
+int add_attr(PyObject* obj, PyObject* name, PyObject* delta) {
+  Ref v(PyObject_GetAttr(obj, name));
+  if (v.p == nullptr) return -1;
+  Ref more(PyNumber_Add(v.p, delta));
+  if (more.p == nullptr) return -1;
+  return PyObject_SetAttr(obj, name, more.p);
+}
+
+// A Python int attribute as a C integer; -1 with an error set on failure.
+long long int_attr(PyObject* obj, PyObject* name) {
+  Ref v(PyObject_GetAttr(obj, name));
+  if (v.p == nullptr) return -1;
+  return PyLong_AsLongLong(v.p);
+}
+
+// runtime.DeviceRuntime.eager_op(name, body), its usual case inline: the op's id is defined, no batch of frees is due
+// and the frame does not fill; any other case calls the method itself. Returns 0, or -1 with an error set.
+int send_record(PyObject* rt, PyObject* name, const std::string& body) {
+  bool inline_ok = true;
+  PyObject** rdp = _PyObject_GetDictPtr(rt);
+  if (rdp != nullptr && *rdp != nullptr) {  // an `eager_op` of the instance's own (a test's spy): call it
+    PyObject* own = PyDict_GetItemWithError(*rdp, s_eager_op);
+    if (own != nullptr) {
+      inline_ok = false;
+    } else if (PyErr_Occurred()) {
+      return -1;
+    }
+  }
+  Ref heads(PyObject_GetAttr(rt, s_heads));
+  if (heads.p == nullptr || !PyDict_Check(heads.p)) return -1;
+  PyObject* head = PyDict_GetItemWithError(heads.p, name);  // borrowed
+  if (head == nullptr && PyErr_Occurred()) return -1;
+  if (head == nullptr || !PyBytes_CheckExact(head)) {
+    inline_ok = false;  // the first record of this name defines its id (under the runtime's lock)
+  }
+  if (inline_ok) {
+    Ref dead(PyObject_GetAttr(rt, s_dead));
+    if (dead.p == nullptr) return -1;
+    const Py_ssize_t ndead = PyObject_Length(dead.p);
+    if (ndead < 0) return -1;
+    if (ndead > 0) {
+      const long long batch = int_attr(g_runtime, s_free_batch);
+      const long long bytes = batch < 0 ? -1 : int_attr(rt, s_dead_bytes);
+      const long long limit = bytes < 0 ? -1 : int_attr(rt, s_free_bytes);
+      if (PyErr_Occurred()) return -1;
+      if (ndead >= batch || bytes >= limit) inline_ok = false;  // a Free goes out first: the method does it
+    }
+  }
+  if (inline_ok) {
+    const long long unflushed = int_attr(rt, s_unflushed);
+    const long long flush_ops = unflushed < 0 ? -1 : int_attr(g_runtime, s_flush_ops);
+    if (PyErr_Occurred()) return -1;
+    if (unflushed + 1 >= flush_ops) inline_ok = false;  // the frame goes out after this record: the method
+  }
+  if (!inline_ok) {
+    Ref raw(PyBytes_FromStringAndSize(body.data(), static_cast<Py_ssize_t>(body.size())));
+    if (raw.p == nullptr) return -1;
+    PyObject* argv[] = {rt, name, raw.p};
+    Ref done(PyObject_VectorcallMethod(s_eager_op, argv, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr));
+    return done.p == nullptr ? -1 : 0;
+  }
+  if (add_attr(rt, s_ops_sent, g_one) < 0) return -1;
+  const Py_ssize_t nhead = PyBytes_GET_SIZE(head);
+  Ref record(PyBytes_FromStringAndSize(nullptr, nhead + static_cast<Py_ssize_t>(body.size())));
+  if (record.p == nullptr) return -1;
+  std::memcpy(PyBytes_AS_STRING(record.p), PyBytes_AS_STRING(head), static_cast<size_t>(nhead));
+  std::memcpy(PyBytes_AS_STRING(record.p) + nhead, body.data(), body.size());
+  Ref session(PyObject_GetAttr(rt, s_session));
+  if (session.p == nullptr) return -1;
+  PyObject* argv[] = {session.p, record.p};
+  Ref done(PyObject_VectorcallMethod(s_eager_op, argv, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr));
+  if (done.p == nullptr) {  // the method's `except Exception as exc: self._raise(exc)`
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (tb != nullptr) PyException_SetTraceback(exc, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    PyObject* rargv[] = {rt, exc};
+    Ref raised(PyObject_VectorcallMethod(s_raise, rargv, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr));
+    Py_DECREF(exc);
+    if (raised.p != nullptr) {
+      PyErr_SetString(PyExc_RuntimeError, "gpupool: DeviceRuntime._raise returned");
+    }
+    return -1;
+  }
+  return add_attr(rt, s_unflushed, g_one);
+}
+
+// RemoteTensor.__del__ (tensor.py), the same steps: the handle of a dying tensor goes to its runtime's batch of
+// frees, with its bytes from its key; the lock-free case inline, any other through rt.release.
+PyObject* remote_del(PyObject* self, PyObject* /*unused*/) {
+  PyObject** dp = _PyObject_GetDictPtr(self);
+  if (dp == nullptr || *dp == nullptr) Py_RETURN_NONE;
+  PyObject* d = *dp;
+  PyObject* h = dict_get(d, s_gp_h);
+  if (h == nullptr) {
+    if (PyErr_Occurred()) return nullptr;
+    Py_RETURN_NONE;
+  }
+  const int live = PyObject_IsTrue(h);
+  if (live <= 0) return live < 0 ? nullptr : (Py_INCREF(Py_None), Py_None);
+  Ref keep_h(h);
+  Py_INCREF(h);
+  long long nbytes = 0;
+  PyObject* key = dict_get(d, s_gp_key);
+  if (key == nullptr && PyErr_Occurred()) return nullptr;
+  if (key != nullptr && key != Py_None) {
+    if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 4 || !PyTuple_Check(PyTuple_GET_ITEM(key, 0))) {
+      PyErr_SetString(PyExc_TypeError, "gpupool: a remote tensor's _gp_key is not (shape, stride, offset, dtype)");
+      return nullptr;
+    }
+    PyObject* shape = PyTuple_GET_ITEM(key, 0);
+    long long n = 1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(shape); i++) {
+      n *= PyLong_AsLongLong(PyTuple_GET_ITEM(shape, i));
+    }
+    const long long size = int_attr(PyTuple_GET_ITEM(key, 3), s_itemsize);
+    if (PyErr_Occurred()) return nullptr;
+    nbytes = n * size;
+  }
+  PyObject* rt = dict_get(d, s_gp_rt);
+  if (rt == nullptr) {
+    if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, s_gp_rt);
+    return nullptr;
+  }
+  Ref keep_rt(rt);
+  Py_INCREF(rt);
+  Ref nb(PyLong_FromLongLong(nbytes));
+  if (nb.p == nullptr) return nullptr;
+  bool plain = true;  // `h not in rt.shared and not (rt.watched or rt.pending or rt.closed or rt.recorders)`
+  {
+    Ref shared(PyObject_GetAttr(rt, s_shared));
+    if (shared.p == nullptr) return nullptr;
+    const int in = PySequence_Contains(shared.p, h);
+    if (in < 0) return nullptr;
+    plain = in == 0;
+    static PyObject** const names[] = {&s_watched, &s_pending, &s_closed, &s_recorders};
+    for (PyObject** name : names) {
+      if (!plain) break;
+      Ref v(PyObject_GetAttr(rt, *name));
+      if (v.p == nullptr) return nullptr;
+      const int t = PyObject_IsTrue(v.p);
+      if (t < 0) return nullptr;
+      plain = t == 0;
+    }
+  }
+  if (plain) {
+    Ref dead(PyObject_GetAttr(rt, s_dead));
+    if (dead.p == nullptr) return nullptr;
+    if (PyList_CheckExact(dead.p) ? PyList_Append(dead.p, h) < 0 : true) {
+      if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "gpupool: DeviceRuntime._dead is not a list");
+      return nullptr;
+    }
+    if (add_attr(rt, s_dead_bytes, nb.p) < 0) return nullptr;
+    Py_RETURN_NONE;
+  }
+  PyObject* argv[] = {rt, h, nb.p};
+  return PyObject_VectorcallMethod(s_release, argv, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr);
+}
+
+PyMethodDef del_def = {"__del__", remote_del, METH_NOARGS,
+                       "RemoteTensor.__del__ in C (client/torch/native_ops.cpp): the handle joins the batch of frees"};
+
 // Everything this path leaves to Python: the Python dispatcher with the call's own arguments.
 PyObject* to_python(PyObject* const* a, size_t nargsf, PyObject* kwnames) {
   g_passed++;
@@ -695,10 +865,10 @@ PyObject* torch_dispatch(PyObject* /*module*/, PyObject* const* a, Py_ssize_t na
 }
 
 PyObject* setup(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
-  if (nargs != 14) {
+  if (nargs != 15) {
     PyErr_SetString(PyExc_TypeError, "setup(remote_type, make_wrapper, strided, py_dispatch, compiler, cache, "
                                      "view_type, alias_fn, view_fn, geometry, max_op_ids, max_outputs, plain, "
-                                     "special)");
+                                     "special, runtime)");
     return nullptr;
   }
   const uint16_t probe = 1;
@@ -721,7 +891,10 @@ PyObject* setup(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
   g_plain = PyLong_AsLong(a[12]);
   g_special = PyLong_AsLong(a[13]);
   if (PyErr_Occurred()) return nullptr;
-  Py_RETURN_NONE;
+  Py_INCREF(a[14]);
+  Py_XSETREF(g_runtime, a[14]);
+  // RemoteTensor.__del__ in C: a method descriptor of the class (slot_tp_finalize calls it with the tensor)
+  return PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(g_remote_type), &del_def);
 }
 
 // (ops run here, ops passed to the Python dispatcher) since the process started: what the tests check
@@ -755,7 +928,12 @@ PyMODINIT_FUNC PyInit_gpupool_native_ops() {
                         {&s_handle_base, "_handle_base"}, {&s_handle_count, "_handle_count"},
                         {&s_device, "device"}, {&s_eager_op, "eager_op"},
                         {&s_is_compiling, "_is_compiling_flag"}, {&s_gp_v, "_gp_v"}, {&s_closed, "closed"},
-                        {&s_share, "share"}, {&s_gp_sch, "_gp_sch"}};
+                        {&s_share, "share"}, {&s_gp_sch, "_gp_sch"}, {&s_shared, "shared"},
+                        {&s_watched, "watched"}, {&s_dead, "_dead"}, {&s_dead_bytes, "_dead_bytes"},
+                        {&s_release, "release"}, {&s_itemsize, "itemsize"}, {&s_heads, "_heads"},
+                        {&s_ops_sent, "ops_sent"}, {&s_unflushed, "_unflushed"}, {&s_session, "session"},
+                        {&s_free_bytes, "free_bytes"}, {&s_flush_ops, "FLUSH_OPS"}, {&s_free_batch, "FREE_BATCH"},
+                        {&s_raise, "_raise"}};
   for (const Name& n : names) {
     *n.slot = PyUnicode_InternFromString(n.text);
     if (*n.slot == nullptr) return nullptr;

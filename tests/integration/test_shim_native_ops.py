@@ -39,21 +39,22 @@ def stats() -> tuple[int, int]:
 
 
 class Records:
-    """The compact records a runtime sends (its `eager_op`, wrapped on the instance: each still goes out)."""
+    """The compact records a runtime's session is sent (its `eager_op`, wrapped on the instance: each still goes out),
+    as (op id bytes, the rest)."""
 
     def __init__(self, rt: Any) -> None:
-        self.rt = rt
-        self.sent: list[tuple[str, bytes]] = []
-        real = rt.eager_op
+        self.session = rt.session
+        self.sent: list[tuple[bytes, bytes]] = []
+        real = rt.session.eager_op
 
-        def eager_op(name: str, body: bytes) -> None:
-            self.sent.append((name, body))
-            real(name, body)
+        def eager_op(record: bytes) -> None:
+            self.sent.append((record[:5], record[5:]))  # compact.HEAD of a defined op id: 5 bytes, no name
+            real(record)
 
-        rt.eager_op = eager_op
+        self.session.eager_op = eager_op
 
     def close(self) -> None:
-        del self.rt.eager_op
+        del self.session.eager_op
 
 
 def split(body: bytes) -> tuple[list[int], bytes]:
@@ -147,8 +148,8 @@ def test_a_warm_op_runs_in_c_with_the_python_paths_key_record_and_result(dev: to
         rt_shared = rt.shared.get(args[0]._gp_h)
         assert rt_shared is not None and rt_shared >= 2  # the argument's daemon tensor: held by both results too
     else:
-        (name_py, body_py), (name_c, body_c) = rec.sent
-        assert name_c == name_py == meta.schema_of(op).name
+        (head_py, body_py), (head_c, body_c) = rec.sent
+        assert head_c == head_py == rt._heads[meta.schema_of(op).name]
         handles_py, tail_py = split(body_py)
         handles_c, tail_c = split(body_c)
         assert tail_c == tail_py  # the argument bytes
@@ -310,3 +311,30 @@ def test_gpupool_native_ops_0_keeps_the_python_dispatcher() -> None:
         env = {**os.environ, "GPUPOOL_NATIVE_OPS": value}
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
         assert out.stdout.strip() == want, out.stderr
+
+
+@pytest.mark.parametrize("use", [False, True], ids=["python", "native"])
+def test_a_dying_tensor_gives_its_handle_and_bytes_to_the_batch_of_frees(dev: torch.device, on: None, use: bool) -> None:
+    native.use_native_ops(use)
+    assert (RemoteTensor.__del__ is native.load_ops().remote_del) == use  # type: ignore[union-attr]
+    a = torch.randn(6, 5).to(dev)
+    rt = a._gp_rt
+    rt.flush_frees(force=True)
+    x = aten.relu.default(a)
+    h = x._gp_h
+    dead, nbytes = list(rt._dead), rt._dead_bytes
+    del x  # the lock-free case: its handle and its 6 * 5 * 4 bytes join the batch
+    assert rt._dead == [*dead, h] and rt._dead_bytes == nbytes + 120
+    d = aten.detach.default(a)  # shares a's daemon tensor: its death only drops the extra holder (rt.release)
+    assert rt.shared[a._gp_h] == 1
+    del d
+    assert a._gp_h not in rt.shared and rt._dead == [*dead, h]
+    v = a[1:3]  # a lazy view: holds a's daemon tensor too
+    held = a._gp_h
+    assert rt.shared[held] == 1
+    del v
+    assert rt._dead == [*dead, h] and held not in rt.shared
+    del a
+    assert rt._dead == [*dead, h, held]
+    rt.flush_frees(force=True)
+    rt.sync()
