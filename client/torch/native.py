@@ -35,7 +35,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -228,93 +227,3 @@ def set_device_count(count: int) -> None:
 def active() -> bool:
     """True if torch's registry holds the native guard for PrivateUse1 now."""
     return bool(_loaded) and bool(_loaded[0].gpupool_guard_active())
-
-
-# ---- the steady path of an eager op in C (native_ops.cpp) ----
-
-OPS_SOURCE = Path(__file__).with_name("native_ops.cpp")
-_ops: list[Any] = []  # the extension module once imported and set up; [None] once it failed (tried once)
-
-
-def ops_enabled() -> bool:
-    """False when `GPUPOOL_NATIVE_OPS=0` keeps every op on the Python dispatcher (`dispatch.torch_dispatch`)."""
-    return os.environ.get("GPUPOOL_NATIVE_OPS", "1").strip() != "0"
-
-
-def ops_library_path() -> Path:
-    """Where the built extension lives: one file per (Python build, machine, source). It uses CPython's C API only."""
-    key = hashlib.sha256()
-    for part in (sys.version, sysconfig.get_config_var("SOABI") or "", platform.machine(), sys.executable):
-        key.update(str(part).encode() + b"\0")
-    key.update(OPS_SOURCE.read_bytes())
-    return cache_dir() / f"ops-{sys.implementation.cache_tag}-{key.hexdigest()[:16]}.so"
-
-
-def ops_compile_command(out: Path) -> list[str]:
-    include = sysconfig.get_paths()["include"]
-    return [*_compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{include}",
-            "-o", str(out), str(OPS_SOURCE)]  # fmt: skip
-
-
-def build_ops() -> Path:
-    return _build(ops_library_path(), ops_compile_command, "the native op path")
-
-
-def load_ops() -> Any:
-    """The set-up extension module (native_ops.cpp), or None: `GPUPOOL_NATIVE_OPS=0`, not CPython, or the build or
-    import failed (one log line; the Python dispatcher then does every op). Built and imported once a process."""
-    if _ops:
-        return _ops[0]
-    module = None
-    if not ops_enabled():
-        log.info("gpupool: GPUPOOL_NATIVE_OPS=0: every op takes the Python dispatcher (slower per op)")
-    elif sys.implementation.name != "cpython":
-        log.info("gpupool: the native op path needs CPython; every op takes the Python dispatcher")
-    else:
-        try:
-            import importlib.machinery
-            import importlib.util
-
-            from gpupool import compact
-
-            from . import dispatch, meta, runtime, tensor, transfer
-
-            path = build_ops()
-            loader = importlib.machinery.ExtensionFileLoader("gpupool_native_ops", str(path))
-            spec = importlib.util.spec_from_file_location("gpupool_native_ops", str(path), loader=loader)
-            assert spec is not None
-            module = importlib.util.module_from_spec(spec)
-            loader.exec_module(module)
-            remote_del = module.setup(tensor.RemoteTensor, torch.Tensor._make_wrapper_subclass, torch.strided,
-                         dispatch.torch_dispatch, torch.compiler, meta.CACHE, tensor.RemoteView, transfer._alias,
-                         transfer._view, transfer._GEOMETRY, compact.MAX_OP_IDS, compact.MAX_OUTPUTS,
-                         dispatch._PLAIN, dispatch._SPECIAL, runtime)  # fmt: skip
-            module.remote_del = remote_del
-        except Exception as exc:  # BuildError, a broken cache file: the Python dispatcher still works
-            log.warning("gpupool: native op path unavailable, every op takes the Python dispatcher (slower per op; "
-                        "GPUPOOL_NATIVE_OPS=0 skips this): %s", exc)  # fmt: skip
-            module = None
-    _ops.append(module)
-    return module
-
-
-def use_native_ops(on: bool) -> bool:
-    """Route `RemoteTensor.__torch_dispatch__` through the C path (native_ops.cpp: its steady ops in C, the rest to
-    `dispatch.torch_dispatch`) or straight to the Python dispatcher; True if the C path is in place now. `on` with no
-    module (`load_ops`) leaves the Python dispatcher."""
-    from . import dispatch, tensor
-    from .tensor import RemoteTensor
-
-    module = load_ops() if on else None
-    fn = module.torch_dispatch if module is not None else dispatch.torch_dispatch
-    RemoteTensor.__torch_dispatch__ = classmethod(fn)  # type: ignore[assignment]
-    RemoteTensor.__del__ = module.remote_del if module is not None else tensor.python_del  # type: ignore[method-assign]
-    return module is not None
-
-
-def native_ops_active() -> bool:
-    """True while `RemoteTensor.__torch_dispatch__` is the C path."""
-    from .tensor import RemoteTensor
-
-    fn = RemoteTensor.__dict__["__torch_dispatch__"].__func__
-    return bool(_ops) and _ops[0] is not None and fn is _ops[0].torch_dispatch

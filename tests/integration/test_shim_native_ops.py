@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from gpupool.client.torch import meta, native
+from gpupool.client.torch import meta, native_ops
 from gpupool.client.torch.tensor import RemoteTensor, RemoteView
 from torch import nn
 
@@ -26,13 +26,13 @@ aten = torch.ops.aten
 @pytest.fixture
 def on() -> Iterator[None]:
     """The C path in place (as `import gpupool.torch` leaves it), also after a test that switched it off."""
-    assert native.use_native_ops(True), "the native op path did not build (a C++ compiler and Python.h are needed)"
+    assert native_ops.use(True), "the native op path did not build (a C++ compiler and Python.h are needed)"
     yield
-    native.use_native_ops(True)
+    native_ops.use(True)
 
 
 def stats() -> tuple[int, int]:
-    module = native.load_ops()
+    module = native_ops.load()
     assert module is not None
     ran, passed = module.stats()
     return int(ran), int(passed)
@@ -123,7 +123,9 @@ NO_RECORD = {"detach", "detach of a lazy view", "t", "view", "view of a lazy vie
 
 
 @pytest.mark.parametrize("case", list(OPS))
-def test_a_warm_op_runs_in_c_with_the_python_paths_key_record_and_result(dev: torch.device, on: None, case: str) -> None:
+def test_a_warm_op_runs_in_c_with_the_python_paths_key_record_and_result(
+    dev: torch.device, on: None, case: str
+) -> None:
     op, make = OPS[case]
     t = tensors(dev)
     args = make(t)
@@ -131,11 +133,11 @@ def test_a_warm_op_runs_in_c_with_the_python_paths_key_record_and_result(dev: to
     op(*args)  # warm: the Python path makes the meta-cache entry
     rec = Records(rt)
     try:
-        native.use_native_ops(False)
+        native_ops.use(False)
         before = stats()
         want = op(*args)
         assert stats() == before  # the Python dispatcher alone
-        native.use_native_ops(True)
+        native_ops.use(True)
         hits = meta.CACHE.hits
         got = op(*args)
         ran, passed = stats()
@@ -166,7 +168,7 @@ def test_the_c_paths_written_values_equal_the_python_paths(dev: torch.device, on
         t = tensors(dev)
         aten._foreach_add_.Scalar(t["ts"], 1.0)  # warm (the first call of each: Python)
         aten.add_.Tensor(t["ts"][1], t["ts"][2])
-        native.use_native_ops(use)
+        native_ops.use(use)
         before = stats()
         aten._foreach_add_.Scalar(t["ts"], 0.25)
         aten.add_.Tensor(t["ts"][1], t["ts"][2])
@@ -193,11 +195,11 @@ def mlp_steps(dev: torch.device, steps: int) -> tuple[list[float], list[torch.Te
 
 
 def test_training_is_bit_equal_with_and_without_the_c_path(dev: torch.device, on: None) -> None:
-    native.use_native_ops(False)
+    native_ops.use(False)
     before = stats()
     py_losses, py_params = mlp_steps(dev, 6)
     assert stats() == before
-    native.use_native_ops(True)
+    native_ops.use(True)
     c_losses, c_params = mlp_steps(dev, 6)
     ran, passed = stats()
     assert ran - before[0] > 5 * (passed - before[1]), "most of the steady steps' ops should run in C"
@@ -303,9 +305,9 @@ def test_a_recording_step_sends_its_ops_through_python(dev: torch.device, on: No
 def test_gpupool_native_ops_0_keeps_the_python_dispatcher() -> None:
     code = (
         "import gpupool.torch\n"
-        "from gpupool.client.torch import native\n"
+        "from gpupool.client.torch import native_ops\n"
         "from gpupool.client.torch.tensor import RemoteTensor\n"
-        "print(native.native_ops_active(), RemoteTensor.__dict__['__torch_dispatch__'].__func__.__module__)\n"
+        "print(native_ops.active(), RemoteTensor.__dict__['__torch_dispatch__'].__func__.__module__)\n"
     )
     for value, want in (("0", "False gpupool.client.torch.dispatch"), ("1", "True gpupool_native_ops")):
         env = {**os.environ, "GPUPOOL_NATIVE_OPS": value}
@@ -314,9 +316,11 @@ def test_gpupool_native_ops_0_keeps_the_python_dispatcher() -> None:
 
 
 @pytest.mark.parametrize("use", [False, True], ids=["python", "native"])
-def test_a_dying_tensor_gives_its_handle_and_bytes_to_the_batch_of_frees(dev: torch.device, on: None, use: bool) -> None:
-    native.use_native_ops(use)
-    assert (RemoteTensor.__del__ is native.load_ops().remote_del) == use  # type: ignore[union-attr]
+def test_a_dying_tensor_gives_its_handle_and_bytes_to_the_batch_of_frees(
+    dev: torch.device, on: None, use: bool
+) -> None:
+    native_ops.use(use)
+    assert (RemoteTensor.__del__ is native_ops.load().remote_del) == use  # type: ignore[union-attr]
     a = torch.randn(6, 5).to(dev)
     rt = a._gp_rt
     rt.flush_frees(force=True)
