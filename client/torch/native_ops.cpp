@@ -852,8 +852,12 @@ PyObject* torch_dispatch(PyObject* /*module*/, PyObject* const* a, Py_ssize_t na
       out = fast_alias(args);
     } else if (how == g_view_fn) {
       Ref sch(PyObject_GetAttr(func, s_gp_sch));
-      if (sch.p == nullptr) return nullptr;
-      out = fast_view(sch.p, args);
+      if (sch.p == nullptr) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return nullptr;
+        PyErr_Clear();  // (dispatch._route sets both)
+      } else {
+        out = fast_view(sch.p, args);
+      }
     }
     if (out != nullptr) {
       g_ran++;

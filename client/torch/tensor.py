@@ -164,7 +164,7 @@ class RemoteTensor(torch.Tensor):
         return out
 
 
-python_del = RemoteTensor.__del__  # the Python finalizer (native.use_native_ops puts native_ops.cpp's in its place)
+python_del = RemoteTensor.__del__  # the Python finalizer (native_ops.use puts native_ops.cpp's `remote_del` there)
 
 
 class RemoteView(RemoteTensor):

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from gpupool.client.torch import meta, native_ops
+from gpupool.client.torch import meta, native_ops, runtime
 from gpupool.client.torch.tensor import RemoteTensor, RemoteView
 from torch import nn
 
@@ -135,11 +135,16 @@ def test_a_warm_op_runs_in_c_with_the_python_paths_key_record_and_result(
     try:
         native_ops.use(False)
         before = stats()
+        counted = rt.ops_sent, rt._unflushed
         want = op(*args)
         assert stats() == before  # the Python dispatcher alone
+        sent_py = rt.ops_sent - counted[0], (rt._unflushed - counted[1]) % runtime.FLUSH_OPS
         native_ops.use(True)
         hits = meta.CACHE.hits
+        counted = rt.ops_sent, rt._unflushed
         got = op(*args)
+        # the runtime's counts: ops sent, records in the frame (native_ops.cpp `send_record`, eager_op's inline case)
+        assert (rt.ops_sent - counted[0], (rt._unflushed - counted[1]) % runtime.FLUSH_OPS) == sent_py
         ran, passed = stats()
         assert (ran, passed) == (before[0] + 1, before[1]), "the warm op did not run in C"
         assert meta.CACHE.hits == hits + (0 if case.startswith("detach") else 1)  # detach: no lookup
