@@ -40,9 +40,9 @@ unsigned long long g_ran = 0, g_passed = 0;  // ops this path ran, ops it passed
 // interned attribute names
 PyObject *s_gp_route, *s_fast, *s_gp_rt, *s_gp_h, *s_gp_key, *s_recorders, *s_op_ids, *s_pending, *s_entries,
     *s_hits, *s_one, *s_metas, *s_wrapper, *s_spec, *s_flat_tuple, *s_flat_list, *s_values, *s_handle_base,
-    *s_handle_count, *s_device, *s_eager_op, *s_is_compiling, *s_gp_v, *s_closed, *s_share, *s_gp_sch, *s_shared, *s_watched,
+    *s_handle_count, *s_device, *s_eager_op, *s_is_compiling, *s_gp_v, *s_closed, *s_gp_sch, *s_shared, *s_watched,
     *s_dead, *s_dead_bytes, *s_release, *s_itemsize, *s_heads, *s_ops_sent, *s_unflushed, *s_session, *s_free_bytes,
-    *s_flush_ops, *s_free_batch, *s_raise;
+    *s_flush_ops, *s_free_batch, *s_raise, *s_lock, *s_acquire;
 
 // Argument kinds (meta.T, TL, S, SL, V), as `Schema.fast` codes them.
 enum Kind : long { kT = 0, kTL = 1, kS = 2, kSL = 3, kV = 4 };
@@ -523,11 +523,35 @@ PyObject* new_wrapper(PyObject* type, PyObject* rt_device, PyObject* rt, PyObjec
   return t.release();
 }
 
-// rt.share(handle): one more tensor holds it (under the runtime's lock, in Python)
+// rt.share(handle): one more tensor holds it. DeviceRuntime.share inline: `shared[handle] += 1` under the runtime's
+// lock (a tensor dying on another thread changes `shared` under it: runtime.release).
 int share(PyObject* rt, PyObject* handle) {
-  PyObject* argv[] = {rt, handle};
-  Ref done(PyObject_VectorcallMethod(s_share, argv, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr));
-  return done.p == nullptr ? -1 : 0;
+  Ref lock(PyObject_GetAttr(rt, s_lock));
+  if (lock.p == nullptr) return -1;
+  Ref got(PyObject_CallMethodNoArgs(lock.p, s_acquire));
+  if (got.p == nullptr) return -1;
+  int rc = -1;
+  {
+    Ref shared(PyObject_GetAttr(rt, s_shared));
+    if (shared.p != nullptr && PyDict_CheckExact(shared.p)) {
+      PyObject* n = PyDict_GetItemWithError(shared.p, handle);  // borrowed
+      if (n != nullptr || !PyErr_Occurred()) {
+        Ref more(n != nullptr ? PyNumber_Add(n, g_one) : (Py_INCREF(g_one), g_one));
+        if (more.p != nullptr) rc = PyDict_SetItem(shared.p, handle, more.p);
+      }
+    } else if (shared.p != nullptr) {
+      PyErr_SetString(PyExc_TypeError, "gpupool: DeviceRuntime.shared is not a dict");
+    }
+  }
+  PyObject *type, *value, *tb;  // release the lock whatever happened, keeping the error
+  PyErr_Fetch(&type, &value, &tb);
+  Ref done(PyObject_CallMethodNoArgs(lock.p, s_release));
+  if (done.p == nullptr) {
+    Py_XDECREF(type), Py_XDECREF(value), Py_XDECREF(tb);
+    return -1;
+  }
+  PyErr_Restore(type, value, tb);
+  return rc;
 }
 
 // Whether the runtime has no recorder, no held-back empty and is open: 1 yes, 0 no, -1 an error.
@@ -932,12 +956,12 @@ PyMODINIT_FUNC PyInit_gpupool_native_ops() {
                         {&s_handle_base, "_handle_base"}, {&s_handle_count, "_handle_count"},
                         {&s_device, "device"}, {&s_eager_op, "eager_op"},
                         {&s_is_compiling, "_is_compiling_flag"}, {&s_gp_v, "_gp_v"}, {&s_closed, "closed"},
-                        {&s_share, "share"}, {&s_gp_sch, "_gp_sch"}, {&s_shared, "shared"},
+                        {&s_gp_sch, "_gp_sch"}, {&s_shared, "shared"},
                         {&s_watched, "watched"}, {&s_dead, "_dead"}, {&s_dead_bytes, "_dead_bytes"},
                         {&s_release, "release"}, {&s_itemsize, "itemsize"}, {&s_heads, "_heads"},
                         {&s_ops_sent, "ops_sent"}, {&s_unflushed, "_unflushed"}, {&s_session, "session"},
                         {&s_free_bytes, "free_bytes"}, {&s_flush_ops, "FLUSH_OPS"}, {&s_free_batch, "FREE_BATCH"},
-                        {&s_raise, "_raise"}};
+                        {&s_raise, "_raise"}, {&s_lock, "_lock"}, {&s_acquire, "acquire"}};
   for (const Name& n : names) {
     *n.slot = PyUnicode_InternFromString(n.text);
     if (*n.slot == nullptr) return nullptr;

@@ -307,17 +307,27 @@ def test_a_recording_step_sends_its_ops_through_python(dev: torch.device, on: No
         assert ran == 0 and passed > 0, recorded
 
 
-def test_gpupool_native_ops_0_keeps_the_python_dispatcher() -> None:
+def test_gpupool_native_ops_0_or_a_failed_build_keeps_the_python_dispatcher(tmp_path: Any) -> None:
     code = (
         "import gpupool.torch\n"
         "from gpupool.client.torch import native_ops\n"
         "from gpupool.client.torch.tensor import RemoteTensor\n"
-        "print(native_ops.active(), RemoteTensor.__dict__['__torch_dispatch__'].__func__.__module__)\n"
+        "print(native_ops.active(), RemoteTensor.__dict__['__torch_dispatch__'].__func__.__module__,\n"
+        "      type(RemoteTensor.__dict__['__del__']).__name__)\n"
     )
-    for value, want in (("0", "False gpupool.client.torch.dispatch"), ("1", "True gpupool_native_ops")):
-        env = {**os.environ, "GPUPOOL_NATIVE_OPS": value}
+    python = "False gpupool.client.torch.dispatch function"
+    no_compiler = {"CXX": "false", "GPUPOOL_NATIVE_CACHE": str(tmp_path)}  # an empty cache: it must build, and fails
+    cases = [
+        ({"GPUPOOL_NATIVE_OPS": "0"}, python),
+        (no_compiler, python),
+        ({}, "True gpupool_native_ops method_descriptor"),
+    ]
+    for extra, want in cases:
+        env = {**os.environ, "GPUPOOL_NATIVE_OPS": "1", **extra}
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
         assert out.stdout.strip() == want, out.stderr
+        if extra is no_compiler:
+            assert "native op path unavailable, every op takes the Python dispatcher" in out.stderr
 
 
 @pytest.mark.parametrize("use", [False, True], ids=["python", "native"])
