@@ -91,7 +91,7 @@ def _result(proc: subprocess.Popen[str]) -> tuple[dict[str, Any], list[str]]:
     assert proc.returncode == 0, out[-4000:]
     result = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     assert len(result) == 1, out[-4000:]
-    logs = [line for line in out.splitlines() if "native device guard" in line or "GPUPOOL_NATIVE" in line]
+    logs = [line for line in out.splitlines() if "native device guard" in line or "GPUPOOL_NATIVE=" in line]
     return json.loads(result[0][len("RESULT ") :]), logs
 
 
