@@ -88,34 +88,52 @@ inline PyObject* dict_get(PyObject* d, PyObject* name) {
   return PyDict_GetItemWithError(d, name);
 }
 
+// A remote tensor's attributes (borrowed from its __dict__): its runtime, handle, metadata key, and a lazy view's
+// argument (bytes; nullptr for a tensor with a daemon tensor of its own).
+struct Remote {
+  PyObject *rt = nullptr, *h = nullptr, *key = nullptr, *view = nullptr;
+};
+
+// 0: read; 1: not this path's (no such attributes, or a view argument that is not bytes); -1: an error is set.
+int remote_fields(PyObject* t, Remote& r) {
+  if (!is_remote(t)) return 1;
+  PyObject** dp = _PyObject_GetDictPtr(t);
+  if (dp == nullptr || *dp == nullptr) return 1;
+  r.rt = dict_get(*dp, s_gp_rt);
+  r.h = r.rt ? dict_get(*dp, s_gp_h) : nullptr;
+  r.key = r.h ? dict_get(*dp, s_gp_key) : nullptr;
+  if (r.key == nullptr) return PyErr_Occurred() ? -1 : 1;
+  r.view = dict_get(*dp, s_gp_v);
+  if (r.view == nullptr && PyErr_Occurred()) return -1;
+  if (r.view == Py_None) r.view = nullptr;
+  if (r.view != nullptr && !PyBytes_CheckExact(r.view)) return 1;
+  return 0;
+}
+
+// The same runtime as the arguments before (`*rt`, set by the first): false for a second device (the Python path
+// raises torch's error).
+inline bool same_device(PyObject** rt, PyObject* other) {
+  if (*rt == nullptr) *rt = other;
+  return *rt == other;
+}
+
 // 0: encoded; 1: not this path's (fall back); -1: a Python error is set.
 // The key part and bytes are exactly encode.build_compact's (`_c_one`) for the cases handled here.
 int encode_arg(PyObject* v, long kind, bool by_type, PyObject** rt, PyObject** key_part, std::string& out) {
   if (is_remote(v)) {  // a remote tensor, or a view (encode._c_view: the op does not reshape, so never `own`)
-    PyObject** dp = _PyObject_GetDictPtr(v);
-    if (dp == nullptr || *dp == nullptr) return 1;
-    PyObject* d = *dp;
-    PyObject* vrt = dict_get(d, s_gp_rt);
-    PyObject* h = vrt ? dict_get(d, s_gp_h) : nullptr;
-    PyObject* k = h ? dict_get(d, s_gp_key) : nullptr;
-    if (k == nullptr) return PyErr_Occurred() ? -1 : 1;
-    if (*rt == nullptr) {
-      *rt = vrt;
-    } else if (*rt != vrt) {
-      return 1;  // two devices: the Python path raises torch's error
-    }
-    PyObject* view = dict_get(d, s_gp_v);  // a lazy view's argument (bytes), else None or absent
-    if (view != nullptr && view != Py_None) {
-      if (!PyBytes_CheckExact(view)) return 1;
-      out.append(PyBytes_AS_STRING(view), static_cast<size_t>(PyBytes_GET_SIZE(view)));
+    Remote r;
+    const int got = remote_fields(v, r);
+    if (got != 0) return got;
+    if (!same_device(rt, r.rt)) return 1;
+    if (r.view != nullptr) {
+      out.append(PyBytes_AS_STRING(r.view), static_cast<size_t>(PyBytes_GET_SIZE(r.view)));
     } else {
-      if (PyErr_Occurred()) return -1;
-      uint64_t hv = PyLong_AsUnsignedLongLong(h);
+      const uint64_t hv = PyLong_AsUnsignedLongLong(r.h);
       if (hv == static_cast<uint64_t>(-1) && PyErr_Occurred()) return -1;
       put_u64(out, tTENSOR, hv);
     }
-    Py_INCREF(k);
-    *key_part = k;
+    Py_INCREF(r.key);
+    *key_part = r.key;
     return 0;
   }
   if (v == Py_None) {
@@ -243,33 +261,21 @@ int encode_arg(PyObject* v, long kind, bool by_type, PyObject** rt, PyObject** k
     std::string handles, elements;  // the list as TENSORS (handles), and as VIEWS (elements, tags included)
     bool lazy = false;
     for (Py_ssize_t i = 0; i < n; i++) {
-      PyObject* x = items[i];
-      if (!is_remote(x)) return 1;
-      PyObject** dp = _PyObject_GetDictPtr(x);
-      if (dp == nullptr || *dp == nullptr) return 1;
-      PyObject* xrt = dict_get(*dp, s_gp_rt);
-      PyObject* h = xrt ? dict_get(*dp, s_gp_h) : nullptr;
-      PyObject* k = h ? dict_get(*dp, s_gp_key) : nullptr;
-      if (k == nullptr) return PyErr_Occurred() ? -1 : 1;
-      if (*rt == nullptr) {
-        *rt = xrt;
-      } else if (*rt != xrt) {
-        return 1;
-      }
-      uint64_t hv = PyLong_AsUnsignedLongLong(h);
+      Remote r;
+      const int got = remote_fields(items[i], r);
+      if (got != 0) return got;
+      if (!same_device(rt, r.rt)) return 1;
+      const uint64_t hv = PyLong_AsUnsignedLongLong(r.h);
       if (hv == static_cast<uint64_t>(-1) && PyErr_Occurred()) return -1;
       handles.append(reinterpret_cast<const char*>(&hv), 8);
-      PyObject* view = dict_get(*dp, s_gp_v);
-      if (view != nullptr && view != Py_None) {
-        if (!PyBytes_CheckExact(view)) return 1;
+      if (r.view != nullptr) {
         lazy = true;
-        elements.append(PyBytes_AS_STRING(view), static_cast<size_t>(PyBytes_GET_SIZE(view)));
+        elements.append(PyBytes_AS_STRING(r.view), static_cast<size_t>(PyBytes_GET_SIZE(r.view)));
       } else {
-        if (PyErr_Occurred()) return -1;
         put_u64(elements, tTENSOR, hv);
       }
-      Py_INCREF(k);
-      PyTuple_SET_ITEM(keys.p, i, k);
+      Py_INCREF(r.key);
+      PyTuple_SET_ITEM(keys.p, i, r.key);
     }
     out.push_back(static_cast<char>(lazy ? tVIEWS : tTENSORS));
     const uint16_t n16 = static_cast<uint16_t>(n);
@@ -569,17 +575,10 @@ int quiet(PyObject* rt) {
 // transfer._alias (detach, alias): a new tensor sharing the daemon tensor, or a lazy view of the same one.
 PyObject* fast_alias(PyObject* args) {
   if (PyTuple_GET_SIZE(args) != 1) return nullptr;
-  PyObject* t = PyTuple_GET_ITEM(args, 0);
-  if (!is_remote(t)) return nullptr;
-  PyObject** dp = _PyObject_GetDictPtr(t);
-  if (dp == nullptr || *dp == nullptr) return nullptr;
-  PyObject* rt = dict_get(*dp, s_gp_rt);
-  PyObject* h = rt ? dict_get(*dp, s_gp_h) : nullptr;
-  PyObject* key = h ? dict_get(*dp, s_gp_key) : nullptr;
-  if (key == nullptr || !PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 4) return nullptr;
-  PyObject* view = dict_get(*dp, s_gp_v);
-  if (view == nullptr && PyErr_Occurred()) return nullptr;
-  if (view == Py_None) view = nullptr;
+  Remote r;
+  if (remote_fields(PyTuple_GET_ITEM(args, 0), r) != 0) return nullptr;  // an error (set), or the Python path's
+  PyObject *rt = r.rt, *h = r.h, *key = r.key, *view = r.view;
+  if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 4) return nullptr;
   Ref keep_rt(rt), keep_h(h), keep_key(key), keep_view(view);  // the tensor's dict may change in the calls below
   Py_INCREF(rt), Py_INCREF(h), Py_INCREF(key), Py_XINCREF(view);
   const int q = quiet(rt);  // (_alias sends held-back empties first: that, and recorders' release hooks, in Python)
@@ -597,14 +596,9 @@ PyObject* fast_alias(PyObject* args) {
 PyObject* fast_view(PyObject* sch, PyObject* args) {
   const Py_ssize_t nargs = PyTuple_GET_SIZE(args);
   if (nargs < 1 || nargs > 16) return nullptr;
-  PyObject* t = PyTuple_GET_ITEM(args, 0);
-  if (!is_remote(t)) return nullptr;
-  PyObject** dp = _PyObject_GetDictPtr(t);
-  if (dp == nullptr || *dp == nullptr) return nullptr;
-  PyObject* rt = dict_get(*dp, s_gp_rt);
-  PyObject* base = rt ? dict_get(*dp, s_gp_h) : nullptr;
-  PyObject* tkey = base ? dict_get(*dp, s_gp_key) : nullptr;
-  if (tkey == nullptr) return nullptr;
+  Remote r;
+  if (remote_fields(PyTuple_GET_ITEM(args, 0), r) != 0) return nullptr;  // an error (set), or the Python path's
+  PyObject *rt = r.rt, *base = r.h, *tkey = r.key;
   Ref keep_rt(rt), keep_base(base);
   Py_INCREF(rt), Py_INCREF(base);
   Ref key(PyTuple_New(nargs + 1));
