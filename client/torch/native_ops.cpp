@@ -88,6 +88,32 @@ inline PyObject* dict_get(PyObject* d, PyObject* name) {
   return PyDict_GetItemWithError(d, name);
 }
 
+// obj.<name> as a new reference: from the instance's __dict__ when it is there (the runtime, the meta cache and its
+// entries are plain instances: an attribute lookup through the type costs ~5x a dict lookup), else getattr.
+PyObject* get_attr(PyObject* obj, PyObject* name) {
+  PyObject** dp = _PyObject_GetDictPtr(obj);
+  if (dp != nullptr && *dp != nullptr) {
+    PyObject* v = PyDict_GetItemWithError(*dp, name);
+    if (v != nullptr) {
+      Py_INCREF(v);
+      return v;
+    }
+    if (PyErr_Occurred()) return nullptr;
+  }
+  return PyObject_GetAttr(obj, name);
+}
+
+// obj.<name> = value, into the instance's __dict__ where the attribute lives there (else setattr).
+int set_attr(PyObject* obj, PyObject* name, PyObject* value) {
+  PyObject** dp = _PyObject_GetDictPtr(obj);
+  if (dp != nullptr && *dp != nullptr) {
+    const int has = PyDict_Contains(*dp, name);
+    if (has < 0) return -1;
+    if (has) return PyDict_SetItem(*dp, name, value);
+  }
+  return PyObject_SetAttr(obj, name, value);
+}
+
 // A remote tensor's attributes (borrowed from its __dict__): its runtime, handle, metadata key, and a lazy view's
 // argument (bytes; nullptr for a tensor with a daemon tensor of its own).
 struct Remote {
@@ -294,11 +320,11 @@ inline int truthy(PyObject* o) {
 
 // meta.CACHE.hits += 1 (the benchmarks report it)
 int bump_hits() {
-  Ref hits(PyObject_GetAttr(g_cache, s_hits));
+  Ref hits(get_attr(g_cache, s_hits));
   if (hits.p == nullptr) return -1;
   Ref more(PyNumber_Add(hits.p, g_one));
   if (more.p == nullptr) return -1;
-  return PyObject_SetAttr(g_cache, s_hits, more.p);
+  return set_attr(g_cache, s_hits, more.p);
 }
 
 // rt.new_handle(), as run_remote inlines it: rt._handle_base + next(rt._handle_count)
@@ -314,7 +340,7 @@ PyObject* new_handle(PyObject* base, PyObject* counter) {
 // The fast path proper. Returns a new reference (the op's result), nullptr with an error set, or nullptr without
 // one: not this path's (the caller falls back to the Python dispatcher).
 PyObject* fast_plain(PyObject* sch, PyObject* args) {
-  Ref fast(PyObject_GetAttr(sch, s_fast));
+  Ref fast(get_attr(sch, s_fast));
   if (fast.p == nullptr) return nullptr;
   if (fast.p == Py_None) return nullptr;
   // Schema.fast: (name, kinds, by_type, alias positions)
@@ -345,33 +371,33 @@ PyObject* fast_plain(PyObject* sch, PyObject* args) {
 
   // run_remote's checks, inline: no recorder (a capture records `Op`s), room for op ids, no held-back empties
   {
-    Ref rec(PyObject_GetAttr(rt, s_recorders));
+    Ref rec(get_attr(rt, s_recorders));
     if (rec.p == nullptr) return nullptr;
     const int t = truthy(rec.p);
     if (t != 0) return nullptr;
-    Ref ids(PyObject_GetAttr(rt, s_op_ids));
+    Ref ids(get_attr(rt, s_op_ids));
     if (ids.p == nullptr) return nullptr;
     const Py_ssize_t n = PyObject_Length(ids.p);
     if (n < 0 || n >= g_max_op_ids) return nullptr;
-    Ref pend(PyObject_GetAttr(rt, s_pending));
+    Ref pend(get_attr(rt, s_pending));
     if (pend.p == nullptr) return nullptr;
     if (truthy(pend.p) != 0) return nullptr;
-    Ref closed(PyObject_GetAttr(rt, s_closed));  // a detached device: the Python path raises DeviceLost
+    Ref closed(get_attr(rt, s_closed));  // a detached device: the Python path raises DeviceLost
     if (closed.p == nullptr) return nullptr;
     if (truthy(closed.p) != 0) return nullptr;
   }
-  Ref entries(PyObject_GetAttr(g_cache, s_entries));
+  Ref entries(get_attr(g_cache, s_entries));
   if (entries.p == nullptr || !PyDict_Check(entries.p)) return nullptr;
   PyObject* outs = PyDict_GetItemWithError(entries.p, key.p);  // borrowed
   if (outs == nullptr) return nullptr;  // a miss (or an unhashable key: the Python path says so)
   Py_INCREF(outs);
   Ref outs_ref(outs);
 
-  Ref device(PyObject_GetAttr(rt, s_device));
-  Ref base(device.p ? PyObject_GetAttr(rt, s_handle_base) : nullptr);
-  Ref counter(base.p ? PyObject_GetAttr(rt, s_handle_count) : nullptr);
+  Ref device(get_attr(rt, s_device));
+  Ref base(device.p ? get_attr(rt, s_handle_base) : nullptr);
+  Ref counter(base.p ? get_attr(rt, s_handle_count) : nullptr);
   if (counter.p == nullptr) return nullptr;
-  Ref one(PyObject_GetAttr(outs, s_one));
+  Ref one(get_attr(outs, s_one));
   if (one.p == nullptr) return nullptr;
 
   std::string body;
@@ -391,10 +417,10 @@ PyObject* fast_plain(PyObject* sch, PyObject* args) {
     body.reserve(9 + tail.size());
     put_u64(body, 1, hv);
   } else {  // several outputs, None outputs, written arguments returned (in-place ops)
-    Ref metas(PyObject_GetAttr(outs, s_metas));
-    Ref wrapper(metas.p ? PyObject_GetAttr(outs, s_wrapper) : nullptr);
-    Ref spec(wrapper.p ? PyObject_GetAttr(outs, s_spec) : nullptr);
-    Ref values(spec.p ? PyObject_GetAttr(outs, s_values) : nullptr);
+    Ref metas(get_attr(outs, s_metas));
+    Ref wrapper(metas.p ? get_attr(outs, s_wrapper) : nullptr);
+    Ref spec(wrapper.p ? get_attr(outs, s_spec) : nullptr);
+    Ref values(spec.p ? get_attr(outs, s_values) : nullptr);
     if (values.p == nullptr) return nullptr;
     if (!PyTuple_Check(metas.p) || !PyTuple_Check(wrapper.p) || !PyTuple_Check(values.p)) return nullptr;
     if (PyTuple_GET_SIZE(values.p) != 0) return nullptr;  // sizes as outputs (meta.SHAPE_INTS): the Python path
@@ -402,8 +428,8 @@ PyObject* fast_plain(PyObject* sch, PyObject* args) {
     if (n == 0 || n > g_max_outputs || PyTuple_GET_SIZE(wrapper.p) != n) return nullptr;
     int shape_kind = 0;  // 0: one output (spec None), 1: a flat tuple, 2: a flat list
     if (spec.p != Py_None) {
-      Ref ft(PyObject_GetAttr(outs, s_flat_tuple));
-      Ref fl(ft.p ? PyObject_GetAttr(outs, s_flat_list) : nullptr);
+      Ref ft(get_attr(outs, s_flat_tuple));
+      Ref fl(ft.p ? get_attr(outs, s_flat_list) : nullptr);
       if (fl.p == nullptr) return nullptr;
       if (ft.p == Py_True) {
         shape_kind = 1;
@@ -532,13 +558,13 @@ PyObject* new_wrapper(PyObject* type, PyObject* rt_device, PyObject* rt, PyObjec
 // rt.share(handle): one more tensor holds it. DeviceRuntime.share inline: `shared[handle] += 1` under the runtime's
 // lock (a tensor dying on another thread changes `shared` under it: runtime.release).
 int share(PyObject* rt, PyObject* handle) {
-  Ref lock(PyObject_GetAttr(rt, s_lock));
+  Ref lock(get_attr(rt, s_lock));
   if (lock.p == nullptr) return -1;
   Ref got(PyObject_CallMethodNoArgs(lock.p, s_acquire));
   if (got.p == nullptr) return -1;
   int rc = -1;
   {
-    Ref shared(PyObject_GetAttr(rt, s_shared));
+    Ref shared(get_attr(rt, s_shared));
     if (shared.p != nullptr && PyDict_CheckExact(shared.p)) {
       PyObject* n = PyDict_GetItemWithError(shared.p, handle);  // borrowed
       if (n != nullptr || !PyErr_Occurred()) {
@@ -564,7 +590,7 @@ int share(PyObject* rt, PyObject* handle) {
 int quiet(PyObject* rt) {
   static PyObject** const names[] = {&s_recorders, &s_pending, &s_closed};
   for (PyObject** name : names) {
-    Ref v(PyObject_GetAttr(rt, *name));
+    Ref v(get_attr(rt, *name));
     if (v.p == nullptr) return -1;
     const int t = PyObject_IsTrue(v.p);
     if (t != 0) return t < 0 ? -1 : 0;
@@ -583,7 +609,7 @@ PyObject* fast_alias(PyObject* args) {
   Py_INCREF(rt), Py_INCREF(h), Py_INCREF(key), Py_XINCREF(view);
   const int q = quiet(rt);  // (_alias sends held-back empties first: that, and recorders' release hooks, in Python)
   if (q <= 0) return nullptr;
-  Ref device(PyObject_GetAttr(rt, s_device));
+  Ref device(get_attr(rt, s_device));
   if (device.p == nullptr) return nullptr;
   Ref wargs(wrapper_args(PyTuple_GET_ITEM(key, 0), PyTuple_GET_ITEM(key, 1), PyTuple_GET_ITEM(key, 2)));
   if (wargs.p == nullptr) return nullptr;
@@ -629,13 +655,13 @@ PyObject* fast_view(PyObject* sch, PyObject* args) {
   }
   const int q = quiet(rt);
   if (q <= 0) return nullptr;
-  Ref entries(PyObject_GetAttr(g_cache, s_entries));
+  Ref entries(get_attr(g_cache, s_entries));
   if (entries.p == nullptr || !PyDict_Check(entries.p)) return nullptr;
   PyObject* outs = PyDict_GetItemWithError(entries.p, key.p);
   if (outs == nullptr) return nullptr;
   Ref keep_outs(outs);
   Py_INCREF(outs);
-  Ref one(PyObject_GetAttr(outs, s_one));
+  Ref one(get_attr(outs, s_one));
   if (one.p == nullptr || one.p == Py_None || !PyTuple_Check(one.p) || PyTuple_GET_SIZE(one.p) != 5) return nullptr;
   PyObject* m = PyTuple_GET_ITEM(one.p, 0);
   PyObject* geometry = PyDict_GetItemWithError(g_geometry, m);
@@ -646,7 +672,7 @@ PyObject* fast_view(PyObject* sch, PyObject* args) {
   put_u64(arg, tVIEW, hv);
   arg.append(PyBytes_AS_STRING(geometry), static_cast<size_t>(PyBytes_GET_SIZE(geometry)));
   Ref view(PyBytes_FromStringAndSize(arg.data(), static_cast<Py_ssize_t>(arg.size())));
-  Ref device(view.p ? PyObject_GetAttr(rt, s_device) : nullptr);
+  Ref device(view.p ? get_attr(rt, s_device) : nullptr);
   if (device.p == nullptr) return nullptr;
   // every check is done: side effects from here on (the meta-cache hit, the share), as _view's
   if (bump_hits() < 0 || share(rt, base) < 0) return nullptr;
@@ -656,16 +682,16 @@ PyObject* fast_view(PyObject* sch, PyObject* args) {
 
 // rt.<name> += delta
 int add_attr(PyObject* obj, PyObject* name, PyObject* delta) {
-  Ref v(PyObject_GetAttr(obj, name));
+  Ref v(get_attr(obj, name));
   if (v.p == nullptr) return -1;
   Ref more(PyNumber_Add(v.p, delta));
   if (more.p == nullptr) return -1;
-  return PyObject_SetAttr(obj, name, more.p);
+  return set_attr(obj, name, more.p);
 }
 
 // A Python int attribute as a C integer; -1 with an error set on failure.
 long long int_attr(PyObject* obj, PyObject* name) {
-  Ref v(PyObject_GetAttr(obj, name));
+  Ref v(get_attr(obj, name));
   if (v.p == nullptr) return -1;
   return PyLong_AsLongLong(v.p);
 }
@@ -683,7 +709,7 @@ int send_record(PyObject* rt, PyObject* name, const std::string& body) {
       return -1;
     }
   }
-  Ref heads(PyObject_GetAttr(rt, s_heads));
+  Ref heads(get_attr(rt, s_heads));
   if (heads.p == nullptr || !PyDict_Check(heads.p)) return -1;
   PyObject* head = PyDict_GetItemWithError(heads.p, name);  // borrowed
   if (head == nullptr && PyErr_Occurred()) return -1;
@@ -691,7 +717,7 @@ int send_record(PyObject* rt, PyObject* name, const std::string& body) {
     inline_ok = false;  // the first record of this name defines its id (under the runtime's lock)
   }
   if (inline_ok) {
-    Ref dead(PyObject_GetAttr(rt, s_dead));
+    Ref dead(get_attr(rt, s_dead));
     if (dead.p == nullptr) return -1;
     const Py_ssize_t ndead = PyObject_Length(dead.p);
     if (ndead < 0) return -1;
@@ -722,7 +748,7 @@ int send_record(PyObject* rt, PyObject* name, const std::string& body) {
   if (record.p == nullptr) return -1;
   std::memcpy(PyBytes_AS_STRING(record.p), PyBytes_AS_STRING(head), static_cast<size_t>(nhead));
   std::memcpy(PyBytes_AS_STRING(record.p) + nhead, body.data(), body.size());
-  Ref session(PyObject_GetAttr(rt, s_session));
+  Ref session(get_attr(rt, s_session));
   if (session.p == nullptr) return -1;
   PyObject* argv[] = {session.p, record.p};
   Ref done(PyObject_VectorcallMethod(s_eager_op, argv, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr));
@@ -788,7 +814,7 @@ PyObject* remote_del(PyObject* self, PyObject* /*unused*/) {
   if (nb.p == nullptr) return nullptr;
   bool plain = true;  // `h not in rt.shared and not (rt.watched or rt.pending or rt.closed or rt.recorders)`
   {
-    Ref shared(PyObject_GetAttr(rt, s_shared));
+    Ref shared(get_attr(rt, s_shared));
     if (shared.p == nullptr) return nullptr;
     const int in = PySequence_Contains(shared.p, h);
     if (in < 0) return nullptr;
@@ -796,7 +822,7 @@ PyObject* remote_del(PyObject* self, PyObject* /*unused*/) {
     static PyObject** const names[] = {&s_watched, &s_pending, &s_closed, &s_recorders};
     for (PyObject** name : names) {
       if (!plain) break;
-      Ref v(PyObject_GetAttr(rt, *name));
+      Ref v(get_attr(rt, *name));
       if (v.p == nullptr) return nullptr;
       const int t = PyObject_IsTrue(v.p);
       if (t < 0) return nullptr;
@@ -804,7 +830,7 @@ PyObject* remote_del(PyObject* self, PyObject* /*unused*/) {
     }
   }
   if (plain) {
-    Ref dead(PyObject_GetAttr(rt, s_dead));
+    Ref dead(get_attr(rt, s_dead));
     if (dead.p == nullptr) return nullptr;
     if (PyList_CheckExact(dead.p) ? PyList_Append(dead.p, h) < 0 : true) {
       if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "gpupool: DeviceRuntime._dead is not a list");
@@ -838,7 +864,7 @@ PyObject* torch_dispatch(PyObject* /*module*/, PyObject* const* a, Py_ssize_t na
   PyObject* kwargs = nargs > 4 ? a[4] : Py_None;
   if (args == nullptr || !PyTuple_CheckExact(args)) return to_python(a, nargs, kwnames);
   {  // Dynamo traced into here: the Python dispatcher runs the op eagerly (a graph break)
-    Ref flag(PyObject_GetAttr(g_compiler, s_is_compiling));
+    Ref flag(get_attr(g_compiler, s_is_compiling));
     if (flag.p == nullptr) return nullptr;
     const int t = truthy(flag.p);
     if (t < 0) return nullptr;
@@ -847,7 +873,7 @@ PyObject* torch_dispatch(PyObject* /*module*/, PyObject* const* a, Py_ssize_t na
   if (kwargs != Py_None && (!PyDict_CheckExact(kwargs) || PyDict_GET_SIZE(kwargs) != 0)) {
     return to_python(a, nargs, kwnames);
   }
-  Ref route(PyObject_GetAttr(func, s_gp_route));
+  Ref route(get_attr(func, s_gp_route));
   if (route.p == nullptr) {
     if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return nullptr;
     PyErr_Clear();  // not routed yet: the Python dispatcher works it out (dispatch._route)
@@ -869,7 +895,7 @@ PyObject* torch_dispatch(PyObject* /*module*/, PyObject* const* a, Py_ssize_t na
     if (how == g_alias_fn) {
       out = fast_alias(args);
     } else if (how == g_view_fn) {
-      Ref sch(PyObject_GetAttr(func, s_gp_sch));
+      Ref sch(get_attr(func, s_gp_sch));
       if (sch.p == nullptr) {
         if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return nullptr;
         PyErr_Clear();  // (dispatch._route sets both)
