@@ -23,13 +23,19 @@ if [ "${GPUPOOL_SKIP_APT:-0}" != 1 ] && ! { have_tools && have_pg && have_seccom
 fi
 python3 -m pip install -q --disable-pip-version-check "torch==2.13.0"
 python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
-GPUPOOL_NATIVE=0 python3 - <<'PY'  # build() below, not the import's own try (one message)
+GPUPOOL_NATIVE=0 GPUPOOL_NATIVE_OPS=0 python3 - <<'PY'  # build() below, not the import's own try (one message)
 import sys
 from gpupool.client.torch import native
 try:
     print("setup: native device guard:", native.build())
 except native.BuildError as exc:  # optional: the client keeps torch's Python device guard
     print(f"setup: the native device guard did not build ({exc}); the client keeps torch's Python one", file=sys.stderr)
+try:  # the steady path of an eager op in C (client/torch/native_ops.cpp; CPython's headers)
+    from gpupool.client.torch import native_ops
+
+    print("setup: native op path:", native_ops.build())
+except native.BuildError as exc:  # optional: the Python dispatcher does every op
+    print(f"setup: the native op path did not build ({exc}); the Python dispatcher does every op", file=sys.stderr)
 PY
 # The daemon's native runner of learned runs (server/native_runner.cpp, g++ and ninja, ~1 min once): built now into
 # the per-user cache so that a daemon's zygote finds it built instead of building it while sessions wait to attach.

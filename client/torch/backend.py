@@ -27,7 +27,7 @@ import torch
 import torch.utils.backend_registration as backend_registration
 
 from ..engine import run_backward_on_calling_thread
-from . import api, native, runtime, tensor
+from . import api, native, native_ops, runtime, tensor
 from .dispatch import dispatch, factory, find_runtime, torch_dispatch
 
 NAME = "gpupool"
@@ -134,6 +134,7 @@ def register() -> None:
     """Idempotent: make the PrivateUse1 backend `gpupool` (fails if another backend took the name), and
     route the ops of remote tensors to the dispatcher."""
     tensor.set_dispatcher(dispatch, torch_dispatch)
+    native_ops.use(True)  # steady ops in C (native_ops.cpp), the rest to torch_dispatch; GPUPOOL_NATIVE_OPS=0
     current = torch._C._get_privateuse1_backend_name()
     if current == NAME and _library:
         return

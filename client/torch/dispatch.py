@@ -24,11 +24,12 @@ def _route(func: Any) -> tuple[int, Any]:
     """How `dispatch` handles an op, worked out once and kept on the OpOverload itself (`_gp_route`): reading
     an attribute costs less than the dict lookups it replaces (OpOverload.__hash__ is a Python function)."""
     special = transfer.SPECIAL.get(func)
+    sch = meta.schema_of(func)
     if special is not None:
         route: tuple[int, Any] = (_SPECIAL, special)
     else:
-        sch = meta.schema_of(func)
         route = (_PLAIN if sch.plain else _OTHER, sch)
+    func._gp_sch = sch  # for the C path's view ops (native_ops.cpp `fast_view`)
     func._gp_route = route
     return route
 

@@ -29,6 +29,7 @@ from .tensor import RemoteTensor, wrapper_args
 metas.register()  # Meta kernels torch lacks (Adam(fused=True)'s tensor-lr overload): without one an op runs on the CPU
 
 T, TL, S, SL, V = "T", "TL", "S", "SL", "V"  # argument kinds: tensor, tensor list, scalar, scalar list, value
+_KIND_CODES = {T: 0, TL: 1, S: 2, SL: 3, V: 4}  # as native_ops.cpp `Kind` has them
 META = torch.device("meta")
 
 
@@ -164,6 +165,13 @@ class Schema:
             and self.returns_tensors
             and not self.inplace_view
         )
+        # What the C path (native_ops.cpp) needs of a plain op it may run: (name, argument kinds as codes, whether
+        # Scalars are keyed by type, per return the position of the written argument it is or -2); None: never
+        # there (ops that may change metadata or storage, and the ops meta.cpu_fixup may change, take run_remote).
+        self.fast: tuple[str, tuple[int, ...], bool, tuple[int, ...]] | None = None
+        if self.plain and not self.reshapes and self.name not in CPU_FIXUPS:
+            alias = tuple(-2 if a is None else self.arg_names.index(a) for a in self.write_alias)
+            self.fast = (self.name, tuple(_KIND_CODES[k] for k in self.kinds), self.has_tensor_inputs, alias)
 
 
 _schemas: dict[Any, Schema] = {}

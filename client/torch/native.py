@@ -121,9 +121,13 @@ def compile_command(out: Path) -> list[str]:
 
 def build() -> Path:
     """The built guard's path, compiling it first if the cache has none (under a lock; atomic rename)."""
+    return _build(library_path(), compile_command, "the native device guard")
+
+
+def _build(path: Path, command: Any, what: str) -> Path:
+    """`path`, compiling it first with `command(tmp)` if the cache has none (under a lock; atomic rename)."""
     import fcntl
 
-    path = library_path()
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,7 +140,7 @@ def build() -> Path:
         fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            cmd = compile_command(Path(tmp))
+            cmd = command(Path(tmp))
             start = time.monotonic()
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -148,7 +152,7 @@ def build() -> Path:
                 detail = f": {first.strip()[:300]}" if first.strip() else " (no output)"
                 raise BuildError(f"{cmd[0]} exited with {done.returncode}{detail}")
             os.replace(tmp, path)
-            log.info("gpupool: built the native device guard in %.1f s: %s", time.monotonic() - start, path)
+            log.info("gpupool: built %s in %.1f s: %s", what, time.monotonic() - start, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

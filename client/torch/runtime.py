@@ -105,7 +105,7 @@ class DeviceRuntime:
 
     def release(self, handle: int, nbytes: int = 0) -> None:
         """Called when a tensor dies (any thread, any time): remember the handle for the next batch.
-        (`RemoteTensor.__del__` has the first branch inline: keep the two in step.)"""
+        (`RemoteTensor.__del__` and native_ops.cpp `remote_del` have the first branch inline: keep the three alike.)"""
         if handle not in self.shared and not (self.watched or self.pending or self.closed or self.recorders):
             # The usual death, without the lock (~0.3-0.7 us less per tensor): nothing to look up, one append.
             # `_dead` is never replaced, only trimmed at its front (`flush_frees`), so an append racing a flush
@@ -208,7 +208,8 @@ class DeviceRuntime:
 
     def eager_op(self, name: str, body: bytes) -> None:
         """An op as a compact record (gpupool/compact.py): `body` is the record after its op id, its output count, its
-        output handles and its arguments (`ONE_OUTPUT(1, h) + tail` for the usual op), encoded by the caller."""
+        output handles and its arguments (`ONE_OUTPUT(1, h) + tail` for the usual op), encoded by the caller.
+        (native_ops.cpp `send_record` has its usual case inline: keep the two in step.)"""
         self.ops_sent += 1
         if self._dead and (len(self._dead) >= FREE_BATCH or self._dead_bytes >= self.free_bytes):
             self.flush_frees()

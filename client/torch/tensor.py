@@ -164,6 +164,9 @@ class RemoteTensor(torch.Tensor):
         return out
 
 
+python_del = RemoteTensor.__del__  # the Python finalizer (native_ops.use puts native_ops.cpp's `remote_del` there)
+
+
 class RemoteView(RemoteTensor):
     """A remote tensor made by a view op without a record (see the module docstring): `_gp_v` is its view
     argument's bytes while it is lazy (`_gp_h` then names the daemon tensor it is a view of), None once `own`

@@ -78,8 +78,9 @@ print("RESULT", json.dumps({"active": native.active(), "python_guard_calls": cal
 
 def _start(serve: Any, cache: Path, **env: str) -> subprocess.Popen[str]:
     full = {k: v for k, v in os.environ.items() if k not in ("GPUPOOL_NATIVE", "CXX")}
+    # the guard alone: the native op path (native_ops.cpp, the same cache) has tests of its own (test_shim_native_ops)
     full.update(GPUPOOL_NATIVE_CACHE=str(cache), T_ADDRESS=serve.address, T_TOKEN0=serve.token(),
-                T_TOKEN1=serve.token(), PYTHONPATH=str(REPO), **env)  # fmt: skip
+                T_TOKEN1=serve.token(), PYTHONPATH=str(REPO), GPUPOOL_NATIVE_OPS="0", **env)  # fmt: skip
     cmd = [sys.executable, "-c", CHILD]
     return subprocess.Popen(cmd, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -90,7 +91,7 @@ def _result(proc: subprocess.Popen[str]) -> tuple[dict[str, Any], list[str]]:
     assert proc.returncode == 0, out[-4000:]
     result = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     assert len(result) == 1, out[-4000:]
-    logs = [line for line in out.splitlines() if "native device guard" in line or "GPUPOOL_NATIVE" in line]
+    logs = [line for line in out.splitlines() if "native device guard" in line or "GPUPOOL_NATIVE=" in line]
     return json.loads(result[0][len("RESULT ") :]), logs
 
 
@@ -157,7 +158,7 @@ def test_processes_starting_together_build_it_once(tmp_path: Path) -> None:
     if not _have_compiler():
         pytest.skip("no C++ compiler here")
     env = {k: v for k, v in os.environ.items() if k not in ("GPUPOOL_NATIVE", "CXX")}
-    env.update(GPUPOOL_NATIVE_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+    env.update(GPUPOOL_NATIVE_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO), GPUPOOL_NATIVE_OPS="0")
     cmd = [sys.executable, "-c", "import logging; logging.basicConfig(level=logging.INFO); " + PROBE]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(3)]  # fmt: skip

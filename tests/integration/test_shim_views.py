@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from gpupool.client.torch import encode, runtime
+from gpupool.client.torch import encode, native_ops, runtime
 from gpupool.client.torch.tensor import RemoteView
 from torch import nn
 
@@ -255,8 +255,12 @@ def test_foreach_optimizers_take_gradient_views_in_their_lists_and_match_bit_for
     assert foreach and "aten::alias" not in names, sorted(set(names))
     with monkeypatch.context() as m:
         m.setattr(encode, "_c_tensor_list", _plain_lists)
-        names.clear()
-        plain, plain_params = _foreach_train(dev, model_name, opt_name, 5)
+        native_ops.use(False)  # the Python encoder, patched (native_ops.cpp encodes the lists as encode does)
+        try:
+            names.clear()
+            plain, plain_params = _foreach_train(dev, model_name, opt_name, 5)
+        finally:
+            native_ops.use(True)
         assert "aten::alias" in names  # (the path compared with)
     want, local = _foreach_train("cpu", model_name, opt_name, 5)
     assert got == plain

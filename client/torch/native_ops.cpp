@@ -1,0 +1,992 @@
+// The steady path of an eager op on remote tensors in C (CPython's API only: no torch headers, no pybind):
+// `RemoteTensor.__torch_dispatch__` for an op whose meta-cache entry exists, whose arguments are remote tensors and
+// plain values, on a device nobody is recording a step on. It does what client/torch/remote.py `run_remote` does on
+// that path (the compact record, the cache key, the lookup, the handles, the wrappers, `rt.eager_op`), without ~300
+// Python bytecodes an op. Anything else - a cache miss, a keyword argument, a lazy view, a CPU tensor, a capture, a
+// held-back empty, an error to raise - goes to the Python dispatcher (`dispatch.torch_dispatch`), which stays the
+// reference: this path makes the same key, the same record bytes and the same wrappers, or makes nothing at all
+// (every check comes before the first side effect).
+//
+// Built at first use by client/torch/native.py (`build_ops`) and imported as an extension module;
+// `GPUPOOL_NATIVE_OPS=0` keeps the Python dispatcher (the A/B, the tests' reference).
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+namespace {
+
+// Set once by `setup`; borrowed forever (the module keeps its own references).
+PyObject* g_remote_type = nullptr;   // tensor.RemoteTensor (exact type: other subclasses fall back)
+PyObject* g_view_type = nullptr;     // tensor.RemoteView (a lazy view: `_gp_v` is its view argument's bytes)
+PyObject* g_alias_fn = nullptr;      // transfer._alias (detach, alias): `SPECIAL` handlers done here too
+PyObject* g_view_fn = nullptr;       // transfer._view (the view ops)
+PyObject* g_geometry = nullptr;      // transfer._GEOMETRY: a view's meta -> its view argument's bytes after the handle
+PyObject* g_runtime = nullptr;       // the runtime module (FREE_BATCH, FLUSH_OPS: read per op, as its methods do)
+PyObject* g_make_wrapper = nullptr;  // torch.Tensor._make_wrapper_subclass
+PyObject* g_strided = nullptr;       // torch.strided
+PyObject* g_py_dispatch = nullptr;   // dispatch.torch_dispatch: everything this path does not do
+PyObject* g_compiler = nullptr;      // torch.compiler (its `_is_compiling_flag`)
+PyObject* g_cache = nullptr;         // meta.CACHE
+Py_ssize_t g_max_op_ids = 0;         // compact.MAX_OP_IDS
+Py_ssize_t g_max_outputs = 0;        // compact.MAX_OUTPUTS
+long g_plain = 0, g_special = 1;     // dispatch._PLAIN, dispatch._SPECIAL
+PyObject* g_one = nullptr;           // the int 1
+unsigned long long g_ran = 0, g_passed = 0;  // ops this path ran, ops it passed to the Python dispatcher (`stats`)
+
+// interned attribute names
+PyObject *s_gp_route, *s_fast, *s_gp_rt, *s_gp_h, *s_gp_key, *s_recorders, *s_op_ids, *s_pending, *s_entries,
+    *s_hits, *s_one, *s_metas, *s_wrapper, *s_spec, *s_flat_tuple, *s_flat_list, *s_values, *s_handle_base,
+    *s_handle_count, *s_device, *s_eager_op, *s_is_compiling, *s_gp_v, *s_closed, *s_gp_sch, *s_shared, *s_watched,
+    *s_dead, *s_dead_bytes, *s_release, *s_itemsize, *s_heads, *s_ops_sent, *s_unflushed, *s_session, *s_free_bytes,
+    *s_flush_ops, *s_free_batch, *s_raise, *s_lock, *s_acquire;
+
+// Argument kinds (meta.T, TL, S, SL, V), as `Schema.fast` codes them.
+enum Kind : long { kT = 0, kTL = 1, kS = 2, kSL = 3, kV = 4 };
+
+// Tags of gpupool/compact.py.
+enum Tag : unsigned char {
+  tNONE = 0, tTENSOR = 1, tINT = 2, tFLOAT = 3, tBOOL = 4, tTENSORS = 5, tINTS = 6, tFLOATS = 7, tVIEW = 14, tVIEWS = 15
+};
+
+inline bool is_remote(PyObject* v) {
+  return Py_TYPE(v) == reinterpret_cast<PyTypeObject*>(g_remote_type) ||
+         Py_TYPE(v) == reinterpret_cast<PyTypeObject*>(g_view_type);
+}
+
+PyObject* new_wrapper(PyObject* type, PyObject* rt_device, PyObject* rt, PyObject* handle, PyObject* m, PyObject* shape,
+                      PyObject* strides, PyObject* offset, PyObject* dtype, PyObject* view);
+
+int send_record(PyObject* rt, PyObject* name, const std::string& body);
+
+struct Ref {  // an owned reference, released at scope end
+  PyObject* p = nullptr;
+  Ref() = default;
+  explicit Ref(PyObject* o) : p(o) {}
+  Ref(const Ref&) = delete;
+  Ref& operator=(const Ref&) = delete;
+  ~Ref() { Py_XDECREF(p); }
+  PyObject* release() {
+    PyObject* o = p;
+    p = nullptr;
+    return o;
+  }
+};
+
+void put_u64(std::string& out, unsigned char tag, uint64_t v) {
+  char b[9];
+  b[0] = static_cast<char>(tag);
+  std::memcpy(b + 1, &v, 8);  // little-endian hosts only (checked in setup)
+  out.append(b, 9);
+}
+
+// A borrowed entry of an instance's __dict__ (a wrapper subclass keeps its attributes there).
+inline PyObject* dict_get(PyObject* d, PyObject* name) {
+  return PyDict_GetItemWithError(d, name);
+}
+
+// obj.<name> as a new reference: from the instance's __dict__ when it is there (the runtime, the meta cache and its
+// entries are plain instances: an attribute lookup through the type costs ~5x a dict lookup), else getattr.
+PyObject* get_attr(PyObject* obj, PyObject* name) {
+  PyObject** dp = _PyObject_GetDictPtr(obj);
+  if (dp != nullptr && *dp != nullptr) {
+    PyObject* v = PyDict_GetItemWithError(*dp, name);
+    if (v != nullptr) {
+      Py_INCREF(v);
+      return v;
+    }
+    if (PyErr_Occurred()) return nullptr;
+  }
+  return PyObject_GetAttr(obj, name);
+}
+
+// obj.<name> = value, into the instance's __dict__ where the attribute lives there (else setattr).
+int set_attr(PyObject* obj, PyObject* name, PyObject* value) {
+  PyObject** dp = _PyObject_GetDictPtr(obj);
+  if (dp != nullptr && *dp != nullptr) {
+    const int has = PyDict_Contains(*dp, name);
+    if (has < 0) return -1;
+    if (has) return PyDict_SetItem(*dp, name, value);
+  }
+  return PyObject_SetAttr(obj, name, value);
+}
+
+// A remote tensor's attributes (borrowed from its __dict__): its runtime, handle, metadata key, and a lazy view's
+// argument (bytes; nullptr for a tensor with a daemon tensor of its own).
+struct Remote {
+  PyObject *rt = nullptr, *h = nullptr, *key = nullptr, *view = nullptr;
+};
+
+// 0: read; 1: not this path's (no such attributes, or a view argument that is not bytes); -1: an error is set.
+int remote_fields(PyObject* t, Remote& r) {
+  if (!is_remote(t)) return 1;
+  PyObject** dp = _PyObject_GetDictPtr(t);
+  if (dp == nullptr || *dp == nullptr) return 1;
+  r.rt = dict_get(*dp, s_gp_rt);
+  r.h = r.rt ? dict_get(*dp, s_gp_h) : nullptr;
+  r.key = r.h ? dict_get(*dp, s_gp_key) : nullptr;
+  if (r.key == nullptr) return PyErr_Occurred() ? -1 : 1;
+  r.view = dict_get(*dp, s_gp_v);
+  if (r.view == nullptr && PyErr_Occurred()) return -1;
+  if (r.view == Py_None) r.view = nullptr;
+  if (r.view != nullptr && !PyBytes_CheckExact(r.view)) return 1;
+  return 0;
+}
+
+// The same runtime as the arguments before (`*rt`, set by the first): false for a second device (the Python path
+// raises torch's error).
+inline bool same_device(PyObject** rt, PyObject* other) {
+  if (*rt == nullptr) *rt = other;
+  return *rt == other;
+}
+
+// 0: encoded; 1: not this path's (fall back); -1: a Python error is set.
+// The key part and bytes are exactly encode.build_compact's (`_c_one`) for the cases handled here.
+int encode_arg(PyObject* v, long kind, bool by_type, PyObject** rt, PyObject** key_part, std::string& out) {
+  if (is_remote(v)) {  // a remote tensor, or a view (encode._c_view: the op does not reshape, so never `own`)
+    Remote r;
+    const int got = remote_fields(v, r);
+    if (got != 0) return got;
+    if (!same_device(rt, r.rt)) return 1;
+    if (r.view != nullptr) {
+      out.append(PyBytes_AS_STRING(r.view), static_cast<size_t>(PyBytes_GET_SIZE(r.view)));
+    } else {
+      const uint64_t hv = PyLong_AsUnsignedLongLong(r.h);
+      if (hv == static_cast<uint64_t>(-1) && PyErr_Occurred()) return -1;
+      put_u64(out, tTENSOR, hv);
+    }
+    Py_INCREF(r.key);
+    *key_part = r.key;
+    return 0;
+  }
+  if (v == Py_None) {
+    out.push_back(static_cast<char>(tNONE));
+    Py_INCREF(Py_None);
+    *key_part = Py_None;
+    return 0;
+  }
+  PyTypeObject* tv = Py_TYPE(v);
+  const bool is_bool = tv == &PyBool_Type, is_int = tv == &PyLong_Type, is_float = tv == &PyFloat_Type;
+  if (kind == kV) {
+    if (is_bool) {  // keyed by value
+      out.push_back(static_cast<char>(tBOOL));
+      out.push_back(v == Py_True ? 1 : 0);
+      Py_INCREF(v);
+      *key_part = v;
+      return 0;
+    }
+    if (is_int) {
+      int overflow = 0;
+      long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+      if (overflow) return 1;
+      if (x == -1 && PyErr_Occurred()) return -1;
+      put_u64(out, tINT, static_cast<uint64_t>(x));
+      Py_INCREF(v);
+      *key_part = v;
+      return 0;
+    }
+    if (tv == &PyList_Type) {  // a list of exact ints: keyed as a tuple of them
+      Py_ssize_t n = PyList_GET_SIZE(v);
+      if (n > 65535) return 1;
+      for (Py_ssize_t i = 0; i < n; i++) {
+        if (Py_TYPE(PyList_GET_ITEM(v, i)) != &PyLong_Type) return 1;
+      }
+      std::string part;
+      part.push_back(static_cast<char>(tINTS));
+      const uint16_t n16 = static_cast<uint16_t>(n);
+      part.append(reinterpret_cast<const char*>(&n16), 2);
+      for (Py_ssize_t i = 0; i < n; i++) {
+        int overflow = 0;
+        long long x = PyLong_AsLongLongAndOverflow(PyList_GET_ITEM(v, i), &overflow);
+        if (overflow) return 1;
+        if (x == -1 && PyErr_Occurred()) return -1;
+        part.append(reinterpret_cast<const char*>(&x), 8);
+      }
+      PyObject* t = PyList_AsTuple(v);
+      if (t == nullptr) return -1;
+      out += part;
+      *key_part = t;
+      return 0;
+    }
+    return 1;
+  }
+  if ((kind == kS || kind == kT) && (is_bool || is_int || is_float)) {
+    if (is_bool) {
+      out.push_back(static_cast<char>(tBOOL));
+      out.push_back(v == Py_True ? 1 : 0);
+    } else if (is_int) {
+      int overflow = 0;
+      long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+      if (overflow) return 1;
+      if (x == -1 && PyErr_Occurred()) return -1;
+      put_u64(out, tINT, static_cast<uint64_t>(x));
+    } else {
+      double x = PyFloat_AS_DOUBLE(v);
+      uint64_t bits;
+      std::memcpy(&bits, &x, 8);
+      put_u64(out, tFLOAT, bits);
+    }
+    PyObject* t = reinterpret_cast<PyObject*>(tv);
+    if (kind == kT || by_type) {  // a Python number for a Tensor, or a Scalar of an op with tensor inputs: its type
+      Py_INCREF(t);
+      *key_part = t;
+    } else {  // a factory's Scalar decides shapes: (type, value)
+      *key_part = PyTuple_Pack(2, t, v);
+      if (*key_part == nullptr) return -1;
+    }
+    return 0;
+  }
+  if (kind == kSL && by_type && tv == &PyList_Type) {  // a Scalar list of an op with tensor inputs: keyed by types
+    const Py_ssize_t n = PyList_GET_SIZE(v);
+    if (n > 65535) return 1;
+    bool any_float = false;
+    for (Py_ssize_t i = 0; i < n; i++) {
+      PyTypeObject* tx = Py_TYPE(PyList_GET_ITEM(v, i));
+      if (tx == &PyFloat_Type) {
+        any_float = true;
+      } else if (tx != &PyLong_Type) {
+        return 1;  // bools, numbers of other types: the Python path
+      }
+    }
+    Ref keys(PyTuple_New(n));
+    if (keys.p == nullptr) return -1;
+    std::string part;  // compact._encode_list: INTS if all are ints, else FLOATS
+    part.push_back(static_cast<char>(any_float ? tFLOATS : tINTS));
+    const uint16_t n16 = static_cast<uint16_t>(n);
+    part.append(reinterpret_cast<const char*>(&n16), 2);
+    for (Py_ssize_t i = 0; i < n; i++) {
+      PyObject* x = PyList_GET_ITEM(v, i);
+      if (any_float) {
+        const double d = PyFloat_AsDouble(x);  // an int converts as struct's "d" converts it
+        if (d == -1.0 && PyErr_Occurred()) return -1;
+        part.append(reinterpret_cast<const char*>(&d), 8);
+      } else {
+        int overflow = 0;
+        const long long y = PyLong_AsLongLongAndOverflow(x, &overflow);
+        if (overflow) return 1;
+        if (y == -1 && PyErr_Occurred()) return -1;
+        part.append(reinterpret_cast<const char*>(&y), 8);
+      }
+      PyObject* tx = reinterpret_cast<PyObject*>(Py_TYPE(x));
+      Py_INCREF(tx);
+      PyTuple_SET_ITEM(keys.p, i, tx);
+    }
+    out += part;
+    *key_part = keys.release();
+    return 0;
+  }
+  if (kind == kTL && (tv == &PyList_Type || tv == &PyTuple_Type)) {  // remote tensors and views, no None
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(v);
+    if (n > 65535) return 1;
+    PyObject** items = PySequence_Fast_ITEMS(v);
+    Ref keys(PyTuple_New(n));
+    if (keys.p == nullptr) return -1;
+    std::string handles, elements;  // the list as TENSORS (handles), and as VIEWS (elements, tags included)
+    bool lazy = false;
+    for (Py_ssize_t i = 0; i < n; i++) {
+      Remote r;
+      const int got = remote_fields(items[i], r);
+      if (got != 0) return got;
+      if (!same_device(rt, r.rt)) return 1;
+      const uint64_t hv = PyLong_AsUnsignedLongLong(r.h);
+      if (hv == static_cast<uint64_t>(-1) && PyErr_Occurred()) return -1;
+      handles.append(reinterpret_cast<const char*>(&hv), 8);
+      if (r.view != nullptr) {
+        lazy = true;
+        elements.append(PyBytes_AS_STRING(r.view), static_cast<size_t>(PyBytes_GET_SIZE(r.view)));
+      } else {
+        put_u64(elements, tTENSOR, hv);
+      }
+      Py_INCREF(r.key);
+      PyTuple_SET_ITEM(keys.p, i, r.key);
+    }
+    out.push_back(static_cast<char>(lazy ? tVIEWS : tTENSORS));
+    const uint16_t n16 = static_cast<uint16_t>(n);
+    out.append(reinterpret_cast<const char*>(&n16), 2);
+    out += lazy ? elements : handles;
+    *key_part = keys.release();
+    return 0;
+  }
+  return 1;
+}
+
+// True if `o` (an attribute's value) is truthy; -1 on error.
+inline int truthy(PyObject* o) {
+  return PyObject_IsTrue(o);
+}
+
+// meta.CACHE.hits += 1 (the benchmarks report it)
+int bump_hits() {
+  Ref hits(get_attr(g_cache, s_hits));
+  if (hits.p == nullptr) return -1;
+  Ref more(PyNumber_Add(hits.p, g_one));
+  if (more.p == nullptr) return -1;
+  return set_attr(g_cache, s_hits, more.p);
+}
+
+// rt.new_handle(), as run_remote inlines it: rt._handle_base + next(rt._handle_count)
+PyObject* new_handle(PyObject* base, PyObject* counter) {
+  Ref n(PyIter_Next(counter));
+  if (n.p == nullptr) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "gpupool: the session's handle counter ended");
+    return nullptr;
+  }
+  return PyNumber_Add(base, n.p);
+}
+
+// The fast path proper. Returns a new reference (the op's result), nullptr with an error set, or nullptr without
+// one: not this path's (the caller falls back to the Python dispatcher).
+PyObject* fast_plain(PyObject* sch, PyObject* args) {
+  Ref fast(get_attr(sch, s_fast));
+  if (fast.p == nullptr) return nullptr;
+  if (fast.p == Py_None) return nullptr;
+  // Schema.fast: (name, kinds, by_type, alias positions)
+  PyObject* name = PyTuple_GET_ITEM(fast.p, 0);
+  PyObject* kinds = PyTuple_GET_ITEM(fast.p, 1);
+  const bool by_type = PyTuple_GET_ITEM(fast.p, 2) == Py_True;
+  PyObject* alias = PyTuple_GET_ITEM(fast.p, 3);
+  const Py_ssize_t nargs = PyTuple_GET_SIZE(args);
+  if (nargs > PyTuple_GET_SIZE(kinds) || nargs > 255) return nullptr;
+
+  std::string tail;
+  tail.reserve(16 + 10 * nargs);
+  tail.push_back(static_cast<char>(nargs));
+  Ref key(PyTuple_New(nargs + 1));
+  if (key.p == nullptr) return nullptr;
+  Py_INCREF(sch);
+  PyTuple_SET_ITEM(key.p, 0, sch);
+  PyObject* rt = nullptr;  // borrowed: held by the arguments
+  for (Py_ssize_t i = 0; i < nargs; i++) {
+    PyObject* part = nullptr;
+    const long kind = PyLong_AsLong(PyTuple_GET_ITEM(kinds, i));
+    const int r = encode_arg(PyTuple_GET_ITEM(args, i), kind, by_type, &rt, &part, tail);
+    if (r != 0) return nullptr;  // an error (set) or not this path's (none set)
+    PyTuple_SET_ITEM(key.p, i + 1, part);
+  }
+  tail.push_back(0);  // no keyword arguments
+  if (rt == nullptr) return nullptr;
+
+  // run_remote's checks, inline: no recorder (a capture records `Op`s), room for op ids, no held-back empties
+  {
+    Ref rec(get_attr(rt, s_recorders));
+    if (rec.p == nullptr) return nullptr;
+    const int t = truthy(rec.p);
+    if (t != 0) return nullptr;
+    Ref ids(get_attr(rt, s_op_ids));
+    if (ids.p == nullptr) return nullptr;
+    const Py_ssize_t n = PyObject_Length(ids.p);
+    if (n < 0 || n >= g_max_op_ids) return nullptr;
+    Ref pend(get_attr(rt, s_pending));
+    if (pend.p == nullptr) return nullptr;
+    if (truthy(pend.p) != 0) return nullptr;
+    Ref closed(get_attr(rt, s_closed));  // a detached device: the Python path raises DeviceLost
+    if (closed.p == nullptr) return nullptr;
+    if (truthy(closed.p) != 0) return nullptr;
+  }
+  Ref entries(get_attr(g_cache, s_entries));
+  if (entries.p == nullptr || !PyDict_Check(entries.p)) return nullptr;
+  PyObject* outs = PyDict_GetItemWithError(entries.p, key.p);  // borrowed
+  if (outs == nullptr) return nullptr;  // a miss (or an unhashable key: the Python path says so)
+  Py_INCREF(outs);
+  Ref outs_ref(outs);
+
+  Ref device(get_attr(rt, s_device));
+  Ref base(device.p ? get_attr(rt, s_handle_base) : nullptr);
+  Ref counter(base.p ? get_attr(rt, s_handle_count) : nullptr);
+  if (counter.p == nullptr) return nullptr;
+  Ref one(get_attr(outs, s_one));
+  if (one.p == nullptr) return nullptr;
+
+  std::string body;
+  Ref result;
+  if (one.p != Py_None) {  // one new tensor: most ops
+    if (!PyTuple_Check(one.p) || PyTuple_GET_SIZE(one.p) != 5) return nullptr;
+    // every check is done: from here on, side effects (run_remote's, in its order)
+    if (bump_hits() < 0) return nullptr;
+    Ref h(new_handle(base.p, counter.p));
+    if (h.p == nullptr) return nullptr;
+    const uint64_t hv = PyLong_AsUnsignedLongLong(h.p);
+    if (hv == static_cast<uint64_t>(-1) && PyErr_Occurred()) return nullptr;
+    PyObject* o = one.p;
+    result.p = new_wrapper(g_remote_type, device.p, rt, h.p, PyTuple_GET_ITEM(o, 0), PyTuple_GET_ITEM(o, 1), PyTuple_GET_ITEM(o, 2),
+                            PyTuple_GET_ITEM(o, 3), PyTuple_GET_ITEM(o, 4), nullptr);
+    if (result.p == nullptr) return nullptr;
+    body.reserve(9 + tail.size());
+    put_u64(body, 1, hv);
+  } else {  // several outputs, None outputs, written arguments returned (in-place ops)
+    Ref metas(get_attr(outs, s_metas));
+    Ref wrapper(metas.p ? get_attr(outs, s_wrapper) : nullptr);
+    Ref spec(wrapper.p ? get_attr(outs, s_spec) : nullptr);
+    Ref values(spec.p ? get_attr(outs, s_values) : nullptr);
+    if (values.p == nullptr) return nullptr;
+    if (!PyTuple_Check(metas.p) || !PyTuple_Check(wrapper.p) || !PyTuple_Check(values.p)) return nullptr;
+    if (PyTuple_GET_SIZE(values.p) != 0) return nullptr;  // sizes as outputs (meta.SHAPE_INTS): the Python path
+    const Py_ssize_t n = PyTuple_GET_SIZE(metas.p);
+    if (n == 0 || n > g_max_outputs || PyTuple_GET_SIZE(wrapper.p) != n) return nullptr;
+    int shape_kind = 0;  // 0: one output (spec None), 1: a flat tuple, 2: a flat list
+    if (spec.p != Py_None) {
+      Ref ft(get_attr(outs, s_flat_tuple));
+      Ref fl(ft.p ? get_attr(outs, s_flat_list) : nullptr);
+      if (fl.p == nullptr) return nullptr;
+      if (ft.p == Py_True) {
+        shape_kind = 1;
+      } else if (fl.p == Py_True) {
+        shape_kind = 2;
+      } else {
+        return nullptr;  // a nested result: the Python path's pytree
+      }
+    } else if (n != 1) {
+      return nullptr;
+    }
+    const Py_ssize_t nalias = PyTuple_GET_SIZE(alias);
+    // The written arguments an op returns: positional, remote (encoded above) and with the metadata the meta kernel
+    // gave (so that run_remote's `_fix_metadata` has nothing to fix: only values are written, `Schema.reshapes`)
+    for (Py_ssize_t i = 0; i < n && i < nalias; i++) {
+      const long at = PyLong_AsLong(PyTuple_GET_ITEM(alias, i));
+      if (at == -2) continue;
+      if (at < 0 || at >= nargs) return nullptr;
+      PyObject* arg = PyTuple_GET_ITEM(args, at);
+      PyObject* m = PyTuple_GET_ITEM(metas.p, i);
+      if (Py_TYPE(arg) != reinterpret_cast<PyTypeObject*>(g_remote_type) || m == Py_None) return nullptr;
+      PyObject* ak = PyTuple_GET_ITEM(key.p, at + 1);  // the argument's _gp_key
+      const int same = PyObject_RichCompareBool(ak, m, Py_EQ);
+      if (same != 1) return nullptr;  // an error (set) or a metadata change: the Python path
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {  // each new output's meta and wrapper arguments as meta.Outputs has them
+      PyObject* m = PyTuple_GET_ITEM(metas.p, i);
+      PyObject* w = PyTuple_GET_ITEM(wrapper.p, i);
+      if (i < nalias && PyLong_AsLong(PyTuple_GET_ITEM(alias, i)) != -2) continue;
+      if (m != Py_None && (!PyTuple_Check(m) || PyTuple_GET_SIZE(m) != 4 || !PyTuple_Check(w) ||
+                           PyTuple_GET_SIZE(w) != 2)) {
+        return nullptr;
+      }
+    }
+    // every check is done: side effects from here on
+    if (bump_hits() < 0) return nullptr;
+    Ref results(PyList_New(n));
+    if (results.p == nullptr) return nullptr;
+    body.reserve(1 + 8 * n + tail.size());
+    body.push_back(static_cast<char>(n));
+    for (Py_ssize_t i = 0; i < n; i++) {
+      const long at = i < nalias ? PyLong_AsLong(PyTuple_GET_ITEM(alias, i)) : -2;
+      PyObject* m = PyTuple_GET_ITEM(metas.p, i);
+      uint64_t hv = 0;
+      PyObject* r;
+      if (at != -2) {
+        r = PyTuple_GET_ITEM(args, at);
+        Py_INCREF(r);
+      } else if (m == Py_None) {
+        r = Py_None;
+        Py_INCREF(r);
+      } else {
+        Ref h(new_handle(base.p, counter.p));
+        if (h.p == nullptr) return nullptr;
+        hv = PyLong_AsUnsignedLongLong(h.p);
+        if (hv == static_cast<uint64_t>(-1) && PyErr_Occurred()) return nullptr;
+        PyObject* w = PyTuple_GET_ITEM(wrapper.p, i);
+        r = new_wrapper(g_remote_type, device.p, rt, h.p, m, PyTuple_GET_ITEM(m, 0), PyTuple_GET_ITEM(w, 0),
+                        PyTuple_GET_ITEM(w, 1), PyTuple_GET_ITEM(m, 3), nullptr);
+        if (r == nullptr) return nullptr;
+      }
+      PyList_SET_ITEM(results.p, i, r);
+      body.append(reinterpret_cast<const char*>(&hv), 8);
+    }
+    if (shape_kind == 0) {
+      result.p = PyList_GET_ITEM(results.p, 0);
+      Py_INCREF(result.p);
+    } else if (shape_kind == 1) {
+      result.p = PyList_AsTuple(results.p);
+      if (result.p == nullptr) return nullptr;
+    } else {
+      result.p = results.release();
+    }
+  }
+  body += tail;
+  if (send_record(rt, name, body) < 0) return nullptr;
+  return result.release();
+}
+
+// tensor.wrapper_args: (strides, storage offset) for `_make_wrapper_subclass`, None where torch's default is the same
+// (contiguous strides, offset 0). A new reference to a 2-tuple, or nullptr (an error set, or none: not this path's).
+PyObject* wrapper_args(PyObject* shape, PyObject* stride, PyObject* offset) {
+  if (!PyTuple_Check(shape) || !PyTuple_Check(stride) || !PyLong_Check(offset)) return nullptr;
+  const int nonzero = PyObject_IsTrue(offset);
+  if (nonzero < 0) return nullptr;
+  if (nonzero) return PyTuple_Pack(2, stride, offset);
+  const Py_ssize_t n = PyTuple_GET_SIZE(shape);
+  if (PyTuple_GET_SIZE(stride) != n) return PyTuple_Pack(2, stride, Py_None);
+  bool contiguous = true;
+  long long expect = 1;
+  for (Py_ssize_t i = n - 1; i >= 0; i--) {
+    const long long st = PyLong_AsLongLong(PyTuple_GET_ITEM(stride, i));
+    const long long sz = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, i));
+    if (PyErr_Occurred()) return nullptr;
+    if (st != expect) {
+      contiguous = false;
+      break;
+    }
+    expect *= sz > 1 ? sz : 1;
+  }
+  return PyTuple_Pack(2, contiguous ? Py_None : stride, Py_None);
+}
+
+// A wrapper of type `type` with its attributes (tensor.wrap / transfer._lazy_view: `view` non-null for a lazy view).
+PyObject* new_wrapper(PyObject* type, PyObject* rt_device, PyObject* rt, PyObject* handle, PyObject* m, PyObject* shape,
+                      PyObject* strides, PyObject* offset, PyObject* dtype, PyObject* view) {
+  PyObject* argv[] = {type, shape, strides, offset, Py_None, dtype, g_strided, rt_device};
+  Ref t(PyObject_Vectorcall(g_make_wrapper, argv, 8, nullptr));
+  if (t.p == nullptr) return nullptr;
+  PyObject** dp = _PyObject_GetDictPtr(t.p);
+  if (dp == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "gpupool: a RemoteTensor without __dict__");
+    return nullptr;
+  }
+  if (*dp == nullptr) {
+    *dp = PyDict_New();
+    if (*dp == nullptr) return nullptr;
+  }
+  if (PyDict_SetItem(*dp, s_gp_rt, rt) < 0 || PyDict_SetItem(*dp, s_gp_h, handle) < 0 ||
+      PyDict_SetItem(*dp, s_gp_key, m) < 0 || (view != nullptr && PyDict_SetItem(*dp, s_gp_v, view) < 0)) {
+    return nullptr;
+  }
+  return t.release();
+}
+
+// rt.share(handle): one more tensor holds it. DeviceRuntime.share inline: `shared[handle] += 1` under the runtime's
+// lock (a tensor dying on another thread changes `shared` under it: runtime.release).
+int share(PyObject* rt, PyObject* handle) {
+  Ref lock(get_attr(rt, s_lock));
+  if (lock.p == nullptr) return -1;
+  Ref got(PyObject_CallMethodNoArgs(lock.p, s_acquire));
+  if (got.p == nullptr) return -1;
+  int rc = -1;
+  {
+    Ref shared(get_attr(rt, s_shared));
+    if (shared.p != nullptr && PyDict_CheckExact(shared.p)) {
+      PyObject* n = PyDict_GetItemWithError(shared.p, handle);  // borrowed
+      if (n != nullptr || !PyErr_Occurred()) {
+        Ref more(n != nullptr ? PyNumber_Add(n, g_one) : (Py_INCREF(g_one), g_one));
+        if (more.p != nullptr) rc = PyDict_SetItem(shared.p, handle, more.p);
+      }
+    } else if (shared.p != nullptr) {
+      PyErr_SetString(PyExc_TypeError, "gpupool: DeviceRuntime.shared is not a dict");
+    }
+  }
+  PyObject *type, *value, *tb;  // release the lock whatever happened, keeping the error
+  PyErr_Fetch(&type, &value, &tb);
+  Ref done(PyObject_CallMethodNoArgs(lock.p, s_release));
+  if (done.p == nullptr) {
+    Py_XDECREF(type), Py_XDECREF(value), Py_XDECREF(tb);
+    return -1;
+  }
+  PyErr_Restore(type, value, tb);
+  return rc;
+}
+
+// Whether the runtime has no recorder, no held-back empty and is open: 1 yes, 0 no, -1 an error.
+int quiet(PyObject* rt) {
+  static PyObject** const names[] = {&s_recorders, &s_pending, &s_closed};
+  for (PyObject** name : names) {
+    Ref v(get_attr(rt, *name));
+    if (v.p == nullptr) return -1;
+    const int t = PyObject_IsTrue(v.p);
+    if (t != 0) return t < 0 ? -1 : 0;
+  }
+  return 1;
+}
+
+// transfer._alias (detach, alias): a new tensor sharing the daemon tensor, or a lazy view of the same one.
+PyObject* fast_alias(PyObject* args) {
+  if (PyTuple_GET_SIZE(args) != 1) return nullptr;
+  Remote r;
+  if (remote_fields(PyTuple_GET_ITEM(args, 0), r) != 0) return nullptr;  // an error (set), or the Python path's
+  PyObject *rt = r.rt, *h = r.h, *key = r.key, *view = r.view;
+  if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 4) return nullptr;
+  Ref keep_rt(rt), keep_h(h), keep_key(key), keep_view(view);  // the tensor's dict may change in the calls below
+  Py_INCREF(rt), Py_INCREF(h), Py_INCREF(key), Py_XINCREF(view);
+  const int q = quiet(rt);  // (_alias sends held-back empties first: that, and recorders' release hooks, in Python)
+  if (q <= 0) return nullptr;
+  Ref device(get_attr(rt, s_device));
+  if (device.p == nullptr) return nullptr;
+  Ref wargs(wrapper_args(PyTuple_GET_ITEM(key, 0), PyTuple_GET_ITEM(key, 1), PyTuple_GET_ITEM(key, 2)));
+  if (wargs.p == nullptr) return nullptr;
+  if (share(rt, h) < 0) return nullptr;
+  return new_wrapper(view ? g_view_type : g_remote_type, device.p, rt, h, key, PyTuple_GET_ITEM(key, 0),
+                     PyTuple_GET_ITEM(wargs.p, 0), PyTuple_GET_ITEM(wargs.p, 1), PyTuple_GET_ITEM(key, 3), view);
+}
+
+// transfer._view: a view op as a lazy view of its input's daemon tensor (no record), its output from the meta cache.
+PyObject* fast_view(PyObject* sch, PyObject* args) {
+  const Py_ssize_t nargs = PyTuple_GET_SIZE(args);
+  if (nargs < 1 || nargs > 16) return nullptr;
+  Remote r;
+  if (remote_fields(PyTuple_GET_ITEM(args, 0), r) != 0) return nullptr;  // an error (set), or the Python path's
+  PyObject *rt = r.rt, *base = r.h, *tkey = r.key;
+  Ref keep_rt(rt), keep_base(base);
+  Py_INCREF(rt), Py_INCREF(base);
+  Ref key(PyTuple_New(nargs + 1));
+  if (key.p == nullptr) return nullptr;
+  Py_INCREF(sch);
+  PyTuple_SET_ITEM(key.p, 0, sch);
+  Py_INCREF(tkey);
+  PyTuple_SET_ITEM(key.p, 1, tkey);
+  for (Py_ssize_t i = 1; i < nargs; i++) {  // ints, bools, None, lists or tuples of exact ints
+    PyObject* a = PyTuple_GET_ITEM(args, i);
+    PyTypeObject* ta = Py_TYPE(a);
+    PyObject* part;
+    if (ta == &PyList_Type || ta == &PyTuple_Type) {
+      const Py_ssize_t n = PySequence_Fast_GET_SIZE(a);
+      PyObject** items = PySequence_Fast_ITEMS(a);
+      for (Py_ssize_t j = 0; j < n; j++) {
+        if (Py_TYPE(items[j]) != &PyLong_Type) return nullptr;
+      }
+      part = ta == &PyTuple_Type ? (Py_INCREF(a), a) : PyList_AsTuple(a);
+      if (part == nullptr) return nullptr;
+    } else if (ta == &PyLong_Type || ta == &PyBool_Type || a == Py_None) {
+      Py_INCREF(a);
+      part = a;
+    } else {
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(key.p, i + 1, part);
+  }
+  const int q = quiet(rt);
+  if (q <= 0) return nullptr;
+  Ref entries(get_attr(g_cache, s_entries));
+  if (entries.p == nullptr || !PyDict_Check(entries.p)) return nullptr;
+  PyObject* outs = PyDict_GetItemWithError(entries.p, key.p);
+  if (outs == nullptr) return nullptr;
+  Ref keep_outs(outs);
+  Py_INCREF(outs);
+  Ref one(get_attr(outs, s_one));
+  if (one.p == nullptr || one.p == Py_None || !PyTuple_Check(one.p) || PyTuple_GET_SIZE(one.p) != 5) return nullptr;
+  PyObject* m = PyTuple_GET_ITEM(one.p, 0);
+  PyObject* geometry = PyDict_GetItemWithError(g_geometry, m);
+  if (geometry == nullptr || !PyBytes_CheckExact(geometry)) return nullptr;
+  const uint64_t hv = PyLong_AsUnsignedLongLong(base);
+  if (hv == static_cast<uint64_t>(-1) && PyErr_Occurred()) return nullptr;
+  std::string arg;
+  put_u64(arg, tVIEW, hv);
+  arg.append(PyBytes_AS_STRING(geometry), static_cast<size_t>(PyBytes_GET_SIZE(geometry)));
+  Ref view(PyBytes_FromStringAndSize(arg.data(), static_cast<Py_ssize_t>(arg.size())));
+  Ref device(view.p ? get_attr(rt, s_device) : nullptr);
+  if (device.p == nullptr) return nullptr;
+  // every check is done: side effects from here on (the meta-cache hit, the share), as _view's
+  if (bump_hits() < 0 || share(rt, base) < 0) return nullptr;
+  return new_wrapper(g_view_type, device.p, rt, base, m, PyTuple_GET_ITEM(one.p, 1), PyTuple_GET_ITEM(one.p, 2),
+                     PyTuple_GET_ITEM(one.p, 3), PyTuple_GET_ITEM(one.p, 4), view.p);
+}
+
+// rt.<name> += delta
+int add_attr(PyObject* obj, PyObject* name, PyObject* delta) {
+  Ref v(get_attr(obj, name));
+  if (v.p == nullptr) return -1;
+  Ref more(PyNumber_Add(v.p, delta));
+  if (more.p == nullptr) return -1;
+  return set_attr(obj, name, more.p);
+}
+
+// A Python int attribute as a C integer; -1 with an error set on failure.
+long long int_attr(PyObject* obj, PyObject* name) {
+  Ref v(get_attr(obj, name));
+  if (v.p == nullptr) return -1;
+  return PyLong_AsLongLong(v.p);
+}
+
+// runtime.DeviceRuntime.eager_op(name, body), its usual case inline: the op's id is defined, no batch of frees is due
+// and the frame does not fill; any other case calls the method itself. Returns 0, or -1 with an error set.
+int send_record(PyObject* rt, PyObject* name, const std::string& body) {
+  bool inline_ok = true;
+  PyObject** rdp = _PyObject_GetDictPtr(rt);
+  if (rdp != nullptr && *rdp != nullptr) {  // an `eager_op` of the instance's own (a test's spy): call it
+    PyObject* own = PyDict_GetItemWithError(*rdp, s_eager_op);
+    if (own != nullptr) {
+      inline_ok = false;
+    } else if (PyErr_Occurred()) {
+      return -1;
+    }
+  }
+  Ref heads(get_attr(rt, s_heads));
+  if (heads.p == nullptr || !PyDict_Check(heads.p)) return -1;
+  PyObject* head = PyDict_GetItemWithError(heads.p, name);  // borrowed
+  if (head == nullptr && PyErr_Occurred()) return -1;
+  if (head == nullptr || !PyBytes_CheckExact(head)) {
+    inline_ok = false;  // the first record of this name defines its id (under the runtime's lock)
+  }
+  if (inline_ok) {
+    Ref dead(get_attr(rt, s_dead));
+    if (dead.p == nullptr) return -1;
+    const Py_ssize_t ndead = PyObject_Length(dead.p);
+    if (ndead < 0) return -1;
+    if (ndead > 0) {
+      const long long batch = int_attr(g_runtime, s_free_batch);
+      const long long bytes = batch < 0 ? -1 : int_attr(rt, s_dead_bytes);
+      const long long limit = bytes < 0 ? -1 : int_attr(rt, s_free_bytes);
+      if (PyErr_Occurred()) return -1;
+      if (ndead >= batch || bytes >= limit) inline_ok = false;  // a Free goes out first: the method does it
+    }
+  }
+  if (inline_ok) {
+    const long long unflushed = int_attr(rt, s_unflushed);
+    const long long flush_ops = unflushed < 0 ? -1 : int_attr(g_runtime, s_flush_ops);
+    if (PyErr_Occurred()) return -1;
+    if (unflushed + 1 >= flush_ops) inline_ok = false;  // the frame goes out after this record: the method
+  }
+  if (!inline_ok) {
+    Ref raw(PyBytes_FromStringAndSize(body.data(), static_cast<Py_ssize_t>(body.size())));
+    if (raw.p == nullptr) return -1;
+    PyObject* argv[] = {rt, name, raw.p};
+    Ref done(PyObject_VectorcallMethod(s_eager_op, argv, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr));
+    return done.p == nullptr ? -1 : 0;
+  }
+  if (add_attr(rt, s_ops_sent, g_one) < 0) return -1;
+  const Py_ssize_t nhead = PyBytes_GET_SIZE(head);
+  Ref record(PyBytes_FromStringAndSize(nullptr, nhead + static_cast<Py_ssize_t>(body.size())));
+  if (record.p == nullptr) return -1;
+  std::memcpy(PyBytes_AS_STRING(record.p), PyBytes_AS_STRING(head), static_cast<size_t>(nhead));
+  std::memcpy(PyBytes_AS_STRING(record.p) + nhead, body.data(), body.size());
+  Ref session(get_attr(rt, s_session));
+  if (session.p == nullptr) return -1;
+  PyObject* argv[] = {session.p, record.p};
+  Ref done(PyObject_VectorcallMethod(s_eager_op, argv, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr));
+  if (done.p == nullptr) {  // the method's `except Exception as exc: self._raise(exc)`
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (tb != nullptr) PyException_SetTraceback(exc, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    PyObject* rargv[] = {rt, exc};
+    Ref raised(PyObject_VectorcallMethod(s_raise, rargv, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr));
+    Py_DECREF(exc);
+    if (raised.p != nullptr) {
+      PyErr_SetString(PyExc_RuntimeError, "gpupool: DeviceRuntime._raise returned");
+    }
+    return -1;
+  }
+  return add_attr(rt, s_unflushed, g_one);
+}
+
+// RemoteTensor.__del__ (tensor.py), the same steps: the handle of a dying tensor goes to its runtime's batch of
+// frees, with its bytes from its key; the lock-free case inline, any other through rt.release.
+PyObject* remote_del(PyObject* self, PyObject* /*unused*/) {
+  PyObject** dp = _PyObject_GetDictPtr(self);
+  if (dp == nullptr || *dp == nullptr) Py_RETURN_NONE;
+  PyObject* d = *dp;
+  PyObject* h = dict_get(d, s_gp_h);
+  if (h == nullptr) {
+    if (PyErr_Occurred()) return nullptr;
+    Py_RETURN_NONE;
+  }
+  const int live = PyObject_IsTrue(h);
+  if (live <= 0) return live < 0 ? nullptr : (Py_INCREF(Py_None), Py_None);
+  Ref keep_h(h);
+  Py_INCREF(h);
+  long long nbytes = 0;
+  PyObject* key = dict_get(d, s_gp_key);
+  if (key == nullptr && PyErr_Occurred()) return nullptr;
+  if (key != nullptr && key != Py_None) {
+    if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 4 || !PyTuple_Check(PyTuple_GET_ITEM(key, 0))) {
+      PyErr_SetString(PyExc_TypeError, "gpupool: a remote tensor's _gp_key is not (shape, stride, offset, dtype)");
+      return nullptr;
+    }
+    PyObject* shape = PyTuple_GET_ITEM(key, 0);
+    long long n = 1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(shape); i++) {
+      n *= PyLong_AsLongLong(PyTuple_GET_ITEM(shape, i));
+    }
+    const long long size = int_attr(PyTuple_GET_ITEM(key, 3), s_itemsize);
+    if (PyErr_Occurred()) return nullptr;
+    nbytes = n * size;
+  }
+  PyObject* rt = dict_get(d, s_gp_rt);
+  if (rt == nullptr) {
+    if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, s_gp_rt);
+    return nullptr;
+  }
+  Ref keep_rt(rt);
+  Py_INCREF(rt);
+  Ref nb(PyLong_FromLongLong(nbytes));
+  if (nb.p == nullptr) return nullptr;
+  bool plain = true;  // `h not in rt.shared and not (rt.watched or rt.pending or rt.closed or rt.recorders)`
+  {
+    Ref shared(get_attr(rt, s_shared));
+    if (shared.p == nullptr) return nullptr;
+    const int in = PySequence_Contains(shared.p, h);
+    if (in < 0) return nullptr;
+    plain = in == 0;
+    static PyObject** const names[] = {&s_watched, &s_pending, &s_closed, &s_recorders};
+    for (PyObject** name : names) {
+      if (!plain) break;
+      Ref v(get_attr(rt, *name));
+      if (v.p == nullptr) return nullptr;
+      const int t = PyObject_IsTrue(v.p);
+      if (t < 0) return nullptr;
+      plain = t == 0;
+    }
+  }
+  if (plain) {
+    Ref dead(get_attr(rt, s_dead));
+    if (dead.p == nullptr) return nullptr;
+    if (PyList_CheckExact(dead.p) ? PyList_Append(dead.p, h) < 0 : true) {
+      if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "gpupool: DeviceRuntime._dead is not a list");
+      return nullptr;
+    }
+    if (add_attr(rt, s_dead_bytes, nb.p) < 0) return nullptr;
+    Py_RETURN_NONE;
+  }
+  PyObject* argv[] = {rt, h, nb.p};
+  return PyObject_VectorcallMethod(s_release, argv, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr);
+}
+
+PyMethodDef del_def = {"__del__", remote_del, METH_NOARGS,
+                       "RemoteTensor.__del__ in C (client/torch/native_ops.cpp): the handle joins the batch of frees"};
+
+// Everything this path leaves to Python: the Python dispatcher with the call's own arguments.
+PyObject* to_python(PyObject* const* a, size_t nargsf, PyObject* kwnames) {
+  g_passed++;
+  return PyObject_Vectorcall(g_py_dispatch, a, nargsf, kwnames);
+}
+
+// `RemoteTensor.__torch_dispatch__` (a classmethod of this function): (cls, func, types, args=(), kwargs=None).
+PyObject* torch_dispatch(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs, PyObject* kwnames) {
+  if (g_py_dispatch == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "gpupool native ops: setup() was not called");
+    return nullptr;
+  }
+  if (kwnames != nullptr || nargs < 3 || nargs > 5) return to_python(a, nargs, kwnames);
+  PyObject* func = a[1];
+  PyObject* args = nargs > 3 ? a[3] : nullptr;
+  PyObject* kwargs = nargs > 4 ? a[4] : Py_None;
+  if (args == nullptr || !PyTuple_CheckExact(args)) return to_python(a, nargs, kwnames);
+  {  // Dynamo traced into here: the Python dispatcher runs the op eagerly (a graph break)
+    Ref flag(get_attr(g_compiler, s_is_compiling));
+    if (flag.p == nullptr) return nullptr;
+    const int t = truthy(flag.p);
+    if (t < 0) return nullptr;
+    if (t) return to_python(a, nargs, kwnames);
+  }
+  if (kwargs != Py_None && (!PyDict_CheckExact(kwargs) || PyDict_GET_SIZE(kwargs) != 0)) {
+    return to_python(a, nargs, kwnames);
+  }
+  Ref route(get_attr(func, s_gp_route));
+  if (route.p == nullptr) {
+    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return nullptr;
+    PyErr_Clear();  // not routed yet: the Python dispatcher works it out (dispatch._route)
+    return to_python(a, nargs, kwnames);
+  }
+  if (!PyTuple_Check(route.p) || PyTuple_GET_SIZE(route.p) != 2) return to_python(a, nargs, kwnames);
+  const long kind = PyLong_AsLong(PyTuple_GET_ITEM(route.p, 0));
+  if (kind == -1 && PyErr_Occurred()) return nullptr;
+  if (kind == g_plain) {
+    PyObject* out = fast_plain(PyTuple_GET_ITEM(route.p, 1), args);
+    if (out != nullptr) {
+      g_ran++;
+      return out;
+    }
+    if (PyErr_Occurred()) return nullptr;
+  } else if (kind == g_special) {
+    PyObject* how = PyTuple_GET_ITEM(route.p, 1);
+    PyObject* out = nullptr;
+    if (how == g_alias_fn) {
+      out = fast_alias(args);
+    } else if (how == g_view_fn) {
+      Ref sch(get_attr(func, s_gp_sch));
+      if (sch.p == nullptr) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return nullptr;
+        PyErr_Clear();  // (dispatch._route sets both)
+      } else {
+        out = fast_view(sch.p, args);
+      }
+    }
+    if (out != nullptr) {
+      g_ran++;
+      return out;
+    }
+    if (PyErr_Occurred()) return nullptr;
+  }
+  return to_python(a, nargs, kwnames);
+}
+
+PyObject* setup(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
+  if (nargs != 15) {
+    PyErr_SetString(PyExc_TypeError, "setup(remote_type, make_wrapper, strided, py_dispatch, compiler, cache, "
+                                     "view_type, alias_fn, view_fn, geometry, max_op_ids, max_outputs, plain, "
+                                     "special, runtime)");
+    return nullptr;
+  }
+  const uint16_t probe = 1;
+  if (*reinterpret_cast<const unsigned char*>(&probe) != 1) {
+    PyErr_SetString(PyExc_RuntimeError, "gpupool native ops: little-endian hosts only");
+    return nullptr;
+  }
+  if (!PyType_Check(a[0]) || !PyType_Check(a[6]) || !PyDict_Check(a[9])) {
+    PyErr_SetString(PyExc_TypeError, "setup: remote_type and view_type are types, geometry a dict");
+    return nullptr;
+  }
+  PyObject** slots[] = {&g_remote_type, &g_make_wrapper, &g_strided, &g_py_dispatch, &g_compiler,
+                        &g_cache,       &g_view_type,    &g_alias_fn, &g_view_fn,    &g_geometry};
+  for (int i = 0; i < 10; i++) {
+    Py_INCREF(a[i]);
+    Py_XSETREF(*slots[i], a[i]);
+  }
+  g_max_op_ids = PyLong_AsSsize_t(a[10]);
+  g_max_outputs = PyLong_AsSsize_t(a[11]);
+  g_plain = PyLong_AsLong(a[12]);
+  g_special = PyLong_AsLong(a[13]);
+  if (PyErr_Occurred()) return nullptr;
+  Py_INCREF(a[14]);
+  Py_XSETREF(g_runtime, a[14]);
+  // RemoteTensor.__del__ in C: a method descriptor of the class (slot_tp_finalize calls it with the tensor)
+  return PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(g_remote_type), &del_def);
+}
+
+// (ops run here, ops passed to the Python dispatcher) since the process started: what the tests check
+PyObject* stats(PyObject* /*module*/, PyObject* /*unused*/) {
+  return Py_BuildValue("(KK)", g_ran, g_passed);
+}
+
+PyMethodDef methods[] = {
+    {"stats", stats, METH_NOARGS, "(ops run in C, ops passed to the Python dispatcher)"},
+    {"torch_dispatch", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(torch_dispatch)),
+     METH_FASTCALL | METH_KEYWORDS, "RemoteTensor.__torch_dispatch__'s steady path (see the source's head)"},
+    {"setup", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup)), METH_FASTCALL,
+     "the Python objects the fast path uses"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "gpupool_native_ops", nullptr, -1, methods,
+                          nullptr, nullptr, nullptr, nullptr};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit_gpupool_native_ops() {
+  struct Name {
+    PyObject** slot;
+    const char* text;
+  };
+  const Name names[] = {{&s_gp_route, "_gp_route"}, {&s_fast, "fast"}, {&s_gp_rt, "_gp_rt"}, {&s_gp_h, "_gp_h"},
+                        {&s_gp_key, "_gp_key"}, {&s_recorders, "recorders"}, {&s_op_ids, "op_ids"},
+                        {&s_pending, "pending"}, {&s_entries, "entries"}, {&s_hits, "hits"}, {&s_one, "one"},
+                        {&s_metas, "metas"}, {&s_wrapper, "wrapper"}, {&s_spec, "spec"},
+                        {&s_flat_tuple, "flat_tuple"}, {&s_flat_list, "flat_list"}, {&s_values, "values"},
+                        {&s_handle_base, "_handle_base"}, {&s_handle_count, "_handle_count"},
+                        {&s_device, "device"}, {&s_eager_op, "eager_op"},
+                        {&s_is_compiling, "_is_compiling_flag"}, {&s_gp_v, "_gp_v"}, {&s_closed, "closed"},
+                        {&s_gp_sch, "_gp_sch"}, {&s_shared, "shared"},
+                        {&s_watched, "watched"}, {&s_dead, "_dead"}, {&s_dead_bytes, "_dead_bytes"},
+                        {&s_release, "release"}, {&s_itemsize, "itemsize"}, {&s_heads, "_heads"},
+                        {&s_ops_sent, "ops_sent"}, {&s_unflushed, "_unflushed"}, {&s_session, "session"},
+                        {&s_free_bytes, "free_bytes"}, {&s_flush_ops, "FLUSH_OPS"}, {&s_free_batch, "FREE_BATCH"},
+                        {&s_raise, "_raise"}, {&s_lock, "_lock"}, {&s_acquire, "acquire"}};
+  for (const Name& n : names) {
+    *n.slot = PyUnicode_InternFromString(n.text);
+    if (*n.slot == nullptr) return nullptr;
+  }
+  g_one = PyLong_FromLong(1);
+  if (g_one == nullptr) return nullptr;
+  return PyModule_Create(&module_def);
+}

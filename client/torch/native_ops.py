@@ -1,0 +1,113 @@
+"""The steady path of an eager op in C: `native_ops.cpp`, compiled at first use, becomes
+`RemoteTensor.__torch_dispatch__` (and the tensor's finalizer).
+
+A warm plain op (its meta-cache entry made, its arguments remote tensors, lazy views, tensor lists and plain values, no
+keyword arguments, on a device nobody records a step on and with no held-back empty), detach and the view ops run
+there: the cache key, the compact record, the handles and the wrappers as `remote.run_remote` and `transfer` make them,
+with the runtime's usual `eager_op` inline; ~300 Python bytecodes an op less. Everything else goes to the Python
+dispatcher (`dispatch.torch_dispatch`), the reference, which the tests compare it with (tests/integration/
+test_shim_native_ops.py: the same keys, record bytes, wrappers and training bits). It uses CPython's C API only (no
+torch headers): `-I` Python's include directory, ~2 s once per Python build and source, cached beside the native guard
+(native.py: `$GPUPOOL_NATIVE_CACHE`, the same lock and atomic rename). Optional: without a compiler or Python's
+headers the Python dispatcher does every op and one log line says why; `GPUPOOL_NATIVE_OPS=0` keeps it without trying.
+
+    python -c 'from gpupool.client.torch import native_ops; print(native_ops.build())'   # build now (scripts/setup.sh)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import platform
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpupool import compact
+
+from . import dispatch, meta, native, runtime, tensor, transfer
+from .tensor import RemoteTensor
+
+log = logging.getLogger("gpupool.torch")
+
+SOURCE = Path(__file__).with_name("native_ops.cpp")
+_ops: list[Any] = []  # the extension module once imported and set up; [None] once it failed (tried once)
+
+
+def enabled() -> bool:
+    """False when `GPUPOOL_NATIVE_OPS=0` keeps every op on the Python dispatcher (`dispatch.torch_dispatch`)."""
+    return os.environ.get("GPUPOOL_NATIVE_OPS", "1").strip() != "0"
+
+
+def library_path() -> Path:
+    """Where the built extension lives: one file per (Python build, machine, source). It uses CPython's C API only."""
+    key = hashlib.sha256()
+    for part in (sys.version, sysconfig.get_config_var("SOABI") or "", platform.machine(), sys.executable):
+        key.update(str(part).encode() + b"\0")
+    key.update(SOURCE.read_bytes())
+    return native.cache_dir() / f"ops-{sys.implementation.cache_tag}-{key.hexdigest()[:16]}.so"
+
+
+def compile_command(out: Path) -> list[str]:
+    include = sysconfig.get_paths()["include"]
+    return [*native._compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{include}",
+            "-o", str(out), str(SOURCE)]  # fmt: skip
+
+
+def build() -> Path:
+    return native._build(library_path(), compile_command, "the native op path")
+
+
+def load() -> Any:
+    """The set-up extension module (native_ops.cpp), or None: `GPUPOOL_NATIVE_OPS=0`, not CPython, or the build or
+    import failed (one log line; the Python dispatcher then does every op). Built and imported once a process."""
+    if _ops:
+        return _ops[0]
+    module = None
+    if not enabled():
+        log.info("gpupool: GPUPOOL_NATIVE_OPS=0: every op takes the Python dispatcher (slower per op)")
+    elif sys.implementation.name != "cpython":
+        log.info("gpupool: the native op path needs CPython; every op takes the Python dispatcher")
+    else:
+        try:
+            path = build()
+            loader = importlib.machinery.ExtensionFileLoader("gpupool_native_ops", str(path))
+            spec = importlib.util.spec_from_file_location("gpupool_native_ops", str(path), loader=loader)
+            assert spec is not None
+            module = importlib.util.module_from_spec(spec)
+            loader.exec_module(module)
+            remote_del = module.setup(  # returns RemoteTensor.__del__ in C (a method descriptor)
+                         tensor.RemoteTensor, torch.Tensor._make_wrapper_subclass, torch.strided,
+                         dispatch.torch_dispatch, torch.compiler, meta.CACHE, tensor.RemoteView, transfer._alias,
+                         transfer._view, transfer._GEOMETRY, compact.MAX_OP_IDS, compact.MAX_OUTPUTS,
+                         dispatch._PLAIN, dispatch._SPECIAL, runtime)  # fmt: skip
+            setattr(module, "remote_del", remote_del)  # noqa: B010 - a module attribute mypy cannot know
+        except Exception as exc:  # BuildError, a broken cache file: the Python dispatcher still works
+            log.warning("gpupool: native op path unavailable, every op takes the Python dispatcher (slower per op; "
+                        "GPUPOOL_NATIVE_OPS=0 skips this): %s", exc)  # fmt: skip
+            module = None
+    _ops.append(module)
+    return module
+
+
+def use(on: bool) -> bool:
+    """Route `RemoteTensor.__torch_dispatch__` through the C path (native_ops.cpp: its steady ops in C, the rest to
+    `dispatch.torch_dispatch`) or straight to the Python dispatcher; True if the C path is in place now. `on` with no
+    module (`load`) leaves the Python dispatcher."""
+    module = load() if on else None
+    fn = module.torch_dispatch if module is not None else dispatch.torch_dispatch
+    RemoteTensor.__torch_dispatch__ = classmethod(fn)  # type: ignore[assignment]
+    RemoteTensor.__del__ = module.remote_del if module is not None else tensor.python_del  # type: ignore[method-assign]
+    return module is not None
+
+
+def active() -> bool:
+    """True while `RemoteTensor.__torch_dispatch__` is the C path."""
+    fn = RemoteTensor.__dict__["__torch_dispatch__"].__func__
+    return bool(_ops) and _ops[0] is not None and fn is _ops[0].torch_dispatch

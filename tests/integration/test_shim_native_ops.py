@@ -1,0 +1,359 @@
+"""The steady path of an eager op in C (client/torch/native_ops.cpp) against the Python dispatcher it stands in for,
+on a real daemon: the same records (bytes), the same meta-cache keys (a warm op runs in C: it found the entry the
+Python path made), the same results and wrappers, the same training run bit for bit; and every case it leaves to
+the Python dispatcher does go there (`stats`), with the Python path's results and errors."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from gpupool.client.torch import meta, native_ops, runtime
+from gpupool.client.torch.tensor import RemoteTensor, RemoteView
+from torch import nn
+
+import gpupool.torch as gt
+
+aten = torch.ops.aten
+
+
+@pytest.fixture
+def on() -> Iterator[None]:
+    """The C path in place (as `import gpupool.torch` leaves it), also after a test that switched it off."""
+    assert native_ops.use(True), "the native op path did not build (a C++ compiler and Python.h are needed)"
+    yield
+    native_ops.use(True)
+
+
+def stats() -> tuple[int, int]:
+    module = native_ops.load()
+    assert module is not None
+    ran, passed = module.stats()
+    return int(ran), int(passed)
+
+
+class Records:
+    """The compact records a runtime's session is sent (its `eager_op`, wrapped on the instance: each still goes out),
+    as (op id bytes, the rest)."""
+
+    def __init__(self, rt: Any) -> None:
+        self.session = rt.session
+        self.sent: list[tuple[bytes, bytes]] = []
+        real = rt.session.eager_op
+
+        def eager_op(record: bytes) -> None:
+            self.sent.append((record[:5], record[5:]))  # compact.HEAD of a defined op id: 5 bytes, no name
+            real(record)
+
+        self.session.eager_op = eager_op
+
+    def close(self) -> None:
+        del self.session.eager_op
+
+
+def split(body: bytes) -> tuple[list[int], bytes]:
+    """A record body's output handles and the rest (its arguments)."""
+    n = body[0]
+    return list(struct.unpack(f"<{n}Q", body[1 : 1 + 8 * n])), body[1 + 8 * n :]
+
+
+def out_handles(result: Any, args: tuple[Any, ...]) -> list[int]:
+    """A record's output handles for this result: 0 for an output that is an argument (in-place) or None."""
+    flat = list(result) if isinstance(result, list | tuple) else [result]
+    return [x._gp_h if isinstance(x, RemoteTensor) and all(x is not a for a in args) else 0 for x in flat]
+
+
+def described(x: Any) -> Any:
+    if isinstance(x, list | tuple):
+        return type(x).__name__, [described(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        assert type(x) in (RemoteTensor, RemoteView)
+        d = x.__dict__
+        shape = (tuple(x.shape), x.stride(), x.storage_offset(), x.dtype, x.requires_grad, x.device)
+        return type(x).__name__, shape, d["_gp_key"], d["_gp_rt"], d.get("_gp_v")
+    return x
+
+
+def local(x: Any) -> Any:
+    if isinstance(x, list | tuple):
+        return [local(v) for v in x]
+    return x.detach().cpu() if isinstance(x, torch.Tensor) else x
+
+
+def tensors(dev: torch.device) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+
+    def new(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dev)
+
+    return {"a": new(4, 8), "b": new(8, 3), "c": new(3), "ts": [new(4, 4) for _ in range(3)]}
+
+
+# (name, op, arguments from `tensors`): each form of argument and result the C path takes
+OPS: dict[str, tuple[Any, Callable[[dict[str, Any]], tuple[Any, ...]]]] = {
+    "one output": (aten.relu.default, lambda t: (t["a"],)),
+    "three tensors": (aten.addmm.default, lambda t: (t["c"], t["a"], t["b"])),
+    "int list and bool": (aten.sum.dim_IntList, lambda t: (t["a"], [0], True)),
+    "Scalar keyed by type": (aten.mul.Scalar, lambda t: (t["a"], 2.5)),
+    "a float for a Tensor": (aten.add.Tensor, lambda t: (t["a"], 1.5)),
+    "None Scalars": (aten.clamp.default, lambda t: (t["a"], None, 0.5)),
+    "an int dim": (aten._softmax.default, lambda t: (t["a"], 1, False)),
+    "a flat tuple": (aten.max.dim, lambda t: (t["a"], 1)),
+    "a flat list from a tensor list": (aten._foreach_sqrt.default, lambda t: (t["ts"],)),
+    "in place, nothing returned": (aten._foreach_add_.Scalar, lambda t: (t["ts"], 1.0)),
+    "in place, the argument returned": (aten.add_.Tensor, lambda t: (t["ts"][0], t["a"][:, :4].contiguous())),
+    "a Scalar list": (aten._foreach_mul.ScalarList, lambda t: (t["ts"], [2.0, 3, 0.5])),
+    "an int Scalar list": (aten._foreach_mul.ScalarList, lambda t: (t["ts"], [2, 3, -1])),
+    "a lazy view": (aten.mm.default, lambda t: (t["a"], t["a"].t())),
+    "a tensor list with a lazy view": (aten._foreach_abs.default, lambda t: ([t["ts"][0], t["ts"][1].t()],)),
+    # transfer.SPECIAL's detach and view ops: no record, a tensor sharing the daemon tensor or a lazy view of it
+    "detach": (aten.detach.default, lambda t: (t["a"],)),
+    "detach of a lazy view": (aten.detach.default, lambda t: (t["a"][1:3],)),
+    "t": (aten.t.default, lambda t: (t["a"],)),
+    "view": (aten.view.default, lambda t: (t["a"], [8, 4])),
+    "view of a lazy view": (aten.view.default, lambda t: (t["a"][1:3], [4, 4])),
+}
+NO_RECORD = {"detach", "detach of a lazy view", "t", "view", "view of a lazy view"}
+
+
+@pytest.mark.parametrize("case", list(OPS))
+def test_a_warm_op_runs_in_c_with_the_python_paths_key_record_and_result(
+    dev: torch.device, on: None, case: str
+) -> None:
+    op, make = OPS[case]
+    t = tensors(dev)
+    args = make(t)
+    rt = t["a"]._gp_rt
+    op(*args)  # warm: the Python path makes the meta-cache entry
+    rec = Records(rt)
+    try:
+        native_ops.use(False)
+        before = stats()
+        counted = rt.ops_sent, rt._unflushed
+        want = op(*args)
+        assert stats() == before  # the Python dispatcher alone
+        sent_py = rt.ops_sent - counted[0], (rt._unflushed - counted[1]) % runtime.FLUSH_OPS
+        native_ops.use(True)
+        hits = meta.CACHE.hits
+        counted = rt.ops_sent, rt._unflushed
+        got = op(*args)
+        # the runtime's counts: ops sent, records in the frame (native_ops.cpp `send_record`, eager_op's inline case)
+        assert (rt.ops_sent - counted[0], (rt._unflushed - counted[1]) % runtime.FLUSH_OPS) == sent_py
+        ran, passed = stats()
+        assert (ran, passed) == (before[0] + 1, before[1]), "the warm op did not run in C"
+        assert meta.CACHE.hits == hits + (0 if case.startswith("detach") else 1)  # detach: no lookup
+    finally:
+        rec.close()
+    if case in NO_RECORD:
+        assert rec.sent == []
+        rt_shared = rt.shared.get(args[0]._gp_h)
+        assert rt_shared is not None and rt_shared >= 2  # the argument's daemon tensor: held by both results too
+    else:
+        (head_py, body_py), (head_c, body_c) = rec.sent
+        assert head_c == head_py == rt._heads[meta.schema_of(op).name]
+        handles_py, tail_py = split(body_py)
+        handles_c, tail_c = split(body_c)
+        assert tail_c == tail_py  # the argument bytes
+        assert handles_py == out_handles(want, args) and handles_c == out_handles(got, args)
+    assert described(got) == described(want)
+    if case.startswith("in place"):  # run twice: compare the written values against one local run of each
+        return
+    torch.testing.assert_close(local(got), local(want), rtol=0, atol=0, equal_nan=True)  # bit for bit (sqrt: NaNs)
+
+
+def test_the_c_paths_written_values_equal_the_python_paths(dev: torch.device, on: None) -> None:
+    results = []
+    for use in (False, True):
+        t = tensors(dev)
+        aten._foreach_add_.Scalar(t["ts"], 1.0)  # warm (the first call of each: Python)
+        aten.add_.Tensor(t["ts"][1], t["ts"][2])
+        native_ops.use(use)
+        before = stats()
+        aten._foreach_add_.Scalar(t["ts"], 0.25)
+        aten.add_.Tensor(t["ts"][1], t["ts"][2])
+        assert stats()[0] == before[0] + (2 if use else 0)
+        results.append([x.cpu() for x in t["ts"]])
+    for p, c in zip(*results, strict=True):
+        assert torch.equal(p, c)
+
+
+def mlp_steps(dev: torch.device, steps: int) -> tuple[list[float], list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    data = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x, y = torch.randn(16, 32, generator=data).to(dev), torch.randn(16, 1, generator=data).to(dev)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, [p.detach().cpu() for p in model.parameters()]
+
+
+def test_training_is_bit_equal_with_and_without_the_c_path(dev: torch.device, on: None) -> None:
+    native_ops.use(False)
+    before = stats()
+    py_losses, py_params = mlp_steps(dev, 6)
+    assert stats() == before
+    native_ops.use(True)
+    c_losses, c_params = mlp_steps(dev, 6)
+    ran, passed = stats()
+    assert ran - before[0] > 5 * (passed - before[1]), "most of the steady steps' ops should run in C"
+    assert c_losses == py_losses
+    for p, c in zip(py_params, c_params, strict=True):
+        assert torch.equal(p, c)
+
+
+def test_a_cache_miss_goes_to_python_and_the_next_call_runs_in_c(dev: torch.device, on: None) -> None:
+    x = torch.randn(3, 7, 5).to(dev)  # a shape no other test uses
+    before = stats()
+    first = aten.relu.default(x)
+    assert stats() == (before[0], before[1] + 1)
+    second = aten.relu.default(x)
+    assert stats() == (before[0] + 1, before[1] + 1)
+    assert described(first)[:-1] == described(second)[:-1]
+    assert torch.equal(first.cpu(), second.cpu())
+
+
+def passes(fn: Callable[[], Any]) -> Any:
+    """`fn()`'s result, checked to have gone to the Python dispatcher (each op it runs)."""
+    ran, passed = stats()
+    out = fn()
+    now = stats()
+    assert now[0] == ran and now[1] > passed, "expected the Python dispatcher"
+    return out
+
+
+def test_what_the_c_path_leaves_to_python(dev: torch.device, on: None) -> None:
+    t = tensors(dev)
+    a, b = t["a"], t["b"]
+    for _ in range(2):  # warm each key
+        aten.add.Tensor(a, a, alpha=2)
+        aten.mul.Tensor(a, torch.tensor(2.0))
+        aten.relu.default(a)
+    # keyword arguments
+    got = passes(lambda: aten.add.Tensor(a, a, alpha=2))
+    assert torch.equal(got.cpu(), a.cpu() * 3)
+    # a 0-dim CPU tensor (an `Op` carries it inline)
+    got = passes(lambda: aten.mul.Tensor(a, torch.tensor(2.0)))
+    assert torch.equal(got.cpu(), a.cpu() * 2)
+    # a tensor list holding a None
+    idx = torch.tensor([0, 2]).to(dev)
+    aten.index.Tensor(a, [None, idx])
+    got = passes(lambda: aten.index.Tensor(a, [None, idx]))
+    assert torch.equal(got.cpu(), a.cpu()[:, [0, 2]])
+    # a held-back empty on the device: sent first (run_remote's materialize_pending)
+    e = torch.empty(4, 8, device=dev)
+    assert e._gp_h in a._gp_rt.pending
+    passes(lambda: aten.relu.default(a))
+    assert not a._gp_rt.pending
+    e.copy_(a)
+    assert torch.equal(e.cpu(), a.cpu())
+    # an op that may change its argument's metadata (meta.Schema.fast is None)
+    r = aten.relu.default(b)
+    assert meta.schema_of(aten.resize_.default).fast is None
+    passes(lambda: r.resize_(24))
+    assert r.shape == (24,)
+    # an error is the Python path's: a shape mismatch
+    with pytest.raises(RuntimeError, match="must have same reduction dim"):
+        passes(lambda: aten.mm.default(a, a))
+
+
+def test_two_devices_are_the_python_paths_error(attach: Any, on: None) -> None:
+    d0, d1 = attach(), attach()
+    a, b = torch.randn(4, 8).to(d0), torch.randn(8, 3).to(d1)
+    b0 = b.to("cpu").to(d0)
+    aten.mm.default(a, b0)
+    aten.mm.default(a, b0)  # the key (metadata only) is warm
+    with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device"):
+        passes(lambda: aten.mm.default(a, b))
+
+
+def test_a_recording_step_sends_its_ops_through_python(dev: torch.device, on: None) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1)).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    deltas: list[tuple[int, int]] = []
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        ran, passed = stats()
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        now = stats()
+        deltas.append((now[0] - ran, now[1] - passed))
+        return loss
+
+    x = torch.randn(4, 8).to(dev)
+    step(x)
+    step(x)  # warm: the steady eager step runs in C
+    assert deltas[-1][0] > 0
+    fn = gt.capture(step)
+    for _ in range(6):
+        fn(x).item()
+    recorded = deltas[2:]
+    assert len(recorded) >= 2  # the captured step's own eager run, then the recordings
+    for ran, passed in recorded[1:]:
+        assert ran == 0 and passed > 0, recorded
+
+
+def test_gpupool_native_ops_0_or_a_failed_build_keeps_the_python_dispatcher(tmp_path: Any) -> None:
+    code = (
+        "import gpupool.torch\n"
+        "from gpupool.client.torch import native_ops\n"
+        "from gpupool.client.torch.tensor import RemoteTensor\n"
+        "print(native_ops.active(), RemoteTensor.__dict__['__torch_dispatch__'].__func__.__module__,\n"
+        "      type(RemoteTensor.__dict__['__del__']).__name__)\n"
+    )
+    python = "False gpupool.client.torch.dispatch function"
+    no_compiler = {"CXX": "false", "GPUPOOL_NATIVE_CACHE": str(tmp_path)}  # an empty cache: it must build, and fails
+    cases = [
+        ({"GPUPOOL_NATIVE_OPS": "0"}, python),
+        (no_compiler, python),
+        ({}, "True gpupool_native_ops method_descriptor"),
+    ]
+    for extra, want in cases:
+        env = {**os.environ, "GPUPOOL_NATIVE_OPS": "1", **extra}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        assert out.stdout.strip() == want, out.stderr
+        if extra is no_compiler:
+            assert "native op path unavailable, every op takes the Python dispatcher" in out.stderr
+
+
+@pytest.mark.parametrize("use", [False, True], ids=["python", "native"])
+def test_a_dying_tensor_gives_its_handle_and_bytes_to_the_batch_of_frees(
+    dev: torch.device, on: None, use: bool
+) -> None:
+    native_ops.use(use)
+    assert (RemoteTensor.__del__ is native_ops.load().remote_del) == use  # type: ignore[union-attr]
+    a = torch.randn(6, 5).to(dev)
+    rt = a._gp_rt
+    rt.flush_frees(force=True)
+    x = aten.relu.default(a)
+    h = x._gp_h
+    dead, nbytes = list(rt._dead), rt._dead_bytes
+    del x  # the lock-free case: its handle and its 6 * 5 * 4 bytes join the batch
+    assert rt._dead == [*dead, h] and rt._dead_bytes == nbytes + 120
+    d = aten.detach.default(a)  # shares a's daemon tensor: its death only drops the extra holder (rt.release)
+    assert rt.shared[a._gp_h] == 1
+    del d
+    assert a._gp_h not in rt.shared and rt._dead == [*dead, h]
+    v = a[1:3]  # a lazy view: holds a's daemon tensor too
+    held = a._gp_h
+    assert rt.shared[held] == 1
+    del v
+    assert rt._dead == [*dead, h] and held not in rt.shared
+    del a
+    assert rt._dead == [*dead, h, held]
+    rt.flush_frees(force=True)
+    rt.sync()
