@@ -28,9 +28,8 @@ class Hog:
         token = d.token(tenant=tenant, quota_bytes=16 * MiB)
         reply = device_pb2_grpc.DeviceStub(self.channel).Attach(device_pb2.AttachRequest(token=token))
         self.session_id = reply.session_id
-        stream = self.channel.stream_stream(
-            "/gpupool.v1.Device/Stream", request_serializer=None, response_deserializer=device_pb2.ServerFrame.FromString
-        )
+        parse = device_pb2.ServerFrame.FromString
+        stream = self.channel.stream_stream("/gpupool.v1.Device/Stream", None, parse)
         x = reply.handle_base + 1
         meta = tensor_pb2.TensorMeta(dtype=tensor_pb2.DTYPE_UINT8, shape=[4 * MiB])
         up = device_pb2.Upload(handle=x, meta=meta, data=b"\7" * (4 * MiB), last=True)
