@@ -16,7 +16,7 @@ import struct
 from enum import StrEnum
 from typing import Any
 
-from gpupool._proto import device_pb2
+from gpupool._proto import device_pb2, tensor_pb2
 
 SESSION_METADATA = "gpupool-session"  # metadata of a Stream call: the session (from Attach) it drives
 
@@ -192,7 +192,8 @@ def chunk_frame(
 
 
 _COMMAND_SYNC_TAG = field_tag(SYNC)
-_SYNC_REPLY = field_tag(_number(device_pb2.ServerFrame, "sync")) + b"\x00"
+_REPLY_SYNC_TAG = field_tag(_number(device_pb2.ServerFrame, "sync"))
+_SYNC_REPLY = _REPLY_SYNC_TAG + b"\x00"
 
 
 def sync_frame(request_id: int) -> bytes:
@@ -224,6 +225,24 @@ def lone_sync(raw: bytes) -> int | None:
 def sync_reply(request_id: int) -> bytes:
     """ServerFrame{request_id, sync: SyncReply{}} as protobuf serializes it: the answer of an empty Sync."""
     return (b"\x08" + varint(request_id) if request_id else b"") + _SYNC_REPLY
+
+
+# SyncReply.values holding one Scalar of 9 bytes: its `f`, a double (wire type 1; in a oneof: 0.0 is written too)
+_FLOAT_SCALAR = (
+    field_tag(_number(device_pb2.SyncReply, "values")) + b"\x09" + bytes((_number(tensor_pb2.Scalar, "f") << 3 | 1,))
+)
+_DOUBLE = struct.Struct("<d")
+
+
+def sync_floats_reply(request_id: int, values: list[float]) -> bytes:
+    """ServerFrame{request_id, sync: SyncReply{values: [Scalar{f: v} for v in values]}} as protobuf serializes
+    it, built without message objects: the answer of an `.item()` of a float (server/executor.py `_sync`)."""
+    if len(values) == 1:  # loss.item()
+        body = _FLOAT_SCALAR + _DOUBLE.pack(values[0])
+    else:
+        body = b"".join([_FLOAT_SCALAR + _DOUBLE.pack(v) for v in values])
+    head = b"\x08" + varint(request_id) if request_id else b""
+    return head + _REPLY_SYNC_TAG + varint(len(body)) + body
 
 
 THP_DEFRAG = "/sys/kernel/mm/transparent_hugepage/defrag"

@@ -40,7 +40,7 @@ from gpupool.tls import TlsConfig
 from . import bulk, slices
 from .devices import Device, discover
 from .fairqueue import DeviceWorker, Entry, FairQueue
-from .front import FrontSession, reply_bytes
+from .front import FrontSession, Unread, reply_bytes
 from .metrics import Ledger, Metrics
 from .registration import (
     RegistrationSource as RegistrationSource,  # the one definition, beside its consumer
@@ -211,6 +211,7 @@ class Daemon:
         self._worker_of = {d.index: w for d, w in zip(self.device_list, self.workers, strict=True)}
         self._lock = threading.Lock()
         self._sessions: dict[str, FrontSession] = {}
+        self.unread = Unread()  # the open sessions' unread reply bytes together (`_room_for_replies`)
         self._recently_closed: OrderedDict[str, Closed] = OrderedDict()  # why sessions ended, for late streams
         self._by_lease: dict[tuple[str, int], FrontSession] = {}  # (lease, device): one per device of a lease
         self._streams: dict[str, int] = {}  # tenant -> open streams
@@ -266,7 +267,9 @@ class Daemon:
                 )
             number = self._next_number
             self._next_number += 1
-        s = FrontSession(secrets.token_urlsafe(18), number, claims, dev, quota, claims.tenant or claims.lease_id)
+        s = FrontSession(
+            secrets.token_urlsafe(18), number, claims, dev, quota, claims.tenant or claims.lease_id, self.unread
+        )
         s.runner = self._new_runner(s, network=claims.network)
         s.entry = self.queues[dev.index].add(s, claims.share)
         with self._lock:
@@ -418,6 +421,7 @@ class Daemon:
             s.closed = True
             s.close_reason = reason
             self._sessions.pop(s.session_id, None)
+            self.unread.leave(s)  # with its place in the sessions: what it still holds counts no more
             self._recently_closed[s.session_id] = Closed(code, reason)
             while len(self._recently_closed) > RECENTLY_CLOSED:
                 self._recently_closed.popitem(last=False)
@@ -532,17 +536,21 @@ class Daemon:
             s.send(item, size)
 
     def _room_for_replies(self, s: FrontSession, n: int) -> bool:
-        """Whether the host may hold `n` more bytes of `s`'s unread replies (--max-unread-bytes). Past the limit
-        the session holding the most unread bytes, counting these, ends with RESOURCE_EXHAUSTED: `s` itself
-        (False: its replies are dropped), or another one, closed by a thread of its own (never two sessions'
-        locks at once) while these replies are kept: a session that reads its replies is never the one."""
+        """Whether the host may hold `n` more bytes of `s`'s unread replies (--max-unread-bytes): the open
+        sessions' unread bytes (`Unread`, one number, not a sum over the sessions a slice), `s`'s own (counted
+        there while it is open) and `n`. Past the limit the session holding the most unread bytes, counting
+        these, ends with RESOURCE_EXHAUSTED: `s` itself (False: its replies are dropped), or another one, closed
+        by a thread of its own (never two sessions' locks at once) while these replies are kept: a session that
+        reads its replies is never the one."""
         cap = self.config.max_unread_bytes
         if cap <= 0:
             return True
-        others = [x for x in self.session_list() if x is not s]
-        total = sum(x.outbox_bytes for x in others) + s.outbox_bytes + n
+        unread = self.unread
+        with unread.lock:
+            total = unread.total + n + (0 if s.counted else s.outbox_bytes)
         if total <= cap:
             return True
+        others = [x for x in self.session_list() if x is not s]  # past the limit only: who holds the most
         hog = max(others, key=lambda x: x.outbox_bytes, default=None)
         if hog is None or s.outbox_bytes + n >= hog.outbox_bytes:
             self._exhausted(s, s.outbox_bytes + n, total)

@@ -12,7 +12,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
@@ -45,9 +45,8 @@ class Device(ABC):
         return device_info(self.index, self.uuid, self.model, self.capacity, self.fake)
 
     @abstractmethod
-    @contextmanager
-    def timed(self) -> Iterator[list[float]]:
-        """Measure the execution time of the work done inside; the seconds land in the yielded list."""
+    def timed(self) -> AbstractContextManager[list[float]]:
+        """Measure the execution time of the work done inside; the seconds land in the list it enters as."""
 
     @property
     def rng_lock(self) -> threading.Lock:
@@ -69,6 +68,20 @@ class Device(ABC):
         return f"{type(self).__name__}({self.index}, {self.model!r}, {self.capacity} bytes)"
 
 
+class _Timed:
+    """A fake device's `timed`: the wall time of the work inside (a slice's, each slice: no generator frame)."""
+
+    __slots__ = ("out", "start")
+
+    def __enter__(self) -> list[float]:
+        self.out: list[float] = []
+        self.start = time.perf_counter()
+        return self.out
+
+    def __exit__(self, *exc: object) -> None:
+        self.out.append(time.perf_counter() - self.start)
+
+
 class FakeDevice(Device):
     """A CPU-backed GPU: capacity is enforced by the daemon's accounting, busy time is wall time."""
 
@@ -81,14 +94,8 @@ class FakeDevice(Device):
     def torch_device(self) -> torch.device:
         return torch.device("cpu")
 
-    @contextmanager
-    def timed(self) -> Iterator[list[float]]:
-        out: list[float] = []
-        start = time.perf_counter()
-        try:
-            yield out
-        finally:
-            out.append(time.perf_counter() - start)
+    def timed(self) -> _Timed:
+        return _Timed()
 
 
 class CudaDevice(Device):

@@ -48,7 +48,7 @@ _STRIDED = torch.strided
 # session whose stream it holds. One table per process, whatever the number of executors.
 _RNG_OWNER: dict[Any, weakref.ref[WorkerSession]] = {}
 
-Reply = Callable[[device_pb2.ServerFrame | list[Any]], None]  # a frame, or serialized download frames
+Reply = Callable[[device_pb2.ServerFrame | bytes | list[Any]], None]  # a frame (or its bytes), or download frames
 
 
 class CommandLedger(Protocol):
@@ -870,24 +870,32 @@ class CommandExecutor:
             if offset >= total:
                 return frames
 
-    def _sync(self, s: WorkerSession, sync: device_pb2.Sync) -> device_pb2.ServerFrame:
-        """The answer to a Sync: built in place (no SyncReply copied into its frame), a float scalar (what
-        `loss.item()` asks for) added without a Scalar message of its own. Every `.item()` of a training loop
-        runs this."""
-        frame = device_pb2.ServerFrame(request_id=sync.request_id)
-        reply = frame.sync
-        reply.SetInParent()  # an empty SyncReply is an answer too
+    def _sync(self, s: WorkerSession, sync: device_pb2.Sync) -> device_pb2.ServerFrame | bytes:
+        """The answer to a Sync. Every `.item()` of a training loop runs this: float scalars (what `loss.item()`
+        asks for) are answered with the frame's bytes built by hand (`protocol.sync_floats_reply`, the bytes
+        protobuf writes, without a message object); other scalars and a pending error in a ServerFrame built in
+        place (no SyncReply copied into its frame)."""
+        values: list[Any] = []
         if s.error is None:
-            values = reply.values
+            floats = True
             for h in sync.scalar_handles:
                 t = s.resolve(h)
                 if t.numel() != 1:
                     raise InvalidArgument(f"scalar handle {h:#x} has {t.numel()} elements, not 1")
                 v = t.item()
+                floats = floats and v.__class__ is float
+                values.append(v)
+            if floats:
+                return protocol.sync_floats_reply(sync.request_id, values)
+        frame = device_pb2.ServerFrame(request_id=sync.request_id)
+        reply = frame.sync
+        reply.SetInParent()  # an empty SyncReply is an answer too
+        if s.error is None:
+            for v in values:
                 if v.__class__ is float:
-                    values.add(f=v)
+                    reply.values.add(f=v)
                 else:
-                    values.append(wire.scalar_to_proto(v))
+                    reply.values.append(wire.scalar_to_proto(v))
         else:
             reply.error.CopyFrom(s.error.to_proto())
             s.error = None

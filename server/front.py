@@ -18,11 +18,37 @@ from .slices import SideChunk
 from .worker import Runner
 
 
+class Unread:
+    """The unread reply bytes of a host's open sessions together (`Daemon._room_for_replies`, --max-unread-bytes),
+    kept as replies are queued and taken: a slice's check reads one number instead of summing every session's.
+    A session counts from its creation until `Daemon.close_session` takes it out of the daemon's sessions
+    (`leave`): what a closed session still holds (a stream that ended with replies unread) counts no more, as
+    when the check summed the daemon's open sessions."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.total = 0
+
+    def leave(self, s: FrontSession) -> None:
+        """Take the session's bytes out of the total, for good (it is closed)."""
+        with self.lock:
+            if s.counted:
+                s.counted = False
+                self.total -= s.outbox_bytes
+
+
 class FrontSession:
     """One attached lease on one device, as the daemon process sees it."""
 
     def __init__(
-        self, session_id: str, number: int, claims: TokenClaims, device: Device, quota: int, tenant: str
+        self,
+        session_id: str,
+        number: int,
+        claims: TokenClaims,
+        device: Device,
+        quota: int,
+        tenant: str,
+        unread: Unread | None = None,
     ) -> None:
         self.session_id = session_id
         self.number = number
@@ -44,6 +70,8 @@ class FrontSession:
         self.close_reason = ""
         self.outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()  # replies for the stream, in order
         self.outbox_bytes = 0  # bytes of replies produced but not yet handed to gRPC
+        self.unread = unread if unread is not None else Unread()  # the host's total of them (under its lock)
+        self.counted = True  # its outbox_bytes are in `unread.total` (until its session closes: `Unread.leave`)
         self._outbox_lock = threading.Lock()
         self.entry: Any = None  # its place in the device's fair queue
         self.streaming = False
@@ -74,8 +102,11 @@ class FrontSession:
         """Queue a reply for the stream, counting its bytes (`size`: its `reply_bytes`, when the caller has them)
         until `sent` says gRPC took them."""
         n = reply_bytes(item) if size < 0 else size
-        with self._outbox_lock:
+        unread = self.unread
+        with unread.lock:
             self.outbox_bytes += n
+            if self.counted:
+                unread.total += n
         self.outbox.put(item)
 
     def answer_sync(self, request_id: int, queue: FairQueue, outbox_limit: int) -> bool:
@@ -109,8 +140,11 @@ class FrontSession:
 
     def sent(self, item: Any) -> None:
         n = len(item) if type(item) is bytes else reply_bytes(item)
-        with self._outbox_lock:
+        unread = self.unread
+        with unread.lock:
             self.outbox_bytes -= n
+            if self.counted:
+                unread.total -= n
 
 
 def reply_bytes(item: Any) -> int:
