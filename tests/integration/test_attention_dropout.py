@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from gpupool.client.session import Handle, Session
 from shim_fixtures import ServeProcess, start_daemon
 from support import stop_process
-from test_attention import FUSED, OpLog
+from test_attention import FUSED, OpLog, Slot, _op
 
 import gpupool.torch as gt
-from gpupool import errors, protocol
+from gpupool import errors, protocol, wire
+from gpupool._proto import device_pb2
 
 gt_capture = importlib.import_module("gpupool.client.torch.capture")  # the module (gt.capture is its decorator)
 
@@ -168,6 +169,37 @@ def test_attach_names_the_daemons_features_and_a_withheld_one_is_refused(serve: 
         s.call(FORWARD, q, k, v, None, 0.25, outputs=9)
         with pytest.raises(errors.InvalidArgument, match="dropout_p must be 0"):
             s.sync()
+
+
+def test_a_daemon_withholding_fused_dropout_refuses_every_form_of_it(old_daemon: Any) -> None:
+    """A hostile client that ignores AttachReply.features: the withheld composition runs in no form -- the backward
+    with dropout (a forged `philox_seed` of 5,056 bytes that would reach the generator), dropout_p by keyword, a NaN
+    or negative dropout_p, and a graph's call (refused at DefineGraph) -- each INVALID_ARGUMENT naming the withheld
+    feature (a NaN or negative one: the validator's own refusal), the session serving on; dropout_p 0 (and -0.0) is
+    served."""
+    with Session.attach(old_daemon.address, old_daemon.token(tenant="withheld")) as s:
+        q, k, v = (Handle(s.upload(t)) for t in _inputs())
+        fwd = s.call(FORWARD, q, k, v, None, 0.0, outputs=9)
+        out, lse, offset = Handle(fwd[0]), Handle(fwd[1]), Handle(fwd[7])
+        grad = Handle(s.upload(torch.linspace(-1, 1, 2 * 4 * 16 * 8).reshape(2, 4, 16, 8)))
+        [forged] = s.call("aten::select.int", Handle(s.upload(torch.full((632,), 7, dtype=torch.int64))), 0, 0)
+        back = [grad, q, k, v, None, [True, True, True, False], out, lse, None, None, 16, 12, 0.25, False]
+        for p, match in ((0.25, "withholds the sdpa_dropout feature"), (float("nan"), "dropout_p"), (-0.5, "dropout_p")):
+            back[12] = p
+            s.call(BACKWARD, *back, Handle(forged), offset, outputs=4)
+            with pytest.raises(errors.InvalidArgument, match=match):
+                s.sync()
+        s.call(FORWARD, q, k, v, None, outputs=9, dropout_p=0.5)
+        with pytest.raises(errors.InvalidArgument, match="withholds the sdpa_dropout feature"):
+            s.sync()
+        body = [_op(FUSED.replace(".", "::", 1), Slot(1), Slot(2), Slot(3), None, 0.25, False, False,
+                    outputs=[4, 5, 0, 0, 0, 0, 6, 7])]  # fmt: skip
+        meta = [wire.meta_to_proto(t) for t in _inputs()]
+        s.define_graph(device_pb2.DefineGraph(graph_id=3, inputs=3, input_meta=meta, ops=body, outputs=[4]))
+        with pytest.raises(errors.InvalidArgument, match="withholds the sdpa_dropout feature"):
+            s.sync()
+        [again] = s.call(FORWARD, q, k, v, None, -0.0, outputs=9)[:1]
+        assert torch.equal(s.download(Handle(again)), s.download(out))
 
 
 def test_against_a_daemon_without_fused_dropout_training_takes_the_math_path(old_daemon: Any, fused_on: Any) -> None:
