@@ -411,6 +411,73 @@ def test_native_split_frame_is_the_python_reading_or_leaves_it_the_frame(native_
         assert split(other, 16, protocol.UPLOAD, protocol.GET) is None
 
 
+def _varint(n: int, pad: int = 0) -> bytes:
+    """`n` as a varint, made `pad` bytes longer than it needs (overlong: continuation bits over zero groups)."""
+    out = bytearray()
+    while True:
+        out.append(n & 0x7F)
+        n >>= 7
+        if not n:
+            break
+    out += b"\x00" * pad
+    for i in range(len(out) - 1):
+        out[i] |= 0x80
+    return bytes(out)
+
+
+def test_native_split_frame_agrees_on_structured_hostile_frames(native_runner_module: Any) -> None:
+    """native_runner.cpp's `split_frame` against `py_split_frame` on frames built at its reading's edges rather than
+    mutated from real ones: each command's length a varint of one to ten bytes (overlong ones too) whose value is
+    its body's, or near 2^31, 2^32, 2^35, 2^42, 2^63, 2^64 - 1; its first tag any wire type 0-7 of field numbers at
+    protobuf's limits and past them (0, 2^29 - 1, 2^29, 2^31, 2^32 - 1), up to six bytes long; bodies cut short,
+    nested commands, limits of 1 to 2^62. The C++ reading gives the Python one's spans, kinds and positions, or None
+    exactly where the Python one raises (run under ASan/UBSan by scripts/runner_asan.sh)."""
+    import random
+
+    split = native_runner_module.split_frame
+    rng = random.Random(25)
+    fields = [1, 2, 3, 4, 5, 6, 15, 16, 20, 30, 70, 71, 2047, 2048, (1 << 29) - 1, 1 << 29, 1 << 31, (1 << 32) - 1]
+    huge = [1 << 31, (1 << 31) - 1, (1 << 32) - 1, 1 << 32, (1 << 32) + 1, 1 << 35, (1 << 42) - 1, 1 << 42, 1 << 63]
+    huge += [(1 << 64) - 1]
+
+    def command() -> bytes:
+        field = rng.choice([*fields, 0, rng.randrange(1 << 32)])
+        tag = _varint(field << 3 | rng.randrange(8), rng.choice([0, 0, 0, 1, 2, 5]))
+        body = tag + bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 2, 9, 130])))
+        if rng.random() < 0.1:
+            body = b"\x0a" + _varint(len(body)) + body  # a command inside a command
+        n = len(body)
+        how = rng.random()
+        if how < 0.1:
+            n = rng.choice(huge)
+        elif how < 0.15:
+            body = body[: rng.randrange(len(body) + 1)]  # cut short of its length
+        elif how < 0.2:
+            body = b""
+            n = 0
+        length = _varint(n, rng.choice([0, 0, 0, 1, 3, 5, 8]))[:10]
+        return b"\x0a" + length + body
+
+    accepted = refused = 0
+    for _ in range(6000):
+        raw = b"".join(command() for _ in range(rng.choice([1, 1, 2, 3, 7])))
+        if rng.random() < 0.05:
+            raw = raw[: rng.randrange(len(raw) + 1)]
+        for limit in (1, 2, 4096, 1 << 62):
+            got = split(raw, limit, protocol.UPLOAD, protocol.GET)
+            marked: list[int] = []
+            try:
+                want = [(k, bytes(s)) for k, s in slices.py_split_frame(raw, limit, marked)]
+            except (InvalidArgument, ResourceExhausted):
+                assert got is None, (raw.hex(), limit)
+                refused += 1
+                continue
+            assert got is not None, (raw.hex(), limit)
+            assert ([(k, bytes(s)) for k, s in got[0]], got[1]) == (want, marked), (raw.hex(), limit)
+            accepted += 1
+    assert accepted > 3000 and refused > 8000, (accepted, refused)
+
+
 def test_the_front_waits_for_the_runners_build_and_then_keeps_its_answer(
     monkeypatch: pytest.MonkeyPatch, native_runner_module: Any
 ) -> None:
