@@ -398,6 +398,34 @@ def test_float64_dropout_counts_its_8_byte_scores_against_the_quota(serve: Any) 
         assert torch.equal(s.download(ok), torch.full((3,), 2.0))
 
 
+def test_a_compositions_copies_of_wide_heads_count_against_the_quota(serve: Any) -> None:
+    """Round 24 counted a composition's temporaries per score only: with few scores and wide heads its copies of the
+    inputs ran unadmitted (L = S = 128, head size 2^14, float32: q, k, v 8 MiB each; the dropout forward took 24.6
+    MB beyond its output with 0.4 MB admitted, its backward 41 MB with 0.7; bench/attention_temporaries.py "wide
+    heads"). A 48 MiB session ran that forward on 24 MiB of inputs (57 MB at its peak), a 96 MiB one its backward
+    (108 MB). Now each is RESOURCE_EXHAUSTED before it runs (`FORWARD_ELEMENT_BYTES`, `BACKWARD_ELEMENT_BYTES`), the
+    session usable; the forward runs in 96 MiB."""
+    g = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(1, 1, 128, 1 << 14, generator=g) for _ in range(3)]
+    for mib in (48, 96):
+        with Session.attach(serve.address, serve.token(tenant=f"attention-wide-{mib}", quota_bytes=mib << 20)) as s:
+            q, k, v = (Handle(s.upload(t)) for t in inputs)
+            fwd = s.call(FORWARD, q, k, v, None, 0.1, outputs=9)
+            if mib == 48:
+                with pytest.raises(errors.ResourceExhausted, match="quota"):
+                    s.sync()
+            else:
+                grad = Handle(s.upload(torch.ones(1, 1, 128, 1 << 14)))
+                args = [grad, q, k, v, None, [True, True, True, False], Handle(fwd[0]), Handle(fwd[1]), None, None,
+                        128, 128, 0.1, False, Handle(fwd[6]), Handle(fwd[7])]  # fmt: skip
+                s.call(BACKWARD, *args, outputs=3)
+                with pytest.raises(errors.ResourceExhausted, match="quota"):
+                    s.sync()
+                assert s.download(Handle(fwd[0])).shape == (1, 1, 128, 1 << 14)
+            [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
+            assert torch.equal(s.download(ok), torch.full((3,), 2.0))
+
+
 # ---- the C++ client (client/sdpa_choice.h is its choice too) ----
 
 _NATIVE = r"""
