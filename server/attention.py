@@ -861,7 +861,10 @@ def backward_bytes(args: Args, kwargs: Kwargs, device: torch.device | None = Non
         extra = 2 * _state_bytes(dev)
         per_score = _dropout_bytes(q, DROPOUT_BACKWARD_BYTES)
         tensors = [grad, q, k, v, out, lse]
-        return _temporaries(tensors, q, k, None, bias, per_score, None, device, element_bytes=BACKWARD_ELEMENT_BYTES) + extra
+        return (
+            _temporaries(tensors, q, k, None, bias, per_score, None, device, element_bytes=BACKWARD_ELEMENT_BYTES)
+            + extra
+        )
     if isinstance(mask, list | tuple) and len(mask) == 4 and mask[3] and isinstance(bias, Tensor):
         v_used = None  # None: the math composition whatever the device
     else:

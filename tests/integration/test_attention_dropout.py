@@ -184,7 +184,11 @@ def test_a_daemon_withholding_fused_dropout_refuses_every_form_of_it(old_daemon:
         grad = Handle(s.upload(torch.linspace(-1, 1, 2 * 4 * 16 * 8).reshape(2, 4, 16, 8)))
         [forged] = s.call("aten::select.int", Handle(s.upload(torch.full((632,), 7, dtype=torch.int64))), 0, 0)
         back = [grad, q, k, v, None, [True, True, True, False], out, lse, None, None, 16, 12, 0.25, False]
-        for p, match in ((0.25, "withholds the sdpa_dropout feature"), (float("nan"), "dropout_p"), (-0.5, "dropout_p")):
+        for p, match in (
+            (0.25, "withholds the sdpa_dropout feature"),
+            (float("nan"), "dropout_p"),
+            (-0.5, "dropout_p"),
+        ):
             back[12] = p
             s.call(BACKWARD, *back, Handle(forged), offset, outputs=4)
             with pytest.raises(errors.InvalidArgument, match=match):

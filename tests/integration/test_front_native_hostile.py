@@ -78,7 +78,9 @@ def _stream(address: str, token: str, frames: list[bytes]) -> tuple[grpc.StatusC
         stub = device_pb2_grpc.DeviceStub(channel)
         reply = stub.Attach(device_pb2.AttachRequest(token=token))
         stream = channel.stream_stream(
-            "/gpupool.v1.Device/Stream", request_serializer=None, response_deserializer=device_pb2.ServerFrame.FromString
+            "/gpupool.v1.Device/Stream",
+            request_serializer=None,
+            response_deserializer=device_pb2.ServerFrame.FromString,
         )
         try:
             for _ in stream(iter(frames), metadata=((protocol.SESSION_METADATA, reply.session_id),), timeout=20):
