@@ -27,36 +27,24 @@ from gpupool import config, protocol
 from gpupool._proto import device_pb2, device_pb2_grpc
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def _command(body: bytes) -> bytes:
-    return b"\x0a" + _varint(len(body)) + body
+    return b"\x0a" + protocol.varint(len(body)) + body
 
 
 SYNC = device_pb2.ClientFrame(commands=[device_pb2.Command(sync=device_pb2.Sync(request_id=1))]).SerializeToString()
 
 # (what, frame): each refused by both readings or accepted by both (the C++ one must say the same as Python's)
 EDGES = [
-    ("length 2^31", b"\x0a" + _varint(1 << 31) + b"\x08\x01"),
-    ("length 2^32 - 1", b"\x0a" + _varint((1 << 32) - 1) + b"\x08\x01"),
-    ("length 2^32 + 1", b"\x0a" + _varint((1 << 32) + 1) + b"\x08\x01"),
-    ("length 2^42 - 1 (six bytes)", b"\x0a" + _varint((1 << 42) - 1) + b"\x08\x01"),
-    ("length 2^63 (ten bytes)", b"\x0a" + _varint(1 << 63) + b"\x08\x01"),
+    ("length 2^31", b"\x0a" + protocol.varint(1 << 31) + b"\x08\x01"),
+    ("length 2^32 - 1", b"\x0a" + protocol.varint((1 << 32) - 1) + b"\x08\x01"),
+    ("length 2^32 + 1", b"\x0a" + protocol.varint((1 << 32) + 1) + b"\x08\x01"),
+    ("length 2^42 - 1 (six bytes)", b"\x0a" + protocol.varint((1 << 42) - 1) + b"\x08\x01"),
+    ("length 2^63 (ten bytes)", b"\x0a" + protocol.varint(1 << 63) + b"\x08\x01"),
     ("length 2^64 - 1", b"\x0a" + b"\xff" * 9 + b"\x01" + b"\x08\x01"),
     ("an unfinished length", b"\x0a" + b"\xff" * 5),
-    ("field 2^29 - 1, a varint", _command(_varint(((1 << 29) - 1) << 3) + b"\x01") + SYNC),
-    ("field 2^29", _command(_varint((1 << 29) << 3) + b"\x01") + SYNC),
-    ("field 2^32 - 1", _command(_varint(((1 << 32) - 1) << 3) + b"\x01") + SYNC),
+    ("field 2^29 - 1, a varint", _command(protocol.varint(((1 << 29) - 1) << 3) + b"\x01") + SYNC),
+    ("field 2^29", _command(protocol.varint((1 << 29) << 3) + b"\x01") + SYNC),
+    ("field 2^32 - 1", _command(protocol.varint(((1 << 32) - 1) << 3) + b"\x01") + SYNC),
     ("a six-byte tag", _command(b"\x88\x80\x80\x80\x80\x00\x01") + SYNC),
     ("field 0", _command(b"\x00\x01") + SYNC),
     ("a start group (wire type 3) unended", _command(b"\x0b\x08\x01") + SYNC),
