@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,9 @@ def test_a_cached_runner_build_other_users_could_write_is_never_imported(
         assert _mapped(daemon.process.pid, final) == (not unsafe)
     finally:
         stop_process(daemon.process)
+    deadline = time.monotonic() + 10  # (the log's reader thread may still be a few lines behind the exit)
+    while unsafe and "writable by other users" not in "".join(daemon.process.log_lines) and time.monotonic() < deadline:
+        time.sleep(0.1)
     log = "".join(daemon.process.log_lines)
     assert ("writable by other users" in log) == bool(unsafe), log[-3000:]
 
