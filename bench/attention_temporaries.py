@@ -6,7 +6,9 @@ Each case runs in a fresh process per side (that checkout's python and gpupool),
 path): the CPU flash kernel with a one-element bool mask expanded to the scores' shape, with a key and value of one
 row expanded, with no mask, with a head size of 2^14 over 32 rows (the kernel's own per-thread blocks); the math
 composition (value head size 4, query's 8) forward and backward; the dropout composition (dropout_p 0.1) forward and
-backward ("-" where a checkout refuses the call: before round 23), and both in float64 (8-byte scores: round 24).
+backward ("-" where a checkout refuses the call: before round 23), and both in float64 (8-byte scores: round 24);
+"wide heads": L = S = 128 and a head size of 2^14 (the math backward's value 2^13), where a composition's copies of
+its inputs outweigh its scores (round 25). "took": the peak's growth less the outputs' bytes (admitted apart).
 
     python bench/attention_temporaries.py --against /work/wt/base --against-python /work/wt/base/.venv/bin/python
 """
@@ -32,6 +34,12 @@ CASES = (
     "dropout backward",
     "dropout forward, float64",
     "dropout backward, float64",
+    "dropout forward, wide heads",
+    "dropout backward, wide heads",
+    "dropout forward, wide heads, bfloat16",
+    "dropout backward, wide heads, bfloat16",
+    "dropout backward, wide heads, float64",
+    "math backward, wide heads",
 )
 
 CHILD = """
@@ -40,10 +48,12 @@ import torch
 from gpupool.server import attention as A, cost
 torch.set_num_threads(1)
 case = sys.argv[1]
-L = S = 2048
+wide = "wide heads" in case  # few scores, a head size of 2^14: what a composition takes per element (round 25)
+L = S = 128 if wide else 2048
+head = 1 << 14 if wide else 8
 g = torch.Generator().manual_seed(0)
-dtype = torch.float64 if case.endswith("float64") else torch.float32
-q, k, v = (torch.randn(1, 1, n, 8, generator=g, dtype=dtype) for n in (L, S, S))
+dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(case.rsplit(", ", 1)[-1], torch.float32)
+q, k, v = (torch.randn(1, 1, n, head, generator=g, dtype=dtype) for n in (L, S, S))
 bias = None
 if case == "flash, expanded bool mask":
     bias = torch.ones(1, 1, 1, 1, dtype=torch.bool).expand(1, 1, L, S)
@@ -53,7 +63,7 @@ elif case == "flash, expanded key/value":
 elif case == "flash, head size 2^14":  # 32 query rows, one key: the kernel's output block is the query's size
     q, k, v = (torch.randn(1, 1, n, 1 << 14, generator=g) for n in (32, 1, 1))
 elif case.startswith("math"):
-    v = torch.randn(1, 1, S, 4, generator=g)
+    v = torch.randn(1, 1, S, head // 2, generator=g)
 fwd = torch.ops.aten._scaled_dot_product_fused_attention_overrideable.default
 bwd = torch.ops.aten._scaled_dot_product_fused_attention_overrideable_backward.default
 p = 0.1 if case.startswith("dropout") else 0.0
@@ -71,12 +81,14 @@ admitted = cost.temporary(op, args, {})
 gc.collect()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
-    run(*args)
+    got = run(*args)
 except Exception:  # a checkout that refuses the call (dropout before round 23)
     print(json.dumps({"admitted": -1, "took": -1}))
     sys.exit(0)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"admitted": admitted, "took": (peak - before) * 1024}))
+got = got if isinstance(got, (tuple, list)) else [got]
+outs = sum(t.numel() * t.element_size() for t in got if isinstance(t, torch.Tensor))  # counted apart from temporaries
+print(json.dumps({"admitted": admitted, "took": (peak - before) * 1024 - outs}))
 """
 
 
@@ -93,14 +105,14 @@ def main() -> None:
     p.add_argument("--against-python", default=sys.executable, help="its python (its venv's)")
     a = p.parse_args()
     mib = 1024 * 1024
-    print(f"{'case':28} {'took MiB':>9} {'admitted MiB':>13} {'took (against)':>15} {'admitted (against)':>19}")
+    print(f"{'case':40} {'took MiB':>9} {'admitted MiB':>13} {'took (against)':>15} {'admitted (against)':>19}")
 
     def mb(n: int, width: int) -> str:
         return f"{n / mib:{width}.1f}" if n >= 0 else f"{'-':>{width}}"
 
     for case in CASES:
         ours, theirs = _side(sys.executable, ROOT, case), _side(a.against_python, a.against.resolve(), case)
-        print(f"{case:28} {mb(ours['took'], 9)} {mb(ours['admitted'], 13)} {mb(theirs['took'], 15)} "
+        print(f"{case:40} {mb(ours['took'], 9)} {mb(ours['admitted'], 13)} {mb(theirs['took'], 15)} "
               f"{mb(theirs['admitted'], 19)}")  # fmt: skip
     print(f"load average {os.getloadavg()[0]:.2f}")
 

@@ -191,6 +191,24 @@ def check_private_dir(path: Path) -> None:
             )
 
 
+def check_private_file(path: Path) -> None:
+    """Raise UnsafeCacheDir unless only this user (and root) can change the file `path` (a cached build about to be
+    loaded): it belongs to this user or root and is writable by no other user (nor a group other than this process's
+    own), and its folder, where a rename could swap it, passes `check_private_dir` (symbolic links resolved).
+    `cache_dir` checks the cache's root only: a build's own folder below it (`torch-*/`) or the library itself made
+    writable by others (a build under umask 0, a `chmod`) let another user replace the code a daemon imports."""
+    real = Path(os.path.realpath(path))
+    check_private_dir(real.parent)
+    st = real.stat()
+    if st.st_uid not in (os.geteuid(), 0):
+        raise UnsafeCacheDir(f"cached library {path} belongs to uid {st.st_uid}, not this user")
+    if st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != os.getegid()):
+        raise UnsafeCacheDir(
+            f"cached library {path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}): it could be "
+            f"replaced; remove it (it is built again) or chmod go-w"
+        )
+
+
 def setup_logging(program: str, level: str | None = None) -> None:
     """One log format per program: time, program, level, logger, message."""
     level = level or os.environ.get("GPUPOOL_LOG_LEVEL", "INFO")

@@ -760,6 +760,19 @@ DROPOUT_FORWARD_BYTES = 24
 DROPOUT_BACKWARD_BYTES = 40
 
 
+# Bytes per element of the call's tensors (their whole sizes, in 4-byte units; float64: twice) that a composition
+# takes besides its scores: q and k scaled by their roots, the products of the second matmul, the backward's gradients
+# before they are cast and laid out (and, recomputed under autograd, each step's result). Round 24 counted per score
+# only, so a large head size over few scores ran unadmitted: L = S = 128, head size 2^14, float32 (bench/
+# attention_temporaries.py "head size 2^14" cases): the dropout forward took 24.6 MB beyond its output with 0.4 MB
+# admitted, its backward 41 MB with 0.7, the math backward (value head 2^13) 57.7 MB with 0.9 -- measured 1.0, 1.0
+# and 2.0 elements' bytes of its tensors; counted 1.5, 1.5 and 3 (and bfloat16's, float64's: within them).
+FORWARD_ELEMENT_BYTES = 6
+BACKWARD_ELEMENT_BYTES = 6
+MATH_FORWARD_ELEMENT_BYTES = 2  # (measured 0.04: its scaled q and k are views of the float32 copies)
+MATH_BACKWARD_ELEMENT_BYTES = 12
+
+
 def _dropout_bytes(q: Any, per_score: int) -> int:
     """`per_score` of the dropout composition for the dtype it computes in (float64: twice float32's)."""
     return 2 * per_score if isinstance(q, Tensor) and q.dtype == torch.float64 else per_score
@@ -767,12 +780,13 @@ def _dropout_bytes(q: Any, per_score: int) -> int:
 
 def _temporaries(
     tensors: list[Any], q: Any, k: Any, v: Any, bias: Any, math_bytes: int, lse: Any = None,
-    device: torch.device | None = None, backward: bool = False,
+    device: torch.device | None = None, backward: bool = False, element_bytes: int = FORWARD_ELEMENT_BYTES,
 ) -> int:  # fmt: skip
     """Bytes a call allocates besides its outputs while it runs, admitted with them (server/cost.py `temporary`):
     dense copies of the `tensors` a client gave expanded or overlapping (`_dense_or_copy`: an expanded view of one
     element is a copy of its whole size), a bool mask's floating copy and its negation (`_float_bias`, on every
-    path), and where the math composition runs its scores (`math_bytes` per score) and float32 copies of the inputs;
+    path), and where a composition runs (math or dropout) its scores (`math_bytes` per score), `element_bytes` per
+    element of the `tensors` (twice for float64) and, for another dtype than float32, float32 copies of them;
     on CPU the flash kernels' own buffers (`_flash_buffers`); on CUDA the efficient kernel's bias expanded to the
     scores' shape (and the backward's padded logsumexp).
     `device`: where the call runs (a graph's definition sees meta tensors; default: the query's device)."""
@@ -785,8 +799,10 @@ def _temporaries(
         total += bias.numel() * (q.element_size() + 1)
     if _uses_math(q, k, v, bias, dev):
         total += math_bytes * scores
+        elements = sum(t.numel() for t in tensors if isinstance(t, Tensor))  # (v too where v is None: a composition)
+        total += element_bytes * (2 if q.dtype == torch.float64 else 1) * elements
         if q.dtype != torch.float32:
-            total += 4 * sum(t.numel() for t in (q, k, v) if isinstance(t, Tensor))
+            total += 4 * elements
         if isinstance(bias, Tensor) and bias.dtype != torch.float32:
             total += 4 * bias.numel()
     elif dev.type == "cpu":
@@ -832,7 +848,8 @@ def forward_bytes(args: Args, kwargs: Kwargs, device: torch.device | None = None
         state = _state_bytes(device if device is not None else q.device)
         per_score = _dropout_bytes(q, DROPOUT_FORWARD_BYTES)
         return _temporaries([q, k, v], q, k, None, bias, per_score, device=device) + 2 * state
-    return _temporaries([q, k, v], q, k, v, bias, MATH_FORWARD_BYTES, device=device)
+    return _temporaries([q, k, v], q, k, v, bias, MATH_FORWARD_BYTES, device=device,
+                        element_bytes=MATH_FORWARD_ELEMENT_BYTES)  # fmt: skip
 
 
 def backward_bytes(args: Args, kwargs: Kwargs, device: torch.device | None = None) -> int:
@@ -843,12 +860,17 @@ def backward_bytes(args: Args, kwargs: Kwargs, device: torch.device | None = Non
         dev = device if device is not None else q.device if isinstance(q, Tensor) else torch.device("cpu")
         extra = 2 * _state_bytes(dev)
         per_score = _dropout_bytes(q, DROPOUT_BACKWARD_BYTES)
-        return _temporaries([grad, q, k, v, out, lse], q, k, None, bias, per_score, None, device) + extra
+        tensors = [grad, q, k, v, out, lse]
+        return (
+            _temporaries(tensors, q, k, None, bias, per_score, None, device, element_bytes=BACKWARD_ELEMENT_BYTES)
+            + extra
+        )
     if isinstance(mask, list | tuple) and len(mask) == 4 and mask[3] and isinstance(bias, Tensor):
         v_used = None  # None: the math composition whatever the device
     else:
         v_used = v
-    total = _temporaries([grad, q, k, v, out, lse], q, k, v_used, bias, MATH_BACKWARD_BYTES, lse, device, True)
+    total = _temporaries([grad, q, k, v, out, lse], q, k, v_used, bias, MATH_BACKWARD_BYTES, lse, device, True,
+                         MATH_BACKWARD_ELEMENT_BYTES)  # fmt: skip
     if isinstance(grad, Tensor) and _kernel_layout(grad) and not grad.is_contiguous():
         total += grad.numel() * grad.element_size()  # the CPU flash backward's own `grad_out.contiguous()`
     return total

@@ -177,7 +177,7 @@ def load() -> Any:
         try:
             mod = _import(_built())
         except Exception as exc:  # a failed build costs speed, never the daemon
-            log.warning("native runner: the build failed (%s): learned runs stay in Python", str(exc)[:300])
+            log.warning("native runner: no build loaded (%s): learned runs stay in Python", str(exc)[:300])
             mod = None
     _state.append(mod)
     return mod
@@ -255,6 +255,9 @@ def _no_asan() -> str | None:
 
 
 def _import(path: Path) -> Any:
+    """The cached build at `path`, imported: only where no other user could have written it (its folder and the file
+    itself, `config.check_private_file`; the cache's root alone is checked by `cache_dir`); else UnsafeCacheDir."""
+    config.check_private_file(path)
     spec = importlib.util.spec_from_file_location(_NAME, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import {path}")

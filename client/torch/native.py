@@ -125,7 +125,13 @@ def build() -> Path:
 
 
 def _build(path: Path, command: Any, what: str) -> Path:
-    """`path`, compiling it first with `command(tmp)` if the cache has none (under a lock; atomic rename)."""
+    """`path`, compiling it first with `command(tmp)` if the cache has none (under a lock; atomic rename); a library
+    another user could have written (`config.check_private_file`) raises UnsafeCacheDir: never loaded."""
+    config.check_private_file(_cached(path, command, what))
+    return path
+
+
+def _cached(path: Path, command: Any, what: str) -> Path:
     import fcntl
 
     if path.is_file():

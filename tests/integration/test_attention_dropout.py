@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from gpupool.client.session import Handle, Session
 from shim_fixtures import ServeProcess, start_daemon
 from support import stop_process
-from test_attention import FUSED, OpLog
+from test_attention import FUSED, OpLog, Slot, _op
 
 import gpupool.torch as gt
-from gpupool import errors, protocol
+from gpupool import errors, protocol, wire
+from gpupool._proto import device_pb2
 
 gt_capture = importlib.import_module("gpupool.client.torch.capture")  # the module (gt.capture is its decorator)
 
@@ -168,6 +169,41 @@ def test_attach_names_the_daemons_features_and_a_withheld_one_is_refused(serve: 
         s.call(FORWARD, q, k, v, None, 0.25, outputs=9)
         with pytest.raises(errors.InvalidArgument, match="dropout_p must be 0"):
             s.sync()
+
+
+def test_a_daemon_withholding_fused_dropout_refuses_every_form_of_it(old_daemon: Any) -> None:
+    """A hostile client that ignores AttachReply.features: the withheld composition runs in no form -- the backward
+    with dropout (a forged `philox_seed` of 5,056 bytes that would reach the generator), dropout_p by keyword, a NaN
+    or negative dropout_p, and a graph's call (refused at DefineGraph) -- each INVALID_ARGUMENT naming the withheld
+    feature (a NaN or negative one: the validator's own refusal), the session serving on; dropout_p 0 (and -0.0) is
+    served."""
+    with Session.attach(old_daemon.address, old_daemon.token(tenant="withheld")) as s:
+        q, k, v = (Handle(s.upload(t)) for t in _inputs())
+        fwd = s.call(FORWARD, q, k, v, None, 0.0, outputs=9)
+        out, lse, offset = Handle(fwd[0]), Handle(fwd[1]), Handle(fwd[7])
+        grad = Handle(s.upload(torch.linspace(-1, 1, 2 * 4 * 16 * 8).reshape(2, 4, 16, 8)))
+        [forged] = s.call("aten::select.int", Handle(s.upload(torch.full((632,), 7, dtype=torch.int64))), 0, 0)
+        back = [grad, q, k, v, None, [True, True, True, False], out, lse, None, None, 16, 12, 0.25, False]
+        for p, match in (
+            (0.25, "withholds the sdpa_dropout feature"),
+            (float("nan"), "dropout_p"),
+            (-0.5, "dropout_p"),
+        ):
+            back[12] = p
+            s.call(BACKWARD, *back, Handle(forged), offset, outputs=4)
+            with pytest.raises(errors.InvalidArgument, match=match):
+                s.sync()
+        s.call(FORWARD, q, k, v, None, outputs=9, dropout_p=0.5)
+        with pytest.raises(errors.InvalidArgument, match="withholds the sdpa_dropout feature"):
+            s.sync()
+        body = [_op(FUSED.replace(".", "::", 1), Slot(1), Slot(2), Slot(3), None, 0.25, False, False,
+                    outputs=[4, 5, 0, 0, 0, 0, 6, 7])]  # fmt: skip
+        meta = [wire.meta_to_proto(t) for t in _inputs()]
+        s.define_graph(device_pb2.DefineGraph(graph_id=3, inputs=3, input_meta=meta, ops=body, outputs=[4]))
+        with pytest.raises(errors.InvalidArgument, match="withholds the sdpa_dropout feature"):
+            s.sync()
+        [again] = s.call(FORWARD, q, k, v, None, -0.0, outputs=9)[:1]
+        assert torch.equal(s.download(Handle(again)), s.download(out))
 
 
 def test_against_a_daemon_without_fused_dropout_training_takes_the_math_path(old_daemon: Any, fused_on: Any) -> None:
@@ -364,6 +400,34 @@ def test_float64_dropout_counts_its_8_byte_scores_against_the_quota(serve: Any) 
             s.sync()
         [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
         assert torch.equal(s.download(ok), torch.full((3,), 2.0))
+
+
+def test_a_compositions_copies_of_wide_heads_count_against_the_quota(serve: Any) -> None:
+    """Round 24 counted a composition's temporaries per score only: with few scores and wide heads its copies of the
+    inputs ran unadmitted (L = S = 128, head size 2^14, float32: q, k, v 8 MiB each; the dropout forward took 24.6
+    MB beyond its output with 0.4 MB admitted, its backward 41 MB with 0.7; bench/attention_temporaries.py "wide
+    heads"). A 48 MiB session ran that forward on 24 MiB of inputs (57 MB at its peak), a 96 MiB one its backward
+    (108 MB). Now each is RESOURCE_EXHAUSTED before it runs (`FORWARD_ELEMENT_BYTES`, `BACKWARD_ELEMENT_BYTES`), the
+    session usable; the forward runs in 96 MiB."""
+    g = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(1, 1, 128, 1 << 14, generator=g) for _ in range(3)]
+    for mib in (48, 96):
+        with Session.attach(serve.address, serve.token(tenant=f"attention-wide-{mib}", quota_bytes=mib << 20)) as s:
+            q, k, v = (Handle(s.upload(t)) for t in inputs)
+            fwd = s.call(FORWARD, q, k, v, None, 0.1, outputs=9)
+            if mib == 48:
+                with pytest.raises(errors.ResourceExhausted, match="quota"):
+                    s.sync()
+            else:
+                grad = Handle(s.upload(torch.ones(1, 1, 128, 1 << 14)))
+                args = [grad, q, k, v, None, [True, True, True, False], Handle(fwd[0]), Handle(fwd[1]), None, None,
+                        128, 128, 0.1, False, Handle(fwd[6]), Handle(fwd[7])]  # fmt: skip
+                s.call(BACKWARD, *args, outputs=3)
+                with pytest.raises(errors.ResourceExhausted, match="quota"):
+                    s.sync()
+                assert s.download(Handle(fwd[0])).shape == (1, 1, 128, 1 << 14)
+            [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
+            assert torch.equal(s.download(ok), torch.full((3,), 2.0))
 
 
 # ---- the C++ client (client/sdpa_choice.h is its choice too) ----

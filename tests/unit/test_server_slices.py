@@ -339,6 +339,23 @@ def test_split_frame_against_protobuf_on_hostile_bytes(reading: str) -> None:
         slices.split_frame(garbage + frame(sample[0]), 16)
 
 
+def _agree(split: Any, raw: bytes, limit: int) -> bool:
+    """The C++ `split` and `py_split_frame` on `raw`: the same spans (views of `raw`), kinds and bulk positions where
+    the Python reading accepts it (True), None where it raises (False)."""
+    got = split(raw, limit, protocol.UPLOAD, protocol.GET)
+    marked: list[int] = []
+    try:
+        want = [(k, bytes(s)) for k, s in slices.py_split_frame(raw, limit, marked)]
+    except (InvalidArgument, ResourceExhausted):
+        assert got is None, (raw.hex(), limit)
+        return False
+    assert got is not None, (raw.hex(), limit)
+    spans, marks = got
+    assert all(type(s) is memoryview and s.obj is raw for _, s in spans)
+    assert ([(k, bytes(s)) for k, s in spans], marks) == (want, marked), (raw.hex(), limit)
+    return True
+
+
 def test_native_split_frame_is_the_python_reading_or_leaves_it_the_frame(native_runner_module: Any) -> None:
     """native_runner.cpp's `split_frame` (the stream reader's for every frame, in the daemon's own process) against
     `py_split_frame` on real frames and on every truncation and one-byte change of them, flipped continuation bits
@@ -383,32 +400,74 @@ def test_native_split_frame_is_the_python_reading_or_leaves_it_the_frame(native_
                 variants.append(raw[:k] + bytes(rng.randrange(256) for _ in range(rng.randint(1, 3))) + raw[k:])
         for v in variants:
             for limit in (1, 3, 4096):
-                got = split(v, limit, protocol.UPLOAD, protocol.GET)
-                try:
-                    marked: list[int] = []
-                    want = [(k, bytes(s)) for k, s in slices.py_split_frame(v, limit, marked)]
-                except (InvalidArgument, ResourceExhausted):
-                    assert got is None, (v.hex(), limit)
+                if _agree(split, v, limit):
+                    accepted += 1
+                else:
                     refused += 1
-                    continue
-                assert got is not None, (v.hex(), limit)
-                spans, marks = got
-                assert all(type(s) is memoryview and s.obj is v for _, s in spans)
-                assert ([(k, bytes(s)) for k, s in spans], marks) == (want, marked), (v.hex(), limit)
-                accepted += 1
     assert accepted > 1500 and refused > 20000, (accepted, refused)
     for v in (big, big[:-1], big[:46], big[:47], big[:20040]):
-        marked.clear()
-        try:
-            want = [(k, bytes(s)) for k, s in slices.py_split_frame(v, 16, marked)]
-        except InvalidArgument:
-            assert split(v, 16, protocol.UPLOAD, protocol.GET) is None
-            continue
-        spans, marks = split(v, 16, protocol.UPLOAD, protocol.GET)
-        assert ([(k, bytes(s)) for k, s in spans], marks) == (want, marked) and len(want) == 3
+        if _agree(split, v, 16):
+            assert len(slices.py_split_frame(v, 16)) == 3
     ok = frame(cmds[0], cmds[7])
     for other in (bytearray(ok), memoryview(ok)):
         assert split(other, 16, protocol.UPLOAD, protocol.GET) is None
+
+
+def _varint(n: int, pad: int = 0) -> bytes:
+    """`n` as a varint, made `pad` bytes longer than it needs (overlong: continuation bits over zero groups)."""
+    if not pad:
+        return protocol.varint(n)
+    out = bytearray(protocol.varint(n)) + b"\x00" * pad
+    out[-pad - 1] |= 0x80
+    for i in range(len(out) - pad, len(out) - 1):
+        out[i] |= 0x80
+    return bytes(out)
+
+
+def test_native_split_frame_agrees_on_structured_hostile_frames(native_runner_module: Any) -> None:
+    """native_runner.cpp's `split_frame` against `py_split_frame` on frames built at its reading's edges rather than
+    mutated from real ones: each command's length a varint of one to ten bytes (overlong ones too) whose value is
+    its body's, or near 2^31, 2^32, 2^35, 2^42, 2^63, 2^64 - 1; its first tag any wire type 0-7 of field numbers at
+    protobuf's limits and past them (0, 2^29 - 1, 2^29, 2^31, 2^32 - 1), up to six bytes long; bodies cut short,
+    nested commands, limits of 1 to 2^62. The C++ reading gives the Python one's spans, kinds and positions, or None
+    exactly where the Python one raises (run under ASan/UBSan by scripts/runner_asan.sh)."""
+    import random
+
+    split = native_runner_module.split_frame
+    rng = random.Random(25)
+    fields = [1, 2, 3, 4, 5, 6, 15, 16, 20, 30, 70, 71, 2047, 2048, (1 << 29) - 1, 1 << 29, 1 << 31, (1 << 32) - 1]
+    huge = [1 << 31, (1 << 31) - 1, (1 << 32) - 1, 1 << 32, (1 << 32) + 1, 1 << 35, (1 << 42) - 1, 1 << 42, 1 << 63]
+    huge += [(1 << 64) - 1]
+
+    def command() -> bytes:
+        field = rng.choice([*fields, 0, rng.randrange(1 << 32)])
+        tag = _varint(field << 3 | rng.randrange(8), rng.choice([0, 0, 0, 1, 2, 5]))
+        body = tag + bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 2, 9, 130])))
+        if rng.random() < 0.1:
+            body = b"\x0a" + _varint(len(body)) + body  # a command inside a command
+        n = len(body)
+        how = rng.random()
+        if how < 0.1:
+            n = rng.choice(huge)
+        elif how < 0.15:
+            body = body[: rng.randrange(len(body) + 1)]  # cut short of its length
+        elif how < 0.2:
+            body = b""
+            n = 0
+        length = _varint(n, rng.choice([0, 0, 0, 1, 3, 5, 8]))[:10]
+        return b"\x0a" + length + body
+
+    accepted = refused = 0
+    for _ in range(6000):
+        raw = b"".join(command() for _ in range(rng.choice([1, 1, 2, 3, 7])))
+        if rng.random() < 0.05:
+            raw = raw[: rng.randrange(len(raw) + 1)]
+        for limit in (1, 2, 4096, 1 << 62):
+            if _agree(split, raw, limit):
+                accepted += 1
+            else:
+                refused += 1
+    assert accepted > 3000 and refused > 8000, (accepted, refused)
 
 
 def test_the_front_waits_for_the_runners_build_and_then_keeps_its_answer(

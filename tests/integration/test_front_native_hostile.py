@@ -1,0 +1,212 @@
+"""The daemon's front runs C++ on every tenant's bytes since round 24 (native_runner.cpp `split_frame`, the stream
+reader's cut of each frame, in the one process all sessions share), from the native runner's cached build. Hostile
+frames at the edges of its reading (lengths near 2^31, 2^32, 2^63 and longer than six bytes, field numbers at
+protobuf's limit and past it, the wire types 3/4/5 as a command's first tag) reach that C++ through a real daemon: each
+ends its own session with INVALID_ARGUMENT or RESOURCE_EXHAUSTED, never the daemon, while a neighbour keeps working.
+And the cached build the front imports is one no other user could have written: a build folder or library made
+writable by others is never imported (`config.check_private_file`), the frames are then cut in Python."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from gpupool.client.session import Handle, Session
+from gpupool.server import slices
+from shim_fixtures import start_daemon
+from support import Healthy, stop_process, tls_channel
+
+from gpupool import config, protocol
+from gpupool._proto import device_pb2, device_pb2_grpc
+
+
+def _command(body: bytes) -> bytes:
+    return b"\x0a" + protocol.varint(len(body)) + body
+
+
+SYNC = device_pb2.ClientFrame(commands=[device_pb2.Command(sync=device_pb2.Sync(request_id=1))]).SerializeToString()
+
+# (what, frame): each refused by both readings or accepted by both (the C++ one must say the same as Python's)
+EDGES = [
+    ("length 2^31", b"\x0a" + protocol.varint(1 << 31) + b"\x08\x01"),
+    ("length 2^32 - 1", b"\x0a" + protocol.varint((1 << 32) - 1) + b"\x08\x01"),
+    ("length 2^32 + 1", b"\x0a" + protocol.varint((1 << 32) + 1) + b"\x08\x01"),
+    ("length 2^42 - 1 (six bytes)", b"\x0a" + protocol.varint((1 << 42) - 1) + b"\x08\x01"),
+    ("length 2^63 (ten bytes)", b"\x0a" + protocol.varint(1 << 63) + b"\x08\x01"),
+    ("length 2^64 - 1", b"\x0a" + b"\xff" * 9 + b"\x01" + b"\x08\x01"),
+    ("an unfinished length", b"\x0a" + b"\xff" * 5),
+    ("field 2^29 - 1, a varint", _command(protocol.varint(((1 << 29) - 1) << 3) + b"\x01") + SYNC),
+    ("field 2^29", _command(protocol.varint((1 << 29) << 3) + b"\x01") + SYNC),
+    ("field 2^32 - 1", _command(protocol.varint(((1 << 32) - 1) << 3) + b"\x01") + SYNC),
+    ("a six-byte tag", _command(b"\x88\x80\x80\x80\x80\x00\x01") + SYNC),
+    ("field 0", _command(b"\x00\x01") + SYNC),
+    ("a start group (wire type 3) unended", _command(b"\x0b\x08\x01") + SYNC),
+    ("an end group (wire type 4) first", _command(b"\x0c") + SYNC),
+    ("a group of field 1, ended", _command(b"\x0b\x0c") + SYNC),
+    ("a fixed32 (wire type 5) of field 4", _command(b"\x25\x01\x02\x03\x04") + SYNC),
+    ("wire type 6", _command(b"\x0e\x01") + SYNC),
+    ("deep nesting", _command(b"\x0a" * 60 + b"\x00") + SYNC),
+    ("a sync as a length-delimited upload tag", _command(b"\x22\x02\x08\x01") + SYNC),
+    ("an empty command, then garbage", b"\x0a\x00\x12\x00"),
+]
+
+
+def _stream(address: str, token: str, frames: list[bytes]) -> tuple[grpc.StatusCode | None, str]:
+    """Attach, send `frames` on the session's stream and read until it ends: (the status that ended it or None, its
+    details)."""
+    channel = tls_channel(address)
+    try:
+        stub = device_pb2_grpc.DeviceStub(channel)
+        reply = stub.Attach(device_pb2.AttachRequest(token=token))
+        stream = channel.stream_stream(
+            "/gpupool.v1.Device/Stream",
+            request_serializer=None,
+            response_deserializer=device_pb2.ServerFrame.FromString,
+        )
+        try:
+            for _ in stream(iter(frames), metadata=((protocol.SESSION_METADATA, reply.session_id),), timeout=20):
+                pass
+        except grpc.RpcError as exc:
+            return exc.code(), exc.details() or ""
+        return None, ""
+    finally:
+        channel.close()
+
+
+@pytest.fixture
+def cpp_split(monkeypatch: pytest.MonkeyPatch, native_runner_module: Any) -> Iterator[list[tuple[bytes, bool]]]:
+    """The front's frame cut is native_runner.cpp's (as in a daemon whose runner is built), each call noted: (the
+    frame, whether the C++ reading took it)."""
+    calls: list[tuple[bytes, bool]] = []
+    cpp = native_runner_module.split_frame
+
+    def noted(raw: bytes, limit: int, upload: int, get: int) -> Any:
+        got = cpp(raw, limit, upload, get)
+        calls.append((raw, got is not None))
+        return got
+
+    monkeypatch.setattr(slices, "_native", [noted])
+    yield calls
+
+
+def test_hostile_frames_at_the_cpp_readings_edges_end_only_their_session(daemon: Any, cpp_split: Any) -> None:
+    healthy = Healthy(daemon.address, daemon.token(tenant="healthy"))
+    try:
+        for what, raw in EDGES:
+            reference: Any
+            try:
+                reference = [(k, bytes(s)) for k, s in slices.py_split_frame(raw, 1 << 20)]
+            except Exception as exc:  # the Python reading's refusal
+                reference = exc
+            cpp_split.clear()
+            code, details = _stream(daemon.address, daemon.token(tenant="hostile"), [raw])
+            mine = [took for r, took in cpp_split if r == raw]  # (the neighbour's frames pass there too)
+            assert len(mine) == 1, what  # the C++ reading saw it first
+            took = mine[0]
+            assert took == (not isinstance(reference, Exception)), what
+            if took:
+                cut = slices.split_frame(raw, 1 << 20)
+                assert [(k, bytes(s)) for k, s in cut] == reference, what
+            assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, None), (what, code)
+            if code is not None:
+                assert "internal" not in details.lower(), (what, details)
+        with Session.attach(daemon.address, daemon.token(tenant="after")) as s:  # the front still serves
+            [h] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
+            assert torch.equal(s.download(h), torch.full((3,), 2.0))
+    finally:
+        healthy.check()
+
+
+# ---- the cached build the front imports ----
+
+
+def _mapped(pid: int, path: Path) -> bool:
+    """Whether process `pid` or any process below it has `path` mapped (a shared library it imported)."""
+    tree, found = {pid}, True
+    while found:
+        found = False
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in tree:
+                continue
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid in tree:
+                tree.add(int(entry))
+                found = True
+    for p in tree:
+        try:
+            if str(path) in Path(f"/proc/{p}/maps").read_text():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.mark.parametrize("unsafe", ["", "folder", "library"])
+def test_a_cached_runner_build_other_users_could_write_is_never_imported(
+    tmp_path: Path, native_runner_module: Any, unsafe: str
+) -> None:
+    """A daemon given a cache (GPUPOOL_NATIVE_RUNNER_CACHE, owner-only) that holds this source's build: imported by
+    the front (and the zygote) as it is; with the build's own folder or the library writable by other users (a
+    build under umask 0, a chmod: `cache_dir` checked the cache's root only) it is imported by no process of the
+    daemon, which says why and serves on the Python path."""
+    from gpupool.server import native_runner
+
+    build = Path(native_runner_module.__file__)
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    final = cache / native_runner._final().relative_to(native_runner.cache_dir())
+    final.parent.mkdir(mode=0o755)
+    shutil.copy2(build, final)
+    if unsafe == "folder":
+        final.parent.chmod(0o777)
+    elif unsafe == "library":
+        final.chmod(final.stat().st_mode | stat.S_IWOTH)
+    env = {"GPUPOOL_NATIVE_RUNNER_CACHE": str(cache), "GPUPOOL_NATIVE_RUNNER": "1"}
+    daemon = start_daemon(tmp_path, "1GiB", 1, env=env)
+    try:
+        with Session.attach(daemon.address, daemon.token()) as s:  # the front's first frames: it decides then
+            [h] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
+            assert torch.equal(s.download(h), torch.full((3,), 2.0))
+        assert _mapped(daemon.process.pid, final) == (not unsafe)
+    finally:
+        stop_process(daemon.process)
+    deadline = time.monotonic() + 10  # (the log's reader thread may still be a few lines behind the exit)
+    while unsafe and "writable by other users" not in "".join(daemon.process.log_lines) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = "".join(daemon.process.log_lines)
+    assert ("writable by other users" in log) == bool(unsafe), log[-3000:]
+
+
+def test_check_private_file(tmp_path: Path) -> None:
+    folder = tmp_path / "private"
+    folder.mkdir(mode=0o700)
+    lib = folder / "x.so"
+    lib.write_bytes(b"\x7fELF")
+    lib.chmod(0o755)
+    config.check_private_file(lib)
+    lib.chmod(0o757)
+    with pytest.raises(config.UnsafeCacheDir, match="writable by other users"):
+        config.check_private_file(lib)
+    lib.chmod(0o755)
+    folder.chmod(0o777)
+    with pytest.raises(config.UnsafeCacheDir, match="writable by other users"):
+        config.check_private_file(lib)
+    folder.chmod(0o700)
+    link = tmp_path / "shared"
+    link.mkdir()
+    link.chmod(0o777)
+    (link / "y.so").write_bytes(b"")
+    (folder / "y.so").symlink_to(link / "y.so")  # a link into a folder others can write: resolved, refused
+    with pytest.raises(config.UnsafeCacheDir):
+        config.check_private_file(folder / "y.so")
