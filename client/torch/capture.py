@@ -58,10 +58,10 @@ from torch.utils._pytree import SUPPORTED_NODES, tree_flatten, tree_unflatten
 
 from gpupool import wire
 
+from gpupool.client import capture_guard as guard
+from gpupool.client.capture_record import Built, CaptureError, Elsewhere, Recording, build, compare
+
 from . import api, native, runtime
-from . import capture_guard as guard
-from .capture_record import Built, Elsewhere, Recording, build, compare
-from .errors import CaptureError
 from .runtime import DeviceRuntime
 from .tensor import RemoteTensor, RemoteView, own, upload_new, wrap
 
@@ -230,7 +230,7 @@ class CapturedStep:
             for o in others:
                 o.stop_recording()
         self.stats["recorded"] += 1
-        built = build(rec, leaves, result)
+        built = build(rec, leaves, result, _handle_of)
         previous = self._recorded.get(key)
         if previous is None:
             same = self._same_but_values(key, built)
@@ -459,6 +459,10 @@ def capture(
 
 
 # ---- small helpers ----
+
+
+def _handle_of(x: Any) -> int | None:
+    return x._gp_h if isinstance(x, RemoteTensor) else None
 
 
 def _is_cpu_tensor(x: Any) -> bool:

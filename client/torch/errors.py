@@ -12,6 +12,7 @@ import grpc
 import torch
 
 from gpupool import errors
+from gpupool.client.capture_record import CaptureError as CaptureError  # shared by both clients' step capture
 
 
 class RemoteError(RuntimeError, errors.GpupoolError):
@@ -39,11 +40,6 @@ class OutOfMemoryError(torch.OutOfMemoryError, errors.ResourceExhausted):
 
     def __str__(self) -> str:
         return errors.GpupoolError.__str__(self)
-
-
-class CaptureError(RuntimeError):
-    """A step given to `gpupool.torch.capture` cannot be captured (a sync inside it, Python numbers that change
-    from step to step, ...); the message says what and how to fix it."""
 
 
 class DeviceLost(RemoteError):

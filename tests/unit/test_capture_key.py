@@ -9,7 +9,7 @@ import collections
 
 import pytest
 import torch
-from gpupool.client.torch import capture_guard as guard
+from gpupool.client import capture_guard as guard
 from gpupool.client.torch.capture import CapturedStep
 from torch.utils._pytree import tree_flatten
 

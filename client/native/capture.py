@@ -1,0 +1,379 @@
+"""Step capture on the C++ client (`gpupool.torch.capture` under `gpupool run --native-client`).
+
+The same contract as the Python client's (client/torch/capture.py, whose docstring is the reference): call 1 runs
+eagerly; calls 2 and 3 run eagerly while the calling thread's commands to the device are recorded, the two recordings
+must agree (else `CaptureError` names the op and argument that changed); then the graph is defined on the daemon
+(DefineGraph) and every later call with the same guard key (client/capture_guard.py: argument shapes and values,
+module training flags, optimizer settings, the plain Python values the step reads) is one RunGraph command.
+
+How it records: native_client.cpp keeps a tape of the commands the recording thread writes into the device's frame
+(`record_start` / `record_stop`: the compact eager records, the Python fallback's `Op`s, uploads, and every Free)
+while they go out as always; the records of a recording name views by view handle (an `as_strided` record, its
+handle the recording's own and freed at its end), since a graph names tensors by slot. `record_stop` hands the tape
+over; `_decode` turns it into the shared `Recording` (client/capture_record.py), from which `build` makes the
+DefineGraph as for the Python client. Tensors a graph binds by identity, and the tensors it leaves behind, are
+watched in C++ (`watch`): a Free of one is seen at the next call (`fired`), which re-records the step (a persistent
+tensor was dropped or replaced) or stops writing the handle.
+
+A replay is one RunGraph appended to the device's frame (in order with its eager records; it goes out as any frame
+does: every $GPUPOOL_FLUSH_OPS commands, or at a sync); its outputs are new device tensors bound to fresh handles.
+Inside a recording, syncs (`.item()`, `.cpu()`, `synchronize`), `torch.manual_seed`, `resize_`/`set_` and ops on
+another device raise (CaptureError, or one RuntimeError naming the op); uploads over 4 MiB inside a step are refused.
+Not here (yet): the Python client's "a Python value that does not matter is no longer watched" (a value that changes
+on every call makes every call record), and steps held back a few to a frame on a timer.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from gpupool import compact, protocol, wire
+from gpupool._proto import device_pb2, tensor_pb2
+from gpupool.client import capture_guard as guard
+from gpupool.client.capture_record import Built, CaptureError, Recording, build, compare
+
+from . import backend
+
+log = logging.getLogger("gpupool.torch")
+_graph_ids = itertools.count(1)
+RECORD_ATTEMPTS = 3  # as client/torch/capture.py
+MAX_GRAPHS = 16
+BY_VALUE_BYTES = 256 * 1024
+
+
+def _ops() -> Any:
+    return torch.ops.gpupool_native
+
+
+def _on_device(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.device.type == backend.NAME
+
+
+def _is_cpu_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.device.type == "cpu"
+
+
+@dataclass
+class _Graph:
+    index: int
+    graph_id: int
+    key: Any
+    outputs: list[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]]  # (leaf index, sizes, strides, dtype)
+    spec: Any
+    leaves: list[Any]
+    consts: list[torch.Tensor]
+    built: Built
+    valid: bool = True
+    why: str = ""
+    drop_writes: list[int] = field(default_factory=list)
+    watching: list[int] = field(default_factory=list)
+
+
+class _Device:
+    """What capture keeps per device: the handles defined graphs watch (handle -> [(graph, persistent?)])."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.device = torch.device(backend.NAME, index)
+        self.watched: dict[int, list[tuple[_Graph, bool]]] = {}
+
+    def poll(self) -> None:
+        """Graphs hear of the watched handles freed since the last call."""
+        if not self.watched:
+            return
+        for h in _ops().fired(self.index):
+            for g, persistent in self.watched.pop(h, ()):
+                if not persistent:
+                    g.drop_writes.append(h)
+                elif g.valid:
+                    g.valid, g.why = False, f"a tensor it binds by identity ({h:#x}) was dropped or replaced"
+
+    def watch(self, g: _Graph) -> None:
+        fresh = []
+        for h, persistent in [(h, True) for h in g.built.persistent] + [(h, False) for h in g.built.writes]:
+            if h not in self.watched:
+                fresh.append(h)
+            self.watched.setdefault(h, []).append((g, persistent))
+            g.watching.append(h)
+        if fresh:
+            _ops().watch(self.index, fresh, True)
+
+    def unwatch(self, g: _Graph) -> None:
+        gone = []
+        for h in g.watching:
+            entries = self.watched.get(h)
+            if entries is None:
+                continue
+            entries[:] = [e for e in entries if e[0] is not g]
+            if not entries:
+                del self.watched[h]
+                gone.append(h)
+        if gone:
+            _ops().watch(self.index, gone, False)
+
+
+_devices: dict[int, _Device] = {}
+
+
+def _device(index: int) -> _Device:
+    d = _devices.get(index)
+    if d is None:
+        d = _devices[index] = _Device(index)
+    return d
+
+
+class CapturedStep:
+    """The callable `capture(fn)` returns on the C++ client: one graph per guard key (as the Python client's).
+    `stats` counts eager, recorded and replayed calls and graphs defined."""
+
+    def __init__(
+        self, fn: Callable[..., Any], device: Any = None, watch: Iterable[Any] = (), max_graphs: int = MAX_GRAPHS
+    ) -> None:
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        self.name = getattr(fn, "__name__", "step")
+        self.device = device
+        self.watched = list(watch) or guard.discover(fn)
+        self.values = guard.python_values(fn)
+        self.max_graphs = max_graphs
+        self.graphs: dict[Any, _Graph] = {}
+        self._recorded: dict[Any, tuple[Built, int]] = {}
+        self._first = True
+        self._spec_ids: dict[Any, int] = {}
+        self.stats = {"eager": 0, "recorded": 0, "replayed": 0, "defined": 0, "rerecorded": 0}
+
+    @property
+    def state(self) -> str:
+        return "replay" if self.graphs else ("eager" if self._first else "record")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, spec = tree_flatten((args, kwargs))
+        index = self._index(leaves)
+        dev = _device(index)
+        dev.poll()
+        structure = self._spec_ids.setdefault(spec, len(self._spec_ids))
+        key = (
+            structure,
+            tuple(map(guard.leaf_key, leaves)),
+            guard.watch_key(self.watched),
+            guard.values_key(self.values),
+        )
+        g = self.graphs.get(key)
+        if g is not None:
+            if g.valid:
+                return self._replay(dev, g, leaves)
+            log.info("%s: graph %d re-recorded: %s", dev.device, g.graph_id, g.why)
+            self.stats["rerecorded"] += 1
+            self._forget(key)
+        elif self.graphs and key not in self._recorded:
+            log.info("%s: %s records a new graph: %s", dev.device, self.name, guard.difference(self.graphs, key))
+        leaves = [x.to(dev.device) if _is_cpu_tensor(x) else x for x in leaves]
+        args, kwargs = tree_unflatten(leaves, spec)
+        if self._first:
+            self._first = False
+            self.stats["eager"] += 1
+            return self.fn(*args, **kwargs)
+        return self._record(dev, key, leaves, args, kwargs)
+
+    def _index(self, leaves: list[Any]) -> int:
+        found = {int(x.device.index) for x in leaves if _on_device(x)}
+        if len(found) > 1:
+            raise CaptureError("the arguments of a captured step are on more than one gpupool device")
+        if found:
+            return found.pop()
+        if self.device is not None and torch.device(self.device).index is not None:
+            return int(torch.device(self.device).index)  # type: ignore[arg-type]
+        return int(_ops().current_device())
+
+    # ---- recording ----
+
+    def _record(self, dev: _Device, key: Any, leaves: list[Any], args: Any, kwargs: Any) -> Any:
+        ops = _ops()
+        handles = {id(x): int(ops.wire_handle(x)) for x in leaves if _on_device(x)}
+        backend.RECORDING.on = True  # syncs refuse (backend.py)
+        ops.record_start(dev.index)
+        try:
+            result = self.fn(*args, **kwargs)
+            for x in tree_flatten(result)[0]:
+                if _on_device(x):
+                    handles[id(x)] = int(ops.wire_handle(x))
+        finally:
+            tape = ops.record_stop(dev.index)
+            backend.RECORDING.on = False
+        self.stats["recorded"] += 1
+        rec = Recording(dev)
+        _decode(tape.numpy().tobytes(), rec)
+        built = build(rec, leaves, result, lambda x: handles.get(id(x)) if _on_device(x) else None)
+        previous = self._recorded.get(key)
+        if previous is None:
+            self._recorded[key] = (built, 0)
+            return result
+        mismatch = compare(previous[0], built)
+        if mismatch:
+            attempts = previous[1] + 1
+            if attempts >= RECORD_ATTEMPTS:
+                del self._recorded[key]
+                raise CaptureError(
+                    f"this step cannot be captured: two recordings differ at {mismatch}. Python numbers that change "
+                    "from step to step would be replayed stale: make them tensors on the device (for Adam/AdamW: "
+                    "capturable=True; a changing lr as a gpupool tensor), or pass them as tensor arguments"
+                )
+            self._recorded[key] = (built, attempts)
+            return result
+        del self._recorded[key]
+        self._define(dev, key, built, result)
+        return result
+
+    def _define(self, dev: _Device, key: Any, built: Built, result: Any) -> None:
+        while len(self.graphs) >= self.max_graphs:
+            self._forget(next(iter(self.graphs)), drop=True)
+        ops = _ops()
+        consts = [t.to(dev.device) for t in built.consts]  # kept by the graph: persistent inputs
+        graph_id = next(_graph_ids)
+        msg = built.message(graph_id, [int(ops.wire_handle(c)) for c in consts])
+        backend.flush()  # the eager records before it (the tensors it binds) go first
+        backend.session(dev.index).define_graph(msg)
+        out_leaves, spec = tree_flatten(result)
+        outputs = [(i, tuple(x.shape), tuple(x.stride()), x.dtype) for i, x in enumerate(out_leaves) if _on_device(x)]
+        plain = [None if _on_device(x) else x for x in out_leaves]
+        g = _Graph(dev.index, graph_id, key, outputs, spec, plain, consts, built)
+        dev.watch(g)
+        self.graphs[key] = g
+        self.stats["defined"] += 1
+        log.info(
+            "%s: graph %d defined for %s: %d ops, %d inputs, %d persistent tensors",
+            dev.device, graph_id, self.name, len(msg.ops), msg.inputs, len(msg.persistent),
+        )  # fmt: skip
+
+    def _forget(self, key: Any, drop: bool = False) -> None:
+        g = self.graphs.pop(key, None)
+        if g is None:
+            return
+        _device(g.index).unwatch(g)
+        if drop:
+            backend.flush()
+            backend.session(g.index).drop_graph(g.graph_id)
+
+    def drop(self) -> None:
+        """Forget every graph (the daemon frees them); the next calls record again."""
+        for key in list(self.graphs):
+            self._forget(key, drop=True)
+        self._recorded.clear()
+
+    # ---- replay ----
+
+    def _replay(self, dev: _Device, g: _Graph, leaves: list[Any]) -> Any:
+        ops = _ops()
+        inputs: list[int] = []
+        data: list[bytes] = []
+        keep: list[torch.Tensor] = []  # uploads of large CPU arguments, alive until the run is queued
+        by_value = sum(x.numel() * x.element_size() for x in leaves if _is_cpu_tensor(x)) <= BY_VALUE_BYTES
+        for x in leaves:
+            if _on_device(x):
+                inputs.append(int(ops.wire_handle(x)))
+                data.append(b"")
+            elif isinstance(x, torch.Tensor):
+                if by_value:
+                    inputs.append(0)
+                    data.append(wire.host_bytes(x.detach().contiguous()).tobytes())
+                else:
+                    keep.append(x.to(dev.device))
+                    inputs.append(int(ops.wire_handle(keep[-1])))
+                    data.append(b"")
+        made = [ops.new_output(list(s), list(st), dt, dev.index) for _, s, st, dt in g.outputs]
+        handles = ops.adopt(made, False)
+        run = device_pb2.RunGraph(graph_id=g.graph_id, inputs=inputs, outputs=handles)
+        if g.drop_writes:
+            run.drop_writes.extend(g.drop_writes)
+            g.drop_writes.clear()
+        if by_value and any(data):
+            run.input_data.extend(data)
+        raw = device_pb2.Command(run_graph=run).SerializeToString()
+        entry = bytearray(protocol.FRAME_COMMANDS_TAG + protocol.varint(len(raw)) + raw)
+        ops.append_command(torch.frombuffer(entry, dtype=torch.uint8), dev.index)
+        ops.adopt(made, True)
+        self.stats["replayed"] += 1
+        out = list(g.leaves)
+        for t, (i, *_) in zip(made, g.outputs, strict=True):
+            out[i] = t
+        return tree_unflatten(out, g.spec)
+
+
+def capture(
+    fn: Callable[..., Any] | None = None, *, device: Any = None, watch: Iterable[Any] = (), max_graphs: int = MAX_GRAPHS
+) -> Any:
+    """`gpupool.torch.capture` on the C++ client: `step = capture(fn)` or `@capture(watch=[model, opt])`."""
+    if fn is None:
+        return lambda f: CapturedStep(f, device, watch, max_graphs)
+    return CapturedStep(fn, device, watch, max_graphs)
+
+
+# ---- the tape, decoded into the shared Recording ----
+
+
+class _Ref:
+    """A tensor handle in a decoded compact record."""
+
+    __slots__ = ("h",)
+
+    def __init__(self, h: int) -> None:
+        self.h = h
+
+
+_DEVICE = object()  # compact.DEVICE decodes to this: the session's device
+_GPU_DEVICE = tensor_pb2.Arg(device=tensor_pb2.DeviceRef(type="gpupool", index=-1))
+_names: dict[int, str] = {}
+
+
+def _op_name(op_id: int) -> str:
+    name = _names.get(op_id)
+    if name is None:
+        name = _names[op_id] = str(_ops().op_name(op_id))
+    return name
+
+
+def _no_tensor(t: torch.Tensor) -> Any:
+    raise CaptureError("a CPU tensor inside a compact record of a step being captured")
+
+
+def _arg(v: Any) -> tensor_pb2.Arg:
+    if isinstance(v, _Ref):
+        return tensor_pb2.Arg(tensor=v.h)
+    if v is _DEVICE:
+        return _GPU_DEVICE
+    if isinstance(v, list) and v and all(x is None or isinstance(x, _Ref) for x in v):
+        return tensor_pb2.Arg(tensors=tensor_pb2.TensorList(handles=[0 if x is None else x.h for x in v]))
+    return wire.encode_arg(v, _no_tensor)
+
+
+def _decode(tape: bytes, rec: Recording) -> None:
+    """The tape's commands (ClientFrame.commands entries) into `rec`, in order."""
+    for cmd in device_pb2.ClientFrame.FromString(tape).commands:
+        kind = cmd.WhichOneof("cmd")
+        if kind == "eager_op":
+            try:
+                op_id, _, outputs, args, kwargs, _ = compact.decode_parts(cmd.eager_op, _Ref, _DEVICE)  # type: ignore[arg-type]
+            except AttributeError:  # a VIEW argument (never written while recording)
+                raise CaptureError("a view argument in a recorded step (the C++ client's records)") from None
+            rec.op(_op_name(op_id), [_arg(a) for a in args], {k: _arg(v) for k, v in kwargs.items()}, outputs)
+        elif kind == "op":
+            rec.op(cmd.op.name, list(cmd.op.args), dict(cmd.op.kwargs), list(cmd.op.outputs))
+        elif kind == "upload":
+            up = cmd.upload
+            if up.offset or not up.last or up.bulk_bytes:
+                rec.refuse("an upload of more than 4 MiB")
+            dtype = wire.dtype_from_proto(up.meta.dtype)
+            rec.upload(up.handle, wire.bytes_to_tensor(up.data, dtype, list(up.meta.shape)))
+        elif kind == "free":
+            for h in cmd.free.handles:
+                rec.released(h)
+        else:
+            raise CaptureError(f"a {kind} command inside a step being captured")
