@@ -75,6 +75,7 @@ class _Graph:
     why: str = ""
     drop_writes: list[int] = field(default_factory=list)
     watching: list[int] = field(default_factory=list)
+    ops: int = 0  # aten ops it runs per step
 
 
 class _Device:
@@ -244,7 +245,7 @@ class CapturedStep:
         out_leaves, spec = tree_flatten(result)
         outputs = [(i, tuple(x.shape), tuple(x.stride()), x.dtype) for i, x in enumerate(out_leaves) if _on_device(x)]
         plain = [None if _on_device(x) else x for x in out_leaves]
-        g = _Graph(dev.index, graph_id, key, outputs, spec, plain, consts, built)
+        g = _Graph(dev.index, graph_id, key, outputs, spec, plain, consts, built, ops=len(msg.ops))
         dev.watch(g)
         self.graphs[key] = g
         self.stats["defined"] += 1
