@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"na
 # Each case trains eagerly, then captured, from the same seed; the sgd cases change the learning rate at step 6 (an
 # optimizer setting in the guard key: a second graph) and the tiny ones take a batch of 8 at steps 9-10 (a new
 # shape: another graph; back to 16 replays the first). Batches go as device tensors, or as CPU tensors (by value).
+# "+replace" gives a parameter new data at step 4 (its old storage dies: the graph that binds it records again).
 SCRIPT = """
 import json, sys
 import torch
@@ -31,12 +32,12 @@ from torch import nn
 import gpupool.torch as gt
 
 DEV = "gpupool"
-CASES = ["tiny-sgd", "tiny-adam", "stock-sgd", "stock-adam"]
+CASES = ["tiny-sgd", "tiny-adam", "stock-sgd", "stock-adam", "tiny-sgd+replace"]
 
 
 def run(case, captured, steps=12):
     torch.manual_seed(0)
-    size, opt_name = case.split("-")
+    size, opt_name = case.split("+")[0].split("-")
     dims = (16, 32, 4) if size == "tiny" else (32, 64, 2)
     if size == "tiny":
         model = nn.Sequential(nn.Linear(dims[0], dims[1]), nn.ReLU(), nn.Linear(dims[1], dims[2]))
@@ -61,6 +62,8 @@ def run(case, captured, steps=12):
     out = []
     for i in range(steps):
         x, y = data[i % 4]
+        if case.endswith("+replace") and i == 4:  # a parameter's data replaced: a tensor the graph binds is gone
+            model[0].weight.data = model[0].weight.data * 0.5
         if opt_name == "sgd" and i == 6:
             opt.param_groups[0]["lr"] = 0.02
         if size == "tiny" and i in (9, 10):
@@ -165,6 +168,7 @@ def test_captured_mlps_train_with_eager_losses(pool: str, tmp_path: Path) -> Non
         "tiny-adam": {"eager": 1, "recorded": 4, "defined": 2, "replayed": 7},
         "stock-sgd": {"eager": 1, "recorded": 8, "defined": 4, "replayed": 3},
         "stock-adam": {"eager": 1, "recorded": 4, "defined": 2, "replayed": 7},
+        "tiny-sgd+replace": {"eager": 1, "recorded": 8, "defined": 4, "replayed": 3, "rerecorded": 1},
     }
     for case, stats in want.items():
         assert {k: got[case]["stats"][k] for k in stats} == stats, case
