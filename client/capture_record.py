@@ -132,11 +132,11 @@ def build(rec: Recording, leaves: list[Any], result: Any, handle_of: HandleOf) -
     out_leaves = tree_flatten(result)[0]
     out_handles = [handle_of(x) for x in out_leaves]
     outputs = []
-    for x, h in zip(out_leaves, out_handles, strict=True):
-        if h is not None:
-            if h not in slot_of:
+    for x, oh in zip(out_leaves, out_handles, strict=True):
+        if oh is not None:
+            if oh not in slot_of:
                 raise CaptureError("a captured step returns a tensor it did not compute or receive")
-            outputs.append(slot_of[h])
+            outputs.append(slot_of[oh])
         elif isinstance(x, torch.Tensor):
             raise CaptureError("a captured step returns a CPU tensor; return device tensors (read them after)")
     returned = {h for h in out_handles if h is not None}

@@ -19,13 +19,12 @@ A replay is one RunGraph appended to the device's frame (in order with its eager
 does: every $GPUPOOL_FLUSH_OPS commands, or at a sync); its outputs are new device tensors bound to fresh handles.
 Inside a recording, syncs (`.item()`, `.cpu()`, `synchronize`), `torch.manual_seed`, `resize_`/`set_` and ops on
 another device raise (CaptureError, or one RuntimeError naming the op); uploads over 4 MiB inside a step are refused.
-Not here (yet): the Python client's "a Python value that does not matter is no longer watched" (a value that changes
-on every call makes every call record), and steps held back a few to a frame on a timer.
+The graph cache and the rule from recordings to a graph are the Python client's (client/capture_step.py). Not here
+(yet): steps held back a few to a frame on a timer.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 from collections.abc import Callable, Iterable
@@ -33,20 +32,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from gpupool.client import capture_guard as guard
+from gpupool.client.capture_record import Built, CaptureError, Recording, build
+from gpupool.client.capture_step import MAX_GRAPHS, StepCache
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from gpupool import compact, protocol, wire
 from gpupool._proto import device_pb2, tensor_pb2
-from gpupool.client import capture_guard as guard
-from gpupool.client.capture_record import Built, CaptureError, Recording, build, compare
 
 from . import backend
 
 log = logging.getLogger("gpupool.torch")
 _graph_ids = itertools.count(1)
-RECORD_ATTEMPTS = 3  # as client/torch/capture.py
-MAX_GRAPHS = 16
-BY_VALUE_BYTES = 256 * 1024
+BY_VALUE_BYTES = 256 * 1024  # CPU arguments up to this size (together) travel inside the RunGraph command
 
 
 def _ops() -> Any:
@@ -131,36 +129,16 @@ def _device(index: int) -> _Device:
     return d
 
 
-class CapturedStep:
-    """The callable `capture(fn)` returns on the C++ client: one graph per guard key (as the Python client's).
-    `stats` counts eager, recorded and replayed calls and graphs defined."""
-
-    def __init__(
-        self, fn: Callable[..., Any], device: Any = None, watch: Iterable[Any] = (), max_graphs: int = MAX_GRAPHS
-    ) -> None:
-        functools.update_wrapper(self, fn)
-        self.fn = fn
-        self.name = getattr(fn, "__name__", "step")
-        self.device = device
-        self.watched = list(watch) or guard.discover(fn)
-        self.values = guard.python_values(fn)
-        self.max_graphs = max_graphs
-        self.graphs: dict[Any, _Graph] = {}
-        self._recorded: dict[Any, tuple[Built, int]] = {}
-        self._first = True
-        self._spec_ids: dict[Any, int] = {}
-        self.stats = {"eager": 0, "recorded": 0, "replayed": 0, "defined": 0, "rerecorded": 0}
-
-    @property
-    def state(self) -> str:
-        return "replay" if self.graphs else ("eager" if self._first else "record")
+class CapturedStep(StepCache):
+    """The callable `capture(fn)` returns on the C++ client: one graph per guard key (client/capture_step.py, as the
+    Python client's). `stats` counts eager, recorded and replayed calls and graphs defined."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = tree_flatten((args, kwargs))
         index = self._index(leaves)
         dev = _device(index)
         dev.poll()
-        structure = self._spec_ids.setdefault(spec, len(self._spec_ids))
+        structure = self._spec_id(spec)
         key = (
             structure,
             tuple(map(guard.leaf_key, leaves)),
@@ -178,9 +156,7 @@ class CapturedStep:
             log.info("%s: %s records a new graph: %s", dev.device, self.name, guard.difference(self.graphs, key))
         leaves = [x.to(dev.device) if _is_cpu_tensor(x) else x for x in leaves]
         args, kwargs = tree_unflatten(leaves, spec)
-        if self._first:
-            self._first = False
-            self.stats["eager"] += 1
+        if self._eager_now():
             return self.fn(*args, **kwargs)
         return self._record(dev, key, leaves, args, kwargs)
 
@@ -213,29 +189,10 @@ class CapturedStep:
         rec = Recording(dev)
         _decode(tape.numpy().tobytes(), rec)
         built = build(rec, leaves, result, lambda x: handles.get(id(x)) if _on_device(x) else None)
-        previous = self._recorded.get(key)
-        if previous is None:
-            self._recorded[key] = (built, 0)
-            return result
-        mismatch = compare(previous[0], built)
-        if mismatch:
-            attempts = previous[1] + 1
-            if attempts >= RECORD_ATTEMPTS:
-                del self._recorded[key]
-                raise CaptureError(
-                    f"this step cannot be captured: two recordings differ at {mismatch}. Python numbers that change "
-                    "from step to step would be replayed stale: make them tensors on the device (for Adam/AdamW: "
-                    "capturable=True; a changing lr as a gpupool tensor), or pass them as tensor arguments"
-                )
-            self._recorded[key] = (built, attempts)
-            return result
-        del self._recorded[key]
-        self._define(dev, key, built, result)
-        return result
+        return self._settle(dev, key, built, result)
 
     def _define(self, dev: _Device, key: Any, built: Built, result: Any) -> None:
-        while len(self.graphs) >= self.max_graphs:
-            self._forget(next(iter(self.graphs)), drop=True)
+        self._make_room()
         ops = _ops()
         consts = [t.to(dev.device) for t in built.consts]  # kept by the graph: persistent inputs
         graph_id = next(_graph_ids)
@@ -254,20 +211,11 @@ class CapturedStep:
             dev.device, graph_id, self.name, len(msg.ops), msg.inputs, len(msg.persistent),
         )  # fmt: skip
 
-    def _forget(self, key: Any, drop: bool = False) -> None:
-        g = self.graphs.pop(key, None)
-        if g is None:
-            return
+    def _release(self, g: _Graph, drop: bool) -> None:
         _device(g.index).unwatch(g)
         if drop:
             backend.flush()
             backend.session(g.index).drop_graph(g.graph_id)
-
-    def drop(self) -> None:
-        """Forget every graph (the daemon frees them); the next calls record again."""
-        for key in list(self.graphs):
-            self._forget(key, drop=True)
-        self._recorded.clear()
 
     # ---- replay ----
 
@@ -311,7 +259,7 @@ class CapturedStep:
 def capture(
     fn: Callable[..., Any] | None = None, *, device: Any = None, watch: Iterable[Any] = (), max_graphs: int = MAX_GRAPHS
 ) -> Any:
-    """`gpupool.torch.capture` on the C++ client: `step = capture(fn)` or `@capture(watch=[model, opt])`."""
+    """`gpupool.torch.capture` on the C++ client (client/torch/capture.py's `capture` says the arguments)."""
     if fn is None:
         return lambda f: CapturedStep(f, device, watch, max_graphs)
     return CapturedStep(fn, device, watch, max_graphs)

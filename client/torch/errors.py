@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import grpc
 import torch
+from gpupool.client.capture_record import CaptureError as CaptureError  # shared by both clients' step capture
 
 from gpupool import errors
-from gpupool.client.capture_record import CaptureError as CaptureError  # shared by both clients' step capture
 
 
 class RemoteError(RuntimeError, errors.GpupoolError):

@@ -49,7 +49,8 @@ def run(case, captured, steps=12):
     else:
         opt = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=True)
     gen = torch.Generator().manual_seed(1)
-    data = [(torch.randn(16, dims[0], generator=gen), torch.randint(0, dims[2], (16,), generator=gen)) for _ in range(4)]
+    data = [(torch.randn(16, dims[0], generator=gen), torch.randint(0, dims[2], (16,), generator=gen))
+            for _ in range(4)]
 
     def step(x, y):
         opt.zero_grad()
