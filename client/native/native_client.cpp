@@ -2219,7 +2219,11 @@ int64_t gpupool_sdp_choice(const at::Tensor& q, const at::Tensor& k, const at::T
                            const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
                            std::optional<double> /*scale*/, bool enable_gqa) {
   const int index = q.device().index();
-  const bool dropout = index >= 0 && index < kMaxDevices && g_sdp_dropout[index].load(std::memory_order_relaxed);
+  // A call with dropout in a step being recorded takes torch's math path, as on the Python client (client/torch/
+  // capture.py FUSED_DROPOUT_IN_GRAPHS): in a graph its ops are TorchScript nodes, the fused call one that calls back
+  // into Python and recomputes the forward in its backward. The same bits either way.
+  const bool dropout = t_recdev < 0 && index >= 0 && index < kMaxDevices &&
+                       g_sdp_dropout[index].load(std::memory_order_relaxed);
   return gpupool_sdpa::sdp_choice(g_fused_sdp.load(std::memory_order_relaxed), dropout, q, k, v, mask, dropout_p,
                                   is_causal, enable_gqa);
 }

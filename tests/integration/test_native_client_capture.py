@@ -1,7 +1,8 @@
 """Step capture (`gpupool.torch.capture`) on the C++ client, through a real pool (`gpupool up`, fake GPUs): the tiny
-MLP and the stock MLP with SGD momentum and Adam(capturable=True) train with the C++ client's eager losses (and the
-Python client's captured ones); a new batch shape or optimizer setting records a graph of its own; a Python number
-that changes from step to step, a sync and torch.manual_seed inside a step are CaptureErrors.
+MLP and the stock MLP with SGD momentum and Adam(capturable=True), and an encoder layer with dropout, train with the
+C++ client's eager losses and the Python client's captured ones bit for bit; a new batch shape or optimizer setting
+records a graph of its own, a replaced parameter records again; a Python number that changes from step to step, a
+sync and torch.manual_seed inside a step are CaptureErrors.
 
 Slow (the C++ client's first build takes ~1 min; cached after). Skipped only where no C++ compiler or ninja exists.
 """
@@ -25,6 +26,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"na
 # optimizer setting in the guard key: a second graph) and the tiny ones take a batch of 8 at steps 9-10 (a new
 # shape: another graph; back to 16 replays the first). Batches go as device tensors, or as CPU tensors (by value).
 # "+replace" gives a parameter new data at step 4 (its old storage dies: the graph that binds it records again).
+# The encoder's dropout draws from the daemon's generator, seeded alike for both runs. "+counter" steps a global the
+# step reads: two recordings with different counts that agree make it unwatched (one graph, as without it).
 SCRIPT = """
 import json, sys
 import torch
@@ -32,7 +35,8 @@ from torch import nn
 import gpupool.torch as gt
 
 DEV = "gpupool"
-CASES = ["tiny-sgd", "tiny-adam", "stock-sgd", "stock-adam", "tiny-sgd+replace"]
+CASES = ["tiny-sgd", "tiny-adam", "stock-sgd", "stock-adam", "tiny-sgd+replace", "encoder-adam", "tiny-adam+counter"]
+COUNT = 0  # a module global the step reads: a step counter, in its guard key until found not to matter
 
 
 def run(case, captured, steps=12):
@@ -41,6 +45,10 @@ def run(case, captured, steps=12):
     dims = (16, 32, 4) if size == "tiny" else (32, 64, 2)
     if size == "tiny":
         model = nn.Sequential(nn.Linear(dims[0], dims[1]), nn.ReLU(), nn.Linear(dims[1], dims[2]))
+    elif size == "encoder":  # attention with dropout: the math path while recording, fused when eager
+        dims = (16, 16, 2)
+        model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True), nn.Flatten(),
+                              nn.Linear(8 * 16, 2))
     else:
         model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
     model = model.to(DEV)
@@ -49,10 +57,12 @@ def run(case, captured, steps=12):
     else:
         opt = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=True)
     gen = torch.Generator().manual_seed(1)
-    data = [(torch.randn(16, dims[0], generator=gen), torch.randint(0, dims[2], (16,), generator=gen))
-            for _ in range(4)]
+    shape = (16, 8, 16) if size == "encoder" else (16, dims[0])
+    data = [(torch.randn(*shape, generator=gen), torch.randint(0, dims[2], (16,), generator=gen)) for _ in range(4)]
 
     def step(x, y):
+        if COUNT < 0:
+            raise AssertionError
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
@@ -61,7 +71,9 @@ def run(case, captured, steps=12):
 
     f = gt.capture(step) if captured else step
     out = []
+    global COUNT
     for i in range(steps):
+        COUNT += case.endswith("+counter")
         x, y = data[i % 4]
         if case.endswith("+replace") and i == 4:  # a parameter's data replaced: a tensor the graph binds is gone
             model[0].weight.data = model[0].weight.data * 0.5
@@ -150,7 +162,7 @@ def pool(two_gpu_pool: str) -> str:
     return two_gpu_pool
 
 
-def test_captured_mlps_train_with_eager_losses(pool: str, tmp_path: Path) -> None:
+def test_captured_steps_train_with_eager_losses_bit_for_bit(pool: str, tmp_path: Path) -> None:
     ran = _run(pool, tmp_path, SCRIPT)
     assert ran.returncode == 0, ran.stderr[-3000:]
     got = json.loads(ran.stdout.strip().splitlines()[-1])
@@ -170,6 +182,8 @@ def test_captured_mlps_train_with_eager_losses(pool: str, tmp_path: Path) -> Non
         "stock-sgd": {"eager": 1, "recorded": 8, "defined": 4, "replayed": 3},
         "stock-adam": {"eager": 1, "recorded": 4, "defined": 2, "replayed": 7},
         "tiny-sgd+replace": {"eager": 1, "recorded": 8, "defined": 4, "replayed": 3, "rerecorded": 1},
+        "encoder-adam": {"eager": 1, "recorded": 2, "defined": 1, "replayed": 9},
+        "tiny-adam+counter": {"eager": 1, "recorded": 4, "defined": 2, "replayed": 7},
     }
     for case, stats in want.items():
         assert {k: got[case]["stats"][k] for k in stats} == stats, case
