@@ -303,6 +303,14 @@ def _arg(v: Any) -> tensor_pb2.Arg:
     return wire.encode_arg(v, _no_tensor)
 
 
+def _contiguous(sizes: list[int]) -> list[int]:
+    strides, step = [], 1
+    for n in reversed(sizes):
+        strides.append(step)
+        step *= max(n, 1)
+    return strides[::-1]
+
+
 def _decode(tape: bytes, rec: Recording) -> None:
     """The tape's commands (ClientFrame.commands entries) into `rec`, in order."""
     for cmd in device_pb2.ClientFrame.FromString(tape).commands:
@@ -312,7 +320,12 @@ def _decode(tape: bytes, rec: Recording) -> None:
                 op_id, _, outputs, args, kwargs, _ = compact.decode_parts(cmd.eager_op, _Ref, _DEVICE)  # type: ignore[arg-type]
             except AttributeError:  # a VIEW argument (never written while recording)
                 raise CaptureError("a view argument in a recorded step (the C++ client's records)") from None
-            rec.op(_op_name(op_id), [_arg(a) for a in args], {k: _arg(v) for k, v in kwargs.items()}, outputs)
+            name = _op_name(op_id)
+            if name == "aten::empty_strided" and len(args) == 2 and args[1] == _contiguous(args[0]):
+                # a held-back empty (`ones_like`, `zeros`: empty + fill_): the daemon zeroes an empty anyway, and a
+                # graph with a factory of uninitialized memory keeps the Python replay (server/graph_trace.py)
+                name, args = "aten::zeros", args[:1]
+            rec.op(name, [_arg(a) for a in args], {k: _arg(v) for k, v in kwargs.items()}, outputs)
         elif kind == "op":
             rec.op(cmd.op.name, list(cmd.op.args), dict(cmd.op.kwargs), list(cmd.op.outputs))
         elif kind == "upload":
