@@ -15,6 +15,9 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
+from torch.utils._pytree import SUPPORTED_NODES, tree_flatten
+
 from . import capture_guard as guard
 from .capture_record import Built, CaptureError, compare
 
@@ -50,6 +53,22 @@ class StepCache:
     @property
     def state(self) -> str:
         return "replay" if self.graphs else ("eager" if self._first else "record")
+
+    def _structure(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], Any, int]:
+        """tree_flatten((args, kwargs)), and the number standing for its spec in guard keys. Positional tensor
+        arguments only (the usual step): the spec depends on their count alone, so it is built once per count."""
+        if not kwargs:
+            for x in args:
+                if not isinstance(x, torch.Tensor) or type(x) in SUPPORTED_NODES:
+                    break
+            else:
+                found = self._arity.get(len(args))
+                if found is None:
+                    spec = tree_flatten((args, kwargs))[1]
+                    found = self._arity[len(args)] = (spec, self._spec_id(spec))
+                return list(args), found[0], found[1]
+        leaves, spec = tree_flatten((args, kwargs))
+        return leaves, spec, self._spec_id(spec)
 
     def _spec_id(self, spec: Any) -> int:
         found = self._spec_ids.get(spec)

@@ -134,11 +134,9 @@ class CapturedStep(StepCache):
     Python client's). `stats` counts eager, recorded and replayed calls and graphs defined."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        leaves, spec = tree_flatten((args, kwargs))
-        index = self._index(leaves)
-        dev = _device(index)
+        leaves, spec, structure = self._structure(args, kwargs)
+        dev = _device(self._index(leaves))
         dev.poll()
-        structure = self._spec_id(spec)
         key = (
             structure,
             tuple(map(guard.leaf_key, leaves)),

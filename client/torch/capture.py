@@ -57,7 +57,7 @@ import torch
 from gpupool.client import capture_guard as guard
 from gpupool.client.capture_record import Built, CaptureError, Elsewhere, Recording, build
 from gpupool.client.capture_step import MAX_GRAPHS, RECORD_ATTEMPTS, StepCache
-from torch.utils._pytree import SUPPORTED_NODES, tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from gpupool import wire
 
@@ -145,22 +145,6 @@ class CapturedStep(StepCache):
         if self._eager_now():
             return self.fn(*args, **kwargs)
         return self._record(rt, key, leaves, args, kwargs)
-
-    def _structure(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], Any, int]:
-        """tree_flatten((args, kwargs)), and the number standing for its spec in guard keys. Positional tensor
-        arguments only (the usual step): the spec depends on their count alone, so it is built once per count."""
-        if not kwargs:
-            for x in args:
-                if not isinstance(x, torch.Tensor) or type(x) in SUPPORTED_NODES:
-                    break
-            else:
-                found = self._arity.get(len(args))
-                if found is None:
-                    spec = tree_flatten((args, kwargs))[1]
-                    found = self._arity[len(args)] = (spec, self._spec_id(spec))
-                return list(args), found[0], found[1]
-        leaves, spec = tree_flatten((args, kwargs))
-        return leaves, spec, self._spec_id(spec)
 
     def _runtime(self, leaves: list[Any]) -> DeviceRuntime:
         found = {x._gp_rt for x in leaves if isinstance(x, RemoteTensor)}
