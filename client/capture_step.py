@@ -92,6 +92,31 @@ class StepCache:
 
     # ---- shared ----
 
+    def _key(self, structure: int, leaves: list[Any]) -> Any:
+        """The guard key of a call (client/capture_guard.py)."""
+        return (
+            structure,
+            tuple(map(guard.leaf_key, leaves)),
+            guard.watch_key(self.watched),
+            guard.values_key(self.values),
+        )
+
+    def _graph_for(self, key: Any, device: Any) -> Any:
+        """The valid graph of `key` (now the most recently used), or None: the call records (a graph whose
+        tensors bound by identity went away is forgotten)."""
+        g = self.graphs.get(key)
+        if g is not None:
+            if g.valid:
+                if len(self.graphs) > 1:
+                    self.graphs[key] = self.graphs.pop(key)  # most recently used
+                return g
+            log.info("%s: graph %d re-recorded: %s", device, g.graph_id, g.why)
+            self.stats["rerecorded"] += 1
+            self._forget(key)
+        elif self.graphs and key not in self._recorded:
+            log.info("%s: %s records a new graph: %s", device, self.name, guard.difference(self.graphs, key))
+        return None
+
     def _eager_now(self) -> bool:
         """Whether this call is the first, which runs eagerly (the optimizer creates its state)."""
         if not self._first:

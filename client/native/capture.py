@@ -15,12 +15,13 @@ DefineGraph as for the Python client. Tensors a graph binds by identity, and the
 watched in C++ (`watch`): a Free of one is seen at the next call (`fired`), which re-records the step (a persistent
 tensor was dropped or replaced) or stops writing the handle.
 
-A replay is one RunGraph appended to the device's frame (in order with its eager records; it goes out as any frame
-does: every $GPUPOOL_FLUSH_OPS commands, or at a sync); its outputs are new device tensors bound to fresh handles.
+A replay is one RunGraph appended to the device's frame (in order with its eager records; the frame goes out every
+HOLD_STEPS replays, or as any frame does: every $GPUPOOL_FLUSH_OPS commands, or at a sync); its outputs are new device
+tensors bound to fresh handles.
 Inside a recording, syncs (`.item()`, `.cpu()`, `synchronize`), `torch.manual_seed`, `resize_`/`set_` and ops on
 another device raise (CaptureError, or one RuntimeError naming the op); uploads over 4 MiB inside a step are refused.
 The graph cache and the rule from recordings to a graph are the Python client's (client/capture_step.py). Not here
-(yet): steps held back a few to a frame on a timer.
+(yet): the Python client's frames of 4, 8, then 16 steps, sent by a 1 ms timer when steps stop coming.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from gpupool.client import capture_guard as guard
 from gpupool.client.capture_record import Built, CaptureError, Recording, build
 from gpupool.client.capture_step import MAX_GRAPHS, StepCache
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -45,6 +45,9 @@ from . import backend
 log = logging.getLogger("gpupool.torch")
 _graph_ids = itertools.count(1)
 BY_VALUE_BYTES = 256 * 1024  # CPU arguments up to this size (together) travel inside the RunGraph command
+# Replays go out HOLD_STEPS to a frame at the most (client/torch/capture.py's first frame after a pause), so that the
+# daemon starts on them while the client goes on; a sync or a full frame sends them sooner.
+HOLD_STEPS = 4
 
 
 def _ops() -> Any:
@@ -83,6 +86,7 @@ class _Device:
         self.index = index
         self.device = torch.device(backend.NAME, index)
         self.watched: dict[int, list[tuple[_Graph, bool]]] = {}
+        self.held = 0  # replays appended to the frame since the last one this module sent
 
     def poll(self) -> None:
         """Graphs hear of the watched handles freed since the last call."""
@@ -137,21 +141,10 @@ class CapturedStep(StepCache):
         leaves, spec, structure = self._structure(args, kwargs)
         dev = _device(self._index(leaves))
         dev.poll()
-        key = (
-            structure,
-            tuple(map(guard.leaf_key, leaves)),
-            guard.watch_key(self.watched),
-            guard.values_key(self.values),
-        )
-        g = self.graphs.get(key)
+        key = self._key(structure, leaves)
+        g = self._graph_for(key, dev.device)
         if g is not None:
-            if g.valid:
-                return self._replay(dev, g, leaves)
-            log.info("%s: graph %d re-recorded: %s", dev.device, g.graph_id, g.why)
-            self.stats["rerecorded"] += 1
-            self._forget(key)
-        elif self.graphs and key not in self._recorded:
-            log.info("%s: %s records a new graph: %s", dev.device, self.name, guard.difference(self.graphs, key))
+            return self._replay(dev, g, leaves)
         leaves = [x.to(dev.device) if _is_cpu_tensor(x) else x for x in leaves]
         args, kwargs = tree_unflatten(leaves, spec)
         if self._eager_now():
@@ -247,6 +240,10 @@ class CapturedStep(StepCache):
         entry = bytearray(protocol.FRAME_COMMANDS_TAG + protocol.varint(len(raw)) + raw)
         ops.append_command(torch.frombuffer(entry, dtype=torch.uint8), dev.index)
         ops.adopt(made, True)
+        dev.held += 1
+        if dev.held >= HOLD_STEPS:
+            dev.held = 0
+            backend.flush()
         self.stats["replayed"] += 1
         out = list(g.leaves)
         for t, (i, *_) in zip(made, g.outputs, strict=True):

@@ -54,7 +54,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from gpupool.client import capture_guard as guard
 from gpupool.client.capture_record import Built, CaptureError, Elsewhere, Recording, build
 from gpupool.client.capture_step import MAX_GRAPHS, RECORD_ATTEMPTS, StepCache
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -123,23 +122,10 @@ class CapturedStep(StepCache):
         for x in leaves:  # a graph's inputs are daemon tensors equal to them
             if type(x) is RemoteView:
                 own(x)
-        key = (
-            structure,
-            tuple(map(guard.leaf_key, leaves)),
-            guard.watch_key(self.watched),
-            guard.values_key(self.values),
-        )
-        g = self.graphs.get(key)
+        key = self._key(structure, leaves)
+        g = self._graph_for(key, rt.device)
         if g is not None:
-            if g.valid:
-                if len(self.graphs) > 1:
-                    self.graphs[key] = self.graphs.pop(key)  # most recently used
-                return self._replay(rt, g, leaves)
-            log.info("%s: graph %d re-recorded: %s", rt.device, g.graph_id, g.why)
-            self.stats["rerecorded"] += 1
-            self._forget(key)
-        elif self.graphs and key not in self._recorded:
-            log.info("%s: %s records a new graph: %s", rt.device, self.name, guard.difference(self.graphs, key))
+            return self._replay(rt, g, leaves)
         leaves = [upload_new(rt, x) if _is_cpu_tensor(x) else x for x in leaves]
         args, kwargs = tree_unflatten(leaves, spec)
         if self._eager_now():
