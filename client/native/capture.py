@@ -166,16 +166,16 @@ class CapturedStep(StepCache):
     def _record(self, dev: _Device, key: Any, leaves: list[Any], args: Any, kwargs: Any) -> Any:
         ops = _ops()
         handles = {id(x): int(ops.wire_handle(x)) for x in leaves if _on_device(x)}
-        backend.RECORDING.on = True  # syncs refuse (backend.py)
         ops.record_start(dev.index)
+        backend.RECORDING.on = True  # syncs refuse (backend.py)
         try:
             result = self.fn(*args, **kwargs)
             for x in tree_flatten(result)[0]:
                 if _on_device(x):
                     handles[id(x)] = int(ops.wire_handle(x))
         finally:
-            tape = ops.record_stop(dev.index)
             backend.RECORDING.on = False
+            tape = ops.record_stop(dev.index)
         self.stats["recorded"] += 1
         rec = Recording(dev)
         _decode(tape.numpy().tobytes(), rec)
