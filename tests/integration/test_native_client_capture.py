@@ -130,6 +130,8 @@ def step(x):
         torch.manual_seed(1)
     if case == "cpu":
         loss.cpu()
+    if case == "other-device":
+        torch.ones(2, device="gpupool:1").add_(1)
     loss.backward()
     opt.step()
     cfg["scale"] += 0.25 if case == "python-float" else 0.0
@@ -142,6 +144,8 @@ try:
         f(x)
 except gt.CaptureError as exc:
     print("CaptureError:", exc)
+except RuntimeError as exc:
+    print("RuntimeError:", exc)
 print("after:", model(x).sum().item())
 """
 
@@ -153,10 +157,13 @@ def _env(pool: str) -> dict[str, str]:
     return env
 
 
-def _run(pool: str, tmp: Path, text: str, *args: str, native: bool = True) -> subprocess.CompletedProcess[str]:
+def _run(
+    pool: str, tmp: Path, text: str, *args: str, native: bool = True, gpus: int = 1
+) -> subprocess.CompletedProcess[str]:
     path = tmp / "script.py"
     path.write_text(text)
     flags = ["--native-client"] if native else []
+    flags += ["-n", str(gpus)]
     cmd = [sys.executable, "-m", "gpupool.cli", "run", "-p", "0.5", *flags, "--", sys.executable, str(path), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=_env(pool))
 
@@ -202,11 +209,13 @@ def test_captured_steps_train_with_eager_losses_bit_for_bit(pool: str, tmp_path:
         ("item", "a sync point"),
         ("cpu", "a sync point"),
         ("seed", "torch.manual_seed inside a step being captured"),
+        ("other-device", "gpupool:1: a captured step must run on one gpupool device (aten::fill_"),
     ],
 )
 def test_what_a_recorded_step_cannot_do_is_a_capture_error(pool: str, tmp_path: Path, case: str, says: str) -> None:
-    ran = _run(pool, tmp_path, REFUSALS, case)
+    ran = _run(pool, tmp_path, REFUSALS, case, gpus=2 if case == "other-device" else 1)
     assert ran.returncode == 0, ran.stderr[-3000:]
     lines = ran.stdout.strip().splitlines()
-    assert lines[0].startswith("CaptureError:") and says in lines[0], ran.stdout
+    kind = "RuntimeError:" if case == "other-device" else "CaptureError:"  # the C++ client's own check
+    assert lines[0].startswith(kind) and says in lines[0], ran.stdout
     assert lines[-1].startswith("after:")  # the session goes on
