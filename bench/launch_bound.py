@@ -12,7 +12,10 @@ through a daemon with `gpupool.torch.capture` (Adam with capturable=True and a d
 `--adam fused`, Adam(fused=True) in every mode, a device lr when captured: torch's one fused kernel for the update,
 local CPU included, so that local runs the same optimizer); a fourth,
 `native` (not in the default set), runs eagerly through the C++ client of `gpupool run --native-client`
-(gpupool.client.native) against the same daemon: its ops/step are its op records (and the Python fallback's ops).
+(gpupool.client.native) against the same daemon: its ops/step are its op records (and the Python fallback's ops);
+a fifth, `native-captured` (not in the default set either), is the C++ client with `gpupool.torch.capture`
+(client/native/capture.py; Adam as `captured`'s): its ops/step are the graph's, its commands the RunGraphs and what
+else the step sent.
 
 Each measurement is a fresh worker process pinned to a core (`taskset`), the daemon (`gpupool serve`, one fake GPU, one
 torch thread) on another. A block of steps is timed with one sync at its end (throughput: the client may run ahead of
@@ -31,6 +34,7 @@ load average at the start and end is printed with the table: on a shared box, co
     nice python bench/launch_bound.py                       # ~3-5 min
     python bench/launch_bound.py --models tiny-mlp,encoder --steps 40
     python bench/launch_bound.py --models tiny-mlp --modes local,eager --rounds 5 --against /work/main
+    nice python bench/launch_bound.py --models tiny-mlp,encoder --modes local,eager,native,captured,native-captured
     nice python bench/launch_bound.py --models tiny-mlp,encoder,classifier --modes local,eager,native --rounds 3
     nice python bench/launch_bound.py --models tiny-mlp --modes local,captured --rounds 3 --adam fused
 
@@ -58,7 +62,7 @@ from train_overhead import _proc_cpu, add_worker_flags, bench_daemons, run_worke
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("tiny-mlp", "encoder", "mlp", "cnn", "classifier", "encoder-nodrop")
-MODES = ("local", "eager", "captured", "native")
+MODES = ("local", "eager", "captured", "native", "native-captured")
 
 
 class Encoder(nn.Module):
@@ -153,7 +157,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     native = None
     if args.mode == "local":
         device = torch.device("cpu")
-    elif args.mode == "native":  # the C++ client (gpupool run --native-client's), attached to the same daemon
+    elif args.mode in ("native", "native-captured"):  # the C++ client (gpupool run --native-client's), same daemon
         from gpupool.client import native as nc
         from gpupool.client.native import backend as native
 
@@ -168,7 +172,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         device = gt.attach(args.address, args.token)
         rt = runtime.get(device.index)
     model = model.to(device)
-    opt = adam(model, device, args.mode == "captured", args.adam)
+    captured = args.mode in ("captured", "native-captured")
+    opt = adam(model, device, captured, args.adam)
     step = training_step(model, opt, loss_fn)
 
     def eager(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # the batch is uploaded in the loop in every mode
@@ -179,13 +184,18 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         import gpupool.torch as gt
 
         run = step_obj = gt.capture(step)  # CPU batches are uploaded by the captured step, in the RunGraph's frame
+    elif args.mode == "native-captured":
+        from gpupool.client.native.capture import capture
+
+        run = step_obj = capture(step)  # CPU batches go by value in the RunGraph
 
     for i in range(args.warmup):
         run(*data[i % 4]).item()
 
     def ops_sent() -> int:
-        if native is not None:  # the C++ encoder's op records and the Python fallback's ops
-            return int(native.stats()["op_records"]) + sum(native.PYTHON_STATS.values())
+        if native is not None:  # the C++ encoder's op records and the Python fallback's ops (and the RunGraphs)
+            replays = step_obj.stats["replayed"] if step_obj is not None else 0
+            return int(native.stats()["op_records"]) + sum(native.PYTHON_STATS.values()) + replays
         return rt.ops_sent if rt else 0
 
     blocks, cpu, daemon_cpu, sent = [], 0.0, 0.0, 0
@@ -373,7 +383,7 @@ def print_table(rows: list[tuple[str, dict[str, dict[str, Any]]]], args: argpars
             remote = mode != "local"
             # Per op of its own mode: eager sends one command per aten op; a captured step runs its graph's ops
             # (capturable Adam's ops, more than the default Adam's), so each row divides by its own count.
-            if mode.partition("@")[0] == "captured":
+            if mode.partition("@")[0] in ("captured", "native-captured"):
                 ops = r.get("graph_ops") or 1
             else:
                 ops = (r["commands_per_step"] if remote else 1) or 1

@@ -16,8 +16,8 @@ device (`cuda` -> `gpupool`, `torch.cuda.*` from the lease; docs/cuda.md): `set_
 session (`ensure_session`) are here for it.
 
 torch.distributed's `gpupool` backend (client/distributed.py) runs its collectives over these sessions (group.py).
-What it does not do fails with one message naming the feature and the way out (`refuse`): step capture, a process
-without a lease. docs/native-client.md.
+Step capture (`gpupool.torch.capture`) is capture.py's. What it does not do fails with one message naming the feature
+and the way out (`refuse`): a process without a lease. docs/native-client.md.
 """
 
 from __future__ import annotations
@@ -165,6 +165,7 @@ def manual_seed_all(seed: int) -> None:
     session, as the Python client does: now, after the ops recorded so far, or when a session attaches."""
     from . import backend
 
+    backend.refuse_in_recording("torch.manual_seed")
     with _lock:
         _state["seed"] = int(seed)
         sessions = _sessions()

@@ -1,9 +1,10 @@
 """`import gpupool.torch` under `gpupool run --native-client`: the part of the Python client's API the C++ client has.
 
-`device()`, `device_count()`, `current_index()`, `synchronize()` and the error classes (`RemoteError`,
-`OutOfMemoryError`, `DeviceLost`: the very classes of client/torch/errors.py, which the C++ client raises), for each
-of the lease's devices. Every other name of gpupool.torch (step capture, `attach`, ...) raises `Unsupported` with one
-message naming it and the way out (`refuse`).
+`device()`, `device_count()`, `current_index()`, `synchronize()`, step capture (`capture`, `CapturedStep`: capture.py)
+and the error classes (`RemoteError`, `OutOfMemoryError`, `DeviceLost`: the very classes of client/torch/errors.py,
+which the C++ client raises; `CaptureError`: client/capture_record.py's, as the Python client's), for each of the
+lease's devices. Every other name of gpupool.torch (`attach`, ...) raises `Unsupported` with one message naming it and
+the way out (`refuse`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from . import backend as _backend
 from . import check_index, current_index, device_count, enable, ensure_session, refuse
+from .capture import CapturedStep, capture
 
 enable()  # idempotent: torch's backend entry point has usually run it at `import torch` already
 
@@ -25,8 +27,6 @@ CaptureError = _errors.CaptureError
 
 # what each missing name is, in the refusal's words
 _MISSING = {
-    "capture": "step capture (gpupool.torch.capture)",
-    "CapturedStep": "step capture (gpupool.torch.CapturedStep)",
     "attach": "attaching a daemon by hand (gpupool.torch.attach)",
     "attach_lease": "attaching a lease by hand (gpupool.torch.attach_lease)",
     "detach_all": "gpupool.torch.detach_all",
@@ -34,8 +34,8 @@ _MISSING = {
     "meta_cache": "gpupool.torch.meta_cache (the Python client's meta cache)",
 }
 
-__all__ = ["CaptureError", "DeviceLost", "OutOfMemoryError", "RemoteError", "current_index", "device",
-           "device_count", "synchronize"]  # fmt: skip
+__all__ = ["CaptureError", "CapturedStep", "DeviceLost", "OutOfMemoryError", "RemoteError", "capture", "current_index",
+           "device", "device_count", "synchronize"]  # fmt: skip
 
 
 def device(index: int = 0) -> torch.device:

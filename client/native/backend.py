@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 import sys
+import threading
 import types
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,21 @@ WIRE_STATS = (
 )  # fmt: skip
 _libs: list[Any] = []
 _sessions: dict[int, Any] = {}  # device index -> its Session
+# `on` while the thread records a captured step (capture.py): a sync then sends its frame and raises CaptureError.
+RECORDING = threading.local()
+
+
+def session(index: int) -> Any:
+    """Device <index>'s Session (wire mode)."""
+    return _sessions[index]
+
+
+def refuse_in_recording(what: str) -> None:
+    """CaptureError when the calling thread records a step (a replayed step cannot stop for the client)."""
+    if getattr(RECORDING, "on", False):
+        from gpupool.client.capture_record import Recording
+
+        Recording(None).refuse(what)
 
 
 def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) -> None:
@@ -261,6 +277,7 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
 
     def sync_scalar(frame: torch.Tensor, index: int, handle: int) -> float:
         send(frame, index)
+        refuse_in_recording("a sync point (.item(), bool(t), synchronize)")
         try:
             return float(_sessions[index].sync([handle])[0])
         except Exception as exc:  # noqa: BLE001
@@ -268,6 +285,7 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
 
     def download(frame: torch.Tensor, index: int, handle: int) -> torch.Tensor:
         send(frame, index)
+        refuse_in_recording("a sync point (.cpu(), printing, an op with data-dependent shapes)")
         try:
             return _sessions[index].download(handle)  # type: ignore[no-any-return]
         except Exception as exc:  # noqa: BLE001
@@ -277,6 +295,7 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
         """An upload over 32 MiB (native_client.cpp `wire_big_upload`): after the frame, as the Python client's go (the
         bulk side socket, or 4 MiB chunks on the stream)."""
         send(frame, index)
+        refuse_in_recording("an upload of more than 32 MiB")
         try:
             _sessions[index].upload(data, handle)
         except Exception as exc:  # noqa: BLE001
@@ -304,6 +323,7 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
     def synchronize(device: Any = None) -> None:
         """Every device's ops sent, then waits for the device's (None: every attached one's, as the Python client)."""
         flush()
+        refuse_in_recording("a sync point (.item(), bool(t), synchronize)")
         indices = sorted(_sessions) if device is None else [_index(device)]
         try:
             for i in indices:

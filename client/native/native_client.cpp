@@ -740,9 +740,30 @@ struct Dev {
   std::vector<uint8_t> named;                 // op id -> its name went out on this session's stream
   Buf out;                                    // the frame being handed to Python (guarded by send_mu)
   std::mutex send_mu;                         // frames go to Python in the order they were cut
+  // Step capture (client/native/capture.py): while a thread records a step on this device (`record_start`), every
+  // command that thread writes into the frame, and every Free any thread writes, is also appended to `tape` (the
+  // recording, decoded by Python at `record_stop`). The recording thread's view handles are its own (`rec_views`,
+  // freed at the end: two recordings of one step make the same as_strided records), and its records name views by
+  // view handle, never by view argument (a graph's op names tensors by slot). `watched`: handles a defined graph binds;
+  // their Frees are noted in `fired` (`fired`: the graph is re-recorded, or stops writing a handle).
+  bool taping = false;
+  Buf tape;
+  std::vector<std::pair<std::pair<uint64_t, Geo>, uint64_t>> rec_views;  // (storage id, geometry) -> view handle id
+  std::unordered_set<uint64_t> watched;
+  std::vector<int64_t> fired;
   uint64_t handle(uint64_t sid) const { return base + (sid & kIdMask); }  // a storage's wire handle
 };
 Dev g_devs[kMaxDevices];
+thread_local int t_recdev = -1;  // the device this thread records a step on (-1: none)
+
+inline bool recording_here(const Dev& d) { return t_recdev >= 0 && t_recdev == &d - g_devs; }
+
+// The bytes a command just wrote into d's frame (from `start`), onto the tape of a step being recorded there: the
+// recording thread's commands, and every thread's Frees (`any_thread`).
+inline void tape_from(Dev& d, size_t start, bool any_thread) {
+  if (__builtin_expect(d.taping, 0) && (any_thread || recording_here(d)))
+    put_bytes(d.tape, d.buf.data() + start, d.buf.n - start);
+}
 
 // Wire mode: device i's session must be attached (it is, by ensure_wire, under `gpupool run --native-client`).
 inline DeviceIndex wired(DeviceIndex i) {
@@ -793,6 +814,7 @@ inline size_t varint_len(uint64_t v) {
 
 // One ClientFrame.commands entry: tag 1, the Command (field `field_tag`, length-delimited `body`).
 void emit_command(Dev& d, const uint8_t* field_tag, size_t tag_len, const Buf& body) {
+  const size_t start = d.buf.n;
   const size_t cmd = tag_len + varint_len(body.n) + body.n;
   put<uint8_t>(d.buf, 0x0a);
   put_varint(d.buf, cmd);
@@ -800,6 +822,7 @@ void emit_command(Dev& d, const uint8_t* field_tag, size_t tag_len, const Buf& b
   put_varint(d.buf, body.n);
   put_bytes(d.buf, body.v.data(), body.n);
   d.cmds++;
+  tape_from(d, start, tag_len == 1 && field_tag[0] == 0x22);  // Command.free (4): any thread's
 }
 
 uint32_t op_id(const c10::OperatorHandle& op);
@@ -891,6 +914,10 @@ uint64_t wire_handle(Dev& d, const at::Tensor& t) {
   if (s.base.same(t)) return d.handle(sid);
   for (const auto& [g, h] : s.views)
     if (g.same(t)) return d.base + h;
+  const bool rec = recording_here(d);
+  if (rec)
+    for (const auto& [k, h] : d.rec_views)
+      if (k.first == sid && k.second.same(t)) return d.base + h;
   TORCH_CHECK(t.scalar_type() == s.base.dtype, "gpupool native client: a view with another dtype than its storage's: not supported");
   const uint64_t vh = g_next.fetch_add(1, std::memory_order_relaxed);
   const uint32_t id = internal_op("aten::as_strided");
@@ -904,7 +931,10 @@ uint64_t wire_handle(Dev& d, const at::Tensor& t) {
   put<int64_t>(local, t.storage_offset());
   put<uint8_t>(local, 0);
   emit_record(d, id, {d.base + vh}, local);
-  s.views.emplace_back(Geo::of(t), vh);
+  if (rec)
+    d.rec_views.push_back({{sid, Geo::of(t)}, vh});
+  else
+    s.views.emplace_back(Geo::of(t), vh);
   g_wstats.view_handles++;
   return d.base + vh;
 }
@@ -960,6 +990,11 @@ void drain_frees_wire(Dev& d) {
     if (it == d.stores.end()) continue;
     if (!held) put_varint(packed, d.handle(sid));
     for (const auto& v : it->second.views) put_varint(packed, d.base + v.second);
+    if (!d.watched.empty()) {
+      if (d.watched.erase(d.handle(sid))) d.fired.push_back(static_cast<int64_t>(d.handle(sid)));
+      for (const auto& v : it->second.views)
+        if (d.watched.erase(d.base + v.second)) d.fired.push_back(static_cast<int64_t>(d.base + v.second));
+    }
     d.stores.erase(it);
   }
   if (packed.n == 0) return;
@@ -1250,6 +1285,8 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack, Devi
   const size_t nargs = sargs.size();
   IValue* args = stack->data() + (stack->size() - nargs);
   Dev& d = g_devs[index];
+  TORCH_CHECK(t_recdev < 0 || t_recdev == index, "gpupool:", static_cast<int>(index), ": a captured step must run on one "
+              "gpupool device (", op.schema().name(), " while recording a step on gpupool:", t_recdev, ")");
   std::unique_lock<std::mutex> lock(g_mu);
   const uint32_t id = op_id(op);
   const size_t npos = wire_info(op, id, false).npos;
@@ -1268,7 +1305,7 @@ void wire_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack, Devi
   key.append(reinterpret_cast<const char*>(&id), sizeof(id));
   try {
     const WireOp& w = g_wire_info[id];
-    const bool views = !w.reshapes;
+    const bool views = !w.reshapes && !recording_here(d);
     put<uint8_t>(rec, static_cast<uint8_t>(npos));
     for (size_t i = 0; i < npos; i++) put_wire_arg(d, rec, key, args[i], w.kind[i], views, w.numbers);
     put<uint8_t>(rec, static_cast<uint8_t>(nargs - npos));
@@ -1513,6 +1550,7 @@ void emit_upload(Dev& d, uint64_t wh, const at::Tensor& c) {
     put_bytes(meta, body.v.data(), body.n);
   }
   const auto* bytes = static_cast<const uint8_t*>(c.const_data_ptr());
+  const size_t start = d.buf.n;
   size_t off = 0;
   do {
     const size_t k = std::min(kChunkBytes, n - off);
@@ -1547,6 +1585,7 @@ void emit_upload(Dev& d, uint64_t wh, const at::Tensor& c) {
     d.cmds++;
     off += k;
   } while (off < n);
+  tape_from(d, start, false);
   g_stats.uploads++;
 }
 
@@ -1565,7 +1604,7 @@ void emit_copy_from(Dev& d, const at::Tensor& self, uint64_t tmp) {
   const uint32_t id = internal_op("aten::copy_");
   Buf b;
   put<uint8_t>(b, 2);
-  put_ref(d, b, self, true);  // copy_ writes values only: a view goes as a view argument
+  put_ref(d, b, self, !recording_here(d));  // copy_ writes values only: a view goes as a view argument
   put<uint8_t>(b, T_TENSOR);
   put<uint64_t>(b, tmp);
   put<uint8_t>(b, 0);
@@ -1769,6 +1808,9 @@ at::Tensor& spike_set_storage_offset(at::Tensor& self, c10::Storage source, int6
                                      c10::IntArrayRef stride) {
   TORCH_CHECK(source.device() == self.device(), "gpupool native client: set_ of a storage on ", source.device(),
               " to a tensor on ", self.device());
+  TORCH_CHECK(t_recdev < 0, "aten::set_ (it re-points or grows a storage) inside a step being captured: a replayed step "
+              "cannot stop for the client. Move it out of the step (return the tensor and call .item() on the result), "
+              "or do not capture this function");
   std::vector<int64_t> strides = stride.vec();
   if (strides.empty()) {  // contiguous
     strides.resize(size.size());
@@ -2007,8 +2049,10 @@ void py_append_command(const at::Tensor& raw, int64_t index) {
   {
     std::lock_guard<std::mutex> lock(g_mu);
     prelude_wire(d);
+    const size_t start = d.buf.n;
     put_bytes(d.buf, raw.const_data_ptr(), raw.numel());
     d.cmds++;
+    tape_from(d, start, false);
     full = frame_full(d);
   }
   if (full) flush_frame(d);
@@ -2045,6 +2089,73 @@ std::vector<int64_t> py_adopt(const std::vector<at::Tensor>& ts, bool commit) {
 }
 
 void set_autoconnect() { g_autoconnect = true; }
+
+// Step capture (client/native/capture.py). From now on the calling thread's commands to device `index` (and every
+// thread's Frees there) are also kept on its tape, until `record_stop`; one recording per device at a time.
+void record_start(int64_t index) {
+  Dev& d = g_devs[wired(checked_index(static_cast<DeviceIndex>(index)))];
+  std::lock_guard<std::mutex> lock(g_mu);
+  TORCH_CHECK(t_recdev < 0, "gpupool native client: this thread records a step already (on gpupool:", t_recdev, ")");
+  TORCH_CHECK(!d.taping, "gpupool native client: another thread records a step on gpupool:", index, " (captured steps "
+              "record one at a time per device)");
+  prelude_wire(d);  // empties held back before the step are not its ops
+  d.tape.clear();
+  d.rec_views.clear();
+  d.taping = true;
+  t_recdev = static_cast<int>(index);
+}
+
+// The recording ends: the Frees so far and those of its own view handles go on the tape, which comes back (bytes:
+// ClientFrame.commands entries, as the frame holds them).
+at::Tensor record_stop(int64_t index) {
+  Dev& d = g_devs[wired(checked_index(static_cast<DeviceIndex>(index)))];
+  std::lock_guard<std::mutex> lock(g_mu);
+  TORCH_CHECK(d.taping && t_recdev == index, "gpupool native client: this thread records no step on gpupool:", index);
+  materialize_pending(d);  // an empty the step made and never used is its op too
+  drain_frees_wire(d);
+  if (!d.rec_views.empty()) {
+    Buf fr, packed;
+    for (const auto& v : d.rec_views) put_varint(packed, d.base + v.second);
+    put<uint8_t>(fr, 0x0a);
+    put_varint(fr, packed.n);
+    put_bytes(fr, packed.v.data(), packed.n);
+    static const uint8_t tag[] = {0x22};
+    emit_command(d, tag, 1, fr);
+    d.rec_views.clear();
+  }
+  d.taping = false;
+  t_recdev = -1;
+  at::Tensor out = at::empty({static_cast<int64_t>(d.tape.size())}, at::kByte);
+  if (!d.tape.empty()) std::memcpy(out.data_ptr(), d.tape.data(), d.tape.size());
+  d.tape.clear();
+  return out;
+}
+
+// The device this thread records a step on (-1: none).
+int64_t recording() { return t_recdev; }
+
+// Handles a defined graph binds (`on`) or no longer binds: a Free of one is noted for `fired`.
+void watch(int64_t index, std::vector<int64_t> handles, bool on) {
+  Dev& d = g_devs[wired(checked_index(static_cast<DeviceIndex>(index)))];
+  std::lock_guard<std::mutex> lock(g_mu);
+  for (int64_t h : handles) {
+    if (on)
+      d.watched.insert(static_cast<uint64_t>(h));
+    else
+      d.watched.erase(static_cast<uint64_t>(h));
+  }
+}
+
+// The watched handles freed since the last call (the tensors that died so far are freed into the frame first).
+std::vector<int64_t> fired(int64_t index) {
+  Dev& d = g_devs[wired(checked_index(static_cast<DeviceIndex>(index)))];
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (d.watched.empty()) return {};
+  drain_frees_wire(d);
+  std::vector<int64_t> out;
+  out.swap(d.fired);
+  return out;
+}
 
 // A fresh handle on device `index`'s session that no storage names (a collective's port handle: group.py).
 int64_t py_new_handle(int64_t index) {
@@ -2108,7 +2219,11 @@ int64_t gpupool_sdp_choice(const at::Tensor& q, const at::Tensor& k, const at::T
                            const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
                            std::optional<double> /*scale*/, bool enable_gqa) {
   const int index = q.device().index();
-  const bool dropout = index >= 0 && index < kMaxDevices && g_sdp_dropout[index].load(std::memory_order_relaxed);
+  // A call with dropout in a step being recorded takes torch's math path, as on the Python client (client/torch/
+  // capture.py FUSED_DROPOUT_IN_GRAPHS): in a graph its ops are TorchScript nodes, the fused call one that calls back
+  // into Python and recomputes the forward in its backward. The same bits either way.
+  const bool dropout = t_recdev < 0 && index >= 0 && index < kMaxDevices &&
+                       g_sdp_dropout[index].load(std::memory_order_relaxed);
   return gpupool_sdpa::sdp_choice(g_fused_sdp.load(std::memory_order_relaxed), dropout, q, k, v, mask, dropout_p,
                                   is_causal, enable_gqa);
 }
@@ -2145,6 +2260,11 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("flush() -> ()", &flush_now);
   m.def("wire_stats() -> int[]", &wire_stats);
   m.def("set_autoconnect() -> ()", &set_autoconnect);
+  m.def("record_start(int index) -> ()", &record_start);
+  m.def("record_stop(int index) -> Tensor", &record_stop);
+  m.def("recording() -> int", &recording);
+  m.def("watch(int index, int[] handles, bool on) -> ()", &watch);
+  m.def("fired(int index) -> int[]", &fired);
   m.def("new_handle(int index) -> int", &py_new_handle);
   m.def("set_device_count(int n) -> ()", &set_device_count);
   m.def("device_count() -> int", &device_count);

@@ -54,14 +54,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._pytree import SUPPORTED_NODES, tree_flatten, tree_unflatten
+from gpupool.client.capture_record import Built, CaptureError, Elsewhere, Recording, build
+from gpupool.client.capture_step import MAX_GRAPHS, RECORD_ATTEMPTS, StepCache
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from gpupool import wire
 
 from . import api, native, runtime
-from . import capture_guard as guard
-from .capture_record import Built, Elsewhere, Recording, build, compare
-from .errors import CaptureError
 from .runtime import DeviceRuntime
 from .tensor import RemoteTensor, RemoteView, own, upload_new, wrap
 
@@ -75,9 +74,7 @@ FUSED_DROPOUT_IN_GRAPHS = False
 
 log = logging.getLogger("gpupool.torch")
 _graph_ids = itertools.count(1)
-_spec_numbers = itertools.count(1)  # CapturedStep._spec_id
-RECORD_ATTEMPTS = 3  # recordings that may disagree before the step is declared uncapturable
-MAX_GRAPHS = 16  # graphs one captured step keeps (the daemon holds at most 32 per session)
+__all__ = ["MAX_GRAPHS", "RECORD_ATTEMPTS", "CapturedStep", "capture"]
 BY_VALUE_BYTES = 256 * 1024  # CPU arguments up to this size (together) travel inside the RunGraph command
 # Replays travel several to a frame while they come fast, so that the daemon pays for one gRPC message and one
 # hop to the session's worker per few steps: HOLD_STEPS in the first frame after a pause (the daemon, idle,
@@ -111,33 +108,11 @@ class _Graph:
     single: bool = False  # the step returns one tensor (no pytree to rebuild per replay)
 
 
-class CapturedStep:
+class CapturedStep(StepCache):
     """The callable `capture(fn)` returns. It keeps one graph per guard key (argument shapes and values, module
     flags, optimizer settings, Python values the step reads), like a compiler's cache: alternating batch shapes
-    or train/eval each get their own graph. `stats` counts eager, recorded and replayed calls and graphs defined."""
-
-    def __init__(
-        self, fn: Callable[..., Any], device: Any = None, watch: Iterable[Any] = (), max_graphs: int = MAX_GRAPHS
-    ) -> None:
-        functools.update_wrapper(self, fn)
-        self.fn = fn
-        self.name = getattr(fn, "__name__", "step")
-        self.device = device
-        self.watched = list(watch) or guard.discover(fn)
-        self.values = guard.python_values(fn)  # name -> reader of a plain Python value the step reads
-        self.max_graphs = max_graphs
-        self.graphs: dict[Any, _Graph] = {}  # by guard key, least recently used first
-        self._recorded: dict[Any, tuple[Built, int]] = {}  # key -> (last recording, recordings that disagreed)
-        self._first = True
-        self.stats = {"eager": 0, "recorded": 0, "replayed": 0, "defined": 0, "rerecorded": 0}
-        # A guard key holds its call's argument structure as a small number: hashing and comparing a TreeSpec
-        # runs Python per node, and a key is hashed on every call. One number per structure seen (`_structure`).
-        self._spec_ids: dict[Any, int] = {}
-        self._arity: dict[int, tuple[Any, int]] = {}  # positional tensor arguments only: n -> (spec, its number)
-
-    @property
-    def state(self) -> str:
-        return "replay" if self.graphs else ("eager" if self._first else "record")
+    or train/eval each get their own graph (client/capture_step.py, shared with the C++ client). `stats` counts
+    eager, recorded and replayed calls and graphs defined."""
 
     # ---- the call ----
 
@@ -147,55 +122,15 @@ class CapturedStep:
         for x in leaves:  # a graph's inputs are daemon tensors equal to them
             if type(x) is RemoteView:
                 own(x)
-        key = (
-            structure,
-            tuple(map(guard.leaf_key, leaves)),
-            guard.watch_key(self.watched),
-            guard.values_key(self.values),
-        )
-        g = self.graphs.get(key)
+        key = self._key(structure, leaves)
+        g = self._graph_for(key, rt.device)
         if g is not None:
-            if g.valid:
-                if len(self.graphs) > 1:
-                    self.graphs[key] = self.graphs.pop(key)  # most recently used
-                return self._replay(rt, g, leaves)
-            log.info("%s: graph %d re-recorded: %s", rt.device, g.graph_id, g.why)
-            self.stats["rerecorded"] += 1
-            self._forget(key)
-        elif self.graphs and key not in self._recorded:
-            log.info("%s: %s records a new graph: %s", rt.device, self.name, guard.difference(self.graphs, key))
+            return self._replay(rt, g, leaves)
         leaves = [upload_new(rt, x) if _is_cpu_tensor(x) else x for x in leaves]
         args, kwargs = tree_unflatten(leaves, spec)
-        if self._first:
-            self._first = False
-            self.stats["eager"] += 1
+        if self._eager_now():
             return self.fn(*args, **kwargs)
         return self._record(rt, key, leaves, args, kwargs)
-
-    def _structure(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], Any, int]:
-        """tree_flatten((args, kwargs)), and the number standing for its spec in guard keys. Positional tensor
-        arguments only (the usual step): the spec depends on their count alone, so it is built once per count."""
-        if not kwargs:
-            for x in args:
-                if not isinstance(x, torch.Tensor) or type(x) in SUPPORTED_NODES:
-                    break
-            else:
-                found = self._arity.get(len(args))
-                if found is None:
-                    spec = tree_flatten((args, kwargs))[1]
-                    found = self._arity[len(args)] = (spec, self._spec_id(spec))
-                return list(args), found[0], found[1]
-        leaves, spec = tree_flatten((args, kwargs))
-        return leaves, spec, self._spec_id(spec)
-
-    def _spec_id(self, spec: Any) -> int:
-        found = self._spec_ids.get(spec)
-        if found is None:
-            if len(self._spec_ids) >= 4 * MAX_GRAPHS:  # structures that never repeat: numbers are never reused
-                self._spec_ids.clear()
-                self._arity.clear()
-            found = self._spec_ids[spec] = next(_spec_numbers)
-        return found
 
     def _runtime(self, leaves: list[Any]) -> DeviceRuntime:
         found = {x._gp_rt for x in leaves if isinstance(x, RemoteTensor)}
@@ -230,61 +165,10 @@ class CapturedStep:
             for o in others:
                 o.stop_recording()
         self.stats["recorded"] += 1
-        built = build(rec, leaves, result)
-        previous = self._recorded.get(key)
-        if previous is None:
-            same = self._same_but_values(key, built)
-            if same is not None:  # as validated as the recordings of the graph it equals
-                self._define(rt, same, built, result)
-            else:
-                self._recorded[key] = (built, 0)
-            return result
-        mismatch = compare(previous[0], built)
-        if mismatch:
-            attempts = previous[1] + 1
-            if attempts >= RECORD_ATTEMPTS:
-                del self._recorded[key]
-                raise CaptureError(
-                    f"this step cannot be captured: two recordings differ at {mismatch}. Python numbers that change "
-                    "from step to step would be replayed stale: make them tensors on the device (for Adam/AdamW: "
-                    "capturable=True; a changing lr as a gpupool tensor), or pass them as tensor arguments"
-                )
-            self._recorded[key] = (built, attempts)
-            return result
-        del self._recorded[key]
-        self._define(rt, key, built, result)
-        return result
-
-    def _same_but_values(self, key: Any, built: Built) -> Any:
-        """After a Python value the step reads changed: if a graph (or a pending recording) of the same call with
-        other values recorded exactly this, those values do not matter to the step (a step counter). Stop
-        watching them, replace that graph by one of this recording (the tensors it leaves behind have new
-        handles) and return the key to define it under."""
-        seen = [(k, g.built) for k, g in self.graphs.items() if g.valid]
-        seen += [(k, b) for k, (b, _) in self._recorded.items()]
-        for old_key, old_built in seen:
-            if old_key[:3] != key[:3] or old_key[3] == key[3] or compare(old_built, built):
-                continue
-            changed = {name for (name, a), (_, b) in zip(old_key[3], key[3], strict=True) if a != b}
-            log.info("%s does not depend on %s: no longer watched", self.name, ", ".join(sorted(changed)))
-            for name in changed:
-                self.values.pop(name, None)
-            self._forget(old_key, drop=True)  # a pending recording's key is in no graph: nothing to forget
-            graphs, self.graphs = self.graphs, {}
-            for k, other in graphs.items():
-                k2 = (*k[:3], tuple(p for p in k[3] if p[0] not in changed))
-                if k2 in self.graphs or k2[:3] == key[:3] and k2[3] == guard.values_key(self.values):
-                    self._release(other, drop=True)
-                    continue
-                other.key = k2
-                self.graphs[k2] = other
-            self._recorded.clear()
-            return (*key[:3], guard.values_key(self.values))
-        return None
+        return self._settle(rt, key, build(rec, leaves, result, _handle_of), result)
 
     def _define(self, rt: DeviceRuntime, key: Any, built: Built, result: Any) -> None:
-        while len(self.graphs) >= self.max_graphs:
-            self._forget(next(iter(self.graphs)), drop=True)
+        self._make_room()
         consts = [upload_new(rt, t) for t in built.consts]  # kept by the graph: persistent inputs
         graph_id = next(_graph_ids)
         msg = built.message(graph_id, [c._gp_h for c in consts])
@@ -304,11 +188,6 @@ class CapturedStep:
             "%s: graph %d defined for %s: %d ops, %d inputs, %d persistent tensors",
             rt.device, g.graph_id, self.name, len(msg.ops), msg.inputs, len(msg.persistent),
         )  # fmt: skip
-
-    def _forget(self, key: Any, drop: bool = False) -> None:
-        g = self.graphs.pop(key, None)
-        if g is not None:
-            self._release(g, drop)
 
     def _release(self, g: _Graph, drop: bool) -> None:
         for h in g.watching:
@@ -350,12 +229,6 @@ class CapturedStep:
         for h, (i, m) in zip(handles, g.outputs, strict=True):
             out[i] = wrap(rt, h, m[0], m[1], m[2], m[3], m)
         return out[0] if g.single else tree_unflatten(out, g.spec)
-
-    def drop(self) -> None:
-        """Forget every graph (the daemon frees them); the next calls record again."""
-        for key in list(self.graphs):
-            self._forget(key, drop=True)
-        self._recorded.clear()
 
 
 class _Held:
@@ -459,6 +332,10 @@ def capture(
 
 
 # ---- small helpers ----
+
+
+def _handle_of(x: Any) -> int | None:
+    return x._gp_h if isinstance(x, RemoteTensor) else None
 
 
 def _is_cpu_tensor(x: Any) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import grpc
 import torch
+from gpupool.client.capture_record import CaptureError as CaptureError  # shared by both clients' step capture
 
 from gpupool import errors
 
@@ -39,11 +40,6 @@ class OutOfMemoryError(torch.OutOfMemoryError, errors.ResourceExhausted):
 
     def __str__(self) -> str:
         return errors.GpupoolError.__str__(self)
-
-
-class CaptureError(RuntimeError):
-    """A step given to `gpupool.torch.capture` cannot be captured (a sync inside it, Python numbers that change
-    from step to step, ...); the message says what and how to fix it."""
 
 
 class DeviceLost(RemoteError):

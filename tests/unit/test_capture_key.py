@@ -1,5 +1,5 @@
-"""The guard key a captured step computes on every call (client/torch/capture.py, capture_guard.py): its cheap
-forms must key exactly what the plain ones key -- the argument structure (`CapturedStep._structure` against
+"""The guard key a captured step computes on every call (both clients: client/capture_step.py, capture_guard.py): its
+cheap forms must key exactly what the plain ones key -- the argument structure (`CapturedStep._structure` against
 `tree_flatten`), the modules' training flags (`capture_guard._training` against `Module.modules()`) and plain
 Python values (`capture_guard.value_key`'s fast path against its general one). No daemon: these run before any."""
 
@@ -9,7 +9,7 @@ import collections
 
 import pytest
 import torch
-from gpupool.client.torch import capture_guard as guard
+from gpupool.client import capture_guard as guard
 from gpupool.client.torch.capture import CapturedStep
 from torch.utils._pytree import tree_flatten
 

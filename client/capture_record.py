@@ -1,8 +1,9 @@
 """Recording a captured step and building its graph (DefineGraph) from the recording: the definition half of
-step capture (capture.py replays).
+step capture, shared by both clients (client/torch/capture.py and client/native/capture.py replay).
 
 While a step records, every command the recording thread sends its device also lands in a `Recording` (the
-runtime's `recorders`, by thread: other threads' commands meanwhile are neither recorded nor refused). `build`
+Python client: the runtime's `recorders`, by thread: other threads' commands meanwhile are neither recorded nor
+refused; the C++ client: the tape of native_client.cpp, decoded by client/native/capture.py). `build`
 turns one recording into slots: 1..n the step's tensor inputs, then the tensors that existed before the step
 (bound by identity: parameters, optimizer state), then uploads made inside the step, then op outputs in order.
 `compare` says where two recordings of the same call differ (a Python number that changes from step to step would
@@ -11,6 +12,7 @@ replay stale).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -20,18 +22,22 @@ from torch.utils._pytree import tree_flatten
 from gpupool import wire
 from gpupool._proto import device_pb2, tensor_pb2
 
-from .errors import CaptureError
-from .runtime import DeviceRuntime
-from .tensor import RemoteTensor
-
 NOT_IN_GRAPHS = ("aten::resize_", "aten::resize_as_", "aten::_resize_output_", "aten::set_")
+
+# A device tensor's handle, or None for anything else (a CPU tensor, a value): each client's own.
+HandleOf = Callable[[Any], "int | None"]
+
+
+class CaptureError(RuntimeError):
+    """A step given to `gpupool.torch.capture` cannot be captured (a sync inside it, Python numbers that change
+    from step to step, ...); the message says what and how to fix it."""
 
 
 @dataclass
 class Recording:
     """Every command the recording thread sent one runtime during one call of the step."""
 
-    rt: DeviceRuntime
+    rt: Any  # the device's runtime (its `device` names it)
     ops: list[tuple[str, list[tensor_pb2.Arg], dict[str, tensor_pb2.Arg], list[int]]] = field(default_factory=list)
     consts: dict[int, torch.Tensor] = field(default_factory=dict)  # handle -> uploaded CPU data
     produced: set[int] = field(default_factory=set)
@@ -88,10 +94,10 @@ class Built:
         return msg
 
 
-def build(rec: Recording, leaves: list[Any], result: Any) -> Built:
+def build(rec: Recording, leaves: list[Any], result: Any, handle_of: HandleOf) -> Built:
     """Slots: 1..n the step's inputs, then persistent tensors (first use order), then uploads made inside the
-    step (kept as persistent inputs), then op outputs in order."""
-    input_handles = [x._gp_h for x in leaves if isinstance(x, RemoteTensor)]
+    step (kept as persistent inputs), then op outputs in order. `handle_of`: a device tensor's handle, else None."""
+    input_handles = [h for h in map(handle_of, leaves) if h is not None]
     n_inputs = len(input_handles)
     slot_of: dict[int, int] = {}
     for i, h in enumerate(input_handles):
@@ -124,21 +130,22 @@ def build(rec: Recording, leaves: list[Any], result: Any) -> Built:
                 op.outputs.append(0)
         ops.append(op)
     out_leaves = tree_flatten(result)[0]
+    out_handles = [handle_of(x) for x in out_leaves]
     outputs = []
-    for x in out_leaves:
-        if isinstance(x, RemoteTensor):
-            if x._gp_h not in slot_of:
+    for x, oh in zip(out_leaves, out_handles, strict=True):
+        if oh is not None:
+            if oh not in slot_of:
                 raise CaptureError("a captured step returns a tensor it did not compute or receive")
-            outputs.append(slot_of[x._gp_h])
+            outputs.append(slot_of[oh])
         elif isinstance(x, torch.Tensor):
             raise CaptureError("a captured step returns a CPU tensor; return device tensors (read them after)")
-    returned = {x._gp_h for x in out_leaves if isinstance(x, RemoteTensor)}
+    returned = {h for h in out_handles if h is not None}
     writes = {
         h: slot_of[h]
         for h in rec.produced
         if h not in rec.dead and h not in returned and h not in rec.consts and h in slot_of
     }
-    metas = [wire.meta_to_proto(x) for x in leaves if isinstance(x, RemoteTensor)]
+    metas = [wire.meta_to_proto(x) for x in leaves if handle_of(x) is not None]
     scalars = [x for x in out_leaves if not isinstance(x, torch.Tensor)]
     consts = [rec.consts[h] for h in const_handles]
     return Built(ops, input_handles, metas, persistent, const_handles, consts, outputs, writes, scalars)

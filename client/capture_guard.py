@@ -1,4 +1,5 @@
-"""The guard key of a captured step: what must hold for a recorded graph to be replayed (capture.py).
+"""The guard key of a captured step: what must hold for a recorded graph to be replayed (client/torch/capture.py,
+client/native/capture.py: both clients' step capture).
 
 A key has four parts: the structure of the step's arguments; each argument's shape, dtype and strides (tensors)
 or value (anything else); the `training` flag of every module and the hyperparameters and parameter set of
@@ -14,8 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-
-from .tensor import RemoteTensor
 
 SCALARS = (bool, int, float, complex, str, type(None))
 
@@ -63,10 +62,13 @@ def difference(graphs: dict[Any, Any], new: Any) -> str:
 
 
 def leaf_key(x: Any) -> Any:
-    if isinstance(x, RemoteTensor):
-        return x._gp_key
-    if isinstance(x, torch.Tensor):  # a CPU argument: uploaded (or sent by value) contiguous
-        return ("cpu", tuple(x.shape), x.dtype)
+    key = getattr(x, "_gp_key", None)  # the Python client's tensors carry theirs
+    if key is not None:
+        return key
+    if isinstance(x, torch.Tensor):
+        if x.device.type == "cpu":  # a CPU argument: uploaded (or sent by value) contiguous
+            return ("cpu", tuple(x.shape), x.dtype)
+        return (x.device, tuple(x.shape), x.stride(), x.storage_offset(), x.dtype)  # the C++ client's
     return ("value", value_key(x))
 
 
@@ -77,7 +79,7 @@ def value_key(v: Any) -> Any:
     if type(v) in _PLAIN:  # the common case, first
         return (type(v), v)
     if isinstance(v, torch.Tensor):
-        if isinstance(v, RemoteTensor):
+        if v.device.type != "cpu":  # a device tensor: by identity (its values would be a sync)
             return ("tensor", id(v))
         return ("cpu", v.tolist()) if v.numel() <= 16 else ("cpu", id(v))
     try:

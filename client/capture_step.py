@@ -1,0 +1,196 @@
+"""What both clients' captured steps share (client/torch/capture.py, client/native/capture.py): the cache of graphs by
+guard key, the rule that turns recordings into a graph (two that agree; `RECORD_ATTEMPTS` that do not are a
+CaptureError naming where they differ), and the Python values found not to matter (`_same_but_values`).
+
+A client's `CapturedStep` subclasses `StepCache`: it records a call (its own way) into a `Built`
+(client/capture_record.py) and hands it to `_settle`; it defines a graph (`_define`), lets one go (`_release`) and
+replays one, each on its own device. A graph is any object with `valid`, `built` and `key`.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.utils._pytree import SUPPORTED_NODES, tree_flatten
+
+from . import capture_guard as guard
+from .capture_record import Built, CaptureError, compare
+
+log = logging.getLogger("gpupool.torch")
+_spec_numbers = itertools.count(1)  # StepCache._spec_id
+RECORD_ATTEMPTS = 3  # recordings that may disagree before the step is declared uncapturable
+MAX_GRAPHS = 16  # graphs one captured step keeps (the daemon holds at most 32 per session)
+
+
+class StepCache:
+    """One graph per guard key (argument shapes and values, module flags, optimizer settings, Python values the
+    step reads), like a compiler's cache; `stats` counts eager, recorded and replayed calls and graphs defined."""
+
+    def __init__(
+        self, fn: Callable[..., Any], device: Any = None, watch: Iterable[Any] = (), max_graphs: int = MAX_GRAPHS
+    ) -> None:
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        self.name = getattr(fn, "__name__", "step")
+        self.device = device
+        self.watched = list(watch) or guard.discover(fn)
+        self.values = guard.python_values(fn)  # name -> reader of a plain Python value the step reads
+        self.max_graphs = max_graphs
+        self.graphs: dict[Any, Any] = {}  # by guard key, least recently used first
+        self._recorded: dict[Any, tuple[Built, int]] = {}  # key -> (last recording, recordings that disagreed)
+        self._first = True
+        self.stats = {"eager": 0, "recorded": 0, "replayed": 0, "defined": 0, "rerecorded": 0}
+        # A guard key holds its call's argument structure as a small number: hashing and comparing a TreeSpec
+        # runs Python per node, and a key is hashed on every call. One number per structure seen.
+        self._spec_ids: dict[Any, int] = {}
+        self._arity: dict[int, tuple[Any, int]] = {}  # positional tensor arguments only: n -> (spec, its number)
+
+    @property
+    def state(self) -> str:
+        return "replay" if self.graphs else ("eager" if self._first else "record")
+
+    def _structure(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], Any, int]:
+        """tree_flatten((args, kwargs)), and the number standing for its spec in guard keys. Positional tensor
+        arguments only (the usual step): the spec depends on their count alone, so it is built once per count."""
+        if not kwargs:
+            for x in args:
+                if not isinstance(x, torch.Tensor) or type(x) in SUPPORTED_NODES:
+                    break
+            else:
+                found = self._arity.get(len(args))
+                if found is None:
+                    spec = tree_flatten((args, kwargs))[1]
+                    found = self._arity[len(args)] = (spec, self._spec_id(spec))
+                return list(args), found[0], found[1]
+        leaves, spec = tree_flatten((args, kwargs))
+        return leaves, spec, self._spec_id(spec)
+
+    def _spec_id(self, spec: Any) -> int:
+        found = self._spec_ids.get(spec)
+        if found is None:
+            if len(self._spec_ids) >= 4 * MAX_GRAPHS:  # structures that never repeat: numbers are never reused
+                self._spec_ids.clear()
+                self._arity.clear()
+            found = self._spec_ids[spec] = next(_spec_numbers)
+        return found
+
+    # ---- each client's own ----
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def _define(self, where: Any, key: Any, built: Built, result: Any) -> None:
+        raise NotImplementedError
+
+    def _release(self, g: Any, drop: bool) -> None:
+        raise NotImplementedError
+
+    # ---- shared ----
+
+    def _key(self, structure: int, leaves: list[Any]) -> Any:
+        """The guard key of a call (client/capture_guard.py)."""
+        return (
+            structure,
+            tuple(map(guard.leaf_key, leaves)),
+            guard.watch_key(self.watched),
+            guard.values_key(self.values),
+        )
+
+    def _graph_for(self, key: Any, device: Any) -> Any:
+        """The valid graph of `key` (now the most recently used), or None: the call records (a graph whose
+        tensors bound by identity went away is forgotten)."""
+        g = self.graphs.get(key)
+        if g is not None:
+            if g.valid:
+                if len(self.graphs) > 1:
+                    self.graphs[key] = self.graphs.pop(key)  # most recently used
+                return g
+            log.info("%s: graph %d re-recorded: %s", device, g.graph_id, g.why)
+            self.stats["rerecorded"] += 1
+            self._forget(key)
+        elif self.graphs and key not in self._recorded:
+            log.info("%s: %s records a new graph: %s", device, self.name, guard.difference(self.graphs, key))
+        return None
+
+    def _eager_now(self) -> bool:
+        """Whether this call is the first, which runs eagerly (the optimizer creates its state)."""
+        if not self._first:
+            return False
+        self._first = False
+        self.stats["eager"] += 1
+        return True
+
+    def _settle(self, where: Any, key: Any, built: Built, result: Any) -> Any:
+        """A recording of the call with guard key `key` (on device `where`) is done: the graph is defined when it
+        agrees with the previous recording of that key; `result` is the call's."""
+        previous = self._recorded.get(key)
+        if previous is None:
+            same = self._same_but_values(key, built)
+            if same is not None:  # as validated as the recordings of the graph it equals
+                self._define(where, same, built, result)
+            else:
+                self._recorded[key] = (built, 0)
+            return result
+        mismatch = compare(previous[0], built)
+        if mismatch:
+            attempts = previous[1] + 1
+            if attempts >= RECORD_ATTEMPTS:
+                del self._recorded[key]
+                raise CaptureError(
+                    f"this step cannot be captured: two recordings differ at {mismatch}. Python numbers that change "
+                    "from step to step would be replayed stale: make them tensors on the device (for Adam/AdamW: "
+                    "capturable=True; a changing lr as a gpupool tensor), or pass them as tensor arguments"
+                )
+            self._recorded[key] = (built, attempts)
+            return result
+        del self._recorded[key]
+        self._define(where, key, built, result)
+        return result
+
+    def _same_but_values(self, key: Any, built: Built) -> Any:
+        """After a Python value the step reads changed: if a graph (or a pending recording) of the same call with
+        other values recorded exactly this, those values do not matter to the step (a step counter). Stop
+        watching them, replace that graph by one of this recording (the tensors it leaves behind have new
+        handles) and return the key to define it under."""
+        seen = [(k, g.built) for k, g in self.graphs.items() if g.valid]
+        seen += [(k, b) for k, (b, _) in self._recorded.items()]
+        for old_key, old_built in seen:
+            if old_key[:3] != key[:3] or old_key[3] == key[3] or compare(old_built, built):
+                continue
+            changed = {name for (name, a), (_, b) in zip(old_key[3], key[3], strict=True) if a != b}
+            log.info("%s does not depend on %s: no longer watched", self.name, ", ".join(sorted(changed)))
+            for name in changed:
+                self.values.pop(name, None)
+            self._forget(old_key, drop=True)  # a pending recording's key is in no graph: nothing to forget
+            graphs, self.graphs = self.graphs, {}
+            for k, other in graphs.items():
+                k2 = (*k[:3], tuple(p for p in k[3] if p[0] not in changed))
+                if k2 in self.graphs or k2[:3] == key[:3] and k2[3] == guard.values_key(self.values):
+                    self._release(other, drop=True)
+                    continue
+                other.key = k2
+                self.graphs[k2] = other
+            self._recorded.clear()
+            return (*key[:3], guard.values_key(self.values))
+        return None
+
+    def _make_room(self) -> None:
+        """Before a graph is defined: the least recently used ones go past `max_graphs`."""
+        while len(self.graphs) >= self.max_graphs:
+            self._forget(next(iter(self.graphs)), drop=True)
+
+    def _forget(self, key: Any, drop: bool = False) -> None:
+        g = self.graphs.pop(key, None)
+        if g is not None:
+            self._release(g, drop)
+
+    def drop(self) -> None:
+        """Forget every graph (the daemon frees them); the next calls record again."""
+        for key in list(self.graphs):
+            self._forget(key, drop=True)
+        self._recorded.clear()

@@ -1,0 +1,221 @@
+"""Step capture (`gpupool.torch.capture`) on the C++ client, through a real pool (`gpupool up`, fake GPUs): the tiny
+MLP and the stock MLP with SGD momentum and Adam(capturable=True), and an encoder layer with dropout, train with the
+C++ client's eager losses and the Python client's captured ones bit for bit; a new batch shape or optimizer setting
+records a graph of its own, a replaced parameter records again; a Python number that changes from step to step, a
+sync and torch.manual_seed inside a step are CaptureErrors.
+
+Slow (the C++ client's first build takes ~1 min; cached after). Skipped only where no C++ compiler or ninja exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from gpupool.client.native.backend import compiler_missing
+from scheduler_fixtures import ROOT
+
+_why = compiler_missing()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"native client: {_why}")]
+
+# Each case trains eagerly, then captured, from the same seed; the sgd cases change the learning rate at step 6 (an
+# optimizer setting in the guard key: a second graph) and the tiny ones take a batch of 8 at steps 9-10 (a new
+# shape: another graph; back to 16 replays the first). Batches go as device tensors, or as CPU tensors (by value).
+# "+replace" gives a parameter new data at step 4 (its old storage dies: the graph that binds it records again).
+# The encoder's dropout draws from the daemon's generator, seeded alike for both runs. "+counter" steps a global the
+# step reads: two recordings with different counts that agree make it unwatched (one graph, as without it).
+SCRIPT = """
+import json, sys
+import torch
+from torch import nn
+import gpupool.torch as gt
+
+DEV = "gpupool"
+CASES = ["tiny-sgd", "tiny-adam", "stock-sgd", "stock-adam", "tiny-sgd+replace", "encoder-adam", "tiny-adam+counter"]
+COUNT = 0  # a module global the step reads: a step counter, in its guard key until found not to matter
+
+
+def run(case, captured, steps=12):
+    torch.manual_seed(0)
+    size, opt_name = case.split("+")[0].split("-")
+    dims = (16, 32, 4) if size == "tiny" else (32, 64, 2)
+    if size == "tiny":
+        model = nn.Sequential(nn.Linear(dims[0], dims[1]), nn.ReLU(), nn.Linear(dims[1], dims[2]))
+    elif size == "encoder":  # attention with dropout: the math path while recording, fused when eager
+        dims = (16, 16, 2)
+        model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True), nn.Flatten(),
+                              nn.Linear(8 * 16, 2))
+    else:
+        model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    model = model.to(DEV)
+    if opt_name == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=True)
+    gen = torch.Generator().manual_seed(1)
+    shape = (16, 8, 16) if size == "encoder" else (16, dims[0])
+    data = [(torch.randn(*shape, generator=gen), torch.randint(0, dims[2], (16,), generator=gen)) for _ in range(4)]
+
+    def step(x, y):
+        if COUNT < 0:
+            raise AssertionError
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    f = gt.capture(step) if captured else step
+    out = []
+    global COUNT
+    for i in range(steps):
+        COUNT += case.endswith("+counter")
+        x, y = data[i % 4]
+        if case.endswith("+replace") and i == 4:  # a parameter's data replaced: a tensor the graph binds is gone
+            model[0].weight.data = model[0].weight.data * 0.5
+        if opt_name == "sgd" and i == 6:
+            opt.param_groups[0]["lr"] = 0.02
+        if size == "tiny" and i in (9, 10):
+            x, y = x[:8], y[:8]
+        if captured and size == "stock" and i % 2:
+            out.append(f(x, y))  # CPU arguments: by value in the RunGraph
+        else:
+            out.append(f(x.to(DEV), y.to(DEV)))
+    losses = [t.item() for t in out]
+    if not captured:
+        return losses, None
+    # factories of uninitialized memory in the graphs (they keep a graph off TorchScript on the daemon)
+    empties = sum(op.name == "aten::empty_strided" for g in f.graphs.values() for op in g.built.ops)
+    return losses, {**f.stats, "empties": empties}
+
+
+res = {}
+for case in CASES:
+    eager, _ = run(case, False)
+    captured, stats = run(case, True)
+    res[case] = {"eager": eager, "captured": captured, "stats": stats}
+print(json.dumps(res))
+"""
+
+# What a step cannot do inside a recording: each a CaptureError (its message), the session usable after.
+REFUSALS = """
+import sys
+import torch
+from torch import nn
+import gpupool.torch as gt
+
+DEV = "gpupool"
+case = sys.argv[1]
+torch.manual_seed(0)
+model = nn.Linear(8, 2).to(DEV)
+x = torch.randn(4, 8).to(DEV)
+cfg = {"scale": 1.0}
+
+if case == "adam-default":
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+else:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def step(x):
+    opt.zero_grad()
+    loss = model(x).square().mean() * cfg["scale"]
+    if case == "item":
+        loss.item()
+    if case == "seed":
+        torch.manual_seed(1)
+    if case == "cpu":
+        loss.cpu()
+    if case == "other-device":
+        torch.ones(2, device="gpupool:1").add_(1)
+    loss.backward()
+    opt.step()
+    cfg["scale"] += 0.25 if case == "python-float" else 0.0
+    return loss
+
+
+f = gt.capture(step)
+try:
+    for _ in range(6):
+        f(x)
+except gt.CaptureError as exc:
+    print("CaptureError:", exc)
+except RuntimeError as exc:
+    print("RuntimeError:", exc)
+print("after:", model(x).sum().item())
+"""
+
+
+def _env(pool: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GPUPOOL_SCHEDULER": pool}
+    for k in ("GPUPOOL_LEASE", "GPUPOOL_CUDA", "GPUPOOL_CLIENT"):
+        env.pop(k, None)
+    return env
+
+
+def _run(
+    pool: str, tmp: Path, text: str, *args: str, native: bool = True, gpus: int = 1
+) -> subprocess.CompletedProcess[str]:
+    path = tmp / "script.py"
+    path.write_text(text)
+    flags = ["--native-client"] if native else []
+    flags += ["-n", str(gpus)]
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", "-p", "0.5", *flags, "--", sys.executable, str(path), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=_env(pool))
+
+
+@pytest.fixture(scope="module")
+def pool(two_gpu_pool: str) -> str:
+    return two_gpu_pool
+
+
+def test_captured_steps_train_with_eager_losses_bit_for_bit(pool: str, tmp_path: Path) -> None:
+    ran = _run(pool, tmp_path, SCRIPT)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    got = json.loads(ran.stdout.strip().splitlines()[-1])
+    shim = _run(pool, tmp_path, SCRIPT, native=False)
+    assert shim.returncode == 0, shim.stderr[-3000:]
+    python_client = json.loads(shim.stdout.strip().splitlines()[-1])
+    for case, r in got.items():
+        assert len(set(r["eager"])) == len(r["eager"]), case  # it trains
+        assert r["captured"] == r["eager"], case
+        assert r["captured"] == python_client[case]["captured"], case
+    # Per guard key: two recordings, then replays. tiny-sgd: steps 1-2 record, 3-5 replay, the lr change records
+    # 6-7 and replays 8, the batch of 8 records 9-10, back to 16 replays 11 (the second graph). The stock cases
+    # alternate CPU and device arguments: two graphs (and two more after sgd's lr change).
+    want = {
+        "tiny-sgd": {"eager": 1, "recorded": 6, "defined": 3, "replayed": 5},
+        "tiny-adam": {"eager": 1, "recorded": 4, "defined": 2, "replayed": 7},
+        "stock-sgd": {"eager": 1, "recorded": 8, "defined": 4, "replayed": 3},
+        "stock-adam": {"eager": 1, "recorded": 4, "defined": 2, "replayed": 7},
+        "tiny-sgd+replace": {"eager": 1, "recorded": 8, "defined": 4, "replayed": 3, "rerecorded": 1},
+        "encoder-adam": {"eager": 1, "recorded": 2, "defined": 1, "replayed": 9},
+        "tiny-adam+counter": {"eager": 1, "recorded": 4, "defined": 2, "replayed": 7},
+    }
+    for case, stats in want.items():
+        assert {k: got[case]["stats"][k] for k in stats} == stats, case
+        assert got[case]["stats"]["empties"] == 0, case  # `ones_like`'s held-back empty went as aten::zeros
+
+
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        ("python-float", "two recordings differ at op"),
+        ("adam-default", "two recordings differ at op"),
+        ("item", "a sync point"),
+        ("cpu", "a sync point"),
+        ("seed", "torch.manual_seed inside a step being captured"),
+        ("other-device", "gpupool:1: a captured step must run on one gpupool device (aten::fill_"),
+    ],
+)
+def test_what_a_recorded_step_cannot_do_is_a_capture_error(pool: str, tmp_path: Path, case: str, says: str) -> None:
+    ran = _run(pool, tmp_path, REFUSALS, case, gpus=2 if case == "other-device" else 1)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    lines = ran.stdout.strip().splitlines()
+    kind = "RuntimeError:" if case == "other-device" else "CaptureError:"  # the C++ client's own check
+    assert lines[0].startswith(kind) and says in lines[0], ran.stdout
+    assert lines[-1].startswith("after:")  # the session goes on
