@@ -125,7 +125,8 @@ def test_the_shim_refuses_a_bad_flush_ops_at_import_with_that_line(text: str) ->
     want = f"ValueError: GPUPOOL_FLUSH_OPS={text} is not a number of commands from 1 to 65536"
     assert stderr.strip().splitlines()[-1] == want
     code, stdout, stderr = imports()["good"]  # " 16 ": surrounding blanks are fine
-    assert stdout.split() == ["16", "False"], stderr[-2000:]
+    flush, _ = stdout.split()
+    assert flush == "16", stderr[-2000:]
 
 
 @pytest.mark.parametrize(
@@ -173,4 +174,5 @@ def test_the_shim_reads_gpupool_fused_sdpa_with_that_parser() -> None:
     want = "ValueError: GPUPOOL_FUSED_SDPA=off is not 0 (torch's math path) or 1 (the fused backend)"
     assert stderr.strip().splitlines()[-1] == want, stderr[-2000:]
     code, stdout, stderr = imports()["good"]  # " 0": set_fused_attention(True) answers the choice before it: off
-    assert stdout.split() == ["16", "False"], stderr[-2000:]
+    _, fused = stdout.split()
+    assert fused == "False", stderr[-2000:]
