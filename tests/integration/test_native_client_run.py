@@ -73,6 +73,19 @@ def _run(pool: str, *args: str, timeout: float = 280, **env: str) -> subprocess.
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(pool, **env))
 
 
+def _local(pool: str, script: Path) -> subprocess.Popen[str]:
+    """`python SCRIPT cpu` started (the local reference), to run side by side with the run on the pool (one after the
+    other until round 25); _finish gives its stdout."""
+    cmd = [sys.executable, str(script), "cpu"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(pool))
+
+
+def _finish(local: subprocess.Popen[str]) -> str:
+    stdout, stderr = communicate(local, 120)
+    assert local.returncode == 0, stderr[-3000:]
+    return stdout
+
+
 def _script(tmp: Path) -> Path:
     path = tmp / "train.py"
     path.write_text(SCRIPT)
@@ -81,11 +94,9 @@ def _script(tmp: Path) -> Path:
 
 def test_a_training_script_runs_unchanged_with_local_losses_bit_for_bit(pool: str, tmp_path: Path) -> None:
     script = _script(tmp_path)
-    local = subprocess.run([sys.executable, str(script), "cpu"], capture_output=True, text=True, timeout=120,
-                           env=_env(pool))  # fmt: skip
-    assert local.returncode == 0, local.stderr[-3000:]
-    want = json.loads(local.stdout.strip().splitlines()[-1])
+    local = _local(pool, script)  # side by side with the run on the pool
     ran = _run(pool, "-p", "0.5", "--native-client", "--", sys.executable, str(script), "gpupool")
+    want = json.loads(_finish(local).strip().splitlines()[-1])
     assert ran.returncode == 0, ran.stderr[-3000:]
     got = json.loads(ran.stdout.strip().splitlines()[-1])
     assert got["client"] == "native" and got["device"] == "gpupool:0"
@@ -120,12 +131,11 @@ print(json.dumps({k: [str(v.dtype), v.cpu().tolist()] for k, v in outs.items()})
 def test_numbers_and_cpu_scalars_give_local_values_and_dtypes(pool: str, tmp_path: Path) -> None:
     path = tmp_path / "scalars.py"
     path.write_text(SCALARS)
-    local = subprocess.run([sys.executable, str(path), "cpu"], capture_output=True, text=True, timeout=120,
-                           env=_env(pool))  # fmt: skip
-    assert local.returncode == 0, local.stderr[-3000:]
+    local = _local(pool, path)  # side by side with the run on the pool
     ran = _run(pool, "-p", "0.5", "--native-client", "--", sys.executable, str(path), "gpupool")
+    want = json.loads(_finish(local).strip().splitlines()[-1])
     assert ran.returncode == 0, ran.stderr[-3000:]
-    want, got = (json.loads(p.stdout.strip().splitlines()[-1]) for p in (local, ran))
+    got = json.loads(ran.stdout.strip().splitlines()[-1])
     for k in want:
         assert got[k] == want[k], k
 

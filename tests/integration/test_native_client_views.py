@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from gpupool.client.native.backend import compiler_missing
+from support import communicate
 from test_native_client_run import _env, _run
 
 _why = compiler_missing()
@@ -142,12 +143,14 @@ def runs(two_gpu_pool: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[d
     pool = two_gpu_pool
     script = tmp_path_factory.mktemp("views") / "views.py"
     script.write_text(SCRIPT)
-    local = subprocess.run([sys.executable, str(script), "cpu"], capture_output=True, text=True, timeout=120,
-                           env=_env(pool))  # fmt: skip
-    assert local.returncode == 0, local.stderr[-3000:]
+    # the local reference side by side with the run on the pool (one after the other until round 25)
+    local = subprocess.Popen([sys.executable, str(script), "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=_env(pool))  # fmt: skip
     ran = _run(pool, "-p", "0.5", "--native-client", "--", sys.executable, str(script), "gpupool")
+    stdout, stderr = communicate(local, 120)
+    assert local.returncode == 0, stderr[-3000:]
     assert ran.returncode == 0, ran.stderr[-3000:]
-    return _last_json(local.stdout), _last_json(ran.stdout)
+    return _last_json(stdout), _last_json(ran.stdout)
 
 
 def _last_json(stdout: str) -> dict[str, Any]:

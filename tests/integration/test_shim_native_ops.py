@@ -16,6 +16,7 @@ import pytest
 import torch
 from gpupool.client.torch import meta, native_ops, runtime
 from gpupool.client.torch.tensor import RemoteTensor, RemoteView
+from support import communicate
 from torch import nn
 
 import gpupool.torch as gt
@@ -322,12 +323,29 @@ def test_gpupool_native_ops_0_or_a_failed_build_keeps_the_python_dispatcher(tmp_
         (no_compiler, python),
         ({}, "True gpupool_native_ops method_descriptor"),
     ]
-    for extra, want in cases:
-        env = {**os.environ, "GPUPOOL_NATIVE_OPS": "1", **extra}
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-        assert out.stdout.strip() == want, out.stderr
-        if extra is no_compiler:
-            assert "native op path unavailable, every op takes the Python dispatcher" in out.stderr
+    # the three children side by side (one after the other until round 25: each imports torch, ~2 s)
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "GPUPOOL_NATIVE_OPS": "1", **extra},
+        )
+        for extra, _ in cases
+    ]
+    try:
+        for (extra, want), child in zip(cases, children, strict=True):
+            stdout, stderr = communicate(child, 120)
+            assert child.returncode == 0, stderr
+            assert stdout.strip() == want, stderr
+            if extra is no_compiler:
+                assert "native op path unavailable, every op takes the Python dispatcher" in stderr
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
 
 
 @pytest.mark.parametrize("use", [False, True], ids=["python", "native"])

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import subprocess
 import sys
 
 import pytest
+from support import communicate
 
 from gpupool.config import (
     add_flag,
@@ -78,21 +80,53 @@ def test_flush_ops_refuses_anything_else_in_one_line_naming_the_variable(text: s
         flush_ops({"GPUPOOL_FLUSH_OPS": text})
 
 
-@pytest.mark.parametrize("text", ["abc", "65537", "1_000"])
+BAD_AT_IMPORT = ["abc", "65537", "1_000"]
+
+
+@functools.cache
+def imports() -> dict[str, tuple[int, str, str]]:
+    """`import gpupool.torch` under each environment the two tests below need, the children side by side (each
+    imports torch; eight children one after the other until round 25, three of them the same good " 16 " run):
+    name -> (exit code, stdout, stderr)."""
+    base = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
+    base.pop("GPUPOOL_FLUSH_OPS", None)
+    base.pop("GPUPOOL_FUSED_SDPA", None)
+    good = (
+        "import gpupool.torch; from gpupool.client.torch import native, runtime\n"
+        "print(runtime.FLUSH_OPS, native.set_fused_attention(True))"
+    )
+    children = {f"flush {text}": ("import gpupool.torch", {"GPUPOOL_FLUSH_OPS": text}) for text in BAD_AT_IMPORT}
+    children["fused off"] = ("import gpupool.torch", {"GPUPOOL_FUSED_SDPA": "off"})
+    children["good"] = (good, {"GPUPOOL_FLUSH_OPS": " 16 ", "GPUPOOL_FUSED_SDPA": " 0"})
+    started = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**base, **extra},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (code, extra) in children.items()
+    }
+    out = {}
+    for name, proc in started.items():
+        stdout, stderr = communicate(proc, 120)
+        out[name] = (proc.returncode, stdout, stderr)
+    return out
+
+
+@pytest.mark.parametrize("text", BAD_AT_IMPORT)
 def test_the_shim_refuses_a_bad_flush_ops_at_import_with_that_line(text: str) -> None:
     """client/torch/runtime.py reads $GPUPOOL_FLUSH_OPS with the parser the C++ client's backend hands to
     configure_wire (client/native/backend.py): a bad value is one line naming the variable, not int()'s message or
     (for 1_000, which int() reads as 1000) a value the C++ client would refuse."""
-    env = {**os.environ, "GPUPOOL_FLUSH_OPS": text, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
-    code = "import gpupool.torch"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
+    code, _, stderr = imports()[f"flush {text}"]
+    assert code != 0
     want = f"ValueError: GPUPOOL_FLUSH_OPS={text} is not a number of commands from 1 to 65536"
-    assert proc.stderr.strip().splitlines()[-1] == want
-    env["GPUPOOL_FLUSH_OPS"] = " 16 "
-    code = "import gpupool.torch; from gpupool.client.torch import runtime; print(runtime.FLUSH_OPS)"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.stdout.split() == ["16"], proc.stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == want
+    code, stdout, stderr = imports()["good"]  # " 16 ": surrounding blanks are fine
+    flush, _ = stdout.split()
+    assert flush == "16", stderr[-2000:]
 
 
 @pytest.mark.parametrize(
@@ -135,13 +169,10 @@ def test_withheld_features_refuses_an_unknown_name_in_one_line() -> None:
 def test_the_shim_reads_gpupool_fused_sdpa_with_that_parser() -> None:
     """client/torch/native.py sets the device guard's choice from `fused_sdpa` when it installs (at `import
     gpupool.torch`): " 0" is the math path (as it was there; the C++ client took it for on), "off" one line."""
-    env = {**os.environ, "GPUPOOL_FUSED_SDPA": "off", "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
-    proc = subprocess.run([sys.executable, "-c", "import gpupool.torch"], env=env, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
-    assert proc.returncode != 0
+    code, _, stderr = imports()["fused off"]
+    assert code != 0
     want = "ValueError: GPUPOOL_FUSED_SDPA=off is not 0 (torch's math path) or 1 (the fused backend)"
-    assert proc.stderr.strip().splitlines()[-1] == want, proc.stderr[-2000:]
-    env["GPUPOOL_FUSED_SDPA"] = " 0"
-    code = "import gpupool.torch; from gpupool.client.torch import native; print(native.set_fused_attention(True))"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.stdout.split() == ["False"], proc.stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == want, stderr[-2000:]
+    code, stdout, stderr = imports()["good"]  # " 0": set_fused_attention(True) answers the choice before it: off
+    _, fused = stdout.split()
+    assert fused == "False", stderr[-2000:]

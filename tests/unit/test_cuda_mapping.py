@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from gpupool.client.cuda import devices, requested
+from support import communicate
 
 import gpupool.torch  # noqa: F401 - registers the device type the mapping targets
 
@@ -61,19 +62,28 @@ print(cuda.enabled(), torch.cuda.is_available(), torch._C._get_privateuse1_backe
 """
 
 
-def run_child(**env: str) -> str:
+def start_child(**env: str) -> subprocess.Popen[str]:
     base = {k: v for k, v in os.environ.items() if k != "GPUPOOL_CUDA"}
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=120, env={**base, **env}
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
+    cmd = [sys.executable, "-c", CHILD]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**base, **env})
+
+
+def child_output(child: subprocess.Popen[str]) -> str:
+    stdout, stderr = communicate(child, 120)
+    assert child.returncode == 0, stderr
+    return stdout.strip()
 
 
 def test_autoload_at_import_torch_only_with_gpupool_cuda() -> None:
-    assert run_child() == "False False privateuseone"
-    assert run_child(GPUPOOL_CUDA="1") == "True True gpupool"  # no scheduler is asked until a tensor moves
-    assert run_child(GPUPOOL_CUDA="1", TORCH_DEVICE_BACKEND_AUTOLOAD="0") == "False False privateuseone"
+    # the three children side by side (one after the other until round 25: each imports torch)
+    plain, cuda, no_autoload = (
+        start_child(),
+        start_child(GPUPOOL_CUDA="1"),
+        start_child(GPUPOOL_CUDA="1", TORCH_DEVICE_BACKEND_AUTOLOAD="0"),
+    )
+    assert child_output(plain) == "False False privateuseone"
+    assert child_output(cuda) == "True True gpupool"  # no scheduler is asked until a tensor moves
+    assert child_output(no_autoload) == "False False privateuseone"
 
 
 def test_pin_memory_works_with_gpupool_registered_and_without_cuda() -> None:
