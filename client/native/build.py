@@ -64,6 +64,7 @@ def build(verbose: bool = False) -> Path:
     final = built_path()
     if final.exists():
         buildcache.sweep(final.parent)  # the folders of builds killed midway (gpupool/buildcache.py)
+        _check_private(final)
         return final
     why = compiler_missing()
     if why:
@@ -81,4 +82,14 @@ def build(verbose: bool = False) -> Path:
             last = [ln for ln in str(exc).splitlines() if ln.strip()][-1:] or [type(exc).__name__]
             raise BuildError(f"the native client did not build: {last[0][:300]}") from exc
         os.replace(tmp / f"{_LIB}.so", final)
+    _check_private(final)
     return final
+
+
+def _check_private(path: Path) -> None:
+    """BuildError unless only this user could have written the library and its folder (`config.check_private_file`,
+    as the daemon's and the shim's cached builds): another user able to replace it would run code in this process."""
+    try:
+        config.check_private_file(path)
+    except config.UnsafeCacheDir as exc:
+        raise BuildError(f"refusing to load the native client: {exc}") from exc
