@@ -973,6 +973,16 @@ void put_ref(Dev& d, Buf& b, const at::Tensor& t, bool views) {
 
 // Frees of the storages that died, as one Command{free}: a storage's handle and its view handles. A storage whose
 // empty was held back and never sent is simply forgotten.
+// One Free command of the handles in `packed` (varints) into d's frame.
+void emit_free(Dev& d, const Buf& packed) {
+  Buf fr;
+  put<uint8_t>(fr, 0x0a);  // Free.handles (1), packed
+  put_varint(fr, packed.n);
+  put_bytes(fr, packed.v.data(), packed.n);
+  static const uint8_t tag[] = {0x22};  // Command.free (4)
+  emit_command(d, tag, 1, fr);
+}
+
 void drain_frees_wire(Dev& d) {
   std::vector<uint64_t> dead;
   {
@@ -998,12 +1008,7 @@ void drain_frees_wire(Dev& d) {
     d.stores.erase(it);
   }
   if (packed.n == 0) return;
-  Buf fr;
-  put<uint8_t>(fr, 0x0a);  // Free.handles (1), packed
-  put_varint(fr, packed.n);
-  put_bytes(fr, packed.v.data(), packed.n);
-  static const uint8_t tag[] = {0x22};  // Command.free (4)
-  emit_command(d, tag, 1, fr);
+  emit_free(d, packed);
   g_stats.free_records++;
   g_wstats.frees++;
 }
@@ -2114,13 +2119,9 @@ at::Tensor record_stop(int64_t index) {
   materialize_pending(d);  // an empty the step made and never used is its op too
   drain_frees_wire(d);
   if (!d.rec_views.empty()) {
-    Buf fr, packed;
+    Buf packed;
     for (const auto& v : d.rec_views) put_varint(packed, d.base + v.second);
-    put<uint8_t>(fr, 0x0a);
-    put_varint(fr, packed.n);
-    put_bytes(fr, packed.v.data(), packed.n);
-    static const uint8_t tag[] = {0x22};
-    emit_command(d, tag, 1, fr);
+    emit_free(d, packed);
     d.rec_views.clear();
   }
   d.taping = false;
@@ -2130,9 +2131,6 @@ at::Tensor record_stop(int64_t index) {
   d.tape.clear();
   return out;
 }
-
-// The device this thread records a step on (-1: none).
-int64_t recording() { return t_recdev; }
 
 // Handles a defined graph binds (`on`) or no longer binds: a Free of one is noted for `fired`.
 void watch(int64_t index, std::vector<int64_t> handles, bool on) {
@@ -2262,7 +2260,6 @@ TORCH_LIBRARY(gpupool_native, m) {
   m.def("set_autoconnect() -> ()", &set_autoconnect);
   m.def("record_start(int index) -> ()", &record_start);
   m.def("record_stop(int index) -> Tensor", &record_stop);
-  m.def("recording() -> int", &recording);
   m.def("watch(int index, int[] handles, bool on) -> ()", &watch);
   m.def("fired(int index) -> int[]", &fired);
   m.def("new_handle(int index) -> int", &py_new_handle);
