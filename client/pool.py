@@ -191,6 +191,10 @@ class Lease:
         self.release()
 
     def device(self, index: int = 0) -> torch.device:
+        from . import native
+
+        if native.active():  # the C++ client (`gpupool run`'s default) attaches $GPUPOOL_LEASE's devices only
+            native.refuse("attaching a lease by hand (Lease.device)")
         from .torch import attach_lease  # type: ignore[attr-defined]  # lazily: torch only when asked
 
         return attach_lease(self, index)  # type: ignore[no-any-return]
