@@ -201,11 +201,11 @@ def test_a_client_the_env_does_not_know_is_one_line(pool: str) -> None:
     assert ran.stderr == "gpupool run: $GPUPOOL_CLIENT='cpp' is not a client (native or shim)\n"
 
 
-@pytest.mark.parametrize("why", ["no-compiler", "unsafe-cache"])
+@pytest.mark.parametrize("why", ["no-compiler", "build-error", "unsafe-cache"])
 def test_without_a_usable_cpp_client_the_default_is_the_shim_with_one_line(pool: str, tmp_path: Path, why: str) -> None:
-    """Where the C++ client cannot be built or loaded (a PATH without c++ and ninja and nothing cached; a cache folder
-    other users could write), plain `gpupool run` runs the script on the Python client after one log line saying why;
-    `--client native` stops there (exit 1, before leasing)."""
+    """Where the C++ client cannot be built or loaded (a PATH without c++ and ninja and nothing cached; a compiler that
+    fails, $CXX=false; a cache folder other users could write), plain `gpupool run` runs the script on the Python
+    client after one log line saying why; `--client native` stops there (exit 1, before leasing)."""
     cache = tmp_path / "cache"
     cache.mkdir()
     env = {"GPUPOOL_NATIVE_CLIENT_CACHE": str(cache)}
@@ -215,6 +215,9 @@ def test_without_a_usable_cpp_client_the_default_is_the_shim_with_one_line(pool:
         os.symlink(sys.executable, bin_dir / "python3")
         env["PATH"] = str(bin_dir)
         reason = "cannot build the native client: no C++ compiler (c++ not on PATH)"
+    elif why == "build-error":
+        env["CXX"] = "false"  # on PATH, and fails: torch.utils.cpp_extension's first call of it
+        reason = "the native client did not build: "
     else:
         cache.chmod(0o777)  # a real condition: any user could plant a library there
         reason = f"cache folder {cache}: "
@@ -224,7 +227,8 @@ def test_without_a_usable_cpp_client_the_default_is_the_shim_with_one_line(pool:
     assert len(lines) == 1 and FALLBACK + reason in lines[0], ran.stderr
     refused = _run(pool, "--client", "native", "--", sys.executable, "-c", "print('ran')", **env)
     assert refused.returncode == 1 and "ran" not in refused.stdout
-    assert refused.stderr.count("\n") == 1 and reason in refused.stderr, refused.stderr
+    building = why == "build-error"  # it tried: "gpupool: building the native client ... into ..." first
+    assert refused.stderr.count("\n") == 1 + building and reason in refused.stderr, refused.stderr
 
 
 UNSUPPORTED = {
