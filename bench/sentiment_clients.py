@@ -1,7 +1,8 @@
 """The seed workload's step on each client, side by side: examples/sentiment/train.py as it ships (the MLPerf sentiment
 CNN: 1M-bucket bigram table, LazyAdam on the embedding rows, EMA of the weights, dropout) run for one epoch of
---limit reviews, locally on the CPU, through `gpupool run` (the Python client) and through `gpupool run
---native-client` (the C++ client), against one `gpupool up` pool (one fake GPU, loopback, TLS) started here.
+--limit reviews, locally on the CPU, through `gpupool run --client shim` (the Python client) and through `gpupool run
+--native-client` (the C++ client, `gpupool run`'s default since round 26), against one `gpupool up` pool (one fake
+GPU, loopback, TLS) started here.
 
 Each run is a fresh process; the figures are train.py's own epoch times (`train_s`, `test_s` in its config.json:
 from the epoch's first batch to its last `.item()`, so the model's upload and the process start are outside them)
@@ -30,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "examples" / "sentiment" / "sample" / "aclImdb_sample.tar.xz"
 EXPORT_RE = re.compile(r"export (GPUPOOL_\w+)=(\S+)")
-MODES = {"local": None, "shim": (), "native": ("--native-client",)}
+MODES = {"local": None, "shim": ("--client", "shim"), "native": ("--native-client",)}
 
 
 def _up(tmp: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:

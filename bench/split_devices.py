@@ -1,5 +1,5 @@
 """A 2-GPU eager training step: the C++ client (`gpupool run --native-client -n 2`) against the Python shim
-(`gpupool run -n 2`) and local CPU, in one run.
+(`gpupool run --client shim -n 2`) and local CPU, in one run.
 
 The workload is launch_bound.py's tiny MLP (32-64-64-2, batch 16, Adam) split over two devices as model parallelism
 writes it: its first two layers on gpupool:0, the rest on gpupool:1, the activations (and the labels) moved with
@@ -72,7 +72,7 @@ print(json.dumps({"ms": ms, "cpu_ms": cpu}))
 
 MODES = {
     "local": [],
-    "shim": ["-n", "2", "-p", "0.5"],
+    "shim": ["--client", "shim", "-n", "2", "-p", "0.5"],
     "native": ["--native-client", "-n", "2", "-p", "0.5"],
 }
 

@@ -182,7 +182,7 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
             f"LOCAL_RANK {local} but the lease has {len(lease.devices)} device(s): gpupool run -n {size}"
         )
     rt: Any
-    if native.active():  # the C++ client (`gpupool run --native-client`): the session of its gpupool:0
+    if native.active():  # the C++ client (`gpupool run`'s default): the session of its gpupool:0
         from .native.group import NativeRuntime
 
         dev = torch.device("gpupool", 0)  # lease device LOCAL_RANK (a rank sees its own device first)

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import weakref
@@ -191,6 +192,9 @@ class Lease:
         self.release()
 
     def device(self, index: int = 0) -> torch.device:
+        native = sys.modules.get("gpupool.client.native")  # loaded wherever the C++ client is (not imported here:
+        if native is not None and native.active():  # the layers of .importlinter); it attaches $GPUPOOL_LEASE's only
+            native.refuse("attaching a lease by hand (Lease.device)")
         from .torch import attach_lease  # type: ignore[attr-defined]  # lazily: torch only when asked
 
         return attach_lease(self, index)  # type: ignore[no-any-return]

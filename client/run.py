@@ -9,10 +9,13 @@ declares the lease lost (its host died, it expired), the child is stopped at onc
 With --cuda (or $GPUPOOL_CUDA=1) the child also gets GPUPOOL_CUDA=1, and the leased devices appear to it as
 CUDA devices (gpupool.client.cuda, loaded by torch itself at `import torch`; docs/cuda.md).
 
-With --native-client (or $GPUPOOL_CLIENT=native; experimental) the child gets GPUPOOL_CLIENT=native, and its `gpupool`
-device is the C++ client instead of the Python shim (gpupool.client.native; docs/native-client.md). `run` builds it
-first (once per torch version, ~1-2 min, cached), before it leases: no compiler, no ninja, or several GPUs with it
-are one line and exit 2 (usage) or 1 (the build). With --cuda as well, the CUDA mapping runs on the C++ client.
+The child's `gpupool` device is the C++ client (gpupool.client.native; docs/native-client.md) wherever it is built or
+can be built: `run` builds it first (once per torch version and source, ~1-2 min, cached; scripts/setup.sh builds it),
+before it leases, and starts the child with GPUPOOL_CLIENT=native. Where it cannot be built (no g++ or ninja, a build
+error, a cache folder other users could write) `run` logs one line saying why and the child gets the Python client
+(GPUPOOL_CLIENT=shim). `--client native` (alias `--native-client`) or `--client shim` (or $GPUPOOL_CLIENT=native|shim
+in `run`'s environment) chooses one: an explicit `native` that cannot be built is one line and exit 1. With --cuda as
+well, the CUDA mapping runs on the chosen client.
 
 Exit codes of its own: 2 bad usage, 1 no lease (e.g. RESOURCE_EXHAUSTED), 127 command not found.
 """
@@ -37,6 +40,7 @@ from .pool import lease
 
 log = logging.getLogger("gpupool.run")
 STOP_GRACE = 5.0
+CLIENTS = ("native", "shim")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,29 +64,45 @@ def build_parser() -> argparse.ArgumentParser:
         p, "--cuda", action="store_true", help="the leased GPUs appear as CUDA to an unmodified script (docs/cuda.md)"
     )
     p.add_argument(
-        "--native-client",
-        action="store_true",
-        help="experimental: the `gpupool` device is the C++ client (fewer instructions per op) instead of the Python "
-        "one, with --cuda too, on each of the -n GPUs; eager ops and collectives; no step capture (also "
-        "$GPUPOOL_CLIENT=native; builds once with g++ and ninja, ~1-2 min; docs/native-client.md)",
+        "--client",
+        choices=CLIENTS,
+        default=None,
+        help="the client behind the child's `gpupool` device: native, the C++ client (fewer instructions per op; eager "
+        "ops, step capture, several GPUs, collectives, --cuda), or shim, the Python client (also attach(), "
+        "RemoteTensor); default: native where it is built or can be built (g++ and ninja, once, ~1-2 min), else shim "
+        "with one line saying why (also $GPUPOOL_CLIENT=native|shim; docs/native-client.md)",
+    )
+    p.add_argument(
+        "--native-client", dest="client", action="store_const", const="native", help="the same as --client native"
     )
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
     return p
 
 
-def _prepare_native(args: argparse.Namespace) -> int:
-    """--native-client: build the C++ client before leasing (0: ready)."""
+def _choose_client(args: argparse.Namespace) -> tuple[str, int]:
+    """The child's client (`native` or `shim`) and 0, or ("", exit code) after one line saying why. The C++ client is
+    built here, before the lease (the build must not hold a GPU); the default falls back to the shim where it cannot
+    be built, an explicit `native` does not."""
+    choice = args.client
+    if choice is None:
+        choice = os.environ.get(native.ENV, "").strip().lower() or None
+        if choice is not None and choice not in CLIENTS:
+            print(f"gpupool run: ${native.ENV}={choice!r} is not a client (native or shim)", file=sys.stderr)
+            return "", 2
+    if choice == "shim":
+        return "shim", 0
     from .native import build  # not backend: that imports torch (seconds), which only the child needs
 
     try:
         build.build()
-    except build.BuildError as exc:
-        print(f"gpupool run: {exc}; install g++ and ninja, or {native.WAY_OUT}", file=sys.stderr)
-        return 1
-    except UnsafeCacheDir as exc:  # another user could replace the library there: never build or load it
-        print(f"gpupool run: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    except (build.BuildError, UnsafeCacheDir) as exc:  # unsafe: another user could replace the library there
+        if choice == "native":
+            hint = "install g++ and ninja, or " if build.compiler_missing() else ""
+            print(f"gpupool run: {exc}; {hint}{native.WAY_OUT}", file=sys.stderr)
+            return "", 1
+        log.warning("using the Python client (--client shim): %s", exc)
+        return "shim", 0
+    return "native", 0
 
 
 def main(argv: list[str]) -> int:
@@ -92,11 +112,9 @@ def main(argv: list[str]) -> int:
         print("gpupool run: no command given (gpupool run -n 1 -p 0.5 -- python train.py)", file=sys.stderr)
         return 2
     setup_logging("gpupool-run", os.environ.get("GPUPOOL_LOG_LEVEL", "WARNING"))
-    use_native = args.native_client or native.requested()
-    if use_native:
-        code = _prepare_native(args)
-        if code:
-            return code
+    client, code = _choose_client(args)
+    if code:
+        return code
     tls.export_client_args(args)  # the library, and the child through os.environ, use the same credentials
     try:
         held = lease(
@@ -117,8 +135,7 @@ def main(argv: list[str]) -> int:
         log.info("lease %s on %s", held.lease_id, where)
         try:
             env = {**os.environ, **held.to_env(), **({"GPUPOOL_CUDA": "1"} if args.cuda else {})}
-            if use_native:
-                env[native.ENV] = "native"
+            env[native.ENV] = client  # the child's torch entry point loads the C++ client for `native`
             child = subprocess.Popen(command, env=env)
         except OSError as exc:
             print(f"gpupool run: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)

@@ -44,13 +44,14 @@ from gpupool.server import native_runner
 why = native_runner.missing()
 print("setup: native runner:", "built" if native_runner.load() is not None else f"not built ({why or 'the build failed'})")
 PY
-# The experimental C++ client of `gpupool run --native-client` (client/native/native_client.cpp, g++ and ninja, ~1-2
-# min once): built now into the per-user cache, so that tests and a first `gpupool run --native-client` find it built.
+# The C++ client, `gpupool run`'s default client (client/native/native_client.cpp, g++ and ninja, ~1-2 min once): built
+# now into the per-user cache, so that tests and a first `gpupool run` find it built (without it `gpupool run` falls
+# back to the Python client with one line saying why).
 TORCH_DEVICE_BACKEND_AUTOLOAD=0 python3 - <<'PY'
 import sys
 from gpupool.client.native import backend
 try:
     print("setup: native client:", backend.build())
-except backend.BuildError as exc:  # optional: only --native-client needs it
-    print(f"setup: {exc} (only gpupool run --native-client needs it)", file=sys.stderr)
+except backend.BuildError as exc:  # optional: `gpupool run` then uses the Python client
+    print(f"setup: {exc} (gpupool run will use the Python client)", file=sys.stderr)
 PY

@@ -6,16 +6,15 @@ distribution; off with TORCH_DEVICE_BACKEND_AUTOLOAD=0). It does nothing unless 
 `--cuda` never changes a script run without it ($GPUPOOL_CLIENT=native loads the C++ client first: `autoload`).
 When set, `enable()`:
 
-- registers the `gpupool` device (as `import gpupool.torch` does: the Python shim, or the C++ client under
-  `gpupool run --native-client --cuda`, gpupool.client.native),
+- registers the `gpupool` device (as `import gpupool.torch` does: the C++ client, gpupool.client.native, `gpupool
+  run`'s default client, or the Python shim under `gpupool run --client shim --cuda` or without `gpupool run`),
 - maps `cuda`, `cuda:N`, integer device ids, `.cuda()`, `.to(...)`, factory `device=` arguments and
   `tensor.is_cuda` onto `gpupool:N` (devices.py: wrappers of the torch functions that take a device, found in
   torch's own schemas and docstrings; every other call runs at torch's speed),
 - answers `torch.cuda.*` from the lease (facade.py),
 - maps `torch.load(map_location=...)`, autocast/GradScaler, and refuses what cannot work on a pooled
   GPU with one message naming the call (patches.py),
-- maps `init_process_group("nccl")` onto the `gpupool` collective backend (nccl.py; refused, naming the call, under
-  the C++ client, which has no collectives),
+- maps `init_process_group("nccl")` onto the `gpupool` collective backend (nccl.py; on either client),
 
 and logs one line saying so. docs/cuda.md lists every API and the limits.
 """
@@ -47,8 +46,8 @@ def _is_gpupool_program() -> bool:
 
 def autoload() -> None:
     """torch's `torch.backends` entry point: runs at `import torch` in every process, so it is cheap. It also loads the
-    C++ client as the `gpupool` device with $GPUPOOL_CLIENT=native (`gpupool run --native-client`, experimental:
-    gpupool.client.native), under the mapping with $GPUPOOL_CUDA too."""
+    C++ client as the `gpupool` device with $GPUPOOL_CLIENT=native (set by `gpupool run` where it chose the C++ client,
+    its default: gpupool.client.native), under the mapping with $GPUPOOL_CUDA too."""
     if _is_gpupool_program():
         return
     from gpupool.client import native
@@ -79,7 +78,7 @@ def enabled() -> bool:
 
 
 def on_native() -> bool:
-    """Whether the `gpupool` device under the mapping is the C++ client (`gpupool run --native-client --cuda`)."""
+    """Whether the `gpupool` device under the mapping is the C++ client (`gpupool run --cuda`'s default client)."""
     from gpupool.client import native
 
     return native.active()
@@ -97,8 +96,8 @@ def _announce() -> None:
     if on_native():
         log.info(
             "cuda -> gpupool (%d leased device(s), native client): device strings/ids, .cuda(), .to(), device=, "
-            "is_cuda, torch.cuda.*, torch.load(map_location), autocast/GradScaler, pin_memory; refused: collectives "
-            "(nccl), CUDA graphs, torch.compile, CUDA extensions, DataParallel (docs/cuda.md)",
+            "is_cuda, torch.cuda.*, torch.load(map_location), autocast/GradScaler, pin_memory, nccl -> gpupool "
+            "backend; refused: CUDA graphs, torch.compile, CUDA extensions, DataParallel (docs/cuda.md)",
             leased_count(),
         )
         return

@@ -1,15 +1,16 @@
-"""`gpupool run --native-client` (experimental): the `gpupool` device as the C++ client instead of the Python shim.
+"""The C++ client: `gpupool run`'s default `gpupool` device (the Python shim where it cannot be built, or with
+`gpupool run --client shim`).
 
 The Python shim (gpupool.client.torch: a tensor subclass with `__torch_dispatch__`) pays torch's floor for a Python
 device, ~100k instructions per op. The C++ client (backend.py, native_client.cpp: a PrivateUse1 backend of plain
-at::Tensors that infers outputs with the Meta kernels and writes the daemon's compact records in C++) sends the same
-ops for a third to a half of that. It is opt-in: `gpupool run --native-client` sets $GPUPOOL_CLIENT=native for the
-child, and torch's backend entry point (gpupool.client.cuda.autoload, at `import torch`) calls `enable()`: the backend
-is built (once per torch version and source, ~1-2 min, cached) and loaded as the `gpupool` device, and the session of
-the lease `gpupool run` hands over ($GPUPOOL_LEASE) is attached at the first tensor made on the device: a lease of N
-GPUs gives the devices gpupool:0..N-1, each its own session, attached at its own first tensor. An ordinary
-eager script (`model.to("gpupool")`, `.item()`, `.cpu()`) then runs unchanged; `import gpupool.torch` gives the part
-of its API the native client has (`device()`, `synchronize()`, the error classes).
+at::Tensors that infers outputs with the Meta kernels and writes the daemon's compact records in C++) sends the same ops
+for a third to a half of that. `gpupool run` builds it (client/run.py `_choose_client`) and sets $GPUPOOL_CLIENT=native
+for the child (`shim` where it chose the Python client), and torch's backend entry point (gpupool.client.cuda.autoload,
+at `import torch`) calls `enable()`: the backend is built (once per torch version and source, ~1-2 min, cached) and
+loaded as the `gpupool` device, and the session of the lease `gpupool run` hands over ($GPUPOOL_LEASE) is attached at
+the first tensor made on the device: a lease of N GPUs gives the devices gpupool:0..N-1, each its own session, attached
+at its own first tensor. An ordinary eager script (`model.to("gpupool")`, `.item()`, `.cpu()`) then runs unchanged;
+`import gpupool.torch` gives the part of its API the native client has (`device()`, `synchronize()`, the error classes).
 
 With `--cuda` too ($GPUPOOL_CUDA), torch's entry point then installs gpupool.client.cuda's mapping on top of this
 device (`cuda` -> `gpupool`, `torch.cuda.*` from the lease; docs/cuda.md): `set_device`, `manual_seed_all` and the
@@ -17,7 +18,8 @@ session (`ensure_session`) are here for it.
 
 torch.distributed's `gpupool` backend (client/distributed.py) runs its collectives over these sessions (group.py).
 Step capture (`gpupool.torch.capture`) is capture.py's. What it does not do fails with one message naming the feature
-and the way out (`refuse`): a process without a lease. docs/native-client.md.
+and the way out (`refuse`): a process without a lease, attaching by hand (api.py; `Lease.device`), the Python client's
+own modules (gpupool.client.torch). docs/native-client.md.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import threading
 from typing import Any, NoReturn
 
 ENV = "GPUPOOL_CLIENT"
-WAY_OUT = "run without --native-client (the Python client)"
+WAY_OUT = "run it under `gpupool run --client shim` (the Python client)"
 
 
 class Unsupported(RuntimeError):

@@ -497,6 +497,7 @@ def _as_op(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any], index: int) -
     kwargs = {k: _upload_cpu(v, index) for k, v in kwargs.items()}
 
     metas = _metas(op, args, kwargs)
+    _reshape_out_views(sch, metas, args, kwargs)  # before the encoder names them
     gpu_dev = tensor_pb2.Arg(device=tensor_pb2.DeviceRef(type="gpupool", index=-1))
 
     def encode(v: Any) -> tensor_pb2.Arg:
@@ -567,6 +568,36 @@ def _as_op(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any], index: int) -
     for s, mt in resized:
         torch.ops.gpupool_native.resize_output(s, mt.size(), mt.stride())
     return tuple(results) if len(results) != 1 else results[0]
+
+
+def _reshape_out_views(sch: Any, metas: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """An out= argument that is a view of part of its storage and that the op resizes (torch.fft.fftfreq writes the
+    negative half with arange into a slice of its output): the CPU's resize_ gives such a view the new geometry in
+    place, over the same storage and offset, when it fits there; so does this, on the client's tensor, before the op
+    is encoded: the op then names the view with its new geometry and the daemon's kernel finds it sized already. A
+    view that would outgrow its storage, and a whole storage, go on to resize_output (which refuses the first)."""
+    for ret, m in zip(sch.returns, metas, strict=True):
+        if ret.alias_info is None or not ret.alias_info.is_write:
+            continue
+        j = _aliased_arg(sch, ret)
+        src = _arg_value(sch, j, args, kwargs) if j >= 0 else None
+        ms = m if isinstance(m, list | tuple) else [m]
+        srcs = src if isinstance(src, list | tuple) else [src] * len(ms)
+        for mt, s in zip(ms, srcs, strict=True):
+            if mt is None or not _on_device(s) or (s.size() == mt.size() and s.stride() == mt.stride()):
+                continue
+            storage = s.untyped_storage().nbytes()
+            if s.storage_offset() == 0 and _extent(s.size(), s.stride()) * s.element_size() == storage:
+                continue  # the whole storage: resize_output
+            if (s.storage_offset() + _extent(mt.size(), mt.stride())) * s.element_size() <= storage:
+                s.as_strided_(mt.size(), mt.stride(), s.storage_offset())
+
+
+def _extent(size: Any, stride: Any) -> int:
+    """The elements a geometry spans from its offset on (0 for an empty tensor)."""
+    if any(n == 0 for n in size):
+        return 0
+    return 1 + sum((n - 1) * st for n, st in zip(size, stride, strict=True))
 
 
 def _no_tensor(t: torch.Tensor) -> Any:

@@ -19,7 +19,8 @@ A replay is one RunGraph appended to the device's frame (in order with its eager
 HOLD_STEPS replays, or as any frame does: every $GPUPOOL_FLUSH_OPS commands, or at a sync); its outputs are new device
 tensors bound to fresh handles.
 Inside a recording, syncs (`.item()`, `.cpu()`, `synchronize`), `torch.manual_seed`, `resize_`/`set_` and ops on
-another device raise (CaptureError, or one RuntimeError naming the op); uploads over 4 MiB inside a step are refused.
+another device raise CaptureError (native_client.cpp's own checks, RuntimeErrors, too); uploads over 4 MiB inside a
+step are refused.
 The graph cache and the rule from recordings to a graph are the Python client's (client/capture_step.py). Not here
 (yet): the Python client's frames of 4, 8, then 16 steps, sent by a 1 ms timer when steps stop coming.
 """
@@ -173,6 +174,11 @@ class CapturedStep(StepCache):
             for x in tree_flatten(result)[0]:
                 if _on_device(x):
                     handles[id(x)] = int(ops.wire_handle(x))
+        except RuntimeError as exc:
+            first = str(exc).split("\n", 1)[0]
+            if not isinstance(exc, CaptureError) and any(says in first for says in _REFUSED_IN_CPP):
+                raise CaptureError(first) from None  # native_client.cpp's refusals, as the Python client's class
+            raise
         finally:
             backend.RECORDING.on = False
             tape = ops.record_stop(dev.index)
@@ -263,6 +269,15 @@ def capture(
 # ---- the tape, decoded into the shared Recording ----
 
 
+# What native_client.cpp's own checks of a recording say (TORCH_CHECK: a RuntimeError), raised as CaptureError: an op
+# on another device than the step's, set_ (and resize_ past a storage) inside a recording.
+_REFUSED_IN_CPP = (": a captured step must run on one gpupool device (", "inside a step being captured")
+
+
+class _ViewArgument(Exception):
+    """compact.view_of asked a _Ref for its layout: the record has a VIEW argument (tag 14 or 15)."""
+
+
 class _Ref:
     """A tensor handle in a decoded compact record."""
 
@@ -270,6 +285,10 @@ class _Ref:
 
     def __init__(self, h: int) -> None:
         self.h = h
+
+    @property
+    def layout(self) -> Any:  # compact.view_of's first question about the tensor a VIEW argument names
+        raise _ViewArgument
 
 
 _DEVICE = object()  # compact.DEVICE decodes to this: the session's device
@@ -313,7 +332,7 @@ def _decode(tape: bytes, rec: Recording) -> None:
         if kind == "eager_op":
             try:
                 op_id, _, outputs, args, kwargs, _ = compact.decode_parts(cmd.eager_op, _Ref, _DEVICE)  # type: ignore[arg-type]
-            except AttributeError:  # a VIEW argument (never written while recording)
+            except _ViewArgument:  # a VIEW argument (never written while recording)
                 raise CaptureError("a view argument in a recorded step (the C++ client's records)") from None
             name = _op_name(op_id)
             if name == "aten::empty_strided" and len(args) == 2 and args[1] == _contiguous(args[0]):

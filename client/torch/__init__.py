@@ -16,6 +16,11 @@ registry) -> runtime (one session: handles, frees, commands) -> errors; native (
 
 from __future__ import annotations
 
+from gpupool.client import native as _native
+
+if _native.active():  # the C++ client owns the `gpupool` device (PrivateUse1) in this process: one message, not two
+    _native.refuse("the Python client (gpupool.client.torch)")  # half-registered devices
+
 from . import backend as _backend
 from . import optim as _optim
 from .api import attach, attach_lease, current_index, detach_all, device, device_count, synchronize

@@ -64,9 +64,10 @@ def on_cpu(*args: str) -> subprocess.CompletedProcess[str]:
 
 @functools.cache
 def amp_on_pool(pool: str) -> subprocess.CompletedProcess[str]:
-    """The one pooled run kept for the session: `gpupool run --cuda -p 0.5 -- python amp.py` (the shim). Checked here
-    against the CPU; test_native_client_cuda.py checks the C++ client's run of amp.py against it bit for bit."""
-    return on_pool(pool, "amp.py", "-p", "0.5")
+    """The one pooled run kept for the session: `gpupool run --cuda --client shim -p 0.5 -- python amp.py` (the
+    Python client). Checked here against the CPU; test_native_client_cuda.py checks the C++ client's run of amp.py
+    against it bit for bit."""
+    return on_pool(pool, "amp.py", "--client", "shim", "-p", "0.5")
 
 
 def values(lines: list[str]) -> list[float]:
@@ -129,7 +130,7 @@ def test_torchrun_ddp_script_with_nccl_gives_the_cpu_losses(pool: str) -> None:
     assert [r[1] for r in cpu_ranks] == ["cpu", "cpu"], local.stdout
     sums = [float(r[3]) for r in ranks + cpu_ranks]
     assert sums[0] == sums[1] and sums == pytest.approx([sums[2]] * 4, rel=1e-5)  # DDP kept the ranks in step
-    assert pooled.stderr.count(ANNOUNCE) >= 2 and "(2 leased device(s))" in pooled.stderr  # (and torchrun's own)
+    assert pooled.stderr.count(ANNOUNCE) >= 2 and "(2 leased device(s)" in pooled.stderr  # (and torchrun's own)
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
@@ -185,7 +186,7 @@ def test_torch_cuda_facade_and_refusals_on_a_two_gpu_lease(pool: str) -> None:
     )  # fmt: skip
     assert "facade ok" in done.stdout
     assert done.stderr.count("not available on a pooled GPU") == 6, done.stderr
-    assert "(2 leased device(s))" in done.stderr
+    assert "(2 leased device(s)" in done.stderr
 
 
 def test_every_device_form_lands_on_the_pool_on_a_two_gpu_lease(pool: str) -> None:
@@ -195,8 +196,9 @@ def test_every_device_form_lands_on_the_pool_on_a_two_gpu_lease(pool: str) -> No
     assert "device forms ok 1" in done.stdout, done.stdout
 
 
-def test_without_cuda_flag_torch_is_untouched(pool: str) -> None:
-    assert "untouched" in on_pool(pool, "no_cuda.py", cuda=False).stdout
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_without_cuda_flag_torch_is_untouched(pool: str, client: tuple[str, ...]) -> None:
+    assert "untouched" in on_pool(pool, "no_cuda.py", *client, cuda=False).stdout
     assert "untouched" in on_cpu("no_cuda.py").stdout
 
 

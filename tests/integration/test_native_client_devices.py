@@ -114,7 +114,8 @@ def test_a_model_split_over_two_devices_gives_the_shims_and_the_cpus_losses_and_
     native = _last_json(_run(pool, "--native-client", "-n", "2", "-p", "0.5", "--", sys.executable, "-c", SPLIT,
                              "gpupool:0", "gpupool:1"))  # fmt: skip
     released(pool)
-    shim = _last_json(_run(pool, "-n", "2", "-p", "0.5", "--", sys.executable, "-c", SPLIT, "gpupool:0", "gpupool:1"))
+    shim = _last_json(_run(pool, "--client", "shim", "-n", "2", "-p", "0.5", "--", sys.executable, "-c", SPLIT,
+                           "gpupool:0", "gpupool:1"))  # fmt: skip
     released(pool)
     local = _last_json(on_cpu("-c", SPLIT, "cpu", "cpu"))
     assert native["client"] == "native" and shim["client"] == "python shim"

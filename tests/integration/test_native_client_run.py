@@ -1,7 +1,9 @@
-"""`gpupool run --native-client` against a real pool (`gpupool up`: scheduler + daemon with fake GPUs, loopback, TLS):
-an ordinary eager training script (`model.to("gpupool")`, no gpupool import) trains through the C++ client with
+"""The C++ client under `gpupool run` against a real pool (`gpupool up`: scheduler + daemon with fake GPUs, loopback,
+TLS): an ordinary eager training script (`model.to("gpupool")`, no gpupool import) trains through the C++ client with
 local CPU's losses bit for bit; what the native client lacks fails with one message naming it and the way out; no
-compiler is one line.
+compiler is one line. Since round 26 it is `gpupool run`'s default client: a child says which client it has by
+default, with `--client native|shim` and $GPUPOOL_CLIENT, and where the C++ client cannot be built or loaded (no
+compiler, an unsafe cache) the default falls back to the Python client with one line.
 
 Slow (the C++ client's first build takes ~1 min; cached after). Skipped only where no C++ compiler or ninja exists.
 """
@@ -123,6 +125,9 @@ outs = {
     "bitwise_and": x & 5, "xlogy": torch.xlogy(f.abs(), 2.0), "mul_half": h * 3.3, "where": torch.where(f > 0, f, 0.0),
     "f64_tensor": f * torch.tensor(1.5, dtype=torch.float64), "int_f64": x * torch.tensor(0.5, dtype=torch.float64),
     "remainder_tensor": x % torch.tensor(4),
+    # an op that resizes a view of part of its out= argument (arange into a slice of fftfreq's output): round 26
+    "fftfreq": torch.fft.fftfreq(5, device=dev), "fftfreq_even": torch.fft.fftfreq(6, 0.5, device=dev),
+    "rfftfreq": torch.fft.rfftfreq(7, device=dev),
 }
 print(json.dumps({k: [str(v.dtype), v.cpu().tolist()] for k, v in outs.items()}))
 """
@@ -146,15 +151,102 @@ def test_the_env_selects_it_too(pool: str, tmp_path: Path) -> None:
     assert json.loads(ran.stdout.strip().splitlines()[-1])["client"] == "native"
 
 
+# A `gpupool run` child that says which client it has: the C++ client is loaded at `import torch` ($GPUPOOL_CLIENT
+# =native from `gpupool run`), and a tensor made on gpupool.torch.device() is a plain torch.Tensor (the shim's: a
+# RemoteTensor)
+WHICH = """
+import os, sys
+import torch
+import gpupool.torch as gt
+from gpupool.client import native
+x = torch.arange(4.0, device=gt.device()) * 2
+shim = "gpupool.client.torch" in sys.modules
+print("client", "native" if native.active() and not shim else "shim", type(x).__name__, x.sum().item(),
+      os.environ["GPUPOOL_CLIENT"])
+"""
+FALLBACK = "WARNING gpupool.run: using the Python client (--client shim): "
+
+
+def _which(pool: str, *flags: str, **env: str) -> tuple[str, subprocess.CompletedProcess[str]]:
+    ran = _run(pool, "-p", "0.5", *flags, "--", sys.executable, "-c", WHICH, **env)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    return ran.stdout.strip().splitlines()[-1], ran
+
+
+def test_gpupool_run_defaults_to_the_cpp_client(pool: str) -> None:
+    said, ran = _which(pool)
+    assert said == "client native Tensor 12.0 native", ran.stdout
+    assert FALLBACK not in ran.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "want"),
+    [
+        (("--client", "shim"), {}, "client shim RemoteTensor 12.0 shim"),
+        (("--client", "native"), {}, "client native Tensor 12.0 native"),
+        ((), {"GPUPOOL_CLIENT": "shim"}, "client shim RemoteTensor 12.0 shim"),
+        (("--client", "native"), {"GPUPOOL_CLIENT": "shim"}, "client native Tensor 12.0 native"),  # the flag wins
+    ],
+    ids=["flag-shim", "flag-native", "env-shim", "flag-over-env"],
+)
+def test_either_client_can_be_chosen(pool: str, flags: tuple[str, ...], env: dict[str, str], want: str) -> None:
+    said, ran = _which(pool, *flags, **env)
+    assert said == want, ran.stdout
+    assert FALLBACK not in ran.stderr
+
+
+def test_a_client_the_env_does_not_know_is_one_line(pool: str) -> None:
+    ran = _run(pool, "--", sys.executable, "-c", "print('ran')", GPUPOOL_CLIENT="cpp")
+    assert ran.returncode == 2 and "ran" not in ran.stdout
+    assert ran.stderr == "gpupool run: $GPUPOOL_CLIENT='cpp' is not a client (native or shim)\n"
+
+
+@pytest.mark.parametrize("why", ["no-compiler", "build-error", "unsafe-cache"])
+def test_without_a_usable_cpp_client_the_default_is_the_shim_with_one_line(pool: str, tmp_path: Path, why: str) -> None:
+    """Where the C++ client cannot be built or loaded (a PATH without c++ and ninja and nothing cached; a compiler that
+    fails, $CXX=false; a cache folder other users could write), plain `gpupool run` runs the script on the Python
+    client after one log line saying why; `--client native` stops there (exit 1, before leasing)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env = {"GPUPOOL_NATIVE_CLIENT_CACHE": str(cache)}
+    if why == "no-compiler":
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        os.symlink(sys.executable, bin_dir / "python3")
+        env["PATH"] = str(bin_dir)
+        reason = "cannot build the native client: no C++ compiler (c++ not on PATH)"
+    elif why == "build-error":
+        env["CXX"] = "false"  # on PATH, and fails: torch.utils.cpp_extension's first call of it
+        reason = "the native client did not build: "
+    else:
+        cache.chmod(0o777)  # a real condition: any user could plant a library there
+        reason = f"cache folder {cache}: "
+    said, ran = _which(pool, **env)
+    assert said == "client shim RemoteTensor 12.0 shim", ran.stdout
+    lines = [line for line in ran.stderr.splitlines() if "gpupool.run" in line]
+    assert len(lines) == 1 and FALLBACK + reason in lines[0], ran.stderr
+    refused = _run(pool, "--client", "native", "--", sys.executable, "-c", "print('ran')", **env)
+    assert refused.returncode == 1 and "ran" not in refused.stdout
+    building = why == "build-error"  # it tried: "gpupool: building the native client ... into ..." first
+    assert refused.stderr.count("\n") == 1 + building and reason in refused.stderr, refused.stderr
+
+
 UNSUPPORTED = {
     "attach": ("import torch, gpupool.torch as gt\ngt.attach('localhost:1', 'x')", "gpupool.torch.attach"),
+    "RemoteTensor": ("import torch, gpupool.torch as gt\nprint(gt.RemoteTensor)", "gpupool.torch.RemoteTensor"),
+    # the Python client's own modules and attaching by hand: one line, not torch's "multiple backend fallbacks"
+    "shim-import": ("import torch\nimport gpupool.client.torch", "the Python client (gpupool.client.torch)"),
+    "lease-device": (
+        "import torch\nfrom gpupool.client.pool import Lease\nLease.from_env().device(0)",
+        "attaching a lease by hand (Lease.device)",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(UNSUPPORTED))
 def test_what_it_lacks_fails_with_one_message_and_the_way_out(pool: str, tmp_path: Path, case: str) -> None:
     code, feature = UNSUPPORTED[case]
-    ran = _run(pool, "--native-client", "--", sys.executable, "-c", code)
+    ran = _run(pool, "--", sys.executable, "-c", code)  # `gpupool run`'s default client
     assert ran.returncode == 1, ran.stdout
     last = ran.stderr.strip().splitlines()[-1]
     assert feature in last and "--native-client" in last and WAY_OUT in last, ran.stderr[-2000:]
@@ -206,7 +298,7 @@ print(json.dumps(torch.nn.functional.dropout(x, 0.5).cpu().tolist()))
 def test_a_seed_set_before_the_client_loads_seeds_the_daemon(pool: str, tmp_path: Path, client: str) -> None:
     path = tmp_path / "seed_first.py"
     path.write_text(SEED_FIRST)
-    flags = ("--native-client",) if client == "native" else ()
+    flags = ("--native-client",) if client == "native" else ("--client", "shim")
     cmd = [sys.executable, "-m", "gpupool.cli", "run", "-p", "0.5", *flags, "--", sys.executable, str(path), client]
     # The three runs side by side (three half leases on the pool's two devices), each a process and session of its own
     runs = [subprocess.Popen([*cmd, str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -1,12 +1,13 @@
 """The sentiment example through a real pool: `gpupool up` (one fake GPU, loopback, port 0), then the README's
 `gpupool run -n 1 -p 0.5 -- python examples/sentiment/train.py --device gpupool --epochs 1 --limit N` on the real
 reviews of the subset shipped in the repository (examples/sentiment/sample), the saved model served through the pool
-with infer.py, and the same epoch on the C++ client (`--native-client`) and on the local CPU.
+with infer.py (the C++ client: `gpupool run`'s default), and the same epoch on the Python client (`--client shim`) and
+on the local CPU.
 
 The four training runs are made once for the module (`runs`): the C++ client alone first (it writes the encoded
-data's cache), then the shim, the C++ client without dropout and the local CPU side by side. Until round 25 the first
-test trained its own shim run of 2,000 reviews (40 steps, ~40 s) before serving it: the same command and code path
-as the shim run here, which both tests now read."""
+data's cache), then the Python client, the C++ client without dropout and the local CPU side by side. Until round 25
+the first test trained its own run of 2,000 reviews (40 steps, ~40 s) before serving it: the same command and code
+path as a run here, which both tests now read (the C++ client's since round 26, `gpupool run`'s default)."""
 
 from __future__ import annotations
 
@@ -71,14 +72,16 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def runs(pool_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    """One epoch each: `native` (the C++ client), `shim` (the Python client: the README's command), `native0` and
-    `local0` (no dropout: the C++ client and the local CPU)."""
+    """One epoch each: `native` (the C++ client: the README's command, `gpupool run`'s default), `shim` (the Python
+    client, `--client shim`), `native0` and `local0` (no dropout: the C++ client, chosen with `--native-client`, and
+    the local CPU)."""
     env = {**os.environ, **pool_env}
     tmp = tmp_path_factory.mktemp("sentiment")
-    native = _finish(_start(env, tmp, "native", run=("--native-client",)))  # alone: it writes the encoded data's cache
+    native = _finish(_start(env, tmp, "native", run=()))  # `gpupool run`'s default; alone: it writes the data's cache
     off = ("--dropout", "0", "--embed-dropout", "0")
     # the other three side by side (two half leases on the pool's GPU, and the CPU), reading that cache
-    others = [_start(env, tmp, "shim", run=()), _start(env, tmp, "native0", *off, run=("--native-client",)),
+    others = [_start(env, tmp, "shim", run=("--client", "shim")),
+              _start(env, tmp, "native0", *off, run=("--native-client",)),
               _start(env, tmp, "local0", *off)]  # fmt: skip
     try:
         shim, native0, local0 = (_finish(started) for started in others)
@@ -91,18 +94,18 @@ def runs(pool_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def test_one_epoch_through_gpupool_then_serve(runs: dict[str, dict[str, Any]], pool_env: dict[str, str]) -> None:
-    shim = runs["shim"]
-    assert re.search(r"epoch 1: train loss [\d.]+ acc [\d.]+ \| test loss [\d.]+ acc [\d.]+", shim["stderr"])
-    results = shim["results"]
+    ran = runs["native"]  # the README's command: `gpupool run`'s default client
+    assert re.search(r"epoch 1: train loss [\d.]+ acc [\d.]+ \| test loss [\d.]+ acc [\d.]+", ran["stderr"])
+    results = ran["results"]
     assert results["device"].startswith("gpupool")
     assert results["train_reviews"] == results["test_reviews"] == LIMIT
-    epoch = shim["epoch"]
+    epoch = ran["epoch"]
     # one epoch on 200 reviews is too little to promise an accuracy; the loss must be a real number that moved
     assert 0.0 < epoch["train_loss"] < 1.0 and 0.0 < epoch["test_loss"] < 1.0 and 0.4 <= epoch["test_acc"] <= 1.0, epoch
 
     texts = "a wonderful, moving film. i loved it!\nboring, awful and a total waste of time.\n"
     infer_cmd = [sys.executable, "-m", "gpupool.cli", "run", "-n", "1", "-p", "0.25", "--",
-                 sys.executable, "examples/sentiment/infer.py", "--device", "gpupool", "--model", str(shim["out"]),
+                 sys.executable, "examples/sentiment/infer.py", "--device", "gpupool", "--model", str(ran["out"]),
                  "--json"]  # fmt: skip
     env = {**os.environ, **pool_env}
     done = subprocess.run(infer_cmd, input=texts, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)

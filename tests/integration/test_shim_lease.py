@@ -1,6 +1,6 @@
 """The gpupool device on leases from a real pool (`gpupool up`: scheduler + daemon with fake GPUs):
-`gpupool run` hands its lease to `gpupool.torch.device()` in the child, `device()` outside `gpupool run`
-allocates a lease of $GPUPOOL_FRACTION of a GPU and `detach_all()` gives it back, and
+`gpupool run` hands its lease to `gpupool.torch.device()` in the child (on either client), `device()` outside
+`gpupool run` allocates a lease of $GPUPOOL_FRACTION of a GPU and `detach_all()` gives it back, and
 `gpupool.lease(...).device()` attaches through the shim."""
 
 from __future__ import annotations
@@ -22,11 +22,15 @@ pytestmark = pytest.mark.slow
 
 CHILD = """
 import torch, gpupool.torch as gt
-from gpupool.client.torch import runtime
+from gpupool.client import native
 d = gt.device()
 x = torch.arange(4.0, device=d) * 2
-rt = runtime.get(d.index)
-print("trained", d, x.sum().item(), rt.session.share, rt.session.quota_bytes, flush=True)
+if native.active():  # `gpupool run`'s default client (the C++ one)
+    session = native.session(d)
+else:
+    from gpupool.client.torch import runtime
+    session = runtime.get(d.index).session
+print("trained", d, x.sum().item(), session.share, session.quota_bytes, "native" if native.active() else "shim")
 """
 
 
@@ -40,15 +44,17 @@ def no_leases(address: str) -> bool:
     return not SchedulerClient(address).list_pool().leases
 
 
-def test_gpupool_run_child_gets_the_leased_device(pool: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("client", ["shim", "native"])
+def test_gpupool_run_child_gets_the_leased_device(pool: str, tmp_path: Path, client: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GPUPOOL_SCHEDULER": pool}
     env.pop("GPUPOOL_LEASE", None)
     ran = subprocess.run(
-        [sys.executable, "-m", "gpupool.cli", "run", "-n", "1", "-p", "0.5", "--", sys.executable, "-c", CHILD],
+        [sys.executable, "-m", "gpupool.cli", "run", "-n", "1", "-p", "0.5", "--client", client, "--",
+         sys.executable, "-c", CHILD],
         capture_output=True, text=True, timeout=180, env=env,
     )  # fmt: skip
     assert ran.returncode == 0, ran.stderr[-2000:]
-    assert f"trained gpupool:0 12.0 0.5 {256 * 1024**2}" in ran.stdout
+    assert f"trained gpupool:0 12.0 0.5 {256 * 1024**2} {client}" in ran.stdout
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
