@@ -8,7 +8,11 @@ row expanded, with no mask, with a head size of 2^14 over 32 rows (the kernel's 
 composition (value head size 4, query's 8) forward and backward; the dropout composition (dropout_p 0.1) forward and
 backward ("-" where a checkout refuses the call: before round 23), and both in float64 (8-byte scores: round 24);
 "wide heads": L = S = 128 and a head size of 2^14 (the math backward's value 2^13), where a composition's copies of
-its inputs outweigh its scores (round 25). "took": the peak's growth less the outputs' bytes (admitted apart).
+its inputs outweigh its scores (round 25); "flash ... 64 x 16384": 64 queries over 16,384 keys of head size 128 (64
+for float32), the forward's packed key and value (bfloat16 on an AMX-BF16 CPU) and the backward's copies of its inputs
+(round 26). "took": the peak's growth less the outputs' bytes (admitted apart): the process's resident memory
+(ru_maxrss, glibc's heap and the kernel's code pages with it: the math forward's 2048 x 2048 reads 56-88 MiB run to
+run) and "allocated": the peak of the tensors' allocator (torch's profiler, the bytes a quota models).
 
     python bench/attention_temporaries.py --against /work/wt/base --against-python /work/wt/base/.venv/bin/python
 """
@@ -40,6 +44,9 @@ CASES = (
     "dropout backward, wide heads, bfloat16",
     "dropout backward, wide heads, float64",
     "math backward, wide heads",
+    "flash forward 64 x 16384, bfloat16",
+    "flash backward 64 x 16384, bfloat16",
+    "flash backward 64 x 16384",
 )
 
 CHILD = """
@@ -64,6 +71,10 @@ elif case == "flash, head size 2^14":  # 32 query rows, one key: the kernel's ou
     q, k, v = (torch.randn(1, 1, n, 1 << 14, generator=g) for n in (32, 1, 1))
 elif case.startswith("math"):
     v = torch.randn(1, 1, S, head // 2, generator=g)
+elif "64 x 16384" in case:  # few queries over many keys: the packed key and value, the backward's copies
+    q, k, v = (torch.randn(1, 1, n, 128 if dtype == torch.bfloat16 else 64, generator=g, dtype=dtype)
+               for n in (64, 16384, 16384))
+    L, S = 64, 16384
 fwd = torch.ops.aten._scaled_dot_product_fused_attention_overrideable.default
 bwd = torch.ops.aten._scaled_dot_product_fused_attention_overrideable_backward.default
 p = 0.1 if case.startswith("dropout") else 0.0
@@ -78,17 +89,32 @@ else:
     args = [q, k, v, bias, p]
     op, run = fwd, A.fused_attention
 admitted = cost.temporary(op, args, {})
+
+
+def allocated():  # the allocator's peak over the call (its memory events in order), in a call of its own
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        got = run(*args)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    now = top = 0
+    for e in events:
+        now += e.nbytes()
+        top = max(top, now)
+    return top
+
+
 gc.collect()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     got = run(*args)
 except Exception:  # a checkout that refuses the call (dropout before round 23)
-    print(json.dumps({"admitted": -1, "took": -1}))
+    print(json.dumps({"admitted": -1, "took": -1, "allocated": -1}))
     sys.exit(0)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 got = got if isinstance(got, (tuple, list)) else [got]
 outs = sum(t.numel() * t.element_size() for t in got if isinstance(t, torch.Tensor))  # counted apart from temporaries
-print(json.dumps({"admitted": admitted, "took": (peak - before) * 1024 - outs}))
+took = (peak - before) * 1024 - outs
+print(json.dumps({"admitted": admitted, "took": took, "allocated": allocated() - outs}))
 """
 
 
@@ -105,15 +131,16 @@ def main() -> None:
     p.add_argument("--against-python", default=sys.executable, help="its python (its venv's)")
     a = p.parse_args()
     mib = 1024 * 1024
-    print(f"{'case':40} {'took MiB':>9} {'admitted MiB':>13} {'took (against)':>15} {'admitted (against)':>19}")
+    print(f"{'case':40} {'took MiB':>9} {'allocated':>9} {'admitted MiB':>13} {'took (against)':>15} "
+          f"{'allocated':>9} {'admitted (against)':>19}")  # fmt: skip
 
     def mb(n: int, width: int) -> str:
         return f"{n / mib:{width}.1f}" if n >= 0 else f"{'-':>{width}}"
 
     for case in CASES:
         ours, theirs = _side(sys.executable, ROOT, case), _side(a.against_python, a.against.resolve(), case)
-        print(f"{case:40} {mb(ours['took'], 9)} {mb(ours['admitted'], 13)} {mb(theirs['took'], 15)} "
-              f"{mb(theirs['admitted'], 19)}")  # fmt: skip
+        print(f"{case:40} {mb(ours['took'], 9)} {mb(ours['allocated'], 9)} {mb(ours['admitted'], 13)} "
+              f"{mb(theirs['took'], 15)} {mb(theirs['allocated'], 9)} {mb(theirs['admitted'], 19)}")  # fmt: skip
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 
