@@ -264,3 +264,29 @@ def test_the_front_and_the_zygote_load_the_build_of_the_source_the_daemon_read(
     assert done.returncode == 0 and "loaded False" in done.stdout, done.stdout + done.stderr
     assert "changed since the daemon read it" in done.stderr, done.stderr
     assert sorted(p.relative_to(cache) for p in cache.glob("**/*.so")) == [final.relative_to(cache)]
+
+
+def test_open_private_file_checks_the_file_it_opened(tmp_path: Path) -> None:
+    """`check_private_file` then a load by name (round 25) checked one file and loaded whatever the name meant a
+    moment later: a cache reached through a symbolic link another user owns (a folder named under /tmp) could be
+    pointed elsewhere in between. `open_private_file` checks the open file and its folder; the daemon loads that
+    file (/proc/self/fd/N, server/native_runner.py `_import`), whatever the link says afterwards."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir(mode=0o700)
+    theirs.mkdir()
+    theirs.chmod(0o777)
+    for folder in (ours, theirs):
+        (folder / "x.so").write_bytes(folder.name.encode())
+    link = tmp_path / "cache"
+    link.symlink_to(ours)
+    config.check_private_file(link / "x.so")
+    fd = config.open_private_file(link / "x.so")
+    try:
+        (tmp_path / "swap").symlink_to(theirs)
+        os.replace(tmp_path / "swap", link)  # the link pointed elsewhere after the check
+        assert (link / "x.so").read_bytes() == b"theirs"  # a load by name reads another user's file now
+        assert Path(f"/proc/self/fd/{fd}").read_bytes() == b"ours"  # the file loaded is the file checked
+    finally:
+        os.close(fd)
+    with pytest.raises(config.UnsafeCacheDir, match="writable by other users"):
+        config.open_private_file(link / "x.so")
