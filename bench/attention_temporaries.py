@@ -50,7 +50,27 @@ CASES = (
     "flash backward 64 x 16384",
 )
 
-CHILD = """
+# The allocator's peak over a call (the profiler's memory events in order) less its outputs: a call of its own.
+PEAK = """
+import torch
+
+
+def peak(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        got = fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    now = top = 0
+    for e in events:
+        now += e.nbytes()
+        top = max(top, now)
+    got = got if isinstance(got, (tuple, list)) else [got]
+    return top - sum(t.numel() * t.element_size() for t in got if isinstance(t, torch.Tensor))
+"""
+
+CHILD = (
+    PEAK
+    + """
 import gc, json, resource, sys
 import torch
 from gpupool.server import attention as A, cost
@@ -90,20 +110,6 @@ else:
     args = [q, k, v, bias, p]
     op, run = fwd, A.fused_attention
 admitted = cost.temporary(op, args, {})
-
-
-def allocated():  # the allocator's peak over the call (its memory events in order), in a call of its own
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        got = run(*args)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    now = top = 0
-    for e in events:
-        now += e.nbytes()
-        top = max(top, now)
-    return top
-
-
 gc.collect()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
@@ -111,35 +117,26 @@ try:
 except Exception:  # a checkout that refuses the call (dropout before round 23)
     print(json.dumps({"admitted": -1, "took": -1, "allocated": -1}))
     sys.exit(0)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+high = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 got = got if isinstance(got, (tuple, list)) else [got]
 outs = sum(t.numel() * t.element_size() for t in got if isinstance(t, torch.Tensor))  # counted apart from temporaries
-took = (peak - before) * 1024 - outs
-print(json.dumps({"admitted": admitted, "took": took, "allocated": allocated() - outs}))
+took = (high - before) * 1024 - outs
+print(json.dumps({"admitted": admitted, "took": took, "allocated": peak(lambda: run(*args))}))
 """
+)
 
 
 # --sweep: every kernel and mask kind over many shapes (L, S, head sizes, dtypes), forward, backward and expanded
 # key/value; per class (call, kernel, mask, dtype) the largest excess of the allocator's peak over the admission
 # (bytes; <= 0: admitted) and the largest ratio among calls taking more than 1 MiB.
-SWEEP = """
+SWEEP = (
+    PEAK
+    + """
 import itertools, json, sys
 import torch
 from gpupool.server import attention as A, cost
 torch.set_num_threads(1)
 
-
-def peak(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        got = fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    now = top = 0
-    for e in events:
-        now += e.nbytes()
-        top = max(top, now)
-    got = got if isinstance(got, (tuple, list)) else [got]
-    return top - sum(t.numel() * t.element_size() for t in got if isinstance(t, torch.Tensor))
 
 
 fwd = torch.ops.aten._scaled_dot_product_fused_attention_overrideable.default
@@ -183,6 +180,7 @@ for L, S, dt, mask, kind, hq, hv in itertools.product(
         w[1] = max(w[1], took / max(admitted, 1))
 print(json.dumps(worst))
 """
+)
 
 
 def _sweep(python: str, tree: Path) -> dict[str, list[float]]:
