@@ -199,7 +199,26 @@ def check_private_file(path: Path) -> None:
     writable by others (a build under umask 0, a `chmod`) let another user replace the code a daemon imports."""
     real = Path(os.path.realpath(path))
     check_private_dir(real.parent)
-    st = real.stat()
+    _check_private_stat(path, real.stat())
+
+
+def open_private_file(path: Path) -> int:
+    """`path` opened for reading, then checked as `check_private_file` checks a path, but on what was opened: the
+    open file's owner and mode (fstat) and the folder it was opened in (its /proc/self/fd link). Load it as
+    `/proc/self/fd/N`: `check_private_file` then a load by name left a window in which a symbolic link on the way
+    (a cache named under /tmp, its link another user's) could be pointed elsewhere after the check. The caller
+    closes the descriptor; UnsafeCacheDir (closed) when refused."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        check_private_dir(Path(os.readlink(f"/proc/self/fd/{fd}")).parent)
+        _check_private_stat(path, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_private_stat(path: Path, st: os.stat_result) -> None:
     if st.st_uid not in (os.geteuid(), 0):
         raise UnsafeCacheDir(f"cached library {path} belongs to uid {st.st_uid}, not this user")
     if st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != os.getegid()):

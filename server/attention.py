@@ -806,7 +806,7 @@ def _temporaries(
         if isinstance(bias, Tensor) and bias.dtype != torch.float32:
             total += 4 * bias.numel()
     elif dev.type == "cpu":
-        total += _flash_buffers(q, k, backward)
+        total += _flash_buffers(q, k, backward, v)
     elif dev.type == "cuda":
         if isinstance(bias, Tensor):
             total += scores // k.shape[2] * -(-k.shape[2] // 16) * 16 * q.element_size()
@@ -815,15 +815,20 @@ def _temporaries(
     return total
 
 
-def _flash_buffers(q: Tensor, k: Tensor, backward: bool) -> int:
+def _flash_buffers(q: Tensor, k: Tensor, backward: bool, v: Any = None) -> int:
     """The CPU flash kernels' own buffers (torch's FlashAttentionKernel.cpp), per thread of the calling thread's
     team: a block of qSplit x kvSplit scores in the accumulation type (float32, float64 for float64), with the
     forward's row maxima and sums and a qSplit x head size block of output, the backward's block of score gradients
     and its row sums; for float16 and bfloat16 the score blocks again in that dtype; the float16 forward's packed
-    path (where the CPU has it) reorders key and value, padded to 64. qSplit: 256 from 768 query rows, 64 from
-    192, else 32 (the backward of this torch picks it by the heads: the larger of both is taken), at most the rows;
-    kvSplit: 512, at most the keys. Round 22 left them out: a head size of 2^14 over 32 rows took a query's size
-    (2 MiB) per thread, unadmitted."""
+    path (where the CPU has it) reorders key and value, padded to 64; the backward a copy of query, key and value
+    in their dtype. qSplit: 256 from 768 query rows, 64 from 192, else 32 (the backward of this
+    torch picks it by the heads: the larger of both is taken), at most the rows; kvSplit: 512, at most the keys.
+    Round 22 left them out: a head size of 2^14 over 32 rows took a query's size (2 MiB) per thread, unadmitted.
+    The packed path is torch's `cpublas::could_pack`: AMX-FP16 for float16, AMX-BF16 for bfloat16, a CPU's own;
+    both are admitted wherever it runs (round 25 admitted float16's only, written on a CPU packing float16: a
+    bfloat16 forward on this box's AMX-BF16 took 8.2 MiB with 0.1 admitted; the reduced backward's copies were
+    not admitted at all: 16 MiB with 6 KiB for a key and value of 65,536 x 64; float32's 1.25 MiB with 0.26 for
+    2 heads of 512 queries, 1,024 keys, head size 64; bench/attention_temporaries.py)."""
     length, source, head = q.shape[2], k.shape[2], q.shape[3]
     rows = max(length, q.shape[1]) if backward else length
     qs = min(length, 256 if rows >= 768 else 64 if rows >= 192 else 32)
@@ -831,13 +836,16 @@ def _flash_buffers(q: Tensor, k: Tensor, backward: bool) -> int:
     acc = 8 if q.dtype == torch.float64 else 4
     reduced = q.element_size() if q.dtype in (torch.float16, torch.bfloat16) else 0
     if backward:
-        per = (2 * qs * kvs + qs) * acc + 2 * qs * kvs * reduced
+        per = (2 * qs * kvs + qs) * acc + 4 * qs * kvs * reduced  # (float16's: 2 measured, and 1.2 of them again)
     else:
         per = (qs * kvs + 2 * qs + qs * head) * acc + qs * kvs * reduced
     total = torch.get_num_threads() * per
-    if q.dtype == torch.float16 and not backward:
+    if reduced and not backward:
         padded = -(-head // 64) * 64 + 1
         total += 2 * q.shape[0] * q.shape[1] * padded * (-(-source // 64) * 64 + 64) * q.element_size()
+        total += torch.get_num_threads() * 2 * (qs + kvs) * padded * reduced  # its blocks' packing (measured 31-80 KiB)
+    elif backward:  # a copy of query, key and value in their dtype (measured, every dtype)
+        total += q.element_size() * (q.numel() + k.numel() + (v.numel() if isinstance(v, Tensor) else k.numel()))
     return total
 
 

@@ -93,6 +93,7 @@ ASan's shadow memory is terabytes of private mappings, which a worker's RLIMIT_D
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import importlib.util
 import logging
 import os
@@ -113,6 +114,10 @@ from .templates import C_ARG, C_KW, L_ARG, L_KW, LV_ARG, LV_KW, N_ARG, N_KW, NL_
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native_runner.cpp")
+# The digest of the source the daemon read (`source`), given to the zygote it starts (server/zygote.py): the front's
+# `built` and the zygote's `load` name one cache entry, whatever happens to the checkout between their reads.
+DIGEST_ENV = "GPUPOOL_NATIVE_RUNNER_DIGEST"
+_source: list[tuple[bytes, str]] = []  # [(native_runner.cpp as this process first read it, its digest)]
 EXTERNAL, NONE = -1, -2  # runs.EXTERNAL, runs.NONE
 END, OVER = 1, 2  # flags of `Ctx.run`
 _state: list[Any] = []  # [the module, or None when unavailable] once `load` decided
@@ -186,9 +191,20 @@ def load() -> Any:
 _NAME = "gpupool_native_runner"
 
 
+def source() -> tuple[bytes, str]:
+    """native_runner.cpp as this process first read it, and its digest (read once: a build is made of these bytes)."""
+    if not _source:
+        data = SOURCE.read_bytes()
+        _source.append((data, hashlib.sha256(data).hexdigest()[:16]))
+    return _source[0]
+
+
 def _final() -> Path:
-    """Where the build of this source for this torch lives (a folder per torch version and source hash)."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    """Where the build of this source for this torch lives (a folder per torch version and source hash): in a zygote,
+    the source its daemon read (DIGEST_ENV). Round 25 hashed the file at each call, so a checkout changed under a
+    running daemon gave the front (which looks for the build at its first frame) the build of another source than
+    the zygote's (which built at its start)."""
+    digest = os.environ.get(DIGEST_ENV) or source()[1]
     return cache_dir() / f"torch-{torch.__version__}-{digest}" / f"{_NAME}.so"
 
 
@@ -232,9 +248,14 @@ def _built() -> Path:
         return final
     from torch.utils import cpp_extension
 
+    data, digest = source()
+    if not final.parent.name.endswith(f"-{digest}"):  # a zygote whose daemon read another source: no build of it
+        raise RuntimeError(f"{SOURCE} changed since the daemon read it ({digest}, not {final.parent.name})")
     with buildcache.private_build_dir(final.parent) as tmp:
         cflags, ldflags = (["-O1", "-g", *_SANITIZE], _SANITIZE) if sanitized() else (["-O2"], [])
-        cpp_extension.load(name=_NAME, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
+        copy = tmp / SOURCE.name  # the bytes hashed, not the file as it is by the compiler's read
+        copy.write_bytes(data)
+        cpp_extension.load(name=_NAME, sources=[str(copy)], extra_cflags=cflags, extra_ldflags=ldflags,
                            build_directory=str(tmp), is_python_module=False, verbose=False)  # fmt: skip
         os.replace(tmp / f"{_NAME}.so", final)
     return final
@@ -256,13 +277,21 @@ def _no_asan() -> str | None:
 
 def _import(path: Path) -> Any:
     """The cached build at `path`, imported: only where no other user could have written it (its folder and the file
-    itself, `config.check_private_file`; the cache's root alone is checked by `cache_dir`); else UnsafeCacheDir."""
-    config.check_private_file(path)
-    spec = importlib.util.spec_from_file_location(_NAME, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    itself, `config.open_private_file`: the file checked is the file loaded; the cache's root alone is checked by
+    `cache_dir`); else UnsafeCacheDir."""
+    fd = config.open_private_file(path)  # checked as opened, loaded as opened (no name looked up again)
+    try:
+        opened = f"/proc/self/fd/{fd}"  # (no .so suffix: the loader named)
+        spec = importlib.util.spec_from_file_location(
+            _NAME, opened, loader=importlib.machinery.ExtensionFileLoader(_NAME, opened)
+        )
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import {path}")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        os.close(fd)
+    mod.__file__ = str(path)
     return mod
 
 

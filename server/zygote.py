@@ -98,6 +98,9 @@ class Zygote:
         self._supervisor.start()
 
     def _launch(self) -> None:
+        from . import native_runner  # the runner's source as this daemon read it: the zygote builds and loads that
+
+        digest = native_runner.source()[1]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         proc = subprocess.Popen(
             [sys.executable, "-m", "gpupool.server.zygote", str(theirs.fileno())],
@@ -106,7 +109,11 @@ class Zygote:
             # torch's CPU allocator puts tensors of 2 MiB and more on transparent huge pages: a fresh tensor's
             # first touch (every upload, and every tensor of a fake GPU) faults 512x less often; but only where
             # the kernel does not compact memory in those faults (protocol.huge_pages_are_cheap).
-            env={**os.environ, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", _thp_default())},
+            env={
+                **os.environ,
+                "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", _thp_default()),
+                native_runner.DIGEST_ENV: digest,
+            },
         )
         theirs.close()
         with self._lock:

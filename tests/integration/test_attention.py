@@ -793,3 +793,50 @@ def test_the_cpu_flash_kernels_own_buffers_count_against_the_quota(serve: Any) -
             s.free(handles)
         [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
         assert torch.equal(s.download(ok), torch.full((3,), 2.0))
+
+
+def test_the_cpu_flash_kernels_packed_blocks_and_backward_copies_count_against_the_quota(serve: Any) -> None:
+    """Round 25 admitted the flash forward's packed key and value (torch's `cpublas::could_pack`: AMX-FP16) for
+    float16 only, but a CPU with AMX-BF16 packs bfloat16 (this box: a bfloat16 forward over 16,384 keys of head
+    size 128 took 8.2 MiB with 0.1 admitted), and admitted none of the backward's copies of query, key and value
+    in their dtype (float32 over 16,384 keys of head size 64: 8 MiB taken, 0.5 admitted). Both are admitted now,
+    for both reduced dtypes on every CPU (server/attention.py `_flash_buffers`): in a 16 MiB session the bfloat16
+    forward whose inputs take 8 MiB, and in a 20 MiB session the float32 backward whose inputs and gradients take
+    16 MiB, are RESOURCE_EXHAUSTED, nothing run, the session usable; the same calls over a quarter of the keys run
+    with local's values."""
+    g = torch.Generator().manual_seed(29)
+    with Session.attach(serve.address, serve.token(tenant="attention-packed", quota_bytes=16 << 20)) as s:
+        for keys, fits in ((1 << 14, False), (1 << 12, True)):
+            q, k, v = (torch.randn(1, 1, n, 128, generator=g).to(torch.bfloat16) for n in (64, keys, keys))
+            handles = [Handle(s.upload(t)) for t in (q, k, v)]
+            out = _fused(s, *handles)[0]
+            if fits:
+                want = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
+                assert torch.equal(s.download(Handle(out)), want)
+            else:
+                with pytest.raises(errors.ResourceExhausted, match="quota"):
+                    s.sync()  # round 25: admitted (8.1 MiB of 16), ran: 16.3 MiB
+            s.free(handles)
+        [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
+        assert torch.equal(s.download(ok), torch.full((3,), 2.0))
+    name = "aten::_scaled_dot_product_fused_attention_overrideable_backward.default"
+    with Session.attach(serve.address, serve.token(tenant="attention-copies", quota_bytes=20 << 20)) as s:
+        for keys, fits in ((1 << 14, False), (1 << 12, True)):
+            q, k, v = (torch.randn(1, 1, n, 64, generator=g) for n in (64, keys, keys))
+            handles = [Handle(s.upload(t)) for t in (q, k, v)]
+            o, lse, _, _, _, _, seed, offset, _ = (Handle(h) for h in _fused(s, *handles))
+            grad = Handle(s.upload(torch.ones(1, 1, 64, 64)))
+            args = [grad, *handles, None, [True, True, True, False], o, lse, None, None, 64, keys, 0.0, False, seed,
+                    offset]  # fmt: skip
+            grads = [Handle(h) for h in s.call(name, *args, outputs=4)[:3]]
+            if fits:
+                local = [t.detach().requires_grad_() for t in (q, k, v)]
+                F.scaled_dot_product_attention(*local).backward(torch.ones(1, 1, 64, 64))
+                for h, t in zip(grads, local, strict=True):
+                    assert_close(s.download(h), t.grad)
+            else:
+                with pytest.raises(errors.ResourceExhausted, match="quota"):
+                    s.sync()  # round 25: admitted (16.5 MiB of 20), ran: 24.5 MiB
+            s.free([*handles, o, lse, grad, seed, offset])
+        [ok] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
+        assert torch.equal(s.download(ok), torch.full((3,), 2.0))

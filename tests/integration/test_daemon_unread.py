@@ -129,3 +129,99 @@ def test_the_host_count_of_unread_replies_follows_many_sessions_and_one_flood(da
     finally:
         for n in neighbours:
             n.close()
+
+
+class Raw:
+    """A raw stream whose client sends the frames it is given, one at a time (`send`), and reads nothing until told."""
+
+    def __init__(self, d: DaemonHandle, tenant: str, quota: int) -> None:
+        # without BDP probing the stream's window stays at 64 KiB: gRPC takes no more of the replies than that
+        options = [("grpc.max_receive_message_length", 64 * MiB), ("grpc.http2.bdp_probe", 0)]
+        self.channel = tls_channel(d.address, options=options)
+        self.stub = device_pb2_grpc.DeviceStub(self.channel)
+        reply = self.stub.Attach(device_pb2.AttachRequest(token=d.token(tenant=tenant, quota_bytes=quota)))
+        self.session_id, self.base = reply.session_id, reply.handle_base
+        self.frames: list[bytes] = []
+        self.ready = threading.Semaphore(0)
+        self.done = threading.Event()
+
+        def gen() -> Iterator[bytes]:
+            while self.ready.acquire(timeout=60) and not self.done.is_set():
+                yield self.frames.pop(0)
+
+        stream = self.channel.stream_stream("/gpupool.v1.Device/Stream", None, device_pb2.ServerFrame.FromString)
+        self.call: Any = stream(gen(), metadata=(("gpupool-session", self.session_id),), timeout=120)
+
+    def send(self, *commands: device_pb2.Command) -> None:
+        self.frames.append(device_pb2.ClientFrame(commands=list(commands)).SerializeToString())
+        self.ready.release()
+
+    def end(self) -> None:
+        self.done.set()
+        self.ready.release()
+        self.call.cancel()
+        self.channel.close()
+
+
+def _upload(handle: int, n: int) -> device_pb2.Command:
+    meta = tensor_pb2.TensorMeta(dtype=tensor_pb2.DTYPE_UINT8, shape=[n])
+    return device_pb2.Command(upload=device_pb2.Upload(handle=handle, meta=meta, data=b"\7" * n, last=True))
+
+
+def _get(request_id: int, handle: int) -> device_pb2.Command:
+    return device_pb2.Command(get=device_pb2.Get(request_id=request_id, handle=handle))
+
+
+def _op(name: str, outputs: list[int], *args: tensor_pb2.Arg, **kwargs: tensor_pb2.Arg) -> device_pb2.Command:
+    return device_pb2.Command(op=device_pb2.Op(name=name, args=list(args), kwargs=kwargs, outputs=outputs))
+
+
+def _until(what: Any, why: str) -> None:
+    deadline = time.monotonic() + 60
+    while not what():
+        assert time.monotonic() < deadline, why
+        time.sleep(0.001)
+
+
+def test_a_session_closed_during_its_own_slice_counts_what_it_holds(daemon_factory: Any) -> None:
+    """A session closed while its slice runs (detached from another call; under --isolation thread the slice runs to
+    its end, no worker is killed) has left the host's count (`Unread.leave`), but the replies its slice produced
+    would join what it already holds: `_room_for_replies` counts those held bytes itself (`0 if s.counted else
+    s.outbox_bytes`, daemon.py). Host limit 15 MiB: a neighbour holds 3 MiB unread, the session 2 MiB (less the 64 KiB
+    window each client's gRPC takes), and its slice (a Sync of 2^20 scalars: 11 MiB of reply, ~1 s, during which it
+    is detached) would take the host to ~16 MiB: the session is the one ended, its new reply is dropped, and its
+    client reads one reply, then the detach. Counted as 0 (the mutant), ~14 MiB: the reply is queued, and its
+    client would read two."""
+    d = daemon_factory(fake_gpu_memory=512 * MiB, outbox_bytes=8 * MiB, max_unread_bytes=15 * MiB, isolation="thread")
+    daemon = d.running.daemon
+    held = Raw(d, "held", 16 * MiB)
+    s = Raw(d, "closed-in-its-slice", 16 * MiB)
+    try:
+        held.send(_upload(held.base + 1, 3 * MiB), _get(1, held.base + 1))
+        [hs] = [x for x in daemon.session_list() if x.session_id == held.session_id]
+        [fs] = [x for x in daemon.session_list() if x.session_id == s.session_id]
+        _until(lambda: hs.outbox_bytes >= 3 * MiB - 128 * 1024, "the neighbour's 3 MiB reply was never held")
+        x, y = s.base + 1, s.base + 2
+        s.send(_upload(x, 2 * MiB), _op("aten::ones.default", [y], tensor_pb2.Arg(ints=tensor_pb2.IntList())))
+        s.send(_get(1, x))
+        _until(lambda: fs.outbox_bytes >= 2 * MiB - 128 * 1024 and fs.lock.acquire(blocking=False), "no Get held")
+        fs.lock.release()
+        s.send(device_pb2.Command(sync=device_pb2.Sync(request_id=2, scalar_handles=[y] * (1 << 20))))
+        _until(lambda: not fs.lock.acquire(blocking=False) or fs.lock.release(), "the slice never started")
+        detach = threading.Thread(target=held.stub.Detach, args=(device_pb2.DetachRequest(session_id=s.session_id),))
+        detach.start()
+        _until(lambda: fs.closed, "the detach never closed the session")
+        assert not fs.lock.acquire(blocking=False), "the slice ended before the detach: no closed-in-its-slice case"
+        detach.join(60)
+        got = []
+        with pytest.raises(grpc.RpcError) as info:
+            for frame in s.call:
+                got.append(frame.request_id)
+        assert got == [1], got  # the Sync's reply was dropped: it would have taken the host past 15 MiB
+        assert "detached" in (info.value.details() or ""), info.value.details()
+        assert hs.outbox_bytes >= 3 * MiB - 128 * 1024 and not hs.closed  # the neighbour holding less: not ended
+        with daemon.unread.lock:
+            assert daemon.unread.total == sum(x.outbox_bytes for x in daemon.session_list())
+    finally:
+        held.end()
+        s.end()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,3 +212,81 @@ def test_check_private_file(tmp_path: Path) -> None:
     (folder / "y.so").symlink_to(link / "y.so")  # a link into a folder others can write: resolved, refused
     with pytest.raises(config.UnsafeCacheDir):
         config.check_private_file(folder / "y.so")
+
+
+def _zygote_of(pid: int) -> int:
+    """The zygote process a daemon started (`python -m gpupool.server.zygote`), found through /proc."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"gpupool.server.zygote" in (entry / "cmdline").read_bytes():
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    return int(entry.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    raise AssertionError(f"no zygote of daemon {pid}")
+
+
+def test_the_front_and_the_zygote_load_the_build_of_the_source_the_daemon_read(
+    tmp_path: Path, native_runner_module: Any
+) -> None:
+    """Round 25 hashed native_runner.cpp wherever a build was looked for: the zygote at its start, the front at its
+    first frame (any time later), so a checkout changed under a running daemon gave the front the build of another
+    source than the zygote's. The daemon reads the source once (`native_runner.source`) and tells the zygote its
+    digest (GPUPOOL_NATIVE_RUNNER_DIGEST): both map the one build of that source. A zygote told a digest its own
+    read of the file does not have (the checkout changed between them) builds nothing and loads nothing: it says
+    why, and the Python path serves."""
+    from gpupool.server import native_runner
+
+    digest = native_runner.source()[1]
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    final = cache / native_runner._final().relative_to(native_runner.cache_dir())
+    final.parent.mkdir(mode=0o700)
+    shutil.copy2(native_runner_module.__file__, final)
+    env = {"GPUPOOL_NATIVE_RUNNER_CACHE": str(cache), "GPUPOOL_NATIVE_RUNNER": "1"}
+    daemon = start_daemon(tmp_path, "1GiB", 1, env=env)
+    try:
+        with Session.attach(daemon.address, daemon.token()) as s:
+            [h] = s.call("aten::add.Tensor", Handle(s.upload(torch.ones(3))), 1)
+            assert torch.equal(s.download(h), torch.full((3,), 2.0))
+        zygote = _zygote_of(daemon.process.pid)
+        told = Path(f"/proc/{zygote}/environ").read_bytes().split(b"\0")
+        assert f"{native_runner.DIGEST_ENV}={digest}".encode() in told
+        assert _mapped(daemon.process.pid, final) and _mapped(zygote, final)
+    finally:
+        stop_process(daemon.process)
+    other = "0123456789abcdef"  # a zygote whose daemon read another source
+    code = "from gpupool.server import native_runner as n; print('loaded', n.load() is not None)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+        env={**os.environ, **env, native_runner.DIGEST_ENV: other},
+    )  # fmt: skip
+    assert done.returncode == 0 and "loaded False" in done.stdout, done.stdout + done.stderr
+    assert "changed since the daemon read it" in done.stderr, done.stderr
+    assert sorted(p.relative_to(cache) for p in cache.glob("**/*.so")) == [final.relative_to(cache)]
+
+
+def test_open_private_file_checks_the_file_it_opened(tmp_path: Path) -> None:
+    """`check_private_file` then a load by name (round 25) checked one file and loaded whatever the name meant a
+    moment later: a cache reached through a symbolic link another user owns (a folder named under /tmp) could be
+    pointed elsewhere in between. `open_private_file` checks the open file and its folder; the daemon loads that
+    file (/proc/self/fd/N, server/native_runner.py `_import`), whatever the link says afterwards."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir(mode=0o700)
+    theirs.mkdir()
+    theirs.chmod(0o777)
+    for folder in (ours, theirs):
+        (folder / "x.so").write_bytes(folder.name.encode())
+    link = tmp_path / "cache"
+    link.symlink_to(ours)
+    config.check_private_file(link / "x.so")
+    fd = config.open_private_file(link / "x.so")
+    try:
+        (tmp_path / "swap").symlink_to(theirs)
+        os.replace(tmp_path / "swap", link)  # the link pointed elsewhere after the check
+        assert (link / "x.so").read_bytes() == b"theirs"  # a load by name reads another user's file now
+        assert Path(f"/proc/self/fd/{fd}").read_bytes() == b"ours"  # the file loaded is the file checked
+    finally:
+        os.close(fd)
+    with pytest.raises(config.UnsafeCacheDir, match="writable by other users"):
+        config.open_private_file(link / "x.so")
