@@ -92,7 +92,6 @@ ASan's shadow memory is terabytes of private mappings, which a worker's RLIMIT_D
 
 from __future__ import annotations
 
-import hashlib
 import importlib.machinery
 import importlib.util
 import logging
@@ -109,15 +108,11 @@ import torch
 from gpupool import buildcache, config
 
 from . import fallbacks
+from .runner_source import DIGEST_ENV, SOURCE, source  # the source as read once: the zygote is told its digest
 from .templates import C_ARG, C_KW, L_ARG, L_KW, LV_ARG, LV_KW, N_ARG, N_KW, NL_ARG, NL_KW, T_ARG, T_KW, V_ARG, V_KW
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native_runner.cpp")
-# The digest of the source the daemon read (`source`), given to the zygote it starts (server/zygote.py): the front's
-# `built` and the zygote's `load` name one cache entry, whatever happens to the checkout between their reads.
-DIGEST_ENV = "GPUPOOL_NATIVE_RUNNER_DIGEST"
-_source: list[tuple[bytes, str]] = []  # [(native_runner.cpp as this process first read it, its digest)]
 EXTERNAL, NONE = -1, -2  # runs.EXTERNAL, runs.NONE
 END, OVER = 1, 2  # flags of `Ctx.run`
 _state: list[Any] = []  # [the module, or None when unavailable] once `load` decided
@@ -189,14 +184,6 @@ def load() -> Any:
 
 
 _NAME = "gpupool_native_runner"
-
-
-def source() -> tuple[bytes, str]:
-    """native_runner.cpp as this process first read it, and its digest (read once: a build is made of these bytes)."""
-    if not _source:
-        data = SOURCE.read_bytes()
-        _source.append((data, hashlib.sha256(data).hexdigest()[:16]))
-    return _source[0]
 
 
 def _final() -> Path:

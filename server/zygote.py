@@ -37,6 +37,7 @@ from typing import Any
 
 from gpupool import protocol
 
+from . import runner_source
 from .worker import SHARED_BYTES, ProcessRunner, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -98,9 +99,7 @@ class Zygote:
         self._supervisor.start()
 
     def _launch(self) -> None:
-        from . import native_runner  # the runner's source as this daemon read it: the zygote builds and loads that
-
-        digest = native_runner.source()[1]
+        digest = runner_source.source()[1]  # the runner's source as this daemon read it: the zygote builds that
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         proc = subprocess.Popen(
             [sys.executable, "-m", "gpupool.server.zygote", str(theirs.fileno())],
@@ -112,7 +111,7 @@ class Zygote:
             env={
                 **os.environ,
                 "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", _thp_default()),
-                native_runner.DIGEST_ENV: digest,
+                runner_source.DIGEST_ENV: digest,
             },
         )
         theirs.close()

@@ -63,6 +63,26 @@ def test_gpupool_serve_starts_its_zygote_before_it_imports_torch(tmp_path: Path)
     assert out.stdout.split() == ["2", "[False]", "True"], out.stdout + out.stderr[-2000:]
 
 
+ZYGOTE_LAUNCH = """
+import sys
+from gpupool.server.zygote import Zygote
+z = Zygote()
+z.start()
+z.wait_ready()
+print("torch" in sys.modules)
+z.stop()
+"""
+
+
+def test_a_zygote_starts_without_torch_in_the_daemons_process() -> None:
+    """The zygote's start itself (`_launch`, the runner source's digest it is told included) imports no torch in the
+    daemon's process: else `gpupool serve`'s two torch imports run one after the other again (the test above stubs
+    the start, so it cannot see this)."""
+    out = subprocess.run([sys.executable, "-c", ZYGOTE_LAUNCH], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False"], out.stdout + out.stderr[-2000:]
+
+
 def test_a_lone_sync_is_recognized_by_its_exact_bytes() -> None:
     """The daemon's fast round trip reads a lone Sync without protobuf: only the exact bytes protobuf writes for
     one Sync with a request id and nothing else qualify, and its reply is byte for byte protobuf's."""
