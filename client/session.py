@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import os
 import queue
 import sys
 import threading
@@ -30,7 +31,7 @@ from google.protobuf.message import DecodeError
 
 from gpupool import protocol, tls, tokens, wire
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
-from gpupool.errors import GpupoolError, InvalidArgument, Unavailable, from_failure
+from gpupool.errors import GpupoolError, InvalidArgument, Unavailable, from_failure, from_status
 
 from . import bulk
 
@@ -39,6 +40,7 @@ MAX_BATCH_BYTES = 1024 * 1024
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # gRPC's send limit below (CHANNEL_OPTIONS): a larger frame could not be sent
 REFRESH_TIMEOUT = 10.0  # seconds; a renewal runs well ahead of expiry, so a slow daemon still gets it in time
 SEND_QUEUE_FRAMES = 32  # frames waiting for gRPC; a full queue blocks the caller (back-pressure) ...
+END_GRACE = 5.0  # seconds the side socket stays open after the stream ended (what the daemon sent before comes)
 SEND_QUEUE_POLL = 0.0005  # ... which looks again this often (seconds): only while that many frames wait
 CHANNEL_OPTIONS = [
     # Download chunks are 4 MiB plus framing, over gRPC's 4 MiB default receive limit.
@@ -103,6 +105,7 @@ class _Synced:
 
 
 _EMPTY_SYNC = device_pb2.SyncReply()
+_STATUS = {code.value[0]: code for code in grpc.StatusCode}  # a BULK_END record's id: its status code's number
 
 
 def _read_frame(raw: bytes) -> device_pb2.ServerFrame | _Chunk | _Synced:
@@ -269,6 +272,8 @@ class Session:
     ) -> None:
         self.address = address
         self._side = side  # the bulk side socket (client/bulk.py), None: every byte goes on the stream
+        # the side socket when the session's frames and replies travel on it (not on the stream), else None
+        self._carrier = side if side is not None and side.frames else None
         self.session_id: str = reply.session_id
         self.handle_base: int = reply.handle_base
         self.device: device_pb2.DeviceInfo = reply.device
@@ -297,6 +302,7 @@ class Session:
         )
         self._rlock = threading.Lock()  # held by the one thread reading replies (`_wait`)
         self._ended: GpupoolError | None = None  # how the reply stream ended, once a reader met its end
+        self._stream_ended = threading.Event()  # set by `_stream_done`: `_dead` holds the stream's status
         self._responses.add_done_callback(self._stream_done)
 
     def _init_frames(self) -> None:
@@ -327,7 +333,9 @@ class Session:
         except grpc.RpcError as exc:
             channel.close()
             raise from_failure(exc) from None
-        return cls(channel, reply, address, bulk.connect(address, reply.bulk_port, reply.session_id, name))
+        frames = protocol.FEATURE_SIDE_FRAMES in reply.features and os.environ.get("GPUPOOL_SIDE_FRAMES", "1") != "0"
+        side = bulk.connect(address, reply.bulk_port, reply.session_id, name, frames)
+        return cls(channel, reply, address, side)
 
     # ---- commands ----
 
@@ -649,6 +657,17 @@ class Session:
             raise w.error
 
     def _put(self, frame: device_pb2.ClientFrame | bytes) -> None:
+        carrier = self._carrier
+        if carrier is not None:  # written here, in the caller's thread, in the session lock's order
+            if self._dead is not None:
+                raise self._dead
+            try:
+                carrier.send_frame(frame if type(frame) is bytes else _serialize_frame(frame))
+            except Unavailable as exc:
+                self._dead = self._dead or self._end_reason(exc)
+                raise self._dead from None
+            self.frames_put += 1
+            return
         send = self._send
         while True:
             if self._dead is not None:
@@ -670,7 +689,19 @@ class Session:
         """Read one reply and give it to its waiter; at the stream's end, fail every waiter with its reason
         (replies the daemon sent before it ended are read first, in order). Called holding `_rlock`."""
         err = self._ended
-        if err is None:
+        if err is None and self._carrier is not None:
+            try:
+                kind, code, body = self._carrier.recv_record()
+                if kind == protocol.BULK_FRAME:
+                    self._file(_read_frame(body))
+                    return
+                err = from_status(_STATUS.get(code, grpc.StatusCode.UNKNOWN), body.decode(errors="replace"))
+            except Unavailable as exc:  # closed or broken: the stream's status says why, where it comes in time
+                err = self._end_reason(exc)
+            except GpupoolError as exc:
+                err = exc
+            self._ended = self._dead = err
+        elif err is None:
             try:
                 frame = next(self._responses)
                 self._file(frame)
@@ -715,9 +746,27 @@ class Session:
         elif kind == "error":
             w.fail(from_failure(frame.error))
 
+    def _end_reason(self, exc: GpupoolError, wait: float = 5.0) -> GpupoolError:
+        """Why a session whose side socket closed or broke ended: the stream's status (the daemon's reason),
+        waited for up to `wait` s, else `exc`."""
+        self._stream_ended.wait(wait)
+        return self._dead or exc
+
     def _stream_done(self, call: Any) -> None:
         """gRPC's callback when the stream ends, read or not: later commands fail at once with its reason (a
         waiter still reads the replies sent before the end, then gets the same reason)."""
+        try:
+            self._stream_done_reason(call)
+        finally:
+            self._stream_ended.set()
+            if self._carrier is not None and not self._closed:
+                # a waiter on the side socket reads what the daemon sent before the end (its BULK_END, or the
+                # socket's close); a daemon that is gone sends neither: the socket closes a little later
+                timer = threading.Timer(END_GRACE, self._carrier.close)
+                timer.daemon = True
+                timer.start()
+
+    def _stream_done_reason(self, call: Any) -> None:
         if self._dead is not None:
             return
         try:

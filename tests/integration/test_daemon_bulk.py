@@ -183,12 +183,16 @@ def test_garbage_on_the_side_socket_ends_that_session_only(bulk_daemon: Any) -> 
     assert not other_errors, other_errors
 
 
-def test_a_frame_announcing_many_bulk_chunks_is_refused(bulk_daemon: Any) -> None:
+@pytest.mark.parametrize("carrier", ["stream", "side"])
+def test_a_frame_announcing_many_bulk_chunks_is_refused(bulk_daemon: Any, carrier: str, monkeypatch: Any) -> None:
     """The stream's reader reads a frame's bulk uploads into the daemon's memory before the frame meets its
     session queue's back-pressure (64 MiB): a frame of 4,096 tiny Upload commands each announcing 16 MiB made the
     daemon hold 64 GiB (round 17). A frame's bulk uploads now announce at most the queue's bytes in all (clients
     send one chunk a frame): the seventeenth 4 MiB chunk of one frame is INVALID_ARGUMENT, before its bytes are
-    read (before, all 68 MiB were read and uploaded); the next session uploads the same tensor chunk by chunk."""
+    read (before, all 68 MiB were read and uploaded); the next session uploads the same tensor chunk by chunk.
+    Both carriers of the frame: its stream, and its side socket (round 26), where the chunks' bytes follow the frame
+    on the same socket (written in order here, not from a second thread)."""
+    monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", "1" if carrier == "side" else "0")
     chunk = client_bulk.CHUNK
     n = 17
     with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
@@ -210,11 +214,17 @@ def test_a_frame_announcing_many_bulk_chunks_is_refused(bulk_daemon: Any) -> Non
             except OSError:
                 pass  # the daemon closes the socket with the session
 
+        assert side.frames == (carrier == "side")
         t = threading.Thread(target=send, daemon=True)
-        t.start()
+        if carrier == "side":
+            for k in range(n - 1):  # the daemon reads 16 chunks (64 MiB), then refuses the 17th's announcement
+                _send_raw(side, protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, h, k * chunk, chunk) + bytes(chunk))
+        else:
+            t.start()
         with pytest.raises(InvalidArgument, match="announce more than"):
             s.sync()
-    t.join(30)
+    if t.is_alive():
+        t.join(30)
     with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
         big = _bits(n * chunk, seed=5)
         assert torch.equal(s.download(s.upload(big)), big)
