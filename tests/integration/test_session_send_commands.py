@@ -1,7 +1,8 @@
 """`Session.send_commands`, the hand-off of a client that encodes its own frames (the C++ client in spike/), against a
-live daemon, its frames on the stream and on the side socket: the bytes compute what the same commands queued one by one compute, in order after what the session
-queued itself; a daemon error on one of them surfaces at the next sync with the daemon's type and message, and the
-session goes on; bad bytes are refused before they leave; a closed session refuses with its reason."""
+live daemon, its frames on the stream and on the side socket: the bytes compute what the same commands queued one by
+one compute, in order after what the session queued itself; a daemon error on one of them surfaces at the next sync
+with the daemon's type and message, and the session goes on; bad bytes are refused before they leave; a closed
+session refuses with its reason."""
 
 from __future__ import annotations
 

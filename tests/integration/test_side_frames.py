@@ -212,3 +212,12 @@ def test_detach_and_close_while_frames_are_in_flight(side_daemon: Any, monkeypat
     t2.close()  # mid-flight: its frames are moot
     _neighbour_works(neighbour)
     neighbour.close()
+
+
+def test_an_idle_session_outlives_the_stall_limit(side_daemon: Any, monkeypatch: Any) -> None:
+    """The stall limit (IO_TIMEOUT) counts only inside a record: between frames a session may idle for ever."""
+    monkeypatch.setattr(bulkside, "IO_TIMEOUT", 0.2)
+    with _attach(side_daemon, monkeypatch) as s:
+        _neighbour_works(s)
+        threading.Event().wait(1.0)  # five stall limits without a byte
+        _neighbour_works(s)
