@@ -296,10 +296,16 @@ class Session:
             request_serializer=_serialize_frame,
             response_deserializer=_read_frame,
         )
+        requests: Iterator[Any] = self._frames()
+        if self._carrier is not None:  # the stream carries no frame: its requests end at close
+            self._idle: queue.SimpleQueue[None] = queue.SimpleQueue()
+            requests = iter(self._idle.get, None)
+            # The frames go out from a thread of their own, as gRPC's sending thread takes them on the stream:
+            # written from the calling thread, a pinned client's steps stalled for milliseconds (round 26:
+            # launch_bound's tiny MLP 4.4 ms a step against 1.25; with this thread 1.0-1.1)
+            threading.Thread(target=self._side_sender, name="gpupool-side-send", daemon=True).start()
         # a grpc Rendezvous: an iterator of replies, a Call and a Future (its stubs type only the first two)
-        self._responses: Any = cast(
-            Any, stream(self._frames(), metadata=((protocol.SESSION_METADATA, self.session_id),))
-        )
+        self._responses: Any = cast(Any, stream(requests, metadata=((protocol.SESSION_METADATA, self.session_id),)))
         self._rlock = threading.Lock()  # held by the one thread reading replies (`_wait`)
         self._ended: GpupoolError | None = None  # how the reply stream ended, once a reader met its end
         self._stream_ended = threading.Event()  # set by `_stream_done`: `_dead` holds the stream's status
@@ -320,6 +326,7 @@ class Session:
         self._sealed_count = 0
         # Frames handed to gRPC's sending thread: a SimpleQueue (put and get in C, no Condition per frame, ~0.3 us
         # against ~2.5-6 us for queue.Queue's pair here); `_put` keeps the back-pressure of SEND_QUEUE_FRAMES.
+        # (on the side socket's path the session's own sender thread takes them: `_side_sender`)
         self._send: queue.SimpleQueue[device_pb2.ClientFrame | bytes | None] = queue.SimpleQueue()
         self.frames_put = 0  # frames handed to gRPC so far (capture.py: whether a sync sent its held steps)
 
@@ -385,6 +392,8 @@ class Session:
                 if off == 0:
                     up.meta.CopyFrom(meta)
                 self._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
+                if self._carrier is not None:
+                    self._side_barrier()  # the frame is on the socket: its bytes follow it there
                 try:
                     side.send_upload(h, off, data[off:end])
                 except Unavailable as exc:
@@ -568,6 +577,8 @@ class Session:
         finally:
             self._dead = self._dead or Unavailable("session closed")
             self._send.put(None)
+            if self._carrier is not None:
+                self._idle.put(None)
             self._channel.close()
             if self._side is not None:
                 self._side.close()
@@ -657,17 +668,6 @@ class Session:
             raise w.error
 
     def _put(self, frame: device_pb2.ClientFrame | bytes) -> None:
-        carrier = self._carrier
-        if carrier is not None:  # written here, in the caller's thread, in the session lock's order
-            if self._dead is not None:
-                raise self._dead
-            try:
-                carrier.send_frame(frame if type(frame) is bytes else _serialize_frame(frame))
-            except Unavailable as exc:
-                self._dead = self._dead or self._end_reason(exc)
-                raise self._dead from None
-            self.frames_put += 1
-            return
         send = self._send
         while True:
             if self._dead is not None:
@@ -677,6 +677,34 @@ class Session:
                 self.frames_put += 1
                 return
             time.sleep(SEND_QUEUE_POLL)  # back-pressure: gRPC has not taken the frames queued so far yet
+
+    def _side_sender(self) -> None:
+        """The thread that writes the queued frames of a session whose frames use its side socket, in order; an
+        Event in the queue is set when everything before it went out (`_side_barrier`)."""
+        carrier = self._carrier
+        assert carrier is not None
+        while True:
+            item = self._send.get()
+            if item is None:
+                return
+            if type(item) is threading.Event:
+                item.set()
+            elif self._dead is None:
+                try:
+                    carrier.send_frame(item if type(item) is bytes else _serialize_frame(item))
+                except Unavailable as exc:
+                    self._dead = self._dead or self._end_reason(exc)
+
+    def _side_barrier(self) -> None:
+        """Until every frame queued so far went out on the side socket (raises the session's end instead)."""
+        done = threading.Event()
+        self._put(cast(Any, done))
+        self.frames_put -= 1
+        while not done.wait(0.25):
+            if self._dead is not None:
+                raise self._dead
+        if self._dead is not None:
+            raise self._dead
 
     def _frames(self) -> Iterator[device_pb2.ClientFrame | bytes]:
         while True:
