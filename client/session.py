@@ -8,7 +8,9 @@ stream's end fails every waiter with its reason, and gRPC's keepalive ends the s
 seconds, so a wait never hangs. Several user threads may use one session (since round 23 the shim lets other
 threads work while one records a step): commands are queued under one lock in the order their threads queue
 them, whoever waits reads the replies for every waiter (one thread at a time), and the bulk side socket's upload
-and download directions move at once (gpupool/duplex.py; before round 24 they could deadlock).
+and download directions move at once (gpupool/duplex.py; before round 24 they could deadlock). Where the daemon
+has a side port and names `side_frames` (round 26), the frames and replies travel on the side socket instead (a
+sender thread of the session's own writes them; the stream stays open for the session's end): docs/wire.md.
 """
 
 from __future__ import annotations
