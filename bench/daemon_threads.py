@@ -15,6 +15,10 @@ of a few rounds on a shared box.
 
     python bench/daemon_threads.py [--model tiny-mlp] [--steps 2000] [--rounds 3]
     python bench/daemon_threads.py --against /work/wt/base --against-python /work/wt/base/.venv/bin/python
+
+With `BENCH_DAEMON_FLAGS="--bulk-listen 127.0.0.1:0"` the daemons (bench/train_overhead.py) have a side port: a daemon
+that names `side_frames` takes the session's frames there (round 26), its socket's thread (named `...bulk-hello`,
+the thread that bound it) counted as `reader`; an older one keeps them on the stream.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ GROUPS = ("reader", "grpc serve", "grpc C", "writer", "worker", "other")
 def _group(pid: int, front: int, name: str) -> str:
     if pid != front:
         return "worker" if name == "python" else "other"  # the session's worker: the zygote's forked main thread
-    if name.startswith("gpupool-read"):
+    if name.startswith("gpupool-read") or name.endswith("bulk-hello"):  # (the side socket's thread reads frames)
         return "reader"
     if name.endswith("(_serve)"):
         return "grpc serve"

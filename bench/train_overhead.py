@@ -139,6 +139,7 @@ def start_daemon(
     cmd = ["taskset", "-c", str(core), python, "-m", "gpupool.cli", "serve", "--listen", "127.0.0.1:0",
            "--metrics-listen", "0", "--fake-gpus", "1", "--fake-gpu-memory", "16GiB",
            "--token-public-keys", str(key_file), "--host-id", "bench", "--isolation", isolation]  # fmt: skip
+    cmd += os.environ.get("BENCH_DAEMON_FLAGS", "").split()  # e.g. "--bulk-listen 127.0.0.1:0": frames on the socket
     return start_listening(cmd, cwd, "gpupool serve")
 
 

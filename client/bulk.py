@@ -33,14 +33,47 @@ CONNECT_TIMEOUT = 5.0  # seconds to connect, shake hands and be bound
 IO_TIMEOUT = 60.0  # seconds a transfer may stall before the session gives up on its daemon
 _CLOSED = "the daemon closed the bulk socket"
 MIN_UPLOAD = 1024 * 1024  # uploads of at least this many bytes take the side socket
+MAX_REPLY_BYTES = 64 * 1024 * 1024  # the largest reply record read (the stream's receive limit, session.py)
 CHUNK = protocol.CHUNK_BYTES  # bytes per Upload command (each a canonical upload the daemon's worker copies once)
 _warned: set[str] = set()
 
 
 class BulkSocket:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, frames: bool = False) -> None:
         self.sock = sock
         self.lock = threading.Lock()
+        self.frames = frames  # the session's frames travel here (hello BULK_HELLO_FRAMES), not on its stream
+        self._head = bytearray(protocol.BULK_HEAD.size)
+
+    def send_frame(self, frame: bytes) -> None:
+        """A ClientFrame's bytes as a record (`protocol.frame_record`); a full socket (the daemon's queue is full)
+        blocks here: the stream's back-pressure."""
+        try:
+            duplex.send_all(self.sock, self.lock, [protocol.frame_record(frame)], IO_TIMEOUT)
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"side socket: sending a frame failed: {exc}") from None
+
+    def recv_record(self) -> tuple[int, int, bytes]:
+        """The next record the daemon sent: (kind, id, body) of a BULK_FRAME (a ServerFrame's bytes) or a
+        BULK_END (id: the status code's number, body: the reason); Unavailable when the socket closed or broke
+        first. Waits without a limit for the record's start (a reply can take as long as the work before it; a
+        lost daemon ends the gRPC stream, whose callback closes this socket), then IO_TIMEOUT at most."""
+        head = memoryview(self._head)
+        try:
+            if duplex.recv_into(self.sock, self.lock, head[:1], None) == 1:
+                self._recv_into(head[1:])
+            else:
+                raise Unavailable(_CLOSED)
+        except ValueError as exc:  # the socket was closed here
+            raise Unavailable(f"side socket: {exc}") from None
+        except OSError as exc:
+            raise Unavailable(f"side socket: receiving a frame failed: {exc}") from None
+        kind, ident, _, n = protocol.BULK_HEAD.unpack(head)
+        if kind not in (protocol.BULK_FRAME, protocol.BULK_END) or n > MAX_REPLY_BYTES:
+            raise InvalidArgument(f"side socket: expected a frame record, got kind {kind} of {n} bytes")
+        body = bytearray(n)
+        self._recv_into(memoryview(body))
+        return kind, ident, bytes(body)
 
     def send_upload(self, handle: int, offset: int, data: memoryview) -> None:
         head = protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, handle, offset, len(data))
@@ -75,8 +108,10 @@ class BulkSocket:
         self.sock.close()
 
 
-def connect(address: str, port: int, session_id: str, server_name: str = "") -> BulkSocket | None:
-    """The session's side socket, or None (its transfers then use the stream): see the module's docstring."""
+def connect(address: str, port: int, session_id: str, server_name: str = "", frames: bool = False) -> BulkSocket | None:
+    """The session's side socket, or None (its transfers then use the stream): see the module's docstring.
+    `frames`: ask for the session's frames to travel on it too (only where the daemon names
+    `protocol.FEATURE_SIDE_FRAMES`)."""
     if not port:
         if address not in _warned:
             _warned.add(address)
@@ -90,13 +125,13 @@ def connect(address: str, port: int, session_id: str, server_name: str = "") -> 
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if ctx is not None:
             sock = ctx.wrap_socket(sock, server_hostname=server_name or host)
-        sock.sendall(protocol.bulk_hello(session_id))
+        sock.sendall(protocol.bulk_hello(session_id, frames))
         answer = protocol.recv_exact(sock, 1, _CLOSED)
         if answer != protocol.BULK_OK:
             (n,) = struct.unpack("<H", protocol.recv_exact(sock, 2, _CLOSED))
             raise ValueError(protocol.recv_exact(sock, n, _CLOSED).decode(errors="replace"))
         sock.setblocking(False)  # gpupool/duplex.py waits (IO_TIMEOUT) with the lock released
-        return BulkSocket(sock)
+        return BulkSocket(sock, frames)
     except (OSError, ssl.SSLError, ValueError, InvalidArgument) as exc:
         if sock is not None:
             sock.close()

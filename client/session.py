@@ -8,13 +8,16 @@ stream's end fails every waiter with its reason, and gRPC's keepalive ends the s
 seconds, so a wait never hangs. Several user threads may use one session (since round 23 the shim lets other
 threads work while one records a step): commands are queued under one lock in the order their threads queue
 them, whoever waits reads the replies for every waiter (one thread at a time), and the bulk side socket's upload
-and download directions move at once (gpupool/duplex.py; before round 24 they could deadlock).
+and download directions move at once (gpupool/duplex.py; before round 24 they could deadlock). Where the daemon
+has a side port and names `side_frames` (round 26), the frames and replies travel on the side socket instead (a
+sender thread of the session's own writes them; the stream stays open for the session's end): docs/wire.md.
 """
 
 from __future__ import annotations
 
 import ctypes
 import itertools
+import os
 import queue
 import sys
 import threading
@@ -30,7 +33,7 @@ from google.protobuf.message import DecodeError
 
 from gpupool import protocol, tls, tokens, wire
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
-from gpupool.errors import GpupoolError, InvalidArgument, Unavailable, from_failure
+from gpupool.errors import GpupoolError, InvalidArgument, Unavailable, from_failure, from_status
 
 from . import bulk
 
@@ -39,6 +42,7 @@ MAX_BATCH_BYTES = 1024 * 1024
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # gRPC's send limit below (CHANNEL_OPTIONS): a larger frame could not be sent
 REFRESH_TIMEOUT = 10.0  # seconds; a renewal runs well ahead of expiry, so a slow daemon still gets it in time
 SEND_QUEUE_FRAMES = 32  # frames waiting for gRPC; a full queue blocks the caller (back-pressure) ...
+END_GRACE = 5.0  # seconds the side socket stays open after the stream ended (what the daemon sent before comes)
 SEND_QUEUE_POLL = 0.0005  # ... which looks again this often (seconds): only while that many frames wait
 CHANNEL_OPTIONS = [
     # Download chunks are 4 MiB plus framing, over gRPC's 4 MiB default receive limit.
@@ -103,6 +107,7 @@ class _Synced:
 
 
 _EMPTY_SYNC = device_pb2.SyncReply()
+_STATUS = {code.value[0]: code for code in grpc.StatusCode}  # a BULK_END record's id: its status code's number
 
 
 def _read_frame(raw: bytes) -> device_pb2.ServerFrame | _Chunk | _Synced:
@@ -269,6 +274,8 @@ class Session:
     ) -> None:
         self.address = address
         self._side = side  # the bulk side socket (client/bulk.py), None: every byte goes on the stream
+        # the side socket when the session's frames and replies travel on it (not on the stream), else None
+        self._carrier = side if side is not None and side.frames else None
         self.session_id: str = reply.session_id
         self.handle_base: int = reply.handle_base
         self.device: device_pb2.DeviceInfo = reply.device
@@ -291,12 +298,19 @@ class Session:
             request_serializer=_serialize_frame,
             response_deserializer=_read_frame,
         )
+        requests: Iterator[Any] = self._frames()
+        if self._carrier is not None:  # the stream carries no frame: its requests end at close
+            self._idle: queue.SimpleQueue[None] = queue.SimpleQueue()
+            requests = iter(self._idle.get, None)
+            # The frames go out from a thread of their own, as gRPC's sending thread takes them on the stream:
+            # written from the calling thread, a pinned client's steps stalled for milliseconds (round 26:
+            # launch_bound's tiny MLP 4.4 ms a step against 1.25; with this thread 1.0-1.1)
+            threading.Thread(target=self._side_sender, name="gpupool-side-send", daemon=True).start()
         # a grpc Rendezvous: an iterator of replies, a Call and a Future (its stubs type only the first two)
-        self._responses: Any = cast(
-            Any, stream(self._frames(), metadata=((protocol.SESSION_METADATA, self.session_id),))
-        )
+        self._responses: Any = cast(Any, stream(requests, metadata=((protocol.SESSION_METADATA, self.session_id),)))
         self._rlock = threading.Lock()  # held by the one thread reading replies (`_wait`)
         self._ended: GpupoolError | None = None  # how the reply stream ended, once a reader met its end
+        self._stream_ended = threading.Event()  # set by `_stream_done`: `_dead` holds the stream's status
         self._responses.add_done_callback(self._stream_done)
 
     def _init_frames(self) -> None:
@@ -314,6 +328,7 @@ class Session:
         self._sealed_count = 0
         # Frames handed to gRPC's sending thread: a SimpleQueue (put and get in C, no Condition per frame, ~0.3 us
         # against ~2.5-6 us for queue.Queue's pair here); `_put` keeps the back-pressure of SEND_QUEUE_FRAMES.
+        # (on the side socket's path the session's own sender thread takes them: `_side_sender`)
         self._send: queue.SimpleQueue[device_pb2.ClientFrame | bytes | None] = queue.SimpleQueue()
         self.frames_put = 0  # frames handed to gRPC so far (capture.py: whether a sync sent its held steps)
 
@@ -327,7 +342,9 @@ class Session:
         except grpc.RpcError as exc:
             channel.close()
             raise from_failure(exc) from None
-        return cls(channel, reply, address, bulk.connect(address, reply.bulk_port, reply.session_id, name))
+        frames = protocol.FEATURE_SIDE_FRAMES in reply.features and os.environ.get("GPUPOOL_SIDE_FRAMES", "1") != "0"
+        side = bulk.connect(address, reply.bulk_port, reply.session_id, name, frames)
+        return cls(channel, reply, address, side)
 
     # ---- commands ----
 
@@ -377,6 +394,8 @@ class Session:
                 if off == 0:
                     up.meta.CopyFrom(meta)
                 self._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
+                if self._carrier is not None:
+                    self._side_barrier()  # the frame is on the socket: its bytes follow it there
                 try:
                     side.send_upload(h, off, data[off:end])
                 except Unavailable as exc:
@@ -560,6 +579,8 @@ class Session:
         finally:
             self._dead = self._dead or Unavailable("session closed")
             self._send.put(None)
+            if self._carrier is not None:
+                self._idle.put(None)
             self._channel.close()
             if self._side is not None:
                 self._side.close()
@@ -659,6 +680,34 @@ class Session:
                 return
             time.sleep(SEND_QUEUE_POLL)  # back-pressure: gRPC has not taken the frames queued so far yet
 
+    def _side_sender(self) -> None:
+        """The thread that writes the queued frames of a session whose frames use its side socket, in order; an
+        Event in the queue is set when everything before it went out (`_side_barrier`)."""
+        carrier = self._carrier
+        assert carrier is not None
+        while True:
+            item = self._send.get()
+            if item is None:
+                return
+            if type(item) is threading.Event:
+                item.set()
+            elif self._dead is None:
+                try:
+                    carrier.send_frame(item if type(item) is bytes else _serialize_frame(item))
+                except Unavailable as exc:
+                    self._dead = self._dead or self._end_reason(exc)
+
+    def _side_barrier(self) -> None:
+        """Until every frame queued so far went out on the side socket (raises the session's end instead)."""
+        done = threading.Event()
+        self._put(cast(Any, done))
+        self.frames_put -= 1
+        while not done.wait(0.25):
+            if self._dead is not None:
+                raise self._dead
+        if self._dead is not None:
+            raise self._dead
+
     def _frames(self) -> Iterator[device_pb2.ClientFrame | bytes]:
         while True:
             frame = self._send.get()
@@ -670,7 +719,19 @@ class Session:
         """Read one reply and give it to its waiter; at the stream's end, fail every waiter with its reason
         (replies the daemon sent before it ended are read first, in order). Called holding `_rlock`."""
         err = self._ended
-        if err is None:
+        if err is None and self._carrier is not None:
+            try:
+                kind, code, body = self._carrier.recv_record()
+                if kind == protocol.BULK_FRAME:
+                    self._file(_read_frame(body))
+                    return
+                err = from_status(_STATUS.get(code, grpc.StatusCode.UNKNOWN), body.decode(errors="replace"))
+            except Unavailable as exc:  # closed or broken: the stream's status says why, where it comes in time
+                err = self._end_reason(exc)
+            except GpupoolError as exc:
+                err = exc
+            self._ended = self._dead = err
+        elif err is None:
             try:
                 frame = next(self._responses)
                 self._file(frame)
@@ -715,9 +776,27 @@ class Session:
         elif kind == "error":
             w.fail(from_failure(frame.error))
 
+    def _end_reason(self, exc: GpupoolError, wait: float = 5.0) -> GpupoolError:
+        """Why a session whose side socket closed or broke ended: the stream's status (the daemon's reason),
+        waited for up to `wait` s, else `exc`."""
+        self._stream_ended.wait(wait)
+        return self._dead or exc
+
     def _stream_done(self, call: Any) -> None:
         """gRPC's callback when the stream ends, read or not: later commands fail at once with its reason (a
         waiter still reads the replies sent before the end, then gets the same reason)."""
+        try:
+            self._stream_done_reason(call)
+        finally:
+            self._stream_ended.set()
+            if self._carrier is not None and not self._closed:
+                # a waiter on the side socket reads what the daemon sent before the end (its BULK_END, or the
+                # socket's close); a daemon that is gone sends neither: the socket closes a little later
+                timer = threading.Timer(END_GRACE, self._carrier.close)
+                timer.daemon = True
+                timer.start()
+
+    def _stream_done_reason(self, call: Any) -> None:
         if self._dead is not None:
             return
         try:

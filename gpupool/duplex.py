@@ -23,15 +23,15 @@ from typing import Any
 SLICE = 1 << 20  # bytes per non-blocking send: the longest the lock is held for encrypting (about a millisecond)
 
 
-def _wait(sock: Any, read: bool, timeout: float) -> None:
-    """Until `sock` is readable (`read`) or writable, or TimeoutError after `timeout` s. `poll`, not `select`: a
-    daemon serving many sessions has descriptors past select's 1024 (ValueError there)."""
+def _wait(sock: Any, read: bool, timeout: float | None) -> None:
+    """Until `sock` is readable (`read`) or writable, or TimeoutError after `timeout` s (None: no limit). `poll`,
+    not `select`: a daemon serving many sessions has descriptors past select's 1024 (ValueError there)."""
     fd = sock.fileno()
     if fd < 0:
         raise OSError("socket closed")
     poller = select.poll()
     poller.register(fd, (select.POLLIN if read else select.POLLOUT) | select.POLLERR | select.POLLHUP)
-    if not poller.poll(timeout * 1000):
+    if not poller.poll(None if timeout is None else timeout * 1000):
         raise TimeoutError(f"no bytes moved for {timeout:.0f} s")
 
 
@@ -54,8 +54,9 @@ def send_all(sock: Any, lock: threading.Lock, views: list[memoryview | bytes], t
             _wait(sock, want_read, timeout)
 
 
-def recv_into(sock: Any, lock: threading.Lock, view: memoryview, timeout: float) -> int:
-    """Fill `view`; returns how many bytes came before the peer closed (len(view) when all did)."""
+def recv_into(sock: Any, lock: threading.Lock, view: memoryview, timeout: float | None) -> int:
+    """Fill `view`; returns how many bytes came before the peer closed (len(view) when all did). `timeout`: None
+    waits without a limit (a session's frame reader between frames: an idle session is no fault)."""
     view = view.cast("B") if view.format != "B" else view
     got = 0
     while got < len(view):

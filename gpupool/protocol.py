@@ -26,7 +26,10 @@ SESSION_METADATA = "gpupool-session"  # metadata of a Stream call: the session (
 # dropout_p in (0, 1) (server/attention.py's dropout composition, round 23); without it a daemon refuses such a call
 # ("dropout_p must be 0") and the clients take torch's math path for it, with the same bits.
 FEATURE_SDPA_DROPOUT = "sdpa_dropout"
-FEATURES = (FEATURE_SDPA_DROPOUT,)
+# "side_frames": the session's frames may travel on its bulk side socket (hello `BULK_HELLO_FRAMES`, records of kind
+# `BULK_FRAME`) instead of its gRPC stream (round 26; docs/wire.md "Frames on the side socket").
+FEATURE_SIDE_FRAMES = "side_frames"
+FEATURES = (FEATURE_SDPA_DROPOUT, FEATURE_SIDE_FRAMES)
 # The largest upload or download chunk (DESIGN.md's wire contract): the worker refuses a larger upload chunk, the
 # bulk side channel's reader refuses to read one (an Upload's `bulk_bytes`), clients refuse a larger announcement.
 CHUNK_BYTES = 4 * 1024 * 1024
@@ -135,11 +138,21 @@ BULK_HELLO = b"GPBULK1\n"  # then a u16 length and the session id; the daemon an
 BULK_OK = b"\x00"  # an error is b"\x01", a u16 length and a UTF-8 message, then the daemon closes the socket
 BULK_UPLOAD, BULK_DOWNLOAD = 1, 2  # the kinds of a transfer's header
 BULK_HEAD = struct.Struct("<IQQQ")  # kind, id (an upload's handle, a download's request id), offset, length
+# A socket opened with this hello (only where the daemon names FEATURE_SIDE_FRAMES) carries the session's frames
+# too: each a record of kind BULK_FRAME (id 0, offset 0, length, then a ClientFrame's or ServerFrame's bytes);
+# the daemon ends it with a record of kind BULK_END (id: the gRPC status code's number, length, a UTF-8 reason).
+BULK_HELLO_FRAMES = b"GPBULK2\n"
+BULK_FRAME, BULK_END = 3, 4
 
 
-def bulk_hello(session_id: str) -> bytes:
+def frame_record(frame: bytes) -> bytes:
+    """A frame as the side socket carries it: its BULK_HEAD (kind BULK_FRAME), then its bytes."""
+    return BULK_HEAD.pack(BULK_FRAME, 0, 0, len(frame)) + frame
+
+
+def bulk_hello(session_id: str, frames: bool = False) -> bytes:
     sid = session_id.encode()
-    return BULK_HELLO + struct.pack("<H", len(sid)) + sid
+    return (BULK_HELLO_FRAMES if frames else BULK_HELLO) + struct.pack("<H", len(sid)) + sid
 
 
 def bulk_error(message: str) -> bytes:

@@ -56,12 +56,56 @@ class BulkLink:
     never while waiting, so neither direction waits for the other (round 24: a lock held across `sendall`
     deadlocked a client uploading and downloading from two threads into `IO_TIMEOUT`)."""
 
-    def __init__(self, sock: socket.socket, session_number: int) -> None:
+    def __init__(self, sock: socket.socket, session_number: int, frames: bool = False) -> None:
         self.sock = sock
         self.number = session_number
         self.lock = threading.Lock()
         self.closed = False
+        self.frames = frames  # the session's frames travel here too (hello BULK_HELLO_FRAMES), not on its stream
         self.gets: set[int] = set()  # request ids of bulk Gets whose last chunk has not gone out yet
+        self._head = bytearray(protocol.BULK_HEAD.size)
+
+    def recv_frame(self, limit: int) -> bytes | None:
+        """The next ClientFrame's bytes on a frames socket; None when the client closed the socket between frames
+        (or the daemon did). Waits for a frame's first byte without a limit (an idle session is no fault), then
+        `IO_TIMEOUT` at most without progress. The header must be a BULK_FRAME record of 1 to `limit` bytes (the
+        gRPC stream's message limit): the length is checked before a byte of the frame is read or held."""
+        head = memoryview(self._head)
+        try:
+            got = duplex.recv_into(self.sock, self.lock, head[:1], None)
+        except (OSError, ValueError) as exc:
+            if self.closed:
+                return None
+            raise Unavailable(f"side socket of session {self.number}: {exc}") from None
+        if got == 0:
+            return None
+        self._recv_into(head[1:], "a frame's header")
+        kind, ident, offset, n = protocol.BULK_HEAD.unpack(head)
+        if kind != protocol.BULK_FRAME or ident or offset or not 0 < n <= limit:
+            raise InvalidArgument(
+                f"side socket of session {self.number}: expected a frame record (kind {protocol.BULK_FRAME}, id 0, "
+                f"offset 0, 1 to {limit} bytes), got kind {kind}, id {ident}, offset {offset}, length {n}"
+            )
+        body = bytearray(n)
+        self._recv_into(memoryview(body), "a frame")
+        return bytes(body)
+
+    def send_frame(self, frame: bytes) -> None:
+        """A reply frame (ServerFrame bytes) as a record on a frames socket; Unavailable when it cannot go."""
+        try:
+            duplex.send_all(self.sock, self.lock, [protocol.frame_record(frame)], IO_TIMEOUT)
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"side socket of session {self.number}: sending a reply failed: {exc}") from None
+
+    def send_end(self, code: int, reason: str) -> None:
+        """The session's end on a frames socket (its status code's number and reason), where the socket still
+        takes it; the same status ends the gRPC stream."""
+        text = reason.encode()[:4000]
+        try:
+            head = protocol.BULK_HEAD.pack(protocol.BULK_END, code, 0, len(text))
+            duplex.send_all(self.sock, self.lock, [head, text], 1.0)
+        except (OSError, ValueError):
+            pass  # the client is gone or not reading: the stream's status still says it
 
     def recv_upload(self, up: device_pb2.Upload) -> memoryview:
         """The canonical span (`protocol.upload_head` + data) of an Upload whose `bulk_bytes` follow on the
@@ -95,18 +139,17 @@ class BulkLink:
         self._recv_into(memoryview(buf))
         return bytes(buf)
 
-    def _recv_into(self, view: memoryview) -> None:
+    def _recv_into(self, view: memoryview, what: str = "an upload") -> None:
         try:
             got = duplex.recv_into(self.sock, self.lock, view, IO_TIMEOUT)
         except TimeoutError:
             raise InvalidArgument(
-                f"bulk socket of session {self.number}: an announced upload stalled for {IO_TIMEOUT:.0f} s "
-                f"(of {len(view)} bytes)"
+                f"bulk socket of session {self.number}: {what} stalled for {IO_TIMEOUT:.0f} s (of {len(view)} bytes)"
             ) from None
         except (OSError, ValueError) as exc:
             raise Unavailable(f"bulk socket of session {self.number}: {exc}") from None
         if got < len(view):
-            raise Unavailable(f"bulk socket of session {self.number} closed in the middle of an upload")
+            raise Unavailable(f"bulk socket of session {self.number} closed in the middle of {what}")
 
     def close(self) -> None:
         """Stop the socket now (a transfer blocked on it fails at once); closed for good by its last user."""
@@ -238,6 +281,9 @@ class BulkPort:
         self._pending: list[_Pending] = []  # in arrival order
         self._stopped = False
         self._warned_at = 0.0
+        # The reader of a frames socket (service.DeviceServicer.read_side), run by its hello thread once bound;
+        # None: the daemon takes no frames on its side sockets (a hello asking for it is refused)
+        self.frames: Callable[[Any, BulkLink], None] | None = None
         self._thread = threading.Thread(target=self._accept, name="gpupool-bulk-accept", daemon=True)
         self._thread.start()
 
@@ -307,7 +353,9 @@ class BulkPort:
                 sock = self._tls.context().wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
                 sock.do_handshake()
             head = protocol.recv_exact(sock, len(protocol.BULK_HELLO) + 2, "connection closed during the hello")
-            if head[: len(protocol.BULK_HELLO)] != protocol.BULK_HELLO:
+            magic = head[: len(protocol.BULK_HELLO)]
+            frames = magic == protocol.BULK_HELLO_FRAMES
+            if magic != protocol.BULK_HELLO and not (frames and self.frames is not None):
                 raise ValueError("not a gpupool bulk hello")
             (n,) = struct.unpack("<H", head[len(protocol.BULK_HELLO) :])
             if n > _SID_MAX:
@@ -321,15 +369,21 @@ class BulkPort:
             if s is None:
                 sock.sendall(protocol.bulk_error("unknown or closed session"))
                 raise ValueError("unknown or closed session")
-            link = BulkLink(sock, s.number)
+            link = BulkLink(sock, s.number, frames)
             if not s.bind_bulk(link):
-                sock.sendall(protocol.bulk_error(f"session {s.number} already has a bulk socket (one per session)"))
-                raise ValueError(f"a second bulk socket for session {s.number}")
+                why = "already has a bulk socket (one per session)"
+                if frames and s.carrier == "stream":
+                    why = "sends its frames on its stream (one carrier per session)"
+                sock.sendall(protocol.bulk_error(f"session {s.number} {why}"))
+                raise ValueError(f"session {s.number} {why}")
             sock.settimeout(IO_TIMEOUT)
             sock.sendall(protocol.BULK_OK)
             sock.setblocking(False)  # from now on gpupool/duplex.py waits (IO_TIMEOUT) with the lock released
             bound = True
-            log.info("session %d: bulk socket from %s bound", s.number, source)
+            log.info("session %d: %s socket from %s bound", s.number, "frames" if frames else "bulk", source)
+            if frames and self.frames is not None:
+                threading.current_thread().name = f"gpupool-side-{s.number}"
+                self.frames(s, link)  # this thread reads the session's frames until the socket or session ends
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.info("bulk port: connection from %s refused: %s", source, exc)
         finally:

@@ -144,7 +144,9 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         "--bulk-listen",
         default="",
         help="HOST:PORT of the bulk side port (port 0 picks one): large uploads and downloads travel on one TLS "
-        "socket per session there instead of the gRPC stream (docs/wire.md); empty (default): off",
+        "socket per session there instead of the gRPC stream, and so do the sessions' frames and replies "
+        "(docs/wire.md); "
+        "empty (default): off",
     )
 
 

@@ -77,12 +77,30 @@ class FrontSession:
         self.streaming = False
         self.error_pending = False  # its worker holds an error for the next Sync (mirrored after each slice)
         self.bulk: Any = None  # its bound side socket (server/bulkside.py BulkLink), if its client opened one
+        # where its frames come from, fixed by the first: "stream" (its gRPC stream), "side" (its side socket
+        # opened for frames), "" (none yet); one carrier per session, so its commands have one order
+        self.carrier = ""
+
+    def frames_on(self, side: bool) -> bool:
+        """Whether a frame may come on this carrier (the side socket, or the stream): the first one fixes it."""
+        want = "side" if side else "stream"
+        if self.carrier == want:
+            return True
+        with self._outbox_lock:
+            if not self.carrier:
+                self.carrier = want
+            return self.carrier == want
 
     def bind_bulk(self, link: Any) -> bool:
-        """Bind the session's side socket: one per session, and none once it is closed."""
+        """Bind the session's side socket: one per session, and none once it is closed; a socket for frames only
+        while no frame came on the stream (it then fixes the session's carrier)."""
         with self._outbox_lock:
             if self.bulk is not None or self.closed:
                 return False
+            if getattr(link, "frames", False):
+                if self.carrier == "stream":
+                    return False
+                self.carrier = "side"
             self.bulk = link
         if self.closed:  # closed while binding: close_session may have missed it
             link.close()

@@ -92,37 +92,12 @@ class DeviceServicer:
     def _read(self, s: FrontSession, requests: Iterator[bytes]) -> None:
         """Check frames and queue their commands (as byte spans, for the session's worker to parse); blocks
         while the session's queue is full (back-pressure)."""
-        limit = self.daemon.config.max_frame_commands
         try:
             for raw in requests:
-                rid = protocol.lone_sync(raw)  # a round trip: no split, no protobuf, answered here when idle
-                if rid is not None and self.daemon.sync_now(s, rid):
-                    s.hand_over()
-                    continue
-                parsed: Any = None
-                marked: list[int] = []  # the positions of its Uploads and Gets
-                try:
-                    commands = slices.split_frame(raw, limit, marked)  # counted before anything is materialized
-                    big = len(raw) >= bulk.BIG_UPLOAD  # big uploads are checked without a copy (server/bulk.py)
-                    if not (big and bulk.uploads_only([span for _, span in commands])):
-                        parsed = device_pb2.ClientFrame.FromString(raw).commands  # malformed commands end it here
-                except (DecodeError, InvalidArgument) as exc:
-                    s.outbox.put(InvalidArgument(f"malformed ClientFrame ({len(raw)} bytes): {exc}"))
+                if not s.frames_on(side=False):  # its client opened its side socket for frames
+                    s.outbox.put(InvalidArgument("a frame on the stream of a session whose frames use its side socket"))
                     return
-                except GpupoolError as exc:
-                    s.outbox.put(exc)
-                    return
-                if not commands:  # an empty frame asks for nothing; queueing it would grow memory for free
-                    continue
-                nbytes = len(raw)
-                if marked:
-                    try:
-                        nbytes += _take_bulk(s, commands, marked, parsed, self.daemon.config.queue_bytes)
-                    except GpupoolError as exc:  # a transfer that broke the side channel's rules ends the session
-                        s.close_bulk()
-                        s.outbox.put(exc)
-                        return
-                if not self.daemon.submit(s, commands, nbytes):
+                if not self._frame(s, raw):
                     return
             self.daemon.submit(s, [END_OF_STREAM], 0)
         except grpc.RpcError:
@@ -131,6 +106,63 @@ class DeviceServicer:
             log.exception("stream reader of session %d failed", s.number)
             s.outbox.put(END_OF_STREAM)
 
+    def read_side(self, s: FrontSession, link: bulkside.BulkLink) -> None:
+        """The reader of a session whose frames travel on its side socket (`BulkPort` runs it in the socket's
+        thread once bound): the stream's reader's checks, frame by frame, on length-prefixed records read with
+        the stream's message limit (`BulkLink.recv_frame`). A bad record, a stall mid-record or a socket closed
+        mid-record ends this session (INVALID_ARGUMENT or UNAVAILABLE, with the reason); so does a socket closed
+        between frames while the session is open (its client went away: its Detach closes the session first)."""
+        limit = self.daemon.config.max_message_bytes
+        try:
+            while not s.closed:
+                raw = link.recv_frame(limit)
+                if raw is None:
+                    if not s.closed:
+                        s.outbox.put(Unavailable(f"session {s.number}'s side socket closed by its client"))
+                    return
+                if not self._frame(s, raw):
+                    return
+        except GpupoolError as exc:
+            s.outbox.put(exc)
+        except Exception:  # never let a reader thread die silently
+            log.exception("side socket reader of session %d failed", s.number)
+            s.outbox.put(Unavailable(f"session {s.number}'s side socket reader failed"))
+
+    def _frame(self, s: FrontSession, raw: bytes) -> bool:
+        """One frame of the session (from either carrier): checked, split and queued; False when it ended the
+        session (its error is in the outbox) or the session is gone."""
+        rid = protocol.lone_sync(raw)  # a round trip: no split, no protobuf, answered here when idle
+        if rid is not None and self.daemon.sync_now(s, rid):
+            s.hand_over()
+            return True
+        parsed: Any = None
+        marked: list[int] = []  # the positions of its Uploads and Gets
+        try:
+            commands = slices.split_frame(raw, self.daemon.config.max_frame_commands, marked)  # counted first
+            big = len(raw) >= bulk.BIG_UPLOAD  # big uploads are checked without a copy (server/bulk.py)
+            if not (big and bulk.uploads_only([span for _, span in commands])):
+                parsed = device_pb2.ClientFrame.FromString(raw).commands  # malformed commands end it here
+        except (DecodeError, InvalidArgument) as exc:
+            s.outbox.put(InvalidArgument(f"malformed ClientFrame ({len(raw)} bytes): {exc}"))
+            return False
+        except GpupoolError as exc:
+            s.outbox.put(exc)
+            return False
+        if not commands:  # an empty frame asks for nothing; queueing it would grow memory for free
+            return True
+        nbytes = len(raw)
+        if marked:
+            try:
+                nbytes += _take_bulk(s, commands, marked, parsed, self.daemon.config.queue_bytes)
+            except GpupoolError as exc:  # a transfer that broke the side channel's rules ends the session
+                if (
+                    s.bulk is None or not s.bulk.frames
+                ):  # (a frames socket stays open for the writer to send the session's end)
+                    s.close_bulk()
+                s.outbox.put(exc)
+                return False
+        return self.daemon.submit(s, commands, nbytes)
+
     def _replies(self, s: FrontSession, context: grpc.ServicerContext) -> Iterator[device_pb2.ServerFrame | bytes]:
         """Hand the session's replies to gRPC as they come, in order. The wait is untimed: a client that goes
         away (a cancelled or broken RPC) wakes it through gRPC's termination callback, which queues the end."""
@@ -138,6 +170,11 @@ class DeviceServicer:
             return  # the RPC already ended
         while True:
             item: Any = s.outbox.get()
+            link = s.bulk
+            if link is not None and link.frames:  # its replies go on its side socket; its end goes on both
+                if not self._reply_side(s, link, item):
+                    return
+                continue
             if type(item) is bytes:  # most replies: a serialized frame (a sync's answer, a download chunk)
                 if s.bulk is None:
                     yield item
@@ -166,6 +203,36 @@ class DeviceServicer:
                 for frame in item:  # a download's chunk frames, already serialized
                     yield from _send(s, frame)
                 self.daemon.replied(s, item)
+
+    def _reply_side(self, s: FrontSession, link: bulkside.BulkLink, item: Any) -> bool:
+        """One outbox item of a session whose frames use its side socket, written there as records (a bulk Get's
+        bytes after their announcement, as on the stream). The session's end goes as a BULK_END record (where the
+        socket takes it), then as the stream's status, raised here; False at the stream's end."""
+        if type(item) is bytes and not link.gets:
+            link.send_frame(item)
+        elif item is END_OF_STREAM:
+            return False
+        elif isinstance(item, Closed):
+            reason = f"session closed: {item.reason}"
+            link.send_end(item.code.value[0], reason)
+            raise error_class(item.code)(reason)
+        elif isinstance(item, GpupoolError):
+            link.send_end(item.code.value[0], str(item))
+            raise item
+        elif isinstance(item, slices.SideChunk):
+            try:
+                for frame in _send_side(s, item):
+                    link.send_frame(frame)
+            finally:
+                item.release()
+        elif isinstance(item, device_pb2.ServerFrame):
+            link.send_frame(item.SerializeToString())
+        else:
+            for whole in [item] if isinstance(item, bytes) else item:  # a download's chunk frames
+                for frame in _send(s, whole):
+                    link.send_frame(frame)
+        self.daemon.replied(s, item)
+        return True
 
 
 def _take_bulk(
@@ -309,7 +376,10 @@ def create_server(
         maximum_concurrent_rpcs=MAX_WORKERS - 8,
         interceptors=[ErrorInterceptor()],
     )
-    server.add_generic_rpc_handlers((_handlers(DeviceServicer(daemon, bulk_port)),))
+    servicer = DeviceServicer(daemon, bulk_port)
+    if bulk_port is not None and protocol.FEATURE_SIDE_FRAMES in servicer.features:
+        bulk_port.frames = servicer.read_side  # sessions' frames may travel on their side sockets
+    server.add_generic_rpc_handlers((_handlers(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = tls.add_port(server, address, daemon.config.tls, "the daemon")

@@ -150,9 +150,10 @@ def test_an_encoder_with_attention_dropout_trains_to_the_math_paths_bits(
 
 @pytest.fixture(scope="module")
 def old_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    """A daemon that withholds "sdpa_dropout" (GPUPOOL_WITHHOLD_FEATURES): its AttachReply names no feature, as a
-    daemon from before round 24, and it refuses the fused op with dropout, as a daemon from before round 23."""
-    env = {"GPUPOOL_WITHHOLD_FEATURES": protocol.FEATURE_SDPA_DROPOUT}
+    """A daemon that withholds "sdpa_dropout" and "side_frames" (GPUPOOL_WITHHOLD_FEATURES): its AttachReply names no
+    feature, as a daemon from before round 24, and it refuses the fused op with dropout, as a daemon from before
+    round 23."""
+    env = {"GPUPOOL_WITHHOLD_FEATURES": f"{protocol.FEATURE_SDPA_DROPOUT},{protocol.FEATURE_SIDE_FRAMES}"}
     daemon = start_daemon(tmp_path_factory.mktemp("old"), "1GiB", 1, env=env)
     yield daemon
     stop_process(daemon.process)

@@ -40,6 +40,17 @@ def _send_raw(side: client_bulk.BulkSocket, data: bytes) -> None:
     duplex.send_all(side.sock, side.lock, [data], client_bulk.IO_TIMEOUT)
 
 
+def _put(s: Session, frame: bytes) -> None:
+    """Queue a frame of the test's choosing; where the session's frames use its side socket (round 26), until its
+    sender thread has written it, so that bytes the test writes next follow it there."""
+    s._put(frame)
+    if s._carrier is not None:
+        try:
+            s._side_barrier()
+        except GpupoolError:
+            pass  # the daemon ended the session already: the test's next wait raises its reason
+
+
 def _bits(n_bytes: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(-(2**31), 2**31 - 1, (n_bytes // 4,), dtype=torch.int32, generator=g)
@@ -165,7 +176,7 @@ def test_garbage_on_the_side_socket_ends_that_session_only(bulk_daemon: Any) -> 
                 h = s.new_handle()
                 up = device_pb2.Upload(handle=h, last=True, bulk_bytes=2 * MiB)
                 up.meta.dtype, up.meta.shape[:] = 1, [MiB // 2]  # float32
-                s._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
+                _put(s, device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
                 try:
                     _send_raw(s._side, header + b"\x00" * (2 * MiB))
                 except OSError:
@@ -174,7 +185,7 @@ def test_garbage_on_the_side_socket_ends_that_session_only(bulk_daemon: Any) -> 
                     s.sync()
         with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:  # an announced upload that never comes
             up = device_pb2.Upload(handle=s.new_handle(), last=True, bulk_bytes=protocol.CHUNK_BYTES + 1)
-            s._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
+            _put(s, device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
             with pytest.raises(InvalidArgument, match="at most"):
                 s.sync()
     finally:
@@ -183,12 +194,16 @@ def test_garbage_on_the_side_socket_ends_that_session_only(bulk_daemon: Any) -> 
     assert not other_errors, other_errors
 
 
-def test_a_frame_announcing_many_bulk_chunks_is_refused(bulk_daemon: Any) -> None:
+@pytest.mark.parametrize("carrier", ["stream", "side"])
+def test_a_frame_announcing_many_bulk_chunks_is_refused(bulk_daemon: Any, carrier: str, monkeypatch: Any) -> None:
     """The stream's reader reads a frame's bulk uploads into the daemon's memory before the frame meets its
     session queue's back-pressure (64 MiB): a frame of 4,096 tiny Upload commands each announcing 16 MiB made the
     daemon hold 64 GiB (round 17). A frame's bulk uploads now announce at most the queue's bytes in all (clients
     send one chunk a frame): the seventeenth 4 MiB chunk of one frame is INVALID_ARGUMENT, before its bytes are
-    read (before, all 68 MiB were read and uploaded); the next session uploads the same tensor chunk by chunk."""
+    read (before, all 68 MiB were read and uploaded); the next session uploads the same tensor chunk by chunk.
+    Both carriers of the frame: its stream, and its side socket (round 26), where the chunks' bytes follow the frame
+    on the same socket (written in order here, not from a second thread)."""
+    monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", "1" if carrier == "side" else "0")
     chunk = client_bulk.CHUNK
     n = 17
     with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
@@ -200,7 +215,7 @@ def test_a_frame_announcing_many_bulk_chunks_is_refused(bulk_daemon: Any) -> Non
             if k == 0:
                 up.meta.dtype, up.meta.shape[:] = 1, [n * chunk // 4]  # float32
             cmds.append(device_pb2.Command(upload=up))
-        s._put(device_pb2.ClientFrame(commands=cmds).SerializeToString())
+        _put(s, device_pb2.ClientFrame(commands=cmds).SerializeToString())
         side = s._side
 
         def send() -> None:
@@ -210,11 +225,18 @@ def test_a_frame_announcing_many_bulk_chunks_is_refused(bulk_daemon: Any) -> Non
             except OSError:
                 pass  # the daemon closes the socket with the session
 
+        assert side.frames == (carrier == "side")
         t = threading.Thread(target=send, daemon=True)
-        t.start()
+        if carrier == "side":
+            s._side_barrier()  # the frame is on the socket (its sender thread's): the chunks' bytes follow it
+            for k in range(n - 1):  # the daemon reads 16 chunks (64 MiB), then refuses the 17th's announcement
+                _send_raw(side, protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, h, k * chunk, chunk) + bytes(chunk))
+        else:
+            t.start()
         with pytest.raises(InvalidArgument, match="announce more than"):
             s.sync()
-    t.join(30)
+    if t.is_alive():
+        t.join(30)
     with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
         big = _bits(n * chunk, seed=5)
         assert torch.equal(s.download(s.upload(big)), big)
@@ -231,7 +253,7 @@ def test_a_bulk_chunk_over_the_workers_chunk_size_is_refused_before_it_is_read(b
         h = s.new_handle()
         up = device_pb2.Upload(handle=h, last=True, bulk_bytes=n)
         up.meta.dtype, up.meta.shape[:] = 1, [n // 4]  # float32
-        s._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
+        _put(s, device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
         side = s._side
 
         def send() -> None:
@@ -241,10 +263,12 @@ def test_a_bulk_chunk_over_the_workers_chunk_size_is_refused_before_it_is_read(b
                 pass  # the daemon closes the socket with the session
 
         t = threading.Thread(target=send, daemon=True)
-        t.start()
+        if s._carrier is None:  # (frames on the socket: no bytes from a second thread beside them; none needed)
+            t.start()
         with pytest.raises(InvalidArgument, match=f"a bulk chunk of {n} bytes; at most {protocol.CHUNK_BYTES} "):
             s.sync()
-    t.join(30)
+    if t.is_alive():
+        t.join(30)
     with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
         whole = _bits(protocol.CHUNK_BYTES, seed=6)
         assert torch.equal(s.download(s.upload(whole)), whole)
@@ -254,16 +278,17 @@ def test_bulk_flags_without_a_side_socket_are_refused(bulk_daemon: Any, monkeypa
     monkeypatch.setattr(client_bulk, "connect", lambda *a, **k: None)  # this client never opens the socket
     with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
         h = s.upload(torch.ones(3))
-        s._put(
+        _put(
+            s,
             device_pb2.ClientFrame(
                 commands=[device_pb2.Command(get=device_pb2.Get(request_id=77, handle=h, bulk=True))]
-            ).SerializeToString()
+            ).SerializeToString(),
         )
         with pytest.raises(InvalidArgument, match="has none"):
             s.sync()
     with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
         up = device_pb2.Upload(handle=s.new_handle(), last=True, bulk_bytes=1024)
-        s._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
+        _put(s, device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
         with pytest.raises(InvalidArgument, match="has none"):
             s.sync()
 
@@ -286,7 +311,7 @@ def test_bulk_flags_behind_other_commands_are_refused(bulk_daemon: Any, monkeypa
                     last = device_pb2.Command(get=device_pb2.Get(request_id=77, handle=h, bulk=True))
                 else:
                     last = device_pb2.Command(upload=device_pb2.Upload(handle=s.new_handle(), last=True, bulk_bytes=64))
-                s._put(device_pb2.ClientFrame(commands=[*cmds, *empty, last]).SerializeToString())
+                _put(s, device_pb2.ClientFrame(commands=[*cmds, *empty, last]).SerializeToString())
                 with pytest.raises(InvalidArgument, match="has none"):
                     s.sync()
 
@@ -318,7 +343,7 @@ def test_detach_in_the_middle_of_a_transfer(bulk_daemon: Any) -> None:
     assert s._side is not None
     up = device_pb2.Upload(handle=s.new_handle(), last=True, bulk_bytes=4 * MiB)
     up.meta.dtype, up.meta.shape[:] = 1, [MiB]
-    s._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
+    _put(s, device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
     _send_raw(s._side, protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, up.handle, 0, 4 * MiB) + b"\x01" * MiB)
     time.sleep(0.3)
     s.close()  # Detach while the daemon waits for the other 3 MiB
@@ -407,7 +432,7 @@ def test_a_stalled_upload_holds_no_other_session(bulk_daemon: Any) -> None:
     try:
         up = device_pb2.Upload(handle=a.new_handle(), last=True, bulk_bytes=8 * MiB)
         up.meta.dtype, up.meta.shape[:] = 1, [2 * MiB]
-        a._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
+        _put(a, device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
         time.sleep(0.2)
         _another_session_moves(bulk_daemon, 8 * MiB)
     finally:
@@ -424,7 +449,7 @@ def test_a_stalled_download_holds_no_other_session(bulk_daemon: Any) -> None:
         h = a.upload(_bits(64 * MiB, seed=9))
         a.sync()
         get = device_pb2.Get(handle=h, request_id=77, bulk=True)
-        a._put(device_pb2.ClientFrame(commands=[device_pb2.Command(get=get)]).SerializeToString())
+        _put(a, device_pb2.ClientFrame(commands=[device_pb2.Command(get=get)]).SerializeToString())
         time.sleep(0.5)
         _another_session_moves(bulk_daemon, 40 * MiB)  # three pieces: both of B's own slots and one more
     finally:

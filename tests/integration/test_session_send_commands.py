@@ -1,7 +1,8 @@
 """`Session.send_commands`, the hand-off of a client that encodes its own frames (the C++ client in spike/), against a
-live daemon: the bytes compute what the same commands queued one by one compute, in order after what the session
-queued itself; a daemon error on one of them surfaces at the next sync with the daemon's type and message, and the
-session goes on; bad bytes are refused before they leave; a closed session refuses with its reason."""
+live daemon, its frames on the stream and on the side socket: the bytes compute what the same commands queued one by
+one compute, in order after what the session queued itself; a daemon error on one of them surfaces at the next sync
+with the daemon's type and message, and the session goes on; bad bytes are refused before they leave; a closed
+session refuses with its reason."""
 
 from __future__ import annotations
 
@@ -16,9 +17,15 @@ from gpupool import compact, errors, wire
 from gpupool._proto import device_pb2
 
 
-@pytest.fixture
-def session(daemon: Any) -> Iterator[Session]:
+@pytest.fixture(params=["stream", "side"])
+def session(request: Any, daemon_factory: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Session]:
+    """A session whose frames travel on its gRPC stream, or on its side socket (round 26: what the C++ client's
+    frames take where the daemon has a side port)."""
+    side = request.param == "side"
+    daemon = daemon_factory(bulk_listen="127.0.0.1:0") if side else daemon_factory()
+    monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", "1")
     with Session.attach(daemon.address, daemon.token(tenant="handoff")) as s:
+        assert (s._carrier is not None) == side
         yield s
 
 

@@ -1,0 +1,223 @@
+"""A session's frames on its authenticated side socket instead of its gRPC stream (round 26; docs/wire.md "Frames
+on the side socket"), through real in-process daemons: the same training bit for bit on both carriers, in both
+isolation modes; hostile socket peers (an oversized or garbage record header, a frame cut short, a stall, a second
+socket, a socket for another session's id, a frame on the stream of a socket session) end only their own session,
+with the right status and a reason, on the socket and on the stream; a poisoned op's error at the next sync; a
+detach or close while frames are in flight."""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Any
+
+import pytest
+import torch
+from gpupool.client import bulk as client_bulk
+from gpupool.client.session import CHANNEL_OPTIONS, Handle, Session
+from gpupool.server import bulkside
+
+from gpupool import duplex, protocol, tls
+from gpupool._proto import device_pb2, device_pb2_grpc
+from gpupool.errors import GpupoolError, InvalidArgument, Unavailable
+
+MiB = 1024**2
+
+
+@pytest.fixture(params=["process", "thread"])
+def side_daemon(request: Any, daemon_factory: Any) -> Any:
+    return daemon_factory(fake_gpu_memory=256 * MiB, bulk_listen="127.0.0.1:0", isolation=request.param)
+
+
+def _attach(daemon: Any, monkeypatch: Any, side: bool = True) -> Session:
+    monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", "1" if side else "0")
+    s = Session.attach(daemon.address, daemon.token())
+    assert (s._carrier is not None) == side, "the session's frames should travel on the carrier asked for"
+    return s
+
+
+def _train(s: Session, steps: int = 12) -> list[float]:
+    """A linear regression by hand, on the daemon: the loss of each step as `.item()` reads it."""
+    g = torch.Generator().manual_seed(3)
+    x = Handle(s.upload(torch.randn(64, 8, generator=g)))
+    y = Handle(s.upload(torch.randn(64, 1, generator=g)))
+    w = Handle(s.upload(torch.zeros(8, 1)))
+    xt = s.call("aten::t.default", x)[0]
+    losses = []
+    for _ in range(steps):
+        [pred] = s.call("aten::mm.default", x, w)
+        [diff] = s.call("aten::sub.Tensor", pred, y)
+        [sq] = s.call("aten::mul.Tensor", diff, diff)
+        [loss] = s.call("aten::mean.default", sq)
+        [grad] = s.call("aten::mm.default", xt, diff)
+        [w] = s.call("aten::sub.Tensor", w, grad, alpha=0.01)
+        s.free([pred, diff, sq, grad])
+        losses.append(float(s.sync([loss])[0]))
+        s.free([loss])
+    return losses
+
+
+def test_training_losses_are_bit_equal_over_both_carriers(side_daemon: Any, monkeypatch: Any) -> None:
+    with _attach(side_daemon, monkeypatch, side=True) as s:
+        on_side = _train(s)
+        big = torch.arange(3 * MiB, dtype=torch.int32)  # a bulk upload and download on the same socket
+        assert torch.equal(s.download(s.upload(big)), big)
+        assert s.frames_put > 12
+    with _attach(side_daemon, monkeypatch, side=False) as s:
+        on_stream = _train(s)
+    assert on_side == on_stream
+    assert on_side[-1] < on_side[0]
+
+
+def _bare(daemon: Any) -> tuple[Session, str, int]:
+    """A session whose stream is open but that opened no side socket: (session, its id, the side port)."""
+    ch = tls.channel(daemon.address, CHANNEL_OPTIONS, token=False)
+    reply = device_pb2_grpc.DeviceStub(ch).Attach(device_pb2.AttachRequest(token=daemon.token()), timeout=10)
+    return Session(ch, reply, daemon.address, None), reply.session_id, reply.bulk_port
+
+
+def _peer(daemon: Any, port: int, session_id: str) -> client_bulk.BulkSocket:
+    """A frames socket of the test's own, bound to `session_id` (its hello and the daemon's answer)."""
+    sock = client_bulk.connect(daemon.address, port, session_id, frames=True)
+    assert sock is not None and sock.frames
+    return sock
+
+
+def _send_raw(sock: client_bulk.BulkSocket, data: bytes) -> None:
+    duplex.send_all(sock.sock, sock.lock, [data], 10.0)
+
+
+def _ended(s: Session) -> GpupoolError:
+    """How the session's stream ended (its status), as an idle client learns it."""
+    assert s._stream_ended.wait(30), "the session's stream should end"
+    assert s._dead is not None
+    return s._dead
+
+
+def _end_record(sock: client_bulk.BulkSocket) -> tuple[int, str]:
+    kind, code, body = sock.recv_record()
+    assert kind == protocol.BULK_END
+    return code, body.decode()
+
+
+def _neighbour_works(s: Session) -> None:
+    h = s.upload(torch.tensor([2.0, 3.0]))
+    [out] = s.call("aten::mul.Tensor", Handle(h), Handle(h))
+    assert torch.equal(s.download(out), torch.tensor([4.0, 9.0]))
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["oversized", "garbage", "truncated", "stall", "zero_length", "stream_frame"],
+)
+def test_a_hostile_peer_ends_only_its_own_session(side_daemon: Any, monkeypatch: Any, case: str) -> None:
+    monkeypatch.setattr(bulkside, "IO_TIMEOUT", 0.5)
+    neighbour = _attach(side_daemon, monkeypatch)
+    victim, sid, port = _bare(side_daemon)
+    peer = _peer(side_daemon, port, sid)
+    limit = side_daemon.running.daemon.config.max_message_bytes
+    want: tuple[type[GpupoolError], str]
+    if case == "oversized":  # never trusted past the stream's message limit: nothing of it is read or held
+        _send_raw(peer, protocol.BULK_HEAD.pack(protocol.BULK_FRAME, 0, 0, limit + 1))
+        want = (InvalidArgument, f"1 to {limit} bytes\\), got kind 3, id 0, offset 0, length {limit + 1}")
+    elif case == "garbage":
+        _send_raw(peer, b"\xff" * protocol.BULK_HEAD.size)
+        want = (InvalidArgument, "expected a frame record")
+    elif case == "zero_length":
+        _send_raw(peer, protocol.BULK_HEAD.pack(protocol.BULK_FRAME, 0, 0, 0))
+        want = (InvalidArgument, "expected a frame record")
+    elif case == "truncated":
+        _send_raw(peer, protocol.BULK_HEAD.pack(protocol.BULK_FRAME, 0, 0, 100) + b"\x0a" * 10)
+        peer.close()
+        want = (Unavailable, "closed in the middle of a frame")
+    elif case == "stall":
+        _send_raw(peer, protocol.BULK_HEAD.pack(protocol.BULK_FRAME, 0, 0, 100) + b"\x0a" * 10)
+        want = (InvalidArgument, "a frame stalled")
+    else:  # a frame on the stream of a session whose frames use its side socket: one order per session
+        _send_raw(peer, protocol.frame_record(protocol.sync_frame(7)))
+        assert peer.recv_record()[0] == protocol.BULK_FRAME  # answered on the socket
+        victim._send.put(protocol.sync_frame(8))
+        want = (InvalidArgument, "a frame on the stream of a session whose frames use its side socket")
+    err = _ended(victim)
+    assert isinstance(err, want[0]), err
+    assert re.search(want[1], str(err)), err
+    if case not in ("truncated",):  # the same end on the socket (where the peer still reads)
+        code, reason = _end_record(peer)
+        assert code == want[0].code.value[0]
+        assert re.search(want[1], reason), reason
+    _neighbour_works(neighbour)
+    victim.close()
+    peer.close()
+    neighbour.close()
+
+
+def test_a_second_socket_and_another_sessions_id_are_refused(side_daemon: Any, monkeypatch: Any) -> None:
+    a = _attach(side_daemon, monkeypatch)
+    b = _attach(side_daemon, monkeypatch)
+    port = side_daemon.running.bulk.port
+    # session b's client (or anyone holding a's id) asks for a's frames socket: a has one, so it is refused
+    assert client_bulk.connect(side_daemon.address, port, a.session_id, frames=True) is None
+    assert client_bulk.connect(side_daemon.address, port, b.session_id, frames=True) is None
+    assert client_bulk.connect(side_daemon.address, port, "not-a-session", frames=True) is None
+    _neighbour_works(a)
+    _neighbour_works(b)
+    # a session whose first frame came on its stream gets no frames socket afterwards (one order per session)
+    monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", "0")
+    c, sid, _ = _bare(side_daemon)
+    c.sync()
+    assert client_bulk.connect(side_daemon.address, port, sid, frames=True) is None
+    _neighbour_works(c)
+    for s in (a, b, c):
+        s.close()
+
+
+def test_a_poisoned_ops_error_reaches_the_next_sync_on_the_socket(side_daemon: Any, monkeypatch: Any) -> None:
+    with _attach(side_daemon, monkeypatch) as s:
+        a = Handle(s.upload(torch.ones(2, 3)))
+        s.call("aten::mm.default", a, a)  # 2x3 @ 2x3: fails on the device
+        with pytest.raises(GpupoolError, match="mm|shape|size"):
+            s.sync()
+        _neighbour_works(s)  # the session goes on
+
+
+def test_detach_and_close_while_frames_are_in_flight(side_daemon: Any, monkeypatch: Any) -> None:
+    neighbour = _attach(side_daemon, monkeypatch)
+    s = _attach(side_daemon, monkeypatch)
+    a = Handle(s.upload(torch.randn(128, 128)))
+    for _ in range(600):  # several frames of work
+        s.call("aten::mm.default", a, a)
+    s.flush()
+    got: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            s.sync()
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            got.append(exc)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    s._stub.Detach(device_pb2.DetachRequest(session_id=s.session_id), timeout=10)
+    t.join(60)
+    assert not t.is_alive(), "a waiter on the socket should learn of the detach"
+    assert not got or isinstance(got[0], GpupoolError)
+    with pytest.raises(GpupoolError):
+        s.sync()
+    s.close()
+    t2 = _attach(side_daemon, monkeypatch)
+    b = Handle(t2.upload(torch.randn(128, 128)))
+    for _ in range(600):
+        t2.call("aten::mm.default", b, b)
+    t2.flush()
+    t2.close()  # mid-flight: its frames are moot
+    _neighbour_works(neighbour)
+    neighbour.close()
+
+
+def test_an_idle_session_outlives_the_stall_limit(side_daemon: Any, monkeypatch: Any) -> None:
+    """The stall limit (IO_TIMEOUT) counts only inside a record: between frames a session may idle for ever."""
+    monkeypatch.setattr(bulkside, "IO_TIMEOUT", 0.2)
+    with _attach(side_daemon, monkeypatch) as s:
+        _neighbour_works(s)
+        threading.Event().wait(1.0)  # five stall limits without a byte
+        _neighbour_works(s)
