@@ -5,7 +5,9 @@ keeps (creating them on first use, owner-only) a token signing key and its publi
 (`pki/ca.crt`, `pki/ca.key`; or the CA in `--ca-dir`) with certificates for the
 scheduler, the daemon (a host certificate named by its host id), the user
 (a tenant certificate) and an operator (admin); every link is mutual TLS. The daemon serves the real GPUs
-torch sees, else 2 fake ones. Once the daemon has registered, `up` prints where everything listens and the
+torch sees, else 2 fake ones, with its side port on (`--bulk-listen`: a session's frames, replies and large
+transfers on one TLS socket instead of gRPC messages, docs/wire.md; `--bulk-listen off` keeps them on the gRPC
+stream). Once the daemon has registered, `up` prints where everything listens and the
 exports clients use; Ctrl-C or SIGTERM stops both.
 Ports may be 0 (tests): the bound ports are read from the children's "listening on" log lines.
 
@@ -70,6 +72,7 @@ class UpConfig:
     state: Path
     metrics_listen: str
     scheduler_metrics_listen: str
+    bulk_listen: str = ""  # the daemon's --bulk-listen ("": off)
 
 
 def default_state_dir() -> Path:
@@ -90,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(p, "--metrics-listen", default="127.0.0.1:9450", help="daemon Prometheus HOST:PORT (0: off)")
     add_flag(p, "--scheduler-metrics-listen", default="127.0.0.1:9451", help="scheduler Prometheus HOST:PORT (0: off)")
+    add_flag(
+        p,
+        "--bulk-listen",
+        default="auto",
+        help="daemon side port HOST:PORT: each session's frames, replies and large transfers on one TLS socket "
+        "instead of gRPC messages (docs/wire.md); auto (default): --listen's host, a free port; off: none",
+    )
     add_flag(p, "--host-id", default=socket.gethostname(), help="the daemon's host id (its certificate's name)")
     add_flag(p, "--ca-dir", default="", help="issue certificates from the CA in DIR (ca.crt, ca.key; made if absent)")
     return p
@@ -259,11 +269,18 @@ def _with(args: list[str], flag: str, value: str) -> list[str]:
     return [*args[: i + 1], value, *args[i + 2 :]]
 
 
+def _bulk_listen(value: str, listen: str) -> str:
+    """The daemon's --bulk-listen: `auto`, the gRPC port's host with a free port; `off`, none."""
+    if value == "off":
+        return ""
+    return f"{listen.rsplit(':', 1)[0]}:0" if value == "auto" else value
+
+
 def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     cfg = UpConfig(
         a.fake_gpus, a.fake_gpu_memory, a.scheduler_listen, a.listen, Path(a.state), a.metrics_listen,
-        a.scheduler_metrics_listen,
+        a.scheduler_metrics_listen, _bulk_listen(a.bulk_listen, a.listen),
     )  # fmt: skip
     os.umask(0o077)  # what we and the children write (state with lease ids, WAL, keys) is owner-only
     cfg.state.parent.mkdir(parents=True, exist_ok=True)
@@ -297,7 +314,8 @@ def main(argv: list[str]) -> int:
                        *_tls_args(creds.daemon, creds.ca),
                        # One machine's pool runs multi-GPU jobs (DDP) out of the box: the workers of multi-device
                        # leases (their tokens grant it) may open sockets for collectives (docs/security.md).
-                       "--worker-network", "on"]  # fmt: skip
+                       "--worker-network", "on",
+                       *(["--bulk-listen", cfg.bulk_listen] if cfg.bulk_listen else [])]  # fmt: skip
         if fake:
             daemon_args += ["--fake-gpus", str(fake), "--fake-gpu-memory", str(cfg.fake_gpu_memory)]
         daemon = Child("daemon", daemon_args)

@@ -30,6 +30,7 @@ d = lease.devices[0]
 stub = device_pb2_grpc.DeviceStub(tls.channel(d.address))  # GPUPOOL_TLS_* handed down by `gpupool run`
 reply = stub.Attach(device_pb2.AttachRequest(token=d.token), timeout=10)
 print("attached", reply.share, reply.quota_bytes, lease.tenant, flush=True)
+print("side", reply.bulk_port > 0, "side_frames" in reply.features, flush=True)
 sys.exit(7)
 """
 
@@ -93,6 +94,7 @@ def test_up_serves_run_smi_and_list_gpus(tmp_path: Path, up: tuple[Proc, str]) -
     ran = gpupool("run", "-n", "1", "-p", "0.5", "--", sys.executable, "-c", CHILD, env=env)
     assert ran.returncode == 7, ran.stderr
     assert f"attached 0.5 {256 * 1024**2} {getpass.getuser()}" in ran.stdout
+    assert "side True True" in ran.stdout  # the daemon's side port is on: frames travel there (docs/wire.md)
     pool = SchedulerClient(address, client_tls)
     wait_until(lambda: not pool.list_pool().leases, timeout=10, what="run to release its lease")
     too_big = gpupool("run", "-n", "3", "--", "true", env=env)
