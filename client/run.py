@@ -94,7 +94,7 @@ def _choose_client(args: argparse.Namespace) -> tuple[str, int]:
     from .native import build  # not backend: that imports torch (seconds), which only the child needs
 
     try:
-        build.build()
+        build.build(retry_failed=choice == "native")  # the default: not again after a failed build (its marker)
     except (build.BuildError, UnsafeCacheDir) as exc:  # unsafe: another user could replace the library there
         if choice == "native":
             hint = "install g++ and ninja, or " if build.compiler_missing() else ""

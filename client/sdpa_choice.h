@@ -9,7 +9,7 @@
 // `overrideable` sends one `_scaled_dot_product_fused_attention_overrideable` record (+ its backward), which the
 // daemon runs fused (server/attention.py; with dropout_p in (0, 1) torch's math path itself, its mask drawn from the
 // session's seeded stream exactly as the math path's `native_dropout` draws it); `math` is kept for every call the
-// daemon's fused op refuses or where local CPU's flash kernel would not run either: dropout_p of 1 or more, GQA, other than 4-D, mixed or non-floating dtypes, unequal head sizes, an empty
+// daemon's fused op refuses or where local CPU's flash kernel would not run either: dropout_p of 1 or more, GQA, other than 4-D, mixed or non-floating dtypes, float64 without dropout, unequal head sizes, an empty
 // or last-dim-strided input, a mask that needs a gradient, is of another dtype or does not broadcast to the scores.
 // server/attention.py `check_forward` holds the same rules (a test checks both sides on the same calls).
 #pragma once
@@ -36,6 +36,11 @@ inline int64_t sdp_choice(bool fused, bool dropout, const at::Tensor& q, const a
   const auto dt = q.scalar_type();
   if (dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16 && dt != at::kDouble) return math;
   if (k.scalar_type() != dt || v.scalar_type() != dt) return math;
+  // float64 without dropout: torch's math path, as CUDA's fused kernels take no float64. The daemon's CPU flash kernel
+  // would return a float64 logsumexp where torch's meta kernel (the clients' shapes) says float32, which the backward
+  // then refuses (round 26: no float64 backward through the pool). With dropout the daemon runs the math path's own
+  // steps (a float32 logsumexp nothing reads): fused still. server/attention.py `check_forward` refuses the same.
+  if (dt == at::kDouble && dropout_p == 0.0) return math;
   const int64_t b = q.size(0), h = q.size(1), l = q.size(2), e = q.size(3), s = k.size(2);
   if (k.size(0) != b || v.size(0) != b || k.size(1) != h || v.size(1) != h || v.size(2) != s) return math;
   if (k.size(3) != e || v.size(3) != e) return math;

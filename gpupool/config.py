@@ -218,6 +218,19 @@ def open_private_file(path: Path) -> int:
     return fd
 
 
+_LOADED_FDS: list[int] = []  # the descriptors `load_name` named to the dynamic loader: open for good
+
+
+def load_name(fd: int) -> str:
+    """`/proc/self/fd/N` for a library opened by `open_private_file` that this process loads for good (the clients'
+    device guard, native op path and C++ client), its descriptor kept open from now on: the dynamic loader knows a
+    loaded library by the name it was given and answers a later load of that name with it, so a number closed and
+    reused for another library would load the first one again (seen: the op path's `/proc/self/fd/13` answered the
+    guard's load of the same name, "undefined symbol: gpupool_current_device"). One descriptor a library."""
+    _LOADED_FDS.append(fd)
+    return f"/proc/self/fd/{fd}"
+
+
 def _check_private_stat(path: Path, st: os.stat_result) -> None:
     if st.st_uid not in (os.geteuid(), 0):
         raise UnsafeCacheDir(f"cached library {path} belongs to uid {st.st_uid}, not this user")

@@ -108,6 +108,10 @@ def check_forward(q: Any, k: Any, v: Any, bias: Any, dropout_p: Any, scale: Any,
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise InvalidArgument(f"fused attention: query, key and value must share one floating dtype, not "
                               f"{q.dtype}, {k.dtype}, {v.dtype}")  # fmt: skip
+    if q.dtype == torch.float64 and isinstance(dropout_p, float | int) and dropout_p == 0:
+        raise InvalidArgument("fused attention: float64 without dropout takes torch's math path (gpupool's clients "
+                              "send it so): the CPU flash kernel's float64 logsumexp is not the float32 one torch's "
+                              "meta kernel gives the client")  # fmt: skip
     b, h, _, e = q.shape
     if k.shape[0] != b or v.shape[0] != b or k.shape[1] != h or v.shape[1] != h:
         raise InvalidArgument("fused attention: query, key and value must have the same batch size and heads")

@@ -19,6 +19,7 @@ TORCH_DEVICE_BACKEND_AUTOLOAD=0 set before `import torch` (the tests, the bench 
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import sys
 import threading
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from gpupool import config
 
 from .build import BuildError, build, built_path, cache_dir, compiler_missing  # noqa: F401 (the build's names, here too)
 
@@ -52,7 +55,8 @@ def load(verbose: bool = False, name: str = NAME) -> None:
     if current != name:
         torch.utils.rename_privateuse1_backend(name)
     NAME = name
-    torch.ops.load_library(str(path))
+    # checked as opened, loaded as opened: not torch.ops.load_library, whose realpath() names the file again
+    ctypes.CDLL(config.load_name(config.open_private_file(path)))
     _register_module()
     _loaded.append(True)
 

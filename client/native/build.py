@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from gpupool import buildcache, config
@@ -55,8 +58,59 @@ def torch_version() -> str:
         return str(torch.__version__)
 
 
-def build(verbose: bool = False) -> Path:
-    """The library, built now unless cached. Each build runs in a private folder and its result is moved into place
+def _tool_key(name: str) -> str:
+    """A tool on PATH as the build would find it: its path, size and mtime (an upgrade or a new one: another key)."""
+    found = shutil.which(name)
+    if found is None:
+        return f"{name}: none"
+    try:
+        st = os.stat(found)
+    except OSError:
+        return f"{name}: {found}"
+    return f"{name}: {os.path.realpath(found)} {st.st_size} {st.st_mtime_ns}"
+
+
+def failed_marker() -> Path:
+    """Where a failed build of this library is remembered: beside its library, keyed by all the build depends on
+    (the library's folder: torch's version and the source's digest; here the compiler $CXX names and ninja, each by
+    path, size and mtime), so that a new compiler, ninja or torch builds again by itself."""
+    cxx = os.environ.get("CXX", "c++")
+    key = "\0".join((cxx, _tool_key(cxx), _tool_key("ninja")))
+    return built_path().parent / f"failed-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _failed_before(marker: Path) -> str | None:
+    """The line of a build that failed before with the same key, or None: none, unreadable, or a file another user
+    could have written (`config.open_private_file`, the library's rules: such a file is ignored, the build runs)."""
+    try:
+        fd = config.open_private_file(marker)
+    except (OSError, config.UnsafeCacheDir):
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            seen = json.loads(f.read(4096))
+        return f"{seen['why']} (a build failed at {seen['at']}; `gpupool run --client native` retries)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _remember_failure(marker: Path, why: str) -> None:
+    """Write the marker (owner-only, moved into place): best effort, a cache that cannot take it builds again."""
+    at = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".failed-", dir=marker.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"at": at, "why": why}, f)
+        os.replace(tmp, marker)
+    except OSError:
+        pass
+
+
+def build(verbose: bool = False, retry_failed: bool = True) -> Path:
+    """The library, built now unless cached. With `retry_failed` False (`gpupool run`'s default client), a build that
+    failed before with the same key (`failed_marker`: source, torch, compiler, ninja) is not tried again: BuildError
+    at once, saying when it failed (a failing build costs seconds to a minute a run); `--client native` retries, and
+    a build that succeeds removes the marker. Each build runs in a private folder and its result is moved into place
     (`os.replace`, atomic), as server/native_runner.py's: concurrent first uses each build and the last one wins, and
     a build killed midway leaves no lock behind (cpp_extension's own build-folder lock waits forever for a dead
     holder), and the folder of a build killed midway is removed by the next build or use (gpupool/buildcache.py).
@@ -69,6 +123,9 @@ def build(verbose: bool = False) -> Path:
     why = compiler_missing()
     if why:
         raise BuildError(f"cannot build the native client: {why}")
+    marker = failed_marker()
+    if not retry_failed and (before := _failed_before(marker)):
+        raise BuildError(before)
     from torch.utils import cpp_extension
 
     with buildcache.private_build_dir(final.parent) as tmp:
@@ -80,8 +137,11 @@ def build(verbose: bool = False) -> Path:
                                is_python_module=False, verbose=verbose)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - the compiler's output is in the message: its last line says why
             last = [ln for ln in str(exc).splitlines() if ln.strip()][-1:] or [type(exc).__name__]
-            raise BuildError(f"the native client did not build: {last[0][:300]}") from exc
+            why = f"the native client did not build: {last[0][:300]}"
+            _remember_failure(marker, why)
+            raise BuildError(why) from exc
         os.replace(tmp / f"{_LIB}.so", final)
+    marker.unlink(missing_ok=True)
     _check_private(final)
     return final
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from gpupool import compact
+from gpupool import compact, config
 
 from . import dispatch, meta, native, runtime, tensor, transfer
 from .tensor import RemoteTensor
@@ -77,11 +77,13 @@ def load() -> Any:
     else:
         try:
             path = build()
-            loader = importlib.machinery.ExtensionFileLoader("gpupool_native_ops", str(path))
-            spec = importlib.util.spec_from_file_location("gpupool_native_ops", str(path), loader=loader)
+            opened = config.load_name(config.open_private_file(path))  # checked as opened, imported as opened
+            loader = importlib.machinery.ExtensionFileLoader("gpupool_native_ops", opened)  # (no .so suffix: the
+            spec = importlib.util.spec_from_file_location("gpupool_native_ops", opened, loader=loader)  # loader named)
             assert spec is not None
             module = importlib.util.module_from_spec(spec)
             loader.exec_module(module)
+            module.__file__ = str(path)
             remote_del = module.setup(  # returns RemoteTensor.__del__ in C (a method descriptor)
                          tensor.RemoteTensor, torch.Tensor._make_wrapper_subclass, torch.strided,
                          dispatch.torch_dispatch, torch.compiler, meta.CACHE, tensor.RemoteView, transfer._alias,

@@ -114,6 +114,21 @@ def test_the_math_path_stays_where_the_fused_op_would_refuse(dev: torch.device, 
     assert_close(out.detach().cpu(), want.detach())
 
 
+def test_float64_takes_the_math_path_with_local_cpus_gradients(dev: torch.device) -> None:
+    """float64 without dropout takes torch's math path on gpupool (client/sdpa_choice.h; CUDA's fused kernels take no
+    float64): until round 26 it took the fused op, whose CPU flash kernel returned a float64 logsumexp where torch's
+    meta kernel says float32, and the backward was refused (INVALID_ARGUMENT): no float64 gradient through the pool."""
+    mask = torch.randn(16, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for m, kw in ((None, {}), (None, {"is_causal": True, "scale": 0.3}), (mask, {})):
+        tensors = inputs(torch.float64)
+        ops, out, grads = run_sdpa(dev, tensors, m, **kw)
+        _, want, want_grads = run_sdpa("cpu", tensors, m, **kw)
+        assert FUSED not in ops and "aten.bmm.default" in ops, kw
+        for got, w in zip([out, *grads], [want, *want_grads], strict=True):
+            assert got.dtype == torch.float64
+            torch.testing.assert_close(got, w, atol=1e-12, rtol=1e-10)
+
+
 def autograd_nodes(t: torch.Tensor) -> int:
     seen, todo = set(), [t.grad_fn]
     while todo:
@@ -168,6 +183,7 @@ def _fused(s: Session, q: Any, k: Any, v: Any, *rest: Any, **kw: Any) -> list[in
         ("3-D query", "must be 4-D"),
         ("int dtype", "floating dtype"),
         ("mixed dtypes", "floating dtype"),
+        ("float64 without dropout", "float64 without dropout takes torch's math path"),  # the clients' choice
         ("other batch", "batch size and heads"),
         ("other head size", "same head size"),
         ("mask shape", "does not broadcast"),
@@ -192,6 +208,8 @@ def test_hostile_forward_arguments_are_invalid(session: Session, what: str, matc
         args = [Handle(s.upload(torch.ones(2, 4, 16, 8, dtype=torch.int64)))] * 3
     elif what == "mixed dtypes":
         args[1] = Handle(s.upload(torch.randn(2, 4, 12, 8, dtype=torch.float64)))
+    elif what == "float64 without dropout":  # until round 26 it ran: a float64 logsumexp no backward took
+        args = [Handle(s.upload(torch.randn(2, 4, n, 8, dtype=torch.float64))) for n in (16, 12, 12)]
     elif what == "other batch":
         args[1] = Handle(s.upload(torch.randn(3, 4, 12, 8)))
     elif what == "other head size":
@@ -269,7 +287,7 @@ for name, dtype, mask, causal, scale in [
     ("plain", torch.float32, None, False, None), ("causal-scale", torch.float32, None, True, 0.3),
     ("float-mask", torch.float32, torch.randn(16, 12, generator=g), False, None),
     ("bool-mask", torch.float32, torch.rand(2, 1, 16, 12, generator=g) > 0.3, False, 0.5),
-    ("bf16", torch.bfloat16, None, True, None)]:
+    ("bf16", torch.bfloat16, None, True, None), ("f64", torch.float64, None, True, 0.3)]:
     ts = [torch.randn(2, 4, n, 8, generator=g, dtype=dtype) for n in (16, 12, 12)]
     m = None if mask is None or mask.dtype == torch.bool else mask.to(dtype)
     m = mask if mask is not None and mask.dtype == torch.bool else m
@@ -285,7 +303,7 @@ for name, dtype, mask, causal, scale in [
         if where != "cpu":
             result[name + ":node"] = type(out.grad_fn).__name__
     a, b = outs.values()
-    result[name] = max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
+    result[name] = max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b))
 print(json.dumps(result))
 """
 
@@ -311,6 +329,8 @@ def test_the_cpp_client_equals_local_cpu(serve: Any, fused: bool) -> None:
         assert result[name + ":node"] == node, (name, result)
     # bf16: the fused op runs local's kernel (the same bits); the math path rounds elsewhere (round 20: 1 bf16 ulp off)
     assert result["bf16"] <= (1e-5 if fused else 2e-2), result
+    # float64: torch's math path either way (client/sdpa_choice.h), its gradients local CPU's within float64's rounding
+    assert result["f64"] <= 1e-12 and result["f64:node"] == "UnsafeViewBackward0", result
 
 
 _NATIVE_ENV = r"""

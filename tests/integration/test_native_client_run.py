@@ -231,6 +231,50 @@ def test_without_a_usable_cpp_client_the_default_is_the_shim_with_one_line(pool:
     assert refused.stderr.count("\n") == 1 + building and reason in refused.stderr, refused.stderr
 
 
+def test_a_failed_build_is_not_tried_again_by_the_default(pool: str, tmp_path: Path) -> None:
+    """A build that failed (a compiler that fails: a script counting its calls) is remembered beside the library
+    (client/native/build.py `failed_marker`): the next default run falls back at once with one line saying when it
+    failed, without calling the compiler; `--client native` tries again; a marker others could have written is
+    ignored (the library's rules: config.open_private_file); another compiler (a new mtime) builds again. Until round
+    26 every default run built again before falling back (CXX=false: 3.7 s; a late build error: ~1 min)."""
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    calls = tmp_path / "calls"
+    cxx = tmp_path / "cxx"
+    cxx.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexit 1\n')
+    cxx.chmod(0o755)
+    # the child's shim compiles nothing ($CXX would count): its guard and op path off
+    env = {"GPUPOOL_NATIVE_CLIENT_CACHE": str(cache), "CXX": str(cxx), "GPUPOOL_NATIVE": "0", "GPUPOOL_NATIVE_OPS": "0"}
+
+    def count() -> int:
+        return len(calls.read_text().splitlines()) if calls.exists() else 0
+
+    def default_run() -> str:
+        said, ran = _which(pool, **env)
+        assert said == "client shim RemoteTensor 12.0 shim", ran.stdout
+        lines = [line for line in ran.stderr.splitlines() if "gpupool.run" in line]
+        assert len(lines) == 1 and FALLBACK + "the native client did not build: " in lines[0], ran.stderr
+        return lines[0]
+
+    assert "a build failed at" not in default_run()
+    built = count()
+    assert built > 0  # it tried
+    again = default_run()
+    assert count() == built  # not again
+    assert again.endswith("; `gpupool run --client native` retries)") and " (a build failed at " in again, again
+    [marker] = cache.glob("torch-*/failed-*.json")
+    marker.chmod(0o666)  # another user could have written it: ignored, the build runs
+    assert "a build failed at" not in default_run() and count() > built
+    built = count()
+    assert "a build failed at" in default_run() and count() == built  # remembered again, privately
+    refused = _run(pool, "--client", "native", "--", sys.executable, "-c", "print('ran')", **env)
+    assert refused.returncode == 1 and "ran" not in refused.stdout and count() > built  # the explicit choice retries
+    built = count()
+    st = cxx.stat()
+    os.utime(cxx, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # another compiler: another key
+    assert "a build failed at" not in default_run() and count() > built
+
+
 UNSUPPORTED = {
     "attach": ("import torch, gpupool.torch as gt\ngt.attach('localhost:1', 'x')", "gpupool.torch.attach"),
     "RemoteTensor": ("import torch, gpupool.torch as gt\nprint(gt.RemoteTensor)", "gpupool.torch.RemoteTensor"),
