@@ -31,6 +31,14 @@ def pytest_configure(config: pytest.Config) -> None:
     install_test_tls(Path(tempfile.mkdtemp(prefix="gpupool-test-pki-")))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The modules with a test marked `slow` first, each module's tests in their order: under scripts/test.sh's two
+    workers (pytest-xdist, `--dist loadfile`: a worker takes the next module when it is done with one) the long
+    modules start early and the many short ones even out the end, instead of a long module running alone last."""
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: False (slow) first
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the process's zygote (server/zygote.py: a fresh interpreter that imports torch and warms up, 8-17 s)
     once the tests are known, if any of them starts an in-process daemon: it gets ready in the background while the

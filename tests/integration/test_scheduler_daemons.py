@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from gpupool.client.pool import Lease, SchedulerClient, lease
+from gpupool.scheduler.cli import build_parser
 from scheduler_fixtures import Proc, key_file, start_scheduler, wait_until
 from support import tls_channel
 
@@ -20,6 +21,7 @@ from gpupool.errors import FailedPrecondition, ResourceExhausted
 from gpupool.tokens import public_session_id
 
 FAKE_MEMORY = "256MiB"
+HOST_TIMEOUT = 4  # --host-timeout of the killed-daemon test: heartbeats every 0.5 s, as test_scheduler_ha's
 
 
 def launch_daemon(tmp: Path, scheduler: str, host_id: str) -> Proc:
@@ -155,7 +157,8 @@ def test_scheduler_kill_9_and_restart_keeps_leases_sessions_and_accounting(clust
 
 
 def test_killed_daemon_is_marked_down_and_its_holder_gets_unavailable(tmp_path: Path) -> None:
-    sched, address = start_scheduler(tmp_path)  # the default --host-timeout 10
+    assert build_parser().parse_args([]).host_timeout == 10  # the default; this test sets 4 s (it waited 10 s)
+    sched, address = start_scheduler(tmp_path, "--host-timeout", str(HOST_TIMEOUT))
     daemon, _ = start_daemon(tmp_path, address, "dz")
     try:
         wait_until(lambda: any(h.state == "up" for h in SchedulerClient(address).list_pool().hosts), what="dz up")
@@ -163,7 +166,7 @@ def test_killed_daemon_is_marked_down_and_its_holder_gets_unavailable(tmp_path: 
         daemon.kill()
         t0 = time.monotonic()
         wait_until(lambda: SchedulerClient(address).list_pool().hosts[0].state == "down", timeout=15, what="dz down")
-        assert time.monotonic() - t0 <= 11
+        assert time.monotonic() - t0 <= HOST_TIMEOUT + 1
         with pytest.raises(FailedPrecondition, match="host dz is down"):
             x.renew()
         x.release()
