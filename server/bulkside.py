@@ -47,6 +47,7 @@ IO_TIMEOUT = 30.0  # seconds a transfer may stall (no bytes moving) before its s
 MAX_PENDING = 64  # connections not yet bound to a session, in all; a newcomer past it pushes out the busiest
 MAX_PENDING_PER_SOURCE = 8  # source's oldest; ... and per source address, a newcomer pushing out its own oldest
 SIDE_MIN = bulk.SIDE_MIN  # download chunks at least this large go on the socket; smaller ones stay on the stream
+FRAME_STEP = 64 * 1024  # a frame's first buffer on a frames socket; it doubles as the frame's bytes arrive
 _SID_MAX = 128
 
 
@@ -86,9 +87,17 @@ class BulkLink:
                 f"side socket of session {self.number}: expected a frame record (kind {protocol.BULK_FRAME}, id 0, "
                 f"offset 0, 1 to {limit} bytes), got kind {kind}, id {ident}, offset {offset}, length {n}"
             )
-        body = bytearray(n)
-        self._recv_into(memoryview(body), "a frame")
-        return bytes(body)
+        # Held as it arrives, not as announced: a buffer of the announced length up front would let a session
+        # commit `limit` bytes of the daemon's memory with a header and one byte. It grows by doubling from
+        # FRAME_STEP, so what is held stays under twice what was sent (a small frame: one read, as before).
+        body = bytearray(min(n, FRAME_STEP))
+        got = 0
+        while True:
+            self._recv_into(memoryview(body)[got:], "a frame")
+            got = len(body)
+            if got == n:
+                return bytes(body)
+            body.extend(bytes(min(n - got, got)))
 
     def send_frame(self, frame: bytes) -> None:
         """A reply frame (ServerFrame bytes) as a record on a frames socket; Unavailable when it cannot go."""

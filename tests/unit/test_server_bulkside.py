@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import tracemalloc
 
 import pytest
 import torch
@@ -135,3 +136,33 @@ def test_close_unblocks_a_reader() -> None:
     link.close()
     t.join(5)
     assert not t.is_alive() and errors and isinstance(errors[0], Unavailable | InvalidArgument)
+
+
+@pytest.mark.parametrize("size", [1, bulkside.FRAME_STEP, bulkside.FRAME_STEP + 1, 3 * MiB + 5])
+def test_recv_frame_reads_a_frame_whole_across_its_buffers_growth(size: int) -> None:
+    link = _Link()
+    frame = bytes((i * 7) & 0xFF for i in range(size))
+    sender = threading.Thread(
+        target=lambda: link.peer.sendall(protocol.frame_record(frame) + protocol.frame_record(b"x"))
+    )
+    sender.start()
+    assert link.recv_frame(16 * MiB) == frame
+    assert link.recv_frame(16 * MiB) == b"x"  # the next record starts right after it
+    sender.join()
+
+
+def test_recv_frame_holds_what_arrived_not_what_was_announced() -> None:
+    """A header announcing the stream's 16 MiB limit and one KiB of it: the reader holds about what arrived (it
+    held the announced 16 MiB, zero-filled, before any byte came: a session's header and a byte committed that much
+    of the daemon's memory), and a close in the middle still says so."""
+    link = _Link()
+    link.peer.sendall(protocol.BULK_HEAD.pack(protocol.BULK_FRAME, 0, 0, 16 * MiB) + b"\x0a" * 1024)
+    link.peer.close()
+    tracemalloc.start()
+    try:
+        with pytest.raises(Unavailable, match="closed in the middle of a frame"):
+            link.recv_frame(16 * MiB)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * bulkside.FRAME_STEP, f"{peak} bytes held for 1 KiB received"
