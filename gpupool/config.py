@@ -6,6 +6,8 @@ Each program keeps its own frozen ``Config`` dataclass; this module only gives t
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
+import importlib.util
 import logging
 import os
 import re
@@ -229,6 +231,21 @@ def load_name(fd: int) -> str:
     guard's load of the same name, "undefined symbol: gpupool_current_device"). One descriptor a library."""
     _LOADED_FDS.append(fd)
     return f"/proc/self/fd/{fd}"
+
+
+def import_private_extension(name: str, path: Path) -> Any:
+    """The Python extension module `name` built at `path`, checked as opened and imported as opened
+    (`open_private_file`, `load_name`: no name looked up again between the check and the load), its `__file__`
+    naming `path`; UnsafeCacheDir when refused. The clients' native op path and the daemon's native runner."""
+    opened = load_name(open_private_file(path))  # (no .so suffix: the loader is named)
+    loader = importlib.machinery.ExtensionFileLoader(name, opened)
+    spec = importlib.util.spec_from_file_location(name, opened, loader=loader)
+    if spec is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    module.__file__ = str(path)
+    return module
 
 
 def _check_private_stat(path: Path, st: os.stat_result) -> None:

@@ -92,8 +92,6 @@ ASan's shadow memory is terabytes of private mappings, which a worker's RLIMIT_D
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import logging
 import os
 import shutil
@@ -264,22 +262,9 @@ def _no_asan() -> str | None:
 
 def _import(path: Path) -> Any:
     """The cached build at `path`, imported: only where no other user could have written it (its folder and the file
-    itself, `config.open_private_file`: the file checked is the file loaded; the cache's root alone is checked by
-    `cache_dir`); else UnsafeCacheDir."""
-    fd = config.open_private_file(path)  # checked as opened, loaded as opened (no name looked up again)
-    try:
-        opened = f"/proc/self/fd/{fd}"  # (no .so suffix: the loader named)
-        spec = importlib.util.spec_from_file_location(
-            _NAME, opened, loader=importlib.machinery.ExtensionFileLoader(_NAME, opened)
-        )
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot import {path}")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        os.close(fd)
-    mod.__file__ = str(path)
-    return mod
+    itself, `config.import_private_extension`: the file checked is the file loaded; the cache's root alone is checked
+    by `cache_dir`); else UnsafeCacheDir."""
+    return config.import_private_extension(_NAME, path)
 
 
 def compile_trace(mod: Any, trace: Any, dev: torch.device) -> Any:

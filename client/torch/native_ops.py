@@ -17,8 +17,6 @@ headers the Python dispatcher does every op and one log line says why; `GPUPOOL_
 from __future__ import annotations
 
 import hashlib
-import importlib.machinery
-import importlib.util
 import logging
 import os
 import platform
@@ -77,13 +75,7 @@ def load() -> Any:
     else:
         try:
             path = build()
-            opened = config.load_name(config.open_private_file(path))  # checked as opened, imported as opened
-            loader = importlib.machinery.ExtensionFileLoader("gpupool_native_ops", opened)  # (no .so suffix: the
-            spec = importlib.util.spec_from_file_location("gpupool_native_ops", opened, loader=loader)  # loader named)
-            assert spec is not None
-            module = importlib.util.module_from_spec(spec)
-            loader.exec_module(module)
-            module.__file__ = str(path)
+            module = config.import_private_extension("gpupool_native_ops", path)  # checked and imported as opened
             remote_del = module.setup(  # returns RemoteTensor.__del__ in C (a method descriptor)
                          tensor.RemoteTensor, torch.Tensor._make_wrapper_subclass, torch.strided,
                          dispatch.torch_dispatch, torch.compiler, meta.CACHE, tensor.RemoteView, transfer._alias,
