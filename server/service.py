@@ -155,9 +155,7 @@ class DeviceServicer:
             try:
                 nbytes += _take_bulk(s, commands, marked, parsed, self.daemon.config.queue_bytes)
             except GpupoolError as exc:  # a transfer that broke the side channel's rules ends the session
-                if (
-                    s.bulk is None or not s.bulk.frames
-                ):  # (a frames socket stays open for the writer to send the session's end)
+                if s.bulk is None or not s.bulk.frames:  # a frames socket stays open: the writer sends the end
                     s.close_bulk()
                 s.outbox.put(exc)
                 return False
