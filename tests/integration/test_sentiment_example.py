@@ -70,6 +70,18 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
         assert torch.equal(v, b["state"][k]), k
 
 
+def _close(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """As _same within float32 rounding: losses and weights to 1e-5 relative, accuracy within two reviews."""
+    ea, eb = a["epoch"], b["epoch"]
+    for k in ("train_loss", "test_loss"):
+        assert ea[k] == pytest.approx(eb[k], rel=1e-5), (k, ea, eb)
+    for k in ("train_acc", "test_acc"):
+        assert abs(ea[k] - eb[k]) <= 2 / LIMIT + 1e-9, (k, ea, eb)
+    assert a["state"].keys() == b["state"].keys()
+    for k, v in a["state"].items():
+        torch.testing.assert_close(v, b["state"][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 @pytest.fixture(scope="module")
 def runs(pool_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """One epoch each: `native` (the C++ client: the README's command, `gpupool run`'s default), `shim` (the Python
@@ -118,9 +130,12 @@ def test_one_epoch_through_gpupool_then_serve(runs: dict[str, dict[str, Any]], p
 def test_the_cpp_client_trains_it_as_the_shim_and_local_do(runs: dict[str, dict[str, Any]]) -> None:
     """The seed workload on `gpupool run --native-client` (round 17): its 512 MiB bigram table is an upload over 32 MiB
     (Session.upload), the bigram hashing's `%` a remainder.Scalar (sent whole). With the default flags (dropout: the
-    daemon's generator, seeded by --seed) the epoch's losses and the weights are the Python client's bit for bit;
-    without dropout they are local CPU's bit for bit too (fake GPUs compute with CPU kernels)."""
+    daemon's generator, seeded by --seed) the epoch's losses and the weights are the Python client's bit for bit
+    (one daemon, the same kernels). Without dropout they are local CPU's within float32 rounding: fake GPUs compute
+    with CPU kernels, bit for bit with local CPU on this box, but a CI machine once computed the local run's last bits
+    differently (train loss 0.69710861 against the pool's 0.69710876, one test review of 200 flipped) while the two
+    clients agreed: the local process and a sandboxed daemon worker need not pick the same CPU kernel everywhere."""
     native, shim = runs["native"], runs["shim"]
     _same(native, shim)
     assert 0.0 < native["epoch"]["train_loss"] < 1.0
-    _same(runs["native0"], runs["local0"])
+    _close(runs["native0"], runs["local0"])
