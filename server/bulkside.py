@@ -55,9 +55,12 @@ HELLO_TIMEOUT = 5.0  # seconds from a connection's arrival to its hello (TLS han
 # stopped by Ctrl-Z, a debugger, a sleeping laptop): the kernel tells a dead peer from a paused one
 # (`duplex.keep_alive`). A peer silent for PEER_IDLE s is probed every PEER_INTERVAL s, and PEER_PROBES unanswered
 # probes end the connection, and so its session; a paused process's kernel answers for it.
-PEER_IDLE = 10.0
-PEER_INTERVAL = 5.0
-PEER_PROBES = 4
+# A suspended host (a closed laptop lid) answers nothing, like a dead one: 3 minutes of grace for it, which is also
+# how long a vanished host's session holds its worker and memory (or until its lease ends, if sooner: a client
+# away cannot renew it).
+PEER_IDLE = 60.0
+PEER_INTERVAL = 20.0
+PEER_PROBES = 6
 MAX_PENDING = 64  # connections not yet bound to a session, in all; a newcomer past it pushes out the busiest
 MAX_PENDING_PER_SOURCE = 8  # source's oldest; ... and per source address, a newcomer pushing out its own oldest
 SIDE_MIN = bulk.SIDE_MIN  # download chunks at least this large go on the socket; smaller ones stay on the stream

@@ -43,7 +43,7 @@ KEEPALIVE_TIME = 10.0  # seconds between the daemon's pings of a connection that
 # acknowledges every byte, and its user expects `fg` to carry on after minutes: until round 27 five seconds (gRPC's
 # own ping timeout of a minute in effect) ended such a session. gRPC makes this the connection's TCP_USER_TIMEOUT
 # too (bytes sent but not acknowledged), so a vanished host is found this late on the stream; a session with a side
-# socket learns it from that socket's keepalive within about half a minute (server/bulkside.py `PEER_*`), and every
+# socket learns it from that socket's keepalive within about 3 minutes (server/bulkside.py `PEER_*`), and every
 # session ends with its lease.
 PING_WAIT = 3600.0
 
