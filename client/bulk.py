@@ -23,7 +23,7 @@ import ssl
 import struct
 import threading
 
-from gpupool import duplex, protocol, tls
+from gpupool import duplex, protocol, records, tls
 from gpupool.config import split_address
 from gpupool.errors import InvalidArgument, Unavailable
 
@@ -58,22 +58,20 @@ class BulkSocket:
         BULK_END (id: the status code's number, body: the reason); Unavailable when the socket closed or broke
         first. Waits without a limit for the record's start (a reply can take as long as the work before it; a
         lost daemon ends the gRPC stream, whose callback closes this socket), then IO_TIMEOUT at most."""
-        head = memoryview(self._head)
         try:
-            if duplex.recv_into(self.sock, self.lock, head[:1], None) == 1:
-                self._recv_into(head[1:])
-            else:
+            got = records.head(self.sock, self.lock, self._head, IO_TIMEOUT)
+            if got is None:
                 raise Unavailable(_CLOSED)
+            kind, ident, _, n = got
+            if kind not in (protocol.BULK_FRAME, protocol.BULK_END) or n > MAX_REPLY_BYTES:
+                raise InvalidArgument(f"side socket: expected a frame record, got kind {kind} of {n} bytes")
+            return kind, ident, records.body(self.sock, self.lock, n, IO_TIMEOUT)
+        except EOFError:
+            raise Unavailable("side socket closed by the daemon in the middle of a record") from None
         except ValueError as exc:  # the socket was closed here
             raise Unavailable(f"side socket: {exc}") from None
         except OSError as exc:
             raise Unavailable(f"side socket: receiving a frame failed: {exc}") from None
-        kind, ident, _, n = protocol.BULK_HEAD.unpack(head)
-        if kind not in (protocol.BULK_FRAME, protocol.BULK_END) or n > MAX_REPLY_BYTES:
-            raise InvalidArgument(f"side socket: expected a frame record, got kind {kind} of {n} bytes")
-        body = bytearray(n)
-        self._recv_into(memoryview(body))
-        return kind, ident, bytes(body)
 
     def send_upload(self, handle: int, offset: int, data: memoryview) -> None:
         head = protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, handle, offset, len(data))
@@ -84,21 +82,15 @@ class BulkSocket:
 
     def recv_download(self, request_id: int, offset: int, into: memoryview) -> None:
         """Read a download chunk's header (it must be the one the stream announced) and its bytes into `into`."""
-        head = bytearray(protocol.BULK_HEAD.size)
-        self._recv_into(memoryview(head))
-        got = protocol.BULK_HEAD.unpack(head)
         want = (protocol.BULK_DOWNLOAD, request_id, offset, len(into))
-        if got != want:
-            raise InvalidArgument(f"bulk socket: expected download chunk {want}, got {got}")
-        self._recv_into(into)
-
-    def _recv_into(self, view: memoryview) -> None:
         try:
-            got = duplex.recv_into(self.sock, self.lock, view, IO_TIMEOUT)
+            got = records.transfer(self.sock, self.lock, want, into, IO_TIMEOUT)
+        except EOFError:
+            raise Unavailable("bulk socket closed by the daemon") from None
         except (OSError, ValueError) as exc:
             raise Unavailable(f"bulk socket: receiving a download failed: {exc}") from None
-        if got < len(view):
-            raise Unavailable("bulk socket closed by the daemon")
+        if got is not None:
+            raise InvalidArgument(f"bulk socket: expected download chunk {want}, got {got}")
 
     def close(self) -> None:
         try:

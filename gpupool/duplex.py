@@ -5,17 +5,20 @@ A TLS connection is one OpenSSL object, which two threads must not use at once, 
 across a blocking `sendall`, that lock deadlocked a session whose two user threads uploaded and downloaded at once
 (round 24): the client's upload waited for the daemon to read, the daemon's reader waited for its lock, held by its
 writer, which waited for the client to read a download, whose reader waited for the client's lock, held by the
-upload; nothing moved until `IO_TIMEOUT` ended the session. Here the socket is non-blocking and the lock is held
-for one non-blocking call at a time (as a single-threaded event loop interleaves SSL_read and SSL_write on one
-connection); a thread waits for its socket to be ready with the lock released, so the other direction keeps moving.
+upload; nothing moved until the daemon's stall limit (then `IO_TIMEOUT`, 30 s) ended the session. Here the socket
+is non-blocking and the lock is held for one non-blocking call at a time (as a single-threaded event loop
+interleaves SSL_read and SSL_write on one connection); a thread waits for its socket to be ready with the lock
+released, so the other direction keeps moving.
 
-`timeout`: seconds a transfer may go without moving a byte; then TimeoutError (an OSError). The socket must be
+`timeout`: seconds a transfer may go without moving a byte; then TimeoutError (an OSError); None: no limit, for a
+socket whose dead peer the kernel finds (`keep_alive`: the daemon's end since round 27). The socket must be
 non-blocking (`sock.setblocking(False)`) once the callers use these functions.
 """
 
 from __future__ import annotations
 
 import select
+import socket
 import ssl
 import threading
 from typing import Any
@@ -35,8 +38,9 @@ def _wait(sock: Any, read: bool, timeout: float | None) -> None:
         raise TimeoutError(f"no bytes moved for {timeout:.0f} s")
 
 
-def send_all(sock: Any, lock: threading.Lock, views: list[memoryview | bytes], timeout: float) -> None:
-    """Send every byte of `views`, in order (an error or TimeoutError leaves the connection unusable)."""
+def send_all(sock: Any, lock: threading.Lock, views: list[memoryview | bytes], timeout: float | None) -> None:
+    """Send every byte of `views`, in order (an error or TimeoutError leaves the connection unusable). `timeout`:
+    None waits without a limit (the daemon's writer to a paused client: `keep_alive` finds a dead one)."""
     for whole in views:
         view = memoryview(whole).cast("B")
         pos = 0
@@ -74,3 +78,20 @@ def recv_into(sock: Any, lock: threading.Lock, view: memoryview, timeout: float 
                 pass
         _wait(sock, not want_write, timeout)
     return got
+
+
+def keep_alive(sock: Any, idle: float, interval: float, probes: int) -> None:
+    """Let the kernel tell a dead peer from one that merely does not read or write (a process stopped by Ctrl-Z, a
+    debugger, a sleeping laptop), so that a transfer may wait for the second without a limit (`timeout` None) and
+    still fail for the first: after `idle` s of silence the kernel probes the peer every `interval` s and ends the
+    connection (ETIMEDOUT, which fails a wait here) after `probes` unanswered ones. A stopped process's kernel
+    answers them, and acknowledges what fits in its buffer, then announces a zero window whose probes it answers
+    as well (RFC 1122 4.2.2.17: the sender keeps such a connection open for as long). Bytes sent to a host that is
+    gone fail after the kernel's retransmissions (`tcp_retries2`, about 15 minutes). No TCP_USER_TIMEOUT: Linux
+    ends a connection whose peer has kept a zero window for that long, answered probes or not (measured on 6.18:
+    a paused reader's connection ended 3.5 s after a 3 s TCP_USER_TIMEOUT, and lived on without it). Linux's
+    options; elsewhere only SO_KEEPALIVE, with the system's timings."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", probes)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), max(1, round(value)))

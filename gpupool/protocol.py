@@ -209,9 +209,14 @@ _REPLY_SYNC_TAG = field_tag(_number(device_pb2.ServerFrame, "sync"))
 _SYNC_REPLY = _REPLY_SYNC_TAG + b"\x00"
 
 
+def _request_id(request_id: int) -> bytes:
+    """Field 1, `request_id`, as protobuf writes it (nothing for 0): the head of a Sync, and of every ServerFrame."""
+    return b"\x08" + varint(request_id) if request_id else b""
+
+
 def sync_frame(request_id: int) -> bytes:
     """ClientFrame{commands: [Command{sync: Sync{request_id}}]} as protobuf serializes it (a lone Sync)."""
-    sync = b"\x08" + varint(request_id) if request_id else b""
+    sync = _request_id(request_id)
     command = _COMMAND_SYNC_TAG + varint(len(sync)) + sync
     return FRAME_COMMANDS_TAG + varint(len(command)) + command
 
@@ -237,7 +242,7 @@ def lone_sync(raw: bytes) -> int | None:
 
 def sync_reply(request_id: int) -> bytes:
     """ServerFrame{request_id, sync: SyncReply{}} as protobuf serializes it: the answer of an empty Sync."""
-    return (b"\x08" + varint(request_id) if request_id else b"") + _SYNC_REPLY
+    return _request_id(request_id) + _SYNC_REPLY
 
 
 # SyncReply.values holding one Scalar of 9 bytes: its `f`, a double (wire type 1; in a oneof: 0.0 is written too)
@@ -254,8 +259,7 @@ def sync_floats_reply(request_id: int, values: list[float]) -> bytes:
         body = _FLOAT_SCALAR + _DOUBLE.pack(values[0])
     else:
         body = b"".join([_FLOAT_SCALAR + _DOUBLE.pack(v) for v in values])
-    head = b"\x08" + varint(request_id) if request_id else b""
-    return head + _REPLY_SYNC_TAG + varint(len(body)) + body
+    return _request_id(request_id) + _REPLY_SYNC_TAG + varint(len(body)) + body
 
 
 THP_DEFRAG = "/sys/kernel/mm/transparent_hugepage/defrag"

@@ -16,12 +16,20 @@ stream reader read that many bytes from the socket, after a header (`protocol.BU
 offset, length) that must match the command, straight into the canonical upload span the worker gets
 (`BulkLink.recv_upload`); a `Get` with `bulk` makes the stream's writer send each chunk of its answer of
 `SIDE_MIN` bytes or more as a `TensorChunk` with `bulk_bytes` (no data) on the stream, then header and bytes on
-the socket, from the frame's memory (`BulkLink.send_download`). Anything else on the socket, a short read, or
-`IO_TIMEOUT` without progress ends that session (INVALID_ARGUMENT or UNAVAILABLE, with the reason) and only it.
+the socket, from the frame's memory (`BulkLink.send_download`). Anything else on the socket, or a short read,
+ends that session (INVALID_ARGUMENT or UNAVAILABLE, with the reason) and only it.
+
+A bound socket's transfers wait as long as the peer is alive, with no limit of their own (round 27; until then 30 s
+without progress ended the session, so a client stopped by Ctrl-Z lost it): a client that does not read its replies
+parks only its own session (its reply budget, `outbox_bytes`, stops its commands; its queue's back-pressure stops
+its sender), and goes on where it was when it reads again. A dead peer is found by the kernel (`PEER_*`,
+`duplex.keep_alive`); a killed client's kernel closes the socket at once; a session closed for any reason (Detach,
+its lease's end, its stream's end) shuts its socket down, which fails a transfer blocked on it at once.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
 import os
@@ -33,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from gpupool import duplex, protocol, tls
+from gpupool import duplex, protocol, records, tls
 from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import InvalidArgument, Unavailable
 from gpupool.peers import push_out
@@ -43,11 +51,20 @@ from . import bulk
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 5.0  # seconds from a connection's arrival to its hello (TLS handshake included)
-IO_TIMEOUT = 30.0  # seconds a transfer may stall (no bytes moving) before its session ends
+# A bound socket's transfers wait as long as its peer is alive, however long it does not read or write (a client
+# stopped by Ctrl-Z, a debugger, a sleeping laptop): the kernel tells a dead peer from a paused one
+# (`duplex.keep_alive`). A peer silent for PEER_IDLE s is probed every PEER_INTERVAL s, and PEER_PROBES unanswered
+# probes end the connection, and so its session; a paused process's kernel answers for it.
+# A suspended host (a closed laptop lid) answers nothing, like a dead one: 3 minutes of grace for it, which is also
+# how long a vanished host's session holds its worker and memory (or until its lease ends, if sooner: a client
+# away cannot renew it).
+PEER_IDLE = 60.0
+PEER_INTERVAL = 20.0
+PEER_PROBES = 6
 MAX_PENDING = 64  # connections not yet bound to a session, in all; a newcomer past it pushes out the busiest
 MAX_PENDING_PER_SOURCE = 8  # source's oldest; ... and per source address, a newcomer pushing out its own oldest
 SIDE_MIN = bulk.SIDE_MIN  # download chunks at least this large go on the socket; smaller ones stay on the stream
-FRAME_STEP = 64 * 1024  # a frame's first buffer on a frames socket; it doubles as the frame's bytes arrive
+FRAME_STEP = records.STEP  # a frame's first buffer on a frames socket; it doubles as the frame's bytes arrive
 _SID_MAX = 128
 
 
@@ -55,7 +72,7 @@ class BulkLink:
     """A session's bound side socket. The stream's reader reads uploads from it, the stream's writer sends
     downloads on it, both through gpupool/duplex.py: a non-blocking socket and a lock held for one call at a time,
     never while waiting, so neither direction waits for the other (round 24: a lock held across `sendall`
-    deadlocked a client uploading and downloading from two threads into `IO_TIMEOUT`)."""
+    deadlocked a client uploading and downloading from two threads until a stall limit ended the session)."""
 
     def __init__(self, sock: socket.socket, session_number: int, frames: bool = False) -> None:
         self.sock = sock
@@ -68,43 +85,41 @@ class BulkLink:
 
     def recv_frame(self, limit: int) -> bytes | None:
         """The next ClientFrame's bytes on a frames socket; None when the client closed the socket between frames
-        (or the daemon did). Waits for a frame's first byte without a limit (an idle session is no fault), then
-        `IO_TIMEOUT` at most without progress. The header must be a BULK_FRAME record of 1 to `limit` bytes (the
-        gRPC stream's message limit): the length is checked before a byte of the frame is read or held."""
-        head = memoryview(self._head)
+        (or the daemon did). The header must be a BULK_FRAME record of 1 to `limit` bytes (the gRPC stream's
+        message limit): the length is checked before a byte of the frame is read or held, and the frame's buffer
+        grows with what arrives (gpupool/records.py). Waits as long as the peer is alive (`keep_alive`)."""
         try:
-            got = duplex.recv_into(self.sock, self.lock, head[:1], None)
+            got = records.head(self.sock, self.lock, self._head, None)
+        except EOFError:
+            raise Unavailable(
+                f"side socket of session {self.number} closed in the middle of a frame's header"
+            ) from None
         except (OSError, ValueError) as exc:
             if self.closed:
                 return None
-            raise Unavailable(f"side socket of session {self.number}: {exc}") from None
-        if got == 0:
+            raise Unavailable(f"side socket of session {self.number}: {_why(exc)}") from None
+        if got is None:
             return None
-        self._recv_into(head[1:], "a frame's header")
-        kind, ident, offset, n = protocol.BULK_HEAD.unpack(head)
+        kind, ident, offset, n = got
         if kind != protocol.BULK_FRAME or ident or offset or not 0 < n <= limit:
             raise InvalidArgument(
                 f"side socket of session {self.number}: expected a frame record (kind {protocol.BULK_FRAME}, id 0, "
                 f"offset 0, 1 to {limit} bytes), got kind {kind}, id {ident}, offset {offset}, length {n}"
             )
-        # Held as it arrives, not as announced: a buffer of the announced length up front would let a session
-        # commit `limit` bytes of the daemon's memory with a header and one byte. It grows by doubling from
-        # FRAME_STEP, so what is held stays under twice what was sent (a small frame: one read, as before).
-        body = bytearray(min(n, FRAME_STEP))
-        got = 0
-        while True:
-            self._recv_into(memoryview(body)[got:], "a frame")
-            got = len(body)
-            if got == n:
-                return bytes(body)
-            body.extend(bytes(min(n - got, got)))
+        try:
+            return records.body(self.sock, self.lock, n, None)
+        except EOFError:
+            raise Unavailable(f"side socket of session {self.number} closed in the middle of a frame") from None
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"side socket of session {self.number}: {_why(exc)}") from None
 
     def send_frame(self, frame: bytes) -> None:
-        """A reply frame (ServerFrame bytes) as a record on a frames socket; Unavailable when it cannot go."""
+        """A reply frame (ServerFrame bytes) as a record on a frames socket; waits while the client is alive and
+        not reading (`keep_alive`); Unavailable when it cannot go."""
         try:
-            duplex.send_all(self.sock, self.lock, [protocol.frame_record(frame)], IO_TIMEOUT)
+            duplex.send_all(self.sock, self.lock, [protocol.frame_record(frame)], None)
         except (OSError, ValueError) as exc:
-            raise Unavailable(f"side socket of session {self.number}: sending a reply failed: {exc}") from None
+            raise Unavailable(f"side socket of session {self.number}: sending a reply failed: {_why(exc)}") from None
 
     def send_end(self, code: int, reason: str) -> None:
         """The session's end on a frames socket (its status code's number and reason), where the socket still
@@ -126,39 +141,26 @@ class BulkLink:
         head = protocol.upload_head(small, n)
         span = memoryview(bytearray(len(head) + n))
         span[: len(head)] = head
-        got = protocol.BULK_HEAD.unpack(self._recv_exact(protocol.BULK_HEAD.size))
         want = (protocol.BULK_UPLOAD, up.handle, up.offset, n)
-        if got != want:
+        try:
+            got = records.transfer(self.sock, self.lock, want, span[len(head) :], None)
+        except EOFError:
+            raise Unavailable(f"bulk socket of session {self.number} closed in the middle of an upload") from None
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"bulk socket of session {self.number}: {_why(exc)}") from None
+        if got is not None:
             raise InvalidArgument(
                 f"bulk socket of session {self.number}: expected an upload of {n} bytes for handle {up.handle} "
                 f"at offset {up.offset} (kind, id, offset, length = {want}), got {got}"
             )
-        self._recv_into(span[len(head) :])
         return span
 
     def send_download(self, request_id: int, offset: int, data: memoryview) -> None:
         head = protocol.BULK_HEAD.pack(protocol.BULK_DOWNLOAD, request_id, offset, len(data))
         try:  # (the stream's one writer sends downloads: header and bytes stay together)
-            duplex.send_all(self.sock, self.lock, [head, data], IO_TIMEOUT)
+            duplex.send_all(self.sock, self.lock, [head, data], None)
         except (OSError, ValueError) as exc:
-            raise Unavailable(f"bulk socket of session {self.number}: sending a download failed: {exc}") from None
-
-    def _recv_exact(self, n: int) -> bytes:
-        buf = bytearray(n)
-        self._recv_into(memoryview(buf))
-        return bytes(buf)
-
-    def _recv_into(self, view: memoryview, what: str = "an upload") -> None:
-        try:
-            got = duplex.recv_into(self.sock, self.lock, view, IO_TIMEOUT)
-        except TimeoutError:
-            raise InvalidArgument(
-                f"bulk socket of session {self.number}: {what} stalled for {IO_TIMEOUT:.0f} s (of {len(view)} bytes)"
-            ) from None
-        except (OSError, ValueError) as exc:
-            raise Unavailable(f"bulk socket of session {self.number}: {exc}") from None
-        if got < len(view):
-            raise Unavailable(f"bulk socket of session {self.number} closed in the middle of {what}")
+            raise Unavailable(f"bulk socket of session {self.number}: sending a download failed: {_why(exc)}") from None
 
     def close(self) -> None:
         """Stop the socket now (a transfer blocked on it fails at once); closed for good by its last user."""
@@ -172,6 +174,17 @@ class BulkLink:
                 self.sock.close()
             finally:
                 self.lock.release()
+
+
+def _why(exc: BaseException) -> str:
+    """What broke a bound socket, in words: the kernel's verdict on a peer that stopped answering its probes says
+    so (`keep_alive`)."""
+    if isinstance(exc, TimeoutError) or getattr(exc, "errno", None) == errno.ETIMEDOUT:
+        return (
+            f"its peer stopped answering (TCP keepalive: {PEER_PROBES} probes {PEER_INTERVAL:.0f} s apart after "
+            f"{PEER_IDLE:.0f} s of silence): {exc}"
+        )
+    return str(exc)
 
 
 class ChunkParts:
@@ -385,9 +398,10 @@ class BulkPort:
                     why = "sends its frames on its stream (one carrier per session)"
                 sock.sendall(protocol.bulk_error(f"session {s.number} {why}"))
                 raise ValueError(f"session {s.number} {why}")
-            sock.settimeout(IO_TIMEOUT)
+            sock.settimeout(HELLO_TIMEOUT)
             sock.sendall(protocol.BULK_OK)
-            sock.setblocking(False)  # from now on gpupool/duplex.py waits (IO_TIMEOUT) with the lock released
+            duplex.keep_alive(sock, PEER_IDLE, PEER_INTERVAL, PEER_PROBES)
+            sock.setblocking(False)  # from now on gpupool/duplex.py waits, with the lock released
             bound = True
             log.info("session %d: %s socket from %s bound", s.number, "frames" if frames else "bulk", source)
             if frames and self.frames is not None:

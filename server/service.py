@@ -37,6 +37,15 @@ from .front import FrontSession
 log = logging.getLogger(__name__)
 SERVICE = "gpupool.v1.Device"
 MAX_WORKERS = 256  # one thread per open stream plus unary calls; streams are long-lived, so be generous
+KEEPALIVE_TIME = 10.0  # seconds between the daemon's pings of a connection that is quiet
+# Seconds a ping may go unanswered before the daemon drops the connection, and with it the sessions whose streams it
+# carries. A client stopped by Ctrl-Z (a debugger, a sleeping laptop) answers no ping while its kernel still
+# acknowledges every byte, and its user expects `fg` to carry on after minutes: until round 27 five seconds (gRPC's
+# own ping timeout of a minute in effect) ended such a session. gRPC makes this the connection's TCP_USER_TIMEOUT
+# too (bytes sent but not acknowledged), so a vanished host is found this late on the stream; a session with a side
+# socket learns it from that socket's keepalive within about 3 minutes (server/bulkside.py `PEER_*`), and every
+# session ends with its lease.
+PING_WAIT = 3600.0
 
 
 class DeviceServicer:
@@ -109,9 +118,10 @@ class DeviceServicer:
     def read_side(self, s: FrontSession, link: bulkside.BulkLink) -> None:
         """The reader of a session whose frames travel on its side socket (`BulkPort` runs it in the socket's
         thread once bound): the stream's reader's checks, frame by frame, on length-prefixed records read with
-        the stream's message limit (`BulkLink.recv_frame`). A bad record, a stall mid-record or a socket closed
-        mid-record ends this session (INVALID_ARGUMENT or UNAVAILABLE, with the reason); so does a socket closed
-        between frames while the session is open (its client went away: its Detach closes the session first)."""
+        the stream's message limit (`BulkLink.recv_frame`). A bad record, or a socket closed or dead (its peer's
+        kernel stopped answering) mid-record, ends this session (INVALID_ARGUMENT or UNAVAILABLE, with the reason);
+        so does a socket closed between frames while the session is open (its client went away: its Detach closes
+        the session first). A live client that stops writing mid-record (Ctrl-Z) is waited for."""
         limit = self.daemon.config.max_message_bytes
         try:
             while not s.closed:
@@ -354,9 +364,11 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
         ("grpc.http2.max_ping_strikes", 0),
-        # Ping idle clients too, so streams of vanished clients end and their sessions free memory.
-        ("grpc.keepalive_time_ms", 10_000),
-        ("grpc.keepalive_timeout_ms", 5_000),
+        # Ping idle clients too, so streams of vanished clients end and their sessions free memory; a paused
+        # client (Ctrl-Z, a debugger) answers no ping while its kernel still acknowledges every byte (PING_WAIT).
+        ("grpc.keepalive_time_ms", round(KEEPALIVE_TIME * 1000)),
+        ("grpc.keepalive_timeout_ms", round(PING_WAIT * 1000)),
+        ("grpc.http2.ping_timeout_ms", round(PING_WAIT * 1000)),
         # A second daemon on the same port must fail to start, not silently share it.
         ("grpc.so_reuseport", 0),
     ]

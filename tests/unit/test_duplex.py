@@ -48,3 +48,42 @@ def test_a_socket_that_moves_nothing_times_out(high_pair) -> None:
     a, _ = high_pair
     with pytest.raises(TimeoutError, match="no bytes moved"):
         duplex.recv_into(a, threading.Lock(), memoryview(bytearray(10)), 0.2)
+
+
+def test_keep_alive_sets_the_kernels_probes() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as srv, socket.create_connection(srv.getsockname()) as c:
+        duplex.keep_alive(c, 7.0, 3.0, 5)
+        assert c.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            got = [c.getsockopt(socket.IPPROTO_TCP, o) for o in (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL)]
+            assert got + [c.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)] == [7, 3, 5]
+        if hasattr(socket, "TCP_USER_TIMEOUT"):  # it would end a paused reader's connection (see keep_alive)
+            assert c.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 0
+
+
+def test_a_send_waits_for_a_paused_reader_past_every_keepalive_timer() -> None:
+    """A reader that stops reading (its process paused) while its kernel answers: the sender, waiting without a
+    limit, is still waiting after its first probe and a whole probe cycle, and every byte arrives once the reader
+    reads again."""
+    with socket.create_server(("127.0.0.1", 0)) as srv, socket.create_connection(srv.getsockname()) as c:
+        a, _ = srv.accept()
+        with a:
+            duplex.keep_alive(a, 1.0, 1.0, 1)
+            a.setblocking(False)
+            data = os.urandom(32 << 20)  # far more than the socket buffers hold
+            errors: list[BaseException] = []
+
+            def send() -> None:
+                try:
+                    duplex.send_all(a, threading.Lock(), [data], None)
+                except BaseException as exc:  # noqa: BLE001 - checked below
+                    errors.append(exc)
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            sender.join(5.0)
+            assert sender.is_alive() and not errors, errors
+            got = bytearray(len(data))
+            assert duplex.recv_into(c, threading.Lock(), memoryview(got), 30.0) == len(data)
+            sender.join(10)
+            assert not sender.is_alive() and not errors and got == data

@@ -109,19 +109,17 @@ def test_recv_upload_refuses_any_other_header(header: bytes) -> None:
         link.recv_upload(device_pb2.Upload(handle=9, bulk_bytes=16, last=True))
 
 
-def test_recv_upload_of_a_closed_or_silent_socket_fails_clearly() -> None:
+def test_recv_upload_of_a_closed_socket_fails_clearly() -> None:
     link = _Link()
     link.peer.sendall(protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, 9, 0, 16) + b"\x00" * 3)
     link.peer.close()
     with pytest.raises(Unavailable, match="closed in the middle of an upload"):
         link.recv_upload(device_pb2.Upload(handle=9, bulk_bytes=16, last=True))
-    silent = _Link()
-    silent.sock.settimeout(0.2)
-    with pytest.raises(InvalidArgument, match="stalled"):
-        silent.recv_upload(device_pb2.Upload(handle=9, bulk_bytes=16, last=True))
 
 
-def test_close_unblocks_a_reader() -> None:
+def test_a_silent_peer_is_waited_for_until_close_unblocks_the_reader() -> None:
+    """No stall limit: a paused client goes on where it stopped, a dead one is the kernel's to find
+    (`duplex.keep_alive`), and the session's close (Detach, its lease's end) ends the wait."""
     link = _Link()
     errors: list[BaseException] = []
 
@@ -133,9 +131,11 @@ def test_close_unblocks_a_reader() -> None:
 
     t = threading.Thread(target=read)
     t.start()
+    t.join(1.0)
+    assert t.is_alive() and not errors
     link.close()
     t.join(5)
-    assert not t.is_alive() and errors and isinstance(errors[0], Unavailable | InvalidArgument)
+    assert not t.is_alive() and errors and isinstance(errors[0], Unavailable)
 
 
 @pytest.mark.parametrize("size", [1, bulkside.FRAME_STEP, bulkside.FRAME_STEP + 1, 3 * MiB + 5])

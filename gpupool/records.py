@@ -1,0 +1,64 @@
+"""The side socket's records as both ends read them (docs/wire.md: `protocol.BULK_HEAD`, then `length` bytes): the
+daemon's frame reader (server/bulkside.py `BulkLink.recv_frame`) and the client's reply reader (client/bulk.py
+`BulkSocket.recv_record`). Each end keeps its own rules (which kinds, how long) and its own words for a failure;
+what they share is how a record comes off the socket (gpupool/duplex.py, the session's lock held one call at a
+time).
+
+Failures, for the caller to name: `EOFError` when the peer closed in the middle of a record, `TimeoutError` (an
+OSError) when `timeout` passed without a byte moving, another OSError or ValueError when the socket broke or was
+closed at this end.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from gpupool import duplex, protocol
+
+STEP = 64 * 1024  # a record's first buffer; it doubles as the record's bytes arrive (`body`)
+
+
+def head(sock: Any, lock: threading.Lock, buf: bytearray, timeout: float | None) -> tuple[int, int, int, int] | None:
+    """The next record's header (kind, id, offset, length) read into `buf` (`protocol.BULK_HEAD.size` bytes); None
+    when the peer closed the socket between records. Waits for the header's first byte without a limit (the next
+    record may be far off: an idle session, a long step), then `timeout` at most without progress."""
+    view = memoryview(buf)
+    if duplex.recv_into(sock, lock, view[:1], None) == 0:
+        return None
+    if duplex.recv_into(sock, lock, view[1:], timeout) < len(view) - 1:
+        raise EOFError("a record's header")
+    return protocol.BULK_HEAD.unpack(buf)
+
+
+def body(sock: Any, lock: threading.Lock, n: int, timeout: float | None) -> bytes:
+    """A record's `n` bytes (its header already checked by the caller). Held as they arrive, not as announced: a
+    buffer of the announced length up front would let a peer commit `n` bytes of this end's memory with a header
+    and one byte. It grows by doubling from STEP, so what is held stays under twice what was sent (a small record:
+    one read)."""
+    buf = bytearray(min(n, STEP))
+    got = 0
+    while got < n:
+        if duplex.recv_into(sock, lock, memoryview(buf)[got:], timeout) < len(buf) - got:
+            raise EOFError("a record")
+        got = len(buf)
+        if got < n:
+            buf.extend(bytes(min(n - got, got)))
+    return bytes(buf)
+
+
+def transfer(
+    sock: Any, lock: threading.Lock, want: tuple[int, int, int, int], into: memoryview, timeout: float | None
+) -> tuple[int, int, int, int] | None:
+    """A bulk transfer's record (an upload's on the daemon, a download's on the client), whose header must be `want`
+    (kind, id, offset, length: what the frame announced), its bytes read straight into `into`; the header that came
+    instead, with nothing more read, else None."""
+    buf = bytearray(protocol.BULK_HEAD.size)
+    if duplex.recv_into(sock, lock, memoryview(buf), timeout) < len(buf):
+        raise EOFError("a transfer's header")
+    got: tuple[int, int, int, int] = protocol.BULK_HEAD.unpack(buf)
+    if got != want:
+        return got
+    if duplex.recv_into(sock, lock, into, timeout) < len(into):
+        raise EOFError("a transfer")
+    return None

@@ -1,0 +1,56 @@
+"""gpupool/records.py, the side socket's records as both ends read them, through each end's reader: the client's
+reply reader (client/bulk.py `recv_record`: frames and the session's end, up to its bound) and the daemon's frame
+reader (server/bulkside.py `recv_frame`, its own tests in test_server_bulkside.py) on real socket pairs."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+from gpupool.client import bulk as client_bulk
+from gpupool.server import bulkside
+
+from gpupool import protocol, records
+from gpupool.errors import InvalidArgument, Unavailable
+
+
+def _pair() -> tuple[client_bulk.BulkSocket, socket.socket]:
+    a, b = socket.socketpair()
+    return client_bulk.BulkSocket(a, frames=True), b
+
+
+def test_the_client_reads_frames_and_the_sessions_end() -> None:
+    sock, peer = _pair()
+    big = bytes(range(256)) * (records.STEP // 64)  # past the first buffer: it grows
+    reason = b"session closed: detached"
+    sent = protocol.frame_record(big) + protocol.BULK_HEAD.pack(protocol.BULK_END, 9, 0, len(reason)) + reason
+    sender = threading.Thread(target=peer.sendall, args=(sent,))  # more than the pair's buffers hold
+    sender.start()
+    assert sock.recv_record() == (protocol.BULK_FRAME, 0, big)
+    assert sock.recv_record() == (protocol.BULK_END, 9, reason)
+    sender.join()
+    peer.close()
+    with pytest.raises(Unavailable, match="closed"):
+        sock.recv_record()
+
+
+@pytest.mark.parametrize(
+    ("sent", "error", "match"),
+    [
+        (protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, 0, 0, 4) + b"abcd", InvalidArgument, "expected a frame record"),
+        (protocol.BULK_HEAD.pack(protocol.BULK_FRAME, 0, 0, client_bulk.MAX_REPLY_BYTES + 1), InvalidArgument, "of"),
+        (protocol.BULK_HEAD.pack(protocol.BULK_FRAME, 0, 0, 100) + b"x" * 10, Unavailable, "middle of a record"),
+        (protocol.BULK_HEAD.pack(protocol.BULK_FRAME, 0, 0, 100)[:5], Unavailable, "middle of a record"),
+    ],
+)
+def test_the_client_refuses_bad_records(sent: bytes, error: type[Exception], match: str) -> None:
+    sock, peer = _pair()
+    peer.sendall(sent)
+    peer.close()
+    with pytest.raises(error, match=match):
+        sock.recv_record()
+
+
+def test_both_ends_share_the_buffers_step() -> None:
+    assert bulkside.FRAME_STEP == records.STEP
