@@ -19,7 +19,8 @@ process, the default) and `--isolation thread` (sessions in the daemon process),
 --against DIR it compares this tree's daemon with another checkout's (before/after a change), side by side, and both
 with a bare gRPC stream ping-pong of their kind measured in the same alternating blocks, and their transfers
 with the raw TCP and raw TLS socket floors measured after each alternating pair (the floor of the daemons' kind,
-TLS with --tls, is the one the 0.6 target is checked against; with --tls the ratio to raw TCP is printed too).
+TLS with --tls, is the one the 0.6 target is checked against; with --tls the ratio to raw TCP is printed too; and
+a raw download of that kind into a fresh tensor, as a client's download lands, beside the floor's reused buffer).
 """
 
 from __future__ import annotations
@@ -153,7 +154,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def tcp_figures(port: int, size: int, pings: int, tls: bool = False) -> dict[str, float]:
+def tcp_figures(port: int, size: int, pings: int, tls: bool = False, fresh: bool = False) -> dict[str, float]:
+    """Upload, download and ping-pong of a raw socket; the download into one reused 4 MiB buffer, or with
+    `fresh` into a fresh tensor of `size` bytes, as a client's download lands (its pages faulted in first)."""
     import ssl
 
     with socket.create_connection(("127.0.0.1", port)) as raw:
@@ -169,12 +172,16 @@ def tcp_figures(port: int, size: int, pings: int, tls: bool = False) -> dict[str
             s.sendall(memoryview(blob)[: min(CHUNK, size - off)])
         s.recv(1)
         up = size / (time.perf_counter() - t0) / 1e9
-        buf = bytearray(CHUNK)
+        buf = memoryview(bytearray(CHUNK))
         t0 = time.perf_counter()
+        if fresh:
+            import torch
+
+            buf = memoryview(torch.empty(size, dtype=torch.uint8).numpy()).cast("B")
         s.sendall(b"D" + struct.pack("!Q", size))
         left = size
         while left:
-            left -= s.recv_into(buf, min(left, CHUNK))
+            left -= s.recv_into(buf[size - left :] if fresh else buf, min(left, CHUNK))
         down = size / (time.perf_counter() - t0) / 1e9
         s.sendall(b"P" + struct.pack("!Q", pings))
         rtts = []
@@ -512,7 +519,7 @@ def against(args: argparse.Namespace) -> int:
         _, tcp_port, grpc_port, tls_port, grpc_tls_port = floor.stdout.readline().split()
         floor_times: list[float] = []
         figures: dict[str, list[dict[str, float]]] = {k: [] for k in daemons}
-        raws: dict[str, list[dict[str, float]]] = {"tcp": [], "tls": []}  # the raw socket floors, same blocks
+        raws: dict[str, list[dict[str, float]]] = {"tcp": [], "tls": [], "fresh": []}  # raw floors, same blocks
         rtts: dict[str, list[float]] = {k: [] for k in daemons}
         items: dict[str, list[float]] = {k: [] for k in daemons}  # Syncs with one scalar: `.item()`
         cpu = {k: {"sync": 0.0, "item": 0.0} for k in daemons}  # the daemon process's CPU seconds over them
@@ -527,6 +534,7 @@ def against(args: argparse.Namespace) -> int:
                         figures[name].append(gpupool_figures(daemons[name][1], token, size, args.ops, 1))
                 raws["tcp"].append(tcp_figures(int(tcp_port), size, 1))
                 raws["tls"].append(tcp_figures(int(tls_port), size, 1, tls=True))
+                raws["fresh"].append(tcp_figures(int(tls_port if args.tls else tcp_port), size, 1, args.tls, True))
                 print(f"transfers {i + 1}/{args.repeat} done", file=sys.stderr)
             sessions, scalars = {}, {}
             for name, (_, address) in daemons.items():
@@ -572,6 +580,9 @@ def against(args: argparse.Namespace) -> int:
     own, own_name = (rs, "raw TLS") if args.tls else (rt, "raw TCP")
     print(f"{'raw TCP floor up / down (GB/s)':<34}{rt['up']:>12.3f}{rt['down']:>12.3f}")
     print(f"{'raw TLS floor up / down (GB/s)':<34}{rs['up']:>12.3f}{rs['down']:>12.3f}")
+    rf = median_of(raws["fresh"])["down"]
+    print(f"{own_name + ' down, fresh tensor':<34}{'':>12}{rf:>12.3f}   (the download into new memory)")
+    print(f"{'  download / that':<34}{o['down'] / rf:>12.2f}{t['down'] / rf:>12.2f}")
     for k, what in (("up", "upload"), ("down", "download")):
         ratios = [(own_name, own[k])] + ([("raw TCP", rt[k])] if args.tls else [])
         for raw_name, floor_k in ratios:
