@@ -239,7 +239,7 @@ class _Waiter:
                 return
             self._bytes[c.offset : c.offset + len(data)] = data
             if self._prefault is not None:
-                self._prefault.reached = c.offset + len(data)
+                self._prefault.advance(c.offset + len(data))
         if c.last:
             self._end_prefault()
             self.done = True
@@ -262,7 +262,7 @@ class _Waiter:
             self._end_prefault()
             raise
         if self._prefault is not None:
-            self._prefault.reached = c.offset + n
+            self._prefault.advance(c.offset + n)
         if not fits:
             self.fail(InvalidArgument("download chunk past the tensor's end (or before its metadata)"))
         elif c.last:
@@ -271,7 +271,7 @@ class _Waiter:
 
     def _end_prefault(self) -> None:
         if self._prefault is not None:
-            self._prefault.stop = True
+            self._prefault.end()
             self._prefault = None
 
     def fail(self, exc: GpupoolError) -> None:

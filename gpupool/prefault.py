@@ -5,13 +5,14 @@ where they are cheap, protocol.huge_pages_are_cheap). Taken one by one inside a 
 cost as much again as the transfer's own work on the thread that limits it (BENCHMARKS.md, "Round 27, xfer27": a
 raw TLS socket received 256 MiB at half the speed into a fresh tensor as into one reused 4 MiB buffer).
 `MADV_POPULATE_WRITE` (Linux 5.14) faults a range in for writing in one call, and ctypes releases the GIL for it,
-so the faults run on another core beside the reads: the client's download tensor (client/session.py) and the
-worker's upload tensor (server/executor.py).
+so the faults run on another core beside the reads: the client's download tensor (client/session.py).
 
 Advice only: the pages' contents never change (a page written first by the filling thread stays as written), a
 kernel without it (EINVAL) turns it off for the process, and the helper skips past what the filling thread has
-already written (`reached`). It holds the tensor until it is done, so the pages it touches are always the
-tensor's.
+already written (`reached`, set through `advance`). It runs at most `AHEAD` bytes ahead of the bytes, so a
+transfer that stalls or ends early never has more of its tensor in memory than that beyond what arrived; it
+ends at the tensor's end, at `stop`, or after `IDLE` seconds without progress. It holds the tensor until it is
+done, so the pages it touches are always the tensor's.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ PAGE = 4096
 MADV_POPULATE_WRITE = 23
 MIN_BYTES = 8 * 1024 * 1024  # tensors at least this large are faulted in ahead of their bytes
 STEP = 2 * 1024 * 1024  # bytes per madvise call (the helper looks at `reached` and `stop` between them)
+AHEAD = 32 * 1024 * 1024  # the most bytes faulted in past what the filler has written
+IDLE = 60.0  # seconds the helper waits for the filler to move before it gives up
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 _ok = [_LIBC is not None]  # False once the kernel refused MADV_POPULATE_WRITE
 
@@ -37,11 +40,22 @@ class Prefault:
     def __init__(self, tensor: Any) -> None:
         self.tensor: Any = tensor  # held until the helper is done
         self.base = tensor.data_ptr()
-        self.start = self.base // PAGE * PAGE
-        self.end = -(-(self.base + tensor.nbytes) // PAGE) * PAGE
+        self.lo = self.base // PAGE * PAGE
+        self.hi = -(-(self.base + tensor.nbytes) // PAGE) * PAGE
         self.reached = 0
         self.stop = False
+        self._moved = threading.Event()
         threading.Thread(target=self._run, name="gpupool-prefault", daemon=True).start()
+
+    def advance(self, reached: int) -> None:
+        """The filler has written the tensor's first `reached` bytes."""
+        self.reached = reached
+        self._moved.set()
+
+    def end(self) -> None:
+        """The transfer is over (done or failed): the helper stops at its next step."""
+        self.stop = True
+        self._moved.set()
 
     def _run(self) -> None:
         try:
@@ -51,12 +65,16 @@ class Prefault:
 
     def _fault(self) -> None:
         assert _LIBC is not None
-        pos = self.start
-        while pos < self.end and not self.stop:
-            pos = max(pos, (self.base + self.reached) // PAGE * PAGE)
-            n = min(STEP, self.end - pos)
+        pos = self.lo
+        while pos < self.hi and not self.stop:
+            self._moved.clear()
+            done = self.base + self.reached
+            pos = max(pos, done // PAGE * PAGE)
+            n = min(STEP, self.hi - pos, -(-(done + AHEAD) // PAGE) * PAGE - pos)  # whole pages from a page
             if n <= 0:
-                return
+                if pos >= self.hi or not self._moved.wait(IDLE):
+                    return
+                continue
             if _LIBC.madvise(ctypes.c_void_p(pos), ctypes.c_size_t(n), MADV_POPULATE_WRITE) != 0:
                 if ctypes.get_errno() == errno.EINVAL:
                     _ok[0] = False  # this kernel has no MADV_POPULATE_WRITE: never ask again

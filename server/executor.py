@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 from grpc import StatusCode
 
-from gpupool import compact, prefault, protocol, wire
+from gpupool import compact, protocol, wire
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
 
@@ -792,7 +792,6 @@ class CommandExecutor:
                 self.ledger.transfer("upload", nbytes)
                 return
             s.bind(h, torch.empty(shape, dtype=dtype, device=s.device.torch_device))
-            prefault.start(s.tensors[h])  # a host tensor's pages faulted in beside the chunks' copies
             s.uploads[h] = 0
         elif h not in s.uploads:
             s.check_handle(h)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -36,6 +37,7 @@ def test_faults_a_fresh_tensor_in_and_leaves_written_bytes_alone() -> None:
     if p is None:  # a kernel older than 5.14 refuses MADV_POPULATE_WRITE: then nothing may have changed
         assert not prefault._ok[0]
         return
+    p.advance(1 << 20)
     _wait_done(p)
     assert _resident_pages(t) > before
     assert _resident_pages(t) >= t.nbytes // prefault.PAGE - 1
@@ -46,8 +48,9 @@ def test_skips_what_the_filler_reached_and_stops_when_told() -> None:
     t = torch.empty(prefault.MIN_BYTES * 4, dtype=torch.uint8)
     p = prefault.Prefault.__new__(prefault.Prefault)  # the helper's loop, run here on a known state
     p.tensor, p.base = t, t.data_ptr()
-    p.start = p.base // prefault.PAGE * prefault.PAGE
-    p.end = -(-(p.base + t.nbytes) // prefault.PAGE) * prefault.PAGE
+    p.lo = p.base // prefault.PAGE * prefault.PAGE
+    p.hi = -(-(p.base + t.nbytes) // prefault.PAGE) * prefault.PAGE
+    p._moved = threading.Event()
     p.reached, p.stop = t.nbytes, False  # the filler already wrote everything: nothing is left to fault in
     before = _resident_pages(t)
     p._fault()
@@ -63,3 +66,45 @@ def test_small_and_off_host_tensors_get_no_helper() -> None:
     assert prefault.start(torch.empty(prefault.MIN_BYTES, dtype=torch.uint8, device="meta")) is None
     big = torch.empty(2, prefault.MIN_BYTES, dtype=torch.uint8)
     assert prefault.start(big.t()) is None  # not one contiguous range
+
+
+def test_runs_at_most_ahead_bytes_past_the_filler() -> None:
+    """A transfer that stalls (a client that announced a tensor and sent nothing more) has at most AHEAD bytes of
+    its tensor faulted in past what arrived; each advance lets the helper go on, and it ends at the tensor's end."""
+    t = torch.empty(prefault.AHEAD * 3, dtype=torch.uint8)
+    before = _resident_pages(t)
+    p = prefault.start(t)
+    if p is None:
+        assert not prefault._ok[0]
+        return
+    window = prefault.AHEAD // prefault.PAGE + 2  # the pages of AHEAD bytes, and the two it may straddle
+
+    def settled(expected_max: int) -> int:
+        last, deadline = -1, time.monotonic() + 10
+        while time.monotonic() < deadline:  # until the helper stops faulting pages in (it waits for the filler)
+            now = _resident_pages(t)
+            if now == last:
+                break
+            last = now
+            time.sleep(0.05)
+        assert last - before <= expected_max
+        return last
+
+    settled(window)
+    assert p.tensor is not None  # waiting for the filler, not gone
+    p.advance(prefault.AHEAD)
+    settled(2 * window)
+    p.advance(2 * prefault.AHEAD)  # the last AHEAD bytes are within reach now: faulted in, and the helper ends
+    _wait_done(p)
+    assert _resident_pages(t) >= t.nbytes // prefault.PAGE - 1
+
+
+def test_end_stops_a_waiting_helper() -> None:
+    t = torch.empty(prefault.AHEAD * 2, dtype=torch.uint8)
+    p = prefault.start(t)
+    if p is None:
+        assert not prefault._ok[0]
+        return
+    time.sleep(0.1)  # it faulted AHEAD bytes in and waits for the filler
+    p.end()
+    _wait_done(p)
