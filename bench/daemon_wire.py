@@ -17,7 +17,10 @@ Each figure is the median of --repeat runs; the table prints gpupool / floor rat
 instead compares two daemons started side by side, `--isolation process` (each session in its own worker
 process, the default) and `--isolation thread` (sessions in the daemon process), measured alternately. With
 --against DIR it compares this tree's daemon with another checkout's (before/after a change), side by side, and both
-with a bare gRPC stream ping-pong of their kind measured in the same alternating blocks.
+with a bare gRPC stream ping-pong of their kind measured in the same alternating blocks, and their transfers
+with the raw TCP and raw TLS socket floors measured after each alternating pair (the floor of the daemons' kind,
+TLS with --tls, is the one the 0.6 target is checked against; with --tls the ratio to raw TCP is printed too; and
+a raw download of that kind into a fresh tensor, as a client's download lands, beside the floor's reused buffer).
 """
 
 from __future__ import annotations
@@ -151,7 +154,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def tcp_figures(port: int, size: int, pings: int, tls: bool = False) -> dict[str, float]:
+def tcp_figures(port: int, size: int, pings: int, tls: bool = False, fresh: bool = False) -> dict[str, float]:
+    """Upload, download and ping-pong of a raw socket; the download into one reused 4 MiB buffer, or with
+    `fresh` into a fresh tensor of `size` bytes, as a client's download lands (its pages faulted in first)."""
     import ssl
 
     with socket.create_connection(("127.0.0.1", port)) as raw:
@@ -167,12 +172,16 @@ def tcp_figures(port: int, size: int, pings: int, tls: bool = False) -> dict[str
             s.sendall(memoryview(blob)[: min(CHUNK, size - off)])
         s.recv(1)
         up = size / (time.perf_counter() - t0) / 1e9
-        buf = bytearray(CHUNK)
+        buf = memoryview(bytearray(CHUNK))
         t0 = time.perf_counter()
+        if fresh:
+            import torch
+
+            buf = memoryview(torch.empty(size, dtype=torch.uint8).numpy()).cast("B")
         s.sendall(b"D" + struct.pack("!Q", size))
         left = size
         while left:
-            left -= s.recv_into(buf, min(left, CHUNK))
+            left -= s.recv_into(buf[size - left :] if fresh else buf, min(left, CHUNK))
         down = size / (time.perf_counter() - t0) / 1e9
         s.sendall(b"P" + struct.pack("!Q", pings))
         rtts = []
@@ -507,9 +516,10 @@ def against(args: argparse.Namespace) -> int:
             [sys.executable, __file__, "--floor-server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
         assert floor.stdout is not None
-        _, _, grpc_port, _, grpc_tls_port = floor.stdout.readline().split()
+        _, tcp_port, grpc_port, tls_port, grpc_tls_port = floor.stdout.readline().split()
         floor_times: list[float] = []
         figures: dict[str, list[dict[str, float]]] = {k: [] for k in daemons}
+        raws: dict[str, list[dict[str, float]]] = {"tcp": [], "tls": [], "fresh": []}  # raw floors, same blocks
         rtts: dict[str, list[float]] = {k: [] for k in daemons}
         items: dict[str, list[float]] = {k: [] for k in daemons}  # Syncs with one scalar: `.item()`
         cpu = {k: {"sync": 0.0, "item": 0.0} for k in daemons}  # the daemon process's CPU seconds over them
@@ -522,6 +532,9 @@ def against(args: argparse.Namespace) -> int:
                         figures[name].append(transfer_figures(daemons[name][1], token, size, daemons[name][0].pid))
                     else:
                         figures[name].append(gpupool_figures(daemons[name][1], token, size, args.ops, 1))
+                raws["tcp"].append(tcp_figures(int(tcp_port), size, 1))
+                raws["tls"].append(tcp_figures(int(tls_port), size, 1, tls=True))
+                raws["fresh"].append(tcp_figures(int(tls_port if args.tls else tcp_port), size, 1, args.tls, True))
                 print(f"transfers {i + 1}/{args.repeat} done", file=sys.stderr)
             sessions, scalars = {}, {}
             for name, (_, address) in daemons.items():
@@ -563,6 +576,19 @@ def against(args: argparse.Namespace) -> int:
     print(f"{'metric':<34}{'other':>12}{'this':>12}{'this/other':>12}")
     for name, k in ((f"upload {args.size_mib} MiB (GB/s)", "up"), (f"download {args.size_mib} MiB (GB/s)", "down")):
         print(f"{name:<34}{o[k]:>12.3f}{t[k]:>12.3f}{t[k] / o[k]:>12.2f}")
+    rt, rs = median_of(raws["tcp"]), median_of(raws["tls"])
+    own, own_name = (rs, "raw TLS") if args.tls else (rt, "raw TCP")
+    print(f"{'raw TCP floor up / down (GB/s)':<34}{rt['up']:>12.3f}{rt['down']:>12.3f}")
+    print(f"{'raw TLS floor up / down (GB/s)':<34}{rs['up']:>12.3f}{rs['down']:>12.3f}")
+    rf = median_of(raws["fresh"])["down"]
+    print(f"{own_name + ' down, fresh tensor':<34}{'':>12}{rf:>12.3f}   (the download into new memory)")
+    print(f"{'  download / that':<34}{o['down'] / rf:>12.2f}{t['down'] / rf:>12.2f}")
+    for k, what in (("up", "upload"), ("down", "download")):
+        ratios = [(own_name, own[k])] + ([("raw TCP", rt[k])] if args.tls else [])
+        for raw_name, floor_k in ratios:
+            name = f"  {what} / {raw_name}"
+            met = "met" if t[k] / floor_k >= 0.6 else "NOT met"
+            print(f"{name:<34}{o[k] / floor_k:>12.2f}{t[k] / floor_k:>12.2f}   (>= 0.6: {met})")
     if args.bulk:
         for k in ("up_daemon_cpu", "down_daemon_cpu", "up_client_cpu", "down_client_cpu"):
             name = k.replace("_cpu", "").replace("_", " ") + " CPU (s/GiB)"

@@ -31,7 +31,7 @@ import numpy
 import torch
 from google.protobuf.message import DecodeError
 
-from gpupool import protocol, tls, tokens, wire
+from gpupool import prefault, protocol, tls, tokens, wire
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, Unavailable, from_failure, from_status
 
@@ -220,6 +220,7 @@ class _Waiter:
         self.error: GpupoolError | None = None
         self.tensor: torch.Tensor | None = None
         self._bytes: memoryview | None = None
+        self._prefault: prefault.Prefault | None = None  # faulting a bulk download's tensor in ahead of its bytes
 
     def chunk(self, c: device_pb2.TensorChunk | _Chunk) -> None:
         if c.meta is not None and (isinstance(c, _Chunk) or c.HasField("meta")):
@@ -227,6 +228,7 @@ class _Waiter:
             self.tensor = torch.empty(list(c.meta.shape), dtype=dtype)
             _huge_pages(self.tensor)
             self._bytes = wire.host_bytes(self.tensor)
+            self._prefault = prefault.start(self.tensor)
         if self._bytes is None:
             self.fail(InvalidArgument("download chunk before its metadata"))
             return
@@ -236,7 +238,10 @@ class _Waiter:
                 self.fail(InvalidArgument("download chunk past the tensor's end"))
                 return
             self._bytes[c.offset : c.offset + len(data)] = data
+            if self._prefault is not None:
+                self._prefault.advance(c.offset + len(data))
         if c.last:
+            self._end_prefault()
             self.done = True
 
     def bulk_chunk(self, request_id: int, c: device_pb2.TensorChunk, side: bulk.BulkSocket) -> None:
@@ -246,17 +251,31 @@ class _Waiter:
             self.tensor = torch.empty(list(c.meta.shape), dtype=wire.dtype_from_proto(c.meta.dtype))
             _huge_pages(self.tensor)
             self._bytes = wire.host_bytes(self.tensor)
+            self._prefault = prefault.start(self.tensor)
         n, into = c.bulk_bytes, self._bytes
         fits = into is not None and c.offset + n <= len(into)
-        side.recv_download(
-            request_id, c.offset, into[c.offset : c.offset + n] if into is not None and fits else _scratch(n)
-        )
+        try:
+            side.recv_download(
+                request_id, c.offset, into[c.offset : c.offset + n] if into is not None and fits else _scratch(n)
+            )
+        except BaseException:
+            self._end_prefault()
+            raise
+        if self._prefault is not None:
+            self._prefault.advance(c.offset + n)
         if not fits:
             self.fail(InvalidArgument("download chunk past the tensor's end (or before its metadata)"))
         elif c.last:
+            self._end_prefault()
             self.done = True
 
+    def _end_prefault(self) -> None:
+        if self._prefault is not None:
+            self._prefault.end()
+            self._prefault = None
+
     def fail(self, exc: GpupoolError) -> None:
+        self._end_prefault()
         if not self.done:
             self.error = exc
             self.done = True

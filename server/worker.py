@@ -42,6 +42,7 @@ DATA_BYTES = bulk.SLICE_BYTES  # a slice of four 4 MiB upload chunks, or a downl
 # the side socket from there, while the worker writes the next piece into the other.
 SLOTS_AT = DATA_AT + DATA_BYTES
 SLOT_BYTES = bulk.PIECE_BYTES
+BIG_PART = 64 * 1024  # spans at least this large on average are copied one by one into the shared buffer (`run`)
 SLOTS = 2
 SHARED_BYTES = SLOTS_AT + SLOTS * SLOT_BYTES
 
@@ -254,8 +255,18 @@ class ProcessRunner:
         try:
             size = sum(map(len, parts))
             if parts and size <= DATA_BYTES:
-                # One copy into the shared buffer: joined in C (a frame's spans are tens of small pieces)
-                self._data[:size] = parts[0] if len(parts) == 1 else b"".join(parts)
+                # One copy into the shared buffer. A frame's spans are tens of small pieces: joined in C, then
+                # copied; a slice of big uploads is a few 4 MiB spans: each copied straight to its place (a join
+                # would copy 16 MiB twice, the first time into fresh memory that faults page by page)
+                if len(parts) == 1:
+                    self._data[:size] = parts[0]
+                elif size >= len(parts) * BIG_PART:
+                    pos = 0
+                    for part in parts:
+                        self._data[pos : pos + len(part)] = part
+                        pos += len(part)
+                else:
+                    self._data[:size] = b"".join(parts)
                 self._sock.sendall(slices.shared_request(req, size))
             else:
                 slices.send_parts(self._sock, slices.encode_request(req, parts))
