@@ -12,7 +12,8 @@ CUDA devices (gpupool.client.cuda, loaded by torch itself at `import torch`; doc
 The child's `gpupool` device is the C++ client (gpupool.client.native; docs/native-client.md) wherever it is built or
 can be built: `run` builds it first (once per torch version and source, ~1-2 min, cached; scripts/setup.sh builds it),
 before it leases, and starts the child with GPUPOOL_CLIENT=native. Where it cannot be built (no g++ or ninja, a build
-error, a cache folder other users could write) `run` logs one line saying why and the child gets the Python client
+error, a cache folder other users could write, a cache that cannot take a build: root's shared one, a
+read-only disk) `run` logs one line saying why and the child gets the Python client
 (GPUPOOL_CLIENT=shim). `--client native` (alias `--native-client`) or `--client shim` (or $GPUPOOL_CLIENT=native|shim
 in `run`'s environment) chooses one: an explicit `native` that cannot be built is one line and exit 1. With --cuda as
 well, the CUDA mapping runs on the chosen client.

@@ -209,11 +209,17 @@ def open_private_file(path: Path) -> int:
     open file's owner and mode (fstat) and the folder it was opened in (its /proc/self/fd link). Load it as
     `/proc/self/fd/N`: `check_private_file` then a load by name left a window in which a symbolic link on the way
     (a cache named under /tmp, its link another user's) could be pointed elsewhere after the check. The caller
-    closes the descriptor; UnsafeCacheDir (closed) when refused."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    closes the descriptor; UnsafeCacheDir (closed) when refused. Opened without waiting (O_NONBLOCK, O_NOCTTY) and
+    refused unless a regular file: a named pipe planted where a build is looked for (a folder others can write, refused
+    only after the open) held the opening process for good, and a device is no build."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeCacheDir(f"cached file {path} is not a regular file (mode {st.st_mode:o})")
+        os.set_blocking(fd, True)
         check_private_dir(Path(os.readlink(f"/proc/self/fd/{fd}")).parent)
-        _check_private_stat(path, os.fstat(fd))
+        _check_private_stat(path, st)
     except BaseException:
         os.close(fd)
         raise

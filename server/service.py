@@ -108,7 +108,12 @@ class DeviceServicer:
                     return
                 if not self._frame(s, raw):
                     return
-            self.daemon.submit(s, [END_OF_STREAM], 0)
+            # The client's half-close: the end of a stream session's frames (it ends once they ran). A session whose
+            # frames use its side socket has one reader queueing its commands, that socket's: an end queued from here
+            # could land between two of its frames (the slice then met it mid-batch: "slice failed", the frames
+            # lost), so its half-close ends nothing; its socket's close, a Detach or the call's end end it.
+            if s.frames_on(side=False):
+                self.daemon.submit(s, [END_OF_STREAM], 0)
         except grpc.RpcError:
             s.outbox.put(END_OF_STREAM)  # the client went away; nothing to answer
         except Exception:  # never let a reader thread die silently

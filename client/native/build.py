@@ -128,19 +128,25 @@ def build(verbose: bool = False, retry_failed: bool = True) -> Path:
         raise BuildError(before)
     from torch.utils import cpp_extension
 
-    with buildcache.private_build_dir(final.parent) as tmp:
-        print(f"gpupool: building the native client (once per torch version, ~1-2 min) into {final.parent}",
-              file=sys.stderr)  # fmt: skip
-        try:
-            cpp_extension.load(name=_LIB, sources=[str(SOURCE)], extra_cflags=["-O2"], build_directory=str(tmp),
-                               extra_include_paths=[str(HEADER.parent)],
-                               is_python_module=False, verbose=verbose)  # fmt: skip
-        except Exception as exc:  # noqa: BLE001 - the compiler's output is in the message: its last line says why
-            last = [ln for ln in str(exc).splitlines() if ln.strip()][-1:] or [type(exc).__name__]
-            why = f"the native client did not build: {last[0][:300]}"
-            _remember_failure(marker, why)
-            raise BuildError(why) from exc
-        os.replace(tmp / f"{_LIB}.so", final)
+    try:
+        with buildcache.private_build_dir(final.parent) as tmp:
+            print(f"gpupool: building the native client (once per torch version, ~1-2 min) into {final.parent}",
+                  file=sys.stderr)  # fmt: skip
+            try:
+                cpp_extension.load(name=_LIB, sources=[str(SOURCE)], extra_cflags=["-O2"], build_directory=str(tmp),
+                                   extra_include_paths=[str(HEADER.parent)],
+                                   is_python_module=False, verbose=verbose)  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - the compiler's output is in the message: its last line says why
+                last = [ln for ln in str(exc).splitlines() if ln.strip()][-1:] or [type(exc).__name__]
+                why = f"the native client did not build: {last[0][:300]}"
+                _remember_failure(marker, why)
+                raise BuildError(why) from exc
+            os.replace(tmp / f"{_LIB}.so", final)
+    except config.UnsafeCacheDir:
+        raise
+    except OSError as exc:  # a cache that cannot take a build: root's shared cache (scripts/setup.sh) under another
+        # user, a read-only or full disk; `gpupool run`'s default then takes the Python client, as for a build error
+        raise BuildError(f"cannot build the native client in {final.parent}: {exc}") from exc
     marker.unlink(missing_ok=True)
     _check_private(final)
     return final

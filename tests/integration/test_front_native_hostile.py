@@ -9,10 +9,12 @@ writable by others is never imported (`config.check_private_file`), the frames a
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -290,3 +292,50 @@ def test_open_private_file_checks_the_file_it_opened(tmp_path: Path) -> None:
         os.close(fd)
     with pytest.raises(config.UnsafeCacheDir, match="writable by other users"):
         config.open_private_file(link / "x.so")
+
+
+@pytest.mark.parametrize("folder_mode", [0o700, 0o777])
+def test_open_private_file_refuses_what_is_not_a_regular_file_without_waiting(tmp_path: Path, folder_mode: int) -> None:
+    """A named pipe where a cached library or a failed build's marker is looked for (a build's folder another user
+    can write: `check_private_file`'s umask-0 case): round 26 opened first and checked after, and opening a pipe
+    waits for a writer, so the daemon's zygote, a client's import or `gpupool run` hung there for good instead of
+    refusing the file. Now it is opened without waiting and refused (not a regular file), as is a link to a device;
+    a failed build's marker that is not a regular file is ignored (the build runs)."""
+    from gpupool.client.native import build
+
+    folder = tmp_path / "torch-x"
+    folder.mkdir()
+    folder.chmod(folder_mode)
+    pipe = folder / "x.so"
+    os.mkfifo(pipe, 0o600)
+    (folder / "null.so").symlink_to("/dev/null")
+    got: list[BaseException | int] = []
+
+    def open_it(path: Path) -> None:
+        try:
+            got.append(config.open_private_file(path))
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            got.append(exc)
+
+    for path in (pipe, folder / "null.so"):
+        got.clear()
+        t = threading.Thread(target=open_it, args=(path,), daemon=True)
+        t.start()
+        t.join(10)
+        if t.is_alive():
+            os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))  # let the stuck open go
+            t.join(10)
+            pytest.fail(f"open_private_file({path.name}) waited on a named pipe")
+        assert len(got) == 1 and isinstance(got[0], config.UnsafeCacheDir), got
+        assert re.search("not a regular file|writable by other users", str(got[0])), got[0]
+    marker = folder / "failed-0123456789abcdef.json"
+    os.mkfifo(marker, 0o600)
+    seen: list[str | None] = []
+    t = threading.Thread(target=lambda: seen.append(build._failed_before(marker)), daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():
+        os.close(os.open(marker, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(10)
+        pytest.fail("a failed build's marker that is a named pipe held `gpupool run`")
+    assert seen == [None]

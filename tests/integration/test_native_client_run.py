@@ -201,11 +201,14 @@ def test_a_client_the_env_does_not_know_is_one_line(pool: str) -> None:
     assert ran.stderr == "gpupool run: $GPUPOOL_CLIENT='cpp' is not a client (native or shim)\n"
 
 
-@pytest.mark.parametrize("why", ["no-compiler", "build-error", "unsafe-cache"])
+@pytest.mark.parametrize("why", ["no-compiler", "build-error", "unsafe-cache", "cache-takes-no-build"])
 def test_without_a_usable_cpp_client_the_default_is_the_shim_with_one_line(pool: str, tmp_path: Path, why: str) -> None:
     """Where the C++ client cannot be built or loaded (a PATH without c++ and ninja and nothing cached; a compiler that
-    fails, $CXX=false; a cache folder other users could write), plain `gpupool run` runs the script on the Python
-    client after one log line saying why; `--client native` stops there (exit 1, before leasing)."""
+    fails, $CXX=false; a cache folder other users could write; a cache that cannot take a build), plain `gpupool run`
+    runs the script on the Python client after one log line saying why; `--client native` stops there (exit 1, before
+    leasing). The last: root's shared cache (scripts/setup.sh) for a user whose torch or source it has no build of,
+    a read-only or full disk - here a file where the build's folder goes; round 26's run died of the OSError with a
+    traceback (EACCES, EROFS, EEXIST), before choosing a client."""
     cache = tmp_path / "cache"
     cache.mkdir()
     env = {"GPUPOOL_NATIVE_CLIENT_CACHE": str(cache)}
@@ -218,9 +221,13 @@ def test_without_a_usable_cpp_client_the_default_is_the_shim_with_one_line(pool:
     elif why == "build-error":
         env["CXX"] = "false"  # on PATH, and fails: torch.utils.cpp_extension's first call of it
         reason = "the native client did not build: "
-    else:
+    elif why == "unsafe-cache":
         cache.chmod(0o777)  # a real condition: any user could plant a library there
         reason = f"cache folder {cache}: "
+    else:
+        folder = cache / built_path().parent.name
+        folder.write_text("in the way")  # the build's folder cannot be made (as in a cache only root may write)
+        reason = f"cannot build the native client in {folder}: [Errno 17] File exists"
     said, ran = _which(pool, **env)
     assert said == "client shim RemoteTensor 12.0 shim", ran.stdout
     lines = [line for line in ran.stderr.splitlines() if "gpupool.run" in line]

@@ -245,3 +245,43 @@ def test_a_peer_paused_in_the_middle_of_a_frame_is_waited_for(side_daemon: Any, 
     victim.close()
     peer.close()
     neighbour.close()
+
+
+def _free_then_sync(request_id: int) -> bytes:
+    """A frame of two commands (not a lone Sync, which the reader answers at once when the session is idle)."""
+    free = device_pb2.Command(free=device_pb2.Free(handles=[]))
+    sync = device_pb2.Command(sync=device_pb2.Sync(request_id=request_id))
+    return device_pb2.ClientFrame(commands=[free, sync]).SerializeToString()
+
+
+def test_a_half_closed_stream_ends_nothing_of_a_socket_session(side_daemon: Any, monkeypatch: Any) -> None:
+    """The stream's half-close of a session whose frames use its side socket: the socket's reader alone queues its
+    commands. Round 26 queued the stream's end from the stream's reader, between the socket's frames (here behind a
+    neighbour's slices: the device's thread met it mid-slice, "slice failed", and dropped the frames around it), or
+    ended the session on it while frames still came on the socket."""
+    neighbour = _attach(side_daemon, monkeypatch)
+    victim, sid, port = _bare(side_daemon)
+    peer = _peer(side_daemon, port, sid)
+    a = Handle(neighbour.upload(torch.randn(1024, 1024)))
+    for _ in range(4):  # the device busy for a while: the victim's frames and its stream's end queue up
+        neighbour.call("aten::mm.default", a, a)
+    neighbour.flush()
+    _send_raw(peer, protocol.frame_record(_free_then_sync(7)))
+    victim._send.put(None)  # the stream's half-close (its request iterator ends)
+    threading.Event().wait(0.01)
+    _send_raw(peer, protocol.frame_record(_free_then_sync(8)))
+    threading.Event().wait(0.3)
+    _send_raw(peer, protocol.frame_record(protocol.sync_frame(9)))
+    answers: list[Any] = []
+    reader = threading.Thread(target=lambda: answers.extend(peer.recv_record() for _ in range(3)), daemon=True)
+    reader.start()
+    reader.join(30)
+    if reader.is_alive():  # a frame dropped unanswered (the end met mid-slice): let the reader go
+        peer.close()
+    assert answers == [(protocol.BULK_FRAME, 0, protocol.sync_reply(rid)) for rid in (7, 8, 9)]
+    victim._stub.Detach(device_pb2.DetachRequest(session_id=sid), timeout=10)
+    assert "detached" in str(_ended(victim))  # its end as the stream says it (a Detach closes the socket first)
+    _neighbour_works(neighbour)
+    victim.close()
+    peer.close()
+    neighbour.close()
