@@ -74,7 +74,7 @@ struct Plan {
   py::object owner, run;  // the step's `OpPlan` and its op's own binding: runs here only while `owner.run is run`
   int64_t size = 0;
   std::vector<std::pair<int64_t, std::string>> fixed;
-  int64_t out_offset = 0;  // the first output handle's
+  int64_t out_offset = -1;  // the first output handle's; -1: the record has none (an in-place op returning nothing)
   std::vector<int64_t> more_outs;  // SEVERAL: the other output handles' offsets
   std::vector<Arg> args;
   int64_t need = 0;
@@ -91,6 +91,9 @@ struct Plan {
   // fake GPU), called as `_run_step` calls it: the template's first n_pos arguments positionally, the others by
   // keyword, defaults left out; -1: the op itself, through the dispatcher (`call_op`)
   int64_t n_pos = -1;
+  // a factory of uninitialized memory (`OpPlan.uninitialized`, ONE only): its output's whole storage is zeroed after
+  // the op, as `_run_step` does (`sessions.zero_bytes`), before it is bound: never memory another session freed
+  bool zero = false;
 };
 
 inline uint64_t read_u64(const char* p) {
@@ -140,11 +143,13 @@ void set_view(Input& in, py::handle geometry) {
 std::shared_ptr<Plan> make_plan(
     const std::string& name, const std::string& overload, int64_t size, py::list fixed, py::list outs,
     py::list args, int64_t need, py::list keep, py::object owner, py::object run, int returns, bool seeded,
-    int64_t n_pos) {
+    int64_t n_pos, bool zero) {
   auto plan = std::make_shared<Plan>();
   plan->seeded = seeded;
   if (n_pos < -1 || n_pos > static_cast<int64_t>(args.size())) throw std::invalid_argument("positional count");
   plan->n_pos = n_pos;
+  if (zero && returns != ONE) throw std::invalid_argument("zeroed outputs of one tensor only");
+  plan->zero = zero;
   if (n_pos >= 0 && !PyCallable_Check(run.ptr())) throw std::invalid_argument("a Python run must be callable");
   plan->op = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), overload.c_str());
   plan->owner = owner;
@@ -156,7 +161,10 @@ std::shared_ptr<Plan> make_plan(
   if (n_pos >= 0) plan->direct_views = false;
   if (returns != NOTHING && returns != ONE && returns != SEVERAL) throw std::invalid_argument("returns");
   plan->returns = returns;
-  if (outs.size() < 1 || (returns != SEVERAL && outs.size() != 1)) throw std::invalid_argument("output count");
+  // one output handle, several for SEVERAL, or none for an op returning nothing (an in-place `_foreach_` op whose
+  // record names no output: `_run_step` then checks no handle and binds nothing)
+  const size_t nouts = outs.size();
+  if (returns == SEVERAL ? nouts < 1 : returns == ONE ? nouts != 1 : nouts > 1) throw std::invalid_argument("output count");
   const auto& schema = plan->op->schema();
   if (args.size() != schema.arguments().size()) throw std::invalid_argument("argument count");
   plan->size = size;
@@ -367,6 +375,21 @@ struct Fields {
 
 // The op, as torch's Python binding runs it (`invokeOperatorFromPython`): the GIL released, torch's warnings and
 // errors translated as `HANDLE_TH_ERRORS` does. nullptr with the Python error set when it raised.
+// `sessions.zero_bytes(t.untyped_storage(), 0, nbytes)`: the same ops (a byte view of the whole storage, zeroed),
+// the GIL released as Python's binding releases it. nullptr with the Python error set when it raised.
+PyObject* zero_storage(const at::Tensor& t) {
+  HANDLE_TH_ERRORS
+  {
+    py::gil_scoped_release nogil;
+    const c10::Storage& st = t.storage();
+    at::Tensor bytes = at::empty({0}, at::TensorOptions().dtype(at::kByte).device(st.device()));
+    bytes.set_(st, 0, {static_cast<int64_t>(st.nbytes())}, {1});
+    bytes.zero_();
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyObject* call_op(const c10::OperatorHandle& op, torch::jit::Stack& stack) {
   HANDLE_TH_ERRORS
   {
@@ -659,7 +682,7 @@ struct Ctx {
         }
         if (!ok) break;
         // the output handle: 0 binds nothing (the `self` an in-place op returns; `_run_step` checks no handle then)
-        const uint64_t h = read_u64(buf + p->out_offset);
+        const uint64_t h = p->out_offset >= 0 ? read_u64(buf + p->out_offset) : 0;
         Own hkey(nullptr);
         int in_p = 0;
         if (h != 0) {
@@ -900,6 +923,14 @@ struct Ctx {
         if (!count.is_none()) {
           c.sync_all();
           count(s);
+        }
+        if (p->zero && out.defined()) {  // `_run_step`'s order: counted, then zeroed, then bound
+          PyObject* z = zero_storage(out);
+          if (z == nullptr) {
+            exc = fetch();
+            break;
+          }
+          Py_DECREF(z);
         }
         Own obj(p->returns ? THPVariable_Wrap(out) : Py_NewRef(Py_None));
         if (obj.p == nullptr) throw py::error_already_set();
@@ -1568,7 +1599,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Plan, std::shared_ptr<Plan>>(m, "Plan");
   m.def("plan", &make_plan, py::arg("name"), py::arg("overload"), py::arg("size"), py::arg("fixed"), py::arg("outs"),
         py::arg("args"), py::arg("need"), py::arg("keep"), py::arg("owner"), py::arg("run"), py::arg("returns"),
-        py::arg("seeded") = false, py::arg("n_pos") = -1);
+        py::arg("seeded") = false, py::arg("n_pos") = -1, py::arg("zero") = false);
   py::class_<Trace>(m, "Trace")
       .def(py::init([](py::list steps, py::object origin) {
              Trace t;

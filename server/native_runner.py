@@ -43,8 +43,10 @@ other field or wire type is left to the parsed messages. The daemon's front, too
 commands' spans (`slices.split_frame`), which hands any frame it does not accept back to the Python reading.
 
 A step qualifies when it has none of `_run_step`'s per-op extras but a random op's (`_extras`: no value guard
-run per record, no op that reshapes a storage in place or hands out uninitialized memory; a factory that takes the
-session's device, or an op returning several tensors, do qualify), its op is a plain `OpOverload` run as itself, or
+run per record, no op that reshapes a storage in place; a factory that takes the session's device, an op returning
+several tensors, an op returning nothing whose record names no output handle (an in-place `_foreach_` op of the C++
+client's), and a factory of uninitialized memory returning one tensor, whose output's storage the runner zeroes as
+`_run_step` does before binding it, do qualify), its op is a plain `OpOverload` run as itself, or
 a fake GPU's faster composition of it (server/fallbacks.py FASTER: `native_dropout` and its backward; called as
 `_run_step` calls it, the template's arguments positionally or by keyword as the record gave them, its tensors the
 session's own objects and its view arguments the dispatcher's, as `compact.view_of` makes them; checked per record:
@@ -295,11 +297,8 @@ def refusal(mod: Any, step: Any, dev: torch.device) -> str | None:
 def _extras(step: Any) -> str | None:
     """The first per-op extra of `_run_step` that keeps `step` in Python, or None."""
     plan = step.plan
-    if step.tpl.n_out < 1:
-        return "no output"
-    for extra in ("reshapes", "uninitialized"):
-        if getattr(plan, extra):
-            return extra
+    if plan.reshapes:
+        return "reshapes"
     return "check" if step.check else None
 
 
@@ -328,7 +327,11 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
         returns = SEVERAL
     else:
         return None
-    if returns != SEVERAL and n_out != 1:  # `_bind_outputs` refuses more handles than values: the Python path's
+    # `_bind_outputs` refuses more handles than values (the Python path's); an op that returns nothing may come
+    # without an output handle (a `_foreach_` op in place: the C++ client's records name none), binding nothing
+    if plan.uninitialized and returns != ONE:  # the runner zeroes one output's storage (`Plan::zero`)
+        return None
+    if (returns == ONE and n_out != 1) or (returns == SEVERAL and n_out < 1) or (returns == NOTHING and n_out > 1):
         return None
     offsets, fixed, codes = _layout(tpl)
     if offsets is None:
@@ -412,7 +415,7 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
     outs = offsets[1 : 1 + n_out]
     run = plan.run if py_run else op._op
     return mod.plan(name, overload, tpl.size, fixed, outs, out, step.need, list(step.keep), plan, run, returns,
-                    plan.seeded, len(args) if py_run else -1)  # fmt: skip
+                    plan.seeded, len(args) if py_run else -1, plan.uninitialized)  # fmt: skip
 
 
 def _geometry(g: Any) -> tuple[Any, ...]:
