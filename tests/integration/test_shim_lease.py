@@ -110,7 +110,9 @@ def test_lease_device_and_token_refresh(pool: str) -> None:
 
 def test_stop_renewing_ends_the_renewals_and_keeps_the_lease(pool: str) -> None:
     """A child of `gpupool run` stops renewing its parent's lease at exit without giving it back."""
-    held = lease(gpus=1, fraction=0.5, scheduler=pool, ttl=1)
+    # a TTL well past the test's few steps: with 1 s, a pause of a second on a busy box between the last renewal and
+    # the listing below lets the scheduler expire it; stop_renewing wakes the thread from its wait whatever the period
+    held = lease(gpus=1, fraction=0.5, scheduler=pool, ttl=30)
     try:
         held.start_renewing()
         thread = held._thread
