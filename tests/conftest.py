@@ -56,6 +56,19 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(get_pki().directory, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def warm_this_process() -> None:
+    """This test process's MKL vector math functions set up before its first test, as the daemon's zygote sets them
+    up for its workers (server/executor.py `warm_vector_math`): the first parallel call of one in a process now and
+    then gives the second thread's half a few bits off (BENCHMARKS.md "Round 22, flaky22"), and a test comparing two
+    computations in this process (a unit test's executor against torch, a thread-isolation daemon against a local
+    reference) must not depend on which of them came first. References in other, fresh processes: support.py
+    `assert_float32_close`."""
+    from gpupool.server.executor import warm_vector_math
+
+    warm_vector_math()
+
+
 @pytest.fixture(scope="session")
 def native_runner_module() -> Any:
     """The daemon's native runner (server/native_runner.cpp), built or loaded from its cache; skips where it cannot be

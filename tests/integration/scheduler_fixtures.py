@@ -203,6 +203,27 @@ def wait_until(predicate: Callable[[], object], timeout: float = 20.0, every: fl
         time.sleep(every)
 
 
+def silence_when_down(address: str, host_id: str, timeout: float) -> float:
+    """Wait (up to `timeout` s) until the scheduler at `address` lists `host_id` down; how long the host had then been
+    silent (this process's clock at that answer less the host's last_seen, both time.time() on this machine).
+
+    A host is down for its silence (--host-timeout, a sweep every 0.5 s): bound this, not the wall clock since the
+    host stopped. A scheduler slowed by a busy machine sweeps late, and one that did not run for a while forgives the
+    silence and starts it again (scheduler/leases.py `alive`), so a bound from the kill flakes under load."""
+    from gpupool.client.pool import SchedulerClient
+
+    seen: list[float] = []
+
+    def down() -> bool:
+        host = next(h for h in SchedulerClient(address).list_pool().hosts if h.host_id == host_id)
+        if host.state == "down":
+            seen.append(time.time() - host.last_seen)
+        return bool(seen)
+
+    wait_until(down, timeout=timeout, what=f"host {host_id} down")
+    return seen[0]
+
+
 def _pg_tool(name: str) -> str | None:
     return shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
 

@@ -199,14 +199,18 @@ def test_a_waiting_collective_leaves_other_devices_sessions_alone(daemon_factory
     tokens = [a.token(lease_id=lease, network=True), b.token(lease_id=lease, network=True)]
     s0, s1 = Session.attach(a.address, tokens[0]), Session.attach(b.address, tokens[1])
     other = Session.attach(a.address, a.token(device=1))  # another tenant, the same daemon
-    join_all([s0, s1], tokens, timeout=6.0)
+    wait = 12.0  # the group's timeout: how long rank 0's collective waits for rank 1
+    join_all([s0, s1], tokens, timeout=wait)
     h = s0.upload(torch.ones(2))
+    began = time.monotonic()
     collective(s0, "allreduce", [h], op="sum")  # rank 1 never calls: rank 0 waits for it
     time.sleep(0.5)
-    start = time.monotonic()
     x = other.upload(torch.arange(3.0))
     assert other.download(x).tolist() == [0.0, 1.0, 2.0]
-    assert time.monotonic() - start < 3.0
+    # served while the collective still waited: before its timeout, counted from before it was sent (a daemon that
+    # held the other device until the collective gave up would answer `wait` s after `began` or later). Causality,
+    # not a wall-clock figure (3 s, which a busy CI machine may exceed), with `wait` s of room.
+    assert time.monotonic() - began < wait
     with pytest.raises(Unavailable, match="collective allreduce"):
         s0.sync()
     assert other.download(x).tolist() == [0.0, 1.0, 2.0]
@@ -584,5 +588,6 @@ def test_a_store_address_s_state_is_not_told_to_the_tenant(daemon_factory) -> No
     assert len(set(outcomes)) == 1, f"the tenant tells the addresses apart: {outcomes}"
     assert outcomes[0][0] == "Unavailable" and "did not form" in outcomes[0][1], outcomes
     # and when: each by the group's deadline from the join (round 21's first version: the port that accepts, its
-    # TCPStore constructor hung, answered a collective called after the deadline one timeout later)
-    assert max(took) < timeout / 2, f"seconds from the collective to its error, per address: {took}"
+    # TCPStore constructor hung, answered a collective called after the deadline one timeout later): under one
+    # timeout, which that version could not be, rather than half of one (a busy CI machine's margin)
+    assert max(took) < timeout, f"seconds from the collective to its error, per address: {took}"

@@ -1,7 +1,8 @@
 """`gpupool run --cuda`: ordinary CUDA training scripts (tests/cuda_scripts/, written the way public PyTorch
-examples are, no gpupool import) run unmodified on a real `gpupool up` with fake GPUs and print the same
-losses as the same script on the CPU (CUDA_VISIBLE_DEVICES="", no --cuda). The torch.cuda facade and the
-refusals are checked by facade_check.py under a 2-GPU lease; without --cuda torch is untouched."""
+examples are, no gpupool import) run unmodified on a real `gpupool up` with fake GPUs and print the losses of the
+same script on the CPU (CUDA_VISIBLE_DEVICES="", no --cuda), within float32 rounding: the CPU run is a fresh process
+(support.assert_float32_close says why not bit for bit). The torch.cuda facade and the refusals are checked by
+facade_check.py under a 2-GPU lease; without --cuda torch is untouched."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from gpupool.client.pool import SchedulerClient
 from scheduler_fixtures import ROOT, wait_until
+from support import assert_loss_lines_close
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +36,17 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), **extra}
 
 
-def run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=SCRIPTS)
+def launch(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=SCRIPTS)
+
+
+def checked(cmd: list[str], done: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
     assert done.returncode == 0, f"{cmd}\nstdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
     return done
+
+
+def run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return checked(cmd, launch(cmd, env))
 
 
 def on_pool(pool: str, script: str, *run_args: str, cuda: bool = True) -> subprocess.CompletedProcess[str]:
@@ -89,8 +98,8 @@ def test_unmodified_script_gives_the_cpu_losses(pool: str, script: str) -> None:
     if script == "amp.py":  # float16 matmuls on the pool (autocast), float32 on the CPU (AMP off there)
         assert values(losses) == pytest.approx(values(LOSS.findall(local.stdout)), rel=1e-3)
         assert losses != LOSS.findall(local.stdout)  # autocast really computed in float16
-    else:
-        assert losses == LOSS.findall(local.stdout)
+    else:  # the CPU run is a fresh process: within float32 rounding (support.assert_float32_close)
+        assert_loss_lines_close(losses, LOSS.findall(local.stdout))
     assert ANNOUNCE in pooled.stderr and ANNOUNCE not in local.stderr
     if script == "device_agnostic.py":  # the script took its CUDA branch on the pool, its CPU branch locally
         assert "done on cuda" in pooled.stdout and "done on cpu" in local.stdout
@@ -101,10 +110,20 @@ def torchrun(script: str, ranks: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), script]
 
 
+# What a rank of torch's gloo on the CPU printed when it aborted as it exited, after its last line (round 27's loaded
+# run of the suite: rank 0 of ddp_torchrun.py, SIGABRT once its process group was destroyed)
+ABORT_AT_EXIT = "terminate called without an active exception"
+
+
 @functools.cache
 def torchrun_on_cpu(script: str, ranks: int) -> subprocess.CompletedProcess[str]:
-    """`torchrun --nproc-per-node RANKS SCRIPT` on the CPU (gloo; one OpenMP thread per rank)."""
-    return run(torchrun(script, ranks), cpu_env(OMP_NUM_THREADS="1"))
+    """`torchrun --nproc-per-node RANKS SCRIPT` on the CPU (gloo; one OpenMP thread per rank). A reference: a run whose
+    rank aborted in torch's teardown (ABORT_AT_EXIT) is made once more (the script is seeded: the same lines)."""
+    cmd, env = torchrun(script, ranks), cpu_env(OMP_NUM_THREADS="1")
+    done = launch(cmd, env)
+    if done.returncode != 0 and ABORT_AT_EXIT in done.stderr:
+        done = launch(cmd, env)
+    return checked(cmd, done)
 
 
 RANK_LINE = re.compile(r"^rank (\d) on (\S+) \(current device (\S+)\) weight sum (\S+)$", re.M)
@@ -136,11 +155,12 @@ def test_torchrun_ddp_script_with_nccl_gives_the_cpu_losses(pool: str) -> None:
 
 def test_model_parallel_script_over_cuda_0_and_cuda_1_gives_the_cpu_losses(pool: str) -> None:
     """`gpupool run --cuda -n 2`: one process, layers on cuda:0 and cuda:1 (gpupool:0 and gpupool:1), backward across
-    both; the same losses as the script on the CPU."""
+    both; the losses of the script on the CPU (a fresh process: within float32 rounding)."""
     pooled = on_pool(pool, "model_parallel.py", "-n", "2", "-p", "0.5")
     local = on_cpu("model_parallel.py")
     losses = LOSS.findall(pooled.stdout)
-    assert len(losses) == 6 and losses == LOSS.findall(local.stdout), pooled.stdout + local.stdout
+    assert len(losses) == 6, pooled.stdout + local.stdout
+    assert_loss_lines_close(losses, LOSS.findall(local.stdout))
     assert "done on cuda:0 cuda:1" in pooled.stdout and "done on cpu cpu" in local.stdout
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
@@ -173,6 +193,8 @@ def test_gpupool_run_two_devices_in_one_process_without_cuda_flag(pool: str) -> 
     local = run([sys.executable, "-c", cpu_script.replace('"gpupool:0"', '"cpu"').replace('"gpupool:1"', '"cpu"')],
                 clean_env())  # fmt: skip
     losses = values(LOSS.findall(done.stdout.replace(" gpupool:0 gpupool:1", "")))
+    # bit for bit even against a fresh CPU process: every tensor here has at most 128 elements, so no op takes a
+    # parallel path (ATen's grain is 2048 and more), and one thread on one CPU runs the same kernels in both processes
     assert losses == values(LOSS.findall(local.stdout.replace(" cpu cpu", ""))), done.stdout + local.stdout
     assert len(losses) == 3 and losses[2] < losses[0], done.stdout
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")

@@ -26,4 +26,5 @@ def test_ops_take_their_modelled_time(daemon_factory) -> None:  # type: ignore[n
     slow = daemon_factory(fake_speed=SpeedModel(gbps=1e-6))  # 1000 bytes/s: add of 3 x 400 bytes takes 1.2 s
     assert timed_add(slow.address, slow.token()) >= 1.2
     plain = daemon_factory()
-    assert timed_add(plain.address, plain.token()) < 1.2
+    # the quickest of three: one add on a busy machine may take a second, three in a row all that long are the model
+    assert min(timed_add(plain.address, plain.token()) for _ in range(3)) < 1.2

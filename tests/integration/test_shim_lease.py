@@ -58,9 +58,12 @@ def test_gpupool_run_child_gets_the_leased_device(pool: str, tmp_path: Path, cli
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
-LATE_CHILD = """
+# The lease's TTL: 6 s, renewed by `gpupool run` every 2 s. With 2 s (renewals every 0.7 s) the lease itself expired
+# in round 27's suite run while the box was at load 20-50: the renewals starved, not the child.
+LATE_TTL = 6
+LATE_CHILD = f"""
 import time
-time.sleep(4)  # past the lease's 2 s TTL: the tokens in $GPUPOOL_LEASE have expired, the lease has not
+time.sleep({LATE_TTL + 3})  # past the lease's TTL: the tokens in $GPUPOOL_LEASE have expired, the lease has not
 import torch, gpupool.torch as gt
 print("late", (torch.ones(3, device=gt.device()) * 2).sum().item())
 """
@@ -70,7 +73,7 @@ def test_a_child_that_attaches_after_its_tokens_expired_renews_first(pool: str) 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GPUPOOL_SCHEDULER": pool}
     env.pop("GPUPOOL_LEASE", None)
     ran = subprocess.run(
-        [sys.executable, "-m", "gpupool.cli", "run", "-n", "1", "-p", "0.5", "--ttl", "2", "--",
+        [sys.executable, "-m", "gpupool.cli", "run", "-n", "1", "-p", "0.5", "--ttl", str(LATE_TTL), "--",
          sys.executable, "-c", LATE_CHILD],
         capture_output=True, text=True, timeout=180, env=env,
     )  # fmt: skip
@@ -107,7 +110,9 @@ def test_lease_device_and_token_refresh(pool: str) -> None:
 
 def test_stop_renewing_ends_the_renewals_and_keeps_the_lease(pool: str) -> None:
     """A child of `gpupool run` stops renewing its parent's lease at exit without giving it back."""
-    held = lease(gpus=1, fraction=0.5, scheduler=pool, ttl=1)
+    # a TTL well past the test's few steps: with 1 s, a pause of a second on a busy box between the last renewal and
+    # the listing below lets the scheduler expire it; stop_renewing wakes the thread from its wait whatever the period
+    held = lease(gpus=1, fraction=0.5, scheduler=pool, ttl=30)
     try:
         held.start_renewing()
         thread = held._thread

@@ -13,6 +13,7 @@ import pytest
 import torch
 from gpupool.client.torch import encode, native_ops, runtime
 from gpupool.client.torch.tensor import RemoteView
+from support import F32_ABS, F32_REL, assert_float32_close
 from torch import nn
 
 import gpupool.torch as gt
@@ -244,8 +245,11 @@ def test_foreach_optimizers_take_gradient_views_in_their_lists_and_match_bit_for
 ) -> None:
     """The optimizers' `_foreach_` lists hold gradients that are lazy views (AccumulateGrad's detach of a `t()`,
     ...): they travel as view elements of a tensor list (compact.VIEWS), with no `aten::alias` record for them,
-    and the losses and parameters are bit for bit those of the lists of handles (each view its own record) and,
-    for the tiny MLP, of the CPU (the encoder's differ from the CPU's in the last bits with or without views)."""
+    and the losses and parameters are bit for bit those of the lists of handles (each view its own record: one
+    session worker, warmed by the zygote) and, for the tiny MLP, the CPU's within float32 rounding (the encoder's
+    differ from the CPU's in the last bits with or without views). Not bit for bit with the CPU: the reference runs
+    in this test process, whose MKL vector math nobody warmed, and the tiny MLP's 64 x 64 weight makes Adam's `sqrt`
+    take two threads (support.assert_float32_close; this very pair was round 21's flaky test, on the daemon's side)."""
     rt = _rt(dev)
     names: list[str] = []
     real = rt.eager_op
@@ -267,9 +271,9 @@ def test_foreach_optimizers_take_gradient_views_in_their_lists_and_match_bit_for
     for p, q in zip(params, plain_params, strict=True):
         assert torch.equal(p, q)
     if model_name == "tiny-mlp":
-        assert got == want
+        assert_float32_close(got, want, "losses")
         for p, q in zip(params, local, strict=True):
-            assert torch.equal(p, q)
+            torch.testing.assert_close(p, q, rtol=F32_REL, atol=F32_ABS)
     else:
         assert got == pytest.approx(want, rel=1e-5)
 

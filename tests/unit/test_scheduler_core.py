@@ -153,7 +153,7 @@ def test_wait_times_out_with_exhausted() -> None:
     t0 = time.monotonic()
     with pytest.raises(ResourceExhausted, match="waited in vain.*0.25"):
         core.allocate(Request(1, fraction=0.5), wait=0.3)
-    assert 0.25 < time.monotonic() - t0 < 3
+    assert 0.25 < time.monotonic() - t0 < 10  # it waited its 0.3 s (then gave up: a busy machine may be late)
     assert not core.waiters
 
 

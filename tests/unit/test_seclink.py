@@ -118,7 +118,7 @@ def test_a_silent_peer_times_out_and_a_closed_one_is_named() -> None:
     start = time.monotonic()
     with pytest.raises(LinkError, match="rank 0 did not answer within the group's timeout"):
         cb.recv_into(memoryview(bytearray(8)), later(0.3))
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 10.0  # by its 0.3 s deadline, with a busy machine's room (was 2 s)
     a.close()
     with pytest.raises(LinkError, match="rank 0 closed the link"):
         cb.recv_into(memoryview(bytearray(8)), later())

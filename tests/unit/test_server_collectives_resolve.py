@@ -75,7 +75,8 @@ def test_a_name_of_many_black_holed_addresses_gives_up_with_the_session() -> Non
         for f in fill:
             f.close()
         full.close()
-    assert took < 3.0, f"the join gave up {took:.1f} s after it began (its session closed at 1 s)"
+    # by the session's close at 1 s, not by the join's 60 s timeout: 15 s leaves a busy CI machine room (was 3 s)
+    assert took < 15.0, f"the join gave up {took:.1f} s after it began (its session closed at 1 s)"
 
 
 _STRANGER = """
