@@ -40,7 +40,7 @@ def wait_gone(pid: int, timeout: float = 10.0) -> None:
             with open(f"/proc/{pid}/status") as f:
                 if any(line.startswith("State:") and "Z" in line for line in f):
                     return
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone before the open, or between the open and the read
             return
         time.sleep(0.05)
     raise AssertionError(f"worker {pid} still alive")
