@@ -22,6 +22,21 @@ def _resident_pages(t: torch.Tensor) -> int:
     return sum(b & 1 for b in vec)
 
 
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """`t` with its whole pages dropped (MADV_DONTNEED: none resident, read back as zeros), as a fresh mapping's are.
+    torch.empty may hand back memory of a tensor freed before (glibc raises its mmap threshold after a large free,
+    so a second 16 MiB block comes from the heap, already resident: the fresh-clone CI run's first test read 4097 of
+    4097 pages resident before the helper ran)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    lo = -(-t.data_ptr() // prefault.PAGE) * prefault.PAGE
+    hi = (t.data_ptr() + t.nbytes) // prefault.PAGE * prefault.PAGE
+    assert libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4) == 0  # MADV_DONTNEED
+    assert _resident_pages(t) <= 2  # at most the two pages the tensor shares with its neighbours
+    return t
+
+
 def _wait_done(p: prefault.Prefault) -> None:
     deadline = time.monotonic() + 30
     while p.tensor is not None and time.monotonic() < deadline:
@@ -30,7 +45,7 @@ def _wait_done(p: prefault.Prefault) -> None:
 
 
 def test_faults_a_fresh_tensor_in_and_leaves_written_bytes_alone() -> None:
-    t = torch.empty(prefault.MIN_BYTES * 2, dtype=torch.uint8)
+    t = _fresh(torch.empty(prefault.MIN_BYTES * 2, dtype=torch.uint8))
     before = _resident_pages(t)
     t[: 1 << 20] = 7  # the filler got there first: those bytes must stay as written
     p = prefault.start(t)
@@ -45,7 +60,7 @@ def test_faults_a_fresh_tensor_in_and_leaves_written_bytes_alone() -> None:
 
 
 def test_skips_what_the_filler_reached_and_stops_when_told() -> None:
-    t = torch.empty(prefault.MIN_BYTES * 4, dtype=torch.uint8)
+    t = _fresh(torch.empty(prefault.MIN_BYTES * 4, dtype=torch.uint8))
     p = prefault.Prefault.__new__(prefault.Prefault)  # the helper's loop, run here on a known state
     p.tensor, p.base = t, t.data_ptr()
     p.lo = p.base // prefault.PAGE * prefault.PAGE
@@ -71,7 +86,7 @@ def test_small_and_off_host_tensors_get_no_helper() -> None:
 def test_runs_at_most_ahead_bytes_past_the_filler() -> None:
     """A transfer that stalls (a client that announced a tensor and sent nothing more) has at most AHEAD bytes of
     its tensor faulted in past what arrived; each advance lets the helper go on, and it ends at the tensor's end."""
-    t = torch.empty(prefault.AHEAD * 3, dtype=torch.uint8)
+    t = _fresh(torch.empty(prefault.AHEAD * 3, dtype=torch.uint8))
     before = _resident_pages(t)
     p = prefault.start(t)
     if p is None:
