@@ -71,22 +71,27 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 
 def _close(a: dict[str, Any], b: dict[str, Any]) -> None:
-    """As _same within float32 rounding: losses and weights to 1e-5 relative, accuracy within two reviews."""
+    """As _same within float32 rounding: losses to 1e-5 relative, accuracy within two reviews, and each weight within
+    what Adam's steps can move it apart. Adam divides by the root of the squared gradient, so an element whose
+    gradient is a rounding error away from zero moves by about +-lr either way: a few last bits of difference became
+    up to 0.0019 in the embedding (0.85 relative, 5 % of its elements) in the second fresh-clone CI run of round 27,
+    with the losses 7e-7 relative apart. So the weights are checked against 2 lr per step (0.008 over the epoch's 4)."""
     ea, eb = a["epoch"], b["epoch"]
     for k in ("train_loss", "test_loss"):
         assert ea[k] == pytest.approx(eb[k], rel=1e-5), (k, ea, eb)
     for k in ("train_acc", "test_acc"):
         assert abs(ea[k] - eb[k]) <= 2 / LIMIT + 1e-9, (k, ea, eb)
     assert a["state"].keys() == b["state"].keys()
+    bound = 2 * 1e-3 * (LIMIT // 50)  # 2 lr per step (train.py's default lr and batch size)
     for k, v in a["state"].items():
-        torch.testing.assert_close(v, b["state"][k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(v, b["state"][k], rtol=0, atol=bound, msg=k)
 
 
 @pytest.fixture(scope="module")
 def runs(pool_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """One epoch each: `native` (the C++ client: the README's command, `gpupool run`'s default), `shim` (the Python
     client, `--client shim`), `native0` and `local0` (no dropout: the C++ client, chosen with `--native-client`, and
-    the local CPU)."""
+    the local CPU on one torch thread: no second thread's half of a first parallel MKL call to come out off)."""
     env = {**os.environ, **pool_env}
     tmp = tmp_path_factory.mktemp("sentiment")
     native = _finish(_start(env, tmp, "native", run=()))  # `gpupool run`'s default; alone: it writes the data's cache
@@ -94,7 +99,7 @@ def runs(pool_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
     # the other three side by side (two half leases on the pool's GPU, and the CPU), reading that cache
     others = [_start(env, tmp, "shim", run=("--client", "shim")),
               _start(env, tmp, "native0", *off, run=("--native-client",)),
-              _start(env, tmp, "local0", *off)]  # fmt: skip
+              _start(env, tmp, "local0", *off, "--threads", "1")]  # fmt: skip
     try:
         shim, native0, local0 = (_finish(started) for started in others)
     finally:
