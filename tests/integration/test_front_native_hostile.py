@@ -216,6 +216,24 @@ def test_check_private_file(tmp_path: Path) -> None:
         config.check_private_file(folder / "y.so")
 
 
+@pytest.mark.parametrize(
+    "told", ["../../../tmp/x", "0123456789ABCDEF", "0123456789abcde", "0123456789abcdef0", "g" * 16]
+)
+def test_a_told_digest_that_is_not_16_hex_digits_names_no_build(told: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPUPOOL_NATIVE_RUNNER_DIGEST names a folder of the build cache (`torch-<version>-<digest>`) whose library the
+    process imports: until round 28 any value was joined to the path as given (`../../../tmp/x` named a library
+    outside the cache). Only `source`'s form, 16 lowercase hex digits, is taken; anything else is refused in one line
+    naming the variable (`load` and `built` then log it and the Python path serves)."""
+    from gpupool.server import native_runner
+
+    monkeypatch.setenv(native_runner.DIGEST_ENV, told)
+    with pytest.raises(ValueError, match=f"^{native_runner.DIGEST_ENV}=.* is not 16 lowercase hex digits"):
+        native_runner._final()
+    monkeypatch.setenv(native_runner.DIGEST_ENV, "0123456789abcdef")
+    assert native_runner._final().parent.name.endswith("-0123456789abcdef")
+    assert native_runner._final().parent.parent == native_runner.cache_dir()
+
+
 def _zygote_of(pid: int) -> int:
     """The zygote process a daemon started (`python -m gpupool.server.zygote`), found through /proc."""
     for entry in Path("/proc").iterdir():
