@@ -17,8 +17,9 @@ import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+_T = TypeVar("_T")
 _UNITS = {
     "": 1,
     "b": 1,
@@ -281,17 +282,49 @@ def load_name(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
+def load_private(path: Path, load: Callable[[str], _T]) -> _T:
+    """`load(name)` of the library at `path`, checked as opened and loaded as opened (`open_private_file`,
+    `load_name`: no name looked up again between the check and the load): `ctypes.CDLL`, or an extension's import.
+    A load that fails before the dynamic loader took the library (not an ELF file, an undefined symbol) gives its
+    descriptor back: until round 28 it stayed open for good, one a failed attempt. One the loader took (an
+    extension whose init then raised) keeps it, as `load_name` says."""
+    fd = open_private_file(path)
+    name = load_name(fd)
+    try:
+        return load(name)
+    except BaseException:
+        if not _dl_loaded(name):
+            _LOADED_FDS.remove(fd)
+            os.close(fd)
+        raise
+
+
+def _dl_loaded(name: str) -> bool:
+    """Whether the dynamic loader holds a library loaded as `name` (dlopen with RTLD_NOLOAD: it loads nothing)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:
+        return False
+    return True
+
+
 def import_private_extension(name: str, path: Path) -> Any:
     """The Python extension module `name` built at `path`, checked as opened and imported as opened
-    (`open_private_file`, `load_name`: no name looked up again between the check and the load), its `__file__`
-    naming `path`; UnsafeCacheDir when refused. The clients' native op path and the daemon's native runner."""
-    opened = load_name(open_private_file(path))  # (no .so suffix: the loader is named)
-    loader = importlib.machinery.ExtensionFileLoader(name, opened)
-    spec = importlib.util.spec_from_file_location(name, opened, loader=loader)
-    if spec is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
+    (`load_private`), its `__file__` naming `path`; UnsafeCacheDir when refused. The clients' native op path and the
+    daemon's native runner."""
+
+    def load(opened: str) -> Any:  # (no .so suffix: the loader is named)
+        loader = importlib.machinery.ExtensionFileLoader(name, opened)
+        spec = importlib.util.spec_from_file_location(name, opened, loader=loader)
+        if spec is None:
+            raise ImportError(f"cannot import {path}")
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        return module
+
+    module = load_private(path, load)
     module.__file__ = str(path)
     return module
 

@@ -357,3 +357,51 @@ def test_open_private_file_refuses_what_is_not_a_regular_file_without_waiting(tm
         t.join(10)
         pytest.fail("a failed build's marker that is a named pipe held `gpupool run`")
     assert seen == [None]
+
+
+def _open_on(path: Path) -> list[int]:
+    """This process's descriptors open on `path`."""
+    fds = []
+    for entry in Path("/proc/self/fd").iterdir():
+        try:
+            if os.readlink(entry) == str(path):
+                fds.append(int(entry.name))
+        except OSError:
+            continue
+    return fds
+
+
+def test_a_cached_library_that_does_not_load_gives_its_descriptor_back(tmp_path: Path) -> None:
+    """A cached build the dynamic loader refuses (not an ELF file; a library with an undefined symbol, the build of
+    another torch) made the import raise; until round 28 its descriptor (`config.load_name`) stayed open for good, one
+    more at each attempt (the front asks `native_runner.built` again while nothing is decided). Now the failed load
+    gives it back. A library the loader took whose init then raised (no PyInit) keeps its descriptor: the loader knows
+    it by that number's name, and a reused number would load it again instead of another library."""
+    folder = tmp_path / "cache"
+    folder.mkdir(mode=0o700)
+    garbage = folder / "garbage.so"
+    garbage.write_bytes(b"\x7fELF" + b"\0" * 60)
+    cases = [garbage]
+    if shutil.which("cc"):
+        for stem, code in (("unresolved", "extern int nowhere(void); int f(void) { return nowhere(); }"),
+                           ("plain", "int f(void) { return 1; }")):  # fmt: skip
+            (folder / f"{stem}.c").write_text(code + "\n")
+            subprocess.run(["cc", "-shared", "-fPIC", "-Wl,-z,now", "-o", str(folder / f"{stem}.so"),
+                            str(folder / f"{stem}.c")], check=True, timeout=120)  # fmt: skip
+        cases.append(folder / "unresolved.so")
+    import ctypes
+
+    for lib in cases:
+        for _ in range(3):
+            with pytest.raises(ImportError):
+                config.import_private_extension("gpupool_nothing_here", lib)
+            with pytest.raises(OSError):
+                config.load_private(lib, ctypes.CDLL)
+        assert _open_on(lib) == [], f"{lib.name}: a failed load kept its descriptor"
+    if shutil.which("cc"):  # loaded, then refused by the import (no PyInit_...): its name stays bound
+        plain = folder / "plain.so"
+        with pytest.raises(ImportError, match="PyInit"):
+            config.import_private_extension("gpupool_nothing_here", plain)
+        [fd] = _open_on(plain)
+        assert fd in config._LOADED_FDS
+        assert config.load_private(plain, ctypes.CDLL).f() == 1
