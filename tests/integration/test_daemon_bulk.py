@@ -21,7 +21,7 @@ from support import TcpRelay, get_pki, shut
 
 from gpupool import duplex, protocol, tls
 from gpupool._proto import device_pb2, device_pb2_grpc
-from gpupool.errors import GpupoolError, InvalidArgument
+from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument
 
 MiB = 1024**2
 
@@ -353,16 +353,26 @@ def test_detach_in_the_middle_of_a_transfer(bulk_daemon: Any) -> None:
         assert torch.equal(s2.download(s2.upload(big)), big)
 
 
-def test_a_download_cut_by_the_daemon_fails_the_wait_clearly(bulk_daemon: Any) -> None:
+@pytest.mark.parametrize("frames", ["1", "0"])
+def test_a_download_cut_by_the_daemon_fails_the_wait_clearly(
+    bulk_daemon: Any, monkeypatch: pytest.MonkeyPatch, frames: str
+) -> None:
     """The daemon closes the session (Detach from elsewhere) while a bulk download is in flight: the client's
-    wait fails with a gpupool error, never a hang or a wrong tensor."""
+    wait fails with the session's own reason (FAILED_PRECONDITION, "detached"), never a hang or a wrong tensor.
+    Until round 28 it could fail with the side socket's close instead ("the daemon closed the bulk socket",
+    UNAVAILABLE): the close shut the socket before the end record went (frames on it), and on the stream carrier
+    the client took the socket's close for the reason and the daemon's writer ended the stream with its failed
+    send. Both carriers of the session's frames."""
+    monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", frames)
     with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
+        assert s._side is not None and (s._carrier is not None) == (frames == "1")
         h = s.upload(torch.randn(64 * MiB))
         s.sync()
         threading.Timer(0.05, lambda: bulk_daemon.running.daemon.detach(s.session_id)).start()
         try:
             back = s.download(h)
-        except GpupoolError:
+        except GpupoolError as exc:
+            assert isinstance(exc, FailedPrecondition) and "detached" in str(exc), repr(exc)
             return
         assert back.numel() == 64 * MiB  # the download won the race: it is whole
 
