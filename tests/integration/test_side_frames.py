@@ -368,3 +368,27 @@ def test_a_client_not_reading_at_its_sessions_end_still_learns_why(side_daemon: 
     _neighbour_works(neighbour)
     s.close()
     neighbour.close()
+
+
+def test_frames_sent_after_a_detach_run_nothing(side_daemon: Any, monkeypatch: Any) -> None:
+    """A frames socket stays open a little after its session closed (for the replies queued before the end and its
+    BULK_END, round 28): what its client sends meanwhile (a lone Sync the reader would answer itself, an upload
+    and a Sync behind it) runs nothing and is answered by nothing but the end."""
+    victim, sid, port = _bare(side_daemon)
+    peer = _peer(side_daemon, port, sid)
+    _send_raw(peer, protocol.frame_record(protocol.sync_frame(7)))
+    assert _next_record(peer) == (protocol.BULK_FRAME, 0, protocol.sync_reply(7))
+    victim._stub.Detach(device_pb2.DetachRequest(session_id=sid), timeout=10)  # returns once the session closed
+    up = device_pb2.Command(upload=device_pb2.Upload(handle=victim.handle_base + 5, last=True, data=b"\0" * 16))
+    up.upload.meta.dtype, up.upload.meta.shape[:] = 1, [4]
+    sync = device_pb2.Command(sync=device_pb2.Sync(request_id=9))
+    for frame in (protocol.sync_frame(8), device_pb2.ClientFrame(commands=[up, sync]).SerializeToString()):
+        try:
+            _send_raw(peer, protocol.frame_record(frame))
+        except OSError:
+            break  # the daemon closed the socket already
+    end = _next_record(peer)
+    assert isinstance(end, tuple) and end[0] == protocol.BULK_END and b"detached" in end[2], end
+    assert isinstance(_next_record(peer), Unavailable)
+    victim.close()
+    peer.close()
