@@ -323,6 +323,9 @@ def test_a_detach_or_the_leases_end_closes_a_frames_socket_with_its_end_record(
     peer = _peer(side_daemon, port, sid)
     _send_raw(peer, protocol.frame_record(protocol.sync_frame(7)))
     assert _next_record(peer) == (protocol.BULK_FRAME, 0, protocol.sync_reply(7))
+    front = side_daemon.running.daemon.session(sid)
+    reader = f"gpupool-side-{front.number}"  # the socket's own thread (bulkside.BulkPort._hello)
+    assert any(t.name == reader for t in threading.enumerate())
     if how == "detach":
         victim._stub.Detach(device_pb2.DetachRequest(session_id=sid), timeout=10)
         why = "session closed: detached"
@@ -336,6 +339,12 @@ def test_a_detach_or_the_leases_end_closes_a_frames_socket_with_its_end_record(
     assert isinstance(after, Unavailable) and "closed" in str(after), after
     err = _ended(victim)
     assert isinstance(err, FailedPrecondition) and re.search(why, str(err)), err
+    assert front.bulk.closed and front.bulk.sock.fileno() == -1, "the daemon's end of the socket is closed"
+    for _ in range(100):  # its reader thread ends with it
+        if not any(t.name == reader for t in threading.enumerate()):
+            break
+        threading.Event().wait(0.1)
+    assert not any(t.name == reader for t in threading.enumerate()), f"{reader} outlived its session"
     _neighbour_works(neighbour)
     victim.close()
     peer.close()
