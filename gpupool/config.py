@@ -181,10 +181,10 @@ def cache_dir(name: str, env: str) -> Path:
 def check_private_dir(path: Path) -> None:
     """Raise UnsafeCacheDir unless only this user (and root) can change what `path` holds: the folder and every
     folder above it (symbolic links resolved) belong to this user or root, and none is writable by others, or by a
-    group other than this user's private group (`_private_group`: umask 002 on a system with user-private groups is
-    fine) - except, above the folder itself, one with the sticky bit (/tmp), where others cannot rename what is ours.
-    Until round 28 any folder of this process's own group passed: with a primary group shared by several users
-    (`users`, `staff`) and umask 002, each of them could plant a library in it."""
+    group other than this user's private group or root's (`_private_group`: umask 002 on a system with user-private
+    groups is fine) - except, above the folder itself, one with the sticky bit (/tmp), where others cannot rename
+    what is ours. Until round 28 any folder of this process's own group passed: with a primary group shared by
+    several users (`users`, `staff`) and umask 002, each of them could plant a library in it."""
     real = Path(os.path.realpath(path))
     me = os.geteuid()
     for i, folder in enumerate((real, *real.parents)):
@@ -204,10 +204,12 @@ def check_private_dir(path: Path) -> None:
 def _private_group(gid: int) -> bool:
     """Whether group `gid` is this user's private group, so that its write bit lets no one else in: this process's
     own group, named as this user, listing no other member, and no other account's primary group (the user-private
-    group convention, which umask 002 assumes). A group that cannot be looked up is not."""
+    group convention, which umask 002 assumes). A group that cannot be looked up is not. Root's group (gid 0) is
+    trusted as root is (its members are the administrator's choice): a container running an arbitrary uid in group 0
+    with group-writable folders (OpenShift's convention) keeps its caches."""
     if gid != os.getegid():
         return False
-    return _private_group_of(os.geteuid(), gid)
+    return gid == 0 or _private_group_of(os.geteuid(), gid)
 
 
 @functools.lru_cache(maxsize=8)
