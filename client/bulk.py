@@ -13,6 +13,13 @@ downloads (the thread reading the session's replies) share the TLS connection th
 socket is non-blocking and a lock is held for one call at a time, never while waiting, so an upload and a download
 of one session from two threads move at once (round 24: a lock held across `sendall` deadlocked them into the
 daemon's `IO_TIMEOUT`).
+
+A transfer waits as long as the daemon is alive, with no limit of its own (round 28; the daemon's end since round
+27): a daemon that does not read for a while (its session's queue full behind a long kernel, a daemon stopped at a
+debugger) is waited for, and one that is gone is found by the kernel's TCP keepalive (`PEER_*`, as the daemon's
+`bulkside.PEER_*`: `duplex.keep_alive`), a killed one's kernel closes the socket at once, and a session that ends
+(its stream's end, `Session.close`) closes the socket, which fails a transfer blocked on it. Until round 28 60 s
+without a byte moving (`IO_TIMEOUT`) failed the transfer, and so the session, of a daemon that was only busy.
 """
 
 from __future__ import annotations
@@ -30,7 +37,12 @@ from gpupool.errors import InvalidArgument, Unavailable
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0  # seconds to connect, shake hands and be bound
-IO_TIMEOUT = 60.0  # seconds a transfer may stall before the session gives up on its daemon
+# A bound socket's transfers wait as long as the daemon is alive: after PEER_IDLE s of silence the kernel probes it
+# every PEER_INTERVAL s, and PEER_PROBES unanswered probes end the connection (about 3 minutes: a suspended daemon
+# host answers nothing, like a dead one), as the daemon's end does (server/bulkside.py).
+PEER_IDLE = 60.0
+PEER_INTERVAL = 20.0
+PEER_PROBES = 6
 _CLOSED = "the daemon closed the bulk socket"
 MIN_UPLOAD = 1024 * 1024  # uploads of at least this many bytes take the side socket
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # the largest reply record read (the stream's receive limit, session.py)
@@ -49,23 +61,24 @@ class BulkSocket:
         """A ClientFrame's bytes as a record (`protocol.frame_record`); a full socket (the daemon's queue is full)
         blocks here: the stream's back-pressure."""
         try:
-            duplex.send_all(self.sock, self.lock, [protocol.frame_record(frame)], IO_TIMEOUT)
+            duplex.send_all(self.sock, self.lock, [protocol.frame_record(frame)], None)
         except (OSError, ValueError) as exc:
             raise Unavailable(f"side socket: sending a frame failed: {exc}") from None
 
     def recv_record(self) -> tuple[int, int, bytes]:
         """The next record the daemon sent: (kind, id, body) of a BULK_FRAME (a ServerFrame's bytes) or a
         BULK_END (id: the status code's number, body: the reason); Unavailable when the socket closed or broke
-        first. Waits without a limit for the record's start (a reply can take as long as the work before it; a
-        lost daemon ends the gRPC stream, whose callback closes this socket), then IO_TIMEOUT at most."""
+        first. Waits without a limit while the daemon is alive (a reply can take as long as the work before it; a
+        lost daemon ends the gRPC stream, whose callback closes this socket, and the kernel's keepalive finds a
+        gone one: `PEER_*`)."""
         try:
-            got = records.head(self.sock, self.lock, self._head, IO_TIMEOUT)
+            got = records.head(self.sock, self.lock, self._head, None)
             if got is None:
                 raise Unavailable(_CLOSED)
             kind, ident, _, n = got
             if kind not in (protocol.BULK_FRAME, protocol.BULK_END) or n > MAX_REPLY_BYTES:
                 raise InvalidArgument(f"side socket: expected a frame record, got kind {kind} of {n} bytes")
-            return kind, ident, records.body(self.sock, self.lock, n, IO_TIMEOUT)
+            return kind, ident, records.body(self.sock, self.lock, n, None)
         except EOFError:
             raise Unavailable("side socket closed by the daemon in the middle of a record") from None
         except ValueError as exc:  # the socket was closed here
@@ -76,7 +89,7 @@ class BulkSocket:
     def send_upload(self, handle: int, offset: int, data: memoryview) -> None:
         head = protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, handle, offset, len(data))
         try:  # (the header and its bytes go together: one upload at a time, the session's lock)
-            duplex.send_all(self.sock, self.lock, [head, data], IO_TIMEOUT)
+            duplex.send_all(self.sock, self.lock, [head, data], None)
         except (OSError, ValueError) as exc:
             raise Unavailable(f"bulk socket: sending an upload failed: {exc}") from None
 
@@ -84,7 +97,7 @@ class BulkSocket:
         """Read a download chunk's header (it must be the one the stream announced) and its bytes into `into`."""
         want = (protocol.BULK_DOWNLOAD, request_id, offset, len(into))
         try:
-            got = records.transfer(self.sock, self.lock, want, into, IO_TIMEOUT)
+            got = records.transfer(self.sock, self.lock, want, into, None)
         except EOFError:
             raise Unavailable("bulk socket closed by the daemon") from None
         except (OSError, ValueError) as exc:
@@ -122,7 +135,8 @@ def connect(address: str, port: int, session_id: str, server_name: str = "", fra
         if answer != protocol.BULK_OK:
             (n,) = struct.unpack("<H", protocol.recv_exact(sock, 2, _CLOSED))
             raise ValueError(protocol.recv_exact(sock, n, _CLOSED).decode(errors="replace"))
-        sock.setblocking(False)  # gpupool/duplex.py waits (IO_TIMEOUT) with the lock released
+        duplex.keep_alive(sock, PEER_IDLE, PEER_INTERVAL, PEER_PROBES)  # a gone daemon fails a transfer's wait
+        sock.setblocking(False)  # gpupool/duplex.py waits with the lock released
         return BulkSocket(sock, frames)
     except (OSError, ssl.SSLError, ValueError, InvalidArgument) as exc:
         if sock is not None:

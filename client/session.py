@@ -759,7 +759,9 @@ class Session:
                 err = Unavailable(f"daemon {self.address} ended the session's stream")
             except grpc.RpcError as exc:
                 err = from_failure(exc)
-            except GpupoolError as exc:  # the side socket broke or fell out of step: the session cannot go on
+            except Unavailable as exc:  # the side socket closed or broke: the stream's status says why (a Detach,
+                err = self._end_reason(exc)  # the lease's end), where it comes in time, as on the frames carrier
+            except GpupoolError as exc:  # the side socket fell out of step: the session cannot go on
                 err = exc
             self._ended = self._dead = err
         with self._wlock:

@@ -6,16 +6,20 @@ Each program keeps its own frozen ``Config`` dataclass; this module only gives t
 from __future__ import annotations
 
 import argparse
+import functools
+import grp
 import importlib.machinery
 import importlib.util
 import logging
 import os
+import pwd
 import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+_T = TypeVar("_T")
 _UNITS = {
     "": 1,
     "b": 1,
@@ -177,20 +181,61 @@ def cache_dir(name: str, env: str) -> Path:
 def check_private_dir(path: Path) -> None:
     """Raise UnsafeCacheDir unless only this user (and root) can change what `path` holds: the folder and every
     folder above it (symbolic links resolved) belong to this user or root, and none is writable by others, or by a
-    group other than this process's own (a user-private group with umask 002 is fine) - except, above the folder
-    itself, one with the sticky bit (/tmp), where others cannot rename what is ours."""
+    group other than this user's private group or root's (`_private_group`: umask 002 on a system with user-private
+    groups is fine) - except, above the folder itself, one with the sticky bit (/tmp), where others cannot rename
+    what is ours. Until round 28 any folder of this process's own group passed: with a primary group shared by
+    several users (`users`, `staff`) and umask 002, each of them could plant a library in it."""
     real = Path(os.path.realpath(path))
-    me, my_group = os.geteuid(), os.getegid()
+    me = os.geteuid()
     for i, folder in enumerate((real, *real.parents)):
         st = folder.stat()
         if st.st_uid not in (me, 0):
             raise UnsafeCacheDir(f"cache folder {path}: {folder} belongs to uid {st.st_uid}, not this user")
-        shared = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != my_group)
-        if shared and (i == 0 or not st.st_mode & stat.S_ISVTX):
+        others = bool(st.st_mode & stat.S_IWOTH)
+        group = bool(st.st_mode & stat.S_IWGRP) and not _private_group(st.st_gid)
+        if (others or group) and (i == 0 or not st.st_mode & stat.S_ISVTX):
             raise UnsafeCacheDir(
-                f"cache folder {path}: {folder} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); "
-                f"a library built there could be replaced: use a folder only you can write (chmod go-w)"
+                f"cache folder {path}: {folder} is writable by {_writers(others, st.st_gid)} "
+                f"(mode {stat.S_IMODE(st.st_mode):o}); a library built there could be replaced: use a folder only "
+                f"you can write (chmod {'go' if others else 'g'}-w)"
             )
+
+
+def _private_group(gid: int) -> bool:
+    """Whether group `gid` is this user's private group, so that its write bit lets no one else in: this process's
+    own group, named as this user, listing no other member, and no other account's primary group (the user-private
+    group convention, which umask 002 assumes). A group that cannot be looked up is not. Root's group (gid 0) is
+    trusted as root is (its members are the administrator's choice): a container running an arbitrary uid in group 0
+    with group-writable folders (OpenShift's convention) keeps its caches."""
+    if gid != os.getegid():
+        return False
+    return gid == 0 or _private_group_of(os.geteuid(), gid)
+
+
+@functools.lru_cache(maxsize=8)
+def _private_group_of(uid: int, gid: int) -> bool:
+    try:
+        name = pwd.getpwuid(uid).pw_name
+        entry = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    if entry.gr_name != name or any(member != name for member in entry.gr_mem):
+        return False
+    try:
+        return all(p.pw_uid == uid or p.pw_gid != gid for p in pwd.getpwall())
+    except OSError:
+        return False
+
+
+def _writers(others: bool, gid: int) -> str:
+    """Who else can write a file or folder, in words (its mode's write bits, `_private_group`)."""
+    if others:
+        return "other users"
+    try:
+        name = grp.getgrgid(gid).gr_name
+    except KeyError:
+        name = str(gid)
+    return f"other users (group {name}, gid {gid}, is not this user's private group)"
 
 
 def check_private_file(path: Path) -> None:
@@ -239,17 +284,49 @@ def load_name(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
+def load_private(path: Path, load: Callable[[str], _T]) -> _T:
+    """`load(name)` of the library at `path`, checked as opened and loaded as opened (`open_private_file`,
+    `load_name`: no name looked up again between the check and the load): `ctypes.CDLL`, or an extension's import.
+    A load that fails before the dynamic loader took the library (not an ELF file, an undefined symbol) gives its
+    descriptor back: until round 28 it stayed open for good, one a failed attempt. One the loader took (an
+    extension whose init then raised) keeps it, as `load_name` says."""
+    fd = open_private_file(path)
+    name = load_name(fd)
+    try:
+        return load(name)
+    except BaseException:
+        if not _dl_loaded(name):
+            _LOADED_FDS.remove(fd)
+            os.close(fd)
+        raise
+
+
+def _dl_loaded(name: str) -> bool:
+    """Whether the dynamic loader holds a library loaded as `name` (dlopen with RTLD_NOLOAD: it loads nothing)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:
+        return False
+    return True
+
+
 def import_private_extension(name: str, path: Path) -> Any:
     """The Python extension module `name` built at `path`, checked as opened and imported as opened
-    (`open_private_file`, `load_name`: no name looked up again between the check and the load), its `__file__`
-    naming `path`; UnsafeCacheDir when refused. The clients' native op path and the daemon's native runner."""
-    opened = load_name(open_private_file(path))  # (no .so suffix: the loader is named)
-    loader = importlib.machinery.ExtensionFileLoader(name, opened)
-    spec = importlib.util.spec_from_file_location(name, opened, loader=loader)
-    if spec is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
+    (`load_private`), its `__file__` naming `path`; UnsafeCacheDir when refused. The clients' native op path and the
+    daemon's native runner."""
+
+    def load(opened: str) -> Any:  # (no .so suffix: the loader is named)
+        loader = importlib.machinery.ExtensionFileLoader(name, opened)
+        spec = importlib.util.spec_from_file_location(name, opened, loader=loader)
+        if spec is None:
+            raise ImportError(f"cannot import {path}")
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        return module
+
+    module = load_private(path, load)
     module.__file__ = str(path)
     return module
 
@@ -257,10 +334,11 @@ def import_private_extension(name: str, path: Path) -> Any:
 def _check_private_stat(path: Path, st: os.stat_result) -> None:
     if st.st_uid not in (os.geteuid(), 0):
         raise UnsafeCacheDir(f"cached library {path} belongs to uid {st.st_uid}, not this user")
-    if st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != os.getegid()):
+    others = bool(st.st_mode & stat.S_IWOTH)
+    if others or (st.st_mode & stat.S_IWGRP and not _private_group(st.st_gid)):
         raise UnsafeCacheDir(
-            f"cached library {path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}): it could be "
-            f"replaced; remove it (it is built again) or chmod go-w"
+            f"cached library {path} is writable by {_writers(others, st.st_gid)} (mode {stat.S_IMODE(st.st_mode):o}): "
+            f"it could be replaced; remove it (it is built again) or chmod go-w"
         )
 
 

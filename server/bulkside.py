@@ -24,7 +24,8 @@ without progress ended the session, so a client stopped by Ctrl-Z lost it): a cl
 parks only its own session (its reply budget, `outbox_bytes`, stops its commands; its queue's back-pressure stops
 its sender), and goes on where it was when it reads again. A dead peer is found by the kernel (`PEER_*`,
 `duplex.keep_alive`); a killed client's kernel closes the socket at once; a session closed for any reason (Detach,
-its lease's end, its stream's end) shuts its socket down, which fails a transfer blocked on it at once.
+its lease's end, its stream's end) shuts a bulk-only socket down, which fails a transfer blocked on it at once, and
+a frames socket after the replies queued before its end and its BULK_END (`BulkLink.end`, END_GRACE at most).
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ HELLO_TIMEOUT = 5.0  # seconds from a connection's arrival to its hello (TLS han
 PEER_IDLE = 60.0
 PEER_INTERVAL = 20.0
 PEER_PROBES = 6
+# A session closed while its frames socket is open (a Detach, its lease's end) keeps the socket this long at most for
+# the replies queued before its end and its BULK_END (its stream's writer sends them, then closes it): a client that
+# does not read them meanwhile (paused, gone) loses them, and the socket closes.
+END_GRACE = 5.0
 MAX_PENDING = 64  # connections not yet bound to a session, in all; a newcomer past it pushes out the busiest
 MAX_PENDING_PER_SOURCE = 8  # source's oldest; ... and per source address, a newcomer pushing out its own oldest
 SIDE_MIN = bulk.SIDE_MIN  # download chunks at least this large go on the socket; smaller ones stay on the stream
@@ -161,6 +166,20 @@ class BulkLink:
             duplex.send_all(self.sock, self.lock, [head, data], None)
         except (OSError, ValueError) as exc:
             raise Unavailable(f"bulk socket of session {self.number}: sending a download failed: {_why(exc)}") from None
+
+    def end(self) -> None:
+        """The session closed: a frames socket stays open for its stream's writer, which sends what was queued before
+        the end, then the BULK_END, then closes it (`DeviceServicer._reply_side`), and is closed after END_GRACE
+        in any case (a client that does not read, a stream already gone); any other socket is closed now (its
+        transfers are moot: GPBULK1 has no end record, its session's stream says it)."""
+        if not self.frames:
+            self.close()
+            return
+        if self.closed:  # its writer sent the end already (an error ended the session)
+            return
+        timer = threading.Timer(END_GRACE, self.close)
+        timer.daemon = True
+        timer.start()
 
     def close(self) -> None:
         """Stop the socket now (a transfer blocked on it fails at once); closed for good by its last user."""

@@ -429,7 +429,7 @@ class Daemon:
             if self._by_lease.get(key) is s:
                 del self._by_lease[key]
         self.queues[s.device.index].remove(s.entry)
-        s.close_bulk()  # a transfer blocked on the session's side socket fails now
+        s.end_bulk()  # a transfer blocked on its side socket fails now; a frames socket carries the end first
         if s.runner is not None and s.runner.pid and self.zygote is not None:
             self.zygote.kill(s.runner.pid)  # its memory goes back now, and a running slice ends with it
         with s.lock:  # waits for a running slice of this session to finish

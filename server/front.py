@@ -112,6 +112,14 @@ class FrontSession:
         if link is not None:
             link.close()
 
+    def end_bulk(self) -> None:
+        """The session closed: its side socket ends (`BulkLink.end`: a frames socket carries the replies queued before
+        the end and the BULK_END first; any other closes now)."""
+        with self._outbox_lock:
+            link = self.bulk
+        if link is not None:
+            link.end()
+
     @property
     def worker_pid(self) -> int:
         return self.runner.pid if self.runner is not None else 0

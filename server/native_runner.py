@@ -108,7 +108,7 @@ import torch
 from gpupool import buildcache, config
 
 from . import fallbacks
-from .runner_source import DIGEST_ENV, SOURCE, source  # the source as read once: the zygote is told its digest
+from .runner_source import DIGEST_ENV, SOURCE, source, told_digest  # noqa: F401 - DIGEST_ENV: tests name it here
 from .templates import C_ARG, C_KW, L_ARG, L_KW, LV_ARG, LV_KW, N_ARG, N_KW, NL_ARG, NL_KW, T_ARG, T_KW, V_ARG, V_KW
 
 log = logging.getLogger(__name__)
@@ -190,8 +190,9 @@ def _final() -> Path:
     """Where the build of this source for this torch lives (a folder per torch version and source hash): in a zygote,
     the source its daemon read (DIGEST_ENV). Round 25 hashed the file at each call, so a checkout changed under a
     running daemon gave the front (which looks for the build at its first frame) the build of another source than
-    the zygote's (which built at its start)."""
-    digest = os.environ.get(DIGEST_ENV) or source()[1]
+    the zygote's (which built at its start). A told digest that is not 16 hex digits raises ValueError (`told_digest`:
+    it names a folder)."""
+    digest = told_digest() or source()[1]
     return cache_dir() / f"torch-{torch.__version__}-{digest}" / f"{_NAME}.so"
 
 

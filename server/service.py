@@ -220,30 +220,40 @@ class DeviceServicer:
     def _reply_side(self, s: FrontSession, link: bulkside.BulkLink, item: Any) -> bool:
         """One outbox item of a session whose frames use its side socket, written there as records (a bulk Get's
         bytes after their announcement, as on the stream). The session's end goes as a BULK_END record (where the
-        socket takes it), then as the stream's status, raised here; False at the stream's end."""
-        if type(item) is bytes and not link.gets:
-            link.send_frame(item)
-        elif item is END_OF_STREAM:
+        socket takes it), then the socket closes and the stream's status is raised here; False at the stream's end.
+        A session closed by a Detach or its lease's end (`Daemon.close_session`) keeps its socket open for the
+        replies queued before its end and the BULK_END (`bulkside.END_GRACE` at most: until round 28 the close shut
+        the socket first, and its client read neither); a reply the socket no longer takes then is moot."""
+        if item is END_OF_STREAM:
             return False
-        elif isinstance(item, Closed):
+        if isinstance(item, Closed):
             reason = f"session closed: {item.reason}"
             link.send_end(item.code.value[0], reason)
+            link.close()
             raise error_class(item.code)(reason)
-        elif isinstance(item, GpupoolError):
+        if isinstance(item, GpupoolError):
             link.send_end(item.code.value[0], str(item))
+            link.close()
             raise item
-        elif isinstance(item, slices.SideChunk):
-            try:
+        try:
+            if type(item) is bytes and not link.gets:
+                link.send_frame(item)
+            elif isinstance(item, slices.SideChunk):
                 for frame in _send_side(s, item):
                     link.send_frame(frame)
-            finally:
+            elif isinstance(item, device_pb2.ServerFrame):
+                link.send_frame(item.SerializeToString())
+            else:
+                for whole in [item] if isinstance(item, bytes) else item:  # a download's chunk frames
+                    for frame in _send(s, whole):
+                        link.send_frame(frame)
+        except Unavailable:
+            if not s.closed:
+                raise
+            # closed, and its socket's grace is over (its client did not read): the end still goes on the stream
+        finally:
+            if isinstance(item, slices.SideChunk):
                 item.release()
-        elif isinstance(item, device_pb2.ServerFrame):
-            link.send_frame(item.SerializeToString())
-        else:
-            for whole in [item] if isinstance(item, bytes) else item:  # a download's chunk frames
-                for frame in _send(s, whole):
-                    link.send_frame(frame)
         self.daemon.replied(s, item)
         return True
 
@@ -316,7 +326,13 @@ def _send(s: FrontSession, frame: bytes) -> Iterator[bytes]:
     out, parts = bulkside.outgoing(s.bulk, frame)
     yield out
     if parts is not None:
-        s.bulk.send_download(parts.request_id, parts.offset, parts.data)
+        try:
+            s.bulk.send_download(parts.request_id, parts.offset, parts.data)
+        except Unavailable:
+            if not s.closed:
+                raise
+            # the session's close shut its socket (a Detach, its lease's end): the bytes are moot, and the stream
+            # still ends with the session's own status (until round 28 this UNAVAILABLE replaced it)
 
 
 def _send_side(s: FrontSession, chunk: slices.SideChunk) -> Iterator[bytes]:
@@ -324,13 +340,19 @@ def _send_side(s: FrontSession, chunk: slices.SideChunk) -> Iterator[bytes]:
     then the bytes on the side socket straight from the slot (no copy out of the worker's memory)."""
     link = s.bulk
     if link is None or link.closed or chunk.request_id not in link.gets:
+        if s.closed:
+            return  # the session's close shut its socket: the chunk is moot (its end follows, as in `_send`)
         # the worker wrote a side chunk for a Get that asked for none, or the socket is gone: end the session
         raise Unavailable(f"bulk socket of session {s.number} is gone (or was never asked for) mid-download")
     if chunk.last:
         link.gets.discard(chunk.request_id)
     parts = bulkside.ChunkParts(chunk.request_id, chunk.meta, chunk.offset, chunk.data, chunk.last)
     yield parts.announce()
-    link.send_download(chunk.request_id, chunk.offset, chunk.data)
+    try:
+        link.send_download(chunk.request_id, chunk.offset, chunk.data)
+    except Unavailable:
+        if not s.closed:
+            raise
 
 
 def _serialize_frame(frame: device_pb2.ServerFrame | bytes) -> bytes:

@@ -56,7 +56,7 @@ def load(verbose: bool = False, name: str = NAME) -> None:
         torch.utils.rename_privateuse1_backend(name)
     NAME = name
     # checked as opened, loaded as opened: not torch.ops.load_library, whose realpath() names the file again
-    ctypes.CDLL(config.load_name(config.open_private_file(path)))
+    config.load_private(path, ctypes.CDLL)
     _register_module()
     _loaded.append(True)
 

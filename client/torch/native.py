@@ -178,7 +178,7 @@ def install() -> bool:
     global current_device, set_current_device
     try:
         path = build()
-        lib = ctypes.CDLL(config.load_name(config.open_private_file(path)))  # checked as opened, loaded as opened
+        lib = config.load_private(path, ctypes.CDLL)  # checked as opened, loaded as opened
         for name in ("gpupool_current_device", "gpupool_set_current_device", "gpupool_set_device_count",
                      "gpupool_set_fused_sdp", "gpupool_set_capturing", "gpupool_set_sdp_dropout"):  # fmt: skip
             getattr(lib, name).restype = ctypes.c_int

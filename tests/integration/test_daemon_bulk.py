@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 import torch
 from gpupool.client import bulk as client_bulk
-from gpupool.client.session import Session
+from gpupool.client.session import CHANNEL_OPTIONS, Session
 from gpupool.server import bulkside
-from support import get_pki
+from support import TcpRelay, get_pki, shut
 
 from gpupool import duplex, protocol, tls
-from gpupool._proto import device_pb2
-from gpupool.errors import GpupoolError, InvalidArgument
+from gpupool._proto import device_pb2, device_pb2_grpc
+from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument
 
 MiB = 1024**2
 
@@ -37,7 +37,7 @@ def bulk_daemon(request: Any, daemon_factory: Any, monkeypatch: pytest.MonkeyPat
 
 def _send_raw(side: client_bulk.BulkSocket, data: bytes) -> None:
     """Bytes of the test's choosing on a session's side socket (non-blocking: gpupool/duplex.py's send)."""
-    duplex.send_all(side.sock, side.lock, [data], client_bulk.IO_TIMEOUT)
+    duplex.send_all(side.sock, side.lock, [data], 30.0)
 
 
 def _put(s: Session, frame: bytes) -> None:
@@ -353,16 +353,26 @@ def test_detach_in_the_middle_of_a_transfer(bulk_daemon: Any) -> None:
         assert torch.equal(s2.download(s2.upload(big)), big)
 
 
-def test_a_download_cut_by_the_daemon_fails_the_wait_clearly(bulk_daemon: Any) -> None:
+@pytest.mark.parametrize("frames", ["1", "0"])
+def test_a_download_cut_by_the_daemon_fails_the_wait_clearly(
+    bulk_daemon: Any, monkeypatch: pytest.MonkeyPatch, frames: str
+) -> None:
     """The daemon closes the session (Detach from elsewhere) while a bulk download is in flight: the client's
-    wait fails with a gpupool error, never a hang or a wrong tensor."""
+    wait fails with the session's own reason (FAILED_PRECONDITION, "detached"), never a hang or a wrong tensor.
+    Until round 28 it could fail with the side socket's close instead ("the daemon closed the bulk socket",
+    UNAVAILABLE): the close shut the socket before the end record went (frames on it), and on the stream carrier
+    the client took the socket's close for the reason and the daemon's writer ended the stream with its failed
+    send. Both carriers of the session's frames."""
+    monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", frames)
     with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
+        assert s._side is not None and (s._carrier is not None) == (frames == "1")
         h = s.upload(torch.randn(64 * MiB))
         s.sync()
         threading.Timer(0.05, lambda: bulk_daemon.running.daemon.detach(s.session_id)).start()
         try:
             back = s.download(h)
-        except GpupoolError:
+        except GpupoolError as exc:
+            assert isinstance(exc, FailedPrecondition) and "detached" in str(exc), repr(exc)
             return
         assert back.numel() == 64 * MiB  # the download won the race: it is whole
 
@@ -543,3 +553,70 @@ def test_an_upload_and_a_download_from_two_threads_both_move(bulk_daemon: Any) -
             t.join(120)
         assert not failed and done == [rounds, rounds], (failed, done)
         assert torch.equal(s.download(last[0]), _bits(48 * MiB, seed=10 + rounds - 1))  # the uploads too
+
+
+class _Gate(TcpRelay):
+    """A relay to a daemon's side port that stops moving bytes while `flowing` is clear: to the client, a daemon that
+    does not read or write for a while (its session's queue behind a long kernel, a daemon at a breakpoint) on a
+    live host, whose kernel acknowledges what fits in its buffers and answers keepalive probes."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.flowing = threading.Event()
+        self.flowing.set()
+        super().__init__(upstream)
+
+    def _relay(self, down: socket.socket, up: socket.socket, n: int) -> None:
+        for a, b in ((down, up), (up, down)):
+            threading.Thread(target=self._gated, args=(a, b), daemon=True).start()
+
+    def _gated(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                self.flowing.wait()
+                dst.sendall(data)
+        except OSError:
+            pass
+        shut(src, dst)
+
+
+@pytest.mark.parametrize("frames", [False, True])
+def test_a_daemon_that_does_not_read_for_a_while_is_waited_for(
+    bulk_daemon: Any, monkeypatch: pytest.MonkeyPatch, frames: bool
+) -> None:
+    """The client's end of the side socket waits as long as its daemon is alive (round 28, as the daemon's end since
+    round 27): until then 60 s without a byte moving (`IO_TIMEOUT`) failed the transfer and the session, of a daemon
+    only busy. Its socket has the kernel's keepalive (`client_bulk.PEER_*`, shortened here so that its probes go
+    out several times during the pause); a 48 MiB upload (more than the socket buffers on the way hold) and its
+    download wait through a pause of the bytes' path, unfinished, and complete byte for byte after it."""
+    monkeypatch.setattr(client_bulk, "PEER_IDLE", 1.0)
+    monkeypatch.setattr(client_bulk, "PEER_INTERVAL", 1.0)
+    monkeypatch.setattr(client_bulk, "PEER_PROBES", 2)
+    ch = tls.channel(bulk_daemon.address, CHANNEL_OPTIONS, token=False)
+    reply = device_pb2_grpc.DeviceStub(ch).Attach(device_pb2.AttachRequest(token=bulk_daemon.token()), timeout=10)
+    gate = _Gate(("127.0.0.1", reply.bulk_port))
+    side = client_bulk.connect(bulk_daemon.address, gate.port, reply.session_id, frames=frames)
+    assert side is not None
+    assert side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert side.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 1
+    assert side.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 2
+    big = _bits(48 * MiB, seed=5)
+    got: list[Any] = []
+    with Session(ch, reply, bulk_daemon.address, side) as s:
+        assert torch.equal(s.download(s.upload(torch.arange(2 * MiB))), torch.arange(2 * MiB))
+        gate.flowing.clear()
+
+        def transfer() -> None:
+            try:
+                got.append(s.download(s.upload(big)))
+            except BaseException as exc:  # noqa: BLE001 - the test reads it
+                got.append(exc)
+
+        t = threading.Thread(target=transfer, daemon=True)
+        t.start()
+        t.join(5.0)  # five keepalive idle times, with two probes a second after each
+        assert t.is_alive() and not got, f"the transfer should wait for the paused path, got {got}"
+        gate.flowing.set()
+        t.join(120)
+        assert len(got) == 1 and isinstance(got[0], torch.Tensor), got
+        assert torch.equal(got[0], big)
+    gate.close()

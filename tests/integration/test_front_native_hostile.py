@@ -216,6 +216,24 @@ def test_check_private_file(tmp_path: Path) -> None:
         config.check_private_file(folder / "y.so")
 
 
+@pytest.mark.parametrize(
+    "told", ["../../../tmp/x", "0123456789ABCDEF", "0123456789abcde", "0123456789abcdef0", "g" * 16]
+)
+def test_a_told_digest_that_is_not_16_hex_digits_names_no_build(told: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPUPOOL_NATIVE_RUNNER_DIGEST names a folder of the build cache (`torch-<version>-<digest>`) whose library the
+    process imports: until round 28 any value was joined to the path as given (`../../../tmp/x` named a library
+    outside the cache). Only `source`'s form, 16 lowercase hex digits, is taken; anything else is refused in one line
+    naming the variable (`load` and `built` then log it and the Python path serves)."""
+    from gpupool.server import native_runner
+
+    monkeypatch.setenv(native_runner.DIGEST_ENV, told)
+    with pytest.raises(ValueError, match=f"^{native_runner.DIGEST_ENV}=.* is not 16 lowercase hex digits"):
+        native_runner._final()
+    monkeypatch.setenv(native_runner.DIGEST_ENV, "0123456789abcdef")
+    assert native_runner._final().parent.name.endswith("-0123456789abcdef")
+    assert native_runner._final().parent.parent == native_runner.cache_dir()
+
+
 def _zygote_of(pid: int) -> int:
     """The zygote process a daemon started (`python -m gpupool.server.zygote`), found through /proc."""
     for entry in Path("/proc").iterdir():
@@ -339,3 +357,51 @@ def test_open_private_file_refuses_what_is_not_a_regular_file_without_waiting(tm
         t.join(10)
         pytest.fail("a failed build's marker that is a named pipe held `gpupool run`")
     assert seen == [None]
+
+
+def _open_on(path: Path) -> list[int]:
+    """This process's descriptors open on `path`."""
+    fds = []
+    for entry in Path("/proc/self/fd").iterdir():
+        try:
+            if os.readlink(entry) == str(path):
+                fds.append(int(entry.name))
+        except OSError:
+            continue
+    return fds
+
+
+def test_a_cached_library_that_does_not_load_gives_its_descriptor_back(tmp_path: Path) -> None:
+    """A cached build the dynamic loader refuses (not an ELF file; a library with an undefined symbol, the build of
+    another torch) made the import raise; until round 28 its descriptor (`config.load_name`) stayed open for good, one
+    more at each attempt (the front asks `native_runner.built` again while nothing is decided). Now the failed load
+    gives it back. A library the loader took whose init then raised (no PyInit) keeps its descriptor: the loader knows
+    it by that number's name, and a reused number would load it again instead of another library."""
+    folder = tmp_path / "cache"
+    folder.mkdir(mode=0o700)
+    garbage = folder / "garbage.so"
+    garbage.write_bytes(b"\x7fELF" + b"\0" * 60)
+    cases = [garbage]
+    if shutil.which("cc"):
+        for stem, code in (("unresolved", "extern int nowhere(void); int f(void) { return nowhere(); }"),
+                           ("plain", "int f(void) { return 1; }")):  # fmt: skip
+            (folder / f"{stem}.c").write_text(code + "\n")
+            subprocess.run(["cc", "-shared", "-fPIC", "-Wl,-z,now", "-o", str(folder / f"{stem}.so"),
+                            str(folder / f"{stem}.c")], check=True, timeout=120)  # fmt: skip
+        cases.append(folder / "unresolved.so")
+    import ctypes
+
+    for lib in cases:
+        for _ in range(3):
+            with pytest.raises(ImportError):
+                config.import_private_extension("gpupool_nothing_here", lib)
+            with pytest.raises(OSError):
+                config.load_private(lib, ctypes.CDLL)
+        assert _open_on(lib) == [], f"{lib.name}: a failed load kept its descriptor"
+    if shutil.which("cc"):  # loaded, then refused by the import (no PyInit_...): its name stays bound
+        plain = folder / "plain.so"
+        with pytest.raises(ImportError, match="PyInit"):
+            config.import_private_extension("gpupool_nothing_here", plain)
+        [fd] = _open_on(plain)
+        assert fd in config._LOADED_FDS
+        assert config.load_private(plain, ctypes.CDLL).f() == 1

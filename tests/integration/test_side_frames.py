@@ -11,6 +11,7 @@ import re
 import threading
 from typing import Any
 
+import grpc
 import pytest
 import torch
 from gpupool.client import bulk as client_bulk
@@ -19,7 +20,7 @@ from gpupool.server import bulkside
 
 from gpupool import duplex, protocol, tls
 from gpupool._proto import device_pb2, device_pb2_grpc
-from gpupool.errors import GpupoolError, InvalidArgument, Unavailable
+from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument, Unavailable
 
 MiB = 1024**2
 
@@ -69,10 +70,10 @@ def test_training_losses_are_bit_equal_over_both_carriers(side_daemon: Any, monk
     assert on_side[-1] < on_side[0]
 
 
-def _bare(daemon: Any) -> tuple[Session, str, int]:
+def _bare(daemon: Any, token: str = "") -> tuple[Session, str, int]:
     """A session whose stream is open but that opened no side socket: (session, its id, the side port)."""
     ch = tls.channel(daemon.address, CHANNEL_OPTIONS, token=False)
-    reply = device_pb2_grpc.DeviceStub(ch).Attach(device_pb2.AttachRequest(token=daemon.token()), timeout=10)
+    reply = device_pb2_grpc.DeviceStub(ch).Attach(device_pb2.AttachRequest(token=token or daemon.token()), timeout=10)
     return Session(ch, reply, daemon.address, None), reply.session_id, reply.bulk_port
 
 
@@ -285,3 +286,118 @@ def test_a_half_closed_stream_ends_nothing_of_a_socket_session(side_daemon: Any,
     victim.close()
     peer.close()
     neighbour.close()
+
+
+def _next_record(sock: client_bulk.BulkSocket, timeout: float = 30.0) -> Any:
+    """The socket's next record, or the error reading it raised; AssertionError when nothing came in `timeout` s."""
+    got: list[Any] = []
+
+    def read() -> None:
+        try:
+            got.append(sock.recv_record())
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            got.append(exc)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        sock.close()
+        t.join(10)
+        raise AssertionError(f"nothing came on the side socket in {timeout:.0f} s")
+    return got[0]
+
+
+@pytest.mark.parametrize("how", ["detach", "expiry"])
+def test_a_detach_or_the_leases_end_closes_a_frames_socket_with_its_end_record(
+    side_daemon: Any, monkeypatch: Any, how: str
+) -> None:
+    """The session's end goes on its frames socket as a BULK_END record (its status code, the reason) before the
+    socket closes, whatever ended it (docs/wire.md). Until round 28 a Detach or the lease's end shut the socket down
+    first: the client read a bare close (and waited up to 5 s for the stream's status to learn why), and the
+    replies queued before the end were lost with it. The daemon then closes the socket (its reader thread and
+    descriptor go); a neighbour is untouched."""
+    neighbour = _attach(side_daemon, monkeypatch)
+    token = side_daemon.token(ttl=6.0) if how == "expiry" else side_daemon.token()
+    victim, sid, port = _bare(side_daemon, token)
+    peer = _peer(side_daemon, port, sid)
+    _send_raw(peer, protocol.frame_record(protocol.sync_frame(7)))
+    assert _next_record(peer) == (protocol.BULK_FRAME, 0, protocol.sync_reply(7))
+    front = side_daemon.running.daemon.session(sid)
+    reader = f"gpupool-side-{front.number}"  # the socket's own thread (bulkside.BulkPort._hello)
+    assert any(t.name == reader for t in threading.enumerate())
+    if how == "detach":
+        victim._stub.Detach(device_pb2.DetachRequest(session_id=sid), timeout=10)
+        why = "session closed: detached"
+    else:
+        why = "session closed: lease .* expired"
+    end = _next_record(peer)
+    assert isinstance(end, tuple) and end[0] == protocol.BULK_END, end
+    assert end[1] == grpc.StatusCode.FAILED_PRECONDITION.value[0], end
+    assert re.fullmatch(why, end[2].decode()), end
+    after = _next_record(peer)  # then the daemon closes it
+    assert isinstance(after, Unavailable) and "closed" in str(after), after
+    err = _ended(victim)
+    assert isinstance(err, FailedPrecondition) and re.search(why, str(err)), err
+    assert front.bulk.closed and front.bulk.sock.fileno() == -1, "the daemon's end of the socket is closed"
+    for _ in range(100):  # its reader thread ends with it
+        if not any(t.name == reader for t in threading.enumerate()):
+            break
+        threading.Event().wait(0.1)
+    assert not any(t.name == reader for t in threading.enumerate()), f"{reader} outlived its session"
+    _neighbour_works(neighbour)
+    victim.close()
+    peer.close()
+    neighbour.close()
+
+
+def test_a_client_not_reading_at_its_sessions_end_still_learns_why(side_daemon: Any, monkeypatch: Any) -> None:
+    """A session closed (here by a Detach from elsewhere) while its client reads nothing: its bulk downloads fill its
+    frames socket and the daemon's writer waits on it. The socket is kept `END_GRACE` s for the replies and the
+    BULK_END, then closed, and the stream still ends with the session's own status (FAILED_PRECONDITION,
+    "detached"). Until round 28 the close shut the socket under the writer, whose failed send ended the stream with
+    UNAVAILABLE ("sending a download failed: Broken pipe") instead: the client learned the wrong reason."""
+    monkeypatch.setattr(bulkside, "END_GRACE", 1.0)
+    neighbour = _attach(side_daemon, monkeypatch)
+    s = _attach(side_daemon, monkeypatch)
+    h = s.upload(torch.randn(4 * MiB))  # 16 MiB
+    for _ in range(6):  # 96 MiB of replies asked for, none read
+        s._request(device_pb2.Command(get=device_pb2.Get(handle=h, bulk=True)))
+    s.flush()
+    front = side_daemon.running.daemon.session(s.session_id)
+    deadline = threading.Event()
+    for _ in range(300):  # the writer is stuck once the session's unread replies pile up behind the full socket
+        if front.outbox_bytes >= 8 * MiB:
+            break
+        deadline.wait(0.1)
+    assert front.outbox_bytes >= 8 * MiB, front.outbox_bytes
+    s._stub.Detach(device_pb2.DetachRequest(session_id=s.session_id), timeout=10)
+    err = _ended(s)
+    assert isinstance(err, FailedPrecondition) and "detached" in str(err), err
+    _neighbour_works(neighbour)
+    s.close()
+    neighbour.close()
+
+
+def test_frames_sent_after_a_detach_run_nothing(side_daemon: Any, monkeypatch: Any) -> None:
+    """A frames socket stays open a little after its session closed (for the replies queued before the end and its
+    BULK_END, round 28): what its client sends meanwhile (a lone Sync the reader would answer itself, an upload
+    and a Sync behind it) runs nothing and is answered by nothing but the end."""
+    victim, sid, port = _bare(side_daemon)
+    peer = _peer(side_daemon, port, sid)
+    _send_raw(peer, protocol.frame_record(protocol.sync_frame(7)))
+    assert _next_record(peer) == (protocol.BULK_FRAME, 0, protocol.sync_reply(7))
+    victim._stub.Detach(device_pb2.DetachRequest(session_id=sid), timeout=10)  # returns once the session closed
+    up = device_pb2.Command(upload=device_pb2.Upload(handle=victim.handle_base + 5, last=True, data=b"\0" * 16))
+    up.upload.meta.dtype, up.upload.meta.shape[:] = 1, [4]
+    sync = device_pb2.Command(sync=device_pb2.Sync(request_id=9))
+    for frame in (protocol.sync_frame(8), device_pb2.ClientFrame(commands=[up, sync]).SerializeToString()):
+        try:
+            _send_raw(peer, protocol.frame_record(frame))
+        except OSError:
+            break  # the daemon closed the socket already
+    end = _next_record(peer)
+    assert isinstance(end, tuple) and end[0] == protocol.BULK_END and b"detached" in end[2], end
+    assert isinstance(_next_record(peer), Unavailable)
+    victim.close()
+    peer.close()

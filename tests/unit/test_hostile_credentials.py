@@ -129,6 +129,62 @@ def test_a_cache_folder_of_another_user_is_refused(tmp_path: Path, monkeypatch: 
         config.cache_dir("x", "T_CACHE")
 
 
+_GROUP_CHECK = r"""
+import os, sys
+from pathlib import Path
+from gpupool import config
+folder, lib = Path(sys.argv[1]), Path(sys.argv[1]) / "x.so"
+checks = (("folder", lambda: config.check_private_dir(folder)), ("library", lambda: config.check_private_file(lib)))
+for what, check in checks:
+    try:
+        check()
+        print(what, "accepted")
+    except config.UnsafeCacheDir as exc:
+        print(what, "refused:", exc)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process in another group")
+def test_a_cache_writable_by_a_shared_primary_group_is_refused(tmp_path: Path) -> None:
+    """A process whose primary group others share (`users`, gid 100, with umask 002 a folder it makes is
+    group-writable): until round 28 a folder of its own group passed `check_private_dir`, so any member of that
+    group could plant the library it loads. Only a user-private group's write bit (the group named as the user,
+    no other member) passes now; the same folder of this user's private group does."""
+    import grp
+
+    shared_gid = 100
+    try:
+        grp.getgrgid(shared_gid)
+    except KeyError:
+        pytest.skip("no group 100 here")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "x.so").write_bytes(b"\x7fELF")
+    os.chmod(tmp_path, 0o755)
+    for path, mode in ((cache, 0o775), (cache / "x.so", 0o664)):
+        os.chown(path, 0, shared_gid)
+        os.chmod(path, mode)
+    ran = subprocess.run(
+        [sys.executable, "-c", _GROUP_CHECK, str(cache)], capture_output=True, text=True, timeout=60, group=shared_gid
+    )
+    assert ran.returncode == 0, ran.stderr
+    name = grp.getgrgid(shared_gid).gr_name
+    lines = ran.stdout.splitlines()
+    assert lines[0].startswith("folder refused:") and f"group {name}, gid {shared_gid}" in lines[0], ran.stdout
+    assert "is not this user's private group" in lines[0] and "chmod g-w" in lines[0], ran.stdout
+    cache.chmod(0o755)  # the folder fixed: the library's own group write bit is refused next
+    ran = subprocess.run(
+        [sys.executable, "-c", _GROUP_CHECK, str(cache)], capture_output=True, text=True, timeout=60, group=shared_gid
+    )
+    assert ran.stdout.splitlines()[1].startswith("library refused:"), ran.stdout
+    # this user's own private group (root's `root`, no other member): its write bit is no one else's
+    if config._private_group(os.getegid()):
+        for path, mode in ((cache, 0o775), (cache / "x.so", 0o664)):
+            os.chown(path, 0, os.getegid())
+            os.chmod(path, mode)
+        config.check_private_file(cache / "x.so")
+
+
 def _refused_with_a_shared_cache(tmp_path: Path, cmd: list[str], env: dict[str, str]) -> None:
     """`cmd` with the C++ client's cache in a folder every user can write: it ends in one line (no traceback) and
     never runs the command, nor builds or loads a library there."""
