@@ -20,7 +20,9 @@ process, the default) and `--isolation thread` (sessions in the daemon process),
 with a bare gRPC stream ping-pong of their kind measured in the same alternating blocks, and their transfers
 with the raw TCP and raw TLS socket floors measured after each alternating pair (the floor of the daemons' kind,
 TLS with --tls, is the one the 0.6 target is checked against; with --tls the ratio to raw TCP is printed too; and
-a raw download of that kind into a fresh tensor, as a client's download lands, beside the floor's reused buffer).
+a raw download of that kind into a fresh tensor, as a client's download lands, beside the floor's reused buffer;
+with --bulk also each session's second download of the same tensor with the client's reuse of dropped downloads'
+memory turned off, gpupool/hostpool.py: the first lands where the previous session's dropped download was).
 """
 
 from __future__ import annotations
@@ -325,11 +327,15 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
-def transfer_figures(address: str, token: str, size: int, pid: int = 0) -> dict[str, float]:
+def transfer_figures(address: str, token: str, size: int, pid: int = 0, fresh_first: bool = False) -> dict[str, float]:
     """Upload and download only, on a daemon started with --bulk-listen: the bytes take the side socket. With
-    `pid` (the daemon's), also the CPU seconds per GiB of the daemon's process tree and of this client."""
+    `pid` (the daemon's), also the CPU seconds per GiB of the daemon's process tree and of this client. The tensor
+    is downloaded twice: as a client does (into the memory of a big download dropped before, where the client kept
+    one: gpupool/hostpool.py) and with that reuse off (fresh memory), in that order or, `fresh_first`, the other."""
     import torch
     from gpupool.client.session import Session
+
+    from gpupool import hostpool
 
     gib = size / 2**30
     with Session.attach(address, token) as s:
@@ -340,16 +346,35 @@ def transfer_figures(address: str, token: str, size: int, pid: int = 0) -> dict[
         h = s.upload(big)
         s.sync()
         d1, c1, t1 = tree_cpu(pid) if pid else 0.0, time.process_time(), time.perf_counter()
-        back = s.download(h)
-        d2, c2, t2 = tree_cpu(pid) if pid else 0.0, time.process_time(), time.perf_counter()
-        assert torch.equal(back, big), "the side channel's round trip is not bit-exact"
+
+        def download(reuse: bool) -> tuple[float, float, float]:
+            pool = hostpool.pool()
+            keep = pool.keep
+            pool.keep = keep if reuse else 0
+            try:
+                d0, c0, t0 = tree_cpu(pid) if pid else 0.0, time.process_time(), time.perf_counter()
+                back = s.download(h)
+                d1, c1, t1 = tree_cpu(pid) if pid else 0.0, time.process_time(), time.perf_counter()
+            finally:
+                pool.keep = keep
+            assert torch.equal(back, big), "the side channel's round trip is not bit-exact"
+            return t1 - t0, c1 - c0, d1 - d0
+
+        if fresh_first:
+            fresh = download(False)
+            down = download(True)
+        else:
+            down = download(True)
+            fresh = download(False)
     return {
         "up": size / (t1 - t0) / 1e9,
-        "down": size / (t2 - t1) / 1e9,
+        "down": size / down[0] / 1e9,
+        "down_fresh": size / fresh[0] / 1e9,
         "up_daemon_cpu": (d1 - d0) / gib,
-        "down_daemon_cpu": (d2 - d1) / gib,
+        "down_daemon_cpu": down[2] / gib,
         "up_client_cpu": (c1 - c0) / gib,
-        "down_client_cpu": (c2 - c1) / gib,
+        "down_client_cpu": down[1] / gib,
+        "down_fresh_client_cpu": fresh[1] / gib,
     }
 
 
@@ -529,7 +554,10 @@ def against(args: argparse.Namespace) -> int:
                     claims = tokens.TokenClaims(f"{name}-{i}", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
                     token = tokens.mint(key, claims)
                     if args.bulk:
-                        figures[name].append(transfer_figures(daemons[name][1], token, size, daemons[name][0].pid))
+                        fresh_first = (i // 2) % 2 == 1  # (each tree gets both orders)
+                        figures[name].append(
+                            transfer_figures(daemons[name][1], token, size, daemons[name][0].pid, fresh_first)
+                        )
                     else:
                         figures[name].append(gpupool_figures(daemons[name][1], token, size, args.ops, 1))
                 raws["tcp"].append(tcp_figures(int(tcp_port), size, 1))
@@ -583,6 +611,12 @@ def against(args: argparse.Namespace) -> int:
     rf = median_of(raws["fresh"])["down"]
     print(f"{own_name + ' down, fresh tensor':<34}{'':>12}{rf:>12.3f}   (the download into new memory)")
     print(f"{'  download / that':<34}{o['down'] / rf:>12.2f}{t['down'] / rf:>12.2f}")
+    if args.bulk:  # the same client's download with its reuse of dropped downloads' memory off (gpupool/hostpool)
+        name = "download, reuse off (GB/s)"
+        print(f"{name:<34}{o['down_fresh']:>12.3f}{t['down_fresh']:>12.3f}{t['down_fresh'] / o['down_fresh']:>12.2f}")
+        for what, k in (("reuse off / raw fresh", "down_fresh"), ("reuse on / reuse off", "down")):
+            of, tf = (rf, rf) if k == "down_fresh" else (o["down_fresh"], t["down_fresh"])
+            print(f"{'  ' + what:<34}{o[k] / of:>12.2f}{t[k] / tf:>12.2f}")
     for k, what in (("up", "upload"), ("down", "download")):
         ratios = [(own_name, own[k])] + ([("raw TCP", rt[k])] if args.tls else [])
         for raw_name, floor_k in ratios:
@@ -590,8 +624,8 @@ def against(args: argparse.Namespace) -> int:
             met = "met" if t[k] / floor_k >= 0.6 else "NOT met"
             print(f"{name:<34}{o[k] / floor_k:>12.2f}{t[k] / floor_k:>12.2f}   (>= 0.6: {met})")
     if args.bulk:
-        for k in ("up_daemon_cpu", "down_daemon_cpu", "up_client_cpu", "down_client_cpu"):
-            name = k.replace("_cpu", "").replace("_", " ") + " CPU (s/GiB)"
+        for k in ("up_daemon_cpu", "down_daemon_cpu", "up_client_cpu", "down_client_cpu", "down_fresh_client_cpu"):
+            name = k.replace("_cpu", "").replace("down_fresh", "down(reuse off)").replace("_", " ") + " CPU (s/GiB)"
             print(f"{name:<34}{o[k]:>12.3f}{t[k]:>12.3f}{t[k] / o[k]:>12.2f}")
     ping_p50 = statistics.median(floor_times) * 1e6
     for name, times in (("sync round trip p50 (us)", rtts), (".item() round trip p50 (us)", items)):

@@ -31,7 +31,7 @@ import numpy
 import torch
 from google.protobuf.message import DecodeError
 
-from gpupool import prefault, protocol, tls, tokens, wire
+from gpupool import hostpool, prefault, protocol, tls, tokens, wire
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, Unavailable, from_failure, from_status
 
@@ -224,11 +224,7 @@ class _Waiter:
 
     def chunk(self, c: device_pb2.TensorChunk | _Chunk) -> None:
         if c.meta is not None and (isinstance(c, _Chunk) or c.HasField("meta")):
-            dtype = wire.dtype_from_proto(c.meta.dtype)
-            self.tensor = torch.empty(list(c.meta.shape), dtype=dtype)
-            _huge_pages(self.tensor)
-            self._bytes = wire.host_bytes(self.tensor)
-            self._prefault = prefault.start(self.tensor)
+            self._start(list(c.meta.shape), wire.dtype_from_proto(c.meta.dtype))
         if self._bytes is None:
             self.fail(InvalidArgument("download chunk before its metadata"))
             return
@@ -248,10 +244,7 @@ class _Waiter:
         """A chunk announced on the stream whose `bulk_bytes` follow on the side socket: read them into the
         tensor (a chunk past its end is read into scratch, so the socket stays in step, and fails the wait)."""
         if c.HasField("meta"):
-            self.tensor = torch.empty(list(c.meta.shape), dtype=wire.dtype_from_proto(c.meta.dtype))
-            _huge_pages(self.tensor)
-            self._bytes = wire.host_bytes(self.tensor)
-            self._prefault = prefault.start(self.tensor)
+            self._start(list(c.meta.shape), wire.dtype_from_proto(c.meta.dtype))
         n, into = c.bulk_bytes, self._bytes
         fits = into is not None and c.offset + n <= len(into)
         try:
@@ -268,6 +261,15 @@ class _Waiter:
         elif c.last:
             self._end_prefault()
             self.done = True
+
+    def _start(self, shape: list[int], dtype: torch.dtype) -> None:
+        """The download's tensor: a big one over memory a dropped download left (gpupool/hostpool.py: its pages
+        are in memory), else fresh memory whose pages a helper faults in ahead of the bytes (gpupool/prefault.py)."""
+        self._end_prefault()
+        self.tensor, kept = hostpool.empty(shape, dtype, _huge_pages)
+        self._bytes = wire.host_bytes(self.tensor)
+        if not kept:
+            self._prefault = prefault.start(self.tensor)
 
     def _end_prefault(self) -> None:
         if self._prefault is not None:

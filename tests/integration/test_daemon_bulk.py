@@ -19,7 +19,7 @@ from gpupool.client.session import CHANNEL_OPTIONS, Session
 from gpupool.server import bulkside
 from support import TcpRelay, get_pki, shut
 
-from gpupool import duplex, protocol, tls
+from gpupool import duplex, hostpool, protocol, tls
 from gpupool._proto import device_pb2, device_pb2_grpc
 from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument
 
@@ -69,6 +69,35 @@ def test_large_round_trips_are_byte_exact(bulk_daemon: Any) -> None:
         x = torch.randn(2 * MiB)
         [doubled] = s.call("aten::mul.Tensor", s.upload(x), 2.0)  # ops see what the side socket carried
         assert torch.equal(s.download(doubled), x * 2)
+
+
+def test_downloads_reuse_only_memory_the_caller_dropped(bulk_daemon: Any) -> None:
+    """gpupool/hostpool.py under real downloads: a second download of the same size while the first is held gets
+    its own memory (the first keeps its values); once the caller dropped one (and its views), the next download
+    lands in its memory, byte-exact; a download that fails never shows the caller a reused tensor."""
+    pool = hostpool.pool()
+    if pool.keep < 32 * MiB:
+        pytest.skip(f"download reuse is off or small here ({hostpool.ENV})")
+    with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
+        one, two = _bits(16 * MiB, seed=1), _bits(16 * MiB, seed=2)
+        h1, h2 = s.upload(one), s.upload(two)
+        first = s.download(h1)
+        view = first[5:]
+        second = s.download(h2)  # the first is held: its memory is not this one's
+        assert first.data_ptr() != second.data_ptr()
+        assert torch.equal(first, one) and torch.equal(second, two)
+        where, reused = first.data_ptr(), pool.reused
+        del first
+        third = s.download(h2)  # a view of the first is still held
+        assert third.data_ptr() != where and torch.equal(third, two) and torch.equal(view, one[5:])
+        del view, third
+        fourth = s.download(h1)
+        assert pool.reused > reused and torch.equal(fourth, one)
+        assert fourth.data_ptr() != second.data_ptr()  # (held: never reused)
+        s.free([h1])
+        with pytest.raises(GpupoolError):
+            s.download(h1)  # freed: an error, never a tensor
+        assert torch.equal(second, two) and torch.equal(fourth, one)
 
 
 def test_round_trip_in_thread_isolation(daemon_factory: Any) -> None:
