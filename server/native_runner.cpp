@@ -94,6 +94,13 @@ struct Plan {
   // a factory of uninitialized memory (`OpPlan.uninitialized`, ONE only): its output's whole storage is zeroed after
   // the op, as `_run_step` does (`sessions.zero_bytes`), before it is bound: never memory another session freed
   bool zero = false;
+  // a value guard (`guards.validate`) that is no more than value ranges of tensor arguments (`guards.index_ranges`:
+  // `embedding_dense_backward`'s indices in [0, num_weights)), checked per record before the op (`in_ranges`)
+  struct Range {
+    size_t arg = 0;  // the schema argument (a TENSOR)
+    int64_t low = 0, high = 0;  // its values must lie in [low, high)
+  };
+  std::vector<Range> ranges;
 };
 
 inline uint64_t read_u64(const char* p) {
@@ -143,7 +150,7 @@ void set_view(Input& in, py::handle geometry) {
 std::shared_ptr<Plan> make_plan(
     const std::string& name, const std::string& overload, int64_t size, py::list fixed, py::list outs,
     py::list args, int64_t need, py::list keep, py::object owner, py::object run, int returns, bool seeded,
-    int64_t n_pos, bool zero) {
+    int64_t n_pos, bool zero, py::list ranges) {
   auto plan = std::make_shared<Plan>();
   plan->seeded = seeded;
   if (n_pos < -1 || n_pos > static_cast<int64_t>(args.size())) throw std::invalid_argument("positional count");
@@ -243,8 +250,48 @@ std::shared_ptr<Plan> make_plan(
     }
     plan->args.push_back(std::move(out));
   }
+  for (auto r : ranges) {  // (schema argument, low, high)
+    auto t = r.cast<py::tuple>();
+    Plan::Range range;
+    const int64_t a = t[0].cast<int64_t>();
+    range.low = t[1].cast<int64_t>();
+    range.high = t[2].cast<int64_t>();
+    if (a < 0 || a >= static_cast<int64_t>(plan->args.size()) || plan->args[a].kind != TENSOR) {
+      throw std::invalid_argument("a range of no tensor argument");
+    }
+    range.arg = static_cast<size_t>(a);
+    plan->ranges.push_back(range);
+  }
   plan->need = need;
   return plan;
+}
+
+// `guards._in_range` for each of the plan's ranges (`Plan::ranges`), on the record's arguments as the op will take
+// them (`stack`): true when every such tensor has no elements, is a meta tensor (values the guard does not know) or
+// has its smallest and largest values in [low, high) -- as `int(t.min())` and `int(t.max())` read them, the GIL
+// released as Python's binding releases it. False for values out of range, and for anything the guard would read
+// otherwise than here (a dtype other than an integer one, an error): the record then goes to the Python path, which
+// runs the guard itself and raises its error (no side effect was made here).
+bool in_ranges(const Plan& p, const torch::jit::Stack& stack) {
+  for (const auto& r : p.ranges) {
+    if (r.arg >= stack.size() || !stack[r.arg].isTensor()) return false;
+    const at::Tensor& t = stack[r.arg].toTensor();
+    if (!t.defined()) return false;
+    if (t.numel() == 0 || t.device().is_meta()) continue;
+    const auto st = t.scalar_type();
+    if (st != at::kLong && st != at::kInt && st != at::kShort && st != at::kChar && st != at::kByte) return false;
+    int64_t lo = 0, hi = 0;
+    try {
+      py::gil_scoped_release nogil;
+      auto got = at::aminmax(t);
+      lo = std::get<0>(got).item<int64_t>();
+      hi = std::get<1>(got).item<int64_t>();
+    } catch (const std::exception&) {
+      return false;
+    }
+    if (lo < r.low || hi >= r.high) return false;
+  }
+  return true;
 }
 
 // The keys of a plain dense CPU tensor (the daemon's fake GPU and CPU devices): a tensor with any key beyond these
@@ -859,6 +906,9 @@ struct Ctx {
           if (!c.mused.get(&mused)) break;
           if (used_before + p->need > quota || mused + p->need > capacity) break;  // Python raises it
         }
+        // the value guard's ranges (`_run_step` runs it before the quota check: both only refuse here, so the
+        // Python path, which runs both again, raises whichever it raises)
+        if (!p->ranges.empty() && !in_ranges(*p, stack)) break;
         // a random op: the lock taken without waiting (a holder elsewhere: the Python path waits for it), and the
         // device's generator this session's (else the Python path loads the session's state into it first)
         RngHold rng;
@@ -1599,7 +1649,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Plan, std::shared_ptr<Plan>>(m, "Plan");
   m.def("plan", &make_plan, py::arg("name"), py::arg("overload"), py::arg("size"), py::arg("fixed"), py::arg("outs"),
         py::arg("args"), py::arg("need"), py::arg("keep"), py::arg("owner"), py::arg("run"), py::arg("returns"),
-        py::arg("seeded") = false, py::arg("n_pos") = -1, py::arg("zero") = false);
+        py::arg("seeded") = false, py::arg("n_pos") = -1, py::arg("zero") = false, py::arg("ranges") = py::list());
   py::class_<Trace>(m, "Trace")
       .def(py::init([](py::list steps, py::object origin) {
              Trace t;

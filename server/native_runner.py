@@ -107,7 +107,7 @@ import torch
 
 from gpupool import buildcache, config
 
-from . import fallbacks
+from . import fallbacks, guards
 from .runner_source import DIGEST_ENV, SOURCE, source  # the source as read once: the zygote is told its digest
 from .templates import C_ARG, C_KW, L_ARG, L_KW, LV_ARG, LV_KW, N_ARG, N_KW, NL_ARG, NL_KW, T_ARG, T_KW, V_ARG, V_KW
 
@@ -299,7 +299,13 @@ def _extras(step: Any) -> str | None:
     plan = step.plan
     if plan.reshapes:
         return "reshapes"
-    return "check" if step.check else None
+    return "check" if step.check and _ranges(step) is None else None
+
+
+def _ranges(step: Any) -> list[tuple[int, int, int]] | None:
+    """A value-guarded step's guard as the runner checks it per record (`guards.index_ranges`: value ranges of its
+    tensor arguments), None where it cannot."""
+    return guards.index_ranges(step.plan.name, step.tpl.args, step.tpl.kwargs)
 
 
 def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
@@ -409,13 +415,16 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
             out.append(("l", optional, got[1]))
     if placed:  # a tensor the schema has no place for
         return None
+    ranges = _ranges(step) if step.check else []
+    if ranges is None or any(out[a][0] != "t" for a, _, _ in ranges):
+        return None
     if py_run and any(a[0] in ("l", "s") for a in out):
         return None  # lists: the runner passes a Python run numbers, constants and single tensors only
     name, overload = schema.name, schema.overload_name
     outs = offsets[1 : 1 + n_out]
     run = plan.run if py_run else op._op
     return mod.plan(name, overload, tpl.size, fixed, outs, out, step.need, list(step.keep), plan, run, returns,
-                    plan.seeded, len(args) if py_run else -1, plan.uninitialized)  # fmt: skip
+                    plan.seeded, len(args) if py_run else -1, plan.uninitialized, ranges)  # fmt: skip
 
 
 def _geometry(g: Any) -> tuple[Any, ...]:
