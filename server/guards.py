@@ -337,22 +337,32 @@ def value_guarded(name: str) -> bool:
     return name in _VALIDATORS or name in _SCHEMA_VALIDATORS or name in _LOOPS
 
 
-def fixed_by_template(name: str, args: Args, kwargs: Kwargs) -> bool:
-    """Whether all that `validate` reads of op `name`'s arguments is what a learned run's step fixes (server/runs.py):
-    its tensors' dims, dtypes and shapes (an external input's meta is checked per record, an internal one's follows
-    from them, as for the step's learned verdict) and the template's constant values (`args`, `kwargs`: the
-    template's, None where each record puts its own). The step then passes the guard whenever the record it was learned
-    from did (a verdict is cached only once `validate` passed), and need not run it per record. So for the fused
-    attention's guards (server/attention.py: shapes, dtypes, constant dropout_p, scale and flags), except for a
-    backward with dropout, which reads its philox_seed's device too (not part of a meta)."""
+def fixed_guard(name: str, args: Args, kwargs: Kwargs) -> list[tuple[int, int]] | None:
+    """Whether all that `validate` reads of op `name`'s arguments is what a learned run's step fixes (server/runs.py),
+    but for the devices of a few tensor arguments: None where it reads more, else the pairs of tensor arguments (by
+    schema position) whose devices it compares. What a step fixes: its tensors' dims, dtypes and shapes (an external
+    input's meta is checked per record, an internal one's follows from them, as for the step's learned verdict) and
+    the template's constant values (`args`, `kwargs`: the template's, None where each record puts its own). With
+    the devices equal per record, the step passes the guard whenever the record it was learned from did (a verdict
+    is cached only once `validate` passed). So for the fused attention's guards (server/attention.py: shapes, dtypes,
+    constant dropout_p, scale and flags); a backward with dropout also compares its philox_seed's device with the
+    query's (14, 1)."""
     if name in _SCHEMA_VALIDATORS or name in _LOOPS:
-        return False
+        return None
     if name == attention.FORWARD:
-        return True
+        return []
     if name == attention.BACKWARD:
         p = arg(args, kwargs, 12, "dropout_p", 0.0)
-        return isinstance(p, float | int) and not isinstance(p, bool) and p == 0
-    return False
+        if not isinstance(p, float | int) or isinstance(p, bool):
+            return None
+        return [] if p <= 0 else [(14, 1)]
+    return None
+
+
+def fixed_by_template(name: str, args: Args, kwargs: Kwargs) -> bool:
+    """Whether op `name`'s guard reads nothing a learned step does not fix (`fixed_guard`, no devices compared): such
+    a step need not run it per record."""
+    return fixed_guard(name, args, kwargs) == []
 
 
 def index_ranges(name: str, args: Args, kwargs: Kwargs) -> list[tuple[int, int, int]] | None:

@@ -107,7 +107,7 @@ import torch
 
 from gpupool import buildcache, config
 
-from . import fallbacks, guards
+from . import attention, fallbacks, guards
 from .runner_source import DIGEST_ENV, SOURCE, source  # the source as read once: the zygote is told its digest
 from .templates import C_ARG, C_KW, L_ARG, L_KW, LV_ARG, LV_KW, N_ARG, N_KW, NL_ARG, NL_KW, T_ARG, T_KW, V_ARG, V_KW
 
@@ -299,13 +299,19 @@ def _extras(step: Any) -> str | None:
     plan = step.plan
     if plan.reshapes:
         return "reshapes"
-    return "check" if step.check and _ranges(step) is None else None
+    return "check" if step.check and _guard(step) is None else None
 
 
-def _ranges(step: Any) -> list[tuple[int, int, int]] | None:
-    """A value-guarded step's guard as the runner checks it per record (`guards.index_ranges`: value ranges of its
-    tensor arguments), None where it cannot."""
-    return guards.index_ranges(step.plan.name, step.tpl.args, step.tpl.kwargs)
+def _guard(step: Any) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]] | None:
+    """A value-guarded step's guard as the runner checks it per record, (ranges, device pairs), None where it cannot:
+    value ranges of its tensor arguments (`guards.index_ranges`), or, where the guard reads nothing else the step
+    does not fix, the devices of pairs of its tensor arguments (`guards.fixed_guard`)."""
+    name, args, kwargs = step.plan.name, step.tpl.args, step.tpl.kwargs
+    ranges = guards.index_ranges(name, args, kwargs)
+    if ranges is not None:
+        return ranges, []
+    devices = guards.fixed_guard(name, args, kwargs)
+    return None if devices is None else ([], devices)
 
 
 def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
@@ -320,7 +326,11 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
         return None
     # a fake GPU's faster composition of the op (server/fallbacks.py FASTER, the same bits: native_dropout and its
     # backward) is called here as the Python path calls it; any other run that is not the op stays in Python
-    py_run = plan.run is not op._op and op._schema.name in fallbacks.FASTER and plan.run is fallbacks.lookup(op, dev)
+    # the fused attention's compositions (server/attention.py `REPLACEMENTS`: no kernel of the overrideable backend on
+    # the daemon's devices) are called the same way
+    name = op._schema.name
+    faster = name in fallbacks.FASTER and plan.run is fallbacks.lookup(op, dev)
+    py_run = plan.run is not op._op and (faster or plan.run is attention.REPLACEMENTS.get(name))
     if any(kind not in _KINDS for kind, _, _, _ in tpl.steps):
         return None
     schema = op._schema
@@ -330,6 +340,8 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
     elif len(rets) == 1 and isinstance(rets[0], torch.TensorType):
         returns = ONE
     elif all(isinstance(t, torch.TensorType) for t in rets) or (len(rets) == 1 and _tensors(rets[0])):
+        returns = SEVERAL
+    elif py_run and len(rets) > 1:  # the attention forward's tuple also holds ints: bound as `_bind_outputs` binds
         returns = SEVERAL
     else:
         return None
@@ -415,8 +427,11 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
             out.append(("l", optional, got[1]))
     if placed:  # a tensor the schema has no place for
         return None
-    ranges = _ranges(step) if step.check else []
-    if ranges is None or any(out[a][0] != "t" for a, _, _ in ranges):
+    guard = _guard(step) if step.check else ([], [])
+    if guard is None:
+        return None
+    ranges, devices = guard
+    if any(out[a][0] != "t" for a, _, _ in ranges) or any(out[a][0] != "t" or out[b][0] != "t" for a, b in devices):
         return None
     if py_run and any(a[0] in ("l", "s") for a in out):
         return None  # lists: the runner passes a Python run numbers, constants and single tensors only
@@ -424,7 +439,7 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
     outs = offsets[1 : 1 + n_out]
     run = plan.run if py_run else op._op
     return mod.plan(name, overload, tpl.size, fixed, outs, out, step.need, list(step.keep), plan, run, returns,
-                    plan.seeded, len(args) if py_run else -1, plan.uninitialized, ranges)  # fmt: skip
+                    plan.seeded, len(args) if py_run else -1, plan.uninitialized, ranges, devices)  # fmt: skip
 
 
 def _geometry(g: Any) -> tuple[Any, ...]:
