@@ -42,15 +42,22 @@ other field or wire type is left to the parsed messages. The daemon's front, too
 (`built`: never a build there) for one function: `split_frame`, the stream reader's cut of every frame into its
 commands' spans (`slices.split_frame`), which hands any frame it does not accept back to the Python reading.
 
-A step qualifies when it has none of `_run_step`'s per-op extras but a random op's (`_extras`: no value guard
-run per record, no op that reshapes a storage in place; a factory that takes the session's device, an op returning
+A step qualifies when it has none of `_run_step`'s per-op extras but a random op's (`_extras`: no op that reshapes a
+storage in place, no value guard run per record but one the runner makes itself (`_guard`): value ranges of tensor
+arguments (`guards.index_ranges`: `embedding_dense_backward`'s indices in [0, num_weights), their smallest and
+largest values read per record as the guard reads them, `in_ranges`), or the devices of pairs of tensor arguments
+where the guard reads nothing else a step does not fix (`guards.fixed_guard`: the attention backward's with
+dropout, `same_devices`); a record outside them goes to the Python path, which raises the guard's error. A
+factory that takes the session's device, an op returning
 several tensors, an op returning nothing whose record names no output handle (an in-place `_foreach_` op of the C++
 client's), and a factory of uninitialized memory returning one tensor, whose output's storage the runner zeroes as
 `_run_step` does before binding it, do qualify), its op is a plain `OpOverload` run as itself, or
-a fake GPU's faster composition of it (server/fallbacks.py FASTER: `native_dropout` and its backward; called as
+a fake GPU's faster composition of it (server/fallbacks.py FASTER: `native_dropout` and its backward), or the fused
+attention's composition (server/attention.py REPLACEMENTS: the forward's tuple of tensors, None and ints bound by
+`_bind_outputs` as the Python path binds it) (each called as
 `_run_step` calls it, the template's arguments positionally or by keyword as the record gave them, its tensors the
 session's own objects and its view arguments the dispatcher's, as `compact.view_of` makes them; checked per record:
-while its `OpPlan.run` is something else, a guard's replacement, another fallback or a wrapper, its records take the
+while its `OpPlan.run` is something else, another replacement, another fallback or a wrapper, its records take the
 Python path), and every
 variable field of its template is the output handle, a tensor handle (`Tensor`, `Tensor?`, `Tensor[]`, `Tensor?[]`;
 also a view argument's, `compact.VIEW`, and a view element's of a tensor list with views, `compact.VIEWS`: its
