@@ -168,6 +168,10 @@ def _validate_backward(args: Args, kwargs: Kwargs) -> None:
                                   "int64 tensor on the query's device")  # fmt: skip
 
 
+# Both read only their tensors' dims, dtypes and shapes and their other arguments' values (constants of a record
+# template), and the backward with dropout its philox_seed's device: learned runs rely on it (`guards.fixed_guard`:
+# such a step skips them per record, the native runner compares that device). A check of anything else (a tensor's
+# values, its storage) must be declared there too.
 VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {FORWARD: _validate_forward, BACKWARD: _validate_backward}
 
 

@@ -337,6 +337,47 @@ def value_guarded(name: str) -> bool:
     return name in _VALIDATORS or name in _SCHEMA_VALIDATORS or name in _LOOPS
 
 
+def fixed_guard(name: str, args: Args, kwargs: Kwargs) -> list[tuple[int, int]] | None:
+    """Whether all that `validate` reads of op `name`'s arguments is what a learned run's step fixes (server/runs.py),
+    but for the devices of a few tensor arguments: None where it reads more, else the pairs of tensor arguments (by
+    schema position) whose devices it compares. What a step fixes: its tensors' dims, dtypes and shapes (an external
+    input's meta is checked per record, an internal one's follows from them, as for the step's learned verdict) and
+    the template's constant values (`args`, `kwargs`: the template's, None where each record puts its own). With
+    the devices equal per record, the step passes the guard whenever the record it was learned from did (a verdict
+    is cached only once `validate` passed). So for the fused attention's guards (server/attention.py: shapes, dtypes,
+    constant dropout_p, scale and flags); a backward with dropout also compares its philox_seed's device with the
+    query's (14, 1)."""
+    if name in _SCHEMA_VALIDATORS or name in _LOOPS:
+        return None
+    if name == attention.FORWARD:
+        return []
+    if name == attention.BACKWARD:
+        p = arg(args, kwargs, 12, "dropout_p", 0.0)
+        if not isinstance(p, float | int) or isinstance(p, bool):
+            return None
+        return [] if p <= 0 else [(14, 1)]
+    return None
+
+
+def fixed_by_template(name: str, args: Args, kwargs: Kwargs) -> bool:
+    """Whether op `name`'s guard reads nothing a learned step does not fix (`fixed_guard`, no devices compared): such
+    a step need not run it per record."""
+    return fixed_guard(name, args, kwargs) == []
+
+
+def index_ranges(name: str, args: Args, kwargs: Kwargs) -> list[tuple[int, int, int]] | None:
+    """`validate`'s whole work for op `name` as value ranges of its tensor arguments, (schema position, low, high):
+    each argument's values must lie in [low, high) (`_in_range`), with bounds the template's constant values fix
+    (`args`, `kwargs` as for `fixed_by_template`), for the native runner to check per record (server/native_runner.py);
+    None where the guard is anything else."""
+    if name in _SCHEMA_VALIDATORS or name in _LOOPS or _VALIDATORS.get(name) is not _embedding_dense_backward:
+        return None
+    n = arg(args, kwargs, 2, "num_weights")
+    if type(n) is not int or arg(args, kwargs, 1, "indices") is not None:  # indices: a record's own tensor (None)
+        return None
+    return [(1, 0, n)]
+
+
 def validate(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs, max_flops: int) -> None:
     """The guards of op's argument values; `max_flops`: the most work one op may do (the session's bound)."""
     name = op._schema.name

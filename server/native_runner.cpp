@@ -94,6 +94,16 @@ struct Plan {
   // a factory of uninitialized memory (`OpPlan.uninitialized`, ONE only): its output's whole storage is zeroed after
   // the op, as `_run_step` does (`sessions.zero_bytes`), before it is bound: never memory another session freed
   bool zero = false;
+  // a value guard (`guards.validate`) that is no more than value ranges of tensor arguments (`guards.index_ranges`:
+  // `embedding_dense_backward`'s indices in [0, num_weights)), checked per record before the op (`in_ranges`)
+  struct Range {
+    size_t arg = 0;  // the schema argument (a TENSOR)
+    int64_t low = 0, high = 0;  // its values must lie in [low, high)
+  };
+  std::vector<Range> ranges;
+  // a guard that reads nothing the step does not fix but the devices of pairs of tensor arguments (`guards.fixed_guard`:
+  // the attention backward's philox_seed and query, with dropout): each pair's devices must be equal
+  std::vector<std::pair<size_t, size_t>> devices;
 };
 
 inline uint64_t read_u64(const char* p) {
@@ -143,7 +153,7 @@ void set_view(Input& in, py::handle geometry) {
 std::shared_ptr<Plan> make_plan(
     const std::string& name, const std::string& overload, int64_t size, py::list fixed, py::list outs,
     py::list args, int64_t need, py::list keep, py::object owner, py::object run, int returns, bool seeded,
-    int64_t n_pos, bool zero) {
+    int64_t n_pos, bool zero, py::list ranges, py::list devices) {
   auto plan = std::make_shared<Plan>();
   plan->seeded = seeded;
   if (n_pos < -1 || n_pos > static_cast<int64_t>(args.size())) throw std::invalid_argument("positional count");
@@ -243,8 +253,69 @@ std::shared_ptr<Plan> make_plan(
     }
     plan->args.push_back(std::move(out));
   }
+  for (auto r : ranges) {  // (schema argument, low, high)
+    auto t = r.cast<py::tuple>();
+    Plan::Range range;
+    const int64_t a = t[0].cast<int64_t>();
+    range.low = t[1].cast<int64_t>();
+    range.high = t[2].cast<int64_t>();
+    if (a < 0 || a >= static_cast<int64_t>(plan->args.size()) || plan->args[a].kind != TENSOR) {
+      throw std::invalid_argument("a range of no tensor argument");
+    }
+    range.arg = static_cast<size_t>(a);
+    plan->ranges.push_back(range);
+  }
+  for (auto d : devices) {  // (schema argument, schema argument)
+    auto t = d.cast<py::tuple>();
+    const int64_t a = t[0].cast<int64_t>(), b = t[1].cast<int64_t>();
+    const int64_t nargs = static_cast<int64_t>(plan->args.size());
+    if (a < 0 || b < 0 || a >= nargs || b >= nargs || plan->args[a].kind != TENSOR || plan->args[b].kind != TENSOR) {
+      throw std::invalid_argument("a device pair of no tensor arguments");
+    }
+    plan->devices.emplace_back(static_cast<size_t>(a), static_cast<size_t>(b));
+  }
   plan->need = need;
   return plan;
+}
+
+// `guards._in_range` for each of the plan's ranges (`Plan::ranges`), on the record's arguments as the op will take
+// them (`stack`): true when every such tensor has no elements, is a meta tensor (values the guard does not know) or
+// has its smallest and largest values in [low, high) -- as `int(t.min())` and `int(t.max())` read them, the GIL
+// released as Python's binding releases it. False for values out of range, and for anything the guard would read
+// otherwise than here (a dtype other than an integer one, an error): the record then goes to the Python path, which
+// runs the guard itself and raises its error (no side effect was made here).
+bool in_ranges(const Plan& p, const torch::jit::Stack& stack) {
+  for (const auto& r : p.ranges) {
+    if (r.arg >= stack.size() || !stack[r.arg].isTensor()) return false;
+    const at::Tensor& t = stack[r.arg].toTensor();
+    if (!t.defined()) return false;
+    if (t.numel() == 0 || t.device().is_meta()) continue;
+    const auto st = t.scalar_type();
+    if (st != at::kLong && st != at::kInt && st != at::kShort && st != at::kChar && st != at::kByte) return false;
+    int64_t lo = 0, hi = 0;
+    try {
+      py::gil_scoped_release nogil;
+      auto got = at::aminmax(t);
+      lo = std::get<0>(got).item<int64_t>();
+      hi = std::get<1>(got).item<int64_t>();
+    } catch (const std::exception&) {
+      return false;
+    }
+    if (lo < r.low || hi >= r.high) return false;
+  }
+  return true;
+}
+
+// `Plan::devices`: each pair of the record's tensor arguments on one device; false for anything else (a tensor
+// missing, or on another device: the Python path runs the guard and raises its error)
+bool same_devices(const Plan& p, const torch::jit::Stack& stack) {
+  for (const auto& [a, b] : p.devices) {
+    if (a >= stack.size() || b >= stack.size() || !stack[a].isTensor() || !stack[b].isTensor()) return false;
+    const at::Tensor& x = stack[a].toTensor();
+    const at::Tensor& y = stack[b].toTensor();
+    if (!x.defined() || !y.defined() || x.device() != y.device()) return false;
+  }
+  return true;
 }
 
 // The keys of a plain dense CPU tensor (the daemon's fake GPU and CPU devices): a tensor with any key beyond these
@@ -859,6 +930,10 @@ struct Ctx {
           if (!c.mused.get(&mused)) break;
           if (used_before + p->need > quota || mused + p->need > capacity) break;  // Python raises it
         }
+        // the value guard's ranges (`_run_step` runs it before the quota check: both only refuse here, so the
+        // Python path, which runs both again, raises whichever it raises)
+        if (!p->ranges.empty() && !in_ranges(*p, stack)) break;
+        if (!p->devices.empty() && !same_devices(*p, stack)) break;
         // a random op: the lock taken without waiting (a holder elsewhere: the Python path waits for it), and the
         // device's generator this session's (else the Python path loads the session's state into it first)
         RngHold rng;
@@ -892,7 +967,7 @@ struct Ctx {
         Own result(ran);  // a Python run's values, held until they are bound (their tensors keep their objects)
         rng.drop();
         if (p->returns == SEVERAL) {
-          if (!several(c, hkeys.p, stack, used_before, &exc)) break;
+          if (!several(c, hkeys.p, stack, used_before, &exc, p->n_pos >= 0 ? result.p : nullptr)) break;
           ++hits;
           ++k;
           ++i;
@@ -1041,27 +1116,46 @@ struct Ctx {
   // The rest of a SEVERAL step after its op ran: the count, `bind_outputs` of its values (a tuple's tensors, or a
   // Tensor[]'s: `_slots` flattens either; an undefined tensor is None), the quota, the kept outputs. False with
   // `exc` set when binding or the quota raised (the record failed after its op, as on the Python path).
-  bool several(Counts& c, PyObject* hkeys, torch::jit::Stack& stack, int64_t used_before, py::object* exc) {
+  // `got`: a Python run's result (`call_py`), whose values are taken as it returned them where it is a tuple: its
+  // tensors, None, and any other value (the attention forward's ints, which `_bind_outputs` makes tensors of); null
+  // for the op's own values on `stack`.
+  bool several(Counts& c, PyObject* hkeys, torch::jit::Stack& stack, int64_t used_before, py::object* exc,
+               PyObject* got = nullptr) {
     std::vector<at::Tensor> outs;
-    for (auto& v : stack) {
-      if (v.isTensor()) {
-        outs.push_back(std::move(v).toTensor());
-      } else if (v.isTensorList()) {
-        for (const at::Tensor& t : v.toTensorVector()) outs.push_back(t);
-      } else {
-        stack.clear();
-        PyErr_SetString(PyExc_RuntimeError, "native runner: the op did not return what its schema says");
-        *exc = fetch();
-        return false;
+    Own values(nullptr);
+    bool flat = true;  // `values` are the slots `_bind_outputs` binds (`_slots`: no list or tuple among them)
+    if (got != nullptr && PyTuple_Check(got)) {
+      stack.clear();
+      const Py_ssize_t nv = PyTuple_GET_SIZE(got);
+      values.reset(PyList_New(nv));
+      if (values.p == nullptr) throw py::error_already_set();
+      for (Py_ssize_t j = 0; j < nv; ++j) {
+        PyObject* o = PyTuple_GET_ITEM(got, j);  // borrowed
+        if (PyList_Check(o) || PyTuple_Check(o)) flat = false;
+        outs.push_back(THPVariable_Check(o) ? THPVariable_Unpack(o) : at::Tensor());
+        PyList_SET_ITEM(values.p, j, Py_NewRef(o));  // steals the new reference
       }
-    }
-    stack.clear();
-    Own values(PyList_New(static_cast<Py_ssize_t>(outs.size())));
-    if (values.p == nullptr) throw py::error_already_set();
-    for (size_t j = 0; j < outs.size(); ++j) {
-      PyObject* o = THPVariable_Wrap(outs[j]);  // an undefined tensor is None, as the op's Python binding returns it
-      if (o == nullptr) throw py::error_already_set();
-      PyList_SET_ITEM(values.p, static_cast<Py_ssize_t>(j), o);  // steals
+    } else {
+      for (auto& v : stack) {
+        if (v.isTensor()) {
+          outs.push_back(std::move(v).toTensor());
+        } else if (v.isTensorList()) {
+          for (const at::Tensor& t : v.toTensorVector()) outs.push_back(t);
+        } else {
+          stack.clear();
+          PyErr_SetString(PyExc_RuntimeError, "native runner: the op did not return what its schema says");
+          *exc = fetch();
+          return false;
+        }
+      }
+      stack.clear();
+      values.reset(PyList_New(static_cast<Py_ssize_t>(outs.size())));
+      if (values.p == nullptr) throw py::error_already_set();
+      for (size_t j = 0; j < outs.size(); ++j) {
+        PyObject* o = THPVariable_Wrap(outs[j]);  // an undefined tensor is None, as the op's Python binding returns it
+        if (o == nullptr) throw py::error_already_set();
+        PyList_SET_ITEM(values.p, static_cast<Py_ssize_t>(j), o);  // steals
+      }
     }
     c.ops.add(1);
     if (!count.is_none()) {
@@ -1073,16 +1167,16 @@ struct Ctx {
     // Anything else (a failed handle, one handle twice, more handles than values, a value `_bind_outputs` refuses)
     // takes `_bind_outputs` itself.
     const size_t nh = static_cast<size_t>(PyTuple_GET_SIZE(hkeys));
-    bool here = nh <= outs.size();
+    bool here = flat && nh <= outs.size();
     std::vector<uint64_t> seen;
     for (size_t j = 0; j < nh && here; ++j) {
       PyObject* kj = PyTuple_GET_ITEM(hkeys, static_cast<Py_ssize_t>(j));
       const uint64_t hj = PyLong_AsUnsignedLongLong(kj);
       if (hj == static_cast<uint64_t>(-1) && PyErr_Occurred()) throw py::error_already_set();
-      if (hj == 0 || !outs[j].defined()) continue;
+      PyObject* vj = PyList_GET_ITEM(values.p, static_cast<Py_ssize_t>(j));  // borrowed
+      if (hj == 0 || vj == Py_None) continue;  // `_bind_outputs` binds nothing there
       const at::Tensor& t = outs[j];
-      if (Py_TYPE(PyList_GET_ITEM(values.p, static_cast<Py_ssize_t>(j))) !=
-              reinterpret_cast<PyTypeObject*>(THPVariableClass) ||
+      if (Py_TYPE(vj) != reinterpret_cast<PyTypeObject*>(THPVariableClass) || !t.defined() ||
           t.layout() != at::kStrided || t.is_quantized() || t.is_nested() || t.dim() > MAX_DIMS) {
         here = false;
         break;
@@ -1112,7 +1206,7 @@ struct Ctx {
         got.p = nullptr;
       } else {
         c.sync_all();
-        bound = bind_outputs(s, py::handle(hkeys), py::handle(values.p));
+        bound = bind_outputs(s, py::handle(hkeys), py::handle(flat ? values.p : got));
       }
       values.reset(nullptr);
       int64_t after = 0;
@@ -1599,7 +1693,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Plan, std::shared_ptr<Plan>>(m, "Plan");
   m.def("plan", &make_plan, py::arg("name"), py::arg("overload"), py::arg("size"), py::arg("fixed"), py::arg("outs"),
         py::arg("args"), py::arg("need"), py::arg("keep"), py::arg("owner"), py::arg("run"), py::arg("returns"),
-        py::arg("seeded") = false, py::arg("n_pos") = -1, py::arg("zero") = false);
+        py::arg("seeded") = false, py::arg("n_pos") = -1, py::arg("zero") = false, py::arg("ranges") = py::list(),
+        py::arg("devices") = py::list());
   py::class_<Trace>(m, "Trace")
       .def(py::init([](py::list steps, py::object origin) {
              Trace t;

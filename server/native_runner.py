@@ -42,15 +42,22 @@ other field or wire type is left to the parsed messages. The daemon's front, too
 (`built`: never a build there) for one function: `split_frame`, the stream reader's cut of every frame into its
 commands' spans (`slices.split_frame`), which hands any frame it does not accept back to the Python reading.
 
-A step qualifies when it has none of `_run_step`'s per-op extras but a random op's (`_extras`: no value guard
-run per record, no op that reshapes a storage in place; a factory that takes the session's device, an op returning
+A step qualifies when it has none of `_run_step`'s per-op extras but a random op's (`_extras`: no op that reshapes a
+storage in place, no value guard run per record but one the runner makes itself (`_guard`): value ranges of tensor
+arguments (`guards.index_ranges`: `embedding_dense_backward`'s indices in [0, num_weights), their smallest and
+largest values read per record as the guard reads them, `in_ranges`), or the devices of pairs of tensor arguments
+where the guard reads nothing else a step does not fix (`guards.fixed_guard`: the attention backward's with
+dropout, `same_devices`); a record outside them goes to the Python path, which raises the guard's error. A
+factory that takes the session's device, an op returning
 several tensors, an op returning nothing whose record names no output handle (an in-place `_foreach_` op of the C++
 client's), and a factory of uninitialized memory returning one tensor, whose output's storage the runner zeroes as
 `_run_step` does before binding it, do qualify), its op is a plain `OpOverload` run as itself, or
-a fake GPU's faster composition of it (server/fallbacks.py FASTER: `native_dropout` and its backward; called as
+a fake GPU's faster composition of it (server/fallbacks.py FASTER: `native_dropout` and its backward), or the fused
+attention's composition (server/attention.py REPLACEMENTS: the forward's tuple of tensors, None and ints bound by
+`_bind_outputs` as the Python path binds it) (each called as
 `_run_step` calls it, the template's arguments positionally or by keyword as the record gave them, its tensors the
 session's own objects and its view arguments the dispatcher's, as `compact.view_of` makes them; checked per record:
-while its `OpPlan.run` is something else, a guard's replacement, another fallback or a wrapper, its records take the
+while its `OpPlan.run` is something else, another replacement, another fallback or a wrapper, its records take the
 Python path), and every
 variable field of its template is the output handle, a tensor handle (`Tensor`, `Tensor?`, `Tensor[]`, `Tensor?[]`;
 also a view argument's, `compact.VIEW`, and a view element's of a tensor list with views, `compact.VIEWS`: its
@@ -107,7 +114,7 @@ import torch
 
 from gpupool import buildcache, config
 
-from . import fallbacks
+from . import attention, fallbacks, guards
 from .runner_source import DIGEST_ENV, SOURCE, source, told_digest  # noqa: F401 - DIGEST_ENV: tests name it here
 from .templates import C_ARG, C_KW, L_ARG, L_KW, LV_ARG, LV_KW, N_ARG, N_KW, NL_ARG, NL_KW, T_ARG, T_KW, V_ARG, V_KW
 
@@ -300,7 +307,19 @@ def _extras(step: Any) -> str | None:
     plan = step.plan
     if plan.reshapes:
         return "reshapes"
-    return "check" if step.check else None
+    return "check" if step.check and _guard(step) is None else None
+
+
+def _guard(step: Any) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]] | None:
+    """A value-guarded step's guard as the runner checks it per record, (ranges, device pairs), None where it cannot:
+    value ranges of its tensor arguments (`guards.index_ranges`), or, where the guard reads nothing else the step
+    does not fix, the devices of pairs of its tensor arguments (`guards.fixed_guard`)."""
+    name, args, kwargs = step.plan.name, step.tpl.args, step.tpl.kwargs
+    ranges = guards.index_ranges(name, args, kwargs)
+    if ranges is not None:
+        return ranges, []
+    devices = guards.fixed_guard(name, args, kwargs)
+    return None if devices is None else ([], devices)
 
 
 def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
@@ -315,7 +334,11 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
         return None
     # a fake GPU's faster composition of the op (server/fallbacks.py FASTER, the same bits: native_dropout and its
     # backward) is called here as the Python path calls it; any other run that is not the op stays in Python
-    py_run = plan.run is not op._op and op._schema.name in fallbacks.FASTER and plan.run is fallbacks.lookup(op, dev)
+    # the fused attention's compositions (server/attention.py `REPLACEMENTS`: no kernel of the overrideable backend on
+    # the daemon's devices) are called the same way
+    name = op._schema.name
+    faster = name in fallbacks.FASTER and plan.run is fallbacks.lookup(op, dev)
+    py_run = plan.run is not op._op and (faster or plan.run is attention.REPLACEMENTS.get(name))
     if any(kind not in _KINDS for kind, _, _, _ in tpl.steps):
         return None
     schema = op._schema
@@ -325,6 +348,8 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
     elif len(rets) == 1 and isinstance(rets[0], torch.TensorType):
         returns = ONE
     elif all(isinstance(t, torch.TensorType) for t in rets) or (len(rets) == 1 and _tensors(rets[0])):
+        returns = SEVERAL
+    elif py_run and len(rets) > 1:  # the attention forward's tuple also holds ints: bound as `_bind_outputs` binds
         returns = SEVERAL
     else:
         return None
@@ -410,13 +435,19 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
             out.append(("l", optional, got[1]))
     if placed:  # a tensor the schema has no place for
         return None
+    guard = _guard(step) if step.check else ([], [])
+    if guard is None:
+        return None
+    ranges, devices = guard
+    if any(out[a][0] != "t" for a, _, _ in ranges) or any(out[a][0] != "t" or out[b][0] != "t" for a, b in devices):
+        return None
     if py_run and any(a[0] in ("l", "s") for a in out):
         return None  # lists: the runner passes a Python run numbers, constants and single tensors only
     name, overload = schema.name, schema.overload_name
     outs = offsets[1 : 1 + n_out]
     run = plan.run if py_run else op._op
     return mod.plan(name, overload, tpl.size, fixed, outs, out, step.need, list(step.keep), plan, run, returns,
-                    plan.seeded, len(args) if py_run else -1, plan.uninitialized)  # fmt: skip
+                    plan.seeded, len(args) if py_run else -1, plan.uninitialized, ranges, devices)  # fmt: skip
 
 
 def _geometry(g: Any) -> tuple[Any, ...]:

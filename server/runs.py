@@ -48,7 +48,7 @@ from typing import Any
 
 from gpupool.compact import view_of
 
-from .guards import value_guarded
+from .guards import fixed_by_template, value_guarded
 from .templates import (
     C_ARG,
     L_ARG,
@@ -106,7 +106,10 @@ class Step:
         # Whether its value guards (`guards.validate`) run per record. A `_foreach_` op's own guard (its lists'
         # lengths) reads only lengths the template fixes (tensor and number lists' counts are fixed bytes), and
         # the record this step was learned from passed it: only an op with a value guard of its own runs it.
-        self.check = bool(plan.validate) and value_guarded(plan.name)
+        # An op whose guard reads only what the step fixes (the fused attention's: `guards.fixed_by_template`) does not.
+        self.check = (
+            bool(plan.validate) and value_guarded(plan.name) and not fixed_by_template(plan.name, tpl.args, tpl.kwargs)
+        )
         # `CommandExecutor.eager_span` runs it inline: one output, none of the per-op extras `_run_step` handles
         self.fast = self.n_out == 1 and not (
             plan.reshapes or plan.takes_device or plan.seeded or plan.uninitialized or self.check

@@ -37,6 +37,8 @@ OPS = {
     5: "aten::native_dropout_backward",
     6: "aten::native_dropout",  # of a view argument (as attention's dropout)
     7: "aten::bernoulli.p",  # seeded; the op itself
+    8: "aten::_scaled_dot_product_fused_attention_overrideable",  # seeded; a composition (server/attention.py)
+    9: "aten::_scaled_dot_product_fused_attention_overrideable_backward",
 }
 T, V = compact.tensor, compact.encode_value
 
@@ -258,3 +260,53 @@ def test_two_worker_sessions_taking_turns_each_reload_their_stream_as_the_python
             assert all(r.native > 0 for r in pair)
     for a, b in zip(got[0], got[1], strict=True):
         same(a, b)
+
+
+AQ, AK, AV, META_SEED = BASE + 11, BASE + 12, BASE + 13, BASE + 14
+
+
+def attention_step(r: Run, t: int, seed: int = 0) -> list[device_pb2.Command]:
+    """The fused attention with dropout, as the clients send it: its forward (a seeded op whose composition is Python,
+    server/attention.py) and its backward, whose guard compares its philox_seed's device with the query's (`seed`:
+    another tensor than the forward's there)."""
+    qkv = [T(AQ), T(AK), T(AV), V(None)]
+    mask = V([True, True, True, False])
+    grads = [T(h(t, 4)), *qkv, mask, T(h(t, 0)), T(h(t, 1)), V(None), V(None), V(4), V(4), V(0.25), V(False)]
+    return [
+        r.rec(8, [h(t, 0), h(t, 1), 0, 0, 0, 0, h(t, 2), h(t, 3)], [*qkv, V(0.25), V(False)]),
+        r.rec(4, [h(t, 4)], [T(h(t, 0)), T(h(t, 0))]),
+        r.rec(9, [h(t, 5), h(t, 6), h(t, 7)], [*grads, T(seed or h(t, 2)), T(h(t, 3))]),
+        r.rec(4, [h(t, 8)], [T(h(t, 5)), T(h(t, 6))]),
+    ]
+
+
+def test_the_fused_attention_with_dropout_runs_natively_with_the_same_draws_and_errors() -> None:
+    """The attention forward (seeded, its composition called from C++ as `_run_step` calls it, its tuple of tensors,
+    None and ints bound as `_bind_outputs` binds it) and its backward (its guard's device comparison made in C++) run
+    in learned runs with the Python path's bits; a philox_seed on another device (a meta tensor of the seed's meta)
+    leaves the run and fails with the Python path's error."""
+    seen = []
+    runs = []
+    for native in (True, False):
+        r = Run(native)
+        torch.manual_seed(3)
+        for handle in (AQ, AK, AV):
+            r.s.bind(handle, torch.randn(2, 2, 4, 8))
+        r.s.bind(META_SEED, torch.zeros((), dtype=torch.long, device="meta"))
+        cmds = [r.seed(7)]
+        for t in range(10):
+            cmds += attention_step(r, t) + ([r.free(t - 1)] if t else [])
+        cmds += attention_step(r, 10, seed=META_SEED) + [r.free(9)] + attention_step(r, 11) + [r.free(10)]
+        got = r.stream(cmds, itertools.cycle([64, 9]))
+        r.s.free([META_SEED])  # (no values to compare)
+        seen.append((got, r.state()))
+        runs.append(r)
+        r.close()
+    (slices_n, state_n), (slices_p, state_p) = seen
+    assert slices_n == slices_p
+    same(state_n, state_p)
+    errors = [e for _, _, e in slices_p if e is not None]
+    assert errors and all("philox_seed must be the forward's" in e[1] for e in errors), errors
+    n, p = runs
+    assert p.python_draws == 12 and n.python_draws < 6, (n.python_draws, p.python_draws)
+    assert n.native > 12 * 2, n.native  # more than the steps' adds: attention records ran in C++

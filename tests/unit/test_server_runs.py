@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from gpupool.server import native_runner, runs, slices
+from gpupool.server import attention, guards, native_runner, runs, slices
 from gpupool.server.devices import FakeDevice
 from gpupool.server.executor import CommandExecutor
 from gpupool.server.sessions import DeviceMemory, WorkerSession
@@ -55,6 +55,8 @@ OPS = {
     19: "aten::detach_",
     20: "aten::mm",  # the same ops under other ids: other templates (`part_b`)
     21: "aten::relu",
+    22: "aten::_scaled_dot_product_fused_attention_overrideable",
+    23: "aten::_scaled_dot_product_fused_attention_overrideable_backward",
 }
 
 
@@ -1117,3 +1119,130 @@ def test_a_run_goes_on_only_into_a_next_run_that_still_holds(runner: str, how: s
         assert calls.calls[0] == (3, False), calls.calls
     if how in ("quota", "flops", "evicted"):
         assert p.hits - hits == 3  # the second part ran on the normal path (and is learned again)
+
+
+IE, IE32 = BASE + 70, BASE + 71  # session tensors of indices (int64, int32) whose values change between steps
+
+
+def e(t: int, j: int) -> int:
+    return BASE + 30000 + 100 * t + j
+
+
+def embed_step(p: Pair, t: int, shift: int = 0) -> list[device_pb2.Command]:
+    """Value-guarded records (`embedding_dense_backward`: indices in [0, 5)) whose indices are an earlier record's
+    output (`IDX` + `shift`, a number each record gives) or session tensors (`IE`, `IE32`)."""
+    return [
+        p.rec(10, [e(t, 0)], [T(IDX), V(shift)]),
+        p.rec(11, [e(t, 1)], [T(G), T(e(t, 0)), V(5), V(-1), V(False)]),
+        p.rec(11, [e(t, 2)], [T(G), T(IE), V(5), V(-1), V(False)]),
+        p.rec(11, [e(t, 3)], [T(G), T(IE32), V(5), V(-1), V(False)]),
+        p.rec(5, [e(t, 4)], [T(e(t, 1)), T(e(t, 2))], {"alpha": V(0.5)}),
+    ]
+
+
+def free_e(t: int) -> device_pb2.Command:
+    return device_pb2.Command(free=device_pb2.Free(handles=[e(t, j) for j in range(5)]))
+
+
+def _indices(p: Pair, ie: list[int], ie32: list[int]) -> None:
+    for s in p.s:  # the values change in place, as an upload into the tensor would change them
+        s.tensors[IE].copy_(torch.tensor(ie))
+        s.tensors[IE32].copy_(torch.tensor(ie32, dtype=torch.int32))
+
+
+def test_a_value_guarded_step_checks_its_indices_every_record_as_on_the_normal_path(runner: str) -> None:
+    """`embedding_dense_backward`'s guard (indices in [0, num_weights)) holds for every record of a learned run; with
+    the native runner it is checked in C++ (`guards.index_ranges`), and a record whose indices are out of range on
+    either side (computed by the step, or a session tensor's new values; int64 and int32) goes to the Python path,
+    which raises the normal path's error: the same codes, messages, poisoned handles and values. The records in range
+    run in C++ (before round 28 the guarded ones stayed in Python)."""
+    p = Pair()
+    for s in p.s:
+        s.bind(IE, torch.tensor([4, 0, 3, 1]))
+        s.bind(IE32, torch.tensor([1, 2, 3, 4], dtype=torch.int32))
+    p.stream([c for t in range(6) for c in embed_step(p, t) + ([free_e(t - 1)] if t else [])], itertools.cycle([64]))
+    hits, native = p.hits, p.runs().native
+    p.stream([c for t in range(6, 10) for c in embed_step(p, t, shift=t % 2) + [free_e(t - 1)]], itertools.cycle([64]))
+    assert p.hits - hits == 4 * 5
+    if runner == "native":
+        assert p.runs().native - native == 4 * 5, p.runs().native - native
+    hostile: list[tuple[int, list[int], list[int]]] = [
+        (3, [4, 0, 3, 1], [1, 2, 3, 4]),  # the step's own indices reach 5
+        (-1, [4, 0, 3, 1], [1, 2, 3, 4]),  # and -1
+        (0, [4, 5, 3, 1], [1, 2, 3, 4]),
+        (0, [4, 0, -1, 1], [1, 2, 3, 4]),
+        (0, [1 << 40, 0, 3, -(1 << 62)], [1, 2, 3, 4]),
+        (0, [4, 0, 3, 1], [1, 2, -(1 << 31), 4]),
+        (0, [4, 0, 3, 1], [5, 2, 3, 4]),
+        (2, [0, 0, 0, 0], [4, 4, 4, 4]),  # in range again, on the edges
+    ]
+    for k, (shift, ie, ie32) in enumerate(hostile):
+        t = 10 + k
+        _indices(p, ie, ie32)
+        p.stream(embed_step(p, t, shift=shift) + [free_e(t - 1)], itertools.cycle([64]))
+        failed = [m.message for m in p.s[0].poisoned.values()]  # this step's (the free let the last step's go)
+        if k < len(hostile) - 1:
+            assert any(m.startswith("indices must lie in [0, 5)") for m in failed), failed
+        else:
+            assert not failed
+    _indices(p, [4, 0, 3, 1], [1, 2, 3, 4])
+    hits, native = p.hits, p.runs().native
+    p.stream([c for t in range(20, 24) for c in embed_step(p, t) + [free_e(t - 1)]], itertools.cycle([64]))
+    assert p.hits - hits == 4 * 5
+    if runner == "native":
+        assert p.runs().native - native >= 3 * 5, p.runs().native - native
+
+
+AQ, AK, AV, AQ3, AQ64 = (BASE + 80 + j for j in range(5))  # attention operands; a 3-D query; a float64 one
+
+
+def a(t: int, j: int) -> int:
+    return BASE + 40000 + 100 * t + j
+
+
+def attention_step(p: Pair, t: int, q: int = AQ) -> list[device_pb2.Command]:
+    """The fused attention's forward and backward (value-guarded ops whose guards read only shapes, dtypes and the
+    template's constants: `guards.fixed_by_template`) between two plain records, as the clients send them."""
+    mask = V([True, True, True, False])
+    qkv = [T(q), T(AK), T(AV), V(None)]
+    grads = [T(a(t, 4)), *qkv, mask, T(a(t, 0)), T(a(t, 1)), V(None), V(None), V(4), V(4), V(0.0), V(False)]
+    return [
+        p.rec(22, [a(t, 0), a(t, 1), 0, 0, 0, 0, a(t, 2), a(t, 3)], [*qkv, V(0.0), V(False)]),
+        p.rec(5, [a(t, 4)], [T(a(t, 0)), T(a(t, 0))], {"alpha": V(0.5)}),
+        p.rec(23, [a(t, 5), a(t, 6), a(t, 7)], [*grads, T(a(t, 2)), T(a(t, 3))]),
+        p.rec(5, [a(t, 8)], [T(a(t, 5)), T(a(t, 6))], {"alpha": V(0.5)}),
+    ]
+
+
+def free_a(t: int) -> device_pb2.Command:
+    return device_pb2.Command(free=device_pb2.Free(handles=[a(t, j) for j in range(9)]))
+
+
+def test_attention_steps_skip_their_meta_only_guards_and_refuse_other_metas_as_on_the_normal_path() -> None:
+    """The fused attention's guards read only what a learned step fixes, so its steps do not run them per record
+    (`Step.check` off; a backward with dropout reads its seed's device and keeps it): in learned runs the results are
+    the normal path's, and a query of another shape or dtype leaves the run and fails with the normal path's error."""
+    assert not guards.fixed_by_template(attention.BACKWARD, [None] * 12 + [0.25], {})
+    assert guards.fixed_by_template(attention.BACKWARD, [None] * 12 + [0.0], {})
+    assert guards.fixed_by_template(attention.FORWARD, [None] * 4 + [0.5], {})
+    assert not guards.fixed_by_template("aten::embedding_dense_backward", [None, None, 5, -1, False], {})
+    p = Pair()
+    torch.manual_seed(1)
+    operands = {AQ: torch.randn(2, 2, 4, 8), AK: torch.randn(2, 2, 4, 8), AV: torch.randn(2, 2, 4, 8),
+                AQ3: torch.randn(2, 4, 8), AQ64: torch.randn(2, 2, 4, 8, dtype=torch.float64)}  # fmt: skip
+    for s in p.s:
+        for handle, value in operands.items():
+            s.bind(handle, value.clone())
+    warm = [c for t in range(6) for c in attention_step(p, t) + ([free_a(t - 1)] if t else [])]
+    p.stream(warm, itertools.cycle([64]))
+    steps = [st for traces in p.runs().heads.values() for tr in traces for st in tr.steps]
+    guarded = [st for st in steps if st.plan.name in attention.NAMES]
+    assert guarded and not any(st.check for st in guarded)
+    hits = p.hits
+    p.stream([c for t in range(6, 10) for c in attention_step(p, t) + [free_a(t - 1)]], itertools.cycle([64]))
+    assert p.hits - hits == 4 * 4
+    for t, q in ((10, AQ3), (11, AQ64), (12, AQ)):
+        p.stream(attention_step(p, t, q=q) + [free_a(t - 1)], itertools.cycle([64]))
+        failed = [m.message for m in p.s[0].poisoned.values()]
+        assert bool(failed) == (q != AQ), failed
+        assert all(m.startswith("fused attention") for m in failed), failed
