@@ -514,7 +514,9 @@ def _dropout_forward_saving(
     as every storage's do (server/sessions.py), and the forward's admission already counted them among its temporaries
     (`DROPOUT_FORWARD_BYTES`). A graph's forward (the library op) keeps the state only: its backward recomputes."""
     state = _generator_state(q.device)
-    out, (_, _, _, attn, kept, *_rest) = _dropout_math(q, k, v, bias, p, is_causal, scale, None)
+    out, kept_for_backward = _dropout_math(q, k, v, bias, p, is_causal, scale, None)
+    attn, kept = kept_for_backward[3], kept_for_backward[4]
+    del kept_for_backward  # the scores, the dropped scores: freed before the buffer is allocated
     shape, dtype, extra = _saved_sizes(q, k)
     n = shape.numel()
     head = state.numel()
