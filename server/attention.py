@@ -39,9 +39,13 @@ generator state it drew from in `philox_seed` (a 0-d int64 view of the state's b
 bytes, or a CUDA generator's seed and offset; `philox_offset` is 0), and the backward recomputes the forward with the
 mask drawn again from that state on a private generator, then runs the kernels autograd of the math path runs, on the
 same operands: no L x S mask lives between the forward and the backward (only the 5 KB state), and the session's
-stream does not move. A forged state only changes the session's own results; one of another shape, dtype, device or
-size is INVALID_ARGUMENT. Its logsumexp output is zeros (the math path makes none; nothing reads it). No aten op reads
-or sets a generator's state, so the composition is two operators of its own (`_LIBRARY`): a traced graph holds each
+stream does not move. An eager forward on a fake GPU (`_dropout_forward_saving`, round 28) also keeps its softmax and
+mask in `philox_seed`'s storage after the state (5 bytes a score in float32, counted as that storage's bytes; the
+math path's autograd holds 9), and the backward from such a seed skips the recomputed scores, softmax and draw (the
+same bits; ~3 of the ~8.5 ms of a classifier's attention forward and backward); a graph's forward keeps the state
+only. A forged state only changes the session's own results; one of another shape, dtype, device or size is
+INVALID_ARGUMENT. Its logsumexp output is zeros (the math path makes none; nothing reads it). No aten op reads or sets
+a generator's state, so the composition is two operators of its own (`_LIBRARY`): a traced graph holds each
 call as one node, which the TorchScript interpreter calls back.
 
 Outputs have exactly the meta kernel's shapes, strides and dtypes (`_like`), which the clients' output tensors
@@ -369,28 +373,44 @@ def _drop_backward(grad: Tensor, mask: Tensor, p: float) -> Tensor:
     return fallbacks._native_dropout_backward(grad, mask, 1.0 / (1.0 - p))
 
 
+def _operands(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    """The 3-D operands of `_bmm` and their common batch."""
+    batch = (max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1]))
+    a3 = a.expand(*batch, a.shape[2], a.shape[3]).reshape(batch[0] * batch[1], a.shape[2], a.shape[3])
+    b3 = b.expand(*batch, b.shape[2], b.shape[3]).reshape(batch[0] * batch[1], b.shape[2], b.shape[3])
+    return a3, b3, batch
+
+
 def _bmm(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """`torch.matmul` of two 4-D tensors as it decomposes (its batched path): both expanded to the common batch and
     reshaped to 3-D (a view where possible, else a copy), `bmm`, viewed back. Returns (product, a's 3-D operand, b's):
     the tensors autograd of the math path saves for the bmm's gradient, which `_dropout_backward` computes with."""
-    batch = (max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1]))
-    a3 = a.expand(*batch, a.shape[2], a.shape[3]).reshape(batch[0] * batch[1], a.shape[2], a.shape[3])
-    b3 = b.expand(*batch, b.shape[2], b.shape[3]).reshape(batch[0] * batch[1], b.shape[2], b.shape[3])
+    a3, b3, batch = _operands(a, b)
     return torch.bmm(a3, b3).view(*batch, a.shape[2], b.shape[3]), a3, b3
 
 
 def _dropout_math(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: float, is_causal: bool, scale: float | None,
-    generator: torch.Generator | None,
+    generator: torch.Generator | None, saved: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, list[Any]]:  # fmt: skip
     """(output, what the backward needs) of torch's `_scaled_dot_product_attention_math` with dropout, op by op as a
     client's math path sends them: low precision computed in float32, q and k scaled by the scale's square root each,
-    the mask added, `_safe_softmax`, dropout, the second matmul, the query's dtype. `generator`: `_drop`'s."""
+    the mask added, `_safe_softmax`, dropout, the second matmul, the query's dtype. `generator`: `_drop`'s. `saved`:
+    the forward's softmax and mask (`_dropout_forward_saving`): the backward's recomputation then skips the scores,
+    the softmax and the draw, and multiplies the dropped scores again from them as `_drop` did (the same bits)."""
     origin = q.dtype
     if origin in _LOW_PRECISION:
         q, k, v = q.to(torch.float32), k.to(torch.float32), v.to(torch.float32)
     q_root, k_root = _root_scales(q, scale)
     q = aten.mul.Scalar(q, q_root)  # the math path's C++ `tensor * SymFloat`: the .Scalar overload (autograd's too)
+    if saved is not None:
+        attn, kept = saved
+        q3, kt3, _ = _operands(q, aten.mul.Scalar(k.transpose(-2, -1), k_root))
+        dropped = fallbacks._MUL_SCALAR_(attn.mul(kept.view(torch.uint8)), 1.0 / (1.0 - p))
+        b, h = attn.shape[0], attn.shape[1]
+        dropped3 = dropped.reshape(b * h, attn.shape[2], attn.shape[3])
+        v3 = v.expand(b, h, v.shape[2], v.shape[3]).reshape(b * h, v.shape[2], v.shape[3])
+        return dropped, [None, q3, kt3, attn, kept, dropped3, v3, q_root, k_root]
     mask = _float_bias(bias, origin)  # the front end's `convert_boolean_attn_mask`, in the query's own dtype
     if is_causal:  # the math path's own causal mask (a client's causal call carries no mask; both: both apply)
         keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
@@ -477,6 +497,63 @@ def _saved_generator(philox_seed: Tensor, device: torch.device) -> torch.Generat
     return generator
 
 
+def _saved_sizes(q: Tensor, k: Tensor) -> tuple[torch.Size, torch.dtype, int]:
+    """(shape, dtype, bytes) of what an eager forward on a fake GPU keeps for its backward after the generator state
+    (`_dropout_forward_saving`): the softmax (B, H, L, S) in the dtype the composition computes in, then its bool
+    mask, the whole padded to 8 bytes (the state's int64 view)."""
+    dtype = torch.float32 if q.dtype in _LOW_PRECISION else q.dtype
+    shape = torch.Size((q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+    n = shape.numel()
+    return shape, dtype, -(-(n * dtype.itemsize + n) // 8) * 8
+
+
+def _dropout_forward_saving(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: float, is_causal: bool, scale: float | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`_dropout_forward` that also keeps the softmax and the mask for the backward, in the storage of `philox_seed`
+    after the generator state (an eager call on a fake GPU): the backward then skips recomputing the scores, the
+    softmax and the draw (the classifier's two attention dropouts a step: ~40 % of its step's random draws, round 28).
+    They are B x H x L x S x 5 bytes in float32 (9 in float64) held from the forward to the backward, as the math path
+    holds its softmax, mask and dropped scores (9 bytes) under autograd; the storage's bytes count against the quota
+    as every storage's do (server/sessions.py), and the forward's admission already counted them among its temporaries
+    (`DROPOUT_FORWARD_BYTES`). A graph's forward (the library op) keeps the state only: its backward recomputes."""
+    state = _generator_state(q.device)
+    out, kept_for_backward = _dropout_math(q, k, v, bias, p, is_causal, scale, None)
+    attn, kept = kept_for_backward[3], kept_for_backward[4]
+    del kept_for_backward  # the scores, the dropped scores: freed before the buffer is allocated
+    shape, dtype, extra = _saved_sizes(q, k)
+    n = shape.numel()
+    head = state.numel()
+    buffer = torch.empty(head + extra, dtype=torch.uint8, device=q.device)
+    buffer[:head].copy_(state)
+    buffer[head : head + n * dtype.itemsize].view(dtype).view(shape).copy_(attn)
+    buffer[head + n * dtype.itemsize : head + n * dtype.itemsize + n].view(torch.bool).view(shape).copy_(kept)
+    buffer[head + n * dtype.itemsize + n :].zero_()  # the padding: no byte of the storage left unwritten
+    lse = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)  # what nothing reads: `_dropout_forward`
+    seed = buffer.view(torch.int64).as_strided([], [], 0)
+    offset = torch.zeros((), dtype=torch.long, device=q.device)
+    return _matching_layout(q, out), lse, seed, offset
+
+
+def _saved_scores(philox_seed: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The softmax and mask an eager forward kept after the generator state in `philox_seed`'s storage
+    (`_dropout_forward_saving`), or None where the storage is the state alone (a graph's forward: recompute) or
+    anything else (`_saved_generator` refuses it). A forged storage of the right size only changes the session's own
+    gradients: its mask is read as uint8 (`_drop_backward`, as `_drop` multiplies), never as bool values."""
+    if q.device.type != "cpu" or not isinstance(philox_seed, Tensor) or philox_seed.dtype != torch.int64:
+        return None
+    head = _CPU_STATE_BYTES
+    shape, dtype, extra = _saved_sizes(q, k)
+    storage = philox_seed.untyped_storage()
+    if philox_seed.storage_offset() != 0 or storage.nbytes() != head + extra or philox_seed.device != q.device:
+        return None
+    n = shape.numel()
+    raw = torch.empty(0, dtype=torch.uint8, device=q.device).set_(storage, 0, (head + extra,), (1,))
+    attn = raw[head : head + n * dtype.itemsize].view(dtype).view(shape)
+    kept = raw[head + n * dtype.itemsize : head + n * dtype.itemsize + n].view(torch.bool).view(shape)
+    return attn, kept
+
+
 def _dropout_backward(
     grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: float, is_causal: bool,
     scale: float | None, philox_seed: Tensor, want_bias: bool,
@@ -485,9 +562,10 @@ def _dropout_backward(
     forward's state on a private generator: the session's stream does not move), then what autograd of the math path
     runs, kernel for kernel on the same operands (derivatives.yaml: `_to_copy`, `mul.Scalar`, `bmm`, `_safe_softmax`,
     `native_dropout`), so the math path's bits -- without autograd's own cost here (3-4x the kernels' time)."""
-    generator = _saved_generator(philox_seed, q.device)
+    saved = _saved_scores(philox_seed, q, k)
+    generator = _saved_generator(philox_seed, q.device) if saved is None else None
     _, (_, q3, kt3, attn, kept, dropped3, v3, q_root, k_root) = _dropout_math(
-        q, k, v, bias, p, is_causal, scale, generator
+        q, k, v, bias, p, is_causal, scale, generator, saved
     )
     g = grad.to(torch.float32) if q.dtype in _LOW_PRECISION else grad
     b, h, length, source = attn.shape
@@ -569,6 +647,9 @@ def forward(
     an eager call on CUDA also falls back to the math composition when the kernel itself refuses)."""
     check_forward(query, key, value, attn_bias, dropout_p, scale, return_debug_mask)
     scale = None if scale is None else float(scale)
+    if kernel is None and dropout_p > 0 and query.device.type == "cpu":  # eager on a fake GPU: keeps its scores
+        dropped = _dropout_forward_saving(query, key, value, attn_bias, float(dropout_p), is_causal, scale)
+        return (dropped[0], dropped[1], None, None, query.shape[2], key.shape[2], dropped[2], dropped[3], None)
     if kernel == DROPOUT or (kernel is None and dropout_p > 0):  # one call (`_LIBRARY`): a traced graph's node too
         dropped = ops.call(_DROPOUT_FORWARD, query, key, value, attn_bias, float(dropout_p), is_causal, scale)
         return (dropped[0], dropped[1], None, None, query.shape[2], key.shape[2], dropped[2], dropped[3], None)

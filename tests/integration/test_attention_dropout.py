@@ -372,6 +372,40 @@ def test_the_dropout_composition_counts_against_the_quota(serve: Any) -> None:
         assert torch.equal(s.download(ok), torch.full((3,), 2.0))
 
 
+def test_an_eager_forwards_kept_softmax_and_mask_count_against_the_quota_until_freed(serve: Any) -> None:
+    """An eager forward on a fake GPU keeps the softmax and the mask for its backward in `philox_seed`'s storage after
+    the generator state (server/attention.py `_dropout_forward_saving`): 5 bytes a score in float32, counted in the
+    session's used bytes with the forward's outputs and given back when the seed is freed; the backward from it has
+    the same gradients twice (the stream did not move)."""
+    quota = 4 * 1024 * 1024
+
+    with Session.attach(serve.address, serve.token(tenant="attention-dropout-kept", quota_bytes=quota)) as s:
+
+        def used() -> int:
+            s.call("aten::empty.memory_format", [quota], dtype=torch.uint8)
+            with pytest.raises(errors.ResourceExhausted) as info:
+                s.sync()
+            assert info.value.used_bytes is not None
+            return info.value.used_bytes
+
+        q, k, v = (Handle(s.upload(t)) for t in _inputs())  # (2, 4, 16 | 12 | 12, 8)
+        before = used()
+        fwd = s.call(FORWARD, q, k, v, None, 0.25, outputs=9)
+        scores = 2 * 4 * 16 * 12
+        outputs = 4 * 2 * 4 * 16 * 8 + 4 * 2 * 4 * 16 + 3 * 8  # out, logsumexp; L, S, philox_offset: 0-d int64s
+        seed_bytes = 5056 + 5 * scores  # the generator state, the float32 softmax, the bool mask (a multiple of 8)
+        assert used() - before == outputs + seed_bytes
+        grad = Handle(s.upload(torch.linspace(-1, 1, 2 * 4 * 16 * 8).reshape(2, 4, 16, 8)))
+        args = [grad, q, k, v, None, [True, True, True, False], Handle(fwd[0]), Handle(fwd[1]), None, None, 16, 12,
+                0.25, False, Handle(fwd[6]), Handle(fwd[7])]  # fmt: skip
+        first = [s.download(Handle(h)) for h in s.call(BACKWARD, *args, outputs=3)]
+        again = [s.download(Handle(h)) for h in s.call(BACKWARD, *args, outputs=3)]
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+        held = used()
+        s.free([fwd[6]])
+        assert held - used() == seed_bytes
+
+
 def test_float64_dropout_counts_its_8_byte_scores_against_the_quota(serve: Any) -> None:
     """float64 computes the dropout composition's scores in 8-byte elements (34.6 bytes a score forward, 50.7
     backward, measured), which the float32 figures (24, 40) left 1.4x and 1.3x unseen: in a 4 MiB session a

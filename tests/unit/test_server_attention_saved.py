@@ -1,0 +1,93 @@
+"""The fused attention's dropout composition (server/attention.py) keeping the forward's softmax and mask for the
+backward (an eager call on a fake GPU, round 28): the saving forward gives the plain forward's output and generator
+state, and the backward from its `philox_seed` gives, bit for bit and stride for stride, the gradients of the backward
+that recomputes them from the state alone (a graph's forward, and the daemon before), without drawing again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from gpupool.server import attention
+
+CASES = [
+    (torch.float32, None, False, None),
+    (torch.float32, "bool", False, 0.5),
+    (torch.float32, None, True, -0.4),
+    (torch.bfloat16, "bool", False, None),
+    (torch.float16, "float", True, None),
+    (torch.float64, "float", False, 0.3),
+]
+
+
+def _inputs(dtype: torch.dtype, bias: str | None) -> tuple[Any, ...]:
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g).to(dtype) for n in (6, 5, 5))
+    mask: torch.Tensor | None = None
+    if bias == "bool":
+        mask = torch.rand(6, 5, generator=g) > 0.3
+    elif bias == "float":
+        mask = torch.randn(2, 1, 6, 5, generator=g).to(dtype)
+    grad = torch.randn(2, 3, 6, 8, generator=g).to(dtype)
+    return q, k, v, mask, grad
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype, bias, causal, scale", CASES)
+def test_the_saving_forward_and_its_backward_are_the_recomputing_ones_bit_for_bit(
+    dtype: torch.dtype, bias: str | None, causal: bool, scale: float | None
+) -> None:
+    q, k, v, mask, grad = _inputs(dtype, bias)
+    torch.manual_seed(5)
+    plain = attention._dropout_forward(q, k, v, mask, 0.3, causal, scale)
+    after_plain = torch.rand(4)
+    torch.manual_seed(5)
+    saving = attention._dropout_forward_saving(q, k, v, mask, 0.3, causal, scale)
+    after_saving = torch.rand(4)
+    assert torch.equal(after_plain, after_saving)  # the same draws from the stream
+    for a, b in zip(plain, saving, strict=True):
+        assert _same(a, b)  # the seed's 0-d view reads the state's first 8 bytes either way
+    state, saved = plain[2].untyped_storage(), saving[2].untyped_storage()
+    _, work, extra = attention._saved_sizes(q, k)
+    assert state.nbytes() == attention._CPU_STATE_BYTES and saved.nbytes() == state.nbytes() + extra
+    n = 2 * 3 * 6 * 5
+    assert extra == -(-(n * work.itemsize + n) // 8) * 8
+    head = torch.empty(0, dtype=torch.uint8).set_(saved, 0, (state.nbytes(),), (1,))
+    assert torch.equal(head, torch.empty(0, dtype=torch.uint8).set_(state, 0, (state.nbytes(),), (1,)))
+    assert attention._saved_scores(plain[2], q, k) is None
+    kept = attention._saved_scores(saving[2], q, k)
+    assert kept is not None and kept[0].dtype == work and kept[1].dtype == torch.bool
+
+    recomputed = attention._dropout_backward(grad, q, k, v, mask, 0.3, causal, scale, plain[2], False)
+    from_saved = attention._dropout_backward(grad, q, k, v, mask, 0.3, causal, scale, saving[2], False)
+    for a, b in zip(recomputed[:3], from_saved[:3], strict=True):
+        assert a is not None and b is not None and _same(a, b)
+    rb, sb = recomputed[3], from_saved[3]  # a bias's gradient: zeros as the meta kernel's, None without one
+    assert (rb is None and sb is None and mask is None) or (rb is not None and sb is not None and _same(rb, sb))
+
+
+def test_the_backward_from_saved_scores_draws_nothing_and_reads_a_forged_mask_as_bytes() -> None:
+    """The saved path is the one taken: with the state's bytes overwritten by ones no generator reaches (the
+    recomputing backward refuses them) the gradients are unchanged; a mask byte of 255 (not a bool) is read as the
+    uint8 `_drop` multiplies by, never as a bool value."""
+    q, k, v, mask, grad = _inputs(torch.float32, None)
+    torch.manual_seed(5)
+    _, _, seed, _ = attention._dropout_forward_saving(q, k, v, mask, 0.3, False, None)
+    want = attention._dropout_backward(grad, q, k, v, mask, 0.3, False, None, seed, False)
+    storage = seed.untyped_storage()
+    raw = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),), (1,))
+    raw[: attention._CPU_STATE_BYTES].fill_(0xFF)
+    with pytest.raises(Exception, match="generator state"):
+        attention._saved_generator(seed, q.device)
+    got = attention._dropout_backward(grad, q, k, v, mask, 0.3, False, None, seed, False)
+    for a, b in zip(want[:3], got[:3], strict=True):
+        assert a is not None and b is not None and _same(a, b)
+    n = 2 * 3 * 6 * 5
+    start = attention._CPU_STATE_BYTES + 4 * n
+    raw[start : start + n].fill_(255)  # every mask byte: 255 x attn x scale, the session's own numbers
+    forged = attention._dropout_backward(grad, q, k, v, mask, 0.3, False, None, seed, False)
+    assert all(t is not None and t.shape == w.shape for t, w in zip(forged[:3], want[:3], strict=True))
