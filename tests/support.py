@@ -447,8 +447,32 @@ def shut(*socks: socket.socket) -> None:
 # 0.69710876). So where the reference is a training loop in a fresh CPU process, it is compared within float32
 # rounding: 1e-5 relative, 1e-6 absolute. A pool against itself (two clients, captured against eager, two paths of
 # one client) stays bit for bit: both sides run in warmed session workers of one daemon.
+#
+# The tolerance covers last bits, not the bad first call itself: that one was seen ~3e-4 off (executor.py), and in
+# test_native_client_run's tiny MLP a 64 x 64 weight's Adam update 3e-4 off in one half at the first step leaves 2254
+# weights beyond 1e-5 (round 28, flaky28). So a reference in a fresh CPU process starts with the zygote's warm-up
+# (`warmed_python`), on as many threads as a session worker; then what is left is the kernels' last bits (every
+# gradient of that MLP one ulp off at random, 40 seeds: weights at most 1.3e-7 apart, losses 1.1e-7 relative).
 F32_REL = 1e-5
 F32_ABS = 1e-6
+
+# `python -c` code run before a reference's script: MKL's vector math set up as the daemon's zygote sets it up
+_WARM_FIRST = "from gpupool.server.executor import warm_vector_math; warm_vector_math()\n"
+
+
+def warmed_python(*args: str) -> list[str]:
+    """The command line of `python ARGS` (a script and its arguments, or `-c CODE` and its) as a reference run in a
+    fresh CPU process: the same script, argv and sys.path[0], but MKL's vector math functions set up first, on one
+    thread, as server/executor.py `warm_vector_math` sets them up for the daemon's session workers."""
+    if args[0] == "-c":
+        return [sys.executable, "-c", _WARM_FIRST + args[1], *args[2:]]
+    run = (
+        "import os, runpy, sys\n"
+        f"sys.argv[0] = {args[0]!r}\n"
+        "sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    return [sys.executable, "-c", _WARM_FIRST + run, *args[1:]]
 
 
 def assert_float32_close(got: Any, want: Any, what: str = "", abs_tol: float = F32_ABS) -> None:

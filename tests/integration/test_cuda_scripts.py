@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from gpupool.client.pool import SchedulerClient
 from scheduler_fixtures import ROOT, wait_until
-from support import assert_loss_lines_close
+from support import assert_loss_lines_close, warmed_python
 
 pytestmark = pytest.mark.slow
 
@@ -67,8 +67,9 @@ def cpu_env(**extra: str) -> dict[str, str]:
 # Each runs once per test session (functools.cache); a pooled run is never cached, but for amp_on_pool below.
 @functools.cache
 def on_cpu(*args: str) -> subprocess.CompletedProcess[str]:
-    """`python ARGS` (a script in tests/cuda_scripts, or -c CODE) on the CPU."""
-    return run([sys.executable, *args], cpu_env())
+    """`python ARGS` (a script in tests/cuda_scripts, or -c CODE) on the CPU, MKL's vector math warmed first as in a
+    session worker (support.warmed_python)."""
+    return run(warmed_python(*args), cpu_env())
 
 
 @functools.cache

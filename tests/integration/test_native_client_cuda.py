@@ -92,7 +92,8 @@ def released(pool: str) -> None:
 
 def test_a_cuda_training_script_gives_local_losses_and_weights(pool: str) -> None:
     """TRAIN on the C++ client against the same script in a fresh CPU process, within float32 rounding (its Linear's
-    4608 weights: Adam's `sqrt` of them runs on two threads, support.assert_float32_close)."""
+    4608 weights: Adam's `sqrt` of them runs on two threads, support.assert_float32_close; the CPU run warmed first,
+    support.warmed_python)."""
     ran = on_pool(pool, "-c", TRAIN)
     got = json.loads(ran.stdout.strip().splitlines()[-1])
     want = json.loads(on_cpu("-c", TRAIN).stdout.strip().splitlines()[-1])

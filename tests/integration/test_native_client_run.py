@@ -23,7 +23,7 @@ from gpupool.client.native import WAY_OUT
 from gpupool.client.native.backend import built_path, compiler_missing
 from gpupool.client.pool import SchedulerClient
 from scheduler_fixtures import ROOT, wait_until
-from support import assert_float32_close, communicate
+from support import assert_float32_close, communicate, warmed_python
 
 _why = compiler_missing()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"native client: {_why}")]
@@ -77,9 +77,9 @@ def _run(pool: str, *args: str, timeout: float = 280, **env: str) -> subprocess.
 
 
 def _local(pool: str, script: Path) -> subprocess.Popen[str]:
-    """`python SCRIPT cpu` started (the local reference), to run side by side with the run on the pool (one after the
-    other until round 25); _finish gives its stdout."""
-    cmd = [sys.executable, str(script), "cpu"]
+    """`python SCRIPT cpu` started (the local reference, support.warmed_python), to run side by side with the run on
+    the pool (one after the other until round 25); _finish gives its stdout."""
+    cmd = warmed_python(str(script), "cpu")
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(pool))
 
 
@@ -97,7 +97,8 @@ def _script(tmp: Path) -> Path:
 
 def test_a_training_script_runs_unchanged_with_local_losses(pool: str, tmp_path: Path) -> None:
     """Within float32 rounding of the local run, a fresh CPU process (support.assert_float32_close): Adam's `sqrt` of
-    the second Linear's 4096 weights runs on two threads there."""
+    the second Linear's 4096 weights runs on two threads there, MKL's vector math warmed first as in a session worker
+    (support.warmed_python: a cold first call's error is not rounding)."""
     script = _script(tmp_path)
     local = _local(pool, script)  # side by side with the run on the pool
     ran = _run(pool, "-p", "0.5", "--native-client", "--", sys.executable, str(script), "gpupool")

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from gpupool.client.native.backend import compiler_missing
-from support import communicate
+from support import communicate, warmed_python
 from test_native_client_run import _env, _run
 
 _why = compiler_missing()
@@ -144,7 +144,7 @@ def runs(two_gpu_pool: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[d
     script = tmp_path_factory.mktemp("views") / "views.py"
     script.write_text(SCRIPT)
     # the local reference side by side with the run on the pool (one after the other until round 25)
-    local = subprocess.Popen([sys.executable, str(script), "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    local = subprocess.Popen(warmed_python(str(script), "cpu"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env=_env(pool))  # fmt: skip
     ran = _run(pool, "-p", "0.5", "--native-client", "--", sys.executable, str(script), "gpupool")
     stdout, stderr = communicate(local, 120)

@@ -248,8 +248,9 @@ def test_foreach_optimizers_take_gradient_views_in_their_lists_and_match_bit_for
     and the losses and parameters are bit for bit those of the lists of handles (each view its own record: one
     session worker, warmed by the zygote) and, for the tiny MLP, the CPU's within float32 rounding (the encoder's
     differ from the CPU's in the last bits with or without views). Not bit for bit with the CPU: the reference runs
-    in this test process, whose MKL vector math nobody warmed, and the tiny MLP's 64 x 64 weight makes Adam's `sqrt`
-    take two threads (support.assert_float32_close; this very pair was round 21's flaky test, on the daemon's side)."""
+    in this test process (its MKL vector math warmed by conftest.py since round 27, before that by nobody), and the
+    tiny MLP's 64 x 64 weight makes Adam's `sqrt` take two threads (support.assert_float32_close; this very pair was
+    round 21's flaky test, on the daemon's side)."""
     rt = _rt(dev)
     names: list[str] = []
     real = rt.eager_op
