@@ -240,8 +240,9 @@ def _writers(others: bool, gid: int) -> str:
 
 def check_private_file(path: Path) -> None:
     """Raise UnsafeCacheDir unless only this user (and root) can change the file `path` (a cached build about to be
-    loaded): it belongs to this user or root and is writable by no other user (nor a group other than this process's
-    own), and its folder, where a rename could swap it, passes `check_private_dir` (symbolic links resolved).
+    loaded): it belongs to this user or root and is writable by no other user (nor a group other than this user's
+    private group or root's: `_private_group`), and its folder, where a rename could swap it, passes
+    `check_private_dir` (symbolic links resolved).
     `cache_dir` checks the cache's root only: a build's own folder below it (`torch-*/`) or the library itself made
     writable by others (a build under umask 0, a `chmod`) let another user replace the code a daemon imports."""
     real = Path(os.path.realpath(path))

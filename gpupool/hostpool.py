@@ -24,6 +24,7 @@ much memory stays allocated after the caller dropped everything, until the next 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -127,10 +128,7 @@ def empty(
     memory: no faults to move off the filling thread). Small downloads, and all with reuse off, get
     `torch.empty`'s. `advise(tensor)`: called on a tensor over fresh memory before its first touch (huge pages);
     `pool`: the process's unless given."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    nbytes = numel * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     p = _pool if pool is None else pool
     if p.keep <= 0 or nbytes < MIN_BYTES:
         fresh = torch.empty(shape, dtype=dtype)
@@ -138,11 +136,7 @@ def empty(
             advise(fresh)
         return fresh, False
     keeper, kept = p.take(size_class(nbytes))
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= n
-    t = torch.empty(0, dtype=dtype).set_(keeper.untyped_storage(), 0, shape, strides[::-1])  # contiguous
+    t = torch.empty(0, dtype=dtype).set_(keeper.untyped_storage(), 0, shape, ())  # no strides: contiguous
     if not kept and advise is not None:
         advise(t)
     return t, kept
