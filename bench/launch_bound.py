@@ -156,7 +156,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     step_obj: Any = None
     native = None
     if args.mode == "local":
-        device = torch.device("cpu")
+        device = torch.device("cuda" if args.gpu else "cpu")
     elif args.mode in ("native", "native-captured"):  # the C++ client (gpupool run --native-client's), same daemon
         from gpupool.client import native as nc
         from gpupool.client.native import backend as native
@@ -189,8 +189,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
         run = step_obj = capture(step)  # CPU batches go by value in the RunGraph
 
-    for i in range(args.warmup):
-        run(*data[i % 4]).item()
+    losses = [float(run(*data[i % 4]).item()) for i in range(args.warmup)]  # the same start in every mode
 
     def ops_sent() -> int:
         if native is not None:  # the C++ encoder's op records and the Python fallback's ops (and the RunGraphs)
@@ -219,6 +218,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "commands_per_step": sent / n,
         "client_cpu_per_step_s": cpu / n,
         "daemon_cpu_per_step_s": daemon_cpu / n,
+        "losses": losses,
     }
     if native is not None:  # ops the C++ encoder could not send, per step: 0 means every op was a C++ record
         out["python_fallback_per_step"] = sum(native.PYTHON_STATS.values()) / max(1, args.warmup + n)
@@ -258,6 +258,7 @@ def worker_args(argv: list[str]) -> argparse.Namespace:
     for a in ("--model", "--mode"):
         p.add_argument(a)
     p.add_argument("--adam", default="capturable")
+    p.add_argument("--gpu", action="store_true")
     for a in ("--steps", "--blocks", "--warmup"):
         p.add_argument(a, type=int)
     return p.parse_args(argv)
@@ -268,7 +269,7 @@ def worker_args(argv: list[str]) -> argparse.Namespace:
 
 def _worker(core: int, model: str, mode: str, args: argparse.Namespace, **remote: Any) -> dict[str, Any]:
     argv = ["--model", model, "--mode", mode, "--steps", str(args.steps), "--blocks", str(args.blocks),
-            "--warmup", str(args.warmup), "--adam", args.adam]  # fmt: skip
+            "--warmup", str(args.warmup), "--adam", args.adam, *(["--gpu"] if args.gpu else [])]  # fmt: skip
     return run_worker(__file__, core, f"{model}/{mode}", argv, **remote)
 
 
@@ -286,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                    "captured, the default Adam elsewhere")  # fmt: skip
     p.add_argument("--against", metavar="DIR", default="", help="also run every remote mode against DIR's daemon")
     p.add_argument("--against-python", default="", help="the python of --against (default: DIR/.venv/bin/python)")
+    p.add_argument("--gpu", action="store_true", help="on a host with a CUDA GPU: the daemons serve it (not a "
+                   "fake GPU) and `local` runs on cuda:0, the baseline a pooled GPU is measured against")  # fmt: skip
     add_worker_flags(p)
     p.add_argument("--model", default="tiny-mlp", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="local", help=argparse.SUPPRESS)
@@ -299,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     against = None
     if args.against:
         against = (args.against, args.against_python or str(Path(args.against) / ".venv" / "bin" / "python"))
-    with bench_daemons(args.daemon_core, against=against) as daemons:
+    if args.gpu and not torch.cuda.is_available():
+        p.error("--gpu: torch sees no CUDA device on this host")
+    with bench_daemons(args.daemon_core, against=against, real_gpu=args.gpu) as daemons:
         for model in args.models.split(","):
             modes = args.modes.split(",")
             if against:
@@ -330,8 +335,25 @@ def main(argv: list[str] | None = None) -> int:
         if "native" in best:
             print(f"{model} native: {best['native']['python_fallback_per_step']:.2f} ops a step through the Python "
                   "fallback (the rest are C++ records)")  # fmt: skip
+    print_losses(rows)
     print(f"load average (1 min): {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
     return 0
+
+
+def print_losses(rows: list[tuple[str, dict[str, dict[str, Any]]]]) -> None:
+    """The warm-up steps' losses of each remote mode against local's (the same weights, batches and seed): the
+    largest relative difference. Dropout draws differ between a local device and a daemon's session generator,
+    so only the dropout-free workloads (tiny-mlp, mlp, encoder-nodrop) are expected to agree to rounding."""
+    for model, best in rows:
+        if "local" not in best:
+            continue
+        ref = best["local"]["losses"]
+        diffs = []
+        for mode, r in best.items():
+            if mode != "local":
+                d = max((abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r["losses"], ref, strict=True)), default=0.0)
+                diffs.append(f"{mode} {d:.1e}")
+        print(f"{model}: largest relative loss difference from local over {len(ref)} warm-up steps: {', '.join(diffs)}")
 
 
 def paired_ratios(order: list[tuple[str, dict[str, Any]]]) -> dict[str, list[float]]:

@@ -134,10 +134,17 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def start_daemon(
-    core: int, key_file: Path, isolation: str = "process", python: str = sys.executable, cwd: str | None = None
+    core: int,
+    key_file: Path,
+    isolation: str = "process",
+    python: str = sys.executable,
+    cwd: str | None = None,
+    real_gpu: bool = False,
 ) -> tuple[subprocess.Popen[str], str]:
+    """`gpupool serve` pinned to `core`: one fake GPU, or with `real_gpu` the host's CUDA devices (device 0 used)."""
+    fake = [] if real_gpu else ["--fake-gpus", "1", "--fake-gpu-memory", "16GiB"]
     cmd = ["taskset", "-c", str(core), python, "-m", "gpupool.cli", "serve", "--listen", "127.0.0.1:0",
-           "--metrics-listen", "0", "--fake-gpus", "1", "--fake-gpu-memory", "16GiB",
+           "--metrics-listen", "0", *fake,
            "--token-public-keys", str(key_file), "--host-id", "bench", "--isolation", isolation]  # fmt: skip
     cmd += os.environ.get("BENCH_DAEMON_FLAGS", "").split()  # e.g. "--bulk-listen 127.0.0.1:0": frames on the socket
     return start_listening(cmd, cwd, "gpupool serve")
@@ -152,18 +159,31 @@ def start_listening(cmd: list[str], cwd: str | None, what: str) -> tuple[subproc
     for line in proc.stdout:
         m = re.search(r"listening on (\S+:\d+)", line)
         if m:
-            threading.Thread(target=lambda: [None for _ in proc.stdout or ()], daemon=True).start()
+            threading.Thread(target=_drain, args=(proc,), daemon=True).start()
             return proc, m.group(1)
     raise RuntimeError(f"{what} did not start (exit {proc.wait()})")
 
 
+def _drain(proc: subprocess.Popen[str]) -> None:
+    """A daemon's output after its start: dropped, or appended to the file `$BENCH_DAEMON_LOG` names."""
+    path = os.environ.get("BENCH_DAEMON_LOG", "")
+    with open(path or os.devnull, "a") as log:
+        for line in proc.stdout or ():
+            log.write(line)
+            log.flush()
+
+
 @contextlib.contextmanager
 def bench_daemons(
-    core: int, isolations: Sequence[str] = ("process",), against: tuple[str, str] | None = None
+    core: int,
+    isolations: Sequence[str] = ("process",),
+    against: tuple[str, str] | None = None,
+    real_gpu: bool = False,
 ) -> Iterator[Daemons]:
     """A daemon per isolation mode on a fake GPU pinned to `core`, speaking TLS (a loopback PKI in a temporary
     directory); yields them with a function that mints a fresh one-hour token for device 0. Stops them after.
-    `against` (a checkout's directory, its python): one more daemon of that checkout, under the name "base"."""
+    `against` (a checkout's directory, its python): one more daemon of that checkout, under the name "base".
+    `real_gpu`: the daemons serve the host's CUDA devices instead of a fake GPU."""
     with tempfile.TemporaryDirectory() as tmp:
         key = secrets.token_hex(32).encode()  # a token seed; the daemons get its public key only
         key_file = Path(tmp) / "key.pub"
@@ -178,9 +198,11 @@ def bench_daemons(
 
         try:
             for mode in isolations:
-                daemons[mode] = start_daemon(core, key_file, mode)
+                daemons[mode] = start_daemon(core, key_file, mode, real_gpu=real_gpu)
             if against is not None:
-                daemons["base"] = start_daemon(core, key_file, "process", python=against[1], cwd=against[0])
+                daemons["base"] = start_daemon(
+                    core, key_file, "process", python=against[1], cwd=against[0], real_gpu=real_gpu
+                )
             yield Daemons(daemons, token, key_file)
         finally:
             for proc, _ in daemons.values():

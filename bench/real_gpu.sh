@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The real-GPU checks in one call, for a host with an NVIDIA GPU and this checkout installed
+# (`pip install --no-deps --no-build-isolation -e .` where the project's dependencies are already there).
+# Each stage has its own time limit and its own log under $OUT (default ./real_gpu_out), so one that fails or
+# runs long leaves the others' results:
+#   info      the GPU, torch, the compiler
+#   tests     the tests that run only on a CUDA device (the worker's memory cap) and the C++ client's CUDA scripts
+#   tiny      launch_bound --gpu: tiny MLP and encoders, local CUDA vs the pool (shim eager, captured)
+#   native    the same through the C++ client (its first build included)
+#   big       the stock MLP and the sentiment CNN, local CUDA vs the pool
+# The daemon's log of each launch_bound run is kept (graphs captured as CUDA graphs or not, errors).
+set -u
+OUT=${OUT:-real_gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+stage() {  # stage NAME SECONDS COMMAND...
+    local name=$1 secs=$2
+    shift 2
+    echo "=== $name ($(date -u +%T), limit ${secs}s)"
+    local t0=$SECONDS
+    timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "=== $name rc=$rc in $((SECONDS - t0))s"
+    tail -n "${TAIL:-25}" "$OUT/$name.log"
+}
+stage info 60 bash -c 'nvidia-smi -L; nproc; python3 -V; g++ --version | head -1; python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name(0))"'
+LB="python3 bench/launch_bound.py --gpu --rounds 1 --steps 50 --blocks 3"
+BENCH_DAEMON_LOG=$OUT/tiny.daemon.log stage tiny "${T_TINY:-150}" $LB --models tiny-mlp,encoder-nodrop,encoder --modes local,eager,captured
+BENCH_DAEMON_LOG=$OUT/native.daemon.log stage native "${T_NATIVE:-200}" $LB --models tiny-mlp,encoder-nodrop,encoder --modes local,native,native-captured
+BENCH_DAEMON_LOG=$OUT/big.daemon.log stage big "${T_BIG:-120}" $LB --models mlp,cnn --modes local,eager,captured,native
+stage tests "${T_TESTS:-120}" python3 -m pytest -q -x -p no:cacheprovider tests/unit/test_server_worker_gpu_cap.py
+grep -h -i "cuda graph\|stays eager\|error\|traceback" "$OUT"/*.daemon.log | sort | uniq -c | sort -rn | head -20
