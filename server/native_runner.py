@@ -101,10 +101,12 @@ ASan's shadow memory is terabytes of private mappings, which a worker's RLIMIT_D
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import struct
+import subprocess
 import sys
 import weakref
 from pathlib import Path
@@ -191,6 +193,8 @@ def load() -> Any:
 
 
 _NAME = "gpupool_native_runner"
+# What `_built`'s build process runs: torch.utils.cpp_extension.load with the keyword arguments given as JSON (argv[1]).
+_BUILD = "import json, sys; from torch.utils import cpp_extension; cpp_extension.load(**json.loads(sys.argv[1]))"
 
 
 def _final() -> Path:
@@ -241,8 +245,6 @@ def _built() -> Path:
     if final.exists():
         buildcache.sweep(final.parent)  # the folders of builds killed midway (gpupool/buildcache.py)
         return final
-    from torch.utils import cpp_extension
-
     data, digest = source()
     if not final.parent.name.endswith(f"-{digest}"):  # a zygote whose daemon read another source: no build of it
         raise RuntimeError(f"{SOURCE} changed since the daemon read it ({digest}, not {final.parent.name})")
@@ -250,8 +252,14 @@ def _built() -> Path:
         cflags, ldflags = (["-O1", "-g", *_SANITIZE], _SANITIZE) if sanitized() else (["-O2"], [])
         copy = tmp / SOURCE.name  # the bytes hashed, not the file as it is by the compiler's read
         copy.write_bytes(data)
-        cpp_extension.load(name=_NAME, sources=[str(copy)], extra_cflags=cflags, extra_ldflags=ldflags,
-                           build_directory=str(tmp), is_python_module=False, verbose=False)  # fmt: skip
+        spec = {"name": _NAME, "sources": [str(copy)], "extra_cflags": cflags, "extra_ldflags": ldflags,
+                "build_directory": str(tmp), "is_python_module": False, "verbose": False}  # fmt: skip
+        # In a process of its own: torch.utils.cpp_extension's import asks the CUDA runtime for a device count on a
+        # CUDA host, which would poison every fork of the zygote (the caller), and leaves threads behind in it.
+        done = subprocess.run([sys.executable, "-c", _BUILD, json.dumps(spec)], capture_output=True, text=True,
+                              check=False)  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"the native runner's build failed: {(done.stderr or done.stdout).strip()[-1500:]}")
         os.replace(tmp / f"{_NAME}.so", final)
     return final
 

@@ -112,6 +112,12 @@ class Zygote:
                 **os.environ,
                 "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", _thp_default()),
                 runner_source.DIGEST_ENV: digest,
+                # A CUDA device must never be touched before a fork: torch poisons every later fork ("Cannot
+                # re-initialize CUDA in forked subprocess") once this process asked the CUDA runtime anything, even
+                # a device count (torch.cuda.is_available(), which torch.utils.cpp_extension's import calls to find
+                # CUDA_HOME when the zygote builds the native runner: seen on an H200 host, every worker of the
+                # first start failed). With this torch answers those questions from NVML instead.
+                "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
             },
         )
         theirs.close()

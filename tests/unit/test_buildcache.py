@@ -146,3 +146,32 @@ def test_a_sweep_never_follows_what_is_planted_in_the_cache(tmp_path: Path) -> N
     assert (cache / "build-link").is_symlink() or not (
         cache / "build-link"
     ).exists()  # the link at most, not its target
+
+
+RUNNER_BUILD = """
+import sys, threading
+from gpupool.server import native_runner
+mod = native_runner.load()
+print(mod is not None, "torch.utils.cpp_extension" in sys.modules, threading.active_count())
+"""
+
+
+@pytest.mark.slow
+def test_the_runner_builds_in_a_process_of_its_own(tmp_path: Path) -> None:
+    """The zygote builds the runner at its first start, then forks every session's worker: the build must leave
+    nothing in it. torch.utils.cpp_extension's import asks the CUDA runtime for a device count on a CUDA host, which
+    poisons every later fork (on an H200 host every worker of a daemon's first start failed "Cannot re-initialize
+    CUDA in forked subprocess"). So the build runs in a child process: after a build from an empty cache the module
+    is loaded, cpp_extension was never imported here and no thread was left behind."""
+    from gpupool.server import native_runner
+
+    why = native_runner.missing()
+    if why is not None:
+        pytest.skip(f"native runner: {why}")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    for name in ("GPUPOOL_NATIVE_RUNNER", "GPUPOOL_NATIVE_RUNNER_SANITIZE", native_runner.DIGEST_ENV):
+        env.pop(name, None)
+    out = subprocess.run([sys.executable, "-c", RUNNER_BUILD], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "False", "1"], out.stdout + out.stderr[-2000:]
+    assert list(tmp_path.rglob("gpupool_native_runner.so"))
