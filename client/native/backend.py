@@ -29,9 +29,11 @@ from typing import Any
 
 import torch
 
-from gpupool import config
+from gpupool import config, metas
 
 from .build import BuildError, build, built_path, cache_dir, compiler_missing  # noqa: F401 (the build's names, here too)
+
+metas.register()  # Meta kernels torch lacks: the C++ client infers each op's outputs on meta tensors (gpupool/metas.py)
 
 NAME = "gpupool"  # the device's name (torch.utils.rename_privateuse1_backend)
 STATS = (
