@@ -303,9 +303,9 @@ class _Waiter:
         except InvalidArgument as exc:
             self.fail(InvalidArgument(f"the daemon sent a download of {exc}"))
             return
-        why = self.want.check(shape, dtype)
-        if why is not None:
-            self.fail(InvalidArgument(f"the daemon sent a download of {why}"))
+        wrong = self.want.check(shape, dtype)
+        if wrong is not None:
+            self.fail(InvalidArgument(f"the daemon sent a download of {wrong}"))
             return
         self.tensor, kept = hostpool.empty(shape, dtype, _huge_pages)
         self._bytes = wire.host_bytes(self.tensor)
