@@ -106,11 +106,8 @@ class BulkSocket:
             raise InvalidArgument(f"bulk socket: expected download chunk {want}, got {got}")
 
     def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        """Stop the socket now (a transfer blocked on it fails at once) and close it once no call is using it."""
+        duplex.close(self.sock, self.lock)
 
 
 def connect(address: str, port: int, session_id: str, server_name: str = "", frames: bool = False) -> BulkSocket | None:

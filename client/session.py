@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import math
 import os
 import queue
 import sys
@@ -211,42 +212,67 @@ class Handle(int):
     """An int that names a tensor on the daemon (so `Session.call` sends it as a tensor argument)."""
 
 
+@dataclass(frozen=True)
+class _Want:
+    """What a download may be (the client's own knowledge, never the daemon's word): the shape and dtype it asked
+    for where known (a tensor the client describes), else at most `limit` bytes (the session's quota: no tensor of
+    the session is larger)."""
+
+    shape: tuple[int, ...] | None
+    dtype: torch.dtype | None
+    limit: int
+
+    def check(self, shape: list[int], dtype: torch.dtype) -> str | None:
+        """Why a download's metadata from the daemon cannot be this download's, or None."""
+        if any(n < 0 for n in shape):
+            return f"a negative size in shape {shape}"
+        if self.shape is not None and (tuple(shape) != self.shape or dtype != self.dtype):
+            return f"{tuple(shape)} {dtype} for a download of {self.shape} {self.dtype}"
+        if math.prod(shape) * dtype.itemsize > self.limit:
+            return f"{tuple(shape)} {dtype}: {math.prod(shape) * dtype.itemsize} bytes, past {self.limit}"
+        return None
+
+
 class _Waiter:
-    def __init__(self) -> None:
+    def __init__(self, want: _Want | None = None) -> None:
         # Set once, by whichever thread reads the reply; nobody blocks on it (waiting threads read replies
         # themselves and look at it after each one), so a flag does, not an Event (a Condition and a lock).
         self.done = False
         self.reply: device_pb2.SyncReply | None = None
         self.error: GpupoolError | None = None
         self.tensor: torch.Tensor | None = None
+        self.want = want  # None: no download (a sync's, a reply nobody waits for): chunks allocate nothing
         self._bytes: memoryview | None = None
+        self._next = 0  # the download's bytes so far: each chunk starts here (every byte written once, in order)
         self._prefault: prefault.Prefault | None = None  # faulting a bulk download's tensor in ahead of its bytes
 
     def chunk(self, c: device_pb2.TensorChunk | _Chunk) -> None:
+        if self.done:
+            return
         if c.meta is not None and (isinstance(c, _Chunk) or c.HasField("meta")):
-            self._start(list(c.meta.shape), wire.dtype_from_proto(c.meta.dtype))
+            self._start(c.meta)
         if self._bytes is None:
             self.fail(InvalidArgument("download chunk before its metadata"))
             return
         data = c.data  # a view of the received frame (_Chunk), or a copy (each access of a bytes field copies)
+        if c.offset != self._next or c.offset + len(data) > len(self._bytes):
+            self.fail(self._misplaced(c.offset, len(data)))
+            return
         if data:
-            if c.offset + len(data) > len(self._bytes):
-                self.fail(InvalidArgument("download chunk past the tensor's end"))
-                return
             self._bytes[c.offset : c.offset + len(data)] = data
+            self._next += len(data)
             if self._prefault is not None:
                 self._prefault.advance(c.offset + len(data))
         if c.last:
-            self._end_prefault()
-            self.done = True
+            self._finish()
 
     def bulk_chunk(self, request_id: int, c: device_pb2.TensorChunk, side: bulk.BulkSocket) -> None:
         """A chunk announced on the stream whose `bulk_bytes` follow on the side socket: read them into the
         tensor (a chunk past its end is read into scratch, so the socket stays in step, and fails the wait)."""
-        if c.HasField("meta"):
-            self._start(list(c.meta.shape), wire.dtype_from_proto(c.meta.dtype))
+        if c.HasField("meta") and not self.done:
+            self._start(c.meta)
         n, into = c.bulk_bytes, self._bytes
-        fits = into is not None and c.offset + n <= len(into)
+        fits = not self.done and into is not None and c.offset == self._next and c.offset + n <= len(into)
         try:
             side.recv_download(
                 request_id, c.offset, into[c.offset : c.offset + n] if into is not None and fits else _scratch(n)
@@ -254,22 +280,58 @@ class _Waiter:
         except BaseException:
             self._end_prefault()
             raise
+        if not fits:
+            self.fail(self._misplaced(c.offset, n))
+            return
+        self._next += n
         if self._prefault is not None:
             self._prefault.advance(c.offset + n)
-        if not fits:
-            self.fail(InvalidArgument("download chunk past the tensor's end (or before its metadata)"))
-        elif c.last:
-            self._end_prefault()
-            self.done = True
+        if c.last:
+            self._finish()
 
-    def _start(self, shape: list[int], dtype: torch.dtype) -> None:
-        """The download's tensor: a big one over memory a dropped download left (gpupool/hostpool.py: its pages
-        are in memory), else fresh memory whose pages a helper faults in ahead of the bytes (gpupool/prefault.py)."""
-        self._end_prefault()
+    def _start(self, meta: tensor_pb2.TensorMeta) -> None:
+        """The download's tensor, once its metadata is checked against what was asked for (`want`: a daemon's
+        reply allocates nothing else): a big one over memory a dropped download left (gpupool/hostpool.py: its
+        pages are in memory), else fresh memory whose pages a helper faults in ahead of the bytes
+        (gpupool/prefault.py)."""
+        if self.want is None or self._bytes is not None:
+            why = "a download's metadata in a reply to no download" if self.want is None else "metadata twice"
+            self.fail(InvalidArgument(f"the daemon sent {why}"))
+            return
+        try:
+            shape, dtype = list(meta.shape), wire.dtype_from_proto(meta.dtype)
+        except InvalidArgument as exc:
+            self.fail(InvalidArgument(f"the daemon sent a download of {exc}"))
+            return
+        wrong = self.want.check(shape, dtype)
+        if wrong is not None:
+            self.fail(InvalidArgument(f"the daemon sent a download of {wrong}"))
+            return
         self.tensor, kept = hostpool.empty(shape, dtype, _huge_pages)
         self._bytes = wire.host_bytes(self.tensor)
         if not kept:
             self._prefault = prefault.start(self.tensor)
+
+    def _misplaced(self, offset: int, n: int) -> GpupoolError:
+        if self._bytes is None:
+            return InvalidArgument("download chunk before its metadata")
+        return InvalidArgument(
+            f"the daemon sent download bytes {offset}..{offset + n} of a {len(self._bytes)} byte tensor, "
+            f"{self._next} written so far (each chunk must follow the one before it)"
+        )
+
+    def _finish(self) -> None:
+        """The last chunk: the download is whole only if every byte of the tensor came (the rest would be this
+        process's uninitialized memory, or an earlier download's bytes)."""
+        self._end_prefault()
+        assert self._bytes is not None
+        if self._next != len(self._bytes):
+            self.fail(
+                InvalidArgument(
+                    f"the daemon ended a download of {len(self._bytes)} bytes after {self._next}: bytes left unwritten"
+                )
+            )
+        self.done = True
 
     def _end_prefault(self) -> None:
         if self._prefault is not None:
@@ -579,10 +641,18 @@ class Session:
             raise from_failure(w.reply.error)
         return [wire.scalar_from_proto(v) for v in w.reply.values]
 
-    def download(self, handle: int) -> torch.Tensor:
+    def download(
+        self, handle: int, shape: Sequence[int] | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """The tensor's value as a CPU tensor (waits for the ops before it); like `sync`, raises the first error
-        since the last sync instead."""
-        rid, w = self._request(device_pb2.Command(get=device_pb2.Get(handle=handle, bulk=self._side is not None)))
+        since the last sync instead. `shape` and `dtype`: what the caller knows the tensor to be (the daemon's
+        reply must be that, else InvalidArgument, before any memory is allocated for it); without them a reply
+        of at most the session's quota is taken. Every byte of the returned tensor is one the daemon sent."""
+        if (shape is None) != (dtype is None):
+            raise InvalidArgument("download: give both shape and dtype, or neither")
+        want = _Want(None if shape is None else tuple(shape), dtype, self.quota_bytes or sys.maxsize)
+        cmd = device_pb2.Command(get=device_pb2.Get(handle=handle, bulk=self._side is not None))
+        rid, w = self._request(cmd, want)
         self._wait(rid, w)
         assert w.tensor is not None
         return w.tensor
@@ -642,8 +712,8 @@ class Session:
         if n >= MAX_BATCH_COMMANDS or self._frame_bytes >= MAX_BATCH_BYTES:
             self.flush()
 
-    def _request(self, cmd: device_pb2.Command) -> tuple[int, _Waiter]:
-        w = _Waiter()
+    def _request(self, cmd: device_pb2.Command, want: _Want | None = None) -> tuple[int, _Waiter]:
+        w = _Waiter(want)
         with self._lock:
             rid = next(self._requests)
             if cmd.HasField("sync"):

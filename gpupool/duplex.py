@@ -38,6 +38,30 @@ def _wait(sock: Any, read: bool, timeout: float | None) -> None:
         raise TimeoutError(f"no bytes moved for {timeout:.0f} s")
 
 
+def close(sock: Any, lock: threading.Lock, wait: float = 0.1) -> None:
+    """Stop `sock` now and close it: `shutdown` first (a transfer blocked on it, or waiting for it to be ready, fails
+    at once), then `close` under `lock`, never under a call that uses the socket (its descriptor number could be
+    reused by another connection in the middle of that call). Where the lock stays busy past `wait` s (a thread in
+    the middle of one call: a TLS slice's encryption), a helper thread closes the socket the moment that call
+    releases the lock, not the garbage collector at some later time (as before round 29)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    if lock.acquire(timeout=wait):
+        try:
+            sock.close()
+        finally:
+            lock.release()
+        return
+
+    def close_when_released() -> None:
+        with lock:
+            sock.close()
+
+    threading.Thread(target=close_when_released, name="gpupool-socket-close", daemon=True).start()
+
+
 def send_all(sock: Any, lock: threading.Lock, views: list[memoryview | bytes], timeout: float | None) -> None:
     """Send every byte of `views`, in order (an error or TimeoutError leaves the connection unusable). `timeout`:
     None waits without a limit (the daemon's writer to a paused client: `keep_alive` finds a dead one)."""

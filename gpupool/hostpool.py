@@ -88,25 +88,32 @@ class Pool:
         object of the caller's), and it is in no shared memory."""
         return _refs(keeper) == _IDLE and not keeper.untyped_storage().is_shared()
 
-    def take(self, size: int) -> tuple[torch.Tensor, bool]:
-        """A storage of `size` bytes and whether it is a kept one nobody used any more; else a new one (kept, the
-        oldest let go past `keep`)."""
+    def take(self, size: int, shape: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+        """A contiguous tensor of `shape` and `dtype` over a storage of `size` bytes, and whether that storage is a
+        kept one nobody used any more; else over a new one (kept, the oldest let go past `keep`). The tensor is made
+        under the pool's lock: its reference is what tells another thread's `take` the storage is in use (until
+        round 29 the tensor was made after the lock was let go, and a second thread could be handed the same
+        storage in between: two downloads into one buffer)."""
         with self._lock:
             for k, keeper in enumerate(self.kept):
                 if keeper.nbytes == size and self._idle(keeper):
                     self.kept.append(self.kept.pop(k))  # the newest again
                     self.reused += 1
-                    return keeper, True
+                    return _over(keeper, shape, dtype), True
             fresh = torch.empty(size, dtype=torch.uint8)
             if size <= self.keep:
                 self.kept.append(fresh)
                 while sum(t.nbytes for t in self.kept) > self.keep:
                     self.kept.pop(0)
-            return fresh, False
+            return _over(fresh, shape, dtype), False
 
     def release(self) -> None:
         with self._lock:
             self.kept.clear()
+
+
+def _over(keeper: torch.Tensor, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(0, dtype=dtype).set_(keeper.untyped_storage(), 0, shape, ())  # no strides: contiguous
 
 
 _pool = Pool(keep_from_env())
@@ -135,8 +142,7 @@ def empty(
         if advise is not None:
             advise(fresh)
         return fresh, False
-    keeper, kept = p.take(size_class(nbytes))
-    t = torch.empty(0, dtype=dtype).set_(keeper.untyped_storage(), 0, shape, ())  # no strides: contiguous
+    t, kept = p.take(size_class(nbytes), shape, dtype)
     if not kept and advise is not None:
         advise(t)
     return t, kept

@@ -182,17 +182,10 @@ class BulkLink:
         timer.start()
 
     def close(self) -> None:
-        """Stop the socket now (a transfer blocked on it fails at once); closed for good by its last user."""
+        """Stop the socket now (a transfer blocked on it fails at once) and close it once no call is using it
+        (`duplex.close`)."""
         self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        if self.lock.acquire(timeout=0.1):
-            try:
-                self.sock.close()
-            finally:
-                self.lock.release()
+        duplex.close(self.sock, self.lock)
 
 
 def _why(exc: BaseException) -> str:

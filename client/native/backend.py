@@ -289,11 +289,11 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
         except Exception as exc:  # noqa: BLE001
             raise translate(exc) from exc
 
-    def download(frame: torch.Tensor, index: int, handle: int) -> torch.Tensor:
+    def download(frame: torch.Tensor, index: int, handle: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
         send(frame, index)
         refuse_in_recording("a sync point (.cpu(), printing, an op with data-dependent shapes)")
         try:
-            return _sessions[index].download(handle)  # type: ignore[no-any-return]
+            return _sessions[index].download(handle, shape, dtype)  # type: ignore[no-any-return]
         except Exception as exc:  # noqa: BLE001
             raise translate(exc) from exc
 

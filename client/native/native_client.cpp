@@ -1730,9 +1730,14 @@ at::Tensor& wire_copy_(at::Tensor& self, const at::Tensor& src, bool non_blockin
     const at::Tensor frame = take_sync_frame(d, src, &h);
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("gpupool_native::download", "")
-                         .typed<at::Tensor(const at::Tensor&, int64_t, int64_t)>();
-    const at::Tensor value = op.call(frame, index_of(d), static_cast<int64_t>(h));
-    self.copy_(value.view(src.sizes()));
+                         .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, c10::IntArrayRef, at::ScalarType)>();
+    // The shape and dtype the handle's tensor has here: Session.download holds the daemon's reply to them before it
+    // allocates anything, and returns only a tensor every byte of which the daemon sent.
+    const at::Tensor value = op.call(frame, index_of(d), static_cast<int64_t>(h), src.sizes(), src.scalar_type());
+    TORCH_CHECK(value.sizes() == src.sizes() && value.scalar_type() == src.scalar_type() && value.is_contiguous(),
+                "gpupool native client: a download of ", src.sizes(), " ", src.scalar_type(), " came back as ",
+                value.sizes(), " ", value.scalar_type());
+    self.copy_(value);
     return self;
   }
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("aten::copy_", "");
@@ -2272,7 +2277,7 @@ TORCH_LIBRARY(gpupool_native, m) {
   // hand-offs.
   m.def("send(Tensor frame, int index) -> ()");
   m.def("sync_scalar(Tensor frame, int index, int handle) -> float");
-  m.def("download(Tensor frame, int index, int handle) -> Tensor");
+  m.def("download(Tensor frame, int index, int handle, int[] shape, ScalarType dtype) -> Tensor");
   m.def("upload(Tensor frame, int index, int handle, Tensor data) -> ()");  // an upload over 32 MiB: Session.upload
   m.def("autoconnect(int index) -> ()");  // gpupool run --native-client: attach the session of the lease's device
 }

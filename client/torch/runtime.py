@@ -13,7 +13,7 @@ import logging
 import struct
 import threading
 from _thread import get_ident
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, Protocol
 
 import grpc
@@ -276,13 +276,16 @@ class DeviceRuntime:
             self._raise(exc)
         return h
 
-    def download(self, handle: int) -> torch.Tensor:
+    def download(
+        self, handle: int, shape: Sequence[int] | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """The handle's tensor as a CPU tensor; `shape`, `dtype`: what it is known to be (Session.download)."""
         if (rec := self.recording()) is not None:
             rec.refuse("a read-back (.cpu(), .tolist(), printing, an op with data-dependent shapes)")
         self.flush_frees(force=True)
         self._check_open()
         try:
-            out = self.session.download(handle)
+            out = self.session.download(handle, shape, dtype)
         except Exception as exc:
             self._raise(exc)
         assert isinstance(out, torch.Tensor)

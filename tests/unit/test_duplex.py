@@ -7,6 +7,7 @@ import os
 import resource
 import socket
 import threading
+import time
 
 import pytest
 
@@ -87,3 +88,34 @@ def test_a_send_waits_for_a_paused_reader_past_every_keepalive_timer() -> None:
             assert duplex.recv_into(c, threading.Lock(), memoryview(got), 30.0) == len(data)
             sender.join(10)
             assert not sender.is_alive() and not errors and got == data
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while sock.fileno() != -1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return sock.fileno() == -1
+
+
+@pytest.mark.parametrize("end", ["daemon", "client"])
+def test_close_while_a_call_holds_the_lock_waits_for_it_then_closes(end: str) -> None:
+    """Round 29: the daemon's BulkLink.close left its socket to the garbage collector when its lock was busy past
+    0.1 s, and the client's BulkSocket.close closed the socket under a call using it (whose descriptor number could
+    then be another connection's). Now: shut down at once, closed the moment the call releases the lock."""
+    from gpupool.client.bulk import BulkSocket
+    from gpupool.server.bulkside import BulkLink
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    link = BulkLink(ours, 1) if end == "daemon" else BulkSocket(ours)
+    try:
+        with link.lock:  # a thread in the middle of one call on the socket
+            link.close()  # returns (after its 0.1 s) without waiting for the call
+            theirs.settimeout(10)
+            assert theirs.recv(1) == b""  # shut down at once: the peer sees the end, a blocked transfer fails
+            assert ours.fileno() != -1  # but not closed under the call
+        assert _closed_within(ours, 10.0)  # closed once the call let go (not by the garbage collector)
+        link.close()  # again: a no-op
+    finally:
+        theirs.close()
+        ours.close()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -99,3 +102,39 @@ def test_the_setting_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     assert hostpool.keep_from_env() == 0
     monkeypatch.delenv(hostpool.ENV)
     assert hostpool.keep_from_env() == hostpool.DEFAULT_KEEP
+
+
+def test_a_storage_is_handed_to_one_tensor_at_a_time() -> None:
+    """Round 29: `take` gave out the storage and `empty` made its tensor after the pool's lock was let go, so a
+    second thread's `take` in between saw it unused and was handed the same one (two downloads into one buffer).
+    The tensor is now made under the lock: a storage handed out is in use the moment `take` returns."""
+    pool = hostpool.Pool(64 * MiB)
+    a, _ = hostpool.empty([8 * MiB], torch.uint8, pool=pool)
+    del a
+    size = hostpool.size_class(8 * MiB)
+    first, kept = pool.take(size, [8 * MiB], torch.uint8)  # as two threads' takes, back to back
+    second, kept_too = pool.take(size, [8 * MiB], torch.uint8)
+    assert kept and not kept_too and first.data_ptr() != second.data_ptr()
+    assert first.shape == (8 * MiB,) and first.is_contiguous() and second.shape == (8 * MiB,)
+
+
+def test_threads_never_share_a_storage() -> None:
+    """Downloads of several sessions' reply readers at once: each tensor's bytes stay its own."""
+    pool = hostpool.Pool(64 * MiB)
+    errors: list[str] = []
+
+    def work(mark: int) -> None:
+        for _ in range(30):
+            t, _ = hostpool.empty([8 * MiB], torch.uint8, pool=pool)
+            t[:: 1 << 16].fill_(mark)
+            time.sleep(0)  # let another thread take a storage in between
+            if int(t[:: 1 << 16].min()) != mark or int(t[:: 1 << 16].max()) != mark:
+                errors.append(f"thread {mark}: another thread wrote into its tensor")
+            del t
+
+    threads = [threading.Thread(target=work, args=(m,)) for m in range(1, 5)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == [] and pool.reused > 0
