@@ -3,7 +3,7 @@
 A launch_bound workload (tiny MLP, tiny encoder, the transformer classifier, ...) trains eagerly through a real
 daemon (Adam, as launch_bound's eager mode) while every frame the client sends is saved, bytes as they went out.
 A second process replays those frames' commands as a session's worker runs them: in slices of
---slice-commands (the daemon's fair queue hands a worker at most 64 of a session's queued commands, across the
+--slice-commands (the daemon's fair queue hands a worker at most 128 of a session's queued commands, across the
 client's frames, so slices drift within the step) through `slices.run_commands` with a progress mark, on a fresh
 session of the same number; then it calls the kernels of the timed steps bare with the arguments the replay gave
 them, interleaved. The difference per op is the worker's Python per eager op: decoding the compact record, the
@@ -95,7 +95,7 @@ def dump(model_name: str, out: str, steps: int) -> None:
 
 
 def replay(
-    path: str, repeats: int, instr: bool = False, slice_commands: int = 64, no_runs: bool = False
+    path: str, repeats: int, instr: bool = False, slice_commands: int = 128, no_runs: bool = False
 ) -> dict[str, Any]:
     from gpupool.server import slices
     from gpupool.server.devices import FakeDevice
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     cgtools.add_against_flags(p, "another checkout replaying the same recording")
     p.add_argument("--dump", nargs=2, metavar=("MODEL", "FILE"), help=argparse.SUPPRESS)
     p.add_argument("--replay", metavar="FILE", help=argparse.SUPPRESS)
-    p.add_argument("--slice-commands", type=int, default=64, help="commands per slice (the daemon's fair queue: 64)")
+    p.add_argument("--slice-commands", type=int, default=128, help="commands per slice (the daemon's fair queue: 128)")
     p.add_argument("--no-runs", action="store_true", help="this tree without learned runs (server/runs.py)")
     p.add_argument("--instr", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -36,7 +36,7 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recording", help="a file of eager_replay.py --dump")
-    p.add_argument("--slice-commands", type=int, default=64, help="commands per slice (the fair queue's 64)")
+    p.add_argument("--slice-commands", type=int, default=128, help="commands per slice (the fair queue's 128)")
     args = p.parse_args(argv)
     from gpupool.server import slices
     from gpupool.server.devices import FakeDevice

@@ -34,6 +34,7 @@ import errno
 import hmac
 import logging
 import os
+import select
 import socket
 import ssl
 import struct
@@ -87,6 +88,7 @@ class BulkLink:
         self.frames = frames  # the session's frames travel here too (hello BULK_HELLO_FRAMES), not on its stream
         self.gets: set[int] = set()  # request ids of bulk Gets whose last chunk has not gone out yet
         self._head = bytearray(protocol.BULK_HEAD.size)
+        self._poller: Any = None  # `ready`'s, made once
 
     def recv_frame(self, limit: int) -> bytes | None:
         """The next ClientFrame's bytes on a frames socket; None when the client closed the socket between frames
@@ -117,6 +119,25 @@ class BulkLink:
             raise Unavailable(f"side socket of session {self.number} closed in the middle of a frame") from None
         except (OSError, ValueError) as exc:
             raise Unavailable(f"side socket of session {self.number}: {_why(exc)}") from None
+
+    def ready(self) -> bool:
+        """Whether bytes of a next record are already here (decrypted in TLS's buffer, or in the kernel's), so that
+        the frame reader may read on without waiting for its client first (`DeviceServicer.read_side` then runs the
+        frames it read as one slice). True too for a socket closed or broken: the next read says which."""
+        pending = getattr(self.sock, "pending", None)
+        try:
+            if pending is not None:
+                with self.lock:  # one OpenSSL call at a time (gpupool/duplex.py)
+                    if pending():
+                        return True
+            if self.sock.fileno() < 0:
+                return True
+            if self._poller is None:
+                self._poller = select.poll()
+                self._poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+            return bool(self._poller.poll(0))
+        except (OSError, ValueError):
+            return True
 
     def send_frame(self, frame: bytes) -> None:
         """A reply frame (ServerFrame bytes) as a record on a frames socket; waits while the client is alive and

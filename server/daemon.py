@@ -394,6 +394,10 @@ class Daemon:
             queue.done(s.entry, rest, seconds, claimed=True)
         return True
 
+    def slice_commands(self, s: FrontSession) -> int:
+        """The most commands a slice of `s` holds (its device's `DeviceWorker.slice_commands`)."""
+        return self._worker_of[s.device.index].slice_commands
+
     def sync_now(self, s: FrontSession, request_id: int) -> bool:
         """Answer a lone Sync in the stream's reader when the session is idle (front.py); False: queue it."""
         return not self._draining and s.answer_sync(request_id, self.queues[s.device.index], self.config.outbox_bytes)

@@ -249,7 +249,7 @@ class DeviceWorker(threading.Thread):
         queue: FairQueue,
         run_slice: SliceRunner,
         *,
-        slice_commands: int = 64,
+        slice_commands: int = 128,
         slice_seconds: float = 0.005,
         threads: int = 0,
     ) -> None:

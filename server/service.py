@@ -126,30 +126,54 @@ class DeviceServicer:
         the stream's message limit (`BulkLink.recv_frame`). A bad record, or a socket closed or dead (its peer's
         kernel stopped answering) mid-record, ends this session (INVALID_ARGUMENT or UNAVAILABLE, with the reason);
         so does a socket closed between frames while the session is open (its client went away: its Detach closes
-        the session first). A live client that stops writing mid-record (Ctrl-Z) is waited for."""
+        the session first). A live client that stops writing mid-record (Ctrl-Z) is waited for.
+
+        Frames that are already on the socket when the one before them was checked (`BulkLink.ready`: a client
+        running ahead of its daemon) are read and checked before that one is queued, and their commands queued
+        together (`_Batch`): one slice, one hand-off to the worker and back, for up to a slice's commands, where
+        each frame made its own (round 29). Each frame is checked as before; one that fails queues the frames
+        read before it first, then its error, so replies and errors keep the order of the frames."""
         limit = self.daemon.config.max_message_bytes
+        batch = _Batch(self.daemon.slice_commands(s))
         try:
             while not s.closed:
                 raw = link.recv_frame(limit)
                 if raw is None:
+                    self._flush(s, batch)
                     if not s.closed:
                         s.outbox.put(Unavailable(f"session {s.number}'s side socket closed by its client"))
                     return
-                if not self._frame(s, raw):
+                if not self._frame(s, raw, batch):
+                    return
+                if batch.commands and not link.ready() and not self._flush(s, batch):
                     return
         except GpupoolError as exc:
+            self._flush(s, batch)
             s.outbox.put(exc)
         except Exception:  # never let a reader thread die silently
             log.exception("side socket reader of session %d failed", s.number)
             s.outbox.put(Unavailable(f"session {s.number}'s side socket reader failed"))
 
-    def _frame(self, s: FrontSession, raw: bytes) -> bool:
-        """One frame of the session (from either carrier): checked, split and queued; False when it ended the
-        session (its error is in the outbox) or the session is gone."""
-        rid = protocol.lone_sync(raw)  # a round trip: no split, no protobuf, answered here when idle
-        if rid is not None and self.daemon.sync_now(s, rid):
-            s.hand_over()
+    def _flush(self, s: FrontSession, batch: _Batch | None) -> bool:
+        """Queue the commands of the frames a side reader holds (`_Batch`), if any; False when the session can take
+        no more (`Daemon.submit`)."""
+        if batch is None or not batch.commands:
             return True
+        commands, nbytes = batch.commands, batch.nbytes
+        batch.commands, batch.nbytes = [], 0
+        return self.daemon.submit(s, commands, nbytes)
+
+    def _frame(self, s: FrontSession, raw: bytes, batch: _Batch | None = None) -> bool:
+        """One frame of the session (from either carrier): checked, split and queued (with `batch`, a side
+        reader's, held there to be queued with the frames after it: `read_side`); False when it ended the session
+        (its error is in the outbox, after the commands `batch` held) or the session is gone."""
+        rid = protocol.lone_sync(raw)  # a round trip: no split, no protobuf, answered here when idle
+        if rid is not None:
+            if not self._flush(s, batch):  # what came before it runs first (then the session is idle, usually)
+                return False
+            if self.daemon.sync_now(s, rid):
+                s.hand_over()
+                return True
         parsed: Any = None
         marked: list[int] = []  # the positions of its Uploads and Gets
         try:
@@ -158,9 +182,11 @@ class DeviceServicer:
             if not (big and bulk.uploads_only([span for _, span in commands])):
                 parsed = device_pb2.ClientFrame.FromString(raw).commands  # malformed commands end it here
         except (DecodeError, InvalidArgument) as exc:
+            self._flush(s, batch)
             s.outbox.put(InvalidArgument(f"malformed ClientFrame ({len(raw)} bytes): {exc}"))
             return False
         except GpupoolError as exc:
+            self._flush(s, batch)
             s.outbox.put(exc)
             return False
         if not commands:  # an empty frame asks for nothing; queueing it would grow memory for free
@@ -170,11 +196,26 @@ class DeviceServicer:
             try:
                 nbytes += _take_bulk(s, commands, marked, parsed, self.daemon.config.queue_bytes)
             except GpupoolError as exc:  # a transfer that broke the side channel's rules ends the session
+                self._flush(s, batch)
                 if s.bulk is None or not s.bulk.frames:  # a frames socket stays open: the writer sends the end
                     s.close_bulk()
                 s.outbox.put(exc)
                 return False
-        return self.daemon.submit(s, commands, nbytes)
+        if batch is None:
+            return self.daemon.submit(s, commands, nbytes)
+        if batch.commands and (
+            len(batch.commands) + len(commands) > batch.cap or batch.nbytes + nbytes > COALESCE_BYTES
+        ):
+            if not self._flush(s, batch):
+                return False
+        if batch.commands:
+            batch.commands += commands
+        else:
+            batch.commands = commands
+        batch.nbytes += nbytes
+        if len(batch.commands) >= batch.cap or batch.nbytes >= COALESCE_BYTES:  # full: no frame read on holds it
+            return self._flush(s, batch)
+        return True
 
     def _replies(self, s: FrontSession, context: grpc.ServicerContext) -> Iterator[device_pb2.ServerFrame | bytes]:
         """Hand the session's replies to gRPC as they come, in order. The wait is untimed: a client that goes
@@ -256,6 +297,25 @@ class DeviceServicer:
                 item.release()
         self.daemon.replied(s, item)
         return True
+
+
+# A side reader's batch (`read_side`) holds at most this many bytes of frames (their bulk uploads' bytes included)
+# while it reads on: a batch that reaches it is queued at once, and a frame that would take one past it is queued
+# after the batch, so a frame's bulk bytes are never held while the next frame is read (round 17's bound).
+COALESCE_BYTES = 1 << 20
+
+
+class _Batch:
+    """The checked frames a side socket's reader holds while the next one is already on the socket (`read_side`):
+    their commands and bytes, queued together once no frame waits, once they reach `cap` (a slice's commands,
+    `Daemon.slice_commands`) or COALESCE_BYTES, or before the next frame's would take them past either."""
+
+    __slots__ = ("cap", "commands", "nbytes")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.commands: list[Any] = []
+        self.nbytes = 0
 
 
 def _take_bulk(

@@ -401,3 +401,73 @@ def test_frames_sent_after_a_detach_run_nothing(side_daemon: Any, monkeypatch: A
     assert isinstance(_next_record(peer), Unavailable)
     victim.close()
     peer.close()
+
+
+def _slices(daemon: Any) -> int:
+    """The slices the daemon ran on device 0 so far (its ledger's slice histogram)."""
+    ledger = daemon.running.daemon.ledger
+    with ledger._lock:
+        hist = ledger.slices.get(0)
+        return 0 if hist is None else sum(hist.counts)
+
+
+def test_frames_already_on_the_socket_run_as_one_slice_in_order(side_daemon: Any, monkeypatch: Any) -> None:
+    """Frames that wait on the socket when the one before them was read (a client ahead of its daemon) are read and
+    checked first, then queued together (round 29): fewer slices than frames, every answer in the frames' order,
+    and a frame that comes later on its own runs as before."""
+    victim, sid, port = _bare(side_daemon)
+    peer = _peer(side_daemon, port, sid)
+    _send_raw(peer, protocol.frame_record(protocol.sync_frame(1)))
+    assert _next_record(peer) == (protocol.BULK_FRAME, 0, protocol.sync_reply(1))
+    before = _slices(side_daemon)
+    _send_raw(peer, b"".join(protocol.frame_record(_free_then_sync(rid)) for rid in range(10, 16)))  # one write
+    assert [_next_record(peer) for _ in range(6)] == [
+        (protocol.BULK_FRAME, 0, protocol.sync_reply(rid)) for rid in range(10, 16)
+    ]
+    assert _slices(side_daemon) - before < 6  # at least two of the six frames shared a slice
+    _send_raw(peer, protocol.frame_record(_free_then_sync(20)))
+    assert _next_record(peer) == (protocol.BULK_FRAME, 0, protocol.sync_reply(20))
+    victim.close()
+    peer.close()
+
+
+@pytest.mark.parametrize("bad", ["malformed_command", "garbage_header", "oversized_header"])
+def test_a_bad_frame_behind_held_frames_ends_the_session_after_their_answers(
+    side_daemon: Any, monkeypatch: Any, bad: str
+) -> None:
+    """A bad record right behind good frames on the socket (one write: the reader holds the good ones while it reads
+    on) ends the session with the same error as alone, after the good frames ran and were answered, in order; a
+    neighbour session is untouched."""
+    neighbour = _attach(side_daemon, monkeypatch)
+    victim, sid, port = _bare(side_daemon)
+    peer = _peer(side_daemon, port, sid)
+    limit = side_daemon.running.daemon.config.max_message_bytes
+    good = b"".join(protocol.frame_record(_free_then_sync(rid)) for rid in (31, 32, 33))
+    want: tuple[type[GpupoolError], str]
+    if bad == "malformed_command":  # cut as a command of kind 30 (an eager op), whose body protobuf refuses
+        tail = protocol.frame_record(b"\x0a\x03\xf2\x01\x7f")
+        want = (InvalidArgument, "malformed ClientFrame")
+    elif bad == "garbage_header":
+        tail = b"\xff" * protocol.BULK_HEAD.size
+        want = (InvalidArgument, "expected a frame record")
+    else:
+        tail = protocol.BULK_HEAD.pack(protocol.BULK_FRAME, 0, 0, limit + 1)
+        want = (InvalidArgument, f"got kind 3, id 0, offset 0, length {limit + 1}")
+    _send_raw(peer, good + tail)
+    answers = [(protocol.BULK_FRAME, 0, protocol.sync_reply(rid)) for rid in (31, 32, 33)]
+    got = []
+    while (record := _next_record(peer))[0] == protocol.BULK_FRAME:
+        got.append(record)
+    if side_daemon.running.daemon.config.isolation == "process":  # the reader ran them itself, before the error
+        assert got == answers
+    else:  # the device's thread runs them, and the error may pass them (so before round 29 too)
+        assert got == answers[: len(got)]
+    kind, code, body = record
+    reason = body.decode()
+    assert kind == protocol.BULK_END and code == want[0].code.value[0] and re.search(want[1], reason), reason
+    err = _ended(victim)
+    assert isinstance(err, want[0]) and re.search(want[1], str(err)), err
+    _neighbour_works(neighbour)
+    victim.close()
+    peer.close()
+    neighbour.close()
