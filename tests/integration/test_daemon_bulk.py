@@ -649,3 +649,57 @@ def test_a_daemon_that_does_not_read_for_a_while_is_waited_for(
         assert len(got) == 1 and isinstance(got[0], torch.Tensor), got
         assert torch.equal(got[0], big)
     gate.close()
+
+
+def test_uploads_land_in_their_own_sessions_upload_slots(bulk_daemon: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 29: a big bulk upload's bytes are read straight into an upload slot of the memory the session shares
+    with its own worker (server/worker.py `ProcessRunner.upload_span`). Two sessions uploading at once, more chunks
+    than there are slots, each get their own bytes back; then one breaks off in the middle of a chunk: its session
+    ends with UNAVAILABLE, and the other session and a new one still move exact bytes."""
+    from gpupool.server import worker
+
+    taken: list[tuple[int, bool]] = []
+    real = worker.ProcessRunner.upload_span
+
+    def counted(self: worker.ProcessRunner, size: int) -> memoryview | None:
+        span = real(self, size)
+        taken.append((id(self), span is not None))
+        return span
+
+    monkeypatch.setattr(worker.ProcessRunner, "upload_span", counted)
+    errors: list[BaseException] = []
+
+    def loop(seed: int) -> None:
+        try:
+            with Session.attach(bulk_daemon.address, bulk_daemon.token(lease_id=f"l{seed}")) as s:
+                for k in range(3):
+                    big = _bits(6 * protocol.CHUNK_BYTES + 8, seed=seed * 10 + k)
+                    assert torch.equal(s.download(s.upload(big)), big)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=loop, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    runners = {r for r, _ in taken}
+    assert len(runners) == 2 and sum(got for _, got in taken) >= 2 * 3 * 4, taken  # slots used by both workers
+
+    s = Session.attach(bulk_daemon.address, bulk_daemon.token())
+    assert s._side is not None
+    up = device_pb2.Upload(handle=s.new_handle(), last=True, bulk_bytes=4 * MiB)
+    up.meta.dtype, up.meta.shape[:] = 1, [MiB]
+    _put(s, device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
+    _send_raw(s._side, protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, up.handle, 0, 4 * MiB) + b"\x01" * MiB)
+    s._side.sock.shutdown(socket.SHUT_RDWR)  # the connection drops with 3 MiB of the chunk unsent
+    with pytest.raises(GpupoolError, match="closed|side socket|bulk socket"):
+        s.sync()
+    s.close()
+    threads = [threading.Thread(target=loop, args=(seed,)) for seed in (3, 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
