@@ -16,7 +16,7 @@ import pytest
 import torch
 from gpupool.client import bulk as client_bulk
 from gpupool.client.session import CHANNEL_OPTIONS, Session
-from gpupool.server import bulkside
+from gpupool.server import bulkside, slices
 from support import TcpRelay, get_pki, shut
 
 from gpupool import duplex, hostpool, protocol, tls
@@ -654,8 +654,8 @@ def test_a_daemon_that_does_not_read_for_a_while_is_waited_for(
 def test_uploads_land_in_their_own_sessions_upload_slots(bulk_daemon: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Round 29: a big bulk upload's bytes are read straight into an upload slot of the memory the session shares
     with its own worker (server/worker.py `ProcessRunner.upload_span`). Two sessions uploading at once, more chunks
-    than there are slots, each get their own bytes back; then one breaks off in the middle of a chunk: its session
-    ends with UNAVAILABLE, and the other session and a new one still move exact bytes."""
+    than there are slots, each get their own bytes back; then a third breaks off in the middle of a chunk: its
+    session ends with a clear error, and two new sessions still move exact bytes through the slots."""
     from gpupool.server import worker
 
     taken: list[tuple[int, bool]] = []
@@ -667,6 +667,14 @@ def test_uploads_land_in_their_own_sessions_upload_slots(bulk_daemon: Any, monke
         return span
 
     monkeypatch.setattr(worker.ProcessRunner, "upload_span", counted)
+    named: list[int] = []  # the upload slots slice requests named
+    request = slices.shared_request
+
+    def naming(req: slices.SliceRequest, size: int, up_slot: int = -1) -> bytes:
+        named.append(up_slot)
+        return request(req, size, up_slot)
+
+    monkeypatch.setattr(slices, "shared_request", naming)
     errors: list[BaseException] = []
 
     def loop(seed: int) -> None:
@@ -678,14 +686,18 @@ def test_uploads_land_in_their_own_sessions_upload_slots(bulk_daemon: Any, monke
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=loop, args=(seed,)) for seed in (1, 2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    def both(seeds: tuple[int, int]) -> None:
+        threads = [threading.Thread(target=loop, args=(seed,)) for seed in seeds]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+
+    both((1, 2))
     runners = {r for r, _ in taken}
     assert len(runners) == 2 and sum(got for _, got in taken) >= 2 * 3 * 4, taken  # slots used by both workers
+    assert any(k >= 0 for k in named), named  # and the worker ran slices from them (how many: timing's)
 
     s = Session.attach(bulk_daemon.address, bulk_daemon.token())
     assert s._side is not None
@@ -697,9 +709,4 @@ def test_uploads_land_in_their_own_sessions_upload_slots(bulk_daemon: Any, monke
     with pytest.raises(GpupoolError, match="closed|side socket|bulk socket"):
         s.sync()
     s.close()
-    threads = [threading.Thread(target=loop, args=(seed,)) for seed in (3, 4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    both((3, 4))
