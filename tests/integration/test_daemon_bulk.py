@@ -365,15 +365,21 @@ def test_falls_back_to_the_stream_when_the_side_port_is_closed_or_absent(
         assert torch.equal(s.download(s.upload(big)), big)
 
 
-def test_detach_in_the_middle_of_a_transfer(bulk_daemon: Any) -> None:
-    """An upload announced and half sent, then Detach: the daemon closes the session's socket, its stream reader
-    ends, nothing leaks into the next session and the daemon goes on serving."""
+def _half_sent_chunk(bulk_daemon: Any) -> Session:
+    """A new session with a 4 MiB bulk upload announced and 1 MiB of its bytes sent on its side socket."""
     s = Session.attach(bulk_daemon.address, bulk_daemon.token())
     assert s._side is not None
     up = device_pb2.Upload(handle=s.new_handle(), last=True, bulk_bytes=4 * MiB)
     up.meta.dtype, up.meta.shape[:] = 1, [MiB]
     _put(s, device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
     _send_raw(s._side, protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, up.handle, 0, 4 * MiB) + b"\x01" * MiB)
+    return s
+
+
+def test_detach_in_the_middle_of_a_transfer(bulk_daemon: Any) -> None:
+    """An upload announced and half sent, then Detach: the daemon closes the session's socket, its stream reader
+    ends, nothing leaks into the next session and the daemon goes on serving."""
+    s = _half_sent_chunk(bulk_daemon)
     time.sleep(0.3)
     s.close()  # Detach while the daemon waits for the other 3 MiB
     _all_sessions_end(bulk_daemon)
@@ -699,12 +705,7 @@ def test_uploads_land_in_their_own_sessions_upload_slots(bulk_daemon: Any, monke
     assert len(runners) == 2 and sum(got for _, got in taken) >= 2 * 3 * 4, taken  # slots used by both workers
     assert any(k >= 0 for k in named), named  # and the worker ran slices from them (how many: timing's)
 
-    s = Session.attach(bulk_daemon.address, bulk_daemon.token())
-    assert s._side is not None
-    up = device_pb2.Upload(handle=s.new_handle(), last=True, bulk_bytes=4 * MiB)
-    up.meta.dtype, up.meta.shape[:] = 1, [MiB]
-    _put(s, device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
-    _send_raw(s._side, protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, up.handle, 0, 4 * MiB) + b"\x01" * MiB)
+    s = _half_sent_chunk(bulk_daemon)
     s._side.sock.shutdown(socket.SHUT_RDWR)  # the connection drops with 3 MiB of the chunk unsent
     with pytest.raises(GpupoolError, match="closed|side socket|bulk socket"):
         s.sync()
