@@ -157,15 +157,19 @@ class BulkLink:
         except (OSError, ValueError):
             pass  # the client is gone or not reading: the stream's status still says it
 
-    def recv_upload(self, up: device_pb2.Upload) -> memoryview:
+    def recv_upload(self, up: device_pb2.Upload, place: Callable[[int], memoryview | None] | None = None) -> memoryview:
         """The canonical span (`protocol.upload_head` + data) of an Upload whose `bulk_bytes` follow on the
-        socket: the bytes are read straight into it."""
+        socket: the bytes are read straight into it. `place(size)`: where the span goes (the session worker's
+        upload slot, `ProcessRunner.upload_span`), or None: new memory. A short or wrong read raises, and the
+        span, never handed on, is nobody's."""
         n = up.bulk_bytes
         small = device_pb2.Upload(handle=up.handle, offset=up.offset, last=up.last)
         if up.HasField("meta"):
             small.meta.CopyFrom(up.meta)
         head = protocol.upload_head(small, n)
-        span = memoryview(bytearray(len(head) + n))
+        span = place(len(head) + n) if place is not None else None
+        if span is None:
+            span = memoryview(bytearray(len(head) + n))
         span[: len(head)] = head
         want = (protocol.BULK_UPLOAD, up.handle, up.offset, n)
         try:

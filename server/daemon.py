@@ -492,6 +492,8 @@ class Daemon:
                 uploads = False  # what slice_length says of them, without its loop: the usual slice, all of it
             else:
                 n, uploads = bulk.slice_length([k for k, _ in head], list(map(len, spans)))
+                if n > 1 and uploads and s.runner.holds(spans[0]):  # read into its upload slot: run from there
+                    n = 1
                 spans = spans[:n]
             batch, after = items[:n], items[n:]
             room = self.config.outbox_bytes - s.outbox_bytes

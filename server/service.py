@@ -368,7 +368,8 @@ def _take_bulk(
             announced += up.bulk_bytes
             if announced > cap:
                 raise InvalidArgument(f"a frame's bulk uploads announce more than {cap} bytes in all (one a frame)")
-            data = link.recv_upload(up)
+            runner = s.runner
+            data = link.recv_upload(up, runner.upload_span if runner is not None else None)
             extra += len(data)
             commands[n] = (kind, data)
         elif kind == protocol.GET:

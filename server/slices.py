@@ -160,6 +160,7 @@ def _field_number(raw: bytes, i: int, end: int) -> int:
 
 REQ_RUN, REQ_EXIT, REQ_RUN_SHARED = 1, 2, 3  # RUN_SHARED: the payload is in the shared buffer
 REQ_UPLOADS = 0x10  # or-ed into the kind: the payload is big uploads only (server/bulk.py's copy-once path)
+REQ_UP_SLOT = 0x20  # or-ed into RUN_SHARED, an upload slot's number (0-3) in the top 2 bits: the payload is there
 SHARED = 0x80000000  # set in a result's length word: the result is in the shared buffer
 # kind, free device bytes, reply room (bytes), shared payload length, budget (s), download slot (-1: none)
 _REQ = struct.Struct("<Bqqqdb")
@@ -220,17 +221,29 @@ def encode_request(
 _SHARED_REQ = struct.Struct("<I" + _REQ.format[1:])  # the length word and the header: a request in one piece
 
 
-def shared_request(req: SliceRequest, size: int) -> bytes:
-    """`encode_request(req, shared=size)` as one buffer (the usual request: its payload in the shared buffer)."""
+def shared_request(req: SliceRequest, size: int, up_slot: int = -1) -> bytes:
+    """`encode_request(req, shared=size)` as one buffer (the usual request: its payload in the shared buffer);
+    `up_slot` >= 0: the payload is in that upload slot of the shared memory instead (server/worker.py)."""
     flag = REQ_UPLOADS if req.uploads else 0
+    if up_slot >= 0:
+        flag |= REQ_UP_SLOT | up_slot << 6
     return _SHARED_REQ.pack(
         _REQ.size, REQ_RUN_SHARED | flag, req.device_free, req.reply_room, size, req.budget, req.slot
     )
 
 
-def decode_request(body: bytes | bytearray | memoryview, shared: memoryview) -> SliceRequest | None:
+def decode_request(
+    body: bytes | bytearray | memoryview, shared: memoryview, up_slots: Sequence[memoryview] = ()
+) -> SliceRequest | None:
+    """The request in `body` (its payload in `body`, in `shared`, or in one of `up_slots`); None: the exit, or
+    a request this worker does not know."""
     kind, device_free, reply_room, shared_len, budget, slot = _REQ.unpack_from(body, 0)
-    uploads, kind = bool(kind & REQ_UPLOADS), kind & ~REQ_UPLOADS
+    up = kind >> 6 if kind & REQ_UP_SLOT else -1
+    uploads, kind = bool(kind & REQ_UPLOADS), kind & ~(REQ_UPLOADS | REQ_UP_SLOT | 0xC0)
+    if up >= 0:
+        if kind != REQ_RUN_SHARED or up >= len(up_slots) or not 0 <= shared_len <= len(up_slots[up]):
+            return None
+        return SliceRequest(device_free, reply_room, budget, up_slots[up][:shared_len], uploads, slot)
     if kind == REQ_RUN_SHARED and 0 <= shared_len <= len(shared):
         return SliceRequest(device_free, reply_room, budget, shared[:shared_len], uploads, slot)
     if kind != REQ_RUN:

@@ -18,9 +18,12 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+from gpupool import protocol
 
 from . import bulk, slices
 from .slices import SliceRequest, SliceResult
@@ -44,7 +47,15 @@ SLOTS_AT = DATA_AT + DATA_BYTES
 SLOT_BYTES = bulk.PIECE_BYTES
 BIG_PART = 64 * 1024  # spans at least this large on average are copied one by one into the shared buffer (`run`)
 SLOTS = 2
-SHARED_BYTES = SLOTS_AT + SLOTS * SLOT_BYTES
+# Behind those, upload slots: the session's reader reads a big bulk upload's bytes (its canonical span) from the
+# side socket straight into a free one (`ProcessRunner.upload_span`), and the worker runs it from there: no copy
+# of the span into the data buffer. A slot is free once nothing in the daemon refers to its span any more (the
+# queued command ran, or was dropped with its session): its view's reference count says so, whatever dropped it.
+UPS_AT = SLOTS_AT + SLOTS * SLOT_BYTES
+UP_SLOT_BYTES = protocol.CHUNK_BYTES + 4096  # a chunk and its span's head (a head past 4 KiB: no slot)
+UP_SLOTS = 4  # how far the reader reads ahead of the worker into slots (then it waits for one, `UP_WAIT` at most)
+UP_WAIT = 1.0
+SHARED_BYTES = UPS_AT + UP_SLOTS * UP_SLOT_BYTES
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,8 @@ class Runner(Protocol):
     def idle(self) -> bool: ...
     def progress(self) -> int: ...
     def contend(self, contended: bool) -> None: ...
+    def upload_span(self, size: int) -> memoryview | None: ...
+    def holds(self, span: memoryview) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -217,6 +230,12 @@ class InlineRunner:
     def progress(self) -> int:
         return 0
 
+    def upload_span(self, size: int) -> memoryview | None:
+        return None  # no shared memory: an upload's span is read into the front's own
+
+    def holds(self, span: memoryview) -> bool:
+        return False
+
     def close(self) -> None:
         self._state.session.release_all()
         self._state.executor.forget(self._state.session)
@@ -233,6 +252,9 @@ class ProcessRunner:
         self._slots = [memoryview(progress)[SLOTS_AT + k * SLOT_BYTES :][:SLOT_BYTES] for k in range(SLOTS)]
         self._slot_users = [0] * SLOTS  # side chunks of each slot not yet sent (released by the stream's writer)
         self._slot_lock = threading.Lock()
+        self._ups = [memoryview(progress)[UPS_AT + k * UP_SLOT_BYTES :][:UP_SLOT_BYTES] for k in range(UP_SLOTS)]
+        self._up_spans: list[memoryview | None] = [None] * UP_SLOTS  # the span handed out of each slot
+        self._up_free = threading.Condition()
         self._max_reply = max_reply
         self._closed = False
         # idle()'s two probes, made once: a poller of the socket and the worker's /proc stat file, held open (a
@@ -247,6 +269,32 @@ class ProcessRunner:
         except ValueError:  # closed meanwhile (the session ended): nobody reads it
             pass
 
+    def upload_span(self, size: int) -> memoryview | None:
+        """A span of `size` bytes in a free upload slot, for the session's reader to read an upload into (the
+        slot is the session's own memory, shared with its own worker only); None when `size` does not fit a
+        slot, the runner is closed, or no slot came free within UP_WAIT (the caller then reads into its own
+        memory, as before: a slot that no release wakes is never waited for long)."""
+        if size > UP_SLOT_BYTES:
+            return None
+        deadline = time.monotonic() + UP_WAIT
+        with self._up_free:
+            while not self._closed:
+                for k in range(UP_SLOTS):
+                    # a span nobody holds: this list's reference and getrefcount's argument only
+                    if self._up_spans[k] is None or sys.getrefcount(self._up_spans[k]) <= 2:
+                        span = self._ups[k][:size]
+                        self._up_spans[k] = span
+                        return span
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._up_free.wait(min(left, 0.005))  # spans are dropped by whoever held them: polled
+        return None
+
+    def holds(self, span: memoryview) -> bool:
+        """Whether `span` is one of this runner's upload slot spans (`upload_span`)."""
+        return any(held is span for held in self._up_spans)
+
     def run(self, req: SliceRequest, commands: int, parts: Sequence[memoryview] = ()) -> SliceResult:
         if self._closed:
             raise WorkerDied("the session's worker was stopped")
@@ -254,7 +302,10 @@ class ProcessRunner:
             req.slot = next((k for k in range(SLOTS) if not self._slot_users[k]), -1)
         try:
             size = sum(map(len, parts))
-            if parts and size <= DATA_BYTES:
+            up = next((k for k, held in enumerate(self._up_spans) if held is parts[0]), -1) if len(parts) == 1 else -1
+            if up >= 0:  # an upload read straight into its slot (`upload_span`): the worker runs it from there
+                self._sock.sendall(slices.shared_request(req, size, up))
+            elif parts and size <= DATA_BYTES:
                 # One copy into the shared buffer. A frame's spans are tens of small pieces: joined in C, then
                 # copied; a slice of big uploads is a few 4 MiB spans: each copied straight to its place (a join
                 # would copy 16 MiB twice, the first time into fresh memory that faults page by page)
@@ -356,6 +407,8 @@ class ProcessRunner:
         except OSError:
             pass
         self._sock.close()
+        with self._up_free:
+            self._up_free.notify_all()  # a reader waiting for an upload slot: none will come
         self._data.release()
         try:
             self._progress.close()
@@ -492,6 +545,7 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     data = memoryview(progress)[DATA_AT:SLOTS_AT]
     state.executor.collectives.contended = lambda: progress[CONTENDED_AT] != 0
     slots = [memoryview(progress)[SLOTS_AT + k * SLOT_BYTES :][:SLOT_BYTES] for k in range(SLOTS)]
+    ups = [memoryview(progress)[UPS_AT + k * UP_SLOT_BYTES :][:UP_SLOT_BYTES] for k in range(UP_SLOTS)]
 
     # the index of the command running, for the daemon to read (a C call per command, no Python frame)
     mark = slices.word_mark(progress)
@@ -508,7 +562,7 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
             except OSError:
                 return 0
             continue
-        req = slices.decode_request(body, data)
+        req = slices.decode_request(body, data, ups)
         if req is None:
             return 0
         state.executor.side_slot = slots[req.slot] if 0 <= req.slot < SLOTS else None

@@ -16,7 +16,7 @@ import pytest
 import torch
 from gpupool.client import bulk as client_bulk
 from gpupool.client.session import CHANNEL_OPTIONS, Session
-from gpupool.server import bulkside
+from gpupool.server import bulkside, slices
 from support import TcpRelay, get_pki, shut
 
 from gpupool import duplex, hostpool, protocol, tls
@@ -365,15 +365,21 @@ def test_falls_back_to_the_stream_when_the_side_port_is_closed_or_absent(
         assert torch.equal(s.download(s.upload(big)), big)
 
 
-def test_detach_in_the_middle_of_a_transfer(bulk_daemon: Any) -> None:
-    """An upload announced and half sent, then Detach: the daemon closes the session's socket, its stream reader
-    ends, nothing leaks into the next session and the daemon goes on serving."""
+def _half_sent_chunk(bulk_daemon: Any) -> Session:
+    """A new session with a 4 MiB bulk upload announced and 1 MiB of its bytes sent on its side socket."""
     s = Session.attach(bulk_daemon.address, bulk_daemon.token())
     assert s._side is not None
     up = device_pb2.Upload(handle=s.new_handle(), last=True, bulk_bytes=4 * MiB)
     up.meta.dtype, up.meta.shape[:] = 1, [MiB]
     _put(s, device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
     _send_raw(s._side, protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, up.handle, 0, 4 * MiB) + b"\x01" * MiB)
+    return s
+
+
+def test_detach_in_the_middle_of_a_transfer(bulk_daemon: Any) -> None:
+    """An upload announced and half sent, then Detach: the daemon closes the session's socket, its stream reader
+    ends, nothing leaks into the next session and the daemon goes on serving."""
+    s = _half_sent_chunk(bulk_daemon)
     time.sleep(0.3)
     s.close()  # Detach while the daemon waits for the other 3 MiB
     _all_sessions_end(bulk_daemon)
@@ -649,3 +655,59 @@ def test_a_daemon_that_does_not_read_for_a_while_is_waited_for(
         assert len(got) == 1 and isinstance(got[0], torch.Tensor), got
         assert torch.equal(got[0], big)
     gate.close()
+
+
+def test_uploads_land_in_their_own_sessions_upload_slots(bulk_daemon: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 29: a big bulk upload's bytes are read straight into an upload slot of the memory the session shares
+    with its own worker (server/worker.py `ProcessRunner.upload_span`). Two sessions uploading at once, more chunks
+    than there are slots, each get their own bytes back; then a third breaks off in the middle of a chunk: its
+    session ends with a clear error, and two new sessions still move exact bytes through the slots."""
+    from gpupool.server import worker
+
+    taken: list[tuple[int, bool]] = []
+    real = worker.ProcessRunner.upload_span
+
+    def counted(self: worker.ProcessRunner, size: int) -> memoryview | None:
+        span = real(self, size)
+        taken.append((id(self), span is not None))
+        return span
+
+    monkeypatch.setattr(worker.ProcessRunner, "upload_span", counted)
+    named: list[int] = []  # the upload slots slice requests named
+    request = slices.shared_request
+
+    def naming(req: slices.SliceRequest, size: int, up_slot: int = -1) -> bytes:
+        named.append(up_slot)
+        return request(req, size, up_slot)
+
+    monkeypatch.setattr(slices, "shared_request", naming)
+    errors: list[BaseException] = []
+
+    def loop(seed: int) -> None:
+        try:
+            with Session.attach(bulk_daemon.address, bulk_daemon.token(lease_id=f"l{seed}")) as s:
+                for k in range(3):
+                    big = _bits(6 * protocol.CHUNK_BYTES + 8, seed=seed * 10 + k)
+                    assert torch.equal(s.download(s.upload(big)), big)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def both(seeds: tuple[int, int]) -> None:
+        threads = [threading.Thread(target=loop, args=(seed,)) for seed in seeds]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+
+    both((1, 2))
+    runners = {r for r, _ in taken}
+    assert len(runners) == 2 and sum(got for _, got in taken) >= 2 * 3 * 4, taken  # slots used by both workers
+    assert any(k >= 0 for k in named), named  # and the worker ran slices from them (how many: timing's)
+
+    s = _half_sent_chunk(bulk_daemon)
+    s._side.sock.shutdown(socket.SHUT_RDWR)  # the connection drops with 3 MiB of the chunk unsent
+    with pytest.raises(GpupoolError, match="closed|side socket|bulk socket"):
+        s.sync()
+    s.close()
+    both((3, 4))
