@@ -301,13 +301,16 @@ class CommandExecutor:
                 data = records[i]
                 if not data:
                     break
-                if native is not None and plain and not s.uploads and (trace is not None or known.rec is None):
+                if native is not None and plain and not s.uploads:
                     # records of a run in C++ while they match (native_runner.py); where no run is under way (a
                     # span's first record, or after a run ended) the first step of each run the Python path would
                     # try (`after.next()`, then the runs of this first record, in the same order) is tried in C++:
                     # any run whose step C++ takes runs the record as the normal path would (the record's op and
                     # arguments, checked against that step's verdict), so which one it is only decides what the
-                    # next records are checked against
+                    # next records are checked against. Also while records are being recorded (`known.rec`: the
+                    # normal path ran the ones before): a run C++ takes ends the recording right after its call,
+                    # as the Python path ends it before the step runs (`_learn` reads only the recorded records,
+                    # the verdicts and the session's quota and compute bound, none of which C++ changes)
                     if trace is not None:
                         tries: Any = ((trace, k, objs, -1),)
                     else:
@@ -333,6 +336,8 @@ class CommandExecutor:
                             if after is not None and at >= 0:
                                 after.next = weakref.ref(cand)
                             trace, steps, objs, after = cand, cand.steps, o, None
+                        if known.rec is not None:  # a learned run starts here: the recording ends
+                            self._learn(known, s)
                         if chained is not None:  # the records ran on into the runs that followed (`next`)
                             trace, objs = chained
                             steps = trace.steps
@@ -364,15 +369,22 @@ class CommandExecutor:
                         data = records[i]  # the record C++ left to the Python path
                         if not data:
                             break
+                got = None
+                if trace is not None and not s.uploads:  # a half-uploaded handle: the normal path's checks
+                    try:
+                        got = match(steps[k], data, get, resolve, objs, known.epoch)
+                    except Exception:  # the normal path raises it again, with its status
+                        got = None
+                    if got is None and native is not None and plain:
+                        # the run under way ends here (C++ left the record to this match, which failed too): the
+                        # first steps of the runs tried next (those of this record: `after` is None while a run is
+                        # under way) are C++'s to try first, as at a span's start (no progress marked yet: the
+                        # record is marked once, by whichever runs it)
+                        trace, objs = None, _NO_OBJS
+                        continue
                 if progress is not None:
                     progress(i)
-                got = None
                 if not s.uploads:  # a half-uploaded handle must go through the normal path's checks
-                    if trace is not None:
-                        try:
-                            got = match(steps[k], data, get, resolve, objs, known.epoch)
-                        except Exception:  # the normal path raises it again, with its status
-                            got = None
                     if got is None and after is not None:  # the run that followed it last time, first
                         cand = after.next()
                         if cand is not None and cand.quota == s.quota and cand.flops == s.max_op_flops:

@@ -12,7 +12,8 @@ the quota and the device's capacity against the learned verdict; then the op, ca
 `OperatorHandle` as torch's Python binding calls it (the GIL released, errors and warnings translated by
 torch's own handler), `s.ops`, the ledger's count, the output bound into the session's table with its storage
 counted as `WorkerSession.bind_new` does, and the quota checked after it. It runs consecutive records of a run for as
-long as each matches its step; where no run is under way, `CommandExecutor.eager_span` offers it the first steps of the
+long as each matches its step; where no run is under way (also where a record ended the run under way, and while the
+Python path records the normal path's records), `CommandExecutor.eager_span` offers it the first steps of the
 runs the Python path would try (`_native_candidates`). A run that ends goes on in C++ into the run that followed it the
 last time (`runs.Trace.next`, the one the Python path tries first; `compile_trace` gives the native form a weak
 reference to its `runs.Trace` for it), if that one is alive, learned under the session's quota and compute bound,

@@ -1067,6 +1067,45 @@ def test_a_chained_runs_first_step_checks_inputs_freed_rebound_or_reshaped_since
             assert p.s[0].poisoned  # the normal path refused the record, in both
 
 
+def test_a_record_that_ends_a_run_under_way_starts_the_run_it_heads_in_cpp(runner: str) -> None:
+    """A record that does not match the next step of the run under way (the native runner leaves it, the Python
+    path's match fails too) but is the first step of another run: that run's first step is the native runner's to
+    take, as at a span's start, not the Python path's (before, every such record ran in Python: the encoder's
+    `native_dropout_backward` after the run it interrupted, ~2 records a step); every record as on the normal path."""
+    p, calls = chained()
+    hits, native = p.hits, p.runs().native
+    calls.calls.clear()
+    for t in range(4, 8):
+        p.slice(part_a(p, t)[:2] + part_b(p, t, first=Q))  # the first run ends after two of its three steps
+        p.slice([free_c(t)])
+    assert p.hits - hits == 4 * 5
+    if runner == "native":
+        assert p.runs().native - native == 4 * 5
+        assert calls.calls == [(2, False), (3, False)] * 4  # the first run's two records, then the second run
+
+
+def test_a_run_that_starts_while_records_are_recorded_runs_in_cpp_and_ends_the_recording(runner: str) -> None:
+    """Records of the normal path that hit templates are recorded (`Runs.rec`) until one matches a learned run's
+    first step: the native runner takes that step (before, the Python path did, to end the recording first), and the
+    recording ends as on the Python path: the same runs are learned with the runner on and off."""
+    p, calls = chained()
+    learned, native, hits = p.runs().learned, p.runs().native, p.hits
+    calls.calls.clear()
+    # relu of Y: a template of the first run's second step, no run's first step, so the normal path runs it and
+    # the recording starts; the second run's records follow
+    p.slice([p.rec(3, [c(4, 1)], [T(Y)])] + part_b(p, 4, first=Q))
+    assert p.runs().learned - learned == 1  # the relu record, learned as a run of its own when the second began
+    assert p.hits - hits == 3
+    assert sum(map(len, p.runs().heads.values())) == 3
+    if runner == "native":
+        assert p.runs().native - native == 3
+        assert calls.calls == [(3, False)]
+    p.slice([free_c(4)])
+    hits = p.hits
+    p.slice([p.rec(3, [c(5, 1)], [T(Y)])] + part_b(p, 5, first=Q))  # now the relu's run, then the second run
+    assert p.hits - hits == 4
+
+
 def test_a_chained_run_checks_its_own_outputs_against_its_own_kept_list() -> None:
     """A run the native runner goes on into starts with a list of kept outputs of its own: a record that names an
     output the first run kept where the second run's own output belongs (64 x 3 for 2 x 5: past the quota, which
