@@ -2,8 +2,8 @@
 # Install everything gpupool needs on a fresh Debian machine: system packages (Prometheus for the e2e tests,
 # PostgreSQL for the scheduler's HA tests - the tests start their own server with initdb/pg_ctl -, libseccomp2 for
 # the daemon's sandboxed session workers, Chromium and its WebDriver for the browser test of the sentiment web page,
-# g++ for the client's native device guard, ninja for the daemon's native runner and the C++ client), the CPU build
-# of torch (pinned, so pip does not pull a multi-GB CUDA build), and the project with its dev extras. Last it builds the native device guard (client/torch/native_guard.cpp,
+# g++ for the client's native device guard, ninja for the daemon's native runner and the C++ client), torch 2.13.0
+# (pinned; the CPU build where the index has it, see GPUPOOL_TORCH_INDEX below), and the project with its dev extras. Last it builds the native device guard (client/torch/native_guard.cpp,
 # ~1-2 s) into the per-user cache, so that tests and CI find it built; `import gpupool.torch` would build it at
 # first use anyway, and without a compiler the client keeps torch's Python device guard (GPUPOOL_NATIVE=0 forces that).
 set -euo pipefail
@@ -21,7 +21,11 @@ if [ "${GPUPOOL_SKIP_APT:-0}" != 1 ] && ! { have_tools && have_pg && have_seccom
     echo "setup: no apt-get; install Prometheus, PostgreSQL, libseccomp2, Chromium (+ chromedriver), g++ and ninja yourself" >&2
   fi
 fi
-python3 -m pip install -q --disable-pip-version-check "torch==2.13.0"
+# torch as pip's indexes have it: PyPI's Linux wheel is the CUDA build (GBs); GPUPOOL_TORCH_INDEX (an extra index,
+# e.g. https://download.pytorch.org/whl/cpu) offers 2.13.0+cpu, which pip prefers; a machine whose pip config already
+# offers a CPU wheel (the project's CI box: a local wheel folder) needs nothing.
+python3 -m pip install -q --disable-pip-version-check ${GPUPOOL_TORCH_INDEX:+--extra-index-url "$GPUPOOL_TORCH_INDEX"} \
+  "torch==2.13.0"
 python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
 GPUPOOL_NATIVE=0 GPUPOOL_NATIVE_OPS=0 python3 - <<'PY'  # build() below, not the import's own try (one message)
 import sys

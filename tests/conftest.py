@@ -18,6 +18,7 @@ from support import (
     DaemonFactory,
     DaemonHandle,
     MiB,
+    dead_port,
     get_pki,
     install_test_tls,
     start_serve_process,
@@ -79,6 +80,13 @@ def native_runner_module() -> Any:
     if m is None:
         pytest.skip("the native runner cannot be built here")
     return m
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test (support.dead_port: bound, not listening)."""
+    with dead_port() as port:
+        yield port
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ conftest.py files of other folders.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -425,6 +426,17 @@ class TcpRelay:
         self.listener.close()
         for s in self.socks:
             s.close()
+
+
+@contextlib.contextmanager
+def dead_port() -> Iterator[int]:
+    """A loopback port where connections are refused, for as long as the block runs: a socket bound there and not
+    listening (Linux answers a SYN to it with a reset, ECONNREFUSED at once). Binding port 0 and closing it, as the
+    tests did before round 29, left a free port that another test's server (or a connection's source port) could
+    take before the test connected to it; a bound socket keeps every other bind and autobind off the port."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield int(held.getsockname()[1])
 
 
 def shut(*socks: socket.socket) -> None:

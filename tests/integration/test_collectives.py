@@ -434,15 +434,12 @@ def test_abandoned_groups_end_their_threads_and_sockets(daemon_factory, transpor
     assert grown < n, f"{grown} threads more after {n} abandoned groups"
 
 
-def test_a_join_to_a_dead_store_ends_with_its_session(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+def test_a_join_to_a_dead_store_ends_with_its_session(daemon_factory, closed_port) -> None:  # type: ignore[no-untyped-def]
     """Rank 1 names a store address where nothing answers (a closed port: refused, retried). Its join thread
     (`gpupool-group-N`) ran one TCPStore constructor with the group's timeout (60 s here, 300 s at most) that no
     session close reached: a tenant looping join-and-close under --isolation thread held a thread per loop for
     that long. The store is now reached in short attempts that stop with the session."""
     daemon = daemon_factory(fake_gpu_memory=64 * MiB, worker_network=True, isolation="thread")
-    with socket.socket() as probe:  # a port nobody listens on once closed
-        probe.bind(("127.0.0.1", 0))
-        dead = probe.getsockname()[1]
     before = _group_threads()
     n = 4
     for _ in range(n):
@@ -450,7 +447,7 @@ def test_a_join_to_a_dead_store_ends_with_its_session(daemon_factory) -> None:  
         tokens = [daemon.token(lease_id=lease, host="absent-host"), daemon.token(lease_id=lease, network=True)]
         s = Session.attach(daemon.address, tokens[1])
         join = device_pb2.GroupJoin(
-            rank=1, size=2, tokens=tokens, store_address=f"127.0.0.1:{dead}", timeout_seconds=60.0
+            rank=1, size=2, tokens=tokens, store_address=f"127.0.0.1:{closed_port}", timeout_seconds=60.0
         )
         s.command(device_pb2.Command(group_join=join))
         s.sync()
@@ -516,21 +513,18 @@ def test_a_join_to_a_port_that_accepts_and_never_answers_ends_with_its_session(d
         silent.close()
 
 
-def test_a_join_to_a_dead_store_does_not_flood_the_daemons_log(daemon_factory, capfd) -> None:  # type: ignore[no-untyped-def]
+def test_a_join_to_a_dead_store_does_not_flood_the_daemons_log(daemon_factory, capfd, closed_port) -> None:  # type: ignore[no-untyped-def]
     """Every failed TCPStore constructor writes c10d's error and its C++ stack trace (~6 KB, 40 lines) to the
     daemon's stderr: round 20's 0.5 s store attempts let a tenant naming a dead address write ~4 KB/s of log per
     join, for the group's timeout (up to 300 s), join after join. Attempts now only open a TCP connection until
     the address accepts: a join retrying a dead port for 3 s writes no c10d line."""
     daemon = daemon_factory(fake_gpu_memory=64 * MiB, worker_network=True, isolation="thread")
-    with socket.socket() as probe:  # a port nobody listens on once closed
-        probe.bind(("127.0.0.1", 0))
-        dead = probe.getsockname()[1]
     lease = uuid.uuid4().hex
     tokens = [daemon.token(lease_id=lease, host="absent-host"), daemon.token(lease_id=lease, network=True)]
     with Session.attach(daemon.address, tokens[1]) as s:
         capfd.readouterr()  # what came before
         join = device_pb2.GroupJoin(
-            rank=1, size=2, tokens=tokens, store_address=f"127.0.0.1:{dead}", timeout_seconds=60
+            rank=1, size=2, tokens=tokens, store_address=f"127.0.0.1:{closed_port}", timeout_seconds=60
         )
         s.command(device_pb2.Command(group_join=join))
         s.sync()
@@ -540,7 +534,7 @@ def test_a_join_to_a_dead_store_does_not_flood_the_daemons_log(daemon_factory, c
     assert "c10d" not in err and len(err) < 2000, f"{len(err)} bytes of stderr in 3 s: {err[:300]}"
 
 
-def test_a_store_address_s_state_is_not_told_to_the_tenant(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+def test_a_store_address_s_state_is_not_told_to_the_tenant(daemon_factory, closed_port) -> None:  # type: ignore[no-untyped-def]
     """The daemon connects to whatever store address rank 1's client names, so its error must not say what is
     there: round 20 answered "nothing answers there (Connection refused)" for a closed port, "(timed out)" for a
     black-holed one, a c10d error or "did not form within" for one that accepts (a tenant could map the open ports
@@ -549,9 +543,6 @@ def test_a_store_address_s_state_is_not_told_to_the_tenant(daemon_factory) -> No
     does a name the daemon cannot resolve (round 21 answered at once "cannot resolve group store host ...: [Errno
     -2] Name or service not known", and went on with a name it could: which names its resolver knows)."""
     daemon = daemon_factory(fake_gpu_memory=64 * MiB, worker_network=True, isolation="thread")
-    with socket.socket() as probe:  # a port nobody listens on once closed
-        probe.bind(("127.0.0.1", 0))
-        dead = probe.getsockname()[1]
     accepting = socket.socket()  # accepts connections (the kernel's backlog), says nothing: no store
     accepting.bind(("127.0.0.1", 0))
     accepting.listen(16)
@@ -564,8 +555,8 @@ def test_a_store_address_s_state_is_not_told_to_the_tenant(daemon_factory) -> No
     timeout = 4.0
     outcomes, took = [], []
     try:
-        for address in (f"127.0.0.1:{dead}", f"127.0.0.1:{accepting.getsockname()[1]}", f"127.0.0.1:{store_port}",
-                        f"no-such-host.invalid:{dead}"):  # fmt: skip
+        for address in (f"127.0.0.1:{closed_port}", f"127.0.0.1:{accepting.getsockname()[1]}",
+                        f"127.0.0.1:{store_port}", f"no-such-host.invalid:{closed_port}"):  # fmt: skip
             lease = uuid.uuid4().hex
             tokens = [daemon.token(lease_id=lease, host="absent-host"), daemon.token(lease_id=lease, network=True)]
             with Session.attach(daemon.address, tokens[1]) as s:

@@ -160,7 +160,12 @@ def test_idle_sync_is_answered_by_the_front_with_the_same_errors(daemon: Any) ->
             s.sync()
         s.call("aten::mm.default", h, h)
         s.flush()
-        time.sleep(0.5)  # the failed op has run: the session is idle but its error is pending
+        [front] = daemon.running.daemon.session_list()
+        deadline = time.monotonic() + 30  # the failed op has run: the session is idle but its error is pending
+        while not front.error_pending:  # (waited for: round 28's fixed 0.5 s could leave it queued on a loaded box)
+            assert time.monotonic() < deadline, "the op never ran"
+            time.sleep(0.01)
+        assert daemon.running.daemon.queues[0].wait_idle(30)
         with pytest.raises(InvalidArgument, match="mm"):
             s.sync()  # so this sync goes to the worker, which reports (and clears) the error
         before = slices[0]

@@ -11,7 +11,6 @@ A small configuration keeps it short."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,15 +24,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # pool start-up and 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_demo_runs_in_a_fresh_clone_without_shared_data_or_network(tmp_path: Path) -> None:
+def test_demo_runs_in_a_fresh_clone_without_shared_data_or_network(tmp_path: Path, closed_port: int) -> None:
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
     clone = tmp_path / "elsewhere" / "gpupool"
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
     assert not (clone.parent / "shared").exists()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]  # nothing listens there once closed: a download attempt fails at once
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
     env.update(
         GPUPOOL_DEMO_SETUP="0",
@@ -44,7 +40,7 @@ def test_demo_runs_in_a_fresh_clone_without_shared_data_or_network(tmp_path: Pat
         GPUPOOL_NATIVE_CACHE=str(config.cache_dir("native", "GPUPOOL_NATIVE_CACHE")),
         GPUPOOL_NATIVE_RUNNER_CACHE=str(config.cache_dir("runner", "GPUPOOL_NATIVE_RUNNER_CACHE")),
         GPUPOOL_NATIVE_CLIENT_CACHE=str(config.cache_dir("native-client", "GPUPOOL_NATIVE_CLIENT_CACHE")),
-        GPUPOOL_IMDB_URL=f"http://127.0.0.1:{closed}/aclImdb_v1.tar.gz",
+        GPUPOOL_IMDB_URL=f"http://127.0.0.1:{closed_port}/aclImdb_v1.tar.gz",  # a download attempt fails at once
         COLUMNS="160",
     )
     small = ["--data", "sample", "--limit", "400", "--epochs", "1", "--bigram-buckets", "0", "--embed-dropout", "0",

@@ -89,7 +89,10 @@ def _ask_and_stop(proc: subprocess.Popen[str]) -> None:
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write("go\n")
     proc.stdin.flush()
-    assert proc.stdout.readline().startswith("flowing")
+    line = proc.stdout.readline()
+    if not line.startswith("flowing"):  # the client failed: its whole output (a traceback) says why
+        proc.kill()
+        raise AssertionError(line + proc.communicate(timeout=60)[0])
     os.kill(proc.pid, signal.SIGSTOP)
 
 

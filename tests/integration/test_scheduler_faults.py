@@ -117,7 +117,21 @@ def test_a_paused_scheduler_does_not_blame_hosts_or_tenants(tmp_path: Path) -> N
         os.kill(proc.popen.pid, signal.SIGSTOP)
         time.sleep(6)  # longer than both the host timeout and the lease TTL
         os.kill(proc.popen.pid, signal.SIGCONT)
-        time.sleep(3)  # the host heartbeats and the client renews again
+        resumed = time.time()
+        # The scheduler notices its pause (its first sweep or renewal after it), then the host heartbeats and the
+        # client renews again: waited for, not a fixed 3 s (round 28), which a loaded box could outrun.
+        proc.wait_for("was not running for")
+        forgiven = [h.last_seen for h in pool(address).hosts]  # the forgiveness set it to its own time, or later
+
+        def heartbeat_and_renewal_since_resumed() -> bool:
+            state = pool(address)
+            if [h.state for h in state.hosts] != ["up"] or len(state.leases) != 1 or x.lost.is_set():
+                return True  # blamed: the asserts below say how
+            # a renewal sets expires_at to its time + the 2 s TTL; the one before the pause is <= resumed - 4
+            renewed = bool(state.leases) and all(y.expires_at > resumed + 1 for y in state.leases)
+            return renewed and [h.last_seen for h in state.hosts] > forgiven  # and a heartbeat since
+
+        wait_until(heartbeat_and_renewal_since_resumed, timeout=60, what="a heartbeat and a renewal after the pause")
         state = pool(address)
         assert [h.state for h in state.hosts] == ["up"]
         assert [y.lease_id for y in state.leases] == [x.lease_id]

@@ -63,7 +63,11 @@ def test_a_killed_native_client_build_is_cleaned_by_the_next_use_and_a_live_one_
     child.wait()
     monkeypatch.setenv("GPUPOOL_NATIVE_CLIENT_CACHE", str(tmp_path))
     final = build.built_path()
-    [killed] = list(final.parent.glob("build-*"))
+    builds = list(final.parent.glob("build-*"))
+    # (round 29: none here once, on a box whose machine-wide editable install another session re-pointed: the child,
+    # run by that install, built another source's folder; its folders say which)
+    assert len(builds) == 1, f"{builds} under {final.parent}; the child's: {list(tmp_path.glob('torch-*/build-*'))}"
+    [killed] = builds
     live, live_folder = _holder(final.parent)  # a concurrent builder, still building
     try:
         final.write_bytes(b"")  # another build finished meanwhile: the next use finds the library cached

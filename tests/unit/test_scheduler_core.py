@@ -36,6 +36,14 @@ def allocated(core: Core) -> dict[tuple[str, int], tuple[int, int]]:
     return {d.key: (d.allocated_bytes, d.allocated_units) for h in core.pool.hosts.values() for d in h.devices.values()}
 
 
+def in_line(core: Core, n: int) -> None:
+    """Wait until `n` requests wait in the core's line (a thread's `allocate` got there), not a fixed sleep."""
+    deadline = time.monotonic() + 30
+    while len(core.waiters) < n:
+        assert time.monotonic() < deadline, f"{len(core.waiters)} of {n} requests waiting after 30 s"
+        time.sleep(0.01)
+
+
 def test_grant_mints_verifiable_tokens() -> None:
     core = core_with()
     lease = core.allocate(Request(1, fraction=0.25), tenant="alice", ttl=30)
@@ -275,7 +283,7 @@ def test_a_waiter_whose_grant_cannot_be_saved_keeps_its_place() -> None:
     got: list[object] = []
     t = threading.Thread(target=lambda: got.append(core.allocate(half(), wait=10)))
     t.start()
-    time.sleep(0.3)
+    in_line(core, 1)
     store.fail = True
     with pytest.raises(Unavailable):
         core.release(first.lease_id)
@@ -302,8 +310,12 @@ def test_a_pause_of_the_scheduler_is_not_blamed_on_hosts_or_tenants() -> None:
     core.sweep()
     assert all(h.state != HostState.DOWN for h in core.pool.hosts.values())
     assert core.renew(lease.lease_id).state == LeaseState.ACTIVE  # expired during the pause, yet renewable
-    for _ in range(8):  # a host silent while the scheduler runs is down
-        time.sleep(0.1)
+    # A host silent while the scheduler runs is down: 0.4 s of sweeps without a gap of 0.2 s between two. Swept
+    # until then (10 s at most), not 8 times 0.1 s: a loaded box that stalls this process for 0.2 s between two
+    # sweeps is a pause to the core too, which rightly forgives the hosts again.
+    deadline = time.monotonic() + 10
+    while not all(h.state == HostState.DOWN for h in core.pool.hosts.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
         core.sweep()
     assert all(h.state == HostState.DOWN for h in core.pool.hosts.values())
 
@@ -334,9 +346,9 @@ def test_a_tenant_cannot_hold_more_than_its_share_limit() -> None:
 def test_a_tenant_cannot_fill_the_waiting_line() -> None:
     core = core_with(hosts=1, tenant_max_waiting=1)
     core.allocate(Request(1, fraction=1.0), tenant="x")
-    t = threading.Thread(target=lambda: pytest.raises(ResourceExhausted, core.allocate, half(), "a", 0, 1.5))
+    t = threading.Thread(target=lambda: pytest.raises(ResourceExhausted, core.allocate, half(), "a", 0, 3.0))
     t.start()
-    time.sleep(0.3)
+    in_line(core, 1)  # a's request waits (3 s: room for a loaded box between here and the next line)
     with pytest.raises(ResourceExhausted, match="tenant 'a' already has 1 request"):
         core.allocate(half(), tenant="a", wait=1)
     got: list[Exception] = []

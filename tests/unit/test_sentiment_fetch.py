@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import socket
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -19,15 +18,12 @@ from examples.sentiment import data, fake_data, fetch
 
 
 @pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No $GPUPOOL_IMDB, an empty cache, no ../shared/data, downloads to a closed loopback port."""
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, closed_port: int) -> Path:
+    """No $GPUPOOL_IMDB, an empty cache, no ../shared/data, downloads to a loopback port that refuses them."""
     monkeypatch.delenv("GPUPOOL_IMDB", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setattr(fetch, "SHARED_DATA", tmp_path / "shared" / "data" / data.TARBALL)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed once the block ends: connections are refused
-    monkeypatch.setenv("GPUPOOL_IMDB_URL", f"http://127.0.0.1:{port}/aclImdb_v1.tar.gz")
+    monkeypatch.setenv("GPUPOOL_IMDB_URL", f"http://127.0.0.1:{closed_port}/aclImdb_v1.tar.gz")
     return tmp_path
 
 
