@@ -215,8 +215,12 @@ def breadth(nc: Any, session: Any) -> dict[str, Any]:
         torch.add(x, y, out=o)
         return o * 1.0
 
+    def python_number(x: Any, y: Any) -> Any:  # a 0-dim tensor and Python numbers (`loss * 0.5`): float32, as local
+        return (x * y).mean() * 0.5 + 1.0
+
     cases = {f.__name__: f for f in (rounding, rounding_, gelu_tanh, searchsorted, nonzero, masked_select, unique,
-                                       equal, cpu_tensor_arg, generator, generator_, out_resized)}  # fmt: skip
+                                       equal, cpu_tensor_arg, generator, generator_, out_resized,
+                                       python_number)}  # fmt: skip
     out: dict[str, Any] = {}
     for name, f in cases.items():
         before = dict(nc.PYTHON_STATS)

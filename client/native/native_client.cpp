@@ -368,7 +368,8 @@ void key_tensor(std::string& k, const at::Tensor& t) {
     return;
   }
   const size_t dims = n * sizeof(int64_t);
-  part[0] = t.device().type() == kType ? 'T' : 'C';
+  // 'W': a wrapped number (a Python number), whose outputs' dtypes differ from a plain 0-dim CPU tensor's
+  part[0] = t.device().type() == kType ? 'T' : (t.unsafeGetTensorImpl()->is_wrapped_number() ? 'W' : 'C');
   part[1] = static_cast<char>(t.scalar_type());
   part[2] = static_cast<char>(n);
   std::memcpy(part + 3, t.sizes().data(), dims);
@@ -491,6 +492,11 @@ std::unordered_map<std::string, Plan> g_cache;  // guarded by g_mu
 
 at::Tensor to_meta(const at::Tensor& t) {
   if (!t.defined()) return t;
+  // A Python number (`loss * 0.5`) reaches the op as a wrapped number (a 0-dim CPU tensor), which takes no part in
+  // type promotion and goes beside meta tensors as it goes beside a device's; a 0-dim meta double would promote: the
+  // meta of a 0-dim float32 times it came out float64 where the daemon's (and local) result is float32, and `.cpu()`
+  // of such a loss failed the download's dtype check (round 29).
+  if (t.unsafeGetTensorImpl()->is_wrapped_number()) return t;
   auto opts = t.options().device(c10::kMeta);
   if (t.storage_offset() == 0) {
     return at::empty_strided(t.sizes(), t.strides(), opts);

@@ -133,6 +133,9 @@ ROUTES = {
     "generator": ({"remote": 0, "cpu": 1}, 1),  # a Generator argument
     "generator_": ({"remote": 0, "cpu": 1}, 1),  # a Generator, in place on a view: written back
     "out_resized": ({"remote": 1, "cpu": 0}, 1),  # an out= argument the op resizes
+    # not a fallback case: C++ records whose Python numbers are wrapped numbers in the meta kernels too (a plain
+    # 0-dim double made the 0-dim result float64 on the client, float32 on the daemon: round 29)
+    "python_number": ({"remote": 0, "cpu": 0}, 0),
 }
 
 
