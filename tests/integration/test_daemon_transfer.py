@@ -8,7 +8,7 @@ from typing import Any
 import numpy
 import pytest
 import torch
-from gpupool.client.session import Handle, Session
+from gpupool.client.session import Handle, Session, _Want
 from gpupool.server import bulk
 from support import Healthy
 
@@ -218,7 +218,8 @@ def test_a_download_in_pieces_sees_no_later_op(daemon_factory: Any) -> None:
     with Session.attach(d.address, d.token()) as s:
         x = torch.randint(0, 255, (bulk.PIECE_BYTES * 2 + 3,), dtype=torch.uint8)  # three pieces
         h = Handle(s.upload(x))
-        rid, first = s._request(device_pb2.Command(get=device_pb2.Get(handle=h)))  # not waited for yet
+        want = _Want(tuple(x.shape), x.dtype, s.quota_bytes)  # what a download of it may be (client/session.py)
+        rid, first = s._request(device_pb2.Command(get=device_pb2.Get(handle=h)), want)  # not waited for yet
         s.call("aten::mul_.Scalar", h, 0, outputs=[0])
         later = s.download(h)
         s._wait(rid, first)
@@ -231,14 +232,14 @@ def test_a_get_and_a_later_op_in_one_frame_return_the_value_at_the_get(daemon: A
     """A worker's download frames are views of the tensor until its result copies them into the shared buffer
     (protocol.Frame): the slice ends after the Get, so an in-place op behind it in the same frame never
     changes the bytes the Get answers."""
-    from gpupool.client.session import _Waiter
+    from gpupool.client.session import _Waiter, _Want
 
     with Session.attach(daemon.address, daemon.token()) as s:
         x = torch.randint(1, 255, (nbytes,), dtype=torch.uint8)
         h = Handle(s.upload(x))
         s.sync()
         with s._lock:
-            rid, first = next(s._requests), _Waiter()
+            rid, first = next(s._requests), _Waiter(_Want(tuple(x.shape), x.dtype, s.quota_bytes))
             with s._wlock:
                 s._waiters[rid] = first
             s._frame.commands.append(device_pb2.Command(get=device_pb2.Get(handle=h, request_id=rid)))

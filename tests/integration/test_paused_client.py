@@ -36,14 +36,16 @@ GETS = 8  # downloads of 8 MiB each in flight when the client stops: 64 MiB of r
 CLIENT = r"""
 import sys, torch
 from gpupool._proto import device_pb2
-from gpupool.client.session import Session
+from gpupool.client.session import Session, _Want
 s = Session.attach(sys.argv[1], sys.argv[2])
 x = torch.arange(2 * 1024 * 1024, dtype=torch.float32)
 h = s.upload(x)
 s.sync()
 print("ready", s.session_id, s._carrier is not None, flush=True)
 sys.stdin.readline()
-asked = [s._request(device_pb2.Command(get=device_pb2.Get(handle=h, bulk=s._side is not None))) for _ in range(GETS)]
+want = _Want(tuple(x.shape), x.dtype, s.quota_bytes)  # what each download may be (client/session.py)
+asked = [s._request(device_pb2.Command(get=device_pb2.Get(handle=h, bulk=s._side is not None)), want)
+         for _ in range(GETS)]
 s.flush()
 for i, (rid, w) in enumerate(asked):
     s._wait(rid, w)
