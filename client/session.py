@@ -228,8 +228,9 @@ class _Want:
             return f"a negative size in shape {shape}"
         if self.shape is not None and (tuple(shape) != self.shape or dtype != self.dtype):
             return f"{tuple(shape)} {dtype} for a download of {self.shape} {self.dtype}"
-        if math.prod(shape) * dtype.itemsize > self.limit:
-            return f"{tuple(shape)} {dtype}: {math.prod(shape) * dtype.itemsize} bytes, past {self.limit}"
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > self.limit:
+            return f"{tuple(shape)} {dtype}: {nbytes} bytes, past {self.limit}"
         return None
 
 
@@ -251,12 +252,9 @@ class _Waiter:
             return
         if c.meta is not None and (isinstance(c, _Chunk) or c.HasField("meta")):
             self._start(c.meta)
-        if self._bytes is None:
-            self.fail(InvalidArgument("download chunk before its metadata"))
-            return
         data = c.data  # a view of the received frame (_Chunk), or a copy (each access of a bytes field copies)
-        if c.offset != self._next or c.offset + len(data) > len(self._bytes):
-            self.fail(self._misplaced(c.offset, len(data)))
+        if self._bytes is None or c.offset != self._next or c.offset + len(data) > len(self._bytes):
+            self.fail(self._misplaced(c.offset, len(data)))  # its first case: a chunk before its metadata
             return
         if data:
             self._bytes[c.offset : c.offset + len(data)] = data
