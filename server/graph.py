@@ -192,6 +192,7 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph) -> No
     slots: list[Any] = [None] * g.n_slots
     tensors = s.tensors
     data = None
+    sent: dict[int, torch.Tensor] | None = None  # on a GPU: slot -> an input sent by value, as it came (on the CPU)
     for i, h in enumerate(inputs):
         m = g.input_meta[i]
         if h:
@@ -206,7 +207,12 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph) -> No
         else:
             if data is None:
                 data = msg.input_data[:]
-            t = _by_value(g, i, data, g.device)
+            t = _by_value(g, i, data)
+            if g.device_type != "cpu":
+                if sent is None:
+                    sent = {}
+                sent[i + 1] = t
+                t = t.to(g.device)
         slots[i + 1] = t
     persistent = _externals(s, g, slots)
     for h in outputs:
@@ -214,7 +220,7 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph) -> No
             s.check_handle(h)
     try:
         if g.cuda is not None or (not g.cuda_failed and g.device_type == "cuda" and g.runs >= 2):
-            graph_cuda.run(host, s, g, slots, execute)
+            graph_cuda.run(host, s, g, slots, execute, sent)
         elif g.traced is not None:
             g.traced.run(host, s, g, slots)
         elif not g.trace_refused and g.runs >= graph_trace.TRACE_AFTER_RUNS:
@@ -274,8 +280,9 @@ def _forget_seen(g: Graph) -> None:
         cell[0], cell[1] = None, -1
 
 
-def _by_value(g: Graph, i: int, data: Any, dev: torch.device) -> torch.Tensor:
-    """Input `i` of a run from its bytes in RunGraph.input_data (its memory is part of the graph's reservation)."""
+def _by_value(g: Graph, i: int, data: Any) -> torch.Tensor:
+    """Input `i` of a run from its bytes in RunGraph.input_data, on the CPU (its memory is part of the graph's
+    reservation)."""
     shape, _, _, dtype = g.input_meta[i]
     if i >= len(data):
         raise InvalidArgument(f"graph {g.graph_id} input {i}: handle 0 and no input_data for it")
@@ -294,7 +301,7 @@ def _by_value(g: Graph, i: int, data: Any, dev: torch.device) -> torch.Tensor:
         t = torch.frombuffer(bytearray(raw), dtype=dtype)  # 1-d, all of it (its length was checked)
         if len(shape) != 1:  # view(*sizes): torch parses a tuple argument ~3x slower than separate sizes
             t = t.view(*shape) if shape else t.view(())
-    return t if g.device_type == "cpu" else t.to(dev)
+    return t
 
 
 def execute(g: Graph, slots: list[Any], plan: list[Any] | None = None) -> None:

@@ -486,10 +486,14 @@ def _prebuild(
     if op._schema.name in attention.NAMES:  # the fused attention's kernel, decided now (graph_trace writes it out)
         attention_kernel = attention.graph_kernel(op._schema.name, margs, mkwargs, dev)
         replacement = attention.graph_call(op._schema.name, attention_kernel)
+        if attention_kernel == attention.KEPT and len(values) > 6:  # its philox_seed holds the kept scores
+            values = [*values[:6], attention.kept_seed_meta(margs, mkwargs), *values[7:]]
     fn: Callable[..., Any] = replacement or op._op
     # The fused attention's forward is tagged as seeded (its dropout): it draws only with dropout_p > 0 (its kernel is
-    # then the dropout composition, which draws from the session's stream as an eager call does).
-    draws = torch.Tag.nondeterministic_seeded in op.tags and attention_kernel in (None, attention.DROPOUT)
+    # then the dropout composition, or on CUDA the one that keeps its scores, which draw from the session's stream as
+    # an eager call does).
+    drawing = (None, attention.DROPOUT, attention.KEPT)
+    draws = torch.Tag.nondeterministic_seeded in op.tags and attention_kernel in drawing
     if draws:
         seeded, kernel = host._seeded, fn
 

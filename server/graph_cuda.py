@@ -15,9 +15,12 @@ when refused):
   replay (`host._seeded`, as graph_trace's Traced does). A worker serves one session, so no other session's ops move
   that generator between replays. Where sessions share a process (`--isolation thread`) every random op swaps
   generator states in and out, which cannot run under a capture: such graphs stay eager;
-- no fused attention call with dropout (server/attention.py's dropout composition: its forward reads the
-  generator's state on the host and its backward builds a private generator from a state kept in a tensor, a host
-  sync): refused before any capture, by its calls;
+- fused attention calls with dropout only as a CUDA device's graph defines them (server/attention.py `KEPT`): the
+  forward draws its mask from the default generator like any random op and keeps its softmax and mask in its
+  `philox_seed`'s storage (counted in the graph's memory plan), the backward reads them there. The dropout
+  composition proper -- its forward reads the generator's state on the host, its backward builds a private
+  generator from a state kept in a tensor (a host sync) -- is refused before any capture, by its calls: a backward
+  whose philox_seed no forward of the same graph kept (one from outside the step);
 - value guards (`Call.check`: Python that reads tensor values, e.g. an embedding backward's index range) only where
   every value they read is the run's own input or a persistent tensor no op of the graph writes (`Graph.written`):
   those guards run before each replay on those tensors (`PreGuards`), with the dry run's meta tensors for the
@@ -59,12 +62,17 @@ def refusal(host: Host, g: Graph) -> str | None:
     """Why `g` must keep the eager replay on a CUDA device for good (None: it may be captured; its value guards are
     `pre_guards`' business)."""
     seeded = False
+    kept: set[int] = set()  # the slots of the philox_seeds `attention.KEPT` forwards return: their kept scores
     for c in g.calls:
-        if c.kernel == attention.DROPOUT:
-            return (
-                f"{c.name} with dropout reads and sets generator states on the host (the fused attention's dropout "
-                "composition), which a capture cannot hold"
-            )
+        if c.kernel == attention.KEPT and len(c.outs) > 6 and c.outs[6]:
+            kept.add(c.outs[6])
+        elif c.kernel == attention.DROPOUT:
+            backward = host.ops.resolve(c.name)._schema.name == attention.BACKWARD
+            if not backward or _source(c, 14, "philox_seed") not in kept:
+                return (
+                    f"{c.name} with dropout reads and sets generator states on the host (the fused attention's "
+                    "dropout composition, where no forward of the step kept its scores), which a capture cannot hold"
+                )
         seeded = seeded or c.seeded
     if seeded and not getattr(host, "exclusive_rng", False):
         return "it draws random numbers and sessions share this process (each random op swaps generator states)"
@@ -85,16 +93,18 @@ class PreGuards:
     def __len__(self) -> int:
         return len(self.items)
 
-    def run(self, slots: list[Any]) -> None:
-        """Each guard on the run's tensors (`slots`: inputs and persistent ones filled); raises what the guard
-        raises, named as graph.execute names it."""
+    def run(self, slots: list[Any], sent: dict[int, torch.Tensor] | None = None) -> None:
+        """Each guard on the run's tensors (`slots`: inputs and persistent ones filled; `sent`: inputs sent by value
+        as they came, on the CPU, read there instead: the same values, and no wait for the device); raises what the
+        guard raises, named as graph.execute names it."""
         for i, name, check, template, ktemplate, picks in self.items:
             args, kwargs = list(template), dict(ktemplate)
             for positional, key, slot in picks:
+                t = slots[slot] if sent is None or slot not in sent else sent[slot]
                 if positional:
-                    args[key] = slots[slot]
+                    args[key] = t
                 else:
-                    kwargs[key] = slots[slot]
+                    kwargs[key] = t
             try:
                 check(args, kwargs)
             except GpupoolError as exc:
@@ -194,11 +204,11 @@ class CudaGraph:
         # warm-up would apply the step twice. Capture records kernels without running them; run() replays.
         self.graph = capture(host, s, g.device, lambda: execute(g, self.static, plan), self.seeded)
 
-    def run(self, host: Host, s: WorkerSession, g: Graph, slots: list[Any]) -> bool:
+    def run(self, host: Host, s: WorkerSession, g: Graph, slots: list[Any], sent: dict[int, Any] | None) -> bool:
         if [slots[slot].data_ptr() for slot, _, _ in g.externals] != self.ptrs:
             return False
         if self.checks is not None:
-            self.checks.run(slots)  # before anything of the step runs, as eagerly before its op
+            self.checks.run(slots, sent)  # before anything of the step runs, as eagerly before its op
         for i in range(1, self.n_inputs + 1):
             self.static[i].copy_(slots[i])
         if self.seeded:
@@ -246,8 +256,10 @@ def _abandon(graph: Any, before: Any, device: torch.device, rng: torch.Tensor) -
         torch.cuda.set_rng_state(rng, device)
 
 
-def run(host: Host, s: WorkerSession, g: Graph, slots: list[Any], execute: Execute) -> None:
-    """A run of `g` on its CUDA device: the capture's replay; the first time, the decision and the capture."""
+def run(host: Host, s: WorkerSession, g: Graph, slots: list[Any], execute: Execute,
+        sent: dict[int, torch.Tensor] | None = None) -> None:  # fmt: skip
+    """A run of `g` on its CUDA device: the capture's replay; the first time, the decision and the capture. `sent`:
+    the inputs sent by value, on the CPU (`PreGuards.run`)."""
     if g.cuda is None:
         why = refusal(host, g)
         checks = None
@@ -272,6 +284,6 @@ def run(host: Host, s: WorkerSession, g: Graph, slots: list[Any], execute: Execu
             len(checks),
             ", random ops on the session's stream" if g.cuda.seeded else "",
         )
-    if not g.cuda.run(host, s, g, slots):
+    if not g.cuda.run(host, s, g, slots, sent):
         g.cuda, g.cuda_failed = None, True
         execute(g, slots)

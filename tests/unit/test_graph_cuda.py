@@ -101,6 +101,10 @@ def test_a_guard_on_the_steps_own_input_runs_before_the_replay_on_that_input() -
             g.calls[1].check([torch.zeros(4, 5, DIM), indices, VOCAB, -1, False], {})
         assert before_replay.value.message == f"graph 1 op 1 (aten::embedding_dense_backward): {eager.value.message}"
         assert "indices must lie in [0, 10)" in eager.value.message
+        # an input sent by value is checked as it came (on the CPU), not as the device holds it
+        with pytest.raises(InvalidArgument, match="indices must lie"):
+            checks.run(_slots(g, s, [good]), {1: indices})
+        checks.run(_slots(g, s, [indices]), {1: good})
 
 
 def test_the_replay_without_guards_computes_what_the_guarded_replay_does() -> None:
@@ -331,3 +335,78 @@ def test_a_failed_capture_leaves_no_capture_the_stream_and_the_generator_as_they
     assert torch.cuda.current_stream() == before
     assert torch.equal(torch.cuda.get_rng_state(), state)
     assert float((t * 2).sum()) == 8.0  # the device still works
+
+
+class _Cuda(Device):
+    """A CUDA device as a graph's definition sees it (its torch device), without touching CUDA: a definition runs on
+    meta tensors, and the decisions read only the calls it builds."""
+
+    def __init__(self) -> None:
+        super().__init__(0, "GPU-test", "test GPU", 1 << 30, fake=False)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device("cuda", 0)
+
+    def timed(self) -> Any:
+        raise NotImplementedError
+
+
+def _none() -> tensor_pb2.Arg:
+    return tensor_pb2.Arg(none=tensor_pb2.NoneArg())
+
+
+def _attention_step(ex: CommandExecutor, s: WorkerSession, outside: int = 0) -> graph.Graph:
+    """Inputs q, k, v (1-3), the output's gradient (4), with `outside` a persistent tensor (5); the fused forward with
+    dropout (its output, logsumexp, philox_seed, philox_offset) and its backward, whose philox_seed is the forward's
+    (or the persistent tensor)."""
+    q = torch.ones(2, 2, 4, 8)
+    o = 6 if outside else 5  # the forward's first output slot
+    forward = op("aten::_scaled_dot_product_fused_attention_overrideable", slot(1), slot(2), slot(3),
+                 dropout_p=tensor_pb2.Arg(f=0.1), out=(o, o + 1, 0, 0, 0, 0, o + 2, o + 3))  # fmt: skip
+    backward = op(
+        "aten::_scaled_dot_product_fused_attention_overrideable_backward", slot(4), slot(1), slot(2), slot(3),
+        _none(), tensor_pb2.Arg(bools=tensor_pb2.BoolList(values=[True, True, True, False])), slot(o), slot(o + 1),
+        _none(), _none(), tensor_pb2.Arg(i=4), tensor_pb2.Arg(i=4), tensor_pb2.Arg(f=0.1), tensor_pb2.Arg(b=False),
+        slot(5 if outside else o + 2), slot(o + 3), out=(o + 4, o + 5, o + 6),
+    )  # fmt: skip
+    return _define(ex, s, [forward, backward], [q, q, q, q], [outside] if outside else [], [o + 4])
+
+
+def test_a_cuda_graphs_fused_attention_with_dropout_keeps_its_scores_and_may_be_captured() -> None:
+    ex, s = _session(_Cuda())
+    g = _attention_step(ex, s)
+    assert [c.kernel for c in g.calls] == ["dropout_kept", "dropout"] and g.calls[0].seeded
+    assert graph_cuda.refusal(ex, g) is None
+    # the kept softmax (float32) and mask of 2 x 2 x 4 x 4 scores live from the forward to the backward, after the
+    # 16 bytes of a CUDA generator's state: counted in the plan, where a fake GPU's step keeps an 8-byte seed
+    ex2, s2 = _session()
+    fake = _attention_step(ex2, s2)
+    assert [c.kernel for c in fake.calls] == ["dropout", "dropout"]
+    assert g.peak - fake.peak == 16 + 2 * 2 * 4 * 4 * 5 - 8
+    # a backward whose philox_seed no forward of the step kept (one from outside): refused before any capture
+    ex, s = _session(_Cuda())
+    outside = s.handle_base + 1
+    s.bind(outside, torch.zeros((), dtype=torch.long))
+    why = graph_cuda.refusal(ex, _attention_step(ex, s, outside))
+    assert why is not None and why.startswith("aten::_scaled_dot_product_fused_attention_overrideable_backward with ")
+    assert "where no forward of the step kept its scores" in why
+
+
+@cuda
+def test_a_fused_attention_step_with_dropout_becomes_a_cuda_graph_that_computes_what_eager_does() -> None:
+    from gpupool.server.devices import CudaDevice
+
+    results = []
+    for eager in (False, True):
+        ex, s = _session(CudaDevice(0))
+        g = _attention_step(ex, s)
+        g.cuda_failed = eager
+        ex._seed(s, 99)
+        g_in = torch.Generator().manual_seed(4)
+        inputs = [torch.randn(2, 2, 4, 8, generator=g_in) for _ in range(4)]
+        results.append([_run(ex, s, inputs, [s.handle_base + 100 + k])[0] for k in range(4)])
+        assert (g.cuda is None) == eager
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(results[0][2], results[0][3])  # fresh masks every replay
