@@ -139,8 +139,9 @@ class GraphTable:
         graphs[msg.graph_id] = g
         event = "rerecorded" if pending.replaced else "defined"
         self.host.ledger.graph(s, event)
+        g.cuda_verdict = graph_cuda.verdict(self.host, g)  # decided for every device: fake GPUs log it too
         log.info(
-            "session %d: graph %d %s: %d ops, %d inputs, %d persistent tensors, %d outputs, %d kept, peak %d bytes",
+            "session %d: graph %d %s: %d ops, %d inputs, %d persistent tensors, %d outputs, %d kept, peak %d bytes; %s",
             s.number,
             msg.graph_id,
             event,
@@ -150,6 +151,7 @@ class GraphTable:
             len(g.outputs),
             len(g.writes),
             g.peak,
+            graph_cuda.describe(g.cuda_verdict),
         )
 
     def drop(self, s: WorkerSession, msg: device_pb2.DropGraph) -> None:

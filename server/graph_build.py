@@ -112,6 +112,9 @@ class Graph:
     runs: int = 0
     cuda: Any = None
     cuda_failed: bool = False
+    # graph_cuda.verdict at definition, on every device: (the value guards to run before a CUDA graph's replay, None)
+    # or (None, why no CUDA graph may hold the graph)
+    cuda_verdict: tuple[Any, str | None] = (None, "not decided")
     traced: Any = None  # graph_trace.Traced once the graph runs as a TorchScript graph
     trace_refused: bool = False  # graph_trace said no (or failed): the Python replay for good
     plan: list[Step] = field(default_factory=list)  # the calls as graph.execute runs them (`compile_calls`)

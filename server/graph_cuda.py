@@ -256,15 +256,27 @@ def _abandon(graph: Any, before: Any, device: torch.device, rng: torch.Tensor) -
         torch.cuda.set_rng_state(rng, device)
 
 
+def verdict(host: Host, g: Graph) -> tuple[PreGuards, None] | tuple[None, str]:
+    """Whether a CUDA graph may hold `g` (decided at its definition, on any device): (its value guards to run before
+    each replay, None) or (None, why not)."""
+    why = refusal(host, g)
+    return (None, why) if why is not None else pre_guards(host, g)
+
+
+def describe(decided: tuple[Any, str | None]) -> str:
+    """`verdict`'s answer in words (the log line of a graph's definition)."""
+    checks, why = decided
+    if checks is None:
+        return f"no CUDA graph: {why}"
+    return f"a CUDA graph may hold it ({len(checks)} value guards before each replay)"
+
+
 def run(host: Host, s: WorkerSession, g: Graph, slots: list[Any], execute: Execute,
         sent: dict[int, torch.Tensor] | None = None) -> None:  # fmt: skip
-    """A run of `g` on its CUDA device: the capture's replay; the first time, the decision and the capture. `sent`:
-    the inputs sent by value, on the CPU (`PreGuards.run`)."""
+    """A run of `g` on its CUDA device: the capture's replay; the first time, the capture where the graph's verdict
+    allows it. `sent`: the inputs sent by value, on the CPU (`PreGuards.run`)."""
     if g.cuda is None:
-        why = refusal(host, g)
-        checks = None
-        if why is None:
-            checks, why = pre_guards(host, g)
+        checks, why = g.cuda_verdict
         if checks is None:
             g.cuda_failed = True
             log.info("session %d: graph %d stays eager on CUDA: %s", s.number, g.graph_id, why)

@@ -84,6 +84,8 @@ def test_a_guard_on_the_steps_own_input_runs_before_the_replay_on_that_input() -
     assert graph_cuda.refusal(ex, g) is None
     checks, why = graph_cuda.pre_guards(ex, g)
     assert why is None and checks is not None and len(checks) == 1
+    assert g.cuda_verdict[1] is None and g.cuda_verdict[0].items[0][5] == checks.items[0][5]
+    assert graph_cuda.describe(g.cuda_verdict) == "a CUDA graph may hold it (1 value guards before each replay)"
     (index, name, _, _, _, picks) = checks.items[0]
     assert (index, name, picks) == (1, "aten::embedding_dense_backward", [(True, 1, 1)])  # position 1 <- input slot 1
     good = torch.randint(0, VOCAB, (4, 5))
@@ -187,6 +189,9 @@ def test_a_guard_on_a_value_the_step_computes_keeps_the_graph_eager() -> None:
     checks, why = graph_cuda.pre_guards(ex, g)
     assert checks is None
     assert why == "the value guard of aten::embedding_dense_backward (op 2) reads slot 3, which the step computes"
+    # decided at the definition already (every device), and said in its log line
+    assert g.cuda_verdict == (None, why)
+    assert graph_cuda.describe(g.cuda_verdict) == f"no CUDA graph: {why}"
 
 
 def test_a_step_without_value_guards_has_none_to_run() -> None:
