@@ -13,27 +13,13 @@ from gpupool.server import graph, graph_cuda, guards, slices
 from gpupool.server.devices import Device, FakeDevice
 from gpupool.server.executor import CommandExecutor
 from gpupool.server.sessions import DeviceMemory, WorkerSession
+from test_server_graph import _no_reply, op, slot
 
 from gpupool import wire
 from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import InvalidArgument
 
 VOCAB, DIM = 10, 3
-
-
-def slot(n: int) -> tensor_pb2.Arg:
-    return tensor_pb2.Arg(tensor=n)
-
-
-def op(name: str, *args: tensor_pb2.Arg, out: tuple[int, ...] = (), **kwargs: tensor_pb2.Arg) -> device_pb2.Op:
-    msg = device_pb2.Op(name=name, args=list(args), outputs=list(out))
-    for k, v in kwargs.items():
-        msg.kwargs[k].CopyFrom(v)
-    return msg
-
-
-def _no_reply(item: object) -> None:
-    raise AssertionError("graph commands are not answered")
 
 
 def _session(device: Device | None = None, exclusive: bool = True) -> tuple[CommandExecutor, WorkerSession]:
