@@ -61,6 +61,7 @@ from torch import nn
 from train_overhead import _proc_cpu, add_worker_flags, bench_daemons, run_worker, stock_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
+SEED = 1234  # every worker's torch.manual_seed once its model is on its device
 MODELS = ("tiny-mlp", "encoder", "mlp", "cnn", "classifier", "encoder-nodrop")
 MODES = ("local", "eager", "captured", "native", "native-captured")
 
@@ -172,6 +173,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         device = gt.attach(args.address, args.token)
         rt = runtime.get(device.index)
     model = model.to(device)
+    # Every mode's random stream from one seed, set on the device that draws (torch.manual_seed reaches a gpupool
+    # session's generator): dropout models' captured and eager runs through the same daemon then draw the same masks,
+    # and their losses must agree (`print_losses`).
+    torch.manual_seed(SEED)
     captured = args.mode in ("captured", "native-captured")
     opt = adam(model, device, captured, args.adam)
     step = training_step(model, opt, loss_fn)
@@ -342,18 +347,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_losses(rows: list[tuple[str, dict[str, dict[str, Any]]]]) -> None:
     """The warm-up steps' losses of each remote mode against local's (the same weights, batches and seed): the
-    largest relative difference. Dropout draws differ between a local device and a daemon's session generator,
-    so only the dropout-free workloads (tiny-mlp, mlp, encoder-nodrop) are expected to agree to rounding."""
+    largest relative difference. Dropout draws may differ between a local device and a daemon's session generator,
+    so only the dropout-free workloads (tiny-mlp, mlp, encoder-nodrop) are expected to agree with local to rounding;
+    a captured mode is also compared with its eager mode (captured with eager, native-captured with native): the same
+    daemon and seed, so the same draws, dropout or not (what a CUDA graph's replay of random ops must keep)."""
     for model, best in rows:
+        for mode, r in best.items():
+            base = {"captured": "eager", "native-captured": "native"}.get(mode)
+            if base in best:
+                d = _largest_difference(r["losses"], best[base]["losses"])
+                print(f"{model}: {mode} vs {base} (the same daemon and seed), largest relative loss difference over "
+                      f"{len(r['losses'])} warm-up steps: {d:.1e}")  # fmt: skip
         if "local" not in best:
             continue
         ref = best["local"]["losses"]
-        diffs = []
-        for mode, r in best.items():
-            if mode != "local":
-                d = max((abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r["losses"], ref, strict=True)), default=0.0)
-                diffs.append(f"{mode} {d:.1e}")
+        diffs = [f"{mode} {_largest_difference(r['losses'], ref):.1e}" for mode, r in best.items() if mode != "local"]
         print(f"{model}: largest relative loss difference from local over {len(ref)} warm-up steps: {', '.join(diffs)}")
+
+
+def _largest_difference(losses: list[float], ref: list[float]) -> float:
+    return max((abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, ref, strict=True)), default=0.0)
 
 
 def paired_ratios(order: list[tuple[str, dict[str, Any]]]) -> dict[str, list[float]]:

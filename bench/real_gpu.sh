@@ -8,6 +8,9 @@
 #   tiny      launch_bound --gpu: tiny MLP and encoders, local CUDA vs the pool (shim eager, captured)
 #   native    the same through the C++ client (its first build included)
 #   big       the stock MLP and the sentiment CNN, local CUDA vs the pool
+#   cudagraph the transformer classifier, local CUDA vs the pool; then, for every stage's captured steps, which became
+#             CUDA graphs (dropout, embeddings: server/graph_cuda.py) and whether their losses equal the eager ones
+#             through the same daemon from the same seed ("captured vs eager" lines)
 # The daemon's log of each launch_bound run is kept (graphs captured as CUDA graphs or not, errors).
 set -u
 OUT=${OUT:-real_gpu_out}
@@ -28,5 +31,11 @@ LB="python3 bench/launch_bound.py --gpu --rounds 1 --steps 50 --blocks 3"
 BENCH_DAEMON_LOG=$OUT/tiny.daemon.log stage tiny "${T_TINY:-150}" $LB --models tiny-mlp,encoder-nodrop,encoder --modes local,eager,captured
 BENCH_DAEMON_LOG=$OUT/native.daemon.log stage native "${T_NATIVE:-200}" $LB --models tiny-mlp,encoder-nodrop,encoder --modes local,native,native-captured
 BENCH_DAEMON_LOG=$OUT/big.daemon.log stage big "${T_BIG:-120}" $LB --models mlp,cnn --modes local,eager,captured,native
-stage tests "${T_TESTS:-120}" python3 -m pytest -q -x -p no:cacheprovider tests/unit/test_server_worker_gpu_cap.py
+BENCH_DAEMON_LOG=$OUT/cudagraph.daemon.log stage cudagraph "${T_CUDAGRAPH:-150}" $LB --models classifier --modes local,eager,captured
+# CUDA graphs of every stage above (tiny: encoders, big: the CNN, cudagraph: the classifier): captured ones draw
+# what eager draws from the same seed (~1e-6 is capturable Adam's rounding; a different dropout stream is 1e-2 and up)
+grep -h "captured vs eager\|native-captured vs native" "$OUT"/tiny.log "$OUT"/native.log "$OUT"/big.log "$OUT"/cudagraph.log
+# one line per graph and daemon log: captured as a CUDA graph, or why it stays eager
+grep -o "graph [0-9]* captured as a CUDA graph.*\|graph [0-9]* stays eager on CUDA.*" "$OUT"/*.daemon.log | sort | uniq -c
+stage tests "${T_TESTS:-120}" python3 -m pytest -q -x -p no:cacheprovider tests/unit/test_server_worker_gpu_cap.py tests/unit/test_graph_cuda.py
 grep -h -i "cuda graph\|stays eager\|error\|traceback" "$OUT"/*.daemon.log | sort | uniq -c | sort -rn | head -20

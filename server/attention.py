@@ -29,25 +29,28 @@ it keeps the Python replay).
   autograd for the backward) also serves the shapes the CPU kernel refuses and a gradient of the bias
   (`grad_input_mask[3]`), which no fused kernel here computes.
 
-Dropout inside attention (0 < dropout_p < 1; no flash kernel here takes it, local CPU's refuses it too) runs the
-dropout composition (`_dropout_forward`, `_dropout_backward`, any device): torch's own math path
-(`_scaled_dot_product_attention_math`) step by step, each step the kernel the daemon runs for the same op of a
-client's math path (fake GPUs: fallbacks' `native_dropout`), so a fused call gives the math path's bits. Its mask is
-drawn from the session's seeded stream (the forward is a seeded op: server/executor.py `_seeded`) exactly as the
-math path's `native_dropout` draws it, leaving the stream where the math path leaves it. The forward returns the
-generator state it drew from in `philox_seed` (a 0-d int64 view of the state's bytes: the CPU's mt19937 state, 5056
-bytes, or a CUDA generator's seed and offset; `philox_offset` is 0), and the backward recomputes the forward with the
-mask drawn again from that state on a private generator, then runs the kernels autograd of the math path runs, on the
-same operands: no L x S mask lives between the forward and the backward (only the 5 KB state), and the session's
-stream does not move. An eager forward on a fake GPU (`_dropout_forward_saving`, round 28) also keeps its softmax and
-mask in `philox_seed`'s storage after the state (5 bytes a score in float32, counted as that storage's bytes; the
-math path's autograd holds 9), and the backward from such a seed skips the recomputed scores, softmax and draw (the
-same bits; ~3 of the ~8.5 ms of a classifier's attention forward and backward); a graph's forward keeps the state
-only. A forged state only changes the session's own results; one of another shape, dtype, device or size is
-INVALID_ARGUMENT. Its logsumexp output is zeros (the math path makes none; nothing reads it). No aten op reads or sets
-a generator's state, so the composition is two operators of its own (`_LIBRARY`): a traced graph holds each
-call as one node, which the TorchScript interpreter calls back. An eager call on a fake GPU calls the composition's
-function directly, forward and backward (the library op's dispatch into Python and back cost ~20 us a backward).
+Dropout inside attention (0 < dropout_p < 1; no flash kernel here takes it, local CPU's refuses it too) runs the dropout
+composition (`_dropout_forward`, `_dropout_backward`, any device): torch's own math path
+(`_scaled_dot_product_attention_math`) step by step, each step the kernel the daemon runs for the same op of a client's
+math path (fake GPUs: fallbacks' `native_dropout`), so a fused call gives the math path's bits. Its mask is drawn from
+the session's seeded stream (the forward is a seeded op: server/executor.py `_seeded`) exactly as the math path's
+`native_dropout` draws it, leaving the stream where the math path leaves it. The forward returns the generator state it
+drew from in `philox_seed` (a 0-d int64 view of the state's bytes: the CPU's mt19937 state, 5056 bytes, or a CUDA
+generator's seed and offset; `philox_offset` is 0), and the backward recomputes the forward with the mask drawn again
+from that state on a private generator, then runs the kernels autograd of the math path runs, on the same operands: no L
+x S mask lives between the forward and the backward (only the 5 KB state), and the session's stream does not move. An
+eager forward on a fake GPU (`_dropout_forward_saving`, round 28) also keeps its softmax and mask in `philox_seed`'s
+storage after the state (5 bytes a score in float32, counted as that storage's bytes; the math path's autograd holds 9),
+and the backward from such a seed skips the recomputed scores, softmax and draw (the same bits; ~3 of the ~8.5 ms of a
+classifier's attention forward and backward); a graph's forward keeps the state only, except on a CUDA device (`KEPT`):
+there it keeps the softmax and mask after 16 zero bytes and reads no generator state, so that a CUDA graph can hold the
+call (server/graph_cuda.py; the graph's memory plan counts the kept bytes: `kept_seed_meta`). (Clients send a recorded
+step's dropout calls as torch's math path by default: only a client that sends the fused op in a graph reaches this.) A
+forged state only changes the session's own results; one of another shape, dtype, device or size is INVALID_ARGUMENT.
+Its logsumexp output is zeros (the math path makes none; nothing reads it). No aten op reads or sets a generator's
+state, so the composition is two operators of its own (`_LIBRARY`): a traced graph holds each call as one node, which
+the TorchScript interpreter calls back. An eager call on a fake GPU calls the composition's function directly, forward
+and backward (the library op's dispatch into Python and back cost ~20 us a backward).
 
 Outputs have exactly the meta kernel's shapes, strides and dtypes (`_like`), which the clients' output tensors
 already carry.
@@ -276,8 +279,10 @@ def _math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, is_causal: bool,
 
 
 # Kernels a fused call runs: local CPU's flash kernel (fake GPUs), the mem-efficient kernel (CUDA), the math one, and
-# torch's math path with its seeded dropout (dropout_p > 0, any device).
-FLASH_CPU, EFFICIENT, MATH, DROPOUT = "flash_cpu", "efficient", "math", "dropout"
+# torch's math path with its seeded dropout (dropout_p > 0, any device). KEPT: a graph's forward with dropout on a CUDA
+# device, which keeps its softmax and mask for the backward and reads no generator state (`_dropout_forward_saving`
+# without the state): what a CUDA graph can hold (server/graph_cuda.py).
+FLASH_CPU, EFFICIENT, MATH, DROPOUT, KEPT = "flash_cpu", "efficient", "math", "dropout", "dropout_kept"
 
 
 def _efficient_ok(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, device: torch.device | None = None) -> bool:
@@ -509,24 +514,30 @@ def _saved_sizes(q: Tensor, k: Tensor) -> tuple[torch.Size, torch.dtype, int]:
 
 
 def _dropout_forward_saving(
-    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: float, is_causal: bool, scale: float | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, p: float, is_causal: bool, scale: float | None,
+    with_state: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """`_dropout_forward` that also keeps the softmax and the mask for the backward, in the storage of `philox_seed`
     after the generator state (an eager call on a fake GPU): the backward then skips recomputing the scores, the
     softmax and the draw (the classifier's two attention dropouts a step: ~40 % of its step's random draws, round 28).
     They are B x H x L x S x 5 bytes in float32 (9 in float64) held from the forward to the backward, as the math path
     holds its softmax, mask and dropped scores (9 bytes) under autograd; the storage's bytes count against the quota
     as every storage's do (server/sessions.py), and the forward's admission already counted them among its temporaries
-    (`DROPOUT_FORWARD_BYTES`). A graph's forward (the library op) keeps the state only: its backward recomputes."""
-    state = _generator_state(q.device)
+    (`DROPOUT_FORWARD_BYTES`). A graph's forward (the library op) keeps the state only: its backward recomputes; but
+    on a CUDA device a graph's forward is this one (`KEPT`) `with_state` False: the state's bytes zeros, no generator
+    state read on the host (a CUDA graph could not hold that), the backward from the kept scores alone."""
+    state = _generator_state(q.device) if with_state else None
     out, kept_for_backward = _dropout_math(q, k, v, bias, p, is_causal, scale, None)
     attn, kept = kept_for_backward[3], kept_for_backward[4]
     del kept_for_backward  # the scores, the dropped scores: freed before the buffer is allocated
     shape, dtype, extra = _saved_sizes(q, k)
     n = shape.numel()
-    head = state.numel()
+    head = _state_bytes(q.device)
     buffer = torch.empty(head + extra, dtype=torch.uint8, device=q.device)
-    buffer[:head].copy_(state)
+    if state is None:
+        buffer[:head].zero_()
+    else:
+        buffer[:head].copy_(state)
     buffer[head : head + n * dtype.itemsize].view(dtype).view(shape).copy_(attn)
     buffer[head + n * dtype.itemsize : head + n * dtype.itemsize + n].view(torch.bool).view(shape).copy_(kept)
     buffer[head + n * dtype.itemsize + n :].zero_()  # the padding: no byte of the storage left unwritten
@@ -541,9 +552,9 @@ def _saved_scores(philox_seed: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Te
     (`_dropout_forward_saving`), or None where the storage is the state alone (a graph's forward: recompute) or
     anything else (`_saved_generator` refuses it). A forged storage of the right size only changes the session's own
     gradients: its mask is read as uint8 (`_drop_backward`, as `_drop` multiplies), never as bool values."""
-    if q.device.type != "cpu" or not isinstance(philox_seed, Tensor) or philox_seed.dtype != torch.int64:
+    if not isinstance(philox_seed, Tensor) or philox_seed.dtype != torch.int64:
         return None
-    head = _CPU_STATE_BYTES
+    head = _state_bytes(q.device)
     shape, dtype, extra = _saved_sizes(q, k)
     storage = philox_seed.untyped_storage()
     if philox_seed.storage_offset() != 0 or storage.nbytes() != head + extra or philox_seed.device != q.device:
@@ -648,8 +659,9 @@ def forward(
     an eager call on CUDA also falls back to the math composition when the kernel itself refuses)."""
     check_forward(query, key, value, attn_bias, dropout_p, scale, return_debug_mask)
     scale = None if scale is None else float(scale)
-    if kernel is None and dropout_p > 0 and query.device.type == "cpu":  # eager on a fake GPU: keeps its scores
-        dropped = _dropout_forward_saving(query, key, value, attn_bias, float(dropout_p), is_causal, scale)
+    if kernel == KEPT or (kernel is None and dropout_p > 0 and query.device.type == "cpu"):  # keeps its scores
+        dropped = _dropout_forward_saving(query, key, value, attn_bias, float(dropout_p), is_causal, scale,
+                                          with_state=kernel is None)  # fmt: skip
         return (dropped[0], dropped[1], None, None, query.shape[2], key.shape[2], dropped[2], dropped[3], None)
     if kernel == DROPOUT or (kernel is None and dropout_p > 0):  # one call (`_LIBRARY`): a traced graph's node too
         dropped = ops.call(_DROPOUT_FORWARD, query, key, value, attn_bias, float(dropout_p), is_causal, scale)
@@ -815,10 +827,20 @@ def graph_kernel(name: str, args: Args, kwargs: Kwargs, device: torch.device) ->
     q, k, v = (_dense_or_copy(arg(args, kwargs, base + i, n)) for i, n in enumerate(("query", "key", "value")))
     bias = arg(args, kwargs, base + 3, "attn_bias")
     if _drops(name, args, kwargs):
-        return DROPOUT
+        return KEPT if name == FORWARD and device.type == "cuda" else DROPOUT
     if name == FORWARD:
         return choose_kernel(q, k, v, bias, device)
     return backward_kernel(q, k, v, bias, arg(args, kwargs, 5, "grad_input_mask"), device)
+
+
+def kept_seed_meta(args: Args, kwargs: Kwargs) -> Tensor:
+    """The `philox_seed` a `KEPT` forward returns, as a meta tensor for a graph's dry run: a 0-d int64 view of a storage
+    of the state's bytes and the kept softmax and mask, so that the graph's memory plan counts what it holds until
+    the backward (the op's own meta kernel returns an 8-byte one)."""
+    q, k = arg(args, kwargs, 0, "query"), arg(args, kwargs, 1, "key")
+    _, _, extra = _saved_sizes(q, k)
+    words = (_state_bytes(torch.device("cuda")) + extra) // 8
+    return torch.empty(words, dtype=torch.int64, device="meta").as_strided([], [], 0)
 
 
 def graph_call(name: str, kernel: str) -> Callable[..., Any]:

@@ -12,9 +12,11 @@ Memory: a session that holds graphs has its largest graph's peak (temporaries pl
 in its used bytes for as long as it holds it -- as a CUDA graph's private pool holds that memory -- so the quota
 is checked once, at definition, and `gpupool smi` and the device's accounting see what the steps need.
 
-On CUDA devices a graph without random ops is additionally captured as a CUDA graph once it has run eagerly
-(`_CudaGraph`); CPU-backed fake GPUs never take that path. On CPU-backed devices a graph runs, from its second run
-on, as a TorchScript graph where it can (graph_trace.py): one call per step, the ops dispatched in C++.
+On CUDA devices a graph is additionally captured as a CUDA graph once it has run eagerly twice, where it can
+(graph_cuda.py: random ops in a session's own worker process, value guards that read only the run's inputs and
+persistent tensors the step does not write); CPU-backed fake GPUs never take that path. On CPU-backed devices a
+graph runs, from its second run on, as a TorchScript graph where it can (graph_trace.py): one call per step, the
+ops dispatched in C++.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from gpupool import wire
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, NotFound, ResourceExhausted
 
-from . import graph_trace, slices
+from . import graph_cuda, graph_trace, slices
 from .graph_build import GATHER, ONE, Graph, Host, building, flat
 from .sessions import Poison, WorkerSession, out_of_memory, zero_bytes
 
@@ -137,8 +139,9 @@ class GraphTable:
         graphs[msg.graph_id] = g
         event = "rerecorded" if pending.replaced else "defined"
         self.host.ledger.graph(s, event)
+        g.cuda_verdict = graph_cuda.verdict(self.host, g)  # decided for every device: fake GPUs log it too
         log.info(
-            "session %d: graph %d %s: %d ops, %d inputs, %d persistent tensors, %d outputs, %d kept, peak %d bytes",
+            "session %d: graph %d %s: %d ops, %d inputs, %d persistent tensors, %d outputs, %d kept, peak %d bytes; %s",
             s.number,
             msg.graph_id,
             event,
@@ -148,6 +151,7 @@ class GraphTable:
             len(g.outputs),
             len(g.writes),
             g.peak,
+            graph_cuda.describe(g.cuda_verdict),
         )
 
     def drop(self, s: WorkerSession, msg: device_pb2.DropGraph) -> None:
@@ -190,6 +194,7 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph) -> No
     slots: list[Any] = [None] * g.n_slots
     tensors = s.tensors
     data = None
+    sent: dict[int, torch.Tensor] | None = None  # on a GPU: slot -> an input sent by value, as it came (on the CPU)
     for i, h in enumerate(inputs):
         m = g.input_meta[i]
         if h:
@@ -204,7 +209,12 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph) -> No
         else:
             if data is None:
                 data = msg.input_data[:]
-            t = _by_value(g, i, data, g.device)
+            t = _by_value(g, i, data)
+            if g.device_type != "cpu":
+                if sent is None:
+                    sent = {}
+                sent[i + 1] = t
+                t = t.to(g.device)
         slots[i + 1] = t
     persistent = _externals(s, g, slots)
     for h in outputs:
@@ -212,7 +222,7 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph) -> No
             s.check_handle(h)
     try:
         if g.cuda is not None or (not g.cuda_failed and g.device_type == "cuda" and g.runs >= 2):
-            _run_cuda(host, s, g, slots)
+            graph_cuda.run(host, s, g, slots, execute, sent)
         elif g.traced is not None:
             g.traced.run(host, s, g, slots)
         elif not g.trace_refused and g.runs >= graph_trace.TRACE_AFTER_RUNS:
@@ -272,8 +282,9 @@ def _forget_seen(g: Graph) -> None:
         cell[0], cell[1] = None, -1
 
 
-def _by_value(g: Graph, i: int, data: Any, dev: torch.device) -> torch.Tensor:
-    """Input `i` of a run from its bytes in RunGraph.input_data (its memory is part of the graph's reservation)."""
+def _by_value(g: Graph, i: int, data: Any) -> torch.Tensor:
+    """Input `i` of a run from its bytes in RunGraph.input_data, on the CPU (its memory is part of the graph's
+    reservation)."""
     shape, _, _, dtype = g.input_meta[i]
     if i >= len(data):
         raise InvalidArgument(f"graph {g.graph_id} input {i}: handle 0 and no input_data for it")
@@ -292,15 +303,17 @@ def _by_value(g: Graph, i: int, data: Any, dev: torch.device) -> torch.Tensor:
         t = torch.frombuffer(bytearray(raw), dtype=dtype)  # 1-d, all of it (its length was checked)
         if len(shape) != 1:  # view(*sizes): torch parses a tuple argument ~3x slower than separate sizes
             t = t.view(*shape) if shape else t.view(())
-    return t if g.device_type == "cpu" else t.to(dev)
+    return t
 
 
-def execute(g: Graph, slots: list[Any]) -> None:
+def execute(g: Graph, slots: list[Any], plan: list[Any] | None = None) -> None:
     """The hot loop: no protobuf, no name lookups, no argument checks beyond the value guards. Each step's
-    structure was decided at definition (graph_build.compile_calls)."""
+    structure was decided at definition (graph_build.compile_calls). `plan`: g.plan by default (a CUDA graph's
+    capture runs it without the value guards, which run before each replay: graph_cuda.py)."""
     i = 0
+    steps = plan or g.plan
     try:
-        for i, (mode, fn, gather, fill, fill_lists, kwargs, kfill, check, out1, outs, zero, dead) in enumerate(g.plan):  # noqa: B007
+        for i, (mode, fn, gather, fill, fill_lists, kwargs, kfill, check, out1, outs, zero, dead) in enumerate(steps):  # noqa: B007
             if mode == GATHER:
                 args = gather(slots)
             elif mode == ONE:
@@ -363,57 +376,3 @@ def _run_traced(host: Host, s: WorkerSession, g: Graph, slots: list[Any]) -> Non
         execute(g, slots)
     else:
         g.traced.run(host, s, g, slots)
-
-
-# ---- CUDA graphs (real GPUs only) ----
-
-
-class _CudaGraph:
-    """A torch.cuda.CUDAGraph of the whole step, with static copies of the inputs.
-
-    Valid only while the persistent tensors keep their addresses and the graph has no random ops (each
-    session's generator state lives outside the graph); anything else keeps the prebuilt eager path.
-    """
-
-    def __init__(self, g: Graph, slots: list[Any]) -> None:
-        self.n_inputs = len(g.input_meta)
-        self.static = list(slots)
-        self.ptrs = [slots[slot].data_ptr() for slot, _, _ in g.externals]
-        # No warm-up run: the graph ran eagerly twice already (lazy kernel and library set-up is done), and a
-        # warm-up would apply the step twice. Capture records kernels without running them; run() replays.
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            execute(g, self.static)
-        self.kept = sorted(set(g.outputs) | set(g.writes.values()))
-
-    def run(self, g: Graph, slots: list[Any]) -> bool:
-        if [slots[slot].data_ptr() for slot, _, _ in g.externals] != self.ptrs:
-            return False
-        for i in range(1, self.n_inputs + 1):
-            self.static[i].copy_(slots[i])
-        self.graph.replay()
-        for slot in self.kept:  # outputs get fresh handles: copies, since the next replay overwrites these
-            slots[slot] = self.static[slot].clone()
-        return True
-
-
-def _run_cuda(host: Host, s: WorkerSession, g: Graph, slots: list[Any]) -> None:
-    if g.cuda is None:
-        if any(c.seeded or c.check is not None for c in g.calls):
-            g.cuda_failed = True  # random ops (per-session generators) or value guards: stay eager
-            execute(g, slots)
-            return
-        try:
-            static = list(slots)
-            for i in range(1, len(g.input_meta) + 1):
-                static[i] = slots[i].clone()
-            g.cuda = _CudaGraph(g, static)
-            log.info("session %d: graph %d captured as a CUDA graph", s.number, g.graph_id)
-        except Exception as exc:  # capture is an optimisation: any refusal keeps the eager path
-            log.info("session %d: graph %d stays eager on CUDA: %s", s.number, g.graph_id, exc)
-            g.cuda_failed = True
-            execute(g, slots)
-            return
-    if not g.cuda.run(g, slots):
-        g.cuda, g.cuda_failed = None, True
-        execute(g, slots)

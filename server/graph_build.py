@@ -89,6 +89,9 @@ class Call:
     seeded: bool  # draws random numbers from the session's generator
     replaced: bool = False  # runs guards.replacement's Python code instead of the kernel
     kernel: str | None = None  # a fused attention call's kernel (attention.graph_kernel)
+    # A value-guarded call's arguments as its definition's dry run saw them (meta tensors, constants): what the guard
+    # reads of them other than values (shapes, dtypes), for running it before a CUDA graph's replay (graph_cuda.py)
+    guard_meta: tuple[list[Any], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -109,6 +112,9 @@ class Graph:
     runs: int = 0
     cuda: Any = None
     cuda_failed: bool = False
+    # graph_cuda.verdict at definition, on every device: (the value guards to run before a CUDA graph's replay, None)
+    # or (None, why no CUDA graph may hold the graph)
+    cuda_verdict: tuple[Any, str | None] = (None, "not decided")
     traced: Any = None  # graph_trace.Traced once the graph runs as a TorchScript graph
     trace_refused: bool = False  # graph_trace said no (or failed): the Python replay for good
     plan: list[Step] = field(default_factory=list)  # the calls as graph.execute runs them (`compile_calls`)
@@ -118,6 +124,9 @@ class Graph:
     # The persistent tensors (indexes into `externals`) no op of the graph may change the metadata of in place:
     # only these skip the check when their version is unchanged (the others are checked on every run).
     stable: list[int] = field(default_factory=list)
+    # The input and persistent slots whose storages an op of the graph that writes (a mutable schema) reads: their
+    # values at an op may differ from the run's start (graph_cuda.py runs guards before a replay on the others only)
+    written: frozenset[int] = frozenset()
     # `device.type`, read once: torch.device builds that string anew (a C++ stream) on every read, and a run asked
     # for it once per step and once per input sent by value
     device_type: str = field(init=False, default="meta")
@@ -216,6 +225,7 @@ def building(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Gener
     reshaped: set[int] = set()  # external slots a mutable op that may change metas reads
     external_storages = {t.untyped_storage()._cdata for t in meta_slots[fixed - len(externals) : fixed]}
     grows_externals = False
+    written_storages: set[int] = set()  # meta storages a mutable op reads (so may write): `Graph.written`
     live = peak = grown = total_work = 0
     # What the calls whose work their values decide (guards.py `_LOOPS`) may do at a run, each: the bound less the
     # rest's work, shared among them (set once all ops are known; the dry run sees no values)
@@ -241,6 +251,7 @@ def building(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Gener
         op = host.ops.resolve(op_msg.name)
         if op._schema.is_mutable:
             keeps = checks._keeps_meta(op)
+            written_storages.update(st._cdata for st in _storages(meta_slots, reads))
             for slot in reads:
                 if slot in external_handle:
                     mutated.add(external_handle[slot])
@@ -324,6 +335,9 @@ def building(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Gener
     )
     graph.plan = yield from _compiled(calls)
     graph.stable = [k for k, (slot, _, _) in enumerate(externals) if slot not in reshaped]
+    graph.written = frozenset(
+        slot for slot in range(1, fixed) if meta_slots[slot].untyped_storage()._cdata in written_storages
+    )
     return graph
 
 
@@ -475,10 +489,14 @@ def _prebuild(
     if op._schema.name in attention.NAMES:  # the fused attention's kernel, decided now (graph_trace writes it out)
         attention_kernel = attention.graph_kernel(op._schema.name, margs, mkwargs, dev)
         replacement = attention.graph_call(op._schema.name, attention_kernel)
+        if attention_kernel == attention.KEPT and len(values) > 6:  # its philox_seed holds the kept scores
+            values = [*values[:6], attention.kept_seed_meta(margs, mkwargs), *values[7:]]
     fn: Callable[..., Any] = replacement or op._op
     # The fused attention's forward is tagged as seeded (its dropout): it draws only with dropout_p > 0 (its kernel is
-    # then the dropout composition, which draws from the session's stream as an eager call does).
-    draws = torch.Tag.nondeterministic_seeded in op.tags and attention_kernel in (None, attention.DROPOUT)
+    # then the dropout composition, or on CUDA the one that keeps its scores, which draw from the session's stream as
+    # an eager call does).
+    drawing = (None, attention.DROPOUT, attention.KEPT)
+    draws = torch.Tag.nondeterministic_seeded in op.tags and attention_kernel in drawing
     if draws:
         seeded, kernel = host._seeded, fn
 
@@ -508,6 +526,7 @@ def _prebuild(
         draws,
         replacement is not None,
         attention_kernel,
+        (margs, mkwargs) if value_guard else None,
     )
     return call, values[: len(outs)], reads, work + _elements(values)
 

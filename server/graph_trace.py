@@ -13,7 +13,7 @@ in) and no meta constant. The graph executor's optimisation passes are off: the 
 the Python replay, so the same bits.
 
 A graph runs this way only when every run would call exactly the same kernels with the same arguments:
-- on a CPU-backed device (fake GPUs): real GPUs capture CUDA graphs instead (graph._CudaGraph);
+- on a CPU-backed device (fake GPUs): real GPUs capture CUDA graphs instead (graph_cuda.py);
 - in a session's own worker process (`exclusive_rng`): its random ops draw from the device's default generator,
   which holds the session's stream there, so they draw the same numbers as the Python replay (the session's
   stream is loaded before each run, as the Python replay's first random op would);

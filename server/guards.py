@@ -303,6 +303,27 @@ _LOOPS: dict[str, Callable[[Args, Kwargs], float]] = {
 }
 
 
+# The arguments each value guard reads the values of, as `arg` finds them (position, name): of every other argument
+# it reads only metadata (shapes, dtypes), so it may run before a run on meta tensors for those and the real
+# tensors for these (a CUDA graph's replay, server/graph_cuda.py). A guard missing here is never run that way.
+VALUE_READS: dict[str, tuple[tuple[int, str], ...]] = {
+    "aten::embedding_dense_backward": ((1, "indices"),),
+    "aten::_embedding_bag_dense_backward": ((1, "indices"), (2, "offset2bag"), (4, "maximum_indices")),
+    "aten::_embedding_bag_backward": ((1, "indices"), (2, "offset2bag"), (4, "maximum_indices")),
+    "aten::_embedding_bag_per_sample_weights_backward": ((2, "indices"), (4, "offset2bag")),
+    "aten::max_pool2d_with_indices_backward": ((7, "indices"),),
+    "aten::max_pool3d_with_indices_backward": ((7, "indices"),),
+    "aten::adaptive_max_pool2d_backward": ((2, "indices"),),
+    "aten::adaptive_max_pool3d_backward": ((2, "indices"),),
+    "aten::fractional_max_pool2d_backward": ((4, "indices"),),
+    "aten::fractional_max_pool3d_backward": ((4, "indices"),),
+    **{name: ((1, "n"),) for name in _LOOPS if name.startswith("aten::special_") and name != "aten::special_zeta"},
+    "aten::special_zeta": ((1, "other"),),
+    "aten::polygamma": ((1, "self"),),
+    "aten::polygamma_": ((0, "self"),),
+}
+
+
 def value_loops(name: str) -> bool:
     """Whether op `name`'s work is decided by its arguments' values (checked by `validate` against a bound)."""
     return name in _LOOPS

@@ -184,6 +184,30 @@ def test_captured_losses_equal_eager_and_local(serve: Any, dev: torch.device, ca
     assert len(set(captured[3:])) == steps - 3  # replays computed new losses (fresh batches), not stale ones
 
 
+def defined_lines(serve: Any) -> list[str]:
+    return [line for line in list(serve.process.log_lines) if " defined: " in line]
+
+
+@pytest.mark.parametrize(
+    "case, guards",
+    [("encoder-adamw-dropout", 1), ("cnn-adam-dropout", 1), ("encoder-adamw-no-dropout", 1), ("mlp-adam", 0)],
+)
+def test_recorded_steps_with_dropout_and_embeddings_may_become_cuda_graphs(
+    serve: Any, dev: torch.device, case: str, guards: int
+) -> None:
+    """What the clients record (dropout as random ops, attention with dropout as torch's math path, an embedding's
+    backward guarded on the batch's indices) is what server/graph_cuda.py lets a CUDA graph hold: the daemon decides it
+    at every graph's definition, on fake GPUs too, and says so in the definition's log line."""
+    model_fn, opt_fn, batch, loss_fn = CASES[case]
+    before = len(defined_lines(serve))
+    train(dev, model_fn, opt_fn, batch, loss_fn, 4, captured=True)
+    deadline = time.monotonic() + 10
+    while len(defined_lines(serve)) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [line] = defined_lines(serve)[before:]
+    assert f"a CUDA graph may hold it ({guards} value guards before each replay)" in line, line
+
+
 def small_setup(dev: torch.device, **adam: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1)).to(dev)

@@ -91,3 +91,41 @@ def test_the_backward_from_saved_scores_draws_nothing_and_reads_a_forged_mask_as
     raw[start : start + n].fill_(255)  # every mask byte: 255 x attn x scale, the session's own numbers
     forged = attention._dropout_backward(grad, q, k, v, mask, 0.3, False, None, seed, False)
     assert all(t is not None and t.shape == w.shape for t, w in zip(forged[:3], want[:3], strict=True))
+
+
+@pytest.mark.parametrize("dtype, bias, causal, scale", CASES[:3])
+def test_the_kept_forward_of_a_cuda_graph_is_the_saving_one_without_the_generator_state(
+    dtype: torch.dtype, bias: str | None, causal: bool, scale: float | None
+) -> None:
+    """`KEPT` (a graph's forward with dropout on a CUDA device, which a CUDA graph can hold): the same draws and output
+    as the eager forward, the state's bytes zeros (no generator state read on the host), and its backward the
+    recomputing one's bit for bit, from the kept softmax and mask alone. Run here on the CPU's tensors, whose
+    state is 5056 bytes where a CUDA generator's is 16."""
+    q, k, v, mask, grad = _inputs(dtype, bias)
+    torch.manual_seed(5)
+    plain = attention._dropout_forward(q, k, v, mask, 0.3, causal, scale)
+    torch.manual_seed(5)
+    kept = attention.forward(attention.EAGER, attention.KEPT, q, k, v, mask, 0.3, causal, scale=scale)
+    assert _same(plain[0], kept[0]) and _same(plain[1], kept[1])
+    seed = kept[6]
+    storage = seed.untyped_storage()
+    _, _, extra = attention._saved_sizes(q, k)
+    assert seed.dim() == 0 and seed.dtype == torch.int64 and storage.nbytes() == attention._CPU_STATE_BYTES + extra
+    head = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (attention._CPU_STATE_BYTES,), (1,))
+    assert not head.any()  # no state: nothing to rebuild a generator from
+    recomputed = attention._dropout_backward(grad, q, k, v, mask, 0.3, causal, scale, plain[2], False)
+    from_kept = attention._dropout_backward(grad, q, k, v, mask, 0.3, causal, scale, seed, False)
+    for a, b in zip(recomputed[:3], from_kept[:3], strict=True):
+        assert a is not None and b is not None and _same(a, b)
+
+
+def test_a_cuda_graphs_forward_with_dropout_keeps_its_scores_and_its_memory_plan_counts_them() -> None:
+    q = torch.empty(2, 3, 6, 8, device="meta")
+    k = torch.empty(2, 3, 5, 8, device="meta")
+    args = [q, k, k, None, 0.1]
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert attention.graph_kernel(attention.FORWARD, args, {}, cuda) == attention.KEPT
+    assert attention.graph_kernel(attention.FORWARD, args, {}, cpu) == attention.DROPOUT  # fake GPUs: traced
+    seed = attention.kept_seed_meta(args, {})
+    _, _, extra = attention._saved_sizes(q, k)
+    assert seed.dim() == 0 and seed.dtype == torch.int64 and seed.untyped_storage().nbytes() == 16 + extra
