@@ -54,6 +54,7 @@ def test_the_slots_fit_a_chunk_and_its_head() -> None:
     assert worker.UP_SLOT_BYTES >= protocol.CHUNK_BYTES + 64
     assert worker.UPS_AT >= worker.SLOTS_AT + worker.SLOTS * worker.SLOT_BYTES
     assert worker.SHARED_BYTES == worker.UPS_AT + worker.UP_SLOTS * worker.UP_SLOT_BYTES
+    assert worker.UP_SLOTS <= 4  # a slot's number travels in the request kind's top 2 bits (slices.REQ_UP_SLOT)
 
 
 def test_a_slot_is_handed_out_again_only_when_nothing_refers_to_its_span(
