@@ -48,6 +48,7 @@ MIN_UPLOAD = 1024 * 1024  # uploads of at least this many bytes take the side so
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # the largest reply record read (the stream's receive limit, session.py)
 CHUNK = protocol.CHUNK_BYTES  # bytes per Upload command (each a canonical upload the daemon's worker copies once)
 _warned: set[str] = set()
+_RECORD_LIMIT = {protocol.BULK_FRAME: MAX_REPLY_BYTES, protocol.BULK_END: protocol.BULK_END_BYTES}  # recv_record's
 
 
 class BulkSocket:
@@ -76,7 +77,9 @@ class BulkSocket:
             if got is None:
                 raise Unavailable(_CLOSED)
             kind, ident, _, n = got
-            if kind not in (protocol.BULK_FRAME, protocol.BULK_END) or n > MAX_REPLY_BYTES:
+            # a reply frame up to the stream's limit; the session's end, a reason of a few words (nothing of a
+            # longer one is read or held); no other kind
+            if n > _RECORD_LIMIT.get(kind, -1):
                 raise InvalidArgument(f"side socket: expected a frame record, got kind {kind} of {n} bytes")
             return kind, ident, records.body(self.sock, self.lock, n, None)
         except EOFError:

@@ -329,6 +329,11 @@ class _Waiter:
                     f"the daemon ended a download of {len(self._bytes)} bytes after {self._next}: bytes left unwritten"
                 )
             )
+        elif self.tensor is not None and self.tensor.dtype == torch.bool and not wire.bool_tensor_ok(self.tensor):
+            # any other byte in a bool tensor is undefined behaviour in torch's kernels (the daemon refuses such
+            # uploads the same way: `wire.check_bool_bytes`); the tensor is never handed out
+            self.tensor = None
+            self.fail(InvalidArgument("the daemon sent a bool download with a byte other than 0 or 1"))
         self.done = True
 
     def _end_prefault(self) -> None:

@@ -143,6 +143,7 @@ BULK_HEAD = struct.Struct("<IQQQ")  # kind, id (an upload's handle, a download's
 # the daemon ends it with a record of kind BULK_END (id: the gRPC status code's number, length, a UTF-8 reason).
 BULK_HELLO_FRAMES = b"GPBULK2\n"
 BULK_FRAME, BULK_END = 3, 4
+BULK_END_BYTES = 4096  # the longest BULK_END reason: the daemon cuts one to it, a client refuses a longer one
 
 
 def frame_record(frame: bytes) -> bytes:

@@ -75,6 +75,12 @@ def check_bool_bytes(data: bytes | memoryview) -> None:
         raise InvalidArgument("a bool tensor's bytes must each be 0 or 1")
 
 
+def bool_tensor_ok(t: torch.Tensor) -> bool:
+    """Whether every byte of a contiguous bool tensor is 0 or 1 (`check_bool_bytes`'s rule, held to a daemon's bool
+    downloads by the client, client/session.py): read as uint8, no copy."""
+    return t.numel() == 0 or int(byte_view(t).max()) <= 1
+
+
 def byte_view(t: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous tensor's elements (no copy)."""
     flat = t.reshape(-1)

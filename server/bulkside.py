@@ -150,7 +150,7 @@ class BulkLink:
     def send_end(self, code: int, reason: str) -> None:
         """The session's end on a frames socket (its status code's number and reason), where the socket still
         takes it; the same status ends the gRPC stream."""
-        text = reason.encode()[:4000]
+        text = reason.encode()[: protocol.BULK_END_BYTES]
         try:
             head = protocol.BULK_HEAD.pack(protocol.BULK_END, code, 0, len(text))
             duplex.send_all(self.sock, self.lock, [head, text], 1.0)

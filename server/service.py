@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -132,7 +132,9 @@ class DeviceServicer:
         running ahead of its daemon) are read and checked before that one is queued, and their commands queued
         together (`_Batch`): one slice, one hand-off to the worker and back, for up to a slice's commands, where
         each frame made its own (round 29). Each frame is checked as before; one that fails queues the frames
-        read before it first, then its error, so replies and errors keep the order of the frames."""
+        read before it first, then its error, so replies and errors keep the order of the frames. A frame whose bulk
+        bytes follow queues the frames held before it before those bytes are read (`_take_bulk`'s `flush`): what
+        came first runs while they come."""
         limit = self.daemon.config.max_message_bytes
         batch = _Batch(self.daemon.slice_commands(s))
         try:
@@ -194,7 +196,10 @@ class DeviceServicer:
         nbytes = len(raw)
         if marked:
             try:
-                nbytes += _take_bulk(s, commands, marked, parsed, self.daemon.config.queue_bytes)
+                flush = None if batch is None else lambda: self._flush(s, batch)
+                nbytes += _take_bulk(s, commands, marked, parsed, self.daemon.config.queue_bytes, flush)
+            except _Ended:
+                return False
             except GpupoolError as exc:  # a transfer that broke the side channel's rules ends the session
                 self._flush(s, batch)
                 if s.bulk is None or not s.bulk.frames:  # a frames socket stays open: the writer sends the end
@@ -318,12 +323,17 @@ class _Batch:
         self.nbytes = 0
 
 
+class _Ended(Exception):
+    """The session took no more commands (`DeviceServicer._flush`) while a frame's bulk bytes were about to be read."""
+
+
 def _take_bulk(
     s: FrontSession,
     commands: list[tuple[int, memoryview]],
     marked: list[int],
     parsed: Any = None,
     limit: int = 64 << 20,
+    flush: Callable[[], bool] | None = None,
 ) -> int:
     """The side channel's part of a frame's commands (server/bulkside.py): an Upload with `bulk_bytes` becomes
     the canonical span of its bytes, read from the session's side socket here; a Get with `bulk` is noted for
@@ -338,7 +348,11 @@ def _take_bulk(
     `parsed`: the frame's commands as protobuf parsed them (the reader's check), or None. When they are the
     spans' commands one for one (no empty command was skipped), an Upload or Get that asks nothing of the side
     channel (the usual: an eager step's small inputs) is passed over on the parsed fields, in C, instead of
-    reading its span again in Python."""
+    reading its span again in Python.
+
+    `flush`: queue the frames a side reader holds (`_Batch`) before the first bulk bytes are read: the reader may
+    wait there (for a slow client's megabytes, or for an upload slot, which the held frames' own uploads may be
+    holding), and what came before runs meanwhile; False (the session took no more) raises _Ended."""
     link = s.bulk
     extra = announced = 0
     cap = max(limit, protocol.CHUNK_BYTES)
@@ -368,6 +382,10 @@ def _take_bulk(
             announced += up.bulk_bytes
             if announced > cap:
                 raise InvalidArgument(f"a frame's bulk uploads announce more than {cap} bytes in all (one a frame)")
+            if flush is not None:
+                if not flush():
+                    raise _Ended
+                flush = None
             runner = s.runner
             data = link.recv_upload(up, runner.upload_span if runner is not None else None)
             extra += len(data)

@@ -9,6 +9,7 @@ segfault, abort or CUDA device-side assert in a kernel ends this session only.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import mmap
@@ -19,6 +20,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -50,7 +52,8 @@ SLOTS = 2
 # Behind those, upload slots: the session's reader reads a big bulk upload's bytes (its canonical span) from the
 # side socket straight into a free one (`ProcessRunner.upload_span`), and the worker runs it from there: no copy
 # of the span into the data buffer. A slot is free once nothing in the daemon refers to its span any more (the
-# queued command ran, or was dropped with its session): its view's reference count says so, whatever dropped it.
+# queued command ran, or was dropped with its session), nor to any view made of it (a slice, a cast, memoryview() of
+# it): `ProcessRunner._up_mem` counts them all, whatever dropped them.
 UPS_AT = SLOTS_AT + SLOTS * SLOT_BYTES
 UP_SLOT_BYTES = protocol.CHUNK_BYTES + 4096  # a chunk and its span's head (a head past 4 KiB: no slot)
 UP_SLOTS = 4  # how far the reader reads ahead of the worker into slots (then it waits for one, `UP_WAIT` at most)
@@ -252,8 +255,15 @@ class ProcessRunner:
         self._slots = [memoryview(progress)[SLOTS_AT + k * SLOT_BYTES :][:SLOT_BYTES] for k in range(SLOTS)]
         self._slot_users = [0] * SLOTS  # side chunks of each slot not yet sent (released by the stream's writer)
         self._slot_lock = threading.Lock()
-        self._ups = [memoryview(progress)[UPS_AT + k * UP_SLOT_BYTES :][:UP_SLOT_BYTES] for k in range(UP_SLOTS)]
-        self._up_spans: list[memoryview | None] = [None] * UP_SLOTS  # the span handed out of each slot
+        # Each upload slot's memory as an object of its own, never handed out: every view of a slot (the span
+        # `upload_span` hands out, and any view made of that one: a slice, a cast, memoryview() of it) shares one
+        # managed buffer, which holds a reference to this object while any of those views lives. So its reference
+        # count says whether the slot is free: a view of a span kept after the span was dropped (round 29 counted
+        # the span's own references only, so its slot could be reused under that view) holds the slot too.
+        self._up_mem = [
+            (ctypes.c_char * UP_SLOT_BYTES).from_buffer(progress, UPS_AT + k * UP_SLOT_BYTES) for k in range(UP_SLOTS)
+        ]
+        self._up_spans: list[weakref.ref[memoryview] | None] = [None] * UP_SLOTS  # the span handed out of each slot
         self._up_free = threading.Condition()
         self._max_reply = max_reply
         self._closed = False
@@ -280,10 +290,10 @@ class ProcessRunner:
         with self._up_free:
             while not self._closed:
                 for k in range(UP_SLOTS):
-                    # a span nobody holds: this list's reference and getrefcount's argument only
-                    if self._up_spans[k] is None or sys.getrefcount(self._up_spans[k]) <= 2:
-                        span = self._ups[k][:size]
-                        self._up_spans[k] = span
+                    # no view of the slot alive: `_up_mem`'s reference and getrefcount's argument only
+                    if sys.getrefcount(self._up_mem[k]) <= 2:
+                        span = memoryview(self._up_mem[k]).cast("B")[:size]
+                        self._up_spans[k] = weakref.ref(span)
                         return span
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -293,7 +303,11 @@ class ProcessRunner:
 
     def holds(self, span: memoryview) -> bool:
         """Whether `span` is one of this runner's upload slot spans (`upload_span`)."""
-        return any(held is span for held in self._up_spans)
+        return self._up_slot(span) >= 0
+
+    def _up_slot(self, span: memoryview) -> int:
+        """The upload slot whose span `span` is (the very view `upload_span` handed out), or -1."""
+        return next((k for k, held in enumerate(self._up_spans) if held is not None and held() is span), -1)
 
     def run(self, req: SliceRequest, commands: int, parts: Sequence[memoryview] = ()) -> SliceResult:
         if self._closed:
@@ -302,7 +316,7 @@ class ProcessRunner:
             req.slot = next((k for k in range(SLOTS) if not self._slot_users[k]), -1)
         try:
             size = sum(map(len, parts))
-            up = next((k for k, held in enumerate(self._up_spans) if held is parts[0]), -1) if len(parts) == 1 else -1
+            up = self._up_slot(parts[0]) if len(parts) == 1 else -1
             if up >= 0:  # an upload read straight into its slot (`upload_span`): the worker runs it from there
                 self._sock.sendall(slices.shared_request(req, size, up))
             elif parts and size <= DATA_BYTES:

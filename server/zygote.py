@@ -15,6 +15,16 @@ daemon closes its socket (the session ends, or the daemon dies), not with its pa
 
 Messages are JSON lines over a Unix socket: the zygote and the daemon trust each other; workers never talk
 on this socket.
+
+Single-threaded means at each fork: a thread that holds a lock (malloc's, OpenMP's, the import lock) when the
+process forks leaves that lock held forever in the child, whose first use of it deadlocks the session's worker.
+Importing torch starts one thread here: OpenBLAS's thread pool (numpy's copy, which torch's import loads; on a
+16-core host, 15 threads), idle on a condition variable. OpenBLAS stops and joins it itself before every fork
+(`blas_thread_shutdown_`, its pthread_atfork handler), and the zygote stops it the same way once it is warm
+(`_stop_blas_threads`), so the zygote is single-threaded from its ready message on and nothing restarts the pool (only a
+threaded BLAS call would). The zygote checks it (`_other_threads`, the count Python 3.12's fork() warning reads) when
+it is ready and after each fork, and names any other thread to the daemon, which logs it as an error: a library
+that starts a thread the zygote does not know how to stop is found at the first start, not as a hung worker.
 """
 
 from __future__ import annotations
@@ -244,8 +254,10 @@ class Zygote:
     def _listen(self, sock: socket.socket) -> None:
         line = _read_line(sock)
         with self._cond:
-            if json.loads(line or b"{}").get("ready") is True:
+            hello = json.loads(line or b"{}")
+            if hello.get("ready") is True:
                 log.info("zygote %d ready", self.pid)
+                _threads_at_fork(self.pid, hello, "ready")
                 self._ready = True
             elif self._sock is sock:
                 log.error("the zygote did not start: %r", line)
@@ -269,6 +281,7 @@ class Zygote:
                         while len(self._ended) > 4096:  # never asked for: forget the oldest
                             self._ended.pop(next(iter(self._ended)))
                     elif "id" in msg:
+                        _threads_at_fork(self.pid, msg, f"forked worker {msg.get('pid')}")
                         self._replies[int(msg["id"])] = msg
                     self._cond.notify_all()
         with self._cond:
@@ -277,6 +290,14 @@ class Zygote:
                 sock.close()
                 self._dead = True
             self._cond.notify_all()
+
+
+def _threads_at_fork(pid: int, msg: dict[str, Any], when: str) -> None:
+    """Log the zygote's threads besides its main one (its ready message's or a spawn reply's `threads`): it forks
+    workers with them (see the module's docstring)."""
+    if msg.get("threads"):
+        log.error("the zygote (pid %d) %s with other threads, which may deadlock its workers: %s", pid, when,
+                  ", ".join(map(str, msg["threads"])))  # fmt: skip
 
 
 _shared_lock = threading.Lock()
@@ -334,12 +355,13 @@ def _zygote(ctrl: socket.socket) -> None:
     CommandExecutor(SliceLedger()).warm_up()  # meta kernels, once, inherited by every worker
     one = torch.ones(2, 2, device="meta")
     torch.ops.aten.add.Tensor(one, one)
+    _stop_blas_threads()
     children: set[int] = set()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    ctrl.sendall(b'{"ready": true}\n')
+    ctrl.sendall(json.dumps({"ready": True, "threads": _other_threads()}).encode() + b"\n")
     buf = b""
     while True:
         ready: list[Any] = select.select([ctrl.fileno(), wake_r], [], [])[0]
@@ -362,13 +384,50 @@ def _zygote(ctrl: socket.socket) -> None:
                 pid = _fork_worker(ctrl, wake_r, wake_w, fds[:2], WorkerSpec(**msg["spawn"]))
                 fds = fds[2:]
                 children.add(pid)
-                ctrl.sendall(json.dumps({"id": msg["id"], "pid": pid}).encode() + b"\n")
+                # a thread here now was here at the fork (none ends by itself): the daemon names it
+                reply = {"id": msg["id"], "pid": pid, "threads": _other_threads()}
+                ctrl.sendall(json.dumps(reply).encode() + b"\n")
             elif "kill" in msg and int(msg["kill"]) in children:
                 os.kill(int(msg["kill"]), signal.SIGKILL)
         for fd in fds:
             os.close(fd)
     for pid in children:  # the daemon is gone: so are its sessions
         os.kill(pid, signal.SIGKILL)
+
+
+def _stop_blas_threads() -> None:
+    """Stop the thread pool of every OpenBLAS loaded here the way its own fork handler does (`blas_thread_shutdown_`:
+    the threads told to exit and joined; the next threaded BLAS call starts them again): see the module's docstring.
+    A library without that function is left as it is (`_other_threads` then names its threads)."""
+    seen: set[str] = set()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            path = fields[5].strip() if len(fields) == 6 else ""
+            if "openblas" not in os.path.basename(path).lower() or path in seen:
+                continue
+            seen.add(path)
+            try:
+                stop = ctypes.CDLL(path, mode=os.RTLD_NOLOAD).blas_thread_shutdown_
+            except (OSError, AttributeError):
+                continue
+            stop.restype = ctypes.c_int
+            stop()
+
+
+def _other_threads() -> list[str]:
+    """The names of this process's threads other than the calling one (/proc/self/task: what Python 3.12's fork()
+    counts for its "multi-threaded" warning)."""
+    me = str(threading.get_native_id())
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        if tid != me:
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as comm:
+                    names.append(f"{tid} {comm.read().strip()}")
+            except OSError:  # ended meanwhile
+                pass
+    return names
 
 
 def _reap(ctrl: socket.socket, children: set[int]) -> None:

@@ -471,3 +471,32 @@ def test_a_bad_frame_behind_held_frames_ends_the_session_after_their_answers(
     victim.close()
     peer.close()
     neighbour.close()
+
+
+def test_frames_held_to_be_batched_run_before_the_next_frames_bulk_bytes_are_read(
+    side_daemon: Any, monkeypatch: Any
+) -> None:
+    """The side reader holds a frame while the next one is already on the socket, to queue both as one slice
+    (round 29's `_Batch`); a next frame whose bulk upload's bytes follow queues the held ones first (round 30): the
+    reader may wait for those bytes as long as the client takes (here: until the test sends them), or for an upload
+    slot the held frames' own uploads hold. Round 29 read them with the frame before still held: its Sync was not
+    answered until the upload's bytes came."""
+    victim, sid, port = _bare(side_daemon)
+    peer = _peer(side_daemon, port, sid)
+    up = device_pb2.Upload(handle=victim.new_handle(), last=True, bulk_bytes=2 * MiB)
+    up.meta.dtype, up.meta.shape[:] = 1, [MiB // 2]  # float32
+    announce = device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString()
+    _send_raw(peer, protocol.frame_record(_free_then_sync(7)) + protocol.frame_record(announce))  # in one go
+    answer: list[Any] = []
+    reader = threading.Thread(target=lambda: answer.append(peer.recv_record()), daemon=True)
+    reader.start()
+    reader.join(20)  # (generous: the test's daemon answers in milliseconds)
+    before = list(answer)  # what came while the upload's bytes had not
+    bytes_sent = protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, up.handle, 0, 2 * MiB) + b"\x00" * (2 * MiB)
+    _send_raw(peer, bytes_sent)
+    reader.join(20)
+    assert before == [(protocol.BULK_FRAME, 0, protocol.sync_reply(7))], answer
+    _send_raw(peer, protocol.frame_record(protocol.sync_frame(8)))  # the session goes on, the upload done
+    assert peer.recv_record() == (protocol.BULK_FRAME, 0, protocol.sync_reply(8))
+    victim.close()
+    peer.close()

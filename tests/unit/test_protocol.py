@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from gpupool import protocol
@@ -84,6 +85,49 @@ def test_a_zygote_starts_without_torch_in_the_daemons_process() -> None:
     out = subprocess.run([sys.executable, "-c", ZYGOTE_LAUNCH], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr[-2000:]
+
+
+ZYGOTE_THREADS = """
+import os, logging
+from gpupool.server.worker import WorkerSpec
+from gpupool.server.zygote import Zygote
+logging.basicConfig(level=logging.ERROR)
+z = Zygote()
+z.start()
+z.wait_ready()
+pid = z._proc.pid
+print(len(os.listdir(f"/proc/{pid}/task")))
+device = {"index": 0, "uuid": "fake-0", "model": "fake", "memory_bytes": 1 << 30, "fake": True}
+runner = z.spawn(WorkerSpec("s-threads", 1, device, 1 << 28, 1000, 0, 0, 1, "", False), max_reply=1 << 20)
+print(os.path.exists(f"/proc/{runner.pid}"), len(os.listdir(f"/proc/{pid}/task")))
+runner.close()
+z.stop()
+"""
+
+
+def test_the_zygote_is_single_threaded_when_it_forks() -> None:
+    """A thread that holds a lock at a fork leaves it held in the child (a worker that deadlocks). torch's import
+    starts OpenBLAS's thread pool (numpy's copy); the zygote stops it once warm, as OpenBLAS's own fork handler does
+    (server/zygote.py `_stop_blas_threads`): one thread when it is ready, and still one after forking a worker. Before
+    round 30 it had two until its first fork. Nothing is logged: the zygote names no other thread to the daemon."""
+    out = subprocess.run([sys.executable, "-c", ZYGOTE_THREADS], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "True", "1"], out.stdout + out.stderr[-2000:]
+    assert "other threads" not in out.stderr, out.stderr[-2000:]
+
+
+def test_the_zygote_names_threads_besides_its_own() -> None:
+    from gpupool.server import zygote
+
+    assert threading.get_native_id() not in [int(t.split()[0]) for t in zygote._other_threads()]
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, name="gp-test-thread")
+    other.start()
+    try:
+        assert str(other.native_id) in [t.split()[0] for t in zygote._other_threads()]  # (the kernel's name for it)
+    finally:
+        stop.set()
+        other.join()
 
 
 def test_a_lone_sync_is_recognized_by_its_exact_bytes() -> None:

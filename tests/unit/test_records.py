@@ -42,8 +42,12 @@ def test_the_client_reads_frames_and_the_sessions_end() -> None:
         (protocol.BULK_HEAD.pack(protocol.BULK_FRAME, 0, 0, client_bulk.MAX_REPLY_BYTES + 1), InvalidArgument, "of"),
         (protocol.BULK_HEAD.pack(protocol.BULK_FRAME, 0, 0, 100) + b"x" * 10, Unavailable, "middle of a record"),
         (protocol.BULK_HEAD.pack(protocol.BULK_FRAME, 0, 0, 100)[:5], Unavailable, "middle of a record"),
+        # the session's end is a reason of a few words: a longer one is refused, not read (round 29 read up to 64 MiB)
+        (protocol.BULK_HEAD.pack(protocol.BULK_END, 9, 0, protocol.BULK_END_BYTES + 1) + b"x" * 4097, InvalidArgument,
+         f"kind 4 of {protocol.BULK_END_BYTES + 1} bytes"),
     ],
-)
+    ids=["upload_kind", "oversized_frame", "truncated_body", "truncated_head", "long_end"],
+)  # fmt: skip
 def test_the_client_refuses_bad_records(sent: bytes, error: type[Exception], match: str) -> None:
     sock, peer = _pair()
     peer.sendall(sent)
@@ -54,3 +58,17 @@ def test_the_client_refuses_bad_records(sent: bytes, error: type[Exception], mat
 
 def test_both_ends_share_the_buffers_step() -> None:
     assert bulkside.FRAME_STEP == records.STEP
+
+
+def test_the_daemon_cuts_a_sessions_end_to_what_the_client_reads() -> None:
+    ours, theirs = socket.socketpair()
+    link = bulkside.BulkLink(ours, 1, frames=True)
+    sock = client_bulk.BulkSocket(theirs, frames=True)
+    try:
+        link.send_end(3, "why " * 2000)  # 8000 bytes of reason
+        kind, code, body = sock.recv_record()
+        assert (kind, code, len(body)) == (protocol.BULK_END, 3, protocol.BULK_END_BYTES)
+        assert body == ("why " * 2000).encode()[: protocol.BULK_END_BYTES]
+    finally:
+        link.close()
+        sock.close()

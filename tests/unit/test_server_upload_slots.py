@@ -54,6 +54,7 @@ def test_the_slots_fit_a_chunk_and_its_head() -> None:
     assert worker.UP_SLOT_BYTES >= protocol.CHUNK_BYTES + 64
     assert worker.UPS_AT >= worker.SLOTS_AT + worker.SLOTS * worker.SLOT_BYTES
     assert worker.SHARED_BYTES == worker.UPS_AT + worker.UP_SLOTS * worker.UP_SLOT_BYTES
+    assert worker.UP_SLOTS <= 4  # a slot's number travels in the request kind's top 2 bits (slices.REQ_UP_SLOT)
 
 
 def test_a_slot_is_handed_out_again_only_when_nothing_refers_to_its_span(
@@ -63,7 +64,11 @@ def test_a_slot_is_handed_out_again_only_when_nothing_refers_to_its_span(
     queued = [("upload", runner.upload_span(1000 + k)) for k in range(worker.UP_SLOTS)]  # as a queue holds them
     spans = [span for _, span in queued]
     assert all(span is not None and runner.holds(span) for span in spans)
-    assert len({id(span.obj) for span in spans if span is not None}) == 1  # all in the one shared mapping
+    for k, span in enumerate(spans):  # each in its slot of the shared mapping
+        assert span is not None
+        span[:2] = b"u%d" % k
+    at = {runner._progress[worker.UPS_AT + k * worker.UP_SLOT_BYTES :][:2] for k in range(worker.UP_SLOTS)}
+    assert at == {b"u%d" % k for k in range(worker.UP_SLOTS)}
     assert runner.upload_span(10) is None  # every slot held: the caller reads into its own memory
     del spans
     assert runner.upload_span(10) is None  # still held by the queue
@@ -101,3 +106,23 @@ def test_a_closed_runner_hands_out_no_slot(runner: worker.ProcessRunner) -> None
     assert got == [None]
     assert runner.upload_span(100) is None
     del held
+
+
+def test_a_view_made_of_a_span_holds_its_slot(runner: worker.ProcessRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slice, a cast or memoryview() of a slot's span still reads the slot: the slot is not handed out again while
+    any of them lives, though the span itself was dropped (round 29 counted the span's own references: a view kept of
+    a queued upload's bytes, say its data after `bulk.parse_upload`, would have read the next upload's bytes)."""
+    monkeypatch.setattr(worker, "UP_WAIT", 0.02)
+    views = []
+    for make in (lambda v: v[64:], lambda v: v.cast("c"), memoryview, lambda v: v[:]):
+        span = runner.upload_span(1000)
+        assert span is not None
+        views.append(make(span))
+        del span
+    gc.collect()
+    assert runner.upload_span(10) is None  # all four slots still viewed
+    assert not any(runner.holds(v) for v in views)  # a view made of a span is not the span: never run from its slot
+    views.pop(0)
+    again = runner.upload_span(10)
+    assert again is not None and runner.holds(again)
+    assert runner.upload_span(10) is None

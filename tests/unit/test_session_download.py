@@ -160,3 +160,43 @@ def test_session_download_checks_the_reply_against_the_shape_asked(daemon: objec
         assert s.download(h).tolist() == [0.0, 1.0, 2.0]
     finally:
         s.close()
+
+
+BOOL = wire.dtype_to_proto(torch.bool)
+
+
+@pytest.mark.parametrize("bad", [2, 0xFF])
+def test_a_bool_download_with_a_byte_other_than_0_or_1_is_refused(bad: int) -> None:
+    """A bool tensor holding any other byte is undefined behaviour in torch's kernels: the daemon refuses such uploads
+    (`wire.check_bool_bytes`), and the client refuses such downloads (a hostile or broken daemon's), on the stream
+    and on the side socket, and hands no tensor out."""
+    w = _Waiter(_Want((4,), torch.bool, sys.maxsize))
+    w.chunk(chunk(0, bytes([1, 0, 1, 0]), False, meta([8], BOOL)))  # the wrong shape: refused as before
+    assert isinstance(w.error, InvalidArgument) and w.tensor is None
+    w = _Waiter(_Want((8,), torch.bool, sys.maxsize))
+    w.chunk(chunk(0, bytes([1, 0, 1, 0]), False, meta([8], BOOL)))
+    w.chunk(chunk(4, bytes([0, 1, bad, 0]), True))
+    assert w.done and w.tensor is None
+    assert isinstance(w.error, InvalidArgument) and "bool download with a byte other than 0 or 1" in str(w.error)
+    w = _Waiter(_Want(None, None, 1 << 20))  # a download whose shape the client cannot know: held to it too
+    w.chunk(chunk(0, bytes([bad]), True, meta([1], BOOL)))
+    assert w.tensor is None and isinstance(w.error, InvalidArgument)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    side = bulk.BulkSocket(ours)
+    try:
+        w = _Waiter(_Want((3,), torch.bool, sys.maxsize))
+        theirs.sendall(protocol.BULK_HEAD.pack(protocol.BULK_DOWNLOAD, 7, 0, 3) + bytes([0, bad, 1]))
+        c = device_pb2.TensorChunk(offset=0, bulk_bytes=3, last=True)
+        c.meta.CopyFrom(meta([3], BOOL))
+        w.bulk_chunk(7, c, side)
+        assert w.tensor is None and isinstance(w.error, InvalidArgument) and "0 or 1" in str(w.error)
+    finally:
+        side.close()
+        theirs.close()
+    w = _Waiter(_Want((4,), torch.bool, sys.maxsize))  # an honest one goes through
+    w.chunk(chunk(0, bytes([1, 0, 0, 1]), True, meta([4], BOOL)))
+    assert w.error is None and w.tensor is not None and w.tensor.tolist() == [True, False, False, True]
+    w = _Waiter(_Want((0,), torch.bool, sys.maxsize))
+    w.chunk(chunk(0, b"", True, meta([0], BOOL)))
+    assert w.error is None and w.tensor is not None and w.tensor.shape == (0,)
