@@ -1,0 +1,81 @@
+"""A fake GPU's big uploads land in the host memory of an upload of the same size the session freed.
+
+On a fake GPU a tensor is host memory, and a big one is memory glibc maps fresh at every allocation and unmaps at
+its free (its mmap threshold stops at 32 MiB): each upload of 256 MiB faulted its 65,536 pages in again, each
+zeroed by the kernel, in the worker's copy of the bytes, ~3/4 of that copy's CPU (BENCHMARKS.md, "Round 29,
+xfer29" and "Round 30, xfer30"). A loop that uploads a batch every step paid it every step; on a real GPU the
+upload lands in device memory, which CUDA's caching allocator already reuses.
+
+Each session (`WorkerSession.upload_pool`, a fake GPU's only) keeps a uint8 tensor over the storage of each
+upload of `MIN_BYTES` or more (gpupool/hostpool.py's `Pool`, here with exact sizes: the session's count of its
+memory is what it was). The next upload of exactly that many bytes takes a kept storage that nothing of the
+session refers to any more (its handles freed, no view of it left: torch's storage use count and CPython's
+reference count read as for a storage nobody holds) instead of fresh memory. What is reused is the same session's
+memory, in its own worker, and an upload's tensor is never read before every byte of it was written (a handle
+still being uploaded is refused as an input and to a Get, `WorkerSession.resolve`), so no tensor ever shows bytes
+the upload did not write; a factory of uninitialized memory (`torch.empty`) stays zeroed as before.
+
+Memory: the storages kept, used or not, are at most `GPUPOOL_UPLOAD_CACHE` bytes (the daemon's environment,
+default `DEFAULT_KEEP`, 0 off); past that the oldest is let go. The idle ones are not in the session's count (a
+freed upload frees quota as before), so the worker holds at most that much host memory beyond what the session's
+count says, and less near its quota: before an allocation the session admits that would leave the idle ones no
+room under the quota (`WorkerSession.admit`), and after any allocation that failed for memory, they are let go.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from gpupool import hostpool
+
+MiB = 1024 * 1024
+MIN_BYTES = 8 * MiB  # uploads at least this large take a reusable storage (the chunked path's: > 4 MiB)
+DEFAULT_KEEP = 512 * MiB  # bytes of storages kept per session, used or not (under the worker's 1 GiB slack)
+ENV = "GPUPOOL_UPLOAD_CACHE"
+
+
+def keep_from_env() -> int:
+    """`GPUPOOL_UPLOAD_CACHE` in bytes (unset: DEFAULT_KEEP); ValueError names a malformed value."""
+    text = os.environ.get(ENV, "").strip()
+    if not text:
+        return DEFAULT_KEEP
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{ENV}={text!r}: expected a number of bytes (0 turns upload reuse off)") from None
+    if value < 0:
+        raise ValueError(f"{ENV}={text!r}: expected a number of bytes, 0 or more")
+    return value
+
+
+KEEP = keep_from_env()  # read when the daemon starts (a malformed value stops it there); its workers inherit it
+
+
+class UploadPool(hostpool.Pool):
+    """The storages of one session's big uploads (see the module's docstring)."""
+
+    def _idle(self, keeper: torch.Tensor) -> bool:
+        # and of the size it was kept at: a storage an op grew in place (resize_) is counted at its new size
+        return super()._idle(keeper) and keeper.untyped_storage().nbytes() == keeper.nbytes
+
+    def take_upload(self, shape: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+        """A contiguous tensor of `shape` and `dtype` for an upload, and whether its memory is a kept storage (its
+        pages in memory); a small upload, or any with reuse off, gets plain `torch.empty`'s."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self.keep <= 0 or nbytes < MIN_BYTES:
+            return torch.empty(shape, dtype=dtype), False
+        return self.take(nbytes, shape, dtype)
+
+    def shed(self, room: int) -> None:
+        """Let idle kept storages go, oldest first, until those left idle hold at most `room` bytes."""
+        with self._lock:
+            idle = [k for k in self.kept if self._idle(k)]
+            held = sum(k.nbytes for k in idle)
+            for k in idle:
+                if held <= room:
+                    break
+                self.kept = [x for x in self.kept if x is not k]
+                held -= k.nbytes
