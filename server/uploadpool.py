@@ -25,7 +25,6 @@ room under the quota (`WorkerSession.admit`), and after any allocation that fail
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -37,21 +36,8 @@ DEFAULT_KEEP = 512 * MiB  # bytes of storages kept per session, used or not (und
 ENV = "GPUPOOL_UPLOAD_CACHE"
 
 
-def keep_from_env() -> int:
-    """`GPUPOOL_UPLOAD_CACHE` in bytes (unset: DEFAULT_KEEP); ValueError names a malformed value."""
-    text = os.environ.get(ENV, "").strip()
-    if not text:
-        return DEFAULT_KEEP
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{ENV}={text!r}: expected a number of bytes (0 turns upload reuse off)") from None
-    if value < 0:
-        raise ValueError(f"{ENV}={text!r}: expected a number of bytes, 0 or more")
-    return value
-
-
-KEEP = keep_from_env()  # read when the daemon starts (a malformed value stops it there); its workers inherit it
+# read when the daemon starts (a malformed value stops it there); its workers inherit it
+KEEP = hostpool.keep_from_env(ENV, DEFAULT_KEEP)
 
 
 class UploadPool(hostpool.Pool):

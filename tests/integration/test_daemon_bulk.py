@@ -18,9 +18,10 @@ from gpupool.client import bulk as client_bulk
 from gpupool.client.session import CHANNEL_OPTIONS, Handle, Session
 from gpupool.server import bulkside, slices
 from support import TcpRelay, get_pki, shut
+from test_daemon_quota import used_bytes
 
-from gpupool import duplex, hostpool, protocol, tls
-from gpupool._proto import device_pb2, device_pb2_grpc
+from gpupool import duplex, hostpool, protocol, tls, wire
+from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
 from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument
 
 MiB = 1024**2
@@ -105,11 +106,6 @@ def test_uploads_reuse_only_memory_the_session_freed(bulk_daemon: Any) -> None:
     the view's values; once nothing refers to it, the next upload of that size lands in its memory, byte-exact; a
     half-sent upload there is never read, and the session's count is what it holds (tests/unit/
     test_server_upload_pool.py shows which memory each upload took)."""
-    from gpupool.wire import dtype_to_proto
-    from test_daemon_quota import used_bytes
-
-    from gpupool._proto import tensor_pb2
-
     with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
         one, two, three = (_bits(16 * MiB, seed=k) for k in (11, 12, 13))
         h1 = s.upload(one)
@@ -124,8 +120,8 @@ def test_uploads_reuse_only_memory_the_session_freed(bulk_daemon: Any) -> None:
         s.sync()
         assert used_bytes(bulk_daemon.address, s) == 0
         h4 = s.handle_base + 999  # the first 4 MiB of a 16 MiB upload, the rest never sent
-        meta = tensor_pb2.TensorMeta(dtype=dtype_to_proto(torch.int32), shape=[4 * MiB])
-        first = one[: MiB].numpy().tobytes()
+        meta = tensor_pb2.TensorMeta(dtype=wire.dtype_to_proto(torch.int32), shape=[4 * MiB])
+        first = one[:MiB].numpy().tobytes()
         s._add(device_pb2.Command(upload=device_pb2.Upload(handle=h4, meta=meta, data=first, last=False)))
         with pytest.raises(FailedPrecondition, match="still being uploaded"):
             s.download(h4)

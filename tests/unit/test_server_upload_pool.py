@@ -16,7 +16,7 @@ from gpupool.server.devices import discover
 from gpupool.server.executor import CommandExecutor
 from gpupool.server.sessions import DeviceMemory, WorkerSession
 
-from gpupool import errors, prefault, wire
+from gpupool import errors, hostpool, prefault, wire
 from gpupool._proto import device_pb2, tensor_pb2
 
 MiB = 1024 * 1024
@@ -129,11 +129,11 @@ def test_small_uploads_real_gpus_and_reuse_off_keep_nothing(monkeypatch: pytest.
     assert not s.upload_pool.kept
     for text, keep in (("", uploadpool.DEFAULT_KEEP), ("0", 0), (" 1048576 ", MiB)):
         monkeypatch.setenv(uploadpool.ENV, text)
-        assert uploadpool.keep_from_env() == keep
+        assert hostpool.keep_from_env(uploadpool.ENV, uploadpool.DEFAULT_KEEP) == keep
     for text in ("-1", "lots", "1e9"):
         monkeypatch.setenv(uploadpool.ENV, text)
         with pytest.raises(ValueError, match=uploadpool.ENV):
-            uploadpool.keep_from_env()
+            hostpool.keep_from_env(uploadpool.ENV, uploadpool.DEFAULT_KEEP)
 
 
 def test_a_storage_grown_in_place_is_not_reused_at_its_old_size() -> None:
