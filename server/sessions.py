@@ -150,7 +150,7 @@ class WorkerSession:
         """Refuse an allocation of `new_bytes` that would exceed the quota or the device capacity. Near the quota,
         the idle host memory of freed uploads the session keeps is let go first (server/uploadpool.py)."""
         pool = self.upload_pool
-        if pool.kept and self.used + new_bytes + pool.keep > self.quota:
+        if pool.held and self.used + new_bytes + pool.held > self.quota:
             pool.shed(self.quota - self.used - new_bytes)
         if self.used + new_bytes > self.quota:
             raise ResourceExhausted(

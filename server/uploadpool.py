@@ -41,7 +41,12 @@ KEEP = hostpool.keep_from_env(ENV, DEFAULT_KEEP)
 
 
 class UploadPool(hostpool.Pool):
-    """The storages of one session's big uploads (see the module's docstring)."""
+    """The storages of one session's big uploads (see the module's docstring); `held`: their bytes, used or not
+    (what `WorkerSession.admit` looks at before it asks which are idle)."""
+
+    def __init__(self, keep: int) -> None:
+        super().__init__(keep)
+        self.held = 0
 
     def _idle(self, keeper: torch.Tensor) -> bool:
         # and of the size it was kept at: a storage an op grew in place (resize_) is counted at its new size
@@ -53,15 +58,21 @@ class UploadPool(hostpool.Pool):
         nbytes = math.prod(shape) * dtype.itemsize
         if self.keep <= 0 or nbytes < MIN_BYTES:
             return torch.empty(shape, dtype=dtype), False
-        return self.take(nbytes, shape, dtype)
+        got = self.take(nbytes, shape, dtype)
+        self.held = sum(k.nbytes for k in self.kept)
+        return got
 
     def shed(self, room: int) -> None:
-        """Let idle kept storages go, oldest first, until those left idle hold at most `room` bytes."""
+        """Let idle kept storages go, oldest first, until those left idle hold at most `room` bytes; and stop
+        keeping the ones in use (the session's tensors still: only not offered again), so that `held` is at most
+        `room` and the caller's next allocation of that size does not ask again."""
         with self._lock:
             idle = [k for k in self.kept if self._idle(k)]
             held = sum(k.nbytes for k in idle)
-            for k in idle:
-                if held <= room:
-                    break
-                self.kept = [x for x in self.kept if x is not k]
-                held -= k.nbytes
+            while idle and held > room:
+                held -= idle.pop(0).nbytes
+            self.kept, self.held = idle, held
+
+    def release(self) -> None:
+        super().release()
+        self.held = 0

@@ -161,10 +161,23 @@ def test_idle_memory_is_let_go_before_an_allocation_near_the_quota() -> None:
     s.admit(64 * MiB)  # far from the quota: kept
     assert _idle(s) == 48 * MiB
     s.admit(600 * MiB - 20 * MiB)  # leaves 20 MiB: the two oldest go, one 16 MiB storage stays
-    assert _idle(s) == 16 * MiB
+    assert _idle(s) == 16 * MiB and s.upload_pool.held == 16 * MiB
     with pytest.raises(errors.ResourceExhausted):
         s.admit(601 * MiB)  # past the quota: refused as before, and nothing idle is left
-    assert _idle(s) == 0
+    assert _idle(s) == 0 and s.upload_pool.held == 0
+
+
+def test_near_the_quota_an_upload_in_use_is_no_longer_kept() -> None:
+    s, ex = _session(quota=64 * MiB), CommandExecutor(slices.SliceLedger())
+    h = s.handle_base + 1
+    a = _random(16 * MiB, 19)
+    _upload(ex, s, h, a)
+    assert s.upload_pool.held == 16 * MiB
+    s.admit(40 * MiB)  # 16 + 40 + 16 kept > 64: the kept one is in use, so it is only no longer offered
+    assert s.upload_pool.held == 0 and not s.upload_pool.kept and _same(s.resolve(h), a)
+    s.free([h])
+    _upload(ex, s, h + 1, a)
+    assert s.upload_pool.reused == 0 and _same(s.resolve(h + 1), a)
 
 
 def test_an_allocation_that_failed_for_memory_lets_the_idle_memory_go() -> None:
