@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-from typing import Any
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -218,10 +219,7 @@ def test_populate_faults_a_fresh_range_in_once_and_leaves_its_bytes() -> None:
     m.close()
 
 
-def test_the_daemon_refuses_a_malformed_cache_size(monkeypatch: Any) -> None:
-    import subprocess
-    import sys
-
+def test_the_daemon_refuses_a_malformed_cache_size() -> None:
     env = {"GPUPOOL_UPLOAD_CACHE": "half", "PATH": "/usr/bin:/bin"}
     out = subprocess.run(
         [sys.executable, "-c", "import gpupool.server.sessions"], env=env, capture_output=True, text=True, timeout=120
