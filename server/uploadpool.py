@@ -2,7 +2,7 @@
 
 On a fake GPU a tensor is host memory, and a big one is memory glibc maps fresh at every allocation and unmaps at
 its free (its mmap threshold stops at 32 MiB): each upload of 256 MiB faulted its 65,536 pages in again, each
-zeroed by the kernel, in the worker's copy of the bytes, ~3/4 of that copy's CPU (BENCHMARKS.md, "Round 29,
+zeroed by the kernel, in the worker's copy of the bytes, ~2/3 of that copy's CPU (BENCHMARKS.md, "Round 29,
 xfer29" and "Round 30, xfer30"). A loop that uploads a batch every step paid it every step; on a real GPU the
 upload lands in device memory, which CUDA's caching allocator already reuses.
 
@@ -19,7 +19,8 @@ Memory: the storages kept, used or not, are at most `GPUPOOL_UPLOAD_CACHE` bytes
 default `DEFAULT_KEEP`, 0 off); past that the oldest is let go. The idle ones are not in the session's count (a
 freed upload frees quota as before), so the worker holds at most that much host memory beyond what the session's
 count says, and less near its quota: before an allocation the session admits that would leave the idle ones no
-room under the quota (`WorkerSession.admit`), and after any allocation that failed for memory, they are let go.
+room under the quota (`WorkerSession.admit`), after any allocation that failed for memory, and at the session's
+end, they are let go.
 """
 
 from __future__ import annotations
