@@ -51,17 +51,18 @@ def _refs(keeper: torch.Tensor) -> tuple[int, int]:
 _IDLE: tuple[int, int] | None = _refs(torch.empty(1, dtype=torch.uint8)) if _use_count is not None else None
 
 
-def keep_from_env() -> int:
-    """`GPUPOOL_DOWNLOAD_CACHE` in bytes (unset: DEFAULT_KEEP); ValueError names a malformed value."""
-    text = os.environ.get(ENV, "").strip()
+def keep_from_env(env: str = ENV, default: int = DEFAULT_KEEP) -> int:
+    """`GPUPOOL_DOWNLOAD_CACHE` (or `env`: the daemon's upload pool's, server/uploadpool.py) in bytes (unset:
+    `default`); ValueError names a malformed value."""
+    text = os.environ.get(env, "").strip()
     if not text:
-        return DEFAULT_KEEP
+        return default
     try:
         value = int(text)
     except ValueError:
-        raise ValueError(f"{ENV}={text!r}: expected a number of bytes (0 turns download reuse off)") from None
+        raise ValueError(f"{env}={text!r}: expected a number of bytes (0 turns reuse off)") from None
     if value < 0:
-        raise ValueError(f"{ENV}={text!r}: expected a number of bytes, 0 or more")
+        raise ValueError(f"{env}={text!r}: expected a number of bytes, 0 or more")
     return value
 
 

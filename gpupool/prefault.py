@@ -87,3 +87,25 @@ def start(tensor: Any) -> Prefault | None:
     if not _ok[0] or tensor.nbytes < MIN_BYTES or tensor.device.type != "cpu" or not tensor.is_contiguous():
         return None
     return Prefault(tensor)
+
+
+def populate(address: int, n: int) -> bool:
+    """Fault the whole pages over bytes [address, address + n) in for writing, in one call, just before a thread
+    writes them (the worker's copy of an upload chunk into a fresh host tensor, server/executor.py): the same
+    pages, each zeroed once as before, without a trip through the page fault handler for each 4 KiB of them
+    (~25 % less CPU than faulting them in one by one inside the copy, measured in BENCHMARKS.md, "Round 30,
+    xfer30"). Pages already in memory would only be walked (a reused tensor): where the range's last page is
+    (`mincore`; its first may be the one the previous chunk ended in), nothing is asked. Advice only, as the
+    helper's: whether it was asked (False: in memory already, an empty range, no kernel support)."""
+    if not _ok[0] or n <= 0 or _LIBC is None:
+        return False
+    lo, last = address // PAGE * PAGE, (address + n - 1) // PAGE * PAGE
+    resident = ctypes.c_ubyte(0)  # of the last page (the first may be the one an earlier chunk ended in)
+    if _LIBC.mincore(ctypes.c_void_p(last), ctypes.c_size_t(PAGE), ctypes.byref(resident)) == 0 and resident.value & 1:
+        return False
+    hi = last + PAGE
+    if _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_POPULATE_WRITE) != 0:
+        if ctypes.get_errno() == errno.EINVAL:
+            _ok[0] = False
+        return False
+    return True

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 from grpc import StatusCode
 
-from gpupool import compact, protocol, wire
+from gpupool import compact, prefault, protocol, wire
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
 
@@ -148,6 +148,7 @@ class CommandExecutor:
         elif isinstance(exc, GpupoolError):
             self._fail(s, cmd, Poison.of(exc, self._what(s, cmd)), reply)
         elif out_of_memory(exc):
+            s.upload_pool.release()  # the host memory of freed uploads kept for reuse: the session's next try has it
             err = Poison(StatusCode.RESOURCE_EXHAUSTED, self._what(s, cmd), f"device out of memory: {exc}")
             self._fail(s, cmd, err, reply)
         elif isinstance(exc, RuntimeError | TypeError | ValueError | IndexError | OverflowError):
@@ -803,7 +804,10 @@ class CommandExecutor:
                 s.rebind(h, native.filled(shape, dtype, data))
                 self.ledger.transfer("upload", nbytes)
                 return
-            s.bind(h, torch.empty(shape, dtype=dtype, device=s.device.torch_device))
+            if s.device.fake:  # host memory: a kept storage of a freed upload where one fits (server/uploadpool.py)
+                s.bind(h, s.upload_pool.take_upload(shape, dtype)[0])
+            else:
+                s.bind(h, torch.empty(shape, dtype=dtype, device=s.device.torch_device))
             s.uploads[h] = 0
         elif h not in s.uploads:
             s.check_handle(h)
@@ -815,7 +819,9 @@ class CommandExecutor:
         if up.offset != offset or offset + len(data) > total:
             raise InvalidArgument(f"upload chunk at {up.offset}+{len(data)} does not follow {offset} of {total}")
         if data and t.device.type == "cpu":  # a plain memcpy: torch's copy_ splits 4 MiB over OpenMP threads,
-            # which on a loaded host is 40x slower
+            # which on a loaded host is 40x slower; fresh pages of a big one faulted in first, in one call
+            if total >= prefault.MIN_BYTES:
+                prefault.populate(t.data_ptr() + offset, len(data))
             wire.host_bytes(t)[offset : offset + len(data)] = data
         elif data:
             wire.byte_view(t)[offset : offset + len(data)].copy_(torch.frombuffer(data, dtype=torch.uint8))

@@ -30,6 +30,7 @@ from gpupool.errors import (
 
 from .cost import FAKE_GPU_FLOPS, REAL_GPU_FLOPS
 from .devices import Device
+from .uploadpool import KEEP, UploadPool
 
 HANDLE_BITS = 32
 # Handles one session may hold (each costs ~1 KiB of host RAM: tensor, sizes, strides, dict entries).
@@ -119,6 +120,8 @@ class WorkerSession:
         self.rng_state: torch.Tensor | None = None
         self.ops = 0
         self.group: Any = None  # its collective group (server.collectives.Group), once joined
+        # A fake GPU's big uploads land in the host memory of the session's freed ones (server/uploadpool.py)
+        self.upload_pool = UploadPool(KEEP if device.fake else 0)
 
     # ---- handles ----
 
@@ -144,7 +147,11 @@ class WorkerSession:
     # ---- memory ----
 
     def admit(self, new_bytes: int) -> None:
-        """Refuse an allocation of `new_bytes` that would exceed the quota or the device capacity."""
+        """Refuse an allocation of `new_bytes` that would exceed the quota or the device capacity. Near the quota,
+        the idle host memory of freed uploads the session keeps is let go first (server/uploadpool.py)."""
+        pool = self.upload_pool
+        if pool.held and self.used + new_bytes + pool.held > self.quota:
+            pool.shed(self.quota - self.used - new_bytes)
         if self.used + new_bytes > self.quota:
             raise ResourceExhausted(
                 f"memory quota exceeded: {new_bytes} bytes requested, {self.used} used of a {self.quota} byte limit",
@@ -348,6 +355,7 @@ class WorkerSession:
                 self.unbind(h)
             self.poisoned.clear()
             self.uploads.clear()
+            self.upload_pool.release()
 
 
 _CPU_OOM = "DefaultCPUAllocator: can't allocate memory"

@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 import torch
 from gpupool.client import bulk as client_bulk
-from gpupool.client.session import CHANNEL_OPTIONS, Session
+from gpupool.client.session import CHANNEL_OPTIONS, Handle, Session
 from gpupool.server import bulkside, slices
 from support import TcpRelay, get_pki, shut
+from test_daemon_quota import used_bytes
 
-from gpupool import duplex, hostpool, protocol, tls
-from gpupool._proto import device_pb2, device_pb2_grpc
+from gpupool import duplex, hostpool, protocol, tls, wire
+from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
 from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument
 
 MiB = 1024**2
@@ -98,6 +99,35 @@ def test_downloads_reuse_only_memory_the_caller_dropped(bulk_daemon: Any) -> Non
         with pytest.raises(GpupoolError):
             s.download(h1)  # freed: an error, never a tensor
         assert torch.equal(second, two) and torch.equal(fourth, one)
+
+
+def test_uploads_reuse_only_memory_the_session_freed(bulk_daemon: Any) -> None:
+    """server/uploadpool.py in a real session worker: an upload while a view of a freed one's tensor is held keeps
+    the view's values; once nothing refers to it, the next upload of that size lands in its memory, byte-exact; a
+    half-sent upload there is never read, and the session's count is what it holds (tests/unit/
+    test_server_upload_pool.py shows which memory each upload took)."""
+    with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
+        one, two, three = (_bits(16 * MiB, seed=k) for k in (11, 12, 13))
+        h1 = s.upload(one)
+        [view] = s.call("aten::slice.Tensor", Handle(h1), 0, 5)
+        s.free([h1])
+        h2 = s.upload(two)  # the view holds the first one's memory
+        assert torch.equal(s.download(view), one[5:]) and torch.equal(s.download(h2), two)
+        s.free([view, h2])
+        h3 = s.upload(three)
+        assert torch.equal(s.download(h3), three)
+        s.free([h3])
+        s.sync()
+        assert used_bytes(bulk_daemon.address, s) == 0
+        h4 = s.handle_base + 999  # the first 4 MiB of a 16 MiB upload, the rest never sent
+        meta = tensor_pb2.TensorMeta(dtype=wire.dtype_to_proto(torch.int32), shape=[4 * MiB])
+        first = one[:MiB].numpy().tobytes()
+        s._add(device_pb2.Command(upload=device_pb2.Upload(handle=h4, meta=meta, data=first, last=False)))
+        with pytest.raises(FailedPrecondition, match="still being uploaded"):
+            s.download(h4)
+        assert used_bytes(bulk_daemon.address, s) == 16 * MiB
+        s.free([h4])
+        assert torch.equal(s.download(s.upload(two)), two)
 
 
 def test_round_trip_in_thread_isolation(daemon_factory: Any) -> None:
