@@ -2,8 +2,9 @@
 
 `launch_bound.py`'s "client us/op" is CPU time, which on a shared 2-core box moves 30-50% between runs of the same
 code (a busy neighbour on the sibling hyperthread slows every instruction). This runs `launch_bound.py`'s eager
-worker (Adam, one torch thread, the batch uploaded every step) from two checkouts against one daemon of this
-checkout (`gpupool serve --fake-gpus 1` on core 1), alternating, and reports per aten op either
+worker (Adam, one torch thread, the batch uploaded every step; `--mode native`: the C++ client's worker, per op
+record) from two checkouts against one daemon of this checkout (`gpupool serve --fake-gpus 1` on core 1),
+alternating, and reports per aten op either
 
 - `--measure cpu`: the client process's CPU time over the timed blocks (medians of `--rounds` runs), or
 - `--measure instr`: the client's instructions over the timed blocks, all threads (the autograd device thread and
@@ -16,6 +17,11 @@ that this checkout's folders do not shadow it. `GPUPOOL_FLUSH_OPS` etc. can be s
 
     nice python bench/client_ab.py --measure instr --models tiny-mlp,encoder
     nice python bench/client_ab.py --measure cpu --models tiny-mlp --rounds 5
+    nice python bench/client_ab.py --measure instr --mode native --base-python B/.venv/bin/python --base-bench B/bench
+
+Run under the baseline's Python instead (`BASE/.venv/bin/python bench/client_ab.py --base-python
+THIS/.venv/bin/python --base-bench THIS/bench ...`, from /tmp) and the daemon is the baseline's (the sides' names then
+swap): both clients against either daemon, which tells a client's cost from its daemon's effect on it (round 30).
 """
 
 from __future__ import annotations
@@ -89,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--measure", choices=("cpu", "instr"), default="instr")
     p.add_argument("--models", default="tiny-mlp", help="comma-separated: " + ",".join(lb.MODELS))
-    p.add_argument("--mode", choices=("eager", "captured"), default="eager", help="captured: the step as one "
-                   "RunGraph (gpupool.torch.capture), figures per step instead of per op")  # fmt: skip
+    p.add_argument("--mode", choices=("eager", "captured", "native"), default="eager", help="captured: the step "
+                   "as one RunGraph (gpupool.torch.capture), figures per step instead of per op; native: the C++ "
+                   "client (`gpupool run --native-client`'s), per op record")  # fmt: skip
     p.add_argument("--rounds", type=int, default=0, help="runs of each side (default: 5 for cpu, 1 for instr)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--blocks", type=int, default=5)
