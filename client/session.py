@@ -174,23 +174,43 @@ def _packed(tag: bytes, values: Sequence[int]) -> bytes:
 
 def upload_command(handle: int, dtype: int, shape: Sequence[int], stride: Sequence[int], data: bytes) -> bytes:
     """`Command{upload: Upload(handle, meta, data, last=True)}` of a whole tensor in one chunk, as an entry of
-    `ClientFrame.commands`: byte for byte what protobuf writes (fields in number order, defaults left out)."""
-    meta = b"".join(
-        ((_META_DTYPE + _wvarint(dtype)) if dtype else b"", _packed(_META_SHAPE, shape), _packed(_META_STRIDE, stride))
-    )
-    up = b"".join(
+    `ClientFrame.commands`: byte for byte what protobuf writes (fields in number order, defaults left out). The part
+    from the meta to the data's length is the same for every upload of a geometry (a training loop's batches):
+    encoded once (`_UPLOAD_FIXED`), three varints an upload instead of a dozen."""
+    key = (dtype, tuple(shape), tuple(stride), len(data))
+    fixed = _UPLOAD_FIXED.get(key)
+    if fixed is None:
+        meta = b"".join(
+            (
+                (_META_DTYPE + _wvarint(dtype)) if dtype else b"",
+                _packed(_META_SHAPE, shape),
+                _packed(_META_STRIDE, stride),
+            )
+        )
+        fixed = _UPLOAD_META + _wvarint(len(meta)) + meta + ((_UPLOAD_DATA + _wvarint(len(data))) if data else b"")
+        if len(_UPLOAD_FIXED) >= _UPLOAD_FIXED_MAX:
+            _UPLOAD_FIXED.clear()
+        _UPLOAD_FIXED[key] = fixed
+    h = _wvarint(handle)
+    n = 1 + len(h) + len(fixed) + len(data) + len(_UPLOAD_LAST)  # the Upload message
+    up = _wvarint(n)
+    return b"".join(
         (
+            protocol.FRAME_COMMANDS_TAG,
+            _wvarint(1 + len(up) + n),
+            _COMMAND_UPLOAD,
+            up,
             _UPLOAD_HANDLE,
-            _wvarint(handle),
-            _UPLOAD_META,
-            _wvarint(len(meta)),
-            meta,
-            (_UPLOAD_DATA + _wvarint(len(data)) + data) if data else b"",
+            h,
+            fixed,
+            data,
             _UPLOAD_LAST,
         )
     )
-    cmd = _COMMAND_UPLOAD + _wvarint(len(up)) + up
-    return protocol.FRAME_COMMANDS_TAG + _wvarint(len(cmd)) + cmd
+
+
+_UPLOAD_FIXED: dict[tuple[int, tuple[int, ...], tuple[int, ...], int], bytes] = {}
+_UPLOAD_FIXED_MAX = 1024
 
 
 def eager_command(record: bytes) -> bytes:
@@ -510,7 +530,9 @@ class Session:
             self._maybe_flush()
 
     def eager_op(self, record: bytes) -> None:
-        """Enqueue a compact eager op record (gpupool/compact.py; the shim builds them): no protobuf per argument."""
+        """Enqueue a compact eager op record (gpupool/compact.py; the shim builds them): no protobuf per argument.
+        (client/torch/native_ops.cpp `session_append` has the case of a batch that holds some records and does not
+        fill inline: keep the two in step.)"""
         n = len(record)
         cmd = _EAGER_SHORT[n] + record if n < 128 else eager_command(record)  # eager_command, inline
         with self._lock:

@@ -166,12 +166,15 @@ class Schema:
             and not self.inplace_view
         )
         # What the C path (native_ops.cpp) needs of a plain op it may run: (name, argument kinds as codes, whether
-        # Scalars are keyed by type, per return the position of the written argument it is or -2); None: never
-        # there (ops that may change metadata or storage, and the ops meta.cpu_fixup may change, take run_remote).
-        self.fast: tuple[str, tuple[int, ...], bool, tuple[int, ...]] | None = None
+        # Scalars are keyed by type, per return the position of the written argument it is or -2, the kinds of keyword
+        # arguments by name); None: never there (ops that may change metadata or storage, and the ops meta.cpu_fixup
+        # may change, take run_remote).
+        self.fast: tuple[str, tuple[int, ...], bool, tuple[int, ...], dict[str, int]] | None = None
         if self.plain and not self.reshapes and self.name not in CPU_FIXUPS:
             alias = tuple(-2 if a is None else self.arg_names.index(a) for a in self.write_alias)
-            self.fast = (self.name, tuple(_KIND_CODES[k] for k in self.kinds), self.has_tensor_inputs, alias)
+            codes = tuple(_KIND_CODES[k] for k in self.kinds)
+            kwarg_codes = {n: _KIND_CODES[k] for n, k in self.kwarg_kinds.items()}
+            self.fast = (self.name, codes, self.has_tensor_inputs, alias, kwarg_codes)
 
 
 _schemas: dict[Any, Schema] = {}

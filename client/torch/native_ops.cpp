@@ -1,11 +1,11 @@
 // The steady path of an eager op on remote tensors in C (CPython's API only: no torch headers, no pybind):
 // `RemoteTensor.__torch_dispatch__` for an op whose meta-cache entry exists, whose arguments are remote tensors and
 // plain values, on a device nobody is recording a step on. It does what client/torch/remote.py `run_remote` does on
-// that path (the compact record, the cache key, the lookup, the handles, the wrappers, `rt.eager_op`), without ~300
-// Python bytecodes an op. Anything else - a cache miss, a keyword argument, a lazy view, a CPU tensor, a capture, a
-// held-back empty, an error to raise - goes to the Python dispatcher (`dispatch.torch_dispatch`), which stays the
-// reference: this path makes the same key, the same record bytes and the same wrappers, or makes nothing at all
-// (every check comes before the first side effect).
+// that path (the compact record, the cache key, the lookup, the handles, the wrappers, `rt.eager_op` and the session's
+// `eager_op`), without ~300 Python bytecodes an op. Anything else - a cache miss, a value the compact record has no
+// encoding for, a CPU tensor, a capture, a held-back empty, an error to raise - goes to the Python dispatcher
+// (`dispatch.torch_dispatch`), which stays the reference: this path makes the same key, the same record bytes and the
+// same wrappers, or makes nothing at all (every check comes before the first side effect).
 //
 // Built at first use by client/torch/native.py (`build_ops`) and imported as an extension module;
 // `GPUPOOL_NATIVE_OPS=0` keeps the Python dispatcher (the A/B, the tests' reference).
@@ -35,6 +35,16 @@ Py_ssize_t g_max_op_ids = 0;         // compact.MAX_OP_IDS
 Py_ssize_t g_max_outputs = 0;        // compact.MAX_OUTPUTS
 long g_plain = 0, g_special = 1;     // dispatch._PLAIN, dispatch._SPECIAL
 PyObject* g_one = nullptr;           // the int 1
+// Set by `setup_session` (optional: without it every record goes through Session.eager_op in Python)
+PyObject* g_session_type = nullptr;  // client.session.Session (exact type: a subclass or a stand-in gets its method)
+PyObject* g_session_mod = nullptr;   // client.session (MAX_BATCH_COMMANDS, read per op as the method does)
+PyObject* g_eager_short = nullptr;   // session._EAGER_SHORT as a tuple: the entry prefix of a record of n < 128 bytes
+// Set by `setup_rules`: torch._library.simple_registry and its own find_torch_dispatch_rule (`find_rule`)
+PyObject* g_registry = nullptr;
+PyObject* g_find_rule = nullptr;
+// Set by `setup_values` (optional: without them such arguments take the Python dispatcher)
+PyObject* g_const_types = nullptr;   // (torch.dtype, torch.layout, torch.memory_format)
+PyObject* g_consts = nullptr;        // each such value the wire has a code for -> compact.encode_value(value)
 unsigned long long g_ran = 0, g_passed = 0;  // ops this path ran, ops it passed to the Python dispatcher (`stats`)
 
 // interned attribute names
@@ -42,14 +52,16 @@ PyObject *s_gp_route, *s_fast, *s_gp_rt, *s_gp_h, *s_gp_key, *s_recorders, *s_op
     *s_hits, *s_one, *s_metas, *s_wrapper, *s_spec, *s_flat_tuple, *s_flat_list, *s_values, *s_handle_base,
     *s_handle_count, *s_device, *s_eager_op, *s_is_compiling, *s_gp_v, *s_closed, *s_gp_sch, *s_shared, *s_watched,
     *s_dead, *s_dead_bytes, *s_release, *s_itemsize, *s_heads, *s_ops_sent, *s_unflushed, *s_session, *s_free_bytes,
-    *s_flush_ops, *s_free_batch, *s_raise, *s_lock, *s_acquire;
+    *s_flush_ops, *s_free_batch, *s_raise, *s_lock, *s_acquire, *s_eager, *s_sealed_count, *s_max_batch,
+    *s_qualname, *s_singleton, *s_data, *s_rules;
 
 // Argument kinds (meta.T, TL, S, SL, V), as `Schema.fast` codes them.
 enum Kind : long { kT = 0, kTL = 1, kS = 2, kSL = 3, kV = 4 };
 
 // Tags of gpupool/compact.py.
 enum Tag : unsigned char {
-  tNONE = 0, tTENSOR = 1, tINT = 2, tFLOAT = 3, tBOOL = 4, tTENSORS = 5, tINTS = 6, tFLOATS = 7, tVIEW = 14, tVIEWS = 15
+  tNONE = 0, tTENSOR = 1, tINT = 2, tFLOAT = 3, tBOOL = 4, tTENSORS = 5, tINTS = 6, tFLOATS = 7, tBOOLS = 8, tVIEW = 14,
+  tVIEWS = 15
 };
 
 inline bool is_remote(PyObject* v) {
@@ -143,6 +155,14 @@ inline bool same_device(PyObject** rt, PyObject* other) {
   return *rt == other;
 }
 
+// Whether values of this type may be in `g_consts`.
+inline bool is_const_type(PyTypeObject* tv) {
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(g_const_types); i++) {
+    if (reinterpret_cast<PyObject*>(tv) == PyTuple_GET_ITEM(g_const_types, i)) return true;
+  }
+  return false;
+}
+
 // 0: encoded; 1: not this path's (fall back); -1: a Python error is set.
 // The key part and bytes are exactly encode.build_compact's (`_c_one`) for the cases handled here.
 int encode_arg(PyObject* v, long kind, bool by_type, PyObject** rt, PyObject** key_part, std::string& out) {
@@ -186,6 +206,42 @@ int encode_arg(PyObject* v, long kind, bool by_type, PyObject** rt, PyObject** k
       put_u64(out, tINT, static_cast<uint64_t>(x));
       Py_INCREF(v);
       *key_part = v;
+      return 0;
+    }
+    if (is_float) {  // eps, p, scale: keyed as (float, value) (meta._value_key: 1 and 1.0 hash alike)
+      *key_part = PyTuple_Pack(2, reinterpret_cast<PyObject*>(&PyFloat_Type), v);
+      if (*key_part == nullptr) return -1;
+      const double x = PyFloat_AS_DOUBLE(v);
+      uint64_t bits;
+      std::memcpy(&bits, &x, 8);
+      put_u64(out, tFLOAT, bits);
+      return 0;
+    }
+    if (g_consts != nullptr && is_const_type(tv)) {  // a dtype, layout or memory format: keyed by itself
+      PyObject* code = PyDict_GetItemWithError(g_consts, v);  // borrowed: its bytes
+      if (code == nullptr) return PyErr_Occurred() ? -1 : 1;  // one the wire has no code for: Unencodable
+      out.append(PyBytes_AS_STRING(code), static_cast<size_t>(PyBytes_GET_SIZE(code)));
+      Py_INCREF(v);
+      *key_part = v;
+      return 0;
+    }
+    if (tv == &PyList_Type && PyList_GET_SIZE(v) > 0 && Py_TYPE(PyList_GET_ITEM(v, 0)) == &PyBool_Type) {
+      // a list of exact bools (output_mask): keyed as a tuple of them, encoded as BOOLS (compact._encode_list)
+      const Py_ssize_t n = PyList_GET_SIZE(v);
+      if (n > 65535) return 1;
+      std::string part;
+      part.push_back(static_cast<char>(tBOOLS));
+      const uint16_t n16 = static_cast<uint16_t>(n);
+      part.append(reinterpret_cast<const char*>(&n16), 2);
+      for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject* x = PyList_GET_ITEM(v, i);
+        if (Py_TYPE(x) != &PyBool_Type) return 1;
+        part.push_back(x == Py_True ? 1 : 0);
+      }
+      PyObject* t = PyList_AsTuple(v);
+      if (t == nullptr) return -1;
+      out += part;
+      *key_part = t;
       return 0;
     }
     if (tv == &PyList_Type) {  // a list of exact ints: keyed as a tuple of them
@@ -339,22 +395,24 @@ PyObject* new_handle(PyObject* base, PyObject* counter) {
 
 // The fast path proper. Returns a new reference (the op's result), nullptr with an error set, or nullptr without
 // one: not this path's (the caller falls back to the Python dispatcher).
-PyObject* fast_plain(PyObject* sch, PyObject* args) {
+PyObject* fast_plain(PyObject* sch, PyObject* args, PyObject* kwargs) {
   Ref fast(get_attr(sch, s_fast));
   if (fast.p == nullptr) return nullptr;
-  if (fast.p == Py_None) return nullptr;
-  // Schema.fast: (name, kinds, by_type, alias positions)
+  if (fast.p == Py_None || !PyTuple_Check(fast.p) || PyTuple_GET_SIZE(fast.p) != 5) return nullptr;
+  // Schema.fast: (name, kinds, by_type, alias positions, keyword argument kinds)
   PyObject* name = PyTuple_GET_ITEM(fast.p, 0);
   PyObject* kinds = PyTuple_GET_ITEM(fast.p, 1);
   const bool by_type = PyTuple_GET_ITEM(fast.p, 2) == Py_True;
   PyObject* alias = PyTuple_GET_ITEM(fast.p, 3);
+  PyObject* kwarg_kinds = PyTuple_GET_ITEM(fast.p, 4);
   const Py_ssize_t nargs = PyTuple_GET_SIZE(args);
-  if (nargs > PyTuple_GET_SIZE(kinds) || nargs > 255) return nullptr;
+  const Py_ssize_t nkw = kwargs != nullptr ? PyDict_GET_SIZE(kwargs) : 0;
+  if (nargs > PyTuple_GET_SIZE(kinds) || nargs > 255 || nkw > 255 || !PyDict_CheckExact(kwarg_kinds)) return nullptr;
 
   std::string tail;
   tail.reserve(16 + 10 * nargs);
   tail.push_back(static_cast<char>(nargs));
-  Ref key(PyTuple_New(nargs + 1));
+  Ref key(PyTuple_New(nargs + 1 + nkw));
   if (key.p == nullptr) return nullptr;
   Py_INCREF(sch);
   PyTuple_SET_ITEM(key.p, 0, sch);
@@ -366,7 +424,31 @@ PyObject* fast_plain(PyObject* sch, PyObject* args) {
     if (r != 0) return nullptr;  // an error (set) or not this path's (none set)
     PyTuple_SET_ITEM(key.p, i + 1, part);
   }
-  tail.push_back(0);  // no keyword arguments
+  tail.push_back(static_cast<char>(nkw));
+  if (nkw > 0) {  // encode.build_compact's: by name in sorted order, each keyed (name, part) after the arguments
+    Ref names(PyDict_Keys(kwargs));
+    if (names.p == nullptr || PyList_Sort(names.p) < 0) return nullptr;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+      PyObject* kw = PyList_GET_ITEM(names.p, i);
+      Py_ssize_t len = 0;
+      const char* raw = PyUnicode_Check(kw) && PyUnicode_IS_ASCII(kw) ? PyUnicode_AsUTF8AndSize(kw, &len) : nullptr;
+      if (raw == nullptr || len == 0 || len > 255) return nullptr;  // Unencodable (or an error, set)
+      PyObject* code = PyDict_GetItemWithError(kwarg_kinds, kw);  // borrowed; absent: meta.V
+      if (code == nullptr && PyErr_Occurred()) return nullptr;
+      const long kind = code != nullptr ? PyLong_AsLong(code) : kV;
+      PyObject* v = PyDict_GetItemWithError(kwargs, kw);  // borrowed
+      if (v == nullptr) return nullptr;
+      tail.push_back(static_cast<char>(len));  // compact.kwarg_key(name)
+      tail.append(raw, static_cast<size_t>(len));
+      PyObject* part = nullptr;
+      const int r = encode_arg(v, kind, by_type, &rt, &part, tail);
+      if (r != 0) return nullptr;
+      Ref owned(part);
+      PyObject* pair = PyTuple_Pack(2, kw, part);
+      if (pair == nullptr) return nullptr;
+      PyTuple_SET_ITEM(key.p, nargs + 1 + i, pair);
+    }
+  }
   if (rt == nullptr) return nullptr;
 
   // run_remote's checks, inline: no recorder (a capture records `Op`s), room for op ids, no held-back empties
@@ -555,13 +637,30 @@ PyObject* new_wrapper(PyObject* type, PyObject* rt_device, PyObject* rt, PyObjec
   return t.release();
 }
 
+// lock.acquire() (a threading lock: RLock's and Lock's are C methods). False with an error set on failure.
+bool lock_acquire(PyObject* lock) {
+  Ref got(PyObject_CallMethodNoArgs(lock, s_acquire));
+  return got.p != nullptr;
+}
+
+// lock.release(), whatever happened while it was held: an error already set stays set. -1 if the release failed.
+int lock_release(PyObject* lock) {
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  Ref done(PyObject_CallMethodNoArgs(lock, s_release));
+  if (done.p == nullptr) {
+    Py_XDECREF(type), Py_XDECREF(value), Py_XDECREF(tb);
+    return -1;
+  }
+  PyErr_Restore(type, value, tb);
+  return 0;
+}
+
 // rt.share(handle): one more tensor holds it. DeviceRuntime.share inline: `shared[handle] += 1` under the runtime's
 // lock (a tensor dying on another thread changes `shared` under it: runtime.release).
 int share(PyObject* rt, PyObject* handle) {
   Ref lock(get_attr(rt, s_lock));
-  if (lock.p == nullptr) return -1;
-  Ref got(PyObject_CallMethodNoArgs(lock.p, s_acquire));
-  if (got.p == nullptr) return -1;
+  if (lock.p == nullptr || !lock_acquire(lock.p)) return -1;
   int rc = -1;
   {
     Ref shared(get_attr(rt, s_shared));
@@ -575,15 +674,35 @@ int share(PyObject* rt, PyObject* handle) {
       PyErr_SetString(PyExc_TypeError, "gpupool: DeviceRuntime.shared is not a dict");
     }
   }
-  PyObject *type, *value, *tb;  // release the lock whatever happened, keeping the error
-  PyErr_Fetch(&type, &value, &tb);
-  Ref done(PyObject_CallMethodNoArgs(lock.p, s_release));
-  if (done.p == nullptr) {
-    Py_XDECREF(type), Py_XDECREF(value), Py_XDECREF(tb);
-    return -1;
+  return lock_release(lock.p) < 0 ? -1 : rc;
+}
+
+// The first branch of runtime.DeviceRuntime.release's locked part, inline: a handle other tensors still hold
+// (`shared`: a detach, an alias, a view) loses one holder. 1: done; 0: not that case (the method does the rest,
+// taking the lock again: as if it had been called a moment later); -1: an error is set.
+int unshare(PyObject* rt, PyObject* handle) {
+  Ref lock(get_attr(rt, s_lock));
+  if (lock.p == nullptr || !lock_acquire(lock.p)) return -1;
+  int rc = 0;
+  {
+    Ref shared(get_attr(rt, s_shared));
+    PyObject* extra = shared.p != nullptr && PyDict_CheckExact(shared.p) ? PyDict_GetItemWithError(shared.p, handle)
+                                                                         : nullptr;  // borrowed
+    if (shared.p == nullptr || PyErr_Occurred()) {
+      rc = -1;
+    } else if (extra != nullptr && PyLong_CheckExact(extra)) {  // `if extra:` (a count, >= 1 while it is there)
+      const long long n = PyLong_AsLongLong(extra);
+      if (n == -1 && PyErr_Occurred()) {
+        rc = -1;
+      } else if (n == 1) {
+        rc = PyDict_DelItem(shared.p, handle) < 0 ? -1 : 1;
+      } else if (n > 1) {
+        Ref less(PyLong_FromLongLong(n - 1));
+        rc = less.p == nullptr || PyDict_SetItem(shared.p, handle, less.p) < 0 ? -1 : 1;
+      }
+    }
   }
-  PyErr_Restore(type, value, tb);
-  return rc;
+  return lock_release(lock.p) < 0 ? -1 : rc;
 }
 
 // Whether the runtime has no recorder, no held-back empty and is open: 1 yes, 0 no, -1 an error.
@@ -696,6 +815,54 @@ long long int_attr(PyObject* obj, PyObject* name) {
   return PyLong_AsLongLong(v.p);
 }
 
+PyObject* g_session_eager = nullptr;  // Session.eager_op as `setup_session` found it (a patched class: its method)
+
+// client/session.py Session.eager_op(head + body), its usual case inline: a short record joins a batch of eager
+// records that already holds some (`_eager`: the frame's protobuf part is sealed before the first) and does not fill
+// the frame. 1: queued; 0: not that case (the caller calls the method, which does every case); -1: an error is set.
+int session_append(PyObject* session, PyObject* head, const std::string& body) {
+  if (g_session_type == nullptr || Py_TYPE(session) != reinterpret_cast<PyTypeObject*>(g_session_type)) return 0;
+  PyObject* method = PyDict_GetItemWithError(reinterpret_cast<PyTypeObject*>(g_session_type)->tp_dict, s_eager_op);
+  if (method != g_session_eager) return PyErr_Occurred() ? -1 : 0;
+  PyObject** dp = _PyObject_GetDictPtr(session);
+  if (dp == nullptr || *dp == nullptr) return 0;
+  PyObject* d = *dp;
+  PyObject* own = PyDict_GetItemWithError(d, s_eager_op);  // an instance's own eager_op (a test's spy)
+  if (own != nullptr || PyErr_Occurred()) return own != nullptr ? 0 : -1;
+  const Py_ssize_t nhead = PyBytes_GET_SIZE(head);
+  const Py_ssize_t n = nhead + static_cast<Py_ssize_t>(body.size());
+  if (n >= PyTuple_GET_SIZE(g_eager_short)) return 0;
+  PyObject* prefix = PyTuple_GET_ITEM(g_eager_short, n);
+  const Py_ssize_t np = PyBytes_GET_SIZE(prefix);
+  const long long max_commands = int_attr(g_session_mod, s_max_batch);
+  if (max_commands == -1 && PyErr_Occurred()) return -1;
+  Ref cmd(PyBytes_FromStringAndSize(nullptr, np + n));  // _EAGER_SHORT[n] + record
+  if (cmd.p == nullptr) return -1;
+  char* out = PyBytes_AS_STRING(cmd.p);
+  std::memcpy(out, PyBytes_AS_STRING(prefix), static_cast<size_t>(np));
+  std::memcpy(out + np, PyBytes_AS_STRING(head), static_cast<size_t>(nhead));
+  std::memcpy(out + np + nhead, body.data(), body.size());
+  Ref lock(get_attr(session, s_lock));
+  if (lock.p == nullptr || !lock_acquire(lock.p)) return -1;
+  int rc = 0;
+  {
+    PyObject* eager = PyDict_GetItemWithError(d, s_eager);  // read under the lock: `_seal` replaces the list
+    PyObject* sealed = eager != nullptr ? PyDict_GetItemWithError(d, s_sealed_count) : nullptr;
+    if (PyErr_Occurred()) {
+      rc = -1;
+    } else if (sealed != nullptr && PyList_CheckExact(eager) && PyList_GET_SIZE(eager) > 0 &&
+               PyLong_CheckExact(sealed)) {
+      const long long count = PyLong_AsLongLong(sealed);
+      if (count == -1 && PyErr_Occurred()) {
+        rc = -1;
+      } else if (PyList_GET_SIZE(eager) + 1 + count < max_commands) {
+        rc = PyList_Append(eager, cmd.p) < 0 ? -1 : 1;
+      }
+    }
+  }
+  return lock_release(lock.p) < 0 ? -1 : rc;
+}
+
 // runtime.DeviceRuntime.eager_op(name, body), its usual case inline: the op's id is defined, no batch of frees is due
 // and the frame does not fill; any other case calls the method itself. Returns 0, or -1 with an error set.
 int send_record(PyObject* rt, PyObject* name, const std::string& body) {
@@ -743,13 +910,16 @@ int send_record(PyObject* rt, PyObject* name, const std::string& body) {
     return done.p == nullptr ? -1 : 0;
   }
   if (add_attr(rt, s_ops_sent, g_one) < 0) return -1;
+  Ref session(get_attr(rt, s_session));
+  if (session.p == nullptr) return -1;
+  const int queued = session_append(session.p, head, body);
+  if (queued < 0) return -1;
+  if (queued > 0) return add_attr(rt, s_unflushed, g_one);
   const Py_ssize_t nhead = PyBytes_GET_SIZE(head);
   Ref record(PyBytes_FromStringAndSize(nullptr, nhead + static_cast<Py_ssize_t>(body.size())));
   if (record.p == nullptr) return -1;
   std::memcpy(PyBytes_AS_STRING(record.p), PyBytes_AS_STRING(head), static_cast<size_t>(nhead));
   std::memcpy(PyBytes_AS_STRING(record.p) + nhead, body.data(), body.size());
-  Ref session(get_attr(rt, s_session));
-  if (session.p == nullptr) return -1;
   PyObject* argv[] = {session.p, record.p};
   Ref done(PyObject_VectorcallMethod(s_eager_op, argv, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr));
   if (done.p == nullptr) {  // the method's `except Exception as exc: self._raise(exc)`
@@ -839,6 +1009,14 @@ PyObject* remote_del(PyObject* self, PyObject* /*unused*/) {
     if (add_attr(rt, s_dead_bytes, nb.p) < 0) return nullptr;
     Py_RETURN_NONE;
   }
+  PyObject** rdp = _PyObject_GetDictPtr(rt);  // a `release` of the instance's own (a test's spy): call it
+  PyObject* own = rdp != nullptr && *rdp != nullptr ? PyDict_GetItemWithError(*rdp, s_release) : nullptr;
+  if (own == nullptr && PyErr_Occurred()) return nullptr;
+  if (own == nullptr) {
+    const int done = unshare(rt, h);
+    if (done < 0) return nullptr;
+    if (done > 0) Py_RETURN_NONE;
+  }
   PyObject* argv[] = {rt, h, nb.p};
   return PyObject_VectorcallMethod(s_release, argv, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr);
 }
@@ -870,9 +1048,7 @@ PyObject* torch_dispatch(PyObject* /*module*/, PyObject* const* a, Py_ssize_t na
     if (t < 0) return nullptr;
     if (t) return to_python(a, nargs, kwnames);
   }
-  if (kwargs != Py_None && (!PyDict_CheckExact(kwargs) || PyDict_GET_SIZE(kwargs) != 0)) {
-    return to_python(a, nargs, kwnames);
-  }
+  if (kwargs != Py_None && !PyDict_CheckExact(kwargs)) return to_python(a, nargs, kwnames);
   Ref route(get_attr(func, s_gp_route));
   if (route.p == nullptr) {
     if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return nullptr;
@@ -883,13 +1059,13 @@ PyObject* torch_dispatch(PyObject* /*module*/, PyObject* const* a, Py_ssize_t na
   const long kind = PyLong_AsLong(PyTuple_GET_ITEM(route.p, 0));
   if (kind == -1 && PyErr_Occurred()) return nullptr;
   if (kind == g_plain) {
-    PyObject* out = fast_plain(PyTuple_GET_ITEM(route.p, 1), args);
+    PyObject* out = fast_plain(PyTuple_GET_ITEM(route.p, 1), args, kwargs == Py_None ? nullptr : kwargs);
     if (out != nullptr) {
       g_ran++;
       return out;
     }
     if (PyErr_Occurred()) return nullptr;
-  } else if (kind == g_special) {
+  } else if (kind == g_special && (kwargs == Py_None || PyDict_GET_SIZE(kwargs) == 0)) {
     PyObject* how = PyTuple_GET_ITEM(route.p, 1);
     PyObject* out = nullptr;
     if (how == g_alias_fn) {
@@ -912,6 +1088,25 @@ PyObject* torch_dispatch(PyObject* /*module*/, PyObject* const* a, Py_ssize_t na
   return to_python(a, nargs, kwnames);
 }
 
+// New references to a[0..n) in *slots[0..n) (replacing what they held): the setup functions' objects.
+void keep(PyObject* const* a, PyObject** const* slots, int n) {
+  for (int i = 0; i < n; i++) {
+    Py_INCREF(a[i]);
+    Py_XSETREF(*slots[i], a[i]);
+  }
+}
+
+// Whether every item of a tuple passes `check`; false with a TypeError saying `what` if not.
+bool items_are(PyObject* tuple, bool (*check)(PyObject*), const char* what) {
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(tuple); i++) {
+    if (!check(PyTuple_GET_ITEM(tuple, i))) {
+      PyErr_SetString(PyExc_TypeError, what);
+      return false;
+    }
+  }
+  return true;
+}
+
 PyObject* setup(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
   if (nargs != 15) {
     PyErr_SetString(PyExc_TypeError, "setup(remote_type, make_wrapper, strided, py_dispatch, compiler, cache, "
@@ -930,10 +1125,7 @@ PyObject* setup(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
   }
   PyObject** slots[] = {&g_remote_type, &g_make_wrapper, &g_strided, &g_py_dispatch, &g_compiler,
                         &g_cache,       &g_view_type,    &g_alias_fn, &g_view_fn,    &g_geometry};
-  for (int i = 0; i < 10; i++) {
-    Py_INCREF(a[i]);
-    Py_XSETREF(*slots[i], a[i]);
-  }
+  keep(a, slots, 10);
   g_max_op_ids = PyLong_AsSsize_t(a[10]);
   g_max_outputs = PyLong_AsSsize_t(a[11]);
   g_plain = PyLong_AsLong(a[12]);
@@ -943,6 +1135,91 @@ PyObject* setup(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
   Py_XSETREF(g_runtime, a[14]);
   // RemoteTensor.__del__ in C: a method descriptor of the class (slot_tp_finalize calls it with the tensor)
   return PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(g_remote_type), &del_def);
+}
+
+// setup_session(Session, Session.eager_op, session module, _EAGER_SHORT): what `session_append` needs.
+PyObject* setup_session(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
+  if (nargs != 4 || !PyType_Check(a[0]) || !PyTuple_CheckExact(a[3])) {
+    PyErr_SetString(PyExc_TypeError, "setup_session(Session, Session.eager_op, session module, tuple(_EAGER_SHORT))");
+    return nullptr;
+  }
+  auto is_bytes = [](PyObject* o) { return PyBytes_CheckExact(o) != 0; };
+  if (!items_are(a[3], is_bytes, "setup_session: the prefixes are bytes")) return nullptr;
+  PyObject** slots[] = {&g_session_type, &g_session_eager, &g_session_mod, &g_eager_short};
+  keep(a, slots, 4);
+  Py_RETURN_NONE;
+}
+
+// setup_values(types, values): dtype, layout and memory format arguments (`input_dtype`, `memory_format`) in C too;
+// `values` maps each value the wire has a code for to its bytes (compact.encode_value)
+PyObject* setup_values(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
+  if (nargs != 2 || !PyTuple_CheckExact(a[0]) || !PyDict_CheckExact(a[1])) {
+    PyErr_SetString(PyExc_TypeError, "setup_values(tuple of types, dict of value -> bytes)");
+    return nullptr;
+  }
+  if (!items_are(a[0], [](PyObject* o) { return PyType_Check(o) != 0; }, "setup_values: not a type")) return nullptr;
+  PyObject *key, *value;
+  Py_ssize_t pos = 0;
+  while (PyDict_Next(a[1], &pos, &key, &value)) {
+    if (!PyBytes_CheckExact(value)) {
+      PyErr_SetString(PyExc_TypeError, "setup_values: the encodings are bytes");
+      return nullptr;
+    }
+  }
+  PyObject** slots[] = {&g_const_types, &g_consts};
+  keep(a, slots, 2);
+  Py_RETURN_NONE;
+}
+
+// torch._library.simple_registry.find_torch_dispatch_rule(op, cls), which torch calls before every
+// `__torch_dispatch__` of a tensor subclass (three Python calls an op): the same lookup in C,
+// `singleton._data[op.__qualname__].torch_dispatch_rules._data.get(cls)`, None where the op has no entry yet (the
+// original makes an empty one first). Anything unexpected (another registry, a failing attribute) calls the original.
+PyObject* find_rule(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
+  if (g_registry == nullptr || g_find_rule == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "gpupool native ops: setup_rules() was not called");
+    return nullptr;
+  }
+  auto original = [&]() { return PyObject_Vectorcall(g_find_rule, a, static_cast<size_t>(nargs), nullptr); };
+  if (nargs != 2) return original();
+  Ref qualname(PyObject_GetAttr(a[0], s_qualname));
+  Ref registry(qualname.p != nullptr ? get_attr(g_registry, s_singleton) : nullptr);
+  Ref data(registry.p != nullptr ? get_attr(registry.p, s_data) : nullptr);
+  if (data.p == nullptr || !PyDict_CheckExact(data.p) || !PyUnicode_CheckExact(qualname.p)) {
+    PyErr_Clear();
+    return original();
+  }
+  PyObject* entry = PyDict_GetItemWithError(data.p, qualname.p);  // borrowed
+  if (entry == nullptr) {
+    if (PyErr_Occurred()) return nullptr;
+    Py_RETURN_NONE;
+  }
+  Ref keep_entry(entry);
+  Py_INCREF(entry);
+  Ref holder(get_attr(entry, s_rules));
+  Ref rules(holder.p != nullptr ? get_attr(holder.p, s_data) : nullptr);
+  if (rules.p == nullptr || !PyDict_CheckExact(rules.p)) {
+    PyErr_Clear();
+    return original();
+  }
+  PyObject* rule = PyDict_GetItemWithError(rules.p, a[1]);  // borrowed
+  if (rule == nullptr) {
+    if (PyErr_Occurred()) return nullptr;
+    Py_RETURN_NONE;
+  }
+  Py_INCREF(rule);
+  return rule;
+}
+
+// setup_rules(torch._library.simple_registry, its find_torch_dispatch_rule): what `find_rule` reads and falls back to
+PyObject* setup_rules(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
+  if (nargs != 2 || !PyModule_Check(a[0]) || !PyCallable_Check(a[1])) {
+    PyErr_SetString(PyExc_TypeError, "setup_rules(simple_registry module, find_torch_dispatch_rule)");
+    return nullptr;
+  }
+  PyObject** slots[] = {&g_registry, &g_find_rule};
+  keep(a, slots, 2);
+  Py_RETURN_NONE;
 }
 
 // (ops run here, ops passed to the Python dispatcher) since the process started: what the tests check
@@ -956,6 +1233,14 @@ PyMethodDef methods[] = {
      METH_FASTCALL | METH_KEYWORDS, "RemoteTensor.__torch_dispatch__'s steady path (see the source's head)"},
     {"setup", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup)), METH_FASTCALL,
      "the Python objects the fast path uses"},
+    {"setup_session", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup_session)), METH_FASTCALL,
+     "what Session.eager_op's inline case needs"},
+    {"setup_values", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup_values)), METH_FASTCALL,
+     "the encodings of dtypes, layouts and memory formats"},
+    {"find_rule", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(find_rule)), METH_FASTCALL,
+     "torch._library.simple_registry.find_torch_dispatch_rule in C"},
+    {"setup_rules", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup_rules)), METH_FASTCALL,
+     "the registry find_rule reads"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "gpupool_native_ops", nullptr, -1, methods,
@@ -981,7 +1266,10 @@ PyMODINIT_FUNC PyInit_gpupool_native_ops() {
                         {&s_release, "release"}, {&s_itemsize, "itemsize"}, {&s_heads, "_heads"},
                         {&s_ops_sent, "ops_sent"}, {&s_unflushed, "_unflushed"}, {&s_session, "session"},
                         {&s_free_bytes, "free_bytes"}, {&s_flush_ops, "FLUSH_OPS"}, {&s_free_batch, "FREE_BATCH"},
-                        {&s_raise, "_raise"}, {&s_lock, "_lock"}, {&s_acquire, "acquire"}};
+                        {&s_raise, "_raise"}, {&s_lock, "_lock"}, {&s_acquire, "acquire"},
+                        {&s_eager, "_eager"}, {&s_sealed_count, "_sealed_count"},
+                        {&s_max_batch, "MAX_BATCH_COMMANDS"}, {&s_qualname, "__qualname__"},
+                        {&s_singleton, "singleton"}, {&s_data, "_data"}, {&s_rules, "torch_dispatch_rules"}};
   for (const Name& n : names) {
     *n.slot = PyUnicode_InternFromString(n.text);
     if (*n.slot == nullptr) return nullptr;

@@ -1,10 +1,13 @@
 """The steady path of an eager op in C: `native_ops.cpp`, compiled at first use, becomes
 `RemoteTensor.__torch_dispatch__` (and the tensor's finalizer).
 
-A warm plain op (its meta-cache entry made, its arguments remote tensors, lazy views, tensor lists and plain values, no
-keyword arguments, on a device nobody records a step on and with no held-back empty), detach and the view ops run
-there: the cache key, the compact record, the handles and the wrappers as `remote.run_remote` and `transfer` make them,
-with the runtime's usual `eager_op` inline; ~300 Python bytecodes an op less. Everything else goes to the Python
+A warm plain op (its meta-cache entry made, its arguments and keyword arguments remote tensors, lazy views, tensor
+lists and plain values - numbers, int and bool lists, dtypes, layouts, memory formats -, on a device nobody records a
+step on and with no held-back empty), detach and the view ops run there: the cache key, the compact record, the handles
+and the wrappers as `remote.run_remote` and `transfer` make them, with the runtime's usual `eager_op` and the session's
+(`Session.eager_op`: the record joins the batch) inline; ~300 Python bytecodes an op less. A dying tensor's finalizer
+too, a shared handle's (a detach, a view) included. And torch's lookup of a `__torch_dispatch__` rule, which it makes
+before every dispatch to a tensor subclass (`_install_rule_finder`). Everything else goes to the Python
 dispatcher (`dispatch.torch_dispatch`), the reference, which the tests compare it with (tests/integration/
 test_shim_native_ops.py: the same keys, record bytes, wrappers and training bits). It uses CPython's C API only (no
 torch headers): `-I` Python's include directory, ~2 s once per Python build and source, cached beside the native guard
@@ -26,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._library.simple_registry as simple_registry
 
 from gpupool import compact, config
 
+from .. import session
 from . import dispatch, meta, native, runtime, tensor, transfer
 from .tensor import RemoteTensor
 
@@ -82,12 +87,32 @@ def load() -> Any:
                          transfer._view, transfer._GEOMETRY, compact.MAX_OP_IDS, compact.MAX_OUTPUTS,
                          dispatch._PLAIN, dispatch._SPECIAL, runtime)  # fmt: skip
             setattr(module, "remote_del", remote_del)  # noqa: B010 - a module attribute mypy cannot know
+            # Session.eager_op's usual case inline (a short record joining a batch that holds some)
+            module.setup_session(session.Session, session.Session.__dict__["eager_op"], session,
+                                 tuple(session._EAGER_SHORT))  # fmt: skip
+            consts = (compact.DTYPE_CODES, compact.LAYOUT_CODES, compact.MEMORY_FORMAT_CODES)
+            module.setup_values((torch.dtype, torch.layout, torch.memory_format),
+                                {v: compact.encode_value(v) for codes in consts for v in codes})  # fmt: skip
+            _install_rule_finder(module)
         except Exception as exc:  # BuildError, a broken cache file: the Python dispatcher still works
             log.warning("gpupool: native op path unavailable, every op takes the Python dispatcher (slower per op; "
                         "GPUPOOL_NATIVE_OPS=0 skips this): %s", exc)  # fmt: skip
             module = None
     _ops.append(module)
     return module
+
+
+def _install_rule_finder(module: Any) -> None:
+    """torch calls `torch._library.simple_registry.find_torch_dispatch_rule(op, cls)` (three Python functions) before
+    every `__torch_dispatch__` of a tensor subclass, ours included: two of them for a remote op that sends nothing
+    (a view, a detach). `native_ops.cpp`'s `find_rule` is the same lookup in C (the original for anything else). torch
+    reads the function once, at the first such dispatch of the process: before it (gpupool's import, as usual) this
+    takes effect for every subclass; after it, it changes nothing. Idempotent."""
+    current = simple_registry.find_torch_dispatch_rule
+    if current is module.find_rule:
+        return
+    module.setup_rules(simple_registry, current)
+    simple_registry.find_torch_dispatch_rule = module.find_rule
 
 
 def use(on: bool) -> bool:

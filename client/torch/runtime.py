@@ -105,7 +105,8 @@ class DeviceRuntime:
 
     def release(self, handle: int, nbytes: int = 0) -> None:
         """Called when a tensor dies (any thread, any time): remember the handle for the next batch.
-        (`RemoteTensor.__del__` and native_ops.cpp `remote_del` have the first branch inline: keep the three alike.)"""
+        (`RemoteTensor.__del__` and native_ops.cpp `remote_del` have the first branch inline, `remote_del` also the
+        shared handle's case (`unshare`): keep the three alike.)"""
         if handle not in self.shared and not (self.watched or self.pending or self.closed or self.recorders):
             # The usual death, without the lock (~0.3-0.7 us less per tensor): nothing to look up, one append.
             # `_dead` is never replaced, only trimmed at its front (`flush_frees`), so an append racing a flush

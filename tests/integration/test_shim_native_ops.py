@@ -93,7 +93,9 @@ def tensors(dev: torch.device) -> dict[str, Any]:
     def new(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(dev)
 
-    return {"a": new(4, 8), "b": new(8, 3), "c": new(3), "ts": [new(4, 4) for _ in range(3)]}
+    t = {"a": new(4, 8), "b": new(8, 3), "c": new(3), "ts": [new(4, 4) for _ in range(3)]}
+    t["stats"] = [x.to(dev) for x in aten.native_layer_norm.default(t["a"].cpu(), [8], None, None, 1e-5)[1:]]
+    return t
 
 
 # (name, op, arguments from `tensors`): each form of argument and result the C path takes
@@ -119,6 +121,19 @@ OPS: dict[str, tuple[Any, Callable[[dict[str, Any]], tuple[Any, ...]]]] = {
     "t": (aten.t.default, lambda t: (t["a"],)),
     "view": (aten.view.default, lambda t: (t["a"], [8, 4])),
     "view of a lazy view": (aten.view.default, lambda t: (t["a"][1:3], [4, 4])),
+    "a float value and three outputs": (aten.native_layer_norm.default, lambda t: (t["a"], [8], None, None, 1e-5)),
+    "a bool list, None outputs": (
+        aten.native_layer_norm_backward.default,
+        lambda t: (t["a"], t["a"], [8], *t["stats"], None, None, [True, False, False]),
+    ),
+    "a dtype": (aten._log_softmax_backward_data.default, lambda t: (t["a"], t["a"], 1, torch.float32)),
+    "keyword arguments": (aten.add.Tensor, lambda t: (t["a"], t["c"][:1])),
+    "a memory format keyword": (aten.clone.default, lambda t: (t["a"].t(),)),
+}
+# keyword arguments of the cases above, by case (torch passes keyword-only arguments so)
+KWARGS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "keyword arguments": lambda t: {"alpha": 2},
+    "a memory format keyword": lambda t: {"memory_format": torch.contiguous_format},
 }
 NO_RECORD = {"detach", "detach of a lazy view", "t", "view", "view of a lazy view"}
 
@@ -127,10 +142,15 @@ NO_RECORD = {"detach", "detach of a lazy view", "t", "view", "view of a lazy vie
 def test_a_warm_op_runs_in_c_with_the_python_paths_key_record_and_result(
     dev: torch.device, on: None, case: str
 ) -> None:
-    op, make = OPS[case]
+    fn, make = OPS[case]
     t = tensors(dev)
     args = make(t)
+    kwargs = KWARGS.get(case, lambda t: {})(t)
     rt = t["a"]._gp_rt
+
+    def op(*args: Any) -> Any:
+        return fn(*args, **kwargs)
+
     op(*args)  # warm: the Python path makes the meta-cache entry
     rec = Records(rt)
     try:
@@ -157,7 +177,7 @@ def test_a_warm_op_runs_in_c_with_the_python_paths_key_record_and_result(
         assert rt_shared is not None and rt_shared >= 2  # the argument's daemon tensor: held by both results too
     else:
         (head_py, body_py), (head_c, body_c) = rec.sent
-        assert head_c == head_py == rt._heads[meta.schema_of(op).name]
+        assert head_c == head_py == rt._heads[meta.schema_of(fn).name]
         handles_py, tail_py = split(body_py)
         handles_c, tail_c = split(body_c)
         assert tail_c == tail_py  # the argument bytes
@@ -238,12 +258,12 @@ def test_what_the_c_path_leaves_to_python(dev: torch.device, on: None) -> None:
     t = tensors(dev)
     a, b = t["a"], t["b"]
     for _ in range(2):  # warm each key
-        aten.add.Tensor(a, a, alpha=2)
         aten.mul.Tensor(a, torch.tensor(2.0))
         aten.relu.default(a)
-    # keyword arguments
-    got = passes(lambda: aten.add.Tensor(a, a, alpha=2))
-    assert torch.equal(got.cpu(), a.cpu() * 3)
+    # a keyword argument the compact record has no encoding for (a string: an `Op` carries it)
+    aten.gelu.default(a, approximate="tanh")
+    got = passes(lambda: aten.gelu.default(a, approximate="tanh"))
+    assert torch.equal(got.cpu(), aten.gelu.default(a.cpu(), approximate="tanh"))
     # a 0-dim CPU tensor (an `Op` carries it inline)
     got = passes(lambda: aten.mul.Tensor(a, torch.tensor(2.0)))
     assert torch.equal(got.cpu(), a.cpu() * 2)
@@ -375,3 +395,133 @@ def test_a_dying_tensor_gives_its_handle_and_bytes_to_the_batch_of_frees(
     assert rt._dead == [*dead, h, held]
     rt.flush_frees(force=True)
     rt.sync()
+
+
+def python_calls(fn: Callable[[], Any], *codes: Any) -> tuple[Any, int]:
+    """`fn()`'s result and how many times the Python functions of `codes` ran meanwhile (called from C too)."""
+    calls = [0]
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code in codes:
+            calls[0] += 1
+
+    sys.setprofile(profile)
+    try:
+        out = fn()
+    finally:
+        sys.setprofile(None)
+    return out, calls[0]
+
+
+def test_a_record_joins_the_sessions_batch_in_c_as_session_eager_op_queues_it(dev: torch.device, on: None) -> None:
+    """native_ops.cpp `session_append`: a record that joins a batch already holding some is queued in C, as the
+    same bytes Session.eager_op queues (the frame's bytes: the daemon reads them)."""
+    from gpupool.client.session import Session
+
+    if runtime.FLUSH_OPS < 4:
+        pytest.skip("a frame of fewer than 4 records")
+    a = tensors(dev)["a"]
+    rt = a._gp_rt
+    session = rt.session
+    eager_op = Session.eager_op.__code__
+    aten.relu.default(a)  # warm
+    rt.flush()  # an empty batch: the next record goes through the method, which seals the frame's other commands
+    native_ops.use(False)
+    want, calls = python_calls(lambda: aten.relu.default(a), eager_op)
+    assert calls == 1 and len(session._eager) == 1
+    py_command = session._eager[-1]
+    native_ops.use(True)
+    got, calls = python_calls(lambda: aten.relu.default(a), eager_op)
+    assert calls == 0, "the record did not join the batch in C"
+    assert len(session._eager) == 2
+    c_command = session._eager[-1]
+    # the same command but for the output handle
+    assert c_command == py_command.replace(struct.pack("<Q", want._gp_h), struct.pack("<Q", got._gp_h))
+    assert torch.equal(got.cpu(), want.cpu())
+    # a spy on the instance (as `Records` sets): every record goes through it again
+    rec = Records(rt)
+    try:
+        _, calls = python_calls(lambda: aten.relu.default(a), eager_op)
+    finally:
+        rec.close()
+    assert calls == 1 and len(rec.sent) == 1
+
+
+def test_a_shared_handles_death_takes_one_holder_off_in_c(dev: torch.device, on: None) -> None:
+    """native_ops.cpp `unshare`: the death of a tensor whose handle others hold (a detach) takes one holder off
+    without DeviceRuntime.release; the last holder's death frees the handle."""
+    a = tensors(dev)["a"]
+    rt = a._gp_rt
+    x = aten.relu.default(a)
+    h = x._gp_h
+    d1, d2 = x.detach(), x.detach()
+    assert rt.shared[h] == 2
+    release = runtime.DeviceRuntime.release.__code__
+
+    def drop_one() -> None:
+        nonlocal d1
+        del d1
+
+    _, calls = python_calls(drop_one, release)
+    assert calls == 0 and rt.shared[h] == 1
+    del d2
+    assert h not in rt.shared and h not in rt._dead
+    del x
+    assert h in rt._dead
+
+
+def test_torchs_dispatch_rule_lookup_is_the_c_one_with_the_same_answers() -> None:
+    """native_ops.cpp `find_rule` stands in for torch._library.simple_registry.find_torch_dispatch_rule (torch calls
+    it before every `__torch_dispatch__`): it is in place after `import gpupool.torch`, gives the original's answers
+    (a registered rule, None), and a registered rule still runs (a fresh process: torch reads the function once)."""
+    import torch._library.simple_registry as sr
+
+    module = native_ops.load()
+    assert module is not None and sr.find_torch_dispatch_rule is module.find_rule
+    code = r"""
+import torch
+import gpupool.torch  # noqa: F401 - installs the C lookup before the first subclass dispatch
+import torch._library.simple_registry as sr
+from gpupool.client.torch import native_ops
+
+lib = torch.library.Library("gpupool_rule_test", "FRAGMENT")
+lib.define("twice(Tensor x) -> Tensor")
+lib.impl("twice", lambda x: x * 2, "CompositeExplicitAutograd")
+
+
+class Box(torch.Tensor):
+    @staticmethod
+    def __new__(cls, x):
+        return torch.Tensor._make_wrapper_subclass(cls, x.shape, dtype=x.dtype)
+
+    def __init__(self, x):
+        self.x = x
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise AssertionError(f"the registered rule should have run, not __torch_dispatch__ ({func})")
+
+
+def rule(mode_or_cls, func, types, args, kwargs):
+    return args[0].x * 3
+
+
+op = torch.ops.gpupool_rule_test.twice.default
+assert sr.find_torch_dispatch_rule is native_ops.load().find_rule
+assert sr.find_torch_dispatch_rule(op, Box) is None  # no rule yet (the op has no registry entry)
+torch.library.register_torch_dispatch("gpupool_rule_test::twice", Box, rule, lib=lib)
+assert sr.find_torch_dispatch_rule(op, Box) is rule
+assert sr.find_torch_dispatch_rule(op, torch.Tensor) is None
+assert sr.find_torch_dispatch_rule(torch.ops.aten.relu.default, Box) is None
+try:
+    sr.find_torch_dispatch_rule(object(), Box)  # the original's error (no __qualname__)
+except AttributeError:
+    pass
+else:
+    raise AssertionError("expected AttributeError")
+out = op(Box(torch.ones(2)))
+assert torch.equal(out, torch.full((2,), 3.0)), out
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
