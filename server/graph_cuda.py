@@ -112,6 +112,41 @@ class PreGuards:
             except (RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
                 raise InvalidArgument(f"graph {self.graph_id} op {i} ({name}): {str(exc)[:300]}") from None
 
+    def aliased(self, g: Graph, slots: list[Any]) -> str | None:
+        """Why these guards may not run before the replays of a capture made with `slots` (None: they may): a
+        persistent tensor a guard reads shares its storage with one the step writes. `Graph.written` is what the
+        definition saw, when the handles named the tensors they named then; a handle may name a view of another
+        persistent tensor since (an eager `alias`, `set_`), and then the step writes what the guard read before it
+        ran. The capture's replays keep every persistent tensor's storage where it was at the capture (`places`),
+        so what shares a storage now shares it at every replay, and what does not never does. (The inputs are
+        copied into the capture's own tensors: nothing of the step writes them but through their own slots.)"""
+        n_inputs = len(g.input_meta)
+        written = {slots[slot].untyped_storage()._cdata for slot in g.written if slot > n_inputs}
+        for i, name, _, _, _, picks in self.items:
+            for _, _, slot in picks:
+                if slot > n_inputs and slots[slot].untyped_storage()._cdata in written:
+                    return (
+                        f"the value guard of {name} (op {i}) reads slot {slot}, a persistent tensor whose storage the "
+                        "step writes through another persistent tensor"
+                    )
+        return None
+
+
+def places(g: Graph, slots: list[Any]) -> list[tuple[int, int, int]]:
+    """Where each persistent tensor of a run lies: its first byte's address and its storage's (address, bytes). A
+    capture's kernels hold the addresses the persistent tensors and the views the step makes of them had at the
+    capture, anywhere in their storages (a view may reach past the tensor it was made of: `as_strided`, a storage
+    two persistent tensors shared at the definition); a replay is safe only where every one of those bytes still
+    belongs to the same tensor's storage. The first byte's address alone (until round 31) let a handle name a tensor at
+    that address in a smaller storage (a fresh allocation where the old storage's start was), and the replay then
+    read and wrote memory the allocator had handed to something else since."""
+    out = []
+    for slot, _, _ in g.externals:
+        t = slots[slot]
+        storage = t.untyped_storage()
+        out.append((t.data_ptr(), storage.data_ptr(), storage.nbytes()))
+    return out
+
 
 def pre_guards(host: Host, g: Graph) -> tuple[PreGuards, None] | tuple[None, str]:
     """(the guards that run before each replay, None), or (None, why the graph's guards cannot run that way)."""
@@ -183,18 +218,21 @@ def unguarded_plan(g: Graph) -> list[Any]:
 class CudaGraph:
     """A torch.cuda.CUDAGraph of the whole step, with static copies of the inputs.
 
-    Valid only while the persistent tensors keep their addresses (`run` says False otherwise: the eager path from
-    then on).
+    Valid only while the persistent tensors keep their places (`places`: `run` says False otherwise, the eager path
+    from then on).
     """
 
     def __init__(self, host: Host, s: WorkerSession, g: Graph, slots: list[Any], execute: Execute,
                  checks: PreGuards) -> None:  # fmt: skip
+        self.checks = checks if len(checks) else None
+        why = self.checks.aliased(g, slots) if self.checks is not None else None
+        if why is not None:
+            raise InvalidArgument(why)  # run() keeps the eager replay, which runs each guard at its op
+        self.places = places(g, slots)
         self.n_inputs = len(g.input_meta)
         self.static = list(slots)
         for i in range(1, self.n_inputs + 1):
             self.static[i] = slots[i].clone()
-        self.ptrs = [slots[slot].data_ptr() for slot, _, _ in g.externals]
-        self.checks = checks if len(checks) else None
         self.seeded = any(c.seeded for c in g.calls)
         self.kept = sorted(set(g.outputs) | set(g.writes.values()))
         # A replay launches on the current device's stream: the graph's own device made current where it is not
@@ -205,7 +243,7 @@ class CudaGraph:
         self.graph = capture(host, s, g.device, lambda: execute(g, self.static, plan), self.seeded)
 
     def run(self, host: Host, s: WorkerSession, g: Graph, slots: list[Any], sent: dict[int, Any] | None) -> bool:
-        if [slots[slot].data_ptr() for slot, _, _ in g.externals] != self.ptrs:
+        if places(g, slots) != self.places:
             return False
         if self.checks is not None:
             self.checks.run(slots, sent)  # before anything of the step runs, as eagerly before its op
