@@ -261,6 +261,17 @@ class CudaGraph:
         return True
 
 
+# The capture's cudaStreamCaptureMode: "thread_local" checks only the capturing thread's own calls, as torch's own
+# CUDA graph trees capture. Under torch's default, "global", every call CUDA deems unsafe during a capture (an
+# allocation, a synchronous copy, an event query) fails in every other thread of the process meanwhile. Where
+# sessions share the daemon's process (--isolation thread) the host's other devices' threads and other sessions'
+# collective threads make such calls at any time: another tenant's op or collective would fail for this session's
+# capture. In a worker the session's collective group has threads of its own (its formation goes on while the
+# session runs; an NCCL group's watchdog). Their work is on other streams (the capture's is a non-blocking one of
+# torch's pool), so nothing of theirs joins the capture.
+CAPTURE_MODE = "thread_local"
+
+
 def capture(host: Host, s: WorkerSession, device: torch.device, body: Callable[[], None], seeded: bool) -> Any:
     """A torch.cuda.CUDAGraph of `body`'s kernels on `device`. A failure leaves no capture under way, the stream
     that was current current again and the generator's state as it was (a capture moves no generator: restored all
@@ -272,7 +283,7 @@ def capture(host: Host, s: WorkerSession, device: torch.device, body: Callable[[
     with torch.cuda.device(device):
         before = torch.cuda.current_stream(device)
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):
                 body()
         except BaseException:
             _abandon(graph, before, device, rng)

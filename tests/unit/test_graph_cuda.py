@@ -5,6 +5,7 @@ themselves need a GPU: the tests at the end run only where CUDA is (bench/real_g
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -383,6 +384,40 @@ def test_a_step_whose_guarded_indices_another_persistent_handle_views_is_not_cap
         for k in range(4):
             _run(ex, s, [torch.zeros(4, 5, dtype=torch.long)], [s.handle_base + 100 + k])
         assert (g.cuda is None and g.cuda_failed) == aliased
+
+
+@cuda
+def test_another_thread_allocates_and_syncs_while_a_capture_is_under_way() -> None:
+    """What the process's other threads do meanwhile (an NCCL watchdog, --isolation thread's other devices and
+    collectives) neither fails nor spoils the capture: the other thread's calls run inside the capture's body, by
+    causality (events), not by timing."""
+    ex, s = _cuda_session()
+    t = torch.ones(4, device="cuda")
+    go, done = threading.Event(), threading.Event()
+    seen: list[Any] = []
+
+    def other() -> None:
+        go.wait(60)
+        try:
+            fresh = torch.empty(3 << 20, dtype=torch.uint8, device="cuda")  # a size of its own: a new allocation
+            seen.append(float(torch.ones(2, device="cuda").sum()) + fresh.numel() * 0)  # a copy to the host: a sync
+        except Exception as exc:
+            seen.append(exc)
+        finally:
+            done.set()
+
+    def body() -> None:
+        t.mul_(2)
+        go.set()
+        assert done.wait(60)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    g = graph_cuda.capture(ex, s, torch.device("cuda", 0), body, False)
+    thread.join()
+    assert seen == [2.0]
+    g.replay()
+    assert float(t.sum()) == 8.0  # the capture recorded the kernel without running it; the replay ran it once
 
 
 @cuda
