@@ -55,6 +55,10 @@ def _nothing() -> None:
     return None
 
 
+def _keep(capture: Graph | None) -> None:
+    """`run`'s `hold` where nothing counts graphs' memory (tests of the capture alone)."""
+
+
 # ---- what may become a CUDA graph ----
 
 
@@ -321,9 +325,11 @@ def describe(decided: tuple[Any, str | None]) -> str:
 
 
 def run(host: Host, s: WorkerSession, g: Graph, slots: list[Any], execute: Execute,
-        sent: dict[int, torch.Tensor] | None = None) -> None:  # fmt: skip
+        sent: dict[int, torch.Tensor] | None = None, hold: Callable[[Graph | None], None] = _keep) -> None:  # fmt: skip
     """A run of `g` on its CUDA device: the capture's replay; the first time, the capture where the graph's verdict
-    allows it. `sent`: the inputs sent by value, on the CPU (`PreGuards.run`)."""
+    allows it. `sent`: the inputs sent by value, on the CPU (`PreGuards.run`). `hold(g)`: count `g`'s capture's
+    memory in the session's (ResourceExhausted past its quota: no capture), `hold(None)`: count its graphs as they
+    are (graph.py `GraphTable._reserve`)."""
     if g.cuda is None:
         checks, why = g.cuda_verdict
         if checks is None:
@@ -332,10 +338,18 @@ def run(host: Host, s: WorkerSession, g: Graph, slots: list[Any], execute: Execu
             execute(g, slots)
             return
         try:
+            hold(g)  # its private pool holds its peak for as long as the capture lives
+        except GpupoolError as exc:
+            log.info("session %d: graph %d stays eager on CUDA: %s", s.number, g.graph_id, exc.message)
+            g.cuda_failed = True
+            execute(g, slots)
+            return
+        try:
             g.cuda = CudaGraph(host, s, g, slots, execute, checks)
         except Exception as exc:  # capture is an optimisation: any refusal keeps the eager path
             log.info("session %d: graph %d stays eager on CUDA: the capture failed: %s", s.number, g.graph_id, exc)
             g.cuda_failed = True
+            hold(None)
             execute(g, slots)
             return
         log.info(
@@ -347,4 +361,5 @@ def run(host: Host, s: WorkerSession, g: Graph, slots: list[Any], execute: Execu
         )
     if not g.cuda.run(host, s, g, slots, sent):
         g.cuda, g.cuda_failed = None, True
+        hold(None)
         execute(g, slots)

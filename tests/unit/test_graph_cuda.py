@@ -162,6 +162,62 @@ def test_a_view_written_in_place_counts_as_writing_what_it_views() -> None:
     assert checks is None and why is not None and "reads slot 1, which an op of the step writes" in why
 
 
+def _mm_graphs(ex: CommandExecutor, s: WorkerSession, device: str = "cpu") -> dict[int, graph.Graph]:
+    """Graphs 1 and 2: x @ w for an x of 32 and of 128 rows (persistent w, 64 x 64): two peaks."""
+    w = s.handle_base + 1
+    s.bind(w, torch.randn(64, 64, device=device))
+    for graph_id, rows in ((1, 32), (2, 128)):
+        x = torch.ones(rows, 64)
+        msg = device_pb2.DefineGraph(
+            graph_id=graph_id, inputs=1, input_meta=[wire.meta_to_proto(x)], persistent=[w],
+            ops=[op("aten::mm", slot(1), slot(2), out=(3,))], outputs=[3],
+        )  # fmt: skip
+        ex.execute(s, device_pb2.Command(define_graph=msg), _no_reply)
+        assert s.error is None, s.error
+    return ex.graphs._of(s)
+
+
+def test_each_graph_captured_as_a_cuda_graph_counts_its_whole_peak_in_the_sessions_memory() -> None:
+    """Eager graphs run one at a time (the largest peak counts); a capture's private pool holds its graph's peak for
+    as long as it lives: every captured graph counts, on top of the largest eager one."""
+    ex, s = _session()
+    graphs = _mm_graphs(ex, s)
+    r1, r2 = graphs[1].reserve, graphs[2].reserve
+    assert 0 < r1 < r2
+    tensors = s.used - ex.graphs.reserved(s)
+    assert ex.graphs.reserved(s) == r2
+    ex.graphs._reserve(s, graphs, capture=graphs[1])  # what graph_cuda.run asks before capturing graph 1
+    assert ex.graphs.reserved(s) == r1 + r2 and s.used == tensors + r1 + r2
+    graphs[1].cuda = object()  # captured
+    ex.graphs._reserve(s, graphs)
+    assert ex.graphs.reserved(s) == r1 + r2
+    graphs[2].cuda = object()
+    ex.graphs._reserve(s, graphs)
+    assert ex.graphs.reserved(s) == r1 + r2
+    graphs[1].cuda = None  # its replay found a persistent tensor moved: eager again, its capture gone
+    ex.graphs._reserve(s, graphs)
+    assert ex.graphs.reserved(s) == r2 + r1
+    ex.execute(s, device_pb2.Command(drop_graph=device_pb2.DropGraph(graph_id=2)), _no_reply)
+    assert ex.graphs.reserved(s) == r1 and s.used == tensors + r1
+
+
+def test_a_capture_its_sessions_quota_has_no_room_for_is_not_made(caplog: pytest.LogCaptureFixture) -> None:
+    ex, s = _session()
+    graphs = _mm_graphs(ex, s)
+    r1, r2 = graphs[1].reserve, graphs[2].reserve
+    s.bind(s.handle_base + 2, torch.empty(s.quota - s.used - r1 + 1, dtype=torch.uint8))  # room for less than r1
+    slots = _slots(graphs[1], s, [torch.ones(32, 64)])
+
+    def hold(capture: graph.Graph | None) -> None:
+        ex.graphs._reserve(s, graphs, capture=capture)
+
+    with caplog.at_level("INFO", logger="gpupool.server.graph_cuda"):
+        graph_cuda.run(ex, s, graphs[1], slots, graph.execute, None, hold)
+    assert "graph 1 stays eager on CUDA: memory quota exceeded" in caplog.text
+    assert graphs[1].cuda is None and graphs[1].cuda_failed and ex.graphs.reserved(s) == r2
+    assert torch.equal(slots[3], torch.ones(32, 64) @ s.tensors[s.handle_base + 1])  # the eager replay ran
+
+
 def _aliasing_graph(ex: CommandExecutor, s: WorkerSession, add: int = 10, device: str = "cpu") -> tuple[
     graph.Graph, int, int
 ]:  # fmt: skip
@@ -418,6 +474,20 @@ def test_another_thread_allocates_and_syncs_while_a_capture_is_under_way() -> No
     assert seen == [2.0]
     g.replay()
     assert float(t.sum()) == 8.0  # the capture recorded the kernel without running it; the replay ran it once
+
+
+@cuda
+def test_every_capture_counts_in_the_sessions_memory() -> None:
+    ex, s = _cuda_session()
+    graphs = _mm_graphs(ex, s, "cuda")
+    for graph_id, rows in ((1, 32), (2, 128)):
+        for k in range(3):
+            run = device_pb2.RunGraph(graph_id=graph_id, inputs=[0], outputs=[s.handle_base + 100 + k])
+            run.input_data.append(torch.ones(rows, 64).numpy().tobytes())
+            ex.execute(s, device_pb2.Command(run_graph=run), _no_reply)
+            assert s.error is None, s.error
+    assert graphs[1].cuda is not None and graphs[2].cuda is not None
+    assert ex.graphs.reserved(s) == graphs[1].reserve + graphs[2].reserve
 
 
 @cuda
