@@ -9,8 +9,9 @@ read tensor values (embedding backward index ranges), and binds outputs. No prot
 checks per op.
 
 Memory: a session that holds graphs has its largest graph's peak (temporaries plus inputs sent by value) counted
-in its used bytes for as long as it holds it -- as a CUDA graph's private pool holds that memory -- so the quota
-is checked once, at definition, and `gpupool smi` and the device's accounting see what the steps need.
+in its used bytes for as long as it holds it, so the quota is checked once, at definition, and `gpupool smi` and
+the device's accounting see what the steps need; each graph captured as a CUDA graph counts its whole peak on top
+(its private pool holds that memory from the capture on; a capture the quota has no room for is not made).
 
 On CUDA devices a graph is additionally captured as a CUDA graph once it has run eagerly twice, where it can
 (graph_cuda.py: random ops in a session's own worker process, value guards that read only the run's inputs and
@@ -25,7 +26,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
 import torch
@@ -76,7 +77,7 @@ class Defining:
 
 class GraphTable:
     """The graphs of every session (weakly keyed: a closed session's graphs go with it), and the bytes each
-    session has reserved for them (its largest graph's peak)."""
+    session has reserved for them (`_reserve`)."""
 
     def __init__(self, host: Host) -> None:
         self.host = host
@@ -101,10 +102,17 @@ class GraphTable:
         """Bytes counted in the session's used memory for its graphs' temporaries."""
         return self._reserved.get(s, 0)
 
-    def _reserve(self, s: WorkerSession, graphs: dict[int, Graph], extra: Graph | None = None) -> None:
-        """Count the largest peak of `graphs` (and `extra`, about to join them) in the session's used bytes;
-        a growth must pass the quota first (ResourceExhausted, nothing changed)."""
-        want = max((g.reserve for g in [*graphs.values(), *([extra] if extra else [])]), default=0)
+    def _reserve(
+        self, s: WorkerSession, graphs: dict[int, Graph], extra: Graph | None = None, capture: Graph | None = None
+    ) -> None:
+        """Count what `graphs` (and `extra`, about to join them) hold in the session's used bytes: the largest peak
+        of those that run eagerly (one runs at a time, its temporaries freed after it) plus the whole peak of each
+        captured as a CUDA graph (and of `capture`, about to be): a capture's private pool keeps its memory from the
+        capture to the graph's end. A growth must pass the quota first (ResourceExhausted, nothing changed).
+        (Round 30 counted the largest peak only, and each of up to MAX_GRAPHS captures held its own pool.)"""
+        every = [*graphs.values(), *([extra] if extra else [])]
+        held = sum(g.reserve for g in every if g.cuda is not None or g is capture)
+        want = held + max((g.reserve for g in every if g.cuda is None and g is not capture), default=0)
         delta = want - self._reserved.get(s, 0)
         if delta > 0:
             s.admit(delta)
@@ -168,7 +176,7 @@ class GraphTable:
             for h in msg.drop_writes[:]:
                 g.writes.pop(h, None)
         try:
-            _run(self.host, s, g, msg)
+            _run(self.host, s, g, msg, lambda capture: self._reserve(s, self._of(s), capture=capture))
         except GpupoolError as exc:
             err = Poison.of(exc, "")
             for h in list(msg.outputs) + list(g.writes):
@@ -183,7 +191,9 @@ class GraphTable:
 # ---- runs ----
 
 
-def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph) -> None:
+def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph,
+         hold: Callable[[Graph | None], None]) -> None:  # fmt: skip
+    """A run of `g`; `hold`: what counts a CUDA graph's capture in the session's memory (`graph_cuda.run`)."""
     # [:]: a repeated field's slice is a list in one call; list() iterates it item by item to an IndexError
     inputs = msg.inputs[:]
     outputs = msg.outputs[:]
@@ -222,7 +232,7 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph) -> No
             s.check_handle(h)
     try:
         if g.cuda is not None or (not g.cuda_failed and g.device_type == "cuda" and g.runs >= 2):
-            graph_cuda.run(host, s, g, slots, execute, sent)
+            graph_cuda.run(host, s, g, slots, execute, sent, hold)
         elif g.traced is not None:
             g.traced.run(host, s, g, slots)
         elif not g.trace_refused and g.runs >= graph_trace.TRACE_AFTER_RUNS:

@@ -55,6 +55,10 @@ def _nothing() -> None:
     return None
 
 
+def _keep(capture: Graph | None) -> None:
+    """`run`'s `hold` where nothing counts graphs' memory (tests of the capture alone)."""
+
+
 # ---- what may become a CUDA graph ----
 
 
@@ -111,6 +115,41 @@ class PreGuards:
                 raise type(exc)(f"graph {self.graph_id} op {i} ({name}): {exc.message}") from None
             except (RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
                 raise InvalidArgument(f"graph {self.graph_id} op {i} ({name}): {str(exc)[:300]}") from None
+
+    def aliased(self, g: Graph, slots: list[Any]) -> str | None:
+        """Why these guards may not run before the replays of a capture made with `slots` (None: they may): a
+        persistent tensor a guard reads shares its storage with one the step writes. `Graph.written` is what the
+        definition saw, when the handles named the tensors they named then; a handle may name a view of another
+        persistent tensor since (an eager `alias`, `set_`), and then the step writes what the guard read before it
+        ran. The capture's replays keep every persistent tensor's storage where it was at the capture (`places`),
+        so what shares a storage now shares it at every replay, and what does not never does. (The inputs are
+        copied into the capture's own tensors: nothing of the step writes them but through their own slots.)"""
+        n_inputs = len(g.input_meta)
+        written = {slots[slot].untyped_storage()._cdata for slot in g.written if slot > n_inputs}
+        for i, name, _, _, _, picks in self.items:
+            for _, _, slot in picks:
+                if slot > n_inputs and slots[slot].untyped_storage()._cdata in written:
+                    return (
+                        f"the value guard of {name} (op {i}) reads slot {slot}, a persistent tensor whose storage the "
+                        "step writes through another persistent tensor"
+                    )
+        return None
+
+
+def places(g: Graph, slots: list[Any]) -> list[tuple[int, int, int]]:
+    """Where each persistent tensor of a run lies: its first byte's address and its storage's (address, bytes). A
+    capture's kernels hold the addresses the persistent tensors and the views the step makes of them had at the
+    capture, anywhere in their storages (a view may reach past the tensor it was made of: `as_strided`, a storage
+    two persistent tensors shared at the definition); a replay is safe only where every one of those bytes still
+    belongs to the same tensor's storage. The first byte's address alone (until round 31) let a handle name a tensor at
+    that address in a smaller storage (a fresh allocation where the old storage's start was), and the replay then
+    read and wrote memory the allocator had handed to something else since."""
+    out = []
+    for slot, _, _ in g.externals:
+        t = slots[slot]
+        storage = t.untyped_storage()
+        out.append((t.data_ptr(), storage.data_ptr(), storage.nbytes()))
+    return out
 
 
 def pre_guards(host: Host, g: Graph) -> tuple[PreGuards, None] | tuple[None, str]:
@@ -183,18 +222,21 @@ def unguarded_plan(g: Graph) -> list[Any]:
 class CudaGraph:
     """A torch.cuda.CUDAGraph of the whole step, with static copies of the inputs.
 
-    Valid only while the persistent tensors keep their addresses (`run` says False otherwise: the eager path from
-    then on).
+    Valid only while the persistent tensors keep their places (`places`: `run` says False otherwise, the eager path
+    from then on).
     """
 
     def __init__(self, host: Host, s: WorkerSession, g: Graph, slots: list[Any], execute: Execute,
                  checks: PreGuards) -> None:  # fmt: skip
+        self.checks = checks if len(checks) else None
+        why = self.checks.aliased(g, slots) if self.checks is not None else None
+        if why is not None:
+            raise InvalidArgument(why)  # run() keeps the eager replay, which runs each guard at its op
+        self.places = places(g, slots)
         self.n_inputs = len(g.input_meta)
         self.static = list(slots)
         for i in range(1, self.n_inputs + 1):
             self.static[i] = slots[i].clone()
-        self.ptrs = [slots[slot].data_ptr() for slot, _, _ in g.externals]
-        self.checks = checks if len(checks) else None
         self.seeded = any(c.seeded for c in g.calls)
         self.kept = sorted(set(g.outputs) | set(g.writes.values()))
         # A replay launches on the current device's stream: the graph's own device made current where it is not
@@ -205,7 +247,7 @@ class CudaGraph:
         self.graph = capture(host, s, g.device, lambda: execute(g, self.static, plan), self.seeded)
 
     def run(self, host: Host, s: WorkerSession, g: Graph, slots: list[Any], sent: dict[int, Any] | None) -> bool:
-        if [slots[slot].data_ptr() for slot, _, _ in g.externals] != self.ptrs:
+        if places(g, slots) != self.places:
             return False
         if self.checks is not None:
             self.checks.run(slots, sent)  # before anything of the step runs, as eagerly before its op
@@ -223,6 +265,17 @@ class CudaGraph:
         return True
 
 
+# The capture's cudaStreamCaptureMode: "thread_local" checks only the capturing thread's own calls, as torch's own
+# CUDA graph trees capture. Under torch's default, "global", every call CUDA deems unsafe during a capture (an
+# allocation, a synchronous copy, an event query) fails in every other thread of the process meanwhile. Where
+# sessions share the daemon's process (--isolation thread) the host's other devices' threads and other sessions'
+# collective threads make such calls at any time: another tenant's op or collective would fail for this session's
+# capture. In a worker the session's collective group has threads of its own (its formation goes on while the
+# session runs; an NCCL group's watchdog). Their work is on other streams (the capture's is a non-blocking one of
+# torch's pool), so nothing of theirs joins the capture.
+CAPTURE_MODE = "thread_local"
+
+
 def capture(host: Host, s: WorkerSession, device: torch.device, body: Callable[[], None], seeded: bool) -> Any:
     """A torch.cuda.CUDAGraph of `body`'s kernels on `device`. A failure leaves no capture under way, the stream
     that was current current again and the generator's state as it was (a capture moves no generator: restored all
@@ -234,7 +287,7 @@ def capture(host: Host, s: WorkerSession, device: torch.device, body: Callable[[
     with torch.cuda.device(device):
         before = torch.cuda.current_stream(device)
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):
                 body()
         except BaseException:
             _abandon(graph, before, device, rng)
@@ -272,9 +325,11 @@ def describe(decided: tuple[Any, str | None]) -> str:
 
 
 def run(host: Host, s: WorkerSession, g: Graph, slots: list[Any], execute: Execute,
-        sent: dict[int, torch.Tensor] | None = None) -> None:  # fmt: skip
+        sent: dict[int, torch.Tensor] | None = None, hold: Callable[[Graph | None], None] = _keep) -> None:  # fmt: skip
     """A run of `g` on its CUDA device: the capture's replay; the first time, the capture where the graph's verdict
-    allows it. `sent`: the inputs sent by value, on the CPU (`PreGuards.run`)."""
+    allows it. `sent`: the inputs sent by value, on the CPU (`PreGuards.run`). `hold(g)`: count `g`'s capture's
+    memory in the session's (ResourceExhausted past its quota: no capture), `hold(None)`: count its graphs as they
+    are (graph.py `GraphTable._reserve`)."""
     if g.cuda is None:
         checks, why = g.cuda_verdict
         if checks is None:
@@ -283,10 +338,18 @@ def run(host: Host, s: WorkerSession, g: Graph, slots: list[Any], execute: Execu
             execute(g, slots)
             return
         try:
+            hold(g)  # its private pool holds its peak for as long as the capture lives
+        except GpupoolError as exc:
+            log.info("session %d: graph %d stays eager on CUDA: %s", s.number, g.graph_id, exc.message)
+            g.cuda_failed = True
+            execute(g, slots)
+            return
+        try:
             g.cuda = CudaGraph(host, s, g, slots, execute, checks)
         except Exception as exc:  # capture is an optimisation: any refusal keeps the eager path
             log.info("session %d: graph %d stays eager on CUDA: the capture failed: %s", s.number, g.graph_id, exc)
             g.cuda_failed = True
+            hold(None)
             execute(g, slots)
             return
         log.info(
@@ -298,4 +361,5 @@ def run(host: Host, s: WorkerSession, g: Graph, slots: list[Any], execute: Execu
         )
     if not g.cuda.run(host, s, g, slots, sent):
         g.cuda, g.cuda_failed = None, True
+        hold(None)
         execute(g, slots)

@@ -309,6 +309,8 @@ class WorkerSession:
                     zero_bytes(storage, entry[1], nbytes)  # grown memory may hold another session's old data
                 self._account(nbytes - entry[1])
                 entry[1] = nbytes
+                if self.upload_pool.kept:  # a kept upload's storage at another size is no longer the pool's
+                    self.upload_pool.forget(storage)
 
     def free(self, handles: list[int]) -> None:
         """`unbind` each (inline: every output of every step passes here), the bytes of the storages freed counted

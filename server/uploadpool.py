@@ -63,6 +63,16 @@ class UploadPool(hostpool.Pool):
         self.held = sum(k.nbytes for k in self.kept)
         return got
 
+    def forget(self, storage: torch.UntypedStorage) -> None:
+        """Stop keeping `storage` (an op resized it: `WorkerSession.recount`). Kept, it would hold its new size
+        once the session freed it -- never offered again (`_idle`), but counted at its old size in `held` and
+        against `keep`: a session that grew its uploads in place and freed them left the worker holding that much
+        host memory its count no longer showed (round 30)."""
+        with self._lock:
+            key = storage._cdata
+            self.kept = [k for k in self.kept if k.untyped_storage()._cdata != key]
+            self.held = sum(k.nbytes for k in self.kept)
+
     def shed(self, room: int) -> None:
         """Let idle kept storages go, oldest first, until those left idle hold at most `room` bytes; and stop
         keeping the ones in use (the session's tensors still: only not offered again), so that `held` is at most

@@ -5,6 +5,7 @@ themselves need a GPU: the tests at the end run only where CUDA is (bench/real_g
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -161,6 +162,126 @@ def test_a_view_written_in_place_counts_as_writing_what_it_views() -> None:
     assert checks is None and why is not None and "reads slot 1, which an op of the step writes" in why
 
 
+def _mm_graphs(ex: CommandExecutor, s: WorkerSession, device: str = "cpu") -> dict[int, graph.Graph]:
+    """Graphs 1 and 2: x @ w for an x of 32 and of 128 rows (persistent w, 64 x 64): two peaks."""
+    w = s.handle_base + 1
+    s.bind(w, torch.randn(64, 64, device=device))
+    for graph_id, rows in ((1, 32), (2, 128)):
+        x = torch.ones(rows, 64)
+        msg = device_pb2.DefineGraph(
+            graph_id=graph_id, inputs=1, input_meta=[wire.meta_to_proto(x)], persistent=[w],
+            ops=[op("aten::mm", slot(1), slot(2), out=(3,))], outputs=[3],
+        )  # fmt: skip
+        ex.execute(s, device_pb2.Command(define_graph=msg), _no_reply)
+        assert s.error is None, s.error
+    return ex.graphs._of(s)
+
+
+def test_each_graph_captured_as_a_cuda_graph_counts_its_whole_peak_in_the_sessions_memory() -> None:
+    """Eager graphs run one at a time (the largest peak counts); a capture's private pool holds its graph's peak for
+    as long as it lives: every captured graph counts, on top of the largest eager one."""
+    ex, s = _session()
+    graphs = _mm_graphs(ex, s)
+    r1, r2 = graphs[1].reserve, graphs[2].reserve
+    assert 0 < r1 < r2
+    tensors = s.used - ex.graphs.reserved(s)
+    assert ex.graphs.reserved(s) == r2
+    ex.graphs._reserve(s, graphs, capture=graphs[1])  # what graph_cuda.run asks before capturing graph 1
+    assert ex.graphs.reserved(s) == r1 + r2 and s.used == tensors + r1 + r2
+    graphs[1].cuda = object()  # captured
+    ex.graphs._reserve(s, graphs)
+    assert ex.graphs.reserved(s) == r1 + r2
+    graphs[2].cuda = object()
+    ex.graphs._reserve(s, graphs)
+    assert ex.graphs.reserved(s) == r1 + r2
+    graphs[1].cuda = None  # its replay found a persistent tensor moved: eager again, its capture gone
+    ex.graphs._reserve(s, graphs)
+    assert ex.graphs.reserved(s) == r2 + r1
+    ex.execute(s, device_pb2.Command(drop_graph=device_pb2.DropGraph(graph_id=2)), _no_reply)
+    assert ex.graphs.reserved(s) == r1 and s.used == tensors + r1
+
+
+def test_a_capture_its_sessions_quota_has_no_room_for_is_not_made(caplog: pytest.LogCaptureFixture) -> None:
+    ex, s = _session()
+    graphs = _mm_graphs(ex, s)
+    r1, r2 = graphs[1].reserve, graphs[2].reserve
+    s.bind(s.handle_base + 2, torch.empty(s.quota - s.used - r1 + 1, dtype=torch.uint8))  # room for less than r1
+    slots = _slots(graphs[1], s, [torch.ones(32, 64)])
+
+    def hold(capture: graph.Graph | None) -> None:
+        ex.graphs._reserve(s, graphs, capture=capture)
+
+    with caplog.at_level("INFO", logger="gpupool.server.graph_cuda"):
+        graph_cuda.run(ex, s, graphs[1], slots, graph.execute, None, hold)
+    assert "graph 1 stays eager on CUDA: memory quota exceeded" in caplog.text
+    assert graphs[1].cuda is None and graphs[1].cuda_failed and ex.graphs.reserved(s) == r2
+    assert torch.equal(slots[3], torch.ones(32, 64) @ s.tensors[s.handle_base + 1])  # the eager replay ran
+
+
+def _aliasing_graph(ex: CommandExecutor, s: WorkerSession, add: int = 10, device: str = "cpu") -> tuple[
+    graph.Graph, int, int
+]:  # fmt: skip
+    """Persistent 2: indices the lookup and the backward's guard read; persistent 4: a tensor the step adds `add` to
+    in place between them, distinct from the indices at the definition."""
+    w, idx, b = s.handle_base + 1, s.handle_base + 2, s.handle_base + 3
+    s.bind(w, torch.randn(VOCAB, DIM, device=device))
+    s.bind(idx, torch.randint(0, VOCAB, (4, 5), device=device))
+    s.bind(b, torch.zeros(4, 5, dtype=torch.long, device=device))
+    body = [
+        op("aten::embedding", slot(3), slot(2), out=(5,)),
+        op("aten::add_.Scalar", slot(4), tensor_pb2.Arg(i=add), out=(6,)),
+        _backward(2),
+    ]
+    body[2].args[0].tensor = 5  # the gradient: the lookup
+    body[2].outputs[0] = 7
+    g = _define(ex, s, body, [torch.zeros(4, 5, dtype=torch.long)], [idx, w, b], [7])
+    return g, idx, b
+
+
+def test_a_guard_on_a_persistent_tensor_another_persistent_handle_now_views_and_the_step_writes_refuses_a_capture() -> (
+    None
+):
+    """The definition saw two storages; the handle the step writes may name a view of the guarded indices by the
+    capture (an eager `alias` bound to it): the guard before the replay would then pass on indices the step makes bad
+    before the backward reads them, which only the eager replay's guard (at the op) sees."""
+    ex, s = _session()
+    g, idx, b = _aliasing_graph(ex, s)
+    assert g.written == frozenset({4})
+    checks, why = graph_cuda.pre_guards(ex, g)
+    assert why is None and checks is not None and checks.items[0][5] == [(True, 1, 2)]
+    assert checks.aliased(g, _slots(g, s, [torch.zeros(4, 5, dtype=torch.long)])) is None  # distinct: hoisting holds
+    s.bind(b, s.tensors[idx].view(4, 5))  # what an eager aten::alias / view with output handle b does
+    slots = _slots(g, s, [torch.zeros(4, 5, dtype=torch.long)])
+    checks.run(slots)  # the indices are good at the start of the run...
+    with pytest.raises(InvalidArgument, match="indices must lie"):
+        graph.execute(g, list(slots))  # ...and bad at the backward: the eager replay refuses them there
+    assert checks.aliased(g, slots) == (
+        "the value guard of aten::embedding_dense_backward (op 2) reads slot 2, a persistent tensor whose storage the "
+        "step writes through another persistent tensor"
+    )
+
+
+def test_a_replay_needs_each_persistent_tensor_in_the_storage_it_had_at_the_capture() -> None:
+    """A capture's kernels may touch any byte of a persistent tensor's storage (a view reaching past the tensor):
+    the same first address in a smaller storage (what a fresh allocation where the old storage began has) is not
+    the same place."""
+    ex, s = _session()
+    w = s.handle_base + 1
+    whole = torch.randn(64)
+    s.bind(w, whole[:9].view(3, 3))
+    g = _define(ex, s, [op("aten::mm", slot(1), slot(2), out=(3,))], [torch.ones(2, 3)], [w], [3])
+    at_capture = graph_cuda.places(g, _slots(g, s, [torch.ones(2, 3)]))
+    assert at_capture == [(whole.data_ptr(), whole.data_ptr(), 64 * 4)]
+    s.bind(w, whole[:9].clone().view(3, 3))
+    assert graph_cuda.places(g, _slots(g, s, [torch.ones(2, 3)])) != at_capture  # moved: the address differs too
+    # the same first byte, in a storage of its own 36 bytes long (not the 256 the capture's kernels may reach)
+    s.bind(w, torch.frombuffer(wire.host_bytes(whole[:9]), dtype=torch.float32).view(3, 3))
+    same_start = graph_cuda.places(g, _slots(g, s, [torch.ones(2, 3)]))
+    assert s.tensors[w].data_ptr() == whole.data_ptr() and same_start != at_capture
+    s.bind(w, whole[:9].view(3, 3))
+    assert graph_cuda.places(g, _slots(g, s, [torch.ones(2, 3)])) == at_capture
+
+
 def test_a_guard_on_a_value_the_step_computes_keeps_the_graph_eager() -> None:
     ex, s = _session()
     w = s.handle_base + 1
@@ -307,6 +428,66 @@ def test_an_embedding_step_becomes_a_cuda_graph_and_refuses_bad_indices_before_i
     s.error = None
     _run(ex, s, [good], [s.handle_base + 201])  # the session and the graph go on
     assert g.cuda is not None
+
+
+@cuda
+def test_a_step_whose_guarded_indices_another_persistent_handle_views_is_not_captured() -> None:
+    for aliased in (False, True):
+        ex, s = _cuda_session()
+        g, idx, b = _aliasing_graph(ex, s, add=0, device="cuda")
+        if aliased:
+            s.bind(b, s.tensors[idx].view(4, 5))
+        for k in range(4):
+            _run(ex, s, [torch.zeros(4, 5, dtype=torch.long)], [s.handle_base + 100 + k])
+        assert (g.cuda is None and g.cuda_failed) == aliased
+
+
+@cuda
+def test_another_thread_allocates_and_syncs_while_a_capture_is_under_way() -> None:
+    """What the process's other threads do meanwhile (an NCCL watchdog, --isolation thread's other devices and
+    collectives) neither fails nor spoils the capture: the other thread's calls run inside the capture's body, by
+    causality (events), not by timing."""
+    ex, s = _cuda_session()
+    t = torch.ones(4, device="cuda")
+    go, done = threading.Event(), threading.Event()
+    seen: list[Any] = []
+
+    def other() -> None:
+        go.wait(60)
+        try:
+            fresh = torch.empty(3 << 20, dtype=torch.uint8, device="cuda")  # a size of its own: a new allocation
+            seen.append(float(torch.ones(2, device="cuda").sum()) + fresh.numel() * 0)  # a copy to the host: a sync
+        except Exception as exc:
+            seen.append(exc)
+        finally:
+            done.set()
+
+    def body() -> None:
+        t.mul_(2)
+        go.set()
+        assert done.wait(60)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    g = graph_cuda.capture(ex, s, torch.device("cuda", 0), body, False)
+    thread.join()
+    assert seen == [2.0]
+    g.replay()
+    assert float(t.sum()) == 8.0  # the capture recorded the kernel without running it; the replay ran it once
+
+
+@cuda
+def test_every_capture_counts_in_the_sessions_memory() -> None:
+    ex, s = _cuda_session()
+    graphs = _mm_graphs(ex, s, "cuda")
+    for graph_id, rows in ((1, 32), (2, 128)):
+        for k in range(3):
+            run = device_pb2.RunGraph(graph_id=graph_id, inputs=[0], outputs=[s.handle_base + 100 + k])
+            run.input_data.append(torch.ones(rows, 64).numpy().tobytes())
+            ex.execute(s, device_pb2.Command(run_graph=run), _no_reply)
+            assert s.error is None, s.error
+    assert graphs[1].cuda is not None and graphs[2].cuda is not None
+    assert ex.graphs.reserved(s) == graphs[1].reserve + graphs[2].reserve
 
 
 @cuda

@@ -149,6 +149,30 @@ def test_a_storage_grown_in_place_is_not_reused_at_its_old_size() -> None:
     assert s.upload_pool.reused == 0 and _same(s.resolve(h + 1), b) and s.used == 8 * MiB
 
 
+def test_a_kept_storage_an_op_grew_is_let_go_when_the_session_frees_it() -> None:
+    """The memory kept is at most the cache's size: a resize_ op grows the kept storage itself (the pool's tensor
+    over it sees the new size); freed, it would stay kept at its new size, never offered again, counted at its old
+    one, while the session's count drops by all of it."""
+    s, ex = _session(), CommandExecutor(slices.SliceLedger())
+    s.upload_pool = uploadpool.UploadPool(16 * MiB)
+    h = s.handle_base + 1
+    _upload(ex, s, h, _random(8 * MiB, 20))
+    grow = device_pb2.Op(
+        name="aten::resize_",
+        args=[tensor_pb2.Arg(tensor=h), tensor_pb2.Arg(ints=tensor_pb2.IntList(values=[128 * MiB]))],
+        outputs=[h],
+    )
+    ex.execute(s, device_pb2.Command(op=grow), lambda _: None)
+    assert s.error is None and s.used == 128 * MiB
+    s.free([h])
+    assert s.used == 0
+    assert sum(k.untyped_storage().nbytes() for k in s.upload_pool.kept) <= 16 * MiB
+    assert s.upload_pool.held == 0
+    b = _random(8 * MiB, 21)
+    _upload(ex, s, h + 1, b)  # and uploads go on, into fresh memory
+    assert s.upload_pool.reused == 0 and _same(s.resolve(h + 1), b)
+
+
 def _idle(s: WorkerSession) -> int:
     return sum(k.nbytes for k in s.upload_pool.kept if s.upload_pool._idle(k))
 
