@@ -710,3 +710,43 @@ def test_two_threads_use_one_sessions_tensors(dev: torch.device, on: None) -> No
     assert h not in rt._dead
     del a
     assert h in rt._dead
+
+
+class _Cycle:
+    """Garbage only the cycle collector frees: its tensor dies inside whatever allocation runs the collection."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+        self.me = self
+
+
+def test_finalizers_run_in_the_middle_of_the_c_path(dev: torch.device, on: None) -> None:
+    """A collection at every allocation (threshold 1) while detaches, views and results of the arguments wait in
+    reference cycles: their finalizers (`remote_del`, `unshare` of the arguments' own handle) run inside the C path's
+    allocations (key parts, keyword pairs, wrappers) between its borrowed lookups. The ops still run in C with the
+    local results, and every holder of the argument's handle is given back."""
+    a, c = torch.randn(4, 8).to(dev), torch.randn(8).to(dev)
+    rt, h = a._gp_rt, a._gp_h
+
+    def ops() -> Any:
+        aten.clone.default(a.t(), memory_format=torch.contiguous_format)
+        aten.sum.default(a, dtype=torch.float64)
+        _, mean, rstd = aten.native_layer_norm.default(a, [8], None, None, -0.0)
+        aten.native_layer_norm_backward.default(a, a, [8], mean, rstd, None, None, [True, False, False])
+        return aten.add.Tensor(a, c, alpha=0.5)
+
+    ops(), ops()  # warm
+    ran = stats()[0]
+    threshold = gc.get_threshold()
+    gc.collect()
+    gc.set_threshold(1, 1, 1)
+    try:
+        for _ in range(200):
+            _Cycle(a.detach()), _Cycle(a[1:3]), _Cycle(aten.relu.default(a))
+            out = ops()
+    finally:
+        gc.set_threshold(*threshold)
+    gc.collect()
+    assert stats()[0] - ran > 200 * 5, "the ops did not run in C"
+    assert h not in rt.shared
+    assert torch.equal(out.cpu(), a.cpu() + 0.5 * c.cpu())
