@@ -436,6 +436,7 @@ PyObject* fast_plain(PyObject* sch, PyObject* args, PyObject* kwargs) {
       PyObject* code = PyDict_GetItemWithError(kwarg_kinds, kw);  // borrowed; absent: meta.V
       if (code == nullptr && PyErr_Occurred()) return nullptr;
       const long kind = code != nullptr ? PyLong_AsLong(code) : kV;
+      if (kind == -1 && PyErr_Occurred()) return nullptr;
       PyObject* v = PyDict_GetItemWithError(kwargs, kw);  // borrowed
       if (v == nullptr) return nullptr;
       tail.push_back(static_cast<char>(len));  // compact.kwarg_key(name)
@@ -877,7 +878,11 @@ int send_record(PyObject* rt, PyObject* name, const std::string& body) {
     }
   }
   Ref heads(get_attr(rt, s_heads));
-  if (heads.p == nullptr || !PyDict_Check(heads.p)) return -1;
+  if (heads.p != nullptr && !PyDict_Check(heads.p)) {  // (-1 always with an error set: the op's side effects are done)
+    PyErr_SetString(PyExc_TypeError, "gpupool: DeviceRuntime._heads is not a dict");
+    return -1;
+  }
+  if (heads.p == nullptr) return -1;
   PyObject* head = PyDict_GetItemWithError(heads.p, name);  // borrowed
   if (head == nullptr && PyErr_Occurred()) return -1;
   if (head == nullptr || !PyBytes_CheckExact(head)) {
@@ -1175,13 +1180,13 @@ PyObject* setup_values(PyObject* /*module*/, PyObject* const* a, Py_ssize_t narg
 // `__torch_dispatch__` of a tensor subclass (three Python calls an op): the same lookup in C,
 // `singleton._data[op.__qualname__].torch_dispatch_rules._data.get(cls)`, None where the op has no entry yet (the
 // original makes an empty one first). Anything unexpected (another registry, a failing attribute) calls the original.
-PyObject* find_rule(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
+PyObject* find_rule(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs, PyObject* kwnames) {
   if (g_registry == nullptr || g_find_rule == nullptr) {
     PyErr_SetString(PyExc_RuntimeError, "gpupool native ops: setup_rules() was not called");
     return nullptr;
   }
-  auto original = [&]() { return PyObject_Vectorcall(g_find_rule, a, static_cast<size_t>(nargs), nullptr); };
-  if (nargs != 2) return original();
+  auto original = [&]() { return PyObject_Vectorcall(g_find_rule, a, static_cast<size_t>(nargs), kwnames); };
+  if (nargs != 2 || kwnames != nullptr) return original();  // keyword arguments: the original's own binding
   Ref qualname(PyObject_GetAttr(a[0], s_qualname));
   Ref registry(qualname.p != nullptr ? get_attr(g_registry, s_singleton) : nullptr);
   Ref data(registry.p != nullptr ? get_attr(registry.p, s_data) : nullptr);
@@ -1237,8 +1242,8 @@ PyMethodDef methods[] = {
      "what Session.eager_op's inline case needs"},
     {"setup_values", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup_values)), METH_FASTCALL,
      "the encodings of dtypes, layouts and memory formats"},
-    {"find_rule", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(find_rule)), METH_FASTCALL,
-     "torch._library.simple_registry.find_torch_dispatch_rule in C"},
+    {"find_rule", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(find_rule)),
+     METH_FASTCALL | METH_KEYWORDS, "torch._library.simple_registry.find_torch_dispatch_rule in C"},
     {"setup_rules", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup_rules)), METH_FASTCALL,
      "the registry find_rule reads"},
     {nullptr, nullptr, 0, nullptr}};

@@ -102,14 +102,41 @@ def load() -> Any:
     return module
 
 
+# The names each function of torch's lookup reads (its code's co_names), as torch 2.x writes them: `find_rule` is
+# `singleton._data[op.__qualname__].torch_dispatch_rules._data.get(cls)`, exactly these three functions' work.
+_RULE_LOOKUP = {
+    "find_torch_dispatch_rule": ("singleton", "find", "__qualname__", "torch_dispatch_rules"),
+    "SimpleLibraryRegistry.find": ("_data", "get", "SimpleOperatorEntry"),
+    "GenericTorchDispatchRuleHolder.find": ("_data", "get"),
+}
+
+
+def _is_the_lookup_find_rule_copies(current: Any) -> bool:
+    functions = {
+        "find_torch_dispatch_rule": current,
+        "SimpleLibraryRegistry.find": getattr(getattr(simple_registry, "SimpleLibraryRegistry", None), "find", None),
+        "GenericTorchDispatchRuleHolder.find": getattr(
+            getattr(simple_registry, "GenericTorchDispatchRuleHolder", None), "find", None
+        ),
+    }
+    return all(
+        getattr(getattr(functions[name], "__code__", None), "co_names", None) == names
+        for name, names in _RULE_LOOKUP.items()
+    ) and type(simple_registry.singleton) is getattr(simple_registry, "SimpleLibraryRegistry", None)
+
+
 def _install_rule_finder(module: Any) -> None:
     """torch calls `torch._library.simple_registry.find_torch_dispatch_rule(op, cls)` (three Python functions) before
     every `__torch_dispatch__` of a tensor subclass, ours included: two of them for a remote op that sends nothing
     (a view, a detach). `native_ops.cpp`'s `find_rule` is the same lookup in C (the original for anything else). torch
     reads the function once, at the first such dispatch of the process: before it (gpupool's import, as usual) this
-    takes effect for every subclass; after it, it changes nothing. Idempotent."""
+    takes effect for every subclass; after it, it changes nothing. Idempotent. Only over the lookup `find_rule` copies
+    (`_RULE_LOOKUP`): a torch that looks rules up otherwise, or a lookup somebody wrapped first, keeps its own."""
     current = simple_registry.find_torch_dispatch_rule
     if current is module.find_rule:
+        return
+    if not _is_the_lookup_find_rule_copies(current):
+        log.info("gpupool: torch's __torch_dispatch__ rule lookup is not the one native_ops.cpp copies: left as is")
         return
     module.setup_rules(simple_registry, current)
     simple_registry.find_torch_dispatch_rule = module.find_rule

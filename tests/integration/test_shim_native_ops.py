@@ -5,10 +5,13 @@ the Python dispatcher does go there (`stats`), with the Python path's results an
 
 from __future__ import annotations
 
+import gc
 import os
+import queue
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -129,11 +132,21 @@ OPS: dict[str, tuple[Any, Callable[[dict[str, Any]], tuple[Any, ...]]]] = {
     "a dtype": (aten._log_softmax_backward_data.default, lambda t: (t["a"], t["a"], 1, torch.float32)),
     "keyword arguments": (aten.add.Tensor, lambda t: (t["a"], t["c"][:1])),
     "a memory format keyword": (aten.clone.default, lambda t: (t["a"].t(),)),
+    # float values' bits as struct packs them (the sign of zero, a subnormal): the record carries them as they are.
+    # (Not a NaN: torch hands __torch_dispatch__ a new float object each call and NaN equals no other, so its key
+    # (float, nan) misses every time, on either path: the Python dispatcher runs it.)
+    "an infinite float value": (aten.native_layer_norm.default, lambda t: (t["a"], [8], None, None, float("inf"))),
+    "a negative zero float value": (aten.native_layer_norm.default, lambda t: (t["a"], [8], None, None, -0.0)),
+    "a subnormal float value": (aten.native_layer_norm.default, lambda t: (t["a"], [8], None, None, 5e-324)),
+    "a float keyword": (aten.add.Tensor, lambda t: (t["a"], t["c"][:1])),
+    "a dtype keyword": (aten.sum.default, lambda t: (t["a"],)),
 }
 # keyword arguments of the cases above, by case (torch passes keyword-only arguments so)
 KWARGS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "keyword arguments": lambda t: {"alpha": 2},
     "a memory format keyword": lambda t: {"memory_format": torch.contiguous_format},
+    "a float keyword": lambda t: {"alpha": -0.0},
+    "a dtype keyword": lambda t: {"dtype": torch.float64},
 }
 NO_RECORD = {"detach", "detach of a lazy view", "t", "view", "view of a lazy view"}
 
@@ -525,3 +538,215 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_the_rule_lookup_takes_keyword_arguments_as_torchs_does() -> None:
+    """`find_rule` binds keyword arguments as the function it stands in for does (through the original)."""
+    import torch._library.simple_registry as sr
+
+    module = native_ops.load()
+    assert module is not None and sr.find_torch_dispatch_rule is module.find_rule
+    lib = torch.library.Library("gpupool_rule_kw", "FRAGMENT")
+    lib.define("once(Tensor x) -> Tensor")
+    op = torch.ops.gpupool_rule_kw.once.default
+
+    def rule(mode_or_cls: Any, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        return None
+
+    torch.library.register_torch_dispatch("gpupool_rule_kw::once", RemoteTensor, rule, lib=lib)
+    try:
+        assert sr.find_torch_dispatch_rule(op, RemoteTensor) is rule
+        assert sr.find_torch_dispatch_rule(op, torch_dispatch_class=RemoteTensor) is rule
+        assert sr.find_torch_dispatch_rule(op=op, torch_dispatch_class=RemoteView) is None
+        with pytest.raises(TypeError):
+            sr.find_torch_dispatch_rule(op, RemoteTensor, 1)
+    finally:
+        lib._destroy()
+
+
+def test_a_rule_lookup_other_than_the_one_find_rule_copies_is_left_in_place() -> None:
+    """`_install_rule_finder` replaces torch's lookup only where it is the one `find_rule` copies: a lookup somebody
+    wrapped before gpupool's import, or a torch whose holder finds rules otherwise (here: by the class's bases),
+    keeps its own answers (a fresh process each: torch reads the function once)."""
+    wrapped = r"""
+import torch._library.simple_registry as sr
+original = sr.find_torch_dispatch_rule
+seen = []
+def lookup(op, torch_dispatch_class):
+    seen.append(op)
+    return original(op, torch_dispatch_class)
+sr.find_torch_dispatch_rule = lookup
+import gpupool.torch  # noqa: F401
+assert sr.find_torch_dispatch_rule is lookup, sr.find_torch_dispatch_rule
+print("ok")
+"""
+    by_bases = r"""
+import torch
+import torch._library.simple_registry as sr
+
+def find(self, torch_dispatch_class):
+    for base in torch_dispatch_class.__mro__:
+        if base in self._data:
+            return self._data[base]
+    return None
+
+sr.GenericTorchDispatchRuleHolder.find = find
+import gpupool.torch  # noqa: F401
+from gpupool.client.torch.tensor import RemoteTensor, RemoteView
+
+lib = torch.library.Library("gpupool_rule_bases", "FRAGMENT")
+lib.define("once(Tensor x) -> Tensor")
+rule = lambda *a: None
+torch.library.register_torch_dispatch("gpupool_rule_bases::once", RemoteTensor, rule, lib=lib)
+assert sr.find_torch_dispatch_rule(torch.ops.gpupool_rule_bases.once.default, RemoteView) is rule
+print("ok")
+"""
+    for code in (wrapped, by_bases):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+        assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_many_steps_leave_no_references_behind(dev: torch.device, on: None) -> None:
+    """What the C path makes per op (key parts, keyword pairs, records, wrappers, shared counts) is all given back:
+    after a warm-up, 60 more steps of a small model (layer norm, dropout, AdamW, keyword arguments, float values,
+    bool lists, dtypes, memory formats, detaches and views) leave the reference counts of what those hold as they
+    were, and no objects behind."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Dropout(0.1), nn.Linear(16, 4)).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(32, 8).to(dev), torch.randn(32, 4).to(dev)
+    rt = x._gp_rt
+
+    def step() -> None:
+        opt.zero_grad()
+        out = model(x)
+        loss = ((out - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        z = out.detach().clone(memory_format=torch.contiguous_format)
+        aten.add.Tensor(z, z.t().t(), alpha=0.5)
+        aten.sum.default(z, dtype=torch.float64)
+        _, mean, rstd = aten.native_layer_norm.default(z, [4], None, None, -0.0)
+        aten.native_layer_norm_backward.default(z, z, [4], mean, rstd, None, None, [True, False, False])
+
+    ops = (aten.add.Tensor, aten.sum.default, aten.clone.default, aten.native_layer_norm.default,
+           aten.native_layer_norm_backward.default, aten.mm.default)  # fmt: skip
+    schemas = [meta.schema_of(op) for op in ops]
+    watched: list[Any] = [float, bool, int, tuple, "alpha", "dtype", "memory_format", torch.float64, torch.float32,
+                          torch.contiguous_format, rt, rt.session, *schemas, *(s.fast for s in schemas)]  # fmt: skip
+
+    def counts() -> list[int]:
+        x.cpu()  # a sync: every frame sent and answered
+        gc.collect()
+        return [sys.getrefcount(o) for o in watched]
+
+    for _ in range(20):  # warm: the cache entries, the optimizer's state, torch's own lazy objects
+        step()
+    before, ran, objects = counts(), stats()[0], len(gc.get_objects())
+    steps = 60
+    for _ in range(steps):
+        step()
+    after = counts()
+    assert stats()[0] - ran > steps * 20, "the steps' ops did not run in C"
+    # a reference kept per op would add >= `steps`; the other tests' cache entries may still go meanwhile (fewer)
+    assert {str(o): (b, a) for o, b, a in zip(watched, before, after, strict=True) if a - b >= steps // 4} == {}
+    assert len(gc.get_objects()) - objects < steps
+
+
+def test_two_threads_use_one_sessions_tensors(dev: torch.device, on: None) -> None:
+    """Two threads on one session's tensors while this one does the same: detaches, views and ops of one tensor
+    made on one thread, used and dropped on another (shared handles given back on another thread than the one that
+    shared them, `share` and `unshare` racing). The holders' count of the tensor's handle ends where it began, the
+    results are the local ones, and the tensor's own death then frees the handle."""
+    a = torch.randn(4, 8).to(dev)
+    rt, h = a._gp_rt, a._gp_h
+    aten.add.Tensor(aten.relu.default(a), a.detach(), alpha=0.5)  # warm
+    aten.add.Tensor(aten.relu.default(a), a.detach(), alpha=0.5)
+    assert h not in rt.shared
+    q: queue.Queue[Any] = queue.Queue(maxsize=8)
+    errors: list[BaseException] = []
+    sums: list[Any] = []
+    ran = stats()[0]
+
+    def produce(x: torch.Tensor) -> None:
+        try:
+            for _ in range(400):
+                q.put((x.detach(), x[1:3], aten.relu.default(x)))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            q.put(None)
+
+    def consume() -> None:
+        try:
+            while (item := q.get()) is not None:
+                d, _, r = item
+                s = aten.add.Tensor(r, d, alpha=0.5)
+                if len(sums) < 3:
+                    sums.append(s)
+                del item, d, r, s
+        except BaseException as exc:
+            errors.append(exc)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads interleave as finely as the interpreter lets them
+    try:
+        threads = [threading.Thread(target=produce, args=(a,)), threading.Thread(target=consume)]
+        for t in threads:
+            t.start()
+        for _ in range(400):
+            d, v = a.detach(), a.t()
+            del d, v
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert errors == []
+    assert stats()[0] - ran > 3 * 400, "the ops did not run in C"
+    gc.collect()
+    assert h not in rt.shared
+    want = torch.relu(a.cpu()) + 0.5 * a.cpu()
+    assert len(sums) == 3 and all(torch.equal(s.cpu(), want) for s in sums)
+    assert h not in rt._dead
+    del a
+    assert h in rt._dead
+
+
+class _Cycle:
+    """Garbage only the cycle collector frees: its tensor dies inside whatever allocation runs the collection."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+        self.me = self
+
+
+def test_finalizers_run_in_the_middle_of_the_c_path(dev: torch.device, on: None) -> None:
+    """A collection at every allocation (threshold 1) while detaches, views and results of the arguments wait in
+    reference cycles: their finalizers (`remote_del`, `unshare` of the arguments' own handle) run inside the C path's
+    allocations (key parts, keyword pairs, wrappers) between its borrowed lookups. The ops still run in C with the
+    local results, and every holder of the argument's handle is given back."""
+    a, c = torch.randn(4, 8).to(dev), torch.randn(8).to(dev)
+    rt, h = a._gp_rt, a._gp_h
+
+    def ops() -> Any:
+        aten.clone.default(a.t(), memory_format=torch.contiguous_format)
+        aten.sum.default(a, dtype=torch.float64)
+        _, mean, rstd = aten.native_layer_norm.default(a, [8], None, None, -0.0)
+        aten.native_layer_norm_backward.default(a, a, [8], mean, rstd, None, None, [True, False, False])
+        return aten.add.Tensor(a, c, alpha=0.5)
+
+    ops(), ops()  # warm
+    ran = stats()[0]
+    threshold = gc.get_threshold()
+    gc.collect()
+    gc.set_threshold(1, 1, 1)
+    try:
+        for _ in range(200):
+            _Cycle(a.detach()), _Cycle(a[1:3]), _Cycle(aten.relu.default(a))
+            out = ops()
+    finally:
+        gc.set_threshold(*threshold)
+    gc.collect()
+    assert stats()[0] - ran > 200 * 5, "the ops did not run in C"
+    assert h not in rt.shared
+    assert torch.equal(out.cpu(), a.cpu() + 0.5 * c.cpu())
