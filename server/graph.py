@@ -33,11 +33,11 @@ import torch
 
 from gpupool import wire
 from gpupool._proto import device_pb2
-from gpupool.errors import GpupoolError, InvalidArgument, NotFound, ResourceExhausted
+from gpupool.errors import GpupoolError, InvalidArgument, NotFound
 
 from . import graph_cuda, graph_trace, slices
-from .graph_build import GATHER, ONE, Graph, Host, building, flat
-from .sessions import Poison, WorkerSession, out_of_memory, zero_bytes
+from .graph_build import GATHER, ONE, STEP_ERRORS, Graph, Host, building, flat, step_error
+from .sessions import Poison, WorkerSession, zero_bytes
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,8 @@ class GraphTable:
         of those that run eagerly (one runs at a time, its temporaries freed after it) plus the whole peak of each
         captured as a CUDA graph (and of `capture`, about to be): a capture's private pool keeps its memory from the
         capture to the graph's end. A growth must pass the quota first (ResourceExhausted, nothing changed).
-        (Round 30 counted the largest peak only, and each of up to MAX_GRAPHS captures held its own pool.)"""
+        (Until round 30's review only the largest peak was counted, and each of up to MAX_GRAPHS captures held its
+        own pool.)"""
         every = [*graphs.values(), *([extra] if extra else [])]
         held = sum(g.reserve for g in every if g.cuda is not None or g is capture)
         want = held + max((g.reserve for g in every if g.cuda is None and g is not capture), default=0)
@@ -354,14 +355,8 @@ def execute(g: Graph, slots: list[Any], plan: list[Any] | None = None) -> None:
                         zero_bytes(st, 0, st.nbytes())
             for slot in dead:
                 slots[slot] = None
-    except GpupoolError as exc:
-        raise type(exc)(f"graph {g.graph_id} op {i} ({g.calls[i].name}): {exc.message}") from None
-    except (RuntimeError, TypeError, ValueError, IndexError, OverflowError, MemoryError) as exc:
-        if out_of_memory(exc):
-            raise ResourceExhausted(
-                f"graph {g.graph_id} op {i} ({g.calls[i].name}): device out of memory: {exc}"
-            ) from None
-        raise InvalidArgument(f"graph {g.graph_id} op {i} ({g.calls[i].name}): {str(exc)[:300]}") from None
+    except (GpupoolError, *STEP_ERRORS) as exc:
+        raise step_error(g.graph_id, i, g.calls[i].name, exc) from None
 
 
 def _run_traced(host: Host, s: WorkerSession, g: Graph, slots: list[Any]) -> None:

@@ -26,7 +26,7 @@ from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
 
 from . import attention, checks, cost, fallbacks, guards
-from .sessions import WorkerSession
+from .sessions import WorkerSession, out_of_memory
 
 metas.register()  # Meta kernels torch lacks (a fused Adam's tensor-lr overload): a graph's ops run on meta tensors
 
@@ -546,3 +546,19 @@ def flat(out: Any) -> list[Any]:
     if isinstance(out, tuple | list):
         return [v for item in out for v in (item if isinstance(item, list | tuple) else [item])]
     return [out]
+
+
+# What a step of a graph's run may raise besides GpupoolError, each named by its op (`step_error`)
+STEP_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, OverflowError, MemoryError)
+
+
+def step_error(graph_id: int, i: int, name: str, exc: BaseException) -> GpupoolError:
+    """The error a run reports for op `i` (`name`) of graph `graph_id` raising `exc` (a GpupoolError or one of
+    `STEP_ERRORS`): its own status, RESOURCE_EXHAUSTED for the device's memory, else INVALID_ARGUMENT. One wording for
+    graph.execute and a CUDA graph's guards run before its replay (graph_cuda.PreGuards)."""
+    where = f"graph {graph_id} op {i} ({name})"
+    if isinstance(exc, GpupoolError):
+        return type(exc)(f"{where}: {exc.message}")
+    if out_of_memory(exc):
+        return ResourceExhausted(f"{where}: device out of memory: {exc}")
+    return InvalidArgument(f"{where}: {str(exc)[:300]}")

@@ -43,7 +43,7 @@ import torch
 from gpupool.errors import GpupoolError, InvalidArgument
 
 from . import attention, guards
-from .graph_build import Graph, Host
+from .graph_build import STEP_ERRORS, Graph, Host, step_error
 from .sessions import WorkerSession
 
 log = logging.getLogger(__name__)
@@ -111,10 +111,8 @@ class PreGuards:
                     kwargs[key] = t
             try:
                 check(args, kwargs)
-            except GpupoolError as exc:
-                raise type(exc)(f"graph {self.graph_id} op {i} ({name}): {exc.message}") from None
-            except (RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
-                raise InvalidArgument(f"graph {self.graph_id} op {i} ({name}): {str(exc)[:300]}") from None
+            except (GpupoolError, *STEP_ERRORS) as exc:
+                raise step_error(self.graph_id, i, name, exc) from None
 
     def aliased(self, g: Graph, slots: list[Any]) -> str | None:
         """Why these guards may not run before the replays of a capture made with `slots` (None: they may): a
@@ -141,9 +139,9 @@ def places(g: Graph, slots: list[Any]) -> list[tuple[int, int, int]]:
     capture's kernels hold the addresses the persistent tensors and the views the step makes of them had at the
     capture, anywhere in their storages (a view may reach past the tensor it was made of: `as_strided`, a storage
     two persistent tensors shared at the definition); a replay is safe only where every one of those bytes still
-    belongs to the same tensor's storage. The first byte's address alone (until round 31) let a handle name a tensor at
-    that address in a smaller storage (a fresh allocation where the old storage's start was), and the replay then
-    read and wrote memory the allocator had handed to something else since."""
+    belongs to the same tensor's storage. The first byte's address alone (until round 30's review) let a handle
+    name a tensor at that address in a smaller storage (a fresh allocation where the old storage's start was), and
+    the replay then read and wrote memory the allocator had handed to something else since."""
     out = []
     for slot, _, _ in g.externals:
         t = slots[slot]
