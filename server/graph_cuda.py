@@ -303,8 +303,29 @@ def _abandon(graph: Any, before: Any, device: torch.device, rng: torch.Tensor) -
         with contextlib.suppress(RuntimeError):  # raises when capture_end got that far itself
             torch._C._cuda_endAllocateToPool(device.index or 0, graph.pool())
         torch.cuda.set_stream(before)
+    _release_generator(device)
     with contextlib.suppress(RuntimeError):
         torch.cuda.set_rng_state(rng, device)
+
+
+def _release_generator(device: torch.device) -> None:
+    """Take the device's default generator out of capture mode after a failed capture. Every capture registers that
+    generator and sets its state "capturing" (CUDAGeneratorState::capture_prologue); only a `capture_end` that gets
+    past cudaStreamEndCapture clears it (capture_epilogue). Where the capture was invalidated (a sync, an unsafe call
+    under it) `capture_end` raises first, and in torch before 2.13 (one capture flag per generator state: the device
+    host runs 2.11) the flag stays set: every later random op on that device in the process -- the session's next
+    eager dropout -- failed with "Offset increment outside graph capture encountered unexpectedly" (the round 31
+    device run). A throwaway capture of one kernel runs prologue and epilogue again and clears it (torch 2.13's
+    per-capture states need nothing: harmless there). A failure here is logged, not raised: the capture failed
+    already and the session goes on eagerly."""
+    try:
+        scratch = torch.zeros(1, device=device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(device), torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):
+            scratch.add_(1)
+        del graph
+    except Exception as exc:  # noqa: BLE001 - the session goes on eagerly; its random ops may fail (logged)
+        log.warning("after a failed CUDA graph capture the device's generator may still be capturing: %s", exc)
 
 
 def verdict(host: Host, g: Graph) -> tuple[PreGuards, None] | tuple[None, str]:

@@ -507,6 +507,20 @@ def test_a_failed_capture_leaves_no_capture_the_stream_and_the_generator_as_they
     assert torch.cuda.current_stream() == before
     assert torch.equal(torch.cuda.get_rng_state(), state)
     assert float((t * 2).sum()) == 8.0  # the device still works
+    # and so do its random ops: torch 2.11 left the default generator "capturing" after an invalidated capture, and
+    # every later draw on the device failed ("Offset increment outside graph capture encountered unexpectedly")
+    drawn = torch.nn.functional.dropout(torch.ones(64, device="cuda"), 0.5)
+    torch.cuda.set_rng_state(state)
+    assert torch.equal(torch.nn.functional.dropout(torch.ones(64, device="cuda"), 0.5), drawn)
+    # a capture with random ops after it draws what eager draws from the same state
+    g = torch.cuda.CUDAGraph()
+    out = torch.empty(64, device="cuda")
+    torch.cuda.set_rng_state(state)
+    with torch.cuda.graph(g):
+        out.copy_(torch.nn.functional.dropout(torch.ones(64, device="cuda"), 0.5))
+    torch.cuda.set_rng_state(state)
+    g.replay()
+    assert torch.equal(out, drawn)
 
 
 class _Cuda(Device):
