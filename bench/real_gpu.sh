@@ -13,7 +13,8 @@
 #             through the same daemon from the same seed ("captured vs eager" lines)
 # The daemon's log of each launch_bound run is kept (graphs captured as CUDA graphs or not, errors).
 # STAGES (default: all, in this order: info tests tiny cudagraph big native) names the stages to run, e.g.
-# `STAGES="info tests tiny" bash bench/real_gpu.sh`: device time is short, the most telling stages come first.
+# `STAGES="info tests tiny" bash bench/real_gpu.sh`: device time is short, the most telling stages come first. On a fresh
+# machine the first daemon start builds the shim's native ops and the runner (tiny: ~150 s in all), native the C++ client.
 set -u
 STAGES=" ${STAGES:-info tests tiny cudagraph big native} "
 OUT=${OUT:-real_gpu_out}
@@ -33,10 +34,10 @@ stage() {  # stage NAME SECONDS COMMAND...
 stage info 60 bash -c 'nvidia-smi -L; nproc; python3 -V; g++ --version | head -1; python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name(0))"'
 stage tests "${T_TESTS:-120}" python3 -m pytest -q -p no:cacheprovider -rs tests/unit/test_graph_cuda.py tests/unit/test_server_worker_gpu_cap.py
 LB="python3 bench/launch_bound.py --gpu --rounds 1 --steps 50 --blocks 3"
-BENCH_DAEMON_LOG=$OUT/tiny.daemon.log stage tiny "${T_TINY:-150}" $LB --models tiny-mlp,encoder-nodrop,encoder --modes local,eager,captured
+BENCH_DAEMON_LOG=$OUT/tiny.daemon.log stage tiny "${T_TINY:-200}" $LB --models tiny-mlp,encoder-nodrop,encoder --modes local,eager,captured
 BENCH_DAEMON_LOG=$OUT/cudagraph.daemon.log stage cudagraph "${T_CUDAGRAPH:-150}" $LB --models classifier --modes local,eager,captured
 BENCH_DAEMON_LOG=$OUT/big.daemon.log stage big "${T_BIG:-120}" $LB --models mlp,cnn --modes local,eager,captured
-BENCH_DAEMON_LOG=$OUT/native.daemon.log stage native "${T_NATIVE:-200}" $LB --models tiny-mlp,encoder-nodrop,encoder --modes local,native,native-captured
+BENCH_DAEMON_LOG=$OUT/native.daemon.log stage native "${T_NATIVE:-260}" $LB --models tiny-mlp,encoder-nodrop,encoder --modes local,native,native-captured
 # CUDA graphs of every stage above (tiny: encoders, big: the CNN, cudagraph: the classifier): captured ones draw
 # what eager draws from the same seed (~1e-6 is capturable Adam's rounding; a different dropout stream is 1e-2 and up)
 grep -h "captured vs eager\|native-captured vs native" "$OUT"/*.log
