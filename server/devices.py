@@ -21,6 +21,8 @@ import torch
 from gpupool._proto import device_pb2
 from gpupool.wire import device_info
 
+from .slices import DeviceClock
+
 log = logging.getLogger(__name__)
 
 FAKE_MODEL = "gpupool fake GPU (CPU)"
@@ -113,7 +115,7 @@ def _always() -> bool:
     return True
 
 
-class SliceTimer:
+class SliceTimer(DeviceClock):
     """A CUDA device's timer of one session's slices, without waiting for the GPU (issue 8): a slice's work is
     bracketed by two events recorded on the stream its kernels go to (the worker's current stream of the device),
     and the seconds between them are booked once its end event has completed -- reported with the result of a

@@ -507,6 +507,21 @@ class SliceLedger:
         self.uploaded = self.downloaded = 0
 
 
+class DeviceClock:
+    """A slice timer that may return before the device finished the slice (a CUDA device's: devices.SliceTimer):
+    `run_commands` tells it when a slice must wait for the device (`settle`), and reports whether some of the
+    session's work may still run there (`busy`). A fake device's timer (`Device.timed`) is none: no call, no look-up
+    (an attribute a bound method lacks costs an exception a slice)."""
+
+    @property
+    def busy(self) -> bool:
+        """Whether a slice of the session may still run on the device."""
+        return False
+
+    def settle(self) -> None:
+        """Make the running slice wait for the device at its end."""
+
+
 Execute = Callable[..., None]  # (session, command, reply[, an upload's data])
 Progress = Callable[[int], None]
 _WORD = struct.Struct("<i")
@@ -608,14 +623,11 @@ def run_commands(
             executed = i = i + 1
             if views[0] or time.perf_counter() - start > req.budget:
                 break  # a Get's frames are views of its tensor: nothing runs before they are copied
-        if replies or not n:
+        if (replies or not n) and isinstance(timed, DeviceClock):
             # An answer (a Sync's, a Get's) says the device finished what came before it, and a slice of no
-            # commands is the daemon's flush: a CUDA device's timer waits for the GPU at this slice's end
-            # (devices.SliceTimer; a fake device's has no `settle`).
-            settle = getattr(timed, "settle", None)
-            if settle is not None:
-                settle()
-    return _result(session, ledger, executed, measured, replies, partial, getattr(timed, "busy", False))
+            # commands is the daemon's flush: a CUDA device's timer waits for the GPU at this slice's end.
+            timed.settle()
+    return _result(session, ledger, executed, measured, replies, partial, isinstance(timed, DeviceClock) and timed.busy)
 
 
 def _result(
@@ -666,7 +678,7 @@ def _run_uploads(
                 progress(i)
             cmd, data = upload  # type: ignore[misc]
             execute(session, cmd, _no_reply, data)
-    return _result(session, ledger, len(spans), measured, [], False, getattr(timed, "busy", False))
+    return _result(session, ledger, len(spans), measured, [], False, isinstance(timed, DeviceClock) and timed.busy)
 
 
 def _no_reply(item: Any) -> None:
