@@ -7,6 +7,7 @@ a UUID for metrics, and a timer that reports busy time (wall time of execution; 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -105,6 +106,22 @@ class _Timed:
 # for the copy itself (cudaMemcpyAsync + stream synchronize); a graph capture synchronizes the device first; and
 # the upload pool reuses host memory on fake GPUs only (server/uploadpool.py).
 RUN_AHEAD = 2
+RUN_AHEAD_ENV = "GPUPOOL_RUN_AHEAD"  # the daemon's environment (its workers inherit it): 0 waits for every slice
+
+
+def run_ahead_from_env() -> int:
+    """`GPUPOOL_RUN_AHEAD` (unset: RUN_AHEAD): 0 makes every slice wait for the GPU at its end, as before round 31
+    (a switch back, and the A/B baseline of bench/launch_bound.py `--against . --against-env GPUPOOL_RUN_AHEAD=0`);
+    ValueError names a malformed value (read when the daemon starts: it stops there)."""
+    text = os.environ.get(RUN_AHEAD_ENV, "").strip()
+    if not text:
+        return RUN_AHEAD
+    if not text.isdigit() or not 0 <= int(text) <= 16:
+        raise ValueError(f"{RUN_AHEAD_ENV}={text!r}: expected slices 0 to 16 (0: every slice waits for the GPU)")
+    return int(text)
+
+
+RUN_AHEAD_SET = run_ahead_from_env()
 
 
 def _never() -> bool:
@@ -139,7 +156,7 @@ class SliceTimer(DeviceClock):
     created or destroyed a slice.
 
     `new_event`, `stream`, `guard` are torch's on a CUDA device (`CudaDevice.slice_timer`); a test drives this
-    with stand-in events (no CUDA on the test host)."""
+    with stand-in events (no CUDA on the test host). `limit` 0: every slice settles (`GPUPOOL_RUN_AHEAD=0`)."""
 
     def __init__(
         self,
@@ -152,6 +169,7 @@ class SliceTimer(DeviceClock):
         self._stream = stream
         self._guard = guard  # the session's device made current for the slice (torch.cuda.device)
         self.limit = max(1, limit)
+        self.wait_always = limit <= 0
         self.contended: Callable[[], bool] = _never  # set by the worker: another session waits for the device
         self._pending: deque[tuple[Any, Any, Any]] = deque()  # (start, end, stream) of slices not yet booked
         self._free: list[Any] = []
@@ -203,7 +221,7 @@ class SliceTimer(DeviceClock):
             end = self._event()
             end.record(stream)
             self._pending.append((start, end, stream))
-            seconds = self._carry + self._collect(self._settle or self.contended())
+            seconds = self._carry + self._collect(self._settle or self.wait_always or self.contended())
             self._carry = 0.0
             self.reported += seconds
             self._out.append(seconds)
@@ -284,7 +302,10 @@ class CudaDevice(Device):
     def slice_timer(self) -> SliceTimer:
         dev = self._device
         return SliceTimer(
-            lambda: torch.cuda.Event(enable_timing=True), lambda: torch.cuda.current_stream(dev), torch.cuda.device(dev)
+            lambda: torch.cuda.Event(enable_timing=True),
+            lambda: torch.cuda.current_stream(dev),
+            torch.cuda.device(dev),
+            RUN_AHEAD_SET,
         )
 
     def get_rng_state(self) -> torch.Tensor:

@@ -173,6 +173,24 @@ def test_a_stream_change_between_slices_waits_for_each_stream() -> None:
     assert out[0] == pytest.approx(1.5) and a.syncs == 1 and b.syncs == 1
 
 
+def test_run_ahead_zero_waits_for_every_slice_and_the_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPUPOOL_RUN_AHEAD=0 (the switch back, and the device run's A/B baseline): every slice waits for its own end,
+    as before round 31; unset is RUN_AHEAD; a malformed value stops the daemon at its start."""
+    stream = _Stream()
+    timer = devices.SliceTimer(_Event, lambda: stream, None, 0)
+    for k in range(3):
+        assert _slice(timer, stream, 0.5) == pytest.approx(0.5) and not timer.busy
+        assert stream.syncs == k + 1
+    monkeypatch.delenv(devices.RUN_AHEAD_ENV, raising=False)
+    assert devices.run_ahead_from_env() == devices.RUN_AHEAD
+    monkeypatch.setenv(devices.RUN_AHEAD_ENV, "0")
+    assert devices.run_ahead_from_env() == 0
+    for bad in ("-1", "two", "17"):
+        monkeypatch.setenv(devices.RUN_AHEAD_ENV, bad)
+        with pytest.raises(ValueError, match=devices.RUN_AHEAD_ENV):
+            devices.run_ahead_from_env()
+
+
 def test_a_fake_device_times_slices_as_before() -> None:
     """A fake GPU's session keeps `Device.timed` itself (the wall time of each slice: no timer object, no settle,
     never busy), so its path and cost are what they were."""
