@@ -65,3 +65,23 @@ def test_a_busy_sessions_sync_waits_in_its_worker_and_its_last_slices_are_booked
     assert fs.closed and not timer.busy
     assert timer.reported == pytest.approx(1e-6 * (stream.records // 2))  # every slice's (the stand-in's flush too)
     assert fs.busy_seconds == pytest.approx(timer.reported, rel=1e-9)
+
+
+def test_a_flush_is_an_empty_slice_a_session_worker_answers(daemon_factory: Any) -> None:
+    """The daemon's flush through a real worker process (the wire of a slice of no commands, under a socket timeout
+    it then lifts): it reports no commands run and leaves the session as it was. (A fake GPU's worker has no GPU
+    time to report: only the path is checked here; the booking is the test above's.)"""
+    import torch
+
+    d = daemon_factory()  # process isolation: the session's worker is a process forked from the zygote
+    daemon = d.running.daemon
+    with Session.attach(d.address, d.token()) as s:
+        h = s.upload(torch.arange(6.0))
+        s.sync()
+        (fs,) = daemon.session_list()
+        assert fs.runner is not None and fs.runner.pid
+        with fs.lock:
+            fs.device_busy = True  # as a CUDA session's last result would say
+            seconds = daemon._flush(fs)
+        assert 0.0 <= seconds < 1.0 and not fs.device_busy and not fs.closed  # (a fake GPU: its wall time)
+        assert s.download(h).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # the same worker, its socket blocking again
