@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 GiB = 1024**3
 KEEP_USER = "keep"  # --worker-user keep: workers of a root daemon stay root (an explicit, logged opt-out)
 RECENTLY_CLOSED = 4096
-# The longest the daemon waits for a worker's flush of its session's GPU time (`Daemon._flush`): at most
+# The longest the daemon waits for a closing session's worker to report its GPU time (`Daemon._flush`): at most
 # devices.RUN_AHEAD slices of kernels to finish.
 FLUSH_SECONDS = 10.0
 END_OF_STREAM = object()  # queued after a client's last frame: the stream ends once everything before it ran
@@ -438,6 +438,7 @@ class Daemon:
         self.queues[s.device.index].remove(s.entry)
         if s.device_busy and s.runner is not None and s.lock.acquire(blocking=False):
             try:  # an idle session's GPU time still unreported (a CUDA device's run-ahead): booked before its end
+                # (a running slice's session is ended at once, as before: what its worker had not reported is lost)
                 self._book(s, self._flush(s))
             finally:
                 s.lock.release()
@@ -490,9 +491,8 @@ class Daemon:
             if s.closed or s.runner is None:
                 return [], 0.0, False
             if items[0] is END_OF_STREAM:
-                seconds = self._flush(s) if s.device_busy else 0.0
                 s.outbox.put(END_OF_STREAM)
-                return items[1:], seconds, False
+                return items[1:], 0.0, False
             # END_OF_STREAM is the last thing a reader queues: only a slice's last item can be it
             n = len(items) - 1 if items[-1] is END_OF_STREAM else len(items)
             head = items[:n] if n < len(items) else items
@@ -541,11 +541,11 @@ class Daemon:
             return (batch[res.executed :] + after if res.executed < n else after), seconds, True
 
     def _flush(self, s: FrontSession) -> float:
-        """The GPU seconds of a session's slices still unreported (`device_busy`: a CUDA device's run-ahead,
-        devices.SliceTimer) at its stream's end or its close: a slice of no commands, which waits for its GPU and
-        reports them all (`slices.run_commands`), given FLUSH_SECONDS. Under the session's lock. A worker that
-        does not answer in time pays the wall time and is ended (its session closes: a worker that cannot say
-        when its GPU is done has nothing more to run)."""
+        """The GPU seconds of a closing session's slices still unreported (`device_busy`: a CUDA device's
+        run-ahead, devices.SliceTimer): a slice of no commands, which waits for its GPU and reports them all
+        (`slices.run_commands`), given FLUSH_SECONDS. Under the session's lock, before its worker is ended. A
+        worker that does not answer in time (or answers what an empty slice cannot) pays the wall time. (Not at
+        a stream's end: the session lives on, and its next slice or its close reports them.)"""
         assert s.runner is not None
         free = s.device.capacity - self.memory[s.device.index].used
         req = slices.SliceRequest(device_free=free, reply_room=0, budget=0.0, payload=b"")
@@ -553,19 +553,12 @@ class Daemon:
         s.device_busy = False
         try:
             res = s.runner.flush(req, FLUSH_SECONDS)
-            if res.executed or res.replies:
-                raise WorkerDied("the session's worker ran commands of an empty slice")
         except WorkerDied as exc:
-            if not s.closed:
-                runner = s.runner
-                if self.zygote is not None and runner.pid:
-                    self.zygote.kill(runner.pid)
-                reason = f"the session's worker process {runner.pid} failed to report its GPU time ({exc})"
-                log.error("session %d (lease %s): %s", s.number, s.lease_id, reason)
-                self.close_session(s, reason, StatusCode.INTERNAL)
+            log.warning("session %d (lease %s): no GPU time from its closing worker (%s)", s.number, s.lease_id, exc)
             return time.perf_counter() - start
         now = time.perf_counter()
-        s.device_busy = res.busy
+        if res.executed or res.replies:
+            return now - start
         return s.gpu_clock.take(res.seconds, start, now)
 
     def _apply(self, s: FrontSession, res: slices.SliceResult, seconds: float) -> None:
