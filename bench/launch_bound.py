@@ -6,7 +6,9 @@ encoder classifier (d 32, 2 layers, 4 heads, batch 4 x 16 tokens), the stock-pre
 128-1, batch 256), the sentiment CNN of examples/sentiment (benchmark size, batch 50 x 400 tokens) and issue 8's
 transformer classifier (`classifier`: d 64, 2 layers, batch 32 x 48 tokens; not in the default set) and the encoder
 without dropout (`encoder-nodrop`, not in the default set: its attention takes the fused op on gpupool, round 21;
-`GPUPOOL_FUSED_SDPA=0` in the environment keeps torch's math path, the before). Three
+`GPUPOOL_FUSED_SDPA=0` in the environment keeps torch's math path, the before), and the sentiment CNN at batch
+400 (`cnn-big`, not in the default set: GPU-bound on a real GPU, where a worker's slices overlap its kernels,
+round 31, server/devices.py `SliceTimer`). Three
 ways: local CPU eager (the baseline: one torch thread, on the daemon's core), through a daemon eagerly, and
 through a daemon with `gpupool.torch.capture` (Adam with capturable=True and a device lr, as capture needs; with
 `--adam fused`, Adam(fused=True) in every mode, a device lr when captured: torch's one fused kernel for the update,
@@ -37,6 +39,8 @@ load average at the start and end is printed with the table: on a shared box, co
     nice python bench/launch_bound.py --models tiny-mlp,encoder --modes local,eager,native,captured,native-captured
     nice python bench/launch_bound.py --models tiny-mlp,encoder,classifier --modes local,eager,native --rounds 3
     nice python bench/launch_bound.py --models tiny-mlp --modes local,captured --rounds 3 --adam fused
+    python bench/launch_bound.py --gpu --models cnn-big,mlp --modes local,eager --against . \
+        --against-env GPUPOOL_RUN_AHEAD=0     # a real GPU: slices run ahead vs every slice waiting (round 31)
 
 `--against DIR` runs a second daemon from another checkout (its `.venv/bin/python`, or `--against-python`) beside
 this tree's, on the same core, and every remote run once against each, alternating which goes first (rows
@@ -62,7 +66,7 @@ from train_overhead import _proc_cpu, add_worker_flags, bench_daemons, run_worke
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 1234  # every worker's torch.manual_seed once its model is on its device
-MODELS = ("tiny-mlp", "encoder", "mlp", "cnn", "classifier", "encoder-nodrop")
+MODELS = ("tiny-mlp", "encoder", "mlp", "cnn", "classifier", "encoder-nodrop", "cnn-big")
 MODES = ("local", "eager", "captured", "native", "native-captured")
 
 
@@ -100,7 +104,9 @@ def workload(name: str) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tenso
     sys.path.insert(0, str(ROOT))
     from examples.sentiment.model import build_model, make_batch
 
-    data = [make_batch(batch_size=50, seq_len=400, vocab_size=30000, seed=i) for i in range(4)]
+    # cnn-big: batch 400, 8x the benchmark's, GPU-bound on a real GPU (round 31: CPU and GPU overlap across slices)
+    batch = 400 if name == "cnn-big" else 50
+    data = [make_batch(batch_size=batch, seq_len=400, vocab_size=30000, seed=i) for i in range(4)]
     return build_model(30000), data, nn.functional.cross_entropy
 
 
@@ -292,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
                    "captured, the default Adam elsewhere")  # fmt: skip
     p.add_argument("--against", metavar="DIR", default="", help="also run every remote mode against DIR's daemon")
     p.add_argument("--against-python", default="", help="the python of --against (default: DIR/.venv/bin/python)")
+    p.add_argument("--against-env", action="append", default=[], metavar="KEY=VALUE", help="set for the --against "
+                   "daemon alone (repeatable): `--against . --against-env GPUPOOL_RUN_AHEAD=0` is this tree with "
+                   "every CUDA slice waiting for the GPU, as before round 31")  # fmt: skip
     p.add_argument("--gpu", action="store_true", help="on a host with a CUDA GPU: the daemons serve it (not a "
                    "fake GPU) and `local` runs on cuda:0, the baseline a pooled GPU is measured against")  # fmt: skip
     add_worker_flags(p)
@@ -309,7 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         against = (args.against, args.against_python or str(Path(args.against) / ".venv" / "bin" / "python"))
     if args.gpu and not torch.cuda.is_available():
         p.error("--gpu: torch sees no CUDA device on this host")
-    with bench_daemons(args.daemon_core, against=against, real_gpu=args.gpu) as daemons:
+    against_env = dict(kv.split("=", 1) for kv in args.against_env)
+    if against_env and not against:
+        p.error("--against-env is for the --against daemon")
+    with bench_daemons(args.daemon_core, against=against, real_gpu=args.gpu, against_env=against_env) as daemons:
         for model in args.models.split(","):
             modes = args.modes.split(",")
             if against:

@@ -140,20 +140,24 @@ def start_daemon(
     python: str = sys.executable,
     cwd: str | None = None,
     real_gpu: bool = False,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[str], str]:
-    """`gpupool serve` pinned to `core`: one fake GPU, or with `real_gpu` the host's CUDA devices (device 0 used)."""
+    """`gpupool serve` pinned to `core`: one fake GPU, or with `real_gpu` the host's CUDA devices (device 0 used);
+    `env`: variables set for it alone."""
     fake = [] if real_gpu else ["--fake-gpus", "1", "--fake-gpu-memory", "16GiB"]
     cmd = ["taskset", "-c", str(core), python, "-m", "gpupool.cli", "serve", "--listen", "127.0.0.1:0",
            "--metrics-listen", "0", *fake,
            "--token-public-keys", str(key_file), "--host-id", "bench", "--isolation", isolation]  # fmt: skip
     cmd += os.environ.get("BENCH_DAEMON_FLAGS", "").split()  # e.g. "--bulk-listen 127.0.0.1:0": frames on the socket
-    return start_listening(cmd, cwd, "gpupool serve")
+    return start_listening(cmd, cwd, "gpupool serve", env)
 
 
-def start_listening(cmd: list[str], cwd: str | None, what: str) -> tuple[subprocess.Popen[str], str]:
+def start_listening(
+    cmd: list[str], cwd: str | None, what: str, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str]:
     """Start a daemon (one torch thread) and wait for its "listening on HOST:PORT" line; its later output is
     drained by a thread. Returns the process and the address."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -179,11 +183,13 @@ def bench_daemons(
     isolations: Sequence[str] = ("process",),
     against: tuple[str, str] | None = None,
     real_gpu: bool = False,
+    against_env: dict[str, str] | None = None,
 ) -> Iterator[Daemons]:
     """A daemon per isolation mode on a fake GPU pinned to `core`, speaking TLS (a loopback PKI in a temporary
     directory); yields them with a function that mints a fresh one-hour token for device 0. Stops them after.
     `against` (a checkout's directory, its python): one more daemon of that checkout, under the name "base".
-    `real_gpu`: the daemons serve the host's CUDA devices instead of a fake GPU."""
+    `real_gpu`: the daemons serve the host's CUDA devices instead of a fake GPU. `against_env`: variables set for
+    the "base" daemon alone (the same checkout as its own baseline: `GPUPOOL_RUN_AHEAD=0`)."""
     with tempfile.TemporaryDirectory() as tmp:
         key = secrets.token_hex(32).encode()  # a token seed; the daemons get its public key only
         key_file = Path(tmp) / "key.pub"
@@ -201,7 +207,7 @@ def bench_daemons(
                 daemons[mode] = start_daemon(core, key_file, mode, real_gpu=real_gpu)
             if against is not None:
                 daemons["base"] = start_daemon(
-                    core, key_file, "process", python=against[1], cwd=against[0], real_gpu=real_gpu
+                    core, key_file, "process", python=against[1], cwd=against[0], real_gpu=real_gpu, env=against_env
                 )
             yield Daemons(daemons, token, key_file)
         finally:

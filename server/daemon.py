@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 GiB = 1024**3
 KEEP_USER = "keep"  # --worker-user keep: workers of a root daemon stay root (an explicit, logged opt-out)
 RECENTLY_CLOSED = 4096
+# The longest the daemon waits for a closing session's worker to report its GPU time (`Daemon._flush`): at most
+# devices.RUN_AHEAD slices of kernels to finish.
+FLUSH_SECONDS = 10.0
 END_OF_STREAM = object()  # queued after a client's last frame: the stream ends once everything before it ran
 
 
@@ -433,6 +436,12 @@ class Daemon:
             if self._by_lease.get(key) is s:
                 del self._by_lease[key]
         self.queues[s.device.index].remove(s.entry)
+        if s.device_busy and s.runner is not None and s.lock.acquire(blocking=False):
+            try:  # an idle session's GPU time still unreported (a CUDA device's run-ahead): booked before its end
+                # (a running slice's session is ended at once, as before: what its worker had not reported is lost)
+                self._book(s, self._flush(s))
+            finally:
+                s.lock.release()
         s.end_bulk()  # a transfer blocked on its side socket fails now; a frames socket carries the end first
         if s.runner is not None and s.runner.pid and self.zygote is not None:
             self.zygote.kill(s.runner.pid)  # its memory goes back now, and a running slice ends with it
@@ -514,14 +523,43 @@ class Daemon:
             except WorkerDied as exc:
                 self._worker_died(s, batch, exc)
                 return [], time.perf_counter() - start, False
-            wall = time.perf_counter() - start
+            now = time.perf_counter()
+            wall = now - start
             # A piece that answers nothing (of a graph's definition) pays its wall time: a worker claiming pieces
-            # forever, none of them progress the daemon can see, pays for each in its share of the device.
-            seconds = wall if res.partial and not res.replies else min(res.seconds, wall)
+            # forever, none of them progress the daemon can see, pays for each in its share of the device. A CUDA
+            # device's results report earlier slices' GPU seconds (devices.SliceTimer): capped by the session's
+            # clock instead (front.GpuClock), and a piece pays them on top of its wall time.
+            if s.device.fake:
+                seconds = wall if res.partial and not res.replies else min(res.seconds, wall)
+            else:
+                seconds = s.gpu_clock.take(res.seconds, start, now)
+                if res.partial and not res.replies:
+                    seconds += wall
             self._apply(s, res, seconds)
             if s.closed:  # its replies would take the host past --max-unread-bytes
                 return [], seconds, True
             return (batch[res.executed :] + after if res.executed < n else after), seconds, True
+
+    def _flush(self, s: FrontSession) -> float:
+        """The GPU seconds of a closing session's slices still unreported (`device_busy`: a CUDA device's
+        run-ahead, devices.SliceTimer): a slice of no commands, which waits for its GPU and reports them all
+        (`slices.run_commands`), given FLUSH_SECONDS. Under the session's lock, before its worker is ended. A
+        worker that does not answer in time (or answers what an empty slice cannot) pays the wall time. (Not at
+        a stream's end: the session lives on, and its next slice or its close reports them.)"""
+        assert s.runner is not None
+        free = s.device.capacity - self.memory[s.device.index].used
+        req = slices.SliceRequest(device_free=free, reply_room=0, budget=0.0, payload=b"")
+        start = time.perf_counter()
+        s.device_busy = False
+        try:
+            res = s.runner.flush(req, FLUSH_SECONDS)
+        except WorkerDied as exc:
+            log.warning("session %d (lease %s): no GPU time from its closing worker (%s)", s.number, s.lease_id, exc)
+            return time.perf_counter() - start
+        now = time.perf_counter()
+        if res.executed or res.replies:
+            return now - start
+        return s.gpu_clock.take(res.seconds, start, now)
 
     def _apply(self, s: FrontSession, res: slices.SliceResult, seconds: float) -> None:
         """Mirror a slice's outcome: memory, counters, ledger, replies (a worker may lie only about itself); the
@@ -532,6 +570,7 @@ class Daemon:
         s.busy_seconds += seconds
         self.ledger.slice_done(s, ops, res.errors, res.uploaded, res.downloaded, res.events, seconds)
         s.error_pending = res.error_pending
+        s.device_busy = res.busy
         replies = res.replies
         if not replies:
             return

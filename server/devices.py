@@ -7,17 +7,22 @@ a UUID for metrics, and a timer that reports busy time (wall time of execution; 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections import deque
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
 from gpupool._proto import device_pb2
 from gpupool.wire import device_info
+
+from .slices import DeviceClock
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,11 @@ class Device(ABC):
     @abstractmethod
     def timed(self) -> AbstractContextManager[list[float]]:
         """Measure the execution time of the work done inside; the seconds land in the list it enters as."""
+
+    def slice_timer(self) -> Callable[[], AbstractContextManager[list[float]]]:
+        """What one session's slices are timed with (`slices.run_commands`'s `timed`): `timed` itself, or on a
+        CUDA device a `SliceTimer` of the session's own (it keeps the session's slices still on the GPU)."""
+        return self.timed
 
     @property
     def rng_lock(self) -> threading.Lock:
@@ -80,6 +90,171 @@ class _Timed:
 
     def __exit__(self, *exc: object) -> None:
         self.out.append(time.perf_counter() - self.start)
+
+
+# A CUDA session's slices not yet completed on the GPU when one of its slices returns, at most (the returning one
+# included): the next slice first waits for the oldest (`SliceTimer.__enter__`). 2 lets the worker launch slice
+# n while the GPU still runs slice n-1 -- CPU and GPU overlap across slices, a step costs the larger of the two
+# instead of their sum -- and a session has at most one slice's kernels queued beyond the one it launches, so
+# its fair share is charged at most a slice late (1 would wait for the previous slice before launching anything:
+# overlap with the round trip between slices only). Slices bound it, not seconds: a slice is cut by its CPU time
+# (the daemon's budget) and its kernels may run longer; while another session of the device waits to run (the
+# daemon's contended byte) a slice waits for its own end instead, as every slice did before (`SliceTimer`).
+# Nothing else needed the GPU idle after a slice: the caching allocator's blocks are allocated and freed as ops
+# launch and reused only by work queued after them on the same stream; an Upload's copy from host memory (the
+# slice's buffer) and a Get's or a Sync's copy to it are torch's pageable copies, which wait for the stream and
+# for the copy itself (cudaMemcpyAsync + stream synchronize); a graph capture synchronizes the device first; and
+# the upload pool reuses host memory on fake GPUs only (server/uploadpool.py).
+RUN_AHEAD = 2
+RUN_AHEAD_ENV = "GPUPOOL_RUN_AHEAD"  # the daemon's environment (its workers inherit it): 0 waits for every slice
+
+
+def run_ahead_from_env() -> int:
+    """`GPUPOOL_RUN_AHEAD` (unset: RUN_AHEAD): 0 makes every slice wait for the GPU at its end, as before round 31
+    (a switch back, and the A/B baseline of bench/launch_bound.py `--against . --against-env GPUPOOL_RUN_AHEAD=0`);
+    ValueError names a malformed value (read when the daemon starts: it stops there)."""
+    text = os.environ.get(RUN_AHEAD_ENV, "").strip()
+    if not text:
+        return RUN_AHEAD
+    if not text.isdigit() or not 0 <= int(text) <= 16:
+        raise ValueError(f"{RUN_AHEAD_ENV}={text!r}: expected slices 0 to 16 (0: every slice waits for the GPU)")
+    return int(text)
+
+
+RUN_AHEAD_SET = run_ahead_from_env()
+
+
+def _never() -> bool:
+    return False
+
+
+def _always() -> bool:
+    return True
+
+
+class SliceTimer(DeviceClock):
+    """A CUDA device's timer of one session's slices, without waiting for the GPU (issue 8): a slice's work is
+    bracketed by two events recorded on the stream its kernels go to (the worker's current stream of the device),
+    and the seconds between them are booked once its end event has completed -- reported with the result of a
+    later slice, the first whose end finds it completed. `with timer() as out:` (as `Device.timed`): `out` gets
+    one number at the exit, the seconds of this session's slices that completed since the last report (this one's
+    own when it completed by then).
+
+    Two events a slice, not one a boundary: events on one stream complete in order, so a slice's start event
+    completes when the GPU is done with everything before it -- the previous slice's work, or at once on an idle
+    stream -- and its end when its own work is done: consecutive slices' intervals do not overlap, and together
+    they cover exactly the GPU's time on the session's work. One event a boundary (slice n from the end of n-1 to
+    the end of n) would also count the idle gap between the slices: the client's round trip, other sessions'
+    slices.
+
+    The oldest slices are waited for (`RUN_AHEAD`) before a slice starts; a slice settles -- waits until its own
+    end completed, and books everything -- when asked to (`settle`: it answers a Sync or a Get, whose answer
+    means the device finished what came before it, or it is the daemon's flush: `slices.run_commands`), or when
+    `contended()` says another session of the device waits to run (its slices would otherwise run against this
+    session's queued kernels, and their time-slices land in its events). Every slice is booked exactly once: a
+    pair leaves `_pending` only when its seconds are added to a report. Events are reused (`_free`): no event is
+    created or destroyed a slice.
+
+    `new_event`, `stream`, `guard` are torch's on a CUDA device (`CudaDevice.slice_timer`); a test drives this
+    with stand-in events (no CUDA on the test host). `limit` 0: every slice settles (`GPUPOOL_RUN_AHEAD=0`)."""
+
+    def __init__(
+        self,
+        new_event: Callable[[], Any],
+        stream: Callable[[], Any],
+        guard: AbstractContextManager[Any] | None = None,
+        limit: int = RUN_AHEAD,
+    ) -> None:
+        self._new_event = new_event
+        self._stream = stream
+        self._guard = guard  # the session's device made current for the slice (torch.cuda.device)
+        self.limit = max(1, limit)
+        self.wait_always = limit <= 0
+        self.contended: Callable[[], bool] = _never  # set by the worker: another session waits for the device
+        self._pending: deque[tuple[Any, Any, Any]] = deque()  # (start, end, stream) of slices not yet booked
+        self._free: list[Any] = []
+        self._settle = False
+        self._carry = 0.0  # seconds booked at the start of the running slice (the oldest, waited for)
+        self._open: tuple[Any, Any] | None = None  # the running slice's start event and stream
+        self._out: list[float] = []  # the running slice's report
+        self.reported = 0.0  # every second reported so far (the session's total: tests)
+
+    def __call__(self) -> SliceTimer:
+        return self
+
+    @property
+    def busy(self) -> bool:
+        """Whether a slice of the session may still run on the GPU (its result says so: the daemon answers no
+        lone Sync of it by itself then)."""
+        return bool(self._pending)
+
+    def settle(self) -> None:
+        """Make the running slice wait for the GPU at its end (it answers a Sync or a Get)."""
+        self._settle = True
+
+    def __enter__(self) -> list[float]:
+        if self._guard is not None:
+            self._guard.__enter__()
+        try:
+            carry = 0.0
+            while len(self._pending) >= self.limit:
+                oldest = self._pending[0]
+                oldest[1].synchronize()
+                carry += self._book(self._pending.popleft())
+            self._carry = carry
+            stream = self._stream()
+            start = self._event()
+            start.record(stream)
+            self._open = (start, stream)
+            self._out = []
+        except BaseException:
+            if self._guard is not None:
+                self._guard.__exit__(None, None, None)
+            raise
+        return self._out
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            assert self._open is not None
+            start, stream = self._open
+            self._open = None
+            end = self._event()
+            end.record(stream)
+            self._pending.append((start, end, stream))
+            seconds = self._carry + self._collect(self._settle or self.wait_always or self.contended())
+            self._carry = 0.0
+            self.reported += seconds
+            self._out.append(seconds)
+        finally:
+            self._settle = False
+            if self._guard is not None:
+                self._guard.__exit__(*exc)
+
+    def _collect(self, wait: bool) -> float:
+        """Book the pending slices that completed, oldest first (stopping at the first that did not); `wait`: all
+        of them, after waiting for the newest (and for any older one recorded on another stream)."""
+        got = 0.0
+        pending = self._pending
+        if wait and pending:
+            newest = pending[-1]
+            newest[1].synchronize()
+            while pending:
+                if pending[0][2] != newest[2]:
+                    pending[0][1].synchronize()  # another stream: not ordered by the newest one's end
+                got += self._book(pending.popleft())
+            return got
+        while pending and pending[0][1].query():
+            got += self._book(pending.popleft())
+        return got
+
+    def _book(self, pair: tuple[Any, Any, Any]) -> float:
+        start, end, _ = pair
+        seconds = max(0.0, start.elapsed_time(end) / 1000.0)
+        self._free += (start, end)
+        return seconds
+
+    def _event(self) -> Any:
+        return self._free.pop() if self._free else self._new_event()
 
 
 class FakeDevice(Device):
@@ -117,19 +292,21 @@ class CudaDevice(Device):
     def torch_device(self) -> torch.device:
         return self._device
 
-    @contextmanager
-    def timed(self) -> Iterator[list[float]]:
-        out: list[float] = []
-        with torch.cuda.device(self._device):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            try:
-                yield out
-            finally:
-                end.record()
-                end.synchronize()
-                out.append(start.elapsed_time(end) / 1000.0)
+    def timed(self) -> SliceTimer:
+        """The work inside timed as before: its seconds once the GPU finished it (a timer that always settles).
+        A session's slices are timed by its own `slice_timer` instead, which does not wait."""
+        timer = self.slice_timer()
+        timer.contended = _always
+        return timer
+
+    def slice_timer(self) -> SliceTimer:
+        dev = self._device
+        return SliceTimer(
+            lambda: torch.cuda.Event(enable_timing=True),
+            lambda: torch.cuda.current_stream(dev),
+            torch.cuda.device(dev),
+            RUN_AHEAD_SET,
+        )
 
     def get_rng_state(self) -> torch.Tensor:
         return torch.cuda.get_rng_state(self._device)

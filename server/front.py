@@ -76,6 +76,10 @@ class FrontSession:
         self.entry: Any = None  # its place in the device's fair queue
         self.streaming = False
         self.error_pending = False  # its worker holds an error for the next Sync (mirrored after each slice)
+        # Its GPU may still run its slices (a CUDA device's run-ahead, devices.SliceTimer; mirrored after each
+        # slice): a lone Sync then goes to the worker, which waits for the GPU before it answers.
+        self.device_busy = False
+        self.gpu_clock = GpuClock()  # caps the GPU seconds its worker reports (a CUDA device's)
         self.bulk: Any = None  # its bound side socket (server/bulkside.py BulkLink), if its client opened one
         # where its frames come from, fixed by the first: "stream" (its gRPC stream), "side" (its side socket
         # opened for frames), "" (none yet); one carrier per session, so its commands have one order
@@ -145,7 +149,7 @@ class FrontSession:
         no wake-up) says so, or else it answers a ping (a process wake-up, not a slice); one that died, or has a
         fatal signal pending, does neither, and the ordinary path reports it. False: the Sync takes the ordinary
         path."""
-        if self.error_pending or self.closed or self.outbox_bytes >= outbox_limit:
+        if self.error_pending or self.device_busy or self.closed or self.outbox_bytes >= outbox_limit:
             return False
         if not queue.idle(self.entry) or self.runner is None:
             return False
@@ -171,6 +175,30 @@ class FrontSession:
             self.outbox_bytes -= n
             if self.counted:
                 unread.total -= n
+
+
+class GpuClock:
+    """What the daemon books of the GPU seconds a session's worker on a CUDA device reports. Its slices' times
+    come late there (devices.SliceTimer: a slice's with a later slice's result), so one result's seconds may
+    exceed that slice's wall time, and the per-slice cap a fake GPU's results get (`min(seconds, wall)`) would
+    drop them. The bound that holds: a session's slices run on one stream, one after another, each inside the time
+    between its slice's start here and the result that reports it, so what the worker reports in all is at most the
+    time since its first slice started: `take` books a report up to what is left of that (a worker cannot book
+    more device time than passed; under-reporting it could do before as well)."""
+
+    __slots__ = ("origin", "taken")
+
+    def __init__(self) -> None:
+        self.origin = -1.0  # perf_counter at the start of the session's first slice (-1: none yet)
+        self.taken = 0.0  # seconds booked so far
+
+    def take(self, reported: float, started: float, now: float) -> float:
+        """The seconds of a result that reported `reported`, its slice run from `started` to `now` (perf_counter)."""
+        if self.origin < 0:
+            self.origin = started
+        got = min(reported, max(0.0, now - self.origin - self.taken))
+        self.taken += got
+        return got
 
 
 def reply_bytes(item: Any) -> int:

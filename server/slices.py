@@ -267,6 +267,7 @@ def is_ping(body: bytes | bytearray | memoryview) -> bool:
 _RES = struct.Struct("<IdqqqqqHHIB")
 _ERROR_PENDING = 1  # flags: the session holds an error for its next Sync
 _PARTIAL = 2  # flags: the command after the executed ones (a Get, a DefineGraph) did a piece, continues next slice
+_BUSY = 4  # flags: slices of the session may still run on its GPU (devices.SliceTimer: their time comes later)
 # Step capture's graph events (server/graph.py): the only names a worker may report (they become metric labels).
 GRAPH_EVENTS = ("defined", "rerecorded", "replayed", "dropped", "traced")
 # Eager records a worker ran inside learned runs (server/runs.py), reported with the graph events.
@@ -288,6 +289,7 @@ class SliceResult:
     replies: list[bytes | SideChunk | list[Any]] = field(default_factory=list)  # a frame, a side chunk, or frames
     error_pending: bool = False  # an error waits for the next Sync (else the daemon may answer a Sync itself)
     partial: bool = False  # command `executed` (a big Get, a DefineGraph) did a piece of its work and must run again
+    busy: bool = False  # its GPU may still run the session's slices (a CUDA device's run-ahead: devices.SliceTimer)
 
 
 def _head(r: SliceResult) -> tuple[Any, ...]:
@@ -303,7 +305,7 @@ def _head(r: SliceResult) -> tuple[Any, ...]:
         len(r.errors),
         len(r.events),
         len(r.replies),
-        (_ERROR_PENDING if r.error_pending else 0) | (_PARTIAL if r.partial else 0),
+        (_ERROR_PENDING if r.error_pending else 0) | (_PARTIAL if r.partial else 0) | (_BUSY if r.busy else 0),
     )
 
 
@@ -427,7 +429,19 @@ def decode_result(body: bytes | bytearray | memoryview, commands: int, slot: mem
     if pos != len(view) or n_rep > executed + partial or (partial and executed >= commands):
         raise ValueError("malformed slice result")
     return SliceResult(
-        executed, seconds, used, ops, handles, up, down, errors, events, replies, bool(flags & _ERROR_PENDING), partial
+        executed,
+        seconds,
+        used,
+        ops,
+        handles,
+        up,
+        down,
+        errors,
+        events,
+        replies,
+        bool(flags & _ERROR_PENDING),
+        partial,
+        bool(flags & _BUSY),
     )
 
 
@@ -491,6 +505,21 @@ class SliceLedger:
         self.events = {}
         self.errors = {}
         self.uploaded = self.downloaded = 0
+
+
+class DeviceClock:
+    """A slice timer that may return before the device finished the slice (a CUDA device's: devices.SliceTimer):
+    `run_commands` tells it when a slice must wait for the device (`settle`), and reports whether some of the
+    session's work may still run there (`busy`). A fake device's timer (`Device.timed`) is none: no call, no look-up
+    (an attribute a bound method lacks costs an exception a slice)."""
+
+    @property
+    def busy(self) -> bool:
+        """Whether a slice of the session may still run on the device."""
+        return False
+
+    def settle(self) -> None:
+        """Make the running slice wait for the device at its end."""
 
 
 Execute = Callable[..., None]  # (session, command, reply[, an upload's data])
@@ -594,11 +623,21 @@ def run_commands(
             executed = i = i + 1
             if views[0] or time.perf_counter() - start > req.budget:
                 break  # a Get's frames are views of its tensor: nothing runs before they are copied
-    return _result(session, ledger, executed, measured, replies, partial)
+        if (replies or not n) and isinstance(timed, DeviceClock):
+            # An answer (a Sync's, a Get's) says the device finished what came before it, and a slice of no
+            # commands is the daemon's flush: a CUDA device's timer waits for the GPU at this slice's end.
+            timed.settle()
+    return _result(session, ledger, executed, measured, replies, partial, isinstance(timed, DeviceClock) and timed.busy)
 
 
 def _result(
-    session: Any, ledger: SliceLedger, executed: int, measured: Any, replies: list[Any], partial: bool = False
+    session: Any,
+    ledger: SliceLedger,
+    executed: int,
+    measured: Any,
+    replies: list[Any],
+    partial: bool = False,
+    busy: bool = False,
 ) -> SliceResult:
     # positional (the fields in order: no keyword dict a slice); the ledger's counts are taken, not copied: its
     # `reset` at the next slice's start makes new ones
@@ -615,6 +654,7 @@ def _result(
         replies,
         session.error is not None,
         partial,
+        busy,
     )
 
 
@@ -638,7 +678,7 @@ def _run_uploads(
                 progress(i)
             cmd, data = upload  # type: ignore[misc]
             execute(session, cmd, _no_reply, data)
-    return _result(session, ledger, len(spans), measured, [])
+    return _result(session, ledger, len(spans), measured, [], False, isinstance(timed, DeviceClock) and timed.busy)
 
 
 def _no_reply(item: Any) -> None:

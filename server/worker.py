@@ -139,6 +139,7 @@ class Runner(Protocol):
     pid: int
 
     def run(self, req: SliceRequest, commands: int, parts: Sequence[memoryview] = ()) -> SliceResult: ...
+    def flush(self, req: SliceRequest, timeout: float) -> SliceResult: ...
     def alive(self, timeout: float = 1.0) -> bool: ...
     def idle(self) -> bool: ...
     def progress(self) -> int: ...
@@ -177,6 +178,8 @@ class _SessionState:
             lease_id=spec.lease_id,
             host_id=spec.host_id,
         )
+        # the session's own: a CUDA device's keeps the session's slices still on the GPU (devices.SliceTimer)
+        self.timed = self.device.slice_timer()
         self.ledger = slices.SliceLedger()
         self.executor = CommandExecutor(self.ledger)
         self.executor.piece_bytes = bulk.PIECE_BYTES  # big downloads in pieces through the shared buffer
@@ -194,9 +197,13 @@ class _SessionState:
 
     def run(self, req: SliceRequest, progress: slices.Progress | None = None) -> SliceResult:
         with self.session.lock:
-            return slices.run_commands(
-                self.session, self.executor.execute, self.ledger, req, self.device.timed, progress
-            )
+            return slices.run_commands(self.session, self.executor.execute, self.ledger, req, self.timed, progress)
+
+    def contended(self, told: Callable[[], bool]) -> None:
+        """Where the executor and the slice timer read whether another session of the device waits to run."""
+        self.executor.collectives.contended = told
+        if hasattr(self.timed, "contended"):
+            self.timed.contended = told
 
 
 class InlineRunner:
@@ -207,7 +214,7 @@ class InlineRunner:
     def __init__(self, spec: WorkerSpec) -> None:
         self._state = _SessionState(spec)
         self._contended = True
-        self._state.executor.collectives.contended = lambda: self._contended
+        self._state.contended(lambda: self._contended)
 
     def contend(self, contended: bool) -> None:
         self._contended = contended
@@ -223,6 +230,9 @@ class InlineRunner:
         # gRPC sends bytes: join download frames that are still views of a tensor (protocol.Frame)
         res.replies = [[bytes(f) for f in r] if isinstance(r, list) else r for r in res.replies]
         return res
+
+    def flush(self, req: SliceRequest, timeout: float) -> SliceResult:
+        return self.run(req, 0)
 
     def alive(self, timeout: float = 1.0) -> bool:
         return True
@@ -351,6 +361,16 @@ class ProcessRunner:
             raise WorkerDied(f"the session's worker stopped answering ({type(exc).__name__})") from None
         except (ValueError, struct.error) as exc:
             raise WorkerDied(f"the session's worker sent a malformed result: {exc}") from None
+
+    def flush(self, req: SliceRequest, timeout: float) -> SliceResult:
+        """Run `req`, a slice of no commands (the daemon's flush of a CUDA session's GPU time: daemon.py `_flush`),
+        waiting at most `timeout` seconds for its result: WorkerDied past that (the daemon then ends the worker)."""
+        self._sock.settimeout(timeout)
+        try:
+            return self.run(req, 0)
+        finally:
+            if not self._closed:
+                self._sock.settimeout(None)
 
     def _slot(self, req: SliceRequest) -> memoryview | None:
         return self._slots[req.slot] if req.slot >= 0 else None
@@ -557,7 +577,7 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     os.close(progress_fd)
     settle_gc()
     data = memoryview(progress)[DATA_AT:SLOTS_AT]
-    state.executor.collectives.contended = lambda: progress[CONTENDED_AT] != 0
+    state.contended(lambda: progress[CONTENDED_AT] != 0)
     slots = [memoryview(progress)[SLOTS_AT + k * SLOT_BYTES :][:SLOT_BYTES] for k in range(SLOTS)]
     ups = [memoryview(progress)[UPS_AT + k * UP_SLOT_BYTES :][:UP_SLOT_BYTES] for k in range(UP_SLOTS)]
 

@@ -1,0 +1,87 @@
+"""A CUDA session's run-ahead seen from the daemon (devices.SliceTimer, issue 8): while its GPU may still run its
+slices (a result's `busy`), a lone Sync is not answered by the stream's reader but goes to the worker, which waits
+for the GPU first; the session's end books the GPU time its last slices had not yet reported.
+
+No CUDA here: the session's timer is a SliceTimer over STAND-IN events (test_server_slice_timer.py's `_Event`,
+a simulated GPU clock), on a fake GPU with --isolation thread (the timer lives in this process, where the test
+reads it) -- the one part that cannot run on this host; the daemon, its queue and the session's worker state are
+the real ones."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from gpupool.client.session import Session
+from gpupool.server import devices
+from test_server_slice_timer import _Event, _Stream
+
+
+def _wait(cond: Any) -> None:
+    deadline = time.monotonic() + 10
+    while not cond():
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+
+
+def test_a_busy_sessions_sync_waits_in_its_worker_and_its_last_slices_are_booked_at_its_end(
+    daemon_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timers: list[tuple[devices.SliceTimer, _Stream]] = []
+
+    def slice_timer(self: devices.Device) -> devices.SliceTimer:
+        stream = _Stream(work_per_slice=1e-6)  # each slice's kernels: 1 us of simulated GPU time
+        timer = devices.SliceTimer(_Event, lambda: stream, None)
+        timers.append((timer, stream))
+        return timer
+
+    monkeypatch.setattr(devices.FakeDevice, "slice_timer", slice_timer)
+    d = daemon_factory(isolation="thread")
+    daemon = d.running.daemon
+    with Session.attach(d.address, d.token()) as s:
+        (fs,) = daemon.session_list()
+        ((timer, stream),) = timers
+        queue = daemon.queues[fs.device.index]
+
+        def ops_only() -> None:
+            ran = stream.records
+            s.call("aten::ones.default", [4])
+            s.flush()
+            _wait(lambda: stream.records >= ran + 2 and queue.idle(fs.entry))
+
+        ops_only()
+        assert fs.device_busy and timer.busy  # its kernels may still run: the result said so
+        before = stream.records
+        s.sync()  # a lone Sync: to the worker, whose slice waits for the GPU before the answer
+        assert stream.records == before + 2 and stream.syncs >= 1
+        assert not fs.device_busy and not timer.busy
+        s.sync()  # the GPU is idle: the stream's reader answers it (no slice)
+        assert stream.records == before + 2
+        ops_only()
+        ops_only()
+        assert fs.device_busy and timer.busy
+    # the session's end: a flush (a slice of no commands) books what its last slices had not reported
+    assert fs.closed and not timer.busy
+    assert timer.reported == pytest.approx(1e-6 * (stream.records // 2))  # every slice's (the stand-in's flush too)
+    assert fs.busy_seconds == pytest.approx(timer.reported, rel=1e-9)
+
+
+def test_a_flush_is_an_empty_slice_a_session_worker_answers(daemon_factory: Any) -> None:
+    """The daemon's flush through a real worker process (the wire of a slice of no commands, under a socket timeout
+    it then lifts): it reports no commands run and leaves the session as it was. (A fake GPU's worker has no GPU
+    time to report: only the path is checked here; the booking is the test above's.)"""
+    import torch
+
+    d = daemon_factory()  # process isolation: the session's worker is a process forked from the zygote
+    daemon = d.running.daemon
+    with Session.attach(d.address, d.token()) as s:
+        h = s.upload(torch.arange(6.0))
+        s.sync()
+        (fs,) = daemon.session_list()
+        assert fs.runner is not None and fs.runner.pid
+        with fs.lock:
+            fs.device_busy = True  # as a CUDA session's last result would say
+            seconds = daemon._flush(fs)
+        assert 0.0 <= seconds < 1.0 and not fs.device_busy and not fs.closed  # (a fake GPU: its wall time)
+        assert s.download(h).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # the same worker, its socket blocking again
