@@ -69,6 +69,7 @@ class _AllocationWaiter:
     units: int = 0  # an estimate of the share units it will take (for the tenant's limit)
     done: threading.Event = field(default_factory=threading.Event)
     lease: LeaseRecord | None = None
+    refused: ResourceExhausted | None = None  # room came, but taking it would pass the tenant's limit
 
 
 class Core:
@@ -167,23 +168,33 @@ class Core:
             if time.monotonic() < deadline and not cancelled():
                 continue
             with self.lock:
-                if waiter.lease is not None:
+                if waiter.done.is_set():  # granted (or refused) in the instant before the deadline
                     break
                 self.waiters.remove(waiter)
                 self.serve_waiters()  # the head may have been blocking those behind it
                 message = f"waited in vain: {self._exhausted_message(waiter.req)}"
             self.events.allocation("timeout", time.monotonic() - start)
             raise ResourceExhausted(message)
+        if waiter.refused is not None:
+            self.events.allocation("exhausted", time.monotonic() - start)
+            raise waiter.refused
         assert waiter.lease is not None
         return waiter.lease
 
     def serve_waiters(self) -> None:
-        """Grant waiting requests in FIFO order while the head fits."""
+        """Grant waiting requests in FIFO order while the head fits. A head whose placement would pass its tenant's
+        limit is refused (its estimate, counted when it began to wait, is a lower bound for memory requests: the
+        largest device's share of it, where a smaller device gives a larger share), and the next one served."""
         while self.waiters:
             head = self.waiters[0]
             grants = place(self.pool, head.req)
             if grants is None:
                 return
+            head.refused = self._over_limit(head.tenant, head.req, sum(g.units for g in grants), head)
+            if head.refused is not None:
+                self.waiters.popleft()
+                head.done.set()
+                continue
             try:
                 head.lease = self._grant(grants, head.tenant, head.ttl)
             except Unavailable:
@@ -213,15 +224,27 @@ class Core:
 
     def _check_tenant(self, tenant: str, req: Request, units: int) -> None:
         """ResourceExhausted when `units` more (with what the tenant holds and waits for) pass its limit."""
+        refused = self._over_limit(tenant, req, units)
+        if refused is not None:
+            raise refused
+
+    def _over_limit(
+        self, tenant: str, req: Request, units: int, waiter: _AllocationWaiter | None = None
+    ) -> ResourceExhausted | None:
+        """The refusal when `units` more pass the tenant's limit, with what it holds and its waiting requests'
+        estimates (but `waiter`'s own, which `units` replaces); None when they fit."""
         limit = self.config.tenant_max_share
         if limit <= 0:
-            return
-        held = self.held_units.get(tenant, 0) + sum(w.units for w in self.waiters if w.tenant == tenant)
-        if held + units > round(limit * SHARE_UNITS):
-            raise ResourceExhausted(
-                f"tenant {tenant!r} holds or waits for {held / SHARE_UNITS:.3g} GPU(s) worth of shares; "
-                f"{req.describe()} would pass its limit of {limit:g}"
-            )
+            return None
+        waiting = sum(w.units for w in self.waiters if w.tenant == tenant and w is not waiter)
+        held = self.held_units.get(tenant, 0) + waiting
+        if held + units <= round(limit * SHARE_UNITS):
+            return None
+        return ResourceExhausted(
+            f"tenant {tenant!r} holds or waits for {held / SHARE_UNITS:.3g} GPU(s) worth of shares; "
+            f"{req.describe()} would pass its limit of {limit:g}"
+            + (f" (where room came it takes {units / SHARE_UNITS:.3g})" if waiter is not None else "")
+        )
 
     def _exhausted_message(self, req: Request) -> str:
         up = sum(1 for _ in self.pool.up_devices())
