@@ -269,8 +269,10 @@ class SchedulerServer:
 
 
 def _redact(state: str) -> str:
-    """A state location fit for logs (no password of a connection string)."""
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", state)
+    """A state location fit for logs: no password of a connection string, in its `user:password@` or as a URI
+    parameter (libpq's `password=`, and `sslpassword=` of the client key)."""
+    shown = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", state)
+    return re.sub(r"([?&][^=&]*password=)[^&]*", r"\1***", shown, flags=re.IGNORECASE)
 
 
 def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
