@@ -343,6 +343,27 @@ def _check_private_stat(path: Path, st: os.stat_result) -> None:
         )
 
 
+def write_secret(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write a secret (a private key, an API token) to `path`, readable by its owner only, as a new file renamed over
+    the path: never into the file that was there. Whoever could read that one (a key left 0644: why it is being
+    replaced) and holds it open keeps reading the old bytes, and a path that is another user's file is replaced,
+    not written into (O_TRUNC wrote the new secret into the old file, where a descriptor opened earlier reads it
+    whatever mode the file gets afterwards). The file is 0600 whatever the umask, from its creation on."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # the umask may have taken bits from O_CREAT's mode, never added any: this is exact
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def setup_logging(program: str, level: str | None = None) -> None:
     """One log format per program: time, program, level, logger, message."""
     level = level or os.environ.get("GPUPOOL_LOG_LEVEL", "INFO")

@@ -33,6 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from gpupool.config import write_secret
 from gpupool.errors import InvalidArgument, Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -390,10 +391,7 @@ def generate_key_file(path: str | os.PathLike[str], public_path: str | os.PathLi
     """Write a fresh Ed25519 private key (PEM, owner-only) and, if asked, its public key next to it."""
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    os.chmod(path, 0o600)
+    write_secret(path, pem)
     if public_path is not None:
         Path(public_path).write_bytes(public_pem(key.public_key()))
     return Signer(key, path)

@@ -36,7 +36,8 @@ def test_waiting_memory_requests_cannot_pass_the_tenant_share_limit(limited: tup
     device in the pool, four waiting requests for 16 GiB were estimated at 0.25 GPU each, passed a limit of 1, and
     got four whole 16 GiB devices - four times the tenant's limit. A grant now counts what it really takes."""
     address = limited[1]
-    hosts = [SimHost(address, "big", memory=64 * GiB).start(), SimHost(address, "small", gpus=4, memory=16 * GiB).start()]
+    big, small_host = SimHost(address, "big", memory=64 * GiB), SimHost(address, "small", gpus=4, memory=16 * GiB)
+    hosts = [big.start(), small_host.start()]
     fillers = [lease(1, 1.0, scheduler=address, tenant=f"filler{i}") for i in range(5)]  # every device full
     results: list[Lease | GpupoolError] = []
     lock = threading.Lock()
