@@ -64,7 +64,9 @@ class Identity:
     def tenant_for(self, asked: str) -> str:
         """The tenant a new lease belongs to: the credential's name; an operator may name another tenant."""
         if self.admin and asked:
-            return asked[:MAX_NAME]
+            if len(asked) > MAX_NAME:  # never cut into another tenant's name
+                raise InvalidArgument(f"tenant name of {len(asked)} characters: at most {MAX_NAME}")
+            return asked
         return self.name
 
     def check_host(self, host_id: str) -> None:
@@ -160,7 +162,9 @@ def parse_credentials(text: str) -> dict[str, Identity]:
         parts = line.split()
         if len(parts) != 3 or parts[0] not in ROLES or not parts[2].startswith("sha256:") or len(parts[2]) != 71:
             raise InvalidArgument(f"line {n}: expected '<host|tenant|admin> <name> sha256:<64 hex>'")
-        table[parts[2][7:].lower()] = Identity(parts[0], parts[1][:MAX_NAME])
+        if len(parts[1]) > MAX_NAME:  # cut short, it would be another identity's name
+            raise InvalidArgument(f"line {n}: a name of {len(parts[1])} characters, at most {MAX_NAME}")
+        table[parts[2][7:].lower()] = Identity(parts[0], parts[1])
     return table
 
 
@@ -169,10 +173,16 @@ def credential_line(role: str, name: str, token: str) -> str:
 
 
 def identity_from_uri(uri: str) -> Identity | None:
+    """The identity a certificate's URI names, None for another URI; Unauthenticated for a name over MAX_NAME
+    (round 30 cut it to MAX_NAME characters: `gpupool://tenant/<128 t>b` was the tenant `<128 t>`)."""
     if not uri.startswith(URI_PREFIX):
         return None
     role, _, name = uri[len(URI_PREFIX) :].partition("/")
-    return Identity(role, name[:MAX_NAME]) if role in ROLES and name else None
+    if role not in ROLES or not name:
+        return None
+    if len(name) > MAX_NAME:
+        raise Unauthenticated(f"client certificate names a {role} {len(name)} characters long, longer than {MAX_NAME}")
+    return Identity(role, name)
 
 
 class Authenticator:

@@ -4,15 +4,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from gpupool.client.pool import Lease, SchedulerClient, lease
+from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
 from scheduler_fixtures import GiB, Proc, SimHost, start_scheduler, wait_until
+from support import get_pki
 
-from gpupool.errors import GpupoolError, ResourceExhausted
+from gpupool import pki, tls, tokens
+from gpupool._proto import scheduler_pb2
+from gpupool.errors import GpupoolError, ResourceExhausted, Unauthenticated
 
 FAST = ["--host-timeout", "5", "--heartbeat-interval", "0.3"]
 
@@ -74,3 +84,62 @@ def test_waiting_memory_requests_cannot_pass_the_tenant_share_limit(limited: tup
             x.release()
         for h in hosts:
             h.stop()
+
+
+def _client_cert(tmp: Path, uri: str) -> tls.TlsConfig:
+    """A client certificate of the tests' CA naming `uri`, as any CA may issue one (cert-manager's `uris:`; the
+    pool's own LocalCA puts the name in the common name too, which X.509 bounds to 64 characters)."""
+    ca = get_pki().ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "long")]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    stem = tmp / f"client-{len(list(tmp.glob('client-*.crt')))}"
+    stem.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pki.write_private(stem.with_suffix(".key"), key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ))  # fmt: skip
+    return tls.TlsConfig(cert=str(stem.with_suffix(".crt")), key=str(stem.with_suffix(".key")), ca=get_pki().ca_file)
+
+
+@pytest.fixture
+def mtls(tmp_path: Path) -> Iterator[str]:
+    """An in-process scheduler that requires client certificates, with one host (registered by an operator)."""
+    config = SchedulerConfig(
+        listen="127.0.0.1:0", state=":memory:", metrics_listen="0", heartbeat_interval=0.3,
+        tls=dataclasses.replace(get_pki().server_config(), client_auth="require"),
+    )  # fmt: skip
+    server = SchedulerServer(config, tokens.Signer.from_seed(b"sec31")).start()
+    host = SimHost(server.address, "h").start()
+    yield server.address
+    host.stop()
+    server.stop(grace=0.5)
+
+
+def test_two_tenants_whose_names_share_128_characters_are_not_one_tenant(mtls: str, tmp_path: Path) -> None:
+    """Round 30 cut every identity's name to 128 characters (`name[:MAX_NAME]`), so the holder of a certificate for
+    `<128 t>b` was the tenant `<128 t>`: it released (renewed, listed the tokens' lease ids of) that tenant's
+    leases. A name longer than the bound is now refused, never shortened into another's."""
+    base = "t" * 128
+    owner = SchedulerClient(mtls, _client_cert(tmp_path, f"gpupool://tenant/{base}"))
+    other = SchedulerClient(mtls, _client_cert(tmp_path, f"gpupool://tenant/{base}b"))
+    got = owner.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5))
+    assert got.tenant == base
+    with pytest.raises(Unauthenticated, match="longer than 128"):
+        other.release(got.lease_id)
+    with pytest.raises(Unauthenticated, match="longer than 128"):
+        other.list_pool()
+    assert [x.lease_id for x in owner.list_pool().leases] == [got.lease_id]  # still held, by its tenant only
+    owner.release(got.lease_id)
+    owner.close()
+    other.close()
