@@ -70,6 +70,7 @@ class SchedulerConfig:
     max_lease_ttl: float = 24 * 3600.0
     tenant_max_share: float = 0.0
     tenant_max_waiting: int = 8
+    tenant_max_leases: int = 1000
     tenant_rate: float = 100.0
     auth_fail_rate: float = 1.0
 
@@ -113,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPUs' worth of shares one tenant may hold and wait for at once, e.g. 2.5; 0: no limit",
     )
     add_flag(p, "--tenant-max-waiting", type=int, default=8, help="waiting Allocate requests per tenant; 0: no limit")
+    add_flag(
+        p,
+        "--tenant-max-leases",
+        type=int,
+        default=1000,
+        help="active leases (and waiting requests) per tenant, whatever their size; 0: no limit",
+    )
     add_flag(
         p,
         "--tenant-rate",
@@ -191,6 +199,7 @@ class SchedulerServer:
             max_lease_ttl=self.config.max_lease_ttl,
             tenant_max_share=self.config.tenant_max_share,
             tenant_max_waiting=self.config.tenant_max_waiting,
+            tenant_max_leases=self.config.tenant_max_leases,
         )
         self.store = store
         self.core = Core(store, self.key, core_config, self.metrics)
@@ -293,6 +302,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         max_lease_ttl=args.max_lease_ttl,
         tenant_max_share=args.tenant_max_share,
         tenant_max_waiting=args.tenant_max_waiting,
+        tenant_max_leases=args.tenant_max_leases,
         tenant_rate=args.tenant_rate,
         auth_fail_rate=args.auth_fail_rate,
     )
@@ -304,8 +314,8 @@ def main(argv: list[str]) -> int:
     for flag in ("lease_ttl", "host_timeout", "heartbeat_interval", "outage_grace", "max_lease_ttl"):
         if not getattr(args, flag) > 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
-    if not (0 <= args.tenant_max_share < math.inf) or args.tenant_max_waiting < 0:  # nan: every Allocate failed
-        parser.error("--tenant-max-share and --tenant-max-waiting must be finite and not negative")
+    if not (0 <= args.tenant_max_share < math.inf) or min(args.tenant_max_waiting, args.tenant_max_leases) < 0:
+        parser.error("--tenant-max-share, --tenant-max-waiting and --tenant-max-leases must be finite and not negative")
     for flag in ("tenant_rate", "auth_fail_rate"):
         if not 0 <= getattr(args, flag) < math.inf:
             parser.error(f"--{flag.replace('_', '-')} must be finite and not negative")

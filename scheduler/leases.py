@@ -45,6 +45,9 @@ class CoreConfig:
     max_waiters: int = 1000  # each waiter holds a server thread: beyond this, fail at once instead
     tenant_max_share: float = 0.0  # GPUs' worth of shares one tenant may hold (and wait for); 0: no limit
     tenant_max_waiting: int = 0  # waiting requests of one tenant; 0: no limit beyond max_waiters
+    # Active leases (and waiting requests) of one tenant; 0: no limit. A share limit alone does not bound them: a
+    # lease may be one share unit (a millionth of a GPU), and every lease costs memory, a row, and ListPool time.
+    tenant_max_leases: int = 0
     outage_grace: float = 30.0  # after the scheduler was away, how long leases it could not renew are kept
     # A gap this long between two sweeps means the scheduler itself was not running (SIGSTOP, VM pause):
     # the hosts' silence over that time is ours, not theirs. None: min(3 s, host_timeout / 2).
@@ -89,6 +92,7 @@ class Core:
         self.waiters: deque[_AllocationWaiter] = deque()
         self.hosts = HostBook(self.lock, self.pool, self)
         self.held_units: dict[str, int] = {}  # share units held per tenant (active leases)
+        self.held_leases: dict[str, int] = {}  # active leases per tenant
         self.scheduler_id = uuid.uuid4().hex
         self._last_alive: tuple[float, float] | None = None  # (monotonic, wall) of the last `alive()`
         self._load()
@@ -130,6 +134,7 @@ class Core:
             ttl = min(ttl or self.config.lease_ttl, self.config.max_lease_ttl)
             with self.lock:
                 validate(req, self.pool)
+                self._check_lease_count(tenant)
                 units = req.gpus * min_units(self.pool, req)
                 if not self.waiters:
                     grants = place(self.pool, req)
@@ -221,6 +226,24 @@ class Core:
             self.held_units[lease.tenant] = units
         else:
             self.held_units.pop(lease.tenant, None)
+        count = self.held_leases.get(lease.tenant, 0) + sign
+        if count:
+            self.held_leases[lease.tenant] = count
+        else:
+            self.held_leases.pop(lease.tenant, None)
+
+    def _check_lease_count(self, tenant: str) -> None:
+        """ResourceExhausted when the tenant's active leases and waiting requests are at `tenant_max_leases`."""
+        limit = self.config.tenant_max_leases
+        if limit <= 0:
+            return
+        held = self.held_leases.get(tenant, 0)
+        waiting = sum(1 for w in self.waiters if w.tenant == tenant)
+        if held + waiting >= limit:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} holds {held} lease(s) and waits for {waiting}: at most {limit} "
+                "(--tenant-max-leases); release one first"
+            )
 
     def _check_tenant(self, tenant: str, req: Request, units: int) -> None:
         """ResourceExhausted when `units` more (with what the tenant holds and waits for) pass its limit."""

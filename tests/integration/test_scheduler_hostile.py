@@ -143,3 +143,27 @@ def test_two_tenants_whose_names_share_128_characters_are_not_one_tenant(mtls: s
     owner.release(got.lease_id)
     owner.close()
     other.close()
+
+
+def test_a_tenant_cannot_hold_leases_without_bound(tmp_path: Path) -> None:
+    """A share limit does not bound how many leases a tenant holds: a lease may be one share unit (a millionth of a
+    GPU), so under `--tenant-max-share 1` one tenant could hold a million, each costing the scheduler memory (50,000
+    held 90 MB of a scheduler on the memory store here), a row of its state, and time under its lock at every
+    ListPool page (the page sorts every active lease: 0.56 s at 200,000, while heartbeats and allocations wait).
+    `--tenant-max-leases` (1000) bounds them."""
+    proc, address = start_scheduler(tmp_path, *FAST, "--tenant-max-leases", "3")
+    host = SimHost(address, "h").start()
+    held: list[Lease] = []
+    try:
+        held += [lease(1, 1e-6, scheduler=address, tenant="mallory") for _ in range(3)]
+        with pytest.raises(ResourceExhausted, match=r"holds 3 lease\(s\).*at most 3 \(--tenant-max-leases\)"):
+            lease(1, 1e-6, scheduler=address, tenant="mallory", wait=5)
+        held.append(lease(1, 1e-6, scheduler=address, tenant="alice"))  # others are not held back
+        held.pop(0).release()
+        held.append(lease(1, 1e-6, scheduler=address, tenant="mallory"))  # a released lease is counted no more
+        assert len([x for x in SchedulerClient(address).list_pool().leases if x.tenant == "mallory"]) == 3
+    finally:
+        for x in held:
+            x.release()
+        host.stop()
+        proc.stop()
