@@ -343,6 +343,33 @@ def _check_private_stat(path: Path, st: os.stat_result) -> None:
         )
 
 
+class UnsafeFile(PermissionError):
+    """A file the program trusts (keys, credentials) that others than its owner may write."""
+
+
+def read_trusted(path: str | os.PathLike[str], what: str) -> bytes:
+    """The bytes of a file the program trusts - the token signing key, the token public keys a daemon admits
+    sessions by, the scheduler's credentials (hashes of API tokens and their roles) -, refused (UnsafeFile) when a
+    user other than its owner may write it: the other users (a mode like 0666, a shared folder under umask 0), or a
+    group other than the reader's private group or root's (`_private_group`, as for build caches). Whoever could
+    write such a file could add a public key of their own (and mint tokens for any lease of the host), an admin
+    line, or a signing key they know. Checked on the file as opened (fstat), so a rename between a check and the
+    read changes nothing; a path that is not a regular file is refused without waiting on it (a named pipe)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFile(f"{what} {path} is not a regular file")
+        others = bool(st.st_mode & stat.S_IWOTH)
+        if others or (st.st_mode & stat.S_IWGRP and not _private_group(st.st_gid)):
+            raise UnsafeFile(
+                f"{what} {path} is writable by {_writers(others, st.st_gid)} (mode {stat.S_IMODE(st.st_mode):o}): "
+                f"refused, as anyone who can write it could change whom this program trusts "
+                f"(chmod {'go' if others else 'g'}-w {path})"
+            )
+        return f.read()
+
+
 def write_secret(path: str | os.PathLike[str], data: bytes) -> None:
     """Write a secret (a private key, an API token) to `path`, readable by its owner only, as a new file renamed over
     the path: never into the file that was there. Whoever could read that one (a key left 0644: why it is being

@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from gpupool.config import UnsafeFile, read_trusted
 from gpupool.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated, abort
 from gpupool.peers import grpc_source
 
@@ -114,6 +115,7 @@ class Credentials:
         self._text: str | None = None
         self._table: dict[str, Identity] = {}
         self._checked = 0.0  # time.monotonic() of the last look at the file
+        self._refused: tuple[int, int, int, int] | None = None  # the stamp of a version refused (said once)
         self._lock = threading.Lock()
         if self.path is not None:
             self._reload(strict=True)
@@ -125,17 +127,19 @@ class Credentials:
             now = time.time_ns()
             st = self.path.stat()
             stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
-            if stamp == self._stamp and self._settled:
+            if (stamp == self._stamp and self._settled) or stamp == self._refused:
                 return
-            text = self.path.read_text()
+            text = read_trusted(self.path, "credentials file").decode()
             table = self._table if text == self._text else parse_credentials(text)
-        except (OSError, InvalidArgument) as exc:
+        except (OSError, InvalidArgument, UnicodeDecodeError) as exc:
             if strict:
                 raise InvalidArgument(f"credentials file {self.path}: {exc}") from exc
+            if isinstance(exc, UnsafeFile):  # refused until it changes again: not read (nor said) at every call
+                self._refused = stamp
             log.warning("credentials file %s unreadable (keeping the previous one): %s", self.path, exc)
             return
         with self._lock:
-            self._table, self._stamp, self._text = table, stamp, text
+            self._table, self._stamp, self._text, self._refused = table, stamp, text, None
             self._settled = max(st.st_mtime_ns, st.st_ctime_ns) < now - _RACY_NS
 
     def lookup(self, token: str, *, stale: float = 0.0) -> Identity | None:

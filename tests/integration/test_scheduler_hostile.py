@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,13 +18,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from gpupool.client.pool import Lease, SchedulerClient, lease
+from gpupool.client.session import Session
+from gpupool.scheduler.auth import credential_line
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
 from scheduler_fixtures import GiB, Proc, SimHost, start_scheduler, wait_until
-from support import get_pki
+from support import DaemonFactory, get_pki, mint_token
 
 from gpupool import pki, tls, tokens
 from gpupool._proto import scheduler_pb2
-from gpupool.errors import GpupoolError, ResourceExhausted, Unauthenticated
+from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted, Unauthenticated
 
 FAST = ["--host-timeout", "5", "--heartbeat-interval", "0.3"]
 
@@ -167,3 +171,59 @@ def test_a_tenant_cannot_hold_leases_without_bound(tmp_path: Path) -> None:
             x.release()
         host.stop()
         proc.stop()
+
+
+def test_a_public_keys_file_others_can_write_is_not_trusted(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    """A daemon admits sessions by the public keys in its `--token-public-keys` file, re-read every second. Round 30
+    read it whatever its mode: left writable by every local user (0666, a folder under umask 0), any of them added a
+    key of their own and minted tokens for every lease of the host. A file others may write is now refused: at
+    start, and on a change (the keys read before are kept)."""
+    public = tmp_path / "token.pub"
+    signer = tokens.generate_key_file(tmp_path / "token.key", public)
+    verifier = tokens.load_verifier(public)
+    handle = daemon_factory(token_key=verifier)
+    mallory = tokens.Signer.from_seed(b"mallory")
+    os.chmod(public, 0o666)
+    public.write_bytes(public.read_bytes() + tokens.public_pem(mallory.public))
+    time.sleep(1.1)  # the file is looked at once a second
+    with pytest.raises(Unauthenticated, match="unknown key"):
+        Session.attach(handle.address, mint_token(mallory, host=handle.host_id))
+    with Session.attach(handle.address, mint_token(signer, host=handle.host_id)) as s:  # the keys read before
+        s.sync()
+    with pytest.raises(InvalidArgument, match="writable by other users"):
+        tokens.load_verifier(public)  # a daemon does not start on it
+
+
+def test_a_credentials_file_others_can_write_is_not_trusted(tmp_path: Path) -> None:
+    """The scheduler's credentials file makes API tokens tenants, hosts and operators: writable by other users, any
+    of them added an admin line of their own. Refused at start, and once it becomes so (the table read before is
+    kept)."""
+    creds = tmp_path / "credentials"
+    creds.write_text(credential_line("tenant", "tina", "t0k"))
+    os.chmod(creds, 0o666)
+    config = SchedulerConfig(
+        listen="127.0.0.1:0", state=":memory:", metrics_listen="0", credentials=str(creds),
+        tls=dataclasses.replace(get_pki().server_config(), client_auth="none"),
+    )  # fmt: skip
+    with pytest.raises(InvalidArgument, match="writable by other users"):
+        SchedulerServer(config, tokens.Signer.from_seed(b"sec31"))
+    os.chmod(creds, 0o644)
+    server = SchedulerServer(config, tokens.Signer.from_seed(b"sec31")).start()
+    try:
+        tokens_dir = tmp_path / "tokens"
+        tokens_dir.mkdir()
+
+        def client(token: str) -> SchedulerClient:
+            path = tokens_dir / f"{token}.token"
+            path.write_text(token + "\n")
+            return SchedulerClient(server.address, tls.TlsConfig(ca=get_pki().ca_file, api_token_file=str(path)))
+
+        assert not client("t0k").list_pool().leases
+        os.chmod(creds, 0o666)
+        with creds.open("a") as f:
+            f.write(credential_line("admin", "mallory", "m4l"))
+        with pytest.raises(Unauthenticated):
+            client("m4l").list_pool()
+        assert not client("t0k").list_pool().leases  # the table read before still serves
+    finally:
+        server.stop(grace=0.5)
