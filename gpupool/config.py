@@ -335,12 +335,21 @@ def import_private_extension(name: str, path: Path) -> Any:
 def _check_private_stat(path: Path, st: os.stat_result) -> None:
     if st.st_uid not in (os.geteuid(), 0):
         raise UnsafeCacheDir(f"cached library {path} belongs to uid {st.st_uid}, not this user")
-    others = bool(st.st_mode & stat.S_IWOTH)
-    if others or (st.st_mode & stat.S_IWGRP and not _private_group(st.st_gid)):
+    writers = _other_writers(st)
+    if writers:
         raise UnsafeCacheDir(
-            f"cached library {path} is writable by {_writers(others, st.st_gid)} (mode {stat.S_IMODE(st.st_mode):o}): "
+            f"cached library {path} is writable by {writers} (mode {stat.S_IMODE(st.st_mode):o}): "
             f"it could be replaced; remove it (it is built again) or chmod go-w"
         )
+
+
+def _other_writers(st: os.stat_result) -> str:
+    """Who other than the owner may write the file of `st`, in words ("" when nobody): other users by the mode, or
+    a group other than this user's private group or root's (`_private_group`)."""
+    others = bool(st.st_mode & stat.S_IWOTH)
+    if others or (st.st_mode & stat.S_IWGRP and not _private_group(st.st_gid)):
+        return _writers(others, st.st_gid)
+    return ""
 
 
 class UnsafeFile(PermissionError):
@@ -360,12 +369,11 @@ def read_trusted(path: str | os.PathLike[str], what: str) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise UnsafeFile(f"{what} {path} is not a regular file")
-        others = bool(st.st_mode & stat.S_IWOTH)
-        if others or (st.st_mode & stat.S_IWGRP and not _private_group(st.st_gid)):
+        writers = _other_writers(st)
+        if writers:
             raise UnsafeFile(
-                f"{what} {path} is writable by {_writers(others, st.st_gid)} (mode {stat.S_IMODE(st.st_mode):o}): "
-                f"refused, as anyone who can write it could change whom this program trusts "
-                f"(chmod {'go' if others else 'g'}-w {path})"
+                f"{what} {path} is writable by {writers} (mode {stat.S_IMODE(st.st_mode):o}): refused, as anyone "
+                f"who can write it could change whom this program trusts (chmod go-w {path})"
             )
         return f.read()
 
