@@ -22,7 +22,7 @@ from gpupool.client.session import Session
 from gpupool.scheduler.auth import credential_line
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
 from scheduler_fixtures import GiB, Proc, SimHost, start_scheduler, wait_until
-from support import DaemonFactory, get_pki, mint_token
+from support import DaemonFactory, get_pki, mint_token, register_host
 
 from gpupool import pki, tls, tokens
 from gpupool._proto import scheduler_pb2
@@ -225,5 +225,29 @@ def test_a_credentials_file_others_can_write_is_not_trusted(tmp_path: Path) -> N
         with pytest.raises(Unauthenticated):
             client("m4l").list_pool()
         assert not client("t0k").list_pool().leases  # the table read before still serves
+    finally:
+        server.stop(grace=0.5)
+
+
+def test_a_daemon_joins_by_its_own_credential_whatever_api_token_its_environment_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$GPUPOOL_API_TOKEN is a tenant's client setting. Round 30's daemon sent it to the scheduler as its identity
+    when it had no `--join-token-file` (an API token decides the identity over the host certificate): a daemon (or
+    `gpupool up`, whose children inherit the shell's environment) started where a tenant's token was set presented
+    that tenant's secret, and could not register. A program's own configuration names its token file or none."""
+    creds = tmp_path / "credentials"
+    creds.write_text(credential_line("tenant", "tina", "t0k"))
+    config = SchedulerConfig(
+        listen="127.0.0.1:0", state=":memory:", metrics_listen="0", credentials=str(creds),
+        tls=dataclasses.replace(get_pki().server_config(), client_auth="require"),
+    )  # fmt: skip
+    server = SchedulerServer(config, tokens.Signer.from_seed(b"sec31")).start()
+    try:
+        monkeypatch.setenv("GPUPOOL_API_TOKEN", "t0k")
+        files = get_pki().issue("host", "gpu-7")
+        host_cfg = tls.TlsConfig(cert=str(files.cert), key=str(files.key), ca=get_pki().ca_file)
+        assert register_host(server.address, "gpu-7", host_cfg) is None  # as the host its certificate names
+        assert SchedulerClient(server.address).list_pool().leases is not None  # a client of the environment: tina
     finally:
         server.stop(grace=0.5)
