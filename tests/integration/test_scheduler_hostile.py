@@ -7,11 +7,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -22,10 +24,10 @@ from gpupool.client.session import Session
 from gpupool.scheduler.auth import credential_line
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
 from scheduler_fixtures import GiB, Proc, SimHost, start_scheduler, wait_until
-from support import DaemonFactory, get_pki, mint_token, register_host
+from support import DaemonFactory, get_pki, mint_token, register_host, tls_channel
 
 from gpupool import pki, tls, tokens
-from gpupool._proto import scheduler_pb2
+from gpupool._proto import scheduler_pb2, scheduler_pb2_grpc
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted, Unauthenticated
 
 FAST = ["--host-timeout", "5", "--heartbeat-interval", "0.3"]
@@ -251,3 +253,37 @@ def test_a_daemon_joins_by_its_own_credential_whatever_api_token_its_environment
         assert SchedulerClient(server.address).list_pool().leases is not None  # a client of the environment: tina
     finally:
         server.stop(grace=0.5)
+
+
+def _memory_mb(pid: int, field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1)) // 1024  # type: ignore[union-attr]
+
+
+def test_one_client_flooding_the_scheduler_with_calls_holds_bounded_memory(tmp_path: Path) -> None:
+    """gRPC reads every open stream's first bytes (its flow-control window, 64 KiB) whether or not a worker can
+    take the call, and round 30's scheduler let one connection open any number of streams: 3,000 calls of 70 KB at
+    once (page tokens it never gave, refused by the handler) took it from 53 to 155 MB, 10,000 of 400 KB to 786 MB,
+    without a credential needed (the call is refused after its bytes were read); 4,000 of 70 KB here grew it by
+    about 80 MB, and by about 30 MB now. A connection now has at most 100
+    streams open (past them the client waits, or gets UNAVAILABLE in its first burst), calls in progress are bounded
+    (RESOURCE_EXHAUSTED), and requests larger than 1 MiB refused."""
+    proc, address = start_scheduler(tmp_path, *FAST)
+    try:
+        before = _memory_mb(proc.popen.pid, "VmRSS")
+        channel = tls_channel(address, [("grpc.use_local_subchannel_pool", 1)])
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        request = scheduler_pb2.ListPoolRequest(page_token="x" * 70_000)
+        calls = [stub.ListPool.future(request, timeout=120) for _ in range(4000)]
+        codes = set()
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as err:
+                call.result()
+            codes.add(err.value.code())
+        channel.close()
+        grown = _memory_mb(proc.popen.pid, "VmHWM") - before
+        assert grown < 60, f"the scheduler grew by {grown} MB"
+        assert codes <= {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE,
+                         grpc.StatusCode.RESOURCE_EXHAUSTED}, codes  # fmt: skip
+        assert SchedulerClient(address).list_pool().waiting == 0  # and serves on
+    finally:
+        proc.stop()
