@@ -81,9 +81,11 @@ def add_flag(
     default: Any = None,
     type: Callable[[str], Any] = str,
     help: str,
+    shown_as: Callable[[Any], str] = str,
     **kwargs: Any,
 ) -> None:
-    """Add `--flag` whose default comes from $GPUPOOL_FLAG when set; the help text names the variable."""
+    """Add `--flag` whose default comes from $GPUPOOL_FLAG when set; the help text names the variable and shows the
+    default as `shown_as` writes it (a connection string without its password)."""
     env = env_name(flag)
     if env in os.environ:
         raw = os.environ[env]
@@ -94,7 +96,7 @@ def add_flag(
                 default = type(raw)
             except (ValueError, TypeError) as exc:
                 parser.error(f"${env}={raw!r}: {exc}")
-    shown = "" if default in (None, False, "") else f" (default: {default})"
+    shown = "" if default in (None, False, "") else f" (default: {shown_as(default)})"
     if kwargs.get("action") == "store_true":
         parser.add_argument(flag, default=default, help=f"{help}{shown} [env {env}]", **kwargs)
     else:

@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_state_path(),
         help="where hosts and leases are kept: a SQLite (WAL) file, or postgresql://... for HA replicas; "
         "':memory:' keeps nothing",
+        shown_as=_redact,  # $GPUPOOL_STATE may hold a password
     )
     add_flag(p, "--token-key-file", help="Ed25519 private key (PEM) that signs lease tokens; re-read when it changes")
     add_flag(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -441,3 +444,14 @@ def test_a_state_location_in_the_log_shows_no_password(dsn: str) -> None:
     shown = _redact(dsn)
     assert "s3cret" not in shown and "***" in shown
     assert "db.example" in shown or "[::1]" in shown  # still says where
+
+
+def test_the_help_shows_no_password_of_the_state_from_the_environment() -> None:
+    """`--help` shows each flag's default, taken from its GPUPOOL_* variable: round 30 printed a PostgreSQL state's
+    password from $GPUPOOL_STATE (a Secret's value in a pod) to whoever read the help output."""
+    env = {**os.environ, "GPUPOOL_STATE": "postgresql://gpupool:s3cretpw@db.example/gpupool?sslpassword=s3cretkey"}
+    cmd = [sys.executable, "-m", "gpupool.cli", "scheduler", "--help"]
+    shown = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    text = "".join(shown.stdout.split())  # argparse wraps (and breaks) long words
+    assert shown.returncode == 0 and "db.example" in text, shown.stderr
+    assert "s3cret" not in text
