@@ -81,9 +81,11 @@ def add_flag(
     default: Any = None,
     type: Callable[[str], Any] = str,
     help: str,
+    shown_as: Callable[[Any], str] = str,
     **kwargs: Any,
 ) -> None:
-    """Add `--flag` whose default comes from $GPUPOOL_FLAG when set; the help text names the variable."""
+    """Add `--flag` whose default comes from $GPUPOOL_FLAG when set; the help text names the variable and shows the
+    default as `shown_as` writes it (a connection string without its password)."""
     env = env_name(flag)
     if env in os.environ:
         raw = os.environ[env]
@@ -94,7 +96,7 @@ def add_flag(
                 default = type(raw)
             except (ValueError, TypeError) as exc:
                 parser.error(f"${env}={raw!r}: {exc}")
-    shown = "" if default in (None, False, "") else f" (default: {default})"
+    shown = "" if default in (None, False, "") else f" (default: {shown_as(default)})"
     if kwargs.get("action") == "store_true":
         parser.add_argument(flag, default=default, help=f"{help}{shown} [env {env}]", **kwargs)
     else:
@@ -335,12 +337,68 @@ def import_private_extension(name: str, path: Path) -> Any:
 def _check_private_stat(path: Path, st: os.stat_result) -> None:
     if st.st_uid not in (os.geteuid(), 0):
         raise UnsafeCacheDir(f"cached library {path} belongs to uid {st.st_uid}, not this user")
-    others = bool(st.st_mode & stat.S_IWOTH)
-    if others or (st.st_mode & stat.S_IWGRP and not _private_group(st.st_gid)):
+    writers = _other_writers(st)
+    if writers:
         raise UnsafeCacheDir(
-            f"cached library {path} is writable by {_writers(others, st.st_gid)} (mode {stat.S_IMODE(st.st_mode):o}): "
+            f"cached library {path} is writable by {writers} (mode {stat.S_IMODE(st.st_mode):o}): "
             f"it could be replaced; remove it (it is built again) or chmod go-w"
         )
+
+
+def _other_writers(st: os.stat_result) -> str:
+    """Who other than the owner may write the file of `st`, in words ("" when nobody): other users by the mode, or
+    a group other than this user's private group or root's (`_private_group`)."""
+    others = bool(st.st_mode & stat.S_IWOTH)
+    if others or (st.st_mode & stat.S_IWGRP and not _private_group(st.st_gid)):
+        return _writers(others, st.st_gid)
+    return ""
+
+
+class UnsafeFile(PermissionError):
+    """A file the program trusts (keys, credentials) that others than its owner may write."""
+
+
+def read_trusted(path: str | os.PathLike[str], what: str) -> bytes:
+    """The bytes of a file the program trusts - the token signing key, the token public keys a daemon admits
+    sessions by, the scheduler's credentials (hashes of API tokens and their roles) -, refused (UnsafeFile) when a
+    user other than its owner may write it: the other users (a mode like 0666, a shared folder under umask 0), or a
+    group other than the reader's private group or root's (`_private_group`, as for build caches). Whoever could
+    write such a file could add a public key of their own (and mint tokens for any lease of the host), an admin
+    line, or a signing key they know. Checked on the file as opened (fstat), so a rename between a check and the
+    read changes nothing; a path that is not a regular file is refused without waiting on it (a named pipe)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFile(f"{what} {path} is not a regular file")
+        writers = _other_writers(st)
+        if writers:
+            raise UnsafeFile(
+                f"{what} {path} is writable by {writers} (mode {stat.S_IMODE(st.st_mode):o}): refused, as anyone "
+                f"who can write it could change whom this program trusts (chmod go-w {path})"
+            )
+        return f.read()
+
+
+def write_secret(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write a secret (a private key, an API token) to `path`, readable by its owner only, as a new file renamed over
+    the path: never into the file that was there. Whoever could read that one (a key left 0644: why it is being
+    replaced) and holds it open keeps reading the old bytes, and a path that is another user's file is replaced,
+    not written into (O_TRUNC wrote the new secret into the old file, where a descriptor opened earlier reads it
+    whatever mode the file gets afterwards). The file is 0600 whatever the umask, from its creation on."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # the umask may have taken bits from O_CREAT's mode, never added any: this is exact
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def setup_logging(program: str, level: str | None = None) -> None:

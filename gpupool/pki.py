@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gpupool.config import write_secret
+
 ROLES = ("host", "tenant", "admin", "server")
 URI_PREFIX = "gpupool://"
 DAY = datetime.timedelta(days=1)
@@ -43,13 +45,9 @@ def identity_uri(role: str, name: str) -> str:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write a file readable by its owner only (created 0600; an existing file is tightened first)."""
+    """Write a file readable by its owner only: a new 0600 file renamed over `path` (config.write_secret)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        os.chmod(path, 0o600)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    write_secret(path, data)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -41,7 +41,10 @@ _TRUE = ("1", "true", "yes", "on")
 @dataclass(frozen=True)
 class TlsConfig:
     """One program's TLS settings. For a server: its certificate; for a client: its (optional) client certificate.
-    `ca` verifies the peer. `client_auth` (servers): "require" a client certificate signed by `ca`, or "none"."""
+    `ca` verifies the peer. `client_auth` (servers): "require" a client certificate signed by `ca`, or "none".
+    `env_token`: without `api_token_file`, $GPUPOOL_API_TOKEN is the bearer token (`client_config`, a tenant's
+    settings from its environment); a configuration made by a program for itself (a daemon's to its scheduler,
+    `gpupool up`'s) names its token file or has none, whatever token the environment it was started in holds."""
 
     cert: str = ""
     key: str = ""
@@ -49,6 +52,7 @@ class TlsConfig:
     insecure: bool = False
     client_auth: str = "none"
     api_token_file: str = ""
+    env_token: bool = False
 
     def check_server(self) -> None:
         if self.insecure:
@@ -115,6 +119,7 @@ def client_config(**overrides: Any) -> TlsConfig:
         "ca": env.get("GPUPOOL_TLS_CA", ""),
         "insecure": env.get("GPUPOOL_INSECURE", "").strip().lower() in _TRUE,
         "api_token_file": env.get("GPUPOOL_API_TOKEN_FILE", ""),
+        "env_token": True,
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
     return TlsConfig(**base)
@@ -256,10 +261,10 @@ class _Details(grpc.ClientCallDetails):
 
 
 def api_token(cfg: TlsConfig) -> str:
-    """The bearer token: the file's first line, else $GPUPOOL_API_TOKEN; empty when neither is set."""
+    """The bearer token: the file's first line, else $GPUPOOL_API_TOKEN (`cfg.env_token`); empty when neither."""
     if cfg.api_token_file:
         return _read(cfg.api_token_file).decode(errors="replace").strip()
-    return os.environ.get("GPUPOOL_API_TOKEN", "").strip()
+    return os.environ.get("GPUPOOL_API_TOKEN", "").strip() if cfg.env_token else ""
 
 
 def channel_credentials(cfg: TlsConfig) -> grpc.ChannelCredentials:

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from gpupool import tokens
-from gpupool.config import add_flag, size_arg
+from gpupool.config import add_flag, size_arg, write_secret
 from gpupool.errors import GpupoolError
 
 ROLES = ("tenant", "host", "admin")
@@ -105,10 +105,7 @@ def _api_token(argv: list[str]) -> int:
     if not NAME.fullmatch(args.name):  # a space or newline would break (or add) lines of the credentials file
         p.error(f"--name {args.name!r}: 1-128 characters, no spaces and no '#'")
     token = secrets.token_urlsafe(32)
-    fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # O_CREAT's mode applies to a new file only: an existing --out keeps its own
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    write_secret(args.out, (token + "\n").encode())  # a new 0600 file: an existing --out's mode or readers count not
     fd = os.open(args.credentials, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a") as f:
         f.write(credential_line(args.role, args.name, token))

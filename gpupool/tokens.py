@@ -33,6 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from gpupool.config import UnsafeFile, read_trusted, write_secret
 from gpupool.errors import InvalidArgument, Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -103,10 +104,12 @@ class _Watched:
     """A small file re-read at most once a second; `changed()` answers its content when that differs from last time
     (content, not timestamps: two writes within one coarse mtime tick must not go unnoticed)."""
 
-    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None, what: str = "token key file") -> None:
         self.path = Path(path) if path else None
+        self.what = what
         self._data: bytes | None = None
         self._checked = 0.0
+        self._unsafe = False  # the last read was refused as writable by others (said once, not every second)
         self._lock = threading.Lock()
 
     def changed(self) -> bytes | None:
@@ -119,11 +122,15 @@ class _Watched:
                 return None
             self._checked = now
             try:
-                data = self.path.read_bytes()
+                data = read_trusted(self.path, self.what)
             except OSError as exc:
                 if self._data is None:
-                    raise InvalidArgument(f"cannot read token key file {self.path}: {exc.strerror}") from exc
-                return None  # keep the keys we have while the file is being replaced
+                    raise InvalidArgument(f"cannot read {self.what} {self.path}: {exc.strerror or exc}") from exc
+                if isinstance(exc, UnsafeFile) and not self._unsafe:
+                    log.warning("%s; keeping the keys read before", exc)
+                self._unsafe = isinstance(exc, UnsafeFile)
+                return None  # keep the keys we have while the file is being replaced (or is refused)
+            self._unsafe = False
             if data == self._data:
                 return None
             self._data = data
@@ -185,7 +192,7 @@ class Verifier:
 
     def __init__(self, keys: list[Ed25519PublicKey] | None = None, path: str | os.PathLike[str] | None = None):
         self._keys = {key_id(k): k for k in keys or []}
-        self._file = _Watched(path)
+        self._file = _Watched(path, "token public keys file")
         self._revoked: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
         self._reload()
@@ -370,9 +377,9 @@ def load_signer(path: str | os.PathLike[str] | None = None) -> Signer:
     if not path:
         raise InvalidArgument("no token key: pass --token-key-file (make one with `gpupool token keygen FILE`)")
     try:
-        data = Path(path).read_bytes()
+        data = read_trusted(path, "token key file")
     except OSError as exc:
-        raise InvalidArgument(f"cannot read token key file {path}: {exc.strerror}") from exc
+        raise InvalidArgument(f"cannot read token key file {path}: {exc.strerror or exc}") from exc
     return Signer(_parse_private(data, str(path)), path)
 
 
@@ -390,12 +397,10 @@ def generate_key_file(path: str | os.PathLike[str], public_path: str | os.PathLi
     """Write a fresh Ed25519 private key (PEM, owner-only) and, if asked, its public key next to it."""
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    os.chmod(path, 0o600)
+    write_secret(path, pem)
     if public_path is not None:
         Path(public_path).write_bytes(public_pem(key.public_key()))
+        os.chmod(public_path, 0o644)  # for every reader, writable by its owner only whatever the umask (read_trusted)
     return Signer(key, path)
 
 

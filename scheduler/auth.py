@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from gpupool.config import UnsafeFile, read_trusted
 from gpupool.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated, abort
 from gpupool.peers import grpc_source
 
@@ -64,7 +65,9 @@ class Identity:
     def tenant_for(self, asked: str) -> str:
         """The tenant a new lease belongs to: the credential's name; an operator may name another tenant."""
         if self.admin and asked:
-            return asked[:MAX_NAME]
+            if len(asked) > MAX_NAME:  # never cut into another tenant's name
+                raise InvalidArgument(f"tenant name of {len(asked)} characters: at most {MAX_NAME}")
+            return asked
         return self.name
 
     def check_host(self, host_id: str) -> None:
@@ -112,6 +115,7 @@ class Credentials:
         self._text: str | None = None
         self._table: dict[str, Identity] = {}
         self._checked = 0.0  # time.monotonic() of the last look at the file
+        self._refused: tuple[int, int, int, int] | None = None  # the stamp of a version refused (said once)
         self._lock = threading.Lock()
         if self.path is not None:
             self._reload(strict=True)
@@ -123,17 +127,19 @@ class Credentials:
             now = time.time_ns()
             st = self.path.stat()
             stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
-            if stamp == self._stamp and self._settled:
+            if (stamp == self._stamp and self._settled) or stamp == self._refused:
                 return
-            text = self.path.read_text()
+            text = read_trusted(self.path, "credentials file").decode()
             table = self._table if text == self._text else parse_credentials(text)
-        except (OSError, InvalidArgument) as exc:
+        except (OSError, InvalidArgument, UnicodeDecodeError) as exc:
             if strict:
                 raise InvalidArgument(f"credentials file {self.path}: {exc}") from exc
+            if isinstance(exc, UnsafeFile):  # refused until it changes again: not read (nor said) at every call
+                self._refused = stamp
             log.warning("credentials file %s unreadable (keeping the previous one): %s", self.path, exc)
             return
         with self._lock:
-            self._table, self._stamp, self._text = table, stamp, text
+            self._table, self._stamp, self._text, self._refused = table, stamp, text, None
             self._settled = max(st.st_mtime_ns, st.st_ctime_ns) < now - _RACY_NS
 
     def lookup(self, token: str, *, stale: float = 0.0) -> Identity | None:
@@ -160,7 +166,9 @@ def parse_credentials(text: str) -> dict[str, Identity]:
         parts = line.split()
         if len(parts) != 3 or parts[0] not in ROLES or not parts[2].startswith("sha256:") or len(parts[2]) != 71:
             raise InvalidArgument(f"line {n}: expected '<host|tenant|admin> <name> sha256:<64 hex>'")
-        table[parts[2][7:].lower()] = Identity(parts[0], parts[1][:MAX_NAME])
+        if len(parts[1]) > MAX_NAME:  # cut short, it would be another identity's name
+            raise InvalidArgument(f"line {n}: a name of {len(parts[1])} characters, at most {MAX_NAME}")
+        table[parts[2][7:].lower()] = Identity(parts[0], parts[1])
     return table
 
 
@@ -169,10 +177,16 @@ def credential_line(role: str, name: str, token: str) -> str:
 
 
 def identity_from_uri(uri: str) -> Identity | None:
+    """The identity a certificate's URI names, None for another URI; Unauthenticated for a name over MAX_NAME
+    (round 30 cut it to MAX_NAME characters: `gpupool://tenant/<128 t>b` was the tenant `<128 t>`)."""
     if not uri.startswith(URI_PREFIX):
         return None
     role, _, name = uri[len(URI_PREFIX) :].partition("/")
-    return Identity(role, name[:MAX_NAME]) if role in ROLES and name else None
+    if role not in ROLES or not name:
+        return None
+    if len(name) > MAX_NAME:
+        raise Unauthenticated(f"client certificate names a {role} {len(name)} characters long, longer than {MAX_NAME}")
+    return Identity(role, name)
 
 
 class Authenticator:

@@ -44,6 +44,14 @@ SERVICE_NAME = "gpupool.v1.Scheduler"
 # renewals and releases are always served.
 MAX_WORKERS = 64
 MAX_WAITERS = 48
+# gRPC reads each open stream's first bytes (its flow-control window) before any worker takes the call: round 30
+# let one connection open any number of streams, and 10,000 unauthenticated 400 KB calls from one client took the
+# scheduler from 53 MB to 786 MB. Now a connection holds at most MAX_STREAMS streams, calls in progress or queued
+# for a worker are at most MAX_CALLS (past it: RESOURCE_EXHAUSTED at once), and a request at most
+# MAX_REQUEST_BYTES (the largest, a Register of 1,024 devices with 256-character ids, is about 540 KB).
+MAX_STREAMS = 100
+MAX_CALLS = 2 * MAX_WORKERS
+MAX_REQUEST_BYTES = 1 << 20
 
 
 def default_state_path() -> str:
@@ -70,6 +78,7 @@ class SchedulerConfig:
     max_lease_ttl: float = 24 * 3600.0
     tenant_max_share: float = 0.0
     tenant_max_waiting: int = 8
+    tenant_max_leases: int = 1000
     tenant_rate: float = 100.0
     auth_fail_rate: float = 1.0
 
@@ -83,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_state_path(),
         help="where hosts and leases are kept: a SQLite (WAL) file, or postgresql://... for HA replicas; "
         "':memory:' keeps nothing",
+        shown_as=_redact,  # $GPUPOOL_STATE may hold a password
     )
     add_flag(p, "--token-key-file", help="Ed25519 private key (PEM) that signs lease tokens; re-read when it changes")
     add_flag(
@@ -113,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPUs' worth of shares one tenant may hold and wait for at once, e.g. 2.5; 0: no limit",
     )
     add_flag(p, "--tenant-max-waiting", type=int, default=8, help="waiting Allocate requests per tenant; 0: no limit")
+    add_flag(
+        p,
+        "--tenant-max-leases",
+        type=int,
+        default=1000,
+        help="active leases (and waiting requests) per tenant, whatever their size; 0: no limit",
+    )
     add_flag(
         p,
         "--tenant-rate",
@@ -165,6 +182,11 @@ class SchedulerServer:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="sched"),
             interceptors=[AuthInterceptor(authn, TenantRate(config.tenant_rate)), ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                ("grpc.max_concurrent_streams", MAX_STREAMS),
+            ],
+            maximum_concurrent_rpcs=MAX_CALLS,
         )
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
@@ -191,6 +213,7 @@ class SchedulerServer:
             max_lease_ttl=self.config.max_lease_ttl,
             tenant_max_share=self.config.tenant_max_share,
             tenant_max_waiting=self.config.tenant_max_waiting,
+            tenant_max_leases=self.config.tenant_max_leases,
         )
         self.store = store
         self.core = Core(store, self.key, core_config, self.metrics)
@@ -269,8 +292,10 @@ class SchedulerServer:
 
 
 def _redact(state: str) -> str:
-    """A state location fit for logs (no password of a connection string)."""
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", state)
+    """A state location fit for logs: no password of a connection string, in its `user:password@` or as a URI
+    parameter (libpq's `password=`, and `sslpassword=` of the client key)."""
+    shown = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", state)
+    return re.sub(r"([?&][^=&]*password=)[^&]*", r"\1***", shown, flags=re.IGNORECASE)
 
 
 def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
@@ -291,6 +316,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         max_lease_ttl=args.max_lease_ttl,
         tenant_max_share=args.tenant_max_share,
         tenant_max_waiting=args.tenant_max_waiting,
+        tenant_max_leases=args.tenant_max_leases,
         tenant_rate=args.tenant_rate,
         auth_fail_rate=args.auth_fail_rate,
     )
@@ -302,8 +328,8 @@ def main(argv: list[str]) -> int:
     for flag in ("lease_ttl", "host_timeout", "heartbeat_interval", "outage_grace", "max_lease_ttl"):
         if not getattr(args, flag) > 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
-    if not (0 <= args.tenant_max_share < math.inf) or args.tenant_max_waiting < 0:  # nan: every Allocate failed
-        parser.error("--tenant-max-share and --tenant-max-waiting must be finite and not negative")
+    if not (0 <= args.tenant_max_share < math.inf) or min(args.tenant_max_waiting, args.tenant_max_leases) < 0:
+        parser.error("--tenant-max-share, --tenant-max-waiting and --tenant-max-leases must be finite and not negative")
     for flag in ("tenant_rate", "auth_fail_rate"):
         if not 0 <= getattr(args, flag) < math.inf:
             parser.error(f"--{flag.replace('_', '-')} must be finite and not negative")

@@ -45,6 +45,9 @@ class CoreConfig:
     max_waiters: int = 1000  # each waiter holds a server thread: beyond this, fail at once instead
     tenant_max_share: float = 0.0  # GPUs' worth of shares one tenant may hold (and wait for); 0: no limit
     tenant_max_waiting: int = 0  # waiting requests of one tenant; 0: no limit beyond max_waiters
+    # Active leases (and waiting requests) of one tenant; 0: no limit. A share limit alone does not bound them: a
+    # lease may be one share unit (a millionth of a GPU), and every lease costs memory, a row, and ListPool time.
+    tenant_max_leases: int = 0
     outage_grace: float = 30.0  # after the scheduler was away, how long leases it could not renew are kept
     # A gap this long between two sweeps means the scheduler itself was not running (SIGSTOP, VM pause):
     # the hosts' silence over that time is ours, not theirs. None: min(3 s, host_timeout / 2).
@@ -69,6 +72,7 @@ class _AllocationWaiter:
     units: int = 0  # an estimate of the share units it will take (for the tenant's limit)
     done: threading.Event = field(default_factory=threading.Event)
     lease: LeaseRecord | None = None
+    refused: ResourceExhausted | None = None  # room came, but taking it would pass the tenant's limit
 
 
 class Core:
@@ -88,6 +92,7 @@ class Core:
         self.waiters: deque[_AllocationWaiter] = deque()
         self.hosts = HostBook(self.lock, self.pool, self)
         self.held_units: dict[str, int] = {}  # share units held per tenant (active leases)
+        self.held_leases: dict[str, int] = {}  # active leases per tenant
         self.scheduler_id = uuid.uuid4().hex
         self._last_alive: tuple[float, float] | None = None  # (monotonic, wall) of the last `alive()`
         self._load()
@@ -129,6 +134,7 @@ class Core:
             ttl = min(ttl or self.config.lease_ttl, self.config.max_lease_ttl)
             with self.lock:
                 validate(req, self.pool)
+                self._check_lease_count(tenant)
                 units = req.gpus * min_units(self.pool, req)
                 if not self.waiters:
                     grants = place(self.pool, req)
@@ -167,23 +173,33 @@ class Core:
             if time.monotonic() < deadline and not cancelled():
                 continue
             with self.lock:
-                if waiter.lease is not None:
+                if waiter.done.is_set():  # granted (or refused) in the instant before the deadline
                     break
                 self.waiters.remove(waiter)
                 self.serve_waiters()  # the head may have been blocking those behind it
                 message = f"waited in vain: {self._exhausted_message(waiter.req)}"
             self.events.allocation("timeout", time.monotonic() - start)
             raise ResourceExhausted(message)
+        if waiter.refused is not None:
+            self.events.allocation("exhausted", time.monotonic() - start)
+            raise waiter.refused
         assert waiter.lease is not None
         return waiter.lease
 
     def serve_waiters(self) -> None:
-        """Grant waiting requests in FIFO order while the head fits."""
+        """Grant waiting requests in FIFO order while the head fits. A head whose placement would pass its tenant's
+        limit is refused (its estimate, counted when it began to wait, is a lower bound for memory requests: the
+        largest device's share of it, where a smaller device gives a larger share), and the next one served."""
         while self.waiters:
             head = self.waiters[0]
             grants = place(self.pool, head.req)
             if grants is None:
                 return
+            head.refused = self._over_limit(head.tenant, head.req, sum(g.units for g in grants), head)
+            if head.refused is not None:
+                self.waiters.popleft()
+                head.done.set()
+                continue
             try:
                 head.lease = self._grant(grants, head.tenant, head.ttl)
             except Unavailable:
@@ -210,18 +226,48 @@ class Core:
             self.held_units[lease.tenant] = units
         else:
             self.held_units.pop(lease.tenant, None)
+        count = self.held_leases.get(lease.tenant, 0) + sign
+        if count:
+            self.held_leases[lease.tenant] = count
+        else:
+            self.held_leases.pop(lease.tenant, None)
+
+    def _check_lease_count(self, tenant: str) -> None:
+        """ResourceExhausted when the tenant's active leases and waiting requests are at `tenant_max_leases`."""
+        limit = self.config.tenant_max_leases
+        if limit <= 0:
+            return
+        held = self.held_leases.get(tenant, 0)
+        waiting = sum(1 for w in self.waiters if w.tenant == tenant)
+        if held + waiting >= limit:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} holds {held} lease(s) and waits for {waiting}: at most {limit} "
+                "(--tenant-max-leases); release one first"
+            )
 
     def _check_tenant(self, tenant: str, req: Request, units: int) -> None:
         """ResourceExhausted when `units` more (with what the tenant holds and waits for) pass its limit."""
+        refused = self._over_limit(tenant, req, units)
+        if refused is not None:
+            raise refused
+
+    def _over_limit(
+        self, tenant: str, req: Request, units: int, waiter: _AllocationWaiter | None = None
+    ) -> ResourceExhausted | None:
+        """The refusal when `units` more pass the tenant's limit, with what it holds and its waiting requests'
+        estimates (but `waiter`'s own, which `units` replaces); None when they fit."""
         limit = self.config.tenant_max_share
         if limit <= 0:
-            return
-        held = self.held_units.get(tenant, 0) + sum(w.units for w in self.waiters if w.tenant == tenant)
-        if held + units > round(limit * SHARE_UNITS):
-            raise ResourceExhausted(
-                f"tenant {tenant!r} holds or waits for {held / SHARE_UNITS:.3g} GPU(s) worth of shares; "
-                f"{req.describe()} would pass its limit of {limit:g}"
-            )
+            return None
+        waiting = sum(w.units for w in self.waiters if w.tenant == tenant and w is not waiter)
+        held = self.held_units.get(tenant, 0) + waiting
+        if held + units <= round(limit * SHARE_UNITS):
+            return None
+        return ResourceExhausted(
+            f"tenant {tenant!r} holds or waits for {held / SHARE_UNITS:.3g} GPU(s) worth of shares; "
+            f"{req.describe()} would pass its limit of {limit:g}"
+            + (f" (where room came it takes {units / SHARE_UNITS:.3g})" if waiter is not None else "")
+        )
 
     def _exhausted_message(self, req: Request) -> str:
         up = sum(1 for _ in self.pool.up_devices())

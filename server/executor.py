@@ -154,7 +154,7 @@ class CommandExecutor:
         elif isinstance(exc, RuntimeError | TypeError | ValueError | IndexError | OverflowError):
             self._fail(s, cmd, Poison(StatusCode.INVALID_ARGUMENT, self._what(s, cmd), _first_lines(exc)), reply)
         else:  # a bug must cost one command, never the daemon
-            log.error("internal error executing %s for session %s", cmd.WhichOneof("cmd"), s.session_id, exc_info=exc)
+            log.error("internal error executing %s for session %d", cmd.WhichOneof("cmd"), s.number, exc_info=exc)
             self._fail(s, cmd, Poison(StatusCode.INTERNAL, self._what(s, cmd), f"{type(exc).__name__}: {exc}"), reply)
 
     def _what(self, s: WorkerSession, cmd: device_pb2.Command) -> str:
@@ -614,7 +614,7 @@ class CommandExecutor:
         for trace in runs.build_all(rec, self._verdicts, s.quota, s.max_op_flops):
             known.add(trace.steps[0].tpl.head, trace)
             known.learned += 1
-            log.debug("session %s: learned a run of %d eager records", s.session_id, len(trace.steps))
+            log.debug("session %d: learned a run of %d eager records", s.number, len(trace.steps))
 
     def _plan(self, name: str, s: WorkerSession) -> checks.OpPlan:
         plan = self._plans.get(name)

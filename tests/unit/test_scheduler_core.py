@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -419,3 +422,36 @@ def test_a_lease_is_renewable_and_releasable_only_by_its_tenant_when_the_caller_
         core.release(lease.lease_id, tenant="mallory")
     core.renew(lease.lease_id, tenant="alice")
     core.release(lease.lease_id, tenant="alice")
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://gpupool:s3cret@db.example:5432/gpupool?sslmode=require",
+        "postgresql://gpupool@db.example/gpupool?password=s3cret",
+        "postgres://db.example/gpupool?sslmode=require&password=s3cret&connect_timeout=5",
+        "postgresql://gpupool@db.example/gpupool?sslpassword=s3cret",
+        "postgresql://gpupool@db.example/gpupool?PassWord=s3cret",
+        "postgresql://gpupool:s3cret@[::1]:5432/gpupool",
+    ],
+)
+def test_a_state_location_in_the_log_shows_no_password(dsn: str) -> None:
+    """The scheduler logs its --state at start ("listening on ... (state ...)") and when a standby takes over; round
+    30 hid the password of `user:password@` only, and libpq also takes it as a URI parameter (`?password=`,
+    `sslpassword=` for the client key's passphrase), which went to the log as written."""
+    from gpupool.scheduler.cli import _redact
+
+    shown = _redact(dsn)
+    assert "s3cret" not in shown and "***" in shown
+    assert "db.example" in shown or "[::1]" in shown  # still says where
+
+
+def test_the_help_shows_no_password_of_the_state_from_the_environment() -> None:
+    """`--help` shows each flag's default, taken from its GPUPOOL_* variable: round 30 printed a PostgreSQL state's
+    password from $GPUPOOL_STATE (a Secret's value in a pod) to whoever read the help output."""
+    env = {**os.environ, "GPUPOOL_STATE": "postgresql://gpupool:s3cretpw@db.example/gpupool?sslpassword=s3cretkey"}
+    cmd = [sys.executable, "-m", "gpupool.cli", "scheduler", "--help"]
+    shown = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    text = "".join(shown.stdout.split())  # argparse wraps (and breaks) long words
+    assert shown.returncode == 0 and "db.example" in text, shown.stderr
+    assert "s3cret" not in text

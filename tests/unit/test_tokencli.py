@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from gpupool.scheduler.auth import Identity, parse_credentials
+from gpupool.scheduler.auth import ADMIN, Identity, credential_line, parse_credentials
 
 from gpupool import tokens
+from gpupool.errors import InvalidArgument
 
 
 def gpupool_token(*args: str) -> subprocess.CompletedProcess[str]:
@@ -51,3 +52,16 @@ def test_api_token_appends_a_hash_only(tmp_path: Path) -> None:
     assert Identity("tenant", "alice") in table.values() and Identity("host", "gpu-1") in table.values()
     with pytest.raises(Exception, match="line 1"):
         parse_credentials("tenant alice plaintext-token\n")
+
+
+def test_identity_names_over_the_bound_are_refused_not_cut_into_anothers() -> None:
+    """Round 30 cut a credentials line's name, and the tenant an operator names in Allocate, to 128 characters: two
+    names that share their first 128 characters were one tenant (each renewed and released the other's leases)."""
+    base = "t" * 128
+    assert [x.name for x in parse_credentials(credential_line("tenant", base, "a")).values()] == [base]
+    with pytest.raises(InvalidArgument, match="line 2: a name of 129 characters"):
+        parse_credentials(credential_line("tenant", base, "a") + credential_line("tenant", base + "b", "b"))
+    ops = Identity(ADMIN, "ops")
+    assert ops.tenant_for(base) == base
+    with pytest.raises(InvalidArgument, match="129 characters"):
+        ops.tenant_for(base + "b")
