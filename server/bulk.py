@@ -31,6 +31,10 @@ from gpupool._proto import device_pb2
 
 MiB = 1024 * 1024
 BIG_UPLOAD = MiB  # an upload command at least this large takes the copy-once path
+# An Upload span at least this large in a frame of other commands (an eager step's batch and its ops, a captured
+# step's batch and its RunGraph) is checked by the stream reader and run by the worker without protobuf copying
+# its bytes (`strip_uploads`): the rest of the frame is parsed as before.
+STRIP_MIN = 64 * 1024
 # The most command bytes one slice carries: four 4 MiB upload chunks and their framing (the worker's shared
 # buffer is this large).
 SLICE_BYTES = 16 * MiB + 64 * 1024
@@ -91,6 +95,32 @@ def parse_upload(span: memoryview) -> tuple[device_pb2.Command, memoryview] | No
 def uploads_only(spans: Sequence[memoryview]) -> bool:
     """Whether every span is a canonical Upload (then a stream reader need not parse the frame with protobuf)."""
     return bool(spans) and all(parse_upload(s) is not None for s in spans)
+
+
+def strip_uploads(spans: Sequence[memoryview]) -> tuple[bytes, list[tuple[int, memoryview]]] | None:
+    """A frame's command spans with the bytes of each canonical Upload of at least `STRIP_MIN` bytes taken out:
+    (the frame without those bytes -- each such span re-encoded as its command without `data`, every other span as
+    it came, in order -- and (position, data) of each, its data a view of its span), or None where no span is one.
+
+    Protobuf reads a bytes field by copying it (upb into its arena, then once more into a Python bytes object at
+    each access), so a 512 KiB batch in a frame of ops cost two copies in the stream reader's check and two in the
+    worker before its one useful copy into the tensor. A frame is a sequence of independent `commands` fields, so
+    parsing the frame without the taken bytes checks every other command as parsing all of it did, and
+    `parse_upload` checks the taken ones (everything but `data` parsed by protobuf itself; anything not canonical
+    stays in the frame and is parsed there)."""
+    taken: list[tuple[int, memoryview]] = []
+    out: list[bytes | memoryview] = []
+    for i, span in enumerate(spans):
+        got = parse_upload(span) if len(span) >= STRIP_MIN else None
+        if got is None or not len(got[1]):
+            out.append(span)
+            continue
+        cmd = got[0].SerializeToString()
+        out.append(protocol.FRAME_COMMANDS_TAG + protocol.varint(len(cmd)) + cmd)
+        taken.append((i, got[1]))
+    if not taken:
+        return None
+    return b"".join(out), taken
 
 
 def slice_length(kinds: Sequence[int], sizes: Sequence[int]) -> tuple[int, bool]:
