@@ -22,6 +22,7 @@ Get.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 from google.protobuf.message import DecodeError
@@ -42,6 +43,7 @@ SIDE_MIN = 64 * 1024  # download chunks at least this large go on the bulk side 
 PIECE_BYTES = 16 * MiB  # the most download bytes one slice answers (four 4 MiB chunks; framing fits the rest)
 UPLOADS = protocol.UPLOAD  # Command.upload
 _DATA = 4  # Upload.data
+_SPAN = operator.itemgetter(1)
 
 
 def parse_upload(span: memoryview) -> tuple[device_pb2.Command, memoryview] | None:
@@ -97,8 +99,8 @@ def uploads_only(spans: Sequence[memoryview]) -> bool:
     return bool(spans) and all(parse_upload(s) is not None for s in spans)
 
 
-def strip_uploads(spans: Sequence[memoryview]) -> tuple[bytes, list[tuple[int, memoryview]]] | None:
-    """A frame's command spans with the bytes of each canonical Upload of at least `STRIP_MIN` bytes taken out:
+def strip_uploads(commands: Sequence[tuple[int, memoryview]]) -> tuple[bytes, list[tuple[int, memoryview]]] | None:
+    """A frame's commands (`slices.split_frame`'s (kind, span) pairs) with the bytes of each canonical Upload of at least `STRIP_MIN` bytes taken out:
     (the frame without those bytes -- each such span re-encoded as its command without `data`, every other span as
     it came, in order -- and (position, data) of each, its data a view of its span), or None where no span is one.
 
@@ -108,10 +110,12 @@ def strip_uploads(spans: Sequence[memoryview]) -> tuple[bytes, list[tuple[int, m
     parsing the frame without the taken bytes checks every other command as parsing all of it did, and
     `parse_upload` checks the taken ones (everything but `data` parsed by protobuf itself; anything not canonical
     stays in the frame and is parsed there)."""
+    if not commands or max(map(len, map(_SPAN, commands))) < STRIP_MIN:  # (in C: a frame of small commands)
+        return None
     taken: list[tuple[int, memoryview]] = []
     out: list[bytes | memoryview] = []
-    for i, span in enumerate(spans):
-        got = parse_upload(span) if len(span) >= STRIP_MIN else None
+    for i, (kind, span) in enumerate(commands):
+        got = parse_upload(span) if kind == UPLOADS and len(span) >= STRIP_MIN else None
         if got is None or not len(got[1]):
             out.append(span)
             continue

@@ -183,7 +183,7 @@ class DeviceServicer:
             big = len(raw) >= bulk.BIG_UPLOAD  # big uploads are checked without a copy (server/bulk.py)
             if not (big and bulk.uploads_only([span for _, span in commands])):
                 # a batch's upload among other commands: checked without copying its bytes, the rest by protobuf
-                stripped = bulk.strip_uploads([span for _, span in commands]) if len(raw) >= bulk.STRIP_MIN else None
+                stripped = bulk.strip_uploads(commands) if len(raw) >= bulk.STRIP_MIN else None
                 if stripped is None:
                     parsed = device_pb2.ClientFrame.FromString(raw).commands  # malformed commands end it here
                 else:

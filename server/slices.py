@@ -656,7 +656,7 @@ def _uploads_taken(payload: Any) -> tuple[bytes, list[Any], list[tuple[Any, memo
     from . import bulk
 
     try:
-        spans = [span for _, span in split_frame(payload, len(payload))]
+        spans = split_frame(payload, len(payload))
     except InvalidArgument:
         return None
     got = bulk.strip_uploads(spans)

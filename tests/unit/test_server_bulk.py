@@ -235,8 +235,9 @@ def test_strip_uploads_takes_only_big_canonical_uploads_bytes_and_keeps_the_rest
         + b"\x0a" + wire.varint(len(twice)) + twice
         + _frame(device_pb2.Command(sync=device_pb2.Sync(request_id=7)))
     )  # fmt: skip
-    spans = [span for _, span in slices.split_frame(raw, 100)]
-    got = bulk.strip_uploads(spans)
+    commands = slices.split_frame(raw, 100)
+    spans = [span for _, span in commands]
+    got = bulk.strip_uploads(commands)
     assert got is not None
     stripped, taken = got
     assert [i for i, _ in taken] == [0] and bytes(taken[0][1]) == wire.tensor_to_bytes(big)
@@ -247,7 +248,8 @@ def test_strip_uploads_takes_only_big_canonical_uploads_bytes_and_keeps_the_rest
     assert parts[0].upload.data == b"" and len(stripped) < len(raw) - big.numel() * 4 + 64
     parts[0].upload.data = bytes(taken[0][1])
     assert list(parts) == list(whole)  # every command as protobuf reads the whole frame (the twice-sent one too)
-    assert bulk.strip_uploads([span for _, span in slices.split_frame(_frame(_upload_cmd(6, small)), 8)]) is None
+    assert bulk.strip_uploads(slices.split_frame(_frame(_upload_cmd(6, small)), 8)) is None
+    assert bulk.strip_uploads([]) is None
 
 
 def _session() -> tuple[Any, Any]:
