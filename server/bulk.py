@@ -100,9 +100,10 @@ def uploads_only(spans: Sequence[memoryview]) -> bool:
 
 
 def strip_uploads(commands: Sequence[tuple[int, memoryview]]) -> tuple[bytes, list[tuple[int, memoryview]]] | None:
-    """A frame's commands (`slices.split_frame`'s (kind, span) pairs) with the bytes of each canonical Upload of at least `STRIP_MIN` bytes taken out:
-    (the frame without those bytes -- each such span re-encoded as its command without `data`, every other span as
-    it came, in order -- and (position, data) of each, its data a view of its span), or None where no span is one.
+    """A frame's commands (`slices.split_frame`'s (kind, span) pairs) with the bytes of each canonical Upload of at
+    least `STRIP_MIN` bytes taken out: (the frame without those bytes -- each such span re-encoded as its command
+    without `data`, every other span as it came, in order -- and (position, data) of each, its data a view of its
+    span), or None where no span is one.
 
     Protobuf reads a bytes field by copying it (upb into its arena, then once more into a Python bytes object at
     each access), so a 512 KiB batch in a frame of ops cost two copies in the stream reader's check and two in the
