@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from typing import Any
 
 from google.protobuf.message import DecodeError
 
@@ -110,22 +111,70 @@ def strip_uploads(commands: Sequence[tuple[int, memoryview]]) -> tuple[bytes, li
     worker before its one useful copy into the tensor. A frame is a sequence of independent `commands` fields, so
     parsing the frame without the taken bytes checks every other command as parsing all of it did, and
     `parse_upload` checks the taken ones (everything but `data` parsed by protobuf itself; anything not canonical
-    stays in the frame and is parsed there)."""
-    if not commands or max(map(len, map(_SPAN, commands))) < STRIP_MIN:  # (in C: a frame of small commands)
-        return None
-    taken: list[tuple[int, memoryview]] = []
+    stays in the frame and is parsed there). No Python runs per small command (a frame of many ops)."""
+    spans = list(map(_SPAN, commands))
+    big = [i for i, n in enumerate(map(len, spans)) if n >= STRIP_MIN]
     out: list[bytes | memoryview] = []
-    for i, (kind, span) in enumerate(commands):
-        got = parse_upload(span) if kind == UPLOADS and len(span) >= STRIP_MIN else None
+    taken: list[tuple[int, memoryview]] = []
+    at = 0
+    for i in big:
+        got = parse_upload(spans[i]) if commands[i][0] == UPLOADS else None
         if got is None or not len(got[1]):
-            out.append(span)
             continue
-        cmd = got[0].SerializeToString()
-        out.append(protocol.FRAME_COMMANDS_TAG + protocol.varint(len(cmd)) + cmd)
+        out += spans[at:i]
+        out.append(_without_data(got[0]))
         taken.append((i, got[1]))
+        at = i + 1
     if not taken:
         return None
+    out += spans[at:]
     return b"".join(out), taken
+
+
+def strip_payload(payload: Any) -> tuple[bytes, list[tuple[int, memoryview]]] | None:
+    """`strip_uploads` of a slice's payload in a worker (its commands' spans joined, as the front checked them),
+    with each taken Upload's position among the commands as protobuf counts them (an empty command too); None where
+    none is taken, or where the payload does not read as commands (then protobuf reads it as it came). Walks the
+    commands' lengths only: no span or tuple per command."""
+    view = memoryview(payload)
+    n = len(view)
+    out: list[bytes | memoryview] = []
+    taken: list[tuple[int, memoryview]] = []
+    i = at = k = 0
+    while i < n:
+        start = i
+        if view[i] != 0x0A:
+            return None
+        i += 1
+        length = shift = 0
+        while True:
+            if i >= n or shift > 35:
+                return None
+            b = view[i]
+            i += 1
+            length |= (b & 0x7F) << shift
+            if b < 0x80:
+                break
+            shift += 7
+        i += length
+        if length >= STRIP_MIN and i <= n:
+            got = parse_upload(view[start:i])
+            if got is not None and len(got[1]):
+                out.append(view[at:start])
+                out.append(_without_data(got[0]))
+                taken.append((k, got[1]))
+                at = i
+        k += 1
+    if not taken or i != n:
+        return None
+    out.append(view[at:])
+    return b"".join(out), taken
+
+
+def _without_data(cmd: device_pb2.Command) -> bytes:
+    """`cmd` (an Upload `parse_upload` read, without its data) as a frame's `commands` entry."""
+    raw = cmd.SerializeToString()
+    return protocol.FRAME_COMMANDS_TAG + protocol.varint(len(raw)) + raw
 
 
 def slice_length(kinds: Sequence[int], sizes: Sequence[int]) -> tuple[int, bool]:

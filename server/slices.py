@@ -650,22 +650,18 @@ _STRIP_MIN = 64 * 1024  # bulk.STRIP_MIN (bulk imports this module's callers: re
 
 
 def _uploads_taken(payload: Any) -> tuple[bytes, list[Any], list[tuple[Any, memoryview]]] | None:
-    """A slice's payload with its big Uploads' bytes taken out (`bulk.strip_uploads`): (the payload without them,
+    """A slice's payload with its big Uploads' bytes taken out (`bulk.strip_payload`): (the payload without them,
     its commands parsed, in a list, and each stripped Upload's command object with its bytes, a view of the
-    payload), or None (none to take, or a payload `split_frame` refuses: then protobuf reads it as it came)."""
+    payload), or None (none to take: then protobuf reads the payload as it came)."""
     from . import bulk
 
-    try:
-        spans = split_frame(payload, len(payload))
-    except InvalidArgument:
-        return None
-    got = bulk.strip_uploads(spans)
+    got = bulk.strip_payload(payload)
     if got is None:
         return None
     stripped, where = got
     commands = list(device_pb2.ClientFrame.FromString(stripped).commands)
-    if len(commands) != len(spans):  # (an empty command: protobuf reads it as nothing) the payload as it came
-        return None
+    if any(i >= len(commands) or commands[i].WhichOneof("cmd") != "upload" for i, _ in where):
+        return None  # (cannot be: each walked command is one of protobuf's) the payload as it came
     return stripped, commands, [(commands[i], data) for i, data in where]
 
 

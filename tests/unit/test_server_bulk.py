@@ -250,6 +250,14 @@ def test_strip_uploads_takes_only_big_canonical_uploads_bytes_and_keeps_the_rest
     assert list(parts) == list(whole)  # every command as protobuf reads the whole frame (the twice-sent one too)
     assert bulk.strip_uploads(slices.split_frame(_frame(_upload_cmd(6, small)), 8)) is None
     assert bulk.strip_uploads([]) is None
+    # the worker's reading of the same bytes (no split): the same frame, positions as protobuf counts commands
+    # (an empty command, which split_frame skips, is one); anything that does not read as commands: None
+    empty = b"\x0a\x00"
+    got = bulk.strip_payload(memoryview(empty + raw))
+    assert got is not None and got[0] == empty + stripped and [i for i, _ in got[1]] == [1]
+    assert bytes(got[1][0][1]) == wire.tensor_to_bytes(big)
+    assert bulk.strip_payload(raw[:-1]) is None and bulk.strip_payload(b"\x12" + raw) is None
+    assert bulk.strip_payload(_frame(_upload_cmd(6, small))) is None
 
 
 def _session() -> tuple[Any, Any]:
