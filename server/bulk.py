@@ -145,17 +145,13 @@ def strip_payload(payload: Any) -> tuple[bytes, list[tuple[int, memoryview]]] | 
         start = i
         if view[i] != 0x0A:
             return None
-        i += 1
-        length = shift = 0
-        while True:
-            if i >= n or shift > 35:
+        if i + 1 < n and view[i + 1] < 0x80:  # a command of fewer than 128 bytes: its length in one byte
+            length, i = view[i + 1], i + 2
+        else:
+            try:
+                length, i = protocol.read_varint(view, i + 1, n)
+            except ValueError:
                 return None
-            b = view[i]
-            i += 1
-            length |= (b & 0x7F) << shift
-            if b < 0x80:
-                break
-            shift += 7
         i += length
         if length >= STRIP_MIN and i <= n:
             got = parse_upload(view[start:i])
