@@ -824,7 +824,9 @@ class CommandExecutor:
                 prefault.populate(t.data_ptr() + offset, len(data))
             wire.host_bytes(t)[offset : offset + len(data)] = data
         elif data:
-            wire.byte_view(t)[offset : offset + len(data)].copy_(torch.frombuffer(data, dtype=torch.uint8))
+            dst = wire.byte_view(t)[offset : offset + len(data)]
+            if s.staging is None or not s.staging.copy(dst, data):  # CUDA: pinned, queued (server/staging.py)
+                dst.copy_(torch.frombuffer(data, dtype=torch.uint8))
         self.ledger.transfer("upload", len(data))
         s.uploads[h] = offset + len(data)
         if up.last:

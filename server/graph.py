@@ -225,7 +225,8 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph,
                 if sent is None:
                     sent = {}
                 sent[i + 1] = t
-                t = t.to(g.device)
+                if g.cuda is None:  # a captured CUDA graph copies it into its own input (graph_cuda.CudaGraph.run)
+                    t = s.staging.tensor(t) if s.staging is not None else t.to(g.device)
         slots[i + 1] = t
     persistent = _externals(s, g, slots)
     for h in outputs:

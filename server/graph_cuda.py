@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from gpupool import wire
 from gpupool.errors import GpupoolError, InvalidArgument
 
 from . import attention, guards
@@ -249,8 +250,15 @@ class CudaGraph:
             return False
         if self.checks is not None:
             self.checks.run(slots, sent)  # before anything of the step runs, as eagerly before its op
+        staging = s.staging
         for i in range(1, self.n_inputs + 1):
-            self.static[i].copy_(slots[i])
+            src = slots[i]
+            if src.device.type != "cpu":
+                self.static[i].copy_(src)
+            elif staging is None or not staging.copy(self.static[i], wire.host_bytes(src)):
+                # an input sent by value (graph._run leaves it on the CPU here): straight into the capture's input,
+                # queued from pinned memory (server/staging.py), no device tensor of its own
+                self.static[i].copy_(src)
         if self.seeded:
             host._seeded(s, _nothing, [], {})  # the device's generator holds this session's stream
         if self.device is None:
@@ -381,4 +389,14 @@ def run(host: Host, s: WorkerSession, g: Graph, slots: list[Any], execute: Execu
     if not g.cuda.run(host, s, g, slots, sent):
         g.cuda, g.cuda_failed = None, True
         hold(None)
+        on_device(s, g, slots)
         execute(g, slots)
+
+
+def on_device(s: WorkerSession, g: Graph, slots: list[Any]) -> None:
+    """The inputs sent by value that graph._run left on the CPU for a capture's replay (`CudaGraph.run`) onto
+    the graph's device, for the eager replay instead."""
+    for i in range(1, len(g.input_meta) + 1):
+        t = slots[i]
+        if t is not None and t.device.type == "cpu":
+            slots[i] = s.staging.tensor(t) if s.staging is not None else t.to(g.device)

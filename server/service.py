@@ -182,7 +182,12 @@ class DeviceServicer:
             commands = slices.split_frame(raw, self.daemon.config.max_frame_commands, marked)  # counted first
             big = len(raw) >= bulk.BIG_UPLOAD  # big uploads are checked without a copy (server/bulk.py)
             if not (big and bulk.uploads_only([span for _, span in commands])):
-                parsed = device_pb2.ClientFrame.FromString(raw).commands  # malformed commands end it here
+                # a batch's upload among other commands: checked without copying its bytes, the rest by protobuf
+                stripped = bulk.strip_uploads(commands) if len(raw) >= bulk.STRIP_MIN else None
+                if stripped is None:
+                    parsed = device_pb2.ClientFrame.FromString(raw).commands  # malformed commands end it here
+                else:
+                    device_pb2.ClientFrame.FromString(stripped[0])
         except (DecodeError, InvalidArgument) as exc:
             self._flush(s, batch)
             s.outbox.put(InvalidArgument(f"malformed ClientFrame ({len(raw)} bytes): {exc}"))

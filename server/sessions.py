@@ -28,6 +28,7 @@ from gpupool.errors import (
     to_proto,
 )
 
+from . import staging
 from .cost import FAKE_GPU_FLOPS, REAL_GPU_FLOPS
 from .devices import Device
 from .uploadpool import KEEP, UploadPool
@@ -122,6 +123,8 @@ class WorkerSession:
         self.group: Any = None  # its collective group (server.collectives.Group), once joined
         # A fake GPU's big uploads land in the host memory of the session's freed ones (server/uploadpool.py)
         self.upload_pool = UploadPool(KEEP if device.fake else 0)
+        # A CUDA device's input bytes go through pinned buffers, queued without waiting (server/staging.py)
+        self.staging = None if device.fake else staging.for_device(device.torch_device)
 
     # ---- handles ----
 
@@ -358,6 +361,8 @@ class WorkerSession:
             self.poisoned.clear()
             self.uploads.clear()
             self.upload_pool.release()
+            if self.staging is not None:
+                self.staging.close()
 
 
 _CPU_OOM = "DefaultCPUAllocator: can't allocate memory"

@@ -572,8 +572,13 @@ def run_commands(
     room; `timed` measures the device time (CUDA events on GPUs)."""
     if req.uploads:
         return _run_uploads(session, execute, ledger, req, timed, progress)
-    payload = req.payload  # upb parses any buffer: no copy of an upload's bytes
-    commands = device_pb2.ClientFrame.FromString(payload).commands  # type: ignore[arg-type]
+    payload = req.payload  # upb parses any buffer, copying its bytes fields: a batch's are taken out first
+    taken = _uploads_taken(payload) if len(payload) >= _STRIP_MIN else None
+    commands: Sequence[Any]
+    if taken is None:
+        commands = device_pb2.ClientFrame.FromString(payload).commands  # type: ignore[arg-type]
+    else:
+        payload, commands, execute = taken[0], taken[1], _WithData(execute, taken[1], taken[2])
     replies: list[bytes | list[Any]] = []
     produced = [0]
     views = [False]  # a reply holds frames that are views of a tensor (protocol.Frame)
@@ -679,6 +684,45 @@ def _run_uploads(
             cmd, data = upload  # type: ignore[misc]
             execute(session, cmd, _no_reply, data)
     return _result(session, ledger, len(spans), measured, [], False, isinstance(timed, DeviceClock) and timed.busy)
+
+
+_STRIP_MIN = 64 * 1024  # bulk.STRIP_MIN (bulk imports this module's callers: read here without importing it)
+
+
+def _uploads_taken(payload: Any) -> tuple[bytes, list[Any], list[tuple[Any, memoryview]]] | None:
+    """A slice's payload with its big Uploads' bytes taken out (`bulk.strip_payload`): (the payload without them,
+    its commands parsed, in a list, and each stripped Upload's command object with its bytes, a view of the
+    payload), or None (none to take: then protobuf reads the payload as it came)."""
+    from . import bulk
+
+    got = bulk.strip_payload(payload)
+    if got is None:
+        return None
+    stripped, where = got
+    commands = list(device_pb2.ClientFrame.FromString(stripped).commands)
+    if any(i >= len(commands) or commands[i].WhichOneof("cmd") != "upload" for i, _ in where):
+        return None  # (cannot be: each walked command is one of protobuf's) the payload as it came
+    return stripped, commands, [(commands[i], data) for i, data in where]
+
+
+class _WithData:
+    """A slice's `execute` that hands the Uploads `_uploads_taken` stripped their bytes (`CommandExecutor.execute`'s
+    `data`, as for a slice of big uploads): each is known by its message object (the commands are a list, so
+    `commands[i]` is the same object every time). Its `__self__` is the executor's, for `run_commands`' lookup of
+    `eager_span`."""
+
+    def __init__(self, execute: Execute, commands: list[Any], taken: list[tuple[Any, memoryview]]) -> None:
+        self.__self__ = getattr(execute, "__self__", None)
+        self._execute = execute
+        self._data = {id(cmd): (cmd, data) for cmd, data in taken}  # the commands list holds each cmd alive
+
+    def __call__(self, session: Any, cmd: Any, reply: Any, data: Any = None) -> Any:
+        got = self._data.get(id(cmd))
+        if got is not None and got[0] is cmd:
+            return self._execute(session, cmd, reply, got[1])
+        if data is None:
+            return self._execute(session, cmd, reply)
+        return self._execute(session, cmd, reply, data)
 
 
 def _no_reply(item: Any) -> None:

@@ -340,6 +340,8 @@ class ProcessRunner:
                     for part in parts:
                         self._data[pos : pos + len(part)] = part
                         pos += len(part)
+                elif max(map(len, parts)) >= BIG_PART:  # a batch's upload among small commands: copied once
+                    _copy_parts(self._data, parts)
                 else:
                     self._data[:size] = b"".join(parts)
                 self._sock.sendall(slices.shared_request(req, size))
@@ -507,6 +509,27 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
 
 
 # ---- inside the worker process ----
+
+
+def _copy_parts(data: memoryview, parts: Sequence[memoryview]) -> None:
+    """`parts` one after another into `data`: each run of small ones joined in C then copied, each big one (at least
+    BIG_PART bytes: an upload's) copied straight to its place (joining it would copy it twice)."""
+    pos = 0
+    small: list[memoryview] = []
+    for part in parts:
+        if len(part) < BIG_PART:
+            small.append(part)
+            continue
+        if small:
+            joined = b"".join(small)
+            data[pos : pos + len(joined)] = joined
+            pos += len(joined)
+            small = []
+        data[pos : pos + len(part)] = part
+        pos += len(part)
+    if small:
+        joined = b"".join(small)
+        data[pos : pos + len(joined)] = joined
 
 
 def _recv_request(sock: socket.socket, head: bytearray) -> bytearray | memoryview:

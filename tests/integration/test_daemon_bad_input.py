@@ -187,6 +187,18 @@ def test_a_command_without_a_field_tag_in_a_frame_of_big_uploads(daemon: Any, he
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "no valid field tag" in (err.details() or "")
 
 
+@pytest.mark.parametrize("kib", [64, 512])
+def test_a_bad_command_beside_a_batch_is_refused(daemon: Any, healthy: Healthy, kib: int) -> None:
+    """A batch's upload among other commands is checked by its own reading and the rest by protobuf
+    (bulk.strip_uploads): a command protobuf refuses beside it is refused as in a frame of small commands."""
+    meta = tensor_pb2.TensorMeta(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[kib * 256])
+    up = device_pb2.Upload(handle=1, meta=meta, data=b"\0" * (kib * 1024), last=True)
+    batch = device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString()
+    garbage = b"\x0a\x05\x04\x32\x02\x08\x03"  # a command of 5 bytes whose first tag is field 0, wire type 4
+    err = _raw_stream(daemon, [batch + garbage])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in (err.details() or "")
+
+
 def test_truncated_frame(daemon: Any, healthy: Healthy) -> None:
     op = device_pb2.Op(name="aten::add.Tensor", args=[tensor_pb2.Arg(i=1)] * 20, outputs=[5])
     whole = device_pb2.ClientFrame(commands=[device_pb2.Command(op=op)]).SerializeToString()

@@ -5,6 +5,7 @@ handle poisoned. Each against a real daemon (session workers in processes, the n
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -222,3 +223,51 @@ def test_no_op_makes_a_bool_tensor_of_bytes_other_than_0_and_1(daemon: Any) -> N
         s.call("aten::set_.source_Tensor", Handle(d), Handle(s.upload(good)), outputs=0)
         assert s.download(a).tolist() == s.download(b).tolist() == [1, 0]
         assert s.download(c).tolist() == [2, -1] and s.download(d).tolist() == [True, False]
+
+
+def test_batches_among_other_commands_arrive_exact_and_never_in_another_session(daemon: Any) -> None:
+    """A step's batch (64 KiB - 4 MiB) in one frame with other commands -- what a training loop sends -- is checked
+    by the reader and run by the worker from its span (server/bulk.py `strip_uploads`): its bytes exact, the
+    commands around it run, and two sessions sending at once each read back only their own."""
+    sizes = [64 * KiB, 512 * KiB, 4 * MiB - 64]
+    errors_seen: list[BaseException] = []
+
+    def client(seed: int) -> None:
+        try:
+            gen = torch.Generator().manual_seed(seed)
+            with Session.attach(daemon.address, daemon.token()) as s:
+                for n in sizes * 3:
+                    batch = torch.randint(-(2**31), 2**31 - 1, (n // 4,), dtype=torch.int32, generator=gen)
+                    small = torch.full((3,), float(seed))
+                    hb, hs = s.upload(batch), s.upload(small)  # one frame (a sync sends it)
+                    outs = [s.call("aten::add.Tensor", Handle(hs), Handle(hs))[0] for _ in range(40)]
+                    s.sync()  # (40 small commands beside the batch: copied to the worker in runs, server/worker.py)
+                    assert same_bytes(s.download(hb), batch), (seed, n)
+                    assert torch.equal(s.download(outs[-1]), small * 2)
+                    s.free([hb, hs, *outs])
+        except BaseException as exc:  # reported by the main thread
+            errors_seen.append(exc)
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors_seen, errors_seen
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_a_batch_of_the_wrong_length_among_other_commands_is_refused(daemon: Any, delta: int) -> None:
+    """The same refusal as a small chunk's (test_a_last_chunk_of_the_wrong_length_...) for a 512 KiB one sent
+    with other commands, the memory it would land in full of a pattern first."""
+    with Session.attach(daemon.address, daemon.token()) as s:
+        secret = s.upload(torch.full((128 * KiB,), 7.0))
+        s.free([secret])
+        h = s.new_handle()
+        raw_upload(s, h, torch.float32, [128 * KiB], b"\1" * (512 * KiB + delta))
+        other = s.upload(torch.ones(3))
+        with pytest.raises(errors.InvalidArgument, match="upload ended at|does not follow"):
+            s.sync()
+        with pytest.raises(errors.InvalidArgument):
+            s.download(h)
+        assert torch.equal(s.download(other), torch.ones(3))

@@ -211,3 +211,107 @@ def _sleeper_again(p: Any) -> None:
     while not worker._quiet(p.pid):
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+# ---- a batch's upload among other commands (bulk.strip_uploads) ----
+
+
+def _upload_cmd(h: int, t: torch.Tensor, data: bytes | None = None) -> device_pb2.Command:
+    meta = tensor_pb2.TensorMeta(dtype=wire.dtype_to_proto(t.dtype), shape=list(t.shape))
+    raw = wire.tensor_to_bytes(t) if data is None else data
+    return device_pb2.Command(upload=device_pb2.Upload(handle=h, meta=meta, data=raw, last=True))
+
+
+def _frame(*cmds: device_pb2.Command) -> bytes:
+    return device_pb2.ClientFrame(commands=list(cmds)).SerializeToString()
+
+
+def test_strip_uploads_takes_only_big_canonical_uploads_bytes_and_keeps_the_rest_as_protobuf_reads_it() -> None:
+    big = torch.arange(bulk.STRIP_MIN // 4, dtype=torch.float32)
+    small = torch.arange(10, dtype=torch.float32)
+    twice = _upload_cmd(9, big).SerializeToString() + b"\x12\x06\x22\x04abcd"  # a second Upload: the last wins
+    raw = (
+        _frame(_upload_cmd(5, big), device_pb2.Command(free=device_pb2.Free(handles=[3])), _upload_cmd(6, small))
+        + b"\x0a" + wire.varint(len(twice)) + twice
+        + _frame(device_pb2.Command(sync=device_pb2.Sync(request_id=7)))
+    )  # fmt: skip
+    commands = slices.split_frame(raw, 100)
+    spans = [span for _, span in commands]
+    got = bulk.strip_uploads(commands)
+    assert got is not None
+    stripped, taken = got
+    assert [i for i, _ in taken] == [0] and bytes(taken[0][1]) == wire.tensor_to_bytes(big)
+    assert taken[0][1].obj is raw or taken[0][1].obj is spans[0].obj  # a view of the frame, not a copy
+    whole = device_pb2.ClientFrame.FromString(raw).commands
+    parts = device_pb2.ClientFrame.FromString(stripped).commands
+    assert len(parts) == len(whole) == 5
+    assert parts[0].upload.data == b"" and len(stripped) < len(raw) - big.numel() * 4 + 64
+    parts[0].upload.data = bytes(taken[0][1])
+    assert list(parts) == list(whole)  # every command as protobuf reads the whole frame (the twice-sent one too)
+    assert bulk.strip_uploads(slices.split_frame(_frame(_upload_cmd(6, small)), 8)) is None
+    assert bulk.strip_uploads([]) is None
+    # the worker's reading of the same bytes (no split): the same frame, positions as protobuf counts commands
+    # (an empty command, which split_frame skips, is one); anything that does not read as commands: None
+    empty = b"\x0a\x00"
+    got = bulk.strip_payload(memoryview(empty + raw))
+    assert got is not None and got[0] == empty + stripped and [i for i, _ in got[1]] == [1]
+    assert bytes(got[1][0][1]) == wire.tensor_to_bytes(big)
+    assert bulk.strip_payload(raw[:-1]) is None and bulk.strip_payload(b"\x12" + raw) is None
+    assert bulk.strip_payload(_frame(_upload_cmd(6, small))) is None
+
+
+def _session() -> tuple[Any, Any]:
+    from gpupool.server.devices import FakeDevice
+    from gpupool.server.executor import CommandExecutor
+    from gpupool.server.sessions import DeviceMemory, WorkerSession
+
+    dev = FakeDevice(0, "h", 1 << 30)
+    return CommandExecutor(slices.SliceLedger()), WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 28)
+
+
+def _slice(ex: Any, s: Any, raw: bytes) -> list[Any]:
+    """Run `raw` as one slice of a worker, from a buffer like its shared one; returns the data each command got."""
+    got: list[Any] = []
+
+    def execute(session: Any, cmd: Any, reply: Any, data: Any = None) -> None:
+        got.append(data)
+        ex.execute(session, cmd, reply, data)
+
+    shared = memoryview(bytearray(raw) + bytearray(16))[: len(raw)]
+    req = slices.SliceRequest(device_free=1 << 30, reply_room=1 << 20, budget=10.0, payload=shared)
+    slices.run_commands(s, execute, ex.ledger, req, s.device.timed)
+    return got
+
+
+def test_a_batch_among_other_commands_runs_from_its_span_with_its_exact_bytes() -> None:
+    ex, s = _session()
+    x = torch.randn(128 * 1024, generator=torch.Generator().manual_seed(3))  # 512 KiB
+    h, other = s.handle_base + 1, s.handle_base + 2
+    raw = _frame(_upload_cmd(h, x), _upload_cmd(other, torch.ones(3)), device_pb2.Command(sync=device_pb2.Sync()))
+    got = _slice(ex, s, raw)
+    assert s.error is None, s.error
+    assert isinstance(got[0], memoryview) and got[1] is None  # the batch from its span; the small one as before
+    assert torch.equal(s.tensors[h], x) and torch.equal(s.tensors[other], torch.ones(3))
+
+
+@pytest.mark.parametrize("delta", [-1, 1, -4096])
+def test_a_batch_of_the_wrong_length_among_other_commands_is_refused_as_before(delta: int) -> None:
+    ex, s = _session()
+    x = torch.randn(128 * 1024)
+    h, other = s.handle_base + 1, s.handle_base + 2
+    data = wire.tensor_to_bytes(x)
+    data = data[:delta] if delta < 0 else data + b"\0" * delta
+    _slice(ex, s, _frame(_upload_cmd(h, x, data), _upload_cmd(other, torch.ones(3))))
+    assert s.error is not None and "upload" in s.error.message
+    assert h not in s.tensors or h in s.poisoned
+
+
+def test_a_slices_spans_reach_the_shared_buffer_in_order_big_ones_copied_once() -> None:
+    from gpupool.server import worker
+
+    gen = torch.Generator().manual_seed(4)
+    sizes = [3, 70, worker.BIG_PART, 5, 5, 3 * worker.BIG_PART + 1, 1, worker.BIG_PART - 1, worker.BIG_PART]
+    parts = [memoryview(bytes(torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen).tolist())) for n in sizes]
+    buf = bytearray(sum(sizes) + 8)
+    worker._copy_parts(memoryview(buf), parts)
+    assert bytes(buf) == b"".join(parts) + bytes(8)

@@ -1,0 +1,260 @@
+"""What a step's input bytes cost the daemon's CPU (issue 8: the stock MLP's 512 KB batch), kernels left out.
+
+A client (the shim, `gpupool.torch`) sends one CPU input per step to a live TLS daemon (one fake GPU, one torch
+thread, pinned to its own core) and runs a trivial step on it: `x.reshape(-1)[:16].sum()` (a few ops whose cost
+does not grow with the input). Two ways:
+
+- `eager`: `x.to(device)` (an Upload command) and the step's ops, eagerly;
+- `captured`: the step under `gpupool.torch.capture`: one RunGraph per step, the input inside it by value
+  (`RunGraph.input_data`) up to capture.BY_VALUE_BYTES (256 KiB), above that an Upload before the RunGraph.
+
+Per input size (--sizes, bytes of float32; the smallest is the baseline), each run a fresh client process pinned to
+the other core: blocks of steps ending in one `.item()`, the daemon's CPU over the block (its front, zygote and the
+session's worker: /proc, clock ticks, so blocks are long) per step, the median block counting; then per MB over the
+smallest size's figure: what each MB of input costs the daemon. Runs alternate (every size and mode once a round)
+and each figure is the median over --rounds. With --against DIR the same client also runs against DIR's daemon
+(its .venv/bin/python), alternating which goes first, and the table prints both and their ratio.
+
+`--in-process` instead times only the daemon's own handling of such a step's frame, without gRPC, TLS or the
+kernels, in one process of each checkout (this tree's python and, with --against, DIR's, alternating): the stream
+reader's check of the frame (`split_frame`, then protobuf -- of the frame without the batch's bytes where the
+checkout has `bulk.strip_uploads`), the front's copy of its spans into a buffer like the worker's shared one (a join,
+or `worker._copy_parts` where the checkout has it) and the worker's slice (`slices.run_commands` with a real
+executor and session on a fake GPU). The frame: the batch's Upload and 37 small commands (16-float Uploads, as many
+as the stock MLP's eager ops). Thread CPU time per step, the median of --rounds runs of --steps steps.
+
+    nice python bench/input_bytes.py                                  # ~2 min
+    nice python bench/input_bytes.py --in-process --against /work/wt/base
+    nice python bench/input_bytes.py --against /work/wt/base --rounds 3
+    nice python bench/input_bytes.py --sizes 64,65536,524288,4194304 --modes captured
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from train_overhead import add_worker_flags, bench_daemons, run_worker
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from launch_bound import _tree_cpu  # noqa: E402
+
+MODES = ("eager", "captured")
+SIZES = "64,65536,524288,4194304"
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    import gpupool.torch as gt
+
+    device = gt.attach(args.address, args.token)
+    n = max(1, args.size // 4)
+    batches = [torch.randn(n, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1)[:16].sum()
+
+    run: Any
+    if args.mode == "captured":
+        run = gt.capture(step)
+    else:
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return step(x.to(device))
+
+    expect = [float(b[:16].sum()) for b in batches]
+    for i in range(8):  # warm-up (capture records in these); every result checked: the bytes arrived whole
+        got = float(run(batches[i % 4]).item())
+        assert abs(got - expect[i % 4]) <= 1e-4 * max(1.0, abs(expect[i % 4])), (got, expect[i % 4])
+    blocks, daemon, client = [], [], []
+    for _ in range(args.blocks):
+        d0 = _tree_cpu(args.daemon_pid)
+        c0 = time.process_time()
+        t = time.perf_counter()
+        out = None
+        for i in range(args.steps):
+            out = run(batches[i % 4])
+        assert out is not None
+        out.item()
+        blocks.append((time.perf_counter() - t) / args.steps)
+        daemon.append((_tree_cpu(args.daemon_pid) - d0) / args.steps)
+        client.append((time.process_time() - c0) / args.steps)
+    return {
+        "step_s": statistics.median(blocks),
+        "daemon_s": statistics.median(daemon),
+        "client_s": statistics.median(client),
+    }
+
+
+def in_process(args: argparse.Namespace) -> dict[str, Any]:
+    """One checkout's daemon-side handling of a step's frame (see the module's docstring), thread CPU per step."""
+    torch.set_num_threads(1)
+    from gpupool.server import bulk, slices, worker
+    from gpupool.server.devices import FakeDevice
+    from gpupool.server.executor import CommandExecutor
+    from gpupool.server.sessions import DeviceMemory, WorkerSession
+
+    from gpupool import wire
+    from gpupool._proto import device_pb2, tensor_pb2
+
+    dev = FakeDevice(0, "h", 1 << 34)
+    s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 32)
+    ex = CommandExecutor(slices.SliceLedger())
+    n = max(1, args.size // 4)
+    x = torch.randn(n)
+    small = torch.ones(16)
+
+    def upload(h: int, t: torch.Tensor) -> device_pb2.Command:
+        meta = tensor_pb2.TensorMeta(dtype=wire.dtype_to_proto(t.dtype), shape=list(t.shape))
+        return device_pb2.Command(
+            upload=device_pb2.Upload(handle=h, meta=meta, data=wire.tensor_to_bytes(t), last=True)
+        )
+
+    handles = [s.handle_base + 1 + k for k in range(38)]
+    cmds = [upload(handles[0], x)] + [upload(h, small) for h in handles[1:]]
+    raw = device_pb2.ClientFrame(commands=cmds).SerializeToString()
+    free = device_pb2.Command(free=device_pb2.Free(handles=handles))
+    shared = memoryview(bytearray(len(raw) + 4096))
+    strip = getattr(bulk, "strip_uploads", None)
+    copy_parts = getattr(worker, "_copy_parts", None)
+
+    def step() -> tuple[int, int]:
+        t0 = time.thread_time_ns()
+        commands = slices.split_frame(raw, 4096)
+        got = strip(commands) if strip is not None and len(raw) >= bulk.STRIP_MIN else None
+        device_pb2.ClientFrame.FromString(raw if got is None else got[0])
+        parts = [span for _, span in commands]
+        if copy_parts is not None and max(map(len, parts)) >= worker.BIG_PART:
+            copy_parts(shared, parts)
+        else:
+            shared[: len(raw)] = b"".join(parts)
+        t1 = time.thread_time_ns()
+        req = slices.SliceRequest(device_free=1 << 34, reply_room=1 << 20, budget=10.0, payload=shared[: len(raw)])
+        res = slices.run_commands(s, ex.execute, ex.ledger, req, dev.timed)
+        t2 = time.thread_time_ns()
+        assert res.executed == len(cmds) and s.error is None, s.error
+        ex.execute(s, free, lambda _: None)  # the batch's handles given back, as a training loop's client does
+        return t1 - t0, t2 - t1
+
+    for _ in range(20):
+        step()
+    assert torch.equal(s.tensors.get(handles[0], x), x) if handles[0] in s.tensors else True
+    fronts, workers = [], []
+    for _ in range(args.steps):
+        f, w = step()
+        fronts.append(f)
+        workers.append(w)
+    return {"front_s": statistics.median(fronts) / 1e9, "worker_s": statistics.median(workers) / 1e9}
+
+
+def main_in_process(args: argparse.Namespace, sizes: list[int], pythons: list[tuple[str, str]]) -> int:
+    results: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    load0 = os.getloadavg()[0]
+    for k in range(args.rounds):
+        for size in sizes:
+            for which, python in pythons if k % 2 == 0 else pythons[::-1]:
+                cmd = ["taskset", "-c", str(args.daemon_core), python, __file__, "--worker", "--in-process",
+                       "--size", str(size), "--steps", str(args.steps)]  # fmt: skip
+                out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                     cwd=str(Path(python).parent.parent.parent), check=True)  # fmt: skip
+                results.setdefault((size, which), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+    table = Table(title="the daemon's own handling of a step's frame (no gRPC, TLS or kernels): thread CPU us per "
+                  "step, medians over rounds of each run's median step")  # fmt: skip
+    for col in ("input bytes", "daemon", "reader check + copy", "worker slice", "total", "total/base"):
+        table.add_column(col, justify="right")
+    for size in sizes:
+        for which, _ in pythons:
+            m = {f: statistics.median(r[f] for r in results[(size, which)]) for f in ("front_s", "worker_s")}
+            total = m["front_s"] + m["worker_s"]
+            ratio = ""
+            if which == "this" and len(pythons) > 1:
+                b = {f: statistics.median(r[f] for r in results[(size, "base")]) for f in ("front_s", "worker_s")}
+                ratio = f"{total / (b['front_s'] + b['worker_s']):.2f}"
+            table.add_row(str(size), which, f"{m['front_s'] * 1e6:.1f}", f"{m['worker_s'] * 1e6:.1f}",
+                          f"{total * 1e6:.1f}", ratio)  # fmt: skip
+    Console(width=160).print(table)
+    print(f"load average (1 min): {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default=SIZES, help="comma-separated input bytes (float32); the first is the baseline")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ",".join(MODES))
+    p.add_argument("--steps", type=int, default=300, help="steps per timed block (the daemon's CPU is in ticks)")
+    p.add_argument("--blocks", type=int, default=3, help="timed blocks (the median counts)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating runs; the median of each figure over them")
+    p.add_argument("--against", metavar="DIR", default="", help="also run everything against DIR's daemon")
+    p.add_argument("--against-python", default="", help="the python of --against (default: DIR/.venv/bin/python)")
+    p.add_argument("--in-process", action="store_true", help="time the daemon's own handling of a step's frame "
+                   "in-process, without gRPC, TLS or kernels (see above)")  # fmt: skip
+    add_worker_flags(p)
+    p.add_argument("--size", type=int, default=64, help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="eager", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(in_process(args) if args.in_process else worker(args)))
+        return 0
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.in_process:
+        pythons = [("this", sys.executable)]
+        if args.against:
+            pythons.append(("base", args.against_python or str(Path(args.against) / ".venv" / "bin" / "python")))
+        return main_in_process(args, sizes, pythons)
+    modes = args.modes.split(",")
+    load0 = os.getloadavg()[0]
+    against = None
+    if args.against:
+        against = (args.against, args.against_python or str(Path(args.against) / ".venv" / "bin" / "python"))
+    daemons_of = ["process", "base"] if against else ["process"]
+    results: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    with bench_daemons(args.daemon_core, against=against) as daemons:
+        for k in range(args.rounds):
+            for mode in modes:
+                for size in sizes:
+                    for which in daemons_of if k % 2 == 0 else daemons_of[::-1]:
+                        argv_w = ["--mode", mode, "--size", str(size), "--steps", str(args.steps),
+                                  "--blocks", str(args.blocks)]  # fmt: skip
+                        r = run_worker(__file__, args.client_core, f"{mode}/{size}/{which}", argv_w,
+                                       **daemons.remote(which))  # fmt: skip
+                        results.setdefault((mode, size, which), []).append(r)
+    table = Table(title="a step's input bytes: the daemon's CPU per step (medians over rounds; per MB: over the "
+                  f"{sizes[0]}-byte input's)")  # fmt: skip
+    for col in ("mode", "input bytes", "daemon", "ms/step", "client us/step", "daemon us/step", "daemon us/MB"):
+        table.add_column(col, justify="right")
+    if against:
+        table.add_column("this/base", justify="right")
+    med: dict[tuple[str, int, str], dict[str, float]] = {
+        key: {f: statistics.median(r[f] for r in rs) for f in ("step_s", "daemon_s", "client_s")}
+        for key, rs in results.items()
+    }
+    for mode in modes:
+        for size in sizes:
+            for which in daemons_of:
+                m, base = med[(mode, size, which)], med[(mode, sizes[0], which)]
+                extra = m["daemon_s"] - base["daemon_s"]
+                per_mb = f"{extra / (size - sizes[0]) * 2**20 * 1e6:.0f}" if size != sizes[0] else ""
+                row = [mode, str(size), "this" if which == "process" else "base", f"{m['step_s'] * 1e3:.3f}",
+                       f"{m['client_s'] * 1e6:.0f}", f"{m['daemon_s'] * 1e6:.0f}", per_mb]  # fmt: skip
+                if against:
+                    other = med[(mode, size, "base")]["daemon_s"]
+                    row.append(f"{m['daemon_s'] / other:.2f}" if which == "process" and other else "")
+                table.add_row(*row)
+    Console(width=160).print(table)
+    print(f"load average (1 min): {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
