@@ -27,11 +27,14 @@ tests/unit/test_staging_cuda.py's `cuda` tests check it on bench/real_gpu.sh's `
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from gpupool import protocol, wire
+
+log = logging.getLogger(__name__)
 
 BUFFERS = 2
 MAX_BYTES = protocol.CHUNK_BYTES  # larger copies (none: an Upload chunk is at most this) take torch's path
@@ -41,7 +44,7 @@ MIN_ALLOC = 64 * 1024  # a buffer's size: the copy's bytes rounded up to a power
 class Staging:
     """A session's pinned staging buffers on one CUDA device (the module's docstring)."""
 
-    __slots__ = ("device", "buffers", "events", "next", "held", "copies")
+    __slots__ = ("device", "buffers", "events", "next", "held", "copies", "failed")
 
     def __init__(self, device: torch.device) -> None:
         # with its index: a tensor's device always has one, and torch.device("cuda") != torch.device("cuda", 0)
@@ -51,13 +54,14 @@ class Staging:
         self.next = 0
         self.held = 0  # bytes of pinned memory held now (at most BUFFERS * MAX_BYTES)
         self.copies = 0  # copies staged (tests, logs)
+        self.failed = False  # no pinned memory could be had: every copy takes torch's path from then on
 
     def copy(self, dst: torch.Tensor, data: Any) -> bool:
         """Queue a copy of `data` (a bytes-like object of exactly `dst`'s bytes) into `dst`, a contiguous tensor (or
         a contiguous byte range of one) on this device; False (nothing done) where it is larger than MAX_BYTES:
         the caller copies as before."""
         n = len(data)
-        if n > MAX_BYTES or dst.device != self.device:
+        if n > MAX_BYTES or dst.device != self.device or self.failed:
             return False
         if n == 0:
             return True
@@ -69,8 +73,16 @@ class Staging:
         buf = self.buffers[k]
         if buf is None or buf.numel() < n:
             size = max(MIN_ALLOC, 1 << (n - 1).bit_length())
+            try:
+                fresh = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError as exc:  # no page-locked memory to be had (a host's limit, a sandbox): torch's path
+                self.failed = True
+                log.warning(
+                    "no pinned staging buffer of %d bytes (%s): this session's uploads wait for its device", size, exc
+                )
+                return False
             self.held -= 0 if buf is None else buf.numel()
-            self.buffers[k] = buf = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            self.buffers[k] = buf = fresh
             self.held += size
         wire.host_bytes(buf)[:n] = data
         if event is None:
