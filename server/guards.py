@@ -28,10 +28,25 @@ from . import attention
 from .opargs import Args, Kwargs, arg, checked, tensors
 from .sessions import zero_bytes
 
+_INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def bounds(t: torch.Tensor) -> tuple[int, int]:
+    """`int(t.min())` and `int(t.max())` of a non-empty tensor, for an integer one read on the host at once: one
+    kernel (`aminmax`, written into the two elements of one tensor) and one copy to the host, where the two reads
+    were two kernels and two copies, each a wait for the device's stream on a GPU (round 31). Other dtypes (a hostile
+    client's float or bool indices) as before."""
+    if t.dtype in _INTEGERS:
+        both = torch.empty(2, dtype=t.dtype, device=t.device)
+        torch.aminmax(t, out=(both[0], both[1]))
+        lo, hi = both.tolist()
+        return lo, hi
+    return int(t.min()), int(t.max())
+
 
 def _in_range(t: Any, low: int, high: int, what: str) -> None:
     if isinstance(t, torch.Tensor) and t.numel() and t.device.type != "meta":  # values are checked when known
-        lo, hi = int(t.min()), int(t.max())
+        lo, hi = bounds(t)
         if lo < low or hi >= high:
             raise InvalidArgument(f"{what} must lie in [{low}, {high}), got values in [{lo}, {hi}]")
 
