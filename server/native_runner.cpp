@@ -295,14 +295,18 @@ bool in_ranges(const Plan& p, const torch::jit::Stack& stack) {
     int64_t lo = 0, hi = 0;
     try {
       py::gil_scoped_release nogil;
-      // both values in one tensor, read on the host with one copy (`guards.bounds`): on a GPU each `.item()` was a
-      // copy and a wait for the stream
-      at::Tensor both = at::empty({2}, t.options());
-      at::Tensor mn = both.select(0, 0), mx = both.select(0, 1);
-      at::aminmax_out(mn, mx, t);
-      const at::Tensor host = both.to(at::kCPU).to(at::kLong);
-      lo = host.data_ptr<int64_t>()[0];
-      hi = host.data_ptr<int64_t>()[1];
+      if (t.device().is_cpu()) {  // a read is free on the CPU (`guards.bounds`)
+        auto got = at::aminmax(t);
+        lo = std::get<0>(got).item<int64_t>();
+        hi = std::get<1>(got).item<int64_t>();
+      } else {  // both values in one tensor, read on the host with one copy: each `.item()` is a wait for the stream
+        at::Tensor both = at::empty({2}, t.options());
+        at::Tensor mn = both.select(0, 0), mx = both.select(0, 1);
+        at::aminmax_out(mn, mx, t);
+        const at::Tensor host = both.to(at::kCPU).to(at::kLong);
+        lo = host.data_ptr<int64_t>()[0];
+        hi = host.data_ptr<int64_t>()[1];
+      }
     } catch (const std::exception&) {
       return false;
     }
