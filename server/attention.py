@@ -39,10 +39,12 @@ drew from in `philox_seed` (a 0-d int64 view of the state's bytes: the CPU's mt1
 generator's seed and offset; `philox_offset` is 0), and the backward recomputes the forward with the mask drawn again
 from that state on a private generator, then runs the kernels autograd of the math path runs, on the same operands: no L
 x S mask lives between the forward and the backward (only the 5 KB state), and the session's stream does not move. An
-eager forward on a fake GPU (`_dropout_forward_saving`, round 28) also keeps its softmax and mask in `philox_seed`'s
-storage after the state (5 bytes a score in float32, counted as that storage's bytes; the math path's autograd holds 9),
-and the backward from such a seed skips the recomputed scores, softmax and draw (the same bits; ~3 of the ~8.5 ms of a
-classifier's attention forward and backward); a graph's forward keeps the state only, except on a CUDA device (`KEPT`):
+eager forward (`_dropout_forward_saving`: round 28 on fake GPUs, round 31 on CUDA too) also keeps its softmax and mask
+in `philox_seed`'s storage after the state (5 bytes a score in float32, counted as that storage's bytes; the math path's
+autograd holds 9), and the backward from such a seed skips the recomputed scores, softmax and draw (the same bits; ~3
+of the ~8.5 ms of a classifier's attention forward and backward); on CUDA its state bytes are zeros, as `KEPT`'s (no
+generator state read on the host, copied to the device and read back: two waits for the stream a call, round 31);
+a graph's forward keeps the state only, except on a CUDA device (`KEPT`):
 there it keeps the softmax and mask after 16 zero bytes and reads no generator state, so that a CUDA graph can hold the
 call (server/graph_cuda.py; the graph's memory plan counts the kept bytes: `kept_seed_meta`). (Clients send a recorded
 step's dropout calls as torch's math path by default: only a client that sends the fused op in a graph reaches this.) A
@@ -518,14 +520,17 @@ def _dropout_forward_saving(
     with_state: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """`_dropout_forward` that also keeps the softmax and the mask for the backward, in the storage of `philox_seed`
-    after the generator state (an eager call on a fake GPU): the backward then skips recomputing the scores, the
-    softmax and the draw (the classifier's two attention dropouts a step: ~40 % of its step's random draws, round 28).
+    after the generator state (an eager call): the backward then skips recomputing the scores, the softmax and the
+    draw (the classifier's two attention dropouts a step: ~40 % of its step's random draws, round 28).
     They are B x H x L x S x 5 bytes in float32 (9 in float64) held from the forward to the backward, as the math path
     holds its softmax, mask and dropped scores (9 bytes) under autograd; the storage's bytes count against the quota
     as every storage's do (server/sessions.py), and the forward's admission already counted them among its temporaries
     (`DROPOUT_FORWARD_BYTES`). A graph's forward (the library op) keeps the state only: its backward recomputes; but
     on a CUDA device a graph's forward is this one (`KEPT`) `with_state` False: the state's bytes zeros, no generator
-    state read on the host (a CUDA graph could not hold that), the backward from the kept scores alone."""
+    state read on the host (a CUDA graph could not hold that), the backward from the kept scores alone. An eager call
+    on CUDA runs it `with_state` False too (round 31): the state read on the host and copied to the device is a
+    synchronous copy of pageable memory, and a backward from it read it back (`.cpu()`: a wait for the whole stream)
+    and recomputed the scores, softmax and mask (6 more kernels), per call."""
     state = _generator_state(q.device) if with_state else None
     out, kept_for_backward = _dropout_math(q, k, v, bias, p, is_causal, scale, None)
     attn, kept = kept_for_backward[3], kept_for_backward[4]
@@ -540,7 +545,8 @@ def _dropout_forward_saving(
         buffer[:head].copy_(state)
     buffer[head : head + n * dtype.itemsize].view(dtype).view(shape).copy_(attn)
     buffer[head + n * dtype.itemsize : head + n * dtype.itemsize + n].view(torch.bool).view(shape).copy_(kept)
-    buffer[head + n * dtype.itemsize + n :].zero_()  # the padding: no byte of the storage left unwritten
+    if extra > n * dtype.itemsize + n:  # the padding: no byte of the storage left unwritten
+        buffer[head + n * dtype.itemsize + n :].zero_()
     lse = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)  # what nothing reads: `_dropout_forward`
     seed = buffer.view(torch.int64).as_strided([], [], 0)
     offset = torch.zeros((), dtype=torch.long, device=q.device)
@@ -586,13 +592,37 @@ def _dropout_backward(
     grad_dropped = torch.bmm(g3, v3.transpose(1, 2)).view(b, h, length, source)
     grad_scores = aten._softmax_backward_data.default(_drop_backward(grad_dropped, kept, p), attn, -1, attn.dtype)
     s3 = grad_scores.view(b * h, length, source)
-    grad_q = aten.mul.Scalar(torch.bmm(s3, kt3.transpose(1, 2)).view(b, h, length, q3.shape[2]), q_root)
-    grad_k = aten.mul.Scalar(torch.bmm(q3.transpose(1, 2), s3).view(b, h, kt3.shape[1], source), k_root)
-    grad_k = grad_k.transpose(-2, -1)
-    if q.dtype in _LOW_PRECISION:
-        grad_q, grad_k, grad_v = grad_q.to(q.dtype), grad_k.to(q.dtype), grad_v.to(q.dtype)
+    grad_q = torch.bmm(s3, kt3.transpose(1, 2)).view(b, h, length, q3.shape[2])
+    grad_k = torch.bmm(q3.transpose(1, 2), s3).view(b, h, kt3.shape[1], source)
+    if q.dtype not in _LOW_PRECISION:
+        gb = grad_scores if want_bias and bias is not None and bias.is_floating_point() else None
+        return (
+            _scaled_like(q, grad_q, q_root),
+            _scaled_like(k, grad_k, k_root, True),
+            _like(v, grad_v),
+            _bias_grad(bias, gb),
+        )
+    grad_q = aten.mul.Scalar(grad_q, q_root)
+    grad_k = aten.mul.Scalar(grad_k, k_root).transpose(-2, -1)
+    grad_q, grad_k, grad_v = grad_q.to(q.dtype), grad_k.to(q.dtype), grad_v.to(q.dtype)
     gb = grad_scores if want_bias and bias is not None and bias.is_floating_point() else None
     return _like(q, grad_q), _like(k, grad_k), _like(v, grad_v), _bias_grad(bias, gb)
+
+
+def _scaled_like(ref: Tensor, t: Tensor, factor: float, transposed: bool = False) -> Tensor:
+    """`_like(ref, aten.mul.Scalar(t, factor))` (`t.transpose(-2, -1)`'s product where `transposed`), the product
+    written by the multiply itself into `_like`'s layout where `_like` would copy it (the query's and key's gradients
+    of the dropout composition, whose client's views of a packed projection are laid out otherwise than the bmm's
+    products): `mul.out` is `mul.Scalar`'s kernel on the same operands (the same bits), one kernel where a multiply
+    and a copy were two (round 31)."""
+    want = torch.empty_like(ref, device="meta").stride()
+    seen = t.transpose(-2, -1) if transposed else t
+    if seen.shape != ref.shape or seen.stride() == tuple(want) or t.dtype != ref.dtype:
+        product = aten.mul.Scalar(t, factor)
+        return _like(ref, product.transpose(-2, -1) if transposed else product)
+    target = torch.empty_like(ref)
+    torch.mul(t, factor, out=target.transpose(-2, -1) if transposed else target)
+    return target
 
 
 # The dropout composition as two operators of the dispatcher (Python kernels, the CPU's and CUDA's, and meta kernels
@@ -659,9 +689,9 @@ def forward(
     an eager call on CUDA also falls back to the math composition when the kernel itself refuses)."""
     check_forward(query, key, value, attn_bias, dropout_p, scale, return_debug_mask)
     scale = None if scale is None else float(scale)
-    if kernel == KEPT or (kernel is None and dropout_p > 0 and query.device.type == "cpu"):  # keeps its scores
+    if kernel == KEPT or (kernel is None and dropout_p > 0):  # keeps its scores: every eager call
         dropped = _dropout_forward_saving(query, key, value, attn_bias, float(dropout_p), is_causal, scale,
-                                          with_state=kernel is None)  # fmt: skip
+                                          with_state=kernel is None and query.device.type != "cuda")  # fmt: skip
         return (dropped[0], dropped[1], None, None, query.shape[2], key.shape[2], dropped[2], dropped[3], None)
     if kernel == DROPOUT or (kernel is None and dropout_p > 0):  # one call (`_LIBRARY`): a traced graph's node too
         dropped = ops.call(_DROPOUT_FORWARD, query, key, value, attn_bias, float(dropout_p), is_causal, scale)
@@ -752,10 +782,10 @@ def backward(
     scale = None if scale is None else float(scale)
     want_bias = bool(grad_input_mask[3]) and attn_bias is not None and attn_bias.is_floating_point()
     if kernel == DROPOUT or (kernel is None and dropout_p > 0):
-        # a bias's gradient too (no client asks the fused op for it), or an eager call on a fake GPU (its forward
-        # kept its scores: `forward`), not through the library op: the same function as its CPU kernel, without the
-        # dispatcher's round trip into Python and back (~20 us of the encoder's ~120 us call)
-        if want_bias or (kernel is None and query.device.type == "cpu"):
+        # a bias's gradient too (no client asks the fused op for it), or an eager call (its forward kept its scores:
+        # `forward`), not through the library op: the same function as its kernels, without the dispatcher's round
+        # trip into Python and back (~20 us of the encoder's ~120 us call)
+        if want_bias or kernel is None:
             if want_bias:
                 ops.untraceable("dropout with a bias's gradient")
             return _dropout_backward(grad_out, query, key, value, attn_bias, float(dropout_p), is_causal, scale,

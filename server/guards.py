@@ -28,10 +28,29 @@ from . import attention
 from .opargs import Args, Kwargs, arg, checked, tensors
 from .sessions import zero_bytes
 
+_INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def bounds(t: torch.Tensor) -> tuple[int, int]:
+    """`int(t.min())` and `int(t.max())` of a non-empty tensor, for an integer one with one kernel (`aminmax`) where
+    they were two (round 31); on a GPU both values are written into the two elements of one tensor and read on the
+    host with one copy, where the two `.item()`s were two copies, each a wait for the device's stream (on the CPU a
+    read is free, and the 2-element tensor and `out=` cost more than they save: ~4 us). Other dtypes (a hostile
+    client's float or bool indices) as before."""
+    if t.dtype not in _INTEGERS:
+        return int(t.min()), int(t.max())
+    if t.device.type == "cpu":
+        lo, hi = torch.aminmax(t)
+        return int(lo), int(hi)
+    both = torch.empty(2, dtype=t.dtype, device=t.device)
+    torch.aminmax(t, out=(both[0], both[1]))
+    low, high = both.tolist()
+    return low, high
+
 
 def _in_range(t: Any, low: int, high: int, what: str) -> None:
     if isinstance(t, torch.Tensor) and t.numel() and t.device.type != "meta":  # values are checked when known
-        lo, hi = int(t.min()), int(t.max())
+        lo, hi = bounds(t)
         if lo < low or hi >= high:
             raise InvalidArgument(f"{what} must lie in [{low}, {high}), got values in [{lo}, {hi}]")
 

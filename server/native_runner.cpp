@@ -280,7 +280,7 @@ std::shared_ptr<Plan> make_plan(
 
 // `guards._in_range` for each of the plan's ranges (`Plan::ranges`), on the record's arguments as the op will take
 // them (`stack`): true when every such tensor has no elements, is a meta tensor (values the guard does not know) or
-// has its smallest and largest values in [low, high) -- as `int(t.min())` and `int(t.max())` read them, the GIL
+// has its smallest and largest values in [low, high) -- as `guards.bounds` reads them, the GIL
 // released as Python's binding releases it. False for values out of range, and for anything the guard would read
 // otherwise than here (a dtype other than an integer one, an error): the record then goes to the Python path, which
 // runs the guard itself and raises its error (no side effect was made here).
@@ -295,9 +295,18 @@ bool in_ranges(const Plan& p, const torch::jit::Stack& stack) {
     int64_t lo = 0, hi = 0;
     try {
       py::gil_scoped_release nogil;
-      auto got = at::aminmax(t);
-      lo = std::get<0>(got).item<int64_t>();
-      hi = std::get<1>(got).item<int64_t>();
+      if (t.device().is_cpu()) {  // a read is free on the CPU (`guards.bounds`)
+        auto got = at::aminmax(t);
+        lo = std::get<0>(got).item<int64_t>();
+        hi = std::get<1>(got).item<int64_t>();
+      } else {  // both values in one tensor, read on the host with one copy: each `.item()` is a wait for the stream
+        at::Tensor both = at::empty({2}, t.options());
+        at::Tensor mn = both.select(0, 0), mx = both.select(0, 1);
+        at::aminmax_out(mn, mx, t);
+        const at::Tensor host = both.to(at::kCPU).to(at::kLong);
+        lo = host.data_ptr<int64_t>()[0];
+        hi = host.data_ptr<int64_t>()[1];
+      }
     } catch (const std::exception&) {
       return false;
     }

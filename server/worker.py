@@ -593,6 +593,11 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
         capped = cap_gpu_memory(state.device, spec.quota, margin)
         log.debug("session %d worker %d: CUDA allocator cap %s of the device", spec.number, os.getpid(), capped)
         _warm_cuda(state.device)
+    audit = None
+    if os.environ.get("GPUPOOL_OP_AUDIT"):  # an audit's counts (server/opaudit.py): its file opened before the sandbox
+        from . import opaudit
+
+        audit = opaudit.from_env()
     limit = spec.memory_limit and _vm_data() + spec.memory_limit
     report = sandbox.apply(limit, user=spec.user, seccomp=spec.seccomp, network=spec.network)
     log.debug("session %d worker %d sandbox: %s; missing: %s", spec.number, os.getpid(), report.applied, report.missing)
@@ -626,6 +631,8 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
         state.executor.side_used = 0
         result = state.run(req, mark)
         state.executor.side_slot = None
+        if audit is not None:
+            audit.dump()
         try:
             size = slices.write_result(result, data)  # the usual result, straight into the shared buffer
             if size >= 0:

@@ -129,3 +129,78 @@ def test_a_cuda_graphs_forward_with_dropout_keeps_its_scores_and_its_memory_plan
     seed = attention.kept_seed_meta(args, {})
     _, _, extra = attention._saved_sizes(q, k)
     assert seed.dim() == 0 and seed.dtype == torch.int64 and seed.untyped_storage().nbytes() == 16 + extra
+
+
+@pytest.mark.parametrize("length", [6, 16])  # 2x3x6x5 scores leave 4 bytes of padding, 2x3x16x5 none
+def test_an_eager_forward_on_a_fake_gpu_keeps_the_state_then_the_scores_and_no_byte_unwritten(length: int) -> None:
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, length, 8, generator=g)
+    k = v = torch.randn(2, 3, 5, 8, generator=g)
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    out = attention.fused_attention(q, k, v, None, 0.3)
+    storage = out[6].untyped_storage()
+    _, work, extra = attention._saved_sizes(q, k)
+    n = 2 * 3 * length * 5
+    head = attention._CPU_STATE_BYTES
+    assert storage.nbytes() == head + extra
+    raw = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),), (1,))
+    assert torch.equal(raw[:head], state)  # a fake GPU's eager forward: the state it drew from, then the scores
+    assert not raw[head + n * work.itemsize + n :].any()  # the padding, where there is one
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_an_eager_call_with_dropout_on_a_gpu_keeps_its_scores_and_never_waits_for_the_device(
+    dtype: torch.dtype,
+) -> None:
+    """An eager fused call with dropout on CUDA (round 31) keeps its softmax and mask after 16 zero bytes, as a CUDA
+    graph's forward (`KEPT`): no generator state read on the host and copied to the device (a synchronous copy of
+    pageable memory) in the forward, no `.cpu()` of it in the backward (a wait for the stream) nor the recomputed
+    scores -- torch's sync debug mode refuses any wait, which the round-30 forward and backward made. The output and
+    the gradients are torch's math path's from the same seed (never run: no GPU at hand)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g).to(dtype).cuda() for n in (6, 5, 5))
+    grad = torch.randn(2, 3, 6, 8, generator=g).to(dtype).cuda()
+    torch.manual_seed(5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = attention.fused_attention(q, k, v, None, 0.3)
+        got = attention.fused_attention_backward(grad, q, k, v, None, [True, True, True, False], out[0], out[1], None,
+                                                 None, 6, 5, 0.3, False, out[6], out[7])  # fmt: skip
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    storage = out[6].untyped_storage()
+    _, _, extra = attention._saved_sizes(q, k)
+    assert out[6].dim() == 0 and storage.nbytes() == 16 + extra
+    raw = torch.empty(0, dtype=torch.uint8, device="cuda").set_(storage, 0, (storage.nbytes(),), (1,))
+    assert not raw[:16].any()
+    torch.manual_seed(5)
+    qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+    want = torch.ops.aten._scaled_dot_product_attention_math(qq, kk, vv, None, 0.3, False)[0]
+    want.backward(grad)
+    torch.testing.assert_close(out[0], want)
+    for a, b in zip(got[:3], (qq.grad, kk.grad, vv.grad), strict=True):
+        torch.testing.assert_close(a, b)
+        assert a.stride() == b.stride()
+
+
+def test_a_scaled_gradient_written_into_its_layout_is_the_multiply_then_the_copy_bit_for_bit() -> None:
+    """`_scaled_like` (round 31): the product written by `mul.out` into the meta kernel's layout, where the multiply
+    and `_like`'s copy were two kernels: the same values, strides and dtype, for a query laid out as a client's view
+    of a packed projection (the encoders'), a transposed key's product, and layouts `_like` keeps as they are."""
+    g = torch.Generator().manual_seed(4)
+    packed = torch.randn(5, 2 * 3, 8, generator=g)  # (L, B*H, E) -> (B, H, L, E): MultiheadAttention's views
+    ref = packed.transpose(0, 1).view(2, 3, 5, 8)
+    t = torch.randn(2, 3, 5, 8, generator=g)
+    for r, x, transposed in ((ref, t, False), (ref, t.transpose(-2, -1).contiguous(), True), (t, t, False),
+                             (ref.contiguous(), t, False), (ref.double(), t.double(), False)):  # fmt: skip
+        got = attention._scaled_like(r, x, -0.37, transposed)
+        product = torch.ops.aten.mul.Scalar(x, -0.37)
+        want = attention._like(r, product.transpose(-2, -1) if transposed else product)
+        assert _same(got, want)
+        assert got.stride() == torch.empty_like(r).stride()

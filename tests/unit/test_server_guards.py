@@ -217,3 +217,66 @@ def test_what_the_fused_optimizers_guard_lets_through_stays_in_its_tensors() -> 
         assert not (changed & ~mine).any(), (op, [(t.shape, t.stride()) for t in params])
         buf.copy_(before)
     assert ran > 150 and refused > 1000, (ran, refused)
+
+
+# ---- index ranges read on the host at once (round 31) ----
+
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES)
+def test_bounds_are_min_and_max_for_every_layout(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(2)
+    base = torch.randint(0, 100, (6, 7), generator=g).to(dtype)
+    for t in (base, base.t(), base[::2, 1:], base[3, 4], base.expand(2, 6, 7), base.reshape(-1)[:1]):
+        assert guards.bounds(t) == (int(t.min()), int(t.max()))
+    for t in (torch.tensor([1.9, -0.5]), torch.tensor([True, False])):  # a hostile client's other dtypes: as before
+        assert guards.bounds(t) == (int(t.min()), int(t.max()))
+
+
+class _Calls(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_an_index_range_guard_runs_one_kernel() -> None:
+    """The embedding backward's guard (what the launch-bound encoders and the CNN send once a step): one `aminmax`
+    where `int(t.min())`, `int(t.max())` were two kernels (on a GPU its two values are read with one copy:
+    `test_bounds_on_a_gpu_read_the_host_once`)."""
+    weight_grad = torch.randn(2, 5, 3)
+    indices = torch.randint(0, 10, (2, 5))
+    op = torch.ops.aten.embedding_dense_backward.default
+    calls = _Calls()
+    with calls:
+        guards.validate(op, [weight_grad, indices, 10, -1, False], {}, 1 << 40)
+    assert calls.names.count("aminmax") == 1
+    assert "min" not in calls.names and "max" not in calls.names
+    bad = indices.clone()
+    bad[1, 3] = 10
+    with pytest.raises(InvalidArgument, match=r"indices must lie in \[0, 10\), got values in \[\d+, 10\]"):
+        guards.validate(op, [weight_grad, bad, 10, -1, False], {}, 1 << 40)
+    bad[0, 0] = -1
+    with pytest.raises(InvalidArgument, match=r"got values in \[-1, 10\]"):
+        guards.validate(op, [weight_grad, bad, 10, -1, False], {}, 1 << 40)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", INT_DTYPES)
+def test_bounds_on_a_gpu_read_the_host_once(dtype: torch.dtype) -> None:
+    """`aminmax` written into the two elements of one CUDA tensor, read with one copy: no `_local_scalar_dense`, one
+    `tolist` (never run: no GPU at hand)."""
+    base = torch.randint(0, 100, (6, 7), dtype=dtype, device="cuda")
+    for t in (base, base.t(), base[::2, 1:], base[3, 4]):
+        calls = _Calls()
+        with calls:
+            got = guards.bounds(t)
+        assert got == (int(t.min()), int(t.max()))
+        assert calls.names.count("aminmax") == 1 and "_local_scalar_dense" not in calls.names
