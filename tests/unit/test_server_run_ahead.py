@@ -93,7 +93,7 @@ class _GatedEvent(_Event):
 
     def synchronize(self) -> None:
         gate = getattr(self.stream, "gate", None)
-        if gate is not None:
+        if gate is not None and self.stream.records >= getattr(self.stream, "gate_from", 0):
             gate.wait(30)
         super().synchronize()
 
@@ -139,3 +139,54 @@ def test_a_closing_sessions_flush_does_not_hold_up_another_sessions_expiry(
             except Exception:  # noqa: BLE001 -- closed by its expiry
                 pass
     _wait(lambda: fa.closed and fa.runner is not None and not fa.device_busy)
+
+
+def test_a_lying_workers_close_in_its_own_slice_does_not_stall_the_devices_other_sessions(
+    daemon_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session closed by its own slice's outcome (its replies past --max-unread-bytes: `_exhausted`, called in
+    the device's thread under the session's lock, an RLock) had its GPU time flushed there: a worker that says its
+    GPU is busy (a lie: a slice with an answer settles) and then does not answer the flush held the device's
+    thread -- every other session of the device -- for FLUSH_SECONDS. Stand-in events; the lie is `busy`, always
+    True, and the GPU's wait is the test's gate."""
+    import threading
+
+    import torch
+
+    streams: list[_Stream] = []
+
+    def slice_timer(self: devices.Device) -> devices.SliceTimer:
+        stream = _Stream(work_per_slice=1e-6)
+        streams.append(stream)
+        return devices.SliceTimer(_GatedEvent, lambda: stream, None)
+
+    monkeypatch.setattr(devices.FakeDevice, "slice_timer", slice_timer)
+    d = daemon_factory(isolation="thread", max_unread_bytes=512)
+    daemon = d.running.daemon
+    gate = threading.Event()
+    a = Session.attach(d.address, d.token(tenant="a"))
+    b = Session.attach(d.address, d.token(tenant="b"))
+    got: list[Any] = []
+    try:
+        fa, fb = daemon.session_list()
+        h = a.upload(torch.zeros(1024))  # 4 KiB: its download is past the host's unread limit (512 bytes)
+        a.sync()
+        streams[0].gate = gate  # type: ignore[attr-defined]
+        streams[0].gate_from = streams[0].records + 3  # type: ignore[attr-defined]  # past the Get's slice
+        monkeypatch.setattr(devices.SliceTimer, "busy", property(lambda self: self is not None))  # the lie
+        threading.Thread(target=lambda: _swallow(lambda: a.download(h)), daemon=True).start()
+        _wait(lambda: fa.closed)
+        threading.Thread(target=lambda: got.append(b.download(b.upload(torch.arange(3.0)))), daemon=True).start()
+        _wait(lambda: bool(got))  # b's slices run while a's worker does not answer its flush
+        assert got[0].tolist() == [0.0, 1.0, 2.0] and not gate.is_set()
+    finally:
+        gate.set()
+        for s in (a, b):
+            _swallow(s.close)
+
+
+def _swallow(call: Any) -> None:
+    try:
+        call()
+    except Exception:  # noqa: BLE001 -- a session its daemon closed
+        pass
