@@ -436,7 +436,10 @@ class Daemon:
             if self._by_lease.get(key) is s:
                 del self._by_lease[key]
         self.queues[s.device.index].remove(s.entry)
-        if s.device_busy and s.runner is not None and s.lock.acquire(blocking=False):
+        # Never in a device's thread (a session its own slice ends: replies past --max-unread-bytes, a dead worker;
+        # the session's lock is an RLock, held there): the device's other sessions would wait for the flush.
+        mine = isinstance(threading.current_thread(), DeviceWorker)
+        if s.device_busy and s.runner is not None and not mine and s.lock.acquire(blocking=False):
             try:  # an idle session's GPU time still unreported (a CUDA device's run-ahead): booked before its end
                 # (a running slice's session is ended at once, as before: what its worker had not reported is lost)
                 self._book(s, self._flush(s))
