@@ -98,6 +98,19 @@ class _GatedEvent(_Event):
         super().synchronize()
 
 
+def _gated_streams(monkeypatch: pytest.MonkeyPatch) -> list[_Stream]:
+    """Each session's timer on the fake GPU a SliceTimer over gated stand-in events; their streams, in order."""
+    streams: list[_Stream] = []
+
+    def slice_timer(self: devices.Device) -> devices.SliceTimer:
+        stream = _Stream(work_per_slice=1e-6)
+        streams.append(stream)
+        return devices.SliceTimer(_GatedEvent, lambda: stream, None)
+
+    monkeypatch.setattr(devices.FakeDevice, "slice_timer", slice_timer)
+    return streams
+
+
 def test_a_closing_sessions_flush_does_not_hold_up_another_sessions_expiry(
     daemon_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -107,14 +120,7 @@ def test_a_closing_sessions_flush_does_not_hold_up_another_sessions_expiry(
     behind it (10 s a session, one after another). Stand-in events: the GPU's wait is the test's gate."""
     import threading
 
-    streams: list[_Stream] = []
-
-    def slice_timer(self: devices.Device) -> devices.SliceTimer:
-        stream = _Stream(work_per_slice=1e-6)
-        streams.append(stream)
-        return devices.SliceTimer(_GatedEvent, lambda: stream, None)
-
-    monkeypatch.setattr(devices.FakeDevice, "slice_timer", slice_timer)
+    streams = _gated_streams(monkeypatch)
     d = daemon_factory(isolation="thread")
     daemon = d.running.daemon
     gate = threading.Event()
@@ -153,14 +159,7 @@ def test_a_lying_workers_close_in_its_own_slice_does_not_stall_the_devices_other
 
     import torch
 
-    streams: list[_Stream] = []
-
-    def slice_timer(self: devices.Device) -> devices.SliceTimer:
-        stream = _Stream(work_per_slice=1e-6)
-        streams.append(stream)
-        return devices.SliceTimer(_GatedEvent, lambda: stream, None)
-
-    monkeypatch.setattr(devices.FakeDevice, "slice_timer", slice_timer)
+    streams = _gated_streams(monkeypatch)
     d = daemon_factory(isolation="thread", max_unread_bytes=512)
     daemon = d.running.daemon
     gate = threading.Event()
