@@ -268,7 +268,7 @@ def _long_tag_upload(span_bytes: int) -> bytes:
         n -= len(raw) - span_bytes
 
 
-@pytest.mark.parametrize("over", [0, 3, 4, 64 * 1024])
+@pytest.mark.parametrize("over", [0, 3, 4, 64 * 1024, 1024 * 1024])  # the last: a frame of big uploads only
 def test_an_upload_protobuf_refuses_beside_a_batch_is_refused_by_the_reader(
     daemon: Any, healthy: Healthy, over: int
 ) -> None:
