@@ -66,6 +66,8 @@ def parse_upload(span: memoryview) -> tuple[device_pb2.Command, memoryview] | No
         while i < end:
             start = i
             tag, i = protocol.read_varint(span, i, end)
+            if i - start > 5:  # protobuf reads a tag in at most five bytes: a longer one is corrupt
+                return None
             field, wire_type = tag >> 3, tag & 7
             if wire_type == 0:
                 _, i = protocol.read_varint(span, i, end)
@@ -153,7 +155,7 @@ def strip_payload(payload: Any) -> tuple[bytes, list[tuple[int, memoryview]]] | 
             except ValueError:
                 return None
         i += length
-        if length >= STRIP_MIN and i <= n:
+        if i - start >= STRIP_MIN and i <= n:  # a span as `strip_uploads` measures it (its tag and length too)
             got = parse_upload(view[start:i])
             if got is not None and len(got[1]):
                 out.append(view[at:start])

@@ -436,7 +436,10 @@ class Daemon:
             if self._by_lease.get(key) is s:
                 del self._by_lease[key]
         self.queues[s.device.index].remove(s.entry)
-        if s.device_busy and s.runner is not None and s.lock.acquire(blocking=False):
+        # Never in a device's thread (a session its own slice ends: replies past --max-unread-bytes, a dead worker;
+        # the session's lock is an RLock, held there): the device's other sessions would wait for the flush.
+        mine = isinstance(threading.current_thread(), DeviceWorker)
+        if s.device_busy and s.runner is not None and not mine and s.lock.acquire(blocking=False):
             try:  # an idle session's GPU time still unreported (a CUDA device's run-ahead): booked before its end
                 # (a running slice's session is ended at once, as before: what its worker had not reported is lost)
                 self._book(s, self._flush(s))
@@ -466,7 +469,16 @@ class Daemon:
             now = time.time()
             for s in self.session_list():
                 if s.expires_at <= now and now >= self._expiry_hold:
-                    self.close_session(s, f"lease {s.lease_id} expired")
+                    self._close_aside(s, f"lease {s.lease_id} expired")
+
+    def _close_aside(self, s: FrontSession, reason: str) -> None:
+        """Close one of several sessions (the reaper's expired ones, a revoked lease's): a session whose close
+        first waits for its worker's GPU time (`_flush`, up to FLUSH_SECONDS, which the session makes long by
+        queuing kernels) is closed by a thread of its own, so that the sessions after it do not wait behind it."""
+        if s.device_busy:
+            threading.Thread(target=self.close_session, args=(s, reason), name="gpupool-close", daemon=True).start()
+        else:
+            self.close_session(s, reason)
 
     # ---- execution ----
 
@@ -697,7 +709,7 @@ class Daemon:
             with self._lock:
                 of_lease = [s for (lease, _), s in self._by_lease.items() if lease == lease_id]
             for s in of_lease:
-                self.close_session(s, f"lease {lease_id} was released or revoked by the scheduler")
+                self._close_aside(s, f"lease {lease_id} was released or revoked by the scheduler")
 
     def status(self) -> device_pb2.StatusReply:
         sessions, devs = self.usage()

@@ -9,10 +9,12 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from google.protobuf.message import DecodeError
 from gpupool.client.session import Handle, Session
+from gpupool.server import bulk
 from support import Healthy, tls_channel
 
-from gpupool import errors
+from gpupool import errors, protocol
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
 from gpupool.tokens import public_session_id
 
@@ -247,3 +249,36 @@ def test_bad_upload_chunks(session: Session) -> None:
         with pytest.raises(errors.InvalidArgument):
             session.sync()
     assert_still_usable(session)
+
+
+def _long_tag_upload(span_bytes: int) -> bytes:
+    """A frame of one Upload command of exactly `span_bytes` bytes whose `data` field's tag is written in six bytes
+    (0xa2 0x80 0x80 0x80 0x80 0x00: field 4, wire type 2, padded): protobuf reads tags of at most five bytes, so
+    it refuses the frame as corrupt."""
+    tag = b"\xa2\x80\x80\x80\x80\x00"
+    n = span_bytes
+    while True:
+        meta = tensor_pb2.TensorMeta(dtype=tensor_pb2.DTYPE_UINT8, shape=[n])
+        up = device_pb2.Upload(handle=1, meta=meta, last=True).SerializeToString() + tag
+        up += protocol.varint(n) + b"\x07" * n
+        cmd = bytes([protocol.UPLOAD << 3 | 2]) + protocol.varint(len(up)) + up
+        raw = b"\x0a" + protocol.varint(len(cmd)) + cmd
+        if len(raw) == span_bytes:
+            return raw
+        n -= len(raw) - span_bytes
+
+
+@pytest.mark.parametrize("over", [0, 3, 4, 64 * 1024, 1024 * 1024])  # the last: a frame of big uploads only
+def test_an_upload_protobuf_refuses_beside_a_batch_is_refused_by_the_reader(
+    daemon: Any, healthy: Healthy, over: int
+) -> None:
+    """The stream reader checks a frame holding a batch-sized Upload without protobuf reading the Upload's bytes
+    (bulk.strip_uploads): its own reading must refuse what protobuf refuses. A `data` tag of six bytes was read as
+    `data`: the frame ran although protobuf calls it corrupt, and where the span was under 4 bytes past
+    STRIP_MIN (the worker's reading, `strip_payload`, counts the command's length without its tag and length, so
+    it left that span to protobuf) the worker's protobuf refused it and the session's worker died instead."""
+    raw = _long_tag_upload(bulk.STRIP_MIN + over)
+    with pytest.raises(DecodeError):
+        device_pb2.ClientFrame.FromString(raw)
+    err = _raw_stream(daemon, [raw])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in (err.details() or "")

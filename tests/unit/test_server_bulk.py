@@ -61,6 +61,7 @@ def test_anything_else_is_left_to_protobuf() -> None:
         frame_of(command_of(up + b"\x22\x09abc")),  # data runs past the end
         frame_of(command_of(up + b"\x08\xff\xff")),  # truncated varint
         frame_of(command_of(up + b"\x0b\x0c")),  # a group
+        frame_of(command_of(up + b"\xa2\x80\x80\x80\x80\x00\x03abc")),  # data's tag in six bytes: corrupt
         frame_of(command_of(b"\x12\x05\x08")),  # a malformed meta
         frame_of(b"\x0a\x00"),  # an Op, not an Upload
         memoryview(b"\x0a\x05" + command_of(up)),  # frame length disagrees
@@ -315,3 +316,19 @@ def test_a_slices_spans_reach_the_shared_buffer_in_order_big_ones_copied_once() 
     buf = bytearray(sum(sizes) + 8)
     worker._copy_parts(memoryview(buf), parts)
     assert bytes(buf) == b"".join(parts) + bytes(8)
+
+
+def test_a_span_exactly_strip_min_long_is_taken_by_the_reader_and_the_worker_alike() -> None:
+    """The reader's `strip_uploads` measures a span with its tag and length; the worker's `strip_payload` measured
+    the command without them, so a span of STRIP_MIN..STRIP_MIN+3 bytes was checked stripped and run unstripped."""
+    for over in (0, 3, 4):
+        n = bulk.STRIP_MIN + over - 16
+        while True:
+            raw = _frame(_upload_cmd(7, torch.zeros(n, dtype=torch.uint8)))
+            if len(raw) == bulk.STRIP_MIN + over:
+                break
+            n -= len(raw) - bulk.STRIP_MIN - over
+        reader = bulk.strip_uploads(slices.split_frame(raw, 8))
+        worker = bulk.strip_payload(memoryview(raw))
+        assert reader is not None and worker is not None and reader[0] == worker[0], over
+        assert bytes(reader[1][0][1]) == bytes(worker[1][0][1]) == bytes(n)
