@@ -35,7 +35,7 @@ from gpupool import wire
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, NotFound
 
-from . import graph_cuda, graph_trace, slices
+from . import graph_cuda, graph_trace, slices, staging
 from .graph_build import GATHER, ONE, STEP_ERRORS, Graph, Host, building, flat, step_error
 from .sessions import Poison, WorkerSession, zero_bytes
 
@@ -226,7 +226,7 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph,
                     sent = {}
                 sent[i + 1] = t
                 if g.cuda is None:  # a captured CUDA graph copies it into its own input (graph_cuda.CudaGraph.run)
-                    t = s.staging.tensor(t) if s.staging is not None else t.to(g.device)
+                    t = staging.onto(s.staging, t, g.device)
         slots[i + 1] = t
     persistent = _externals(s, g, slots)
     for h in outputs:

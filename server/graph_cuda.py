@@ -43,7 +43,7 @@ import torch
 from gpupool import wire
 from gpupool.errors import GpupoolError, InvalidArgument
 
-from . import attention, guards
+from . import attention, guards, staging
 from .graph_build import STEP_ERRORS, Graph, Host, step_error
 from .sessions import WorkerSession
 
@@ -250,14 +250,12 @@ class CudaGraph:
             return False
         if self.checks is not None:
             self.checks.run(slots, sent)  # before anything of the step runs, as eagerly before its op
-        staging = s.staging
+        pinned = s.staging
         for i in range(1, self.n_inputs + 1):
             src = slots[i]
-            if src.device.type != "cpu":
-                self.static[i].copy_(src)
-            elif staging is None or not staging.copy(self.static[i], wire.host_bytes(src)):
-                # an input sent by value (graph._run leaves it on the CPU here): straight into the capture's input,
-                # queued from pinned memory (server/staging.py), no device tensor of its own
+            # an input sent by value (graph._run leaves it on the CPU here): straight into the capture's input,
+            # queued from pinned memory (server/staging.py), no device tensor of its own; else torch's copy
+            if src.device.type != "cpu" or pinned is None or not pinned.copy(self.static[i], wire.host_bytes(src)):
                 self.static[i].copy_(src)
         if self.seeded:
             host._seeded(s, _nothing, [], {})  # the device's generator holds this session's stream
@@ -399,4 +397,4 @@ def on_device(s: WorkerSession, g: Graph, slots: list[Any]) -> None:
     for i in range(1, len(g.input_meta) + 1):
         t = slots[i]
         if t is not None and t.device.type == "cpu":
-            slots[i] = s.staging.tensor(t) if s.staging is not None else t.to(g.device)
+            slots[i] = staging.onto(s.staging, t, g.device)

@@ -111,3 +111,9 @@ def for_device(device: torch.device) -> Staging | None:
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     return Staging(device)
+
+
+def onto(staging: Staging | None, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Contiguous CPU tensor `t` on `device`: queued through a session's `staging` where it has one, else torch's
+    copy (a fake GPU's, or a CUDA device's without pinned memory)."""
+    return staging.tensor(t) if staging is not None else t.to(device)
