@@ -27,6 +27,8 @@ from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import InvalidArgument, ResourceExhausted
 from gpupool.protocol import FRAME_COMMANDS_TAG, GET, SYNC, UPLOAD
 
+from . import bulk
+
 ANSWERED = (GET, SYNC)  # commands that produce replies (command kinds: gpupool.wire)
 _BULK_KINDS = frozenset((UPLOAD, GET))  # commands that may use the side channel (`split_frame`'s `bulk`)
 _COMMANDS_TAG = FRAME_COMMANDS_TAG[0]
@@ -573,7 +575,7 @@ def run_commands(
     if req.uploads:
         return _run_uploads(session, execute, ledger, req, timed, progress)
     payload = req.payload  # upb parses any buffer, copying its bytes fields: a batch's are taken out first
-    taken = _uploads_taken(payload) if len(payload) >= _STRIP_MIN else None
+    taken = _uploads_taken(payload) if len(payload) >= bulk.STRIP_MIN else None
     commands: Sequence[Any]
     if taken is None:
         commands = device_pb2.ClientFrame.FromString(payload).commands  # type: ignore[arg-type]
@@ -668,8 +670,6 @@ def _run_uploads(
 ) -> SliceResult:
     """A slice of big uploads (at most bulk.SLICE_BYTES): each chunk's bytes go from the payload (the shared
     buffer) into its tensor in one copy. Uploads answer nothing, and the slice is bounded by bytes, not time."""
-    from . import bulk
-
     spans = [span for _, span in split_frame(req.payload, 1 << 20)]  # type: ignore[arg-type]
     parsed = [bulk.parse_upload(span) for span in spans]
     if not all(parsed):  # not all canonical (say, an Upload followed by another oneof field): the ordinary path
@@ -686,15 +686,10 @@ def _run_uploads(
     return _result(session, ledger, len(spans), measured, [], False, isinstance(timed, DeviceClock) and timed.busy)
 
 
-_STRIP_MIN = 64 * 1024  # bulk.STRIP_MIN (bulk imports this module's callers: read here without importing it)
-
-
 def _uploads_taken(payload: Any) -> tuple[bytes, list[Any], list[tuple[Any, memoryview]]] | None:
     """A slice's payload with its big Uploads' bytes taken out (`bulk.strip_payload`): (the payload without them,
     its commands parsed, in a list, and each stripped Upload's command object with its bytes, a view of the
     payload), or None (none to take: then protobuf reads the payload as it came)."""
-    from . import bulk
-
     got = bulk.strip_payload(payload)
     if got is None:
         return None
