@@ -355,3 +355,41 @@ def test_an_address_flooding_bad_api_tokens_is_refused_alone(tmp_path: Path) -> 
             c.close()
         relay.close()
         server.stop(grace=0.5)
+
+
+def test_a_host_credential_acting_as_another_host_is_limited_as_bad_tokens(tmp_path: Path) -> None:
+    """--auth-fail-rate bounds every failed credential, not only unknown API tokens (round 32): a host's join token
+    registering or heartbeating as another host id was refused (PERMISSION_DENIED) without bound, each refusal a
+    full call, however fast it came. Past its address's bucket it gets RESOURCE_EXHAUSTED as a bad token does; the
+    same credential acting as its own host still passes from there, and a tenant's call the host may not make
+    counts too."""
+    signer = tokens.generate_key_file(tmp_path / "token.key", tmp_path / "token.pub")
+    creds = tmp_path / "credentials"
+    creds.write_text(credential_line("host", "h1", "h1-join") + credential_line("tenant", "alice", "alice-token"))
+    config = SchedulerConfig(
+        listen="127.0.0.1:0",
+        metrics_listen="0",
+        tls=dataclasses.replace(get_pki().server_config(), client_auth="none"),
+        credentials=str(creds),
+        auth_fail_rate=0.2,  # bursts of 2 failures, then one every 5 s: none comes back within the test
+    )
+    server = SchedulerServer(config, signer).start()
+    relay = TcpRelay(("127.0.0.1", int(server.address.rsplit(":", 1)[1])), "127.0.0.2")
+    (tmp_path / "h1.token").write_text("h1-join")
+    (tmp_path / "alice.token").write_text("alice-token")
+    h1 = tls.TlsConfig(ca=get_pki().ca_file, api_token_file=str(tmp_path / "h1.token"))
+    alice = tls.TlsConfig(ca=get_pki().ca_file, api_token_file=str(tmp_path / "alice.token"))
+    try:
+        codes = [register_host(relay.address, "h2", h1) for _ in range(4)]
+        assert codes == [grpc.StatusCode.PERMISSION_DENIED] * 2 + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2, codes
+        assert register_host(relay.address, "h1", h1) is None  # its own host id: a good call is never counted
+        assert register_host(server.address, "h2", h1) == grpc.StatusCode.PERMISSION_DENIED  # another address
+        assert register_host(relay.address, "h9", alice) == grpc.StatusCode.RESOURCE_EXHAUSTED  # a tenant's, too
+        client = SchedulerClient(relay.address, alice)
+        try:
+            client.list_pool()  # alice's good call from the limited address passes
+        finally:
+            client.close()
+    finally:
+        relay.close()
+        server.stop(grace=0.5)
