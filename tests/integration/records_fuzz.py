@@ -20,6 +20,7 @@ the daemon is alive; throughout, `support.Healthy` computes exact results on the
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -238,6 +239,14 @@ def join(commands: list[bytes]) -> bytes:
 
 # ---- mutations ----
 
+
+@functools.cache
+def allowed_ops() -> list[str]:
+    """The daemon's allowlist (server/allowed_ops.txt): names a renamed record calls with another op's arguments."""
+    text = (Path(__file__).resolve().parents[2] / "server" / "allowed_ops.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
 _SIZES = {"u64h": 8, "u64": 8, "i64": 8, "f64": 8, "u8": 1, "u16": 2, "u32": 4}
 U64_EDGES = [0, 1, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1]
 I64_EDGES = [0, 1, -1, 2, 3, 7, 255, 2**31, 2**32, 2**40, 2**62, 2**63 - 1, -(2**63), -(2**31)]
@@ -272,8 +281,13 @@ class Mutator:
 
     def record(self, data: bytes, did: list[str]) -> bytes:
         r = self.rng
-        how = r.choice(["field"] * 6 + ["flip", "cut", "insert", "grow"])
+        how = r.choice(["field"] * 6 + ["flip", "cut", "insert", "grow", "rename", "rename"])
         buf = bytearray(data)
+        if how == "rename" and len(data) > 5 and 0 < data[4] <= len(data) - 5:
+            # another allowed op with this one's arguments (the op id keeps the new name for later records)
+            name = r.choice(allowed_ops()).encode()
+            did.append(f"record renamed {data[5 : 5 + data[4]].decode(errors='replace')} -> {name.decode()}")
+            return struct.pack("<IB", struct.unpack_from("<I", data)[0], len(name)) + name + data[5 + data[4] :]
         if how == "field":
             fields = [(p, k) for p, k in record_fields(data) if p + _SIZES[k] <= len(data)] or [(0, "u8")]
             pos, kind = r.choice(fields) if data else (0, "grow")
