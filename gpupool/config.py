@@ -358,26 +358,48 @@ class UnsafeFile(PermissionError):
     """A file the program trusts (keys, credentials) that others than its owner may write."""
 
 
-def read_trusted(path: str | os.PathLike[str], what: str) -> bytes:
+def read_trusted(path: str | os.PathLike[str], what: str, *, secret: bool = False) -> bytes:
     """The bytes of a file the program trusts - the token signing key, the token public keys a daemon admits
-    sessions by, the scheduler's credentials (hashes of API tokens and their roles) -, refused (UnsafeFile) when a
-    user other than its owner may write it: the other users (a mode like 0666, a shared folder under umask 0), or a
-    group other than the reader's private group or root's (`_private_group`, as for build caches). Whoever could
+    sessions by, the scheduler's credentials (hashes of API tokens and their roles), TLS private keys and CA
+    bundles -, refused (UnsafeFile) when a user other than its owner may write it (`open_trusted`). Whoever could
     write such a file could add a public key of their own (and mint tokens for any lease of the host), an admin
-    line, or a signing key they know. Checked on the file as opened (fstat), so a rename between a check and the
-    read changes nothing; a path that is not a regular file is refused without waiting on it (a named pipe)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    line, a CA of their own, or a signing key they know. `secret`: a private key, refused also when other users
+    may read it."""
+    fd = open_trusted(path, what, secret=secret)
     with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def open_trusted(path: str | os.PathLike[str], what: str, *, secret: bool = False) -> int:
+    """`path` opened for reading and checked as opened (fstat, so a rename between a check and the read changes
+    nothing): refused (UnsafeFile, closed) when a user other than its owner may write it - the other users (a mode
+    like 0666, a shared folder under umask 0), or a group other than the reader's private group or root's
+    (`_private_group`, as for build caches) -, when it is not a regular file (a named pipe: refused without waiting
+    on it), and, with `secret` (a private key), when other users may read it (mode bits for others: a group's read
+    bit is how a deployment shares a key with a service's group, root:gpupool 0640). The caller closes the
+    descriptor; a library that wants a path (`ssl`) reads it as `/proc/self/fd/N`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise UnsafeFile(f"{what} {path} is not a regular file")
+        mode = stat.S_IMODE(st.st_mode)
         writers = _other_writers(st)
         if writers:
             raise UnsafeFile(
-                f"{what} {path} is writable by {writers} (mode {stat.S_IMODE(st.st_mode):o}): refused, as anyone "
-                f"who can write it could change whom this program trusts (chmod go-w {path})"
+                f"{what} {path} is writable by {writers} (mode {mode:o}): refused, as anyone who can write it could "
+                f"change whom this program trusts (chmod go-w {path})"
             )
-        return f.read()
+        if secret and st.st_mode & stat.S_IROTH:
+            raise UnsafeFile(
+                f"{what} {path} is readable by other users (mode {mode:o}): refused, a private key must be readable "
+                f"by its owner (and a group it is shared with) only (chmod o-rwx {path})"
+            )
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def write_secret(path: str | os.PathLike[str], data: bytes) -> None:

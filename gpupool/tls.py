@@ -16,18 +16,19 @@ certificate carries its host id as a DNS name (instead of the address dialled: w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import ssl
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from gpupool.config import add_flag, env_name
+from gpupool.config import UnsafeFile, add_flag, env_name, open_trusted
 from gpupool.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -138,11 +139,45 @@ def client_env(cfg: TlsConfig) -> dict[str, str]:
     return {k: str(v) for k, v in out.items() if v}
 
 
-def _read(path: str) -> bytes:
+KEY, CA = "TLS private key", "TLS CA bundle"
+
+
+def _read(path: str, what: str = "") -> bytes:
+    """The bytes of a TLS file; `what` (KEY, CA) checks it as opened first (`_open`). InvalidArgument with one line
+    when it cannot be read or is refused."""
+    if what:
+        fd = _open(path, what)
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
     try:
         return Path(path).read_bytes()
     except OSError as exc:
         raise InvalidArgument(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _open(path: str, what: str) -> int:
+    """A descriptor of the private key (KEY) or CA bundle (CA) at `path`, refused (InvalidArgument, one line) when a
+    user other than its owner may write it, or, a key, read it (config.open_trusted: checked on the file as opened).
+    Until round 32 gRPC and the side sockets read them whatever their mode: whoever could write the CA bundle made
+    this program trust a CA of their own (a daemon accepting any client certificate they minted, a client any
+    server), whoever could read a key could pose as its holder."""
+    try:
+        return open_trusted(path, what, secret=what == KEY)
+    except UnsafeFile as exc:
+        raise InvalidArgument(str(exc)) from exc
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+@contextlib.contextmanager
+def _opened(path: str, what: str) -> Iterator[str]:
+    """`path` checked as `_open` does, named as opened (`/proc/self/fd/N`) for a library that reads files by name
+    (`ssl`): no rename between the check and the read changes what is read."""
+    fd = _open(path, what)
+    try:
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 # ---- servers ----
@@ -155,6 +190,7 @@ class _Reloader:
     def __init__(self, cfg: TlsConfig) -> None:
         self.cfg = cfg
         self._stamp = self._stat()
+        self._refused: tuple[tuple[int, int, int], ...] | None = None  # files that failed to load (said once)
 
     def _stat(self) -> tuple[tuple[int, int, int], ...]:
         out = []
@@ -167,18 +203,19 @@ class _Reloader:
         return tuple(out)
 
     def load(self) -> grpc.ServerCertificateConfiguration:
-        pair = [(_read(self.cfg.key), _read(self.cfg.cert))]
-        ca = _read(self.cfg.ca) if self.cfg.ca else None
+        pair = [(_read(self.cfg.key, KEY), _read(self.cfg.cert))]
+        ca = _read(self.cfg.ca, CA) if self.cfg.ca else None
         return grpc.ssl_server_certificate_configuration(pair, root_certificates=ca)
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
         stamp = self._stat()
-        if stamp == self._stamp:
+        if stamp in (self._stamp, self._refused):
             return None
         try:
             config = self.load()
-        except Exception as exc:  # noqa: BLE001 - a half-written file: keep serving the old certificate
+        except Exception as exc:  # noqa: BLE001 - a half-written file, a key others may read: keep the old ones
             log.warning("TLS files changed but cannot be loaded (keeping the old ones): %s", exc)
+            self._refused = stamp  # tried again when they change again, not at every handshake
             return None
         self._stamp = stamp
         log.info("TLS certificate reloaded from %s", self.cfg.cert)
@@ -268,10 +305,10 @@ def api_token(cfg: TlsConfig) -> str:
 
 
 def channel_credentials(cfg: TlsConfig) -> grpc.ChannelCredentials:
-    root = _read(cfg.ca) if cfg.ca else None
+    root = _read(cfg.ca, CA) if cfg.ca else None
     if bool(cfg.cert) != bool(cfg.key):
         raise InvalidArgument("a client certificate needs both GPUPOOL_TLS_CERT and GPUPOOL_TLS_KEY")
-    key = _read(cfg.key) if cfg.key else None
+    key = _read(cfg.key, KEY) if cfg.key else None
     chain = _read(cfg.cert) if cfg.cert else None
     return grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
 
@@ -331,10 +368,11 @@ class SocketServerTls:
     def _build(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.cfg.cert, self.cfg.key)
+        with _opened(self.cfg.key, KEY) as key:
+            ctx.load_cert_chain(self.cfg.cert, key)
         if self.cfg.client_auth == "require":
             ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_verify_locations(cafile=self.cfg.ca)
+            ctx.load_verify_locations(cadata=_read(self.cfg.ca, CA).decode("ascii", errors="replace"))
         return ctx
 
     def context(self) -> ssl.SSLContext:
@@ -342,7 +380,7 @@ class SocketServerTls:
             if self._reloader() is not None:  # the files changed and load: rebuild
                 try:
                     self._ctx = self._build()
-                except (OSError, ssl.SSLError) as exc:
+                except (OSError, ssl.SSLError, InvalidArgument) as exc:
                     log.warning("TLS files changed but cannot be loaded (keeping the old ones): %s", exc)
             return self._ctx
 
@@ -354,8 +392,10 @@ def socket_client_context(cfg: TlsConfig | None = None) -> ssl.SSLContext | None
         return None
     if bool(cfg.cert) != bool(cfg.key):
         raise InvalidArgument("a client certificate needs both GPUPOOL_TLS_CERT and GPUPOOL_TLS_KEY")
-    ctx = ssl.create_default_context(cafile=cfg.ca or None)
+    cadata = _read(cfg.ca, CA).decode("ascii", errors="replace") if cfg.ca else None
+    ctx = ssl.create_default_context(cadata=cadata)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cfg.cert:
-        ctx.load_cert_chain(cfg.cert, cfg.key)
+        with _opened(cfg.key, KEY) as key:
+            ctx.load_cert_chain(cfg.cert, key)
     return ctx

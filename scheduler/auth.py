@@ -50,6 +50,7 @@ METHOD_ROLES = {
     "/gpupool.v1.Scheduler/RemoveHost": (ADMIN,),
 }
 SCHEDULER_PREFIX = "/gpupool.v1.Scheduler/"
+HOST_METHODS = ("/gpupool.v1.Scheduler/Register", "/gpupool.v1.Scheduler/Heartbeat")  # act as request.host_id
 MAX_NAME = 128
 
 
@@ -218,24 +219,45 @@ class Authenticator:
             # its bucket with whoever floods it), checked against the table as last read (at most 1 s old).
             ident = self.credentials.lookup(token.strip(), stale=1.0 if limited else 0.0) if bearer else None
             if ident is None:
-                self.failures.take(source)
-                if limited:
-                    raise ResourceExhausted(
-                        f"too many failed authentications from {source} (over {self.failures.rate:g} a second, "
-                        "--auth-fail-rate): unknown API token; fix the token, then retry after a while"
-                    )
-                raise Unauthenticated("unknown API token")
+                raise self.refused(context, Unauthenticated("unknown API token"), limited=limited)
             return ident
         if self.verified_certs:
             for uri in context.auth_context().get("peer_uri", []) or []:
-                ident = identity_from_uri(bytes(uri).decode(errors="replace"))
+                try:
+                    ident = identity_from_uri(bytes(uri).decode(errors="replace"))
+                except Unauthenticated as exc:
+                    raise self.refused(context, exc) from None
                 if ident is not None:
                     return ident
             if context.auth_context().get("x509_common_name"):
-                raise Unauthenticated("client certificate names no gpupool://<role>/<name> identity")
+                no_identity = Unauthenticated("client certificate names no gpupool://<role>/<name> identity")
+                raise self.refused(context, no_identity)
         if self.open_access:
             return OPERATOR
-        raise Unauthenticated("no credentials: present a client certificate or an API token (GPUPOOL_API_TOKEN_FILE)")
+        nothing = Unauthenticated(
+            "no credentials: present a client certificate or an API token (GPUPOOL_API_TOKEN_FILE)"
+        )
+        raise self.refused(context, nothing)
+
+    def refused(
+        self, context: grpc.ServicerContext, exc: Unauthenticated | PermissionDenied, *, limited: bool | None = None
+    ) -> Unauthenticated | PermissionDenied | ResourceExhausted:
+        """The error a failed credential gets, counted against its source address (`AuthFailRate`): `exc`, or
+        RESOURCE_EXHAUSTED once the address spent its bucket. Every failure counts - an unknown API token, a
+        certificate naming no identity, a credential calling a method its role may not (a tenant's Register), and a
+        host credential acting as another host (Register/Heartbeat for another host id; until round 32 only
+        unknown API tokens were limited, and a host credential could be refused without bound). A call that
+        passes is never counted nor refused here."""
+        source = grpc_source(context.peer())
+        if limited is None:
+            limited = not self.failures.allows(source)
+        self.failures.take(source)
+        if limited:
+            return ResourceExhausted(
+                f"too many failed authentications from {source} (over {self.failures.rate:g} a second, "
+                f"--auth-fail-rate): {exc}; fix the credential, then retry after a while"
+            )
+        return exc
 
 
 class Buckets:
@@ -297,8 +319,9 @@ class TenantRate(Buckets):
 
 
 class AuthFailRate(Buckets):
-    """Failed API-token authentications per second from each source address, an IPv4 address or an IPv6 /64
-    (`--auth-fail-rate`; 0: no limit).
+    """Failed authentications per second from each source address, an IPv4 address or an IPv6 /64
+    (`--auth-fail-rate`; 0: no limit): unknown API tokens, and credentials refused for the call
+    (`Authenticator.refused`: a host acting as another host, a role calling a method it may not).
 
     Each unknown token costs the scheduler a hash and a look at the credentials file (a stat; a read of all of
     it within two seconds of an edit). Once an address has spent its bucket on failures, its tokens are checked
@@ -309,13 +332,27 @@ class AuthFailRate(Buckets):
 
 
 def _wrap(
-    behavior: Callable[..., Any], authn: Authenticator, roles: tuple[str, ...], rate: TenantRate | None = None
+    behavior: Callable[..., Any],
+    authn: Authenticator,
+    roles: tuple[str, ...],
+    rate: TenantRate | None = None,
+    *,
+    as_host: bool = False,
 ) -> Callable[..., Any]:
+    """`behavior` behind authentication and the method's `roles`; `as_host`: a method acting as `request.host_id`
+    (Register, Heartbeat), which only that host (or an operator) may call (`Identity.check_host`, here before the
+    handler, so that a host credential acting as another host counts as a failed authentication)."""
+
     def call(request: Any, context: grpc.ServicerContext) -> Any:
         try:
             ident = authn.identify(context.invocation_metadata(), context)
-            if ident.role not in roles:
-                raise PermissionDenied(f"a {ident.role} credential may not call this method")
+            try:
+                if ident.role not in roles:
+                    raise PermissionDenied(f"a {ident.role} credential may not call this method")
+                if as_host:
+                    ident.check_host(request.host_id)
+            except PermissionDenied as exc:
+                raise authn.refused(context, exc) from None
         except (Unauthenticated, PermissionDenied, ResourceExhausted) as exc:
             abort(context, exc)
         if rate is not None and ident.role == TENANT and not rate.take(ident.name):
@@ -348,7 +385,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler.unary_unary is None:
             return _refused(handler)  # a streaming Scheduler method would pass unchecked: fail closed
         return grpc.unary_unary_rpc_method_handler(
-            _wrap(handler.unary_unary, self.authn, roles, self.rate),
+            _wrap(handler.unary_unary, self.authn, roles, self.rate, as_host=details.method in HOST_METHODS),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )

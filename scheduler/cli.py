@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--auth-fail-rate",
         type=float,
         default=1.0,
-        help="failed API-token authentications a second one source address (an IPv6 /64) may make, in bursts of "
+        help="failed authentications (unknown API tokens; credentials acting as another host or calling a method "
+        "their role may not) a second one source address (an IPv6 /64) may make, in bursts of "
         "10 s worth; beyond, its bad tokens get RESOURCE_EXHAUSTED and the credentials file is read for it at most "
         "once a second until it slows (its good tokens still pass); 0: no limit",
     )

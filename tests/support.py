@@ -504,3 +504,30 @@ def assert_loss_lines_close(got: list[str], want: list[str]) -> None:
     assert [line.rsplit(" ", 1)[0] for line in got] == [line.rsplit(" ", 1)[0] for line in want], (got, want)
     values = [[float(line.rsplit(" ", 1)[1]) for line in lines] for lines in (got, want)]
     assert_float32_close(values[0], values[1], "losses", abs_tol=2e-6)
+
+
+# Statuses a client can act on. INTERNAL or UNKNOWN would mean a daemon bug reached the wire (the fuzzers' oracle).
+ACTIONABLE = frozenset(
+    {
+        "INVALID_ARGUMENT",
+        "PERMISSION_DENIED",
+        "NOT_FOUND",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "UNAUTHENTICATED",
+    }
+)
+
+
+def wait_only_tenants(stub: Any, tenants: set[str], timeout: float = 20.0) -> None:
+    """Wait until the daemon's only sessions are those of `tenants` and its device's bytes are exactly theirs
+    (closed sessions hold nothing); assert it at `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = stub.Status(device_pb2.StatusRequest(), timeout=10)
+        others = [s for s in status.sessions if s.tenant not in tenants]
+        balanced = status.devices[0].used_bytes == sum(s.used_bytes for s in status.sessions)
+        if (not others and balanced) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not others and balanced, (others, status.devices[0].used_bytes)

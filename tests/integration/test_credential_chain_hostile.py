@@ -303,6 +303,23 @@ def test_a_tenant_flooding_the_scheduler_is_slowed_alone(tmp_path: Path) -> None
         server.stop(grace=0.5)
 
 
+def _failure_limited(tmp_path: Path, lines: list[tuple[str, str, str]]) -> tuple[SchedulerServer, TcpRelay]:
+    """A scheduler of API tokens (`lines`: role, name, token) with --auth-fail-rate 0.2 (bursts of 2 failures, then
+    one every 5 s: none comes back within a test), and a relay to it whose connections come from 127.0.0.2."""
+    signer = tokens.generate_key_file(tmp_path / "token.key", tmp_path / "token.pub")
+    creds = tmp_path / "credentials"
+    creds.write_text("".join(credential_line(*line) for line in lines))
+    config = SchedulerConfig(
+        listen="127.0.0.1:0",
+        metrics_listen="0",
+        tls=dataclasses.replace(get_pki().server_config(), client_auth="none"),
+        credentials=str(creds),
+        auth_fail_rate=0.2,
+    )
+    server = SchedulerServer(config, signer).start()
+    return server, TcpRelay(("127.0.0.1", int(server.address.rsplit(":", 1)[1])), "127.0.0.2")
+
+
 def test_an_address_flooding_bad_api_tokens_is_refused_alone(tmp_path: Path) -> None:
     """--auth-fail-rate: each unknown API token costs the scheduler a hash and a look at the credentials file;
     past its bucket of failures, an address's bad tokens get RESOURCE_EXHAUSTED and its tokens are checked against
@@ -310,18 +327,8 @@ def test_an_address_flooding_bad_api_tokens_is_refused_alone(tmp_path: Path) -> 
     good tokens still pass (tenants sharing a NAT address or a login node with the flooder), a removed one stops
     within a second; a tenant on another address calls on throughout, and a bad token from there is still just
     UNAUTHENTICATED (round 16's known limit: failed authentications were not limited at all)."""
-    signer = tokens.generate_key_file(tmp_path / "token.key", tmp_path / "token.pub")
     creds = tmp_path / "credentials"
-    creds.write_text(credential_line("tenant", "alice", "alice-token") + credential_line("tenant", "mallory", "m-tok"))
-    config = SchedulerConfig(
-        listen="127.0.0.1:0",
-        metrics_listen="0",
-        tls=dataclasses.replace(get_pki().server_config(), client_auth="none"),
-        credentials=str(creds),
-        auth_fail_rate=0.2,  # bursts of 2 failures, then one every 5 s: none comes back within the flood
-    )
-    server = SchedulerServer(config, signer).start()
-    relay = TcpRelay(("127.0.0.1", int(server.address.rsplit(":", 1)[1])), "127.0.0.2")
+    server, relay = _failure_limited(tmp_path, [("tenant", "alice", "alice-token"), ("tenant", "mallory", "m-tok")])
 
     def client(address: str, token: str) -> SchedulerClient:
         (tmp_path / token).write_text(token)
@@ -353,5 +360,32 @@ def test_an_address_flooding_bad_api_tokens_is_refused_alone(tmp_path: Path) -> 
     finally:
         for c in (attacker, insider, alice, stranger):
             c.close()
+        relay.close()
+        server.stop(grace=0.5)
+
+
+def test_a_host_credential_acting_as_another_host_is_limited_as_bad_tokens(tmp_path: Path) -> None:
+    """--auth-fail-rate bounds every failed credential, not only unknown API tokens (round 32): a host's join token
+    registering or heartbeating as another host id was refused (PERMISSION_DENIED) without bound, each refusal a
+    full call, however fast it came. Past its address's bucket it gets RESOURCE_EXHAUSTED as a bad token does; the
+    same credential acting as its own host still passes from there, and a tenant's call the host may not make
+    counts too."""
+    server, relay = _failure_limited(tmp_path, [("host", "h1", "h1-join"), ("tenant", "alice", "alice-token")])
+    (tmp_path / "h1.token").write_text("h1-join")
+    (tmp_path / "alice.token").write_text("alice-token")
+    h1 = tls.TlsConfig(ca=get_pki().ca_file, api_token_file=str(tmp_path / "h1.token"))
+    alice = tls.TlsConfig(ca=get_pki().ca_file, api_token_file=str(tmp_path / "alice.token"))
+    try:
+        codes = [register_host(relay.address, "h2", h1) for _ in range(4)]
+        assert codes == [grpc.StatusCode.PERMISSION_DENIED] * 2 + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2, codes
+        assert register_host(relay.address, "h1", h1) is None  # its own host id: a good call is never counted
+        assert register_host(server.address, "h2", h1) == grpc.StatusCode.PERMISSION_DENIED  # another address
+        assert register_host(relay.address, "h9", alice) == grpc.StatusCode.RESOURCE_EXHAUSTED  # a tenant's, too
+        client = SchedulerClient(relay.address, alice)
+        try:
+            client.list_pool()  # alice's good call from the limited address passes
+        finally:
+            client.close()
+    finally:
         relay.close()
         server.stop(grace=0.5)
