@@ -54,6 +54,7 @@ _INPUT_DATA = 10  # RunGraph.input_data
 _UPLOAD_TAG = bytes([UPLOADS << 3 | 2])
 _RUN_GRAPH_TAG = protocol.varint(RUN_GRAPH << 3 | 2)  # two bytes
 _SPAN = operator.itemgetter(1)
+_KINDS = {_UPLOAD_TAG[0]: UPLOADS, _RUN_GRAPH_TAG[0]: RUN_GRAPH}  # a command's first byte -> its kind, if strippable
 
 
 def parse_upload(span: memoryview) -> tuple[device_pb2.Command, memoryview] | None:
@@ -203,7 +204,8 @@ def strip_payload(payload: Any) -> tuple[bytes, list[tuple[int, Any]]] | None:
                 return None
         i += length
         if i - start >= STRIP_MIN and i <= n:  # a span as `strip_uploads` measures it (its tag and length too)
-            got = _strippable(view[start:i], -1)
+            # its kind: the first byte after its length (a Command's one field: 0x12 an Upload, 0xAA a RunGraph)
+            got = _strippable(view[start:i], _KINDS.get(view[i - length], -1))
             if got is not None:
                 out.append(view[at:start])
                 out.append(got[0])
@@ -218,14 +220,14 @@ def strip_payload(payload: Any) -> tuple[bytes, list[tuple[int, Any]]] | None:
 
 def _strippable(span: memoryview, kind: int) -> tuple[bytes, Any] | None:
     """A big span without its bytes (a frame's `commands` entry) and those bytes (an Upload's view, a RunGraph's
-    list of views), where it is a canonical Upload or RunGraph (`kind`: its kind, or -1 where not known) with any
-    bytes to take. The entry is re-encoded around the message's other fields as they came: the caller parses the
-    frame it goes back into (protobuf checks them there, as parsing the whole frame did)."""
-    if kind in (UPLOADS, -1):
+    list of views), where it is a canonical Upload or RunGraph (`kind`: the span's kind) with any bytes to take.
+    The entry is re-encoded around the message's other fields as they came: the caller parses the frame it goes
+    back into (protobuf checks them there, as parsing the whole frame did)."""
+    if kind == UPLOADS:
         got = _taken(span, _UPLOAD_TAG, _DATA, False)
         if got is not None:
             return (_entry(_UPLOAD_TAG, got[0]), got[1][0]) if got[1] and len(got[1][0]) else None
-    if kind in (RUN_GRAPH, -1):
+    elif kind == RUN_GRAPH:
         got = _taken(span, _RUN_GRAPH_TAG, _INPUT_DATA, True)
         if got is not None and any(map(len, got[1])):
             return _entry(_RUN_GRAPH_TAG, got[0]), got[1]

@@ -7,6 +7,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -379,35 +380,26 @@ def test_batches_sent_by_value_around_the_strip_size_reach_each_sessions_graph_e
 
     near = bulk.STRIP_MIN - 30  # a RunGraph's span is ~30 bytes longer than its batch
     sizes = [near - 1, near, near + 1, bulk.STRIP_MIN, 3 * bulk.STRIP_MIN + 1]
-    failures: list[BaseException] = []
 
     def tenant(k: int) -> None:
-        try:
-            with Session.attach(daemon.address, daemon.token(tenant=f"t{k}", quota_bytes=64 * MiB)) as s:
-                gen = torch.Generator().manual_seed(k)
-                for gid, n in enumerate(sizes, start=1):
-                    meta = wire.meta_to_proto(torch.zeros(n, dtype=torch.uint8))
-                    body = [op("aten::clone", slot(1), out=2)]
-                    s.define_graph(
-                        device_pb2.DefineGraph(graph_id=gid, inputs=1, input_meta=[meta], ops=body, outputs=[2])
-                    )
-                    for _ in range(3):
-                        x = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
-                        y = s.new_handle()
-                        run_by_value(s, gid, [x.numpy().tobytes()], [y])
-                        assert torch.equal(s.download(y), x), (k, n)
-                    for delta in (-1, 1):
-                        y = s.new_handle()
-                        run_by_value(s, gid, [bytes(n + delta)], [y])
-                        with pytest.raises(errors.InvalidArgument, match=f"{n + delta} bytes given by value"):
-                            s.sync()
-                assert_still_usable(s)
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            failures.append(exc)
+        with Session.attach(daemon.address, daemon.token(tenant=f"t{k}", quota_bytes=64 * MiB)) as s:
+            gen = torch.Generator().manual_seed(k)
+            for gid, n in enumerate(sizes, start=1):
+                meta = wire.meta_to_proto(torch.zeros(n, dtype=torch.uint8))
+                body = [op("aten::clone", slot(1), out=2)]
+                s.define_graph(device_pb2.DefineGraph(graph_id=gid, inputs=1, input_meta=[meta], ops=body, outputs=[2]))
+                for _ in range(3):
+                    x = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+                    y = s.new_handle()
+                    run_by_value(s, gid, [x.numpy().tobytes()], [y])
+                    assert torch.equal(s.download(y), x), (k, n)
+                for delta in (-1, 1):
+                    y = s.new_handle()
+                    run_by_value(s, gid, [bytes(n + delta)], [y])
+                    with pytest.raises(errors.InvalidArgument, match=f"{n + delta} bytes given by value"):
+                        s.sync()
+            assert_still_usable(s)
 
-    threads = [threading.Thread(target=tenant, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not failures, failures
+    with ThreadPoolExecutor(2) as pool:  # two sessions at once
+        for done in [pool.submit(tenant, k) for k in range(2)]:
+            done.result(timeout=120)
