@@ -171,7 +171,7 @@ class GraphTable:
 
     def run(self, s: WorkerSession, msg: device_pb2.RunGraph, data: list[Any] | None = None) -> None:
         """A run of graph `msg.graph_id`; `data`: its inputs' bytes where the slice took them out of `msg`'s span (views
-        of the slice's payload, server/bulk.py `parse_run_graph`), else None: `msg.input_data`."""
+        of the slice's payload, server/bulk.py `strip_payload`), else None: `msg.input_data`."""
         g = self._of(s).get(msg.graph_id)
         if g is None:
             raise NotFound(f"graph {msg.graph_id} was never defined in this session (or was dropped)")
