@@ -20,11 +20,14 @@ kernels, in one process of each checkout (this tree's python and, with --against
 reader's check of the frame (`split_frame`, then protobuf -- of the frame without the batch's bytes where the
 checkout has `bulk.strip_uploads`), the front's copy of its spans into a buffer like the worker's shared one (a join,
 or `worker._copy_parts` where the checkout has it) and the worker's slice (`slices.run_commands` with a real
-executor and session on a fake GPU). The frame: the batch's Upload and 37 small commands (16-float Uploads, as many
-as the stock MLP's eager ops). Thread CPU time per step, the median of --rounds runs of --steps steps.
+executor and session on a fake GPU). The frame (`--modes`): `eager`, the batch's Upload and 37 small commands
+(16-float Uploads, as many as the stock MLP's eager ops); `captured`, one RunGraph of a graph of the bench's step
+(`x[:16].sum()`), the batch in it by value (keep --sizes at most 256 KiB there: larger batches travel as an Upload).
+Thread CPU time per step, the median of --rounds runs of --steps steps.
 
     nice python bench/input_bytes.py                                  # ~2 min
     nice python bench/input_bytes.py --in-process --against /work/wt/base
+    nice python bench/input_bytes.py --in-process --modes captured --sizes 64,65536,262144 --against /work/wt/base
     nice python bench/input_bytes.py --against /work/wt/base --rounds 3
     nice python bench/input_bytes.py --sizes 64,65536,524288,4194304 --modes captured
 """
@@ -121,9 +124,22 @@ def in_process(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     handles = [s.handle_base + 1 + k for k in range(38)]
-    cmds = [upload(handles[0], x)] + [upload(h, small) for h in handles[1:]]
+    if args.mode == "captured":
+        # a graph of the bench's step (x[:16].sum()), defined once; a step: one RunGraph, the batch by value
+        define = device_pb2.DefineGraph(graph_id=1, inputs=1, input_meta=[wire.meta_to_proto(x)], outputs=[3], ops=[
+            device_pb2.Op(name="aten::slice.Tensor", outputs=[2], args=[tensor_pb2.Arg(tensor=1)] + [
+                tensor_pb2.Arg(i=v) for v in (0, 0, 16)]),
+            device_pb2.Op(name="aten::sum", outputs=[3], args=[tensor_pb2.Arg(tensor=2)])])  # fmt: skip
+        ex.execute(s, device_pb2.Command(define_graph=define), lambda _: None)
+        assert s.error is None, s.error
+        run = device_pb2.RunGraph(graph_id=1, inputs=[0], outputs=[handles[0]], input_data=[wire.tensor_to_bytes(x)])
+        cmds = [device_pb2.Command(run_graph=run)]
+        expect = x[:16].sum()
+    else:
+        cmds = [upload(handles[0], x)] + [upload(h, small) for h in handles[1:]]
+        expect = x
     raw = device_pb2.ClientFrame(commands=cmds).SerializeToString()
-    free = device_pb2.Command(free=device_pb2.Free(handles=handles))
+    free = device_pb2.Command(free=device_pb2.Free(handles=handles[: len(cmds)]))
     shared = memoryview(bytearray(len(raw) + 4096))
     strip = getattr(bulk, "strip_uploads", None)
     copy_parts = getattr(worker, "_copy_parts", None)
@@ -143,12 +159,12 @@ def in_process(args: argparse.Namespace) -> dict[str, Any]:
         res = slices.run_commands(s, ex.execute, ex.ledger, req, dev.timed)
         t2 = time.thread_time_ns()
         assert res.executed == len(cmds) and s.error is None, s.error
+        assert torch.equal(s.tensors[handles[0]], expect)  # the bytes arrived whole
         ex.execute(s, free, lambda _: None)  # the batch's handles given back, as a training loop's client does
         return t1 - t0, t2 - t1
 
     for _ in range(20):
         step()
-    assert torch.equal(s.tensors.get(handles[0], x), x) if handles[0] in s.tensors else True
     fronts, workers = [], []
     for _ in range(args.steps):
         f, w = step()
@@ -158,30 +174,36 @@ def in_process(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main_in_process(args: argparse.Namespace, sizes: list[int], pythons: list[tuple[str, str]]) -> int:
-    results: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    results: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     load0 = os.getloadavg()[0]
+    modes = args.modes.split(",")
     for k in range(args.rounds):
-        for size in sizes:
-            for which, python in pythons if k % 2 == 0 else pythons[::-1]:
-                cmd = ["taskset", "-c", str(args.daemon_core), python, __file__, "--worker", "--in-process",
-                       "--size", str(size), "--steps", str(args.steps)]  # fmt: skip
-                out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                     cwd=str(Path(python).parent.parent.parent), check=True)  # fmt: skip
-                results.setdefault((size, which), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for mode in modes:
+            for size in sizes:
+                for which, python in pythons if k % 2 == 0 else pythons[::-1]:
+                    cmd = ["taskset", "-c", str(args.daemon_core), python, __file__, "--worker", "--in-process",
+                           "--mode", mode, "--size", str(size), "--steps", str(args.steps)]  # fmt: skip
+                    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=str(
+                        Path(python).parent.parent.parent), env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                    results.setdefault((mode, size, which), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
     table = Table(title="the daemon's own handling of a step's frame (no gRPC, TLS or kernels): thread CPU us per "
                   "step, medians over rounds of each run's median step")  # fmt: skip
-    for col in ("input bytes", "daemon", "reader check + copy", "worker slice", "total", "total/base"):
+    for col in ("mode", "input bytes", "daemon", "reader check + copy", "worker slice", "total", "total/base"):
         table.add_column(col, justify="right")
-    for size in sizes:
-        for which, _ in pythons:
-            m = {f: statistics.median(r[f] for r in results[(size, which)]) for f in ("front_s", "worker_s")}
-            total = m["front_s"] + m["worker_s"]
-            ratio = ""
-            if which == "this" and len(pythons) > 1:
-                b = {f: statistics.median(r[f] for r in results[(size, "base")]) for f in ("front_s", "worker_s")}
-                ratio = f"{total / (b['front_s'] + b['worker_s']):.2f}"
-            table.add_row(str(size), which, f"{m['front_s'] * 1e6:.1f}", f"{m['worker_s'] * 1e6:.1f}",
-                          f"{total * 1e6:.1f}", ratio)  # fmt: skip
+    for mode in modes:
+        for size in sizes:
+            for which, _ in pythons:
+                m = {f: statistics.median(r[f] for r in results[(mode, size, which)]) for f in ("front_s", "worker_s")}
+                total = m["front_s"] + m["worker_s"]
+                ratio = ""
+                if which == "this" and len(pythons) > 1:
+                    b = {
+                        f: statistics.median(r[f] for r in results[(mode, size, "base")])
+                        for f in ("front_s", "worker_s")
+                    }
+                    ratio = f"{total / (b['front_s'] + b['worker_s']):.2f}"
+                table.add_row(mode, str(size), which, f"{m['front_s'] * 1e6:.1f}", f"{m['worker_s'] * 1e6:.1f}",
+                              f"{total * 1e6:.1f}", ratio)  # fmt: skip
     Console(width=160).print(table)
     print(f"load average (1 min): {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
     return 0

@@ -8,6 +8,11 @@ and the worker copies the bytes straight from its shared buffer into the tensor.
 (a Command holding one Upload with one `data` field, which is what every client sends) takes this path;
 anything else returns None and goes through protobuf as before, so the wire's meaning never changes.
 
+A batch among other commands (`strip_uploads`, `strip_payload`): the bytes of a big Upload's `data` or a big
+RunGraph's `input_data` (a captured step's batch sent by value) are taken out of the frame as views before protobuf
+parses the rest, in the stream reader's check and in the worker, which copies them once, into the tensor (or a
+CUDA device's pinned staging buffer).
+
 Slices: `slice_length` says how many queued commands make the next slice. Big uploads travel together (up to
 `SLICE_BYTES`, the worker's shared buffer), everything else up to the next big upload; a slice never exceeds
 the shared buffer unless a single command does, so no slice goes through the socket and no budget cut
@@ -44,57 +49,97 @@ SIDE_MIN = 64 * 1024  # download chunks at least this large go on the bulk side 
 PIECE_BYTES = 16 * MiB  # the most download bytes one slice answers (four 4 MiB chunks; framing fits the rest)
 UPLOADS = protocol.UPLOAD  # Command.upload
 _DATA = 4  # Upload.data
+RUN_GRAPH = 21  # Command.run_graph
+_INPUT_DATA = 10  # RunGraph.input_data
+_UPLOAD_TAG = bytes([UPLOADS << 3 | 2])
+_RUN_GRAPH_TAG = protocol.varint(RUN_GRAPH << 3 | 2)  # two bytes
 _SPAN = operator.itemgetter(1)
+_KINDS = {_UPLOAD_TAG[0]: UPLOADS, _RUN_GRAPH_TAG[0]: RUN_GRAPH}  # a command's first byte -> its kind, if strippable
 
 
 def parse_upload(span: memoryview) -> tuple[device_pb2.Command, memoryview] | None:
     """A command span (`ClientFrame.commands` tag, length, Command) holding one Upload: the command without its
     data, and the data as a view of `span`. None when the span is not in the canonical shape (or malformed):
     the caller then parses it with protobuf, which decides."""
+    got = _taken(span, _UPLOAD_TAG, _DATA, False)
+    if got is None:
+        return None
     try:
-        end = len(span)
+        up = device_pb2.Upload.FromString(got[0])
+    except (ValueError, DecodeError):  # a malformed meta
+        return None
+    return device_pb2.Command(upload=up), got[1][0] if got[1] else memoryview(b"")
+
+
+def _taken(span: memoryview, kind: bytes, field: int, many: bool) -> tuple[bytes, list[memoryview]] | None:
+    """A command span (`ClientFrame.commands` tag, length, Command) whose Command holds exactly one field, the
+    message under tag `kind`: that message's bytes without its length-delimited values of `field`, and those
+    values as views of `span`, in order; None where the span has any other shape, is malformed, or (`many`
+    False) holds two such values (protobuf's merge rules decide). Every other field of the message is kept as it
+    came, whole, for protobuf to parse (and check): the caller parses the bytes returned, or the frame they go
+    back into (`strip_uploads`). Tags and lengths under 128 (nearly all) are read inline."""
+    end = len(span)
+    read = protocol.read_varint
+    try:
         if end < 2 or span[0] != 0x0A:
             return None
-        length, i = protocol.read_varint(span, 1, end)
-        if i + length != end or i >= end or span[i] != (UPLOADS << 3 | 2):
+        length, i = read(span, 1, end)
+        if i + length != end:
             return None
-        length, i = protocol.read_varint(span, i + 1, end)
-        if i + length != end:  # the Command holds exactly one field: its upload
+        for b in kind:
+            if i >= end or span[i] != b:
+                return None
+            i += 1
+        length, i = read(span, i, end)
+        if i + length != end:  # the Command holds exactly one field: this message
             return None
-        small = bytearray()
-        data: memoryview | None = None
+        keep: list[memoryview] = []  # the runs of the message's other fields
+        data: list[memoryview] = []
+        at = i
         while i < end:
             start = i
-            tag, i = protocol.read_varint(span, i, end)
-            if i - start > 5:  # protobuf reads a tag in at most five bytes: a longer one is corrupt
-                return None
-            field, wire_type = tag >> 3, tag & 7
-            if wire_type == 0:
-                _, i = protocol.read_varint(span, i, end)
+            tag = span[i]
+            if tag < 0x80:
+                i += 1
+            else:
+                tag, i = read(span, i, end)
+                if i - start > 5:  # protobuf reads a tag in at most five bytes: a longer one is corrupt
+                    return None
+            wire_type = tag & 7
+            if wire_type == 2:
+                if i < end and span[i] < 0x80:
+                    n = span[i]
+                    i += 1
+                else:
+                    n, i = read(span, i, end)
+                if tag >> 3 == field:
+                    if data and not many:
+                        return None
+                    if i + n > end:
+                        return None
+                    if start > at:
+                        keep.append(span[at:start])
+                    data.append(span[i : i + n])
+                    at = i = i + n
+                    continue
+                i += n
+            elif wire_type == 0:
+                if i < end and span[i] < 0x80:
+                    i += 1
+                else:
+                    _, i = read(span, i, end)
             elif wire_type == 1:
                 i += 8
             elif wire_type == 5:
                 i += 4
-            elif wire_type == 2:
-                n, i = protocol.read_varint(span, i, end)
-                if field == _DATA:
-                    if data is not None:
-                        return None  # two data fields: protobuf's merge rules decide
-                    data = span[i : i + n]
-                    i += n
-                    if i > end:
-                        return None
-                    continue
-                i += n
             else:
                 return None  # groups and invalid wire types
-            if i > end:
-                return None
-            small += span[start:i]
-        up = device_pb2.Upload.FromString(bytes(small))
-    except (ValueError, DecodeError):  # truncated varints, a malformed meta
+        if i != end:
+            return None  # a field runs past the command's end
+    except ValueError:  # truncated varints
         return None
-    return device_pb2.Command(upload=up), data if data is not None else memoryview(b"")
+    keep.append(span[at:end])
+    return b"".join(keep), data
 
 
 def uploads_only(spans: Sequence[memoryview]) -> bool:
@@ -102,29 +147,32 @@ def uploads_only(spans: Sequence[memoryview]) -> bool:
     return bool(spans) and all(parse_upload(s) is not None for s in spans)
 
 
-def strip_uploads(commands: Sequence[tuple[int, memoryview]]) -> tuple[bytes, list[tuple[int, memoryview]]] | None:
-    """A frame's commands (`slices.split_frame`'s (kind, span) pairs) with the bytes of each canonical Upload of at
-    least `STRIP_MIN` bytes taken out: (the frame without those bytes -- each such span re-encoded as its command
-    without `data`, every other span as it came, in order -- and (position, data) of each, its data a view of its
-    span), or None where no span is one.
+def strip_uploads(commands: Sequence[tuple[int, memoryview]]) -> tuple[bytes, list[tuple[int, Any]]] | None:
+    """A frame's commands (`slices.split_frame`'s (kind, span) pairs) with the bytes of each canonical Upload and
+    RunGraph of at least `STRIP_MIN` bytes taken out: (the frame without those bytes -- each such span re-encoded as
+    its command without `data` / `input_data`, every other span as it came, in order -- and (position, data) of
+    each, its data a view of its span: an Upload's one view, a RunGraph's list of its inputs' views), or None
+    where no span is one.
 
     Protobuf reads a bytes field by copying it (upb into its arena, then once more into a Python bytes object at
     each access), so a 512 KiB batch in a frame of ops cost two copies in the stream reader's check and two in the
-    worker before its one useful copy into the tensor. A frame is a sequence of independent `commands` fields, so
-    parsing the frame without the taken bytes checks every other command as parsing all of it did, and
-    `parse_upload` checks the taken ones (everything but `data` parsed by protobuf itself; anything not canonical
-    stays in the frame and is parsed there). No Python runs per small command (a frame of many ops)."""
+    worker before its one useful copy into the tensor; a batch sent by value in a RunGraph, two in the worker and
+    a third into the run's input. A frame is a sequence of independent `commands` fields, and a message a
+    sequence of independent fields, so parsing the frame without the taken bytes checks every other command, and
+    every other field of a taken one, as parsing all of it did (`_taken` reads the taken commands' framing; a
+    repeated field's values keep their order whatever comes between them; anything not canonical stays in the
+    frame and is parsed there). No Python runs per small command (a frame of many ops)."""
     spans = list(map(_SPAN, commands))
     big = [i for i, n in enumerate(map(len, spans)) if n >= STRIP_MIN]
     out: list[bytes | memoryview] = []
-    taken: list[tuple[int, memoryview]] = []
+    taken: list[tuple[int, Any]] = []
     at = 0
     for i in big:
-        got = parse_upload(spans[i]) if commands[i][0] == UPLOADS else None
-        if got is None or not len(got[1]):
+        got = _strippable(spans[i], commands[i][0])
+        if got is None:
             continue
         out += spans[at:i]
-        out.append(_without_data(got[0]))
+        out.append(got[0])
         taken.append((i, got[1]))
         at = i + 1
     if not taken:
@@ -133,15 +181,15 @@ def strip_uploads(commands: Sequence[tuple[int, memoryview]]) -> tuple[bytes, li
     return b"".join(out), taken
 
 
-def strip_payload(payload: Any) -> tuple[bytes, list[tuple[int, memoryview]]] | None:
+def strip_payload(payload: Any) -> tuple[bytes, list[tuple[int, Any]]] | None:
     """`strip_uploads` of a slice's payload in a worker (its commands' spans joined, as the front checked them),
-    with each taken Upload's position among the commands as protobuf counts them (an empty command too); None where
-    none is taken, or where the payload does not read as commands (then protobuf reads it as it came). Walks the
-    commands' lengths only: no span or tuple per command."""
+    with each taken command's position among the commands as protobuf counts them (an empty command too); None
+    where none is taken, or where the payload does not read as commands (then protobuf reads it as it came). Walks
+    the commands' lengths only: no span or tuple per command."""
     view = memoryview(payload)
     n = len(view)
     out: list[bytes | memoryview] = []
-    taken: list[tuple[int, memoryview]] = []
+    taken: list[tuple[int, Any]] = []
     i = at = k = 0
     while i < n:
         start = i
@@ -156,10 +204,11 @@ def strip_payload(payload: Any) -> tuple[bytes, list[tuple[int, memoryview]]] | 
                 return None
         i += length
         if i - start >= STRIP_MIN and i <= n:  # a span as `strip_uploads` measures it (its tag and length too)
-            got = parse_upload(view[start:i])
-            if got is not None and len(got[1]):
+            # its kind: the first byte after its length (a Command's one field: 0x12 an Upload, 0xAA a RunGraph)
+            got = _strippable(view[start:i], _KINDS.get(view[i - length], -1))
+            if got is not None:
                 out.append(view[at:start])
-                out.append(_without_data(got[0]))
+                out.append(got[0])
                 taken.append((k, got[1]))
                 at = i
         k += 1
@@ -169,10 +218,26 @@ def strip_payload(payload: Any) -> tuple[bytes, list[tuple[int, memoryview]]] | 
     return b"".join(out), taken
 
 
-def _without_data(cmd: device_pb2.Command) -> bytes:
-    """`cmd` (an Upload `parse_upload` read, without its data) as a frame's `commands` entry."""
-    raw = cmd.SerializeToString()
-    return protocol.FRAME_COMMANDS_TAG + protocol.varint(len(raw)) + raw
+def _strippable(span: memoryview, kind: int) -> tuple[bytes, Any] | None:
+    """A big span without its bytes (a frame's `commands` entry) and those bytes (an Upload's view, a RunGraph's
+    list of views), where it is a canonical Upload or RunGraph (`kind`: the span's kind) with any bytes to take.
+    The entry is re-encoded around the message's other fields as they came: the caller parses the frame it goes
+    back into (protobuf checks them there, as parsing the whole frame did)."""
+    if kind == UPLOADS:
+        got = _taken(span, _UPLOAD_TAG, _DATA, False)
+        if got is not None:
+            return (_entry(_UPLOAD_TAG, got[0]), got[1][0]) if got[1] and len(got[1][0]) else None
+    elif kind == RUN_GRAPH:
+        got = _taken(span, _RUN_GRAPH_TAG, _INPUT_DATA, True)
+        if got is not None and any(map(len, got[1])):
+            return _entry(_RUN_GRAPH_TAG, got[0]), got[1]
+    return None
+
+
+def _entry(kind: bytes, message: bytes) -> bytes:
+    """A frame's `commands` entry of a Command holding `message` under tag `kind`."""
+    command = kind + protocol.varint(len(message)) + message
+    return protocol.FRAME_COMMANDS_TAG + protocol.varint(len(command)) + command
 
 
 def slice_length(kinds: Sequence[int], sizes: Sequence[int]) -> tuple[int, bool]:

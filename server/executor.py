@@ -102,8 +102,9 @@ class CommandExecutor:
         self.sizer.new_bytes(torch.ops.aten.mm.default, [one, one], {})
         warm_vector_math()
 
-    def execute(self, s: WorkerSession, cmd: device_pb2.Command, reply: Reply, data: memoryview | None = None) -> None:
-        """Run one command; `data`: an upload's bytes parsed out of its span by hand (server/bulk.py)."""
+    def execute(self, s: WorkerSession, cmd: device_pb2.Command, reply: Reply, data: Any = None) -> None:
+        """Run one command; `data`: an upload's bytes, or a RunGraph's `input_data` (a list), parsed out of its span
+        by hand (server/bulk.py)."""
         kind = cmd.WhichOneof("cmd")
         if kind in _RESHAPING:  # may change tensors' metas in place: learned runs check them again
             state = self._eager.get(s.session_id)
@@ -127,7 +128,7 @@ class CommandExecutor:
             elif kind == "sync":
                 reply(self._sync(s, cmd.sync))
             elif kind == "run_graph":
-                self.graphs.run(s, cmd.run_graph)
+                self.graphs.run(s, cmd.run_graph, data)
             elif kind == "define_graph":
                 self.graphs.define(s, cmd.define_graph)
             elif kind == "drop_graph":

@@ -169,7 +169,9 @@ class GraphTable:
             self._reserve(s, graphs)
             self.host.ledger.graph(s, "dropped")
 
-    def run(self, s: WorkerSession, msg: device_pb2.RunGraph) -> None:
+    def run(self, s: WorkerSession, msg: device_pb2.RunGraph, data: list[Any] | None = None) -> None:
+        """A run of graph `msg.graph_id`; `data`: its inputs' bytes where the slice took them out of `msg`'s span (views
+        of the slice's payload, server/bulk.py `strip_payload`), else None: `msg.input_data`."""
         g = self._of(s).get(msg.graph_id)
         if g is None:
             raise NotFound(f"graph {msg.graph_id} was never defined in this session (or was dropped)")
@@ -177,7 +179,7 @@ class GraphTable:
             for h in msg.drop_writes[:]:
                 g.writes.pop(h, None)
         try:
-            _run(self.host, s, g, msg, lambda capture: self._reserve(s, self._of(s), capture=capture))
+            _run(self.host, s, g, msg, lambda capture: self._reserve(s, self._of(s), capture=capture), data)
         except GpupoolError as exc:
             err = Poison.of(exc, "")
             for h in list(msg.outputs) + list(g.writes):
@@ -193,8 +195,9 @@ class GraphTable:
 
 
 def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph,
-         hold: Callable[[Graph | None], None]) -> None:  # fmt: skip
-    """A run of `g`; `hold`: what counts a CUDA graph's capture in the session's memory (`graph_cuda.run`)."""
+         hold: Callable[[Graph | None], None], data: list[Any] | None = None) -> None:  # fmt: skip
+    """A run of `g`; `hold`: what counts a CUDA graph's capture in the session's memory (`graph_cuda.run`); `data`:
+    the inputs' bytes taken out of the command's span (`GraphTable.run`), else None: `msg.input_data`."""
     # [:]: a repeated field's slice is a list in one call; list() iterates it item by item to an IndexError
     inputs = msg.inputs[:]
     outputs = msg.outputs[:]
@@ -204,8 +207,8 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph,
         raise InvalidArgument(f"graph {g.graph_id} has {len(g.outputs)} outputs, got {len(outputs)} handles")
     slots: list[Any] = [None] * g.n_slots
     tensors = s.tensors
-    data = None
     sent: dict[int, torch.Tensor] | None = None  # on a GPU: slot -> an input sent by value, as it came (on the CPU)
+    on_host = g.device_type == "cpu"
     for i, h in enumerate(inputs):
         m = g.input_meta[i]
         if h:
@@ -220,8 +223,8 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph,
         else:
             if data is None:
                 data = msg.input_data[:]
-            t = _by_value(g, i, data)
-            if g.device_type != "cpu":
+            t = _by_value(g, i, data, on_host)
+            if not on_host:
                 if sent is None:
                     sent = {}
                 sent[i + 1] = t
@@ -294,9 +297,13 @@ def _forget_seen(g: Graph) -> None:
         cell[0], cell[1] = None, -1
 
 
-def _by_value(g: Graph, i: int, data: Any) -> torch.Tensor:
-    """Input `i` of a run from its bytes in RunGraph.input_data, on the CPU (its memory is part of the graph's
-    reservation)."""
+def _by_value(g: Graph, i: int, data: Any, own: bool = True) -> torch.Tensor:
+    """Input `i` of a run from its bytes in RunGraph.input_data (`data`: bytes, or views of the slice's payload), on
+    the CPU: with `own`, in memory the tensor owns (its memory is part of the graph's reservation), one copy;
+    without, a view of those bytes where they are aligned for its dtype, no copy -- for a device's run, which
+    copies it onto the device (the pinned staging buffer, server/staging.py) and reads it only for value guards,
+    all before the command ends: the tensor must never outlive the command (the slice's payload is the shared
+    buffer, which the daemon fills with the session's next slice), and never be bound to a handle."""
     shape, _, _, dtype = g.input_meta[i]
     if i >= len(data):
         raise InvalidArgument(f"graph {g.graph_id} input {i}: handle 0 and no input_data for it")
@@ -308,11 +315,16 @@ def _by_value(g: Graph, i: int, data: Any) -> torch.Tensor:
         )
     if dtype is torch.bool:
         wire.check_bool_bytes(raw)
-    # One copy, into memory the tensor owns (the command's bytes are read-only and go with the command).
     if not raw:
         t = torch.empty(shape, dtype=dtype)
     else:
-        t = torch.frombuffer(bytearray(raw), dtype=dtype)  # 1-d, all of it (its length was checked)
+        view = None if own else torch.frombuffer(raw, dtype=dtype)  # 1-d, all of it (its length was checked)
+        if view is not None and not view.data_ptr() % view.element_size():
+            t = view
+        else:
+            # One copy, into memory the tensor owns: a run's outputs may be views of its inputs, bound to handles
+            # that outlive the command's bytes
+            t = torch.frombuffer(bytearray(raw), dtype=dtype)
         if len(shape) != 1:  # view(*sizes): torch parses a tuple argument ~3x slower than separate sizes
             t = t.view(*shape) if shape else t.view(())
     return t

@@ -686,25 +686,29 @@ def _run_uploads(
     return _result(session, ledger, len(spans), measured, [], False, isinstance(timed, DeviceClock) and timed.busy)
 
 
-def _uploads_taken(payload: Any) -> tuple[bytes, list[Any], list[tuple[Any, memoryview]]] | None:
-    """A slice's payload with its big Uploads' bytes taken out (`bulk.strip_payload`): (the payload without them,
-    its commands parsed, in a list, and each stripped Upload's command object with its bytes, a view of the
-    payload), or None (none to take: then protobuf reads the payload as it came)."""
+def _uploads_taken(payload: Any) -> tuple[bytes, list[Any], list[tuple[Any, Any]]] | None:
+    """A slice's payload with its big Uploads' and RunGraphs' bytes taken out (`bulk.strip_payload`): (the payload
+    without them, its commands parsed, in a list, and each stripped command object with its bytes, views of the
+    payload: an Upload's data, a RunGraph's list of input_data), or None (none to take: then protobuf reads the
+    payload as it came)."""
     got = bulk.strip_payload(payload)
     if got is None:
         return None
     stripped, where = got
     commands = list(device_pb2.ClientFrame.FromString(stripped).commands)
-    if any(i >= len(commands) or commands[i].WhichOneof("cmd") != "upload" for i, _ in where):
+    if any(
+        i >= len(commands) or commands[i].WhichOneof("cmd") != ("run_graph" if type(data) is list else "upload")
+        for i, data in where
+    ):
         return None  # (cannot be: each walked command is one of protobuf's) the payload as it came
     return stripped, commands, [(commands[i], data) for i, data in where]
 
 
 class _WithData:
-    """A slice's `execute` that hands the Uploads `_uploads_taken` stripped their bytes (`CommandExecutor.execute`'s
-    `data`, as for a slice of big uploads): each is known by its message object (the commands are a list, so
-    `commands[i]` is the same object every time). Its `__self__` is the executor's, for `run_commands`' lookup of
-    `eager_span`."""
+    """A slice's `execute` that hands the Uploads and RunGraphs `_uploads_taken` stripped their bytes
+    (`CommandExecutor.execute`'s `data`, as for a slice of big uploads): each is known by its message object (the
+    commands are a list, so `commands[i]` is the same object every time). Its `__self__` is the executor's, for
+    `run_commands`' lookup of `eager_span`."""
 
     def __init__(self, execute: Execute, commands: list[Any], taken: list[tuple[Any, memoryview]]) -> None:
         self.__self__ = getattr(execute, "__self__", None)

@@ -7,6 +7,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -368,3 +369,37 @@ def test_a_graphs_seeded_call_with_a_fake_gpu_kernel_runs_it(session: Session) -
     for got in results:
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert 0 < int(want[1].sum()) < 64 and torch.equal(want[0], x * want[1] * 2)
+
+
+def test_batches_sent_by_value_around_the_strip_size_reach_each_sessions_graph_exactly(daemon: Any) -> None:
+    """A captured step's batch sent by value at and around the size from which the daemon takes it out of the frame
+    as a view (server/bulk.py, `STRIP_MIN`: the reader's check and the worker's run without protobuf's copies), two
+    sessions at once, each step with its own bytes: each run's output is exactly its own session's input, and a batch
+    one byte short or long is refused as before."""
+    from gpupool.server import bulk
+
+    near = bulk.STRIP_MIN - 30  # a RunGraph's span is ~30 bytes longer than its batch
+    sizes = [near - 1, near, near + 1, bulk.STRIP_MIN, 3 * bulk.STRIP_MIN + 1]
+
+    def tenant(k: int) -> None:
+        with Session.attach(daemon.address, daemon.token(tenant=f"t{k}", quota_bytes=64 * MiB)) as s:
+            gen = torch.Generator().manual_seed(k)
+            for gid, n in enumerate(sizes, start=1):
+                meta = wire.meta_to_proto(torch.zeros(n, dtype=torch.uint8))
+                body = [op("aten::clone", slot(1), out=2)]
+                s.define_graph(device_pb2.DefineGraph(graph_id=gid, inputs=1, input_meta=[meta], ops=body, outputs=[2]))
+                for _ in range(3):
+                    x = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+                    y = s.new_handle()
+                    run_by_value(s, gid, [x.numpy().tobytes()], [y])
+                    assert torch.equal(s.download(y), x), (k, n)
+                for delta in (-1, 1):
+                    y = s.new_handle()
+                    run_by_value(s, gid, [bytes(n + delta)], [y])
+                    with pytest.raises(errors.InvalidArgument, match=f"{n + delta} bytes given by value"):
+                        s.sync()
+            assert_still_usable(s)
+
+    with ThreadPoolExecutor(2) as pool:  # two sessions at once
+        for done in [pool.submit(tenant, k) for k in range(2)]:
+            done.result(timeout=120)

@@ -332,3 +332,192 @@ def test_a_span_exactly_strip_min_long_is_taken_by_the_reader_and_the_worker_ali
         worker = bulk.strip_payload(memoryview(raw))
         assert reader is not None and worker is not None and reader[0] == worker[0], over
         assert bytes(reader[1][0][1]) == bytes(worker[1][0][1]) == bytes(n)
+
+
+# ---- a captured step's batch sent by value (RunGraph.input_data) among other commands ----
+
+
+def _run_cmd(data: list[bytes], graph_id: int = 1, outputs: tuple[int, ...] = (9,)) -> device_pb2.Command:
+    return device_pb2.Command(
+        run_graph=device_pb2.RunGraph(graph_id=graph_id, inputs=[0] * len(data), outputs=list(outputs), input_data=data)
+    )
+
+
+def _reinserted(stripped: bytes, taken: list[tuple[int, Any]]) -> list[Any]:
+    """The commands protobuf reads from a stripped frame, each taken command's bytes put back as protobuf holds them."""
+    cmds = list(device_pb2.ClientFrame.FromString(stripped).commands)
+    for i, data in taken:
+        if isinstance(data, list):
+            assert cmds[i].WhichOneof("cmd") == "run_graph" and not cmds[i].run_graph.input_data
+            cmds[i].run_graph.input_data.extend(bytes(v) for v in data)
+        else:
+            assert cmds[i].WhichOneof("cmd") == "upload" and not cmds[i].upload.data
+            cmds[i].upload.data = bytes(data)
+    return cmds
+
+
+def test_a_run_graphs_inputs_are_taken_as_views_in_order_and_the_rest_read_as_protobuf_reads_it() -> None:
+    gen = torch.Generator().manual_seed(6)
+    big = bytes(torch.randint(0, 256, (bulk.STRIP_MIN,), dtype=torch.uint8, generator=gen).tolist())
+    inputs = [b"\x01\x02\x03", big, b"", big[::-1][:1000]]
+    run = _run_cmd(inputs, graph_id=3, outputs=(7, 0, 8))
+    run.run_graph.drop_writes.extend([11, 12])
+    # the same RunGraph with its fields out of the usual order: input_data between graph_id and the handles
+    body = device_pb2.RunGraph(graph_id=3).SerializeToString()
+    for data in inputs[:2]:
+        body += b"\x52" + wire.varint(len(data)) + data
+    body += device_pb2.RunGraph(outputs=[7, 0, 8], inputs=[0, 0, 0, 0], drop_writes=[11, 12]).SerializeToString()
+    for data in inputs[2:]:
+        body += b"\x52" + wire.varint(len(data)) + data
+    inner = b"\xaa\x01" + wire.varint(len(body)) + body
+    shuffled = b"\x0a" + wire.varint(len(inner)) + inner
+    assert device_pb2.ClientFrame.FromString(shuffled).commands[0] == run
+    for run_raw in (run.SerializeToString(), None):
+        raw = (
+            _frame(device_pb2.Command(free=device_pb2.Free(handles=[3])))
+            + (_frame(run) if run_raw is not None else shuffled)
+            + _frame(_upload_cmd(6, torch.arange(10, dtype=torch.float32)))
+        )
+        commands = slices.split_frame(raw, 100)
+        got = bulk.strip_uploads(commands)
+        assert got is not None
+        stripped, taken = got
+        assert [i for i, _ in taken] == [1] and [bytes(v) for v in taken[0][1]] == inputs
+        assert all(v.obj is raw or v.obj is commands[1][1].obj for v in taken[0][1])  # views of the frame
+        assert len(stripped) < len(raw) - len(big) - 1000
+        whole = list(device_pb2.ClientFrame.FromString(raw).commands)
+        assert _reinserted(stripped, taken) == whole
+        worker = bulk.strip_payload(memoryview(raw))  # the worker's reading of the same bytes
+        assert worker is not None and worker[0] == stripped and [i for i, _ in worker[1]] == [1]
+        assert [bytes(v) for v in worker[1][0][1]] == inputs
+    # a small RunGraph, or a big one without input_data: left to protobuf
+    assert bulk.strip_uploads(slices.split_frame(_frame(_run_cmd([b"abc"])), 8)) is None
+    many = device_pb2.Command(
+        run_graph=device_pb2.RunGraph(graph_id=1, outputs=list(range(1 << 40, (1 << 40) + 12000)))
+    )
+    assert len(_frame(many)) >= bulk.STRIP_MIN
+    assert bulk.strip_uploads(slices.split_frame(_frame(many), 8)) is None and bulk.strip_payload(_frame(many)) is None
+
+
+def test_a_run_graph_span_at_strip_min_is_taken_by_the_reader_and_the_worker_alike() -> None:
+    for over in (-1, 0, 1):
+        n = bulk.STRIP_MIN + over - 16
+        while True:
+            raw = _frame(_run_cmd([bytes(n)]))
+            if len(raw) == bulk.STRIP_MIN + over:
+                break
+            n -= len(raw) - bulk.STRIP_MIN - over
+        reader = bulk.strip_uploads(slices.split_frame(raw, 8))
+        worker = bulk.strip_payload(memoryview(raw))
+        if over < 0:
+            assert reader is None and worker is None
+            continue
+        assert reader is not None and worker is not None and reader[0] == worker[0], over
+        assert [bytes(v) for v in reader[1][0][1]] == [bytes(v) for v in worker[1][0][1]] == [bytes(n)]
+
+
+def test_garbled_frames_read_stripped_exactly_as_protobuf_reads_them_whole() -> None:
+    """Every frame, however garbled: where the reader or the worker takes bytes out, protobuf refuses the stripped
+    frame exactly where it refuses the whole one, and otherwise reads the same commands (the bytes put back)."""
+    gen = torch.Generator().manual_seed(11)
+    x = bytes(torch.randint(0, 256, (bulk.STRIP_MIN + 5,), dtype=torch.uint8, generator=gen).tolist())
+    run = _run_cmd([b"\x05" * 7, x, b"\x09" * 3], outputs=(4, 5))
+    run.run_graph.drop_writes.append(6)
+    good = _frame(device_pb2.Command(sync=device_pb2.Sync(request_id=1)), run, _upload_cmd(8, torch.ones(3)))
+    good += _frame(_upload_cmd(9, torch.zeros(bulk.STRIP_MIN // 4 + 1)))
+    taken = refused = 0
+    for k in range(3000):
+        raw = bytearray(good)
+        for _ in range(1 + k % 3):  # a byte or three changed in the frame's head, the RunGraph's fields, anywhere
+            at = int(torch.randint(0, 64 if k % 2 else len(raw), (1,), generator=gen))
+            raw[at] = int(torch.randint(0, 256, (1,), generator=gen))
+        if k % 5 == 0:
+            raw = raw[: int(torch.randint(1, len(raw), (1,), generator=gen))]  # cut short
+        raw_b = bytes(raw)
+        try:
+            whole: Any = list(device_pb2.ClientFrame.FromString(raw_b).commands)
+        except DecodeError:
+            whole = None
+        got = bulk.strip_payload(memoryview(raw_b))
+        if got is not None:
+            taken += 1
+            try:
+                again: Any = _reinserted(*got)
+            except DecodeError:
+                again = None
+            assert again == whole, k
+            refused += whole is None
+        try:
+            commands = slices.split_frame(raw_b, 100)
+        except Exception:
+            continue
+        got = bulk.strip_uploads(commands)
+        if got is not None:
+            try:
+                device_pb2.ClientFrame.FromString(got[0])
+                ok = True
+            except DecodeError:
+                ok = False
+            assert ok == (whole is not None), k
+    assert taken > 300 and refused > 10  # the mutations reached both outcomes
+
+
+def _graph_session(n: int, dtype: torch.dtype = torch.uint8, view: bool = False) -> tuple[Any, Any]:
+    """A fake GPU session with graph 1: one input of `n` elements, output its clone (`view`: a view of it)."""
+    ex, s = _session()
+    body = [device_pb2.Op(name="aten::alias" if view else "aten::clone", args=[tensor_pb2.Arg(tensor=1)], outputs=[2])]
+    meta = wire.meta_to_proto(torch.zeros(n, dtype=dtype))
+    define = device_pb2.DefineGraph(graph_id=1, inputs=1, input_meta=[meta], ops=body, outputs=[2])
+    ex.execute(s, device_pb2.Command(define_graph=define), lambda _: None)
+    assert s.error is None, s.error
+    return ex, s
+
+
+def test_a_batch_sent_by_value_reaches_the_graphs_input_with_its_exact_bytes_at_every_size() -> None:
+    gen = torch.Generator().manual_seed(12)
+    base = bulk.STRIP_MIN - 40  # the span is ~30 bytes longer than its input: spans around STRIP_MIN
+    for n in (1, base - 1, base, base + 9, base + 10, base + 11, bulk.STRIP_MIN, 4 * bulk.STRIP_MIN + 3):
+        ex, s = _graph_session(n)
+        for k in range(3):
+            x = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+            out = s.handle_base + 10 + k
+            raw = _frame(
+                device_pb2.Command(sync=device_pb2.Sync()), _run_cmd([wire.tensor_to_bytes(x)], outputs=(out,))
+            )
+            got = _slice(ex, s, raw)
+            assert s.error is None, (n, s.error)
+            assert isinstance(got[1], list) == (len(raw) - 4 >= bulk.STRIP_MIN)  # taken out of the span
+            assert torch.equal(s.tensors[out], x), n
+
+
+@pytest.mark.parametrize("delta", [-1, 1, -4096])
+def test_a_batch_sent_by_value_of_the_wrong_length_is_refused_as_before(delta: int) -> None:
+    n = 128 * 1024
+    for strip in (True, False):
+        ex, s = _graph_session(n)
+        data = bytes(n + delta) if delta > 0 else bytes(n)[:delta]
+        raw = _frame(_run_cmd([data], outputs=(s.handle_base + 5,)))
+        if strip:
+            got = _slice(ex, s, raw)
+            assert isinstance(got[0], list)
+        else:
+            ex.execute(s, device_pb2.ClientFrame.FromString(raw).commands[0], lambda _: None)
+        assert s.error is not None and f"{len(data)} bytes given by value" in s.error.message
+        assert s.handle_base + 5 not in s.tensors or s.handle_base + 5 in s.poisoned
+
+
+def test_a_runs_output_never_shows_the_next_slices_bytes() -> None:
+    """A graph whose output is a view of its input sent by value: the input's memory is the tensor's own, not the
+    slice's payload (the shared buffer, which the next slice overwrites)."""
+    n = 2 * bulk.STRIP_MIN
+    ex, s = _graph_session(n, view=True)
+    shared = memoryview(bytearray(n + 4096))
+    first = torch.full((n,), 7, dtype=torch.uint8)
+    outs = [s.handle_base + 10, s.handle_base + 11]
+    for out, x in zip(outs, (first, torch.full((n,), 200, dtype=torch.uint8)), strict=True):
+        raw = _frame(_run_cmd([wire.tensor_to_bytes(x)], outputs=(out,)))
+        shared[: len(raw)] = raw  # the same buffer, slice after slice, as a worker's shared one
+        req = slices.SliceRequest(device_free=1 << 30, reply_room=1 << 20, budget=10.0, payload=shared[: len(raw)])
+        slices.run_commands(s, ex.execute, ex.ledger, req, s.device.timed)
+        assert s.error is None, s.error
+    assert torch.equal(s.tensors[outs[0]], first) and int(s.tensors[outs[1]][0]) == 200

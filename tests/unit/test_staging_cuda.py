@@ -118,3 +118,42 @@ def test_a_captured_steps_input_sent_by_value_goes_straight_into_the_capture() -
     slots: list[Any] = _slots(g, s, [torch.ones(64, 128)])
     graph_cuda.on_device(s, g, slots)
     assert slots[1].device.type == "cuda" and torch.equal(slots[1].cpu(), torch.ones(64, 128))
+
+
+@cuda
+def test_a_big_batch_sent_by_value_is_read_from_the_slice_and_staged_once_and_its_guard_reads_it() -> None:
+    """A captured step's indices sent by value, big enough to be taken out of the frame (server/bulk.py): read from
+    the slice's payload -- a buffer reused slice after slice, as the worker's shared one -- with no CPU tensor of
+    their own (graph._by_value), staged once into the pinned buffer, and read there by the embedding backward's
+    index guard before each replay: in-range indices give the eager result, an out-of-range one is refused."""
+    from test_graph_cuda import VOCAB, _backward, _define
+
+    ex, s = _session()
+    w = s.handle_base + 1
+    table = torch.randn(VOCAB, 3)
+    s.bind(w, table.cuda())
+    body = [op("aten::embedding", slot(2), slot(1), out=(3,)), _backward(1)]
+    g = _define(ex, s, body, [torch.zeros(128, 64, dtype=torch.long)], [w], [4])
+    shared = memoryview(bytearray(1 << 20))
+    gen = torch.Generator().manual_seed(3)
+    for k in range(7):  # two eager runs, the capture, replays; the last one with an index out of range
+        idx = torch.randint(0, VOCAB, (128, 64), generator=gen)
+        if k == 6:
+            idx[5, 7] = VOCAB
+        out = s.handle_base + 100 + k
+        run = device_pb2.RunGraph(graph_id=1, inputs=[0], outputs=[out], input_data=[wire.tensor_to_bytes(idx)])
+        raw = device_pb2.ClientFrame(commands=[device_pb2.Command(run_graph=run)]).SerializeToString()
+        assert len(raw) > 64 * KiB
+        shared[: len(raw)] = raw
+        req = slices.SliceRequest(device_free=1 << 30, reply_room=1 << 20, budget=10.0, payload=shared[: len(raw)])
+        before = s.staging.copies if s.staging is not None else 0
+        slices.run_commands(s, ex.execute, ex.ledger, req, s.device.timed)
+        shared[: len(raw)] = bytes(len(raw))  # the next slice's bytes: nothing of the run may still read these
+        if k == 6:
+            assert s.error is not None and "indices must lie" in s.error.message
+            break
+        assert s.error is None, s.error
+        assert s.staging is not None and s.staging.copies == before + 1, k  # one staged copy of the batch
+        expect = torch.bincount(idx.flatten(), minlength=VOCAB)[:, None].float() * table
+        assert torch.allclose(s.tensors[out].cpu(), expect, rtol=1e-5, atol=1e-5), k
+    assert g.cuda is not None
