@@ -131,6 +131,9 @@ def _apply_keeping_ties(self: torch.nn.Module, fn: Callable[..., Any], recurse: 
                 except RuntimeError:  # t is referenced elsewhere (weakrefs, an autograd graph): keep torch's new one
                     pass
         table[name] = kept[id(t)]
+    for m in self.modules():  # what torch's _apply left pointing at the objects it made: nn.LSTM/GRU's flat weights
+        if isinstance(m, torch.nn.RNNBase):
+            m._init_flat_weights()
     return out
 
 

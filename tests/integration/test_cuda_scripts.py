@@ -91,7 +91,7 @@ def no_leases(address: str) -> bool:
 @pytest.mark.parametrize(
     "script",
     ["mnist_style.py", "device_agnostic.py", "checkpoint.py", "amp.py", "lstm_lm.py", "custom_function.py",
-     "word_lm_tied.py"],
+     "word_lm_tied.py", "gru_lm.py"],
 )  # fmt: skip
 def test_unmodified_script_gives_the_cpu_losses(pool: str, script: str) -> None:
     pooled = amp_on_pool(pool) if script == "amp.py" else on_pool(pool, script, "-p", "0.5")
