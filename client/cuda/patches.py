@@ -12,6 +12,7 @@ it is refused there, and DataParallel here.)
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -61,19 +62,79 @@ def _wrap_load(load: Callable[..., Any]) -> Callable[..., Any]:
             return storage
 
         loaded = load(f, restore, *args, **kwargs)
-        return tree_map_only(torch.Tensor, lambda t: _move(t, targets), loaded)
+        if not targets:
+            return loaded
+        moved: dict[int, torch.Tensor] = {}
+        return tree_map_only((torch.Tensor, torch.nn.Module), lambda x: _place(x, targets, moved), loaded)
 
     return wrapped
 
 
-def _move(t: torch.Tensor, targets: dict[int, torch.device]) -> torch.Tensor:
+def _place(x: Any, targets: dict[int, torch.device], moved: dict[int, torch.Tensor]) -> Any:
+    """A loaded tensor on its target device, or a loaded module (`torch.save(model)`) with its parameters and buffers
+    moved in place, as torch.load on the GPU that saved it gives. `moved` keeps one result per tensor object, so a
+    tensor the checkpoint holds twice (tied weights: `decoder.weight = encoder.weight`) stays one tensor."""
+    if isinstance(x, torch.Tensor):
+        return _move(x, targets, moved)
+    for module in x.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    table[name] = _move(t, targets, moved)
+    return x
+
+
+def _move(t: torch.Tensor, targets: dict[int, torch.device], moved: dict[int, torch.Tensor]) -> torch.Tensor:
+    if id(t) in moved:
+        return moved[id(t)]
     target = targets.get(t.untyped_storage().data_ptr()) if t.device.type == "cpu" else None
     if target is None:
         return t
-    moved = t.to(target)
+    out = t.to(target)
     if isinstance(t, torch.nn.Parameter):
-        return torch.nn.Parameter(moved, requires_grad=t.requires_grad)
-    return moved
+        out = torch.nn.Parameter(out, requires_grad=t.requires_grad)
+    moved[id(t)] = out
+    return out
+
+
+_MODULE_APPLY = torch.nn.Module._apply
+_applying = threading.local()
+
+
+def _apply_keeping_ties(self: torch.nn.Module, fn: Callable[..., Any], recurse: bool = True) -> Any:
+    """Module._apply (what `.cuda()`, `.to(device)`, `.half()` run) keeping the module's tensors the same Python
+    objects, as on a CUDA GPU. torch moves a CPU parameter onto a CUDA GPU in place (`param.data = moved`), so an
+    optimizer built before `model.cuda()` still holds the model's parameters, and a weight tied between two modules
+    (`decoder.weight = encoder.weight`: GPT-2, nanoGPT, word_language_model --tied) stays one Parameter. Onto a
+    PrivateUse1 device torch cannot (c10's has_compatible_shallow_copy_type knows no PrivateUse1 backend): it makes a
+    new Parameter at each module that holds one, so the optimizer updated nothing and tied weights trained apart.
+    After torch's _apply, each tensor torch replaced takes the new one's contents (torch.utils.swap_tensors, what
+    torch's own `swap_module_params_on_conversion` does) and goes back in its place, in every module that held it."""
+    if getattr(_applying, "on", False) or not recurse:
+        return _MODULE_APPLY(self, fn, recurse)
+    held = [(table, name, t) for m in self.modules() for table in (m._parameters, m._buffers)
+            for name, t in table.items() if t is not None]  # fmt: skip
+    _applying.on = True
+    try:
+        out = _MODULE_APPLY(self, fn, recurse)
+    finally:
+        _applying.on = False
+    kept: dict[int, Any] = {}
+    for table, name, t in held:
+        if id(t) not in kept:
+            new = table[name]
+            kept[id(t)] = new
+            if new is not t:
+                try:
+                    torch.utils.swap_tensors(t, new)
+                    kept[id(t)] = t
+                except RuntimeError:  # t is referenced elsewhere (weakrefs, an autograd graph): keep torch's new one
+                    pass
+        table[name] = kept[id(t)]
+    for m in self.modules():  # what torch's _apply left pointing at the objects it made: nn.LSTM/GRU's flat weights
+        if isinstance(m, torch.nn.RNNBase):
+            m._init_flat_weights()
+    return out
 
 
 def _device_type(value: Any) -> Any:
@@ -136,6 +197,7 @@ def install() -> None:
     _patch_init(autocast, "device_type", 0)
     _patch_init(DeviceContext, "device", 0)  # torch.set_default_device("cuda"), `with torch.device("cuda"):`
     _patch_init(GradScaler, "device", 0)
+    torch.nn.Module._apply = _apply_keeping_ties  # type: ignore[method-assign]
     from .. import native
 
     nccl.install()

@@ -325,6 +325,7 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
             aten_op = getattr(torch.ops.aten, name).default
             named.impl(name, lambda *a, _op=aten_op, **k: _python_op(_op, a, k), "PrivateUse2")
         _libs.append(named)
+        _gru_cell_metas()
 
     def synchronize(device: Any = None) -> None:
         """Every device's ops sent, then waits for the device's (None: every attached one's, as the Python client)."""
@@ -391,6 +392,30 @@ def _aliased_arg(sch: Any, ret: Any) -> int:
         if a.alias_info is not None and a.alias_info.before_set & ret.alias_info.before_set:
             return i
     return -1
+
+
+def _gru_cell_metas() -> None:
+    """Meta kernels of nn.GRU's fused cell and its backward, which torch lacks (and a CPU kernel: `_metas` would send
+    them to `_on_cpu`, where they failed with NotImplementedError: nn.GRU did not run on the C++ client until round
+    32). Shapes of CUDA's kernels (aten/src/ATen/native/cuda/RNN.cu: a workspace of 5 hidden sizes), which the daemon's
+    fallback keeps (server/fallbacks.py)."""
+    if torch._C._dispatch_has_kernel_for_dispatch_key("aten::_thnn_fused_gru_cell", "Meta"):
+        return
+
+    def cell(igates: torch.Tensor, hgates: torch.Tensor, hx: torch.Tensor, *_: Any) -> tuple[torch.Tensor, ...]:
+        return torch.empty_like(hx), hx.new_empty((hx.size(0), hx.size(1) * 5))
+
+    def backward(grad_hy: torch.Tensor, workspace: torch.Tensor, has_bias: bool) -> tuple[Any, ...]:
+        gates = workspace.new_empty((workspace.size(0), workspace.size(1) // 5 * 3))
+        grads = (gates, torch.empty_like(gates), torch.empty_like(grad_hy))
+        if has_bias:
+            return (*grads, gates.new_empty(gates.size(1)), gates.new_empty(gates.size(1)))
+        return (*grads, None, None)
+
+    lib = torch.library.Library("aten", "IMPL")  # noqa: TOR901 - kernels for existing aten ops
+    lib.impl("_thnn_fused_gru_cell", cell, "Meta")
+    lib.impl("_thnn_fused_gru_cell_backward", backward, "Meta")
+    _libs.append(lib)
 
 
 def _to_meta(t: torch.Tensor) -> torch.Tensor:

@@ -37,3 +37,29 @@ def test_ops_of_the_shim_tests_models_are_allowed(dev: torch.device, monkeypatch
     assert sent, "nothing was recorded: the shim no longer sends through Session.op"
     missing = sorted(sent - load_allowlist())
     assert not missing, f"ops the shim sends for the test models are not on server/allowed_ops.txt: {missing}"
+
+
+def test_backwards_of_common_activations_pools_and_upsampling_run(dev: torch.device) -> None:
+    """What pytorch/examples' dcgan (LeakyReLU), gat (LeakyReLU), MobileNet-style (ReLU6, Hardswish), LLaMA-style
+    (SiLU) and VGG (AdaptiveAvgPool2d((7, 7))) send backward. Until round 32 scripts/gen_allowlist.py traced no
+    OpInfo backward (its torch.autograd.backward call raised TypeError, swallowed), so only the few backwards of its
+    own models were allowed: dcgan stopped at its first D step with 'aten::leaky_relu_backward ... denied'. One
+    step of a model made of them trains on the daemon, with the CPU's gradients."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.LeakyReLU(0.2), nn.ReplicationPad2d(1), nn.Conv2d(8, 8, 3), nn.SiLU(),
+        nn.Hardswish(), nn.ReLU6(), nn.ELU(), nn.Mish(), nn.Softplus(), nn.Hardsigmoid(), nn.LogSigmoid(),
+        nn.Upsample(scale_factor=2, mode="bilinear"), nn.AdaptiveAvgPool2d((3, 3)), nn.Flatten(), nn.Linear(72, 4),
+    )  # fmt: skip
+    x = torch.randn(2, 3, 6, 6)
+    model(x).sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    remote = model.to(dev)
+    remote(x.to(dev)).sum().backward()
+    for p, g in zip(remote.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad.cpu(), g, rtol=1e-5, atol=1e-6)
+    allowed = load_allowlist()
+    for name in ("leaky_relu", "silu", "hardswish", "hardtanh", "elu", "mish", "softplus", "hardsigmoid"):
+        assert f"aten::{name}_backward.default" in allowed

@@ -256,3 +256,31 @@ def test_uninstall_puts_torchs_own_functions_back() -> None:
     devices.uninstall()
     assert torch.zeros is zeros and torch.Tensor.to is to and torch.Tensor.is_cuda is is_cuda
     assert "new_zeros" not in vars(torch.Tensor) and torch._C._nn._parse_to is parse_to
+
+
+def test_module_apply_keeps_the_parameter_objects_and_ties(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`.cuda()` of a model with a tied weight (decoder.weight = encoder.weight). torch moves a Parameter onto a GPU
+    in place (the optimizer built before keeps working, the tie stays), which it cannot do onto a PrivateUse1 device:
+    there it makes a new Parameter per module that holds it (two weights, trained apart; an optimizer built before
+    holds the CPU ones). torch does the same on the CPU when told to overwrite parameters on conversion, the stand-in
+    here for a move onto gpupool (tests/cuda_scripts/word_lm_tied.py moves onto a fake GPU)."""
+    from gpupool.client.cuda import patches
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = torch.nn.Embedding(10, 4)
+            self.decoder = torch.nn.Linear(4, 10)
+            self.decoder.weight = self.encoder.weight
+            self.register_buffer("steps", torch.zeros(()))
+
+    monkeypatch.setattr(torch.__future__, "_overwrite_module_params_on_conversion", True)
+    untied = torch.nn.Module._apply(Tied(), lambda t: t.double())
+    assert untied.decoder.weight is not untied.encoder.weight  # torch's own _apply: two copies
+    model = Tied()
+    weight, bias, steps = model.encoder.weight, model.decoder.bias, model.steps
+    out = patches._apply_keeping_ties(model, lambda t: t.double())
+    assert out is model and model.decoder.weight is model.encoder.weight is weight
+    assert model.decoder.bias is bias and model.steps is steps and isinstance(weight, torch.nn.Parameter)
+    assert model.encoder.weight.dtype == torch.float64 and len(list(model.parameters())) == 2
+    assert model.steps.dtype == torch.float64
