@@ -652,24 +652,13 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
             return 0
 
 
-YOUNG_THRESHOLD = 4000  # `settle_gc`: allocations between collections of the youngest generation
-
-
 def settle_gc() -> None:
     """After the worker's setup: what exists now (torch's modules and types, the zygote's and the session
     state's objects, ~200k of them) is kept out of the cyclic collector's full collections for the process's
     life (`gc.freeze`). A full collection of them costs ~100 ms of CPU, in the middle of some slice, each time
     the objects the session keeps (learned templates and runs, tensors) have grown by a quarter of the tracked
-    objects. Collection stays on: cycles made from now on are collected as before, in every generation.
-
-    The youngest generation is collected every YOUNG_THRESHOLD allocations of tracked objects instead of
-    Python's 700: an eager step allocates hundreds (its tensors' objects, the storages' entries, the runner's
-    lists and tuples), nearly all freed by reference counts within the slice, and a collection every 700 scanned
-    what was alive then, ~0.4k instructions an eager op on the tiny MLP (bench/eager_replay.py --measure instr);
-    at 4000 most of them are gone before one runs. A cycle (rare here: the worker's objects are acyclic) waits for
-    at most 4000 allocations."""
+    objects. Collection stays on: cycles made from now on are collected as before, in every generation."""
     gc.freeze()
-    gc.set_threshold(YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _warm_cuda(device: Device) -> None:

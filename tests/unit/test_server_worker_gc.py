@@ -8,8 +8,6 @@ import json
 import subprocess
 import sys
 
-from gpupool.server import worker
-
 PROGRAM = r"""
 import gc, json
 import torch
@@ -34,7 +32,7 @@ for i in range(300_000):
     Node()
     most = max(most, live[0])
 print(json.dumps({"before": before, "frozen": frozen, "most": most, "enabled": gc.isenabled(),
-                  "tracked": len(gc.get_objects()), "threshold": gc.get_threshold()}))
+                  "tracked": len(gc.get_objects())}))
 """
 
 
@@ -42,7 +40,6 @@ def test_setup_objects_are_frozen_and_later_cycles_are_still_collected() -> None
     out = subprocess.run([sys.executable, "-c", PROGRAM], check=True, capture_output=True, text=True, timeout=300)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["enabled"]
-    assert r["threshold"][0] == worker.YOUNG_THRESHOLD > 700  # young collections less often than Python's default
     assert r["frozen"] >= r["before"] * 0.9 > 50_000  # torch's objects: out of every later collection
     assert r["most"] < 20_000  # of 300k cycles made, never more than a few collections' worth alive at once
     assert r["tracked"] < 20_000  # what a collection scans now: not the setup's objects
