@@ -104,6 +104,12 @@ struct Plan {
   // a guard that reads nothing the step does not fix but the devices of pairs of tensor arguments (`guards.fixed_guard`:
   // the attention backward's philox_seed and query, with dropout): each pair's devices must be equal
   std::vector<std::pair<size_t, size_t>> devices;
+  // called below the autograd keys (`call_op`): the worker never records autograd history (grad mode is off in
+  // it), so each op's Autograd kernel only checks that and redispatches (~0.6k instructions a call, ~2.5k a
+  // `_foreach_` op's over its lists). Set where the op's backend keys (the session device's and the CPU's) have a
+  // kernel of their own or a composite one (`_compile`): below autograd the dispatcher reaches the same kernel.
+  // ADInplaceOrView still runs: version counters (server/graph.py's `_version` checks) and view tracking as before.
+  bool below_autograd = false;
 };
 
 inline uint64_t read_u64(const char* p) {
@@ -153,13 +159,14 @@ void set_view(Input& in, py::handle geometry) {
 std::shared_ptr<Plan> make_plan(
     const std::string& name, const std::string& overload, int64_t size, py::list fixed, py::list outs,
     py::list args, int64_t need, py::list keep, py::object owner, py::object run, int returns, bool seeded,
-    int64_t n_pos, bool zero, py::list ranges, py::list devices) {
+    int64_t n_pos, bool zero, py::list ranges, py::list devices, bool below_autograd) {
   auto plan = std::make_shared<Plan>();
   plan->seeded = seeded;
   if (n_pos < -1 || n_pos > static_cast<int64_t>(args.size())) throw std::invalid_argument("positional count");
   plan->n_pos = n_pos;
   if (zero && returns != ONE) throw std::invalid_argument("zeroed outputs of one tensor only");
   plan->zero = zero;
+  plan->below_autograd = below_autograd && n_pos < 0;
   if (n_pos >= 0 && !PyCallable_Check(run.ptr())) throw std::invalid_argument("a Python run must be callable");
   plan->op = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), overload.c_str());
   plan->owner = owner;
@@ -470,11 +477,16 @@ PyObject* zero_storage(const at::Tensor& t) {
   END_HANDLE_TH_ERRORS
 }
 
-PyObject* call_op(const c10::OperatorHandle& op, torch::jit::Stack& stack) {
+PyObject* call_op(const c10::OperatorHandle& op, torch::jit::Stack& stack, bool below_autograd) {
   HANDLE_TH_ERRORS
   {
     py::gil_scoped_release nogil;
-    op.callBoxed(stack);
+    if (below_autograd) {
+      c10::impl::ExcludeDispatchKeyGuard no_autograd(c10::autograd_dispatch_keyset);  // at::AutoDispatchBelowAutograd
+      op.callBoxed(stack);
+    } else {
+      op.callBoxed(stack);
+    }
   }
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
@@ -967,7 +979,7 @@ struct Ctx {
           c.sync_all();
           progress(i);
         }
-        PyObject* ran = p->n_pos >= 0 ? call_py(*p, buf, stack) : call_op(*p->op, stack);
+        PyObject* ran = p->n_pos >= 0 ? call_py(*p, buf, stack) : call_op(*p->op, stack, p->below_autograd);
         held.clear();  // the GIL held again: the last C++ reference goes without taking it
         if (ran == nullptr) {
           exc = fetch();
@@ -1703,7 +1715,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plan", &make_plan, py::arg("name"), py::arg("overload"), py::arg("size"), py::arg("fixed"), py::arg("outs"),
         py::arg("args"), py::arg("need"), py::arg("keep"), py::arg("owner"), py::arg("run"), py::arg("returns"),
         py::arg("seeded") = false, py::arg("n_pos") = -1, py::arg("zero") = false, py::arg("ranges") = py::list(),
-        py::arg("devices") = py::list());
+        py::arg("devices") = py::list(), py::arg("below_autograd") = false);
   py::class_<Trace>(m, "Trace")
       .def(py::init([](py::list steps, py::object origin) {
              Trace t;

@@ -455,8 +455,25 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
     name, overload = schema.name, schema.overload_name
     outs = offsets[1 : 1 + n_out]
     run = plan.run if py_run else op._op
+    below = not py_run and below_autograd(f"{name}.{overload}" if overload else name, dev)
     return mod.plan(name, overload, tpl.size, fixed, outs, out, step.need, list(step.keep), plan, run, returns,
-                    plan.seeded, len(args) if py_run else -1, plan.uninitialized, ranges, devices)  # fmt: skip
+                    plan.seeded, len(args) if py_run else -1, plan.uninitialized, ranges, devices,
+                    below)  # fmt: skip
+
+
+_BACKEND_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def below_autograd(qualified: str, dev: torch.device) -> bool:
+    """Whether the runner may call op `qualified` below the autograd keys (`Plan::below_autograd`): its session's
+    device is a CPU (a fake GPU) or a CUDA device, and both that device's dispatch key and the CPU's (a record's
+    tensors may all be CPU ones: Adam's step counts) have a kernel for it, of their own or a composite one -- what
+    the op's Autograd kernel would redispatch to, the worker's grad mode being off."""
+    key = _BACKEND_KEYS.get(dev.type)
+    if key is None:
+        return False
+    has = torch._C._dispatch_has_computed_kernel_for_dispatch_key
+    return bool(has(qualified, key) and has(qualified, "CPU"))
 
 
 def _geometry(g: Any) -> tuple[Any, ...]:

@@ -1285,3 +1285,55 @@ def test_attention_steps_skip_their_meta_only_guards_and_refuse_other_metas_as_o
         failed = [m.message for m in p.s[0].poisoned.values()]
         assert bool(failed) == (q != AQ), failed
         assert all(m.startswith("fused attention") for m in failed), failed
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_native_steps_call_their_ops_below_autograd_with_the_same_results_and_version_counts(runner: str) -> None:
+    """The native runner calls an op below the autograd keys (`Plan::below_autograd`: the worker never records
+    autograd history, so its Autograd kernel is only a check and a redispatch): a kernel registered at AutogradCPU
+    for `aten::mm` sees the Python path's calls only (before round 32 also every native one), while results, metas
+    and accounting stay the normal path's (`Pair.same`) and ADInplaceOrView still counts in-place writes (the
+    parameter's version counter, which server/graph.py's persistent-tensor check reads)."""
+    p = Pair()
+    p.stream(training(p, 6), itertools.cycle([64]))
+    seen = [0]
+
+    def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        seen[0] += 1
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.aten.mm.default(a, b)
+
+    lib = torch.library.Library("aten", "IMPL")
+    try:
+        lib.impl("mm", mm, "AutogradCPU")  # in place of VariableType's (torch warns of the override)
+        hits, native = p.hits, p.runs().native
+        p.stream([c for t in range(6, 14) for c in step(p, t) + [free(t - 1)]], itertools.cycle([64]))
+    finally:
+        lib._destroy()
+    assert p.hits - hits >= 8 * 11 * 0.7
+    assert p.s[0].tensors[P]._version == p.s[1].tensors[P]._version > 0
+    if runner == "native":
+        assert p.runs().native > native
+        assert 8 <= seen[0] < 16  # the normal path's 8, and the native ones none
+    else:
+        assert seen[0] == 16
+
+
+def test_below_autograd_needs_a_backend_kernel_on_the_sessions_device_and_the_cpu() -> None:
+    cpu = torch.device("cpu")
+    assert native_runner.below_autograd("aten::mm", cpu)
+    assert native_runner.below_autograd("aten::_foreach_add_.Scalar", cpu)  # a composite kernel
+    assert not native_runner.below_autograd("aten::_cudnn_rnn", cpu)  # no CPU kernel: through autograd, as before
+    assert not native_runner.below_autograd("aten::mm", torch.device("meta"))  # not a session's device
+
+
+@cuda
+def test_below_autograd_on_a_cuda_session() -> None:
+    """On a CUDA device the runner calls ops with CUDA and CPU kernels below autograd (no CUDA call of its own:
+    the guard is thread-local dispatcher state)."""
+    dev = torch.device("cuda", 0)
+    assert native_runner.below_autograd("aten::mm", dev)
+    assert native_runner.below_autograd("aten::_foreach_lerp_.Scalar", dev)
+    assert not native_runner.below_autograd("aten::_cudnn_rnn", dev)  # CUDA only: not the CPU's
