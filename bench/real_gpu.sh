@@ -4,8 +4,8 @@
 # Each stage has its own time limit and its own log under $OUT (default ./real_gpu_out), so one that fails or
 # runs long leaves the others' results:
 #   info      the GPU, torch, the compiler
-#   tests     the tests that run only on a CUDA device (the worker's memory cap, the slice timer's run-ahead) and the
-#             C++ client's CUDA scripts
+#   tests     the tests that run only on a CUDA device (CUDA graphs, the worker's memory cap, the slice timer's
+#             run-ahead, pinned staging, the native runner below autograd, index guards, eager attention dropout)
 #   tiny      launch_bound --gpu: tiny MLP and encoders, local CUDA vs the pool (shim eager, captured)
 #   native    the same through the C++ client (its first build included)
 #   big       the stock MLP and the sentiment CNN, local CUDA vs the pool
@@ -35,7 +35,15 @@ stage() {  # stage NAME SECONDS COMMAND...
     tail -n "${TAIL:-25}" "$OUT/$name.log"
 }
 stage info 60 bash -c 'nvidia-smi -L; nproc; python3 -V; g++ --version | head -1; python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name(0))"'
-stage tests "${T_TESTS:-120}" python3 -m pytest -q -p no:cacheprovider -rs tests/unit/test_graph_cuda.py tests/unit/test_server_worker_gpu_cap.py tests/unit/test_server_slice_timer.py
+stage tests "${T_TESTS:-150}" python3 -m pytest -q -p no:cacheprovider -rs tests/unit/test_graph_cuda.py \
+    tests/unit/test_server_worker_gpu_cap.py tests/unit/test_server_slice_timer.py tests/unit/test_staging_cuda.py \
+    tests/unit/test_server_runs.py::test_below_autograd_on_a_cuda_session \
+    tests/unit/test_server_guards.py::test_bounds_on_a_gpu_read_the_host_once \
+    tests/unit/test_server_attention_saved.py::test_an_eager_call_with_dropout_on_a_gpu_keeps_its_scores_and_never_waits_for_the_device
+# The daemons run as `gpupool up` starts them, with the side port (a session's frames on one TLS socket instead of
+# gRPC messages: the front's per-frame Python is gRPC's); BENCH_DAEMON_FLAGS= (empty) measures the gRPC stream instead.
+# (Rounds 29 and 31 measured without it: their eager figures paid gRPC's receive path per frame.)
+export BENCH_DAEMON_FLAGS="${BENCH_DAEMON_FLAGS---bulk-listen 127.0.0.1:0}"
 LB="python3 bench/launch_bound.py --gpu --rounds 1 --steps 50 --blocks 3"
 BENCH_DAEMON_LOG=$OUT/tiny.daemon.log stage tiny "${T_TINY:-200}" $LB --models tiny-mlp,encoder-nodrop,encoder --modes local,eager,captured
 BENCH_DAEMON_LOG=$OUT/overlap.daemon.log stage overlap "${T_OVERLAP:-150}" $LB --models cnn-big,mlp --modes local,eager --against . --against-python python3 --against-env GPUPOOL_RUN_AHEAD=0
