@@ -521,7 +521,7 @@ class Daemon:
             if room <= 0 and batch[0][0] in slices.ANSWERED and self._parked(s):
                 return items, 0.0, False
             req = slices.SliceRequest(
-                device_free=s.device.capacity - self.memory[s.device.index].used,
+                device_free=self._device_free(s),
                 reply_room=room,
                 budget=budget,
                 payload=b"",
@@ -552,6 +552,10 @@ class Daemon:
                 return [], seconds, True
             return (batch[res.executed :] + after if res.executed < n else after), seconds, True
 
+    def _device_free(self, s: FrontSession) -> int:
+        """The bytes `s`'s device has left beyond what its sessions hold now (`SliceRequest.device_free`)."""
+        return s.device.capacity - self.memory[s.device.index].used
+
     def _flush(self, s: FrontSession) -> float:
         """The GPU seconds of a closing session's slices still unreported (`device_busy`: a CUDA device's
         run-ahead, devices.SliceTimer): a slice of no commands, which waits for its GPU and reports them all
@@ -559,8 +563,7 @@ class Daemon:
         worker that does not answer in time (or answers what an empty slice cannot) pays the wall time. (Not at
         a stream's end: the session lives on, and its next slice or its close reports them.)"""
         assert s.runner is not None
-        free = s.device.capacity - self.memory[s.device.index].used
-        req = slices.SliceRequest(device_free=free, reply_room=0, budget=0.0, payload=b"")
+        req = slices.SliceRequest(device_free=self._device_free(s), reply_room=0, budget=0.0, payload=b"")
         start = time.perf_counter()
         s.device_busy = False
         try:
