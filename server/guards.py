@@ -201,6 +201,24 @@ def _adaptive_avg_pool_backward(dims: int) -> Callable[[Args, Kwargs], None]:
     return check
 
 
+def _antialias_backward(args: Args, kwargs: Kwargs) -> None:
+    """The antialiased bilinear backward's CPU kernel walks a window of 1/scale input pixels per output pixel when a
+    scale is given (not clamped to the input, as its forward's is): scales of 1e-9 on an 8x8 image held a thread for
+    40 s, 1e-12 would for hours. torch's interpolate passes the scale_factor its output size came from
+    (out = floor(in * scale)), so a scale that honest calls send never makes the window wider than in/out, the
+    size's own; a smaller one is refused."""
+    out, size = arg(args, kwargs, 1, "output_size"), arg(args, kwargs, 2, "input_size")
+    if arg(args, kwargs, 3, "align_corners") or len(out) != 2 or len(size) != 4:
+        return  # align_corners: the sizes decide, the scales are unused; other lengths: torch's own checks
+    for d, name in enumerate(("scales_h", "scales_w")):
+        scale = arg(args, kwargs, 4 + d, name)
+        if scale is not None and scale > 0 and not size[2 + d] * scale >= out[d] * (1 - 1e-6):
+            raise InvalidArgument(
+                f"{name} {scale} does not fit input size {size[2 + d]} and output size {out[d]} "
+                "(output = floor(input * scale))"
+            )
+
+
 _REFLECTION = 2  # grid_sampler's padding_mode
 
 
@@ -233,6 +251,7 @@ _VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {
     "aten::fractional_max_pool3d_backward": _fractional_pool_backward(3),
     "aten::_adaptive_avg_pool2d_backward": _adaptive_avg_pool_backward(2),
     "aten::_adaptive_avg_pool3d_backward": _adaptive_avg_pool_backward(3),
+    "aten::_upsample_bilinear2d_aa_backward": _antialias_backward,
     "aten::grid_sampler_2d_backward": _grid_sampler_backward(2),
     "aten::grid_sampler_3d_backward": _grid_sampler_backward(3),
     "aten::embedding_dense_backward": _embedding_dense_backward,

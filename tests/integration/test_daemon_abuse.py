@@ -710,6 +710,9 @@ def _backward_cases(s: Session) -> Iterator[tuple[str, list[Any], dict[str, Any]
         yield f"{op}.default", [up(torch.ones(big)), up(torch.ones(small))], {}
         yield f"{op}.default", [up(torch.ones([64, 1] + [4] * dims)), up(torch.ones(small))], {}
         yield f"{op}.default", [up(torch.ones([1, 1] + [4] * dims)), up(torch.ones(big))], {}
+    # the antialiased backward walked 1/scale input pixels per output pixel: 1e-9 held the thread for 40 s
+    yield "aten::_upsample_bilinear2d_aa_backward.default", [up(torch.ones(1, 1, 8, 8)), [8, 8], [1, 1, 8, 8],
+                                                             False, 1e-12, None], {}  # fmt: skip
     # grid_sampler backwards read grad_output at grid's positions: a smaller grad_output was read past its end
     # (heap bytes in grad_input); an infinite grid with reflection padding indexed anywhere (SIGSEGV).
     grid2, grid3 = torch.zeros(1, 16, 16, 2), torch.zeros(1, 8, 8, 8, 3)
@@ -750,3 +753,8 @@ def test_backward_kernels_that_trust_their_arguments_are_checked(served: DaemonH
                    Handle(bad.upload(x)), Handle(bad.upload(grid)), 0, 2, False, [True, True], outputs=2)  # fmt: skip
     for h, w in zip(got, want, strict=True):
         assert torch.equal(bad.download(h), w)
+    image = torch.randn(1, 2, 9, 7)  # interpolate's own scales pass: out = floor(in * scale)
+    small = torch.nn.functional.interpolate(image, scale_factor=(0.37, 0.61), mode="bilinear", antialias=True)
+    g, sizes = torch.ones_like(small), (list(small.shape[2:]), list(image.shape), False, 0.37, 0.61)
+    [r] = bad.call("aten::_upsample_bilinear2d_aa_backward.default", Handle(bad.upload(g)), *sizes)
+    assert torch.equal(bad.download(r), torch.ops.aten._upsample_bilinear2d_aa_backward(g, *sizes))
