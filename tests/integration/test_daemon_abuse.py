@@ -731,6 +731,8 @@ def _backward_cases(s: Session) -> Iterator[tuple[str, list[Any], dict[str, Any]
     yield "aten::replication_pad2d_backward.grad_input", [up(torch.ones(1, 1, 6, 6)), up(torch.ones(1, 1, 4, 4)),
                                                           [1, 1, 1, 1]], \
         {"grad_input": expanded([1, 1, 4, 4])}  # fmt: skip
+    yield "aten::avg_pool3d.out", [up(torch.ones(1, 1, 8, 8, 8)), [2, 2, 2], [2, 2, 2], [0, 0, 0], False, True,
+                                   None], {"out": expanded([1, 1, 4, 4, 4])}  # fmt: skip
     yield "aten::upsample_bicubic2d_backward.grad_input", [up(torch.ones(1, 1, 16, 16)), [16, 16], [1, 1, 8, 8],
                                                            False, None, None], \
         {"grad_input": expanded([1, 1, 8, 8])}  # fmt: skip
@@ -738,7 +740,7 @@ def _backward_cases(s: Session) -> Iterator[tuple[str, list[Any], dict[str, Any]
 
 def test_backward_kernels_that_trust_their_arguments_are_checked(served: DaemonHandle, bad: Session) -> None:
     for name, args, kwargs in list(_backward_cases(bad)):
-        bad.call(name, *args, outputs=0 if "grad_input" in kwargs else 1, **kwargs)
+        bad.call(name, *args, outputs=0 if "grad_input" in kwargs or "out" in kwargs else 1, **kwargs)
         with pytest.raises((errors.InvalidArgument, errors.PermissionDenied)):
             bad.sync()
         assert served.process is not None and served.process.poll() is None, name
