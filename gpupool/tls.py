@@ -372,7 +372,8 @@ class SocketServerTls:
             ctx.load_cert_chain(self.cfg.cert, key)
         if self.cfg.client_auth == "require":
             ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_verify_locations(cadata=_read(self.cfg.ca, CA).decode("ascii", errors="replace"))
+            with _opened(self.cfg.ca, CA) as ca:  # as a file: `cadata` as str must be ASCII, a PEM bundle need not
+                ctx.load_verify_locations(cafile=ca)
         return ctx
 
     def context(self) -> ssl.SSLContext:
@@ -392,8 +393,11 @@ def socket_client_context(cfg: TlsConfig | None = None) -> ssl.SSLContext | None
         return None
     if bool(cfg.cert) != bool(cfg.key):
         raise InvalidArgument("a client certificate needs both GPUPOOL_TLS_CERT and GPUPOOL_TLS_KEY")
-    cadata = _read(cfg.ca, CA).decode("ascii", errors="replace") if cfg.ca else None
-    ctx = ssl.create_default_context(cadata=cadata)
+    if cfg.ca:
+        with _opened(cfg.ca, CA) as ca:  # as a file (`cadata` as str must be ASCII; a PEM bundle's text need not be)
+            ctx = ssl.create_default_context(cafile=ca)
+    else:
+        ctx = ssl.create_default_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cfg.cert:
         with _opened(cfg.key, KEY) as key:

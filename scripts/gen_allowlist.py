@@ -124,6 +124,13 @@ REVIEWED_OUT = {
     "aten::_amp_foreach_non_finite_check_and_unscale.out": "functional twin",
     "aten::_amp_update_scale.default": "functional twin; GradScaler sends the in-place op",
     "aten::_amp_update_scale.out": "functional twin",
+    # out= forms whose CPU kernels write a whole result through an expanded (stride 0) grad_input or out, where
+    # torch's other kernels refuse one ("more than one element ... refers to a single memory location"): SIGSEGV or
+    # a corrupted heap (round 32's review); autograd and modules send their functional forms.
+    "aten::avg_pool3d.out": "writes through an overlapping out (heap corruption: the worker aborted)",
+    "aten::avg_pool3d_backward.grad_input": "writes through an overlapping grad_input (SIGSEGV)",
+    "aten::replication_pad2d_backward.grad_input": "writes through an overlapping grad_input (SIGSEGV)",
+    "aten::upsample_bicubic2d_backward.grad_input": "writes through an overlapping grad_input (SIGSEGV)",
 }
 
 

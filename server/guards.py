@@ -189,6 +189,59 @@ def _pool_backward(dims: int, indices_at: int) -> Callable[[Args, Kwargs], None]
     return check
 
 
+def _adaptive_avg_pool_backward(dims: int) -> Callable[[Args, Kwargs], None]:
+    """The CPU kernel walks grad_output's planes (its leading dims) into grad_input, which has self's shape: more
+    planes in grad_output wrote past grad_input (SIGSEGV, a corrupted heap), fewer read past grad_output."""
+
+    def check(args: Args, kwargs: Kwargs) -> None:
+        grad, self = arg(args, kwargs, 0, "grad_output"), arg(args, kwargs, 1, "self")
+        if grad.dim() != self.dim() or tuple(grad.shape[:-dims]) != tuple(self.shape[:-dims]):
+            raise InvalidArgument(f"grad_output {list(grad.shape)} does not fit input {list(self.shape)}")
+
+    return check
+
+
+def _antialias_backward(args: Args, kwargs: Kwargs) -> None:
+    """The antialiased bilinear backward's CPU kernel walks a window of 1/scale input pixels per output pixel when a
+    scale is given (not clamped to the input, as its forward's is): scales of 1e-9 on an 8x8 image held a thread for
+    40 s, 1e-12 would for hours. torch's interpolate passes the scale_factor its output size came from
+    (out = floor(in * scale)), so a scale that honest calls send never makes the window wider than in/out, the
+    size's own; a smaller one is refused."""
+    out, size = arg(args, kwargs, 1, "output_size"), arg(args, kwargs, 2, "input_size")
+    if arg(args, kwargs, 3, "align_corners") or len(out) != 2 or len(size) != 4:
+        return  # align_corners: the sizes decide, the scales are unused; other lengths: torch's own checks
+    for d, name in enumerate(("scales_h", "scales_w")):
+        scale = arg(args, kwargs, 4 + d, name)
+        if scale is not None and scale > 0 and not size[2 + d] * scale >= out[d] * (1 - 1e-6):
+            raise InvalidArgument(
+                f"{name} {scale} does not fit input size {size[2 + d]} and output size {out[d]} "
+                "(output = floor(input * scale))"
+            )
+
+
+_REFLECTION = 2  # grid_sampler's padding_mode
+
+
+def _grid_sampler_backward(dims: int) -> Callable[[Args, Kwargs], None]:
+    """The CPU kernel reads grad_output at every grid position, trusting it to be (N, C, *grid's positions): a
+    smaller one was read past its end (heap bytes in grad_input); with reflection padding a NaN or infinite grid
+    value made an index anywhere (SIGSEGV; torch's forward kernel clamps them)."""
+
+    def check(args: Args, kwargs: Kwargs) -> None:
+        grad, image, grid = (arg(args, kwargs, i, n) for i, n in enumerate(("grad_output", "input", "grid")))
+        want = [image.size(0), image.size(1), *grid.shape[1:-1]] if image.dim() == dims + 2 else None
+        if want is None or grid.dim() != dims + 2 or list(grad.shape) != want:
+            raise InvalidArgument(
+                f"grad_output {list(grad.shape)} does not fit input {list(image.shape)} and grid {list(grid.shape)}"
+            )
+        if arg(args, kwargs, 4, "padding_mode") != _REFLECTION or grid.device.type == "meta" or not grid.numel():
+            return
+        if not bool(torch.isfinite(grid).all()):
+            raise InvalidArgument("grid values must be finite with reflection padding")
+
+    return check
+
+
 _VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {
     "aten::max_pool2d_with_indices_backward": _pool_backward(2, 7),
     "aten::max_pool3d_with_indices_backward": _pool_backward(3, 7),
@@ -196,6 +249,11 @@ _VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {
     "aten::adaptive_max_pool3d_backward": _pool_backward(3, 2),
     "aten::fractional_max_pool2d_backward": _fractional_pool_backward(2),
     "aten::fractional_max_pool3d_backward": _fractional_pool_backward(3),
+    "aten::_adaptive_avg_pool2d_backward": _adaptive_avg_pool_backward(2),
+    "aten::_adaptive_avg_pool3d_backward": _adaptive_avg_pool_backward(3),
+    "aten::_upsample_bilinear2d_aa_backward": _antialias_backward,
+    "aten::grid_sampler_2d_backward": _grid_sampler_backward(2),
+    "aten::grid_sampler_3d_backward": _grid_sampler_backward(3),
     "aten::embedding_dense_backward": _embedding_dense_backward,
     "aten::_embedding_bag_dense_backward": _embedding_bag_dense_backward,
     "aten::_embedding_bag_backward": _embedding_bag_dense_backward,
@@ -244,6 +302,8 @@ VALUE_GUARDS = frozenset(
         "aten::_embedding_bag_dense_backward",
         "aten::_embedding_bag_backward",
         "aten::_embedding_bag_per_sample_weights_backward",
+        "aten::grid_sampler_2d_backward",
+        "aten::grid_sampler_3d_backward",
     }
 )
 
@@ -336,6 +396,8 @@ VALUE_READS: dict[str, tuple[tuple[int, str], ...]] = {
     "aten::adaptive_max_pool3d_backward": ((2, "indices"),),
     "aten::fractional_max_pool2d_backward": ((4, "indices"),),
     "aten::fractional_max_pool3d_backward": ((4, "indices"),),
+    "aten::grid_sampler_2d_backward": ((2, "grid"),),
+    "aten::grid_sampler_3d_backward": ((2, "grid"),),
     **{name: ((1, "n"),) for name in _LOOPS if name.startswith("aten::special_") and name != "aten::special_zeta"},
     "aten::special_zeta": ((1, "other"),),
     "aten::polygamma": ((1, "self"),),

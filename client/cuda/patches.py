@@ -81,7 +81,18 @@ def _place(x: Any, targets: dict[int, torch.device], moved: dict[int, torch.Tens
             for name, t in table.items():
                 if t is not None:
                     table[name] = _move(t, targets, moved)
+    _refresh_flat_weights(x)
     return x
+
+
+def _refresh_flat_weights(module: torch.nn.Module) -> None:
+    """nn.LSTM/GRU/RNN's `_flat_weights` (what their forward passes to the kernel) pointed again at the Parameters
+    their tables now hold: a Parameter put into a table directly (not by setattr) leaves the list on the old object
+    -- after torch.load's `_place` the CPU copy, which the forward then used (and trained, where the optimizer held
+    the moved ones)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.RNNBase):
+            m._init_flat_weights()
 
 
 def _move(t: torch.Tensor, targets: dict[int, torch.device], moved: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -131,9 +142,7 @@ def _apply_keeping_ties(self: torch.nn.Module, fn: Callable[..., Any], recurse: 
                 except RuntimeError:  # t is referenced elsewhere (weakrefs, an autograd graph): keep torch's new one
                     pass
         table[name] = kept[id(t)]
-    for m in self.modules():  # what torch's _apply left pointing at the objects it made: nn.LSTM/GRU's flat weights
-        if isinstance(m, torch.nn.RNNBase):
-            m._init_flat_weights()
+    _refresh_flat_weights(self)  # what torch's _apply left pointing at the objects it made
     return out
 
 

@@ -690,3 +690,73 @@ def test_unread_replies_are_bounded_for_the_whole_host(daemon_factory: Any) -> N
         release.set()
     for channel, _, _ in (first, second, third):
         channel.close()
+
+
+def _backward_cases(s: Session) -> Iterator[tuple[str, list[Any], dict[str, Any]]]:
+    """Round 32's backward overloads with arguments their CPU kernels trust (found by fuzzing them directly: each
+    case segfaulted, corrupted the heap, or read heap bytes past its grad_output into the result)."""
+
+    def up(t: torch.Tensor) -> Handle:
+        return Handle(s.upload(t))
+
+    def expanded(shape: list[int]) -> Handle:
+        [h] = s.call("aten::expand.default", up(torch.ones(1)), shape)
+        return Handle(h)
+
+    # adaptive average pooling's backward walks grad_output's planes into grad_input's (input's shape): more
+    # planes in grad_output wrote past grad_input (SIGSEGV, "free(): corrupted unsorted chunks").
+    for op, dims in (("aten::_adaptive_avg_pool2d_backward", 2), ("aten::_adaptive_avg_pool3d_backward", 3)):
+        small, big = [1, 1] + [2] * dims, [1, 64] + [4] * dims
+        yield f"{op}.default", [up(torch.ones(big)), up(torch.ones(small))], {}
+        yield f"{op}.default", [up(torch.ones([64, 1] + [4] * dims)), up(torch.ones(small))], {}
+        yield f"{op}.default", [up(torch.ones([1, 1] + [4] * dims)), up(torch.ones(big))], {}
+    # the antialiased backward walked 1/scale input pixels per output pixel: 1e-9 held the thread for 40 s
+    yield "aten::_upsample_bilinear2d_aa_backward.default", [up(torch.ones(1, 1, 8, 8)), [8, 8], [1, 1, 8, 8],
+                                                             False, 1e-12, None], {}  # fmt: skip
+    # grid_sampler backwards read grad_output at grid's positions: a smaller grad_output was read past its end
+    # (heap bytes in grad_input); an infinite grid with reflection padding indexed anywhere (SIGSEGV).
+    grid2, grid3 = torch.zeros(1, 16, 16, 2), torch.zeros(1, 8, 8, 8, 3)
+    yield "aten::grid_sampler_2d_backward.default", [up(torch.ones(1, 1, 1, 1)), up(torch.ones(1, 1, 8, 8)),
+                                                     up(grid2), 0, 0, False, [True, True]], {}  # fmt: skip
+    yield "aten::grid_sampler_3d_backward.default", [up(torch.ones(1, 1, 1, 1, 1)), up(torch.ones(1, 1, 4, 4, 4)),
+                                                     up(grid3), 0, 0, False, [True, True]], {}  # fmt: skip
+    for value, align in ((float("inf"), False), (float("nan"), False), (float("inf"), True)):
+        yield "aten::grid_sampler_2d_backward.default", [up(torch.ones(1, 1, 4, 4)), up(torch.ones(1, 1, 8, 8)),
+                                                         up(torch.full((1, 4, 4, 2), value)), 0, 2, align,
+                                                         [True, True]], {}  # fmt: skip
+    # out= forms with an expanded (stride 0) grad_input: the kernel wrote its whole result through one element.
+    yield "aten::avg_pool3d_backward.grad_input", [up(torch.ones(1, 1, 4, 4, 4)), up(torch.ones(1, 1, 8, 8, 8)),
+                                                   [2, 2, 2], [2, 2, 2], [0, 0, 0], False, True, None], \
+        {"grad_input": expanded([1, 1, 8, 8, 8])}  # fmt: skip
+    yield "aten::replication_pad2d_backward.grad_input", [up(torch.ones(1, 1, 6, 6)), up(torch.ones(1, 1, 4, 4)),
+                                                          [1, 1, 1, 1]], \
+        {"grad_input": expanded([1, 1, 4, 4])}  # fmt: skip
+    yield "aten::avg_pool3d.out", [up(torch.ones(1, 1, 8, 8, 8)), [2, 2, 2], [2, 2, 2], [0, 0, 0], False, True,
+                                   None], {"out": expanded([1, 1, 4, 4, 4])}  # fmt: skip
+    yield "aten::upsample_bicubic2d_backward.grad_input", [up(torch.ones(1, 1, 16, 16)), [16, 16], [1, 1, 8, 8],
+                                                           False, None, None], \
+        {"grad_input": expanded([1, 1, 8, 8])}  # fmt: skip
+
+
+def test_backward_kernels_that_trust_their_arguments_are_checked(served: DaemonHandle, bad: Session) -> None:
+    for name, args, kwargs in list(_backward_cases(bad)):
+        bad.call(name, *args, outputs=0 if "grad_input" in kwargs or "out" in kwargs else 1, **kwargs)
+        with pytest.raises((errors.InvalidArgument, errors.PermissionDenied)):
+            bad.sync()
+        assert served.process is not None and served.process.poll() is None, name
+    usable(bad)
+    # what autograd sends still runs, with torch's results
+    g, x = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 7, 7)
+    [r] = bad.call("aten::_adaptive_avg_pool2d_backward.default", Handle(bad.upload(g)), Handle(bad.upload(x)))
+    assert torch.equal(bad.download(r), torch.ops.aten._adaptive_avg_pool2d_backward(g, x))
+    grid = torch.rand(2, 5, 5, 2) * 2 - 1
+    want = torch.ops.aten.grid_sampler_2d_backward(torch.ones(2, 3, 5, 5), x, grid, 0, 2, False, [True, True])
+    got = bad.call("aten::grid_sampler_2d_backward.default", Handle(bad.upload(torch.ones(2, 3, 5, 5))),
+                   Handle(bad.upload(x)), Handle(bad.upload(grid)), 0, 2, False, [True, True], outputs=2)  # fmt: skip
+    for h, w in zip(got, want, strict=True):
+        assert torch.equal(bad.download(h), w)
+    image = torch.randn(1, 2, 9, 7)  # interpolate's own scales pass: out = floor(in * scale)
+    small = torch.nn.functional.interpolate(image, scale_factor=(0.37, 0.61), mode="bilinear", antialias=True)
+    g, sizes = torch.ones_like(small), (list(small.shape[2:]), list(image.shape), False, 0.37, 0.61)
+    [r] = bad.call("aten::_upsample_bilinear2d_aa_backward.default", Handle(bad.upload(g)), *sizes)
+    assert torch.equal(bad.download(r), torch.ops.aten._upsample_bilinear2d_aa_backward(g, *sizes))

@@ -284,3 +284,26 @@ def test_module_apply_keeps_the_parameter_objects_and_ties(monkeypatch: pytest.M
     assert model.decoder.bias is bias and model.steps is steps and isinstance(weight, torch.nn.Parameter)
     assert model.encoder.weight.dtype == torch.float64 and len(list(model.parameters())) == 2
     assert model.steps.dtype == torch.float64
+
+
+def test_a_whole_model_placed_after_torch_load_runs_its_rnns_on_the_placed_weights() -> None:
+    """torch.load of a whole model (`torch.save(model)`, word_language_model's checkpoint) under --cuda restores its
+    storages on the CPU, then `_place` puts each moved Parameter into its module's table. nn.LSTM's forward reads
+    `_flat_weights`, a list unpickled with the CPU Parameters: it kept using (and training) those, not the placed
+    ones the optimizer holds. The meta device stands in for a gpupool one (no pool here; tests/cuda_scripts/
+    word_lm_tied.py loads onto a fake GPU, where only the values were compared, and they are equal right after a
+    load)."""
+    import io
+
+    from gpupool.client.cuda import patches
+
+    buf = io.BytesIO()
+    torch.save(torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.LSTM(4, 4), torch.nn.GRU(4, 4)), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    targets = {p.untyped_storage().data_ptr(): torch.device("meta") for p in loaded.parameters()}
+    placed = patches._place(loaded, targets, {})
+    for rnn in (placed[1], placed[2]):
+        names = rnn._flat_weights_names
+        assert [w is getattr(rnn, n) for w, n in zip(rnn._flat_weights, names, strict=True)] == [True] * len(names)
+        assert {w.device.type for w in rnn._flat_weights} == {"meta"}

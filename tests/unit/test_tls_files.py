@@ -86,6 +86,18 @@ def test_a_ca_others_may_read_is_fine(files: tuple[pki.LocalCA, pki.CertFiles]) 
     assert not [x for x in _every_reader(_server(ca, f)) if isinstance(x, Exception)]
 
 
+def test_a_ca_bundle_with_text_beside_its_certificates_is_read_by_every_reader(
+    files: tuple[pki.LocalCA, pki.CertFiles],
+) -> None:
+    """A PEM bundle may carry text outside its BEGIN/END blocks, UTF-8 included (Mozilla-style bundles' `# Issuer:`
+    lines, `openssl x509 -text` output): gRPC and `ssl`'s cafile skip it. Round 32 first handed the side sockets'
+    `ssl` the bundle as a str `cadata`, which must be ASCII: such a bundle failed there with a TypeError (not even
+    the one-line error) while gRPC read it."""
+    ca, f = files
+    ca.cert_path.write_bytes("# Issuer: CN=Autorité Racine de test\n".encode() + ca.cert_path.read_bytes())
+    assert not [x for x in _every_reader(_server(ca, f)) if isinstance(x, Exception)]
+
+
 def test_a_key_made_readable_while_serving_is_not_loaded_and_said_once(
     files: tuple[pki.LocalCA, pki.CertFiles], caplog: pytest.LogCaptureFixture
 ) -> None:
