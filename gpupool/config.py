@@ -363,8 +363,8 @@ def read_trusted(path: str | os.PathLike[str], what: str, *, secret: bool = Fals
     sessions by, the scheduler's credentials (hashes of API tokens and their roles), TLS private keys and CA
     bundles -, refused (UnsafeFile) when a user other than its owner may write it (`open_trusted`). Whoever could
     write such a file could add a public key of their own (and mint tokens for any lease of the host), an admin
-    line, a CA of their own, or a signing key they know. `secret`: a private key, refused also when other users
-    may read it."""
+    line, a CA of their own, or a signing key they know. `secret`: a private key or an API token, refused also when
+    other users may read it."""
     fd = open_trusted(path, what, secret=secret)
     with os.fdopen(fd, "rb") as f:
         return f.read()
@@ -375,8 +375,9 @@ def open_trusted(path: str | os.PathLike[str], what: str, *, secret: bool = Fals
     nothing): refused (UnsafeFile, closed) when a user other than its owner may write it - the other users (a mode
     like 0666, a shared folder under umask 0), or a group other than the reader's private group or root's
     (`_private_group`, as for build caches) -, when it is not a regular file (a named pipe: refused without waiting
-    on it), and, with `secret` (a private key), when other users may read it (mode bits for others: a group's read
-    bit is how a deployment shares a key with a service's group, root:gpupool 0640). The caller closes the
+    on it), and, with `secret` (a private key: the token signing key, a TLS key; an API token), when other users may
+    read it (mode bits for others: a group's read bit is how a deployment shares a key with a service's group,
+    root:gpupool 0640, or Kubernetes with a pod's fsGroup). The caller closes the
     descriptor; a library that wants a path (`ssl`) reads it as `/proc/self/fd/N`."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
@@ -392,8 +393,8 @@ def open_trusted(path: str | os.PathLike[str], what: str, *, secret: bool = Fals
             )
         if secret and st.st_mode & stat.S_IROTH:
             raise UnsafeFile(
-                f"{what} {path} is readable by other users (mode {mode:o}): refused, a private key must be readable "
-                f"by its owner (and a group it is shared with) only (chmod o-rwx {path})"
+                f"{what} {path} is readable by other users (mode {mode:o}): refused, a secret (a private key, an API "
+                f"token) must be readable by its owner (and a group it is shared with) only (chmod o-rwx {path})"
             )
         os.set_blocking(fd, True)
     except BaseException:

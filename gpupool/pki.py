@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gpupool.config import write_secret
+from gpupool.config import UnsafeFile, read_trusted, write_secret
+from gpupool.errors import InvalidArgument
 
 ROLES = ("host", "tenant", "admin", "server")
 URI_PREFIX = "gpupool://"
@@ -57,7 +58,9 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 class LocalCA:
-    """A CA whose key lives in `directory` (ca.crt, ca.key); created on first use, reused afterwards."""
+    """A CA whose key lives in `directory` (ca.crt, ca.key); created on first use, reused afterwards. A key that other
+    users may read or write is refused (InvalidArgument, config.open_trusted): whoever reads it issues an admin
+    certificate of the pool (until round 33 `gpupool up --ca-dir` read it whatever its mode)."""
 
     def __init__(self, directory: Path, name: str = "gpupool local CA", days: int = 3650) -> None:
         self.directory = Path(directory)
@@ -65,7 +68,11 @@ class LocalCA:
         self.key_path = self.directory / "ca.key"
         if self.cert_path.exists() and self.key_path.exists():
             self.cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
-            key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+            try:
+                pem = read_trusted(self.key_path, "CA private key", secret=True)
+            except UnsafeFile as exc:
+                raise InvalidArgument(str(exc)) from exc
+            key = serialization.load_pem_private_key(pem, password=None)
             assert isinstance(key, ec.EllipticCurvePrivateKey)
             self.key = key
             return

@@ -139,12 +139,13 @@ def client_env(cfg: TlsConfig) -> dict[str, str]:
     return {k: str(v) for k, v in out.items() if v}
 
 
-KEY, CA = "TLS private key", "TLS CA bundle"
+KEY, CA, TOKEN = "TLS private key", "TLS CA bundle", "API token file"
+SECRETS = (KEY, TOKEN)  # refused also when other users may read them
 
 
 def _read(path: str, what: str = "") -> bytes:
-    """The bytes of a TLS file; `what` (KEY, CA) checks it as opened first (`_open`). InvalidArgument with one line
-    when it cannot be read or is refused."""
+    """The bytes of a TLS or token file; `what` (KEY, CA, TOKEN) checks it as opened first (`_open`). InvalidArgument
+    with one line when it cannot be read or is refused."""
     if what:
         fd = _open(path, what)
         with os.fdopen(fd, "rb") as f:
@@ -160,9 +161,11 @@ def _open(path: str, what: str) -> int:
     user other than its owner may write it, or, a key, read it (config.open_trusted: checked on the file as opened).
     Until round 32 gRPC and the side sockets read them whatever their mode: whoever could write the CA bundle made
     this program trust a CA of their own (a daemon accepting any client certificate they minted, a client any
-    server), whoever could read a key could pose as its holder."""
+    server), whoever could read a key could pose as its holder. An API token file (TOKEN: `GPUPOOL_API_TOKEN_FILE`,
+    a daemon's `--join-token-file`) is a secret as a key is: until round 33 it was read whatever its mode, and a token
+    other users may read is one they may present (refused as a key is, not warned about: see docs/security.md)."""
     try:
-        return open_trusted(path, what, secret=what == KEY)
+        return open_trusted(path, what, secret=what in SECRETS)
     except UnsafeFile as exc:
         raise InvalidArgument(str(exc)) from exc
     except OSError as exc:
@@ -298,9 +301,10 @@ class _Details(grpc.ClientCallDetails):
 
 
 def api_token(cfg: TlsConfig) -> str:
-    """The bearer token: the file's first line, else $GPUPOOL_API_TOKEN (`cfg.env_token`); empty when neither."""
+    """The bearer token: the file's first line, else $GPUPOOL_API_TOKEN (`cfg.env_token`); empty when neither. The file
+    is checked as a private key is (`_open`): InvalidArgument when other users may read or write it."""
     if cfg.api_token_file:
-        return _read(cfg.api_token_file).decode(errors="replace").strip()
+        return _read(cfg.api_token_file, TOKEN).decode(errors="replace").strip()
     return os.environ.get("GPUPOOL_API_TOKEN", "").strip() if cfg.env_token else ""
 
 

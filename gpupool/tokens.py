@@ -104,9 +104,12 @@ class _Watched:
     """A small file re-read at most once a second; `changed()` answers its content when that differs from last time
     (content, not timestamps: two writes within one coarse mtime tick must not go unnoticed)."""
 
-    def __init__(self, path: str | os.PathLike[str] | None, what: str = "token key file") -> None:
+    def __init__(
+        self, path: str | os.PathLike[str] | None, what: str = "token key file", *, secret: bool = False
+    ) -> None:
         self.path = Path(path) if path else None
         self.what = what
+        self.secret = secret  # a private key: refused also when other users may read it (config.open_trusted)
         self._data: bytes | None = None
         self._checked = 0.0
         self._unsafe = False  # the last read was refused as writable by others (said once, not every second)
@@ -122,7 +125,7 @@ class _Watched:
                 return None
             self._checked = now
             try:
-                data = read_trusted(self.path, self.what)
+                data = read_trusted(self.path, self.what, secret=self.secret)
             except OSError as exc:
                 if self._data is None:
                     raise InvalidArgument(f"cannot read {self.what} {self.path}: {exc.strerror or exc}") from exc
@@ -148,7 +151,7 @@ class Signer:
     def __init__(self, key: Ed25519PrivateKey, path: str | os.PathLike[str] | None = None) -> None:
         self._key = key
         self.kid = key_id(key.public_key())
-        self._file = _Watched(path)
+        self._file = _Watched(path, secret=True)
         if path:
             self._file.changed()  # remember the stamp of what we loaded
 
@@ -377,7 +380,9 @@ def load_signer(path: str | os.PathLike[str] | None = None) -> Signer:
     if not path:
         raise InvalidArgument("no token key: pass --token-key-file (make one with `gpupool token keygen FILE`)")
     try:
-        data = read_trusted(path, "token key file")
+        data = read_trusted(path, "token key file", secret=True)
+    except UnsafeFile as exc:
+        raise InvalidArgument(str(exc)) from exc
     except OSError as exc:
         raise InvalidArgument(f"cannot read token key file {path}: {exc.strerror or exc}") from exc
     return Signer(_parse_private(data, str(path)), path)

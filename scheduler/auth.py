@@ -32,6 +32,8 @@ from gpupool.config import UnsafeFile, read_trusted
 from gpupool.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated, abort
 from gpupool.peers import grpc_source
 
+from .capacity import shown
+
 log = logging.getLogger(__name__)
 
 HOST, TENANT, ADMIN = "host", "tenant", "admin"
@@ -74,7 +76,7 @@ class Identity:
     def check_host(self, host_id: str) -> None:
         """Only the host itself (or an operator) registers or heartbeats as `host_id`."""
         if not (self.admin or (self.role == HOST and self.name == host_id)):
-            raise PermissionDenied(f"{self.role} {self.name!r} may not act as host {host_id!r}")
+            raise PermissionDenied(f"{self.role} {self.name!r} may not act as host {shown(host_id)}")
 
     def may_see(self, tenant: str) -> bool:
         return self.admin or (self.role == TENANT and self.name == tenant)
@@ -209,10 +211,13 @@ class Authenticator:
             log.warning("no authentication (--insecure without --credentials): every caller is an operator")
 
     def identify(self, metadata: Any, context: grpc.ServicerContext) -> Identity:
-        auth = next((str(v) for k, v in metadata or () if k == "authorization"), "")
+        given = [str(v) for k, v in metadata or () if k == "authorization"]
+        auth = given[0] if given else ""
         if auth:
             source = grpc_source(context.peer())
             limited = not self.failures.allows(source)
+            if len(given) > 1:  # which one is meant? Until round 33 the first won, whatever the others said
+                raise self.refused(context, Unauthenticated("more than one authorization header"), limited=limited)
             scheme, _, token = auth.partition(" ")
             bearer = scheme.lower() == "bearer"
             # Over the limit, good tokens still pass (tenants behind one NAT address, or on one login node, share
@@ -318,6 +323,17 @@ class TenantRate(Buckets):
     (ListPool) gets RESOURCE_EXHAUSTED instead of slowing every other caller's calls down."""
 
 
+class HostWriteRate(Buckets):
+    """Store writes a second each host identity may cause (`--host-write-rate`; 0: no limit): its Register calls
+    (each one a durable write of the host, and a look at every lease) and its heartbeats that change its state
+    (draining or not: a write each). Round 32 bounded a host credential acting as another host, not one acting as
+    itself: a valid host that re-registered in a loop made one store transaction (an fsync) per call under the
+    core's lock, which every Allocate, Renew and heartbeat of the pool waits for. Past its bucket such a call gets
+    RESOURCE_EXHAUSTED (the daemon's registrar retries within 5 s); an honest host registers once a start or once
+    its scheduler asks (a restarted scheduler), far below the default of one a second in bursts of ten. Keyed by
+    the host id the credential acts as (only its own: `Identity.check_host`); operators are not limited."""
+
+
 class AuthFailRate(Buckets):
     """Failed authentications per second from each source address, an IPv4 address or an IPv6 /64
     (`--auth-fail-rate`; 0: no limit): unknown API tokens, and credentials refused for the call
@@ -329,6 +345,47 @@ class AuthFailRate(Buckets):
     RESOURCE_EXHAUSTED ("slow down") instead of UNAUTHENTICATED until the bucket refills; its good tokens still
     pass (tenants behind one address must not be locked out by whoever floods it). Calls from other addresses,
     and calls with a verified client certificate and no token from any address, are not touched."""
+
+
+MAX_DETAILS = 2000  # characters of an error's message a reply carries (gRPC refuses trailers over 16 KiB)
+
+
+class Malformed:
+    """A request whose bytes do not parse as its method's message (`_parsed`): the call is answered
+    INVALID_ARGUMENT once its caller is authenticated. gRPC answered a deserializer's exception INTERNAL ("Exception
+    deserializing request!"), before any check of the caller: the wrong status, and to anyone."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+
+def _parsed(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or any error of a bad message
+            return Malformed(type(exc).__name__)
+
+    return parse
+
+
+class _Bounded:
+    """A servicer context whose `abort` cuts its message at MAX_DETAILS characters: whatever a handler quotes, the
+    status reaches the client (a message over gRPC's trailer limit turned into the transport's RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._context = context
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        if len(details) > MAX_DETAILS:
+            details = details[:MAX_DETAILS] + "... (cut)"
+        self._context.abort(code, details)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 def _wrap(
@@ -349,18 +406,20 @@ def _wrap(
             try:
                 if ident.role not in roles:
                     raise PermissionDenied(f"a {ident.role} credential may not call this method")
-                if as_host:
+                if as_host and not isinstance(request, Malformed):
                     ident.check_host(request.host_id)
             except PermissionDenied as exc:
                 raise authn.refused(context, exc) from None
         except (Unauthenticated, PermissionDenied, ResourceExhausted) as exc:
             abort(context, exc)
+        if isinstance(request, Malformed):
+            abort(context, InvalidArgument(f"the request is not a well-formed message of this method ({request.kind})"))
         if rate is not None and ident.role == TENANT and not rate.take(ident.name):
             abort(context, ResourceExhausted(f"tenant {ident.name!r} is over its {rate.rate:g} calls a second "
                                              "to the scheduler (--tenant-rate): slow down and retry"))  # fmt: skip
         token = _current.set(ident)
         try:
-            return behavior(request, context)
+            return behavior(request, _Bounded(context))
         finally:
             _current.reset(token)
 
@@ -386,7 +445,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return _refused(handler)  # a streaming Scheduler method would pass unchecked: fail closed
         return grpc.unary_unary_rpc_method_handler(
             _wrap(handler.unary_unary, self.authn, roles, self.rate, as_host=details.method in HOST_METHODS),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_parsed(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 

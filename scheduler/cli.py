@@ -29,7 +29,7 @@ from gpupool.metrics_http import serve_metrics, stop_metrics
 from gpupool.protocol import Policy
 from gpupool.tls import TlsConfig
 
-from .auth import Authenticator, AuthFailRate, AuthInterceptor, TenantRate
+from .auth import Authenticator, AuthFailRate, AuthInterceptor, HostWriteRate, TenantRate
 from .leases import Core, CoreConfig
 from .metrics import SchedulerMetrics
 from .placement import POLICIES
@@ -81,6 +81,7 @@ class SchedulerConfig:
     tenant_max_leases: int = 1000
     tenant_rate: float = 100.0
     auth_fail_rate: float = 1.0
+    host_write_rate: float = 1.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(
         p,
+        "--host-write-rate",
+        type=float,
+        default=1.0,
+        help="store writes a second each host may cause (its Register calls, its heartbeats that change its "
+        "draining state), in bursts of 10 s worth; beyond, RESOURCE_EXHAUSTED (a daemon retries within 5 s; "
+        "operators are not limited); 0: no limit",
+    )
+    add_flag(
+        p,
         "--standby",
         action="store_true",
         help="if another scheduler owns the state, wait and take over when it stops (default: refuse to start)",
@@ -172,7 +182,7 @@ class SchedulerServer:
         self.store: Store | None = None
         self.core: Core | None = None
         self.failed = threading.Event()
-        self.servicer = SchedulerServicer(None, config.policy)
+        self.servicer = SchedulerServicer(None, config.policy, HostWriteRate(config.host_write_rate))
         verified = not config.tls.insecure and config.tls.client_auth == "require"
         authn = Authenticator(
             config.credentials,
@@ -320,6 +330,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         tenant_max_leases=args.tenant_max_leases,
         tenant_rate=args.tenant_rate,
         auth_fail_rate=args.auth_fail_rate,
+        host_write_rate=args.host_write_rate,
     )
 
 
@@ -331,7 +342,7 @@ def main(argv: list[str]) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
     if not (0 <= args.tenant_max_share < math.inf) or min(args.tenant_max_waiting, args.tenant_max_leases) < 0:
         parser.error("--tenant-max-share, --tenant-max-waiting and --tenant-max-leases must be finite and not negative")
-    for flag in ("tenant_rate", "auth_fail_rate"):
+    for flag in ("tenant_rate", "auth_fail_rate", "host_write_rate"):
         if not 0 <= getattr(args, flag) < math.inf:
             parser.error(f"--{flag.replace('_', '-')} must be finite and not negative")
     config = config_from_args(args)

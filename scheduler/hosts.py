@@ -21,7 +21,7 @@ from gpupool.config import split_address
 from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from gpupool.protocol import HostState, LeaseState
 
-from .capacity import Host, Pool, PoolDevice
+from .capacity import Host, Pool, PoolDevice, shown
 from .store import Change, LeaseRecord
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,11 @@ def validate_registration(
     if not host_id or len(host_id) > MAX_ID_LENGTH:
         raise InvalidArgument(f"host_id must be 1..{MAX_ID_LENGTH} characters")
     try:
-        split_address(address)
-    except ValueError as exc:
-        raise InvalidArgument(f"address: {exc}") from exc
+        port = split_address(address)[1]
+    except ValueError:
+        raise InvalidArgument(f"address {shown(address)} is not HOST:PORT") from None
+    if not 0 < port < 65536 or len(address) > MAX_ID_LENGTH:  # clients dial it: a port they cannot is no address
+        raise InvalidArgument(f"address {shown(address)}: a port from 1 to 65535, at most {MAX_ID_LENGTH} characters")
     if not devices:
         raise InvalidArgument(f"host {host_id} registered no devices")
     if len(devices) > MAX_DEVICES_PER_HOST:
@@ -187,12 +189,20 @@ class HostBook:
             revoked.update(x for x in session_leases if x and not self.lease_book.is_active_on(x, host_id))
             return sorted(revoked), False
 
+    def changes_state(self, host_id: str, draining: bool) -> bool:
+        """Whether a heartbeat of `host_id` saying `draining` would write the host's state to the store."""
+        with self.lock:
+            host = self.pool.hosts.get(host_id)
+            if host is None or host.state == HostState.DOWN:
+                return False
+            return host.state != (HostState.DRAINING if draining or host.cordoned else HostState.UP)
+
     def drain_host(self, host_id: str, undo: bool = False) -> None:
         """Operator: no new placements on the host (its leases run on), until `undo`; survives restarts."""
         with self.lock:
             host = self.pool.hosts.get(host_id)
             if host is None:
-                raise NotFound(f"unknown host {host_id!r}")
+                raise NotFound(f"unknown host {shown(host_id)}")
             state = host.state
             if state != HostState.DOWN:
                 state = HostState.UP if undo else HostState.DRAINING
@@ -207,7 +217,7 @@ class HostBook:
         """Operator: forget a host gone for good; its active leases are refused unless `force` (then lost)."""
         with self.lock:
             if host_id not in self.pool.hosts:
-                raise NotFound(f"unknown host {host_id!r}")
+                raise NotFound(f"unknown host {shown(host_id)}")
             held = self.lease_book.active_on(host_id)
             if held and not force:
                 raise FailedPrecondition(

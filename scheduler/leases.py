@@ -27,7 +27,7 @@ from gpupool.config import format_size
 from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from gpupool.protocol import HostState, LeaseState
 
-from .capacity import SHARE_UNITS, Grant, Pool
+from .capacity import SHARE_UNITS, Grant, Pool, shown
 from .hosts import HostBook
 from .placement import Request, min_units, place, validate
 from .store import Change, LeaseRecord, Store
@@ -325,7 +325,7 @@ class Core:
     def _get(self, lease_id: str, tenant: str | None = None) -> LeaseRecord:
         lease = self.leases.get(lease_id)
         if lease is None or (tenant is not None and lease.tenant != tenant):
-            raise NotFound(f"unknown lease {lease_id!r}")  # another tenant's lease is not even visible
+            raise NotFound(f"unknown lease {shown(lease_id)}")  # another tenant's lease is not even visible
         return lease
 
     def end(self, leases: Iterable[LeaseRecord], state: LeaseState, change: Change | None = None) -> None:

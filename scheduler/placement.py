@@ -19,7 +19,7 @@ from gpupool.config import format_size
 from gpupool.errors import InvalidArgument
 from gpupool.protocol import Policy
 
-from .capacity import KTH_SCALE, MAX_KTH, SHARE_UNITS, Grant, Host, Pool, PoolDevice
+from .capacity import KTH_SCALE, MAX_KTH, SHARE_UNITS, Grant, Host, Pool, PoolDevice, shown
 
 POLICIES = tuple(p.value for p in Policy)  # names, as flags and messages spell them
 MAX_GPUS = 1024
@@ -79,7 +79,7 @@ def validate(req: Request, pool: Pool) -> None:
                 f"(largest: {format_size(largest)})"
             )
     if req.policy not in POLICIES:
-        raise InvalidArgument(f"unknown placement policy {req.policy!r} (known: {', '.join(POLICIES)})")
+        raise InvalidArgument(f"unknown placement policy {shown(str(req.policy))} (known: {', '.join(POLICIES)})")
 
 
 def policy_of(name: str) -> Policy:
@@ -87,7 +87,7 @@ def policy_of(name: str) -> Policy:
     try:
         return Policy(name)
     except ValueError:
-        raise InvalidArgument(f"unknown placement policy {name!r} (known: {', '.join(POLICIES)})") from None
+        raise InvalidArgument(f"unknown placement policy {shown(name)} (known: {', '.join(POLICIES)})") from None
 
 
 def _fits(req: Request, host: Host, dev: PoolDevice) -> Grant | None:

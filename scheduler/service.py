@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
-from gpupool.errors import InvalidArgument, Unavailable
+from gpupool.errors import InvalidArgument, ResourceExhausted, Unavailable
 from gpupool.protocol import Policy
 
 from . import auth
@@ -35,9 +35,12 @@ def _cursor(lease_id: str) -> str:
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, core: Core | None, default_policy: Policy = Policy.BINPACK) -> None:
+    def __init__(
+        self, core: Core | None, default_policy: Policy = Policy.BINPACK, host_writes: auth.HostWriteRate | None = None
+    ) -> None:
         self._core = core  # None while a standby (or after stepping down): every call answers UNAVAILABLE
         self.default_policy = default_policy
+        self.host_writes = host_writes if host_writes is not None else auth.HostWriteRate(0.0)
 
     @property
     def core(self) -> Core:
@@ -50,8 +53,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def core(self, core: Core | None) -> None:
         self._core = core
 
+    def _host_write(self, host_id: str, what: str) -> None:
+        """Take one of the host's store writes (`auth.HostWriteRate`); ResourceExhausted past its bucket."""
+        if auth.current().role == auth.HOST and not self.host_writes.take(host_id):
+            raise ResourceExhausted(
+                f"host {host_id!r} is over its {self.host_writes.rate:g} registrations and state changes a second "
+                f"(--host-write-rate): {what} refused, nothing changed; retry in a few seconds"
+            )
+
     def Register(self, request: scheduler_pb2.RegisterRequest, context: grpc.ServicerContext) -> Any:
         auth.current().check_host(request.host_id)
+        self._host_write(request.host_id, "Register")
         devices = [DeviceSpec(d.index, d.uuid, d.model, d.memory_bytes, d.fake) for d in request.devices]
         self.core.hosts.register(request.host_id, request.address, devices, dict(request.labels))
         return scheduler_pb2.RegisterReply(
@@ -60,6 +72,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     def Heartbeat(self, request: scheduler_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> Any:
         auth.current().check_host(request.host_id)
+        if self.core.hosts.changes_state(request.host_id, request.draining):
+            self._host_write(request.host_id, "a heartbeat that changes the host's state")
         used = {d.info.index: d.used_bytes for d in request.devices}
         revoked, again = self.core.hosts.heartbeat(
             request.host_id, [s.lease_id for s in request.sessions], used, request.draining

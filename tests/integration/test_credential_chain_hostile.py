@@ -33,6 +33,7 @@ from support import DaemonFactory, TcpRelay, get_pki, plaintext_channel, registe
 
 from gpupool import errors, tls, tokens
 from gpupool._proto import scheduler_pb2
+from gpupool.config import write_secret
 
 HOST = "chain-host"
 
@@ -331,7 +332,7 @@ def test_an_address_flooding_bad_api_tokens_is_refused_alone(tmp_path: Path) -> 
     server, relay = _failure_limited(tmp_path, [("tenant", "alice", "alice-token"), ("tenant", "mallory", "m-tok")])
 
     def client(address: str, token: str) -> SchedulerClient:
-        (tmp_path / token).write_text(token)
+        write_secret(tmp_path / token, token.encode())
         return SchedulerClient(address, tls.TlsConfig(ca=get_pki().ca_file, api_token_file=str(tmp_path / token)))
 
     attacker, insider = client(relay.address, "guess"), client(relay.address, "m-tok")
@@ -371,8 +372,8 @@ def test_a_host_credential_acting_as_another_host_is_limited_as_bad_tokens(tmp_p
     same credential acting as its own host still passes from there, and a tenant's call the host may not make
     counts too."""
     server, relay = _failure_limited(tmp_path, [("host", "h1", "h1-join"), ("tenant", "alice", "alice-token")])
-    (tmp_path / "h1.token").write_text("h1-join")
-    (tmp_path / "alice.token").write_text("alice-token")
+    write_secret(tmp_path / "h1.token", b"h1-join")
+    write_secret(tmp_path / "alice.token", b"alice-token")
     h1 = tls.TlsConfig(ca=get_pki().ca_file, api_token_file=str(tmp_path / "h1.token"))
     alice = tls.TlsConfig(ca=get_pki().ca_file, api_token_file=str(tmp_path / "alice.token"))
     try:

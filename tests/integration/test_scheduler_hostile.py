@@ -28,6 +28,7 @@ from support import DaemonFactory, get_pki, mint_token, register_host, tls_chann
 
 from gpupool import pki, tls, tokens
 from gpupool._proto import scheduler_pb2, scheduler_pb2_grpc
+from gpupool.config import write_secret
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted, Unauthenticated
 
 FAST = ["--host-timeout", "5", "--heartbeat-interval", "0.3"]
@@ -217,7 +218,7 @@ def test_a_credentials_file_others_can_write_is_not_trusted(tmp_path: Path) -> N
 
         def client(token: str) -> SchedulerClient:
             path = tokens_dir / f"{token}.token"
-            path.write_text(token + "\n")
+            write_secret(path, (token + "\n").encode())
             return SchedulerClient(server.address, tls.TlsConfig(ca=get_pki().ca_file, api_token_file=str(path)))
 
         assert not client("t0k").list_pool().leases

@@ -30,6 +30,7 @@ from support import DaemonFactory, get_pki, mint_token, plaintext_channel, regis
 
 from gpupool import errors, pki, tls, tokens
 from gpupool._proto import device_pb2, scheduler_pb2
+from gpupool.config import write_secret
 
 HOST = "sec-host"
 
@@ -48,7 +49,7 @@ class Pool:
 
     def token_client(self, token: str) -> SchedulerClient:
         path = self.tmp / f"api-{abs(hash(token))}.token"
-        path.write_text(token + "\n")
+        write_secret(path, (token + "\n").encode())  # owner-only: a token others may read is refused
         # this pool requires client certificates; the API token, when present, decides who the caller is
         return SchedulerClient(self.address, get_pki().client_config("tenant", "anyone", api_token_file=str(path)))
 
@@ -140,7 +141,7 @@ def test_a_rogue_daemon_cannot_register_as_another_host(pool: Pool, tmp_path: Pa
     assert register(pool, "host-b", p.client_config("tenant", "host-b")) == grpc.StatusCode.PERMISSION_DENIED
     # join tokens (no client certificates): the token names its host
     join = tmp_path / "join"
-    join.write_text("join-secret\n")
+    write_secret(join, b"join-secret\n")
     server_only = tls.TlsConfig(ca=p.ca_file, api_token_file=str(join))
     no_client_certs = dataclasses.replace(p.server_config(), client_auth="none")
     open_pool = start_pool(tmp_path / "open", tls=no_client_certs)
@@ -148,7 +149,7 @@ def test_a_rogue_daemon_cannot_register_as_another_host(pool: Pool, tmp_path: Pa
         assert register(open_pool, "joined-host", server_only) is None
         assert register(open_pool, "host-a", server_only) == grpc.StatusCode.PERMISSION_DENIED
         assert register(open_pool, "host-a", tls.TlsConfig(ca=p.ca_file)) == grpc.StatusCode.UNAUTHENTICATED
-        join.write_text("guessed\n")
+        write_secret(join, b"guessed\n")
         assert register(open_pool, "joined-host", server_only) == grpc.StatusCode.UNAUTHENTICATED
     finally:
         open_pool.scheduler.stop(grace=0.5)

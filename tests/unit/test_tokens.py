@@ -157,6 +157,7 @@ def test_key_files_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(errors.InvalidArgument, match="cannot read"):
         tokens.load_signer(tmp_path / "absent")
     (tmp_path / "hmac.key").write_text("0123456789abcdef0123456789abcdef\n")
+    os.chmod(tmp_path / "hmac.key", 0o600)
     with pytest.raises(errors.InvalidArgument, match="not a PEM"):
         tokens.load_signer(tmp_path / "hmac.key")
     (tmp_path / "empty.pub").write_text("")
@@ -166,3 +167,26 @@ def test_key_files_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("GPUPOOL_TOKEN_PUBLIC_KEYS", str(tmp_path / "k.pub"))
     assert tokens.load_verifier().key_ids == [signer.kid]
     assert b"PRIVATE" not in (tmp_path / "k.pub").read_bytes()
+
+
+def test_a_signing_key_others_may_read_is_refused_as_a_tls_key_is(tmp_path: Path) -> None:
+    """Whoever reads the scheduler's signing key mints any tenant's token for any host. Until round 33 the key file
+    was checked for writers only (config.open_trusted without `secret`): a key left 0644 was used. Refused now at
+    start, as a TLS private key is (other users' read bit; a group's read bit, root:gpupool 0640, is how a key is
+    shared with a service's group); a key that becomes readable while the scheduler runs is not read again (it keeps
+    signing with the key it holds, and says so once)."""
+    key = tmp_path / "token.key"
+    signer = tokens.generate_key_file(key)
+    os.chmod(key, 0o644)
+    with pytest.raises(errors.InvalidArgument, match="readable by other users"):
+        tokens.load_signer(key)
+    os.chmod(key, 0o640)  # shared with a group: allowed, as for TLS keys
+    assert tokens.load_signer(key).kid == signer.kid
+    os.chmod(key, 0o600)
+    running = tokens.load_signer(key)
+    other = tmp_path / "other.key"
+    tokens.generate_key_file(other)
+    os.replace(other, key)
+    os.chmod(key, 0o604)  # a new key, readable by everyone: never used
+    running._file._checked = 0  # skip the once-a-second re-check
+    assert running.sign(claims()).split(".")[0] == signer.kid
