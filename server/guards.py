@@ -731,12 +731,12 @@ def check_inputs(args: Args, kwargs: Kwargs, limit: int) -> None:
 # same op is not refused: each access stays inside its own tensor's extent (inside its storage), the result is
 # what torch's kernels make of it (their own assert_no_partial_overlap refuses most such calls, as locally).
 OVERLAP_ALLOWED = frozenset({"aten::fill_.Scalar", "aten::zero_.default", "aten::_foreach_zero_.default"})
-_written: dict[torch._ops.OpOverload, tuple[tuple[int, str, bool], ...]] = {}
+_written: dict[torch._ops.OpOverload, tuple[tuple[int, str], ...]] = {}
 
 
-def written_params(op: torch._ops.OpOverload) -> tuple[tuple[int, str, bool], ...]:
-    """The arguments op writes elements of, each (schema position, name, whether a tensor list); computed once per
-    overload (the eager path asks when it computes a verdict, a graph at its definition)."""
+def written_params(op: torch._ops.OpOverload) -> tuple[tuple[int, str], ...]:
+    """The arguments op writes elements of, each (schema position, name); computed once per overload (the eager
+    path asks when it computes a verdict, a graph at its definition)."""
     found = _written.get(op)
     if found is None:
         schema = op._schema
@@ -744,7 +744,7 @@ def written_params(op: torch._ops.OpOverload) -> tuple[tuple[int, str, bool], ..
             found = ()
         else:
             found = tuple(
-                (i, a.name, isinstance(a.type, torch.ListType) or "[]" in str(a.type))
+                (i, a.name)
                 for i, a in enumerate(schema.arguments)
                 if a.alias_info is not None and a.alias_info.is_write
             )
@@ -784,12 +784,12 @@ def check_written(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs) -> None
     memory (`overlaps_itself`). A function of its arguments' shapes and strides only: part of an eager op's cached
     verdict (so learned runs and the native runner, which run only steps whose verdict was cached and check their
     inputs' strides per record, never meet one) and of a graph's definition (its slots' layouts are fixed there)."""
-    for i, name, many in written_params(op):
+    for i, name in written_params(op):
         v = args[i] if i < len(args) else kwargs.get(name)
-        if v.__class__ is torch.Tensor or isinstance(v, torch.Tensor):
+        if isinstance(v, torch.Tensor):
             if overlaps_itself(v):
                 raise _overlapping(op._schema.name, name, v)
-        elif many and isinstance(v, list | tuple):
+        elif isinstance(v, list | tuple):  # Tensor(a!)[]
             for k, t in enumerate(v):
                 if isinstance(t, torch.Tensor) and overlaps_itself(t):
                     raise _overlapping(op._schema.name, f"{name}[{k}]", t)
