@@ -126,7 +126,9 @@ REVIEWED_OUT = {
     "aten::_amp_update_scale.out": "functional twin",
     # out= forms whose CPU kernels write a whole result through an expanded (stride 0) grad_input or out, where
     # torch's other kernels refuse one ("more than one element ... refers to a single memory location"): SIGSEGV or
-    # a corrupted heap (round 32's review); autograd and modules send their functional forms.
+    # a corrupted heap (round 32's review); autograd and modules send their functional forms. Since round 33
+    # server/guards.py `check_written` refuses any overlapping written tensor (these four on a scratch list in
+    # tests/integration/test_daemon_written_overlap.py); they stay off: no client needs them.
     "aten::avg_pool3d.out": "writes through an overlapping out (heap corruption: the worker aborted)",
     "aten::avg_pool3d_backward.grad_input": "writes through an overlapping grad_input (SIGSEGV)",
     "aten::replication_pad2d_backward.grad_input": "writes through an overlapping grad_input (SIGSEGV)",

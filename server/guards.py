@@ -708,3 +708,88 @@ def check_inputs(args: Args, kwargs: Kwargs, limit: int) -> None:
                 f"a tensor argument has {t.numel()} elements (an expanded view?), more than the {limit} "
                 "elements the session's memory quota could hold"
             )
+
+
+# ---- written tensors whose elements overlap in memory ----
+#
+# A tensor whose strides do not overlap spans at least numel() elements of its storage, so a kernel that writes it as
+# if contiguous (after torch's resize_output: a whole result from its data pointer) stays inside that storage; one
+# with internal overlap (stride 0 of an expanded view, or strides that alias) spans fewer, and such a kernel writes
+# past it. torch refuses a stride-0 output in most of its kernels ("more than one element of the written-to tensor
+# refers to a single memory location"), but not in all: round 32 found avg_pool3d.out and three backwards'
+# grad_input writing a whole result through one element (SIGSEGV, a corrupted heap). So every tensor an op writes
+# (a schema argument annotated `Tensor(a!)` / `Tensor(a!)[]`: out=, in-place self, running statistics, an
+# optimizer's state lists) must not overlap itself, whatever the op (`check_written`).
+#
+# Left alone: ops that write no element (the in-place views, tag `inplace_view`: `resize_`, `set_`, `as_strided_`,
+# `unsqueeze_`, ...: metadata only), and the few that torch runs on an expanded tensor without a deprecation
+# warning, whose kernels write through the strides (TensorIterator with torch's overlap check off, or a memset of a
+# tensor that is dense): `fill_` with a number, `zero_`, `_foreach_zero_`. Refused although torch runs them (with
+# "Use of ... on expanded tensors is deprecated"): masked_fill_, index_fill_, index_put_; also the ones torch runs
+# without a word where no module sends an overlapping tensor and the kernel was not read on every device: tril_/triu_,
+# batch norm's running statistics, rrelu's noise. A written tensor that partially overlaps another argument of the
+# same op is not refused: each access stays inside its own tensor's extent (inside its storage), the result is
+# what torch's kernels make of it (their own assert_no_partial_overlap refuses most such calls, as locally).
+OVERLAP_ALLOWED = frozenset({"aten::fill_.Scalar", "aten::zero_.default", "aten::_foreach_zero_.default"})
+_written: dict[torch._ops.OpOverload, tuple[tuple[int, str], ...]] = {}
+
+
+def written_params(op: torch._ops.OpOverload) -> tuple[tuple[int, str], ...]:
+    """The arguments op writes elements of, each (schema position, name); computed once per overload (the eager
+    path asks when it computes a verdict, a graph at its definition)."""
+    found = _written.get(op)
+    if found is None:
+        schema = op._schema
+        if torch.Tag.inplace_view in op.tags or f"{schema.name}.{op._overloadname}" in OVERLAP_ALLOWED:
+            found = ()
+        else:
+            found = tuple(
+                (i, a.name)
+                for i, a in enumerate(schema.arguments)
+                if a.alias_info is not None and a.alias_info.is_write
+            )
+        _written[op] = found
+    return found
+
+
+def overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether some two elements of `t` may be one memory location: its dims of more than one element, ordered by
+    stride, must each step past all that the smaller ones reach (stride > sum of stride * (size - 1) below it).
+    Exact for what torch's views make (expanded, sliced, permuted, channels-last); a layout that does not overlap
+    but fails this order test (strides that interleave) is refused as well, as torch's `is_non_overlapping_and_dense`
+    would call it not dense. An empty tensor has no element to write."""
+    if t.is_contiguous():  # torch's cached flag: the common case, one call
+        return False
+    shape = t.shape
+    if 0 in shape:
+        return False
+    reach = 0
+    for stride, size in sorted((st, n) for n, st in zip(shape, t.stride(), strict=True) if n != 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def _overlapping(name: str, what: str, t: torch.Tensor) -> InvalidArgument:
+    return InvalidArgument(
+        f"{name}: unsupported operation: argument {what!r} is written, and some of its elements refer to a single "
+        f"memory location (sizes {list(t.shape)}, strides {list(t.stride())}: an expanded or overlapping view); "
+        "clone() it first"
+    )
+
+
+def check_written(op: torch._ops.OpOverload, args: Args, kwargs: Kwargs) -> None:
+    """Refuse (INVALID_ARGUMENT, naming the op and the argument) any tensor op writes whose elements overlap in
+    memory (`overlaps_itself`). A function of its arguments' shapes and strides only: part of an eager op's cached
+    verdict (so learned runs and the native runner, which run only steps whose verdict was cached and check their
+    inputs' strides per record, never meet one) and of a graph's definition (its slots' layouts are fixed there)."""
+    for i, name in written_params(op):
+        v = args[i] if i < len(args) else kwargs.get(name)
+        if isinstance(v, torch.Tensor):
+            if overlaps_itself(v):
+                raise _overlapping(op._schema.name, name, v)
+        elif isinstance(v, list | tuple):  # Tensor(a!)[]
+            for k, t in enumerate(v):
+                if isinstance(t, torch.Tensor) and overlaps_itself(t):
+                    raise _overlapping(op._schema.name, f"{name}[{k}]", t)

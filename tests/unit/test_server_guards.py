@@ -280,3 +280,51 @@ def test_bounds_on_a_gpu_read_the_host_once(dtype: torch.dtype) -> None:
             got = guards.bounds(t)
         assert got == (int(t.min()), int(t.max()))
         assert calls.names.count("aminmax") == 1 and "_local_scalar_dense" not in calls.names
+
+
+def _offsets(shape: list[int], strides: list[int]) -> list[int]:
+    offsets = [0]
+    for n, st in zip(shape, strides, strict=True):
+        offsets = [o + k * st for o in offsets for k in range(n)]
+    return offsets
+
+
+def test_overlaps_itself_never_passes_a_layout_whose_elements_share_a_location() -> None:
+    """`guards.overlaps_itself` against every element's offset, over random small layouts: a layout it passes has
+    distinct offsets (so a kernel writing it as if contiguous stays in its storage); the ones torch's views make
+    (dense, permuted, sliced, channels-last) pass; expanded and aliasing ones do not."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(4000):
+        dims = rng.randint(1, 4)
+        shape = [rng.randint(0, 4) for _ in range(dims)]
+        strides = [rng.choice([0, 1, 2, 3, 4, 6, 12, 20]) for _ in range(dims)]
+        t = torch.zeros(200).as_strided(shape, strides)
+        offsets = _offsets(shape, strides)
+        if not guards.overlaps_itself(t):
+            assert len(set(offsets)) == len(offsets), (shape, strides)
+        if min(shape) and len(set(offsets)) < len(offsets):
+            assert guards.overlaps_itself(t), (shape, strides)
+    x = torch.zeros(2, 3, 4, 5)
+    channels_last = x.to(memory_format=torch.channels_last)
+    empty = torch.zeros(0, 4).expand(3, 0, 4)
+    for dense in (x, x.permute(3, 1, 0, 2), x[:, ::2, 1:], channels_last, torch.zeros(1).expand(1, 1), empty):
+        assert not guards.overlaps_itself(dense), dense.stride()
+    for bad in (torch.zeros(1).expand(4), x[:, :1].expand(2, 3, 4, 5), torch.zeros(5).as_strided([3, 3], [1, 1])):
+        assert guards.overlaps_itself(bad), bad.stride()
+
+
+def test_check_written_reads_the_schemas_written_arguments() -> None:
+    aten = torch.ops.aten
+    e = torch.zeros(1).expand(4)
+    with pytest.raises(InvalidArgument, match="aten::add: .*'out'.*single memory location"):
+        guards.check_written(aten.add.out, [torch.ones(4), torch.ones(4)], {"out": e})
+    with pytest.raises(InvalidArgument, match="'self\\[1\\]'"):
+        guards.check_written(aten._foreach_add_.Scalar, [[torch.zeros(4), e], 1.0], {})
+    with pytest.raises(InvalidArgument, match="'running_var'"):
+        guards.check_written(aten._native_batch_norm_legit.default, [None, None, None, torch.zeros(4), e], {})
+    guards.check_written(aten.add.out, [e, e], {"out": torch.zeros(4)})  # overlapping inputs are read only
+    guards.check_written(aten.fill_.Scalar, [e, 1.0], {})  # torch writes it through the strides
+    guards.check_written(aten.unsqueeze_.default, [e, 0], {})  # metadata only
+    assert guards.written_params(aten.mm.default) == ()

@@ -296,3 +296,50 @@ def test_views_inside_tensor_lists_never_reach_past_their_storage_into_a_neighbo
     for t in bad.tensors.values():
         assert not (t == 7.25).any()
     assert torch.equal(victim.tensors[victim.handle_base + 2], torch.full((n,), 7.25))
+
+
+def test_a_learned_run_never_writes_through_an_overlapping_tensor(runner: str) -> None:
+    """A written argument that overlaps itself is refused as part of an op's verdict (server/guards.py
+    `check_written`), and learned runs (in C++ or Python) run only steps whose verdict was cached, checking their
+    external inputs' strides per record: a record of a learned step whose written tensor is an overlapping view goes
+    to the normal path and is refused there. Two ops: one round 32 took off the allowlist (its CPU kernel writes the
+    whole result from grad_input's data pointer; on a scratch list of this executor: on d93cf13 it wrote 16 floats
+    over the storage of the one element it was given), whose out= step the Python path runs (the native runner
+    leaves steps that may change metas to it), and `add_`, whose step the native runner runs, on a view whose
+    strides alias without a stride 0 (torch's own check lets that through)."""
+    from gpupool.server.ops import OpTable, load_allowlist
+
+    w = Worker()
+    w.ex.ops = OpTable(load_allowlist() | {"aten::replication_pad2d_backward.grad_input"})
+    s = w.session(3, 1 << 30)
+    g, x, out, base, view, aliasing = (s.handle_base + i for i in range(1, 7))
+    fresh = itertools.count(s.handle_base + 100)  # a new handle per output: a rebound one ends a run
+    s.bind(g, torch.ones(1, 1, 6, 6))
+    s.bind(x, torch.ones(1, 1, 4, 4))
+    s.bind(out, torch.zeros(1, 1, 4, 4))
+    s.bind(base, torch.zeros(4096))
+    s.bind(view, s.tensors[base].as_strided([1, 1, 4, 4], [0, 0, 0, 0]))
+    s.bind(aliasing, s.tensors[base].as_strided([1, 1, 4, 4], [0, 0, 1, 1]))
+
+    def step(into: int, acc: int) -> list[device_pb2.Command]:
+        tmp = next(fresh)
+        return [
+            w.rec(s, "aten::clone", [tmp], [T(g)]),
+            w.rec(s, "aten::replication_pad2d_backward.grad_input", [], [T(tmp), T(x), V([1, 1, 1, 1])],
+                  {"grad_input": T(into)}),
+            w.rec(s, "aten::add_.Tensor", [next(fresh)], [T(acc), T(x)]),
+        ]  # fmt: skip
+
+    for _ in range(3):
+        res = w.slice(s, [c for _ in range(20) for c in step(out, x)])
+        assert not res.errors and s.error is None, s.error
+    want = torch.ops.aten.replication_pad2d_backward(torch.ones(1, 1, 6, 6), torch.ones(1, 1, 4, 4), [1, 1, 1, 1])
+    assert torch.equal(s.tensors[out], want)
+    known = w.ex._eager[s.session_id][3]
+    assert known.hits >= 100 and (known.native >= 40 or runner == "python")  # the runs really ran
+    for bad in (step(view, x), step(out, aliasing)):
+        s.error = None
+        res = w.slice(s, step(out, x) + bad + step(out, x))
+        assert res.errors and s.error is not None and s.error.code.name == "INVALID_ARGUMENT"
+        assert "refer to a single memory location" in s.error.message, s.error.message
+        assert torch.equal(s.tensors[base], torch.zeros(4096))
