@@ -147,6 +147,27 @@ class BulkLink:
         except (OSError, ValueError) as exc:
             raise Unavailable(f"side socket of session {self.number}: sending a reply failed: {_why(exc)}") from None
 
+    def send_now(self, record: bytes) -> int:
+        """Send what of a record the socket takes without waiting (in duplex.send_all's slices, so that the writer
+        goes on from where this stopped with the same slice: OpenSSL's retry rule); returns the bytes sent. A
+        broken socket returns what was sent before: the writer, sending the rest, meets the error."""
+        view = memoryview(record)
+        pos = 0
+        with self.lock:
+            try:
+                while pos < len(view):
+                    pos += self.sock.send(view[pos : pos + duplex.SLICE])
+            except (OSError, ValueError):  # (the SSL wants, BlockingIOError: OSErrors) the writer goes on
+                pass
+        return pos
+
+    def send_raw(self, data: bytes) -> None:
+        """Bytes of the record stream as they are (`front.Unsent`: the rest of a reply written in part)."""
+        try:
+            duplex.send_all(self.sock, self.lock, [data], None)
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"side socket of session {self.number}: sending a reply failed: {_why(exc)}") from None
+
     def send_end(self, code: int, reason: str) -> None:
         """The session's end on a frames socket (its status code's number and reason), where the socket still
         takes it; the same status ends the gRPC stream."""
