@@ -259,3 +259,29 @@ def test_a_direct_write_the_socket_does_not_take_whole_queues_the_rest_for_the_w
     assert _records(peer, 1) == [frame]
     link.close()
     peer.close()
+
+
+def test_ready_reads_the_next_records_first_byte_ahead_and_recv_frame_goes_on_from_it() -> None:
+    """`BulkLink.ready` asks whether a next record is there by reading its first byte without waiting (no poll a
+    frame, round 33): the frame then read is whole; with nothing there it says so and the next `recv_frame` waits
+    for the socket; a client that closed between frames is met there and `recv_frame` says so (None)."""
+    _, link, peer = _frames_session()
+    assert not link.ready()  # nothing sent yet
+    got: list[bytes | None] = []
+    reader = threading.Thread(target=lambda: got.append(link.recv_frame(1 << 20)))
+    reader.start()  # waits for the socket (`ready` found it empty)
+    time.sleep(0.05)
+    peer.sendall(protocol.frame_record(b"one"))
+    reader.join(10)
+    assert got == [b"one"]
+    peer.sendall(protocol.frame_record(b"two") + protocol.frame_record(b"three"))
+    time.sleep(0.05)
+    assert link.ready() and link.ready()  # the first byte read ahead once, kept
+    assert link.recv_frame(1 << 20) == b"two"
+    assert link.ready()
+    assert link.recv_frame(1 << 20) == b"three"
+    peer.close()
+    time.sleep(0.05)
+    assert link.ready()  # closed: the next read says so
+    assert link.recv_frame(1 << 20) is None
+    link.close()
