@@ -10,6 +10,8 @@ after the client's warm-up steps, for its timed steps only (and one sync at thei
   the reply writer) and in the session's worker process;
 - each thread's voluntary and involuntary context switches (/proc/PID/task/TID/status) before and after: `wakeups`
   are the voluntary ones (a thread that blocked and was woken: a futex, a socket read, a poll);
+- each thread's CPU time (/proc/PID/task/TID/schedstat) and the steps' wall time, to compare side by side only
+  (perf counts every system call: each costs more than without it);
 - `--kinds`: a second pass under `strace -f -ttt` for the system calls by kind (front / worker), the lines
   inside the steps' window counted (strace slows every call ~10x: the client then runs further ahead of the daemon,
   so its frames may coalesce more than without it; the totals of record are perf's).
@@ -115,18 +117,19 @@ def session_worker(daemon: int) -> int:
     return max(workers, key=_started)
 
 
-def switches(pids: list[int]) -> dict[int, tuple[int, int]]:
-    """(voluntary, involuntary) context switches of every thread of `pids`, by thread id."""
-    out: dict[int, tuple[int, int]] = {}
+def switches(pids: list[int]) -> dict[int, tuple[int, int, int]]:
+    """(voluntary, involuntary) context switches and CPU nanoseconds (schedstat) of every thread of `pids`, by id."""
+    out: dict[int, tuple[int, int, int]] = {}
     for pid in pids:
         for tid in os.listdir(f"/proc/{pid}/task"):
             try:
                 status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+                ns = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
             except FileNotFoundError:
                 continue
             v = int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
             n = int(re.search(r"^nonvoluntary_ctxt_switches:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
-            out[int(tid)] = (v, n)
+            out[int(tid)] = (v, n, ns)
     return out
 
 
@@ -196,6 +199,9 @@ def measure(remote: dict[str, Any], model: str, mode: str, args: argparse.Namesp
             inv = sum(after[t][1] - before[t][1] for t in tids if t in before and t in after)
             out[f"{side}_wakeups"] = vol / n
             out[f"{side}_preempted"] = inv / n
+            ns = sum(after[t][2] - before[t][2] for t in tids if t in before and t in after)
+            out[f"{side}_cpu_us"] = ns / n / 1e3
+        out["wall_ms"] = (t1 - t0) / n * 1e3
         if kinds:
             counts: dict[str, collections.Counter[str]] = {side: collections.Counter() for side in ("front", "worker")}
             per_thread: collections.Counter[int] = collections.Counter()
@@ -291,20 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     every = f"a sync every {args.sync_every} steps" if args.sync_every else "one sync at their end"
     print(f"\nper step, medians of {args.rounds} ({args.steps} steps each, {every}); load {load0:.1f} -> "
           f"{load1:.1f}; daemons with {os.environ['BENCH_DAEMON_FLAGS']!r}")  # fmt: skip
-    cols = (
-        "front_syscalls",
-        "worker_syscalls",
-        "front_wakeups",
-        "worker_wakeups",
-        "front_preempted",
-        "worker_preempted",
-    )
-    print(f"{'model':10} {'mode':16} {'side':5} " + " ".join(f"{c:>16}" for c in cols))
+    cols = ("front_syscalls", "worker_syscalls", "front_wakeups", "worker_wakeups", "front_preempted")
+    cols += ("worker_preempted", "front_cpu_us", "worker_cpu_us", "wall_ms")
+    print("(cpu_us: the threads' CPU time a step, schedstat; under perf and on a shared box: compare within one run)")
+    print(f"{'model':10} {'mode':16} {'side':5} " + " ".join(f"{c:>15}" for c in cols))
     for (model, mode, side, kinds), got in rows.items():
         if kinds:
             continue
         med = {c: statistics.median(g[c] for g in got) for c in cols}
-        print(f"{model:10} {mode:16} {side:5} " + " ".join(f"{med[c]:16.1f}" for c in cols))
+        print(f"{model:10} {mode:16} {side:5} " + " ".join(f"{med[c]:15.1f}" for c in cols))
     for (model, mode, side, kinds), got in rows.items():
         if not kinds:
             continue
