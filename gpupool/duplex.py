@@ -82,11 +82,15 @@ def send_all(sock: Any, lock: threading.Lock, views: list[memoryview | bytes], t
             _wait(sock, want_read, timeout)
 
 
-def recv_into(sock: Any, lock: threading.Lock, view: memoryview, timeout: float | None) -> int:
+def recv_into(sock: Any, lock: threading.Lock, view: memoryview, timeout: float | None, wait: bool = False) -> int:
     """Fill `view`; returns how many bytes came before the peer closed (len(view) when all did). `timeout`: None
-    waits without a limit (a session's frame reader between frames: an idle session is no fault)."""
+    waits without a limit (a session's frame reader between frames: an idle session is no fault). `wait`: the caller
+    found nothing to read just before (nothing in TLS's buffer, none in the kernel's, nothing read since): wait for
+    the socket first instead of a read that would find nothing again."""
     view = view.cast("B") if view.format != "B" else view
     got = 0
+    if wait:
+        _wait(sock, True, timeout)
     while got < len(view):
         want_write = False
         with lock:

@@ -19,14 +19,20 @@ from gpupool import duplex, protocol
 STEP = 64 * 1024  # a record's first buffer; it doubles as the record's bytes arrive (`body`)
 
 
-def head(sock: Any, lock: threading.Lock, buf: bytearray, timeout: float | None) -> tuple[int, int, int, int] | None:
+def head(
+    sock: Any, lock: threading.Lock, buf: bytearray, timeout: float | None, have: int = 0, wait: bool = False
+) -> tuple[int, int, int, int] | None:
     """The next record's header (kind, id, offset, length) read into `buf` (`protocol.BULK_HEAD.size` bytes); None
     when the peer closed the socket between records. Waits for the header's first byte without a limit (the next
-    record may be far off: an idle session, a long step), then `timeout` at most without progress."""
+    record may be far off: an idle session, a long step), then `timeout` at most without progress. `have`: bytes of
+    the header already in `buf` (read ahead: server/bulkside.py `BulkLink.ready`); `wait`: nothing was there to read
+    a moment ago (`duplex.recv_into`'s)."""
     view = memoryview(buf)
-    if duplex.recv_into(sock, lock, view[:1], None) == 0:
-        return None
-    if duplex.recv_into(sock, lock, view[1:], timeout) < len(view) - 1:
+    if not have:
+        if duplex.recv_into(sock, lock, view[:1], None, wait) == 0:
+            return None
+        have = 1
+    if duplex.recv_into(sock, lock, view[have:], timeout) < len(view) - have:
         raise EOFError("a record's header")
     return protocol.BULK_HEAD.unpack(buf)
 

@@ -175,6 +175,7 @@ def _drop_replies(s: FrontSession) -> None:
             item = s.outbox.get_nowait()
         except queue.Empty:
             return
+        s.outbox.done()
         if isinstance(item, bytes | bytearray | list | device_pb2.ServerFrame):
             s.sent(item)
 

@@ -37,6 +37,40 @@ class Unread:
                 self.total -= s.outbox_bytes
 
 
+# A reply frame of at most this many bytes may be written to a frames socket by the thread that produced it
+# (`FrontSession.send`); a larger one (a download's) goes through the session's writer, as every reply did before.
+DIRECT_MAX = 64 * 1024
+
+
+class Outbox(queue.SimpleQueue[Any]):
+    """A session's replies for its writer, in order, and how many of them the writer has not finished with
+    (`pending`: put and not yet `done`). A reply may skip the queue (`FrontSession.send`'s direct write) only while
+    none is pending, so that it never overtakes one queued before it."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self._count = threading.Lock()
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        with self._count:
+            self.pending += 1
+        super().put(item)
+
+    def put_nowait(self, item: Any) -> None:  # (SimpleQueue's own would not count it)
+        self.put(item)
+
+    def done(self) -> None:
+        """The writer finished with an item it took (sent it, or dropped it)."""
+        with self._count:
+            self.pending -= 1
+
+
+class Unsent(bytes):
+    """The rest of a reply record that a direct write (`FrontSession.send`) could not hand to the socket without
+    waiting: bytes of the side socket's record stream, already framed, which the writer sends as they are (for TLS,
+    from the same slice the write stopped at: OpenSSL's retry rule)."""
+
+
 class FrontSession:
     """One attached lease on one device, as the daemon process sees it."""
 
@@ -68,7 +102,11 @@ class FrontSession:
         self.busy_seconds = 0.0
         self.closed = False
         self.close_reason = ""
-        self.outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()  # replies for the stream, in order
+        self.outbox = Outbox()  # replies for the stream (or its frames socket), in order
+        # Held by whoever writes a reply to its frames socket: its writer, for each item it takes, or the thread
+        # that produced a small reply while nothing is pending (`send`: no hand-off to the writer).
+        self.reply_lock = threading.Lock()
+        self.written_direct = 0  # replies `send` wrote to the frames socket itself (or began to: `Unsent`)
         self.outbox_bytes = 0  # bytes of replies produced but not yet handed to gRPC
         self.unread = unread if unread is not None else Unread()  # the host's total of them (under its lock)
         self.counted = True  # its outbox_bytes are in `unread.total` (until its session closes: `Unread.leave`)
@@ -130,7 +168,10 @@ class FrontSession:
 
     def send(self, item: Any, size: int = -1) -> None:
         """Queue a reply for the stream, counting its bytes (`size`: its `reply_bytes`, when the caller has them)
-        until `sent` says gRPC took them."""
+        until `sent` says gRPC took them. A small reply frame of a session whose frames use its side socket is
+        written there by this thread instead where that needs no wait (`_write_now`)."""
+        if type(item) is bytes and self._write_now(item):
+            return
         n = reply_bytes(item) if size < 0 else size
         unread = self.unread
         with unread.lock:
@@ -138,6 +179,33 @@ class FrontSession:
             if self.counted:
                 unread.total += n
         self.outbox.put(item)
+
+    def _write_now(self, frame: bytes) -> bool:
+        """Write a reply frame to the session's frames socket from this thread (the stream's reader that ran its
+        slice, the device's thread), where nothing queued for the writer is pending (nothing it would overtake), the
+        writer is not writing (`reply_lock`), no bulk Get's chunks may be among the replies (their bytes follow their
+        announcement: the writer's) and the frame is small: no hand-off to the writer thread, whose wake-up and GIL
+        exchange cost more than the write (bench/daemon_syscalls.py: ~8 system calls and 2 context switches a round
+        trip). The socket is never waited for: what it does not take at once is queued for the writer
+        (`Unsent`, under the lock, before any later reply), as is everything when the socket failed. False: not
+        written (queue it)."""
+        link = self.bulk
+        if link is None or not link.frames or len(frame) > DIRECT_MAX or self.closed:
+            return False
+        if not self.reply_lock.acquire(blocking=False):
+            return False
+        try:
+            if self.outbox.pending or link.gets or link.closed:
+                return False
+            record = protocol.frame_record(frame)
+            self.written_direct += 1  # (before the bytes go: a client that read them sees it counted)
+            sent = link.send_now(record)
+            if sent < len(record):
+                rest = Unsent(memoryview(record)[sent:])
+                self.send(rest, len(rest))
+            return True
+        finally:
+            self.reply_lock.release()
 
     def answer_sync(self, request_id: int, queue: FairQueue, outbox_limit: int) -> bool:
         """The fast path of a round trip: a lone Sync without scalars (`protocol.lone_sync`: the frame is exactly

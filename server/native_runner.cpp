@@ -481,12 +481,9 @@ PyObject* call_op(const c10::OperatorHandle& op, torch::jit::Stack& stack, bool 
   HANDLE_TH_ERRORS
   {
     py::gil_scoped_release nogil;
-    if (below_autograd) {
-      c10::impl::ExcludeDispatchKeyGuard no_autograd(c10::autograd_dispatch_keyset);  // at::AutoDispatchBelowAutograd
-      op.callBoxed(stack);
-    } else {
-      op.callBoxed(stack);
-    }
+    std::optional<c10::impl::ExcludeDispatchKeyGuard> no_autograd;  // at::AutoDispatchBelowAutograd, where asked
+    if (below_autograd) no_autograd.emplace(c10::autograd_dispatch_keyset);
+    op.callBoxed(stack);
   }
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS

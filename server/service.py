@@ -32,7 +32,7 @@ from gpupool.errors import (
 from . import bulk, bulkside, slices
 from .bulkside import BulkPort
 from .daemon import END_OF_STREAM, Closed, Daemon
-from .front import FrontSession
+from .front import FrontSession, Unsent
 
 log = logging.getLogger(__name__)
 SERVICE = "gpupool.v1.Device"
@@ -239,6 +239,7 @@ class DeviceServicer:
                 if not self._reply_side(s, link, item):
                     return
                 continue
+            s.outbox.done()  # (only a frames socket's replies may skip the queue: FrontSession.send)
             if type(item) is bytes:  # most replies: a serialized frame (a sync's answer, a download chunk)
                 if s.bulk is None:
                     yield item
@@ -275,6 +276,13 @@ class DeviceServicer:
         A session closed by a Detach or its lease's end (`Daemon.close_session`) keeps its socket open for the
         replies queued before its end and the BULK_END (`bulkside.END_GRACE` at most: until round 28 the close shut
         the socket first, and its client read neither); a reply the socket no longer takes then is moot."""
+        with s.reply_lock:  # a reply written by the thread that produced it (`FrontSession.send`) waits for this one
+            try:
+                return self._reply_side_locked(s, link, item)
+            finally:
+                s.outbox.done()
+
+    def _reply_side_locked(self, s: FrontSession, link: bulkside.BulkLink, item: Any) -> bool:
         if item is END_OF_STREAM:
             return False
         if isinstance(item, Closed):
@@ -289,6 +297,8 @@ class DeviceServicer:
         try:
             if type(item) is bytes and not link.gets:
                 link.send_frame(item)
+            elif isinstance(item, Unsent):  # the rest of a record a direct write began
+                link.send_raw(item)
             elif isinstance(item, slices.SideChunk):
                 for frame in _send_side(s, item):
                     link.send_frame(frame)

@@ -575,12 +575,12 @@ def run_commands(
     if req.uploads:
         return _run_uploads(session, execute, ledger, req, timed, progress)
     payload = req.payload  # upb parses any buffer, copying its bytes fields: a batch's are taken out first
-    taken = _uploads_taken(payload) if len(payload) >= bulk.STRIP_MIN else None
+    taken = _bytes_taken(payload) if len(payload) >= bulk.STRIP_MIN else None
     commands: Sequence[Any]
     if taken is None:
         commands = device_pb2.ClientFrame.FromString(payload).commands  # type: ignore[arg-type]
     else:
-        payload, commands, execute = taken[0], taken[1], _WithData(execute, taken[1], taken[2])
+        payload, commands, execute = taken[0], taken[1], _WithTakenBytes(execute, taken[1], taken[2])
     replies: list[bytes | list[Any]] = []
     produced = [0]
     views = [False]  # a reply holds frames that are views of a tensor (protocol.Frame)
@@ -686,7 +686,7 @@ def _run_uploads(
     return _result(session, ledger, len(spans), measured, [], False, isinstance(timed, DeviceClock) and timed.busy)
 
 
-def _uploads_taken(payload: Any) -> tuple[bytes, list[Any], list[tuple[Any, Any]]] | None:
+def _bytes_taken(payload: Any) -> tuple[bytes, list[Any], list[tuple[Any, Any]]] | None:
     """A slice's payload with its big Uploads' and RunGraphs' bytes taken out (`bulk.strip_payload`): (the payload
     without them, its commands parsed, in a list, and each stripped command object with its bytes, views of the
     payload: an Upload's data, a RunGraph's list of input_data), or None (none to take: then protobuf reads the
@@ -704,8 +704,8 @@ def _uploads_taken(payload: Any) -> tuple[bytes, list[Any], list[tuple[Any, Any]
     return stripped, commands, [(commands[i], data) for i, data in where]
 
 
-class _WithData:
-    """A slice's `execute` that hands the Uploads and RunGraphs `_uploads_taken` stripped their bytes
+class _WithTakenBytes:
+    """A slice's `execute` that hands the Uploads and RunGraphs `_bytes_taken` stripped their bytes
     (`CommandExecutor.execute`'s `data`, as for a slice of big uploads): each is known by its message object (the
     commands are a list, so `commands[i]` is the same object every time). Its `__self__` is the executor's, for
     `run_commands`' lookup of `eager_span`."""

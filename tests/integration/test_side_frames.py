@@ -431,6 +431,26 @@ def test_frames_already_on_the_socket_run_as_one_slice_in_order(side_daemon: Any
     peer.close()
 
 
+def test_round_trip_answers_go_out_without_a_hand_off_to_the_writer(side_daemon: Any, monkeypatch: Any) -> None:
+    """A round trip's answer on a frames socket is written by the thread that produced it (the stream's reader that
+    answered a lone Sync or ran the slice, or the device's thread), not handed to the session's writer thread
+    (round 33: the hand-off cost ~8 system calls and 2 context switches a round trip), in order."""
+    victim, sid, port = _bare(side_daemon)
+    peer = _peer(side_daemon, port, sid)
+    front = side_daemon.running.daemon.session(sid)
+    for rid in range(1, 5):  # lone Syncs (answered by the reader) and slices that run in the worker
+        frame = protocol.sync_frame(rid) if rid % 2 else _free_then_sync(rid)
+        _send_raw(peer, protocol.frame_record(frame))
+        assert _next_record(peer) == (protocol.BULK_FRAME, 0, protocol.sync_reply(rid))
+    assert front.written_direct == 4 and front.outbox.pending == 0
+    _send_raw(peer, b"".join(protocol.frame_record(_free_then_sync(rid)) for rid in range(10, 16)))
+    assert [_next_record(peer) for _ in range(6)] == [
+        (protocol.BULK_FRAME, 0, protocol.sync_reply(rid)) for rid in range(10, 16)
+    ]
+    victim.close()
+    peer.close()
+
+
 @pytest.mark.parametrize("bad", ["malformed_command", "garbage_header", "oversized_header"])
 def test_a_bad_frame_behind_held_frames_ends_the_session_after_their_answers(
     side_daemon: Any, monkeypatch: Any, bad: str

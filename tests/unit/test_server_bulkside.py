@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 import tracemalloc
+from typing import Any
 
 import pytest
 import torch
@@ -166,3 +168,120 @@ def test_recv_frame_holds_what_arrived_not_what_was_announced() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 4 * bulkside.FRAME_STEP, f"{peak} bytes held for 1 KiB received"
+
+
+def _frames_session() -> tuple[Any, bulkside.BulkLink, socket.socket]:
+    """A session whose frames use a side socket (a real BulkLink over a socketpair, non-blocking as bound): the
+    session, its link, and the client's end."""
+    from gpupool.server.daemon import Daemon, DaemonConfig
+    from gpupool.server.front import FrontSession
+
+    from gpupool.tokens import TokenClaims
+
+    d = Daemon(DaemonConfig(fake_gpus=1, host_id="h", metrics_listen=""))  # not started: no threads
+    claims = TokenClaims("lease", "h", 0, 0, 1.0, time.time() + 60, "acme")
+    s = FrontSession("s", 1, claims, d.device_list[0], 1 << 20, "acme")
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    link = bulkside.BulkLink(ours, 1, frames=True)
+    assert s.bind_bulk(link)
+    return s, link, peer
+
+
+def _records(peer: socket.socket, n: int) -> list[bytes]:
+    out = []
+    for _ in range(n):
+        head = peer.recv(protocol.BULK_HEAD.size, socket.MSG_WAITALL)
+        kind, _, _, length = protocol.BULK_HEAD.unpack(head)
+        assert kind == protocol.BULK_FRAME
+        out.append(peer.recv(length, socket.MSG_WAITALL) if length else b"")
+    return out
+
+
+def test_a_small_reply_is_written_by_the_thread_that_produced_it_unless_it_would_overtake_one() -> None:
+    """`FrontSession.send` writes a small reply frame of a frames-socket session to the socket itself (no hand-off to
+    the stream's writer thread), and only where nothing queued for the writer is pending, the writer is not writing,
+    no bulk Get's chunks may be among the replies and the frame is small: otherwise it is queued, in order, as
+    before, with its bytes counted until the writer sends it."""
+    from gpupool.server.front import DIRECT_MAX
+
+    s, link, peer = _frames_session()
+    s.send(b"first")
+    assert _records(peer, 1) == [b"first"] and s.written_direct == 1
+    assert s.outbox.empty() and s.outbox.pending == 0 and s.outbox_bytes == 0
+    s.outbox.put(b"queued")  # an item the writer has not finished: the next reply must not pass it
+    s.send(b"second")
+    assert s.written_direct == 1 and s.outbox.pending == 2 and s.outbox_bytes == len(b"second")
+    assert [s.outbox.get_nowait(), s.outbox.get_nowait()] == [b"queued", b"second"]
+    s.outbox.done()
+    s.outbox.done()
+    s.outbox_bytes = 0
+    with s.reply_lock:  # the writer is writing
+        s.send(b"third")
+    link.gets.add(7)  # a bulk Get's chunks may be among the replies: their bytes follow their announcement
+    s.send(b"fourth")
+    link.gets.clear()
+    s.send(b"x" * (DIRECT_MAX + 1))
+    assert s.written_direct == 1
+    assert [s.outbox.get_nowait() for _ in range(3)] == [b"third", b"fourth", b"x" * (DIRECT_MAX + 1)]
+    peer.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        peer.recv(1)  # none of them went to the socket
+    link.close()
+    peer.close()
+
+
+def test_a_direct_write_the_socket_does_not_take_whole_queues_the_rest_for_the_writer() -> None:
+    """A reply the socket takes only in part (a client not reading) is never waited for by the thread that produced
+    it: the rest is queued (`Unsent`, the record's remaining bytes) ahead of any later reply, and the record comes
+    out whole once the writer sends it (`BulkLink.send_raw`)."""
+    from gpupool.server.front import Unsent
+
+    s, link, peer = _frames_session()
+    filler = 0
+    while True:  # fill the socket's buffers: the client reads nothing
+        try:
+            filler += link.sock.send(b"\0" * 65536)
+        except BlockingIOError:
+            break
+    frame = bytes(range(256)) * 64
+    s.send(frame)
+    s.send(b"later")
+    rest = s.outbox.get_nowait()
+    assert isinstance(rest, Unsent) and 0 < len(rest) <= len(protocol.frame_record(frame))
+    assert s.outbox.get_nowait() == b"later"  # queued behind the rest, not written past it
+    done = threading.Thread(target=link.send_raw, args=(rest,))
+    done.start()
+    got = b""
+    while len(got) < filler:
+        got += peer.recv(filler - len(got))
+    done.join(10)
+    assert _records(peer, 1) == [frame]
+    link.close()
+    peer.close()
+
+
+def test_ready_reads_the_next_records_first_byte_ahead_and_recv_frame_goes_on_from_it() -> None:
+    """`BulkLink.ready` asks whether a next record is there by reading its first byte without waiting (no poll a
+    frame, round 33): the frame then read is whole; with nothing there it says so and the next `recv_frame` waits
+    for the socket; a client that closed between frames is met there and `recv_frame` says so (None)."""
+    _, link, peer = _frames_session()
+    assert not link.ready()  # nothing sent yet
+    got: list[bytes | None] = []
+    reader = threading.Thread(target=lambda: got.append(link.recv_frame(1 << 20)))
+    reader.start()  # waits for the socket (`ready` found it empty)
+    time.sleep(0.05)
+    peer.sendall(protocol.frame_record(b"one"))
+    reader.join(10)
+    assert got == [b"one"]
+    peer.sendall(protocol.frame_record(b"two") + protocol.frame_record(b"three"))
+    time.sleep(0.05)
+    assert link.ready() and link.ready()  # the first byte read ahead once, kept
+    assert link.recv_frame(1 << 20) == b"two"
+    assert link.ready()
+    assert link.recv_frame(1 << 20) == b"three"
+    peer.close()
+    time.sleep(0.05)
+    assert link.ready()  # closed: the next read says so
+    assert link.recv_frame(1 << 20) is None
+    link.close()
