@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,46 @@ def test_torchrun_ddp_script_with_nccl_gives_the_cpu_losses(pool: str) -> None:
     sums = [float(r[3]) for r in ranks + cpu_ranks]
     assert sums[0] == sums[1] and sums == pytest.approx([sums[2]] * 4, rel=1e-5)  # DDP kept the ranks in step
     assert pooled.stderr.count(ANNOUNCE) >= 2 and "(2 leased device(s)" in pooled.stderr  # (and torchrun's own)
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+WEIGHTS = re.compile(r"^rank (\d) weights (.*)$", re.M)
+
+
+def test_spawned_ddp_script_with_nccl_and_a_snapshot_gives_the_cpu_losses(pool: str, tmp_path: Path) -> None:
+    """ddp_spawn.py (pytorch/examples' ddp-tutorial-series multigpu.py, trimmed): `torch.multiprocessing.spawn`, so no
+    LOCAL_RANK; `torch.cuda.set_device(rank)` and `init_process_group("nccl", rank=, world_size=)`. Run for one epoch,
+    then again for two, resuming from rank 0's snapshot (`torch.load(map_location=f"cuda:{rank}")`): the losses and
+    the final weights of both ranks equal the same two runs on the CPU with gloo. Until round 33 rank 1's group was
+    bound to gpupool:0 while it claimed lease device 1: its daemon refused the join."""
+
+    def twice(cmd: list[str], env: dict[str, str], snapshot: Path) -> str:
+        return "".join(run([*cmd, str(epochs), free_port(), str(snapshot)], env).stdout for epochs in (1, 2))
+
+    script = [sys.executable, "ddp_spawn.py"]
+    pooled = twice(
+        [sys.executable, "-m", "gpupool.cli", "run", "--cuda", "-n", "2", "-p", "0.5", "--", *script],
+        clean_env(GPUPOOL_SCHEDULER=pool, OMP_NUM_THREADS="1"),
+        tmp_path / "pool.pt",
+    )
+    local = twice(script, cpu_env(OMP_NUM_THREADS="1"), tmp_path / "cpu.pt")
+    losses, reference = values(LOSS.findall(pooled)), values(LOSS.findall(local))
+    assert len(losses) == 8 and len(reference) == 8, pooled + local  # 4 steps, then the resumed epoch's 4
+    assert losses == pytest.approx(reference, rel=1e-5, abs=1e-7)
+    assert sum(losses[4:]) < sum(losses[:4])  # it trained
+    resumed = sorted(re.findall(r"^rank (\d) resuming at epoch 1$", pooled, re.M))
+    assert resumed == ["0", "1"], pooled  # every rank loaded rank 0's snapshot onto its own device
+    weights = {rank: [float(w) for w in ws.split()] for rank, ws in WEIGHTS.findall(pooled)}
+    cpu_weights = {rank: [float(w) for w in ws.split()] for rank, ws in WEIGHTS.findall(local)}
+    assert sorted(weights) == ["0", "1"] and len(weights["0"]) == 21, pooled
+    assert weights["0"] == weights["1"]  # DDP kept the ranks in step
+    assert weights["0"] == pytest.approx(cpu_weights["0"], rel=1e-5, abs=1e-6)
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
