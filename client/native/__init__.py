@@ -84,6 +84,9 @@ def enable() -> None:
     from gpupool.client.engine import run_backward_on_calling_thread
 
     run_backward_on_calling_thread()  # as the Python client's: no thread hand-off per device in a backward
+    from gpupool.client import mp_share
+
+    mp_share.install()  # a gpupool tensor sent to another process: one clear error, as on the Python client
     torch.ops.gpupool_native.set_autoconnect()
     if torch.distributed.is_available():
         from gpupool.client import distributed

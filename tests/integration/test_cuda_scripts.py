@@ -195,6 +195,26 @@ def test_spawned_ddp_script_with_nccl_and_a_snapshot_gives_the_cpu_losses(pool: 
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_hogwild_script_sharing_a_cuda_model_between_processes_is_one_clear_error(
+    pool: str, client: tuple[str, ...]
+) -> None:
+    """hogwild.py (pytorch/examples' mnist_hogwild, trimmed) sends its CUDA model to spawned processes, which torch
+    does through CUDA IPC. On the pool: one RuntimeError that says what and why (client/mp_share.py), on both clients;
+    until round 33 torch's `_share_fd_: only available on CPU` (the C++ client) or `bad value(s) in fds_to_keep`
+    (the Python client). On the CPU it trains."""
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-p", "0.5", "--",
+           sys.executable, "hogwild.py", "--cuda"]  # fmt: skip
+    done = launch(cmd, clean_env(GPUPOOL_SCHEDULER=pool))
+    assert done.returncode != 0, done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: a tensor on gpupool:0 cannot be sent to another process"), done.stderr
+    assert "CUDA IPC" in last and "not available on a pooled GPU" in last
+    assert "trained" not in done.stdout
+    assert "hogwild done on cpu" in on_cpu("hogwild.py", "--cuda").stdout
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
 def test_model_parallel_script_over_cuda_0_and_cuda_1_gives_the_cpu_losses(pool: str) -> None:
     """`gpupool run --cuda -n 2`: one process, layers on cuda:0 and cuda:1 (gpupool:0 and gpupool:1), backward across
     both; the losses of the script on the CPU (a fresh process: within float32 rounding)."""
