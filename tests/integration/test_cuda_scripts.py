@@ -215,6 +215,32 @@ def test_hogwild_script_sharing_a_cuda_model_between_processes_is_one_clear_erro
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
+WORKERS = """
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+device = "cuda" if torch.cuda.is_available() else "cpu"
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1).to(device)  # a session streams before the workers fork
+loader = DataLoader(TensorDataset(torch.randn(64, 4)), batch_size=16, num_workers=2, pin_memory=True)
+for step, (x,) in enumerate(loader):
+    print(f"step {step} loss {model(x.to(device)).pow(2).mean().item():.6f}")
+"""
+
+
+def test_dataloader_workers_fork_without_grpc_log_lines(pool: str) -> None:
+    """A DataLoader with worker processes forks them while the client's session streams: gRPC skipped its fork
+    handlers and logged `fork_posix.cc:71] Other threads are currently calling into gRPC, skipping fork() handlers`
+    once a worker (round 32: mnist, vae, siamese). `gpupool run` gives its child GRPC_ENABLE_FORK_SUPPORT=0 (the
+    workers never use gRPC): no such line, the CPU's losses."""
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", "--cuda", "-p", "0.5", "--", sys.executable, "-c", WORKERS]
+    done = run(cmd, clean_env(GPUPOOL_SCHEDULER=pool))
+    assert "fork" not in done.stderr, done.stderr
+    losses = LOSS.findall(done.stdout)
+    assert len(losses) == 4, done.stdout
+    assert_loss_lines_close(losses, LOSS.findall(on_cpu("-c", WORKERS).stdout))
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
 def test_model_parallel_script_over_cuda_0_and_cuda_1_gives_the_cpu_losses(pool: str) -> None:
     """`gpupool run --cuda -n 2`: one process, layers on cuda:0 and cuda:1 (gpupool:0 and gpupool:1), backward across
     both; the losses of the script on the CPU (a fresh process: within float32 rounding)."""
