@@ -241,6 +241,49 @@ def test_dataloader_workers_fork_without_grpc_log_lines(pool: str) -> None:
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
+DEEPCOPY = """
+import copy, dataclasses
+import torch
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 2).cuda()
+opt = torch.optim.Adam(model.parameters())
+model(torch.randn(3, 4, device="cuda")).sum().backward()
+opt.step()
+x = torch.arange(6.0, device="cuda").reshape(2, 3).t().requires_grad_()
+x.grad = torch.ones(3, 2, device="cuda")
+y = copy.deepcopy(x)
+assert y.device == x.device and y.tolist() == x.tolist() and y.requires_grad and y.grad.tolist() == x.grad.tolist()
+state = copy.deepcopy(opt.state_dict())["state"]
+for i, p in enumerate(model.parameters()):
+    assert torch.equal(state[i]["exp_avg"].cpu(), opt.state[p]["exp_avg"].cpu())
+twin = copy.deepcopy(model)
+assert torch.equal(twin.weight.cpu(), model.weight.cpu()) and twin.weight is not model.weight
+twin.weight.data.add_(1)
+assert not torch.equal(twin.weight.cpu(), model.weight.cpu())  # a copy, not the same daemon tensor
+
+
+@dataclasses.dataclass
+class Snapshot:
+    model_state: dict
+    optimizer_state: dict
+
+
+snap = dataclasses.asdict(Snapshot(model.state_dict(), opt.state_dict()))  # deep-copies every tensor
+print("deepcopy ok", snap["model_state"]["weight"].device, x.stride(), y.stride())
+"""
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_deepcopy_of_device_tensors_and_a_dataclass_snapshot(pool: str, client: tuple[str, ...]) -> None:
+    """copy.deepcopy of a device tensor, of an optimizer's state_dict, of a model, and dataclasses.asdict of a
+    snapshot (pytorch/examples' minGPT-ddp saves one so): on the C++ client torch's storage copy made a storage the
+    daemon never saw ("a tensor on a storage the daemon never saw") until round 33."""
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-p", "0.5", "--", sys.executable, "-c"]
+    done = run([*cmd, DEEPCOPY], clean_env(GPUPOOL_SCHEDULER=pool))
+    assert "deepcopy ok gpupool:0 (1, 3) (1, 3)" in done.stdout, done.stdout + done.stderr
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
 def test_model_parallel_script_over_cuda_0_and_cuda_1_gives_the_cpu_losses(pool: str) -> None:
     """`gpupool run --cuda -n 2`: one process, layers on cuda:0 and cuda:1 (gpupool:0 and gpupool:1), backward across
     both; the losses of the script on the CPU (a fresh process: within float32 rounding)."""
