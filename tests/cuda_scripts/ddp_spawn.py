@@ -63,9 +63,12 @@ def main(rank, world_size, epochs, port, snapshot_path):
                 print(f"epoch {epoch} step {step} loss {reported.item() / world_size:.7f}", flush=True)
         if rank == 0:
             torch.save({"MODEL_STATE": model.module.state_dict(), "EPOCHS_RUN": epoch}, snapshot_path)
-    barrier()
     weights = torch.cat([p.detach().reshape(-1) for p in model.module.parameters()]).cpu().tolist()
-    print(f"rank {rank} weights " + " ".join(f"{w:.7f}" for w in weights), flush=True)
+    for turn in range(world_size):  # one rank's line at a time: never two interleaved
+        barrier()
+        if turn == rank:
+            print(f"rank {rank} weights " + " ".join(f"{w:.7f}" for w in weights) + "\n", end="", flush=True)
+    barrier()
     destroy_process_group()
 
 
