@@ -165,6 +165,26 @@ def _op(opts: Any) -> str:
     raise InvalidArgument(f"reduce op {op} is not supported by the gpupool backend (sum, avg, product, min, max)")
 
 
+def _own_device(rank: int, devices: int, current: int) -> tuple[int, int]:
+    """This rank's device: (its gpupool index in this process, its index in the lease).
+
+    A torchrun rank (LOCAL_RANK set) sees its own lease device LOCAL_RANK as gpupool:0 (client/torch/api.py). A
+    process started otherwise -- torch.multiprocessing.spawn, as pytorch/examples' ddp-tutorial-series/multigpu.py
+    does, with no LOCAL_RANK -- sees the lease's devices in lease order: its device is the current one
+    (`torch.cuda.set_device(rank)`), or, while that is still device 0, device `rank mod n`: NCCL's guess for a rank
+    that never set its device (until round 33 rank r claimed lease device r while binding its group to gpupool:0,
+    and its daemon refused the join: "rank 1's token is not this session's device")."""
+    if os.environ.get("LOCAL_RANK") is not None:
+        local = int(os.environ["LOCAL_RANK"])
+        if not 0 <= local < devices:
+            raise InvalidArgument(f"LOCAL_RANK {local} but the lease has {devices} device(s): gpupool run -n N")
+        return 0, local
+    index = current if current != 0 else rank % devices
+    if not 0 <= index < devices:
+        raise InvalidArgument(f"rank {rank} is on gpupool:{index} but the lease has {devices} device(s)")
+    return index, index
+
+
 def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta) -> ProcessGroupGpupool:
     """The backend's creator: attach this rank's leased device and join the daemons' group."""
     from . import native
@@ -176,22 +196,19 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
         )
     lease = Lease.from_env()
     assert lease is not None  # GPUPOOL_LEASE is set
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    if not 0 <= local < len(lease.devices):
-        raise InvalidArgument(
-            f"LOCAL_RANK {local} but the lease has {len(lease.devices)} device(s): gpupool run -n {size}"
-        )
     rt: Any
-    if native.active():  # the C++ client (`gpupool run`'s default): the session of its gpupool:0
+    if native.active():  # the C++ client (`gpupool run`'s default)
         from .native.group import NativeRuntime
 
-        dev = torch.device("gpupool", 0)  # lease device LOCAL_RANK (a rank sees its own device first)
-        rt = NativeRuntime(0, native.ensure_session(0))
+        index, local = _own_device(rank, len(lease.devices), native.current_index())
+        dev = torch.device("gpupool", index)
+        rt = NativeRuntime(index, native.ensure_session(index))
         lease = native.lease()  # the renewed one: its tokens are current
     else:
         from .torch import api, runtime
 
-        dev = api.device(0)  # lease device LOCAL_RANK (client/torch/api.py: a rank sees its own device first)
+        index, local = _own_device(rank, len(lease.devices), api.current_index())
+        dev = api.device(index)
         lease = api.env_lease() or lease  # the renewed one: its tokens are current
         rt = runtime.get(dev.index)
         assert rt is not None

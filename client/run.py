@@ -7,7 +7,8 @@ declares the lease lost (its host died, it expired), the child is stopped at onc
 `STOP_GRACE` s) and `run` exits 1 saying why: the devices are gone, so waiting on them would only hang.
 
 With --cuda (or $GPUPOOL_CUDA=1) the child also gets GPUPOOL_CUDA=1, and the leased devices appear to it as
-CUDA devices (gpupool.client.cuda, loaded by torch itself at `import torch`; docs/cuda.md).
+CUDA devices (gpupool.client.cuda, loaded by torch itself at `import torch`; docs/cuda.md). The child gets
+GRPC_ENABLE_FORK_SUPPORT=0 unless the environment sets it (docs/cuda.md, "DataLoader workers").
 
 The child's `gpupool` device is the C++ client (gpupool.client.native; docs/native-client.md) wherever it is built or
 can be built: `run` builds it first (once per torch version and source, ~1-2 min, cached; scripts/setup.sh builds it),
@@ -137,6 +138,10 @@ def main(argv: list[str]) -> int:
         try:
             env = {**os.environ, **held.to_env(), **({"GPUPOOL_CUDA": "1"} if args.cuda else {})}
             env[native.ENV] = client  # the child's torch entry point loads the C++ client for `native`
+            # gRPC's fork handlers: once a session streams, every fork (a DataLoader's workers) skipped them anyway
+            # and gRPC logged "fork_posix.cc:71] Other threads are currently calling into gRPC, skipping fork()
+            # handlers" once a worker; the workers never use gRPC. Off unless the user's environment says otherwise.
+            env.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
             child = subprocess.Popen(command, env=env)
         except OSError as exc:
             print(f"gpupool run: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)

@@ -11,7 +11,9 @@ What real training and inference send, recorded at the dispatcher (the level the
    a Transformer encoder, embeddings, normalizations and pools, trained one step with SGD, Adam, AdamW
    (foreach, as the shim's default) and fused/capturable variants, in train and eval mode;
 3. EXTRA and FAMILIES below: ops the shim itself sends (transfers, factories) and whole families (foreach),
-   with a reason each; and every overload of the ops server/guards.py and server/sizing.py check by hand;
+   with a reason each; and every overload of the ops server/guards.py and server/sizing.py check by hand
+   (the fused optimizers' list guard among them: `_fused_adamw`, `_fused_sgd`, `_fused_adagrad`: no trace
+   reaches them);
 4. the other overloads of each traced op that users reach with the same kernel (`gt.Scalar` beside
    `gt.Tensor`, `out=` overloads, in-place twins), where they return tensors and take no string `self`.
 Then removed: everything server/ops.py refuses on sight (host access, sparse/quantized layouts, known crashers)
@@ -344,7 +346,11 @@ def guarded() -> set[str]:
     """Every overload of the ops the daemon has a dedicated guard, replacement or bound for: reviewed already."""
     from gpupool.server import guards, sizing
 
+    # _SCHEMA_VALIDATORS: the fused optimizers' list guard (`_fused_adam_`, `_fused_adamw`, `_fused_sgd`,
+    # `_fused_adagrad` and their forms). Until round 33 it was not read here: the traces reach only Adam(fused=True),
+    # so a regenerated list dropped the reviewed _fused_adamw/_fused_sgd/_fused_adagrad overloads.
     names = set(guards._VALIDATORS) | set(guards._REPLACEMENTS) | set(guards._LIST_COUNTS) | set(sizing._BOUNDS)
+    names |= set(guards._SCHEMA_VALIDATORS)
     found = set()
     for name in names:
         packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)

@@ -7,7 +7,9 @@ new_group, new_subgroups, device meshes all go through it). Wrapping that one fu
   daemons); torch's NCCL default timeout becomes the default one, so the daemons' own default applies;
 - the group is then recorded under the name the script gave, so `dist.get_backend()` says `nccl` (and a
   `new_group()` without a backend asks for `nccl` again, which comes back here);
-- `device_id=` (NCCL's eager init hint) is dropped: the gpupool group binds its rank's own device anyway.
+- `device_id=` (NCCL's eager init hint) is dropped: the gpupool group binds its rank's own device anyway;
+- torch's default timeout for `nccl` (`_get_default_timeout`) is the default one, without the warning a torch
+  built without NCCL gives.
 
 `init_process_group()` without a backend needs nothing: torch picks the default backend of the current
 accelerator, which is gpupool. Mixed strings (`cpu:gloo,cuda:nccl`) are refused, naming the call: the gpupool
@@ -74,6 +76,22 @@ def _wrap_helper(helper: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
+def _wrap_default_timeout(original: Callable[..., Any]) -> Callable[..., Any]:
+    """`init_process_group("nccl")` without a timeout asks torch for NCCL's default first, which a torch built
+    without NCCL (a CPU-only client's) answers with a UserWarning that NCCL is not compiled: noise, since the group
+    is gpupool's. Its default is the one `_wrap_helper` gives the gpupool backend anyway."""
+
+    @functools.wraps(original)
+    def default_timeout(backend: Any) -> Any:
+        if _wants_nccl(backend):
+            from torch.distributed.constants import default_pg_timeout
+
+            return default_pg_timeout
+        return original(backend)
+
+    return default_timeout
+
+
 def _ddp_index(value: Any) -> Any:
     """A DDP device id (CUDA number or CUDA device) as the rank's gpupool index."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -109,5 +127,6 @@ def install() -> None:
 
     distributed.register()
     c10d._new_process_group_helper = _wrap_helper(c10d._new_process_group_helper)
+    c10d._get_default_timeout = _wrap_default_timeout(c10d._get_default_timeout)
     dist.is_nccl_available = lambda: True
     _patch_ddp()

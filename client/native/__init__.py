@@ -84,6 +84,10 @@ def enable() -> None:
     from gpupool.client.engine import run_backward_on_calling_thread
 
     run_backward_on_calling_thread()  # as the Python client's: no thread hand-off per device in a backward
+    from gpupool.client import mp_share
+
+    mp_share.install()  # a gpupool tensor sent to another process: one clear error, as on the Python client
+    _deepcopy_by_clone()  # copy.deepcopy of a device tensor (torch's storage copy makes one the daemon never saw)
     torch.ops.gpupool_native.set_autoconnect()
     if torch.distributed.is_available():
         from gpupool.client import distributed
@@ -104,6 +108,41 @@ def leased_count() -> int:
     except Exception:  # noqa: BLE001 - a malformed lease says so at attach (_autoconnect), not at `import torch`
         lease = None
     return len(lease.devices) if lease is not None else 0
+
+
+def _deepcopy_by_clone() -> None:
+    """`copy.deepcopy` of a device tensor: torch copies a tensor that has a storage through the storage
+    (`UntypedStorage.clone`: a storage made by the allocator, then `copy_` into it), and the C++ client's daemon never
+    sees a storage made that way: "a tensor on a storage the daemon never saw". `dataclasses.asdict` of a snapshot
+    (pytorch/examples' minGPT-ddp), `copy.deepcopy(optimizer.state_dict())` and EMA/best-model copies failed. A plain
+    tensor on the device is copied with `clone()` instead, as torch itself copies tensors of devices without storages
+    (XLA, MPS, lazy): the values, dtype, device, requires_grad and the grad's own deep copy (two tensors that shared a
+    storage get one each). Parameters copy themselves with clone() (nn.Parameter.__deepcopy__); other subclasses go
+    to torch as before. The Python client's tensors copy themselves (client/torch/tensor.py)."""
+    import torch
+
+    from . import backend
+
+    original = torch.Tensor.__deepcopy__
+    if getattr(original, "_gpupool", False):
+        return
+
+    def __deepcopy__(self: Any, memo: dict[int, Any]) -> Any:  # noqa: N807 - the protocol's name
+        if type(self) is not torch.Tensor or self.device.type != backend.NAME or not self.is_leaf:
+            return original(self, memo)  # (a non-leaf: torch's own error)
+        if id(self) in memo:
+            return memo[id(self)]
+        with torch.no_grad():
+            new = self.clone()
+        if self.requires_grad:
+            new.requires_grad_()
+        if self.grad is not None:
+            new.grad = self.grad.__deepcopy__(memo)
+        memo[id(self)] = new
+        return new
+
+    __deepcopy__._gpupool = True  # type: ignore[attr-defined]
+    torch.Tensor.__deepcopy__ = __deepcopy__  # type: ignore[method-assign]
 
 
 def _pin_memory(self: Any, device: Any = None) -> Any:

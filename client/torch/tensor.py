@@ -160,6 +160,8 @@ class RemoteTensor(torch.Tensor):
             out.requires_grad_(True)
         if getattr(self, "_is_param", False):
             out = torch.nn.Parameter(out, self.requires_grad)
+        if self.grad is not None:  # as torch's own deepcopy does (dropped until round 33)
+            out.grad = self.grad.__deepcopy__(memo)
         memo[id(self)] = out
         return out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,135 @@ def test_torchrun_ddp_script_with_nccl_gives_the_cpu_losses(pool: str) -> None:
     sums = [float(r[3]) for r in ranks + cpu_ranks]
     assert sums[0] == sums[1] and sums == pytest.approx([sums[2]] * 4, rel=1e-5)  # DDP kept the ranks in step
     assert pooled.stderr.count(ANNOUNCE) >= 2 and "(2 leased device(s)" in pooled.stderr  # (and torchrun's own)
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+WEIGHTS = re.compile(r"^rank (\d) weights (.*)$", re.M)
+
+
+def test_spawned_ddp_script_with_nccl_and_a_snapshot_gives_the_cpu_losses(pool: str, tmp_path: Path) -> None:
+    """ddp_spawn.py (pytorch/examples' ddp-tutorial-series multigpu.py, trimmed): `torch.multiprocessing.spawn`, so no
+    LOCAL_RANK; `torch.cuda.set_device(rank)` and `init_process_group("nccl", rank=, world_size=)`. Run for one epoch,
+    then again for two, resuming from rank 0's snapshot (`torch.load(map_location=f"cuda:{rank}")`): the losses and
+    the final weights of both ranks equal the same two runs on the CPU with gloo. Until round 33 rank 1's group was
+    bound to gpupool:0 while it claimed lease device 1: its daemon refused the join."""
+
+    def twice(cmd: list[str], env: dict[str, str], snapshot: Path) -> str:
+        return "".join(run([*cmd, str(epochs), free_port(), str(snapshot)], env).stdout for epochs in (1, 2))
+
+    script = [sys.executable, "ddp_spawn.py"]
+    pooled = twice(
+        [sys.executable, "-m", "gpupool.cli", "run", "--cuda", "-n", "2", "-p", "0.5", "--", *script],
+        clean_env(GPUPOOL_SCHEDULER=pool, OMP_NUM_THREADS="1"),
+        tmp_path / "pool.pt",
+    )
+    local = twice(script, cpu_env(OMP_NUM_THREADS="1"), tmp_path / "cpu.pt")
+    losses, reference = values(LOSS.findall(pooled)), values(LOSS.findall(local))
+    assert len(losses) == 8 and len(reference) == 8, pooled + local  # 4 steps, then the resumed epoch's 4
+    assert losses == pytest.approx(reference, rel=1e-5, abs=1e-7)
+    assert sum(losses[4:]) < sum(losses[:4])  # it trained
+    resumed = sorted(re.findall(r"^rank (\d) resuming at epoch 1$", pooled, re.M))
+    assert resumed == ["0", "1"], pooled  # every rank loaded rank 0's snapshot onto its own device
+    weights = {rank: [float(w) for w in ws.split()] for rank, ws in WEIGHTS.findall(pooled)}
+    cpu_weights = {rank: [float(w) for w in ws.split()] for rank, ws in WEIGHTS.findall(local)}
+    assert sorted(weights) == ["0", "1"] and len(weights["0"]) == 21, pooled
+    assert weights["0"] == weights["1"]  # DDP kept the ranks in step
+    assert weights["0"] == pytest.approx(cpu_weights["0"], rel=1e-5, abs=1e-6)
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_hogwild_script_sharing_a_cuda_model_between_processes_is_one_clear_error(
+    pool: str, client: tuple[str, ...]
+) -> None:
+    """hogwild.py (pytorch/examples' mnist_hogwild, trimmed) sends its CUDA model to spawned processes, which torch
+    does through CUDA IPC. On the pool: one RuntimeError that says what and why (client/mp_share.py), on both clients;
+    until round 33 torch's `_share_fd_: only available on CPU` (the C++ client) or `bad value(s) in fds_to_keep`
+    (the Python client). On the CPU it trains."""
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-p", "0.5", "--",
+           sys.executable, "hogwild.py", "--cuda"]  # fmt: skip
+    done = launch(cmd, clean_env(GPUPOOL_SCHEDULER=pool))
+    assert done.returncode != 0, done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: a tensor on gpupool:0 cannot be sent to another process"), done.stderr
+    assert "CUDA IPC" in last and "not available on a pooled GPU" in last
+    assert "trained" not in done.stdout
+    assert "hogwild done on cpu" in on_cpu("hogwild.py", "--cuda").stdout
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+WORKERS = """
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+device = "cuda" if torch.cuda.is_available() else "cpu"
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1).to(device)  # a session streams before the workers fork
+loader = DataLoader(TensorDataset(torch.randn(64, 4)), batch_size=16, num_workers=2, pin_memory=True)
+for step, (x,) in enumerate(loader):
+    print(f"step {step} loss {model(x.to(device)).pow(2).mean().item():.6f}")
+"""
+
+
+def test_dataloader_workers_fork_without_grpc_log_lines(pool: str) -> None:
+    """A DataLoader with worker processes forks them while the client's session streams: gRPC skipped its fork
+    handlers and logged `fork_posix.cc:71] Other threads are currently calling into gRPC, skipping fork() handlers`
+    once a worker (round 32: mnist, vae, siamese). `gpupool run` gives its child GRPC_ENABLE_FORK_SUPPORT=0 (the
+    workers never use gRPC): no such line, the CPU's losses."""
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", "--cuda", "-p", "0.5", "--", sys.executable, "-c", WORKERS]
+    done = run(cmd, clean_env(GPUPOOL_SCHEDULER=pool))
+    assert "fork" not in done.stderr, done.stderr
+    losses = LOSS.findall(done.stdout)
+    assert len(losses) == 4, done.stdout
+    assert_loss_lines_close(losses, LOSS.findall(on_cpu("-c", WORKERS).stdout))
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+DEEPCOPY = """
+import copy, dataclasses
+import torch
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 2).cuda()
+opt = torch.optim.Adam(model.parameters())
+model(torch.randn(3, 4, device="cuda")).sum().backward()
+opt.step()
+x = torch.arange(6.0, device="cuda").reshape(2, 3).t().requires_grad_()
+x.grad = torch.ones(3, 2, device="cuda")
+y = copy.deepcopy(x)
+assert y.device == x.device and y.tolist() == x.tolist() and y.requires_grad and y.grad.tolist() == x.grad.tolist()
+state = copy.deepcopy(opt.state_dict())["state"]
+for i, p in enumerate(model.parameters()):
+    assert torch.equal(state[i]["exp_avg"].cpu(), opt.state[p]["exp_avg"].cpu())
+twin = copy.deepcopy(model)
+assert torch.equal(twin.weight.cpu(), model.weight.cpu()) and twin.weight is not model.weight
+twin.weight.data.add_(1)
+assert not torch.equal(twin.weight.cpu(), model.weight.cpu())  # a copy, not the same daemon tensor
+
+
+@dataclasses.dataclass
+class Snapshot:
+    model_state: dict
+    optimizer_state: dict
+
+
+snap = dataclasses.asdict(Snapshot(model.state_dict(), opt.state_dict()))  # deep-copies every tensor
+print("deepcopy ok", snap["model_state"]["weight"].device, x.stride(), y.stride())
+"""
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_deepcopy_of_device_tensors_and_a_dataclass_snapshot(pool: str, client: tuple[str, ...]) -> None:
+    """copy.deepcopy of a device tensor, of an optimizer's state_dict, of a model, and dataclasses.asdict of a
+    snapshot (pytorch/examples' minGPT-ddp saves one so): on the C++ client torch's storage copy made a storage the
+    daemon never saw ("a tensor on a storage the daemon never saw") until round 33."""
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-p", "0.5", "--", sys.executable, "-c"]
+    done = run([*cmd, DEEPCOPY], clean_env(GPUPOOL_SCHEDULER=pool))
+    assert "deepcopy ok gpupool:0 (1, 3) (1, 3)" in done.stdout, done.stdout + done.stderr
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 

@@ -127,10 +127,14 @@ def test_nccl_backend_strings(asked: str, ok: bool) -> None:
 
 
 DIST_CHILD = """
-import datetime, sys
+import datetime, sys, warnings
 import torch, torch.distributed as dist
 from torch.distributed import TCPStore
+from torch.distributed.constants import default_pg_timeout
 assert dist.is_nccl_available()
+with warnings.catch_warnings():  # a torch without NCCL warned here that NCCL is not compiled (until round 33)
+    warnings.simplefilter("error")
+    assert dist.distributed_c10d._get_default_timeout(dist.Backend("nccl")) == default_pg_timeout
 store = TCPStore("127.0.0.1", 0, 1, True)
 try:
     dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=0, world_size=1)
@@ -152,6 +156,44 @@ def test_under_cuda_gloo_still_works_and_mixed_nccl_strings_are_refused() -> Non
     done = subprocess.run([sys.executable, "-c", DIST_CHILD], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok [1.0, 1.0, 1.0]"
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "rank", "current", "want"),
+    [
+        ("1", 1, 0, (0, 1)),  # torchrun: the rank's own lease device LOCAL_RANK is its gpupool:0
+        ("0", 0, 0, (0, 0)),
+        (None, 1, 1, (1, 1)),  # mp.spawn after torch.cuda.set_device(rank): the current device, lease numbering
+        (None, 1, 0, (1, 1)),  # mp.spawn without set_device: rank mod n, NCCL's guess
+        (None, 3, 0, (1, 1)),
+        (None, 0, 0, (0, 0)),
+    ],
+)
+def test_a_ranks_own_device_with_and_without_torchrun(
+    monkeypatch: pytest.MonkeyPatch, local_rank: str | None, rank: int, current: int, want: tuple[int, int]
+) -> None:
+    """client/distributed.py `_own_device`: (gpupool index, lease index) of the device a rank's group binds; until round
+    33 a process without LOCAL_RANK (torch.multiprocessing.spawn) bound gpupool:0 while claiming lease device `rank`."""
+    from gpupool.client import distributed
+
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert distributed._own_device(rank, 2, current) == want
+
+
+def test_a_rank_past_the_lease_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpupool.client import distributed
+
+    from gpupool.errors import InvalidArgument
+
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(InvalidArgument, match="LOCAL_RANK 2 but the lease has 2 device"):
+        distributed._own_device(2, 2, 0)
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(InvalidArgument, match="rank 0 is on gpupool:3 but the lease has 2 device"):
+        distributed._own_device(0, 2, 3)
 
 
 # ---- the wrappers (devices.install): in this process, taken out again after each test ----
