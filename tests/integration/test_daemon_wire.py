@@ -1,0 +1,150 @@
+"""Request bytes that do not parse, sent to every method the daemon serves (its Device service, grpc.health.v1 on
+its port and on --health-listen): each is answered INVALID_ARGUMENT with a short message, no traceback in the
+daemon's log, no session left behind, while a neighbour session keeps working. Until round 33 gRPC answered them
+INTERNAL ("Exception deserializing request!") and logged a traceback for each (the scheduler had the same defect:
+scheduler/auth.py, tests/integration/test_scheduler_fuzz.py). The Device service's messages carry their own
+credential (a lease token, a session id), so there is nothing to check before the bytes parse.
+
+Also: a status or an in-band error that quotes a huge client-supplied string (a token, a session id, an op name)
+reaches the client whole and bounded (`errors.bounded`), not as the transport's "Stream removed"."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from gpupool.client.session import Session
+from support import Healthy, plaintext_channel, tls_channel
+
+from gpupool import errors
+from gpupool._proto import device_pb2
+
+# Bytes no message of these methods parses: invalid wire types (7, and 7 in a tag of field 31), a length-delimited
+# field cut short, a varint that never ends, a group end without its start.
+GARBAGE = [b"\x0f", b"\xff", b"\x0a\x05ab", b"\x08" + b"\x80" * 11, b"\x0c"]
+DEVICE = ["Attach", "Detach", "Status", "RefreshToken"]
+HEALTH_UNARY = ["/grpc.health.v1.Health/Check"]
+HEALTH_STREAM = ["/grpc.health.v1.Health/Watch"]
+
+
+@pytest.fixture
+def wire_daemon(daemon_factory: Any) -> Iterator[Any]:
+    d = daemon_factory(health_listen="127.0.0.1:0")
+    healthy = Healthy(d.address, d.token(tenant="neighbour"))
+    yield d
+    assert [s.tenant for s in d.running.daemon.session_list()] == ["neighbour"]  # no call left a session behind
+    healthy.check()
+
+
+def _raw_unary(channel: grpc.Channel, method: str, data: bytes) -> grpc.RpcError:
+    call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as info:
+        call(data, timeout=30)
+    return info.value
+
+
+def _raw_stream(channel: grpc.Channel, method: str, data: bytes) -> grpc.RpcError:
+    call = channel.unary_stream(method, request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in call(data, timeout=30):
+            pass
+    return info.value
+
+
+def _assert_refused(err: grpc.RpcError, what: str) -> None:
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, err.code(), err.details())
+    assert "not a well-formed message" in err.details() and len(err.details()) < 200, (what, err.details())
+
+
+def test_unparsable_requests_to_every_method(wire_daemon: Any, caplog: pytest.LogCaptureFixture) -> None:
+    health_port = wire_daemon.running.health_server[1]
+    caplog.set_level(logging.ERROR)
+    with tls_channel(wire_daemon.address) as ch, plaintext_channel(f"127.0.0.1:{health_port}") as probe:
+        for data in GARBAGE:
+            for name in DEVICE:
+                _assert_refused(_raw_unary(ch, f"/gpupool.v1.Device/{name}", data), f"{name} {data!r}")
+            for channel in (ch, probe):
+                for method in HEALTH_UNARY:
+                    _assert_refused(_raw_unary(channel, method, data), f"{method} {data!r}")
+                for method in HEALTH_STREAM:
+                    _assert_refused(_raw_stream(channel, method, data), f"{method} {data!r}")
+        # the same channels still serve well-formed calls
+        status = ch.unary_unary(
+            "/gpupool.v1.Device/Status",
+            request_serializer=device_pb2.StatusRequest.SerializeToString,
+            response_deserializer=device_pb2.StatusReply.FromString,
+        )(device_pb2.StatusRequest(), timeout=30)
+        assert status.host_id == wire_daemon.host_id
+    tracebacks = [r.getMessage() for r in caplog.records if r.exc_info]
+    assert not tracebacks, tracebacks[:3]
+
+
+def test_a_malformed_message_in_a_request_stream_ends_the_call() -> None:
+    """ErrorInterceptor's request streams: the first message that does not parse ends the call INVALID_ARGUMENT
+    (the daemon's one stream parses its own bytes; this guards a request-streaming method added later)."""
+    from concurrent import futures
+
+    seen: list[Any] = []
+
+    def count(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        for request in requests:
+            seen.append(request)
+        return device_pb2.StatusReply()
+
+    handler = grpc.method_handlers_generic_handler(
+        "t.T",
+        {
+            "Count": grpc.stream_unary_rpc_method_handler(
+                count, device_pb2.StatusRequest.FromString, device_pb2.StatusReply.SerializeToString
+            )
+        },
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[errors.ErrorInterceptor()])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with plaintext_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.stream_unary("/t.T/Count", request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as info:
+                call(iter([b"", b"\xff", b""]), timeout=30)
+            _assert_refused(info.value, "a request stream")
+            assert len(seen) == 1  # the message before the bad one reached the handler, none after it
+    finally:
+        server.stop(0)
+
+
+HUGE = 100_000
+
+
+@pytest.mark.parametrize("char", ["x", "\u00e9", "\U0001f600"])
+def test_huge_client_strings_get_their_status(daemon: Any, char: str) -> None:
+    """A token, a session id or an op name of 100,000 characters (ASCII, 2- and 4-byte UTF-8) gets its own status
+    with a bounded message, on every path that could quote it."""
+    huge = char * HUGE
+    with tls_channel(daemon.address) as ch:
+        for name, request, want in [
+            ("Attach", device_pb2.AttachRequest(token=huge), grpc.StatusCode.UNAUTHENTICATED),
+            ("Detach", device_pb2.DetachRequest(session_id=huge), grpc.StatusCode.NOT_FOUND),
+            ("RefreshToken", device_pb2.RefreshTokenRequest(session_id=huge, token=huge), grpc.StatusCode.NOT_FOUND),
+        ]:
+            err = _raw_unary(ch, f"/gpupool.v1.Device/{name}", request.SerializeToString())
+            assert err.code() == want, (name, err.code(), err.details()[:200])
+            assert len(err.details().encode()) <= errors.MAX_DETAILS + 20, name
+    with Session.attach(daemon.address, daemon.token(tenant="huge")) as s:
+        s.call(f"aten::{huge}.default", 1)
+        with pytest.raises(errors.InvalidArgument) as info:
+            s.sync()
+        assert len(info.value.message.encode()) <= errors.MAX_DETAILS + 20
+        assert len(info.value.op.encode()) <= errors.MAX_DETAILS + 20
+
+
+def test_bounded() -> None:
+    assert errors.bounded("short") == "short"
+    for char in ("x", "\u00e9", "\U0001f600"):
+        cut = errors.bounded(char * HUGE)
+        assert len(cut.encode()) <= errors.MAX_DETAILS + len("... (cut)") and cut.endswith("... (cut)")
+        assert cut.startswith(char * 10)
