@@ -11,15 +11,18 @@ reaches the client whole and bounded (`errors.bounded`), not as the transport's 
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
+import torch
 from gpupool.client.session import Session
 from support import Healthy, plaintext_channel, tls_channel
+from test_daemon_bulk import _raw_side
 
-from gpupool import errors
+from gpupool import errors, protocol
 from gpupool._proto import device_pb2
 
 # Bytes no message of these methods parses: invalid wire types (7, and 7 in a tag of field 31), a length-delimited
@@ -148,3 +151,22 @@ def test_bounded() -> None:
         cut = errors.bounded(char * HUGE)
         assert len(cut.encode()) <= errors.MAX_DETAILS + len("... (cut)") and cut.endswith("... (cut)")
         assert cut.startswith(char * 10)
+
+
+@pytest.mark.parametrize("magic", [protocol.BULK_HELLO, protocol.BULK_HELLO_FRAMES])
+def test_a_malformed_side_port_hello_is_answered(daemon_factory: Any, magic: bytes) -> None:
+    """The side port's hello (gpupool/protocol.py BULK_HELLO) announcing a session id longer than any gets the
+    protocol's error answer, as an unknown session does (until round 33 the socket closed without a word), and a
+    real client still binds. (Bytes that are no gpupool hello at all are closed without a word:
+    test_daemon_bulk.py; records after the hello: records_fuzz.py mutates their headers.)"""
+    d = daemon_factory(bulk_listen="127.0.0.1:0")
+    with _raw_side(d.address, int(d.running.bulk.port), insecure=False) as sock:
+        sock.sendall(magic + struct.pack("<H", 65535))
+        assert sock.recv(1) == b"\x01"
+        (n,) = struct.unpack("<H", protocol.recv_exact(sock, 2, "closed"))
+        assert protocol.recv_exact(sock, n, "closed") == b"session id of 65535 bytes: at most 128"
+        assert sock.recv(10) == b""
+    with Session.attach(d.address, d.token()) as s:
+        assert s._side is not None
+        big = torch.randn(1 << 20)
+        assert torch.equal(s.download(s.upload(big)), big)
