@@ -132,7 +132,7 @@ def from_status(
 
 def to_proto(exc: GpupoolError) -> tensor_pb2.Error:
     """The op stream's `Error` message of an exception (the server side of `from_failure`)."""
-    err = tensor_pb2.Error(code=exc.code.name, op=exc.op, message=exc.message)
+    err = tensor_pb2.Error(code=exc.code.name, op=bounded(exc.op), message=bounded(exc.message))
     if isinstance(exc, ResourceExhausted):
         if exc.used_bytes is not None:
             err.used_bytes = exc.used_bytes
@@ -157,10 +157,60 @@ def from_failure(failure: grpc.RpcError | tensor_pb2.Error) -> GpupoolError:
     return from_status(code, details or code.name)
 
 
+MAX_DETAILS = 2000  # characters (and UTF-8 bytes) of an error's message a reply carries: see `bounded`
+
+
+def bounded(details: str) -> str:
+    """`details` cut to MAX_DETAILS characters and UTF-8 bytes. A status's message travels in a trailer, which gRPC
+    refuses past 16 KiB (8 KiB by default on the client), percent-encoding every non-ASCII byte (3 bytes each): a
+    message quoting a huge client-supplied string whole reached the client as the transport's RESOURCE_EXHAUSTED
+    ("Stream removed") instead of its status. Cut here, a message is at most 6 KB on the wire."""
+    if len(details) <= MAX_DETAILS and (details.isascii() or len(details.encode()) <= MAX_DETAILS):
+        return details
+    return details.encode()[:MAX_DETAILS].decode(errors="ignore") + "... (cut)"
+
+
+def shown(text: str, limit: int = 64) -> str:
+    """A caller's string as an error message quotes it: its repr, cut at `limit` characters. Round 32 quoted ids
+    whole: a Renew of a 20,000-character lease id was answered NOT_FOUND with the id in its message, a trailer over
+    gRPC's 16 KiB limit, and the client got the transport's RESOURCE_EXHAUSTED ("Stream removed") instead."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 def abort(context: grpc.ServicerContext, exc: GpupoolError) -> NoReturn:
-    """End an RPC with the exception's status; `context.abort` raises, so this never returns."""
-    context.abort(exc.code, str(exc))
+    """End an RPC with the exception's status (its message `bounded`); `context.abort` raises, so this never
+    returns."""
+    context.abort(exc.code, bounded(str(exc)))
     raise AssertionError("unreachable")  # pragma: no cover - context.abort always raises
+
+
+class Malformed:
+    """A request whose bytes do not parse as its method's message (`parsed`). gRPC answers a deserializer's
+    exception INTERNAL ("Exception deserializing request!", with a traceback in the server's log), before any
+    check of the caller: the wrong status, and to anyone. `ErrorInterceptor` answers it INVALID_ARGUMENT; an
+    interceptor in front of it that checks credentials first (scheduler/auth.py) answers it once they pass."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(f"the request is not a well-formed message of this method ({self.kind})")
+
+
+def parsed(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserialize` that returns a `Malformed` for bytes it cannot parse instead of raising (None stays None: a
+    method that takes raw bytes parses them itself). Wrapping twice wraps once."""
+    if deserialize is None or getattr(deserialize, "_gpupool_parsed", False):
+        return deserialize
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or any error of a bad message
+            return Malformed(type(exc).__name__)
+
+    parse._gpupool_parsed = True  # type: ignore[attr-defined]
+    return parse
 
 
 def _answer(context: grpc.ServicerContext, name: str, exc: Exception) -> NoReturn:
@@ -177,44 +227,66 @@ def _answer(context: grpc.ServicerContext, name: str, exc: Exception) -> NoRetur
 class ErrorInterceptor(grpc.ServerInterceptor):
     """The server's one translation: every handler's gpupool exceptions end its call with their status; any
     other exception is a bug, logged and answered INTERNAL, and the server carries on. Streaming handlers
-    (request or response streams) are covered as well as unary ones."""
+    (request or response streams) are covered as well as unary ones. A request whose bytes do not parse as its
+    method's message is answered INVALID_ARGUMENT (`Malformed`) before its handler runs; in a request stream, the
+    first such message ends the call so."""
 
     def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         if handler is None:
             return None
         name = details.method.rsplit("/", 1)[-1]
+        parse = parsed(handler.request_deserializer)
+        checked = parse is not None  # the handler's requests may be `Malformed`
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _unary(handler.unary_unary, name), handler.request_deserializer, handler.response_serializer
+                _unary(handler.unary_unary, name, _one if checked else None), parse, handler.response_serializer
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                _unary(handler.stream_unary, name), handler.request_deserializer, handler.response_serializer
+                _unary(handler.stream_unary, name, _each if checked else None), parse, handler.response_serializer
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _streaming(handler.unary_stream, name), handler.request_deserializer, handler.response_serializer
+                _streaming(handler.unary_stream, name, _one if checked else None), parse, handler.response_serializer
             )
         return grpc.stream_stream_rpc_method_handler(
-            _streaming(handler.stream_stream, name), handler.request_deserializer, handler.response_serializer
+            _streaming(handler.stream_stream, name, _each if checked else None), parse, handler.response_serializer
         )
 
 
-def _unary(behavior: Callable[[Any, grpc.ServicerContext], Any], name: str) -> Callable[..., Any]:
+def _one(request: Any) -> Any:
+    """A unary call's request, refused when it did not parse."""
+    if isinstance(request, Malformed):
+        raise request.error()
+    return request
+
+
+def _each(requests: Iterator[Any]) -> Iterator[Any]:
+    """A request stream's messages; the first that did not parse ends the call (INVALID_ARGUMENT)."""
+    for request in requests:
+        yield _one(request)
+
+
+Check = Callable[[Any], Any] | None
+
+
+def _unary(behavior: Callable[[Any, grpc.ServicerContext], Any], name: str, check: Check) -> Callable[..., Any]:
     def call(request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            return behavior(request, context)
+            return behavior(request if check is None else check(request), context)
         except Exception as exc:  # noqa: BLE001 - the server must answer, never die
             _answer(context, name, exc)
 
     return call
 
 
-def _streaming(behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]], name: str) -> Callable[..., Any]:
+def _streaming(
+    behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]], name: str, check: Check
+) -> Callable[..., Any]:
     def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
-            yield from behavior(request, context)
+            yield from behavior(request if check is None else check(request), context)
         except Exception as exc:  # noqa: BLE001 - the server must answer, never die
             _answer(context, name, exc)
 

@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 
 from gpupool.config import UnsafeFile, add_flag, env_name, open_trusted
-from gpupool.errors import InvalidArgument
+from gpupool.errors import ErrorInterceptor, InvalidArgument
 
 log = logging.getLogger(__name__)
 plaintext_channel = grpc.insecure_channel  # the only plaintext channel: servers started with --insecure
@@ -253,7 +253,10 @@ def serve_health(address: str, servicer: Any) -> tuple[grpc.Server, int] | None:
 
     from grpc_health.v1 import health_pb2_grpc
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    # ErrorInterceptor: a request that does not parse is answered INVALID_ARGUMENT (gRPC's own answer: INTERNAL)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"), interceptors=[ErrorInterceptor()]
+    )
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     port = server.add_insecure_port(address)
     if port == 0:

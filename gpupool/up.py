@@ -36,6 +36,7 @@ from pathlib import Path
 
 from gpupool import pki, tls, tokens
 from gpupool.config import add_flag, format_size, size_arg, split_address
+from gpupool.errors import GpupoolError
 from gpupool.protocol import HostState
 
 LISTEN_RE = re.compile(r"listening on (\S+:\d+)")
@@ -146,7 +147,10 @@ def make_credentials(directory: Path, host_id: str, *addresses: str, ca_dir: Pat
         signer = tokens.load_signer(key)
         if not public.exists():
             public.write_bytes(tokens.public_pem(signer.public))
-    except Exception:  # noqa: BLE001 - missing or unusable (e.g. an old HMAC key): make a fresh one
+    except Exception as exc:  # noqa: BLE001 - missing or unusable (e.g. an old HMAC key): make a fresh one
+        if key.exists():  # said, never silent: one others may read is replaced (docs/security.md)
+            print(f"gpupool up: {exc}: replaced by a fresh token key (tokens signed by the old one no longer verify)",
+                  file=sys.stderr)  # fmt: skip
         tokens.generate_key_file(key, public)
     ca = pki.LocalCA(ca_dir or directory / "pki")
     dns, ips = _server_names(*addresses)
@@ -245,7 +249,6 @@ def _tls_args(who: pki.CertFiles, ca: Path) -> list[str]:
 
 def _wait_registered(scheduler: str, daemon: str, timeout: float, tls_config: tls.TlsConfig) -> bool:
     from gpupool.client.pool import SchedulerClient  # the client only, never the daemon or scheduler code
-    from gpupool.errors import GpupoolError
 
     client = SchedulerClient(scheduler, tls_config)
     port = daemon.rsplit(":", 1)[1]
@@ -284,9 +287,13 @@ def main(argv: list[str]) -> int:
     )  # fmt: skip
     os.umask(0o077)  # what we and the children write (state with lease ids, WAL, keys) is owner-only
     cfg.state.parent.mkdir(parents=True, exist_ok=True)
-    creds = make_credentials(
-        cfg.state.parent, a.host_id, cfg.scheduler_listen, cfg.listen, ca_dir=Path(a.ca_dir) if a.ca_dir else None
-    )
+    try:
+        creds = make_credentials(
+            cfg.state.parent, a.host_id, cfg.scheduler_listen, cfg.listen, ca_dir=Path(a.ca_dir) if a.ca_dir else None
+        )
+    except (GpupoolError, OSError) as exc:  # a CA key others may read (pki.LocalCA), a directory not ours: one line
+        print(f"gpupool up: {exc}", file=sys.stderr)
+        return 2
     for path in (cfg.state, Path(f"{cfg.state}-wal"), Path(f"{cfg.state}-shm")):
         if path.exists():
             os.chmod(path, 0o600)  # made by an older version with the default umask

@@ -29,10 +29,18 @@ from typing import Any
 import grpc
 
 from gpupool.config import UnsafeFile, read_trusted
-from gpupool.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated, abort
+from gpupool.errors import (
+    InvalidArgument,
+    Malformed,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    abort,
+    bounded,
+    parsed,
+    shown,
+)
 from gpupool.peers import grpc_source
-
-from .capacity import shown
 
 log = logging.getLogger(__name__)
 
@@ -347,42 +355,15 @@ class AuthFailRate(Buckets):
     and calls with a verified client certificate and no token from any address, are not touched."""
 
 
-MAX_DETAILS = 2000  # characters of an error's message a reply carries (gRPC refuses trailers over 16 KiB)
-
-
-class Malformed:
-    """A request whose bytes do not parse as its method's message (`_parsed`): the call is answered
-    INVALID_ARGUMENT once its caller is authenticated. gRPC answered a deserializer's exception INTERNAL ("Exception
-    deserializing request!"), before any check of the caller: the wrong status, and to anyone."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-
-
-def _parsed(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    if deserialize is None:
-        return None
-
-    def parse(data: bytes) -> Any:
-        try:
-            return deserialize(data)
-        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or any error of a bad message
-            return Malformed(type(exc).__name__)
-
-    return parse
-
-
 class _Bounded:
-    """A servicer context whose `abort` cuts its message at MAX_DETAILS characters: whatever a handler quotes, the
-    status reaches the client (a message over gRPC's trailer limit turned into the transport's RESOURCE_EXHAUSTED)."""
+    """A servicer context whose `abort` cuts its message (`errors.bounded`): whatever a handler quotes, the status
+    reaches the client (a message over gRPC's trailer limit turned into the transport's RESOURCE_EXHAUSTED)."""
 
     def __init__(self, context: grpc.ServicerContext) -> None:
         self._context = context
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
-        if len(details) > MAX_DETAILS:
-            details = details[:MAX_DETAILS] + "... (cut)"
-        self._context.abort(code, details)
+        self._context.abort(code, bounded(details))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
@@ -413,7 +394,7 @@ def _wrap(
         except (Unauthenticated, PermissionDenied, ResourceExhausted) as exc:
             abort(context, exc)
         if isinstance(request, Malformed):
-            abort(context, InvalidArgument(f"the request is not a well-formed message of this method ({request.kind})"))
+            abort(context, request.error())
         if rate is not None and ident.role == TENANT and not rate.take(ident.name):
             abort(context, ResourceExhausted(f"tenant {ident.name!r} is over its {rate.rate:g} calls a second "
                                              "to the scheduler (--tenant-rate): slow down and retry"))  # fmt: skip
@@ -445,7 +426,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return _refused(handler)  # a streaming Scheduler method would pass unchecked: fail closed
         return grpc.unary_unary_rpc_method_handler(
             _wrap(handler.unary_unary, self.authn, roles, self.rate, as_host=details.method in HOST_METHODS),
-            request_deserializer=_parsed(handler.request_deserializer),
+            request_deserializer=parsed(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 

@@ -24,13 +24,6 @@ KTH_SCALE = 1 << 40  # key = k-th largest free units * KTH_SCALE + the host's to
 DeviceKey = tuple[str, int]  # (host_id, device index)
 
 
-def shown(text: str, limit: int = 64) -> str:
-    """A caller's string as an error message quotes it: its repr, cut at `limit` characters. Round 32 quoted ids
-    whole: a Renew of a 20,000-character lease id was answered NOT_FOUND with the id in its message, a trailer over
-    gRPC's 16 KiB limit, and the client got the transport's RESOURCE_EXHAUSTED ("Stream removed") instead."""
-    return repr(text[:limit]) + ("..." if len(text) > limit else "")
-
-
 K = TypeVar("K")
 T = TypeVar("T")
 

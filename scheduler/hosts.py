@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gpupool.config import split_address
-from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from gpupool.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, shown
 from gpupool.protocol import HostState, LeaseState
 
-from .capacity import Host, Pool, PoolDevice, shown
+from .capacity import Host, Pool, PoolDevice
 from .store import Change, LeaseRecord
 
 log = logging.getLogger(__name__)

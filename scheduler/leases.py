@@ -24,10 +24,18 @@ from dataclasses import dataclass, field
 
 from gpupool import tokens
 from gpupool.config import format_size
-from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from gpupool.errors import (
+    FailedPrecondition,
+    GpupoolError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    shown,
+)
 from gpupool.protocol import HostState, LeaseState
 
-from .capacity import SHARE_UNITS, Grant, Pool, shown
+from .capacity import SHARE_UNITS, Grant, Pool
 from .hosts import HostBook
 from .placement import Request, min_units, place, validate
 from .store import Change, LeaseRecord, Store

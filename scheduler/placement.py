@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gpupool.config import format_size
-from gpupool.errors import InvalidArgument
+from gpupool.errors import InvalidArgument, shown
 from gpupool.protocol import Policy
 
-from .capacity import KTH_SCALE, MAX_KTH, SHARE_UNITS, Grant, Host, Pool, PoolDevice, shown
+from .capacity import KTH_SCALE, MAX_KTH, SHARE_UNITS, Grant, Host, Pool, PoolDevice
 
 POLICIES = tuple(p.value for p in Policy)  # names, as flags and messages spell them
 MAX_GPUS = 1024

@@ -73,6 +73,11 @@ FRAME_STEP = records.STEP  # a frame's first buffer on a frames socket; it doubl
 _SID_MAX = 128
 
 
+class _BadHello(ValueError):
+    """A gpupool hello (its magic right) whose header is malformed (a session id longer than any): answered with an
+    error, as an unknown session is, before the socket closes (until round 33 it was closed without a word)."""
+
+
 class BulkLink:
     """A session's bound side socket. The stream's reader reads uploads from it, the stream's writer sends
     downloads on it, both through gpupool/duplex.py: a non-blocking socket and a lock held for one call at a time,
@@ -450,10 +455,10 @@ class BulkPort:
             magic = head[: len(protocol.BULK_HELLO)]
             frames = magic == protocol.BULK_HELLO_FRAMES
             if magic != protocol.BULK_HELLO and not (frames and self.frames is not None):
-                raise ValueError("not a gpupool bulk hello")
+                raise ValueError("not a gpupool bulk hello")  # not a gpupool client: closed without a word
             (n,) = struct.unpack("<H", head[len(protocol.BULK_HELLO) :])
             if n > _SID_MAX:
-                raise ValueError("session id too long")
+                raise _BadHello(f"session id of {n} bytes: at most {_SID_MAX}")
             given = protocol.recv_exact(sock, n, "connection closed during the hello")
             with self._lock:  # no longer pending: never pushed out once bound
                 if pending not in self._pending:
@@ -481,6 +486,11 @@ class BulkPort:
                 self.frames(s, link)  # this thread reads the session's frames until the socket or session ends
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.info("bulk port: connection from %s refused: %s", source, exc)
+            if isinstance(exc, _BadHello):  # answered as the protocol says (gpupool/protocol.py BULK_OK)
+                try:
+                    sock.sendall(protocol.bulk_error(str(exc)))
+                except OSError:
+                    pass
         finally:
             with self._lock:
                 if pending in self._pending:

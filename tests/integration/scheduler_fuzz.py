@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from gpupool.scheduler.auth import MAX_DETAILS, credential_line
+from gpupool.scheduler.auth import credential_line
 from gpupool.scheduler.cli import MAX_REQUEST_BYTES, SchedulerConfig, SchedulerServer
 
 from gpupool import tls, tokens
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
+from gpupool.errors import MAX_DETAILS
 
 GiB = 1024**3
 ACTIONABLE = {

@@ -13,13 +13,13 @@ from pathlib import Path
 import grpc
 import pytest
 import scheduler_fuzz as sf
-from gpupool.scheduler.auth import MAX_DETAILS
 from gpupool.server.registration import Registrar
 from support import get_pki
 
 from gpupool import tls
 from gpupool._proto import device_pb2, scheduler_pb2
 from gpupool.config import write_secret
+from gpupool.errors import MAX_DETAILS
 
 CASES = int(os.environ.get("GPUPOOL_SCHEDULER_FUZZ_CASES", "1000"))
 SEED = int(os.environ.get("GPUPOOL_SCHEDULER_FUZZ_SEED", "33"))

@@ -12,7 +12,7 @@ import pytest
 from support import plaintext_channel
 
 from gpupool import errors
-from gpupool._proto import tensor_pb2
+from gpupool._proto import device_pb2, tensor_pb2
 
 
 def test_status_names_on_the_wire_map_to_status_codes() -> None:
@@ -44,6 +44,8 @@ class _Raiser:
             raise errors.PermissionDenied("not yours")
         if request == b"bug":
             raise KeyError("oops")
+        if request == b"huge":
+            raise errors.InvalidArgument("\U0001f600" * 100_000)
         if request == b"abort":
             context.abort(grpc.StatusCode.ABORTED, "aborted by hand")
         return b"ok:" + request
@@ -101,3 +103,53 @@ def test_interceptor_covers_streams(stub: Any) -> None:
     assert replies == [b"ok:a"] and isinstance(gone, errors.Unavailable) and gone.message == "draining"
     bug = _fails(lambda: list(stream(iter([b"bug"]), timeout=10)))
     assert isinstance(bug, errors.Internal) and "Stream: ValueError" in bug.message
+
+
+def test_a_malformed_message_in_a_request_stream_ends_the_call() -> None:
+    """ErrorInterceptor's request streams: the first message that does not parse ends the call INVALID_ARGUMENT
+    (the daemon's one stream parses its own bytes; this guards a request-streaming method added later)."""
+    seen: list[Any] = []
+
+    def count(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        for request in requests:
+            seen.append(request)
+        return device_pb2.StatusReply()
+
+    handler = grpc.method_handlers_generic_handler(
+        "t.T",
+        {
+            "Count": grpc.stream_unary_rpc_method_handler(
+                count, device_pb2.StatusRequest.FromString, device_pb2.StatusReply.SerializeToString
+            )
+        },
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[errors.ErrorInterceptor()])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with plaintext_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.stream_unary("/t.T/Count", request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as info:
+                call(iter([b"", b"\xff", b""]), timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+            assert "not a well-formed message" in info.value.details()
+            assert len(seen) == 1  # the message before the bad one reached the handler, none after it
+    finally:
+        server.stop(0)
+
+
+def test_bounded() -> None:
+    assert errors.bounded("short") == "short"
+    for char in ("x", "\u00e9", "\U0001f600"):
+        cut = errors.bounded(char * 100_000)
+        assert len(cut.encode()) <= errors.MAX_DETAILS + len("... (cut)") and cut.endswith("... (cut)")
+        assert cut.startswith(char * 10)
+
+
+def test_a_huge_message_reaches_the_client_cut(stub: Any) -> None:
+    """A handler's error quoting 100,000 four-byte characters: its status, cut (`errors.bounded`), not the
+    transport's RESOURCE_EXHAUSTED "Stream removed" of a trailer over gRPC's limit (until round 33 on the daemon)."""
+    huge = _fails(lambda: stub.unary_unary("/test.Raiser/Unary")(b"huge", timeout=10))
+    assert isinstance(huge, errors.InvalidArgument), (huge.code, huge.message[:200])
+    assert huge.message.startswith("\U0001f600" * 10) and huge.message.endswith("... (cut)")

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import getpass
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 from gpupool import pki, tokens
 from gpupool.up import make_credentials
@@ -36,3 +40,33 @@ def test_up_makes_a_ca_keys_and_certificates_once(tmp_path: Path) -> None:
     assert mine.ca == other.cert_path
     assert pki.issued_by(mine.daemon.cert.read_bytes(), other)
     assert not pki.issued_by(text, other)
+
+
+def test_up_says_it_replaces_a_token_key_others_may_read(tmp_path: Path, capsys: Any) -> None:
+    """A token.key others may read is refused (config.read_trusted) and replaced by a fresh one: `up` says so in one
+    line (until round 33 silently); a key that was merely absent is made without a word."""
+    state = tmp_path / "state"
+    creds = make_credentials(state, "gpu-7", "127.0.0.1:50050")
+    assert capsys.readouterr().err == ""
+    old = tokens.load_signer(creds.key).kid
+    os.chmod(creds.key, 0o644)
+    again = make_credentials(state, "gpu-7", "127.0.0.1:50050")
+    err = capsys.readouterr().err
+    assert err.startswith("gpupool up: ") and "replaced by a fresh token key" in err and err.count("\n") == 1, err
+    assert again.key.stat().st_mode & 0o077 == 0 and tokens.load_signer(again.key).kid != old
+    assert tokens.load_verifier(again.public).key_ids == [tokens.load_signer(again.key).kid]
+
+
+def test_up_with_a_ca_key_others_may_read_ends_in_one_line(tmp_path: Path) -> None:
+    """`gpupool up --ca-dir DIR` whose ca.key others may read: refused in one line and a non-zero exit before
+    anything starts (until round 33 a Python traceback)."""
+    ca = pki.LocalCA(tmp_path / "ca")
+    os.chmod(ca.key_path, 0o644)
+    state = tmp_path / "state" / "scheduler.db"
+    out = subprocess.run(
+        [sys.executable, "-m", "gpupool.cli", "up", "--state", str(state), "--ca-dir", str(tmp_path / "ca")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert "Traceback" not in out.stderr and out.stderr.startswith("gpupool up: "), out.stderr[-2000:]
+    assert str(ca.key_path) in out.stderr and out.stderr.count("\n") == 1, out.stderr
