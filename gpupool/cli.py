@@ -36,9 +36,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpupool: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    if name == "list-gpus":
-        return int(module.list_gpus_main(rest))
-    return int(module.main(rest))
+    try:
+        if name == "list-gpus":
+            return int(module.list_gpus_main(rest))
+        return int(module.main(rest))
+    except Exception as exc:
+        from gpupool.config import UnsafeFile  # lazily, as the programs' modules are
+        from gpupool.errors import GpupoolError
+
+        if not isinstance(exc, GpupoolError | UnsafeFile):
+            raise  # a bug: its traceback
+        # A refusal the program words for its user (a credential file others may read, a CA key of `up --ca-dir`,
+        # an unusable setting): one line, as `gpupool serve` and `gpupool scheduler` print theirs. Until round 33
+        # `gpupool up` and `gpupool smi` showed it as a traceback of 30 lines.
+        print(f"gpupool {name}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -60,3 +60,35 @@ def test_a_local_ca_key_others_may_read_is_refused(tmp_path: Path) -> None:
         pki.LocalCA(tmp_path / "ca")
     os.chmod(ca.key_path, 0o640)
     assert pki.LocalCA(tmp_path / "ca").key.private_numbers() == ca.key.private_numbers()
+
+
+def test_a_refused_credential_file_is_one_line_from_the_gpupool_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gpupool up --ca-dir DIR` with a CA key others may read, and `gpupool smi` with such an API token file: exit
+    status 1 and one line naming the file, no traceback (round 33's refusals reached the user as a traceback of 30
+    lines: `gpupool up` and `gpupool smi` let the InvalidArgument out of their main)."""
+    from gpupool import cli
+
+    ca = pki.LocalCA(tmp_path / "ca")
+    os.chmod(ca.key_path, 0o644)
+    umask = os.umask(0o022)
+    try:  # `up` sets its own umask (0077) before it reads the CA: put the test's back after
+        code = cli.main(["up", "--ca-dir", str(tmp_path / "ca"), "--state", str(tmp_path / "state" / "scheduler.db")])
+    finally:
+        os.umask(umask)
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith(f"gpupool up: CA private key {ca.key_path} is readable by other users"), err
+    assert not (tmp_path / "state" / "scheduler.db").exists()  # nothing started
+
+    token = tmp_path / "alice.token"
+    write_secret(token, b"s3cret\n")
+    os.chmod(token, 0o644)
+    monkeypatch.setenv("GPUPOOL_SCHEDULER", "127.0.0.1:1")
+    monkeypatch.setenv("GPUPOOL_INSECURE", "1")
+    monkeypatch.setenv("GPUPOOL_API_TOKEN_FILE", str(token))
+    code = cli.main(["smi"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("gpupool smi: API token file ") and "s3cret" not in err
