@@ -293,7 +293,7 @@ def main(argv: list[str]) -> int:
         )
     except (GpupoolError, OSError) as exc:  # a CA key others may read (pki.LocalCA), a directory not ours: one line
         print(f"gpupool up: {exc}", file=sys.stderr)
-        return 2
+        return 1  # as the gpupool command's own one-line refusals (gpupool/cli.py)
     for path in (cfg.state, Path(f"{cfg.state}-wal"), Path(f"{cfg.state}-shm")):
         if path.exists():
             os.chmod(path, 0o600)  # made by an older version with the default umask

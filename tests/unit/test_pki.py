@@ -67,6 +67,6 @@ def test_up_with_a_ca_key_others_may_read_ends_in_one_line(tmp_path: Path) -> No
         [sys.executable, "-m", "gpupool.cli", "up", "--state", str(state), "--ca-dir", str(tmp_path / "ca")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert out.returncode == 1, (out.returncode, out.stderr[-2000:])
     assert "Traceback" not in out.stderr and out.stderr.startswith("gpupool up: "), out.stderr[-2000:]
     assert str(ca.key_path) in out.stderr and out.stderr.count("\n") == 1, out.stderr
