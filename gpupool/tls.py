@@ -245,19 +245,34 @@ def add_port(server: grpc.Server, address: str, cfg: TlsConfig, program: str) ->
 
 
 def serve_health(address: str, servicer: Any) -> tuple[grpc.Server, int] | None:
-    """A plaintext gRPC server with only `servicer` (grpc.health.v1, the program's own status) on `address`, for
-    probes that cannot speak TLS (Kubernetes' grpc probes). None when `address` is empty or "0"."""
+    """A plaintext gRPC server with only `servicer`'s Check (grpc.health.v1, the program's own status) on `address`,
+    for probes that cannot speak TLS (Kubernetes' grpc probes). None when `address` is empty or "0"."""
     if address in ("", "0"):
         return None
     from concurrent import futures
 
     from grpc_health.v1 import health_pb2_grpc
 
+    class CheckOnly(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+        """Check only: probes ask Check. A Watch holds one of the server's two threads for as long as its caller
+        keeps it open, so two Watch calls from anyone who reaches this unauthenticated port starved every probe
+        (their Checks waited past their deadlines, the kubelet restarted a healthy program). Watch stays served
+        on the program's TLS port."""
+
+        def Check(self, request: Any, context: Any) -> Any:  # noqa: N802 - grpc's method name
+            return servicer.Check(request, context)
+
+        def Watch(self, request: Any, context: Any) -> Any:  # noqa: N802 - grpc's method name
+            context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "Watch is not served on the plaintext health port (probes use Check); watch on the TLS port",
+            )
+
     # ErrorInterceptor: a request that does not parse is answered INVALID_ARGUMENT (gRPC's own answer: INTERNAL)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"), interceptors=[ErrorInterceptor()]
     )
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(CheckOnly(), server)
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")

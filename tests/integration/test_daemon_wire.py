@@ -127,3 +127,28 @@ def test_a_malformed_side_port_hello_is_answered(daemon_factory: Any, magic: byt
         assert s._side is not None
         big = torch.randn(1 << 20)
         assert torch.equal(s.download(s.upload(big)), big)
+
+
+def test_watch_calls_on_the_plaintext_health_port_cannot_starve_the_probes(wire_daemon: Any) -> None:
+    """The --health-listen server (plaintext, unauthenticated: whoever reaches the port) has two threads, and a
+    grpc.health.v1 Watch holds one for as long as its caller keeps it open: until round 33 two Watch calls made
+    every probe's Check wait past its deadline (the kubelet would restart a healthy daemon). There Watch is
+    answered UNIMPLEMENTED; Check answers at once."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    address = f"127.0.0.1:{wire_daemon.running.health_server[1]}"
+    held = []
+    with plaintext_channel(address) as one, plaintext_channel(address) as two, plaintext_channel(address) as probe:
+        try:
+            for channel in (one, two):
+                call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+                held.append(call)
+                try:
+                    next(call)  # the old server: the first status, then the call keeps its thread
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.UNIMPLEMENTED, err
+            reply = health_pb2_grpc.HealthStub(probe).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            for call in held:
+                call.cancel()
