@@ -7,7 +7,9 @@ docs/cuda.md's real-world runs) and with torch's default threads (every core). A
 core's OpenMP team; MKL runs the model's small float64 GEMMs on two threads, and on a loaded box libgomp's default
 spin at the team's barrier costs milliseconds an op (server/zygote.py WAIT_POLICY). `--against DIR` starts a second
 pool from another checkout (its .venv) and alternates the two in one run: before/after on one box. Wall and client
-CPU seconds of the training loop (the child's own clock, after the session is up), medians of --rounds.
+CPU seconds of the training loop (the child's own clock, after the session is up), and the session worker's CPU
+seconds over its whole life (the zygote's reaped children's time: spinning shows there even where the wall time
+happens not to suffer), medians of --rounds.
 
     python bench/omp_wait.py --against /work/wt/base
 """
@@ -15,6 +17,7 @@ CPU seconds of the training loop (the child's own clock, after the session is up
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -96,6 +99,26 @@ def start_pool(
     raise SystemExit(f"gpupool up did not start:\n{log.read_text()[-2000:]}")
 
 
+def zygote_children_cpu(pool: int) -> float:
+    """CPU seconds of the pool's session workers that ended (the zygote reaps them: its children's user + system
+    time); 0.0 where the zygote is not found."""
+    procs = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            text = stat.read_text()
+            fields = text[text.rindex(")") + 2 :].split()
+            procs[int(stat.parent.name)] = (int(fields[1]), fields)
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid, (_, fields) in procs.items():
+        ancestor = pid
+        while ancestor in procs and ancestor != pool:
+            ancestor = procs[ancestor][0]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if ancestor == pool else b""
+        if b"gpupool.server.zygote" in cmdline:
+            return (int(fields[13]) + int(fields[14])) / tick
+    return 0.0
+
+
 def run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, list[float]]:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     if done.returncode != 0:
@@ -114,7 +137,8 @@ def main() -> int:
     args = p.parse_args()
     env = {k: v for k, v in os.environ.items() if k not in ("GPUPOOL_LEASE", "GPUPOOL_CUDA", "GPUPOOL_CLIENT")}
     env.pop("OMP_WAIT_POLICY", None)
-    env["OMP_NUM_THREADS"] = "1"  # the client's; the daemon's workers set their own team (every core)
+    daemon_env = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}  # its workers: torch's default team
+    env["OMP_NUM_THREADS"] = "1"  # the clients' (docs/cuda.md's real-world runs)
     pools = {"pool (this)": (sys.executable, ROOT)}
     if args.against:
         other = Path(args.against).resolve()
@@ -122,12 +146,13 @@ def main() -> int:
     child = [str(args.length), str(args.max_iter)]
     load0 = os.getloadavg()
     results: dict[str, list[tuple[float, float, list[float]]]] = {}
+    workers: dict[str, list[float]] = {}  # the pools' session workers' CPU seconds a run
     with tempfile.TemporaryDirectory() as tmp:
         started = {}
         try:
             for i, (name, (python, root)) in enumerate(pools.items()):
                 (Path(tmp) / f"pool{i}").mkdir()
-                started[name] = start_pool(python, root, Path(tmp) / f"pool{i}", env)
+                started[name] = start_pool(python, root, Path(tmp) / f"pool{i}", daemon_env)
             local = {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
             threads = {k: v for k, v in local.items() if k != "OMP_NUM_THREADS"}
             for r in range(args.rounds):
@@ -139,7 +164,12 @@ def main() -> int:
                     cmd = [python, "-m", "gpupool.cli", "run", "--cuda", "--", python, "-c", CHILD, "cuda", *child]
                     modes[name] = (cmd, {**env, **started[name][1], "PYTHONPATH": str(root)})
                 for mode, (cmd, e) in modes.items():
+                    pool = started[mode][0].pid if mode in started else 0
+                    before = zygote_children_cpu(pool) if pool else 0.0
                     results.setdefault(mode, []).append(run(cmd, e))
+                    if pool:  # the session's worker, once the zygote reaped it
+                        time.sleep(2.0)
+                        workers.setdefault(mode, []).append(zygote_children_cpu(pool) - before)
                     print(f"round {r} {mode}: {results[mode][-1][0]:.3f} s", file=sys.stderr)
         finally:
             for proc, _ in started.values():
@@ -152,12 +182,14 @@ def main() -> int:
         f"time_sequence_prediction twin: float64, N=12, L={args.length}, one LBFGS step of {args.max_iter} "
         f"closures (the first untimed); medians of {args.rounds}; load {load0[0]:.2f} -> {load1:.2f}"
     )
-    print(f"{'mode':<18} {'wall s':>8} {'vs local 1 thread':>18} {'client CPU s':>13} {'max rel. loss diff':>19}")
+    print(f"{'mode':<18} {'wall s':>8} {'vs local 1 thread':>18} {'client CPU s':>13} {'worker CPU s':>13} "
+          f"{'max rel. loss diff':>19}")  # fmt: skip
     for mode, rs in results.items():
         wall = statistics.median(w for w, _, _ in rs)
         cpu = statistics.median(c for _, c, _ in rs)
         diff = max(abs(a - b) / abs(b) for a, b in zip(rs[0][2], ref, strict=True))
-        print(f"{mode:<18} {wall:>8.3f} {wall / base:>17.2f}x {cpu:>13.3f} {diff:>19.1e}")
+        worker = f"{statistics.median(workers[mode]):>13.3f}" if mode in workers else f"{'-':>13}"
+        print(f"{mode:<18} {wall:>8.3f} {wall / base:>17.2f}x {cpu:>13.3f} {worker} {diff:>19.1e}")
     return 0
 
 
