@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -27,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from split_devices import start_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,26 +78,6 @@ optimizer.step(closure)
 print("TIME", time.perf_counter() - t, time.process_time() - c)
 print("LOSSES", " ".join(repr(v) for v in losses))
 """
-
-
-def start_pool(
-    python: str, root: Path, tmp: Path, env: dict[str, str]
-) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
-    """`gpupool up --fake-gpus 1` of the checkout at `root` (loopback, port 0); the client environment it prints."""
-    log = tmp / "up.log"
-    cmd = [python, "-m", "gpupool.cli", "up", "--fake-gpus", "1", "--fake-gpu-memory", "1GiB",
-           "--scheduler-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--state", str(tmp / "s.db"),
-           "--metrics-listen", "0", "--scheduler-metrics-listen", "0"]  # fmt: skip
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**env, "PYTHONPATH": str(root)})
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        exports = dict(re.findall(r"export (GPUPOOL_[A-Z_]+)=(\S+)", log.read_text()))
-        if "GPUPOOL_SCHEDULER" in exports:
-            return proc, exports
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"gpupool up did not start:\n{log.read_text()[-2000:]}")
 
 
 def zygote_children_cpu(pool: int) -> float:
@@ -152,7 +133,8 @@ def main() -> int:
         try:
             for i, (name, (python, root)) in enumerate(pools.items()):
                 (Path(tmp) / f"pool{i}").mkdir()
-                started[name] = start_pool(python, root, Path(tmp) / f"pool{i}", daemon_env)
+                pool_env = {**daemon_env, "PYTHONPATH": str(root)}
+                started[name] = start_pool(Path(tmp) / f"pool{i}", pool_env, python, gpus=1)
             local = {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
             threads = {k: v for k, v in local.items() if k != "OMP_NUM_THREADS"}
             for r in range(args.rounds):
