@@ -77,10 +77,12 @@ MODES = {
 }
 
 
-def start_pool(tmp: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
-    """`gpupool up --fake-gpus 2` (loopback, port 0, its output in a file); the client environment it prints."""
+def start_pool(
+    tmp: Path, env: dict[str, str], python: str = sys.executable, gpus: int = 2
+) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """`gpupool up --fake-gpus GPUS` (loopback, port 0, its output in a file); the client environment it prints."""
     log = tmp / "up.log"
-    cmd = [sys.executable, "-m", "gpupool.cli", "up", "--fake-gpus", "2", "--fake-gpu-memory", "1GiB",
+    cmd = [python, "-m", "gpupool.cli", "up", "--fake-gpus", str(gpus), "--fake-gpu-memory", "1GiB",
            "--scheduler-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--state", str(tmp / "s.db"),
            "--metrics-listen", "0", "--scheduler-metrics-listen", "0"]  # fmt: skip
     with open(log, "w") as out:

@@ -70,6 +70,19 @@ def describe(status: int) -> str:
     return f"ended (status {status})"
 
 
+# libgomp's, read once when torch loads it (so here, in the zygote's environment, for every worker it forks): how
+# an OpenMP thread waits for the next parallel region, and how the region's first thread waits at its end for the
+# others. GNU's default spins (GOMP_SPINCOUNT, 300k iterations) before sleeping. A worker's intra-op team is
+# every core (torch's default), and MKL takes a float64 GEMM as small as a (9, 51) x (51, 204) LSTM gate product to
+# two threads: on a host where other processes hold the cores (other sessions' workers, the front, the clients) the
+# team's second thread is not running, and the first spins at the barrier until the scheduler runs it, so each such
+# op costs milliseconds instead of ~30 us (pytorch/examples' time_sequence_prediction, float64 LSTMCells and LBFGS:
+# ~3 ms a daemon op on a loaded 2-core box, 88 % of the worker's samples in libgomp; bench/omp_wait.py). PASSIVE
+# sleeps at once: the same threads, the same partition of every op's work (the same bits), no spinning. An
+# operator's own OMP_WAIT_POLICY is kept.
+WAIT_POLICY = "PASSIVE"
+
+
 def _thp_default() -> str:
     """THP_MEM_ALLOC_ENABLE for workers unless the operator set it: huge pages only where they are cheap."""
     return "1" if protocol.huge_pages_are_cheap() else "0"
@@ -128,6 +141,7 @@ class Zygote:
                 # CUDA_HOME when the zygote builds the native runner: seen on an H200 host, every worker of the
                 # first start failed). With this torch answers those questions from NVML instead.
                 "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
+                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", WAIT_POLICY),
             },
         )
         theirs.close()

@@ -299,3 +299,28 @@ def test_a_killed_zygote_comes_back_and_sessions_go_on(serve_process: Any) -> No
     old.close()
     wait_gone(worker)  # the orphaned worker ends with its session (its socket closed)
     assert d.process.poll() is None
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(item.decode().split("=", 1) for item in f.read().split(b"\0") if b"=" in item)
+
+
+def test_workers_wait_for_openmp_work_without_spinning_unless_the_operator_says(
+    daemon: Any, serve_process: Any
+) -> None:
+    """A worker's OpenMP threads sleep between and at the end of parallel regions (server/zygote.py WAIT_POLICY):
+    libgomp's default spin made each small float64 GEMM of an LSTM cost milliseconds on a loaded host
+    (bench/omp_wait.py). The policy is in the environment libgomp reads when torch loads (the zygote's, which every
+    worker inherits); an operator's own OMP_WAIT_POLICY is kept."""
+    s = Session.attach(daemon.address, daemon.token(quota_bytes=16 * MiB))
+    s.sync()
+    assert _environ(usage(daemon.address, s).worker_pid)["OMP_WAIT_POLICY"] == os.environ.get(
+        "OMP_WAIT_POLICY", "PASSIVE"
+    )
+    s.close()
+    d = serve_process("--fake-gpus", "1", env={"OMP_WAIT_POLICY": "ACTIVE"})
+    s = Session.attach(d.address, d.token(quota_bytes=16 * MiB))
+    assert s.download(s.upload(torch.arange(4.0))).tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert _environ(usage(d.address, s).worker_pid)["OMP_WAIT_POLICY"] == "ACTIVE"
+    s.close()
