@@ -180,11 +180,14 @@ class BulkLink:
                 pass
         return pos
 
-    def send_raw(self, data: bytes) -> None:
-        """Bytes of the record stream as they are (`front.Unsent`: the rest of a reply written in part)."""
+    def send_raw(self, data: bytes, timeout: float | None = None, quiet: bool = False) -> None:
+        """Bytes of the record stream as they are (`front.Unsent`: the rest of a reply written in part). `timeout`,
+        `quiet`: as `send_end` (before a session's end: where the socket still takes them, no error)."""
         try:
-            duplex.send_all(self.sock, self.lock, [data], None)
+            duplex.send_all(self.sock, self.lock, [data], timeout)
         except (OSError, ValueError) as exc:
+            if quiet:
+                return
             raise Unavailable(f"side socket of session {self.number}: sending a reply failed: {_why(exc)}") from None
 
     def send_end(self, code: int, reason: str) -> None:

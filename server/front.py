@@ -107,6 +107,9 @@ class FrontSession:
         # that produced a small reply while nothing is pending (`send`: no hand-off to the writer).
         self.reply_lock = threading.Lock()
         self.written_direct = 0  # replies `send` wrote to the frames socket itself (or began to: `Unsent`)
+        # The rest of a record a direct write began (`Unsent`, under `reply_lock`): its writer sends it before
+        # anything else it writes, even an item queued ahead of its `Unsent` (by another thread, meanwhile)
+        self.unsent: Unsent | None = None
         self.outbox_bytes = 0  # bytes of replies produced but not yet handed to gRPC
         self.unread = unread if unread is not None else Unread()  # the host's total of them (under its lock)
         self.counted = True  # its outbox_bytes are in `unread.total` (until its session closes: `Unread.leave`)
@@ -201,7 +204,10 @@ class FrontSession:
             self.written_direct += 1  # (before the bytes go: a client that read them sees it counted)
             sent = link.send_now(record)
             if sent < len(record):
-                rest = Unsent(memoryview(record)[sent:])
+                # Its bytes must come next on the socket, but the queue may already hold an item another thread
+                # put after the check above (a reader's error, a drain's end): `unsent` puts them first, and the
+                # queued `Unsent` wakes the writer and counts them
+                rest = self.unsent = Unsent(memoryview(record)[sent:])
                 self.send(rest, len(rest))
             return True
         finally:

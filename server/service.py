@@ -283,8 +283,13 @@ class DeviceServicer:
                 s.outbox.done()
 
     def _reply_side_locked(self, s: FrontSession, link: bulkside.BulkLink, item: Any) -> bool:
+        # The rest of a record a direct write began (`FrontSession.unsent`) goes before anything else: its `Unsent`
+        # may be queued behind this item (put by another thread between that write's check and its queueing)
+        rest, s.unsent = s.unsent, None
         if item is END_OF_STREAM:
             return False
+        if rest is not None and isinstance(item, Closed | GpupoolError):
+            link.send_raw(rest, 1.0, quiet=True)  # (as the end after it: where the socket still takes it)
         if isinstance(item, Closed):
             reason = f"session closed: {item.reason}"
             link.send_end(item.code.value[0], reason)
@@ -295,10 +300,12 @@ class DeviceServicer:
             link.close()
             raise item
         try:
+            if rest is not None:
+                link.send_raw(rest)
             if type(item) is bytes and not link.gets:
                 link.send_frame(item)
-            elif isinstance(item, Unsent):  # the rest of a record a direct write began
-                link.send_raw(item)
+            elif isinstance(item, Unsent):  # its bytes are `rest`: sent above, or with an item queued before it
+                pass
             elif isinstance(item, slices.SideChunk):
                 for frame in _send_side(s, item):
                     link.send_frame(frame)

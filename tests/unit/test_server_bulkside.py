@@ -185,6 +185,7 @@ def _frames_session() -> tuple[Any, bulkside.BulkLink, socket.socket]:
     ours.setblocking(False)
     link = bulkside.BulkLink(ours, 1, frames=True)
     assert s.bind_bulk(link)
+    s.daemon = d  # (for a writer: service.DeviceServicer)
     return s, link, peer
 
 
@@ -285,3 +286,55 @@ def test_ready_reads_the_next_records_first_byte_ahead_and_recv_frame_goes_on_fr
     assert link.ready()  # closed: the next read says so
     assert link.recv_frame(1 << 20) is None
     link.close()
+
+
+def test_the_rest_of_a_direct_write_goes_before_an_item_another_thread_queued_meanwhile() -> None:
+    """A direct write checks that nothing is pending, then writes; another thread may queue an item in between (the
+    side reader's error for a bad frame, a drain's end) while the device's thread writes a reply the socket takes
+    only in part (a client behind on its reading). The writer must send the rest of that record before that item:
+    until round 33's review it took the item first, and its BULK_END went out in the middle of the reply's record
+    (the client read a corrupt record instead of the reply and the session's error). The other thread's put is made
+    at that moment from the link's send (the timing the race needs, here every time); the socket is real."""
+    from gpupool.server.service import DeviceServicer
+
+    s, link, peer = _frames_session()
+    filler = 0
+    while True:  # the client reads nothing for a while: the socket's buffers fill
+        try:
+            filler += link.sock.send(b"\0" * 1024)
+        except BlockingIOError:
+            break
+    assert len(peer.recv(4096, socket.MSG_WAITALL)) == 4096  # it reads a little: room for part of the next record
+    filler -= 4096
+    real_send_now = link.send_now
+
+    def send_now(record: bytes) -> int:
+        s.outbox.put(InvalidArgument("malformed ClientFrame"))  # the side reader's, right after the check
+        return real_send_now(record)
+
+    link.send_now = send_now  # type: ignore[method-assign]
+    frame = bytes(range(256)) * 160  # 40 KiB: more than the socket has room for
+    s.send(frame)
+    assert s.written_direct == 1 and s.outbox.pending == 2
+    got = bytearray()
+
+    def client() -> None:
+        while chunk := peer.recv(1 << 16):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=client)
+    reader.start()
+    writer = DeviceServicer(s.daemon)
+    with pytest.raises(InvalidArgument):
+        while True:  # the stream's writer, item by item (`_replies`), until the error ends it
+            assert writer._reply_side(s, link, s.outbox.get(timeout=5))
+    reader.join(10)
+    assert not reader.is_alive() and bytes(got[:filler]) == bytes(filler)
+    records = memoryview(got)[filler:]
+    kind, _, _, n = protocol.BULK_HEAD.unpack(records[: protocol.BULK_HEAD.size])
+    assert (kind, n) == (protocol.BULK_FRAME, len(frame)), "the reply's record was cut by the next one"
+    assert records[protocol.BULK_HEAD.size : protocol.BULK_HEAD.size + n] == frame
+    records = records[protocol.BULK_HEAD.size + n :]
+    kind, code, _, n = protocol.BULK_HEAD.unpack(records[: protocol.BULK_HEAD.size])
+    assert kind == protocol.BULK_END and bytes(records[protocol.BULK_HEAD.size :]) == b"malformed ClientFrame"
+    peer.close()
