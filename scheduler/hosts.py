@@ -104,6 +104,11 @@ class LeaseSide(Protocol):
     def serve_waiters(self) -> None: ...
 
 
+def _heartbeat_state(host: Host, draining: bool) -> HostState:
+    """The state a live host's heartbeat saying `draining` puts it in (an operator's cordon keeps it draining)."""
+    return HostState.DRAINING if draining or host.cordoned else HostState.UP
+
+
 class HostBook:
     """The daemons the Core knows: Register, Heartbeat, operators' drain and remove, silent hosts marked down,
     and the leases each host must be told are revoked. Shares the Core's lock and pool; asks the lease side
@@ -178,7 +183,7 @@ class HostBook:
                 dev = host.devices.get(index)
                 if dev is not None:
                     dev.used_bytes = used
-            want = HostState.DRAINING if draining or host.cordoned else HostState.UP
+            want = _heartbeat_state(host, draining)
             if host.state != want:
                 self.lease_book.write(Change(hosts=[dataclasses.replace(host, state=want)]))
                 log.info("host %s is %s", host_id, want)
@@ -195,7 +200,7 @@ class HostBook:
             host = self.pool.hosts.get(host_id)
             if host is None or host.state == HostState.DOWN:
                 return False
-            return host.state != (HostState.DRAINING if draining or host.cordoned else HostState.UP)
+            return host.state != _heartbeat_state(host, draining)
 
     def drain_host(self, host_id: str, undo: bool = False) -> None:
         """Operator: no new placements on the host (its leases run on), until `undo`; survives restarts."""
