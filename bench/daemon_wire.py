@@ -20,7 +20,8 @@ process, the default) and `--isolation thread` (sessions in the daemon process),
 with a bare gRPC stream ping-pong of their kind measured in the same alternating blocks, and their transfers
 with the raw TCP and raw TLS socket floors measured after each alternating pair (the floor of the daemons' kind,
 TLS with --tls, is the one the 0.6 target is checked against; with --tls the ratio to raw TCP is printed too; and
-a raw download of that kind into a fresh tensor, as a client's download lands, beside the floor's reused buffer;
+a raw download of that kind into a fresh tensor, as a client's download lands, and a raw upload into fresh memory on
+the floor server, as a fake GPU's first upload lands in its worker, beside the floor's reused buffers;
 with --bulk also each session's second download of the same tensor with the client's reuse of dropped downloads'
 memory turned off, gpupool/hostpool.py: the first lands where the previous session's dropped download was),
 and the session's second upload of the same size after it freed the first, as a loop's next batch (on a fake GPU
@@ -30,6 +31,7 @@ the first lands in fresh host memory, the second, server/uploadpool.py, where th
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import re
 import secrets
@@ -41,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -79,10 +81,13 @@ def floor_server() -> None:
     def handle(conn: socket.socket) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buf = bytearray(CHUNK)
+        held: list[mmap.mmap] = []
         with conn:
             while True:
                 head = conn.recv(9)
                 if not head:
+                    for fresh in held:
+                        fresh.close()
                     return
                 kind, n = head[:1], struct.unpack("!Q", head[1:9])[0]
                 if kind == b"U":  # upload: read n bytes, ack
@@ -90,6 +95,14 @@ def floor_server() -> None:
                     while left:
                         got = conn.recv_into(buf, min(left, CHUNK))
                         left -= got
+                    conn.sendall(b"k")
+                elif kind == b"F":  # upload into fresh memory (an anonymous mapping of n bytes, as a fake GPU's
+                    fresh = mmap.mmap(-1, n)  # first upload lands: its pages faulted in by the bytes), ack; it is
+                    held.append(fresh)  # unmapped when the connection ends (a worker's is not unmapped in its upload)
+                    left = n
+                    with memoryview(fresh) as view:
+                        while left:
+                            left -= conn.recv_into(view[n - left :], min(left, CHUNK))
                     conn.sendall(b"k")
                 elif kind == b"D":  # download: send n bytes
                     left = n
@@ -159,8 +172,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def tcp_figures(port: int, size: int, pings: int, tls: bool = False, fresh: bool = False) -> dict[str, float]:
-    """Upload, download and ping-pong of a raw socket; the download into one reused 4 MiB buffer, or with
-    `fresh` into a fresh tensor of `size` bytes, as a client's download lands (its pages faulted in first)."""
+    """Upload, download and ping-pong of a raw socket; the upload read into one reused 4 MiB buffer and the
+    download into one, or with `fresh` the upload into a fresh mapping of `size` bytes on the floor server (as a
+    fake GPU's first upload lands in the worker) and the download into a fresh tensor, as a client's download lands
+    (their pages faulted in by the bytes)."""
     import ssl
 
     with socket.create_connection(("127.0.0.1", port)) as raw:
@@ -171,7 +186,7 @@ def tcp_figures(port: int, size: int, pings: int, tls: bool = False, fresh: bool
             s = ctx.wrap_socket(raw, server_hostname="localhost")
         blob = b"\xa5" * CHUNK
         t0 = time.perf_counter()
-        s.sendall(b"U" + struct.pack("!Q", size))
+        s.sendall((b"F" if fresh else b"U") + struct.pack("!Q", size))
         for off in range(0, size, CHUNK):
             s.sendall(memoryview(blob)[: min(CHUNK, size - off)])
         s.recv(1)
@@ -450,6 +465,25 @@ def start_daemon(
     raise RuntimeError("gpupool serve did not start")
 
 
+def start_floor() -> tuple[subprocess.Popen[str], list[str]]:
+    """The floor server (`floor_server`) in a process of its own, and its ports: TCP, gRPC, TLS, gRPC over TLS."""
+    floor = subprocess.Popen(
+        [sys.executable, __file__, "--floor-server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert floor.stdout is not None
+    return floor, floor.stdout.readline().split()[1:]
+
+
+def stop(daemons: Iterable[subprocess.Popen[str]], floor: subprocess.Popen[str]) -> None:
+    """End the daemons, then the floor server (its stdin closed)."""
+    for proc in daemons:
+        proc.terminate()
+        proc.wait(30)
+    if floor.stdin:
+        floor.stdin.close()
+    floor.wait(30)
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU seconds its live threads have run so far, to the nanosecond (the scheduler's own count in
     /proc/PID/task/*/schedstat; /proc/PID/stat's ticks are too coarse for blocks of 50 round trips)."""
@@ -547,11 +581,7 @@ def against(args: argparse.Namespace) -> int:
             "other": start_daemon(key_file, *extra, python=args.against_python, cwd=args.against),
             "this": start_daemon(key_file, *extra),
         }
-        floor = subprocess.Popen(
-            [sys.executable, __file__, "--floor-server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        assert floor.stdout is not None
-        _, tcp_port, grpc_port, tls_port, grpc_tls_port = floor.stdout.readline().split()
+        floor, (tcp_port, grpc_port, tls_port, grpc_tls_port) = start_floor()
         floor_times: list[float] = []
         figures: dict[str, list[dict[str, float]]] = {k: [] for k in daemons}
         raws: dict[str, list[dict[str, float]]] = {"tcp": [], "tls": [], "fresh": []}  # raw floors, same blocks
@@ -599,12 +629,7 @@ def against(args: argparse.Namespace) -> int:
                 session.close()
             close_floor()
         finally:
-            for proc, _ in daemons.values():
-                proc.terminate()
-                proc.wait(30)
-            if floor.stdin:
-                floor.stdin.close()
-            floor.wait(30)
+            stop([proc for proc, _ in daemons.values()], floor)
     o, t = median_of(figures["other"]), median_of(figures["this"])
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
@@ -621,9 +646,11 @@ def against(args: argparse.Namespace) -> int:
     own, own_name = (rs, "raw TLS") if args.tls else (rt, "raw TCP")
     print(f"{'raw TCP floor up / down (GB/s)':<34}{rt['up']:>12.3f}{rt['down']:>12.3f}")
     print(f"{'raw TLS floor up / down (GB/s)':<34}{rs['up']:>12.3f}{rs['down']:>12.3f}")
-    rf = median_of(raws["fresh"])["down"]
+    rf, rfu = median_of(raws["fresh"])["down"], median_of(raws["fresh"])["up"]
     print(f"{own_name + ' down, fresh tensor':<34}{'':>12}{rf:>12.3f}   (the download into new memory)")
     print(f"{'  download / that':<34}{o['down'] / rf:>12.2f}{t['down'] / rf:>12.2f}")
+    print(f"{own_name + ' up, fresh memory':<34}{'':>12}{rfu:>12.3f}   (the floor server reads into new memory)")
+    print(f"{'  upload / that':<34}{o['up'] / rfu:>12.2f}{t['up'] / rfu:>12.2f}   (a session's first upload)")
     if args.bulk:  # the same client's download with its reuse of dropped downloads' memory off (gpupool/hostpool)
         name = "download, reuse off (GB/s)"
         print(f"{name:<34}{o['down_fresh']:>12.3f}{t['down_fresh']:>12.3f}{t['down_fresh'] / o['down_fresh']:>12.2f}")
@@ -698,12 +725,8 @@ def main(argv: list[str] | None = None) -> int:
         side = ("--bulk-listen", "127.0.0.1:0")
         bulk_daemon, bulk_address = start_daemon(key_file, *side)
         plain_bulk_daemon, plain_bulk_address = start_daemon(key_file, "--insecure", *side)
-        floor = subprocess.Popen(
-            [sys.executable, __file__, "--floor-server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+        floor, (tcp_port, grpc_port, tls_port, grpc_tls_port) = start_floor()
         try:
-            assert floor.stdout is not None
-            _, tcp_port, grpc_port, tls_port, grpc_tls_port = floor.stdout.readline().split()
             claims = tokens.TokenClaims("bench", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
             token = tokens.mint(key, claims)
             measures: dict[str, Callable[[], dict[str, float]]] = {
@@ -722,12 +745,7 @@ def main(argv: list[str] | None = None) -> int:
                     runs[name].append(fn())
                 print(f"run {i + 1}/{args.repeat} done", file=sys.stderr)
         finally:
-            for d in (daemon, plain_daemon, bulk_daemon, plain_bulk_daemon):
-                d.terminate()
-                d.wait(30)
-            if floor.stdin:
-                floor.stdin.close()
-            floor.wait(30)
+            stop((daemon, plain_daemon, bulk_daemon, plain_bulk_daemon), floor)
     report(args, {k: median_of(v) for k, v in runs.items()})
     return 0
 

@@ -260,14 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             os.environ.pop("GPUPOOL_ITEM_LEGS", None)
             os.environ["PYTHONPATH"] = path_before
-        floor = subprocess.Popen(
-            [sys.executable, str(HERE / "daemon_wire.py"), "--floor-server"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert floor.stdout is not None
-        _, _, _, _, grpc_tls_port = floor.stdout.readline().split()
+        floor, (_, _, _, grpc_tls_port) = daemon_wire.start_floor()
         calls: dict[str, dict[str, list[tuple[int, int]]]] = {n: {"sync": [], "item": []} for n in names}
         pings: list[float] = []
         load0 = os.getloadavg()[0]
@@ -299,12 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 session.close()
             close_floor()
         finally:
-            for proc in procs.values():
-                proc.terminate()
-                proc.wait(30)
-            if floor.stdin:
-                floor.stdin.close()
-            floor.wait(30)
+            daemon_wire.stop(procs.values(), floor)
     load1 = os.getloadavg()[0]
     floor_p50 = statistics.median(pings)
     print(f"\n.item() and lone Sync round trips by leg (us, medians; load {load0:.1f} -> {load1:.1f})")

@@ -18,7 +18,6 @@ import argparse
 import importlib.util
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,13 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         key, key_file = daemon_wire.loopback_keys(tmp, args.tls)
         proc, address = daemon_wire.start_daemon(key_file, *(() if args.tls else ("--insecure",)))
-        floor = subprocess.Popen(
-            [sys.executable, daemon_wire.__file__, "--floor-server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
+        floor, ports = daemon_wire.start_floor()
         try:
-            assert floor.stdout is not None
-            grpc_port = int(floor.stdout.readline().split()[2])
+            grpc_port = int(ports[1])
             ping, close_floor = _floor(grpc_port)
             sessions: dict[str, Any] = {}
             for name, cls in (("other", other), ("this", Session)):
@@ -97,11 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 s.close()
             close_floor()
         finally:
-            proc.terminate()
-            proc.wait(30)
-            if floor.stdin:
-                floor.stdin.close()
-            floor.wait(30)
+            daemon_wire.stop([proc], floor)
     med = {k: statistics.median(v) * 1e6 for k, v in rtts.items()}
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     kind = "TLS" if args.tls else "plaintext"
