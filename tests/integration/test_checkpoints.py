@@ -65,7 +65,9 @@ print(json.dumps({"error": error, "t": state["t"].tolist(), "weight": state["mod
 
 def _env(pool: str) -> dict[str, str]:
     """The pool's client environment (TLS, as the fixture set it), or with no pool none of gpupool's variables."""
-    drop = ("GPUPOOL_LEASE", "GPUPOOL_CUDA", "GPUPOOL_CLIENT") if pool else tuple(k for k in os.environ if "GPUPOOL" in k)
+    drop = (
+        ("GPUPOOL_LEASE", "GPUPOOL_CUDA", "GPUPOOL_CLIENT") if pool else tuple(k for k in os.environ if "GPUPOOL" in k)
+    )
     env = {k: v for k, v in os.environ.items() if k not in drop}
     return {**env, "PYTHONPATH": str(ROOT), **({"GPUPOOL_SCHEDULER": pool} if pool else {})}
 
