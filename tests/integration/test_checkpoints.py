@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from gpupool.client.native.backend import compiler_missing
 from scheduler_fixtures import ROOT
 
@@ -30,6 +31,7 @@ torch.manual_seed(0)
 model = torch.nn.Linear(3, 2).to("gpupool")
 torch.save({"model": model.state_dict(), "t": torch.arange(4.0, device="gpupool")[1:]}, sys.argv[1] + "/state.pt")
 torch.save(model, sys.argv[1] + "/model.pt")
+torch.save(torch.nn.LSTM(3, 4).to("gpupool"), sys.argv[1] + "/lstm.pt")  # word_language_model saves its RNN whole
 print(model.weight.device)
 """
 
@@ -39,12 +41,13 @@ import gpupool.torch  # the Python client's device (the C++ client is loaded at 
 state = torch.load(sys.argv[1] + "/state.pt")
 mapped = torch.load(sys.argv[1] + "/state.pt", map_location="gpupool:0")
 model = torch.load(sys.argv[1] + "/model.pt", weights_only=False)
+lstm = torch.load(sys.argv[1] + "/lstm.pt", weights_only=False)  # its forward reads _flat_weights: the moved ones
 x = torch.ones(1, 3, device="gpupool")
 print(json.dumps({
     "devices": sorted({str(t.device) for t in [*state["model"].values(), state["t"], mapped["t"], model.weight]}),
     "t": state["t"].tolist(), "mapped": mapped["t"].tolist(), "weight": state["model"]["weight"].tolist(),
     "linear": torch.nn.functional.linear(x, state["model"]["weight"], state["model"]["bias"]).tolist(),
-    "module": model(x).tolist(),
+    "module": model(x).tolist(), "lstm": lstm(x)[0].tolist(), "lstm_device": str(lstm.weight_hh_l0.device),
 }))
 """
 
@@ -58,8 +61,9 @@ except RuntimeError as exc:
 state = torch.load(sys.argv[1] + "/state.pt", map_location="cpu")
 model = torch.nn.Linear(3, 2)
 model.load_state_dict(state["model"])
+lstm = torch.load(sys.argv[1] + "/lstm.pt", weights_only=False, map_location="cpu")
 print(json.dumps({"error": error, "t": state["t"].tolist(), "weight": state["model"]["weight"].tolist(),
-                  "linear": model(torch.ones(1, 3)).tolist()}))
+                  "linear": model(torch.ones(1, 3)).tolist(), "lstm": lstm(torch.ones(1, 3))[0].tolist()}))
 """
 
 
@@ -91,9 +95,8 @@ def test_a_checkpoint_saved_on_the_device_loads_onto_it_and_elsewhere_needs_map_
     assert plain["error"] is not None and "gpupool:0" in plain["error"], plain["error"]
     assert "map_location=torch.device('cpu')" in plain["error"]
     assert plain["t"] == [1.0, 2.0, 3.0]
-    torch_cpu = __import__("torch")
-    torch_cpu.manual_seed(0)
-    reference = torch_cpu.nn.Linear(3, 2)  # the same seed's weights: the fake GPU draws the CPU's random stream
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(3, 2)  # the same seed's weights: the fake GPU draws the CPU's random stream
     assert plain["weight"] == reference.weight.tolist()
     for client in ("native", "shim"):
         got = _python(LOAD, tmp_path, "--client", client, pool=two_gpu_pool)
@@ -102,3 +105,6 @@ def test_a_checkpoint_saved_on_the_device_loads_onto_it_and_elsewhere_needs_map_
         assert got["t"] == got["mapped"] == [1.0, 2.0, 3.0], client
         assert got["weight"] == plain["weight"], client
         assert got["linear"] == plain["linear"] and got["module"] == plain["linear"], client
+        assert got["lstm_device"] == "gpupool:0", client
+        # float32 rounding apart (the fake GPU runs the cell as _thnn_fused_lstm_cell, server/fallbacks.py)
+        torch.testing.assert_close(torch.tensor(got["lstm"]), torch.tensor(plain["lstm"]), msg=client)
