@@ -357,6 +357,30 @@ class Lease:
 _live: weakref.WeakSet[Lease] = weakref.WeakSet()
 
 
+def rank_device(index: int, devices: int) -> int:
+    """The lease device `gpupool:<index>` is in this process: a torchrun rank (LOCAL_RANK r) sees its own device first,
+    as gpupool:0, like CUDA_VISIBLE_DEVICES (docs/distributed.md): lease device (r + index) mod n, on a lease of
+    several devices. Another local rank's own device is refused with one error: a lease device takes one process's
+    session, so the rank that came second failed at attach with the daemon's "lease ... already has a session on this
+    device" -- what a script in torch's own numbering (`f"{acc}:{local_rank}"`, `torch.accelerator.set_device_index(
+    local_rank)`) got in every rank but 0. Devices past LOCAL_WORLD_SIZE (a rank's spares) stay nameable."""
+    local = os.environ.get("LOCAL_RANK")
+    if devices <= 1 or local is None:
+        return index % max(1, devices)
+    r = int(local)
+    at = (r + index) % devices
+    if at != r and at < int(os.environ.get("LOCAL_WORLD_SIZE") or devices):
+        raise InvalidArgument(
+            f"gpupool:{index} is lease device {at} here, local rank {at}'s own device, which this torchrun rank "
+            f"(LOCAL_RANK={r}) cannot use (a device takes one process's session): each rank sees its own device, "
+            "lease device LOCAL_RANK, as gpupool:0, as CUDA_VISIBLE_DEVICES would show it. Name it 'gpupool:0' (or "
+            "'gpupool' without set_device), not f'{acc}:{local_rank}' or torch.accelerator.set_device_index("
+            "local_rank); a script written for CUDA (f'cuda:{local_rank}', torch.cuda.set_device(local_rank)) runs "
+            "as it is under `gpupool run --cuda` (docs/distributed.md)"
+        )
+    return at
+
+
 @atexit.register
 def _release_at_exit() -> None:
     """Leases a script forgot to release go back at interpreter exit, not one TTL later."""

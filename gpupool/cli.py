@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "smi": ("gpupool.client.smi", "show the pool: hosts, devices, memory, shares, leases"),
     "list-gpus": ("gpupool.client.smi", "list the pool's GPUs, one line each"),
     "host": ("gpupool.client.admin", "operators: drain, undrain or remove a host of the pool"),
-    "token": ("gpupool.tokencli", "mint a lease token by hand (testing, daemons without a scheduler)"),
+    "token": ("gpupool.tokencli", "keys (keygen, public-key), API tokens (api-token), a lease token by hand (mint)"),
 }
 
 

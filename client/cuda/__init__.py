@@ -50,7 +50,9 @@ def autoload() -> None:
     its default: gpupool.client.native), under the mapping with $GPUPOOL_CUDA too."""
     if _is_gpupool_program():
         return
-    from gpupool.client import native
+    from gpupool.client import checkpoints, native
+
+    checkpoints.register()  # torch.load of a checkpoint saved on gpupool: onto the device, or one clear error
 
     if native.requested():
         native.enable()

@@ -17,9 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.serialization import default_restore_location
-from torch.utils._pytree import tree_map_only
 
+from .. import checkpoints
 from . import amp, nccl
 from .devices import GPUPOOL, map_location, to_gpupool
 
@@ -32,80 +31,6 @@ def _gpupool_target(location: Any) -> torch.device | None:
     if isinstance(mapped, str) and mapped.startswith(GPUPOOL):
         mapped = torch.device(mapped)
     return mapped if isinstance(mapped, torch.device) and mapped.type == GPUPOOL else None
-
-
-def _wrap_load(load: Callable[..., Any]) -> Callable[..., Any]:
-    """torch.load that lands CUDA (and gpupool) storages on gpupool devices.
-
-    Storages are restored on the CPU and the loaded tensors then moved (torch restores a storage onto a
-    device through `torch.<device>.device(...)`/untyped storages, which the gpupool shim has no use for).
-    A callable map_location, or one naming the CPU, goes to torch unchanged."""
-
-    @functools.wraps(load)
-    def wrapped(f: Any, map_location_: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if "map_location" in kwargs:
-            map_location_ = kwargs.pop("map_location")
-        if callable(map_location_):
-            return load(f, map_location_, *args, **kwargs)
-        fixed = None if map_location_ is None or isinstance(map_location_, dict) else _gpupool_target(map_location_)
-        if map_location_ is not None and not isinstance(map_location_, dict) and fixed is None:
-            return load(f, map_location_, *args, **kwargs)  # e.g. "cpu"
-        table = map_location_ if isinstance(map_location_, dict) else {}
-        targets: dict[int, torch.device] = {}
-
-        def restore(storage: Any, location: str) -> Any:
-            location = table.get(location, location)
-            target = fixed or _gpupool_target(location)
-            if target is None:
-                return default_restore_location(storage, location)
-            targets[storage.data_ptr()] = target
-            return storage
-
-        loaded = load(f, restore, *args, **kwargs)
-        if not targets:
-            return loaded
-        moved: dict[int, torch.Tensor] = {}
-        return tree_map_only((torch.Tensor, torch.nn.Module), lambda x: _place(x, targets, moved), loaded)
-
-    return wrapped
-
-
-def _place(x: Any, targets: dict[int, torch.device], moved: dict[int, torch.Tensor]) -> Any:
-    """A loaded tensor on its target device, or a loaded module (`torch.save(model)`) with its parameters and buffers
-    moved in place, as torch.load on the GPU that saved it gives. `moved` keeps one result per tensor object, so a
-    tensor the checkpoint holds twice (tied weights: `decoder.weight = encoder.weight`) stays one tensor."""
-    if isinstance(x, torch.Tensor):
-        return _move(x, targets, moved)
-    for module in x.modules():
-        for table in (module._parameters, module._buffers):
-            for name, t in table.items():
-                if t is not None:
-                    table[name] = _move(t, targets, moved)
-    _refresh_flat_weights(x)
-    return x
-
-
-def _refresh_flat_weights(module: torch.nn.Module) -> None:
-    """nn.LSTM/GRU/RNN's `_flat_weights` (what their forward passes to the kernel) pointed again at the Parameters
-    their tables now hold: a Parameter put into a table directly (not by setattr) leaves the list on the old object
-    -- after torch.load's `_place` the CPU copy, which the forward then used (and trained, where the optimizer held
-    the moved ones)."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.RNNBase):
-            m._init_flat_weights()
-
-
-def _move(t: torch.Tensor, targets: dict[int, torch.device], moved: dict[int, torch.Tensor]) -> torch.Tensor:
-    if id(t) in moved:
-        return moved[id(t)]
-    target = targets.get(t.untyped_storage().data_ptr()) if t.device.type == "cpu" else None
-    if target is None:
-        return t
-    out = t.to(target)
-    if isinstance(t, torch.nn.Parameter):
-        out = torch.nn.Parameter(out, requires_grad=t.requires_grad)
-    moved[id(t)] = out
-    return out
 
 
 _MODULE_APPLY = torch.nn.Module._apply
@@ -142,7 +67,7 @@ def _apply_keeping_ties(self: torch.nn.Module, fn: Callable[..., Any], recurse: 
                 except RuntimeError:  # t is referenced elsewhere (weakrefs, an autograd graph): keep torch's new one
                     pass
         table[name] = kept[id(t)]
-    _refresh_flat_weights(self)  # what torch's _apply left pointing at the objects it made
+    checkpoints.refresh_flat_weights(self)  # what torch's _apply left pointing at the objects it made
     return out
 
 
@@ -197,7 +122,7 @@ def install() -> None:
         return
     import torch.serialization
 
-    torch.load = _wrap_load(torch.load)
+    torch.load = checkpoints.wrap_load(checkpoints.unwrapped(torch.load), _gpupool_target)
     torch.serialization.load = torch.load
     amp.install()
     from torch.amp import GradScaler, autocast

@@ -84,8 +84,9 @@ def enable() -> None:
     from gpupool.client.engine import run_backward_on_calling_thread
 
     run_backward_on_calling_thread()  # as the Python client's: no thread hand-off per device in a backward
-    from gpupool.client import mp_share
+    from gpupool.client import checkpoints, mp_share
 
+    checkpoints.install_load()  # torch.load of storages saved on gpupool: onto the device (client/checkpoints.py)
     mp_share.install()  # a gpupool tensor sent to another process: one clear error, as on the Python client
     _deepcopy_by_clone()  # copy.deepcopy of a device tensor (torch's storage copy makes one the daemon never saw)
     torch.ops.gpupool_native.set_autoconnect()
@@ -256,10 +257,10 @@ def _autoconnect(index: int = 0) -> None:
 
         held = lease()
         check_index(index)
-        # A torchrun rank (LOCAL_RANK r) sees its own leased device first, as gpupool:0, like CUDA_VISIBLE_DEVICES and
-        # the Python client (client/torch/api.py): gpupool:i is lease device (r + i) mod n.
-        n = len(held.devices)
-        at = (index + (int(os.environ.get("LOCAL_RANK") or 0) if n > 1 else 0)) % n
+        from gpupool.client.pool import rank_device
+
+        # A torchrun rank (LOCAL_RANK r) sees its own leased device first, as gpupool:0, as on the Python client.
+        at = rank_device(index, len(held.devices))
         leased = held.devices[at]
         session = Session.attach(leased.address, leased.token)
         held.subscribe(lambda fresh: session.refresh(fresh.devices[at].token))

@@ -69,10 +69,8 @@ def device(index: int = 0) -> torch.device:
                 lease.start_renewing()
                 _env_lease.append(lease)
             lease = _env_lease[0]
-            # A torchrun rank (LOCAL_RANK r) sees its own leased device first, as gpupool:0, like CUDA_VISIBLE_DEVICES:
-            # gpupool:i is lease device (r + i) mod n.
-            shift = rank_shift(len(lease.devices))
-            return attach_lease(lease, (index + shift) % len(lease.devices), as_index=index)
+            # A torchrun rank (LOCAL_RANK r) sees its own leased device first, as gpupool:0 (pool.rank_device).
+            return attach_lease(lease, pool.rank_device(index, len(lease.devices)), as_index=index)
         fraction = float(os.environ.get("GPUPOOL_FRACTION") or 1.0)
         kwargs: dict[str, Any] = {"gpus": 1, "fraction": fraction}
         if os.environ.get("GPUPOOL_SCHEDULER"):
@@ -87,11 +85,6 @@ def device(index: int = 0) -> torch.device:
 def env_lease() -> Any:
     """The renewed lease of $GPUPOOL_LEASE once a device of it is attached (`device()`), else None."""
     return _env_lease[0] if _env_lease else None
-
-
-def rank_shift(devices: int) -> int:
-    """The lease device a torchrun rank sees as gpupool:0: its LOCAL_RANK, when the lease has several devices."""
-    return int(os.environ.get("LOCAL_RANK") or 0) if devices > 1 else 0
 
 
 def attach_lease(lease: Any, index: int = 0, *, as_index: int | None = None, owns_lease: bool = False) -> torch.device:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.utils.backend_registration as backend_registration
 
-from .. import mp_share
+from .. import checkpoints, mp_share
 from ..engine import run_backward_on_calling_thread
 from . import api, native, native_ops, runtime, tensor
 from .dispatch import dispatch, factory, find_runtime, torch_dispatch
@@ -148,6 +148,7 @@ def register() -> None:
         run_backward_on_calling_thread()
         _refuse_data_parallel()
         mp_share.install((tensor.RemoteTensor, tensor.RemoteView))  # sent to another process: one clear error
+        checkpoints.install_load()  # torch.load of storages saved on gpupool: onto the device (client/checkpoints.py)
     lib = torch.library.Library("_", "IMPL")  # noqa: TOR901 - the global namespace is required for fallbacks
     lib.fallback(_backend_fallback, "PrivateUse1")
     _library.append(lib)

@@ -329,7 +329,10 @@ def main(argv: list[str] | None = None) -> int:
             if average is not None and epoch < args.epochs:
                 average.swap()  # back to the live weights for the next epoch
     if history and not reached:
-        log.info("target %.4f not reached (best test accuracy %.4f)", args.target, max(h["test_acc"] for h in history))
+        log.info(  # the demo's 3 epochs on the 5,000-review sample stop near 0.75: not a failure
+            "test accuracy target %.4f (--target; MLPerf's, for the full data) not reached in %d epoch(s): best %.4f",
+            args.target, len(history), max(h["test_acc"] for h in history),
+        )  # fmt: skip
     results = {"device": str(device), "train_reviews": len(train), "test_reviews": len(test), "seed": args.seed,
                "reached_target": reached, "target": args.target, "history": history,
                "host": os.uname().nodename}  # fmt: skip

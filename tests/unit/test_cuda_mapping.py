@@ -337,14 +337,14 @@ def test_a_whole_model_placed_after_torch_load_runs_its_rnns_on_the_placed_weigh
     load)."""
     import io
 
-    from gpupool.client.cuda import patches
+    from gpupool.client import checkpoints
 
     buf = io.BytesIO()
     torch.save(torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.LSTM(4, 4), torch.nn.GRU(4, 4)), buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     targets = {p.untyped_storage().data_ptr(): torch.device("meta") for p in loaded.parameters()}
-    placed = patches._place(loaded, targets, {})
+    placed = checkpoints.place(loaded, targets, {})
     for rnn in (placed[1], placed[2]):
         names = rnn._flat_weights_names
         assert [w is getattr(rnn, n) for w, n in zip(rnn._flat_weights, names, strict=True)] == [True] * len(names)

@@ -1,0 +1,167 @@
+"""torch.load of a checkpoint whose storages were saved on a gpupool device (location tags `gpupool` / `gpupool:N`).
+
+The C++ client saves device tensors as torch saves any device's: each storage tagged with its device, `gpupool:0`
+(the Python client brings them back and tags them `cpu`). Until round 34 torch restored such a storage in one of two
+ways, and both failed:
+- in a process with the `gpupool` device, through torch's PrivateUse1 entry, which moves the storage under
+  `torch.gpupool.device(...)` -- a context manager that neither client's `torch.gpupool` has (the C++ client:
+  "module 'torch.gpupool' has no attribute 'device'"; the Python client's `device()` is its lease attach: a
+  TypeError). `torch.load(path)` and `torch.load(path, map_location="gpupool:0")` both failed that way (under
+  `--cuda` client/cuda/patches.py's torch.load already moved them);
+- in a process without it (a CPU-only edge machine, a script run outside `gpupool run`), with torch's "don't know how
+  to restore data location of torch.storage.UntypedStorage (tagged with gpupool:0)", which says nothing of
+  `map_location`.
+
+Now:
+- `register()` puts `restore` before torch's PrivateUse1 entry (torch.serialization.register_package, priority 19),
+  at `import torch` wherever gpupool is installed (the `torch.backends` entry point, client/cuda's `autoload`) and
+  when either client makes the device. Without the device it raises what torch says of a CUDA checkpoint on a
+  CPU-only machine: use `map_location`. With it, it keeps the storage on the CPU (for the wrapper below to move).
+- `install_load()` (either client, when it makes the device) wraps torch.load with `wrap_load`: storages restored on
+  the CPU, then the loaded tensors (and a whole module's parameters and buffers) moved to their device -- the saved
+  `gpupool:N`, or a gpupool `map_location` -- as torch.load on a GPU machine puts a CUDA checkpoint back on its GPU.
+  A storage cannot be restored onto the device directly: torch makes it with `torch.UntypedStorage(n, device=...)`,
+  a storage the C++ client's daemon never saw, and a byte tensor's storage under a float tensor is a view of another
+  dtype, which it refuses. `--cuda` wraps torch.load the same way, with CUDA's locations mapped too (patches.py).
+A machine without gpupool installed gets torch's own message (it knows no `gpupool`); `torch.load(path,
+map_location="cpu")` loads such a checkpoint anywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.serialization import default_restore_location
+from torch.utils._pytree import tree_map_only
+
+NAME = "gpupool"
+PRIORITY = 19  # torch's own entries: cpu 10, cuda 20, mps 21, meta 22, PrivateUse1 23 (lower runs first)
+_LOCATION = re.compile(r"gpupool(:[0-9]+)?\Z")
+_registered: list[bool] = []
+
+
+def why(location: str) -> str:
+    return (
+        f"Attempting to deserialize object on {location} (a pooled GPU) but this process has no gpupool device. "
+        "If you are running on a CPU-only machine, please use torch.load with map_location=torch.device('cpu') "
+        "to map your storages to the CPU (under `gpupool run`, or after `import gpupool.torch`, they load onto the "
+        "leased device)"
+    )
+
+
+def restore(storage: Any, location: str) -> Any:
+    """torch.serialization's deserializer for `gpupool` locations (None for any other: torch's entries go on)."""
+    if not _LOCATION.match(location):
+        return None
+    if torch._C._get_privateuse1_backend_name() != NAME:
+        raise RuntimeError(why(location))
+    return storage  # on the CPU: the torch.load of install_load moves its tensors
+
+
+def register() -> None:
+    """Idempotent; cheap enough for every `import torch`."""
+    if _registered:
+        return
+    _registered.append(True)
+    torch.serialization.register_package(PRIORITY, lambda _storage: None, restore)
+
+
+def device_target(location: Any) -> torch.device | None:
+    """The gpupool device a saved location (`gpupool`, `gpupool:N`) or a map_location value names, else None."""
+    if isinstance(location, str) and _LOCATION.match(location):
+        return torch.device(location)
+    return location if isinstance(location, torch.device) and location.type == NAME else None
+
+
+def unwrapped(load: Callable[..., Any]) -> Callable[..., Any]:
+    """torch's own load under a wrapper of wrap_load."""
+    return getattr(load, "_gpupool_load_of", load)
+
+
+def install_load() -> None:
+    """torch.load (and torch.serialization.load) wrapped for gpupool locations; a wrapper already there (`--cuda`'s,
+    which also maps CUDA locations) stays."""
+    register()
+    if unwrapped(torch.load) is torch.load:
+        torch.load = wrap_load(torch.load, device_target)
+        torch.serialization.load = torch.load
+
+
+def wrap_load(load: Callable[..., Any], target_of: Callable[[Any], torch.device | None]) -> Callable[..., Any]:
+    """torch.load that lands the storages whose location (or map_location) `target_of` names a gpupool device for
+    (gpupool's own; under `--cuda` CUDA's too: client/cuda/patches.py) on that device.
+
+    Storages are restored on the CPU and the loaded tensors then moved (torch restores a storage onto a
+    device through `torch.<device>.device(...)`/untyped storages, which the gpupool shim has no use for).
+    A callable map_location, or one naming the CPU, goes to torch unchanged."""
+
+    @functools.wraps(load)
+    def wrapped(f: Any, map_location_: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if "map_location" in kwargs:
+            map_location_ = kwargs.pop("map_location")
+        if callable(map_location_):
+            return load(f, map_location_, *args, **kwargs)
+        fixed = None if map_location_ is None or isinstance(map_location_, dict) else target_of(map_location_)
+        if map_location_ is not None and not isinstance(map_location_, dict) and fixed is None:
+            return load(f, map_location_, *args, **kwargs)  # e.g. "cpu"
+        table = map_location_ if isinstance(map_location_, dict) else {}
+        targets: dict[int, torch.device] = {}
+
+        def restore(storage: Any, location: str) -> Any:
+            location = table.get(location, location)
+            target = fixed or target_of(location)
+            if target is None:
+                return default_restore_location(storage, location)
+            targets[storage.data_ptr()] = target
+            return storage
+
+        loaded = load(f, restore, *args, **kwargs)
+        if not targets:
+            return loaded
+        moved: dict[int, torch.Tensor] = {}
+        return tree_map_only((torch.Tensor, torch.nn.Module), lambda x: place(x, targets, moved), loaded)
+
+    wrapped._gpupool_load_of = load  # type: ignore[attr-defined]
+    return wrapped
+
+
+def place(x: Any, targets: dict[int, torch.device], moved: dict[int, torch.Tensor]) -> Any:
+    """A loaded tensor on its target device, or a loaded module (`torch.save(model)`) with its parameters and buffers
+    moved in place, as torch.load on the GPU that saved it gives. `moved` keeps one result per tensor object, so a
+    tensor the checkpoint holds twice (tied weights: `decoder.weight = encoder.weight`) stays one tensor."""
+    if isinstance(x, torch.Tensor):
+        return _move(x, targets, moved)
+    for module in x.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    table[name] = _move(t, targets, moved)
+    refresh_flat_weights(x)
+    return x
+
+
+def refresh_flat_weights(module: torch.nn.Module) -> None:
+    """nn.LSTM/GRU/RNN's `_flat_weights` (what their forward passes to the kernel) pointed again at the Parameters
+    their tables now hold: a Parameter put into a table directly (not by setattr) leaves the list on the old object
+    -- after torch.load's `place` the CPU copy, which the forward then used (and trained, where the optimizer held
+    the moved ones)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.RNNBase):
+            m._init_flat_weights()
+
+
+def _move(t: torch.Tensor, targets: dict[int, torch.device], moved: dict[int, torch.Tensor]) -> torch.Tensor:
+    if id(t) in moved:
+        return moved[id(t)]
+    target = targets.get(t.untyped_storage().data_ptr()) if t.device.type == "cpu" else None
+    if target is None:
+        return t
+    out = t.to(target)
+    if isinstance(t, torch.nn.Parameter):
+        out = torch.nn.Parameter(out, requires_grad=t.requires_grad)
+    moved[id(t)] = out
+    return out

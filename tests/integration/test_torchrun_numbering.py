@@ -1,0 +1,78 @@
+"""A torchrun rank names devices as CUDA_VISIBLE_DEVICES would show them: its own, lease device LOCAL_RANK, is
+gpupool:0 (docs/distributed.md). A script in torch's own numbering without --cuda (`f"{acc}:{local_rank}"`,
+`torch.accelerator.set_device_index(local_rank)`, pytorch/examples' accelerator style) named another rank's device
+in every rank but 0, and the rank that attached it second failed with the daemon's "lease ... already has a session on
+this device; detach it first" (which says neither why nor what to do). Now that rank gets one error naming the rule
+and the way out (client/pool.py `rank_device`), on both clients, and its own device still works.
+
+Slow (torchrun, two ranks, each its own daemon session). Skipped only where the C++ client cannot be built.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from gpupool.client.native.backend import compiler_missing
+from gpupool.client.pool import rank_device
+from scheduler_fixtures import ROOT
+
+from gpupool.errors import InvalidArgument
+
+_why = compiler_missing()
+
+SCRIPT = """
+import os, sys, torch
+if sys.argv[1] == "shim":
+    import gpupool.torch  # the Python client's device (the C++ client's comes with `import torch`)
+local_rank = int(os.environ["LOCAL_RANK"])
+acc = torch.accelerator.current_accelerator()
+try:
+    x = torch.ones(2, device=f"{acc}:{local_rank}")
+    print(f"rank {local_rank} named {x.device} {x.sum().item()}", flush=True)
+except Exception as exc:
+    print(f"rank {local_rank} refused {type(exc).__name__}: {exc}", flush=True)
+print(f"rank {local_rank} own {torch.ones(3, device='gpupool:0').sum().item()}", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client", ["native", "shim"])
+def test_another_ranks_device_is_one_clear_error_and_the_own_one_works(
+    two_gpu_pool: str, tmp_path: Path, client: str
+) -> None:
+    if client == "native" and _why is not None:
+        pytest.skip(f"native client: {_why}")
+    script = tmp_path / "numbering.py"
+    script.write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("GPUPOOL_LEASE", "GPUPOOL_CUDA", "GPUPOOL_CLIENT")}
+    env.update(PYTHONPATH=str(ROOT), GPUPOOL_SCHEDULER=two_gpu_pool)
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", "--client", client, "-n", "2", "--", sys.executable, "-m",
+           "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), client]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env, cwd=tmp_path)
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert lines[0] == "rank 0 named gpupool:0 2.0", done.stdout
+    assert lines[1] == "rank 0 own 3.0"
+    assert lines[3].startswith(
+        "rank 1 refused InvalidArgument: gpupool:1 is lease device 0 here, local rank 0's own device"
+    ), lines[3]
+    assert "Name it 'gpupool:0'" in lines[3] and "gpupool run --cuda" in lines[3]
+    assert lines[2] == "rank 1 own 3.0"
+
+
+def test_rank_device_numbers_from_the_ranks_own_and_keeps_spares(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert [rank_device(i, 4) for i in range(4)] == [0, 1, 2, 3]  # no torchrun: lease order
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert rank_device(0, 1) == 0  # one device: no shift
+    assert [rank_device(i, 4) for i in (0, 1, 2)] == [1, 2, 3]  # its own first, then the spares past the 2 ranks
+    with pytest.raises(InvalidArgument, match="gpupool:3 is lease device 0 here, local rank 0's own device"):
+        rank_device(3, 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(InvalidArgument, match="local rank 2's own device"):
+        rank_device(1, 4)
