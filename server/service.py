@@ -132,7 +132,8 @@ class DeviceServicer:
         running ahead of its daemon) are read and checked before that one is queued, and their commands queued
         together (`_Batch`): one slice, one hand-off to the worker and back, for up to a slice's commands, where
         each frame made its own (round 29). Each frame is checked as before; one that fails queues the frames
-        read before it first, then its error, so replies and errors keep the order of the frames. A frame whose bulk
+        read before it first, then its error, behind them in the session's queue (`_fail`), so replies and errors keep
+        the order of the frames, whichever thread runs them. A frame whose bulk
         bytes follow queues the frames held before it before those bytes are read (`_take_bulk`'s `flush`): what
         came first runs while they come."""
         limit = self.daemon.config.max_message_bytes
