@@ -16,8 +16,8 @@ before anything that may end the session are all answered before its end; throug
 same device (its own frames socket) computes a fixed result bit-exact; at the end the daemon is SERVING and the
 device's memory accounting holds only the neighbour's bytes.
 
-GPUPOOL_SIDE_FUZZ_EXAMPLES (default 40, about 30 s here) and GPUPOOL_FUZZ_RANDOM=1 (a fresh hunt) for a campaign.
-"""
+GPUPOOL_SIDE_FUZZ_EXAMPLES (default 40, about 30 s here), GPUPOOL_FUZZ_RANDOM=1 (a fresh hunt) and
+GPUPOOL_SIDE_FUZZ_ISOLATION=thread for a campaign (with `-o timeout=...` past pytest's 300 s)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ from gpupool._proto import device_pb2, device_pb2_grpc
 MiB = 1024**2
 EXAMPLES = int(os.environ.get("GPUPOOL_SIDE_FUZZ_EXAMPLES", "40"))
 DERANDOMIZE = not os.environ.get("GPUPOOL_FUZZ_RANDOM")
+ISOLATION = os.environ.get("GPUPOOL_SIDE_FUZZ_ISOLATION", "process")  # or "thread": sessions in the daemon process
 QUOTA = 32 * MiB
 ENDS = ACTIONABLE | {"UNAVAILABLE"}  # how a session may end (UNAVAILABLE: its socket broke or closed)
 OURS = 2**63 + (0x5EED << 16)  # request ids of the syncs the client sends as such (a fuzzed frame's are below 2^62)
@@ -72,6 +73,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         metrics_listen="127.0.0.1:0",
         tls=get_pki().server_config(),
         bulk_listen="127.0.0.1:0",
+        isolation=ISOLATION,
     )
     running = RunningDaemon(config)
     try:
