@@ -43,9 +43,16 @@ def close(sock: Any, lock: threading.Lock, wait: float = 0.1) -> None:
     at once), then `close` under `lock`, never under a call that uses the socket (its descriptor number could be
     reused by another connection in the middle of that call). Where the lock stays busy past `wait` s (a thread in
     the middle of one call: a TLS slice's encryption), a helper thread closes the socket the moment that call
-    releases the lock, not the garbage collector at some later time (as before round 29)."""
+    releases the lock, not the garbage collector at some later time (as before round 29).
+
+    The shutdown is the kernel's alone (`socket.socket.shutdown`), never `ssl.SSLSocket.shutdown`, which first drops
+    the socket's TLS object (`_sslobj = None`) and then shuts the descriptor down: a thread that took the lock
+    between the two (a writer woken by its poll) found no TLS object, and `SSLSocket.send` then wrote its plaintext
+    on the connection as it is (a reply's tensor bytes, readable on the network), `recv_into` read the peer's
+    ciphertext as record bytes (until round 34). Here the TLS object stays until `close`, under the lock: a
+    transfer meets the shut-down socket through OpenSSL and fails."""
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # (an SSLSocket's TLS object stays: see above)
     except OSError:
         pass
     if lock.acquire(timeout=wait):

@@ -445,6 +445,7 @@ class BulkPort:
         sock: socket.socket = conn
         source = pending.source
         bound = False
+        owner: BulkLink | None = None  # the link a session holds (bound): it closes the socket, not this thread
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is not None:
@@ -472,16 +473,23 @@ class BulkPort:
                 sock.sendall(protocol.bulk_error("unknown or closed session"))
                 raise ValueError("unknown or closed session")
             link = BulkLink(sock, s.number, frames)
-            if not s.bind_bulk(link):
-                why = "already has a bulk socket (one per session)"
-                if frames and s.carrier == "stream":
-                    why = "sends its frames on its stream (one carrier per session)"
-                sock.sendall(protocol.bulk_error(f"session {s.number} {why}"))
-                raise ValueError(f"session {s.number} {why}")
-            sock.settimeout(HELLO_TIMEOUT)
-            sock.sendall(protocol.BULK_OK)
-            duplex.keep_alive(sock, PEER_IDLE, PEER_INTERVAL, PEER_PROBES)
-            sock.setblocking(False)  # from now on gpupool/duplex.py waits, with the lock released
+            # Bound, the link is the session's: another thread may write on it at once (a Detach's or the lease's
+            # end: the stream's writer sends the BULK_END and closes it; a bulk Get's download). Its lock is held
+            # until the BULK_OK is out and the socket is non-blocking, so that nothing goes before the BULK_OK and
+            # no two threads are in OpenSSL on one connection (until round 34 the BULK_OK went without the lock: a
+            # writer's SSL_write could run beside it, and a close in between could close the descriptor under it).
+            with link.lock:
+                if not s.bind_bulk(link):
+                    why = "already has a bulk socket (one per session)"
+                    if frames and s.carrier == "stream":
+                        why = "sends its frames on its stream (one carrier per session)"
+                    sock.sendall(protocol.bulk_error(f"session {s.number} {why}"))
+                    raise ValueError(f"session {s.number} {why}")
+                owner = link
+                sock.settimeout(HELLO_TIMEOUT)
+                sock.sendall(protocol.BULK_OK)
+                duplex.keep_alive(sock, PEER_IDLE, PEER_INTERVAL, PEER_PROBES)
+                sock.setblocking(False)  # from now on gpupool/duplex.py waits, with the lock released
             bound = True
             log.info("session %d: %s socket from %s bound", s.number, "frames" if frames else "bulk", source)
             if frames and self.frames is not None:
@@ -498,7 +506,9 @@ class BulkPort:
             with self._lock:
                 if pending in self._pending:
                     self._pending.remove(pending)
-            if not bound:
+            if owner is not None and not bound:  # bound, but its BULK_OK failed: closed as the session's link
+                owner.close()
+            elif not bound:
                 sock.close()
 
     def _find(self, given: bytes) -> Any:

@@ -27,6 +27,7 @@ from gpupool import tokens
 from gpupool._proto import device_pb2
 from gpupool.errors import (
     FailedPrecondition,
+    GpupoolError,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -58,6 +59,10 @@ RECENTLY_CLOSED = 4096
 # devices.RUN_AHEAD slices of kernels to finish.
 FLUSH_SECONDS = 10.0
 END_OF_STREAM = object()  # queued after a client's last frame: the stream ends once everything before it ran
+# A reader's last item may also be the error that ended its frames (a malformed frame, a broken side socket: the
+# GpupoolError itself, `DeviceServicer._fail`): queued like END_OF_STREAM, it reaches the outbox once the commands
+# queued before it ran and replied, and ends the session there (until round 34 it went to the outbox at once and
+# passed the replies of the frames still queued for the device's thread).
 
 
 @dataclass(frozen=True)
@@ -377,11 +382,13 @@ class Daemon:
         in-thread sessions), and only what the device's thread would run next anyway (`put_and_claim`: no
         other session waits or runs, and none can start until the slice is charged). The rest of the frame,
         if any, stays queued for the device's thread."""
-        if self._draining and commands and commands[0] is not END_OF_STREAM:
+        first = commands[0]
+        last = first is END_OF_STREAM or isinstance(first, GpupoolError)  # a reader's last item (a marker)
+        if self._draining and not last:
             s.outbox.put(Closed(StatusCode.UNAVAILABLE, f"host {self.host_id} is draining"))
             return False
         queue = self.queues[s.device.index]
-        if commands[0] is END_OF_STREAM or s.runner is None or not s.runner.pid:
+        if last or s.runner is None or not s.runner.pid:
             return queue.put(s.entry, commands, nbytes)
         worker = self._worker_of[s.device.index]
         taken = queue.put_and_claim(s.entry, commands, nbytes, worker.slice_commands)
@@ -503,11 +510,13 @@ class Daemon:
         with s.lock:
             if s.closed or s.runner is None:
                 return [], 0.0, False
-            if items[0] is END_OF_STREAM:
-                s.outbox.put(END_OF_STREAM)
+            first = items[0]
+            if first is END_OF_STREAM or isinstance(first, GpupoolError):  # everything before it ran: the end
+                s.outbox.put(first)
                 return items[1:], 0.0, False
-            # END_OF_STREAM is the last thing a reader queues: only a slice's last item can be it
-            n = len(items) - 1 if items[-1] is END_OF_STREAM else len(items)
+            # END_OF_STREAM (or a reader's error) is the last thing a reader queues: only a slice's last item can be it
+            last = items[-1]
+            n = len(items) - 1 if last is END_OF_STREAM or isinstance(last, GpupoolError) else len(items)
             head = items[:n] if n < len(items) else items
             spans = [span for _, span in head]
             if sum(map(len, spans)) < bulk.BIG_UPLOAD:  # no big upload, and less than SLICE_BYTES in all

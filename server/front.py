@@ -151,12 +151,6 @@ class FrontSession:
             link.close()
         return True
 
-    def close_bulk(self) -> None:
-        with self._outbox_lock:
-            link = self.bulk
-        if link is not None:
-            link.close()
-
     def end_bulk(self) -> None:
         """The session closed: its side socket ends (`BulkLink.end`: a frames socket carries the replies queued before
         the end and the BULK_END first; any other closes now)."""

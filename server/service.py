@@ -132,7 +132,8 @@ class DeviceServicer:
         running ahead of its daemon) are read and checked before that one is queued, and their commands queued
         together (`_Batch`): one slice, one hand-off to the worker and back, for up to a slice's commands, where
         each frame made its own (round 29). Each frame is checked as before; one that fails queues the frames
-        read before it first, then its error, so replies and errors keep the order of the frames. A frame whose bulk
+        read before it first, then its error, behind them in the session's queue (`_fail`), so replies and errors keep
+        the order of the frames, whichever thread runs them. A frame whose bulk
         bytes follow queues the frames held before it before those bytes are read (`_take_bulk`'s `flush`): what
         came first runs while they come."""
         limit = self.daemon.config.max_message_bytes
@@ -141,20 +142,28 @@ class DeviceServicer:
             while not s.closed:
                 raw = link.recv_frame(limit)
                 if raw is None:
-                    self._flush(s, batch)
-                    if not s.closed:
-                        s.outbox.put(Unavailable(f"session {s.number}'s side socket closed by its client"))
+                    if not s.closed:  # (a half-close: the replies of what it sent still go out first)
+                        self._fail(s, batch, Unavailable(f"session {s.number}'s side socket closed by its client"))
                     return
                 if not self._frame(s, raw, batch):
                     return
                 if batch.commands and not link.ready() and not self._flush(s, batch):
                     return
         except GpupoolError as exc:
-            self._flush(s, batch)
-            s.outbox.put(exc)
+            self._fail(s, batch, exc)
         except Exception:  # never let a reader thread die silently
             log.exception("side socket reader of session %d failed", s.number)
-            s.outbox.put(Unavailable(f"session {s.number}'s side socket reader failed"))
+            self._fail(s, None, Unavailable(f"session {s.number}'s side socket reader failed"))
+
+    def _fail(self, s: FrontSession, batch: _Batch | None, exc: GpupoolError) -> None:
+        """End the session with `exc` (a reader's: its frames broke the rules, or its side socket broke) after
+        everything its reader queued before: the commands `batch` holds are queued first, then `exc` itself, as the
+        reader's last item (`Daemon.submit`; daemon.py END_OF_STREAM), so the replies of the frames before it (still
+        queued for a busy device's thread, say) reach the client first, and then the error ends the session (until
+        round 34 it went to the outbox at once and could pass them: the client lost answers it had asked for)."""
+        self._flush(s, batch)
+        if not self.daemon.submit(s, [exc], 0):  # the session is closed (its own end is queued) or the daemon stops
+            s.outbox.put(exc)
 
     def _flush(self, s: FrontSession, batch: _Batch | None) -> bool:
         """Queue the commands of the frames a side reader holds (`_Batch`), if any; False when the session can take
@@ -168,7 +177,7 @@ class DeviceServicer:
     def _frame(self, s: FrontSession, raw: bytes, batch: _Batch | None = None) -> bool:
         """One frame of the session (from either carrier): checked, split and queued (with `batch`, a side
         reader's, held there to be queued with the frames after it: `read_side`); False when it ended the session
-        (its error is in the outbox, after the commands `batch` held) or the session is gone."""
+        (its error is queued after the commands `batch` held: `_fail`) or the session is gone."""
         rid = protocol.lone_sync(raw)  # a round trip: no split, no protobuf, answered here when idle
         if rid is not None:
             if not self._flush(s, batch):  # what came before it runs first (then the session is idle, usually)
@@ -189,12 +198,10 @@ class DeviceServicer:
                 else:
                     device_pb2.ClientFrame.FromString(stripped[0])
         except (DecodeError, InvalidArgument) as exc:
-            self._flush(s, batch)
-            s.outbox.put(InvalidArgument(f"malformed ClientFrame ({len(raw)} bytes): {exc}"))
+            self._fail(s, batch, InvalidArgument(f"malformed ClientFrame ({len(raw)} bytes): {exc}"))
             return False
         except GpupoolError as exc:
-            self._flush(s, batch)
-            s.outbox.put(exc)
+            self._fail(s, batch, exc)
             return False
         if not commands:  # an empty frame asks for nothing; queueing it would grow memory for free
             return True
@@ -206,10 +213,7 @@ class DeviceServicer:
             except _Ended:
                 return False
             except GpupoolError as exc:  # a transfer that broke the side channel's rules ends the session
-                self._flush(s, batch)
-                if s.bulk is None or not s.bulk.frames:  # a frames socket stays open: the writer sends the end
-                    s.close_bulk()
-                s.outbox.put(exc)
+                self._fail(s, batch, exc)  # (its socket stays open until then: downloads queued before may use it)
                 return False
         if batch is None:
             return self.daemon.submit(s, commands, nbytes)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import ssl
+import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -119,3 +122,68 @@ def test_close_while_a_call_holds_the_lock_waits_for_it_then_closes(end: str) ->
     finally:
         theirs.close()
         ours.close()
+
+
+def _tls_pair() -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
+    """A TLS connection over a socket pair with the tests' certificates: (the daemon's end, the client's end)."""
+    from support import get_pki
+
+    from gpupool import tls
+
+    pki = get_pki()
+    server_ctx = tls.SocketServerTls(pki.server_config()).context()
+    client_ctx = ssl.create_default_context(cafile=pki.ca_file)
+    client_ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
+    a, b = socket.socketpair()
+    ours = server_ctx.wrap_socket(a, server_side=True, do_handshake_on_connect=False)
+    theirs = client_ctx.wrap_socket(b, server_hostname="localhost", do_handshake_on_connect=False)
+    shake = threading.Thread(target=theirs.do_handshake)
+    shake.start()
+    ours.do_handshake()
+    shake.join(10)
+    ours.setblocking(False)
+    return ours, theirs
+
+
+def test_a_write_meeting_a_close_half_done_never_goes_out_in_plaintext() -> None:
+    """Round 34: `duplex.close` shut a TLS socket down with `SSLSocket.shutdown`, outside the lock, which drops the
+    socket's TLS object before it shuts the descriptor down. A writer that took the lock between the two (the stream's
+    writer, woken by its poll, while a session's end closed its side socket) found no TLS object, and
+    `SSLSocket.send` wrote its bytes as they are: a reply's tensor bytes in plaintext on the network. Here the close
+    is paused right there, at its system call (a profile hook: the real call is made once the writer is done), and a
+    writer sends meanwhile, as `duplex.send_all` does, under the lock: its bytes must reach the peer encrypted."""
+    ours, theirs = _tls_pair()
+    lock = threading.Lock()
+    paused, resume = threading.Event(), threading.Event()
+    secret = b"tensor bytes, never in plaintext " * 4
+
+    def at_shutdown(frame: Any, event: str, arg: Any) -> None:
+        if event == "c_call" and getattr(arg, "__name__", "") == "shutdown" and not paused.is_set():
+            paused.set()
+            resume.wait(10)
+
+    def closer() -> None:
+        sys.setprofile(at_shutdown)
+        try:
+            duplex.close(ours, lock)
+        finally:
+            sys.setprofile(None)
+
+    t = threading.Thread(target=closer)
+    t.start()
+    try:
+        assert paused.wait(10), "the close never reached its shutdown"
+        try:
+            duplex.send_all(ours, lock, [secret], 1.0)  # a writer in the close's middle
+        except OSError:
+            pass  # refused is fine; in plaintext is not
+    finally:
+        resume.set()
+        t.join(10)
+    wire = bytearray()
+    theirs.settimeout(10)
+    while chunk := socket.socket.recv(theirs, 65536):  # the bytes on the wire, as the network sees them
+        wire += chunk
+    assert secret[:16] not in wire, "the writer's bytes went out in plaintext"
+    assert ours.fileno() == -1
+    theirs.close()
