@@ -190,53 +190,14 @@ def traced(allowed: set[str], per_op: int, samples: int) -> dict[str, list[Call]
     saved = gen.Recorder
     gen.Recorder = Mode
     try:
-        _model_ops(gen)
+        # two of the five optimizers (the fused Adam, a foreach SGD with momentum): the others add calls of ops
+        # traced here already
+        gen.model_ops(set(), [gen.OPTIMIZERS[3], gen.OPTIMIZERS[0]])
         gen.loss_ops(set())
-        _opinfo(gen, samples)
+        gen.opinfo_ops(set(), samples, inplace=True)
     finally:
         gen.Recorder = saved
     return {k: v for k, v in found.items() if v}
-
-
-def _model_ops(gen: Any) -> None:
-    """gen_allowlist's models trained a step, in train and eval mode, with two of its five optimizers (the fused Adam,
-    a foreach SGD with momentum): the others add calls of ops traced here already."""
-    for _name, model, inputs, loss_fn in gen._models():
-        for opt in (torch.optim.Adam(model.parameters(), fused=True),
-                    torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=True)):  # fmt: skip
-            with gen.Recorder(set()):
-                for train in (True, False):
-                    model.train(train)
-                    out = model(*inputs())
-                    if train:
-                        loss_fn(out).backward()
-                        opt.step()
-                        opt.zero_grad()
-
-
-def _opinfo(gen: Any, samples: int) -> None:
-    from torch.testing._internal.common_methods_invocations import op_db
-
-    for info in op_db:
-        dtypes = info.supported_dtypes("cpu")
-        dtype = torch.float32 if torch.float32 in dtypes else next(iter(sorted(dtypes, key=str)), None)
-        if dtype is None:
-            continue
-        grad = info.supports_autograd and dtype.is_floating_point
-        try:
-            items = list(info.sample_inputs("cpu", dtype, requires_grad=grad))[:samples]
-        except Exception:
-            continue
-        for sample in items:
-            try:
-                with gen.Recorder(set()):
-                    out = info.op(sample.input, *sample.args, **sample.kwargs)
-                    if grad:
-                        gen._grads(out)
-                    if info.inplace_variant is not None:
-                        info.inplace_variant(_copy(sample.input), *sample.args, **sample.kwargs)
-            except Exception:
-                continue
 
 
 def _bind(op: torch._ops.OpOverload, call: Call) -> dict[str, Any] | None:
