@@ -67,7 +67,7 @@ def guarded(values: torch.Tensor, layout: str, placement: str) -> torch.Tensor |
     PROT_NONE guard page (`placement`). None where the layout does not apply (a transpose of fewer than 2 dims, an
     expanded dim of a tensor with none of more than one element, an empty tensor)."""
     shape = list(values.shape)
-    if values.numel() == 0 or values.is_complex() and layout in ("overlapping",):
+    if values.numel() == 0:
         return None
     contiguous = [1] * len(shape)
     for d in range(len(shape) - 2, -1, -1):
