@@ -156,7 +156,9 @@ def _grads(out: Any) -> None:
         torch.autograd.backward([t.sum() for t in outs])
 
 
-def opinfo_ops(seen: set[str]) -> None:
+def opinfo_ops(seen: set[str], samples: int = 4, inplace: bool = False) -> None:
+    """`samples`: the first samples of each op; `inplace`: the op's in-place variant on each sample too (on a copy;
+    tests/integration/oob_sweep.py records the calls)."""
     from torch.testing._internal.common_methods_invocations import op_db
 
     for info in op_db:
@@ -166,15 +168,17 @@ def opinfo_ops(seen: set[str]) -> None:
             continue
         grad = info.supports_autograd and dtype.is_floating_point
         try:
-            samples = list(info.sample_inputs("cpu", dtype, requires_grad=grad))[:4]
+            chosen = list(info.sample_inputs("cpu", dtype, requires_grad=grad))[:samples]
         except Exception:
             continue
-        for sample in samples:
+        for sample in chosen:
             try:
                 with Recorder(seen):
                     out = info.op(sample.input, *sample.args, **sample.kwargs)
                     if grad:
                         _grads(out)
+                    if inplace and info.inplace_variant is not None:
+                        info.inplace_variant(sample.input.detach().clone(), *sample.args, **sample.kwargs)
             except Exception:
                 continue
 
@@ -243,15 +247,18 @@ def _models() -> list[tuple[str, torch.nn.Module, Callable[[], tuple[Any, ...]],
     ]
 
 
-def model_ops(seen: set[str]) -> None:
+OPTIMIZERS: list[Callable[[Any], torch.optim.Optimizer]] = [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=True),
+    lambda p: torch.optim.Adam(p, foreach=True),
+    lambda p: torch.optim.AdamW(p, foreach=True),
+    lambda p: torch.optim.Adam(p, fused=True),
+    lambda p: torch.optim.SGD(p, lr=0.1),
+]
+
+
+def model_ops(seen: set[str], optimizers: list[Callable[[Any], torch.optim.Optimizer]] = OPTIMIZERS) -> None:
     for _name, model, inputs, loss_fn in _models():
-        for opt_fn in (
-            lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=True),
-            lambda p: torch.optim.Adam(p, foreach=True),
-            lambda p: torch.optim.AdamW(p, foreach=True),
-            lambda p: torch.optim.Adam(p, fused=True),
-            lambda p: torch.optim.SGD(p, lr=0.1),
-        ):
+        for opt_fn in optimizers:
             opt = opt_fn(model.parameters())
             with Recorder(seen):
                 for train in (True, False):

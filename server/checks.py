@@ -68,6 +68,7 @@ class OpPlan:
         "takes_device",
         "seeded",
         "mutable",
+        "layouts",
         "grown",
         "uninitialized",
         "validate",
@@ -83,6 +84,9 @@ class OpPlan:
         self.takes_device = any(a.name == "device" and a.kwarg_only for a in schema.arguments)
         self.seeded = torch.Tag.nondeterministic_seeded in op.tags
         self.mutable = schema.is_mutable
+        # whether some argument's layout is checked (`guards.check_written`, `check_reads`): a written one, or one a
+        # kernel reads as contiguous memory
+        self.layouts = bool(guards.written_params(op) or guards.read_params(op))
         self.grown = self.name in GROW_UNINITIALIZED
         self.uninitialized = self.name in UNINITIALIZED
         self.validate = self.name.startswith("aten::_foreach_") or guards.value_guarded(self.name)

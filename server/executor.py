@@ -667,8 +667,9 @@ class CommandExecutor:
                 sig = None
         if need is None:
             guards.check_enums(op, args, kwargs)
-            if plan.mutable:  # no written tensor may overlap itself (a function of strides: part of the verdict)
-                guards.check_written(op, args, kwargs)
+            if plan.layouts:  # no written tensor may overlap itself, nor one a kernel reads as contiguous memory
+                guards.check_written(op, args, kwargs)  # (functions of strides: part of the verdict)
+                guards.check_reads(op, args, kwargs)
             guards.check_inputs(args, kwargs, s.quota)
             guards.check_counts(op, [], args, kwargs)
             if plan.validate:  # value guards run before any kernel (even a meta kernel) reads the arguments

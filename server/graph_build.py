@@ -434,8 +434,9 @@ def _prebuild(
     margs = [meta(a) for a in args]
     mkwargs = {k: meta(v) for k, v in kwargs.items()}
     guards.check_enums(op, margs, mkwargs)
-    if op._schema.is_mutable:  # the slots' layouts are the runs' (inputs and persistent tensors are checked per run)
-        guards.check_written(op, margs, mkwargs)
+    # the slots' layouts are the runs' (inputs and persistent tensors are checked per run)
+    guards.check_written(op, margs, mkwargs)
+    guards.check_reads(op, margs, mkwargs)
     guards.check_inputs(margs, mkwargs, s.quota)
     guards.check_counts(op, [], margs, mkwargs)
     cost.check(op, margs, mkwargs, s.max_op_flops)  # shapes decide the work: meta tensors tell it as well

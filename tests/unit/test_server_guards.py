@@ -328,3 +328,50 @@ def test_check_written_reads_the_schemas_written_arguments() -> None:
     guards.check_written(aten.fill_.Scalar, [e, 1.0], {})  # torch writes it through the strides
     guards.check_written(aten.unsqueeze_.default, [e, 0], {})  # metadata only
     assert guards.written_params(aten.mm.default) == ()
+
+
+def test_native_batch_norm_writes_its_running_statistics_unmarked() -> None:
+    """`native_batch_norm`'s schema marks running_mean/running_var read only (`Tensor?`), yet in training it updates
+    them: check_written covers them as it covers `_native_batch_norm_legit`'s (`Tensor(a!)`)."""
+    aten = torch.ops.aten
+    assert not aten.native_batch_norm.default._schema.is_mutable
+    for op in (aten.native_batch_norm.default, aten.native_batch_norm.out):
+        assert {"running_mean", "running_var"} <= {name for _, name in guards.written_params(op)}
+    x, stats = torch.randn(4, 3), torch.zeros(3)
+    for at, name in ((3, "running_mean"), (4, "running_var")):
+        args: list[Any] = [x, None, None, stats, stats.clone(), True, 0.1, 1e-5]
+        args[at] = torch.zeros(1).expand(3)
+        with pytest.raises(InvalidArgument, match=f"aten::native_batch_norm: .*'{name}'.*single memory location"):
+            guards.check_written(aten.native_batch_norm.default, args, {})
+    guards.check_written(aten.native_batch_norm.default, [x, None, None, stats, stats.clone(), True, 0.1, 1e-5], {})
+    guards.check_written(aten.native_batch_norm.default, [x, None, None, None, None, True, 0.1, 1e-5], {})
+
+
+def test_check_reads_refuses_an_overlapping_argument_a_kernel_reads_as_contiguous() -> None:
+    """The arguments of `guards.READ_DENSE` (tests/integration/oob_sweep.py found their CPU kernels reading past the
+    storage) must not overlap themselves; the others of the same op may (autograd sends layer norm an expanded
+    grad_out for `x.sum().backward()`), and dense views (transposed, sliced) pass."""
+    aten = torch.ops.aten
+    x = torch.randn(4, 6)
+    w, b = torch.ones(6), torch.zeros(6)
+    _, mean, rstd = aten.native_layer_norm.default(x, [6], w, b, 1e-5)
+    expanded = torch.zeros(1).expand(4, 1)
+    args: list[Any] = [torch.ones(1).expand(4, 6), x, [6], expanded, rstd, w, b, [True, True, True]]
+    with pytest.raises(InvalidArgument, match="aten::native_layer_norm_backward: .*'mean' as contiguous memory"):
+        guards.check_reads(aten.native_layer_norm_backward.default, args, {})
+    args[3], args[4] = mean, torch.zeros(8).as_strided([4, 1], [0, 1], 7)
+    with pytest.raises(InvalidArgument, match="'rstd'"):
+        guards.check_reads(aten.native_layer_norm_backward.out, args, {})
+    args[4] = rstd
+    guards.check_reads(aten.native_layer_norm_backward.default, args, {})  # the expanded grad_out is read by strides
+    with pytest.raises(InvalidArgument, match="aten::median: .*'self'"):
+        guards.check_reads(aten.median.dim, [torch.zeros(1).expand(3, 4), 1], {})
+    with pytest.raises(InvalidArgument, match="aten::nanmedian: .*'self'"):
+        guards.check_reads(aten.nanmedian.dim_values, [], {"self": torch.zeros(3, 1).expand(3, 4), "dim": 1})
+    guards.check_reads(aten.median.dim, [x.t(), 1], {})
+    guards.check_reads(aten.median.dim, [x[:, ::2], 1], {})
+    assert guards.read_params(aten.mm.default) == ()
+    for name, params in guards.READ_DENSE.items():  # every name is an argument of the op (no typo guards nothing)
+        packet = getattr(aten, name.removeprefix("aten::"))
+        for overload in packet.overloads():
+            assert {n for _, n in guards.read_params(getattr(packet, overload))} == set(params), (name, overload)
