@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 from torch.serialization import default_restore_location
-from torch.utils._pytree import tree_map_only
 
 NAME = "gpupool"
 PRIORITY = 19  # torch's own entries: cpu 10, cuda 20, mps 21, meta 22, PrivateUse1 23 (lower runs first)
@@ -123,10 +122,33 @@ def wrap_load(load: Callable[..., Any], target_of: Callable[[Any], torch.device 
         if not targets:
             return loaded
         moved: dict[int, torch.Tensor] = {}
-        return tree_map_only((torch.Tensor, torch.nn.Module), lambda x: place(x, targets, moved), loaded)
+        return in_place(loaded, lambda x: place(x, targets, moved), set())
 
     wrapped._gpupool_load_of = load  # type: ignore[attr-defined]
     return wrapped
+
+
+def in_place(x: Any, fn: Callable[[Any], Any], seen: set[int]) -> Any:
+    """`x` with `fn` applied to each tensor and module it holds, its dicts and lists changed in place (their type and
+    attributes kept, as torch.load returns them: a state_dict's `_metadata`, the modules' versions that
+    `load_state_dict` reads) and its tuples (named ones too) remade where something in them changed. Until round 34's
+    review a pytree map remade every container: the loaded state_dict came back without its `_metadata`."""
+    if isinstance(x, torch.Tensor | torch.nn.Module):
+        return fn(x)
+    if isinstance(x, dict | list):
+        if id(x) not in seen:  # (a container held twice, or holding itself, is walked once)
+            seen.add(id(x))
+            for k, v in list(x.items()) if isinstance(x, dict) else list(enumerate(x)):
+                new = in_place(v, fn, seen)
+                if new is not v:
+                    x[k] = new
+        return x
+    if isinstance(x, tuple):
+        items = [in_place(v, fn, seen) for v in x]
+        if all(a is b for a, b in zip(items, x, strict=True)):
+            return x
+        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+    return x
 
 
 def place(x: Any, targets: dict[int, torch.device], moved: dict[int, torch.Tensor]) -> Any:

@@ -363,13 +363,17 @@ def rank_device(index: int, devices: int) -> int:
     several devices. Another local rank's own device is refused with one error: a lease device takes one process's
     session, so the rank that came second failed at attach with the daemon's "lease ... already has a session on this
     device" -- what a script in torch's own numbering (`f"{acc}:{local_rank}"`, `torch.accelerator.set_device_index(
-    local_rank)`) got in every rank but 0. Devices past LOCAL_WORLD_SIZE (a rank's spares) stay nameable."""
+    local_rank)`) got in every rank but 0. Devices past LOCAL_WORLD_SIZE (a rank's spares) stay nameable; without
+    LOCAL_WORLD_SIZE (a launcher other than torchrun that sets LOCAL_RANK alone, or a variable left in the environment
+    of one process) nothing is refused: which devices are other ranks' is unknown, and a single process naming two
+    devices of its lease is no error (until round 34's review every device but LOCAL_RANK's was refused then)."""
     local = os.environ.get("LOCAL_RANK")
     if devices <= 1 or local is None:
         return index % max(1, devices)
     r = int(local)
     at = (r + index) % devices
-    if at != r and at < int(os.environ.get("LOCAL_WORLD_SIZE") or devices):
+    ranks = os.environ.get("LOCAL_WORLD_SIZE")
+    if at != r and ranks and at < int(ranks):
         raise InvalidArgument(
             f"gpupool:{index} is lease device {at} here, local rank {at}'s own device, which this torchrun rank "
             f"(LOCAL_RANK={r}) cannot use (a device takes one process's session): each rank sees its own device, "

@@ -21,6 +21,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from typing import Any
 
 SLICE = 1 << 20  # bytes per non-blocking send: the longest the lock is held for encrypting (about a millisecond)
@@ -67,6 +68,44 @@ def close(sock: Any, lock: threading.Lock, wait: float = 0.1) -> None:
             sock.close()
 
     threading.Thread(target=close_when_released, name="gpupool-socket-close", daemon=True).start()
+
+
+def linger_close(sock: Any, lock: threading.Lock, seconds: float) -> None:
+    """Close `sock` after the last bytes this end sent, in a helper thread (the caller never waits): the kernel's
+    shutdown of the write side first (a FIN behind what is queued), then what the peer still sends is read and
+    dropped until it closes its end or `seconds` pass, then `close`. A plain close with unread bytes from the peer
+    in the kernel's buffer resets the connection (RST), and the reset drops what this end had queued but the
+    kernel had not yet delivered (the last replies, an end record): the peer never saw them."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_WR)  # (an SSLSocket's TLS object stays: see `close`)
+    except OSError:
+        close(sock, lock)
+        return
+
+    def drain() -> None:
+        deadline = time.monotonic() + seconds
+        buf = memoryview(bytearray(1 << 16))
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                want_write = False
+                with lock:
+                    try:
+                        if not sock.recv_into(buf):
+                            return  # the peer closed its end: all it sent was read, a close resets nothing
+                        continue
+                    except ssl.SSLWantWriteError:
+                        want_write = True
+                    except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
+                        pass
+                if want_write:
+                    return  # (TLS wants to write on a socket shut for writing: nothing more can come)
+                _wait(sock, True, left)
+        except (OSError, ValueError):
+            pass  # the peer reset it, or `seconds` passed (TimeoutError): close it as it is
+        finally:
+            close(sock, lock)
+
+    threading.Thread(target=drain, name="gpupool-socket-linger", daemon=True).start()
 
 
 def send_all(sock: Any, lock: threading.Lock, views: list[memoryview | bytes], timeout: float | None) -> None:

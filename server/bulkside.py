@@ -66,6 +66,9 @@ PEER_PROBES = 6
 # the replies queued before its end and its BULK_END (its stream's writer sends them, then closes it): a client that
 # does not read them meanwhile (paused, gone) loses them, and the socket closes.
 END_GRACE = 5.0
+# Seconds a frames socket is kept after its BULK_END while the client still sends (`BulkLink.linger`): its bytes
+# are read and dropped meanwhile, so that the close does not reset the connection under the replies before the end.
+LINGER = 2.0
 MAX_PENDING = 64  # connections not yet bound to a session, in all; a newcomer past it pushes out the busiest
 MAX_PENDING_PER_SOURCE = 8  # source's oldest; ... and per source address, a newcomer pushing out its own oldest
 SIDE_MIN = bulk.SIDE_MIN  # download chunks at least this large go on the socket; smaller ones stay on the stream
@@ -248,6 +251,15 @@ class BulkLink:
         timer = threading.Timer(END_GRACE, self.close)
         timer.daemon = True
         timer.start()
+
+    def linger(self) -> None:
+        """Close a frames socket after its BULK_END without losing what was sent before it (`duplex.linger_close`:
+        the write side shut, what the client still sends read and dropped for LINGER s at most, then the close,
+        in a thread of its own). Until round 34 the writer closed it at once: where the client had sent bytes the
+        daemon never read (behind a frame that ended the session), the close reset the connection, and the reset
+        dropped the replies and the BULK_END the kernel had not yet delivered."""
+        self.closed = True
+        duplex.linger_close(self.sock, self.lock, LINGER)
 
     def close(self) -> None:
         """Stop the socket now (a transfer blocked on it fails at once) and close it once no call is using it

@@ -297,11 +297,11 @@ class DeviceServicer:
         if isinstance(item, Closed):
             reason = f"session closed: {item.reason}"
             link.send_end(item.code.value[0], reason)
-            link.close()
+            link.linger()  # (a plain close could reset it under the end: `linger`)
             raise error_class(item.code)(reason)
         if isinstance(item, GpupoolError):
             link.send_end(item.code.value[0], str(item))
-            link.close()
+            link.linger()
             raise item
         try:
             if rest is not None:

@@ -339,6 +339,11 @@ def test_a_detach_or_the_leases_end_closes_a_frames_socket_with_its_end_record(
     assert isinstance(after, Unavailable) and "closed" in str(after), after
     err = _ended(victim)
     assert isinstance(err, FailedPrecondition) and re.search(why, str(err)), err
+    peer.close()  # the daemon's end, shut for writing after the end record, closes once the client's does
+    for _ in range(100):  # (or after bulkside.LINGER s in any case)
+        if front.bulk.sock.fileno() == -1:
+            break
+        threading.Event().wait(0.1)
     assert front.bulk.closed and front.bulk.sock.fileno() == -1, "the daemon's end of the socket is closed"
     for _ in range(100):  # its reader thread ends with it
         if not any(t.name == reader for t in threading.enumerate()):
@@ -608,5 +613,37 @@ def test_a_session_ended_while_its_socket_binds_answers_the_hello_first(side_dae
     assert isinstance(end, tuple) and end[0] == protocol.BULK_END and b"detached" in end[2], end
     err = _ended(victim)
     assert isinstance(err, FailedPrecondition) and "detached" in str(err), err
+    victim.close()
+    peer.close()
+
+
+def test_replies_before_a_bad_frame_reach_a_slow_client_whose_bytes_the_daemon_left_unread(
+    side_daemon: Any, monkeypatch: Any
+) -> None:
+    """A bad frame with more bytes behind it (never read: the reader stops at the bad one), behind Gets of 16 MiB
+    that its client is slow to read: the replies and the BULK_END reach the client whole, then the socket ends with
+    a plain close. Until round 34 the writer closed the socket right after the BULK_END, with the client's unread
+    bytes in the daemon's kernel buffer: the close reset the connection, and the reset dropped the replies (and the
+    end) the kernel had not yet delivered; the client read a reset in the middle of a download."""
+    victim, sid, port = _bare(side_daemon)
+    peer = _peer(side_daemon, port, sid)
+    h = victim.handle_base + 5
+    data = torch.arange(MiB, dtype=torch.float32)  # 4 MiB inline, then four Gets of it: 16 MiB of replies
+    up = device_pb2.Command(upload=device_pb2.Upload(handle=h, last=True, data=data.numpy().tobytes()))
+    up.upload.meta.dtype, up.upload.meta.shape[:] = 1, [MiB]
+    gets = [device_pb2.Command(get=device_pb2.Get(handle=h, request_id=40 + i)) for i in range(4)]
+    frame = device_pb2.ClientFrame(commands=[up, *gets]).SerializeToString()
+    bad = protocol.frame_record(b"\x0a\x03\xf2\x01\x7f")  # malformed (as the held-frames test's)
+    _send_raw(peer, protocol.frame_record(frame) + bad + b"\0" * 65536)  # the zeros: never read by the daemon
+    threading.Event().wait(1.0)  # the client reads nothing for a while: the replies fill the kernel's buffers
+    got = bytearray()
+    while isinstance(record := _next_record(peer), tuple) and record[0] == protocol.BULK_FRAME:
+        got += device_pb2.ServerFrame.FromString(record[2]).chunk.data
+    assert isinstance(record, tuple), f"the socket broke after {len(got)} bytes of replies: {record}"
+    assert record[0] == protocol.BULK_END and b"malformed ClientFrame" in record[2], record
+    assert bytes(got) == data.numpy().tobytes() * 4
+    after = _next_record(peer)  # then the daemon's end closes (a FIN, not a reset)
+    assert isinstance(after, Unavailable) and "closed" in str(after), after
+    assert isinstance(_ended(victim), InvalidArgument)
     victim.close()
     peer.close()

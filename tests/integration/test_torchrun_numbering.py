@@ -76,3 +76,5 @@ def test_rank_device_numbers_from_the_ranks_own_and_keeps_spares(monkeypatch: py
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     with pytest.raises(InvalidArgument, match="local rank 2's own device"):
         rank_device(1, 4)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # LOCAL_RANK alone (not torchrun's pair): shifted, nothing refused
+    assert [rank_device(i, 4) for i in range(4)] == [1, 2, 3, 0]

@@ -187,3 +187,44 @@ def test_a_write_meeting_a_close_half_done_never_goes_out_in_plaintext() -> None
     assert secret[:16] not in wire, "the writer's bytes went out in plaintext"
     assert ours.fileno() == -1
     theirs.close()
+
+
+def test_linger_close_delivers_what_was_sent_though_the_peers_bytes_went_unread() -> None:
+    """`linger_close` on a socket whose peer sent bytes nobody read: the peer reads every byte sent before it, then a
+    plain end (no reset), however late it reads; a plain `close` there resets the connection, and the reset drops what
+    the kernel had not yet delivered (server/bulkside.py `BulkLink.linger`). A socket whose shutdown fails (never
+    connected) is closed all the same."""
+    server = socket.create_server(("127.0.0.1", 0))
+    peer = socket.create_connection(server.getsockname())
+    sock, _ = server.accept()
+    server.close()
+    peer.sendall(b"x" * 65536)  # never read by `sock`'s side
+    payload = os.urandom(8 << 20)  # read slowly: when `sendall` returns, megabytes still wait in the send queue
+    got = bytearray()
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            while chunk := peer.recv(1 << 16):
+                got.extend(chunk)
+                time.sleep(0.002)
+        except OSError as exc:  # a reset (the plain close's)
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    sock.sendall(payload)
+    sock.setblocking(False)
+    duplex.linger_close(sock, threading.Lock(), 10.0)
+    reader.join(60)
+    assert not errors and len(got) == len(payload), (errors, len(got))
+    assert bytes(got) == payload
+    peer.close()
+    for _ in range(100):
+        if sock.fileno() == -1:
+            break
+        time.sleep(0.05)
+    assert sock.fileno() == -1, "closed once the peer closed its end"
+    lonely = socket.socket()
+    duplex.linger_close(lonely, threading.Lock(), 1.0)  # shutdown fails (not connected): closed at once
+    assert lonely.fileno() == -1
