@@ -39,10 +39,6 @@ MAX_DIMS = 64
 _META = torch.device("meta")
 # Ops that re-point or grow storages: a graph's memory must be known before it runs.
 NOT_IN_GRAPHS = frozenset({"aten::resize_", "aten::resize_as_", "aten::_resize_output_", "aten::set_"})
-# Factories that return uninitialized memory: zeroed, as on the eager path.
-_UNINITIALIZED = frozenset(
-    {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::empty_permuted", "aten::new_empty"}
-)
 
 
 class Host(Protocol):
@@ -524,7 +520,7 @@ def _prebuild(
         isinstance(out, torch.Tensor) and len(outs) == 1,
         [],
         check,
-        op._schema.name in _UNINITIALIZED,
+        op._schema.name in checks.UNINITIALIZED,  # zeroed, as on the eager path (round 34: one list)
         draws,
         replacement is not None,
         attention_kernel,
