@@ -534,10 +534,15 @@ class CommandExecutor:
         run = plan.run
         speed = self.speed if self.speed is not None and self.speed.active else None
         started = time.perf_counter() if speed is not None else 0.0
-        if plan.seeded:
-            out = self._seeded(s, run, args, kwargs)
-        else:
-            out = run(*args, **kwargs) if kwargs else run(*args)
+        try:
+            if plan.seeded:
+                out = self._seeded(s, run, args, kwargs)
+            else:
+                out = run(*args, **kwargs) if kwargs else run(*args)
+        except BaseException:
+            if plan.reshapes:  # a failed out= kernel's growth: zeroed, counted (below, round 34)
+                s.recount(runs.written(step, fields), zero_growth=True)
+            raise
         if speed is not None:
             speed.hold_op(op, args, kwargs, out, started)
         s.ops += 1
@@ -691,10 +696,20 @@ class CommandExecutor:
         run = plan.run
         speed = self.speed if self.speed is not None and self.speed.active else None
         started = time.perf_counter() if speed is not None else 0.0
-        if plan.seeded:
-            out = self._seeded(s, run, args, kwargs)
-        else:
-            out = run(*args, **kwargs) if kwargs else run(*args)
+        try:
+            if plan.seeded:
+                out = self._seeded(s, run, args, kwargs)
+            else:
+                out = run(*args, **kwargs) if kwargs else run(*args)
+        except BaseException:
+            # Round 34 (red34): torch's out= kernels resize their output before they check their arguments' values
+            # (`gather`, `take`, `index` with an index out of range, `nll_loss` with a bad target): the failed op
+            # left its out= tensor grown, the new bytes unwritten - the allocator's old contents, under
+            # `--isolation thread` another session's freed data, downloadable - and uncounted (a 64 MiB quota held
+            # 8 such tensors of 48 MiB at a `used` of 12 bytes). Zeroed and counted as a resize_'s growth.
+            if plan.reshapes:
+                s.recount(written(), zero_growth=True)
+            raise
         if speed is not None:
             speed.hold_op(op, args, kwargs, out, started)
         s.ops += 1

@@ -8,7 +8,7 @@ import pytest
 import torch
 from gpupool.client.session import Handle, Session
 
-from gpupool import wire
+from gpupool import errors, wire
 from gpupool._proto import device_pb2, tensor_pb2
 
 MiB = 1024**2
@@ -55,3 +55,58 @@ def test_a_graphs_new_empty_strided_holds_no_freed_bytes(daemon_factory: Any, is
             reader.run_graph(1, [h], [y])
             got = reader.download(y)
             assert not (got == CANARY).any(), f"{int((got == CANARY).sum())} of another session's values read"
+
+
+
+def test_a_failed_out_op_leaves_no_freed_bytes_in_its_output(daemon_factory: Any) -> None:
+    """torch's out= kernels resize their output before they check index values: `gather`, `take` and `index`
+    with an out-of-range index failed with their out= tensor grown and its last elements never written (under
+    `--isolation thread` another session's freed bytes, downloadable). The growth is zeroed."""
+    d = daemon_factory(isolation="thread")
+    n = 30_000
+    with (
+        Session.attach(d.address, d.token(tenant="victim", quota_bytes=64 * MiB)) as victim,
+        Session.attach(d.address, d.token(tenant="reader", quota_bytes=64 * MiB)) as s,
+    ):
+        x = Handle(s.upload(torch.ones(n)))
+        bad = torch.arange(n)
+        bad[-1] = 10**9
+        idx = Handle(s.upload(bad))
+        for name, args in (
+            ("aten::gather.out", (x, 0, idx)),
+            ("aten::take.out", (x, idx)),
+            ("aten::index.Tensor_out", (x, [idx])),
+        ):
+            _plant(victim, n)
+            o = Handle(s.upload(torch.ones(0)))
+            s.call(name, *args, out=o, outputs=[0])
+            with pytest.raises(errors.InvalidArgument, match="out of"):
+                s.sync()
+            got = s.download(o)
+            assert got.shape == (n,)  # torch's own behaviour: the failed kernel grew it
+            assert not (got == CANARY).any(), f"{name}: {int((got == CANARY).sum())} of another session's values"
+            assert torch.equal(got[-1:], torch.zeros(1))
+
+
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_failed_out_ops_cannot_grow_memory_past_the_quota(daemon_factory: Any, isolation: str) -> None:
+    """Each failed out= op's growth went uncounted: a 64 MiB quota held 8 outputs of 48 MiB at a `used` of 12
+    bytes. The growth is counted, so the second such op is refused before it runs."""
+    from test_daemon_abuse import used
+
+    d = daemon_factory(isolation=isolation, fake_gpu_memory=1024 * MiB)
+    with Session.attach(d.address, d.token(tenant="reader", quota_bytes=64 * MiB)) as s:
+        x = Handle(s.upload(torch.ones(1)))
+        one = Handle(s.upload(torch.tensor([10**9])))
+        [idx] = s.call("aten::expand.default", one, [12 * MiB])  # 48 MiB of float32 output, nothing uploaded
+        errors_seen = []
+        for _ in range(4):
+            o = Handle(s.upload(torch.ones(0)))
+            s.call("aten::index.Tensor_out", x, [idx], out=o, outputs=[0])
+            with pytest.raises((errors.InvalidArgument, errors.ResourceExhausted)) as caught:
+                s.sync()
+            errors_seen.append(caught.type)
+            assert used(d, s) <= 64 * MiB
+        assert errors_seen[0] is errors.InvalidArgument  # the index error, its output grown and counted
+        assert used(d, s) >= 48 * MiB
+        assert errors_seen[1:] == [errors.ResourceExhausted] * 3
