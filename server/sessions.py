@@ -202,12 +202,23 @@ class WorkerSession:
 
     def bind_new(self, handle: int, tensor: torch.Tensor) -> None:
         """`bind` for a handle the caller checked (`check_handle`), admitted (`admit_handles`) and found neither
-        live nor failed: the eager ops' and graph runs' hot path (`_count` and `_account` inline)."""
+        live nor failed: the eager ops' and graph runs' hot path (`_count` and `_account` inline).
+
+        A storage no handle holds yet that is larger than the tensor is bound as the tensor's copy (round 34,
+        red34): torch's CPU `mse_loss` and `smooth_l1_loss` (mean or sum) return a 0-d result over a storage of the
+        elementwise loss's size whose other bytes were never written, and `as_strided` over the whole storage
+        (views are checked against their storage) read them: under `--isolation thread` another session's freed
+        data. Only a new storage pays: a view of a storage a handle holds stays a view."""
         storage = tensor.untyped_storage()
         key = storage._cdata
         entry = self._storages.get(key)
         if entry is None:
             nbytes = storage.nbytes()
+            if nbytes > tensor.nbytes:  # a kernel's buffer behind a smaller result: never bound as is
+                tensor = tensor.clone()
+                storage = tensor.untyped_storage()
+                key = storage._cdata
+                nbytes = storage.nbytes()
             self._storages[key] = [1, nbytes]
             self.used += nbytes
             self.memory.used += nbytes

@@ -1,4 +1,4 @@
-"""Round 34 red team (red34): probes of uninitialized memory, freed handles and accounting through a real daemon."""
+"""Round 34 red team (red34): bytes a kernel allocated but never wrote, and their accounting, through real daemons."""
 
 from __future__ import annotations
 
@@ -57,7 +57,6 @@ def test_a_graphs_new_empty_strided_holds_no_freed_bytes(daemon_factory: Any, is
             assert not (got == CANARY).any(), f"{int((got == CANARY).sum())} of another session's values read"
 
 
-
 def test_a_failed_out_op_leaves_no_freed_bytes_in_its_output(daemon_factory: Any) -> None:
     """torch's out= kernels resize their output before they check index values: `gather`, `take` and `index`
     with an out-of-range index failed with their out= tensor grown and its last elements never written (under
@@ -110,3 +109,27 @@ def test_failed_out_ops_cannot_grow_memory_past_the_quota(daemon_factory: Any, i
         assert errors_seen[0] is errors.InvalidArgument  # the index error, its output grown and counted
         assert used(d, s) >= 48 * MiB
         assert errors_seen[1:] == [errors.ResourceExhausted] * 3
+
+
+@pytest.mark.parametrize("name", ["aten::mse_loss.default", "aten::smooth_l1_loss.default"])
+def test_a_reduced_loss_storage_holds_no_freed_bytes(daemon_factory: Any, name: str) -> None:
+    """torch's CPU `mse_loss` and `smooth_l1_loss` (reduction mean) return a 0-d tensor over a storage of the
+    elementwise loss's size, its bytes past the first never written; a view over the whole storage (`as_strided`:
+    views are checked against their storage) downloaded another session's freed bytes under `--isolation thread`.
+    A new storage larger than its tensor's bytes is bound as a compact copy."""
+    d = daemon_factory(isolation="thread")
+    n = 30_000
+    with (
+        Session.attach(d.address, d.token(tenant="victim", quota_bytes=64 * MiB)) as victim,
+        Session.attach(d.address, d.token(tenant="reader", quota_bytes=64 * MiB)) as s,
+    ):
+        a = Handle(s.upload(torch.rand(n)))
+        b = Handle(s.upload(torch.rand(n)))
+        _plant(victim, n)
+        [loss] = s.call(name, a, b)
+        [whole] = s.call("aten::as_strided.default", loss, [n], [1], 0)
+        with pytest.raises(errors.InvalidArgument, match="storage"):  # it was 120,000 bytes, 119,996 unwritten
+            got = s.download(whole)
+            assert not (got == CANARY).any(), f"{int((got == CANARY).sum())} of another session's values read"
+        local = getattr(torch.ops.aten, name.split(".")[0].removeprefix("aten::"))
+        assert torch.equal(s.download(loss), local(s.download(a), s.download(b)))
