@@ -321,6 +321,8 @@ class WorkerSession:
             if nbytes != entry[1]:
                 if zero_growth and nbytes > entry[1]:
                     zero_bytes(storage, entry[1], nbytes)  # grown memory may hold another session's old data
+                elif nbytes > entry[1]:
+                    _zero_outside(t, storage, entry[1], nbytes)
                 self._account(nbytes - entry[1])
                 entry[1] = nbytes
                 if self.upload_pool.kept:  # a kept upload's storage at another size is no longer the pool's
@@ -386,6 +388,24 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
         isinstance(exc, RuntimeError) and _CPU_OOM in str(exc)
     )
+
+
+def _zero_outside(t: torch.Tensor, storage: torch.UntypedStorage, start: int, end: int) -> None:
+    """Zero the bytes [start, end) of `storage` (what an out= op's resize added) outside `t`'s extent, which its
+    kernel wrote. Round 34 (red34): the CPU `mse_loss.out`, `smooth_l1_loss.out`, `huber_loss.out` and
+    `soft_margin_loss.out` (mean, sum) grow `out` to the elementwise loss's bytes, the first two writing only its
+    first element; a view over the whole storage read the rest: the allocator's old contents, another session's
+    under `--isolation thread`."""
+    if t.numel() == 0:
+        lo = hi = end
+    else:
+        size = t.element_size()
+        lo = int(t.storage_offset()) * size
+        hi = lo + (1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))) * size
+    if lo > start:
+        zero_bytes(storage, start, min(lo, end))
+    if hi < end:
+        zero_bytes(storage, max(hi, start), end)
 
 
 def zero_bytes(storage: torch.UntypedStorage, start: int, end: int) -> None:

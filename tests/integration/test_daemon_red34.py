@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,66 +26,70 @@ def _plant(victim: Session, n: int) -> None:
     victim.sync()
 
 
-def _ints(values: list[int]) -> tensor_pb2.Arg:
-    return tensor_pb2.Arg(ints=tensor_pb2.IntList(values=values))
-
-
-@pytest.mark.parametrize("isolation", ["thread"])
-def test_a_graphs_new_empty_strided_holds_no_freed_bytes(daemon_factory: Any, isolation: str) -> None:
-    d = daemon_factory(isolation=isolation)
-    n = 30_000
+@pytest.fixture
+def pair(daemon_factory: Any) -> Iterator[tuple[Session, Session]]:
+    """A victim and a reader on one `--isolation thread` daemon: one process, one allocator."""
+    d = daemon_factory(isolation="thread")
     with (
         Session.attach(d.address, d.token(tenant="victim", quota_bytes=64 * MiB)) as victim,
         Session.attach(d.address, d.token(tenant="reader", quota_bytes=64 * MiB)) as reader,
     ):
-        x = torch.ones(4)
-        body = [
-            device_pb2.Op(
-                name="aten::new_empty_strided.default",
-                args=[tensor_pb2.Arg(tensor=1), _ints([n]), _ints([1])],
-                outputs=[2],
-            )
-        ]
-        reader.define_graph(
-            device_pb2.DefineGraph(graph_id=1, inputs=1, input_meta=[wire.meta_to_proto(x)], ops=body, outputs=[2])
+        yield victim, reader
+
+
+def _ints(values: list[int]) -> tensor_pb2.Arg:
+    return tensor_pb2.Arg(ints=tensor_pb2.IntList(values=values))
+
+
+def test_a_graphs_new_empty_strided_holds_no_freed_bytes(pair: tuple[Session, Session]) -> None:
+    """A captured graph zeroed the outputs of its own list of uninitialized factories, which lacked
+    `new_empty_strided`: under `--isolation thread` its output was another session's freed bytes, every run."""
+    n = 30_000
+    victim, reader = pair
+    x = torch.ones(4)
+    body = [
+        device_pb2.Op(
+            name="aten::new_empty_strided.default",
+            args=[tensor_pb2.Arg(tensor=1), _ints([n]), _ints([1])],
+            outputs=[2],
         )
-        for _ in range(4):
-            _plant(victim, n)
-            h = Handle(reader.upload(x))
-            y = reader.new_handle()
-            reader.run_graph(1, [h], [y])
-            got = reader.download(y)
-            assert not (got == CANARY).any(), f"{int((got == CANARY).sum())} of another session's values read"
+    ]
+    reader.define_graph(
+        device_pb2.DefineGraph(graph_id=1, inputs=1, input_meta=[wire.meta_to_proto(x)], ops=body, outputs=[2])
+    )
+    for _ in range(4):
+        _plant(victim, n)
+        h = Handle(reader.upload(x))
+        y = reader.new_handle()
+        reader.run_graph(1, [h], [y])
+        got = reader.download(y)
+        assert not (got == CANARY).any(), f"{int((got == CANARY).sum())} of another session's values read"
 
 
-def test_a_failed_out_op_leaves_no_freed_bytes_in_its_output(daemon_factory: Any) -> None:
+def test_a_failed_out_op_leaves_no_freed_bytes_in_its_output(pair: tuple[Session, Session]) -> None:
     """torch's out= kernels resize their output before they check index values: `gather`, `take` and `index`
     with an out-of-range index failed with their out= tensor grown and its last elements never written (under
     `--isolation thread` another session's freed bytes, downloadable). The growth is zeroed."""
-    d = daemon_factory(isolation="thread")
     n = 30_000
-    with (
-        Session.attach(d.address, d.token(tenant="victim", quota_bytes=64 * MiB)) as victim,
-        Session.attach(d.address, d.token(tenant="reader", quota_bytes=64 * MiB)) as s,
+    victim, s = pair
+    x = Handle(s.upload(torch.ones(n)))
+    bad = torch.arange(n)
+    bad[-1] = 10**9
+    idx = Handle(s.upload(bad))
+    for name, args in (
+        ("aten::gather.out", (x, 0, idx)),
+        ("aten::take.out", (x, idx)),
+        ("aten::index.Tensor_out", (x, [idx])),
     ):
-        x = Handle(s.upload(torch.ones(n)))
-        bad = torch.arange(n)
-        bad[-1] = 10**9
-        idx = Handle(s.upload(bad))
-        for name, args in (
-            ("aten::gather.out", (x, 0, idx)),
-            ("aten::take.out", (x, idx)),
-            ("aten::index.Tensor_out", (x, [idx])),
-        ):
-            _plant(victim, n)
-            o = Handle(s.upload(torch.ones(0)))
-            s.call(name, *args, out=o, outputs=[0])
-            with pytest.raises(errors.InvalidArgument, match="out of"):
-                s.sync()
-            got = s.download(o)
-            assert got.shape == (n,)  # torch's own behaviour: the failed kernel grew it
-            assert not (got == CANARY).any(), f"{name}: {int((got == CANARY).sum())} of another session's values"
-            assert torch.equal(got[-1:], torch.zeros(1))
+        _plant(victim, n)
+        o = Handle(s.upload(torch.ones(0)))
+        s.call(name, *args, out=o, outputs=[0])
+        with pytest.raises(errors.InvalidArgument, match="out of"):
+            s.sync()
+        got = s.download(o)
+        assert got.shape == (n,)  # torch's own behaviour: the failed kernel grew it
+        assert not (got == CANARY).any(), f"{name}: {int((got == CANARY).sum())} of another session's values"
+        assert torch.equal(got[-1:], torch.zeros(1))
 
 
 @pytest.mark.parametrize("isolation", ["process", "thread"])
@@ -111,25 +116,30 @@ def test_failed_out_ops_cannot_grow_memory_past_the_quota(daemon_factory: Any, i
         assert errors_seen[1:] == [errors.ResourceExhausted] * 3
 
 
-@pytest.mark.parametrize("name", ["aten::mse_loss.default", "aten::smooth_l1_loss.default"])
-def test_a_reduced_loss_storage_holds_no_freed_bytes(daemon_factory: Any, name: str) -> None:
+@pytest.mark.parametrize("name", ["aten::mse_loss", "aten::smooth_l1_loss"])
+@pytest.mark.parametrize("form", ["default", "out"])
+def test_a_reduced_loss_storage_holds_no_freed_bytes(pair: tuple[Session, Session], name: str, form: str) -> None:
     """torch's CPU `mse_loss` and `smooth_l1_loss` (reduction mean) return a 0-d tensor over a storage of the
-    elementwise loss's size, its bytes past the first never written; a view over the whole storage (`as_strided`:
-    views are checked against their storage) downloaded another session's freed bytes under `--isolation thread`.
-    A new storage larger than its tensor's bytes is bound as a compact copy."""
-    d = daemon_factory(isolation="thread")
+    elementwise loss's size (the out= form grows `out` to it), its bytes past the first never written; a view over
+    the whole storage (`as_strided`: views are checked against their storage) downloaded another session's freed
+    bytes under `--isolation thread`. The result is a compact copy; an out= form's growth outside `out` is zeroed."""
     n = 30_000
-    with (
-        Session.attach(d.address, d.token(tenant="victim", quota_bytes=64 * MiB)) as victim,
-        Session.attach(d.address, d.token(tenant="reader", quota_bytes=64 * MiB)) as s,
-    ):
-        a = Handle(s.upload(torch.rand(n)))
-        b = Handle(s.upload(torch.rand(n)))
-        _plant(victim, n)
-        [loss] = s.call(name, a, b)
-        [whole] = s.call("aten::as_strided.default", loss, [n], [1], 0)
-        with pytest.raises(errors.InvalidArgument, match="storage"):  # it was 120,000 bytes, 119,996 unwritten
-            got = s.download(whole)
-            assert not (got == CANARY).any(), f"{int((got == CANARY).sum())} of another session's values read"
-        local = getattr(torch.ops.aten, name.split(".")[0].removeprefix("aten::"))
-        assert torch.equal(s.download(loss), local(s.download(a), s.download(b)))
+    victim, s = pair
+    a = Handle(s.upload(torch.rand(n)))
+    b = Handle(s.upload(torch.rand(n)))
+    _plant(victim, n)
+    if form == "default":
+        [loss] = s.call(f"{name}.default", a, b)
+    else:
+        loss = Handle(s.upload(torch.ones(0)))
+        s.call(f"{name}.out", a, b, out=loss, outputs=[0])
+    [whole] = s.call("aten::as_strided.default", loss, [n], [1], 0)
+    try:
+        got = s.download(whole)
+    except errors.InvalidArgument as e:  # it was 120,000 bytes, 119,996 unwritten
+        assert form == "default" and "storage" in str(e)
+    else:
+        assert not (got == CANARY).any(), f"{int((got == CANARY).sum())} of another session's values read"
+        assert torch.equal(got[1:], torch.zeros(n - 1))
+    local = getattr(torch.ops.aten, name.removeprefix("aten::")).default
+    assert torch.equal(s.download(loss), local(s.download(a), s.download(b)))
