@@ -542,26 +542,16 @@ def _grown_zeroed(inplace: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _compact_result(packet: Any) -> Callable[..., Any]:
-    """`op`, its result copied where its storage is larger than it. Round 34 (red34): torch's CPU `mse_loss`,
-    `smooth_l1_loss` and `soft_margin_loss` (mean, sum) return a 0-d result over a buffer of the elementwise loss's
-    size, only its first element written by `mse_loss` and `smooth_l1_loss`: an `as_strided` view over the whole
-    storage (eager, or a graph's, or a learned run's, where `WorkerSession.bind_new`'s check is not on the way) read
-    the rest, another session's freed bytes under `--isolation thread`."""
-
-    def run(*args: Any, **kwargs: Any) -> torch.Tensor:
-        if "out" in kwargs:  # the out= form: what its resize added outside `out` is zeroed (`sessions._zero_outside`)
-            return packet.out(*args, **kwargs)  # type: ignore[no-any-return]
-        out = packet.default(*args, **kwargs)
-        return out if out.untyped_storage().nbytes() <= out.nbytes else out.clone()
-
-    return run
+# Ops whose CPU kernels return a result over a larger buffer they do not write whole (round 34, red34): `mse_loss`
+# and `smooth_l1_loss` (mean, sum) return a 0-d result over a storage of the elementwise loss's size, only its first
+# element written, which `as_strided` over the whole storage (views are checked against their storage) read: under
+# `--isolation thread` another session's freed bytes. `WorkerSession.bind_new` binds such a result as a compact copy;
+# the C++ runner's binding does not check it, so their steps stay in Python (server/native_runner.py `_extras`).
+# A graph's slots are checked against their meta storages (4 bytes here), so a graph's view of one is refused.
+BUFFERED_RESULTS = frozenset({"aten::mse_loss", "aten::smooth_l1_loss", "aten::soft_margin_loss"})
 
 
 _REPLACEMENTS: dict[str, Callable[..., Any]] = {
-    "aten::mse_loss": _compact_result(torch.ops.aten.mse_loss),
-    "aten::smooth_l1_loss": _compact_result(torch.ops.aten.smooth_l1_loss),
-    "aten::soft_margin_loss": _compact_result(torch.ops.aten.soft_margin_loss),
     "aten::resize": _grown_zeroed(torch.Tensor.resize_),
     "aten::resize_as": _grown_zeroed(torch.Tensor.resize_as_),
     "aten::_reshape_alias": _checked_reshape_alias,

@@ -143,3 +143,26 @@ def test_a_reduced_loss_storage_holds_no_freed_bytes(pair: tuple[Session, Sessio
         assert torch.equal(got[1:], torch.zeros(n - 1))
     local = getattr(torch.ops.aten, name.removeprefix("aten::")).default
     assert torch.equal(s.download(loss), local(s.download(a), s.download(b)))
+
+
+def test_a_graphs_view_over_a_reduced_loss_buffer_is_refused(pair: tuple[Session, Session]) -> None:
+    """A graph's `as_strided` over the loss's buffer passed the definition (torch checks no view's bounds against a
+    meta storage: the loss's is 4 bytes) and its runs downloaded another session's freed bytes: now refused there."""
+    n = 30_000
+    _, s = pair
+    x = torch.rand(n)
+    body = [
+        device_pb2.Op(
+            name="aten::mse_loss.default", args=[tensor_pb2.Arg(tensor=1), tensor_pb2.Arg(tensor=1)], outputs=[2]
+        ),
+        device_pb2.Op(
+            name="aten::as_strided.default",
+            args=[tensor_pb2.Arg(tensor=2), _ints([n]), _ints([1]), tensor_pb2.Arg(i=0)],
+            outputs=[3],
+        ),
+    ]
+    s.define_graph(
+        device_pb2.DefineGraph(graph_id=1, inputs=1, input_meta=[wire.meta_to_proto(x)], ops=body, outputs=[3])
+    )
+    with pytest.raises(errors.InvalidArgument, match="past its storage"):  # it ran: 29,983 of 30,000 read
+        s.sync()
