@@ -534,10 +534,7 @@ class CommandExecutor:
         run = plan.run
         speed = self.speed if self.speed is not None and self.speed.active else None
         started = time.perf_counter() if speed is not None else 0.0
-        if plan.seeded:
-            out = self._seeded(s, run, args, kwargs)
-        else:
-            out = run(*args, **kwargs) if kwargs else run(*args)
+        out = self._call(s, plan, run, args, kwargs, lambda: runs.written(step, fields))
         if speed is not None:
             speed.hold_op(op, args, kwargs, out, started)
         s.ops += 1
@@ -692,10 +689,7 @@ class CommandExecutor:
         run = plan.run
         speed = self.speed if self.speed is not None and self.speed.active else None
         started = time.perf_counter() if speed is not None else 0.0
-        if plan.seeded:
-            out = self._seeded(s, run, args, kwargs)
-        else:
-            out = run(*args, **kwargs) if kwargs else run(*args)
+        out = self._call(s, plan, run, args, kwargs, written)
         if speed is not None:
             speed.hold_op(op, args, kwargs, out, started)
         s.ops += 1
@@ -725,6 +719,31 @@ class CommandExecutor:
             bound = self._bind_outputs(s, outputs, out, dev)
         if s.used > s.quota and s.used > used_before:
             _over_quota(s, bound)  # raises
+
+    def _call(
+        self,
+        s: WorkerSession,
+        plan: checks.OpPlan,
+        run: Callable[..., Any],
+        args: list[Any],
+        kwargs: dict[str, Any],
+        written: Callable[[], list[int]],
+    ) -> Any:
+        """Run one op's kernel (a random op on the session's generator), `written` its written handles.
+
+        Round 34 (red34): torch's out= kernels resize their output before they check their arguments' values
+        (`gather`, `take`, `index` with an index out of range): the failed op left its out= tensor grown, the new
+        bytes unwritten - the allocator's old contents, under `--isolation thread` another session's freed data,
+        downloadable - and uncounted (a 64 MiB quota held eight such tensors of 48 MiB at a `used` of 12 bytes).
+        A failed op that may reshape has its written tensors recounted and their growth zeroed, as a resize_'s."""
+        try:
+            if plan.seeded:
+                return self._seeded(s, run, args, kwargs)
+            return run(*args, **kwargs) if kwargs else run(*args)
+        except BaseException:
+            if plan.reshapes:
+                s.recount(written(), zero_growth=True)
+            raise
 
     def _seeded(self, s: WorkerSession, op: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
         """Run a random op on the session's own generator.

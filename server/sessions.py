@@ -202,12 +202,23 @@ class WorkerSession:
 
     def bind_new(self, handle: int, tensor: torch.Tensor) -> None:
         """`bind` for a handle the caller checked (`check_handle`), admitted (`admit_handles`) and found neither
-        live nor failed: the eager ops' and graph runs' hot path (`_count` and `_account` inline)."""
+        live nor failed: the eager ops' and graph runs' hot path (`_count` and `_account` inline).
+
+        A storage no handle holds yet that is larger than the tensor is bound as the tensor's copy (round 34,
+        red34): torch's CPU `mse_loss` and `smooth_l1_loss` (mean or sum) return a 0-d result over a storage of the
+        elementwise loss's size whose other bytes were never written, and `as_strided` over the whole storage
+        (views are checked against their storage) read them: under `--isolation thread` another session's freed
+        data. Only a new storage pays: a view of a storage a handle holds stays a view."""
         storage = tensor.untyped_storage()
         key = storage._cdata
         entry = self._storages.get(key)
         if entry is None:
             nbytes = storage.nbytes()
+            if nbytes > tensor.nbytes:  # a kernel's buffer behind a smaller result: never bound as is
+                tensor = tensor.clone()
+                storage = tensor.untyped_storage()
+                key = storage._cdata
+                nbytes = storage.nbytes()
             self._storages[key] = [1, nbytes]
             self.used += nbytes
             self.memory.used += nbytes
@@ -310,6 +321,8 @@ class WorkerSession:
             if nbytes != entry[1]:
                 if zero_growth and nbytes > entry[1]:
                     zero_bytes(storage, entry[1], nbytes)  # grown memory may hold another session's old data
+                elif nbytes > entry[1]:
+                    _zero_outside(t, storage, entry[1], nbytes)
                 self._account(nbytes - entry[1])
                 entry[1] = nbytes
                 if self.upload_pool.kept:  # a kept upload's storage at another size is no longer the pool's
@@ -375,6 +388,24 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
         isinstance(exc, RuntimeError) and _CPU_OOM in str(exc)
     )
+
+
+def _zero_outside(t: torch.Tensor, storage: torch.UntypedStorage, start: int, end: int) -> None:
+    """Zero the bytes [start, end) of `storage` (what an out= op's resize added) outside `t`'s extent, which its
+    kernel wrote. Round 34 (red34): the CPU `mse_loss.out`, `smooth_l1_loss.out`, `huber_loss.out` and
+    `soft_margin_loss.out` (mean, sum) grow `out` to the elementwise loss's bytes, the first two writing only its
+    first element; a view over the whole storage read the rest: the allocator's old contents, another session's
+    under `--isolation thread`."""
+    if t.numel() == 0:
+        lo = hi = end
+    else:
+        size = t.element_size()
+        lo = int(t.storage_offset()) * size
+        hi = lo + (1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))) * size
+    if lo > start:
+        zero_bytes(storage, start, min(lo, end))
+    if hi < end:
+        zero_bytes(storage, max(hi, start), end)
 
 
 def zero_bytes(storage: torch.UntypedStorage, start: int, end: int) -> None:
