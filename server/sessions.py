@@ -204,21 +204,20 @@ class WorkerSession:
         """`bind` for a handle the caller checked (`check_handle`), admitted (`admit_handles`) and found neither
         live nor failed: the eager ops' and graph runs' hot path (`_count` and `_account` inline).
 
-        A storage no handle holds yet that is larger than the tensor is bound as the tensor's copy (round 34,
+        A storage no handle holds yet gets its bytes outside the tensor's extent zeroed (`_zero_unreached`; round 34,
         red34): torch's CPU `mse_loss` and `smooth_l1_loss` (mean or sum) return a 0-d result over a storage of the
         elementwise loss's size whose other bytes were never written, and `as_strided` over the whole storage
         (views are checked against their storage) read them: under `--isolation thread` another session's freed
-        data. Only a new storage pays: a view of a storage a handle holds stays a view."""
+        data. The tensor stays as its kernel made it: a copy would change the layout the client's meta kernels
+        computed (a gappy `empty_strided`'s views then reached past the copy's storage). Only a new storage larger
+        than the tensor's elements pays: a view of a storage a handle holds stays a view."""
         storage = tensor.untyped_storage()
         key = storage._cdata
         entry = self._storages.get(key)
         if entry is None:
             nbytes = storage.nbytes()
-            if nbytes > tensor.nbytes:  # a kernel's buffer behind a smaller result: never bound as is
-                tensor = tensor.clone()
-                storage = tensor.untyped_storage()
-                key = storage._cdata
-                nbytes = storage.nbytes()
+            if nbytes > tensor.nbytes:  # maybe a kernel's buffer behind a smaller result
+                _zero_unreached(tensor, storage, nbytes)
             self._storages[key] = [1, nbytes]
             self.used += nbytes
             self.memory.used += nbytes
@@ -259,6 +258,8 @@ class WorkerSession:
                 found = storages.get(key)
                 if found is None:
                     nbytes = storage.nbytes()
+                    if nbytes > tensor.nbytes:  # as `bind_new`: a graph's mse_loss holds the same buffer
+                        _zero_unreached(tensor, storage, nbytes)
                     storages[key] = [1, nbytes]
                     delta += nbytes
                 else:
@@ -406,6 +407,13 @@ def _zero_outside(t: torch.Tensor, storage: torch.UntypedStorage, start: int, en
         zero_bytes(storage, start, min(lo, end))
     if hi < end:
         zero_bytes(storage, max(hi, start), end)
+
+
+def _zero_unreached(t: torch.Tensor, storage: torch.UntypedStorage, nbytes: int) -> None:
+    """Zero the bytes of a new storage outside `t`'s extent (`bind_new`): the rest of a kernel's buffer, which it may
+    never have written. A tensor whose extent is its whole storage (a gappy `empty_strided`: its factory zeroed
+    it) touches nothing."""
+    _zero_outside(t, storage, 0, nbytes)
 
 
 def zero_bytes(storage: torch.UntypedStorage, start: int, end: int) -> None:

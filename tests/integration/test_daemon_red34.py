@@ -166,3 +166,46 @@ def test_a_graphs_view_over_a_reduced_loss_buffer_is_refused(pair: tuple[Session
     )
     with pytest.raises(errors.InvalidArgument, match="past its storage"):  # it ran: 29,983 of 30,000 read
         s.sync()
+
+
+def test_a_gappy_empty_strided_keeps_its_layout(pair: tuple[Session, Session]) -> None:
+    """A new storage larger than its tensor's elements keeps the layout its kernel made (the client's meta kernels
+    computed the same): round 34's first fix bound a copy, and a gappy `empty_strided`'s views, which the client
+    places by its strides, then reached past the copy's storage ("byte 44 of a 24-byte storage")."""
+    _, s = pair
+    [t] = s.call("aten::empty_strided.default", [2, 3], [6, 2], dtype=torch.float32)
+    [row] = s.call("aten::as_strided.default", t, [3], [2], 6)
+    s.call("aten::fill_.Scalar", row, 2.0)
+    [whole] = s.call("aten::as_strided.default", t, [11], [1], 0)
+    expected = torch.zeros(11)
+    expected[6::2] = 2.0
+    assert torch.equal(s.download(whole), expected)
+
+
+def test_a_graphs_reduced_loss_output_holds_no_freed_bytes(pair: tuple[Session, Session]) -> None:
+    """A graph run's outputs are bound as eager results are: a loss it returns over the elementwise buffer has the
+    buffer's other bytes zeroed, so an eager view over the whole storage reads no other session's freed bytes."""
+    n = 30_000
+    victim, s = pair
+    x = torch.rand(n)
+    body = [
+        device_pb2.Op(
+            name="aten::mse_loss.default", args=[tensor_pb2.Arg(tensor=1), tensor_pb2.Arg(tensor=1)], outputs=[2]
+        )
+    ]
+    s.define_graph(
+        device_pb2.DefineGraph(graph_id=1, inputs=1, input_meta=[wire.meta_to_proto(x)], ops=body, outputs=[2])
+    )
+    for _ in range(3):
+        _plant(victim, n)
+        h = Handle(s.upload(x))
+        loss = s.new_handle()
+        s.run_graph(1, [h], [loss])
+        try:
+            [whole] = s.call("aten::as_strided.default", Handle(loss), [n], [1], 0)
+            got = s.download(whole)
+        except errors.InvalidArgument as e:  # a storage of the result's own size (a TorchScript graph's, say)
+            assert "storage" in str(e)
+        else:
+            assert not (got == CANARY).any(), f"{int((got == CANARY).sum())} of another session's values read"
+        assert float(s.download(Handle(loss))) == 0.0
