@@ -37,6 +37,27 @@ def pair(daemon_factory: Any) -> Iterator[tuple[Session, Session]]:
         yield victim, reader
 
 
+# mse_loss(x, x) of a graph's input (slot 1) into slot 2
+MSE_OF_SLOT_1 = device_pb2.Op(
+    name="aten::mse_loss.default", args=[tensor_pb2.Arg(tensor=1), tensor_pb2.Arg(tensor=1)], outputs=[2]
+)
+
+
+def _define(s: Session, x: torch.Tensor, body: list[device_pb2.Op], output: int) -> None:
+    """Graph 1 of `s`: one input like `x` (slot 1), `body`, one output (slot `output`)."""
+    s.define_graph(
+        device_pb2.DefineGraph(graph_id=1, inputs=1, input_meta=[wire.meta_to_proto(x)], ops=body, outputs=[output])
+    )
+
+
+def _run(s: Session, x: torch.Tensor) -> Handle:
+    """One run of graph 1 on a fresh upload of `x`: its output's handle."""
+    h = Handle(s.upload(x))
+    y = s.new_handle()
+    s.run_graph(1, [h], [y])
+    return Handle(y)
+
+
 def _ints(values: list[int]) -> tensor_pb2.Arg:
     return tensor_pb2.Arg(ints=tensor_pb2.IntList(values=values))
 
@@ -54,15 +75,10 @@ def test_a_graphs_new_empty_strided_holds_no_freed_bytes(pair: tuple[Session, Se
             outputs=[2],
         )
     ]
-    reader.define_graph(
-        device_pb2.DefineGraph(graph_id=1, inputs=1, input_meta=[wire.meta_to_proto(x)], ops=body, outputs=[2])
-    )
+    _define(reader, x, body, 2)
     for _ in range(4):
         _plant(victim, n)
-        h = Handle(reader.upload(x))
-        y = reader.new_handle()
-        reader.run_graph(1, [h], [y])
-        got = reader.download(y)
+        got = reader.download(_run(reader, x))
         assert not (got == CANARY).any(), f"{int((got == CANARY).sum())} of another session's values read"
 
 
@@ -152,18 +168,14 @@ def test_a_graphs_view_over_a_reduced_loss_buffer_is_refused(pair: tuple[Session
     _, s = pair
     x = torch.rand(n)
     body = [
-        device_pb2.Op(
-            name="aten::mse_loss.default", args=[tensor_pb2.Arg(tensor=1), tensor_pb2.Arg(tensor=1)], outputs=[2]
-        ),
+        MSE_OF_SLOT_1,
         device_pb2.Op(
             name="aten::as_strided.default",
             args=[tensor_pb2.Arg(tensor=2), _ints([n]), _ints([1]), tensor_pb2.Arg(i=0)],
             outputs=[3],
         ),
     ]
-    s.define_graph(
-        device_pb2.DefineGraph(graph_id=1, inputs=1, input_meta=[wire.meta_to_proto(x)], ops=body, outputs=[3])
-    )
+    _define(s, x, body, 3)
     with pytest.raises(errors.InvalidArgument, match="past its storage"):  # it ran: 29,983 of 30,000 read
         s.sync()
 
@@ -188,19 +200,10 @@ def test_a_graphs_reduced_loss_output_holds_no_freed_bytes(pair: tuple[Session, 
     n = 30_000
     victim, s = pair
     x = torch.rand(n)
-    body = [
-        device_pb2.Op(
-            name="aten::mse_loss.default", args=[tensor_pb2.Arg(tensor=1), tensor_pb2.Arg(tensor=1)], outputs=[2]
-        )
-    ]
-    s.define_graph(
-        device_pb2.DefineGraph(graph_id=1, inputs=1, input_meta=[wire.meta_to_proto(x)], ops=body, outputs=[2])
-    )
+    _define(s, x, [MSE_OF_SLOT_1], 2)
     for _ in range(3):
         _plant(victim, n)
-        h = Handle(s.upload(x))
-        loss = s.new_handle()
-        s.run_graph(1, [h], [loss])
+        loss = _run(s, x)
         try:
             [whole] = s.call("aten::as_strided.default", Handle(loss), [n], [1], 0)
             got = s.download(whole)
