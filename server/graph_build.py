@@ -26,7 +26,7 @@ from gpupool._proto import device_pb2, tensor_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
 
 from . import attention, checks, cost, fallbacks, guards
-from .sessions import WorkerSession, out_of_memory
+from .sessions import WorkerSession, extent, out_of_memory
 
 metas.register()  # Meta kernels torch lacks (a fused Adam's tensor-lr overload): a graph's ops run on meta tensors
 
@@ -39,16 +39,6 @@ MAX_DIMS = 64
 _META = torch.device("meta")
 # Ops that re-point or grow storages: a graph's memory must be known before it runs.
 NOT_IN_GRAPHS = frozenset({"aten::resize_", "aten::resize_as_", "aten::_resize_output_", "aten::set_"})
-
-
-def _extent(t: torch.Tensor) -> int:
-    """The bytes of `t`'s storage up to its last element's end. Round 34 (red34): the meta kernels of CPU `mse_loss`
-    and `smooth_l1_loss` (mean, sum) give a 0-d result a storage of its 4 bytes, their CPU kernels one of the
-    elementwise loss's size, only its first element written; a graph's `as_strided` over the real buffer passed the
-    definition (meta storages are not bounds-checked) and its runs downloaded another session's freed bytes under
-    `--isolation thread`. A view past its slot's meta storage is refused at the definition."""
-    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
-    return (int(t.storage_offset()) + int(last) + 1) * t.element_size()
 
 
 class Host(Protocol):
@@ -463,10 +453,15 @@ def _prebuild(
     except NotImplementedError:
         raise InvalidArgument("this op has no meta kernel; it cannot be part of a graph") from None
     values = flat(out)
-    for v in values:  # views: torch checks a view's bounds against its storage, but not on meta storages
-        if isinstance(v, torch.Tensor) and v.numel() and _extent(v) > v.untyped_storage().nbytes():
+    # Views: torch checks a view's bounds against its storage, but not on meta storages. Round 34 (red34): the meta
+    # kernels of CPU `mse_loss` and `smooth_l1_loss` (mean, sum) give a 0-d result a storage of its 4 bytes, their CPU
+    # kernels one of the elementwise loss's size, only its first element written; a graph's `as_strided` over the
+    # real buffer passed the definition and its runs downloaded another session's freed bytes under `--isolation
+    # thread`. A view past its slot's meta storage is refused at the definition.
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.numel() and (reach := extent(v)) > v.untyped_storage().nbytes():
             raise InvalidArgument(
-                f"{msg.name}: a view of {_extent(v)} bytes past its storage's {v.untyped_storage().nbytes()}"
+                f"{msg.name}: a view of {reach} bytes past its storage's {v.untyped_storage().nbytes()}"
             )
     outs = [int(h) for h in msg.outputs]
     if len(outs) > len(values):

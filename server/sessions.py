@@ -204,7 +204,7 @@ class WorkerSession:
         """`bind` for a handle the caller checked (`check_handle`), admitted (`admit_handles`) and found neither
         live nor failed: the eager ops' and graph runs' hot path (`_count` and `_account` inline).
 
-        A storage no handle holds yet gets its bytes outside the tensor's extent zeroed (`_zero_unreached`; round 34,
+        A storage no handle holds yet gets its bytes outside the tensor's extent zeroed (`_zero_outside`; round 34,
         red34): torch's CPU `mse_loss` and `smooth_l1_loss` (mean or sum) return a 0-d result over a storage of the
         elementwise loss's size whose other bytes were never written, and `as_strided` over the whole storage
         (views are checked against their storage) read them: under `--isolation thread` another session's freed
@@ -217,7 +217,7 @@ class WorkerSession:
         if entry is None:
             nbytes = storage.nbytes()
             if nbytes > tensor.nbytes:  # maybe a kernel's buffer behind a smaller result
-                _zero_unreached(tensor, storage, nbytes)
+                _zero_outside(tensor, storage, 0, nbytes)
             self._storages[key] = [1, nbytes]
             self.used += nbytes
             self.memory.used += nbytes
@@ -259,7 +259,7 @@ class WorkerSession:
                 if found is None:
                     nbytes = storage.nbytes()
                     if nbytes > tensor.nbytes:  # as `bind_new`: a graph's mse_loss holds the same buffer
-                        _zero_unreached(tensor, storage, nbytes)
+                        _zero_outside(tensor, storage, 0, nbytes)
                     storages[key] = [1, nbytes]
                     delta += nbytes
                 else:
@@ -400,20 +400,17 @@ def _zero_outside(t: torch.Tensor, storage: torch.UntypedStorage, start: int, en
     if t.numel() == 0:
         lo = hi = end
     else:
-        size = t.element_size()
-        lo = int(t.storage_offset()) * size
-        hi = lo + (1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))) * size
+        lo, hi = int(t.storage_offset()) * t.element_size(), extent(t)
     if lo > start:
         zero_bytes(storage, start, min(lo, end))
     if hi < end:
         zero_bytes(storage, max(hi, start), end)
 
 
-def _zero_unreached(t: torch.Tensor, storage: torch.UntypedStorage, nbytes: int) -> None:
-    """Zero the bytes of a new storage outside `t`'s extent (`bind_new`): the rest of a kernel's buffer, which it may
-    never have written. A tensor whose extent is its whole storage (a gappy `empty_strided`: its factory zeroed
-    it) touches nothing."""
-    _zero_outside(t, storage, 0, nbytes)
+def extent(t: torch.Tensor) -> int:
+    """The bytes of `t`'s storage up to its last element's end (of a tensor with elements)."""
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    return (int(t.storage_offset()) + int(last) + 1) * t.element_size()
 
 
 def zero_bytes(storage: torch.UntypedStorage, start: int, end: int) -> None:
