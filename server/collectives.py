@@ -740,6 +740,11 @@ def _check_shape(msg: device_pb2.Collective, tensors: list[Any], inputs: list[An
         raise InvalidArgument(f"{msg.kind} takes tensors and no inputs")
     if msg.kind == "broadcast" and msg.root >= size:
         raise InvalidArgument(f"broadcast root {msg.root} is not a rank of a group of {size}")
+    if msg.kind == "broadcast" and len(tensors) > 1:
+        # (round 35, red35) one gloo broadcast per tensor: ranks whose tensors agreed in all (`_agree`) but were
+        # split otherwise, 10 + 20 elements against 20 + 10, sent 80 bytes where gloo's receiving thread expected 40
+        # (gloo::EnforceNotMet, std::terminate: the daemon under --isolation thread). torch's callers send one
+        raise InvalidArgument("broadcast takes one tensor per rank (one device per process)")
     if msg.kind == "allgather":
         if len(inputs) != 1 or len(tensors) != size or any(t.numel() != inputs[0].numel() for t in tensors):
             raise InvalidArgument(f"allgather takes 1 input and {size} outputs of its size")

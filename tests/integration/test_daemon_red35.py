@@ -102,26 +102,39 @@ def test_a_forged_rank_writes_no_bool_bytes_but_0_and_1(
             g.pg.close()
 
 
-def test_ranks_calling_with_complex_dtypes_of_two_sizes_are_refused(serve_process: Any) -> None:
-    """complex64 and complex128 had one number in a call's signature (`_agree`), so a broadcast of 64 complex64
-    values on rank 0 agreed with one of 64 complex128 values on rank 1; gloo's receiving thread then met 1,024 bytes
-    where it expected 512 (`gloo::EnforceNotMet`, uncaught in its thread: `std::terminate`), and under `--isolation
-    thread` the daemon aborted with every tenant's sessions: two honest sessions of one lease, nothing forged. Both
-    ranks are now refused before a byte moves, and the daemon and its other tenant go on."""
+def _gloo_pair(d: Any) -> list[Session]:
+    """Two sessions of one two-device lease on `d`, joined into one group."""
+    lease = uuid.uuid4().hex
+    tokens = [d.token(lease_id=lease, device=i, network=True) for i in range(2)]
+    ranks = [Session.attach(d.address, t) for t in tokens]
+    join_all(ranks, tokens, timeout=5)
+    return ranks
+
+
+def test_honest_ranks_calls_that_differ_in_bytes_are_refused(serve_process: Any) -> None:
+    """Calls whose signatures agreed (`_agree`) but whose bytes did not: gloo's receiving thread then met more bytes
+    than it expected (`gloo::EnforceNotMet`, uncaught in its thread: `std::terminate`), and under `--isolation
+    thread` the daemon aborted with every tenant's sessions; two honest sessions of one lease, nothing forged.
+    complex64 and complex128 had one number in the signature (64 of each: 1,024 bytes where 512 were expected),
+    and a broadcast ran one gloo call per tensor (10 + 20 elements against 20 + 10). Both are refused before a byte
+    moves now, and the daemon and its other tenant go on."""
     d = serve_process(
         "--fake-gpus", "2", "--fake-gpu-memory", "64MiB", "--isolation", "thread",
         "--collectives", "gloo", "--worker-network", "on",
     )  # fmt: skip
     neighbour = Healthy(d.address, d.token(tenant="neighbour", quota_bytes=16 * MiB, device=1), pause=0.01)
-    lease = uuid.uuid4().hex
-    tokens = [d.token(lease_id=lease, device=i, network=True) for i in range(2)]
-    ranks = [Session.attach(d.address, t) for t in tokens]
-    join_all(ranks, tokens, timeout=5)
+    ranks = _gloo_pair(d)
     for s, dtype in zip(ranks, (torch.complex64, torch.complex128), strict=True):
         collective(s, "broadcast", [Handle(s.upload(torch.ones(N, dtype=dtype)))], root=1)
     for s in ranks:
         with pytest.raises(errors.InvalidArgument, match="ranks disagree"):
             s.sync()  # it was UNAVAILABLE "Stream removed": the daemon was gone
+        s.close()
+    ranks = _gloo_pair(d)
+    for s, split in zip(ranks, ((10, 20), (20, 10)), strict=True):
+        collective(s, "broadcast", [Handle(s.upload(torch.ones(n))) for n in split], root=1)
+        with pytest.raises(errors.InvalidArgument, match="one tensor per rank"):
+            s.sync()
         s.close()
     assert d.process is not None and d.process.poll() is None
     neighbour.check(min_iterations=2)
