@@ -72,8 +72,14 @@ KINDS = ("allreduce", "broadcast", "allgather", "reduce_scatter", "barrier")
 _REDUCE = {"sum": dist.ReduceOp.SUM, "product": dist.ReduceOp.PRODUCT, "min": dist.ReduceOp.MIN,
            "max": dist.ReduceOp.MAX, "avg": dist.ReduceOp.SUM}  # fmt: skip
 _OPS = ("", "sum", "avg", "product", "min", "max")
+# Each dtype's number in a call's signature (`_agree`), so that ranks calling with different dtypes are refused
+# alike before a byte moves. Every dtype the wire carries has its own (the complex ones since round 35: both were
+# "99", so a complex64 call agreed with a complex128 one of as many elements, and gloo's receiving thread met twice the
+# bytes it expected and aborted the process, under --isolation thread the daemon with every tenant's sessions);
+# any other is told apart by its element size (`_dtype_code`). Append only: the numbers go between daemons.
 _DTYPES = {d: i for i, d in enumerate([torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
-                                       torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool])}  # fmt: skip
+                                       torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+                                       torch.complex64, torch.complex128])}  # fmt: skip
 
 Verifier = Callable[[str], TokenClaims]
 
@@ -681,7 +687,7 @@ class Collectives:
     def _agree(self, group: Group, pg: Any, msg: device_pb2.Collective, tensors: list[Any], inputs: list[Any]) -> None:
         """All-gather each rank's signature of this call; refuse (on every rank alike) when they differ."""
         all_t = tensors + inputs
-        dtype = _DTYPES.get(all_t[0].dtype, 99) if all_t else -1
+        dtype = _dtype_code(all_t[0].dtype) if all_t else -1
         sig = [KINDS.index(msg.kind), _OPS.index(msg.reduce_op), msg.root, len(tensors), len(inputs),
                sum(t.numel() for t in tensors), sum(t.numel() for t in inputs), dtype]  # fmt: skip
         dev = tensors[0].device if tensors and tensors[0].device.type == "cuda" else torch.device("cpu")
@@ -711,6 +717,12 @@ class _Waiting:
         self.error: Exception | None = None
 
 
+def _dtype_code(dtype: torch.dtype) -> int:
+    """`dtype`'s number in a call's signature: `_DTYPES`', else 100 + its element size."""
+    code = _DTYPES.get(dtype)
+    return code if code is not None else 100 + dtype.itemsize
+
+
 def _describe(sig: list[int]) -> str:
     kind, op, root, nt, ni, numel_t, numel_i, dtype = sig
     names = {v: str(k).removeprefix("torch.") for k, v in _DTYPES.items()}
@@ -728,6 +740,11 @@ def _check_shape(msg: device_pb2.Collective, tensors: list[Any], inputs: list[An
         raise InvalidArgument(f"{msg.kind} takes tensors and no inputs")
     if msg.kind == "broadcast" and msg.root >= size:
         raise InvalidArgument(f"broadcast root {msg.root} is not a rank of a group of {size}")
+    if msg.kind == "broadcast" and len(tensors) > 1:
+        # (round 35, red35) one gloo broadcast per tensor: ranks whose tensors agreed in all (`_agree`) but were
+        # split otherwise, 10 + 20 elements against 20 + 10, sent 80 bytes where gloo's receiving thread expected 40
+        # (gloo::EnforceNotMet, std::terminate: the daemon under --isolation thread). torch's callers send one
+        raise InvalidArgument("broadcast takes one tensor per rank (one device per process)")
     if msg.kind == "allgather":
         if len(inputs) != 1 or len(tensors) != size or any(t.numel() != inputs[0].numel() for t in tensors):
             raise InvalidArgument(f"allgather takes 1 input and {size} outputs of its size")
@@ -740,6 +757,28 @@ def _check_shape(msg: device_pb2.Collective, tensors: list[Any], inputs: list[An
 
 
 def _run(pg: Any, msg: device_pb2.Collective, tensors: list[Any], inputs: list[Any], group: Group) -> None:
+    _run_kind(pg, msg, tensors, inputs, group)
+    if tensors and tensors[0].dtype is torch.bool:  # (one dtype: _check_shape)
+        _check_bools(msg, tensors, group)
+
+
+def _check_bools(msg: device_pb2.Collective, tensors: list[Any], group: Group) -> None:
+    """The bool tensors a collective wrote hold only 0 and 1, as every upload's (gpupool/wire.py
+    `check_bool_bytes`: any other byte is undefined behaviour in torch's kernels). A rank is anyone holding the
+    group's secret, which every holder of the lease's tokens can compute: round 35 (red35) posed as rank 1 from a
+    plain process, no daemon session of its own, and broadcast bytes of 7 into rank 0's session's bool tensor, on
+    both transports and isolations. Refused after the fact (the bytes came from the peer, whole or reduced): the
+    collective fails, its outputs are poisoned (unbound, the executor's failure path) and the group is broken."""
+    for t in tensors:
+        if t.numel() and int(t.view(torch.uint8).max()) > 1:
+            group.broken = (
+                f"collective {msg.kind} of {group.describe()}: a peer sent bool bytes other than 0 and 1 (undefined "
+                "in torch's kernels); its outputs are dropped and the group is over"
+            )
+            raise InvalidArgument(group.broken)
+
+
+def _run_kind(pg: Any, msg: device_pb2.Collective, tensors: list[Any], inputs: list[Any], group: Group) -> None:
     kind = msg.kind
     if kind == "barrier":
         pg.barrier().wait()

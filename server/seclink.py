@@ -67,6 +67,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from gpupool.errors import InvalidArgument
 from gpupool.peers import push_out, source_key
 
 log = logging.getLogger(__name__)
@@ -539,6 +540,9 @@ class SecureGroup:
                     acc = flat[start // size : end // size]
                     for r in range(1, self.size):  # rank order: ((t0 op t1) op t2) ...
                         plain = self.channels[r].recv_frame(end - start, deadline)
+                        if host.dtype is torch.bool and bytes(plain).translate(None, b"\0\1"):
+                            # before a kernel reads them: undefined behaviour in torch's (round 35, red35)
+                            raise InvalidArgument(f"{_who(r)} sent bool bytes other than 0 and 1")
                         if end > start:
                             reducer(acc, torch.frombuffer(plain, dtype=host.dtype))
                     for r in range(1, self.size):
