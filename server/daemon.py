@@ -381,14 +381,23 @@ class Daemon:
         only a session in its own worker process (the device's thread sets torch's per-thread state for
         in-thread sessions), and only what the device's thread would run next anyway (`put_and_claim`: no
         other session waits or runs, and none can start until the slice is charged). The rest of the frame,
-        if any, stays queued for the device's thread."""
+        if any, stays queued for the device's thread. A bulk upload's chunk read into an upload slot is always
+        queued (round 35): its reader then reads the next chunk into the next slot while the device's thread has
+        the worker copy this one; run here, the reader waited for each copy before it read on (one slot used, the
+        receive and the copy in turns: BENCHMARKS.md, "Round 35, xfer35")."""
         first = commands[0]
         last = first is END_OF_STREAM or isinstance(first, GpupoolError)  # a reader's last item (a marker)
         if self._draining and not last:
             s.outbox.put(Closed(StatusCode.UNAVAILABLE, f"host {self.host_id} is draining"))
             return False
         queue = self.queues[s.device.index]
-        if last or s.runner is None or not s.runner.pid:
+        if (
+            last
+            or s.runner is None
+            or not s.runner.pid
+            or (len(first[1]) >= bulk.BIG_UPLOAD and s.runner.holds(first[1]))
+        ):
+            # (a bulk upload's chunk in an upload slot: the device's thread runs it while its reader reads on)
             return queue.put(s.entry, commands, nbytes)
         worker = self._worker_of[s.device.index]
         taken = queue.put_and_claim(s.entry, commands, nbytes, worker.slice_commands)

@@ -741,3 +741,39 @@ def test_uploads_land_in_their_own_sessions_upload_slots(bulk_daemon: Any, monke
         s.sync()
     s.close()
     both((3, 4))
+
+
+def test_the_reader_reads_the_next_chunk_while_the_worker_runs_one(
+    bulk_daemon: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 35: a bulk upload's chunk read into an upload slot is run by the device's thread, so that the session's
+    reader reads the next chunk into the next slot meanwhile. Until then the reader ran each chunk's slice itself
+    (the idle device's inline slice, `Daemon.submit`), waiting for the worker's copy before it read on: the reader
+    and the worker took turns, and only one slot was ever used. Here the first slot's slice waits (in the daemon,
+    before its request goes out) for the reader to take a second slot: on the old path the reader itself waits
+    there, so no second slot comes; the bytes arrive exact either way."""
+    from gpupool.server import worker
+
+    real_span, real_run = worker.ProcessRunner.upload_span, worker.ProcessRunner.run
+    second = threading.Event()
+    spans: list[bool] = []
+    overlapped: list[bool] = []
+
+    def span(self: worker.ProcessRunner, size: int) -> memoryview | None:
+        got = real_span(self, size)
+        spans.append(got is not None)
+        if sum(spans) >= 2:
+            second.set()
+        return got
+
+    def run(self: worker.ProcessRunner, req: Any, commands: int, parts: Any = ()) -> Any:
+        if len(parts) == 1 and self.holds(parts[0]) and not overlapped:
+            overlapped.append(second.wait(10))  # the reader took the next chunk's slot while this one waits
+        return real_run(self, req, commands, parts)
+
+    monkeypatch.setattr(worker.ProcessRunner, "upload_span", span)
+    monkeypatch.setattr(worker.ProcessRunner, "run", run)
+    with Session.attach(bulk_daemon.address, bulk_daemon.token()) as s:
+        big = _bits(3 * protocol.CHUNK_BYTES + 8, seed=35)
+        assert torch.equal(s.download(s.upload(big)), big)
+    assert overlapped == [True], (overlapped, spans)
