@@ -1,0 +1,177 @@
+"""Red team, round 35 (cred35): the scheduler as the pool's credential authority, and what a host's registration
+reaches. Real servers on loopback (the test PKI, mutual TLS or API tokens), `gpupool smi`/`list-gpus` as processes.
+
+Found and fixed here (each test fails on 83b2932):
+- a token removed from the scheduler's credentials file stayed valid for as long as the scheduler ran when the same
+  edit (or any later one) left a line the parser refused, or when the file was removed: the table read before was
+  kept whole (scheduler/auth.py `Credentials`);
+- an old public key removed from a daemon's `--token-public-keys` file (rotation, step 3) still admitted its tokens
+  when the file held a block that did not parse: every key read before was kept (gpupool/tokens.py `Verifier`);
+- a host (its join token or certificate) registered device models, UUIDs, labels and an address holding escape
+  sequences and rich markup, which `gpupool list-gpus` printed raw and `gpupool smi` rendered: `[/bold]` ended smi
+  with a MarkupError for every user, ESC sequences reached the reader's terminal (an OSC 52 writes its clipboard);
+  a daemon's Status (any server at a host's address) reached smi's tenants table alike (scheduler/hosts.py
+  `check_printable`, client/smi.py `safe`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from gpupool.client.pool import SchedulerClient
+from gpupool.client.session import Session
+from gpupool.scheduler.auth import credential_line
+from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
+from scheduler_fixtures import ROOT
+from support import DaemonFactory, get_pki, mint_token
+
+from gpupool import tls, tokens
+from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
+from gpupool.config import write_secret
+from gpupool.errors import GpupoolError, Unauthenticated
+
+# What a rogue host puts where the pool's tools print it: rich markup that does not parse, a link, a screen clear
+# and an OSC 52 (sets the reader's clipboard), a right-to-left override.
+HOSTILE = "A100 [/bold] [link=https://evil.example]x[/link] \x1b[2J\x1b]52;c;ZXZpbA==\x1b\\ \u202eevil"
+
+
+def _api_scheduler(creds: Path) -> SchedulerServer:
+    config = SchedulerConfig(
+        listen="127.0.0.1:0", state=":memory:", metrics_listen="0", credentials=str(creds), auth_fail_rate=0.0,
+        tls=dataclasses.replace(get_pki().server_config(), client_auth="none"),
+    )  # fmt: skip
+    return SchedulerServer(config, tokens.Signer.from_seed(b"cred35")).start()
+
+
+def _identity_of(server: SchedulerServer, token: str, tmp: Path) -> str:
+    """'ok' when `token` is accepted (a ListPool), else the refusal's class name."""
+    path = tmp / f"{token}.token"
+    write_secret(path, (token + "\n").encode())
+    client = SchedulerClient(server.address, tls.TlsConfig(ca=get_pki().ca_file, api_token_file=str(path)))
+    try:
+        client.list_pool()
+        return "ok"
+    except GpupoolError as exc:
+        return type(exc).__name__
+    finally:
+        client.close()
+
+
+def test_a_token_removed_from_the_credentials_file_is_refused_whatever_else_the_file_holds(tmp_path: Path) -> None:
+    creds = tmp_path / "credentials"
+    creds.write_text(credential_line("tenant", "tina", "t0k") + credential_line("tenant", "mallory", "m4l"))
+    server = _api_scheduler(creds)
+    try:
+        assert _identity_of(server, "m4l", tmp_path) == "ok"
+        # mallory's line removed; a line of the same edit is one the parser refuses (a hash cut short)
+        creds.write_text(credential_line("tenant", "tina", "t0k") + "tenant bob sha256:0123\n")
+        assert _identity_of(server, "m4l", tmp_path) == "Unauthenticated"  # 83b2932: still "ok"
+        assert _identity_of(server, "t0k", tmp_path) == "ok"  # the lines that parse are the table
+        creds.unlink()  # every API token withdrawn
+        assert _identity_of(server, "t0k", tmp_path) == "Unauthenticated"  # 83b2932: still "ok"
+        creds.write_text(credential_line("tenant", "tina", "t0k"))
+        assert _identity_of(server, "t0k", tmp_path) == "ok"  # back with the file
+    finally:
+        server.stop(grace=0.5)
+
+
+def test_a_public_key_removed_from_a_daemons_file_is_refused_whatever_else_the_file_holds(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    public = tmp_path / "token.pub"
+    old = tokens.generate_key_file(tmp_path / "old.key", public)
+    new = tokens.Signer.from_seed(b"cred35-new")
+    public.write_bytes(public.read_bytes() + tokens.public_pem(new.public))  # rotation, step 1
+    handle = daemon_factory(token_key=tokens.load_verifier(public))
+    # Step 3: the old key removed; the same edit holds a block that is no key (a paste cut short).
+    garbage = b"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n"
+    public.write_bytes(tokens.public_pem(new.public) + garbage)
+    time.sleep(1.1)  # the file is looked at once a second
+    with pytest.raises(Unauthenticated, match="unknown key"):  # 83b2932: admitted (both keys kept)
+        Session.attach(handle.address, mint_token(old, host=handle.host_id))
+    with Session.attach(handle.address, mint_token(new, host=handle.host_id)) as s:
+        s.sync()
+
+
+class _RogueDevice(grpc.GenericRpcHandler):
+    """What answers at a rogue host's address: any server; here one whose Status names hostile sessions."""
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        if details.method != "/gpupool.v1.Device/Status":
+            return None
+        reply = device_pb2.StatusReply(
+            host_id="rogue",
+            sessions=[device_pb2.SessionUsage(session_id=HOSTILE, lease_id=HOSTILE, tenant=HOSTILE, limit_bytes=1)],
+        )
+        return grpc.unary_unary_rpc_method_handler(
+            lambda request, context: reply,
+            device_pb2.StatusRequest.FromString,
+            device_pb2.StatusReply.SerializeToString,
+        )
+
+
+@pytest.fixture
+def rogue_pool() -> Iterator[tuple[str, str]]:
+    """A scheduler (mutual TLS) and a rogue Device server; (scheduler address, rogue address)."""
+    config = SchedulerConfig(
+        listen="127.0.0.1:0", state=":memory:", metrics_listen="0",
+        tls=dataclasses.replace(get_pki().server_config(), client_auth="require"),
+    )  # fmt: skip
+    server = SchedulerServer(config, tokens.Signer.from_seed(b"cred35")).start()
+    rogue = grpc.server(futures.ThreadPoolExecutor(2), handlers=[_RogueDevice()])
+    port = tls.add_port(rogue, "127.0.0.1:0", get_pki().server_config(), "rogue")
+    rogue.start()
+    yield server.address, f"127.0.0.1:{port}"
+    rogue.stop(0)
+    server.stop(grace=0.5)
+
+
+def _register(scheduler: str, address: str, model: str = "fake", uuid: str = "GPU-r", **labels: str) -> grpc.StatusCode:
+    channel = tls.channel(scheduler, cfg=get_pki().client_config("host", "rogue"))
+    try:
+        scheduler_pb2_grpc.SchedulerStub(channel).Register(
+            scheduler_pb2.RegisterRequest(
+                host_id="rogue",
+                address=address,
+                labels=labels,
+                devices=[device_pb2.DeviceInfo(index=0, uuid=uuid, model=model, memory_bytes=1 << 30)],
+            ),  # fmt: skip
+            timeout=10,
+        )
+        return grpc.StatusCode.OK
+    except grpc.RpcError as err:
+        return err.code()
+    finally:
+        channel.close()
+
+
+def _tool(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "1000"}  # the test process's operator certificate
+    return subprocess.run([sys.executable, "-m", "gpupool.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+
+
+def test_a_host_cannot_write_to_the_terminals_of_smi_and_list_gpus(rogue_pool: tuple[str, str]) -> None:
+    scheduler, rogue = rogue_pool
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    assert _register(scheduler, rogue, model=HOSTILE) == invalid  # 83b2932: OK
+    assert _register(scheduler, rogue, uuid="GPU-\x1b[2J") == invalid
+    assert _register(scheduler, rogue, zone="eu\x1b]52;c;ZXZpbA==\x07") == invalid
+    assert _register(scheduler, "rogue\x1b[2J:50051") == invalid
+    # Brackets are printable: stored as they are, shown as text. Its daemon's Status (any server) names the rest.
+    assert _register(scheduler, rogue, model="A100 [/bold] [link=https://evil.example]x[/link]") == grpc.StatusCode.OK
+    smi, gpus = _tool("smi", "--scheduler", scheduler), _tool("list-gpus", "--scheduler", scheduler)
+    for done in (smi, gpus):
+        assert done.returncode == 0, done.stderr  # 83b2932: smi ended in rich's MarkupError
+        assert "\x1b" not in done.stdout and "\u202e" not in done.stdout, done.stdout
+        assert "A100 [/bold] [link=https://evil.example]x[/link]" in done.stdout, done.stdout  # text, not markup
+    assert "\\x1b[2J" in smi.stdout and "\\u202eevil" in smi.stdout, smi.stdout  # the Status's, escaped
