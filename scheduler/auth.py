@@ -259,13 +259,25 @@ class Authenticator:
                 raise self.refused(context, Unauthenticated("unknown API token"), limited=limited)
             return ident
         if self.verified_certs:
+            named: set[Identity] = set()
             for uri in context.auth_context().get("peer_uri", []) or []:
                 try:
                     ident = identity_from_uri(bytes(uri).decode(errors="replace"))
                 except Unauthenticated as exc:
                     raise self.refused(context, exc) from None
                 if ident is not None:
-                    return ident
+                    named.add(ident)
+            if len(named) > 1:  # which one is meant? Until round 35 the first URI won, whatever the others said
+                several = ", ".join(sorted(f"{x.role}/{x.name[:40]}" for x in named)[:4])
+                raise self.refused(
+                    context,
+                    Unauthenticated(
+                        f"client certificate names {len(named)} identities "
+                        f"({several}): one gpupool://<role>/<name> only"
+                    ),
+                )
+            if named:
+                return named.pop()
             if context.auth_context().get("x509_common_name"):
                 no_identity = Unauthenticated("client certificate names no gpupool://<role>/<name> identity")
                 raise self.refused(context, no_identity)

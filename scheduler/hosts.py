@@ -265,4 +265,7 @@ class HostBook:
                 continue  # not saved, so not done: the next sweep tries again
             log.warning("host %s silent for %.1f s: marked down, its leases lost", host.host_id, now - host.last_seen)
             self.pool.set_state(host.host_id, HostState.DOWN)
-            self.revoked.pop(host.host_id, None)
+            # Its revocations (the leases just lost among them) wait for its return: the first heartbeat after it
+            # registers again names them. Until round 35 they were dropped here, and a tenant attached there again
+            # with the unexpired token of a lease the scheduler had ended (and whose capacity it had given away).
+            # A host that never returns keeps them until an operator removes it (`remove_host`).

@@ -31,8 +31,9 @@ from gpupool.client.pool import SchedulerClient
 from gpupool.client.session import Session
 from gpupool.scheduler.auth import credential_line
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
-from scheduler_fixtures import ROOT
-from support import DaemonFactory, get_pki, mint_token
+from scheduler_fixtures import ROOT, SimHost, key_file, start_scheduler, wait_until
+from support import DaemonFactory, get_pki, mint_token, public_key_file
+from test_scheduler_hostile import _client_cert
 
 from gpupool import tls, tokens
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -41,6 +42,7 @@ from gpupool.errors import GpupoolError, Unauthenticated
 
 # What a rogue host puts where the pool's tools print it: rich markup that does not parse, a link, a screen clear
 # and an OSC 52 (sets the reader's clipboard), a right-to-left override.
+FAST = ["--host-timeout", "5", "--heartbeat-interval", "0.3"]
 HOSTILE = "A100 [/bold] [link=https://evil.example]x[/link] \x1b[2J\x1b]52;c;ZXZpbA==\x1b\\ \u202eevil"
 
 
@@ -175,3 +177,64 @@ def test_a_host_cannot_write_to_the_terminals_of_smi_and_list_gpus(rogue_pool: t
         assert "\x1b" not in done.stdout and "\u202e" not in done.stdout, done.stdout
         assert "A100 [/bold] [link=https://evil.example]x[/link]" in done.stdout, done.stdout  # text, not markup
     assert "\\x1b[2J" in smi.stdout and "\\u202eevil" in smi.stdout, smi.stdout  # the Status's, escaped
+
+
+def test_a_renewal_lives_no_longer_than_the_schedulers_policy_of_now(tmp_path: Path) -> None:
+    """A lease asked for a day while `--max-lease-ttl` allowed it; the operator then restarts the scheduler with an
+    hour. 83b2932 renewed it by its day for good (and minted tokens of a day), whatever the policy had become."""
+    state = tmp_path / "scheduler.db"
+    proc, address = start_scheduler(tmp_path, *FAST, state=state)
+    host = SimHost(address, "h").start()
+    try:
+        held = SchedulerClient(address).allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5, ttl_seconds=86400))
+        assert held.ttl_seconds == 86400
+        proc.stop()
+        proc, address = start_scheduler(tmp_path, *FAST, "--listen", address, "--max-lease-ttl", "3600", state=state)
+        client = SchedulerClient(address)
+        renewed = client.renew(held.lease_id)
+        assert renewed.ttl_seconds == 3600 and renewed.expires_at <= time.time() + 3600  # 83b2932: a day again
+        claims = tokens.verify(tokens.Verifier.from_file(public_key_file(key_file(tmp_path))), renewed.devices[0].token)
+        assert claims.expires_at == renewed.expires_at
+        client.release(held.lease_id)
+    finally:
+        host.stop()
+        proc.stop()
+
+
+def test_a_certificate_naming_two_identities_is_no_identity(tmp_path: Path) -> None:
+    """A certificate with the URIs `gpupool://tenant/alice` and `gpupool://admin/ops` (a CA's policy that checks one
+    of a request's URIs): 83b2932 took the first the TLS layer listed, whichever that was. As two `authorization`
+    headers (round 33), two identities are refused."""
+    config = SchedulerConfig(
+        listen="127.0.0.1:0", state=":memory:", metrics_listen="0",
+        tls=dataclasses.replace(get_pki().server_config(), client_auth="require"),
+    )  # fmt: skip
+    server = SchedulerServer(config, tokens.Signer.from_seed(b"cred35")).start()
+    try:
+        for uris in (("gpupool://tenant/alice", "gpupool://admin/ops"), ("gpupool://admin/ops", "gpupool://tenant/a")):
+            client = SchedulerClient(server.address, _client_cert(tmp_path, *uris))
+            with pytest.raises(Unauthenticated, match="names 2 identities"):
+                client.list_pool()
+            client.close()
+        same = SchedulerClient(server.address, _client_cert(tmp_path, "gpupool://tenant/t", "gpupool://tenant/t"))
+        assert not same.list_pool().leases  # one identity named twice is that identity
+        same.close()
+    finally:
+        server.stop(grace=0.5)
+
+
+def test_a_host_that_comes_back_is_told_of_the_leases_lost_while_it_was_away(tmp_path: Path) -> None:
+    """A host silent past `--host-timeout` is marked down and its leases lost (their capacity goes to others). 83b2932
+    then dropped the revocations it had for that host: back, it was never told of them, and the tenant of a lost
+    lease attached with its unexpired token there again (until the session showed in a heartbeat)."""
+    proc, address = start_scheduler(tmp_path, "--host-timeout", "3", "--heartbeat-interval", "0.3")
+    host = SimHost(address, "h").start()
+    try:
+        held = SchedulerClient(address).allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5))
+        host.stop()  # silent: partitioned, paused
+        wait_until(lambda: any(h.state == "down" for h in SchedulerClient(address).list_pool().hosts), what="down")
+        host = SimHost(address, "h").start()  # back: registers again
+        wait_until(lambda: held.lease_id in host.revoked, timeout=10, what="the lost lease revoked")  # 83b2932: never
+    finally:
+        host.stop()
+        proc.stop()
