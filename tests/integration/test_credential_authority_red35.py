@@ -11,7 +11,12 @@ Found and fixed here (each test fails on 83b2932):
   sequences and rich markup, which `gpupool list-gpus` printed raw and `gpupool smi` rendered: `[/bold]` ended smi
   with a MarkupError for every user, ESC sequences reached the reader's terminal (an OSC 52 writes its clipboard);
   a daemon's Status (any server at a host's address) reached smi's tenants table alike (scheduler/hosts.py
-  `check_printable`, client/smi.py `safe`).
+  `check_printable`, client/smi.py `safe`);
+- a lease asked for a day kept renewing by a day after the scheduler restarted with a lower `--max-lease-ttl`
+  (scheduler/leases.py `Core.renew`);
+- a client certificate naming two gpupool identities was the first one the TLS layer listed (scheduler/auth.py);
+- a host marked down never heard of the revocations of the leases it lost (scheduler/hosts.py `mark_silent_down`).
+docs/security.md "Red team, round 35 (cred35)" lists these and the attacks that failed.
 """
 
 from __future__ import annotations
