@@ -15,7 +15,8 @@ Found and fixed here (each test fails on 83b2932):
 - a lease asked for a day kept renewing by a day after the scheduler restarted with a lower `--max-lease-ttl`
   (scheduler/leases.py `Core.renew`);
 - a client certificate naming two gpupool identities was the first one the TLS layer listed (scheduler/auth.py);
-- a host marked down never heard of the revocations of the leases it lost (scheduler/hosts.py `mark_silent_down`).
+- a host marked down never heard of the revocations of the leases it lost (scheduler/hosts.py `mark_silent_down`);
+- `gpupool up` used the token key it found in a state folder another user owned (gpupool/up.py `check_state_dir`).
 docs/security.md "Red team, round 35 (cred35)" lists these and the attacks that failed.
 """
 
@@ -36,7 +37,7 @@ from gpupool.client.pool import SchedulerClient
 from gpupool.client.session import Session
 from gpupool.scheduler.auth import credential_line
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
-from scheduler_fixtures import ROOT, SimHost, key_file, start_scheduler, wait_until
+from scheduler_fixtures import ROOT, Proc, SimHost, key_file, start_scheduler, wait_until
 from support import DaemonFactory, get_pki, mint_token, public_key_file
 from test_scheduler_hostile import _client_cert
 
@@ -243,3 +244,33 @@ def test_a_host_that_comes_back_is_told_of_the_leases_lost_while_it_was_away(tmp
     finally:
         host.stop()
         proc.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a folder to another user")
+def test_up_keeps_its_keys_only_in_a_folder_of_its_own(tmp_path: Path) -> None:
+    """`gpupool up` reused the token key and CA key it found in its state folder (making them when absent), and
+    chmod'ed the folder 0700: in a folder another user owns (made before, /tmp/gpupool) that user's own key,
+    planted there 0600, passed every mode check and signed the pool's tokens - and the folder stayed theirs to
+    write. With `--state` in a folder others share (a /tmp), root's `up` made it 0700 for everyone. Refused now,
+    in one line, before anything is read, written or chmod'ed there."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    planted = tokens.generate_key_file(theirs / "token.key")  # mallory's key, 0600: the mode checks pass it
+    for path in (theirs, theirs / "token.key"):
+        os.chown(path, 65534, 65534)  # nobody
+    shared = tmp_path / "shared"  # as /tmp: everyone's, sticky
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    for folder, why in ((theirs, "belongs to uid 65534"), (shared, "writable by other users")):
+        up = Proc(["up", "--fake-gpus", "1", "--scheduler-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0",
+                   "--state", str(folder / "scheduler.db"), "--metrics-listen", "0", "--scheduler-metrics-listen", "0",
+                   "--ca-dir", ""])  # fmt: skip
+        try:
+            assert up.popen.wait(60) == 1, up.log()  # 83b2932: ran, its scheduler signing with mallory's key
+        except subprocess.TimeoutExpired:
+            raise AssertionError("gpupool up ran with a state folder not its own:\n" + up.log()) from None
+        finally:
+            up.kill()
+        assert why in up.log() and "Traceback" not in up.log(), up.log()
+    assert (theirs / "token.key").stat().st_uid == 65534 and tokens.load_signer(theirs / "token.key").kid == planted.kid
+    assert oct(shared.stat().st_mode & 0o7777) == "0o1777" and oct(theirs.stat().st_mode & 0o777) == "0o755"
