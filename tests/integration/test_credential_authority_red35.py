@@ -162,9 +162,10 @@ def _register(scheduler: str, address: str, model: str = "fake", uuid: str = "GP
         channel.close()
 
 
-def _tool(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "1000"}  # the test process's operator certificate
-    return subprocess.run([sys.executable, "-m", "gpupool.cli", *args], env=env, capture_output=True, text=True,
+def _tool(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """A `gpupool` command, as the test process's operator certificate unless `env` says otherwise."""
+    full = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "1000", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "gpupool.cli", *args], env=full, capture_output=True, text=True,
                           timeout=60)  # fmt: skip
 
 
@@ -274,3 +275,33 @@ def test_up_keeps_its_keys_only_in_a_folder_of_its_own(tmp_path: Path) -> None:
         assert why in up.log() and "Traceback" not in up.log(), up.log()
     assert (theirs / "token.key").stat().st_uid == 65534 and tokens.load_signer(theirs / "token.key").kid == planted.kid
     assert oct(shared.stat().st_mode & 0o7777) == "0o1777" and oct(theirs.stat().st_mode & 0o777) == "0o755"
+
+
+def test_an_operator_ends_a_tenants_leases_with_gpupool_lease_release(tmp_path: Path) -> None:
+    """Removing a tenant's credential ends its calls to the scheduler, not its leases (their tokens admit sessions
+    until they expire). `gpupool lease release --tenant NAME` is the operator's way to end them now: capacity back,
+    and the revocation reaches the lease's host at its next heartbeat. A tenant names only leases it may see."""
+    config = SchedulerConfig(
+        listen="127.0.0.1:0", state=":memory:", metrics_listen="0", heartbeat_interval=0.3,
+        tls=dataclasses.replace(get_pki().server_config(), client_auth="require"),
+    )  # fmt: skip
+    server = SchedulerServer(config, tokens.Signer.from_seed(b"cred35")).start()
+    host = SimHost(server.address, "h", gpus=2).start()
+    try:
+        leases = {}
+        for tenant in ("alice", "mallory"):
+            client = SchedulerClient(server.address, get_pki().client_config("tenant", tenant))
+            leases[tenant] = client.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5)).lease_id
+            client.close()
+        files = get_pki().issue("tenant", "mallory")
+        as_mallory = {"GPUPOOL_TLS_CERT": str(files.cert), "GPUPOOL_TLS_KEY": str(files.key)}
+        done = _tool("lease", "release", leases["alice"][:12], "--scheduler", server.address, env=as_mallory)
+        assert done.returncode == 1 and "names no active lease you may see" in done.stderr, done
+        done = _tool("lease", "release", "--tenant", "mallory", "--scheduler", server.address)  # the operator
+        assert done.returncode == 0 and f"lease {leases['mallory']} released" in done.stdout, done
+        wait_until(lambda: leases["mallory"] in host.revoked, what="the revocation at the lease's host")
+        active = {x.lease_id for x in SchedulerClient(server.address).list_pool().leases}
+        assert active == {leases["alice"]}
+    finally:
+        host.stop()
+        server.stop(grace=0.5)
