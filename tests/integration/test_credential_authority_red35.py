@@ -16,7 +16,8 @@ Found and fixed here (each test fails on 83b2932):
   (scheduler/leases.py `Core.renew`);
 - a client certificate naming two gpupool identities was the first one the TLS layer listed (scheduler/auth.py);
 - a host marked down never heard of the revocations of the leases it lost (scheduler/hosts.py `mark_silent_down`);
-- `gpupool up` used the token key it found in a state folder another user owned (gpupool/up.py `check_state_dir`).
+- `gpupool up` used the token key it found in a state folder another user owned (gpupool/up.py `check_state_dir`);
+- a `LeasedDevice`'s repr (a log line, `print(lease.devices)`, pytest's locals) showed its token (client/pool.py).
 docs/security.md "Red team, round 35 (cred35)" lists these and the attacks that failed.
 """
 
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from gpupool.client.pool import SchedulerClient
+from gpupool.client.pool import LeasedDevice, SchedulerClient
 from gpupool.client.session import Session
 from gpupool.scheduler.auth import credential_line
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
@@ -305,3 +306,9 @@ def test_an_operator_ends_a_tenants_leases_with_gpupool_lease_release(tmp_path: 
     finally:
         host.stop()
         server.stop(grace=0.5)
+
+
+def test_a_leased_devices_repr_holds_no_token() -> None:
+    """`print(lease.devices)`, a log line of one, pytest's locals in a failing test: 83b2932 showed each token."""
+    device = LeasedDevice("h", "127.0.0.1:1", 0, "GPU-h-0", 1 << 30, 0.5, "kid.claims.SIGNATURE")
+    assert "SIGNATURE" not in repr(device) and "SIGNATURE" not in str([device]) and "GPU-h-0" in repr(device)
