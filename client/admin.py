@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from gpupool.config import add_flag
 from gpupool.errors import GpupoolError
@@ -35,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    client = SchedulerClient(args.scheduler or None)
-    try:
+
+    def act(client: SchedulerClient) -> int:
         if args.action == "remove":
             lost = client.remove_host(args.host_id, args.force)
             print(f"host {args.host_id} removed" + (f"; {lost} lease(s) lost" if lost else ""))
@@ -44,8 +45,17 @@ def main(argv: list[str]) -> int:
             client.drain_host(args.host_id, undo=args.action == "undrain")
             print(f"host {args.host_id} {'drained' if args.action == 'drain' else 'back in placement'}")
         return 0
+
+    return _on_scheduler(args.scheduler, f"host {args.action}", act)
+
+
+def _on_scheduler(address: str, what: str, act: Callable[[SchedulerClient], int]) -> int:
+    """`act` on a client of the scheduler at `address` (default: the environment's); a refusal in one line."""
+    client = SchedulerClient(address or None)
+    try:
+        return act(client)
     except GpupoolError as exc:
-        print(f"gpupool host {args.action}: {exc}", file=sys.stderr)
+        print(f"gpupool {what}: {exc}", file=sys.stderr)
         return 1
     finally:
         client.close()
@@ -62,8 +72,8 @@ def lease_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if not args.leases and not args.tenant:
         p.error("name the leases, or --tenant")
-    client = SchedulerClient(args.scheduler or None)
-    try:
+
+    def act(client: SchedulerClient) -> int:
         shown = [x for x in client.list_pool().leases if x.lease_id]  # a tenant is shown the ids of its own only
         chosen = {x.lease_id for x in shown if x.tenant == args.tenant} if args.tenant else set()
         for given in args.leases:
@@ -79,8 +89,5 @@ def lease_main(argv: list[str]) -> int:
         if not chosen:
             print(f"no active lease of tenant {args.tenant!r}")
         return 0
-    except GpupoolError as exc:
-        print(f"gpupool lease {args.action}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        client.close()
+
+    return _on_scheduler(args.scheduler, f"lease {args.action}", act)

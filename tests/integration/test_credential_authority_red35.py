@@ -303,6 +303,8 @@ def test_an_operator_ends_a_tenants_leases_with_gpupool_lease_release(tmp_path: 
         wait_until(lambda: leases["mallory"] in host.revoked, what="the revocation at the lease's host")
         active = {x.lease_id for x in SchedulerClient(server.address).list_pool().leases}
         assert active == {leases["alice"]}
+        done = _tool("host", "remove", "nowhere", "--scheduler", server.address)  # `gpupool host`, beside it
+        assert done.returncode == 1 and done.stderr.startswith("gpupool host remove: "), done
     finally:
         host.stop()
         server.stop(grace=0.5)
