@@ -247,7 +247,8 @@ class HostBook:
                 )
             self.lease_book.end(held, LeaseState.LOST, Change(forget_hosts=[host_id]))
             self.pool.remove_host(host_id)
-            self.revoked.pop(host_id, None)
+            if not held:  # else kept: a daemon still running registers again, and is told first (as `mark_silent_down`)
+                self.revoked.pop(host_id, None)
             log.warning("host %s removed by an operator (%d lease(s) lost)", host_id, len(held))
             return len(held)
 

@@ -243,6 +243,10 @@ def test_a_host_that_comes_back_is_told_of_the_leases_lost_while_it_was_away(tmp
         wait_until(lambda: any(h.state == "down" for h in SchedulerClient(address).list_pool().hosts), what="down")
         host = SimHost(address, "h").start()  # back: registers again
         wait_until(lambda: held.lease_id in host.revoked, timeout=10, what="the lost lease revoked")  # 83b2932: never
+        # Removed by an operator with --force while its daemon runs: it registers again, and hears of the lease too.
+        again = SchedulerClient(address).allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5))
+        assert SchedulerClient(address).remove_host("h", force=True) == 1
+        wait_until(lambda: again.lease_id in host.revoked, timeout=10, what="the removed host's lease revoked")
     finally:
         host.stop()
         proc.stop()
