@@ -1,16 +1,23 @@
-"""`gpupool host drain|undrain|remove HOST`: operator commands on the scheduler's hosts.
+"""`gpupool host drain|undrain|remove HOST`: operator commands on the scheduler's hosts; `gpupool lease release`.
 
 - ``drain``: no new leases are placed on the host; the leases it holds run on (until released or expired).
   It stays drained across scheduler restarts and re-registrations, until ``undrain``.
 - ``remove``: forget a host that is gone for good. Refused while it holds active leases unless ``--force``
   (they are then lost, and their clients told so at their next renewal). A daemon that is still running
   registers again at its next heartbeat: stop it first.
+
+`gpupool lease release LEASE... | --tenant NAME` ends leases now: their capacity goes back, their daemons close
+their sessions and refuse their tokens at their next heartbeat. An operator's way to end the leases of a tenant
+whose credential was removed (removing it ends the tenant's calls to the scheduler, not its leases, whose tokens
+admit sessions until they expire: docs/security.md); a tenant may release its own. A lease is named by its id or a
+prefix of it that names one (`gpupool smi` shows 12 characters).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from gpupool.config import add_flag
 from gpupool.errors import GpupoolError
@@ -29,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    client = SchedulerClient(args.scheduler or None)
-    try:
+
+    def act(client: SchedulerClient) -> int:
         if args.action == "remove":
             lost = client.remove_host(args.host_id, args.force)
             print(f"host {args.host_id} removed" + (f"; {lost} lease(s) lost" if lost else ""))
@@ -38,8 +45,49 @@ def main(argv: list[str]) -> int:
             client.drain_host(args.host_id, undo=args.action == "undrain")
             print(f"host {args.host_id} {'drained' if args.action == 'drain' else 'back in placement'}")
         return 0
+
+    return _on_scheduler(args.scheduler, f"host {args.action}", act)
+
+
+def _on_scheduler(address: str, what: str, act: Callable[[SchedulerClient], int]) -> int:
+    """`act` on a client of the scheduler at `address` (default: the environment's); a refusal in one line."""
+    client = SchedulerClient(address or None)
+    try:
+        return act(client)
     except GpupoolError as exc:
-        print(f"gpupool host {args.action}: {exc}", file=sys.stderr)
+        print(f"gpupool {what}: {exc}", file=sys.stderr)
         return 1
     finally:
         client.close()
+
+
+def lease_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="gpupool lease", description="End leases now (operators: any tenant's; tenants: their own)."
+    )
+    p.add_argument("action", choices=("release",), help="what to do with the leases")
+    p.add_argument("leases", nargs="*", help="lease ids, or prefixes that name one (as `gpupool smi` shows them)")
+    p.add_argument("--tenant", default="", help="every active lease of this tenant (its credential removed, say)")
+    add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (default 127.0.0.1:50050)")
+    args = p.parse_args(argv)
+    if not args.leases and not args.tenant:
+        p.error("name the leases, or --tenant")
+
+    def act(client: SchedulerClient) -> int:
+        shown = [x for x in client.list_pool().leases if x.lease_id]  # a tenant is shown the ids of its own only
+        chosen = {x.lease_id for x in shown if x.tenant == args.tenant} if args.tenant else set()
+        for given in args.leases:
+            hits = [x.lease_id for x in shown if given and x.lease_id.startswith(given)]
+            if len(hits) != 1:
+                what = "no active lease you may see" if not hits else f"{len(hits)} leases"
+                print(f"gpupool lease release: {given!r} names {what}", file=sys.stderr)
+                return 1
+            chosen.add(hits[0])
+        for lease_id in sorted(chosen):
+            client.release(lease_id)
+            print(f"lease {lease_id} released")
+        if not chosen:
+            print(f"no active lease of tenant {args.tenant!r}")
+        return 0
+
+    return _on_scheduler(args.scheduler, f"lease {args.action}", act)

@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -142,7 +142,8 @@ class LeasedDevice:
     uuid: str
     quota_bytes: int
     share: float
-    token: str
+    # A bearer secret: not in the repr, which logs, tracebacks' locals (pytest's) and a `print(lease.devices)` show.
+    token: str = field(repr=False)
 
 
 def _devices(pb: scheduler_pb2.Lease) -> list[LeasedDevice]:

@@ -91,6 +91,22 @@ def sample(pool: scheduler_pb2.PoolState, status: StatusFn = _daemon_status) -> 
     return s
 
 
+def safe(value: str) -> str:
+    """A string from the pool (a host's model, UUID or address, a daemon's Status) as it may reach a terminal: each
+    non-printable character (ESC, a right-to-left override, a line break) as its escape (`\\x1b`). A host decides
+    these strings, and round 35 printed them raw: escape sequences wrote to the reader's terminal (an OSC 52 sets
+    the clipboard)."""
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)
+
+
+def _cell(value: str) -> Text:
+    """A table cell of a pool's string: plain text, never rich markup (a model `[/bold]` ended `gpupool smi` with a
+    MarkupError for everyone until round 35, `[link=...]` made a link), non-printables escaped (`safe`)."""
+    return Text(safe(value))
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
@@ -99,7 +115,7 @@ def devices_table(pool: scheduler_pb2.PoolState) -> Table:
     holders: dict[tuple[str, int], list[str]] = defaultdict(list)
     for lease in pool.leases:
         for ld in lease.devices:
-            holders[(ld.host_id, ld.device)].append(f"{lease.tenant or '?'} {ld.share:.2g}")
+            holders[(ld.host_id, ld.device)].append(f"{safe(lease.tenant) or '?'} {ld.share:.2g}")
     devices = Table(title="gpupool devices", title_justify="left")
     for col in ("host", "state", "gpu", "model", "memory used", "allocated", "capacity", "share", "tenants"):
         devices.add_column(col, justify="right" if col in ("gpu", "memory used", "allocated", "capacity") else "left")
@@ -107,15 +123,15 @@ def devices_table(pool: scheduler_pb2.PoolState) -> Table:
         style = STATE_STYLE.get(h.state, "")
         for i, d in enumerate(h.devices):
             devices.add_row(
-                h.host_id if i == 0 else "",
-                f"[{style}]{h.state}[/]" if i == 0 else "",
+                _cell(h.host_id if i == 0 else ""),
+                Text(safe(h.state), style=style) if i == 0 else "",
                 str(d.info.index),
-                d.info.model,
+                _cell(d.info.model),
                 format_size(d.used_bytes),
                 format_size(d.allocated_bytes),
                 format_size(d.info.memory_bytes),
                 _pct(d.allocated_share),
-                ", ".join(holders.get((h.host_id, d.info.index), [])) or "-",
+                Text(", ".join(holders.get((h.host_id, d.info.index), [])) or "-"),
             )
     return devices
 
@@ -127,9 +143,9 @@ def leases_table(pool: scheduler_pb2.PoolState) -> Table:
     now = time.time()
     for lease in pool.leases:
         leases.add_row(
-            lease.lease_id[:12] or "(other tenant)",
-            lease.tenant,
-            ", ".join(f"{ld.host_id}/{ld.device}" for ld in lease.devices),
+            _cell(lease.lease_id[:12] or "(other tenant)"),
+            _cell(lease.tenant),
+            _cell(", ".join(f"{ld.host_id}/{ld.device}" for ld in lease.devices)),
             ", ".join(format_size(ld.quota_bytes) for ld in lease.devices),
             ", ".join(f"{ld.share:.2g}" for ld in lease.devices),
             f"{max(0.0, lease.expires_at - now):.0f} s",
@@ -150,8 +166,8 @@ def tenants_table(now: Sample, before: Sample | None) -> Table:
             ops = f"{max(0, u.ops - prev.ops) / dt:,.0f}"
         else:
             busy = ops = "..."  # the first sample has nothing to compare with
-        table.add_row(f"{host}/{u.device}", u.tenant, u.lease_id[:12], tag, format_size(u.used_bytes),
-                      format_size(u.limit_bytes), f"{u.share:.2g}", busy, ops)  # fmt: skip
+        table.add_row(_cell(f"{host}/{u.device}"), _cell(u.tenant), _cell(u.lease_id[:12]), _cell(tag),
+                      format_size(u.used_bytes), format_size(u.limit_bytes), f"{u.share:.2g}", busy, ops)  # fmt: skip
     return table
 
 
@@ -225,8 +241,8 @@ def list_gpus_main(argv: list[str]) -> int:
     for h in pool.hosts:
         for d in h.devices:
             print(
-                f"{h.host_id}/{d.info.index}: {d.info.model}{' (fake)' if d.info.fake else ''} "
-                f"(UUID: {d.info.uuid}) {format_size(d.info.memory_bytes)}, "
-                f"{_pct(d.allocated_share)} allocated, {h.state}, {h.address}"
+                f"{safe(h.host_id)}/{d.info.index}: {safe(d.info.model)}{' (fake)' if d.info.fake else ''} "
+                f"(UUID: {safe(d.info.uuid)}) {format_size(d.info.memory_bytes)}, "
+                f"{_pct(d.allocated_share)} allocated, {safe(h.state)}, {safe(h.address)}"
             )
     return 0

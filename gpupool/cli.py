@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "smi": ("gpupool.client.smi", "show the pool: hosts, devices, memory, shares, leases"),
     "list-gpus": ("gpupool.client.smi", "list the pool's GPUs, one line each"),
     "host": ("gpupool.client.admin", "operators: drain, undrain or remove a host of the pool"),
+    "lease": ("gpupool.client.admin", "release leases now: a tenant's own, or any (operators; --tenant NAME)"),
     "token": ("gpupool.tokencli", "keys (keygen, public-key), API tokens (api-token), a lease token by hand (mint)"),
 }
 
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if name == "list-gpus":
             return int(module.list_gpus_main(rest))
+        if name == "lease":
+            return int(module.lease_main(rest))
         return int(module.main(rest))
     except Exception as exc:
         from gpupool.config import UnsafeFile  # lazily, as the programs' modules are

@@ -180,7 +180,9 @@ def cache_dir(name: str, env: str) -> Path:
     return path
 
 
-def check_private_dir(path: Path) -> None:
+def check_private_dir(
+    path: Path, what: str = "cache folder", risk: str = "a library built there could be replaced"
+) -> None:
     """Raise UnsafeCacheDir unless only this user (and root) can change what `path` holds: the folder and every
     folder above it (symbolic links resolved) belong to this user or root, and none is writable by others, or by a
     group other than this user's private group or root's (`_private_group`: umask 002 on a system with user-private
@@ -192,13 +194,13 @@ def check_private_dir(path: Path) -> None:
     for i, folder in enumerate((real, *real.parents)):
         st = folder.stat()
         if st.st_uid not in (me, 0):
-            raise UnsafeCacheDir(f"cache folder {path}: {folder} belongs to uid {st.st_uid}, not this user")
+            raise UnsafeCacheDir(f"{what} {path}: {folder} belongs to uid {st.st_uid}, not this user")
         others = bool(st.st_mode & stat.S_IWOTH)
         group = bool(st.st_mode & stat.S_IWGRP) and not _private_group(st.st_gid)
         if (others or group) and (i == 0 or not st.st_mode & stat.S_ISVTX):
             raise UnsafeCacheDir(
-                f"cache folder {path}: {folder} is writable by {_writers(others, st.st_gid)} "
-                f"(mode {stat.S_IMODE(st.st_mode):o}); a library built there could be replaced: use a folder only "
+                f"{what} {path}: {folder} is writable by {_writers(others, st.st_gid)} "
+                f"(mode {stat.S_IMODE(st.st_mode):o}); {risk}: use a folder only "
                 f"you can write (chmod {'go' if others else 'g'}-w)"
             )
 

@@ -228,7 +228,7 @@ class Verifier:
         if data is None:
             return
         try:
-            keys = _parse_public(data, str(self._file.path))
+            keys = _parse_public(data, str(self._file.path), strict=not self._keys)
             if not keys and self._keys:
                 raise InvalidArgument("no public key in it")
         except InvalidArgument as exc:
@@ -330,15 +330,22 @@ def _parse_private(data: bytes, where: str) -> Ed25519PrivateKey:
     return key
 
 
-def _parse_public(data: bytes, where: str) -> list[Ed25519PublicKey]:
+def _parse_public(data: bytes, where: str, *, strict: bool = True) -> list[Ed25519PublicKey]:
+    """The Ed25519 public keys of a PEM file. `strict` (a daemon's start): InvalidArgument for a block that is none.
+    Otherwise (a file changed while the daemon runs) such blocks are left out with one warning, and the keys of the
+    others are the keys: until round 35 one bad block kept every key read before, so the old key an operator removed
+    in the same edit (rotation, step 3) still admitted its tokens for as long as the daemon ran."""
     keys = []
-    for block in data.split(b"-----END PUBLIC KEY-----")[:-1]:
+    for n, block in enumerate(data.split(b"-----END PUBLIC KEY-----")[:-1], 1):
         try:
             key = serialization.load_pem_public_key(block + b"-----END PUBLIC KEY-----\n")
+            if not isinstance(key, Ed25519PublicKey):
+                raise ValueError("not an Ed25519 public key")
         except ValueError as exc:
-            raise InvalidArgument(f"{where}: bad PEM public key ({exc})") from exc
-        if not isinstance(key, Ed25519PublicKey):
-            raise InvalidArgument(f"{where}: not an Ed25519 public key")
+            if strict:
+                raise InvalidArgument(f"{where}: bad PEM public key ({exc})") from exc
+            log.warning("%s: public key %d left out, not an Ed25519 PEM public key: %s", where, n, exc)
+            continue
         keys.append(key)
     return keys
 

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpupool import pki, tls, tokens
-from gpupool.config import add_flag, format_size, size_arg, split_address
-from gpupool.errors import GpupoolError
+from gpupool.config import UnsafeCacheDir, add_flag, check_private_dir, format_size, size_arg, split_address
+from gpupool.errors import GpupoolError, InvalidArgument
 from gpupool.protocol import HostState
 
 LISTEN_RE = re.compile(r"listening on (\S+:\d+)")
@@ -138,9 +138,28 @@ def _server_names(*addresses: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(dns), tuple(ips)
 
 
+def check_state_dir(directory: Path) -> None:
+    """InvalidArgument unless `directory` is this user's and only this user (and root) can change what it holds
+    (`config.check_private_dir`: it and the folders above it). `up` reuses the token key and CA key it finds there:
+    until round 35 it took any folder, so in one another user owned (made before `up` ran: /tmp/gpupool) that
+    user's own key, planted 0600, passed every mode check and signed the pool's tokens; and root's `up` with
+    `--state` in a shared folder (a /tmp) made that folder 0700 for everyone."""
+    st = directory.stat()
+    if st.st_uid != os.geteuid():
+        raise InvalidArgument(
+            f"state folder {directory} belongs to uid {st.st_uid}, not to this user: its owner could have put a token "
+            "key or CA of theirs in it; use a folder of your own (--state)"
+        )
+    try:
+        check_private_dir(directory, "state folder", "another user could put a token key or CA key of theirs in it")
+    except UnsafeCacheDir as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
 def make_credentials(directory: Path, host_id: str, *addresses: str, ca_dir: Path | None = None) -> Credentials:
     """Token keys and certificates in `directory` (kept when present; files are owner-only)."""
     directory.mkdir(parents=True, exist_ok=True)
+    check_state_dir(directory)
     os.chmod(directory, 0o700)
     key, public = directory / "token.key", directory / "token.pub"
     try:

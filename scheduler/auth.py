@@ -140,8 +140,18 @@ class Credentials:
             stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
             if (stamp == self._stamp and self._settled) or stamp == self._refused:
                 return
-            text = read_trusted(self.path, "credentials file").decode()
-            table = self._table if text == self._text else parse_credentials(text)
+            text = read_trusted(self.path, "credentials file").decode(errors="strict" if strict else "replace")
+            table = self._table if text == self._text else parse_credentials(text, strict=strict)
+        except FileNotFoundError as exc:
+            if strict:
+                raise InvalidArgument(f"credentials file {self.path}: {exc}") from exc
+            # Removed: no API token is valid any more (certificates still are). Until round 35 the table read before
+            # was kept, and every token in it stayed valid for as long as the scheduler ran.
+            with self._lock:
+                if self._text is not None:
+                    log.warning("credentials file %s removed: every API token is refused until it is back", self.path)
+                self._table, self._stamp, self._text, self._refused = {}, None, None, None
+            return
         except (OSError, InvalidArgument, UnicodeDecodeError) as exc:
             if strict:
                 raise InvalidArgument(f"credentials file {self.path}: {exc}") from exc
@@ -168,18 +178,32 @@ class Credentials:
             return self._table.get(digest)
 
 
-def parse_credentials(text: str) -> dict[str, Identity]:
+def parse_credentials(text: str, *, strict: bool = True) -> dict[str, Identity]:
+    """The identities of a credentials file's lines. `strict` (at start): InvalidArgument for the first line that is
+    not one. Otherwise (a file changed while the scheduler runs) such lines are left out, with one warning naming
+    them: until round 35 one bad line kept the whole table read before, so a token the operator had removed in
+    the same edit (or any edit after it) stayed valid for as long as the scheduler ran."""
     table = {}
+    bad: list[str] = []
     for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         parts = line.split()
         if len(parts) != 3 or parts[0] not in ROLES or not parts[2].startswith("sha256:") or len(parts[2]) != 71:
-            raise InvalidArgument(f"line {n}: expected '<host|tenant|admin> <name> sha256:<64 hex>'")
-        if len(parts[1]) > MAX_NAME:  # cut short, it would be another identity's name
-            raise InvalidArgument(f"line {n}: a name of {len(parts[1])} characters, at most {MAX_NAME}")
-        table[parts[2][7:].lower()] = Identity(parts[0], parts[1])
+            problem = f"line {n}: expected '<host|tenant|admin> <name> sha256:<64 hex>'"
+        elif len(parts[1]) > MAX_NAME:  # cut short, it would be another identity's name
+            problem = f"line {n}: a name of {len(parts[1])} characters, at most {MAX_NAME}"
+        else:
+            table[parts[2][7:].lower()] = Identity(parts[0], parts[1])
+            continue
+        if strict:
+            raise InvalidArgument(problem)
+        bad.append(problem)
+    if bad:
+        log.warning(
+            "credentials file: %d line(s) left out (their tokens are refused): %s", len(bad), "; ".join(bad[:5])
+        )
     return table
 
 
@@ -235,13 +259,25 @@ class Authenticator:
                 raise self.refused(context, Unauthenticated("unknown API token"), limited=limited)
             return ident
         if self.verified_certs:
+            named: set[Identity] = set()
             for uri in context.auth_context().get("peer_uri", []) or []:
                 try:
                     ident = identity_from_uri(bytes(uri).decode(errors="replace"))
                 except Unauthenticated as exc:
                     raise self.refused(context, exc) from None
                 if ident is not None:
-                    return ident
+                    named.add(ident)
+            if len(named) > 1:  # which one is meant? Until round 35 the first URI won, whatever the others said
+                several = ", ".join(sorted(f"{x.role}/{x.name[:40]}" for x in named)[:4])
+                raise self.refused(
+                    context,
+                    Unauthenticated(
+                        f"client certificate names {len(named)} identities "
+                        f"({several}): one gpupool://<role>/<name> only"
+                    ),
+                )
+            if named:
+                return named.pop()
             if context.auth_context().get("x509_common_name"):
                 no_identity = Unauthenticated("client certificate names no gpupool://<role>/<name> identity")
                 raise self.refused(context, no_identity)

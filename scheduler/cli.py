@@ -340,6 +340,8 @@ def main(argv: list[str]) -> int:
     for flag in ("lease_ttl", "host_timeout", "heartbeat_interval", "outage_grace", "max_lease_ttl"):
         if not getattr(args, flag) > 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.max_lease_ttl > tokens.MAX_TTL:  # its leases' tokens would be refused by every daemon as too long-lived
+        parser.error(f"--max-lease-ttl must be at most {tokens.MAX_TTL:g} s, the longest life of a lease token")
     if not (0 <= args.tenant_max_share < math.inf) or min(args.tenant_max_waiting, args.tenant_max_leases) < 0:
         parser.error("--tenant-max-share, --tenant-max-waiting and --tenant-max-leases must be finite and not negative")
     for flag in ("tenant_rate", "auth_fail_rate", "host_write_rate"):

@@ -35,8 +35,19 @@ MAX_LABEL_VALUE = 256
 MAX_LABEL_BYTES = 4096
 
 
+def check_printable(value: str, what: str) -> None:
+    """InvalidArgument unless `value` is printable text (`str.isprintable`: no control characters such as ESC, no
+    format characters such as a right-to-left override, no line breaks). What a host registers (its address, device
+    models and UUIDs, labels) is printed by `gpupool smi` and `gpupool list-gpus` on operators' and tenants'
+    terminals: until round 35 a join token registered escape sequences (an OSC 52 that writes the reader's clipboard,
+    a screen clear) and rich markup that crashed `gpupool smi` for everyone (`[/bold]`)."""
+    if not value.isprintable():
+        bad = next(c for c in value if not c.isprintable())
+        raise InvalidArgument(f"{what} {shown(value)} holds the non-printable character U+{ord(bad):04X}")
+
+
 def validate_labels(labels: Mapping[str, str], what: str = "labels") -> dict[str, str]:
-    """The labels as a dict, or InvalidArgument when there are too many or they are too long."""
+    """The labels as a dict, or InvalidArgument when there are too many, they are too long or not printable."""
     if len(labels) > MAX_LABELS:
         raise InvalidArgument(f"{what}: {len(labels)} labels, at most {MAX_LABELS}")
     total = 0
@@ -45,6 +56,8 @@ def validate_labels(labels: Mapping[str, str], what: str = "labels") -> dict[str
             raise InvalidArgument(
                 f"{what}: label {k[:40]!r} - keys are 1..{MAX_LABEL_KEY} characters, values at most {MAX_LABEL_VALUE}"
             )
+        check_printable(k, f"{what}: label")
+        check_printable(v, f"{what}: label {k[:40]!r}'s value")
         total += len(k.encode()) + len(v.encode())
     if total > MAX_LABEL_BYTES:
         raise InvalidArgument(f"{what}: {total} bytes of labels, at most {MAX_LABEL_BYTES}")
@@ -68,6 +81,8 @@ def validate_registration(
     validate_labels(labels or {}, f"host {host_id[:MAX_ID_LENGTH]}")
     if not host_id or len(host_id) > MAX_ID_LENGTH:
         raise InvalidArgument(f"host_id must be 1..{MAX_ID_LENGTH} characters")
+    check_printable(host_id, "host_id")
+    check_printable(address, "address")
     try:
         port = split_address(address)[1]
     except ValueError:
@@ -87,6 +102,8 @@ def validate_registration(
             raise InvalidArgument(f"host {host_id}: device {d.index} has no memory (memory_bytes={d.memory_bytes})")
         if len(d.uuid) > MAX_ID_LENGTH or len(d.model) > MAX_ID_LENGTH:
             raise InvalidArgument(f"host {host_id}: device {d.index} uuid/model longer than {MAX_ID_LENGTH}")
+        check_printable(d.uuid, f"host {host_id}: device {d.index} uuid")
+        check_printable(d.model, f"host {host_id}: device {d.index} model")
 
 
 class LeaseSide(Protocol):
@@ -230,7 +247,8 @@ class HostBook:
                 )
             self.lease_book.end(held, LeaseState.LOST, Change(forget_hosts=[host_id]))
             self.pool.remove_host(host_id)
-            self.revoked.pop(host_id, None)
+            if not held:  # else kept: a daemon still running registers again, and is told first (as `mark_silent_down`)
+                self.revoked.pop(host_id, None)
             log.warning("host %s removed by an operator (%d lease(s) lost)", host_id, len(held))
             return len(held)
 
@@ -248,4 +266,7 @@ class HostBook:
                 continue  # not saved, so not done: the next sweep tries again
             log.warning("host %s silent for %.1f s: marked down, its leases lost", host.host_id, now - host.last_seen)
             self.pool.set_state(host.host_id, HostState.DOWN)
-            self.revoked.pop(host.host_id, None)
+            # Its revocations (the leases just lost among them) wait for its return: the first heartbeat after it
+            # registers again names them. Until round 35 they were dropped here, and a tenant attached there again
+            # with the unexpired token of a lease the scheduler had ended (and whose capacity it had given away).
+            # A host that never returns keeps them until an operator removes it (`remove_host`).

@@ -93,9 +93,9 @@ def test_waiting_memory_requests_cannot_pass_the_tenant_share_limit(limited: tup
             h.stop()
 
 
-def _client_cert(tmp: Path, uri: str) -> tls.TlsConfig:
-    """A client certificate of the tests' CA naming `uri`, as any CA may issue one (cert-manager's `uris:`; the
-    pool's own LocalCA puts the name in the common name too, which X.509 bounds to 64 characters)."""
+def _client_cert(tmp: Path, uri: str, *more: str) -> tls.TlsConfig:
+    """A client certificate of the tests' CA naming `uri` (and `more` URIs), as any CA may issue one (cert-manager's
+    `uris:`; the pool's own LocalCA puts the name in the common name too, which X.509 bounds to 64 characters)."""
     ca = get_pki().ca
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
@@ -107,7 +107,9 @@ def _client_cert(tmp: Path, uri: str) -> tls.TlsConfig:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in (uri, *more)]), critical=False
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(ca.key, hashes.SHA256())
     )
