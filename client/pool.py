@@ -374,15 +374,14 @@ def rank_device(index: int, devices: int) -> int:
     at = (r + index) % devices
     ranks = os.environ.get("LOCAL_WORLD_SIZE")
     if at != r and ranks and at < int(ranks):
-        from .cuda import requested
-
+        cuda = sys.modules.get(f"{__package__}.cuda")  # loaded (at `import torch`) wherever the mapping can be on
         # Under --cuda the script's CUDA names and torch.accelerator's calls are the lease's numbers (client/cuda/
         # devices.py): only a 'gpupool:N' the script wrote itself is gpupool's numbering, and gets here.
         way_out = (
             "Under --cuda name it as CUDA's (f'cuda:{local_rank}', torch.cuda.set_device(local_rank), "
             "torch.accelerator.set_device_index(local_rank)): CUDA's numbers are the lease's, so local_rank is the "
             "rank's own device"
-            if requested()
+            if cuda is not None and cuda.enabled()
             else "Name it 'gpupool:0' (or 'gpupool' without set_device), not f'{acc}:{local_rank}' or "
             "torch.accelerator.set_device_index(local_rank); a script written for CUDA (f'cuda:{local_rank}', "
             "torch.cuda.set_device(local_rank), torch.accelerator's calls) runs as it is under `gpupool run --cuda`"
