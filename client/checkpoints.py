@@ -1,8 +1,11 @@
 """torch.load of a checkpoint whose storages were saved on a gpupool device (location tags `gpupool` / `gpupool:N`).
 
-The C++ client saves device tensors as torch saves any device's: each storage tagged with its device, `gpupool:0`
-(the Python client brings them back and tags them `cpu`). Until round 34 torch restored such a storage in one of two
-ways, and both failed:
+The C++ client saves device tensors as torch saves any device's: each storage tagged with its device, `gpupool:0`.
+The Python client's tensors have no storage of their own (wrapper subclasses): `torch.save` pickles the CPU copy
+their `__reduce_ex__` downloads, whose storage `mark_saved` tags with the tensor's device, so its checkpoints carry
+the same `gpupool:N` locations (until round 35 they said `cpu`: a whole model saved under the Python client came back
+on the CPU under `gpupool run`, and word_language_model's reload failed there). Until round 34 torch restored such a
+storage in one of two ways, and both failed:
 - in a process with the `gpupool` device, through torch's PrivateUse1 entry, which moves the storage under
   `torch.gpupool.device(...)` -- a context manager that neither client's `torch.gpupool` has (the C++ client:
   "module 'torch.gpupool' has no attribute 'device'"; the Python client's `device()` is its lease attach: a
@@ -38,7 +41,11 @@ import torch
 from torch.serialization import default_restore_location
 
 NAME = "gpupool"
-PRIORITY = 19  # torch's own entries: cpu 10, cuda 20, mps 21, meta 22, PrivateUse1 23 (lower runs first)
+# torch's own entries: cpu 10, cuda 20, mps 21, meta 22, PrivateUse1 23 (lower runs first). Before cpu's: the tagger
+# names the Python client's CPU copies (`mark_saved`), which cpu's would tag `cpu`; the restorer answers only gpupool's
+# locations, so its place among the others changes nothing else.
+PRIORITY = 9
+_SAVED_AS = "_gpupool_saved_as"  # the attribute `mark_saved` puts on a CPU copy's storage: its device's location
 _LOCATION = re.compile(r"gpupool(:[0-9]+)?\Z")
 _registered: list[bool] = []
 
@@ -61,12 +68,24 @@ def restore(storage: Any, location: str) -> Any:
     return storage  # on the CPU: the torch.load of install_load moves its tensors
 
 
+def saved_location(storage: Any) -> str | None:
+    """torch.serialization's tagger: the location `mark_saved` gave a storage, None for any other (torch's go on)."""
+    return getattr(storage, _SAVED_AS, None)
+
+
+def mark_saved(local: torch.Tensor, device: torch.device) -> None:
+    """Tag the storage of `local`, the CPU copy of a tensor on `device` that is being pickled, with that device, so that
+    torch.save records its location as the C++ client's storages are recorded (`gpupool:N`) and torch.load brings it
+    back there (or asks for `map_location` where there is no gpupool device). The copy is the pickler's alone."""
+    setattr(local.untyped_storage(), _SAVED_AS, str(device))
+
+
 def register() -> None:
     """Idempotent; cheap enough for every `import torch`."""
     if _registered:
         return
     _registered.append(True)
-    torch.serialization.register_package(PRIORITY, lambda _storage: None, restore)
+    torch.serialization.register_package(PRIORITY, saved_location, restore)
 
 
 def device_target(location: Any) -> torch.device | None:

@@ -173,16 +173,24 @@ def _own_device(rank: int, devices: int, current: int) -> tuple[int, int]:
     does, with no LOCAL_RANK -- sees the lease's devices in lease order: its device is the current one
     (`torch.cuda.set_device(rank)`), or, while that is still device 0, device `rank mod n`: NCCL's guess for a rank
     that never set its device (until round 33 rank r claimed lease device r while binding its group to gpupool:0,
-    and its daemon refused the join: "rank 1's token is not this session's device")."""
+    and its daemon refused the join: "rank 1's token is not this session's device").
+
+    Which lease device a gpupool index is comes from pool.rank_device, the rule the device's attach follows too (one
+    rule: until round 35 this function had its own copy of it). The range check on LOCAL_RANK is this function's
+    own: rank_device refuses nothing for LOCAL_RANK alone (another launcher, a variable left over), but a group needs
+    a device of its own for each rank."""
+    from .pool import rank_device
+
     if os.environ.get("LOCAL_RANK") is not None:
         local = int(os.environ["LOCAL_RANK"])
         if not 0 <= local < devices:
             raise InvalidArgument(f"LOCAL_RANK {local} but the lease has {devices} device(s): gpupool run -n N")
-        return 0, local
-    index = current if current != 0 else rank % devices
-    if not 0 <= index < devices:
-        raise InvalidArgument(f"rank {rank} is on gpupool:{index} but the lease has {devices} device(s)")
-    return index, index
+        index = 0
+    else:
+        index = current if current != 0 else rank % devices
+        if not 0 <= index < devices:
+            raise InvalidArgument(f"rank {rank} is on gpupool:{index} but the lease has {devices} device(s)")
+    return index, rank_device(index, devices)
 
 
 def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta) -> ProcessGroupGpupool:

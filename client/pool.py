@@ -375,13 +375,23 @@ def rank_device(index: int, devices: int) -> int:
     at = (r + index) % devices
     ranks = os.environ.get("LOCAL_WORLD_SIZE")
     if at != r and ranks and at < int(ranks):
+        cuda = sys.modules.get(f"{__package__}.cuda")  # loaded (at `import torch`) wherever the mapping can be on
+        # Under --cuda the script's CUDA names and torch.accelerator's calls are the lease's numbers (client/cuda/
+        # devices.py): only a 'gpupool:N' the script wrote itself is gpupool's numbering, and gets here.
+        way_out = (
+            "Under --cuda name it as CUDA's (f'cuda:{local_rank}', torch.cuda.set_device(local_rank), "
+            "torch.accelerator.set_device_index(local_rank)): CUDA's numbers are the lease's, so local_rank is the "
+            "rank's own device"
+            if cuda is not None and cuda.enabled()
+            else "Name it 'gpupool:0' (or 'gpupool' without set_device), not f'{acc}:{local_rank}' or "
+            "torch.accelerator.set_device_index(local_rank); a script written for CUDA (f'cuda:{local_rank}', "
+            "torch.cuda.set_device(local_rank), torch.accelerator's calls) runs as it is under `gpupool run --cuda`"
+        )
         raise InvalidArgument(
             f"gpupool:{index} is lease device {at} here, local rank {at}'s own device, which this torchrun rank "
             f"(LOCAL_RANK={r}) cannot use (a device takes one process's session): each rank sees its own device, "
-            "lease device LOCAL_RANK, as gpupool:0, as CUDA_VISIBLE_DEVICES would show it. Name it 'gpupool:0' (or "
-            "'gpupool' without set_device), not f'{acc}:{local_rank}' or torch.accelerator.set_device_index("
-            "local_rank); a script written for CUDA (f'cuda:{local_rank}', torch.cuda.set_device(local_rank)) runs "
-            "as it is under `gpupool run --cuda` (docs/distributed.md)"
+            f"lease device LOCAL_RANK, as gpupool:0, as CUDA_VISIBLE_DEVICES would show it. {way_out} "
+            "(docs/distributed.md)"
         )
     return at
 

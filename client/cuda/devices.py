@@ -15,6 +15,12 @@ CUDA numbers are the lease's: `cuda:i` is lease device i. Under torchrun a rank 
 LOCAL_RANK as `gpupool:0` (client/torch/api.py), so there `cuda:i` is `gpupool:(i - LOCAL_RANK) mod n`:
 `cuda:LOCAL_RANK`, `model.to(local_rank)` and `torch.cuda.set_device(local_rank)` land on the rank's own device.
 
+torch.accelerator answers the script as CUDA would on a GPU machine: `current_accelerator()` is `cuda` and its device
+numbers (`set_device_index(local_rank)`, `current_device_index()`, `device_index(i)`, `synchronize(i)`, ...) are CUDA's,
+so an accelerator-style script (`torch.device(f"{acc}:{local_rank}")`) lands on the rank's own device too. torch's own
+code, which hands torch.accelerator gpupool's numbers (a tensor's `device.index`) and expects its device type, still
+gets gpupool's: the wrappers look at their caller's module (`_scripts_call`).
+
 The wrappers replace module and class attributes, so every thread and every backward sees them; code that took
 a reference to a torch function before `install()` (during `import torch`) keeps torch's own. Limits
 (docs/cuda.md): `torch.device("cuda")` objects stay CUDA-typed (the mapping happens where they are used), and a
@@ -26,6 +32,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -212,6 +219,60 @@ def _patch(owner: Any, name: str, new: Any) -> None:
         _builtins._register_builtin(new, op)
 
 
+_OWN_CODE = ("torch.", "gpupool.")  # modules whose torch.accelerator calls use gpupool's numbers (torch's, gpupool's)
+_ACC_INDEX = torch.accelerator._get_device_index  # type: ignore[attr-defined]
+_ACC_CURRENT = torch.accelerator.current_accelerator
+_ACC_GUARD = torch.accelerator.device_index
+
+
+def _scripts_call(depth: int) -> bool:
+    """Whether the frame `depth` levels above the caller of this function is the script's code (or a library's), not
+    torch's or gpupool's own: torch passes torch.accelerator gpupool's numbers (a tensor's `device.index`)."""
+    name = sys._getframe(depth + 1).f_globals.get("__name__", "")
+    return not (name == "torch" or name.startswith(_OWN_CODE))
+
+
+def _accelerator_device(device: Any) -> Any:
+    """A script's device argument to torch.accelerator in gpupool's numbers: an integer or a CUDA device mapped."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return pool_index(device)
+    return to_gpupool(device) if is_cuda_device(device) else device
+
+
+def accelerator_index(device: Any, optional: bool = False) -> int:
+    """torch.accelerator's `_get_device_index` (set_device_index, synchronize, current_stream, the memory functions)
+    with the script's CUDA numbers mapped; its callers' callers that are torch's own code pass gpupool's."""
+    return _ACC_INDEX(_accelerator_device(device) if _scripts_call(2) else device, optional)  # type: ignore[no-any-return]
+
+
+def current_accelerator(check_available: bool = False) -> torch.device | None:
+    """`cuda` for the script where the accelerator is gpupool (torch's own code gets `gpupool`)."""
+    acc = _ACC_CURRENT(check_available)
+    return torch.device("cuda") if acc is not None and acc.type == GPUPOOL and _scripts_call(1) else acc
+
+
+def current_device_index() -> int:
+    """The current device in CUDA numbers for the script (torch's own code gets gpupool's)."""
+    index = torch._C._accelerator_getDeviceIndex()
+    return cuda_index(index) if _scripts_call(1) else index
+
+
+class device_index(_ACC_GUARD):  # type: ignore[misc,valid-type]  # noqa: N801 - torch.accelerator's name
+    """`with torch.accelerator.device_index(i):` in CUDA numbers for the script (torch's own code: gpupool's)."""
+
+    def __init__(self, device: int | None, /) -> None:
+        super().__init__(pool_index(device) if device is not None and _scripts_call(1) else device)
+
+
+def _install_accelerator() -> None:
+    import torch.accelerator.memory as memory
+
+    _patch(torch.accelerator, "_get_device_index", accelerator_index)
+    _patch(memory, "_get_device_index", accelerator_index)
+    for new in (current_accelerator, current_device_index, device_index):
+        _patch(torch.accelerator, new.__name__, new)
+
+
 def install() -> None:
     """Wrap torch's device-taking functions (idempotent); `uninstall()` puts torch's own back."""
     if _PATCHED:
@@ -228,6 +289,7 @@ def install() -> None:
     _patch(torch.Tensor, "cuda", _named_after(tensor_cuda, torch._C.TensorBase.cuda))
     _patch(torch.Tensor, "is_cuda", property(_is_cuda, doc=_TENSOR_IS_CUDA.__doc__))
     _patch(torch._C._nn, "_parse_to", _named_after(parse_to, _PARSE_TO))
+    _install_accelerator()
 
 
 def uninstall() -> None:

@@ -7,7 +7,9 @@ new_group, new_subgroups, device meshes all go through it). Wrapping that one fu
   daemons); torch's NCCL default timeout becomes the default one, so the daemons' own default applies;
 - the group is then recorded under the name the script gave, so `dist.get_backend()` says `nccl` (and a
   `new_group()` without a backend asks for `nccl` again, which comes back here);
-- `device_id=` (NCCL's eager init hint) is dropped: the gpupool group binds its rank's own device anyway;
+- `device_id=` (NCCL's eager init hint) is dropped: the gpupool group binds its rank's own device anyway (a CUDA
+  `device_id` given to `init_process_group` is first mapped to its gpupool device, so torch's own check that it is
+  the accelerator's type passes: the FSDP2 example's `init_process_group(backend, device_id=device)`);
 - torch's default timeout for `nccl` (`_get_default_timeout`) is the default one, without the warning a torch
   built without NCCL gives.
 
@@ -30,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .devices import is_cuda_device, pool_index
+from .devices import is_cuda_device, pool_index, to_gpupool
 
 GPUPOOL = "gpupool"
 
@@ -92,6 +94,21 @@ def _wrap_default_timeout(original: Callable[..., Any]) -> Callable[..., Any]:
     return default_timeout
 
 
+def _wrap_init(original: Callable[..., Any]) -> Callable[..., Any]:
+    """init_process_group with a CUDA (or integer: CUDA's number) `device_id` mapped to its gpupool device: torch
+    checks that it is of the accelerator's type, which is gpupool (until round 35 the script's accelerator was gpupool
+    too, so a `device_id` it made from it passed; now it is `cuda`, as on a GPU machine: client/cuda/devices.py)."""
+
+    @functools.wraps(original)
+    def init_process_group(*args: Any, **kwargs: Any) -> Any:
+        device_id = kwargs.get("device_id")
+        if device_id is not None and not isinstance(device_id, bool) and _ddp_index(device_id) is not device_id:
+            kwargs["device_id"] = to_gpupool(device_id)
+        return original(*args, **kwargs)
+
+    return init_process_group
+
+
 def _ddp_index(value: Any) -> Any:
     """A DDP device id (CUDA number or CUDA device) as the rank's gpupool index."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -128,5 +145,6 @@ def install() -> None:
     distributed.register()
     c10d._new_process_group_helper = _wrap_helper(c10d._new_process_group_helper)
     c10d._get_default_timeout = _wrap_default_timeout(c10d._get_default_timeout)
+    c10d.init_process_group = dist.init_process_group = _wrap_init(c10d.init_process_group)
     dist.is_nccl_available = lambda: True
     _patch_ddp()

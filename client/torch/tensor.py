@@ -22,12 +22,14 @@ one record, the first time.
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from collections.abc import Callable
 from math import prod as _prod
 from typing import Any
 
 import torch
 
+from .. import checkpoints
 from .runtime import DeviceRuntime
 
 Dispatcher = Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]
@@ -145,13 +147,27 @@ class RemoteTensor(torch.Tensor):
             return self.detach().to("cpu").tolist()
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        # torch.save / pickle / copy of a remote tensor: its data comes back to the CPU, so a saved
-        # state_dict loads anywhere (map it back with load_state_dict or .to("gpupool")).
+        # torch.save / pickle / copy of a remote tensor: its data comes back to the CPU, its storage tagged with this
+        # tensor's device (`gpupool:N`, as the C++ client's storages are: client/checkpoints.py), so torch.load puts
+        # it back on the device under `gpupool run` and asks for map_location elsewhere. A Parameter stays one (until
+        # round 35 a whole model saved here came back holding plain tensors).
+        local = self._gp_cpu()
+        checkpoints.mark_saved(local, self.device)
+        if getattr(self, "_is_param", False):
+            return torch._utils._rebuild_parameter, (local.detach(), self.requires_grad, OrderedDict())
+        return local.__reduce_ex__(protocol)
+
+    def __copy__(self) -> torch.Tensor:
+        # copy.copy: the CPU copy, as before round 35, not through __reduce_ex__ (the tensor copy.copy rebuilds from a
+        # reduction keeps its storage, which mark_saved tagged for torch.save alone)
+        return self._gp_cpu()
+
+    def _gp_cpu(self) -> torch.Tensor:
         with torch.no_grad():
             local = self.detach().to("cpu")
         if self.requires_grad:
             local.requires_grad_(True)
-        return local.__reduce_ex__(protocol)
+        return local
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         with torch.no_grad():

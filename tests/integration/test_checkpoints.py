@@ -1,10 +1,13 @@
-"""A checkpoint saved from device tensors on the C++ client (storages tagged `gpupool:0`, as torch tags any device's),
-loaded (client/checkpoints.py): under `gpupool run` on either client without `map_location` and with
-`map_location="gpupool:0"`, onto the device, with the saved values, a whole module included, and usable (a linear
-layer of the loaded weight); in a process with no gpupool device (a CPU-only edge machine) one error naming
+"""A checkpoint saved from device tensors on either client (storages tagged `gpupool:0`: the C++ client's as torch tags
+any device's, the Python client's CPU copies by client/checkpoints.py `mark_saved`), loaded (client/checkpoints.py):
+under `gpupool run` on either client without `map_location` and with `map_location="gpupool:0"`, onto the device,
+with the saved values, a whole module included (its parameters Parameters, leaves an optimizer can take), and usable
+(a linear layer of the loaded weight); in a process with no gpupool device (a CPU-only edge machine) one error naming
 `map_location`, and with `map_location="cpu"` the values on the CPU. Until round 34 the first failed on the C++ client
 with "module 'torch.gpupool' has no attribute 'device'", on the Python client with a TypeError, and the second with
-torch's "don't know how to restore data location ... (tagged with gpupool:0)".
+torch's "don't know how to restore data location ... (tagged with gpupool:0)". Until round 35 the Python client saved
+its tensors tagged `cpu`: the whole model came back on the CPU (word_language_model's reload failed), its parameters
+plain tensors, and the CPU-only load needed no `map_location`.
 
 Slow (the C++ client's first build takes ~1 min; cached after). Skipped only where no C++ compiler or ninja exists.
 """
@@ -27,6 +30,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why is not None, reason=f"na
 
 SAVE = """
 import sys, torch
+if sys.argv[2] == "shim":
+    import gpupool.torch  # the Python client's device (the C++ client's comes with `import torch`)
 torch.manual_seed(0)
 model = torch.nn.Linear(3, 2).to("gpupool")
 torch.save({"model": model.state_dict(), "t": torch.arange(4.0, device="gpupool")[1:]}, sys.argv[1] + "/state.pt")
@@ -48,6 +53,8 @@ print(json.dumps({
     "t": state["t"].tolist(), "mapped": mapped["t"].tolist(), "weight": state["model"]["weight"].tolist(),
     "linear": torch.nn.functional.linear(x, state["model"]["weight"], state["model"]["bias"]).tolist(),
     "module": model(x).tolist(), "lstm": lstm(x)[0].tolist(), "lstm_device": str(lstm.weight_hh_l0.device),
+    "parameters": [isinstance(p, torch.nn.Parameter) and p.is_leaf and p.requires_grad
+                   for m in (model, lstm) for p in m.parameters()],
 }))
 """
 
@@ -76,8 +83,8 @@ def _env(pool: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), **({"GPUPOOL_SCHEDULER": pool} if pool else {})}
 
 
-def _python(code: str, where: Path, *run: str, pool: str = "") -> dict | str:
-    cmd = [sys.executable, "-c", code, str(where)]
+def _python(code: str, where: Path, *run: str, pool: str = "", args: tuple[str, ...] = ()) -> dict | str:
+    cmd = [sys.executable, "-c", code, str(where), *args]
     if run:
         cmd = [sys.executable, "-m", "gpupool.cli", "run", *run, "--", *cmd]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=_env(pool), cwd=where)
@@ -86,10 +93,11 @@ def _python(code: str, where: Path, *run: str, pool: str = "") -> dict | str:
     return json.loads(last) if last.startswith("{") else last  # type: ignore[no-any-return]
 
 
+@pytest.mark.parametrize("saver", ["native", "shim"])
 def test_a_checkpoint_saved_on_the_device_loads_onto_it_and_elsewhere_needs_map_location(
-    two_gpu_pool: str, tmp_path: Path
+    two_gpu_pool: str, tmp_path: Path, saver: str
 ) -> None:
-    assert _python(SAVE, tmp_path, "--client", "native", pool=two_gpu_pool) == "gpupool:0"
+    assert _python(SAVE, tmp_path, "--client", saver, pool=two_gpu_pool, args=(saver,)) == "gpupool:0"
     plain = _python(PLAIN, tmp_path)
     assert isinstance(plain, dict)
     assert plain["error"] is not None and "gpupool:0" in plain["error"], plain["error"]
@@ -106,5 +114,6 @@ def test_a_checkpoint_saved_on_the_device_loads_onto_it_and_elsewhere_needs_map_
         assert got["weight"] == plain["weight"], client
         assert got["linear"] == plain["linear"] and got["module"] == plain["linear"], client
         assert got["lstm_device"] == "gpupool:0", client
+        assert got["parameters"] == [True] * 6, client  # the Linear's 2, the LSTM's 4
         # float32 rounding apart (the fake GPU runs the cell as _thnn_fused_lstm_cell, server/fallbacks.py)
         torch.testing.assert_close(torch.tensor(got["lstm"]), torch.tensor(plain["lstm"]), msg=client)

@@ -39,6 +39,40 @@ print(f"rank {local_rank} own {torch.ones(3, device='gpupool:0').sum().item()}",
 """
 
 
+CUDA_SCRIPT = """
+import os, torch
+local_rank = int(os.environ["LOCAL_RANK"])
+acc = torch.accelerator.current_accelerator()  # as on a GPU machine: cuda, and its numbers are CUDA's
+torch.accelerator.set_device_index(local_rank)
+x = torch.ones(2, device=f"{acc}:{local_rank}") + torch.ones(2, device="cuda")
+loader = torch.utils.data.DataLoader(torch.arange(4.0), batch_size=2, pin_memory=True)  # a pin thread: torch's numbers
+y = sum(b.to(acc).sum() for b in loader)
+backend = torch.distributed.get_default_backend_for_device(acc)  # the FSDP2 example's start: nccl, with a device_id
+torch.distributed.init_process_group(backend, device_id=torch.device(f"{acc}:{local_rank}"))
+torch.distributed.all_reduce(y)
+print(f"rank {local_rank} {acc} {torch.accelerator.current_device_index()} {torch.cuda.current_device()} "
+      f"{x.device} {x.sum().item()} {backend} {y.item()}", flush=True)
+torch.distributed.destroy_process_group()
+try:
+    torch.ones(2, device="gpupool:1")
+except Exception as exc:
+    print(f"rank {local_rank} refused {type(exc).__name__}: {exc}", flush=True)
+"""
+
+
+def _torchrun(pool: str, tmp_path: Path, code: str, run: tuple[str, ...], args: tuple[str, ...] = ()) -> list[str]:
+    """The ranks' lines (sorted) of `code ARGS` run by `gpupool run RUN -n 2 -- torchrun --nproc-per-node 2`."""
+    script = tmp_path / "numbering.py"
+    script.write_text(code)
+    env = {k: v for k, v in os.environ.items() if k not in ("GPUPOOL_LEASE", "GPUPOOL_CUDA", "GPUPOOL_CLIENT")}
+    env.update(PYTHONPATH=str(ROOT), GPUPOOL_SCHEDULER=pool)
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", *run, "-n", "2", "--", sys.executable, "-m",
+           "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *args]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env, cwd=tmp_path)
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+    return sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("client", ["native", "shim"])
 def test_another_ranks_device_is_one_clear_error_and_the_own_one_works(
@@ -46,16 +80,8 @@ def test_another_ranks_device_is_one_clear_error_and_the_own_one_works(
 ) -> None:
     if client == "native" and _why is not None:
         pytest.skip(f"native client: {_why}")
-    script = tmp_path / "numbering.py"
-    script.write_text(SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("GPUPOOL_LEASE", "GPUPOOL_CUDA", "GPUPOOL_CLIENT")}
-    env.update(PYTHONPATH=str(ROOT), GPUPOOL_SCHEDULER=two_gpu_pool)
-    cmd = [sys.executable, "-m", "gpupool.cli", "run", "--client", client, "-n", "2", "--", sys.executable, "-m",
-           "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), client]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env, cwd=tmp_path)
-    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
-    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
-    assert lines[0] == "rank 0 named gpupool:0 2.0", done.stdout
+    lines = _torchrun(two_gpu_pool, tmp_path, SCRIPT, ("--client", client), (client,))
+    assert lines[0] == "rank 0 named gpupool:0 2.0", lines
     assert lines[1] == "rank 0 own 3.0"
     assert lines[3].startswith(
         "rank 1 refused InvalidArgument: gpupool:1 is lease device 0 here, local rank 0's own device"
@@ -78,3 +104,24 @@ def test_rank_device_numbers_from_the_ranks_own_and_keeps_spares(monkeypatch: py
         rank_device(1, 4)
     monkeypatch.delenv("LOCAL_WORLD_SIZE")  # LOCAL_RANK alone (not torchrun's pair): shifted, nothing refused
     assert [rank_device(i, 4) for i in range(4)] == [1, 2, 3, 0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_why is not None, reason=f"native client: {_why}")
+def test_under_cuda_the_accelerators_numbers_are_cudas_and_land_on_the_own_device(
+    two_gpu_pool: str, tmp_path: Path
+) -> None:
+    """Under --cuda an accelerator-style script (pytorch/examples' distributed/ddp: `acc =
+    torch.accelerator.current_accelerator()`, `set_device_index(local_rank)`, `f"{acc}:{local_rank}"`) sees CUDA, as
+    on a GPU machine, and lands on the rank's own device; a DataLoader's pin thread (torch's own round trip of the
+    current index) still works, and so does `init_process_group(backend, device_id=torch.device(f"{acc}:{local_rank}"))`
+    (the FSDP2 example's; torch checks device_id against its accelerator, gpupool: the mapping maps a CUDA one).
+    Until round 35 the accelerator was gpupool with gpupool's numbers: rank 1's
+    set_device_index(1) made another rank's device current, and its next "cuda" tensor was refused. A 'gpupool:1' the
+    script writes itself is still gpupool's numbering: one error saying how to name it under --cuda."""
+    lines = _torchrun(two_gpu_pool, tmp_path, CUDA_SCRIPT, ("--cuda",))
+    assert lines[0] == "rank 0 cuda 0 0 gpupool:0 4.0 nccl 12.0", lines
+    assert lines[2] == "rank 1 cuda 1 1 gpupool:0 4.0 nccl 12.0", lines
+    assert lines[1].startswith("rank 0 refused InvalidArgument: gpupool:1 is lease device 1 here"), lines[1]
+    assert lines[3].startswith("rank 1 refused InvalidArgument: gpupool:1 is lease device 0 here"), lines[3]
+    assert "Under --cuda name it as CUDA's" in lines[3], lines[3]

@@ -114,6 +114,37 @@ def test_a_torchrun_rank_maps_cuda_numbers_of_the_lease_onto_its_own_device(monk
     assert devices.to_gpupool(1) == torch.device(GP, 1) and devices.cuda_index(1) == 1
 
 
+def _index_via_accelerator(device: object) -> int:
+    """What torch.accelerator's functions (set_device_index, synchronize, ...: this one stands for them) make of a
+    device argument their caller passes."""
+    return torch.accelerator._get_device_index(device)  # type: ignore[attr-defined,no-any-return]
+
+
+# The same calls from torch's own code (a module named torch.*), which hands torch.accelerator gpupool's numbers
+_TORCHS_OWN: dict[str, object] = {"__name__": "torch._gpupool_test", "torch": torch, "via": _index_via_accelerator}
+exec(  # noqa: S102 - a stand-in for a torch module's frame: the wrappers look at their caller's module name
+    "def index(d): return via(d)\ndef accelerator(): return torch.accelerator.current_accelerator()\n", _TORCHS_OWN
+)
+
+
+def test_a_torchrun_ranks_accelerator_is_cuda_in_cuda_numbers_for_the_script_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under the mapping torch.accelerator answers the script as CUDA would (`cuda`, CUDA's numbers: rank 1's
+    set_device_index(1) is its own device, gpupool:0), and torch's own code as before (gpupool, gpupool's numbers)."""
+    monkeypatch.setattr(devices, "_SHIFT", [(1, 2)])
+    devices.install()
+    try:
+        assert torch.accelerator.current_accelerator() == torch.device("cuda")
+        assert _TORCHS_OWN["accelerator"]() == torch.device(GP)  # type: ignore[operator]
+        assert [_index_via_accelerator(i) for i in (0, 1)] == [1, 0]
+        assert [_TORCHS_OWN["index"](i) for i in (0, 1)] == [0, 1]  # type: ignore[operator]
+        assert torch.accelerator.is_available() and torch.accelerator.device_count() >= 1  # torch's callers: gpupool
+    finally:
+        devices.uninstall()
+    assert torch.accelerator.current_accelerator() == torch.device(GP) and _index_via_accelerator(1) == 1
+
+
 @pytest.mark.parametrize(("asked", "ok"), [("nccl", True), ("NCCL", True), ("cuda:nccl", True),
                                            ("cpu:gloo,cuda:nccl", False), ("cuda:nccl,cpu:gloo", False)])  # fmt: skip
 def test_nccl_backend_strings(asked: str, ok: bool) -> None:
