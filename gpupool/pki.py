@@ -41,7 +41,7 @@ def identity_uri(role: str, name: str) -> str:
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r} (one of {', '.join(ROLES)})")
     if not name or "/" in name:
-        raise ValueError(f"bad {role} name {name!r}")
+        raise ValueError(f"bad {role} name {name!r}: an identity's name is not empty and has no '/'")
     return f"{URI_PREFIX}{role}/{name}"
 
 

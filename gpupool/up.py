@@ -310,7 +310,9 @@ def main(argv: list[str]) -> int:
         creds = make_credentials(
             cfg.state.parent, a.host_id, cfg.scheduler_listen, cfg.listen, ca_dir=Path(a.ca_dir) if a.ca_dir else None
         )
-    except (GpupoolError, OSError) as exc:  # a CA key others may read (pki.LocalCA), a directory not ours: one line
+    except (GpupoolError, OSError, ValueError) as exc:
+        # a CA key others may read (pki.LocalCA), a directory not ours, a --host-id or user name no certificate can
+        # name (pki.identity_uri: 'a/b'; a traceback until round 35): one line
         print(f"gpupool up: {exc}", file=sys.stderr)
         return 1  # as the gpupool command's own one-line refusals (gpupool/cli.py)
     for path in (cfg.state, Path(f"{cfg.state}-wal"), Path(f"{cfg.state}-shm")):

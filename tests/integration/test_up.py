@@ -115,3 +115,17 @@ def test_up_stops_both_children(tmp_path: Path, sig: signal.Signals) -> None:
         wait_until(lambda: refused(address) and refused(daemon), timeout=10, what="both ports to close")
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize(("flag", "env"), [(["--host-id", "rack/7"], {}), ([], {"LOGNAME": "a/b", "USER": "a/b"})])
+def test_up_refuses_a_name_no_certificate_can_hold_in_one_line(
+    tmp_path: Path, flag: list[str], env: dict[str, str]
+) -> None:
+    """A host id or user name with a '/' cannot be an identity's name (gpupool://host/<id>): `gpupool up` says so in
+    one line and starts nothing (round 35: a ValueError's traceback)."""
+    state = tmp_path / "state" / "scheduler.db"
+    done = gpupool("up", "--fake-gpus", "1", "--state", str(state), *flag, env=env)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "no '/'" in done.stderr and ("a/b" in done.stderr or "rack/7" in done.stderr), done.stderr
+    assert not state.exists()
