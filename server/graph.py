@@ -12,9 +12,9 @@ Memory: a session that holds graphs has its largest graph's peak (temporaries pl
 in its used bytes for as long as it holds it, so the quota is checked once, at definition, and `gpupool smi` and
 the device's accounting see what the steps need; each graph captured as a CUDA graph counts its whole peak on top
 (its private pool holds that memory from the capture on; a capture the quota has no room for is not made).
-The host memory a session's graphs hold (their prebuilt calls, slot tables and TorchScript graphs: ~4 KiB an op,
+The host memory a session's graphs hold (their prebuilt calls, slot tables and TorchScript graphs: ~5 KB an op,
 graph_build.host_bytes) is bounded apart from the quota, by the daemon's --max-graph-memory per session: a
-definition past it is refused before it is built (round 35; until then 32 graphs of 100,000 ops, ~13 GiB).
+definition past it is refused before it is built (round 35; until then 32 graphs of 100,000 ops, 6-15 GiB).
 
 On CUDA devices a graph is additionally captured as a CUDA graph once it has run eagerly twice, where it can
 (graph_cuda.py: random ops in a session's own worker process, value guards that read only the run's inputs and

@@ -35,10 +35,11 @@ if TYPE_CHECKING:
 
 MAX_GRAPH_OPS = 100_000
 # Host memory a graph holds once defined and traced, measured (bench/host_memory.py, round 35: RSS growth of a real
-# daemon, both isolations): ~4.4 KiB an op of one tensor argument and one output (a `neg` chain), ~740 KB an op of
-# 1,000 of each (`_foreach_neg`): ~3.7 KiB an op and ~370 bytes a tensor reference or output slot. `host_bytes`.
-OP_BYTES = 3_700
-REF_BYTES = 370
+# daemon's session worker, past its first graph): ~5.1 KB an op of one tensor argument and one output (a `neg`
+# chain), ~1.58 MB an op of 1,000 of each (`_foreach_neg`): ~3.5 KB an op and ~790 bytes a tensor reference or output
+# slot (an `--isolation thread` daemon, which reuses memory it freed, grew by half that or less). `host_bytes`.
+OP_BYTES = 3_500
+REF_BYTES = 790
 _EVERY = 256  # records a piece of a pass over a graph's ops takes (`building`): well under a millisecond
 MAX_DIMS = 64
 _META = torch.device("meta")
