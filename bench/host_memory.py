@@ -99,29 +99,27 @@ def measure(
     with Session.attach(address, tokens.mint(key, claims)) as s:
         x = s.upload(torch.ones(width or 4))
         s.sync()
-        warm = 1000  # a small graph of the same ops first, kept: what the first graph costs once (TorchScript, the
-        s.define_graph(chain(warm, max(1, ops // 100), width))  # allocator's arenas) is not counted per op
-        s.sync()
-        for _ in range(3):
-            y = s.new_handle()
-            s.run_graph(warm, [x], [y])
+
+        def define_and_run(g: int, n: int) -> None:
+            s.define_graph(chain(g, n, width))
             s.sync()
-            s.free([y])
-        s.sync()
+            for _ in range(3):
+                y = s.new_handle()
+                s.run_graph(g, [x], [y])
+                s.sync()
+                s.free([y])
+            s.sync()
+
+        # a small graph of the same ops first, kept: what the first graph costs once (TorchScript, the allocator's
+        # arenas) is not counted per op
+        define_and_run(1000, max(1, ops // 100))
         time.sleep(0.5)
         base = rss()
         defined = 0
         for g in range(1, graphs + 1):
             t0 = time.perf_counter()
             try:
-                s.define_graph(chain(g, ops, width))
-                s.sync()
-                for _ in range(3):
-                    y = s.new_handle()
-                    s.run_graph(g, [x], [y])
-                    s.sync()
-                    s.free([y])
-                s.sync()
+                define_and_run(g, ops)
             except GpupoolError as exc:
                 out["refused"] = f"graph {g}: {exc.code.name}: {exc.message[:160]}"
                 break
