@@ -78,6 +78,14 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--max-sessions", type=int, default=64, help="sessions (worker processes) at once on this host")
     add_flag(p, "--max-streams-per-tenant", type=int, default=16, help="open session streams of one tenant")
     add_flag(p, "--max-handles", type=int, default=1 << 18, help="handles (live and failed) one session may hold")
+    add_flag(
+        p,
+        "--max-graph-memory",
+        type=size_arg,
+        default=256 * 1024**2,
+        help="host memory one session's captured graphs may hold in all, estimated from their ops and tensor "
+        "references (~5 KB an op); a definition past it is refused with RESOURCE_EXHAUSTED",
+    )
     add_flag(p, "--max-frame-commands", type=int, default=4096, help="commands in one client frame")
     add_flag(
         p,
@@ -188,6 +196,7 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
         max_sessions=args.max_sessions,
         max_streams_per_tenant=args.max_streams_per_tenant,
         max_handles=args.max_handles,
+        max_graph_memory=args.max_graph_memory,
         max_frame_commands=args.max_frame_commands,
         max_unread_bytes=args.max_unread_bytes,
         max_op_flops=int(args.max_op_flops),

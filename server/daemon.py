@@ -46,7 +46,7 @@ from .metrics import Ledger, Metrics
 from .registration import (
     RegistrationSource as RegistrationSource,  # the one definition, beside its consumer
 )
-from .sessions import MAX_HANDLES, DeviceMemory
+from .sessions import MAX_GRAPH_BYTES, MAX_HANDLES, DeviceMemory
 from .speedmodel import SpeedModel
 from .worker import InlineRunner, Runner, WorkerDied, WorkerSpec
 from .zygote import Zygote, shared_zygote
@@ -103,6 +103,7 @@ class DaemonConfig:
     max_sessions: int = 64  # each session is a process: bound them
     max_streams_per_tenant: int = 16
     max_handles: int = MAX_HANDLES  # per session: live and failed handles, views and zero-byte tensors included
+    max_graph_memory: int = MAX_GRAPH_BYTES  # per session: host bytes of its captured graphs (estimated)
     max_frame_commands: int = 4096
     max_op_flops: int = 0  # multiply-adds one op may do (server/cost.py); 0: 1e12 on fake GPUs, 1e15 on real
     # RLIMIT_DATA of a worker beyond what it holds at birth: 0 = the quota (fake GPUs hold tensors in host RAM)
@@ -323,6 +324,7 @@ class Daemon:
             token_keys=tuple(self._token_pems),
             speed=(c.fake_speed.tflops, c.fake_speed.gbps, c.fake_speed.link_gbps),
             gpu_margin=c.worker_gpu_margin,
+            max_graph_bytes=c.max_graph_memory,
         )
         if self.zygote is None:
             return InlineRunner(spec)

@@ -12,6 +12,9 @@ Memory: a session that holds graphs has its largest graph's peak (temporaries pl
 in its used bytes for as long as it holds it, so the quota is checked once, at definition, and `gpupool smi` and
 the device's accounting see what the steps need; each graph captured as a CUDA graph counts its whole peak on top
 (its private pool holds that memory from the capture on; a capture the quota has no room for is not made).
+The host memory a session's graphs hold (their prebuilt calls, slot tables and TorchScript graphs: ~5 KB an op,
+graph_build.host_bytes) is bounded apart from the quota, by the daemon's --max-graph-memory per session: a
+definition past it is refused before it is built (round 35; until then 32 graphs of 100,000 ops, 6-15 GiB).
 
 On CUDA devices a graph is additionally captured as a CUDA graph once it has run eagerly twice, where it can
 (graph_cuda.py: random ops in a session's own worker process, value guards that read only the run's inputs and
@@ -41,7 +44,7 @@ from .sessions import Poison, WorkerSession, zero_bytes
 
 log = logging.getLogger(__name__)
 
-MAX_GRAPHS = 32  # per session: each holds prebuilt calls in host memory
+MAX_GRAPHS = 32  # per session: each holds prebuilt calls in host memory (in all at most --max-graph-memory)
 # A definition runs for at most about this long per slice (then the session's next slice goes on with it): a
 # definition of 100,000 ops takes seconds, and held the device's thread for all of them as one command.
 DEFINE_PIECE_SECONDS = 0.05
@@ -134,7 +137,8 @@ class GraphTable:
             if not replaced and len(graphs) >= MAX_GRAPHS:
                 raise InvalidArgument(f"a session holds at most {MAX_GRAPHS} graphs; drop one first")
             old = graphs.pop(msg.graph_id, None)
-            pending = s.defining = Defining(msg, building(self.host, s, msg), old is not None)
+            room = s.max_graph_bytes - sum(g.host_bytes for g in graphs.values())  # the replaced graph's is free
+            pending = s.defining = Defining(msg, building(self.host, s, msg, room), old is not None)
         s.defining = None
         try:
             g = pending.advance(time.perf_counter() + self.piece_seconds if self.piece_seconds > 0 else float("inf"))
@@ -150,7 +154,8 @@ class GraphTable:
         self.host.ledger.graph(s, event)
         g.cuda_verdict = graph_cuda.verdict(self.host, g)  # decided for every device: fake GPUs log it too
         log.info(
-            "session %d: graph %d %s: %d ops, %d inputs, %d persistent tensors, %d outputs, %d kept, peak %d bytes; %s",
+            "session %d: graph %d %s: %d ops, %d inputs, %d persistent tensors, %d outputs, %d kept, peak %d bytes, "
+            "host ~%d bytes; %s",
             s.number,
             msg.graph_id,
             event,
@@ -160,6 +165,7 @@ class GraphTable:
             len(g.outputs),
             len(g.writes),
             g.peak,
+            g.host_bytes,
             graph_cuda.describe(g.cuda_verdict),
         )
 

@@ -34,6 +34,12 @@ if TYPE_CHECKING:
     from .ops import OpTable
 
 MAX_GRAPH_OPS = 100_000
+# Host memory a graph holds once defined and traced, measured (bench/host_memory.py, round 35: RSS growth of a real
+# daemon's session worker, past its first graph): ~5.1 KB an op of one tensor argument and one output (a `neg`
+# chain), ~1.58 MB an op of 1,000 of each (`_foreach_neg`): ~3.5 KB an op and ~790 bytes a tensor reference or output
+# slot (an `--isolation thread` daemon, which reuses memory it freed, grew by half that or less). `host_bytes`.
+OP_BYTES = 3_500
+REF_BYTES = 790
 _EVERY = 256  # records a piece of a pass over a graph's ops takes (`building`): well under a millisecond
 MAX_DIMS = 64
 _META = torch.device("meta")
@@ -105,6 +111,7 @@ class Graph:
     contiguous: list[bool] = field(default_factory=list)  # per input: may it be sent by value
     reserve: int = 0  # bytes the session's used memory counts for this graph: peak + inputs sent by value
     device: torch.device = _META  # where its tensors live
+    host_bytes: int = 0  # the host memory it holds, estimated (`host_bytes`): the session's --max-graph-memory
     runs: int = 0
     cuda: Any = None
     cuda_failed: bool = False
@@ -186,12 +193,35 @@ def _proto_meta(m: tensor_pb2.TensorMeta) -> Meta:
     return (tuple(m.shape), tuple(m.stride), int(m.storage_offset), wire.dtype_from_proto(m.dtype))
 
 
-def building(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Generator[None, None, Graph]:
+def host_bytes(ops: int, refs: int, data: int = 0) -> int:
+    """The host memory a graph of `ops` ops holding `refs` references (tensor arguments, output slots, entries of
+    list arguments) and `data` bytes of inline tensors takes once defined and traced, estimated: what a session's
+    --max-graph-memory counts."""
+    return ops * OP_BYTES + refs * REF_BYTES + data
+
+
+def _check_room(s: WorkerSession, msg: device_pb2.DefineGraph, estimate: int, room: int) -> None:
+    if estimate > room:
+        held = s.max_graph_bytes - room
+        raise ResourceExhausted(
+            f"graph {msg.graph_id} of {len(msg.ops)} ops would hold about {estimate} bytes of the daemon's host "
+            f"memory; the session's other graphs hold about {held} of its {s.max_graph_bytes} byte graph memory "
+            "limit (--max-graph-memory): drop a graph, or capture a smaller step"
+        )
+
+
+def building(
+    host: Host, s: WorkerSession, msg: device_pb2.DefineGraph, room: int | None = None
+) -> Generator[None, None, Graph]:
     """The definition in small pieces: each `next` does a bounded part of it (one op's checks and dry run, or
     `_EVERY` ops' worth of a pass over the records), so that graph.py can stop after a time budget and go on in
-    the session's next slice; returns the Graph. A fault is raised by the piece that finds it."""
+    the session's next slice; returns the Graph. A fault is raised by the piece that finds it. `room`: the host
+    bytes (`host_bytes`) the session's graph memory limit has left for this graph (None: no limit); a graph
+    estimated past it is refused before any op of it is built."""
     if len(msg.ops) > MAX_GRAPH_OPS:
         raise InvalidArgument(f"a graph of {len(msg.ops)} ops; at most {MAX_GRAPH_OPS}")
+    if room is not None:
+        _check_room(s, msg, host_bytes(len(msg.ops), 0), room)
     if len(msg.input_meta) != msg.inputs:
         raise InvalidArgument(f"{msg.inputs} inputs but {len(msg.input_meta)} input metadata")
     dev = s.device.torch_device
@@ -213,7 +243,10 @@ def building(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Gener
     slot_storage: dict[int, int] = {}
     last_use: dict[int, int] = {}
     kept = {int(w.slot) for w in msg.writes} | {int(x) for x in msg.outputs}
-    last_read = yield from _last_reads(msg)
+    last_read, refs, data = yield from _last_reads(msg)
+    estimate = host_bytes(len(msg.ops), refs, data)
+    if room is not None:
+        _check_room(s, msg, estimate, room)
     calls: list[Call] = []
     produced: dict[int, int] = {}  # slot -> the op that produces it
     mutated: set[int] = set()
@@ -329,6 +362,7 @@ def building(host: Host, s: WorkerSession, msg: device_pb2.DefineGraph) -> Gener
         peak + sum(b for b, c in zip(input_bytes, contiguous, strict=True) if c),
         dev,
     )
+    graph.host_bytes = estimate
     graph.plan = yield from _compiled(calls)
     graph.stable = [k for k, (slot, _, _) in enumerate(externals) if slot not in reshaped]
     graph.written = frozenset(
@@ -364,20 +398,33 @@ def _compiled(calls: list[Call]) -> Generator[None, None, list[Step]]:
     return plan
 
 
-def _last_reads(msg: device_pb2.DefineGraph) -> Generator[None, None, dict[int, int]]:
-    """slot -> index of the last op that reads it (in pieces of `_EVERY` ops)."""
+def _last_reads(msg: device_pb2.DefineGraph) -> Generator[None, None, tuple[dict[int, int], int, int]]:
+    """slot -> index of the last op that reads it (in pieces of `_EVERY` ops), the graph's references (tensor
+    arguments, output slots, entries of list arguments) and its inline tensors' bytes (`host_bytes`)."""
     last: dict[int, int] = {}
+    refs = data = 0
     for i, op in enumerate(msg.ops):
         if i and not i % _EVERY:
             yield
+        refs += len(op.outputs)
         for a in list(op.args) + list(op.kwargs.values()):
             kind = a.WhichOneof("value")
             if kind == "tensor":
                 last[a.tensor] = i
+                refs += 1
             elif kind == "tensors":
-                for h in a.tensors.handles:
+                handles = a.tensors.handles
+                refs += len(handles)
+                for h in handles:
                     last[h] = i
-    return last
+            elif kind in _LISTS:
+                refs += len(getattr(a, kind).values)
+            elif kind == "inline":
+                data += len(a.inline.data)
+    return last, refs, data
+
+
+_LISTS = frozenset({"ints", "floats", "bools"})
 
 
 def _storages(meta_slots: list[Any], reads: list[int]) -> list[torch.UntypedStorage]:

@@ -36,6 +36,9 @@ from .uploadpool import KEEP, UploadPool
 HANDLE_BITS = 32
 # Handles one session may hold (each costs ~1 KiB of host RAM: tensor, sizes, strides, dict entries).
 MAX_HANDLES = 1 << 18
+# Host memory one session's captured graphs may hold in all, as graph_build.host_bytes estimates it (their prebuilt
+# calls, slot tables and TorchScript graphs; round 35): an honest training step's graph is a few MiB.
+MAX_GRAPH_BYTES = 256 * 1024**2
 
 
 @dataclass
@@ -86,6 +89,7 @@ class WorkerSession:
         quota: int,
         *,
         max_handles: int = MAX_HANDLES,
+        max_graph_bytes: int = MAX_GRAPH_BYTES,
         max_op_flops: int = 0,
         lease_id: str = "",
         host_id: str = "",
@@ -99,6 +103,7 @@ class WorkerSession:
         self.memory = memory
         self.quota = quota
         self.max_handles = max_handles
+        self.max_graph_bytes = max_graph_bytes  # host memory of its graphs (server/graph.py `GraphTable.define`)
         # Most multiply-adds one op may do (cost.py): 0 picks the device kind's default.
         self.max_op_flops = max_op_flops or (FAKE_GPU_FLOPS if device.fake else REAL_GPU_FLOPS)
         self.lock = threading.RLock()

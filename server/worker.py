@@ -83,6 +83,7 @@ class WorkerSpec:
     token_keys: tuple[str, ...] = ()  # PEM public keys: collectives verify the tokens of a job's other ranks
     speed: tuple[float, float, float] = (0.0, 0.0, 0.0)  # fake GPUs' speed model (tflops, gbps, link_gbps)
     gpu_margin: int = -1  # real GPUs: bytes the CUDA allocator may hold beyond the quota (-1: `gpu_margin`)
+    max_graph_bytes: int = 256 * 1024**2  # host memory of the session's graphs (sessions.MAX_GRAPH_BYTES)
 
 
 # ---- the worker's CUDA memory cap ----
@@ -174,6 +175,7 @@ class _SessionState:
             DeviceMemory(self.device),
             spec.quota,
             max_handles=spec.max_handles,
+            max_graph_bytes=spec.max_graph_bytes,
             max_op_flops=spec.max_op_flops,
             lease_id=spec.lease_id,
             host_id=spec.host_id,

@@ -1,0 +1,192 @@
+"""Host memory a session can make a daemon hold without device bytes (round 35, quota35): RSS growth of a real
+`gpupool serve` (its whole process tree: daemon, zygote, session workers) per captured graph op, per graph, per
+handle (views of one storage: ~0 quota bytes each), and after the session ends.
+
+    nice -n 5 .venv/bin/python bench/host_memory.py --isolation thread --ops 10000 --graphs 3
+    nice -n 5 .venv/bin/python bench/host_memory.py --isolation process --against /work/wt/base \\
+        --against-python /work/wt/base/.venv/bin/python
+
+Each graph is a chain of `aten::neg` over one 4-element input (red34's), or with `--width`, of `_foreach_neg` over
+that many slots; it runs 3 times (the third run traces it to TorchScript on a fake GPU) before the next is defined.
+A graph of a hundredth of the ops is defined and run first, and kept, so that what a session's first graph costs
+once is not counted per op. A definition the daemon refuses is reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from daemon_wire import loopback_keys, start_daemon, stop_all  # noqa: E402
+
+MiB = 1024**2
+
+
+def tree_rss(pid: int) -> int:
+    """RSS of `pid` and all its descendants, in bytes."""
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(p.name))
+    total, todo = 0, [pid]
+    while todo:
+        q = todo.pop()
+        todo += children.get(q, [])
+        try:
+            for line in Path(f"/proc/{q}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def chain(graph_id: int, ops: int, width: int = 0) -> Any:
+    """A chain of `ops` ops over one 4-element input: `neg`, or with `width`, `_foreach_neg` over `width` slots
+    (the input unbound into them first: one op more)."""
+    import torch
+
+    from gpupool import wire
+    from gpupool._proto import device_pb2, tensor_pb2
+
+    if width:
+        x = torch.ones(width)
+        body = [device_pb2.Op(name="aten::unbind.int", args=[tensor_pb2.Arg(tensor=1)], outputs=range(2, width + 2))]
+        for i in range(ops):
+            first = 2 + i * width
+            refs = tensor_pb2.Arg(tensors=tensor_pb2.TensorList(handles=range(first, first + width)))
+            body.append(
+                device_pb2.Op(
+                    name="aten::_foreach_neg.default", args=[refs], outputs=range(first + width, first + 2 * width)
+                )
+            )
+        last = 1 + (ops + 1) * width
+        return device_pb2.DefineGraph(
+            graph_id=graph_id, inputs=1, input_meta=[wire.meta_to_proto(x)], ops=body, outputs=[last]
+        )
+    body = [
+        device_pb2.Op(name="aten::neg.default", args=[tensor_pb2.Arg(tensor=i + 1)], outputs=[i + 2])
+        for i in range(ops)
+    ]
+    x = torch.ones(4)
+    return device_pb2.DefineGraph(
+        graph_id=graph_id, inputs=1, input_meta=[wire.meta_to_proto(x)], ops=body, outputs=[ops + 1]
+    )
+
+
+def measure(
+    address: str, key: bytes, rss: Any, ops: int, graphs: int, handles: int, name: str, width: int = 0
+) -> dict[str, Any]:
+    import torch
+    from gpupool.client.session import Session
+
+    from gpupool import tokens
+    from gpupool.errors import GpupoolError
+
+    claims = tokens.TokenClaims(f"{name}-lease", "bench", 0, 64 * MiB, 1.0, time.time() + 3600, name)
+    out: dict[str, Any] = {}
+    with Session.attach(address, tokens.mint(key, claims)) as s:
+        x = s.upload(torch.ones(width or 4))
+        s.sync()
+
+        def define_and_run(g: int, n: int) -> None:
+            s.define_graph(chain(g, n, width))
+            s.sync()
+            for _ in range(3):
+                y = s.new_handle()
+                s.run_graph(g, [x], [y])
+                s.sync()
+                s.free([y])
+            s.sync()
+
+        # a small graph of the same ops first, kept: what the first graph costs once (TorchScript, the allocator's
+        # arenas) is not counted per op
+        define_and_run(1000, max(1, ops // 100))
+        time.sleep(0.5)
+        base = rss()
+        defined = 0
+        for g in range(1, graphs + 1):
+            t0 = time.perf_counter()
+            try:
+                define_and_run(g, ops)
+            except GpupoolError as exc:
+                out["refused"] = f"graph {g}: {exc.code.name}: {exc.message[:160]}"
+                break
+            defined += 1
+            print(f"  {name}: graph {g} defined and run 3 times in {time.perf_counter() - t0:.1f} s", flush=True)
+        grown = rss() - base
+        out["graphs"] = defined
+        out["graph_MiB"] = grown / MiB
+        out["bytes_per_op"] = grown / max(1, defined * ops)
+        if width:
+            out["bytes_per_ref"] = grown / max(1, defined * ops * width * 2)
+        for g in range(1, defined + 1):
+            s.drop_graph(g)
+        s.sync()
+        out["after_drop_MiB"] = (rss() - base) / MiB
+        for g in range(1, defined + 1):  # the same graphs again: reused memory, or more?
+            s.define_graph(chain(g, ops, width))
+            s.sync()
+            s.drop_graph(g)
+            s.sync()
+        out["redefined_MiB"] = (rss() - base) / MiB
+        if handles:
+            before = rss()
+            big = s.upload(torch.zeros(min(handles, 65536)))
+            made = 0
+            try:
+                while made < handles:
+                    n = min(65536, handles - made)
+                    s.call("aten::split.Tensor", big, 1, outputs=n)
+                    s.sync()
+                    made += n
+            except GpupoolError as exc:
+                out["handles_refused"] = f"{exc.code.name}: {exc.message[:160]}"
+            out["handles"] = made
+            out["bytes_per_handle"] = (rss() - before) / max(1, made)
+    time.sleep(1.0)
+    out["after_close_MiB"] = (rss() - base) / MiB
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--isolation", default="thread", choices=["thread", "process"])
+    parser.add_argument("--ops", type=int, default=10_000)
+    parser.add_argument("--graphs", type=int, default=3)
+    parser.add_argument("--handles", type=int, default=200_000)
+    parser.add_argument("--width", type=int, default=0, help="_foreach_neg over this many slots per op (0: neg)")
+    parser.add_argument("--against", metavar="DIR", default="", help="another checkout (its daemon) to measure too")
+    parser.add_argument("--against-python", default=sys.executable, help="the python that imports DIR's gpupool")
+    parser.add_argument("--serve-args", default="", help="more `gpupool serve` flags for this tree's daemon")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        key, key_file = loopback_keys(tmp)
+        trees = [("this", sys.executable, None, args.serve_args.split())]
+        if args.against:
+            trees.insert(0, ("other", args.against_python, args.against, []))
+        for name, python, cwd, extra in trees:
+            proc, address = start_daemon(key_file, "--isolation", args.isolation, *extra, python=python, cwd=cwd)
+            try:
+                got = measure(
+                    address, key, lambda p=proc.pid: tree_rss(p), args.ops, args.graphs, args.handles, name, args.width
+                )
+            finally:
+                stop_all([proc])
+            print(f"{name} ({args.isolation}): " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+                                                             for k, v in got.items()), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

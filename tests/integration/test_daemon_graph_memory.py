@@ -1,0 +1,125 @@
+"""A session's captured graphs in host memory (round 35, quota35): bounded per session by --max-graph-memory, in both
+isolations, through real daemons. Until round 35 a graph's prebuilt calls were host memory outside every bound: 32
+graphs of 100,000 ops a session, 6-15 GiB (2-5 KB an op measured) within a 64 MiB quota, bounded only by a worker's
+RLIMIT_DATA under process isolation and by nothing under `--isolation thread`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from gpupool.client.session import Handle, Session
+
+from gpupool import errors, wire
+from gpupool._proto import device_pb2, tensor_pb2
+
+MiB = 1024**2
+BOUND = 8 * MiB  # ~1,650 ops of a `neg` chain (graph_build.host_bytes: ~5.1 KB an op)
+OPS = 1_000  # one graph of them fits the bound, two do not
+TRIES = 10  # graphs the hostile session asks for: ~45 MB of host memory on a daemon without the bound
+
+
+def _chain(graph_id: int, ops: int = OPS) -> device_pb2.DefineGraph:
+    """`ops` negations in a row of one 4-element input (an even number: the output is the input)."""
+    body = [
+        device_pb2.Op(name="aten::neg.default", args=[tensor_pb2.Arg(tensor=i + 1)], outputs=[i + 2])
+        for i in range(ops)
+    ]
+    return device_pb2.DefineGraph(
+        graph_id=graph_id, inputs=1, input_meta=[wire.meta_to_proto(torch.ones(4))], ops=body, outputs=[ops + 1]
+    )
+
+
+def _run(s: Session, graph_id: int, x: Handle) -> torch.Tensor:
+    y = s.new_handle()
+    s.run_graph(graph_id, [x], [y])
+    got = s.download(Handle(y))
+    s.free([y])
+    return got
+
+
+def _tree_rss() -> int:
+    """RSS of this process (an in-process daemon: `--isolation thread`'s sessions) and its descendants (the zygote
+    and its session workers), in bytes."""
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(p.name))
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return total
+
+
+def _neighbour_computes(s: Session, k: int) -> None:
+    [h] = s.call("aten::mul.Tensor", Handle(s.upload(torch.arange(64.0))), float(k))
+    assert torch.equal(s.download(Handle(h)), torch.arange(64.0) * k)
+
+
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_a_sessions_graphs_are_bounded_in_host_memory(daemon_factory: Any, isolation: str) -> None:
+    """A session asking for graph after graph gets RESOURCE_EXHAUSTED naming --max-graph-memory once its graphs
+    would pass it (on the old daemon every one was defined: ~45 MB of host memory for a 64 MiB quota); the daemon's
+    memory grows by about the bound, not by what was asked; its neighbour computes and defines its own graph
+    meanwhile; a dropped graph's share comes back (a define-drop loop stays within it), and so does a closed
+    session's."""
+    d = daemon_factory(isolation=isolation, max_graph_memory=BOUND)
+    x4 = torch.tensor([1.0, -2.0, 3.5, 0.25])
+    with (
+        Session.attach(d.address, d.token(tenant="hostile", quota_bytes=64 * MiB)) as s,
+        Session.attach(d.address, d.token(tenant="neighbour", quota_bytes=64 * MiB)) as n,
+    ):
+        x = Handle(s.upload(x4))
+        assert torch.equal(_run_defined(s, 1, x), x4)  # the first graph: its runs traced, as an honest step's
+        _neighbour_computes(n, 1)  # (its worker's first op grows that worker, before the measure)
+        before = _tree_rss()
+        refused: list[errors.GpupoolError] = []
+        for g in range(2, TRIES + 2):
+            try:
+                assert torch.equal(_run_defined(s, g, x), x4)
+            except errors.ResourceExhausted as exc:
+                refused.append(exc)
+            _neighbour_computes(n, g)
+        grown = _tree_rss() - before
+        assert len(refused) == TRIES, f"{TRIES - len(refused)} more graphs of {OPS} ops defined past the bound"
+        assert "--max-graph-memory" in refused[0].message and str(BOUND) in refused[0].message, refused[0].message
+        assert grown < BOUND, f"the daemon grew by {grown / MiB:.1f} MiB for graphs past an {BOUND // MiB} MiB bound"
+        assert torch.equal(_run(s, 1, x), x4)  # the graph it holds still runs
+        # the bound is the session's own: the neighbour defines and runs a graph of its own
+        assert torch.equal(_run_defined(n, 1, Handle(n.upload(x4 * 2))), x4 * 2)
+        # dropped graphs give their share back: define, drop, define again, in a loop
+        s.drop_graph(1)
+        for g in range(5):
+            assert torch.equal(_run_defined(s, 100 + g, x), x4)
+            s.drop_graph(100 + g)
+        s.sync()
+    with Session.attach(d.address, d.token(tenant="hostile", quota_bytes=64 * MiB)) as again:  # a closed session's
+        for g in (1, 2):
+            if g == 2:
+                with pytest.raises(errors.ResourceExhausted, match="max-graph-memory"):
+                    _run_defined(again, g, Handle(again.upload(x4)))
+            else:
+                assert torch.equal(_run_defined(again, g, Handle(again.upload(x4))), x4)
+
+
+def _run_defined(s: Session, graph_id: int, x: Handle) -> torch.Tensor:
+    """Define graph `graph_id` (a chain of OPS negations) and run it three times (the third traces it on a fake GPU):
+    its last output."""
+    s.define_graph(_chain(graph_id))
+    s.sync()
+    for _ in range(2):
+        _run(s, graph_id, x)
+    return _run(s, graph_id, x)
