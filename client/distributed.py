@@ -32,6 +32,7 @@ from torch.distributed.constants import default_pg_timeout
 
 from gpupool._proto import device_pb2
 from gpupool.errors import InvalidArgument
+from gpupool.tokens import unverified_claim
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,20 @@ def _own_device(rank: int, devices: int, current: int) -> tuple[int, int]:
     return index, rank_device(index, devices)
 
 
+def _join_message(tokens: list[str], devices: list[int], rank: int, seconds: float) -> device_pb2.GroupJoin:
+    """This rank's GroupJoin: `tokens` are the lease's, in lease order; `devices[r]` is rank r's lease device.
+
+    A lease token is a bearer credential for its device's session, so a rank sends its daemon only its own when
+    that token carries the lease's `group` claim (every token the scheduler issues for a lease of several
+    devices): the daemon keys the group from that claim, the same in every token of the lease, and needs no
+    other rank's (until round 35 every rank sent every rank's, and a hostile host of the job could attach, as the
+    tenant, to the other hosts' devices whenever their rank's session was not attached). Hand-minted tokens have
+    no `group` claim: the daemons derive the group's secret from rank 0's token then, so every rank sends all."""
+    own = tokens[devices[rank]]
+    sent = [own] if unverified_claim(own, "group") else [tokens[d] for d in devices]
+    return device_pb2.GroupJoin(rank=rank, size=len(devices), tokens=sent, timeout_seconds=seconds)
+
+
 def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta) -> ProcessGroupGpupool:
     """The backend's creator: attach this rank's leased device and join the daemons' group."""
     from . import native
@@ -222,10 +237,9 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
         assert rt is not None
     store.set(f"gpupool/dev/{rank}", str(local))
     devices = [int(store.get(f"gpupool/dev/{r}")) for r in range(size)]
-    tokens = [lease.devices[d].token for d in devices]
     # torch's default (30 min, also what it passes when the script gives none) leaves the choice to the daemon (30 s)
     seconds = 0.0 if timeout == default_pg_timeout else min(timeout.total_seconds(), MAX_TIMEOUT)
-    join = device_pb2.GroupJoin(rank=rank, size=size, tokens=tokens, timeout_seconds=seconds)
+    join = _join_message([d.token for d in lease.devices], devices, rank, seconds)
     if rank == 0:
         join.port_handle = rt.new_handle()
         rt.command(device_pb2.Command(group_join=join))

@@ -416,12 +416,18 @@ def generate_key_file(path: str | os.PathLike[str], public_path: str | os.PathLi
     return Signer(key, path)
 
 
-def unverified_host(token: str) -> str:
-    """The host a token names, without checking it (a client picks the daemon's TLS name by it); "" if unreadable."""
+def unverified_claim(token: str, name: str) -> str:
+    """A claim of a token, without checking it (a client's choices: the daemon's TLS name, whether a collective
+    join needs other ranks' tokens); "" if absent or unreadable. The daemon verifies whatever the client sends."""
     try:
-        return str(json.loads(_unb64(token.split(".")[1])).get("host", ""))
+        return str(json.loads(_unb64(token.split(".")[1])).get(name, ""))
     except (IndexError, ValueError, AttributeError, binascii.Error):
         return ""
+
+
+def unverified_host(token: str) -> str:
+    """The host a token names, without checking it (a client picks the daemon's TLS name by it); "" if unreadable."""
+    return unverified_claim(token, "host")
 
 
 def public_session_id(session_id: str) -> str:

@@ -2,8 +2,10 @@
 
 The sessions of one multi-GPU lease (one per rank) form a process group among their daemons, so gradients
 move daemon to daemon and never through the clients. A session joins with `GroupJoin`: the daemon verifies
-the lease tokens of every rank (all of this session's lease, distinct devices, this session's own device at
-its rank) and then, in the background, builds a `ProcessGroupGloo` (NCCL on real GPUs, where available) over
+its rank's lease token (of this session's lease and device, with the lease's `group` claim, which keys the
+group; no other rank's token need leave its rank), or, for hand-minted tokens without that claim (and older
+clients), the tokens of every rank (all of this session's lease, distinct devices, this session's own device at
+its rank), and then, in the background, builds a `ProcessGroupGloo` (NCCL on real GPUs, where available) over
 a TCPStore that rank 0's daemon hosts. Never the default group: a daemon hosts many sessions, and the group
 belongs to the session (`WorkerSession.group`), closed with it.
 
@@ -532,9 +534,9 @@ class Collectives:
         if s.group is not None and not s.group.closed:
             raise FailedPrecondition(f"session already joined its collective group as {s.group.describe()}")
         size, rank = msg.size, msg.rank
-        if not 1 <= size <= MAX_RANKS or rank >= size or len(msg.tokens) != size:
+        if not 1 <= size <= MAX_RANKS or rank >= size or len(msg.tokens) not in (1, size):
             raise InvalidArgument(f"bad group: rank {rank} of {size} with {len(msg.tokens)} tokens")
-        first = self._check_tokens(s, rank, list(msg.tokens))
+        first = self._check_tokens(s, rank, size, list(msg.tokens))
         timeout = min(msg.timeout_seconds, MAX_TIMEOUT) if msg.timeout_seconds > 0 else DEFAULT_TIMEOUT
         group = Group(s.lease_id, rank, size, timeout, self.transport)
         # The scheduler's tokens carry the lease's group secret, the same in every renewal: ranks whose processes
@@ -593,10 +595,25 @@ class Collectives:
             s.number, s.lease_id, rank, size, self.transport,
         )  # fmt: skip
 
-    def _check_tokens(self, s: WorkerSession, rank: int, tokens: list[str]) -> TokenClaims:
+    def _check_tokens(self, s: WorkerSession, rank: int, size: int, tokens: list[str]) -> TokenClaims:
         """Every rank's token is of this session's lease, one device each, this rank's is this session's; rank
-        0's claims are returned."""
+        0's claims are returned. Or (clients since round 35) this rank's token alone, of this session's lease and
+        device, with the lease's `group` claim, from which the group is keyed: a lease token is a bearer credential
+        for its device, and a rank's daemon needs no other rank's (distinct devices: one session per device)."""
         assert self.verify is not None
+        if len(tokens) < size:  # this rank's own token (`join` let through one or `size`)
+            claims = self.verify(tokens[0])  # Unauthenticated for forged or expired tokens
+            if claims.lease_id != s.lease_id:
+                raise PermissionDenied(f"rank {rank}'s token is of lease {claims.lease_id}, not this session's lease")
+            if (claims.host, claims.device) != (s.host_id, s.device.index):
+                raise PermissionDenied(f"rank {rank}'s token is not this session's device")
+            if not claims.group:
+                raise InvalidArgument(
+                    f"a join with one token for {size} ranks needs the lease's `group` claim in it (the scheduler's"
+                    " tokens of a lease of several devices have one); this token has none (hand-minted): send every"
+                    " rank's token, rank 0's first"
+                )
+            return claims
         seen: set[tuple[str, int]] = set()
         first: TokenClaims | None = None
         for i, token in enumerate(tokens):

@@ -339,6 +339,50 @@ def test_ranks_holding_differently_renewed_tokens_form_one_group(daemon_factory,
             s.close()
 
 
+def test_each_rank_sends_its_daemon_its_own_token_alone_and_the_group_forms(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    """A lease token is a bearer credential for its device's session: a rank whose join carried every rank's
+    token handed a hostile host of the job the others' devices (to attach as the tenant while their rank's
+    session is not attached). The client's join (client/distributed.py `_join_message`) sends scheduler-style
+    tokens (with the lease's `group` claim) alone; each daemon, given only its own rank's, forms the group and
+    reduces. Hand-minted tokens (no `group` claim) still go all together, rank 0's first: the group's secret comes
+    from rank 0's token then; a one-token join with such a token is refused, saying why."""
+    from gpupool.client.distributed import _join_message
+
+    lease = uuid.uuid4().hex
+    daemons = [daemon_factory(host_id=f"host-{i}", fake_gpu_memory=64 * MiB, worker_network=True) for i in range(2)]
+    group = tokens.lease_group(daemons[0].key, lease)
+    # lease order: host-1's device first, so rank r's token is not simply the r-th
+    lease_tokens = [d.token(lease_id=lease, network=True, group=group) for d in reversed(daemons)]
+    devices = [1, 0]  # rank 0 on lease device 1 (host-0), rank 1 on lease device 0 (host-1)
+    joins = [_join_message(lease_tokens, devices, rank, TIMEOUT) for rank in range(2)]
+    assert [list(j.tokens) for j in joins] == [[lease_tokens[1]], [lease_tokens[0]]]
+    assert [(j.rank, j.size) for j in joins] == [(0, 2), (1, 2)]
+    hand = [d.token(lease_id=lease, network=True) for d in reversed(daemons)]
+    assert list(_join_message(hand, devices, 1, TIMEOUT).tokens) == [hand[1], hand[0]]  # rank order
+
+    sessions = [Session.attach(d.address, lease_tokens[dev]) for d, dev in zip(daemons, devices, strict=True)]
+    try:
+        joins[0].port_handle = h = sessions[0].new_handle()
+        sessions[0].command(device_pb2.Command(group_join=joins[0]))
+        (port,) = sessions[0].sync([h])
+        joins[1].store_address = f"127.0.0.1:{port}"
+        sessions[1].command(device_pb2.Command(group_join=joins[1]))
+        sessions[1].sync()
+        a0, a1 = sessions[0].upload(torch.tensor([1.0, 2.0])), sessions[1].upload(torch.tensor([10.0, 20.0]))
+        collective(sessions[0], "allreduce", [a0], op="sum")
+        collective(sessions[1], "allreduce", [a1], op="sum")
+        assert sessions[0].download(a0).tolist() == sessions[1].download(a1).tolist() == [11.0, 22.0]
+    finally:
+        for s in sessions:
+            s.close()
+    with Session.attach(daemons[1].address, hand[0]) as s:
+        join = device_pb2.GroupJoin(rank=1, size=2, tokens=[hand[0]], store_address=f"127.0.0.1:{port}")
+        s.command(device_pb2.Command(group_join=join))
+        with pytest.raises(InvalidArgument, match="needs the lease's `group` claim"):
+            s.sync()
+        assert s.download(s.upload(torch.ones(1))).tolist() == [1.0]  # the session stays usable
+
+
 def _rank_0_alone(daemon: DaemonHandle) -> Session:
     """A session that joined, as rank 0, a two-rank group whose rank 1 (on an absent host) never comes."""
     lease = uuid.uuid4().hex
