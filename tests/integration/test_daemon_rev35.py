@@ -1,0 +1,122 @@
+"""Round 35 review (rev35) of red34's guards against reading another session's bytes and red35's bool check in
+collectives, through real daemons (`--isolation thread`: one process, one allocator, where freed bytes cross)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from gpupool.client.session import Handle, Session
+from gpupool.server import collectives
+from test_daemon_red34 import CANARY, MiB, _plant
+from test_daemon_red35 import N, _forged_rank
+
+from gpupool import errors
+from gpupool._proto import device_pb2
+
+
+@pytest.fixture
+def pair(daemon_factory: Any) -> Iterator[tuple[Session, Session]]:
+    """A victim and a reader on one `--isolation thread` daemon."""
+    d = daemon_factory(isolation="thread")
+    with (
+        Session.attach(d.address, d.token(tenant="victim", quota_bytes=64 * MiB)) as victim,
+        Session.attach(d.address, d.token(tenant="reader", quota_bytes=64 * MiB)) as reader,
+    ):
+        yield victim, reader
+
+
+def _whole(s: Session, h: int, n: int) -> torch.Tensor:
+    """The first n float32 elements of h's storage (`as_strided`: views are checked against their storage)."""
+    [whole] = s.call("aten::as_strided.default", Handle(h), [n], [1], 0)
+    return s.download(whole)
+
+
+def test_a_reduced_loss_into_a_live_handle_holds_no_freed_bytes(pair: tuple[Session, Session]) -> None:
+    """Round 34 zeroed a new storage outside its tensor's extent in `bind_new`, the path of an op's one new output
+    handle; an output handle already live (or a multi-output op's, or an out= op's `set_`) took `bind`, which did
+    not: `mse_loss` (mean) into a live handle returned its 0-d loss over the elementwise buffer unzeroed, and a view
+    over the whole storage read 29,992 of another session's 30,000 freed floats."""
+    n = 30_000
+    victim, s = pair
+    a = Handle(s.upload(torch.rand(n)))
+    b = Handle(s.upload(torch.rand(n)))
+    loss = Handle(s.upload(torch.ones(1)))
+    for _ in range(4):  # the allocator does not hand the planted blocks back every time
+        _plant(victim, n)
+        s.call("aten::mse_loss.default", a, b, outputs=[loss])
+        got = _whole(s, loss, n)
+        assert not (got == CANARY).any(), f"{int((got == CANARY).sum())} of another session's values read"
+        assert torch.equal(got[1:], torch.zeros(n - 1))
+    assert torch.equal(s.download(loss), torch.nn.functional.mse_loss(s.download(a), s.download(b)))
+
+
+def test_a_gappy_empty_strided_holds_no_freed_bytes_between_its_elements(pair: tuple[Session, Session]) -> None:
+    """Bytes inside a tensor's extent that no element covers (`empty_strided((2n, 3), (6, 2))`: three gaps a row)
+    are zeroed with the rest of an uninitialized factory's storage (red34 left this unmeasured): none of another
+    session's freed values, nor any nonzero byte, is read through `as_strided` over the whole storage."""
+    victim, s = pair
+    for rows in (2, 20_000):
+        reach = 6 * (rows - 1) + 5
+        _plant(victim, reach)
+        [t] = s.call("aten::empty_strided.default", [rows, 3], [6, 2], dtype=torch.float32)
+        assert not _whole(s, t, reach).any()
+
+
+@pytest.mark.parametrize("transport", ["secure", "gloo"])
+@pytest.mark.parametrize("kind", ["allgather", "reduce_scatter"])
+def test_a_forged_rank_writes_no_bool_bytes_in_allgather_or_reduce_scatter(
+    daemon_factory: Any, transport: str, kind: str
+) -> None:
+    """red35 tried broadcast and allreduce; the other kinds that write bool outputs, with the forged rank's bytes
+    sent as uint8 (gloo checks no dtype, only sizes). The secure transport refuses them (INVALID_ARGUMENT); gloo's
+    own copy out of its flat buffer and its max stores 1 for any nonzero byte: either way no output holds another."""
+    d = daemon_factory(
+        isolation="thread", fake_gpus=2, fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport
+    )
+    lease = uuid.uuid4().hex
+    tokens = [d.token(lease_id=lease, device=i, network=True) for i in range(2)]
+    with Session.attach(d.address, tokens[0]) as s:
+        port_handle = s.new_handle()
+        join = device_pb2.GroupJoin(rank=0, size=2, tokens=tokens, port_handle=port_handle, timeout_seconds=10)
+        s.command(device_pb2.Command(group_join=join))
+        (port,) = s.sync([port_handle])
+        formed: list[collectives.Group] = []
+        joiner = threading.Thread(target=lambda: formed.append(_forged_rank(int(port), lease, tokens[0], transport)))
+        joiner.start()
+        n_out, n_in, op = (2, N, "") if kind == "allgather" else (1, 2 * N, "max")
+        outs = [Handle(s.upload(torch.zeros(N, dtype=torch.bool))) for _ in range(n_out)]
+        inp = Handle(s.upload(torch.zeros(n_in, dtype=torch.bool)))
+        call = device_pb2.Collective(kind=kind, tensors=outs, inputs=[inp], reduce_op=op)
+        s.command(device_pb2.Command(collective=call))
+        s.flush()
+        joiner.join(20)
+        (g,) = formed
+        sig = [collectives.KINDS.index(kind), collectives._OPS.index(op), 0, n_out, 1, n_out * N, n_in]
+        mine = torch.tensor([*sig, collectives._DTYPES[torch.bool]])
+        g.pg.allgather([[torch.empty_like(mine) for _ in range(2)]], [mine]).wait()
+        bad = torch.full((n_in,), 7, dtype=torch.uint8)
+        try:
+            if kind == "allgather":
+                g.pg.allgather([[torch.empty_like(bad) for _ in range(2)]], [bad]).wait()
+            else:
+                opts = dist.AllreduceOptions()
+                opts.reduceOp = dist.ReduceOp.MAX
+                g.pg.allreduce([bad], opts).wait()
+        except Exception:  # noqa: S110 - the hub may hang up on the forged rank: the daemon's side is the test
+            pass
+        try:
+            s.sync()
+        except errors.InvalidArgument as e:
+            assert transport == "secure" and "bool bytes other than 0 and 1" in str(e)
+        else:
+            assert transport == "gloo"
+            got = [s.download(o).view(torch.uint8) for o in outs]
+            assert max(int(x.max()) for x in got) == 1  # the forged rank's bytes arrived, as 1
+        if isinstance(g.pg, collectives.seclink.SecureGroup):
+            g.pg.close()
