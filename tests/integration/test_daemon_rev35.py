@@ -120,3 +120,18 @@ def test_a_forged_rank_writes_no_bool_bytes_in_allgather_or_reduce_scatter(
             assert max(int(x.max()) for x in got) == 1  # the forged rank's bytes arrived, as 1
         if isinstance(g.pg, collectives.seclink.SecureGroup):
             g.pg.close()
+
+
+def test_unique_consecutive_holds_no_freed_bytes_past_its_result(pair: tuple[Session, Session]) -> None:
+    """A multi-output op's new storages took `bind` too: torch's CPU `unique_consecutive` writes its unique values
+    into a buffer of the input's size and shrinks the result (`resize_` keeps the storage), the rest never written;
+    under `--isolation thread` a view over the whole storage read another session's freed floats."""
+    n = 30_000
+    victim, s = pair
+    x = Handle(s.upload(torch.zeros(n)))
+    for _ in range(4):  # the allocator does not hand the planted blocks back every time
+        _plant(victim, n)
+        [values, _, counts] = s.call("aten::unique_consecutive.default", x, True, True, outputs=3)
+        got = _whole(s, values, n)
+        assert not (got == CANARY).any(), f"{int((got == CANARY).sum())} of another session's values read"
+        assert torch.equal(s.download(counts), torch.tensor([n]))
