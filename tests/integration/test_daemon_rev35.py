@@ -3,32 +3,20 @@ collectives, through real daemons (`--isolation thread`: one process, one alloca
 
 from __future__ import annotations
 
-import threading
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import test_daemon_red34
 import torch
-import torch.distributed as dist
 from gpupool.client.session import Handle, Session
 from gpupool.server import collectives
-from test_daemon_red34 import CANARY, MiB, _plant
-from test_daemon_red35 import N, _forged_rank
+from test_daemon_red34 import CANARY, _plant
+from test_daemon_red35 import N, forged_pair, send_forged
 
 from gpupool import errors
 from gpupool._proto import device_pb2
 
-
-@pytest.fixture
-def pair(daemon_factory: Any) -> Iterator[tuple[Session, Session]]:
-    """A victim and a reader on one `--isolation thread` daemon."""
-    d = daemon_factory(isolation="thread")
-    with (
-        Session.attach(d.address, d.token(tenant="victim", quota_bytes=64 * MiB)) as victim,
-        Session.attach(d.address, d.token(tenant="reader", quota_bytes=64 * MiB)) as reader,
-    ):
-        yield victim, reader
+pair = test_daemon_red34.pair  # a victim and a reader on one `--isolation thread` daemon (a fixture)
 
 
 def _whole(s: Session, h: int, n: int) -> torch.Tensor:
@@ -76,40 +64,18 @@ def test_a_forged_rank_writes_no_bool_bytes_in_allgather_or_reduce_scatter(
     """red35 tried broadcast and allreduce; the other kinds that write bool outputs, with the forged rank's bytes
     sent as uint8 (gloo checks no dtype, only sizes). The secure transport refuses them (INVALID_ARGUMENT); gloo's
     own copy out of its flat buffer and its max stores 1 for any nonzero byte: either way no output holds another."""
-    d = daemon_factory(
-        isolation="thread", fake_gpus=2, fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport
-    )
-    lease = uuid.uuid4().hex
-    tokens = [d.token(lease_id=lease, device=i, network=True) for i in range(2)]
-    with Session.attach(d.address, tokens[0]) as s:
-        port_handle = s.new_handle()
-        join = device_pb2.GroupJoin(rank=0, size=2, tokens=tokens, port_handle=port_handle, timeout_seconds=10)
-        s.command(device_pb2.Command(group_join=join))
-        (port,) = s.sync([port_handle])
-        formed: list[collectives.Group] = []
-        joiner = threading.Thread(target=lambda: formed.append(_forged_rank(int(port), lease, tokens[0], transport)))
-        joiner.start()
+    with forged_pair(daemon_factory, "thread", transport) as (s, forged):
         n_out, n_in, op = (2, N, "") if kind == "allgather" else (1, 2 * N, "max")
         outs = [Handle(s.upload(torch.zeros(N, dtype=torch.bool))) for _ in range(n_out)]
         inp = Handle(s.upload(torch.zeros(n_in, dtype=torch.bool)))
         call = device_pb2.Collective(kind=kind, tensors=outs, inputs=[inp], reduce_op=op)
         s.command(device_pb2.Command(collective=call))
         s.flush()
-        joiner.join(20)
-        (g,) = formed
+        g = forged()
         sig = [collectives.KINDS.index(kind), collectives._OPS.index(op), 0, n_out, 1, n_out * N, n_in]
         mine = torch.tensor([*sig, collectives._DTYPES[torch.bool]])
         g.pg.allgather([[torch.empty_like(mine) for _ in range(2)]], [mine]).wait()
-        bad = torch.full((n_in,), 7, dtype=torch.uint8)
-        try:
-            if kind == "allgather":
-                g.pg.allgather([[torch.empty_like(bad) for _ in range(2)]], [bad]).wait()
-            else:
-                opts = dist.AllreduceOptions()
-                opts.reduceOp = dist.ReduceOp.MAX
-                g.pg.allreduce([bad], opts).wait()
-        except Exception:  # noqa: S110 - the hub may hang up on the forged rank: the daemon's side is the test
-            pass
+        send_forged(g, kind, torch.full((n_in,), 7, dtype=torch.uint8))
         try:
             s.sync()
         except errors.InvalidArgument as e:
