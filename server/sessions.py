@@ -202,7 +202,7 @@ class WorkerSession:
             self.admit_handles(1)
         self.unbind(handle)
         self.poisoned.pop(handle, None)
-        self._count(handle, tensor.untyped_storage())
+        self._count(handle, tensor)
         self.tensors[handle] = tensor
 
     def bind_new(self, handle: int, tensor: torch.Tensor) -> None:
@@ -275,11 +275,14 @@ class WorkerSession:
             if delta:
                 self._account(delta)
 
-    def _count(self, handle: int, storage: torch.UntypedStorage) -> None:
+    def _count(self, handle: int, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
         key = storage._cdata
         entry = self._storages.get(key)
         if entry is None:
             nbytes = storage.nbytes()
+            if nbytes > tensor.nbytes:  # as `bind_new` (round 35, rev35: an output handle already live, a
+                _zero_outside(tensor, storage, 0, nbytes)  # multi-output op, an out= op's set_ took this path)
             self._storages[key] = [1, nbytes]
             self._account(nbytes)
         else:
@@ -321,7 +324,7 @@ class WorkerSession:
             storage = t.untyped_storage()
             if storage._cdata != self._keys[h]:
                 self._uncount(h)
-                self._count(h, storage)
+                self._count(h, t)
             entry = self._storages[storage._cdata]
             nbytes = storage.nbytes()
             if nbytes != entry[1]:

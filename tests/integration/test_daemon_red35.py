@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import threading
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -34,11 +36,57 @@ def _forged_rank(port: int, lease: str, basis: str, transport: str) -> collectiv
     return g
 
 
+@contextmanager
+def forged_pair(
+    daemon_factory: Any, isolation: str, transport: str
+) -> Iterator[tuple[Session, Callable[[], collectives.Group]]]:
+    """Rank 0 of a two-device lease's group, a session of a fresh daemon, and a function that returns rank 1 once
+    formed in this process (`_forged_rank`): call it after rank 0's collective is sent."""
+    d = daemon_factory(
+        isolation=isolation, fake_gpus=2, fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport
+    )
+    lease = uuid.uuid4().hex
+    tokens = [d.token(lease_id=lease, device=i, network=True) for i in range(2)]
+    with Session.attach(d.address, tokens[0]) as s:
+        port_handle = s.new_handle()
+        join = device_pb2.GroupJoin(rank=0, size=2, tokens=tokens, port_handle=port_handle, timeout_seconds=10)
+        s.command(device_pb2.Command(group_join=join))
+        (port,) = s.sync([port_handle])
+        formed: list[collectives.Group] = []
+        joiner = threading.Thread(target=lambda: formed.append(_forged_rank(int(port), lease, tokens[0], transport)))
+        joiner.start()
+
+        def forged() -> collectives.Group:
+            joiner.join(20)
+            (g,) = formed
+            return g
+
+        yield s, forged
+
+
 def _agree(g: collectives.Group, kind: str, op: str, root: int) -> None:
     """The signature all-gather every call begins with (collectives.py `_agree`), as rank 0 sends it."""
     sig = [collectives.KINDS.index(kind), collectives._OPS.index(op), root, 1, 0, N, 0]
     mine = torch.tensor([*sig, collectives._DTYPES[torch.bool]], dtype=torch.int64)
     g.pg.allgather([[torch.empty_like(mine) for _ in range(2)]], [mine]).wait()
+
+
+def send_forged(g: collectives.Group, kind: str, bad: torch.Tensor) -> None:
+    """Rank 1's part of a `kind` call with `bad` as its bytes (broadcast from root 1; allreduce and reduce_scatter
+    with MAX). The hub may hang up on the forged rank: the daemon's side is the test."""
+    try:
+        if kind == "broadcast":
+            opts = dist.BroadcastOptions()
+            opts.rootRank = 1
+            g.pg.broadcast([bad], opts).wait()
+        elif kind == "allgather":
+            g.pg.allgather([[torch.empty_like(bad) for _ in range(2)]], [bad]).wait()
+        else:
+            ropts = dist.AllreduceOptions()
+            ropts.reduceOp = dist.ReduceOp.MAX  # type: ignore[assignment]
+            g.pg.allreduce([bad], ropts).wait()
+    except Exception:  # noqa: S110
+        pass
 
 
 @pytest.mark.parametrize(
@@ -58,39 +106,15 @@ def test_a_forged_rank_writes_no_bool_bytes_but_0_and_1(
     kernels), but a collective wrote what its peers sent: a tenant posing as rank 1 of its own lease's group from a
     plain process broadcast bytes of 7 into its session's bool tensor (downloaded through `view(uint8)`), in either
     isolation and transport. The collective now fails, its outputs are poisoned and the group is over."""
-    d = daemon_factory(
-        isolation=isolation, fake_gpus=2, fake_gpu_memory=64 * MiB, worker_network=True, collectives=transport
-    )
-    lease = uuid.uuid4().hex
-    tokens = [d.token(lease_id=lease, device=i, network=True) for i in range(2)]
-    with Session.attach(d.address, tokens[0]) as s:
-        port_handle = s.new_handle()
-        join = device_pb2.GroupJoin(rank=0, size=2, tokens=tokens, port_handle=port_handle, timeout_seconds=10)
-        s.command(device_pb2.Command(group_join=join))
-        (port,) = s.sync([port_handle])
-        formed: list[collectives.Group] = []
-        joiner = threading.Thread(target=lambda: formed.append(_forged_rank(int(port), lease, tokens[0], transport)))
-        joiner.start()
+    with forged_pair(daemon_factory, isolation, transport) as (s, forged):
         h = Handle(s.upload(torch.zeros(N, dtype=torch.bool)))
         root = 1 if kind == "broadcast" else 0
         op = "" if kind == "broadcast" else "max"
         s.command(device_pb2.Command(collective=device_pb2.Collective(kind=kind, tensors=[h], root=root, reduce_op=op)))
         s.flush()
-        joiner.join(20)
-        (g,) = formed
+        g = forged()
         _agree(g, kind, op, root)
-        bad = torch.full((N,), 7, dtype=torch.uint8).view(torch.bool)
-        try:
-            if kind == "broadcast":
-                opts = dist.BroadcastOptions()
-                opts.rootRank = 1
-                g.pg.broadcast([bad], opts).wait()
-            else:
-                opts = dist.AllreduceOptions()
-                opts.reduceOp = dist.ReduceOp.MAX
-                g.pg.allreduce([bad], opts).wait()
-        except Exception:  # noqa: S110 - the hub may hang up on the forged rank: the daemon's side is the test
-            pass
+        send_forged(g, kind, torch.full((N,), 7, dtype=torch.uint8).view(torch.bool))
         with pytest.raises(errors.InvalidArgument, match="bool bytes other than 0 and 1"):
             s.sync()  # it was answered: the tensor's bytes downloaded as [7, 7, ...] through view(uint8)
         with pytest.raises(errors.InvalidArgument, match="bool bytes"):
