@@ -1042,6 +1042,66 @@ def test_a_run_goes_on_into_the_run_that_followed_it_last_time_in_one_native_cal
         assert calls.calls == ([(4, True), (1, False)] if python else [(6, True)]) * 5
 
 
+def part_c(p: Pair, t: int) -> list[device_pb2.Command]:
+    """Another run that follows the first part elsewhere in a step: `part_b`'s records, its first under another
+    template (op id 2, the first part's `mm`), so that `part_b`'s run does not take it."""
+    return [
+        p.rec(2, [c(t, 3)], [T(Z), T(c(t, 2))]),
+        p.rec(21, [c(t, 4)], [T(c(t, 3))]),
+        p.rec(6, [c(t, 5)], [T(c(t, 4))]),
+    ]
+
+
+def test_a_run_followed_by_other_runs_at_two_places_of_a_step_goes_on_into_each_in_one_native_call(
+    runner: str,
+) -> None:
+    """A run met at two places of a step (a transformer's layers run the same records) is followed by one run at
+    the first place and by another at the second: its `next` is the one that followed it last and `alt` the one
+    before (`runs.follows`), and the native runner tries `alt` where `next`'s first step does not take the record,
+    so a step of both places runs in one call (before, each place found the other's run in `next`, and the record
+    went back to the Python path: the encoder's ~9 failed tries a step). Every record as the normal path runs it."""
+    p = Pair()
+    made = {Y: torch.randn(64, 3), Z: torch.randn(2, 64)}
+    for s in p.s:
+        for k, v in made.items():
+            s.bind(k, v.clone())
+    calls = Calls(p)
+    for t in range(0, 6, 2):  # the three runs learned apart
+        p.slice(part_a(p, t))
+        p.slice(part_b(p, t))
+        p.slice(part_a(p, t + 1))
+        p.slice(part_c(p, t + 1))
+        p.slice([free_c(t), free_c(t + 1)])
+    for t in range(10, 14, 2):  # learns which runs follow which
+        p.slice(part_a(p, t) + part_b(p, t) + part_a(p, t + 1) + part_c(p, t + 1))
+        p.slice([free_c(t), free_c(t + 1)])
+    first = next(tr for ts in p.runs().heads.values() for tr in ts if tr.steps[0].plan.name == "aten::mul")
+    follow = {first.next(), first.alt()}
+    assert None not in follow and len(follow) == 2 and first not in follow
+    hits, native = p.hits, p.runs().native
+    calls.calls.clear()
+    for t in range(20, 28, 2):
+        p.slice(part_a(p, t) + part_b(p, t) + part_a(p, t + 1) + part_c(p, t + 1))
+        p.slice([free_c(t), free_c(t + 1)])
+    assert p.hits - hits == 4 * 12  # every record in a learned run
+    if runner == "native":
+        assert p.runs().native - native == 4 * 12
+        assert calls.calls == [(12, True)] * 4, calls.calls
+
+
+def test_follows_keeps_the_run_before_next_as_alt() -> None:
+    """`runs.follows`: a new follower becomes `next` and the old one `alt`; the same one again changes nothing."""
+    a, b, c2 = (runs.Trace([], 0, 0) for _ in range(3))
+    runs.follows(a, b)
+    assert (a.next(), a.alt()) == (b, None)
+    runs.follows(a, c2)
+    assert (a.next(), a.alt()) == (c2, b)
+    runs.follows(a, c2)
+    assert (a.next(), a.alt()) == (c2, b)
+    runs.follows(a, b)
+    assert (a.next(), a.alt()) == (b, c2)
+
+
 def test_a_chained_runs_first_step_checks_inputs_freed_rebound_or_reshaped_since(runner: str) -> None:
     """The run the native runner goes on into checks its first record as any run's first record: an external
     input freed, rebound to a tensor of another shape, or made another meta in place since it was learned leaves
