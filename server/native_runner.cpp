@@ -1764,6 +1764,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             !PyDict_CheckExact(c.storages.ptr()) || !PyDict_CheckExact(c.keys.ptr())) {
           throw std::invalid_argument("a session's tables must be dicts");
         }
+        // the table's own key objects, so that the lookups of tensors bound from Python (a model's parameters, its
+        // optimizer's states: a run's external inputs, every step) find their entries by identity, not by `==` of
+        // two ints (`Keys`); at most half the cache's room
+        PyObject *hk, *hv;
+        Py_ssize_t pos = 0;
+        size_t seeded = 0;
+        while (seeded < Keys::LIMIT / 2 && PyDict_Next(c.tensors.ptr(), &pos, &hk, &hv)) {
+          if (!PyLong_CheckExact(hk)) continue;
+          const uint64_t h = PyLong_AsUnsignedLongLong(hk);
+          if (h == static_cast<uint64_t>(-1) && PyErr_Occurred()) {
+            PyErr_Clear();
+            continue;
+          }
+          c.handle_keys->put(h, hk);
+          ++seeded;
+        }
         c.memory = memory;
         c.count = count;
         c.bind_outputs = bind_outputs;
@@ -1786,7 +1802,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       }),
       py::arg("s"), py::arg("memory"), py::arg("count"), py::arg("bind_outputs"), py::arg("over_quota"),
       py::arg("capacity"), py::arg("rng") = py::none())
-      .def("run", &Ctx::run);
+      .def("run", &Ctx::run)
+      // the int its lookups of handle `h` use now (`Keys`), or None: for tests
+      .def("cached_key", [](const Ctx& c, uint64_t h) -> py::object {
+        auto it = c.handle_keys->m.find(h);
+        if (it == c.handle_keys->m.end()) return py::none();
+        return py::reinterpret_borrow<py::object>(it->second);
+      });
   m.def("free", &free_handles);
   m.def("filled", &filled);
   m.def("eager_records", &eager_records);

@@ -337,6 +337,23 @@ def test_a_changed_quota_or_handle_limit_holds_for_the_next_slice() -> None:
         assert p.s[0].poisoned
 
 
+def test_a_native_context_looks_up_tensors_bound_before_it_under_the_tables_own_keys() -> None:
+    """A native context starts with the session's own key objects in its cache of handle ints (`Keys`): a tensor
+    bound from Python before it (a parameter, an optimizer's state) is then found by identity, not by `==` of two
+    ints (~140 instructions an input, every step); a handle it has not seen has no cached int."""
+    p = Pair()
+    s = p.s[0]
+    ex = p.ex[0]
+    if ex.native is None:  # the runner off (`runner`'s "python"), or not built here
+        pytest.skip("no native runner")
+    state = ex._eager_state(s)
+    ctx = ex._native_ctx(ex.native, s, state[3], s.memory, s.memory.device.capacity, None, s.device.torch_device)
+    for h in (X, W, P, IDX, G):
+        own = next(k for k in s.tensors if k == h)
+        assert ctx.cached_key(h) is own
+    assert ctx.cached_key(BASE + 999) is None
+
+
 class _WatchedSession(WorkerSession):
     """A session whose `used` is a property that counts its writes (its value kept in the instance dict, where a
     plain attribute would be): the native runner reads and writes a session's counters in its instance dict only
