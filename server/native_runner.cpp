@@ -748,6 +748,18 @@ struct Ctx {
     // stack's) then never drop the last C++ one, which hands the tensor's Python object back (`decref_pyobject`)
     // and, the GIL being released around the op, takes the GIL for it (~1k instructions an input)
     std::vector<at::Tensor> held;
+    // go on in run `py` (its native form `nat`) from its first step, with a fresh list of kept outputs
+    auto enter = [&](const py::object& py, const py::object& nat) {
+      cur = &nat.cast<const Trace&>();
+      py_cur = py;
+      nat_cur = nat;
+      Own fresh(PyList_New(0));
+      if (fresh.p == nullptr) throw py::error_already_set();
+      objs = py::reinterpret_borrow<py::list>(fresh.p);
+      nsteps = static_cast<int64_t>(cur->steps.size());
+      k = 0;
+      flags = 0;
+    };
     for (;;) {
       while (i < n && k < nsteps) {
         const Plan* p = cur->steps[k].get();
@@ -1080,15 +1092,7 @@ struct Ctx {
         py::object py_alt, nat_alt;
         if (!alt_tried && follow(*prev, &py_alt, &nat_alt, S_alt) && !py_alt.is(py_cur)) {
           alt_tried = true;
-          cur = &nat_alt.cast<const Trace&>();
-          py_cur = py_alt;
-          nat_cur = nat_alt;
-          Own fresh(PyList_New(0));
-          if (fresh.p == nullptr) throw py::error_already_set();
-          objs = py::reinterpret_borrow<py::list>(fresh.p);
-          nsteps = static_cast<int64_t>(cur->steps.size());
-          k = 0;
-          flags = 0;
+          enter(py_alt, nat_alt);
           continue;
         }
         cur = prev;
@@ -1108,15 +1112,7 @@ struct Ctx {
       nat_prev = nat_cur;
       objs_prev = objs;
       switched_at = hits;
-      cur = &nat_next.cast<const Trace&>();
-      py_cur = py_next;
-      nat_cur = nat_next;
-      Own fresh(PyList_New(0));
-      if (fresh.p == nullptr) throw py::error_already_set();
-      objs = py::reinterpret_borrow<py::list>(fresh.p);
-      nsteps = static_cast<int64_t>(cur->steps.size());
-      k = 0;
-      flags = 0;
+      enter(py_next, nat_next);
     }
     c.sync_all();
     py::object chained = py::none();
