@@ -336,7 +336,7 @@ class CommandExecutor:
                                 if found is not None and found[at] is cand:
                                     found.insert(0, found.pop(at))
                             if after is not None and at >= 0:
-                                after.next = weakref.ref(cand)
+                                runs.follows(after, cand)
                             trace, steps, objs, after = cand, cand.steps, o, None
                         if known.rec is not None:  # a learned run starts here: the recording ends
                             self._learn(known, s)
@@ -414,7 +414,7 @@ class CommandExecutor:
                                     if at:  # the most recently run first
                                         found.insert(0, found.pop(at))
                                     if after is not None:
-                                        after.next = weakref.ref(cand)
+                                        runs.follows(after, cand)
                                     break
                     after = None
                 if got is not None:

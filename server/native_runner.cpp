@@ -592,6 +592,7 @@ PyObject* S_used;
 PyObject* S_ops;
 PyObject* S_run;
 PyObject* S_next;
+PyObject* S_alt;
 PyObject* S_quota;
 PyObject* S_flops;
 PyObject* S_native;
@@ -734,6 +735,7 @@ struct Ctx {
     py::list objs_prev;
     const Trace* prev = nullptr;
     int64_t switched_at = -1;
+    bool alt_tried = false;  // the switch's `alt` run was tried after its `next` run did not take the record
     PyObject* tdict = tensors.ptr();
     PyObject* pdict = poisoned.ptr();
     // `progress`: None, a callable, or the writable buffer of a worker's word mark (`slices.mark_word`): the index
@@ -746,6 +748,18 @@ struct Ctx {
     // stack's) then never drop the last C++ one, which hands the tensor's Python object back (`decref_pyobject`)
     // and, the GIL being released around the op, takes the GIL for it (~1k instructions an input)
     std::vector<at::Tensor> held;
+    // go on in run `py` (its native form `nat`) from its first step, with a fresh list of kept outputs
+    auto enter = [&](const py::object& py, const py::object& nat) {
+      cur = &nat.cast<const Trace&>();
+      py_cur = py;
+      nat_cur = nat;
+      Own fresh(PyList_New(0));
+      if (fresh.p == nullptr) throw py::error_already_set();
+      objs = py::reinterpret_borrow<py::list>(fresh.p);
+      nsteps = static_cast<int64_t>(cur->steps.size());
+      k = 0;
+      flags = 0;
+    };
     for (;;) {
       while (i < n && k < nsteps) {
         const Plan* p = cur->steps[k].get();
@@ -1073,6 +1087,14 @@ struct Ctx {
         }
       }
       if (switched_at >= 0 && hits == switched_at && exc.is_none()) {  // the next run did not take the record
+        // the run that followed the one before (`runs.Trace.alt`): a run met at two places of a step (a
+        // transformer's layers) is followed by another run at each, and `next` names the last one only
+        py::object py_alt, nat_alt;
+        if (!alt_tried && follow(*prev, &py_alt, &nat_alt, S_alt) && !py_alt.is(py_cur)) {
+          alt_tried = true;
+          enter(py_alt, nat_alt);
+          continue;
+        }
         cur = prev;
         nsteps = k = static_cast<int64_t>(cur->steps.size());
         flags |= END;
@@ -1083,21 +1105,14 @@ struct Ctx {
       }
       if (flags != END || i >= n || !exc.is_none()) break;
       py::object py_next, nat_next;
-      if (!follow(*cur, &py_next, &nat_next)) break;
+      if (!follow(*cur, &py_next, &nat_next, S_next)) break;
+      alt_tried = false;
       prev = cur;
       py_prev = py_cur;
       nat_prev = nat_cur;
       objs_prev = objs;
       switched_at = hits;
-      cur = &nat_next.cast<const Trace&>();
-      py_cur = py_next;
-      nat_cur = nat_next;
-      Own fresh(PyList_New(0));
-      if (fresh.p == nullptr) throw py::error_already_set();
-      objs = py::reinterpret_borrow<py::list>(fresh.p);
-      nsteps = static_cast<int64_t>(cur->steps.size());
-      k = 0;
-      flags = 0;
+      enter(py_next, nat_next);
     }
     c.sync_all();
     py::object chained = py::none();
@@ -1105,15 +1120,16 @@ struct Ctx {
     return py::make_tuple(i, k, hits, flags, exc, chained);
   }
 
-  // The run that followed `t` the last time it ran to its end (`runs.Trace.next`), where `Ctx.run` may go on in it:
-  // still alive, learned under this context's quota and compute bound (`_native_candidates`' test), compiled, and
-  // its first step one that runs here. Sets its `runs.Trace` and its native form.
-  bool follow(const Trace& t, py::object* py_next, py::object* nat_next) {
+  // The run that followed `t` the last time it ran to its end (`runs.Trace.next`; with `which` S_alt, the one that
+  // followed it the time before, `runs.Trace.alt`), where `Ctx.run` may go on in it: still alive, learned under this
+  // context's quota and compute bound (`_native_candidates`' test), compiled, and its first step one that runs here.
+  // Sets its `runs.Trace` and its native form.
+  bool follow(const Trace& t, py::object* py_next, py::object* nat_next, PyObject* which) {
     if (t.origin.is_none()) return false;
     PyObject* o = PyWeakref_GetObject(t.origin.ptr());  // borrowed; None once the trace is gone
     if (o == nullptr) throw py::error_already_set();
     if (o == Py_None) return false;
-    Own next_of(PyObject_GetAttr(o, S_next));
+    Own next_of(PyObject_GetAttr(o, which));
     if (next_of.p == nullptr) throw py::error_already_set();
     Own c(PyObject_CallNoArgs(next_of.p));
     if (c.p == nullptr) throw py::error_already_set();
@@ -1700,6 +1716,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   S_keys = PyUnicode_InternFromString("_keys");
   S_storages = PyUnicode_InternFromString("_storages");
   S_next = PyUnicode_InternFromString("next");
+  S_alt = PyUnicode_InternFromString("alt");
   S_quota = PyUnicode_InternFromString("quota");
   S_flops = PyUnicode_InternFromString("flops");
   S_native = PyUnicode_InternFromString("native");
@@ -1743,6 +1760,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             !PyDict_CheckExact(c.storages.ptr()) || !PyDict_CheckExact(c.keys.ptr())) {
           throw std::invalid_argument("a session's tables must be dicts");
         }
+        // the table's own key objects, so that the lookups of tensors bound from Python (a model's parameters, its
+        // optimizer's states: a run's external inputs, every step) find their entries by identity, not by `==` of
+        // two ints (`Keys`); at most half the cache's room
+        PyObject *hk, *hv;
+        Py_ssize_t pos = 0;
+        size_t seeded = 0;
+        while (seeded < Keys::LIMIT / 2 && PyDict_Next(c.tensors.ptr(), &pos, &hk, &hv)) {
+          if (!PyLong_CheckExact(hk)) continue;
+          const uint64_t h = PyLong_AsUnsignedLongLong(hk);
+          if (h == static_cast<uint64_t>(-1) && PyErr_Occurred()) {
+            PyErr_Clear();
+            continue;
+          }
+          c.handle_keys->put(h, hk);
+          ++seeded;
+        }
         c.memory = memory;
         c.count = count;
         c.bind_outputs = bind_outputs;
@@ -1765,7 +1798,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       }),
       py::arg("s"), py::arg("memory"), py::arg("count"), py::arg("bind_outputs"), py::arg("over_quota"),
       py::arg("capacity"), py::arg("rng") = py::none())
-      .def("run", &Ctx::run);
+      .def("run", &Ctx::run)
+      // the int its lookups of handle `h` use now (`Keys`), or None: for tests
+      .def("cached_key", [](const Ctx& c, uint64_t h) -> py::object {
+        auto it = c.handle_keys->m.find(h);
+        if (it == c.handle_keys->m.end()) return py::none();
+        return py::reinterpret_borrow<py::object>(it->second);
+      });
   m.def("free", &free_handles);
   m.def("filled", &filled);
   m.def("eager_records", &eager_records);

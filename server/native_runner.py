@@ -18,7 +18,9 @@ runs the Python path would try (`_native_candidates`). A run that ends goes on i
 last time (`runs.Trace.next`, the one the Python path tries first; `compile_trace` gives the native form a weak
 reference to its `runs.Trace` for it), if that one is alive, learned under the session's quota and compute bound,
 compiled, and its first step runs here: from that step, with a fresh list of kept outputs and every check above; where
-that step does not take the record the result is the first run's end, as without it (`Ctx.run`'s last element then None,
+that step does not take the record, into the run that followed it the time before (`runs.Trace.alt`: a run met at two
+places of a step, say a transformer's layers, is followed by one run at each) the same way; where neither takes the
+record the result is the first run's end, as without it (`Ctx.run`'s last element then None,
 else the `runs.Trace` under way and its kept outputs). Before each record's op it marks the slice's progress: a worker's
 mark (`slices.word_mark`, a word of memory shared with the daemon) it stores itself, any other mark it calls. Its
 context (`Ctx`: the session's tables, quota, handle limit, compute bound) is kept per session from slice to slice

@@ -21,7 +21,9 @@ the learned verdict holds and the step runs through `_run_op` with it: every per
 guards, seeding, zeroing, recounting and accounting still run as on the normal path.
 
 A trace remembers (weakly) the trace that followed it the last time it ran to its end (`Trace.next`): the Python
-path tries that one first, and the native runner goes on into it without returning (server/native_runner.py).
+path tries that one first, and the native runner goes on into it without returning (server/native_runner.py); and
+the one that followed it before that (`Trace.alt`, `follows`), which the native runner tries where `next` does not
+take the record: a trace met at two places of a step (a transformer's layers) is followed by another at each.
 Traces learned apart stay apart (a recording ends where a record matches a learned trace's first step, so one
 training step is often several traces): that chaining, not longer traces, is what keeps a step in one C++ call.
 
@@ -119,7 +121,7 @@ class Step:
 class Trace:
     """A learned sequence of steps, valid under the quota and compute bound it was learned with."""
 
-    __slots__ = ("steps", "quota", "flops", "next", "weight", "native", "__weakref__")
+    __slots__ = ("steps", "quota", "flops", "next", "alt", "weight", "native", "__weakref__")
 
     def __init__(self, steps: list[Step], quota: int, flops: int) -> None:
         self.steps = steps
@@ -128,6 +130,9 @@ class Trace:
         self.flops = flops
         # the trace that followed it the last time it ran to its end (weakly: an evicted one goes)
         self.next: Callable[[], Trace | None] = _nothing
+        # the one that followed it before `next` did (`follows`), also weakly: the native runner tries it where
+        # `next`'s first step does not take the record
+        self.alt: Callable[[], Trace | None] = _nothing
         # what it holds: its steps and their tensor inputs (`Runs` bounds the sum)
         self.weight = len(steps) + sum(
             e[3] if e[0] in _TENSOR_KINDS else len(e[3]) if e[0] in _VIEW_LISTS else 1
@@ -139,6 +144,18 @@ class Trace:
 
 def _nothing() -> None:
     return None
+
+
+def follows(trace: Trace, cand: Trace) -> None:
+    """`cand` followed `trace` (it ran from the record after `trace`'s last): it becomes `trace.next`, and the run
+    that was `next` becomes `alt`. A run met at two places of a training step (a transformer's layers run the same
+    records) is followed by one run at the first and another at the second: with `next` alone, each place found
+    the other's there, and the native runner handed the record back to the Python path at every such place."""
+    old = trace.next()
+    if old is not cand:
+        if old is not None:
+            trace.alt = trace.next
+        trace.next = weakref.ref(cand)
 
 
 def _list_cell(e: tuple[Any, ...]) -> list[Any] | None:

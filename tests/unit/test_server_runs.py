@@ -337,6 +337,23 @@ def test_a_changed_quota_or_handle_limit_holds_for_the_next_slice() -> None:
         assert p.s[0].poisoned
 
 
+def test_a_native_context_looks_up_tensors_bound_before_it_under_the_tables_own_keys() -> None:
+    """A native context starts with the session's own key objects in its cache of handle ints (`Keys`): a tensor
+    bound from Python before it (a parameter, an optimizer's state) is then found by identity, not by `==` of two
+    ints (~140 instructions an input, every step); a handle it has not seen has no cached int."""
+    p = Pair()
+    s = p.s[0]
+    ex = p.ex[0]
+    if ex.native is None:  # the runner off (`runner`'s "python"), or not built here
+        pytest.skip("no native runner")
+    state = ex._eager_state(s)
+    ctx = ex._native_ctx(ex.native, s, state[3], s.memory, s.memory.device.capacity, None, s.device.torch_device)
+    for h in (X, W, P, IDX, G):
+        own = next(k for k in s.tensors if k == h)
+        assert ctx.cached_key(h) is own
+    assert ctx.cached_key(BASE + 999) is None
+
+
 class _WatchedSession(WorkerSession):
     """A session whose `used` is a property that counts its writes (its value kept in the instance dict, where a
     plain attribute would be): the native runner reads and writes a session's counters in its instance dict only
@@ -1040,6 +1057,66 @@ def test_a_run_goes_on_into_the_run_that_followed_it_last_time_in_one_native_cal
         assert p.runs().native - native == 5 * (5 if python else 6)
         # one call a slice, which ran on into the second run (and one for its step after the Python one)
         assert calls.calls == ([(4, True), (1, False)] if python else [(6, True)]) * 5
+
+
+def part_c(p: Pair, t: int) -> list[device_pb2.Command]:
+    """Another run that follows the first part elsewhere in a step: `part_b`'s records, its first under another
+    template (op id 2, the first part's `mm`), so that `part_b`'s run does not take it."""
+    return [
+        p.rec(2, [c(t, 3)], [T(Z), T(c(t, 2))]),
+        p.rec(21, [c(t, 4)], [T(c(t, 3))]),
+        p.rec(6, [c(t, 5)], [T(c(t, 4))]),
+    ]
+
+
+def test_a_run_followed_by_other_runs_at_two_places_of_a_step_goes_on_into_each_in_one_native_call(
+    runner: str,
+) -> None:
+    """A run met at two places of a step (a transformer's layers run the same records) is followed by one run at
+    the first place and by another at the second: its `next` is the one that followed it last and `alt` the one
+    before (`runs.follows`), and the native runner tries `alt` where `next`'s first step does not take the record,
+    so a step of both places runs in one call (before, each place found the other's run in `next`, and the record
+    went back to the Python path: the encoder's ~9 failed tries a step). Every record as the normal path runs it."""
+    p = Pair()
+    made = {Y: torch.randn(64, 3), Z: torch.randn(2, 64)}
+    for s in p.s:
+        for k, v in made.items():
+            s.bind(k, v.clone())
+    calls = Calls(p)
+    for t in range(0, 6, 2):  # the three runs learned apart
+        p.slice(part_a(p, t))
+        p.slice(part_b(p, t))
+        p.slice(part_a(p, t + 1))
+        p.slice(part_c(p, t + 1))
+        p.slice([free_c(t), free_c(t + 1)])
+    for t in range(10, 14, 2):  # learns which runs follow which
+        p.slice(part_a(p, t) + part_b(p, t) + part_a(p, t + 1) + part_c(p, t + 1))
+        p.slice([free_c(t), free_c(t + 1)])
+    first = next(tr for ts in p.runs().heads.values() for tr in ts if tr.steps[0].plan.name == "aten::mul")
+    follow = {first.next(), first.alt()}
+    assert None not in follow and len(follow) == 2 and first not in follow
+    hits, native = p.hits, p.runs().native
+    calls.calls.clear()
+    for t in range(20, 28, 2):
+        p.slice(part_a(p, t) + part_b(p, t) + part_a(p, t + 1) + part_c(p, t + 1))
+        p.slice([free_c(t), free_c(t + 1)])
+    assert p.hits - hits == 4 * 12  # every record in a learned run
+    if runner == "native":
+        assert p.runs().native - native == 4 * 12
+        assert calls.calls == [(12, True)] * 4, calls.calls
+
+
+def test_follows_keeps_the_run_before_next_as_alt() -> None:
+    """`runs.follows`: a new follower becomes `next` and the old one `alt`; the same one again changes nothing."""
+    a, b, c2 = (runs.Trace([], 0, 0) for _ in range(3))
+    runs.follows(a, b)
+    assert (a.next(), a.alt()) == (b, None)
+    runs.follows(a, c2)
+    assert (a.next(), a.alt()) == (c2, b)
+    runs.follows(a, c2)
+    assert (a.next(), a.alt()) == (c2, b)
+    runs.follows(a, b)
+    assert (a.next(), a.alt()) == (b, c2)
 
 
 def test_a_chained_runs_first_step_checks_inputs_freed_rebound_or_reshaped_since(runner: str) -> None:
