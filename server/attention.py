@@ -69,7 +69,7 @@ import torch
 from gpupool.errors import InvalidArgument
 
 from . import fallbacks
-from .opargs import Args, Kwargs, arg
+from .opargs import Args, Kwargs, arg, written_whole
 
 Tensor = torch.Tensor
 aten = torch.ops.aten
@@ -481,7 +481,7 @@ def _dropout_forward(
     state = _generator_state(q.device)
     out, _ = _dropout_math(q, k, v, bias, p, is_causal, scale, None)
     lse = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)  # what nothing reads: `_dropout_forward`
-    seed = state.view(torch.int64).to(q.device).as_strided([], [], 0)
+    seed = written_whole(state.view(torch.int64).to(q.device).as_strided([], [], 0))  # the state under it
     offset = torch.zeros((), dtype=torch.long, device=q.device)
     return _matching_layout(q, out), lse, seed, offset
 
@@ -549,7 +549,7 @@ def _dropout_forward_saving(
     if extra > n * dtype.itemsize + n:  # the padding: no byte of the storage left unwritten
         buffer[head + n * dtype.itemsize + n :].zero_()
     lse = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)  # what nothing reads: `_dropout_forward`
-    seed = buffer.view(torch.int64).as_strided([], [], 0)
+    seed = written_whole(buffer.view(torch.int64).as_strided([], [], 0))  # state, softmax, mask, padding: written
     offset = torch.zeros((), dtype=torch.long, device=q.device)
     return _matching_layout(q, out), lse, seed, offset
 

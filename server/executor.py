@@ -787,7 +787,7 @@ class CommandExecutor:
         values = _slots(out)
         if len(handles) > len(values):
             raise InvalidArgument(f"{len(handles)} output handles given, the op returns {len(values)} values")
-        bound = []
+        pairs = []
         for h, value in zip(handles, values, strict=False):
             if not h or value is None:
                 continue
@@ -797,9 +797,8 @@ class CommandExecutor:
                 raise InvalidArgument(f"the op returns a {value.layout} tensor; only dense tensors live on the daemon")
             if value.dim() > MAX_DIMS:  # sizes and strides live in host RAM, outside the quota
                 raise InvalidArgument(f"the op returns a tensor of {value.dim()} dimensions; at most {MAX_DIMS}")
-            s.bind(h, value)
-            bound.append(h)
-        return bound
+            pairs.append((h, value))
+        return s.bind_outputs(pairs)
 
     # ---- transfers ----
 

@@ -31,6 +31,7 @@ from gpupool.errors import (
 from . import staging
 from .cost import FAKE_GPU_FLOPS, REAL_GPU_FLOPS
 from .devices import Device
+from .opargs import WHOLE
 from .uploadpool import KEEP, UploadPool
 
 HANDLE_BITS = 32
@@ -195,15 +196,38 @@ class WorkerSession:
                 f"{self.max_handles} handle limit; free tensors"
             )
 
-    def bind(self, handle: int, tensor: torch.Tensor) -> None:
-        """Register `tensor` under `handle` (replacing what was there), counting new storages once."""
+    def bind(self, handle: int, tensor: torch.Tensor, zero: bool = True) -> None:
+        """Register `tensor` under `handle` (replacing what was there), counting new storages once (a new one's
+        bytes outside the tensor zeroed unless `zero` is False: `bind_outputs` zeroes after all of an op's)."""
         self.check_handle(handle)
         if handle not in self.tensors and handle not in self.poisoned:
             self.admit_handles(1)
         self.unbind(handle)
         self.poisoned.pop(handle, None)
-        self._count(handle, tensor)
+        self._count(handle, tensor, zero)
         self.tensors[handle] = tensor
+
+    def bind_outputs(self, pairs: Iterable[tuple[int, torch.Tensor]]) -> list[int]:
+        """`bind` for an op's several outputs: a new storage's bytes are zeroed outside the extents of ALL of them
+        that lie in it, once they are bound (round 35's lead: zeroed output by output, a first output's zeroing
+        wiped what a second one over the same new storage held). The handles bound, in order."""
+        fresh: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]] = {}
+        bound = []
+        try:
+            for handle, tensor in pairs:
+                storage = tensor.untyped_storage()
+                key = storage._cdata
+                new = key not in self._storages
+                self.bind(handle, tensor, zero=False)
+                bound.append(handle)
+                if new:
+                    fresh[key] = (storage, [tensor])
+                elif key in fresh:
+                    fresh[key][1].append(tensor)
+        finally:
+            for storage, tensors in fresh.values():
+                _zero_beside(tensors, storage)
+        return bound
 
     def bind_new(self, handle: int, tensor: torch.Tensor) -> None:
         """`bind` for a handle the caller checked (`check_handle`), admitted (`admit_handles`) and found neither
@@ -221,7 +245,7 @@ class WorkerSession:
         entry = self._storages.get(key)
         if entry is None:
             nbytes = storage.nbytes()
-            if nbytes > tensor.nbytes:  # maybe a kernel's buffer behind a smaller result
+            if nbytes > tensor.nbytes and not getattr(tensor, WHOLE, False):  # maybe a kernel's buffer behind it
                 _zero_outside(tensor, storage, 0, nbytes)
             self._storages[key] = [1, nbytes]
             self.used += nbytes
@@ -245,6 +269,7 @@ class WorkerSession:
         same bookkeeping inline, the bytes accounted once at the end (also when the handle limit stops it midway)."""
         tensors, keys, storages = self.tensors, self._keys, self._storages
         delta = 0
+        fresh: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]] = {}  # zeroed at the end, as bind_outputs
         try:
             for handle, tensor in pairs:
                 if tensors.pop(handle, None) is not None:  # `unbind`
@@ -264,25 +289,29 @@ class WorkerSession:
                 if found is None:
                     nbytes = storage.nbytes()
                     if nbytes > tensor.nbytes:  # as `bind_new`: a graph's mse_loss holds the same buffer
-                        _zero_outside(tensor, storage, 0, nbytes)
+                        fresh[key] = (storage, [tensor])
                     storages[key] = [1, nbytes]
                     delta += nbytes
                 else:
                     found[0] += 1
+                    if key in fresh:  # another output over the same new storage (`y[0]`, `y[1]`): keep its bytes
+                        fresh[key][1].append(tensor)
                 keys[handle] = key
                 tensors[handle] = tensor
         finally:
+            for storage, kept in fresh.values():
+                _zero_beside(kept, storage)
             if delta:
                 self._account(delta)
 
-    def _count(self, handle: int, tensor: torch.Tensor) -> None:
+    def _count(self, handle: int, tensor: torch.Tensor, zero: bool = True) -> None:
         storage = tensor.untyped_storage()
         key = storage._cdata
         entry = self._storages.get(key)
         if entry is None:
             nbytes = storage.nbytes()
-            if nbytes > tensor.nbytes:  # as `bind_new` (round 35, rev35: an output handle already live, a
-                _zero_outside(tensor, storage, 0, nbytes)  # multi-output op, an out= op's set_ took this path)
+            if zero and nbytes > tensor.nbytes:  # as `bind_new` (round 35, rev35: an output handle already live,
+                _zero_beside([tensor], storage)  # a multi-output op, an out= op's set_ took this path)
             self._storages[key] = [1, nbytes]
             self._account(nbytes)
         else:
@@ -413,6 +442,24 @@ def _zero_outside(t: torch.Tensor, storage: torch.UntypedStorage, start: int, en
         zero_bytes(storage, start, min(lo, end))
     if hi < end:
         zero_bytes(storage, max(hi, start), end)
+
+
+def _zero_beside(tensors: list[torch.Tensor], storage: torch.UntypedStorage) -> None:
+    """Zero the bytes of a new `storage` outside every one of `tensors`' extents (each a view of it), unless one of
+    them is `WHOLE`: what a kernel's buffer held behind its results (the allocator's old contents)."""
+    if any(getattr(t, WHOLE, False) for t in tensors):
+        return
+    end = storage.nbytes()
+    spans = sorted(
+        (end, end) if t.numel() == 0 else (int(t.storage_offset()) * t.element_size(), extent(t)) for t in tensors
+    )
+    at = 0
+    for lo, hi in spans:
+        if lo > at:
+            zero_bytes(storage, at, min(lo, end))
+        at = max(at, hi)
+    if at < end:
+        zero_bytes(storage, at, end)
 
 
 def extent(t: torch.Tensor) -> int:

@@ -340,3 +340,30 @@ def test_a_fused_adam_over_a_grad_of_other_strides_is_refused_at_definition() ->
     msg.persistent[:] = handles
     ex.execute(s, device_pb2.Command(define_graph=msg), _no_reply)
     assert s.error is not None and "must match its parameter" in s.error.message
+
+
+def test_outputs_over_one_new_storage_keep_each_others_values() -> None:
+    """Several outputs bound at once over one new storage larger than each (a captured step returning `y[0]` and
+    `y[1]`; an op's several results): the bytes outside ALL of their extents are zeroed, never another output's
+    (round 35: zeroed output by output, binding `y[0]` first wiped `y[1]`); a `written_whole` result's storage
+    (fused attention's `philox_seed`: its generator state and kept softmax under a 0-d view) is left whole; a lone
+    view still gets the rest of its new storage zeroed."""
+    from gpupool.server.opargs import written_whole
+
+    for way in ("rebind_all", "bind_outputs"):
+        dev = FakeDevice(0, "h", 1 << 30)
+        s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 28)
+        y = torch.arange(1.0, 13.0).reshape(3, 4)  # rows 0 and 2 bound, row 1 nobody's
+        state = torch.arange(1, 9, dtype=torch.int64)
+        seed = written_whole(state.as_strided([], [], 0))
+        lone = torch.arange(1.0, 9.0)[2:4]
+        pairs = [(s.handle_base + 1, y[0]), (s.handle_base + 2, y[2]), (s.handle_base + 3, seed),
+                 (s.handle_base + 4, lone)]  # fmt: skip
+        getattr(s, way)(pairs)
+        assert s.tensors[s.handle_base + 1].tolist() == [1.0, 2.0, 3.0, 4.0], way
+        assert s.tensors[s.handle_base + 2].tolist() == [9.0, 10.0, 11.0, 12.0], way
+        assert y[1].tolist() == [0.0] * 4, way  # between them, no output's: zeroed
+        assert state.tolist() == list(range(1, 9)), way
+        assert lone.untyped_storage().nbytes() == 32 and lone.tolist() == [3.0, 4.0], way
+        whole = torch.empty(0).set_(lone.untyped_storage(), 0, (8,), (1,))
+        assert whole.tolist() == [0.0, 0.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0], way
