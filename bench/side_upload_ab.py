@@ -30,21 +30,15 @@ MiB = 1024 * 1024
 
 
 def _per_chunk(self: Any, side: Any, h: int, meta: Any, data: memoryview) -> None:
-    """Round 34's `Session._upload_side` (up to 12e843d), verbatim but for the names it imports."""
-    from gpupool.client import bulk
+    """Round 34's `Session._upload_side` (up to 12e843d), but for its chunk frames' helper (`side_chunks`)."""
+    from gpupool.client.session import side_chunks
 
-    from gpupool._proto import device_pb2
     from gpupool.errors import Unavailable
 
-    total = data.nbytes
     with self._lock:
         self.flush()
-        for off in range(0, total, bulk.CHUNK):
-            end = min(off + bulk.CHUNK, total)
-            up = device_pb2.Upload(handle=h, offset=off, last=end >= total, bulk_bytes=end - off)
-            if off == 0:
-                up.meta.CopyFrom(meta)
-            self._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
+        for off, end, frame in side_chunks(h, meta, data.nbytes):
+            self._put(frame)
             if self._carrier is not None:
                 self._side_barrier()
             try:

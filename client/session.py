@@ -368,6 +368,17 @@ class _Waiter:
             self.done = True
 
 
+def side_chunks(h: int, meta: tensor_pb2.TensorMeta, total: int) -> Iterator[tuple[int, int, bytes]]:
+    """A bulk upload's chunks of `total` bytes: (offset, end, the frame of its Upload command; the first carries
+    the tensor's `meta`)."""
+    for off in range(0, total, bulk.CHUNK):
+        end = min(off + bulk.CHUNK, total)
+        up = device_pb2.Upload(handle=h, offset=off, last=end >= total, bulk_bytes=end - off)
+        if off == 0:
+            up.meta.CopyFrom(meta)
+        yield off, end, device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString()
+
+
 class Session:
     """One attached session. Use `Session.attach(address, token)`; close it (or use `with`) when done."""
 
@@ -501,12 +512,7 @@ class Session:
             self.flush()
             if carrier is not None:
                 self._side_barrier()
-            for off in range(0, total, bulk.CHUNK):
-                end = min(off + bulk.CHUNK, total)
-                up = device_pb2.Upload(handle=h, offset=off, last=end >= total, bulk_bytes=end - off)
-                if off == 0:
-                    up.meta.CopyFrom(meta)
-                frame = device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString()
+            for off, end, frame in side_chunks(h, meta, total):
                 if carrier is None:
                     self._put(frame)
                 else:  # the frame on the socket, as the sender thread writes it; its bytes follow it there
