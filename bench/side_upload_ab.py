@@ -1,7 +1,8 @@
-"""The client's side of a bulk upload on a frames socket (round 35, issue 8: uploads >= 0.6 of raw TCP): this
-tree's `Session._upload_side` (one barrier an upload, then the caller writes each chunk's frame and bytes) next to
-round 34's (each 4 MiB chunk's frame through the sender thread, then a barrier: two thread hand-offs a chunk),
-in the same process against the same daemon (this tree's, plaintext or --tls, one fake GPU), sessions alternating.
+"""The client's side of a bulk upload on a frames socket (round 35, issue 8: uploads >= 0.6 of raw TCP): the
+client's `Session._upload_side` (each 4 MiB chunk's frame through the sender thread, then a barrier: two thread
+hand-offs a chunk) next to round 35's try (one barrier an upload, then the caller writes each chunk's frame and
+bytes itself; no faster here, BENCHMARKS.md "Round 35, slot35"), in the same process against the same daemon
+(this tree's, plaintext or --tls, one fake GPU), sessions alternating.
 
 Per variant, medians over --sessions of a session's later upload of --size-mib MiB (after a first one and its
 free): the wall time of `upload` alone and with the sync after it, the client's CPU over it, and the client
@@ -29,18 +30,26 @@ import daemon_wire  # noqa: E402 - the daemon starter lives there
 MiB = 1024 * 1024
 
 
-def _per_chunk(self: Any, side: Any, h: int, meta: Any, data: memoryview) -> None:
-    """Round 34's `Session._upload_side` (up to 12e843d), but for its chunk frames' helper (`side_chunks`)."""
+def _one_barrier(self: Any, side: Any, h: int, meta: Any, data: memoryview) -> None:
+    """Round 35's try: the frames queued before the upload sent (one barrier), then this thread writes each chunk's
+    frame on the side socket itself, then its bytes (no hand-off to the sender thread a chunk)."""
     from gpupool.client.session import side_chunks
 
     from gpupool.errors import Unavailable
 
+    carrier = self._carrier
     with self._lock:
         self.flush()
+        self._side_barrier()
         for off, end, frame in side_chunks(h, meta, data.nbytes):
-            self._put(frame)
-            if self._carrier is not None:
-                self._side_barrier()
+            if self._dead is not None:
+                raise self._dead
+            try:
+                carrier.send_frame(frame)
+            except Unavailable as exc:
+                self._dead = self._dead or self._end_reason(exc)
+                raise self._dead from None
+            self.frames_put += 1
             try:
                 side.send_upload(h, off, data[off:end])
             except Unavailable as exc:
@@ -65,7 +74,7 @@ def main() -> int:
 
     from gpupool import tokens
 
-    variants = {"this": Session._upload_side, "per-chunk": _per_chunk}
+    variants = {"per-chunk": Session._upload_side, "one-barrier": _one_barrier}
     extra = ("--bulk-listen", "127.0.0.1:0", *(() if args.tls else ("--insecure",)))
     load0 = os.getloadavg()[0]
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
@@ -98,7 +107,7 @@ def main() -> int:
                     )
                 print(f"sessions {i + 1}/{args.sessions} done", file=sys.stderr)
         finally:
-            Session._upload_side = variants["this"]  # type: ignore[method-assign]
+            Session._upload_side = variants["per-chunk"]  # type: ignore[method-assign]
             proc.terminate()
             proc.wait(30)
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -109,7 +118,10 @@ def main() -> int:
     med = {name: {k: statistics.median(r[k] for r in rows[name]) for k in keys} for name in variants}
     for name in variants:
         print(f"{name:<12}" + "".join(f"{med[name][k]:>15.0f}" for k in keys))
-    print(f"{'this/per-ch':<12}" + "".join(f"{med['this'][k] / max(med['per-chunk'][k], 1e-9):>15.2f}" for k in keys))
+    print(
+        f"{'one/per-ch':<12}"
+        + "".join(f"{med['one-barrier'][k] / max(med['per-chunk'][k], 1e-9):>15.2f}" for k in keys)
+    )
     return 0
 
 

@@ -501,29 +501,14 @@ class Session:
 
     def _upload_side(self, side: bulk.BulkSocket, h: int, meta: tensor_pb2.TensorMeta, data: memoryview) -> None:
         """An upload whose bytes go on the side socket: each chunk's command (in its frame, in order) on the
-        stream, then its bytes from the tensor's memory. Where the session's frames travel on the side socket too,
-        this thread writes each chunk's frame there itself, then its bytes, once the frames queued before went out
-        (one `_side_barrier` an upload: nothing else is queued while `_lock` is held, so the sender thread is idle).
-        Until round 35 each chunk's frame went through the sender thread and a barrier: two thread hand-offs a
-        4 MiB chunk, ~18 ms of a 256 MiB upload spent blocked."""
-        total = data.nbytes
-        carrier = self._carrier
+        stream, then its bytes from the tensor's memory. (Round 35 tried one barrier an upload and this thread
+        writing each chunk's frame itself: no faster on the 2-core box, bench/side_upload_ab.py, BENCHMARKS.md.)"""
         with self._lock:
             self.flush()
-            if carrier is not None:
-                self._side_barrier()
-            for off, end, frame in side_chunks(h, meta, total):
-                if carrier is None:
-                    self._put(frame)
-                else:  # the frame on the socket, as the sender thread writes it; its bytes follow it there
-                    if self._dead is not None:
-                        raise self._dead
-                    try:
-                        carrier.send_frame(frame)
-                    except Unavailable as exc:
-                        self._dead = self._dead or self._end_reason(exc)
-                        raise self._dead from None
-                    self.frames_put += 1
+            for off, end, frame in side_chunks(h, meta, data.nbytes):
+                self._put(frame)
+                if self._carrier is not None:
+                    self._side_barrier()  # the frame is on the socket: its bytes follow it there
                 try:
                     side.send_upload(h, off, data[off:end])
                 except Unavailable as exc:

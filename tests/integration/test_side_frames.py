@@ -647,27 +647,3 @@ def test_replies_before_a_bad_frame_reach_a_slow_client_whose_bytes_the_daemon_l
     assert isinstance(_ended(victim), InvalidArgument)
     victim.close()
     peer.close()
-
-
-def test_a_bulk_uploads_chunks_follow_one_barrier_from_the_callers_thread(side_daemon: Any, monkeypatch: Any) -> None:
-    """A bulk upload on a frames socket waits once for the frames queued before it to go out, then writes each
-    chunk's frame and bytes itself (round 35: until then each 4 MiB chunk's frame went through the sender thread and
-    a barrier, two thread hand-offs a chunk; this fails on 12e843d, five barriers): the op queued before it runs
-    first, the bytes arrive whole, and every chunk's frame is counted as sent."""
-    s = _attach(side_daemon, monkeypatch)
-    try:
-        a = Handle(s.upload(torch.arange(6.0)))
-        [b] = s.call("aten::mul.Tensor", a, a)  # batched, not yet sent: the upload's flush sends it first
-        pending = 1 if (s._eager or s._sealed or len(s._frame.commands)) else 0
-        barriers: list[int] = []
-        real = s._side_barrier
-        monkeypatch.setattr(s, "_side_barrier", lambda: (barriers.append(1), real())[1])
-        before = s.frames_put
-        big = torch.arange(4 * MiB + 3, dtype=torch.int32)  # 16 MiB and 12 bytes: five chunks
-        h = s.upload(big)
-        assert barriers == [1]
-        assert s.frames_put - before == pending + 5
-        assert torch.equal(s.download(h), big)
-        assert torch.equal(s.download(b), torch.arange(6.0) ** 2)
-    finally:
-        s.close()
