@@ -368,6 +368,17 @@ class _Waiter:
             self.done = True
 
 
+def side_chunks(h: int, meta: tensor_pb2.TensorMeta, total: int) -> Iterator[tuple[int, int, bytes]]:
+    """A bulk upload's chunks of `total` bytes: (offset, end, the frame of its Upload command; the first carries
+    the tensor's `meta`)."""
+    for off in range(0, total, bulk.CHUNK):
+        end = min(off + bulk.CHUNK, total)
+        up = device_pb2.Upload(handle=h, offset=off, last=end >= total, bulk_bytes=end - off)
+        if off == 0:
+            up.meta.CopyFrom(meta)
+        yield off, end, device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString()
+
+
 class Session:
     """One attached session. Use `Session.attach(address, token)`; close it (or use `with`) when done."""
 
@@ -490,16 +501,12 @@ class Session:
 
     def _upload_side(self, side: bulk.BulkSocket, h: int, meta: tensor_pb2.TensorMeta, data: memoryview) -> None:
         """An upload whose bytes go on the side socket: each chunk's command (in its frame, in order) on the
-        stream, then its bytes from the tensor's memory."""
-        total = data.nbytes
+        stream, then its bytes from the tensor's memory. (Round 35 tried one barrier an upload and this thread
+        writing each chunk's frame itself: no faster on the 2-core box, bench/side_upload_ab.py, BENCHMARKS.md.)"""
         with self._lock:
             self.flush()
-            for off in range(0, total, bulk.CHUNK):
-                end = min(off + bulk.CHUNK, total)
-                up = device_pb2.Upload(handle=h, offset=off, last=end >= total, bulk_bytes=end - off)
-                if off == 0:
-                    up.meta.CopyFrom(meta)
-                self._put(device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString())
+            for off, end, frame in side_chunks(h, meta, data.nbytes):
+                self._put(frame)
                 if self._carrier is not None:
                     self._side_barrier()  # the frame is on the socket: its bytes follow it there
                 try:

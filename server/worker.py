@@ -58,6 +58,12 @@ UPS_AT = SLOTS_AT + SLOTS * SLOT_BYTES
 UP_SLOT_BYTES = protocol.CHUNK_BYTES + 4096  # a chunk and its span's head (a head past 4 KiB: no slot)
 UP_SLOTS = 4  # how far the reader reads ahead of the worker into slots (then it waits for one, `UP_WAIT` at most)
 UP_WAIT = 1.0
+# A reader waiting for a slot is woken when a span it handed out is dropped (a weakref callback on the span: the
+# span, and with it the slot, is usually the last thing the slice that ran it drops); it looks again every UP_POLL s
+# only for a view made of a span that outlives it (the slot is free once that view goes too, which nothing signals).
+# Until round 35 it looked every 5 ms and nothing woke it: on four slots and a ~0.4 ms copy a chunk, the reader
+# could idle most of a chunk's time.
+UP_POLL = 0.05
 SHARED_BYTES = UPS_AT + UP_SLOTS * UP_SLOT_BYTES
 
 
@@ -256,6 +262,20 @@ class InlineRunner:
         self._state.executor.forget(self._state.session)
 
 
+def _waker(free: threading.Condition) -> Callable[[object], None]:
+    """The callback of an upload span's weakref: wakes a reader waiting for a slot (`ProcessRunner.upload_span`).
+    It runs in whichever thread drops the span's last reference (the device thread after the slice that ran it,
+    the reader on an error, the collector), after the span's view of the slot was released; `free` is re-entrant
+    (an RLock), so a drop inside `upload_span` itself does not deadlock. It holds the condition only, not the
+    runner: no cycle keeps a closed runner alive."""
+
+    def wake(_ref: object) -> None:
+        with free:
+            free.notify_all()
+
+    return wake
+
+
 class ProcessRunner:
     """The daemon's end of one worker process: a socket for slices and a shared word for progress."""
 
@@ -277,6 +297,7 @@ class ProcessRunner:
         ]
         self._up_spans: list[weakref.ref[memoryview] | None] = [None] * UP_SLOTS  # the span handed out of each slot
         self._up_free = threading.Condition()
+        self._up_wake = _waker(self._up_free)  # a span's weakref callback: its slot may be free now
         self._max_reply = max_reply
         self._closed = False
         # idle()'s two probes, made once: a poller of the socket and the worker's /proc stat file, held open (a
@@ -305,12 +326,12 @@ class ProcessRunner:
                     # no view of the slot alive: `_up_mem`'s reference and getrefcount's argument only
                     if sys.getrefcount(self._up_mem[k]) <= 2:
                         span = memoryview(self._up_mem[k]).cast("B")[:size]
-                        self._up_spans[k] = weakref.ref(span)
+                        self._up_spans[k] = weakref.ref(span, self._up_wake)
                         return span
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
-                self._up_free.wait(min(left, 0.005))  # spans are dropped by whoever held them: polled
+                self._up_free.wait(min(left, UP_POLL))  # woken when a span is dropped (`_waker`)
         return None
 
     def holds(self, span: memoryview) -> bool:

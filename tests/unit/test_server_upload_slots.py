@@ -96,6 +96,29 @@ def test_a_waiting_reader_gets_the_slot_dropped_meanwhile(runner: worker.Process
     assert got and got[0] is not None and runner.holds(got[0])
 
 
+def test_a_dropped_span_wakes_the_waiting_reader(runner: worker.ProcessRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader waiting for a slot is woken by the drop of a span (its weakref's callback), not by its poll: with the
+    poll and the wait both far longer than the test, it still gets the slot once one span is dropped (until round 35
+    it looked every 5 ms and nothing woke it; on 12e843d this fails: there is no UP_POLL)."""
+    monkeypatch.setattr(worker, "UP_POLL", 3600.0)
+    monkeypatch.setattr(worker, "UP_WAIT", 3600.0)
+    held = [runner.upload_span(100) for _ in range(worker.UP_SLOTS)]
+    assert all(span is not None for span in held)
+    got: list[memoryview | None] = []
+    t = threading.Thread(target=lambda: got.append(runner.upload_span(100)), daemon=True)
+    t.start()
+    for _ in range(6000):  # until the reader sleeps in the condition (it looked at every slot: all held)
+        with runner._up_free:
+            if runner._up_free._waiters:  # type: ignore[attr-defined]
+                break
+        time.sleep(0.01)
+    assert t.is_alive() and not got
+    held.pop()  # the command ran: its span is dropped, and the drop wakes the reader
+    t.join(60)  # a hang guard, not a timing: the poll would take an hour
+    assert not t.is_alive() and got and got[0] is not None and runner.holds(got[0])
+    assert len(held) == worker.UP_SLOTS - 1
+
+
 def test_a_closed_runner_hands_out_no_slot(runner: worker.ProcessRunner) -> None:
     held = [runner.upload_span(100) for _ in range(worker.UP_SLOTS)]
     got: list[memoryview | None] = []
