@@ -367,10 +367,10 @@ def execute(g: Graph, slots: list[Any], plan: list[Any] | None = None) -> None:
                 for slot, value in zip(outs, flat(out), strict=False):
                     if slot:
                         slots[slot] = value
-            if zero:
-                for slot in (out1,) if out1 else outs:
-                    if slot:
-                        st = slots[slot].untyped_storage()
+            if zero:  # what the op returns, as the eager path: an out= form's tensor may have no output slot
+                for t in flat(out):
+                    if isinstance(t, torch.Tensor):
+                        st = t.untyped_storage()
                         zero_bytes(st, 0, st.nbytes())
             for slot in dead:
                 slots[slot] = None
