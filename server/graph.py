@@ -252,6 +252,8 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph,
             execute(g, slots)
     except BaseException:
         _forget_seen(g)  # a run that failed midway may have left any of them half-written: check all next time
+        if g.mutated:  # as a failed eager op's (`CommandExecutor._call`): torch's out= kernels resize their output
+            s.recount(g.mutated, zero_growth=True)  # before they check its values; the growth counted and zeroed
         raise
     _seen_after(g, persistent)
     # every handle was checked: outputs above, writes at definition
