@@ -252,6 +252,8 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph,
             execute(g, slots)
     except BaseException:
         _forget_seen(g)  # a run that failed midway may have left any of them half-written: check all next time
+        if g.mutated:  # as a failed eager op's (`CommandExecutor._call`): torch's out= kernels resize their output
+            s.recount(g.mutated, zero_growth=True)  # before they check its values; the growth counted and zeroed
         raise
     _seen_after(g, persistent)
     # every handle was checked: outputs above, writes at definition
@@ -367,10 +369,10 @@ def execute(g: Graph, slots: list[Any], plan: list[Any] | None = None) -> None:
                 for slot, value in zip(outs, flat(out), strict=False):
                     if slot:
                         slots[slot] = value
-            if zero:
-                for slot in (out1,) if out1 else outs:
-                    if slot:
-                        st = slots[slot].untyped_storage()
+            if zero:  # what the op returns, as the eager path: an out= form's tensor may have no output slot
+                for t in flat(out):
+                    if isinstance(t, torch.Tensor):
+                        st = t.untyped_storage()
                         zero_bytes(st, 0, st.nbytes())
             for slot in dead:
                 slots[slot] = None

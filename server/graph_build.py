@@ -263,7 +263,7 @@ def building(
     for i, op_msg in enumerate(msg.ops):
         where = f"graph op {i} ({op_msg.name})"
         try:
-            call, meta_out, reads, work = _prebuild(host, s, op_msg, meta_slots, dev, loop_budget)
+            call, meta_out, reads, work, before = _prebuild(host, s, op_msg, meta_slots, dev, loop_budget)
         except GpupoolError as exc:
             raise type(exc)(f"{where}: {exc.message}") from None
         except (RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
@@ -286,7 +286,6 @@ def building(
                     mutated.add(external_handle[slot])
                     if not keeps:
                         reshaped.add(slot)
-        before = {st._cdata: st.nbytes() for st in _storages(meta_slots, reads)}
         for slot, value in zip(call.outs, meta_out, strict=False):
             if not slot:
                 continue
@@ -438,9 +437,10 @@ def _prebuild(
     meta_slots: list[Any],
     dev: torch.device,
     loop_budget: list[int] | None = None,
-) -> tuple[Call, list[Any], list[int], int]:
+) -> tuple[Call, list[Any], list[int], int, dict[int, int]]:
     """Resolve and check one op of a graph, run it on meta tensors; returns the prebuilt call, the meta outputs
-    (one per output slot), the slots it reads and the work it does (multiply-adds, or elements it visits)."""
+    (one per output slot), the slots it reads, the work it does (multiply-adds, or elements it visits) and the
+    sizes of the storages it reads from before it ran (what an out= resize grew: its peak, `Graph.mutated`)."""
     op = host.ops.resolve(msg.name)  # the allowlist: PermissionDenied / InvalidArgument
     if op._schema.name in NOT_IN_GRAPHS:
         raise InvalidArgument("this op changes storages; it cannot be part of a graph")
@@ -495,6 +495,9 @@ def _prebuild(
     value_guard = op._schema.name in guards.VALUE_GUARDS
     if not value_guard:
         guards.validate(op, margs, mkwargs, s.max_op_flops)
+    # before the dry run (round 35, fin35: taken after it, an out= op's growth of its meta slot was never seen, so
+    # a persistent tensor it grew was never recounted: uncounted bytes, unzeroed where the op then failed)
+    before = {st._cdata: st.nbytes() for st in _storages(meta_slots, reads)}
     try:
         out = op(*margs, **mkwargs)
     except NotImplementedError:
@@ -584,7 +587,7 @@ def _prebuild(
         attention_kernel,
         (margs, mkwargs) if value_guard else None,
     )
-    return call, values[: len(outs)], reads, work + _elements(values)
+    return call, values[: len(outs)], reads, work + _elements(values), before
 
 
 def _elements(values: list[Any]) -> int:
