@@ -205,7 +205,9 @@ def test_view_arguments_never_reach_past_their_storage_into_a_neighbours_bytes()
             )
         ]
 
-    bad.bind(src, torch.ones(2 * n)[:n])  # meta (n,), storage of 2n
+    # meta (n,), storage of 2n whose second half the session wrote (zero=False: as a view of its own upload; `bind`
+    # zeroes a new storage outside the tensor since round 35)
+    bad.bind(src, torch.ones(2 * n)[:n], zero=False)
     for _ in range(2):  # learned in the first slice, run inside the learned run in the next
         res = w.slice(bad, steps(4))
         assert not res.errors and torch.equal(bad.tensors[dst], torch.ones(n))
@@ -264,7 +266,9 @@ def test_views_inside_tensor_lists_never_reach_past_their_storage_into_a_neighbo
             )
         ]
 
-    bad.bind(src, torch.ones(2 * n)[:n])  # meta (n,), storage of 2n
+    # meta (n,), storage of 2n whose second half the session wrote (zero=False: as a view of its own upload; `bind`
+    # zeroes a new storage outside the tensor since round 35)
+    bad.bind(src, torch.ones(2 * n)[:n], zero=False)
     bad.bind(other, torch.ones(3))
     for _ in range(2):  # learned in the first slice, run inside the learned run in the next
         res = w.slice(bad, steps(4))
