@@ -597,26 +597,15 @@ class Collectives:
 
     def _check_tokens(self, s: WorkerSession, rank: int, size: int, tokens: list[str]) -> TokenClaims:
         """Every rank's token is of this session's lease, one device each, this rank's is this session's; rank
-        0's claims are returned. Or (clients since round 35) this rank's token alone, of this session's lease and
+        0's claims are returned. Or (clients since round 35) this rank's token alone (its claims returned), checked
+        alike, of this session's lease and
         device, with the lease's `group` claim, from which the group is keyed: a lease token is a bearer credential
         for its device, and a rank's daemon needs no other rank's (distinct devices: one session per device)."""
         assert self.verify is not None
-        if len(tokens) < size:  # this rank's own token (`join` let through one or `size`)
-            claims = self.verify(tokens[0])  # Unauthenticated for forged or expired tokens
-            if claims.lease_id != s.lease_id:
-                raise PermissionDenied(f"rank {rank}'s token is of lease {claims.lease_id}, not this session's lease")
-            if (claims.host, claims.device) != (s.host_id, s.device.index):
-                raise PermissionDenied(f"rank {rank}'s token is not this session's device")
-            if not claims.group:
-                raise InvalidArgument(
-                    f"a join with one token for {size} ranks needs the lease's `group` claim in it (the scheduler's"
-                    " tokens of a lease of several devices have one); this token has none (hand-minted): send every"
-                    " rank's token, rank 0's first"
-                )
-            return claims
+        alone = len(tokens) < size  # this rank's own token (`join` let through one or `size`)
         seen: set[tuple[str, int]] = set()
         first: TokenClaims | None = None
-        for i, token in enumerate(tokens):
+        for i, token in zip([rank] if alone else range(size), tokens, strict=True):
             claims = self.verify(token)  # Unauthenticated for forged or expired tokens
             first = first or claims
             if claims.group != first.group:
@@ -629,7 +618,13 @@ class Collectives:
             seen.add(where)
             if i == rank and where != (s.host_id, s.device.index):
                 raise PermissionDenied(f"rank {rank}'s token is not this session's device")
-        assert first is not None  # 1 <= size == len(tokens)
+        if alone and first is not None and not first.group:
+            raise InvalidArgument(
+                f"a join with one token for {size} ranks needs the lease's `group` claim in it (the scheduler's"
+                " tokens of a lease of several devices have one); this token has none (hand-minted): send every"
+                " rank's token, rank 0's first"
+            )
+        assert first is not None  # 1 <= len(tokens)
         return first
 
     # ---- collectives ----

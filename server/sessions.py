@@ -226,7 +226,7 @@ class WorkerSession:
                     fresh[key][1].append(tensor)
         finally:
             for storage, tensors in fresh.values():
-                _zero_beside(tensors, storage)
+                _zero_unwritten(tensors, storage)
         return bound
 
     def bind_new(self, handle: int, tensor: torch.Tensor) -> None:
@@ -245,8 +245,8 @@ class WorkerSession:
         entry = self._storages.get(key)
         if entry is None:
             nbytes = storage.nbytes()
-            if nbytes > tensor.nbytes and not getattr(tensor, WHOLE, False):  # maybe a kernel's buffer behind it
-                _zero_outside(tensor, storage, 0, nbytes)
+            if nbytes > tensor.nbytes:  # maybe a kernel's buffer behind it
+                _zero_unwritten([tensor], storage)
             self._storages[key] = [1, nbytes]
             self.used += nbytes
             self.memory.used += nbytes
@@ -300,7 +300,7 @@ class WorkerSession:
                 tensors[handle] = tensor
         finally:
             for storage, kept in fresh.values():
-                _zero_beside(kept, storage)
+                _zero_unwritten(kept, storage)
             if delta:
                 self._account(delta)
 
@@ -311,7 +311,7 @@ class WorkerSession:
         if entry is None:
             nbytes = storage.nbytes()
             if zero and nbytes > tensor.nbytes:  # as `bind_new` (round 35, rev35: an output handle already live,
-                _zero_beside([tensor], storage)  # a multi-output op, an out= op's set_ took this path)
+                _zero_unwritten([tensor], storage)  # a multi-output op, an out= op's set_ took this path)
             self._storages[key] = [1, nbytes]
             self._account(nbytes)
         else:
@@ -360,7 +360,7 @@ class WorkerSession:
                 if zero_growth and nbytes > entry[1]:
                     zero_bytes(storage, entry[1], nbytes)  # grown memory may hold another session's old data
                 elif nbytes > entry[1]:
-                    _zero_outside(t, storage, entry[1], nbytes)
+                    _zero_outside([t], storage, entry[1], nbytes)
                 self._account(nbytes - entry[1])
                 entry[1] = nbytes
                 if self.upload_pool.kept:  # a kept upload's storage at another size is no longer the pool's
@@ -428,38 +428,31 @@ def out_of_memory(exc: BaseException) -> bool:
     )
 
 
-def _zero_outside(t: torch.Tensor, storage: torch.UntypedStorage, start: int, end: int) -> None:
-    """Zero the bytes [start, end) of `storage` (what an out= op's resize added) outside `t`'s extent, which its
-    kernel wrote. Round 34 (red34): the CPU `mse_loss.out`, `smooth_l1_loss.out`, `huber_loss.out` and
-    `soft_margin_loss.out` (mean, sum) grow `out` to the elementwise loss's bytes, the first two writing only its
-    first element; a view over the whole storage read the rest: the allocator's old contents, another session's
-    under `--isolation thread`."""
-    if t.numel() == 0:
-        lo = hi = end
-    else:
-        lo, hi = int(t.storage_offset()) * t.element_size(), extent(t)
-    if lo > start:
-        zero_bytes(storage, start, min(lo, end))
-    if hi < end:
-        zero_bytes(storage, max(hi, start), end)
-
-
-def _zero_beside(tensors: list[torch.Tensor], storage: torch.UntypedStorage) -> None:
-    """Zero the bytes of a new `storage` outside every one of `tensors`' extents (each a view of it), unless one of
-    them is `WHOLE`: what a kernel's buffer held behind its results (the allocator's old contents)."""
-    if any(getattr(t, WHOLE, False) for t in tensors):
-        return
-    end = storage.nbytes()
-    spans = sorted(
+def _zero_outside(
+    tensors: list[torch.Tensor], storage: torch.UntypedStorage, start: int = 0, end: int | None = None
+) -> None:
+    """Zero the bytes [start, end) of `storage` (default: all of it) outside every one of `tensors`' extents (each a
+    view of it), which their kernel wrote. Round 34 (red34): the CPU `mse_loss`, `smooth_l1_loss` (mean, sum) return
+    a 0-d result over a buffer of the elementwise loss's size, and their out= forms (and `huber_loss.out`,
+    `soft_margin_loss.out`) grow `out` to it, writing only its first element; a view over the whole storage read the
+    rest: the allocator's old contents, another session's under `--isolation thread`. Several tensors of one new
+    storage (an op's several outputs, a run's `y[0]` and `y[1]`) keep each other's bytes (round 35)."""
+    end = storage.nbytes() if end is None else end
+    at = start
+    for lo, hi in sorted(
         (end, end) if t.numel() == 0 else (int(t.storage_offset()) * t.element_size(), extent(t)) for t in tensors
-    )
-    at = 0
-    for lo, hi in spans:
+    ):
         if lo > at:
             zero_bytes(storage, at, min(lo, end))
         at = max(at, hi)
     if at < end:
         zero_bytes(storage, at, end)
+
+
+def _zero_unwritten(tensors: list[torch.Tensor], storage: torch.UntypedStorage) -> None:
+    """`_zero_outside` for a new storage, unless one of `tensors` is `WHOLE` (its kernel wrote every byte)."""
+    if not any(getattr(t, WHOLE, False) for t in tensors):
+        _zero_outside(tensors, storage)
 
 
 def extent(t: torch.Tensor) -> int:
