@@ -40,6 +40,12 @@ MAX_GRAPH_OPS = 100_000
 # slot (an `--isolation thread` daemon, which reuses memory it freed, grew by half that or less). `host_bytes`.
 OP_BYTES = 3_500
 REF_BYTES = 790
+# An input or persistent tensor, held per graph (its metadata, its slot's entries, the traced graph's input): ~1.45
+# KB one of one dimension, ~2.8 KB one of 64, measured defined, run and traced (round 36, rev36: a graph of one op
+# and 40,000 inputs of 64 dimensions held ~45 MB and was estimated at 5 KB; 8 of them grew a daemon by 680 MiB past
+# an 8 MiB bound). Outputs and writes count REF_BYTES. `building`.
+INPUT_BYTES = 1_500
+DIM_BYTES = 24
 _EVERY = 256  # records a piece of a pass over a graph's ops takes (`building`): well under a millisecond
 MAX_DIMS = 64
 _META = torch.device("meta")
@@ -195,8 +201,9 @@ def _proto_meta(m: tensor_pb2.TensorMeta) -> Meta:
 
 def host_bytes(ops: int, refs: int, data: int = 0) -> int:
     """The host memory a graph of `ops` ops holding `refs` references (tensor arguments, output slots, entries of
-    list arguments) and `data` bytes of inline tensors takes once defined and traced, estimated: what a session's
-    --max-graph-memory counts."""
+    list arguments) and `data` bytes of inline tensors and of its inputs, persistent tensors, outputs and writes
+    (`building`: INPUT_BYTES an input or persistent tensor and DIM_BYTES a dimension of its metadata, REF_BYTES an
+    output or write) takes once defined and traced, estimated: what a session's --max-graph-memory counts."""
     return ops * OP_BYTES + refs * REF_BYTES + data
 
 
@@ -220,39 +227,61 @@ def building(
     estimated past it is refused before any op of it is built."""
     if len(msg.ops) > MAX_GRAPH_OPS:
         raise InvalidArgument(f"a graph of {len(msg.ops)} ops; at most {MAX_GRAPH_OPS}")
-    if room is not None:
-        _check_room(s, msg, host_bytes(len(msg.ops), 0), room)
     if len(msg.input_meta) != msg.inputs:
         raise InvalidArgument(f"{msg.inputs} inputs but {len(msg.input_meta)} input metadata")
+    # what its inputs, persistent tensors, outputs and writes hold (round 36: until then uncounted), their metadata
+    # by their dimensions as they are read (`DIM_BYTES`); the room checked before each piece builds more
+    held = INPUT_BYTES * (len(msg.input_meta) + len(msg.persistent)) + REF_BYTES * (len(msg.outputs) + len(msg.writes))
+    if room is not None:
+        _check_room(s, msg, host_bytes(len(msg.ops), 0, held), room)
     dev = s.device.torch_device
     meta_slots: list[Any] = [None]
-    input_meta = [_proto_meta(m) for m in msg.input_meta]
-    for m in input_meta:
-        meta_slots.append(_meta_tensor(m))
+    # in pieces of `_EVERY`, as every pass below (round 36, rev36: a graph of one op and 250,000 inputs, a 2.5 MB
+    # definition, built them in one piece and held the device's thread, every other session's ops, for 12-17 s)
+    input_meta: list[Meta] = []
+    for i, pm in enumerate(msg.input_meta):
+        if i and not i % _EVERY:
+            if room is not None:
+                _check_room(s, msg, host_bytes(len(msg.ops), 0, held), room)
+            yield
+        input_meta.append(_proto_meta(pm))
+        held += DIM_BYTES * len(input_meta[-1][0])
+        meta_slots.append(_meta_tensor(input_meta[-1]))
     storages: dict[Any, torch.Tensor] = {}
     externals: list[tuple[int, int, Meta]] = []
-    for h in msg.persistent:
+    external_storages: set[int] = set()
+    external_handle: dict[int, int] = {}
+    for i, h in enumerate(msg.persistent):
+        if i and not i % _EVERY:
+            if room is not None:
+                _check_room(s, msg, host_bytes(len(msg.ops), 0, held), room)
+            yield
         t = s.resolve(h)  # ownership, existence
+        held += DIM_BYTES * t.dim()
         m = meta_of(t)
         externals.append((len(meta_slots), h, m))
+        external_handle[len(meta_slots)] = h
         meta_slots.append(_meta_tensor(m, storages, t.untyped_storage()._cdata))
+        external_storages.add(meta_slots[-1].untyped_storage()._cdata)
     fixed = len(meta_slots)  # inputs and persistent tensors: never dropped, never counted
-    known = {t.untyped_storage()._cdata: True for t in meta_slots[1:]}
+    known: dict[int, bool] = {}
+    for slot in range(1, fixed):
+        if not slot % _EVERY:
+            yield
+        known[meta_slots[slot].untyped_storage()._cdata] = True
     # Memory: storage -> [bytes, live slots]; slot -> its storage's key (only for storages the graph allocates).
     alloc: dict[int, list[int]] = {}
     slot_storage: dict[int, int] = {}
     last_use: dict[int, int] = {}
     kept = {int(w.slot) for w in msg.writes} | {int(x) for x in msg.outputs}
     last_read, refs, data = yield from _last_reads(msg)
-    estimate = host_bytes(len(msg.ops), refs, data)
+    estimate = host_bytes(len(msg.ops), refs, data + held)
     if room is not None:
         _check_room(s, msg, estimate, room)
     calls: list[Call] = []
     produced: dict[int, int] = {}  # slot -> the op that produces it
     mutated: set[int] = set()
-    external_handle = {slot: h for slot, h, _ in externals}
     reshaped: set[int] = set()  # external slots a mutable op that may change metas reads
-    external_storages = {t.untyped_storage()._cdata for t in meta_slots[fixed - len(externals) : fixed]}
     grows_externals = False
     written_storages: set[int] = set()  # meta storages a mutable op reads (so may write): `Graph.written`
     live = peak = grown = total_work = 0
@@ -344,8 +373,13 @@ def building(
         calls[at].dead.append(slot)
         if not slot % _EVERY:
             yield
-    input_bytes = [_nbytes(m) for m in input_meta]
-    contiguous = [_contiguous(m) for m in input_meta]
+    input_bytes: list[int] = []
+    contiguous: list[bool] = []
+    for i, m in enumerate(input_meta):
+        if i and not i % _EVERY:
+            yield
+        input_bytes.append(_nbytes(m))
+        contiguous.append(_contiguous(m))
     graph = Graph(
         msg.graph_id,
         n_slots,
@@ -364,9 +398,13 @@ def building(
     graph.host_bytes = estimate
     graph.plan = yield from _compiled(calls)
     graph.stable = [k for k, (slot, _, _) in enumerate(externals) if slot not in reshaped]
-    graph.written = frozenset(
-        slot for slot in range(1, fixed) if meta_slots[slot].untyped_storage()._cdata in written_storages
-    )
+    written: set[int] = set()
+    for slot in range(1, fixed) if written_storages else ():
+        if not slot % _EVERY:
+            yield
+        if meta_slots[slot].untyped_storage()._cdata in written_storages:
+            written.add(slot)
+    graph.written = frozenset(written)
     return graph
 
 
