@@ -40,6 +40,11 @@ MAX_GRAPH_OPS = 100_000
 # slot (an `--isolation thread` daemon, which reuses memory it freed, grew by half that or less). `host_bytes`.
 OP_BYTES = 3_500
 REF_BYTES = 790
+# The graph's own slots (inputs, persistent tensors, outputs, writes) are references too (round 36: a graph of one
+# op and 1,000,000 inputs, 10 MB on the wire, was estimated at 5,080 bytes and held ~140-190 MiB of an `--isolation
+# thread` daemon); an input's metadata also costs its dimensions (shape and stride tuples of Python ints: 2 x (8 +
+# 28) bytes a dimension at most; measured ~1.6 KB an input of 64 dimensions under process isolation).
+DIM_BYTES = 72
 _EVERY = 256  # records a piece of a pass over a graph's ops takes (`building`): well under a millisecond
 MAX_DIMS = 64
 _META = torch.device("meta")
@@ -193,11 +198,17 @@ def _proto_meta(m: tensor_pb2.TensorMeta) -> Meta:
     return (tuple(m.shape), tuple(m.stride), int(m.storage_offset), wire.dtype_from_proto(m.dtype))
 
 
-def host_bytes(ops: int, refs: int, data: int = 0) -> int:
+def host_bytes(ops: int, refs: int, data: int = 0, dims: int = 0) -> int:
     """The host memory a graph of `ops` ops holding `refs` references (tensor arguments, output slots, entries of
-    list arguments) and `data` bytes of inline tensors takes once defined and traced, estimated: what a session's
+    list arguments; the graph's inputs, persistent tensors, outputs and writes), `data` bytes of inline tensors and
+    `dims` dimensions of input metadata takes once defined and traced, estimated: what a session's
     --max-graph-memory counts."""
-    return ops * OP_BYTES + refs * REF_BYTES + data
+    return ops * OP_BYTES + refs * REF_BYTES + data + dims * DIM_BYTES
+
+
+def _slot_refs(msg: device_pb2.DefineGraph) -> int:
+    """The references a definition holds outside its ops: inputs, persistent tensors, outputs and writes."""
+    return len(msg.input_meta) + len(msg.persistent) + len(msg.outputs) + len(msg.writes)
 
 
 def _check_room(s: WorkerSession, msg: device_pb2.DefineGraph, estimate: int, room: int) -> None:
@@ -220,18 +231,26 @@ def building(
     estimated past it is refused before any op of it is built."""
     if len(msg.ops) > MAX_GRAPH_OPS:
         raise InvalidArgument(f"a graph of {len(msg.ops)} ops; at most {MAX_GRAPH_OPS}")
-    if room is not None:
-        _check_room(s, msg, host_bytes(len(msg.ops), 0), room)
+    slot_refs = _slot_refs(msg)
+    if room is not None:  # from counts alone: before any input's metadata is read
+        _check_room(s, msg, host_bytes(len(msg.ops), slot_refs), room)
     if len(msg.input_meta) != msg.inputs:
         raise InvalidArgument(f"{msg.inputs} inputs but {len(msg.input_meta)} input metadata")
     dev = s.device.torch_device
     meta_slots: list[Any] = [None]
     input_meta = [_proto_meta(m) for m in msg.input_meta]
-    for m in input_meta:
+    dims = sum(len(m[0]) for m in input_meta)
+    if room is not None:
+        _check_room(s, msg, host_bytes(len(msg.ops), slot_refs, 0, dims), room)
+    for i, m in enumerate(input_meta):
+        if i and not i % _EVERY:
+            yield  # (100,000 inputs' meta tensors took seconds as one piece)
         meta_slots.append(_meta_tensor(m))
     storages: dict[Any, torch.Tensor] = {}
     externals: list[tuple[int, int, Meta]] = []
-    for h in msg.persistent:
+    for i, h in enumerate(msg.persistent):
+        if i and not i % _EVERY:
+            yield
         t = s.resolve(h)  # ownership, existence
         m = meta_of(t)
         externals.append((len(meta_slots), h, m))
@@ -244,7 +263,7 @@ def building(
     last_use: dict[int, int] = {}
     kept = {int(w.slot) for w in msg.writes} | {int(x) for x in msg.outputs}
     last_read, refs, data = yield from _last_reads(msg)
-    estimate = host_bytes(len(msg.ops), refs, data)
+    estimate = host_bytes(len(msg.ops), refs + slot_refs, data, dims)
     if room is not None:
         _check_room(s, msg, estimate, room)
     calls: list[Call] = []

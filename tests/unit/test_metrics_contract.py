@@ -25,6 +25,7 @@ from support import Program, tls_channel
 
 from gpupool import tokens
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc, tensor_pb2
+from gpupool.server import graph_build
 from gpupool.errors import InvalidArgument
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -257,6 +258,11 @@ def test_scrape_reflects_the_session(scrapes: Scrapes) -> None:
     assert value("gpupool_transfer_bytes_total", direction="download") >= 64
     assert value("gpupool_session_share", tenant="contract") == pytest.approx(0.5)
     assert value("gpupool_session_memory_limit_bytes", tenant="contract") == pytest.approx(128 * 1024**2, rel=0.01)
+    # the one-op graph run_ops defined (1 input of 2 dimensions, 1 output; its op 1 argument and 1 output), as
+    # the daemon estimated it, and the default bound
+    graph = graph_build.host_bytes(1, 4, 0, 2)
+    assert value("gpupool_session_graph_memory_bytes", tenant="contract") == graph
+    assert value("gpupool_session_graph_memory_limit_bytes", tenant="contract") == 256 * 1024**2
     sched = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for fam in text_string_to_metric_families(scrapes.scheduler)
