@@ -236,7 +236,9 @@ def probe_graph_slots(address: str, key: bytes, rss: Any, graphs: int, inputs: i
                 out["refused"] = f"graph {g}: {exc.code.name}: {exc.message[:120]}"
                 break
             defined += 1
-            print(f"  slots: graph {g} ({msg.ByteSize()} bytes) defined in {time.perf_counter() - t0:.1f} s", flush=True)
+            print(
+                f"  slots: graph {g} ({msg.ByteSize()} bytes) defined in {time.perf_counter() - t0:.1f} s", flush=True
+            )
         out["graphs"] = defined
         out["MiB"] = (rss() - before) / MiB
         out["bytes_per_input"] = (rss() - before) / max(1, defined * inputs)

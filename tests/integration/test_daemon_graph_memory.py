@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
+from gpupool.server import graph_build
 from support import tls_channel
 
 from gpupool import errors, wire
 from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
-from gpupool.server import graph_build
 from gpupool.tokens import public_session_id
 
 MiB = 1024**2

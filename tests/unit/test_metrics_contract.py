@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 from gpupool.client.session import Session
+from gpupool.server import graph_build
 from prometheus_client.parser import text_string_to_metric_families
 from support import Program, tls_channel
 
 from gpupool import tokens
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc, tensor_pb2
-from gpupool.server import graph_build
 from gpupool.errors import InvalidArgument
 
 ROOT = Path(__file__).resolve().parents[2]
