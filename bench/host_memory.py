@@ -151,16 +151,9 @@ def measure(
         out["redefined_MiB"] = (rss() - base) / MiB
         if handles:
             before = rss()
-            big = s.upload(torch.zeros(min(handles, 65536)))
-            made = 0
-            try:
-                while made < handles:
-                    n = min(65536, handles - made)
-                    s.call("aten::split.Tensor", big, 1, outputs=n)
-                    s.sync()
-                    made += n
-            except GpupoolError as exc:
-                out["handles_refused"] = f"{exc.code.name}: {exc.message[:160]}"
+            made, refused = split_views(s, s.upload(torch.zeros(min(handles, 65536))), handles)
+            if refused:
+                out["handles_refused"] = refused
             out["handles"] = made
             out["bytes_per_handle"] = (rss() - before) / max(1, made)
     time.sleep(1.0)
@@ -180,27 +173,37 @@ def _attach(address: str, key: bytes, name: str) -> Any:
     return Session.attach(address, tokens.mint(key, claims))
 
 
+def split_views(s: Any, big: int, handles: int) -> tuple[int, str]:
+    """Up to `handles` handles of views of tensor `big` (65,536 elements along its first dimension: `split` into
+    65,536 views a call); returns how many were made and why the daemon refused more ("" if it did not)."""
+    from gpupool.errors import GpupoolError
+
+    made = 0
+    try:
+        while made < handles:
+            n = min(65536, handles - made)
+            s.call("aten::split.Tensor", big, 1, outputs=n)
+            s.sync()
+            made += n
+    except GpupoolError as exc:
+        return made, f"{exc.code.name}: {exc.message[:160]}"
+    return made, ""
+
+
 def probe_views(address: str, key: bytes, rss: Any, handles: int, dims: int) -> dict[str, Any]:
     """Handles of `dims`-dimensional views of one storage (`split` into 65,536 views a call): ~0 quota bytes each,
     their sizes and strides in host memory; until `--max-handles` refuses."""
     import torch
-
-    from gpupool.errors import GpupoolError
 
     out: dict[str, Any] = {}
     with _attach(address, key, "views") as s:
         big = s.upload(torch.zeros([65536] + [1] * (dims - 1)))
         s.sync()
         time.sleep(0.3)
-        before, made = rss(), 0
-        try:
-            while made < handles:
-                n = min(65536, handles - made)
-                s.call("aten::split.Tensor", big, 1, outputs=n)
-                s.sync()
-                made += n
-        except GpupoolError as exc:
-            out["refused"] = f"{exc.code.name}: {exc.message[:120]}"
+        before = rss()
+        made, refused = split_views(s, big, handles)
+        if refused:
+            out["refused"] = refused
         out["handles"] = made
         out["MiB"] = (rss() - before) / MiB
         out["bytes_per_handle"] = (rss() - before) / max(1, made)
