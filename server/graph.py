@@ -14,7 +14,9 @@ the device's accounting see what the steps need; each graph captured as a CUDA g
 (its private pool holds that memory from the capture on; a capture the quota has no room for is not made).
 The host memory a session's graphs hold (their prebuilt calls, slot tables and TorchScript graphs: ~5 KB an op,
 graph_build.host_bytes) is bounded apart from the quota, by the daemon's --max-graph-memory per session: a
-definition past it is refused before it is built (round 35; until then 32 graphs of 100,000 ops, 6-15 GiB).
+definition past it is refused before it is built (round 35; until then 32 graphs of 100,000 ops, 6-15 GiB); a
+limit of 0 turns capture off (every definition FAILED_PRECONDITION). The session's estimate is mirrored to the
+daemon with each slice's result (`WorkerSession.graph_bytes`): Status and the metrics show it.
 
 On CUDA devices a graph is additionally captured as a CUDA graph once it has run eagerly twice, where it can
 (graph_cuda.py: random ops in a session's own worker process, value guards that read only the run's inputs and

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
-from gpupool.server import graph_build
+from gpupool.server import cli, graph_build
 from support import tls_channel
 
 from gpupool import errors, wire
@@ -217,6 +217,9 @@ def test_max_graph_memory_0_turns_capture_off(daemon_factory: Any, isolation: st
     """`--max-graph-memory 0` means graph capture off (documented in --help, docs/operations.md): every definition is
     FAILED_PRECONDITION saying so (round 35 refused it as RESOURCE_EXHAUSTED "would hold about N bytes ... of its 0
     byte graph memory limit", as if dropping a graph could help); eager ops run as usual; Status shows the 0."""
+    parser = cli.build_parser()
+    assert parser.parse_args(["--max-graph-memory", "0"]).max_graph_memory == 0
+    assert "0 turns graph capture off" in " ".join(parser.format_help().split())
     d = daemon_factory(isolation=isolation, max_graph_memory=0)
     with Session.attach(d.address, d.token(tenant="a", quota_bytes=64 * MiB)) as s:
         x = Handle(s.upload(torch.ones(4)))
