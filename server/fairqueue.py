@@ -37,7 +37,7 @@ class Entry:
 
 # Bytes of commands a parked session (its replies unread: `block`) may have queued before its reader waits: its
 # commands cannot run until its client reads, and its full 64 MiB queue of 4 MiB uploads, with the 16 MiB of
-# replies it left unread and gRPC's buffers, held ~130-140 MiB of the daemon process a session (round 36,
+# replies it left unread and gRPC's buffers, held ~120-140 MiB of the daemon process a session (round 36,
 # bench/host_memory.py --probe queued; 64 sessions ~8.5 GiB outside every limit). Small commands (a checkpoint's
 # Gets) still queue up to `max_commands` while it is parked.
 PARKED_BYTES = 4 * 1024 * 1024
