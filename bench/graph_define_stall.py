@@ -7,6 +7,9 @@ B's downloads meanwhile, and B's median and longest download wait.
 
     nice -n 10 .venv/bin/python bench/graph_define_stall.py --against /work/wt/base \\
         --against-python /work/wt/base/.venv/bin/python
+
+`--inputs N` defines a graph of one op and N inputs instead (round 36: their meta tensors were built before the
+definition's first piece ended).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon_wire import alternate, downloads_while, loopback_keys, print_table, start_daemon, stop_all  # noqa: E402
 
 
-def stall(address: str, key: bytes, ops: int, name: str) -> dict[str, float]:
+def stall(address: str, key: bytes, ops: int, name: str, inputs: int = 0) -> dict[str, float]:
     import torch
     from gpupool.client.session import Session
 
@@ -36,6 +39,12 @@ def stall(address: str, key: bytes, ops: int, name: str) -> dict[str, float]:
         for i in range(ops)
     ]
     big = device_pb2.DefineGraph(graph_id=1, inputs=1, input_meta=[wire.meta_to_proto(x)], ops=body, outputs=[ops + 1])
+    if inputs:  # one op, `inputs` inputs of 4 dimensions (round 36: their meta tensors were one piece)
+        meta = wire.meta_to_proto(torch.ones(1, 1, 1, 4))
+        op = device_pb2.Op(name="aten::neg.default", args=[tensor_pb2.Arg(tensor=1)], outputs=[inputs + 1])
+        big = device_pb2.DefineGraph(
+            graph_id=1, inputs=inputs, input_meta=[meta] * inputs, ops=[op], outputs=[inputs + 1]
+        )
 
     def token(who: str) -> str:
         claims = tokens.TokenClaims(f"{name}-{who}", "bench", 0, 1 << 30, 1.0, time.time() + 3600, who)
@@ -61,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--inputs", type=int, default=0, help="instead: a graph of one op and this many inputs")
     parser.add_argument("--against", metavar="DIR", required=True, help="the other checkout (its daemon)")
     parser.add_argument("--against-python", default=sys.executable, help="the python that imports DIR's gpupool")
     args = parser.parse_args()
@@ -72,11 +82,14 @@ def main() -> None:
         }
         try:
             medians = alternate(
-                list(daemons), args.repeat, lambda name, i: stall(daemons[name][1], key, args.ops, f"{name}-{i}")
+                list(daemons),
+                args.repeat,
+                lambda name, i: stall(daemons[name][1], key, args.ops, f"{name}-{i}", args.inputs),
             )
         finally:
             stop_all([proc for proc, _ in daemons.values()])
-    print(f"{args.ops} ops, {args.repeat} run(s) each; medians over runs")
+    what = f"1 op and {args.inputs} inputs" if args.inputs else f"{args.ops} ops"
+    print(f"{what}, {args.repeat} run(s) each; medians over runs")
     print_table(
         medians,
         [("define s", "define_s", ".2f"), ("B downloads", "downloads", ".0f"), ("B median ms", "median_ms", ".1f"),

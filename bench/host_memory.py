@@ -28,6 +28,14 @@ from daemon_wire import loopback_keys, start_daemon, stop_all  # noqa: E402
 MiB = 1024**2
 
 
+def own_rss(pid: int) -> int:
+    """RSS of `pid` alone (the daemon process, without its zygote and session workers), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def tree_rss(pid: int) -> int:
     """RSS of `pid` and all its descendants, in bytes."""
     children: dict[int, list[int]] = {}
@@ -143,20 +151,146 @@ def measure(
         out["redefined_MiB"] = (rss() - base) / MiB
         if handles:
             before = rss()
-            big = s.upload(torch.zeros(min(handles, 65536)))
-            made = 0
-            try:
-                while made < handles:
-                    n = min(65536, handles - made)
-                    s.call("aten::split.Tensor", big, 1, outputs=n)
-                    s.sync()
-                    made += n
-            except GpupoolError as exc:
-                out["handles_refused"] = f"{exc.code.name}: {exc.message[:160]}"
+            made, refused = split_views(s, s.upload(torch.zeros(min(handles, 65536))), handles)
+            if refused:
+                out["handles_refused"] = refused
             out["handles"] = made
             out["bytes_per_handle"] = (rss() - before) / max(1, made)
     time.sleep(1.0)
     out["after_close_MiB"] = (rss() - base) / MiB
+    return out
+
+
+# ---- round 36 (quota36): the other ways a client makes a daemon hold host memory, one probe each ----
+
+
+def _attach(address: str, key: bytes, name: str) -> Any:
+    from gpupool.client.session import Session
+
+    from gpupool import tokens
+
+    claims = tokens.TokenClaims(f"{name}-lease", "bench", 0, 64 * MiB, 1.0, time.time() + 3600, name)
+    return Session.attach(address, tokens.mint(key, claims))
+
+
+def split_views(s: Any, big: int, handles: int) -> tuple[int, str]:
+    """Up to `handles` handles of views of tensor `big` (65,536 elements along its first dimension: `split` into
+    65,536 views a call); returns how many were made and why the daemon refused more ("" if it did not)."""
+    from gpupool.errors import GpupoolError
+
+    made = 0
+    try:
+        while made < handles:
+            n = min(65536, handles - made)
+            s.call("aten::split.Tensor", big, 1, outputs=n)
+            s.sync()
+            made += n
+    except GpupoolError as exc:
+        return made, f"{exc.code.name}: {exc.message[:160]}"
+    return made, ""
+
+
+def probe_views(address: str, key: bytes, rss: Any, handles: int, dims: int) -> dict[str, Any]:
+    """Handles of `dims`-dimensional views of one storage (`split` into 65,536 views a call): ~0 quota bytes each,
+    their sizes and strides in host memory; until `--max-handles` refuses."""
+    import torch
+
+    out: dict[str, Any] = {}
+    with _attach(address, key, "views") as s:
+        big = s.upload(torch.zeros([65536] + [1] * (dims - 1)))
+        s.sync()
+        time.sleep(0.3)
+        before = rss()
+        made, refused = split_views(s, big, handles)
+        if refused:
+            out["refused"] = refused
+        out["handles"] = made
+        out["MiB"] = (rss() - before) / MiB
+        out["bytes_per_handle"] = (rss() - before) / max(1, made)
+    return out
+
+
+def probe_graph_slots(address: str, key: bytes, rss: Any, graphs: int, inputs: int) -> dict[str, Any]:
+    """Graphs of one op and `inputs` inputs of 4 dimensions each (~9 bytes an input on the wire): what the slots of
+    a small graph hold (until round 36 outside the estimate), up to a session's 32 graphs."""
+    import torch
+
+    from gpupool import wire
+    from gpupool._proto import device_pb2, tensor_pb2
+    from gpupool.errors import GpupoolError
+
+    out: dict[str, Any] = {}
+    meta = wire.meta_to_proto(torch.ones(1, 1, 1, 4))
+    with _attach(address, key, "slots") as s:
+        s.upload(torch.ones(4))
+        s.sync()
+        time.sleep(0.3)
+        before, defined = rss(), 0
+        for g in range(1, graphs + 1):
+            op = device_pb2.Op(name="aten::neg.default", args=[tensor_pb2.Arg(tensor=1)], outputs=[inputs + 1])
+            msg = device_pb2.DefineGraph(
+                graph_id=g, inputs=inputs, input_meta=[meta] * inputs, ops=[op], outputs=[inputs + 1]
+            )
+            t0 = time.perf_counter()
+            try:
+                s.define_graph(msg)
+                s.sync()
+            except GpupoolError as exc:
+                out["refused"] = f"graph {g}: {exc.code.name}: {exc.message[:120]}"
+                break
+            defined += 1
+            print(
+                f"  slots: graph {g} ({msg.ByteSize()} bytes) defined in {time.perf_counter() - t0:.1f} s", flush=True
+            )
+        out["graphs"] = defined
+        out["MiB"] = (rss() - before) / MiB
+        out["bytes_per_input"] = (rss() - before) / max(1, defined * inputs)
+    return out
+
+
+def probe_queued(address: str, key: bytes, rss: Any, frames: int, daemon_rss: Any) -> dict[str, Any]:
+    """A raw stream that asks for twenty 4 MiB downloads and reads nothing (its session parks at its unread-reply
+    limit), then sends `frames` frames of 4 MiB uploads that cannot run: what the daemon holds of replies never
+    read and of commands queued behind them (the fair queue's 64 MiB a session, then gRPC's window)."""
+    import threading
+
+    from gpupool import tls, tokens
+    from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
+
+    out: dict[str, Any] = {}
+    claims = tokens.TokenClaims("queued-lease", "bench", 0, 64 * MiB, 1.0, time.time() + 3600, "queued")
+    channel = tls.channel(address, [("grpc.max_receive_message_length", 64 * MiB)])
+    reply = device_pb2_grpc.DeviceStub(channel).Attach(device_pb2.AttachRequest(token=tokens.mint(key, claims)))
+    x = reply.handle_base + 1
+    meta = tensor_pb2.TensorMeta(dtype=tensor_pb2.DTYPE_UINT8, shape=[4 * MiB])
+    up = device_pb2.Upload(handle=x, meta=meta, data=b"\7" * (4 * MiB), last=True)
+    gets = [device_pb2.Command(get=device_pb2.Get(request_id=i, handle=x)) for i in range(1, 21)]
+    sent = [0]
+    release = threading.Event()
+    before, before_daemon = rss(), daemon_rss()
+
+    def gen() -> Any:
+        yield device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString()
+        yield device_pb2.ClientFrame(commands=gets).SerializeToString()
+        for i in range(frames):  # uploads of a handle that cannot run while the session is parked
+            more = device_pb2.Upload(handle=x + 1 + i, meta=meta, data=b"\1" * (4 * MiB), last=True)
+            yield device_pb2.ClientFrame(commands=[device_pb2.Command(upload=more)]).SerializeToString()
+            sent[0] += 1
+        release.wait(120)
+
+    stream = channel.stream_stream("/gpupool.v1.Device/Stream", None, device_pb2.ServerFrame.FromString)
+    call = stream(gen(), metadata=(("gpupool-session", reply.session_id),), timeout=300)
+    last, still = -1, 0
+    while still < 6:  # until the client could hand nothing more for 3 s
+        time.sleep(0.5)
+        still = still + 1 if sent[0] == last else 0
+        last = sent[0]
+    out["frames_taken"] = sent[0]
+    out["MiB"] = (rss() - before) / MiB
+    out["daemon_process_MiB"] = (daemon_rss() - before_daemon) / MiB
+    call.cancel()
+    release.set()
+    channel.close()
     return out
 
 
@@ -170,6 +304,17 @@ def main() -> None:
     parser.add_argument("--against", metavar="DIR", default="", help="another checkout (its daemon) to measure too")
     parser.add_argument("--against-python", default=sys.executable, help="the python that imports DIR's gpupool")
     parser.add_argument("--serve-args", default="", help="more `gpupool serve` flags for this tree's daemon")
+    parser.add_argument(
+        "--probe",
+        default="graphs",
+        choices=["graphs", "views", "graph-slots", "queued"],
+        help="graphs: captured graphs and handles (round 35); views: handles of --dims-dimensional views; "
+        "graph-slots: --graphs graphs of one op and --inputs inputs; queued: replies never read and 4 MiB uploads "
+        "queued behind them (--frames)",
+    )
+    parser.add_argument("--dims", type=int, default=64)
+    parser.add_argument("--inputs", type=int, default=200_000)
+    parser.add_argument("--frames", type=int, default=40)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         key, key_file = loopback_keys(tmp)
@@ -179,9 +324,15 @@ def main() -> None:
         for name, python, cwd, extra in trees:
             proc, address = start_daemon(key_file, "--isolation", args.isolation, *extra, python=python, cwd=cwd)
             try:
-                got = measure(
-                    address, key, lambda p=proc.pid: tree_rss(p), args.ops, args.graphs, args.handles, name, args.width
-                )
+                rss = lambda p=proc.pid: tree_rss(p)  # noqa: E731
+                if args.probe == "views":
+                    got = probe_views(address, key, rss, args.handles, args.dims)
+                elif args.probe == "graph-slots":
+                    got = probe_graph_slots(address, key, rss, args.graphs, args.inputs)
+                elif args.probe == "queued":
+                    got = probe_queued(address, key, rss, args.frames, lambda p=proc.pid: own_rss(p))
+                else:
+                    got = measure(address, key, rss, args.ops, args.graphs, args.handles, name, args.width)
             finally:
                 stop_all([proc])
             print(f"{name} ({args.isolation}): " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"

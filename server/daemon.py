@@ -602,7 +602,7 @@ class Daemon:
         slice is booked (`seconds`) before its replies are queued."""
         self._set_used(s, min(res.used, s.quota))
         ops = max(0, res.ops - s.ops)
-        s.ops, s.handles = max(s.ops, res.ops), res.handles
+        s.ops, s.handles, s.graph_bytes = max(s.ops, res.ops), res.handles, res.graph_bytes
         s.busy_seconds += seconds
         self.ledger.slice_done(s, ops, res.errors, res.uploaded, res.downloaded, res.events, seconds)
         s.error_pending = res.error_pending
@@ -709,6 +709,8 @@ class Daemon:
                 ops=s.ops,
                 worker_pid=s.worker_pid,
                 handles=s.handles,
+                graph_bytes=s.graph_bytes,
+                graph_limit_bytes=self.config.max_graph_memory,
             )
             for s in self.session_list()
         ]

@@ -35,6 +35,14 @@ class Entry:
         self.contended = False  # while it runs: another session of the device has work queued (`FairQueue.contend`)
 
 
+# Bytes of commands a parked session (its replies unread: `block`) may have queued before its reader waits: its
+# commands cannot run until its client reads, and its full 64 MiB queue of 4 MiB uploads, with the 16 MiB of
+# replies it left unread and gRPC's buffers, held ~120-140 MiB of the daemon process a session (round 36,
+# bench/host_memory.py --probe queued; 64 sessions ~8.5 GiB outside every limit). Small commands (a checkpoint's
+# Gets) still queue up to `max_commands` while it is parked.
+PARKED_BYTES = 4 * 1024 * 1024
+
+
 class FairQueue:
     def __init__(self, max_commands: int = 8192, max_bytes: int = 64 * 1024 * 1024) -> None:
         self._cond = threading.Condition()
@@ -77,7 +85,10 @@ class FairQueue:
                 not entry.closed
                 and not self._stopped
                 and entry.commands
-                and (entry.commands + len(commands) > self.max_commands or entry.nbytes + nbytes > self.max_bytes)
+                and (
+                    entry.commands + len(commands) > self.max_commands
+                    or entry.nbytes + nbytes > (PARKED_BYTES if entry.blocked else self.max_bytes)
+                )
             ):
                 self._cond.wait()
             if entry.closed or self._stopped:

@@ -99,6 +99,7 @@ class FrontSession:
         self.used = 0
         self.ops = 0
         self.handles = 0
+        self.graph_bytes = 0  # host memory of its captured graphs, estimated (--max-graph-memory)
         self.busy_seconds = 0.0
         self.closed = False
         self.close_reason = ""

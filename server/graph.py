@@ -14,7 +14,9 @@ the device's accounting see what the steps need; each graph captured as a CUDA g
 (its private pool holds that memory from the capture on; a capture the quota has no room for is not made).
 The host memory a session's graphs hold (their prebuilt calls, slot tables and TorchScript graphs: ~5 KB an op,
 graph_build.host_bytes) is bounded apart from the quota, by the daemon's --max-graph-memory per session: a
-definition past it is refused before it is built (round 35; until then 32 graphs of 100,000 ops, 6-15 GiB).
+definition past it is refused before it is built (round 35; until then 32 graphs of 100,000 ops, 6-15 GiB); a
+limit of 0 turns capture off (every definition FAILED_PRECONDITION). The session's estimate is mirrored to the
+daemon with each slice's result (`WorkerSession.graph_bytes`): Status and the metrics show it.
 
 On CUDA devices a graph is additionally captured as a CUDA graph once it has run eagerly twice, where it can
 (graph_cuda.py: random ops in a session's own worker process, value guards that read only the run's inputs and
@@ -36,7 +38,7 @@ import torch
 
 from gpupool import wire
 from gpupool._proto import device_pb2
-from gpupool.errors import GpupoolError, InvalidArgument, NotFound
+from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument, NotFound
 
 from . import graph_cuda, graph_trace, slices, staging
 from .graph_build import GATHER, ONE, STEP_ERRORS, Graph, Host, building, flat, step_error
@@ -133,11 +135,16 @@ class GraphTable:
         graphs = self._of(s)
         pending = s.defining
         if pending is None or pending.msg.graph_id != msg.graph_id or len(pending.msg.ops) != len(msg.ops):
+            if s.max_graph_bytes <= 0:
+                raise FailedPrecondition(
+                    "graph capture is off on this daemon (--max-graph-memory 0): run the step eagerly"
+                )
             replaced = msg.graph_id in graphs
             if not replaced and len(graphs) >= MAX_GRAPHS:
                 raise InvalidArgument(f"a session holds at most {MAX_GRAPHS} graphs; drop one first")
             old = graphs.pop(msg.graph_id, None)
-            room = s.max_graph_bytes - sum(g.host_bytes for g in graphs.values())  # the replaced graph's is free
+            s.graph_bytes = sum(g.host_bytes for g in graphs.values())  # the replaced graph's is free
+            room = s.max_graph_bytes - s.graph_bytes
             pending = s.defining = Defining(msg, building(self.host, s, msg, room), old is not None)
         s.defining = None
         try:
@@ -150,6 +157,7 @@ class GraphTable:
             self._reserve(s, graphs)  # the replaced graph is gone either way
             raise
         graphs[msg.graph_id] = g
+        s.graph_bytes += g.host_bytes
         event = "rerecorded" if pending.replaced else "defined"
         self.host.ledger.graph(s, event)
         g.cuda_verdict = graph_cuda.verdict(self.host, g)  # decided for every device: fake GPUs log it too
@@ -171,7 +179,9 @@ class GraphTable:
 
     def drop(self, s: WorkerSession, msg: device_pb2.DropGraph) -> None:
         graphs = self._of(s)
-        if graphs.pop(msg.graph_id, None) is not None:
+        g = graphs.pop(msg.graph_id, None)
+        if g is not None:
+            s.graph_bytes -= g.host_bytes
             self._reserve(s, graphs)
             self.host.ledger.graph(s, "dropped")
 

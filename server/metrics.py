@@ -187,12 +187,25 @@ class DaemonCollector(Collector):
         s_used = GaugeMetricFamily("gpupool_session_memory_used_bytes", "Memory used by a session", labels=labels)
         s_limit = GaugeMetricFamily("gpupool_session_memory_limit_bytes", "Memory quota of a session", labels=labels)
         s_share = GaugeMetricFamily("gpupool_session_share", "Compute share of a session", labels=labels)
+        s_graph = GaugeMetricFamily(
+            "gpupool_session_graph_memory_bytes",
+            "Host memory a session's captured graphs hold, estimated",
+            labels=labels,
+        )
+        s_graph_limit = GaugeMetricFamily(
+            "gpupool_session_graph_memory_limit_bytes",
+            "A session's bound on its captured graphs' host memory (--max-graph-memory; 0: capture off)",
+            labels=labels,
+        )
+        graph_limit = d.config.max_graph_memory
         for s in sessions:
             values = [host, str(s.device.index), s.device.uuid, s.tenant, s.lease_id]
             s_used.add_metric(values, s.used)
             s_limit.add_metric(values, s.quota)
             s_share.add_metric(values, s.share)
-        yield from (s_used, s_limit, s_share)
+            s_graph.add_metric(values, s.graph_bytes)
+            s_graph_limit.add_metric(values, graph_limit)
+        yield from (s_used, s_limit, s_share, s_graph, s_graph_limit)
 
         tlabels = ["host", "device", "UUID", "tenant"]
         t_busy = CounterMetricFamily(

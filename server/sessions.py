@@ -105,6 +105,7 @@ class WorkerSession:
         self.quota = quota
         self.max_handles = max_handles
         self.max_graph_bytes = max_graph_bytes  # host memory of its graphs (server/graph.py `GraphTable.define`)
+        self.graph_bytes = 0  # what its graphs hold of it, estimated (mirrored to the daemon: Status, metrics)
         # Most multiply-adds one op may do (cost.py): 0 picks the device kind's default.
         self.max_op_flops = max_op_flops or (FAKE_GPU_FLOPS if device.fake else REAL_GPU_FLOPS)
         self.lock = threading.RLock()

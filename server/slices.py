@@ -265,8 +265,8 @@ def is_ping(body: bytes | bytearray | memoryview) -> bool:
 
 # ---- worker -> daemon ----
 
-# executed, seconds, used, ops, handles, uploaded, downloaded, n errors, n events, n replies, flags
-_RES = struct.Struct("<IdqqqqqHHIB")
+# executed, seconds, used, ops, handles, graph bytes, uploaded, downloaded, n errors, n events, n replies, flags
+_RES = struct.Struct("<IdqqqqqqHHIB")
 _ERROR_PENDING = 1  # flags: the session holds an error for its next Sync
 _PARTIAL = 2  # flags: the command after the executed ones (a Get, a DefineGraph) did a piece, continues next slice
 _BUSY = 4  # flags: slices of the session may still run on its GPU (devices.SliceTimer: their time comes later)
@@ -292,6 +292,7 @@ class SliceResult:
     error_pending: bool = False  # an error waits for the next Sync (else the daemon may answer a Sync itself)
     partial: bool = False  # command `executed` (a big Get, a DefineGraph) did a piece of its work and must run again
     busy: bool = False  # its GPU may still run the session's slices (a CUDA device's run-ahead: devices.SliceTimer)
+    graph_bytes: int = 0  # host memory its captured graphs hold, estimated (--max-graph-memory; Status, metrics)
 
 
 def _head(r: SliceResult) -> tuple[Any, ...]:
@@ -302,6 +303,7 @@ def _head(r: SliceResult) -> tuple[Any, ...]:
         r.used,
         r.ops,
         r.handles,
+        r.graph_bytes,
         r.uploaded,
         r.downloaded,
         len(r.errors),
@@ -376,8 +378,8 @@ def decode_result(body: bytes | bytearray | memoryview, commands: int, slot: mem
     """Parse a worker's result; raises ValueError on anything malformed or impossible. `slot`: the download
     slot the slice was given; side chunks (`SideChunk`) must lie inside it, in order, without overlapping."""
     view = memoryview(body)
-    executed, seconds, used, ops, handles, up, down, n_err, n_ev, n_rep, flags = _RES.unpack_from(view, 0)
-    if executed > commands or not 0.0 <= seconds < 1e6 or min(used, ops, handles, up, down) < 0:
+    executed, seconds, used, ops, handles, graphs, up, down, n_err, n_ev, n_rep, flags = _RES.unpack_from(view, 0)
+    if executed > commands or not 0.0 <= seconds < 1e6 or min(used, ops, handles, graphs, up, down) < 0:
         raise ValueError("impossible slice result")
     pos = _RES.size
     errors: dict[StatusCode, int] = {}
@@ -444,6 +446,7 @@ def decode_result(body: bytes | bytearray | memoryview, commands: int, slot: mem
         bool(flags & _ERROR_PENDING),
         partial,
         bool(flags & _BUSY),
+        graphs,
     )
 
 
@@ -662,6 +665,7 @@ def _result(
         session.error is not None,
         partial,
         busy,
+        session.graph_bytes,
     )
 
 

@@ -223,6 +223,8 @@ class SessionUsage(_message.Message):
     OPS_FIELD_NUMBER: _builtins.int
     WORKER_PID_FIELD_NUMBER: _builtins.int
     HANDLES_FIELD_NUMBER: _builtins.int
+    GRAPH_BYTES_FIELD_NUMBER: _builtins.int
+    GRAPH_LIMIT_BYTES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """the public tag (gpupool.tokens.public_session_id), never the session's secret id"""
     lease_id: _builtins.str
@@ -237,6 +239,11 @@ class SessionUsage(_message.Message):
     """the session's worker process (0: run in the daemon, --isolation thread)"""
     handles: _builtins.int
     """handles the session holds (live and failed), counted against --max-handles"""
+    graph_bytes: _builtins.int
+    """host memory its captured graphs hold in all, estimated (graph_build.host_bytes), and the daemon's bound on it
+    (--max-graph-memory; 0: graph capture is off on this daemon)
+    """
+    graph_limit_bytes: _builtins.int
     def __init__(
         self,
         *,
@@ -251,10 +258,12 @@ class SessionUsage(_message.Message):
         ops: _builtins.int = ...,
         worker_pid: _builtins.int = ...,
         handles: _builtins.int = ...,
+        graph_bytes: _builtins.int = ...,
+        graph_limit_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_seconds", b"busy_seconds", "device", b"device", "handles", b"handles", "lease_id", b"lease_id", "limit_bytes", b"limit_bytes", "ops", b"ops", "session_id", b"session_id", "share", b"share", "tenant", b"tenant", "used_bytes", b"used_bytes", "worker_pid", b"worker_pid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_seconds", b"busy_seconds", "device", b"device", "graph_bytes", b"graph_bytes", "graph_limit_bytes", b"graph_limit_bytes", "handles", b"handles", "lease_id", b"lease_id", "limit_bytes", b"limit_bytes", "ops", b"ops", "session_id", b"session_id", "share", b"share", "tenant", b"tenant", "used_bytes", b"used_bytes", "worker_pid", b"worker_pid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

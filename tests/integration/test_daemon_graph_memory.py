@@ -12,9 +12,12 @@ from typing import Any
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
+from gpupool.server import cli, graph_build
+from support import tls_channel
 
 from gpupool import errors, wire
-from gpupool._proto import device_pb2, tensor_pb2
+from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
+from gpupool.tokens import public_session_id
 
 MiB = 1024**2
 BOUND = 8 * MiB  # ~1,650 ops of a `neg` chain (graph_build.host_bytes: ~5.1 KB an op)
@@ -39,6 +42,13 @@ def _run(s: Session, graph_id: int, x: Handle) -> torch.Tensor:
     got = s.download(Handle(y))
     s.free([y])
     return got
+
+
+def usage(address: str, s: Session) -> device_pb2.SessionUsage:
+    """The session's row of the daemon's Status."""
+    with tls_channel(address) as ch:
+        reply = device_pb2_grpc.DeviceStub(ch).Status(device_pb2.StatusRequest(), timeout=10)
+    return next(u for u in reply.sessions if u.session_id == public_session_id(s.session_id))
 
 
 def _tree_rss() -> int:
@@ -123,3 +133,105 @@ def _run_defined(s: Session, graph_id: int, x: Handle) -> torch.Tensor:
     for _ in range(2):
         _run(s, graph_id, x)
     return _run(s, graph_id, x)
+
+
+def _wide(graph_id: int, inputs: int = 0, persistent: list[int] | None = None) -> device_pb2.DefineGraph:
+    """One `neg` of slot 1 in a graph of `inputs` inputs (4 dimensions each) and `persistent` tensors: a graph of
+    one op whose slots hold the memory."""
+    meta = wire.meta_to_proto(torch.ones(1, 1, 1, 4))
+    after = inputs + len(persistent or []) + 1
+    return device_pb2.DefineGraph(
+        graph_id=graph_id,
+        inputs=inputs,
+        input_meta=[meta] * inputs,
+        persistent=persistent or [],
+        ops=[device_pb2.Op(name="aten::neg.default", args=[tensor_pb2.Arg(tensor=1)], outputs=[after])],
+        outputs=[after],
+    )
+
+
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_a_graphs_inputs_and_persistent_tensors_count_in_its_host_memory(daemon_factory: Any, isolation: str) -> None:
+    """Round 36: the estimate counted a graph's ops and their references only; a graph of one op and 1,000,000
+    inputs (10 MB on the wire) was 5,080 bytes and held ~140-190 MiB of an `--isolation thread` daemon (32 of them a
+    session, with their meta tensors built as one piece of seconds on the device's thread). Now its inputs,
+    persistent tensors, outputs and writes are references, an input's dimensions count, and the definition is
+    refused from its counts before any input's metadata is read (on the old daemon every graph below was defined)."""
+    d = daemon_factory(isolation=isolation, max_graph_memory=BOUND)
+    with (
+        Session.attach(d.address, d.token(tenant="hostile", quota_bytes=64 * MiB)) as s,
+        Session.attach(d.address, d.token(tenant="neighbour", quota_bytes=64 * MiB)) as n,
+    ):
+        x = s.upload(torch.ones(1, 1, 1, 4))
+        for g, msg in enumerate((_wide(1, inputs=12_000), _wide(2, inputs=1, persistent=[x] * 12_000)), 1):
+            assert msg.ByteSize() < 400_000  # small on the wire
+            s.define_graph(msg)
+            with pytest.raises(errors.ResourceExhausted, match="--max-graph-memory") as refused:
+                s.sync()
+            # refused from its counts alone: the op, its graph's 12,000 inputs (or persistent tensors) and 1 output
+            assert f"about {graph_build.host_bytes(1, 12_000 + g)} bytes" in refused.value.message
+            _neighbour_computes(n, g)
+        # one of a size the bound holds is defined, runs, and its estimate is what the session holds
+        fits = _wide(3, inputs=2_000)
+        s.define_graph(fits)
+        s.sync()
+        y = s.new_handle()
+        s.run_graph(3, [x] * 2_000, [y])
+        assert torch.equal(s.download(Handle(y)), -torch.ones(1, 1, 1, 4))
+        assert usage(d.address, s).graph_bytes == graph_build.host_bytes(1, 2_003, 0, 8_000)
+
+
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_status_shows_each_sessions_graph_memory_and_its_bound(daemon_factory: Any, isolation: str) -> None:
+    """Round 36: a session's graph memory was in the definition's log line only. Status shows each session's
+    estimate (the sum over its graphs, as --max-graph-memory counts it) and the bound; a dropped graph's share
+    goes; the neighbour's is its own."""
+    d = daemon_factory(isolation=isolation, max_graph_memory=BOUND)
+    one = graph_build.host_bytes(OPS, 2 * OPS + 2, 0, 1)  # each op 1 argument, 1 output; 1 input, 1 output
+    with (
+        Session.attach(d.address, d.token(tenant="a", quota_bytes=64 * MiB)) as s,
+        Session.attach(d.address, d.token(tenant="b", quota_bytes=64 * MiB)) as n,
+    ):
+        x = Handle(s.upload(torch.ones(4)))
+        got = usage(d.address, s)
+        assert (got.graph_bytes, got.graph_limit_bytes) == (0, BOUND)
+        s.define_graph(_chain(1))
+        s.define_graph(_chain(2, OPS // 2))
+        s.sync()
+        assert torch.equal(_run(s, 1, x), torch.ones(4))
+        half = graph_build.host_bytes(OPS // 2, OPS + 2, 0, 1)
+        got = usage(d.address, s)
+        assert (got.graph_bytes, got.graph_limit_bytes) == (one + half, BOUND)
+        _neighbour_computes(n, 1)
+        assert usage(d.address, n).graph_bytes == 0
+        s.drop_graph(1)
+        s.sync()
+        assert usage(d.address, s).graph_bytes == half
+        s.define_graph(_chain(2))  # replaced: the old one's share goes
+        s.sync()
+        assert usage(d.address, s).graph_bytes == one
+
+
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_max_graph_memory_0_turns_capture_off(daemon_factory: Any, isolation: str) -> None:
+    """`--max-graph-memory 0` means graph capture off (documented in --help, docs/operations.md): every definition is
+    FAILED_PRECONDITION saying so (round 35 refused it as RESOURCE_EXHAUSTED "would hold about N bytes ... of its 0
+    byte graph memory limit", as if dropping a graph could help); eager ops run as usual; Status shows the 0."""
+    parser = cli.build_parser()
+    assert parser.parse_args(["--max-graph-memory", "0"]).max_graph_memory == 0
+    assert "0 turns graph capture off" in " ".join(parser.format_help().split())
+    d = daemon_factory(isolation=isolation, max_graph_memory=0)
+    with Session.attach(d.address, d.token(tenant="a", quota_bytes=64 * MiB)) as s:
+        x = Handle(s.upload(torch.ones(4)))
+        for graph in (_chain(1, 2), _wide(2)):
+            s.define_graph(graph)
+            with pytest.raises(errors.FailedPrecondition, match="capture is off.*--max-graph-memory 0"):
+                s.sync()
+        y = s.new_handle()
+        s.run_graph(1, [x], [y])
+        with pytest.raises(errors.NotFound):
+            s.sync()
+        [h] = s.call("aten::neg.default", x)
+        assert torch.equal(s.download(Handle(h)), -torch.ones(4))
+        got = usage(d.address, s)
+        assert (got.graph_bytes, got.graph_limit_bytes) == (0, 0)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from gpupool.client.session import Session
+from gpupool.server import graph_build
 from prometheus_client.parser import text_string_to_metric_families
 from support import Program, tls_channel
 
@@ -257,6 +258,11 @@ def test_scrape_reflects_the_session(scrapes: Scrapes) -> None:
     assert value("gpupool_transfer_bytes_total", direction="download") >= 64
     assert value("gpupool_session_share", tenant="contract") == pytest.approx(0.5)
     assert value("gpupool_session_memory_limit_bytes", tenant="contract") == pytest.approx(128 * 1024**2, rel=0.01)
+    # the one-op graph run_ops defined (1 input of 2 dimensions, 1 output; its op 1 argument and 1 output), as
+    # the daemon estimated it, and the default bound
+    graph = graph_build.host_bytes(1, 4, 0, 2)
+    assert value("gpupool_session_graph_memory_bytes", tenant="contract") == graph
+    assert value("gpupool_session_graph_memory_limit_bytes", tenant="contract") == 256 * 1024**2
     sched = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for fam in text_string_to_metric_families(scrapes.scheduler)

@@ -58,6 +58,7 @@ def test_results_round_trip_and_lies_are_refused() -> None:
     r = slices.SliceResult(
         3, 0.25, 100, 5, 7, 1, 2, {StatusCode.INVALID_ARGUMENT: 1}, {"replayed": 2}, [b"frame", [b"a", b"bb"]]
     )
+    r.graph_bytes = 5_080  # its graphs' host memory (Status, metrics)
     body = b"".join(slices.encode_result(r))[4:]
     r.replies = [b"frame", b"a", b"bb"]  # a download's frames come back one by one (each its own outbox item)
     assert slices.decode_result(body, 3) == r
