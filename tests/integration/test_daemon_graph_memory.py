@@ -150,6 +150,13 @@ def _wide(graph_id: int, inputs: int = 0, persistent: list[int] | None = None) -
     )
 
 
+def _estimate(ops: int, op_refs: int, inputs: int, dims: int, outputs: int = 1) -> int:
+    """graph_build's estimate of a graph of `ops` ops holding `op_refs` references, `inputs` inputs and persistent
+    tensors of `dims` dimensions in all (0: refused from the counts, before any metadata was read) and `outputs`."""
+    held = graph_build.INPUT_BYTES * inputs + graph_build.REF_BYTES * outputs + graph_build.DIM_BYTES * dims
+    return graph_build.host_bytes(ops, op_refs, held)
+
+
 @pytest.mark.parametrize("isolation", ["process", "thread"])
 def test_a_graphs_inputs_and_persistent_tensors_count_in_its_host_memory(daemon_factory: Any, isolation: str) -> None:
     """Round 36: the estimate counted a graph's ops and their references only; a graph of one op and 1,000,000
@@ -169,7 +176,7 @@ def test_a_graphs_inputs_and_persistent_tensors_count_in_its_host_memory(daemon_
             with pytest.raises(errors.ResourceExhausted, match="--max-graph-memory") as refused:
                 s.sync()
             # refused from its counts alone: the op, its graph's 12,000 inputs (or persistent tensors) and 1 output
-            assert f"about {graph_build.host_bytes(1, 12_000 + g)} bytes" in refused.value.message
+            assert f"about {_estimate(1, 0, 12_000 + g - 1, 0)} bytes" in refused.value.message
             _neighbour_computes(n, g)
         # one of a size the bound holds is defined, runs, and its estimate is what the session holds
         fits = _wide(3, inputs=2_000)
@@ -178,7 +185,7 @@ def test_a_graphs_inputs_and_persistent_tensors_count_in_its_host_memory(daemon_
         y = s.new_handle()
         s.run_graph(3, [x] * 2_000, [y])
         assert torch.equal(s.download(Handle(y)), -torch.ones(1, 1, 1, 4))
-        assert usage(d.address, s).graph_bytes == graph_build.host_bytes(1, 2_003, 0, 8_000)
+        assert usage(d.address, s).graph_bytes == _estimate(1, 2, 2_000, 8_000)
 
 
 @pytest.mark.parametrize("isolation", ["process", "thread"])
@@ -187,7 +194,7 @@ def test_status_shows_each_sessions_graph_memory_and_its_bound(daemon_factory: A
     estimate (the sum over its graphs, as --max-graph-memory counts it) and the bound; a dropped graph's share
     goes; the neighbour's is its own."""
     d = daemon_factory(isolation=isolation, max_graph_memory=BOUND)
-    one = graph_build.host_bytes(OPS, 2 * OPS + 2, 0, 1)  # each op 1 argument, 1 output; 1 input, 1 output
+    one = _estimate(OPS, 2 * OPS, 1, 1)  # each op 1 argument, 1 output; 1 input of 1 dimension, 1 output
     with (
         Session.attach(d.address, d.token(tenant="a", quota_bytes=64 * MiB)) as s,
         Session.attach(d.address, d.token(tenant="b", quota_bytes=64 * MiB)) as n,
@@ -199,7 +206,7 @@ def test_status_shows_each_sessions_graph_memory_and_its_bound(daemon_factory: A
         s.define_graph(_chain(2, OPS // 2))
         s.sync()
         assert torch.equal(_run(s, 1, x), torch.ones(4))
-        half = graph_build.host_bytes(OPS // 2, OPS + 2, 0, 1)
+        half = _estimate(OPS // 2, OPS, 1, 1)
         got = usage(d.address, s)
         assert (got.graph_bytes, got.graph_limit_bytes) == (one + half, BOUND)
         _neighbour_computes(n, 1)

@@ -260,7 +260,8 @@ def test_scrape_reflects_the_session(scrapes: Scrapes) -> None:
     assert value("gpupool_session_memory_limit_bytes", tenant="contract") == pytest.approx(128 * 1024**2, rel=0.01)
     # the one-op graph run_ops defined (1 input of 2 dimensions, 1 output; its op 1 argument and 1 output), as
     # the daemon estimated it, and the default bound
-    graph = graph_build.host_bytes(1, 4, 0, 2)
+    held = graph_build.INPUT_BYTES + graph_build.REF_BYTES + 2 * graph_build.DIM_BYTES
+    graph = graph_build.host_bytes(1, 2, held)
     assert value("gpupool_session_graph_memory_bytes", tenant="contract") == graph
     assert value("gpupool_session_graph_memory_limit_bytes", tenant="contract") == 256 * 1024**2
     sched = {
