@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import functools
+import inspect
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +36,8 @@ from torch.distributed.constants import default_pg_timeout
 from gpupool._proto import device_pb2
 from gpupool.errors import InvalidArgument
 from gpupool.tokens import unverified_claim
+
+from . import fsdp, funcol
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,21 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
         super().__init__(rank, size)  # type: ignore[call-arg]
         self._rank, self._size = rank, size
         self._rt = runtime
+        self._name, self._desc = "", ""
+
+    # torch keeps a group's name in its C++ backends, and this group has none (it is the whole process group):
+    # without these, `group_name` raised "ProcessGroup name not set" (DeviceMesh, functional collectives, FSDP2)
+    def getGroupName(self) -> str:  # noqa: N802 - torch's name
+        return self._name
+
+    def setGroupName(self, name: str) -> None:  # noqa: N802
+        self._name = name
+
+    def getGroupDesc(self) -> str:  # noqa: N802
+        return self._desc
+
+    def setGroupDesc(self, desc: str) -> None:  # noqa: N802
+        self._desc = desc
 
     def getBackendName(self) -> str:  # noqa: N802 - torch's name
         return BACKEND
@@ -114,6 +134,10 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
     def _reduce_scatter_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> _Done:  # noqa: A002
         self._send("reduce_scatter", [output], [input], op=_op(opts))
         return _Done(output)
+
+    # torch >= 2.12's names of the two (all_gather_into_tensor, reduce_scatter_tensor: FSDP2's collectives)
+    all_gather_single = _allgather_base
+    reduce_scatter_single = _reduce_scatter_base
 
     def barrier(self, opts: Any = None) -> _Done:
         self._send("barrier", [], [])
@@ -166,8 +190,12 @@ def _op(opts: Any) -> str:
     raise InvalidArgument(f"reduce op {op} is not supported by the gpupool backend (sum, avg, product, min, max)")
 
 
-def _own_device(rank: int, devices: int, current: int) -> tuple[int, int]:
+def _own_device(rank: int, devices: int, current: int, named: int | None = None) -> tuple[int, int]:
     """This rank's device: (its gpupool index in this process, its index in the lease).
+
+    `named` is the index of `init_process_group(device_id=torch.device("gpupool", N))` (or new_group's): that device,
+    whose lease device pool.rank_device names as for any tensor (another torchrun rank's own device is refused there
+    with the rule). Without one:
 
     A torchrun rank (LOCAL_RANK set) sees its own lease device LOCAL_RANK as gpupool:0 (client/torch/api.py). A
     process started otherwise -- torch.multiprocessing.spawn, as pytorch/examples' ddp-tutorial-series/multigpu.py
@@ -182,6 +210,10 @@ def _own_device(rank: int, devices: int, current: int) -> tuple[int, int]:
     a device of its own for each rank."""
     from .pool import rank_device
 
+    if named is not None:
+        if not 0 <= named < devices:
+            raise InvalidArgument(f"device_id gpupool:{named} but the lease has {devices} device(s)")
+        return named, rank_device(named, devices)
     if os.environ.get("LOCAL_RANK") is not None:
         local = int(os.environ["LOCAL_RANK"])
         if not 0 <= local < devices:
@@ -223,14 +255,18 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
     if native.active():  # the C++ client (`gpupool run`'s default)
         from .native.group import NativeRuntime
 
-        index, local = _own_device(rank, len(lease.devices), native.current_index())
+        funcol.register_kernels()  # torch's functional collectives (DTensor's) on gpupool tensors: client/funcol.py
+
+        index, local = _own_device(rank, len(lease.devices), native.current_index(), _named_device())
         dev = torch.device("gpupool", index)
         rt = NativeRuntime(index, native.ensure_session(index))
         lease = native.lease()  # the renewed one: its tokens are current
     else:
-        from .torch import api, runtime
+        from .torch import api, runtime, transfer
 
-        index, local = _own_device(rank, len(lease.devices), api.current_index())
+        transfer.SPECIAL.update(funcol.special_handlers())  # the same, from the Python client's dispatch
+
+        index, local = _own_device(rank, len(lease.devices), api.current_index(), _named_device())
         dev = api.device(index)
         lease = api.env_lease() or lease  # the renewed one: its tokens are current
         rt = runtime.get(dev.index)
@@ -256,7 +292,47 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
     return ProcessGroupGpupool(rank, size, rt)
 
 
+# The device the group being made binds (`device_id=`), for its creator, which torch gives only the store, rank, size
+# and timeout (`_create`). Groups are made one at a time: every rank makes each group collectively, in order.
+_binding: list[torch.device] = []
+
+
+def _named_device() -> int | None:
+    return None if not _binding or _binding[-1].index is None else int(_binding[-1].index)
+
+
+def _wrap_helper(helper: Callable[..., Any]) -> Callable[..., Any]:
+    """torch's `_new_process_group_helper` with a gpupool group's `device_id` (init_process_group's, new_group's)
+    given to the creator, which binds that device, and not to torch: torch asks the group's C++ backend for that
+    device (to split communicators from), and this group is a Python process group with none. Until round 36
+    `init_process_group("gpupool", device_id=torch.device("gpupool", 0))` failed there: "No backend type associated
+    with device type gpupool". (`bound_device_id` stays unset: torch would ask for that backend again in new_group.)"""
+    signature = inspect.signature(helper)
+
+    @functools.wraps(helper)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        device_id = bound.arguments.get("device_id")
+        if device_id is None or str(bound.arguments.get("backend")).lower() != BACKEND:
+            return helper(*args, **kwargs)
+        device_id = torch.device(device_id)
+        if device_id.type != BACKEND:
+            raise InvalidArgument(f"the gpupool backend binds a gpupool device; device_id={device_id} is not one")
+        bound.arguments["device_id"] = None
+        _binding.append(device_id)
+        try:
+            return helper(*bound.args, **bound.kwargs)
+        finally:
+            _binding.pop()
+
+    return wrapped
+
+
 def register() -> None:
     """Make `dist.init_process_group("gpupool")` available (idempotent)."""
     if BACKEND.upper() not in dist.Backend._plugins:
         dist.Backend.register_backend(BACKEND, _create, devices=[BACKEND])
+        import torch.distributed.distributed_c10d as c10d
+
+        c10d._new_process_group_helper = _wrap_helper(c10d._new_process_group_helper)
+        fsdp.install()

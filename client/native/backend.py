@@ -31,6 +31,8 @@ import torch
 
 from gpupool import config, metas
 
+from .. import streams
+
 from .build import BuildError, build, built_path, cache_dir, compiler_missing  # noqa: F401 (the build's names, here too)
 
 metas.register()  # Meta kernels torch lacks: the C++ client infers each op's outputs on meta tensors (gpupool/metas.py)
@@ -79,6 +81,8 @@ def _register_module() -> None:
         "manual_seed_all": lambda seed: None,
         "get_amp_supported_dtype": lambda: [torch.float16, torch.bfloat16],
         "synchronize": lambda device=None: flush(),
+        # streams and events, one ordered stream a device (client/streams.py): what FSDP2 asks of a mesh on gpupool
+        **streams.module_functions(lambda device=None: getattr(torch, NAME).synchronize(device)),
     }
     for k, f in funcs.items():
         setattr(mod, k, f)

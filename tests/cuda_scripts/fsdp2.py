@@ -1,0 +1,57 @@
+"""FSDP2 the way torch's tutorial writes it: torchrun, `init_process_group("nccl")`, `init_device_mesh("cuda", (N,))`,
+`fully_shard` on each layer then on the model (built on the CPU: fully_shard moves it), Adam, `clip_grad_norm_` over
+the sharded gradients (DTensor's functional all-reduce), the loss averaged over the ranks, and the trained weights
+gathered whole (`full_tensor()`). gloo on a CPU mesh without a GPU.
+
+    torchrun --standalone --nproc-per-node 2 fsdp2.py
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+
+def main():
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available()
+    device_type = "cuda" if use_cuda else "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh(device_type, (world,))
+    device = torch.device(device_type, local_rank) if use_cuda else torch.device("cpu")
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(3 + rank)
+    for step in range(6):
+        x = torch.randn(16, 16, generator=g).to(device)
+        y = x.sum(1, keepdim=True).sin()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.5)
+        opt.step()
+        opt.zero_grad()
+        reported = loss.detach().clone()
+        dist.all_reduce(reported)
+        if rank == 0:
+            print(f"step {step} grad norm {norm.full_tensor().item():.7f} loss {reported.item() / world:.7f}", flush=True)
+    total = sum(p.full_tensor().double().sum().item() for p in model.parameters())
+    shard = next(model.parameters())
+    print(f"rank {rank} mesh {mesh.device_type} shard {shard.to_local().device} weight sum {total:.7f}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
