@@ -136,8 +136,8 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
         return _Done(output)
 
     # torch >= 2.12's names of the two (all_gather_into_tensor, reduce_scatter_tensor: FSDP2's collectives)
-    all_gather_single = _allgather_base
-    reduce_scatter_single = _reduce_scatter_base
+    all_gather_single = _allgather_base  # type: ignore[assignment]
+    reduce_scatter_single = _reduce_scatter_base  # type: ignore[assignment]
 
     def barrier(self, opts: Any = None) -> _Done:
         self._send("barrier", [], [])

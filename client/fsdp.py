@@ -68,10 +68,10 @@ def _keeping_device_storage(original: Callable[[torch.Tensor], None]) -> Callabl
     return free_storage
 
 
-def _patch(module: ModuleType) -> None:
+def _patch(module: Any) -> None:
     if not getattr(module._move_states_to_device, "_gpupool", False):
         module._move_states_to_device = _moving_in_place(module._move_states_to_device)
-    param = importlib.import_module(PARAM_MODULE)  # imported by MODULE's package already
+    param: Any = importlib.import_module(PARAM_MODULE)  # imported by MODULE's package already
     if not getattr(param.free_storage, "_gpupool", False):
         param.free_storage = _keeping_device_storage(param.free_storage)
 

@@ -39,7 +39,7 @@ def _group(name: Any) -> Any:
 
 def _reduce(op: str) -> Any:
     opts = dist.AllreduceOptions()
-    known = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "product": dist.ReduceOp.PRODUCT,
+    known: dict[str, Any] = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "product": dist.ReduceOp.PRODUCT,
              "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}  # fmt: skip
     if op.lower() not in known:
         raise InvalidArgument(f"reduce op {op!r} is not supported by the gpupool backend (sum, avg, product, min, max)")
@@ -95,7 +95,7 @@ def reduce_scatter_tensor_out(
 
 def reduce_scatter_tensor(tensor: torch.Tensor, reduce_op: str, group_size: int, group_name: Any) -> torch.Tensor:
     if tensor.dim() == 0 or tensor.shape[0] % group_size:
-        raise InvalidArgument(f"reduce_scatter_tensor: dim 0 of {tuple(tensor.shape)} is not a multiple of {group_size}")
+        raise InvalidArgument(f"reduce_scatter_tensor: dim 0 of {tuple(tensor.shape)} is no multiple of {group_size}")
     out = tensor.new_empty((tensor.shape[0] // group_size, *tensor.shape[1:]))
     return reduce_scatter_tensor_out(tensor, reduce_op, group_size, group_name, out=out)
 
@@ -168,4 +168,8 @@ def special_handlers() -> dict[Any, Callable[[Any, tuple[Any, ...], dict[str, An
     """The Python client: {op overload: handler(func, args, kwargs)} for its dispatch's table of special ops."""
     if not dist.is_available():
         return {}
-    return {op: (lambda func, args, kwargs, _k=KERNELS[name]: _k(*args, **kwargs)) for name, op in _ops().items()}
+
+    def handler(kernel: Callable[..., Any]) -> Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]:
+        return lambda func, args, kwargs: kernel(*args, **kwargs)
+
+    return {op: handler(KERNELS[name]) for name, op in _ops().items()}

@@ -35,8 +35,11 @@ class Stream:
     def wait_event(self, event: Event) -> None:
         pass
 
+    def new_event(self) -> Event:
+        return Event()
+
     def record_event(self, event: Event | None = None) -> Event:
-        event = event or Event()
+        event = event or self.new_event()
         event.record(self)
         return event
 

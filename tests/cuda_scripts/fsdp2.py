@@ -45,7 +45,8 @@ def main():
         reported = loss.detach().clone()
         dist.all_reduce(reported)
         if rank == 0:
-            print(f"step {step} grad norm {norm.full_tensor().item():.7f} loss {reported.item() / world:.7f}", flush=True)
+            norm = norm.full_tensor().item()
+            print(f"step {step} grad norm {norm:.7f} loss {reported.item() / world:.7f}", flush=True)
     total = sum(p.full_tensor().double().sum().item() for p in model.parameters())
     shard = next(model.parameters())
     print(f"rank {rank} mesh {mesh.device_type} shard {shard.to_local().device} weight sum {total:.7f}", flush=True)
