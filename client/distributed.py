@@ -85,6 +85,12 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
     def setGroupName(self, name: str) -> None:  # noqa: N802
         self._name = name
 
+    @property
+    def _device_types(self) -> list[torch.device]:
+        """The group's devices, for torch's Python (`_get_pg_default_device`: DCP's `set_model_state_dict`): torch's
+        own property lists those of the group's C++ backends, none here ("Default device not found")."""
+        return [torch.device(BACKEND)]
+
     def getGroupDesc(self) -> str:  # noqa: N802
         return self._desc
 
@@ -134,6 +140,28 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
     def _reduce_scatter_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> _Done:  # noqa: A002
         self._send("reduce_scatter", [output], [input], op=_op(opts))
         return _Done(output)
+
+    def scatter(self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any = None) -> _Done:  # type: ignore[override]
+        """`dist.scatter` as a broadcast of the source's whole list, of which each rank keeps its own chunk: the
+        daemons have no scatter. torch's scatter takes chunks of one size, so every rank knows the whole's; it moves
+        `size` times a scatter's bytes. DTensor's `distribute_tensor` (a `Shard` placement from rank 0's tensor, as
+        FSDP2's checkpoint loading does) scatters: until round 36 it failed."""
+        if len(outputs) != 1 or len(inputs) > 1:
+            raise InvalidArgument("scatter on gpupool takes one output tensor per rank (one device per process)")
+        out = outputs[0]
+        if inputs:
+            chunks = inputs[0]
+            if len(chunks) != self._size or any(c.shape != out.shape or c.dtype != out.dtype for c in chunks):
+                raise InvalidArgument(
+                    f"scatter on gpupool takes {self._size} chunks shaped as the output {tuple(out.shape)} "
+                    f"({out.dtype}); got {[tuple(c.shape) for c in chunks]}"
+                )
+            whole = torch.cat([c.reshape(-1) for c in chunks])
+        else:
+            whole = out.new_empty(self._size * out.numel())
+        self._send("broadcast", [whole], [], root=int(getattr(opts, "rootRank", 0)))
+        out.copy_(whole.narrow(0, self._rank * out.numel(), out.numel()).view_as(out))
+        return _Done(outputs)
 
     # torch >= 2.12's names of the two (all_gather_into_tensor, reduce_scatter_tensor: FSDP2's collectives)
     all_gather_single = _allgather_base  # type: ignore[assignment]

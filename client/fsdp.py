@@ -69,11 +69,15 @@ def _keeping_device_storage(original: Callable[[torch.Tensor], None]) -> Callabl
 
 
 def _patch(module: Any) -> None:
-    if not getattr(module._move_states_to_device, "_gpupool", False):
-        module._move_states_to_device = _moving_in_place(module._move_states_to_device)
-    param: Any = importlib.import_module(PARAM_MODULE)  # imported by MODULE's package already
-    if not getattr(param.free_storage, "_gpupool", False):
-        param.free_storage = _keeping_device_storage(param.free_storage)
+    """Both wrappers, where this torch has the functions (2.13 has; a torch without them keeps its own: the
+    failures above, never a broken import of FSDP)."""
+    move = getattr(module, "_move_states_to_device", None)
+    if move is not None and not getattr(move, "_gpupool", False):
+        module._move_states_to_device = _moving_in_place(move)
+    param: Any = sys.modules.get(PARAM_MODULE) or importlib.import_module(PARAM_MODULE)  # MODULE's package has it
+    free = getattr(param, "free_storage", None)
+    if free is not None and not getattr(free, "_gpupool", False):
+        param.free_storage = _keeping_device_storage(free)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

@@ -1,7 +1,9 @@
 """FSDP2 the way torch's tutorial writes it: torchrun, `init_process_group("nccl")`, `init_device_mesh("cuda", (N,))`,
 `fully_shard` on each layer then on the model (built on the CPU: fully_shard moves it), Adam, `clip_grad_norm_` over
 the sharded gradients (DTensor's functional all-reduce), the loss averaged over the ranks, and the trained weights
-gathered whole (`full_tensor()`). gloo on a CPU mesh without a GPU.
+gathered whole (`full_tensor()`); then what the FSDP2 example's checkpoints do: a full state dict from the shards and
+back from rank 0 (torch.distributed.checkpoint's `set_model_state_dict(broadcast_from_rank0=True)`) and a tensor of
+rank 0 sharded onto the mesh (`distribute_tensor`: a scatter). gloo on a CPU mesh without a GPU.
 
     torchrun --standalone --nproc-per-node 2 fsdp2.py
 """
@@ -11,8 +13,10 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Shard, distribute_tensor
 
 
 def main():
@@ -49,7 +53,18 @@ def main():
             print(f"step {step} grad norm {norm:.7f} loss {reported.item() / world:.7f}", flush=True)
     total = sum(p.full_tensor().double().sum().item() for p in model.parameters())
     shard = next(model.parameters())
-    print(f"rank {rank} mesh {mesh.device_type} shard {shard.to_local().device} weight sum {total:.7f}", flush=True)
+    line = f"rank {rank} mesh {mesh.device_type} shard {shard.to_local().device} weight sum {total:.7f}\n"
+    print(line, end="", flush=True)  # one write: the ranks' lines do not interleave
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.to_local().zero_()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full if rank == 0 else {}, options=options)
+    total = sum(p.full_tensor().double().sum().item() for p in model.parameters())
+    scattered = distribute_tensor(torch.arange(8.0, device=device) * (rank + 1), mesh, [Shard(0)])  # rank 0's
+    print(f"rank {rank} reloaded {total:.7f} scattered {scattered.to_local().tolist()}\n", end="", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
