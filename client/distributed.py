@@ -85,17 +85,17 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
     def setGroupName(self, name: str) -> None:  # noqa: N802
         self._name = name
 
-    @property
-    def _device_types(self) -> list[torch.device]:
-        """The group's devices, for torch's Python (`_get_pg_default_device`: DCP's `set_model_state_dict`): torch's
-        own property lists those of the group's C++ backends, none here ("Default device not found")."""
-        return [torch.device(BACKEND)]
-
     def getGroupDesc(self) -> str:  # noqa: N802
         return self._desc
 
     def setGroupDesc(self, desc: str) -> None:  # noqa: N802
         self._desc = desc
+
+    @property
+    def _device_types(self) -> list[torch.device]:
+        """The group's devices, for torch's Python (`_get_pg_default_device`: DCP's `set_model_state_dict`): torch's
+        own property lists those of the group's C++ backends, none here ("Default device not found")."""
+        return [torch.device(BACKEND)]
 
     def getBackendName(self) -> str:  # noqa: N802 - torch's name
         return BACKEND
