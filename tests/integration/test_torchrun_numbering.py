@@ -40,7 +40,7 @@ print(f"rank {local_rank} own {torch.ones(3, device='gpupool:0').sum().item()}",
 torch.distributed.init_process_group("gpupool", device_id=torch.device("gpupool", 0))
 t = torch.full((1,), local_rank + 1.0, device="gpupool")
 torch.distributed.all_reduce(t)
-print(f"rank {local_rank} group {torch.distributed.get_backend()} {t.item()}", flush=True)
+print(f"rank {local_rank} group {torch.distributed.get_backend()} {t.item()}\\n", end="", flush=True)  # one write
 torch.distributed.destroy_process_group()
 """
 
