@@ -167,6 +167,17 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
     all_gather_single = _allgather_base  # type: ignore[assignment]
     reduce_scatter_single = _reduce_scatter_base  # type: ignore[assignment]
 
+    def _not_a_collective(self, *_: Any, **__: Any) -> Any:
+        raise InvalidArgument(
+            "the gpupool backend's collectives are allreduce, broadcast, allgather, reduce_scatter, scatter and "
+            "barrier: gather, reduce, send/recv and all-to-all are not implemented (docs/distributed.md)"
+        )
+
+    # The rest, one clear error each (torch's own base methods said "No backend type associated with device type
+    # gpupool"); torch >= 2.12 names alltoall_base all_to_all_single
+    gather = reduce = send = recv = recv_anysource = _not_a_collective  # type: ignore[assignment]
+    alltoall = alltoall_base = all_to_all_single = _not_a_collective  # type: ignore[assignment]
+
     def barrier(self, opts: Any = None) -> _Done:
         self._send("barrier", [], [])
         self._rt.sync()  # a barrier blocks the caller: wait until the daemons have met

@@ -121,8 +121,21 @@ def broadcast(tensor: torch.Tensor, src: int, group_name: Any) -> torch.Tensor:
 def all_to_all_single(*_: Any, **__: Any) -> torch.Tensor:
     raise InvalidArgument(
         "all_to_all_single is not a collective of the gpupool backend (it has allreduce, broadcast, allgather, "
-        "reduce_scatter and barrier): DTensor's Shard(i) -> Shard(j) redistribution needs it"
+        "reduce_scatter, scatter and barrier)"
     )
+
+
+def shard_dim_alltoall(tensor: torch.Tensor, gather_dim: int, shard_dim: int, group_name: Any) -> torch.Tensor:
+    """DTensor's `Shard(i) -> Shard(j)` (`_dtensor::shard_dim_alltoall`) as torch does it on a CPU mesh, whose gloo has
+    no all-to-all either: gather the whole along `gather_dim`, keep this rank's chunk along `shard_dim` (it moves
+    `size` times an all-to-all's bytes)."""
+    from torch.distributed.tensor.placement_types import Shard
+
+    group = _group(group_name)
+    size = group.size()
+    gathered = all_gather_into_tensor(tensor.contiguous(), size, group_name)
+    whole = torch.cat(torch.chunk(gathered, size, dim=0), dim=gather_dim) if gather_dim else gathered
+    return Shard._custom_chunk(whole, size, dim=shard_dim)[group.rank()].contiguous()
 
 
 KERNELS: dict[str, Callable[..., Any]] = {
@@ -139,16 +152,18 @@ KERNELS: dict[str, Callable[..., Any]] = {
     "broadcast": broadcast,
     "broadcast_": broadcast_,
     "all_to_all_single": all_to_all_single,
+    "shard_dim_alltoall": shard_dim_alltoall,
 }
 
 
 def _ops() -> dict[str, Any]:
-    """The `_c10d_functional` overloads this torch has, by name (each op has one, `default`)."""
+    """The overloads this torch has, by name (each op has one, `default`): `_c10d_functional`'s, and DTensor's
+    `_dtensor::shard_dim_alltoall`."""
     import torch.distributed._functional_collectives  # noqa: F401 - defines the ops' Python side
 
     found = {}
     for name in KERNELS:
-        packet = getattr(torch.ops._c10d_functional, name, None)
+        packet = getattr(torch.ops._dtensor if name == "shard_dim_alltoall" else torch.ops._c10d_functional, name, None)
         if packet is not None:
             found[name] = packet.default
     return found
@@ -158,10 +173,10 @@ def register_kernels(dispatch_key: str = "PrivateUse1") -> None:
     """The C++ client: these kernels for gpupool tensors (idempotent)."""
     if _libraries or not dist.is_available():
         return
-    lib = torch.library.Library("_c10d_functional", "IMPL")  # noqa: TOR901 - kernels for torch's existing ops
-    for name in _ops():
-        lib.impl(name, KERNELS[name], dispatch_key)
-    _libraries.append(lib)
+    libraries = {ns: torch.library.Library(ns, "IMPL") for ns in ("_c10d_functional", "_dtensor")}  # noqa: TOR901
+    for name, op in _ops().items():
+        libraries[op.namespace].impl(name, KERNELS[name], dispatch_key)
+    _libraries.extend(libraries.values())
 
 
 def special_handlers() -> dict[Any, Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]]:

@@ -2,8 +2,9 @@
 `fully_shard` on each layer then on the model (built on the CPU: fully_shard moves it), Adam, `clip_grad_norm_` over
 the sharded gradients (DTensor's functional all-reduce), the loss averaged over the ranks, and the trained weights
 gathered whole (`full_tensor()`); then what the FSDP2 example's checkpoints do: a full state dict from the shards and
-back from rank 0 (torch.distributed.checkpoint's `set_model_state_dict(broadcast_from_rank0=True)`) and a tensor of
-rank 0 sharded onto the mesh (`distribute_tensor`: a scatter). gloo on a CPU mesh without a GPU.
+back from rank 0 (torch.distributed.checkpoint's `set_model_state_dict(broadcast_from_rank0=True)`), a tensor of
+rank 0 sharded onto the mesh (`distribute_tensor`: a scatter) and resharded by columns (`redistribute`: an
+all-to-all). gloo on a CPU mesh without a GPU.
 
     torchrun --standalone --nproc-per-node 2 fsdp2.py
 """
@@ -64,7 +65,10 @@ def main():
     set_model_state_dict(model, full if rank == 0 else {}, options=options)
     total = sum(p.full_tensor().double().sum().item() for p in model.parameters())
     scattered = distribute_tensor(torch.arange(8.0, device=device) * (rank + 1), mesh, [Shard(0)])  # rank 0's
-    print(f"rank {rank} reloaded {total:.7f} scattered {scattered.to_local().tolist()}\n", end="", flush=True)
+    rows = distribute_tensor(torch.arange(16.0, device=device).view(4, 4), mesh, [Shard(0)])
+    columns = rows.redistribute(mesh, [Shard(1)]).to_local()  # Shard(0) -> Shard(1): DTensor's all-to-all
+    line = f"rank {rank} reloaded {total:.7f} scattered {scattered.to_local().tolist()} columns {columns.tolist()}\n"
+    print(line, end="", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -41,6 +41,10 @@ torch.distributed.init_process_group("gpupool", device_id=torch.device("gpupool"
 t = torch.full((1,), local_rank + 1.0, device="gpupool")
 torch.distributed.all_reduce(t)
 print(f"rank {local_rank} group {torch.distributed.get_backend()} {t.item()}\\n", end="", flush=True)  # one write
+try:  # not a collective of the backend: one clear error (torch's own said "No backend type associated with ...")
+    torch.distributed.all_to_all_single(torch.empty(2, device="gpupool"), torch.ones(2, device="gpupool"))
+except Exception as exc:
+    print(f"rank {local_rank} alltoall {type(exc).__name__}: {exc}\\n", end="", flush=True)
 torch.distributed.destroy_process_group()
 """
 
@@ -90,15 +94,18 @@ def test_another_ranks_device_is_one_clear_error_and_the_own_one_works(
     if client == "native" and _why is not None:
         pytest.skip(f"native client: {_why}")
     lines = _torchrun(two_gpu_pool, tmp_path, SCRIPT, ("--client", client), (client,))
-    assert lines[0] == "rank 0 group gpupool 3.0", lines  # init_process_group("gpupool", device_id=gpupool:0)
-    assert lines[1] == "rank 0 named gpupool:0 2.0", lines
-    assert lines[2] == "rank 0 own 3.0"
-    assert lines[3] == "rank 1 group gpupool 3.0", lines
-    assert lines[5].startswith(
+    for rank in (0, 1):
+        assert lines[4 * rank].startswith(f"rank {rank} alltoall InvalidArgument: the gpupool backend's collectives"), (
+            lines
+        )
+        assert lines[4 * rank + 1] == f"rank {rank} group gpupool 3.0", lines  # device_id=gpupool:0 bound
+    assert lines[2] == "rank 0 named gpupool:0 2.0", lines
+    assert lines[3] == "rank 0 own 3.0"
+    assert lines[7].startswith(
         "rank 1 refused InvalidArgument: gpupool:1 is lease device 0 here, local rank 0's own device"
-    ), lines[5]
-    assert "Name it 'gpupool:0'" in lines[5] and "gpupool run --cuda" in lines[5]
-    assert lines[4] == "rank 1 own 3.0"
+    ), lines[7]
+    assert "Name it 'gpupool:0'" in lines[7] and "gpupool run --cuda" in lines[7]
+    assert lines[6] == "rank 1 own 3.0"
 
 
 def test_rank_device_numbers_from_the_ranks_own_and_keeps_spares(monkeypatch: pytest.MonkeyPatch) -> None:
