@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import functools
+import inspect
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +36,8 @@ from torch.distributed.constants import default_pg_timeout
 from gpupool._proto import device_pb2
 from gpupool.errors import InvalidArgument
 from gpupool.tokens import unverified_claim
+
+from . import fsdp, funcol
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,27 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
         super().__init__(rank, size)  # type: ignore[call-arg]
         self._rank, self._size = rank, size
         self._rt = runtime
+        self._name, self._desc = "", ""
+
+    # torch keeps a group's name in its C++ backends, and this group has none (it is the whole process group):
+    # without these, `group_name` raised "ProcessGroup name not set" (DeviceMesh, functional collectives, FSDP2)
+    def getGroupName(self) -> str:  # noqa: N802 - torch's name
+        return self._name
+
+    def setGroupName(self, name: str) -> None:  # noqa: N802
+        self._name = name
+
+    def getGroupDesc(self) -> str:  # noqa: N802
+        return self._desc
+
+    def setGroupDesc(self, desc: str) -> None:  # noqa: N802
+        self._desc = desc
+
+    @property
+    def _device_types(self) -> list[torch.device]:
+        """The group's devices, for torch's Python (`_get_pg_default_device`: DCP's `set_model_state_dict`): torch's
+        own property lists those of the group's C++ backends, none here ("Default device not found")."""
+        return [torch.device(BACKEND)]
 
     def getBackendName(self) -> str:  # noqa: N802 - torch's name
         return BACKEND
@@ -114,6 +140,43 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
     def _reduce_scatter_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> _Done:  # noqa: A002
         self._send("reduce_scatter", [output], [input], op=_op(opts))
         return _Done(output)
+
+    def scatter(self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any = None) -> _Done:  # type: ignore[override]
+        """`dist.scatter` as a broadcast of the source's whole list, of which each rank keeps its own chunk: the
+        daemons have no scatter. torch's scatter takes chunks of one size, so every rank knows the whole's; it moves
+        `size` times a scatter's bytes. DTensor's `distribute_tensor` (a `Shard` placement from rank 0's tensor, as
+        FSDP2's checkpoint loading does) scatters: until round 36 it failed."""
+        if len(outputs) != 1 or len(inputs) > 1:
+            raise InvalidArgument("scatter on gpupool takes one output tensor per rank (one device per process)")
+        out = outputs[0]
+        if inputs:
+            chunks = inputs[0]
+            if len(chunks) != self._size or any(c.shape != out.shape or c.dtype != out.dtype for c in chunks):
+                raise InvalidArgument(
+                    f"scatter on gpupool takes {self._size} chunks shaped as the output {tuple(out.shape)} "
+                    f"({out.dtype}); got {[tuple(c.shape) for c in chunks]}"
+                )
+            whole = torch.cat([c.reshape(-1) for c in chunks])
+        else:
+            whole = out.new_empty(self._size * out.numel())
+        self._send("broadcast", [whole], [], root=int(getattr(opts, "rootRank", 0)))
+        out.copy_(whole.narrow(0, self._rank * out.numel(), out.numel()).view_as(out))
+        return _Done(outputs)
+
+    # torch >= 2.12's names of the two (all_gather_into_tensor, reduce_scatter_tensor: FSDP2's collectives)
+    all_gather_single = _allgather_base  # type: ignore[assignment]
+    reduce_scatter_single = _reduce_scatter_base  # type: ignore[assignment]
+
+    def _not_a_collective(self, *_: Any, **__: Any) -> Any:
+        raise InvalidArgument(
+            "the gpupool backend's collectives are allreduce, broadcast, allgather, reduce_scatter, scatter and "
+            "barrier: gather, reduce, send/recv and all-to-all are not implemented (docs/distributed.md)"
+        )
+
+    # The rest, one clear error each (torch's own base methods said "No backend type associated with device type
+    # gpupool"); torch >= 2.12 names alltoall_base all_to_all_single
+    gather = reduce = send = recv = recv_anysource = _not_a_collective  # type: ignore[assignment]
+    alltoall = alltoall_base = all_to_all_single = _not_a_collective  # type: ignore[assignment]
 
     def barrier(self, opts: Any = None) -> _Done:
         self._send("barrier", [], [])
@@ -166,8 +229,12 @@ def _op(opts: Any) -> str:
     raise InvalidArgument(f"reduce op {op} is not supported by the gpupool backend (sum, avg, product, min, max)")
 
 
-def _own_device(rank: int, devices: int, current: int) -> tuple[int, int]:
+def _own_device(rank: int, devices: int, current: int, named: int | None = None) -> tuple[int, int]:
     """This rank's device: (its gpupool index in this process, its index in the lease).
+
+    `named` is the index of `init_process_group(device_id=torch.device("gpupool", N))` (or new_group's): that device,
+    whose lease device pool.rank_device names as for any tensor (another torchrun rank's own device is refused there
+    with the rule). Without one:
 
     A torchrun rank (LOCAL_RANK set) sees its own lease device LOCAL_RANK as gpupool:0 (client/torch/api.py). A
     process started otherwise -- torch.multiprocessing.spawn, as pytorch/examples' ddp-tutorial-series/multigpu.py
@@ -182,6 +249,10 @@ def _own_device(rank: int, devices: int, current: int) -> tuple[int, int]:
     a device of its own for each rank."""
     from .pool import rank_device
 
+    if named is not None:
+        if not 0 <= named < devices:
+            raise InvalidArgument(f"device_id gpupool:{named} but the lease has {devices} device(s)")
+        return named, rank_device(named, devices)
     if os.environ.get("LOCAL_RANK") is not None:
         local = int(os.environ["LOCAL_RANK"])
         if not 0 <= local < devices:
@@ -223,14 +294,18 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
     if native.active():  # the C++ client (`gpupool run`'s default)
         from .native.group import NativeRuntime
 
-        index, local = _own_device(rank, len(lease.devices), native.current_index())
+        funcol.register_kernels()  # torch's functional collectives (DTensor's) on gpupool tensors: client/funcol.py
+
+        index, local = _own_device(rank, len(lease.devices), native.current_index(), _named_device())
         dev = torch.device("gpupool", index)
         rt = NativeRuntime(index, native.ensure_session(index))
         lease = native.lease()  # the renewed one: its tokens are current
     else:
-        from .torch import api, runtime
+        from .torch import api, runtime, transfer
 
-        index, local = _own_device(rank, len(lease.devices), api.current_index())
+        transfer.SPECIAL.update(funcol.special_handlers())  # the same, from the Python client's dispatch
+
+        index, local = _own_device(rank, len(lease.devices), api.current_index(), _named_device())
         dev = api.device(index)
         lease = api.env_lease() or lease  # the renewed one: its tokens are current
         rt = runtime.get(dev.index)
@@ -256,7 +331,47 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
     return ProcessGroupGpupool(rank, size, rt)
 
 
+# The device the group being made binds (`device_id=`), for its creator, which torch gives only the store, rank, size
+# and timeout (`_create`). Groups are made one at a time: every rank makes each group collectively, in order.
+_binding: list[torch.device] = []
+
+
+def _named_device() -> int | None:
+    return None if not _binding or _binding[-1].index is None else int(_binding[-1].index)
+
+
+def _wrap_helper(helper: Callable[..., Any]) -> Callable[..., Any]:
+    """torch's `_new_process_group_helper` with a gpupool group's `device_id` (init_process_group's, new_group's)
+    given to the creator, which binds that device, and not to torch: torch asks the group's C++ backend for that
+    device (to split communicators from), and this group is a Python process group with none. Until round 36
+    `init_process_group("gpupool", device_id=torch.device("gpupool", 0))` failed there: "No backend type associated
+    with device type gpupool". (`bound_device_id` stays unset: torch would ask for that backend again in new_group.)"""
+    signature = inspect.signature(helper)
+
+    @functools.wraps(helper)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        device_id = bound.arguments.get("device_id")
+        if device_id is None or str(bound.arguments.get("backend")).lower() != BACKEND:
+            return helper(*args, **kwargs)
+        device_id = torch.device(device_id)
+        if device_id.type != BACKEND:
+            raise InvalidArgument(f"the gpupool backend binds a gpupool device; device_id={device_id} is not one")
+        bound.arguments["device_id"] = None
+        _binding.append(device_id)
+        try:
+            return helper(*bound.args, **bound.kwargs)
+        finally:
+            _binding.pop()
+
+    return wrapped
+
+
 def register() -> None:
     """Make `dist.init_process_group("gpupool")` available (idempotent)."""
     if BACKEND.upper() not in dist.Backend._plugins:
         dist.Backend.register_backend(BACKEND, _create, devices=[BACKEND])
+        import torch.distributed.distributed_c10d as c10d
+
+        c10d._new_process_group_helper = _wrap_helper(c10d._new_process_group_helper)
+        fsdp.install()

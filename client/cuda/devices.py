@@ -34,6 +34,7 @@ import os
 import re
 import sys
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -257,6 +258,14 @@ def current_device_index() -> int:
     return cuda_index(index) if _scripts_call(1) else index
 
 
+def current_device_idx() -> int:
+    """torch.accelerator's deprecated name of current_device_index, answering as it does (torch's alias wraps its own
+    function, so until round 36 it answered gpupool's numbers where current_device_index answered CUDA's)."""
+    warnings.warn("Use `current_device_index` instead.", FutureWarning, stacklevel=2)  # torch's own warning
+    index = torch._C._accelerator_getDeviceIndex()
+    return cuda_index(index) if _scripts_call(1) else index
+
+
 class device_index(_ACC_GUARD):  # type: ignore[misc,valid-type]  # noqa: N801 - torch.accelerator's name
     """`with torch.accelerator.device_index(i):` in CUDA numbers for the script (torch's own code: gpupool's)."""
 
@@ -269,7 +278,7 @@ def _install_accelerator() -> None:
 
     _patch(torch.accelerator, "_get_device_index", accelerator_index)
     _patch(memory, "_get_device_index", accelerator_index)
-    for new in (current_accelerator, current_device_index, device_index):
+    for new in (current_accelerator, current_device_index, current_device_idx, device_index):
         _patch(torch.accelerator, new.__name__, new)
 
 

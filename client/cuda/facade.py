@@ -19,6 +19,7 @@ import torch
 
 import gpupool.torch as gt
 
+from .. import streams
 from .devices import cuda_index, pool_index, to_gpupool
 
 _peak: dict[int, int] = {}
@@ -173,64 +174,34 @@ class device:  # noqa: N801 - the name of torch.cuda.device
             _set_pool(self.prev)
 
 
-class Stream:
-    """The device's one ordered op stream: every op of a device is already in order."""
+class Stream(streams.Stream):
+    """The device's one ordered op stream (client/streams.py), named by its CUDA device."""
 
     def __init__(self, device: Any = None, priority: int = 0, **_: Any) -> None:
-        self.device = torch.device("cuda", cuda_index(_index(device)))
-        self.priority = priority
+        super().__init__(torch.device("cuda", cuda_index(_index(device))), priority)
 
-    def wait_stream(self, stream: Stream) -> None:
-        pass  # one stream: already ordered
-
-    def wait_event(self, event: Event) -> None:
-        pass
-
-    def record_event(self, event: Event | None = None) -> Event:
-        event = event or Event()
-        event.record(self)
-        return event
+    def new_event(self) -> Event:
+        return Event()
 
     def synchronize(self) -> None:
         synchronize(self.device)
 
-    def query(self) -> bool:
-        synchronize(self.device)
-        return True
 
-    def __enter__(self) -> Stream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-class Event:
+class Event(streams.Event):
     """record() waits for the device's queued ops and takes the time, so elapsed_time() is wall clock (ms)."""
 
     def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False) -> None:
         if interprocess:
             raise RuntimeError("torch.cuda.Event(interprocess=True) is not available on a pooled GPU (gpupool)")
-        self.enable_timing = enable_timing
-        self.at: float | None = None
+        super().__init__(enable_timing, blocking)
 
-    def record(self, stream: Stream | None = None) -> None:
+    def record(self, stream: streams.Stream | None = None) -> Event:
         synchronize(None if stream is None else stream.device)
-        self.at = time.perf_counter()
+        self.recorded, self.at = True, time.perf_counter()
+        return self
 
     def synchronize(self) -> None:
         pass  # record() already waited
-
-    def query(self) -> bool:
-        return self.at is not None
-
-    def wait(self, stream: Stream | None = None) -> None:
-        pass
-
-    def elapsed_time(self, end: Event) -> float:
-        if self.at is None or end.at is None:
-            raise RuntimeError("torch.cuda.Event.elapsed_time: both events must be recorded first")
-        return (end.at - self.at) * 1000.0
 
 
 _streams: dict[int, Stream] = {}
@@ -304,3 +275,9 @@ def install() -> None:
     if graphs is not None:
         for name in ("CUDAGraph", "graph", "make_graphed_callables"):
             setattr(graphs, name, answers[name])
+    from torch.cuda import nccl
+
+    # "nccl" here is the gpupool backend (nccl.py): no NCCL in this process to ask. torch's c10d error logger asks for
+    # the version of a failing collective's "nccl" group, and a CPU-only torch's AttributeError ('_nccl_version') hid
+    # every such error (until round 36)
+    nccl.version = lambda: (0, 0, 0)

@@ -133,6 +133,23 @@ def _patch_ddp() -> None:
     DistributedDataParallel.__init__ = init  # type: ignore[method-assign]
 
 
+def _patch_device_mesh() -> None:
+    """`init_device_mesh("cuda", ...)`, `DeviceMesh("cuda", ...)`: a mesh of the gpupool device, whose tensors say
+    `gpupool:N`. FSDP2 and DTensor take the mesh's device type as their tensors' (`torch.device(mesh.device_type,
+    torch.<type>.current_device())`, checked against each parameter's device) and its device module for streams and
+    events (`torch.gpupool`: client/streams.py); a "cuda" mesh made FSDP2 refuse every parameter ("Expects the parameter
+    to already be moved to device cuda:0 but got gpupool:0"). `mesh.device_type` says `gpupool`."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    original = DeviceMesh.__init__
+
+    @functools.wraps(original)
+    def init(self: Any, device_type: str, *args: Any, **kwargs: Any) -> None:
+        original(self, GPUPOOL if device_type == "cuda" else device_type, *args, **kwargs)
+
+    DeviceMesh.__init__ = init  # type: ignore[method-assign]
+
+
 def install() -> None:
     """Map nccl onto the gpupool backend (the caller installs once)."""
     if not torch.distributed.is_available():
@@ -148,3 +165,4 @@ def install() -> None:
     c10d.init_process_group = dist.init_process_group = _wrap_init(c10d.init_process_group)
     dist.is_nccl_available = lambda: True
     _patch_ddp()
+    _patch_device_mesh()

@@ -31,6 +31,7 @@ import torch
 
 from gpupool import config, metas
 
+from .. import streams
 from .build import BuildError, build, built_path, cache_dir, compiler_missing  # noqa: F401 (the build's names, here too)
 
 metas.register()  # Meta kernels torch lacks: the C++ client infers each op's outputs on meta tensors (gpupool/metas.py)
@@ -79,10 +80,16 @@ def _register_module() -> None:
         "manual_seed_all": lambda seed: None,
         "get_amp_supported_dtype": lambda: [torch.float16, torch.bfloat16],
         "synchronize": lambda device=None: flush(),
+        # streams and events, one ordered stream a device (client/streams.py): what FSDP2 asks of a mesh on gpupool
+        **streams.module_functions(_synchronize),
     }
     for k, f in funcs.items():
         setattr(mod, k, f)
     torch._register_device_module(NAME, mod)
+
+
+def _synchronize(device: Any = None) -> None:
+    getattr(torch, NAME).synchronize(device)  # the module's own, which enable() replaces
 
 
 def device(index: int = 0) -> torch.device:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.utils.backend_registration as backend_registration
 
-from .. import checkpoints, mp_share
+from .. import checkpoints, mp_share, streams
 from ..engine import run_backward_on_calling_thread
 from . import api, native, native_ops, runtime, tensor
 from .dispatch import dispatch, factory, find_runtime, torch_dispatch
@@ -66,6 +66,11 @@ class BackendModule:
 
     def device(self, index: int = 0) -> torch.device:
         return api.device(index)
+
+
+# streams and events, one ordered stream a device (client/streams.py): what FSDP2 asks of a gpupool mesh's device module
+for _name, _value in streams.module_functions(api.synchronize).items():
+    setattr(BackendModule, _name, _value if isinstance(_value, type) else staticmethod(_value))
 
 
 _library: list[torch.library.Library] = []

@@ -18,6 +18,10 @@ LAZY_EMPTY = {aten.empty.memory_format, aten.empty_strided.default}
 
 
 _PLAIN, _SPECIAL, _OTHER = 0, 1, 2
+# Namespaces of custom ops whose PrivateUse1 kernel is Python written in aten ops (FSDP2's `fsdp::all_gather_copy_in`,
+# `fsdp::split_with_sizes_copy`: copies into and out of its all-gather buffer, whose outputs alias their inputs): run
+# on remote tensors like a composite op, not on the CPU, which would return copies where FSDP2 needs views.
+PYTHON_DEVICE_KERNELS = {"fsdp"}
 
 
 def _route(func: Any) -> tuple[int, Any]:
@@ -77,6 +81,8 @@ def _other(func: Any, sch: meta.Schema, args: tuple[Any, ...], kwargs: dict[str,
     if not sch.aten:
         if sch.composite:  # a custom op written in aten ops: run its body, whose ops then come back here
             return func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
+        if func.namespace in PYTHON_DEVICE_KERNELS:  # the same, where the body is the op's PrivateUse1 kernel
+            return func._op_dk(torch._C.DispatchKey.PrivateUse1, *args, **kwargs)
         return cpu_fallback(rt, func, args, kwargs)
     device = kwargs.get("device")
     if sch.has_device_arg and device is not None and torch.device(device).type == "cpu":

@@ -230,7 +230,8 @@ def cpu_fallback(rt: DeviceRuntime, func: Any, args: tuple[Any, ...], kwargs: di
 
     def back(x: Any) -> Any:
         if isinstance(x, torch.Tensor) and not isinstance(x, RemoteTensor):
-            return by_id.get(id(x)) or upload_new(rt, x)
+            kept = by_id.get(id(x))  # (not `or`: a remote tensor's truth value is its value's)
+            return kept if kept is not None else upload_new(rt, x)
         return x
 
     return tree_map(back, out)

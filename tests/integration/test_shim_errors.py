@@ -113,3 +113,23 @@ def test_daemon_killed_mid_training_raises_within_10s(tmp_path: Path) -> None:
     finally:
         gt.detach_all()
         stop_process(daemon.process)
+
+
+# A custom op with a CPU kernel only: the Python client runs it on the CPU (client/torch/remote.py `cpu_fallback`).
+_CPU_ONLY = torch.library.Library("gpupool_test_cpu_only", "DEF")  # noqa: TOR901 - a test's own namespace
+_CPU_ONLY.define("scale_(Tensor(a!) x, float f) -> Tensor(a!)")
+_CPU_ONLY.impl("scale_", lambda x, f: x.mul_(f), "CPU")
+
+
+@pytest.mark.parametrize("values", [[0.0, 1.0, 2.0, 3.0], [0.0]], ids=["four", "one-zero"])
+def test_a_cpu_fallback_op_returning_its_input_returns_the_remote_tensor(
+    dev: torch.device, values: list[float]
+) -> None:
+    """An op run on the CPU that returns (a view of) one of its inputs returns that remote tensor, written back. Until
+    round 36 the fallback picked it with `by_id.get(id(x)) or upload_new(...)`, a remote tensor's truth value: 4
+    elements raised "Boolean value of Tensor with more than one value is ambiguous" (FSDP2's all_gather_copy_in on
+    the Python client), one zero uploaded a copy in its place."""
+    t = torch.tensor(values, device=dev)
+    out = torch.ops.gpupool_test_cpu_only.scale_(t, 2.0)
+    assert out is t
+    assert t.cpu().tolist() == [2.0 * v for v in values]

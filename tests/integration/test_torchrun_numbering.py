@@ -36,11 +36,21 @@ try:
 except Exception as exc:
     print(f"rank {local_rank} refused {type(exc).__name__}: {exc}", flush=True)
 print(f"rank {local_rank} own {torch.ones(3, device='gpupool:0').sum().item()}", flush=True)
+# the rank's own device bound by device_id (until round 36: "No backend type associated with device type gpupool")
+torch.distributed.init_process_group("gpupool", device_id=torch.device("gpupool", 0))
+t = torch.full((1,), local_rank + 1.0, device="gpupool")
+torch.distributed.all_reduce(t)
+print(f"rank {local_rank} group {torch.distributed.get_backend()} {t.item()}\\n", end="", flush=True)  # one write
+try:  # not a collective of the backend: one clear error (torch's own said "No backend type associated with ...")
+    torch.distributed.all_to_all_single(torch.empty(2, device="gpupool"), torch.ones(2, device="gpupool"))
+except Exception as exc:
+    print(f"rank {local_rank} alltoall {type(exc).__name__}: {exc}\\n", end="", flush=True)
+torch.distributed.destroy_process_group()
 """
 
 
 CUDA_SCRIPT = """
-import os, torch
+import os, torch, warnings
 local_rank = int(os.environ["LOCAL_RANK"])
 acc = torch.accelerator.current_accelerator()  # as on a GPU machine: cuda, and its numbers are CUDA's
 torch.accelerator.set_device_index(local_rank)
@@ -50,7 +60,10 @@ y = sum(b.to(acc).sum() for b in loader)
 backend = torch.distributed.get_default_backend_for_device(acc)  # the FSDP2 example's start: nccl, with a device_id
 torch.distributed.init_process_group(backend, device_id=torch.device(f"{acc}:{local_rank}"))
 torch.distributed.all_reduce(y)
-print(f"rank {local_rank} {acc} {torch.accelerator.current_device_index()} {torch.cuda.current_device()} "
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)  # torch's deprecated name, answering as current_device_index
+    idx = torch.accelerator.current_device_idx()
+print(f"rank {local_rank} {acc} {torch.accelerator.current_device_index()} {idx} {torch.cuda.current_device()} "
       f"{x.device} {x.sum().item()} {backend} {y.item()}", flush=True)
 torch.distributed.destroy_process_group()
 try:
@@ -81,13 +94,18 @@ def test_another_ranks_device_is_one_clear_error_and_the_own_one_works(
     if client == "native" and _why is not None:
         pytest.skip(f"native client: {_why}")
     lines = _torchrun(two_gpu_pool, tmp_path, SCRIPT, ("--client", client), (client,))
-    assert lines[0] == "rank 0 named gpupool:0 2.0", lines
-    assert lines[1] == "rank 0 own 3.0"
-    assert lines[3].startswith(
+    for rank in (0, 1):
+        assert lines[4 * rank].startswith(f"rank {rank} alltoall InvalidArgument: the gpupool backend's collectives"), (
+            lines
+        )
+        assert lines[4 * rank + 1] == f"rank {rank} group gpupool 3.0", lines  # device_id=gpupool:0 bound
+    assert lines[2] == "rank 0 named gpupool:0 2.0", lines
+    assert lines[3] == "rank 0 own 3.0"
+    assert lines[7].startswith(
         "rank 1 refused InvalidArgument: gpupool:1 is lease device 0 here, local rank 0's own device"
-    ), lines[3]
-    assert "Name it 'gpupool:0'" in lines[3] and "gpupool run --cuda" in lines[3]
-    assert lines[2] == "rank 1 own 3.0"
+    ), lines[7]
+    assert "Name it 'gpupool:0'" in lines[7] and "gpupool run --cuda" in lines[7]
+    assert lines[6] == "rank 1 own 3.0"
 
 
 def test_rank_device_numbers_from_the_ranks_own_and_keeps_spares(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,8 +138,8 @@ def test_under_cuda_the_accelerators_numbers_are_cudas_and_land_on_the_own_devic
     set_device_index(1) made another rank's device current, and its next "cuda" tensor was refused. A 'gpupool:1' the
     script writes itself is still gpupool's numbering: one error saying how to name it under --cuda."""
     lines = _torchrun(two_gpu_pool, tmp_path, CUDA_SCRIPT, ("--cuda",))
-    assert lines[0] == "rank 0 cuda 0 0 gpupool:0 4.0 nccl 12.0", lines
-    assert lines[2] == "rank 1 cuda 1 1 gpupool:0 4.0 nccl 12.0", lines
+    assert lines[0] == "rank 0 cuda 0 0 0 gpupool:0 4.0 nccl 12.0", lines
+    assert lines[2] == "rank 1 cuda 1 1 1 gpupool:0 4.0 nccl 12.0", lines  # current_device_idx: 0 until round 36
     assert lines[1].startswith("rank 0 refused InvalidArgument: gpupool:1 is lease device 1 here"), lines[1]
     assert lines[3].startswith("rank 1 refused InvalidArgument: gpupool:1 is lease device 0 here"), lines[3]
     assert "Under --cuda name it as CUDA's" in lines[3], lines[3]

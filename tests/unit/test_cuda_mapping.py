@@ -140,6 +140,9 @@ def test_a_torchrun_ranks_accelerator_is_cuda_in_cuda_numbers_for_the_script_onl
         assert [_index_via_accelerator(i) for i in (0, 1)] == [1, 0]
         assert [_TORCHS_OWN["index"](i) for i in (0, 1)] == [0, 1]  # type: ignore[operator]
         assert torch.accelerator.is_available() and torch.accelerator.device_count() >= 1  # torch's callers: gpupool
+        assert torch.accelerator.current_device_index() == devices.cuda_index(torch._C._accelerator_getDeviceIndex())
+        with pytest.warns(FutureWarning, match="current_device_index"):  # torch's deprecated name: the same answer
+            assert torch.accelerator.current_device_idx() == torch.accelerator.current_device_index()
     finally:
         devices.uninstall()
     assert torch.accelerator.current_accelerator() == torch.device(GP) and _index_via_accelerator(1) == 1
@@ -225,6 +228,28 @@ def test_a_rank_past_the_lease_is_one_clear_error(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv("LOCAL_RANK")
     with pytest.raises(InvalidArgument, match="rank 0 is on gpupool:3 but the lease has 2 device"):
         distributed._own_device(0, 2, 3)
+
+
+def test_a_groups_device_id_is_the_device_it_binds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`init_process_group("gpupool", device_id=torch.device("gpupool", N))`: `_own_device(..., named=N)` binds
+    gpupool:N (until round 36 torch failed first: "No backend type associated with device type gpupool"); under
+    torchrun another rank's device is refused with pool.rank_device's rule, and without torchrun the named device wins
+    over NCCL's `rank mod n` guess."""
+    from gpupool.client import distributed
+
+    from gpupool.errors import InvalidArgument
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert distributed._own_device(1, 2, 0, named=0) == (0, 1)  # the rank's own device, lease device 1
+    with pytest.raises(InvalidArgument, match="gpupool:1 is lease device 0 here, local rank 0's own device"):
+        distributed._own_device(1, 2, 0, named=1)
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert distributed._own_device(1, 2, 0, named=0) == (0, 0)
+    assert distributed._own_device(0, 2, 0, named=1) == (1, 1)
+    with pytest.raises(InvalidArgument, match="device_id gpupool:5 but the lease has 2 device"):
+        distributed._own_device(0, 2, 0, named=5)
 
 
 # ---- the wrappers (devices.install): in this process, taken out again after each test ----
