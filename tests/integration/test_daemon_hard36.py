@@ -6,18 +6,24 @@ element count."""
 from __future__ import annotations
 
 import urllib.request
+import uuid
 from typing import Any
 
 import pytest
+import test_collectives
 import torch
 from gpupool.client.session import Handle, Session
 from gpupool.server import native_runner
+from test_collectives import collective
 from test_daemon_red34 import CANARY, MiB, _plant
 from test_daemon_rev35 import _whole
 
 from gpupool import compact
+from gpupool._proto import device_pb2
+from gpupool.errors import InvalidArgument
 
 T, V = compact.tensor, compact.encode_value
+group = test_collectives.group  # two daemons' sessions of one lease, joined, over each transport (a fixture)
 
 
 def _rec(op_id: int, name: str | None, outputs: list[int], args: list[bytes]) -> bytes:
@@ -64,3 +70,53 @@ def test_a_reduced_loss_in_a_learned_run_holds_no_freed_bytes(daemon_factory: An
             s.free([out, neg])
         assert not any(leaked), leaked
         assert _native_ops(d.metrics_port, "reader") >= 4, "the runner ran none of the steps"
+
+
+def test_complex_collectives_gather_average_and_refuse_orderings(group: Any) -> None:
+    """A complex allgather over gloo failed mid-call (UNAVAILABLE "Invalid scalar type", the group broken): it runs
+    on the real views now, as torch.distributed's own all_gather sends them. A complex allreduce "avg" summed and
+    then raised (floor division of a complex tensor): UNAVAILABLE. min, max and product on complex tensors (gloo
+    refused them mid-call, the secure hub's `torch.maximum` raised) are INVALID_ARGUMENT before a byte moves, and
+    the group goes on. Both transports."""
+    (s0, s1), _, _ = group
+    x0 = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+    x1 = torch.tensor([-5 + 0.5j, 7j], dtype=torch.complex64)
+    ins = [Handle(s.upload(x)) for s, x in ((s0, x0), (s1, x1))]
+    outs = [[Handle(s.upload(torch.zeros(2, dtype=torch.complex64))) for _ in range(2)] for s in (s0, s1)]
+    for s, i, o in zip((s0, s1), ins, outs, strict=True):
+        collective(s, "allgather", o, [i])
+    for s, o in zip((s0, s1), outs, strict=True):
+        assert torch.equal(s.download(o[0]), x0) and torch.equal(s.download(o[1]), x1)
+
+    a0, a1 = Handle(s0.upload(x0)), Handle(s1.upload(x1))
+    collective(s0, "allreduce", [a0], op="avg")
+    collective(s1, "allreduce", [a1], op="avg")
+    assert torch.equal(s0.download(a0), (x0 + x1) / 2) and torch.equal(s1.download(a1), (x0 + x1) / 2)
+
+    for op in ("max", "min", "product"):
+        for s, x in ((s0, x0), (s1, x1)):
+            collective(s, "allreduce", [Handle(s.upload(x))], op=op)  # (its output is poisoned: a new one each)
+            with pytest.raises(InvalidArgument, match=f"reduce op {op} is not defined for complex"):
+                s.sync()
+    a0, a1 = Handle(s0.upload(x0)), Handle(s1.upload(x1))
+    collective(s0, "allreduce", [a0], op="sum")  # the group is not broken
+    collective(s1, "allreduce", [a1], op="sum")
+    assert torch.equal(s0.download(a0), x0 + x1)
+
+
+def test_a_group_join_with_port_handle_0_says_what_is_missing(daemon_factory: Any) -> None:
+    """Rank 0 hosts the group's store and writes its port into `port_handle`; a join naming 0 was refused as
+    PERMISSION_DENIED "handle 0x0 belongs to another session" (after the store had opened a port). Now
+    INVALID_ARGUMENT naming the field, before any port opens; the session joins with a handle afterwards."""
+    d = daemon_factory(fake_gpus=2, worker_network=True)
+    lease = uuid.uuid4().hex
+    tokens = [d.token(lease_id=lease, device=i, network=True) for i in range(2)]
+    with Session.attach(d.address, tokens[0]) as s:
+        join = device_pb2.GroupJoin(rank=0, size=2, tokens=tokens, port_handle=0, timeout_seconds=5)
+        s.command(device_pb2.Command(group_join=join))
+        with pytest.raises(InvalidArgument, match="port_handle 0: it needs a handle of this session"):
+            s.sync()
+        join.port_handle = h = s.new_handle()
+        s.command(device_pb2.Command(group_join=join))
+        (port,) = s.sync([h])
+        assert 0 < int(port) < 65536
