@@ -547,6 +547,12 @@ class Collectives:
         if rank == 0:
             if msg.store_address:
                 raise InvalidArgument("rank 0 hosts the group's store; it takes no store_address")
+            if msg.port_handle == 0:  # (round 36: `bind` said "handle 0x0 belongs to another session")
+                raise InvalidArgument(
+                    "rank 0's GroupJoin names port_handle 0: it needs a handle of this session, where the daemon puts "
+                    "the port of the group's store"
+                )
+            s.check_handle(msg.port_handle)  # before the store opens a port
         else:
             host, port_num = _peer_address(msg.store_address)
         if size > 1:
@@ -766,6 +772,13 @@ def _check_shape(msg: device_pb2.Collective, tensors: list[Any], inputs: list[An
             raise InvalidArgument(f"reduce_scatter takes 1 output and 1 or {size} inputs of {size}x its size")
     if len({id(t) for t in tensors}) != len(tensors):
         raise InvalidArgument(f"{msg.kind} names one tensor twice")
+    if msg.reduce_op in ("min", "max", "product") and kinds_dtypes and next(iter(kinds_dtypes)).is_complex:
+        # (round 36) gloo refused it mid-call ("all_reduce does not support on complex tensors"; the secure hub's
+        # `torch.maximum` raised), an UNAVAILABLE that broke the group; torch.distributed refuses it before calling
+        raise InvalidArgument(
+            f"{msg.kind} with reduce op {msg.reduce_op} is not defined for complex tensors "
+            f"({next(iter(kinds_dtypes))}): sum and avg are"
+        )
 
 
 def _run(pg: Any, msg: device_pb2.Collective, tensors: list[Any], inputs: list[Any], group: Group) -> None:
@@ -803,7 +816,8 @@ def _run_kind(pg: Any, msg: device_pb2.Collective, tensors: list[Any], inputs: l
         opts.reduceOp = _REDUCE[msg.reduce_op or "sum"]  # type: ignore[assignment]
         pg.allreduce([flat], opts).wait()
         if msg.reduce_op == "avg":
-            flat.div_(group.size) if flat.is_floating_point() else flat.floor_divide_(group.size)
+            exact = flat.is_floating_point() or flat.is_complex()  # (complex: floor_divide_ raised after the sum)
+            flat.div_(group.size) if exact else flat.floor_divide_(group.size)
         if kind == "reduce_scatter":
             n = tensors[0].numel()
             tensors[0].copy_(flat[group.rank * n : (group.rank + 1) * n].view_as(tensors[0]))
@@ -819,7 +833,12 @@ def _run_kind(pg: Any, msg: device_pb2.Collective, tensors: list[Any], inputs: l
                 t.copy_(buf)
     elif kind == "allgather":
         outs = [t if t.is_contiguous() else t.contiguous() for t in tensors]
-        pg.allgather([outs], [inputs[0].contiguous()]).wait()
+        mine = inputs[0].contiguous()
+        if mine.is_complex():  # (round 36) gloo has no complex allgather ("Invalid scalar type": UNAVAILABLE, the
+            # group broken): their real views (the same bytes), as torch.distributed's all_gather sends them
+            pg.allgather([[torch.view_as_real(o) for o in outs]], [torch.view_as_real(mine)]).wait()
+        else:
+            pg.allgather([outs], [mine]).wait()
         for t, o in zip(tensors, outs, strict=True):
             if o is not t:
                 t.copy_(o)

@@ -542,15 +542,6 @@ def _grown_zeroed(inplace: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-# Ops whose CPU kernels return a result over a larger buffer they do not write whole (round 34, red34): `mse_loss`
-# and `smooth_l1_loss` (mean, sum) return a 0-d result over a storage of the elementwise loss's size, only its first
-# element written, which `as_strided` over the whole storage (views are checked against their storage) read: under
-# `--isolation thread` another session's freed bytes. `WorkerSession.bind_new` zeroes such a storage outside the result;
-# the C++ runner's binding does not check it, so their steps stay in Python (server/native_runner.py `_extras`).
-# A graph's slots are checked against their meta storages (4 bytes here), so a graph's view of one is refused.
-BUFFERED_RESULTS = frozenset({"aten::mse_loss", "aten::smooth_l1_loss", "aten::soft_margin_loss"})
-
-
 _REPLACEMENTS: dict[str, Callable[..., Any]] = {
     "aten::resize": _grown_zeroed(torch.Tensor.resize_),
     "aten::resize_as": _grown_zeroed(torch.Tensor.resize_as_),

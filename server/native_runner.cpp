@@ -17,6 +17,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <ctime>
@@ -1226,13 +1227,14 @@ struct Ctx {
     try {
       py::object bound;
       if (here) {
+        zero_several(hkeys, outs, values.p);
         Own got(PyList_New(0));
         if (got.p == nullptr) throw py::error_already_set();
         for (size_t j = 0; j < nh; ++j) {
           PyObject* kj = PyTuple_GET_ITEM(hkeys, static_cast<Py_ssize_t>(j));
           const uint64_t hj = PyLong_AsUnsignedLongLong(kj);
           if (!outs[j].defined() || hj == 0) continue;
-          bind_new(c, kj, outs[j], PyList_GET_ITEM(values.p, static_cast<Py_ssize_t>(j)));
+          bind_new(c, kj, outs[j], PyList_GET_ITEM(values.p, static_cast<Py_ssize_t>(j)), false);
           handle_keys->put(hj, kj);
           if (PyList_Append(got.p, kj) < 0) throw py::error_already_set();
         }
@@ -1257,6 +1259,36 @@ struct Ctx {
     return true;
   }
 
+  // `WorkerSession.bind_outputs`' zeroing, before `several` binds an op's outputs with `bind_new`: a new storage's
+  // bytes outside the union of the extents of the outputs it binds there (`y[0]`, `y[1]` over one new storage keep
+  // each other's bytes), where one of them does not cover it (`outside`); handle 0 binds nothing, as there.
+  void zero_several(PyObject* hkeys, const std::vector<at::Tensor>& outs, PyObject* values) {
+    const size_t nh = static_cast<size_t>(PyTuple_GET_SIZE(hkeys));
+    auto bound = [&](size_t j) {
+      return outs[j].defined() && PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(hkeys, static_cast<Py_ssize_t>(j))) != 0;
+    };
+    std::vector<const c10::StorageImpl*> done;
+    for (size_t j = 0; j < nh; ++j) {
+      if (!bound(j) || !outside(outs[j], outs[j].storage().nbytes())) continue;
+      const c10::StorageImpl* st = outs[j].storage().unsafeGetStorageImpl();
+      if (std::find(done.begin(), done.end(), st) != done.end()) continue;
+      done.push_back(st);
+      Own skey(PyLong_FromVoidPtr(const_cast<c10::StorageImpl*>(st)));
+      if (skey.p == nullptr) throw py::error_already_set();
+      if (PyDict_GetItemWithError(storages.ptr(), skey.p) != nullptr) continue;  // a handle holds it: not new
+      if (PyErr_Occurred()) throw py::error_already_set();
+      Own objs(PyList_New(0));
+      if (objs.p == nullptr) throw py::error_already_set();
+      for (size_t k = 0; k < nh; ++k) {  // those before j too: one that covers it keeps it whole
+        if (bound(k) && outs[k].storage().unsafeGetStorageImpl() == st &&
+            PyList_Append(objs.p, PyList_GET_ITEM(values, static_cast<Py_ssize_t>(k))) < 0) {
+          throw py::error_already_set();
+        }
+      }
+      zero_new(objs.p);
+    }
+  }
+
   static py::object fetch() {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
@@ -1268,8 +1300,26 @@ struct Ctx {
     return py::reinterpret_steal<py::object>(value);
   }
 
-  // `WorkerSession.bind_new`: count the storage once, bind the handle
-  void bind_new(Counts& c, PyObject* hkey, const at::Tensor& out, PyObject* obj) {
+  // Whether `t`'s storage of `nbytes` holds bytes outside `t`'s extent (`sessions._zero_outside` zeroes them in a
+  // new storage): a kernel's buffer behind a smaller result (`mse_loss`'s 0-d loss over the elementwise buffer), an
+  // expanded or offset result. The common case, a dense result over exactly its storage, costs three comparisons.
+  static bool outside(const at::Tensor& t, size_t nbytes) {
+    if (t.nbytes() == nbytes && t.storage_offset() == 0 && t.unsafeGetTensorImpl()->is_non_overlapping_and_dense()) {
+      return false;
+    }
+    if (t.numel() == 0) return nbytes > 0;  // `_zero_outside`: a tensor of no elements covers nothing
+    if (t.storage_offset() > 0) return true;
+    int64_t last = 0;  // `sessions.extent`: strides are never negative
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    return static_cast<size_t>((last + 1) * static_cast<int64_t>(t.element_size())) < nbytes;
+  }
+
+  // `sessions._zero_unwritten(tensors, storage)` for `objs`, tensors over one new storage (`WorkerSession.zero_new`)
+  void zero_new(PyObject* objs) { s.attr("zero_new")(py::handle(objs)); }
+
+  // `WorkerSession.bind_new`: count the storage once (a new one's bytes outside `out` zeroed, unless `zero` is
+  // false: `several` zeroes outside all of an op's outputs first), bind the handle
+  void bind_new(Counts& c, PyObject* hkey, const at::Tensor& out, PyObject* obj, bool zero = true) {
     const auto& storage = out.storage();
     Own skey(PyLong_FromVoidPtr(storage.unsafeGetStorageImpl()));
     if (skey.p == nullptr) throw py::error_already_set();
@@ -1277,6 +1327,12 @@ struct Ctx {
     if (entry == nullptr) {
       if (PyErr_Occurred()) throw py::error_already_set();
       const int64_t nbytes = static_cast<int64_t>(storage.nbytes());
+      if (zero && outside(out, storage.nbytes())) {  // round 36: the runner zeroed nothing (guards.BUFFERED_RESULTS)
+        Own objs(PyList_New(1));
+        if (objs.p == nullptr) throw py::error_already_set();
+        PyList_SET_ITEM(objs.p, 0, Py_NewRef(obj));  // steals the new reference
+        zero_new(objs.p);
+      }
       Own fresh(PyList_New(2));  // [handles on the storage, its bytes]
       if (fresh.p == nullptr) throw py::error_already_set();
       PyObject* one = PyLong_FromLong(1);

@@ -318,8 +318,6 @@ def _extras(step: Any) -> str | None:
     plan = step.plan
     if plan.reshapes:
         return "reshapes"
-    if plan.name in guards.BUFFERED_RESULTS:  # the buffer zeroed outside the result by `WorkerSession.bind_new` only
-        return "buffered"
     return "check" if step.check and _guard(step) is None else None
 
 

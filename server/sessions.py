@@ -239,14 +239,15 @@ class WorkerSession:
         elementwise loss's size whose other bytes were never written, and `as_strided` over the whole storage
         (views are checked against their storage) read them: under `--isolation thread` another session's freed
         data. The tensor stays as its kernel made it: a copy would change the layout the client's meta kernels
-        computed (a gappy `empty_strided`'s views then reached past the copy's storage). Only a new storage larger
-        than the tensor's elements pays: a view of a storage a handle holds stays a view."""
+        computed (a gappy `empty_strided`'s views then reached past the copy's storage). Only a new storage its tensor
+        does not cover (`covers`) pays: a view of a storage a handle holds stays a view. Round 36: the test was the
+        storage larger than `tensor.nbytes`, which an expanded (stride 0) result over a larger buffer passed."""
         storage = tensor.untyped_storage()
         key = storage._cdata
         entry = self._storages.get(key)
         if entry is None:
             nbytes = storage.nbytes()
-            if nbytes > tensor.nbytes:  # maybe a kernel's buffer behind it
+            if nbytes != tensor.nbytes or not tensor.is_contiguous():  # `covers`, inline: a kernel's buffer behind it?
                 _zero_unwritten([tensor], storage)
             self._storages[key] = [1, nbytes]
             self.used += nbytes
@@ -255,6 +256,11 @@ class WorkerSession:
             entry[0] += 1
         self._keys[handle] = key
         self.tensors[handle] = tensor
+
+    def zero_new(self, tensors: list[torch.Tensor]) -> None:
+        """`_zero_unwritten` of `tensors`, an op's outputs over one storage no handle holds yet: the C++ runner's
+        binding (server/native_runner.cpp `bind_new`, `zero_several`), where one of them does not cover it."""
+        _zero_unwritten(tensors, tensors[0].untyped_storage())
 
     def rebind(self, handle: int, tensor: torch.Tensor) -> None:
         """`bind` for a handle the caller checked (`check_handle`): a captured step's outputs and the tensors it
@@ -289,7 +295,7 @@ class WorkerSession:
                 found = storages.get(key)
                 if found is None:
                     nbytes = storage.nbytes()
-                    if nbytes > tensor.nbytes:  # as `bind_new`: a graph's mse_loss holds the same buffer
+                    if not covers(tensor, nbytes):  # as `bind_new`: a graph's mse_loss holds the same buffer
                         fresh[key] = (storage, [tensor])
                     storages[key] = [1, nbytes]
                     delta += nbytes
@@ -311,8 +317,8 @@ class WorkerSession:
         entry = self._storages.get(key)
         if entry is None:
             nbytes = storage.nbytes()
-            if zero and nbytes > tensor.nbytes:  # as `bind_new` (round 35, rev35: an output handle already live,
-                _zero_unwritten([tensor], storage)  # a multi-output op, an out= op's set_ took this path)
+            if zero and not covers(tensor, nbytes):  # as `bind_new` (round 35, rev35: an output handle already
+                _zero_unwritten([tensor], storage)  # live, a multi-output op, an out= op's set_ took this path)
             self._storages[key] = [1, nbytes]
             self._account(nbytes)
         else:
@@ -448,6 +454,13 @@ def _zero_outside(
         at = max(at, hi)
     if at < end:
         zero_bytes(storage, at, end)
+
+
+def covers(t: torch.Tensor, nbytes: int) -> bool:
+    """Whether `t`'s elements are every byte of its storage of `nbytes`, densely in order (`bind_new`'s cheap test;
+    else `_zero_outside` measures the extent): not an expanded (stride 0) or gappy result, an offset, a buffer
+    behind it. A permuted dense result (channels_last) takes the measuring path, which zeroes nothing there."""
+    return nbytes == t.nbytes and t.is_contiguous()
 
 
 def _zero_unwritten(tensors: list[torch.Tensor], storage: torch.UntypedStorage) -> None:

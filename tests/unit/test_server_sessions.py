@@ -122,3 +122,50 @@ def test_fake_devices_and_discovery() -> None:
     assert measured[0] >= 0.01
     if not cuda_available():
         assert discover("h")[0].fake  # no GPU and no fakes asked for: one fake GPU
+
+
+def _expanded(n: int) -> torch.Tensor:
+    """One written element of a new storage of n, expanded over it (stride 0): `tensor.nbytes` is the storage's
+    size though the tensor's extent is one element; the other bytes stand for a kernel's unwritten buffer."""
+    buf = torch.full((n,), 7.25)
+    buf[0] = 1.0
+    return buf[:1].expand(n)
+
+
+@pytest.mark.parametrize("path", ["bind_new", "bind", "bind_outputs", "rebind_all"])
+def test_a_new_storage_is_zeroed_outside_an_expanded_results_extent(path: str) -> None:
+    """Round 36 (hard36): the binding paths zeroed a new storage outside its tensor only when the storage was larger
+    than `tensor.nbytes` (elements x size): an expanded result over a partly unwritten buffer of its own element
+    count passed, its other bytes kept (no op was found returning one: a scan of torch's OpInfo samples, forward and
+    backward; pinned here). The test is the extent now (`sessions.covers`, else `_zero_outside` measures)."""
+    s, n = make(), 1000
+    h = s.handle_base + 1
+    t = _expanded(n)
+    if path == "bind_new":
+        s.bind_new(h, t)
+    elif path == "bind":
+        s.bind(h, t)
+    elif path == "bind_outputs":
+        s.bind_outputs([(h, t)])
+    else:
+        s.rebind_all([(h, t)])
+    whole = torch.empty(0).set_(t.untyped_storage(), 0, (n,), (1,))
+    assert whole[0] == 1.0 and not whole[1:].any(), int((whole == 7.25).sum())
+    assert torch.equal(s.tensors[h], torch.ones(n)) and s.used == 4 * n
+
+
+def test_dense_results_that_cover_their_storage_keep_every_byte() -> None:
+    """What `covers` lets through or `_zero_outside` measures and leaves: a contiguous result, a transposed (dense)
+    one, two halves of one new storage bound together; an offset or a shorter result is zeroed around."""
+    s = make()
+    h = s.handle_base
+    plain, turned = torch.full((6,), 2.0), torch.full((3, 4), 3.0).t()
+    s.bind_new(h + 1, plain)
+    s.bind_new(h + 2, turned)
+    assert torch.equal(plain, torch.full((6,), 2.0)) and torch.equal(turned, torch.full((4, 3), 3.0))
+    pair = torch.full((8,), 5.0)
+    s.bind_outputs([(h + 3, pair[:4]), (h + 4, pair[4:])])
+    assert torch.equal(pair, torch.full((8,), 5.0))
+    inner = torch.full((8,), 9.0)
+    s.bind_new(h + 5, inner[2:5])
+    assert inner.tolist() == [0, 0, 9, 9, 9, 0, 0, 0]
