@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gpupool.server import slices, staging
-from gpupool.server.devices import CudaDevice
+from gpupool.server import staging
 from gpupool.server.executor import CommandExecutor
-from gpupool.server.sessions import DeviceMemory, WorkerSession
-from test_graph_cuda import _run
+from gpupool.server.sessions import WorkerSession
+from test_graph_cuda import _define, _run
 from test_server_graph import _no_reply, op, slot
+from test_staging_cuda import _session
 
 from gpupool import wire
 from gpupool._proto import device_pb2, tensor_pb2
@@ -29,14 +29,6 @@ from gpupool._proto import device_pb2, tensor_pb2
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 KiB = 1024
 SLEEP = 200_000_000  # torch.cuda._sleep cycles: ~0.1 s of the device's time queued ahead of what follows
-
-
-def _session() -> tuple[CommandExecutor, WorkerSession]:
-    dev = CudaDevice(0)
-    s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 30)
-    ex = CommandExecutor(slices.SliceLedger())
-    ex.exclusive_rng = True
-    return ex, s
 
 
 def _upload(ex: CommandExecutor, s: WorkerSession, h: int, x: torch.Tensor) -> None:
@@ -53,20 +45,21 @@ def test_buffers_given_back_with_a_copy_queued_are_not_handed_out_before_it_ran(
     again, the queued copy would read the second staging's bytes."""
     first = staging.Staging(torch.device("cuda"))
     torch.cuda._sleep(SLEEP)
-    dst = torch.empty(256 * KiB, dtype=torch.uint8, device="cuda")
-    assert first.copy(dst, b"\x01" * (256 * KiB))
+    queued = _copies(first, [1])
     first.close()
     second = staging.Staging(torch.device("cuda"))
-    others = []
-    for k in range(4):
-        other = torch.empty(256 * KiB, dtype=torch.uint8, device="cuda")
-        assert second.copy(other, bytes([k + 2]) * (256 * KiB))
-        others.append(other)
+    later = _copies(second, [2, 3, 4, 5])
     torch.cuda.synchronize()
-    assert bool((dst == 1).all())
-    for k, other in enumerate(others):
-        assert bool((other == k + 2).all()), k
+    for value, dst in enumerate(queued + later, start=1):
+        assert bool((dst == value).all()), value
     second.close()
+
+
+def _copies(st: staging.Staging, values: list[int]) -> list[torch.Tensor]:
+    """A 256 KiB device tensor for each value, its bytes that value, staged through `st`."""
+    dsts = [torch.empty(256 * KiB, dtype=torch.uint8, device="cuda") for _ in values]
+    assert all(st.copy(dst, bytes([v]) * (256 * KiB)) for dst, v in zip(dsts, values, strict=True))
+    return dsts
 
 
 @cuda
@@ -94,13 +87,8 @@ def test_a_capture_and_its_replays_in_slices_that_run_ahead() -> None:
     for the GPU (a queued sleep keeps slices pending): the outputs are the step's, every slice is booked once."""
     ex, s = _session()
     timer = s.device.slice_timer()
-    x0 = torch.zeros(32, 64)
-    msg = device_pb2.DefineGraph(graph_id=1, inputs=1, input_meta=[wire.meta_to_proto(x0)],
-                                 ops=[op("aten::mul.Scalar", slot(1), tensor_pb2.Arg(f=3.0), out=(2,))],
-                                 outputs=[2])  # fmt: skip
-    ex.execute(s, device_pb2.Command(define_graph=msg), _no_reply)
-    assert s.error is None, s.error
-    g = ex.graphs._of(s)[1]
+    times3 = op("aten::mul.Scalar", slot(1), tensor_pb2.Arg(f=3.0), out=(2,))
+    g = _define(ex, s, [times3], [torch.zeros(32, 64)], [], [2])
     out = s.handle_base + 100
     gen = torch.Generator().manual_seed(6)
     reported = 0.0
