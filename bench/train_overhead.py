@@ -160,12 +160,14 @@ def start_listening(
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     assert proc.stdout is not None
+    seen: list[str] = []  # its output before the line, for the error where it never comes
     for line in proc.stdout:
         m = re.search(r"listening on (\S+:\d+)", line)
         if m:
             threading.Thread(target=_drain, args=(proc,), daemon=True).start()
             return proc, m.group(1)
-    raise RuntimeError(f"{what} did not start (exit {proc.wait()})")
+        seen = [*seen[-29:], line]
+    raise RuntimeError(f"{what} did not start (exit {proc.wait()}):\n{''.join(seen)}")
 
 
 def _drain(proc: subprocess.Popen[str]) -> None:
