@@ -174,7 +174,7 @@ class DeviceServicer:
         batch.commands, batch.nbytes = [], 0
         return self.daemon.submit(s, commands, nbytes)
 
-    def _frame(self, s: FrontSession, raw: bytes, batch: _Batch | None = None) -> bool:
+    def _frame(self, s: FrontSession, raw: bytes | memoryview, batch: _Batch | None = None) -> bool:
         """One frame of the session (from either carrier): checked, split and queued (with `batch`, a side
         reader's, held there to be queued with the frames after it: `read_side`); False when it ended the session
         (its error is queued after the commands `batch` held: `_fail`) or the session is gone."""

@@ -170,6 +170,78 @@ def test_recv_frame_holds_what_arrived_not_what_was_announced() -> None:
     assert peak < 4 * bulkside.FRAME_STEP, f"{peak} bytes held for 1 KiB received"
 
 
+def _send_frames(link: _Link, *frames: bytes) -> threading.Thread:
+    sender = threading.Thread(
+        target=lambda: link.peer.sendall(b"".join(map(protocol.frame_record, frames))), daemon=True
+    )
+    sender.start()
+    return sender
+
+
+def test_recv_frame_reuses_a_buffer_once_nothing_holds_it_and_never_one_a_view_holds() -> None:
+    """Frames of REUSE_MIN to REUSE_MAX bytes are read into the link's own buffers, reused (no fresh memory, page
+    faults or copy per frame): a buffer any view of a frame still holds (a queued command's span) is never read
+    into, one no view holds is; every frame reads exactly its own bytes (a shorter one after a longer one in the
+    same buffer: none of the longer one's), read-only; all held: fresh memory, as before."""
+    link = _Link()
+    a, b, c = (bytes([k]) * size for k, size in ((0xAA, 512 * 1024), (0xBB, 300 * 1024), (0xCC, 100 * 1024)))
+    sender = _send_frames(link, a, b, c, a, b, c)
+    got_a = link.recv_frame(16 * MiB)
+    assert isinstance(got_a, memoryview) and got_a.readonly and got_a == a
+    span = got_a[1000:2000]  # a command's span, queued: it holds the buffer as the frame did
+    del got_a
+    got_b = link.recv_frame(16 * MiB)
+    assert isinstance(got_b, memoryview) and got_b == b and got_b.obj is not span.obj
+    buf_b = id(got_b.obj)  # (its id: a reference would hold it)
+    del got_b
+    got_c = link.recv_frame(16 * MiB)  # into B's buffer (free again): exactly C's bytes, none of B's after them
+    assert id(got_c.obj) == buf_b and len(got_c) == len(c) and got_c == c
+    with pytest.raises(TypeError):
+        got_c[0:1] = b"x"  # type: ignore[index]
+    assert span == a[1000:2000]  # A's buffer was never read into while its span lived
+    held = [got_c, link.recv_frame(16 * MiB)]  # C's, then A again: its buffer, the third, or a fresh one
+    assert held[1] == a and held[1].obj is not span.obj
+    assert len({id(v.obj) for v in (span, *held)}) == bulkside.FRAME_BUFFERS == 3
+    fresh = link.recv_frame(16 * MiB)  # every buffer held: fresh memory, as before round 36
+    assert isinstance(fresh, bytes) and fresh == b
+    del span, held
+    again = link.recv_frame(16 * MiB)
+    assert isinstance(again, memoryview) and again == c
+    sender.join()
+
+
+@pytest.mark.parametrize("size", [bulkside.REUSE_MIN - 1, bulkside.REUSE_MAX + 1])
+def test_frames_outside_the_reused_sizes_come_in_fresh_memory(size: int) -> None:
+    link = _Link()
+    frame = bytes((i * 7) & 0xFF for i in range(size))
+    sender = _send_frames(link, frame)
+    got = link.recv_frame(16 * MiB)
+    assert isinstance(got, bytes) and got == frame
+    sender.join()
+
+
+def test_a_reused_buffer_grows_with_what_arrived_not_what_was_announced() -> None:
+    """A header announcing a frame of REUSE_MAX bytes (the reused buffers' sizes) and one KiB of it: the buffer grows
+    as `records.body`'s does, with what arrived (about FRAME_STEP here), and the close says so; the next frame on a
+    new link of that size reads whole."""
+    link = _Link()
+    link.peer.sendall(protocol.BULK_HEAD.pack(protocol.BULK_FRAME, 0, 0, bulkside.REUSE_MAX) + b"\x0a" * 1024)
+    link.peer.close()
+    tracemalloc.start()
+    try:
+        with pytest.raises(Unavailable, match="closed in the middle of a frame"):
+            link.recv_frame(16 * MiB)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * bulkside.FRAME_STEP, f"{peak} bytes held for 1 KiB received"
+    link = _Link()
+    frame = bytes((i * 13) & 0xFF for i in range(bulkside.REUSE_MAX))
+    sender = _send_frames(link, frame)
+    assert link.recv_frame(16 * MiB) == frame
+    sender.join()
+
+
 def _frames_session() -> tuple[Any, bulkside.BulkLink, socket.socket]:
     """A session whose frames use a side socket (a real BulkLink over a socketpair, non-blocking as bound): the
     session, its link, and the client's end."""
