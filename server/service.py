@@ -194,7 +194,8 @@ class DeviceServicer:
                 # a batch's upload among other commands: checked without copying its bytes, the rest by protobuf
                 stripped = bulk.strip_uploads(commands) if len(raw) >= bulk.STRIP_MIN else None
                 if stripped is None:
-                    parsed = device_pb2.ClientFrame.FromString(raw).commands  # malformed commands end it here
+                    # malformed commands end it here (a side socket's frame buffer: protobuf takes the view)
+                    parsed = device_pb2.ClientFrame.FromString(raw).commands  # type: ignore[arg-type]
                 else:
                     device_pb2.ClientFrame.FromString(stripped[0])
         except (DecodeError, InvalidArgument) as exc:

@@ -46,7 +46,9 @@ CODES = (
 )
 
 
-def split_frame(raw: bytes | memoryview, max_commands: int, bulk: list[int] | None = None) -> list[tuple[int, memoryview]]:
+def split_frame(
+    raw: bytes | memoryview, max_commands: int, bulk: list[int] | None = None
+) -> list[tuple[int, memoryview]]:
     """(kind, span) of each command of a serialized ClientFrame; refuses more than `max_commands` commands
     before materializing any (a 16 MiB frame of empty commands would otherwise cost gigabytes). `bulk`: the
     positions of its Uploads and Gets (what may use the side channel, server/bulkside.py) are appended to it.
@@ -87,7 +89,9 @@ def native_split() -> Any:
     return _native[0]
 
 
-def py_split_frame(raw: bytes | memoryview, max_commands: int, bulk: list[int] | None = None) -> list[tuple[int, memoryview]]:
+def py_split_frame(
+    raw: bytes | memoryview, max_commands: int, bulk: list[int] | None = None
+) -> list[tuple[int, memoryview]]:
     """`split_frame`'s Python reading, the reference: the usual shapes take a short path inline (a command of
     fewer than 16 KiB: a length of one or two bytes; a kind of one or two tag bytes: eager ops are field 30,
     two)."""
