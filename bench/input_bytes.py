@@ -8,6 +8,10 @@ does not grow with the input). Two ways:
 - `captured`: the step under `gpupool.torch.capture`: one RunGraph per step, the input inside it by value
   (`RunGraph.input_data`) up to capture.BY_VALUE_BYTES (256 KiB), above that an Upload before the RunGraph.
 
+The session's frames travel on its side socket by default (`--carriers side`: the daemon with a side port,
+`--bulk-listen`, as `gpupool up` and bench/real_gpu.sh run it; the worker checks that its session's frames went
+there), or on its gRPC stream (`stream`: no side port); `--carriers side,stream` runs both, in turn.
+
 Per input size (--sizes, bytes of float32; the smallest is the baseline), each run a fresh client process pinned to
 the other core: blocks of steps ending in one `.item()`, the daemon's CPU over the block (its front, zygote and the
 session's worker: /proc, clock ticks, so blocks are long) per step, the median block counting; then per MB over the
@@ -16,17 +20,20 @@ and each figure is the median over --rounds. With --against DIR the same client 
 (its .venv/bin/python), alternating which goes first, and the table prints both and their ratio.
 
 `--in-process` instead times only the daemon's own handling of such a step's frame, without gRPC, TLS or the
-kernels, in one process of each checkout (this tree's python and, with --against, DIR's, alternating): the stream
-reader's check of the frame (`split_frame`, then protobuf -- of the frame without the batch's bytes where the
-checkout has `bulk.strip_uploads`), the front's copy of its spans into a buffer like the worker's shared one (a join,
-or `worker._copy_parts` where the checkout has it) and the worker's slice (`slices.run_commands` with a real
-executor and session on a fake GPU). The frame (`--modes`): `eager`, the batch's Upload and 37 small commands
-(16-float Uploads, as many as the stock MLP's eager ops); `captured`, one RunGraph of a graph of the bench's step
-(`x[:16].sum()`), the batch in it by value (keep --sizes at most 256 KiB there: larger batches travel as an Upload).
+kernels, in one process of each checkout (this tree's python and, with --against, DIR's, alternating): for the
+`side` carrier the side reader's read of the frame's record off a socket (`BulkLink.recv_frame` over a Unix socket
+pair fed by a thread: no TLS), then the reader's check of the frame (`split_frame`, then protobuf -- of the frame
+without the batch's bytes where the checkout has `bulk.strip_uploads`), the front's copy of its spans into a buffer
+like the worker's shared one (a join, or `worker._copy_parts` where the checkout has it) and the worker's slice
+(`slices.run_commands` with a real executor and session on a fake GPU). The frame (`--modes`): `eager`, the batch's
+Upload and 37 small commands (16-float Uploads, as many as the stock MLP's eager ops); `captured`, one RunGraph of a
+graph of the bench's step (`x[:16].sum()`), the batch in it by value (keep --sizes at most 256 KiB there: larger
+batches travel as an Upload).
 Thread CPU time per step, the median of --rounds runs of --steps steps.
 
     nice python bench/input_bytes.py                                  # ~2 min
     nice python bench/input_bytes.py --in-process --against /work/wt/base
+    nice python bench/input_bytes.py --carriers side,stream --modes captured --sizes 64,262144,524288 --against DIR
     nice python bench/input_bytes.py --in-process --modes captured --sizes 64,65536,262144 --against /work/wt/base
     nice python bench/input_bytes.py --against /work/wt/base --rounds 3
     nice python bench/input_bytes.py --sizes 64,65536,524288,4194304 --modes captured
