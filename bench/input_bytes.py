@@ -8,6 +8,10 @@ does not grow with the input). Two ways:
 - `captured`: the step under `gpupool.torch.capture`: one RunGraph per step, the input inside it by value
   (`RunGraph.input_data`) up to capture.BY_VALUE_BYTES (256 KiB), above that an Upload before the RunGraph.
 
+The session's frames travel on its side socket by default (`--carriers side`: the daemon with a side port,
+`--bulk-listen`, as `gpupool up` and bench/real_gpu.sh run it; the worker checks that its session's frames went
+there), or on its gRPC stream (`stream`: no side port); `--carriers side,stream` runs both, in turn.
+
 Per input size (--sizes, bytes of float32; the smallest is the baseline), each run a fresh client process pinned to
 the other core: blocks of steps ending in one `.item()`, the daemon's CPU over the block (its front, zygote and the
 session's worker: /proc, clock ticks, so blocks are long) per step, the median block counting; then per MB over the
@@ -16,17 +20,20 @@ and each figure is the median over --rounds. With --against DIR the same client 
 (its .venv/bin/python), alternating which goes first, and the table prints both and their ratio.
 
 `--in-process` instead times only the daemon's own handling of such a step's frame, without gRPC, TLS or the
-kernels, in one process of each checkout (this tree's python and, with --against, DIR's, alternating): the stream
-reader's check of the frame (`split_frame`, then protobuf -- of the frame without the batch's bytes where the
-checkout has `bulk.strip_uploads`), the front's copy of its spans into a buffer like the worker's shared one (a join,
-or `worker._copy_parts` where the checkout has it) and the worker's slice (`slices.run_commands` with a real
-executor and session on a fake GPU). The frame (`--modes`): `eager`, the batch's Upload and 37 small commands
-(16-float Uploads, as many as the stock MLP's eager ops); `captured`, one RunGraph of a graph of the bench's step
-(`x[:16].sum()`), the batch in it by value (keep --sizes at most 256 KiB there: larger batches travel as an Upload).
+kernels, in one process of each checkout (this tree's python and, with --against, DIR's, alternating): for the
+`side` carrier the side reader's read of the frame's record off a socket (`BulkLink.recv_frame` over a Unix socket
+pair fed by a thread: no TLS), then the reader's check of the frame (`split_frame`, then protobuf -- of the frame
+without the batch's bytes where the checkout has `bulk.strip_uploads`), the front's copy of its spans into a buffer
+like the worker's shared one (a join, or `worker._copy_parts` where the checkout has it) and the worker's slice
+(`slices.run_commands` with a real executor and session on a fake GPU). The frame (`--modes`): `eager`, the batch's
+Upload and 37 small commands (16-float Uploads, as many as the stock MLP's eager ops); `captured`, one RunGraph of a
+graph of the bench's step (`x[:16].sum()`), the batch in it by value (keep --sizes at most 256 KiB there: larger
+batches travel as an Upload).
 Thread CPU time per step, the median of --rounds runs of --steps steps.
 
     nice python bench/input_bytes.py                                  # ~2 min
     nice python bench/input_bytes.py --in-process --against /work/wt/base
+    nice python bench/input_bytes.py --carriers side,stream --modes captured --sizes 64,262144,524288 --against DIR
     nice python bench/input_bytes.py --in-process --modes captured --sizes 64,65536,262144 --against /work/wt/base
     nice python bench/input_bytes.py --against /work/wt/base --rounds 3
     nice python bench/input_bytes.py --sizes 64,65536,524288,4194304 --modes captured
@@ -58,9 +65,13 @@ SIZES = "64,65536,524288,4194304"
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
+    from gpupool.client.torch import runtime
+
     import gpupool.torch as gt
 
     device = gt.attach(args.address, args.token)
+    rt = runtime.get(device.index)
+    assert rt is not None
     n = max(1, args.size // 4)
     batches = [torch.randn(n, generator=torch.Generator().manual_seed(i)) for i in range(4)]
 
@@ -93,6 +104,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         daemon.append((_tree_cpu(args.daemon_pid) - d0) / args.steps)
         client.append((time.process_time() - c0) / args.steps)
     return {
+        "side": rt.session._carrier is not None,  # the session's frames went on its side socket
         "step_s": statistics.median(blocks),
         "daemon_s": statistics.median(daemon),
         "client_s": statistics.median(client),
@@ -138,14 +150,16 @@ def in_process(args: argparse.Namespace) -> dict[str, Any]:
     else:
         cmds = [upload(handles[0], x)] + [upload(h, small) for h in handles[1:]]
         expect = x
-    raw = device_pb2.ClientFrame(commands=cmds).SerializeToString()
+    frame = device_pb2.ClientFrame(commands=cmds).SerializeToString()
     free = device_pb2.Command(free=device_pb2.Free(handles=handles[: len(cmds)]))
-    shared = memoryview(bytearray(len(raw) + 4096))
+    shared = memoryview(bytearray(len(frame) + 4096))
     strip = getattr(bulk, "strip_uploads", None)
     copy_parts = getattr(worker, "_copy_parts", None)
+    read = _side_reader(frame, args.steps + 20) if args.carrier == "side" else None
 
     def step() -> tuple[int, int]:
         t0 = time.thread_time_ns()
+        raw = frame if read is None else read()
         commands = slices.split_frame(raw, 4096)
         got = strip(commands) if strip is not None and len(raw) >= bulk.STRIP_MIN else None
         device_pb2.ClientFrame.FromString(raw if got is None else got[0])
@@ -173,46 +187,89 @@ def in_process(args: argparse.Namespace) -> dict[str, Any]:
     return {"front_s": statistics.median(fronts) / 1e9, "worker_s": statistics.median(workers) / 1e9}
 
 
+def _side_reader(frame: bytes, count: int) -> Any:
+    """A session's frames socket as the daemon's reader has it (`bulkside.BulkLink` over a non-blocking socket, here
+    a Unix socket pair without TLS: what the checkout does with a frame's bytes, not the kernel's or OpenSSL's
+    copies), fed `count` records of `frame` by a thread of its own (its CPU is not the reader's); returns the
+    reader's `recv_frame`."""
+    import socket
+    import threading
+
+    from gpupool.server import bulkside
+
+    from gpupool import protocol
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    link = bulkside.BulkLink(ours, 1, frames=True)
+    record = protocol.frame_record(frame)
+    threading.Thread(target=lambda: [theirs.sendall(record) for _ in range(count)], daemon=True).start()
+
+    def read() -> Any:
+        got = link.recv_frame(64 << 20)
+        assert got is not None and len(got) == len(frame)
+        return got
+
+    return read
+
+
 def main_in_process(args: argparse.Namespace, sizes: list[int], pythons: list[tuple[str, str]]) -> int:
-    results: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    results: dict[tuple[str, str, int, str], list[dict[str, Any]]] = {}
     load0 = os.getloadavg()[0]
-    modes = args.modes.split(",")
+    modes, carriers = args.modes.split(","), args.carriers.split(",")
     for k in range(args.rounds):
-        for mode in modes:
-            for size in sizes:
-                for which, python in pythons if k % 2 == 0 else pythons[::-1]:
-                    cmd = ["taskset", "-c", str(args.daemon_core), python, __file__, "--worker", "--in-process",
-                           "--mode", mode, "--size", str(size), "--steps", str(args.steps)]  # fmt: skip
-                    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=str(
-                        Path(python).parent.parent.parent), env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-                    results.setdefault((mode, size, which), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for carrier in carriers:
+            for mode in modes:
+                for size in sizes:
+                    for which, python in pythons if k % 2 == 0 else pythons[::-1]:
+                        cmd = ["taskset", "-c", str(args.daemon_core), python, __file__, "--worker", "--in-process",
+                               "--mode", mode, "--size", str(size), "--steps", str(args.steps),
+                               "--carrier", carrier]  # fmt: skip
+                        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=str(
+                            Path(python).parent.parent.parent), env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                        got = json.loads(out.stdout.strip().splitlines()[-1])
+                        results.setdefault((carrier, mode, size, which), []).append(got)
     table = Table(title="the daemon's own handling of a step's frame (no gRPC, TLS or kernels): thread CPU us per "
                   "step, medians over rounds of each run's median step")  # fmt: skip
-    for col in ("mode", "input bytes", "daemon", "reader check + copy", "worker slice", "total", "total/base"):
+    for col in ("carrier", "mode", "input bytes", "daemon", "reader (read, check, copy)", "worker slice", "total",
+                "total/base"):  # fmt: skip
         table.add_column(col, justify="right")
-    for mode in modes:
-        for size in sizes:
-            for which, _ in pythons:
-                m = {f: statistics.median(r[f] for r in results[(mode, size, which)]) for f in ("front_s", "worker_s")}
-                total = m["front_s"] + m["worker_s"]
-                ratio = ""
-                if which == "this" and len(pythons) > 1:
-                    b = {
-                        f: statistics.median(r[f] for r in results[(mode, size, "base")])
-                        for f in ("front_s", "worker_s")
-                    }
-                    ratio = f"{total / (b['front_s'] + b['worker_s']):.2f}"
-                table.add_row(mode, str(size), which, f"{m['front_s'] * 1e6:.1f}", f"{m['worker_s'] * 1e6:.1f}",
-                              f"{total * 1e6:.1f}", ratio)  # fmt: skip
+    fields = ("front_s", "worker_s")
+    for carrier in carriers:
+        for mode in modes:
+            for size in sizes:
+                for which, _ in pythons:
+                    m = {f: statistics.median(r[f] for r in results[(carrier, mode, size, which)]) for f in fields}
+                    total = m["front_s"] + m["worker_s"]
+                    ratio = ""
+                    if which == "this" and len(pythons) > 1:
+                        b = {f: statistics.median(r[f] for r in results[(carrier, mode, size, "base")]) for f in fields}
+                        ratio = f"{total / (b['front_s'] + b['worker_s']):.2f}"
+                    table.add_row(carrier, mode, str(size), which, f"{m['front_s'] * 1e6:.1f}",
+                                  f"{m['worker_s'] * 1e6:.1f}", f"{total * 1e6:.1f}", ratio)  # fmt: skip
     Console(width=160).print(table)
     print(f"load average (1 min): {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
     return 0
+
+
+def _carrier_flags(carrier: str) -> str:
+    """BENCH_DAEMON_FLAGS for a carrier: `side` adds a side port (`--bulk-listen`, as `gpupool up` runs a daemon: the
+    session's frames on its side socket), `stream` takes any away (frames on the gRPC stream); other flags kept."""
+    flags = os.environ.get("BENCH_DAEMON_FLAGS", "").split()
+    while "--bulk-listen" in flags:
+        at = flags.index("--bulk-listen")
+        del flags[at : at + 2]
+    if carrier == "side":
+        flags += ["--bulk-listen", "127.0.0.1:0"]
+    return " ".join(flags)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default=SIZES, help="comma-separated input bytes (float32); the first is the baseline")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ",".join(MODES))
+    p.add_argument("--carriers", default="side", help="comma-separated: side (the session's frames on its side "
+                   "socket, as `gpupool up` runs a daemon), stream (on its gRPC stream: no side port)")  # fmt: skip
     p.add_argument("--steps", type=int, default=300, help="steps per timed block (the daemon's CPU is in ticks)")
     p.add_argument("--blocks", type=int, default=3, help="timed blocks (the median counts)")
     p.add_argument("--rounds", type=int, default=2, help="alternating runs; the median of each figure over them")
@@ -223,10 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     add_worker_flags(p)
     p.add_argument("--size", type=int, default=64, help=argparse.SUPPRESS)
     p.add_argument("--mode", default="eager", help=argparse.SUPPRESS)
+    p.add_argument("--carrier", default="side", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(in_process(args) if args.in_process else worker(args)))
         return 0
+    if not set(args.carriers.split(",")) <= {"side", "stream"}:
+        p.error(f"--carriers: side, stream (got {args.carriers})")
 
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.in_process:
@@ -234,45 +294,52 @@ def main(argv: list[str] | None = None) -> int:
         if args.against:
             pythons.append(("base", args.against_python or str(Path(args.against) / ".venv" / "bin" / "python")))
         return main_in_process(args, sizes, pythons)
-    modes = args.modes.split(",")
+    modes, carriers = args.modes.split(","), args.carriers.split(",")
     load0 = os.getloadavg()[0]
     against = None
     if args.against:
         against = (args.against, args.against_python or str(Path(args.against) / ".venv" / "bin" / "python"))
     daemons_of = ["process", "base"] if against else ["process"]
-    results: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
-    with bench_daemons(args.daemon_core, against=against) as daemons:
-        for k in range(args.rounds):
-            for mode in modes:
-                for size in sizes:
-                    for which in daemons_of if k % 2 == 0 else daemons_of[::-1]:
-                        argv_w = ["--mode", mode, "--size", str(size), "--steps", str(args.steps),
-                                  "--blocks", str(args.blocks)]  # fmt: skip
-                        r = run_worker(__file__, args.client_core, f"{mode}/{size}/{which}", argv_w,
-                                       **daemons.remote(which))  # fmt: skip
-                        results.setdefault((mode, size, which), []).append(r)
+    results: dict[tuple[str, str, int, str], list[dict[str, Any]]] = {}
+    for carrier in carriers:
+        os.environ["BENCH_DAEMON_FLAGS"] = _carrier_flags(carrier)
+        with bench_daemons(args.daemon_core, against=against) as daemons:
+            for k in range(args.rounds):
+                for mode in modes:
+                    for size in sizes:
+                        for which in daemons_of if k % 2 == 0 else daemons_of[::-1]:
+                            argv_w = ["--mode", mode, "--size", str(size), "--steps", str(args.steps),
+                                      "--blocks", str(args.blocks)]  # fmt: skip
+                            r = run_worker(__file__, args.client_core, f"{mode}/{size}/{which}", argv_w,
+                                           **daemons.remote(which))  # fmt: skip
+                            # the session's frames went where the carrier says (a side port that failed: the stream)
+                            assert r["side"] == (carrier == "side"), (carrier, r)
+                            results.setdefault((carrier, mode, size, which), []).append(r)
     table = Table(title="a step's input bytes: the daemon's CPU per step (medians over rounds; per MB: over the "
                   f"{sizes[0]}-byte input's)")  # fmt: skip
-    for col in ("mode", "input bytes", "daemon", "ms/step", "client us/step", "daemon us/step", "daemon us/MB"):
+    for col in ("carrier", "mode", "input bytes", "daemon", "ms/step", "client us/step", "daemon us/step",
+                "daemon us/MB"):  # fmt: skip
         table.add_column(col, justify="right")
     if against:
         table.add_column("this/base", justify="right")
-    med: dict[tuple[str, int, str], dict[str, float]] = {
+    med: dict[tuple[str, str, int, str], dict[str, float]] = {
         key: {f: statistics.median(r[f] for r in rs) for f in ("step_s", "daemon_s", "client_s")}
         for key, rs in results.items()
     }
-    for mode in modes:
-        for size in sizes:
-            for which in daemons_of:
-                m, base = med[(mode, size, which)], med[(mode, sizes[0], which)]
-                extra = m["daemon_s"] - base["daemon_s"]
-                per_mb = f"{extra / (size - sizes[0]) * 2**20 * 1e6:.0f}" if size != sizes[0] else ""
-                row = [mode, str(size), "this" if which == "process" else "base", f"{m['step_s'] * 1e3:.3f}",
-                       f"{m['client_s'] * 1e6:.0f}", f"{m['daemon_s'] * 1e6:.0f}", per_mb]  # fmt: skip
-                if against:
-                    other = med[(mode, size, "base")]["daemon_s"]
-                    row.append(f"{m['daemon_s'] / other:.2f}" if which == "process" and other else "")
-                table.add_row(*row)
+    for carrier in carriers:
+        for mode in modes:
+            for size in sizes:
+                for which in daemons_of:
+                    m, base = med[(carrier, mode, size, which)], med[(carrier, mode, sizes[0], which)]
+                    extra = m["daemon_s"] - base["daemon_s"]
+                    per_mb = f"{extra / (size - sizes[0]) * 2**20 * 1e6:.0f}" if size != sizes[0] else ""
+                    row = [carrier, mode, str(size), "this" if which == "process" else "base",
+                           f"{m['step_s'] * 1e3:.3f}", f"{m['client_s'] * 1e6:.0f}", f"{m['daemon_s'] * 1e6:.0f}",
+                           per_mb]  # fmt: skip
+                    if against:
+                        other = med[(carrier, mode, size, "base")]["daemon_s"]
+                        row.append(f"{m['daemon_s'] / other:.2f}" if which == "process" and other else "")
+                    table.add_row(*row)
     Console(width=160).print(table)
     print(f"load average (1 min): {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
     return 0

@@ -222,7 +222,7 @@ def sync_frame(request_id: int) -> bytes:
     return FRAME_COMMANDS_TAG + varint(len(command)) + command
 
 
-def lone_sync(raw: bytes) -> int | None:
+def lone_sync(raw: bytes | memoryview) -> int | None:
     """The request id of a frame that is exactly `sync_frame(request_id)` (what a client's round trip sends:
     one Sync, no scalars), else None; the bytes are compared whole, so no other frame reads as one."""
     if len(raw) > 16 or raw[2:3] != _COMMAND_SYNC_TAG:

@@ -53,6 +53,26 @@ def body(sock: Any, lock: threading.Lock, n: int, timeout: float | None) -> byte
     return bytes(buf)
 
 
+def body_into(sock: Any, lock: threading.Lock, n: int, timeout: float | None, buf: bytearray) -> memoryview:
+    """`body`, read into `buf` (the caller's, reused from record to record: no fresh memory, no page faults and no
+    final copy per record) instead of fresh memory: a view of its first `n` bytes, every one of them read from the
+    socket for this record. `buf` must have no view alive (it may be resized); where it is shorter than `n` it grows
+    as `body`'s buffer does, by doubling from its length (at least STEP) as the bytes arrive, so a header commits no
+    memory beyond what `buf` already held. What lies past `n` in `buf` is never handed out, and the view is
+    read-only."""
+    got = 0
+    if len(buf) < min(n, STEP):
+        buf.extend(bytes(min(n, STEP) - len(buf)))
+    while got < n:
+        end = min(n, len(buf))
+        if duplex.recv_into(sock, lock, memoryview(buf)[got:end], timeout) < end - got:
+            raise EOFError("a record")
+        got = end
+        if got < n and len(buf) <= got:
+            buf.extend(bytes(min(n - got, got)))
+    return memoryview(buf)[:n].toreadonly()  # read-only, as a bytes object's views are
+
+
 def transfer(
     sock: Any, lock: threading.Lock, want: tuple[int, int, int, int], into: memoryview, timeout: float | None
 ) -> tuple[int, int, int, int] | None:

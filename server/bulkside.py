@@ -37,6 +37,7 @@ import os
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -73,6 +74,15 @@ MAX_PENDING = 64  # connections not yet bound to a session, in all; a newcomer p
 MAX_PENDING_PER_SOURCE = 8  # source's oldest; ... and per source address, a newcomer pushing out its own oldest
 SIDE_MIN = bulk.SIDE_MIN  # download chunks at least this large go on the socket; smaller ones stay on the stream
 FRAME_STEP = records.STEP  # a frame's first buffer on a frames socket; it doubles as the frame's bytes arrive
+# A frames socket reads frames of REUSE_MIN to REUSE_MAX bytes (a captured step's batch in its Upload or RunGraph, up
+# to the client's ~1 MiB frame cut and a few replays held with it) into buffers of its own, kept and reused from
+# frame to frame (`BulkLink.recv_frame`), at most FRAME_BUFFERS of them: a 512 KiB frame in fresh memory cost the
+# reader its allocation, a page fault per 4 KiB (each several microseconds under the GPU host's gVisor), the
+# buffer's growth copies and a last copy into a bytes object, every step. Smaller frames are read in one call into
+# a small bytes object as before; larger ones, or any while every buffer is held, take fresh memory as before.
+REUSE_MIN = 64 * 1024
+REUSE_MAX = 2 * 1024 * 1024
+FRAME_BUFFERS = 3
 _SID_MAX = 128
 
 
@@ -95,17 +105,24 @@ class BulkLink:
         self.frames = frames  # the session's frames travel here too (hello BULK_HELLO_FRAMES), not on its stream
         self.gets: set[int] = set()  # request ids of bulk Gets whose last chunk has not gone out yet
         self._head = bytearray(protocol.BULK_HEAD.size)
+        # the frame buffers `recv_frame` reuses: one is free when no view of it is alive (its reference count: the
+        # frame `recv_frame` returned and every span of it, queued or running, hold it through their shared buffer)
+        self._frame_bufs = [bytearray() for _ in range(FRAME_BUFFERS)]
         # `ready`'s findings for the next `recv_frame`: the next record's first byte, read ahead into `_head`; the
         # client's close, met there; nothing to read (the next read waits for the socket first)
         self._have = 0
         self._eof = False
         self._drained = False
 
-    def recv_frame(self, limit: int) -> bytes | None:
+    def recv_frame(self, limit: int) -> bytes | memoryview | None:
         """The next ClientFrame's bytes on a frames socket; None when the client closed the socket between frames
         (or the daemon did). The header must be a BULK_FRAME record of 1 to `limit` bytes (the gRPC stream's
         message limit): the length is checked before a byte of the frame is read or held, and the frame's buffer
-        grows with what arrives (gpupool/records.py). Waits as long as the peer is alive (`keep_alive`)."""
+        grows with what arrives (gpupool/records.py). Waits as long as the peer is alive (`keep_alive`).
+
+        A frame of REUSE_MIN to REUSE_MAX bytes comes as a view of one of the link's frame buffers that no view
+        holds any more (`_frame_buf`), every byte of it read for this frame (the buffer is this session's, and
+        what lies past the frame is never handed out); where all are held, in fresh memory as bytes."""
         if self._eof:
             return None
         have, wait = self._have, self._drained
@@ -128,12 +145,26 @@ class BulkLink:
                 f"side socket of session {self.number}: expected a frame record (kind {protocol.BULK_FRAME}, id 0, "
                 f"offset 0, 1 to {limit} bytes), got kind {kind}, id {ident}, offset {offset}, length {n}"
             )
+        buf = self._frame_buf(n)
         try:
+            if buf is not None:
+                return records.body_into(self.sock, self.lock, n, None, buf)
             return records.body(self.sock, self.lock, n, None)
         except EOFError:
             raise Unavailable(f"side socket of session {self.number} closed in the middle of a frame") from None
         except (OSError, ValueError) as exc:
             raise Unavailable(f"side socket of session {self.number}: {_why(exc)}") from None
+
+    def _frame_buf(self, n: int) -> bytearray | None:
+        """A frame buffer for a frame of `n` bytes that nothing refers to but the link (no frame, span or view of
+        it alive: it may be overwritten and resized), or None: `n` outside REUSE_MIN..REUSE_MAX, or all are held."""
+        if not REUSE_MIN <= n <= REUSE_MAX:
+            return None
+        for buf in self._frame_bufs:
+            # held by the list, `buf` and getrefcount's argument only: no view of it anywhere
+            if sys.getrefcount(buf) <= 3:
+                return buf
+        return None
 
     def ready(self) -> bool:
         """Whether bytes of a next record are already here (decrypted in TLS's buffer, or in the kernel's), so that

@@ -1489,15 +1489,36 @@ py::object eager_records(py::handle payload) {
 // uncounted, its kind the field number of its first tag (a varint of at most five bytes within the command, shift
 // < 35; 0 where that tag is unfinished), never 0, at most `max_commands` of them. Returns ([(kind, span)], [the
 // positions of the commands of kind `upload` or `get`]), each span a slice of one memoryview of `raw`, or None for
-// anything else (a frame the reading refuses, a `raw` that is not exactly bytes), before anything is handed out:
-// the caller then runs the Python reading, which raises its own error. Every byte read is checked against the
-// frame's end first.
+// anything else (a frame the reading refuses, a `raw` that is neither exactly bytes nor a one-dimensional contiguous
+// memoryview of bytes: a side socket's reused frame buffer, server/bulkside.py), before anything is handed out: the
+// caller then runs the Python reading, which raises its own error. Every byte read is checked against the frame's
+// end first. A memoryview's spans are slices of it (they hold its buffer as it does).
 py::object split_frame(py::handle raw, int64_t max_commands, int64_t upload, int64_t get) {
-  if (!PyBytes_CheckExact(raw.ptr())) return py::none();
-  const auto* base = reinterpret_cast<const unsigned char*>(PyBytes_AS_STRING(raw.ptr()));
-  const Py_ssize_t n = PyBytes_GET_SIZE(raw.ptr());
-  Own view(PyMemoryView_FromObject(raw.ptr()));
-  if (view.p == nullptr) throw py::error_already_set();
+  const unsigned char* base = nullptr;
+  Py_ssize_t n = 0;
+  Own view(nullptr);
+  if (PyBytes_CheckExact(raw.ptr())) {
+    base = reinterpret_cast<const unsigned char*>(PyBytes_AS_STRING(raw.ptr()));
+    n = PyBytes_GET_SIZE(raw.ptr());
+    view.p = PyMemoryView_FromObject(raw.ptr());
+    if (view.p == nullptr) throw py::error_already_set();
+  } else if (PyMemoryView_Check(raw.ptr())) {
+    Py_buffer b;  // (a released memoryview refuses: a ValueError, cleared, and the Python reading raises it)
+    if (PyObject_GetBuffer(raw.ptr(), &b, PyBUF_FULL_RO) < 0) {
+      PyErr_Clear();
+      return py::none();
+    }
+    const bool bytes = b.ndim == 1 && b.itemsize == 1 && b.strides[0] == 1 && b.suboffsets == nullptr &&
+                       b.format != nullptr && std::strcmp(b.format, "B") == 0;
+    base = static_cast<const unsigned char*>(b.buf);
+    n = b.len;
+    PyBuffer_Release(&b);  // the memoryview `raw`, which the caller holds, keeps the memory
+    if (!bytes) return py::none();
+    view.p = raw.ptr();
+    Py_INCREF(view.p);
+  } else {
+    return py::none();
+  }
   Own out(PyList_New(0));
   if (out.p == nullptr) throw py::error_already_set();
   Own marks(PyList_New(0));

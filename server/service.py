@@ -174,7 +174,7 @@ class DeviceServicer:
         batch.commands, batch.nbytes = [], 0
         return self.daemon.submit(s, commands, nbytes)
 
-    def _frame(self, s: FrontSession, raw: bytes, batch: _Batch | None = None) -> bool:
+    def _frame(self, s: FrontSession, raw: bytes | memoryview, batch: _Batch | None = None) -> bool:
         """One frame of the session (from either carrier): checked, split and queued (with `batch`, a side
         reader's, held there to be queued with the frames after it: `read_side`); False when it ended the session
         (its error is queued after the commands `batch` held: `_fail`) or the session is gone."""
@@ -194,7 +194,8 @@ class DeviceServicer:
                 # a batch's upload among other commands: checked without copying its bytes, the rest by protobuf
                 stripped = bulk.strip_uploads(commands) if len(raw) >= bulk.STRIP_MIN else None
                 if stripped is None:
-                    parsed = device_pb2.ClientFrame.FromString(raw).commands  # malformed commands end it here
+                    # malformed commands end it here (a side socket's frame buffer: protobuf takes the view)
+                    parsed = device_pb2.ClientFrame.FromString(raw).commands  # type: ignore[arg-type]
                 else:
                     device_pb2.ClientFrame.FromString(stripped[0])
         except (DecodeError, InvalidArgument) as exc:

@@ -46,7 +46,9 @@ CODES = (
 )
 
 
-def split_frame(raw: bytes, max_commands: int, bulk: list[int] | None = None) -> list[tuple[int, memoryview]]:
+def split_frame(
+    raw: bytes | memoryview, max_commands: int, bulk: list[int] | None = None
+) -> list[tuple[int, memoryview]]:
     """(kind, span) of each command of a serialized ClientFrame; refuses more than `max_commands` commands
     before materializing any (a 16 MiB frame of empty commands would otherwise cost gigabytes). `bulk`: the
     positions of its Uploads and Gets (what may use the side channel, server/bulkside.py) are appended to it.
@@ -56,7 +58,7 @@ def split_frame(raw: bytes, max_commands: int, bulk: list[int] | None = None) ->
     a frame it does not accept, and every frame without it, takes the Python reading (`py_split_frame`), which
     raises the error."""
     fast = _native[0] if _native else native_split()
-    if fast is not None and raw.__class__ is bytes:
+    if fast is not None and (raw.__class__ is bytes or raw.__class__ is memoryview):  # (a side socket's frame buffer)
         got = fast(raw, max_commands, UPLOAD, GET)
         if got is not None:
             if bulk is not None and got[1]:
@@ -87,7 +89,9 @@ def native_split() -> Any:
     return _native[0]
 
 
-def py_split_frame(raw: bytes, max_commands: int, bulk: list[int] | None = None) -> list[tuple[int, memoryview]]:
+def py_split_frame(
+    raw: bytes | memoryview, max_commands: int, bulk: list[int] | None = None
+) -> list[tuple[int, memoryview]]:
     """`split_frame`'s Python reading, the reference: the usual shapes take a short path inline (a command of
     fewer than 16 KiB: a length of one or two bytes; a kind of one or two tag bytes: eager ops are field 30,
     two)."""
@@ -145,7 +149,7 @@ def py_split_frame(raw: bytes, max_commands: int, bulk: list[int] | None = None)
     return out
 
 
-def _field_number(raw: bytes, i: int, end: int) -> int:
+def _field_number(raw: bytes | memoryview, i: int, end: int) -> int:
     """The field number of the first tag of a command (its kind; step capture's kinds have two-byte tags)."""
     tag = shift = 0
     while i < end and shift < 35:

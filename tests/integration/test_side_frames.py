@@ -647,3 +647,50 @@ def test_replies_before_a_bad_frame_reach_a_slow_client_whose_bytes_the_daemon_l
     assert isinstance(_ended(victim), InvalidArgument)
     victim.close()
     peer.close()
+
+
+@pytest.mark.parametrize("rows", [100, 256], ids=["by_value_200KiB", "upload_512KiB"])
+def test_captured_steps_on_the_socket_train_as_eager_with_a_new_batch_every_step(
+    side_daemon: Any, monkeypatch: Any, rows: int
+) -> None:
+    """The stock MLP's shape of step through the shim, its frames on the side socket: a batch of `rows` x 500 floats
+    a step, a different one each step, inside the RunGraph (200 KiB, by value) or as an Upload before it (512 KiB);
+    such frames are read into the socket's reused frame buffers (server/bulkside.py `REUSE_MIN`), so a step that ran
+    on another step's bytes (a buffer read into while its frame was queued) would train differently (it did, with the
+    buffers' check left out: every case failed). Captured losses equal eager ones on the same daemon, and both fall."""
+    from gpupool.client.torch import runtime
+
+    import gpupool.torch as gt
+
+    monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", "1")
+    batches = [torch.randn(rows, 500, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    targets = [b[:, :4].sum(1, keepdim=True) for b in batches]
+
+    def train(captured: bool) -> list[float]:
+        dev = gt.attach(side_daemon.address, side_daemon.token())
+        try:
+            rt = runtime.get(dev.index)
+            assert rt is not None and rt.session._carrier is not None, "frames should go on the side socket"
+            torch.manual_seed(5)
+            model = torch.nn.Linear(500, 1).to(dev)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+            def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                opt.zero_grad()
+                loss = torch.nn.functional.mse_loss(model(x.to(dev)), y.to(dev))
+                loss.backward()
+                opt.step()
+                return loss.detach()
+
+            run = gt.capture(step) if captured else step
+            for x, y in zip(batches[:3], targets[:3], strict=True):  # the capture records in these
+                run(x, y).item()
+            # no sync between steps: the client runs ahead, so the reader reads frames while earlier ones are queued
+            losses = [run(x, y) for _ in range(3) for x, y in zip(batches, targets, strict=True)]
+            return [float(v.item()) for v in losses]
+        finally:
+            gt.detach_all()
+
+    eager, captured = train(False), train(True)
+    assert captured == pytest.approx(eager, rel=1e-5, abs=1e-6)
+    assert eager[-1] < eager[0]

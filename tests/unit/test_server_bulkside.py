@@ -140,7 +140,9 @@ def test_a_silent_peer_is_waited_for_until_close_unblocks_the_reader() -> None:
     assert not t.is_alive() and errors and isinstance(errors[0], Unavailable)
 
 
-@pytest.mark.parametrize("size", [1, bulkside.FRAME_STEP, bulkside.FRAME_STEP + 1, 3 * MiB + 5])
+@pytest.mark.parametrize(
+    "size", [1, bulkside.FRAME_STEP, bulkside.FRAME_STEP + 1, bulkside.REUSE_MAX, bulkside.REUSE_MAX + 1, 3 * MiB + 5]
+)
 def test_recv_frame_reads_a_frame_whole_across_its_buffers_growth(size: int) -> None:
     link = _Link()
     frame = bytes((i * 7) & 0xFF for i in range(size))
@@ -153,12 +155,14 @@ def test_recv_frame_reads_a_frame_whole_across_its_buffers_growth(size: int) -> 
     sender.join()
 
 
-def test_recv_frame_holds_what_arrived_not_what_was_announced() -> None:
+@pytest.mark.parametrize("announced", [16 * MiB, bulkside.REUSE_MAX], ids=["limit", "reused_buffer"])
+def test_recv_frame_holds_what_arrived_not_what_was_announced(announced: int) -> None:
     """A header announcing the stream's 16 MiB limit and one KiB of it: the reader holds about what arrived (it
     held the announced 16 MiB, zero-filled, before any byte came: a session's header and a byte committed that much
-    of the daemon's memory), and a close in the middle still says so."""
+    of the daemon's memory), and a close in the middle still says so. So for a frame of the sizes read into the
+    socket's reused buffers (`REUSE_MAX`): such a buffer grows as the fresh one does."""
     link = _Link()
-    link.peer.sendall(protocol.BULK_HEAD.pack(protocol.BULK_FRAME, 0, 0, 16 * MiB) + b"\x0a" * 1024)
+    link.peer.sendall(protocol.BULK_HEAD.pack(protocol.BULK_FRAME, 0, 0, announced) + b"\x0a" * 1024)
     link.peer.close()
     tracemalloc.start()
     try:
@@ -168,6 +172,56 @@ def test_recv_frame_holds_what_arrived_not_what_was_announced() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 4 * bulkside.FRAME_STEP, f"{peak} bytes held for 1 KiB received"
+
+
+def _send_frames(link: _Link, *frames: bytes) -> threading.Thread:
+    sender = threading.Thread(
+        target=lambda: link.peer.sendall(b"".join(map(protocol.frame_record, frames))), daemon=True
+    )
+    sender.start()
+    return sender
+
+
+def test_recv_frame_reuses_a_buffer_once_nothing_holds_it_and_never_one_a_view_holds() -> None:
+    """Frames of REUSE_MIN to REUSE_MAX bytes are read into the link's own buffers, reused (no fresh memory, page
+    faults or copy per frame): a buffer any view of a frame still holds (a queued command's span) is never read
+    into, one no view holds is; every frame reads exactly its own bytes (a shorter one after a longer one in the
+    same buffer: none of the longer one's), read-only; all held: fresh memory, as before."""
+    link = _Link()
+    a, b, c = (bytes([k]) * size for k, size in ((0xAA, 512 * 1024), (0xBB, 300 * 1024), (0xCC, 100 * 1024)))
+    sender = _send_frames(link, a, b, c, a, b, c)
+    got_a = link.recv_frame(16 * MiB)
+    assert isinstance(got_a, memoryview) and got_a.readonly and got_a == a
+    span = got_a[1000:2000]  # a command's span, queued: it holds the buffer as the frame did
+    del got_a
+    got_b = link.recv_frame(16 * MiB)
+    assert isinstance(got_b, memoryview) and got_b == b and got_b.obj is not span.obj
+    buf_b = id(got_b.obj)  # (its id: a reference would hold it)
+    del got_b
+    got_c = link.recv_frame(16 * MiB)  # into B's buffer (free again): exactly C's bytes, none of B's after them
+    assert id(got_c.obj) == buf_b and len(got_c) == len(c) and got_c == c
+    with pytest.raises(TypeError):
+        got_c[0:1] = b"x"  # type: ignore[index]
+    assert span == a[1000:2000]  # A's buffer was never read into while its span lived
+    held = [got_c, link.recv_frame(16 * MiB)]  # C's, then A again: its buffer, the third, or a fresh one
+    assert held[1] == a and held[1].obj is not span.obj
+    assert len({id(v.obj) for v in (span, *held)}) == bulkside.FRAME_BUFFERS == 3
+    fresh = link.recv_frame(16 * MiB)  # every buffer held: fresh memory, as before round 36
+    assert isinstance(fresh, bytes) and fresh == b
+    del span, held
+    again = link.recv_frame(16 * MiB)
+    assert isinstance(again, memoryview) and again == c
+    sender.join()
+
+
+@pytest.mark.parametrize("size", [bulkside.REUSE_MIN - 1, bulkside.REUSE_MAX + 1])
+def test_frames_outside_the_reused_sizes_come_in_fresh_memory(size: int) -> None:
+    link = _Link()
+    frame = bytes((i * 7) & 0xFF for i in range(size))
+    sender = _send_frames(link, frame)
+    got = link.recv_frame(16 * MiB)
+    assert isinstance(got, bytes) and got == frame
+    sender.join()
 
 
 def _frames_session() -> tuple[Any, bulkside.BulkLink, socket.socket]:

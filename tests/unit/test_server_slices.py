@@ -340,9 +340,11 @@ def test_split_frame_against_protobuf_on_hostile_bytes(reading: str) -> None:
         slices.split_frame(garbage + frame(sample[0]), 16)
 
 
-def _agree(split: Any, raw: bytes, limit: int) -> bool:
+def _agree(split: Any, raw: bytes | memoryview, limit: int) -> bool:
     """The C++ `split` and `py_split_frame` on `raw`: the same spans (views of `raw`), kinds and bulk positions where
-    the Python reading accepts it (True), None where it raises (False)."""
+    the Python reading accepts it (True), None where it raises (False). `raw` may be a read-only view of the start
+    of a longer buffer (a side socket's reused frame buffer: gpupool/records.py `body_into`): its spans are views of
+    that buffer, and never reach past the view."""
     got = split(raw, limit, protocol.UPLOAD, protocol.GET)
     marked: list[int] = []
     try:
@@ -352,7 +354,7 @@ def _agree(split: Any, raw: bytes, limit: int) -> bool:
         return False
     assert got is not None, (raw.hex(), limit)
     spans, marks = got
-    assert all(type(s) is memoryview and s.obj is raw for _, s in spans)
+    assert all(type(s) is memoryview and s.obj is (raw.obj if type(raw) is memoryview else raw) for _, s in spans)
     assert ([(k, bytes(s)) for k, s in spans], marks) == (want, marked), (raw.hex(), limit)
     return True
 
@@ -362,8 +364,8 @@ def test_native_split_frame_is_the_python_reading_or_leaves_it_the_frame(native_
     `py_split_frame` on real frames and on every truncation and one-byte change of them, flipped continuation bits
     and inserted bytes, at limits that cut and that do not: wherever the Python reading accepts a frame the C++ one
     gives the very same kinds, spans and bulk positions (so it never just hands every frame back); wherever the
-    Python reading refuses one the C++ one gives None, before anything (the caller then raises Python's error). A
-    buffer that is not exactly bytes is left to Python too."""
+    Python reading refuses one the C++ one gives None, before anything (the caller then raises Python's error). So
+    for a contiguous view of bytes (a side socket's frame buffer); any other buffer is left to Python."""
     import random
 
     split = native_runner_module.split_frame
@@ -386,7 +388,7 @@ def test_native_split_frame_is_the_python_reading_or_leaves_it_the_frame(native_
     frames += [b"\x0a\x87\x80\x80\x80\x80\x80\x00" + b"\x08" * 7]  # a seven-byte length: refused
     frames += [b"\x0a\x06\xf8\xff\xff\xff\x7f\x00"]  # a five-byte first tag
     frames += [b"\x0a\x06\x80\x80\x80\x80\x80\x08"]  # a first tag of more than five bytes: no kind
-    accepted = refused = 0
+    accepted = refused = viewed = 0
     for raw in frames:
         variants = [raw, *(raw[:k] for k in range(len(raw)))]
         for _ in range(30):
@@ -405,12 +407,19 @@ def test_native_split_frame_is_the_python_reading_or_leaves_it_the_frame(native_
                     accepted += 1
                 else:
                     refused += 1
+            # the same frame at the start of a longer buffer, as a side socket's reader hands it on (the bytes past
+            # it a frame that would be accepted: read past the view, they would change the answer)
+            viewed += _agree(split, memoryview(bytearray(v) + frame(cmds[0], cmds[4]))[: len(v)].toreadonly(), 4096)
     assert accepted > 1500 and refused > 20000, (accepted, refused)
+    assert viewed > 500, viewed
     for v in (big, big[:-1], big[:46], big[:47], big[:20040]):
         if _agree(split, v, 16):
             assert len(slices.py_split_frame(v, 16)) == 3
     ok = frame(cmds[0], cmds[7])
-    for other in (bytearray(ok), memoryview(ok)):
+    released = memoryview(ok)
+    released.release()
+    strided = memoryview(bytearray(ok) * 2)[::2]
+    for other in (bytearray(ok), memoryview(ok * 4).cast("I"), strided, released):  # not bytes, nor a view of bytes
         assert split(other, 16, protocol.UPLOAD, protocol.GET) is None
 
 
