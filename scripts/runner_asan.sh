@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The native runner (server/native_runner.cpp) under AddressSanitizer and UBSan, in-process: the unit tests that
 # drive it (tests/unit/test_server_runs.py, test_server_learned_hostile.py, test_server_native_free.py,
-# test_server_native_upload.py, test_server_native_seeded.py, test_server_native_records.py: the frame reader
-# `eager_records` on hostile frames; test_server_slices.py: the front's frame cut `split_frame` on hostile frames)
+# test_server_native_upload.py, test_server_native_seeded.py, test_server_native_records.py: the frame readers
+# `eager_records` and `eager_frame` on hostile frames; test_server_slices.py: the front's frame cut `split_frame` on
+# hostile frames)
 # and the structured fuzz on recorded training streams (tests/integration/test_runner_fuzz.py). docs/operations.md
 # "The native runner under sanitizers".
 #

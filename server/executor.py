@@ -476,7 +476,12 @@ class CommandExecutor:
                     if known.rec is None and not s.uploads:
                         known.rec = []
                     before = len(known.rec) if known.rec is not None else 0
-                    self.execute(s, commands[i], reply)
+                    # `execute` of an eager record (its kind `eager_op`, which changes no epoch): the command's
+                    # message is needed only where it fails (`_failed`; a slice's `FrameCommands` makes it then)
+                    try:
+                        self._eager_op(s, data)
+                    except Exception as exc:
+                        self._failed(s, commands[i], exc, reply)
                     if known.rec is not None and len(known.rec) == before:  # no template hit, or it failed
                         self._learn(known, s)
                 i += 1

@@ -1426,6 +1426,76 @@ bool command_member(uint64_t field) {
   }
 }
 
+// A buffer's bytes (`PyObject_GetBuffer`), held until the end of the scope; `ok` false where the object is no
+// buffer (the error cleared)
+struct Bytes {
+  Py_buffer view;
+  bool ok;
+  explicit Bytes(PyObject* o) : ok(PyObject_GetBuffer(o, &view, PyBUF_SIMPLE) == 0) {
+    if (!ok) PyErr_Clear();
+  }
+  ~Bytes() {
+    if (ok) PyBuffer_Release(&view);
+  }
+  Bytes(const Bytes&) = delete;
+  Bytes& operator=(const Bytes&) = delete;
+  const unsigned char* begin() const { return static_cast<const unsigned char*>(view.buf); }
+  const unsigned char* end() const { return begin() + view.len; }
+};
+
+// Appends a command's record to `list`: `rec[:rlen]` as bytes, or `empty` (b"") where rlen is 0
+void append_record(PyObject* list, PyObject* empty, const unsigned char* rec, uint64_t rlen) {
+  PyObject* item = rlen > 0
+                       ? PyBytes_FromStringAndSize(reinterpret_cast<const char*>(rec), static_cast<Py_ssize_t>(rlen))
+                       : Py_NewRef(empty);
+  if (item == nullptr) throw py::error_already_set();
+  const int r = PyList_Append(list, item);
+  Py_DECREF(item);
+  if (r < 0) throw py::error_already_set();
+}
+
+// A length as protobuf writes one, canonical only: a varint of at most five bytes, no overlong form (a last byte of
+// 0 after the first), below INT32_MAX (upb refuses a length of INT32_MAX or more); false for anything else.
+inline bool read_size(const unsigned char** p, const unsigned char* lim, uint64_t* v) {
+  if (*p < lim && (**p & 0x80) == 0) {  // one byte: the usual
+    *v = *(*p)++;
+    return true;
+  }
+  uint64_t x = 0;
+  for (int i = 0; i < 5; ++i) {
+    if (*p >= lim) return false;
+    const unsigned char b = *(*p)++;
+    x |= static_cast<uint64_t>(b & 0x7f) << (7 * i);
+    if ((b & 0x80) == 0) {
+      if ((i > 0 && b == 0) || x >= 0x7fffffff) return false;
+      *v = x;
+      return true;
+    }
+  }
+  return false;
+}
+
+// A command's eager record as `eager_records` reads it (the oneof's last member decides; every field a
+// length-delimited `cmd` member within the command): false where it does not read the command that way.
+bool command_record(const unsigned char* p, const unsigned char* cend, const unsigned char** rec, uint64_t* rlen) {
+  uint64_t last = 0;
+  *rec = nullptr;
+  *rlen = 0;
+  while (p < cend) {
+    uint64_t k = 0, l = 0;
+    if (!read_varint(&p, cend, &k) || (k & 7) != 2 || !command_member(k >> 3)) return false;
+    if (!read_varint(&p, cend, &l) || l > static_cast<uint64_t>(cend - p)) return false;
+    last = k >> 3;
+    if (last == EAGER_OP) {
+      *rec = p;
+      *rlen = l;
+    }
+    p += l;
+  }
+  if (last != EAGER_OP) *rlen = 0;
+  return true;
+}
+
 // `[c.eager_op for c in ClientFrame.FromString(payload).commands]` (`slices.eager_records`), read from the frame's
 // bytes instead of through upb's message objects (~1.2k instructions a command: a message object per command, its
 // attribute read, the oneof's case). Each command's record is its `eager_op` where the oneof's last member written
@@ -1435,17 +1505,10 @@ bool command_member(uint64_t field) {
 // gives None before anything is made, and the caller reads the parsed message. The caller parsed the frame first
 // (so a frame that does not parse never gets here); a length is still checked against what is left of the buffer.
 py::object eager_records(py::handle payload) {
-  Py_buffer view;
-  if (PyObject_GetBuffer(payload.ptr(), &view, PyBUF_SIMPLE) < 0) {
-    PyErr_Clear();
-    return py::none();
-  }
-  struct Release {
-    Py_buffer* v;
-    ~Release() { PyBuffer_Release(v); }
-  } release{&view};
-  const auto* p = static_cast<const unsigned char*>(view.buf);
-  const auto* end = p + view.len;
+  Bytes buf(payload.ptr());
+  if (!buf.ok) return py::none();
+  const unsigned char* p = buf.begin();
+  const unsigned char* end = buf.end();
   Own out(PyList_New(0));
   if (out.p == nullptr) throw py::error_already_set();
   Own empty(PyBytes_FromStringAndSize(nullptr, 0));
@@ -1454,32 +1517,98 @@ py::object eager_records(py::handle payload) {
     uint64_t key = 0, len = 0;
     if (!read_varint(&p, end, &key) || key != ((1 << 3) | 2)) return py::none();  // field 1, length-delimited
     if (!read_varint(&p, end, &len) || len > static_cast<uint64_t>(end - p)) return py::none();
-    const unsigned char* cend = p + len;
-    uint64_t last = 0;  // the oneof member written last: 0, none
     const unsigned char* rec = nullptr;
     uint64_t rlen = 0;
-    while (p < cend) {
-      uint64_t k = 0, l = 0;
-      if (!read_varint(&p, cend, &k) || (k & 7) != 2 || !command_member(k >> 3)) return py::none();
-      if (!read_varint(&p, cend, &l) || l > static_cast<uint64_t>(cend - p)) return py::none();
-      last = k >> 3;
-      if (last == EAGER_OP) {
-        rec = p;
-        rlen = l;
-      }
-      p += l;
-    }
-    PyObject* item = last == EAGER_OP && rlen > 0
-                         ? PyBytes_FromStringAndSize(reinterpret_cast<const char*>(rec), static_cast<Py_ssize_t>(rlen))
-                         : Py_NewRef(empty.p);
-    if (item == nullptr) throw py::error_already_set();
-    const int r = PyList_Append(out.p, item);
-    Py_DECREF(item);
-    if (r < 0) throw py::error_already_set();
+    if (!command_record(p, p + len, &rec, &rlen)) return py::none();
+    append_record(out.p, empty.p, rec, rlen);
+    p += len;
   }
   PyObject* got = out.p;
   out.p = nullptr;
   return py::reinterpret_steal<py::object>(got);
+}
+
+// A slice's commands read from the frame's bytes for `slices.frame_commands`, so that upb parses only the commands
+// that are not plain eager records: (records, at, others, ask), or None for a frame it does not read (then upb
+// parses all of it, as before). A command is "plain" where its bytes are one or more `eager_op` fields (number 30,
+// length-delimited) each in the canonical form protobuf writes (the key as the two bytes f2 01, the length as
+// `read_size` reads it), the last one not empty: upb parses such a command to a `Command` whose oneof is
+// `eager_op` holding the last field's bytes (the last one kept), and nothing in it can fail to parse; `records[i]`
+// is those bytes. Every other command (another member, an unknown field, another wire type, any non-canonical
+// form, an empty record or command) has its whole `commands` entry (key, length and bytes) copied into `others`, a
+// frame of those entries in order, for the caller to have upb parse (they then fail or not exactly as within the
+// whole frame: a repeated message's entries parse each on their own, at the same depth); `at` maps its index in
+// the slice to its position in `others`; its record is what `eager_records` reads (b"" where another member is
+// last), and where that reading does not read the command its index is in `ask` (the caller takes the record
+// from upb's message). The frame itself must be `commands` entries only, each keyed by the byte 0a with a
+// `read_size` length within the buffer; anything else gives None before anything is made. Every byte read is
+// checked against the buffer's (or the entry's) end first.
+py::object eager_frame(py::handle payload) {
+  Bytes buf(payload.ptr());
+  if (!buf.ok) return py::none();
+  const unsigned char* p = buf.begin();
+  const unsigned char* end = buf.end();
+  Own records(PyList_New(0));
+  if (records.p == nullptr) throw py::error_already_set();
+  Own at(PyDict_New());
+  if (at.p == nullptr) throw py::error_already_set();
+  Own ask(PyList_New(0));
+  if (ask.p == nullptr) throw py::error_already_set();
+  Own empty(PyBytes_FromStringAndSize(nullptr, 0));
+  if (empty.p == nullptr) throw py::error_already_set();
+  std::vector<std::pair<const unsigned char*, size_t>> others;  // each other command's whole entry
+  size_t others_size = 0;
+  while (p < end) {
+    const unsigned char* entry = p;
+    if (*p++ != ((1 << 3) | 2)) return py::none();  // field 1, length-delimited, as a one-byte key
+    uint64_t len = 0;
+    if (!read_size(&p, end, &len) || len > static_cast<uint64_t>(end - p)) return py::none();
+    const unsigned char* cend = p + len;
+    const unsigned char* rec = nullptr;
+    uint64_t rlen = 0;
+    bool plain = p < cend;
+    for (const unsigned char* q = p; plain && q < cend;) {
+      if (cend - q < 2 || q[0] != 0xf2 || q[1] != 0x01) {  // `eager_op`'s key: (30 << 3) | 2 as a varint
+        plain = false;
+        break;
+      }
+      q += 2;
+      uint64_t l = 0;
+      if (!read_size(&q, cend, &l) || l > static_cast<uint64_t>(cend - q)) {
+        plain = false;
+        break;
+      }
+      rec = q;
+      rlen = l;
+      q += l;
+    }
+    plain = plain && rlen > 0;
+    const Py_ssize_t i = PyList_GET_SIZE(records.p);
+    if (!plain) {
+      others.emplace_back(entry, static_cast<size_t>(cend - entry));
+      others_size += static_cast<size_t>(cend - entry);
+      Own key(PyLong_FromSsize_t(i));
+      Own pos(PyLong_FromSsize_t(static_cast<Py_ssize_t>(others.size() - 1)));
+      if (key.p == nullptr || pos.p == nullptr || PyDict_SetItem(at.p, key.p, pos.p) < 0) {
+        throw py::error_already_set();
+      }
+      if (!command_record(p, cend, &rec, &rlen)) {
+        rlen = 0;
+        if (PyList_Append(ask.p, key.p) < 0) throw py::error_already_set();
+      }
+    }
+    append_record(records.p, empty.p, rec, rlen);
+    p = cend;
+  }
+  Own joined(PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(others_size)));  // the entries copied once
+  if (joined.p == nullptr) throw py::error_already_set();
+  char* out = PyBytes_AS_STRING(joined.p);
+  for (const auto& [from, size] : others) {
+    std::memcpy(out, from, size);
+    out += size;
+  }
+  return py::make_tuple(py::reinterpret_borrow<py::object>(records.p), py::reinterpret_borrow<py::object>(at.p),
+                        py::reinterpret_borrow<py::object>(joined.p), py::reinterpret_borrow<py::object>(ask.p));
 }
 
 // `slices.split_frame` (`_split_frame`, the Python reading, which stays the reference): a serialized ClientFrame cut
@@ -1885,6 +2014,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("free", &free_handles);
   m.def("filled", &filled);
   m.def("eager_records", &eager_records);
+  m.def("eager_frame", &eager_frame);
   m.def("split_frame", &split_frame);
   m.def("storage_key", [](const at::Tensor& t) {
     return py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(t.storage().unsafeGetStorageImpl()));

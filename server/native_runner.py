@@ -38,10 +38,14 @@ returns and when it raises, then read again: Python code of the worker's thread 
 A `Free` command runs here too
 (`free`, called by `CommandExecutor.execute`): `WorkerSession.free` step for step, the handles read from the
 message's bytes (a message it does not read, or a session class with its own `free`, takes `WorkerSession.free`);
-each table's entry taken with one `pop` (`dict_pop`) rather than a lookup and a delete. A slice's eager records
-(`slices.eager_records`, each command's `eager_op`) are read from the frame's bytes (`eager_records`) rather than
-through a upb message object per command: the oneof's last member decides, as for the parser; a frame with any
-other field or wire type is left to the parsed messages. The daemon's front, too, imports the cached build
+each table's entry taken with one `pop` (`dict_pop`) rather than a lookup and a delete. A slice's commands are
+read from the frame's bytes (`eager_frame`, `slices.frame_commands`): a plain eager record (only `eager_op` fields,
+in protobuf's canonical form) is taken as it is, and upb parses only the other commands, copied into one frame of
+their entries before anything runs (a malformed one fails there, as the whole frame's parse did); a frame of any
+other form is parsed whole and its records read by `eager_records` (`slices.eager_records`: the oneof's last
+member decides, as for the parser; a frame with any other field or wire type is left to the parsed messages). The
+message of a plain record's command is made only where something asks for it (`slices.FrameCommands`: a record
+that fails on the Python path). The daemon's front, too, imports the cached build
 (`built`: never a build there) for one function: `split_frame`, the stream reader's cut of every frame into its
 commands' spans (`slices.split_frame`), which hands any frame it does not accept back to the Python reading.
 

@@ -569,6 +569,58 @@ def eager_records(commands: Sequence[device_pb2.Command], payload: Any = None, n
     return [c.eager_op for c in commands]
 
 
+class FrameCommands(Sequence[Any]):
+    """A slice's commands where upb parsed only those that are not plain eager records (`frame_commands`): command
+    i is upb's message where upb parsed it (`others[at[i]]`), else a `Command` holding `records[i]` as its
+    `eager_op`, made at the first `commands[i]` and kept (the same object each time): the message upb parses from
+    such a command's bytes. `records`: each command's eager record, as `eager_records` gives them."""
+
+    __slots__ = ("records", "_at", "_others", "_made")
+
+    def __init__(self, records: list[bytes], at: dict[int, int], others: Sequence[Any]) -> None:
+        self.records = records
+        self._at = at
+        self._others = others
+        self._made: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self.records)))]
+        record = self.records[i]  # IndexError, TypeError as a list's
+        i = i % len(self.records)
+        j = self._at.get(i)
+        if j is not None:
+            return self._others[j]
+        cmd = self._made.get(i)
+        if cmd is None:
+            cmd = self._made[i] = device_pb2.Command(eager_op=record)
+        return cmd
+
+
+def frame_commands(payload: Any, native: Any) -> FrameCommands | None:
+    """A slice's commands with upb parsing only those that are not plain eager records (native_runner.cpp
+    `eager_frame` reads which, and copies the others' entries into one frame), or None for a frame the runner does
+    not read that way (the caller parses it whole). The others are parsed before anything runs, so a malformed one
+    raises upb's DecodeError where the whole frame's parse raised it (a repeated message's entries parse each on
+    their own: the same messages, the same errors); the plain records cannot fail to parse."""
+    read = getattr(native, "eager_frame", None)
+    got = read(payload) if read is not None else None
+    if got is None:
+        return None
+    records, at, others, ask = got
+    cmds: Sequence[Any] = ()
+    if others:
+        cmds = device_pb2.ClientFrame.FromString(others).commands
+        if len(cmds) != len(at):  # (cannot be: `others` holds one `commands` entry each) the whole frame's parse
+            return None
+        for i in ask:  # a command the bytes' reading does not read: its record as upb parsed it
+            records[i] = cmds[at[i]].eager_op
+    return FrameCommands(records, at, cmds)
+
+
 def run_commands(
     session: Any,
     execute: Execute,
@@ -583,9 +635,20 @@ def run_commands(
         return _run_uploads(session, execute, ledger, req, timed, progress)
     payload = req.payload  # upb parses any buffer, copying its bytes fields: a batch's are taken out first
     taken = _bytes_taken(payload) if len(payload) >= bulk.STRIP_MIN else None
+    # An executor's spans of eager records run through its learned runs (server/runs.py), with the same progress
+    # marks and budget as here.
+    owner = getattr(execute, "__self__", None)
+    span = getattr(owner, "eager_span", None)
+    native = getattr(owner, "native", None)
     commands: Sequence[Any]
+    records: list[bytes] | None = None
     if taken is None:
-        commands = device_pb2.ClientFrame.FromString(payload).commands  # type: ignore[arg-type]
+        # with the native runner, upb parses only the commands that are not plain eager records (`frame_commands`)
+        lazy = frame_commands(payload, native) if span is not None and native is not None else None
+        if lazy is not None:
+            commands, records = lazy, lazy.records
+        else:
+            commands = device_pb2.ClientFrame.FromString(payload).commands  # type: ignore[arg-type]
     else:
         payload, commands, execute = taken[0], taken[1], _WithTakenBytes(execute, taken[1], taken[2])
     replies: list[bytes | list[Any]] = []
@@ -607,12 +670,8 @@ def run_commands(
     ledger.reset()
     executed = 0
     partial = False
-    # An executor's spans of eager records run through its learned runs (server/runs.py), with the same progress
-    # marks and budget as here.
-    owner = getattr(execute, "__self__", None)
-    span = getattr(owner, "eager_span", None)
-    # `eager_span`'s, read once (from the frame's bytes where the executor has the native runner)
-    records = eager_records(commands, payload, getattr(owner, "native", None)) if span is not None else None
+    if records is None and span is not None:  # `eager_span`'s, read once (from the frame's bytes where it can)
+        records = eager_records(commands, payload, native)
     start = time.perf_counter()
     n = len(commands)
     i = 0

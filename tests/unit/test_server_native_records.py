@@ -123,24 +123,29 @@ def test_truncated_and_overlong_lengths_are_refused(mod: Any) -> None:
     assert mod.eager_records(12) is None  # not a buffer
 
 
+def _mutated(rng: random.Random) -> bytes:
+    """A real frame with one to three random byte flips, insertions or cuts."""
+    seeds = [_typical(), _frame(_field(30, b"a" * 30), _field(4, b"\x0a\x01\x05"), _field(30, b"b" * 3))]
+    b = bytearray(rng.choice(seeds))
+    for _ in range(rng.randint(1, 3)):
+        op = rng.randrange(3)
+        at = rng.randrange(len(b))
+        if op == 0:
+            b[at] = rng.randrange(256)
+        elif op == 1:
+            b.insert(at, rng.randrange(256))
+        else:
+            del b[at : at + rng.randint(1, 4)]
+    return bytes(b)
+
+
 def test_mutated_frames_give_upbs_records_or_none(mod: Any) -> None:
     """Random byte flips, insertions and cuts of real frames: wherever upb parses the result, the reader gives
     None or upb's own records, never others."""
     rng = random.Random(22)
-    seeds = [_typical(), _frame(_field(30, b"a" * 30), _field(4, b"\x0a\x01\x05"), _field(30, b"b" * 3))]
     read = 0
     for n in range(4000):
-        b = bytearray(rng.choice(seeds))
-        for _ in range(rng.randint(1, 3)):
-            op = rng.randrange(3)
-            at = rng.randrange(len(b))
-            if op == 0:
-                b[at] = rng.randrange(256)
-            elif op == 1:
-                b.insert(at, rng.randrange(256))
-            else:
-                del b[at : at + rng.randint(1, 4)]
-        payload = bytes(b)
+        payload = _mutated(rng)
         try:
             want = _upb(payload)
         except DecodeError:
@@ -235,3 +240,96 @@ def test_hostile_structured_frames_give_upbs_records_or_none(mod: Any) -> None:
             assert got == want, (n, payload.hex())
     print(f"{cases} frames: {parsed} parsed by upb, {read} read by the native reader")
     assert parsed > cases // 10 and read > cases // 20, (parsed, read)
+
+
+# `slices.frame_commands` (native_runner.cpp `eager_frame`): upb parses only the commands that are not plain eager
+# records. For every frame: None, or exactly upb's commands and records, and upb's DecodeError where upb refuses the
+# whole frame (raised before any command is handed out).
+
+
+def _frame_commands_agree(mod: Any, payload: bytes) -> str:
+    """'none' (left to the whole frame's parse), 'read' (upb's own commands and records) or 'refused' (DecodeError,
+    where upb refuses the frame too)."""
+    try:
+        want = list(device_pb2.ClientFrame.FromString(payload).commands)
+    except DecodeError:
+        want = None
+    try:
+        got = slices.frame_commands(payload, mod)
+    except DecodeError:
+        assert want is None, payload.hex()
+        return "refused"
+    if got is None:
+        return "none"
+    assert want is not None, payload.hex()  # never reads a frame upb refuses
+    assert len(got) == len(want), payload.hex()
+    assert [got[i] for i in range(len(got))] == want, payload.hex()
+    assert got.records == [c.eager_op for c in want], payload.hex()
+    assert all(got[i] is got[i] for i in range(len(got)))  # made once
+    return "read"
+
+
+def test_frame_commands_are_upbs_messages(mod: Any) -> None:
+    payload = _typical()
+    got = slices.frame_commands(payload, mod)
+    assert got is not None and _frame_commands_agree(mod, payload) == "read"
+    records, at, others, ask = mod.eager_frame(payload)
+    # only the commands that are not plain records go to upb: the upload, free, get, seed, empty command and the
+    # empty record, copied into one frame of their entries
+    assert at == {1: 0, 3: 1, 4: 2, 5: 3, 6: 4, 7: 5} and ask == []
+    whole = device_pb2.ClientFrame.FromString(payload).commands
+    assert list(device_pb2.ClientFrame.FromString(others).commands) == [whole[i] for i in at]
+    assert records[0] == b"\x01\x02\x03" * 9 and records[8] == bytes(range(256)) * 3
+    assert all(records[i] == b"" for i in (1, 3, 4, 5, 6, 7))
+    assert got[-1] is got[8] and got[1:3] == [got[1], got[2]]
+    with pytest.raises(IndexError):
+        got[9]
+    assert mod.eager_frame(b"") == ([], {}, b"", [])
+    assert slices.frame_commands(memoryview(payload), mod) is not None  # any buffer
+    assert mod.eager_frame(12) is None  # not a buffer
+
+
+@pytest.mark.parametrize(
+    "command, other, asked",
+    [
+        (_field(30, b"first") + _field(30, b"second"), False, False),  # plain: the last one
+        (_field(30, b"abc") + _field(4, b""), True, False),  # the oneof's last member is `free`
+        (_field(4, b"") + _field(30, b"abc"), True, False),
+        (_field(30, b""), True, False),  # an empty record
+        (b"", True, False),  # an empty command
+        (_field(30, b"r") + _field(99, b"unknown"), True, True),  # an unknown field: upb keeps it
+        (_varint(30 << 3 | 2) + _overlong(3, 2) + b"abc", True, False),  # an overlong length: upb reads it
+        (_overlong(30 << 3 | 2, 1) + _varint(3) + b"abc", True, False),  # an overlong key
+        (_field(30, b"abc") + _varint(4 << 3 | 0) + _varint(0), True, True),  # another wire type
+        (_field(3, b"\xff\xff"), True, False),  # a malformed `get`: upb refuses the frame
+    ],
+)
+def test_frame_commands_of_odd_commands(mod: Any, command: bytes, other: bool, asked: bool) -> None:
+    payload = _frame(_field(30, b"before"), command, _field(30, b"after"))
+    assert _frame_commands_agree(mod, payload) in ("read", "refused")
+    records, at, _, ask = mod.eager_frame(payload)
+    assert records[0] == b"before" and records[2] == b"after"
+    assert at == ({1: 0} if other else {}) and ask == ([1] if asked else [])
+
+
+def test_frame_commands_of_odd_frames(mod: Any) -> None:
+    assert mod.eager_frame(_frame(_field(30, b"r")) + _field(2, b"junk")) is None  # a field of the frame's own
+    assert mod.eager_frame(_overlong(1 << 3 | 2, 1) + _varint(3) + _field(30, b"r")) is None  # an overlong key
+    assert mod.eager_frame(_varint(1 << 3 | 2) + _overlong(3, 1) + _field(30, b"r")) is None  # an overlong length
+    assert mod.eager_frame(_varint(1 << 3 | 2) + _varint(100) + b"short") is None
+    for payload in (_typical(), _frame(_field(30, b"abcdef"), _field(4, b"\x0a\x01\x05"), _field(30, b"gh"))):
+        for cut in range(len(payload)):
+            _frame_commands_agree(mod, payload[:cut])
+
+
+def test_frame_commands_of_hostile_and_mutated_frames(mod: Any) -> None:
+    """`_hostile_frame`'s frames and random mutations of real ones: None, upb's commands, or upb's refusal (under
+    ASan too: scripts/runner_asan.sh). GPUPOOL_RECORDS_FUZZ_CASES sets the count (default 3000)."""
+    import os
+
+    rng = random.Random(int(os.environ.get("GPUPOOL_RUNNER_FUZZ_SEED", "0")) + 36)
+    seen = {"none": 0, "read": 0, "refused": 0}
+    for _ in range(int(os.environ.get("GPUPOOL_RECORDS_FUZZ_CASES", "3000"))):
+        seen[_frame_commands_agree(mod, _hostile_frame(rng))] += 1
+        seen[_frame_commands_agree(mod, _mutated(rng))] += 1
+    assert seen["read"] > 500 and seen["refused"] > 50, seen
