@@ -113,6 +113,7 @@ def main() -> int:
     p.add_argument("--gbps", type=float, default=0.5)
     p.add_argument("--link-gbps", type=float, default=0.05)
     p.add_argument("--against", type=Path, help="another checkout (with its .venv), run after this one")
+    p.add_argument("--pool-log", type=Path, help="append each `gpupool up`'s output (its daemon's log) here")
     args = p.parse_args()
     if args.rank_side:
         rank_side(args)
@@ -132,7 +133,7 @@ def main() -> int:
         for name, (python, tree) in trees.items():
             (Path(tmp) / name).mkdir()
             tree_env = {**env, "PYTHONPATH": f"{tree}:{HERE.parent}"}
-            proc, pool = start_pool(max(args.ranks), Path(tmp) / name, tree_env, python)
+            proc, pool = start_pool(max(args.ranks), Path(tmp) / name, tree_env, python, args.pool_log)
             try:
                 for n in args.ranks:
                     out = Path(tmp) / f"{name}{n}"

@@ -29,15 +29,17 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 Tree = tuple[str, Path]  # a checkout: its python, its root
 
 
 def start_pool(
-    ranks: int, state: Path, env: dict[str, str], python: str = sys.executable
+    ranks: int, state: Path, env: dict[str, str], python: str = sys.executable, log: Path | None = None
 ) -> tuple[subprocess.Popen[str], dict[str, str]]:
-    """`gpupool up`, and the client environment it prints (GPUPOOL_SCHEDULER and the TLS files)."""
+    """`gpupool up`, and the client environment it prints (GPUPOOL_SCHEDULER and the TLS files); its output
+    after that goes to `log` (default: nowhere)."""
     cmd = [python, "-m", "gpupool.cli", "up", "--fake-gpus", str(ranks), "--fake-gpu-memory", "1GiB",
            "--scheduler-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--state", str(state / "s.db"),
            "--metrics-listen", "127.0.0.1:0", "--scheduler-metrics-listen", "127.0.0.1:0"]  # fmt: skip
@@ -51,12 +53,19 @@ def start_pool(
         if m:
             exports[m.group(1)] = m.group(2)
         elif exports:  # the lines after the last export
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+            threading.Thread(target=_drain, args=(proc.stdout, log), daemon=True).start()  # keep the pipe drained
             return proc, exports
         if not line and proc.poll() is not None:
             break
     proc.kill()
     raise SystemExit("gpupool up did not start")
+
+
+def _drain(stream: Any, log: Path | None) -> None:
+    with open(log or os.devnull, "a") as out:
+        for line in stream:
+            out.write(line)
+            out.flush()
 
 
 def run(ranks: int, pool: dict[str, str], args: argparse.Namespace, env: dict[str, str], tree: Tree) -> float:
