@@ -9,6 +9,7 @@ import socket
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -304,20 +305,9 @@ def test_allreduce_sums_in_rank_order_and_streams_only_past_one_frame(numel: int
     opts = dist.AllreduceOptions()
     opts.reduceOp = dist.ReduceOp.SUM  # type: ignore[assignment]
     groups = star(3)
-    failed: list[BaseException] = []
-
-    def run(r: int) -> None:
-        try:
-            groups[r].allreduce([tensors[r]], opts)
-        except BaseException as exc:  # reported below
-            failed.append(exc)
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not failed, failed
+    with ThreadPoolExecutor(3) as pool:  # each rank in a thread of its own; .result() raises a rank's failure
+        for done in [pool.submit(g.allreduce, [t], opts) for g, t in zip(groups, tensors, strict=True)]:
+            done.result(timeout=30)
     want = (values[0] + values[1]) + values[2]
     for t in tensors:
         assert torch.equal(t, want)
