@@ -547,6 +547,13 @@ class SecureGroup:
                             reducer(acc, torch.frombuffer(plain, dtype=host.dtype))
                     for r in range(1, self.size):
                         self.channels[r].send_frame(data[start:end], deadline)
+            elif len(data) <= MAX_FRAME:
+                # One frame (DDP's first bucket, a small model's whole gradient): sent whole, then the result read,
+                # in this thread. The hub reads every rank's frame before it sends any result, and each rank sends
+                # without waiting for anything, so the send always drains (round 36: a sending thread per call
+                # cost a clone and two wake-ups, each several microseconds under gVisor; BENCHMARKS.md "dp36").
+                self.channels[0].send(data, deadline)
+                self.channels[0].recv_into(data, deadline)
             else:
                 # The hub sends frame k of the result only after it read frame k from here: receiving into
                 # the tensor never overwrites bytes the sending thread has yet to encrypt.

@@ -9,6 +9,7 @@ import socket
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -267,3 +268,49 @@ def test_a_hub_without_the_keys_is_not_retried() -> None:
     listener.close()
     assert len(accepted) == 1
     accepted[0].close()
+
+
+def star(size: int) -> list[seclink.SecureGroup]:
+    """A SecureGroup per rank over loopback channel pairs around rank 0 (what `form` builds, without the handshake)."""
+    hub: dict[int, Channel] = {}
+    groups = []
+    buffers = seclink.Buffers()
+    for r in range(1, size):
+        a, b = tcp_pair()
+        k1, k2 = os.urandom(32), os.urandom(32)
+        hub[r] = Channel(a, r, k1, k2, buffers)
+        groups.append(seclink.SecureGroup(r, size, 10.0, {0: Channel(b, 0, k2, k1)}))
+    return [seclink.SecureGroup(0, size, 10.0, hub), *groups]
+
+
+@pytest.mark.parametrize("numel", [1, 5000, seclink.MAX_FRAME // 4, 2 * seclink.MAX_FRAME // 4 + 7])
+def test_allreduce_sums_in_rank_order_and_streams_only_past_one_frame(numel: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Round 36: a rank's tensor of one frame is sent and then its result read in the collective's own thread (no
+    sending thread per call, `_send_while`); past one frame it still streams from one. Either way every rank gets
+    ((t0 + t1) + t2) bit for bit."""
+    import torch
+    import torch.distributed as dist
+
+    streamed: list[int] = []
+    plain = seclink._send_while
+
+    def counted(channel: Channel, *args: object) -> None:
+        streamed.append(channel.peer)
+        plain(channel, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(seclink, "_send_while", counted)
+    gen = torch.Generator().manual_seed(numel)
+    values = [torch.randn(numel, generator=gen) for _ in range(3)]
+    tensors = [v.clone() for v in values]
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.SUM  # type: ignore[assignment]
+    groups = star(3)
+    with ThreadPoolExecutor(3) as pool:  # each rank in a thread of its own; .result() raises a rank's failure
+        for done in [pool.submit(g.allreduce, [t], opts) for g, t in zip(groups, tensors, strict=True)]:
+            done.result(timeout=30)
+    want = (values[0] + values[1]) + values[2]
+    for t in tensors:
+        assert torch.equal(t, want)
+    assert streamed == ([] if numel * 4 <= seclink.MAX_FRAME else [0, 0])
+    for g in groups:
+        g.close()
