@@ -69,3 +69,16 @@ def test_collectives_on_a_conjugate_view_move_its_values(group: Any) -> None:
     collective(s0, "broadcast", [b0], root=0)
     collective(s1, "broadcast", [b1], root=0)
     assert torch.equal(ops[1].values(b1), x0)
+
+
+def test_a_get_of_a_conjugate_view_sends_its_values(daemon_factory: Any) -> None:
+    """A Get sent a conjugate view's raw bytes, those of the tensor it views: `x.conj()` downloaded as `x` (every op
+    on the view reads conj(x): its clone downloaded right). Both a whole Get and one in pieces (a big tensor)."""
+    d = daemon_factory()
+    with Session.attach(d.address, d.token(tenant="conj")) as s:
+        ops = _Ops(s)
+        for n in (2, 3 * 1024 * 1024):  # 24 MiB of complex64: several pieces of a session worker's Get
+            x = torch.complex(torch.arange(n, dtype=torch.float32), torch.ones(n))
+            c = ops("aten::_conj.default", s.upload(x))
+            got = s.download(c)
+            assert torch.equal(got, x.conj().resolve_conj()), n
