@@ -809,7 +809,7 @@ def _run_kind(pg: Any, msg: device_pb2.Collective, tensors: list[Any], inputs: l
         pg.barrier().wait()
     elif kind in ("allreduce", "reduce_scatter"):
         if kind == "allreduce":
-            flat = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].contiguous()
+            flat = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else _plain(tensors[0])
         else:
             flat = torch.cat([t.reshape(-1) for t in inputs])
         opts = dist.AllreduceOptions()
@@ -825,15 +825,15 @@ def _run_kind(pg: Any, msg: device_pb2.Collective, tensors: list[Any], inputs: l
             _scatter_back(flat, tensors)
     elif kind == "broadcast":
         for t in tensors:
-            buf = t if t.is_contiguous() else t.contiguous()
+            buf = _plain(t)
             bopts = dist.BroadcastOptions()
             bopts.rootRank = msg.root
             pg.broadcast([buf], bopts).wait()
             if buf is not t:
                 t.copy_(buf)
     elif kind == "allgather":
-        outs = [t if t.is_contiguous() else t.contiguous() for t in tensors]
-        mine = inputs[0].contiguous()
+        outs = [_plain(t) for t in tensors]
+        mine = _plain(inputs[0])
         if mine.is_complex():  # (round 36) gloo has no complex allgather ("Invalid scalar type": UNAVAILABLE, the
             # group broken): their real views (the same bytes), as torch.distributed's all_gather sends them
             pg.allgather([[torch.view_as_real(o) for o in outs]], [torch.view_as_real(mine)]).wait()
@@ -842,6 +842,15 @@ def _run_kind(pg: Any, msg: device_pb2.Collective, tensors: list[Any], inputs: l
         for t, o in zip(tensors, outs, strict=True):
             if o is not t:
                 t.copy_(o)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """`t` where the transport may move its bytes as they are (contiguous, no conjugate bit), else a copy of its
+    values (copied back by the caller). A conjugate view (`aten::_conj`, allowed) holds the bytes of the tensor it
+    views: until round 36's review the view itself went to the transport, which raised on it (gloo's `view_as_real`,
+    the secure hub's byte view): UNAVAILABLE, the group broken. The cat of several tensors and `copy_` back into
+    them read and write values already."""
+    return t if t.is_contiguous() and not t.is_conj() else t.resolve_conj().contiguous()
 
 
 def _scatter_back(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:

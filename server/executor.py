@@ -884,7 +884,10 @@ class CommandExecutor:
                     f"download of {t.numel() * t.element_size()} bytes (an expanded view?) exceeds the session's "
                     f"{s.quota} byte quota"
                 )
-            src = t if t.device.type == "cpu" and t.is_contiguous() else t.detach().cpu().contiguous()
+            # (a conjugate view, `aten::_conj`: its values, not the raw bytes of the tensor it views; until round
+            # 36's review `x.conj()` downloaded as `x`)
+            plain = t.device.type == "cpu" and t.is_contiguous() and not t.is_conj()
+            src = t if plain else t.detach().cpu().resolve_conj().contiguous()
             offset = 0
         flat = wire.host_bytes(src)  # keeps no reference: `src` stays alive until the frames are built
         total = flat.nbytes
