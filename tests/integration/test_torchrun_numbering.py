@@ -32,10 +32,10 @@ local_rank = int(os.environ["LOCAL_RANK"])
 acc = torch.accelerator.current_accelerator()
 try:
     x = torch.ones(2, device=f"{acc}:{local_rank}")
-    print(f"rank {local_rank} named {x.device} {x.sum().item()}", flush=True)
+    print(f"rank {local_rank} named {x.device} {x.sum().item()}\\n", end="", flush=True)
 except Exception as exc:
-    print(f"rank {local_rank} refused {type(exc).__name__}: {exc}", flush=True)
-print(f"rank {local_rank} own {torch.ones(3, device='gpupool:0').sum().item()}", flush=True)
+    print(f"rank {local_rank} refused {type(exc).__name__}: {exc}\\n", end="", flush=True)
+print(f"rank {local_rank} own {torch.ones(3, device='gpupool:0').sum().item()}\\n", end="", flush=True)
 # the rank's own device bound by device_id (until round 36: "No backend type associated with device type gpupool")
 torch.distributed.init_process_group("gpupool", device_id=torch.device("gpupool", 0))
 t = torch.full((1,), local_rank + 1.0, device="gpupool")
@@ -64,12 +64,12 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # torch's deprecated name, answering as current_device_index
     idx = torch.accelerator.current_device_idx()
 print(f"rank {local_rank} {acc} {torch.accelerator.current_device_index()} {idx} {torch.cuda.current_device()} "
-      f"{x.device} {x.sum().item()} {backend} {y.item()}", flush=True)
+      f"{x.device} {x.sum().item()} {backend} {y.item()}\\n", end="", flush=True)  # one write: ranks share stdout
 torch.distributed.destroy_process_group()
 try:
     torch.ones(2, device="gpupool:1")
 except Exception as exc:
-    print(f"rank {local_rank} refused {type(exc).__name__}: {exc}", flush=True)
+    print(f"rank {local_rank} refused {type(exc).__name__}: {exc}\\n", end="", flush=True)
 """
 
 
