@@ -232,8 +232,12 @@ def building(
     # what its inputs, persistent tensors, outputs and writes hold (round 36: until then uncounted), their metadata
     # by their dimensions as they are read (`DIM_BYTES`); the room checked before each piece builds more
     held = INPUT_BYTES * (len(msg.input_meta) + len(msg.persistent)) + REF_BYTES * (len(msg.outputs) + len(msg.writes))
-    if room is not None:
-        _check_room(s, msg, host_bytes(len(msg.ops), 0, held), room)
+
+    def check_held() -> None:
+        if room is not None:
+            _check_room(s, msg, host_bytes(len(msg.ops), 0, held), room)
+
+    check_held()
     dev = s.device.torch_device
     meta_slots: list[Any] = [None]
     # in pieces of `_EVERY`, as every pass below (round 36, rev36: a graph of one op and 250,000 inputs, a 2.5 MB
@@ -241,8 +245,7 @@ def building(
     input_meta: list[Meta] = []
     for i, pm in enumerate(msg.input_meta):
         if i and not i % _EVERY:
-            if room is not None:
-                _check_room(s, msg, host_bytes(len(msg.ops), 0, held), room)
+            check_held()
             yield
         input_meta.append(_proto_meta(pm))
         held += DIM_BYTES * len(input_meta[-1][0])
@@ -253,8 +256,7 @@ def building(
     external_handle: dict[int, int] = {}
     for i, h in enumerate(msg.persistent):
         if i and not i % _EVERY:
-            if room is not None:
-                _check_room(s, msg, host_bytes(len(msg.ops), 0, held), room)
+            check_held()
             yield
         t = s.resolve(h)  # ownership, existence
         held += DIM_BYTES * t.dim()
