@@ -197,6 +197,35 @@ def test_torchrun_fsdp2_script_gives_the_cpu_losses(pool: str, client: tuple[str
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 
+FSDP_HELD = re.compile(r"^rank (\d) step (\d) loss (\S+) held (\d+) model (\d+)$", re.M)
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_torchrun_fsdp2_frees_unsharded_parameters(pool: str, client: tuple[str, ...]) -> None:
+    """fsdp2_memory.py (8 MiB of weights sharded over 2 ranks, SGD) under `gpupool run --cuda -n 2 -- torchrun`, on
+    both clients: between steps each rank holds about its half of the model (`torch.cuda.memory_allocated()`: the
+    daemon's count of the session's bytes), as on a GPU -- FSDP2's `untyped_storage().resize_(0)` of every unsharded
+    parameter reached the daemon (Command.resize_storage). Until round 37 every rank held the whole model besides its
+    shard (1.5x the model: the unsharded parameters were never freed), and the losses are the CPU's either way."""
+    pooled = run(
+        [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-n", "2", "-p", "0.5", "--",
+         *torchrun("fsdp2_memory.py", 2)],
+        clean_env(GPUPOOL_SCHEDULER=pool, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    rows = FSDP_HELD.findall(pooled.stdout)
+    assert len(rows) == 6, pooled.stdout
+    model = int(rows[0][4])
+    for rank, step, _, held, _ in rows:  # the shard (model / 2) and a little: never the unsharded model as well
+        assert model // 2 <= int(held) < model // 2 + model // 8, (rank, step, held, model)
+    print(f"fsdp2_memory {client or 'default'}: held {sorted(int(r[3]) for r in rows)} of a {model}-byte model")
+    local = torchrun_on_cpu("fsdp2_memory.py", 2)
+    losses = sorted((r[0], r[1], float(r[2])) for r in rows)
+    reference = sorted((r[0], r[1], float(r[2])) for r in FSDP_HELD.findall(local.stdout))
+    assert [r[:2] for r in losses] == [r[:2] for r in reference], local.stdout
+    assert [r[2] for r in losses] == pytest.approx([r[2] for r in reference], rel=1e-5)
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
 def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
