@@ -196,3 +196,24 @@ def test_another_sessions_handle_is_denied(served: DaemonHandle, s: Session) -> 
         with pytest.raises(errors.PermissionDenied):
             synced(s)
         assert torch.equal(other.download(theirs), torch.arange(8.0))
+
+
+def test_the_python_client_resizes_through_its_tensors(dev: torch.device) -> None:
+    """The shim's `resize_storage` (client/fsdp.py's free_storage/alloc_storage there): in order with its ops, the
+    size noted on the tensor, a view of the freed storage refused at the sync, the bytes back zeroed."""
+    from gpupool.client.torch import RemoteError
+    from gpupool.client.torch.tensor import resize_storage, storage_nbytes
+
+    x = torch.arange(1024.0, device=dev)
+    v = x[8:16]
+    x.mul_(2)  # queued before the resize: it runs first
+    resize_storage(x, 0)  # type: ignore[arg-type]
+    assert storage_nbytes(x) == 0  # type: ignore[arg-type]
+    with pytest.raises(RemoteError, match="resized to 0 bytes"):
+        (v + 1).cpu()
+    with pytest.raises(RuntimeError, match="negative"):
+        resize_storage(x, -1)  # type: ignore[arg-type]
+    resize_storage(x, 4096)  # type: ignore[arg-type]
+    assert storage_nbytes(x) == 4096 and torch.equal(v.cpu(), torch.zeros(8))  # type: ignore[arg-type]
+    x.copy_(torch.arange(1024.0))
+    assert torch.equal(v.cpu(), torch.arange(8.0, 16.0))
