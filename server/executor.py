@@ -38,7 +38,8 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 MAX_DIMS = 64
 MAX_VERDICTS = 8192  # cached op signatures (cleared when full)
-_RESHAPING = frozenset({"run_graph", "define_graph", "drop_graph", "collective", "group_join", "resize_storage"})  # other kinds: no
+# May change tensors' metas or storages in place (learned runs check them again); other kinds: no
+_RESHAPING = frozenset({"run_graph", "define_graph", "drop_graph", "collective", "group_join", "resize_storage"})
 _COMPUTE = object()  # _run_op's default: compute the op's signature
 _NO_OBJS: list[Any] = []  # a learned run's kept outputs when none runs (never appended to: a run starts with [])
 _Tensor = torch.Tensor

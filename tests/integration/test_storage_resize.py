@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
-from support import MiB, DaemonHandle, tls_channel
+from support import DaemonHandle, MiB, tls_channel
 
 from gpupool import errors
 from gpupool._proto import device_pb2, device_pb2_grpc
