@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
-from support import DaemonHandle, MiB, tls_channel
+from shim_fixtures import ServeProcess
+from support import MiB, tls_channel
 
 from gpupool import errors
 from gpupool._proto import device_pb2, device_pb2_grpc
@@ -23,46 +24,18 @@ N = 1024 * 1024  # floats: 4 MiB
 
 
 @pytest.fixture(scope="module")
-def served(token_key_module: bytes) -> Iterator[DaemonHandle]:
-    yield from _served(token_key_module)
-
-
-def _served(key: bytes) -> Iterator[DaemonHandle]:
-    from gpupool.server.app import RunningDaemon
-    from gpupool.server.daemon import DaemonConfig
-    from support import TEST_HOST, get_pki, verifier
-
-    running = RunningDaemon(
-        DaemonConfig(
-            listen="127.0.0.1:0",
-            host_id=TEST_HOST,
-            fake_gpus=1,
-            fake_gpu_memory=256 * MiB,
-            token_key=verifier(key),
-            metrics_listen="127.0.0.1:0",
-            tls=get_pki().server_config(),
-        )
-    )
-    try:
-        yield DaemonHandle(running.address, key, TEST_HOST, running=running)
-    finally:
-        running.stop(grace=1.0, drain=False)
-
-
-@pytest.fixture(scope="module")
-def token_key_module() -> bytes:
-    import secrets
-
-    return secrets.token_bytes(32)
+def served(serve: ServeProcess) -> ServeProcess:
+    """The session-wide `gpupool serve` (conftest.py: serve); each test attaches sessions of its own."""
+    return serve
 
 
 @pytest.fixture
-def s(served: DaemonHandle) -> Iterator[Session]:
+def s(served: ServeProcess) -> Iterator[Session]:
     with Session.attach(served.address, served.token(quota_bytes=QUOTA)) as session:
         yield session
 
 
-def used(daemon: DaemonHandle, s: Session) -> int:
+def used(daemon: ServeProcess, s: Session) -> int:
     with tls_channel(daemon.address) as channel:
         reply = device_pb2_grpc.DeviceStub(channel).Status(device_pb2.StatusRequest(), timeout=10)
     return next(u.used_bytes for u in reply.sessions if u.session_id == public_session_id(s.session_id))
@@ -76,7 +49,7 @@ def synced(s: Session) -> None:
     s.sync()
 
 
-def test_zero_and_back_frees_charges_and_zeroes(served: DaemonHandle, s: Session) -> None:
+def test_zero_and_back_frees_charges_and_zeroes(served: ServeProcess, s: Session) -> None:
     base = used(served, s)
     h = s.upload(torch.arange(float(N)))
     [view] = s.call("aten::slice.Tensor", Handle(h), 0, 8, 16)  # a second handle on the same storage
@@ -103,7 +76,7 @@ def test_zero_and_back_frees_charges_and_zeroes(served: DaemonHandle, s: Session
     assert used(served, s) == base
 
 
-def test_quota_refusal_and_freed_bytes_return_to_the_quota(served: DaemonHandle, s: Session) -> None:
+def test_quota_refusal_and_freed_bytes_return_to_the_quota(served: ServeProcess, s: Session) -> None:
     base = used(served, s)
     h = s.upload(torch.ones(3 * N))  # 12 of the 16 MiB
     synced(s)
@@ -130,7 +103,7 @@ def test_quota_refusal_and_freed_bytes_return_to_the_quota(served: DaemonHandle,
 
 
 @pytest.mark.parametrize("nbytes", [2**64 - 4, 2**62], ids=["negative", "past-2**62"])
-def test_sizes_no_device_holds_are_refused(served: DaemonHandle, s: Session, nbytes: int) -> None:
+def test_sizes_no_device_holds_are_refused(served: ServeProcess, s: Session, nbytes: int) -> None:
     h = s.upload(torch.ones(16))
     resize(s, h, nbytes)
     with pytest.raises(errors.InvalidArgument, match="below"):
@@ -138,7 +111,7 @@ def test_sizes_no_device_holds_are_refused(served: DaemonHandle, s: Session, nby
     assert torch.equal(s.download(h), torch.ones(16))
 
 
-def test_a_shrink_a_view_reaches_past_is_refused(served: DaemonHandle, s: Session) -> None:
+def test_a_shrink_a_view_reaches_past_is_refused(served: ServeProcess, s: Session) -> None:
     base = used(served, s)
     h = s.upload(torch.arange(64.0))
     [tail] = s.call("aten::slice.Tensor", Handle(h), 0, 32, 64)
@@ -167,7 +140,7 @@ def test_a_shrink_a_view_reaches_past_is_refused(served: DaemonHandle, s: Sessio
     assert used(served, s) == base + 256
 
 
-def test_a_poisoned_copy_of_a_resized_away_handle_cannot_resize(served: DaemonHandle, s: Session) -> None:
+def test_a_poisoned_copy_of_a_resized_away_handle_cannot_resize(served: ServeProcess, s: Session) -> None:
     """An op that fails on a resized-away input poisons its outputs with that input's error: such an output names
     no storage (it would have let the session regrow the storage uncounted once its real handles were freed)."""
     base = used(served, s)
@@ -188,7 +161,7 @@ def test_a_poisoned_copy_of_a_resized_away_handle_cannot_resize(served: DaemonHa
     assert used(served, s) == base
 
 
-def test_another_sessions_handle_is_denied(served: DaemonHandle, s: Session) -> None:
+def test_another_sessions_handle_is_denied(served: ServeProcess, s: Session) -> None:
     with Session.attach(served.address, served.token(quota_bytes=QUOTA, tenant="other")) as other:
         theirs = other.upload(torch.arange(8.0))
         other.sync()
