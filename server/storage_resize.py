@@ -61,13 +61,35 @@ def _resized_away(handle: int, tensor: torch.Tensor, nbytes: int) -> ResizedAway
 class _Away:
     """One session's handles resized away, by storage (`_cdata`): the handles its growth may bring back. An entry
     whose handle was freed or bound anew since (its `poisoned` entry is no longer the ResizedAway recorded) is
-    stale: skipped, and swept once stale entries could outnumber the live ones."""
+    stale: skipped, and swept once stale entries could outnumber the live ones.
 
-    __slots__ = ("by_storage", "count")
+    `members`: the handles counted on each storage as its last resize left them, so the next one need not scan every
+    handle of the session (~0.2 us a handle on this box: 2 ms a resize at 10,000 handles, four resizes per FSDP
+    parameter per step); trusted only where the storage's own count of handles says none was added since."""
+
+    __slots__ = ("by_storage", "count", "members")
 
     def __init__(self) -> None:
         self.by_storage: dict[int, dict[int, ResizedAway]] = {}
         self.count = 0
+        self.members: dict[int, list[int]] = {}
+
+    def counted(self, s: WorkerSession, key: int) -> list[int]:
+        """The handles counted on storage `key`: those of its last resize if they all still are and no other is
+        (as many as its entry counts: handles are distinct), else every handle of the session looked at."""
+        keys = s._keys
+        entry = s._storages.get(key)
+        cached = self.members.get(key)
+        if cached is not None:
+            live = [h for h in cached if keys.get(h) == key]
+            if len(live) == (entry[0] if entry is not None else 0):
+                return live
+        return [h for h, k in keys.items() if k == key]
+
+    def remember(self, s: WorkerSession, key: int, handles: list[int]) -> None:
+        if len(self.members) > 2 * len(s._storages) + 64:  # storages gone since: a cache, dropped whole
+            self.members.clear()
+        self.members[key] = handles
 
     def add(self, s: WorkerSession, key: int, handle: int, away: ResizedAway) -> None:
         self.by_storage.setdefault(key, {})[handle] = away
@@ -110,12 +132,14 @@ def resize(s: WorkerSession, msg: device_pb2.ResizeStorage) -> None:
     if nbytes >= MAX_NBYTES:
         raise InvalidArgument(f"storage resize to {nbytes} bytes: a size must be below {MAX_NBYTES} (2**62)")
     away = _sessions.get(s)
+    if away is None:
+        away = _sessions[s] = _Away()
     t = s.tensors.get(handle)
     named_away = None
     if t is None:
         p = s.poisoned.get(handle)
         # the handle resized away itself (an op that failed on one poisons its outputs with the same entry)
-        if not isinstance(p, ResizedAway) or p.handle != handle or away is None:
+        if not isinstance(p, ResizedAway) or p.handle != handle:
             s.resolve(handle)  # raises: failed, never created or freed
             raise AssertionError("unreachable")  # pragma: no cover
         named_away, t = p, p.tensor
@@ -125,7 +149,7 @@ def resize(s: WorkerSession, msg: device_pb2.ResizeStorage) -> None:
         raise InvalidArgument(f"handle {handle:#x} is not on the session's device")
     storage = t.untyped_storage()
     key = storage._cdata
-    if named_away is not None and not away.holds(key, handle, named_away):  # type: ignore[union-attr]
+    if named_away is not None and not away.holds(key, handle, named_away):
         s.resolve(handle)  # (cannot be: the index has every handle resized away) raises its poison
     old = storage.nbytes()
     if nbytes == old:
@@ -133,7 +157,7 @@ def resize(s: WorkerSession, msg: device_pb2.ResizeStorage) -> None:
     if not storage.resizable():
         raise InvalidArgument(f"handle {handle:#x}: its storage cannot be resized")
     tensors = s.tensors
-    live = [h for h, k in s._keys.items() if k == key]  # the handles counted on this storage
+    live = away.counted(s, key)  # the handles counted on this storage
     if nbytes < old:
         past = [h for h in live if not _fits(tensors[h], nbytes)]
         if past and nbytes:
@@ -142,15 +166,13 @@ def resize(s: WorkerSession, msg: device_pb2.ResizeStorage) -> None:
                 f"(to {extent(tensors[past[0]])}); a storage shrinks to 0 or to a size all its tensors fit"
             )
         storage.resize_(nbytes)
-        if past:
-            if away is None:
-                away = _sessions[s] = _Away()
-            for h in past:
-                mark = _resized_away(h, tensors.pop(h), nbytes)
-                s._uncount(h)
-                s.poisoned[h] = mark
-                away.add(s, key, h, mark)
+        for h in past:
+            mark = _resized_away(h, tensors.pop(h), nbytes)
+            s._uncount(h)
+            s.poisoned[h] = mark
+            away.add(s, key, h, mark)
         _recounted(s, storage, key, nbytes)
+        away.remember(s, key, [h for h in live if h in tensors])
         return
     # growth
     if named_away is not None and not _fits(t, nbytes):
@@ -163,15 +185,16 @@ def resize(s: WorkerSession, msg: device_pb2.ResizeStorage) -> None:
     storage.resize_(nbytes)  # an allocation that fails (the device's OOM) changes nothing
     zero_bytes(storage, old, nbytes)
     _recounted(s, storage, key, nbytes)
-    if away is not None:
-        for h, mark in away.take(s, key):
-            back = mark.tensor
-            if _fits(back, nbytes):
-                del s.poisoned[h]
-                tensors[h] = back
-                s._count(h, back, zero=False)  # a storage no counted handle held: counted now, at its new size
-            else:
-                away.add(s, key, h, mark)
+    for h, mark in away.take(s, key):
+        back = mark.tensor
+        if _fits(back, nbytes):
+            del s.poisoned[h]
+            tensors[h] = back
+            s._count(h, back, zero=False)  # a storage no counted handle held: counted now, at its new size
+            live.append(h)
+        else:
+            away.add(s, key, h, mark)
+    away.remember(s, key, live)
 
 
 def _recounted(s: WorkerSession, storage: torch.UntypedStorage, key: int, nbytes: int) -> None:

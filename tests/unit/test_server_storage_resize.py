@@ -19,7 +19,7 @@ from gpupool._proto import device_pb2, tensor_pb2
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 BASE = 1 << 32  # session 1's handles
-X, V, OUT = BASE + 1, BASE + 2, BASE + 3
+X, V, OUT, W = BASE + 1, BASE + 2, BASE + 3, BASE + 4
 
 
 def _session(dev: Device) -> tuple[CommandExecutor, WorkerSession]:
@@ -49,10 +49,12 @@ def test_cycles_keep_the_count_and_zero_what_comes_back(kind: str) -> None:
     s.bind(X, torch.arange(256.0, device=on))
     s.bind(V, s.tensors[X][16:32])  # a view: the same storage, counted once
     assert s.used == s.memory.used == 1024
-    for _ in range(3):
+    for cycle in range(3):
+        if cycle == 2:  # a handle made on the storage since its last resize goes with the others (no stale list)
+            s.bind(W, s.tensors[X][:4])
         _run(ex, s, _resize(X, 0))
         assert s.used == s.memory.used == 0 and s.error is None
-        assert X not in s.tensors and V not in s.tensors
+        assert X not in s.tensors and V not in s.tensors and W not in s.tensors
         _run(ex, s, _neg(V, OUT))  # a resized-away handle: refused, never read
         assert s.error is not None and "resized to 0 bytes" in s.error.message
         s.error = None
@@ -63,5 +65,5 @@ def test_cycles_keep_the_count_and_zero_what_comes_back(kind: str) -> None:
         s.tensors[X].fill_(5.0)
     _run(ex, s, _neg(V, OUT))
     assert s.error is None and torch.equal(s.tensors[OUT].cpu(), torch.full((16,), -5.0))
-    s.free([X, V, OUT])
+    s.free([X, V, OUT, W])
     assert s.used == s.memory.used == 0
