@@ -9,11 +9,12 @@ client/cuda/patches.py), so it stays the same Python object, as on a GPU; torch'
 on the device.
 
 FSDP2 frees an unsharded parameter's memory between its uses with `untyped_storage().resize_(0)` and gets it back with
-`resize_(n)`, which a PrivateUse1 device does only through torch's `PrivateUse1HooksInterface.resizePrivateUse1Bytes`;
-neither client has one ("You should register `PrivateUse1HooksInterface`..."). On gpupool the storage is kept
-instead (`free_storage` does nothing there; `alloc_storage` then finds it whole): the next all-gather writes it whole
-before any read, so the results are FSDP2's, but each rank holds its FSDP modules' unsharded parameters too, as with
-`reshard_after_forward=False` (the sharded optimizer states and gradients still save their memory).
+`resize_(n)` before the next all-gather writes it (`_fsdp_param.free_storage`/`alloc_storage`): the daemon resizes the
+storage in place (Command.resize_storage, server/storage_resize.py; until round 37 neither client could, and the
+unsharded parameters stayed, as with `reshard_after_forward=False`). On the C++ client torch's own functions do it
+(`resizePrivateUse1Bytes`, client/native/native_client.cpp). The Python client's tensors are wrappers whose storages
+torch will not resize ("an invalid python storage"), so there both functions are replaced for gpupool tensors by
+client/torch/tensor.py `resize_storage`, the size they compare kept on the tensor (`storage_nbytes`).
 
 The patches are put in when torch's module is imported (a script imports `fully_shard` before making its process
 group, so usually already), never by importing FSDP itself (~1 s).
@@ -35,6 +36,7 @@ import torch
 
 MODULE = "torch.distributed.fsdp._fully_shard._fsdp_init"
 PARAM_MODULE = "torch.distributed.fsdp._fully_shard._fsdp_param"
+GROUP_MODULE = "torch.distributed.fsdp._fully_shard._fsdp_param_group"
 _installed: list[bool] = []
 
 
@@ -58,26 +60,57 @@ def _moving_in_place(original: Callable[..., Any]) -> Callable[..., Any]:
     return move
 
 
-def _keeping_device_storage(original: Callable[[torch.Tensor], None]) -> Callable[[torch.Tensor], None]:
+def _shim_tensor(tensor: torch.Tensor) -> bool:
+    """A Python-client tensor (a wrapper: `_gp_rt`); the C++ client's are plain tensors torch resizes itself."""
+    return tensor.device.type == torch._C._get_privateuse1_backend_name() and "_gp_rt" in tensor.__dict__
+
+
+def _freeing(original: Callable[[torch.Tensor], None]) -> Callable[[torch.Tensor], None]:
     @functools.wraps(original)
     def free_storage(tensor: torch.Tensor) -> None:
-        if tensor.device.type != torch._C._get_privateuse1_backend_name():
-            original(tensor)
+        if not _shim_tensor(tensor):
+            return original(tensor)
+        from .torch.tensor import resize_storage, storage_nbytes
+
+        if storage_nbytes(tensor) != 0:  # type: ignore[arg-type]
+            resize_storage(tensor, 0)  # type: ignore[arg-type]
 
     free_storage._gpupool = True  # type: ignore[attr-defined]
     return free_storage
 
 
+def _allocating(original: Callable[[torch.Tensor], None]) -> Callable[[torch.Tensor], None]:
+    @functools.wraps(original)
+    def alloc_storage(tensor: torch.Tensor) -> None:
+        if not _shim_tensor(tensor):
+            return original(tensor)
+        from .torch.tensor import resize_storage, storage_nbytes
+
+        size = tensor.numel() * tensor.itemsize
+        if storage_nbytes(tensor) != size:  # type: ignore[arg-type]
+            resize_storage(tensor, size)  # type: ignore[arg-type]
+
+    alloc_storage._gpupool = True  # type: ignore[attr-defined]
+    return alloc_storage
+
+
+def _wrap(module: Any, name: str, wrapper: Callable[[Any], Any]) -> None:
+    fn = getattr(module, name, None)
+    if fn is not None and not getattr(fn, "_gpupool", False):
+        setattr(module, name, wrapper(fn))
+
+
 def _patch(module: Any) -> None:
-    """Both wrappers, where this torch has the functions (2.13 has; a torch without them keeps its own: the
-    failures above, never a broken import of FSDP)."""
+    """The wrappers, where this torch has the functions (2.13 has; a torch without them keeps its own: the
+    failures above, never a broken import of FSDP). `_fsdp_param_group` imports `alloc_storage` by name."""
     move = getattr(module, "_move_states_to_device", None)
     if move is not None and not getattr(move, "_gpupool", False):
         module._move_states_to_device = _moving_in_place(move)
     param: Any = sys.modules.get(PARAM_MODULE) or importlib.import_module(PARAM_MODULE)  # MODULE's package has it
-    free = getattr(param, "free_storage", None)
-    if free is not None and not getattr(free, "_gpupool", False):
-        param.free_storage = _keeping_device_storage(free)
+    _wrap(param, "free_storage", _freeing)
+    _wrap(param, "alloc_storage", _allocating)
+    group: Any = sys.modules.get(GROUP_MODULE) or importlib.import_module(GROUP_MODULE)
+    _wrap(group, "alloc_storage", _allocating)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

@@ -23,7 +23,7 @@ from gpupool import compact, prefault, protocol, wire
 from gpupool._proto import device_pb2
 from gpupool.errors import GpupoolError, InvalidArgument, ResourceExhausted
 
-from . import bulk, checks, cost, guards, native_runner, runs, sizing, templates
+from . import bulk, checks, cost, guards, native_runner, runs, sizing, storage_resize, templates
 from .collectives import Collectives
 from .graph import GraphTable
 from .ops import OpTable
@@ -38,7 +38,8 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 MAX_DIMS = 64
 MAX_VERDICTS = 8192  # cached op signatures (cleared when full)
-_RESHAPING = frozenset({"run_graph", "define_graph", "drop_graph", "collective", "group_join"})  # other kinds: no
+# May change tensors' metas or storages in place (learned runs check them again); other kinds: no
+_RESHAPING = frozenset({"run_graph", "define_graph", "drop_graph", "collective", "group_join", "resize_storage"})
 _COMPUTE = object()  # _run_op's default: compute the op's signature
 _NO_OBJS: list[Any] = []  # a learned run's kept outputs when none runs (never appended to: a run starts with [])
 _Tensor = torch.Tensor
@@ -125,6 +126,9 @@ class CommandExecutor:
                     s.free(list(cmd.free.handles))
             elif kind == "seed":
                 self._seed(s, cmd.seed.seed)
+            elif kind == "resize_storage":  # untyped_storage().resize_ (server/storage_resize.py): resize_'s allowlist
+                self.ops.resolve(storage_resize.ALLOWED_AS)
+                storage_resize.resize(s, cmd.resize_storage)
             elif kind == "sync":
                 reply(self._sync(s, cmd.sync))
             elif kind == "run_graph":
@@ -165,6 +169,8 @@ class CommandExecutor:
             return cmd.op.name
         if kind == "collective":
             return f"collective {cmd.collective.kind}"
+        if kind == "resize_storage":
+            return "untyped_storage().resize_"
         if kind != "eager_op":
             return ""
         try:  # the record may be malformed

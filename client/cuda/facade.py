@@ -61,13 +61,20 @@ def _session(device: Any = None) -> Any:
 
 
 def _synced_session(device: Any = None) -> Any:
-    """The session, after every op queued so far ran (the C++ client's buffered records go out first)."""
+    """The session, after every op queued so far ran (the C++ client's buffered records go out first, its Frees with
+    them). The shim's Frees of tensors that died wait for a batch (client/torch/runtime.py FREE_BATCH): they go out
+    first here, as CUDA frees a dead tensor's memory at once (`memory_allocated` counted them until round 37)."""
     from .. import native
 
     s = _session(device)
     if native.active():
         torch.gpupool.synchronize()  # type: ignore[attr-defined]
     else:
+        from ..torch import runtime
+
+        rt = runtime.get(_index(device))
+        if rt is not None:
+            rt.flush_frees(force=True)
         s.sync()
     return s
 

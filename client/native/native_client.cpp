@@ -271,8 +271,11 @@ struct SpikeGuard final : public c10::impl::DeviceGuardImplInterface {
   void synchronizeStream(const Stream&) const override {}
 };
 
+void resize_storage_bytes(const c10::Storage& storage, size_t n);  // below (wire mode)
+
 // The hooks torch's autograd engine and the accelerator API ask of a PrivateUse1 backend: the lease's devices, always
-// there, the current one per thread.
+// there, the current one per thread; and a storage's resize (`untyped_storage().resize_`: FSDP2's free_storage and
+// alloc_storage).
 struct SpikeHooks final : public at::PrivateUse1HooksInterface {
   bool isBuilt() const override { return true; }
   bool isAvailable() const override { return true; }
@@ -291,6 +294,9 @@ struct SpikeHooks final : public at::PrivateUse1HooksInterface {
     return old;
   }
   DeviceIndex maybeExchangeDevice(DeviceIndex i) const override { return exchangeDevice(i); }
+  void resizePrivateUse1Bytes(const c10::Storage& storage, size_t newsize) const override {
+    resize_storage_bytes(storage, newsize);
+  }
 };
 
 const bool kHooksRegistered = [] {
@@ -1525,6 +1531,48 @@ at::Tensor spike_empty_strided(c10::IntArrayRef size, c10::IntArrayRef stride, s
                                                    dtype.value_or(at::get_default_dtype_as_scalartype()));
   alloc_record(t);
   return t;
+}
+
+// `untyped_storage().resize_(n)` (torch's resize_bytes_nocuda calls the hooks' resizePrivateUse1Bytes): FSDP2 frees an
+// unsharded parameter with resize_(0) and gets it back with resize_(its size) before the all-gather writes it. Wire
+// mode: one Command{resize_storage} naming the storage's handle (server/storage_resize.py resizes the daemon's storage
+// in place: its tensors are refused while they do not fit it, the bytes it gains are charged and zeroed), then the
+// storage's own size here; its DataPtr (the handle) stays, so every tensor on it keeps naming it. A storage the daemon
+// never saw (keep mode, an empty that died unsent) only changes its size.
+void resize_storage_bytes(const c10::Storage& storage, size_t n) {
+  TORCH_CHECK(n <= static_cast<size_t>(INT64_MAX), "gpupool: a storage cannot be resized to a negative size (",
+              static_cast<int64_t>(n), ")");
+  TORCH_CHECK(storage.resizable(), "Trying to resize storage that is not resizable");
+  c10::StorageImpl* impl = storage.unsafeGetStorageImpl();
+  if (impl->nbytes() == n) return;
+  const uint64_t sid = reinterpret_cast<uintptr_t>(storage.data_ptr().get_context());
+  const DeviceIndex i = storage.device().index();
+  if (g_wire && i >= 0 && i < static_cast<DeviceIndex>(kMaxDevices)) {
+    Dev& d = g_devs[i];
+    bool full = false;
+    {
+      std::lock_guard<std::mutex> lock(g_mu);
+      if (!d.wire) {
+        impl->set_nbytes(n);
+        return;
+      }
+      TORCH_CHECK(!recording_here(d), "gpupool native client: a storage resize (untyped_storage().resize_) inside a ",
+                  "recorded step: not supported (resize it outside gpupool.torch.capture)");
+      prelude_wire(d);  // an empty held back goes out first: the resize names its handle
+      if (d.stores.count(sid)) {
+        Buf b;
+        put<uint8_t>(b, 0x08);  // ResizeStorage.handle (1)
+        put_varint(b, d.handle(sid));
+        put<uint8_t>(b, 0x10);  // ResizeStorage.nbytes (2)
+        put_varint(b, n);
+        static const uint8_t tag[] = {0x42};  // Command.resize_storage (8)
+        emit_command(d, tag, 1, b);
+        full = frame_full(d);
+      }
+    }
+    if (full) flush_frame(d);
+  }
+  impl->set_nbytes(n);
 }
 
 void sync_record(const at::Tensor& t) {

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from gpupool._proto import device_pb2
+
 from .. import checkpoints
 from .runtime import DeviceRuntime
 
@@ -302,3 +304,27 @@ def to_cpu(t: RemoteTensor) -> torch.Tensor:
     if rt.pending:
         rt.materialize_pending()
     return rt.download(t._gp_h, tuple(t.shape), t.dtype)  # the daemon's reply must be this shape and dtype
+
+
+def storage_nbytes(t: RemoteTensor) -> int:
+    """The bytes of the daemon storage behind `t` as `resize_storage` last set them through `t`, else its own
+    storage's size (a wrapper's: what the tensor was made with)."""
+    n = t.__dict__.get("_gp_storage_nbytes")
+    return t.untyped_storage().nbytes() if n is None else int(n)
+
+
+def resize_storage(t: RemoteTensor, nbytes: int) -> None:
+    """`t.untyped_storage().resize_(nbytes)` on the daemon (Command.resize_storage; server/storage_resize.py): torch
+    refuses it on a wrapper tensor's storage ("an invalid python storage"), so client/fsdp.py calls this for FSDP2's
+    free_storage (0) and alloc_storage (its size). In order with the ops before it; the daemon refuses the storage's
+    tensors while they do not fit it, and charges and zeroes the bytes it gains. The size is noted on `t`
+    (`storage_nbytes`)."""
+    if nbytes < 0:
+        raise RuntimeError(f"gpupool: a storage cannot be resized to a negative size ({nbytes})")
+    rt = t._gp_rt
+    if (rec := rt.recording()) is not None:
+        rec.refuse("untyped_storage().resize_")
+    if rt.pending:
+        rt.materialize_pending()  # an empty held back is made first: the resize names its handle
+    rt.command(device_pb2.Command(resize_storage=device_pb2.ResizeStorage(handle=t._gp_h, nbytes=nbytes)))
+    t.__dict__["_gp_storage_nbytes"] = nbytes

@@ -492,6 +492,36 @@ class Seed(_message.Message):
 Global___Seed: _TypeAlias = Seed  # noqa: Y015
 
 @_typing.final
+class ResizeStorage(_message.Message):
+    """Resize the storage of the tensor under `handle` to `nbytes` bytes, in place: torch's
+    `untyped_storage().resize_(nbytes)`, which FSDP2 uses to free an unsharded parameter between its uses (0) and to
+    get it back (its size) before the next all-gather writes it. Every handle on that storage stays its tensor; one
+    that no longer fits it (all of them with elements, at 0) is refused when used until the storage grows back
+    ("resized away"); bytes that come back are charged to the session's quota and zeroed (server/storage_resize.py,
+    docs/wire.md "Storage resize").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDLE_FIELD_NUMBER: _builtins.int
+    NBYTES_FIELD_NUMBER: _builtins.int
+    handle: _builtins.int
+    nbytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        handle: _builtins.int = ...,
+        nbytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "nbytes", b"nbytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResizeStorage: _TypeAlias = ResizeStorage  # noqa: Y015
+
+@_typing.final
 class Sync(_message.Message):
     """Wait for everything before it. Answered with SyncReply: values of the scalar handles asked for,
     and the first error since the previous sync.
@@ -767,6 +797,7 @@ class Command(_message.Message):
     FREE_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     SYNC_FIELD_NUMBER: _builtins.int
+    RESIZE_STORAGE_FIELD_NUMBER: _builtins.int
     DEFINE_GRAPH_FIELD_NUMBER: _builtins.int
     RUN_GRAPH_FIELD_NUMBER: _builtins.int
     DROP_GRAPH_FIELD_NUMBER: _builtins.int
@@ -790,6 +821,8 @@ class Command(_message.Message):
     @_builtins.property
     def sync(self) -> Global___Sync: ...
     @_builtins.property
+    def resize_storage(self) -> Global___ResizeStorage: ...
+    @_builtins.property
     def define_graph(self) -> Global___DefineGraph:
         """7 was the in-stream Refresh (tokens are refreshed out of band with RefreshToken)."""
 
@@ -810,6 +843,7 @@ class Command(_message.Message):
         free: Global___Free | None = ...,
         seed: Global___Seed | None = ...,
         sync: Global___Sync | None = ...,
+        resize_storage: Global___ResizeStorage | None = ...,
         define_graph: Global___DefineGraph | None = ...,
         run_graph: Global___RunGraph | None = ...,
         drop_graph: Global___DropGraph | None = ...,
@@ -817,11 +851,11 @@ class Command(_message.Message):
         group_join: Global___GroupJoin | None = ...,
         collective: Global___Collective | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "eager_op", b"eager_op", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "eager_op", b"eager_op", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "resize_storage", b"resize_storage", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "eager_op", b"eager_op", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "collective", b"collective", "define_graph", b"define_graph", "drop_graph", b"drop_graph", "eager_op", b"eager_op", "free", b"free", "get", b"get", "group_join", b"group_join", "op", b"op", "resize_storage", b"resize_storage", "run_graph", b"run_graph", "seed", b"seed", "sync", b"sync", "upload", b"upload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_cmd: _TypeAlias = _typing.Literal["op", "upload", "get", "free", "seed", "sync", "define_graph", "run_graph", "drop_graph", "eager_op", "group_join", "collective"]  # noqa: Y015
+    _WhichOneofReturnType_cmd: _TypeAlias = _typing.Literal["op", "upload", "get", "free", "seed", "sync", "resize_storage", "define_graph", "run_graph", "drop_graph", "eager_op", "group_join", "collective"]  # noqa: Y015
     _WhichOneofArgType_cmd: _TypeAlias = _typing.Literal["cmd", b"cmd"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_cmd) -> _WhichOneofReturnType_cmd | None: ...
 

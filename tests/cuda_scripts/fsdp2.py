@@ -4,7 +4,10 @@ the sharded gradients (DTensor's functional all-reduce), the loss averaged over 
 gathered whole (`full_tensor()`); then what the FSDP2 example's checkpoints do: a full state dict from the shards and
 back from rank 0 (torch.distributed.checkpoint's `set_model_state_dict(broadcast_from_rank0=True)`), a tensor of
 rank 0 sharded onto the mesh (`distribute_tensor`: a scatter) and resharded by columns (`redistribute`: an
-all-to-all). gloo on a CPU mesh without a GPU.
+all-to-all). Last, what FSDP2 saves: a model of eight 512x512 layers (8 MiB) sharded the same way, trained two steps
+with SGD, and the device memory it holds between steps (`torch.cuda.memory_allocated()`), about its bytes / ranks on a
+GPU: every unsharded parameter is freed after its forward and its backward (`untyped_storage().resize_(0)`). gloo on
+a CPU mesh without a GPU.
 
     torchrun --standalone --nproc-per-node 2 fsdp2.py
 """
@@ -69,6 +72,20 @@ def main():
     columns = rows.redistribute(mesh, [Shard(1)]).to_local()  # Shard(0) -> Shard(1): DTensor's all-to-all
     line = f"rank {rank} reloaded {total:.7f} scattered {scattered.to_local().tolist()} columns {columns.tolist()}\n"
     print(line, end="", flush=True)
+
+    before = torch.cuda.memory_allocated() if use_cuda else 0
+    big = nn.Sequential(*[nn.Linear(512, 512, bias=False) for _ in range(8)])
+    model_bytes = sum(p.numel() * p.element_size() for p in big.parameters())
+    for layer in big:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(big, mesh=mesh)
+    sgd = torch.optim.SGD(big.parameters(), lr=1e-3)
+    for step in range(2):
+        big(torch.randn(8, 512, generator=g).to(device)).square().mean().backward()
+        sgd.step()
+        sgd.zero_grad()
+        held = torch.cuda.memory_allocated() - before if use_cuda else 0
+        print(f"rank {rank} step {step} of a {model_bytes}-byte model holds {held}\n", end="", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -158,6 +158,7 @@ def test_torchrun_ddp_script_with_nccl_gives_the_cpu_losses(pool: str) -> None:
 FSDP_STEP = re.compile(r"^step \d+ grad norm (\S+) loss (\S+)$", re.M)
 FSDP_RANK = re.compile(r"^rank (\d) mesh (\S+) shard (\S+) weight sum (\S+)$", re.M)
 FSDP_RELOAD = re.compile(r"^rank (\d) reloaded (\S+) scattered (\[.*?\]) columns (\[.*\])$", re.M)
+FSDP_HELD = re.compile(r"^rank (\d) step (\d) of a (\d+)-byte model holds (\d+)$", re.M)
 
 
 @pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
@@ -167,7 +168,10 @@ def test_torchrun_fsdp2_script_gives_the_cpu_losses(pool: str, client: tuple[str
     -n 2 -- torchrun --nproc-per-node 2`, on both clients: every gradient norm and loss, and the gathered weights, equal
     the same script on a CPU mesh with gloo within 1e-5; so do the weights after a full state dict went out and came
     back from rank 0 (DCP's `set_model_state_dict`), `distribute_tensor` scatters rank 0's tensor and `redistribute`
-    reshards it by columns. Until round 36
+    reshards it by columns; and between steps each rank holds about its half of an 8 MiB model sharded the same way
+    (`torch.cuda.memory_allocated()`: the daemon's count of its session's bytes), as on a GPU, where until round 37 it
+    held the whole model besides (FSDP2's `untyped_storage().resize_(0)` of its unsharded parameters went nowhere:
+    1.5x the model). Until round 36
     `init_device_mesh` failed: "ProcessGroup name not set" (then, one at a time: a "cuda" mesh FSDP2 found no parameter
     on, CPU tensors it could not move in place, storages it could not resize, functional collectives torch sent to a
     C++ backend the group has not, a group with no device types, no scatter, no all-to-all)."""
@@ -194,6 +198,10 @@ def test_torchrun_fsdp2_script_gives_the_cpu_losses(pool: str, client: tuple[str
         pooled.stdout
     )  # rank 0's tensor sharded (a scatter), then by columns (DTensor's all-to-all)
     assert [float(s) for _, s, _, _ in reloaded + cpu_reloaded] == pytest.approx([sums[2]] * 4, abs=1e-5)
+    held = FSDP_HELD.findall(pooled.stdout)
+    assert len(held) == 4, pooled.stdout
+    for rank, step, model, nbytes in held:  # its half of the 8 MiB model and a little: never the whole model as well
+        assert int(model) // 2 <= int(nbytes) < int(model) // 2 + int(model) // 8, (rank, step, nbytes, model)
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 

@@ -151,6 +151,59 @@ def test_numbers_and_cpu_scalars_give_local_values_and_dtypes(pool: str, tmp_pat
         assert got[k] == want[k], k
 
 
+# `untyped_storage().resize_` on the C++ client (torch's resizePrivateUse1Bytes hook: FSDP2's free_storage and
+# alloc_storage): the daemon's count of the session's bytes, a view of the freed storage touched, the storage back.
+RESIZE = """
+import json
+import torch
+from gpupool._proto import device_pb2, device_pb2_grpc
+from gpupool.client.native import backend
+from gpupool.tokens import public_session_id
+
+def used():
+    torch.gpupool.synchronize()
+    s = backend.session(0)
+    reply = device_pb2_grpc.DeviceStub(s._channel).Status(device_pb2.StatusRequest(), timeout=10)
+    return next(u.used_bytes for u in reply.sessions if u.session_id == public_session_id(s.session_id))
+
+x = torch.arange(65536.0, device="gpupool")  # 256 KiB
+v = x[8:16]
+out = {"held": used()}
+x.untyped_storage().resize_(0)
+out["freed"], out["size"] = used(), x.untyped_storage().nbytes()
+try:
+    (v * 2).cpu()
+except Exception as e:
+    out["touched"] = f"{type(e).__name__}: {e}"
+try:
+    x.untyped_storage().resize_(-4)
+except Exception as e:
+    out["negative"] = str(e)
+x.untyped_storage().resize_(262144)
+out["back"], out["values"] = used(), v.cpu().tolist()
+x.copy_(torch.arange(65536.0))
+out["written"] = v.cpu().tolist()
+print(json.dumps(out))
+"""
+
+
+def test_a_storage_resized_to_zero_frees_its_bytes_on_the_daemon(pool: str, tmp_path: Path) -> None:
+    """`x.untyped_storage().resize_(0)` frees x's 256 KiB on the daemon (its session's count), a view of it touched
+    fails at the sync with the daemon's error, a negative size is refused here, and `resize_(n)` charges the bytes
+    again, zeroed, under the same tensors. Before round 37 the first resize raised torch's "You should register
+    `PrivateUse1HooksInterface` for PrivateUse1 before call `resizePrivateUse1Bytes`"."""
+    path = tmp_path / "resize.py"
+    path.write_text(RESIZE)
+    ran = _run(pool, "-p", "0.5", "--native-client", "--", sys.executable, str(path))
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    got = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert got["held"] - got["freed"] == 262144 and got["size"] == 0, got
+    assert "RemoteError" in got["touched"] and "resized to 0 bytes" in got["touched"], got
+    assert "negative size" in got["negative"], got
+    assert got["back"] == got["held"] and got["values"] == [0.0] * 8, got
+    assert got["written"] == [float(i) for i in range(8, 16)], got
+
+
 def test_the_env_selects_it_too(pool: str, tmp_path: Path) -> None:
     ran = _run(pool, "-p", "0.5", "--", sys.executable, str(_script(tmp_path)), "gpupool", GPUPOOL_CLIENT="native")
     assert ran.returncode == 0, ran.stderr[-3000:]
