@@ -404,7 +404,7 @@ def _tls_link(read_ahead: bool = True) -> tuple[bulkside.BulkLink, Any]:
     before round 37 (OpenSSL reads a record's header, then its body)."""
     import ssl
 
-    from support import get_pki
+    from support import get_pki, tls_socket_pair
 
     from gpupool import tls
 
@@ -413,15 +413,7 @@ def _tls_link(read_ahead: bool = True) -> tuple[bulkside.BulkLink, Any]:
     if not read_ahead:
         server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         server_ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
-    client_ctx = ssl.create_default_context(cafile=pki.ca_file)
-    a, b = socket.socketpair()
-    ours = server_ctx.wrap_socket(a, server_side=True, do_handshake_on_connect=False)
-    theirs = client_ctx.wrap_socket(b, server_hostname="localhost", do_handshake_on_connect=False)
-    shake = threading.Thread(target=theirs.do_handshake)
-    shake.start()
-    ours.do_handshake()
-    shake.join(10)
-    ours.setblocking(False)
+    ours, theirs = tls_socket_pair(server_ctx, ssl.create_default_context(cafile=pki.ca_file))
     return bulkside.BulkLink(ours, 1, frames=True), theirs
 
 
