@@ -10,7 +10,9 @@ does not grow with the input). Two ways:
 
 The session's frames travel on its side socket by default (`--carriers side`: the daemon with a side port,
 `--bulk-listen`, as `gpupool up` and bench/real_gpu.sh run it; the worker checks that its session's frames went
-there), or on its gRPC stream (`stream`: no side port); `--carriers side,stream` runs both, in turn.
+there), or on its gRPC stream (`stream`: no side port); `--carriers side,stream` runs both, in turn. The daemons
+run each session in its own worker process (`--isolations process`, the default) or in a thread of the daemon
+(`thread`); `--isolations process,thread` runs both, in turn (with --against, DIR's daemon runs the same one).
 
 Per input size (--sizes, bytes of float32; the smallest is the baseline), each run a fresh client process pinned to
 the other core: blocks of steps ending in one `.item()`, the daemon's CPU over the block (its front, zygote and the
@@ -28,15 +30,19 @@ like the worker's shared one (a join, or `worker._copy_parts` where the checkout
 (`slices.run_commands` with a real executor and session on a fake GPU). The frame (`--modes`): `eager`, the batch's
 Upload and 37 small commands (16-float Uploads, as many as the stock MLP's eager ops); `captured`, one RunGraph of a
 graph of the bench's step (`x[:16].sum()`), the batch in it by value (keep --sizes at most 256 KiB there: larger
-batches travel as an Upload).
+batches travel as an Upload). `--tls`: the side reader's socket is TLS as the side port makes it (the checkout's
+`tls.SocketServerTls` context, a throwaway loopback PKI) over loopback TCP, its records sent by a thread with a
+client's context: the reader's CPU then holds OpenSSL's reads and decryption too (round 37: read-ahead).
 Thread CPU time per step, the median of --rounds runs of --steps steps.
 
     nice python bench/input_bytes.py                                  # ~2 min
     nice python bench/input_bytes.py --in-process --against /work/wt/base
     nice python bench/input_bytes.py --carriers side,stream --modes captured --sizes 64,262144,524288 --against DIR
     nice python bench/input_bytes.py --in-process --modes captured --sizes 64,65536,262144 --against /work/wt/base
+    nice python bench/input_bytes.py --in-process --tls --modes captured --sizes 64,65536,524288 --against DIR
     nice python bench/input_bytes.py --against /work/wt/base --rounds 3
     nice python bench/input_bytes.py --sizes 64,65536,524288,4194304 --modes captured
+    nice python bench/input_bytes.py --modes captured --isolations process,thread --against /work/wt/base --rounds 3
 """
 
 from __future__ import annotations
@@ -155,7 +161,7 @@ def in_process(args: argparse.Namespace) -> dict[str, Any]:
     shared = memoryview(bytearray(len(frame) + 4096))
     strip = getattr(bulk, "strip_uploads", None)
     copy_parts = getattr(worker, "_copy_parts", None)
-    read = _side_reader(frame, args.steps + 20) if args.carrier == "side" else None
+    read = _side_reader(frame, args.steps + 20, args.tls) if args.carrier == "side" else None
 
     def step() -> tuple[int, int]:
         t0 = time.thread_time_ns()
@@ -187,11 +193,11 @@ def in_process(args: argparse.Namespace) -> dict[str, Any]:
     return {"front_s": statistics.median(fronts) / 1e9, "worker_s": statistics.median(workers) / 1e9}
 
 
-def _side_reader(frame: bytes, count: int) -> Any:
+def _side_reader(frame: bytes, count: int, secure: bool = False) -> Any:
     """A session's frames socket as the daemon's reader has it (`bulkside.BulkLink` over a non-blocking socket, here
     a Unix socket pair without TLS: what the checkout does with a frame's bytes, not the kernel's or OpenSSL's
-    copies), fed `count` records of `frame` by a thread of its own (its CPU is not the reader's); returns the
-    reader's `recv_frame`."""
+    copies; `secure`: a loopback TCP connection with the side port's TLS), fed `count` records of `frame` by a
+    thread of its own (its CPU is not the reader's); returns the reader's `recv_frame`."""
     import socket
     import threading
 
@@ -199,7 +205,10 @@ def _side_reader(frame: bytes, count: int) -> Any:
 
     from gpupool import protocol
 
-    ours, theirs = socket.socketpair()
+    if secure:
+        ours, theirs = _tls_pair()
+    else:
+        ours, theirs = socket.socketpair()
     ours.setblocking(False)
     link = bulkside.BulkLink(ours, 1, frames=True)
     record = protocol.frame_record(frame)
@@ -207,10 +216,39 @@ def _side_reader(frame: bytes, count: int) -> Any:
 
     def read() -> Any:
         got = link.recv_frame(64 << 20)
-        assert got is not None and len(got) == len(frame)
-        return got
+        assert got is not None and len(got) == len(frame), (got, len(frame), theirs)  # (the feeder's end kept open:
+        return got  # closed with the session's tickets unread, a TLS client's end resets the connection)
 
     return read
+
+
+def _tls_pair() -> tuple[Any, Any]:
+    """A TLS connection over loopback TCP: (the daemon's end, with the checkout's side-port context
+    `tls.SocketServerTls`; the client's end), certificates from a throwaway loopback PKI."""
+    import socket
+    import ssl
+    import tempfile
+    import threading
+
+    from gpupool import pki, tls
+
+    env = pki.loopback_env(Path(tempfile.mkdtemp(prefix="gpupool-bench-pki-")))
+    cfg = tls.TlsConfig(cert=env["GPUPOOL_TLS_CERT"], key=env["GPUPOOL_TLS_KEY"], ca=env["GPUPOOL_TLS_CA"])
+    server_ctx = tls.SocketServerTls(cfg).context()
+    client_ctx = ssl.create_default_context(cafile=env["GPUPOOL_TLS_CA"])
+    listener = socket.create_server(("127.0.0.1", 0))
+    theirs_raw = socket.create_connection(listener.getsockname())
+    ours_raw, _ = listener.accept()
+    listener.close()
+    for s in (ours_raw, theirs_raw):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as the side port and the client set it
+    ours = server_ctx.wrap_socket(ours_raw, server_side=True, do_handshake_on_connect=False)
+    theirs = client_ctx.wrap_socket(theirs_raw, server_hostname="localhost", do_handshake_on_connect=False)
+    shake = threading.Thread(target=theirs.do_handshake)
+    shake.start()
+    ours.do_handshake()
+    shake.join()
+    return ours, theirs
 
 
 def main_in_process(args: argparse.Namespace, sizes: list[int], pythons: list[tuple[str, str]]) -> int:
@@ -224,13 +262,14 @@ def main_in_process(args: argparse.Namespace, sizes: list[int], pythons: list[tu
                     for which, python in pythons if k % 2 == 0 else pythons[::-1]:
                         cmd = ["taskset", "-c", str(args.daemon_core), python, __file__, "--worker", "--in-process",
                                "--mode", mode, "--size", str(size), "--steps", str(args.steps),
-                               "--carrier", carrier]  # fmt: skip
+                               "--carrier", carrier] + (["--tls"] if args.tls else [])  # fmt: skip
                         out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=str(
                             Path(python).parent.parent.parent), env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
                         got = json.loads(out.stdout.strip().splitlines()[-1])
                         results.setdefault((carrier, mode, size, which), []).append(got)
-    table = Table(title="the daemon's own handling of a step's frame (no gRPC, TLS or kernels): thread CPU us per "
-                  "step, medians over rounds of each run's median step")  # fmt: skip
+    tls_words = "the side reader over TLS" if args.tls else "no TLS"
+    table = Table(title=f"the daemon's own handling of a step's frame (no gRPC, {tls_words}, no kernels): thread CPU "
+                  "us per step, medians over rounds of each run's median step")  # fmt: skip
     for col in ("carrier", "mode", "input bytes", "daemon", "reader (read, check, copy)", "worker slice", "total",
                 "total/base"):  # fmt: skip
         table.add_column(col, justify="right")
@@ -270,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ",".join(MODES))
     p.add_argument("--carriers", default="side", help="comma-separated: side (the session's frames on its side "
                    "socket, as `gpupool up` runs a daemon), stream (on its gRPC stream: no side port)")  # fmt: skip
+    p.add_argument("--isolations", default="process", help="comma-separated: process (each session in its own "
+                   "worker, the default), thread (--isolation thread)")  # fmt: skip
     p.add_argument("--steps", type=int, default=300, help="steps per timed block (the daemon's CPU is in ticks)")
     p.add_argument("--blocks", type=int, default=3, help="timed blocks (the median counts)")
     p.add_argument("--rounds", type=int, default=2, help="alternating runs; the median of each figure over them")
@@ -278,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-process", action="store_true", help="time the daemon's own handling of a step's frame "
                    "in-process, without gRPC, TLS or kernels (see above)")  # fmt: skip
     add_worker_flags(p)
+    p.add_argument("--tls", action="store_true", help="with --in-process: the side reader's socket speaks TLS as "
+                   "the side port's does (its OpenSSL reads and decryption counted)")  # fmt: skip
     p.add_argument("--size", type=int, default=64, help=argparse.SUPPRESS)
     p.add_argument("--mode", default="eager", help=argparse.SUPPRESS)
     p.add_argument("--carrier", default="side", help=argparse.SUPPRESS)
@@ -287,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not set(args.carriers.split(",")) <= {"side", "stream"}:
         p.error(f"--carriers: side, stream (got {args.carriers})")
+    if not set(args.isolations.split(",")) <= {"process", "thread"}:
+        p.error(f"--isolations: process, thread (got {args.isolations})")
 
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.in_process:
@@ -299,47 +344,54 @@ def main(argv: list[str] | None = None) -> int:
     against = None
     if args.against:
         against = (args.against, args.against_python or str(Path(args.against) / ".venv" / "bin" / "python"))
-    daemons_of = ["process", "base"] if against else ["process"]
-    results: dict[tuple[str, str, int, str], list[dict[str, Any]]] = {}
+    isolations = args.isolations.split(",")
+    results: dict[tuple[str, str, str, int, str], list[dict[str, Any]]] = {}
     for carrier in carriers:
         os.environ["BENCH_DAEMON_FLAGS"] = _carrier_flags(carrier)
-        with bench_daemons(args.daemon_core, against=against) as daemons:
-            for k in range(args.rounds):
-                for mode in modes:
-                    for size in sizes:
-                        for which in daemons_of if k % 2 == 0 else daemons_of[::-1]:
-                            argv_w = ["--mode", mode, "--size", str(size), "--steps", str(args.steps),
-                                      "--blocks", str(args.blocks)]  # fmt: skip
-                            r = run_worker(__file__, args.client_core, f"{mode}/{size}/{which}", argv_w,
-                                           **daemons.remote(which))  # fmt: skip
-                            # the session's frames went where the carrier says (a side port that failed: the stream)
-                            assert r["side"] == (carrier == "side"), (carrier, r)
-                            results.setdefault((carrier, mode, size, which), []).append(r)
+        for iso in isolations:
+            daemons_of = [iso, "base"] if against else [iso]
+            with bench_daemons(args.daemon_core, (iso,), against=against, against_isolation=iso) as daemons:
+                for k in range(args.rounds):
+                    for mode in modes:
+                        for size in sizes:
+                            for which in daemons_of if k % 2 == 0 else daemons_of[::-1]:
+                                argv_w = ["--mode", mode, "--size", str(size), "--steps", str(args.steps),
+                                          "--blocks", str(args.blocks)]  # fmt: skip
+                                r = run_worker(__file__, args.client_core, f"{mode}/{size}/{iso}/{which}", argv_w,
+                                               **daemons.remote(which))  # fmt: skip
+                                # the session's frames went where the carrier says (a side port that failed: the
+                                # stream)
+                                assert r["side"] == (carrier == "side"), (carrier, r)
+                                key = (carrier, iso, mode, size, "base" if which == "base" else "this")
+                                results.setdefault(key, []).append(r)
     table = Table(title="a step's input bytes: the daemon's CPU per step (medians over rounds; per MB: over the "
                   f"{sizes[0]}-byte input's)")  # fmt: skip
-    for col in ("carrier", "mode", "input bytes", "daemon", "ms/step", "client us/step", "daemon us/step",
-                "daemon us/MB"):  # fmt: skip
+    for col in ("carrier", "isolation", "mode", "input bytes", "daemon", "ms/step", "client us/step",
+                "daemon us/step", "daemon us/MB"):  # fmt: skip
         table.add_column(col, justify="right")
     if against:
-        table.add_column("this/base", justify="right")
-    med: dict[tuple[str, str, int, str], dict[str, float]] = {
+        table.add_column("this/base CPU", justify="right")
+        table.add_column("this/base ms", justify="right")
+    med: dict[tuple[str, str, str, int, str], dict[str, float]] = {
         key: {f: statistics.median(r[f] for r in rs) for f in ("step_s", "daemon_s", "client_s")}
         for key, rs in results.items()
     }
     for carrier in carriers:
-        for mode in modes:
-            for size in sizes:
-                for which in daemons_of:
-                    m, base = med[(carrier, mode, size, which)], med[(carrier, mode, sizes[0], which)]
-                    extra = m["daemon_s"] - base["daemon_s"]
-                    per_mb = f"{extra / (size - sizes[0]) * 2**20 * 1e6:.0f}" if size != sizes[0] else ""
-                    row = [carrier, mode, str(size), "this" if which == "process" else "base",
-                           f"{m['step_s'] * 1e3:.3f}", f"{m['client_s'] * 1e6:.0f}", f"{m['daemon_s'] * 1e6:.0f}",
-                           per_mb]  # fmt: skip
-                    if against:
-                        other = med[(carrier, mode, size, "base")]["daemon_s"]
-                        row.append(f"{m['daemon_s'] / other:.2f}" if which == "process" and other else "")
-                    table.add_row(*row)
+        for iso in isolations:
+            for mode in modes:
+                for size in sizes:
+                    for which in ["this", "base"] if against else ["this"]:
+                        m, base = med[(carrier, iso, mode, size, which)], med[(carrier, iso, mode, sizes[0], which)]
+                        extra = m["daemon_s"] - base["daemon_s"]
+                        per_mb = f"{extra / (size - sizes[0]) * 2**20 * 1e6:.0f}" if size != sizes[0] else ""
+                        row = [carrier, iso, mode, str(size), which, f"{m['step_s'] * 1e3:.3f}",
+                               f"{m['client_s'] * 1e6:.0f}", f"{m['daemon_s'] * 1e6:.0f}", per_mb]  # fmt: skip
+                        if against:
+                            other = med[(carrier, iso, mode, size, "base")]
+                            mine = which == "this"
+                            row.append(f"{m['daemon_s'] / other['daemon_s']:.2f}" if mine and other["daemon_s"] else "")
+                            row.append(f"{m['step_s'] / other['step_s']:.2f}" if mine and other["step_s"] else "")
+                        table.add_row(*row)
     Console(width=160).print(table)
     print(f"load average (1 min): {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
     return 0

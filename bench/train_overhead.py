@@ -186,12 +186,14 @@ def bench_daemons(
     against: tuple[str, str] | None = None,
     real_gpu: bool = False,
     against_env: dict[str, str] | None = None,
+    against_isolation: str = "process",
 ) -> Iterator[Daemons]:
     """A daemon per isolation mode on a fake GPU pinned to `core`, speaking TLS (a loopback PKI in a temporary
     directory); yields them with a function that mints a fresh one-hour token for device 0. Stops them after.
     `against` (a checkout's directory, its python): one more daemon of that checkout, under the name "base".
     `real_gpu`: the daemons serve the host's CUDA devices instead of a fake GPU. `against_env`: variables set for
-    the "base" daemon alone (the same checkout as its own baseline: `GPUPOOL_RUN_AHEAD=0`)."""
+    the "base" daemon alone (the same checkout as its own baseline: `GPUPOOL_RUN_AHEAD=0`); `against_isolation`:
+    its isolation mode."""
     with tempfile.TemporaryDirectory() as tmp:
         key = secrets.token_hex(32).encode()  # a token seed; the daemons get its public key only
         key_file = Path(tmp) / "key.pub"
@@ -209,7 +211,13 @@ def bench_daemons(
                 daemons[mode] = start_daemon(core, key_file, mode, real_gpu=real_gpu)
             if against is not None:
                 daemons["base"] = start_daemon(
-                    core, key_file, "process", python=against[1], cwd=against[0], real_gpu=real_gpu, env=against_env
+                    core,
+                    key_file,
+                    against_isolation,
+                    python=against[1],
+                    cwd=against[0],
+                    real_gpu=real_gpu,
+                    env=against_env,
                 )
             yield Daemons(daemons, token, key_file)
         finally:

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import logging
 import os
 import ssl
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -390,6 +392,8 @@ class SocketServerTls:
     def _build(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.options |= ssl.OP_NO_RENEGOTIATION  # (TLS 1.2) a write never waits for a read: see `read_ahead`
+        read_ahead(ctx)
         with _opened(self.cfg.key, KEY) as key:
             ctx.load_cert_chain(self.cfg.cert, key)
         if self.cfg.client_auth == "require":
@@ -406,6 +410,57 @@ class SocketServerTls:
                 except (OSError, ssl.SSLError, InvalidArgument) as exc:
                     log.warning("TLS files changed but cannot be loaded (keeping the old ones): %s", exc)
             return self._ctx
+
+
+# OpenSSL's SSL_CTX_ctrl commands (ssl.h: the same numbers since OpenSSL 0.9.8)
+_CTRL_GET_READ_AHEAD = 40
+_CTRL_SET_READ_AHEAD = 41
+_read_ahead_lib: list[Any] = []  # [the OpenSSL functions `read_ahead` calls, or None: not at hand], once looked up
+
+
+def read_ahead(ctx: ssl.SSLContext) -> bool:
+    """Turn OpenSSL's read-ahead on for the connections `ctx` makes from now on; True where it is on. Without it,
+    OpenSSL reads a TLS record off the socket in two system calls (its 5-byte header, then its body): a 512 KiB frame
+    on the side socket is 32 records, 64 reads, whose kernel entries cost the daemon's reader about as much as
+    decrypting them (round 37, slots37: perf of the front under bench/input_bytes.py --modes captured; a system call
+    costs far more under the GPU host's gVisor). With it, one read takes what the kernel holds, up to OpenSSL's
+    record buffer: about one read a record.
+
+    Sound for a non-blocking socket read through gpupool/duplex.py's rule (SSL_read first, a wait for the socket
+    only after OpenSSL said it wants to read): OpenSSL says so only once the kernel had nothing more (its read met
+    EAGAIN) and what it holds is no whole record, so a wait never sleeps on bytes OpenSSL already holds (`ready`'s
+    one-byte read and `head`'s `wait` follow the same rule). A write that wants to read (a TLS 1.2 renegotiation,
+    waiting for the socket to be readable) is ruled out by OP_NO_RENEGOTIATION (TLS 1.3 has none).
+
+    Python's ssl module has no call for it, so it is OpenSSL's own (SSL_CTX_ctrl), from the library the ssl module
+    runs, on the SSL_CTX that `ctx` holds: CPython keeps that pointer first behind the object's header
+    (Modules/_ssl.c PySSLContext), and it is taken only once OpenSSL's SSL_CTX_get_options of it gives `ctx.options`.
+    Anything else (another Python, an OpenSSL whose functions are not at hand, a mismatch) leaves `ctx` as it is:
+    False, and the reads as before."""
+    if sys.implementation.name != "cpython" or type(ctx).__basicsize__ < object.__basicsize__ + ctypes.sizeof(
+        ctypes.c_void_p
+    ):
+        return False
+    if not _read_ahead_lib:
+        lib: Any = None
+        try:
+            lib = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]  # its OpenSSL (a dependency, or linked in)
+            lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+            lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+            lib.SSL_CTX_ctrl.restype = ctypes.c_long
+            lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        except (AttributeError, OSError):
+            lib = None
+        _read_ahead_lib.append(lib)
+    lib = _read_ahead_lib[0]
+    if lib is None:
+        return False
+    ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not ptr or ptr % ctypes.alignment(ctypes.c_void_p) or lib.SSL_CTX_get_options(ptr) != ctx.options:
+        log.debug("OpenSSL read-ahead left off: the SSL context is not where CPython keeps it")
+        return False
+    lib.SSL_CTX_ctrl(ptr, _CTRL_SET_READ_AHEAD, 1, None)
+    return bool(lib.SSL_CTX_ctrl(ptr, _CTRL_GET_READ_AHEAD, 0, None) == 1)
 
 
 def socket_client_context(cfg: TlsConfig | None = None) -> ssl.SSLContext | None:

@@ -85,6 +85,20 @@ def get_pki() -> Pki:
     return _PKI
 
 
+def tls_socket_pair(server_ctx: Any, client_ctx: Any) -> tuple[Any, Any]:
+    """A TLS connection over a socket pair, handshaken: (the daemon's end with `server_ctx`, non-blocking as a bound
+    side socket is; the client's end with `client_ctx`, blocking, for the server name "localhost")."""
+    a, b = socket.socketpair()
+    ours = server_ctx.wrap_socket(a, server_side=True, do_handshake_on_connect=False)
+    theirs = client_ctx.wrap_socket(b, server_hostname="localhost", do_handshake_on_connect=False)
+    shake = threading.Thread(target=theirs.do_handshake)
+    shake.start()
+    ours.do_handshake()
+    shake.join(10)
+    ours.setblocking(False)
+    return ours, theirs
+
+
 def tls_channel(address: str, options: Any = ()) -> grpc.Channel:
     """A TLS channel to a test server with the test process's (operator) certificate and the test CA."""
     return tls.channel(address, options or ())

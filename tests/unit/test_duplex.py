@@ -126,7 +126,7 @@ def test_close_while_a_call_holds_the_lock_waits_for_it_then_closes(end: str) ->
 
 def _tls_pair() -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
     """A TLS connection over a socket pair with the tests' certificates: (the daemon's end, the client's end)."""
-    from support import get_pki
+    from support import get_pki, tls_socket_pair
 
     from gpupool import tls
 
@@ -134,14 +134,7 @@ def _tls_pair() -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
     server_ctx = tls.SocketServerTls(pki.server_config()).context()
     client_ctx = ssl.create_default_context(cafile=pki.ca_file)
     client_ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
-    a, b = socket.socketpair()
-    ours = server_ctx.wrap_socket(a, server_side=True, do_handshake_on_connect=False)
-    theirs = client_ctx.wrap_socket(b, server_hostname="localhost", do_handshake_on_connect=False)
-    shake = threading.Thread(target=theirs.do_handshake)
-    shake.start()
-    ours.do_handshake()
-    shake.join(10)
-    ours.setblocking(False)
+    ours, theirs = tls_socket_pair(server_ctx, client_ctx)
     return ours, theirs
 
 

@@ -3,6 +3,7 @@ then carries; the span a side upload becomes is the canonical upload the worker'
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -392,3 +393,110 @@ def test_the_rest_of_a_direct_write_goes_before_an_item_another_thread_queued_me
     kind, code, _, n = protocol.BULK_HEAD.unpack(records[: protocol.BULK_HEAD.size])
     assert kind == protocol.BULK_END and bytes(records[protocol.BULK_HEAD.size :]) == b"malformed ClientFrame"
     peer.close()
+
+
+# ---- round 37 (slots37): OpenSSL's read-ahead on the side port's TLS (gpupool/tls.py `read_ahead`) ----
+
+
+def _tls_link(read_ahead: bool = True) -> tuple[bulkside.BulkLink, Any]:
+    """A frames link over TLS as the side port makes it (its `SocketServerTls` context, the tests' certificates) on a
+    socket pair, non-blocking as bound, and the client's end (blocking). `read_ahead` False: the context as it was
+    before round 37 (OpenSSL reads a record's header, then its body)."""
+    import ssl
+
+    from support import get_pki, tls_socket_pair
+
+    from gpupool import tls
+
+    pki = get_pki()
+    server_ctx = tls.SocketServerTls(pki.server_config()).context()
+    if not read_ahead:
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
+    ours, theirs = tls_socket_pair(server_ctx, ssl.create_default_context(cafile=pki.ca_file))
+    return bulkside.BulkLink(ours, 1, frames=True), theirs
+
+
+def _read_calls() -> int:
+    """The read system calls this thread has made (/proc/thread-self/io `syscr`: OpenSSL reads a socket with read)."""
+    with open("/proc/thread-self/io", "rb") as f:
+        text = f.read()
+    return int(text.split(b"syscr:")[1].split()[0])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/io"), reason="needs Linux's per-thread I/O counts")
+def test_the_side_ports_tls_reads_a_frames_records_in_about_one_system_call_each() -> None:
+    """Round 37: the side port's TLS context has OpenSSL's read-ahead on (`tls.read_ahead`). Without it OpenSSL reads
+    each TLS record in two system calls, its 5-byte header and then its body: a frame of 7 records (112 KiB), already
+    all in the kernel, took 14 reads and more; with it one read takes what OpenSSL's record buffer holds, about a
+    record. Counted for this thread by the kernel; the frame read whole, and the old context's count checked too."""
+    from gpupool import tls
+
+    records = 7
+    frame = bytes((i * 13) & 0xFF for i in range(records * 16384 - 64))
+    counts = {}
+    for ahead in (True, False):
+        link, theirs = _tls_link(ahead)
+        assert tls.read_ahead(link.sock.context) or not ahead  # (asking again: it is on)
+        theirs.sendall(protocol.frame_record(frame))  # all in the socket pair's buffer before the read
+        before = _read_calls()
+        got = link.recv_frame(16 * MiB)
+        counts[ahead] = _read_calls() - before - 1  # (less the read of the count itself)
+        assert got == frame
+        link.close()
+        theirs.close()
+    assert counts[False] >= 2 * records, counts  # the old way, as described
+    assert counts[True] <= records + 2, counts
+
+
+def test_frames_openssl_read_ahead_holds_are_read_without_waiting_for_the_socket() -> None:
+    """Read-ahead's hazard: OpenSSL holds whole records the kernel no longer has, so a reader that waited for the
+    socket while they sit there would wait for the client's next bytes (forever, for a client waiting for a reply).
+    The side reader never does (it waits only after OpenSSL wanted more: gpupool/duplex.py): 60 frames, each its own
+    TLS record, sent at once and read by one system call, all come out, `ready` says so for each, then says nothing
+    is there, and a frame sent later is waited for and read; the same after a frame big enough to leave a record
+    half read."""
+    link, theirs = _tls_link()
+    frames = [b"frame %d " % k * (1 + k % 5) for k in range(60)]
+    for f in frames:
+        theirs.sendall(protocol.frame_record(f))  # one TLS record each
+    got: list[Any] = []
+
+    def read(n: int) -> None:
+        for _ in range(n):
+            assert link.ready() or not got  # the frames are there already (the first read waits for the socket)
+            raw = link.recv_frame(16 * MiB)
+            got.append(None if raw is None else bytes(raw))
+
+    reader = threading.Thread(target=read, args=(len(frames),), daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), f"the reader waited with {len(frames) - len(got)} frames in OpenSSL's buffer"
+    assert got == frames
+    assert not link.ready()  # nothing more: the next read waits for the socket
+    big = bytes(range(256)) * 1000  # 256000 bytes: 16 records, the last read in part by a read-ahead
+    late: list[Any] = []
+    reader = threading.Thread(target=lambda: late.extend(bytes(link.recv_frame(16 * MiB) or b"") for _ in range(3)))
+    reader.start()
+    time.sleep(0.05)
+    for f in (b"late", big, b"after"):
+        theirs.sendall(protocol.frame_record(f))
+    reader.join(10)
+    assert not reader.is_alive()
+    assert late == [b"late", big, b"after"]
+    link.close()
+    theirs.close()
+
+
+def test_read_ahead_leaves_a_context_alone_where_openssls_functions_are_not_at_hand(monkeypatch: Any) -> None:
+    """`tls.read_ahead` degrades to the reads as before (False, the context untouched and working) where it cannot
+    reach OpenSSL (another Python's ssl module, an OpenSSL linked in without its symbols)."""
+    import ssl
+
+    from gpupool import tls
+
+    monkeypatch.setattr(tls, "_read_ahead_lib", [None])
+    ctx = ssl.create_default_context()
+    options = ctx.options
+    assert tls.read_ahead(ctx) is False
+    assert ctx.options == options
