@@ -8,6 +8,9 @@ it builds (a file that appears already locked: made under another name, locked, 
 gone (the kernel drops a lock with its process). A live builder's folder is never touched, whatever its age, so
 concurrent builders stay safe. A folder without an `.owner` (an older gpupool's, or a builder killed between making
 the folder and its lock) is removed once older than ORPHAN_SECONDS, far more than a build takes.
+
+The native runner's build also takes its cache folder's build lock (`exclusive`) for the whole build: processes that
+start on an empty cache at once build it once (the others wait, bounded, then use that build).
 """
 
 from __future__ import annotations
@@ -23,7 +26,33 @@ from pathlib import Path
 
 PREFIX = "build-"
 OWNER = ".owner"  # locked by the builder for as long as it builds
+LOCK = ".build-lock"  # in a cache folder: locked by the one process that builds into it (`exclusive`)
+POLL = 0.2  # seconds between tries of a lock another process holds
 ORPHAN_SECONDS = 3600.0  # a folder with no `.owner` this old is left over (a build takes 1-2 min)
+
+
+@contextmanager
+def exclusive(parent: Path, deadline: float, late: str) -> Iterator[None]:
+    """Hold `parent`'s build lock (an exclusive `flock` on its LOCK file) for the block: one builder at a time, so
+    processes that start at once on an empty cache (two daemons, a daemon and scripts/setup.sh) build once, the
+    others waiting and then using that build, instead of each compiling the same source (minutes of CPU on a slow
+    host). The kernel drops the lock with its holder, so a builder killed midway never blocks the next. Waits until
+    `deadline` (time.monotonic()) at most: then RuntimeError(`late`)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(parent / LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(late) from None
+                time.sleep(min(POLL, left))
+        yield
+    finally:
+        os.close(fd)  # (drops the lock)
 
 
 @contextmanager

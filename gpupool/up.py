@@ -42,6 +42,10 @@ from gpupool.protocol import HostState
 LISTEN_RE = re.compile(r"listening on (\S+:\d+)")
 METRICS_RE = re.compile(r"metrics on (http://\S+)")
 START_TIMEOUT = 120.0
+# A daemon's first start may build its native runner after its zygote's imports, with a bound of its own
+# (server/native_runner.py's, repeated here: that module imports torch; docs/operations.md "First start"); the daemon
+# exits when either bound passes, so `up` waits for its "listening" while it lives (`_daemon_start_bound` at most).
+BUILD_TIMEOUT_ENV, BUILD_TIMEOUT = "GPUPOOL_NATIVE_RUNNER_BUILD_TIMEOUT", 900.0
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 PR_SET_PDEATHSIG = 1
@@ -253,6 +257,16 @@ class Child:
             self.popen.wait()
 
 
+def _daemon_start_bound() -> float:
+    """How long `up` waits for its daemon to say it listens: the daemon's own bounds (its zygote's start, then a first
+    start's build of the native runner, BUILD_TIMEOUT_ENV) and a minute, a backstop only (the daemon exits first)."""
+    try:
+        build = float(os.environ.get(BUILD_TIMEOUT_ENV) or BUILD_TIMEOUT)
+    except ValueError:  # (the daemon says so and builds nothing)
+        build = 0.0
+    return START_TIMEOUT + max(build, 0.0) + 60.0
+
+
 def _real_gpus() -> int:
     try:
         import torch
@@ -348,7 +362,7 @@ def main(argv: list[str]) -> int:
             daemon_args += ["--fake-gpus", str(fake), "--fake-gpu-memory", str(cfg.fake_gpu_memory)]
         daemon = Child("daemon", daemon_args)
         children.append(daemon)
-        daemon_addr = daemon.find(LISTEN_RE, START_TIMEOUT)
+        daemon_addr = daemon.find(LISTEN_RE, _daemon_start_bound())
         admin = creds.client(creds.admin)
         if daemon_addr is None or not _wait_registered(sched_addr, daemon_addr, START_TIMEOUT, admin):
             print("gpupool up: the daemon did not start or register (see its log above)", file=sys.stderr)

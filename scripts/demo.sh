@@ -22,11 +22,17 @@ gpupool up --state "$state/scheduler.db" --scheduler-listen 127.0.0.1:0 --listen
   --metrics-listen 127.0.0.1:0 --scheduler-metrics-listen 127.0.0.1:0 >"$log" 2>&1 &
 up_pid=$!
 trap 'kill -INT $up_pid 2>/dev/null; wait $up_pid 2>/dev/null; rm -rf "$state"' EXIT
-# How a client reaches this pool: the `export ...` lines `gpupool up` prints (one place to change).
-for _ in $(seq 1 240); do
+# How a client reaches this pool: the `export ...` lines `gpupool up` prints (one place to change). `up` bounds its
+# own start (a daemon's first start builds its native runner where setup did not: minutes on a loaded machine, said
+# once here), so wait while it lives (20 min at most).
+said=0
+for _ in $(seq 1 2400); do
   exports=$(grep -E '^\s*export GPUPOOL_[A-Z_]+=' "$log" || true)
   [ -n "$exports" ] && break
   kill -0 $up_pid 2>/dev/null || { cat "$log"; exit 1; }
+  if [ $said = 0 ] && grep -q 'building the native runner' "$log"; then
+    echo "waiting for gpupool up: $(grep -m 1 -o 'building the native runner.*' "$log")"; said=1
+  fi
   sleep 0.5
 done
 [ -n "${exports:-}" ] || { echo "gpupool up did not come up:"; cat "$log"; exit 1; }

@@ -9,6 +9,7 @@ implements `RegistrationSource`, what the scheduler registrar reads (devices, us
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pwd
@@ -58,6 +59,11 @@ RECENTLY_CLOSED = 4096
 # The longest the daemon waits for a closing session's worker to report its GPU time (`Daemon._flush`): at most
 # devices.RUN_AHEAD slices of kernels to finish.
 FLUSH_SECONDS = 10.0
+# A worker's start refused for want of memory or processes (ENOMEM, EAGAIN: the zygote's fork, or this process's own
+# mapping of the worker's shared memory): tried again after each of these pauses (seconds; ~5 s in all, a burst of
+# other sessions' allocations may pass meanwhile), then the Attach fails RESOURCE_EXHAUSTED naming the host's memory.
+SPAWN_RETRIES = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0)
+_SHORT_OF = {errno.ENOMEM: "memory", errno.EAGAIN: "processes"}
 END_OF_STREAM = object()  # queued after a client's last frame: the stream ends once everything before it ran
 # A reader's last item may also be the error that ended its frames (a malformed frame, a broken side socket: the
 # GpupoolError itself, `DeviceServicer._fail`): queued like END_OF_STREAM, it reaches the outbox once the commands
@@ -328,12 +334,26 @@ class Daemon:
         )
         if self.zygote is None:
             return InlineRunner(spec)
-        try:
-            # A result holds at most the session's quota of downloads beyond its reply room, plus framing.
-            return self.zygote.spawn(spec, max_reply=s.quota + 16 * 1024 * 1024)
-        except (OSError, RuntimeError) as exc:
-            log.error("cannot start a worker for session %d: %s", s.number, exc)
-            raise Unavailable(f"host {self.host_id} cannot start a session worker: {exc}") from None
+        pauses = iter(SPAWN_RETRIES)
+        while True:
+            try:
+                # A result holds at most the session's quota of downloads beyond its reply room, plus framing.
+                return self.zygote.spawn(spec, max_reply=s.quota + 16 * 1024 * 1024)
+            except (OSError, RuntimeError) as exc:
+                short = _SHORT_OF.get(exc.errno or 0) if isinstance(exc, OSError) else None
+                pause = next(pauses, None) if short is not None else None
+                if pause is not None:
+                    log.warning("session %d: its worker could not start (%s): trying again in %.2f s", s.number, exc,
+                                pause)  # fmt: skip
+                    time.sleep(pause)
+                    continue
+                log.error("cannot start a worker for session %d: %s", s.number, exc)
+                if short is not None:
+                    raise ResourceExhausted(
+                        f"host {self.host_id} is out of {short}: cannot start a session worker ({exc}); "
+                        "try again later or on another host"
+                    ) from None
+                raise Unavailable(f"host {self.host_id} cannot start a session worker: {exc}") from None
 
     def session(self, session_id: str) -> FrontSession:
         with self._lock:

@@ -98,7 +98,10 @@ The extension is built with `torch.utils.cpp_extension.load` (g++ and ninja, ~1 
 torch version and source hash) by the first `load()`: the zygote does it before it forks any worker
 (`CommandExecutor` calls `load()`; a worker process never builds: `forbid_build`, and its
 sandbox denies exec anyway). `GPUPOOL_NATIVE_RUNNER=0` keeps every record on the Python path; without a
-compiler or ninja, or when the build fails, one log line says so and the Python path runs.
+compiler or ninja, or when the build fails or overruns `build_timeout()` ($GPUPOOL_NATIVE_RUNNER_BUILD_TIMEOUT, 900 s;
+killed then, its compiler too), one log line says so and the Python path runs. A zygote that builds tells its daemon
+first (server/zygote.py `_build_runner`), which waits for the build beyond its bound on the zygote's start. One process
+builds into a cache folder at a time (its build lock, `buildcache.exclusive`); the others wait and load that build.
 
 `GPUPOOL_NATIVE_RUNNER_SANITIZE=1` builds it with AddressSanitizer and UBSan instead (its own cache folder,
 `asan/` under the cache), for tests in a Python started with the ASan runtime preloaded (`scripts/runner_asan.sh`,
@@ -112,9 +115,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -137,6 +142,15 @@ _KINDS = frozenset({T_ARG, T_KW, L_ARG, L_KW, C_ARG, C_KW, N_ARG, N_KW, V_ARG, V
 INT, INT_AS_DOUBLE, DOUBLE = 4, 5, 6  # how the C++ runner reads a number field (native_runner.cpp, `Kind`)
 INTS, DOUBLES = 7, 8  # a Scalar[] of ints or floats (`ListKind`)
 NOTHING, ONE, SEVERAL = 0, 1, 2  # what a step's op returns (`Returns`)
+# How long a build may take, waiting for another process's build of the same source included, before it is given up
+# (the build killed, the Python path run): $GPUPOOL_NATIVE_RUNNER_BUILD_TIMEOUT seconds, default BUILD_TIMEOUT. It
+# took 1-3 min on a loaded 2-core box; a daemon waits for it at its first start beside its own bound on the zygote's
+# imports (server/zygote.py START_TIMEOUT), which a build no longer counts against.
+BUILD_TIMEOUT_ENV, BUILD_TIMEOUT = "GPUPOOL_NATIVE_RUNNER_BUILD_TIMEOUT", 900.0
+BUILD_ESTIMATE = 60  # seconds a build takes on an idle core, about (45 s of CPU here; 4.8 min at load 12 on 2 cores)
+# Test-only (tests/integration/test_first_start.py): a build lasts at least this many seconds, as on a slow host. Never
+# set it on a real host.
+SLOW_BUILD_ENV = "GPUPOOL_TEST_RUNNER_BUILD_SECONDS"
 
 
 def enabled() -> bool:
@@ -193,15 +207,21 @@ def load() -> Any:
         try:
             mod = _import(_built())
         except Exception as exc:  # a failed build costs speed, never the daemon
-            log.warning("native runner: no build loaded (%s): learned runs stay in Python", str(exc)[:300])
+            log.warning("native runner: no build loaded (%s): learned runs stay in Python, as with "
+                        "GPUPOOL_NATIVE_RUNNER=0 (slower eager steps, the same results)", str(exc)[:300])  # fmt: skip
             mod = None
     _state.append(mod)
     return mod
 
 
 _NAME = "gpupool_native_runner"
-# What `_built`'s build process runs: torch.utils.cpp_extension.load with the keyword arguments given as JSON (argv[1]).
-_BUILD = "import json, sys; from torch.utils import cpp_extension; cpp_extension.load(**json.loads(sys.argv[1]))"
+# What `_built`'s build process runs: torch.utils.cpp_extension.load with the keyword arguments given as JSON (argv[1]);
+# then, for tests only, it lasts at least $GPUPOOL_TEST_RUNNER_BUILD_SECONDS (SLOW_BUILD_ENV) from its start.
+_BUILD = (
+    "import json, os, sys, time; t = time.monotonic(); from torch.utils import cpp_extension; "
+    "cpp_extension.load(**json.loads(sys.argv[1])); "
+    f"time.sleep(max(0.0, float(os.environ.get('{SLOW_BUILD_ENV}') or 0) - (time.monotonic() - t)))"
+)
 
 
 def _final() -> Path:
@@ -241,13 +261,41 @@ def built() -> Any:
     return mod
 
 
+def build_timeout() -> float:
+    """How long a build may take ($GPUPOOL_NATIVE_RUNNER_BUILD_TIMEOUT seconds, default BUILD_TIMEOUT); a value that
+    is not a positive number raises ValueError naming the variable."""
+    raw = os.environ.get(BUILD_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return BUILD_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{BUILD_TIMEOUT_ENV}={raw[:40]!r} is not a positive number of seconds")
+    return value
+
+
+def needs_build() -> bool:
+    """Whether `load` would build the extension (enabled, buildable here, nothing decided yet and no cached build of
+    this source): what a zygote tells its daemon before it does (server/zygote.py), so that the daemon waits for it."""
+    if _state or not enabled() or _no_build or missing() or _no_asan():
+        return False
+    try:
+        return not _final().exists()
+    except Exception:  # an unsafe cache folder, a bad digest: `load` says why, and builds nothing
+        return False
+
+
 def _built() -> Path:
     """The extension for this torch and this source, built once per cache (a folder per torch version and source
-    hash, so checkouts of other sources never replace each other's build). Each build runs in a private folder and
-    its result is moved into place (`os.replace`, atomic), so concurrent first starts each build and the last one
-    wins, and a build killed midway leaves no lock behind that would hang every later start (cpp_extension's own
-    build folder lock waits forever for a dead holder); the folder of a build killed midway is removed by the next
-    build or load (gpupool/buildcache.py)."""
+    hash, so checkouts of other sources never replace each other's build). One process builds at a time: a builder
+    holds the folder's build lock (`buildcache.exclusive`, a `flock` the kernel drops with its holder, so a build
+    killed midway never hangs a later start, as cpp_extension's own lock file did), and a process that waited for
+    it uses the build it made. The build runs in a private folder and its result is moved into place (`os.replace`,
+    atomic); the folder of a build killed midway is removed by the next build or load (gpupool/buildcache.py). The
+    wait and the build together take at most `build_timeout()`: past it the build (its compiler included) is killed
+    and RuntimeError says so."""
     final = _final()
     if final.exists():
         buildcache.sweep(final.parent)  # the folders of builds killed midway (gpupool/buildcache.py)
@@ -255,6 +303,19 @@ def _built() -> Path:
     data, digest = source()
     if not final.parent.name.endswith(f"-{digest}"):  # a zygote whose daemon read another source: no build of it
         raise RuntimeError(f"{SOURCE} changed since the daemon read it ({digest}, not {final.parent.name})")
+    bound = build_timeout()
+    deadline = time.monotonic() + bound
+    late = f"the native runner's build did not finish within {bound:.0f} s ({BUILD_TIMEOUT_ENV})"
+    with buildcache.exclusive(final.parent, deadline, late):
+        if final.exists():  # another process built it while this one waited
+            return final
+        _build(final, data, deadline, late)
+    return final
+
+
+def _build(final: Path, data: bytes, deadline: float, late: str) -> None:
+    """Build `data` (the source) into `final` by `deadline`, in a process group of its own: killed whole (ninja and
+    its compilers too) when the deadline passes."""
     with buildcache.private_build_dir(final.parent) as tmp:
         cflags, ldflags = (["-O1", "-g", *_SANITIZE], _SANITIZE) if sanitized() else (["-O2"], [])
         copy = tmp / SOURCE.name  # the bytes hashed, not the file as it is by the compiler's read
@@ -263,12 +324,25 @@ def _built() -> Path:
                 "build_directory": str(tmp), "is_python_module": False, "verbose": False}  # fmt: skip
         # In a process of its own: torch.utils.cpp_extension's import asks the CUDA runtime for a device count on a
         # CUDA host, which would poison every fork of the zygote (the caller), and leaves threads behind in it.
-        done = subprocess.run([sys.executable, "-c", _BUILD, json.dumps(spec)], capture_output=True, text=True,
-                              check=False)  # fmt: skip
-        if done.returncode != 0:
-            raise RuntimeError(f"the native runner's build failed: {(done.stderr or done.stdout).strip()[-1500:]}")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _BUILD, json.dumps(spec)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # a group of its own: killed whole, its compilers too
+        )
+        try:
+            out = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))[0]
+        except BaseException as exc:  # late (or interrupted): the whole group goes, its leader not yet reaped
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise RuntimeError(late) from None
+            raise
+        if proc.returncode != 0:
+            raise RuntimeError(f"the native runner's build failed: {out.strip()[-1500:]}")
         os.replace(tmp / f"{_NAME}.so", final)
-    return final
 
 
 def _no_asan() -> str | None:

@@ -51,7 +51,11 @@ from . import runner_source
 from .worker import SHARED_BYTES, ProcessRunner, WorkerSpec
 
 log = logging.getLogger(__name__)
-START_TIMEOUT = 120.0  # importing torch on a loaded host
+# The zygote's start (importing torch on a loaded host), not counting a build of the native runner: a zygote that
+# builds one says so (`{"building": ...}`, `_build_runner`), and the daemon then waits for the build (bounded by the
+# build's own bound, server/native_runner.py `build_timeout`, plus BUILD_GRACE) with this bound stopped.
+START_TIMEOUT = 120.0
+BUILD_GRACE = 30.0  # beyond the build's own bound: a zygote that overran it is stuck
 SPAWN_TIMEOUT = 60.0
 RESTART_MIN, RESTART_MAX = 0.5, 30.0  # seconds before starting a zygote again (doubling while it dies young)
 
@@ -109,6 +113,8 @@ class Zygote:
         self._dead = True
         self._ready = False
         self._stopping = False
+        self._building: tuple[float, float] | None = None  # (since, bound) while the zygote builds the native runner
+        self._build_seconds = 0.0  # spent in builds that ended
         self._supervisor: threading.Thread | None = None
         self.starts = 0  # zygotes started so far (1 + restarts)
 
@@ -180,12 +186,31 @@ class Zygote:
                 if self._cond.wait_for(lambda: self._stopping, backoff):
                     return
 
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+    def wait_ready(self, timeout: float = START_TIMEOUT, *, builds: bool = True) -> None:
+        """Wait until the zygote is ready: `timeout` seconds at most, not counting (with `builds`: the daemon's start)
+        the time it spends building the native runner meanwhile, which has its own bound (the one the zygote told,
+        plus BUILD_GRACE). An Attach waits `timeout` in all (a restarted zygote's build included)."""
         with self._cond:
-            if not self._cond.wait_for(lambda: (self._ready and not self._dead) or self._stopping, timeout):
-                raise RuntimeError(f"the zygote is not ready after {timeout:.0f} s")
+            began = time.monotonic()
+            built0 = self._built_for(began)
+            while not self._stopping and not (self._ready and not self._dead):
+                now = time.monotonic()
+                if builds and self._building is not None:
+                    since, bound = self._building
+                    left = since + bound + BUILD_GRACE - now
+                    late = f"the zygote's build of the native runner is not done after {bound + BUILD_GRACE:.0f} s"
+                else:
+                    left = began + timeout + (self._built_for(now) - built0 if builds else 0.0) - now
+                    late = f"the zygote is not ready after {timeout:.0f} s"
+                if left <= 0:
+                    raise RuntimeError(late)
+                self._cond.wait(left)
             if self._stopping:
                 raise RuntimeError("the zygote was stopped")
+
+    def _built_for(self, now: float) -> float:
+        """Seconds the zygotes spent building the native runner up to `now` (a build under way counted so far)."""
+        return self._build_seconds + (now - self._building[0] if self._building is not None else 0.0)
 
     @property
     def pid(self) -> int:
@@ -193,7 +218,7 @@ class Zygote:
 
     def spawn(self, spec: WorkerSpec, max_reply: int) -> ProcessRunner:
         """A new worker for a session (waiting, within SPAWN_TIMEOUT, for a restarting zygote)."""
-        self.wait_ready(SPAWN_TIMEOUT)
+        self.wait_ready(SPAWN_TIMEOUT, builds=False)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         progress_fd = os.memfd_create("gpupool-shared")
         try:
@@ -206,6 +231,8 @@ class Zygote:
         if "pid" not in reply:
             ours.close()
             progress.close()
+            if isinstance(reply.get("errno"), int):  # the fork's own error (ENOMEM: the host is out of memory)
+                raise OSError(reply["errno"], f"the zygote could not start a worker: {reply.get('error')}")
             raise RuntimeError(f"the zygote could not start a worker: {reply.get('error', reply)}")
         return ProcessRunner(int(reply["pid"]), ours, progress, max_reply)
 
@@ -266,9 +293,13 @@ class Zygote:
             return self._replies.pop(rid)
 
     def _listen(self, sock: socket.socket) -> None:
-        line = _read_line(sock)
-        with self._cond:
+        while True:
+            line = _read_line(sock)
             hello = json.loads(line or b"{}")
+            if "building" not in hello and "built" not in hello:
+                break
+            self._build_news(hello)
+        with self._cond:
             if hello.get("ready") is True:
                 log.info("zygote %d ready", self.pid)
                 _threads_at_fork(self.pid, hello, "ready")
@@ -299,10 +330,35 @@ class Zygote:
                         self._replies[int(msg["id"])] = msg
                     self._cond.notify_all()
         with self._cond:
+            if self._building is not None:  # died building
+                self._build_seconds += time.monotonic() - self._building[0]
+                self._building = None
             if self._sock is sock:  # (not a zygote already replaced, nor one stopped on purpose)
                 self._sock = None
                 sock.close()
                 self._dead = True
+            self._cond.notify_all()
+
+    def _build_news(self, msg: dict[str, Any]) -> None:
+        """A zygote's word on its build of the native runner (`_build_runner`): begun, or ended."""
+        now = time.monotonic()
+        with self._cond:
+            if "building" in msg:
+                info = msg["building"]
+                self._building = (now, float(info["bound"]))
+                log.info(
+                    "building the native runner (first start, ~%d s, longer on a loaded host; at most %d s, %s) "
+                    "into %s: sessions can attach once it is done",
+                    info["estimate"], info["bound"], info["variable"], info["where"],
+                )  # fmt: skip
+            elif self._building is not None:
+                took = now - self._building[0]
+                self._build_seconds += took
+                self._building = None
+                if msg["built"]:
+                    log.info("native runner built in %.0f s", took)
+                else:  # (the zygote's warning says why)
+                    log.info("no native runner after %.0f s: learned runs stay in Python", took)
             self._cond.notify_all()
 
 
@@ -366,6 +422,7 @@ def _zygote(ctrl: socket.socket) -> None:
     tempfile.gettempdir()  # probes by writing a file: cache the answer before workers lose the right to
     for name in PRELOAD:  # what workers import lazily, before they may no longer read Python's files
         importlib.import_module(name)
+    _build_runner(ctrl)
     CommandExecutor(SliceLedger()).warm_up()  # meta kernels, once, inherited by every worker
     one = torch.ones(2, 2, device="meta")
     torch.ops.aten.add.Tensor(one, one)
@@ -395,11 +452,17 @@ def _zygote(ctrl: socket.socket) -> None:
             line, buf = buf.split(b"\n", 1)
             msg = json.loads(line)
             if "spawn" in msg:
-                pid = _fork_worker(ctrl, wake_r, wake_w, fds[:2], WorkerSpec(**msg["spawn"]))
-                fds = fds[2:]
-                children.add(pid)
-                # a thread here now was here at the fork (none ends by itself): the daemon names it
-                reply = {"id": msg["id"], "pid": pid, "threads": _other_threads()}
+                mine, fds = fds[:2], fds[2:]
+                try:
+                    pid = _fork_worker(ctrl, wake_r, wake_w, mine, WorkerSpec(**msg["spawn"]))
+                except OSError as exc:  # the kernel refused the fork (ENOMEM, EAGAIN): this worker only
+                    for fd in mine:
+                        os.close(fd)
+                    reply = {"id": msg["id"], "errno": exc.errno, "error": f"fork: {exc.strerror}"}
+                else:
+                    children.add(pid)
+                    # a thread here now was here at the fork (none ends by itself): the daemon names it
+                    reply = {"id": msg["id"], "pid": pid, "threads": _other_threads()}
                 ctrl.sendall(json.dumps(reply).encode() + b"\n")
             elif "kill" in msg and int(msg["kill"]) in children:
                 os.kill(int(msg["kill"]), signal.SIGKILL)
@@ -407,6 +470,28 @@ def _zygote(ctrl: socket.socket) -> None:
             os.close(fd)
     for pid in children:  # the daemon is gone: so are its sessions
         os.kill(pid, signal.SIGKILL)
+
+
+def _build_runner(ctrl: socket.socket) -> None:
+    """Load the native runner (server/native_runner.py), telling the daemon first when that means a build (an empty
+    cache: a host's first start, a new torch or source), and when it ended: the daemon waits for a build with the
+    build's own bound (`build_timeout`) instead of its bound on the zygote's start (START_TIMEOUT), which a build on a
+    slow host overran (round 36: the daemon's first start failed). A build that fails or overruns its bound leaves
+    the runner off (one warning, `native_runner.load`): the Python path runs, as with GPUPOOL_NATIVE_RUNNER=0."""
+    from . import native_runner
+
+    if not native_runner.needs_build():
+        return  # (loaded, or not, by the executor's warm-up below)
+    try:
+        bound = native_runner.build_timeout()
+    except ValueError:  # `load` says so, and builds nothing
+        bound = 0.0
+    where = str(native_runner.cache_dir())
+    info = {"bound": bound, "estimate": native_runner.BUILD_ESTIMATE, "variable": native_runner.BUILD_TIMEOUT_ENV,
+            "where": where}  # fmt: skip
+    ctrl.sendall(json.dumps({"building": info}).encode() + b"\n")
+    built = native_runner.load() is not None
+    ctrl.sendall(json.dumps({"built": built}).encode() + b"\n")
 
 
 def _stop_blas_threads() -> None:

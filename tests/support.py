@@ -225,13 +225,14 @@ def start_serve_process(
         line = proc.stdout.readline()
         if not line:
             break
+        proc.log_lines.append(line)  # type: ignore[attr-defined]  (the start's lines too: what it said it did)
         m = _LISTEN_RE.search(line)
         if m:
             # Keep reading its log so a chatty daemon never blocks on a full pipe.
             threading.Thread(target=_drain, args=(proc,), daemon=True).start()
             return proc, m.group(1)
     proc.kill()
-    out = proc.communicate(timeout=10)[0]
+    out = "".join(proc.log_lines) + proc.communicate(timeout=10)[0]  # type: ignore[attr-defined]
     raise RuntimeError(f"gpupool serve did not start (exit {proc.returncode}): {out}")
 
 

@@ -5,8 +5,9 @@ The clone is of the committed HEAD (what a user gets). The demo's setup step (pi
 environment is already installed, and reinstalling would point it at the temporary clone. So are its native builds
 (the device guard, the op path, the daemon's runner, the C++ client): the demo finds them where scripts/setup.sh put
 them for this environment, as after the setup it skips, while the rest of its cache (the data) starts empty. Built in
-the demo instead (~1-2 min each on 2 cores), a daemon on a loaded machine did not listen within `gpupool up`'s 120 s.
-A small configuration keeps it short."""
+the demo instead (~1-2 min each on 2 cores; minutes more on a loaded machine) they would only make it longer (until
+round 37 a daemon on a loaded machine did not listen within `gpupool up`'s 120 s; tests/integration/test_first_start.py
+has a first start with an empty cache). A small configuration keeps it short."""
 
 from __future__ import annotations
 

@@ -179,3 +179,32 @@ def test_the_runner_builds_in_a_process_of_its_own(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "False", "1"], out.stdout + out.stderr[-2000:]
     assert list(tmp_path.rglob("gpupool_native_runner.so"))
+
+
+def test_one_builder_at_a_time_and_the_wait_for_another_is_bounded(tmp_path: Path) -> None:
+    """`exclusive`: the cache folder's build lock (two daemons' first starts on an empty cache build once). A second
+    holder waits, until its deadline at most (then the caller's message); the lock is free again once the holder is
+    gone, a killed one included (the kernel drops a `flock` with its process)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match="^late$"):
+            with buildcache.exclusive(tmp_path, time.monotonic() + 0.5, "late"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with buildcache.exclusive(tmp_path, time.monotonic() + 5, "late"):
+        assert (tmp_path / buildcache.LOCK).stat().st_mode & 0o077 == 0
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from gpupool import buildcache
+with buildcache.exclusive(Path(sys.argv[1]), time.monotonic() + 5, "late"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
