@@ -19,7 +19,9 @@ the other core: blocks of steps ending in one `.item()`, the daemon's CPU over t
 session's worker: /proc, clock ticks, so blocks are long) per step, the median block counting; then per MB over the
 smallest size's figure: what each MB of input costs the daemon. Runs alternate (every size and mode once a round)
 and each figure is the median over --rounds. With --against DIR the same client also runs against DIR's daemon
-(its .venv/bin/python), alternating which goes first, and the table prints both and their ratio.
+(its .venv/bin/python), alternating which goes first, and the table prints both and their ratios (wall time and
+the daemon's CPU); with --against-client as well, the base rows' client is DIR's (run by its python), for an A/B
+of a client change (client/session.py's send queue, round 37).
 
 `--in-process` instead times only the daemon's own handling of such a step's frame, without gRPC, TLS or the
 kernels, in one process of each checkout (this tree's python and, with --against, DIR's, alternating): for the
@@ -41,6 +43,7 @@ Thread CPU time per step, the median of --rounds runs of --steps steps.
     nice python bench/input_bytes.py --in-process --modes captured --sizes 64,65536,262144 --against /work/wt/base
     nice python bench/input_bytes.py --in-process --tls --modes captured --sizes 64,65536,524288 --against DIR
     nice python bench/input_bytes.py --against /work/wt/base --rounds 3
+    nice python bench/input_bytes.py --modes captured --carriers side,stream --against /work/wt/base --against-client
     nice python bench/input_bytes.py --sizes 64,65536,524288,4194304 --modes captured
     nice python bench/input_bytes.py --modes captured --isolations process,thread --against /work/wt/base --rounds 3
 """
@@ -316,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="alternating runs; the median of each figure over them")
     p.add_argument("--against", metavar="DIR", default="", help="also run everything against DIR's daemon")
     p.add_argument("--against-python", default="", help="the python of --against (default: DIR/.venv/bin/python)")
+    p.add_argument("--against-client", action="store_true", help="the base rows' client is DIR's too (run by its "
+                   "python: its checkout's client), for an A/B of a client change; by default this tree's client "
+                   "runs against both daemons")  # fmt: skip
     p.add_argument("--in-process", action="store_true", help="time the daemon's own handling of a step's frame "
                    "in-process, without gRPC, TLS or kernels (see above)")  # fmt: skip
     add_worker_flags(p)
@@ -357,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                             for which in daemons_of if k % 2 == 0 else daemons_of[::-1]:
                                 argv_w = ["--mode", mode, "--size", str(size), "--steps", str(args.steps),
                                           "--blocks", str(args.blocks)]  # fmt: skip
-                                r = run_worker(__file__, args.client_core, f"{mode}/{size}/{iso}/{which}", argv_w,
+                                py = against[1] if against and args.against_client and which == "base" else ""
+                                r = run_worker(__file__, args.client_core, f"{mode}/{size}/{iso}/{which}", argv_w, py,
                                                **daemons.remote(which))  # fmt: skip
                                 # the session's frames went where the carrier says (a side port that failed: the
                                 # stream)

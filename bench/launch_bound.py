@@ -45,6 +45,8 @@ load average at the start and end is printed with the table: on a shared box, co
 `--against DIR` runs a second daemon from another checkout (its `.venv/bin/python`, or `--against-python`) beside
 this tree's, on the same core, and every remote run once against each, alternating which goes first (rows
 `eager@base`, ...): the same client against both daemons, then the medians over rounds of both and their ratios.
+With `--against-client` as well, the @base runs' client is DIR's too (its python imports its checkout's client):
+the A/B of a client change.
 """
 
 from __future__ import annotations
@@ -278,10 +280,12 @@ def worker_args(argv: list[str]) -> argparse.Namespace:
 # ---- driver ----
 
 
-def _worker(core: int, model: str, mode: str, args: argparse.Namespace, **remote: Any) -> dict[str, Any]:
+def _worker(
+    core: int, model: str, mode: str, args: argparse.Namespace, python: str = "", **remote: Any
+) -> dict[str, Any]:
     argv = ["--model", model, "--mode", mode, "--steps", str(args.steps), "--blocks", str(args.blocks),
             "--warmup", str(args.warmup), "--adam", args.adam, *(["--gpu"] if args.gpu else [])]  # fmt: skip
-    return run_worker(__file__, core, f"{model}/{mode}", argv, **remote)
+    return run_worker(__file__, core, f"{model}/{mode}", argv, python, **remote)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                    "captured, the default Adam elsewhere")  # fmt: skip
     p.add_argument("--against", metavar="DIR", default="", help="also run every remote mode against DIR's daemon")
     p.add_argument("--against-python", default="", help="the python of --against (default: DIR/.venv/bin/python)")
+    p.add_argument("--against-client", action="store_true", help="the @base runs' client is DIR's too (run by "
+                   "its python: its checkout's client), for an A/B of a client change")  # fmt: skip
     p.add_argument("--against-env", action="append", default=[], metavar="KEY=VALUE", help="set for the --against "
                    "daemon alone (repeatable): `--against . --against-env GPUPOOL_RUN_AHEAD=0` is this tree with "
                    "every CUDA slice waiting for the GPU, as before round 31")  # fmt: skip
@@ -336,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                         r = _worker(args.daemon_core, model, mode, args)
                     else:
                         name, _, which = mode.partition("@")
-                        r = _worker(args.client_core, model, name, args, **daemons.remote(which or "process"))
+                        py = against[1] if against and args.against_client and which else ""
+                        r = _worker(args.client_core, model, name, args, py, **daemons.remote(which or "process"))
                     results[mode].append(r)
                     order.append((mode, r))
             if "local" in modes and args.rounds > 1:

@@ -238,10 +238,11 @@ class Daemons:
         return {"address": address, "token": self.token(), "daemon_pid": proc.pid}
 
 
-def run_worker(script: str, core: int, what: str, argv: list[str], **remote: Any) -> dict[str, Any]:
+def run_worker(script: str, core: int, what: str, argv: list[str], python: str = "", **remote: Any) -> dict[str, Any]:
     """Run `script --worker ARGV` pinned to `core` (one torch thread) and return the JSON it prints last;
-    `remote` becomes --flags (the daemon's address, a token, its pid)."""
-    cmd = ["taskset", "-c", str(core), sys.executable, script, "--worker", *argv]
+    `remote` becomes --flags (the daemon's address, a token, its pid). `python`: another checkout's interpreter
+    (its .venv imports that checkout's client), for A/B runs of a client change; this one's by default."""
+    cmd = ["taskset", "-c", str(core), python or sys.executable, script, "--worker", *argv]
     for k, v in remote.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -42,9 +42,14 @@ MAX_BATCH_COMMANDS = 256
 MAX_BATCH_BYTES = 1024 * 1024
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # gRPC's send limit below (CHANNEL_OPTIONS): a larger frame could not be sent
 REFRESH_TIMEOUT = 10.0  # seconds; a renewal runs well ahead of expiry, so a slow daemon still gets it in time
-SEND_QUEUE_FRAMES = 32  # frames waiting for gRPC; a full queue blocks the caller (back-pressure) ...
+SEND_QUEUE_FRAMES = 32  # frames queued and not yet written (gRPC's stream or the side socket's sender) ...
+# ... or this many of their bytes: a full queue, by either count, blocks the caller (back-pressure) until the
+# sender writes what it holds. The frame count paces eager's many small frames; the byte count a captured step's
+# batch (round 37: with 512 KiB frames, 32 of them kept the client 40-50 steps ahead on the side socket, and the
+# `.item()` closing a block waited 75-169 ms for them). A frame over the cap goes when nothing else waits.
+SEND_QUEUE_BYTES = 2 * 1024 * 1024
 END_GRACE = 5.0  # seconds the side socket stays open after the stream ended (what the daemon sent before comes)
-SEND_QUEUE_POLL = 0.0005  # ... which looks again this often (seconds): only while that many frames wait
+SEND_QUEUE_POLL = 0.0005  # ... which looks again this often (seconds): only while the queue is full
 CHANNEL_OPTIONS = [
     # Download chunks are 4 MiB plus framing, over gRPC's 4 MiB default receive limit.
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -443,11 +448,15 @@ class Session:
         self._eager: list[bytes] = []
         self._sealed: list[bytes] = []
         self._sealed_count = 0
-        # Frames handed to gRPC's sending thread: a SimpleQueue (put and get in C, no Condition per frame, ~0.3 us
-        # against ~2.5-6 us for queue.Queue's pair here); `_put` keeps the back-pressure of SEND_QUEUE_FRAMES.
-        # (on the side socket's path the session's own sender thread takes them: `_side_sender`)
-        self._send: queue.SimpleQueue[device_pb2.ClientFrame | bytes | None] = queue.SimpleQueue()
+        # Frames handed to gRPC's sending thread, each with its byte count: a SimpleQueue (put and get in C, no
+        # Condition per frame, ~0.3 us against ~2.5-6 us for queue.Queue's pair here); `_put` keeps the
+        # back-pressure of SEND_QUEUE_FRAMES and SEND_QUEUE_BYTES (on the side socket's path the session's own
+        # sender thread takes them: `_side_sender`). The bytes queued and not yet written are `bytes_put` less
+        # `bytes_sent`: each counter has one writer (`_put`, under the batching lock; the one sending thread).
+        self._send: queue.SimpleQueue[tuple[device_pb2.ClientFrame | bytes, int] | None] = queue.SimpleQueue()
         self.frames_put = 0  # frames handed to gRPC so far (capture.py: whether a sync sent its held steps)
+        self.bytes_put = 0  # the bytes of those frames (a protobuf frame's: the bytes it batched, `_frame_bytes`)
+        self.bytes_sent = 0  # ... of which the sender wrote this many (gRPC took the next frame; the socket's send)
 
     @classmethod
     def attach(cls, address: str, token: str, *, timeout: float = 10.0) -> Session:
@@ -558,13 +567,13 @@ class Session:
         writes it, each as field 1 of a ClientFrame), as one frame after everything queued before it: what the
         session had queued goes out first, in order. The hand-off for a client that batches its frames itself.
 
-        Flow control and errors are the shim's frames': a full send queue (SEND_QUEUE_FRAMES frames gRPC has not
-        taken) blocks here until it drains; a session whose stream ended raises its reason (Unavailable, or what the
-        daemon said) here; a daemon error on one of these commands (an op that fails on the device) is raised by the
-        next `sync` or `download`, as for commands queued any other way, and the session goes on. The bytes are not
-        parsed here: the daemon reads them as it reads any frame (one it cannot parse ends the stream with
-        INVALID_ARGUMENT). Raises InvalidArgument for what cannot be such a frame (not bytes, empty, not starting with
-        a commands entry, over the channel's message limit)."""
+        Flow control and errors are the shim's frames': a full send queue (SEND_QUEUE_FRAMES frames, or
+        SEND_QUEUE_BYTES bytes, not yet written) blocks here until it drains; a session whose stream ended raises
+        its reason (Unavailable, or what the daemon said) here; a daemon error on one of these commands (an op that
+        fails on the device) is raised by the next `sync` or `download`, as for commands queued any other way, and
+        the session goes on. The bytes are not parsed here: the daemon reads them as it reads any frame (one it
+        cannot parse ends the stream with INVALID_ARGUMENT). Raises InvalidArgument for what cannot be such a frame
+        (not bytes, empty, not starting with a commands entry, over the channel's message limit)."""
         if not isinstance(commands, bytes | bytearray | memoryview):
             raise InvalidArgument(f"send_commands takes bytes, not {type(commands).__name__}")
         raw = bytes(commands)
@@ -645,8 +654,9 @@ class Session:
                 self._sealed, self._sealed_count, self._frame_bytes = [], 0, 0
                 self._put(raw)
             elif len(self._frame.commands):
-                frame, self._frame, self._frame_bytes = self._frame, device_pb2.ClientFrame(), 0
-                self._put(frame)
+                frame, nbytes = self._frame, self._frame_bytes
+                self._frame, self._frame_bytes = device_pb2.ClientFrame(), 0
+                self._put(frame, nbytes)
 
     def _seal(self) -> None:
         """Move what the frame holds so far (protobuf commands, then encoded eager ops) into `_sealed`, in order."""
@@ -792,16 +802,22 @@ class Session:
         if w.error is not None:
             raise w.error
 
-    def _put(self, frame: device_pb2.ClientFrame | bytes) -> None:
+    def _put(self, frame: device_pb2.ClientFrame | bytes, nbytes: int = 0) -> None:
+        """Queue a frame for the sender (`nbytes`: its size where it is a protobuf message); blocks while
+        SEND_QUEUE_FRAMES frames or SEND_QUEUE_BYTES bytes wait (back-pressure), raises the session's end instead."""
         send = self._send
+        n = len(frame) if type(frame) is bytes else nbytes
         while True:
             if self._dead is not None:
                 raise self._dead
             if send.qsize() < SEND_QUEUE_FRAMES:
-                send.put(frame)
-                self.frames_put += 1
-                return
-            time.sleep(SEND_QUEUE_POLL)  # back-pressure: gRPC has not taken the frames queued so far yet
+                queued = self.bytes_put - self.bytes_sent
+                if queued + n <= SEND_QUEUE_BYTES or queued <= 0:
+                    send.put((frame, n))
+                    self.frames_put += 1
+                    self.bytes_put += n
+                    return
+            time.sleep(SEND_QUEUE_POLL)  # back-pressure: the sender has not written the frames queued so far yet
 
     def _side_sender(self) -> None:
         """The thread that writes the queued frames of a session whose frames use its side socket, in order; an
@@ -809,9 +825,10 @@ class Session:
         carrier = self._carrier
         assert carrier is not None
         while True:
-            item = self._send.get()
-            if item is None:
+            got = self._send.get()
+            if got is None:
                 return
+            item, n = got
             if type(item) is threading.Event:
                 item.set()
             elif self._dead is None:
@@ -819,6 +836,7 @@ class Session:
                     carrier.send_frame(item if type(item) is bytes else _serialize_frame(item))
                 except Unavailable as exc:
                     self._dead = self._dead or self._end_reason(exc)
+            self.bytes_sent += n
 
     def _side_barrier(self) -> None:
         """Until every frame queued so far went out on the side socket (raises the session's end instead)."""
@@ -833,10 +851,11 @@ class Session:
 
     def _frames(self) -> Iterator[device_pb2.ClientFrame | bytes]:
         while True:
-            frame = self._send.get()
-            if frame is None:
+            got = self._send.get()
+            if got is None:
                 return
-            yield frame
+            yield got[0]
+            self.bytes_sent += got[1]  # gRPC asks for the next frame once it wrote this one
 
     def _read_one(self) -> None:
         """Read one reply and give it to its waiter; at the stream's end, fail every waiter with its reason

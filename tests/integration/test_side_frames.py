@@ -133,7 +133,7 @@ def test_a_hostile_peer_ends_only_its_own_session(side_daemon: Any, monkeypatch:
     else:  # a frame on the stream of a session whose frames use its side socket: one order per session
         _send_raw(peer, protocol.frame_record(protocol.sync_frame(7)))
         assert peer.recv_record()[0] == protocol.BULK_FRAME  # answered on the socket
-        victim._send.put(protocol.sync_frame(8))
+        victim._put(protocol.sync_frame(8))
         want = (InvalidArgument, "a frame on the stream of a session whose frames use its side socket")
     err = _ended(victim)
     assert isinstance(err, want[0]), err

@@ -79,7 +79,7 @@ def test_batching_keeps_every_command_in_order_and_frames_within_the_command_bou
     kinds += [rng.choice(["eager"] * 6 + ["upload", "seed", "op", "free", "flush"]) for _ in range(3000)]
     for i, kind in enumerate(kinds):
         while not s._send.empty():  # what gRPC's sending thread would take (a full queue blocks the caller)
-            frames.append(s._send.get())
+            frames.append(_take(s))
         if kind == "eager":
             s.eager_op(b"r%d" % i)
             sent.append(("eager_op", b"r%d" % i))
@@ -99,7 +99,7 @@ def test_batching_keeps_every_command_in_order_and_frames_within_the_command_bou
             s.flush()
     s.flush()
     while not s._send.empty():
-        frames.append(s._send.get())
+        frames.append(_take(s))
     got: list[tuple[str, Any]] = []
     for frame in frames:
         parsed = device_pb2.ClientFrame.FromString(frame) if isinstance(frame, bytes) else frame
@@ -108,6 +108,13 @@ def test_batching_keeps_every_command_in_order_and_frames_within_the_command_bou
             which = c.WhichOneof("cmd")
             got.append((which, _identity(c)))
     assert got == sent
+
+
+def _take(s: Any) -> Any:
+    """The next queued frame, as the session's sending thread takes and writes it."""
+    frame, n = s._send.get()
+    s.bytes_sent += n
+    return frame
 
 
 def _identity(c: device_pb2.Command) -> Any:
@@ -137,17 +144,17 @@ def test_send_commands_waits_for_a_full_send_queue_and_keeps_the_order() -> None
     s._init_frames()
     s.seed(1)  # queued by the session: goes out first
     s.send_commands(eager_command(b"a"))
-    first = [s._send.get() for _ in range(2)]
+    first = [_take(s) for _ in range(2)]
     parsed = [device_pb2.ClientFrame.FromString(f) if isinstance(f, bytes) else f for f in first]
     assert [p.commands[0].WhichOneof("cmd") for p in parsed] == ["seed", "eager_op"]
     for _ in range(SEND_QUEUE_FRAMES):
-        s._send.put(b"")
+        s._send.put((b"", 0))
     done = threading.Event()
     t = threading.Thread(target=lambda: (s.send_commands(eager_command(b"b")), done.set()))
     t.start()
     assert not done.wait(0.2)  # blocked: gRPC has taken none of the frames
-    s._send.get()
+    _take(s)
     assert done.wait(5)
     t.join()
-    frames = [s._send.get() for _ in range(SEND_QUEUE_FRAMES)]
+    frames = [_take(s) for _ in range(SEND_QUEUE_FRAMES)]
     assert device_pb2.ClientFrame.FromString(frames[-1]).commands[0].eager_op == b"b"
