@@ -124,6 +124,30 @@ def test_a_handle_flood_is_refused_and_the_daemon_returns_to_baseline(serve_proc
     assert rss(d.process.pid) <= baseline + 8 * MiB, (rss(d.process.pid), baseline)
 
 
+def shared_mappings(pid: int) -> int:
+    """How many session workers' shared buffers (server/zygote.py's memfd "gpupool-shared") process `pid` maps."""
+    with open(f"/proc/{pid}/maps") as f:
+        return sum("gpupool-shared" in line for line in f)
+
+
+def test_a_closed_sessions_shared_buffer_is_unmapped_at_once(serve_process: Any) -> None:
+    # Each session maps its worker's 64 MiB shared buffer into the daemon; a closed session's runner lived on until
+    # the collector found it, and with it the mapping: 41-56 of 100 churned sessions' buffers stayed mapped, and a
+    # daemon under a 6 GiB address-space cap refused new workers ([Errno 12], round 36's CI). Now closing unmaps it.
+    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "64MiB")
+    assert d.process is not None
+    for i in range(24):
+        s = Session.attach(d.address, d.token(quota_bytes=MiB))
+        h = s.upload(torch.full((256,), float(i)))
+        assert float(s.download(h)[0]) == i
+        s.close()
+    deadline = time.monotonic() + 10
+    while (status(d.address).sessions or shared_mappings(d.process.pid) > 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not status(d.address).sessions
+    assert shared_mappings(d.process.pid) <= 2  # every closed session's buffer went with it (0 here; the base kept 7)
+
+
 def test_max_pool_backwards_with_bad_indices_are_refused(daemon: Any) -> None:
     s = Session.attach(daemon.address, daemon.token(quota_bytes=16 * MiB))
     x = torch.randn(1, 2, 8, 8)
