@@ -294,6 +294,152 @@ def probe_queued(address: str, key: bytes, rss: Any, frames: int, daemon_rss: An
     return out
 
 
+def _drain(call: Any) -> None:
+    try:
+        for _ in call:
+            pass
+    except Exception:  # noqa: S110 - the probe cancels its streams at the end
+        pass
+
+
+def probe_busy(address: str, key: bytes, rss: Any, frames: int, daemon_rss: Any, sessions: int) -> dict[str, Any]:
+    """Round 37 (quota37): `sessions` raw streams of one tenant that each keep their device busy (a frame of slow
+    matmuls, ~1 GMAC each, into one handle) and send `frames` frames of 4 MiB uploads behind them, reading their
+    replies (no session parks): what the daemon holds of commands queued behind work that runs (until round 37,
+    the fair queue's 64 MiB a session whatever the host's total; a collective waiting for its peers is one such
+    wait)."""
+    import threading
+
+    from gpupool import tls, tokens
+    from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
+
+    out: dict[str, Any] = {}
+    meta = tensor_pb2.TensorMeta(dtype=tensor_pb2.DTYPE_UINT8, shape=[4 * MiB])
+    a_meta = tensor_pb2.TensorMeta(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[256, 4096])
+    sent = [0] * sessions
+    release = threading.Event()
+    channels, calls = [], []
+    before, before_daemon = rss(), daemon_rss()
+
+    def gen(i: int, base: int) -> Any:
+        a, y = base + 1, base + 2
+        data = b"\0" * (256 * 4096 * 4)
+        yield device_pb2.ClientFrame(
+            commands=[device_pb2.Command(upload=device_pb2.Upload(handle=a, meta=a_meta, data=data, last=True))]
+        ).SerializeToString()
+        mm = device_pb2.Op(
+            name="aten::mm.default",
+            args=[tensor_pb2.Arg(tensor=a), tensor_pb2.Arg(tensor=a + 1000)],
+            outputs=[y],
+        )
+        t = device_pb2.Op(name="aten::t.default", args=[tensor_pb2.Arg(tensor=a)], outputs=[a + 1000])
+        yield device_pb2.ClientFrame(
+            commands=[device_pb2.Command(op=t)] + [device_pb2.Command(op=mm)] * 400
+        ).SerializeToString()
+        for k in range(frames):  # behind the matmuls: they run, slowly
+            up = device_pb2.Upload(handle=base + 2000 + k, meta=meta, data=b"\1" * (4 * MiB), last=True)
+            yield device_pb2.ClientFrame(commands=[device_pb2.Command(upload=up)]).SerializeToString()
+            sent[i] += 1
+        release.wait(120)
+
+    for i in range(sessions):
+        claims = tokens.TokenClaims(f"busy-{i}", "bench", 0, 128 * MiB, 1.0, time.time() + 3600, "busy")
+        channel = tls.channel(address, [("grpc.max_receive_message_length", 64 * MiB)])
+        reply = device_pb2_grpc.DeviceStub(channel).Attach(device_pb2.AttachRequest(token=tokens.mint(key, claims)))
+        stream = channel.stream_stream("/gpupool.v1.Device/Stream", None, device_pb2.ServerFrame.FromString)
+        call = stream(gen(i, reply.handle_base), metadata=(("gpupool-session", reply.session_id),), timeout=300)
+        threading.Thread(target=_drain, args=(call,), daemon=True).start()  # read every reply: none parks
+        channels.append(channel)
+        calls.append(call)
+    last, still = -1, 0
+    while still < 6:  # until the clients could hand nothing more for 3 s
+        time.sleep(0.5)
+        still = still + 1 if sum(sent) == last else 0
+        last = sum(sent)
+    out["frames_taken"] = sum(sent)
+    out["MiB"] = (rss() - before) / MiB
+    out["daemon_process_MiB"] = (daemon_rss() - before_daemon) / MiB
+    for call in calls:
+        call.cancel()
+    release.set()
+    for channel in channels:
+        channel.close()
+    return out
+
+
+# ---- round 37 (quota37): what one session's learned records hold (server/templates.py, runs.py, verdicts) ----
+
+
+def _learned_record(kind: str, x: int, k: int, out: int) -> bytes:
+    """Record `k` of a kind, each of its own length (a template of its own) and ~0.5 MiB: "ints" `tensor_split`
+    at 65,535 - k indices (no verdict cached for it), "tensors" `_foreach_neg` of `x` 65,535 - k times and "views"
+    of 16,384 - k one-element views of `x` (both run: their verdicts cached, keyed by each element's meta), "bools"
+    `view` with 8 lists of 65,535 - k bools (fails its checks: the template alone stays)."""
+    from gpupool import compact
+
+    if kind == "ints":
+        args = [compact.tensor(x), compact.encode_value(list(range(10**6, 10**6 + 65535 - k)))]
+    elif kind == "tensors":
+        args = [compact.tensors([x] * (65535 - k))]
+    elif kind == "views":
+        el = compact.view(x, [1], [1], 0)
+        args = [compact.tensors_with_views([el] * (16384 - k))]
+    else:
+        args = [compact.tensor(x), compact.TAG_U16.pack(compact.BOOLS, 65535 - k) + bytes(65535 - k)] * 8
+    return compact.head(0, None, [out]) + compact.U8.pack(len(args)) + b"".join(args) + compact.U8.pack(0)
+
+
+_LEARNED_OPS = {
+    "ints": "aten::tensor_split.indices",
+    "tensors": "aten::_foreach_neg.default",
+    "views": "aten::_foreach_neg.default",
+    "bools": "aten::view.default",
+}
+
+
+def probe_learned(address: str, key: bytes, rss: Any, records: int, kind: str) -> dict[str, Any]:
+    """`records` eager records of one `kind` (`_learned_record`), each sent twice (a template hit the second time,
+    which a learned run needs), their outputs freed: the daemon's growth per record and per byte of the wire."""
+    import torch
+
+    from gpupool import compact
+    from gpupool.errors import GpupoolError
+
+    out: dict[str, Any] = {}
+    errors = 0
+    with _attach(address, key, f"learned-{kind}") as s:
+        x = s.upload(torch.ones(4))
+        first = compact.head(0, _LEARNED_OPS[kind], [0]) + compact.U8.pack(1) + compact.tensor(x) + b"\0"
+        s.eager_op(first)
+        try:
+            s.sync()
+        except GpupoolError:
+            pass
+        time.sleep(0.3)
+        before, wire_bytes = rss(), 0
+        for k in range(records):
+            for _ in range(2):
+                o = s.new_handle()
+                rec = _learned_record(kind, x, k, o)
+                wire_bytes += len(rec)
+                s.eager_op(rec)
+                try:
+                    s.sync()
+                except GpupoolError as exc:
+                    errors += 1
+                    out["error"] = f"{exc.code.name}: {exc.message[:100]}"
+                s.free([o])
+        s.sync()
+        grown = rss() - before
+        out["records"] = records
+        out["wire_MiB"] = wire_bytes / MiB
+        out["MiB"] = grown / MiB
+        out["bytes_per_record"] = grown / max(1, records)
+        out["per_wire_byte"] = grown / max(1, wire_bytes / 2)  # each record's bytes, once
+        out["failed"] = errors
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--isolation", default="thread", choices=["thread", "process"])
@@ -307,14 +453,18 @@ def main() -> None:
     parser.add_argument(
         "--probe",
         default="graphs",
-        choices=["graphs", "views", "graph-slots", "queued"],
+        choices=["graphs", "views", "graph-slots", "queued", "busy", "ints", "tensors", "views-list", "bools"],
         help="graphs: captured graphs and handles (round 35); views: handles of --dims-dimensional views; "
         "graph-slots: --graphs graphs of one op and --inputs inputs; queued: replies never read and 4 MiB uploads "
-        "queued behind them (--frames)",
+        "queued behind them (--frames); busy: --sessions sessions of one tenant, each 4 MiB uploads (--frames) "
+        "queued behind slow matmuls; ints, tensors, views-list, bools: --records eager records of that kind, "
+        "each its own template (round 37)",
     )
     parser.add_argument("--dims", type=int, default=64)
     parser.add_argument("--inputs", type=int, default=200_000)
     parser.add_argument("--frames", type=int, default=40)
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--records", type=int, default=40)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         key, key_file = loopback_keys(tmp)
@@ -331,6 +481,11 @@ def main() -> None:
                     got = probe_graph_slots(address, key, rss, args.graphs, args.inputs)
                 elif args.probe == "queued":
                     got = probe_queued(address, key, rss, args.frames, lambda p=proc.pid: own_rss(p))
+                elif args.probe in ("ints", "tensors", "views-list", "bools"):
+                    kind = "views" if args.probe == "views-list" else args.probe
+                    got = probe_learned(address, key, rss, args.records, kind)
+                elif args.probe == "busy":
+                    got = probe_busy(address, key, rss, args.frames, lambda p=proc.pid: own_rss(p), args.sessions)
                 else:
                     got = measure(address, key, rss, args.ops, args.graphs, args.handles, name, args.width)
             finally:

@@ -154,10 +154,11 @@ def leases_table(pool: scheduler_pb2.PoolState) -> Table:
 
 
 def tenants_table(now: Sample, before: Sample | None) -> Table:
-    """One row per session: memory used/limit, share, and busy % and ops/s since the previous sample."""
+    """One row per session: memory used/limit, captured graphs' host memory/limit, share, and busy % and ops/s
+    since the previous sample."""
     dt = now.at - before.at if before is not None else 0.0
     table = Table(title="tenants (sessions on the daemons)", title_justify="left")
-    for col in ("host/gpu", "tenant", "lease", "session", "memory", "limit", "share", "busy", "ops/s"):
+    for col in ("host/gpu", "tenant", "lease", "session", "memory", "limit", "graphs", "share", "busy", "ops/s"):
         table.add_column(col, justify="left" if col in ("host/gpu", "tenant", "lease", "session") else "right")
     for (host, tag), u in sorted(now.sessions.items()):
         prev = before.sessions.get((host, tag)) if before is not None else None
@@ -167,8 +168,18 @@ def tenants_table(now: Sample, before: Sample | None) -> Table:
         else:
             busy = ops = "..."  # the first sample has nothing to compare with
         table.add_row(_cell(f"{host}/{u.device}"), _cell(u.tenant), _cell(u.lease_id[:12]), _cell(tag),
-                      format_size(u.used_bytes), format_size(u.limit_bytes), f"{u.share:.2g}", busy, ops)  # fmt: skip
+                      format_size(u.used_bytes), format_size(u.limit_bytes), graphs(u), f"{u.share:.2g}", busy,
+                      ops)  # fmt: skip
     return table
+
+
+def graphs(u: device_pb2.SessionUsage) -> str:
+    """The host memory a session's captured graphs hold, estimated, of its limit (`--max-graph-memory`; Status
+    fields 52 and 53 since round 36): "off" where capture is off (a limit of 0, also what a daemon before round 36
+    reports)."""
+    if u.graph_limit_bytes <= 0:
+        return "off"
+    return f"{format_size(u.graph_bytes)}/{format_size(u.graph_limit_bytes)}"
 
 
 def view(now: Sample, before: Sample | None, log: Path | None = None, log_lines: int = 8) -> RenderableType:

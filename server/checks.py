@@ -71,6 +71,7 @@ class OpPlan:
         "layouts",
         "grown",
         "uninitialized",
+        "into_out",
         "validate",
         "run",
         "sig",
@@ -89,6 +90,8 @@ class OpPlan:
         self.layouts = bool(guards.written_params(op) or guards.read_params(op))
         self.grown = self.name in GROW_UNINITIALIZED
         self.uninitialized = self.name in UNINITIALIZED
+        # its out= form: only `out`'s elements are zeroed after it (`sessions.zero_made`), not its whole storage
+        self.into_out = self.uninitialized and any(a.is_out for a in schema.arguments)
         self.validate = self.name.startswith("aten::_foreach_") or guards.value_guarded(self.name)
         # fallbacks: accelerator-only ops; `op._op` is the builtin `OpOverload.__call__` calls (one Python frame less)
         self.run = guards.replacement(op) or fallbacks.lookup(op, device) or op._op

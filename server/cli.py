@@ -98,6 +98,14 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
     )
     add_flag(
         p,
+        "--max-queued-bytes",
+        type=size_arg,
+        default=256 * 1024**2,
+        help="commands that all sessions have queued beyond 4 MiB each, waiting for their device (host memory); "
+        "past it a session's stream waits for room, as at its own 64 MiB queue (0: no limit)",
+    )
+    add_flag(
+        p,
         "--max-op-flops",
         type=float,
         default=0,
@@ -200,6 +208,7 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
         max_graph_memory=args.max_graph_memory,
         max_frame_commands=args.max_frame_commands,
         max_unread_bytes=args.max_unread_bytes,
+        max_queued_bytes=args.max_queued_bytes,
         max_op_flops=int(args.max_op_flops),
         worker_memory=args.worker_memory,
         worker_gpu_margin=-1 if args.worker_gpu_margin is None else args.worker_gpu_margin,

@@ -41,7 +41,7 @@ from gpupool.tls import TlsConfig
 
 from . import bulk, slices
 from .devices import Device, discover
-from .fairqueue import DeviceWorker, Entry, FairQueue
+from .fairqueue import DeviceWorker, Entry, FairQueue, HostQueued
 from .front import FrontSession, Unread, reply_bytes
 from .metrics import Ledger, Metrics
 from .registration import (
@@ -90,6 +90,9 @@ class DaemonConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     queue_commands: int = 8192
     queue_bytes: int = 64 * 1024 * 1024
+    # Commands queued past fairqueue.PARKED_BYTES (4 MiB) a session, all sessions of the host together (host RAM;
+    # `fairqueue.HostQueued`): past it a session's reader waits, as at its own queue's `queue_bytes`. 0: no limit.
+    max_queued_bytes: int = 256 * 1024 * 1024
     # Replies (downloads) produced but not yet taken by a client that does not read: past this, the session's
     # Get and Sync commands wait, its command queue fills, and gRPC flow control pushes back on the client.
     outbox_bytes: int = 16 * 1024 * 1024
@@ -211,7 +214,8 @@ class Daemon:
         # Session workers verify the tokens of a collective group's other ranks themselves, with these keys.
         self._token_pems = tokens.public_pems(config.token_key)
         self.metrics = Metrics(self)
-        self.queues = {d.index: FairQueue(config.queue_commands, config.queue_bytes) for d in self.device_list}
+        queued = HostQueued(config.max_queued_bytes)  # one count for every device's queue
+        self.queues = {d.index: FairQueue(config.queue_commands, config.queue_bytes, queued) for d in self.device_list}
         for fq in self.queues.values():
             fq.contend = _contend
         self.workers = [

@@ -27,7 +27,7 @@ from . import bulk, checks, cost, guards, native_runner, runs, sizing, storage_r
 from .collectives import Collectives
 from .graph import GraphTable
 from .ops import OpTable
-from .sessions import HANDLE_BITS, Poison, PoisonedInput, WorkerSession, out_of_memory, zero_bytes
+from .sessions import HANDLE_BITS, Poison, PoisonedInput, WorkerSession, out_of_memory, zero_made
 from .sizing import NO_META, MetaSizer
 from .slices import SideChunk, eager_records, mark_word
 from .speedmodel import SpeedModel
@@ -38,6 +38,11 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 MAX_DIMS = 64
 MAX_VERDICTS = 8192  # cached op signatures (cleared when full)
+# Round 37 (quota37): and their bytes, estimated (`_key_bytes`): a signature holds its tensors' metas (~200 bytes
+# each: tracemalloc measured 24 bytes a byte of a record of a 65,535-tensor list) and its int lists' values, and a
+# record template's keeps the template alive (`Template.nbytes`); 8,192 of records near a frame's 16 MiB were
+# ~3 TiB. A session's executor (one per session, in its worker or, under `--isolation thread`, in the daemon).
+MAX_VERDICT_BYTES = 64 << 20
 # May change tensors' metas or storages in place (learned runs check them again); other kinds: no
 _RESHAPING = frozenset({"run_graph", "define_graph", "drop_graph", "collective", "group_join", "resize_storage"})
 _COMPUTE = object()  # _run_op's default: compute the op's signature
@@ -86,6 +91,7 @@ class CommandExecutor:
         self._eager: dict[str, tuple[dict[int, str | checks.OpPlan], torch.device, templates.Table, runs.Runs]] = {}
         self._plans: dict[str, checks.OpPlan] = {}  # allowed op name -> its plan
         self._verdicts: dict[Any, int] = {}  # op signature -> new bytes, once its shape-only checks passed
+        self._verdict_bytes = 0  # their signatures' bytes, estimated (`_key_bytes`, MAX_VERDICT_BYTES)
         # the C++ runner of learned runs' fast steps (server/native_runner.py), None: the Python path only
         self.native: Any = native_runner.load()
 
@@ -555,7 +561,7 @@ class CommandExecutor:
         if plan.uninitialized:
             for t in _slots(out):
                 if isinstance(t, torch.Tensor):
-                    zero_bytes(t.untyped_storage(), 0, t.untyped_storage().nbytes())
+                    zero_made(t, plan.into_out)
         bound: Sequence[int]
         if len(outputs) == 1 and out.__class__ is _Tensor:
             h = outputs[0]
@@ -625,6 +631,18 @@ class CommandExecutor:
             known.learned += 1
             log.debug("session %d: learned a run of %d eager records", s.number, len(trace.steps))
 
+    def _keep_verdict(self, sig: Any, need: int) -> None:
+        """Cache `need` for `sig`: at most MAX_VERDICTS and MAX_VERDICT_BYTES (estimated) in all, cleared when full;
+        one signature alone past a quarter of the bytes is not kept (its checks run every time)."""
+        nbytes = _key_bytes(sig)
+        if nbytes > MAX_VERDICT_BYTES // 4:
+            return
+        if len(self._verdicts) >= MAX_VERDICTS or self._verdict_bytes + nbytes > MAX_VERDICT_BYTES:
+            self._verdicts.clear()
+            self._verdict_bytes = 0
+        self._verdicts[sig] = need
+        self._verdict_bytes += nbytes
+
     def _plan(self, name: str, s: WorkerSession) -> checks.OpPlan:
         plan = self._plans.get(name)
         if plan is None:
@@ -687,9 +705,7 @@ class CommandExecutor:
             if need != NO_META:
                 need += cost.temporary(op, args, kwargs)  # what the kernel allocates besides (mvlgamma's p)
             if sig is not None and need != NO_META:
-                if len(self._verdicts) >= MAX_VERDICTS:
-                    self._verdicts.clear()
-                self._verdicts[sig] = need
+                self._keep_verdict(sig, need)
         elif plan.validate:  # the shape-only checks passed for this signature; the value guards run every time
             guards.validate(op, args, kwargs, s.max_op_flops)
         if need == NO_META:  # bounded from the real inputs, so its output cannot exhaust the host first
@@ -710,7 +726,7 @@ class CommandExecutor:
         if plan.uninitialized:  # never hand out memory another session wrote and freed
             for t in _slots(out):
                 if isinstance(t, torch.Tensor):
-                    zero_bytes(t.untyped_storage(), 0, t.untyped_storage().nbytes())
+                    zero_made(t, plan.into_out)
         if len(outputs) == 1 and out.__class__ is _Tensor:  # the common case: one new handle, one tensor
             h = outputs[0]
             if (
@@ -1000,6 +1016,24 @@ def warm_vector_math() -> None:
         x = torch.full((1,), 0.5, dtype=dtype)
         for name in VECTOR_MATH_OPS:
             getattr(torch, name)(x)
+
+
+def _key_bytes(sig: Any) -> int:
+    """The host memory a verdict's signature holds, estimated: 40 bytes a member of its tuples, nested (a meta's
+    sizes and strides, an int list's values: a pointer and, mostly, an object each), and the template a record
+    template's signature keeps alive (`Template.nbytes`). Walked once per signature cached (after the checks,
+    which read every one of them)."""
+    n, extra = 0, 0
+    todo = [sig]
+    while todo:
+        v = todo.pop()
+        n += len(v)
+        for e in v:
+            if isinstance(e, tuple):
+                todo.append(e)
+            elif e.__class__ is templates.Template:
+                extra += e.nbytes
+    return 128 + 40 * n + extra
 
 
 def _slots(out: Any) -> list[Any]:

@@ -41,10 +41,37 @@ class Entry:
 # bench/host_memory.py --probe queued; 64 sessions ~8.5 GiB outside every limit). Small commands (a checkpoint's
 # Gets) still queue up to `max_commands` while it is parked.
 PARKED_BYTES = 4 * 1024 * 1024
+# How often a reader waiting for room in the host's queued bytes (`HostQueued`) looks again: another device's queue
+# frees it without waking this queue's condition (no lock is taken across queues).
+HOST_POLL_SECONDS = 0.02
+
+
+class HostQueued:
+    """Bytes of commands queued beyond `PARKED_BYTES` a session, by all sessions of all devices of the host, held
+    within `limit` (0: no limit). Round 37 (quota37): a session whose commands wait behind work that runs - its
+    own slow ops, a collective waiting for its peers, other sessions' turns - queued up to its 64 MiB whatever the
+    others held: 8 sessions of one tenant behind slow matmuls grew the daemon process by ~1 GiB (bench/host_memory.py
+    --probe busy), 64 sessions ~8 GiB, counted against nothing. Each session keeps its first `PARKED_BYTES` (and
+    a frame into an empty queue) whatever the others queued; the rest is the host's, first come."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.over = 0  # the sessions' bytes past PARKED_BYTES each
+        self._lock = threading.Lock()  # a leaf lock: the queues of several devices change `over`
+
+    def add(self, delta: int) -> None:
+        with self._lock:
+            self.over += delta
+
+
+def _excess(nbytes: int) -> int:
+    return nbytes - PARKED_BYTES if nbytes > PARKED_BYTES else 0
 
 
 class FairQueue:
-    def __init__(self, max_commands: int = 8192, max_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self, max_commands: int = 8192, max_bytes: int = 64 * 1024 * 1024, host: HostQueued | None = None
+    ) -> None:
         self._cond = threading.Condition()
         self._entries: list[Entry] = []
         self._vnow = 0.0
@@ -53,6 +80,7 @@ class FairQueue:
         self._idle_waiters = 0  # threads in wait_idle
         self.max_commands = max_commands
         self.max_bytes = max_bytes
+        self.host = host if host is not None and host.limit > 0 else None  # shared by the host's device queues
         # Told, under the queue's lock, whether another session waits to run while `entry` runs: set when its
         # slice is handed out, and again when another session's work arrives meanwhile (a collective waiting for
         # its peers keeps the device while nobody else wants it: server/collectives.py). None: nobody listens.
@@ -70,7 +98,8 @@ class FairQueue:
         with self._cond:
             entry.closed = True
             entry.frames.clear()
-            entry.commands = entry.nbytes = 0
+            self._bytes(entry, -entry.nbytes)
+            entry.commands = 0
             if entry in self._entries:
                 self._entries.remove(entry)
             if entry.running and not entry.contended:  # a slice told nobody waits (a collective waiting for its
@@ -81,23 +110,22 @@ class FairQueue:
     def put(self, entry: Entry, commands: list[Any], nbytes: int) -> bool:
         """Queue a frame's commands, blocking while the session's queue is full; False once it is closed."""
         with self._cond:
-            while (
-                not entry.closed
-                and not self._stopped
-                and entry.commands
-                and (
-                    entry.commands + len(commands) > self.max_commands
-                    or entry.nbytes + nbytes > (PARKED_BYTES if entry.blocked else self.max_bytes)
-                )
-            ):
-                self._cond.wait()
+            while not entry.closed and not self._stopped and entry.commands:
+                if entry.commands + len(commands) > self.max_commands or entry.nbytes + nbytes > (
+                    PARKED_BYTES if entry.blocked else self.max_bytes
+                ):
+                    self._cond.wait()
+                elif self._host_full(entry, nbytes):
+                    self._cond.wait(HOST_POLL_SECONDS)
+                else:
+                    break
             if entry.closed or self._stopped:
                 return False
             if not entry.commands and not entry.running:
                 entry.vtime = max(entry.vtime, self._vnow)  # back from idle: no banked credit
             entry.frames.append([commands, 0, nbytes])
             entry.commands += len(commands)
-            entry.nbytes += nbytes
+            self._bytes(entry, nbytes)
             self._contended(entry)
             self._cond.notify_all()
             return True
@@ -135,9 +163,24 @@ class FairQueue:
                     return commands
                 entry.frames.append([commands, 0, nbytes])
                 entry.commands += len(commands)
-                entry.nbytes += nbytes
+                self._bytes(entry, nbytes)
                 return self._pop(entry, max_commands)  # no notify: nothing for the device's thread to do
         return None if self.put(entry, commands, nbytes) else []
+
+    def _host_full(self, entry: Entry, nbytes: int) -> bool:
+        """Whether `nbytes` more of `entry` would take the host's queued bytes past their limit (`HostQueued`)."""
+        host = self.host
+        if host is None:
+            return False
+        grown = _excess(entry.nbytes + nbytes) - _excess(entry.nbytes)
+        return grown > 0 and host.over + grown > host.limit
+
+    def _bytes(self, entry: Entry, delta: int) -> None:
+        """Change `entry`'s queued bytes by `delta`, and the host's count of those past `PARKED_BYTES`."""
+        before = entry.nbytes
+        entry.nbytes = before + delta
+        if self.host is not None and (before > PARKED_BYTES or entry.nbytes > PARKED_BYTES):
+            self.host.add(_excess(entry.nbytes) - _excess(before))
 
     def _ready(self) -> list[Entry]:
         return [e for e in self._entries if e.commands and not e.running and not e.blocked]
@@ -169,7 +212,8 @@ class FairQueue:
             frame[1] = i + n
             if frame[1] >= len(cmds):
                 entry.frames.popleft()
-                entry.nbytes -= frame[2]
+                if frame[2]:
+                    self._bytes(entry, -frame[2])
         entry.commands -= len(taken)
         entry.running = True
         return taken

@@ -41,8 +41,8 @@ from gpupool._proto import device_pb2
 from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument, NotFound
 
 from . import graph_cuda, graph_trace, slices, staging
-from .graph_build import GATHER, ONE, STEP_ERRORS, Graph, Host, building, flat, step_error
-from .sessions import Poison, WorkerSession, zero_bytes
+from .graph_build import GATHER, ONE, STEP_ERRORS, ZERO_ELEMENTS, Graph, Host, building, flat, step_error
+from .sessions import Poison, WorkerSession, zero_made
 
 log = logging.getLogger(__name__)
 
@@ -382,8 +382,7 @@ def execute(g: Graph, slots: list[Any], plan: list[Any] | None = None) -> None:
             if zero:  # what the op returns, as the eager path: an out= form's tensor may have no output slot
                 for t in flat(out):
                     if isinstance(t, torch.Tensor):
-                        st = t.untyped_storage()
-                        zero_bytes(st, 0, st.nbytes())
+                        zero_made(t, zero == ZERO_ELEMENTS)
             for slot in dead:
                 slots[slot] = None
     except (GpupoolError, *STEP_ERRORS) as exc:

@@ -93,7 +93,7 @@ class Call:
     single: bool  # the op returns one tensor
     dead: list[int]  # slots whose last use is this op
     check: Callable[[list[Any], dict[str, Any]], None] | None  # a guard that reads values
-    zero: bool  # outputs are uninitialized memory
+    zero: int  # outputs are uninitialized memory: 0, ZERO_STORAGE or ZERO_ELEMENTS (`sessions.zero_made`)
     seeded: bool  # draws random numbers from the session's generator
     replaced: bool = False  # runs guards.replacement's Python code instead of the kernel
     kernel: str | None = None  # a fused attention call's kernel (attention.graph_kernel)
@@ -144,13 +144,22 @@ class Graph:
         self.device_type = self.device.type
 
 
+# How a call's uninitialized outputs are zeroed (`Call.zero`, `sessions.zero_made`): a new tensor's whole storage, or
+# an out= form's `out`'s elements only (its storage is the session's, other views of it too)
+ZERO_STORAGE, ZERO_ELEMENTS = 1, 2
+
+
+def _out_form(op: torch._ops.OpOverload) -> bool:
+    return any(a.is_out for a in op._schema.arguments)
+
+
 # How a step gathers its positional arguments (graph.execute): all from slots (two or more, by one
 # itemgetter), one slot alone, or a template with slots filled in (constants, lists of slots, keyword slots).
 GATHER, ONE, FILL = 0, 1, 2
 # One call as the hot loop runs it: (mode, fn, gather (itemgetter / slot / template), fill, fill_lists, kwargs,
 # kfill, check, the one output slot or 0, the output slots when several (else ()), zero, dead slots).
 Step = tuple[
-    int, Callable[..., Any], Any, Any, Any, dict[str, Any], Any, Any, int, tuple[int, ...], bool, tuple[int, ...]
+    int, Callable[..., Any], Any, Any, Any, dict[str, Any], Any, Any, int, tuple[int, ...], int, tuple[int, ...]
 ]
 
 
@@ -621,7 +630,8 @@ def _prebuild(
         isinstance(out, torch.Tensor) and len(outs) == 1,
         [],
         check,
-        op._schema.name in checks.UNINITIALIZED,  # zeroed, as on the eager path (round 34: one list)
+        # zeroed, as on the eager path (round 34: one list): ZERO_STORAGE, or ZERO_ELEMENTS for an out= form's `out`
+        (ZERO_ELEMENTS if _out_form(op) else ZERO_STORAGE) if op._schema.name in checks.UNINITIALIZED else 0,
         draws,
         replacement is not None,
         attention_kernel,

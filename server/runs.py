@@ -28,7 +28,8 @@ Traces learned apart stay apart (a recording ends where a record matches a learn
 training step is often several traces): that chaining, not longer traces, is what keeps a step in one C++ call.
 
 Traces are per session (`CommandExecutor.forget` drops them), indexed by their first record's first 5 bytes
-and length, at most PER_HEAD per head and MAX_ENTRIES steps and tensor inputs per session (cleared when full),
+and length, at most PER_HEAD per head, MAX_ENTRIES steps and tensor inputs and MAX_RUN_BYTES (estimated, templates
+included) per session (cleared when full),
 and dropped with
 the templates when an op id is defined anew. A trace holds no tensor.
 
@@ -71,6 +72,13 @@ from .templates import (
 PER_HEAD = 16  # traces kept per head (first record's op id and length); the most recently run or learned first
 MAX_ENTRIES = 1 << 16  # steps and tensor inputs of all a session's traces (each ~100-300 bytes); cleared when full
 MAX_LEN = 4096  # steps of one trace (a slice holds at most a few thousand commands)
+# Round 37 (quota37): traces are bounded by bytes too. A trace keeps its steps' templates alive (also after the
+# template table dropped them: server/templates.py `Template.nbytes`, up to ~16 MiB each), and per tensor input a
+# meta and a check cell (tracemalloc: ~100 bytes a tensor of a 65,535-tensor list, 12 bytes a byte of its record).
+# Each trace is counted at `ENTRY_BYTES` a step or tensor input plus its distinct templates' bytes, a session's
+# traces at most `MAX_RUN_BYTES` (cleared when full).
+ENTRY_BYTES = 256
+MAX_RUN_BYTES = 64 << 20
 _TENSOR_KINDS = (T_ARG, T_KW, L_ARG, L_KW)
 _SINGLE = (T_ARG, T_KW, V_ARG, V_KW)  # one tensor input each (a view's: the tensor it is a view of)
 _VIEW_LISTS = (LV_ARG, LV_KW)  # a tensor list with views: per element (field, geometry or None) where others count
@@ -121,7 +129,7 @@ class Step:
 class Trace:
     """A learned sequence of steps, valid under the quota and compute bound it was learned with."""
 
-    __slots__ = ("steps", "quota", "flops", "next", "alt", "weight", "native", "__weakref__")
+    __slots__ = ("steps", "quota", "flops", "next", "alt", "weight", "nbytes", "native", "__weakref__")
 
     def __init__(self, steps: list[Step], quota: int, flops: int) -> None:
         self.steps = steps
@@ -140,6 +148,8 @@ class Trace:
             for e in step.ins
             if e[0] in _COUNTED
         )
+        # the host memory it holds, estimated (`MAX_RUN_BYTES`): its entries and the templates it keeps alive
+        self.nbytes = ENTRY_BYTES * self.weight + sum({id(st.tpl): st.tpl.nbytes for st in steps}.values())
 
 
 def _nothing() -> None:
@@ -167,11 +177,12 @@ def _list_cell(e: tuple[Any, ...]) -> list[Any] | None:
 class Runs:
     """A session's traces and the recording in progress."""
 
-    __slots__ = ("heads", "count", "rec", "hits", "native", "learned", "epoch", "ctx")
+    __slots__ = ("heads", "count", "nbytes", "rec", "hits", "native", "learned", "epoch", "ctx")
 
     def __init__(self) -> None:
         self.heads: dict[tuple[bytes, int], list[Trace]] = {}
         self.count = 0
+        self.nbytes = 0  # their `Trace.nbytes` together
         self.rec: list[tuple[Template, tuple[Any, ...], Any]] | None = None  # filled by `_eager_op` when set
         self.hits = 0  # records run inside a trace
         self.native = 0  # of them, run by the native runner (server/native_runner.py)
@@ -182,16 +193,21 @@ class Runs:
 
     def clear(self) -> None:
         self.heads.clear()
-        self.count = 0
+        self.count = self.nbytes = 0
 
     def add(self, head: tuple[bytes, int], trace: Trace) -> None:
-        if self.count + trace.weight > MAX_ENTRIES:
+        if trace.nbytes > MAX_RUN_BYTES:  # alone past the bound: not kept (its records take the normal path)
+            return
+        if self.count + trace.weight > MAX_ENTRIES or self.nbytes + trace.nbytes > MAX_RUN_BYTES:
             self.clear()
         seen = self.heads.setdefault(head, [])
         if len(seen) >= PER_HEAD:
-            self.count -= seen.pop().weight  # the oldest
+            old = seen.pop()  # the oldest
+            self.count -= old.weight
+            self.nbytes -= old.nbytes
         seen.insert(0, trace)
         self.count += trace.weight
+        self.nbytes += trace.nbytes
 
 
 Record = tuple[Template, tuple[Any, ...], Any]  # a record that ran on the normal path: template, fields, verdict key

@@ -475,6 +475,30 @@ def extent(t: torch.Tensor) -> int:
     return (int(t.storage_offset()) + int(last) + 1) * t.element_size()
 
 
+def zero_made(t: torch.Tensor, into_out: bool) -> None:
+    """Zero what an uninitialized factory (`checks.UNINITIALIZED`) made: a new tensor's whole storage, or, for its
+    out= form (`into_out`: `t` is the op's `out`, a tensor the session holds), `t`'s elements only. Round 37
+    (quota37, after fin36): the out= form's whole storage was zeroed, wiping the session's own other views of it
+    (`empty.out` into `x[4:8]` zeroed all of `x`). What such an op leaves unwritten is only under `t`: its resize
+    (`resize_output`) makes `t` contiguous from its offset, every byte it adds to the storage one of `t`'s, and
+    torch's generated out= forms (`empty_like.out`, `empty_strided.out`, `new_empty.out`, ...) copy an
+    uninitialized tensor into `t`'s elements: the allocator's old bytes, another session's under `--isolation
+    thread`. The recount after an out= op zeroes any growth outside `t` besides (`WorkerSession.recount`)."""
+    if not into_out:
+        storage = t.untyped_storage()
+        zero_bytes(storage, 0, storage.nbytes())
+    elif t.layout == torch.strided:
+        if t.numel():  # its elements' bytes, through its strides, whatever its dtype (a quantized one has no zero_)
+            size = t.element_size()
+            view = torch.empty(0, dtype=torch.uint8, device=t.device)
+            strides = [st * size for st in t.stride()] + [1]
+            view.set_(t.untyped_storage(), int(t.storage_offset()) * size, (*t.shape, size), strides)
+            view.zero_()  # (an expanded one's too: fill_ allows overlap)
+    else:  # no strided elements to zero (no such `out` is known to get here): the old whole storage
+        storage = t.untyped_storage()
+        zero_bytes(storage, 0, storage.nbytes())
+
+
 def zero_bytes(storage: torch.UntypedStorage, start: int, end: int) -> None:
     """Zero bytes [start, end) of a storage: allocators hand out memory freed by other sessions as it was."""
     view = torch.empty(0, dtype=torch.uint8, device=storage.device)

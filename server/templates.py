@@ -38,12 +38,36 @@ from gpupool import compact
 T_ARG, T_KW, N_ARG, N_KW, L_ARG, L_KW, NL_ARG, NL_KW, C_ARG, C_KW, V_ARG, V_KW, LV_ARG, LV_KW = range(14)
 MAX_TEMPLATES = 4096  # per session (each under a KiB); the table is cleared when full
 PER_LAYOUT = 8  # templates kept per op id and record length (a loop calls `view` with many sizes)
+# Round 37 (quota37): the table is bounded by bytes too. A template keeps its record's fixed bytes and decoded
+# values (a list of 65,535 ints: Python objects of ~40 bytes each per 8 bytes of the wire; a tensor list with views
+# one (field, geometry) per element): measured with tracemalloc at up to 12.7 bytes a byte of its record
+# (bench/host_memory.py `_learned_record`), so that 4,096 templates of records near a frame's 16 MiB could hold
+# ~800 GiB of the worker (under `--isolation thread`, of the daemon: every tenant's). Each is counted at
+# `TEMPLATE_BYTES` + `BYTES_PER_RECORD_BYTE` a byte of its record, a session's at most `MAX_TEMPLATE_BYTES`, and a
+# record longer than `MAX_TEMPLATE_RECORD` is not learned (it takes the full decode every time).
+TEMPLATE_BYTES = 1024
+BYTES_PER_RECORD_BYTE = 16
+MAX_TEMPLATE_BYTES = 32 << 20
+MAX_TEMPLATE_RECORD = 1 << 20  # two lists of 65,535 tensor handles (an optimizer's) fit; ~16 MiB counted
 
 
 class Template:
     """One learned record layout (see the module docstring)."""
 
-    __slots__ = ("size", "unpack", "fixed_of", "fixed", "n_out", "steps", "args", "kwargs", "plan", "keyed", "head")
+    __slots__ = (
+        "size",
+        "unpack",
+        "fixed_of",
+        "fixed",
+        "n_out",
+        "steps",
+        "args",
+        "kwargs",
+        "plan",
+        "keyed",
+        "head",
+        "nbytes",
+    )
 
     def __init__(self, plan: Any) -> None:
         self.size = 0
@@ -58,35 +82,43 @@ class Template:
         self.plan = plan  # the op plan of the template's op id when it was learned
         self.keyed = plan.sig is not None  # whether the op's verdict is cached at all
         self.head: tuple[bytes, int] = (b"", 0)  # a record's first 5 bytes (op id, no name) and its length
+        self.nbytes = TEMPLATE_BYTES  # the host memory it holds, estimated (`MAX_TEMPLATE_BYTES`)
 
 
 class Table:
     """A session's templates: a record's first 5 bytes (op id, no name) -> its length -> templates, newest first."""
 
-    __slots__ = ("heads", "count")
+    __slots__ = ("heads", "count", "nbytes")
 
     def __init__(self) -> None:
         self.heads: dict[bytes, dict[int, list[Template]]] = {}
         self.count = 0
+        self.nbytes = 0  # their `Template.nbytes` together
 
     def add(self, data: bytes, tpl: Template) -> None:
-        """Keep `tpl`, learned from `data`: at most PER_LAYOUT per op id and length, MAX_TEMPLATES in all."""
-        if self.count >= MAX_TEMPLATES:
+        """Keep `tpl`, learned from `data`: at most PER_LAYOUT per op id and length, MAX_TEMPLATES and
+        MAX_TEMPLATE_BYTES in all (cleared when full; one alone past a quarter of that is not kept)."""
+        if tpl.nbytes > MAX_TEMPLATE_BYTES // 4:
+            return
+        if self.count >= MAX_TEMPLATES or self.nbytes + tpl.nbytes > MAX_TEMPLATE_BYTES:
             self.heads.clear()
-            self.count = 0
+            self.count = self.nbytes = 0
         sizes = self.heads.setdefault(data[:5], {})
         seen = sizes.setdefault(len(data), [])
         if len(seen) >= PER_LAYOUT:
-            seen.pop()  # the oldest
+            self.nbytes -= seen.pop().nbytes  # the oldest
             self.count -= 1
         seen.insert(0, tpl)
         self.count += 1
+        self.nbytes += tpl.nbytes
 
     def drop(self, op_id: int) -> None:
         """Forget the templates of an op id that was just defined anew (they were learned under its old name)."""
         sizes = self.heads.pop(compact.U32.pack(op_id) + b"\0", None)
         if sizes is not None:
-            self.count -= sum(map(len, sizes.values()))
+            for seen in sizes.values():
+                self.count -= len(seen)
+                self.nbytes -= sum(t.nbytes for t in seen)
 
 
 class _Layout:
@@ -118,8 +150,9 @@ class _Layout:
 
 def learn(data: bytes, args: list[Any], kwargs: dict[str, Any], plan: Any) -> Template | None:
     """A template of `data`, a record `compact.decode_parts` just decoded into `args` and `kwargs` without an
-    error (so every byte of it is valid) for an op id whose plan is `plan`; None for a record that defines a name."""
-    if data[4]:
+    error (so every byte of it is valid) for an op id whose plan is `plan`; None for a record that defines a name,
+    or one longer than MAX_TEMPLATE_RECORD."""
+    if data[4] or len(data) > MAX_TEMPLATE_RECORD:
         return None
     by_type, names = plan.sig if plan.sig is not None else ((), frozenset())
     lay = _Layout()
@@ -148,6 +181,7 @@ def learn(data: bytes, args: list[Any], kwargs: dict[str, Any], plan: Any) -> Te
     tpl = Template(plan)
     tpl.size = st.size
     tpl.head = (data[:5], len(data))
+    tpl.nbytes = TEMPLATE_BYTES + BYTES_PER_RECORD_BYTE * len(data)
     tpl.unpack = st.unpack_from
     tpl.fixed_of = itemgetter(*lay.fixed_at)
     tpl.fixed = tpl.fixed_of(st.unpack_from(data))

@@ -1,13 +1,16 @@
 """`gpupool smi --watch`: a live view of a real pool while a tenant computes on half a fake GPU - its row shows
-memory, share, busy % and a non-zero ops/s (rates from two polls of the daemon's Status)."""
+memory, share, busy % and a non-zero ops/s (rates from two polls of the daemon's Status); and `gpupool smi`'s
+"graphs" column: a session's captured graphs' host memory of its `--max-graph-memory` (round 37)."""
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 from examples_fixtures import REPO
@@ -26,25 +29,74 @@ while time.monotonic() < end:
 """
 
 
+@contextlib.contextmanager
+def _tenant(pool_env: dict[str, str], script: str, share: str, ready: str) -> Iterator[dict[str, str]]:
+    """`gpupool run -n 1 -p SHARE` of a Python `script`, from its first line `ready` until the block's end; yields
+    the environment a `gpupool smi` of the pool runs in."""
+    env = {**os.environ, **pool_env, "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", "-n", "1", "-p", share, "--", sys.executable, "-c", script]
+    worker = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().strip() == ready
+        yield env
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+
+
+def _smi(env: dict[str, str], *args: str) -> list[list[str]]:
+    """`gpupool smi ARGS`' tables, as the cells of each line (rich draws a header's bars heavier)."""
+    done = subprocess.run([sys.executable, "-m", "gpupool.cli", "smi", *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "tenants" in done.stdout, done.stdout
+    return [[c.strip() for c in re.split("[│┃]", line) if c.strip()] for line in done.stdout.splitlines()]
+
+
 def test_watch_shows_a_busy_tenant_with_ops_per_second(pool_env: dict[str, str]) -> None:
     # The tenant is the credential's name: `gpupool up` issues this user a tenant certificate of its own name.
     tenant = getpass.getuser()
-    env = {**os.environ, **pool_env, "COLUMNS": "200"}
-    cmd = [sys.executable, "-m", "gpupool.cli", "run", "-n", "1", "-p", "0.5", "--", sys.executable, "-c", WORK]
-    worker = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert worker.stdout is not None and worker.stdout.readline().strip() == "computing"
-        done = subprocess.run([sys.executable, "-m", "gpupool.cli", "smi", "--watch", "--interval", "3", "--count",
-                               "3"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        table = [[c.strip() for c in line.split("│") if c.strip()] for line in done.stdout.splitlines()]
-        rows = [cells for cells in table if len(cells) == 9 and tenant in cells and "%" in cells[-2]]  # tenants row
-        assert rows, done.stdout
+    with _tenant(pool_env, WORK, "0.5", "computing") as env:
+        table = _smi(env, "--watch", "--interval", "3", "--count", "3")
+        rows = [cells for cells in table if len(cells) == 10 and tenant in cells and "%" in cells[-2]]  # tenants row
+        assert rows, table
         cells = rows[-1]
         busy, ops = cells[-2], cells[-1]
         assert re.fullmatch(r"\d+\.\d%", busy) and float(busy[:-1]) > 0, cells
         assert float(ops.replace(",", "")) > 0, cells
-        assert "0.5" in cells and "tenants" in done.stdout
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+        assert "0.5" in cells
+
+
+GRAPH = """
+import time, torch
+from gpupool import wire
+from gpupool._proto import device_pb2, tensor_pb2
+from gpupool.client.pool import Lease
+from gpupool.client.session import Session
+lease = Lease.from_env()
+s = Session.attach(lease.devices[0].address, lease.devices[0].token)
+x = torch.ones(4)
+op = device_pb2.Op(name="aten::neg.default", args=[tensor_pb2.Arg(tensor=1)], outputs=[2])
+meta = [wire.meta_to_proto(x)]
+for g in (1, 2):
+    s.define_graph(device_pb2.DefineGraph(graph_id=g, inputs=1, input_meta=meta, ops=[op], outputs=[2]))
+s.sync()
+print("defined", flush=True)
+time.sleep(300)
+"""
+
+
+def test_smi_shows_a_sessions_graph_memory_of_its_limit(pool_env: dict[str, str]) -> None:
+    """A session holding two captured graphs: its row's "graphs" cell is their estimated host memory (Status's
+    `graph_bytes`, field 52) of the daemon's `--max-graph-memory` (`graph_limit_bytes`, 53: 256 MiB, the default
+    `gpupool up` runs with). Before round 37 smi showed neither (quota36 left it)."""
+    tenant = getpass.getuser()
+    with _tenant(pool_env, GRAPH, "0.25", "defined") as env:
+        table = _smi(env)
+        header = next(cells for cells in table if "graphs" in cells)
+        rows = [cells for cells in table if len(cells) == len(header) and tenant in cells and "0.25" in cells]
+        assert rows, table
+        used, limit = rows[-1][header.index("graphs")].split("/")
+        assert limit == "256.0MiB", rows[-1]
+        value, unit = re.fullmatch(r"([0-9.]+)(B|KiB|MiB)", used).groups()  # type: ignore[union-attr]
+        assert float(value) > 0 and unit in ("KiB", "MiB"), rows[-1]  # two graphs of one op: ~10-20 KB

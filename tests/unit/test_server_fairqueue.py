@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from gpupool.server.fairqueue import FairQueue
+from gpupool.server.fairqueue import PARKED_BYTES, FairQueue, HostQueued
 
 
 def serve(q: FairQueue, cost: dict[str, float], rounds: int) -> dict[str, float]:
@@ -78,6 +78,33 @@ def test_full_queue_blocks_the_producer_until_drained_or_closed() -> None:
     q.remove(e)
     blocked.join(5)
     assert results == [True, False]
+
+
+def test_the_hosts_queued_bytes_past_each_sessions_first_4_mib_are_shared_by_every_device() -> None:
+    """Round 37 (quota37): two devices' queues share one count (`HostQueued`) of bytes past `PARKED_BYTES` a session;
+    a put past it waits until a queue of either device frees room (the other device's by the poll), while every
+    session may still queue its first `PARKED_BYTES` and a frame into an empty queue."""
+    mib = 1 << 20
+    host = HostQueued(8 * mib)
+    q0, q1 = FairQueue(host=host), FairQueue(host=host)
+    a, b, c = q0.add("a", 1.0), q1.add("b", 1.0), q1.add("c", 1.0)
+    for _ in range(3):
+        assert q0.put(a, ["op"], 4 * mib)  # a: 12 MiB, 8 past its first 4
+    assert host.over == 8 * mib
+    assert q1.put(b, ["op"], 16 * mib)  # into an empty queue: always (12 MiB past)
+    assert q1.put(c, ["op"], 3 * mib) and q1.put(c, ["op"], 1 * mib)  # its first 4 MiB: always
+    assert host.over == 20 * mib
+    done = threading.Event()
+    threading.Thread(target=lambda: done.set() if q1.put(c, ["op"], 1 * mib) else None, daemon=True).start()
+    assert not done.wait(0.2)  # past the host's 8 MiB
+    q0.take(2)  # device 0 frees 8 MiB of a's: not enough yet (12 MiB of b's)
+    assert host.over == 12 * mib and not done.wait(0.2)
+    assert q1.take(1) is not None  # b's 16 MiB frame (c's turn comes after it: fair queue order)
+    assert done.wait(5) and host.over == 1 * mib
+    q0.remove(a)
+    q1.remove(c)
+    q1.remove(b)
+    assert host.over == 0 and c.nbytes == 0 and PARKED_BYTES == 4 * mib
 
 
 def test_wait_idle_and_stop() -> None:
