@@ -1,0 +1,166 @@
+"""Red team, round 37 (rev37): the scheduler as the pool's credential authority, tried through real schedulers on
+loopback (the test PKI, mutual TLS). docs/security.md "Red team, round 37" lists what was tried and what held.
+
+Found and fixed here (fails on a490c2a):
+- calls that send their headers and never their request message held the scheduler's worker threads for as long as
+  their connection lived (gRPC Python waits for a unary call's message in a worker, before any interceptor of ours
+  runs): 150 of them from one client - a health Check needs no credential - left every tenant's Allocate and every
+  host's heartbeat refused (RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded") or waiting; and health Watch calls
+  (open streams, counted among the scheduler's 128 calls in progress) did the same (gpupool/callguard.py,
+  gpupool/tls.py `add_health`); a daemon's port likewise: 248 such calls or Watches refused every Attach of the
+  host (server/service.py `create_server`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+from gpupool.client.pool import SchedulerClient
+from gpupool.client.session import Session
+from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
+from grpc_health.v1 import health_pb2
+from scheduler_fixtures import SimHost, wait_until
+from support import DaemonFactory, get_pki, mint_token
+
+from gpupool import tls, tokens
+from gpupool._proto import scheduler_pb2
+
+
+def _scheduler(**kw: object) -> SchedulerServer:
+    """A scheduler on localhost (127.0.0.1 and ::1: two source addresses on one box), mutual TLS."""
+    config = SchedulerConfig(
+        listen="localhost:0", state=":memory:", metrics_listen="0",
+        tls=dataclasses.replace(get_pki().server_config(), client_auth="require"), **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+    return SchedulerServer(config, tokens.Signer.from_seed(b"rev37")).start()
+
+
+def _never(stop: threading.Event) -> Iterator[bytes]:
+    """A request stream that sends no message: the call's headers arrive, its one request never does."""
+    stop.wait()
+    yield from ()
+
+
+def _raw(channel: grpc.Channel, method: str) -> grpc.StreamUnaryMultiCallable:
+    return channel.stream_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+
+
+def test_calls_whose_request_never_comes_do_not_hold_the_scheduler() -> None:
+    """mallory (a tenant's certificate, from 127.0.0.1) opens 150 calls - Allocate, ListPool and health Check,
+    which needs no credential at all - and 130 health Watches, sending no request; alice and a host (from ::1)
+    go on allocating and heartbeating."""
+    server = _scheduler(host_timeout=3.0, heartbeat_interval=0.3)
+    port = server.port
+    host = SimHost(f"[::1]:{port}", "h1").start()
+    alice = SchedulerClient(f"[::1]:{port}", get_pki().client_config("tenant", "alice"))
+    stop = threading.Event()
+    mallory = get_pki().client_config("tenant", "mallory")
+    channels = [tls.channel(f"127.0.0.1:{port}", (("grpc.use_local_subchannel_pool", 1),), mallory) for _ in range(5)]
+    held: list[grpc.Future] = []
+    try:
+        methods = ("/gpupool.v1.Scheduler/Allocate", "/gpupool.v1.Scheduler/ListPool", "/grpc.health.v1.Health/Check")
+        for n, ch in enumerate(channels[:3]):
+            for _ in range(50):
+                held.append(_raw(ch, methods[n]).future(_never(stop)))
+        watches = [
+            ch.unary_stream(
+                "/grpc.health.v1.Health/Watch",
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )(health_pb2.HealthCheckRequest())
+            for ch in channels[3:]
+            for _ in range(65)
+        ]
+        time.sleep(1.0)
+        # a490c2a: RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!" (or the deadline)
+        lease = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5, ttl_seconds=60))
+        alice.renew(lease.lease_id)
+        time.sleep(4.0)  # past --host-timeout: the host's heartbeats were served all along
+        (h1,) = [h for h in alice.list_pool().hosts if h.host_id == "h1"]
+        assert h1.state == "up"
+        alice.release(lease.lease_id)
+        # Past their source's 8 waiting calls, each new one of mallory's cancelled the oldest; the Watches are not
+        # served.
+        ended = [f.exception() for f in held if f.done()]
+        assert len(ended) == 150 - 8
+        assert {e.code() for e in ended if e is not None} == {grpc.StatusCode.CANCELLED}
+        for w in watches[:3]:
+            with pytest.raises(grpc.RpcError) as err:
+                next(w)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        stop.set()
+        for ch in channels:
+            ch.close()
+        alice.close()
+        host.stop()
+        server.stop(grace=0)
+
+
+def test_calls_whose_request_never_comes_do_not_starve_the_plaintext_health_port() -> None:
+    """`--health-listen` (plaintext, no credential): a490c2a's two threads were both held by two such calls, and
+    the probes waited past their deadlines (as with Watch before round 33). Now the port's calls of one source
+    wait at most 2 at once (a newer one cancels the oldest), each at most 5 s."""
+    server = _scheduler(health_listen="localhost:0")
+    assert server._health_server is not None
+    port = server._health_server[1]
+    stop = threading.Event()
+    attacker = grpc.insecure_channel(f"127.0.0.1:{port}")
+    probe = grpc.insecure_channel(f"[::1]:{port}")
+    try:
+        held = [_raw(attacker, "/grpc.health.v1.Health/Check").future(_never(stop)) for _ in range(10)]
+        time.sleep(0.5)
+        check = probe.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        for _ in range(3):  # a490c2a: DEADLINE_EXCEEDED
+            assert check(health_pb2.HealthCheckRequest(), timeout=3).status == health_pb2.HealthCheckResponse.SERVING
+        assert sum(f.done() for f in held) == 8  # pushed out by the newer ones
+        wait_until(lambda: all(f.done() for f in held), timeout=tls.HEALTH_REQUEST_SECONDS + 10, what="the bound")
+        assert {f.exception().code() for f in held} == {grpc.StatusCode.CANCELLED}  # type: ignore[union-attr]
+    finally:
+        stop.set()
+        attacker.close()
+        probe.close()
+        server.stop(grace=0)
+
+
+def test_calls_whose_request_never_comes_do_not_hold_a_daemon(daemon_factory: DaemonFactory) -> None:
+    """A daemon's port (TLS, no client certificate asked): 260 calls (Attach, Status, health Check) that send no
+    request, and 250 health Watches, from one client; a tenant's session attaches and computes meanwhile."""
+    handle = daemon_factory()
+    stop = threading.Event()
+    anyone = tls.TlsConfig(ca=get_pki().ca_file)
+    channels = [tls.channel(handle.address, (("grpc.use_local_subchannel_pool", 1),), anyone) for _ in range(6)]
+    try:
+        methods = ("/gpupool.v1.Device/Attach", "/gpupool.v1.Device/Status", "/grpc.health.v1.Health/Check")
+        held = [_raw(ch, methods[n]).future(_never(stop)) for n, ch in enumerate(channels[:3]) for _ in range(87)]
+        watches = [
+            ch.unary_stream(
+                "/grpc.health.v1.Health/Watch",
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )(health_pb2.HealthCheckRequest())
+            for ch in channels[3:]
+            for _ in range(84)
+        ]
+        time.sleep(1.0)
+        with Session.attach(handle.address, mint_token(handle.key, host=handle.host_id)) as s:  # a490c2a: refused
+            assert torch.equal(s.download(s.upload(torch.arange(6.0))), torch.arange(6.0))
+        # Each newer call cancelled its source's oldest (the session's Attach, from the same address, one too).
+        wait_until(lambda: sum(f.done() for f in held) >= len(held) - 8)
+        with pytest.raises(grpc.RpcError) as err:
+            next(watches[0])
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        stop.set()
+        for ch in channels:
+            ch.close()
