@@ -8,24 +8,30 @@ Found and fixed here (fails on a490c2a):
   host's heartbeat refused (RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded") or waiting; and health Watch calls
   (open streams, counted among the scheduler's 128 calls in progress) did the same (gpupool/callguard.py,
   gpupool/tls.py `add_health`); a daemon's port likewise: 248 such calls or Watches refused every Attach of the
-  host (server/service.py `create_server`).
+  host (server/service.py `create_server`);
+- connections that never began their TLS handshake were kept 120 s each (gRPC's default), a descriptor each: 1,100 of
+  them, from anyone, left a `gpupool scheduler` under systemd's soft limit of 1,024 descriptors refusing every new
+  connection (scheduler/cli.py `HANDSHAKE_SECONDS`, `_more_open_files`; the unit's LimitNOFILE).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import resource
+import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 import torch
 from gpupool.client.pool import SchedulerClient
 from gpupool.client.session import Session
-from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
+from gpupool.scheduler.cli import HANDSHAKE_SECONDS, SchedulerConfig, SchedulerServer
 from grpc_health.v1 import health_pb2
-from scheduler_fixtures import SimHost, wait_until
+from scheduler_fixtures import SimHost, start_scheduler, wait_until
 from support import DaemonFactory, get_pki, mint_token
 
 from gpupool import tls, tokens
@@ -164,3 +170,33 @@ def test_calls_whose_request_never_comes_do_not_hold_a_daemon(daemon_factory: Da
         stop.set()
         for ch in channels:
             ch.close()
+
+
+def test_connections_that_never_shake_hands_do_not_take_the_schedulers_descriptors(tmp_path: Path) -> None:
+    """A `gpupool scheduler` started as systemd starts it (soft limit 1,024 descriptors, a higher hard one): 1,100
+    TCP connections that send nothing; a tenant's new connection is served (a490c2a: DEADLINE_EXCEEDED, every
+    descriptor taken for gRPC's 120 s handshake timeout), and an idle connection is closed after
+    HANDSHAKE_SECONDS."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"the hard limit of open files here is {hard}: no room past 1,024")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # the child inherits systemd's soft limit
+    try:
+        proc, address = start_scheduler(tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    host, port = address.rsplit(":", 1)
+    idle = []
+    try:
+        idle = [socket.create_connection((host, int(port))) for _ in range(1100)]
+        client = SchedulerClient(address)
+        try:
+            assert client.list_pool().waiting == 0
+        finally:
+            client.close()
+        idle[0].settimeout(HANDSHAKE_SECONDS + 30)
+        assert idle[0].recv(1) == b""  # closed by the scheduler
+    finally:
+        for sock in idle:
+            sock.close()
+        proc.stop()
