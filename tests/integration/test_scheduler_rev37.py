@@ -21,6 +21,7 @@ import resource
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,13 +30,16 @@ import pytest
 import torch
 from gpupool.client.pool import SchedulerClient
 from gpupool.client.session import Session
+from gpupool.scheduler.auth import credential_line
 from gpupool.scheduler.cli import HANDSHAKE_SECONDS, SchedulerConfig, SchedulerServer
 from grpc_health.v1 import health_pb2
-from scheduler_fixtures import SimHost, start_scheduler, wait_until
+from scheduler_fixtures import Proc, SimHost, key_file, start_scheduler, wait_until
 from support import DaemonFactory, get_pki, mint_token
 
 from gpupool import tls, tokens
 from gpupool._proto import scheduler_pb2
+from gpupool.config import write_secret
+from gpupool.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 
 
 def _scheduler(**kw: object) -> SchedulerServer:
@@ -199,4 +203,105 @@ def test_connections_that_never_shake_hands_do_not_take_the_schedulers_descripto
     finally:
         for sock in idle:
             sock.close()
+        proc.stop()
+
+
+def _race(clients: list[SchedulerClient], request: scheduler_pb2.AllocateRequest) -> list[scheduler_pb2.Lease]:
+    """Each client's Allocate at once (a barrier); the leases granted."""
+    start = threading.Barrier(len(clients))
+    granted: list[scheduler_pb2.Lease] = []
+    refused: list[str] = []
+
+    def one(client: SchedulerClient) -> None:
+        start.wait()
+        try:
+            granted.append(client.allocate(request))
+        except ResourceExhausted as exc:
+            refused.append(str(exc))
+
+    threads = [threading.Thread(target=one, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(granted) + len(refused) == len(clients)
+    return granted
+
+
+def test_racing_requests_for_the_last_fraction_and_the_last_share_of_a_tenants_limit() -> None:
+    """Pinned (holds on a490c2a: one decision at a time under the core's lock, written before it is applied). Eight
+    tenants racing for a device's last half get one lease between them; one tenant's eight racing requests of 0.3
+    under `--tenant-max-share 1` get three; the books (ListPool's allocated shares) add up."""
+    server = _scheduler(tenant_max_share=1.0)
+    one = SimHost(server.address, "one").start()
+    four = SimHost(server.address, "four", gpus=4)
+    pki = get_pki()
+    owner = SchedulerClient(server.address, pki.client_config("tenant", "owner"))
+    racers = [SchedulerClient(server.address, pki.client_config("tenant", f"racer{n}")) for n in range(8)]
+    greedy = [SchedulerClient(server.address, pki.client_config("tenant", "greedy")) for _ in range(8)]
+    try:
+        half = scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5, ttl_seconds=120)
+        owner.allocate(half)
+        assert len(_race(racers, half)) == 1
+        four.start()
+        grabbed = _race(greedy, scheduler_pb2.AllocateRequest(gpus=1, fraction=0.3, ttl_seconds=120))
+        assert len(grabbed) == 3  # 0.9 of the tenant's 1.0; a fourth would make 1.2
+        shares = {h.host_id: sum(d.allocated_share for d in h.devices) for h in owner.list_pool().hosts}
+        assert shares == {"one": pytest.approx(1.0), "four": pytest.approx(0.9)}
+    finally:
+        for c in [owner, *racers, *greedy]:
+            c.close()
+        one.stop()
+        four.stop()
+        server.stop(grace=0)
+
+
+def test_the_schedulers_log_and_metrics_hold_no_secret(tmp_path: Path) -> None:
+    """Pinned (holds on a490c2a; round 35 looked by hand): a `gpupool scheduler` (API tokens, debug logging) after
+    a host's join, allocations, renewals, releases, another tenant's Renew and Release, and unknown API tokens: its
+    whole log and its metrics page hold no API token (good or bad), no lease token, no token's claims or signature."""
+    tokens_of = {"alice": "a" * 43, "mallory": "m" * 43, "h1": "h" * 43, "guess": "g" * 43}
+    creds = tmp_path / "credentials"
+    creds.write_text(
+        credential_line("tenant", "alice", tokens_of["alice"])
+        + credential_line("tenant", "mallory", tokens_of["mallory"])
+        + credential_line("host", "h1", tokens_of["h1"])
+    )
+    config: dict[str, tls.TlsConfig] = {}
+    for name, token in tokens_of.items():
+        write_secret(tmp_path / f"{name}.token", (token + "\n").encode())
+        config[name] = tls.TlsConfig(ca=get_pki().ca_file, api_token_file=str(tmp_path / f"{name}.token"))
+    proc = Proc(
+        ["scheduler", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--state", str(tmp_path / "s.db"),
+         "--token-key-file", str(key_file(tmp_path)), "--credentials", str(creds), "--tls-client-auth", "none"],
+        env={"GPUPOOL_LOG_LEVEL": "DEBUG"},
+    )  # fmt: skip
+    address = f"127.0.0.1:{proc.port()}"
+    host = SimHost(address, "h1", gpus=2)
+    host.registrar.tls_config = config["h1"]  # the host joins by its join token
+    host.registrar._connect()
+    alice, mallory, guess = (SchedulerClient(address, config[n]) for n in ("alice", "mallory", "guess"))
+    try:
+        host.start()
+        seen = list(tokens_of.values())
+        for fraction in (0.5, 1.0):
+            lease = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=fraction, ttl_seconds=60))
+            renewed = alice.renew(lease.lease_id)
+            seen += [part for pb in (lease, renewed) for d in pb.devices for part in (d.token, *d.token.split(".")[1:])]
+            for call in (mallory.renew, mallory.release):
+                with pytest.raises(PermissionDenied):
+                    call(lease.lease_id)
+            alice.release(lease.lease_id)
+        for _ in range(3):
+            with pytest.raises(Unauthenticated):
+                guess.list_pool()
+        page = urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port()}/metrics", timeout=10).read().decode()
+        log = "\n".join(proc.lines)
+        assert "host h1 registered" in log and "gpupool_" in page  # both were there to read
+        for secret in seen:
+            assert secret not in log and secret not in page
+    finally:
+        for c in (alice, mallory, guess):
+            c.close()
+        host.stop()
         proc.stop()
