@@ -17,8 +17,12 @@ Found and fixed here (fails on a490c2a):
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import os
+import re
 import resource
 import socket
+import ssl
 import threading
 import time
 import urllib.request
@@ -304,4 +308,75 @@ def test_the_schedulers_log_and_metrics_hold_no_secret(tmp_path: Path) -> None:
         for c in (alice, mallory, guess):
             c.close()
         host.stop()
+        proc.stop()
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants (/proc's children lists)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            todo += [int(c) for c in task.read_text().split()]
+    return out
+
+
+def _listening(pids: list[int]) -> set[tuple[str, int]]:
+    """The TCP sockets these processes listen on: (address, port)."""
+    inodes = set()
+    for p in pids:
+        for fd in Path(f"/proc/{p}/fd").glob("*"):
+            try:
+                link = os.readlink(fd)
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # LISTEN
+                raw, port = cols[1].split(":")
+                found.add((_address(raw), int(port, 16)))
+    return found
+
+
+def _address(raw: str) -> str:
+    """An address of /proc/net/tcp (one little-endian 32-bit word) or tcp6 (four); IPv4-mapped ones as IPv4."""
+    ip = ipaddress.ip_address(b"".join(bytes.fromhex(raw[i : i + 8])[::-1] for i in range(0, len(raw), 8)))
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return str(mapped or ip)
+
+
+def test_every_socket_gpupool_up_listens_on_is_tls_but_its_metrics(tmp_path: Path) -> None:
+    """Pinned (holds on a490c2a): the scheduler's and the daemon's gRPC ports and the daemon's side port, whatever
+    the processes of `gpupool up` (the zygote and workers too) listen on, shake hands in TLS with a certificate of
+    the pool's CA and nothing else does but the two metrics pages (plaintext HTTP, loopback); all on loopback."""
+    proc = Proc(
+        ["up", "--fake-gpus", "1", "--fake-gpu-memory", "256MiB", "--scheduler-listen", "127.0.0.1:0",
+         "--listen", "127.0.0.1:0", "--state", str(tmp_path / "state" / "scheduler.db"),
+         "--metrics-listen", "127.0.0.1:0", "--scheduler-metrics-listen", "127.0.0.1:0"]
+    )  # fmt: skip
+    try:
+        proc.wait_for(r"export GPUPOOL_TLS_KEY=", timeout=120)
+        env = dict(re.findall(r"^\s+export (GPUPOOL_\w+)=(\S+)$", "\n".join(proc.lines), re.M))
+        metrics = {int(m) for m in re.findall(r"metrics on http://127\.0\.0\.1:(\d+)", "\n".join(proc.lines))}
+        assert len(metrics) == 2, proc.log()
+        sockets = _listening(_tree(proc.popen.pid))
+        assert len(sockets) == 5, sockets  # two gRPC ports, the side port, two metrics pages
+        context = ssl.create_default_context(cafile=env["GPUPOOL_TLS_CA"])
+        context.load_cert_chain(env["GPUPOOL_TLS_CERT"], env["GPUPOOL_TLS_KEY"])
+        context.check_hostname = False
+        for address, port in sorted(sockets):
+            assert address == "127.0.0.1", (address, port)
+            with socket.create_connection((address, port), timeout=10) as raw:
+                if port in metrics:
+                    raw.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                    assert raw.recv(12).startswith(b"HTTP/1."), port
+                    continue
+                with context.wrap_socket(raw) as tls_sock:  # the certificate verified against the pool's CA
+                    assert tls_sock.getpeercert(), port
+    finally:
         proc.stop()
