@@ -10,12 +10,15 @@ every host's heartbeat (so, after `--host-timeout`, every lease) was refused RES
 them held both threads of a `--health-listen` port and starved the probes.
 
 `RequestGuard` serves each unary method as a request stream of one message instead (the worker reaches our code
-before the message): a call waits for its request at most `REQUEST_SECONDS` (then it is cancelled), and the calls
-waiting are capped as the side port's and the collective hub's unauthenticated connections are (`peers.push_out`):
-past `PER_SOURCE` of one source address (an IPv4 address, an IPv6 /64) a new call cancels that source's oldest
-waiting call, past `TOTAL` in all the oldest of the source waiting most. A newcomer is never refused: an honest
-client sends its request with the headers, so its calls wait microseconds and are never the oldest one waiting.
-Put it first among a server's interceptors (it serves the handler the others made).
+before the message). A call waits for its request at most `REQUEST_SECONDS` (then it is cancelled). One that has
+waited `GRACE_SECONDS` counts as a slow call, and slow calls are capped as the side port's and the collective hub's
+unauthenticated connections are (`peers.push_out`): past `PER_SOURCE` of one source address (an IPv4 address, an
+IPv6 /64) a call turning slow cancels that source's oldest slow call, past `TOTAL` in all the oldest of the source
+with most. An honest client sends its request with the headers: its calls wait for the server's own hand-off of the
+message (milliseconds, even in a burst of 64 from one process), never turn slow, and are never cancelled for
+others' (a first version capped every waiting call and cancelled 76 of 1,280 honest calls sent 64 at a time). A
+source's calls hold at most `PER_SOURCE` workers longer than `GRACE_SECONDS`. Put it first among a server's
+interceptors (it serves the handler the others made).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -32,93 +36,38 @@ import grpc
 from gpupool.peers import grpc_source, push_out
 
 REQUEST_SECONDS = 10.0  # how long a unary call may wait for its request message
-PER_SOURCE = 8  # calls of one source address waiting for their request message at once
-TOTAL = 32  # calls waiting for their request message at once, in all
+GRACE_SECONDS = 0.25  # a call waiting longer is slow: slow calls are capped
+PER_SOURCE = 8  # slow calls of one source address at once
+TOTAL = 32  # slow calls at once, in all
 
 
-class _Watchdog:
-    """Cancels the calls whose request is late: one thread for the process, started at the first call."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int]] = []
-        self._armed: dict[int, grpc.ServicerContext] = {}
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def arm(self, n: int, context: grpc.ServicerContext, seconds: float) -> None:
-        with self._cond:
-            self._armed[n] = context
-            heapq.heappush(self._heap, (time.monotonic() + seconds, n))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="request-watchdog", daemon=True)
-                self._thread.start()
-            elif self._heap[0][1] == n:  # due before whatever the thread sleeps for
-                self._cond.notify()
-
-    def disarm(self, n: int) -> None:
-        with self._cond:
-            self._armed.pop(n, None)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._heap and self._heap[0][1] not in self._armed:
-                    heapq.heappop(self._heap)  # disarmed
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                due, n = self._heap[0]
-                wait = due - time.monotonic()
-                if wait > 0:
-                    self._cond.wait(wait)
-                    continue
-                heapq.heappop(self._heap)
-                late = self._armed.pop(n)
-            late.cancel()  # wakes the worker waiting for the message: its request stream ends
-
-
-_WATCHDOG = _Watchdog()
-_NUMBERS = itertools.count()  # calls' numbers, one sequence for every guard of the process (one watchdog)
-
-
-class _Waiting:
-    """The calls waiting for their request message, in arrival order: (source, context) by call number."""
-
-    def __init__(self, per_source: int, total: int) -> None:
-        self.per_source = per_source
-        self.total = total
-        self._calls: dict[int, tuple[str, grpc.ServicerContext]] = {}
-        self._lock = threading.Lock()
-
-    def take(self, source: str, context: grpc.ServicerContext) -> int:
-        """The new call's number; past the caps, the call it pushes out is cancelled (`peers.push_out`)."""
-        with self._lock:
-            n = next(_NUMBERS)
-            numbers = list(self._calls)
-            out = push_out([self._calls[k][0] for k in numbers], source, self.per_source, self.total)
-            pushed = self._calls.pop(numbers[out[0]])[1] if out is not None else None
-            self._calls[n] = (source, context)
-        if pushed is not None:
-            pushed.cancel()
-        return n
-
-    def give(self, n: int) -> None:
-        with self._lock:
-            self._calls.pop(n, None)
-
-    def held(self) -> int:
-        with self._lock:
-            return len(self._calls)
+@dataclass
+class _Call:
+    source: str
+    context: grpc.ServicerContext
+    start: float
+    slow: bool = False
 
 
 class RequestGuard(grpc.ServerInterceptor):
-    """Every unary-unary method served as a request stream whose one message is awaited at most `seconds`, by at
-    most `per_source` calls of one source and `total` in all at once (module docstring). Other kinds of method pass
-    unchanged."""
+    """Every unary-unary method served as a request stream whose one message is awaited at most `seconds`, slow
+    calls (waiting past `grace`) at most `per_source` of one source and `total` in all (module docstring). Other
+    kinds of method pass unchanged. One thread (started at the first call) cancels the calls to cancel."""
 
-    def __init__(self, seconds: float = REQUEST_SECONDS, per_source: int = PER_SOURCE, total: int = TOTAL) -> None:
-        self.seconds = seconds
-        self.waiting = _Waiting(per_source, total)
+    def __init__(
+        self,
+        seconds: float = REQUEST_SECONDS,
+        per_source: int = PER_SOURCE,
+        total: int = TOTAL,
+        grace: float = GRACE_SECONDS,
+    ) -> None:
+        self.seconds, self.per_source, self.total, self.grace = seconds, per_source, total, grace
+        self._cond = threading.Condition()
+        self._waiting: dict[int, _Call] = {}  # calls waiting for their message, by number
+        self._slow: dict[int, _Call] = {}  # those of them past `grace`, in the order they became slow
+        self._due: list[tuple[float, int]] = []  # (when to look at the call again, its number)
+        self._numbers = itertools.count()
+        self._thread: threading.Thread | None = None
 
     def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
@@ -132,15 +81,13 @@ class RequestGuard(grpc.ServerInterceptor):
 
     def _guarded(self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable[..., Any]:
         def call(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            n = self.waiting.take(grpc_source(context.peer()), context)
-            _WATCHDOG.arm(n, context, self.seconds)
+            n = self._enter(grpc_source(context.peer()), context)
             try:
                 request = next(requests, None)
-            except grpc.RpcError:  # cancelled: by its client, the watchdog, or a newer call pushing it out
+            except grpc.RpcError:  # cancelled: by its client, at its bound, or by a newer slow call of its source
                 request = None
             finally:
-                _WATCHDOG.disarm(n)
-                self.waiting.give(n)
+                self._leave(n)
             if request is None:
                 context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT if context.is_active() else grpc.StatusCode.CANCELLED,
@@ -149,3 +96,58 @@ class RequestGuard(grpc.ServerInterceptor):
             return behavior(request, context)
 
         return call
+
+    def slow(self) -> int:
+        """How many calls are slow now."""
+        with self._cond:
+            return len(self._slow)
+
+    def _enter(self, source: str, context: grpc.ServicerContext) -> int:
+        now = time.monotonic()
+        with self._cond:
+            n = next(self._numbers)
+            self._waiting[n] = _Call(source, context, now)
+            heapq.heappush(self._due, (now + self.grace, n))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="request-guard", daemon=True)
+                self._thread.start()
+            elif len(self._due) == 1:  # the thread sleeps without a deadline
+                self._cond.notify()
+            return n
+
+    def _leave(self, n: int) -> None:
+        with self._cond:
+            self._waiting.pop(n, None)
+            self._slow.pop(n, None)
+
+    def _run(self) -> None:
+        while True:
+            cancel: list[grpc.ServicerContext] = []
+            with self._cond:
+                now = time.monotonic()
+                while self._due and self._due[0][0] <= now:
+                    n = heapq.heappop(self._due)[1]
+                    call = self._waiting.get(n)
+                    if call is None:  # its message came
+                        continue
+                    if call.slow:  # past `seconds`
+                        cancel.append(self._drop(n).context)
+                        continue
+                    numbers = list(self._slow)
+                    out = push_out([self._slow[k].source for k in numbers], call.source, self.per_source, self.total)
+                    if out is not None:
+                        cancel.append(self._drop(numbers[out[0]]).context)
+                    call.slow = True
+                    self._slow[n] = call
+                    heapq.heappush(self._due, (call.start + self.seconds, n))
+                if not cancel:
+                    # Not before 10 ms: a busy server's calls are due one after another, looked at in batches.
+                    self._cond.wait(max(self._due[0][0] - now, 0.01) if self._due else None)
+                    continue
+            for context in cancel:
+                context.cancel()  # wakes the worker waiting for the message: its request stream ends
+
+    def _drop(self, n: int) -> _Call:
+        """Take a call off the books (the caller holds the lock and cancels it); its worker's `_leave` finds nothing."""
+        self._slow.pop(n, None)
+        return self._waiting.pop(n)
