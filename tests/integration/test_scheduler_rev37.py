@@ -41,7 +41,7 @@ from scheduler_fixtures import Proc, SimHost, key_file, start_scheduler, wait_un
 from support import DaemonFactory, get_pki, mint_token
 
 from gpupool import tls, tokens
-from gpupool._proto import scheduler_pb2
+from gpupool._proto import scheduler_pb2, scheduler_pb2_grpc
 from gpupool.config import write_secret
 from gpupool.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 
@@ -119,6 +119,25 @@ def test_calls_whose_request_never_comes_do_not_hold_the_scheduler() -> None:
             ch.close()
         alice.close()
         host.stop()
+        server.stop(grace=0)
+
+
+def test_bursts_of_honest_calls_from_one_source_are_never_cancelled() -> None:
+    """The guard counts a call once it has waited 0.25 s for its message: an honest call's message comes with its
+    headers, and the server's own hand-off of it takes milliseconds, also in bursts. The guard's first version
+    counted every call from its worker's start, and cancelled 76 of 1,280 ListPool calls sent 64 at a time from one
+    process (a job's ranks on one node attaching at once would have met the same)."""
+    server = _scheduler()
+    channels = [tls.channel(server.address, (("grpc.use_local_subchannel_pool", 1),)) for _ in range(4)]
+    try:
+        stubs = [scheduler_pb2_grpc.SchedulerStub(ch) for ch in channels]
+        for _ in range(5):
+            calls = [stubs[i % 4].ListPool.future(scheduler_pb2.ListPoolRequest(), timeout=60) for i in range(64)]
+            for call in calls:
+                call.result()  # raises on CANCELLED
+    finally:
+        for ch in channels:
+            ch.close()
         server.stop(grace=0)
 
 
