@@ -235,6 +235,14 @@ def server_credentials(cfg: TlsConfig) -> grpc.ServerCredentials:
     )
 
 
+# A connection that has not finished its TLS handshake (and HTTP/2 preface) this long after its accept is closed
+# (gRPC's default: 120 s). Each one holds a descriptor: until round 37 1,100 connections that sent nothing, from
+# anyone, took every descriptor of a scheduler or daemon under the usual soft limit of 1,024 (systemd's) for two
+# minutes at a time, and every new connection was refused (`config.more_open_files` raises that limit too).
+HANDSHAKE_SECONDS = 10.0
+HANDSHAKE_OPTION = ("grpc.server_handshake_timeout_ms", round(HANDSHAKE_SECONDS * 1000))
+
+
 def add_port(server: grpc.Server, address: str, cfg: TlsConfig, program: str) -> int:
     """Bind `address` with TLS (or plaintext with cfg.insecure, warning); the bound port, 0 on failure."""
     if cfg.insecure:

@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import re
-import resource
 import signal
 import sqlite3
 import threading
@@ -25,7 +24,7 @@ from grpc_health.v1 import health, health_pb2
 from gpupool import tls, tokens
 from gpupool._proto import scheduler_pb2_grpc
 from gpupool.callguard import RequestGuard
-from gpupool.config import add_flag, setup_logging, split_address
+from gpupool.config import add_flag, more_open_files, setup_logging, split_address
 from gpupool.errors import ErrorInterceptor, GpupoolError
 from gpupool.metrics_http import serve_metrics, stop_metrics
 from gpupool.protocol import Policy
@@ -54,11 +53,6 @@ MAX_WAITERS = 48
 MAX_STREAMS = 100
 MAX_CALLS = 2 * MAX_WORKERS
 MAX_REQUEST_BYTES = 1 << 20
-# A connection that has not finished its TLS handshake this long after it was accepted is closed (gRPC's default:
-# 120 s). Each one holds a descriptor: until round 37, 1,100 connections that sent nothing, from anyone, took every
-# descriptor of a scheduler with the usual soft limit of 1,024 (systemd's) for two minutes at a time, and every new
-# connection of the pool was refused; `main` now also raises that soft limit to the hard one (`_more_open_files`).
-HANDSHAKE_SECONDS = 10.0
 
 
 def default_state_path() -> str:
@@ -204,7 +198,7 @@ class SchedulerServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 ("grpc.max_concurrent_streams", MAX_STREAMS),
-                ("grpc.server_handshake_timeout_ms", round(HANDSHAKE_SECONDS * 1000)),
+                tls.HANDSHAKE_OPTION,
             ],
             maximum_concurrent_rpcs=MAX_CALLS,
         )
@@ -311,20 +305,6 @@ class SchedulerServer:
             self.store.close()
 
 
-def _more_open_files() -> None:
-    """The soft limit of open descriptors raised to the hard one: every connection holds one, from its accept (before
-    any TLS handshake or credential), and systemd's soft default of 1,024 let one client that opened 1,100
-    connections refuse every other caller (`HANDSHAKE_SECONDS`). The hard limit is the operator's (`LimitNOFILE`)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard and hard != resource.RLIM_INFINITY:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (OSError, ValueError) as exc:
-            log.warning("open files limited to %d (cannot raise it to %d: %s)", soft, hard, exc)
-            return
-        log.info("open files: at most %d (was %d)", hard, soft)
-
-
 def _redact(state: str) -> str:
     """A state location fit for logs: no password of a connection string, in its `user:password@` or as a URI
     parameter (libpq's `password=`, and `sslpassword=` of the client key)."""
@@ -372,7 +352,7 @@ def main(argv: list[str]) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be finite and not negative")
     config = config_from_args(args)
     setup_logging("scheduler")
-    _more_open_files()
+    more_open_files()
     try:
         key = tokens.load_signer(config.token_key_file)
         server = SchedulerServer(config, key).start()

@@ -505,6 +505,7 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.http2.ping_timeout_ms", round(PING_WAIT * 1000)),
         # A second daemon on the same port must fail to start, not silently share it.
         ("grpc.so_reuseport", 0),
+        tls.HANDSHAKE_OPTION,  # connections that never shake hands are closed within 10 s (round 37)
     ]
 
 

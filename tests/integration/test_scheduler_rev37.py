@@ -11,7 +11,7 @@ Found and fixed here (fails on a490c2a):
   host (server/service.py `create_server`);
 - connections that never began their TLS handshake were kept 120 s each (gRPC's default), a descriptor each: 1,100 of
   them, from anyone, left a `gpupool scheduler` under systemd's soft limit of 1,024 descriptors refusing every new
-  connection (scheduler/cli.py `HANDSHAKE_SECONDS`, `_more_open_files`; the unit's LimitNOFILE).
+  connection (gpupool/tls.py `HANDSHAKE_OPTION`, config.py `more_open_files`; the unit's LimitNOFILE); a daemon alike.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ import torch
 from gpupool.client.pool import SchedulerClient
 from gpupool.client.session import Session
 from gpupool.scheduler.auth import credential_line
-from gpupool.scheduler.cli import HANDSHAKE_SECONDS, SchedulerConfig, SchedulerServer
+from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
 from grpc_health.v1 import health_pb2
 from scheduler_fixtures import Proc, SimHost, key_file, start_scheduler, wait_until
-from support import DaemonFactory, get_pki, mint_token
+from support import DaemonFactory, get_pki, mint_token, start_serve_process, stop_process
 
 from gpupool import tls, tokens
 from gpupool._proto import scheduler_pb2, scheduler_pb2_grpc
@@ -199,34 +199,47 @@ def test_calls_whose_request_never_comes_do_not_hold_a_daemon(daemon_factory: Da
             ch.close()
 
 
-def test_connections_that_never_shake_hands_do_not_take_the_schedulers_descriptors(tmp_path: Path) -> None:
-    """A `gpupool scheduler` started as systemd starts it (soft limit 1,024 descriptors, a higher hard one): 1,100
-    TCP connections that send nothing; a tenant's new connection is served (a490c2a: DEADLINE_EXCEEDED, every
-    descriptor taken for gRPC's 120 s handshake timeout), and an idle connection is closed after
-    HANDSHAKE_SECONDS."""
+@pytest.mark.parametrize("program", ["scheduler", "daemon"])
+def test_connections_that_never_shake_hands_do_not_take_the_descriptors(
+    program: str, tmp_path: Path, token_key_file: Path, token_key: bytes
+) -> None:
+    """A `gpupool scheduler` or `gpupool serve` started as systemd starts it (soft limit 1,024 descriptors, a higher
+    hard one): 1,100 TCP connections that send nothing; a tenant's new connection is served (a490c2a: the deadline,
+    every descriptor taken for gRPC's 120 s handshake timeout), and an idle connection is closed after
+    tls.HANDSHAKE_SECONDS."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 4096:
         pytest.skip(f"the hard limit of open files here is {hard}: no room past 1,024")
     resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # the child inherits systemd's soft limit
     try:
-        proc, address = start_scheduler(tmp_path)
+        if program == "scheduler":
+            (tmp_path / "s").mkdir()
+            proc, address = start_scheduler(tmp_path / "s")  # (its own key file, not the daemon's)
+            stop = proc.stop
+        else:
+            serve, address = start_serve_process(token_key_file, "--fake-gpus", "1", "--isolation", "thread")
+            stop = lambda: stop_process(serve)  # noqa: E731
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     host, port = address.rsplit(":", 1)
     idle = []
     try:
         idle = [socket.create_connection((host, int(port))) for _ in range(1100)]
-        client = SchedulerClient(address)
-        try:
-            assert client.list_pool().waiting == 0
-        finally:
-            client.close()
-        idle[0].settimeout(HANDSHAKE_SECONDS + 30)
-        assert idle[0].recv(1) == b""  # closed by the scheduler
+        if program == "scheduler":
+            client = SchedulerClient(address)
+            try:
+                assert client.list_pool().waiting == 0
+            finally:
+                client.close()
+        else:
+            with Session.attach(address, mint_token(token_key)) as s:
+                assert torch.equal(s.download(s.upload(torch.arange(3.0))), torch.arange(3.0))
+        idle[0].settimeout(tls.HANDSHAKE_SECONDS + 30)
+        assert idle[0].recv(1) == b""  # closed by the server
     finally:
         for sock in idle:
             sock.close()
-        proc.stop()
+        stop()
 
 
 def _race(clients: list[SchedulerClient], request: scheduler_pb2.AllocateRequest) -> list[scheduler_pb2.Lease]:
