@@ -26,7 +26,7 @@ import ssl
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -39,6 +39,7 @@ from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
 from grpc_health.v1 import health_pb2
 from scheduler_fixtures import Proc, SimHost, key_file, start_scheduler, wait_until
 from support import DaemonFactory, get_pki, mint_token, start_serve_process, stop_process
+from test_up import start_up
 
 from gpupool import tls, tokens
 from gpupool._proto import scheduler_pb2, scheduler_pb2_grpc
@@ -74,6 +75,17 @@ def _watch(channel: grpc.Channel) -> Iterator[health_pb2.HealthCheckResponse]:
     )(health_pb2.HealthCheckRequest())
 
 
+def _assert_not_watched(watches: list[Iterator[health_pb2.HealthCheckResponse]], channel: grpc.Channel) -> None:
+    """Each Watch refused at once (UNIMPLEMENTED; RESOURCE_EXHAUSTED in the instant of a flood), a new one too."""
+    for w in watches:
+        with pytest.raises(grpc.RpcError) as err:
+            next(w)
+        assert err.value.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    with pytest.raises(grpc.RpcError) as err:
+        next(_watch(channel))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_calls_whose_request_never_comes_do_not_hold_the_scheduler() -> None:
     """mallory (a tenant's certificate, from 127.0.0.1) opens 150 calls - Allocate, ListPool and health Check,
     which needs no credential at all - and 130 health Watches, sending no request; alice and a host (from ::1)
@@ -106,13 +118,7 @@ def test_calls_whose_request_never_comes_do_not_hold_the_scheduler() -> None:
         assert len(ended) == 150 - 8
         codes = {e.code() for e in ended if isinstance(e, grpc.RpcError)}
         assert codes <= {grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED} and len(codes) > 0
-        for w in watches:  # each refused at once (UNIMPLEMENTED; RESOURCE_EXHAUSTED in the instant of the flood)
-            with pytest.raises(grpc.RpcError) as err:
-                next(w)
-            assert err.value.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED)
-        with pytest.raises(grpc.RpcError) as err:
-            next(_watch(channels[3]))
-        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        _assert_not_watched(watches, channels[3])
     finally:
         stop.set()
         for ch in channels:
@@ -187,12 +193,7 @@ def test_calls_whose_request_never_comes_do_not_hold_a_daemon(daemon_factory: Da
             assert torch.equal(s.download(s.upload(torch.arange(6.0))), torch.arange(6.0))
         # Each call turning slow cancelled its source's oldest slow one (or gRPC refused it, past 248 in progress).
         wait_until(lambda: sum(f.done() for f in held) == len(held) - 8)
-        for w in watches:
-            with pytest.raises(grpc.RpcError):
-                next(w)
-        with pytest.raises(grpc.RpcError) as err:
-            next(_watch(channels[3]))
-        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        _assert_not_watched(watches, channels[3])
     finally:
         stop.set()
         for ch in channels:
@@ -212,6 +213,7 @@ def test_connections_that_never_shake_hands_do_not_take_the_descriptors(
         pytest.skip(f"the hard limit of open files here is {hard}: no room past 1,024")
     resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # the child inherits systemd's soft limit
     try:
+        stop: Callable[[], object]
         if program == "scheduler":
             (tmp_path / "s").mkdir()
             proc, address = start_scheduler(tmp_path / "s")  # (its own key file, not the daemon's)
@@ -386,11 +388,7 @@ def test_every_socket_gpupool_up_listens_on_is_tls_but_its_metrics(tmp_path: Pat
     """Pinned (holds on a490c2a): the scheduler's and the daemon's gRPC ports and the daemon's side port, whatever
     the processes of `gpupool up` (the zygote and workers too) listen on, shake hands in TLS with a certificate of
     the pool's CA and nothing else does but the two metrics pages (plaintext HTTP, loopback); all on loopback."""
-    proc = Proc(
-        ["up", "--fake-gpus", "1", "--fake-gpu-memory", "256MiB", "--scheduler-listen", "127.0.0.1:0",
-         "--listen", "127.0.0.1:0", "--state", str(tmp_path / "state" / "scheduler.db"),
-         "--metrics-listen", "127.0.0.1:0", "--scheduler-metrics-listen", "127.0.0.1:0"]
-    )  # fmt: skip
+    proc, _ = start_up(tmp_path)
     try:
         proc.wait_for(r"export GPUPOOL_TLS_KEY=", timeout=120)
         env = dict(re.findall(r"^\s+export (GPUPOOL_\w+)=(\S+)$", "\n".join(proc.lines), re.M))
