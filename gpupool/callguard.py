@@ -7,7 +7,8 @@ gRPC client's `stream_unary` call to a unary method whose request iterator never
 long as its connection lives. Until round 37 150 such calls from one client, no credential needed (health Check),
 held every one of the scheduler's 64 workers and its 128 calls in progress: every tenant's Allocate and Renew, and
 every host's heartbeat (so, after `--host-timeout`, every lease) was refused RESOURCE_EXHAUSTED or waited; two of
-them held both threads of a `--health-listen` port and starved the probes.
+them held both threads of a `--health-listen` port and starved the probes. A unary-stream call (health Watch)
+waits for its one request the same way.
 
 `RequestGuard` serves each unary method as a request stream of one message instead (the worker reaches our code
 before the message). A call waits for its request at most `REQUEST_SECONDS` (then it is cancelled). One that has
@@ -50,9 +51,10 @@ class _Call:
 
 
 class RequestGuard(grpc.ServerInterceptor):
-    """Every unary-unary method served as a request stream whose one message is awaited at most `seconds`, slow
-    calls (waiting past `grace`) at most `per_source` of one source and `total` in all (module docstring). Other
-    kinds of method pass unchanged. One thread (started at the first call) cancels the calls to cancel."""
+    """Every method with one request message (unary-unary, unary-stream) served as one with a request stream, whose
+    message is awaited at most `seconds`, slow calls (waiting past `grace`) at most `per_source` of one source and
+    `total` in all (module docstring). Methods with request streams pass unchanged (their handlers start at once).
+    One thread (started at the first call) cancels the calls to cancel."""
 
     def __init__(
         self,
@@ -71,29 +73,49 @@ class RequestGuard(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        return grpc.stream_unary_rpc_method_handler(
-            self._guarded(handler.unary_unary, details.method),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
+        if handler is None:
+            return None
+        if handler.unary_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._guarded(handler.unary_unary, details.method),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream is not None:  # (health Watch: its one request is awaited as a unary call's)
+            return grpc.stream_stream_rpc_method_handler(
+                self._guarded_stream(handler.unary_stream, details.method),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return handler
+
+    def _request(self, requests: Iterator[Any], context: grpc.ServicerContext, method: str) -> Any:
+        """The call's one request message, waited for under the guard's bounds."""
+        n = self._enter(grpc_source(context.peer()), context)
+        try:
+            request = next(requests, None)
+        except grpc.RpcError:  # cancelled: by its client, at its bound, or by a newer slow call of its source
+            request = None
+        finally:
+            self._leave(n)
+        if request is None:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT if context.is_active() else grpc.StatusCode.CANCELLED,
+                f"{method} takes one request message; none came",
+            )
+        return request
 
     def _guarded(self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable[..., Any]:
         def call(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            n = self._enter(grpc_source(context.peer()), context)
-            try:
-                request = next(requests, None)
-            except grpc.RpcError:  # cancelled: by its client, at its bound, or by a newer slow call of its source
-                request = None
-            finally:
-                self._leave(n)
-            if request is None:
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT if context.is_active() else grpc.StatusCode.CANCELLED,
-                    f"{method} takes one request message; none came",
-                )
-            return behavior(request, context)
+            return behavior(self._request(requests, context, method), context)
+
+        return call
+
+    def _guarded_stream(
+        self, behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]], method: str
+    ) -> Callable[..., Iterator[Any]]:
+        def call(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            yield from behavior(self._request(requests, context, method), context)
 
         return call
 

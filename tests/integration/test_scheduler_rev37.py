@@ -28,6 +28,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -87,9 +88,9 @@ def _assert_not_watched(watches: list[Iterator[health_pb2.HealthCheckResponse]],
 
 
 def test_calls_whose_request_never_comes_do_not_hold_the_scheduler() -> None:
-    """mallory (a tenant's certificate, from 127.0.0.1) opens 150 calls - Allocate, ListPool and health Check,
-    which needs no credential at all - and 130 health Watches, sending no request; alice and a host (from ::1)
-    go on allocating and heartbeating."""
+    """mallory (a tenant's certificate, from 127.0.0.1) opens 180 calls - Allocate, ListPool, health Check and
+    Watch, which need no credential at all - sending no request, and 130 health Watches; alice and a host (from
+    ::1) go on allocating and heartbeating."""
     server = _scheduler(host_timeout=3.0, heartbeat_interval=0.3)
     port = server.port
     host = SimHost(f"[::1]:{port}", "h1").start()
@@ -97,15 +98,18 @@ def test_calls_whose_request_never_comes_do_not_hold_the_scheduler() -> None:
     stop = threading.Event()
     mallory = get_pki().client_config("tenant", "mallory")
     channels = [tls.channel(f"127.0.0.1:{port}", (("grpc.use_local_subchannel_pool", 1),), mallory) for _ in range(5)]
-    held: list[grpc.Future] = []
+    held: list[Any] = []  # the calls (grpc.Future)
     try:
         methods = ("/gpupool.v1.Scheduler/Allocate", "/gpupool.v1.Scheduler/ListPool", "/grpc.health.v1.Health/Check")
         for n, ch in enumerate(channels[:3]):
             for _ in range(50):
                 held.append(_raw(ch, methods[n]).future(_never(stop)))
+        half_watch = channels[0].stream_stream("/grpc.health.v1.Health/Watch", lambda b: b, lambda b: b)
+        held += [half_watch(_never(stop)) for _ in range(30)]  # (a Watch's request is awaited as a unary call's)
         watches = [_watch(ch) for ch in channels[3:] for _ in range(65)]
-        time.sleep(1.0)
-        # a490c2a: RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!" (or the deadline)
+        # the guard cancels all but 8 (a490c2a: none), then RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!" or
+        # the deadline for alice
+        wait_until(lambda: sum(f.done() for f in held) == len(held) - 8, timeout=60)
         lease = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5, ttl_seconds=60))
         alice.renew(lease.lease_id)
         time.sleep(4.0)  # past --host-timeout: the host's heartbeats were served all along
@@ -115,7 +119,7 @@ def test_calls_whose_request_never_comes_do_not_hold_the_scheduler() -> None:
         # Past their source's 8 slow calls, each call of mallory's turning slow cancelled the oldest (or gRPC refused
         # it, past 128 calls in progress, in the instant before); the Watches are not served.
         ended = [f.exception() for f in held if f.done()]
-        assert len(ended) == 150 - 8
+        assert len(ended) == len(held) - 8
         codes = {e.code() for e in ended if isinstance(e, grpc.RpcError)}
         assert codes <= {grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED} and len(codes) > 0
         _assert_not_watched(watches, channels[3])
