@@ -16,10 +16,10 @@ waited `GRACE_SECONDS` counts as a slow call, and slow calls are capped as the s
 unauthenticated connections are (`peers.push_out`): past `PER_SOURCE` of one source address (an IPv4 address, an
 IPv6 /64) a call turning slow cancels that source's oldest slow call, past `TOTAL` in all the oldest of the source
 with most. An honest client sends its request with the headers: its calls wait for the server's own hand-off of the
-message (milliseconds, even in a burst of 64 from one process), never turn slow, and are never cancelled for
-others' (a first version capped every waiting call and cancelled 76 of 1,280 honest calls sent 64 at a time). A
-source's calls hold at most `PER_SOURCE` workers longer than `GRACE_SECONDS`. Put it first among a server's
-interceptors (it serves the handler the others made).
+message (milliseconds, also in bursts of 64 from one process here at load 15), do not turn slow, and are not
+cancelled for others' (a first version capped every waiting call and cancelled 76 of 1,280 honest calls sent 64 at
+a time). A source's calls hold at most `PER_SOURCE` workers longer than `GRACE_SECONDS`. Put it first among a
+server's interceptors (it serves the handler the others made).
 """
 
 from __future__ import annotations
@@ -118,11 +118,6 @@ class RequestGuard(grpc.ServerInterceptor):
             yield from behavior(self._request(requests, context, method), context)
 
         return call
-
-    def slow(self) -> int:
-        """How many calls are slow now."""
-        with self._cond:
-            return len(self._slow)
 
     def _enter(self, source: str, context: grpc.ServicerContext) -> int:
         now = time.monotonic()
