@@ -14,6 +14,7 @@ import logging
 import os
 import pwd
 import re
+import resource
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -424,6 +425,22 @@ def write_secret(path: str | os.PathLike[str], data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def more_open_files() -> None:
+    """The soft limit of open descriptors raised to the hard one (the scheduler's and the daemon's `main`): every
+    connection holds one from its accept on, before any TLS handshake or credential, and with systemd's soft default
+    of 1,024 one client that opened 1,100 connections refused every other caller (round 37; `tls.HANDSHAKE_OPTION`).
+    The hard limit is the operator's (`LimitNOFILE`)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or hard == resource.RLIM_INFINITY:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        logging.getLogger(__name__).warning("open files limited to %d (cannot raise it to %d: %s)", soft, hard, exc)
+        return
+    logging.getLogger(__name__).info("open files: at most %d (was %d)", hard, soft)
 
 
 def setup_logging(program: str, level: str | None = None) -> None:

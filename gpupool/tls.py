@@ -237,6 +237,14 @@ def server_credentials(cfg: TlsConfig) -> grpc.ServerCredentials:
     )
 
 
+# A connection that has not finished its TLS handshake (and HTTP/2 preface) this long after its accept is closed
+# (gRPC's default: 120 s). Each one holds a descriptor: until round 37 1,100 connections that sent nothing, from
+# anyone, took every descriptor of a scheduler or daemon under the usual soft limit of 1,024 (systemd's) for two
+# minutes at a time, and every new connection was refused (`config.more_open_files` raises that limit too).
+HANDSHAKE_SECONDS = 10.0
+HANDSHAKE_OPTION = ("grpc.server_handshake_timeout_ms", round(HANDSHAKE_SECONDS * 1000))
+
+
 def add_port(server: grpc.Server, address: str, cfg: TlsConfig, program: str) -> int:
     """Bind `address` with TLS (or plaintext with cfg.insecure, warning); the bound port, 0 on failure."""
     if cfg.insecure:
@@ -246,6 +254,44 @@ def add_port(server: grpc.Server, address: str, cfg: TlsConfig, program: str) ->
     return server.add_secure_port(address, server_credentials(cfg))
 
 
+class CheckOnly:
+    """The methods of a grpc.health.v1 servicer (`add_health`): `servicer`'s Check, and Watch UNIMPLEMENTED. Probes
+    ask Check. A Watch is a call that stays open: on the plaintext health port it held one of the server's two
+    threads for as long as its caller liked, so two of them, from anyone who reaches that unauthenticated port,
+    starved every probe (their Checks waited past their deadlines, the kubelet restarted a healthy program) until
+    round 33; on the scheduler's and the daemon's TLS ports (gRPC's non-blocking Watch, no thread held) each one
+    still counted among their calls in progress (128, 248), and that many from anyone who completed a TLS handshake
+    refused every call there (RESOURCE_EXHAUSTED) until round 37. Nothing of gpupool watches."""
+
+    def __init__(self, servicer: Any) -> None:
+        self.servicer = servicer
+
+    def Check(self, request: Any, context: Any) -> Any:  # noqa: N802 - grpc's method name
+        return self.servicer.Check(request, context)
+
+    def Watch(self, request: Any, context: Any) -> Any:  # noqa: N802 - grpc's method name
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Watch is not served (probes use Check)")
+
+
+def add_health(server: grpc.Server, servicer: Any) -> None:
+    """`servicer`'s Check (and Watch UNIMPLEMENTED: `CheckOnly`) on `server`."""
+    from grpc_health.v1 import health_pb2_grpc
+
+    class HealthCheckOnly(CheckOnly, health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+        """CheckOnly, the other methods (List) UNIMPLEMENTED."""
+
+    health_pb2_grpc.add_HealthServicer_to_server(HealthCheckOnly(servicer), server)
+
+
+# The plaintext health port: its threads, and how many of them calls of one source (and all) may hold waiting for
+# their request message (callguard.RequestGuard: until round 37 two calls that sent their headers and never their
+# message, from anyone who reaches the port, held both of its threads and starved the probes, as Watch had).
+HEALTH_WORKERS = 8
+HEALTH_PER_SOURCE = 2
+HEALTH_TOTAL = 4
+HEALTH_REQUEST_SECONDS = 5.0
+
+
 def serve_health(address: str, servicer: Any) -> tuple[grpc.Server, int] | None:
     """A plaintext gRPC server with only `servicer`'s Check (grpc.health.v1, the program's own status) on `address`,
     for probes that cannot speak TLS (Kubernetes' grpc probes). None when `address` is empty or "0"."""
@@ -253,28 +299,14 @@ def serve_health(address: str, servicer: Any) -> tuple[grpc.Server, int] | None:
         return None
     from concurrent import futures
 
-    from grpc_health.v1 import health_pb2_grpc
-
-    class CheckOnly(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
-        """Check only: probes ask Check. A Watch holds one of the server's two threads for as long as its caller
-        keeps it open, so two Watch calls from anyone who reaches this unauthenticated port starved every probe
-        (their Checks waited past their deadlines, the kubelet restarted a healthy program). Watch stays served
-        on the program's TLS port."""
-
-        def Check(self, request: Any, context: Any) -> Any:  # noqa: N802 - grpc's method name
-            return servicer.Check(request, context)
-
-        def Watch(self, request: Any, context: Any) -> Any:  # noqa: N802 - grpc's method name
-            context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                "Watch is not served on the plaintext health port (probes use Check); watch on the TLS port",
-            )
+    from gpupool.callguard import RequestGuard
 
     # ErrorInterceptor: a request that does not parse is answered INVALID_ARGUMENT (gRPC's own answer: INTERNAL)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"), interceptors=[ErrorInterceptor()]
+        futures.ThreadPoolExecutor(max_workers=HEALTH_WORKERS, thread_name_prefix="health"),
+        interceptors=[RequestGuard(HEALTH_REQUEST_SECONDS, HEALTH_PER_SOURCE, HEALTH_TOTAL), ErrorInterceptor()],
     )
-    health_pb2_grpc.add_HealthServicer_to_server(CheckOnly(), server)
+    add_health(server, servicer)
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")

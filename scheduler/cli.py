@@ -19,11 +19,12 @@ from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from gpupool import tls, tokens
 from gpupool._proto import scheduler_pb2_grpc
-from gpupool.config import add_flag, setup_logging, split_address
+from gpupool.callguard import RequestGuard
+from gpupool.config import add_flag, more_open_files, setup_logging, split_address
 from gpupool.errors import ErrorInterceptor, GpupoolError
 from gpupool.metrics_http import serve_metrics, stop_metrics
 from gpupool.protocol import Policy
@@ -192,16 +193,18 @@ class SchedulerServer:
         )
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="sched"),
-            interceptors=[AuthInterceptor(authn, TenantRate(config.tenant_rate)), ErrorInterceptor()],
+            # RequestGuard first: it serves the handlers the others make (calls whose request never comes)
+            interceptors=[RequestGuard(), AuthInterceptor(authn, TenantRate(config.tenant_rate)), ErrorInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 ("grpc.max_concurrent_streams", MAX_STREAMS),
+                tls.HANDSHAKE_OPTION,
             ],
             maximum_concurrent_rpcs=MAX_CALLS,
         )
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        tls.add_health(self.server, self.health)  # Check; Watch UNIMPLEMENTED (tls.CheckOnly)
         if store is not None or not config.standby:
             self._lead(store if store is not None else open_store(config.state))
         self.port = tls.add_port(self.server, config.listen, config.tls, "the scheduler")
@@ -349,6 +352,7 @@ def main(argv: list[str]) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be finite and not negative")
     config = config_from_args(args)
     setup_logging("scheduler")
+    more_open_files()
     try:
         key = tokens.load_signer(config.token_key_file)
         server = SchedulerServer(config, key).start()

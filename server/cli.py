@@ -18,7 +18,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from gpupool import tls, tokens
-from gpupool.config import add_flag, setup_logging, size_arg, withheld_features
+from gpupool.config import add_flag, more_open_files, setup_logging, size_arg, withheld_features
 from gpupool.errors import GpupoolError
 from gpupool.protocol import COLLECTIVE_TRANSPORTS
 
@@ -223,6 +223,7 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("gpupool-serve", args.log_level)
+    more_open_files()  # every connection holds a descriptor before any credential (round 37)
     try:
         withheld_features()  # $GPUPOOL_WITHHOLD_FEATURES (docs/wire.md, "Features"): a bad name is one line
     except ValueError as exc:

@@ -16,10 +16,11 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from gpupool import config, protocol, tls
 from gpupool._proto import device_pb2
+from gpupool.callguard import RequestGuard
 from gpupool.errors import (
     ErrorInterceptor,
     GpupoolError,
@@ -504,6 +505,7 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.http2.ping_timeout_ms", round(PING_WAIT * 1000)),
         # A second daemon on the same port must fail to start, not silently share it.
         ("grpc.so_reuseport", 0),
+        tls.HANDSHAKE_OPTION,  # connections that never shake hands are closed within 10 s (round 37)
     ]
 
 
@@ -517,14 +519,16 @@ def create_server(
         options=server_options(daemon.config.max_message_bytes),
         # Beyond this many RPCs at once, new ones fail fast with RESOURCE_EXHAUSTED instead of queueing forever.
         maximum_concurrent_rpcs=MAX_WORKERS - 8,
-        interceptors=[ErrorInterceptor()],
+        # RequestGuard: calls whose request message never comes (callguard; round 37: 248 of them, from anyone who
+        # completes a TLS handshake, refused every Attach of the host) wait boundedly, capped per source address.
+        interceptors=[RequestGuard(), ErrorInterceptor()],
     )
     servicer = DeviceServicer(daemon, bulk_port)
     if bulk_port is not None and protocol.FEATURE_SIDE_FRAMES in servicer.features:
         bulk_port.frames = servicer.read_side  # sessions' frames may travel on their side sockets
     server.add_generic_rpc_handlers((_handlers(servicer),))
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    tls.add_health(server, health_servicer)  # Check; Watch UNIMPLEMENTED (tls.CheckOnly)
     port = tls.add_port(server, address, daemon.config.tls, "the daemon")
     if port == 0:
         raise OSError(f"cannot listen on {address}")
