@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
+from gpupool.server import graph_build
 
 from gpupool import errors, wire
 from gpupool._proto import device_pb2, tensor_pb2
-from gpupool.server import graph_build
 
 MiB = 1024**2
 
