@@ -34,6 +34,14 @@ if TYPE_CHECKING:
     from .ops import OpTable
 
 MAX_GRAPH_OPS = 100_000
+# A run binds each input and persistent tensor (a handle looked up and its metadata compared, or an input's bytes
+# copied) on the device's thread, in one command, not pieced, and its TorchScript trace (process isolation, once a
+# definition) takes each as a graph input (round 37, graph37: a graph of 100,000 inputs held the device's thread
+# 0.12-0.28 s a run and 3.4 s at its trace; 100,000 persistent tensors 0.04-0.12 s and 3.0 s; a neighbour's op
+# waited as long). An honest step's inputs are its arguments, its persistent tensors its parameters, gradients and
+# optimizer state (a few thousand for the largest models). Refused at the definition past these.
+MAX_GRAPH_INPUTS = 4_096
+MAX_GRAPH_PERSISTENT = 16_384
 # Host memory a graph holds once defined and traced, measured (bench/host_memory.py, round 35: RSS growth of a real
 # daemon's session worker, past its first graph): ~5.1 KB an op of one tensor argument and one output (a `neg`
 # chain), ~1.58 MB an op of 1,000 of each (`_foreach_neg`): ~3.5 KB an op and ~790 bytes a tensor reference or output
@@ -247,6 +255,11 @@ def building(
             _check_room(s, msg, host_bytes(len(msg.ops), 0, held), room)
 
     check_held()
+    if msg.inputs > MAX_GRAPH_INPUTS or len(msg.persistent) > MAX_GRAPH_PERSISTENT:
+        raise InvalidArgument(
+            f"a graph of {msg.inputs} inputs and {len(msg.persistent)} persistent tensors; at most "
+            f"{MAX_GRAPH_INPUTS} and {MAX_GRAPH_PERSISTENT}"
+        )
     dev = s.device.torch_device
     meta_slots: list[Any] = [None]
     # in pieces of `_EVERY`, as every pass below (round 36, rev36: a graph of one op and 250,000 inputs, a 2.5 MB
