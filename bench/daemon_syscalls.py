@@ -7,12 +7,13 @@ microseconds: counts, not times, say what a change to the daemon's hand-offs sav
 after the client's warm-up steps, for its timed steps only (and one sync at their end):
 - `perf stat -e raw_syscalls:sys_enter --per-thread`, enabled and disabled through its control fifo around the steps
   (exact, low overhead): system calls per step, in the front (the daemon's process: the side socket's reader, gRPC,
-  the reply writer) and in the session's worker process;
+  the reply writer), in the session's worker process and in the client's process (`client`: the C++ client's
+  thread and the session's sender thread, or the shim's);
 - each thread's voluntary and involuntary context switches (/proc/PID/task/TID/status) before and after: `wakeups`
   are the voluntary ones (a thread that blocked and was woken: a futex, a socket read, a poll);
 - each thread's CPU time (/proc/PID/task/TID/schedstat) and the steps' wall time, to compare side by side only
   (perf counts every system call: each costs more than without it);
-- `--kinds`: a second pass under `strace -f -ttt` for the system calls by kind (front / worker), the lines
+- `--kinds`: a second pass under `strace -f -ttt` for the system calls by kind (front / worker / client), the lines
   inside the steps' window counted (strace slows every call ~10x: the client then runs further ahead of the daemon,
   so its frames may coalesce more than without it; the totals of record are perf's).
 
@@ -38,6 +39,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 SIDE_PORT = "--bulk-listen 127.0.0.1:0"
+PARTS = ("front", "worker", "client")  # the daemon's process, the session's worker, the client (C++ or shim)
 _LINE = re.compile(r"^(\d+)\s+(\d+\.\d+)\s+(?:<\.\.\. )?(\w+)")
 
 
@@ -155,10 +157,11 @@ def measure(remote: dict[str, Any], model: str, mode: str, args: argparse.Namesp
         front = remote["daemon_pid"]
         worker = session_worker(front)
         where = {**dict.fromkeys(_threads(front), "front"), **dict.fromkeys(_threads(worker), "worker")}
+        where.update(dict.fromkeys(_threads(proc.pid), "client"))
         out_file = Path(tmp) / "trace"
         if kinds:
             tracer = subprocess.Popen(["strace", "-f", "-qq", "-ttt", "-o", str(out_file), "-p", str(front),
-                                       "-p", str(worker)], stderr=subprocess.DEVNULL)  # fmt: skip
+                                       "-p", str(worker), "-p", str(proc.pid)], stderr=subprocess.DEVNULL)  # fmt: skip
             time.sleep(1.5)  # attached (strace -p has no handshake); the window below is cut by the timestamps
         else:
             ctl = Path(tmp) / "ctl"
@@ -167,10 +170,10 @@ def measure(remote: dict[str, Any], model: str, mode: str, args: argparse.Namesp
             os.mkfifo(ack)
             tracer = subprocess.Popen(["perf", "stat", "-e", "raw_syscalls:sys_enter", "--per-thread", "-x,", "-D",
                                        "-1", "--control", f"fifo:{ctl},{ack}", "-o", str(out_file), "-p",
-                                       f"{front},{worker}"])  # fmt: skip
+                                       f"{front},{worker},{proc.pid}"])  # fmt: skip
             ctl_w = open(ctl, "w")  # noqa: SIM115 (held open for the run)
             ack_r = open(ack)  # noqa: SIM115
-        before = switches([front, worker])
+        before = switches([front, worker, proc.pid])
         t0 = time.time()
         if not kinds:
             ctl_w.write("enable\n")
@@ -184,7 +187,7 @@ def measure(remote: dict[str, Any], model: str, mode: str, args: argparse.Namesp
             ctl_w.flush()
             ack_r.readline()
         t1 = time.time()
-        after = switches([front, worker])
+        after = switches([front, worker, proc.pid])
         tracer.send_signal(2)
         tracer.wait(timeout=60)
         tracer = None
@@ -193,7 +196,7 @@ def measure(remote: dict[str, Any], model: str, mode: str, args: argparse.Namesp
             ack_r.close()
         n = args.steps
         out: dict[str, Any] = {"loss": result["loss"]}
-        for side in ("front", "worker"):
+        for side in PARTS:
             tids = [t for t, s in where.items() if s == side]
             vol = sum(after[t][0] - before[t][0] for t in tids if t in before and t in after)
             inv = sum(after[t][1] - before[t][1] for t in tids if t in before and t in after)
@@ -203,7 +206,7 @@ def measure(remote: dict[str, Any], model: str, mode: str, args: argparse.Namesp
             out[f"{side}_cpu_us"] = ns / n / 1e3
         out["wall_ms"] = (t1 - t0) / n * 1e3
         if kinds:
-            counts: dict[str, collections.Counter[str]] = {side: collections.Counter() for side in ("front", "worker")}
+            counts: dict[str, collections.Counter[str]] = {side: collections.Counter() for side in PARTS}
             per_thread: collections.Counter[int] = collections.Counter()
             for text in out_file.read_text().splitlines():
                 m = _LINE.match(text)
@@ -223,7 +226,7 @@ def measure(remote: dict[str, Any], model: str, mode: str, args: argparse.Namesp
                 dest.mkdir(parents=True, exist_ok=True)
                 (dest / f"{model}-{mode}-{remote['side']}.strace").write_text(out_file.read_text())
         else:
-            for side in ("front", "worker"):
+            for side in PARTS:
                 out[f"{side}_syscalls"] = 0.0
             for text in out_file.read_text().splitlines():
                 parts = text.split(",")
@@ -297,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     every = f"a sync every {args.sync_every} steps" if args.sync_every else "one sync at their end"
     print(f"\nper step, medians of {args.rounds} ({args.steps} steps each, {every}); load {load0:.1f} -> "
           f"{load1:.1f}; daemons with {os.environ['BENCH_DAEMON_FLAGS']!r}")  # fmt: skip
-    cols = ("front_syscalls", "worker_syscalls", "front_wakeups", "worker_wakeups", "front_preempted")
-    cols += ("worker_preempted", "front_cpu_us", "worker_cpu_us", "wall_ms")
+    cols = ("front_syscalls", "worker_syscalls", "client_syscalls", "front_wakeups", "worker_wakeups")
+    cols += ("client_wakeups", "front_preempted", "worker_preempted", "front_cpu_us", "worker_cpu_us", "client_cpu_us")
+    cols += ("wall_ms",)
     print("(cpu_us: the threads' CPU time a step, schedstat; under perf and on a shared box: compare within one run)")
     print(f"{'model':10} {'mode':16} {'side':5} " + " ".join(f"{c:>15}" for c in cols))
     for (model, mode, side, kinds), got in rows.items():
@@ -310,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         if not kinds:
             continue
         print(f"\n{model} {mode} {side} (strace, the first round):")
-        for part in ("front", "worker"):
+        for part in PARTS:
             top = ", ".join(f"{k} {v:.1f}" for k, v in list(got[0][f"{part}_kinds"].items())[:12])
             print(f"  {part} {got[0][f'{part}_syscalls_strace']:.1f}/step: {top}")
         print("  threads: " + ", ".join(f"{k} {v:.1f}" for k, v in got[0]["threads"].items()))
