@@ -109,7 +109,7 @@ def test_calls_whose_request_never_comes_do_not_hold_the_scheduler() -> None:
         watches = [_watch(ch) for ch in channels[3:] for _ in range(65)]
         # the guard cancels all but 8 (a490c2a: none), then RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!" or
         # the deadline for alice
-        wait_until(lambda: sum(f.done() for f in held) == len(held) - 8, timeout=60)
+        wait_until(lambda: sum(f.done() for f in held) >= len(held) - 8, timeout=60)
         lease = alice.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5, ttl_seconds=60))
         alice.renew(lease.lease_id)
         time.sleep(4.0)  # past --host-timeout: the host's heartbeats were served all along
@@ -118,8 +118,10 @@ def test_calls_whose_request_never_comes_do_not_hold_the_scheduler() -> None:
         alice.release(lease.lease_id)
         # Past their source's 8 slow calls, each call of mallory's turning slow cancelled the oldest (or gRPC refused
         # it, past 128 calls in progress, in the instant before); the Watches are not served.
+        # (at most 8 still waiting: under load the sequence above can pass the guard's 10 s wait, which ends those
+        # 8 too)
         ended = [f.exception() for f in held if f.done()]
-        assert len(ended) == len(held) - 8
+        assert len(ended) >= len(held) - 8
         codes = {e.code() for e in ended if isinstance(e, grpc.RpcError)}
         assert codes <= {grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED} and len(codes) > 0
         _assert_not_watched(watches, channels[3])
@@ -196,7 +198,7 @@ def test_calls_whose_request_never_comes_do_not_hold_a_daemon(daemon_factory: Da
         with Session.attach(handle.address, mint_token(handle.key, host=handle.host_id)) as s:  # a490c2a: refused
             assert torch.equal(s.download(s.upload(torch.arange(6.0))), torch.arange(6.0))
         # Each call turning slow cancelled its source's oldest slow one (or gRPC refused it, past 248 in progress).
-        wait_until(lambda: sum(f.done() for f in held) == len(held) - 8)
+        wait_until(lambda: sum(f.done() for f in held) >= len(held) - 8)
         _assert_not_watched(watches, channels[3])
     finally:
         stop.set()
