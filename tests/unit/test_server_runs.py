@@ -1414,3 +1414,14 @@ def test_below_autograd_on_a_cuda_session() -> None:
     assert native_runner.below_autograd("aten::mm", dev)
     assert native_runner.below_autograd("aten::_foreach_lerp_.Scalar", dev)
     assert not native_runner.below_autograd("aten::_cudnn_rnn", dev)  # CUDA only: not the CPU's
+
+
+def test_the_runner_reads_the_whole_mark_under_the_name_python_sets(runner: str) -> None:
+    """The runner skips `WorkerSession.zero_new` for results marked `WHOLE` (server/native_runner.cpp `zero_new`
+    reads the mark itself, the attention's seeds in every step): under the name `opargs.written_whole` sets (with
+    another name it would find no mark and call Python's zeroing, which reads it: slower, never less zeroed)."""
+    from gpupool.server import opargs
+
+    if runner == "python":
+        pytest.skip("the runner's own constant")
+    assert native_runner.load().WHOLE == opargs.WHOLE
