@@ -8,6 +8,7 @@
 // (`CommandExecutor.eager_span`) untouched: no check here has a side effect before the op runs. Every read of the
 // record is bounds-checked (its length is compared with the plan's first).
 #include <torch/extension.h>
+#include <structmember.h>  // T_OBJECT_EX
 
 #include <ATen/EmptyTensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -36,6 +37,8 @@ constexpr int64_t EXTERNAL = -1;
 constexpr int64_t NONE = -2;
 constexpr int64_t MAX_DIMS = 64;
 constexpr int HANDLE_BITS = 32;
+
+PyObject* S_run;  // "run", interned (set where the module is made)
 
 struct Input {
   int64_t offset = 0;  // of the 8-byte handle in the record
@@ -73,6 +76,12 @@ struct Arg {
 struct Plan {
   std::optional<c10::OperatorHandle> op;
   py::object owner, run;  // the step's `OpPlan` and its op's own binding: runs here only while `owner.run is run`
+  // `owner.run` read from its slot (`run_slot`): the offset of the slot `run` (a `__slots__` member) of the owner's
+  // type, valid while the owner is of that type and the type's attribute cache tag is the one it had (any change
+  // to the class, a new `run` descriptor included, gives it another); -1: through getattr
+  PyTypeObject* owner_type = nullptr;
+  unsigned int owner_tag = 0;
+  Py_ssize_t run_offset = -1;
   int64_t size = 0;
   std::vector<std::pair<int64_t, std::string>> fixed;
   int64_t out_offset = -1;  // the first output handle's; -1: the record has none (an in-place op returning nothing)
@@ -171,6 +180,19 @@ std::shared_ptr<Plan> make_plan(
   if (n_pos >= 0 && !PyCallable_Check(run.ptr())) throw std::invalid_argument("a Python run must be callable");
   plan->op = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), overload.c_str());
   plan->owner = owner;
+  {
+    PyTypeObject* tp = Py_TYPE(owner.ptr());
+    PyObject* d = tp->tp_getattro == PyObject_GenericGetAttr ? _PyType_Lookup(tp, S_run) : nullptr;  // borrowed
+    if (d != nullptr && Py_TYPE(d) == &PyMemberDescr_Type && tp->tp_version_tag != 0 &&
+        PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG)) {
+      const PyMemberDef* m = reinterpret_cast<PyMemberDescrObject*>(d)->d_member;
+      if (m->type == T_OBJECT_EX && m->offset > 0) {
+        plan->owner_type = tp;
+        plan->owner_tag = tp->tp_version_tag;
+        plan->run_offset = m->offset;
+      }
+    }
+  }
   plan->run = run;
   for (const auto& r : plan->op->schema().returns()) {
     if (r.alias_info() != nullptr && r.alias_info()->isWrite()) plan->direct_views = false;
@@ -354,6 +376,21 @@ at::Tensor view_of(const at::Tensor& v, const Input& in, bool direct) {
   return v.as_strided(in.view_sizes, in.view_strides, in.view_offset);
 }
 
+// `p.owner.run is p.run`: read from the owner's slot where its type is as it was when the plan was made (`Plan`:
+// ~10 instructions, not getattr's ~160), else through getattr (which raises where it raises)
+bool runs_its_own(const Plan& p) {
+  PyObject* o = p.owner.ptr();
+  if (p.run_offset > 0 && Py_TYPE(o) == p.owner_type && p.owner_type->tp_version_tag == p.owner_tag) {
+    PyObject* r = *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(o) + p.run_offset);  // borrowed
+    if (r != nullptr) return r == p.run.ptr();
+  }
+  PyObject* r = PyObject_GetAttr(o, S_run);
+  if (r == nullptr) throw py::error_already_set();
+  const bool same = r == p.run.ptr();
+  Py_DECREF(r);
+  return same;
+}
+
 struct Trace {
   std::vector<std::shared_ptr<Plan>> steps;  // null where a step runs in Python
   // a weak reference to the `runs.Trace` it was compiled from (None: no chaining), for `Ctx::follow`: its `next`
@@ -388,6 +425,9 @@ bool as_i64(PyObject* v, int64_t* out) {
   *out = x;
   return true;
 }
+
+// `key in d` for a dict: an empty one (a session's failed handles, nearly always) without hashing the key
+inline int contains(PyObject* d, PyObject* key) { return PyDict_GET_SIZE(d) == 0 ? 0 : PyDict_Contains(d, key); }
 
 // A new reference, released at the end of its scope with a plain Py_XDECREF (pybind11's object checks the GIL on
 // every reference change, ~50 instructions each; `Ctx.run` holds the GIL throughout, but for the op's call)
@@ -603,7 +643,6 @@ struct Word {
 
 PyObject* S_used;
 PyObject* S_ops;
-PyObject* S_run;
 PyObject* S_next;
 PyObject* S_alt;
 PyObject* S_quota;
@@ -779,13 +818,7 @@ struct Ctx {
       while (i < n && k < nsteps) {
         const Plan* p = cur->steps[k].get();
         if (p == nullptr) break;
-        {
-          PyObject* r = PyObject_GetAttr(p->owner.ptr(), S_run);
-          if (r == nullptr) throw py::error_already_set();
-          const bool same = r == p->run.ptr();
-          Py_DECREF(r);
-          if (!same) break;  // the op plan runs something else (a guard's replacement, a test's wrapper)
-        }
+        if (!runs_its_own(*p)) break;  // the op plan runs something else (a guard's replacement, a test's wrapper)
         PyObject* data = PyList_GET_ITEM(records.ptr(), i);
         if (!PyBytes_Check(data)) break;
         const Py_ssize_t len = PyBytes_GET_SIZE(data);
@@ -812,7 +845,7 @@ struct Ctx {
             if (in_t < 0) throw py::error_already_set();
             break;  // rebinds a live handle: `_run_step`
           }
-          in_p = PyDict_Contains(pdict, hkey.p);
+          in_p = contains(pdict, hkey.p);
           if (in_p < 0) throw py::error_already_set();
           if (p->more_outs.empty() && !in_p && PyDict_GET_SIZE(tdict) + PyDict_GET_SIZE(pdict) >= max_handles) break;
         }
@@ -845,7 +878,7 @@ struct Ctx {
                 ok = false;  // rebinds a live handle: `_run_step`
                 break;
               }
-              int pj = PyDict_Contains(pdict, kj);
+              int pj = contains(pdict, kj);
               if (pj < 0) throw py::error_already_set();
               if (!pj) ++fresh;
             }
@@ -1240,7 +1273,7 @@ struct Ctx {
         if (o == hj) here = false;
       }
       seen.push_back(hj);
-      int pj = PyDict_Contains(poisoned.ptr(), kj);
+      int pj = contains(poisoned.ptr(), kj);
       if (pj < 0) throw py::error_already_set();
       if (pj) here = false;
     }

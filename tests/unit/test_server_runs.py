@@ -1425,3 +1425,34 @@ def test_the_runner_reads_the_whole_mark_under_the_name_python_sets(runner: str)
     if runner == "python":
         pytest.skip("the runner's own constant")
     assert native_runner.load().WHOLE == opargs.WHOLE
+
+
+def test_a_run_replaced_on_the_plans_class_is_what_every_record_runs(
+    runner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner reads a step's `owner.run` from the `OpPlan`'s slot only while the class is as it was when the
+    step was compiled (native_runner.cpp `runs_its_own`: its attribute cache tag): a `run` replaced on the class (a
+    property here, wrapping each plan's own) is what every later record runs, the runner's as the normal path's."""
+    from gpupool.server import checks
+
+    p = Pair()
+    p.stream(training(p, 6), itertools.cycle([64]))
+    owner = {id(plan): k for k, ex in enumerate(p.ex) for plan in ex._plans.values()}
+    slot = checks.OpPlan.run
+    calls = [0, 0]
+
+    def wrapped(plan: Any) -> Any:
+        real = slot.__get__(plan, checks.OpPlan)
+
+        def run(*a: Any, **k: Any) -> Any:
+            calls[owner[id(plan)]] += 1
+            return real(*a, **k)
+
+        return run
+
+    monkeypatch.setattr(checks.OpPlan, "run", property(wrapped, slot.__set__))
+    native, hits = p.runs().native, p.hits
+    p.stream([c for t in range(6, 10) for c in step(p, t) + [free(t - 1)]], itertools.cycle([64]))
+    assert p.hits - hits > 20  # still in learned runs, on the Python path
+    assert p.runs().native == native
+    assert calls[0] == calls[1] == 4 * 11
