@@ -849,10 +849,11 @@ struct Ctx {
           if (in_p < 0) throw py::error_already_set();
           if (p->more_outs.empty() && !in_p && PyDict_GET_SIZE(tdict) + PyDict_GET_SIZE(pdict) >= max_handles) break;
         }
-        // SEVERAL: every output handle as `_run_step` checks them (its own session's, none live, the handle limit)
+        // SEVERAL: every output handle as `_run_step` checks them (its own session's, none live, the handle limit);
+        // also of one output (a `Tensor[]` of one: `several` binds through the tuple; round 37: it was left null)
         Own hkeys(nullptr);
         hvals.clear();
-        if (!p->more_outs.empty()) {
+        if (p->returns == SEVERAL) {
           hvals.push_back(h);
           hkeys.reset(PyTuple_New(static_cast<Py_ssize_t>(1 + p->more_outs.size())));
           if (hkeys.p == nullptr) throw py::error_already_set();

@@ -1456,3 +1456,23 @@ def test_a_run_replaced_on_the_plans_class_is_what_every_record_runs(
     assert p.hits - hits > 20  # still in learned runs, on the Python path
     assert p.runs().native == native
     assert calls[0] == calls[1] == 4 * 11
+
+
+def test_an_op_returning_a_list_of_one_under_one_output_handle_runs_in_learned_runs(runner: str) -> None:
+    """A `Tensor[]` op whose record names one output handle (a `_foreach_` op of a one-element list): a SEVERAL
+    step of one output. Until round 37 the C++ runner made its handles' tuple only for two or more outputs and read
+    the missing one: the worker died (a segfault; under `--isolation thread` the whole daemon, every session), from
+    records any client may send. Now bound as the normal path binds it."""
+    p = Pair()
+    cmds: list[device_pb2.Command] = []
+    for t in range(8):
+        cmds += [
+            p.rec(1, [h(t, 0)], [T(X), V(1.0 + t)]),
+            p.rec(8, [h(t, 6)], [compact.tensors([h(t, 0)]), V(1.0)]),
+            p.rec(3, [h(t, 2)], [T(h(t, 6))]),
+        ]
+        if t:
+            cmds.append(device_pb2.Command(free=device_pb2.Free(handles=[h(t - 1, j) for j in (0, 2, 6)])))
+    p.stream(cmds, itertools.cycle([64]))
+    assert p.hits > 3 * 4
+    assert torch.equal(p.s[0].tensors[h(7, 2)], torch.relu(p.s[0].tensors[X] * 8.0 + 1.0))
