@@ -8,6 +8,7 @@
 // (`CommandExecutor.eager_span`) untouched: no check here has a side effect before the op runs. Every read of the
 // record is bounds-checked (its length is compared with the plan's first).
 #include <torch/extension.h>
+#include <structmember.h>  // T_OBJECT_EX
 
 #include <ATen/EmptyTensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -36,6 +37,8 @@ constexpr int64_t EXTERNAL = -1;
 constexpr int64_t NONE = -2;
 constexpr int64_t MAX_DIMS = 64;
 constexpr int HANDLE_BITS = 32;
+
+PyObject* S_run;  // "run", interned (set where the module is made)
 
 struct Input {
   int64_t offset = 0;  // of the 8-byte handle in the record
@@ -73,6 +76,12 @@ struct Arg {
 struct Plan {
   std::optional<c10::OperatorHandle> op;
   py::object owner, run;  // the step's `OpPlan` and its op's own binding: runs here only while `owner.run is run`
+  // `owner.run` read from its slot (`run_slot`): the offset of the slot `run` (a `__slots__` member) of the owner's
+  // type, valid while the owner is of that type and the type's attribute cache tag is the one it had (any change
+  // to the class, a new `run` descriptor included, gives it another); -1: through getattr
+  PyTypeObject* owner_type = nullptr;
+  unsigned int owner_tag = 0;
+  Py_ssize_t run_offset = -1;
   int64_t size = 0;
   std::vector<std::pair<int64_t, std::string>> fixed;
   int64_t out_offset = -1;  // the first output handle's; -1: the record has none (an in-place op returning nothing)
@@ -171,6 +180,19 @@ std::shared_ptr<Plan> make_plan(
   if (n_pos >= 0 && !PyCallable_Check(run.ptr())) throw std::invalid_argument("a Python run must be callable");
   plan->op = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), overload.c_str());
   plan->owner = owner;
+  {
+    PyTypeObject* tp = Py_TYPE(owner.ptr());
+    PyObject* d = tp->tp_getattro == PyObject_GenericGetAttr ? _PyType_Lookup(tp, S_run) : nullptr;  // borrowed
+    if (d != nullptr && Py_TYPE(d) == &PyMemberDescr_Type && tp->tp_version_tag != 0 &&
+        PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG)) {
+      const PyMemberDef* m = reinterpret_cast<PyMemberDescrObject*>(d)->d_member;
+      if (m->type == T_OBJECT_EX && m->offset > 0) {
+        plan->owner_type = tp;
+        plan->owner_tag = tp->tp_version_tag;
+        plan->run_offset = m->offset;
+      }
+    }
+  }
   plan->run = run;
   for (const auto& r : plan->op->schema().returns()) {
     if (r.alias_info() != nullptr && r.alias_info()->isWrite()) plan->direct_views = false;
@@ -354,11 +376,38 @@ at::Tensor view_of(const at::Tensor& v, const Input& in, bool direct) {
   return v.as_strided(in.view_sizes, in.view_strides, in.view_offset);
 }
 
+// `p.owner.run is p.run`: read from the owner's slot where its type is as it was when the plan was made (`Plan`:
+// ~10 instructions, not getattr's ~160), else through getattr (which raises where it raises)
+bool runs_its_own(const Plan& p) {
+  PyObject* o = p.owner.ptr();
+  if (p.run_offset > 0 && Py_TYPE(o) == p.owner_type && p.owner_type->tp_version_tag == p.owner_tag) {
+    PyObject* r = *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(o) + p.run_offset);  // borrowed
+    if (r != nullptr) return r == p.run.ptr();
+  }
+  PyObject* r = PyObject_GetAttr(o, S_run);
+  if (r == nullptr) throw py::error_already_set();
+  const bool same = r == p.run.ptr();
+  Py_DECREF(r);
+  return same;
+}
+
 struct Trace {
   std::vector<std::shared_ptr<Plan>> steps;  // null where a step runs in Python
   // a weak reference to the `runs.Trace` it was compiled from (None: no chaining), for `Ctx::follow`: its `next`
   py::object origin = py::none();
 };
+
+// pybind11's record of the Trace class (set where the module registers it)
+const py::detail::type_info* trace_type = nullptr;
+
+// The Trace `o` holds where it is one (of that exact type: `runs.Trace.native` is None, False or a Trace made by
+// `compile_trace`), else null: what `py::isinstance<Trace>` and `cast<const Trace&>` find, without their lookups of
+// the C++ type (a hash of its name each, ~500 instructions a `follow`).
+const Trace* trace_of(PyObject* o) {
+  if (trace_type == nullptr || Py_TYPE(o) != trace_type->type) return nullptr;
+  auto vh = reinterpret_cast<py::detail::instance*>(o)->get_value_and_holder(trace_type, false);
+  return vh ? vh.value_ptr<Trace>() : nullptr;
+}
 
 inline double now() {
   timespec ts;
@@ -376,6 +425,9 @@ bool as_i64(PyObject* v, int64_t* out) {
   *out = x;
   return true;
 }
+
+// `key in d` for a dict: an empty one (a session's failed handles, nearly always) without hashing the key
+inline int contains(PyObject* d, PyObject* key) { return PyDict_GET_SIZE(d) == 0 ? 0 : PyDict_Contains(d, key); }
 
 // A new reference, released at the end of its scope with a plain Py_XDECREF (pybind11's object checks the GIL on
 // every reference change, ~50 instructions each; `Ctx.run` holds the GIL throughout, but for the op's call)
@@ -591,12 +643,12 @@ struct Word {
 
 PyObject* S_used;
 PyObject* S_ops;
-PyObject* S_run;
 PyObject* S_next;
 PyObject* S_alt;
 PyObject* S_quota;
 PyObject* S_flops;
 PyObject* S_native;
+PyObject* S_whole;  // `opargs.WHOLE`
 
 // One int counter of a `Ctx.run` (`s.used`, `s.ops`, `memory.used`), kept here between the run's Python calls: read
 // once (`get`, through `Fields`) and added to in C++ (`add`), written back as one `+=` of what was added (`sync`) before
@@ -749,14 +801,15 @@ struct Ctx {
     // stack's) then never drop the last C++ one, which hands the tensor's Python object back (`decref_pyobject`)
     // and, the GIL being released around the op, takes the GIL for it (~1k instructions an input)
     std::vector<at::Tensor> held;
-    // go on in run `py` (its native form `nat`) from its first step, with a fresh list of kept outputs
-    auto enter = [&](const py::object& py, const py::object& nat) {
-      cur = &nat.cast<const Trace&>();
-      py_cur = py;
-      nat_cur = nat;
-      Own fresh(PyList_New(0));
-      if (fresh.p == nullptr) throw py::error_already_set();
-      objs = py::reinterpret_borrow<py::list>(fresh.p);
+    std::vector<uint64_t> hvals;  // a SEVERAL step's output handles (`hkeys`' values), for `several`
+    // go on in run `py` (its native form `nat`, the Trace `t`) from its first step, with a fresh list of kept outputs
+    auto enter = [&](py::object&& py, py::object&& nat, const Trace* t) {
+      cur = t;
+      py_cur = std::move(py);
+      nat_cur = std::move(nat);
+      PyObject* fresh = PyList_New(0);
+      if (fresh == nullptr) throw py::error_already_set();
+      objs = py::reinterpret_steal<py::list>(fresh);
       nsteps = static_cast<int64_t>(cur->steps.size());
       k = 0;
       flags = 0;
@@ -765,13 +818,7 @@ struct Ctx {
       while (i < n && k < nsteps) {
         const Plan* p = cur->steps[k].get();
         if (p == nullptr) break;
-        {
-          PyObject* r = PyObject_GetAttr(p->owner.ptr(), S_run);
-          if (r == nullptr) throw py::error_already_set();
-          const bool same = r == p->run.ptr();
-          Py_DECREF(r);
-          if (!same) break;  // the op plan runs something else (a guard's replacement, a test's wrapper)
-        }
+        if (!runs_its_own(*p)) break;  // the op plan runs something else (a guard's replacement, a test's wrapper)
         PyObject* data = PyList_GET_ITEM(records.ptr(), i);
         if (!PyBytes_Check(data)) break;
         const Py_ssize_t len = PyBytes_GET_SIZE(data);
@@ -798,13 +845,16 @@ struct Ctx {
             if (in_t < 0) throw py::error_already_set();
             break;  // rebinds a live handle: `_run_step`
           }
-          in_p = PyDict_Contains(pdict, hkey.p);
+          in_p = contains(pdict, hkey.p);
           if (in_p < 0) throw py::error_already_set();
           if (p->more_outs.empty() && !in_p && PyDict_GET_SIZE(tdict) + PyDict_GET_SIZE(pdict) >= max_handles) break;
         }
-        // SEVERAL: every output handle as `_run_step` checks them (its own session's, none live, the handle limit)
+        // SEVERAL: every output handle as `_run_step` checks them (its own session's, none live, the handle limit);
+        // also of one output (a `Tensor[]` of one: `several` binds through the tuple; round 37: it was left null)
         Own hkeys(nullptr);
-        if (!p->more_outs.empty()) {
+        hvals.clear();
+        if (p->returns == SEVERAL) {
+          hvals.push_back(h);
           hkeys.reset(PyTuple_New(static_cast<Py_ssize_t>(1 + p->more_outs.size())));
           if (hkeys.p == nullptr) throw py::error_already_set();
           int64_t fresh = h != 0 && !in_p ? 1 : 0;
@@ -814,6 +864,7 @@ struct Ctx {
           PyTuple_SET_ITEM(hkeys.p, 0, k0);  // steals
           for (size_t j = 0; j < p->more_outs.size() && ok; ++j) {
             const uint64_t hj = read_u64(buf + p->more_outs[j]);
+            hvals.push_back(hj);
             PyObject* kj = PyLong_FromUnsignedLongLong(hj);
             if (kj == nullptr) throw py::error_already_set();
             PyTuple_SET_ITEM(hkeys.p, static_cast<Py_ssize_t>(j + 1), kj);  // steals: the tuple owns it from here
@@ -828,7 +879,7 @@ struct Ctx {
                 ok = false;  // rebinds a live handle: `_run_step`
                 break;
               }
-              int pj = PyDict_Contains(pdict, kj);
+              int pj = contains(pdict, kj);
               if (pj < 0) throw py::error_already_set();
               if (!pj) ++fresh;
             }
@@ -1000,7 +1051,7 @@ struct Ctx {
         Own result(ran);  // a Python run's values, held until they are bound (their tensors keep their objects)
         rng.drop();
         if (p->returns == SEVERAL) {
-          if (!several(c, hkeys.p, stack, used_before, &exc, p->n_pos >= 0 ? result.p : nullptr)) break;
+          if (!several(c, hkeys.p, hvals, stack, used_before, &exc, p->n_pos >= 0 ? result.p : nullptr)) break;
           ++hits;
           ++k;
           ++i;
@@ -1091,9 +1142,10 @@ struct Ctx {
         // the run that followed the one before (`runs.Trace.alt`): a run met at two places of a step (a
         // transformer's layers) is followed by another run at each, and `next` names the last one only
         py::object py_alt, nat_alt;
-        if (!alt_tried && follow(*prev, &py_alt, &nat_alt, S_alt) && !py_alt.is(py_cur)) {
+        const Trace* alt = alt_tried ? nullptr : follow(*prev, &py_alt, &nat_alt, S_alt);
+        if (alt != nullptr && !py_alt.is(py_cur)) {
           alt_tried = true;
-          enter(py_alt, nat_alt);
+          enter(std::move(py_alt), std::move(nat_alt), alt);
           continue;
         }
         cur = prev;
@@ -1106,14 +1158,15 @@ struct Ctx {
       }
       if (flags != END || i >= n || !exc.is_none()) break;
       py::object py_next, nat_next;
-      if (!follow(*cur, &py_next, &nat_next, S_next)) break;
+      const Trace* next = follow(*cur, &py_next, &nat_next, S_next);
+      if (next == nullptr) break;
       alt_tried = false;
       prev = cur;
-      py_prev = py_cur;
-      nat_prev = nat_cur;
-      objs_prev = objs;
+      py_prev = std::move(py_cur);
+      nat_prev = std::move(nat_cur);
+      objs_prev = std::move(objs);
       switched_at = hits;
-      enter(py_next, nat_next);
+      enter(std::move(py_next), std::move(nat_next), next);
     }
     c.sync_all();
     py::object chained = py::none();
@@ -1124,28 +1177,29 @@ struct Ctx {
   // The run that followed `t` the last time it ran to its end (`runs.Trace.next`; with `which` S_alt, the one that
   // followed it the time before, `runs.Trace.alt`), where `Ctx.run` may go on in it: still alive, learned under this
   // context's quota and compute bound (`_native_candidates`' test), compiled, and its first step one that runs here.
-  // Sets its `runs.Trace` and its native form.
-  bool follow(const Trace& t, py::object* py_next, py::object* nat_next, PyObject* which) {
-    if (t.origin.is_none()) return false;
+  // Sets its `runs.Trace` and its native form and returns the latter's Trace; null where it does not go on.
+  const Trace* follow(const Trace& t, py::object* py_next, py::object* nat_next, PyObject* which) {
+    if (t.origin.is_none()) return nullptr;
     PyObject* o = PyWeakref_GetObject(t.origin.ptr());  // borrowed; None once the trace is gone
     if (o == nullptr) throw py::error_already_set();
-    if (o == Py_None) return false;
+    if (o == Py_None) return nullptr;
     Own next_of(PyObject_GetAttr(o, which));
     if (next_of.p == nullptr) throw py::error_already_set();
     Own c(PyObject_CallNoArgs(next_of.p));
     if (c.p == nullptr) throw py::error_already_set();
-    if (c.p == Py_None) return false;
+    if (c.p == Py_None) return nullptr;
     int64_t q = 0, f = 0;
-    if (!attr_i64(c.p, S_quota, &q) || q != quota || !attr_i64(c.p, S_flops, &f) || f != flops) return false;
+    if (!attr_i64(c.p, S_quota, &q) || q != quota || !attr_i64(c.p, S_flops, &f) || f != flops) return nullptr;
     Own nat(PyObject_GetAttr(c.p, S_native));
     if (nat.p == nullptr) throw py::error_already_set();
-    py::handle h(nat.p);
-    if (!py::isinstance<Trace>(h)) return false;  // not compiled yet (the Python path compiles it), or none runs
-    const Trace& tn = h.cast<const Trace&>();
-    if (tn.steps.empty() || tn.steps[0] == nullptr) return false;
-    *py_next = py::reinterpret_borrow<py::object>(c.p);
-    *nat_next = py::reinterpret_borrow<py::object>(nat.p);
-    return true;
+    const Trace* tn = trace_of(nat.p);
+    if (tn == nullptr) return nullptr;  // not compiled yet (the Python path compiles it), or none runs
+    if (tn->steps.empty() || tn->steps[0] == nullptr) return nullptr;
+    *py_next = py::reinterpret_steal<py::object>(c.p);
+    c.p = nullptr;
+    *nat_next = py::reinterpret_steal<py::object>(nat.p);
+    nat.p = nullptr;
+    return tn;
   }
 
   // The rest of a SEVERAL step after its op ran: the count, `bind_outputs` of its values (a tuple's tensors, or a
@@ -1154,8 +1208,9 @@ struct Ctx {
   // `got`: a Python run's result (`call_py`), whose values are taken as it returned them where it is a tuple: its
   // tensors, None, and any other value (the attention forward's ints, which `_bind_outputs` makes tensors of); null
   // for the op's own values on `stack`.
-  bool several(Counts& c, PyObject* hkeys, torch::jit::Stack& stack, int64_t used_before, py::object* exc,
-               PyObject* got = nullptr) {
+  // `hvals`: the handles of `hkeys` as the record holds them (one a key).
+  bool several(Counts& c, PyObject* hkeys, const std::vector<uint64_t>& hvals, torch::jit::Stack& stack,
+               int64_t used_before, py::object* exc, PyObject* got = nullptr) {
     std::vector<at::Tensor> outs;
     Own values(nullptr);
     bool flat = true;  // `values` are the slots `_bind_outputs` binds (`_slots`: no list or tuple among them)
@@ -1206,8 +1261,7 @@ struct Ctx {
     std::vector<uint64_t> seen;
     for (size_t j = 0; j < nh && here; ++j) {
       PyObject* kj = PyTuple_GET_ITEM(hkeys, static_cast<Py_ssize_t>(j));
-      const uint64_t hj = PyLong_AsUnsignedLongLong(kj);
-      if (hj == static_cast<uint64_t>(-1) && PyErr_Occurred()) throw py::error_already_set();
+      const uint64_t hj = hvals[j];
       PyObject* vj = PyList_GET_ITEM(values.p, static_cast<Py_ssize_t>(j));  // borrowed
       if (hj == 0 || vj == Py_None) continue;  // `_bind_outputs` binds nothing there
       const at::Tensor& t = outs[j];
@@ -1220,19 +1274,19 @@ struct Ctx {
         if (o == hj) here = false;
       }
       seen.push_back(hj);
-      int pj = PyDict_Contains(poisoned.ptr(), kj);
+      int pj = contains(poisoned.ptr(), kj);
       if (pj < 0) throw py::error_already_set();
       if (pj) here = false;
     }
     try {
       py::object bound;
       if (here) {
-        zero_several(hkeys, outs, values.p);
+        zero_several(hvals, nh, outs, values.p);
         Own got(PyList_New(0));
         if (got.p == nullptr) throw py::error_already_set();
         for (size_t j = 0; j < nh; ++j) {
           PyObject* kj = PyTuple_GET_ITEM(hkeys, static_cast<Py_ssize_t>(j));
-          const uint64_t hj = PyLong_AsUnsignedLongLong(kj);
+          const uint64_t hj = hvals[j];
           if (!outs[j].defined() || hj == 0) continue;
           bind_new(c, kj, outs[j], PyList_GET_ITEM(values.p, static_cast<Py_ssize_t>(j)), false);
           handle_keys->put(hj, kj);
@@ -1262,14 +1316,13 @@ struct Ctx {
   // `WorkerSession.bind_outputs`' zeroing, before `several` binds an op's outputs with `bind_new`: a new storage's
   // bytes outside the union of the extents of the outputs it binds there (`y[0]`, `y[1]` over one new storage keep
   // each other's bytes), where one of them does not cover it (`outside`); handle 0 binds nothing, as there.
-  void zero_several(PyObject* hkeys, const std::vector<at::Tensor>& outs, PyObject* values) {
-    const size_t nh = static_cast<size_t>(PyTuple_GET_SIZE(hkeys));
-    auto bound = [&](size_t j) {
-      return outs[j].defined() && PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(hkeys, static_cast<Py_ssize_t>(j))) != 0;
-    };
+  // `hvals`: the first `nh` outputs' handles.
+  void zero_several(const std::vector<uint64_t>& hvals, size_t nh, const std::vector<at::Tensor>& outs,
+                    PyObject* values) {
+    auto bound = [&](size_t j) { return outs[j].defined() && hvals[j] != 0; };
     std::vector<const c10::StorageImpl*> done;
     for (size_t j = 0; j < nh; ++j) {
-      if (!bound(j) || !outside(outs[j], outs[j].storage().nbytes())) continue;
+      if (!bound(j) || !outside(outs[j].unsafeGetTensorImpl(), outs[j].storage().nbytes())) continue;
       const c10::StorageImpl* st = outs[j].storage().unsafeGetStorageImpl();
       if (std::find(done.begin(), done.end(), st) != done.end()) continue;
       done.push_back(st);
@@ -1302,20 +1355,39 @@ struct Ctx {
 
   // Whether `t`'s storage of `nbytes` holds bytes outside `t`'s extent (`sessions._zero_outside` zeroes them in a
   // new storage): a kernel's buffer behind a smaller result (`mse_loss`'s 0-d loss over the elementwise buffer), an
-  // expanded or offset result. The common case, a dense result over exactly its storage, costs three comparisons.
-  static bool outside(const at::Tensor& t, size_t nbytes) {
-    if (t.nbytes() == nbytes && t.storage_offset() == 0 && t.unsafeGetTensorImpl()->is_non_overlapping_and_dense()) {
-      return false;
-    }
-    if (t.numel() == 0) return nbytes > 0;  // `_zero_outside`: a tensor of no elements covers nothing
-    if (t.storage_offset() > 0) return true;
+  // expanded or offset result. Read from the TensorImpl (a strided tensor, checked by the callers): the common case,
+  // a dense result over exactly its storage, is a product, two comparisons and torch's cached dense flag.
+  static bool outside(const c10::TensorImpl* t, size_t nbytes) {
+    const int64_t n = t->numel();
+    const int64_t off = t->storage_offset();
+    const auto item = static_cast<int64_t>(t->itemsize());
+    if (static_cast<size_t>(n * item) == nbytes && off == 0 && t->is_non_overlapping_and_dense()) return false;
+    if (n == 0) return nbytes > 0;  // `_zero_outside`: a tensor of no elements covers nothing
+    if (off > 0) return true;
     int64_t last = 0;  // `sessions.extent`: strides are never negative
-    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-    return static_cast<size_t>((last + 1) * static_cast<int64_t>(t.element_size())) < nbytes;
+    const auto sizes = t->sizes();
+    const auto strides = t->strides();
+    for (size_t d = 0; d < sizes.size(); ++d) last += (sizes[d] - 1) * strides[d];
+    return static_cast<size_t>((last + 1) * item) < nbytes;
   }
 
-  // `sessions._zero_unwritten(tensors, storage)` for `objs`, tensors over one new storage (`WorkerSession.zero_new`)
-  void zero_new(PyObject* objs) { s.attr("zero_new")(py::handle(objs)); }
+  // `sessions._zero_unwritten(tensors, storage)` for `objs`, tensors over one new storage (`WorkerSession.zero_new`):
+  // nothing where one of them is marked `WHOLE` (`any(getattr(t, WHOLE, False))`, read here: a kernel that wrote its
+  // whole buffer, the common case where a result does not cover its storage), else Python's zeroing.
+  void zero_new(PyObject* objs) {
+    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(objs); ++j) {
+      Own w(PyObject_GetAttr(PyList_GET_ITEM(objs, j), S_whole));
+      if (w.p == nullptr) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) throw py::error_already_set();
+        PyErr_Clear();
+        continue;
+      }
+      const int yes = PyObject_IsTrue(w.p);
+      if (yes < 0) throw py::error_already_set();
+      if (yes) return;
+    }
+    s.attr("zero_new")(py::handle(objs));
+  }
 
   // `WorkerSession.bind_new`: count the storage once (a new one's bytes outside `out` zeroed, unless `zero` is
   // false: `several` zeroes outside all of an op's outputs first), bind the handle
@@ -1327,7 +1399,7 @@ struct Ctx {
     if (entry == nullptr) {
       if (PyErr_Occurred()) throw py::error_already_set();
       const int64_t nbytes = static_cast<int64_t>(storage.nbytes());
-      if (zero && outside(out, storage.nbytes())) {  // round 36: the runner zeroed nothing (guards.BUFFERED_RESULTS)
+      if (zero && outside(out.unsafeGetTensorImpl(), storage.nbytes())) {  // round 36: the runner zeroed nothing (guards.BUFFERED_RESULTS)
         Own objs(PyList_New(1));
         if (objs.p == nullptr) throw py::error_already_set();
         PyList_SET_ITEM(objs.p, 0, Py_NewRef(obj));  // steals the new reference
@@ -1918,6 +1990,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   S_used = PyUnicode_InternFromString("used");
   S_ops = PyUnicode_InternFromString("ops");
   S_run = PyUnicode_InternFromString("run");
+  S_whole = PyUnicode_InternFromString("_gpupool_whole");
+  m.attr("WHOLE") = py::reinterpret_borrow<py::str>(S_whole);  // tests: the same name as `opargs.WHOLE`
   S_tensors = PyUnicode_InternFromString("tensors");
   S_keys = PyUnicode_InternFromString("_keys");
   S_storages = PyUnicode_InternFromString("_storages");
@@ -1953,6 +2027,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("runs", [](const Trace& t, int64_t k) {
         return k >= 0 && k < static_cast<int64_t>(t.steps.size()) && t.steps[k] != nullptr;
       });
+  trace_type = py::detail::get_type_info(typeid(Trace));
   py::class_<Ctx>(m, "Ctx")
       .def(py::init([](py::object s, py::object memory, py::object count, py::object bind_outputs,
                        py::object over_quota, int64_t capacity, py::object rng) {

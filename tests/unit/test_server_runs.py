@@ -1414,3 +1414,65 @@ def test_below_autograd_on_a_cuda_session() -> None:
     assert native_runner.below_autograd("aten::mm", dev)
     assert native_runner.below_autograd("aten::_foreach_lerp_.Scalar", dev)
     assert not native_runner.below_autograd("aten::_cudnn_rnn", dev)  # CUDA only: not the CPU's
+
+
+def test_the_runner_reads_the_whole_mark_under_the_name_python_sets(runner: str) -> None:
+    """The runner skips `WorkerSession.zero_new` for results marked `WHOLE` (server/native_runner.cpp `zero_new`
+    reads the mark itself, the attention's seeds in every step): under the name `opargs.written_whole` sets (with
+    another name it would find no mark and call Python's zeroing, which reads it: slower, never less zeroed)."""
+    from gpupool.server import opargs
+
+    if runner == "python":
+        pytest.skip("the runner's own constant")
+    assert native_runner.load().WHOLE == opargs.WHOLE
+
+
+def test_a_run_replaced_on_the_plans_class_is_what_every_record_runs(
+    runner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner reads a step's `owner.run` from the `OpPlan`'s slot only while the class is as it was when the
+    step was compiled (native_runner.cpp `runs_its_own`: its attribute cache tag): a `run` replaced on the class (a
+    property here, wrapping each plan's own) is what every later record runs, the runner's as the normal path's."""
+    from gpupool.server import checks
+
+    p = Pair()
+    p.stream(training(p, 6), itertools.cycle([64]))
+    owner = {id(plan): k for k, ex in enumerate(p.ex) for plan in ex._plans.values()}
+    slot = checks.OpPlan.run
+    calls = [0, 0]
+
+    def wrapped(plan: Any) -> Any:
+        real = slot.__get__(plan, checks.OpPlan)
+
+        def run(*a: Any, **k: Any) -> Any:
+            calls[owner[id(plan)]] += 1
+            return real(*a, **k)
+
+        return run
+
+    monkeypatch.setattr(checks.OpPlan, "run", property(wrapped, slot.__set__))
+    native, hits = p.runs().native, p.hits
+    p.stream([c for t in range(6, 10) for c in step(p, t) + [free(t - 1)]], itertools.cycle([64]))
+    assert p.hits - hits > 20  # still in learned runs, on the Python path
+    assert p.runs().native == native
+    assert calls[0] == calls[1] == 4 * 11
+
+
+def test_an_op_returning_a_list_of_one_under_one_output_handle_runs_in_learned_runs(runner: str) -> None:
+    """A `Tensor[]` op whose record names one output handle (a `_foreach_` op of a one-element list): a SEVERAL
+    step of one output. Until round 37 the C++ runner made its handles' tuple only for two or more outputs and read
+    the missing one: the worker died (a segfault; under `--isolation thread` the whole daemon, every session), from
+    records any client may send. Now bound as the normal path binds it."""
+    p = Pair()
+    cmds: list[device_pb2.Command] = []
+    for t in range(8):
+        cmds += [
+            p.rec(1, [h(t, 0)], [T(X), V(1.0 + t)]),
+            p.rec(8, [h(t, 6)], [compact.tensors([h(t, 0)]), V(1.0)]),
+            p.rec(3, [h(t, 2)], [T(h(t, 6))]),
+        ]
+        if t:
+            cmds.append(device_pb2.Command(free=device_pb2.Free(handles=[h(t - 1, j) for j in (0, 2, 6)])))
+    p.stream(cmds, itertools.cycle([64]))
+    assert p.hits > 3 * 4
+    assert torch.equal(p.s[0].tensors[h(7, 2)], torch.relu(p.s[0].tensors[X] * 8.0 + 1.0))
