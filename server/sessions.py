@@ -52,6 +52,11 @@ class Poison:
     used_bytes: int | None = None  # a memory refusal's numbers (errors.ResourceExhausted)
     limit_bytes: int | None = None
 
+    def carried(self) -> Poison:
+        """The poison an op that fails on this handle records and poisons its outputs with: this one, or a copy
+        that holds nothing (`storage_resize.ResizedAway` holds its tensor)."""
+        return self
+
     @classmethod
     def of(cls, exc: GpupoolError, op: str) -> Poison:
         """The poison of a failed command `op` (its name, or "" for commands that are not ops)."""
@@ -151,7 +156,7 @@ class WorkerSession:
         self.check_handle(handle)
         poison = self.poisoned.get(handle)
         if poison is not None:
-            raise PoisonedInput(poison, handle)
+            raise PoisonedInput(poison.carried(), handle)
         raise NotFound(f"handle {handle:#x} was never created (or was freed)")
 
     # ---- memory ----
@@ -417,6 +422,9 @@ class WorkerSession:
             for h in list(self.tensors):
                 self.unbind(h)
             self.poisoned.clear()
+            if self._storages:  # counted for handles resized away alone (server/storage_resize.py `_Away.hold`)
+                self._account(-sum(entry[1] for entry in self._storages.values()))
+                self._storages.clear()
             self.uploads.clear()
             self.upload_pool.release()
             if self.staging is not None:

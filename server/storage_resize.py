@@ -50,7 +50,13 @@ class ResizedAway(Poison):
     is freed, which drops it with the rest of the poisoned entry)."""
 
     tensor: Any = field(default=None, repr=False)
-    handle: int = 0  # the handle it was made for (an op that fails on it poisons its outputs with this same object)
+    handle: int = 0  # the handle it was made for
+
+    def carried(self) -> Poison:
+        # what an op that fails on it poisons its outputs with and records: its error without the tensor. Round 37
+        # (fin37): the same object, its tensor too, so a failed op's output (and the session's recorded error) held
+        # the storage alive where neither the session's count nor the index saw it.
+        return Poison(self.code, self.op, self.message)
 
 
 def _resized_away(handle: int, tensor: torch.Tensor, nbytes: int) -> ResizedAway:
@@ -67,12 +73,35 @@ class _Away:
     handle of the session (~0.2 us a handle on this box: 2 ms a resize at 10,000 handles, four resizes per FSDP
     parameter per step); trusted only where the storage's own count of handles says none was added since."""
 
-    __slots__ = ("by_storage", "count", "members")
+    __slots__ = ("by_storage", "count", "members", "held")
 
     def __init__(self) -> None:
         self.by_storage: dict[int, dict[int, ResizedAway]] = {}
         self.count = 0
         self.members: dict[int, list[int]] = {}
+        # Storages the index holds (its ResizedAway entries keep their tensors, so their storages, alive): each
+        # counted once more in the session's `_storages` while it does, so its bytes stay in the session's count
+        # whatever its handles do. Round 37 (fin37): a storage counted by its live handles only left the count with
+        # the last of them while a handle resized away still held it: an empty view grew it back (to a size the
+        # resized-away handle did not fit) and was freed, 12 MiB held a cycle past a 16 MiB quota, unbounded.
+        self.held: set[int] = set()
+
+    def hold(self, s: WorkerSession, key: int) -> None:
+        """Count storage `key` for the index (its entry exists: a handle of it is counted when this is called)."""
+        if key not in self.held:
+            self.held.add(key)
+            s._storages[key][0] += 1
+
+    def let_go(self, s: WorkerSession, key: int) -> None:
+        """The index holds storage `key` no more: its count for the index goes (and its bytes, if that was the last)."""
+        if key in self.held:
+            self.held.discard(key)
+            entry = s._storages.get(key)
+            if entry is not None:
+                entry[0] -= 1
+                if entry[0] == 0:
+                    del s._storages[key]
+                    s._account(-entry[1])
 
     def counted(self, s: WorkerSession, key: int) -> list[int]:
         """The handles counted on storage `key`: those of its last resize if they all still are and no other is
@@ -82,7 +111,7 @@ class _Away:
         cached = self.members.get(key)
         if cached is not None:
             live = [h for h in cached if keys.get(h) == key]
-            if len(live) == (entry[0] if entry is not None else 0):
+            if len(live) == (entry[0] - (key in self.held) if entry is not None else 0):
                 return live
         return [h for h, k in keys.items() if k == key]
 
@@ -105,6 +134,7 @@ class _Away:
                 self.by_storage[key] = kept
             else:
                 del self.by_storage[key]
+                self.let_go(s, key)
         self.count = sum(len(v) for v in self.by_storage.values())
 
     def holds(self, key: int, handle: int, away: ResizedAway) -> bool:
@@ -138,7 +168,7 @@ def resize(s: WorkerSession, msg: device_pb2.ResizeStorage) -> None:
     named_away = None
     if t is None:
         p = s.poisoned.get(handle)
-        # the handle resized away itself (an op that failed on one poisons its outputs with the same entry)
+        # the handle resized away itself (an op that failed on one poisons its outputs with a copy: `carried`)
         if not isinstance(p, ResizedAway) or p.handle != handle:
             s.resolve(handle)  # raises: failed, never created or freed
             raise AssertionError("unreachable")  # pragma: no cover
@@ -166,6 +196,8 @@ def resize(s: WorkerSession, msg: device_pb2.ResizeStorage) -> None:
                 f"(to {extent(tensors[past[0]])}); a storage shrinks to 0 or to a size all its tensors fit"
             )
         storage.resize_(nbytes)
+        if past:
+            away.hold(s, key)  # before the handles' counts go: the storage stays counted while the index holds it
         for h in past:
             mark = _resized_away(h, tensors.pop(h), nbytes)
             s._uncount(h)
@@ -180,7 +212,7 @@ def resize(s: WorkerSession, msg: device_pb2.ResizeStorage) -> None:
             f"storage resize of handle {handle:#x} to {nbytes} bytes: the handle reaches past that (to {extent(t)})"
         )
     entry = s._storages.get(key)
-    counted = entry[1] if entry is not None else 0  # a storage only resized-away handles hold: 0 bytes, uncounted
+    counted = entry[1] if entry is not None else 0  # (an entry is there: the index's own count, `_Away.hold`)
     s.admit(nbytes - counted)
     storage.resize_(nbytes)  # an allocation that fails (the device's OOM) changes nothing
     zero_bytes(storage, old, nbytes)
@@ -194,6 +226,8 @@ def resize(s: WorkerSession, msg: device_pb2.ResizeStorage) -> None:
             live.append(h)
         else:
             away.add(s, key, h, mark)
+    if key not in away.by_storage:  # every handle resized away is back (or was freed): the index holds it no more
+        away.let_go(s, key)
     away.remember(s, key, live)
 
 

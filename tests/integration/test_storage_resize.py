@@ -161,6 +161,32 @@ def test_a_poisoned_copy_of_a_resized_away_handle_cannot_resize(served: ServePro
     assert used(served, s) == base
 
 
+def test_a_storage_only_resized_away_handles_hold_stays_counted(served: ServeProcess, s: Session) -> None:
+    """Round 37 (fin37): an empty view's handle stays live when its storage goes to 0; grown back through it to a
+    size the resized-away handle does not fit and then freed, the storage left the session's count while the
+    resized-away handle still held its bytes -- 12 MiB a cycle past a 16 MiB quota, as many cycles as handles. Now the
+    storage stays counted while any handle resized away holds it."""
+    base = used(served, s)
+    h = s.upload(torch.ones(3 * N))  # 12 of the 16 MiB
+    [empty] = s.call("aten::slice.Tensor", Handle(h), 0, 0, 0)
+    resize(s, h, 0)
+    resize(s, empty, 12 * N - 4)  # `h` reaches 4 bytes past that: it stays resized away
+    s.free([empty])
+    synced(s)
+    assert used(served, s) == base + 12 * N - 4  # held by `h`: counted (the base: `base`, nothing held)
+    again = s.upload(torch.ones(3 * N))  # a second cycle's 12 MiB: past the quota now
+    with pytest.raises(errors.ResourceExhausted, match="quota"):
+        synced(s)
+    s.free([again])
+    resize(s, h, 12 * N)  # back, its storage's bytes zeroed
+    synced(s)
+    assert used(served, s) == base + 12 * N
+    assert torch.equal(s.download(h), torch.zeros(3 * N))
+    s.free([h])
+    synced(s)
+    assert used(served, s) == base
+
+
 def test_another_sessions_handle_is_denied(served: ServeProcess, s: Session) -> None:
     with Session.attach(served.address, served.token(quota_bytes=QUOTA, tenant="other")) as other:
         theirs = other.upload(torch.arange(8.0))

@@ -67,3 +67,26 @@ def test_cycles_keep_the_count_and_zero_what_comes_back(kind: str) -> None:
     assert s.error is None and torch.equal(s.tensors[OUT].cpu(), torch.full((16,), -5.0))
     s.free([X, V, OUT, W])
     assert s.used == s.memory.used == 0
+
+
+def test_a_failed_ops_outputs_hold_no_resized_away_storage() -> None:
+    """Round 37 (fin37): an op that failed on a resized-away handle poisoned its output (and recorded the session's
+    error) with the handle's own entry, its tensor too: the storage then lived on under a handle neither the
+    session's count nor the resize index saw. The copies hold nothing; the count keeps what the index holds."""
+    dev = FakeDevice(0, "h", 1 << 30)
+    ex, s = _session(dev)
+    s.bind(X, torch.ones(1024))
+    s.bind(W, s.tensors[X][:0])  # an empty view: stays live at 0 bytes
+    _run(ex, s, _resize(X, 0))
+    _run(ex, s, _neg(X, OUT))
+    assert s.error is not None and "resized to 0 bytes" in s.error.message
+    assert getattr(s.error, "tensor", None) is None and getattr(s.poisoned[OUT], "tensor", None) is None
+    s.error = None
+    _run(ex, s, _resize(W, 1024))  # through the empty view, to a size X does not fit: X stays resized away
+    assert s.error is None and s.used == 1024
+    s.free([W])
+    assert s.used == 1024  # X still holds the storage: counted
+    _run(ex, s, _resize(X, 4096))
+    assert s.error is None and s.used == 4096 and torch.equal(s.tensors[X], torch.zeros(1024))
+    s.free([X, OUT])
+    assert s.used == s.memory.used == 0
