@@ -234,6 +234,9 @@ class Daemon:
         self.unread = Unread()  # the open sessions' unread reply bytes together (`_room_for_replies`)
         self._recently_closed: OrderedDict[str, Closed] = OrderedDict()  # why sessions ended, for late streams
         self._by_lease: dict[tuple[str, int], FrontSession] = {}  # (lease, device): one per device of a lease
+        # Attaches whose worker is starting (outside the lock: a fork, retried for seconds when memory is short),
+        # counted as sessions: two concurrent Attaches of one lease, or past --max-sessions, cannot both pass
+        self._starting: set[tuple[str, int]] = set()
         self._streams: dict[str, int] = {}  # tenant -> open streams
         self._next_number = 1
         self._draining = False
@@ -274,27 +277,34 @@ class Daemon:
         if dev is None:
             raise NotFound(f"token is for device {claims.device}; host {self.host_id} has {len(self.device_list)}")
         quota = min(claims.quota_bytes or int(claims.share * dev.capacity), dev.capacity)
+        key = (claims.lease_id, claims.device)
         with self._lock:
             # A copied token must not evict the session that holds it: one session per (lease, device).
-            old = self._by_lease.get((claims.lease_id, claims.device))
-            if old is not None and not old.closed:
+            old = self._by_lease.get(key)
+            if (old is not None and not old.closed) or key in self._starting:
                 raise FailedPrecondition(
                     f"lease {claims.lease_id} already has a session on this device; detach it first"
                 )
-            if len(self._sessions) >= self.config.max_sessions:
+            if len(self._sessions) + len(self._starting) >= self.config.max_sessions:
                 raise ResourceExhausted(
-                    f"host {self.host_id} has {len(self._sessions)} sessions, its limit (--max-sessions)"
+                    f"host {self.host_id} has {len(self._sessions) + len(self._starting)} sessions, its limit "
+                    "(--max-sessions)"
                 )
             number = self._next_number
             self._next_number += 1
-        s = FrontSession(
-            secrets.token_urlsafe(18), number, claims, dev, quota, claims.tenant or claims.lease_id, self.unread
-        )
-        s.runner = self._new_runner(s, network=claims.network)
-        s.entry = self.queues[dev.index].add(s, claims.share)
-        with self._lock:
-            self._sessions[s.session_id] = s
-            self._by_lease[(claims.lease_id, claims.device)] = s
+            self._starting.add(key)
+        try:
+            s = FrontSession(
+                secrets.token_urlsafe(18), number, claims, dev, quota, claims.tenant or claims.lease_id, self.unread
+            )
+            s.runner = self._new_runner(s, network=claims.network)
+            s.entry = self.queues[dev.index].add(s, claims.share)
+            with self._lock:
+                self._sessions[s.session_id] = s
+                self._by_lease[key] = s
+        finally:
+            with self._lock:
+                self._starting.discard(key)
         log.info(
             "attached session %d (lease %s, tenant %s) on device %d: quota %d bytes, share %.3f, worker %d",
             number,

@@ -148,6 +148,54 @@ def test_a_closed_sessions_shared_buffer_is_unmapped_at_once(serve_process: Any)
     assert shared_mappings(d.process.pid) <= 2  # every closed session's buffer went with it (0 here; the base kept 7)
 
 
+def _attach_together(address: str, tokens_: list[str]) -> tuple[list[Session], list[BaseException]]:
+    """Attach with each token at once (a thread each, released together): the sessions and the refusals."""
+    import threading
+
+    go = threading.Barrier(len(tokens_))
+    got: list[Session] = []
+    refused: list[BaseException] = []
+
+    def one(tok: str) -> None:
+        go.wait()
+        try:
+            got.append(Session.attach(address, tok))
+        except errors.GpupoolError as exc:
+            refused.append(exc)
+
+    threads = [threading.Thread(target=one, args=(t,)) for t in tokens_]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return got, refused
+
+
+def test_concurrent_attaches_hold_one_session_per_lease_and_the_session_limit(serve_process: Any) -> None:
+    # A worker starts outside the daemon's lock (a fork; retried for seconds when memory is short): the checks
+    # before it (one session per lease and device, --max-sessions) counted only started sessions, so Attaches at
+    # once all passed them (round 37's final review). Starting ones count now.
+    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "64MiB", "--max-sessions", "2")
+    one_lease = d.token(quota_bytes=MiB, lease_id="the-lease")
+    got, refused = _attach_together(d.address, [one_lease] * 4)
+    try:
+        assert len(got) == 1, (len(got), refused)
+        assert all(isinstance(e, errors.FailedPrecondition) for e in refused), refused
+    finally:
+        for s in got:
+            s.close()
+    deadline = time.monotonic() + 10
+    while status(d.address).sessions and time.monotonic() < deadline:
+        time.sleep(0.1)
+    got, refused = _attach_together(d.address, [d.token(quota_bytes=MiB) for _ in range(5)])
+    try:
+        assert len(got) == 2, (len(got), refused)
+        assert all(isinstance(e, errors.ResourceExhausted) for e in refused), refused
+    finally:
+        for s in got:
+            s.close()
+
+
 def test_max_pool_backwards_with_bad_indices_are_refused(daemon: Any) -> None:
     s = Session.attach(daemon.address, daemon.token(quota_bytes=16 * MiB))
     x = torch.randn(1, 2, 8, 8)
