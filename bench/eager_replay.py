@@ -62,9 +62,9 @@ def dump(model_name: str, out: str, steps: int) -> None:
         session = runtime.get(device.index).session
         put = session._put
 
-        def record(frame: Any) -> None:
+        def record(frame: Any, *rest: Any) -> None:  # (rest: the queued size, `Session._put`)
             frames.append(frame if isinstance(frame, bytes) else frame.SerializeToString())
-            put(frame)
+            put(frame, *rest)
 
         session._put = record
         model, data, loss_fn = workload(model_name)

@@ -56,9 +56,9 @@ def record(address: str, token: str, out: str) -> None:
     frames: list[bytes] = []
     put = session._put
 
-    def keep(frame: Any) -> None:
+    def keep(frame: Any, *rest: Any) -> None:  # (rest: the queued size, `Session._put`)
         frames.append(frame if isinstance(frame, bytes) else frame.SerializeToString())
-        put(frame)
+        put(frame, *rest)
 
     session._put = keep
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)).to(dev)

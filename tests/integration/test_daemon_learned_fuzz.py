@@ -94,9 +94,9 @@ def record(daemon: DaemonHandle, steps: int) -> Recording:
     sent: list[tuple[Session, bytes]] = []
     put = Session._put
 
-    def spy(self: Session, frame: Any) -> None:
+    def spy(self: Session, frame: Any, *rest: Any) -> None:  # (rest: the queued size, `Session._put`)
         sent.append((self, frame if isinstance(frame, bytes) else frame.SerializeToString()))
-        put(self, frame)
+        put(self, frame, *rest)
 
     Session._put = spy  # type: ignore[method-assign]
     try:

@@ -340,10 +340,10 @@ def sent_frames(rt: Any, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     frames: list[list[str]] = []
     put = rt.session._put
 
-    def spy(f: Any) -> None:
+    def spy(f: Any, *rest: Any) -> None:  # (rest: the queued size, `Session._put`)
         frame = f if isinstance(f, device_pb2.ClientFrame) else device_pb2.ClientFrame.FromString(f)
         frames.append([str(c.WhichOneof("cmd")) for c in frame.commands])
-        put(f)
+        put(f, *rest)
 
     monkeypatch.setattr(rt.session, "_put", spy)
     return frames
