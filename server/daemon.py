@@ -285,11 +285,9 @@ class Daemon:
                 raise FailedPrecondition(
                     f"lease {claims.lease_id} already has a session on this device; detach it first"
                 )
-            if len(self._sessions) + len(self._starting) >= self.config.max_sessions:
-                raise ResourceExhausted(
-                    f"host {self.host_id} has {len(self._sessions) + len(self._starting)} sessions, its limit "
-                    "(--max-sessions)"
-                )
+            held = len(self._sessions) + len(self._starting)
+            if held >= self.config.max_sessions:
+                raise ResourceExhausted(f"host {self.host_id} has {held} sessions, its limit (--max-sessions)")
             number = self._next_number
             self._next_number += 1
             self._starting.add(key)
