@@ -10,7 +10,9 @@ threads work while one records a step): commands are queued under one lock in th
 them, whoever waits reads the replies for every waiter (one thread at a time), and the bulk side socket's upload
 and download directions move at once (gpupool/duplex.py; before round 24 they could deadlock). Where the daemon
 has a side port and names `side_frames` (round 26), the frames and replies travel on the side socket instead (a
-sender thread of the session's own writes them; the stream stays open for the session's end): docs/wire.md.
+sender thread of the session's own writes them; the stream stays open for the session's end), except a frame the
+caller waits on next (a Sync's, a Get's), which the calling thread writes itself while the sender is idle (round 38:
+no hand-off, no wake-up of the sender a synced step): docs/wire.md.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ END_GRACE = 5.0  # seconds the side socket stays open after the stream ended (wh
 SEND_QUEUE_WAIT = 0.25  # seconds a caller blocked on a full queue waits for the sender's word before it looks again
 # A frame the caller waits on (a Sync's, a Get's) written from the calling thread when the sender thread is idle and
 # nothing is queued (`_put`'s `reply`), where the frames use the side socket: at most this many bytes (a step's
-# frame of ops or a captured run and its Sync; a larger one goes to the sender as before)
-INLINE_MAX_BYTES = 256 * 1024
+# frame of ops, or a captured run with its inputs by value (the stock MLP's ~512 KB) and its Sync; a larger one goes
+# to the sender as before). The caller waits for the reply anyway; the write holds the session's lock meanwhile.
+INLINE_MAX_BYTES = SEND_QUEUE_BYTES
 CHANNEL_OPTIONS = [
     # Download chunks are 4 MiB plus framing, over gRPC's 4 MiB default receive limit.
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -879,7 +882,7 @@ class Session:
             return False
         raw = frame if type(frame) is bytes else _serialize_frame(frame)
         if len(raw) > INLINE_MAX_BYTES:
-            return False  # (a protobuf frame is then serialized twice: rare, over 256 KiB)
+            return False  # (a protobuf frame is then serialized twice: rare, over 2 MiB)
         carrier = self._carrier
         assert carrier is not None
         self.frames_put += 1
