@@ -17,7 +17,8 @@ and `FairQueue.done` (the reader is done with the slice). So an `.item()` reads 
     (reader busy)  beside them: the reply queued -> the reader done with the slice (`FairQueue.done`, back to
                    gRPC's receive next), and whether that came after the client's next call began (late)
 
-Medians of each leg over the run (each leg's median: they need not add up to the total's). With --against DIR the
+Medians of each leg over the run (each leg's median: they need not add up to the total's), then each leg's 90th
+percentile. With --against DIR the
 other checkout's daemon (run by --against-python) is measured in the same alternating blocks; with --against-client
 DIR instead the other checkout's client (its client/session.py, as bench/sync_client.py loads it) on this tree's
 daemon, a session of each.
@@ -231,9 +232,13 @@ def _legs(
         if busy and i < len(free):
             out["(reader busy)"].append((free[i] - at["queued"]) / 1e3)
             late += free[i] > end
-    rows = {name: (statistics.median(v) if v else float("nan"), len(v)) for name, v in out.items()}
-    rows["(late)"] = (late / max(1, len(out["(reader busy)"])) * 100, late)
+    rows = {name: (statistics.median(v) if v else float("nan"), len(v), _p90(v)) for name, v in out.items()}
+    rows["(late)"] = (late / max(1, len(out["(reader busy)"])) * 100, late, float("nan"))
     return rows
+
+
+def _p90(values: list[float]) -> float:
+    return statistics.quantiles(values, n=10)[-1] if len(values) > 1 else float("nan")
 
 
 def _worker_replay(n: int, instr: bool) -> dict[str, Any]:
@@ -429,8 +434,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {leg:<12}" + "".join(f"{table[n][leg][0]:>14.1f}" for n in names))
         if extra_rows:
             print("  (late: % of calls that began before the reader was done with the one before)")
-        totals = {n: [(t1 - t0) / 1e3 for t0, t1 in by_row[n]] for n in names}
-        print("  total p90   " + "".join(f"{statistics.quantiles(totals[n], n=10)[-1]:>14.1f}" for n in names))
+        print("  p90s:")
+        for leg in [*(name for name, _, _ in legs), "total"]:
+            print(f"  {leg:<12}" + "".join(f"{table[n][leg][2]:>14.1f}" for n in names))
         print("  / ping-pong " + "".join(f"{table[n]['total'][0] / floor_p50:>14.2f}" for n in names))
         print("  (calls)     " + "".join(f"{table[n]['total'][1]:>14}" for n in names))
         if args.wakeups:
