@@ -19,6 +19,7 @@ after the client's warm-up steps, for its timed steps only (and one sync at thei
 
     nice python bench/daemon_syscalls.py --against /work/wt/base
     nice python bench/daemon_syscalls.py --models tiny-mlp --modes native --kinds --keep-trace /tmp/trace
+    nice python bench/daemon_syscalls.py --modes captured,native-captured --sync-every 1 --against DIR --against-client
 """
 
 from __future__ import annotations
@@ -141,11 +142,15 @@ def _threads(pid: int) -> set[int]:
 
 def measure(remote: dict[str, Any], model: str, mode: str, args: argparse.Namespace, kinds: bool) -> dict[str, Any]:
     """One client's timed steps against one daemon: counts per step, front and worker apart."""
-    cmd = ["taskset", "-c", str(args.client_core), sys.executable, __file__, "--client", "--model", model]
+    python, script, where = sys.executable, __file__, HERE
+    if remote["side"] == "base" and args.against_client:  # the other checkout's client (its python, its gpupool)
+        python, where = remote["python"], Path(args.against) / "bench"
+        script = str(where / "daemon_syscalls.py")
+    cmd = ["taskset", "-c", str(args.client_core), python, script, "--client", "--model", model]
     cmd += ["--mode", mode, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     cmd += ["--sync-every", str(args.sync_every), "--address", remote["address"], "--token", remote["token"]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=HERE)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=where)
     assert proc.stdin is not None and proc.stdout is not None
     tmp_dir = tempfile.TemporaryDirectory(prefix="syscalls-")
     tmp = tmp_dir.name
@@ -201,6 +206,9 @@ def measure(remote: dict[str, Any], model: str, mode: str, args: argparse.Namesp
             vol = sum(after[t][0] - before[t][0] for t in tids if t in before and t in after)
             inv = sum(after[t][1] - before[t][1] for t in tids if t in before and t in after)
             out[f"{side}_wakeups"] = vol / n
+            # threads that woke at least every second step
+            woke = [after[t][0] - before[t][0] for t in tids if t in before and t in after]
+            out[f"{side}_threads"] = sum(2 * w >= n for w in woke)
             out[f"{side}_preempted"] = inv / n
             ns = sum(after[t][2] - before[t][2] for t in tids if t in before and t in after)
             out[f"{side}_cpu_us"] = ns / n / 1e3
@@ -268,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-trace", default="", metavar="DIR", help="with --kinds: keep each strace output in DIR")
     p.add_argument("--against", metavar="DIR", default="", help="also measure DIR's daemon (its .venv/bin/python)")
     p.add_argument("--against-python", default="")
+    p.add_argument("--against-client", action="store_true", help="the base rows' client is DIR's too (its python)")
     p.add_argument("--daemon-core", type=int, default=1)
     p.add_argument("--client-core", type=int, default=0)
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
@@ -292,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                     for side in sides if r % 2 == 0 else sides[::-1]:
                         for kinds in (False, True) if args.kinds else (False,):
                             remote = {**daemons.remote(side), "side": "this" if side == "process" else "base"}
+                            remote["python"] = against[1] if against else sys.executable
                             got = measure(remote, model, mode, args, kinds)
                             rows[(model, mode, remote["side"], kinds)].append(got)
                             print(model, mode, remote["side"], "strace" if kinds else "perf", json.dumps(got),
@@ -301,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nper step, medians of {args.rounds} ({args.steps} steps each, {every}); load {load0:.1f} -> "
           f"{load1:.1f}; daemons with {os.environ['BENCH_DAEMON_FLAGS']!r}")  # fmt: skip
     cols = ("front_syscalls", "worker_syscalls", "client_syscalls", "front_wakeups", "worker_wakeups")
-    cols += ("client_wakeups", "front_preempted", "worker_preempted", "front_cpu_us", "worker_cpu_us", "client_cpu_us")
+    cols += ("client_wakeups", "client_threads", "front_threads", "front_preempted", "worker_preempted")
+    cols += ("front_cpu_us", "worker_cpu_us", "client_cpu_us")
     cols += ("wall_ms",)
     print("(cpu_us: the threads' CPU time a step, schedstat; under perf and on a shared box: compare within one run)")
     print(f"{'model':10} {'mode':16} {'side':5} " + " ".join(f"{c:>15}" for c in cols))

@@ -17,8 +17,20 @@ and `FairQueue.done` (the reader is done with the slice). So an `.item()` reads 
     (reader busy)  beside them: the reply queued -> the reader done with the slice (`FairQueue.done`, back to
                    gRPC's receive next), and whether that came after the client's next call began (late)
 
-Medians of each leg over the run (each leg's median: they need not add up to the total's). With --against DIR the
-other checkout's daemon (run by --against-python) is measured in the same alternating blocks.
+Medians of each leg over the run (each leg's median: they need not add up to the total's), then each leg's 90th
+percentile. With --against DIR the
+other checkout's daemon (run by --against-python) is measured in the same alternating blocks; with --against-client
+DIR instead the other checkout's client (its client/session.py, as bench/sync_client.py loads it) on this tree's
+daemon, a session of each.
+
+`--carrier side` runs the daemon as `gpupool up` does (`--bulk-listen`: the session's frames and replies on the side
+socket; the reply is written by the thread that queued it, `FrontSession._write_now`, so no "to writer" leg).
+`--kinds` picks what a call is: `sync` (a lone Sync), `item` (`.item()` of an uploaded scalar), `step` (a captured
+step whose graph is one tiny op, `neg` of a scalar, and its `.item()`, as the shim sends them: RunGraph and Sync in
+one frame) and `native-step` (the same step as the C++ client sends it: the RunGraph entry it encoded, handed over
+with the `.item()`, client/native/backend.py `sync_scalar`). `--wakeups` also counts, around each block, the
+voluntary context switches (a thread that blocked and was woken) of every thread of the client's process, the
+daemon's and its workers', per call, and how many threads woke at least once every two calls.
 
 `--worker-instr N` counts instead (callgrind, exact on a loaded box) the instructions of the worker's own part of an
 `.item()`, in-process: N slices of one Sync of a float scalar through the worker loop's body without its socket
@@ -26,6 +38,7 @@ other checkout's daemon (run by --against-python) is measured in the same altern
 --against, the other checkout's (this file run by --against-python in DIR/bench, importing DIR's gpupool).
 
     python bench/item_legs.py [--items 2000] [--against /work/wt/base --against-python /work/wt/base/.venv/bin/python]
+    python bench/item_legs.py --carrier side --kinds sync,item,step,native-step --wakeups --against-client /work/wt/base
     python bench/item_legs.py --worker-instr 2000 [--against DIR --against-python DIR/.venv/bin/python]
 """
 
@@ -33,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import inspect
 import json
 import os
 import signal
@@ -96,6 +110,82 @@ ITEM_LEGS = (
     ("to client", "writer", "t1"),
 )
 SYNC_LEGS = (("to reader", "t0", "reader"), ("to outbox", "reader", "queued"), *ITEM_LEGS[4:])
+KINDS = ("sync", "item", "step", "native-step")
+
+
+def legs_of(kind: str, carrier: str) -> tuple[tuple[str, str, str], ...]:
+    """The legs of a call of `kind`: on the side socket the reply goes from the outbox's `send` to the client (its
+    reader writes it, `FrontSession._write_now`: no writer's hop)."""
+    legs = SYNC_LEGS if kind == "sync" else ITEM_LEGS
+    if carrier == "side":
+        legs = (*legs[:-2], ("to client", "queued", "t1"))
+    return legs
+
+
+def _step_graph(session: Any, graph_id: int) -> None:
+    """A captured step of one tiny op: `neg` of a float scalar (the graph's one input), its result the output."""
+    import torch
+
+    from gpupool import wire
+    from gpupool._proto import device_pb2, tensor_pb2
+
+    meta = wire.meta_to_proto(torch.ones(()))
+    op = device_pb2.Op(name="aten::neg.default", args=[tensor_pb2.Arg(tensor=1)], outputs=[2])
+    session.define_graph(device_pb2.DefineGraph(graph_id=graph_id, inputs=1, input_meta=[meta], ops=[op], outputs=[2]))
+
+
+def _stepper(session: Any, kind: str, graph_id: int, scalar: int) -> Any:
+    """One call of `kind` on `session` (of either tree's client)."""
+    if kind == "sync":
+        return lambda: session.sync()
+    if kind == "item":
+        return lambda: session.sync([scalar])
+    out = session.new_handle()
+    if kind == "step":
+
+        def step() -> Any:
+            session.run_graph(graph_id, [scalar], [out])
+            return session.sync([out])
+
+        return step
+    from gpupool import protocol
+    from gpupool._proto import device_pb2
+
+    run = device_pb2.Command(run_graph=device_pb2.RunGraph(graph_id=graph_id, inputs=[scalar], outputs=[out]))
+    raw = run.SerializeToString()
+    entry = protocol.FRAME_COMMANDS_TAG + protocol.varint(len(raw)) + raw
+    if "commands" in inspect.signature(session.sync).parameters:  # client/native/backend.py sync_scalar, each tree's
+        return lambda: session.sync([out], entry)
+
+    def native_step() -> Any:
+        session.send_commands(entry)
+        return session.sync([out])
+
+    return native_step
+
+
+def _pids(daemon: int) -> dict[str, list[int]]:
+    """The client (this process), the daemon's front and its other processes (the zygote, the sessions' workers)."""
+    from daemon_syscalls import _children
+
+    below = [c for z in _children(daemon) for c in [z, *_children(z)]]
+    return {"client": [os.getpid()], "front": [daemon], "worker": below}
+
+
+def _switches(pids: dict[str, list[int]]) -> dict[str, dict[int, int]]:
+    from daemon_syscalls import switches
+
+    return {part: {t: v for t, (v, _, _) in switches(ps).items()} for part, ps in pids.items()}
+
+
+def _woke(before: dict[str, dict[int, int]], after: dict[str, dict[int, int]], calls: int) -> dict[str, float]:
+    """Per call: each part's voluntary context switches, and its threads that woke at least every second call."""
+    out: dict[str, float] = {}
+    for part, now in after.items():
+        deltas = [v - before[part][t] for t, v in now.items() if t in before[part]]
+        out[part] = sum(deltas) / calls
+        out[part + " threads"] = sum(d * 2 >= calls for d in deltas)
+    return out
 
 
 def _marks(proc: subprocess.Popen[str], path: Path) -> dict[str, list[int]]:
@@ -142,9 +232,13 @@ def _legs(
         if busy and i < len(free):
             out["(reader busy)"].append((free[i] - at["queued"]) / 1e3)
             late += free[i] > end
-    rows = {name: (statistics.median(v) if v else float("nan"), len(v)) for name, v in out.items()}
-    rows["(late)"] = (late / max(1, len(out["(reader busy)"])) * 100, late)
+    rows = {name: (statistics.median(v) if v else float("nan"), len(v), _p90(v)) for name, v in out.items()}
+    rows["(late)"] = (late / max(1, len(out["(reader busy)"])) * 100, late, float("nan"))
     return rows
+
+
+def _p90(values: list[float]) -> float:
+    return statistics.quantiles(values, n=10)[-1] if len(values) > 1 else float("nan")
 
 
 def _worker_replay(n: int, instr: bool) -> dict[str, Any]:
@@ -214,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", type=int, default=2000, help="`.item()`s per daemon (and as many lone Syncs)")
     p.add_argument("--against", default="", help="another checkout, measured in the same blocks")
     p.add_argument("--against-python", default=sys.executable)
+    p.add_argument("--against-client", default="", metavar="DIR", help="another checkout's client, on this daemon")
+    p.add_argument("--carrier", choices=("stream", "side"), default="stream", help="side: the daemon's --bulk-listen")
+    p.add_argument("--kinds", default="item,sync", help="comma-separated, of " + ",".join(KINDS))
+    p.add_argument("--wakeups", action="store_true", help="count each part's thread wake-ups per call")
     p.add_argument("--worker-instr", type=int, metavar="N", help="count the worker's instructions of N `.item()`s")
     p.add_argument("--worker-replay", type=int, help=argparse.SUPPRESS)
     p.add_argument("--instr", action="store_true", help=argparse.SUPPRESS)
@@ -237,76 +335,116 @@ def main(argv: list[str] | None = None) -> int:
 
     from gpupool import tokens
 
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not kinds or set(kinds) - set(KINDS):
+        p.error(f"--kinds: comma-separated, of {','.join(KINDS)}")
+    if args.against and args.against_client:
+        p.error("--against (another daemon) or --against-client (another client), not both")
+    extra = ("--bulk-listen", "127.0.0.1:0") if args.carrier == "side" else ()
+    # rows: (name, its daemon, its client's Session class)
+    rows: list[tuple[str, str, Any]] = [("this", "this", Session)]
+    if args.against:
+        rows.append(("other", "other", Session))
+    elif args.against_client:
+        from sync_client import _other_session_class
+
+        rows.append(("other client", "this", _other_session_class(args.against_client)))
+    names = [name for name, _, _ in rows]
+    daemons = sorted({d for _, d, _ in rows}, key=["this", "other"].index)
     with tempfile.TemporaryDirectory() as tmp:
         site = Path(tmp) / "site"
         site.mkdir()
         (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
         key, key_file = daemon_wire.loopback_keys(tmp, tls=True)
-        names = ["this", *(["other"] if args.against else [])]
         procs: dict[str, subprocess.Popen[str]] = {}
-        files = {name: Path(tmp) / f"marks-{name}.json" for name in names}
+        files = {name: Path(tmp) / f"marks-{name}.json" for name in daemons}
         path_before = os.environ.get("PYTHONPATH", "")
         try:
-            for name in names:
+            for name in daemons:
                 os.environ["GPUPOOL_ITEM_LEGS"] = str(files[name])
                 os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(site), path_before) if x)
                 if name == "this":
-                    procs[name], address = daemon_wire.start_daemon(key_file)
+                    procs[name], address = daemon_wire.start_daemon(key_file, *extra)
                 else:
                     procs[name], address = daemon_wire.start_daemon(
-                        key_file, python=args.against_python, cwd=args.against
+                        key_file, *extra, python=args.against_python, cwd=args.against
                     )
                 procs[name].address = address  # type: ignore[attr-defined]
         finally:
             os.environ.pop("GPUPOOL_ITEM_LEGS", None)
             os.environ["PYTHONPATH"] = path_before
         floor, (_, _, _, grpc_tls_port) = daemon_wire.start_floor()
-        calls: dict[str, dict[str, list[tuple[int, int]]]] = {n: {"sync": [], "item": []} for n in names}
+        calls: dict[str, dict[str, list[tuple[int, int]]]] = {n: {k: [] for k in kinds} for n in names}
+        woke: dict[str, dict[str, list[dict[str, float]]]] = {n: {k: [] for k in kinds} for n in names}
+        inline: dict[str, int] = {}
         pings: list[float] = []
         load0 = os.getloadavg()[0]
         try:
-            sessions, scalars = {}, {}
-            for name in names:
+            sessions, steps = {}, {}
+            for name, daemon, cls in rows:
                 claims = tokens.TokenClaims(f"{name}-legs", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
-                sessions[name] = Session.attach(procs[name].address, tokens.mint(key, claims))  # type: ignore[attr-defined]
-                scalars[name] = [sessions[name].upload(torch.ones(()))]
-                for _ in range(100):  # warm: the first slices, learned nothing but caches
-                    sessions[name].sync(scalars[name])
+                s = sessions[name] = cls.attach(procs[daemon].address, tokens.mint(key, claims))  # type: ignore[attr-defined]
+                scalar = s.upload(torch.ones(()))
+                _step_graph(s, 1)
+                steps[name] = {kind: _stepper(s, kind, 1, scalar) for kind in kinds}
+                for kind in kinds:
+                    for _ in range(100):  # warm: the first slices, learned nothing but caches
+                        steps[name][kind]()
             ping, close_floor = daemon_wire._stream_ping(int(grpc_tls_port), True)
             ping()
+            pids = {d: _pids(procs[d].pid) for d in daemons}
             clock = time.perf_counter_ns
             for block in range(max(1, args.items // BLOCK)):
                 for _ in range(BLOCK):
                     t0 = clock()
                     ping()
                     pings.append((clock() - t0) / 1e3)
-                for name in names if block % 2 == 0 else reversed(names):
-                    for kind, handles in (("sync", []), ("item", scalars[name])):
-                        out = calls[name][kind]
+                for name, daemon, _ in rows if block % 2 == 0 else reversed(rows):
+                    for kind in kinds:
+                        call, out = steps[name][kind], calls[name][kind]
+                        before = _switches(pids[daemon]) if args.wakeups else None
                         for _ in range(BLOCK):
                             t0 = clock()
-                            sessions[name].sync(handles)
+                            call()
                             out.append((t0, clock()))
-            marks = {name: _marks(procs[name], files[name]) for name in names}
-            for session in sessions.values():
+                        if before is not None:
+                            woke[name][kind].append(_woke(before, _switches(pids[daemon]), BLOCK))
+            marks = {name: _marks(procs[name], files[name]) for name in daemons}
+            for name, session in sessions.items():
+                inline[name] = getattr(session, "frames_inline", -1)
                 session.close()
             close_floor()
         finally:
             daemon_wire.stop(procs.values(), floor)
     load1 = os.getloadavg()[0]
     floor_p50 = statistics.median(pings)
-    print(f"\n.item() and lone Sync round trips by leg (us, medians; load {load0:.1f} -> {load1:.1f})")
-    print(f"bare TLS gRPC stream ping-pong p50: {floor_p50:.0f} us, in the same blocks")
-    for kind, legs in (("item", ITEM_LEGS), ("sync", SYNC_LEGS)):
-        rows = {name: _legs(calls[name][kind], marks[name], legs, kind == "item") for name in names}
-        print(f"\n{'.item()' if kind == 'item' else 'lone Sync'}" + "".join(f"{n:>12}" for n in names))
-        extra = ["(reader busy)", "(late)"] if kind == "item" else []
-        for leg in [*(name for name, _, _ in legs), "total", *extra]:
-            print(f"  {leg:<12}" + "".join(f"{rows[n][leg][0]:>12.1f}" for n in names))
-        if extra:
+    floor_p90 = statistics.quantiles(pings, n=10)[-1]
+    print(f"\ncalls by leg (us, medians; carrier {args.carrier}, load {load0:.1f} -> {load1:.1f})")
+    print(f"bare TLS gRPC stream ping-pong p50 {floor_p50:.0f} us, p90 {floor_p90:.0f}, in the same blocks")
+    print("frames written from the calling thread: " + ", ".join(f"{n} {k}" for n, k in inline.items()))
+    for kind in kinds:
+        legs = legs_of(kind, args.carrier)
+        by_row = {name: calls[name][kind] for name in names}
+        daemon_of = {name: daemon for name, daemon, _ in rows}
+        table = {name: _legs(by_row[name], marks[daemon_of[name]], legs, kind != "sync") for name in names}
+        label = {"item": ".item()", "sync": "lone Sync", "step": "tiny step", "native-step": "tiny step, C++ way"}
+        print(f"\n{label[kind]:<14}" + "".join(f"{n:>14}" for n in names))
+        extra_rows = ["(reader busy)", "(late)"] if kind != "sync" else []
+        for leg in [*(name for name, _, _ in legs), "total", *extra_rows]:
+            print(f"  {leg:<12}" + "".join(f"{table[n][leg][0]:>14.1f}" for n in names))
+        if extra_rows:
             print("  (late: % of calls that began before the reader was done with the one before)")
-        print("  / ping-pong " + "".join(f"{rows[n]['total'][0] / floor_p50:>12.2f}" for n in names))
-        print("  (calls)     " + "".join(f"{rows[n]['total'][1]:>12}" for n in names))
+        print("  p90s:")
+        for leg in [*(name for name, _, _ in legs), "total"]:
+            print(f"  {leg:<12}" + "".join(f"{table[n][leg][2]:>14.1f}" for n in names))
+        print("  / ping-pong " + "".join(f"{table[n]['total'][0] / floor_p50:>14.2f}" for n in names))
+        print("  (calls)     " + "".join(f"{table[n]['total'][1]:>14}" for n in names))
+        if args.wakeups:
+            parts = ["client", "front", "worker"]
+            for part in [*parts, *(x + " threads" for x in parts)]:
+                what = "wake-ups/call" if "threads" not in part else "woke (>= 1/2 calls)"
+                cells = "".join(f"{statistics.median(b[part] for b in woke[n][kind]):>14.2f}" for n in names)
+                print(f"  {part:<15}{what:<20}" + cells)
     return 0
 
 

@@ -149,6 +149,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 (reported, whatever its type)
             out["daemon_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         out["after_error"] = step("spike", 0).item()  # the session goes on
+        # frames an `.item()` hands the session: the C++ client's frame of the ops before it and the Sync, as one
+        frames = session.frames_put
+        out["item_value"] = (p_remote * 2).sum().item()
+        out["item_frames"] = session.frames_put - frames
+        out["item_local"] = (p_remote.cpu() * 2).sum().item()  # (the spike trained a step more than local)
     torch.ops.gpupool_native.flush()
     out["stats"] = nc.stats()
     out["wire"] = nc.wire_stats()

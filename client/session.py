@@ -10,7 +10,9 @@ threads work while one records a step): commands are queued under one lock in th
 them, whoever waits reads the replies for every waiter (one thread at a time), and the bulk side socket's upload
 and download directions move at once (gpupool/duplex.py; before round 24 they could deadlock). Where the daemon
 has a side port and names `side_frames` (round 26), the frames and replies travel on the side socket instead (a
-sender thread of the session's own writes them; the stream stays open for the session's end): docs/wire.md.
+sender thread of the session's own writes them; the stream stays open for the session's end), except a frame the
+caller waits on next (a Sync's, a Get's), which the calling thread writes itself while the sender is idle (round 38:
+no hand-off, no wake-up of the sender a synced step): docs/wire.md.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import os
 import queue
 import sys
 import threading
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -49,7 +50,12 @@ SEND_QUEUE_FRAMES = 32  # frames queued and not yet written (gRPC's stream or th
 # `.item()` closing a block waited 75-169 ms for them). A frame over the cap goes when nothing else waits.
 SEND_QUEUE_BYTES = 2 * 1024 * 1024
 END_GRACE = 5.0  # seconds the side socket stays open after the stream ended (what the daemon sent before comes)
-SEND_QUEUE_POLL = 0.0005  # ... which looks again this often (seconds): only while the queue is full
+SEND_QUEUE_WAIT = 0.25  # seconds a caller blocked on a full queue waits for the sender's word before it looks again
+# A frame the caller waits on (a Sync's, a Get's) written from the calling thread when the sender thread is idle and
+# nothing is queued (`_put`'s `reply`), where the frames use the side socket: at most this many bytes (a step's
+# frame of ops, or a captured run with its inputs by value (the stock MLP's ~512 KB) and its Sync; a larger one goes
+# to the sender as before). The caller waits for the reply anyway; the write holds the session's lock meanwhile.
+INLINE_MAX_BYTES = SEND_QUEUE_BYTES
 CHANNEL_OPTIONS = [
     # Download chunks are 4 MiB plus framing, over gRPC's 4 MiB default receive limit.
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -231,6 +237,18 @@ def _scratch(n: int) -> memoryview:
     if n > protocol.CHUNK_BYTES:
         raise Unavailable(f"the daemon announced a bulk chunk of {n} bytes (at most {protocol.CHUNK_BYTES})")
     return memoryview(bytearray(n))
+
+
+def _commands_frame(commands: Any) -> bytes:
+    """`send_commands`'s bytes, checked (InvalidArgument for what cannot be such a frame)."""
+    if not isinstance(commands, bytes | bytearray | memoryview):
+        raise InvalidArgument(f"send_commands takes bytes, not {type(commands).__name__}")
+    raw = bytes(commands)
+    if not raw or raw[0] != protocol.FRAME_COMMANDS_TAG[0]:
+        raise InvalidArgument("send_commands: the bytes do not start with a ClientFrame.commands entry")
+    if len(raw) > MAX_FRAME_BYTES:
+        raise InvalidArgument(f"send_commands: a frame of {len(raw)} bytes (at most {MAX_FRAME_BYTES})")
+    return raw
 
 
 class Handle(int):
@@ -457,6 +475,13 @@ class Session:
         self.frames_put = 0  # frames handed to gRPC so far (capture.py: whether a sync sent its held steps)
         self.bytes_put = 0  # the bytes of those frames (a protobuf frame's: the bytes it batched, `_frame_bytes`)
         self.bytes_sent = 0  # ... of which the sender wrote this many (gRPC took the next frame; the socket's send)
+        self.frames_inline = 0  # of the frames put, written from the calling thread (`_write_inline`)
+        # Items (frames, `_side_barrier`'s Events) queued for the sender and handled by it: equal, the sender is
+        # idle (`_write_inline`); each has one writer (`_put`, under the batching lock; the sending thread)
+        self._items_put = 0
+        self._items_done = 0
+        self._room = threading.Condition(threading.Lock())  # a caller blocked on a full queue waits here (`_put`)
+        self._full = False  # ... and says so (the sender notifies only then)
 
     @classmethod
     def attach(cls, address: str, token: str, *, timeout: float = 10.0) -> Session:
@@ -574,13 +599,7 @@ class Session:
         the session goes on. The bytes are not parsed here: the daemon reads them as it reads any frame (one it
         cannot parse ends the stream with INVALID_ARGUMENT). Raises InvalidArgument for what cannot be such a frame
         (not bytes, empty, not starting with a commands entry, over the channel's message limit)."""
-        if not isinstance(commands, bytes | bytearray | memoryview):
-            raise InvalidArgument(f"send_commands takes bytes, not {type(commands).__name__}")
-        raw = bytes(commands)
-        if not raw or raw[0] != protocol.FRAME_COMMANDS_TAG[0]:
-            raise InvalidArgument("send_commands: the bytes do not start with a ClientFrame.commands entry")
-        if len(raw) > MAX_FRAME_BYTES:
-            raise InvalidArgument(f"send_commands: a frame of {len(raw)} bytes (at most {MAX_FRAME_BYTES})")
+        raw = _commands_frame(commands)
         with self._lock:
             self.flush()
             self._put(raw)
@@ -647,16 +666,21 @@ class Session:
             raise from_failure(exc) from None
 
     def flush(self) -> None:
+        self._flush(False)
+
+    def _flush(self, reply: bool) -> None:
+        """Hand what is batched to the sender as one frame (`reply`: the caller waits for an answer to it next, so
+        it may be written from this thread: `_put`)."""
         with self._lock:
             if self._eager or self._sealed:
                 self._seal()
                 raw = b"".join(self._sealed)
                 self._sealed, self._sealed_count, self._frame_bytes = [], 0, 0
-                self._put(raw)
+                self._put(raw, 0, reply)
             elif len(self._frame.commands):
                 frame, nbytes = self._frame, self._frame_bytes
                 self._frame, self._frame_bytes = device_pb2.ClientFrame(), 0
-                self._put(frame, nbytes)
+                self._put(frame, nbytes, reply)
 
     def _seal(self) -> None:
         """Move what the frame holds so far (protobuf commands, then encoded eager ops) into `_sealed`, in order."""
@@ -669,9 +693,19 @@ class Session:
             self._sealed_count += len(self._eager)
             self._eager = []
 
-    def sync(self, scalar_handles: Sequence[int] = ()) -> list[bool | int | float | complex]:
-        """Wait for everything sent so far; raise the first error since the last sync; return scalar values."""
-        if scalar_handles:
+    def sync(self, scalar_handles: Sequence[int] = (), commands: bytes = b"") -> list[bool | int | float | complex]:
+        """Wait for everything sent so far; raise the first error since the last sync; return scalar values.
+        `commands`: finished `ClientFrame.commands` entries to send first, as `send_commands` takes them (a client
+        that batches its own frames: the C++ client's `.item()`), in the same frame as the Sync where they are small
+        (one frame a synced step, not two)."""
+        if commands:
+            raw = _commands_frame(commands)
+            if len(raw) > MAX_BATCH_BYTES:
+                self.send_commands(raw)
+                raw = b""
+            sync = device_pb2.Sync(scalar_handles=list(scalar_handles))
+            rid, w = self._request(device_pb2.Command(sync=sync), None, raw)
+        elif scalar_handles:
             rid, w = self._request(device_pb2.Command(sync=device_pb2.Sync(scalar_handles=list(scalar_handles))))
         else:
             rid, w = self._request_sync()
@@ -754,7 +788,9 @@ class Session:
         if n >= MAX_BATCH_COMMANDS or self._frame_bytes >= MAX_BATCH_BYTES:
             self.flush()
 
-    def _request(self, cmd: device_pb2.Command, want: _Want | None = None) -> tuple[int, _Waiter]:
+    def _request(self, cmd: device_pb2.Command, want: _Want | None = None, raw: bytes = b"") -> tuple[int, _Waiter]:
+        """Queue a Sync or Get (after `raw`, commands a client encoded itself) and hand the frame over: the caller
+        waits for its answer next (`_flush`'s `reply`)."""
         w = _Waiter(want)
         with self._lock:
             rid = next(self._requests)
@@ -764,10 +800,15 @@ class Session:
                 cmd.get.request_id = rid
             with self._wlock:
                 self._waiters[rid] = w
-            if self._eager:
+            if raw:
+                self._seal()
+                self._sealed.append(raw)
+                self._sealed_count += 1
+                self._frame_bytes += len(raw)
+            elif self._eager:
                 self._seal()
             self._frame.commands.append(cmd)
-            self.flush()
+            self._flush(True)
         return rid, w
 
     def _request_sync(self) -> tuple[int, _Waiter]:
@@ -780,7 +821,7 @@ class Session:
             rid = next(self._requests)
             with self._wlock:
                 self._waiters[rid] = w
-            self._put(protocol.sync_frame(rid))
+            self._put(protocol.sync_frame(rid), 0, True)
         return rid, w
 
     def _wait(self, rid: int, w: _Waiter) -> None:
@@ -802,22 +843,65 @@ class Session:
         if w.error is not None:
             raise w.error
 
-    def _put(self, frame: device_pb2.ClientFrame | bytes, nbytes: int = 0) -> None:
+    def _put(self, frame: device_pb2.ClientFrame | bytes, nbytes: int = 0, reply: bool = False) -> None:
         """Queue a frame for the sender (`nbytes`: its size where it is a protobuf message); blocks while
-        SEND_QUEUE_FRAMES frames or SEND_QUEUE_BYTES bytes wait (back-pressure), raises the session's end instead."""
-        send = self._send
+        SEND_QUEUE_FRAMES frames or SEND_QUEUE_BYTES bytes wait (back-pressure, woken by the sender: `_room`),
+        raises the session's end instead. `reply`: the caller waits for an answer to this frame next (a Sync's, a
+        Get's): where the frames use the side socket, the sender thread is idle and nothing is queued, the frame is
+        written here, from the calling thread (`_write_inline`), with no hand-off to the sender (its wake-up and the
+        GIL passed twice). Called under the batching lock (taken here too): no other frame is queued meanwhile."""
         n = len(frame) if type(frame) is bytes else nbytes
-        while True:
-            if self._dead is not None:
-                raise self._dead
-            if send.qsize() < SEND_QUEUE_FRAMES:
-                queued = self.bytes_put - self.bytes_sent
-                if queued + n <= SEND_QUEUE_BYTES or queued <= 0:
-                    send.put((frame, n))
-                    self.frames_put += 1
-                    self.bytes_put += n
-                    return
-            time.sleep(SEND_QUEUE_POLL)  # back-pressure: the sender has not written the frames queued so far yet
+        with self._lock:
+            if reply and self._carrier is not None and self._write_inline(frame, n):
+                return
+            send = self._send
+            while True:
+                if self._dead is not None:
+                    raise self._dead
+                if send.qsize() < SEND_QUEUE_FRAMES:
+                    queued = self.bytes_put - self.bytes_sent
+                    if queued + n <= SEND_QUEUE_BYTES or queued <= 0:
+                        self._items_put += 1
+                        send.put((frame, n))
+                        self.frames_put += 1
+                        self.bytes_put += n
+                        return
+                with self._room:  # back-pressure: until the sender wrote a frame (`_sent`)
+                    self._full = True
+                    queued = self.bytes_put - self.bytes_sent
+                    if send.qsize() >= SEND_QUEUE_FRAMES or (queued + n > SEND_QUEUE_BYTES and queued > 0):
+                        self._room.wait(SEND_QUEUE_WAIT)
+
+    def _write_inline(self, frame: device_pb2.ClientFrame | bytes, n: int) -> bool:
+        """Write a frame the caller waits on to the side socket from this thread, where the sender thread is idle
+        (it handled every item queued: `_items_done`, and so waits on an empty queue) and the frame is small; a
+        frame written here never passes a queued one, and the sender writes nothing meanwhile (only `_put` queues,
+        under the batching lock this thread holds). A send that fails ends the session as the sender's would
+        (`_dead`: the reply's reader, the caller, meets the socket's end and raises the reason). False: queue it."""
+        if self._items_done != self._items_put or self._dead is not None:
+            return False
+        raw = frame if type(frame) is bytes else _serialize_frame(frame)
+        if len(raw) > INLINE_MAX_BYTES:
+            return False  # (a protobuf frame is then serialized twice: rare, over 2 MiB)
+        carrier = self._carrier
+        assert carrier is not None
+        self.frames_put += 1
+        self.bytes_put += n
+        self.frames_inline += 1
+        try:
+            carrier.send_frame(raw)
+        except Unavailable as exc:
+            self._dead = self._dead or self._end_reason(exc)
+        self.bytes_sent += n  # (the sender is idle: no other writer of the count now)
+        return True
+
+    def _sent(self) -> None:
+        """The sender handled one queued item: wake a caller blocked on a full queue (`_put`), if one is."""
+        self._items_done += 1
+        if self._full:
+            with self._room:
+                self._full = False
+                self._room.notify_all()
 
     def _side_sender(self) -> None:
         """The thread that writes the queued frames of a session whose frames use its side socket, in order; an
@@ -837,6 +921,7 @@ class Session:
                 except Unavailable as exc:
                     self._dead = self._dead or self._end_reason(exc)
             self.bytes_sent += n
+            self._sent()
 
     def _side_barrier(self) -> None:
         """Until every frame queued so far went out on the side socket (raises the session's end instead)."""
@@ -856,6 +941,7 @@ class Session:
                 return
             yield got[0]
             self.bytes_sent += got[1]  # gRPC asks for the next frame once it wrote this one
+            self._sent()
 
     def _read_one(self) -> None:
         """Read one reply and give it to its waiter; at the stream's end, fail every waiter with its reason

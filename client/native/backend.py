@@ -289,10 +289,11 @@ def connect(session: Any, ops: Any = None, python: bool = True, index: int = 0) 
                 raise translate(exc) from exc
 
     def sync_scalar(frame: torch.Tensor, index: int, handle: int) -> float:
-        send(frame, index)
-        refuse_in_recording("a sync point (.item(), bool(t), synchronize)")
-        try:
-            return float(_sessions[index].sync([handle])[0])
+        if getattr(RECORDING, "on", False):
+            send(frame, index)  # (what was recorded before still goes)
+            refuse_in_recording("a sync point (.item(), bool(t), synchronize)")
+        try:  # the frame's commands and the Sync as one frame, after what the session queued itself
+            return float(_sessions[index].sync([handle], frame.numpy().tobytes() if frame.numel() else b"")[0])
         except Exception as exc:  # noqa: BLE001
             raise translate(exc) from exc
 

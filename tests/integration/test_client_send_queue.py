@@ -8,9 +8,11 @@ waited for them), while small frames still queue up to SEND_QUEUE_FRAMES; the ca
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,3 +97,119 @@ def test_queued_bytes_stay_under_the_cap_and_small_frames_fill_the_frame_cap(
             # nothing dropped: the first and last upload of each kind arrived whole
             for h, data in (big[0], big[-1], small[0], small[-1]):
                 assert torch.equal(s.download(Handle(h)), data), (side, h)
+
+
+def _sender(s: Session) -> threading.Thread:
+    """The session's side-socket sender thread (`Session._side_sender`)."""
+    (t,) = [t for t in threading.enumerate() if getattr(t, "_target", None) == s._side_sender]
+    return t
+
+
+def _wakeups(thread: threading.Thread) -> int:
+    """A thread's voluntary context switches so far (it blocked and was woken): Linux's count."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+
+
+def test_a_sync_with_its_sender_idle_leaves_the_sender_asleep(serve_process: Any, monkeypatch: Any) -> None:
+    """Where the frames use the side socket, a Sync (and the `.item()` of a step: its commands and Sync in one frame)
+    the caller waits on is written from the calling thread when the sender is idle and nothing is queued: the sender
+    thread does not wake for it (round 38; before, each synced step's frame woke it: a hand-off of ~6 futex calls and
+    2 wake-ups). On 285a6ed: the sender woke ~400 times for the 400 syncs below."""
+    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "256MiB", "--bulk-listen", "127.0.0.1:0")
+    monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", "1")
+    with Session.attach(d.address, d.token()) as s:
+        assert s._carrier is not None
+        x = s.upload(torch.tensor(2.0))
+        (y,) = s.call("aten::mul.Tensor", x, x)
+        assert s.sync([y]) == [4.0]
+        sender = _sender(s)
+        woke = _wakeups(sender)
+        for i in range(200):
+            (y,) = s.call("aten::add.Tensor", y, x)  # a step's op, then its `.item()`
+            assert s.sync([y]) == [4.0 + 2 * (i + 1)]
+            s.sync()  # a lone Sync (`protocol.sync_frame`)
+        assert _wakeups(sender) - woke < 20
+
+
+def test_a_sync_behind_a_frame_still_being_written_waits_for_it(serve_process: Any, monkeypatch: Any) -> None:
+    """A frame the sender took but has not finished writing (the daemon stopped, its socket full: the queue is empty,
+    the sender busy) is not passed by a Sync written from the calling thread: the Sync is queued behind it, everything
+    goes out whole once the daemon reads again, and the uploads arrive intact. Pins what held before round 38 (every
+    frame went through the sender); the check of "idle" is the sender's count of items handled, not the queue's
+    length (which is 0 here)."""
+    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "512MiB", "--bulk-listen", "127.0.0.1:0")
+    monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", "1")
+    with Session.attach(d.address, d.token()) as s:
+        assert s._carrier is not None
+        s.sync()
+        uploads: list[tuple[int, torch.Tensor]] = []
+        done: list[Any] = []
+        os.kill(d.process.pid, signal.SIGSTOP)
+        try:
+            while True:  # one frame at a time, each once the sender took the one before, until one stays unwritten
+                assert len(uploads) < 400, "the sockets took 200 MiB from a stopped daemon's client"
+                h = int(s.new_handle())
+                raw, data = _frame(h, BIG)
+                uploads.append((h, data))
+                s.send_commands(raw)
+                deadline = time.monotonic() + 10
+                while s._send.qsize() and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                assert s._send.qsize() == 0
+                deadline = time.monotonic() + SETTLED
+                while s.bytes_sent < s.bytes_put and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                if s.bytes_sent < s.bytes_put:
+                    break  # taken, not written: the sender is blocked in it, the queue empty
+            syncer = threading.Thread(target=lambda: done.append(s.sync()), daemon=True)
+            syncer.start()
+            time.sleep(SETTLED)
+            assert not done and s._send.qsize() == 1  # the Sync waits in the queue, behind the frame
+        finally:
+            os.kill(d.process.pid, signal.SIGCONT)
+        syncer.join(60)
+        assert done == [[]]
+        for h, data in (uploads[0], uploads[-2], uploads[-1]):
+            assert torch.equal(s.download(Handle(h)), data)
+
+
+def test_a_caller_blocked_on_a_full_queue_sleeps_until_the_sender_writes(serve_process: Any, monkeypatch: Any) -> None:
+    """A caller blocked by back-pressure (the daemon stopped, the queue full) waits on the sender's word, not a
+    timer: it hardly wakes while nothing moves. On 285a6ed it polled every 0.5 ms: hundreds of wake-ups a second."""
+    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "256MiB", "--bulk-listen", "127.0.0.1:0")
+    for side in ("1", "0"):
+        monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", side)
+        with Session.attach(d.address, d.token()) as s:
+            frames = [_frame(int(s.new_handle()), BIG) for _ in range(64)]
+            s.sync()
+            errors: list[BaseException] = []
+
+            def feed(
+                s: Session = s, frames: list[tuple[bytes, torch.Tensor]] = frames, errors: list[BaseException] = errors
+            ) -> None:
+                try:
+                    for raw, _ in frames:
+                        s.send_commands(raw)
+                except BaseException as exc:  # noqa: BLE001 - the test reports it
+                    errors.append(exc)
+
+            os.kill(d.process.pid, signal.SIGSTOP)
+            try:
+                feeder = threading.Thread(target=feed, daemon=True)
+                feeder.start()
+                last, since = -1, time.monotonic()
+                while time.monotonic() - since < SETTLED:  # until the feeder is blocked
+                    if s.frames_put != last:
+                        last, since = s.frames_put, time.monotonic()
+                    time.sleep(0.01)
+                assert feeder.is_alive()
+                woke = _wakeups(feeder)
+                time.sleep(1.0)
+                assert s.frames_put == last  # still blocked
+                assert _wakeups(feeder) - woke < 20, side
+            finally:
+                os.kill(d.process.pid, signal.SIGCONT)
+            feeder.join(60)
+            assert not feeder.is_alive() and not errors, errors
+            s.sync()

@@ -58,6 +58,14 @@ def test_losses_and_weights_match_local_cpu(trained: dict[str, Any]) -> None:
     assert trained["max_param_diff"] <= 1e-5  # the weights read back from the daemon (.cpu(): Session.download)
 
 
+def test_an_item_hands_its_ops_and_sync_over_as_one_frame(trained: dict[str, Any]) -> None:
+    """`.item()` after ops the C++ client still holds: its frame of them and the Sync go to the session as one frame
+    (client/native/backend.py `sync_scalar`, `Session.sync(commands=)`), one hand-off and one write a synced step, with
+    the value the CPU gives of the same weights. On 285a6ed two frames (`send_commands`, then the Sync's)."""
+    assert trained["item_frames"] == 1
+    assert abs(trained["item_value"] - trained["item_local"]) <= 1e-4
+
+
 def test_frames_not_ops_go_to_python(trained: dict[str, Any]) -> None:
     s, w = trained["stats"], trained["wire"]
     assert s["op_records"] > 20 * STEPS
