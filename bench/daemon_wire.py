@@ -12,6 +12,7 @@ can meet the transfer target, however little it adds.
     python bench/daemon_wire.py [--repeat 3] [--size-mib 256] [--ops 10000] [--syncs 1000]
     python bench/daemon_wire.py --isolation-cost [--repeat 5]
     python bench/daemon_wire.py --against /work/main [--against-python python3] [--tls] [--bulk] [--repeat 6]
+    python bench/daemon_wire.py --sweep 65536,1048576,16777216 --tls --bulk [--against DIR --against-python PY]
 
 Each figure is the median of --repeat runs; the table prints gpupool / floor ratios. With --isolation-cost it
 instead compares two daemons started side by side, `--isolation process` (each session in its own worker
@@ -695,6 +696,91 @@ def against(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep_figures(address: str, token: str, sizes: list[int], reps: int) -> dict[str, float]:
+    """Per size: `reps` uploads (each then a Sync) and downloads of one tensor through one session, each checked
+    bit-exact; the median of each, as GB/s (keys `up:SIZE`, `down:SIZE`)."""
+    import torch
+    from gpupool.client.session import Session
+
+    out: dict[str, float] = {}
+    with Session.attach(address, token) as s:
+        s.sync()
+        for size in sizes:
+            big = torch.randint(0, 255, (size,), dtype=torch.uint8)
+            ups, downs = [], []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                h = s.upload(big)
+                s.sync()
+                ups.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                back = s.download(h)
+                downs.append(time.perf_counter() - t0)
+                assert torch.equal(back, big), f"the {size}-byte round trip is not bit-exact"
+                s.free([h])
+            out[f"up:{size}"] = size / statistics.median(ups) / 1e9
+            out[f"down:{size}"] = size / statistics.median(downs) / 1e9
+    return out
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """--sweep: uploads and downloads of each size through this tree's daemon and, with --against, another
+    checkout's (their kind: --tls, --bulk as for --against), alternating sessions, next to the raw TCP and raw TLS
+    floors of the same size measured after each alternating pair (`tcp_figures`: one send of the bytes and a 1-byte
+    answer, one request and the bytes back), medians over --repeat; the ratios to raw TCP are issue 8's transfer
+    target (>= 0.6)."""
+    from gpupool import tokens
+
+    sizes = [int(x) for x in args.sweep.split(",")]
+    extra: tuple[str, ...] = () if args.tls else ("--insecure",)
+    if args.bulk:
+        extra += ("--bulk-listen", "127.0.0.1:0")
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        key, key_file = loopback_keys(tmp, args.tls)
+        daemons = {"this": start_daemon(key_file, *extra)}
+        if args.against:
+            daemons["other"] = start_daemon(key_file, *extra, python=args.against_python, cwd=args.against)
+        floor, (tcp_port, _, tls_port, _) = start_floor()
+        figures: dict[str, list[dict[str, float]]] = {k: [] for k in daemons}
+        raws: dict[str, list[dict[str, float]]] = {"tcp": [], "tls": []}
+        try:
+            for i in range(args.repeat):
+                for name in daemons if i % 2 == 0 else reversed(list(daemons)):
+                    claims = tokens.TokenClaims(f"{name}-{i}", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
+                    figures[name].append(sweep_figures(daemons[name][1], tokens.mint(key, claims), sizes, args.reps))
+                for kind, port, tls in (("tcp", tcp_port, False), ("tls", tls_port, True)):
+                    got: dict[str, float] = {}
+                    for size in sizes:
+                        runs = [tcp_figures(int(port), size, 1, tls=tls) for _ in range(args.reps)]
+                        got[f"up:{size}"] = statistics.median(r["up"] for r in runs)
+                        got[f"down:{size}"] = statistics.median(r["down"] for r in runs)
+                    raws[kind].append(got)
+                print(f"sweep {i + 1}/{args.repeat} done", file=sys.stderr)
+        finally:
+            stop([proc for proc, _ in daemons.values()], floor)
+    med = {k: median_of(v) for k, v in {**figures, **raws}.items()}
+    names = [n for n in ("this", "other") if n in daemons]
+    kind = ("TLS" if args.tls else "plaintext") + (" daemons with a side socket" if args.bulk else " daemons")
+    print(f"\nuploads (+ a Sync) and downloads, GB/s, medians of {args.reps} a session over {args.repeat} sessions "
+          f"each; {kind}; load {load0:.1f} -> {os.getloadavg()[0]:.1f}")  # fmt: skip
+    head = ["bytes", "dir"] + names + ["raw TCP", "raw TLS"] + [f"{n}/TCP" for n in names] + [f"{n}/TLS" for n in names]
+    if len(names) > 1:
+        head.append("this/other")
+    print("".join(f"{h:>11}" for h in head))
+    for size in sizes:
+        for d in ("up", "down"):
+            k = f"{d}:{size}"
+            row = [str(size), d] + [f"{med[n][k]:.3f}" for n in names]
+            row += [f"{med['tcp'][k]:.3f}", f"{med['tls'][k]:.3f}"]
+            row += [f"{med[n][k] / med['tcp'][k]:.2f}" for n in names]
+            row += [f"{med[n][k] / med['tls'][k]:.2f}" for n in names]
+            if len(names) > 1:
+                row.append(f"{med['this'][k] / med['other'][k]:.2f}")
+            print("".join(f"{c:>11}" for c in row))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=3)
@@ -706,6 +792,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against-python", default="python3", help="the interpreter that imports --against's gpupool")
     p.add_argument("--tls", action="store_true", help="with --against: TLS daemons (default: plaintext)")
     p.add_argument("--bulk", action="store_true", help="with --against: daemons with --bulk-listen (side socket)")
+    p.add_argument("--sweep", metavar="BYTES,...", default="", help="uploads and downloads of each size against the "
+                   "raw TCP and TLS floors (with --against: both trees; --tls, --bulk as there)")  # fmt: skip
+    p.add_argument("--reps", type=int, default=5, help="with --sweep: transfers of each size a session (the median)")
     p.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.floor_server:
@@ -713,6 +802,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.isolation_cost:
         return isolation_cost(args)
+    if args.sweep:
+        return sweep(args)
     if args.against:
         return against(args)
     from gpupool import tokens

@@ -456,7 +456,8 @@ def read_ahead(ctx: ssl.SSLContext) -> bool:
     on the side socket is 32 records, 64 reads, whose kernel entries cost the daemon's reader about as much as
     decrypting them (round 37, slots37: perf of the front under bench/input_bytes.py --modes captured; a system call
     costs far more under the GPU host's gVisor). With it, one read takes what the kernel holds, up to OpenSSL's
-    record buffer: about one read a record.
+    record buffer: about one read a record. Both ends of the side socket: the daemon's (`SocketServerTls`, round 37)
+    and the client's (`socket_client_context`, round 38: a download's records).
 
     Sound for a non-blocking socket read through gpupool/duplex.py's rule (SSL_read first, a wait for the socket
     only after OpenSSL said it wants to read): OpenSSL says so only once the kernel had nothing more (its read met
@@ -508,6 +509,8 @@ def socket_client_context(cfg: TlsConfig | None = None) -> ssl.SSLContext | None
     else:
         ctx = ssl.create_default_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION  # (TLS 1.2) a write never waits for a read: see `read_ahead`
+    read_ahead(ctx)  # a side socket's download: a read a record, not two (its header, then its body)
     if cfg.cert:
         with _opened(cfg.key, KEY) as key:
             ctx.load_cert_chain(cfg.cert, key)

@@ -46,6 +46,10 @@ STRIP_MIN = 64 * 1024
 # buffer is this large).
 SLICE_BYTES = 16 * MiB + 64 * 1024
 SIDE_MIN = 64 * 1024  # download chunks at least this large go on the bulk side socket (server/bulkside.py)
+# Frames of at least this many bytes (together, as a side reader queues them) that came on a session's side socket
+# are queued for the device's thread, never run by their reader itself (`Daemon.submit`): the side reader reads and
+# decrypts its frames itself, and while it ran one's slice nothing read the next (round 38).
+SIDE_QUEUED = 64 * 1024
 PIECE_BYTES = 16 * MiB  # the most download bytes one slice answers (four 4 MiB chunks; framing fits the rest)
 UPLOADS = protocol.UPLOAD  # Command.upload
 _DATA = 4  # Upload.data

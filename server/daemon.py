@@ -418,7 +418,11 @@ class Daemon:
         if any, stays queued for the device's thread. A bulk upload's chunk read into an upload slot is always
         queued (round 35): its reader then reads the next chunk into the next slot while the device's thread has
         the worker copy this one; run here, the reader waited for each copy before it read on (one slot used, the
-        receive and the copy in turns: BENCHMARKS.md, "Round 35, xfer35")."""
+        receive and the copy in turns: BENCHMARKS.md, "Round 35, xfer35"). So are a side socket's frames of
+        `bulk.SIDE_QUEUED` bytes or more (round 38): its reader reads and decrypts them itself (the stream's are read
+        by gRPC's threads whatever its reader does), and run here, each frame's slice stopped the reading of the next
+        (a captured step's 512 KiB batch: the reader and the worker took turns, the client's sends waited on a full
+        socket, ~2-3x the stream's wall a step: BENCHMARKS.md, "Round 38, side38")."""
         first = commands[0]
         last = first is END_OF_STREAM or isinstance(first, GpupoolError)  # a reader's last item (a marker)
         if self._draining and not last:
@@ -430,8 +434,10 @@ class Daemon:
             or s.runner is None
             or not s.runner.pid
             or (len(first[1]) >= bulk.BIG_UPLOAD and s.runner.holds(first[1]))
+            or (nbytes >= bulk.SIDE_QUEUED and s.carrier == "side")
         ):
-            # (a bulk upload's chunk in an upload slot: the device's thread runs it while its reader reads on)
+            # (a bulk upload's chunk in an upload slot, a side socket's big frame: the device's thread runs it
+            # while its reader reads on)
             return queue.put(s.entry, commands, nbytes)
         worker = self._worker_of[s.device.index]
         taken = queue.put_and_claim(s.entry, commands, nbytes, worker.slice_commands)

@@ -694,3 +694,47 @@ def test_captured_steps_on_the_socket_train_as_eager_with_a_new_batch_every_step
     eager, captured = train(False), train(True)
     assert captured == pytest.approx(eager, rel=1e-5, abs=1e-6)
     assert eager[-1] < eager[0]
+
+
+def test_the_reader_reads_the_next_big_frame_while_the_worker_runs_one(daemon_factory: Any, monkeypatch: Any) -> None:
+    """Round 38: a frame of `bulk.SIDE_QUEUED` bytes or more on the side socket (a captured step's 512 KiB batch) is
+    run by the device's thread, so that the session's side reader reads and decrypts the next frame meanwhile. Until
+    then the reader ran an idle device's slice itself (`Daemon.submit`'s inline slice) and read nothing until the
+    worker answered: the reader and the worker took turns, and the client's sends waited on a full socket (~2-3x the
+    stream's wall a step, BENCHMARKS.md "Round 38, side38"). Here the first big frame's slice waits (in the daemon,
+    before its request goes out) for the reader to read the second, sent only once that slice started: on the old
+    path the reader itself waits there, so the second frame is never read in time; the bytes arrive exact either
+    way."""
+    from gpupool.server import bulk, worker
+
+    daemon = daemon_factory(fake_gpu_memory=256 * MiB, bulk_listen="127.0.0.1:0", isolation="process")
+    real_run, real_recv = worker.ProcessRunner.run, bulkside.BulkLink.recv_frame
+    started, second = threading.Event(), threading.Event()
+    big_frames: list[int] = []
+    overlapped: list[bool] = []
+
+    def recv_frame(self: bulkside.BulkLink, limit: int) -> Any:
+        got = real_recv(self, limit)
+        if got is not None and len(got) >= bulk.SIDE_QUEUED:
+            big_frames.append(len(got))
+            if len(big_frames) >= 2:
+                second.set()
+        return got
+
+    def run(self: worker.ProcessRunner, req: Any, commands: int, parts: Any = ()) -> Any:
+        if len(req.payload) + sum(map(len, parts)) >= bulk.SIDE_QUEUED and not overlapped:
+            started.set()
+            overlapped.append(second.wait(10))  # the reader read the next frame while this one waits
+        return real_run(self, req, commands, parts)
+
+    monkeypatch.setattr(bulkside.BulkLink, "recv_frame", recv_frame)
+    monkeypatch.setattr(worker.ProcessRunner, "run", run)
+    with _attach(daemon, monkeypatch) as s:
+        a, b = (torch.randn(128 * 1024, generator=torch.Generator().manual_seed(i)) for i in (1, 2))  # 512 KiB each
+        ha = s.upload(a)  # (under `bulk.MIN_UPLOAD`: inside the frame, as a captured step's batch)
+        s.flush()
+        assert started.wait(30), "the first big frame's slice never started"
+        hb = s.upload(b)
+        s.flush()
+        assert torch.equal(s.download(ha), a) and torch.equal(s.download(hb), b)
+    assert overlapped == [True], (overlapped, big_frames)

@@ -449,6 +449,41 @@ def test_the_side_ports_tls_reads_a_frames_records_in_about_one_system_call_each
     assert counts[True] <= records + 2, counts
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/io"), reason="needs Linux's per-thread I/O counts")
+def test_the_clients_side_socket_reads_a_downloads_records_in_about_one_system_call_each() -> None:
+    """Round 38: the client's side-socket TLS context (`tls.socket_client_context`) has OpenSSL's read-ahead on too,
+    as the side port's has since round 37: a download chunk of 7 TLS records, already all in the kernel, is read by
+    `BulkSocket.recv_download` in about one read a record, not two (a record's header, then its body: 14 and more
+    before; a side-socket download is 64 records a 1 MiB). Counted for this thread by the kernel; the bytes exact."""
+    import ssl
+
+    from gpupool.client import bulk as client_bulk
+    from support import get_pki, tls_socket_pair
+
+    from gpupool import duplex, tls
+
+    pki = get_pki()
+    client_ctx = tls.socket_client_context(pki.client_config())
+    assert client_ctx is not None
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
+    daemon_end, client_end = tls_socket_pair(server_ctx, client_ctx)
+    client_end.setblocking(False)  # as `client_bulk.connect` leaves it
+    side = client_bulk.BulkSocket(client_end)
+    records = 7
+    data = bytes((i * 29) & 0xFF for i in range(records * 16384 - 64))
+    head = protocol.BULK_HEAD.pack(protocol.BULK_DOWNLOAD, 5, 0, len(data))
+    duplex.send_all(daemon_end, threading.Lock(), [head, data], 10.0)  # all in the socket pair's buffer first
+    into = bytearray(len(data))
+    before = _read_calls()
+    side.recv_download(5, 0, memoryview(into))
+    reads = _read_calls() - before - 1  # (less the read of the count itself)
+    assert bytes(into) == data
+    assert reads <= records + 2, reads
+    side.close()
+    daemon_end.close()
+
+
 def test_frames_openssl_read_ahead_holds_are_read_without_waiting_for_the_socket() -> None:
     """Read-ahead's hazard: OpenSSL holds whole records the kernel no longer has, so a reader that waited for the
     socket while they sit there would wait for the client's next bytes (forever, for a client waiting for a reply).
