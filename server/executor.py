@@ -306,7 +306,10 @@ class CommandExecutor:
 
         `records`: each command's `eager_op` field (`eager_records`; empty where the command is another kind: a
         oneof's other fields read as their default), read once per slice rather than through a message object
-        and `WhichOneof` per command. An empty eager record ends the span too (the normal path refuses it)."""
+        and `WhichOneof` per command. An empty eager record ends the span too (the normal path refuses it).
+
+        A span that stops at its slice's end (or its time budget) leaves where it stopped (`Runs.carry`): the next
+        slice, where its first command is an eager record, goes on in the run under way there."""
         n = len(commands)
         if records is None:
             records = eager_records(commands)
