@@ -46,6 +46,27 @@ MAX_VERDICT_BYTES = 64 << 20
 # May change tensors' metas or storages in place (learned runs check them again); other kinds: no
 _RESHAPING = frozenset({"run_graph", "define_graph", "drop_graph", "collective", "group_join", "resize_storage"})
 _COMPUTE = object()  # _run_op's default: compute the op's signature
+
+
+def _carry(s: WorkerSession, epoch: int, trace: Any, k: int, objs: list[Any], after: Any) -> tuple[Any, ...] | None:
+    """`Runs.carry` for a span that stopped at its slice's end: its runs and the run's kept outputs held weakly (a
+    run evicted from the session's runs, or a tensor freed, is not kept alive by it; None where an output takes no
+    weak reference: the run then does not go on)."""
+    try:
+        refs = [None if o is None else weakref.ref(o) for o in objs] if trace is not None else []
+    except TypeError:
+        return None
+    return (s, epoch, _weak(trace), k, refs, _weak(after))
+
+
+def _weak(o: Any) -> Callable[[], Any]:
+    return _NONE if o is None else weakref.ref(o)
+
+
+def _NONE() -> None:
+    return None
+
+
 _NO_OBJS: list[Any] = []  # a learned run's kept outputs when none runs (never appended to: a run starts with [])
 _Tensor = torch.Tensor
 _STRIDED = torch.strided
@@ -285,7 +306,10 @@ class CommandExecutor:
 
         `records`: each command's `eager_op` field (`eager_records`; empty where the command is another kind: a
         oneof's other fields read as their default), read once per slice rather than through a message object
-        and `WhichOneof` per command. An empty eager record ends the span too (the normal path refuses it)."""
+        and `WhichOneof` per command. An empty eager record ends the span too (the normal path refuses it).
+
+        A span that stops at its slice's end (or its time budget) leaves where it stopped (`Runs.carry`): the next
+        slice, where its first command is an eager record, goes on in the run under way there."""
         n = len(commands)
         if records is None:
             records = eager_records(commands)
@@ -310,6 +334,17 @@ class CommandExecutor:
         plain = self.speed is None or not self.speed.active
         count = self.ledger.op if getattr(self.ledger, "counts_ops", True) else None
         native, ctx = self.native, None
+        carry, known.carry = known.carry, None
+        if carry is not None and i == 0 and carry[0] is s and carry[1] == known.epoch and not s.uploads:
+            # this slice's first record follows the last one the session's previous slice ran, inside a span that
+            # stopped at that slice's end (or its time budget): the run under way there goes on, checked as any
+            # step is (`match`, or C++), its kept outputs those still alive (weakly held between slices: a run holds
+            # them only while its session does; one freed, or bound again, fails the identity check); where a run
+            # had just ended, the run that followed it last time is tried first, as within a span
+            ran, k0, refs, after = carry[2](), carry[3], carry[4], carry[5]()
+            if ran is not None and ran.quota == s.quota and ran.flops == s.max_op_flops:
+                trace, steps, k = ran, ran.steps, k0
+                objs = [None if r is None else r() for r in refs]
         try:
             while i < n:
                 data = records[i]
@@ -507,6 +542,8 @@ class CommandExecutor:
                 known.hits += hits
                 known.native += natives
                 self.ledger.learned(s, hits, natives)
+        if (i >= n or over) and (trace is not None or after is not None):
+            known.carry = _carry(s, known.epoch, trace, k, objs, after)
         return i, over
 
     def _run_step(

@@ -16,6 +16,7 @@
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>  // as_view
 #include <torch/csrc/jit/python/pybind_utils.h>
 
 #include <algorithm>
@@ -369,9 +370,36 @@ const c10::DispatchKeySet PLAIN_CPU({c10::DispatchKey::CPU, c10::DispatchKey::AD
 // the dispatcher's autograd and ADInplaceOrView layers (~3.4k instructions a view): the daemon records no autograd
 // history (its workers run with grad mode off), so the view's autograd metadata (`_base`, a version counter shared
 // with `v`) would go unused. Any other tensor goes through the dispatcher as before.
+//
+// Where the view must be the dispatcher's (`Plan::direct_views` false: a Python run, an op returning its argument),
+// a plain dense CPU tensor's is made as the dispatcher makes it, without the dispatcher: the CPU kernel's
+// TensorImpl as above, then what `aten::as_strided`'s ADInplaceOrView kernel does with it, `as_view` with no view
+// function (the kernel makes one only for a tensor without `support_as_strided` or under view replay) and the
+// creation meta it picks (`_base`, `_is_view`, the shared version counter and `detach_`'s refusal all as there;
+// ~3.6k instructions a view through the dispatcher). Only where the layers above it would add nothing: the
+// Autograd kernel records history only for a tensor that requires grad under grad mode and a tangent only for one
+// with a forward grad, and no thread-local key is included (a Python mode, functionalization) or excludes
+// ADInplaceOrView; anything else goes through the dispatcher as before.
+bool views_here(const at::Tensor& v) {
+  const auto tls = c10::impl::tls_local_dispatch_key_set();
+  if (!tls.included_.empty() || tls.excluded_.has(c10::DispatchKey::ADInplaceOrView)) return false;
+  if (c10::AutogradState::get_tls_state().get_view_replay_enabled()) return false;
+  if (!v.unsafeGetTensorImpl()->support_as_strided()) return false;
+  if (at::GradMode::is_enabled() && v.requires_grad()) return false;
+  return !v._fw_grad(0).defined();
+}
+
 at::Tensor view_of(const at::Tensor& v, const Input& in, bool direct) {
-  if (direct && (v.key_set().raw_repr() & ~PLAIN_CPU.raw_repr()) == 0 && v.device().is_cpu()) {
-    return at::native::as_strided_tensorimpl(v, in.view_sizes, in.view_strides, in.view_offset);
+  if ((v.key_set().raw_repr() & ~PLAIN_CPU.raw_repr()) == 0 && v.device().is_cpu()) {
+    if (direct) return at::native::as_strided_tensorimpl(v, in.view_sizes, in.view_strides, in.view_offset);
+    if (views_here(v)) {
+      at::Tensor t = at::native::as_strided_tensorimpl(v, in.view_sizes, in.view_strides, in.view_offset);
+      using torch::autograd::CreationMeta;
+      const CreationMeta meta = c10::InferenceMode::is_enabled() ? CreationMeta::INFERENCE_MODE
+                                : at::GradMode::is_enabled()     ? CreationMeta::DEFAULT
+                                                                 : CreationMeta::NO_GRAD_MODE;
+      return torch::autograd::as_view(v, t, true, true, nullptr, nullptr, meta);
+    }
   }
   return v.as_strided(in.view_sizes, in.view_strides, in.view_offset);
 }

@@ -71,9 +71,12 @@ also a view argument's, `compact.VIEW`, and a view element's of a tensor list wi
 tensor is checked as any input's, then `compact.view_of`'s checks run against its storage as it is now, for every
 record, and the geometry is applied: for a plain dense CPU tensor as `aten::as_strided`'s CPU kernel applies it
 (`at::native::as_strided_tensorimpl`, which checks the storage bounds once more), without the dispatcher's autograd
-and view-tracking layers that the daemon, recording no autograd history, has no use for; through the dispatcher for
-any other tensor, and for an op that returns an argument of its own (an in-place op's `Tensor(a!)`), whose output
-handle would bind the view itself)
+and view-tracking layers that the daemon, recording no autograd history, has no use for; for an op that returns an
+argument of its own (an in-place op's `Tensor(a!)`), whose output handle would bind the view itself, and for a
+Python run, as the dispatcher makes it (the same CPU kernel, then its ADInplaceOrView kernel's `as_view`, called
+directly: `_base`, `is_view` and the shared version counter as there) where the layers above it add nothing (no
+grad to record, no forward grad, no thread-local dispatch key, no view replay); through the dispatcher for any other
+tensor)
 or a number the verdict keys by type (a `Scalar`, `float` or `int`, say an optimizer's step size: read from the
 record and converted as `toIValue` converts the Python number the full decode gives; also a `Scalar[]` of them, the
 step sizes of a `_foreach_div_` or `_foreach_addcdiv_`); the other arguments are

@@ -177,7 +177,7 @@ def _list_cell(e: tuple[Any, ...]) -> list[Any] | None:
 class Runs:
     """A session's traces and the recording in progress."""
 
-    __slots__ = ("heads", "count", "nbytes", "rec", "hits", "native", "learned", "epoch", "ctx")
+    __slots__ = ("heads", "count", "nbytes", "rec", "hits", "native", "learned", "epoch", "ctx", "carry")
 
     def __init__(self) -> None:
         self.heads: dict[tuple[bytes, int], list[Trace]] = {}
@@ -190,10 +190,15 @@ class Runs:
         self.epoch = 0  # ops (and commands) so far that may have changed a tensor's meta in place (`_checked`)
         # the native runner's context for this session (`CommandExecutor._native_ctx`): (its key, the Ctx) or None
         self.ctx: tuple[tuple[Any, ...], Any] | None = None
+        # where the session's last span stopped at its slice's end (`CommandExecutor.eager_span`): (the session, the
+        # epoch then, the run under way, its step, its kept outputs, the run that had just ended; all held weakly),
+        # for the next slice's first record; None otherwise
+        self.carry: tuple[Any, ...] | None = None
 
     def clear(self) -> None:
         self.heads.clear()
         self.count = self.nbytes = 0
+        self.carry = None
 
     def add(self, head: tuple[bytes, int], trace: Trace) -> None:
         if trace.nbytes > MAX_RUN_BYTES:  # alone past the bound: not kept (its records take the normal path)

@@ -245,6 +245,47 @@ def test_a_training_loop_runs_in_learned_runs_across_drifting_slice_cuts(runner:
         assert p.runs().native - native >= (p.hits - hits) / 2, (p.runs().native - native, p.hits - hits)
 
 
+def _step_with_free(p: Pair, t: int) -> list[device_pb2.Command]:
+    """`training`'s step `t`: the free of step t - 1 before its last 4 records."""
+    cmds = step(p, t)
+    cmds.insert(len(cmds) - 4, free(t - 1))
+    return cmds
+
+
+def test_a_slice_that_starts_inside_a_run_goes_on_in_it(runner: str) -> None:
+    """The daemon cuts a session's commands into slices anywhere (at most 128 commands, or its time budget): a
+    slice whose first record follows the last record of the previous slice, inside a learned run, goes on in that
+    run (`Runs.carry`). Before round 38 such a record took the normal path, as did the records after it until the
+    span's end, and a run was learned from every new cut (the encoder: ~1.8 records a step). Runs learned from whole
+    steps, then a step cut at each offset: every record runs inside a run, no run is learned, and each record's
+    result is the normal path's (the pair compares them)."""
+    p = Pair()
+    p.stream(training(p, 6), itertools.cycle([64]))
+    hits, learned = p.hits, p.runs().learned
+    for t, cut in zip(range(6, 17), range(1, 12), strict=True):
+        p.stream(_step_with_free(p, t), itertools.cycle([cut, 64]))
+    assert p.hits - hits == 11 * 11
+    assert p.runs().learned == learned
+
+
+def test_a_run_under_way_at_a_slice_end_refuses_what_changed_before_the_next() -> None:
+    """What a slice's first record finds of the run its previous slice stopped in is checked as any step's
+    inputs are: a kept output freed and bound again from Python between the slices (another tensor under the same
+    handle) is not the run's (the identity check; the carried outputs are weak references, so a freed one is not
+    kept alive either), and the records run as on the normal path (the pair compares them). Pins what the checks
+    already did within a span."""
+    p = Pair()
+    p.stream(training(p, 6), itertools.cycle([64]))
+    cmds = _step_with_free(p, 6)
+    p.slice(cmds[:3])  # stops after relu: mul and mm's outputs are kept outputs of the run under way
+    for s in p.s:
+        s.free([h(6, 2)])
+        s.bind(h(6, 2), torch.full((4, 5), 3.0))
+    hits = p.hits
+    p.stream(cmds[3:], itertools.cycle([64]))
+    assert p.hits - hits < 8  # rand_like read the rebound relu output: the run under way ended there
+
+
 def test_a_spent_time_budget_ends_the_slice_after_the_same_command() -> None:
     p = Pair()
     p.stream(training(p, 6), itertools.cycle([64]))
