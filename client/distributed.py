@@ -183,7 +183,7 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
         if len(tensors) != 1:
             raise InvalidArgument("reduce on gpupool takes one tensor per rank (one device per process)")
         root = self._root(opts, "reduce")
-        t = tensors[0] if root == self._rank else tensors[0].clone()
+        t = tensors[0] if root == self._rank else tensors[0].detach().clone()
         self._send("allreduce", [t], [], op=_op(opts))
         return _Done(tensors)
 

@@ -1,15 +1,19 @@
 """The collectives a training script uses beyond DDP's, written as for NCCL: `reduce` and `gather` of tensors,
 rank 0 broadcasting a config (`broadcast_object_list`), metrics gathered with `all_gather_object` (a dict holding a
-device tensor among them) and `gather_object`, `scatter_object_list`, and `send`/`recv`/`isend`/`irecv` between the two
-ranks. Each result is one line `rank R NAME VALUE`. Falls back to gloo on the CPU when there is no GPU.
+device tensor among them) and `gather_object`, `scatter_object_list`, `send`/`recv`/`isend`/`irecv` between the two
+ranks, and a `torch.distributed.checkpoint` save and load (which plan with the object collectives). Each result is one
+line `rank R NAME VALUE`. Falls back to gloo on the CPU when there is no GPU.
 
     torchrun --standalone --nproc-per-node 2 collectives.py
 """
 
 import os
+import shutil
+import tempfile
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 
 def main():
@@ -96,7 +100,20 @@ def main():
     request.wait()
     out("isend-irecv", w.tolist())
 
+    # torch's own checkpoint code: DCP plans a save and a load with gather_object, scatter_object_list and
+    # all_gather_object (a state dict on the CPU here: DCP's file writer itself is not the group's business)
+    where = [tempfile.mkdtemp(prefix="dcp-") if rank == 0 else None]
+    dist.broadcast_object_list(where, src=0)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=where[0])
+    fresh = torch.nn.Linear(4, 3)
+    state = {"model": {k: torch.zeros_like(v) for k, v in fresh.state_dict().items()}}
+    dcp.load(state, checkpoint_id=where[0])
+    out("dcp-save-load", [round(v.sum().item(), 6) for v in state["model"].values()])
     dist.barrier()
+    if rank == 0:
+        shutil.rmtree(where[0])
     print("\n".join(lines) + "\n", end="", flush=True)  # one write: the ranks share stdout
     dist.destroy_process_group()
 
