@@ -68,6 +68,17 @@ class _Done(dist._Work):  # type: ignore[misc,name-defined]
         return self._future
 
 
+class _FromRank(_Done):
+    """A `recv` without a source, done: torch asks its work which rank sent."""
+
+    def __init__(self, result: Any, src: int) -> None:
+        super().__init__(result)
+        self._src = src
+
+    def _source_rank(self) -> int:
+        return self._src
+
+
 class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
     """One rank's side of the group: turns collectives into commands of its device's session stream."""
 
@@ -163,19 +174,97 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
         out.copy_(whole.narrow(0, self._rank * out.numel(), out.numel()).view_as(out))
         return _Done(outputs)
 
+    def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> _Done:  # type: ignore[override]
+        """`dist.reduce` as an allreduce: the root's tensor takes the result in place; every other rank reduces a copy
+        of its own and keeps its tensor as it was (as NCCL's reduce leaves a non-root buffer; gloo's writes partial
+        sums there, which torch documents as undefined). The daemons have no reduce: it moves the result to every
+        rank, as an allreduce does, and their checks (agreement, sizes, quotas) are the allreduce's. Until round 38
+        it was one InvalidArgument."""
+        if len(tensors) != 1:
+            raise InvalidArgument("reduce on gpupool takes one tensor per rank (one device per process)")
+        root = self._root(opts, "reduce")
+        t = tensors[0] if root == self._rank else tensors[0].detach().clone()
+        self._send("allreduce", [t], [], op=_op(opts))
+        return _Done(tensors)
+
+    def gather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None) -> _Done:  # type: ignore[override]
+        """`dist.gather` (and `gather_object`) as an allgather: the root gathers into its list, every other rank into
+        a buffer of its own that it drops (torch gives it no list). It moves `size` times a gather's bytes; the
+        daemons' checks are the allgather's. Until round 38 it was one InvalidArgument."""
+        if len(inputs) != 1 or len(outputs) > 1:
+            raise InvalidArgument("gather on gpupool takes one input tensor per rank (one device per process)")
+        root, mine = self._root(opts, "gather"), inputs[0]
+        gathered = list(outputs[0]) if outputs else []
+        if root == self._rank:
+            if len(gathered) != self._size or any(o.shape != mine.shape or o.dtype != mine.dtype for o in gathered):
+                raise InvalidArgument(
+                    f"gather on gpupool: the root takes a list of {self._size} tensors shaped as the input "
+                    f"{tuple(mine.shape)} ({mine.dtype}); got {[tuple(o.shape) for o in gathered]}"
+                )
+        elif gathered:
+            raise InvalidArgument(
+                f"gather on gpupool: only the root (rank {root}) takes a list; rank {self._rank} got one"
+            )
+        else:
+            gathered = [c.view_as(mine) for c in mine.new_empty(self._size * mine.numel()).chunk(self._size)]
+        self._send("allgather", gathered, [mine])
+        return _Done(outputs)
+
     # torch >= 2.12's names of the two (all_gather_into_tensor, reduce_scatter_tensor: FSDP2's collectives)
     all_gather_single = _allgather_base  # type: ignore[assignment]
     reduce_scatter_single = _reduce_scatter_base  # type: ignore[assignment]
 
+    # ---- point to point: a broadcast between the two ranks of a group of two ----
+
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> _Done:  # type: ignore[override]
+        """`dist.send`/`isend` in a group of two: a broadcast from this rank, which its peer's `recv` matches (the
+        daemons check that the two calls agree: sizes, dtype, root). The daemons have no point-to-point links of their
+        own; in larger groups it is one InvalidArgument. `tag` is not matched (NCCL ignores it too)."""
+        self._pair("send", dst)
+        self._send("broadcast", self._one(tensors, "send"), [], root=self._rank)
+        return _Done(tensors)
+
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> _Done:  # type: ignore[override]
+        self._pair("recv", src)
+        self._send("broadcast", self._one(tensors, "recv"), [], root=src)
+        return _Done(tensors)
+
+    def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> _Done:  # type: ignore[override]
+        """`dist.recv` without a source: in a group of two, from the other rank."""
+        src = 1 - self._rank
+        self._pair("recv", src)
+        self._send("broadcast", self._one(tensors, "recv"), [], root=src)
+        return _FromRank(tensors, src)
+
+    def _pair(self, what: str, peer: int) -> None:
+        if self._size != 2:
+            raise InvalidArgument(
+                f"{what} on gpupool runs between the two ranks of a group of two (as a broadcast between them); this "
+                f"group has {self._size} ranks: use the collectives (docs/distributed.md)"
+            )
+        if peer == self._rank or not 0 <= peer < self._size:
+            raise InvalidArgument(f"{what} on gpupool: rank {self._rank}'s peer is rank {1 - self._rank}, not {peer}")
+
+    @staticmethod
+    def _one(tensors: list[torch.Tensor], what: str) -> list[torch.Tensor]:
+        if len(tensors) != 1:
+            raise InvalidArgument(f"{what} on gpupool takes one tensor")
+        return tensors
+
+    def _root(self, opts: Any, what: str) -> int:
+        root = int(getattr(opts, "rootRank", 0))
+        if not 0 <= root < self._size:
+            raise InvalidArgument(f"{what} root {root} is not a rank of a group of {self._size}")
+        return root
+
     def _not_a_collective(self, *_: Any, **__: Any) -> Any:
         raise InvalidArgument(
-            "the gpupool backend's collectives are allreduce, broadcast, allgather, reduce_scatter, scatter and "
-            "barrier: gather, reduce, send/recv and all-to-all are not implemented (docs/distributed.md)"
+            "the gpupool backend's collectives are allreduce, broadcast, allgather, reduce_scatter, scatter, reduce, "
+            "gather, barrier, and send/recv in a group of two: all-to-all is not implemented (docs/distributed.md)"
         )
 
     # The rest, one clear error each (torch's own base methods said "No backend type associated with device type
     # gpupool"); torch >= 2.12 names alltoall_base all_to_all_single
-    gather = reduce = send = recv = recv_anysource = _not_a_collective  # type: ignore[assignment]
     alltoall = alltoall_base = all_to_all_single = _not_a_collective  # type: ignore[assignment]
 
     def barrier(self, opts: Any = None) -> _Done:

@@ -89,6 +89,7 @@ def enable() -> None:
     checkpoints.install_load()  # torch.load of storages saved on gpupool: onto the device (client/checkpoints.py)
     mp_share.install()  # a gpupool tensor sent to another process: one clear error, as on the Python client
     _deepcopy_by_clone()  # copy.deepcopy of a device tensor (torch's storage copy makes one the daemon never saw)
+    _pickle_storages_on_the_cpu()  # pickle.dumps of a device tensor (torch's legacy save: the same)
     torch.ops.gpupool_native.set_autoconnect()
     if torch.distributed.is_available():
         from gpupool.client import distributed
@@ -144,6 +145,33 @@ def _deepcopy_by_clone() -> None:
 
     __deepcopy__._gpupool = True  # type: ignore[attr-defined]
     torch.Tensor.__deepcopy__ = __deepcopy__  # type: ignore[method-assign]
+
+
+def _pickle_storages_on_the_cpu() -> None:
+    """`pickle.dumps` of a device tensor (an object collective's `{"loss": loss}`: torch.distributed pickles the
+    object): torch reduces the tensor's storage with a legacy `torch.save`, which reads a device storage through a
+    tensor made by `from_blob` on its data pointer, a storage the C++ client's daemon never saw ("a tensor on a storage
+    the daemon never saw"; `all_gather_object` of a dict holding a gpupool tensor failed so until round 38). A device
+    storage is pickled as its CPU copy instead (`storage.cpu()`, a download): it unpickles on the CPU, as the Python
+    client's tensors do (client/torch/tensor.py `__reduce_ex__`). torch.save keeps its own path (its pickler takes
+    storages by persistent id, never by `__reduce__`: checkpoints keep their `gpupool:N` locations), and so does
+    sending a tensor to another process (mp_share: ForkingPickler's reducers come first)."""
+    import torch
+
+    from . import backend
+
+    for cls in (torch.UntypedStorage, torch.storage.TypedStorage):
+        original = cls.__reduce__
+        if getattr(original, "_gpupool", False):
+            continue
+
+        def __reduce__(self: Any, _original: Any = original) -> Any:  # noqa: N807 - the protocol's name
+            if self.device.type == backend.NAME:
+                return self.cpu().__reduce__()
+            return _original(self)
+
+        __reduce__._gpupool = True  # type: ignore[attr-defined]
+        cls.__reduce__ = __reduce__  # type: ignore[assignment,method-assign]
 
 
 def _pin_memory(self: Any, device: Any = None) -> Any:

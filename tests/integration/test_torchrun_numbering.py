@@ -143,3 +143,55 @@ def test_under_cuda_the_accelerators_numbers_are_cudas_and_land_on_the_own_devic
     assert lines[1].startswith("rank 0 refused InvalidArgument: gpupool:1 is lease device 1 here"), lines[1]
     assert lines[3].startswith("rank 1 refused InvalidArgument: gpupool:1 is lease device 0 here"), lines[3]
     assert "Under --cuda name it as CUDA's" in lines[3], lines[3]
+
+
+P2P_SCRIPT = """
+import sys, torch
+if sys.argv[1] == "shim":
+    import gpupool.torch
+torch.distributed.init_process_group("gpupool")
+rank = torch.distributed.get_rank()
+def attempt(name, call, result):
+    try:
+        call()
+        result.tolist()  # a sync point: a failed collective raises here
+        print(f"rank {rank} {name} ran\\n", end="", flush=True)
+    except Exception as exc:
+        print(f"rank {rank} {name} refused: {exc}\\n", end="", flush=True)
+a, b = torch.full((3,), rank + 1.0, device="gpupool"), torch.zeros(3, device="gpupool")
+def both_send_first():
+    for work in torch.distributed.batch_isend_irecv(
+        [torch.distributed.P2POp(torch.distributed.isend, a, 1 - rank),
+         torch.distributed.P2POp(torch.distributed.irecv, b, 1 - rank)]):
+        work.wait()
+attempt("exchange", both_send_first, b)
+c = torch.ones(4 + rank, device="gpupool")
+attempt("sizes", lambda: torch.distributed.send(c, 1) if rank == 0 else torch.distributed.recv(c, 0), c)
+t = torch.full((2,), rank + 1.0, device="gpupool")
+torch.distributed.all_reduce(t)
+print(f"rank {rank} then {t.tolist()}\\n", end="", flush=True)
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client", ["native", "shim"])
+def test_send_and_recv_that_do_not_match_are_one_clear_error_on_both_ranks(
+    two_gpu_pool: str, tmp_path: Path, client: str
+) -> None:
+    """send/recv in a group of two are a broadcast from the sender (client/distributed.py, since round 38): calls that
+    do not match -- both ranks sending first (a symmetric `batch_isend_irecv`), a recv of another size -- are the
+    daemons' agreement error on both ranks, naming each rank's call, and the group goes on (an all_reduce after).
+    Until round 38 every send/recv was one InvalidArgument ("... send/recv and all-to-all are not implemented")."""
+    if client == "native" and _why is not None:
+        pytest.skip(f"native client: {_why}")
+    lines = _torchrun(two_gpu_pool, tmp_path, P2P_SCRIPT, ("--client", client), (client,))
+    assert len(lines) == 6, lines
+    for rank in (0, 1):
+        exchange, sizes, then = lines[3 * rank], lines[3 * rank + 1], lines[3 * rank + 2]
+        assert exchange.startswith(f"rank {rank} exchange refused:"), lines
+        assert "ranks disagree on a collective broadcast: rank 0: broadcast() root 0" in exchange, exchange
+        assert "rank 1: broadcast() root 1, 1 tensor(s) of 3 elements" in exchange, exchange
+        assert sizes.startswith(f"rank {rank} sizes refused:"), lines
+        assert "root 0, 1 tensor(s) of 4 elements" in sizes and "root 0, 1 tensor(s) of 5 elements" in sizes, sizes
+        assert then == f"rank {rank} then [3.0, 3.0]", lines

@@ -1,0 +1,122 @@
+"""The collectives a training script uses beyond DDP's, written as for NCCL: `reduce` and `gather` of tensors,
+rank 0 broadcasting a config (`broadcast_object_list`), metrics gathered with `all_gather_object` (a dict holding a
+device tensor among them) and `gather_object`, `scatter_object_list`, `send`/`recv`/`isend`/`irecv` between the two
+ranks, and a `torch.distributed.checkpoint` save and load (which plan with the object collectives). Each result is one
+line `rank R NAME VALUE`. Falls back to gloo on the CPU when there is no GPU.
+
+    torchrun --standalone --nproc-per-node 2 collectives.py
+"""
+
+import os
+import shutil
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+
+def main():
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == 2, world
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device(f"cuda:{local_rank}")
+    else:
+        device = torch.device("cpu")
+    lines = []
+
+    def out(name, value):
+        lines.append(f"rank {rank} {name} {value}")
+
+    # reduce: only the destination's result is defined (gloo leaves partial sums elsewhere)
+    t = torch.arange(6.0, device=device).view(2, 3) * (rank + 1) + 0.5
+    dist.reduce(t, dst=1)
+    if rank == 1:
+        out("reduce-sum", t.tolist())
+    m = torch.tensor([3, -1, 7], device=device) * (1 - 2 * rank)
+    dist.reduce(m, dst=0, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        out("reduce-max", m.tolist())
+    avg = torch.tensor([1.0, 2.0], dtype=torch.float64, device=device) * (rank + 3)
+    dist.reduce(avg, dst=0, op=dist.ReduceOp.PRODUCT)
+    if rank == 0:
+        out("reduce-product", avg.tolist())
+
+    # gather: a list on the destination only
+    x = torch.arange(4, device=device).view(2, 2) + 10 * rank
+    gathered = [torch.empty_like(x) for _ in range(world)] if rank == 0 else None
+    dist.gather(x, gathered, dst=0)
+    out("gather-0", None if gathered is None else [g.tolist() for g in gathered])
+    y = torch.full((3,), float(rank), device=device).sin()
+    gathered = [torch.zeros(3, device=device) for _ in range(world)] if rank == 1 else None
+    work = dist.gather(y, gathered, dst=1, async_op=True)
+    work.wait()
+    out("gather-1", None if gathered is None else [g.tolist() for g in gathered])
+
+    # objects: a config from rank 0, metrics from every rank
+    config = [{"lr": 0.1, "layers": [64, 64], "name": "run-7"}, ["<pad>", "<unk>", "the", "a"]]
+    received = config if rank == 0 else [None, None]
+    dist.broadcast_object_list(received, src=0)
+    out("broadcast-object-list", received)
+    received = [{"seed": 1234 + rank}] if rank == 1 else [None]
+    dist.broadcast_object_list(received, src=1)
+    out("broadcast-object-list-1", received)
+    metrics = {"rank": rank, "loss": 0.25 * (rank + 1), "tag": "x" * (100 * rank + 1)}
+    everyone = [None] * world
+    dist.all_gather_object(everyone, metrics)
+    out("all-gather-object", everyone)
+    loss = torch.tensor([1.5, 2.5], device=device) * (rank + 1)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, {"rank": rank, "loss": loss})
+    out("all-gather-object-tensor", [(o["rank"], o["loss"].tolist()) for o in everyone])
+    collected = [None] * world if rank == 0 else None
+    dist.gather_object(("accuracy", rank, 0.5 + rank / 4), collected, dst=0)
+    out("gather-object", collected)
+    mine = [None]
+    dist.scatter_object_list(
+        mine, [{"shard": i, "files": list(range(i + 2))} for i in range(world)] if rank == 0 else None, src=0
+    )
+    out("scatter-object-list", mine)
+
+    # point to point between the two ranks
+    z = torch.arange(5.0, device=device) if rank == 0 else torch.zeros(5, device=device)
+    if rank == 0:
+        dist.send(z, dst=1)
+    else:
+        dist.recv(z, src=0)
+    z = z * 2 + rank
+    if rank == 1:
+        dist.send(z, dst=0)
+    else:
+        sender = dist.recv(z)  # from any source
+        out("recv-anysource-from", sender)
+    out("send-recv", z.tolist())
+    w = torch.full((2, 2), float(rank + 1), device=device)
+    request = dist.isend(w, dst=1) if rank == 0 else dist.irecv(w, src=0)
+    request.wait()
+    out("isend-irecv", w.tolist())
+
+    # torch's own checkpoint code: DCP plans a save and a load with gather_object, scatter_object_list and
+    # all_gather_object (a state dict on the CPU here: DCP's file writer itself is not the group's business)
+    where = [tempfile.mkdtemp(prefix="dcp-") if rank == 0 else None]
+    dist.broadcast_object_list(where, src=0)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=where[0])
+    fresh = torch.nn.Linear(4, 3)
+    state = {"model": {k: torch.zeros_like(v) for k, v in fresh.state_dict().items()}}
+    dcp.load(state, checkpoint_id=where[0])
+    out("dcp-save-load", [round(v.sum().item(), 6) for v in state["model"].values()])
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(where[0])
+    print("\n".join(lines) + "\n", end="", flush=True)  # one write: the ranks share stdout
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
