@@ -10,7 +10,8 @@ concurrent builders stay safe. A folder without an `.owner` (an older gpupool's,
 the folder and its lock) is removed once older than ORPHAN_SECONDS, far more than a build takes.
 
 The native runner's build and the C++ client's take their cache folder's build lock (`exclusive`) for the whole build:
-processes that start on an empty cache at once build it once (the others wait, bounded, then use that build).
+processes that start on an empty cache at once build it once (the others wait, bounded, then use that build). A waiter
+blocks in `flock` itself (in a helper process: `_wait_lock`), so it has the lock the moment its holder lets go.
 
 Both builds run `torch.utils.cpp_extension.load` in a process of their own (`run_build`), the leader of a session of
 its own, which dies with the process that started it and takes the whole session with it (ninja and each compiler,
@@ -25,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -38,7 +40,6 @@ from pathlib import Path
 PREFIX = "build-"
 OWNER = ".owner"  # locked by the builder for as long as it builds
 LOCK = ".build-lock"  # in a cache folder: locked by the one process that builds into it (`exclusive`)
-POLL = 0.2  # seconds between tries of a lock another process holds
 ORPHAN_SECONDS = 3600.0  # a folder with no `.owner` this old is left over (a build takes 1-2 min)
 
 
@@ -52,18 +53,56 @@ def exclusive(parent: Path, deadline: float, late: str) -> Iterator[None]:
     parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(parent / LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RuntimeError(late) from None
-                time.sleep(min(POLL, left))
+        if not _try_lock(fd) and not _wait_lock(fd, deadline):
+            raise RuntimeError(late)
         yield
     finally:
         os.close(fd)  # (drops the lock)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+# The helper of `_wait_lock`: blocks in flock on the descriptor it inherited (argv[1]), then says so (one byte).
+_WAITER = "import fcntl, os, sys; fcntl.flock(int(sys.argv[1]), fcntl.LOCK_EX); os.write(1, b'1')"
+
+
+def _wait_lock(fd: int, deadline: float) -> bool:
+    """Wait for the lock on `fd` until `deadline`; whether it is held. A `flock` lock belongs to the open file
+    description, so a helper process given `fd` blocks in `flock` for this one and the lock is this process's the
+    moment its holder lets go (round 37 tried again every 0.2 s); past the deadline the helper is killed. A process,
+    not a thread: a thread blocked in `flock` cannot be stopped, and the zygote (the native runner's builder) must
+    stay single-threaded for its forks. Where the helper ends without the lock (it could not start), the wait goes
+    on by trying again every 0.2 s."""
+    try:
+        helper = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _WAITER, str(fd)],
+            pass_fds=(fd,),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError:
+        helper = None
+    if helper is not None:
+        assert helper.stdout is not None
+        try:
+            select.select([helper.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        finally:
+            helper.kill()  # (had it the lock, the description keeps it: `_try_lock` below succeeds)
+            helper.wait()
+            helper.stdout.close()
+    while not _try_lock(fd):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(0.2, left))
+    return True
 
 
 @contextmanager

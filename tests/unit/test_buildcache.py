@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -328,3 +329,36 @@ def test_a_native_client_build_dies_with_its_process_and_the_next_one_builds(tmp
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     assert Path(out.strip()).is_file() and not killed.exists()
+
+
+def test_a_waiter_has_the_build_lock_as_soon_as_its_holder_lets_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`exclusive` waits in `flock` itself (a helper process blocked on its descriptor), not by trying again every
+    0.2 s (the base's POLL): with the base's pause made an hour long, its waiter slept past the holder's end. The
+    bound below is a hang's, not a timing."""
+    monkeypatch.setattr(buildcache, "POLL", 3600.0, raising=False)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    got: list[object] = []
+
+    def wait() -> None:
+        try:
+            with buildcache.exclusive(tmp_path, time.monotonic() + 600, "late"):
+                got.append(True)
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            got.append(exc)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        waiter.start()
+        time.sleep(1.0)  # (waiting now)
+        assert not got
+        holder.communicate("")  # lets go
+        waiter.join(60)
+        assert got == [True]
+    finally:
+        holder.kill()
+        holder.wait()
