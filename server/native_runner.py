@@ -102,6 +102,7 @@ compiler or ninja, or when the build fails or overruns `build_timeout()` ($GPUPO
 killed then, its compiler too), one log line says so and the Python path runs. A zygote that builds tells its daemon
 first (server/zygote.py `_build_runner`), which waits for the build beyond its bound on the zygote's start. One process
 builds into a cache folder at a time (its build lock, `buildcache.exclusive`); the others wait and load that build.
+The build's process dies with the zygote (a daemon killed mid-build), its compilers too (`buildcache.run_build`).
 
 `GPUPOOL_NATIVE_RUNNER_SANITIZE=1` builds it with AddressSanitizer and UBSan instead (its own cache folder,
 `asan/` under the cache), for tests in a Python started with the ASan runtime preloaded (`scripts/runner_asan.sh`,
