@@ -14,6 +14,9 @@
 #             tests/unit/test_real_gpu_script.py checks, and the capture tests of tests/unit/test_graph_cuda.py)
 #   tiny      launch_bound --gpu: the tiny MLP and encoders, local CUDA vs the pool as users get it by default:
 #             `gpupool run`'s C++ client (native), eager and captured (native-captured)
+#   probe     bench/worker_probe.py --gpu: where the session worker's time goes around 30 steps of the tiny MLP
+#             (native, native-captured): its system calls (`strace -f -c`, where strace exists) and its Python
+#             profile (cProfile through GPUPOOL_WORKER_PROFILE, server/workerprofile.py); profiles under $OUT/probe
 #   native    issue 8's transformer classifier the same way (the eager <= 1.3x target; its CUDA graph)
 #   big       the stock MLP and the sentiment CNN the same way (the captured <= 1.05x target)
 # Not in the default set (STAGES names them): shim (the tiny models through the Python shim client, eager and
@@ -25,7 +28,8 @@
 #   STAGES="info tests tiny" bash bench/real_gpu.sh      # a subset (build runs first whenever a later stage needs it)
 #   FAKE=1 bash bench/real_gpu.sh                        # the same stages on a fake GPU: a check of the script itself
 #                                                        # on a host without one (no --gpu; the cuda tests skip)
-# Limits: T_SETUP T_BUILD T_INFO T_TESTS T_TINY T_NATIVE T_BIG T_SHIM T_OVERLAP (seconds), BUDGET; LB_STEPS (50) LB_BLOCKS (3).
+# Limits: T_SETUP T_BUILD T_INFO T_TESTS T_TINY T_PROBE T_NATIVE T_BIG T_SHIM T_OVERLAP (seconds), BUDGET; LB_STEPS (50)
+# LB_BLOCKS (3) PROBE_STEPS (30).
 set -u
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--build" ]; then  # the build stage's body: the four builds at once, each timed and logged
@@ -44,7 +48,7 @@ if [ "${1:-}" = "--build" ]; then  # the build stage's body: the four builds at 
     done
     exit $rc
 fi
-STAGES=" ${STAGES:-info tests tiny native big} "
+STAGES=" ${STAGES:-info tests tiny probe native big} "
 OUT=${OUT:-real_gpu_out}
 BUDGET=${BUDGET:-540}
 FAKE=${FAKE:-0}
@@ -83,7 +87,7 @@ python3 -c "import gpupool" 2> /dev/null || python3 -m pip install -q --no-deps 
 python3 -c "import gpupool, grpc, cryptography; print(gpupool.__file__)"'
 export OUT WHEELS
 stage setup "${T_SETUP:-90}" bash -c "$SETUP"
-case "$STAGES" in *" tests "* | *" tiny "* | *" native "* | *" big "* | *" shim "* | *" overlap "*) STAGES="$STAGES build " ;; esac
+case "$STAGES" in *" tests "* | *" tiny "* | *" probe "* | *" native "* | *" big "* | *" shim "* | *" overlap "*) STAGES="$STAGES build " ;; esac
 stage build "${T_BUILD:-150}" bash bench/real_gpu.sh --build "$OUT"
 # A daemon's zygote builds a missing runner before it answers, and the daemon gives it 120 s: where the build stage
 # did not leave one, every timed stage would fail to start its daemon (seen on a loaded host). Python path instead.
@@ -104,6 +108,8 @@ export BENCH_DAEMON_FLAGS="${BENCH_DAEMON_FLAGS---bulk-listen 127.0.0.1:0}"
 LB="python3 bench/launch_bound.py $GPU --rounds 1 --steps ${LB_STEPS:-50} --blocks ${LB_BLOCKS:-3}"
 DEFAULT=local,native,native-captured  # what `gpupool run` gives a script: the C++ client, eager or captured
 BENCH_DAEMON_LOG=$OUT/tiny.daemon.log stage tiny "${T_TINY:-100}" $LB --models tiny-mlp,encoder-nodrop,encoder --modes $DEFAULT
+PROBE="python3 bench/worker_probe.py $GPU --models tiny-mlp --modes native,native-captured --steps ${PROBE_STEPS:-30} --warmup 5 --top 20 --keep $OUT/probe"
+BENCH_DAEMON_LOG=$OUT/probe.daemon.log TAIL=80 stage probe "${T_PROBE:-60}" $PROBE
 BENCH_DAEMON_LOG=$OUT/native.daemon.log stage native "${T_NATIVE:-70}" $LB --models classifier --modes $DEFAULT
 BENCH_DAEMON_LOG=$OUT/big.daemon.log stage big "${T_BIG:-70}" $LB --models mlp,cnn --modes $DEFAULT
 BENCH_DAEMON_LOG=$OUT/shim.daemon.log stage shim "${T_SHIM:-100}" $LB --models tiny-mlp,encoder-nodrop,encoder --modes local,eager,captured

@@ -9,15 +9,28 @@ gone (the kernel drops a lock with its process). A live builder's folder is neve
 concurrent builders stay safe. A folder without an `.owner` (an older gpupool's, or a builder killed between making
 the folder and its lock) is removed once older than ORPHAN_SECONDS, far more than a build takes.
 
-The native runner's build also takes its cache folder's build lock (`exclusive`) for the whole build: processes that
-start on an empty cache at once build it once (the others wait, bounded, then use that build).
+The native runner's build and the C++ client's take their cache folder's build lock (`exclusive`) for the whole build:
+processes that start on an empty cache at once build it once (the others wait, bounded, then use that build). A waiter
+blocks in `flock` itself (in a helper process: `_wait_lock`), so it has the lock the moment its holder lets go.
+
+Both builds run `torch.utils.cpp_extension.load` in a process of their own (`run_build`), the leader of a session of
+its own, which dies with the process that started it and takes the whole session with it (ninja and each compiler,
+which ninja starts in process groups of their own): PR_SET_PDEATHSIG tells it when its parent dies (SIGKILL
+included), and it kills its session's other processes (`kill_session`) before it exits. Round 37 saw a build run on
+for minutes after its daemon was killed. The library is moved into place only by the builder, after a build that
+succeeded, so a killed build leaves no library, only its `build-*` folder, which the next build or use removes.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import select
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,7 +40,6 @@ from pathlib import Path
 PREFIX = "build-"
 OWNER = ".owner"  # locked by the builder for as long as it builds
 LOCK = ".build-lock"  # in a cache folder: locked by the one process that builds into it (`exclusive`)
-POLL = 0.2  # seconds between tries of a lock another process holds
 ORPHAN_SECONDS = 3600.0  # a folder with no `.owner` this old is left over (a build takes 1-2 min)
 
 
@@ -41,18 +53,56 @@ def exclusive(parent: Path, deadline: float, late: str) -> Iterator[None]:
     parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(parent / LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RuntimeError(late) from None
-                time.sleep(min(POLL, left))
+        if not _try_lock(fd) and not _wait_lock(fd, deadline):
+            raise RuntimeError(late)
         yield
     finally:
         os.close(fd)  # (drops the lock)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+# The helper of `_wait_lock`: blocks in flock on the descriptor it inherited (argv[1]), then says so (one byte).
+_WAITER = "import fcntl, os, sys; fcntl.flock(int(sys.argv[1]), fcntl.LOCK_EX); os.write(1, b'1')"
+
+
+def _wait_lock(fd: int, deadline: float) -> bool:
+    """Wait for the lock on `fd` until `deadline`; whether it is held. A `flock` lock belongs to the open file
+    description, so a helper process given `fd` blocks in `flock` for this one and the lock is this process's the
+    moment its holder lets go (round 37 tried again every 0.2 s); past the deadline the helper is killed. A process,
+    not a thread: a thread blocked in `flock` cannot be stopped, and the zygote (the native runner's builder) must
+    stay single-threaded for its forks. Where the helper ends without the lock (it could not start), the wait goes
+    on by trying again every 0.2 s."""
+    try:
+        helper = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _WAITER, str(fd)],
+            pass_fds=(fd,),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError:
+        helper = None
+    if helper is not None:
+        assert helper.stdout is not None
+        try:
+            select.select([helper.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        finally:
+            helper.kill()  # (had it the lock, the description keeps it: `_try_lock` below succeeds)
+            helper.wait()
+            helper.stdout.close()
+    while not _try_lock(fd):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(0.2, left))
+    return True
 
 
 @contextmanager
@@ -105,3 +155,87 @@ def sweep(parent: Path) -> list[Path]:
         finally:
             os.close(fd)
     return removed
+
+
+def session_members(sid: int) -> list[int]:
+    """The live processes of session `sid` (/proc/PID/stat's sixth field, read past the command's closing
+    parenthesis; a zombie, state Z, is dead already: its parent or init reaps it)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 3 and int(fields[3]) == sid and fields[0] != b"Z":
+            found.append(int(name))
+    return found
+
+
+def kill_session(sid: int, spare: int = 0) -> None:
+    """SIGKILL every process of session `sid` but `spare`: its process group is not enough, since ninja starts each
+    compiler in a process group of its own (round 37: a killed build's `c++` ran on)."""
+    for _ in range(20):  # again while any is left: ninja, before its kill landed, may have started another
+        members = [pid for pid in session_members(sid) if pid != spare]
+        if not members:
+            return
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+
+
+# What `run_build`'s process runs: `_build_main(parent pid, cpp_extension.load's keyword arguments as JSON, the
+# seconds it lasts at least)`.
+_BUILD = "import sys; from gpupool import buildcache as b; b._build_main(int(sys.argv[1]), sys.argv[2], sys.argv[3])"
+PR_SET_PDEATHSIG = 1
+
+
+def run_build(spec: dict[str, object], deadline: float, late: str, at_least: float = 0.0) -> tuple[int, str]:
+    """`torch.utils.cpp_extension.load(**spec)` in a process of its own, the leader of a new session, by `deadline`
+    (time.monotonic()): its exit status and its output (stdout and stderr). Past the deadline, or when this thread
+    is interrupted, the whole session is killed (its compilers too), then RuntimeError(`late`) or the interruption.
+    Should this process die first (SIGKILL included), the build's leader hears of it (PR_SET_PDEATHSIG: of the
+    thread that started it, so call this from a thread that waits for it, as this does) and kills its session.
+    `at_least`: the build lasts at least this many seconds (tests, as a slow host)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BUILD, str(os.getpid()), json.dumps(spec), repr(float(at_least))],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # a session of its own: killed whole, its compilers too (`kill_session`)
+    )
+    try:
+        out = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))[0]
+    except BaseException as exc:  # late (or interrupted): the whole session goes, its leader not yet reaped
+        kill_session(proc.pid)
+        proc.communicate()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise RuntimeError(late) from None
+        raise
+    return proc.returncode, out
+
+
+def _build_main(parent: int, spec: str, at_least: str) -> None:
+    """The build's process (`run_build`): a session leader that ends its session when its parent dies."""
+    import ctypes
+
+    started = time.monotonic()
+
+    def end(*_: object) -> None:
+        kill_session(os.getpid(), spare=os.getpid())
+        os._exit(1)
+
+    signal.signal(signal.SIGTERM, end)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # its parent died before the prctl: nobody waits for this build
+        end()
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(**json.loads(spec))
+    time.sleep(max(0.0, float(at_least) - (time.monotonic() - started)))

@@ -41,9 +41,6 @@ class Entry:
 # bench/host_memory.py --probe queued; 64 sessions ~8.5 GiB outside every limit). Small commands (a checkpoint's
 # Gets) still queue up to `max_commands` while it is parked.
 PARKED_BYTES = 4 * 1024 * 1024
-# How often a reader waiting for room in the host's queued bytes (`HostQueued`) looks again: another device's queue
-# frees it without waking this queue's condition (no lock is taken across queues).
-HOST_POLL_SECONDS = 0.02
 
 
 class HostQueued:
@@ -52,16 +49,46 @@ class HostQueued:
     own slow ops, a collective waiting for its peers, other sessions' turns - queued up to its 64 MiB whatever the
     others held: 8 sessions of one tenant behind slow matmuls grew the daemon process by ~1 GiB (bench/host_memory.py
     --probe busy), 64 sessions ~8 GiB, counted against nothing. Each session keeps its first `PARKED_BYTES` (and
-    a frame into an empty queue) whatever the others queued; the rest is the host's, first come."""
+    a frame into an empty queue) whatever the others queued; the rest is the host's, first come.
+
+    A reader waiting for room waits on its own queue's condition, and the queue that frees room (another device's,
+    maybe) wakes it: `full` notes the waiting queue, `add` of freed bytes moves it to the queues to wake, and the
+    freeing queue wakes them (`wake`) once it has let go of its own lock, so that no thread holds two queues' locks
+    (round 37 looked again every 20 ms)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.over = 0  # the sessions' bytes past PARKED_BYTES each
         self._lock = threading.Lock()  # a leaf lock: the queues of several devices change `over`
+        self._waiting: list[threading.Condition] = []  # queues with a reader waiting for room
+        self._wake: list[threading.Condition] = []  # of those, the ones to wake: room was freed since
 
     def add(self, delta: int) -> None:
         with self._lock:
             self.over += delta
+            if delta < 0 and self._waiting:
+                self._wake.extend(c for c in self._waiting if c not in self._wake)
+                self._waiting.clear()
+
+    def full(self, grown: int, cond: threading.Condition) -> bool:
+        """Whether `grown` more bytes past PARKED_BYTES would pass the limit; if so `cond` (held by the caller, who
+        waits on it next) is woken once room is freed."""
+        with self._lock:
+            if grown <= 0 or self.over + grown <= self.limit:
+                return False
+            if cond not in self._waiting:
+                self._waiting.append(cond)
+            return True
+
+    def wake(self) -> None:
+        """Wake the queues whose readers wait for room that was freed (called holding no queue's lock)."""
+        if not self._wake:  # (read unlocked: a thread that frees room calls this after, and sees its own)
+            return
+        with self._lock:
+            wake, self._wake = self._wake, []
+        for cond in wake:
+            with cond:
+                cond.notify_all()
 
 
 def _excess(nbytes: int) -> int:
@@ -106,6 +133,7 @@ class FairQueue:
                 # peers keeps the device then) would not hear of others any more: it ends, the session is closing
                 self._tell(entry, True)
             self._cond.notify_all()
+        self._wake_host()
 
     def put(self, entry: Entry, commands: list[Any], nbytes: int) -> bool:
         """Queue a frame's commands, blocking while the session's queue is full; False once it is closed."""
@@ -116,7 +144,7 @@ class FairQueue:
                 ):
                     self._cond.wait()
                 elif self._host_full(entry, nbytes):
-                    self._cond.wait(HOST_POLL_SECONDS)
+                    self._cond.wait()  # woken by the queue that frees room (`HostQueued.wake`)
                 else:
                     break
             if entry.closed or self._stopped:
@@ -144,7 +172,8 @@ class FairQueue:
             taken = self._pop(entry, max_commands)
             self._tell(entry, len(ready) > 1)  # `ready` held it too
             self._cond.notify_all()
-            return entry, taken
+        self._wake_host()
+        return entry, taken
 
     def put_and_claim(self, entry: Entry, commands: list[Any], nbytes: int, max_commands: int) -> list[Any] | None:
         """`put`, and when the device is idle (no slice runs, no other session waits to run: `take` would hand
@@ -164,7 +193,8 @@ class FairQueue:
                 entry.frames.append([commands, 0, nbytes])
                 entry.commands += len(commands)
                 self._bytes(entry, nbytes)
-                return self._pop(entry, max_commands)  # no notify: nothing for the device's thread to do
+                return self._pop(entry, max_commands)  # no notify: nothing for the device's thread to do (and a
+                # frame longer than the slice frees none of its bytes: `HostQueued.wake` has nobody to wake)
         return None if self.put(entry, commands, nbytes) else []
 
     def _host_full(self, entry: Entry, nbytes: int) -> bool:
@@ -173,7 +203,12 @@ class FairQueue:
         if host is None:
             return False
         grown = _excess(entry.nbytes + nbytes) - _excess(entry.nbytes)
-        return grown > 0 and host.over + grown > host.limit
+        return grown > 0 and host.full(grown, self._cond)
+
+    def _wake_host(self) -> None:
+        """After bytes were freed (holding no lock): wake the readers of other queues waiting for the host's room."""
+        if self.host is not None:
+            self.host.wake()
 
     def _bytes(self, entry: Entry, delta: int) -> None:
         """Change `entry`'s queued bytes by `delta`, and the host's count of those past `PARKED_BYTES`."""

@@ -105,6 +105,7 @@ compiler or ninja, or when the build fails or overruns `build_timeout()` ($GPUPO
 killed then, its compiler too), one log line says so and the Python path runs. A zygote that builds tells its daemon
 first (server/zygote.py `_build_runner`), which waits for the build beyond its bound on the zygote's start. One process
 builds into a cache folder at a time (its build lock, `buildcache.exclusive`); the others wait and load that build.
+The build's process dies with the zygote (a daemon killed mid-build), its compilers too (`buildcache.run_build`).
 
 `GPUPOOL_NATIVE_RUNNER_SANITIZE=1` builds it with AddressSanitizer and UBSan instead (its own cache folder,
 `asan/` under the cache), for tests in a Python started with the ASan runtime preloaded (`scripts/runner_asan.sh`,
@@ -114,13 +115,10 @@ ASan's shadow memory is terabytes of private mappings, which a worker's RLIMIT_D
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import signal
 import struct
-import subprocess
 import sys
 import time
 import weakref
@@ -218,13 +216,6 @@ def load() -> Any:
 
 
 _NAME = "gpupool_native_runner"
-# What `_built`'s build process runs: torch.utils.cpp_extension.load with the keyword arguments given as JSON (argv[1]);
-# then, for tests only, it lasts at least $GPUPOOL_TEST_RUNNER_BUILD_SECONDS (SLOW_BUILD_ENV) from its start.
-_BUILD = (
-    "import json, os, sys, time; t = time.monotonic(); from torch.utils import cpp_extension; "
-    "cpp_extension.load(**json.loads(sys.argv[1])); "
-    f"time.sleep(max(0.0, float(os.environ.get('{SLOW_BUILD_ENV}') or 0) - (time.monotonic() - t)))"
-)
 
 
 def _final() -> Path:
@@ -317,8 +308,8 @@ def _built() -> Path:
 
 
 def _build(final: Path, data: bytes, deadline: float, late: str) -> None:
-    """Build `data` (the source) into `final` by `deadline`, in a process group of its own: killed whole (ninja and
-    its compilers too) when the deadline passes."""
+    """Build `data` (the source) into `final` by `deadline`, in a session of its own (`buildcache.run_build`):
+    killed whole (ninja and its compilers too) when the deadline passes or the zygote dies."""
     with buildcache.private_build_dir(final.parent) as tmp:
         cflags, ldflags = (["-O1", "-g", *_SANITIZE], _SANITIZE) if sanitized() else (["-O2"], [])
         copy = tmp / SOURCE.name  # the bytes hashed, not the file as it is by the compiler's read
@@ -326,58 +317,13 @@ def _build(final: Path, data: bytes, deadline: float, late: str) -> None:
         spec = {"name": _NAME, "sources": [str(copy)], "extra_cflags": cflags, "extra_ldflags": ldflags,
                 "build_directory": str(tmp), "is_python_module": False, "verbose": False}  # fmt: skip
         # In a process of its own: torch.utils.cpp_extension's import asks the CUDA runtime for a device count on a
-        # CUDA host, which would poison every fork of the zygote (the caller), and leaves threads behind in it.
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _BUILD, json.dumps(spec)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,  # a session of its own: killed whole, its compilers too (`_kill_session`)
-        )
-        try:
-            out = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))[0]
-        except BaseException as exc:  # late (or interrupted): the whole session goes, its leader not yet reaped
-            _kill_session(proc.pid)
-            proc.communicate()
-            if isinstance(exc, subprocess.TimeoutExpired):
-                raise RuntimeError(late) from None
-            raise
-        if proc.returncode != 0:
+        # CUDA host, which would poison every fork of the zygote (the caller), and leaves threads behind in it. It
+        # dies with the zygote, its compilers too (`buildcache.run_build`).
+        at_least = float(os.environ.get(SLOW_BUILD_ENV) or 0)
+        code, out = buildcache.run_build(spec, deadline, late, at_least)
+        if code != 0:
             raise RuntimeError(f"the native runner's build failed: {out.strip()[-1500:]}")
         os.replace(tmp / f"{_NAME}.so", final)
-
-
-def _session_members(sid: int) -> list[int]:
-    """The live processes of session `sid` (/proc/PID/stat's sixth field, read past the command's closing
-    parenthesis; a zombie, state Z, is dead already: its parent or init reaps it)."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 3 and int(fields[3]) == sid and fields[0] != b"Z":
-            found.append(int(name))
-    return found
-
-
-def _kill_session(sid: int) -> None:
-    """SIGKILL every process of the build's session `sid`: its process group is not enough, since ninja starts each
-    compiler in a process group of its own (round 37: a killed build's `c++` ran on; seen in test_first_start.py)."""
-    for _ in range(20):  # again while any is left: ninja, before its kill landed, may have started another
-        members = _session_members(sid)
-        if not members:
-            return
-        for pid in members:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
 
 
 def _no_asan() -> str | None:

@@ -611,7 +611,7 @@ def _vm_data() -> int:
 
 def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     """The worker's life: confine, then serve slices until the daemon closes the socket. Returns an exit code."""
-    from . import native_runner, sandbox
+    from . import native_runner, sandbox, workerprofile
 
     sys.dont_write_bytecode = True  # no .pyc writes from a process that may not create files
     native_runner.forbid_build()  # the zygote loaded it before the fork, or it stays off (never exec a compiler here)
@@ -632,6 +632,7 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
         from . import opaudit
 
         audit = opaudit.from_env()
+    workerprofile.from_env()  # a bench's Python profile of this worker (server/workerprofile.py), where switched on
     limit = spec.memory_limit and _vm_data() + spec.memory_limit
     report = sandbox.apply(limit, user=spec.user, seccomp=spec.seccomp, network=spec.network)
     log.debug("session %d worker %d sandbox: %s; missing: %s", spec.number, os.getpid(), report.applied, report.missing)

@@ -1,7 +1,9 @@
 """Building the C++ client (native_client.cpp) without importing torch: `gpupool run --native-client` checks for the
 library before it leases (the child imports torch, not `gpupool run`). The library is cached per torch version and
 source hash under gpupool.config.cache_dir("native-client"), built in a private folder and moved into place
-atomically; backend.py loads it.
+atomically; backend.py loads it. One process builds into a cache folder at a time (its build lock,
+`buildcache.exclusive`, as the daemon's native runner): the others wait and use that build. The build runs in a
+session of its own that dies with the process that started it, compilers included (`buildcache.run_build`).
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from gpupool import buildcache, config
 
 SOURCE = Path(__file__).with_name("native_client.cpp")
 HEADER = Path(__file__).parent.parent / "sdpa_choice.h"  # shared with the shim's guard: part of the build key
 _LIB = "gpupool_native_client"
+# How long a build may take, a wait for another process's build of the same library included (~1-2 min; minutes on
+# a loaded host), before it is given up (the build killed, BuildError: `gpupool run`'s default takes the Python client)
+BUILD_TIMEOUT = 900.0
 
 
 class BuildError(RuntimeError):
@@ -110,11 +116,13 @@ def build(verbose: bool = False, retry_failed: bool = True) -> Path:
     """The library, built now unless cached. With `retry_failed` False (`gpupool run`'s default client), a build that
     failed before with the same key (`failed_marker`: source, torch, compiler, ninja) is not tried again: BuildError
     at once, saying when it failed (a failing build costs seconds to a minute a run); `--client native` retries, and
-    a build that succeeds removes the marker. Each build runs in a private folder and its result is moved into place
-    (`os.replace`, atomic), as server/native_runner.py's: concurrent first uses each build and the last one wins, and
-    a build killed midway leaves no lock behind (cpp_extension's own build-folder lock waits forever for a dead
-    holder), and the folder of a build killed midway is removed by the next build or use (gpupool/buildcache.py).
-    Raises BuildError with one line saying why."""
+    a build that succeeds removes the marker. One process builds at a time: a builder holds the cache folder's build
+    lock (`buildcache.exclusive`, which the kernel drops with its holder), and a process that waited for it uses the
+    build it made (round 37: concurrent first uses each built, minutes of CPU each). The build runs in a process of
+    its own that dies with this one, its compilers too (`buildcache.run_build`), in a private folder, and its result
+    is moved into place (`os.replace`, atomic): a build killed midway leaves no library, and its folder is removed by
+    the next build or use (gpupool/buildcache.py). Waiting and building take at most BUILD_TIMEOUT seconds. Raises
+    BuildError with one line saying why."""
     final = built_path()
     if final.exists():
         buildcache.sweep(final.parent)  # the folders of builds killed midway (gpupool/buildcache.py)
@@ -126,30 +134,42 @@ def build(verbose: bool = False, retry_failed: bool = True) -> Path:
     marker = failed_marker()
     if not retry_failed and (before := _failed_before(marker)):
         raise BuildError(before)
-    from torch.utils import cpp_extension
-
+    deadline = time.monotonic() + BUILD_TIMEOUT
+    late = f"the native client's build did not finish within {BUILD_TIMEOUT:.0f} s"
     try:
-        with buildcache.private_build_dir(final.parent) as tmp:
-            print(f"gpupool: building the native client (once per torch version, ~1-2 min) into {final.parent}",
-                  file=sys.stderr)  # fmt: skip
-            try:
-                cpp_extension.load(name=_LIB, sources=[str(SOURCE)], extra_cflags=["-O2"], build_directory=str(tmp),
-                                   extra_include_paths=[str(HEADER.parent)],
-                                   is_python_module=False, verbose=verbose)  # fmt: skip
-            except Exception as exc:  # noqa: BLE001 - the compiler's output is in the message: its last line says why
-                last = [ln for ln in str(exc).splitlines() if ln.strip()][-1:] or [type(exc).__name__]
-                why = f"the native client did not build: {last[0][:300]}"
-                _remember_failure(marker, why)
-                raise BuildError(why) from exc
-            os.replace(tmp / f"{_LIB}.so", final)
+        with buildcache.exclusive(final.parent, deadline, late):
+            if not final.exists():  # else another process built it while this one waited
+                _build(final, marker, deadline, late, verbose)
     except config.UnsafeCacheDir:
         raise
     except OSError as exc:  # a cache that cannot take a build: root's shared cache (scripts/setup.sh) under another
         # user, a read-only or full disk; `gpupool run`'s default then takes the Python client, as for a build error
         raise BuildError(f"cannot build the native client in {final.parent}: {exc}") from exc
-    marker.unlink(missing_ok=True)
+    except RuntimeError as exc:
+        if isinstance(exc, BuildError):
+            raise
+        raise BuildError(str(exc)) from exc  # late (`exclusive`, `run_build`)
     _check_private(final)
     return final
+
+
+def _build(final: Path, marker: Path, deadline: float, late: str, verbose: bool) -> None:
+    with buildcache.private_build_dir(final.parent) as tmp:
+        print(f"gpupool: building the native client (once per torch version, ~1-2 min) into {final.parent}",
+              file=sys.stderr)  # fmt: skip
+        spec: dict[str, Any] = {"name": _LIB, "sources": [str(SOURCE)], "extra_cflags": ["-O2"],
+                                "build_directory": str(tmp), "extra_include_paths": [str(HEADER.parent)],
+                                "is_python_module": False, "verbose": verbose}  # fmt: skip
+        code, out = buildcache.run_build(spec, deadline, late)
+        if verbose:
+            print(out, end="", file=sys.stderr)
+        if code != 0:  # the compiler's output, then the error's: its last line says why
+            last = [ln for ln in out.splitlines() if ln.strip()][-1:] or [f"exit status {code}"]
+            why = f"the native client did not build: {last[0][:300]}"
+            _remember_failure(marker, why)
+            raise BuildError(why)
+        os.replace(tmp / f"{_LIB}.so", final)
+    marker.unlink(missing_ok=True)
 
 
 def _check_private(path: Path) -> None:

@@ -27,7 +27,7 @@ from gpupool.server import native_runner, worker, zygote
 from scheduler_fixtures import Proc
 from support import DaemonHandle, MiB, start_serve_process, stop_process
 
-from gpupool import errors, up
+from gpupool import buildcache, errors, up
 
 pytestmark = pytest.mark.skipif(native_runner.missing() is not None, reason=f"native runner: {native_runner.missing()}")
 
@@ -122,6 +122,42 @@ def test_a_build_past_its_bound_leaves_the_daemon_on_the_python_path(
         assert not list(cache.rglob("gpupool_native_runner.so")) and not list(cache.rglob("build-*"))
     finally:
         stop_process(proc)
+
+
+def test_a_daemon_killed_mid_build_takes_the_build_with_it(tmp_path: Path, token_key_file: Path) -> None:
+    """`kill -9` of a daemon whose zygote builds the runner at its first start: the zygote dies with it (its
+    PDEATHSIG), and the build with the zygote (`buildcache.run_build`: the build's session leader hears of its
+    parent's death and kills its session, ninja and compilers included): no process of the build is left, and no
+    library (round 37: the build, a session of its own, ran on for minutes). The killed build's folder is nobody's:
+    the next build or load removes it (test_buildcache.py builds again after a killed build)."""
+    cache = tmp_path / "cache"
+    env = _env(cache, **{native_runner.SLOW_BUILD_ENV: "600"})
+    daemon = Proc(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "0", "--fake-gpus", "1",
+                   "--token-key-file", str(token_key_file)], env=env)  # fmt: skip
+    try:
+        daemon.wait_for("building the native runner", timeout=150)
+        deadline = time.monotonic() + 120
+        while not any(" -c " in line for line in _builders(cache)):  # a compiler runs
+            assert time.monotonic() < deadline and daemon.popen.poll() is None, daemon.log()[-3000:]
+            time.sleep(0.05)
+        daemon.popen.kill()
+        daemon.popen.wait()
+        deadline = time.monotonic() + 60  # (a bound on a hang, not a timing: it takes milliseconds)
+        while _builders(cache):
+            assert time.monotonic() < deadline, _builders(cache)
+            time.sleep(0.05)
+    finally:
+        if daemon.popen.poll() is None:
+            daemon.popen.kill()
+            daemon.popen.wait()
+        for line in _builders(cache):
+            try:
+                os.kill(int(line.split(":")[0]), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert not list(cache.rglob("gpupool_native_runner.so"))
+    [killed] = list(cache.rglob("build-*"))
+    assert buildcache.sweep(killed.parent) == [killed]
 
 
 def _address_space(pid: int) -> int:

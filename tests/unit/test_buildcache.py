@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -208,3 +210,155 @@ with buildcache.exclusive(Path(sys.argv[1]), time.monotonic() + 5, "late"):
     print("held", flush=True)
     sys.stdin.read()
 """
+
+
+TINY = 'extern "C" int gpupool_probe() { return 1; }\n'
+# `build()` of a tiny source (argv[1]) in place of native_client.cpp: the same build, in seconds
+BUILD_TINY = """
+import sys
+from pathlib import Path
+from gpupool.client.native import build
+build.SOURCE = Path(sys.argv[1])
+print(build.build(retry_failed=True), flush=True)
+"""
+
+
+def _slow_compiler(tmp_path: Path) -> tuple[Path, Path]:
+    """A C++ compiler that, asked to compile (`-c`: ninja's compile step, not cpp_extension's `-v` check), first waits
+    $SLOW_CXX seconds (in a copy of `sleep` under `tmp_path`, so its command line names the folder), then runs the
+    real one; and the tiny source."""
+    sleep = tmp_path / "slowsleep"
+    sleep.write_bytes(Path(shutil.which("sleep") or "/bin/sleep").read_bytes())
+    sleep.chmod(0o755)
+    cxx = tmp_path / "cxx"
+    cxx.write_text(f'#!/bin/sh\ncase " $* " in *" -c "*) [ -z "$SLOW_CXX" ] || {sleep} "$SLOW_CXX" ;; esac\n'
+                   'exec c++ "$@"\n')  # fmt: skip
+    cxx.chmod(0o755)
+    source = tmp_path / "tiny.cpp"
+    source.write_text(TINY)
+    return cxx, source
+
+
+def _client_build(tmp_path: Path, cxx: Path, source: Path, slow: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "GPUPOOL_NATIVE_CLIENT_CACHE": str(tmp_path / "cache"), "CXX": str(cxx), "SLOW_CXX": slow}
+    return subprocess.Popen([sys.executable, "-c", BUILD_TINY, str(source)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def _naming(folder: Path) -> list[str]:
+    """Processes whose command line names `folder` (a build's python, ninja, the compiler, its `slowsleep`)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(folder) in cmdline and int(pid) != os.getpid():
+            found.append(f"{pid}: {cmdline[:200]}")
+    return found
+
+
+def _kill_naming(folder: Path) -> None:
+    for line in _naming(folder):
+        try:
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _skip_without_compiler() -> None:
+    from gpupool.client.native import build
+
+    if build.compiler_missing():
+        pytest.skip(build.compiler_missing() or "")
+
+
+def test_two_native_client_builds_at_once_build_once(tmp_path: Path) -> None:
+    """Two first uses of the C++ client at once on an empty cache (two `gpupool run`s): one builds, the other waits
+    on the cache folder's build lock (`buildcache.exclusive`) and then uses that build. The base built in both (two
+    "building" lines, each compiling; the full build is 1-2 min of CPU). The second starts once the first compiles
+    (its compiler made slow: a real build of a tiny source)."""
+    _skip_without_compiler()
+    cxx, source = _slow_compiler(tmp_path)
+    first = _client_build(tmp_path, cxx, source, "4")
+    second = None
+    try:
+        deadline = time.monotonic() + 120
+        while not _naming(tmp_path / "slowsleep"):  # the first one compiles
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+        second = _client_build(tmp_path, cxx, source, "4")
+        outs = [p.communicate(timeout=300) for p in (first, second)]
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in (first, second)] == [0, 0], outs
+    [library] = list((tmp_path / "cache").rglob("gpupool_native_client.so"))
+    assert [out.strip() for out, _ in outs] == [str(library)] * 2
+    said = [err.count("gpupool: building the native client") for _, err in outs]
+    assert said == [1, 0], outs
+    assert not list(library.parent.glob("build-*"))
+
+
+def test_a_native_client_build_dies_with_its_process_and_the_next_one_builds(tmp_path: Path) -> None:
+    """The process building the C++ client killed (SIGKILL) while its compiler runs: the build's session goes with it
+    (`buildcache.run_build`: PR_SET_PDEATHSIG, then its session killed; no python, ninja or compiler of it left;
+    the base's ninja and compiler ran on, the build in-process), no library is left in the cache, and the next
+    build builds it (the killed build's folder removed)."""
+    _skip_without_compiler()
+    cxx, source = _slow_compiler(tmp_path)
+    builder = _client_build(tmp_path, cxx, source, "600")
+    try:
+        deadline = time.monotonic() + 120
+        while not _naming(tmp_path / "slowsleep"):  # compiling
+            assert builder.poll() is None and time.monotonic() < deadline, builder.communicate()
+            time.sleep(0.05)
+        builder.kill()  # the builder alone, as `kill -9` of a daemon or of `gpupool run`
+        builder.wait()
+        deadline = time.monotonic() + 60  # (a bound on a hang, not a timing: it takes milliseconds)
+        while _naming(tmp_path):
+            assert time.monotonic() < deadline, _naming(tmp_path)
+            time.sleep(0.05)
+    finally:
+        _kill_naming(tmp_path)
+    assert not list((tmp_path / "cache").rglob("*.so"))
+    [killed] = list((tmp_path / "cache").glob("torch-*/build-*"))
+    again = _client_build(tmp_path, cxx, source, "")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert Path(out.strip()).is_file() and not killed.exists()
+
+
+def test_a_waiter_has_the_build_lock_as_soon_as_its_holder_lets_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`exclusive` waits in `flock` itself (a helper process blocked on its descriptor), not by trying again every
+    0.2 s (the base's POLL): with the base's pause made an hour long, its waiter slept past the holder's end. The
+    bound below is a hang's, not a timing."""
+    monkeypatch.setattr(buildcache, "POLL", 3600.0, raising=False)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    got: list[object] = []
+
+    def wait() -> None:
+        try:
+            with buildcache.exclusive(tmp_path, time.monotonic() + 600, "late"):
+                got.append(True)
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            got.append(exc)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        waiter.start()
+        time.sleep(1.0)  # (waiting now)
+        assert not got
+        holder.communicate("")  # lets go
+        waiter.join(60)
+        assert got == [True]
+    finally:
+        holder.kill()
+        holder.wait()

@@ -74,5 +74,5 @@ def test_the_script_parses_and_names_its_stages() -> None:
     script = ROOT / "bench" / "real_gpu.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    assert 'STAGES=" ${STAGES:-info tests tiny native big} "' in text
+    assert 'STAGES=" ${STAGES:-info tests tiny probe native big} "' in text
     assert "real_gpu_tests.txt" in text and "--bulk-listen" in text

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from gpupool.server import fairqueue
 from gpupool.server.fairqueue import PARKED_BYTES, FairQueue, HostQueued
 
 
@@ -246,3 +247,27 @@ def test_a_running_slice_is_told_whether_another_session_waits_to_run() -> None:
     c = q.add("c", 0.5)
     q.remove(b)
     assert q.put_and_claim(c, ["op"], 0, 8) == ["op"] and told[-1] == ("c", False)  # an idle device, claimed
+
+
+def test_a_reader_waiting_for_the_hosts_room_is_woken_by_the_device_that_frees_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A put waiting for room in the host's queued bytes (`HostQueued`) on device 1 is woken by device 0's queue as it
+    frees the room (`HostQueued.wake`), not found by a poll (round 37 looked again every 20 ms, HOST_POLL_SECONDS: made
+    an hour here, the base's reader slept on). The bound below is a hang's, not a timing."""
+    monkeypatch.setattr(fairqueue, "HOST_POLL_SECONDS", 3600.0, raising=False)
+    mib = 1 << 20
+    host = HostQueued(4 * mib)
+    q0, q1 = FairQueue(host=host), FairQueue(host=host)
+    a, b = q0.add("a", 1.0), q1.add("b", 1.0)
+    assert q0.put(a, ["op"], 4 * mib) and q0.put(a, ["op"], 4 * mib)  # 4 MiB past a's first 4: the host's limit
+    assert q1.put(b, ["op"], 4 * mib)  # b's first 4 MiB
+    assert host.over == 4 * mib
+    done = threading.Event()
+    threading.Thread(target=lambda: done.set() if q1.put(b, ["op"], 1 * mib) else None, daemon=True).start()
+    assert not done.wait(0.2)  # 1 MiB past the host's 4
+    assert q0.take(1) is not None  # device 0 runs a's first frame: 4 MiB freed
+    assert done.wait(60) and host.over == 1 * mib
+    q0.remove(a)
+    q1.remove(b)
+    assert host.over == 0
