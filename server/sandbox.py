@@ -8,8 +8,15 @@ context exists): so a kernel bug a tenant finds stays inside that tenant's own p
   token key. A drop that fails ends the worker rather than leave it root;
 - `PR_SET_NO_NEW_PRIVS`, and a seccomp filter (libseccomp through ctypes, where the library exists) that
   denies with EPERM: sockets and network calls (kept only for workers whose lease token grants network),
-  exec, fork (threads stay allowed), opening files for writing and changing the file system, ptrace and
-  other processes' memory, signals to other processes, mounts, namespaces, keyrings, BPF and module loading.
+  exec, fork (threads stay allowed), opening files for writing or truncating and changing the file system
+  (metadata and extended attributes included), resizing a file through a descriptor, ptrace and other processes'
+  memory, signals to other processes by any call (kill, the queued and thread forms, a descriptor's SIGIO owner),
+  changing other processes' limits, priorities and scheduling, file locks and leases, io_uring and AIO (which
+  open files and sockets, and take the host's AIO slots, past this filter), System V IPC and POSIX message
+  queues (objects that outlive the worker and that every worker of the user shares), mounts, namespaces,
+  keyrings, BPF, secret memory and module loading; on a fake GPU also shared anonymous memory (outside
+  RLIMIT_DATA, the cap of its tensors). Round 38 (sandbox38) found each of those reachable from attacker code in
+  a worker (tests/integration/test_worker_sandbox.py).
 
 `apply` returns what it could do, so the daemon can log it and tests can assert it; a missing piece other
 than the user drop (no libseccomp, a kernel without seccomp) degrades to the rest with a warning, never to a
@@ -35,7 +42,18 @@ PR_SET_NO_NEW_PRIVS = 38
 _SCMP_ACT_ALLOW = 0x7FFF0000
 _SCMP_CMP_NE, _SCMP_CMP_MASKED_EQ = 1, 7
 CLONE_THREAD = 0x00010000
-O_ACCMODE, O_WRONLY, O_RDWR, O_CREAT = 0o3, 0o1, 0o2, 0o100
+O_ACCMODE, O_WRONLY, O_RDWR, O_CREAT, O_TRUNC = 0o3, 0o1, 0o2, 0o100, 0o1000
+MAP_SHARED, MAP_ANONYMOUS = 0x01, 0x20
+_INT = 0xFFFFFFFF  # the kernel reads these arguments as 32-bit ints: a filter compares the low half only
+# fcntl commands: a descriptor's signal owner (its SIGIO, or the F_SETSIG signal, goes to any process of the same
+# user: round 38 killed another session's worker with a pipe's O_ASYNC), locks and leases (on a file the worker
+# may only read, a lock can stall another process of the host for as long as the worker lives), dnotify (signals).
+F_SETLK, F_SETLKW, F_SETOWN, F_SETSIG, F_SETOWN_EX, F_OFD_SETLK, F_OFD_SETLKW = 6, 7, 8, 10, 15, 37, 38
+F_SETLEASE, F_NOTIFY = 1024, 1026
+DENIED_FCNTL = (F_SETLK, F_SETLKW, F_SETOWN, F_SETSIG, F_SETOWN_EX, F_OFD_SETLK, F_OFD_SETLKW, F_SETLEASE, F_NOTIFY)
+# ioctl requests: a socket's signal owner (FIOSETOWN, SIOCSPGRP), and a terminal's (the daemon's stderr may be
+# one): typing into it (TIOCSTI), TIOCLINUX, the foreground group and controlling terminal.
+DENIED_IOCTL = (0x8901, 0x8902, 0x5412, 0x541C, 0x5410, 0x540E)
 
 # The calls a worker of a daemon with `--worker-network on` keeps: torch.distributed's gloo (and NCCL's
 # bootstrap) between the daemons of a multi-GPU job open, bind, listen on and connect TCP sockets.
@@ -124,7 +142,71 @@ DENIED_SYSCALLS = (
     "pidfd_getfd",
     "pidfd_send_signal",
     "memfd_create",
+    "memfd_secret",
+    # round 38: each reached from attacker code in a worker (tests/integration/test_worker_sandbox.py)
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "io_setup",
+    "io_destroy",
+    "io_submit",
+    "io_cancel",
+    "io_getevents",
+    "io_pgetevents",
+    "ftruncate",
+    "fallocate",
+    "flock",
+    "utime",
+    "futimesat",
+    "fchmodat2",
+    "setxattr",
+    "lsetxattr",
+    "fsetxattr",
+    "setxattrat",
+    "removexattr",
+    "lremovexattr",
+    "fremovexattr",
+    "removexattrat",
+    "shmget",
+    "shmat",
+    "shmctl",
+    "shmdt",
+    "msgget",
+    "msgsnd",
+    "msgrcv",
+    "msgctl",
+    "semget",
+    "semop",
+    "semtimedop",
+    "semctl",
+    "mq_open",
+    "mq_unlink",
+    "mq_timedsend",
+    "mq_timedreceive",
+    "mq_notify",
+    "mq_getsetattr",
+    "open_tree",
+    "open_tree_attr",
+    "move_mount",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "mount_setattr",
+    "fanotify_init",
+    "quotactl_fd",
+    "kcmp",
+    "migrate_pages",
+    "move_pages",
+    "process_madvise",
+    "process_mrelease",
+    "syslog",
+    "vhangup",
 )
+# Calls whose first argument names the process they change (0: the caller): denied for any other process. A
+# thread setting its own affinity or priority by its tid is refused too (torch sets none).
+_SELF_ONLY_ARG0 = ("prlimit64", "sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr")
+_SELF_ONLY_ARG1 = ("setpriority", "ioprio_set")  # (which, who, ...)
 # clone3 passes its flags in memory, where a filter cannot look: ENOSYS makes libc fall back to clone.
 _ENOSYS_SYSCALLS = ("clone3",)
 
@@ -179,8 +261,9 @@ def drop_user(name: str = "nobody") -> str:
     return f"uid {entry.pw_uid}"
 
 
-def seccomp_filter(network: bool = False) -> bool:
-    """Load the filter described above (with `network`: less NETWORK_SYSCALLS); False without libseccomp."""
+def seccomp_filter(network: bool = False, shared_anonymous: bool = True) -> bool:
+    """Load the filter described above (with `network`: less NETWORK_SYSCALLS; without `shared_anonymous`: no
+    MAP_SHARED | MAP_ANONYMOUS mappings); False without libseccomp."""
     path = ctypes.util.find_library("seccomp")
     if not path:
         return False
@@ -222,10 +305,22 @@ def seccomp_filter(network: bool = False) -> bool:
             rule(eperm, name, (arg, _SCMP_CMP_MASKED_EQ, O_ACCMODE, O_WRONLY))
             rule(eperm, name, (arg, _SCMP_CMP_MASKED_EQ, O_ACCMODE, O_RDWR))
             rule(eperm, name, (arg, _SCMP_CMP_MASKED_EQ, O_CREAT, O_CREAT))
+            rule(eperm, name, (arg, _SCMP_CMP_MASKED_EQ, O_TRUNC, O_TRUNC))  # truncates even when read-only
         pid = os.getpid()
-        rule(eperm, "kill", (0, _SCMP_CMP_NE, pid, 0))  # signals only to itself (abort() raises SIGABRT)
-        rule(eperm, "tgkill", (0, _SCMP_CMP_NE, pid, 0))
-        rule(eperm, "tkill", (0, _SCMP_CMP_NE, pid, 0))
+        # signals only to itself (abort() raises SIGABRT), by every call that takes a process
+        for name in ("kill", "tgkill", "tkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
+            rule(eperm, name, (0, _SCMP_CMP_NE, pid, 0))
+        for name in _SELF_ONLY_ARG0:
+            rule(eperm, name, (0, _SCMP_CMP_NE, 0, 0))
+        for name in _SELF_ONLY_ARG1:
+            rule(eperm, name, (1, _SCMP_CMP_NE, 0, 0))
+        for cmd in DENIED_FCNTL:
+            rule(eperm, "fcntl", (1, _SCMP_CMP_MASKED_EQ, _INT, cmd))
+        for request in DENIED_IOCTL:
+            rule(eperm, "ioctl", (1, _SCMP_CMP_MASKED_EQ, _INT, request))
+        if not shared_anonymous:
+            both = MAP_SHARED | MAP_ANONYMOUS  # (MAP_SHARED_VALIDATE includes MAP_SHARED's bit)
+            rule(eperm, "mmap", (3, _SCMP_CMP_MASKED_EQ, both, both))
         if lib.seccomp_load(ctx) != 0:
             raise OSError("seccomp_load failed")
     finally:
@@ -233,8 +328,16 @@ def seccomp_filter(network: bool = False) -> bool:
     return True
 
 
-def apply(memory_bytes: int, *, user: str = "nobody", seccomp: bool = True, network: bool = False) -> SandboxReport:
-    """Confine the calling process for good (there is no way back). Call once, single-threaded."""
+def apply(
+    memory_bytes: int,
+    *,
+    user: str = "nobody",
+    seccomp: bool = True,
+    network: bool = False,
+    shared_anonymous: bool = True,
+) -> SandboxReport:
+    """Confine the calling process for good (there is no way back). Call once, single-threaded. Without
+    `shared_anonymous` (a fake GPU's worker, whose tensors RLIMIT_DATA caps) no shared anonymous mappings."""
     report = SandboxReport()
 
     def step(what: str, fn: object) -> None:
@@ -261,5 +364,6 @@ def apply(memory_bytes: int, *, user: str = "nobody", seccomp: bool = True, netw
     # its socket (the session ends, or the daemon dies).
     step("no_new_privs", lambda: _prctl(PR_SET_NO_NEW_PRIVS, 1))
     if seccomp:
-        step("seccomp" + (" (network kept for collectives)" if network else ""), lambda: seccomp_filter(network))
+        what = "seccomp" + (" (network kept for collectives)" if network else "")
+        step(what, lambda: seccomp_filter(network, shared_anonymous))
     return report

@@ -633,7 +633,11 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
 
         audit = opaudit.from_env()
     limit = spec.memory_limit and _vm_data() + spec.memory_limit
-    report = sandbox.apply(limit, user=spec.user, seccomp=spec.seccomp, network=spec.network)
+    # a fake GPU's tensors are host memory that RLIMIT_DATA caps: no shared anonymous memory past it (a real GPU's
+    # worker keeps it: CUDA's pinned host allocations may be such mappings)
+    report = sandbox.apply(
+        limit, user=spec.user, seccomp=spec.seccomp, network=spec.network, shared_anonymous=not state.device.fake
+    )
     log.debug("session %d worker %d sandbox: %s; missing: %s", spec.number, os.getpid(), report.applied, report.missing)
     progress = mmap.mmap(progress_fd, SHARED_BYTES)
     os.close(progress_fd)

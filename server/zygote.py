@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import fcntl
 import json
 import logging
 import mmap
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -102,7 +104,10 @@ class Zygote:
     closes their socket.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, program: Sequence[str] = ()) -> None:
+        # what runs as the zygote: `python -m gpupool.server.zygote`, or (tests only) a program that runs this
+        # module's `main` (tests/integration/worker_attacks.py: attacker code inside real, confined workers)
+        self._program = list(program) or [sys.executable, "-m", "gpupool.server.zygote"]
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._ended: dict[int, int] = {}  # pid -> wait status (kept until asked for)
@@ -131,7 +136,7 @@ class Zygote:
         digest = runner_source.source()[1]  # the runner's source as this daemon read it: the zygote builds that
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gpupool.server.zygote", str(theirs.fileno())],
+            [*self._program, str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             # torch's CPU allocator puts tensors of 2 MiB and more on transparent huge pages: a fresh tensor's
@@ -220,9 +225,13 @@ class Zygote:
         """A new worker for a session (waiting, within SPAWN_TIMEOUT, for a restarting zygote)."""
         self.wait_ready(SPAWN_TIMEOUT, builds=False)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        progress_fd = os.memfd_create("gpupool-shared")
+        progress_fd = os.memfd_create("gpupool-shared", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(progress_fd, SHARED_BYTES)
+            # Its size for good: the worker holds a descriptor of the file (Python's mmap keeps a duplicate), and a
+            # file shrunk under this process's mapping faults it (SIGBUS: the whole daemon) at its next copy into
+            # the buffer (round 38: one ftruncate from a worker's code did it)
+            fcntl.fcntl(progress_fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             progress = mmap.mmap(progress_fd, SHARED_BYTES)
             reply = self._call({"spawn": asdict(spec)}, [theirs.fileno(), progress_fd])
         finally:

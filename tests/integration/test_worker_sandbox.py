@@ -1,0 +1,155 @@
+"""What a session's worker can reach when a tenant runs code in it (a memory-safety bug in a kernel): real workers,
+forked and confined by a real zygote as a daemon's are, run the probes of worker_attacks.py after their sandbox
+(server/sandbox.py) is in place. As root, so that the workers drop to `nobody` as a root daemon's do: every worker of
+the host shares that user, so the sandbox is what keeps them apart."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import worker_attacks
+from gpupool.server.worker import DATA_AT, SHARED_BYTES, ProcessRunner, WorkerSpec
+from gpupool.server.zygote import Zygote
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="workers drop to an unprivileged user only as root")
+MiB = 1024**2
+
+
+@pytest.fixture(scope="module")
+def zygote() -> Iterator[Zygote]:
+    z = Zygote(program=[sys.executable, worker_attacks.__file__])
+    z.start()
+    try:
+        z.wait_ready()
+        yield z
+    finally:
+        z.stop()
+
+
+def spec(session_id: str, **kw: Any) -> WorkerSpec:
+    fields: dict[str, Any] = {
+        "session_id": session_id,
+        "number": 1,
+        "device": {"index": 0, "uuid": "fake-0", "model": "fake", "memory_bytes": 1 << 30, "fake": True},
+        "quota": 64 * MiB,
+        "max_handles": 1000,
+        "max_op_flops": 0,
+        "memory_limit": 64 * MiB + 1024 * MiB,
+        "cpu_threads": 1,
+        "user": "nobody",
+        "seccomp": True,
+    }
+    return WorkerSpec(**{**fields, **kw})
+
+
+def attack(z: Zygote, probes: list[str], ctx: dict[str, Any], **kw: Any) -> tuple[ProcessRunner, dict[str, str]]:
+    """A worker that runs `probes` once confined; what each got."""
+    runner = z.spawn(spec(worker_attacks.PREFIX + json.dumps({"probes": probes, "ctx": ctx}), **kw), MiB)
+    runner._sock.settimeout(120)
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = runner._sock.recv(65536)
+        assert chunk, "the attacking worker died"
+        line += chunk
+    return runner, json.loads(line)
+
+
+@pytest.fixture
+def host_files() -> Iterator[dict[str, str]]:
+    """A root-only file (a token key, a TLS key), a file and a folder of the workers' user, a readable file (in a
+    folder of their own that the workers' user may enter: pytest's tmp_path is root's only)."""
+    nobody = pwd.getpwnam("nobody")
+    tmp_path = Path(tempfile.mkdtemp(prefix="gpupool-sandbox-"))
+    tmp_path.chmod(0o755)
+    secret = tmp_path / "secret"
+    secret.write_text("a key")
+    secret.chmod(0o600)
+    owned = tmp_path / "nobody-file"
+    owned.write_text("the user's data")
+    os.chown(owned, nobody.pw_uid, nobody.pw_gid)
+    readable = tmp_path / "readable"
+    readable.write_text("anyone may read this")
+    readable.chmod(0o644)
+    folder = tmp_path / "nobody-folder"
+    folder.mkdir()
+    os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+    yield {"secret_file": str(secret), "nobody_file": str(owned), "readable_file": str(readable),
+           "writable_dir": str(folder)}  # fmt: skip
+    shutil.rmtree(tmp_path)
+
+
+HOST_PROBES = [
+    "victim_proc", "process_vm_readv", "shared_buffers", "read_secret", "create_file", "truncate_readonly",
+    "metadata", "stdio", "sockets", "io_uring", "aio", "kernel_interfaces", "signal_victim", "sigio_kill",
+    "other_process_settings", "ipc", "locks", "shared_anonymous",
+]  # fmt: skip
+
+
+def test_a_workers_code_reaches_no_other_worker_nor_the_host(zygote: Zygote, host_files: dict[str, str]) -> None:
+    """Round 38 found, from a worker on 285a6ed: another worker killed (a pipe's SIGIO owner set to it, F_SETSIG
+    SIGKILL), signalled (rt_sigqueueinfo), its limits, priority, affinity and scheduling changed; a file of the
+    workers' user truncated (O_RDONLY | O_TRUNC) and its metadata changed (utime, fchmodat2, setxattr); io_uring
+    and AIO contexts (io_uring opens files and sockets past seccomp), secret memory, System V IPC objects and POSIX
+    queues (outliving the worker), file locks on a file it may only read, and 256 MiB of shared anonymous memory
+    past its RLIMIT_DATA. Each is refused now; what held then holds still (other workers' memory and descriptors,
+    root-only files, sockets, ptrace, BPF, userfaultfd, perf, keyrings, namespaces, mounts, exec)."""
+    victim = zygote.spawn(spec("victim"), MiB)
+    sacrificial = zygote.spawn(spec("sacrificial"), MiB)
+    secret = os.urandom(16)
+    victim._progress[DATA_AT : DATA_AT + 16] = secret  # what the front put in the victim's shared buffer
+    ctx = {**host_files, "victim": victim.pid, "sacrificial": sacrificial.pid, "secret": secret.hex(),
+           "shared_anon_bytes": 256 * MiB}  # fmt: skip
+    attacker, got = attack(zygote, HOST_PROBES, ctx, memory_limit=128 * MiB)
+    try:
+        reached = {name: outcome for name, outcome in got.items() if not outcome.startswith("blocked")}
+        assert not reached, reached
+        assert os.stat(host_files["nobody_file"]).st_size > 0
+        time.sleep(0.2)  # (a signal sent would have landed by now)
+        assert victim.alive() and sacrificial.alive() and attacker.alive()
+        assert bytes(victim._progress[DATA_AT : DATA_AT + 16]) == secret
+    finally:
+        for runner in (attacker, victim, sacrificial):
+            runner.close()
+
+
+@pytest.mark.parametrize("seccomp", [True, False])
+def test_a_worker_cannot_resize_its_shared_buffer_under_the_daemon(zygote: Zygote, seccomp: bool) -> None:
+    """The worker holds a descriptor of its shared buffer's memory file (Python's mmap keeps a duplicate). On 285a6ed
+    it could ftruncate the file to 0, and the daemon's next copy into its mapping of the buffer died of SIGBUS (the
+    whole daemon, every session). The daemon seals the file's size now (F_SEAL_SHRINK | F_SEAL_GROW), which holds
+    with the worker's seccomp filter off too; the filter refuses ftruncate besides."""
+    runner, got = attack(zygote, ["shrink_shared"], {}, seccomp=seccomp)
+    try:
+        assert got["shrink_shared"].startswith("blocked: ['EPERM']"), got
+        assert runner._progress.size() == SHARED_BYTES  # the file's size, as the daemon's mapping sees it
+        runner._data[:4] = b"live"  # the daemon's copy into the buffer: no SIGBUS
+        assert runner.alive()
+    finally:
+        runner.close()
+
+
+def test_a_workers_descriptors_are_its_own(zygote: Zygote) -> None:
+    """Pins what held on 285a6ed: besides stdin, stdout, stderr and its session socket, a worker holds its own shared
+    buffer's file and the native runner's module (loaded as opened), nothing of another worker, the zygote or the
+    daemon."""
+    others = [zygote.spawn(spec(f"other-{k}"), MiB) for k in range(2)]
+    runner, got = attack(zygote, ["fds"], {})
+    try:
+        held = got["fds"]
+        if held.startswith("open: "):
+            targets = [entry.split(" -> ", 1)[1] for entry in json.loads(held[6:].replace("'", '"'))]
+            assert [t for t in targets if t.startswith("/memfd:")] == ["/memfd:gpupool-shared (deleted)"], targets
+            assert all(t.startswith("/memfd:") or t.endswith(".so") for t in targets), targets
+    finally:
+        for r in (runner, *others):
+            r.close()
