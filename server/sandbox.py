@@ -32,6 +32,7 @@ import logging
 import os
 import pwd
 import resource
+import threading
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -236,8 +237,17 @@ def _prctl(option: int, arg: int) -> bool:
     return bool(_libc().prctl(option, ctypes.c_ulong(arg), 0, 0, 0) == 0)
 
 
-def set_rlimits(memory_bytes: int, open_files: int = 256) -> list[str]:
+def worker_tasks() -> int:
+    """RLIMIT_NPROC of a worker with a uid of its own (`--worker-uids`): its threads (torch's intra- and inter-op
+    pools and OpenBLAS's, a core each at most, collectives' and CUDA's few) with room to spare."""
+    return 4 * (os.cpu_count() or 1) + 64
+
+
+def set_rlimits(memory_bytes: int, open_files: int = 256, tasks: int = 0) -> list[str]:
     done = []
+    if tasks > 0:  # counted per user: only a uid of the worker's own makes it the worker's bound
+        resource.setrlimit(resource.RLIMIT_NPROC, (tasks, tasks))
+        done.append(f"{tasks} tasks")
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     done.append("no core dumps")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -250,15 +260,74 @@ def set_rlimits(memory_bytes: int, open_files: int = 256) -> list[str]:
     return done
 
 
-def drop_user(name: str = "nobody") -> str:
-    """As root: become an unprivileged user (no capabilities); returns what was done."""
+def drop_user(name: str = "nobody", uid: int = -1) -> str:
+    """As root: become an unprivileged user (no capabilities): `uid` as uid and gid where given (a worker's own,
+    `--worker-uids`), else user `name`'s; returns what was done."""
     if os.geteuid() != 0:
         return f"uid {os.geteuid()} (not root: kept)"
-    entry = pwd.getpwnam(name)
+    if uid > 0:
+        gid = uid
+    else:
+        entry = pwd.getpwnam(name)
+        uid, gid = entry.pw_uid, entry.pw_gid
     os.setgroups([])
-    os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
-    os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
-    return f"uid {entry.pw_uid}"
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    return f"uid {uid}"
+
+
+class WorkerUids:
+    """`--worker-uids FIRST-LAST`: a uid (and gid) of its own for each session's worker, so that no two workers
+    share a user. Workers of one user can signal each other, change each other's limits and scheduling, reach each
+    other's IPC objects, and share one count of tasks (RLIMIT_NPROC): with a uid each, the kernel's own checks keep
+    them apart and RLIMIT_NPROC bounds each worker's threads (`worker_tasks`). A uid is given to one worker at a
+    time, taken in turn through the range (not again at once), and free again once the worker it was given to is
+    gone (its pid no longer exists: a worker lives on after its session closes until the zygote's kill lands)."""
+
+    def __init__(self, first: int, last: int) -> None:
+        if not 0 < first <= last < 2**32 - 1:
+            raise ValueError(f"--worker-uids {first}-{last}: want 0 < FIRST <= LAST < 4294967295")
+        self.first, self.last = first, last
+        self._lock = threading.Lock()
+        self._held: dict[int, int] = {}  # uid -> its worker's pid (0 while it starts, or while its session lives)
+        self._done: dict[int, int] = {}  # uid -> pid of a closed session's worker, until that pid is gone
+        self._next = first
+
+    @staticmethod
+    def parse(text: str) -> WorkerUids | None:
+        """`FIRST-LAST` ("": none); ValueError on anything else."""
+        if not text:
+            return None
+        first, sep, last = text.partition("-")
+        if not sep or not first.strip().isdigit() or not last.strip().isdigit():
+            raise ValueError(f"--worker-uids {text!r}: want FIRST-LAST, two uids")
+        return WorkerUids(int(first), int(last))
+
+    def users(self) -> list[str]:
+        """Users of the host's passwd whose uid lies in the range (a worker must never be one of them)."""
+        return [e.pw_name for e in pwd.getpwall() if self.first <= e.pw_uid <= self.last]
+
+    def take(self) -> int:
+        """A uid no live worker of this daemon holds; OSError(EAGAIN) when every uid of the range is held."""
+        with self._lock:
+            for uid, pid in list(self._done.items()):
+                if not os.path.exists(f"/proc/{pid}"):
+                    del self._done[uid]
+            size = self.last - self.first + 1
+            for k in range(min(size, len(self._held) + len(self._done) + 1)):
+                uid = self.first + (self._next - self.first + k) % size
+                if uid not in self._held and uid not in self._done:
+                    self._next = self.first + (uid - self.first + 1) % size
+                    self._held[uid] = 0
+                    return uid
+        raise OSError(errno.EAGAIN, f"every uid of --worker-uids {self.first}-{self.last} is held by a worker")
+
+    def give_back(self, uid: int, pid: int) -> None:
+        """The session of the worker `pid` (0: none started) that holds `uid` ended: free once that pid is gone."""
+        with self._lock:
+            self._held.pop(uid, None)
+            if pid > 0:
+                self._done[uid] = pid
 
 
 def seccomp_filter(network: bool = False, shared_anonymous: bool = True) -> bool:
@@ -335,9 +404,11 @@ def apply(
     seccomp: bool = True,
     network: bool = False,
     shared_anonymous: bool = True,
+    uid: int = -1,
 ) -> SandboxReport:
     """Confine the calling process for good (there is no way back). Call once, single-threaded. Without
-    `shared_anonymous` (a fake GPU's worker, whose tensors RLIMIT_DATA caps) no shared anonymous mappings."""
+    `shared_anonymous` (a fake GPU's worker, whose tensors RLIMIT_DATA caps) no shared anonymous mappings. With
+    `uid` (root only: a uid of the worker's own, `--worker-uids`) that uid instead of `user`'s, and RLIMIT_NPROC."""
     report = SandboxReport()
 
     def step(what: str, fn: object) -> None:
@@ -353,10 +424,11 @@ def apply(
         else:
             report.applied.append(out if isinstance(out, str) else what)
 
-    step("rlimits", lambda: set_rlimits(memory_bytes))
-    if user:  # never a root worker by accident: a failed drop ends the worker (its session sees INTERNAL)
+    own = uid > 0 and os.geteuid() == 0
+    step("rlimits", lambda: set_rlimits(memory_bytes, tasks=worker_tasks() if own else 0))
+    if user or own:  # never a root worker by accident: a failed drop ends the worker (its session sees INTERNAL)
         try:
-            report.applied.append(drop_user(user))
+            report.applied.append(drop_user(user, uid if own else -1))
         except (OSError, KeyError) as exc:
             raise RuntimeError(f"cannot run the session worker as {user!r}: {exc}") from exc
     step("not dumpable", lambda: _prctl(PR_SET_DUMPABLE, 0))  # no ptrace attach, no /proc/PID/mem by peers

@@ -153,3 +153,32 @@ def test_a_workers_descriptors_are_its_own(zygote: Zygote) -> None:
     finally:
         for r in (runner, *others):
             r.close()
+
+
+UIDS = 3_141_590_000  # the first of this file's worker uids (no account of a host is there)
+
+
+def test_workers_with_uids_of_their_own_are_kept_apart_by_the_kernel_and_bounded_in_threads(zygote: Zygote) -> None:
+    """`--worker-uids`: a uid of its own for each worker. With its seccomp filter off, a worker of another uid can
+    neither signal nor retune the victim (the kernel's same-user checks: on 285a6ed, with one user for all workers,
+    seccomp was all that refused them), and RLIMIT_NPROC bounds its threads (on 285a6ed a worker started threads up
+    to the host's pid_max, 32,768 here, which the daemon and the zygote need too: every worker shared one count)."""
+    from gpupool.server.sandbox import worker_tasks
+
+    victim = zygote.spawn(spec("victim", uid=UIDS + 1), MiB)
+    sacrificial = zygote.spawn(spec("sacrificial", uid=UIDS + 2), MiB)
+    ctx = {"victim": victim.pid, "sacrificial": sacrificial.pid, "threads": worker_tasks() + 64}
+    probes = ["signal_victim", "sigio_kill", "other_process_settings", "victim_proc", "threads"]
+    attacker, got = attack(zygote, probes, ctx, uid=UIDS + 3, seccomp=False)
+    try:
+        reached = {name: outcome for name, outcome in got.items() if not outcome.startswith("blocked")}
+        assert not reached, reached
+        assert f"(RLIMIT_NPROC {worker_tasks()})" in got["threads"]
+        with open(f"/proc/{attacker.pid}/status") as f:
+            ids = {line.split(":")[0]: line.split()[1:] for line in f if line.startswith(("Uid", "Gid", "Groups"))}
+        assert ids == {"Uid": [str(UIDS + 3)] * 4, "Gid": [str(UIDS + 3)] * 4, "Groups": []}, ids
+        time.sleep(0.2)
+        assert victim.alive() and sacrificial.alive() and attacker.alive()
+    finally:
+        for runner in (attacker, victim, sacrificial):
+            runner.close()

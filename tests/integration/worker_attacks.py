@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -307,7 +308,13 @@ def probe_sigio_kill(ctx: dict[str, Any]) -> str:
         os.write(w, b"x")
     except OSError as exc:
         return f"blocked: {errno.errorcode.get(exc.errno or 0)}"
-    return "open: SIGKILL queued by a pipe's owner"
+    time.sleep(0.2)  # (the kernel checks the owner's users when it sends: a refused signal is dropped)
+    try:
+        with open(f"/proc/{v}/stat") as f:
+            dead = f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        dead = True
+    return "open: SIGKILL sent by a pipe's owner" if dead else "blocked: the owner's signal was not delivered"
 
 
 def probe_other_process_settings(ctx: dict[str, Any]) -> str:
