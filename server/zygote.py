@@ -36,6 +36,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import select
 import signal
 import socket
@@ -43,7 +44,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -87,6 +88,17 @@ def describe(status: int) -> str:
 # sleeps at once: the same threads, the same partition of every op's work (the same bits), no spinning. An
 # operator's own OMP_WAIT_POLICY is kept.
 WAIT_POLICY = "PASSIVE"
+
+
+# Variables of the daemon's environment its zygote (and so every session worker, whose /proc/self/environ and
+# os.environ hold them) does not get: credentials by their names (round 38: a worker running a tenant's code read
+# the daemon's GPUPOOL_API_TOKEN there, and would any cloud key the daemon was started with).
+SECRET_NAMES = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|PRIVATE|AUTH|COOKIE|SESSION|_KEY($|_)|APIKEY|ACCESS_KEY")
+
+
+def worker_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` less the variables whose names say they hold a credential (SECRET_NAMES, any case)."""
+    return {k: v for k, v in env.items() if not SECRET_NAMES.search(k.upper())}
 
 
 def _thp_default() -> str:
@@ -143,7 +155,7 @@ class Zygote:
             # first touch (every upload, and every tensor of a fake GPU) faults 512x less often; but only where
             # the kernel does not compact memory in those faults (protocol.huge_pages_are_cheap).
             env={
-                **os.environ,
+                **worker_environment(os.environ),
                 "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", _thp_default()),
                 runner_source.DIGEST_ENV: digest,
                 # A CUDA device must never be touched before a fork: torch poisons every later fork ("Cannot

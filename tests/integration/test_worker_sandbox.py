@@ -25,12 +25,26 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="workers drop to an un
 MiB = 1024**2
 
 
+# Credentials in the daemon's environment when it starts its zygote (a token, a cloud key): no worker may see them.
+ENV_SECRETS = {"GPUPOOL_API_TOKEN": "gpupool-token-in-env", "AWS_SECRET_ACCESS_KEY": "aws-secret-in-env",
+               "HF_TOKEN": "hf-token-in-env", "DB_PASSWORD": "db-password-in-env"}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def zygote() -> Iterator[Zygote]:
     z = Zygote(program=[sys.executable, worker_attacks.__file__])
-    z.start()
+    saved = {k: os.environ.get(k) for k in ENV_SECRETS}
+    os.environ.update(ENV_SECRETS)
     try:
-        z.wait_ready()
+        z.start()
+        z.wait_ready()  # (launched: the zygote's environment is set)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
         yield z
     finally:
         z.stop()
@@ -91,7 +105,7 @@ def host_files() -> Iterator[dict[str, str]]:
 HOST_PROBES = [
     "victim_proc", "process_vm_readv", "shared_buffers", "read_secret", "create_file", "truncate_readonly",
     "metadata", "stdio", "sockets", "io_uring", "aio", "kernel_interfaces", "signal_victim", "sigio_kill",
-    "other_process_settings", "ipc", "locks", "shared_anonymous",
+    "other_process_settings", "ipc", "locks", "shared_anonymous", "environment",
 ]  # fmt: skip
 
 
@@ -101,14 +115,15 @@ def test_a_workers_code_reaches_no_other_worker_nor_the_host(zygote: Zygote, hos
     workers' user truncated (O_RDONLY | O_TRUNC) and its metadata changed (utime, fchmodat2, setxattr); io_uring
     and AIO contexts (io_uring opens files and sockets past seccomp), secret memory, System V IPC objects and POSIX
     queues (outliving the worker), file locks on a file it may only read, and 256 MiB of shared anonymous memory
-    past its RLIMIT_DATA. Each is refused now; what held then holds still (other workers' memory and descriptors,
+    past its RLIMIT_DATA, and the daemon's environment's credentials (its API token, a cloud key) in the
+    worker's own environment. Each is refused now; what held then holds still (other workers' memory and descriptors,
     root-only files, sockets, ptrace, BPF, userfaultfd, perf, keyrings, namespaces, mounts, exec)."""
     victim = zygote.spawn(spec("victim"), MiB)
     sacrificial = zygote.spawn(spec("sacrificial"), MiB)
     secret = os.urandom(16)
     victim._progress[DATA_AT : DATA_AT + 16] = secret  # what the front put in the victim's shared buffer
     ctx = {**host_files, "victim": victim.pid, "sacrificial": sacrificial.pid, "secret": secret.hex(),
-           "shared_anon_bytes": 256 * MiB}  # fmt: skip
+           "shared_anon_bytes": 256 * MiB, "env_secrets": list(ENV_SECRETS.values())}  # fmt: skip
     attacker, got = attack(zygote, HOST_PROBES, ctx, memory_limit=128 * MiB)
     try:
         reached = {name: outcome for name, outcome in got.items() if not outcome.startswith("blocked")}

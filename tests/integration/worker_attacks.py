@@ -172,6 +172,12 @@ def probe_shrink_shared(ctx: dict[str, Any]) -> str:
     return f"open: shrank descriptor {shrunk}" if shrunk else f"blocked: {refused or 'no file to shrink'}"
 
 
+def probe_environment(ctx: dict[str, Any]) -> str:
+    """The daemon's credentials in the worker's environment (inherited through the zygote)."""
+    found = [v for v in ctx["env_secrets"] if v in os.environ.values()]  # (its memory: the process's own)
+    return f"open: {found}" if found else "blocked: no credential of the daemon's environment"
+
+
 def probe_read_secret(ctx: dict[str, Any]) -> str:
     return _oserror(lambda: open(ctx["secret_file"], "rb").read(), "read a root-only file")
 
