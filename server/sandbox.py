@@ -59,6 +59,10 @@ DENIED_IOCTL = (0x8901, 0x8902, 0x5412, 0x541C, 0x5410, 0x540E)
 # The calls a worker of a daemon with `--worker-network on` keeps: torch.distributed's gloo (and NCCL's
 # bootstrap) between the daemons of a multi-GPU job open, bind, listen on and connect TCP sockets.
 NETWORK_SYSCALLS = ("socket", "socketpair", "connect", "bind", "listen", "accept", "accept4")
+# The address families of those sockets (AF_INET, AF_INET6): round 38 found a granted worker could open any, so
+# connect to the host's abstract unix sockets (services that trust local peers), netlink, AF_ALG (the kernel's
+# crypto API), and so on.
+NETWORK_FAMILIES = (2, 10)
 # Denied outright. (Reading files stays allowed: Python and torch load modules lazily.)
 DENIED_SYSCALLS = (
     "socket",
@@ -367,6 +371,10 @@ def seccomp_filter(network: bool = False, shared_anonymous: bool = True) -> bool
         for name in DENIED_SYSCALLS:
             if not (network and name in NETWORK_SYSCALLS):
                 rule(eperm, name)
+        if network:  # TCP over IPv4 and IPv6 only: no unix (the host's abstract sockets), netlink, packet, AF_ALG...
+            for family in range(64):
+                if family not in NETWORK_FAMILIES:
+                    rule(eperm, "socket", (0, _SCMP_CMP_MASKED_EQ, _INT, family))
         for name in _ENOSYS_SYSCALLS:
             rule(enosys, name)
         rule(eperm, "clone", (0, _SCMP_CMP_MASKED_EQ, CLONE_THREAD, 0))  # a new process, not a thread

@@ -30,9 +30,12 @@ ENV_SECRETS = {"GPUPOOL_API_TOKEN": "gpupool-token-in-env", "AWS_SECRET_ACCESS_K
                "HF_TOKEN": "hf-token-in-env", "DB_PASSWORD": "db-password-in-env"}  # fmt: skip
 
 
+STDERR = Path(tempfile.gettempdir()) / f"gpupool-sandbox-zygote-{os.getpid()}.log"  # the daemon's stderr, a file
+
+
 @pytest.fixture(scope="module")
 def zygote() -> Iterator[Zygote]:
-    z = Zygote(program=[sys.executable, worker_attacks.__file__])
+    z = Zygote(program=[sys.executable, worker_attacks.__file__, "--stderr", str(STDERR)])
     saved = {k: os.environ.get(k) for k in ENV_SECRETS}
     os.environ.update(ENV_SECRETS)
     try:
@@ -48,6 +51,7 @@ def zygote() -> Iterator[Zygote]:
         yield z
     finally:
         z.stop()
+        STDERR.unlink(missing_ok=True)
 
 
 def spec(session_id: str, **kw: Any) -> WorkerSpec:
@@ -196,4 +200,85 @@ def test_workers_with_uids_of_their_own_are_kept_apart_by_the_kernel_and_bounded
         assert victim.alive() and sacrificial.alive() and attacker.alive()
     finally:
         for runner in (attacker, victim, sacrificial):
+            runner.close()
+
+
+def test_a_workers_output_reaches_the_daemons_log_marked_printable_and_bounded(zygote: Zygote) -> None:
+    """On 285a6ed a worker's stdout and stderr were the daemon's: 4 MiB of forged log lines with terminal escapes went
+    into the daemon's log file as written (and the file could be truncated: seccomp refuses that now). The zygote
+    now reads each worker's output from a pipe and writes it on as lines naming the worker, control characters
+    escaped, at most 256 KiB at once and 4 KiB a second per worker."""
+    from gpupool.server.zygote import WorkerOutput
+
+    before = STDERR.stat().st_size
+    flood = 4 * MiB
+    runner, got = attack(zygote, ["flood_stderr", "stdio"], {"flood_bytes": flood})
+    try:
+        assert got["flood_stderr"].startswith("wrote"), got
+        assert got["stdio"].startswith("blocked"), got
+        time.sleep(0.5)  # (the zygote forwards as the pipe fills)
+        with STDERR.open("rb") as f:
+            f.seek(before)
+            log = f.read()
+        forged = [line for line in log.split(b"\n") if b"forged line" in line]
+        assert forged, log[-2000:]
+        assert len(b"\n".join(forged)) < WorkerOutput.BURST_BYTES + 64 * 1024, len(b"\n".join(forged))
+        assert all(line.startswith(f"gpupool-worker {runner.pid}: ".encode()) for line in forged), forged[:2]
+        assert b"\x1b" not in log and b"\r" not in log and b"\x07" not in log
+        assert runner.alive()
+    finally:
+        runner.close()
+
+
+def test_a_rampaging_worker_of_a_real_daemon_ends_only_its_own_session(zygote: Zygote, daemon_factory: Any) -> None:
+    """A real daemon whose zygote is this file's: the worker of the lease `attack-rampage-...` tries, once confined,
+    every way it has to end or cripple the zygote's other children (SIGIO owner, rt_sigqueueinfo, kill, prlimit64),
+    then answers its first slice with junk (a result of an impossible length). On 285a6ed the SIGIO owner killed the
+    other tenant's worker (its session failed); now that tenant's tensors are intact, the attacker's session ends
+    with an error, and the daemon serves new sessions."""
+    import uuid
+
+    import torch
+    from gpupool.client.session import Session
+    from gpupool.server import zygote as zygote_module
+
+    from gpupool import errors
+
+    saved = zygote_module._shared
+    zygote_module._shared = zygote  # the daemon's zygote (shared_zygote) is this file's
+    try:
+        d = daemon_factory()
+        victim = Session.attach(d.address, d.token(quota_bytes=16 * MiB))
+        kept = victim.upload(torch.arange(6.0))
+        victim.sync()
+        attacker = Session.attach(
+            d.address, d.token(lease_id=f"attack-rampage-{uuid.uuid4().hex}", quota_bytes=16 * MiB)
+        )
+        with pytest.raises(errors.GpupoolError):
+            attacker.download(attacker.upload(torch.ones(2)))
+        attacker.close()
+        assert victim.download(kept).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+        late = Session.attach(d.address, d.token(quota_bytes=16 * MiB))
+        assert late.download(late.upload(torch.arange(3.0))).tolist() == [0.0, 1.0, 2.0]
+        late.close()
+        victim.close()
+    finally:
+        zygote_module._shared = saved
+
+
+def test_a_worker_granted_network_gets_tcp_only(zygote: Zygote) -> None:
+    """A worker whose lease grants network (collectives between daemons) keeps TCP sockets. On 285a6ed it kept every
+    socket family: it connected to the host's abstract unix socket (any local service that trusts its local peers),
+    and could open netlink and AF_ALG sockets; now only AF_INET and AF_INET6 (sandbox.NETWORK_FAMILIES)."""
+    import socket
+    import uuid
+
+    name = f"gpupool-sandbox-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as service:
+        service.bind("\0" + name)
+        service.listen(4)
+        runner, got = attack(zygote, ["socket_families"], {"abstract": name}, network=True)
+        try:
+            assert got["socket_families"].startswith("blocked"), got
+        finally:
             runner.close()

@@ -226,6 +226,19 @@ def probe_stdio(ctx: dict[str, Any]) -> str:
     return _oserror(lambda: os.ftruncate(2, st.st_size), "ftruncate of the daemon's stderr file")
 
 
+def probe_flood_stderr(ctx: dict[str, Any]) -> str:
+    """Forged lines of the daemon's log, terminal escapes and megabytes written to stderr (the daemon's, until
+    round 38): the test reads what reached the daemon's stderr."""
+    forged = b"2026-01-01 00:00:00 gpupool-daemon INFO gpupool.server.daemon: forged line\r\x1b[2J\x1b]0;title\x07\n"
+    written = 0
+    try:
+        for _ in range(ctx["flood_bytes"] // len(forged)):
+            written += os.write(2, forged)
+    except OSError as exc:
+        return f"blocked: {errno.errorcode.get(exc.errno or 0)} after {written} bytes"
+    return f"wrote {written} bytes"
+
+
 def probe_sockets(ctx: dict[str, Any]) -> str:
     got = []
     for family in (socket.AF_UNIX, socket.AF_INET, socket.AF_NETLINK):
@@ -235,6 +248,29 @@ def probe_sockets(ctx: dict[str, Any]) -> str:
         except OSError:
             pass
     return f"open: {got}" if got else "blocked: unix, inet, netlink"
+
+
+def probe_socket_families(ctx: dict[str, Any]) -> str:
+    """A worker granted network (collectives): sockets other than TCP over IPv4 and IPv6, and the host's abstract
+    unix socket `ctx["abstract"]` (a service that trusts local peers)."""
+    got = []
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect("\0" + ctx["abstract"])
+            got.append("connected to the host's abstract unix socket")
+    except OSError:
+        pass
+    for family, kind in ((socket.AF_NETLINK, socket.SOCK_RAW), (38, socket.SOCK_SEQPACKET), (socket.AF_PACKET, 3)):
+        try:
+            socket.socket(family, kind).close()
+            got.append(str(family))
+        except OSError:
+            pass
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+    except OSError as exc:
+        got.append(f"no TCP socket either ({exc})")  # the grant's whole point: refused would be a regression
+    return f"open: {got}" if got else "blocked: unix, netlink, AF_ALG, packet (TCP kept)"
 
 
 def probe_io_uring(ctx: dict[str, Any]) -> str:
@@ -446,6 +482,47 @@ def probe_threads(ctx: dict[str, Any]) -> str:
     return f"blocked: {started} of {want} threads (RLIMIT_NPROC {soft})"
 
 
+def rampage(sock: socket.socket) -> list[str]:
+    """What a worker whose lease id starts with `attack-rampage` does once confined, in a real daemon: every way it
+    has to end or cripple its sibling workers (the zygote's other children: never another process of the host),
+    then junk on its own session socket where the daemon waits for a result. What reached a sibling."""
+    import fcntl
+
+    me, parent = os.getpid(), os.getppid()
+    reached = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        pid = int(entry)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if pid == me or ppid != parent:
+            continue
+        limit = (ctypes.c_uint64 * 2)(0, 0)
+        if _sys("prlimit64", pid, resource.RLIMIT_NOFILE, limit, None)[0] == 0:
+            reached.append(f"{pid}: prlimit64")
+        try:
+            r, w = os.pipe()
+            fcntl.fcntl(r, fcntl.F_SETOWN, pid)
+            fcntl.fcntl(r, 10, signal.SIGKILL)  # F_SETSIG
+            fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC | os.O_NONBLOCK)
+            os.write(w, b"x")
+        except OSError:
+            pass
+        info = ctypes.create_string_buffer(128)
+        ctypes.c_int.from_buffer(info, 8).value = -1
+        if _sys("rt_sigqueueinfo", pid, signal.SIGKILL, info)[0] == 0:
+            reached.append(f"{pid}: rt_sigqueueinfo")
+        try:
+            os.kill(pid, signal.SIGKILL)
+            reached.append(f"{pid}: kill")
+        except OSError:
+            pass
+    sock.sendall(b"\xff\xff\xff\xff" + os.urandom(64))  # a result nobody asked for, of an impossible length
+    return reached
+
+
 PROBES: dict[str, Callable[[dict[str, Any]], str]] = {
     name[len("probe_") :]: fn for name, fn in globals().items() if name.startswith("probe_") and callable(fn)
 }
@@ -479,6 +556,8 @@ def _install() -> None:
     def settle_gc() -> None:  # worker_main's last step before it serves: confined, its shared buffer mapped
         real_settle()
         spec = current["spec"]
+        if spec.lease_id.startswith("attack-rampage"):
+            rampage(current["sock"])
         if spec.session_id.startswith(PREFIX):
             order = json.loads(spec.session_id[len(PREFIX) :])
             ctx = {**order["ctx"], "own_socket": current["sock"].fileno(), "victim_address": id(VICTIM_OBJECT)}
@@ -493,5 +572,9 @@ if __name__ == "__main__":
     from gpupool.server import zygote
 
     _install()
-    sys.argv = [sys.argv[0], sys.argv[1]]
+    if len(sys.argv) == 4 and sys.argv[1] == "--stderr":  # where the zygote's stderr (the daemon's) goes
+        log = os.open(sys.argv[2], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.dup2(log, 2)
+        os.close(log)
+    sys.argv = [sys.argv[0], sys.argv[-1]]
     zygote.main()
