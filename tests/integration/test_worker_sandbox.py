@@ -109,7 +109,7 @@ def host_files() -> Iterator[dict[str, str]]:
 HOST_PROBES = [
     "victim_proc", "process_vm_readv", "shared_buffers", "read_secret", "create_file", "truncate_readonly",
     "metadata", "stdio", "sockets", "io_uring", "aio", "kernel_interfaces", "signal_victim", "sigio_kill",
-    "other_process_settings", "ipc", "locks", "shared_anonymous", "environment",
+    "other_process_settings", "ipc", "locks", "shared_anonymous", "environment", "unreviewed_calls",
 ]  # fmt: skip
 
 

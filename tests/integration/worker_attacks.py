@@ -260,17 +260,18 @@ def probe_socket_families(ctx: dict[str, Any]) -> str:
             got.append("connected to the host's abstract unix socket")
     except OSError:
         pass
-    for family, kind in ((socket.AF_NETLINK, socket.SOCK_RAW), (38, socket.SOCK_SEQPACKET), (socket.AF_PACKET, 3)):
+    for family, kind, proto in ((socket.AF_NETLINK, socket.SOCK_RAW, 4), (38, socket.SOCK_SEQPACKET, 0),
+                                (socket.AF_PACKET, 3, 0)):  # fmt: skip
         try:
-            socket.socket(family, kind).close()
-            got.append(str(family))
+            socket.socket(family, kind, proto).close()
+            got.append(f"{family} protocol {proto}")  # (netlink 4: sock_diag, every socket of the host)
         except OSError:
             pass
     try:
         socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
     except OSError as exc:
         got.append(f"no TCP socket either ({exc})")  # the grant's whole point: refused would be a regression
-    return f"open: {got}" if got else "blocked: unix, netlink, AF_ALG, packet (TCP kept)"
+    return f"open: {got}" if got else "blocked: unix, netlink's sock_diag, AF_ALG, packet (TCP kept)"
 
 
 def probe_io_uring(ctx: dict[str, Any]) -> str:
@@ -281,6 +282,18 @@ def probe_io_uring(ctx: dict[str, Any]) -> str:
 def probe_aio(ctx: dict[str, Any]) -> str:
     handle = ctypes.c_ulong(0)
     return _verdict(*_sys("io_setup", 1, ctypes.byref(handle)), "an AIO context (the host's fs.aio-max-nr)")
+
+
+def probe_unreviewed_calls(ctx: dict[str, Any]) -> str:
+    """Calls newer than the filter's review: 469 file_setattr (Linux 6.17: changes a file's attributes), 463
+    setxattrat. ENOSYS from the filter, whatever the arguments; another errno means the kernel ran it."""
+    got = []
+    for nr in (463, 469):
+        ctypes.set_errno(0)
+        ret = _libc.syscall(ctypes.c_long(nr), -1, None, None, 0, 0)
+        if ret >= 0 or ctypes.get_errno() != errno.ENOSYS:
+            got.append(f"{nr}: {errno.errorcode.get(ctypes.get_errno(), ret)}")
+    return f"open: the kernel ran {got}" if got else "blocked: ENOSYS"
 
 
 def probe_kernel_interfaces(ctx: dict[str, Any]) -> str:
