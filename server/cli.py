@@ -135,6 +135,15 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         help="when run as root, session workers drop to this unprivileged user (after their sandbox setup); "
         "'keep' leaves them root (not recommended)",
     )
+    add_flag(
+        p,
+        "--worker-uids",
+        default="",
+        help="when run as root, FIRST-LAST: each session's worker runs as a uid (and gid) of its own from this "
+        "range instead of --worker-user, so workers cannot signal or retune each other and each is bounded in "
+        "threads; the range must hold no account of the host, and each daemon of a host needs its own "
+        "(default: none, every worker runs as --worker-user)",
+    )
     add_flag(p, "--seccomp", type=_on_off, default=True, help="seccomp filter in session workers (on/off)")
     add_flag(
         p,
@@ -213,6 +222,7 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
         worker_memory=args.worker_memory,
         worker_gpu_margin=-1 if args.worker_gpu_margin is None else args.worker_gpu_margin,
         worker_user=args.worker_user,
+        worker_uids=args.worker_uids,
         seccomp=args.seccomp,
         worker_network=args.worker_network,
         collectives=args.collectives,

@@ -47,6 +47,7 @@ from .metrics import Ledger, Metrics
 from .registration import (
     RegistrationSource as RegistrationSource,  # the one definition, beside its consumer
 )
+from .sandbox import WorkerUids, worker_tasks
 from .sessions import MAX_GRAPH_BYTES, MAX_HANDLES, DeviceMemory
 from .speedmodel import SpeedModel
 from .worker import InlineRunner, Runner, WorkerDied, WorkerSpec
@@ -123,6 +124,8 @@ class DaemonConfig:
     worker_gpu_margin: int = -1
     # When started as root, run workers as this unprivileged user; KEEP_USER (an explicit opt-out) keeps root.
     worker_user: str = "nobody"
+    # When started as root: "FIRST-LAST", a uid of its own from this range for each worker instead (sandbox.WorkerUids)
+    worker_uids: str = ""
     seccomp: bool = True
     worker_network: bool = False  # workers keep TCP sockets, for torch.distributed collectives between daemons
     # Transport of those collectives: "secure" (encrypted, authenticated: server/seclink.py) or "gloo"
@@ -134,6 +137,27 @@ class DaemonConfig:
 def worker_user(name: str) -> str:
     """The user a worker drops to ("": it keeps the daemon's); checked once at start by `check_worker_user`."""
     return "" if name in ("", KEEP_USER) else name
+
+
+def check_worker_uids(text: str) -> WorkerUids | None:
+    """Parse --worker-uids; refuse a range holding a user of the host's passwd (a worker must be nobody's user).
+    Not root: workers keep the daemon's user, and the range is ignored (logged)."""
+    try:
+        uids = WorkerUids.parse(text)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+    if uids is None:
+        return None
+    if os.geteuid() != 0:
+        log.warning("--worker-uids %s: not running as root, so session workers keep this daemon's user", text)
+        return None
+    users = uids.users()
+    if users:
+        raise InvalidArgument(f"--worker-uids {text} holds users of this host ({', '.join(users[:5])}): "
+                              "name a range no account uses")  # fmt: skip
+    log.info("session workers run as uids %d-%d, one each (at most %d tasks a worker)", uids.first, uids.last,
+             worker_tasks())  # fmt: skip
+    return uids
 
 
 def check_worker_user(name: str) -> None:
@@ -243,10 +267,12 @@ class Daemon:
         self._stop = threading.Event()
         self._expiry_hold = 0.0  # set by the registrar: no token expiry ends a session before this (unix s)
         self._reaper = threading.Thread(target=self._reap, name="gpupool-reaper", daemon=True)
+        self._uids: WorkerUids | None = None  # --worker-uids (as root): a uid of its own for each worker
 
     def start(self) -> None:
         if self.config.isolation == "process":
             check_worker_user(self.config.worker_user)
+            self._uids = check_worker_uids(self.config.worker_uids)
             # Before gRPC threads exist (a fresh interpreter either way), and ready before the daemon says it
             # listens: an Attach never waits for torch to import.
             self.zygote = shared_zygote()
@@ -323,6 +349,11 @@ class Daemon:
             log.info("session %d: its token grants network but this daemon runs --worker-network off", s.number)
         d = s.device
         limit = c.worker_memory or (s.quota + GiB if d.fake else 4 * GiB)
+        if self._uids is not None and self.zygote is not None:
+            try:
+                s.worker_uid = self._uids.take()
+            except OSError as exc:
+                raise ResourceExhausted(f"host {self.host_id}: {exc.strerror}; try again later") from None
         spec = WorkerSpec(
             session_id=s.session_id,
             number=s.number,
@@ -343,9 +374,19 @@ class Daemon:
             speed=(c.fake_speed.tflops, c.fake_speed.gbps, c.fake_speed.link_gbps),
             gpu_margin=c.worker_gpu_margin,
             max_graph_bytes=c.max_graph_memory,
+            uid=s.worker_uid,
         )
         if self.zygote is None:
             return InlineRunner(spec)
+        try:
+            return self._spawn(s, spec)
+        except BaseException:
+            if self._uids is not None and s.worker_uid > 0:
+                self._uids.give_back(s.worker_uid, 0)  # no worker of it started
+            raise
+
+    def _spawn(self, s: FrontSession, spec: WorkerSpec) -> Runner:
+        assert self.zygote is not None
         pauses = iter(SPAWN_RETRIES)
         while True:
             try:
@@ -508,6 +549,8 @@ class Daemon:
         with s.lock:  # waits for a running slice of this session to finish
             if s.runner is not None:
                 s.runner.close()
+                if self._uids is not None and s.worker_uid > 0:
+                    self._uids.give_back(s.worker_uid, s.runner.pid)  # free once that worker is gone
             self._set_used(s, 0)
         if drop_replies:
             _drop_replies(s)

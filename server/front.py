@@ -95,6 +95,7 @@ class FrontSession:
         self.expires_at = claims.expires_at
         self.lock = threading.RLock()  # held while a slice of this session runs
         self.runner: Runner | None = None
+        self.worker_uid = -1  # its worker's own uid (--worker-uids), given back when the session closes
         # Mirrored from the worker after each slice (Status, metrics, the device's accounting).
         self.used = 0
         self.ops = 0

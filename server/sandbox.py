@@ -8,8 +8,15 @@ context exists): so a kernel bug a tenant finds stays inside that tenant's own p
   token key. A drop that fails ends the worker rather than leave it root;
 - `PR_SET_NO_NEW_PRIVS`, and a seccomp filter (libseccomp through ctypes, where the library exists) that
   denies with EPERM: sockets and network calls (kept only for workers whose lease token grants network),
-  exec, fork (threads stay allowed), opening files for writing and changing the file system, ptrace and
-  other processes' memory, signals to other processes, mounts, namespaces, keyrings, BPF and module loading.
+  exec, fork (threads stay allowed), opening files for writing or truncating and changing the file system
+  (metadata and extended attributes included), resizing a file through a descriptor, ptrace and other processes'
+  memory, signals to other processes by any call (kill, the queued and thread forms, a descriptor's SIGIO owner),
+  changing other processes' limits, priorities and scheduling, file locks and leases, io_uring and AIO (which
+  open files and sockets, and take the host's AIO slots, past this filter), System V IPC and POSIX message
+  queues (objects that outlive the worker and that every worker of the user shares), mounts, namespaces,
+  keyrings, BPF, secret memory and module loading; on a fake GPU also shared anonymous memory (outside
+  RLIMIT_DATA, the cap of its tensors). Round 38 (sandbox38) found each of those reachable from attacker code in
+  a worker (tests/integration/test_worker_sandbox.py).
 
 `apply` returns what it could do, so the daemon can log it and tests can assert it; a missing piece other
 than the user drop (no libseccomp, a kernel without seccomp) degrades to the rest with a warning, never to a
@@ -23,8 +30,10 @@ import ctypes.util
 import errno
 import logging
 import os
+import platform
 import pwd
 import resource
+import threading
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -35,11 +44,27 @@ PR_SET_NO_NEW_PRIVS = 38
 _SCMP_ACT_ALLOW = 0x7FFF0000
 _SCMP_CMP_NE, _SCMP_CMP_MASKED_EQ = 1, 7
 CLONE_THREAD = 0x00010000
-O_ACCMODE, O_WRONLY, O_RDWR, O_CREAT = 0o3, 0o1, 0o2, 0o100
+O_ACCMODE, O_WRONLY, O_RDWR, O_CREAT, O_TRUNC = 0o3, 0o1, 0o2, 0o100, 0o1000
+MAP_SHARED, MAP_ANONYMOUS = 0x01, 0x20
+_INT = 0xFFFFFFFF  # the kernel reads these arguments as 32-bit ints: a filter compares the low half only
+# fcntl commands: a descriptor's signal owner (its SIGIO, or the F_SETSIG signal, goes to any process of the same
+# user: round 38 killed another session's worker with a pipe's O_ASYNC), locks and leases (on a file the worker
+# may only read, a lock can stall another process of the host for as long as the worker lives), dnotify (signals).
+F_SETLK, F_SETLKW, F_SETOWN, F_SETSIG, F_SETOWN_EX, F_OFD_SETLK, F_OFD_SETLKW = 6, 7, 8, 10, 15, 37, 38
+F_SETLEASE, F_NOTIFY = 1024, 1026
+DENIED_FCNTL = (F_SETLK, F_SETLKW, F_SETOWN, F_SETSIG, F_SETOWN_EX, F_OFD_SETLK, F_OFD_SETLKW, F_SETLEASE, F_NOTIFY)
+# ioctl requests: a socket's signal owner (FIOSETOWN, SIOCSPGRP), and a terminal's (the daemon's stderr may be
+# one): typing into it (TIOCSTI), TIOCLINUX, the foreground group and controlling terminal.
+DENIED_IOCTL = (0x8901, 0x8902, 0x5412, 0x541C, 0x5410, 0x540E)
 
 # The calls a worker of a daemon with `--worker-network on` keeps: torch.distributed's gloo (and NCCL's
 # bootstrap) between the daemons of a multi-GPU job open, bind, listen on and connect TCP sockets.
 NETWORK_SYSCALLS = ("socket", "socketpair", "connect", "bind", "listen", "accept", "accept4")
+# The address families of those sockets (AF_INET, AF_INET6, and NETLINK_ROUTE for getifaddrs): round 38 found a
+# granted worker could open any, so connect to the host's abstract unix sockets (services that trust local peers),
+# other netlink protocols (sock_diag, audit, uevents), AF_ALG (the kernel's crypto API), and so on.
+AF_NETLINK, NETLINK_ROUTE = 16, 0
+NETWORK_FAMILIES = (2, 10, AF_NETLINK)  # (netlink: NETLINK_ROUTE only, for getifaddrs)
 # Denied outright. (Reading files stays allowed: Python and torch load modules lazily.)
 DENIED_SYSCALLS = (
     "socket",
@@ -124,9 +149,78 @@ DENIED_SYSCALLS = (
     "pidfd_getfd",
     "pidfd_send_signal",
     "memfd_create",
+    "memfd_secret",
+    # round 38: each reached from attacker code in a worker (tests/integration/test_worker_sandbox.py)
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "io_setup",
+    "io_destroy",
+    "io_submit",
+    "io_cancel",
+    "io_getevents",
+    "io_pgetevents",
+    "ftruncate",
+    "fallocate",
+    "flock",
+    "utime",
+    "futimesat",
+    "fchmodat2",
+    "setxattr",
+    "lsetxattr",
+    "fsetxattr",
+    "setxattrat",
+    "removexattr",
+    "lremovexattr",
+    "fremovexattr",
+    "removexattrat",
+    "shmget",
+    "shmat",
+    "shmctl",
+    "shmdt",
+    "msgget",
+    "msgsnd",
+    "msgrcv",
+    "msgctl",
+    "semget",
+    "semop",
+    "semtimedop",
+    "semctl",
+    "mq_open",
+    "mq_unlink",
+    "mq_timedsend",
+    "mq_timedreceive",
+    "mq_notify",
+    "mq_getsetattr",
+    "open_tree",
+    "open_tree_attr",
+    "move_mount",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "mount_setattr",
+    "fanotify_init",
+    "quotactl_fd",
+    "kcmp",
+    "migrate_pages",
+    "move_pages",
+    "process_madvise",
+    "process_mrelease",
+    "syslog",
+    "vhangup",
 )
+# Calls whose first argument names the process they change (0: the caller): denied for any other process. A
+# thread setting its own affinity or priority by its tid is refused too (torch sets none).
+_SELF_ONLY_ARG0 = ("prlimit64", "sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr")
+_SELF_ONLY_ARG1 = ("setpriority", "ioprio_set")  # (which, who, ...)
 # clone3 passes its flags in memory, where a filter cannot look: ENOSYS makes libc fall back to clone.
 _ENOSYS_SYSCALLS = ("clone3",)
+# The newest x86_64 call this filter's lists were reviewed against (462, mseal, Linux 6.10). Every later number up to
+# the x32 range (512) is ENOSYS, as on a kernel without it: a call added after the review (463 setxattrat, 469
+# file_setattr... on this 6.18 kernel) is refused until someone reads it and lists it, instead of allowed.
+REVIEWED_THROUGH = 462
+_ENOSYS_FROM, _ENOSYS_TO = REVIEWED_THROUGH + 1, 511
 
 
 @dataclass
@@ -154,8 +248,17 @@ def _prctl(option: int, arg: int) -> bool:
     return bool(_libc().prctl(option, ctypes.c_ulong(arg), 0, 0, 0) == 0)
 
 
-def set_rlimits(memory_bytes: int, open_files: int = 256) -> list[str]:
+def worker_tasks() -> int:
+    """RLIMIT_NPROC of a worker with a uid of its own (`--worker-uids`): its threads (torch's intra- and inter-op
+    pools and OpenBLAS's, a core each at most, collectives' and CUDA's few) with room to spare."""
+    return 4 * (os.cpu_count() or 1) + 64
+
+
+def set_rlimits(memory_bytes: int, open_files: int = 256, tasks: int = 0) -> list[str]:
     done = []
+    if tasks > 0:  # counted per user: only a uid of the worker's own makes it the worker's bound
+        resource.setrlimit(resource.RLIMIT_NPROC, (tasks, tasks))
+        done.append(f"{tasks} tasks")
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     done.append("no core dumps")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -168,19 +271,79 @@ def set_rlimits(memory_bytes: int, open_files: int = 256) -> list[str]:
     return done
 
 
-def drop_user(name: str = "nobody") -> str:
-    """As root: become an unprivileged user (no capabilities); returns what was done."""
+def drop_user(name: str = "nobody", uid: int = -1) -> str:
+    """As root: become an unprivileged user (no capabilities): `uid` as uid and gid where given (a worker's own,
+    `--worker-uids`), else user `name`'s; returns what was done."""
     if os.geteuid() != 0:
         return f"uid {os.geteuid()} (not root: kept)"
-    entry = pwd.getpwnam(name)
+    if uid > 0:
+        gid = uid
+    else:
+        entry = pwd.getpwnam(name)
+        uid, gid = entry.pw_uid, entry.pw_gid
     os.setgroups([])
-    os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
-    os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
-    return f"uid {entry.pw_uid}"
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    return f"uid {uid}"
 
 
-def seccomp_filter(network: bool = False) -> bool:
-    """Load the filter described above (with `network`: less NETWORK_SYSCALLS); False without libseccomp."""
+class WorkerUids:
+    """`--worker-uids FIRST-LAST`: a uid (and gid) of its own for each session's worker, so that no two workers
+    share a user. Workers of one user can signal each other, change each other's limits and scheduling, reach each
+    other's IPC objects, and share one count of tasks (RLIMIT_NPROC): with a uid each, the kernel's own checks keep
+    them apart and RLIMIT_NPROC bounds each worker's threads (`worker_tasks`). A uid is given to one worker at a
+    time, taken in turn through the range (not again at once), and free again once the worker it was given to is
+    gone (its pid no longer exists: a worker lives on after its session closes until the zygote's kill lands)."""
+
+    def __init__(self, first: int, last: int) -> None:
+        if not 0 < first <= last < 2**32 - 1:
+            raise ValueError(f"--worker-uids {first}-{last}: want 0 < FIRST <= LAST < 4294967295")
+        self.first, self.last = first, last
+        self._lock = threading.Lock()
+        self._held: dict[int, int] = {}  # uid -> its worker's pid (0 while it starts, or while its session lives)
+        self._done: dict[int, int] = {}  # uid -> pid of a closed session's worker, until that pid is gone
+        self._next = first
+
+    @staticmethod
+    def parse(text: str) -> WorkerUids | None:
+        """`FIRST-LAST` ("": none); ValueError on anything else."""
+        if not text:
+            return None
+        first, sep, last = text.partition("-")
+        if not sep or not first.strip().isdigit() or not last.strip().isdigit():
+            raise ValueError(f"--worker-uids {text!r}: want FIRST-LAST, two uids")
+        return WorkerUids(int(first), int(last))
+
+    def users(self) -> list[str]:
+        """Users of the host's passwd whose uid lies in the range (a worker must never be one of them)."""
+        return [e.pw_name for e in pwd.getpwall() if self.first <= e.pw_uid <= self.last]
+
+    def take(self) -> int:
+        """A uid no live worker of this daemon holds; OSError(EAGAIN) when every uid of the range is held."""
+        with self._lock:
+            for uid, pid in list(self._done.items()):
+                if not os.path.exists(f"/proc/{pid}"):
+                    del self._done[uid]
+            size = self.last - self.first + 1
+            for k in range(min(size, len(self._held) + len(self._done) + 1)):
+                uid = self.first + (self._next - self.first + k) % size
+                if uid not in self._held and uid not in self._done:
+                    self._next = self.first + (uid - self.first + 1) % size
+                    self._held[uid] = 0
+                    return uid
+        raise OSError(errno.EAGAIN, f"every uid of --worker-uids {self.first}-{self.last} is held by a worker")
+
+    def give_back(self, uid: int, pid: int) -> None:
+        """The session of the worker `pid` (0: none started) that holds `uid` ended: free once that pid is gone."""
+        with self._lock:
+            self._held.pop(uid, None)
+            if pid > 0:
+                self._done[uid] = pid
+
+
+def seccomp_filter(network: bool = False, shared_anonymous: bool = True) -> bool:
+    """Load the filter described above (with `network`: less NETWORK_SYSCALLS; without `shared_anonymous`: no
+    MAP_SHARED | MAP_ANONYMOUS mappings); False without libseccomp."""
     path = ctypes.util.find_library("seccomp")
     if not path:
         return False
@@ -215,17 +378,39 @@ def seccomp_filter(network: bool = False) -> bool:
         for name in DENIED_SYSCALLS:
             if not (network and name in NETWORK_SYSCALLS):
                 rule(eperm, name)
+        if network:  # TCP over IPv4 and IPv6, and routing netlink: no unix (the host's abstract sockets), packet...
+            for family in range(64):
+                if family not in NETWORK_FAMILIES:
+                    rule(eperm, "socket", (0, _SCMP_CMP_MASKED_EQ, _INT, family))
+            # getifaddrs (gloo finds its interface's address with it) reads NETLINK_ROUTE: no other netlink protocol
+            rule(eperm, "socket", (0, _SCMP_CMP_MASKED_EQ, _INT, AF_NETLINK), (2, _SCMP_CMP_NE, NETLINK_ROUTE, 0))
         for name in _ENOSYS_SYSCALLS:
             rule(enosys, name)
+        if platform.machine() == "x86_64":
+            for nr in range(_ENOSYS_FROM, _ENOSYS_TO + 1):
+                if lib.seccomp_rule_add_array(ctx, enosys, nr, 0, None) != 0:
+                    raise OSError(f"seccomp rule for call {nr} refused")
         rule(eperm, "clone", (0, _SCMP_CMP_MASKED_EQ, CLONE_THREAD, 0))  # a new process, not a thread
         for name, arg in (("open", 1), ("openat", 2)):
             rule(eperm, name, (arg, _SCMP_CMP_MASKED_EQ, O_ACCMODE, O_WRONLY))
             rule(eperm, name, (arg, _SCMP_CMP_MASKED_EQ, O_ACCMODE, O_RDWR))
             rule(eperm, name, (arg, _SCMP_CMP_MASKED_EQ, O_CREAT, O_CREAT))
+            rule(eperm, name, (arg, _SCMP_CMP_MASKED_EQ, O_TRUNC, O_TRUNC))  # truncates even when read-only
         pid = os.getpid()
-        rule(eperm, "kill", (0, _SCMP_CMP_NE, pid, 0))  # signals only to itself (abort() raises SIGABRT)
-        rule(eperm, "tgkill", (0, _SCMP_CMP_NE, pid, 0))
-        rule(eperm, "tkill", (0, _SCMP_CMP_NE, pid, 0))
+        # signals only to itself (abort() raises SIGABRT), by every call that takes a process
+        for name in ("kill", "tgkill", "tkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
+            rule(eperm, name, (0, _SCMP_CMP_NE, pid, 0))
+        for name in _SELF_ONLY_ARG0:
+            rule(eperm, name, (0, _SCMP_CMP_NE, 0, 0))
+        for name in _SELF_ONLY_ARG1:
+            rule(eperm, name, (1, _SCMP_CMP_NE, 0, 0))
+        for cmd in DENIED_FCNTL:
+            rule(eperm, "fcntl", (1, _SCMP_CMP_MASKED_EQ, _INT, cmd))
+        for request in DENIED_IOCTL:
+            rule(eperm, "ioctl", (1, _SCMP_CMP_MASKED_EQ, _INT, request))
+        if not shared_anonymous:
+            both = MAP_SHARED | MAP_ANONYMOUS  # (MAP_SHARED_VALIDATE includes MAP_SHARED's bit)
+            rule(eperm, "mmap", (3, _SCMP_CMP_MASKED_EQ, both, both))
         if lib.seccomp_load(ctx) != 0:
             raise OSError("seccomp_load failed")
     finally:
@@ -233,8 +418,18 @@ def seccomp_filter(network: bool = False) -> bool:
     return True
 
 
-def apply(memory_bytes: int, *, user: str = "nobody", seccomp: bool = True, network: bool = False) -> SandboxReport:
-    """Confine the calling process for good (there is no way back). Call once, single-threaded."""
+def apply(
+    memory_bytes: int,
+    *,
+    user: str = "nobody",
+    seccomp: bool = True,
+    network: bool = False,
+    shared_anonymous: bool = True,
+    uid: int = -1,
+) -> SandboxReport:
+    """Confine the calling process for good (there is no way back). Call once, single-threaded. Without
+    `shared_anonymous` (a fake GPU's worker, whose tensors RLIMIT_DATA caps) no shared anonymous mappings. With
+    `uid` (root only: a uid of the worker's own, `--worker-uids`) that uid instead of `user`'s, and RLIMIT_NPROC."""
     report = SandboxReport()
 
     def step(what: str, fn: object) -> None:
@@ -250,10 +445,11 @@ def apply(memory_bytes: int, *, user: str = "nobody", seccomp: bool = True, netw
         else:
             report.applied.append(out if isinstance(out, str) else what)
 
-    step("rlimits", lambda: set_rlimits(memory_bytes))
-    if user:  # never a root worker by accident: a failed drop ends the worker (its session sees INTERNAL)
+    own = uid > 0 and os.geteuid() == 0
+    step("rlimits", lambda: set_rlimits(memory_bytes, tasks=worker_tasks() if own else 0))
+    if user or own:  # never a root worker by accident: a failed drop ends the worker (its session sees INTERNAL)
         try:
-            report.applied.append(drop_user(user))
+            report.applied.append(drop_user(user, uid if own else -1))
         except (OSError, KeyError) as exc:
             raise RuntimeError(f"cannot run the session worker as {user!r}: {exc}") from exc
     step("not dumpable", lambda: _prctl(PR_SET_DUMPABLE, 0))  # no ptrace attach, no /proc/PID/mem by peers
@@ -261,5 +457,6 @@ def apply(memory_bytes: int, *, user: str = "nobody", seccomp: bool = True, netw
     # its socket (the session ends, or the daemon dies).
     step("no_new_privs", lambda: _prctl(PR_SET_NO_NEW_PRIVS, 1))
     if seccomp:
-        step("seccomp" + (" (network kept for collectives)" if network else ""), lambda: seccomp_filter(network))
+        what = "seccomp" + (" (network kept for collectives)" if network else "")
+        step(what, lambda: seccomp_filter(network, shared_anonymous))
     return report

@@ -91,6 +91,7 @@ class WorkerSpec:
     speed: tuple[float, float, float] = (0.0, 0.0, 0.0)  # fake GPUs' speed model (tflops, gbps, link_gbps)
     gpu_margin: int = -1  # real GPUs: bytes the CUDA allocator may hold beyond the quota (-1: `gpu_margin`)
     max_graph_bytes: int = 256 * 1024**2  # host memory of the session's graphs (sessions.MAX_GRAPH_BYTES)
+    uid: int = -1  # a uid (and gid) of the worker's own instead of `user`'s (--worker-uids; -1: none)
 
 
 # ---- the worker's CUDA memory cap ----
@@ -634,7 +635,16 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
         audit = opaudit.from_env()
     workerprofile.from_env()  # a bench's Python profile of this worker (server/workerprofile.py), where switched on
     limit = spec.memory_limit and _vm_data() + spec.memory_limit
-    report = sandbox.apply(limit, user=spec.user, seccomp=spec.seccomp, network=spec.network)
+    # a fake GPU's tensors are host memory that RLIMIT_DATA caps: no shared anonymous memory past it (a real GPU's
+    # worker keeps it: CUDA's pinned host allocations may be such mappings)
+    report = sandbox.apply(
+        limit,
+        user=spec.user,
+        seccomp=spec.seccomp,
+        network=spec.network,
+        shared_anonymous=not state.device.fake,
+        uid=spec.uid,
+    )
     log.debug("session %d worker %d sandbox: %s; missing: %s", spec.number, os.getpid(), report.applied, report.missing)
     progress = mmap.mmap(progress_fd, SHARED_BYTES)
     os.close(progress_fd)

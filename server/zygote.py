@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import array
 import ctypes
+import fcntl
 import json
 import logging
 import mmap
 import os
+import re
 import select
 import signal
 import socket
@@ -42,6 +44,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -87,6 +90,17 @@ def describe(status: int) -> str:
 WAIT_POLICY = "PASSIVE"
 
 
+# Variables of the daemon's environment its zygote (and so every session worker, whose /proc/self/environ and
+# os.environ hold them) does not get: credentials by their names (round 38: a worker running a tenant's code read
+# the daemon's GPUPOOL_API_TOKEN there, and would any cloud key the daemon was started with).
+SECRET_NAMES = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|PRIVATE|AUTH|COOKIE|SESSION|_KEY($|_)|APIKEY|ACCESS_KEY")
+
+
+def worker_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` less the variables whose names say they hold a credential (SECRET_NAMES, any case)."""
+    return {k: v for k, v in env.items() if not SECRET_NAMES.search(k.upper())}
+
+
 def _thp_default() -> str:
     """THP_MEM_ALLOC_ENABLE for workers unless the operator set it: huge pages only where they are cheap."""
     return "1" if protocol.huge_pages_are_cheap() else "0"
@@ -102,7 +116,10 @@ class Zygote:
     closes their socket.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, program: Sequence[str] = ()) -> None:
+        # what runs as the zygote: `python -m gpupool.server.zygote`, or (tests only) a program that runs this
+        # module's `main` (tests/integration/worker_attacks.py: attacker code inside real, confined workers)
+        self._program = list(program) or [sys.executable, "-m", "gpupool.server.zygote"]
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._ended: dict[int, int] = {}  # pid -> wait status (kept until asked for)
@@ -131,14 +148,14 @@ class Zygote:
         digest = runner_source.source()[1]  # the runner's source as this daemon read it: the zygote builds that
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gpupool.server.zygote", str(theirs.fileno())],
+            [*self._program, str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             # torch's CPU allocator puts tensors of 2 MiB and more on transparent huge pages: a fresh tensor's
             # first touch (every upload, and every tensor of a fake GPU) faults 512x less often; but only where
             # the kernel does not compact memory in those faults (protocol.huge_pages_are_cheap).
             env={
-                **os.environ,
+                **worker_environment(os.environ),
                 "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", _thp_default()),
                 runner_source.DIGEST_ENV: digest,
                 # A CUDA device must never be touched before a fork: torch poisons every later fork ("Cannot
@@ -220,9 +237,13 @@ class Zygote:
         """A new worker for a session (waiting, within SPAWN_TIMEOUT, for a restarting zygote)."""
         self.wait_ready(SPAWN_TIMEOUT, builds=False)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        progress_fd = os.memfd_create("gpupool-shared")
+        progress_fd = os.memfd_create("gpupool-shared", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(progress_fd, SHARED_BYTES)
+            # Its size for good: the worker holds a descriptor of the file (Python's mmap keeps a duplicate), and a
+            # file shrunk under this process's mapping faults it (SIGBUS: the whole daemon) at its next copy into
+            # the buffer (round 38: one ftruncate from a worker's code did it)
+            fcntl.fcntl(progress_fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             progress = mmap.mmap(progress_fd, SHARED_BYTES)
             reply = self._call({"spawn": asdict(spec)}, [theirs.fileno(), progress_fd])
         finally:
@@ -433,11 +454,15 @@ def _zygote(ctrl: socket.socket) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     ctrl.sendall(json.dumps({"ready": True, "threads": _other_threads()}).encode() + b"\n")
+    outputs: dict[int, WorkerOutput] = {}  # read end of a worker's stdout and stderr -> what forwards it
     buf = b""
     while True:
-        ready: list[Any] = select.select([ctrl.fileno(), wake_r], [], [])[0]
+        ready: list[Any] = select.select([ctrl.fileno(), wake_r, *outputs], [], [])[0]
         if wake_r in ready:
             os.read(wake_r, 4096)
+        for fd in ready:
+            if fd in outputs and not outputs[fd].pump():
+                del outputs[fd]  # (closed by `pump`)
         _reap(ctrl, children)
         if ctrl.fileno() not in ready:
             continue
@@ -453,13 +478,16 @@ def _zygote(ctrl: socket.socket) -> None:
             msg = json.loads(line)
             if "spawn" in msg:
                 mine, fds = fds[:2], fds[2:]
+                out_r, out_w = os.pipe()
                 try:
-                    pid = _fork_worker(ctrl, wake_r, wake_w, mine, WorkerSpec(**msg["spawn"]))
+                    pid = _fork_worker(ctrl, wake_r, wake_w, mine, WorkerSpec(**msg["spawn"]), out_w, [*outputs, out_r])
                 except OSError as exc:  # the kernel refused the fork (ENOMEM, EAGAIN): this worker only
-                    for fd in mine:
+                    for fd in (*mine, out_r, out_w):
                         os.close(fd)
                     reply = {"id": msg["id"], "errno": exc.errno, "error": f"fork: {exc.strerror}"}
                 else:
+                    os.close(out_w)
+                    outputs[out_r] = WorkerOutput(out_r, pid)
                     children.add(pid)
                     # a thread here now was here at the fork (none ends by itself): the daemon names it
                     reply = {"id": msg["id"], "pid": pid, "threads": _other_threads()}
@@ -529,6 +557,71 @@ def _other_threads() -> list[str]:
     return names
 
 
+class WorkerOutput:
+    """A worker's stdout and stderr, forwarded to the zygote's stderr (the daemon's) as lines that name the worker,
+    printable, at most LINE_BYTES each and BURST_BYTES at once then RATE_BYTES a second per worker (what is dropped
+    past that is counted in the next line). Until round 38 workers wrote to the daemon's stderr itself: a worker
+    running a tenant's code could write anything there without bound (forged log lines, terminal escapes, a disk
+    filled), and truncate it where it is a file."""
+
+    LINE_BYTES = 4096
+    BURST_BYTES = 256 * 1024
+    RATE_BYTES = 4096.0
+    _UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+    def __init__(self, fd: int, pid: int) -> None:
+        self.fd, self.pid = fd, pid
+        self.partial = b""
+        self.allowance = float(self.BURST_BYTES)
+        self.since = time.monotonic()
+        self.dropped = 0
+
+    def pump(self) -> bool:
+        """Read what the worker wrote and forward its whole lines; False (and the pipe closed) at its end."""
+        try:
+            data = os.read(self.fd, 65536)
+        except OSError:
+            data = b""
+        if not data:
+            if self.partial:
+                self._emit([self.partial])
+            os.close(self.fd)
+            return False
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        while len(self.partial) > self.LINE_BYTES:  # a line without end: forwarded in pieces
+            lines.append(self.partial[: self.LINE_BYTES])
+            self.partial = self.partial[self.LINE_BYTES :]
+        if lines:
+            self._emit(lines)
+        return True
+
+    def _emit(self, lines: list[bytes]) -> None:
+        now = time.monotonic()
+        self.allowance = min(self.BURST_BYTES, self.allowance + (now - self.since) * self.RATE_BYTES)
+        self.since = now
+        out = []
+        for raw in lines:
+            if self.allowance < len(raw) + 1:  # (no line forwarded is shorter than it was written)
+                self.dropped += len(raw) + 1
+                continue
+            text = self._UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", raw.decode("utf-8", "backslashreplace"))
+            note = f" [{self.dropped} bytes of this worker's output dropped before this line]" if self.dropped else ""
+            line = f"gpupool-worker {self.pid}: {text}{note}\n"
+            if self.allowance < len(line):  # (as forwarded: escapes and the prefix count)
+                self.dropped += len(raw) + 1
+                continue
+            self.allowance -= len(line)
+            self.dropped = 0
+            out.append(line)
+        if out:
+            try:
+                sys.stderr.write("".join(out))
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+
+
 def _reap(ctrl: socket.socket, children: set[int]) -> None:
     while children:
         try:
@@ -544,7 +637,11 @@ def _reap(ctrl: socket.socket, children: set[int]) -> None:
             pass
 
 
-def _fork_worker(ctrl: socket.socket, wake_r: int, wake_w: int, fds: list[int], spec: WorkerSpec) -> int:
+def _fork_worker(
+    ctrl: socket.socket, wake_r: int, wake_w: int, fds: list[int], spec: WorkerSpec, out: int, others: list[int]
+) -> int:
+    """Fork a worker whose stdout and stderr are `out` (a pipe the zygote reads: `WorkerOutput`); `others`: the
+    read ends of the other workers' pipes, which it must not hold."""
     pid = os.fork()
     if pid:
         for fd in fds:
@@ -554,9 +651,12 @@ def _fork_worker(ctrl: socket.socket, wake_r: int, wake_w: int, fds: list[int], 
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for fd in (wake_r, wake_w):
+        for fd in (wake_r, wake_w, *others):
             os.close(fd)
         ctrl.close()
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(out)
         from .worker import worker_main
 
         code = worker_main(socket.socket(fileno=fds[0]), fds[1], spec)

@@ -1,0 +1,284 @@
+"""What a session's worker can reach when a tenant runs code in it (a memory-safety bug in a kernel): real workers,
+forked and confined by a real zygote as a daemon's are, run the probes of worker_attacks.py after their sandbox
+(server/sandbox.py) is in place. As root, so that the workers drop to `nobody` as a root daemon's do: every worker of
+the host shares that user, so the sandbox is what keeps them apart."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import worker_attacks
+from gpupool.server.worker import DATA_AT, SHARED_BYTES, ProcessRunner, WorkerSpec
+from gpupool.server.zygote import Zygote
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="workers drop to an unprivileged user only as root")
+MiB = 1024**2
+
+
+# Credentials in the daemon's environment when it starts its zygote (a token, a cloud key): no worker may see them.
+ENV_SECRETS = {"GPUPOOL_API_TOKEN": "gpupool-token-in-env", "AWS_SECRET_ACCESS_KEY": "aws-secret-in-env",
+               "HF_TOKEN": "hf-token-in-env", "DB_PASSWORD": "db-password-in-env"}  # fmt: skip
+
+
+STDERR = Path(tempfile.gettempdir()) / f"gpupool-sandbox-zygote-{os.getpid()}.log"  # the daemon's stderr, a file
+
+
+@pytest.fixture(scope="module")
+def zygote() -> Iterator[Zygote]:
+    z = Zygote(program=[sys.executable, worker_attacks.__file__, "--stderr", str(STDERR)])
+    saved = {k: os.environ.get(k) for k in ENV_SECRETS}
+    os.environ.update(ENV_SECRETS)
+    try:
+        z.start()
+        z.wait_ready()  # (launched: the zygote's environment is set)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        yield z
+    finally:
+        z.stop()
+        STDERR.unlink(missing_ok=True)
+
+
+def spec(session_id: str, **kw: Any) -> WorkerSpec:
+    fields: dict[str, Any] = {
+        "session_id": session_id,
+        "number": 1,
+        "device": {"index": 0, "uuid": "fake-0", "model": "fake", "memory_bytes": 1 << 30, "fake": True},
+        "quota": 64 * MiB,
+        "max_handles": 1000,
+        "max_op_flops": 0,
+        "memory_limit": 64 * MiB + 1024 * MiB,
+        "cpu_threads": 1,
+        "user": "nobody",
+        "seccomp": True,
+    }
+    return WorkerSpec(**{**fields, **kw})
+
+
+def attack(z: Zygote, probes: list[str], ctx: dict[str, Any], **kw: Any) -> tuple[ProcessRunner, dict[str, str]]:
+    """A worker that runs `probes` once confined; what each got."""
+    runner = z.spawn(spec(worker_attacks.PREFIX + json.dumps({"probes": probes, "ctx": ctx}), **kw), MiB)
+    runner._sock.settimeout(120)
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = runner._sock.recv(65536)
+        assert chunk, "the attacking worker died"
+        line += chunk
+    return runner, json.loads(line)
+
+
+@pytest.fixture
+def host_files() -> Iterator[dict[str, str]]:
+    """A root-only file (a token key, a TLS key), a file and a folder of the workers' user, a readable file (in a
+    folder of their own that the workers' user may enter: pytest's tmp_path is root's only)."""
+    nobody = pwd.getpwnam("nobody")
+    tmp_path = Path(tempfile.mkdtemp(prefix="gpupool-sandbox-"))
+    tmp_path.chmod(0o755)
+    secret = tmp_path / "secret"
+    secret.write_text("a key")
+    secret.chmod(0o600)
+    owned = tmp_path / "nobody-file"
+    owned.write_text("the user's data")
+    os.chown(owned, nobody.pw_uid, nobody.pw_gid)
+    readable = tmp_path / "readable"
+    readable.write_text("anyone may read this")
+    readable.chmod(0o644)
+    folder = tmp_path / "nobody-folder"
+    folder.mkdir()
+    os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+    yield {"secret_file": str(secret), "nobody_file": str(owned), "readable_file": str(readable),
+           "writable_dir": str(folder)}  # fmt: skip
+    shutil.rmtree(tmp_path)
+
+
+HOST_PROBES = [
+    "victim_proc", "process_vm_readv", "shared_buffers", "read_secret", "create_file", "truncate_readonly",
+    "metadata", "stdio", "sockets", "io_uring", "aio", "kernel_interfaces", "signal_victim", "sigio_kill",
+    "other_process_settings", "ipc", "locks", "shared_anonymous", "environment", "unreviewed_calls",
+]  # fmt: skip
+
+
+def test_a_workers_code_reaches_no_other_worker_nor_the_host(zygote: Zygote, host_files: dict[str, str]) -> None:
+    """Round 38 found, from a worker on 285a6ed: another worker killed (a pipe's SIGIO owner set to it, F_SETSIG
+    SIGKILL), signalled (rt_sigqueueinfo), its limits, priority, affinity and scheduling changed; a file of the
+    workers' user truncated (O_RDONLY | O_TRUNC) and its metadata changed (utime, fchmodat2, setxattr); io_uring
+    and AIO contexts (io_uring opens files and sockets past seccomp), secret memory, System V IPC objects and POSIX
+    queues (outliving the worker), file locks on a file it may only read, and 256 MiB of shared anonymous memory
+    past its RLIMIT_DATA, and the daemon's environment's credentials (its API token, a cloud key) in the
+    worker's own environment. Each is refused now; what held then holds still (other workers' memory and descriptors,
+    root-only files, sockets, ptrace, BPF, userfaultfd, perf, keyrings, namespaces, mounts, exec)."""
+    victim = zygote.spawn(spec("victim"), MiB)
+    sacrificial = zygote.spawn(spec("sacrificial"), MiB)
+    secret = os.urandom(16)
+    victim._progress[DATA_AT : DATA_AT + 16] = secret  # what the front put in the victim's shared buffer
+    ctx = {**host_files, "victim": victim.pid, "sacrificial": sacrificial.pid, "secret": secret.hex(),
+           "shared_anon_bytes": 256 * MiB, "env_secrets": list(ENV_SECRETS.values())}  # fmt: skip
+    attacker, got = attack(zygote, HOST_PROBES, ctx, memory_limit=128 * MiB)
+    try:
+        reached = {name: outcome for name, outcome in got.items() if not outcome.startswith("blocked")}
+        assert not reached, reached
+        assert os.stat(host_files["nobody_file"]).st_size > 0
+        time.sleep(0.2)  # (a signal sent would have landed by now)
+        assert victim.alive() and sacrificial.alive() and attacker.alive()
+        assert bytes(victim._progress[DATA_AT : DATA_AT + 16]) == secret
+    finally:
+        for runner in (attacker, victim, sacrificial):
+            runner.close()
+
+
+@pytest.mark.parametrize("seccomp", [True, False])
+def test_a_worker_cannot_resize_its_shared_buffer_under_the_daemon(zygote: Zygote, seccomp: bool) -> None:
+    """The worker holds a descriptor of its shared buffer's memory file (Python's mmap keeps a duplicate). On 285a6ed
+    it could ftruncate the file to 0, and the daemon's next copy into its mapping of the buffer died of SIGBUS (the
+    whole daemon, every session). The daemon seals the file's size now (F_SEAL_SHRINK | F_SEAL_GROW), which holds
+    with the worker's seccomp filter off too; the filter refuses ftruncate besides."""
+    runner, got = attack(zygote, ["shrink_shared"], {}, seccomp=seccomp)
+    try:
+        assert got["shrink_shared"].startswith("blocked: ['EPERM']"), got
+        assert runner._progress.size() == SHARED_BYTES  # the file's size, as the daemon's mapping sees it
+        runner._data[:4] = b"live"  # the daemon's copy into the buffer: no SIGBUS
+        assert runner.alive()
+    finally:
+        runner.close()
+
+
+def test_a_workers_descriptors_are_its_own(zygote: Zygote) -> None:
+    """Pins what held on 285a6ed: besides stdin, stdout, stderr and its session socket, a worker holds its own shared
+    buffer's file and the native runner's module (loaded as opened), nothing of another worker, the zygote or the
+    daemon."""
+    others = [zygote.spawn(spec(f"other-{k}"), MiB) for k in range(2)]
+    runner, got = attack(zygote, ["fds"], {})
+    try:
+        held = got["fds"]
+        if held.startswith("open: "):
+            targets = [entry.split(" -> ", 1)[1] for entry in json.loads(held[6:].replace("'", '"'))]
+            assert [t for t in targets if t.startswith("/memfd:")] == ["/memfd:gpupool-shared (deleted)"], targets
+            assert all(t.startswith("/memfd:") or t.endswith(".so") for t in targets), targets
+    finally:
+        for r in (runner, *others):
+            r.close()
+
+
+UIDS = 3_141_590_000  # the first of this file's worker uids (no account of a host is there)
+
+
+def test_workers_with_uids_of_their_own_are_kept_apart_by_the_kernel_and_bounded_in_threads(zygote: Zygote) -> None:
+    """`--worker-uids`: a uid of its own for each worker. With its seccomp filter off, a worker of another uid can
+    neither signal nor retune the victim (the kernel's same-user checks: on 285a6ed, with one user for all workers,
+    seccomp was all that refused them), and RLIMIT_NPROC bounds its threads (on 285a6ed a worker started threads up
+    to the host's pid_max, 32,768 here, which the daemon and the zygote need too: every worker shared one count)."""
+    from gpupool.server.sandbox import worker_tasks
+
+    victim = zygote.spawn(spec("victim", uid=UIDS + 1), MiB)
+    sacrificial = zygote.spawn(spec("sacrificial", uid=UIDS + 2), MiB)
+    ctx = {"victim": victim.pid, "sacrificial": sacrificial.pid, "threads": worker_tasks() + 64}
+    probes = ["signal_victim", "sigio_kill", "other_process_settings", "victim_proc", "threads"]
+    attacker, got = attack(zygote, probes, ctx, uid=UIDS + 3, seccomp=False)
+    try:
+        reached = {name: outcome for name, outcome in got.items() if not outcome.startswith("blocked")}
+        assert not reached, reached
+        assert f"(RLIMIT_NPROC {worker_tasks()})" in got["threads"]
+        with open(f"/proc/{attacker.pid}/status") as f:
+            ids = {line.split(":")[0]: line.split()[1:] for line in f if line.startswith(("Uid", "Gid", "Groups"))}
+        assert ids == {"Uid": [str(UIDS + 3)] * 4, "Gid": [str(UIDS + 3)] * 4, "Groups": []}, ids
+        time.sleep(0.2)
+        assert victim.alive() and sacrificial.alive() and attacker.alive()
+    finally:
+        for runner in (attacker, victim, sacrificial):
+            runner.close()
+
+
+def test_a_workers_output_reaches_the_daemons_log_marked_printable_and_bounded(zygote: Zygote) -> None:
+    """On 285a6ed a worker's stdout and stderr were the daemon's: 4 MiB of forged log lines with terminal escapes went
+    into the daemon's log file as written (and the file could be truncated: seccomp refuses that now). The zygote
+    now reads each worker's output from a pipe and writes it on as lines naming the worker, control characters
+    escaped, at most 256 KiB at once and 4 KiB a second per worker."""
+    from gpupool.server.zygote import WorkerOutput
+
+    before = STDERR.stat().st_size
+    flood = 4 * MiB
+    runner, got = attack(zygote, ["flood_stderr", "stdio"], {"flood_bytes": flood})
+    try:
+        assert got["flood_stderr"].startswith("wrote"), got
+        assert got["stdio"].startswith("blocked"), got
+        time.sleep(0.5)  # (the zygote forwards as the pipe fills)
+        with STDERR.open("rb") as f:
+            f.seek(before)
+            log = f.read()
+        forged = [line for line in log.split(b"\n") if b"forged line" in line]
+        assert forged, log[-2000:]
+        assert len(b"\n".join(forged)) < WorkerOutput.BURST_BYTES + 64 * 1024, len(b"\n".join(forged))
+        assert all(line.startswith(f"gpupool-worker {runner.pid}: ".encode()) for line in forged), forged[:2]
+        assert b"\x1b" not in log and b"\r" not in log and b"\x07" not in log
+        assert runner.alive()
+    finally:
+        runner.close()
+
+
+def test_a_rampaging_worker_of_a_real_daemon_ends_only_its_own_session(zygote: Zygote, daemon_factory: Any) -> None:
+    """A real daemon whose zygote is this file's: the worker of the lease `attack-rampage-...` tries, once confined,
+    every way it has to end or cripple the zygote's other children (SIGIO owner, rt_sigqueueinfo, kill, prlimit64),
+    then answers its first slice with junk (a result of an impossible length). On 285a6ed the SIGIO owner killed the
+    other tenant's worker (its session failed); now that tenant's tensors are intact, the attacker's session ends
+    with an error, and the daemon serves new sessions."""
+    import uuid
+
+    import torch
+    from gpupool.client.session import Session
+    from gpupool.server import zygote as zygote_module
+
+    from gpupool import errors
+
+    saved = zygote_module._shared
+    zygote_module._shared = zygote  # the daemon's zygote (shared_zygote) is this file's
+    try:
+        d = daemon_factory()
+        victim = Session.attach(d.address, d.token(quota_bytes=16 * MiB))
+        kept = victim.upload(torch.arange(6.0))
+        victim.sync()
+        attacker = Session.attach(
+            d.address, d.token(lease_id=f"attack-rampage-{uuid.uuid4().hex}", quota_bytes=16 * MiB)
+        )
+        with pytest.raises(errors.GpupoolError):
+            attacker.download(attacker.upload(torch.ones(2)))
+        attacker.close()
+        assert victim.download(kept).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+        late = Session.attach(d.address, d.token(quota_bytes=16 * MiB))
+        assert late.download(late.upload(torch.arange(3.0))).tolist() == [0.0, 1.0, 2.0]
+        late.close()
+        victim.close()
+    finally:
+        zygote_module._shared = saved
+
+
+def test_a_worker_granted_network_gets_tcp_only(zygote: Zygote) -> None:
+    """A worker whose lease grants network (collectives between daemons) keeps TCP sockets. On 285a6ed it kept every
+    socket family: it connected to the host's abstract unix socket (any local service that trusts its local peers),
+    and could open netlink and AF_ALG sockets; now only AF_INET and AF_INET6 (sandbox.NETWORK_FAMILIES)."""
+    import socket
+    import uuid
+
+    name = f"gpupool-sandbox-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as service:
+        service.bind("\0" + name)
+        service.listen(4)
+        runner, got = attack(zygote, ["socket_families"], {"abstract": name}, network=True)
+        try:
+            assert got["socket_families"].startswith("blocked"), got
+        finally:
+            runner.close()
