@@ -141,6 +141,8 @@ class Graph:
     cuda_verdict: tuple[Any, str | None] = (None, "not decided")
     traced: Any = None  # graph_trace.Traced once the graph runs as a TorchScript graph
     trace_refused: bool = False  # graph_trace said no (or failed): the Python replay for good
+    # the layouts of its fused attention calls a Python replay recorded for its trace (graph_trace.replay_recording)
+    layouts: Any = None
     plan: list[Step] = field(default_factory=list)  # the calls as graph.execute runs them (`compile_calls`)
     # Per persistent tensor: [a weak reference to the tensor last found to have its metadata, that tensor's
     # version counter when the last run ended] (graph._externals); [None, -1] until then.
