@@ -49,12 +49,14 @@ MAX_GRAPH_PERSISTENT = 16_384
 # a tensor at ~3.5 KB more: the TorchScript trace (graph_trace.py) writes each as a constant node, defaults
 # included, and its executor copies the graph and compiles each node (a chain of `_to_copy`, six arguments at
 # their defaults, held 27 KB an op, estimated 5 KB; `arange.start_step` and `add` 4.1x the estimate), and an inline
-# tensor's bytes at ~5x (the frame, its parsed message and the decoded tensor at once: 4.6x the estimate). Fitted
+# tensor's bytes at ~5-7x (the frame's copies, its parsed message and the decoded tensor at once). Fitted
 # as upper bounds of every shape measured, both isolations: `host_bytes`.
 OP_BYTES = 6_000
 REF_BYTES = 1_100
 CONST_BYTES = 4_500  # an argument of an op's schema that is not a tensor or list of tensors (a trace constant)
-INLINE_COPIES = 6  # bytes counted per byte of an inline tensor
+# bytes counted per byte of an inline tensor: its frame's copies (gRPC's, the front's, the worker's), the parsed
+# message and the decoded tensor at once (200 ops of a 64 KiB inline tensor, `--isolation thread`: a peak of 6.6x)
+INLINE_COPIES = 8
 # An input or persistent tensor, held per graph (its metadata, its slot's entries, the traced graph's input), and a
 # dimension of its metadata: round 36 fitted 1,500 and 24 bytes (rev36); at graph37's limits (4,096 inputs and
 # 16,384 persistent tensors) a definition grew a daemon by ~2x that (58 MiB at 1 dimension, 117 MiB at 64 against
