@@ -57,10 +57,10 @@ TRACE_AFTER_RUNS = 1  # a graph's first run is the plain replay; the next one is
 PIECE = 256
 DRY_PIECE = 16
 # A graph of more nodes (calls, constants, lists) keeps the Python replay: TorchScript compiles a graph at its first
-# call, one C++ call of ~120 us a node at load 20 here (round 38: 0.93 s for 8,000 `neg` nodes, ~4 s for 20,000, not
-# pieceable), about what a run of the largest graph --max-graph-memory allows takes in the Python replay anyway.
-# An honest step's graph is a few hundred calls (a few thousand nodes with their constants).
-TRACE_MAX_NODES = 8_192
+# call, one C++ call of ~120 us a node at load 20 here, not pieceable (round 38: 0.93 s for 8,000 `neg` nodes; with
+# the trace in pieces a neighbour still waited 3.2 s at 8,000 ops at load 45). An honest step's graph is a few
+# hundred calls, under a thousand nodes with their constants (the encoder's 350 calls, 404 constants).
+TRACE_MAX_NODES = 4_096
 _META = torch.device("meta")
 _C: Any = torch._C  # TorchScript's IR and graph executor bindings (untyped)
 
