@@ -464,9 +464,10 @@ def _hwm_rss(pid: int) -> tuple[int, int]:
 
 def shaped(graph_id: int, shape: str, n: int, dims: int, x: int) -> tuple[Any, list[int]]:
     """A graph of `shape` (its size `n`) and the handles a run takes (`x`: a one-element float handle of `dims`
-    dimensions): "neg" a chain of n `neg`; "tocopy" of n `_to_copy` (six arguments left to their defaults); "arange" n `arange.start_step` (seven
-    arguments, no tensor read) summed into a chain; "wide" n inputs and 4n persistent tensors (at most 4,096 and
-    16,384), each `x`; "inline" n `add` of a 64 KiB inline tensor in a chain; "foreach" n `_foreach_neg` of 1,000 slots."""
+    dimensions): "neg" a chain of n `neg`; "tocopy" of n `_to_copy` (six arguments left to their defaults);
+    "arange" n `arange.start_step` (seven arguments, no tensor read) summed into a chain; "wide" n inputs and 4n
+    persistent tensors (at most 4,096 and 16,384), each `x`; "inline" n `add` of a 64 KiB inline tensor in a chain;
+    "foreach" n `_foreach_neg` of 1,000 slots."""
     import torch
 
     from gpupool import wire
@@ -486,14 +487,15 @@ def shaped(graph_id: int, shape: str, n: int, dims: int, x: int) -> tuple[Any, l
             args = [T.Arg(f=0.5 + i), T.Arg(f=2.5 + i), T.Arg(f=1.0)]
             ops.append(device_pb2.Op(name="aten::arange.start_step", args=args, kwargs=kw, outputs=[2 * i + 2]))
             ops.append(
-                device_pb2.Op(name="aten::add.Tensor", args=[T.Arg(tensor=2 * i + 1), T.Arg(tensor=2 * i + 2)],
-                              outputs=[2 * i + 3])  # fmt: skip
+                device_pb2.Op(
+                    name="aten::add.Tensor",
+                    args=[T.Arg(tensor=2 * i + 1), T.Arg(tensor=2 * i + 2)],
+                    outputs=[2 * i + 3],
+                )
             )
         meta = wire.meta_to_proto(torch.ones(2))
     elif shape == "inline":
-        data = wire.tensor_to_proto_inline(torch.ones(16384)) if hasattr(wire, "tensor_to_proto_inline") else None
-        if data is None:
-            data = T.InlineTensor(dtype=T.DTYPE_FLOAT32, shape=[16384], data=bytes(65536))
+        data = T.InlineTensor(dtype=T.DTYPE_FLOAT32, shape=[16384], data=bytes(65536))
         ops = [device_pb2.Op(name="aten::add.Tensor", args=[T.Arg(tensor=i + 1), T.Arg(inline=data)], outputs=[i + 2])
                for i in range(n)]  # fmt: skip
         meta = wire.meta_to_proto(torch.ones(16384))
@@ -571,8 +573,18 @@ def main() -> None:
     parser.add_argument(
         "--probe",
         default="graphs",
-        choices=["graphs", "views", "graph-slots", "queued", "busy", "ints", "tensors", "views-list", "bools",
-                 "estimate"],
+        choices=[
+            "graphs",
+            "views",
+            "graph-slots",
+            "queued",
+            "busy",
+            "ints",
+            "tensors",
+            "views-list",
+            "bools",
+            "estimate",
+        ],
         help="graphs: captured graphs and handles (round 35); views: handles of --dims-dimensional views; "
         "graph-slots: --graphs graphs of one op and --inputs inputs; queued: replies never read and 4 MiB uploads "
         "queued behind them (--frames); busy: --sessions sessions of one tenant, each 4 MiB uploads (--frames) "
