@@ -9,7 +9,9 @@ B's downloads meanwhile, and B's median and longest download wait.
         --against-python /work/wt/base/.venv/bin/python
 
 `--inputs N` defines a graph of one op and N inputs instead (round 36: their meta tensors were built before the
-definition's first piece ended).
+definition's first piece ended). `--runs N` then runs the graph N times, each timed with B's downloads meanwhile
+(round 38: a graph's second run traces it to TorchScript on a fake GPU under process isolation, one command; the
+first is the Python replay, the third on the traced graph's).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon_wire import alternate, downloads_while, loopback_keys, print_table, start_daemon, stop_all  # noqa: E402
 
 
-def stall(address: str, key: bytes, ops: int, name: str, inputs: int = 0) -> dict[str, float]:
+def stall(address: str, key: bytes, ops: int, name: str, inputs: int = 0, runs: int = 0) -> dict[str, float]:
     import torch
     from gpupool.client.session import Session
 
@@ -62,8 +64,23 @@ def stall(address: str, key: bytes, ops: int, name: str, inputs: int = 0) -> dic
             took[0] = time.perf_counter() - t0
 
         waits = downloads_while(define, b, h)
-    return {"define_s": took[0], "downloads": len(waits), "median_ms": statistics.median(waits) * 1e3,
-            "max_ms": max(waits) * 1e3}  # fmt: skip
+        out = {"define_s": took[0], "downloads": len(waits), "median_ms": statistics.median(waits) * 1e3,
+               "max_ms": max(waits) * 1e3}  # fmt: skip
+        x_h = a.upload(torch.ones(1, 1, 1, 4) if inputs else x) if runs else 0
+        for k in range(1, runs + 1):
+
+            def run() -> None:
+                t0 = time.perf_counter()
+                y = a.new_handle()
+                a.run_graph(1, [x_h] * big.inputs, [y])
+                a.sync()
+                a.free([y])
+                took[0] = time.perf_counter() - t0
+
+            waits = downloads_while(run, b, h)
+            out[f"run{k}_s"] = took[0]
+            out[f"run{k}_max_ms"] = max(waits) * 1e3
+    return out
 
 
 def main() -> None:
@@ -71,20 +88,24 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--inputs", type=int, default=0, help="instead: a graph of one op and this many inputs")
+    parser.add_argument("--runs", type=int, default=0, help="then run the graph this many times, each timed")
+    parser.add_argument("--isolation", default="process", choices=["process", "thread"])
+    parser.add_argument("--serve-args", default="", help="more `gpupool serve` flags for both daemons")
     parser.add_argument("--against", metavar="DIR", required=True, help="the other checkout (its daemon)")
     parser.add_argument("--against-python", default=sys.executable, help="the python that imports DIR's gpupool")
     args = parser.parse_args()
+    iso = ("--isolation", args.isolation, *args.serve_args.split())
     with tempfile.TemporaryDirectory() as tmp:
         key, key_file = loopback_keys(tmp)
         daemons = {
-            "other": start_daemon(key_file, python=args.against_python, cwd=args.against),
-            "this": start_daemon(key_file),
+            "other": start_daemon(key_file, *iso, python=args.against_python, cwd=args.against),
+            "this": start_daemon(key_file, *iso),
         }
         try:
             medians = alternate(
                 list(daemons),
                 args.repeat,
-                lambda name, i: stall(daemons[name][1], key, args.ops, f"{name}-{i}", args.inputs),
+                lambda name, i: stall(daemons[name][1], key, args.ops, f"{name}-{i}", args.inputs, args.runs),
             )
         finally:
             stop_all([proc for proc, _ in daemons.values()])
@@ -93,7 +114,9 @@ def main() -> None:
     print_table(
         medians,
         [("define s", "define_s", ".2f"), ("B downloads", "downloads", ".0f"), ("B median ms", "median_ms", ".1f"),
-         ("B max ms", "max_ms", ".0f")],
+         ("B max ms", "max_ms", ".0f")]
+        + [(f"run {k} {what}", f"run{k}_{key}", fmt) for k in range(1, args.runs + 1)
+           for what, key, fmt in (("s", "s", ".2f"), ("B max ms", "max_ms", ".0f"))],
     )  # fmt: skip
 
 

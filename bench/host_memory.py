@@ -440,6 +440,126 @@ def probe_learned(address: str, key: bytes, rss: Any, records: int, kind: str) -
     return out
 
 
+# ---- round 38 (gmem38): --max-graph-memory's estimate against what a definition really grows ----
+
+
+def _status_row(address: str, session_id: str) -> Any:
+    from gpupool import tls
+    from gpupool._proto import device_pb2, device_pb2_grpc
+    from gpupool.tokens import public_session_id
+
+    with tls.channel(address) as ch:
+        reply = device_pb2_grpc.DeviceStub(ch).Status(device_pb2.StatusRequest(), timeout=30)
+    return next(u for u in reply.sessions if u.session_id == public_session_id(session_id))
+
+
+def _hwm_rss(pid: int) -> tuple[int, int]:
+    """VmHWM (the peak) and VmRSS of `pid`, in bytes."""
+    got = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmHWM:", "VmRSS:")):
+            got[line[:5]] = int(line.split()[1]) * 1024
+    return got["VmHWM"], got["VmRSS"]
+
+
+def shaped(graph_id: int, shape: str, n: int, dims: int, x: int) -> tuple[Any, list[int]]:
+    """A graph of `shape` (its size `n`) and the handles a run takes (`x`: a one-element float handle of `dims`
+    dimensions): "neg" a chain of n `neg`; "tocopy" of n `_to_copy` (six arguments left to their defaults);
+    "arange" n `arange.start_step` (seven arguments, no tensor read) summed into a chain; "wide" n inputs and 4n
+    persistent tensors (at most 4,096 and 16,384), each `x`; "inline" n `add` of a 64 KiB inline tensor in a chain;
+    "foreach" n `_foreach_neg` of 1,000 slots."""
+    import torch
+
+    from gpupool import wire
+    from gpupool._proto import device_pb2, tensor_pb2
+
+    T = tensor_pb2  # noqa: N806
+    meta = wire.meta_to_proto(torch.ones([1] * dims))
+    ops: list[Any] = []
+    inputs, persistent = 1, []
+    if shape in ("neg", "tocopy"):  # `_to_copy` of its tensor alone: six arguments left to their defaults
+        name = "aten::neg.default" if shape == "neg" else "aten::_to_copy.default"
+        ops = [device_pb2.Op(name=name, args=[T.Arg(tensor=i + 1)], outputs=[i + 2]) for i in range(n)]
+    elif shape == "arange":
+        for i in range(n):
+            kw = {"dtype": T.Arg(dtype=T.DTYPE_FLOAT32), "layout": T.Arg(layout=T.LAYOUT_STRIDED),
+                  "device": T.Arg(device=T.DeviceRef(type="gpupool")), "pin_memory": T.Arg(b=False)}  # fmt: skip
+            args = [T.Arg(f=0.5 + i), T.Arg(f=2.5 + i), T.Arg(f=1.0)]
+            ops.append(device_pb2.Op(name="aten::arange.start_step", args=args, kwargs=kw, outputs=[2 * i + 2]))
+            ops.append(
+                device_pb2.Op(
+                    name="aten::add.Tensor",
+                    args=[T.Arg(tensor=2 * i + 1), T.Arg(tensor=2 * i + 2)],
+                    outputs=[2 * i + 3],
+                )
+            )
+        meta = wire.meta_to_proto(torch.ones(2))
+    elif shape == "inline":
+        data = T.InlineTensor(dtype=T.DTYPE_FLOAT32, shape=[16384], data=bytes(65536))
+        ops = [device_pb2.Op(name="aten::add.Tensor", args=[T.Arg(tensor=i + 1), T.Arg(inline=data)], outputs=[i + 2])
+               for i in range(n)]  # fmt: skip
+        meta = wire.meta_to_proto(torch.ones(16384))
+    elif shape == "foreach":
+        body = chain(graph_id, n, 1000)
+        return body, [0]
+    elif shape == "wide":
+        inputs, persistent = min(n, 4096), [x] * min(4 * n, 16384)
+        ops = [device_pb2.Op(name="aten::neg.default", args=[T.Arg(tensor=1)], outputs=[inputs + len(persistent) + 1])]
+    last = ops[-1].outputs[-1]
+    msg = device_pb2.DefineGraph(graph_id=graph_id, inputs=inputs, input_meta=[meta] * inputs, ops=ops,
+                                 outputs=[last], persistent=persistent)  # fmt: skip
+    return msg, [x] * inputs
+
+
+def probe_estimate(address: str, key: bytes, shape: str, n: int, dims: int, daemon_pid: int) -> dict[str, Any]:
+    """One graph of `shape` (`shaped`) defined and run three times (the second traces it under process isolation)
+    in a session that defined and ran a small one of the same shape first: the growth of the process that holds it
+    (the session's worker, or the daemon under `--isolation thread`), its peak (VmHWM) and what it holds after,
+    against the estimate --max-graph-memory counts (Status graph_bytes)."""
+    import torch
+    from gpupool.client.session import Session
+
+    from gpupool import tokens
+
+    claims = tokens.TokenClaims(f"est-{shape}", "bench", 0, 256 * MiB, 1.0, time.time() + 3600, "est")
+    out: dict[str, Any] = {}
+    with Session.attach(address, tokens.mint(key, claims)) as s:
+        sizes = {"arange": [2], "foreach": [1000], "inline": [16384]}.get(shape, [1] * dims)
+        x = s.upload(torch.ones(sizes))
+        s.sync()
+
+        def define_and_run(g: int, size: int) -> None:
+            msg, ins = shaped(g, shape, size, dims, x)
+            if shape == "foreach":
+                ins = [x]
+            s.define_graph(msg)
+            s.sync()
+            for _ in range(3):
+                y = s.new_handle()
+                s.run_graph(g, ins, [y])
+                s.sync()
+                s.free([y])
+            s.sync()
+
+        small = max(1, n // 100)
+        define_and_run(1000, small)
+        pid = _status_row(address, s.session_id).worker_pid or daemon_pid
+        time.sleep(0.3)
+        est0 = _status_row(address, s.session_id).graph_bytes
+        hwm0, rss0 = _hwm_rss(pid)
+        t0 = time.perf_counter()
+        define_and_run(1, n)
+        out["seconds"] = time.perf_counter() - t0
+        hwm1, rss1 = _hwm_rss(pid)
+        est = _status_row(address, s.session_id).graph_bytes - est0
+        out["estimate_MiB"] = est / MiB
+        out["peak_MiB"] = (hwm1 - max(hwm0, rss0)) / MiB
+        out["held_MiB"] = (rss1 - rss0) / MiB
+        out["peak_per_estimate"] = (hwm1 - max(hwm0, rss0)) / max(1, est)
+        out["held_per_estimate"] = (rss1 - rss0) / max(1, est)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--isolation", default="thread", choices=["thread", "process"])
@@ -453,13 +573,26 @@ def main() -> None:
     parser.add_argument(
         "--probe",
         default="graphs",
-        choices=["graphs", "views", "graph-slots", "queued", "busy", "ints", "tensors", "views-list", "bools"],
+        choices=[
+            "graphs",
+            "views",
+            "graph-slots",
+            "queued",
+            "busy",
+            "ints",
+            "tensors",
+            "views-list",
+            "bools",
+            "estimate",
+        ],
         help="graphs: captured graphs and handles (round 35); views: handles of --dims-dimensional views; "
         "graph-slots: --graphs graphs of one op and --inputs inputs; queued: replies never read and 4 MiB uploads "
         "queued behind them (--frames); busy: --sessions sessions of one tenant, each 4 MiB uploads (--frames) "
         "queued behind slow matmuls; ints, tensors, views-list, bools: --records eager records of that kind, "
-        "each its own template (round 37)",
+        "each its own template (round 37); estimate: one graph of --shape (size --ops, --dims dimensions an input), "
+        "its process's growth against --max-graph-memory's estimate (round 38)",
     )
+    parser.add_argument("--shape", default="neg", choices=["neg", "tocopy", "arange", "wide", "inline", "foreach"])
     parser.add_argument("--dims", type=int, default=64)
     parser.add_argument("--inputs", type=int, default=200_000)
     parser.add_argument("--frames", type=int, default=40)
@@ -484,6 +617,8 @@ def main() -> None:
                 elif args.probe in ("ints", "tensors", "views-list", "bools"):
                     kind = "views" if args.probe == "views-list" else args.probe
                     got = probe_learned(address, key, rss, args.records, kind)
+                elif args.probe == "estimate":
+                    got = probe_estimate(address, key, args.shape, args.ops, args.dims, proc.pid)
                 elif args.probe == "busy":
                     got = probe_busy(address, key, rss, args.frames, lambda p=proc.pid: own_rss(p), args.sessions)
                 else:

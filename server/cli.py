@@ -84,7 +84,8 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         type=size_arg,
         default=256 * 1024**2,
         help="host memory one session's captured graphs may hold in all, estimated from their ops, tensor "
-        "references and inputs (~5 KB an op); a definition past it is refused with RESOURCE_EXHAUSTED; "
+        "references, other arguments and inputs (~8 KB an op, 4.5 KB more an argument that is not a tensor); a "
+        "definition past it is refused with RESOURCE_EXHAUSTED; "
         "0 turns graph capture off (every definition FAILED_PRECONDITION; eager ops unaffected)",
     )
     add_flag(p, "--max-frame-commands", type=int, default=4096, help="commands in one client frame")

@@ -57,6 +57,31 @@ class GraphLedger(Protocol):
     def graph(self, session: WorkerSession, event: str, ops: int = 0) -> None: ...
 
 
+def _advance(steps: Generator[None, None, Any], deadline: float) -> tuple[bool, Any]:
+    """Run pieces of `steps` until it returns ((True, its value)) or `deadline` (perf_counter) has passed ((False,
+    None))."""
+    clock = time.perf_counter
+    try:
+        while True:
+            next(steps)
+            if clock() > deadline:
+                return False, None
+    except StopIteration as done:
+        return True, done.value
+
+
+class Tracing:
+    """A graph's TorchScript trace under way (`GraphTable.run`, graph_trace.trace): held as the session's `defining`
+    (slices.run_commands: the same RunGraph runs again first in the session's next slice, which goes on with it);
+    the run itself runs once the trace is built."""
+
+    __slots__ = ("graph", "steps")
+
+    def __init__(self, graph: Graph, steps: Generator[None, None, Any]) -> None:
+        self.graph = graph
+        self.steps = steps
+
+
 class Defining:
     """A graph definition under way (`GraphTable.define`): the command it came from (the one parse of it that is
     kept: later slices parse the same bytes again, and only its id and size are compared), its pieces left."""
@@ -70,14 +95,7 @@ class Defining:
 
     def advance(self, deadline: float) -> Graph | None:
         """Run pieces until the graph is built (returned) or `deadline` (perf_counter) has passed (None)."""
-        steps, clock = self.steps, time.perf_counter
-        try:
-            while True:
-                next(steps)
-                if clock() > deadline:
-                    return None
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+        return _advance(self.steps, deadline)[1]  # type: ignore[no-any-return]
 
 
 class GraphTable:
@@ -134,7 +152,11 @@ class GraphTable:
         of the session runs before it), goes on with it, while the device serves its other sessions between."""
         graphs = self._of(s)
         pending = s.defining
-        if pending is None or pending.msg.graph_id != msg.graph_id or len(pending.msg.ops) != len(msg.ops):
+        if (
+            not isinstance(pending, Defining)
+            or pending.msg.graph_id != msg.graph_id
+            or len(pending.msg.ops) != len(msg.ops)
+        ):
             if s.max_graph_bytes <= 0:
                 raise FailedPrecondition(
                     "graph capture is off on this daemon (--max-graph-memory 0): run the step eagerly"
@@ -194,6 +216,9 @@ class GraphTable:
         if msg.drop_writes:  # (iterating an empty repeated field raises and catches an IndexError)
             for h in msg.drop_writes[:]:
                 g.writes.pop(h, None)
+        if g.traced is None and not g.trace_refused and g.runs >= graph_trace.TRACE_AFTER_RUNS and g.cuda is None:
+            if not self._trace(s, g):
+                return  # a piece of the trace: this command runs again in the session's next slice
         try:
             _run(self.host, s, g, msg, lambda capture: self._reserve(s, self._of(s), capture=capture), data)
         except GpupoolError as exc:
@@ -205,6 +230,28 @@ class GraphTable:
         g.runs += 1
         s.ops += len(g.calls)
         self.host.ledger.graph(s, "replayed", len(g.calls))  # (positional: no keyword dict a step)
+
+    def _trace(self, s: WorkerSession, g: Graph) -> bool:
+        """Build `g`'s TorchScript graph (graph_trace.trace) for at most about `piece_seconds` (0: all of it): True
+        once it is built or refused (the run goes on), False when pieces are left (`s.defining` holds them, and the
+        same RunGraph runs again first in the session's next slice). A graph with fused attention calls first runs
+        once as the Python replay that records their layouts (`_run`), and is traced at its next run."""
+        pending = s.defining
+        if not isinstance(pending, Tracing) or pending.graph is not g:
+            if _refused(self.host, s, g) or (graph_trace.composes(g) and g.layouts is None):
+                return True
+            pending = Tracing(g, graph_trace.trace(self.host, s, g, execute, g.layouts))
+        s.defining = None
+        deadline = time.perf_counter() + self.piece_seconds if self.piece_seconds > 0 else float("inf")
+        done, traced = _advance(pending.steps, deadline)
+        if not done:
+            s.defining = pending
+            return False
+        g.traced, g.layouts = traced, None
+        g.trace_refused = traced is None  # one attempt: a refusal keeps the Python replay from now on
+        if traced is not None:
+            self.host.ledger.graph(s, "traced")
+        return True
 
 
 # ---- runs ----
@@ -256,8 +303,15 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph,
             graph_cuda.run(host, s, g, slots, execute, sent, hold)
         elif g.traced is not None:
             g.traced.run(host, s, g, slots)
-        elif not g.trace_refused and g.runs >= graph_trace.TRACE_AFTER_RUNS:
-            _run_traced(host, s, g, slots)
+        elif (
+            not g.trace_refused
+            and g.runs >= graph_trace.TRACE_AFTER_RUNS
+            and graph_trace.composes(g)
+            and not _refused(host, s, g)
+        ):
+            # the run before the trace (`GraphTable._trace`): the Python replay, its fused attention calls' layouts
+            # recorded for the trace to meet (some meta kernels lay outputs out otherwise)
+            g.layouts = graph_trace.replay_recording(host, s, g, slots, execute)
         else:
             execute(g, slots)
     except BaseException:
@@ -272,6 +326,15 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph,
     s.rebind_all(bound)
     if g.mutated:
         s.recount(g.mutated)
+
+
+def _refused(host: Host, s: WorkerSession, g: Graph) -> bool:
+    """Whether `g` must keep the Python replay (graph_trace.refusal, decided once and logged)."""
+    why = graph_trace.refusal(host, g)
+    if why is not None:
+        g.trace_refused = True
+        log.info("session %d: graph %d stays on the Python replay: %s", s.number, g.graph_id, why)
+    return why is not None
 
 
 def _externals(s: WorkerSession, g: Graph, slots: list[Any]) -> list[torch.Tensor]:
@@ -348,10 +411,11 @@ def _by_value(g: Graph, i: int, data: Any, own: bool = True) -> torch.Tensor:
     return t
 
 
-def execute(g: Graph, slots: list[Any], plan: list[Any] | None = None) -> None:
+def execute(g: Graph, slots: list[Any], plan: list[Any] | None = None, start: int = 0) -> None:
     """The hot loop: no protobuf, no name lookups, no argument checks beyond the value guards. Each step's
     structure was decided at definition (graph_build.compile_calls). `plan`: g.plan by default (a CUDA graph's
-    capture runs it without the value guards, which run before each replay: graph_cuda.py)."""
+    capture runs it without the value guards, which run before each replay: graph_cuda.py); `start`: the index of
+    its first call in the graph (a trace's pieces, graph_trace.trace), for errors."""
     i = 0
     steps = plan or g.plan
     try:
@@ -386,28 +450,4 @@ def execute(g: Graph, slots: list[Any], plan: list[Any] | None = None) -> None:
             for slot in dead:
                 slots[slot] = None
     except (GpupoolError, *STEP_ERRORS) as exc:
-        raise step_error(g.graph_id, i, g.calls[i].name, exc) from None
-
-
-def _run_traced(host: Host, s: WorkerSession, g: Graph, slots: list[Any]) -> None:
-    """The run that decides whether the graph becomes a TorchScript graph (graph_trace)."""
-    why = graph_trace.refusal(host, g)
-    if why is not None:
-        g.trace_refused = True
-        log.info("session %d: graph %d stays on the Python replay: %s", s.number, g.graph_id, why)
-        execute(g, slots)
-        return
-    dry = graph_trace.dry_inputs(g, slots)
-    # A fused attention call's composition decides layouts: then this run is the Python replay, whose real layouts
-    # the trace must meet on its meta tensors (some meta kernels lay outputs out otherwise); traced from the next.
-    real = graph_trace.replay_recording(host, s, g, slots, execute) if graph_trace.composes(g) else None
-    g.traced = graph_trace.trace(host, s, g, dry, execute, real)
-    g.trace_refused = g.traced is None  # one attempt: a refusal keeps the Python replay from now on
-    if g.traced is not None:
-        host.ledger.graph(s, "traced")
-    if real is not None:
-        return  # the step ran above
-    if g.traced is None:
-        execute(g, slots)
-    else:
-        g.traced.run(host, s, g, slots)
+        raise step_error(g.graph_id, start + i, g.calls[start + i].name, exc) from None

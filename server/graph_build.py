@@ -42,18 +42,27 @@ MAX_GRAPH_OPS = 100_000
 # optimizer state (a few thousand for the largest models). Refused at the definition past these.
 MAX_GRAPH_INPUTS = 4_096
 MAX_GRAPH_PERSISTENT = 16_384
-# Host memory a graph holds once defined and traced, measured (bench/host_memory.py, round 35: RSS growth of a real
-# daemon's session worker, past its first graph): ~5.1 KB an op of one tensor argument and one output (a `neg`
-# chain), ~1.58 MB an op of 1,000 of each (`_foreach_neg`): ~3.5 KB an op and ~790 bytes a tensor reference or output
-# slot (an `--isolation thread` daemon, which reuses memory it freed, grew by half that or less). `host_bytes`.
-OP_BYTES = 3_500
-REF_BYTES = 790
-# An input or persistent tensor, held per graph (its metadata, its slot's entries, the traced graph's input): ~1.45
-# KB one of one dimension, ~2.8 KB one of 64, measured defined, run and traced (round 36, rev36: a graph of one op
-# and 40,000 inputs of 64 dimensions held ~45 MB and was estimated at 5 KB; 8 of them grew a daemon by 680 MiB past
-# an 8 MiB bound). Outputs and writes count REF_BYTES. `building`.
-INPUT_BYTES = 1_500
-DIM_BYTES = 24
+# Host memory a graph holds once defined and traced (RSS growth of the process that holds it, the session's worker
+# or an `--isolation thread` daemon, past a first small graph; the peak: what the definition parses and builds at
+# once). Round 35 fitted ~3.5 KB an op and ~790 bytes a tensor reference or output slot to `neg` chains and
+# `_foreach_neg` ops; round 38 (gmem38, bench/host_memory.py --probe estimate) measured every argument that is not
+# a tensor at ~3.5 KB more: the TorchScript trace (graph_trace.py) writes each as a constant node, defaults
+# included, and its executor copies the graph and compiles each node (a chain of `_to_copy`, six arguments at
+# their defaults, held 27 KB an op, estimated 5 KB; `arange.start_step` and `add` 4.1x the estimate), and an inline
+# tensor's bytes at ~5-7x (the frame's copies, its parsed message and the decoded tensor at once). Fitted
+# as upper bounds of every shape measured, both isolations: `host_bytes`.
+OP_BYTES = 6_000
+REF_BYTES = 1_100
+CONST_BYTES = 4_500  # an argument of an op's schema that is not a tensor or list of tensors (a trace constant)
+# bytes counted per byte of an inline tensor: its frame's copies (gRPC's, the front's, the worker's), the parsed
+# message and the decoded tensor at once (200 ops of a 64 KiB inline tensor, `--isolation thread`: a peak of 6.6x)
+INLINE_COPIES = 8
+# An input or persistent tensor, held per graph (its metadata, its slot's entries, the traced graph's input), and a
+# dimension of its metadata: round 36 fitted 1,500 and 24 bytes (rev36); at graph37's limits (4,096 inputs and
+# 16,384 persistent tensors) a definition grew a daemon by ~2x that (58 MiB at 1 dimension, 117 MiB at 64 against
+# estimates of 29 and 59 MiB). Outputs and writes count REF_BYTES. `building`.
+INPUT_BYTES = 3_500
+DIM_BYTES = 64
 _EVERY = 256  # records a piece of a pass over a graph's ops takes (`building`): well under a millisecond
 MAX_DIMS = 64
 _META = torch.device("meta")
@@ -134,6 +143,8 @@ class Graph:
     cuda_verdict: tuple[Any, str | None] = (None, "not decided")
     traced: Any = None  # graph_trace.Traced once the graph runs as a TorchScript graph
     trace_refused: bool = False  # graph_trace said no (or failed): the Python replay for good
+    # the layouts of its fused attention calls a Python replay recorded for its trace (graph_trace.replay_recording)
+    layouts: Any = None
     plan: list[Step] = field(default_factory=list)  # the calls as graph.execute runs them (`compile_calls`)
     # Per persistent tensor: [a weak reference to the tensor last found to have its metadata, that tensor's
     # version counter when the last run ended] (graph._externals); [None, -1] until then.
@@ -216,12 +227,14 @@ def _proto_meta(m: tensor_pb2.TensorMeta) -> Meta:
     return (tuple(m.shape), tuple(m.stride), int(m.storage_offset), wire.dtype_from_proto(m.dtype))
 
 
-def host_bytes(ops: int, refs: int, data: int = 0) -> int:
+def host_bytes(ops: int, refs: int, data: int = 0, constants: int = 0) -> int:
     """The host memory a graph of `ops` ops holding `refs` references (tensor arguments, output slots, entries of
-    list arguments) and `data` bytes of inline tensors and of its inputs, persistent tensors, outputs and writes
-    (`building`: INPUT_BYTES an input or persistent tensor and DIM_BYTES a dimension of its metadata, REF_BYTES an
-    output or write) takes once defined and traced, estimated: what a session's --max-graph-memory counts."""
-    return ops * OP_BYTES + refs * REF_BYTES + data
+    list arguments), `constants` arguments that are not tensors (each of its ops' schema's, given or left to its
+    default: the trace's constant nodes) and `data` bytes of inline tensors (INLINE_COPIES a byte) and of its inputs,
+    persistent tensors, outputs and writes (`building`: INPUT_BYTES an input or persistent tensor and DIM_BYTES a
+    dimension of its metadata, REF_BYTES an output or write) takes once defined and traced, estimated: what a
+    session's --max-graph-memory counts. An upper bound of what was measured (OP_BYTES)."""
+    return ops * OP_BYTES + refs * REF_BYTES + constants * CONST_BYTES + data
 
 
 def _check_room(s: WorkerSession, msg: device_pb2.DefineGraph, estimate: int, room: int) -> None:
@@ -298,8 +311,8 @@ def building(
     slot_storage: dict[int, int] = {}
     last_use: dict[int, int] = {}
     kept = {int(w.slot) for w in msg.writes} | {int(x) for x in msg.outputs}
-    last_read, refs, data = yield from _last_reads(msg)
-    estimate = host_bytes(len(msg.ops), refs, data + held)
+    last_read, refs, data, constants = yield from _last_reads(host, msg)
+    estimate = host_bytes(len(msg.ops), refs, INLINE_COPIES * data + held, constants)
     if room is not None:
         _check_room(s, msg, estimate, room)
     calls: list[Call] = []
@@ -459,15 +472,21 @@ def _compiled(calls: list[Call]) -> Generator[None, None, list[Step]]:
     return plan
 
 
-def _last_reads(msg: device_pb2.DefineGraph) -> Generator[None, None, tuple[dict[int, int], int, int]]:
+def _last_reads(host: Host, msg: device_pb2.DefineGraph) -> Generator[None, None, tuple[dict[int, int], int, int, int]]:
     """slot -> index of the last op that reads it (in pieces of `_EVERY` ops), the graph's references (tensor
-    arguments, output slots, entries of list arguments) and its inline tensors' bytes (`host_bytes`)."""
+    arguments, output slots, entries of list arguments), its inline tensors' bytes and its ops' arguments that are
+    not tensors (`host_bytes`)."""
     last: dict[int, int] = {}
-    refs = data = 0
+    refs = data = constants = 0
+    per_name: dict[str, int] = {}
     for i, op in enumerate(msg.ops):
         if i and not i % _EVERY:
             yield
         refs += len(op.outputs)
+        n = per_name.get(op.name)
+        if n is None:
+            n = per_name[op.name] = _constants(host, op.name)
+        constants += n
         for a in list(op.args) + list(op.kwargs.values()):
             kind = a.WhichOneof("value")
             if kind == "tensor":
@@ -477,12 +496,34 @@ def _last_reads(msg: device_pb2.DefineGraph) -> Generator[None, None, tuple[dict
                 handles = a.tensors.handles
                 refs += len(handles)
                 for h in handles:
-                    last[h] = i
+                    if h:
+                        last[h] = i
+                    else:  # None in a Tensor?[]: a constant node of the trace
+                        constants += 1
             elif kind in _LISTS:
                 refs += len(getattr(a, kind).values)
             elif kind == "inline":
                 data += len(a.inline.data)
-    return last, refs, data
+    return last, refs, data, constants
+
+
+def _constants(host: Host, name: str) -> int:
+    """The arguments of op `name`'s schema that are not tensors or lists of tensors (a Tensor? too): each may be a
+    constant node of the graph's trace, given or not (graph_trace `_Builder.recorder` writes defaults out). 0 for
+    an op the allowlist refuses (its definition fails at it)."""
+    try:
+        schema = host.ops.resolve(name)._schema
+    except GpupoolError:
+        return 0
+    return sum(1 for a in schema.arguments if not _tensor_type(a.type))
+
+
+def _tensor_type(t: Any) -> bool:
+    """A schema type that holds a tensor, never None: Tensor, Tensor[] (a Tensor? may be None, a constant node;
+    Tensor?[]'s None entries are counted where they come, `_last_reads`)."""
+    if t.kind() == "ListType":
+        t = t.getElementType()
+    return t.kind() == "TensorType"
 
 
 _LISTS = frozenset({"ints", "floats", "bools"})

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections.abc import Generator
 from typing import Any
 
 import torch
@@ -51,6 +52,15 @@ from .sessions import out_of_memory
 log = logging.getLogger(__name__)
 
 TRACE_AFTER_RUNS = 1  # a graph's first run is the plain replay; the next one is traced
+# A piece of a trace (`trace`): this many inputs or nodes of a pass over them, or this many calls of its dry run (each
+# a meta kernel, some of them Python: about what an op of the definition's dry run costs, which goes one op a piece)
+PIECE = 256
+DRY_PIECE = 16
+# A graph of more nodes (calls, constants, lists) keeps the Python replay: TorchScript compiles a graph at its first
+# call, one C++ call of ~120 us a node at load 20 here, not pieceable (round 38: 0.93 s for 8,000 `neg` nodes; with
+# the trace in pieces a neighbour still waited 3.2 s at 8,000 ops at load 45). An honest step's graph is a few
+# hundred calls, under a thousand nodes with their constants (the encoder's 350 calls, 404 constants).
+TRACE_MAX_NODES = 4_096
 _META = torch.device("meta")
 _C: Any = torch._C  # TorchScript's IR and graph executor bindings (untyped)
 
@@ -64,6 +74,8 @@ def refusal(host: Host, g: Graph) -> str | None:
     kept = set(g.outputs) | set(g.writes.values())
     if not kept:
         return "no outputs"
+    if len(g.calls) > TRACE_MAX_NODES:
+        return f"{len(g.calls)} ops; a TorchScript graph holds at most {TRACE_MAX_NODES} nodes"
     for c in g.calls:
         if c.check is not None and host.ops.resolve(c.name)._schema.name not in _TRACED_GUARDS:
             return f"{c.name} has a value guard"
@@ -315,12 +327,16 @@ def _composed(b: _Builder, g: Graph, i: int, name: str, kernel: str, real: dict[
     return call
 
 
-def _recording_plan(host: Host, g: Graph, b: _Builder, real: dict[int, list[Any]] | None = None) -> list[Any]:
-    """g.plan as the dry run executes it: every call through `b`, each value-guarded call's Python check replaced
-    by the same check as tensor ops (recorded too), each fused attention call by its composition's aten calls."""
-    plan = list(g.plan)
-    for i, c in enumerate(g.calls):
-        step = list(plan[i])
+def _recording_plan(
+    host: Host, g: Graph, b: _Builder, real: dict[int, list[Any]] | None = None, start: int = 0, stop: int | None = None
+) -> list[Any]:
+    """g.plan[start:stop] as the dry run executes it: every call through `b`, each value-guarded call's Python check
+    replaced by the same check as tensor ops (recorded too), each fused attention call by its composition's aten
+    calls."""
+    plan = []
+    for i in range(start, len(g.calls) if stop is None else min(stop, len(g.calls))):
+        c = g.calls[i]
+        step = list(g.plan[i])
         op = host.ops.resolve(c.name)
         fn = b.recorder(op)  # the kernel itself: a seeded call's Python wrapper only picks the generator
         if c.kernel is not None:
@@ -329,7 +345,7 @@ def _recording_plan(host: Host, g: Graph, b: _Builder, real: dict[int, list[Any]
             fn = _TRACED_GUARDS[op._schema.name](b, fn)
             step[7] = None
         step[1] = fn
-        plan[i] = tuple(step)
+        plan.append(tuple(step))
     return plan
 
 
@@ -366,7 +382,15 @@ class Traced:
 
 def _no_meta(graph: Any) -> None:
     """The dry run's device must never reach the graph: every constant device and tensor must be a real one."""
-    for node in graph.nodes():
+    for _ in _no_meta_pieces(graph):
+        pass
+
+
+def _no_meta_pieces(graph: Any) -> Generator[None, None, None]:
+    """`_no_meta` in pieces of `PIECE` nodes."""
+    for k, node in enumerate(graph.nodes()):
+        if k and not k % PIECE:
+            yield
         if node.kind() != "prim::Constant" or not node.outputsSize():
             continue
         value = node.output().toIValue()
@@ -381,17 +405,28 @@ _GUARD_OPS = {"aten::embedding_dense_backward": ["aten::new_zeros", "aten::resha
                                                   "aten::sum", "aten::add"]}  # fmt: skip
 
 
-def _same_ops(host: Host, g: Graph, b: _Builder) -> None:
-    """The graph must run exactly the graph's calls, in order (plus the index checks of _TRACED_GUARDS)."""
+def _same_ops(host: Host, g: Graph, b: _Builder) -> Generator[None, None, None]:
+    """The graph must run exactly the graph's calls, in order (plus the index checks of _TRACED_GUARDS); in pieces
+    of `PIECE` calls and nodes."""
     want: list[str] = []
     for i, c in enumerate(g.calls):
+        if i and not i % PIECE:
+            yield
         name = host.ops.resolve(c.name)._schema.name
         if c.kernel is not None:  # a fused attention call: the aten calls of its composition, one node each
             want += b.composed[i]
             continue
         want += _GUARD_OPS.get(name, []) if c.check is not None else []
         want.append(name)
-    got = [n.kind() for n in b.graph.nodes() if not n.kind().startswith("prim::")]
+    got: list[str] = []
+    for k, n in enumerate(b.graph.nodes()):
+        if k and not k % PIECE:
+            yield
+        if k >= TRACE_MAX_NODES:  # its compile, at the first call, is one command (`TRACE_MAX_NODES`)
+            raise ValueError(f"the graph holds more than {TRACE_MAX_NODES} nodes")
+        kind = n.kind()
+        if not kind.startswith("prim::"):
+            got.append(kind)
     if got != want:
         raise ValueError(f"the graph holds {len(got)} ops where the step has {len(want)}")
 
@@ -407,31 +442,38 @@ def _nothing() -> None:
     return None
 
 
-def dry_inputs(g: Graph, slots: list[Any]) -> list[torch.Tensor]:
-    """Meta copies of a run's inputs and persistent tensors (taken before the run, which may clear their slots)."""
-    layout = Traced(None, g, [], False)
-    return [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=_META) for t in layout.args(slots)]
+def _dry_tensor(m: Any) -> torch.Tensor:
+    """A meta tensor of metadata `m` (graph_build.Meta): what every run's tensor in that slot is laid out as (a run
+    checks its inputs and persistent tensors against the graph's metadata before any op)."""
+    return torch.empty_strided(m[0], m[1], dtype=m[3], device=_META)
 
 
 def trace(
-    host: Host, s: Any, g: Graph, dry: list[torch.Tensor], execute: Any, real: dict[int, list[Any]] | None = None
-) -> Traced | None:
-    """Write the step's TorchScript graph from a dry run of its calls on meta copies of its tensors (`dry_inputs`:
-    nothing is read or written, no random number drawn, so a failure midway harms nothing). Returns it, or None.
+    host: Host, s: Any, g: Graph, execute: Any, real: dict[int, list[Any]] | None = None
+) -> Generator[None, None, Traced | None]:
+    """Write the step's TorchScript graph from a dry run of its calls on meta tensors laid out as its inputs and
+    persistent tensors (nothing is read or written, no random number drawn, so a failure midway harms nothing), in
+    pieces: each `next` does at most `PIECE` inputs' or nodes' or `DRY_PIECE` calls' worth of it (graph.py runs
+    pieces for a time budget a slice, the device serving its other sessions between). Returns the graph's
+    `Traced`, or None.
     `real`: the layouts a run of the step's fused attention calls met (`replay_recording`); the dry run must meet
-    the same, or the graph keeps the Python replay."""
+    the same, or the graph keeps the Python replay. (Until round 38 one command: a graph of 20,000 ops held the
+    device's thread 37 s at load 11, a neighbour's op waited as long; the dry run's meta kernels cost about what
+    the definition's, which went in pieces.)"""
     kept = sorted(set(g.outputs) | set(g.writes.values()))
     layout = Traced(None, g, kept, any(c.seeded for c in g.calls))
     b = _Builder()
     inner: list[Any] = [None] * g.n_slots
-    for t in dry:
-        b.input(t)
-    inner[1 : layout.n_inputs + 1] = dry[: layout.n_inputs]
-    for slot, t in zip(layout.externals, dry[layout.n_inputs :], strict=True):
-        inner[slot] = t
-    plan, g.plan = g.plan, _recording_plan(host, g, b, real)
     try:
-        execute(g, inner)
+        metas = [*g.input_meta, *(m for _, _, m in g.externals)]
+        for k, slot in enumerate([*range(1, layout.n_inputs + 1), *layout.externals]):
+            if k and not k % PIECE:
+                yield
+            inner[slot] = _dry_tensor(metas[k])
+            b.input(inner[slot])
+        for at in range(0, len(g.calls), DRY_PIECE):
+            yield
+            execute(g, inner, _recording_plan(host, g, b, real, at, at + DRY_PIECE), at)
         if any(not isinstance(inner[k], torch.Tensor) for k in kept):
             raise ValueError("an output is not a tensor")
         # a list, not a tuple: TorchScript hands a tuple back to Python by building its TupleType (a TensorType
@@ -439,19 +481,20 @@ def trace(
         result = b.node("prim::ListConstruct", [b.values[id(inner[k])] for k in kept], 1)
         result.output().setType(_C.ListType(_C.TensorType.get()))
         b.graph.registerOutput(result.output())
+        yield
         b.graph.lint()
-        _same_ops(host, g, b)
-        _no_meta(b.graph)
+        yield from _same_ops(host, g, b)
+        yield from _no_meta_pieces(b.graph)
+        yield
         # Run as written, without the graph executor's optimisation passes: the same kernels in the same order as
         # the Python replay, so the same bits. (Process-wide: this is a session's own worker process.)
         _C._set_graph_executor_optimize(False)
         fn = _C._create_function_from_graph(f"gpupool_graph_{g.graph_id}", b.graph)
+        yield  # its first call compiles it: in a slice of its own where the budget is spent
     except Exception as exc:  # noqa: BLE001 - this is an optimisation: a refusal keeps the Python replay
         log.info("session %d: graph %d stays on the Python replay: its TorchScript graph failed: %s", s.number,
-                 g.graph_id, str(exc).splitlines()[0][:200])  # fmt: skip
+                 g.graph_id, (str(exc).splitlines() or [type(exc).__name__])[0][:200])  # fmt: skip
         return None
-    finally:
-        g.plan = plan
     layout.fn = fn
     nodes = sum(1 for n in b.graph.nodes() if not n.kind().startswith("prim::"))
     log.info("session %d: graph %d runs as a TorchScript graph (%d ops, %d fused attention; %d nodes)", s.number,

@@ -4,6 +4,8 @@ memory accounting stays exact across runs. (Hostile graphs and the wire: tests/i
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from gpupool.server import slices
 from gpupool.server.devices import FakeDevice
@@ -367,3 +369,100 @@ def test_outputs_over_one_new_storage_keep_each_others_values() -> None:
         assert lone.untyped_storage().nbytes() == 32 and lone.tolist() == [3.0, 4.0], way
         whole = torch.empty(0).set_(lone.untyped_storage(), 0, (8,), (1,))
         assert whole.tolist() == [0.0, 0.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0], way
+
+
+def test_a_graphs_trace_goes_in_pieces_the_device_serves_others_between() -> None:
+    """Round 38 (gmem38): a graph's trace to TorchScript (its second run, graph_trace.trace) was one command: its
+    dry run's meta kernels cost about what its definition's, which go in pieces, and a graph of 20,000 ops held the
+    device's thread 37 s at load 11 (a neighbour's op waited as long). Now the RunGraph that traces goes in pieces
+    as a definition does (`s.defining` holds the rest; slices.run_commands runs the same command again in the
+    session's next slice): counted, not timed, here with a budget that ends each slice after one piece. No slice
+    writes more than graph_trace.DRY_PIECE of the graph's ops; the run binds its output only after the last one, with
+    the Python replay's values, and the graph runs traced from then on. On 285a6ed all 3 x PIECE + 5 ops were
+    written in one command."""
+    from gpupool.server import graph_trace
+
+    n = 3 * graph_trace.PIECE + 5
+    dev = FakeDevice(0, "h", 1 << 30)
+    s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 28)
+    ex = CommandExecutor(slices.SliceLedger())
+    ex.exclusive_rng = True  # as in a session's worker process: graphs may run as TorchScript
+    ex.graphs.piece_seconds = 1e-9  # as a worker's (graph.DEFINE_PIECE_SECONDS), past after each piece
+    body = [
+        op("aten::mul.Tensor", slot(i + 1), tensor_pb2.Arg(f=2.0 if i % 2 else 0.5), out=(i + 2,)) for i in range(n)
+    ]
+    msg = device_pb2.DefineGraph(
+        graph_id=1, inputs=1, input_meta=[wire.meta_to_proto(torch.ones(4))], ops=body, outputs=[n + 1]
+    )
+    written = [0]
+    node = graph_trace._Builder.node
+
+    def counted(self: Any, kind: str, inputs: list[Any], outputs: int) -> Any:
+        written[0] += kind.startswith("aten::")
+        return node(self, kind, inputs, outputs)
+
+    x = s.handle_base + 1
+    s.bind(x, torch.tensor([1.0, -2.0, 0.5, 3.0]))
+    while True:  # the definition, in pieces too
+        ex.execute(s, device_pb2.Command(define_graph=msg), _no_reply)
+        if s.defining is None:
+            break
+    assert s.error is None, s.error
+    want = s.tensors[x]
+    for i in range(n):
+        want = want * (2.0 if i % 2 else 0.5)
+    g = ex.graphs._of(s)[1]
+    per_slice: list[int] = []
+    graph_trace._Builder.node = counted  # type: ignore[method-assign]
+    try:
+        for k in range(3):
+            out = s.handle_base + 10 + k
+            run = device_pb2.Command(run_graph=device_pb2.RunGraph(graph_id=1, inputs=[x], outputs=[out]))
+            while True:
+                written[0] = 0
+                ex.execute(s, run, _no_reply)
+                assert s.error is None, s.error
+                if k == 1:
+                    per_slice.append(written[0])
+                if s.defining is None:
+                    break
+                assert out not in s.tensors  # nothing of the run yet
+            assert torch.equal(s.tensors[out], want), k
+            assert (g.traced is not None) == (k >= 1)
+    finally:
+        graph_trace._Builder.node = node  # type: ignore[method-assign]
+    assert sum(per_slice) == n and max(per_slice) <= graph_trace.DRY_PIECE, per_slice
+    assert len(per_slice) >= n // graph_trace.DRY_PIECE, per_slice
+
+
+def test_a_graph_past_the_trace_node_limit_keeps_the_python_replay(monkeypatch: Any) -> None:
+    """Round 38 (gmem38): TorchScript compiles a graph at its first call, one command that pieces cannot split
+    (~120 us a node at load 20: 0.93 s for 8,000 nodes); a graph of more than graph_trace.TRACE_MAX_NODES calls is
+    not traced, and one whose calls are fewer but whose nodes (constants included) are more is refused after its
+    dry run: both keep the Python replay, with its values (here with the limit at 40 nodes)."""
+    from gpupool.server import graph_trace
+
+    monkeypatch.setattr(graph_trace, "TRACE_MAX_NODES", 40)
+    for n, traced in ((41, False), (30, False), (12, True)):  # 30 `mul`s: 30 calls, 30 constants (the factors)
+        dev = FakeDevice(0, "h", 1 << 30)
+        s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 28)
+        ex = CommandExecutor(slices.SliceLedger())
+        ex.exclusive_rng = True
+        body = [
+            op("aten::mul.Tensor", slot(i + 1), tensor_pb2.Arg(f=2.0 if i % 2 else 0.5), out=(i + 2,)) for i in range(n)
+        ]
+        msg = device_pb2.DefineGraph(
+            graph_id=1, inputs=1, input_meta=[wire.meta_to_proto(torch.ones(4))], ops=body, outputs=[n + 1]
+        )
+        ex.execute(s, device_pb2.Command(define_graph=msg), _no_reply)
+        x = s.handle_base + 1
+        s.bind(x, torch.tensor([1.0, -2.0, 0.5, 3.0]))
+        want = s.tensors[x] * (0.5 if n % 2 else 1.0)
+        for k in range(3):
+            out = s.handle_base + 10 + k
+            ex.execute(s, device_pb2.Command(run_graph=device_pb2.RunGraph(graph_id=1, inputs=[x], outputs=[out])),
+                       _no_reply)  # fmt: skip
+            assert s.error is None, s.error
+            assert torch.equal(s.tensors[out], want), (n, k)
+        g = ex.graphs._of(s)[1]
+        assert (g.traced is not None) == traced and g.trace_refused != traced, n
