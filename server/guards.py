@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -554,11 +554,18 @@ def _conv_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_form
 
 
 def _laid_out(t: torch.Tensor | None, fmt: torch.memory_format) -> torch.Tensor | None:
-    """`t`, or a copy of it with the strides `torch.empty(t.shape, memory_format=fmt)` has."""
-    if t is None:
-        return t
-    want = torch.empty(t.shape, device="meta", memory_format=fmt).stride()
-    return t if t.stride() == want else t.clone(memory_format=fmt)
+    """`t`, or a copy of it in the memory format `fmt` where it is not (strides may then differ from the client's only
+    in dimensions of size 1, which a view's geometry never steps along)."""
+    return t if t is None or t.is_contiguous(memory_format=fmt) else t.clone(memory_format=fmt)
+
+
+def keeps_kernel_layout(name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+    """Whether an op of META_LAYOUT lays its outputs out as the meta kernel does by itself: a conv (or its backward)
+    of a contiguous input and weight (both the CPU and the cuDNN kernels then return contiguous outputs). A captured
+    step's graph, whose calls' layouts are fixed, then calls the kernel (and may run as TorchScript)."""
+    at = 0 if name == "aten::convolution" else 1
+    input, weight = arg(args, kwargs, at, "input"), arg(args, kwargs, at + 1, "weight")
+    return _conv_format(input, weight) is torch.contiguous_format
 
 
 def _convolution(*args: Any, **kwargs: Any) -> torch.Tensor:

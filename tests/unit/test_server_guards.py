@@ -404,4 +404,8 @@ def test_convolutions_lay_their_outputs_out_as_the_meta_kernels_do(dims: int, dt
         want = aten.convolution_backward.default(*bargs)
         for got, m, ref in zip(grads[:2], metas[:2], want[:2], strict=True):
             assert got.stride() == m.stride() and torch.equal(got, ref)
+        assert not guards.keeps_kernel_layout("aten::convolution", args, {})
+        assert not guards.keeps_kernel_layout("aten::convolution_backward", bargs, {})
+    plain_args = (x.contiguous(), w.contiguous(), None, [1] * dims, [1] * dims, [1] * dims, False, [0] * dims, 1)
+    assert guards.keeps_kernel_layout("aten::convolution", plain_args, {})  # a captured graph calls the kernel
     assert guards.replacement(aten.convolution.out) is None  # the out= form writes the client's own `out`
