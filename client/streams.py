@@ -106,9 +106,23 @@ def stream(s: Stream | None) -> Iterator[Stream | None]:
     yield s
 
 
+_torch_record_stream = torch.Tensor.record_stream  # torch._C.TensorBase's: it takes only torch's own Stream objects
+
+
+def record_stream(tensor: torch.Tensor, stream: Any) -> None:
+    """`Tensor.record_stream(s)` (apex's data_prefetcher, FSDP-style overlap: "keep this tensor's memory until the work
+    queued on s is done"): with a gpupool stream there is nothing to record, as a device's ops run in order on its one
+    stream and the daemon frees a tensor after every op queued before the free. torch's binding refused such a stream
+    ("unknown parameter type", until round 38); torch's own streams go to torch."""
+    if isinstance(stream, Stream):
+        return
+    _torch_record_stream(tensor, stream)
+
+
 def module_functions(synchronize: Callable[[Any], None]) -> dict[str, Any]:
     """What a gpupool device module adds for streams and events; `synchronize(device)` waits for a device's ops."""
     Stream.synchronize_device = staticmethod(synchronize)  # type: ignore[assignment]
+    torch.Tensor.record_stream = record_stream  # type: ignore[method-assign,assignment]
     return {
         "Stream": Stream,
         "Event": Event,

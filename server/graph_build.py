@@ -645,6 +645,9 @@ def _prebuild(
     # accelerator-only op runs its CPU equivalent, as eager ops do (not fallbacks' faster compositions of ops that
     # have a CPU kernel: those would keep the graph from TorchScript, which runs the kernel at its own speed).
     replacement = guards.replacement(op)
+    if replacement is not None and replacement is guards.META_LAYOUT.get(op._schema.name):
+        if guards.keeps_kernel_layout(op._schema.name, margs, mkwargs):  # (a contiguous conv: the kernel's own layout)
+            replacement = None
     if replacement is None and op._schema.name in fallbacks.NAMES:
         replacement = fallbacks.lookup(op, dev)
     attention_kernel = None

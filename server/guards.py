@@ -16,10 +16,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 from gpupool import config, protocol
 from gpupool.errors import InvalidArgument, ResourceExhausted
@@ -542,6 +543,50 @@ def _grown_zeroed(inplace: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def _conv_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The layout torch's meta kernel of `convolution_backward` gives its gradients (`_conv_memory_format` in
+    torch/_meta_registrations.py): channels_last (or channels_last_3d) when the input or the weight is."""
+    formats = {suggest_memory_format(input), suggest_memory_format(weight)}
+    for fmt in (torch.channels_last, torch.channels_last_3d):
+        if fmt in formats:
+            return fmt
+    return torch.contiguous_format
+
+
+def _laid_out(t: torch.Tensor | None, fmt: torch.memory_format) -> torch.Tensor | None:
+    """`t`, or a copy of it in the memory format `fmt` where it is not (strides may then differ from the client's only
+    in dimensions of size 1, which a view's geometry never steps along)."""
+    return t if t is None or t.is_contiguous(memory_format=fmt) else t.clone(memory_format=fmt)
+
+
+def keeps_kernel_layout(name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+    """Whether an op of META_LAYOUT lays its outputs out as the meta kernel does by itself: a conv (or its backward)
+    of a contiguous input and weight (both the CPU and the cuDNN kernels then return contiguous outputs). A captured
+    step's graph, whose calls' layouts are fixed, then calls the kernel (and may run as TorchScript)."""
+    at = 0 if name == "aten::convolution" else 1
+    input, weight = arg(args, kwargs, at, "input"), arg(args, kwargs, at + 1, "weight")
+    return _conv_format(input, weight) is torch.contiguous_format
+
+
+def _convolution(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """`convolution` with the layout both clients compute for its output on the meta device: contiguous. torch's meta
+    kernel leaves it contiguous (it cannot tell the backend), while the CPU and cuDNN kernels return channels_last
+    for a channels_last input or weight; a view the client then made (`torch.flatten`, `.view`) was sent with the
+    contiguous geometry and read the channels_last storage's bytes in the wrong order: a channels_last conv net
+    trained on scrambled activations, silently (until round 38; tests/cuda_scripts/cuda_idioms.py)."""
+    out = torch.ops.aten.convolution.default(*args, **kwargs)
+    return _laid_out(out, torch.contiguous_format)  # type: ignore[return-value]
+
+
+def _convolution_backward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor | None, ...]:
+    """`convolution_backward` with the layouts torch's meta kernel gives its gradients (`_conv_format`), which the CPU
+    and cuDNN kernels give for float inputs too (cuDNN not for float64): a no-op copy-free check there."""
+    grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward.default(*args, **kwargs)
+    input, weight = arg(args, kwargs, 1, "input"), arg(args, kwargs, 2, "weight")
+    fmt = _conv_format(input, weight)
+    return _laid_out(grad_input, fmt), _laid_out(grad_weight, fmt), grad_bias
+
+
 _REPLACEMENTS: dict[str, Callable[..., Any]] = {
     "aten::resize": _grown_zeroed(torch.Tensor.resize_),
     "aten::resize_as": _grown_zeroed(torch.Tensor.resize_as_),
@@ -585,7 +630,17 @@ def _with_contiguous_inputs(op: torch._ops.OpOverload) -> Callable[..., Any]:
     return run
 
 
+# Ops (default overloads) whose outputs the daemon lays out as the clients' meta kernels do, a view of an output
+# being sent as the geometry the client computed: see _convolution. The native runner calls these too.
+META_LAYOUT: dict[str, Callable[..., Any]] = {
+    "aten::convolution": _convolution,
+    "aten::convolution_backward": _convolution_backward,
+}
+
+
 def replacement(op: torch._ops.OpOverload) -> Callable[..., Any] | None:
+    if op._overloadname == "default" and op._schema.name in META_LAYOUT:
+        return META_LAYOUT[op._schema.name]
     if op._schema.name in _CONTIGUOUS_INPUTS:
         return _with_contiguous_inputs(op)
     return _REPLACEMENTS.get(op._schema.name)

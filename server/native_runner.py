@@ -408,7 +408,9 @@ def _compile(mod: Any, step: Any, dev: torch.device) -> Any:
     # the daemon's devices) are called the same way
     name = op._schema.name
     faster = name in fallbacks.FASTER and plan.run is fallbacks.lookup(op, dev)
-    py_run = plan.run is not op._op and (faster or plan.run is attention.REPLACEMENTS.get(name))
+    # and so is a conv's, which lays its outputs out as the clients' meta kernels do (guards.META_LAYOUT)
+    kept = plan.run is attention.REPLACEMENTS.get(name) or plan.run is guards.META_LAYOUT.get(name)
+    py_run = plan.run is not op._op and (faster or kept)
     if any(kind not in _KINDS for kind, _, _, _ in tpl.steps):
         return None
     schema = op._schema

@@ -50,9 +50,11 @@ def run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]
     return checked(cmd, launch(cmd, env))
 
 
-def on_pool(pool: str, script: str, *run_args: str, cuda: bool = True) -> subprocess.CompletedProcess[str]:
+def on_pool(
+    pool: str, script: str, *run_args: str, cuda: bool = True, script_args: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     flags = ["--cuda"] if cuda else []
-    cmd = [sys.executable, "-m", "gpupool.cli", "run", *flags, *run_args, "--", sys.executable, script]
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", *flags, *run_args, "--", sys.executable, script, *script_args]
     return run(cmd, clean_env(GPUPOOL_SCHEDULER=pool))
 
 
@@ -401,6 +403,128 @@ def test_deepcopy_of_device_tensors_and_a_dataclass_snapshot(pool: str, client: 
     cmd = [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-p", "0.5", "--", sys.executable, "-c"]
     done = run([*cmd, DEEPCOPY], clean_env(GPUPOOL_SCHEDULER=pool))
     assert "deepcopy ok gpupool:0 (1, 3) (1, 3)" in done.stdout, done.stdout + done.stderr
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+IDIOM = re.compile(r"^step \d+ grad norm (\S+) loss (\S+)$", re.M)
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_cuda_idioms_script_gives_the_cpu_losses(pool: str, client: tuple[str, ...]) -> None:
+    """cuda_idioms.py: cudnn.benchmark, get_device_properties, a pinned DataLoader with 2 workers and non_blocking
+    copies, apex's side-stream prefetcher (`torch.cuda.Stream`, `with torch.cuda.stream(s)`, `wait_stream`,
+    `Tensor.record_stream`), a channels_last conv net with gradient accumulation and clip_grad_norm_, timed
+    `torch.cuda.Event`s, synchronize, empty_cache, the memory counters: every gradient norm and loss within 1e-5 of
+    the CPU's, on both clients. Until round 38 `x.record_stream(torch.cuda.current_stream())` raised torch's "unknown
+    parameter type", and, past it, the conv net trained on scrambled activations: the daemon's channels_last conv
+    output was read through the contiguous geometry the client computed for `torch.flatten` (step 0's loss 2.459
+    against the CPU's 2.724)."""
+    pooled = on_pool(pool, "cuda_idioms.py", *client, "-p", "0.5")
+    steps, reference = IDIOM.findall(pooled.stdout), IDIOM.findall(on_cpu("cuda_idioms.py").stdout)
+    assert len(steps) == 6 and len(reference) == 6, pooled.stdout
+    assert [float(v) for s in steps for v in s] == pytest.approx([float(v) for s in reference for v in s], rel=1e-5)
+    assert "idioms done on cuda" in pooled.stdout and "gpu gpupool fake GPU (CPU) memory 268435456" in pooled.stdout
+    assert re.search(r"^epoch 1 took \S+ ms, allocated True$", pooled.stdout, re.M), pooled.stdout
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_cuda_idioms_script_with_torch_cuda_amp(pool: str, client: tuple[str, ...]) -> None:
+    """cuda_idioms.py --amp: `torch.cuda.amp.autocast()` and `torch.cuda.amp.GradScaler()` (the older spelling) with
+    gradient accumulation and `scaler.unscale_` before clip_grad_norm_: float16 on the pool, near the CPU's float32
+    losses (AMP is off there), on both clients (their float16 runs print the same lines: checked by hand)."""
+    pooled = on_pool(pool, "cuda_idioms.py", *client, "-p", "0.5", script_args=("--amp",))
+    steps, reference = IDIOM.findall(pooled.stdout), IDIOM.findall(on_cpu("cuda_idioms.py").stdout)
+    assert len(steps) == 6, pooled.stdout
+    got, want = [float(v) for s in steps for v in s], [float(v) for s in reference for v in s]
+    assert got == pytest.approx(want, rel=2e-3) and got != want  # float16 really ran
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+CONV_VIEWS = """
+import torch
+import torch.nn.functional as F
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+g = torch.Generator().manual_seed(0)
+cases = [(F.conv2d, (2, 3, 5, 5), (4, 3, 3, 3), torch.channels_last, torch.float32),
+         (F.conv2d, (2, 3, 5, 5), (4, 3, 3, 3), torch.channels_last, torch.float64),
+         (F.conv3d, (1, 2, 3, 4, 4), (3, 2, 2, 2, 2), torch.channels_last_3d, torch.float32),
+         (F.conv_transpose2d, (2, 3, 4, 4), (3, 2, 3, 3), torch.channels_last, torch.float32)]
+for conv, xs, ws, fmt, dtype in cases:
+    for x_fmt, w_fmt in ((fmt, torch.contiguous_format), (torch.contiguous_format, fmt), (fmt, fmt)):
+        x = torch.randn(xs, generator=g, dtype=dtype).to(dev).to(memory_format=x_fmt).requires_grad_()
+        w = torch.randn(ws, generator=g, dtype=dtype).to(dev).to(memory_format=w_fmt).requires_grad_()
+        y = conv(x, w)
+        flat = torch.flatten(y, 1)  # a view where the output is contiguous
+        (flat * torch.arange(flat.shape[1], dtype=dtype).to(dev)).sum().backward()
+        # views of the gradients: x.grad[:, 0] takes its geometry from the layout the client computed
+        print("case", conv.__name__, dtype, x_fmt, w_fmt, flat[0, :6].tolist(), x.grad[:, 0].flatten()[:6].tolist(),
+              w.grad[:, 0].flatten()[:6].tolist())
+"""
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_channels_last_convolutions_and_views_of_them_give_the_cpu_values(pool: str, client: tuple[str, ...]) -> None:
+    """conv2d (float32, float64), conv3d and conv_transpose2d with a channels_last input, weight or both: a view of
+    the output (`torch.flatten`) and of the gradients (`.view(-1)`) reads the CPU's values. The clients compute a conv's
+    output on torch's meta kernel (contiguous) and send views of it as that geometry; the daemon's CPU (and cuDNN)
+    kernel returned channels_last, so until round 38 the view read its bytes out of order (server/guards.py
+    `_convolution` lays the output out as the meta kernel does; the gradients' layouts already agreed on a fake GPU:
+    `_convolution_backward` keeps them so where cuDNN's float64 would not)."""
+    cmd = [sys.executable, "-m", "gpupool.cli", "run", "--cuda", *client, "-p", "0.5", "--", sys.executable, "-c"]
+    pooled = run([*cmd, CONV_VIEWS], clean_env(GPUPOOL_SCHEDULER=pool)).stdout
+    local = on_cpu("-c", CONV_VIEWS).stdout
+    got, want = re.findall(r"^case .*$", pooled, re.M), re.findall(r"^case .*$", local, re.M)
+    assert len(got) == 12 and len(want) == 12, pooled
+    for line, ref in zip(got, want, strict=True):
+        head, ref_head = line.split("[", 1)[0], ref.split("[", 1)[0]
+        assert head == ref_head
+        nums = [float(v) for v in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", line.split("[", 1)[1])]
+        ref_nums = [float(v) for v in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", ref.split("[", 1)[1])]
+        assert nums == pytest.approx(ref_nums, rel=1e-5, abs=1e-6), (line, ref)
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+DCGAN_STEP = re.compile(r"^step (\d+) D\(x\) (\S+) D\(G\(z\)\) (\S+) (\S+) loss_D (\S+) loss (\S+)$", re.M)
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_dcgan_script_gives_the_cpu_losses(pool: str, client: tuple[str, ...], tmp_path: Path) -> None:
+    """dcgan.py (pytorch/examples' dcgan/main.py nearly unmodified: `cudnn.benchmark = True`, `--accel`,
+    ConvTranspose2d, BatchNorm2d, LeakyReLU(inplace), BCELoss, two Adams, `label.fill_`, a DataLoader with 2 workers,
+    state dicts saved each epoch), with `--channels-last`: D(x), D(G(z)) and both losses of its 4 steps within 1e-5 of
+    the CPU's, on both clients, and the saved checkpoint loads back onto the device. It ran so before round 38 too
+    (pinned)."""
+    script_args = ("--accel", "--channels-last", "--outf", str(tmp_path / "pool"))
+    pooled = on_pool(pool, "dcgan.py", *client, "-p", "0.5", script_args=script_args)
+    local = on_cpu("dcgan.py", "--channels-last", "--outf", str(tmp_path.parent / "dcgan-cpu"))
+    steps, reference = DCGAN_STEP.findall(pooled.stdout), DCGAN_STEP.findall(local.stdout)
+    assert len(steps) == 4 and len(reference) == 4, pooled.stdout
+    assert [float(v) for s in steps for v in s] == pytest.approx([float(v) for s in reference for v in s], rel=1e-5)
+    assert "Using device: cuda" in pooled.stdout and "Using device: cpu" in local.stdout
+    assert re.search(r"^checkpoint on cuda True ", pooled.stdout, re.M), pooled.stdout
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+EXAMPLE_LINE = re.compile(r"^(?:step|epoch|psnr|upscaled|sample|comparison) .*$", re.M)
+NUMBER = re.compile(r"-?\d+\.\d+")
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+@pytest.mark.parametrize(("script", "flags"), [("vae.py", ()), ("super_resolution.py", ("--accel",))])
+def test_pytorch_examples_scripts_give_the_cpu_losses(
+    pool: str, script: str, flags: tuple[str, ...], client: tuple[str, ...]
+) -> None:
+    """vae.py and super_resolution.py (pytorch/examples, nearly unmodified: the accelerator style, a pinned DataLoader
+    with a worker (vae) or 2 (super_resolution), BCE + KL, PixelShuffle, `torch.save(model)` of the whole model and its
+    reload): every printed loss, test loss, PSNR and sum within 1e-5 of the CPU's, on both clients. They ran so before
+    round 38 too (pinned)."""
+    pooled = on_pool(pool, script, *client, "-p", "0.5", script_args=flags)
+    lines, reference = EXAMPLE_LINE.findall(pooled.stdout), EXAMPLE_LINE.findall(on_cpu(script).stdout)
+    assert len(lines) >= 8 and len(lines) == len(reference), pooled.stdout
+    assert [NUMBER.sub("#", line) for line in lines] == [NUMBER.sub("#", line) for line in reference]
+    got = [float(v) for line in lines for v in NUMBER.findall(line)]
+    assert got == pytest.approx([float(v) for line in reference for v in NUMBER.findall(line)], rel=1e-5)
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
 
 

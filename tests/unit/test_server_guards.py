@@ -375,3 +375,37 @@ def test_check_reads_refuses_an_overlapping_argument_a_kernel_reads_as_contiguou
         packet = getattr(aten, name.removeprefix("aten::"))
         for overload in packet.overloads():
             assert {n for _, n in guards.read_params(getattr(packet, overload))} == set(params), (name, overload)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_convolutions_lay_their_outputs_out_as_the_meta_kernels_do(dims: int, dtype: torch.dtype) -> None:
+    """The clients compute an op's outputs on torch's meta kernels and send views of them as that geometry, so the
+    daemon's `convolution` and `convolution_backward` return the meta kernels' layouts (the forward's contiguous where
+    the CPU kernel gives channels_last for a channels_last input or weight), with the CPU kernel's values. Until round
+    38 the forward returned the kernel's channels_last: a client's `torch.flatten` of it read scrambled values."""
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    aten = torch.ops.aten
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, 3, *(5,) * dims)
+    for x_fmt, w_fmt in ((fmt, torch.contiguous_format), (torch.contiguous_format, fmt), (fmt, fmt)):
+        x = torch.randn(shape, generator=gen, dtype=dtype).to(memory_format=x_fmt)
+        w = torch.randn((4, 3, *(3,) * dims), generator=gen, dtype=dtype).to(memory_format=w_fmt)
+        args = (x, w, None, [1] * dims, [1] * dims, [1] * dims, False, [0] * dims, 1)
+        plain = aten.convolution.default(*args)
+        assert plain.is_contiguous() == (dims == 3 and dtype is torch.float64)  # else the CPU kernel's channels_last
+        out = guards.replacement(aten.convolution.default)(*args)  # type: ignore[misc]
+        meta = aten.convolution.default(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
+        assert out.stride() == meta.stride() and torch.equal(out, plain)
+        grad = torch.randn(plain.shape, generator=gen, dtype=dtype)
+        bargs = (grad, x, w, [4], *args[3:], [True, True, False])
+        grads = guards.replacement(aten.convolution_backward.default)(*bargs)  # type: ignore[misc]
+        metas = aten.convolution_backward.default(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in bargs])
+        want = aten.convolution_backward.default(*bargs)
+        for got, m, ref in zip(grads[:2], metas[:2], want[:2], strict=True):
+            assert got.stride() == m.stride() and torch.equal(got, ref)
+        assert not guards.keeps_kernel_layout("aten::convolution", args, {})
+        assert not guards.keeps_kernel_layout("aten::convolution_backward", bargs, {})
+    plain_args = (x.contiguous(), w.contiguous(), None, [1] * dims, [1] * dims, [1] * dims, False, [0] * dims, 1)
+    assert guards.keeps_kernel_layout("aten::convolution", plain_args, {})  # a captured graph calls the kernel
+    assert guards.replacement(aten.convolution.out) is None  # the out= form writes the client's own `out`
