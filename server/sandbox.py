@@ -43,6 +43,7 @@ PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 _SCMP_ACT_ALLOW = 0x7FFF0000
 _SCMP_CMP_NE, _SCMP_CMP_MASKED_EQ = 1, 7
+_SCMP_FLTATR_CTL_OPTIMIZE = 8
 CLONE_THREAD = 0x00010000
 O_ACCMODE, O_WRONLY, O_RDWR, O_CREAT, O_TRUNC = 0o3, 0o1, 0o2, 0o100, 0o1000
 MAP_SHARED, MAP_ANONYMOUS = 0x01, 0x20
@@ -363,6 +364,9 @@ def seccomp_filter(network: bool = False, shared_anonymous: bool = True) -> bool
     ctx = lib.seccomp_init(_SCMP_ACT_ALLOW)
     if not ctx:
         return False
+    # A binary tree of the rules' call numbers (libseccomp >= 2.5), not a list each call walks: round 38's rules
+    # (228, from 93) would otherwise cost every allowed call a comparison each. Older libraries keep the list.
+    lib.seccomp_attr_set(ctypes.c_void_p(ctx), _SCMP_FLTATR_CTL_OPTIMIZE, 2)
     eperm = 0x00050000 | errno.EPERM
     enosys = 0x00050000 | errno.ENOSYS
 

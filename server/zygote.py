@@ -455,13 +455,17 @@ def _zygote(ctrl: socket.socket) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     ctrl.sendall(json.dumps({"ready": True, "threads": _other_threads()}).encode() + b"\n")
     outputs: dict[int, WorkerOutput] = {}  # read end of a worker's stdout and stderr -> what forwards it
+    poller = select.poll()  # (not select(): a worker's pipe may be numbered past FD_SETSIZE)
+    for fd in (ctrl.fileno(), wake_r):
+        poller.register(fd, select.POLLIN)
     buf = b""
     while True:
-        ready: list[Any] = select.select([ctrl.fileno(), wake_r, *outputs], [], [])[0]
+        ready = {fd for fd, _events in poller.poll()}
         if wake_r in ready:
             os.read(wake_r, 4096)
         for fd in ready:
             if fd in outputs and not outputs[fd].pump():
+                poller.unregister(fd)
                 del outputs[fd]  # (closed by `pump`)
         _reap(ctrl, children)
         if ctrl.fileno() not in ready:
@@ -488,6 +492,7 @@ def _zygote(ctrl: socket.socket) -> None:
                 else:
                     os.close(out_w)
                     outputs[out_r] = WorkerOutput(out_r, pid)
+                    poller.register(out_r, select.POLLIN)
                     children.add(pid)
                     # a thread here now was here at the fork (none ends by itself): the daemon names it
                     reply = {"id": msg["id"], "pid": pid, "threads": _other_threads()}

@@ -130,27 +130,21 @@ def probe_process_vm_readv(ctx: dict[str, Any]) -> str:
 def probe_shared_buffers(ctx: dict[str, Any]) -> str:
     """The victim's shared buffer (a memfd), by any name: /dev/shm, other processes' descriptors and mappings."""
     secret = bytes.fromhex(ctx["secret"])
-    reached = []
-    for name in os.listdir("/dev/shm"):
-        try:
-            with open(f"/dev/shm/{name}", "rb") as f:
-                if secret in f.read(1 << 20):
-                    reached.append(f"/dev/shm/{name}")
-        except OSError:
-            pass
+    paths = [f"/dev/shm/{name}" for name in os.listdir("/dev/shm")]
     for pid in filter(str.isdigit, os.listdir("/proc")):
         for kind in ("fd", "map_files"):
             try:
-                names = os.listdir(f"/proc/{pid}/{kind}")
+                paths += [f"/proc/{pid}/{kind}/{name}" for name in os.listdir(f"/proc/{pid}/{kind}")]
             except OSError:
                 continue
-            for name in names:
-                try:
-                    with open(f"/proc/{pid}/{kind}/{name}", "rb") as f:
-                        if secret in f.read(1 << 16):
-                            reached.append(f"/proc/{pid}/{kind}/{name}")
-                except OSError:
-                    pass
+    reached = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                if secret in f.read(1 << 20):
+                    reached.append(path)
+        except OSError:
+            pass
     return f"open: {reached}" if reached else "blocked: the victim's bytes found nowhere"
 
 
@@ -350,17 +344,22 @@ def probe_signal_victim(ctx: dict[str, Any]) -> str:
     return f"open: {got}" if got else "blocked: kill, rt_sigqueueinfo, rt_tgsigqueueinfo, ptrace"
 
 
-def probe_sigio_kill(ctx: dict[str, Any]) -> str:
-    """SIGKILL to the sacrificial victim by I/O: a pipe's owner (F_SETOWN) gets its F_SETSIG signal when written."""
+def sigio_kill(pid: int) -> None:
+    """SIGKILL to `pid` by I/O: a pipe's owner (F_SETOWN) gets its F_SETSIG signal when the pipe is written."""
     import fcntl
 
+    r, w = os.pipe()
+    fcntl.fcntl(r, fcntl.F_SETOWN, pid)
+    fcntl.fcntl(r, 10, signal.SIGKILL)  # F_SETSIG
+    fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC | os.O_NONBLOCK)
+    os.write(w, b"x")
+
+
+def probe_sigio_kill(ctx: dict[str, Any]) -> str:
+    """SIGKILL to the sacrificial victim by a pipe's SIGIO owner (`sigio_kill`): did it die?"""
     v = ctx["sacrificial"]
     try:
-        r, w = os.pipe()
-        fcntl.fcntl(r, fcntl.F_SETOWN, v)
-        fcntl.fcntl(r, 10, signal.SIGKILL)  # F_SETSIG
-        fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC | os.O_NONBLOCK)
-        os.write(w, b"x")
+        sigio_kill(v)
     except OSError as exc:
         return f"blocked: {errno.errorcode.get(exc.errno or 0)}"
     time.sleep(0.2)  # (the kernel checks the owner's users when it sends: a refused signal is dropped)
@@ -431,25 +430,20 @@ def probe_locks(ctx: dict[str, Any]) -> str:
 
     got = []
     fd = os.open(ctx["readable_file"], os.O_RDONLY)
+    lk = fcntl.lockf
+    attempts: list[tuple[str, Callable[[], Any], Callable[[], Any]]] = [
+        ("flock", lambda: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB), lambda: fcntl.flock(fd, fcntl.LOCK_UN)),
+        ("fcntl read lock", lambda: lk(fd, fcntl.LOCK_SH | fcntl.LOCK_NB), lambda: lk(fd, fcntl.LOCK_UN)),
+        ("lease", lambda: fcntl.fcntl(fd, 1024, fcntl.F_RDLCK), lambda: fcntl.fcntl(fd, 1024, fcntl.F_UNLCK)),
+    ]  # fmt: skip
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            got.append("flock")
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        except OSError:
-            pass
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            got.append("fcntl read lock")
-            fcntl.lockf(fd, fcntl.LOCK_UN)
-        except OSError:
-            pass
-        try:
-            fcntl.fcntl(fd, 1024, fcntl.F_RDLCK)  # F_SETLEASE
-            got.append("lease")
-            fcntl.fcntl(fd, 1024, fcntl.F_UNLCK)
-        except OSError:
-            pass
+        for name, take, give in attempts:
+            try:
+                take()
+            except OSError:
+                continue
+            got.append(name)
+            give()
     finally:
         os.close(fd)
     return f"open: {got}" if got else "blocked: flock, fcntl locks, leases"
@@ -499,7 +493,6 @@ def rampage(sock: socket.socket) -> list[str]:
     """What a worker whose lease id starts with `attack-rampage` does once confined, in a real daemon: every way it
     has to end or cripple its sibling workers (the zygote's other children: never another process of the host),
     then junk on its own session socket where the daemon waits for a result. What reached a sibling."""
-    import fcntl
 
     me, parent = os.getpid(), os.getppid()
     reached = []
@@ -516,11 +509,7 @@ def rampage(sock: socket.socket) -> list[str]:
         if _sys("prlimit64", pid, resource.RLIMIT_NOFILE, limit, None)[0] == 0:
             reached.append(f"{pid}: prlimit64")
         try:
-            r, w = os.pipe()
-            fcntl.fcntl(r, fcntl.F_SETOWN, pid)
-            fcntl.fcntl(r, 10, signal.SIGKILL)  # F_SETSIG
-            fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC | os.O_NONBLOCK)
-            os.write(w, b"x")
+            sigio_kill(pid)
         except OSError:
             pass
         info = ctypes.create_string_buffer(128)
