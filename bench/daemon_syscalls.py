@@ -245,17 +245,22 @@ def measure(remote: dict[str, Any], model: str, mode: str, args: argparse.Namesp
                 out[f"{side}_syscalls"] += int(parts[1]) / n
         return out
     finally:
-        if tracer is not None:
-            tracer.kill()
-            tracer.wait()
-        if proc.stdin is not None and not proc.stdin.closed:
-            try:
-                proc.stdin.write("end\n")
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-        proc.wait(timeout=60)
+        end_client(proc, tracer)
         tmp_dir.cleanup()
+
+
+def end_client(proc: subprocess.Popen[str], tracer: subprocess.Popen[bytes] | None) -> None:
+    """Kill `tracer` where it still runs, tell the client its session may end (its last line), and wait for it."""
+    if tracer is not None:
+        tracer.kill()
+        tracer.wait()
+    if proc.stdin is not None and not proc.stdin.closed:
+        try:
+            proc.stdin.write("end\n")
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+    proc.wait(timeout=60)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,7 @@ SIDE_PORT = "--bulk-listen 127.0.0.1:0"
 
 
 def probe(remote: dict[str, Any], model: str, mode: str, args: argparse.Namespace, folder: Path) -> None:
-    from daemon_syscalls import session_worker
+    from daemon_syscalls import end_client, session_worker
 
     cmd = [sys.executable, str(HERE / "daemon_syscalls.py"), "--client", "--model", model, "--mode", mode]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--sync-every", "0"]
@@ -70,27 +70,18 @@ def probe(remote: dict[str, Any], model: str, mode: str, args: argparse.Namespac
         proc.stdin.flush()
         result = json.loads(proc.stdout.readline())
         wall = time.perf_counter() - t0
-        os.kill(worker, signal.SIGUSR1)  # off: the worker writes its profile
-        stats = folder / f"worker-{worker}.prof"
-        _written(stats)  # before the session ends: its worker is killed then
-        if tracer is not None:
+        if tracer is not None:  # first: the profile's write is no system call of the steps
             tracer.send_signal(signal.SIGINT)  # detaches, then writes its table
             tracer.wait(timeout=60)
             tracer = None
+        os.kill(worker, signal.SIGUSR1)  # off: the worker writes its profile
+        stats = folder / f"worker-{worker}.prof"
+        _written(stats)  # before the session ends: its worker is killed then
         print(f"wall {wall / args.steps * 1e3:.2f} ms a step under the probes (loss {result['loss']:.6f})")
         if trace.exists():
             print_strace(trace.read_text(), args.steps)
     finally:
-        if tracer is not None:
-            tracer.kill()
-            tracer.wait()
-        if not proc.stdin.closed:
-            try:
-                proc.stdin.write("end\n")
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-        proc.wait(timeout=60)
+        end_client(proc, tracer)
     if stats.stat().st_size == 0:
         print(f"no profile from worker {worker} ({stats})")
         return
