@@ -455,7 +455,7 @@ def test_pytorch_examples_scripts_give_the_cpu_losses(
     (pinned); style_transfer was denied `upsample_nearest2d` and `reflection_pad2d` (not on the allowlist) until it."""
     pooled = on_pool(pool, script, *client, "-p", "0.5", script_args=flags)
     lines, reference = EXAMPLE_LINE.findall(pooled.stdout), EXAMPLE_LINE.findall(on_cpu(script).stdout)
-    assert len(lines) >= 8 and len(lines) == len(reference), pooled.stdout
+    assert len(lines) >= 4 and len(lines) == len(reference), pooled.stdout
     assert [NUMBER.sub("#", line) for line in lines] == [NUMBER.sub("#", line) for line in reference]
     got = [float(v) for line in lines for v in NUMBER.findall(line)]
     assert got == pytest.approx([float(v) for line in reference for v in NUMBER.findall(line)], rel=1e-5)
