@@ -226,6 +226,18 @@ def _models() -> list[tuple[str, torch.nn.Module, Callable[[], tuple[Any, ...]],
         nn.LayerNorm(8),
         nn.Linear(8, 10),
     )
+    # fast_neural_style's TransformerNet (pytorch/examples): reflection padding, instance norm, nearest upsampling
+    # (`nn.Upsample`, `F.interpolate(mode="nearest")`: also U-Net and GAN decoders); round 38 found
+    # upsample_nearest2d and reflection_pad2d denied, as no trace reached them
+    style = nn.Sequential(
+        nn.ReflectionPad2d(1),
+        nn.Conv2d(3, 8, 3),
+        nn.InstanceNorm2d(8, affine=True),
+        nn.ReLU(),
+        nn.Upsample(scale_factor=2, mode="nearest"),
+        nn.ReflectionPad2d(1),
+        nn.Conv2d(8, 3, 3),
+    )
     mlp = nn.Sequential(
         nn.Linear(20, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 1), nn.Sigmoid()
     )
@@ -241,6 +253,7 @@ def _models() -> list[tuple[str, torch.nn.Module, Callable[[], tuple[Any, ...]],
         ("mlp-mse", nn.Sequential(nn.Linear(20, 1)), lambda: (torch.randn(8, 20),), lambda out: (out**2).mean()),
         ("textcnn", TextCNN(), seq, ce),
         ("resnetish", resnetish, img, ce),
+        ("style", style, img, lambda out: out.pow(2).mean()),
         ("lstm", Recurrent(nn.LSTM), seq, ce),
         ("gru", Recurrent(nn.GRU), seq, ce),
         ("transformer", nn.Sequential(encoder), lambda: (torch.randn(4, 6, 16),), lambda out: out.pow(2).mean()),

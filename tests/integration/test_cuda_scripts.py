@@ -511,17 +511,21 @@ NUMBER = re.compile(r"-?\d+\.\d+")
 
 
 @pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
-@pytest.mark.parametrize(("script", "flags"), [("vae.py", ()), ("super_resolution.py", ("--accel",))])
+@pytest.mark.parametrize(
+    ("script", "flags"), [("vae.py", ()), ("super_resolution.py", ("--accel",)), ("style_transfer.py", ())]
+)
 def test_pytorch_examples_scripts_give_the_cpu_losses(
     pool: str, script: str, flags: tuple[str, ...], client: tuple[str, ...]
 ) -> None:
-    """vae.py and super_resolution.py (pytorch/examples, nearly unmodified: the accelerator style, a pinned DataLoader
-    with a worker (vae) or 2 (super_resolution), BCE + KL, PixelShuffle, `torch.save(model)` of the whole model and its
-    reload): every printed loss, test loss, PSNR and sum within 1e-5 of the CPU's, on both clients. They ran so before
-    round 38 too (pinned)."""
+    """vae.py, super_resolution.py and style_transfer.py (pytorch/examples, nearly unmodified: the accelerator style, a
+    pinned DataLoader with a worker (vae) or 2 (super_resolution), BCE + KL, PixelShuffle, `torch.save(model)` of the
+    whole model and its reload; fast_neural_style's ReflectionPad2d, InstanceNorm2d, nearest upsampling, gram matrices,
+    `div_` in place and its `eval().cpu()` / `to(device).train()` checkpoint with Adam kept): every printed loss, test
+    loss, PSNR and sum within 1e-5 of the CPU's, on both clients. vae and super_resolution ran so before round 38 too
+    (pinned); style_transfer was denied `upsample_nearest2d` and `reflection_pad2d` (not on the allowlist) until it."""
     pooled = on_pool(pool, script, *client, "-p", "0.5", script_args=flags)
     lines, reference = EXAMPLE_LINE.findall(pooled.stdout), EXAMPLE_LINE.findall(on_cpu(script).stdout)
-    assert len(lines) >= 8 and len(lines) == len(reference), pooled.stdout
+    assert len(lines) >= 4 and len(lines) == len(reference), pooled.stdout
     assert [NUMBER.sub("#", line) for line in lines] == [NUMBER.sub("#", line) for line in reference]
     got = [float(v) for line in lines for v in NUMBER.findall(line)]
     assert got == pytest.approx([float(v) for line in reference for v in NUMBER.findall(line)], rel=1e-5)
