@@ -17,12 +17,20 @@ printed apart from that Python's.
 
     taskset -c 1 python bench/handoff_pingpong.py
     taskset -c 1 python bench/handoff_pingpong.py --kinds unix,eventfd --ops 33 --trips 3000
+
+`--spin-us 0,30` (the `unix` carrier) repeats each run with the calling side spinning that long on a non-blocking
+read of the answer before it blocks (server/worker.py `ProcessRunner.run`'s `--worker-spin-us`), and `--cores A,B`
+pins the caller to core A and the peer to core B (an idle host's case: each side a core of its own). Printed beside
+each: the voluntary context switches (blocking waits) of each side a round trip, and the load average.
+
+    python bench/handoff_pingpong.py --kinds unix --cores 0,1 --spin-us 0,30 --ops 4 --trips 3000
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import socket
 import sys
 import time
@@ -32,10 +40,23 @@ KINDS = ("unix", "seqpacket", "pipe", "eventfd")
 MSG = b"abcd"
 
 
-def carrier(kind: str) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None], Callable[[], None]]:
-    """(send from A, receive at A, send from B, receive at B) for one carrier."""
+def carrier(
+    kind: str, spin: float = 0.0
+) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None], Callable[[], None]]:
+    """(send from A, receive at A, send from B, receive at B) for one carrier; A spins `spin` seconds on a `unix`
+    socket's non-blocking read before it blocks (the daemon's `spin_word`)."""
     if kind in ("unix", "seqpacket"):
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM if kind == "unix" else socket.SOCK_SEQPACKET)
+        if spin > 0:
+            sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            from server.worker import spin_word
+
+            return (
+                (lambda: a.sendall(MSG)),
+                (lambda: None if spin_word(a, spin) else a.recv(4) and None),
+                (lambda: b.sendall(MSG)),
+                (lambda: b.recv(4) and None),
+            )
         return (
             (lambda: a.sendall(MSG)),
             (lambda: a.recv(4) and None),
@@ -86,12 +107,17 @@ def front_work(on: bool) -> Callable[[], int]:
     return work
 
 
-def measure(kind: str, trips: int, ops: int) -> str:
-    send_a, recv_a, send_b, recv_b = carrier(kind)
+def measure(kind: str, trips: int, ops: int, spin: float = 0.0, cores: tuple[int, int] | None = None) -> str:
+    send_a, recv_a, send_b, recv_b = carrier(kind, spin)
     work = peer_work(ops)
+    if cores is not None:
+        os.sched_setaffinity(0, {cores[0]})
+    child0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_nvcsw
     pid = os.fork()
     if pid == 0:  # the peer: the worker's part
         try:
+            if cores is not None:
+                os.sched_setaffinity(0, {cores[1]})
             for _ in range(trips):
                 recv_b()
                 work()
@@ -100,6 +126,7 @@ def measure(kind: str, trips: int, ops: int) -> str:
             os._exit(0)
     mine = front_work(ops > 0)
     handoff = python = 0.0
+    own0 = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
     t0 = time.perf_counter()
     for _ in range(trips):
         c = time.thread_time()
@@ -110,9 +137,14 @@ def measure(kind: str, trips: int, ops: int) -> str:
         handoff += time.thread_time() - c1
         python += c1 - c
     wall = time.perf_counter() - t0
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - own0
     os.waitpid(pid, 0)
-    out = f"{kind:>10}: wall {wall / trips * 1e6:7.1f} us, hand-off CPU {handoff / trips * 1e6:5.1f} us"
-    return out + (f", the caller's Python {python / trips * 1e6:5.1f} us" if ops > 0 else "") + " per round trip"
+    peer = resource.getrusage(resource.RUSAGE_CHILDREN).ru_nvcsw - child0
+    name = kind + (f"+spin{spin * 1e6:.0f}" if spin > 0 else "")
+    out = f"{name:>14}: wall {wall / trips * 1e6:7.1f} us, hand-off CPU {handoff / trips * 1e6:5.1f} us"
+    out += f", the caller's Python {python / trips * 1e6:5.1f} us" if ops > 0 else ""
+    out += f", blocking waits caller {own / trips:4.2f} peer {peer / trips:4.2f}"
+    return out + f" per round trip (load {os.getloadavg()[0]:.1f})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,15 +153,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trips", type=int, default=20000)
     p.add_argument("--ops", type=int, default=0, help="torch ops the peer runs a round trip (0: none)")
     p.add_argument("--core", type=int, default=-1, help="pin both processes to this core (default: as started)")
+    p.add_argument("--cores", default="", help="A,B: pin the caller to core A, the peer to core B")
+    p.add_argument("--spin-us", default="0", help="comma-separated: the caller's spin before it blocks (unix only)")
     a = p.parse_args(argv)
     kinds = a.kinds.split(",")
     if any(k not in KINDS for k in kinds):
         p.error(f"--kinds: one of {', '.join(KINDS)}")
+    spins = [float(x) * 1e-6 for x in a.spin_us.split(",")]
+    cores = tuple(int(x) for x in a.cores.split(",")) if a.cores else None
+    if cores is not None and len(cores) != 2:
+        p.error("--cores: A,B")
     if a.core >= 0:
         os.sched_setaffinity(0, {a.core})
-    print(f"{a.trips} round trips, peer ops {a.ops}, cores {sorted(os.sched_getaffinity(0))}")
+    print(f"{a.trips} round trips, peer ops {a.ops}, cores {sorted(os.sched_getaffinity(0))} {a.cores}")
     for kind in kinds:
-        print(measure(kind, a.trips, a.ops), flush=True)
+        for spin in spins if kind == "unix" else [0.0]:
+            print(measure(kind, a.trips, a.ops, spin, cores), flush=True)  # type: ignore[arg-type]
     return 0
 
 

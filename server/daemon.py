@@ -50,7 +50,7 @@ from .registration import (
 from .sandbox import WorkerUids, worker_tasks
 from .sessions import MAX_GRAPH_BYTES, MAX_HANDLES, DeviceMemory
 from .speedmodel import SpeedModel
-from .worker import InlineRunner, Runner, WorkerDied, WorkerSpec
+from .worker import InlineRunner, Runner, WorkerDied, WorkerSpec, spin_default
 from .zygote import Zygote, shared_zygote
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,9 @@ class DaemonConfig:
     # (torch's plaintext gloo/NCCL, an explicit opt-in).
     collectives: str = "secure"
     bulk_listen: str = ""  # the bulk side port (server/bulkside.py), named in AttachReply; "": none
+    # Microseconds the front reads a worker's result without blocking before it sleeps on it (saves its wake-up
+    # when the slice is that short); -1: the host decides at each worker's start (worker.spin_default); 0: never
+    worker_spin_us: float = 0.0
 
 
 def worker_user(name: str) -> str:
@@ -385,13 +388,18 @@ class Daemon:
                 self._uids.give_back(s.worker_uid, 0)  # no worker of it started
             raise
 
+    def _worker_spin(self) -> float:
+        """Seconds a new worker's runner spins on its results (--worker-spin-us; -1: `spin_default`)."""
+        us = self.config.worker_spin_us
+        return spin_default() if us < 0 else us * 1e-6
+
     def _spawn(self, s: FrontSession, spec: WorkerSpec) -> Runner:
         assert self.zygote is not None
         pauses = iter(SPAWN_RETRIES)
         while True:
             try:
                 # A result holds at most the session's quota of downloads beyond its reply room, plus framing.
-                return self.zygote.spawn(spec, max_reply=s.quota + 16 * 1024 * 1024)
+                return self.zygote.spawn(spec, max_reply=s.quota + 16 * 1024 * 1024, spin=self._worker_spin())
             except (OSError, RuntimeError) as exc:
                 short = _SHORT_OF.get(exc.errno or 0) if isinstance(exc, OSError) else None
                 pause = next(pauses, None) if short is not None else None

@@ -281,9 +281,11 @@ def _waker(free: threading.Condition) -> Callable[[object], None]:
 class ProcessRunner:
     """The daemon's end of one worker process: a socket for slices and a shared word for progress."""
 
-    def __init__(self, pid: int, sock: socket.socket, progress: mmap.mmap, max_reply: int) -> None:
+    def __init__(self, pid: int, sock: socket.socket, progress: mmap.mmap, max_reply: int, spin: float = 0.0) -> None:
         self.pid = pid
         self._sock = sock
+        # Seconds `run` reads the result word without blocking before it sleeps on it (--worker-spin-us)
+        self.spin = spin
         self._progress = progress
         self._data = memoryview(progress)[DATA_AT:SLOTS_AT]
         self._slots = [memoryview(progress)[SLOTS_AT + k * SLOT_BYTES :][:SLOT_BYTES] for k in range(SLOTS)]
@@ -372,7 +374,8 @@ class ProcessRunner:
                 self._sock.sendall(slices.shared_request(req, size))
             else:
                 slices.send_parts(self._sock, slices.encode_request(req, parts))
-            (length,) = _recv_word(self._sock)
+            # no spin under flush's timeout: Python would wait for the socket first
+            (length,) = _recv_word(self._sock, self.spin if self._sock.gettimeout() is None else 0.0)
             while length == slices.PONG:  # the late answer to a ping that timed out
                 (length,) = _recv_word(self._sock)
             if length & slices.SHARED:
@@ -521,9 +524,36 @@ def _quiet_stat(fd: int) -> bool:
 _WORD = struct.Struct("<I")
 
 
-def _recv_word(sock: socket.socket) -> tuple[int]:
-    """One little-endian u32 (a result's length word): one recv, as the four bytes come together."""
-    got = sock.recv(4)
+def spin_word(sock: socket.socket, spin: float) -> bytes | None:
+    """Up to `spin` seconds of non-blocking reads of the socket's next (up to) 4 bytes, before the caller blocks
+    on it: what came (b"": the peer closed), or None when nothing came in time. A result that comes within the
+    spin costs the waiting thread no sleep and no wake-up (a blocked thread's wake-up is 5-50 us on an idle host).
+    Only for a socket in blocking mode (with a timeout set, Python waits for readability first)."""
+    end = time.perf_counter() + spin
+    while True:
+        try:
+            return sock.recv(4, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            if time.perf_counter() >= end:
+                return None
+
+
+def spin_default(cpus: int | None = None, load: float | None = None) -> float:
+    """The daemon's spin before it blocks on a worker's result, in seconds, when the operator left
+    --worker-spin-us to the host: SPIN_AUTO where the host has cores to spare (4 or more, the 1-minute load
+    under half of them), else 0 (a spinning thread there takes the core the worker needs)."""
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    load = os.getloadavg()[0] if load is None else load
+    return SPIN_AUTO if cpus >= 4 and load < cpus / 2 else 0.0
+
+
+SPIN_AUTO = 20e-6
+
+
+def _recv_word(sock: socket.socket, spin: float = 0.0) -> tuple[int]:
+    """One little-endian u32 (a result's length word): one recv, as the four bytes come together (after up to
+    `spin` seconds of non-blocking reads: `spin_word`)."""
+    got = (spin_word(sock, spin) if spin > 0 else None) or sock.recv(4)
     if len(got) == 4:
         return _WORD.unpack(got)  # type: ignore[return-value]
     if not got:

@@ -233,8 +233,9 @@ class Zygote:
     def pid(self) -> int:
         return self._proc.pid if self._proc is not None else 0
 
-    def spawn(self, spec: WorkerSpec, max_reply: int) -> ProcessRunner:
-        """A new worker for a session (waiting, within SPAWN_TIMEOUT, for a restarting zygote)."""
+    def spawn(self, spec: WorkerSpec, max_reply: int, spin: float = 0.0) -> ProcessRunner:
+        """A new worker for a session (waiting, within SPAWN_TIMEOUT, for a restarting zygote); `spin`: seconds
+        the daemon reads its results without blocking before it sleeps on them (`ProcessRunner.spin`)."""
         self.wait_ready(SPAWN_TIMEOUT, builds=False)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         progress_fd = os.memfd_create("gpupool-shared", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -255,7 +256,7 @@ class Zygote:
             if isinstance(reply.get("errno"), int):  # the fork's own error (ENOMEM: the host is out of memory)
                 raise OSError(reply["errno"], f"the zygote could not start a worker: {reply.get('error')}")
             raise RuntimeError(f"the zygote could not start a worker: {reply.get('error', reply)}")
-        return ProcessRunner(int(reply["pid"]), ours, progress, max_reply)
+        return ProcessRunner(int(reply["pid"]), ours, progress, max_reply, spin)
 
     def kill(self, pid: int) -> None:
         """SIGKILL a worker of ours (a no-op for one that already ended)."""

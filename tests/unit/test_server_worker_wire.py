@@ -72,3 +72,35 @@ def test_result_words_are_read_whole() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_spinning_read_takes_a_word_within_it_and_leaves_the_socket_to_block_after() -> None:
+    """`spin_word` (the daemon's bounded spin on a worker's result, --worker-spin-us): None when nothing came
+    within the spin (the caller then blocks as before), what came when it did, b"" when the peer closed; and
+    `_recv_word` with a spin reads words whole however they arrive."""
+    a, b = socket.socketpair()
+    try:
+        assert worker.spin_word(b, 20e-6) is None  # nothing: given up, nothing consumed
+        word = struct.pack("<I", 77 | slices.SHARED)
+        a.sendall(word)
+        assert worker.spin_word(b, 20e-6) == word
+        for sizes in ([4], [1], [2, 1], [3]):
+            t = _dribble(a, word, sizes)
+            assert worker._recv_word(b, 0.5) == (77 | slices.SHARED,)
+            t.join()
+        a.close()
+        assert worker.spin_word(b, 20e-6) == b""
+        with pytest.raises(EOFError):
+            worker._recv_word(b, 20e-6)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_spin_is_left_to_hosts_with_cores_to_spare() -> None:
+    """--worker-spin-us's default (-1): a spin on hosts of 4+ cores under half load, none where a spinning
+    thread would take the core the worker needs."""
+    assert worker.spin_default(cpus=2, load=0.0) == 0.0
+    assert worker.spin_default(cpus=16, load=1.0) == worker.SPIN_AUTO > 0
+    assert worker.spin_default(cpus=16, load=9.0) == 0.0
+    assert worker.spin_default(cpus=4, load=1.9) == worker.SPIN_AUTO
