@@ -671,7 +671,7 @@ class Collectives:
         # (UNAVAILABLE, the group broken); now every rank fails alike with INVALID_ARGUMENT and the group goes on
         refused: InvalidArgument | None = None
         try:
-            _check_shape(msg, tensors, inputs, group.size)
+            _check_shape(msg, tensors, inputs, group.size, group.transport)
         except InvalidArgument as exc:
             refused = exc
         # its own copy: the command's message may be a view of the slice's buffer, which the next slice refills
@@ -781,12 +781,19 @@ def _describe(sig: list[int]) -> str:
     )
 
 
-def _check_shape(msg: device_pb2.Collective, tensors: list[Any], inputs: list[Any], size: int) -> None:
+def _check_shape(
+    msg: device_pb2.Collective, tensors: list[Any], inputs: list[Any], size: int, transport: str = "secure"
+) -> None:
     """Refuse (INVALID_ARGUMENT, before any byte moves) every call the transport or the copies after it would raise
     on mid-call: such a raise broke the group (UNAVAILABLE) and failed its peers' sessions."""
     kinds_dtypes = {t.dtype for t in tensors + inputs}
     if len(kinds_dtypes) > 1:
         raise InvalidArgument(f"collective {msg.kind} mixes dtypes {sorted(str(d) for d in kinds_dtypes)}")
+    if transport != "secure" and kinds_dtypes == {torch.int16}:
+        # (round 38) neither gloo nor NCCL has int16 ("Invalid scalar type" mid-call: UNAVAILABLE, the group broken)
+        raise InvalidArgument(
+            f"collective {msg.kind} of int16 tensors: the {transport} transport has no int16 (the secure one has)"
+        )
     devices = {t.device for t in tensors + inputs}
     if len(devices) > 1:
         raise InvalidArgument(f"collective {msg.kind} mixes devices {sorted(map(str, devices))}")
@@ -859,8 +866,12 @@ def _run_kind(pg: Any, msg: device_pb2.Collective, tensors: list[Any], inputs: l
             flat = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else _plain(tensors[0])
         else:
             flat = torch.cat([t.reshape(-1) for t in inputs])
+        op = msg.reduce_op or "sum"
+        if flat.dtype is torch.bool:  # (round 38) a bool sum is an or, a product an and, as gloo's: the secure hub
+            # summed bytes (1 + 1 = 2), which `_check_bools` then refused as a peer's forgery and the group broke
+            op = {"sum": "max", "product": "min"}.get(op, op)
         opts = dist.AllreduceOptions()
-        opts.reduceOp = _REDUCE[msg.reduce_op or "sum"]  # type: ignore[assignment]
+        opts.reduceOp = _REDUCE[op]  # type: ignore[assignment]
         pg.allreduce([flat], opts).wait()
         if msg.reduce_op == "avg":
             exact = flat.is_floating_point() or flat.is_complex()  # (complex: floor_divide_ raised after the sum)

@@ -127,7 +127,8 @@ def _group_still_works(s0: Session, s1: Session) -> None:
 def test_calls_the_honest_client_never_sends_are_refused_on_every_rank_and_the_group_survives(group) -> None:  # type: ignore[no-untyped-def]
     """(round 38) Raw calls one rank's (hostile or buggy) client sends and its peer's does not: each one
     INVALID_ARGUMENT on every rank before a byte moves, the group usable after it. On the base the allgather whose
-    outputs had the input's size but another shape and the bool avg broke the group mid-call (UNAVAILABLE), and a
+    outputs had the input's size but another shape, the bool avg, the bool sum (secure) and int16 (gloo) broke the
+    group mid-call (UNAVAILABLE), and a
     call refused by its own daemon (two broadcast tensors) left its peer waiting out the group's timeout."""
     (s0, s1), _, _ = group
     # allgather: outputs of the input's element count, another shape, on rank 1 only
@@ -148,6 +149,21 @@ def test_calls_the_honest_client_never_sends_are_refused_on_every_rank_and_the_g
     for s in (s0, s1):
         with pytest.raises(InvalidArgument, match="avg"):
             s.sync()
+    _group_still_works(s0, s1)
+    # bool sum (an or, as gloo's): the secure hub summed bytes to 2, refused as a forgery, the group broken
+    b0, b1 = s0.upload(torch.tensor([True, False, False])), s1.upload(torch.tensor([True, True, False]))
+    collective(s0, "allreduce", [b0], op="sum")
+    collective(s1, "allreduce", [b1], op="sum")
+    assert s0.download(b0).tolist() == s1.download(b1).tolist() == [True, True, False]
+    # int16: the secure transport sums it; gloo has no int16 ("Invalid scalar type" mid-call, the group broken)
+    h0, h1 = s0.upload(torch.ones(2, dtype=torch.int16)), s1.upload(torch.ones(2, dtype=torch.int16))
+    collective(s0, "allreduce", [h0], op="sum")
+    collective(s1, "allreduce", [h1], op="sum")
+    for s, h in ((s0, h0), (s1, h1)):
+        try:
+            assert s.download(h).tolist() == [2, 2]
+        except InvalidArgument as exc:
+            assert "the gloo transport has no int16" in str(exc)
     _group_still_works(s0, s1)
     # a broadcast of two tensors on rank 0 only (refused by rank 0's daemon before the agreement on the base)
     c0, d0, c1 = s0.upload(torch.ones(1)), s0.upload(torch.ones(1)), s1.upload(torch.zeros(2))
