@@ -74,6 +74,7 @@ KINDS = ("allreduce", "broadcast", "allgather", "reduce_scatter", "barrier")
 _REDUCE = {"sum": dist.ReduceOp.SUM, "product": dist.ReduceOp.PRODUCT, "min": dist.ReduceOp.MIN,
            "max": dist.ReduceOp.MAX, "avg": dist.ReduceOp.SUM}  # fmt: skip
 _OPS = ("", "sum", "avg", "product", "min", "max")
+_REFUSED = -1  # a signature's kind where its rank's daemon refused the call (`Collectives._agree`)
 # Each dtype's number in a call's signature (`_agree`), so that ranks calling with different dtypes are refused
 # alike before a byte moves. Every dtype the wire carries has its own (the complex ones since round 35: both were
 # "99", so a complex64 call agreed with a complex128 one of as many elements, and gloo's receiving thread met twice the
@@ -664,20 +665,27 @@ class Collectives:
             raise InvalidArgument(f"unknown reduce op {msg.reduce_op!r}")
         tensors = [s.resolve(h) for h in msg.tensors]
         inputs = [s.resolve(h) for h in msg.inputs]
-        _check_shape(msg, tensors, inputs, group.size)
+        device = s.device.torch_device
+        # (round 38) a call this daemon refuses still takes its part in the agreement (`_agree`), marked refused: a
+        # refusal raised here, before it, left the peers waiting for this rank until the group's timeout
+        # (UNAVAILABLE, the group broken); now every rank fails alike with INVALID_ARGUMENT and the group goes on
+        refused: InvalidArgument | None = None
+        try:
+            _check_shape(msg, tensors, inputs, group.size, group.transport)
+        except InvalidArgument as exc:
+            refused = exc
         # its own copy: the command's message may be a view of the slice's buffer, which the next slice refills
         msg = device_pb2.Collective.FromString(msg.SerializeToString())
         pending = _Waiting(msg)
-        device = s.device.torch_device
         threads = torch.get_num_threads()
 
         def wait() -> None:
             try:
                 if device.type == "cuda":  # pragma: no cover - needs real GPUs
                     with torch.cuda.device(device):
-                        self._call(group, msg, tensors, inputs)
+                        self._call(group, msg, tensors, inputs, device, refused)
                 else:
-                    self._call(group, msg, tensors, inputs)
+                    self._call(group, msg, tensors, inputs, device, refused)
             except Exception as exc:
                 pending.error = exc
             finally:
@@ -686,9 +694,17 @@ class Collectives:
         group.submit(wait, f"gpupool-collective-{s.number}", threads)
         return pending
 
-    def _call(self, group: Group, msg: device_pb2.Collective, tensors: list[Any], inputs: list[Any]) -> None:
+    def _call(
+        self,
+        group: Group,
+        msg: device_pb2.Collective,
+        tensors: list[Any],
+        inputs: list[Any],
+        device: torch.device,
+        refused: InvalidArgument | None = None,
+    ) -> None:
         pg = group.wait_ready()
-        self._agree(group, pg, msg, tensors, inputs)
+        self._agree(group, pg, msg, tensors, inputs, device, refused)
         started = time.perf_counter()
         try:
             _run(pg, msg, tensors, inputs, group)
@@ -702,13 +718,24 @@ class Collectives:
             group.broken = f"collective {msg.kind} of {group.describe()} failed: {_short(exc)}"
             raise Unavailable(group.broken) from None
 
-    def _agree(self, group: Group, pg: Any, msg: device_pb2.Collective, tensors: list[Any], inputs: list[Any]) -> None:
-        """All-gather each rank's signature of this call; refuse (on every rank alike) when they differ."""
+    def _agree(
+        self,
+        group: Group,
+        pg: Any,
+        msg: device_pb2.Collective,
+        tensors: list[Any],
+        inputs: list[Any],
+        device: torch.device,
+        refused: InvalidArgument | None = None,
+    ) -> None:
+        """All-gather each rank's signature of this call; refuse (on every rank alike) when they differ, or when a
+        rank's daemon refused its call (`refused`, its signature's kind `_REFUSED`: its peers are told which)."""
         all_t = tensors + inputs
         dtype = _dtype_code(all_t[0].dtype) if all_t else -1
-        sig = [KINDS.index(msg.kind), _OPS.index(msg.reduce_op), msg.root, len(tensors), len(inputs),
+        kind = _REFUSED if refused is not None else KINDS.index(msg.kind)
+        sig = [kind, _OPS.index(msg.reduce_op), msg.root, len(tensors), len(inputs),
                sum(t.numel() for t in tensors), sum(t.numel() for t in inputs), dtype]  # fmt: skip
-        dev = tensors[0].device if tensors and tensors[0].device.type == "cuda" else torch.device("cpu")
+        dev = device if device.type == "cuda" else torch.device("cpu")  # (a refused call's tensors may be elsewhere)
         mine = torch.tensor(sig, dtype=torch.int64, device=dev)
         rows = [torch.empty_like(mine) for _ in range(group.size)]
         try:
@@ -717,6 +744,8 @@ class Collectives:
             group.broken = f"collective {msg.kind} of {group.describe()} failed: {_short(exc)}"
             raise Unavailable(group.broken) from None
         got = [r.tolist() for r in rows]
+        if refused is not None:
+            raise refused
         if any(r != got[0] for r in got):
             parts = "; ".join(f"rank {i}: {_describe(r)}" for i, r in enumerate(got))
             raise InvalidArgument(f"ranks disagree on a collective {msg.kind}: {parts}")
@@ -743,6 +772,8 @@ def _dtype_code(dtype: torch.dtype) -> int:
 
 def _describe(sig: list[int]) -> str:
     kind, op, root, nt, ni, numel_t, numel_i, dtype = sig
+    if kind == _REFUSED:
+        return "a call its daemon refused (INVALID_ARGUMENT there: its own error says why)"
     names = {v: str(k).removeprefix("torch.") for k, v in _DTYPES.items()}
     return (
         f"{KINDS[kind] if 0 <= kind < len(KINDS) else '?'}({_OPS[op] if 0 <= op < len(_OPS) else '?'}) "
@@ -750,10 +781,22 @@ def _describe(sig: list[int]) -> str:
     )
 
 
-def _check_shape(msg: device_pb2.Collective, tensors: list[Any], inputs: list[Any], size: int) -> None:
+def _check_shape(
+    msg: device_pb2.Collective, tensors: list[Any], inputs: list[Any], size: int, transport: str = "secure"
+) -> None:
+    """Refuse (INVALID_ARGUMENT, before any byte moves) every call the transport or the copies after it would raise
+    on mid-call: such a raise broke the group (UNAVAILABLE) and failed its peers' sessions."""
     kinds_dtypes = {t.dtype for t in tensors + inputs}
     if len(kinds_dtypes) > 1:
         raise InvalidArgument(f"collective {msg.kind} mixes dtypes {sorted(str(d) for d in kinds_dtypes)}")
+    if transport != "secure" and kinds_dtypes == {torch.int16}:
+        # (round 38) neither gloo nor NCCL has int16 ("Invalid scalar type" mid-call: UNAVAILABLE, the group broken)
+        raise InvalidArgument(
+            f"collective {msg.kind} of int16 tensors: the {transport} transport has no int16 (the secure one has)"
+        )
+    devices = {t.device for t in tensors + inputs}
+    if len(devices) > 1:
+        raise InvalidArgument(f"collective {msg.kind} mixes devices {sorted(map(str, devices))}")
     if msg.kind in ("allreduce", "broadcast") and (not tensors or inputs):
         raise InvalidArgument(f"{msg.kind} takes tensors and no inputs")
     if msg.kind == "broadcast" and msg.root >= size:
@@ -766,12 +809,23 @@ def _check_shape(msg: device_pb2.Collective, tensors: list[Any], inputs: list[An
     if msg.kind == "allgather":
         if len(inputs) != 1 or len(tensors) != size or any(t.numel() != inputs[0].numel() for t in tensors):
             raise InvalidArgument(f"allgather takes 1 input and {size} outputs of its size")
+        if any(t.shape != inputs[0].shape for t in tensors):
+            # (round 38) the transport refused an output of the input's size but another shape mid-call
+            # (UNAVAILABLE, the group broken); torch.distributed's all_gather refuses it as well
+            raise InvalidArgument(
+                f"allgather takes outputs of its input's shape {list(inputs[0].shape)}, not "
+                f"{[list(t.shape) for t in tensors]}"
+            )
     if msg.kind == "reduce_scatter":
         total = sum(t.numel() for t in inputs)
         if len(tensors) != 1 or total != size * tensors[0].numel() or len(inputs) not in (1, size):
             raise InvalidArgument(f"reduce_scatter takes 1 output and 1 or {size} inputs of {size}x its size")
     if len({id(t) for t in tensors}) != len(tensors):
         raise InvalidArgument(f"{msg.kind} names one tensor twice")
+    if msg.reduce_op == "avg" and kinds_dtypes == {torch.bool}:
+        # (round 38) the sum's floor division by the group's size raised on bools after the transport (UNAVAILABLE,
+        # the group broken); torch.distributed's gloo refuses AVG for every dtype
+        raise InvalidArgument(f"{msg.kind} with reduce op avg is not defined for bool tensors")
     if msg.reduce_op in ("min", "max", "product") and kinds_dtypes and next(iter(kinds_dtypes)).is_complex:
         # (round 36) gloo refused it mid-call ("all_reduce does not support on complex tensors"; the secure hub's
         # `torch.maximum` raised), an UNAVAILABLE that broke the group; torch.distributed refuses it before calling
@@ -812,8 +866,12 @@ def _run_kind(pg: Any, msg: device_pb2.Collective, tensors: list[Any], inputs: l
             flat = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else _plain(tensors[0])
         else:
             flat = torch.cat([t.reshape(-1) for t in inputs])
+        op = msg.reduce_op or "sum"
+        if flat.dtype is torch.bool:  # (round 38) a bool sum is an or, a product an and, as gloo's: the secure hub
+            # summed bytes (1 + 1 = 2), which `_check_bools` then refused as a peer's forgery and the group broke
+            op = {"sum": "max", "product": "min"}.get(op, op)
         opts = dist.AllreduceOptions()
-        opts.reduceOp = _REDUCE[msg.reduce_op or "sum"]  # type: ignore[assignment]
+        opts.reduceOp = _REDUCE[op]  # type: ignore[assignment]
         pg.allreduce([flat], opts).wait()
         if msg.reduce_op == "avg":
             exact = flat.is_floating_point() or flat.is_complex()  # (complex: floor_divide_ raised after the sum)

@@ -117,6 +117,74 @@ def test_mismatched_shapes_fail_on_every_rank_and_the_group_survives(group) -> N
     assert s0.download(ok0).tolist() == [2.0, 2.0]
 
 
+def _group_still_works(s0: Session, s1: Session) -> None:
+    ok0, ok1 = s0.upload(torch.ones(2)), s1.upload(torch.ones(2) * 2)
+    collective(s0, "allreduce", [ok0], op="sum")
+    collective(s1, "allreduce", [ok1], op="sum")
+    assert s0.download(ok0).tolist() == s1.download(ok1).tolist() == [3.0, 3.0]
+
+
+def test_calls_the_honest_client_never_sends_are_refused_on_every_rank_and_the_group_survives(group) -> None:  # type: ignore[no-untyped-def]
+    """(round 38) Raw calls one rank's (hostile or buggy) client sends and its peer's does not: each one
+    INVALID_ARGUMENT on every rank before a byte moves, the group usable after it. On the base the allgather whose
+    outputs had the input's size but another shape, the bool avg, the bool sum (secure) and int16 (gloo) broke the
+    group mid-call (UNAVAILABLE), and a
+    call refused by its own daemon (two broadcast tensors) left its peer waiting out the group's timeout."""
+    (s0, s1), _, _ = group
+    # allgather: outputs of the input's element count, another shape, on rank 1 only
+    x0, x1 = s0.upload(torch.arange(4.0)), s1.upload(torch.arange(4.0))
+    outs0 = [s0.upload(torch.zeros(4)) for _ in range(2)]
+    outs1 = [s1.upload(torch.zeros(2, 2)) for _ in range(2)]
+    collective(s0, "allgather", outs0, [x0])
+    collective(s1, "allgather", outs1, [x1])
+    with pytest.raises(InvalidArgument, match=r"rank 1: a call its daemon refused"):
+        s0.sync()
+    with pytest.raises(InvalidArgument, match=r"allgather takes outputs of its input's shape \[4\]"):
+        s1.sync()
+    _group_still_works(s0, s1)
+    # bool allreduce avg on both ranks (the signatures agree)
+    b0, b1 = s0.upload(torch.tensor([True, False])), s1.upload(torch.tensor([True, True]))
+    collective(s0, "allreduce", [b0], op="avg")
+    collective(s1, "allreduce", [b1], op="avg")
+    for s in (s0, s1):
+        with pytest.raises(InvalidArgument, match="avg"):
+            s.sync()
+    _group_still_works(s0, s1)
+    # bool sum (an or, as gloo's): the secure hub summed bytes to 2, refused as a forgery, the group broken
+    b0, b1 = s0.upload(torch.tensor([True, False, False])), s1.upload(torch.tensor([True, True, False]))
+    collective(s0, "allreduce", [b0], op="sum")
+    collective(s1, "allreduce", [b1], op="sum")
+    assert s0.download(b0).tolist() == s1.download(b1).tolist() == [True, True, False]
+    # int16: the secure transport sums it; gloo has no int16 ("Invalid scalar type" mid-call, the group broken)
+    h0, h1 = s0.upload(torch.ones(2, dtype=torch.int16)), s1.upload(torch.ones(2, dtype=torch.int16))
+    collective(s0, "allreduce", [h0], op="sum")
+    collective(s1, "allreduce", [h1], op="sum")
+    for s, h in ((s0, h0), (s1, h1)):
+        try:
+            assert s.download(h).tolist() == [2, 2]
+        except InvalidArgument as exc:
+            assert "the gloo transport has no int16" in str(exc)
+    _group_still_works(s0, s1)
+    # a broadcast of two tensors on rank 0 only (refused by rank 0's daemon before the agreement on the base)
+    c0, d0, c1 = s0.upload(torch.ones(1)), s0.upload(torch.ones(1)), s1.upload(torch.zeros(2))
+    collective(s0, "broadcast", [c0, d0], root=0)
+    collective(s1, "broadcast", [c1], root=0)
+    with pytest.raises(InvalidArgument, match="one tensor per rank"):
+        s0.sync()
+    with pytest.raises(InvalidArgument, match="rank 0: a call its daemon refused"):
+        s1.sync()
+    _group_still_works(s0, s1)
+    # reduce_scatter whose output is not 1/size of its input, on rank 1 only
+    r0, r1 = s0.upload(torch.arange(4.0)), s1.upload(torch.arange(4.0))
+    o0, o1 = s0.upload(torch.zeros(2)), s1.upload(torch.zeros(3))
+    collective(s0, "reduce_scatter", [o0], [r0], op="sum")
+    collective(s1, "reduce_scatter", [o1], [r1], op="sum")
+    for s in (s0, s1):
+        with pytest.raises(InvalidArgument):
+            s.sync()
+    _group_still_works(s0, s1)
+
+
 def test_rank_that_never_calls_is_a_clear_error_in_seconds(group) -> None:  # type: ignore[no-untyped-def]
     (s0, _), _, _ = group
     a0 = s0.upload(torch.ones(3))

@@ -96,6 +96,7 @@ def test_complex_collectives_gather_average_and_refuse_orderings(group: Any) -> 
     for op in ("max", "min", "product"):
         for s, x in ((s0, x0), (s1, x1)):
             collective(s, "allreduce", [Handle(s.upload(x))], op=op)  # (its output is poisoned: a new one each)
+        for s in (s0, s1):  # (round 38) a refused call takes its part in the agreement: both call, then each hears
             with pytest.raises(InvalidArgument, match=f"reduce op {op} is not defined for complex"):
                 s.sync()
     a0, a1 = Handle(s0.upload(x0)), Handle(s1.upload(x1))

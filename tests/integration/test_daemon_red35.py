@@ -157,6 +157,7 @@ def test_honest_ranks_calls_that_differ_in_bytes_are_refused(serve_process: Any)
     ranks = _gloo_pair(d)
     for s, split in zip(ranks, ((10, 20), (20, 10)), strict=True):
         collective(s, "broadcast", [Handle(s.upload(torch.ones(n))) for n in split], root=1)
+    for s in ranks:  # (round 38) a refused call takes its part in the agreement: both ranks call, then each hears
         with pytest.raises(errors.InvalidArgument, match="one tensor per rank"):
             s.sync()
         s.close()
