@@ -142,7 +142,8 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="when run as root, each session's worker runs as a uid (and gid) of its own instead of --worker-user, "
         "so workers cannot signal, retune or see each other and each is bounded in threads: 'auto' (the default) "
-        "takes them from 2000000000-2000065535 unless an account, group or /etc/subuid or /etc/subgid range of the "
+        "(unless --worker-user keep) takes them from 2000000000-2000065535 unless an account, group or "
+        "/etc/subuid or /etc/subgid range of the "
         "host is in it (then: --worker-user, with a warning); FIRST-LAST names a range (refused if anything of the "
         "host is in it); daemons of a host share a range (a uid in use is locked under /run/gpupool); 'off': every "
         "worker runs as --worker-user",

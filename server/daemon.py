@@ -284,7 +284,8 @@ class Daemon:
     def start(self) -> None:
         if self.config.isolation == "process":
             check_worker_user(self.config.worker_user)
-            self._uids = check_worker_uids(self.config.worker_uids)
+            keep = not worker_user(self.config.worker_user) and self.config.worker_uids == "auto"
+            self._uids = None if keep else check_worker_uids(self.config.worker_uids)  # keep: root workers
             self._worker_groups = self._check_gpu_files()
             # Before gRPC threads exist (a fresh interpreter either way), and ready before the daemon says it
             # listens: an Attach never waits for torch to import.

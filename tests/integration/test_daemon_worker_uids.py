@@ -144,3 +144,19 @@ def test_the_default_range_falls_back_to_the_shared_user_where_the_host_uses_it(
     assert "session workers share the user" in caplog.text
     with pytest.raises(errors.InvalidArgument, match="holds users of this host"):
         daemon.check_worker_uids(f"{nogroup}-{nogroup}")
+
+
+def test_gpu_device_files_a_worker_of_no_account_can_open(tmp_path: Any) -> None:
+    """What the daemon checks at start on a real GPU (sandbox.gpu_device_groups), on files with a device file's modes:
+    read-write for others is fine, for a group other than root's the workers keep that group, else it is unusable."""
+    from gpupool.server.sandbox import gpu_device_groups
+
+    nogroup = pwd.getpwnam("nobody").pw_gid
+    modes = {"ctl": (0o666, 0), "gpu0": (0o660, nogroup), "gpu1": (0o660, 0), "uvm": (0o600, nogroup)}
+    for name, (mode, gid) in modes.items():
+        (tmp_path / name).touch()
+        os.chown(tmp_path / name, 0, gid)
+        (tmp_path / name).chmod(mode)
+    groups, unusable = gpu_device_groups([str(tmp_path / n) for n in modes] + [str(tmp_path / "absent")])
+    assert groups == (nogroup,)
+    assert [u.split()[0] for u in unusable] == [str(tmp_path / "gpu1"), str(tmp_path / "uvm")], unusable
