@@ -139,11 +139,14 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
     add_flag(
         p,
         "--worker-uids",
-        default="",
-        help="when run as root, FIRST-LAST: each session's worker runs as a uid (and gid) of its own from this "
-        "range instead of --worker-user, so workers cannot signal or retune each other and each is bounded in "
-        "threads; the range must hold no account of the host, and each daemon of a host needs its own "
-        "(default: none, every worker runs as --worker-user)",
+        default="auto",
+        help="when run as root, each session's worker runs as a uid (and gid) of its own instead of --worker-user, "
+        "so workers cannot signal, retune or see each other and each is bounded in threads: 'auto' (the default) "
+        "(unless --worker-user keep) takes them from 2000000000-2000065535 unless an account, group or "
+        "/etc/subuid or /etc/subgid range of the "
+        "host is in it (then: --worker-user, with a warning); FIRST-LAST names a range (refused if anything of the "
+        "host is in it); daemons of a host share a range (a uid in use is locked under /run/gpupool); 'off': every "
+        "worker runs as --worker-user",
     )
     add_flag(
         p,

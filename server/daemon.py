@@ -10,6 +10,7 @@ implements `RegistrationSource`, what the scheduler registrar reads (devices, us
 from __future__ import annotations
 
 import errno
+import glob
 import logging
 import os
 import pwd
@@ -47,7 +48,7 @@ from .metrics import Ledger, Metrics
 from .registration import (
     RegistrationSource as RegistrationSource,  # the one definition, beside its consumer
 )
-from .sandbox import WorkerUids, worker_tasks
+from .sandbox import DEFAULT_WORKER_UIDS, GPU_DEVICE_GLOB, WorkerUids, gpu_device_groups, worker_tasks
 from .sessions import MAX_GRAPH_BYTES, MAX_HANDLES, DeviceMemory
 from .speedmodel import SpeedModel
 from .worker import InlineRunner, Runner, WorkerDied, WorkerSpec, spin_default
@@ -124,8 +125,10 @@ class DaemonConfig:
     worker_gpu_margin: int = -1
     # When started as root, run workers as this unprivileged user; KEEP_USER (an explicit opt-out) keeps root.
     worker_user: str = "nobody"
-    # When started as root: "FIRST-LAST", a uid of its own from this range for each worker instead (sandbox.WorkerUids)
-    worker_uids: str = ""
+    # When started as root: a uid of its own for each worker instead (sandbox.WorkerUids): "auto" (the default range
+    # sandbox.DEFAULT_WORKER_UIDS where nothing of the host's is in it, else `worker_user` with a warning),
+    # "FIRST-LAST", or "off" (every worker runs as `worker_user`)
+    worker_uids: str = "auto"
     seccomp: bool = True
     worker_network: bool = False  # workers keep TCP sockets, for torch.distributed collectives between daemons
     # Transport of those collectives: "secure" (encrypted, authenticated: server/seclink.py) or "gloo"
@@ -143,21 +146,29 @@ def worker_user(name: str) -> str:
 
 
 def check_worker_uids(text: str) -> WorkerUids | None:
-    """Parse --worker-uids; refuse a range holding a user of the host's passwd (a worker must be nobody's user).
-    Not root: workers keep the daemon's user, and the range is ignored (logged)."""
+    """Parse --worker-uids; refuse a range holding a user or group of the host, or a subordinate range of
+    /etc/subuid or /etc/subgid (a worker must be nobody's user); "auto" is the default range, or None with one
+    warning where something of the host is in it. Not root: workers keep the daemon's user (a range is logged)."""
+    auto = text == "auto"
     try:
-        uids = WorkerUids.parse(text)
+        uids = WorkerUids.parse(DEFAULT_WORKER_UIDS if auto else text)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None
     if uids is None:
         return None
     if os.geteuid() != 0:
-        log.warning("--worker-uids %s: not running as root, so session workers keep this daemon's user", text)
+        if not auto:
+            log.warning("--worker-uids %s: not running as root, so session workers keep this daemon's user", text)
         return None
-    users = uids.users()
-    if users:
-        raise InvalidArgument(f"--worker-uids {text} holds users of this host ({', '.join(users[:5])}): "
-                              "name a range no account uses")  # fmt: skip
+    clashes = uids.clashes()
+    if clashes and auto:
+        log.warning("--worker-uids: the default range %s holds %s of this host: session workers share the user "
+                    "--worker-user instead (pass --worker-uids FIRST-LAST, a free range, to keep them apart)",
+                    DEFAULT_WORKER_UIDS, ", ".join(clashes[:3]))  # fmt: skip
+        return None
+    if clashes:
+        raise InvalidArgument(f"--worker-uids {text} holds users of this host ({', '.join(clashes[:5])}): "
+                              "name a range no account, group or subordinate range uses")  # fmt: skip
     log.info("session workers run as uids %d-%d, one each (at most %d tasks a worker)", uids.first, uids.last,
              worker_tasks())  # fmt: skip
     return uids
@@ -271,11 +282,14 @@ class Daemon:
         self._expiry_hold = 0.0  # set by the registrar: no token expiry ends a session before this (unix s)
         self._reaper = threading.Thread(target=self._reap, name="gpupool-reaper", daemon=True)
         self._uids: WorkerUids | None = None  # --worker-uids (as root): a uid of its own for each worker
+        self._worker_groups: tuple[int, ...] = ()  # supplementary groups of workers: the GPU device files'
 
     def start(self) -> None:
         if self.config.isolation == "process":
             check_worker_user(self.config.worker_user)
-            self._uids = check_worker_uids(self.config.worker_uids)
+            keep = not worker_user(self.config.worker_user) and self.config.worker_uids == "auto"
+            self._uids = None if keep else check_worker_uids(self.config.worker_uids)  # keep: root workers
+            self._worker_groups = self._check_gpu_files()
             # Before gRPC threads exist (a fresh interpreter either way), and ready before the daemon says it
             # listens: an Attach never waits for torch to import.
             self.zygote = shared_zygote()
@@ -293,6 +307,27 @@ class Daemon:
         for w in self.workers:
             w.start()
         self._reaper.start()
+
+    def _check_gpu_files(self) -> tuple[int, ...]:
+        """A root daemon's workers on real GPUs run as no account: CUDA needs the NVIDIA device files read-write
+        for others, or for a group (not root's) that the workers then keep. Refuse to start where a file allows
+        neither (docs/operations.md says what to change); no check without a real GPU."""
+        if os.geteuid() != 0 or all(d.fake for d in self.device_list):
+            return ()
+        if self._uids is None and not worker_user(self.config.worker_user):
+            return ()  # root workers
+        paths = sorted({p for pattern in GPU_DEVICE_GLOB for p in glob.glob(pattern)})
+        groups, unusable = gpu_device_groups(paths)
+        if unusable:
+            raise InvalidArgument(
+                f"session workers (no account of their own, no groups) cannot open {', '.join(unusable[:4])}: make "
+                "the NVIDIA device files read-write for others (the driver's default, 0666) or for a group other "
+                "than root's (chgrp GROUP; chmod g+rw), see docs/operations.md, or pass --worker-uids off and a "
+                "--worker-user who can"
+            )
+        if groups:
+            log.info("session workers keep group(s) %s: the GPU device files'", ", ".join(map(str, groups)))
+        return groups
 
     # ---- sessions ----
 
@@ -378,6 +413,7 @@ class Daemon:
             gpu_margin=c.worker_gpu_margin,
             max_graph_bytes=c.max_graph_memory,
             uid=s.worker_uid,
+            groups=self._worker_groups,
         )
         if self.zygote is None:
             return InlineRunner(spec)
@@ -848,4 +884,6 @@ class Daemon:
         for w in self.workers:
             if w.is_alive():
                 w.join(timeout=5)
+        if self._uids is not None:
+            self._uids.close()
         self.metrics.stop()

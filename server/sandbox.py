@@ -28,11 +28,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
+import grp
 import logging
 import os
 import platform
 import pwd
 import resource
+import stat
 import threading
 from dataclasses import dataclass, field
 
@@ -255,9 +258,21 @@ def worker_tasks() -> int:
     return 4 * (os.cpu_count() or 1) + 64
 
 
+def shared_tasks() -> int:
+    """RLIMIT_NPROC of a worker that shares its user with the others (`--worker-uids off`, or no free range): the
+    user's tasks together, all workers' (64 sessions of `worker_tasks`) but at most half the host's pid_max, so
+    that a worker's thread bomb leaves the daemon (root: not counted) and the rest of the host pids to start."""
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            pid_max = int(f.read())
+    except (OSError, ValueError):
+        pid_max = 32768
+    return max(worker_tasks(), min(64 * worker_tasks(), pid_max // 2))
+
+
 def set_rlimits(memory_bytes: int, open_files: int = 256, tasks: int = 0) -> list[str]:
     done = []
-    if tasks > 0:  # counted per user: only a uid of the worker's own makes it the worker's bound
+    if tasks > 0:  # counted per user: a uid of the worker's own bounds the worker, a shared user all workers
         resource.setrlimit(resource.RLIMIT_NPROC, (tasks, tasks))
         done.append(f"{tasks} tasks")
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -272,9 +287,10 @@ def set_rlimits(memory_bytes: int, open_files: int = 256, tasks: int = 0) -> lis
     return done
 
 
-def drop_user(name: str = "nobody", uid: int = -1) -> str:
+def drop_user(name: str = "nobody", uid: int = -1, groups: tuple[int, ...] = ()) -> str:
     """As root: become an unprivileged user (no capabilities): `uid` as uid and gid where given (a worker's own,
-    `--worker-uids`), else user `name`'s; returns what was done."""
+    `--worker-uids`), else user `name`'s, with supplementary `groups` only (the GPU device files' group:
+    `gpu_device_groups`); returns what was done."""
     if os.geteuid() != 0:
         return f"uid {os.geteuid()} (not root: kept)"
     if uid > 0:
@@ -282,53 +298,107 @@ def drop_user(name: str = "nobody", uid: int = -1) -> str:
     else:
         entry = pwd.getpwnam(name)
         uid, gid = entry.pw_uid, entry.pw_gid
-    os.setgroups([])
+    os.setgroups(list(groups))
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     return f"uid {uid}"
 
 
-class WorkerUids:
-    """`--worker-uids FIRST-LAST`: a uid (and gid) of its own for each session's worker, so that no two workers
-    share a user. Workers of one user can signal each other, change each other's limits and scheduling, reach each
-    other's IPC objects, and share one count of tasks (RLIMIT_NPROC): with a uid each, the kernel's own checks keep
-    them apart and RLIMIT_NPROC bounds each worker's threads (`worker_tasks`). A uid is given to one worker at a
-    time, taken in turn through the range (not again at once), and free again once the worker it was given to is
-    gone (its pid no longer exists: a worker lives on after its session closes until the zygote's kill lands)."""
+# `--worker-uids`'s default for a root daemon: above systemd-nspawn's container uids (524288-1879048191) and
+# below both 2^31 (tools that read a uid as a signed int) and systemd's foreign range (2147352576-); no distribution
+# allocates here, and `WorkerUids.clashes` checks the host's accounts, groups and subordinate ranges at start.
+DEFAULT_WORKER_UIDS = "2000000000-2000065535"
+UID_LOCKS = "/run/gpupool/worker-uids"  # a file per uid in use, flock'd by the daemon that gave it (host-wide)
 
-    def __init__(self, first: int, last: int) -> None:
+
+def _sub_ranges(path: str) -> list[tuple[str, int, int]]:
+    """/etc/subuid or /etc/subgid: (owner, first, last) of each allocation."""
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.strip().split(":")
+                if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() and int(parts[2]) > 0:
+                    out.append((parts[0], int(parts[1]), int(parts[1]) + int(parts[2]) - 1))
+    except OSError:
+        pass
+    return out
+
+
+class WorkerUids:
+    """`--worker-uids FIRST-LAST` (a root daemon's default: DEFAULT_WORKER_UIDS): a uid (and gid) of its own for
+    each session's worker, so that no two workers share a user. Workers of one user can signal each other, change
+    each other's limits and scheduling, reach each other's IPC objects, see each other in /proc, and share one count
+    of tasks (RLIMIT_NPROC): with a uid each, the kernel's own checks keep them apart and RLIMIT_NPROC bounds each
+    worker's threads (`worker_tasks`). A uid is given to one worker at a time, taken in turn through the range (not
+    again at once), and free again once the worker it was given to is gone (its pid no longer exists: a worker lives
+    on after its session closes until the zygote's kill lands). Daemons of one host share the range: a uid in use
+    is also an flock on its file under `locks` (UID_LOCKS), which another daemon's `take` skips."""
+
+    def __init__(self, first: int, last: int, locks: str = UID_LOCKS) -> None:
         if not 0 < first <= last < 2**32 - 1:
             raise ValueError(f"--worker-uids {first}-{last}: want 0 < FIRST <= LAST < 4294967295")
         self.first, self.last = first, last
+        self.locks = locks
         self._lock = threading.Lock()
         self._held: dict[int, int] = {}  # uid -> its worker's pid (0 while it starts, or while its session lives)
         self._done: dict[int, int] = {}  # uid -> pid of a closed session's worker, until that pid is gone
+        self._fds: dict[int, int] = {}  # uid -> the descriptor of its flock'd file (held or done)
         self._next = first
 
     @staticmethod
     def parse(text: str) -> WorkerUids | None:
-        """`FIRST-LAST` ("": none); ValueError on anything else."""
-        if not text:
+        """`FIRST-LAST` ("" or "off": none); ValueError on anything else."""
+        if text in ("", "off"):
             return None
         first, sep, last = text.partition("-")
         if not sep or not first.strip().isdigit() or not last.strip().isdigit():
-            raise ValueError(f"--worker-uids {text!r}: want FIRST-LAST, two uids")
+            raise ValueError(f"--worker-uids {text!r}: want FIRST-LAST, two uids, or off")
         return WorkerUids(int(first), int(last))
 
     def users(self) -> list[str]:
         """Users of the host's passwd whose uid lies in the range (a worker must never be one of them)."""
         return [e.pw_name for e in pwd.getpwall() if self.first <= e.pw_uid <= self.last]
 
+    def clashes(self) -> list[str]:
+        """What of the host's already lies in the range: accounts and groups (through NSS), and the subordinate
+        uids and gids of /etc/subuid and /etc/subgid (user namespaces' ids: a worker must not be a container's)."""
+        out = [f"user {n}" for n in self.users()]
+        out += [f"group {e.gr_name}" for e in grp.getgrall() if self.first <= e.gr_gid <= self.last]
+        for path in ("/etc/subuid", "/etc/subgid"):
+            out += [f"{path} {owner}:{lo}-{hi}" for owner, lo, hi in _sub_ranges(path)
+                    if lo <= self.last and self.first <= hi]  # fmt: skip
+        return out
+
+    def _claim(self, uid: int) -> bool:
+        """Hold `uid`'s file under `locks` (False: another daemon of the host holds it)."""
+        os.makedirs(self.locks, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(self.locks, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._fds[uid] = fd
+        return True
+
+    def _release(self, uid: int) -> None:
+        fd = self._fds.pop(uid, -1)
+        if fd >= 0:
+            os.close(fd)
+
     def take(self) -> int:
-        """A uid no live worker of this daemon holds; OSError(EAGAIN) when every uid of the range is held."""
+        """A uid no live worker of this daemon (or another of the host) holds; OSError(EAGAIN) when every uid of the
+        range is held."""
         with self._lock:
             for uid, pid in list(self._done.items()):
                 if not os.path.exists(f"/proc/{pid}"):
                     del self._done[uid]
+                    self._release(uid)
             size = self.last - self.first + 1
-            for k in range(min(size, len(self._held) + len(self._done) + 1)):
+            for k in range(size):
                 uid = self.first + (self._next - self.first + k) % size
-                if uid not in self._held and uid not in self._done:
+                if uid not in self._held and uid not in self._done and self._claim(uid):
                     self._next = self.first + (uid - self.first + 1) % size
                     self._held[uid] = 0
                     return uid
@@ -340,6 +410,73 @@ class WorkerUids:
             self._held.pop(uid, None)
             if pid > 0:
                 self._done[uid] = pid
+            else:
+                self._release(uid)
+
+    def close(self) -> None:
+        """The daemon stops: the uids of its workers that are gone are free for other daemons (one whose worker
+        still lives stays held until this process exits)."""
+        with self._lock:
+            for uid in list(self._fds):
+                pid = self._done.get(uid, self._held.get(uid, 0))
+                if not pid or not os.path.exists(f"/proc/{pid}"):
+                    self._done.pop(uid, None)
+                    self._held.pop(uid, None)
+                    self._release(uid)
+
+
+# GPU device files a CUDA worker opens read-write (the driver's; NVIDIA's default mode is 0666)
+GPU_DEVICE_GLOB = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia[0-9]*")
+
+
+def gpu_device_groups(paths: list[str]) -> tuple[tuple[int, ...], list[str]]:
+    """Which supplementary groups a worker of no account needs to open `paths` read-write, and which it could
+    not open at all: a file is fine when others may read and write it, or when its group (not root's) may, which
+    the worker then joins; a file only root or one user may use is listed (the operator must `chgrp` it)."""
+    groups: set[int] = set()
+    unusable = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if st.st_mode & (stat.S_IROTH | stat.S_IWOTH) == stat.S_IROTH | stat.S_IWOTH:
+            continue
+        if st.st_gid != 0 and st.st_mode & (stat.S_IRGRP | stat.S_IWGRP) == stat.S_IRGRP | stat.S_IWGRP:
+            groups.add(st.st_gid)
+        else:
+            unusable.append(f"{path} ({stat.filemode(st.st_mode)} {st.st_uid}:{st.st_gid})")
+    return tuple(sorted(groups)), unusable
+
+
+MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x4000, 0x40000, 0x2, 0x4, 0x8
+CLONE_NEWNS = 0x00020000
+
+
+def private_proc() -> str:
+    """As root, in a freshly forked single-threaded worker: a mount namespace of its own (no propagation back to
+    the host's) with a new /proc mounted hidepid=invisible, so that once it has dropped to a user of its own the
+    worker sees only its own processes: no host process list, no other worker's /proc/PID/stat (scheduling and
+    memory counters: a side channel). Kept (returns why) where /proc has mounts over it (a container's masked
+    files: a fresh proc would show them) or the kernel refuses."""
+    if os.geteuid() != 0:
+        return "not root"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            over = [line.split()[4] for line in f if line.split()[4].startswith("/proc/")]
+    except OSError as exc:
+        return f"mountinfo: {exc}"
+    if over:
+        return f"mounts over /proc ({over[0]}...)"
+    libc = _libc()
+    if libc.unshare(CLONE_NEWNS) != 0:
+        return f"unshare: {os.strerror(ctypes.get_errno())}"
+    if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        return f"making / private: {os.strerror(ctypes.get_errno())}"
+    flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    if libc.mount(b"proc", b"/proc", b"proc", flags, b"hidepid=2") != 0:
+        return f"mount proc: {os.strerror(ctypes.get_errno())}"
+    return ""
 
 
 def seccomp_filter(network: bool = False, shared_anonymous: bool = True) -> bool:
@@ -430,10 +567,13 @@ def apply(
     network: bool = False,
     shared_anonymous: bool = True,
     uid: int = -1,
+    groups: tuple[int, ...] = (),
 ) -> SandboxReport:
     """Confine the calling process for good (there is no way back). Call once, single-threaded. Without
     `shared_anonymous` (a fake GPU's worker, whose tensors RLIMIT_DATA caps) no shared anonymous mappings. With
-    `uid` (root only: a uid of the worker's own, `--worker-uids`) that uid instead of `user`'s, and RLIMIT_NPROC."""
+    `uid` (root only: a uid of the worker's own, `--worker-uids`) that uid instead of `user`'s, and RLIMIT_NPROC
+    `worker_tasks`; a root worker dropping to the shared `user` gets RLIMIT_NPROC `shared_tasks`. `groups`: the
+    supplementary groups it keeps (the GPU device files': `gpu_device_groups`)."""
     report = SandboxReport()
 
     def step(what: str, fn: object) -> None:
@@ -450,10 +590,11 @@ def apply(
             report.applied.append(out if isinstance(out, str) else what)
 
     own = uid > 0 and os.geteuid() == 0
-    step("rlimits", lambda: set_rlimits(memory_bytes, tasks=worker_tasks() if own else 0))
+    tasks = worker_tasks() if own else shared_tasks() if user and os.geteuid() == 0 else 0
+    step("rlimits", lambda: set_rlimits(memory_bytes, tasks=tasks))
     if user or own:  # never a root worker by accident: a failed drop ends the worker (its session sees INTERNAL)
         try:
-            report.applied.append(drop_user(user, uid if own else -1))
+            report.applied.append(drop_user(user, uid if own else -1, groups))
         except (OSError, KeyError) as exc:
             raise RuntimeError(f"cannot run the session worker as {user!r}: {exc}") from exc
     step("not dumpable", lambda: _prctl(PR_SET_DUMPABLE, 0))  # no ptrace attach, no /proc/PID/mem by peers

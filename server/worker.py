@@ -92,6 +92,7 @@ class WorkerSpec:
     gpu_margin: int = -1  # real GPUs: bytes the CUDA allocator may hold beyond the quota (-1: `gpu_margin`)
     max_graph_bytes: int = 256 * 1024**2  # host memory of the session's graphs (sessions.MAX_GRAPH_BYTES)
     uid: int = -1  # a uid (and gid) of the worker's own instead of `user`'s (--worker-uids; -1: none)
+    groups: tuple[int, ...] = ()  # supplementary groups kept when it drops its user (the GPU device files' group)
 
 
 # ---- the worker's CUDA memory cap ----
@@ -644,6 +645,8 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     """The worker's life: confine, then serve slices until the daemon closes the socket. Returns an exit code."""
     from . import native_runner, sandbox, workerprofile
 
+    # first, while root and single-threaded (CUDA and torch start threads; a mount namespace is a thread's)
+    hidden = sandbox.private_proc() if os.geteuid() == 0 and (spec.user or spec.uid > 0) else "not dropping root"
     sys.dont_write_bytecode = True  # no .pyc writes from a process that may not create files
     native_runner.forbid_build()  # the zygote loaded it before the fork, or it stays off (never exec a compiler here)
     import torch
@@ -674,7 +677,9 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
         network=spec.network,
         shared_anonymous=not state.device.fake,
         uid=spec.uid,
+        groups=tuple(spec.groups),
     )
+    (report.missing if hidden else report.applied).append(f"private /proc: {hidden}" if hidden else "private /proc")
     log.debug("session %d worker %d sandbox: %s; missing: %s", spec.number, os.getpid(), report.applied, report.missing)
     progress = mmap.mmap(progress_fd, SHARED_BYTES)
     os.close(progress_fd)

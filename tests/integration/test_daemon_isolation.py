@@ -252,7 +252,7 @@ def _proc_status(pid: int) -> dict[str, str]:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the user drop applies to a daemon running as root")
 def test_a_root_daemons_workers_drop_to_an_unprivileged_user(daemon_factory: Any) -> None:
-    d = daemon_factory()  # the default --worker-user: nobody
+    d = daemon_factory(worker_uids="off")  # the default --worker-user, nobody, for every worker (a uid each: auto)
     s = Session.attach(d.address, d.token(quota_bytes=16 * MiB))
     assert s.download(s.upload(torch.arange(4.0))).tolist() == [0.0, 1.0, 2.0, 3.0]
     pid = usage(d.address, s).worker_pid

@@ -64,3 +64,99 @@ def test_a_range_holding_an_account_is_refused_at_start(daemon_factory: Any) -> 
         daemon_factory(worker_uids=f"{nobody - 1}-{nobody + 1}")
     with pytest.raises(errors.InvalidArgument, match="want FIRST-LAST"):
         daemon_factory(worker_uids="1000")
+
+
+def mounted_proc(pid: int) -> str:
+    """The options of the /proc that worker `pid` sees (its mount namespace's: the last mounted there)."""
+    with open(f"/proc/{pid}/mountinfo") as f:
+        return [line for line in f if line.split()[4] == "/proc"][-1]
+
+
+def test_a_root_daemons_workers_run_as_uids_of_their_own_by_default_and_see_only_their_own_processes(
+    daemon_factory: Any,
+) -> None:
+    """On the base a root daemon's workers all ran as `nobody` unless --worker-uids named a range, and saw every
+    process of the host in /proc (other workers' /proc/PID/stat: a scheduling side channel)."""
+    from gpupool.server.sandbox import DEFAULT_WORKER_UIDS
+
+    first, last = map(int, DEFAULT_WORKER_UIDS.split("-"))
+    d = daemon_factory()
+    a = Session.attach(d.address, d.token(quota_bytes=16 * MiB))
+    b = Session.attach(d.address, d.token(quota_bytes=16 * MiB))
+    a.sync()
+    b.sync()
+    pid_a, uid_a, gid_a = worker_ids(d.address, a)
+    pid_b, uid_b, gid_b = worker_ids(d.address, b)
+    assert uid_a == gid_a and uid_b == gid_b and uid_a != uid_b, (uid_a, uid_b)
+    assert len(set(uid_a)) == 1 and first <= int(uid_a[0]) <= last and first <= int(uid_b[0]) <= last
+    for pid in (pid_a, pid_b):
+        line = mounted_proc(pid)
+        assert "hidepid=invisible" in line or "hidepid=2" in line, line
+    assert "hidepid" not in mounted_proc(os.getpid())  # the host's own /proc is untouched
+    a.close()
+    b.close()
+
+
+def test_worker_uids_off_keeps_the_shared_user(daemon_factory: Any) -> None:
+    d = daemon_factory(worker_uids="off")
+    s = Session.attach(d.address, d.token(quota_bytes=16 * MiB))
+    s.sync()
+    nobody = pwd.getpwnam("nobody").pw_uid
+    assert worker_ids(d.address, s)[1] == [str(nobody)] * 4
+    s.close()
+
+
+def test_daemons_of_one_host_never_give_one_uid_to_two_workers(daemon_factory: Any) -> None:
+    """Daemons share a range (the default's, or one named twice): on the base two daemons each gave the range's
+    first uid to a worker of theirs, and those two workers could signal each other. A uid in use is now locked
+    host-wide: the second daemon's session waits for one."""
+    uid = FIRST + 7
+    d1 = daemon_factory(worker_uids=f"{uid}-{uid}")
+    d2 = daemon_factory(worker_uids=f"{uid}-{uid}")
+    a = Session.attach(d1.address, d1.token(quota_bytes=16 * MiB))
+    a.sync()
+    assert worker_ids(d1.address, a)[1] == [str(uid)] * 4
+    with pytest.raises(errors.ResourceExhausted, match="every uid of --worker-uids"):
+        Session.attach(d2.address, d2.token(quota_bytes=16 * MiB))
+    pid_a = worker_ids(d1.address, a)[0]
+    a.close()
+    gone(pid_a)
+    d1.running.stop(grace=1.0, drain=False)  # its worker gone: the uid is free for the host's other daemons
+    b = Session.attach(d2.address, d2.token(quota_bytes=16 * MiB))
+    b.sync()
+    assert worker_ids(d2.address, b)[1] == [str(uid)] * 4
+    b.close()
+
+
+def test_the_default_range_falls_back_to_the_shared_user_where_the_host_uses_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A range holding a group or a subordinate range is the host's too: refused when named, a warning and the
+    shared user when it is the default's."""
+    from gpupool.server import daemon
+    from gpupool.server.sandbox import WorkerUids
+
+    nogroup = pwd.getpwnam("nobody").pw_gid
+    assert any(c.startswith("group ") for c in WorkerUids(nogroup, nogroup).clashes())
+    monkeypatch.setattr(daemon, "DEFAULT_WORKER_UIDS", f"{nogroup}-{nogroup}")
+    with caplog.at_level("WARNING"):
+        assert daemon.check_worker_uids("auto") is None
+    assert "session workers share the user" in caplog.text
+    with pytest.raises(errors.InvalidArgument, match="holds users of this host"):
+        daemon.check_worker_uids(f"{nogroup}-{nogroup}")
+
+
+def test_gpu_device_files_a_worker_of_no_account_can_open(tmp_path: Any) -> None:
+    """What the daemon checks at start on a real GPU (sandbox.gpu_device_groups), on files with a device file's modes:
+    read-write for others is fine, for a group other than root's the workers keep that group, else it is unusable."""
+    from gpupool.server.sandbox import gpu_device_groups
+
+    nogroup = pwd.getpwnam("nobody").pw_gid
+    modes = {"ctl": (0o666, 0), "gpu0": (0o660, nogroup), "gpu1": (0o660, 0), "uvm": (0o600, nogroup)}
+    for name, (mode, gid) in modes.items():
+        (tmp_path / name).touch()
+        os.chown(tmp_path / name, 0, gid)
+        (tmp_path / name).chmod(mode)
+    groups, unusable = gpu_device_groups([str(tmp_path / n) for n in modes] + [str(tmp_path / "absent")])
+    assert groups == (nogroup,)
+    assert [u.split()[0] for u in unusable] == [str(tmp_path / "gpu1"), str(tmp_path / "uvm")], unusable

@@ -203,6 +203,23 @@ def test_workers_with_uids_of_their_own_are_kept_apart_by_the_kernel_and_bounded
             runner.close()
 
 
+def test_a_thread_bomb_of_a_worker_sharing_its_user_is_bounded(zygote: Zygote) -> None:
+    """`--worker-uids off` (or a default range the host uses): workers share `nobody`. On the base such a worker had
+    no RLIMIT_NPROC and started threads up to the host's pid_max (32,768 here); now the user's tasks together are
+    bounded by `shared_tasks` (at most half of pid_max: the daemon, root, and the host keep the rest)."""
+    from gpupool.server.sandbox import shared_tasks
+
+    bound = shared_tasks()
+    attacker, got = attack(zygote, ["threads"], {"threads": bound + 64}, seccomp=False)
+    try:
+        assert got["threads"].startswith("blocked") and f"(RLIMIT_NPROC {bound})" in got["threads"], got
+        with open("/proc/sys/kernel/pid_max") as f:
+            assert bound <= int(f.read()) // 2
+        assert attacker.alive()
+    finally:
+        attacker.close()
+
+
 def test_a_workers_output_reaches_the_daemons_log_marked_printable_and_bounded(zygote: Zygote) -> None:
     """On 285a6ed a worker's stdout and stderr were the daemon's: 4 MiB of forged log lines with terminal escapes went
     into the daemon's log file as written (and the file could be truncated: seccomp refuses that now). The zygote

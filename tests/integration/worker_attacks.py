@@ -366,8 +366,14 @@ def probe_sigio_kill(ctx: dict[str, Any]) -> str:
     try:
         with open(f"/proc/{v}/stat") as f:
             dead = f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        dead = True
+    except OSError:  # gone, or hidden (a private /proc, hidepid): kill(0) tells them apart (ESRCH: gone)
+        try:
+            os.kill(v, 0)
+            dead = False
+        except ProcessLookupError:
+            dead = True
+        except PermissionError:
+            dead = False
     return "open: SIGKILL sent by a pipe's owner" if dead else "blocked: the owner's signal was not delivered"
 
 
