@@ -66,6 +66,22 @@ class BulkSocket:
         except (OSError, ValueError) as exc:
             raise Unavailable(f"side socket: sending a frame failed: {exc}") from None
 
+    def send_frame_now(self, frame: bytes) -> memoryview:
+        """`send_frame` without waiting: what the socket takes now of the frame's record goes; returns the rest
+        (empty: all of it went), which `send_rest` writes next, before any other record."""
+        record = memoryview(protocol.frame_record(frame))
+        try:
+            return record[duplex.send_some(self.sock, self.lock, record) :]
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"side socket: sending a frame failed: {exc}") from None
+
+    def send_rest(self, rest: memoryview) -> None:
+        """The rest of a record `send_frame_now` began (blocks while the socket is full)."""
+        try:
+            duplex.send_all(self.sock, self.lock, [rest], None)
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"side socket: sending a frame failed: {exc}") from None
+
     def recv_record(self) -> tuple[int, int, bytes]:
         """The next record the daemon sent: (kind, id, body) of a BULK_FRAME (a ServerFrame's bytes) or a
         BULK_END (id: the status code's number, body: the reason); Unavailable when the socket closed or broke

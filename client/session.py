@@ -239,6 +239,9 @@ def _scratch(n: int) -> memoryview:
     return memoryview(bytearray(n))
 
 
+_Item = device_pb2.ClientFrame | bytes | memoryview  # what the sender's queue holds (`Session._send`)
+
+
 def _commands_frame(commands: Any) -> bytes:
     """`send_commands`'s bytes, checked (InvalidArgument for what cannot be such a frame)."""
     if not isinstance(commands, bytes | bytearray | memoryview):
@@ -471,7 +474,8 @@ class Session:
         # back-pressure of SEND_QUEUE_FRAMES and SEND_QUEUE_BYTES (on the side socket's path the session's own
         # sender thread takes them: `_side_sender`). The bytes queued and not yet written are `bytes_put` less
         # `bytes_sent`: each counter has one writer (`_put`, under the batching lock; the one sending thread).
-        self._send: queue.SimpleQueue[tuple[device_pb2.ClientFrame | bytes, int] | None] = queue.SimpleQueue()
+        # (a memoryview: the rest of a record `_write_inline` began, on the side socket's path only)
+        self._send: queue.SimpleQueue[tuple[_Item, int] | None] = queue.SimpleQueue()
         self.frames_put = 0  # frames handed to gRPC so far (capture.py: whether a sync sent its held steps)
         self.bytes_put = 0  # the bytes of those frames (a protobuf frame's: the bytes it batched, `_frame_bytes`)
         self.bytes_sent = 0  # ... of which the sender wrote this many (gRPC took the next frame; the socket's send)
@@ -888,10 +892,23 @@ class Session:
         self.frames_put += 1
         self.bytes_put += n
         self.frames_inline += 1
+        rest = None
         try:
-            carrier.send_frame(raw)
+            rest = carrier.send_frame_now(raw)
         except Unavailable as exc:
             self._dead = self._dead or self._end_reason(exc)
+        except BaseException:  # (an interrupt within a non-blocking send: how much went is unknown)
+            self._dead = self._dead or Unavailable("session ended: a frame's write was interrupted part way")
+            carrier.close()
+            raise
+        if rest:
+            # The socket took part of it (full: the daemon reads slower): the sender writes the rest, in order
+            # before anything queued later. Waiting here would hold the session's lock and read no reply meanwhile,
+            # and an interrupt in the wait (Ctrl-C during a slow step's `.item()`) left half a record on the socket
+            # (OpenSSL then refused the next write, "bad length": the session was lost).
+            self._items_put += 1
+            self._send.put((rest, n))
+            return True
         self.bytes_sent += n  # (the sender is idle: no other writer of the count now)
         return True
 
@@ -917,7 +934,10 @@ class Session:
                 item.set()
             elif self._dead is None:
                 try:
-                    carrier.send_frame(item if type(item) is bytes else _serialize_frame(item))
+                    if type(item) is memoryview:  # the rest of a record `_write_inline` began
+                        carrier.send_rest(item)
+                    else:
+                        carrier.send_frame(item if type(item) is bytes else _serialize_frame(item))
                 except Unavailable as exc:
                     self._dead = self._dead or self._end_reason(exc)
             self.bytes_sent += n
@@ -939,7 +959,7 @@ class Session:
             got = self._send.get()
             if got is None:
                 return
-            yield got[0]
+            yield cast("device_pb2.ClientFrame | bytes", got[0])
             self.bytes_sent += got[1]  # gRPC asks for the next frame once it wrote this one
             self._sent()
 

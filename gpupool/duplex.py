@@ -128,6 +128,21 @@ def send_all(sock: Any, lock: threading.Lock, views: list[memoryview | bytes], t
             _wait(sock, want_read, timeout)
 
 
+def send_some(sock: Any, lock: threading.Lock, view: memoryview) -> int:
+    """Send what the socket takes of `view` now, without waiting; returns how many bytes went. The rest must go
+    through `send_all` next (from `view[returned:]`: after a "want", OpenSSL's retry takes the same slice again,
+    which is `send_all`'s first)."""
+    view = view.cast("B") if view.format != "B" else view
+    pos = 0
+    while pos < len(view):
+        with lock:
+            try:
+                pos += sock.send(view[pos : pos + SLICE])
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+                return pos
+    return pos
+
+
 def recv_into(sock: Any, lock: threading.Lock, view: memoryview, timeout: float | None, wait: bool = False) -> int:
     """Fill `view`; returns how many bytes came before the peer closed (len(view) when all did). `timeout`: None
     waits without a limit (a session's frame reader between frames: an idle session is no fault). `wait`: the caller

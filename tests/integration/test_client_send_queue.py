@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from gpupool.client.session import SEND_QUEUE_BYTES, SEND_QUEUE_FRAMES, Handle, Session, upload_command
 
@@ -213,3 +216,62 @@ def test_a_caller_blocked_on_a_full_queue_sleeps_until_the_sender_writes(serve_p
             feeder.join(60)
             assert not feeder.is_alive() and not errors, errors
             s.sync()
+
+
+class _Interrupt(Exception):
+    """What the test's timer raises in the main thread (as Ctrl-C's KeyboardInterrupt would)."""
+
+
+def test_an_interrupted_sync_leaves_no_half_frame_on_the_side_socket(serve_process: Any, monkeypatch: Any) -> None:
+    """A synced step's frame written from the calling thread (`_write_inline`) into a full side socket (the daemon
+    reads slower: stopped here) is not waited on there: the socket takes what it can now and the sender writes the
+    rest, so an interrupt of the caller's wait (Ctrl-C during a slow step's `.item()`, a timer's exception here) leaves
+    the record whole and the session usable. On the merge of step38 the caller waited inside the write, the interrupt
+    left half a record on the socket (OpenSSL then refused the next write, "bad length": the session was lost)."""
+    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "256MiB", "--bulk-listen", "127.0.0.1:0")
+    monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", "1")
+    with Session.attach(d.address, d.token()) as s:
+        assert s._carrier is not None
+        s.sync()
+        sock = s._carrier.sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * KiB)  # (a link slower than loopback: less in flight)
+        uploads: list[tuple[int, torch.Tensor]] = []
+        os.kill(d.process.pid, signal.SIGSTOP)
+        try:
+            # small frames through the sender, each once the one before went out, while the socket says it has room
+            while select.select([], [sock], [], SETTLED)[1]:
+                assert len(uploads) < 20000, "the sockets took 80 MiB from a stopped daemon's client"
+                h = int(s.new_handle())
+                raw, data = _frame(h, 4 * KiB)
+                uploads.append((h, data))
+                s.send_commands(raw)
+                deadline = time.monotonic() + SETTLED
+                while s.bytes_sent < s.bytes_put and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                if s.bytes_sent < s.bytes_put:
+                    break
+            h = int(s.new_handle())
+            raw, data = _frame(h, 768 * KiB)  # one frame with its Sync, written from this thread
+            uploads.append((h, data))
+
+            def interrupt(*_: Any) -> None:
+                raise _Interrupt
+
+            old = signal.signal(signal.SIGALRM, interrupt)
+            signal.setitimer(signal.ITIMER_REAL, 1.0)
+            try:
+                with pytest.raises(_Interrupt):
+                    s.sync(commands=raw)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, old)
+            assert s.frames_inline == 2 and s.bytes_put > s.bytes_sent  # the frame went inline and did not fit
+        finally:
+            os.kill(d.process.pid, signal.SIGCONT)
+        done: list[Any] = []
+        syncer = threading.Thread(target=lambda: done.append(s.sync()), daemon=True)
+        syncer.start()
+        syncer.join(60)
+        assert done == [[]], "the Sync after the interrupted one got no answer"
+        for h, data in (uploads[0], uploads[-2], uploads[-1]):
+            assert torch.equal(s.download(Handle(h)), data)
