@@ -663,17 +663,24 @@ class Collectives:
             raise InvalidArgument(f"unknown collective {msg.kind!r} (known: {', '.join(KINDS)})")
         if msg.reduce_op not in _OPS:
             raise InvalidArgument(f"unknown reduce op {msg.reduce_op!r}")
-        tensors = [s.resolve(h) for h in msg.tensors]
-        inputs = [s.resolve(h) for h in msg.inputs]
         device = s.device.torch_device
         # (round 38) a call this daemon refuses still takes its part in the agreement (`_agree`), marked refused: a
         # refusal raised here, before it, left the peers waiting for this rank until the group's timeout
-        # (UNAVAILABLE, the group broken); now every rank fails alike with INVALID_ARGUMENT and the group goes on
-        refused: InvalidArgument | None = None
+        # (UNAVAILABLE, the group broken); now every rank fails (this one with its own error, the peers with
+        # INVALID_ARGUMENT) and the group goes on. So does a handle that does not resolve here (freed, poisoned by
+        # an op that failed on this rank only, half uploaded): its error, PoisonedInput's included, after the
+        # agreement
+        refused: Exception | None = None
         try:
-            _check_shape(msg, tensors, inputs, group.size, group.transport)
-        except InvalidArgument as exc:
-            refused = exc
+            tensors = [s.resolve(h) for h in msg.tensors]
+            inputs = [s.resolve(h) for h in msg.inputs]
+        except GpupoolError as exc:  # (PoisonedInput is one)
+            tensors, inputs, refused = [], [], exc
+        if refused is None:
+            try:
+                _check_shape(msg, tensors, inputs, group.size, group.transport)
+            except InvalidArgument as exc:
+                refused = exc
         # its own copy: the command's message may be a view of the slice's buffer, which the next slice refills
         msg = device_pb2.Collective.FromString(msg.SerializeToString())
         pending = _Waiting(msg)
@@ -701,7 +708,7 @@ class Collectives:
         tensors: list[Any],
         inputs: list[Any],
         device: torch.device,
-        refused: InvalidArgument | None = None,
+        refused: Exception | None = None,
     ) -> None:
         pg = group.wait_ready()
         self._agree(group, pg, msg, tensors, inputs, device, refused)
@@ -726,7 +733,7 @@ class Collectives:
         tensors: list[Any],
         inputs: list[Any],
         device: torch.device,
-        refused: InvalidArgument | None = None,
+        refused: Exception | None = None,
     ) -> None:
         """All-gather each rank's signature of this call; refuse (on every rank alike) when they differ, or when a
         rank's daemon refused its call (`refused`, its signature's kind `_REFUSED`: its peers are told which)."""
@@ -773,7 +780,7 @@ def _dtype_code(dtype: torch.dtype) -> int:
 def _describe(sig: list[int]) -> str:
     kind, op, root, nt, ni, numel_t, numel_i, dtype = sig
     if kind == _REFUSED:
-        return "a call its daemon refused (INVALID_ARGUMENT there: its own error says why)"
+        return "a call its daemon refused (its own error there says why)"
     names = {v: str(k).removeprefix("torch.") for k, v in _DTYPES.items()}
     return (
         f"{KINDS[kind] if 0 <= kind < len(KINDS) else '?'}({_OPS[op] if 0 <= op < len(_OPS) else '?'}) "

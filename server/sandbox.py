@@ -35,6 +35,7 @@ import os
 import platform
 import pwd
 import resource
+import signal
 import stat
 import threading
 from dataclasses import dataclass, field
@@ -302,6 +303,19 @@ def drop_user(name: str = "nobody", uid: int = -1, groups: tuple[int, ...] = ())
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     return f"uid {uid}"
+
+
+def kill_uid_leftovers() -> str:
+    """As a worker's own uid (`--worker-uids`), before anything of its session runs: SIGKILL every other process of
+    that uid (kill(-1) reaches those whose real or saved uid is the caller's, never the caller). The uid locks
+    (`WorkerUids`) live in the daemon: a daemon that died or was restarted freed them at once, while a worker of it
+    that had not yet read its socket's end (or whose code ignores it: a compromised worker) lived on, and the next
+    daemon gave its uid to a new worker, which it could then signal, retune and see in /proc (round 38's review)."""
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:  # none left: the common case
+        return "no earlier process of its uid"
+    return "earlier processes of its uid killed"
 
 
 # `--worker-uids`'s default for a root daemon: above systemd-nspawn's container uids (524288-1879048191) and
@@ -597,6 +611,8 @@ def apply(
             report.applied.append(drop_user(user, uid if own else -1, groups))
         except (OSError, KeyError) as exc:
             raise RuntimeError(f"cannot run the session worker as {user!r}: {exc}") from exc
+        if own:
+            step("earlier processes of its uid killed", kill_uid_leftovers)
     step("not dumpable", lambda: _prctl(PR_SET_DUMPABLE, 0))  # no ptrace attach, no /proc/PID/mem by peers
     # No PDEATHSIG: a worker outlives a zygote that dies (its session goes on); it ends when the daemon closes
     # its socket (the session ends, or the daemon dies).

@@ -185,6 +185,23 @@ def test_calls_the_honest_client_never_sends_are_refused_on_every_rank_and_the_g
     _group_still_works(s0, s1)
 
 
+def test_a_handle_one_rank_cannot_resolve_fails_every_rank_and_the_group_survives(group) -> None:  # type: ignore[no-untyped-def]
+    """(round 38 review) A rank whose input was freed (or poisoned by an op that failed there only) refused the call
+    before the agreement: its peer waited out the group's timeout (UNAVAILABLE) and the group was over. Now the
+    refusing rank takes its part, marked refused: it hears its own error, the peer INVALID_ARGUMENT at once."""
+    (s0, s1), _, _ = group
+    a0, gone1 = s0.upload(torch.ones(2)), s1.upload(torch.ones(2))
+    s1.free([gone1])
+    collective(s0, "allreduce", [a0], op="sum")
+    collective(s1, "allreduce", [gone1], op="sum")
+    with pytest.raises(InvalidArgument, match="rank 1: a call its daemon refused"):
+        s0.sync()
+    with pytest.raises(GpupoolError) as err:
+        s1.sync()
+    assert not isinstance(err.value, Unavailable), err.value
+    _group_still_works(s0, s1)
+
+
 def test_rank_that_never_calls_is_a_clear_error_in_seconds(group) -> None:  # type: ignore[no-untyped-def]
     (s0, _), _, _ = group
     a0 = s0.upload(torch.ones(3))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import signal
+import subprocess
 import time
 from typing import Any
 
@@ -160,3 +162,23 @@ def test_gpu_device_files_a_worker_of_no_account_can_open(tmp_path: Any) -> None
     groups, unusable = gpu_device_groups([str(tmp_path / n) for n in modes] + [str(tmp_path / "absent")])
     assert groups == (nogroup,)
     assert [u.split()[0] for u in unusable] == [str(tmp_path / "gpu1"), str(tmp_path / "uvm")], unusable
+
+
+def test_a_new_worker_ends_what_still_runs_as_its_uid(daemon_factory: Any) -> None:
+    """The uid locks live in the daemon: a daemon that died (or was restarted) freed them at once, while a worker of
+    it that had not read its socket's end yet (or whose compromised code ignores it) lived on. On the merged round
+    38 the next daemon gave that uid to a new worker, which then shared its user with the old one (signals, limits,
+    /proc). Here the leftover is a process of the uid started by hand; the new worker of that uid ends it."""
+    uid = FIRST + 11
+    leftover = subprocess.Popen(["sleep", "120"], user=uid, group=uid, extra_groups=[])
+    try:
+        d = daemon_factory(worker_uids=f"{uid}-{uid}")
+        s = Session.attach(d.address, d.token(quota_bytes=16 * MiB))
+        s.sync()
+        assert worker_ids(d.address, s)[1] == [str(uid)] * 4
+        assert leftover.wait(timeout=10) == -signal.SIGKILL
+        assert s.download(s.upload(torch.arange(3.0))).tolist() == [0.0, 1.0, 2.0]
+        s.close()
+    finally:
+        leftover.kill()
+        leftover.wait()
