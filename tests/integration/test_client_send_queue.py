@@ -222,6 +222,22 @@ class _Interrupt(Exception):
     """What the test's timer raises in the main thread (as Ctrl-C's KeyboardInterrupt would)."""
 
 
+def _interrupted_after(seconds: float, call: Any) -> None:
+    """Run `call`, which must still be running after `seconds`, and interrupt it then (SIGALRM raises `_Interrupt`)."""
+
+    def interrupt(*_: Any) -> None:
+        raise _Interrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        with pytest.raises(_Interrupt):
+            call()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def test_an_interrupted_sync_leaves_no_half_frame_on_the_side_socket(serve_process: Any, monkeypatch: Any) -> None:
     """A synced step's frame written from the calling thread (`_write_inline`) into a full side socket (the daemon
     reads slower: stopped here) is not waited on there: the socket takes what it can now and the sender writes the
@@ -254,17 +270,7 @@ def test_an_interrupted_sync_leaves_no_half_frame_on_the_side_socket(serve_proce
             raw, data = _frame(h, 768 * KiB)  # one frame with its Sync, written from this thread
             uploads.append((h, data))
 
-            def interrupt(*_: Any) -> None:
-                raise _Interrupt
-
-            old = signal.signal(signal.SIGALRM, interrupt)
-            signal.setitimer(signal.ITIMER_REAL, 1.0)
-            try:
-                with pytest.raises(_Interrupt):
-                    s.sync(commands=raw)
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, old)
+            _interrupted_after(1.0, lambda: s.sync(commands=raw))
             assert s.frames_inline == 2 and s.bytes_put > s.bytes_sent  # the frame went inline and did not fit
         finally:
             os.kill(d.process.pid, signal.SIGCONT)
@@ -292,18 +298,7 @@ def test_an_interrupted_big_upload_leaves_no_half_record_on_the_socket(serve_pro
         s._carrier.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * KiB)
         os.kill(d.process.pid, signal.SIGSTOP)
         try:
-
-            def interrupt(*_: Any) -> None:
-                raise _Interrupt
-
-            old = signal.signal(signal.SIGALRM, interrupt)
-            signal.setitimer(signal.ITIMER_REAL, 1.0)
-            try:
-                with pytest.raises(_Interrupt):
-                    s.upload(big)
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, old)
+            _interrupted_after(1.0, lambda: s.upload(big))
         finally:
             os.kill(d.process.pid, signal.SIGCONT)
         done: list[Any] = []
