@@ -222,6 +222,15 @@ class _Interrupt(Exception):
     """What the test's timer raises in the main thread (as Ctrl-C's KeyboardInterrupt would)."""
 
 
+def _assert_synced(s: Session) -> None:
+    """A Sync is answered (within a minute: from a thread, so that a lost session fails the test, not hangs it)."""
+    done: list[Any] = []
+    syncer = threading.Thread(target=lambda: done.append(s.sync()), daemon=True)
+    syncer.start()
+    syncer.join(60)
+    assert done == [[]], "the Sync after the interrupted call got no answer"
+
+
 def _interrupted_after(seconds: float, call: Any) -> None:
     """Run `call`, which must still be running after `seconds`, and interrupt it then (SIGALRM raises `_Interrupt`)."""
 
@@ -274,11 +283,7 @@ def test_an_interrupted_sync_leaves_no_half_frame_on_the_side_socket(serve_proce
             assert s.frames_inline == 2 and s.bytes_put > s.bytes_sent  # the frame went inline and did not fit
         finally:
             os.kill(d.process.pid, signal.SIGCONT)
-        done: list[Any] = []
-        syncer = threading.Thread(target=lambda: done.append(s.sync()), daemon=True)
-        syncer.start()
-        syncer.join(60)
-        assert done == [[]], "the Sync after the interrupted one got no answer"
+        _assert_synced(s)
         for h, data in (uploads[0], uploads[-2], uploads[-1]):
             assert torch.equal(s.download(Handle(h)), data)
 
@@ -301,10 +306,6 @@ def test_an_interrupted_big_upload_leaves_no_half_record_on_the_socket(serve_pro
             _interrupted_after(1.0, lambda: s.upload(big))
         finally:
             os.kill(d.process.pid, signal.SIGCONT)
-        done: list[Any] = []
-        syncer = threading.Thread(target=lambda: done.append(s.sync()), daemon=True)
-        syncer.start()
-        syncer.join(60)
-        assert done == [[]], "the Sync after the interrupted upload got no answer"
+        _assert_synced(s)
         again = big.flip(0).contiguous()
         assert torch.equal(s.download(s.upload(again)), again)
