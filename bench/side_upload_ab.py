@@ -1,8 +1,9 @@
 """The client's side of a bulk upload on a frames socket (round 35, issue 8: uploads >= 0.6 of raw TCP): the
-client's `Session._upload_side` (each 4 MiB chunk's frame through the sender thread, then a barrier: two thread
-hand-offs a chunk) next to round 35's try (one barrier an upload, then the caller writes each chunk's frame and
-bytes itself; no faster here, BENCHMARKS.md "Round 35, slot35"), in the same process against the same daemon
-(this tree's, plaintext or --tls, one fake GPU), sessions alternating.
+client's `Session._upload_side` (since tail38 each 4 MiB chunk's frame and bytes one item of the sender thread, one
+barrier an upload; before, each chunk's frame through the sender, a barrier, then the caller wrote its bytes) next
+to round 35's try (one barrier an upload, then the caller writes each chunk's frame and bytes itself; no faster
+here, BENCHMARKS.md "Round 35, slot35"), in the same process against the same daemon (this tree's,
+plaintext or --tls, one fake GPU), sessions alternating.
 
 Per variant, medians over --sessions of a session's later upload of --size-mib MiB (after a first one and its
 free): the wall time of `upload` alone and with the sync after it, the client's CPU over it, and the client
@@ -30,7 +31,7 @@ import daemon_wire  # noqa: E402 - the daemon starter lives there
 MiB = 1024 * 1024
 
 
-def _one_barrier(self: Any, side: Any, h: int, meta: Any, data: memoryview) -> None:
+def _one_barrier(self: Any, side: Any, h: int, meta: Any, data: memoryview, keep: Any = None) -> None:
     """Round 35's try: the frames queued before the upload sent (one barrier), then this thread writes each chunk's
     frame on the side socket itself, then its bytes (no hand-off to the sender thread a chunk)."""
     from gpupool.client.session import side_chunks
@@ -74,7 +75,7 @@ def main() -> int:
 
     from gpupool import tokens
 
-    variants = {"per-chunk": Session._upload_side, "one-barrier": _one_barrier}
+    variants = {"sender": Session._upload_side, "one-barrier": _one_barrier}
     extra = ("--bulk-listen", "127.0.0.1:0", *(() if args.tls else ("--insecure",)))
     load0 = os.getloadavg()[0]
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
@@ -107,7 +108,7 @@ def main() -> int:
                     )
                 print(f"sessions {i + 1}/{args.sessions} done", file=sys.stderr)
         finally:
-            Session._upload_side = variants["per-chunk"]  # type: ignore[method-assign]
+            Session._upload_side = variants["sender"]  # type: ignore[method-assign]
             proc.terminate()
             proc.wait(30)
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -119,8 +120,8 @@ def main() -> int:
     for name in variants:
         print(f"{name:<12}" + "".join(f"{med[name][k]:>15.0f}" for k in keys))
     print(
-        f"{'one/per-ch':<12}"
-        + "".join(f"{med['one-barrier'][k] / max(med['per-chunk'][k], 1e-9):>15.2f}" for k in keys)
+        f"{'one/sender':<12}"
+        + "".join(f"{med['one-barrier'][k] / max(med['sender'][k], 1e-9):>15.2f}" for k in keys)
     )
     return 0
 

@@ -112,6 +112,15 @@ class BulkSocket:
         except (OSError, ValueError) as exc:
             raise Unavailable(f"bulk socket: sending an upload failed: {exc}") from None
 
+    def send_chunk(self, frame: bytes, handle: int, offset: int, data: memoryview) -> None:
+        """A bulk upload's chunk where the frames use this socket: its Upload command's frame as a record, then its
+        bytes as `send_upload`'s (one write of both, by the session's sender: `Session._upload_side`)."""
+        head = protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, handle, offset, len(data))
+        try:
+            duplex.send_all(self.sock, self.lock, [protocol.frame_record(frame), head, data], None)
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"bulk socket: sending an upload failed: {exc}") from None
+
     def recv_download(self, request_id: int, offset: int, into: memoryview) -> None:
         """Read a download chunk's header (it must be the one the stream announced) and its bytes into `into`."""
         want = (protocol.BULK_DOWNLOAD, request_id, offset, len(into))

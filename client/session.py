@@ -239,7 +239,8 @@ def _scratch(n: int) -> memoryview:
     return memoryview(bytearray(n))
 
 
-_Item = device_pb2.ClientFrame | bytes | memoryview  # what the sender's queue holds (`Session._send`)
+# what the sender's queue holds (`Session._send`); a tuple: a bulk upload's chunk (`Session._upload_side`)
+_Item = device_pb2.ClientFrame | bytes | memoryview | tuple[bytes, int, int, memoryview, Any]
 
 
 def _commands_frame(commands: Any) -> bytes:
@@ -525,7 +526,7 @@ class Session:
             return h
         meta = tensor_pb2.TensorMeta(dtype=wire.dtype_to_proto(t.dtype), shape=list(t.shape), stride=list(t.stride()))
         if self._side is not None and total >= bulk.MIN_UPLOAD:
-            self._upload_side(self._side, h, meta, data)
+            self._upload_side(self._side, h, meta, data, t)
             return h
         with self._lock:
             self.flush()
@@ -537,16 +538,26 @@ class Session:
                 self._put(protocol.upload_frame(up, data[off:end]))
         return h
 
-    def _upload_side(self, side: bulk.BulkSocket, h: int, meta: tensor_pb2.TensorMeta, data: memoryview) -> None:
-        """An upload whose bytes go on the side socket: each chunk's command (in its frame, in order) on the
-        stream, then its bytes from the tensor's memory. (Round 35 tried one barrier an upload and this thread
+    def _upload_side(
+        self, side: bulk.BulkSocket, h: int, meta: tensor_pb2.TensorMeta, data: memoryview, keep: Any
+    ) -> None:
+        """An upload whose bytes go on the side socket: each chunk's command (in its frame, in order), then its bytes
+        from the tensor's memory (`keep`, the tensor `data` views: the view owns nothing). Where the frames use the
+        side socket, each chunk's frame and bytes are one item for the sender, which writes them as whole records,
+        and this thread waits once, for the last one: an interrupt of the wait (Ctrl-C during a big upload) leaves
+        the records whole, the sender writes what was queued, and the session goes on (until round 38 this thread
+        wrote the bytes itself: an interrupt inside the write left half a TLS record on the socket, and OpenSSL refused
+        the next write, "bad length": the session was lost). (Round 35 tried one barrier an upload with this thread
         writing each chunk's frame itself: no faster on the 2-core box, bench/side_upload_ab.py, BENCHMARKS.md.)"""
         with self._lock:
             self.flush()
+            if self._carrier is not None:
+                for off, end, frame in side_chunks(h, meta, data.nbytes):
+                    self._put(cast(Any, (frame, h, off, data[off:end], keep)), len(frame) + end - off)
+                self._side_barrier()  # the tensor's bytes went out: the caller may change it
+                return
             for off, end, frame in side_chunks(h, meta, data.nbytes):
                 self._put(frame)
-                if self._carrier is not None:
-                    self._side_barrier()  # the frame is on the socket: its bytes follow it there
                 try:
                     side.send_upload(h, off, data[off:end])
                 except Unavailable as exc:
@@ -936,6 +947,8 @@ class Session:
                 try:
                     if type(item) is memoryview:  # the rest of a record `_write_inline` began
                         carrier.send_rest(item)
+                    elif isinstance(item, tuple):  # a bulk upload's chunk: its frame, then its bytes
+                        carrier.send_chunk(item[0], item[1], item[2], item[3])
                     else:
                         carrier.send_frame(item if type(item) is bytes else _serialize_frame(item))
                 except Unavailable as exc:

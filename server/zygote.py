@@ -40,8 +40,10 @@ import re
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -456,6 +458,7 @@ def _zygote(ctrl: socket.socket) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     ctrl.sendall(json.dumps({"ready": True, "threads": _other_threads()}).encode() + b"\n")
     outputs: dict[int, WorkerOutput] = {}  # read end of a worker's stdout and stderr -> what forwards it
+    sink = StderrSink()  # where they go: the daemon's stderr, never waited on
     poller = select.poll()  # (not select(): a worker's pipe may be numbered past FD_SETSIZE)
     for fd in (ctrl.fileno(), wake_r):
         poller.register(fd, select.POLLIN)
@@ -485,14 +488,15 @@ def _zygote(ctrl: socket.socket) -> None:
                 mine, fds = fds[:2], fds[2:]
                 out_r, out_w = os.pipe()
                 try:
-                    pid = _fork_worker(ctrl, wake_r, wake_w, mine, WorkerSpec(**msg["spawn"]), out_w, [*outputs, out_r])
+                    spec = WorkerSpec(**msg["spawn"])
+                    pid = _fork_worker(ctrl, wake_r, wake_w, mine, spec, out_w, [*outputs, out_r, *sink.private])
                 except OSError as exc:  # the kernel refused the fork (ENOMEM, EAGAIN): this worker only
                     for fd in (*mine, out_r, out_w):
                         os.close(fd)
                     reply = {"id": msg["id"], "errno": exc.errno, "error": f"fork: {exc.strerror}"}
                 else:
                     os.close(out_w)
-                    outputs[out_r] = WorkerOutput(out_r, pid)
+                    outputs[out_r] = WorkerOutput(out_r, pid, sink)
                     poller.register(out_r, select.POLLIN)
                     children.add(pid)
                     # a thread here now was here at the fork (none ends by itself): the daemon names it
@@ -563,6 +567,74 @@ def _other_threads() -> list[str]:
     return names
 
 
+class StderrSink:
+    """The zygote's stderr (the daemon's) as forwarded workers' output goes to it: a write never waits. Where it is a
+    pipe (a parent that started `gpupool serve` with stderr=PIPE and never reads it: some tests and supervisors do),
+    it is opened again non-blocking (a description of its own: the daemon's stays blocking), and what does not fit
+    is dropped and counted, whole lines only, then said in one line when a write goes through again. Until round 38
+    the zygote's write blocked on a full pipe, and with it every spawn (no session started). A file or a terminal is
+    written as it is (a file does not block)."""
+
+    def __init__(self) -> None:
+        self.fd = 2
+        self.private: list[int] = []  # descriptors of ours a worker must not hold
+        try:
+            if stat.S_ISFIFO(os.fstat(2).st_mode):
+                self.fd = os.open("/proc/self/fd/2", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                self.private = [self.fd]
+        except OSError:
+            pass
+        self.rest = b""  # the unwritten end of a line a write cut (lines stay whole)
+        self.dropped = 0  # bytes of lines dropped since the last that went
+
+    def write(self, lines: list[str]) -> None:
+        data = [line.encode() for line in lines]
+        if self.rest:  # (a line's end goes before anything else)
+            rest, self.rest = self.rest, b""
+            if self._put(rest) == 0:
+                self.rest = rest
+            if self.rest:
+                self.dropped += sum(map(len, data))
+                return
+        if self.dropped:
+            note = f"gpupool-zygote: {self.dropped} bytes of workers' output dropped (stderr full)\n"
+            if self._put(note.encode()) == 0:
+                self.dropped += sum(map(len, data))
+                return
+            self.dropped = 0
+            if self.rest:
+                self.dropped = sum(map(len, data))
+                return
+        for i, line in enumerate(data):
+            n = self._put(line)
+            if n < len(line):
+                self.dropped += (0 if n else len(line)) + sum(map(len, data[i + 1 :]))
+                return
+
+    def _put(self, data: bytes) -> int:
+        """Write what the pipe takes of `data` now; returns how many bytes went (a part: the rest is `rest`). Of a
+        pipe, half is left to the daemon's own log lines: forwarding fills it only up to the other half."""
+        try:
+            room = fcntl.fcntl(self.fd, fcntl.F_GETPIPE_SZ) // 2 - _unread(self.fd) if self.private else len(data)
+            if room <= 0:
+                return 0
+            n = os.write(self.fd, data[:room])
+        except BlockingIOError:
+            return 0
+        except OSError:
+            return len(data)  # (stderr closed: nothing to forward to)
+        if 0 < n < len(data):
+            self.rest = data[n:]
+        return n
+
+
+def _unread(fd: int) -> int:
+    """The bytes a pipe holds that its reader has not read (FIONREAD, of either end)."""
+    got = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, got)
+    return got[0]
+
+
 class WorkerOutput:
     """A worker's stdout and stderr, forwarded to the zygote's stderr (the daemon's) as lines that name the worker,
     printable, at most LINE_BYTES each and BURST_BYTES at once then RATE_BYTES a second per worker (what is dropped
@@ -575,8 +647,8 @@ class WorkerOutput:
     RATE_BYTES = 4096.0
     _UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
-    def __init__(self, fd: int, pid: int) -> None:
-        self.fd, self.pid = fd, pid
+    def __init__(self, fd: int, pid: int, sink: StderrSink) -> None:
+        self.fd, self.pid, self.sink = fd, pid, sink
         self.partial = b""
         self.allowance = float(self.BURST_BYTES)
         self.since = time.monotonic()
@@ -621,11 +693,7 @@ class WorkerOutput:
             self.dropped = 0
             out.append(line)
         if out:
-            try:
-                sys.stderr.write("".join(out))
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                pass
+            self.sink.write(out)
 
 
 def _reap(ctrl: socket.socket, children: set[int]) -> None:

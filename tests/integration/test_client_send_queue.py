@@ -222,6 +222,31 @@ class _Interrupt(Exception):
     """What the test's timer raises in the main thread (as Ctrl-C's KeyboardInterrupt would)."""
 
 
+def _assert_synced(s: Session) -> None:
+    """A Sync is answered (within a minute: from a thread, so that a lost session fails the test, not hangs it)."""
+    done: list[Any] = []
+    syncer = threading.Thread(target=lambda: done.append(s.sync()), daemon=True)
+    syncer.start()
+    syncer.join(60)
+    assert done == [[]], "the Sync after the interrupted call got no answer"
+
+
+def _interrupted_after(seconds: float, call: Any) -> None:
+    """Run `call`, which must still be running after `seconds`, and interrupt it then (SIGALRM raises `_Interrupt`)."""
+
+    def interrupt(*_: Any) -> None:
+        raise _Interrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        with pytest.raises(_Interrupt):
+            call()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def test_an_interrupted_sync_leaves_no_half_frame_on_the_side_socket(serve_process: Any, monkeypatch: Any) -> None:
     """A synced step's frame written from the calling thread (`_write_inline`) into a full side socket (the daemon
     reads slower: stopped here) is not waited on there: the socket takes what it can now and the sender writes the
@@ -254,24 +279,33 @@ def test_an_interrupted_sync_leaves_no_half_frame_on_the_side_socket(serve_proce
             raw, data = _frame(h, 768 * KiB)  # one frame with its Sync, written from this thread
             uploads.append((h, data))
 
-            def interrupt(*_: Any) -> None:
-                raise _Interrupt
-
-            old = signal.signal(signal.SIGALRM, interrupt)
-            signal.setitimer(signal.ITIMER_REAL, 1.0)
-            try:
-                with pytest.raises(_Interrupt):
-                    s.sync(commands=raw)
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, old)
+            _interrupted_after(1.0, lambda: s.sync(commands=raw))
             assert s.frames_inline == 2 and s.bytes_put > s.bytes_sent  # the frame went inline and did not fit
         finally:
             os.kill(d.process.pid, signal.SIGCONT)
-        done: list[Any] = []
-        syncer = threading.Thread(target=lambda: done.append(s.sync()), daemon=True)
-        syncer.start()
-        syncer.join(60)
-        assert done == [[]], "the Sync after the interrupted one got no answer"
+        _assert_synced(s)
         for h, data in (uploads[0], uploads[-2], uploads[-1]):
             assert torch.equal(s.download(Handle(h)), data)
+
+
+def test_an_interrupted_big_upload_leaves_no_half_record_on_the_socket(serve_process: Any, monkeypatch: Any) -> None:
+    """A bulk upload (1 MiB or more: its bytes go on the side socket) into a full side socket (the daemon reads
+    slower: stopped here) is interrupted in the caller (Ctrl-C during a big upload, a timer's exception here): each
+    chunk's frame and bytes go to the sender as one item, so the records on the socket stay whole, and the session
+    goes on: a Sync is answered and the next upload arrives intact. On the base the caller wrote the chunk's bytes
+    itself and the interrupt left half a record on the socket (the session was lost)."""
+    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "512MiB", "--bulk-listen", "127.0.0.1:0")
+    monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", "1")
+    big = torch.arange(16 * 1024 * 1024, dtype=torch.int32)  # 64 MiB: far more than the sockets hold
+    with Session.attach(d.address, d.token()) as s:
+        assert s._carrier is not None
+        s.sync()
+        s._carrier.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * KiB)
+        os.kill(d.process.pid, signal.SIGSTOP)
+        try:
+            _interrupted_after(1.0, lambda: s.upload(big))
+        finally:
+            os.kill(d.process.pid, signal.SIGCONT)
+        _assert_synced(s)
+        again = big.flip(0).contiguous()
+        assert torch.equal(s.download(s.upload(again)), again)

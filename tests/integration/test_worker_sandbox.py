@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import sys
 import tempfile
@@ -299,3 +300,46 @@ def test_a_worker_granted_network_gets_tcp_only(zygote: Zygote) -> None:
             assert got["socket_families"].startswith("blocked"), got
         finally:
             runner.close()
+
+
+def test_a_zygote_whose_stderr_pipe_is_never_read_still_spawns_workers(tmp_path: Path) -> None:
+    """The daemon's stderr a pipe nobody reads (a parent that started `gpupool serve` with stderr=PIPE): workers'
+    output past what the pipe holds is dropped and counted, never waited on, and the next worker still starts. On
+    the base the zygote's forwarding write blocked on the full pipe, and with it every spawn (the zygote did not
+    answer). Half the pipe stays free for the daemon's own lines; the drop is said once the pipe is read again."""
+    from gpupool.server.zygote import WorkerOutput
+
+    fifo = tmp_path / "stderr"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # held open, not read until the end
+    z = Zygote(program=[sys.executable, worker_attacks.__file__, "--stderr", str(fifo)])
+    try:
+        z.start()
+        z.wait_ready()
+        flood = WorkerOutput.BURST_BYTES  # forwarded at once: four times what a pipe holds
+        runner, got = attack(z, ["flood_stderr"], {"flood_bytes": flood})
+        assert got["flood_stderr"].startswith("wrote"), got
+        time.sleep(1.0)  # (the zygote forwards as the worker's pipe fills)
+        for _ in range(3):
+            other, got = attack(z, ["flood_stderr"], {"flood_bytes": 64 * 1024})
+            assert got["flood_stderr"].startswith("wrote"), got
+            assert other.alive()
+            other.close()
+        held = os.read(reader, 1 << 20)
+        assert 0 < len(held) <= 32 * 1024, len(held)  # half the pipe: the rest is the daemon's own lines' room
+        last, got = attack(z, ["flood_stderr"], {"flood_bytes": 1024})
+        said, deadline = b"", time.monotonic() + 30
+        while b"gpupool-zygote: " not in said and time.monotonic() < deadline:  # (once the zygote forwards again)
+            time.sleep(0.1)
+            try:
+                said += os.read(reader, 1 << 20)
+            except BlockingIOError:
+                pass
+        assert re.search(rb"gpupool-zygote: \d+ bytes of workers' output dropped", said), said[:500]
+        # whole lines, in order (the last may be cut by the pipe's half: its rest goes first on the next write)
+        assert all(re.match(rb"gpupool-(worker \d+|zygote): ", line) for line in (held + said).split(b"\n") if line)
+        runner.close()
+        last.close()
+    finally:
+        z.stop()
+        os.close(reader)
