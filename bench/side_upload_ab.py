@@ -120,8 +120,7 @@ def main() -> int:
     for name in variants:
         print(f"{name:<12}" + "".join(f"{med[name][k]:>15.0f}" for k in keys))
     print(
-        f"{'one/sender':<12}"
-        + "".join(f"{med['one-barrier'][k] / max(med['sender'][k], 1e-9):>15.2f}" for k in keys)
+        f"{'one/sender':<12}" + "".join(f"{med['one-barrier'][k] / max(med['sender'][k], 1e-9):>15.2f}" for k in keys)
     )
     return 0
 
