@@ -247,7 +247,7 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging("gpupool-serve", args.log_level)
+    setup_logging("gpupool-serve", args.log_level, background=True)
     more_open_files()  # every connection holds a descriptor before any credential (round 37)
     try:
         withheld_features()  # $GPUPOOL_WITHHOLD_FEATURES (docs/wire.md, "Features"): a bad name is one line
