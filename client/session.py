@@ -548,15 +548,22 @@ class Session:
         (`_side_sender`); where they use the gRPC stream, gRPC's sending thread takes the frame and, once gRPC wrote
         it, the same thread writes the bytes on the side socket (`_frames`). An interrupt of this thread (Ctrl-C
         during a big upload: in the wait, or in `_put` blocked on a full queue) leaves the chunks it queued whole and
-        the later ones unsent: the session goes on, the handle half uploaded (the daemon refuses it: FailedPrecondition,
-        "still being uploaded", until an upload of it completes). Until round 38 this thread wrote the bytes itself
-        (round 39 on the stream's path): an interrupt inside the write left half a TLS record (or half a chunk) on the
-        socket, and the session was lost. (Round 35 tried one barrier an upload with this thread writing each chunk's
-        frame itself: no faster on the 2-core box, bench/side_upload_ab.py, BENCHMARKS.md.)"""
+        the later ones unsent (on the stream's path up to SEND_QUEUE_FRAMES chunks, 128 MiB, are queued ahead: an
+        upload of more is cut there): the session goes on, the handle half uploaded (the daemon refuses it:
+        FailedPrecondition, "still being uploaded", until an upload of it completes). Until round 38 this thread
+        wrote the bytes itself (round 39 on the stream's path): an interrupt inside the write left half a TLS record
+        (or half a chunk) on the socket, and the session was lost. (Round 35 tried one barrier an upload with this
+        thread writing each chunk's frame itself: no faster on the 2-core box, bench/side_upload_ab.py,
+        BENCHMARKS.md.)"""
         with self._lock:
             self.flush()
             for off, end, frame in side_chunks(h, meta, data.nbytes):
-                self._put(cast(Any, (frame, h, off, data[off:end], keep)), len(frame) + end - off)
+                # (on the stream's path the chunk's bytes are not counted against SEND_QUEUE_BYTES: they are the
+                # tensor's, not a copy, and gRPC's thread writes them only once gRPC wrote the frame, so with one
+                # chunk queued at a time each chunk waited for this thread to wake and queue the next: 256 MiB in
+                # TLS took 1.0 s against 0.72, bench/side_upload_ab.py --stream; SEND_QUEUE_FRAMES still bounds it)
+                nbytes = len(frame) + (end - off if self._carrier is not None else 0)
+                self._put(cast(Any, (frame, h, off, data[off:end], keep)), nbytes)
             self._side_barrier()  # the tensor's bytes went out: the caller may change it
 
     def op(

@@ -322,7 +322,8 @@ def test_an_interrupted_big_upload_on_the_stream_carrier_leaves_the_session_usab
     the bytes itself and the interrupt left half a chunk on the socket: the session was lost."""
     d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "512MiB", "--bulk-listen", "127.0.0.1:0")
     monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", "0")
-    big = torch.arange(16 * 1024 * 1024, dtype=torch.int32)  # 64 MiB: far more than the sockets hold
+    # 192 MiB, 48 chunks: far more than the sockets hold, and than the send queue takes ahead (SEND_QUEUE_FRAMES)
+    big = torch.arange(48 * 1024 * 1024, dtype=torch.int32)
     with Session.attach(d.address, d.token()) as s:
         assert s._carrier is None and s._side is not None
         s.sync()
