@@ -59,7 +59,7 @@ from .worker import SHARED_BYTES, ProcessRunner, WorkerSpec
 log = logging.getLogger(__name__)
 _LOG_FORMAT = "%(asctime)s gpupool-zygote %(levelname)s %(name)s: %(message)s"
 OWN_BYTES = 64 * 1024  # the zygote's own log lines kept while its stderr has no room (`StderrSink.log`)
-OWN_RETRY_MS = 100  # ... tried again this often meanwhile
+OWN_RETRY_MS = 100  # ... tried again this often meanwhile (and the end of a line a write cut)
 # The zygote's start (importing torch on a loaded host), not counting a build of the native runner: a zygote that
 # builds one says so (`{"building": ...}`, `_build_runner`), and the daemon then waits for the build (bounded by the
 # build's own bound, server/native_runner.py `build_timeout`, plus BUILD_GRACE) with this bound stopped.
@@ -468,8 +468,9 @@ def _zygote(ctrl: socket.socket, sink: StderrSink | None = None) -> None:
         poller.register(fd, select.POLLIN)
     buf = b""
     while True:
-        ready = {fd for fd, _events in poller.poll(OWN_RETRY_MS if sink.own else None)}
-        if sink.own:  # the zygote's own lines the pipe had no room for: again now
+        waiting = bool(sink.own or sink.rest)  # lines (or a cut line's end) the pipe had no room for: again soon
+        ready = {fd for fd, _events in poller.poll(OWN_RETRY_MS if waiting else None)}
+        if waiting:
             sink.flush_own()
         if wake_r in ready:
             os.read(wake_r, 4096)
