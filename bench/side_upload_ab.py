@@ -10,6 +10,11 @@ free): the wall time of `upload` alone and with the sync after it, the client's 
 process's voluntary context switches (its threads' waits: what the hand-offs cost, whatever the load).
 
     nice python bench/side_upload_ab.py --sessions 8 [--tls]
+
+`--stream` (round 39): the session's frames on its gRPC stream (GPUPOOL_SIDE_FRAMES=0), only the bytes on the side
+socket: `_upload_side` (since tail39 each chunk's frame and bytes one item of gRPC's sending thread, which writes
+the bytes once gRPC wrote the frame) next to 1344c19's path (each chunk's frame queued for gRPC, then the caller
+writes its bytes itself: an interrupt inside that write lost the session).
 """
 
 from __future__ import annotations
@@ -58,6 +63,24 @@ def _one_barrier(self: Any, side: Any, h: int, meta: Any, data: memoryview, keep
                 raise
 
 
+def _caller_writes(self: Any, side: Any, h: int, meta: Any, data: memoryview, keep: Any = None) -> None:
+    """1344c19's path where the frames use the stream: each chunk's frame queued for gRPC, then this thread writes
+    the chunk's bytes on the side socket itself."""
+    from gpupool.client.session import side_chunks
+
+    from gpupool.errors import Unavailable
+
+    with self._lock:
+        self.flush()
+        for off, end, frame in side_chunks(h, meta, data.nbytes):
+            self._put(frame)
+            try:
+                side.send_upload(h, off, data[off:end])
+            except Unavailable as exc:
+                self._dead = self._dead or exc
+                raise
+
+
 def _switches() -> int:
     with open("/proc/self/status") as f:
         return sum(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
@@ -68,14 +91,21 @@ def main() -> int:
     p.add_argument("--sessions", type=int, default=6)
     p.add_argument("--size-mib", type=int, default=256)
     p.add_argument("--tls", action="store_true")
+    p.add_argument("--stream", action="store_true", help="frames on the gRPC stream (GPUPOOL_SIDE_FRAMES=0)")
     args = p.parse_args()
+    if args.stream:
+        os.environ["GPUPOOL_SIDE_FRAMES"] = "0"
 
     import torch
     from gpupool.client.session import Session
 
     from gpupool import tokens
 
-    variants = {"sender": Session._upload_side, "one-barrier": _one_barrier}
+    variants = {
+        "sender": Session._upload_side,
+        "caller" if args.stream else "one-barrier": _caller_writes if args.stream else _one_barrier,
+    }
+    other = list(variants)[1]
     extra = ("--bulk-listen", "127.0.0.1:0", *(() if args.tls else ("--insecure",)))
     load0 = os.getloadavg()[0]
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
@@ -89,7 +119,7 @@ def main() -> int:
                     Session._upload_side = variants[name]  # type: ignore[method-assign]
                     claims = tokens.TokenClaims(f"{name}-{i}", "bench", 0, 0, 1.0, time.time() + 3600, "bench")
                     with Session.attach(address, tokens.mint(key, claims)) as s:
-                        assert s._carrier is not None, "the session's frames should travel on its side socket"
+                        assert (s._carrier is None) == args.stream, "the session's frames travel elsewhere"
                         s.free([s.upload(big)])
                         s.sync()
                         sw, cpu, t0 = _switches(), time.process_time(), time.perf_counter()
@@ -112,16 +142,17 @@ def main() -> int:
             proc.terminate()
             proc.wait(30)
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"\n{args.size_mib} MiB later uploads, {'TLS' if args.tls else 'plaintext'}, medians of {args.sessions}")
+    carrier = "frames on the stream" if args.stream else "frames on the side socket"
+    how = f"{'TLS' if args.tls else 'plaintext'}, {carrier}, medians of {args.sessions}"
+    print(f"\n{args.size_mib} MiB later uploads, {how}")
     print(f"(load {load0:.1f} at the start, {load} at the end)")
     keys = ["upload_ms", "with_sync_ms", "client_cpu_ms", "switches"]
     print(f"{'client':<12}" + "".join(f"{k:>15}" for k in keys))
     med = {name: {k: statistics.median(r[k] for r in rows[name]) for k in keys} for name in variants}
     for name in variants:
         print(f"{name:<12}" + "".join(f"{med[name][k]:>15.0f}" for k in keys))
-    print(
-        f"{'one/sender':<12}" + "".join(f"{med['one-barrier'][k] / max(med['sender'][k], 1e-9):>15.2f}" for k in keys)
-    )
+    ratio = f"{other.split('-')[0]}/sender"
+    print(f"{ratio:<12}" + "".join(f"{med[other][k] / max(med['sender'][k], 1e-9):>15.2f}" for k in keys))
     return 0
 
 

@@ -542,27 +542,29 @@ class Session:
         self, side: bulk.BulkSocket, h: int, meta: tensor_pb2.TensorMeta, data: memoryview, keep: Any
     ) -> None:
         """An upload whose bytes go on the side socket: each chunk's command (in its frame, in order), then its bytes
-        from the tensor's memory (`keep`, the tensor `data` views: the view owns nothing). Where the frames use the
-        side socket, each chunk's frame and bytes are one item for the sender, which writes them as whole records,
-        and this thread waits once, for the last one: an interrupt of the wait (Ctrl-C during a big upload) leaves
-        the records whole, the sender writes what was queued, and the session goes on (until round 38 this thread
-        wrote the bytes itself: an interrupt inside the write left half a TLS record on the socket, and OpenSSL refused
-        the next write, "bad length": the session was lost). (Round 35 tried one barrier an upload with this thread
-        writing each chunk's frame itself: no faster on the 2-core box, bench/side_upload_ab.py, BENCHMARKS.md.)"""
+        from the tensor's memory (`keep`, the tensor `data` views: the view owns nothing). Each chunk's frame and
+        bytes are one item for the session's sending thread, which writes them whole, and this thread waits once, for
+        the last one: where the frames use the side socket, its sender writes the frame's record, then the bytes
+        (`_side_sender`); where they use the gRPC stream, gRPC's sending thread takes the frame and, once gRPC wrote
+        it, the same thread writes the bytes on the side socket (`_frames`). An interrupt of this thread (Ctrl-C
+        during a big upload: in the wait, or in `_put` blocked on a full queue) leaves the chunks it queued whole and
+        the later ones unsent (on the stream's path up to SEND_QUEUE_FRAMES chunks, 128 MiB, are queued ahead: an
+        upload of more is cut there): the session goes on, the handle half uploaded (the daemon refuses it:
+        FailedPrecondition, "still being uploaded", until an upload of it completes). Until round 38 this thread
+        wrote the bytes itself (round 39 on the stream's path): an interrupt inside the write left half a TLS record
+        (or half a chunk) on the socket, and the session was lost. (Round 35 tried one barrier an upload with this
+        thread writing each chunk's frame itself: no faster on the 2-core box, bench/side_upload_ab.py,
+        BENCHMARKS.md.)"""
         with self._lock:
             self.flush()
-            if self._carrier is not None:
-                for off, end, frame in side_chunks(h, meta, data.nbytes):
-                    self._put(cast(Any, (frame, h, off, data[off:end], keep)), len(frame) + end - off)
-                self._side_barrier()  # the tensor's bytes went out: the caller may change it
-                return
             for off, end, frame in side_chunks(h, meta, data.nbytes):
-                self._put(frame)
-                try:
-                    side.send_upload(h, off, data[off:end])
-                except Unavailable as exc:
-                    self._dead = self._dead or exc
-                    raise
+                # (on the stream's path the chunk's bytes are not counted against SEND_QUEUE_BYTES: they are the
+                # tensor's, not a copy, and gRPC's thread writes them only once gRPC wrote the frame, so with one
+                # chunk queued at a time each chunk waited for this thread to wake and queue the next: 256 MiB in
+                # TLS took 1.0 s against 0.72, bench/side_upload_ab.py --stream; SEND_QUEUE_FRAMES still bounds it)
+                nbytes = len(frame) + (end - off if self._carrier is not None else 0)
+                self._put(cast(Any, (frame, h, off, data[off:end], keep)), nbytes)
+            self._side_barrier()  # the tensor's bytes went out: the caller may change it
 
     def op(
         self,
@@ -957,7 +959,7 @@ class Session:
             self._sent()
 
     def _side_barrier(self) -> None:
-        """Until every frame queued so far went out on the side socket (raises the session's end instead)."""
+        """Until every item queued so far went out (raises the session's end instead)."""
         done = threading.Event()
         self._put(cast(Any, done))
         self.frames_put -= 1
@@ -968,12 +970,27 @@ class Session:
             raise self._dead
 
     def _frames(self) -> Iterator[device_pb2.ClientFrame | bytes]:
+        """The frames queued, for gRPC's sending thread (where the frames use the stream); an Event is set when
+        everything before it went out (`_side_barrier`), a bulk upload's chunk (`_upload_side`) is its frame, then,
+        once gRPC wrote it, its bytes on the side socket, written by this thread."""
+        side = self._side
         while True:
             got = self._send.get()
             if got is None:
                 return
-            yield cast("device_pb2.ClientFrame | bytes", got[0])
-            self.bytes_sent += got[1]  # gRPC asks for the next frame once it wrote this one
+            item, n = got
+            if type(item) is threading.Event:
+                item.set()
+            elif type(item) is tuple:
+                if self._dead is None and side is not None:
+                    yield item[0]  # the chunk's command: the daemon reads its bytes from the side socket after it
+                    try:
+                        side.send_upload(item[1], item[2], item[3])
+                    except Unavailable as exc:
+                        self._dead = self._dead or exc
+            else:
+                yield cast("device_pb2.ClientFrame | bytes", item)
+            self.bytes_sent += n  # gRPC asks for the next frame once it wrote this one
             self._sent()
 
     def _read_one(self) -> None:

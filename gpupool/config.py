@@ -443,10 +443,19 @@ def more_open_files() -> None:
     logging.getLogger(__name__).info("open files: at most %d (was %d)", hard, soft)
 
 
-def setup_logging(program: str, level: str | None = None) -> None:
-    """One log format per program: time, program, level, logger, message."""
+def setup_logging(program: str, level: str | None = None, background: bool = False) -> None:
+    """One log format per program: time, program, level, logger, message. `background`: lines go to stderr from a
+    thread of their own and a log call never waits on it (gpupool/logsink.py; the daemon's: a stderr pipe nobody
+    read stalled every session), Python's warnings with them."""
     level = level or os.environ.get("GPUPOOL_LOG_LEVEL", "INFO")
+    handlers: list[logging.Handler] | None = None
+    if background:
+        from gpupool.logsink import BackgroundStderr
+
+        handlers = [BackgroundStderr()]
+        logging.captureWarnings(True)
     logging.basicConfig(
         level=level.upper(),
         format=f"%(asctime)s {program} %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
     )

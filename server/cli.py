@@ -145,7 +145,8 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         "(unless --worker-user keep) takes them from 2000000000-2000065535 unless an account, group or "
         "/etc/subuid or /etc/subgid range of the "
         "host is in it (then: --worker-user, with a warning); FIRST-LAST names a range (refused if anything of the "
-        "host is in it); daemons of a host share a range (a uid in use is locked under /run/gpupool); 'off': every "
+        "host is in it); daemons of a host share a range (a uid in use is locked under /run/gpupool/worker-uids, "
+        "which root must be able to write: else the daemon refuses to start); 'off': every "
         "worker runs as --worker-user",
     )
     add_flag(
@@ -246,7 +247,7 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging("gpupool-serve", args.log_level)
+    setup_logging("gpupool-serve", args.log_level, background=True)
     more_open_files()  # every connection holds a descriptor before any credential (round 37)
     try:
         withheld_features()  # $GPUPOOL_WITHHOLD_FEATURES (docs/wire.md, "Features"): a bad name is one line

@@ -48,7 +48,14 @@ from .metrics import Ledger, Metrics
 from .registration import (
     RegistrationSource as RegistrationSource,  # the one definition, beside its consumer
 )
-from .sandbox import DEFAULT_WORKER_UIDS, GPU_DEVICE_GLOB, WorkerUids, gpu_device_groups, worker_tasks
+from .sandbox import (
+    DEFAULT_WORKER_UIDS,
+    GPU_DEVICE_GLOB,
+    UidLocksUnusable,
+    WorkerUids,
+    gpu_device_groups,
+    worker_tasks,
+)
 from .sessions import MAX_GRAPH_BYTES, MAX_HANDLES, DeviceMemory
 from .speedmodel import SpeedModel
 from .worker import InlineRunner, Runner, WorkerDied, WorkerSpec, spin_default
@@ -169,6 +176,10 @@ def check_worker_uids(text: str) -> WorkerUids | None:
     if clashes:
         raise InvalidArgument(f"--worker-uids {text} holds users of this host ({', '.join(clashes[:5])}): "
                               "name a range no account, group or subordinate range uses")  # fmt: skip
+    try:
+        uids.check_locks()
+    except UidLocksUnusable as exc:
+        raise InvalidArgument(f"--worker-uids {text}: {exc.strerror}") from None
     log.info("session workers run as uids %d-%d, one each (at most %d tasks a worker)", uids.first, uids.last,
              worker_tasks())  # fmt: skip
     return uids
@@ -390,6 +401,9 @@ class Daemon:
         if self._uids is not None and self.zygote is not None:
             try:
                 s.worker_uid = self._uids.take()
+            except UidLocksUnusable as exc:  # (made unusable since the start's check: the operator's to mend)
+                log.error("session %d: no worker uid: %s", s.number, exc.strerror)
+                raise Unavailable(f"host {self.host_id} cannot start a session worker: {exc.strerror}") from None
             except OSError as exc:
                 raise ResourceExhausted(f"host {self.host_id}: {exc.strerror}; try again later") from None
         spec = WorkerSpec(

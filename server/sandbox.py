@@ -325,6 +325,10 @@ DEFAULT_WORKER_UIDS = "2000000000-2000065535"
 UID_LOCKS = "/run/gpupool/worker-uids"  # a file per uid in use, flock'd by the daemon that gave it (host-wide)
 
 
+class UidLocksUnusable(OSError):
+    """The uid lock directory (`WorkerUids.locks`) cannot hold a lock file: no worker can be given a uid."""
+
+
 def _sub_ranges(path: str) -> list[tuple[str, int, int]]:
     """/etc/subuid or /etc/subgid: (owner, first, last) of each allocation."""
     out = []
@@ -347,7 +351,11 @@ class WorkerUids:
     worker's threads (`worker_tasks`). A uid is given to one worker at a time, taken in turn through the range (not
     again at once), and free again once the worker it was given to is gone (its pid no longer exists: a worker lives
     on after its session closes until the zygote's kill lands). Daemons of one host share the range: a uid in use
-    is also an flock on its file under `locks` (UID_LOCKS), which another daemon's `take` skips."""
+    is also an flock on its file under `locks` (UID_LOCKS), which another daemon's `take` skips. The file lives as
+    long as the lock: whoever gives a uid back removes its file while it still holds the lock, and whoever locks a
+    file checks that the lock is on the file the name still names (else it opens the name again), so that a lock
+    on a removed file gives nobody a uid (round 39: until then a file stayed for every uid ever used, up to 65,536
+    of them, and `check_locks` removes such files of earlier daemons at start)."""
 
     def __init__(self, first: int, last: int, locks: str = UID_LOCKS) -> None:
         if not 0 < first <= last < 2**32 - 1:
@@ -384,21 +392,73 @@ class WorkerUids:
                     if lo <= self.last and self.first <= hi]  # fmt: skip
         return out
 
-    def _claim(self, uid: int) -> bool:
-        """Hold `uid`'s file under `locks` (False: another daemon of the host holds it)."""
-        os.makedirs(self.locks, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(self.locks, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def check_locks(self) -> None:
+        """At start: the lock directory exists (made) and takes new files (UidLocksUnusable naming it, else: a
+        read-only /run made every Attach a RESOURCE_EXHAUSTED until round 39); files of the range that nobody
+        holds (an earlier daemon's, before round 39 or killed) are removed."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        self._fds[uid] = fd
-        return True
+            os.makedirs(self.locks, mode=0o700, exist_ok=True)
+            try:  # a file with no name, gone when closed: can this daemon make files here?
+                os.close(os.open(self.locks, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600))
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):  # (no O_TMPFILE there)
+                    raise
+                if not os.access(self.locks, os.W_OK | os.X_OK):
+                    raise OSError(errno.EACCES, os.strerror(errno.EACCES)) from None
+            names = os.listdir(self.locks)
+        except OSError as exc:
+            raise self._unusable(exc) from None
+        with self._lock:
+            for name in names:
+                if name.isdigit() and self.first <= int(name) <= self.last and int(name) not in self._fds:
+                    try:
+                        if self._claim(int(name)):
+                            self._release(int(name))
+                    except UidLocksUnusable:
+                        pass  # (nothing removed: `take` says so when it matters)
+
+    def _unusable(self, exc: OSError) -> UidLocksUnusable:
+        return UidLocksUnusable(
+            exc.errno or errno.EIO,
+            f"the uid lock directory {self.locks} is unusable ({exc.strerror or exc}): the daemons of a host lock each "
+            "worker's uid there (--worker-uids); make it a directory root can write (/run is a tmpfs on most hosts), "
+            "or pass --worker-uids off",
+        )
+
+    def _claim(self, uid: int) -> bool:
+        """Hold `uid`'s file under `locks` (False: another daemon of the host holds it); UidLocksUnusable where no
+        file can be made there."""
+        path = os.path.join(self.locks, str(uid))
+        for _ in range(8):  # (another try each time a holder removed the file meanwhile: see the class)
+            try:
+                os.makedirs(self.locks, mode=0o700, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise self._unusable(exc) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                mine, named = os.fstat(fd), os.stat(path, follow_symlinks=False)
+            except OSError:  # held (EWOULDBLOCK), or the name is gone (removed by the holder we waited for)
+                os.close(fd)
+                if os.path.lexists(path):
+                    return False
+                continue
+            if (mine.st_dev, mine.st_ino) != (named.st_dev, named.st_ino):
+                os.close(fd)  # locked a file its holder removed: the name is another file now
+                continue
+            self._fds[uid] = fd
+            return True
+        return False
 
     def _release(self, uid: int) -> None:
+        """Give `uid`'s file up: removed first, while still locked (no daemon then holds a lock on a removed file
+        and a uid with it: `_claim` checks), then unlocked."""
         fd = self._fds.pop(uid, -1)
         if fd >= 0:
+            try:
+                os.unlink(os.path.join(self.locks, str(uid)))
+            except OSError:
+                pass  # (a directory made read-only since: the file stays, unlocked, as before round 39)
             os.close(fd)
 
     def take(self) -> int:

@@ -30,6 +30,7 @@ that starts a thread the zygote does not know how to stop is found at the first 
 from __future__ import annotations
 
 import array
+import collections
 import ctypes
 import fcntl
 import json
@@ -56,6 +57,9 @@ from . import runner_source
 from .worker import SHARED_BYTES, ProcessRunner, WorkerSpec
 
 log = logging.getLogger(__name__)
+_LOG_FORMAT = "%(asctime)s gpupool-zygote %(levelname)s %(name)s: %(message)s"
+OWN_BYTES = 64 * 1024  # the zygote's own log lines kept while its stderr has no room (`StderrSink.log`)
+OWN_RETRY_MS = 100  # ... tried again this often meanwhile (and the end of a line a write cut)
 # The zygote's start (importing torch on a loaded host), not counting a build of the native runner: a zygote that
 # builds one says so (`{"building": ...}`, `_build_runner`), and the daemon then waits for the build (bounded by the
 # build's own bound, server/native_runner.py `build_timeout`, plus BUILD_GRACE) with this bound stopped.
@@ -433,7 +437,7 @@ PRELOAD = (
 )
 
 
-def _zygote(ctrl: socket.socket) -> None:
+def _zygote(ctrl: socket.socket, sink: StderrSink | None = None) -> None:
     import importlib
     import tempfile
 
@@ -458,13 +462,16 @@ def _zygote(ctrl: socket.socket) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     ctrl.sendall(json.dumps({"ready": True, "threads": _other_threads()}).encode() + b"\n")
     outputs: dict[int, WorkerOutput] = {}  # read end of a worker's stdout and stderr -> what forwards it
-    sink = StderrSink()  # where they go: the daemon's stderr, never waited on
+    sink = sink or StderrSink()  # where they go (and the zygote's own lines): the daemon's stderr, never waited on
     poller = select.poll()  # (not select(): a worker's pipe may be numbered past FD_SETSIZE)
     for fd in (ctrl.fileno(), wake_r):
         poller.register(fd, select.POLLIN)
     buf = b""
     while True:
-        ready = {fd for fd, _events in poller.poll()}
+        waiting = bool(sink.own or sink.rest)  # lines (or a cut line's end) the pipe had no room for: again soon
+        ready = {fd for fd, _events in poller.poll(OWN_RETRY_MS if waiting else None)}
+        if waiting:
+            sink.flush_own()
         if wake_r in ready:
             os.read(wake_r, 4096)
         for fd in ready:
@@ -586,16 +593,52 @@ class StderrSink:
             pass
         self.rest = b""  # the unwritten end of a line a write cut (lines stay whole)
         self.dropped = 0  # bytes of lines dropped since the last that went
+        self.own: collections.deque[bytes] = collections.deque()  # the zygote's own lines not written yet
+        self.own_bytes = 0
+        self.own_dropped = 0  # ... dropped, past OWN_BYTES kept, since the last kept
 
-    def write(self, lines: list[str]) -> None:
-        data = [line.encode() for line in lines]
+    def log(self, line: str) -> None:
+        """One of the zygote's own log lines (`SinkHandler`): written now where the pipe has room, else kept (up to
+        OWN_BYTES, past that dropped and counted) and written before any worker's output as room comes: the
+        zygote's loop tries again every OWN_RETRY_MS while any wait (`flush_own`). Until round 39 the zygote's own
+        lines went to its stderr as it is, blocking on a full pipe."""
+        data = line.encode("utf-8", "backslashreplace")
+        if self.own_bytes + len(data) > OWN_BYTES:
+            self.own_dropped += 1
+            return
+        self.own.append(data)
+        self.own_bytes += len(data)
+        self.flush_own()
+
+    def flush_own(self) -> bool:
+        """Write what waits (a cut line's end, then the zygote's own lines) as far as the pipe takes it; whether
+        anything still waits."""
         if self.rest:  # (a line's end goes before anything else)
             rest, self.rest = self.rest, b""
             if self._put(rest) == 0:
                 self.rest = rest
             if self.rest:
-                self.dropped += sum(map(len, data))
-                return
+                return True
+        while self.own:
+            line = self.own[0]
+            if self._put(line) == 0:
+                return True
+            self.own.popleft()
+            self.own_bytes -= len(line)
+            if self.rest:
+                return True
+        if self.own_dropped:
+            note = f"gpupool-zygote: {self.own_dropped} of its own log lines dropped (stderr full)\n".encode()
+            if self._put(note) == 0:
+                return True
+            self.own_dropped = 0
+        return bool(self.rest)
+
+    def write(self, lines: list[str]) -> None:
+        data = [line.encode() for line in lines]
+        if (self.rest or self.own or self.own_dropped) and self.flush_own():
+            self.dropped += sum(map(len, data))
+            return
         if self.dropped:
             note = f"gpupool-zygote: {self.dropped} bytes of workers' output dropped (stderr full)\n"
             if self._put(note.encode()) == 0:
@@ -626,6 +669,20 @@ class StderrSink:
         if 0 < n < len(data):
             self.rest = data[n:]
         return n
+
+
+class SinkHandler(logging.Handler):
+    """The zygote's log handler: its lines through its `StderrSink` (`StderrSink.log`), never waited on."""
+
+    def __init__(self, sink: StderrSink) -> None:
+        super().__init__()
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.sink.log(self.format(record) + "\n")
+        except Exception:  # noqa: BLE001 - logging's own convention: a record that cannot be formatted is reported
+            self.handleError(record)
 
 
 def _unread(fd: int) -> int:
@@ -723,6 +780,14 @@ def _fork_worker(
         return pid
     code = 70
     try:
+        # the worker's log lines go to its stderr (the pipe below, once set), not the zygote's sink, whose
+        # descriptor it closes here (`others`)
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        plain = logging.StreamHandler(sys.stderr)
+        plain.setFormatter(logging.Formatter(_LOG_FORMAT))
+        root.addHandler(plain)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for fd in (wake_r, wake_w, *others):
@@ -746,10 +811,15 @@ def main() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(0)  # the daemon died before the line above
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s gpupool-zygote %(levelname)s %(name)s: %(message)s")
+    # Its own lines never wait on the daemon's stderr (a pipe nobody reads): through the sink its workers' output
+    # takes (round 39; until then a full pipe blocked the zygote's own log lines, and warnings, and every spawn)
+    sink = StderrSink()
+    handler = SinkHandler(sink)
+    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT, handlers=[handler])
+    logging.captureWarnings(True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the daemon decides
     ctrl = socket.socket(fileno=int(sys.argv[1]))
-    _zygote(ctrl)
+    _zygote(ctrl, sink)
 
 
 if __name__ == "__main__":

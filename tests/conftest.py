@@ -8,7 +8,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,8 +147,8 @@ def serve_process(token_key_file: Path, token_key: bytes) -> Iterator[Callable[.
     """Start `gpupool serve` subprocesses: `serve_process("--fake-gpus", "1")` -> DaemonHandle."""
     procs: list[subprocess.Popen[str]] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> DaemonHandle:
-        proc, address = start_serve_process(token_key_file, *args, env=env)
+    def start(*args: str, env: dict[str, str] | None = None, wrap: Sequence[str] = ()) -> DaemonHandle:
+        proc, address = start_serve_process(token_key_file, *args, env=env, wrap=wrap)
         procs.append(proc)
         return DaemonHandle(address, token_key, TEST_HOST, process=proc)
 

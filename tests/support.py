@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,14 +193,21 @@ _LISTEN_RE = re.compile(r"listening on (\S+:\d+)")
 
 
 def start_serve_process(
-    key_file: Path, *args: str, timeout: float = 150.0, env: dict[str, str] | None = None, host_id: str = TEST_HOST
+    key_file: Path,
+    *args: str,
+    timeout: float = 150.0,
+    env: dict[str, str] | None = None,
+    host_id: str = TEST_HOST,
+    wrap: Sequence[str] = (),
 ) -> tuple[subprocess.Popen[str], str]:
-    """Run `gpupool serve --listen 127.0.0.1:0 ...` and return (process, bound address) parsed from its log.
+    """Run `gpupool serve --listen 127.0.0.1:0 ...` and return (process, bound address) parsed from its log. `wrap`:
+    a command that runs it (its arguments follow), such as `unshare -m` and a shell that mounts something first.
 
     `timeout` outlasts the daemon's own wait for its zygote (server/zygote.py START_TIMEOUT, 120 s): a start took
     25-50 s on a 2-core box at load 5-10 (two torch imports), so 60 s failed loaded runs, and a daemon that cannot
     start says why itself."""
     cmd = [
+        *wrap,
         sys.executable,
         "-m",
         "gpupool.cli",

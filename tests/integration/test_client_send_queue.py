@@ -21,7 +21,7 @@ import pytest
 import torch
 from gpupool.client.session import SEND_QUEUE_BYTES, SEND_QUEUE_FRAMES, Handle, Session, upload_command
 
-from gpupool import wire
+from gpupool import errors, wire
 
 KiB = 1024
 BIG = 512 * KiB  # a captured step's batch (the stock MLP's): SEND_QUEUE_BYTES holds a few of them
@@ -309,3 +309,33 @@ def test_an_interrupted_big_upload_leaves_no_half_record_on_the_socket(serve_pro
         _assert_synced(s)
         again = big.flip(0).contiguous()
         assert torch.equal(s.download(s.upload(again)), again)
+
+
+def test_an_interrupted_big_upload_on_the_stream_carrier_leaves_the_session_usable(
+    serve_process: Any, monkeypatch: Any
+) -> None:
+    """As above where the frames use the gRPC stream (GPUPOOL_SIDE_FRAMES=0) and only an upload's bytes the side
+    socket: each chunk's command and bytes go to the stream's sending thread as one item, which writes the bytes on
+    the side socket once gRPC took the command, so an interrupt of the caller (Ctrl-C during a big upload) leaves the
+    chunks it queued whole and the rest unsent: the session goes on, the handle is refused as still being uploaded
+    (FailedPrecondition) until an upload of it completes, and that one arrives intact. On 1344c19 the caller wrote
+    the bytes itself and the interrupt left half a chunk on the socket: the session was lost."""
+    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "512MiB", "--bulk-listen", "127.0.0.1:0")
+    monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", "0")
+    # 192 MiB, 48 chunks: far more than the sockets hold, and than the send queue takes ahead (SEND_QUEUE_FRAMES)
+    big = torch.arange(48 * 1024 * 1024, dtype=torch.int32)
+    with Session.attach(d.address, d.token()) as s:
+        assert s._carrier is None and s._side is not None
+        s.sync()
+        s._side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * KiB)
+        h = s.new_handle()
+        os.kill(d.process.pid, signal.SIGSTOP)
+        try:
+            _interrupted_after(1.0, lambda: s.upload(big, handle=h))
+        finally:
+            os.kill(d.process.pid, signal.SIGCONT)
+        _assert_synced(s)
+        with pytest.raises(errors.FailedPrecondition, match="still being uploaded"):
+            s.download(h)
+        again = big.flip(0).contiguous()
+        assert torch.equal(s.download(s.upload(again, handle=h)), again)  # a new upload of it completes

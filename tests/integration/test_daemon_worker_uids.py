@@ -3,10 +3,14 @@ taken in turn through the range, never one a live worker holds; a range with an 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pwd
+import shutil
 import signal
 import subprocess
+import threading
 import time
 from typing import Any
 
@@ -182,3 +186,116 @@ def test_a_new_worker_ends_what_still_runs_as_its_uid(daemon_factory: Any) -> No
     finally:
         leftover.kill()
         leftover.wait()
+
+
+def _lock_file(uid: int) -> str:
+    from gpupool.server.sandbox import UID_LOCKS
+
+    return os.path.join(UID_LOCKS, str(uid))
+
+
+def test_a_uids_lock_file_goes_with_its_lock(daemon_factory: Any) -> None:
+    """A uid's lock file under /run/gpupool/worker-uids is removed when the uid is free again (its worker gone, or
+    the daemon stopping), and at start where nobody holds it (an earlier daemon's); one another daemon holds stays.
+    On 1344c19 every uid ever given kept its empty file: up to 65,536 of them."""
+    uid = FIRST + 20
+    os.makedirs(os.path.dirname(_lock_file(uid)), mode=0o700, exist_ok=True)
+    with open(_lock_file(uid + 1), "w"):  # an earlier daemon's, held by nobody
+        pass
+    held = os.open(_lock_file(uid + 2), os.O_RDWR | os.O_CREAT, 0o600)  # another daemon's, held: its uid is in use
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        d = daemon_factory(worker_uids=f"{uid}-{uid + 2}")
+        assert not os.path.exists(_lock_file(uid + 1)), "an earlier daemon's lock file stayed"
+        a = Session.attach(d.address, d.token(quota_bytes=16 * MiB))
+        a.sync()
+        pid_a, uid_a, _ = worker_ids(d.address, a)
+        assert uid_a == [str(uid)] * 4 and os.path.exists(_lock_file(uid))
+        a.close()
+        gone(pid_a)
+        b = Session.attach(d.address, d.token(quota_bytes=16 * MiB))  # the next uid in turn: a's is given back
+        b.sync()
+        pid_b, uid_b, _ = worker_ids(d.address, b)
+        assert uid_b == [str(uid + 1)] * 4
+        assert not os.path.exists(_lock_file(uid)), "a uid given back kept its lock file"
+        b.close()
+        gone(pid_b)
+        d.running.stop(grace=1.0, drain=False)
+        assert not os.path.exists(_lock_file(uid + 1)), "a stopped daemon's free uid kept its lock file"
+        assert os.path.exists(_lock_file(uid + 2))
+    finally:
+        os.close(held)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_lock_file(uid + 2))
+
+
+def test_daemons_that_remove_lock_files_never_hold_one_uid_at_once(tmp_path: Any) -> None:
+    """Four daemons' allocators (one process here: an flock is an open file's, so they exclude each other as
+    processes do) take and give back the same two uids as fast as they can, each removing the file it gives back:
+    no uid is ever held by two at once (`_claim` checks that its lock is on the file the name still names). Pins
+    what held on 1344c19, where no file was removed; without the check (or with the file removed after its unlock)
+    two held one uid within a few thousand rounds."""
+    from gpupool.server.sandbox import WorkerUids
+
+    holders: dict[int, int] = {}
+    guard = threading.Lock()
+    clashes: list[tuple[int, int, int]] = []
+    rounds = [0]
+
+    def run(me: int) -> None:
+        uids = WorkerUids(FIRST, FIRST + 1, locks=str(tmp_path))
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            try:
+                uid = uids.take()
+            except OSError:
+                continue
+            with guard:
+                if uid in holders:
+                    clashes.append((uid, holders[uid], me))
+                holders[uid] = me
+                rounds[0] += 1
+            time.sleep(0)
+            with guard:
+                if holders.get(uid) == me:
+                    del holders[uid]
+            uids.give_back(uid, 0)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not clashes, clashes[:5]
+    assert rounds[0] > 100
+    assert not list(tmp_path.iterdir())  # every uid given back: no file left
+
+
+_RUN_TMPFS = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o "$0" tmpfs /run && exec "$@"']
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_an_unwritable_uid_lock_directory_stops_the_start_with_its_name(serve_process: Any) -> None:
+    """A root daemon whose /run is read-only (its own mount namespace here) cannot lock worker uids: it refuses to
+    start and names the directory and the way out. On 1344c19 it started, and every Attach got RESOURCE_EXHAUSTED
+    ("Read-only file system; try again later")."""
+    with pytest.raises(
+        RuntimeError, match=r"uid lock directory /run/gpupool/worker-uids is unusable .*--worker-uids off"
+    ):
+        serve_process("--fake-gpus", "1", wrap=[*_RUN_TMPFS, "ro"])
+
+
+@pytest.mark.skipif(shutil.which("nsenter") is None or shutil.which("unshare") is None, reason="needs util-linux")
+def test_a_uid_lock_directory_made_unwritable_later_fails_attach_with_its_name(serve_process: Any) -> None:
+    """/run made read-only while the daemon runs: an Attach is refused as UNAVAILABLE naming the directory (not
+    RESOURCE_EXHAUSTED, as on 1344c19), and a session that has its worker goes on."""
+    d = serve_process("--fake-gpus", "1", "--fake-gpu-memory", "256MiB", wrap=[*_RUN_TMPFS, "rw"])
+    a = Session.attach(d.address, d.token(quota_bytes=16 * MiB))
+    a.sync()
+    # (a read-only file system over the directory: the daemon holds files of the one below open for writing)
+    ro = ["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", "/run/gpupool/worker-uids"]
+    subprocess.run(["nsenter", "-t", str(d.process.pid), "-m", *ro], check=True)
+    with pytest.raises(errors.Unavailable, match="uid lock directory /run/gpupool/worker-uids is unusable"):
+        Session.attach(d.address, d.token(quota_bytes=16 * MiB))
+    assert a.download(a.upload(torch.arange(3.0))).tolist() == [0.0, 1.0, 2.0]
+    a.close()
