@@ -158,13 +158,16 @@ def mapped_paths() -> set[str]:
 
 def _minimal(paths: set[str]) -> list[str]:
     """`paths` that exist, less those beneath another (one rule covers its whole tree)."""
-    real = sorted({os.path.realpath(p) for p in paths if os.path.exists(p)})
-    out: list[str] = []
-    for p in real:
-        if out and (p == out[-1] or p.startswith(out[-1].rstrip("/") + "/")):
-            continue
-        out.append(p)
-    return out
+    def outermost(candidates: set[str]) -> list[str]:
+        out: list[str] = []
+        for p in sorted(candidates):
+            if out and (p == out[-1] or p.startswith(out[-1].rstrip("/") + "/")):
+                continue
+            out.append(p)
+        return out
+
+    # by name first (a module's file beneath site-packages: no system call), then as the kernel resolves them
+    return outermost({os.path.realpath(p) for p in outermost(paths) if os.path.exists(p)})
 
 
 _base: list[str] | None = None
