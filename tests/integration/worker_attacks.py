@@ -312,6 +312,38 @@ def probe_survey(ctx: dict[str, Any]) -> str:
     return f"open: {reached}" if reached else "blocked: nothing of the survey"
 
 
+def probe_cuda_work(ctx: dict[str, Any]) -> str:
+    """Not an attack: what a real GPU's worker loads lazily once confined (Landlock: the folders of the libraries it
+    had mapped) still loads: cuDNN's engines (a convolution), NVRTC (a jiterator op), cuBLASLt (addmm with a bias),
+    the driver's memory query, NVML. "open: ..." names each that ran, "blocked: ..." the first that failed."""
+    import torch
+
+    dev = torch.device("cuda", 0)
+    x = torch.randn(2, 3, 16, 16, device=dev)
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("conv2d", lambda: torch.nn.functional.conv2d(x, torch.randn(4, 3, 3, 3, device=dev)).sum().item()),
+        ("jiterator", lambda: torch.special.bessel_j0(x).sum().item()),
+        (
+            "addmm",
+            lambda: (
+                torch.addmm(torch.randn(8, device=dev), torch.randn(4, 8, device=dev), torch.randn(8, 8, device=dev))
+                .sum()
+                .item()
+            ),
+        ),  # fmt: skip
+        ("mem_get_info", lambda: torch.cuda.mem_get_info(dev)),
+        ("device_count", torch.cuda.device_count),
+    ]
+    ran = []
+    for name, fn in steps:
+        try:
+            fn()
+        except Exception as exc:
+            return f"blocked: {name}: {type(exc).__name__}: {str(exc)[:300]}"
+        ran.append(name)
+    return f"open: {ran}"
+
+
 def probe_socket_families(ctx: dict[str, Any]) -> str:
     """A worker granted network (collectives): sockets other than TCP over IPv4 and IPv6, and the host's abstract
     unix socket `ctx["abstract"]` (a service that trusts local peers)."""
