@@ -10,10 +10,10 @@ confined worker may:
 - read (files and directory listings) only Python's installation (its prefixes' standard library and site-packages),
   the packages it has imported (`sys.modules`: an editable install's source folders), the folders of the shared
   libraries it has mapped (torch's, the CUDA runtime's and driver's on a GPU host: read from /proc/self/maps, so
-  nothing is hard-coded), a few files of /etc that the C library reads (ld.so.cache, localtime; name lookup's for a
-  worker granted network), /proc/self, the CPU list and THP settings of /sys, and on a real GPU the NVIDIA device
-  files (read, write, ioctl), /proc/driver/nvidia, /sys/bus/pci and /sys/devices (the driver's queries) and the CUDA
-  JIT cache (read);
+  nothing is hard-coded), a few files of /etc that the C library reads (ld.so.cache, localtime; for a worker granted
+  network name lookup's, and the interfaces and PCI devices of /sys that gloo lists), /proc/self, the CPU list and
+  THP settings of /sys, and on a real GPU the NVIDIA device files (read, write, ioctl), /proc/driver/nvidia,
+  /sys/bus/pci and /sys/devices (the driver's queries) and the CUDA JIT cache (read);
 - write nowhere (the profile and audit files of GPUPOOL_WORKER_PROFILE and GPUPOOL_OP_AUDIT are opened before);
   /dev/null is writable;
 - execute nothing; make, remove, rename, link or truncate nothing;
@@ -61,9 +61,11 @@ MISSING_BELOW = {
 }
 
 ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")
-# name lookup (getaddrinfo of a collective store's host) in a worker granted network
-ETC_NETWORK = ("/etc/hosts", "/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf",
-               "/etc/services", "/etc/protocols")  # fmt: skip
+# A worker granted network: name lookup's files (getaddrinfo of a collective store's host), and the interfaces and
+# PCI devices gloo's transport lists when it starts (gloo/common/linux.cc opens /sys/bus/pci/devices and follows
+# /sys/class/net's links into /sys/devices: refused, every `--collectives gloo` group failed to form)
+NETWORK_READ = ("/etc/hosts", "/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf",
+                "/etc/services", "/etc/protocols", "/sys/class/net", "/sys/bus/pci", "/sys/devices")  # fmt: skip
 SYS_READ = ("/sys/devices/system/cpu", "/sys/kernel/mm/transparent_hugepage", "/proc/sys/vm/overcommit_memory")
 DEVICES_READ = ("/dev/urandom", "/dev/random", "/dev/zero")
 GPU_READ = ("/proc/driver/nvidia", "/sys/bus/pci", "/sys/devices", "/dev/nvidia-caps")
@@ -228,7 +230,7 @@ def restrict(*, network: bool, gpu: bool, version: int = -1) -> tuple[list[str],
     missing: list[str] = []
     try:
         reads = list(read_paths())
-        reads += ETC_NETWORK if network else ()
+        reads += NETWORK_READ if network else ()
         reads.append(f"/proc/{os.getpid()}")  # /proc/self (not another process's)
         devices = ["/dev/null"]
         if gpu:
