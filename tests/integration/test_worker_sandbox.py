@@ -416,3 +416,32 @@ def test_a_worker_granted_network_still_connects(zygote: Zygote) -> None:
             assert got["connect_loopback"].startswith("open"), got
         finally:
             runner.close()
+
+
+def test_a_worker_signals_no_process_and_reaches_no_abstract_socket_outside_it(zygote: Zygote) -> None:
+    """With its seccomp filter off, a worker keeping the daemon's user on 1344c19 signalled a process of that user
+    (signal 0: the permission check; a real signal, or ptrace, goes as far) and connected to the host's abstract unix
+    socket. Landlock's scopes (ABI 6) refuse both by themselves now."""
+    import socket
+    import subprocess
+    import uuid
+
+    from gpupool.server import landlock
+
+    if landlock.abi() < 6:
+        pytest.skip("Landlock scopes need ABI 6 (Linux 6.12)")
+    name = f"gpupool-sandbox-{uuid.uuid4().hex}"
+    victim = subprocess.Popen(["sleep", "300"])
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as service:
+        service.bind("\0" + name)
+        service.listen(4)
+        ctx = {"victim": victim.pid, "abstract": name}
+        runner, got = attack(zygote, ["signal_victim", "abstract_unix"], ctx, user="", seccomp=False)
+        try:
+            assert got["signal_victim"].startswith("blocked"), got
+            assert got["abstract_unix"].startswith("blocked"), got
+            assert victim.poll() is None
+        finally:
+            runner.close()
+            victim.kill()
+            victim.wait()

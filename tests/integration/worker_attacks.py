@@ -344,6 +344,16 @@ def probe_cuda_work(ctx: dict[str, Any]) -> str:
     return f"open: {ran}"
 
 
+def probe_abstract_unix(ctx: dict[str, Any]) -> str:
+    """The host's abstract unix socket `ctx["abstract"]` (a service that trusts local peers)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect("\0" + ctx["abstract"])
+    except OSError as exc:
+        return f"blocked: {errno.errorcode.get(exc.errno or 0, exc)}"
+    return "open: connected to the host's abstract unix socket"
+
+
 def probe_socket_families(ctx: dict[str, Any]) -> str:
     """A worker granted network (collectives): sockets other than TCP over IPv4 and IPv6, and the host's abstract
     unix socket `ctx["abstract"]` (a service that trusts local peers)."""
