@@ -500,8 +500,8 @@ _seccomp_path: list[str | None] = []
 
 
 def seccomp_library() -> str | None:
-    """libseccomp's name (None: not installed), found once: `find_library` runs `ldconfig -p` (a fork and an exec),
-    which the zygote does for every worker it forks; a worker under Landlock could no longer exec it."""
+    """libseccomp's name (None: not installed), found once in the zygote: `find_library` runs `ldconfig -p` (a fork
+    and an exec), which until round 39 every worker did at its start, and which a worker under Landlock cannot."""
     if not _seccomp_path:
         _seccomp_path.append(ctypes.util.find_library("seccomp"))
     return _seccomp_path[0]
