@@ -160,6 +160,7 @@ def mapped_paths() -> set[str]:
 
 def _minimal(paths: set[str]) -> list[str]:
     """`paths` that exist, less those beneath another (one rule covers its whole tree)."""
+
     def outermost(candidates: set[str]) -> list[str]:
         out: list[str] = []
         for p in sorted(candidates):

@@ -48,13 +48,7 @@ def test_a_confined_gpu_worker_runs_cudnn_nvrtc_cublaslt_and_reads_no_key(zygote
     )  # fmt: skip
     runner = zygote.spawn(spec, MiB)
     try:
-        runner._sock.settimeout(300)
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = runner._sock.recv(65536)
-            assert chunk, "the GPU worker died"
-            line += chunk
-        got = json.loads(line)
+        got = worker_attacks.read_report(runner._sock, 300.0)
         assert got["cuda_work"] == "open: ['conv2d', 'jiterator', 'addmm', 'mem_get_info', 'device_count']", got
         assert got["read_daemon_files"].startswith("blocked"), got
     finally:

@@ -74,13 +74,7 @@ def spec(session_id: str, **kw: Any) -> WorkerSpec:
 def attack(z: Zygote, probes: list[str], ctx: dict[str, Any], **kw: Any) -> tuple[ProcessRunner, dict[str, str]]:
     """A worker that runs `probes` once confined; what each got."""
     runner = z.spawn(spec(worker_attacks.PREFIX + json.dumps({"probes": probes, "ctx": ctx}), **kw), MiB)
-    runner._sock.settimeout(120)
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = runner._sock.recv(65536)
-        assert chunk, "the attacking worker died"
-        line += chunk
-    return runner, json.loads(line)
+    return runner, worker_attacks.read_report(runner._sock)
 
 
 @pytest.fixture

@@ -659,6 +659,17 @@ def run_probes(names: list[str], ctx: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def read_report(sock: socket.socket, timeout: float = 120.0) -> dict[str, str]:
+    """The test's side: what each probe of an attacking worker got (its one JSON line on the session socket)."""
+    sock.settimeout(timeout)
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        assert chunk, "the attacking worker died"
+        line += chunk
+    return dict(json.loads(line))
+
+
 # ---- the zygote program ----
 
 VICTIM_OBJECT = bytearray(b"an object of the zygote, at the same address in every worker")
