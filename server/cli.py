@@ -161,6 +161,15 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--seccomp", type=_on_off, default=True, help="seccomp filter in session workers (on/off)")
     add_flag(
         p,
+        "--landlock",
+        type=_on_off,
+        default=True,
+        help="Landlock in session workers (on/off): they read only Python's, torch's and the GPU driver's files, "
+        "write none, and make TCP connections only when their lease grants network; a kernel without Landlock "
+        "(or an older ABI) starts them with what it has and one warning (default on)",
+    )
+    add_flag(
+        p,
         "--worker-network",
         type=_on_off,
         default=False,
@@ -239,6 +248,7 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
         worker_uids=args.worker_uids,
         worker_spin_us=args.worker_spin_us,
         seccomp=args.seccomp,
+        landlock=args.landlock,
         worker_network=args.worker_network,
         collectives=args.collectives,
         bulk_listen=args.bulk_listen,

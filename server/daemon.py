@@ -40,7 +40,7 @@ from gpupool.errors import (
 )
 from gpupool.tls import TlsConfig
 
-from . import bulk, slices
+from . import bulk, landlock, slices
 from .devices import Device, discover
 from .fairqueue import DeviceWorker, Entry, FairQueue, HostQueued
 from .front import FrontSession, Unread, reply_bytes
@@ -137,6 +137,9 @@ class DaemonConfig:
     # "FIRST-LAST", or "off" (every worker runs as `worker_user`)
     worker_uids: str = "auto"
     seccomp: bool = True
+    # A Landlock ruleset in each worker (server/landlock.py): reads of what it needs only, no writes, TCP only with
+    # the network grant, scoped signals and abstract sockets; False is the operator's opt-out (--landlock off)
+    landlock: bool = True
     worker_network: bool = False  # workers keep TCP sockets, for torch.distributed collectives between daemons
     # Transport of those collectives: "secure" (encrypted, authenticated: server/seclink.py) or "gloo"
     # (torch's plaintext gloo/NCCL, an explicit opt-in).
@@ -183,6 +186,18 @@ def check_worker_uids(text: str) -> WorkerUids | None:
     log.info("session workers run as uids %d-%d, one each (at most %d tasks a worker)", uids.first, uids.last,
              worker_tasks())  # fmt: skip
     return uids
+
+
+def check_landlock(on: bool) -> str:
+    """Say once, at start, what of Landlock the session workers lack on this kernel (server/landlock.py: they start
+    without it, best effort); returns the warning ("" where there is none)."""
+    if not on:
+        log.warning("--landlock off: session workers may read every file of their user's and make TCP connections")
+        return "off"
+    lacking = landlock.describe(landlock.abi())
+    if lacking:
+        log.warning("%s (workers start anyway; --landlock off silences this)", lacking)
+    return lacking
 
 
 def check_worker_user(name: str) -> None:
@@ -301,6 +316,7 @@ class Daemon:
             keep = not worker_user(self.config.worker_user) and self.config.worker_uids == "auto"
             self._uids = None if keep else check_worker_uids(self.config.worker_uids)  # keep: root workers
             self._worker_groups = self._check_gpu_files()
+            check_landlock(self.config.landlock)
             # Before gRPC threads exist (a fresh interpreter either way), and ready before the daemon says it
             # listens: an Attach never waits for torch to import.
             self.zygote = shared_zygote()
@@ -417,6 +433,7 @@ class Daemon:
             cpu_threads=c.cpu_threads,
             user=worker_user(c.worker_user),
             seccomp=c.seccomp,
+            landlock=c.landlock,
             lease_id=s.lease_id,
             host_id=self.host_id,
             network=network and c.worker_network,

@@ -6,6 +6,9 @@ context exists): so a kernel bug a tenant finds stays inside that tenant's own p
 - a daemon started as root drops the worker to an unprivileged user (`--worker-user`, default `nobody`; uid,
   gid and groups): no capabilities, and it can neither signal the daemon nor read root-only files such as the
   token key. A drop that fails ends the worker rather than leave it root;
+- Landlock (server/landlock.py, `--landlock`): the files a worker may read (Python's, torch's and CUDA's, /proc/self),
+  none it may write, TCP only for workers granted network, no signals or abstract unix sockets outside the worker;
+  round 39 found a non-root daemon's worker reading the daemon's TLS key;
 - `PR_SET_NO_NEW_PRIVS`, and a seccomp filter (libseccomp through ctypes, where the library exists) that
   denies with EPERM: sockets and network calls (kept only for workers whose lease token grants network),
   exec, fork (threads stay allowed), opening files for writing or truncating and changing the file system
@@ -553,10 +556,21 @@ def private_proc() -> str:
     return ""
 
 
+_seccomp_path: list[str | None] = []
+
+
+def seccomp_library() -> str | None:
+    """libseccomp's name (None: not installed), found once in the zygote: `find_library` runs `ldconfig -p` (a fork
+    and an exec), which until round 39 every worker did at its start, and which a worker under Landlock cannot."""
+    if not _seccomp_path:
+        _seccomp_path.append(ctypes.util.find_library("seccomp"))
+    return _seccomp_path[0]
+
+
 def seccomp_filter(network: bool = False, shared_anonymous: bool = True) -> bool:
     """Load the filter described above (with `network`: less NETWORK_SYSCALLS; without `shared_anonymous`: no
     MAP_SHARED | MAP_ANONYMOUS mappings); False without libseccomp."""
-    path = ctypes.util.find_library("seccomp")
+    path = seccomp_library()
     if not path:
         return False
     lib = ctypes.CDLL(path, use_errno=True)
@@ -642,12 +656,17 @@ def apply(
     shared_anonymous: bool = True,
     uid: int = -1,
     groups: tuple[int, ...] = (),
+    landlock: bool = True,
+    gpu: bool = False,
 ) -> SandboxReport:
     """Confine the calling process for good (there is no way back). Call once, single-threaded. Without
     `shared_anonymous` (a fake GPU's worker, whose tensors RLIMIT_DATA caps) no shared anonymous mappings. With
     `uid` (root only: a uid of the worker's own, `--worker-uids`) that uid instead of `user`'s, and RLIMIT_NPROC
     `worker_tasks`; a root worker dropping to the shared `user` gets RLIMIT_NPROC `shared_tasks`. `groups`: the
-    supplementary groups it keeps (the GPU device files': `gpu_device_groups`)."""
+    supplementary groups it keeps (the GPU device files': `gpu_device_groups`). With `landlock` (`--landlock`, on by
+    default) a Landlock ruleset (server/landlock.py) between the user drop and seccomp: reads of what a worker needs
+    only (`gpu`: a real GPU's device and driver files too), no writes, TCP only with `network`, scoped signals and
+    abstract unix sockets; what the kernel's ABI lacks is in `missing`."""
     report = SandboxReport()
 
     def step(what: str, fn: object) -> None:
@@ -677,6 +696,15 @@ def apply(
     # No PDEATHSIG: a worker outlives a zygote that dies (its session goes on); it ends when the daemon closes
     # its socket (the session ends, or the daemon dies).
     step("no_new_privs", lambda: _prctl(PR_SET_NO_NEW_PRIVS, 1))
+    if landlock:  # (needs no_new_privs; before seccomp, whose filter would refuse nothing of it but is the last word)
+        from . import landlock as _landlock
+
+        try:
+            done, lacking = _landlock.restrict(network=network, gpu=gpu)
+        except OSError as exc:
+            done, lacking = [], [f"landlock: {exc}"]
+        report.applied.extend(done)
+        report.missing.extend(lacking)
     if seccomp:
         what = "seccomp" + (" (network kept for collectives)" if network else "")
         step(what, lambda: seccomp_filter(network, shared_anonymous))

@@ -93,6 +93,7 @@ class WorkerSpec:
     max_graph_bytes: int = 256 * 1024**2  # host memory of the session's graphs (sessions.MAX_GRAPH_BYTES)
     uid: int = -1  # a uid (and gid) of the worker's own instead of `user`'s (--worker-uids; -1: none)
     groups: tuple[int, ...] = ()  # supplementary groups kept when it drops its user (the GPU device files' group)
+    landlock: bool = True  # a Landlock ruleset (server/landlock.py: --landlock)
 
 
 # ---- the worker's CUDA memory cap ----
@@ -678,6 +679,8 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
         shared_anonymous=not state.device.fake,
         uid=spec.uid,
         groups=tuple(spec.groups),
+        landlock=spec.landlock,
+        gpu=not state.device.fake and state.device.torch_device.type == "cuda",
     )
     (report.missing if hidden else report.applied).append(f"private /proc: {hidden}" if hidden else "private /proc")
     log.debug("session %d worker %d sandbox: %s; missing: %s", spec.number, os.getpid(), report.applied, report.missing)

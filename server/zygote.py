@@ -454,6 +454,10 @@ def _zygote(ctrl: socket.socket, sink: StderrSink | None = None) -> None:
     CommandExecutor(SliceLedger()).warm_up()  # meta kernels, once, inherited by every worker
     one = torch.ones(2, 2, device="meta")
     torch.ops.aten.add.Tensor(one, one)
+    from . import landlock, sandbox
+
+    landlock.read_paths()  # what workers may read under Landlock: found once here (modules, libraries), inherited
+    sandbox.seccomp_library()  # (`ldconfig -p`: an exec, once here rather than in every worker)
     _stop_blas_threads()
     children: set[int] = set()
     wake_r, wake_w = os.pipe()

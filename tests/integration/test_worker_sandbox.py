@@ -74,13 +74,7 @@ def spec(session_id: str, **kw: Any) -> WorkerSpec:
 def attack(z: Zygote, probes: list[str], ctx: dict[str, Any], **kw: Any) -> tuple[ProcessRunner, dict[str, str]]:
     """A worker that runs `probes` once confined; what each got."""
     runner = z.spawn(spec(worker_attacks.PREFIX + json.dumps({"probes": probes, "ctx": ctx}), **kw), MiB)
-    runner._sock.settimeout(120)
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = runner._sock.recv(65536)
-        assert chunk, "the attacking worker died"
-        line += chunk
-    return runner, json.loads(line)
+    return runner, worker_attacks.read_report(runner._sock)
 
 
 @pytest.fixture
@@ -343,3 +337,105 @@ def test_a_zygote_whose_stderr_pipe_is_never_read_still_spawns_workers(tmp_path:
     finally:
         z.stop()
         os.close(reader)
+
+
+@pytest.fixture
+def daemon_files() -> Iterator[list[str]]:
+    """A TLS key and an API token file of the daemon's user (here root: a worker that keeps the daemon's user, as a
+    non-root daemon's do, may read them by their permissions), in a folder of that user's only."""
+    folder = Path(tempfile.mkdtemp(prefix="gpupool-daemon-"))
+    folder.chmod(0o700)
+    key, token = folder / "server.key", folder / "api-token"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nthe daemon's TLS key\n-----END PRIVATE KEY-----\n")
+    token.write_text("the daemon's API token\n")
+    for path in (key, token):
+        path.chmod(0o600)
+    yield [str(key), str(token)]
+    shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("landlock", [True, False])
+def test_a_worker_of_the_daemons_own_user_cannot_read_the_daemons_key(
+    zygote: Zygote, daemon_files: list[str], landlock: bool
+) -> None:
+    """A non-root daemon's workers keep its user (here `--worker-user keep`: the same uid as the daemon's): on
+    1344c19 a worker read the daemon's TLS key and API token file, which its permissions allow. Landlock
+    (server/landlock.py) lets a worker read Python's, torch's and the libraries' files only: refused now, and read
+    again only with the operator's opt-out (`--landlock off`)."""
+    runner, got = attack(zygote, ["read_daemon_files"], {"daemon_files": daemon_files}, user="", landlock=landlock)
+    try:
+        if landlock:
+            assert got["read_daemon_files"].startswith("blocked"), got
+        else:
+            assert got["read_daemon_files"] == f"open: read {daemon_files}", got
+        assert runner.alive()
+    finally:
+        runner.close()
+
+
+@pytest.mark.parametrize("seccomp", [True, False])
+def test_a_worker_writes_no_file_and_connects_to_no_port_without_the_network_grant(
+    zygote: Zygote, seccomp: bool
+) -> None:
+    """With its seccomp filter off (a host without libseccomp, `--seccomp off`), a worker keeping the daemon's user
+    on 1344c19 made a file in /tmp and connected to a loopback port (the daemon's own, the scheduler's, any local
+    service's). Landlock refuses both by itself now: no file may be written anywhere, no TCP port bound or connected
+    to without the network grant. (With the filter on, which refuses both too, this pins what held.)"""
+    import socket
+
+    with socket.socket() as service:
+        service.bind(("127.0.0.1", 0))
+        service.listen(4)
+        ctx = {"port": service.getsockname()[1], "tmp": tempfile.gettempdir()}
+        runner, got = attack(zygote, ["write_tmp", "connect_loopback"], ctx, user="", seccomp=seccomp)
+        try:
+            assert got["write_tmp"].startswith("blocked"), got
+            assert got["connect_loopback"].startswith("blocked"), got
+            assert not list(Path(tempfile.gettempdir()).glob(f"gpupool-worker-{runner.pid}"))
+        finally:
+            runner.close()
+
+
+def test_a_worker_granted_network_still_connects(zygote: Zygote) -> None:
+    """Pins what held on 1344c19 and must hold under Landlock: a worker whose lease grants network (collectives
+    between daemons) connects to TCP ports."""
+    import socket
+
+    with socket.socket() as service:
+        service.bind(("127.0.0.1", 0))
+        service.listen(4)
+        ctx = {"port": service.getsockname()[1]}
+        runner, got = attack(zygote, ["connect_loopback"], ctx, network=True)
+        try:
+            assert got["connect_loopback"].startswith("open"), got
+        finally:
+            runner.close()
+
+
+def test_a_worker_signals_no_process_and_reaches_no_abstract_socket_outside_it(zygote: Zygote) -> None:
+    """With its seccomp filter off, a worker keeping the daemon's user on 1344c19 signalled a process of that user
+    (signal 0: the permission check; a real signal, or ptrace, goes as far) and connected to the host's abstract unix
+    socket. Landlock's scopes (ABI 6) refuse both by themselves now."""
+    import socket
+    import subprocess
+    import uuid
+
+    from gpupool.server import landlock
+
+    if landlock.abi() < 6:
+        pytest.skip("Landlock scopes need ABI 6 (Linux 6.12)")
+    name = f"gpupool-sandbox-{uuid.uuid4().hex}"
+    victim = subprocess.Popen(["sleep", "300"])
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as service:
+        service.bind("\0" + name)
+        service.listen(4)
+        ctx = {"victim": victim.pid, "abstract": name}
+        runner, got = attack(zygote, ["signal_victim", "abstract_unix"], ctx, user="", seccomp=False)
+        try:
+            assert got["signal_victim"].startswith("blocked"), got
+            assert got["abstract_unix"].startswith("blocked"), got
+            assert victim.poll() is None
+        finally:
+            runner.close()
+            victim.kill()
+            victim.wait()

@@ -130,8 +130,15 @@ def probe_process_vm_readv(ctx: dict[str, Any]) -> str:
 def probe_shared_buffers(ctx: dict[str, Any]) -> str:
     """The victim's shared buffer (a memfd), by any name: /dev/shm, other processes' descriptors and mappings."""
     secret = bytes.fromhex(ctx["secret"])
-    paths = [f"/dev/shm/{name}" for name in os.listdir("/dev/shm")]
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        paths = [f"/dev/shm/{name}" for name in os.listdir("/dev/shm")]
+    except OSError:  # (Landlock: not a folder a worker reads)
+        paths = []
+    try:
+        pids = list(filter(str.isdigit, os.listdir("/proc")))
+    except OSError:  # (Landlock: /proc/self only)
+        pids = [str(ctx["victim"])]
+    for pid in pids:
         for kind in ("fd", "map_files"):
             try:
                 paths += [f"/proc/{pid}/{kind}/{name}" for name in os.listdir(f"/proc/{pid}/{kind}")]
@@ -242,6 +249,109 @@ def probe_sockets(ctx: dict[str, Any]) -> str:
         except OSError:
             pass
     return f"open: {got}" if got else "blocked: unix, inet, netlink"
+
+
+def probe_read_daemon_files(ctx: dict[str, Any]) -> str:
+    """Files of the daemon's user (its TLS key, its API token file) that a worker keeping that user may read by
+    its permissions (a non-root daemon's worker)."""
+    got = []
+    for path in ctx["daemon_files"]:
+        try:
+            with open(path, "rb") as f:
+                f.read(64)
+            got.append(path)
+        except OSError:
+            pass
+    return f"open: read {got}" if got else "blocked: none of the daemon's files"
+
+
+def probe_write_tmp(ctx: dict[str, Any]) -> str:
+    """A file made in /tmp (the host's shared scratch: other tenants' and the daemon's files live there)."""
+    path = os.path.join(ctx.get("tmp", "/tmp"), f"gpupool-worker-{os.getpid()}")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        return f"blocked: {errno.errorcode.get(exc.errno or 0)}"
+    os.write(fd, b"written by a worker")
+    os.close(fd)
+    os.unlink(path)
+    return f"open: made {path}"
+
+
+def probe_connect_loopback(ctx: dict[str, Any]) -> str:
+    """A TCP connection to a loopback port (the daemon's own ports, the scheduler, any local service)."""
+    try:
+        with socket.create_connection(("127.0.0.1", ctx["port"]), timeout=5) as conn:
+            conn.sendall(b"hello from a worker")
+    except OSError as exc:
+        return f"blocked: {errno.errorcode.get(exc.errno or 0, exc)}"
+    return f"open: connected to 127.0.0.1:{ctx['port']}"
+
+
+def probe_survey(ctx: dict[str, Any]) -> str:
+    """What a worker reads, lists and writes of the host (for reports: `open` lists each path it reached)."""
+    reached = []
+    for path in ctx["survey_read"]:
+        try:
+            if os.path.isdir(path):
+                os.listdir(path)
+            else:
+                with open(path, "rb") as f:
+                    f.read(16)
+            reached.append(f"read {path}")
+        except OSError:
+            pass
+    for folder in ctx["survey_write"]:
+        path = os.path.join(folder, f".gpupool-survey-{os.getpid()}")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(path)
+            reached.append(f"write {folder}")
+        except OSError:
+            pass
+    return f"open: {reached}" if reached else "blocked: nothing of the survey"
+
+
+def probe_cuda_work(ctx: dict[str, Any]) -> str:
+    """Not an attack: what a real GPU's worker loads lazily once confined (Landlock: the folders of the libraries it
+    had mapped) still loads: cuDNN's engines (a convolution), NVRTC (a jiterator op), cuBLASLt (addmm with a bias),
+    the driver's memory query, NVML. "open: ..." names each that ran, "blocked: ..." the first that failed."""
+    import torch
+
+    dev = torch.device("cuda", 0)
+    x = torch.randn(2, 3, 16, 16, device=dev)
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("conv2d", lambda: torch.nn.functional.conv2d(x, torch.randn(4, 3, 3, 3, device=dev)).sum().item()),
+        ("jiterator", lambda: torch.special.bessel_j0(x).sum().item()),
+        (
+            "addmm",
+            lambda: (
+                torch.addmm(torch.randn(8, device=dev), torch.randn(4, 8, device=dev), torch.randn(8, 8, device=dev))
+                .sum()
+                .item()
+            ),
+        ),  # fmt: skip
+        ("mem_get_info", lambda: torch.cuda.mem_get_info(dev)),
+        ("device_count", torch.cuda.device_count),
+    ]
+    ran = []
+    for name, fn in steps:
+        try:
+            fn()
+        except Exception as exc:
+            return f"blocked: {name}: {type(exc).__name__}: {str(exc)[:300]}"
+        ran.append(name)
+    return f"open: {ran}"
+
+
+def probe_abstract_unix(ctx: dict[str, Any]) -> str:
+    """The host's abstract unix socket `ctx["abstract"]` (a service that trusts local peers)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect("\0" + ctx["abstract"])
+    except OSError as exc:
+        return f"blocked: {errno.errorcode.get(exc.errno or 0, exc)}"
+    return "open: connected to the host's abstract unix socket"
 
 
 def probe_socket_families(ctx: dict[str, Any]) -> str:
@@ -435,7 +545,10 @@ def probe_locks(ctx: dict[str, Any]) -> str:
     import fcntl
 
     got = []
-    fd = os.open(ctx["readable_file"], os.O_RDONLY)
+    try:
+        fd = os.open(ctx["readable_file"], os.O_RDONLY)
+    except OSError:  # (Landlock: not a file a worker reads) a file of the host it reads still
+        fd = os.open("/etc/localtime", os.O_RDONLY)
     lk = fcntl.lockf
     attempts: list[tuple[str, Callable[[], Any], Callable[[], Any]]] = [
         ("flock", lambda: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB), lambda: fcntl.flock(fd, fcntl.LOCK_UN)),
@@ -544,6 +657,17 @@ def run_probes(names: list[str], ctx: dict[str, Any]) -> dict[str, str]:
         except Exception as exc:  # a probe's own bug: say so rather than pass
             out[name] = f"error: {type(exc).__name__}: {exc}"
     return out
+
+
+def read_report(sock: socket.socket, timeout: float = 120.0) -> dict[str, str]:
+    """The test's side: what each probe of an attacking worker got (its one JSON line on the session socket)."""
+    sock.settimeout(timeout)
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        assert chunk, "the attacking worker died"
+        line += chunk
+    return dict(json.loads(line))
 
 
 # ---- the zygote program ----

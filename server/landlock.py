@@ -1,0 +1,262 @@
+"""Landlock for session workers: the kernel's unprivileged access control (Linux 5.13+), applied by every worker
+after its user drop and before seccomp (server/sandbox.py `apply`), on root and non-root daemons alike.
+
+Until round 39 a non-root daemon's workers ran as the daemon's own user, so code a tenant ran in one (a memory-safety
+bug in a kernel) could read whatever that user can: the daemon's TLS key and API token file, the scheduler's files,
+the user's home, other tenants' checkpoints on disk. A root daemon's workers (`nobody`, or a uid of their own) could
+still read every world-readable file of the host. Seccomp cannot tell one path from another; Landlock can. A
+confined worker may:
+
+- read (files and directory listings) only Python's installation (its prefixes' standard library and site-packages),
+  the packages it has imported (`sys.modules`: an editable install's source folders), the folders of the shared
+  libraries it has mapped (torch's, the CUDA runtime's and driver's on a GPU host: read from /proc/self/maps, so
+  nothing is hard-coded), a few files of /etc that the C library reads (ld.so.cache, localtime; for a worker granted
+  network name lookup's, and the interfaces and PCI devices of /sys that gloo lists), /proc/self, the CPU list and
+  THP settings of /sys, and on a real GPU the NVIDIA device files (read, write, ioctl), /proc/driver/nvidia,
+  /sys/bus/pci and /sys/devices (the driver's queries) and the CUDA JIT cache (read);
+- write nowhere (the profile and audit files of GPUPOOL_WORKER_PROFILE and GPUPOOL_OP_AUDIT are opened before);
+  /dev/null is writable;
+- execute nothing; make, remove, rename, link or truncate nothing;
+- with ABI 4 (Linux 6.7): bind or connect no TCP port unless its lease grants network (collectives);
+- with ABI 6 (Linux 6.12): signal no process and connect to no abstract unix socket outside its own domain.
+
+Best effort by ABI: a kernel without Landlock, or an older ABI, keeps what it has and says what is missing (the
+daemon logs it once at its start: `describe`); `--landlock off` is the operator's opt-out. What Landlock cannot
+cover: stat() and path existence, already-open descriptors (the session socket, the shared buffer), threads started
+before `restrict` (a real GPU's CUDA threads: Landlock confines the calling thread and what it starts), UDP and
+other socket families (seccomp's), and on a kernel before 6.12 signals and abstract sockets.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+import sys
+import sysconfig
+
+# system call numbers (the same on every architecture: they were added after the tables were unified)
+NR_CREATE_RULESET, NR_ADD_RULE, NR_RESTRICT_SELF = 444, 445, 446
+CREATE_RULESET_VERSION = 1
+RULE_PATH_BENEATH, RULE_NET_PORT = 1, 2
+
+# filesystem rights, by the ABI that added them
+FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+FS_ABI1 = (1 << 13) - 1  # EXECUTE ... MAKE_SYM
+FS_REFER, FS_TRUNCATE, FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15  # ABI 2, 3, 5
+FILE_RIGHTS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV  # what a rule on a file may name
+NET_BIND_TCP, NET_CONNECT_TCP = 1, 2  # ABI 4
+SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1, 2  # ABI 6
+
+READ = FS_READ_FILE | FS_READ_DIR
+DEVICE = FS_READ_FILE | FS_WRITE_FILE | FS_IOCTL_DEV
+
+# What each ABI below the one this module knows (6: scopes) leaves undone.
+MISSING_BELOW = {
+    2: "renames and links across folders (ABI 2)",
+    3: "truncation (ABI 3)",
+    4: "TCP bind and connect (ABI 4)",
+    5: "device ioctls (ABI 5)",
+    6: "signals and abstract unix sockets outside the worker (ABI 6)",
+}
+
+ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")
+# A worker granted network: name lookup's files (getaddrinfo of a collective store's host), and the interfaces and
+# PCI devices gloo's transport lists when it starts (gloo/common/linux.cc opens /sys/bus/pci/devices and follows
+# /sys/class/net's links into /sys/devices: refused, every `--collectives gloo` group failed to form)
+NETWORK_READ = ("/etc/hosts", "/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf",
+                "/etc/services", "/etc/protocols", "/sys/class/net", "/sys/bus/pci", "/sys/devices")  # fmt: skip
+SYS_READ = ("/sys/devices/system/cpu", "/sys/kernel/mm/transparent_hugepage", "/proc/sys/vm/overcommit_memory")
+DEVICES_READ = ("/dev/urandom", "/dev/random", "/dev/zero")
+GPU_READ = ("/proc/driver/nvidia", "/sys/bus/pci", "/sys/devices", "/dev/nvidia-caps")
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]  # fmt: skip
+
+
+class _PathBeneath(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def abi() -> int:
+    """The kernel's Landlock ABI version (0: none, or switched off at boot)."""
+    ret = _libc.syscall(ctypes.c_long(NR_CREATE_RULESET), None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    return int(ret) if ret > 0 else 0
+
+
+def describe(version: int) -> str:
+    """What a worker lacks on this kernel ("" where nothing is): for the daemon's one warning at start."""
+    if version <= 0:
+        return "this kernel has no Landlock: session workers may read every file their user may"
+    lacking = [what for at, what in MISSING_BELOW.items() if version < at]
+    return f"Landlock ABI {version}: session workers lack its confinement of " + ", ".join(lacking) if lacking else ""
+
+
+def _prefix_paths() -> set[str]:
+    """Python's installation: each prefix's standard library and site-packages."""
+    out: set[str] = set()
+    for scheme_vars in ({"base": sys.prefix, "platbase": sys.exec_prefix},
+                        {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}):  # fmt: skip
+        for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+            try:
+                out.add(sysconfig.get_path(key, vars=scheme_vars))
+            except KeyError:
+                continue
+    out.update(p for p in sys.path if p and os.path.basename(p.rstrip("/")) in ("site-packages", "dist-packages"))
+    out.update(p for p in sys.path if p.endswith(".zip"))
+    return out
+
+
+def _module_paths() -> set[str]:
+    """What the imported modules came from: each package's folders, each plain module's file (an editable install's
+    source tree, a folder of sys.path beside the installation)."""
+    out: set[str] = set()
+    for module in list(sys.modules.values()):
+        paths = getattr(module, "__path__", None)
+        if paths is not None:
+            try:
+                out.update(p for p in paths if isinstance(p, str) and p.startswith("/"))
+            except TypeError:  # a namespace path that cannot be iterated now
+                pass
+            continue
+        where = getattr(module, "__file__", None)
+        if isinstance(where, str) and where.startswith("/"):
+            out.add(where)
+    return out
+
+
+def _world_writable(path: str) -> bool:
+    try:
+        return bool(os.stat(path).st_mode & stat.S_IWOTH)
+    except OSError:
+        return True
+
+
+def mapped_paths() -> set[str]:
+    """The folders of the files this process has mapped (its shared libraries: torch's, OpenBLAS's, the C++
+    runtime's; on a GPU, CUDA's and the driver's), so that what they open later beside them (a library dlopen'd
+    lazily: cuDNN's engines, NVRTC's builtins, OpenSSL's) loads. A world-writable folder (/tmp, /dev/shm) is never
+    named whole: the file itself is."""
+    out: set[str] = set()
+    try:
+        with open("/proc/self/maps") as maps:
+            files = {line.split(maxsplit=5)[5].rstrip("\n") for line in maps if line.count(" ") >= 5 and "/" in line}
+    except OSError:
+        return out
+    for path in files:
+        if not path.startswith("/") or path.endswith(" (deleted)") or path.startswith(("/dev/", "/proc/", "/memfd:")):
+            continue
+        folder = os.path.dirname(path)
+        out.add(path if _world_writable(folder) else folder)
+    return out
+
+
+def _minimal(paths: set[str]) -> list[str]:
+    """`paths` that exist, less those beneath another (one rule covers its whole tree)."""
+
+    def outermost(candidates: set[str]) -> list[str]:
+        out: list[str] = []
+        for p in sorted(candidates):
+            if out and (p == out[-1] or p.startswith(out[-1].rstrip("/") + "/")):
+                continue
+            out.append(p)
+        return out
+
+    # by name first (a module's file beneath site-packages: no system call), then as the kernel resolves them
+    return outermost({os.path.realpath(p) for p in outermost(paths) if os.path.exists(p)})
+
+
+_base: list[str] | None = None
+
+
+def read_paths() -> list[str]:
+    """What every worker may read (computed once, in the warm zygote, and inherited by each worker it forks)."""
+    global _base
+    if _base is None:
+        paths = _prefix_paths() | _module_paths() | mapped_paths()
+        paths.update(ETC_FILES + SYS_READ + DEVICES_READ)
+        _base = _minimal(paths)
+    return _base
+
+
+def gpu_paths() -> tuple[list[str], list[str]]:
+    """On a real GPU, after the worker made its CUDA context: (what it reads: the libraries CUDA mapped, the driver's
+    /proc and /sys, the JIT cache; the NVIDIA device files it reads, writes and sends ioctls to)."""
+    cache = os.environ.get("CUDA_CACHE_PATH") or os.path.expanduser("~/.nv/ComputeCache")
+    devices = [os.path.join("/dev", n) for n in sorted(os.listdir("/dev")) if n.startswith("nvidia")]
+    reads = mapped_paths() | set(GPU_READ) | {cache}
+    return _minimal(reads - set(devices)), [d for d in devices if not os.path.isdir(d)]
+
+
+def _add_path(ruleset: int, path: str, access: int) -> str:
+    """One rule: `access` beneath `path` ("" when added, else why not)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            access &= FILE_RIGHTS
+        attr = _PathBeneath(access, fd)
+        if _libc.syscall(ctypes.c_long(NR_ADD_RULE), ruleset, RULE_PATH_BENEATH, ctypes.byref(attr), 0) != 0:
+            return f"{path}: {os.strerror(ctypes.get_errno())}"
+    finally:
+        os.close(fd)
+    return ""
+
+
+def restrict(*, network: bool, gpu: bool, version: int = -1) -> tuple[list[str], list[str]]:
+    """Confine the calling thread (and every thread and process it starts from now on) for good; the caller has set
+    no_new_privs. `network`: keep TCP bind and connect (a lease that grants network: collectives). `gpu`: a real GPU
+    (its device files, driver files and libraries). Returns (what was applied, what is missing)."""
+    version = abi() if version < 0 else version
+    if version <= 0:
+        return [], ["landlock: not in this kernel"]
+    handled_fs = FS_ABI1 | (FS_REFER if version >= 2 else 0) | (FS_TRUNCATE if version >= 3 else 0)
+    handled_fs |= FS_IOCTL_DEV if version >= 5 else 0
+    handled_net = NET_BIND_TCP | NET_CONNECT_TCP if version >= 4 and not network else 0
+    scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if version >= 6 else 0
+    attr = _RulesetAttr(handled_fs, handled_net, scoped)
+    size = 24 if version >= 6 else 16 if version >= 4 else 8
+    ruleset = int(_libc.syscall(ctypes.c_long(NR_CREATE_RULESET), ctypes.byref(attr), ctypes.c_size_t(size), 0))
+    if ruleset < 0:
+        return [], [f"landlock: {os.strerror(ctypes.get_errno())}"]
+    missing: list[str] = []
+    try:
+        reads = list(read_paths())
+        reads += NETWORK_READ if network else ()
+        reads.append(f"/proc/{os.getpid()}")  # /proc/self (not another process's)
+        devices = ["/dev/null"]
+        if gpu:
+            more, nvidia = gpu_paths()
+            reads += more
+            devices += nvidia
+        for path in reads:
+            if os.path.exists(path):
+                why = _add_path(ruleset, path, READ & handled_fs)
+                if why:
+                    missing.append(f"landlock read {why}")
+        for path in devices:
+            why = _add_path(ruleset, path, DEVICE & handled_fs)
+            if why:
+                missing.append(f"landlock device {why}")
+        if _libc.syscall(ctypes.c_long(NR_RESTRICT_SELF), ruleset, 0) != 0:
+            return [], [*missing, f"landlock: {os.strerror(ctypes.get_errno())}"]
+    finally:
+        os.close(ruleset)
+    applied = [f"landlock ABI {version}"] + (["landlock: no TCP bind or connect"] if handled_net else [])
+    missing += [f"landlock: {what}" for at, what in MISSING_BELOW.items() if version < at]
+    try:
+        others = len(os.listdir("/proc/self/task")) - 1
+    except OSError:
+        others = 0
+    if others:  # started before the ruleset (a real GPU's CUDA threads): outside it; their code is never a tenant's
+        missing.append(f"landlock: {others} thread(s) started before it stay outside")
+    return applied, missing
