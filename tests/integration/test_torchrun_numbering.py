@@ -41,10 +41,20 @@ torch.distributed.init_process_group("gpupool", device_id=torch.device("gpupool"
 t = torch.full((1,), local_rank + 1.0, device="gpupool")
 torch.distributed.all_reduce(t)
 print(f"rank {local_rank} group {torch.distributed.get_backend()} {t.item()}\\n", end="", flush=True)  # one write
-try:  # not a collective of the backend: one clear error (torch's own said "No backend type associated with ...")
-    torch.distributed.all_to_all_single(torch.empty(2, device="gpupool"), torch.ones(2, device="gpupool"))
-except Exception as exc:
-    print(f"rank {local_rank} alltoall {type(exc).__name__}: {exc}\\n", end="", flush=True)
+import gpupool.errors
+try:  # the client's refusal (a CPU tensor in a collective of gpupool tensors), raised here before any command
+    torch.distributed.send(torch.ones(1), dst=1 - local_rank)
+except gpupool.errors.InvalidArgument as exc:
+    print(f"rank {local_rank} client {type(exc).__name__} {isinstance(exc, RuntimeError)}: {exc}\\n", end="",
+          flush=True)
+u = torch.ones(2 + local_rank, device="gpupool")
+torch.distributed.all_reduce(u)
+try:  # the daemons' refusal (the ranks disagree), raised at the sync, caught by the same class since round 39
+    u.sum().item()
+except gpupool.errors.InvalidArgument as exc:
+    first = str(exc).splitlines()[0]
+    print(f"rank {local_rank} disagree {type(exc).__name__} {isinstance(exc, RuntimeError)} {exc.code.name}: "
+          f"{first}\\n", end="", flush=True)
 torch.distributed.destroy_process_group()
 """
 
@@ -95,17 +105,21 @@ def test_another_ranks_device_is_one_clear_error_and_the_own_one_works(
         pytest.skip(f"native client: {_why}")
     lines = _torchrun(two_gpu_pool, tmp_path, SCRIPT, ("--client", client), (client,))
     for rank in (0, 1):
-        assert lines[4 * rank].startswith(f"rank {rank} alltoall InvalidArgument: the gpupool backend's collectives"), (
-            lines
-        )
-        assert lines[4 * rank + 1] == f"rank {rank} group gpupool 3.0", lines  # device_id=gpupool:0 bound
-    assert lines[2] == "rank 0 named gpupool:0 2.0", lines
-    assert lines[3] == "rank 0 own 3.0"
-    assert lines[7].startswith(
+        # one `except gpupool.errors.InvalidArgument` catches the client's refusal and (since round 39) the daemons'
+        # INVALID_ARGUMENT, which stays a RemoteError (a RuntimeError)
+        assert lines[5 * rank].startswith(
+            f"rank {rank} client InvalidArgument False: a collective of the gpupool backend got a tensor on cpu; "
+        ), lines
+        assert lines[5 * rank + 1].startswith(f"rank {rank} disagree RemoteError True INVALID_ARGUMENT: "), lines
+        assert "ranks disagree on a collective allreduce" in lines[5 * rank + 1], lines
+        assert lines[5 * rank + 2] == f"rank {rank} group gpupool 3.0", lines  # device_id=gpupool:0 bound
+    assert lines[3] == "rank 0 named gpupool:0 2.0", lines
+    assert lines[4] == "rank 0 own 3.0"
+    assert lines[9].startswith(
         "rank 1 refused InvalidArgument: gpupool:1 is lease device 0 here, local rank 0's own device"
-    ), lines[7]
-    assert "Name it 'gpupool:0'" in lines[7] and "gpupool run --cuda" in lines[7]
-    assert lines[6] == "rank 1 own 3.0"
+    ), lines[9]
+    assert "Name it 'gpupool:0'" in lines[9] and "gpupool run --cuda" in lines[9]
+    assert lines[8] == "rank 1 own 3.0"
 
 
 def test_rank_device_numbers_from_the_ranks_own_and_keeps_spares(monkeypatch: pytest.MonkeyPatch) -> None:
