@@ -181,6 +181,12 @@ def both_send_first():
 attempt("exchange", both_send_first, b)
 c = torch.ones(4 + rank, device="gpupool")
 attempt("sizes", lambda: torch.distributed.send(c, 1) if rank == 0 else torch.distributed.recv(c, 0), c)
+d = torch.zeros(2, device="gpupool")
+def tags():
+    (torch.distributed.isend(d, 1, tag=1) if rank == 0 else torch.distributed.irecv(d, 0, tag=2)).wait()
+attempt("tags", tags, d)
+e, f = torch.ones(4, device="gpupool"), torch.zeros(4, device="gpupool")  # rank 0's input splits are 5 rows of 4
+attempt("splits", lambda: torch.distributed.all_to_all_single(f, e, [2, 2], [3, 2] if rank == 0 else [2, 2]), f)
 t = torch.full((2,), rank + 1.0, device="gpupool")
 torch.distributed.all_reduce(t)
 print(f"rank {rank} then {t.tolist()}\\n", end="", flush=True)
@@ -194,18 +200,29 @@ def test_send_and_recv_that_do_not_match_are_one_clear_error_on_both_ranks(
     two_gpu_pool: str, tmp_path: Path, client: str
 ) -> None:
     """send/recv in a group of two are a broadcast from the sender (client/distributed.py, since round 38): calls that
-    do not match -- both ranks sending first (a symmetric `batch_isend_irecv`), a recv of another size -- are the
-    daemons' agreement error on both ranks, naming each rank's call, and the group goes on (an all_reduce after).
-    Until round 38 every send/recv was one InvalidArgument ("... send/recv and all-to-all are not implemented")."""
+    do not match -- a recv of another size, a recv of another tag -- are one error on both ranks (the daemons'
+    agreement error naming each rank's call; the tags' check), as is an all_to_all one rank refuses (its split sizes),
+    and the group goes on (an all_reduce after). Until
+    round 38 every send/recv was one InvalidArgument ("... send/recv and all-to-all are not implemented"); until round
+    39 both ranks sending first (a symmetric `batch_isend_irecv`) was refused too ("ranks disagree on a collective
+    broadcast"), and tags were ignored (the tagged pair ran)."""
     if client == "native" and _why is not None:
         pytest.skip(f"native client: {_why}")
     lines = _torchrun(two_gpu_pool, tmp_path, P2P_SCRIPT, ("--client", client), (client,))
-    assert len(lines) == 6, lines
+    assert len(lines) == 10, lines
     for rank in (0, 1):
-        exchange, sizes, then = lines[3 * rank], lines[3 * rank + 1], lines[3 * rank + 2]
-        assert exchange.startswith(f"rank {rank} exchange refused:"), lines
-        assert "ranks disagree on a collective broadcast: rank 0: broadcast() root 0" in exchange, exchange
-        assert "rank 1: broadcast() root 1, 1 tensor(s) of 3 elements" in exchange, exchange
+        exchange, sizes, splits, tags, then = lines[5 * rank : 5 * rank + 5]
+        assert exchange == f"rank {rank} exchange ran", lines
+        assert tags == (
+            f"rank {rank} tags refused: send/recv on gpupool: the two ranks' queued (sender, tag) pairs differ: "
+            "rank 0 [0, 1], rank 1 [0, 2]"
+        ), lines
         assert sizes.startswith(f"rank {rank} sizes refused:"), lines
+        # an all_to_all one rank refuses on its own (its split sizes): both ranks refuse it, neither waits
+        assert splits == f"rank {rank} splits refused: all_to_all on gpupool: " + (
+            "input split sizes [3, 2] are not 2 sizes summing to its 4 rows"
+            if rank == 0
+            else "rank(s) [0] refused their call (their own error says why)"
+        ), lines
         assert "root 0, 1 tensor(s) of 4 elements" in sizes and "root 0, 1 tensor(s) of 5 elements" in sizes, sizes
         assert then == f"rank {rank} then [3.0, 3.0]", lines
