@@ -1,5 +1,7 @@
 """What the collectives built on others cost (round 38: client/distributed.py runs `reduce` as an allreduce,
-`gather` as an allgather, send/recv in a group of two as a broadcast, and torch's object collectives over them):
+`gather` as an allgather, send/recv in a group of two as a broadcast, and torch's object collectives over them; round
+39: `all_to_all_single` as an allgather, after an allgather of the split sizes and a read of them where it has split
+sizes, and the `isend`+`irecv` exchange of both ranks as two broadcasts):
 each next to the collective it is built on, in one torchrun job of two ranks under `gpupool run --cuda -n 2` on a
 `gpupool up --fake-gpus 2` this bench starts (split_devices.start_pool; the C++ client, then the Python client), and
 the same script under torchrun on the CPU with gloo. Printed: rank 0's median milliseconds per call, each call synced
@@ -31,7 +33,8 @@ from split_devices import start_pool  # noqa: E402
 # (name, the collective it is built on or None)
 PAIRS = [("all_reduce", None), ("reduce", "all_reduce"), ("all_gather", None), ("gather", "all_gather"),
          ("broadcast", None), ("send_recv", "broadcast"), ("broadcast_object_list", "broadcast"),
-         ("all_gather_object", "all_gather"), ("gather_object", "all_gather")]  # fmt: skip
+         ("all_gather_object", "all_gather"), ("gather_object", "all_gather"), ("all_to_all_single", "all_gather"),
+         ("all_to_all_splits", "all_gather"), ("isend_irecv_exchange", "broadcast")]  # fmt: skip
 SIZES = {"4KiB": 1024, "4MiB": 1 << 20}
 
 
@@ -58,6 +61,16 @@ def worker(rounds: int) -> None:
                 dist.recv(t, 1)
             return t
 
+        def exchange() -> object:
+            ops = [dist.P2POp(dist.isend, t, 1 - rank), dist.P2POp(dist.irecv, outs[0], 1 - rank)]
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+            return outs[0]
+
+        splits = [n // 4, n - n // 4]  # uneven: rank r sends a quarter of its rows to rank 0, the rest to rank 1
+        gets = [n // 4, n // 4] if rank == 0 else [n - n // 4, n - n // 4]
+        got = torch.empty(sum(gets), device=dev)
+
         return {
             "all_reduce": lambda: (dist.all_reduce(t), t)[1],
             "reduce": lambda: (dist.reduce(t, dst=0), t)[1],
@@ -68,6 +81,9 @@ def worker(rounds: int) -> None:
             "broadcast_object_list": lambda: dist.broadcast_object_list([metrics], src=1),
             "all_gather_object": lambda: dist.all_gather_object([None, None], metrics),
             "gather_object": lambda: dist.gather_object(metrics, [None, None] if rank == 0 else None, dst=0),
+            "all_to_all_single": lambda: (dist.all_to_all_single(outs[0], t), outs[0])[1],
+            "all_to_all_splits": lambda: (dist.all_to_all_single(got, t, gets, splits), got)[1],
+            "isend_irecv_exchange": exchange,
         }
 
     for size, n in SIZES.items():

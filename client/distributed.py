@@ -37,7 +37,7 @@ from gpupool._proto import device_pb2
 from gpupool.errors import InvalidArgument
 from gpupool.tokens import unverified_claim
 
-from . import fsdp, funcol
+from . import dcp, fsdp, funcol
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,26 @@ class _Done(dist._Work):  # type: ignore[misc,name-defined]
         return self._future
 
 
-class _FromRank(_Done):
-    """A `recv` without a source, done: torch asks its work which rank sent."""
+class _Queued(_Done):
+    """A send or receive queued in its group (`ProcessGroupGpupool._flush_p2p`): waiting on it, or asking whether it
+    is done, runs the group's queue first; then it is done, as any other collective enqueued on the stream. `source`
+    answers a `recv` without a source."""
 
-    def __init__(self, result: Any, src: int) -> None:
+    def __init__(self, result: Any, flush: Callable[[], None], source: int) -> None:
         super().__init__(result)
-        self._src = src
+        self._flush, self._src = flush, source
+
+    def wait(self, timeout: datetime.timedelta | None = None) -> bool:
+        self._flush()
+        return True
+
+    def is_completed(self) -> bool:
+        self._flush()
+        return True
+
+    def get_future(self) -> torch.futures.Future[Any]:
+        self._flush()
+        return self._future
 
     def _source_rank(self) -> int:
         return self._src
@@ -87,6 +101,7 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
         self._rank, self._size = rank, size
         self._rt = runtime
         self._name, self._desc = "", ""
+        self._p2p: list[tuple[int, int, torch.Tensor]] = []  # queued sends and receives: (sender, tag, tensor)
 
     # torch keeps a group's name in its C++ backends, and this group has none (it is the whole process group):
     # without these, `group_name` raised "ProcessGroup name not set" (DeviceMesh, functional collectives, FSDP2)
@@ -214,33 +229,153 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
     all_gather_single = _allgather_base  # type: ignore[assignment]
     reduce_scatter_single = _reduce_scatter_base  # type: ignore[assignment]
 
-    # ---- point to point: a broadcast between the two ranks of a group of two ----
+    # ---- all-to-all: an allgather, of which each rank keeps the pieces sent to it ----
+
+    def alltoall_base(  # type: ignore[override]
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,  # noqa: A002 - torch's name
+        output_split_sizes: list[int],
+        input_split_sizes: list[int],
+        opts: Any = None,
+    ) -> _Done:
+        """`dist.all_to_all_single` (MoE token routing, sequence parallelism): an allgather of every rank's whole
+        input, of which each rank keeps the rows sent to it. The daemons have no all-to-all: its checks are the
+        allgather's (agreement, sizes, quotas), and it moves `size` times an all-to-all's bytes. Without split sizes
+        every rank's input is the same size (else the allgather's agreement refuses the call on every rank). With
+        them the ranks first all-gather their splits (`2 * size` integers) and read them (one round trip): every rank
+        checks the whole table alike, then pads its input to the largest rank's. Until round 39 one InvalidArgument."""
+        self._all_to_all(output, input, list(output_split_sizes), list(input_split_sizes))
+        return _Done(output)
+
+    def alltoall(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None) -> _Done:  # type: ignore[override]
+        """`dist.all_to_all` (a list of tensors each way): `alltoall_base` of the flattened lists, with each tensor's
+        element count as its split (so always the round trip that reads the splits)."""
+        n = self._size
+        if len(outputs) != n or len(inputs) != n:
+            raise InvalidArgument(
+                f"all_to_all on gpupool takes {n} output and {n} input tensors; got {len(outputs)} and {len(inputs)}"
+            )
+        flat_in = torch.cat([t.reshape(-1) for t in inputs])
+        flat_out = flat_in.new_empty(sum(t.numel() for t in outputs))
+        out_splits = [t.numel() for t in outputs]
+        self._all_to_all(flat_out, flat_in, out_splits, [t.numel() for t in inputs])
+        for o, piece in zip(outputs, flat_out.split(out_splits), strict=True):
+            o.copy_(piece.view(o.shape))
+        return _Done(outputs)
+
+    all_to_all_single = alltoall_base  # type: ignore[assignment]  # torch >= 2.12's name
+
+    def _all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> None:
+        n, me = self._size, self._rank
+        given = bool(in_splits or out_splits)  # the same on every rank of a sound call: the path taken is too
+        refused = _a2a_refusal(out, inp, out_splits, in_splits, n)
+        if refused is None:
+            in_splits = in_splits or [inp.shape[0] // n] * n
+            out_splits = out_splits or [out.shape[0] // n] * n
+        flat = inp.reshape(-1)
+        if not given and refused is None:
+            # equal splits: every rank's input is as large, which the allgather's agreement checks
+            gathered = flat.new_empty(n * flat.numel())
+            self._send("allgather", list(gathered.chunk(n)), [flat])
+            out.copy_(gathered.view(n, n, -1)[:, me].reshape(out.shape))
+            return
+        # The splits' table: every rank's input and output splits. A call refused here takes part in it, its row all
+        # -1, so that every rank refuses alike (a call that skipped it left its peers waiting out the group's
+        # timeout); where the peers took the equal path the daemons' agreement refuses both kinds of call instead.
+        mine = torch.tensor([-1] * 2 * n if refused else in_splits + out_splits, dtype=torch.int64)
+        mine = mine.to(inp.device)
+        table = mine.new_empty(n * 2 * n)
+        self._send("allgather", list(table.chunk(n)), [mine])
+        try:
+            rows = table.view(n, 2 * n).tolist()  # one round trip (a sync)
+        except InvalidArgument:
+            if refused is not None:
+                raise InvalidArgument(refused) from None
+            raise
+        if refused is not None:
+            raise InvalidArgument(refused)
+        rows_of = [(r[:n], r[n:]) for r in rows]
+        if any(r[0] < 0 for r in rows):
+            bad = [i for i, r in enumerate(rows) if r[0] < 0]
+            raise InvalidArgument(f"all_to_all on gpupool: rank(s) {bad} refused their call (their own error says why)")
+        for i in range(n):
+            for k in range(n):
+                if rows_of[i][0][k] != rows_of[k][1][i]:  # every rank checks the whole table: all refuse alike
+                    raise InvalidArgument(
+                        f"all_to_all on gpupool: rank {i} sends rank {k} {rows_of[i][0][k]} rows, but rank {k} "
+                        f"expects {rows_of[k][1][i]} from rank {i} (ranks' split sizes disagree)"
+                    )
+        row = inp.shape[1:].numel()
+        widest = max(sum(sends) for sends, _ in rows_of) * row
+        if flat.numel() < widest:
+            padded = flat.new_zeros(widest)
+            padded[: flat.numel()].copy_(flat)
+            flat = padded
+        gathered = flat.new_empty(n * widest)
+        if widest:
+            self._send("allgather", list(gathered.chunk(n)), [flat])
+        pieces = []
+        for i, (sends, _) in enumerate(rows_of):
+            start = i * widest + sum(sends[:me]) * row
+            pieces.append(gathered[start : start + sends[me] * row])
+        out.copy_(torch.cat(pieces).view(out.shape))
+
+    # ---- point to point, in a group of two: broadcasts between the two ranks ----
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> _Done:  # type: ignore[override]
         """`dist.send`/`isend` in a group of two: a broadcast from this rank, which its peer's `recv` matches (the
-        daemons check that the two calls agree: sizes, dtype, root). The daemons have no point-to-point links of their
-        own; in larger groups it is one InvalidArgument. `tag` is not matched (NCCL ignores it too)."""
+        daemons check that the two calls agree: sizes, dtype, root). It is queued until the rank waits on one of its
+        queued sends or receives (or calls any other collective): `_flush_p2p` then runs the queue in an order both
+        ranks derive alike, so an exchange where both ranks send first (`batch_isend_irecv([isend, irecv])` on both:
+        until round 39 "ranks disagree on a collective broadcast") runs as NCCL runs it."""
         self._pair("send", dst)
-        self._send("broadcast", self._one(tensors, "send"), [], root=self._rank)
-        return _Done(tensors)
+        return self._queue(self._rank, self._one(tensors, "send")[0], tag)
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> _Done:  # type: ignore[override]
         self._pair("recv", src)
-        self._send("broadcast", self._one(tensors, "recv"), [], root=src)
-        return _Done(tensors)
+        return self._queue(src, self._one(tensors, "recv")[0], tag)
 
     def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> _Done:  # type: ignore[override]
         """`dist.recv` without a source: in a group of two, from the other rank."""
         src = 1 - self._rank
         self._pair("recv", src)
-        self._send("broadcast", self._one(tensors, "recv"), [], root=src)
-        return _FromRank(tensors, src)
+        return self._queue(src, self._one(tensors, "recv")[0], tag)
+
+    def _queue(self, sender: int, t: torch.Tensor, tag: int) -> _Done:
+        self._handle(t)  # refused now if it is not this rank's tensor
+        self._p2p.append((sender, int(tag), t))
+        return _Queued([t], self._flush_p2p, sender)
+
+    def _flush_p2p(self) -> None:
+        """Run the queued sends and receives: first every one rank 0 sends, then every one rank 1 sends, each
+        direction in the order the ranks called them, stably sorted by tag; both ranks derive the same order from
+        their own queues, whatever order each queued them in. When a queue holds a tag other than 0 the ranks
+        first all-gather their (sender, tag) lists and refuse (InvalidArgument, on both alike) where they differ:
+        tags match as gloo's do within what one wait runs; without tags (NCCL's way) order matches."""
+        if not self._p2p:
+            return
+        queued, self._p2p = sorted(self._p2p, key=lambda q: (q[0], q[1])), []
+        if any(tag for _, tag, _ in queued):
+            mine = torch.tensor([v for sender, tag, _ in queued for v in (sender, tag)], dtype=torch.int64)
+            mine = mine.to(queued[0][2].device)
+            both = mine.new_empty(2 * mine.numel())
+            self._send("allgather", list(both.chunk(2)), [mine])
+            lists = both.view(2, -1).tolist()  # one round trip
+            if lists[0] != lists[1]:
+                raise InvalidArgument(
+                    f"send/recv on gpupool: the two ranks' queued (sender, tag) pairs differ: rank 0 {lists[0]}, "
+                    f"rank 1 {lists[1]}"
+                )
+        for sender, _, t in queued:
+            self._send("broadcast", [t], [], root=sender)
 
     def _pair(self, what: str, peer: int) -> None:
         if self._size != 2:
             raise InvalidArgument(
                 f"{what} on gpupool runs between the two ranks of a group of two (as a broadcast between them); this "
-                f"group has {self._size} ranks: use the collectives (docs/distributed.md)"
+                f"group has {self._size} ranks, and the daemons have no links between two ranks alone: use the "
+                "collectives (all_to_all, broadcast, ...; docs/distributed.md)"
             )
         if peer == self._rank or not 0 <= peer < self._size:
             raise InvalidArgument(f"{what} on gpupool: rank {self._rank}'s peer is rank {1 - self._rank}, not {peer}")
@@ -257,16 +392,6 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
             raise InvalidArgument(f"{what} root {root} is not a rank of a group of {self._size}")
         return root
 
-    def _not_a_collective(self, *_: Any, **__: Any) -> Any:
-        raise InvalidArgument(
-            "the gpupool backend's collectives are allreduce, broadcast, allgather, reduce_scatter, scatter, reduce, "
-            "gather, barrier, and send/recv in a group of two: all-to-all is not implemented (docs/distributed.md)"
-        )
-
-    # The rest, one clear error each (torch's own base methods said "No backend type associated with device type
-    # gpupool"); torch >= 2.12 names alltoall_base all_to_all_single
-    alltoall = alltoall_base = all_to_all_single = _not_a_collective  # type: ignore[assignment]
-
     def barrier(self, opts: Any = None) -> _Done:
         self._send("barrier", [], [])
         self._rt.sync()  # a barrier blocks the caller: wait until the daemons have met
@@ -275,6 +400,8 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
     def _send(
         self, kind: str, tensors: list[torch.Tensor], inputs: list[torch.Tensor], op: str = "", root: int = 0
     ) -> None:
+        if self._p2p:  # queued sends and receives run first, in the order the program called them
+            self._flush_p2p()
         msg = device_pb2.Collective(kind=kind, reduce_op=op, root=root)
         msg.tensors.extend(self._handle(t) for t in tensors)
         msg.inputs.extend(self._handle(t) for t in inputs)
@@ -297,6 +424,34 @@ class ProcessGroupGpupool(dist.ProcessGroup):  # type: ignore[misc]
         if rt.pending and handle in rt.pending:  # made by torch.empty and not sent yet
             rt.materialize_pending()
         return handle
+
+
+def _a2a_refusal(
+    out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], n: int
+) -> str | None:
+    """Why this rank's all_to_all cannot run, from its own tensors and split sizes (None: it can)."""
+    if inp.dim() == 0 or out.dim() == 0 or inp.shape[1:].numel() != out.shape[1:].numel():
+        return (
+            f"all_to_all on gpupool splits dim 0 of tensors whose rows match: input {tuple(inp.shape)}, output "
+            f"{tuple(out.shape)}"
+        )
+    for what, splits, rows in (("input", in_splits, inp.shape[0]), ("output", out_splits, out.shape[0])):
+        if not splits and rows % n:
+            return f"all_to_all on gpupool: the {what}'s {rows} rows do not split into {n} equal parts"
+        if splits and (len(splits) != n or min(splits) < 0 or sum(splits) != rows):
+            return f"all_to_all on gpupool: {what} split sizes {splits} are not {n} sizes summing to its {rows} rows"
+    if not in_splits and not out_splits and out.numel() != inp.numel():
+        return f"all_to_all on gpupool: equal splits of an input of {inp.numel()} elements into {out.numel()}"
+    return None
+
+
+def _flush_at_exit(group: ProcessGroupGpupool) -> None:
+    """Send what the group still queues (an `isend` the script never waited on: NCCL sends it, and its peer waits)."""
+    if group._p2p and not group._rt.closed:
+        try:
+            group._flush_p2p()
+        except Exception as exc:  # at exit there is no one left to tell
+            log.warning("gpupool backend: queued sends and receives at shutdown: %s", exc)
 
 
 def _drain(rt: Any) -> None:
@@ -417,7 +572,9 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
         rt.sync()  # a refused join (tokens, address) raises here, at init_process_group
     atexit.register(_drain, rt)  # runs before gpupool.torch's detach_all (atexit is last in, first out)
     log.info("rank %d of %d on %s joined the daemons' group", rank, size, dev)
-    return ProcessGroupGpupool(rank, size, rt)
+    group = ProcessGroupGpupool(rank, size, rt)
+    atexit.register(_flush_at_exit, group)  # before `_drain` (last in, first out): an isend never waited on still goes
+    return group
 
 
 # The device the group being made binds (`device_id=`), for its creator, which torch gives only the store, rank, size
@@ -464,3 +621,4 @@ def register() -> None:
 
         c10d._new_process_group_helper = _wrap_helper(c10d._new_process_group_helper)
         fsdp.install()
+        dcp.install()

@@ -114,10 +114,13 @@ def _patch(module: Any) -> None:
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Patches MODULE right after it is first executed (then leaves sys.meta_path)."""
+    """Patches module `name` right after it is first executed (then leaves sys.meta_path)."""
+
+    def __init__(self, name: str, patch: Callable[[ModuleType], None]) -> None:
+        self.name, self.patch = name, patch
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != MODULE:
+        if fullname != self.name:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(fullname)
@@ -128,7 +131,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module: ModuleType) -> None:
             run(module)
-            _patch(module)
+            self.patch(module)
 
         loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
@@ -139,7 +142,12 @@ def install() -> None:
     if _installed:
         return
     _installed.append(True)
-    if MODULE in sys.modules:
-        _patch(sys.modules[MODULE])
+    after_import(MODULE, _patch)
+
+
+def after_import(name: str, patch: Callable[[ModuleType], None]) -> None:
+    """`patch(module)` now if torch's module `name` is imported, else right after it is first executed."""
+    if name in sys.modules:
+        patch(sys.modules[name])
     else:
-        sys.meta_path.insert(0, _AfterImport())
+        sys.meta_path.insert(0, _AfterImport(name, patch))

@@ -4,9 +4,18 @@ The session client raises `gpupool.errors.GpupoolError` subclasses (with `.op` a
 points. Here they become what torch code is written to catch: a memory-quota refusal is a
 `torch.OutOfMemoryError` (like CUDA's), everything else stays a `GpupoolError` that is also a
 `RuntimeError`, naming the failed aten op and the daemon's message.
+
+One class per status code (since round 39): a `RemoteError` (or `DeviceLost`) of a status that
+`gpupool.errors` has a class for is an instance of a subclass that is also that class, so
+`except gpupool.errors.InvalidArgument` catches the daemon's INVALID_ARGUMENT as it catches the clients' own
+refusals, and `except RemoteError` still catches every daemon error. The subclasses keep their base's name
+(`RemoteError`, `DeviceLost`): tracebacks and `type(exc).__name__` read as before. Until round 39 a daemon's
+INVALID_ARGUMENT was a `RemoteError` with `code` INVALID_ARGUMENT only, which no `except InvalidArgument` caught.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import grpc
 import torch
@@ -16,7 +25,15 @@ from gpupool import errors
 
 
 class RemoteError(RuntimeError, errors.GpupoolError):
-    """An aten op (or a transfer) failed on the daemon; `op` names it, `code` is its gRPC status."""
+    """An aten op (or a transfer) failed on the daemon; `op` names it, `code` is its gRPC status.
+
+    Made with a code that `gpupool.errors` has a class for, it is an instance of `coded(cls, code)`: this class and
+    that one (`except gpupool.errors.InvalidArgument` catches a daemon's INVALID_ARGUMENT)."""
+
+    def __new__(
+        cls, message: str = "", *, op: str = "", code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    ) -> RemoteError:
+        return super().__new__(coded(cls, code), message)
 
     def __init__(self, message: str, *, op: str = "", code: grpc.StatusCode = grpc.StatusCode.UNKNOWN) -> None:
         errors.GpupoolError.__init__(self, message, op=op)
@@ -24,6 +41,10 @@ class RemoteError(RuntimeError, errors.GpupoolError):
 
     def __str__(self) -> str:
         return errors.GpupoolError.__str__(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # a class of `coded` is found by its base and code, not by its name
+        base = next(c for c in type(self).__mro__ if c in _BASES)
+        return _rebuild, (base.__name__, self.message, self.op, self.code.name)
 
 
 class OutOfMemoryError(torch.OutOfMemoryError, errors.ResourceExhausted):
@@ -44,6 +65,30 @@ class OutOfMemoryError(torch.OutOfMemoryError, errors.ResourceExhausted):
 
 class DeviceLost(RemoteError):
     """The daemon went away (or the session was closed): tensors of that device are gone."""
+
+
+_BASES = {RemoteError: "RemoteError", DeviceLost: "DeviceLost"}
+_CODED: dict[tuple[type, grpc.StatusCode], type] = {}
+
+
+def coded(base: type[RemoteError], code: grpc.StatusCode) -> type[RemoteError]:
+    """`base` (RemoteError, DeviceLost) for a daemon error of status `code`: its subclass that is also
+    `gpupool.errors`' class of the code (`errors.InvalidArgument`, ...), named as `base`; `base` itself for a code
+    without a class of its own (UNKNOWN, DATA_LOSS, ...) and for a subclass (one already coded, or a user's)."""
+    family = errors.error_class(code)
+    if base not in _BASES or family is errors.GpupoolError:
+        return base
+    got = _CODED.get((base, code))
+    if got is None:
+        extra = {"used_bytes": None, "limit_bytes": None} if family is errors.ResourceExhausted else {}
+        names = {"__qualname__": base.__qualname__, "__module__": base.__module__, **extra}
+        got = _CODED[(base, code)] = type(base.__name__, (base, family), names)
+    return got
+
+
+def _rebuild(base: str, message: str, op: str, code: str) -> RemoteError:
+    cls = RemoteError if base == "RemoteError" else DeviceLost
+    return cls(message, op=op, code=errors.status_code(code))
 
 
 def translate(exc: BaseException) -> BaseException:

@@ -100,6 +100,47 @@ def main():
     request.wait()
     out("isend-irecv", w.tolist())
 
+    # all-to-all (MoE token routing, sequence parallelism): equal splits, uneven splits, a list of tensors (gloo's:
+    # of one size), and torch's functional collective (DTensor's, Ulysses-style attention)
+    x = torch.arange(8.0, device=device).view(4, 2) + 100 * rank
+    y = torch.empty_like(x)
+    dist.all_to_all_single(y, x)
+    out("all-to-all-single", y.tolist())
+    sends = [[1, 2], [3, 1]][rank]  # rank 0 sends 1 row to itself, 2 to rank 1; rank 1 sends 3 to rank 0, 1 to itself
+    gets = [[1, 3], [2, 1]][rank]
+    x = (torch.arange(sum(sends) * 3, device=device).view(-1, 3) + 10 * rank).to(torch.int64)
+    y = torch.zeros(sum(gets), 3, dtype=torch.int64, device=device)
+    work = dist.all_to_all_single(y, x, output_split_sizes=gets, input_split_sizes=sends, async_op=True)
+    work.wait()
+    out("all-to-all-single-splits", y.tolist())
+    ins = [
+        torch.full((2, 2), float(10 * rank + k), device=device) + torch.arange(2.0, device=device) for k in range(world)
+    ]
+    outs = [torch.zeros(2, 2, device=device) for _ in range(world)]
+    dist.all_to_all(outs, ins)
+    out("all-to-all-list", [o.tolist() for o in outs])
+    import torch.distributed._functional_collectives as funcol
+
+    x = torch.arange(6.0, device=device).view(3, 2) * (rank + 1)
+    y = funcol.all_to_all_single(x, [1, 2] if rank == 0 else [2, 1], [1, 2] if rank == 0 else [2, 1], dist.group.WORLD)
+    out("all-to-all-functional", funcol.wait_tensor(y).tolist())
+
+    # both ranks send and receive at once (batch_isend_irecv, each rank's isend first), and tags out of order
+    mine = torch.arange(3.0, device=device) + 10 * rank
+    theirs = torch.zeros(3, device=device)
+    peer = 1 - rank
+    for request in dist.batch_isend_irecv([dist.P2POp(dist.isend, mine, peer), dist.P2POp(dist.irecv, theirs, peer)]):
+        request.wait()
+    out("isend-irecv-exchange", theirs.tolist())
+    a, b = torch.full((2,), 1.0 + rank, device=device), torch.full((2,), 5.0 + rank, device=device)
+    if rank == 0:
+        requests = [dist.isend(a, dst=1, tag=1), dist.isend(b, dst=1, tag=2)]
+    else:
+        requests = [dist.irecv(b, src=0, tag=2), dist.irecv(a, src=0, tag=1)]
+    for request in requests:
+        request.wait()
+    out("isend-irecv-tags", [a.tolist(), b.tolist()])
+
     # torch's own checkpoint code: DCP plans a save and a load with gather_object, scatter_object_list and
     # all_gather_object (a state dict on the CPU here: DCP's file writer itself is not the group's business)
     where = [tempfile.mkdtemp(prefix="dcp-") if rank == 0 else None]
@@ -111,9 +152,25 @@ def main():
     state = {"model": {k: torch.zeros_like(v) for k, v in fresh.state_dict().items()}}
     dcp.load(state, checkpoint_id=where[0])
     out("dcp-save-load", [round(v.sum().item(), 6) for v in state["model"].values()])
+    # and of the device's tensors (a model trained on the GPU, saved as it is; loaded into device tensors)
+    where_device = [tempfile.mkdtemp(prefix="dcp-device-") if rank == 0 else None]
+    dist.broadcast_object_list(where_device, src=0)
+    torch.manual_seed(1)
+    model = torch.nn.Linear(4, 3).to(device)
+    with torch.no_grad():
+        model.weight.mul_(rank + 1)  # each rank saves what it holds: rank 0's replica is the checkpoint's
+    dcp.save({"model": model.state_dict(), "step": torch.tensor(7, device=device)}, checkpoint_id=where_device[0])
+    fresh = torch.nn.Linear(4, 3).to(device)
+    state = {"model": {k: torch.zeros_like(v) for k, v in fresh.state_dict().items()},
+             "step": torch.zeros((), dtype=torch.int64, device=device)}  # fmt: skip
+    dcp.load(state, checkpoint_id=where_device[0])
+    fresh.load_state_dict(state["model"])
+    loaded = [round(v.sum().item(), 6) for v in state["model"].values()] + [state["step"].item()]
+    out("dcp-device-save-load", [loaded, fresh.weight.device == torch.empty(0, device=device).device])
     dist.barrier()
     if rank == 0:
         shutil.rmtree(where[0])
+        shutil.rmtree(where_device[0])
     print("\n".join(lines) + "\n", end="", flush=True)  # one write: the ranks share stdout
     dist.destroy_process_group()
 

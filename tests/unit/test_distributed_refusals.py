@@ -1,5 +1,6 @@
 """The gpupool backend's own refusals (client/distributed.py), made before any command reaches a daemon: send/recv
-outside a group of two, a rank's own rank as its peer, a root that is not a rank, a gather list that does not fit.
+outside a group of two, a rank's own rank as its peer, a root that is not a rank, a gather list that does not fit,
+an all_to_all list that is not one tensor per rank.
 Each is one InvalidArgument that says what the backend takes. (The collectives themselves run between real daemons:
 tests/integration/test_cuda_scripts.py, collectives.py.)"""
 
@@ -47,3 +48,12 @@ def test_reduce_and_gather_refuse_roots_and_lists_that_do_not_fit() -> None:
         pg.gather([[torch.zeros(3, 2), torch.zeros(2, 3)]], [t], _opts(dist.GatherOptions, 0))
     with pytest.raises(InvalidArgument, match="only the root \\(rank 1\\) takes a list; rank 0 got one"):
         pg.gather([[t, t]], [t], _opts(dist.GatherOptions, 1))
+
+
+def test_all_to_all_refuses_lists_that_are_not_one_tensor_per_rank() -> None:
+    """all_to_all runs since round 39 (an allgather: tests/integration/test_cuda_scripts.py); a list that is not one
+    tensor per rank is refused before anything is sent (torch's own check lets it through). Until round 39 every
+    all-to-all was one InvalidArgument ("all-to-all is not implemented")."""
+    pg, t = ProcessGroupGpupool(0, 2, None), torch.zeros(2)
+    with pytest.raises(InvalidArgument, match="all_to_all on gpupool takes 2 output and 2 input tensors; got 1 and 2"):
+        pg.alltoall([t], [t, t])

@@ -4,6 +4,7 @@ backend module torch.manual_seed reaches, the foreach default of optimizers, the
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 
 import grpc
@@ -122,6 +123,25 @@ def test_error_translation() -> None:
     assert isinstance(lost, DeviceLost) and lost.code is grpc.StatusCode.UNAVAILABLE
     other = ValueError("x")
     assert translate(other) is other
+
+
+def test_daemon_errors_are_also_the_errors_class_of_their_status() -> None:
+    """Since round 39 `except gpupool.errors.InvalidArgument` catches a daemon's INVALID_ARGUMENT as it catches the
+    clients' own refusals (until then a RemoteError whose `.code` said so, which it missed); `except RemoteError`
+    still catches every daemon error, the name stays `RemoteError`/`DeviceLost`, and a pickled one comes back alike."""
+    for cls in (errors.InvalidArgument, errors.NotFound, errors.PermissionDenied, errors.Internal):
+        got = translate(cls("no", op="aten::x"))
+        assert isinstance(got, RemoteError) and isinstance(got, cls) and isinstance(got, RuntimeError), cls
+        assert type(got).__name__ == "RemoteError" and got.code is cls.code and str(got) == "aten::x: no"
+        back = pickle.loads(pickle.dumps(got))
+        assert type(back) is type(got) and (back.op, back.code, str(back)) == (got.op, got.code, str(got))
+    for cls in (errors.Unavailable, errors.FailedPrecondition):
+        lost = translate(cls("gone"))
+        assert isinstance(lost, DeviceLost) and isinstance(lost, cls) and type(lost).__name__ == "DeviceLost"
+    made = RemoteError("by hand", code=grpc.StatusCode.NOT_FOUND)  # any construction picks its status's class
+    assert isinstance(made, errors.NotFound) and not isinstance(made, errors.InvalidArgument)
+    plain = RemoteError("odd", code=grpc.StatusCode.DATA_LOSS)  # a status without a class of its own
+    assert type(plain) is RemoteError and plain.code is grpc.StatusCode.DATA_LOSS
 
 
 def test_detached_device_refuses_work() -> None:
