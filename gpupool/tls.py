@@ -426,6 +426,7 @@ class SocketServerTls:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.options |= ssl.OP_NO_RENEGOTIATION  # (TLS 1.2) a write never waits for a read: see `read_ahead`
         read_ahead(ctx)
+        ctx.sslsocket_class = SideSocket  # (buffered once bound: `SideSocket.buffer`)
         with _opened(self.cfg.key, KEY) as key:
             ctx.load_cert_chain(self.cfg.cert, key)
         if self.cfg.client_auth == "require":
@@ -511,7 +512,170 @@ def socket_client_context(cfg: TlsConfig | None = None) -> ssl.SSLContext | None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION  # (TLS 1.2) a write never waits for a read: see `read_ahead`
     read_ahead(ctx)  # a side socket's download: a read a record, not two (its header, then its body)
+    ctx.sslsocket_class = SideSocket  # (buffered once bound: `SideSocket.buffer`)
     if cfg.cert:
         with _opened(cfg.key, KEY) as key:
             ctx.load_cert_chain(cfg.cert, key)
     return ctx
+
+
+# ---- the side socket's records in few system calls (round 39: OpenSSL's buffering BIO on both directions) ----
+
+SIDE_BUFFER = 256 * 1024  # bytes of records a side socket's system call moves at most, each way (`SideSocket`)
+# OpenSSL's BIO numbers (bio.h: the same since OpenSSL 1.1)
+_BIO_CTRL_FLUSH = 11
+_BIO_C_SET_BUFF_SIZE = 117
+_BIO_FLAGS_SHOULD_RETRY = 0x08
+_BIO_TYPE_SOCKET = 5 | 0x0400 | 0x0100
+_bio_lib: list[Any] = []  # [the OpenSSL functions `SideSocket.buffer` calls, or None: not at hand], once looked up
+
+
+def _openssl_bio() -> Any:
+    """The OpenSSL functions `SideSocket` calls, from the library the ssl module runs (as `read_ahead`), or None."""
+    if not _bio_lib:
+        lib: Any = None
+        vp, i = ctypes.c_void_p, ctypes.c_int
+        try:
+            lib = ctypes.CDLL(ssl._ssl.__file__, use_errno=True)  # type: ignore[attr-defined]
+            for name, res, args in (
+                ("SSL_get_SSL_CTX", vp, [vp]),
+                ("SSL_CTX_get_options", ctypes.c_uint64, [vp]),
+                ("SSL_get_rbio", vp, [vp]),
+                ("SSL_get_wbio", vp, [vp]),
+                ("SSL_set0_rbio", None, [vp, vp]),
+                ("SSL_set0_wbio", None, [vp, vp]),
+                ("BIO_f_buffer", vp, []),
+                ("BIO_new", vp, [vp]),
+                ("BIO_free", i, [vp]),
+                ("BIO_up_ref", i, [vp]),
+                ("BIO_push", vp, [vp, vp]),
+                ("BIO_method_type", i, [vp]),
+                ("BIO_test_flags", i, [vp, i]),
+                ("BIO_ctrl", ctypes.c_long, [vp, i, ctypes.c_long, vp]),
+            ):
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = res, args
+        except (AttributeError, OSError):
+            lib = None
+        _bio_lib.append(lib)
+    return _bio_lib[0]
+
+
+class SideSocket(ssl.SSLSocket):
+    """The side socket's TLS connection (both ends: the contexts of `SocketServerTls` and `socket_client_context`
+    make theirs of this class), which, once `buffer` is called on the connected, non-blocking socket, moves its TLS
+    records in system calls of up to SIDE_BUFFER bytes each way instead of one a record.
+
+    Without it OpenSSL writes each 16 KiB record with its own `write` (a side socket's 1 MiB upload or download: 64
+    of them), and, read-ahead on (`read_ahead`), reads about one a record: round 38 (side38) counted them; a system
+    call costs microseconds more under the GPU host's gVisor. `buffer` puts OpenSSL's buffering BIO (BIO_f_buffer)
+    in front of the socket's BIO in each direction: the records one SSL_write makes are copied into its write buffer,
+    which goes to the kernel in one `write` when full; reads take up to SIDE_BUFFER bytes from the kernel at a time
+    and hand OpenSSL the records from there. The cost: one copy of the bytes each way (measured on the 2-core box,
+    bench/side_syscalls.py: less CPU a MiB than the system calls it saves, on both ends; a memory BIO with
+    `ssl.SSLObject`, two copies and Python between the records and the socket, cost more than it saved there).
+
+    The write side keeps OpenSSL's non-blocking contract, so gpupool/duplex.py is unchanged for it: `send` returns
+    how many bytes went only once their records left the buffer for the kernel (BIO_flush); where the kernel took
+    part of them, it raises SSLWantWriteError and the records stay whole in the buffer, and the next `send` (the
+    same slice again, OpenSSL's retry rule) writes what is left and returns the count (`_owed`). `send_more` (for
+    `duplex.send_all` only: a writer that waits until all went) leaves the records in the buffer for the next call
+    or `flush`, so that a chunk's frame, header and bytes share system calls. Nothing is ever written in plaintext
+    (the BIOs sit under OpenSSL's records), TLS, its version and the certificate checks are the handshake's, done
+    before `buffer`, as before; read-ahead stays on (it fills OpenSSL's record buffer from the read buffer). The
+    read buffer keeps duplex's rule sound: OpenSSL wants to read only once both its buffer and this one are empty
+    and the kernel had nothing (the buffer BIO's read of the socket met EAGAIN), so a wait for the socket never
+    sleeps on bytes already read. Where OpenSSL's functions or CPython's object layout are not what `buffer` expects,
+    it leaves the socket as it is (False) and the socket works as any SSLSocket."""
+
+    _wbio = 0  # the write buffer BIO (0: not buffered)
+    _owed = 0  # bytes a `send` took whose records still wait in the write buffer (it raised SSLWantWriteError)
+
+    def buffer(self, size: int = SIDE_BUFFER) -> bool:
+        """Buffer both directions (see the class); True where they are. For a connected socket after its handshake
+        and before any use from two threads (the caller holds the socket alone: bound, not yet shared)."""
+        lib = _openssl_bio()
+        sslobj: Any = getattr(self, "_sslobj", None)  # (CPython's _ssl._SSLSocket: not in the stubs)
+        if lib is None or sslobj is None or sys.implementation.name != "cpython" or self._wbio:
+            return False
+        # CPython's _ssl._SSLSocket: the header, then `Socket` (a weak reference), `ssl` (OpenSSL's SSL), `ctx` (the
+        # context object, which `context` returns): the layout is taken only where `ctx` is found in its place
+        base, word = id(sslobj) + object.__basicsize__, ctypes.sizeof(ctypes.c_void_p)
+        if type(sslobj).__basicsize__ < object.__basicsize__ + 3 * word:
+            return False
+        if ctypes.c_void_p.from_address(base + 2 * word).value != id(sslobj.context):
+            log.debug("side socket left unbuffered: the TLS object is not laid out as CPython's")
+            return False
+        ssl_ptr = ctypes.c_void_p.from_address(base + word).value
+        ctx_ptr = ctypes.c_void_p.from_address(id(self.context) + object.__basicsize__).value
+        if not ssl_ptr or not ctx_ptr or lib.SSL_get_SSL_CTX(ssl_ptr) != ctx_ptr:
+            return False
+        if lib.SSL_CTX_get_options(ctx_ptr) != self.context.options:
+            return False
+        sock_bio = lib.SSL_get_rbio(ssl_ptr)
+        if not sock_bio or lib.SSL_get_wbio(ssl_ptr) != sock_bio or lib.BIO_method_type(sock_bio) != _BIO_TYPE_SOCKET:
+            return False  # (not the one socket BIO both ways that SSL_set_fd made)
+        bios: list[int] = []
+        for write in (0, 1):
+            bio = lib.BIO_new(lib.BIO_f_buffer())
+            side = ctypes.c_int(write)  # BIO_set_read/write_buffer_size: which of its buffers
+            if (
+                not bio
+                or lib.BIO_ctrl(bio, _BIO_C_SET_BUFF_SIZE, size, ctypes.cast(ctypes.byref(side), ctypes.c_void_p)) != 1
+            ):
+                for b in [*bios, bio]:
+                    if b:
+                        lib.BIO_free(b)
+                return False
+            bios.append(bio)
+        rbio, wbio = bios
+        # Each buffer holds a reference to the socket BIO it is pushed on; SSL_set0_* take the buffers' and drop
+        # SSL_set_fd's two (one a direction): SSL_free then frees each chain, the socket BIO with the last
+        for bio in bios:
+            lib.BIO_up_ref(sock_bio)
+            lib.BIO_push(bio, sock_bio)
+        lib.SSL_set0_rbio(ssl_ptr, rbio)
+        lib.SSL_set0_wbio(ssl_ptr, wbio)
+        self._wbio = wbio
+        return True
+
+    def _flushed(self) -> bool:
+        """Write what waits in the write buffer; True when all of it went, False when the kernel's buffer is full."""
+        lib = _bio_lib[0]
+        if lib.BIO_ctrl(self._wbio, _BIO_CTRL_FLUSH, 0, None) > 0:
+            return True
+        if lib.BIO_test_flags(self._wbio, _BIO_FLAGS_SHOULD_RETRY):
+            return False
+        code = ctypes.get_errno()
+        raise OSError(code or 32, f"side socket: write failed: {os.strerror(code or 32)}")
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        if not self._wbio:
+            return super().send(data, flags)
+        if self._owed:  # the retry of a send whose records wait in the buffer: they go first
+            if len(data) < self._owed:
+                raise ssl.SSLError(f"side socket: a retried write of {len(data)} bytes, {self._owed} were taken")
+            if not self._flushed():
+                raise ssl.SSLWantWriteError("the side socket's write buffer is not yet out")
+            n, self._owed = self._owed, 0
+            return n
+        n = super().send(data, flags)
+        if not self._flushed():
+            self._owed = n
+            raise ssl.SSLWantWriteError("the side socket's write buffer is not yet out")
+        return n
+
+    def send_more(self, data: Any) -> int:
+        """`send` that may leave its records in the write buffer (`flush` writes them, or the next `send`)."""
+        if self._owed or not self._wbio:
+            return self.send(data)
+        return super().send(data)
+
+    def flush(self) -> bool:
+        """Write what `send_more` left in the write buffer; True when all of it went, False: wait until the socket is
+        writable and call again."""
+        return not self._wbio or self._flushed()
+
+    def _real_close(self) -> None:
+        self._wbio = 0  # (the BIOs go with the TLS object)
+        super()._real_close()  # type: ignore[misc]
