@@ -636,34 +636,38 @@ class SideSocket(ssl.SSLSocket):
             lib.BIO_push(bio, sock_bio)
         lib.SSL_set0_rbio(ssl_ptr, rbio)
         lib.SSL_set0_wbio(ssl_ptr, wbio)
+        # BIO_flush, called a send: its own function object without argument conversions, the arguments made once
+        # (0.5 us a call, not 0.8)
+        self._flush = lib["BIO_ctrl"]
+        self._flush.restype = ctypes.c_long
+        self._flush_args = (ctypes.c_void_p(wbio), ctypes.c_int(_BIO_CTRL_FLUSH), ctypes.c_long(0), None)
         self._wbio = wbio
         return True
 
     def _flushed(self) -> bool:
         """Write what waits in the write buffer; True when all of it went, False when the kernel's buffer is full."""
-        lib = _bio_lib[0]
-        if lib.BIO_ctrl(self._wbio, _BIO_CTRL_FLUSH, 0, None) > 0:
+        if self._flush(*self._flush_args) > 0:
             return True
-        if lib.BIO_test_flags(self._wbio, _BIO_FLAGS_SHOULD_RETRY):
+        if _bio_lib[0].BIO_test_flags(self._wbio, _BIO_FLAGS_SHOULD_RETRY):
             return False
         code = ctypes.get_errno()
         raise OSError(code or 32, f"side socket: write failed: {os.strerror(code or 32)}")
 
     def send(self, data: Any, flags: int = 0) -> int:
-        if not self._wbio:
+        if not self._wbio or flags:
             return super().send(data, flags)
         if self._owed:  # the retry of a send whose records wait in the buffer: they go first
             if len(data) < self._owed:
                 raise ssl.SSLError(f"side socket: a retried write of {len(data)} bytes, {self._owed} were taken")
             if not self._flushed():
                 raise ssl.SSLWantWriteError("the side socket's write buffer is not yet out")
-            n, self._owed = self._owed, 0
+            owed, self._owed = self._owed, 0
+            return owed
+        n: int = self._sslobj.write(data)  # type: ignore[attr-defined]  # (SSLSocket.send's own call: TLS, never plain)
+        if self._flushed():
             return n
-        n = super().send(data, flags)
-        if not self._flushed():
-            self._owed = n
-            raise ssl.SSLWantWriteError("the side socket's write buffer is not yet out")
-        return n
+        self._owed = n
+        raise ssl.SSLWantWriteError("the side socket's write buffer is not yet out")
 
     def send_more(self, data: Any) -> int:
         """`send` that may leave its records in the write buffer (`flush` writes them, or the next `send`)."""
