@@ -315,32 +315,38 @@ def test_a_side_socket_moves_a_mib_of_tls_records_in_a_few_system_calls_each_way
 
 
 def test_a_buffered_send_that_meets_a_full_socket_keeps_its_records_whole_and_sends_them_once() -> None:
-    """The write buffer keeps OpenSSL's non-blocking contract (`tls.SideSocket.send`): a send whose records the
+    """The write buffer keeps OpenSSL's non-blocking contract (`tls.SideSocket.send`): a bulk send whose records the
     kernel took only in part (its reader paused) raises SSLWantWriteError with the records whole in the buffer, and
     the retry of the same slice (OpenSSL's rule, which `duplex.send_some` and `BulkLink.send_now` leave to
-    `send_all`) writes the rest and counts the bytes once. Small records sent until the socket is full, then the
-    reader wakes: every byte arrives once, in order, and a frame sent afterwards with nothing left behind in a buffer
-    (the reader needs no further write to get it)."""
+    `send_all`) writes the rest and counts the bytes once. Pieces of 100 KB (bulk: through the buffer) sent without
+    waiting until the socket is full, then the reader wakes and the rest goes through `send_all` with a small frame
+    after it: every byte arrives once, in order, nothing is left behind in a buffer (the reader needs no further
+    write), and the small frame went straight to the socket's BIO once the buffer was empty."""
+    from gpupool import tls
+
     ours, theirs = _side_pair()
-    chunk = 1000
+    size = 100_000
+    assert size >= tls.BUFFERED_MIN
     lock = threading.Lock()
     try:
         sent = bytearray()
         k = 0
         while True:
-            piece = bytes([k & 0xFF]) * chunk
+            piece = bytes([k & 0xFF]) * size
             n = duplex.send_some(ours, lock, memoryview(piece))
             sent += piece[:n]
-            if n < chunk:
+            if n < size:
                 break  # the kernel is full: the rest of this piece goes through send_all, as the writers do
             k += 1
-        assert len(sent) > 64 * 1024  # (the kernel took a good deal first)
+        assert ours._buffering  # the piece's records, whole, wait in the buffer (or in OpenSSL's retry)
         tail = b"the last frame"
-        total = len(sent) + chunk - n + len(tail)
+        total = len(sent) + size - n + len(tail)
         into = bytearray(total)
         reader = threading.Thread(target=lambda: duplex.recv_into(theirs, threading.Lock(), memoryview(into), 20.0))
         reader.start()
-        duplex.send_all(ours, lock, [memoryview(piece)[n:], tail], 20.0)
+        duplex.send_all(ours, lock, [memoryview(piece)[n:]], 20.0)
+        assert not ours._buffering  # (empty again: the next small write goes straight to the socket's BIO)
+        duplex.send_all(ours, lock, [tail], 20.0)
         reader.join(20)
         assert not reader.is_alive(), "bytes stayed in a buffer"
         assert bytes(into) == bytes(sent) + piece[n:] + tail
