@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import ssl
@@ -596,6 +597,7 @@ class SideSocket(ssl.SSLSocket):
     _wbuf = 0  # the write buffer BIO (0: not buffered)
     _buffering = False  # it is OpenSSL's write BIO now (a bulk write under way, or its records not all out)
     _owed = 0  # bytes a `send` took whose records still wait in the write buffer (it raised SSLWantWriteError)
+    _dropped = False  # it was buffered and its TLS object is gone (`_drop`)
 
     def buffer(self, size: int = SIDE_BUFFER) -> bool:
         """Buffer the connection (see the class); True where it is. For a connected socket after its handshake and
@@ -672,6 +674,8 @@ class SideSocket(ssl.SSLSocket):
 
     def send(self, data: Any, flags: int = 0) -> int:
         if not self._wbuf or flags:
+            if self._dropped:
+                raise OSError(errno.EPIPE, "side socket: its TLS connection is shut down")
             return super().send(data, flags)
         if self._owed:  # the retry of a send whose records wait in the buffer: they go first
             if len(data) < self._owed:
@@ -704,6 +708,10 @@ class SideSocket(ssl.SSLSocket):
     def flush(self) -> bool:
         """Write what `send_more` left in the write buffer; True when all of it went, False: wait until the socket is
         writable and call again."""
+        if not self._wbuf:
+            if self._dropped:
+                raise OSError(errno.EPIPE, "side socket: its TLS connection is shut down")
+            return True
         if not self._buffering:
             return True
         if not self._flushed():
@@ -712,8 +720,22 @@ class SideSocket(ssl.SSLSocket):
             self._switch(False)
         return True
 
-    def _real_close(self) -> None:
+    def _drop(self) -> None:
+        """The TLS object goes (a close, or `SSLSocket.shutdown`, which drops it first): its BIOs and the pointers
+        to them are no longer used, and a write fails (never in plaintext, as `SSLSocket.send` would write without
+        its TLS object)."""
         if self._wbuf:
-            self._wbuf = 0
+            self._wbuf, self._dropped = 0, True
             self._release()  # (OpenSSL's references go with its SSL, when the TLS object goes)
+
+    def shutdown(self, how: int) -> None:
+        self._drop()
+        super().shutdown(how)
+
+    def unwrap(self) -> Any:
+        self._drop()
+        return super().unwrap()
+
+    def _real_close(self) -> None:
+        self._drop()
         super()._real_close()  # type: ignore[misc]

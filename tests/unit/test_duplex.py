@@ -355,6 +355,33 @@ def test_a_buffered_send_that_meets_a_full_socket_keeps_its_records_whole_and_se
         theirs.close()
 
 
+@pytest.mark.parametrize("big", [False, True])
+def test_a_buffered_side_socket_shut_down_by_ssl_refuses_writes_and_never_sends_plaintext(big: bool) -> None:
+    """`SSLSocket.shutdown` drops the TLS object before the kernel's shutdown (callers outside gpupool/duplex.py call
+    it: test_daemon_bulk.py cuts a chunk that way); `SSLSocket.send` then writes its bytes as they are. A buffered
+    side socket forgets its BIOs with the TLS object and refuses the write (an OSError, as a broken socket's), small
+    or bulk, and nothing of it reaches the peer. Shut for reading only, so that a plaintext write would go out."""
+    ours, theirs = _side_pair()
+    secret = b"tensor bytes, never in plaintext " * (4000 if big else 1)
+    try:
+        ours.shutdown(socket.SHUT_RD)
+        with pytest.raises(OSError):
+            duplex.send_all(ours, threading.Lock(), [secret], 2.0)
+        with pytest.raises(OSError):
+            duplex.send_all(ours, threading.Lock(), [b"head", secret], 2.0)
+        raw = socket.socket(fileno=os.dup(theirs.fileno()))  # the peer's kernel buffer, below its TLS
+        raw.setblocking(False)
+        try:
+            got = raw.recv(1 << 20)
+        except BlockingIOError:
+            got = b""
+        raw.close()
+        assert b"never in plaintext" not in got
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_a_side_socket_stays_unbuffered_where_openssls_functions_are_not_at_hand(monkeypatch: Any) -> None:
     """`SideSocket.buffer` leaves the socket as any SSLSocket (False; one write a record, and it works) where it
     cannot reach OpenSSL's functions (another Python's ssl module, an OpenSSL without its symbols)."""
