@@ -16,6 +16,7 @@ calls a MiB.
 
     nice -n 5 python bench/side_syscalls.py --against /work/wt/base [--size-mib 64 --reps 4 --rounds 3]
     nice -n 5 python bench/side_syscalls.py --against /work/wt/base --insecure   (plaintext daemons: no TLS)
+    nice -n 5 python bench/side_syscalls.py --pair [--size-mib 16 --rounds 9]   (the socket layer alone, in-process)
 """
 
 from __future__ import annotations
@@ -122,6 +123,94 @@ def _floor(port: int, size: int, tls: bool) -> dict[str, float]:
             "client_writes": (c1[1] - c0[1]) / mib}  # fmt: skip
 
 
+def _calls() -> tuple[int, int]:
+    """This thread's read-family and write-family system calls so far."""
+    with open("/proc/thread-self/io") as f:
+        d = dict(line.split(": ") for line in f.read().splitlines())
+    return int(d["syscr"]), int(d["syscw"])
+
+
+def pair(args: argparse.Namespace) -> int:
+    """--pair: the socket layer alone, in this process: a loopback TCP connection with the side socket's own TLS
+    contexts (`tls.SocketServerTls`, `tls.socket_client_context`), both ends non-blocking, unbuffered and buffered
+    (`SideSocket.buffer`) alternately; --size-mib sent one way with `duplex.send_all` (a 24-byte header and the
+    bytes, as a download) by one thread and read with `duplex.recv_into` by another: each thread's CPU time and
+    system calls a MiB; then a 178-byte frame record's `send_all` (CPU a send) and reading 100 of them."""
+    import socket
+    import threading
+
+    from gpupool import duplex, pki, protocol, tls
+
+    size = args.size_mib * MiB
+    data, head, frame = bytes(size), b"h" * 24, protocol.frame_record(b"x" * 150)
+    runs: dict[bool, list[tuple[float, ...]]] = {False: [], True: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = pki.loopback_env(Path(tmp) / "pki")
+        cfg = tls.TlsConfig(ca=env["GPUPOOL_TLS_CA"], cert=env["GPUPOOL_TLS_CERT"], key=env["GPUPOOL_TLS_KEY"])
+        server_ctx = tls.SocketServerTls(cfg).context()
+        client_ctx = tls.socket_client_context(cfg)
+        assert client_ctx is not None
+
+        def one(buffered: bool) -> tuple[float, ...]:
+            with socket.create_server(("127.0.0.1", 0)) as listener:
+                raw = socket.create_connection(listener.getsockname())
+                accepted, _ = listener.accept()
+            a = server_ctx.wrap_socket(accepted, server_side=True, do_handshake_on_connect=False)
+            b = client_ctx.wrap_socket(raw, server_hostname="localhost", do_handshake_on_connect=False)
+            shake = threading.Thread(target=b.do_handshake)
+            shake.start()
+            a.do_handshake()
+            shake.join(10)
+            for end in (a, b):
+                end.setblocking(False)
+                if buffered:
+                    assert end.buffer()
+            la, lb = threading.Lock(), threading.Lock()
+            out: list[float] = []
+
+            def send() -> None:
+                c, t = _calls()[1], time.thread_time()
+                duplex.send_all(a, la, [head, data], 30.0)
+                out.extend((time.thread_time() - t, _calls()[1] - c))
+
+            into = memoryview(bytearray(len(head) + size))
+            sender = threading.Thread(target=send)
+            c, t = _calls()[0], time.thread_time()
+            sender.start()
+            duplex.recv_into(b, lb, into, 30.0)
+            recv_cpu, reads = time.thread_time() - t, _calls()[0] - c
+            sender.join(30)
+            small_send = small_recv = 0.0
+            buf = memoryview(bytearray(len(frame) * 100))
+            for _ in range(20):
+                t = time.thread_time()
+                for _ in range(100):
+                    duplex.send_all(a, la, [frame], 10.0)
+                small_send += time.thread_time() - t
+                t = time.thread_time()
+                duplex.recv_into(b, lb, buf, 10.0)
+                small_recv += time.thread_time() - t
+            a.close()
+            b.close()
+            mib = size / MiB
+            return (out[0] / mib * 1e6, out[1] / mib, recv_cpu / mib * 1e6, reads / mib, small_send / 2000 * 1e6,
+                    small_recv / 2000 * 1e6)  # fmt: skip
+
+        load0 = os.getloadavg()[0]
+        for r in range(args.rounds):
+            for buffered in (False, True) if r % 2 == 0 else (True, False):
+                runs[buffered].append(one(buffered))
+    med = {k: [statistics.median(run[i] for run in v) for i in range(6)] for k, v in runs.items()}
+    print(f"\nside socket layer alone (loopback TCP, TLS, this process), {args.size_mib} MiB one way, medians of "
+          f"{args.rounds}; load {load0:.1f} -> {os.getloadavg()[0]:.1f}")  # fmt: skip
+    names = ("sender CPU us a MiB", "sender writes a MiB", "receiver CPU us a MiB", "receiver reads a MiB",
+             "178-byte frame: send_all us", "178-byte frame: read us")  # fmt: skip
+    print(f"{'':<30}{'unbuffered':>12}{'buffered':>12}{'ratio':>8}")
+    for i, name in enumerate(names):
+        print(f"{name:<30}{med[False][i]:>12.2f}{med[True][i]:>12.2f}{med[True][i] / med[False][i]:>8.2f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--against", metavar="DIR", default="", help="also another checkout (its .venv/bin/python)")
@@ -130,12 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=4, help="transfers of each direction a session")
     p.add_argument("--rounds", type=int, default=3, help="sessions a tree (medians)")
     p.add_argument("--insecure", action="store_true", help="plaintext daemons and clients (no TLS)")
+    p.add_argument("--pair", action="store_true", help="the socket layer alone: buffered vs unbuffered, in-process")
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     for a in ("--address", "--token", "--daemon-pid"):
         p.add_argument(a, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.client:
         return client(args)
+    if args.pair:
+        return pair(args)
     from daemon_wire import loopback_keys, start_daemon, start_floor, stop
 
     from gpupool import tokens
