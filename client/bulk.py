@@ -162,6 +162,8 @@ def connect(address: str, port: int, session_id: str, server_name: str = "", fra
             raise ValueError(protocol.recv_exact(sock, n, _CLOSED).decode(errors="replace"))
         duplex.keep_alive(sock, PEER_IDLE, PEER_INTERVAL, PEER_PROBES)  # a gone daemon fails a transfer's wait
         sock.setblocking(False)  # gpupool/duplex.py waits with the lock released
+        if isinstance(sock, tls.SideSocket):
+            sock.buffer()  # its records in few system calls each way (`tls.SideSocket`)
         return BulkSocket(sock, frames)
     except (OSError, ssl.SSLError, ValueError, InvalidArgument) as exc:
         if sock is not None:

@@ -110,7 +110,12 @@ def linger_close(sock: Any, lock: threading.Lock, seconds: float) -> None:
 
 def send_all(sock: Any, lock: threading.Lock, views: list[memoryview | bytes], timeout: float | None) -> None:
     """Send every byte of `views`, in order (an error or TimeoutError leaves the connection unusable). `timeout`:
-    None waits without a limit (the daemon's writer to a paused client: `keep_alive` finds a dead one)."""
+    None waits without a limit (the daemon's writer to a paused client: `keep_alive` finds a dead one). A buffered
+    TLS socket (`tls.SideSocket`) writes the views' records into its buffer and the kernel gets them in few system
+    calls (`send_more`), the last of them once all are in (`flush`): a chunk's frame, header and bytes together (one
+    view, a frame's record: its `send`, which flushes, without the second call)."""
+    more = getattr(sock, "send_more", None) if len(views) > 1 else None
+    send = sock.send if more is None else more
     for whole in views:
         view = memoryview(whole).cast("B")
         pos = 0
@@ -119,13 +124,18 @@ def send_all(sock: Any, lock: threading.Lock, views: list[memoryview | bytes], t
             want_read = False
             with lock:
                 try:
-                    pos += sock.send(part)
+                    pos += send(part)
                     continue
                 except ssl.SSLWantReadError:
                     want_read = True
                 except (ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
                     pass
             _wait(sock, want_read, timeout)
+    while more is not None:
+        with lock:
+            if sock.flush():
+                return
+        _wait(sock, False, timeout)
 
 
 def send_some(sock: Any, lock: threading.Lock, view: memoryview) -> int:

@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import ssl
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,6 +428,7 @@ class SocketServerTls:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.options |= ssl.OP_NO_RENEGOTIATION  # (TLS 1.2) a write never waits for a read: see `read_ahead`
         read_ahead(ctx)
+        ctx.sslsocket_class = SideSocket  # (buffered once bound: `SideSocket.buffer`)
         with _opened(self.cfg.key, KEY) as key:
             ctx.load_cert_chain(self.cfg.cert, key)
         if self.cfg.client_auth == "require":
@@ -511,7 +514,228 @@ def socket_client_context(cfg: TlsConfig | None = None) -> ssl.SSLContext | None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION  # (TLS 1.2) a write never waits for a read: see `read_ahead`
     read_ahead(ctx)  # a side socket's download: a read a record, not two (its header, then its body)
+    ctx.sslsocket_class = SideSocket  # (buffered once bound: `SideSocket.buffer`)
     if cfg.cert:
         with _opened(cfg.key, KEY) as key:
             ctx.load_cert_chain(cfg.cert, key)
     return ctx
+
+
+# ---- the side socket's records in few system calls (round 39: OpenSSL's buffering BIO on both directions) ----
+
+SIDE_BUFFER = 256 * 1024  # bytes of records a side socket's system call moves at most, each way (`SideSocket`)
+BUFFERED_MIN = 64 * 1024  # a side socket's writes of at least this many bytes go through its write buffer
+# OpenSSL's BIO numbers (bio.h: the same since OpenSSL 1.1)
+_BIO_CTRL_FLUSH = 11
+_BIO_C_SET_BUFF_SIZE = 117
+_BIO_FLAGS_SHOULD_RETRY = 0x08
+_BIO_TYPE_SOCKET = 5 | 0x0400 | 0x0100
+_bio_lib: list[Any] = []  # [the OpenSSL functions `SideSocket.buffer` calls, or None: not at hand], once looked up
+
+
+def _openssl_bio() -> Any:
+    """The OpenSSL functions `SideSocket` calls, from the library the ssl module runs (as `read_ahead`), or None."""
+    if not _bio_lib:
+        lib: Any = None
+        vp, i = ctypes.c_void_p, ctypes.c_int
+        try:
+            lib = ctypes.CDLL(ssl._ssl.__file__, use_errno=True)  # type: ignore[attr-defined]
+            for name, res, args in (
+                ("SSL_get_SSL_CTX", vp, [vp]),
+                ("SSL_CTX_get_options", ctypes.c_uint64, [vp]),
+                ("SSL_get_rbio", vp, [vp]),
+                ("SSL_get_wbio", vp, [vp]),
+                ("SSL_set0_rbio", None, [vp, vp]),
+                ("SSL_set0_wbio", None, [vp, vp]),
+                ("BIO_f_buffer", vp, []),
+                ("BIO_new", vp, [vp]),
+                ("BIO_free", i, [vp]),
+                ("BIO_free_all", None, [vp]),
+                ("BIO_up_ref", i, [vp]),
+                ("BIO_push", vp, [vp, vp]),
+                ("BIO_method_type", i, [vp]),
+                ("BIO_test_flags", i, [vp, i]),
+                ("BIO_ctrl", ctypes.c_long, [vp, i, ctypes.c_long, vp]),
+            ):
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = res, args
+        except (AttributeError, OSError):
+            lib = None
+        _bio_lib.append(lib)
+    return _bio_lib[0]
+
+
+class SideSocket(ssl.SSLSocket):
+    """The side socket's TLS connection (both ends: the contexts of `SocketServerTls` and `socket_client_context`
+    make theirs of this class), which, once `buffer` is called on the connected, non-blocking socket, moves the
+    records of its bulk writes and all its reads in system calls of up to SIDE_BUFFER bytes instead of one a record.
+
+    Without it OpenSSL writes each 16 KiB record with its own `write` (a side socket's 1 MiB upload or download: 64
+    of them), and, read-ahead on (`read_ahead`), reads about one a record (round 38, side38, counted them; a system
+    call costs microseconds more under the GPU host's gVisor). `buffer` puts OpenSSL's buffering BIO (BIO_f_buffer)
+    in front of the socket's BIO: reads take up to SIDE_BUFFER bytes from the kernel at a time and hand OpenSSL its
+    records from there; a write of BUFFERED_MIN bytes or more (or `send_more`'s, a chunk's frame, header and bytes)
+    has its records copied into the write buffer, which goes to the kernel in one `write` when full and at the end
+    (BIO_flush). A smaller write (a frame, a reply: a synced step's) goes straight to the socket's BIO as before: the
+    write buffer is OpenSSL's write BIO only while a bulk write is under way and until it is empty again, never
+    when a record of another write could pass what it holds. The cost: one copy of the bytes each way (measured on
+    the 2-core box, bench/side_syscalls.py and BENCHMARKS.md round 39: reads less CPU a MiB, writes the same; a
+    memory BIO with `ssl.SSLObject`, two copies and Python between the records and the socket, cost more than it
+    saved there).
+
+    The write side keeps OpenSSL's non-blocking contract, so gpupool/duplex.py's writers are unchanged: `send`
+    returns how many bytes went only once their records left the buffer for the kernel; where the kernel took part
+    of them it raises SSLWantWriteError with the records whole in the buffer, and the next `send` (the same slice
+    again, OpenSSL's retry rule) writes what is left and returns the count (`_owed`). Nothing is ever written in
+    plaintext (the BIOs sit under OpenSSL's records); TLS, its version and the certificate checks are the
+    handshake's, done before `buffer`, as before; read-ahead stays on (it fills OpenSSL's record buffer from the
+    read buffer). The read buffer keeps duplex's rule sound: OpenSSL wants to read only once both its buffer and
+    this one are short of a record and the buffer BIO's read of the socket met EAGAIN, so a wait for the socket
+    never sleeps on bytes already read. Where OpenSSL's functions or CPython's object layout are not what `buffer`
+    expects, the socket stays as it is (False) and works as any SSLSocket."""
+
+    _wbuf = 0  # the write buffer BIO (0: not buffered)
+    _buffering = False  # it is OpenSSL's write BIO now (a bulk write under way, or its records not all out)
+    _owed = 0  # bytes a `send` took whose records still wait in the write buffer (it raised SSLWantWriteError)
+    _dropped = False  # it was buffered and its TLS object is gone (`_drop`)
+
+    def buffer(self, size: int = SIDE_BUFFER) -> bool:
+        """Buffer the connection (see the class); True where it is. For a connected socket after its handshake and
+        before any use from two threads (the caller holds the socket alone: bound, not yet shared)."""
+        lib = _openssl_bio()
+        sslobj: Any = getattr(self, "_sslobj", None)  # (CPython's _ssl._SSLSocket: not in the stubs)
+        if lib is None or sslobj is None or sys.implementation.name != "cpython" or self._wbuf:
+            return False
+        # CPython's _ssl._SSLSocket: the header, then `Socket` (a weak reference), `ssl` (OpenSSL's SSL), `ctx` (the
+        # context object, which `context` returns): the layout is taken only where `ctx` is found in its place
+        base, word = id(sslobj) + object.__basicsize__, ctypes.sizeof(ctypes.c_void_p)
+        if type(sslobj).__basicsize__ < object.__basicsize__ + 3 * word:
+            return False
+        if ctypes.c_void_p.from_address(base + 2 * word).value != id(sslobj.context):
+            log.debug("side socket left unbuffered: the TLS object is not laid out as CPython's")
+            return False
+        ssl_ptr = ctypes.c_void_p.from_address(base + word).value
+        ctx_ptr = ctypes.c_void_p.from_address(id(self.context) + object.__basicsize__).value
+        if not ssl_ptr or not ctx_ptr or lib.SSL_get_SSL_CTX(ssl_ptr) != ctx_ptr:
+            return False
+        if lib.SSL_CTX_get_options(ctx_ptr) != self.context.options:
+            return False
+        sock_bio = lib.SSL_get_rbio(ssl_ptr)
+        if not sock_bio or lib.SSL_get_wbio(ssl_ptr) != sock_bio or lib.BIO_method_type(sock_bio) != _BIO_TYPE_SOCKET:
+            return False  # (not the one socket BIO both ways that SSL_set_fd made)
+        bios: list[int] = []
+        for write in (0, 1):
+            bio = lib.BIO_new(lib.BIO_f_buffer())
+            side = ctypes.c_int(write)  # BIO_set_read/write_buffer_size: which of its buffers
+            if (
+                not bio
+                or lib.BIO_ctrl(bio, _BIO_C_SET_BUFF_SIZE, size, ctypes.cast(ctypes.byref(side), ctypes.c_void_p)) != 1
+            ):
+                for b in [*bios, bio]:
+                    if b:
+                        lib.BIO_free(b)
+                return False
+            bios.append(bio)
+        rbuf, wbuf = bios
+        # References: each buffer holds one to the socket BIO it is pushed on. The read buffer becomes OpenSSL's
+        # read BIO (SSL_set0_rbio takes its reference and drops SSL_set_fd's read one); the write buffer's own
+        # reference is this socket's (`_switch` lends OpenSSL another while it is the write BIO), dropped when the
+        # socket closes or is collected (`_release`): each chain is freed with its last holder, in any order.
+        for bio in bios:
+            lib.BIO_up_ref(sock_bio)
+            lib.BIO_push(bio, sock_bio)
+        lib.SSL_set0_rbio(ssl_ptr, rbuf)
+        self._ssl, self._sock_bio, self._wbuf = ssl_ptr, sock_bio, wbuf
+        self._release = weakref.finalize(self, lib.BIO_free_all, wbuf)
+        self._release.atexit = False
+        # BIO_flush: its own function object without argument conversions, the arguments made once (0.5 us a call)
+        self._flush = lib["BIO_ctrl"]
+        self._flush.restype = ctypes.c_long
+        self._flush_args = (ctypes.c_void_p(wbuf), ctypes.c_int(_BIO_CTRL_FLUSH), ctypes.c_long(0), None)
+        return True
+
+    def _switch(self, buffering: bool) -> None:
+        """Make the write buffer (True) or the socket's BIO (False) OpenSSL's write BIO; the latter only with the
+        buffer empty and no record of OpenSSL's own retry pending (a successful write and flush)."""
+        lib = _bio_lib[0]
+        bio = self._wbuf if buffering else self._sock_bio
+        lib.BIO_up_ref(bio)  # (SSL_set0_wbio takes it, and drops its reference to the one it held)
+        lib.SSL_set0_wbio(self._ssl, bio)
+        self._buffering = buffering
+
+    def _flushed(self) -> bool:
+        """Write what waits in the write buffer; True when all of it went, False when the kernel's buffer is full."""
+        if self._flush(*self._flush_args) > 0:
+            return True
+        if _bio_lib[0].BIO_test_flags(self._wbuf, _BIO_FLAGS_SHOULD_RETRY):
+            return False
+        code = ctypes.get_errno()
+        raise OSError(code or 32, f"side socket: write failed: {os.strerror(code or 32)}")
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        if not self._wbuf or flags:
+            if self._dropped:
+                raise OSError(errno.EPIPE, "side socket: its TLS connection is shut down")
+            return super().send(data, flags)
+        if self._owed:  # the retry of a send whose records wait in the buffer: they go first
+            if len(data) < self._owed:
+                raise ssl.SSLError(f"side socket: a retried write of {len(data)} bytes, {self._owed} were taken")
+            if not self._flushed():
+                raise ssl.SSLWantWriteError("the side socket's write buffer is not yet out")
+            owed, self._owed = self._owed, 0
+            self._switch(False)
+            return owed
+        if not self._buffering:
+            if len(data) < BUFFERED_MIN:
+                return int(self._sslobj.write(data))  # type: ignore[attr-defined]  # (SSLSocket.send's own call)
+            self._switch(True)
+        n: int = self._sslobj.write(data)  # type: ignore[attr-defined]  # (a want: the retry comes back here)
+        if self._flushed():
+            self._switch(False)
+            return n
+        self._owed = n
+        raise ssl.SSLWantWriteError("the side socket's write buffer is not yet out")
+
+    def send_more(self, data: Any) -> int:
+        """`send` through the write buffer whatever its size, its records left there for the next call or `flush`
+        (a chunk's frame, header and bytes in the same system calls)."""
+        if self._owed or not self._wbuf:
+            return self.send(data)
+        if not self._buffering:
+            self._switch(True)
+        return int(self._sslobj.write(data))  # type: ignore[attr-defined]
+
+    def flush(self) -> bool:
+        """Write what `send_more` left in the write buffer; True when all of it went, False: wait until the socket is
+        writable and call again."""
+        if not self._wbuf:
+            if self._dropped:
+                raise OSError(errno.EPIPE, "side socket: its TLS connection is shut down")
+            return True
+        if not self._buffering:
+            return True
+        if not self._flushed():
+            return False
+        if not self._owed:  # (else the retry of the send that owes them switches back)
+            self._switch(False)
+        return True
+
+    def _drop(self) -> None:
+        """The TLS object goes (a close, or `SSLSocket.shutdown`, which drops it first): its BIOs and the pointers
+        to them are no longer used, and a write fails (never in plaintext, as `SSLSocket.send` would write without
+        its TLS object)."""
+        if self._wbuf:
+            self._wbuf, self._dropped = 0, True
+            self._release()  # (OpenSSL's references go with its SSL, when the TLS object goes)
+
+    def shutdown(self, how: int) -> None:
+        self._drop()
+        super().shutdown(how)
+
+    def unwrap(self) -> Any:
+        self._drop()
+        return super().unwrap()
+
+    def _real_close(self) -> None:
+        self._drop()
+        super()._real_close()  # type: ignore[misc]

@@ -533,6 +533,8 @@ class BulkPort:
                 sock.sendall(protocol.BULK_OK)
                 duplex.keep_alive(sock, PEER_IDLE, PEER_INTERVAL, PEER_PROBES)
                 sock.setblocking(False)  # from now on gpupool/duplex.py waits, with the lock released
+                if isinstance(sock, tls.SideSocket):
+                    sock.buffer()  # its records in few system calls each way (`tls.SideSocket`)
             bound = True
             log.info("session %d: %s socket from %s bound", s.number, "frames" if frames else "bulk", source)
             if frames and self.frames is not None:

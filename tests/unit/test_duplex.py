@@ -221,3 +221,178 @@ def test_linger_close_delivers_what_was_sent_though_the_peers_bytes_went_unread(
     lonely = socket.socket()
     duplex.linger_close(lonely, threading.Lock(), 1.0)  # shutdown fails (not connected): closed at once
     assert lonely.fileno() == -1
+
+
+# ---- round 39 (rec39): the side socket's records in few system calls each way (gpupool/tls.py `SideSocket`) ----
+
+MiB = 1 << 20
+
+
+def _side_pair(buffered: bool = True) -> tuple[Any, Any]:
+    """A TLS connection over loopback TCP with the side socket's own contexts (`tls.SocketServerTls`,
+    `tls.socket_client_context`: their sockets are `tls.SideSocket`s), both ends non-blocking as bound, and with
+    `buffered` their records moved in few system calls (`SideSocket.buffer`, as the daemon's `_hello` and the
+    client's `connect` do): (the daemon's end, the client's end)."""
+    from support import get_pki
+
+    from gpupool import tls
+
+    pki = get_pki()
+    server_ctx = tls.SocketServerTls(pki.server_config()).context()
+    client_ctx = tls.socket_client_context(pki.client_config())
+    assert client_ctx is not None
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        raw = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+    ours = server_ctx.wrap_socket(accepted, server_side=True, do_handshake_on_connect=False)
+    theirs = client_ctx.wrap_socket(raw, server_hostname="localhost", do_handshake_on_connect=False)
+    shake = threading.Thread(target=theirs.do_handshake)
+    shake.start()
+    ours.do_handshake()
+    shake.join(10)
+    for end in (ours, theirs):
+        assert isinstance(end, tls.SideSocket)
+        end.setblocking(False)
+        if buffered:
+            assert end.buffer()
+    return ours, theirs
+
+
+def _calls() -> tuple[int, int]:
+    """This thread's read-family and write-family system calls so far (/proc/thread-self/io `syscr`, `syscw`)."""
+    with open("/proc/thread-self/io", "rb") as f:
+        fields = dict(line.split(b": ") for line in f.read().splitlines())
+    return int(fields[b"syscr"]), int(fields[b"syscw"])
+
+
+def _move(sender: Any, receiver: Any, views: list[bytes], total: int) -> tuple[bytes, int, int]:
+    """`duplex.send_all(views)` from a thread while this thread reads `total` bytes (`duplex.recv_into`): (the bytes
+    read, the sender thread's write calls, this thread's read calls)."""
+    counts: list[int] = []
+
+    def send() -> None:
+        before = _calls()[1]
+        duplex.send_all(sender, threading.Lock(), views, 20.0)
+        counts.append(_calls()[1] - before)
+
+    into = bytearray(total)
+    t = threading.Thread(target=send)
+    before = _calls()[0]
+    t.start()
+    got = duplex.recv_into(receiver, threading.Lock(), memoryview(into), 20.0)
+    reads = _calls()[0] - before
+    t.join(20)
+    assert got == total and counts
+    return bytes(into), counts[0], reads
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/io"), reason="needs Linux's per-thread I/O counts")
+def test_a_side_socket_moves_a_mib_of_tls_records_in_a_few_system_calls_each_way() -> None:
+    """Round 39: OpenSSL wrote each 16 KiB TLS record of a side socket with a `write` of its own (64 a MiB: a download
+    on the daemon's end, an upload on the client's) and read them in about one `read` each (read-ahead). A bound side
+    socket (`tls.SideSocket.buffer`) hands the kernel its records in writes of up to `tls.SIDE_BUFFER` bytes and
+    takes them in reads as large: 4 MiB (a download's header and bytes, as `BulkLink.send_download` sends them),
+    counted by the kernel for the sending and the receiving thread, both ways, against the same pair unbuffered in
+    the same test; every byte arrives, in order."""
+    data = bytes((i * 31 + 7) & 0xFF for i in range(4 * MiB))
+    head = b"\x02" * 32
+    for buffered in (False, True):
+        ours, theirs = _side_pair(buffered)
+        try:
+            counts = []
+            for sender, receiver in ((ours, theirs), (theirs, ours)):
+                got, writes, reads = _move(sender, receiver, [head, data], len(head) + len(data))
+                assert got == head + data
+                counts.append((writes, reads))
+        finally:
+            ours.close()
+            theirs.close()
+        for writes, reads in counts:
+            if buffered:  # (4 MiB in 256 KiB buffers: 16 of each, and the writes that met a full socket)
+                assert writes <= 4 * 24 and reads <= 4 * 32, counts
+            else:  # as before: a write a record at least (and the pair is the same but for the buffers)
+                assert writes >= 4 * 64, counts
+
+
+def test_a_buffered_send_that_meets_a_full_socket_keeps_its_records_whole_and_sends_them_once() -> None:
+    """The write buffer keeps OpenSSL's non-blocking contract (`tls.SideSocket.send`): a bulk send whose records the
+    kernel took only in part (its reader paused) raises SSLWantWriteError with the records whole in the buffer, and
+    the retry of the same slice (OpenSSL's rule, which `duplex.send_some` and `BulkLink.send_now` leave to
+    `send_all`) writes the rest and counts the bytes once. Pieces of 100 KB (bulk: through the buffer) sent without
+    waiting until the socket is full, then the reader wakes and the rest goes through `send_all` with a small frame
+    after it: every byte arrives once, in order, nothing is left behind in a buffer (the reader needs no further
+    write), and the small frame went straight to the socket's BIO once the buffer was empty."""
+    from gpupool import tls
+
+    ours, theirs = _side_pair()
+    size = 100_000
+    assert size >= tls.BUFFERED_MIN
+    lock = threading.Lock()
+    try:
+        sent = bytearray()
+        k = 0
+        while True:
+            piece = bytes([k & 0xFF]) * size
+            n = duplex.send_some(ours, lock, memoryview(piece))
+            sent += piece[:n]
+            if n < size:
+                break  # the kernel is full: the rest of this piece goes through send_all, as the writers do
+            k += 1
+        assert ours._buffering  # the piece's records, whole, wait in the buffer (or in OpenSSL's retry)
+        tail = b"the last frame"
+        total = len(sent) + size - n + len(tail)
+        into = bytearray(total)
+        reader = threading.Thread(target=lambda: duplex.recv_into(theirs, threading.Lock(), memoryview(into), 20.0))
+        reader.start()
+        duplex.send_all(ours, lock, [memoryview(piece)[n:]], 20.0)
+        assert not ours._buffering  # (empty again: the next small write goes straight to the socket's BIO)
+        duplex.send_all(ours, lock, [tail], 20.0)
+        reader.join(20)
+        assert not reader.is_alive(), "bytes stayed in a buffer"
+        assert bytes(into) == bytes(sent) + piece[n:] + tail
+    finally:
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_a_buffered_side_socket_shut_down_by_ssl_refuses_writes_and_never_sends_plaintext(big: bool) -> None:
+    """`SSLSocket.shutdown` drops the TLS object before the kernel's shutdown (callers outside gpupool/duplex.py call
+    it: test_daemon_bulk.py cuts a chunk that way); `SSLSocket.send` then writes its bytes as they are. A buffered
+    side socket forgets its BIOs with the TLS object and refuses the write (an OSError, as a broken socket's), small
+    or bulk, and nothing of it reaches the peer. Shut for reading only, so that a plaintext write would go out."""
+    ours, theirs = _side_pair()
+    secret = b"tensor bytes, never in plaintext " * (4000 if big else 1)
+    try:
+        ours.shutdown(socket.SHUT_RD)
+        with pytest.raises(OSError):
+            duplex.send_all(ours, threading.Lock(), [secret], 2.0)
+        with pytest.raises(OSError):
+            duplex.send_all(ours, threading.Lock(), [b"head", secret], 2.0)
+        raw = socket.socket(fileno=os.dup(theirs.fileno()))  # the peer's kernel buffer, below its TLS
+        raw.setblocking(False)
+        try:
+            got = raw.recv(1 << 20)
+        except BlockingIOError:
+            got = b""
+        raw.close()
+        assert b"never in plaintext" not in got
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_side_socket_stays_unbuffered_where_openssls_functions_are_not_at_hand(monkeypatch: Any) -> None:
+    """`SideSocket.buffer` leaves the socket as any SSLSocket (False; one write a record, and it works) where it
+    cannot reach OpenSSL's functions (another Python's ssl module, an OpenSSL without its symbols)."""
+    from gpupool import tls
+
+    monkeypatch.setattr(tls, "_bio_lib", [None])
+    ours, theirs = _side_pair(buffered=False)
+    try:
+        assert ours.buffer() is False and theirs.buffer() is False
+        data = os.urandom(300_000)
+        assert _move(ours, theirs, [data], len(data))[0] == data
+    finally:
+        ours.close()
+        theirs.close()

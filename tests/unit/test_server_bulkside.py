@@ -398,10 +398,11 @@ def test_the_rest_of_a_direct_write_goes_before_an_item_another_thread_queued_me
 # ---- round 37 (slots37): OpenSSL's read-ahead on the side port's TLS (gpupool/tls.py `read_ahead`) ----
 
 
-def _tls_link(read_ahead: bool = True) -> tuple[bulkside.BulkLink, Any]:
+def _tls_link(read_ahead: bool = True, buffered: bool = True) -> tuple[bulkside.BulkLink, Any]:
     """A frames link over TLS as the side port makes it (its `SocketServerTls` context, the tests' certificates) on a
     socket pair, non-blocking as bound, and the client's end (blocking). `read_ahead` False: the context as it was
-    before round 37 (OpenSSL reads a record's header, then its body)."""
+    before round 37 (OpenSSL reads a record's header, then its body). `buffered`: its records in few system calls
+    each way, as a bound link's (round 39: `tls.SideSocket.buffer`)."""
     import ssl
 
     from support import get_pki, tls_socket_pair
@@ -414,6 +415,8 @@ def _tls_link(read_ahead: bool = True) -> tuple[bulkside.BulkLink, Any]:
         server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         server_ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
     ours, theirs = tls_socket_pair(server_ctx, ssl.create_default_context(cafile=pki.ca_file))
+    if buffered and read_ahead:
+        assert ours.buffer()
     return bulkside.BulkLink(ours, 1, frames=True), theirs
 
 
@@ -484,14 +487,16 @@ def test_the_clients_side_socket_reads_a_downloads_records_in_about_one_system_c
     daemon_end.close()
 
 
-def test_frames_openssl_read_ahead_holds_are_read_without_waiting_for_the_socket() -> None:
+@pytest.mark.parametrize("buffered", [True, False])
+def test_frames_openssl_read_ahead_holds_are_read_without_waiting_for_the_socket(buffered: bool) -> None:
     """Read-ahead's hazard: OpenSSL holds whole records the kernel no longer has, so a reader that waited for the
     socket while they sit there would wait for the client's next bytes (forever, for a client waiting for a reply).
     The side reader never does (it waits only after OpenSSL wanted more: gpupool/duplex.py): 60 frames, each its own
     TLS record, sent at once and read by one system call, all come out, `ready` says so for each, then says nothing
     is there, and a frame sent later is waited for and read; the same after a frame big enough to leave a record
-    half read."""
-    link, theirs = _tls_link()
+    half read. Round 39: the same with the side socket's read buffer (`tls.SideSocket`), which holds what the kernel
+    gave beyond OpenSSL's record buffer: OpenSSL wants to read only once both are empty."""
+    link, theirs = _tls_link(buffered=buffered)
     frames = [b"frame %d " % k * (1 + k % 5) for k in range(60)]
     for f in frames:
         theirs.sendall(protocol.frame_record(f))  # one TLS record each
