@@ -149,7 +149,9 @@ class CommandExecutor:
                 reply(self._get(s, cmd.get))
             elif kind == "free":
                 native = self.native  # `WorkerSession.free` in C++ (native_runner.cpp `free_handles`), or here
-                if native is None or s.__class__.free is not _FREE or not native.free(s, cmd.free.SerializeToString()):
+                if native is None or s.__class__.free is not _FREE or not native.free(
+                    s, cmd.free.SerializeToString(), self._native_keys(s)
+                ):
                     s.free(list(cmd.free.handles))
             elif kind == "seed":
                 self._seed(s, cmd.seed.seed)
@@ -650,6 +652,13 @@ class CommandExecutor:
         ctx = native.Ctx(s, memory, count, self._binder(dev), _over_quota, capacity, rng)
         known.ctx = (key, ctx)
         return ctx
+
+    def _native_keys(self, s: WorkerSession) -> Any:
+        """The native context kept for session `s` (`_native_ctx`), or None: a `Free` in C++ looks its handles up
+        under the ints that context bound them with (its cache of handle ints, native_runner.cpp `Keys`)."""
+        state = self._eager.get(s.session_id)
+        got = None if state is None else state[3].ctx
+        return got[1] if got is not None and got[0][0] is s else None
 
     def _binder(self, dev: torch.device) -> Callable[[WorkerSession, Any, Any], list[int]]:
         """`_bind_outputs` on `dev`, for the native runner's outputs that `bind_new` does not take. It holds the

@@ -27,7 +27,6 @@
 #include <memory>
 #include <optional>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 namespace py = pybind11;
@@ -747,41 +746,124 @@ struct Counts {
 // later records: an input's key is then the very object the session's table holds where this context bound the
 // handle (the dict's identity test, no `==` of two ints) and no new int is made and freed (~220 instructions of the
 // ~440 an input). Only a cache: any int of the handle's value finds the same entry, so an entry that outlived its
-// handle (freed, or bound again from Python under another int) still looks up what the table holds now. At most
-// `LIMIT` entries (emptied when full); used under the GIL only (`Ctx.run` holds it but for the op's call).
+// handle (freed, or bound again from Python under another int) still looks up what the table holds now. Direct-mapped
+// by the handle's low bits (a session numbers its handles in order): `LIMIT` slots, a handle's int replacing whatever
+// held its slot, so a put never allocates (round 38's hash map made a node per output handle and was emptied
+// whole when full: ~330 instructions an op). Used under the GIL only (`Ctx.run` holds it but for the op's call).
 struct Keys {
-  static constexpr size_t LIMIT = 4096;
-  std::unordered_map<uint64_t, PyObject*> m;  // strong references
+  static constexpr size_t LIMIT = 4096;  // a power of two
+  struct Slot {
+    uint64_t h = 0;
+    PyObject* key = nullptr;  // a strong reference, or null
+  };
+  std::vector<Slot> slots = std::vector<Slot>(LIMIT);
   Keys() = default;
   Keys(const Keys&) = delete;
   Keys& operator=(const Keys&) = delete;
-  ~Keys() { clear(); }
-  void clear() {
-    for (auto& kv : m) Py_DECREF(kv.second);
-    m.clear();
+  ~Keys() {
+    for (auto& sl : slots) Py_XDECREF(sl.key);
+  }
+  Slot& slot(uint64_t h) { return slots[h & (LIMIT - 1)]; }
+  // the int kept for h (borrowed), or null
+  PyObject* find(uint64_t h) const {
+    const Slot& sl = slots[h & (LIMIT - 1)];
+    return sl.key != nullptr && sl.h == h ? sl.key : nullptr;
   }
   // a new reference to an int of value h: the one kept, or a new one (kept from now on)
   PyObject* get(uint64_t h) {
-    auto it = m.find(h);
-    if (it != m.end()) return Py_NewRef(it->second);
+    Slot& sl = slot(h);
+    if (sl.key != nullptr && sl.h == h) return Py_NewRef(sl.key);
     PyObject* k = PyLong_FromUnsignedLongLong(h);
-    if (k != nullptr) put(h, k);
+    if (k != nullptr) set(sl, h, k);
     return k;
   }
   // keep `key` (an int of value h; borrowed) as h's
   void put(uint64_t h, PyObject* key) {
-    auto it = m.find(h);
-    if (it != m.end()) {
-      if (it->second == key) return;
-      PyObject* old = it->second;
-      it->second = Py_NewRef(key);
-      Py_DECREF(old);
-      return;
-    }
-    if (m.size() >= LIMIT) clear();
-    m.emplace(h, Py_NewRef(key));
+    Slot& sl = slot(h);
+    if (sl.key == key) return;  // (and so sl.h == h)
+    set(sl, h, key);
+  }
+
+ private:
+  static void set(Slot& sl, uint64_t h, PyObject* key) {
+    PyObject* old = sl.key;
+    sl.h = h;
+    sl.key = Py_NewRef(key);
+    Py_XDECREF(old);
   }
 };
+
+// A vector of the context's taken for one `Ctx.run` and given back empty, its room kept: a run's argument stack
+// and held inputs no longer grow from nothing at each call (~100 instructions an op in reallocations). A run that
+// another run's Python code started (none does) takes an empty one of its own.
+template <typename T>
+struct Reused {
+  std::vector<T>& home;
+  std::vector<T> v;
+  explicit Reused(std::vector<T>& h) : home(h) { v.swap(home); }
+  ~Reused() {
+    v.clear();  // the GIL held: a tensor's last reference goes as `held.clear()` lets it go
+    if (v.capacity() > home.capacity()) v.swap(home);
+  }
+  Reused(const Reused&) = delete;
+  Reused& operator=(const Reused&) = delete;
+};
+
+// A session's storage entries (`_storages`' values, `[handles on the storage, its bytes]`) that `free_handles`
+// deleted with the last handle on their storage while nothing else referred to them, kept for `bind_new` to fill
+// again: a list made per output and freed per free was ~700 instructions an op (the list's allocation as a
+// container the cyclic collector tracks, its share of the collections it triggers, its deallocation), and the byte
+// count's int is kept where the new storage has the same size (a training step's outputs, step after step). A
+// reused entry holds exactly what a new one would, `[1, nbytes]`; no session can tell it from a new one (it held
+// two ints only, and nothing referred to it). At most `LIMIT`, under the GIL only (shared by the process's sessions).
+struct Entries {
+  static constexpr size_t LIMIT = 1024;
+  std::vector<PyObject*> free;  // owned references to lists of two ints
+  // a new reference to `[1, nbytes]`: a kept entry filled again, or a new list; nullptr with the error set
+  PyObject* take(int64_t nbytes) {
+    if (free.empty()) {
+      Own fresh(PyList_New(2));
+      if (fresh.p == nullptr) return nullptr;
+      PyObject* one = PyLong_FromLong(1);
+      if (one == nullptr) return nullptr;
+      PyList_SET_ITEM(fresh.p, 0, one);  // steals
+      PyObject* size = PyLong_FromLongLong(nbytes);
+      if (size == nullptr) return nullptr;
+      PyList_SET_ITEM(fresh.p, 1, size);
+      PyObject* out = fresh.p;
+      fresh.p = nullptr;
+      return out;
+    }
+    PyObject* e = free.back();
+    free.pop_back();
+    Own entry(e);
+    PyObject* size = PyList_GET_ITEM(e, 1);
+    int64_t was = 0;
+    if (!(PyLong_CheckExact(size) && as_i64(size, &was) && was == nbytes)) {
+      PyObject* fresh = PyLong_FromLongLong(nbytes);
+      if (fresh == nullptr) return nullptr;
+      PyList_SET_ITEM(e, 1, fresh);  // steals; the old int dropped below
+      Py_DECREF(size);
+    }
+    PyObject* one = PyLong_FromLong(1);
+    if (one == nullptr) return nullptr;
+    PyObject* count = PyList_GET_ITEM(e, 0);
+    PyList_SET_ITEM(e, 0, one);
+    Py_DECREF(count);
+    entry.p = nullptr;
+    return e;
+  }
+  // keep `entry` (a new reference, taken) where it is a list of two ints that nothing else refers to; else drop it
+  void give(PyObject* entry) {
+    if (free.size() < LIMIT && Py_REFCNT(entry) == 1 && PyList_CheckExact(entry) && PyList_GET_SIZE(entry) == 2 &&
+        PyLong_CheckExact(PyList_GET_ITEM(entry, 0)) && PyLong_CheckExact(PyList_GET_ITEM(entry, 1))) {
+      free.push_back(entry);
+      return;
+    }
+    Py_DECREF(entry);
+  }
+};
+Entries entries;
 
 struct Ctx {
   py::object s, tensors, poisoned, storages, keys, memory, count, bind_outputs, over_quota;
@@ -791,6 +873,10 @@ struct Ctx {
   py::object rng_owner = py::none(), rng_lock = py::none(), rng_acquire = py::none(), rng_release = py::none();
   int64_t quota, capacity, max_handles, number, base, flops;
   std::shared_ptr<Keys> handle_keys = std::make_shared<Keys>();  // shared by copies of the context (pybind's init)
+  // `run`'s vectors between runs: empty, their room kept (`Reused`)
+  std::vector<c10::IValue> stack_room;
+  std::vector<at::Tensor> held_room;
+  std::vector<uint64_t> hvals_room;
 
   // Run records[i:] through `trace` from step k on. Returns (i, k, hits, flags, exception or None): the first record
   // not run, the step it is at, the records run, END (the trace ran to its end) | OVER (the time budget passed);
@@ -824,12 +910,16 @@ struct Ctx {
     Word word(progress);
     Fields sf(s.ptr(), {S_used, S_ops}), mf(memory.ptr(), {S_used});
     Counts c(sf, mf);  // `s.used`, `s.ops`, `memory.used`: synced before Python code, at the return, on a raise
-    torch::jit::Stack stack;
+    // the op's arguments (the context's vectors, their room kept from run to run: `Reused`)
+    Reused<c10::IValue> stack_(stack_room);
+    torch::jit::Stack& stack = stack_.v;
     // A second reference to each input tensor, held until the op returned: the kernel's own references (the
     // stack's) then never drop the last C++ one, which hands the tensor's Python object back (`decref_pyobject`)
     // and, the GIL being released around the op, takes the GIL for it (~1k instructions an input)
-    std::vector<at::Tensor> held;
-    std::vector<uint64_t> hvals;  // a SEVERAL step's output handles (`hkeys`' values), for `several`
+    Reused<at::Tensor> held_(held_room);
+    std::vector<at::Tensor>& held = held_.v;
+    Reused<uint64_t> hvals_(hvals_room);
+    std::vector<uint64_t>& hvals = hvals_.v;  // a SEVERAL step's output handles (`hkeys`' values), for `several`
     // go on in run `py` (its native form `nat`, the Trace `t`) from its first step, with a fresh list of kept outputs
     auto enter = [&](py::object&& py, py::object&& nat, const Trace* t) {
       cur = t;
@@ -1433,14 +1523,8 @@ struct Ctx {
         PyList_SET_ITEM(objs.p, 0, Py_NewRef(obj));  // steals the new reference
         zero_new(objs.p);
       }
-      Own fresh(PyList_New(2));  // [handles on the storage, its bytes]
+      Own fresh(entries.take(nbytes));  // [handles on the storage, its bytes]
       if (fresh.p == nullptr) throw py::error_already_set();
-      PyObject* one = PyLong_FromLong(1);
-      if (one == nullptr) throw py::error_already_set();
-      PyList_SET_ITEM(fresh.p, 0, one);  // steals
-      PyObject* size = PyLong_FromLongLong(nbytes);
-      if (size == nullptr) throw py::error_already_set();
-      PyList_SET_ITEM(fresh.p, 1, size);
       if (PyDict_SetItem(storages.ptr(), skey.p, fresh.p) < 0) throw py::error_already_set();
       c.used.add(nbytes);
       c.mused.add(nbytes);
@@ -1837,7 +1921,12 @@ PyObject* S_check_handle;
 // also when a handle raised. False (nothing done) when the message is not read here or a table is not a dict: the
 // caller runs `WorkerSession.free` on the parsed message. Saves the message's conversion to Python ints (~1k
 // instructions a handle through upb) and the interpreter's loop (~50 bytecodes a handle).
-bool free_handles(const py::object& session, const py::bytes& msg) {
+//
+// `ctx`: None, or the session's native context (`CommandExecutor._native_ctx`), whose cache of handle ints (`Keys`)
+// gives each handle the int its tables hold where that context bound it: the pops find their entries by identity,
+// and no int is made and freed per handle (~250 instructions a handle). Only a cache, as for `Ctx.run`'s lookups:
+// any int of the handle's value finds the same entry.
+bool free_handles(const py::object& session, const py::bytes& msg, const py::object& ctx) {
   std::vector<uint64_t> hs;
   if (!parse_free(std::string(msg), &hs)) return false;
   PyObject* s = session.ptr();
@@ -1850,9 +1939,11 @@ bool free_handles(const py::object& session, const py::bytes& msg) {
   }
   Own freed(PyLong_FromLong(0)), one(PyLong_FromLong(1)), zero(PyLong_FromLong(0));
   if (freed.p == nullptr || one.p == nullptr || zero.p == nullptr) throw py::error_already_set();
+  const Keys* cached = ctx.is_none() ? nullptr : ctx.cast<const Ctx&>().handle_keys.get();
   bool failed = false;
   for (const uint64_t h : hs) {
-    Own key(PyLong_FromUnsignedLongLong(h));
+    PyObject* known = cached != nullptr ? cached->find(h) : nullptr;  // borrowed
+    Own key(known != nullptr ? Py_NewRef(known) : PyLong_FromUnsignedLongLong(h));
     if (key.p == nullptr) {
       failed = true;
       break;
@@ -1936,6 +2027,8 @@ bool free_handles(const py::object& session, const py::bytes& msg) {
       }
       freed.reset(sum.p);
       sum.p = nullptr;
+      entries.give(entry.p);  // kept for `bind_new` where nothing else refers to it
+      entry.p = nullptr;
     }
   }
   // `finally`: the bytes freed so far, also when a handle raised (that error is the one raised)
@@ -2110,11 +2203,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("run", &Ctx::run)
       // the int its lookups of handle `h` use now (`Keys`), or None: for tests
       .def("cached_key", [](const Ctx& c, uint64_t h) -> py::object {
-        auto it = c.handle_keys->m.find(h);
-        if (it == c.handle_keys->m.end()) return py::none();
-        return py::reinterpret_borrow<py::object>(it->second);
+        PyObject* k = c.handle_keys->find(h);
+        if (k == nullptr) return py::none();
+        return py::reinterpret_borrow<py::object>(k);
       });
-  m.def("free", &free_handles);
+  m.def("free", &free_handles, py::arg("session"), py::arg("msg"), py::arg("ctx") = py::none());
   m.def("filled", &filled);
   m.def("eager_records", &eager_records);
   m.def("eager_frame", &eager_frame);

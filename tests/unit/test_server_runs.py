@@ -11,6 +11,7 @@ C++ (a counter checks that it ran), and with `GPUPOOL_NATIVE_RUNNER=0` (the Pyth
 
 from __future__ import annotations
 
+import collections
 import gc
 import itertools
 import re
@@ -284,6 +285,31 @@ def test_a_run_under_way_at_a_slice_end_refuses_what_changed_before_the_next() -
     hits = p.hits
     p.stream(cmds[3:], itertools.cycle([64]))
     assert p.hits - hits < 8  # rand_like read the rebound relu output: the run under way ended there
+
+
+def test_storage_entries_read_their_handles_and_bytes_and_one_held_elsewhere_is_never_filled_again(runner: str) -> None:
+    """Every storage entry (`WorkerSession._storages`: [handles on the storage, its bytes]) reads what the session
+    holds, step after step of outputs bound and freed; an entry deleted while something else still refers to it is
+    never filled again. The native runner keeps the entries its `Free` deleted with nothing else referring to them and
+    fills them again for its next outputs (native_runner.cpp `Entries`): here the entries of every other step's
+    outputs are referred to from the test when they are freed, the others are kept and filled again. Pins what the
+    Python path and round 38's runner (a new list per output) did."""
+    p = Pair()
+    # (its session, the storage id it was under, the entry, a tensor on that storage: the id stays that storage's)
+    held: list[tuple[WorkerSession, int, list[int], torch.Tensor]] = []
+    for t in range(12):
+        if t % 2 == 0:  # referred to from here while step t - 1's outputs are freed (both sessions': one process)
+            held += [(s, s._keys[h], s._storages[s._keys[h]], x) for s in p.s for h, x in s.tensors.items()]
+        p.stream(step(p, t) + ([free(t - 1)] if t else []), itertools.cycle([64]))
+        for s in p.s:
+            handles = collections.Counter(s._keys.values())
+            nbytes = {s._keys[h]: x.untyped_storage().nbytes() for h, x in s.tensors.items()}
+            assert {k: list(e) for k, e in s._storages.items()} == {k: [n, nbytes[k]] for k, n in handles.items()}
+        tables = [e for s in p.s for e in s._storages.values()]
+        for s, key, entry, _ in held:
+            if s._storages.get(key) is not entry:  # deleted with its storage's last handle: as it was left
+                assert entry[0] == 0 and all(e is not entry for e in tables)
+    assert any(s._storages.get(key) is not entry for s, key, entry, _ in held)
 
 
 def test_a_spent_time_budget_ends_the_slice_after_the_same_command() -> None:
