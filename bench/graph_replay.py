@@ -102,9 +102,19 @@ def _worker(path: str) -> tuple[Any, Any, Any]:
         raise SystemExit(f"definition failed: {s.error}")
     inputs, data, n_out = d["run"]
     handles = iter(range((number << 32) + (1 << 28), (number << 32) + (1 << 31)))
+    # inputs the client uploaded before the run (CPU arguments over capture.BY_VALUE_BYTES: the stock MLP's batch)
+    # are gone with the step: a fresh tensor of the graph's metadata is bound for each command, as the Upload did
+    g = ex.graphs._of(s)[msg.graph_id]
+    uploaded = {i: g.input_meta[i] for i, h in enumerate(inputs) if h and h not in s.tensors}
 
     def command() -> Any:
-        run = device_pb2.RunGraph(graph_id=msg.graph_id, inputs=inputs, outputs=[next(handles) for _ in range(n_out)])
+        run_inputs = list(inputs)
+        for i, (shape, stride, _, dtype) in uploaded.items():
+            run_inputs[i] = next(handles)
+            t = torch.empty_strided(shape, stride, dtype=dtype)
+            s.bind(run_inputs[i], t.normal_() if dtype.is_floating_point else t.zero_())
+        outputs = [next(handles) for _ in range(n_out)]
+        run = device_pb2.RunGraph(graph_id=msg.graph_id, inputs=run_inputs, outputs=outputs)
         run.input_data.extend(data)
         return device_pb2.Command(run_graph=run)
 
@@ -156,7 +166,7 @@ def replay(path: str, steps: int, repeats: int) -> str:
         if s.error is not None:
             raise SystemExit(f"replay failed: {s.error}")
         for c in cmds:
-            s.free(list(c.run_graph.outputs))
+            s.free(_fresh(s, c))
     bare, run = min(res["bare"]), min(res["graph"])
     med = statistics.median(res["graph"]) / statistics.median(res["bare"])
     return (f"{n_ops:5d} ops  bare {bare * 1e3:7.3f} ms/step  replay {run * 1e3:7.3f} ms/step  "
@@ -170,7 +180,7 @@ def replay_instr(path: str, steps: int) -> str:
     for _ in range(5):
         c = command()
         ex.execute(s, c, _no_reply)
-        s.free(list(c.run_graph.outputs))
+        s.free(_fresh(s, c))
     cmds = [command() for _ in range(steps)]
     with cgtools.instrumented():
         for c in cmds:
@@ -219,6 +229,12 @@ def _instr(model: str, path: str, steps: int, tmp: str) -> str:
     total, kernels = _total(out) / steps, _inclusive(out, KERNELS) / steps
     return (f"worker per RunGraph {total / 1e3:8.1f}k instructions: TorchScript call {kernels / 1e3:8.1f}k, "
             f"outside it {(total - kernels) / 1e3:8.1f}k")  # fmt: skip
+
+
+def _fresh(s: Any, c: Any) -> list[int]:
+    """A command's outputs and the inputs `_worker`'s `command` bound for it (uploads)."""
+    first = (s.number << 32) + (1 << 28)
+    return [h for h in [*c.run_graph.outputs, *c.run_graph.inputs] if h >= first]
 
 
 def _recording(fn: Any, calls: list[tuple[Any, Any, Any]]) -> Any:

@@ -45,6 +45,9 @@ MAX_VERDICTS = 8192  # cached op signatures (cleared when full)
 MAX_VERDICT_BYTES = 64 << 20
 # May change tensors' metas or storages in place (learned runs check them again); other kinds: no
 _RESHAPING = frozenset({"run_graph", "define_graph", "drop_graph", "collective", "group_join", "resize_storage"})
+# Change no tensor's metadata in place (a tensor they bind is a new object; an upload's later chunks write bytes
+# only); every other kind counts in `WorkerSession.mutations` (graph._externals), eager spans too
+KEEPS_METAS = frozenset({"upload", "get", "free", "sync", "seed"})
 _COMPUTE = object()  # _run_op's default: compute the op's signature
 
 
@@ -134,10 +137,12 @@ class CommandExecutor:
         """Run one command; `data`: an upload's bytes, or a RunGraph's `input_data` (a list), parsed out of its span
         by hand (server/bulk.py)."""
         kind = cmd.WhichOneof("cmd")
-        if kind in _RESHAPING:  # may change tensors' metas in place: learned runs check them again
-            state = self._eager.get(s.session_id)
-            if state is not None:
-                state[3].epoch += 1
+        if kind not in KEEPS_METAS:
+            s.mutations += 1
+            if kind in _RESHAPING:  # may change tensors' metas in place: learned runs check them again
+                state = self._eager.get(s.session_id)
+                if state is not None:
+                    state[3].epoch += 1
         try:
             if kind == "eager_op":
                 self._eager_op(s, cmd.eager_op)
@@ -317,6 +322,7 @@ class CommandExecutor:
             records = eager_records(commands)
         if not records[i]:  # before any setup: slices of uploads, gets, frees
             return i, False
+        s.mutations += 1
         table, dev, learned, known = self._eager_state(s)
         get = s.tensors.get
         resolve = s.resolve

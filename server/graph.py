@@ -50,6 +50,10 @@ MAX_GRAPHS = 32  # per session: each holds prebuilt calls in host memory (in all
 # A definition runs for at most about this long per slice (then the session's next slice goes on with it): a
 # definition of 100,000 ops takes seconds, and held the device's thread for all of them as one command.
 DEFINE_PIECE_SECONDS = 0.05
+# A Python replay of a graph longer than this many calls runs in pieces of as many (the clock read between them)
+# for about `piece_seconds` a slice (session workers): a graph the trace refuses (over graph_trace.TRACE_MAX_NODES)
+# held the device's thread for its whole run (0.26-0.60 s for 20,000 `neg`s), every other session waiting.
+REPLAY_PIECE_CALLS = 64
 EVENTS = slices.GRAPH_EVENTS
 
 
@@ -80,6 +84,24 @@ class Tracing:
     def __init__(self, graph: Graph, steps: Generator[None, None, Any]) -> None:
         self.graph = graph
         self.steps = steps
+
+
+class Replaying:
+    """A graph's Python replay under way (`_run`, graphs of more than REPLAY_PIECE_CALLS calls): held as the
+    session's `defining`; the same RunGraph runs again first in the session's next slice and goes on with the run
+    where it stopped (its inputs were resolved and checked once, in its first piece)."""
+
+    __slots__ = ("graph", "steps", "slots", "outputs", "persistent")
+
+    def __init__(
+        self, graph: Graph, steps: Generator[None, None, Any], slots: list[Any], outputs: list[int],
+        persistent: list[torch.Tensor] | None,
+    ) -> None:  # fmt: skip
+        self.graph = graph
+        self.steps = steps
+        self.slots = slots
+        self.outputs = outputs
+        self.persistent = persistent
 
 
 class Defining:
@@ -216,11 +238,22 @@ class GraphTable:
         if msg.drop_writes:  # (iterating an empty repeated field raises and catches an IndexError)
             for h in msg.drop_writes[:]:
                 g.writes.pop(h, None)
-        if g.traced is None and not g.trace_refused and g.runs >= graph_trace.TRACE_AFTER_RUNS and g.cuda is None:
+        pending = s.defining
+        resumed = isinstance(pending, Replaying) and pending.graph is g
+        if resumed:
+            s.defining = None
+        elif g.traced is None and not g.trace_refused and g.runs >= graph_trace.TRACE_AFTER_RUNS and g.cuda is None:
             if not self._trace(s, g):
                 return  # a piece of the trace: this command runs again in the session's next slice
         try:
-            _run(self.host, s, g, msg, lambda capture: self._reserve(s, self._of(s), capture=capture), data)
+            if resumed:
+                left = None if _resume(s, pending, self.piece_seconds) else pending  # type: ignore[arg-type]
+            else:
+                hold = lambda capture: self._reserve(s, self._of(s), capture=capture)  # noqa: E731
+                left = _run(self.host, s, g, msg, hold, data, self.piece_seconds)
+            if left is not None:
+                s.defining = left
+                return  # a piece of the run: this command runs again in the session's next slice
         except GpupoolError as exc:
             err = Poison.of(exc, "")
             for h in list(msg.outputs) + list(g.writes):
@@ -257,10 +290,12 @@ class GraphTable:
 # ---- runs ----
 
 
-def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph,
-         hold: Callable[[Graph | None], None], data: list[Any] | None = None) -> None:  # fmt: skip
+def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph, hold: Callable[[Graph | None], None],
+         data: list[Any] | None = None, piece_seconds: float = 0.0) -> Replaying | None:  # fmt: skip
     """A run of `g`; `hold`: what counts a CUDA graph's capture in the session's memory (`graph_cuda.run`); `data`:
-    the inputs' bytes taken out of the command's span (`GraphTable.run`), else None: `msg.input_data`."""
+    the inputs' bytes taken out of the command's span (`GraphTable.run`), else None: `msg.input_data`. With
+    `piece_seconds` > 0, a Python replay of more than REPLAY_PIECE_CALLS calls stops at the first piece's end past
+    about that long and returns what is left (`_resume` goes on with it); None: the run is done."""
     # [:]: a repeated field's slice is a list in one call; list() iterates it item by item to an IndexError
     inputs = msg.inputs[:]
     outputs = msg.outputs[:]
@@ -294,7 +329,8 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph,
                 if g.cuda is None:  # a captured CUDA graph copies it into its own input (graph_cuda.CudaGraph.run)
                     t = staging.onto(s.staging, t, g.device)
         slots[i + 1] = t
-    persistent = _externals(s, g, slots)
+    found, versions = _externals(s, g, slots)
+    persistent = found if versions else None  # (None: `_finish` takes no versions)
     for h in outputs:
         if h:
             s.check_handle(h)
@@ -312,20 +348,63 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph,
             # the run before the trace (`GraphTable._trace`): the Python replay, its fused attention calls' layouts
             # recorded for the trace to meet (some meta kernels lay outputs out otherwise)
             g.layouts = graph_trace.replay_recording(host, s, g, slots, execute)
+        elif piece_seconds > 0 and len(g.plan) > REPLAY_PIECE_CALLS:
+            steps = _pieces(g, slots)
+            if not _advance(steps, time.perf_counter() + piece_seconds)[0]:
+                return Replaying(g, steps, slots, outputs, persistent)
         else:
             execute(g, slots)
     except BaseException:
-        _forget_seen(g)  # a run that failed midway may have left any of them half-written: check all next time
-        if g.mutated:  # as a failed eager op's (`CommandExecutor._call`): torch's out= kernels resize their output
-            s.recount(g.mutated, zero_growth=True)  # before they check its values; the growth counted and zeroed
+        _failed(s, g)
         raise
-    _seen_after(g, persistent)
+    _finish(s, g, slots, outputs, persistent)
+    return None
+
+
+def _resume(s: WorkerSession, pending: Replaying, piece_seconds: float) -> bool:
+    """Go on with a Python replay run in pieces (`_run`) until it is done (True) or about `piece_seconds` have
+    passed (False; 0: until it is done)."""
+    g = pending.graph
+    deadline = time.perf_counter() + piece_seconds if piece_seconds > 0 else float("inf")
+    try:
+        if not _advance(pending.steps, deadline)[0]:
+            return False
+    except BaseException:
+        _failed(s, g)
+        raise
+    _finish(s, g, pending.slots, pending.outputs, pending.persistent)
+    return True
+
+
+def _pieces(g: Graph, slots: list[Any]) -> Generator[None, None, None]:
+    """`execute` of the whole plan, REPLAY_PIECE_CALLS calls at a time (errors name the call in the whole graph)."""
+    plan, n = g.plan, REPLAY_PIECE_CALLS
+    for start in range(0, len(plan), n):
+        if start:
+            yield  # between pieces only: the last one ends the run in its own slice
+        execute(g, slots, plan[start : start + n], start)
+
+
+def _failed(s: WorkerSession, g: Graph) -> None:
+    _forget_seen(g)  # a run that failed midway may have left any of them half-written: check all next time
+    if g.mutated:  # as a failed eager op's (`CommandExecutor._call`): torch's out= kernels resize their output
+        s.recount(g.mutated, zero_growth=True)  # before they check its values; the growth counted and zeroed
+
+
+def _finish(
+    s: WorkerSession, g: Graph, slots: list[Any], outputs: list[int], persistent: list[torch.Tensor] | None
+) -> None:
+    """A run's end: the persistent tensors' versions noted (where `_externals` read them: `persistent`), its outputs
+    and kept tensors bound."""
+    if persistent is not None:
+        _seen_after(g, persistent)
     # every handle was checked: outputs above, writes at definition
     bound = [(h, slots[slot]) for h, slot in zip(outputs, g.outputs, strict=False) if h]
     bound += [(h, slots[slot]) for h, slot in g.writes.items()]
     s.rebind_all(bound)
     if g.mutated:
         s.recount(g.mutated)
+    g.quiet = s.mutations
 
 
 def _refused(host: Host, s: WorkerSession, g: Graph) -> bool:
@@ -337,19 +416,27 @@ def _refused(host: Host, s: WorkerSession, g: Graph) -> bool:
     return why is not None
 
 
-def _externals(s: WorkerSession, g: Graph, slots: list[Any]) -> list[torch.Tensor]:
+def _externals(s: WorkerSession, g: Graph, slots: list[Any]) -> tuple[list[torch.Tensor], bool]:
     """Resolve the persistent tensors into their slots, each checked against the metadata the graph was built
     for. A tensor that is the same live object the last run ended with, its version counter unchanged since, has
     had no op on it in between -- every op that changes a tensor's sizes, strides, offset or storage in place
     (resize_, set_, as_strided_, transpose_, an out= resize, ...) bumps that counter -- so it still has the
     metadata it was checked for then: no need to read it again (`Graph.stable`: only for tensors no op of the
-    graph itself may change the metadata of). Returns the tensors, in order."""
+    graph itself may change the metadata of). Where no command that may change a tensor's metadata ran on the
+    session since the last run ended (`WorkerSession.mutations`: only this run's own count since `Graph.quiet`),
+    no version is read either: each handle still bound to the object last checked is enough (`_quiet`). Returns
+    the tensors, in order, and whether the versions are to be taken when the run ends (`_seen_after`)."""
     tensors = s.tensors
-    found = []
     seen = g.seen
     if len(seen) != len(g.externals):
         seen[:] = [[None, -1] for _ in g.externals]
+        g.quiet = -1
     uploads = s.uploads
+    if g.quiet >= 0 and s.mutations == g.quiet + 1 and not uploads:
+        found = _quiet(s, g, slots)
+        if found is not None:
+            return found, False
+    found = []
     for (slot, h, m), cell in zip(g.externals, seen, strict=True):
         t = tensors.get(h) if not uploads else None
         if t is None:
@@ -362,6 +449,28 @@ def _externals(s: WorkerSession, g: Graph, slots: list[Any]) -> list[torch.Tenso
             cell[0], cell[1] = weakref.ref(t), -1  # checked now; its version is taken when the run ends
         slots[slot] = t
         found.append(t)
+    return found, True
+
+
+def _quiet(s: WorkerSession, g: Graph, slots: list[Any]) -> list[torch.Tensor] | None:
+    """`_externals` when nothing that may change a tensor's metadata ran since the last run: the tensors where
+    each handle is still bound to the object the last run found (and checked); the ones the graph's own ops may
+    reshape (not `Graph.stable`) checked as always. None where a handle was freed or bound anew."""
+    tensors = s.tensors
+    found = []
+    for (slot, h, _), cell in zip(g.externals, g.seen, strict=True):
+        t = tensors.get(h)
+        ref = cell[0]
+        if t is None or ref is None or ref() is not t:
+            return None
+        slots[slot] = t
+        found.append(t)
+    for k in g.unstable:
+        t, m = found[k], g.externals[k][2]
+        if t.shape != m[0] or t.stride() != m[1] or t.storage_offset() != m[2] or t.dtype != m[3]:
+            g.seen[k][0] = None
+            raise InvalidArgument(f"graph {g.graph_id}: persistent tensor {g.externals[k][1]:#x} changed shape or "
+                                  "dtype since")  # fmt: skip
     return found
 
 
@@ -374,6 +483,7 @@ def _seen_after(g: Graph, persistent: list[torch.Tensor]) -> None:
 
 
 def _forget_seen(g: Graph) -> None:
+    g.quiet = -1
     for cell in g.seen:
         cell[0], cell[1] = None, -1
 

@@ -152,6 +152,12 @@ class Graph:
     # The persistent tensors (indexes into `externals`) no op of the graph may change the metadata of in place:
     # only these skip the check when their version is unchanged (the others are checked on every run).
     stable: list[int] = field(default_factory=list)
+    # The session's `mutations` when its last run ended (-1: none yet, or it failed, or it checked nothing): a run
+    # that finds it one less than the count (no command that may change a tensor's metadata ran since, but this
+    # run) and each persistent handle still bound to the tensor last checked skips every version read
+    # (graph._externals); `unstable`: the others of `externals`, checked on every run either way.
+    quiet: int = -1
+    unstable: list[int] = field(default_factory=list)
     # The input and persistent slots whose storages an op of the graph that writes (a mutable schema) reads: their
     # values at an op may differ from the run's start (graph_cuda.py runs guards before a replay on the others only)
     written: frozenset[int] = frozenset()
@@ -435,6 +441,7 @@ def building(
     graph.host_bytes = estimate
     graph.plan = yield from _compiled(calls)
     graph.stable = [k for k, (slot, _, _) in enumerate(externals) if slot not in reshaped]
+    graph.unstable = [k for k, (slot, _, _) in enumerate(externals) if slot in reshaped]
     written: set[int] = set()
     for slot in range(1, fixed) if written_storages else ():
         if not slot % _EVERY:

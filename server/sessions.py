@@ -132,6 +132,10 @@ class WorkerSession:
         self.error: Poison | None = None  # first error since the last sync
         self.rng_state: torch.Tensor | None = None
         self.ops = 0
+        # Commands that may change a tensor's metadata in place (ops, eager spans, graph runs, collectives, ...:
+        # CommandExecutor.execute counts every kind but those of `executor.KEEPS_METAS`): a captured step's
+        # persistent tensors are not read again while no such command ran between two runs (graph._externals)
+        self.mutations = 0
         self.group: Any = None  # its collective group (server.collectives.Group), once joined
         # A fake GPU's big uploads land in the host memory of the session's freed ones (server/uploadpool.py)
         self.upload_pool = UploadPool(KEEP if device.fake else 0)

@@ -155,13 +155,18 @@ def test_a_persistent_tensor_whose_metadata_changed_in_place_between_runs_is_ref
     for k in range(3):  # the first run checks and remembers; the next ones take the remembered verdict
         assert torch.equal(_run(ex, s, s.handle_base + 10 + k), torch.arange(12.0).reshape(4, 3) + 1)
     assert g.seen[0][0]() is s.tensors[w] and g.seen[0][1] == s.tensors[w]._version
+    # each change below stands for a command's (an op's): CommandExecutor.execute counts it in `s.mutations`,
+    # without which a run reads no version at all (round 39: test_a_quiet_run_reads_no_version_...)
     s.tensors[w].mul_(2)  # values only: the version moves, the metadata is read again and passes
+    s.mutations += 1
     assert torch.equal(_run(ex, s, s.handle_base + 20), torch.arange(12.0).reshape(4, 3) * 2 + 1)
     s.tensors[w].as_strided_((4, 3), (1, 4))  # same sizes, other strides: the add would read it transposed
+    s.mutations += 1
     assert _run(ex, s, s.handle_base + 21) is None
     assert s.error is not None and "changed shape or dtype" in s.error.message
     s.error = None
     s.tensors[w].as_strided_((4, 3), (3, 1))  # back as defined: runs again
+    s.mutations += 1
     assert _run(ex, s, s.handle_base + 22) is not None and s.error is None
     other = torch.zeros(3, 4).t()  # another tensor under the handle, same sizes, other strides, same version
     while other._version < s.tensors[w]._version:
@@ -169,6 +174,59 @@ def test_a_persistent_tensor_whose_metadata_changed_in_place_between_runs_is_ref
     assert other._version == g.seen[0][1]
     s.bind(w, other)
     assert _run(ex, s, s.handle_base + 23) is None
+    assert s.error is not None and "changed shape or dtype" in s.error.message
+
+
+def test_a_quiet_run_reads_no_version_and_every_command_between_runs_is_seen() -> None:
+    """Round 39: a captured step's persistent tensors cost a dict lookup, a weak reference and a version read each
+    (~1.2 us a tensor, 25 of them in the tiny MLP's step, ~50 in the stock MLP's) before its run and a version read
+    each after it. Where no command that may change a tensor's metadata ran since the graph's last run
+    (`WorkerSession.mutations`: every command kind but upload, get, free, sync and seed, and eager spans) a run
+    reads no version: each handle still bound to the object last checked is enough. Through real commands here: a
+    Sync, a Get and a Free between runs keep the runs quiet (no version taken after them); an op that transposes the
+    persistent tensor in place, and the handle freed and uploaded anew with other strides, are each refused as
+    before. On 1344c19 every run took the versions (`g.seen`'s counts follow the tensor)."""
+    dev = FakeDevice(0, "h", 1 << 30)
+    s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 28)
+    ex = CommandExecutor(slices.SliceLedger())
+    w = s.handle_base + 1
+    s.bind(w, torch.arange(12.0).reshape(4, 3))
+    body = [op("aten::add_.Tensor", slot(2), slot(1), out=(3,)), op("aten::mul.Tensor", slot(3), tensor_pb2.Arg(f=1.0),
+                                                                     out=(4,))]  # fmt: skip
+    _graph_with_persistent(ex, s, w, body)  # its add_ moves w's version every run
+    g = ex.graphs._of(s)[1]
+    assert g.stable == [0]
+    want = torch.arange(12.0).reshape(4, 3)
+    taken = []
+    for k in range(4):
+        want = want + 1
+        assert torch.equal(_run(ex, s, s.handle_base + 10 + k), want), k
+        taken.append(g.seen[0][1])
+        replies: list[object] = []
+        ex.execute(
+            s,
+            device_pb2.Command(sync=device_pb2.Sync(request_id=k + 1, scalar_handles=[s.handle_base + 10 + k])),
+            replies.append,
+        )
+        ex.execute(s, device_pb2.Command(free=device_pb2.Free(handles=[s.handle_base + 10 + k])), _no_reply)
+        assert s.error is None, s.error
+    assert taken[0] == 1 and taken[1:] == [1, 1, 1]  # the first run took w's version; the quiet ones none
+    assert s.tensors[w]._version == 4
+    t_ = device_pb2.Op(name="aten::t_.default", args=[tensor_pb2.Arg(tensor=w)])
+    ex.execute(s, device_pb2.Command(op=t_), _no_reply)  # (4, 3) -> (3, 4), in place: the same object
+    assert s.error is None and s.tensors[w].shape == (3, 4)
+    assert _run(ex, s, s.handle_base + 20) is None
+    assert s.error is not None and "changed shape or dtype" in s.error.message
+    s.error = None
+    ex.execute(s, device_pb2.Command(op=t_), _no_reply)  # back as defined: read again (the version moved), runs
+    assert _run(ex, s, s.handle_base + 21) is not None and s.error is None
+    assert _run(ex, s, s.handle_base + 30) is not None and s.error is None  # quiet again
+    ex.execute(s, device_pb2.Command(free=device_pb2.Free(handles=[w])), _no_reply)
+    data = torch.arange(12.0).numpy().tobytes()
+    up = device_pb2.Upload(handle=w, meta=wire.meta_to_proto(torch.zeros(3, 4)), data=data, last=True)
+    ex.execute(s, device_pb2.Command(upload=up), _no_reply)  # the handle anew: a (3, 4) tensor
+    assert s.error is None and s.tensors[w].shape == (3, 4)
+    assert _run(ex, s, s.handle_base + 31) is None
     assert s.error is not None and "changed shape or dtype" in s.error.message
 
 
@@ -466,3 +524,82 @@ def test_a_graph_past_the_trace_node_limit_keeps_the_python_replay(monkeypatch: 
             assert torch.equal(s.tensors[out], want), (n, k)
         g = ex.graphs._of(s)[1]
         assert (g.traced is not None) == traced and g.trace_refused != traced, n
+
+
+def test_a_python_replay_past_the_trace_limit_goes_in_pieces_with_the_same_results(monkeypatch: Any) -> None:
+    """Round 39: a graph the trace refuses (more than graph_trace.TRACE_MAX_NODES calls) kept the Python replay as
+    one command a run: 20,000 `neg`s held the device's thread 0.26-0.60 s, every other session of the device waiting.
+    Now a session worker's replay of more than graph.REPLAY_PIECE_CALLS calls goes in pieces (`s.defining` holds the
+    rest; slices.run_commands runs the same RunGraph again first in the session's next slice): counted here with a
+    budget that ends each slice after one piece. No slice calls more than REPLAY_PIECE_CALLS kernels; the outputs
+    are bound only after the last piece, with the values and the errors (the op named in the whole graph, the
+    outputs poisoned, the session going on) of a replay in one command. On 1344c19 all of a run's calls were one
+    command."""
+    from gpupool.server import graph, graph_trace
+
+    monkeypatch.setattr(graph_trace, "TRACE_MAX_NODES", 40)
+    n = 3 * graph.REPLAY_PIECE_CALLS + 5
+    bad = 2 * graph.REPLAY_PIECE_CALLS + 3  # an index_select in the third piece, its index the run's second input
+    body = [
+        op("aten::mul.Tensor", slot(i + 2 if i else 1), tensor_pb2.Arg(f=2.0 if i % 2 else 0.5), out=(i + 3,))
+        if i != bad
+        else op("aten::index_select.default", slot(i + 2), tensor_pb2.Arg(i=0), slot(2), out=(i + 3,))
+        for i in range(n)  # a chain: each op reads the one before
+    ]
+    meta = [wire.meta_to_proto(torch.ones(4)), wire.meta_to_proto(torch.zeros(4, dtype=torch.long))]
+    msg = device_pb2.DefineGraph(graph_id=1, inputs=2, input_meta=meta, ops=body, outputs=[n + 2])
+    calls: list[int] = []
+    execute = graph.execute
+
+    def counted(g: Any, slots: list[Any], plan: list[Any] | None = None, start: int = 0) -> None:
+        calls.append(len(plan or g.plan))
+        execute(g, slots, plan, start)
+
+    monkeypatch.setattr(graph, "execute", counted)
+
+    def runs(piece_seconds: float) -> tuple[list[Any], list[int]]:
+        dev = FakeDevice(0, "h", 1 << 30)
+        s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 28)
+        ex = CommandExecutor(slices.SliceLedger())
+        ex.exclusive_rng = True  # as in a session's worker process: graphs may run as TorchScript
+        ex.graphs.piece_seconds = piece_seconds
+        x, idx, bad_idx = s.handle_base + 1, s.handle_base + 2, s.handle_base + 3
+        s.bind(x, torch.tensor([1.0, -2.0, 0.5, 3.0]))
+        s.bind(idx, torch.tensor([3, 2, 1, 0]))
+        s.bind(bad_idx, torch.tensor([0, 1, 2, 9]))
+        while True:
+            ex.execute(s, device_pb2.Command(define_graph=msg), _no_reply)
+            if s.defining is None:
+                break
+        assert s.error is None, s.error
+        seen: list[Any] = []
+        slices_calls: list[list[int]] = []
+        for k, i in enumerate((idx, idx, bad_idx, idx)):
+            out = s.handle_base + 10 + k
+            run = device_pb2.Command(run_graph=device_pb2.RunGraph(graph_id=1, inputs=[x, i], outputs=[out]))
+            while True:
+                calls.clear()
+                ex.execute(s, run, _no_reply)
+                slices_calls.append(sum(calls))
+                if s.defining is None:
+                    break
+                assert s.error is None and out not in s.tensors and out not in s.poisoned  # nothing of the run yet
+            if s.error is not None:
+                seen.append((s.error.code, s.error.message, out in s.poisoned))
+                s.error = None
+            else:
+                seen.append(s.tensors[out].clone())
+        assert ex.graphs._of(s)[1].trace_refused
+        return seen, slices_calls
+
+    whole, one = runs(0.0)
+    pieces, sliced = runs(1e-9)
+    assert one == [n] * 4  # a command a run
+    piece = graph.REPLAY_PIECE_CALLS
+    assert max(sliced) <= piece and 0 not in sliced and sum(sliced) == 3 * n + (bad // piece + 1) * piece, sliced
+    assert len(whole) == len(pieces) == 4
+    for a, b in zip(whole, pieces, strict=True):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
+        else:
+            assert a == b and a[2] and f"op {bad} (aten::index_select" in a[1], (a, b)
