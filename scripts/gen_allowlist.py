@@ -117,7 +117,7 @@ REVIEWED_OUT = {
     "aten::_efficientzerotensor.out": "a factory of a size from the client",
     "aten::col2im.default": "an output size from the client (nn.Fold); unreviewed",
     "aten::col2im.out": "an output size from the client",
-    "aten::slice_backward.default": "composite: a client sends zeros + slice + copy_",
+    "aten::slice_backward.default": "composite: a client sends zeros + slice + copy_ (shim: COMPOSITE_HERE)",
     "aten::slice_backward.out": "composite",
     "aten::diagonal_backward.default": "composite",
     "aten::diagonal_backward.out": "composite",

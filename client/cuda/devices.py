@@ -148,15 +148,59 @@ def _device_first(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, .
     return args
 
 
+def sparse_refused(what: str, layout: Any) -> RuntimeError:
+    """The one error for a sparse tensor that would live on a gpupool device, which holds strided tensors only. torch
+    would fail later with its own words (COO: "Could not run '..._sparse_coo_tensor_with_dims_and_tensors' ... from
+    the 'Sparsegpupool' backend", or the shim's "layout torch.sparse_coo is not supported"), or make a CSR tensor on
+    the device whose every op fails ("values expected sparse tensor layout but got SparseCsr")."""
+    return RuntimeError(
+        f"sparse tensors are not available on a pooled GPU (gpupool run --cuda): {what} would put a {layout} tensor "
+        "on the gpupool device, which holds dense (strided) tensors only; keep the sparse tensor and its ops on the "
+        "CPU, or make it dense first (`.to_dense()`: torch.spmm and `@` take dense tensors too) (docs/cuda.md)"
+    )
+
+
 def tensor_to(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     """Tensor.to(device=None, dtype=None, ...), Tensor.to(dtype), Tensor.to(other): only a device moves."""
+    if self.layout is not torch.strided:
+        return _sparse_to(self, *_device_first(args, kwargs), **kwargs)
     return _TENSOR_TO(self, *_device_first(args, kwargs), **kwargs)
+
+
+def _sparse_to(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    device = _PARSE_TO(*args, **kwargs)[0]
+    if device is not None and device.type == GPUPOOL:
+        raise sparse_refused(".to()", self.layout)
+    return _TENSOR_TO(self, *args, **kwargs)
 
 
 def tensor_cuda(self: torch.Tensor, device: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
     """Tensor.cuda(device=None, non_blocking=False, memory_format=torch.preserve_format)."""
+    if self.layout is not torch.strided:
+        raise sparse_refused(".cuda()", self.layout)
     target = torch.device(GPUPOOL) if device is None else to_gpupool(device)
     return _TENSOR_TO(self, target, non_blocking=non_blocking, **kwargs)
+
+
+def _refusing_sparse_on_device(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A sparse factory (`torch.sparse_coo_tensor(..., device="cuda")`) with its device mapped, refused where that is
+    gpupool; or a `Tensor.to_sparse*` method, refused on a gpupool tensor."""
+    name = func.__name__
+
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        device = kwargs.get("device")
+        if device is not None and _is_mapped(device):
+            kwargs["device"] = to_gpupool(device)
+        if device is not None and torch.device(kwargs["device"]).type == GPUPOOL:
+            raise sparse_refused(f"torch.{name}(device={str(device)!r})", "sparse " + name.split("_")[1].upper())
+        return func(*args, **kwargs)
+
+    def method(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.device.type == GPUPOOL:
+            raise sparse_refused(f"Tensor.{name}() of a tensor on {self.device}", "sparse")
+        return func(self, *args, **kwargs)
+
+    return _named_after(method if name.startswith("to_sparse") else factory, func)
 
 
 def parse_to(*args: Any, **kwargs: Any) -> Any:
@@ -174,6 +218,10 @@ _NAMESPACES = ("torch", "torch.Tensor", "torch._C._nn", "torch.fft", "torch._C._
                "torch._C._linalg", "torch.special", "torch._C._special", "torch.nested", "torch._C._nested",
                "torch.sparse", "torch._C._sparse")  # fmt: skip
 _OWN = {"to", "cuda", "_parse_to"}  # their own wrappers above
+# Sparse factories and conversions, refused onto a gpupool device (sparse_refused)
+_SPARSE_FACTORIES = {"sparse_coo_tensor", "sparse_csr_tensor", "sparse_csc_tensor", "sparse_bsr_tensor",
+                     "sparse_bsc_tensor", "sparse_compressed_tensor"}  # fmt: skip
+_TO_SPARSE = ("to_sparse", "to_sparse_coo", "to_sparse_csr", "to_sparse_csc", "to_sparse_bsr", "to_sparse_bsc")
 _UNDOCUMENTED = {"nested_tensor"}  # torch._C._nested.nested_tensor(list, *, dtype, device, ...): no schema nor doc
 _SIGNATURE_DEVICE = re.compile(r"\bdevice\b")
 
@@ -292,8 +340,11 @@ def install() -> None:
     wrapped: dict[int, Callable[..., Any]] = {}
     for owner, name, func in list(device_functions()):
         if id(func) not in wrapped:
-            wrapped[id(func)] = _mapping_device_kwarg(func)
+            sparse = name in _SPARSE_FACTORIES and owner is torch
+            wrapped[id(func)] = _refusing_sparse_on_device(func) if sparse else _mapping_device_kwarg(func)
         _patch(owner, name, wrapped[id(func)])
+    for name in _TO_SPARSE:
+        _patch(torch.Tensor, name, _refusing_sparse_on_device(getattr(torch.Tensor, name)))
     _patch(torch.Tensor, "to", _named_after(tensor_to, _TENSOR_TO))
     _patch(torch.Tensor, "cuda", _named_after(tensor_cuda, torch._C.TensorBase.cuda))
     _patch(torch.Tensor, "is_cuda", property(_is_cuda, doc=_TENSOR_IS_CUDA.__doc__))

@@ -28,7 +28,7 @@ import torch.utils.backend_registration as backend_registration
 
 from .. import checkpoints, mp_share, streams
 from ..engine import run_backward_on_calling_thread
-from . import api, native, native_ops, runtime, tensor
+from . import api, meta, native, native_ops, runtime, tensor
 from .dispatch import dispatch, factory, find_runtime, torch_dispatch
 
 NAME = "gpupool"
@@ -161,5 +161,11 @@ def register() -> None:
     for name in BACKEND_OPS:
         packet = getattr(torch.ops.aten, name)
         ops.impl(name, _backend_kernel(packet.default), "PrivateUse1")
+    for name in meta.KERNEL_OVER_COMPOSITE:  # a kernel of gpupool's own, so torch does not decompose them first
+        ops.impl(
+            name.removeprefix("aten::"),
+            _backend_kernel(getattr(torch.ops.aten, name.removeprefix("aten::")).default),
+            "PrivateUse1",
+        )
     ops.impl("_pin_memory", _pin_memory, "CPU")  # torch's kernel raises for PrivateUse1 (DataLoader pin_memory)
     _library.append(ops)

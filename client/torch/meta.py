@@ -99,6 +99,14 @@ _VALUES = frozenset(
 )
 
 
+# Ops with a CompositeImplicitAutograd kernel (for backends that have no kernel of their own) and a CPU and CUDA kernel,
+# which torch runs on those devices and the C++ client sends whole: run whole here too, not decomposed. Their
+# compositions round differently: in bfloat16 `silu_backward`'s (sigmoid, 1 - s, products, each rounded) gave another
+# gradient than the kernel's (round 39: a Llama-style SwiGLU block under autocast trained apart on the two clients).
+# tests/unit/test_shim_meta.py checks this is every such op on the daemon's allowlist.
+KERNEL_OVER_COMPOSITE = frozenset({"aten::silu_backward", "aten::mish_backward"})
+
+
 class Schema:
     """What the client needs to know about one op overload, computed once."""
 
@@ -151,7 +159,10 @@ class Schema:
         self.has_device_arg = "device" in self.kwarg_kinds
         # Composite ops normally decompose above the Python key; below autograd (inside custom ops) they
         # arrive whole, and are decomposed here so that only kernels travel.
-        self.implicit = torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
+        self.implicit = (
+            torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
+            and schema.name not in KERNEL_OVER_COMPOSITE
+        )
         # Ops outside aten (custom ops of torch or of libraries) never travel: the daemon runs only aten.
         self.aten = func.namespace == "aten"
         self.composite = not self.aten and torch._C._dispatch_has_kernel_for_dispatch_key(

@@ -301,3 +301,21 @@ def test_threads_waiting_at_once_each_read_their_own_replies(dev: torch.device) 
     assert not any(t.is_alive() for t in threads)
     assert not errors, errors
     assert float(tensors[1].sum().item()) == 256.0
+
+
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.Mish()], ids=["silu", "mish"])
+def test_silu_and_mish_gradients_are_the_kernels_bit_for_bit(dev: torch.device, act: nn.Module) -> None:
+    """`silu_backward` and `mish_backward` have a CompositeImplicitAutograd kernel (for backends without one) besides
+    their CPU and CUDA kernels: the shim sends them whole (meta.KERNEL_OVER_COMPOSITE, a PrivateUse1 kernel in
+    backend.py), so their gradients are the kernel's, as on the CPU, on CUDA and on the C++ client. Until round 39 torch
+    decomposed them for the shim into five rounded ops: in bfloat16 another gradient (a Llama-style SwiGLU block under
+    autocast trained apart on the two clients)."""
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.bfloat16, torch.float32):
+        x, w = torch.randn(2, 256, generator=g).to(dtype)
+        local = x.clone().requires_grad_()
+        (act(local) * w).sum().backward()
+        remote = x.to(dev).requires_grad_()
+        (act(remote) * w.to(dev)).sum().backward()
+        assert local.grad is not None and remote.grad is not None
+        assert torch.equal(remote.grad.cpu(), local.grad), dtype

@@ -326,6 +326,42 @@ def test_to_cuda_and_parse_to_read_a_device_in_first_place_or_by_keyword(mapped:
     assert x.new_zeros(2, device="cpu").device.type == "cpu"
 
 
+SPARSE = "sparse tensors are not available on a pooled GPU (gpupool run --cuda)"
+
+
+def _with_buffer(t: torch.Tensor) -> torch.nn.Module:
+    module = torch.nn.Module()
+    module.register_buffer("adj", t)
+    return module
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta", "ignore:Sparse invariant checks")
+def test_sparse_tensors_onto_the_device_are_one_clear_error(mapped: None) -> None:
+    """pytorch/examples' gcn moves its sparse COO features and adjacency matrix to the device
+    (`adj_mat.to_sparse().to(device)`): one RuntimeError naming the way out, for every way a sparse tensor would reach
+    gpupool, before any device is contacted. Until round 39 torch's own error ("Could not run
+    '_sparse_coo_tensor_with_dims_and_tensors' ... from the 'Sparsegpupool' backend", on the shim "layout
+    torch.sparse_coo is not supported"), and a CSR tensor moved and then failed at its first op ("values expected
+    sparse tensor layout but got SparseCsr"). On the CPU the wrappers change nothing."""
+    eye = torch.eye(3)
+    moves = {
+        ".to()": lambda: eye.to_sparse().to("cuda"),
+        ".to(device=, dtype=)": lambda: eye.to_sparse().to(device=0, dtype=torch.float64),
+        ".cuda()": lambda: eye.to_sparse().cuda(),
+        "CSR .to()": lambda: eye.to_sparse_csr().to(torch.device("cuda", 0)),
+        "Module.to()": lambda: _with_buffer(eye.to_sparse()).to("cuda"),
+        "sparse_coo_tensor(device=)": lambda: torch.sparse_coo_tensor([[0], [1]], [1.0], (2, 2), device="cuda"),
+        "sparse_csr_tensor(device=)": lambda: torch.sparse_csr_tensor([0, 1, 1], [1], [1.0], (2, 2), device="cuda:0"),
+    }
+    for what, move in moves.items():
+        with pytest.raises(RuntimeError, match=re.escape(SPARSE)) as caught:
+            move()
+        assert "to_dense()" in str(caught.value), what
+    assert eye.to_sparse().to("cpu", torch.float64).to_sparse_csr().layout == torch.sparse_csr
+    assert torch.sparse_coo_tensor([[0], [1]], [1.0], (2, 2), device="cpu").to_dense().tolist() == [[0, 1], [0, 0]]
+    assert eye.to_sparse().to(torch.float16).dtype == torch.float16  # no device: a dtype change only
+
+
 def test_default_device_contexts_still_see_torchs_factories() -> None:
     """`with torch.device(...)` / set_default_device: torch's mode matches its factories by identity, in a list it
     caches on first use; install() fills it with torch's own builtins before it wraps them."""

@@ -49,6 +49,30 @@ def test_schema_facts() -> None:
     assert meta.schema_of(aten.split.Tensor).list_return
 
 
+def test_ops_with_a_kernel_of_their_own_run_whole_not_decomposed() -> None:
+    """An op with both a CompositeImplicitAutograd kernel and a CPU kernel that the daemon allows is sent whole (what
+    torch runs on CPU and CUDA, and what the C++ client sends); the shim decomposed `silu_backward` into five rounded
+    ops until round 39, so bfloat16 SiLU gradients differed from the kernel's. Every such op is named in
+    meta.KERNEL_OVER_COMPOSITE (a new one in torch fails here)."""
+    from pathlib import Path
+
+    allowed = (Path(__file__).resolve().parents[2] / "server" / "allowed_ops.txt").read_text().split()
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    both = {
+        name
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith("aten::") and has(name, "CompositeImplicitAutograd") and has(name, "CPU")
+    }
+    assert {n for n in both if any(a.startswith(n + ".") for a in allowed)} == meta.KERNEL_OVER_COMPOSITE
+    silu = meta.schema_of(aten.silu_backward.default)
+    assert not silu.implicit and silu.plain
+    assert meta.schema_of(aten.native_channel_shuffle.default).implicit  # not on the allowlist: still decomposed
+    g = torch.Generator().manual_seed(0)
+    grad, a = torch.randn(2, 64, generator=g).bfloat16()
+    composed = aten.silu_backward.default.decompose(grad, a)  # what the shim ran: the kernels differ in bfloat16
+    assert not torch.equal(aten.silu_backward(grad, a), composed)
+
+
 def test_scalars_keyed_by_type_on_ops_with_tensor_inputs() -> None:
     x = remote(3, 4)
     # An Adam step's changing step sizes are Scalars: the same key, a dict hit.
