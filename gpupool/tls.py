@@ -579,7 +579,7 @@ class SideSocket(ssl.SSLSocket):
     (BIO_flush). A smaller write (a frame, a reply: a synced step's) goes straight to the socket's BIO as before: the
     write buffer is OpenSSL's write BIO only while a bulk write is under way and until it is empty again, never
     when a record of another write could pass what it holds. The cost: one copy of the bytes each way (measured on
-    the 2-core box, bench/side_syscalls.py and BENCHMARKS.md round 39: reads less CPU a MiB, writes the same; a
+    the 2-core box, bench/side_syscalls.py and BENCHMARKS.md round 39: reads 8-25 % less CPU a MiB, writes 0.87-1.21; a
     memory BIO with `ssl.SSLObject`, two copies and Python between the records and the socket, cost more than it
     saved there).
 

@@ -85,10 +85,16 @@ def get_pki() -> Pki:
     return _PKI
 
 
-def tls_socket_pair(server_ctx: Any, client_ctx: Any) -> tuple[Any, Any]:
+def tls_socket_pair(server_ctx: Any, client_ctx: Any, tcp: bool = False) -> tuple[Any, Any]:
     """A TLS connection over a socket pair, handshaken: (the daemon's end with `server_ctx`, non-blocking as a bound
-    side socket is; the client's end with `client_ctx`, blocking, for the server name "localhost")."""
-    a, b = socket.socketpair()
+    side socket is; the client's end with `client_ctx`, blocking, for the server name "localhost"). `tcp`: over a
+    loopback TCP connection (a side socket's kernel buffers), not a Unix socket pair."""
+    if tcp:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            b = socket.create_connection(listener.getsockname())
+            a, _ = listener.accept()
+    else:
+        a, b = socket.socketpair()
     ours = server_ctx.wrap_socket(a, server_side=True, do_handshake_on_connect=False)
     theirs = client_ctx.wrap_socket(b, server_hostname="localhost", do_handshake_on_connect=False)
     shake = threading.Thread(target=theirs.do_handshake)

@@ -233,23 +233,13 @@ def _side_pair(buffered: bool = True) -> tuple[Any, Any]:
     `tls.socket_client_context`: their sockets are `tls.SideSocket`s), both ends non-blocking as bound, and with
     `buffered` their records moved in few system calls (`SideSocket.buffer`, as the daemon's `_hello` and the
     client's `connect` do): (the daemon's end, the client's end)."""
-    from support import get_pki
+    from support import get_pki, tls_socket_pair
 
     from gpupool import tls
 
     pki = get_pki()
-    server_ctx = tls.SocketServerTls(pki.server_config()).context()
     client_ctx = tls.socket_client_context(pki.client_config())
-    assert client_ctx is not None
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        raw = socket.create_connection(listener.getsockname())
-        accepted, _ = listener.accept()
-    ours = server_ctx.wrap_socket(accepted, server_side=True, do_handshake_on_connect=False)
-    theirs = client_ctx.wrap_socket(raw, server_hostname="localhost", do_handshake_on_connect=False)
-    shake = threading.Thread(target=theirs.do_handshake)
-    shake.start()
-    ours.do_handshake()
-    shake.join(10)
+    ours, theirs = tls_socket_pair(tls.SocketServerTls(pki.server_config()).context(), client_ctx, tcp=True)
     for end in (ours, theirs):
         assert isinstance(end, tls.SideSocket)
         end.setblocking(False)
