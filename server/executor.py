@@ -149,8 +149,10 @@ class CommandExecutor:
                 reply(self._get(s, cmd.get))
             elif kind == "free":
                 native = self.native  # `WorkerSession.free` in C++ (native_runner.cpp `free_handles`), or here
-                if native is None or s.__class__.free is not _FREE or not native.free(
-                    s, cmd.free.SerializeToString(), self._native_keys(s)
+                if (
+                    native is None
+                    or s.__class__.free is not _FREE
+                    or not native.free(s, cmd.free.SerializeToString(), self._native_keys(s))
                 ):
                     s.free(list(cmd.free.handles))
             elif kind == "seed":
