@@ -38,7 +38,11 @@ returns and when it raises, then read again: Python code of the worker's thread 
 A `Free` command runs here too
 (`free`, called by `CommandExecutor.execute`): `WorkerSession.free` step for step, the handles read from the
 message's bytes (a message it does not read, or a session class with its own `free`, takes `WorkerSession.free`);
-each table's entry taken with one `pop` (`dict_pop`) rather than a lookup and a delete. A slice's commands are
+each table's entry taken with one `pop` (`dict_pop`) rather than a lookup and a delete, each handle's int the one the
+session's context bound it under where its cache holds it (`CommandExecutor._native_keys`: found by identity, no int
+made per handle). A storage entry (`[handles, bytes]`) it deletes with nothing else referring to it is kept (at most
+1,024 in the process, `Entries`) and filled again with `[1, nbytes]` by the next new storage the runner binds,
+rather than a new list per output. A slice's commands are
 read from the frame's bytes (`eager_frame`, `slices.frame_commands`): a plain eager record (only `eager_op` fields,
 in protobuf's canonical form) is taken as it is, and upb parses only the other commands, copied into one frame of
 their entries before anything runs (a malformed one fails there, as the whole frame's parse did); a frame of any
