@@ -464,6 +464,9 @@ def _zygote(ctrl: socket.socket, sink: StderrSink | None = None) -> None:
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    # The daemon died or stopped (PR_SET_PDEATHSIG, `main`, lands before the end of `ctrl` is read below): its
+    # workers go with it, even one that never reads its session socket again (a tenant's code blocked in a call)
+    signal.signal(signal.SIGTERM, lambda *_: _end(children))
     ctrl.sendall(json.dumps({"ready": True, "threads": _other_threads()}).encode() + b"\n")
     outputs: dict[int, WorkerOutput] = {}  # read end of a worker's stdout and stderr -> what forwards it
     sink = sink or StderrSink()  # where they go (and the zygote's own lines): the daemon's stderr, never waited on
@@ -757,6 +760,16 @@ class WorkerOutput:
             self.sink.write(out)
 
 
+def _end(children: set[int]) -> None:
+    """SIGKILL every worker of ours, then exit (the daemon is gone: so are its sessions)."""
+    for pid in list(children):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    os._exit(0)
+
+
 def _reap(ctrl: socket.socket, children: set[int]) -> None:
     while children:
         try:
@@ -794,6 +807,7 @@ def _fork_worker(
         root.addHandler(plain)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (the zygote's: `_end`)
         for fd in (wake_r, wake_w, *others):
             os.close(fd)
         ctrl.close()
@@ -811,8 +825,12 @@ def _fork_worker(
 
 def main() -> None:
     parent = os.getppid()
-    # PR_SET_PDEATHSIG: die with the daemon (strictly: with the thread that started us), even mid-import.
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
+    # PR_SET_PDEATHSIG: die with the daemon (strictly: with the thread that started us, the supervisor's, which ends
+    # at `Zygote.stop`), even mid-import. SIGTERM, whose default ends the process as SIGKILL did, and which once
+    # workers exist kills them first (`_end`): until round 39 (fin39) the death signal was SIGKILL, the zygote died
+    # before it read the end of `ctrl`, and a worker that did not read its socket (attacker code blocked in a read)
+    # outlived the daemon, with its GPU memory, its uid and its code running.
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(0)  # the daemon died before the line above
     # Its own lines never wait on the daemon's stderr (a pipe nobody reads): through the sink its workers' output

@@ -439,3 +439,38 @@ def test_a_worker_signals_no_process_and_reaches_no_abstract_socket_outside_it(z
             runner.close()
             victim.kill()
             victim.wait()
+
+
+def test_a_worker_that_never_reads_its_socket_does_not_outlive_its_daemon() -> None:
+    """A worker blocked in tenant code (it never reads its session socket again) and a daemon that stops (here
+    `Zygote.stop`, as `gpupool serve` does at its exit; a daemon killed outright ends the same thread): the zygote's
+    workers die with it. On the merged round 39 tree before fin39 (and on 1344c19) the zygote's death signal
+    (PR_SET_PDEATHSIG) was SIGKILL, which landed before the zygote read the end of its control socket and killed
+    its workers: the worker lived on as an orphan, with its memory, its uid and its code running."""
+    z = Zygote(program=[sys.executable, worker_attacks.__file__, "--stderr", str(STDERR)])
+    z.start()
+    z.wait_ready()
+    pid = 0
+    try:
+        runner = z.spawn(spec(worker_attacks.PREFIX + json.dumps({"probes": ["hang"], "ctx": {}})), MiB)
+        pid = runner.pid
+        time.sleep(1.0)  # (confined and in the probe; it sends nothing)
+        assert _running(pid)
+    finally:
+        z.stop()
+    deadline = time.monotonic() + 30
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = _running(pid)
+    if alive:
+        os.kill(pid, 9)  # (the test's own cleanup: an orphan is reaped by init)
+    assert not alive, f"worker {pid} outlived its zygote and daemon"
+
+
+def _running(pid: int) -> bool:
+    """`pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -344,6 +344,15 @@ def probe_cuda_work(ctx: dict[str, Any]) -> str:
     return f"open: {ran}"
 
 
+def probe_hang(ctx: dict[str, Any]) -> str:
+    """Not a probe: a worker that never reads its session socket again (a tenant's code blocked in a call), so
+    nothing but a signal ends it. Reports nothing."""
+    import time
+
+    while True:
+        time.sleep(3600)
+
+
 def probe_abstract_unix(ctx: dict[str, Any]) -> str:
     """The host's abstract unix socket `ctx["abstract"]` (a service that trusts local peers)."""
     try:
