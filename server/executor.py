@@ -49,17 +49,27 @@ _RESHAPING = frozenset({"run_graph", "define_graph", "drop_graph", "collective",
 # only); every other kind counts in `WorkerSession.mutations` (graph._externals), eager spans too
 KEEPS_METAS = frozenset({"upload", "get", "free", "sync", "seed"})
 _COMPUTE = object()  # _run_op's default: compute the op's signature
+# The commands `eager_span` runs among eager records (through `run_commands`' own `execute`) without ending the span:
+# they answer nothing, never end a slice (no reply room, no piece left) and change no tensor's meta in place
+_BETWEEN = frozenset({"upload", "free"})
 
 
 def _carry(s: WorkerSession, epoch: int, trace: Any, k: int, objs: list[Any], after: Any) -> tuple[Any, ...] | None:
-    """`Runs.carry` for a span that stopped at its slice's end: its runs and the run's kept outputs held weakly (a
-    run evicted from the session's runs, or a tensor freed, is not kept alive by it; None where an output takes no
-    weak reference: the run then does not go on)."""
-    try:
-        refs = [None if o is None else weakref.ref(o) for o in objs] if trace is not None else []
-    except TypeError:
+    """`Runs.carry` for a span that stopped (its slice's end, another command): its runs and the run's kept outputs
+    held weakly (a run evicted from the session's runs, or a tensor freed, is not kept alive by it; None where an
+    output takes no weak reference: the run then does not go on)."""
+    refs = _refs(objs) if trace is not None else []
+    if refs is None:
         return None
     return (s, epoch, _weak(trace), k, refs, _weak(after))
+
+
+def _refs(objs: list[Any]) -> list[Any] | None:
+    """Weak references of a run's kept outputs (None for a None), or None where one takes no weak reference."""
+    try:
+        return [None if o is None else weakref.ref(o) for o in objs]
+    except TypeError:
+        return None
 
 
 def _weak(o: Any) -> Callable[[], Any]:
@@ -307,18 +317,29 @@ class CommandExecutor:
         start: float,
         budget: float,
         records: Sequence[bytes] | None = None,
+        between: Callable[..., None] | None = None,
     ) -> tuple[int, bool]:
         """Run the consecutive eager records from `commands[i]` on, through learned runs where they match
         (server/runs.py) and on the normal path (`execute`, learning runs) where not, marking `progress` before
         each as `slices.run_commands` does. Returns the index of the first command not run (a command that is no
-        eager record, or the end) and whether the slice's time budget passed (measured from `start`).
+        eager record and not run here, or the end) and whether the slice's time budget passed (measured from
+        `start`).
 
         `records`: each command's `eager_op` field (`eager_records`; empty where the command is another kind: a
         oneof's other fields read as their default), read once per slice rather than through a message object
         and `WhichOneof` per command. An empty eager record ends the span too (the normal path refuses it).
 
-        A span that stops at its slice's end (or its time budget) leaves where it stopped (`Runs.carry`): the next
-        slice, where its first command is an eager record, goes on in the run under way there."""
+        `between`: the slice's `execute` (`slices.run_commands` passes its own: a slice whose big uploads' bytes
+        were taken out hands them over there). With it, the uploads and frees among the records (`_BETWEEN`: they
+        answer nothing, end no slice and change no tensor's meta in place) run here, through it, as
+        `run_commands` runs them, and the run under way goes on after them (round 39: each one ended the span,
+        and the record after it, inside a run, took the normal path where it was no run's first record; the
+        encoder ~0.4 a step, after the frees that land anywhere in a step). Its kept outputs are held weakly
+        across the command: one it frees or binds anew is not kept alive (and fails the identity check).
+
+        A span that stops elsewhere (its slice's end, its time budget, another kind of command) leaves where it
+        stopped (`Runs.carry`): the session's next span, where nothing since changed a tensor's meta in place (the
+        epoch), goes on in the run under way there."""
         n = len(commands)
         if records is None:
             records = eager_records(commands)
@@ -344,13 +365,15 @@ class CommandExecutor:
         plain = self.speed is None or not self.speed.active
         count = self.ledger.op if getattr(self.ledger, "counts_ops", True) else None
         native, ctx = self.native, None
+        tries: Any = ()  # the runs C++ is offered for a record
         carry, known.carry = known.carry, None
-        if carry is not None and i == 0 and carry[0] is s and carry[1] == known.epoch and not s.uploads:
-            # this slice's first record follows the last one the session's previous slice ran, inside a span that
-            # stopped at that slice's end (or its time budget): the run under way there goes on, checked as any
-            # step is (`match`, or C++), its kept outputs those still alive (weakly held between slices: a run holds
-            # them only while its session does; one freed, or bound again, fails the identity check); where a run
-            # had just ended, the run that followed it last time is tried first, as within a span
+        if carry is not None and carry[0] is s and carry[1] == known.epoch and not s.uploads:
+            # this record follows the last one the session's previous span ran, inside a span that stopped at its
+            # slice's end, its time budget or another command (a Sync, a Get): the run under way there goes on,
+            # checked as any step is (`match`, or C++), its kept outputs those still alive (weakly held between
+            # spans: a run holds them only while its session does; one freed, or bound again, fails the identity
+            # check); where a run had just ended, the run that followed it last time is tried first, as within a
+            # span
             ran, k0, refs, after = carry[2](), carry[3], carry[4], carry[5]()
             if ran is not None and ran.quota == s.quota and ran.flops == s.max_op_flops:
                 trace, steps, k = ran, ran.steps, k0
@@ -359,7 +382,32 @@ class CommandExecutor:
             while i < n:
                 data = records[i]
                 if not data:
-                    break
+                    if between is None:
+                        break
+                    cmd = commands[i]
+                    if cmd.WhichOneof("cmd") not in _BETWEEN:
+                        break
+                    if known.rec is not None:  # the recording ends here, as at a span's end (runs learned as before)
+                        self._learn(known, s)
+                    if progress is not None:
+                        progress(i)
+                    if objs:  # held weakly across it (`_carry`'s reason): nothing else here holds them
+                        refs = _refs(objs)
+                        objs = tries = o = got = None  # type: ignore[assignment]
+                        between(s, cmd, reply)
+                        if refs is None:  # (an output that takes no weak reference: the run ends)
+                            trace, objs = None, _NO_OBJS
+                        else:
+                            objs = [None if r is None else r() for r in refs]
+                    else:
+                        between(s, cmd, reply)
+                    if s.uploads:  # a handle half uploaded: the records take the normal path's checks until it is done
+                        trace, objs, after = None, _NO_OBJS, None
+                    i += 1
+                    if perf() - start > budget:
+                        over = True
+                        break
+                    continue
                 if native is not None and plain and not s.uploads:
                     # records of a run in C++ while they match (native_runner.py); where no run is under way (a
                     # span's first record, or after a run ended) the first step of each run the Python path would
@@ -371,7 +419,7 @@ class CommandExecutor:
                     # as the Python path ends it before the step runs (`_learn` reads only the recorded records,
                     # the verdicts and the session's quota and compute bound, none of which C++ changes)
                     if trace is not None:
-                        tries: Any = ((trace, k, objs, -1),)
+                        tries = ((trace, k, objs, -1),)
                     else:
                         tries = self._native_candidates(known, after, data, s)
                     for cand, k0, o, at in tries:
@@ -426,8 +474,8 @@ class CommandExecutor:
                         if i >= n:
                             break
                         data = records[i]  # the record C++ left to the Python path
-                        if not data:
-                            break
+                        if not data:  # another command: run here (`between`) or the span's end
+                            continue
                 got = None
                 if trace is not None and not s.uploads:  # a half-uploaded handle: the normal path's checks
                     try:
@@ -552,7 +600,7 @@ class CommandExecutor:
                 known.hits += hits
                 known.native += natives
                 self.ledger.learned(s, hits, natives)
-        if (i >= n or over) and (trace is not None or after is not None):
+        if trace is not None or after is not None:
             known.carry = _carry(s, known.epoch, trace, k, objs, after)
         return i, over
 

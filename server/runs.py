@@ -190,9 +190,9 @@ class Runs:
         self.epoch = 0  # ops (and commands) so far that may have changed a tensor's meta in place (`_checked`)
         # the native runner's context for this session (`CommandExecutor._native_ctx`): (its key, the Ctx) or None
         self.ctx: tuple[tuple[Any, ...], Any] | None = None
-        # where the session's last span stopped at its slice's end (`CommandExecutor.eager_span`): (the session, the
-        # epoch then, the run under way, its step, its kept outputs, the run that had just ended; all held weakly),
-        # for the next slice's first record; None otherwise
+        # where the session's last span stopped (`CommandExecutor.eager_span`: its slice's end, its time budget, a
+        # command it does not run): (the session, the epoch then, the run under way, its step, its kept outputs, the
+        # run that had just ended; all held weakly), for the next span's first record; None otherwise
         self.carry: tuple[Any, ...] | None = None
 
     def clear(self) -> None:

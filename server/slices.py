@@ -678,7 +678,7 @@ def run_commands(
     with timed() as measured:
         while i < n:
             if span is not None and records is not None and records[i]:  # (else `eager_span` runs nothing)
-                j, over = span(session, commands, i, reply, progress, start, req.budget, records)
+                j, over = span(session, commands, i, reply, progress, start, req.budget, records, execute)
                 if j > i:
                     executed = i = j
                     if over:

@@ -16,6 +16,7 @@ import gc
 import itertools
 import re
 import struct
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,8 +27,9 @@ from gpupool.server.devices import FakeDevice
 from gpupool.server.executor import CommandExecutor
 from gpupool.server.sessions import DeviceMemory, WorkerSession
 from gpupool.server.speedmodel import SpeedModel
+from grpc import StatusCode
 
-from gpupool import compact
+from gpupool import compact, wire
 from gpupool._proto import device_pb2
 
 NUMBER = 3
@@ -310,6 +312,125 @@ def test_storage_entries_read_their_handles_and_bytes_and_one_held_elsewhere_is_
             if s._storages.get(key) is not entry:  # deleted with its storage's last handle: as it was left
                 assert entry[0] == 0 and all(e is not entry for e in tables)
     assert any(s._storages.get(key) is not entry for s, key, entry, _ in held)
+
+
+def upload(handle: int, x: torch.Tensor, part: slice | None = None, offset: int = 0) -> device_pb2.Command:
+    """An Upload of `x` into `handle`: the whole tensor in one chunk, or the bytes `part` of it at `offset`."""
+    data = x.contiguous().view(torch.uint8).flatten().numpy().tobytes()
+    up = device_pb2.Upload(handle=handle, offset=offset)
+    if offset == 0:
+        up.meta.dtype, up.meta.shape[:] = wire.dtype_to_proto(x.dtype), list(x.shape)
+    up.data = data if part is None else data[part]
+    up.last = part is None or part.stop is None or part.stop >= len(data)
+    return device_pb2.Command(upload=up)
+
+
+def test_frees_and_uploads_inside_a_run_let_the_run_go_on(runner: str) -> None:
+    """The uploads and frees among a slice's records (a training step uploads its batch; the client's batched frees
+    land anywhere in a step) run inside `eager_span`, and the run under way goes on after them. Before round 39 each
+    one ended the span, and the record after it, inside a run, took the normal path where it was no run's first
+    record (the encoder ~0.4 records a step, and a run learned from each new place). Runs learned from whole
+    steps (the free 4 records before each step's end), then steps with the free and an upload of the next batch at
+    every other place: every record runs inside a run, no run is learned, and the results are the normal path's (the
+    pair compares them: the uploaded bytes, the batch the next step reads). A Sync among them ends the span (it
+    answers): the next span goes on in the run under way (`Runs.carry`, since round 39 not only at a slice's end)."""
+    p = Pair()
+    p.stream(training(p, 6), itertools.cycle([64]))
+    hits, learned = p.hits, p.runs().learned
+    batch = BASE + 900
+    for t, at in zip(range(6, 16), range(1, 11), strict=True):
+        cmds = step(p, t, x=X if t == 6 else batch + t - 1)
+        cmds.insert(at, free(t - 1))
+        cmds.insert(11 - at, upload(batch + t, torch.randn(4, 3)))
+        cmds.insert(1 + (at + 4) % 12, device_pb2.Command(sync=device_pb2.Sync(request_id=t)))  # ends the span
+        p.slice(cmds)
+    assert p.hits - hits == 10 * 11
+    assert p.runs().learned == learned
+    if runner == "native":
+        assert p.runs().native > 0
+
+
+class _Watched(WorkerSession):
+    """A session whose frees (the Python path: `WorkerSession.free` overridden) note weak references of the tensors
+    they unbind, and whose handle checks note which of those are still alive then."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.freed: list[Any] = []
+        self.alive: list[list[bool]] = []
+
+    def free(self, handles: list[int]) -> None:
+        self.freed += [weakref.ref(self.tensors[h]) for h in handles if h in self.tensors]
+        super().free(handles)
+
+    def check_handle(self, handle: int) -> None:
+        self.alive.append([r() is not None for r in self.freed])
+        super().check_handle(handle)
+
+
+def test_a_kept_output_freed_or_uploaded_over_inside_a_run_is_not_kept_alive_and_fails_the_run() -> None:
+    """A free or an upload inside a run (`eager_span` runs them, the run goes on) that unbinds one of the run's
+    kept outputs: the run holds it only weakly across the command (a run holds its kept outputs only while its session
+    does: else a client freeing each step's outputs inside one long run would keep them all alive outside the
+    accounting), so it is gone by the next command (the upload's handle check sees it dead); the step that reads
+    the freed handle fails as on the normal path, the one that reads the uploaded tensor reads it (the identity check
+    fails, the normal path runs it), and the records between them still run inside the run (before round 39 the
+    free ended the span: the record after it took the normal path)."""
+    p = Pair(session=_Watched)
+    p.stream(training(p, 6), itertools.cycle([64]))
+    hits = p.hits
+    cmds = step(p, 6)
+    # after relu (record 2) mm's output (read by the list op, record 7) freed; after add (record 4) relu's output (read
+    # by empty_like, record 8) bound again by an upload of the same shape
+    cmds[5:5] = [upload(h(6, 2), torch.ones(4, 5))]
+    cmds[3:3] = [free(5), device_pb2.Command(free=device_pb2.Free(handles=[h(6, 1)]))]
+    p.slice(cmds)
+    for s in p.s:
+        assert s.alive and not any(s.alive[-1]), s.alive  # type: ignore[attr-defined]
+        assert h(6, 6) in s.poisoned and h(6, 7) in s.poisoned  # the list op read the freed handle
+        assert h(6, 8) in s.tensors
+    assert p.hits - hits >= 7  # records 0-6 (3 before round 39: the free ended the span, the rest took the normal path)
+
+
+def test_a_half_uploaded_handle_inside_a_run_is_refused_as_on_the_normal_path() -> None:
+    """The first chunk of an upload inside a run (`eager_span` runs it): while its handle is half uploaded every
+    record takes the normal path's checks (`s.uploads`), and a record that reads it fails with FailedPrecondition
+    (`Session.resolve`) in both; once its last chunk came the records run inside runs again. One slice (the pair
+    compares every tensor after it: a half-uploaded one holds bytes nobody wrote). Pins what held when the upload
+    ended the span."""
+    p = Pair()
+    p.stream(training(p, 6), itertools.cycle([64]))
+    y = BASE + 950
+    x = torch.randn(4, 3)
+    cmds = step(p, 6)
+    cmds[4:4] = [upload(y, x, slice(0, 16))]
+    cmds += step(p, 7, x=y)
+    cmds += [upload(y, x, slice(16, None), offset=16)]
+    hits = p.hits
+    cmds += step(p, 8, x=y)
+    p.slice(cmds)
+    for s in p.s:
+        assert s.poisoned[h(7, 0)].code == StatusCode.FAILED_PRECONDITION
+        assert "still being uploaded" in s.poisoned[h(7, 0)].message
+        assert torch.equal(s.tensors[y], x)
+    assert p.hits - hits >= 8 + 4  # step 6's records before the chunk, and step 8's in runs once it is done
+
+
+def test_a_big_upload_among_records_hands_its_taken_bytes_over() -> None:
+    """A slice of at least `bulk.STRIP_MIN` bytes has its big uploads' bytes taken out before upb parses it
+    (`slices._bytes_taken`): the upload that `eager_span` runs among the records gets them through the slice's own
+    `execute` (`between`), as `run_commands` did; the record that reads it reads those bytes (the pair compares)."""
+    p = Pair()
+    p.stream(training(p, 6), itertools.cycle([64]))
+    hits = p.hits
+    big = torch.randn(4, 3 * 8192)[:, :3].contiguous()  # the batch's values
+    pad = BASE + 960
+    cmds = step(p, 6)
+    cmds[2:2] = [upload(pad, torch.randn(128, 1024)), upload(BASE + 961, big)]
+    cmds += step(p, 7, x=BASE + 961)
+    p.slice(cmds)
+    assert torch.equal(p.s[0].tensors[pad], p.s[1].tensors[pad])
+    assert p.hits - hits >= 18
 
 
 def test_a_spent_time_budget_ends_the_slice_after_the_same_command() -> None:
