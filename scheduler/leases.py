@@ -36,7 +36,7 @@ from gpupool.errors import (
 from gpupool.protocol import HostState, LeaseState
 
 from .capacity import SHARE_UNITS, Grant, Pool
-from .hosts import HostBook
+from .hosts import REVOCATION_SLACK, HostBook
 from .placement import Request, min_units, place, validate
 from .store import Change, LeaseRecord, Store
 
@@ -118,6 +118,11 @@ class Core:
                 self._hold(lease, +1)
                 # Nobody could renew it while we were down: give its tenant time to do so now.
                 lease.grace_until = now + self.config.outage_grace
+            elif lease.expires_at + REVOCATION_SLACK > now:
+                # Its hosts may not have heard that it ended (the revocations waiting for their heartbeats were in
+                # the memory of the process that stopped): tell them again. Until round 39 a restart forgot them,
+                # and the ended lease's unexpired tokens attached at its hosts again.
+                self.hosts.revoke(lease)
         active = sum(1 for x in leases if x.state == LeaseState.ACTIVE)
         if hosts or leases:
             log.info("loaded %d hosts and %d active leases from the store", len(hosts), active)
@@ -377,6 +382,7 @@ class Core:
             if self._last_alive is not None:
                 self.alive()
             self.hosts.mark_silent_down(now, self.config.host_timeout)
+            self.hosts.forget_revocations(now)
             active = (x for x in self.leases.values() if x.state == LeaseState.ACTIVE)
             expired = [x for x in active if max(x.expires_at, x.grace_until) <= now]
             horizon = now - self.config.retention

@@ -1,0 +1,64 @@
+"""Round 39 (sched39): the scheduler as the pool's credential authority, what round 35 (cred35) did not try. Real
+`gpupool scheduler` processes on loopback, hosts speaking the real Register/Heartbeat protocol (`SimHost`).
+
+Found and fixed here (fails on 1428b53):
+- a host silent past `--host-timeout` (its leases lost, their capacity given to others) that an operator then
+  removed without `--force` (it held no active lease any more: they were lost) had its pending revocations dropped;
+  its daemon, still running, registered again and never heard of them, so the tenant of a lost lease attached there
+  again with its unexpired token (scheduler/hosts.py `remove_host`; pending revocations now last until their
+  tokens have expired, `forget_revocations`);
+- a restarted scheduler forgot the revocations its hosts had not heard yet (a lease released or expired within a
+  heartbeat interval of the restart, or while its host was away): the ended lease's unexpired tokens attached at its
+  hosts again (scheduler/leases.py `Core._load` tells the hosts of every ended lease whose tokens may be alive).
+docs/security.md "Red team, round 39 (sched39)".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gpupool.client.pool import SchedulerClient
+from scheduler_fixtures import SimHost, start_scheduler, wait_until
+
+from gpupool._proto import scheduler_pb2
+
+
+def test_a_host_removed_after_it_went_down_is_told_of_the_leases_it_lost(tmp_path: Path) -> None:
+    proc, address = start_scheduler(tmp_path, "--host-timeout", "3", "--heartbeat-interval", "0.3")
+    host = SimHost(address, "h").start()
+    client = SchedulerClient(address)
+    try:
+        lost = client.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5, ttl_seconds=3600))
+        host.stop()  # silent: partitioned, paused
+        wait_until(lambda: any(h.state == "down" for h in client.list_pool().hosts), what="the host marked down")
+        # The operator forgets the host "gone for good": no active lease left on it (its lease was lost), no --force.
+        assert client.remove_host("h") == 0
+        assert not client.list_pool().hosts
+        host = SimHost(address, "h").start()  # its daemon was running after all: it registers again
+        # 1428b53: never told (the revocation was dropped with the host), and the lost lease's token attached there
+        wait_until(lambda: lost.lease_id in host.revoked, timeout=10, what="the lost lease revoked")
+    finally:
+        host.stop()
+        client.close()
+        proc.stop()
+
+
+def test_a_restarted_scheduler_tells_the_hosts_of_the_leases_that_ended_before_it_stopped(tmp_path: Path) -> None:
+    proc, address = start_scheduler(tmp_path, "--heartbeat-interval", "0.3")
+    host = SimHost(address, "h").start()
+    client = SchedulerClient(address)
+    try:
+        ended = client.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5, ttl_seconds=3600))
+        host.stop()  # no heartbeat until the scheduler is back (a partition, or the lease ended just before a stop)
+        client.release(ended.lease_id)
+        client.close()
+        proc.stop()  # an upgrade, a crash
+        proc, address = start_scheduler(tmp_path, "--heartbeat-interval", "0.3")  # the same state and key
+        client = SchedulerClient(address)
+        host = SimHost(address, "h").start()
+        # 1428b53: never told (the pending revocation was in the stopped process's memory)
+        wait_until(lambda: ended.lease_id in host.revoked, timeout=10, what="the ended lease revoked")
+    finally:
+        host.stop()
+        client.close()
+        proc.stop()
