@@ -9,17 +9,24 @@ Found and fixed here (fails on 1428b53):
   tokens have expired, `forget_revocations`);
 - a restarted scheduler forgot the revocations its hosts had not heard yet (a lease released or expired within a
   heartbeat interval of the restart, or while its host was away): the ended lease's unexpired tokens attached at its
-  hosts again (scheduler/leases.py `Core._load` tells the hosts of every ended lease whose tokens may be alive).
+  hosts again (scheduler/leases.py `Core._load` tells the hosts of every ended lease whose tokens may be alive);
+- `gpupool up --ca-dir DIR` took any folder (round 35 refused a state folder not the user's own, not the CA's): a CA
+  another user planted in a folder of theirs, or in one others may write or rename, issued the pool's certificates,
+  and its owner an admin certificate of the pool (gpupool/up.py `make_credentials`).
 docs/security.md "Red team, round 39 (sched39)".
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
+import pytest
 from gpupool.client.pool import SchedulerClient
-from scheduler_fixtures import SimHost, start_scheduler, wait_until
+from scheduler_fixtures import Proc, SimHost, start_scheduler, wait_until
 
+from gpupool import pki
 from gpupool._proto import scheduler_pb2
 
 
@@ -62,3 +69,28 @@ def test_a_restarted_scheduler_tells_the_hosts_of_the_leases_that_ended_before_i
         host.stop()
         client.close()
         proc.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a folder to another user")
+def test_up_takes_its_ca_only_from_a_folder_of_its_own(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs"  # mallory's folder, holding mallory's CA (key 0600: the mode checks pass it)
+    planted = pki.LocalCA(theirs)
+    for path in (theirs, planted.key_path, planted.cert_path):
+        os.chown(path, 65534, 65534)  # nobody
+    open_folder = tmp_path / "open"  # writable by everyone, no sticky bit: anyone can rename the CA in it
+    open_folder.mkdir()
+    os.chmod(open_folder, 0o777)
+    pki.LocalCA(open_folder / "ca")
+    for ca_dir, why in ((theirs, "belongs to uid 65534"), (open_folder / "ca", "writable by other users")):
+        state = tmp_path / f"state-{ca_dir.name}"
+        up = Proc(["up", "--fake-gpus", "1", "--scheduler-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0",
+                   "--state", str(state / "scheduler.db"), "--metrics-listen", "0", "--scheduler-metrics-listen", "0",
+                   "--ca-dir", str(ca_dir)])  # fmt: skip
+        try:
+            assert up.popen.wait(60) == 1, up.log()  # 1428b53: ran, its pool trusting mallory's CA
+        except subprocess.TimeoutExpired:
+            raise AssertionError("gpupool up ran with a CA folder not its own:\n" + up.log()) from None
+        finally:
+            up.kill()
+        assert f"CA folder {ca_dir}" in up.log() and why in up.log() and "Traceback" not in up.log(), up.log()
+        assert not (state / "pki").exists() and not (state / "scheduler.db").exists()  # nothing issued or started
