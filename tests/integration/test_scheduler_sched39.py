@@ -10,6 +10,9 @@ Found and fixed here (fails on 1428b53):
 - a restarted scheduler forgot the revocations its hosts had not heard yet (a lease released or expired within a
   heartbeat interval of the restart, or while its host was away): the ended lease's unexpired tokens attached at its
   hosts again (scheduler/leases.py `Core._load` tells the hosts of every ended lease whose tokens may be alive);
+- one tenant's waiting Allocate that no device up could hold (more GPUs than the pool has, labels no host has) held
+  the FIFO line: every other tenant's Allocate failed at once (or waited behind it) on an idle pool, for as long
+  as it asked to wait (scheduler/leases.py `Core._holds_line`);
 - `gpupool up --ca-dir DIR` took any folder (round 35 refused a state folder not the user's own, not the CA's): a CA
   another user planted in a folder of theirs, or in one others may write or rename, issued the pool's certificates,
   and its owner an admin certificate of the pool (gpupool/up.py `make_credentials`).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -28,6 +32,7 @@ from scheduler_fixtures import Proc, SimHost, start_scheduler, wait_until
 
 from gpupool import pki
 from gpupool._proto import scheduler_pb2
+from gpupool.errors import GpupoolError
 
 
 def test_a_host_removed_after_it_went_down_is_told_of_the_leases_it_lost(tmp_path: Path) -> None:
@@ -94,3 +99,33 @@ def test_up_takes_its_ca_only_from_a_folder_of_its_own(tmp_path: Path) -> None:
             up.kill()
         assert f"CA folder {ca_dir}" in up.log() and why in up.log() and "Traceback" not in up.log(), up.log()
         assert not (state / "pki").exists() and not (state / "scheduler.db").exists()  # nothing issued or started
+
+
+def test_a_request_no_device_up_could_hold_does_not_hold_the_line(tmp_path: Path) -> None:
+    proc, address = start_scheduler(tmp_path, "--heartbeat-interval", "0.3")
+    host = SimHost(address, "h", gpus=2).start()
+    client = SchedulerClient(address)
+    outcome: list[object] = []
+
+    def hog() -> None:  # mallory: 3 GPUs of a pool of 2, waiting
+        try:
+            outcome.append(client.allocate(scheduler_pb2.AllocateRequest(gpus=3, fraction=1.0, wait_seconds=20)))
+        except GpupoolError as exc:
+            outcome.append(exc)
+
+    waiting = threading.Thread(target=hog)
+    try:
+        waiting.start()
+        wait_until(lambda: client.list_pool().waiting == 1, what="the request waiting")
+        # 1428b53: RESOURCE_EXHAUSTED "... 1 request(s) waiting ahead" on an idle pool (and 20 s behind it, waiting)
+        now = client.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.5))
+        later = client.allocate(scheduler_pb2.AllocateRequest(gpus=2, fraction=0.5, wait_seconds=20))
+        assert len(now.devices) == 1 and len(later.devices) == 2 and client.list_pool().waiting == 1
+        host.stop()  # the big request still waits for hosts that could hold it; it is no lease of anyone's yet
+        assert not outcome
+    finally:
+        host.stop()
+        proc.stop()  # the waiting call ends with it
+        waiting.join(30)
+        client.close()
+    assert len(outcome) == 1 and isinstance(outcome[0], GpupoolError)
