@@ -106,7 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         "instead of gRPC messages (docs/wire.md); auto (default): --listen's host, a free port; off: none",
     )
     add_flag(p, "--host-id", default=socket.gethostname(), help="the daemon's host id (its certificate's name)")
-    add_flag(p, "--ca-dir", default="", help="issue certificates from the CA in DIR (ca.crt, ca.key; made if absent)")
+    add_flag(
+        p,
+        "--ca-dir",
+        default="",
+        help="issue certificates from the CA in DIR (ca.crt, ca.key; made if absent): a folder of this user's that "
+        "no other user can write",
+    )
     return p
 
 
@@ -142,7 +148,7 @@ def _server_names(*addresses: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(dns), tuple(ips)
 
 
-def check_state_dir(directory: Path) -> None:
+def check_state_dir(directory: Path, what: str = "state folder") -> None:
     """InvalidArgument unless `directory` is this user's and only this user (and root) can change what it holds
     (`config.check_private_dir`: it and the folders above it). `up` reuses the token key and CA key it finds there:
     until round 35 it took any folder, so in one another user owned (made before `up` ran: /tmp/gpupool) that
@@ -151,11 +157,11 @@ def check_state_dir(directory: Path) -> None:
     st = directory.stat()
     if st.st_uid != os.geteuid():
         raise InvalidArgument(
-            f"state folder {directory} belongs to uid {st.st_uid}, not to this user: its owner could have put a token "
-            "key or CA of theirs in it; use a folder of your own (--state)"
+            f"{what} {directory} belongs to uid {st.st_uid}, not to this user: its owner could have put a token "
+            f"key or CA of theirs in it; use a folder of your own ({'--ca-dir' if what == 'CA folder' else '--state'})"
         )
     try:
-        check_private_dir(directory, "state folder", "another user could put a token key or CA key of theirs in it")
+        check_private_dir(directory, what, "another user could put a token key or CA key of theirs in it")
     except UnsafeCacheDir as exc:
         raise InvalidArgument(str(exc)) from None
 
@@ -164,6 +170,12 @@ def make_credentials(directory: Path, host_id: str, *addresses: str, ca_dir: Pat
     """Token keys and certificates in `directory` (kept when present; files are owner-only)."""
     directory.mkdir(parents=True, exist_ok=True)
     check_state_dir(directory)
+    if ca_dir is not None:
+        # As the state folder: the CA key found there is trusted, and it signs every certificate of the pool. Until
+        # round 39 `--ca-dir` took any folder: a CA planted in one another user owned or could write (or rename: a
+        # folder above it writable without a sticky bit) issued their own admin certificate of the pool.
+        ca_dir.mkdir(parents=True, exist_ok=True)
+        check_state_dir(ca_dir, "CA folder")
     os.chmod(directory, 0o700)
     key, public = directory / "token.key", directory / "token.pub"
     try:

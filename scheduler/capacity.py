@@ -162,6 +162,8 @@ class Pool:
         self.host_index: FreeIndex[str, Host] = FreeIndex()
         self.kth: dict[int, FreeIndex[str, Host]] = {k: FreeIndex() for k in range(2, MAX_KTH + 1)}
         self.max_capacity = 0  # of any device ever registered: bounds what a memory request may ask
+        # Changes whenever the devices up change (a host added, removed, up or not); not with allocations.
+        self.epoch = 0
 
     def device(self, key: DeviceKey) -> PoolDevice | None:
         host = self.hosts.get(key[0])
@@ -197,6 +199,7 @@ class Pool:
     def set_host(self, host: Host) -> None:
         """Add or replace a host (its devices start with nothing allocated; leases are re-applied by the caller)."""
         old = self.hosts.get(host.host_id)
+        self.epoch += 1
         if old is not None and old.state == HostState.UP:
             self._unindex(old)
         self.hosts[host.host_id] = host
@@ -207,6 +210,7 @@ class Pool:
     def remove_host(self, host_id: str) -> None:
         """Forget a host (the caller has ended its leases)."""
         host = self.hosts.pop(host_id)
+        self.epoch += 1
         if host.state == HostState.UP:
             self._unindex(host)
 
@@ -214,6 +218,7 @@ class Pool:
         host = self.hosts[host_id]
         if host.state == state:
             return
+        self.epoch += 1
         if host.state == HostState.UP:
             self._unindex(host)
         host.state = state

@@ -33,6 +33,9 @@ MAX_LABELS = 64
 MAX_LABEL_KEY = 63
 MAX_LABEL_VALUE = 256
 MAX_LABEL_BYTES = 4096
+# A pending revocation is kept until its lease's last token has expired (a token lives until the lease's `expires_at`
+# when it was minted), and this long after it: a daemon whose clock runs behind the scheduler's still admits it then.
+REVOCATION_SLACK = 600.0
 
 
 def check_printable(value: str, what: str) -> None:
@@ -135,12 +138,23 @@ class HostBook:
         self.lock = lock
         self.pool = pool
         self.lease_book = lease_side
-        self.revoked: dict[str, set[str]] = {}  # host -> leases to revoke at its next heartbeat
+        # host -> {lease to revoke at its next heartbeat: until when one of its tokens may be alive}
+        self.revoked: dict[str, dict[str, float]] = {}
 
     def revoke(self, lease: LeaseRecord) -> None:
         """Tell the lease's hosts at their next heartbeat that it ended."""
         for host_id in lease.hosts:
-            self.revoked.setdefault(host_id, set()).add(lease.lease_id)
+            self.revoked.setdefault(host_id, {})[lease.lease_id] = lease.expires_at + REVOCATION_SLACK
+
+    def forget_revocations(self, now: float) -> None:
+        """Drop the pending revocations no token can need any more (their leases' tokens have all expired): a host
+        that never heartbeats again (down, removed) keeps them no longer than that."""
+        for host_id in [h for h, pending in self.revoked.items() if min(pending.values(), default=0.0) <= now]:
+            pending = {k: until for k, until in self.revoked[host_id].items() if until > now}
+            if pending:
+                self.revoked[host_id] = pending
+            else:
+                del self.revoked[host_id]
 
     def register(
         self, host_id: str, address: str, devices: list[DeviceSpec], labels: Mapping[str, str] | None = None
@@ -207,7 +221,7 @@ class HostBook:
                 self.pool.set_state(host_id, want)
                 if want == HostState.UP:
                     self.lease_book.serve_waiters()
-            revoked = self.revoked.pop(host_id, set())
+            revoked = set(self.revoked.pop(host_id, {}))
             revoked.update(x for x in session_leases if x and not self.lease_book.is_active_on(x, host_id))
             return sorted(revoked), False
 
@@ -247,8 +261,10 @@ class HostBook:
                 )
             self.lease_book.end(held, LeaseState.LOST, Change(forget_hosts=[host_id]))
             self.pool.remove_host(host_id)
-            if not held:  # else kept: a daemon still running registers again, and is told first (as `mark_silent_down`)
-                self.revoked.pop(host_id, None)
+            # Its pending revocations are kept (until their tokens expire, `forget_revocations`): a daemon still
+            # running registers again and is told first (as after `mark_silent_down`). Until round 39 a removal
+            # without --force dropped them, and the usual case - a host silent past --host-timeout, its leases lost,
+            # then removed - let the tenant of a lost lease attach there again with its unexpired token.
             log.warning("host %s removed by an operator (%d lease(s) lost)", host_id, len(held))
             return len(held)
 
@@ -269,4 +285,4 @@ class HostBook:
             # Its revocations (the leases just lost among them) wait for its return: the first heartbeat after it
             # registers again names them. Until round 35 they were dropped here, and a tenant attached there again
             # with the unexpired token of a lease the scheduler had ended (and whose capacity it had given away).
-            # A host that never returns keeps them until an operator removes it (`remove_host`).
+            # A host that never returns keeps them until their tokens have expired (`forget_revocations`).

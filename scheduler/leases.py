@@ -3,7 +3,8 @@
 Plain domain code - no gRPC here. One lock serializes every decision; each decision is written to the
 store in one transaction *before* it is applied in memory, so a crash never hands out capacity twice and a
 write the store refuses (disk full) changes nothing: the caller gets UNAVAILABLE. Requests that do not
-fit may wait, served strictly in FIFO order as capacity frees up.
+fit may wait, served strictly in FIFO order as capacity frees up (but one that no device up could hold, were they
+empty, waits without holding those behind it).
 
 The scheduler's own absence (a restart, a pause of the process) is not held against anyone: after it,
 every host gets a fresh `host_timeout` to heartbeat and every active lease a grace period
@@ -36,8 +37,8 @@ from gpupool.errors import (
 from gpupool.protocol import HostState, LeaseState
 
 from .capacity import SHARE_UNITS, Grant, Pool
-from .hosts import HostBook
-from .placement import Request, min_units, place, validate
+from .hosts import REVOCATION_SLACK, HostBook
+from .placement import Request, could_fit, min_units, place, validate
 from .store import Change, LeaseRecord, Store
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class _AllocationWaiter:
     done: threading.Event = field(default_factory=threading.Event)
     lease: LeaseRecord | None = None
     refused: ResourceExhausted | None = None  # room came, but taking it would pass the tenant's limit
+    fits: tuple[int, bool] = (-1, False)  # (the pool's epoch, `placement.could_fit` then)
 
 
 class Core:
@@ -118,6 +120,11 @@ class Core:
                 self._hold(lease, +1)
                 # Nobody could renew it while we were down: give its tenant time to do so now.
                 lease.grace_until = now + self.config.outage_grace
+            elif lease.expires_at + REVOCATION_SLACK > now:
+                # Its hosts may not have heard that it ended (the revocations waiting for their heartbeats were in
+                # the memory of the process that stopped): tell them again. Until round 39 a restart forgot them,
+                # and the ended lease's unexpired tokens attached at its hosts again.
+                self.hosts.revoke(lease)
         active = sum(1 for x in leases if x.state == LeaseState.ACTIVE)
         if hosts or leases:
             log.info("loaded %d hosts and %d active leases from the store", len(hosts), active)
@@ -144,7 +151,7 @@ class Core:
                 validate(req, self.pool)
                 self._check_lease_count(tenant)
                 units = req.gpus * min_units(self.pool, req)
-                if not self.waiters:
+                if not any(self._holds_line(w) for w in self.waiters):
                     grants = place(self.pool, req)
                     if grants is not None:
                         self._check_tenant(tenant, req, sum(g.units for g in grants))
@@ -194,25 +201,39 @@ class Core:
         assert waiter.lease is not None
         return waiter.lease
 
+    def _holds_line(self, waiter: _AllocationWaiter) -> bool:
+        """Whether `waiter` keeps those behind it waiting: it would fit the devices up were they empty. One that
+        would not (more GPUs than are up, labels no device up has) waits for hosts without holding the line: until
+        round 39 one tenant's request for 1024 GPUs, waiting, made every other tenant's Allocate wait behind it (or
+        fail at once) on an idle pool for as long as it asked to wait."""
+        if waiter.fits[0] != self.pool.epoch:
+            waiter.fits = (self.pool.epoch, could_fit(self.pool, waiter.req))
+        return waiter.fits[1]
+
     def serve_waiters(self) -> None:
         """Grant waiting requests in FIFO order while the head fits. A head whose placement would pass its tenant's
         limit is refused (its estimate, counted when it began to wait, is a lower bound for memory requests: the
-        largest device's share of it, where a smaller device gives a larger share), and the next one served."""
-        while self.waiters:
-            head = self.waiters[0]
+        largest device's share of it, where a smaller device gives a larger share), and the next one served. A
+        request that could not fit the devices up even were they empty is passed over (`_holds_line`)."""
+        i = 0
+        while i < len(self.waiters):
+            head = self.waiters[i]
             grants = place(self.pool, head.req)
             if grants is None:
-                return
+                if self._holds_line(head):
+                    return
+                i += 1
+                continue
             head.refused = self._over_limit(head.tenant, head.req, sum(g.units for g in grants), head)
             if head.refused is not None:
-                self.waiters.popleft()
+                del self.waiters[i]
                 head.done.set()
                 continue
             try:
                 head.lease = self._grant(grants, head.tenant, head.ttl)
             except Unavailable:
                 return  # the store refused: the head keeps its place, the next sweep tries again
-            self.waiters.popleft()
+            del self.waiters[i]
             head.done.set()
 
     def write(self, change: Change) -> None:
@@ -377,6 +398,7 @@ class Core:
             if self._last_alive is not None:
                 self.alive()
             self.hosts.mark_silent_down(now, self.config.host_timeout)
+            self.hosts.forget_revocations(now)
             active = (x for x in self.leases.values() if x.state == LeaseState.ACTIVE)
             expired = [x for x in active if max(x.expires_at, x.grace_until) <= now]
             horizon = now - self.config.retention

@@ -106,6 +106,18 @@ def min_units(pool: Pool, req: Request) -> int:
     return max(1, -(-(req.memory_bytes or 0) * SHARE_UNITS // (pool.max_capacity or 1)))
 
 
+def could_fit(pool: Pool, req: Request) -> bool:
+    """Whether `req` would fit the devices up now were nothing allocated on them (distinct GPUs enough that match
+    its labels and can hold a piece)."""
+    uuids = set()
+    for host, dev in pool.up_devices():
+        if (not req.labels or host.matches(dict(req.labels), dev)) and size_on(req, dev) is not None:
+            uuids.add(dev.uuid)
+            if len(uuids) >= req.gpus:
+                return True
+    return False
+
+
 def place(pool: Pool, req: Request) -> list[Grant] | None:
     """The grants for `req` under its policy, or None when nothing fits now."""
     spread = req.policy == Policy.SPREAD

@@ -455,3 +455,25 @@ def test_the_help_shows_no_password_of_the_state_from_the_environment() -> None:
     text = "".join(shown.stdout.split())  # argparse wraps (and breaks) long words
     assert shown.returncode == 0 and "db.example" in text, shown.stderr
     assert "s3cret" not in text
+
+
+def test_pending_revocations_last_until_their_tokens_have_expired() -> None:
+    """A down (or removed) host's pending revocations are kept while a token of their lease may be alive, then
+    forgotten (a host that never returns holds no memory for good); 1428b53 dropped them at a removal."""
+    from gpupool.scheduler.hosts import REVOCATION_SLACK
+
+    core = core_with(host_timeout=1, lease_ttl=60)
+    lease = core.allocate(half())
+    host = lease.grants[0].host_id
+    now = time.time()
+    core.sweep(now + 5)  # silent: down, its lease lost
+    assert core.hosts.remove_host(host) == 0
+    core.sweep(now + 10)
+    assert set(core.hosts.revoked[host]) == {lease.lease_id}
+    core.hosts.register(host, "127.0.0.1:6000", [DeviceSpec(0, "uuid-x", "fake", 8 * GiB, True)])
+    assert core.hosts.heartbeat(host, [], {}, False) == ([lease.lease_id], False)
+    later = core.allocate(half())
+    core.sweep(time.time() + 5)  # silent again
+    assert set(core.hosts.revoked[later.grants[0].host_id]) >= {later.lease_id}
+    core.sweep(later.expires_at + REVOCATION_SLACK + 1)
+    assert all(later.lease_id not in pending for pending in core.hosts.revoked.values())
