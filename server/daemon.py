@@ -213,19 +213,33 @@ def check_worker_user(name: str) -> None:
         raise InvalidArgument(f"--worker-user {name}: no such user (or pass --worker-user {KEEP_USER})") from None
     if entry.pw_uid == 0:
         raise InvalidArgument(f"--worker-user {name} is uid 0: name an unprivileged user (or {KEEP_USER})")
-    unreadable = _unreadable_by(entry, os.path.dirname(os.__file__))
-    if unreadable:
-        log.warning(
-            "session workers run as %s, who cannot read %s (Python's files): modules they import lazily will "
-            "fail; install Python where other users can read it, or pass --worker-user %s",
-            name,
-            unreadable,
-            KEEP_USER,
-        )
 
 
-def _unreadable_by(entry: pwd.struct_passwd, path: str) -> str:
-    """The first directory on the way to `path` that the user cannot enter ("" when it can)."""
+def check_python_readable(name: str, uids: WorkerUids | None, python: str = "") -> str:
+    """Warn once, at start, where the workers' own user cannot read Python's installation (`python`: os.py's
+    folder unless given): each worker's uid of --worker-uids where there is a range, else --worker-user's. Returns
+    the warning ("" where there is none, and for a daemon that is not root: its workers keep its user)."""
+    if os.geteuid() != 0:
+        return ""
+    if uids is not None:  # a uid (and gid) of its own: no account, so neither owner nor group of the files
+        uid, gid, who = uids.first, uids.first, f"uids of --worker-uids ({uids.first}-{uids.last})"
+    elif worker_user(name):
+        entry = pwd.getpwnam(name)
+        uid, gid, who = entry.pw_uid, entry.pw_gid, name
+    else:
+        return ""
+    unreadable = _unreadable_by(uid, gid, python or os.path.dirname(os.__file__))
+    if not unreadable:
+        return ""
+    text = (f"session workers run as {who}, who cannot read {unreadable} (Python's files): a module a worker imports "
+            f"that its zygote did not (server/zygote.py PRELOAD) fails; install Python where other users can read "
+            f"it, or pass --worker-user {KEEP_USER}")  # fmt: skip
+    log.warning("%s", text)
+    return text
+
+
+def _unreadable_by(uid: int, gid: int, path: str) -> str:
+    """The first directory on the way to `path` that `uid` (group `gid`) cannot enter ("" when it can)."""
     parts = os.path.abspath(path).split(os.sep)
     for i in range(2, len(parts) + 1):
         d = os.sep.join(parts[:i])
@@ -233,7 +247,7 @@ def _unreadable_by(entry: pwd.struct_passwd, path: str) -> str:
             st = os.stat(d)
         except OSError:
             return d
-        bit = 0o100 if st.st_uid == entry.pw_uid else 0o010 if st.st_gid == entry.pw_gid else 0o001
+        bit = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
         if not st.st_mode & bit:
             return d
     return ""
@@ -315,6 +329,7 @@ class Daemon:
             check_worker_user(self.config.worker_user)
             keep = not worker_user(self.config.worker_user) and self.config.worker_uids == "auto"
             self._uids = None if keep else check_worker_uids(self.config.worker_uids)  # keep: root workers
+            check_python_readable(self.config.worker_user, self._uids)
             self._worker_groups = self._check_gpu_files()
             check_landlock(self.config.landlock)
             # Before gRPC threads exist (a fresh interpreter either way), and ready before the daemon says it

@@ -20,6 +20,7 @@ TORCH_DEVICE_BACKEND_AUTOLOAD=0 set before `import torch` (the tests, the bench 
 from __future__ import annotations
 
 import ctypes
+import functools
 import struct
 import sys
 import threading
@@ -31,7 +32,7 @@ import torch
 
 from gpupool import config, metas
 
-from .. import streams
+from .. import inductor, streams
 from .build import BuildError, build, built_path, cache_dir, compiler_missing  # noqa: F401 (the build's names, here too)
 
 metas.register()  # Meta kernels torch lacks: the C++ client infers each op's outputs on meta tensors (gpupool/metas.py)
@@ -85,6 +86,7 @@ def _register_module() -> None:
     }
     for k, f in funcs.items():
         setattr(mod, k, f)
+    mod.__getattr__ = functools.partial(inductor.device_attribute, NAME)  # type: ignore[method-assign]  # (client/inductor.py)
     torch._register_device_module(NAME, mod)
 
 

@@ -152,6 +152,38 @@ def test_the_default_range_falls_back_to_the_shared_user_where_the_host_uses_it(
         daemon.check_worker_uids(f"{nogroup}-{nogroup}")
 
 
+def test_the_unreadable_python_warning_names_the_uids_workers_run_as(caplog: pytest.LogCaptureFixture) -> None:
+    """A root daemon whose Python no worker can read (one under /root: this box's, and the demo's) says so once
+    at start, naming who the workers are: the uids of --worker-uids where they have them (round 39's journey: the
+    demo's log said "run as nobody" beside "run as uids 2000000000-2000065535, one each"), else --worker-user."""
+    import tempfile
+
+    from gpupool.server import daemon
+    from gpupool.server.sandbox import WorkerUids
+
+    base = tempfile.mkdtemp()  # (not tmp_path: pytest's own folder is root's alone)
+    try:
+        os.chmod(base, 0o755)
+        private = os.path.join(base, "private")
+        os.mkdir(private, 0o700)
+        python = os.path.join(private, "lib")
+        os.mkdir(python)
+        uids = WorkerUids(FIRST, FIRST + 1, locks=os.path.join(base, "locks"))
+        with caplog.at_level("WARNING"):
+            said = daemon.check_python_readable("nobody", uids, python)
+        assert said.startswith(f"session workers run as uids of --worker-uids ({FIRST}-{FIRST + 1}), who cannot "
+                               f"read {private} "), said  # fmt: skip
+        assert "nobody" not in said and said in caplog.text
+        assert daemon.check_python_readable("nobody", None, python).startswith(
+            f"session workers run as nobody, who cannot read {private} "
+        )
+        assert daemon.check_python_readable("keep", None, python) == ""  # root workers read everything
+        os.chmod(private, 0o755)
+        assert daemon.check_python_readable("nobody", uids, python) == ""
+    finally:
+        shutil.rmtree(base)
+
+
 def test_gpu_device_files_a_worker_of_no_account_can_open(tmp_path: Any) -> None:
     """What the daemon checks at start on a real GPU (sandbox.gpu_device_groups), on files with a device file's modes:
     read-write for others is fine, for a group other than root's the workers keep that group, else it is unusable."""

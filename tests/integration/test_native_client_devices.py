@@ -232,3 +232,27 @@ def test_torchrun_ddp_cuda_script_with_nccl_gives_the_cpu_losses(pool: str) -> N
     assert sums[0] == sums[1] and sums == pytest.approx([sums[2]] * 4, rel=1e-5)  # DDP kept the ranks in step
     assert pooled.stderr.count("(2 leased device(s), native client)") >= 2, pooled.stderr[-2000:]
     released(pool)
+
+
+# torch.compile of a model on gpupool, then of a CPU function in the same process (no gpupool import: the C++ client).
+COMPILE = """
+import json
+import torch
+
+model = torch.nn.Linear(4, 4).to("gpupool")
+try:
+    model = torch.compile(model)
+    got = str(model(torch.randn(2, 4, device="gpupool")).sum().item())
+except Exception as exc:
+    got = f"{type(exc).__name__}: {exc}"
+print(json.dumps({"gpupool": got, "cpu": torch.compile(lambda a: a * 2 + 1)(torch.ones(2)).tolist()}))
+"""
+
+
+def test_torch_compile_of_gpupool_tensors_is_refused_in_one_line_and_cpu_compiles(pool: str) -> None:
+    """Round 39's journey: torch.compile of a model on gpupool ended in Inductor's `KeyError: 'gpupool'`; now one
+    clear line (client/inductor.py), and torch.compile of CPU tensors in the same process still compiles."""
+    got = _last_json(_run(pool, "-n", "1", "--client", "native", "--", sys.executable, "-c", COMPILE))
+    released(pool)
+    assert "torch.compile cannot compile gpupool tensors" in got["gpupool"] and "KeyError" not in got["gpupool"], got
+    assert got["cpu"] == [3.0, 3.0]
