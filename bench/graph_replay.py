@@ -13,6 +13,10 @@ also those of launch_bound's local step with the same `--adam` (the baseline the
     python bench/graph_replay.py --models classifier --steps 20
     python bench/graph_replay.py --measure instr                    # exact, under callgrind, ~2 min a model
     python bench/graph_replay.py --measure instr --adam fused --models tiny-mlp
+    python bench/graph_replay.py --measure outside --models tiny-mlp,mlp   # the worker's own, no kernels
+
+A step whose CPU arguments are over capture.BY_VALUE_BYTES (the stock MLP's batch) uploads them before its RunGraph:
+the replay binds a fresh tensor of the input's metadata per command for them, as the Upload did.
 """
 
 from __future__ import annotations
@@ -190,6 +194,49 @@ def replay_instr(path: str, steps: int) -> str:
     return "done"
 
 
+def outside_instr(path: str, steps: int) -> str:
+    """Inside valgrind: the worker's own instructions per RunGraph, without the kernels: the traced function replaced
+    by one returning a real run's outputs (the same objects every run), so that what is counted is the run's inputs,
+    persistent tensors, binding and accounting (`steps` 0: the harness alone, subtracted by `_outside`)."""
+    ex, s, command = _worker(path)
+    for _ in range(5):
+        c = command()
+        ex.execute(s, c, _no_reply)
+        s.free(_fresh(s, c))
+    traced = next(iter(ex.graphs._of(s).values())).traced
+    if traced is None:
+        raise SystemExit("the graph did not trace: no TorchScript call to take out")
+    real, kept = traced.fn, []
+
+    def outputs(*args: Any) -> Any:
+        if not kept:
+            kept.append(real(*args))
+        return kept[0]
+
+    traced.fn = outputs
+    cmds = [command() for _ in range(steps + 1)]
+    ex.execute(s, cmds[0], _no_reply)
+    with cgtools.instrumented():
+        for c in cmds[1:]:
+            ex.execute(s, c, _no_reply)
+    if s.error is not None:
+        raise SystemExit(f"replay failed: {s.error}")
+    return "done"
+
+
+def _outside(model: str, path: str, steps: int, tmp: str) -> str:
+    sys.path.insert(0, str(HERE))
+    from daemon_ab import _total
+
+    counts = []
+    for n in (steps, 0):
+        out = Path(tmp) / f"cg.outside.{model}.{n}"
+        cmd = [*cgtools.valgrind(out), sys.executable, __file__, "--outside-instr", path, "--steps", str(n)]
+        subprocess.run(cmd, check=True, capture_output=True)
+        counts.append(_total(out))
+    return f"worker per RunGraph outside the kernels {(counts[0] - counts[1]) / steps / 1e3:8.1f}k instructions"
+
+
 def local_instr(model_name: str, adam_kind: str, steps: int) -> str:
     """Inside valgrind: launch_bound's local step (CPU, one torch thread, its Adam: `--adam capturable` is torch's
     default Adam locally, `fused` Adam(fused=True)) over `steps` steps after 10 warm-up steps, all of it counted
@@ -260,9 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay", metavar="FILE", help=argparse.SUPPRESS)
     p.add_argument("--replay-instr", metavar="FILE", help=argparse.SUPPRESS)
     p.add_argument("--local-instr", metavar="MODEL", help=argparse.SUPPRESS)
-    p.add_argument("--measure", choices=("cpu", "instr"), default="cpu", help="instr: the worker's instructions "
-                   "per RunGraph under callgrind (20 runs), in and out of its TorchScript call, and launch_bound's "
-                   "local step's (the same --adam; exact)")  # fmt: skip
+    p.add_argument("--outside-instr", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--measure", choices=("cpu", "instr", "outside"), default="cpu", help="instr: the worker's "
+                   "instructions per RunGraph under callgrind (20 runs), in and out of its TorchScript call, and "
+                   "launch_bound's local step's (the same --adam; exact); outside: the worker's own instructions "
+                   "per RunGraph with the TorchScript call taken out (its outputs returned as a real run made "
+                   "them)")  # fmt: skip
     args = p.parse_args(argv)
     if args.dump:
         dump(*args.dump, args.adam)
@@ -276,11 +326,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.replay_instr:
         print(replay_instr(args.replay_instr, args.steps))
         return 0
+    if args.outside_instr:
+        print(outside_instr(args.outside_instr, args.steps))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             path = str(Path(tmp) / f"{model}.pt")
             dump_argv = ["--dump", model, path, "--adam", args.adam]
             subprocess.run([sys.executable, __file__, *dump_argv], check=True, capture_output=True)
+            if args.measure == "outside":
+                print(f"{model:10s} {_outside(model, path, min(args.steps, 20), tmp)}", flush=True)
+                continue
             if args.measure == "instr":
                 print(f"{model:10s} {_instr(model, path, min(args.steps, 20), tmp)}", flush=True)
                 print(f"{model:10s} {_local_instr(model, args.adam, min(args.steps, 20), tmp)}", flush=True)
