@@ -6,6 +6,8 @@ with the CPU's shape and dtype, and its values within 1e-10 (float64; 1e-4 for t
 `torch.linalg.lstsq` has no Meta kernel: the C++ client runs its `out=` form on the CPU around a sync
 (client/native/backend.py `_on_cpu`), where the kernel resizes the empty outputs the composite made; writing them
 back into the device's size-0 tensors raised `expand(..., size=[0])` until round 39 (the Python client was right).
+Views of svd's Vh (`torch.svd`'s V is `Vh.mH`) and of eig's eigenvectors read the daemon's column-major storage with
+the meta kernels' row-major geometry on both clients until round 39 (server/guards.py `_linalg_svd`, `_linalg_eig`).
 
 Slow (a `gpupool up` pool; the C++ client's first build takes ~1 min, cached after). Skipped without a C++ compiler
 or ninja.
@@ -68,6 +70,11 @@ CASES = {
     "svd_full": lambda d: L.svd(T.to(d), full_matrices=True),
     "svd_wide_full": lambda d: L.svd(W.to(d), full_matrices=True),
     "svdvals": lambda d: L.svdvals(T.to(d)),
+    "torch_svd": lambda d: torch.svd(T.to(d)),  # V is Vh.mH: a view
+    "torch_svd_some_false": lambda d: torch.svd(W.to(d), some=False),
+    "svd_views": lambda d: (lambda r: [r.Vh.mT, r.Vh[1], r.U.mT, r.U[:, 2]])(L.svd(T.to(d))),
+    "svd_batched_views": lambda d: (lambda r: [r.Vh.mT, r.U.mT])(L.svd(torch.stack([A, S]).to(d))),
+    "eig_views": lambda d: (lambda r: [r.eigenvectors[:, 0], r.eigenvectors.mT])(L.eig(A.to(d))),
     "qr_reduced": lambda d: L.qr(T.to(d), mode="reduced"),
     "qr_complete": lambda d: L.qr(T.to(d), mode="complete"),
     "qr_r": lambda d: L.qr(T.to(d), mode="r"),
@@ -95,7 +102,7 @@ for name, f in CASES.items():
         diff = 0.0
         for w, x in zip(want, got):
             if w.shape == x.shape and w.dtype == x.dtype and w.numel():
-                diff = max(diff, float((x.double() - w.double()).abs().max()))
+                diff = max(diff, float((x.to(torch.complex128) - w.to(torch.complex128)).abs().max()))
         out[name] = {"cpu": [[list(t.shape), str(t.dtype)] for t in want],
                      "device": [[list(t.shape), str(t.dtype)] for t in got], "diff": diff}
     except Exception as e:
@@ -108,7 +115,8 @@ print(json.dumps(out))
 CASES = (
     "lstsq_square", "lstsq_tall", "lstsq_float32", "lstsq_gels", "lstsq_gelsy", "lstsq_gelsd", "lstsq_gelss",
     "lstsq_rcond", "lstsq_batched", "lstsq_backward", "lstsq_twice", "eig", "eigh", "svd_reduced", "svd_full",
-    "svd_wide_full", "svdvals", "qr_reduced", "qr_complete", "qr_r", "qr_wide_complete", "slogdet", "solve_ex",
+    "svd_wide_full", "svdvals", "torch_svd", "torch_svd_some_false", "svd_views", "svd_batched_views", "eig_views",
+    "qr_reduced", "qr_complete", "qr_r", "qr_wide_complete", "slogdet", "solve_ex",
     "cholesky_ex", "inv_ex", "lu_factor_ex", "ldl_factor_ex",
 )  # fmt: skip
 CLIENTS = {"native": "native", "shim": "python shim"}
@@ -130,8 +138,9 @@ def runs(two_gpu_pool: str, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 @pytest.mark.parametrize("client", sorted(CLIENTS))
 @pytest.mark.parametrize("case", CASES)
 def test_each_linalg_case_gives_the_cpus_outputs(runs: dict[str, dict[str, Any]], client: str, case: str) -> None:
-    """Fails on 1344c19 for every lstsq case on the C++ client (`expand(..., size=[0])`); the others pin behaviour
-    that held (the shim's lstsq, both clients' neighbours)."""
+    """Fails on 1344c19 for every lstsq case on the C++ client (`expand(..., size=[0])`) and for the svd and eig
+    view cases on both clients (a view read Vh / the eigenvectors transposed: server/guards.py `_linalg_svd`); the
+    others pin behaviour that held (the shim's lstsq, both clients' other neighbours)."""
     got = runs[client]
     assert got["client"] == CLIENTS[client]
     result = got[case]
