@@ -563,6 +563,8 @@ def keeps_kernel_layout(name: str, args: Sequence[Any], kwargs: Mapping[str, Any
     """Whether an op of META_LAYOUT lays its outputs out as the meta kernel does by itself: a conv (or its backward)
     of a contiguous input and weight (both the CPU and the cuDNN kernels then return contiguous outputs). A captured
     step's graph, whose calls' layouts are fixed, then calls the kernel (and may run as TorchScript)."""
+    if name not in ("aten::convolution", "aten::convolution_backward"):
+        return False  # _linalg_svd, linalg_eig: the CPU kernels' column-major Vh and eigenvectors are copied
     at = 0 if name == "aten::convolution" else 1
     input, weight = arg(args, kwargs, at, "input"), arg(args, kwargs, at + 1, "weight")
     return _conv_format(input, weight) is torch.contiguous_format
@@ -585,6 +587,22 @@ def _convolution_backward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor | Non
     input, weight = arg(args, kwargs, 1, "input"), arg(args, kwargs, 2, "weight")
     fmt = _conv_format(input, weight)
     return _laid_out(grad_input, fmt), _laid_out(grad_weight, fmt), grad_bias
+
+
+def _linalg_svd(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_linalg_svd` with the layout both clients compute for `Vh` on the meta device: row-major (torch's meta kernel
+    takes a meta tensor for a CUDA one, whose cuSOLVER kernel gives row-major), while the CPU kernel (a fake GPU's)
+    gives it column-major. A view the client made of it was sent with the row-major geometry and read the storage
+    transposed: `torch.svd`'s V (`Vh.mH`) came back as Vh on both clients (until round 39)."""
+    u, s, vh = torch.ops.aten._linalg_svd.default(*args, **kwargs)
+    return u, s, _laid_out(vh, torch.contiguous_format)  # type: ignore[return-value]
+
+
+def _linalg_eig(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """`linalg_eig` with the layout of its eigenvectors the meta kernel gives (row-major; the CPU kernel's are
+    column-major): a view of them (`vecs[:, 0]`, `vecs.mT`) read other elements (until round 39)."""
+    values, vectors = torch.ops.aten.linalg_eig.default(*args, **kwargs)
+    return values, _laid_out(vectors, torch.contiguous_format)  # type: ignore[return-value]
 
 
 _REPLACEMENTS: dict[str, Callable[..., Any]] = {
@@ -635,6 +653,8 @@ def _with_contiguous_inputs(op: torch._ops.OpOverload) -> Callable[..., Any]:
 META_LAYOUT: dict[str, Callable[..., Any]] = {
     "aten::convolution": _convolution,
     "aten::convolution_backward": _convolution_backward,
+    "aten::_linalg_svd": _linalg_svd,
+    "aten::linalg_eig": _linalg_eig,
 }
 
 

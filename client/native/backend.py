@@ -670,7 +670,10 @@ def _on_cpu(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any], index: int) 
             v = _arg_value(sch, i, cargs, ckwargs)
             for c in v if isinstance(v, list | tuple) else [v]:
                 if isinstance(c, torch.Tensor) and id(c) in fetched:
-                    fetched[id(c)][0].copy_(c)
+                    x = fetched[id(c)][0]
+                    if x.size() != c.size():  # an out= argument the CPU kernel resized (linalg.lstsq's empty outputs)
+                        x.resize_(c.size())  # an op on the daemon too: its tensor takes the new size, the same handle
+                    x.copy_(c)
     dev = device(index)
     asked = kwargs.get("device")
     to_cpu = asked is not None and torch.device(asked).type == "cpu"
