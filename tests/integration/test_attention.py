@@ -785,7 +785,10 @@ def test_a_traced_graph_reads_inputs_laid_out_otherwise_than_their_meta_tensors_
         assert torch.equal(o, want), i
     said = f"graph {graph_id} stays on the Python replay: its TorchScript graph failed: graph {graph_id} op "
     why = "a fused attention call's tensors are laid out otherwise than their meta tensors"
-    assert any(said in line and why in line for line in list(serve.process.log_lines))
+    mismatch = any(said in line and why in line for line in list(serve.process.log_lines))
+    # Since round 39 (lsq39) the daemon lays `_linalg_svd`'s Vh out as the meta kernel does (guards.META_LAYOUT):
+    # the svd case no longer meets the layout check (its values, above, still pin the result); max_unpool2d does
+    assert mismatch is (op == "unpool")
 
 
 def test_the_cpu_flash_kernels_own_buffers_count_against_the_quota(serve: Any) -> None:
