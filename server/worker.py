@@ -722,6 +722,9 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
         gpu_uuid=state.device.uuid,
         gpu_pci=getattr(state.device, "pci", ""),
     )
+    # NCCL makes shared-memory files in /dev/shm and talks over unix sockets, which Landlock and seccomp refuse: a
+    # confined worker's `--collectives gloo` groups are gloo's from the start (server/collectives.py `use_nccl`)
+    state.executor.collectives.confined = spec.landlock or spec.seccomp
     (report.missing if hidden else report.applied).append(f"private /proc: {hidden}" if hidden else "private /proc")
     log.debug("session %d worker %d sandbox: %s; missing: %s", spec.number, os.getpid(), report.applied, report.missing)
     progress = mmap.mmap(progress_fd, SHARED_BYTES)

@@ -1,6 +1,7 @@
 """A session worker on a real GPU host sees and may open its own GPU only (round 40): CUDA_VISIBLE_DEVICES names its
 GPU (server/worker.py `visible_device`), and its Landlock ruleset grants the driver's control files and its own
-GPU's device file, not every /dev/nvidia* of the host (server/landlock.py `gpu_devices`).
+GPU's device file, not every /dev/nvidia* of the host (server/landlock.py `gpu_devices`); a confined worker's
+`--collectives gloo` group never tries NCCL (server/collectives.py `use_nccl`).
 
 No GPU runs here: the driver's files are a tree laid out as the driver lays them out (/dev/nvidia*, the driver's
 /proc/driver/nvidia/gpus/<PCI address>/information, a process's /proc/self/fd), which `GpuLayout` points at, and the
@@ -17,7 +18,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from gpupool.server import landlock
+from gpupool.server.collectives import use_nccl
 from gpupool.server.worker import WorkerSpec, _see_own_gpu, visible_device
 
 # four GPUs, whose device files' minors are not their PCI order (the driver numbers them as it probes them)
@@ -171,3 +174,10 @@ def test_a_real_gpus_worker_narrows_cuda_before_it_starts_and_a_fake_gpus_is_lef
     assert _see_own_gpu(_spec(False, GPUS[3][1])) == 0  # cuda:0 in the worker, whatever the host's number
     assert os.environ["CUDA_VISIBLE_DEVICES"] == GPUS[3][1]
     assert "PYTORCH_NVML_BASED_CUDA_CHECK" not in os.environ  # NVML would open every GPU's file
+
+
+def test_a_confined_workers_gloo_group_never_tries_nccl() -> None:
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert not use_nccl(cuda, confined=True)
+    assert use_nccl(cuda, confined=False)  # --landlock off --seccomp off: as before round 40
+    assert not use_nccl(cpu, confined=False)
