@@ -185,8 +185,8 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         metavar="secure|gloo",
         help="transport of torch.distributed collectives between daemons: secure (default) encrypts and "
         "authenticates every link (AES-256-GCM, keys from the lease's tokens; server/seclink.py); gloo is "
-        "torch's plaintext gloo (NCCL on real GPUs), faster, readable and alterable by anyone on the hosts' "
-        "network: an explicit opt-in for trusted networks (docs/security.md)",
+        "torch's plaintext gloo (NCCL on real GPUs with --landlock off --seccomp off), faster, readable and "
+        "alterable by anyone on the hosts' network: an explicit opt-in for trusted networks (docs/security.md)",
     )
     add_flag(
         p,

@@ -93,6 +93,7 @@ class Group:
     def __init__(self, lease_id: str, rank: int, size: int, timeout: float, transport: str = "secure") -> None:
         self.lease_id = lease_id
         self.transport = transport
+        self.nccl = True  # a gloo transport's CUDA group may try NCCL (`use_nccl`)
         self.rank = rank
         self.size = size
         self.timeout = timeout
@@ -137,7 +138,7 @@ class Group:
                 else:
                     self.pg = pg
             else:
-                pg = _process_group(keys, self.rank, self.size, self.timeout, host, device)
+                pg = _process_group(keys, self.rank, self.size, self.timeout, host, device, self.nccl)
                 if self.closed:  # the session ended as the group formed: its connections go with it
                     _shutdown(pg)
                 else:
@@ -487,10 +488,23 @@ class _SignedStore(dist.Store):
         return int(self._inner.num_keys())
 
 
-def _process_group(store: Any, rank: int, size: int, timeout: float, host: str, device: torch.device) -> Any:
-    """NCCL for CUDA devices where torch has it, else gloo (CPU tensors, and CUDA tensors through host copies)."""
+def use_nccl(device: torch.device, confined: bool) -> bool:
+    """Whether a `--collectives gloo` group on `device` tries NCCL: on a CUDA device of a worker that is not confined
+    only. NCCL makes its shared-memory files in /dev/shm (open with O_CREAT, ftruncate) and passes CUDA memory
+    handles over unix sockets: Landlock (no file made anywhere) and seccomp (no O_CREAT, no unix socket) refuse both,
+    and NCCL meets them only at a group's first collectives, past the fallback to gloo at its constructor. So a
+    confined worker's group is gloo's from the start (CUDA tensors through host copies), and says so once in the
+    log; `--landlock off --seccomp off` lets NCCL run (round 40)."""
+    return device.type == "cuda" and not confined
+
+
+def _process_group(
+    store: Any, rank: int, size: int, timeout: float, host: str, device: torch.device, nccl: bool = True
+) -> Any:
+    """NCCL for CUDA devices where torch has it and `nccl` (`use_nccl`), else gloo (CPU tensors, and CUDA tensors
+    through host copies)."""
     td = timedelta(seconds=timeout)
-    if device.type == "cuda" and dist.is_nccl_available():  # pragma: no cover - needs real GPUs
+    if nccl and device.type == "cuda" and dist.is_nccl_available():  # pragma: no cover - needs real GPUs
         try:
             from torch.distributed import ProcessGroupNCCL
 
@@ -516,6 +530,7 @@ class Collectives:
         self.host = "127.0.0.1"  # where this daemon's store and gloo listen and are reached by peers
         self.speed: SpeedModel | None = None  # fake GPUs' modelled link (server/speedmodel.py)
         self.transport = "secure"  # --collectives
+        self.confined = False  # a worker under Landlock or seccomp (server/worker.py): its groups never try NCCL
         # Whether another session of the device waits to run (the daemon says: server/worker.py `contend`): a
         # waiting collective keeps the device's thread while nobody does. Until told: always (it yields).
         self.contended: Callable[[], bool] = _always
@@ -568,6 +583,14 @@ class Collectives:
             s.bind(msg.port_handle, port)
         s.group = group
         dev = s.device.torch_device
+        if self.transport != "secure" and dev.type == "cuda" and size > 1:
+            group.nccl = use_nccl(dev, self.confined)
+            if not group.nccl:
+                log.info(
+                    "session %d: its collectives run over gloo, not NCCL: this worker is confined, and Landlock and "
+                    "seccomp refuse NCCL's /dev/shm files and unix sockets (--landlock off --seccomp off for NCCL)",
+                    s.number,
+                )  # fmt: skip
         if size == 1:  # a one-rank job (DDP on a single-device lease): nothing to talk to, no socket
             group.pg = _Solo()
             group.ready.set()

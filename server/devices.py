@@ -276,12 +276,17 @@ class FakeDevice(Device):
 class CudaDevice(Device):
     """A real GPU; busy time comes from CUDA events around the work, synchronized at the end."""
 
-    def __init__(self, index: int) -> None:
-        props = torch.cuda.get_device_properties(index)
+    def __init__(self, index: int, ordinal: int = -1) -> None:
+        """`index`: the host's number of the GPU (the daemon's, the sessions' claims'); `ordinal`: CUDA's number of
+        it in this process where that differs (a session worker sees its own GPU alone, as cuda:0:
+        CUDA_VISIBLE_DEVICES, server/worker.py `visible_device`)."""
+        ordinal = index if ordinal < 0 else ordinal
+        props = torch.cuda.get_device_properties(ordinal)
         raw_uuid = str(getattr(props, "uuid", "") or "")
         dev_uuid = raw_uuid if raw_uuid.startswith("GPU-") else f"GPU-{raw_uuid}" if raw_uuid else f"GPU-cuda{index}"
         super().__init__(index, dev_uuid, props.name, int(props.total_memory), fake=False)
-        self._device = torch.device("cuda", index)
+        self.pci = pci_address(props)
+        self._device = torch.device("cuda", ordinal)
         self._rng_lock = threading.Lock()
 
     @property
@@ -318,6 +323,15 @@ class CudaDevice(Device):
         return torch.Generator(device=self._device).manual_seed(seed).get_state()
 
 
+def pci_address(props: Any) -> str:
+    """A CUDA device's PCI address as the driver names its folder of /proc/driver/nvidia/gpus ("0000:18:00.0"), from
+    its properties; "" where torch does not say."""
+    try:
+        return f"{int(props.pci_domain_id):04x}:{int(props.pci_bus_id):02x}:{int(props.pci_device_id):02x}.0"
+    except (AttributeError, TypeError, ValueError):
+        return ""
+
+
 def cuda_available() -> bool:
     try:
         return bool(torch.cuda.is_available()) and torch.cuda.device_count() > 0
@@ -338,8 +352,9 @@ def discover(host_id: str, fake_gpus: int = 0, fake_memory: int = 8 * 1024**3) -
     return [FakeDevice(i, host_id, fake_memory) for i in range(count)]
 
 
-def rebuild(info: device_pb2.DeviceInfo) -> Device:
-    """The same device inside a session worker (a new process: a CUDA device gets its own context there)."""
+def rebuild(info: device_pb2.DeviceInfo, ordinal: int = -1) -> Device:
+    """The same device inside a session worker (a new process: a CUDA device gets its own context there; `ordinal`:
+    CUDA's number of it there, where the worker sees only its own GPU)."""
     if info.fake:
         return FakeDevice(info.index, "", info.memory_bytes, info.uuid)
-    return CudaDevice(info.index)
+    return CudaDevice(info.index, ordinal)

@@ -12,8 +12,9 @@ confined worker may:
   libraries it has mapped (torch's, the CUDA runtime's and driver's on a GPU host: read from /proc/self/maps, so
   nothing is hard-coded), a few files of /etc that the C library reads (ld.so.cache, localtime; for a worker granted
   network name lookup's, and the interfaces and PCI devices of /sys that gloo lists), /proc/self, the CPU list and
-  THP settings of /sys, and on a real GPU the NVIDIA device files (read, write, ioctl), /proc/driver/nvidia,
-  /sys/bus/pci and /sys/devices (the driver's queries) and the CUDA JIT cache (read);
+  THP settings of /sys, and on a real GPU the driver's control files and its own GPU's file only (read, write,
+  ioctl: `gpu_devices`; round 40: until then every /dev/nvidia* of the host, another tenant's GPU included),
+  /proc/driver/nvidia, /sys/bus/pci and /sys/devices (the driver's queries) and the CUDA JIT cache (read);
 - write nowhere (the profile and audit files of GPUPOOL_WORKER_PROFILE and GPUPOOL_OP_AUDIT are opened before);
   /dev/null is writable;
 - execute nothing; make, remove, rename, link or truncate nothing;
@@ -31,9 +32,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import stat
 import sys
 import sysconfig
+from dataclasses import dataclass
 
 # system call numbers (the same on every architecture: they were added after the tables were unified)
 NR_CREATE_RULESET, NR_ADD_RULE, NR_RESTRICT_SELF = 444, 445, 446
@@ -68,7 +71,7 @@ NETWORK_READ = ("/etc/hosts", "/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/ga
                 "/etc/services", "/etc/protocols", "/sys/class/net", "/sys/bus/pci", "/sys/devices")  # fmt: skip
 SYS_READ = ("/sys/devices/system/cpu", "/sys/kernel/mm/transparent_hugepage", "/proc/sys/vm/overcommit_memory")
 DEVICES_READ = ("/dev/urandom", "/dev/random", "/dev/zero")
-GPU_READ = ("/proc/driver/nvidia", "/sys/bus/pci", "/sys/devices", "/dev/nvidia-caps")
+GPU_READ = ("/sys/bus/pci", "/sys/devices")  # and the driver's /proc folder and /dev/nvidia-caps (`gpu_paths`)
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -186,13 +189,116 @@ def read_paths() -> list[str]:
     return _base
 
 
-def gpu_paths() -> tuple[list[str], list[str]]:
+@dataclass(frozen=True)
+class GpuLayout:
+    """Where the NVIDIA driver keeps what `gpu_devices` reads: its device files, its /proc folder (a folder per GPU,
+    named by PCI address, whose `information` names the GPU's UUID and its device file's minor), and this process's
+    descriptors. A parameter so that tests lay out a tree like the driver's (tests/unit/test_gpu_isolation.py)."""
+
+    dev: str = "/dev"
+    driver: str = "/proc/driver/nvidia"
+    fds: str = "/proc/self/fd"
+
+
+DRIVER = GpuLayout()
+# the driver's files that are no GPU's own: every CUDA process opens nvidiactl and nvidia-uvm; nvidia-uvm-tools
+# (UVM's event queues: CUDA opens it for its tools' support) and nvidia-modeset where the host has them
+CONTROL_NODES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
+_GPU_NODE = re.compile(r"nvidia(\d+)")
+
+
+def _same_uuid(a: str, b: str) -> bool:
+    def bare(u: str) -> str:
+        u = u.strip().lower()
+        return u[4:] if u.startswith("gpu-") else u
+
+    return bool(a.strip()) and bare(a) == bare(b)
+
+
+def gpu_minor(uuid: str, pci: str = "", layout: GpuLayout = DRIVER) -> int | None:
+    """The minor of the device file (/dev/nvidiaN) of the GPU whose UUID is `uuid` (or, without a match by UUID,
+    whose PCI address is `pci`, "0000:18:00.0"), from the driver's /proc/driver/nvidia/gpus/*/information ("GPU
+    UUID:", "Bus Location:", "Device Minor:"); None where no GPU there matches (or the folder cannot be read)."""
+    root = os.path.join(layout.driver, "gpus")
+    try:
+        folders = sorted(os.listdir(root))
+    except OSError:
+        return None
+    by_pci: int | None = None
+    for folder in folders:
+        fields: dict[str, str] = {}
+        try:
+            with open(os.path.join(root, folder, "information")) as f:
+                for line in f:
+                    key, sep, value = line.partition(":")
+                    if sep:
+                        fields[key.strip().lower()] = value.strip()
+        except OSError:
+            continue
+        try:
+            minor = int(fields.get("device minor", ""))
+        except ValueError:
+            continue
+        if _same_uuid(uuid, fields.get("gpu uuid", "")):
+            return minor
+        if pci and pci.lower() in (folder.lower(), fields.get("bus location", "").lower()):
+            by_pci = minor
+    return by_pci
+
+
+def nvidia_files(layout: GpuLayout = DRIVER) -> list[str]:
+    """The NVIDIA device files (/dev/nvidia*) this process holds open (its descriptors' targets)."""
+    out: set[str] = set()
+    try:
+        fds = os.listdir(layout.fds)
+    except OSError:
+        return []
+    for fd in fds:
+        try:
+            target = os.readlink(os.path.join(layout.fds, fd))
+        except OSError:
+            continue
+        if target.startswith(os.path.join(layout.dev, "nvidia")):
+            out.add(target)
+    return sorted(out)
+
+
+def held_gpu_nodes(layout: GpuLayout = DRIVER) -> list[str]:
+    """The GPU device files (/dev/nvidiaN, not the control files) this process holds open: after a CUDA context
+    exists, its own GPU's (the driver opened it); Landlock narrows none of them."""
+    dev = layout.dev.rstrip("/")
+    return [p for p in nvidia_files(layout) if os.path.dirname(p) == dev and _GPU_NODE.fullmatch(os.path.basename(p))]
+
+
+def gpu_devices(uuid: str, pci: str = "", layout: GpuLayout = DRIVER) -> tuple[list[str], list[str]]:
+    """The NVIDIA device files a worker whose GPU is `uuid` (`pci`) may open (read, write, ioctl): the control files
+    the host has, and its own GPU's /dev/nvidiaN: its minor from the driver's /proc (`gpu_minor`), else the GPU
+    files it already holds open (a worker sees one GPU: CUDA_VISIBLE_DEVICES), else none. Never another GPU's:
+    until round 40 every /dev/nvidia* of the host, so a tenant's code could open another tenant's GPU. Also returns
+    what is amiss (for the sandbox report): no own file found, or another GPU's file held open from before."""
+    dev = layout.dev
+    nodes = [os.path.join(dev, n) for n in CONTROL_NODES if os.path.exists(os.path.join(dev, n))]
+    held = held_gpu_nodes(layout)
+    minor = gpu_minor(uuid, pci, layout)
+    notes: list[str] = []
+    if minor is not None:
+        own = [os.path.join(dev, f"nvidia{minor}")]
+    else:
+        own = held
+        where = f"{', '.join(held)} (the GPU files it holds open)" if held else "none"
+        notes.append(f"GPU {uuid or pci or '?'} not in {layout.driver}/gpus: its device file granted: {where}")
+    notes += [f"{path} open from before the ruleset (not this worker's GPU)" for path in held if path not in own]
+    return nodes + own, notes
+
+
+def gpu_paths(uuid: str = "", pci: str = "", layout: GpuLayout = DRIVER) -> tuple[list[str], list[str], list[str]]:
     """On a real GPU, after the worker made its CUDA context: (what it reads: the libraries CUDA mapped, the driver's
-    /proc and /sys, the JIT cache; the NVIDIA device files it reads, writes and sends ioctls to)."""
+    /proc and /sys, the JIT cache; the NVIDIA device files it reads, writes and sends ioctls to: `gpu_devices`;
+    what is amiss)."""
     cache = os.environ.get("CUDA_CACHE_PATH") or os.path.expanduser("~/.nv/ComputeCache")
-    devices = [os.path.join("/dev", n) for n in sorted(os.listdir("/dev")) if n.startswith("nvidia")]
-    reads = mapped_paths() | set(GPU_READ) | {cache}
-    return _minimal(reads - set(devices)), [d for d in devices if not os.path.isdir(d)]
+    devices, notes = gpu_devices(uuid, pci, layout)
+    reads = mapped_paths() | set(GPU_READ) | {cache, layout.driver, os.path.join(layout.dev, "nvidia-caps")}
+    return _minimal(reads - set(devices)), devices, notes
 
 
 def _add_path(ruleset: int, path: str, access: int) -> str:
@@ -212,10 +318,19 @@ def _add_path(ruleset: int, path: str, access: int) -> str:
     return ""
 
 
-def restrict(*, network: bool, gpu: bool, version: int = -1) -> tuple[list[str], list[str]]:
+def restrict(
+    *,
+    network: bool,
+    gpu: bool,
+    version: int = -1,
+    gpu_uuid: str = "",
+    gpu_pci: str = "",
+    layout: GpuLayout = DRIVER,
+) -> tuple[list[str], list[str]]:
     """Confine the calling thread (and every thread and process it starts from now on) for good; the caller has set
     no_new_privs. `network`: keep TCP bind and connect (a lease that grants network: collectives). `gpu`: a real GPU
-    (its device files, driver files and libraries). Returns (what was applied, what is missing)."""
+    (its driver files and libraries, and of the device files the control ones and those of the GPU `gpu_uuid`, PCI
+    address `gpu_pci`, only: `gpu_devices`). Returns (what was applied, what is missing)."""
     version = abi() if version < 0 else version
     if version <= 0:
         return [], ["landlock: not in this kernel"]
@@ -235,9 +350,10 @@ def restrict(*, network: bool, gpu: bool, version: int = -1) -> tuple[list[str],
         reads.append(f"/proc/{os.getpid()}")  # /proc/self (not another process's)
         devices = ["/dev/null"]
         if gpu:
-            more, nvidia = gpu_paths()
+            more, nvidia, notes = gpu_paths(gpu_uuid, gpu_pci, layout)
             reads += more
             devices += nvidia
+            missing += [f"landlock: {note}" for note in notes]
         for path in reads:
             if os.path.exists(path):
                 why = _add_path(ruleset, path, READ & handled_fs)

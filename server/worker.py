@@ -14,6 +14,7 @@ import gc
 import logging
 import mmap
 import os
+import re
 import select
 import socket
 import struct
@@ -21,7 +22,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -160,24 +161,60 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
-def _device(spec: WorkerSpec) -> Device:
+def _device(spec: WorkerSpec, ordinal: int = -1) -> Device:
     from gpupool.wire import device_info
 
     from .devices import rebuild
 
     d = spec.device
-    return rebuild(device_info(d["index"], d["uuid"], d["model"], d["memory_bytes"], d["fake"]))
+    return rebuild(device_info(d["index"], d["uuid"], d["model"], d["memory_bytes"], d["fake"]), ordinal)
+
+
+# A GPU's UUID as CUDA takes it in CUDA_VISIBLE_DEVICES (not the daemon's stand-in "GPU-cuda<index>" for a GPU whose
+# properties named none)
+_CUDA_UUID = re.compile(r"(GPU|MIG)-[0-9a-fA-F]{8}-[0-9a-fA-F/-]{20,}")
+
+
+def visible_device(device: Mapping[str, Any], env: Mapping[str, str]) -> str:
+    """What a session worker of the real GPU `device` (WorkerSpec.device) sets CUDA_VISIBLE_DEVICES to before
+    anything in it starts CUDA, so that its own GPU is the only one CUDA shows it (as cuda:0): the GPU's UUID, or
+    where the daemon knows none its index, through the CUDA_VISIBLE_DEVICES the daemon itself ran under (`env`:
+    the daemon's torch numbered what that list showed it). Until round 40 a worker saw every GPU of the host."""
+    uuid = str(device.get("uuid", ""))
+    if _CUDA_UUID.fullmatch(uuid):
+        return uuid
+    index = int(device["index"])
+    listed = env.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return str(index)
+    entries = [e.strip() for e in listed.split(",")]
+    if not 0 <= index < len(entries) or not entries[index]:
+        raise RuntimeError(f"GPU {index} is not in the daemon's CUDA_VISIBLE_DEVICES ({listed!r}): no GPU to show")
+    return entries[index]
+
+
+def _see_own_gpu(spec: WorkerSpec) -> int:
+    """On a real GPU, before anything starts CUDA here: show CUDA this worker's GPU alone (`visible_device`), and
+    leave the zygote's PYTORCH_NVML_BASED_CUDA_CHECK (its fork guard: this process forks nothing), with which
+    torch.cuda.is_available() asks NVML, which opens the device file of every GPU of the host, whatever
+    CUDA_VISIBLE_DEVICES says, and keeps them open past the sandbox. Returns CUDA's ordinal of the GPU here: 0 (-1
+    on a fake GPU, which is left exactly as it was)."""
+    if spec.device.get("fake", True):
+        return -1
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible_device(spec.device, os.environ)
+    os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+    return 0
 
 
 class _SessionState:
     """The session's tensors and executor, shared by both runners."""
 
-    def __init__(self, spec: WorkerSpec) -> None:
+    def __init__(self, spec: WorkerSpec, ordinal: int = -1) -> None:
         from . import graph
         from .executor import CommandExecutor
         from .sessions import DeviceMemory, WorkerSession
 
-        self.device = _device(spec)
+        self.device = _device(spec, ordinal)
         self.session = WorkerSession(
             spec.session_id,
             spec.number,
@@ -646,6 +683,7 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     """The worker's life: confine, then serve slices until the daemon closes the socket. Returns an exit code."""
     from . import native_runner, sandbox, workerprofile
 
+    ordinal = _see_own_gpu(spec)  # before anything starts CUDA (the zygote never does)
     # first, while root and single-threaded (CUDA and torch start threads; a mount namespace is a thread's)
     hidden = sandbox.private_proc() if os.geteuid() == 0 and (spec.user or spec.uid > 0) else "not dropping root"
     sys.dont_write_bytecode = True  # no .pyc writes from a process that may not create files
@@ -655,7 +693,7 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     torch.set_grad_enabled(False)  # this process never records autograd history
     if spec.cpu_threads > 0:
         torch.set_num_threads(spec.cpu_threads)
-    state = _SessionState(spec)  # on a real GPU this creates the worker's own CUDA context
+    state = _SessionState(spec, ordinal)  # on a real GPU this creates the worker's own CUDA context
     state.executor.exclusive_rng = True  # this process serves one session: its generator holds the session's stream
     if not state.device.fake:
         margin = spec.gpu_margin if spec.gpu_margin >= 0 else gpu_margin(spec.quota)
@@ -681,7 +719,12 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
         groups=tuple(spec.groups),
         landlock=spec.landlock,
         gpu=not state.device.fake and state.device.torch_device.type == "cuda",
+        gpu_uuid=state.device.uuid,
+        gpu_pci=getattr(state.device, "pci", ""),
     )
+    # NCCL makes shared-memory files in /dev/shm and talks over unix sockets, which Landlock and seccomp refuse: a
+    # confined worker's `--collectives gloo` groups are gloo's from the start (server/collectives.py `use_nccl`)
+    state.executor.collectives.confined = spec.landlock or spec.seccomp
     (report.missing if hidden else report.applied).append(f"private /proc: {hidden}" if hidden else "private /proc")
     log.debug("session %d worker %d sandbox: %s; missing: %s", spec.number, os.getpid(), report.applied, report.missing)
     progress = mmap.mmap(progress_fd, SHARED_BYTES)

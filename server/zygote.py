@@ -331,6 +331,10 @@ class Zygote:
             if hello.get("ready") is True:
                 log.info("zygote %d ready", self.pid)
                 _threads_at_fork(self.pid, hello, "ready")
+                if hello.get("gpu_files"):  # (`_release_nvml`: none expected)
+                    files = ", ".join(map(str, hello["gpu_files"]))
+                    log.error("the zygote (pid %d) holds NVIDIA device files open, which every worker inherits "
+                              "(Landlock narrows no descriptor): %s", self.pid, files)  # fmt: skip
                 self._ready = True
             elif self._sock is sock:
                 log.error("the zygote did not start: %r", line)
@@ -459,6 +463,7 @@ def _zygote(ctrl: socket.socket, sink: StderrSink | None = None) -> None:
     landlock.read_paths()  # what workers may read under Landlock: found once here (modules, libraries), inherited
     sandbox.seccomp_library()  # (`ldconfig -p`: an exec, once here rather than in every worker)
     _stop_blas_threads()
+    _release_nvml()
     children: set[int] = set()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -467,7 +472,8 @@ def _zygote(ctrl: socket.socket, sink: StderrSink | None = None) -> None:
     # The daemon died or stopped (PR_SET_PDEATHSIG, `main`, lands before the end of `ctrl` is read below): its
     # workers go with it, even one that never reads its session socket again (a tenant's code blocked in a call)
     signal.signal(signal.SIGTERM, lambda *_: _end(children))
-    ctrl.sendall(json.dumps({"ready": True, "threads": _other_threads()}).encode() + b"\n")
+    hello = {"ready": True, "threads": _other_threads(), "gpu_files": landlock.nvidia_files()}
+    ctrl.sendall(json.dumps(hello).encode() + b"\n")
     outputs: dict[int, WorkerOutput] = {}  # read end of a worker's stdout and stderr -> what forwards it
     sink = sink or StderrSink()  # where they go (and the zygote's own lines): the daemon's stderr, never waited on
     poller = select.poll()  # (not select(): a worker's pipe may be numbered past FD_SETSIZE)
@@ -564,6 +570,25 @@ def _stop_blas_threads() -> None:
                 continue
             stop.restype = ctypes.c_int
             stop()
+
+
+def _release_nvml() -> int:
+    """Shut NVML down where something here started it (torch's device count with PYTORCH_NVML_BASED_CUDA_CHECK:
+    torch.utils.cpp_extension's import asks it when the zygote builds the native runner on a host with a CUDA
+    toolkit). NVML opens the device file of every GPU of the host and keeps them open until its last shutdown; the
+    zygote's descriptors are every worker's after the fork, where Landlock narrows none of them: any tenant's code
+    could send another GPU's driver ioctls through them. Returns how many shutdowns it took (torch starts NVML once
+    a count and never shuts it down); a library that is not loaded is left unloaded (RTLD_NOLOAD)."""
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1", mode=os.RTLD_NOLOAD)
+        shutdown = nvml.nvmlShutdown
+    except (OSError, AttributeError):
+        return 0
+    shutdown.restype = ctypes.c_int
+    count = 0
+    while count < 4096 and shutdown() == 0:  # NVML_SUCCESS until the last reference; then UNINITIALIZED
+        count += 1
+    return count
 
 
 def _other_threads() -> list[str]:

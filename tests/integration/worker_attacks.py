@@ -344,6 +344,35 @@ def probe_cuda_work(ctx: dict[str, Any]) -> str:
     return f"open: {ran}"
 
 
+def probe_gpu_isolation(ctx: dict[str, Any]) -> str:
+    """Which GPUs a confined real GPU's worker sees and may open (round 40): "report: " and JSON of its
+    CUDA_VISIBLE_DEVICES, CUDA's device count and its device 0's UUID, the NVIDIA files it holds open, and which of the
+    host's GPU device files (/dev/nvidiaN: found by stat, which Landlock leaves alone) a read-only open (what seccomp
+    lets through) reaches."""
+    import torch
+    from gpupool.server import landlock
+
+    props = torch.cuda.get_device_properties(0)
+    got: dict[str, Any] = {
+        "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "device_count": torch.cuda.device_count(),
+        "uuid": str(getattr(props, "uuid", "")),
+        "held": landlock.nvidia_files(),
+        "opened": [],
+        "refused": [],
+    }
+    for minor in range(256):
+        path = f"/dev/nvidia{minor}"
+        if not os.path.exists(path):
+            continue
+        try:
+            os.close(os.open(path, os.O_RDONLY))
+            got["opened"].append(path)
+        except OSError as exc:
+            got["refused"].append(f"{path} {errno.errorcode.get(exc.errno or 0, exc.errno)}")
+    return "report: " + json.dumps(got)
+
+
 def probe_hang(ctx: dict[str, Any]) -> str:
     """Not a probe: a worker that never reads its session socket again (a tenant's code blocked in a call), so
     nothing but a signal ends it. Reports nothing."""
