@@ -1,8 +1,11 @@
 """Metrics at scale: scrape time, size and series count of /metrics for a daemon and for the scheduler.
 
 Every row runs real programs as subprocesses (so the bench's own client threads do not share the scraped
-process's GIL) and scrapes their /metrics over HTTP like Prometheus does:
-- daemon, 1 fake GPU, no session (baseline);
+process's GIL) and scrapes their /metrics like Prometheus does, over HTTPS with a client certificate (since round
+40; a new connection, handshake included, each scrape, as the servers close each after its answer):
+- daemon, 1 fake GPU, no session, plaintext HTTP (`--metrics-plaintext`: the baseline, what every scrape was
+  until round 40);
+- daemon, 1 fake GPU, no session (HTTPS);
 - daemon, 8 fake GPUs, 32 attached sessions of 32 tenants (4 per device, share 0.25), each having run ops,
   one failing op, an upload and a download, idle while scraped;
 - the same with all 32 sessions busy running matmuls while scraped;
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import ssl
 import statistics
 import subprocess
 import sys
@@ -71,7 +75,7 @@ def program(args: list[str], workdir: Path, name: str) -> Iterator[tuple[int, in
         while time.monotonic() < deadline and proc.poll() is None:
             text = log.read_text(errors="replace")
             listen = re.search(r"listening on \S*?:(\d+)", text)
-            metrics = re.search(r"metrics on http://\S*?:(\d+)/metrics", text)
+            metrics = re.search(r"metrics on https?://\S*?:(\d+)/metrics", text)
             if listen and metrics:
                 ports = int(listen.group(1)), int(metrics.group(1))
                 break
@@ -88,13 +92,19 @@ def program(args: list[str], workdir: Path, name: str) -> Iterator[tuple[int, in
             proc.wait()
 
 
-def measure(name: str, metrics_port: int, scrapes: int) -> Row:
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
+def measure(name: str, metrics_port: int, scrapes: int, plaintext: bool = False) -> Row:
+    """`scrapes` scrapes of /metrics: HTTPS with this process's certificate (GPUPOOL_TLS_*: an operator's, which
+    the endpoints answer), or plain HTTP."""
+    context = None
+    if not plaintext:
+        context = ssl.create_default_context(cafile=os.environ["GPUPOOL_TLS_CA"])
+        context.load_cert_chain(os.environ["GPUPOOL_TLS_CERT"], os.environ["GPUPOOL_TLS_KEY"])
+    url = f"{'http' if plaintext else 'https'}://127.0.0.1:{metrics_port}/metrics"
     times = []
     body = b""
     for _ in range(scrapes):
         start = time.perf_counter()
-        with urllib.request.urlopen(url, timeout=30) as resp:
+        with urllib.request.urlopen(url, timeout=30, context=context) as resp:
             body = resp.read()
         times.append(time.perf_counter() - start)
     lines = [ln for ln in body.decode().splitlines() if ln and not ln.startswith("#")]
@@ -132,6 +142,9 @@ def daemon_rows(workdir: Path, key_file: Path, scrapes: int) -> list[Row]:
     public.write_bytes(tokens.public_pem(key.public))
     common = ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--token-public-keys", str(public)]
     rows = []
+    plain = ["serve", *common, "--fake-gpus", "1", "--host-id", HOST, "--metrics-plaintext"]
+    with program(plain, workdir, "daemon-1-http") as (_, mport):
+        rows.append(measure("daemon: 1 GPU, 0 sessions, HTTP", mport, scrapes, plaintext=True))
     with program(["serve", *common, "--fake-gpus", "1", "--host-id", HOST], workdir, "daemon-1") as (_, mport):
         rows.append(measure("daemon: 1 GPU, 0 sessions", mport, scrapes))
     args = ["serve", *common, "--fake-gpus", "8", "--fake-gpu-memory", "1GiB", "--host-id", HOST]

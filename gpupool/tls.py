@@ -90,6 +90,25 @@ def add_tls_flags(parser: argparse.ArgumentParser, *, client_auth: str | None = 
         )
 
 
+def add_metrics_flags(parser: argparse.ArgumentParser, default: str) -> None:
+    """--metrics-listen (default `default`) and --metrics-plaintext: the daemon's and the scheduler's /metrics
+    endpoint (gpupool/metrics_http.py), HTTPS with --tls-cert to scrapers' client certificates of --tls-ca."""
+    add_flag(
+        parser,
+        "--metrics-listen",
+        default=default,
+        help="Prometheus metrics HOST:PORT ('0': off): HTTPS with --tls-cert, to client certificates of --tls-ca "
+        "naming a metrics or admin identity (docs/metrics.md)",
+    )
+    add_flag(
+        parser,
+        "--metrics-plaintext",
+        action="store_true",
+        help="serve metrics in plaintext HTTP to anyone who reaches the port (every tenant's names and usage; "
+        "--insecure does too)",
+    )
+
+
 def add_client_flags(parser: argparse.ArgumentParser) -> None:
     """The client side: --tls-ca, --tls-cert, --tls-key, --api-token-file, --insecure (all also GPUPOOL_*)."""
     add_flag(parser, "--tls-ca", default="", help="PEM CA bundle that verifies the scheduler and daemons")

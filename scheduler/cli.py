@@ -105,20 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tls.add_tls_flags(p, client_auth="require")
     add_flag(p, "--health-listen", default="", help="plaintext HOST:PORT serving only grpc.health.v1 (probes)")
-    add_flag(
-        p,
-        "--metrics-listen",
-        default="127.0.0.1:9451",
-        help="Prometheus HOST:PORT; 0 turns metrics off: HTTPS with --tls-cert, to client certificates of --tls-ca "
-        "naming a metrics or admin identity (docs/metrics.md)",
-    )
-    add_flag(
-        p,
-        "--metrics-plaintext",
-        action="store_true",
-        help="serve metrics in plaintext HTTP to anyone who reaches the port (every tenant's names and usage; "
-        "--insecure does too)",
-    )
+    tls.add_metrics_flags(p, "127.0.0.1:9451")
     add_flag(p, "--lease-ttl", type=float, default=60.0, help="seconds a lease lives unless renewed")
     add_flag(p, "--host-timeout", type=float, default=10.0, help="seconds of silence before a host is marked down")
     add_flag(p, "--heartbeat-interval", type=float, default=2.0, help="seconds between daemon heartbeats")
@@ -253,13 +240,14 @@ class SchedulerServer:
         return f"{self.host}:{self.port}"
 
     def start(self) -> SchedulerServer:
-        self.server.start()
+        # (metrics first: one that cannot start, a TLS file refused, leaves no gRPC server behind)
         if self.config.metrics_listen not in ("", "0"):
             host, port = split_address(self.config.metrics_listen)
             plain = self.config.metrics_plaintext
             http = serve_metrics(host, port, self.metrics.registry, None if plain else self.config.tls, "the scheduler")
             self._metrics_http = http
             self.metrics_port = http.server_port
+        self.server.start()
         self._health_server = tls.serve_health(self.config.health_listen, self.health)
         if self.core is not None:
             self._serve()

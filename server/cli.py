@@ -44,20 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--fake-gpu-gbps", type=float, default=0.0, help="speed model: fake GPUs' memory GB/s (0: off)")
     add_flag(p, "--fake-link-gbps", type=float, default=0.0, help="speed model: GB/s between daemons (0: off)")
     add_flag(p, "--host-id", default=socket.gethostname(), help="this host's id, as tokens name it")
-    add_flag(
-        p,
-        "--metrics-listen",
-        default="127.0.0.1:9450",
-        help="Prometheus metrics HOST:PORT ('0': off): HTTPS with --tls-cert, to client certificates of --tls-ca "
-        "naming a metrics or admin identity (docs/metrics.md)",
-    )
-    add_flag(
-        p,
-        "--metrics-plaintext",
-        action="store_true",
-        help="serve metrics in plaintext HTTP to anyone who reaches the port (every tenant's names and usage; "
-        "--insecure does too)",
-    )
+    tls.add_metrics_flags(p, "127.0.0.1:9450")
     add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (HA replicas) to register with")
     add_flag(p, "--advertise", default="", help="address the scheduler gives clients (default: the listen address)")
     add_flag(p, "--heartbeat-interval", type=float, default=2.0, help="seconds between heartbeats to the scheduler")
