@@ -398,7 +398,6 @@ def main(argv: list[str]) -> int:
                 else ""
             )
             + "Use it:\n"
-            f"Use it:\n"
             f"  export GPUPOOL_SCHEDULER={sched_addr}\n"
             + "".join(f"  export {k}={v}\n" for k, v in tls.client_env(creds.client(creds.user)).items())
             + "  gpupool run -n 1 -p 0.5 -- python train.py\n"
