@@ -7,7 +7,8 @@ connections open, each sending one header line every 0.3 s (so no read ever time
 of being dropped: a slowloris client. Printed per side: scrapes answered, the median scrape time, and how many holder
 connections it reopened (those it saw dropped). Round 20's server closed every connection past its 32 unanswered,
 so a holder kept every scrape out; this checkout's gives the oldest connection still sending its request up to a
-newcomer.
+newcomer. Both sides serve plain HTTP (`serve_metrics` without a TLS config: since round 40 this checkout's logs a
+warning saying so), so the slot rule is compared alone; the TLS endpoints' scrapes are bench/metrics_scale.py's.
 
     nice -n 10 python bench/metrics_hold.py --against /work/wt/base --against-python /work/wt/base/.venv/bin/python
 """

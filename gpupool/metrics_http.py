@@ -14,22 +14,64 @@ them unanswered, so one client holding 32 idle or trickling connections (a byte 
 timeout; one dropped is reopened) kept every scrape out. Now a newcomer takes the slot of the oldest connection that
 has not sent its whole request yet: a scrape (its request sent at once, then answered in milliseconds) is always
 served; only when all 32 are being answered is a newcomer closed unanswered.
+
+TLS (round 40): the endpoints answer every tenant's names and usage, so they serve HTTPS with the program's own
+certificate (`--tls-cert/--tls-key`) and require a client certificate signed by its `--tls-ca` that names a scraper:
+``gpupool://metrics/<name>`` (what `gpupool up` issues for Prometheus, `pki-metrics-prometheus`; no gRPC service
+accepts that role) or ``gpupool://admin/<name>`` (an operator, who sees every tenant through the scheduler's
+ListPool anyway). A tenant's or a host's certificate is answered 403: a tenant would read the other tenants'
+figures. Until round 40 they were plaintext HTTP that answered anyone who reached them (any local user on the
+default 127.0.0.1). Plaintext only where the operator asks (`--metrics-plaintext`, or the program's own
+`--insecure`), with a warning. The handshake runs in the connection's thread, never the accept loop, bounded as a
+whole by `REQUEST_SECONDS` (not per read: a client trickling its hello a byte at a time is dropped too), and a
+connection in its handshake counts as waiting for its request: a newcomer takes its slot.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import select
 import socket
+import ssl
 import threading
+import time
+from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from cryptography import x509
 from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
+
+from gpupool import pki, tls
+from gpupool.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.05  # seconds: the longest a stop waits for the serving loop
 REQUEST_SECONDS = 5.0  # a connection's socket timeout: a client silent this long is dropped
 MAX_CONNECTIONS = 32  # connections served at once (a thread each); more are closed at once
+SCRAPERS = ("metrics", "admin")  # the roles of the client certificates that may scrape over TLS
+REFUSED = "gpupool.refused"  # the WSGI environ key: why this connection's client may not scrape ("" : it may)
+
+
+def scraper_refusal(der: bytes | None) -> str:
+    """Why the client certificate `der` (verified against the CA already) may not scrape, "" when it may: exactly
+    one gpupool identity, of a role in SCRAPERS."""
+    if not der:
+        return "no client certificate"
+    try:
+        named = set(pki.identities(x509.load_der_x509_certificate(der)))
+    except ValueError:
+        return "a client certificate that does not parse"
+    if len(named) != 1:
+        return f"a client certificate naming {len(named)} gpupool identities (one gpupool://metrics/<name> is needed)"
+    role, name = named.pop()
+    if role not in SCRAPERS:
+        return f"the {role} certificate {name[:64]!r} may not read the metrics (a metrics or admin certificate may)"
+    return ""
 
 
 class _Quiet(WSGIRequestHandler):
@@ -43,6 +85,12 @@ class _Quiet(WSGIRequestHandler):
             self.server.answering(self.connection)  # type: ignore[attr-defined]
         return ok
 
+    def get_environ(self) -> dict[str, Any]:
+        env = super().get_environ()
+        if isinstance(self.connection, ssl.SSLSocket):
+            env[REFUSED] = scraper_refusal(self.connection.getpeercert(binary_form=True))
+        return env
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
         """No access log (as prometheus_client's own handler)."""
 
@@ -54,9 +102,11 @@ class _Server(ThreadingMixIn, WSGIServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.open_connections = 0  # served now (a thread each): at most MAX_CONNECTIONS
-        # the connections served now that have not sent their whole request yet, oldest first
-        self._waiting: dict[Any, None] = {}
+        # the connections served now that have not sent their whole request yet (their handshake included), oldest
+        # first: the accepted socket -> the socket that is shut to drop it (its TLS socket once wrapped)
+        self._waiting: dict[Any, Any] = {}
         self._changed = threading.Condition()
+        self.tls: tls.SocketServerTls | None = None  # HTTPS (the client certificate of a scraper required), or HTTP
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Serve `request` in a thread of its own. With MAX_CONNECTIONS served already, the oldest of them still
@@ -67,9 +117,9 @@ class _Server(ThreadingMixIn, WSGIServer):
             if self.open_connections >= MAX_CONNECTIONS:
                 oldest = next(iter(self._waiting), None)
                 if oldest is not None:
-                    del self._waiting[oldest]
-                    try:
-                        oldest.shutdown(socket.SHUT_RDWR)  # its thread's read ends at once: the thread ends
+                    shut = self._waiting.pop(oldest)
+                    try:  # (the socket's own shutdown, not TLS's: no record written, no state of its thread changed)
+                        socket.socket.shutdown(shut, socket.SHUT_RDWR)  # its thread's read ends at once: it ends
                     except OSError:
                         pass
                     # its thread's end frees the slot (ms): at most MAX_CONNECTIONS threads, ever
@@ -77,7 +127,7 @@ class _Server(ThreadingMixIn, WSGIServer):
             full = self.open_connections >= MAX_CONNECTIONS
             if not full:
                 self.open_connections += 1
-                self._waiting[request] = None
+                self._waiting[request] = request
         if full:
             self.shutdown_request(request)  # closed unanswered: no thread for it
             return
@@ -93,9 +143,30 @@ class _Server(ThreadingMixIn, WSGIServer):
         finally:
             self._release(request)
 
-    def answering(self, request: Any) -> None:
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Serve one connection (in its thread); over TLS, its handshake first, bounded as a whole."""
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        with self._changed:  # (no I/O: the handshake is below) the TLS socket is the one a newcomer shuts now
+            conn = self.tls.context().wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+            if request in self._waiting:
+                self._waiting[request] = conn
+        try:
+            handshake(conn, REQUEST_SECONDS)
+            self.RequestHandlerClass(conn, client_address, self)  # type: ignore[arg-type]  # (typeshed: Self)
+        finally:
+            try:
+                socket.socket.shutdown(conn, socket.SHUT_WR)  # (as socketserver's shutdown_request does for HTTP)
+            except OSError:
+                pass
+            conn.close()
+
+    def answering(self, conn: Any) -> None:
         with self._changed:
-            self._waiting.pop(request, None)
+            for request, shut in list(self._waiting.items()):
+                if conn is request or conn is shut:
+                    del self._waiting[request]
 
     def _release(self, request: Any) -> None:
         with self._changed:
@@ -107,15 +178,74 @@ class _Server(ThreadingMixIn, WSGIServer):
         """A client that timed out or went away: nothing to log (socketserver prints a traceback to stderr)."""
 
 
-def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:
-    """Serve `registry` on http://HOST:PORT/metrics (port 0 picks one; `server.server_port` is the bound port) from a
-    daemon thread; stop with `stop_metrics`. An IPv6 host gets an IPv6 socket (as prometheus_client does)."""
+def handshake(conn: ssl.SSLSocket, seconds: float) -> None:
+    """The server side of `conn`'s TLS handshake, done within `seconds` in all (TimeoutError past them), whatever
+    the client sends when; `conn` is left blocking with a timeout of `seconds` a read or write."""
+    conn.setblocking(False)
+    deadline = time.monotonic() + seconds
+    poller = select.poll()
+    while True:
+        try:
+            conn.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            events = select.POLLIN
+        except ssl.SSLWantWriteError:
+            events = select.POLLOUT
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("TLS handshake not done in time")
+        poller.register(conn, events)
+        poller.poll(left * 1000)
+        poller.unregister(conn)
+    conn.settimeout(seconds)
+
+
+def _scrapers_only(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+    """`app`, but 403 to a TLS client whose certificate names no scraper (`scraper_refusal`)."""
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        refused = environ.get(REFUSED, "")
+        if refused:
+            start_response("403 Forbidden", [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"refused: {refused}\n".encode()]
+        return app(environ, start_response)
+
+    return guarded
+
+
+def metrics_tls(cfg: tls.TlsConfig) -> tls.SocketServerTls:
+    """The metrics port's TLS: `cfg`'s certificate and key, a client certificate signed by its CA required."""
+    if not cfg.ca:
+        raise InvalidArgument(
+            "metrics over TLS need --tls-ca (the CA of the scrapers' client certificates); --metrics-plaintext "
+            "serves them in plaintext, --metrics-listen 0 turns them off"
+        )
+    return tls.SocketServerTls(dataclasses.replace(cfg, client_auth="require"), side=False)
+
+
+def serve_metrics(
+    host: str, port: int, registry: CollectorRegistry, tls_config: tls.TlsConfig | None = None, program: str = ""
+) -> WSGIServer:
+    """Serve `registry` on https://HOST:PORT/metrics with `tls_config`'s certificate to scrapers' client
+    certificates (see the module), or on http:// when `tls_config` is None or insecure (warning, naming `program`);
+    port 0 picks one (`server.server_port` is the bound port); from a daemon thread; stop with `stop_metrics`. An
+    IPv6 host gets an IPv6 socket (as prometheus_client does)."""
+    context = None if tls_config is None or tls_config.insecure else metrics_tls(tls_config)
     family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
 
     class Server(_Server):
         address_family = family
 
-    server = make_server(str(sockaddr[0]), port, make_wsgi_app(registry), Server, handler_class=_Quiet)
+    server = make_server(str(sockaddr[0]), port, _scrapers_only(make_wsgi_app(registry)), Server, handler_class=_Quiet)
+    server.tls = context  # type: ignore[attr-defined]
+    if context is None:
+        log.warning(
+            "%s serves its metrics in PLAINTEXT HTTP on %s:%d (%s): whoever reaches the port reads every tenant's "
+            "names and usage",
+            program or "this program", host, server.server_port,
+            "--insecure" if tls_config is not None and tls_config.insecure else "--metrics-plaintext",
+        )  # fmt: skip
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": POLL_INTERVAL}, name="metrics-http", daemon=True
     )

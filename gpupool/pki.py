@@ -3,7 +3,8 @@ the CA, server, host and client certificates of a pool.
 
 Identities: every certificate gpupool issues names its holder in a URI subject alternative name
 ``gpupool://<role>/<name>`` (role: ``host`` - a daemon, name = host id; ``tenant``; ``admin``; ``server`` - a
-scheduler), with the name also as the common name. cert-manager issues the same with ``uris:`` and
+scheduler; ``metrics`` - a scraper of the /metrics endpoints, gpupool/metrics_http.py, that no gRPC service
+accepts), with the name also as the common name. cert-manager issues the same with ``uris:`` and
 ``commonName:``. Keys are written owner-only (0600).
 """
 
@@ -24,7 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from gpupool.config import UnsafeFile, read_trusted, write_secret
 from gpupool.errors import InvalidArgument
 
-ROLES = ("host", "tenant", "admin", "server")
+ROLES = ("host", "tenant", "admin", "server", "metrics")
 URI_PREFIX = "gpupool://"
 DAY = datetime.timedelta(days=1)
 
@@ -148,17 +149,23 @@ def issued_by(cert_pem: bytes, ca: LocalCA) -> bool:
 
 def identity_of(cert_pem: bytes) -> tuple[str, str] | None:
     """(role, name) from a certificate's ``gpupool://role/name`` URI, else None."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
+    found = identities(x509.load_pem_x509_certificate(cert_pem))
+    return found[0] if found else None
+
+
+def identities(cert: x509.Certificate) -> list[tuple[str, str]]:
+    """Every (role, name) the certificate's ``gpupool://role/name`` URIs name, in their order."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        return None
+        return []
+    out = []
     for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
         if uri.startswith(URI_PREFIX):
             role, _, name = uri[len(URI_PREFIX) :].partition("/")
             if role in ROLES and name:
-                return role, name
-    return None
+                out.append((role, name))
+    return out
 
 
 def loopback_env(directory: Path) -> dict[str, str]:

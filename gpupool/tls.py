@@ -90,6 +90,25 @@ def add_tls_flags(parser: argparse.ArgumentParser, *, client_auth: str | None = 
         )
 
 
+def add_metrics_flags(parser: argparse.ArgumentParser, default: str) -> None:
+    """--metrics-listen (default `default`) and --metrics-plaintext: the daemon's and the scheduler's /metrics
+    endpoint (gpupool/metrics_http.py), HTTPS with --tls-cert to scrapers' client certificates of --tls-ca."""
+    add_flag(
+        parser,
+        "--metrics-listen",
+        default=default,
+        help="Prometheus metrics HOST:PORT ('0': off): HTTPS with --tls-cert, to client certificates of --tls-ca "
+        "naming a metrics or admin identity (docs/metrics.md)",
+    )
+    add_flag(
+        parser,
+        "--metrics-plaintext",
+        action="store_true",
+        help="serve metrics in plaintext HTTP to anyone who reaches the port (every tenant's names and usage; "
+        "--insecure does too)",
+    )
+
+
 def add_client_flags(parser: argparse.ArgumentParser) -> None:
     """The client side: --tls-ca, --tls-cert, --tls-key, --api-token-file, --insecure (all also GPUPOOL_*)."""
     add_flag(parser, "--tls-ca", default="", help="PEM CA bundle that verifies the scheduler and daemons")
@@ -414,11 +433,14 @@ def channel(
 
 class SocketServerTls:
     """An `ssl.SSLContext` for a raw server socket with `cfg`'s certificate, key and client-certificate rule
-    (the gRPC port's), rebuilt when the files change (new connections use it, as on the gRPC port)."""
+    (the gRPC port's), rebuilt when the files change (new connections use it, as on the gRPC port). `side`: the
+    daemon's side socket (read-ahead, `SideSocket`); else a plain blocking TLS server socket (the metrics port,
+    gpupool/metrics_http.py)."""
 
-    def __init__(self, cfg: TlsConfig) -> None:
+    def __init__(self, cfg: TlsConfig, *, side: bool = True) -> None:
         cfg.check_server()
         self.cfg = cfg
+        self.side = side
         self._lock = threading.Lock()
         self._reloader = _Reloader(cfg)
         self._ctx = self._build()
@@ -427,8 +449,9 @@ class SocketServerTls:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.options |= ssl.OP_NO_RENEGOTIATION  # (TLS 1.2) a write never waits for a read: see `read_ahead`
-        read_ahead(ctx)
-        ctx.sslsocket_class = SideSocket  # (buffered once bound: `SideSocket.buffer`)
+        if self.side:
+            read_ahead(ctx)
+            ctx.sslsocket_class = SideSocket  # (buffered once bound: `SideSocket.buffer`)
         with _opened(self.cfg.key, KEY) as key:
             ctx.load_cert_chain(self.cfg.cert, key)
         if self.cfg.client_auth == "require":

@@ -4,7 +4,9 @@ The two programs run as child processes (they never import each other). Next to 
 keeps (creating them on first use, owner-only) a token signing key and its public key, and a local CA
 (`pki/ca.crt`, `pki/ca.key`; or the CA in `--ca-dir`) with certificates for the
 scheduler, the daemon (a host certificate named by its host id), the user
-(a tenant certificate) and an operator (admin); every link is mutual TLS. The daemon serves the real GPUs
+(a tenant certificate), an operator (admin) and Prometheus (`pki/metrics-prometheus`: the one certificate besides
+the operator's that the metrics endpoints answer, and no gRPC service accepts); every link is mutual TLS, the
+metrics pages too (HTTPS). The daemon serves the real GPUs
 torch sees, else 2 fake ones, with its side port on (`--bulk-listen`: a session's frames, replies and large
 transfers on one TLS socket instead of gRPC messages, docs/wire.md; `--bulk-listen off` keeps them on the gRPC
 stream). Once the daemon has registered, `up` prints where everything listens and the
@@ -40,7 +42,7 @@ from gpupool.errors import GpupoolError, InvalidArgument
 from gpupool.protocol import HostState
 
 LISTEN_RE = re.compile(r"listening on (\S+:\d+)")
-METRICS_RE = re.compile(r"metrics on (http://\S+)")
+METRICS_RE = re.compile(r"metrics on (https?://\S+)")
 START_TIMEOUT = 120.0
 # A daemon's first start may build its native runner after its zygote's imports, with a bound of its own
 # (server/native_runner.py's, repeated here: that module imports torch; docs/operations.md "First start"); the daemon
@@ -127,6 +129,7 @@ class Credentials:
     daemon: pki.CertFiles
     user: pki.CertFiles
     admin: pki.CertFiles
+    metrics: pki.CertFiles  # Prometheus' client certificate for the /metrics endpoints (role metrics)
 
     def client(self, who: pki.CertFiles) -> tls.TlsConfig:
         return tls.TlsConfig(cert=str(who.cert), key=str(who.key), ca=str(self.ca))
@@ -203,7 +206,7 @@ def make_credentials(directory: Path, host_id: str, *addresses: str, ca_dir: Pat
     user = getpass.getuser()
     return Credentials(
         key, public, ca.cert_path, cert("server", "scheduler", True), cert("host", host_id, True),
-        cert("tenant", user), cert("admin", "admin"),
+        cert("tenant", user), cert("admin", "admin"), cert("metrics", "prometheus"),
     )  # fmt: skip
 
 
@@ -380,13 +383,21 @@ def main(argv: list[str]) -> int:
             print("gpupool up: the daemon did not start or register (see its log above)", file=sys.stderr)
             return 1
         gpus = f"{real} GPU(s)" if real else f"{fake} fake GPU(s) of {format_size(cfg.fake_gpu_memory)}"
+        pages = [sched.find(METRICS_RE, 1), daemon.find(METRICS_RE, 1)]
+        scrape = next((p for p in pages if p), None)
         print(
             f"gpupool is up: {gpus}\n"
-            f"  scheduler  {sched_addr}  metrics {sched.find(METRICS_RE, 1) or 'off'}  state {cfg.state}\n"
-            f"  daemon     {daemon_addr}  metrics {daemon.find(METRICS_RE, 1) or 'off'}\n"
+            f"  scheduler  {sched_addr}  metrics {pages[0] or 'off'}  state {cfg.state}\n"
+            f"  daemon     {daemon_addr}  metrics {pages[1] or 'off'}\n"
             f"  token key  {creds.key} (public: {creds.public})\n"
             f"  TLS        CA {creds.ca}; admin certificate {creds.admin.cert}\n"
-            f"Use it:\n"
+            + (
+                f"  metrics    Prometheus' client certificate {creds.metrics.cert} (key {creds.metrics.key}):\n"
+                f"    curl --cacert {creds.ca} --cert {creds.metrics.cert} --key {creds.metrics.key} {scrape}\n"
+                if scrape
+                else ""
+            )
+            + "Use it:\n"
             f"  export GPUPOOL_SCHEDULER={sched_addr}\n"
             + "".join(f"  export {k}={v}\n" for k, v in tls.client_env(creds.client(creds.user)).items())
             + "  gpupool run -n 1 -p 0.5 -- python train.py\n"

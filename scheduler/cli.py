@@ -65,7 +65,8 @@ class SchedulerConfig:
     listen: str = "127.0.0.1:50050"
     state: str = ":memory:"
     token_key_file: str | None = None
-    metrics_listen: str = "127.0.0.1:9451"
+    metrics_listen: str = "127.0.0.1:9451"  # HTTPS to scrapers' client certificates (gpupool/metrics_http.py)
+    metrics_plaintext: bool = False  # serve them in plaintext HTTP instead (so does `tls.insecure`)
     lease_ttl: float = 60.0
     host_timeout: float = 10.0
     heartbeat_interval: float = 2.0
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tls.add_tls_flags(p, client_auth="require")
     add_flag(p, "--health-listen", default="", help="plaintext HOST:PORT serving only grpc.health.v1 (probes)")
-    add_flag(p, "--metrics-listen", default="127.0.0.1:9451", help="Prometheus HOST:PORT; 0 turns metrics off")
+    tls.add_metrics_flags(p, "127.0.0.1:9451")
     add_flag(p, "--lease-ttl", type=float, default=60.0, help="seconds a lease lives unless renewed")
     add_flag(p, "--host-timeout", type=float, default=10.0, help="seconds of silence before a host is marked down")
     add_flag(p, "--heartbeat-interval", type=float, default=2.0, help="seconds between daemon heartbeats")
@@ -239,12 +240,14 @@ class SchedulerServer:
         return f"{self.host}:{self.port}"
 
     def start(self) -> SchedulerServer:
-        self.server.start()
+        # (metrics first: one that cannot start, a TLS file refused, leaves no gRPC server behind)
         if self.config.metrics_listen not in ("", "0"):
             host, port = split_address(self.config.metrics_listen)
-            http = serve_metrics(host, port, self.metrics.registry)
+            plain = self.config.metrics_plaintext
+            http = serve_metrics(host, port, self.metrics.registry, None if plain else self.config.tls, "the scheduler")
             self._metrics_http = http
             self.metrics_port = http.server_port
+        self.server.start()
         self._health_server = tls.serve_health(self.config.health_listen, self.health)
         if self.core is not None:
             self._serve()
@@ -318,6 +321,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         state=args.state,
         token_key_file=args.token_key_file,
         metrics_listen=args.metrics_listen,
+        metrics_plaintext=args.metrics_plaintext,
         lease_ttl=args.lease_ttl,
         host_timeout=args.host_timeout,
         heartbeat_interval=args.heartbeat_interval,
@@ -364,7 +368,9 @@ def main(argv: list[str]) -> int:
         "listening on %s (state %s, lease ttl %gs)%s", server.address, _redact(config.state), config.lease_ttl, standby
     )
     if server.metrics_port:
-        log.info("metrics on http://%s:%d/metrics", split_address(config.metrics_listen)[0], server.metrics_port)
+        scheme = "http" if config.metrics_plaintext or config.tls.insecure else "https"
+        host = split_address(config.metrics_listen)[0]
+        log.info("metrics on %s://%s:%d/metrics", scheme, host, server.metrics_port)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

@@ -31,7 +31,9 @@ class RunningDaemon:
             self.server, self.port, self.health = create_server(self.daemon, config.listen, self.bulk)
             host, _ = split_address(config.listen)
             self.address = f"{host}:{self.port}"
-            self.metrics_port = self.daemon.metrics.serve(config.metrics_listen)
+            self.metrics_port = self.daemon.metrics.serve(
+                config.metrics_listen, None if config.metrics_plaintext else config.tls
+            )
             self.health_server = tls.serve_health(config.health_listen, self.health)
         except Exception:
             if self.bulk is not None:
@@ -66,7 +68,9 @@ class RunningDaemon:
         if self.bulk is not None:
             log.info("bulk side port %d", self.bulk.port)
         if self.metrics_port:
-            log.info("metrics on http://%s:%d/metrics", split_address(config.metrics_listen)[0], self.metrics_port)
+            scheme = "http" if config.metrics_plaintext or config.tls.insecure else "https"
+            host = split_address(config.metrics_listen)[0]
+            log.info("metrics on %s://%s:%d/metrics", scheme, host, self.metrics_port)
 
     def stop(self, grace: float = 5.0, drain: bool = True) -> None:
         """Health NOT_SERVING, finish what was received (when `drain`), close sessions, stop serving."""

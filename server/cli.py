@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--fake-gpu-gbps", type=float, default=0.0, help="speed model: fake GPUs' memory GB/s (0: off)")
     add_flag(p, "--fake-link-gbps", type=float, default=0.0, help="speed model: GB/s between daemons (0: off)")
     add_flag(p, "--host-id", default=socket.gethostname(), help="this host's id, as tokens name it")
-    add_flag(p, "--metrics-listen", default="127.0.0.1:9450", help="Prometheus metrics HOST:PORT ('0': off)")
+    tls.add_metrics_flags(p, "127.0.0.1:9450")
     add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (HA replicas) to register with")
     add_flag(p, "--advertise", default="", help="address the scheduler gives clients (default: the listen address)")
     add_flag(p, "--heartbeat-interval", type=float, default=2.0, help="seconds between heartbeats to the scheduler")
@@ -227,6 +227,7 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
         health_listen=args.health_listen,
         tls=dataclasses.replace(tls.config_from_args(args), api_token_file=args.join_token_file),
         metrics_listen=args.metrics_listen,
+        metrics_plaintext=args.metrics_plaintext,
         scheduler=args.scheduler,
         advertise=args.advertise,
         heartbeat_interval=args.heartbeat_interval,

@@ -92,7 +92,8 @@ class DaemonConfig:
     token_key: tokens.KeyLike = field(default=b"", repr=False)  # a Verifier of public keys (bytes: a test seed)
     tls: TlsConfig = TlsConfig()
     health_listen: str = ""  # plaintext grpc.health.v1 only, for probes that cannot speak TLS
-    metrics_listen: str = "127.0.0.1:9450"
+    metrics_listen: str = "127.0.0.1:9450"  # HTTPS to scrapers' client certificates (gpupool/metrics_http.py)
+    metrics_plaintext: bool = False  # serve them in plaintext HTTP instead (so does `tls.insecure`)
     scheduler: str = ""
     advertise: str = ""
     heartbeat_interval: float = 2.0

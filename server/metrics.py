@@ -22,6 +22,7 @@ from prometheus_client.utils import floatToGoString
 
 from gpupool.config import split_address
 from gpupool.metrics_http import serve_metrics, stop_metrics
+from gpupool.tls import TlsConfig
 
 from .slices import LEARNED_OPS, NATIVE_OPS
 
@@ -272,12 +273,13 @@ class Metrics:
         self._server: Any = None
         self.port = 0
 
-    def serve(self, address: str) -> int:
-        """Serve /metrics on HOST:PORT (port 0 picks one); returns the bound port. "0" or "" = off."""
+    def serve(self, address: str, tls_config: TlsConfig | None) -> int:
+        """Serve /metrics on HOST:PORT (port 0 picks one) over TLS with `tls_config` (plaintext, warned about, when
+        None or insecure: gpupool/metrics_http.py); returns the bound port. "0" or "" = off."""
         if address in ("", "0"):
             return 0
         host, port = split_address(address)
-        server = serve_metrics(host, port, self.registry)
+        server = serve_metrics(host, port, self.registry, tls_config, "the daemon")
         self._server = server
         self.port = int(server.server_port)
         return self.port

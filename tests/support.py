@@ -113,6 +113,31 @@ def tls_channel(address: str, options: Any = ()) -> grpc.Channel:
 plaintext_channel = grpc.insecure_channel
 
 
+def metrics_context(role: str = "", name: str = "prometheus") -> Any:
+    """An ssl context that verifies a test server's certificate against the test CA and presents a client
+    certificate: the test process's (admin) one, or a fresh `role` one named `name` (a metrics scraper's, a
+    tenant's: gpupool/metrics_http.py decides which may scrape)."""
+    import ssl
+
+    files = get_pki().issue(role, name) if role else get_pki().server
+    context = ssl.create_default_context(cafile=get_pki().ca_file)
+    context.load_cert_chain(str(files.cert), str(files.key))
+    return context
+
+
+def scrape(port: int, role: str = "", name: str = "prometheus", *, plaintext: bool = False, timeout: float = 10) -> str:
+    """The page of a test server's /metrics on 127.0.0.1:PORT: HTTPS with `metrics_context(role, name)`, or plain
+    HTTP (`plaintext`: a server run with --metrics-plaintext or --insecure). urllib's errors propagate (a 403)."""
+    import urllib.request
+
+    if plaintext:
+        url, context = f"http://127.0.0.1:{port}/metrics", None
+    else:
+        url, context = f"https://127.0.0.1:{port}/metrics", metrics_context(role, name)
+    with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
+        return str(resp.read().decode())
+
+
 def public_key_file(key_file: Path) -> Path:
     """The public key file (`--token-public-keys`) for a token key file: a PEM private key, or the raw secret
     bytes tests use as a seed (see `tokens.Signer.from_seed`)."""
@@ -306,7 +331,7 @@ class Program:
     def ports(self) -> tuple[int, int]:
         """(gRPC port, metrics port) from the startup log."""
         grpc_port = int(self.wait_for(r"listening on \S*?:(\d+)").group(1))
-        metrics_port = int(self.wait_for(r"metrics on http://\S*?:(\d+)/metrics").group(1))
+        metrics_port = int(self.wait_for(r"metrics on https?://\S*?:(\d+)/metrics").group(1))
         return grpc_port, metrics_port
 
     def stop(self) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Program, tls_channel
+from support import Program, get_pki, tls_channel
 
 from gpupool import tokens
 
@@ -154,8 +154,16 @@ def prometheus(pool: Pool, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         "gpupool-daemon": [f"127.0.0.1:{port}" for port in pool.daemon_metrics.values()],
     }
     assert {job["job_name"] for job in config["scrape_configs"]} == set(targets)
+    # Mutual TLS as prometheus.yml configures it: the files it names (relative to the config's folder) are the
+    # tests' CA and a metrics certificate of it (the role the endpoints answer: gpupool/metrics_http.py)
+    scraper = get_pki().issue("metrics", "prometheus")
+    given = {"ca_file": Path(get_pki().ca_file), "cert_file": scraper.cert, "key_file": scraper.key}
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": targets[job["job_name"]]}]
+        assert job["scheme"] == "https", job
+        for key, name in job["tls_config"].items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(given[key], tmp / name)
     (tmp / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
     for attempt in range(5):
         # Prometheus cannot report a port it picked itself: take a free one, retry if another process won it.

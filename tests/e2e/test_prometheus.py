@@ -81,9 +81,12 @@ def scraped(pool: Any, prometheus: Any, workload: Any) -> Any:
 
 
 def test_every_target_is_up(pool: Any, prometheus: Any, scraped: Any) -> None:
+    """Every target up, scraped over HTTPS with the metrics certificate (deploy/prometheus/prometheus.yml's
+    tls_config: the endpoints answer nothing else since round 40)."""
     targets = prometheus.api("targets")["data"]["activeTargets"]
     assert len(targets) == 1 + len(pool.hosts)
     assert all(t["health"] == "up" for t in targets), [(t["scrapeUrl"], t["lastError"]) for t in targets]
+    assert all(t["scrapeUrl"].startswith("https://") for t in targets), [t["scrapeUrl"] for t in targets]
 
 
 def test_template_variables_list_the_pool(pool: Any, prometheus: Any, scraped: Any) -> None:

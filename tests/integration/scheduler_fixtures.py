@@ -28,7 +28,7 @@ from gpupool._proto import device_pb2
 ROOT = Path(__file__).resolve().parents[2]
 GiB = 1024**3
 LISTEN_RE = re.compile(r"listening on (\S+):(\d+)")
-METRICS_RE = re.compile(r"metrics on http://(\S+):(\d+)")
+METRICS_RE = re.compile(r"metrics on https?://(\S+):(\d+)")
 
 
 class Proc:

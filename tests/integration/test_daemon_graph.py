@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 from gpupool.client.session import Handle, Session
-from support import Healthy, tls_channel
+from support import Healthy, scrape, tls_channel
 from test_daemon_bad_input import assert_still_usable
 
 from gpupool import errors, wire
@@ -216,7 +215,7 @@ def test_a_traced_graph_keeps_the_embedding_index_guard(daemon: Any, session: Se
             session.sync()
     want = torch.ops.aten.embedding_dense_backward.default(grad, idx, 10, -1, False)
     assert torch.equal(session.download(run(idx)), want)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10).read().decode()
+    text = scrape(daemon.metrics_port)
     lines = text.splitlines()
     traced = [line for line in lines if line.startswith("gpupool_graph_events_total{") and 'event="traced"' in line]
     assert any('tenant="bad"' in line and line.endswith(" 1.0") for line in traced), traced

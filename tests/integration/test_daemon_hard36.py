@@ -5,7 +5,6 @@ element count."""
 
 from __future__ import annotations
 
-import urllib.request
 import uuid
 from typing import Any
 
@@ -14,6 +13,7 @@ import test_collectives
 import torch
 from gpupool.client.session import Handle, Session
 from gpupool.server import native_runner
+from support import scrape
 from test_collectives import collective
 from test_daemon_red34 import CANARY, MiB, _plant
 from test_daemon_rev35 import _whole
@@ -31,7 +31,7 @@ def _rec(op_id: int, name: str | None, outputs: list[int], args: list[bytes]) ->
 
 
 def _native_ops(metrics_port: int, tenant: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    text = scrape(metrics_port)
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()

@@ -35,7 +35,6 @@ import secrets
 import struct
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ from gpupool.client.session import Session
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import DaemonHandle, Healthy, MiB, start_serve_process, stop_process, tls_channel
+from support import DaemonHandle, Healthy, MiB, scrape, start_serve_process, stop_process, tls_channel
 from torch import nn
 
 from gpupool import compact, wire
@@ -367,7 +366,7 @@ def serve(tmp: Path, *args: str, native: bool = True) -> Iterator[DaemonHandle]:
     deadline = time.monotonic() + 30
     while not port and time.monotonic() < deadline:
         lines = list(proc.log_lines)  # type: ignore[attr-defined]
-        found = [re.search(r"metrics on http://\S+:(\d+)/metrics", line) for line in lines]
+        found = [re.search(r"metrics on https?://\S+:(\d+)/metrics", line) for line in lines]
         port = next((int(m.group(1)) for m in found if m), 0)
         time.sleep(0.05)
     assert port, "the daemon logged no metrics port"
@@ -525,7 +524,7 @@ def _short(answer: tuple[Any, ...]) -> str:
 
 def learned_ops(daemon: DaemonHandle, tenant: str) -> float:
     """gpupool_eager_learned_ops_total of a tenant: its eager records run inside learned runs."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10).read().decode()
+    text = scrape(daemon.metrics_port)
     pattern = rf'^gpupool_eager_learned_ops_total{{[^}}]*tenant="{tenant}"[^}}]*}} (\S+)$'
     return sum(float(v) for v in re.findall(pattern, text, re.M))
 

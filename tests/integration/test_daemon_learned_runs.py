@@ -6,11 +6,11 @@ the C++ runner ran: docs/metrics.md)."""
 from __future__ import annotations
 
 import re
-import urllib.request
 from typing import Any
 
 import torch
 from gpupool.server import native_runner
+from support import scrape
 from torch import nn
 
 
@@ -50,7 +50,7 @@ def test_a_training_loop_runs_in_learned_runs_and_the_metrics_count_them(daemon:
     finally:
         gt.detach_all()
     assert max(abs(a - b) for a, b in zip(remote, local, strict=True)) < 1e-5, (remote, local)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10).read().decode()
+    text = scrape(daemon.metrics_port)
     assert re.search(r"^# TYPE gpupool_eager_learned_ops_total counter$", text, re.M), text[:2000]
     learned = _counter(text, "gpupool_eager_learned_ops_total", "runs")
     ops = _counter(text, "gpupool_tenant_ops_total", "runs")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
+import ssl
 import threading
 import time
-import urllib.request
 from typing import Any
 
 import grpc
@@ -16,7 +16,7 @@ import pytest
 import torch
 from gpupool.client.session import Handle, Session
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import tls_channel
+from support import metrics_context, scrape, tls_channel
 
 from gpupool import errors, metrics_http
 from gpupool._proto import device_pb2, device_pb2_grpc
@@ -214,7 +214,9 @@ def test_metrics_endpoint_outlasts_idle_and_slow_clients(daemon: Any) -> None:
     """A local client opens many connections to /metrics and sends a partial request on each (slowloris). Each
     held a thread of the daemon for as long as the client liked (prometheus_client's server, then round 19's):
     thousands held that many threads and sockets. Now at most MAX_CONNECTIONS are served at once (the others are
-    closed unanswered) and a silent one is dropped after REQUEST_SECONDS; a scrape is answered after that."""
+    closed unanswered) and a silent one is dropped after REQUEST_SECONDS; a scrape is answered after that. Since
+    round 40 the endpoint is TLS: every other connection never starts its handshake (the handshake, in the
+    connection's thread, is bounded as the request is), the others finish it and send a partial request."""
 
     def serving() -> int:
         return sum("process_request_thread" in t.name for t in threading.enumerate())
@@ -222,10 +224,13 @@ def test_metrics_endpoint_outlasts_idle_and_slow_clients(daemon: Any) -> None:
     before = serving()
     n = metrics_http.MAX_CONNECTIONS + 16
     conns = []
-    for _ in range(n):
+    context = metrics_context()
+    for k in range(n):
         c = socket.create_connection(("127.0.0.1", daemon.metrics_port), timeout=10)
-        c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # the request never ends
-        conns.append(c)
+        if k % 2:
+            c = context.wrap_socket(c, server_hostname="127.0.0.1")
+            c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # the request never ends
+        conns.append(c)  # (even k: silent, its handshake never starts)
     deadline = time.monotonic() + 3  # the server accepts them one by one
     while serving() - before <= metrics_http.MAX_CONNECTIONS and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -236,11 +241,11 @@ def test_metrics_endpoint_outlasts_idle_and_slow_clients(daemon: Any) -> None:
         c.settimeout(metrics_http.REQUEST_SECONDS + 10 - (time.monotonic() - start))
         try:
             assert c.recv(1024) == b""
-        except ConnectionResetError:
+        except (ConnectionResetError, ssl.SSLEOFError):
             pass
         c.close()
     assert time.monotonic() - start < metrics_http.REQUEST_SECONDS + 5
-    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10).read().decode()
+    text = scrape(daemon.metrics_port)
     assert "gpupool_device_info{" in text
     deadline = time.monotonic() + 5
     while serving() > before and time.monotonic() < deadline:
@@ -258,9 +263,11 @@ def test_a_client_holding_every_metrics_connection_never_keeps_a_scrape_out(daem
     def serving() -> int:
         return sum("process_request_thread" in t.name for t in threading.enumerate())
 
+    context = metrics_context()
+
     def opened() -> socket.socket:
-        c = socket.create_connection(("127.0.0.1", port), timeout=2)
-        c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # the request never ends
+        c = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=2), server_hostname="127.0.0.1")
+        c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # the request never ends (its handshake done: TLS)
         return c
 
     before = serving()
@@ -290,7 +297,7 @@ def test_a_client_holding_every_metrics_connection_never_keeps_a_scrape_out(daem
         assert serving() - before == metrics_http.MAX_CONNECTIONS  # every slot is the client's
         most = 0
         for _ in range(10):
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            text = scrape(port, timeout=5)
             assert "gpupool_device_info{" in text
             most = max(most, serving() - before)
             time.sleep(0.1)
@@ -309,10 +316,10 @@ def test_metrics_endpoint(daemon: Any) -> None:
         s.call("aten::not_an_op.default")
         with pytest.raises(errors.InvalidArgument):
             s.sync()
-        text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10).read().decode()
+        text = scrape(daemon.metrics_port)
         assert 'gpupool_session_share{UUID="GPU-' in text and 'lease="LM"' in text
         assert "gpupool_session_memory_used_bytes{" in text and "gpupool_session_memory_limit_bytes{" in text
-    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10).read().decode()
+    text = scrape(daemon.metrics_port)
     for name in (
         "gpupool_device_info{",
         "gpupool_device_memory_capacity_bytes{",

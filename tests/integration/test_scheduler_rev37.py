@@ -25,6 +25,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,7 +40,7 @@ from gpupool.scheduler.auth import credential_line
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
 from grpc_health.v1 import health_pb2
 from scheduler_fixtures import Proc, SimHost, key_file, start_scheduler, wait_until
-from support import DaemonFactory, get_pki, mint_token, start_serve_process, stop_process
+from support import DaemonFactory, get_pki, mint_token, scrape, start_serve_process, stop_process
 from test_up import start_up
 
 from gpupool import tls, tokens
@@ -339,7 +340,7 @@ def test_the_schedulers_log_and_metrics_hold_no_secret(tmp_path: Path) -> None:
         for _ in range(3):
             with pytest.raises(Unauthenticated):
                 guess.list_pool()
-        page = urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port()}/metrics", timeout=10).read().decode()
+        page = scrape(proc.metrics_port())
         log = "\n".join(proc.lines)
         assert "host h1 registered" in log and "gpupool_" in page  # both were there to read
         for secret in seen:
@@ -390,15 +391,16 @@ def _address(raw: str) -> str:
     return str(mapped or ip)
 
 
-def test_every_socket_gpupool_up_listens_on_is_tls_but_its_metrics(tmp_path: Path) -> None:
-    """Pinned (holds on a490c2a): the scheduler's and the daemon's gRPC ports and the daemon's side port, whatever
-    the processes of `gpupool up` (the zygote and workers too) listen on, shake hands in TLS with a certificate of
-    the pool's CA and nothing else does but the two metrics pages (plaintext HTTP, loopback); all on loopback."""
+def test_every_socket_gpupool_up_listens_on_is_tls(tmp_path: Path) -> None:
+    """The scheduler's and the daemon's gRPC ports, the daemon's side port and (since round 40) the two metrics
+    pages, whatever the processes of `gpupool up` (the zygote and workers too) listen on, shake hands in TLS with a
+    certificate of the pool's CA; all on loopback. The gRPC and side ports: pinned (held on a490c2a); the metrics
+    pages answered a plaintext GET until round 40 (the page of every tenant to any local user)."""
     proc, _ = start_up(tmp_path)
     try:
         proc.wait_for(r"export GPUPOOL_TLS_KEY=", timeout=120)
         env = dict(re.findall(r"^\s+export (GPUPOOL_\w+)=(\S+)$", "\n".join(proc.lines), re.M))
-        metrics = {int(m) for m in re.findall(r"metrics on http://127\.0\.0\.1:(\d+)", "\n".join(proc.lines))}
+        metrics = {int(m) for m in re.findall(r"metrics on https://127\.0\.0\.1:(\d+)", "\n".join(proc.lines))}
         assert len(metrics) == 2, proc.log()
         sockets = _listening(_tree(proc.popen.pid))
         assert len(sockets) == 5, sockets  # two gRPC ports, the side port, two metrics pages
@@ -407,12 +409,27 @@ def test_every_socket_gpupool_up_listens_on_is_tls_but_its_metrics(tmp_path: Pat
         context.check_hostname = False
         for address, port in sorted(sockets):
             assert address == "127.0.0.1", (address, port)
-            with socket.create_connection((address, port), timeout=10) as raw:
-                if port in metrics:
+            if port in metrics:  # a plaintext GET gets no page
+                with socket.create_connection((address, port), timeout=10) as raw:
                     raw.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-                    assert raw.recv(12).startswith(b"HTTP/1."), port
-                    continue
+                    try:
+                        assert not raw.recv(12).startswith(b"HTTP/1."), port
+                    except ConnectionResetError:
+                        pass
+            with socket.create_connection((address, port), timeout=10) as raw:
                 with context.wrap_socket(raw) as tls_sock:  # the certificate verified against the pool's CA
                     assert tls_sock.getpeercert(), port
+        # The metrics pages: to the Prometheus certificate `up` printed; the user's (a tenant's) is refused (403)
+        curl = re.search(r"curl --cacert (\S+) --cert (\S+) --key (\S+) https://", "\n".join(proc.lines))
+        assert curl, proc.log()
+        scraper = ssl.create_default_context(cafile=curl.group(1))
+        scraper.load_cert_chain(curl.group(2), curl.group(3))
+        for port in metrics:
+            url = f"https://127.0.0.1:{port}/metrics"
+            with urllib.request.urlopen(url, timeout=10, context=scraper) as resp:
+                assert b"gpupool_" in resp.read()
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(url, timeout=10, context=context)
+            assert refused.value.code == 403
     finally:
         proc.stop()

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from gpupool.client.pool import Lease, SchedulerClient, lease
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from scheduler_fixtures import GiB, Proc, SimHost, key_file, silence_when_down, start_scheduler, wait_until
-from support import tls_channel
+from support import scrape, tls_channel
 
 from gpupool import tokens
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -223,7 +222,7 @@ def test_health_and_metrics(sched: tuple[Proc, str], hosts: list[SimHost]) -> No
             lease(0, 0.5, scheduler=address)
         with pytest.raises(ResourceExhausted):
             lease(3, 1.0, scheduler=address)
-        text = urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port()}/metrics", timeout=5).read().decode()
+        text = scrape(proc.metrics_port(), timeout=5)
 
     def value(name: str) -> float:
         m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)

@@ -115,7 +115,7 @@ def test_certificates_reload_without_a_restart(daemon_factory: DaemonFactory, tm
     old = get_pki().issue("host", "reload")
     shutil.copy(old.cert, cert)
     shutil.copy(old.key, key)
-    d = daemon_factory(tls=tls.TlsConfig(cert=str(cert), key=str(key)))
+    d = daemon_factory(tls=tls.TlsConfig(cert=str(cert), key=str(key)), metrics_listen="0")  # (no CA: no metrics)
     with tls.channel(d.address) as ch:
         health(ch)
     new_ca = pki.LocalCA(tmp_path / "new-ca")

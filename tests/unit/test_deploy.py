@@ -359,8 +359,19 @@ def test_prometheus_files_pass_promtool(tmp_path: Path) -> None:
         if os.environ.get("CI") == "true":
             pytest.fail("promtool missing in CI: scripts/setup.sh installs the Debian prometheus package")
         pytest.skip("promtool not installed (apt-get install prometheus)")
+    # promtool checks that the files of a scrape job's tls_config exist: the config's own folder, with stand-ins of
+    # the CA and Prometheus' client certificate where prometheus.yml names them (relative to that folder)
+    for name in ("prometheus.yml", "rules.yml"):
+        shutil.copy(DEPLOY / "prometheus" / name, tmp_path / name)
+    config = yaml.safe_load((tmp_path / "prometheus.yml").read_text())
+    named = {f for job in config["scrape_configs"] for k, f in job.get("tls_config", {}).items() if k.endswith("_file")}
+    assert named, "prometheus.yml scrapes without client certificates: the metrics endpoints refuse that"
+    for f in named:
+        assert not Path(f).is_absolute(), f
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("stand-in\n")
     for args in (["check", "rules", "rules.yml"], ["check", "config", "prometheus.yml"]):
-        out = subprocess.run([promtool, *args], cwd=DEPLOY / "prometheus", capture_output=True, text=True, timeout=60)
+        out = subprocess.run([promtool, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import re
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import support
 import torch
 from gpupool.client.session import Session
 from gpupool.server import graph_build
@@ -139,8 +139,7 @@ class Scrapes:
 
 
 def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        return resp.read().decode()
+    return support.scrape(port, "metrics")  # (HTTPS, Prometheus' certificate: what the contract's scrapers present)
 
 
 def run_ops(session: Session) -> None:
