@@ -13,8 +13,8 @@ from typing import Any
 import grpc
 
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
-from gpupool.errors import InvalidArgument, ResourceExhausted, Unavailable
-from gpupool.protocol import Policy
+from gpupool.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from gpupool.protocol import LeaseState, Policy
 
 from . import auth
 from .capacity import SHARE_UNITS, Host
@@ -106,7 +106,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     def Renew(self, request: scheduler_pb2.RenewRequest, context: grpc.ServicerContext) -> Any:
         self._check_owner(request.lease_id)
-        return self._lease_pb(self.core.renew(request.lease_id), with_tokens=True)
+        core = self.core
+        # The renewal and its tokens are one decision under the core's lock: until round 40 the lock was let go
+        # between them, and a Release (an expiry, a host lost) waiting on it came in between: Renew minted fresh
+        # tokens of a lease already ended (in 18 of 300 rounds of a Renew racing a Release, a SQLite state file).
+        with core.lock:
+            return self._lease_pb(core.renew(request.lease_id), with_tokens=True)
 
     def Release(self, request: scheduler_pb2.ReleaseRequest, context: grpc.ServicerContext) -> Any:
         self._check_owner(request.lease_id)
@@ -208,7 +213,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return out
 
     def _lease_pb(self, lease: LeaseRecord, with_tokens: bool) -> scheduler_pb2.Lease:
+        """The lease as a reply; `with_tokens`: its devices' tokens, minted only while it is active (an Allocate
+        whose lease its tenant released (ListPool names it), or whose host was lost, before the reply is refused)."""
         with self.core.lock:
+            if with_tokens and lease.state != LeaseState.ACTIVE:
+                raise FailedPrecondition(
+                    f"lease {lease.lease_id} is {lease.state} (it ended before this reply): allocate a new one"
+                )
             return scheduler_pb2.Lease(
                 lease_id=lease.lease_id,
                 devices=self._devices_pb(lease, with_tokens),

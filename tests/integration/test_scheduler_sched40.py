@@ -1,0 +1,90 @@
+"""Round 40 (sched40): the scheduler as the pool's credential authority under races and floods, and its output.
+
+Found and fixed here (fails on c586b76):
+- Renew extended a lease under the core's lock, let it go, then took it again to mint the lease's tokens: a Release
+  (or an expiry, a host lost) that came between was answered first, and Renew handed out fresh tokens of a lease
+  already ended (its hosts refused them only from their next heartbeat) (scheduler/service.py `Renew`, `_lease_pb`);
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from gpupool.client.pool import SchedulerClient
+from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
+from scheduler_fixtures import SimHost
+from support import get_pki
+
+from gpupool import tokens
+from gpupool._proto import scheduler_pb2
+from gpupool.errors import FailedPrecondition
+from gpupool.protocol import LeaseState
+
+
+def _scheduler(tmp: Path, **kw: object) -> SchedulerServer:
+    """A scheduler on loopback, its state a SQLite file (each decision a transaction on disk, as deployed), mutual TLS
+    (the test PKI), no tenant call limit (the rounds below are many)."""
+    config = SchedulerConfig(
+        listen="127.0.0.1:0", state=str(tmp / "state.db"), metrics_listen="0", tenant_rate=0.0,
+        tls=dataclasses.replace(get_pki().server_config(), client_auth="require"), **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+    return SchedulerServer(config, tokens.Signer.from_seed(b"sched40")).start()
+
+
+@pytest.fixture
+def sched(tmp_path: Path) -> Iterator[SchedulerServer]:
+    server = _scheduler(tmp_path, heartbeat_interval=0.3)
+    yield server
+    server.stop(grace=0)
+
+
+def test_renew_never_mints_a_token_for_a_lease_a_racing_release_ended(sched: SchedulerServer) -> None:
+    """alice renews and releases the same lease at once, from two connections, 300 rounds. Every token the scheduler
+    mints is minted while its lease is active (watched where it is minted, `Core.token`); a Renew the Release came
+    before is refused (FAILED_PRECONDITION). On c586b76 (18 of 300 rounds here) Renew extended the lease under
+    the core's lock, let the lock go and took it again to mint: the Release waiting on the lock came in between."""
+    core = sched.core
+    assert core is not None
+    minted_ended: list[str] = []
+    mint = core.token
+
+    def watched(lease, index):  # type: ignore[no-untyped-def]
+        if lease.state != LeaseState.ACTIVE:
+            minted_ended.append(f"{lease.lease_id} ({lease.state})")
+        return mint(lease, index)
+
+    core.token = watched  # type: ignore[method-assign]
+    host = SimHost(f"127.0.0.1:{sched.port}", "h1").start()
+    address = f"127.0.0.1:{sched.port}"
+    renewer = SchedulerClient(address, get_pki().client_config("tenant", "alice"))
+    releaser = SchedulerClient(address, get_pki().client_config("tenant", "alice"))
+    renewed = refused = 0
+    try:
+        for _ in range(300):
+            lease = renewer.allocate(scheduler_pb2.AllocateRequest(gpus=1, fraction=0.1, ttl_seconds=600))
+            both = threading.Barrier(2)
+
+            def release(lease_id: str = lease.lease_id, both: threading.Barrier = both) -> None:
+                both.wait()
+                releaser.release(lease_id)
+
+            t = threading.Thread(target=release)
+            t.start()
+            both.wait()
+            try:
+                renewer.renew(lease.lease_id)
+                renewed += 1
+            except FailedPrecondition as exc:  # the Release came first: "lease ... is released"
+                assert "released" in str(exc)
+                refused += 1
+            t.join(30)
+        assert not minted_ended, f"{len(minted_ended)} of 300 rounds minted ended leases' tokens: {minted_ended[:3]}"
+        assert renewed + refused == 300
+    finally:
+        host.stop()
+        renewer.close()
+        releaser.close()
