@@ -36,11 +36,16 @@ def _cursor(lease_id: str) -> str:
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(
-        self, core: Core | None, default_policy: Policy = Policy.BINPACK, host_writes: auth.HostWriteRate | None = None
+        self,
+        core: Core | None,
+        default_policy: Policy = Policy.BINPACK,
+        host_writes: auth.HostWriteRate | None = None,
+        host_beats: auth.HostBeatRate | None = None,
     ) -> None:
         self._core = core  # None while a standby (or after stepping down): every call answers UNAVAILABLE
         self.default_policy = default_policy
         self.host_writes = host_writes if host_writes is not None else auth.HostWriteRate(0.0)
+        self.host_beats = host_beats if host_beats is not None else auth.HostBeatRate(0.0)
 
     @property
     def core(self) -> Core:
@@ -71,7 +76,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         )
 
     def Heartbeat(self, request: scheduler_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> Any:
-        auth.current().check_host(request.host_id)
+        caller = auth.current()
+        caller.check_host(request.host_id)
+        if caller.role == auth.HOST and not self.host_beats.take(request.host_id):  # before the core's lock
+            raise ResourceExhausted(
+                f"host {request.host_id!r} is over its {self.host_beats.rate:g} heartbeats a second "
+                "(--host-heartbeat-rate): refused, nothing recorded; heartbeat every few seconds"
+            )
         if self.core.hosts.changes_state(request.host_id, request.draining):
             self._host_write(request.host_id, "a heartbeat that changes the host's state")
         used = {d.info.index: d.used_bytes for d in request.devices}

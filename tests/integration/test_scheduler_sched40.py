@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from gpupool.client.pool import SchedulerClient
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
-from scheduler_fixtures import SimHost
+from scheduler_fixtures import GiB, SimHost
 from support import get_pki
 
-from gpupool import tokens
-from gpupool._proto import scheduler_pb2
+from gpupool import tls, tokens
+from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
 from gpupool.errors import FailedPrecondition
 from gpupool.protocol import LeaseState
 
@@ -88,3 +90,36 @@ def test_renew_never_mints_a_token_for_a_lease_a_racing_release_ended(sched: Sch
         host.stop()
         renewer.close()
         releaser.close()
+
+
+def test_a_host_flooding_heartbeats_is_refused_past_its_rate_an_honest_host_never(sched: SchedulerServer) -> None:
+    """h1 (its own host certificate) heartbeats as fast as it can, 300 calls, while h2 heartbeats every 0.3 s: past
+    its bucket (10 s worth of `--host-heartbeat-rate`, 5 a second) h1 gets RESOURCE_EXHAUSTED naming the flag, and
+    h2 is never refused. On c586b76 a heartbeat that changes nothing was never limited: all 300 (and as many as a
+    host could send, each a hold of the core's lock with up to a message's worth of session ids) were served."""
+    address = f"127.0.0.1:{sched.port}"
+    honest = SimHost(address, "h2", tls_config=get_pki().client_config("host", "h2")).start()
+    channel = tls.channel(address, cfg=get_pki().client_config("host", "h1"))
+    stub = scheduler_pb2_grpc.SchedulerStub(channel)
+    try:
+        info = device_pb2.DeviceInfo(index=0, uuid="GPU-h1-0", model="fake", memory_bytes=GiB, fake=True)
+        register = scheduler_pb2.RegisterRequest(host_id="h1", address="127.0.0.1:40001", devices=[info])
+        stub.Register(register, timeout=10)
+        served, refused = 0, []
+        for _ in range(300):
+            try:
+                stub.Heartbeat(scheduler_pb2.HeartbeatRequest(host_id="h1"), timeout=10)
+                served += 1
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err  # type: ignore[attr-defined]
+                refused.append(err.details())  # type: ignore[attr-defined]
+        assert refused, f"all {served} heartbeats of h1 served"
+        assert "--host-heartbeat-rate" in refused[0] and "h1" in refused[0], refused[0]
+        assert 50 <= served < 150, served  # its burst, and what refilled meanwhile
+        time.sleep(1.0)  # h2 goes on heartbeating
+        assert not honest.refused, honest.refused
+        hosts = {h.host_id: h.state for h in SchedulerClient(address).list_pool().hosts}
+        assert hosts == {"h1": "up", "h2": "up"}, hosts
+    finally:
+        channel.close()
+        honest.stop()
