@@ -445,8 +445,8 @@ def more_open_files() -> None:
 
 def setup_logging(program: str, level: str | None = None, background: bool = False) -> None:
     """One log format per program: time, program, level, logger, message. `background`: lines go to stderr from a
-    thread of their own and a log call never waits on it (gpupool/logsink.py; the daemon's: a stderr pipe nobody
-    read stalled every session), Python's warnings with them."""
+    thread of their own and a log call never waits on it (gpupool/logsink.py; the daemon's and the scheduler's: a
+    stderr pipe nobody read stalled every session, every scheduler call), Python's warnings with them."""
     level = level or os.environ.get("GPUPOOL_LOG_LEVEL", "INFO")
     handlers: list[logging.Handler] | None = None
     if background:

@@ -1,4 +1,5 @@
-"""Log lines that never wait on stderr (round 39): the daemon's own (`gpupool serve`'s, `config.setup_logging`).
+"""Log lines that never wait on stderr (round 39): the daemon's own (`gpupool serve`'s, `config.setup_logging`), and
+since round 40 the scheduler's (its Register logs a line under the core's lock: a full pipe stopped the pool).
 
 A `logging.StreamHandler` writes each line from the thread that logs, holding the handler's lock: where stderr is a
 pipe its reader stopped reading (a supervisor that started the daemon with stderr=PIPE and then waits on something

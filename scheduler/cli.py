@@ -364,7 +364,7 @@ def main(argv: list[str]) -> int:
         if not 0 <= getattr(args, flag) < math.inf:
             parser.error(f"--{flag.replace('_', '-')} must be finite and not negative")
     config = config_from_args(args)
-    setup_logging("scheduler")
+    setup_logging("scheduler", background=True)  # its log lines never wait on stderr (gpupool/logsink.py)
     more_open_files()
     try:
         key = tokens.load_signer(config.token_key_file)

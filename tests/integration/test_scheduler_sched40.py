@@ -9,6 +9,12 @@ Found and fixed here (fails on c586b76):
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import os
+import re
+import select
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,13 +24,15 @@ import grpc
 import pytest
 from gpupool.client.pool import SchedulerClient
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
-from scheduler_fixtures import GiB, SimHost
+from scheduler_fixtures import GiB, SimHost, key_file
 from support import get_pki
 
 from gpupool import tls, tokens
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
 from gpupool.errors import FailedPrecondition
 from gpupool.protocol import LeaseState
+
+PIPE_BYTES = 4096  # the smallest a pipe holds (a page): a few dozen log lines fill it
 
 
 def _scheduler(tmp: Path, **kw: object) -> SchedulerServer:
@@ -123,3 +131,65 @@ def test_a_host_flooding_heartbeats_is_refused_past_its_rate_an_honest_host_neve
     finally:
         channel.close()
         honest.stop()
+
+
+def _read_until(fd: int, pattern: bytes, timeout: float) -> bytes:
+    """Read the pipe (non-blocking `fd`) until `pattern` is in what was read, or `timeout`."""
+    got, deadline = b"", time.monotonic() + timeout
+    while not re.search(pattern, got) and time.monotonic() < deadline:
+        select.select([fd], [], [], 0.2)
+        try:
+            chunk = os.read(fd, 1 << 20)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_a_scheduler_whose_stderr_pipe_is_not_read_still_answers_and_loses_no_line(tmp_path: Path) -> None:
+    """A `gpupool scheduler` whose stderr is a pipe of 4 KiB that its reader stopped reading (a supervisor started it
+    with stderr=PIPE and waits on something else): 100 hosts register (each logs a line, under the core's lock), all
+    answered; once the pipe is read, every line is there, whole, in order. On c586b76 the scheduler's log lines were
+    written from the thread that logged: the Register whose line met the full pipe never answered, holding the core's
+    lock, and nothing after it did (scheduler/cli.py: its log lines through gpupool/logsink.py `BackgroundStderr`)."""
+    fifo = tmp_path / "stderr"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    fcntl.fcntl(reader, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    writer = os.open(fifo, os.O_WRONLY)
+    cmd = [sys.executable, "-m", "gpupool.cli", "scheduler", "--listen", "127.0.0.1:0", "--metrics-listen", "0"]
+    cmd += ["--state", str(tmp_path / "state.db"), "--token-key-file", str(key_file(tmp_path))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=writer)
+    os.close(writer)
+    channel = None
+    try:
+        said = _read_until(reader, rb"listening on (\S+:\d+)", 60)
+        m = re.search(rb"listening on (\S+:\d+)", said)
+        assert m, said[-2000:]
+        channel = tls.channel(m.group(1).decode(), cfg=get_pki().client_config("admin", "ops"))
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        info = device_pb2.DeviceInfo(index=0, uuid="GPU-0", model="fake", memory_bytes=GiB, fake=True)
+        for n in range(100):  # (the pipe is not read meanwhile)
+            request = scheduler_pb2.RegisterRequest(host_id=f"host{n:03d}", address="127.0.0.1:40001", devices=[info])
+            try:
+                stub.Register(request, timeout=20)
+            except grpc.RpcError as err:
+                pytest.fail(f"Register {n} not answered with the scheduler's stderr full: {err}")
+        said += _read_until(reader, rb"host host099 registered", 60)
+        lines = said.decode(errors="replace").splitlines()
+        registered = [m.group(1) for line in lines if (m := re.search(r"host (host\d+) registered", line))]
+        assert registered == [f"host{n:03d}" for n in range(100)], registered[-3:]
+        assert "dropped" not in said.decode(errors="replace")
+        assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ scheduler ", line) for line in lines if line), lines
+    finally:
+        if channel is not None:
+            channel.close()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        os.close(reader)
