@@ -4,6 +4,13 @@ Found and fixed here (fails on c586b76):
 - Renew extended a lease under the core's lock, let it go, then took it again to mint the lease's tokens: a Release
   (or an expiry, a host lost) that came between was answered first, and Renew handed out fresh tokens of a lease
   already ended (its hosts refused them only from their next heartbeat) (scheduler/service.py `Renew`, `_lease_pb`);
+- a host credential's heartbeats that change nothing were never limited: one host heartbeating in a loop held the
+  core's lock as often as it liked (`--host-heartbeat-rate`, scheduler/auth.py `HostBeatRate`);
+- the scheduler wrote its log lines from the thread that logged: with its stderr a pipe nobody read, the Register
+  whose line met the full pipe never answered, holding the core's lock, and no call after it (scheduler/cli.py);
+- what the daemon and the scheduler wrote to descriptor 2 outside Python's logging (gRPC's C++ core, tracebacks
+  Python prints itself) waited on a full stderr: neither answered a call (gpupool/logsink.py `StderrPump`).
+docs/security.md "Round 40 (sched40)".
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import fcntl
 import os
 import re
 import select
+import socket
 import subprocess
 import sys
 import threading
@@ -22,10 +30,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from gpupool.client.pool import SchedulerClient
+from gpupool.client.session import Handle, Session
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
 from scheduler_fixtures import GiB, SimHost, key_file
-from support import get_pki
+from support import TEST_HOST, DaemonHandle, MiB, get_pki, public_key_file, stop_process
 
 from gpupool import tls, tokens
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -192,4 +202,171 @@ def test_a_scheduler_whose_stderr_pipe_is_not_read_still_answers_and_loses_no_li
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+        os.close(reader)
+
+
+PY_LINE = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (scheduler|gpupool-serve|gpupool-zygote) "  # a Python log line
+C_LINE = r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w./-]+:\d+\] "  # gRPC's core (absl's log format)
+DROPPED = r"\.\.\. \d+ log lines dropped here "
+TRACED = {"GRPC_VERBOSITY": "DEBUG", "GRPC_TRACE": "api"}  # gRPC's core writes lines of every call to descriptor 2
+
+
+def _stalled(kind: str) -> tuple[int, int]:
+    """(our end, the program's stderr) of a channel of ~4 KiB that we stop reading: a pipe (a supervisor's
+    stderr=PIPE), or a unix stream socket (what systemd gives a service for journald)."""
+    if kind == "pipe":
+        r, w = os.pipe()
+        fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    else:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PIPE_BYTES)
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PIPE_BYTES)
+        r, w = ours.detach(), theirs.detach()
+    os.set_blocking(r, False)
+    return r, w
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_a_scheduler_whose_c_output_is_not_read_still_answers(tmp_path: Path, kind: str) -> None:
+    """A `gpupool scheduler` with gRPC's core tracing every call (GRPC_TRACE=api: C++ writing to descriptor 2, not
+    through Python's logging) and its stderr a pipe, or journald's kind of stream socket, of ~4 KiB that nobody reads
+    after its "listening" line: 30 hosts register, all answered; once read, what arrives is whole lines, gRPC's and
+    the scheduler's (none cut into another), the last registration's among them. On c586b76 (and with
+    GPUPOOL_STDERR_DIRECT=1) gRPC's write waited on the full stderr and the scheduler answered no call
+    (gpupool/logsink.py `StderrPump`: descriptor 2 a pipe the scheduler drains itself)."""
+    reader, writer = _stalled(kind)
+    cmd = [sys.executable, "-m", "gpupool.cli", "scheduler", "--listen", "127.0.0.1:0", "--metrics-listen", "0"]
+    cmd += ["--state", str(tmp_path / "state.db"), "--token-key-file", str(key_file(tmp_path))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=writer, env={**os.environ, **TRACED})
+    os.close(writer)
+    channel = None
+    try:
+        said = _read_until(reader, rb"listening on (\S+:\d+)", 60)
+        m = re.search(rb"listening on (\S+:\d+)", said)
+        assert m, said[-2000:]
+        channel = tls.channel(m.group(1).decode(), cfg=get_pki().client_config("admin", "ops"))
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        info = device_pb2.DeviceInfo(index=0, uuid="GPU-0", model="fake", memory_bytes=GiB, fake=True)
+        for n in range(30):  # (the pipe is not read meanwhile)
+            request = scheduler_pb2.RegisterRequest(host_id=f"host{n:03d}", address="127.0.0.1:40001", devices=[info])
+            try:
+                stub.Register(request, timeout=20)
+            except grpc.RpcError as err:
+                pytest.fail(f"Register {n} not answered with the scheduler's stderr full: {err}")
+        said += _read_until(reader, rb"host host029 registered", 60)
+        lines = said.decode(errors="replace").splitlines()
+        glued = [x for x in lines if any(m.start() > 0 for m in re.finditer(f"{PY_LINE}|{C_LINE}|{DROPPED}", x))]
+        assert not glued, f"lines cut and joined: {glued[:3]}"  # (gRPC's lines may run over several: a PEM)
+        assert sum(bool(re.match(C_LINE, x)) for x in lines) > 100  # gRPC's own lines came through
+        registered = [m.group(1) for line in lines if (m := re.search(r"host (host\d+) registered", line))]
+        assert registered[-1] == "host029" and registered == sorted(set(registered)), registered
+    finally:
+        if channel is not None:
+            channel.close()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        os.close(reader)
+
+
+PUMPED = """
+import os, sys, threading
+from gpupool import logsink
+logsink.install(limit=8192)
+for i in range(2000):  # what C code writes: straight to descriptor 2, 100 KB, far past the pipe and the buffer
+    os.write(2, b"c line %04d %s\\n" % (i, b"x" * 40))
+print("wrote", flush=True)
+sys.stdin.readline()  # the test reads the pipe now
+os.write(2, b"c line after\\n")
+def fail():
+    raise ValueError("in a thread")
+t = threading.Thread(target=fail)
+t.start()
+t.join()
+raise RuntimeError("the end")
+"""
+
+
+def test_what_is_written_to_descriptor_2_never_waits_past_the_buffer_is_dropped_counted_and_said() -> None:
+    """A process with `logsink.install` (the daemon's and the scheduler's start, round 40), its stderr a pipe of 4 KiB
+    nobody reads: 2,000 lines written straight to descriptor 2 (as C code does) return at once; once the pipe is
+    read, the first lines are there in order, then one line counting the rest, dropped; then a line written after,
+    a thread's traceback and the main thread's, printed by Python at its exit, all arrive. On c586b76 there was no
+    pump: the first write past the pipe's 4 KiB blocked the process."""
+    reader, writer = _stalled("pipe")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PUMPED], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=writer, text=True
+    )
+    os.close(writer)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        ready = select.select([proc.stdout], [], [], 60)[0]
+        assert ready and proc.stdout.readline() == "wrote\n", "writes to descriptor 2 waited on the full pipe"
+        got = b""
+        while more := _read_until(reader, rb"(?!)", 1.0):  # what the pipe and the buffer held: until 1 s of nothing
+            got += more
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        got += _read_until(reader, rb"RuntimeError: the end\n", 60)
+        assert proc.wait(30) == 1
+        text = got.decode()
+        lines = text.splitlines()
+        kept = [int(x.split()[2]) for x in lines if re.fullmatch(r"c line \d{4} x{40}", x)]
+        assert kept == list(range(len(kept))) and 0 < len(kept) < 2000  # the first ones, in order
+        (note,) = [x for x in lines if re.match(DROPPED, x)]
+        assert len(kept) + int(note.split()[1]) == 2000, note
+        assert lines.index(note) == len(kept) and lines[len(kept) + 1] == "c line after", lines[len(kept) - 1 :][:3]
+        assert "ValueError: in a thread" in text and text.rstrip().endswith("RuntimeError: the end")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(reader)
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_a_daemon_whose_c_output_is_not_read_still_serves(
+    tmp_path: Path, token_key_file: Path, token_key: bytes, kind: str
+) -> None:
+    """A `gpupool serve` with gRPC's core tracing every call (GRPC_TRACE=api: C++ writing to descriptor 2) and its
+    stderr a pipe, or a stream socket as journald's, of ~4 KiB that nobody reads after its "listening" line: 10
+    sessions attach, compute and close, all served; once read, the lines are whole, the last session's among them.
+    On c586b76 (round 39 made the daemon's own log lines wait on nothing, not what C code writes) gRPC's write
+    waited on the full stderr and no session was served."""
+    reader, writer = _stalled(kind)
+    cmd = [sys.executable, "-m", "gpupool.cli", "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "0"]
+    cmd += ["--token-public-keys", str(public_key_file(token_key_file)), "--host-id", TEST_HOST]
+    cmd += ["--fake-gpus", "1", "--fake-gpu-memory", "256MiB"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=writer, env={**os.environ, **TRACED})
+    os.close(writer)
+    try:
+        said = _read_until(reader, rb"listening on (\S+:\d+)", 150)
+        m = re.search(rb"listening on (\S+:\d+)", said)
+        assert m, said[-2000:]
+        d = DaemonHandle(m.group(1).decode(), token_key, TEST_HOST, process=proc)  # type: ignore[arg-type]
+        served: list[int] = []
+
+        def sessions() -> None:
+            for _ in range(10):
+                with Session.attach(d.address, d.token(quota_bytes=16 * MiB)) as s:
+                    x = Handle(s.upload(torch.ones(4)))
+                    (y,) = s.call("aten::add.Tensor", x, x)
+                    assert s.download(y).tolist() == [2.0] * 4
+                served.append(1)
+
+        t = threading.Thread(target=sessions, daemon=True)
+        t.start()  # (stderr is not read meanwhile)
+        t.join(300)
+        assert len(served) == 10, f"{len(served)} sessions served, then the daemon stopped answering"
+        said += _read_until(reader, rb"closed session 10 ", 60)
+        lines = said.decode(errors="replace").splitlines()
+        glued = [x for x in lines if any(m.start() > 0 for m in re.finditer(f"{PY_LINE}|{C_LINE}|{DROPPED}", x))]
+        assert not glued, f"lines cut and joined: {glued[:3]}"
+        assert sum(bool(re.match(C_LINE, x)) for x in lines) > 100  # gRPC's own lines came through
+        assert any(re.search(r"closed session 10 ", x) for x in lines)
+    finally:
+        stop_process(proc)  # type: ignore[arg-type]
         os.close(reader)
