@@ -35,7 +35,7 @@ from gpupool.client.pool import SchedulerClient
 from gpupool.client.session import Handle, Session
 from gpupool.scheduler.cli import SchedulerConfig, SchedulerServer
 from scheduler_fixtures import GiB, SimHost, key_file
-from support import TEST_HOST, DaemonHandle, MiB, get_pki, public_key_file, stop_process
+from support import MiB, get_pki, read_until, start_serve_unread, stop_process
 
 from gpupool import tls, tokens
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -143,68 +143,6 @@ def test_a_host_flooding_heartbeats_is_refused_past_its_rate_an_honest_host_neve
         honest.stop()
 
 
-def _read_until(fd: int, pattern: bytes, timeout: float) -> bytes:
-    """Read the pipe (non-blocking `fd`) until `pattern` is in what was read, or `timeout`."""
-    got, deadline = b"", time.monotonic() + timeout
-    while not re.search(pattern, got) and time.monotonic() < deadline:
-        select.select([fd], [], [], 0.2)
-        try:
-            chunk = os.read(fd, 1 << 20)
-        except BlockingIOError:
-            continue
-        if not chunk:
-            break
-        got += chunk
-    return got
-
-
-def test_a_scheduler_whose_stderr_pipe_is_not_read_still_answers_and_loses_no_line(tmp_path: Path) -> None:
-    """A `gpupool scheduler` whose stderr is a pipe of 4 KiB that its reader stopped reading (a supervisor started it
-    with stderr=PIPE and waits on something else): 100 hosts register (each logs a line, under the core's lock), all
-    answered; once the pipe is read, every line is there, whole, in order. On c586b76 the scheduler's log lines were
-    written from the thread that logged: the Register whose line met the full pipe never answered, holding the core's
-    lock, and nothing after it did (scheduler/cli.py: its log lines through gpupool/logsink.py `BackgroundStderr`)."""
-    fifo = tmp_path / "stderr"
-    os.mkfifo(fifo)
-    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    fcntl.fcntl(reader, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-    writer = os.open(fifo, os.O_WRONLY)
-    cmd = [sys.executable, "-m", "gpupool.cli", "scheduler", "--listen", "127.0.0.1:0", "--metrics-listen", "0"]
-    cmd += ["--state", str(tmp_path / "state.db"), "--token-key-file", str(key_file(tmp_path))]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=writer)
-    os.close(writer)
-    channel = None
-    try:
-        said = _read_until(reader, rb"listening on (\S+:\d+)", 60)
-        m = re.search(rb"listening on (\S+:\d+)", said)
-        assert m, said[-2000:]
-        channel = tls.channel(m.group(1).decode(), cfg=get_pki().client_config("admin", "ops"))
-        stub = scheduler_pb2_grpc.SchedulerStub(channel)
-        info = device_pb2.DeviceInfo(index=0, uuid="GPU-0", model="fake", memory_bytes=GiB, fake=True)
-        for n in range(100):  # (the pipe is not read meanwhile)
-            request = scheduler_pb2.RegisterRequest(host_id=f"host{n:03d}", address="127.0.0.1:40001", devices=[info])
-            try:
-                stub.Register(request, timeout=20)
-            except grpc.RpcError as err:
-                pytest.fail(f"Register {n} not answered with the scheduler's stderr full: {err}")
-        said += _read_until(reader, rb"host host099 registered", 60)
-        lines = said.decode(errors="replace").splitlines()
-        registered = [m.group(1) for line in lines if (m := re.search(r"host (host\d+) registered", line))]
-        assert registered == [f"host{n:03d}" for n in range(100)], registered[-3:]
-        assert "dropped" not in said.decode(errors="replace")
-        assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ scheduler ", line) for line in lines if line), lines
-    finally:
-        if channel is not None:
-            channel.close()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        os.close(reader)
-
-
 PY_LINE = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (scheduler|gpupool-serve|gpupool-zygote) "  # a Python log line
 C_LINE = r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w./-]+:\d+\] "  # gRPC's core (absl's log format)
 DROPPED = r"\.\.\. \d+ log lines dropped here "
@@ -226,6 +164,51 @@ def _stalled(kind: str) -> tuple[int, int]:
     return r, w
 
 
+def _registered_unread(tmp: Path, kind: str, hosts: int, env: dict[str, str] | None = None) -> list[str]:
+    """A `gpupool scheduler` whose stderr is `_stalled(kind)`, read until its "listening" line and then no more while
+    `hosts` hosts register (an operator's certificate: each Register logs a line, under the core's lock), each of
+    them answered (else the test fails); then its stderr read until the last registration's line: its lines."""
+    reader, writer = _stalled(kind)
+    cmd = [sys.executable, "-m", "gpupool.cli", "scheduler", "--listen", "127.0.0.1:0", "--metrics-listen", "0"]
+    cmd += ["--state", str(tmp / "state.db"), "--token-key-file", str(key_file(tmp))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=writer, env={**os.environ, **(env or {})})
+    os.close(writer)
+    channel = None
+    try:
+        said = read_until(reader, rb"listening on (\S+:\d+)", 60)
+        m = re.search(rb"listening on (\S+:\d+)", said)
+        assert m, said[-2000:]
+        channel = tls.channel(m.group(1).decode(), cfg=get_pki().client_config("admin", "ops"))
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        info = device_pb2.DeviceInfo(index=0, uuid="GPU-0", model="fake", memory_bytes=GiB, fake=True)
+        for n in range(hosts):  # (its stderr is not read meanwhile)
+            request = scheduler_pb2.RegisterRequest(host_id=f"host{n:03d}", address="127.0.0.1:40001", devices=[info])
+            try:
+                stub.Register(request, timeout=20)
+            except grpc.RpcError as err:
+                pytest.fail(f"Register {n} not answered with the scheduler's stderr full: {err}")
+        said += read_until(reader, f"host host{hosts - 1:03d} registered".encode(), 60)
+        return said.decode(errors="replace").splitlines()
+    finally:
+        if channel is not None:
+            channel.close()
+        stop_process(proc)  # type: ignore[arg-type]
+        os.close(reader)
+
+
+def test_a_scheduler_whose_stderr_pipe_is_not_read_still_answers_and_loses_no_line(tmp_path: Path) -> None:
+    """A `gpupool scheduler` whose stderr is a pipe of 4 KiB that its reader stopped reading (a supervisor started it
+    with stderr=PIPE and waits on something else): 100 hosts register (each logs a line, under the core's lock), all
+    answered; once the pipe is read, every line is there, whole, in order. On c586b76 the scheduler's log lines were
+    written from the thread that logged: the Register whose line met the full pipe never answered, holding the core's
+    lock, and nothing after it did (scheduler/cli.py: its log lines through gpupool/logsink.py `BackgroundStderr`)."""
+    lines = _registered_unread(tmp_path, "pipe", 100)
+    registered = [m.group(1) for line in lines if (m := re.search(r"host (host\d+) registered", line))]
+    assert registered == [f"host{n:03d}" for n in range(100)], registered[-3:]
+    assert not any("dropped" in line for line in lines)
+    assert all(re.match(PY_LINE, line) for line in lines if line), lines
+
+
 @pytest.mark.parametrize("kind", ["pipe", "socket"])
 def test_a_scheduler_whose_c_output_is_not_read_still_answers(tmp_path: Path, kind: str) -> None:
     """A `gpupool scheduler` with gRPC's core tracing every call (GRPC_TRACE=api: C++ writing to descriptor 2, not
@@ -234,42 +217,12 @@ def test_a_scheduler_whose_c_output_is_not_read_still_answers(tmp_path: Path, ki
     the scheduler's (none cut into another), the last registration's among them. On c586b76 (and with
     GPUPOOL_STDERR_DIRECT=1) gRPC's write waited on the full stderr and the scheduler answered no call
     (gpupool/logsink.py `StderrPump`: descriptor 2 a pipe the scheduler drains itself)."""
-    reader, writer = _stalled(kind)
-    cmd = [sys.executable, "-m", "gpupool.cli", "scheduler", "--listen", "127.0.0.1:0", "--metrics-listen", "0"]
-    cmd += ["--state", str(tmp_path / "state.db"), "--token-key-file", str(key_file(tmp_path))]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=writer, env={**os.environ, **TRACED})
-    os.close(writer)
-    channel = None
-    try:
-        said = _read_until(reader, rb"listening on (\S+:\d+)", 60)
-        m = re.search(rb"listening on (\S+:\d+)", said)
-        assert m, said[-2000:]
-        channel = tls.channel(m.group(1).decode(), cfg=get_pki().client_config("admin", "ops"))
-        stub = scheduler_pb2_grpc.SchedulerStub(channel)
-        info = device_pb2.DeviceInfo(index=0, uuid="GPU-0", model="fake", memory_bytes=GiB, fake=True)
-        for n in range(30):  # (the pipe is not read meanwhile)
-            request = scheduler_pb2.RegisterRequest(host_id=f"host{n:03d}", address="127.0.0.1:40001", devices=[info])
-            try:
-                stub.Register(request, timeout=20)
-            except grpc.RpcError as err:
-                pytest.fail(f"Register {n} not answered with the scheduler's stderr full: {err}")
-        said += _read_until(reader, rb"host host029 registered", 60)
-        lines = said.decode(errors="replace").splitlines()
-        glued = [x for x in lines if any(m.start() > 0 for m in re.finditer(f"{PY_LINE}|{C_LINE}|{DROPPED}", x))]
-        assert not glued, f"lines cut and joined: {glued[:3]}"  # (gRPC's lines may run over several: a PEM)
-        assert sum(bool(re.match(C_LINE, x)) for x in lines) > 100  # gRPC's own lines came through
-        registered = [m.group(1) for line in lines if (m := re.search(r"host (host\d+) registered", line))]
-        assert registered[-1] == "host029" and registered == sorted(set(registered)), registered
-    finally:
-        if channel is not None:
-            channel.close()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        os.close(reader)
+    lines = _registered_unread(tmp_path, kind, 30, TRACED)
+    glued = [x for x in lines if any(m.start() > 0 for m in re.finditer(f"{PY_LINE}|{C_LINE}|{DROPPED}", x))]
+    assert not glued, f"lines cut and joined: {glued[:3]}"  # (gRPC's lines may run over several: a PEM)
+    assert sum(bool(re.match(C_LINE, x)) for x in lines) > 100  # gRPC's own lines came through
+    registered = [m.group(1) for line in lines if (m := re.search(r"host (host\d+) registered", line))]
+    assert registered[-1] == "host029" and registered == sorted(set(registered)), registered
 
 
 PUMPED = """
@@ -306,11 +259,11 @@ def test_what_is_written_to_descriptor_2_never_waits_past_the_buffer_is_dropped_
         ready = select.select([proc.stdout], [], [], 60)[0]
         assert ready and proc.stdout.readline() == "wrote\n", "writes to descriptor 2 waited on the full pipe"
         got = b""
-        while more := _read_until(reader, rb"(?!)", 1.0):  # what the pipe and the buffer held: until 1 s of nothing
+        while more := read_until(reader, rb"(?!)", 1.0):  # what the pipe and the buffer held: until 1 s of nothing
             got += more
         proc.stdin.write("go\n")
         proc.stdin.flush()
-        got += _read_until(reader, rb"RuntimeError: the end\n", 60)
+        got += read_until(reader, rb"RuntimeError: the end\n", 60)
         assert proc.wait(30) == 1
         text = got.decode()
         lines = text.splitlines()
@@ -337,16 +290,8 @@ def test_a_daemon_whose_c_output_is_not_read_still_serves(
     On c586b76 (round 39 made the daemon's own log lines wait on nothing, not what C code writes) gRPC's write
     waited on the full stderr and no session was served."""
     reader, writer = _stalled(kind)
-    cmd = [sys.executable, "-m", "gpupool.cli", "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "0"]
-    cmd += ["--token-public-keys", str(public_key_file(token_key_file)), "--host-id", TEST_HOST]
-    cmd += ["--fake-gpus", "1", "--fake-gpu-memory", "256MiB"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=writer, env={**os.environ, **TRACED})
-    os.close(writer)
+    proc, d, said = start_serve_unread(token_key_file, token_key, reader, writer, TRACED)
     try:
-        said = _read_until(reader, rb"listening on (\S+:\d+)", 150)
-        m = re.search(rb"listening on (\S+:\d+)", said)
-        assert m, said[-2000:]
-        d = DaemonHandle(m.group(1).decode(), token_key, TEST_HOST, process=proc)  # type: ignore[arg-type]
         served: list[int] = []
 
         def sessions() -> None:
@@ -361,7 +306,7 @@ def test_a_daemon_whose_c_output_is_not_read_still_serves(
         t.start()  # (stderr is not read meanwhile)
         t.join(300)
         assert len(served) == 10, f"{len(served)} sessions served, then the daemon stopped answering"
-        said += _read_until(reader, rb"closed session 10 ", 60)
+        said += read_until(reader, rb"closed session 10 ", 60)
         lines = said.decode(errors="replace").splitlines()
         glued = [x for x in lines if any(m.start() > 0 for m in re.finditer(f"{PY_LINE}|{C_LINE}|{DROPPED}", x))]
         assert not glued, f"lines cut and joined: {glued[:3]}"
