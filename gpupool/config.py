@@ -445,14 +445,18 @@ def more_open_files() -> None:
 
 def setup_logging(program: str, level: str | None = None, background: bool = False) -> None:
     """One log format per program: time, program, level, logger, message. `background`: lines go to stderr from a
-    thread of their own and a log call never waits on it (gpupool/logsink.py; the daemon's: a stderr pipe nobody
-    read stalled every session), Python's warnings with them."""
+    thread of their own and a log call never waits on it (gpupool/logsink.py; the daemon's and the scheduler's: a
+    stderr pipe nobody read stalled every session, every scheduler call), Python's warnings with them; and (unless
+    GPUPOOL_STDERR_DIRECT=1) descriptor 2 becomes a pipe this process drains itself (`logsink.install`), so that
+    nothing else written there waits on stderr either (tracebacks Python prints, gRPC's and torch's C++ output)."""
     level = level or os.environ.get("GPUPOOL_LOG_LEVEL", "INFO")
     handlers: list[logging.Handler] | None = None
     if background:
-        from gpupool.logsink import BackgroundStderr
+        from gpupool import logsink
 
-        handlers = [BackgroundStderr()]
+        if os.environ.get("GPUPOOL_STDERR_DIRECT", "") not in ("1", "yes", "true"):
+            logsink.install()
+        handlers = [logsink.BackgroundStderr()]
         logging.captureWarnings(True)
     logging.basicConfig(
         level=level.upper(),

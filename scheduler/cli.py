@@ -30,7 +30,7 @@ from gpupool.metrics_http import serve_metrics, stop_metrics
 from gpupool.protocol import Policy
 from gpupool.tls import TlsConfig
 
-from .auth import Authenticator, AuthFailRate, AuthInterceptor, HostWriteRate, TenantRate
+from .auth import Authenticator, AuthFailRate, AuthInterceptor, HostBeatRate, HostWriteRate, TenantRate
 from .leases import Core, CoreConfig
 from .metrics import SchedulerMetrics
 from .placement import POLICIES
@@ -84,6 +84,7 @@ class SchedulerConfig:
     tenant_rate: float = 100.0
     auth_fail_rate: float = 1.0
     host_write_rate: float = 1.0
+    host_heartbeat_rate: float = 5.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(
         p,
+        "--host-heartbeat-rate",
+        type=float,
+        default=5.0,
+        help="heartbeats a second each host may send, in bursts of 10 s worth (a daemon sends one every 2 s: "
+        "`gpupool serve --heartbeat-interval`); beyond, RESOURCE_EXHAUSTED before the call takes the scheduler's "
+        "lock (operators are not limited); 0: no limit",
+    )
+    add_flag(
+        p,
         "--standby",
         action="store_true",
         help="if another scheduler owns the state, wait and take over when it stops (default: refuse to start)",
@@ -184,7 +194,9 @@ class SchedulerServer:
         self.store: Store | None = None
         self.core: Core | None = None
         self.failed = threading.Event()
-        self.servicer = SchedulerServicer(None, config.policy, HostWriteRate(config.host_write_rate))
+        self.servicer = SchedulerServicer(
+            None, config.policy, HostWriteRate(config.host_write_rate), HostBeatRate(config.host_heartbeat_rate)
+        )
         verified = not config.tls.insecure and config.tls.client_auth == "require"
         authn = Authenticator(
             config.credentials,
@@ -338,6 +350,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         tenant_rate=args.tenant_rate,
         auth_fail_rate=args.auth_fail_rate,
         host_write_rate=args.host_write_rate,
+        host_heartbeat_rate=args.host_heartbeat_rate,
     )
 
 
@@ -351,11 +364,11 @@ def main(argv: list[str]) -> int:
         parser.error(f"--max-lease-ttl must be at most {tokens.MAX_TTL:g} s, the longest life of a lease token")
     if not (0 <= args.tenant_max_share < math.inf) or min(args.tenant_max_waiting, args.tenant_max_leases) < 0:
         parser.error("--tenant-max-share, --tenant-max-waiting and --tenant-max-leases must be finite and not negative")
-    for flag in ("tenant_rate", "auth_fail_rate", "host_write_rate"):
+    for flag in ("tenant_rate", "auth_fail_rate", "host_write_rate", "host_heartbeat_rate"):
         if not 0 <= getattr(args, flag) < math.inf:
             parser.error(f"--{flag.replace('_', '-')} must be finite and not negative")
     config = config_from_args(args)
-    setup_logging("scheduler")
+    setup_logging("scheduler", background=True)  # its log lines never wait on stderr (gpupool/logsink.py)
     more_open_files()
     try:
         key = tokens.load_signer(config.token_key_file)

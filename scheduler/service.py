@@ -13,8 +13,8 @@ from typing import Any
 import grpc
 
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
-from gpupool.errors import InvalidArgument, ResourceExhausted, Unavailable
-from gpupool.protocol import Policy
+from gpupool.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from gpupool.protocol import LeaseState, Policy
 
 from . import auth
 from .capacity import SHARE_UNITS, Host
@@ -36,11 +36,16 @@ def _cursor(lease_id: str) -> str:
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(
-        self, core: Core | None, default_policy: Policy = Policy.BINPACK, host_writes: auth.HostWriteRate | None = None
+        self,
+        core: Core | None,
+        default_policy: Policy = Policy.BINPACK,
+        host_writes: auth.HostWriteRate | None = None,
+        host_beats: auth.HostBeatRate | None = None,
     ) -> None:
         self._core = core  # None while a standby (or after stepping down): every call answers UNAVAILABLE
         self.default_policy = default_policy
         self.host_writes = host_writes if host_writes is not None else auth.HostWriteRate(0.0)
+        self.host_beats = host_beats if host_beats is not None else auth.HostBeatRate(0.0)
 
     @property
     def core(self) -> Core:
@@ -71,7 +76,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         )
 
     def Heartbeat(self, request: scheduler_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> Any:
-        auth.current().check_host(request.host_id)
+        caller = auth.current()
+        caller.check_host(request.host_id)
+        if caller.role == auth.HOST and not self.host_beats.take(request.host_id):  # before the core's lock
+            raise ResourceExhausted(
+                f"host {request.host_id!r} is over its {self.host_beats.rate:g} heartbeats a second "
+                "(--host-heartbeat-rate): refused, nothing recorded; heartbeat every few seconds"
+            )
         if self.core.hosts.changes_state(request.host_id, request.draining):
             self._host_write(request.host_id, "a heartbeat that changes the host's state")
         used = {d.info.index: d.used_bytes for d in request.devices}
@@ -106,7 +117,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     def Renew(self, request: scheduler_pb2.RenewRequest, context: grpc.ServicerContext) -> Any:
         self._check_owner(request.lease_id)
-        return self._lease_pb(self.core.renew(request.lease_id), with_tokens=True)
+        core = self.core
+        # The renewal and its tokens are one decision under the core's lock: until round 40 the lock was let go
+        # between them, and a Release (an expiry, a host lost) waiting on it came in between: Renew minted fresh
+        # tokens of a lease already ended (in 18 of 300 rounds of a Renew racing a Release, a SQLite state file).
+        with core.lock:
+            return self._lease_pb(core.renew(request.lease_id), with_tokens=True)
 
     def Release(self, request: scheduler_pb2.ReleaseRequest, context: grpc.ServicerContext) -> Any:
         self._check_owner(request.lease_id)
@@ -208,7 +224,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return out
 
     def _lease_pb(self, lease: LeaseRecord, with_tokens: bool) -> scheduler_pb2.Lease:
+        """The lease as a reply; `with_tokens`: its devices' tokens, minted only while it is active (an Allocate
+        whose lease its tenant released (ListPool names it), or whose host was lost, before the reply is refused)."""
         with self.core.lock:
+            if with_tokens and lease.state != LeaseState.ACTIVE:
+                raise FailedPrecondition(
+                    f"lease {lease.lease_id} is {lease.state} (it ended before this reply): allocate a new one"
+                )
             return scheduler_pb2.Lease(
                 lease_id=lease.lease_id,
                 devices=self._devices_pb(lease, with_tokens),

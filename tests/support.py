@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -584,3 +585,37 @@ def wait_only_tenants(stub: Any, tenants: set[str], timeout: float = 20.0) -> No
             break
         time.sleep(0.05)
     assert not others and balanced, (others, status.devices[0].used_bytes)
+
+
+def read_until(fd: int, pattern: bytes, timeout: float) -> bytes:
+    """Read a pipe or socket (non-blocking `fd`) until `pattern` is in what was read, or `timeout`, or its end."""
+    got, deadline = b"", time.monotonic() + timeout
+    while not re.search(pattern, got) and time.monotonic() < deadline:
+        select.select([fd], [], [], 0.2)
+        try:
+            chunk = os.read(fd, 1 << 20)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def start_serve_unread(
+    key_file: Path, token_key: bytes, reader: int, writer: int, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], DaemonHandle, bytes]:
+    """`gpupool serve --fake-gpus 1` whose stderr is `writer` (closed here), read through `reader` (non-blocking) until
+    its "listening" line and then no more by this: (the process, a handle on it, what was read)."""
+    cmd = [sys.executable, "-m", "gpupool.cli", "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "0"]
+    cmd += ["--token-public-keys", str(public_key_file(key_file)), "--host-id", TEST_HOST]
+    cmd += ["--fake-gpus", "1", "--fake-gpu-memory", "256MiB"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=writer, env={**os.environ, **(env or {})})
+    os.close(writer)
+    said = read_until(reader, rb"listening on (\S+:\d+)", 150)
+    m = re.search(rb"listening on (\S+:\d+)", said)
+    if not m:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(said[-2000:])
+    return proc, DaemonHandle(m.group(1).decode(), token_key, TEST_HOST, process=proc), said  # type: ignore[arg-type]

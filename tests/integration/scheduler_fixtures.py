@@ -24,6 +24,7 @@ from support import daemon_args
 
 from gpupool import tokens
 from gpupool._proto import device_pb2
+from gpupool.tls import TlsConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 GiB = 1024**3
@@ -161,7 +162,15 @@ def alive(pid: int) -> bool:
 class SimHost:
     """A daemon stand-in: fixed devices, sessions the test sets, revocations recorded; real Registrar inside."""
 
-    def __init__(self, scheduler: str, host_id: str, gpus: int = 1, memory: int = 8 * GiB, interval: float = 0.3):
+    def __init__(
+        self,
+        scheduler: str,
+        host_id: str,
+        gpus: int = 1,
+        memory: int = 8 * GiB,
+        interval: float = 0.3,
+        tls_config: TlsConfig | None = None,
+    ):
         self.host_id = host_id
         self._devices = [
             device_pb2.DeviceInfo(index=i, uuid=f"GPU-{host_id}-{i}", model="fake", memory_bytes=memory, fake=True)
@@ -170,7 +179,16 @@ class SimHost:
         self.sessions: list[device_pb2.SessionUsage] = []
         self.revoked: list[str] = []
         self.is_draining = False
-        self.registrar = Registrar(scheduler, host_id, f"127.0.0.1:{40000 + len(host_id)}", self, interval)
+        address = f"127.0.0.1:{40000 + len(host_id)}"
+        self.registrar = Registrar(scheduler, host_id, address, self, interval, tls_config=tls_config)
+        self.refused: list[str] = []  # what the scheduler refused of its registrar (each failed step, why)
+        failed = self.registrar._failed
+
+        def note(why: str) -> None:
+            self.refused.append(why)
+            failed(why)
+
+        self.registrar._failed = note  # type: ignore[method-assign]
 
     def devices(self) -> list[device_pb2.DeviceInfo]:
         return list(self._devices)

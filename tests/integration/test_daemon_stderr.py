@@ -11,28 +11,12 @@ import select
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from gpupool.client.session import Session
-from support import TEST_HOST, DaemonHandle, MiB, public_key_file, stop_process
+from support import MiB, read_until, start_serve_unread, stop_process
 
 PIPE_BYTES = 4096  # the smallest a pipe holds (a page): a few sessions' lines fill it
-
-
-def _read_until(fd: int, pattern: bytes, timeout: float) -> bytes:
-    """Read the pipe (non-blocking `fd`) until `pattern` is in what was read, or `timeout`."""
-    got, deadline = b"", time.monotonic() + timeout
-    while not re.search(pattern, got) and time.monotonic() < deadline:
-        select.select([fd], [], [], 0.2)
-        try:
-            chunk = os.read(fd, 1 << 20)
-        except BlockingIOError:
-            continue
-        if not chunk:
-            break
-        got += chunk
-    return got
 
 
 def test_a_daemon_whose_stderr_pipe_is_not_read_still_serves_and_loses_no_line(
@@ -46,16 +30,8 @@ def test_a_daemon_whose_stderr_pipe_is_not_read_still_serves_and_loses_no_line(
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     fcntl.fcntl(reader, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
     writer = os.open(fifo, os.O_WRONLY)
-    cmd = [sys.executable, "-m", "gpupool.cli", "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "0"]
-    cmd += ["--token-public-keys", str(public_key_file(token_key_file)), "--host-id", TEST_HOST]
-    cmd += ["--fake-gpus", "1", "--fake-gpu-memory", "256MiB"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=writer)
-    os.close(writer)
+    proc, d, said = start_serve_unread(token_key_file, token_key, reader, writer)
     try:
-        said = _read_until(reader, rb"listening on (\S+:\d+)", 150)
-        m = re.search(rb"listening on (\S+:\d+)", said)
-        assert m, said[-2000:]
-        d = DaemonHandle(m.group(1).decode(), token_key, TEST_HOST, process=proc)  # type: ignore[arg-type]
         served: list[int] = []
 
         def sessions() -> None:
@@ -70,7 +46,7 @@ def test_a_daemon_whose_stderr_pipe_is_not_read_still_serves_and_loses_no_line(
         assert len(served) == 30, f"{len(served)} sessions served, then the daemon stopped answering"
         with Session.attach(d.address, d.token(quota_bytes=16 * MiB)) as s:  # its lines come after the others'
             s.sync()
-        said += _read_until(reader, rb"closed session 31 ", 60)
+        said += read_until(reader, rb"closed session 31 ", 60)
         lines = said.decode(errors="replace").splitlines()
         closed = [int(m.group(1)) for line in lines if (m := re.search(r"closed session (\d+) ", line))]
         assert closed == list(range(1, 32)), closed
@@ -102,10 +78,10 @@ def test_the_daemons_log_lines_past_its_buffer_are_dropped_counted_and_said(tmp_
             log.warning("line %04d %s", i, "x" * 40)
         assert handler.dropped > 0
         got = b""
-        while more := _read_until(r, rb"(?!)", 1.0):  # what the pipe and the buffer held: until a second of nothing
+        while more := read_until(r, rb"(?!)", 1.0):  # what the pipe and the buffer held: until a second of nothing
             got += more
         log.warning("line after")
-        got += _read_until(r, rb"line after\n", 10)
+        got += read_until(r, rb"line after\n", 10)
         lines = got.decode().splitlines()
         assert all(re.fullmatch(r"line \d{4} x{40}|\.\.\. \d+ log lines dropped here .*|line after", x) for x in lines)
         kept = [int(x.split()[1]) for x in lines if x.startswith("line ") and x != "line after"]
@@ -145,7 +121,7 @@ def test_the_zygotes_own_log_lines_never_wait_and_arrive_once_read(tmp_path: Pat
         assert proc.stdout is not None
         ready = select.select([proc.stdout], [], [], 120)[0]
         assert ready and proc.stdout.readline() == "logged\n", "the zygote's log calls waited on the full pipe"
-        got = _read_until(reader, rb"zygote line 199 y+\n", 60)
+        got = read_until(reader, rb"zygote line 199 y+\n", 60)
         assert proc.stdout.readline() == "flushed\n"
         lines = got.decode().splitlines()
         assert lines == [f"zygote line {i:03d} {'y' * 60}" for i in range(200)], lines[:3]
