@@ -101,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(default_state_dir() / "scheduler.db"),
         help="scheduler state (SQLite); the token keys and the local CA are kept next to it",
     )
-    add_flag(p, "--metrics-listen", default="127.0.0.1:9450", help="daemon Prometheus HOST:PORT (0: off)")
-    add_flag(p, "--scheduler-metrics-listen", default="127.0.0.1:9451", help="scheduler Prometheus HOST:PORT (0: off)")
+    add_flag(p, "--metrics-listen", default="127.0.0.1:9450", help="daemon Prometheus HOST:PORT, HTTPS (0: off)")
+    add_flag(
+        p, "--scheduler-metrics-listen", default="127.0.0.1:9451", help="scheduler Prometheus HOST:PORT, HTTPS (0: off)"
+    )
     add_flag(
         p,
         "--bulk-listen",
