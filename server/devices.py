@@ -343,9 +343,10 @@ def cuda_uuid(raw: str, pci: str, layout: landlock.GpuLayout = landlock.DRIVER) 
     driver's information file of the GPU at `pci` (server/landlock.py `GpuLayout`), whose "GPU UUID" is the parent
     GPU's, another UUID; where that file cannot be read, "GPU-<raw>" as before."""
     bare = raw.strip()
-    for prefix in ("GPU-", "MIG-"):
-        if bare[:4].upper() == prefix:
-            bare = bare[4:]
+    if bare[:4].upper() == "MIG-":  # (named so already)
+        return f"MIG-{bare[4:]}"
+    if bare[:4].upper() == "GPU-":
+        bare = bare[4:]
     gpu = f"GPU-{bare}"
     try:
         with open(os.path.join(layout.driver, "gpus", pci.lower(), "information")) as f:

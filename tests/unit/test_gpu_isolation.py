@@ -175,6 +175,7 @@ def test_a_mig_instance_is_named_as_cuda_visible_devices_takes_it(tmp_path: Path
     assert cuda_uuid(gpu[4:].upper(), pci.upper(), layout) == f"GPU-{gpu[4:].upper()}"
     assert cuda_uuid(mig, pci, landlock.GpuLayout(driver=str(tmp_path / "none"))) == f"GPU-{mig}"
     assert cuda_uuid(mig, "", layout) == f"GPU-{mig}"
+    assert cuda_uuid(f"MIG-{mig}", "", layout) == f"MIG-{mig}"  # (a prefix already there is kept)
     assert visible_device({"index": 0, "uuid": f"MIG-{mig}"}, {}) == f"MIG-{mig}"
     devices, notes = landlock.gpu_devices(f"MIG-{mig}", pci, layout)
     assert devices[-1] == os.path.join(layout.dev, f"nvidia{minor}") and not notes, (devices, notes)
