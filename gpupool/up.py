@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import getpass
+import ipaddress
 import os
 import re
 import signal
@@ -35,6 +36,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography import x509
 
 from gpupool import pki, tls, tokens
 from gpupool.config import UnsafeCacheDir, add_flag, check_private_dir, format_size, size_arg, split_address
@@ -98,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(default_state_dir() / "scheduler.db"),
         help="scheduler state (SQLite); the token keys and the local CA are kept next to it",
     )
-    add_flag(p, "--metrics-listen", default="127.0.0.1:9450", help="daemon Prometheus HOST:PORT (0: off)")
-    add_flag(p, "--scheduler-metrics-listen", default="127.0.0.1:9451", help="scheduler Prometheus HOST:PORT (0: off)")
+    add_flag(p, "--metrics-listen", default="127.0.0.1:9450", help="daemon Prometheus HOST:PORT, HTTPS (0: off)")
+    add_flag(
+        p, "--scheduler-metrics-listen", default="127.0.0.1:9451", help="scheduler Prometheus HOST:PORT, HTTPS (0: off)"
+    )
     add_flag(
         p,
         "--bulk-listen",
@@ -136,19 +141,44 @@ class Credentials:
 
 
 def _server_names(*addresses: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The DNS names and IP addresses the servers' certificates name: loopback's, this host's name, and the hosts
+    of `addresses` (HOST:PORT; one without a port, a metrics port's "0" (off), names none)."""
     dns, ips = ["localhost", socket.gethostname()], ["127.0.0.1", "::1"]
     for address in addresses:
-        host = split_address(address)[0]
+        try:
+            host = split_address(address)[0]
+        except ValueError:
+            continue
         if host in ("0.0.0.0", "::"):
             continue
         try:
-            import ipaddress
-
-            ipaddress.ip_address(host)
-            ips.append(host)
+            ips.append(str(ipaddress.ip_address(host)))
         except ValueError:
             dns.append(host)
     return tuple(dns), tuple(ips)
+
+
+def _san_names(cert_pem: bytes) -> set[str]:
+    """The DNS names and IP addresses a certificate names (its subject alternative names)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return set()
+    return set(san.get_values_for_type(x509.DNSName)) | {str(i) for i in san.get_values_for_type(x509.IPAddress)}
+
+
+def _dialled(url: str | None) -> str | None:
+    """A metrics page's URL as the programs log it, as a client on this machine dials it: a wildcard host (0.0.0.0,
+    ::) as loopback, which the servers' certificates name (`_server_names`; 0.0.0.0 is no name of theirs, and HTTPS
+    checks the name), an IPv6 host in brackets."""
+    m = re.fullmatch(r"(https?)://(.*):(\d+)(/\S*)", url or "")
+    if m is None:
+        return url
+    scheme, host, port, path = m.groups()
+    host = host.strip("[]")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}{path}"
 
 
 def check_state_dir(directory: Path, what: str = "state folder") -> None:
@@ -199,7 +229,9 @@ def make_credentials(directory: Path, host_id: str, *addresses: str, ca_dir: Pat
         files = pki.CertFiles(out.with_name(out.name + ".crt"), out.with_name(out.name + ".key"))
         if files.cert.exists() and files.key.exists():
             pem = files.cert.read_bytes()
-            if pki.identity_of(pem) == (role, name) and pki.issued_by(pem, ca):
+            # (a server's must name every address it serves now: a --metrics-listen on another address, say)
+            covers = not server or _san_names(pem) >= {*names, *ips}
+            if pki.identity_of(pem) == (role, name) and pki.issued_by(pem, ca) and covers:
                 return files
         return ca.issue(role, name, out, dns=names if server else (), ips=ips if server else ())
 
@@ -337,7 +369,13 @@ def main(argv: list[str]) -> int:
     cfg.state.parent.mkdir(parents=True, exist_ok=True)
     try:
         creds = make_credentials(
-            cfg.state.parent, a.host_id, cfg.scheduler_listen, cfg.listen, ca_dir=Path(a.ca_dir) if a.ca_dir else None
+            cfg.state.parent,
+            a.host_id,
+            cfg.scheduler_listen,
+            cfg.listen,
+            cfg.scheduler_metrics_listen,  # HTTPS too: their certificates name the metrics ports' hosts
+            cfg.metrics_listen,
+            ca_dir=Path(a.ca_dir) if a.ca_dir else None,
         )
     except (GpupoolError, OSError, ValueError) as exc:
         # a CA key others may read (pki.LocalCA), a directory not ours, a --host-id or user name no certificate can
@@ -383,7 +421,7 @@ def main(argv: list[str]) -> int:
             print("gpupool up: the daemon did not start or register (see its log above)", file=sys.stderr)
             return 1
         gpus = f"{real} GPU(s)" if real else f"{fake} fake GPU(s) of {format_size(cfg.fake_gpu_memory)}"
-        pages = [sched.find(METRICS_RE, 1), daemon.find(METRICS_RE, 1)]
+        pages = [_dialled(sched.find(METRICS_RE, 1)), _dialled(daemon.find(METRICS_RE, 1))]
         scrape = next((p for p in pages if p), None)
         print(
             f"gpupool is up: {gpus}\n"

@@ -22,6 +22,7 @@ import torch
 from gpupool._proto import device_pb2
 from gpupool.wire import device_info
 
+from . import landlock
 from .slices import DeviceClock
 
 log = logging.getLogger(__name__)
@@ -282,10 +283,11 @@ class CudaDevice(Device):
         CUDA_VISIBLE_DEVICES, server/worker.py `visible_device`)."""
         ordinal = index if ordinal < 0 else ordinal
         props = torch.cuda.get_device_properties(ordinal)
+        pci = pci_address(props)
         raw_uuid = str(getattr(props, "uuid", "") or "")
-        dev_uuid = raw_uuid if raw_uuid.startswith("GPU-") else f"GPU-{raw_uuid}" if raw_uuid else f"GPU-cuda{index}"
+        dev_uuid = cuda_uuid(raw_uuid, pci) if raw_uuid else f"GPU-cuda{index}"
         super().__init__(index, dev_uuid, props.name, int(props.total_memory), fake=False)
-        self.pci = pci_address(props)
+        self.pci = pci
         self._device = torch.device("cuda", ordinal)
         self._rng_lock = threading.Lock()
 
@@ -330,6 +332,29 @@ def pci_address(props: Any) -> str:
         return f"{int(props.pci_domain_id):04x}:{int(props.pci_bus_id):02x}:{int(props.pci_device_id):02x}.0"
     except (AttributeError, TypeError, ValueError):
         return ""
+
+
+def cuda_uuid(raw: str, pci: str, layout: landlock.GpuLayout = landlock.DRIVER) -> str:
+    """A CUDA device's UUID as CUDA_VISIBLE_DEVICES names it (server/worker.py `visible_device` narrows a session
+    worker's CUDA to it), from torch's properties' `raw` (bare hex; a prefix is dropped) and its PCI address `pci`:
+    "GPU-<raw>", or "MIG-<raw>" for a MIG instance. CUDA's properties name a MIG instance by its own UUID
+    (cuDeviceGetUuid_v2), which is no GPU's: "GPU-<that>" in CUDA_VISIBLE_DEVICES matches no device, and the worker
+    saw none (round 40 until fin40; before round 40 it inherited the daemon's list). A MIG instance is told by the
+    driver's information file of the GPU at `pci` (server/landlock.py `GpuLayout`), whose "GPU UUID" is the parent
+    GPU's, another UUID; where that file cannot be read, "GPU-<raw>" as before."""
+    bare = raw.strip()
+    if bare[:4].upper() == "MIG-":  # (named so already)
+        return f"MIG-{bare[4:]}"
+    if bare[:4].upper() == "GPU-":
+        bare = bare[4:]
+    gpu = f"GPU-{bare}"
+    try:
+        with open(os.path.join(layout.driver, "gpus", pci.lower(), "information")) as f:
+            fields = dict(line.partition(":")[::2] for line in f if ":" in line)
+    except (OSError, ValueError):
+        return gpu
+    parent = {k.strip().lower(): v.strip() for k, v in fields.items()}.get("gpu uuid", "")
+    return gpu if not pci or not parent or parent.lower() == gpu.lower() else f"MIG-{bare}"
 
 
 def cuda_available() -> bool:

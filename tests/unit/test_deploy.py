@@ -444,6 +444,11 @@ def test_ha_overlay_runs_standby_replicas_on_postgresql(tmp_path: Path) -> None:
     (deployment,) = by_kind(objects, "Deployment")
     sched = _container(deployment)
     assert deployment["spec"]["replicas"] >= 2 and "--standby" in sched["args"]
+    # the patch's args replace the base's list whole: until fin40 it dropped --tls-cert/--tls-key/--tls-ca (the
+    # scheduler refuses to start without them), --credentials and --health-listen (its readiness probe's port)
+    (base,) = by_kind(render_kustomization(K8S), "Deployment")
+    kept = [a for a in _container(base)["args"] if not a.startswith("--state")]
+    assert [a for a in kept if a not in sched["args"]] == [], sched["args"]
     assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
     assert not any(a.startswith("--state") for a in sched["args"])
     assert "state" not in {v["name"] for v in pod_spec(deployment)["volumes"]}

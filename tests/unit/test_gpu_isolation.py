@@ -21,6 +21,7 @@ import pytest
 import torch
 from gpupool.server import landlock
 from gpupool.server.collectives import use_nccl
+from gpupool.server.devices import cuda_uuid
 from gpupool.server.worker import WorkerSpec, _see_own_gpu, visible_device
 
 # four GPUs, whose device files' minors are not their PCI order (the driver numbers them as it probes them)
@@ -157,6 +158,27 @@ def test_a_worker_shows_cuda_its_own_gpu_by_uuid_else_by_the_daemons_numbering()
     assert visible_device({"index": 0, "uuid": "GPU-cuda0"}, {"CUDA_VISIBLE_DEVICES": f"{uuid},x"}) == uuid
     with pytest.raises(RuntimeError, match="not in the daemon's CUDA_VISIBLE_DEVICES"):
         visible_device({"index": 2, "uuid": "GPU-cuda2"}, {"CUDA_VISIBLE_DEVICES": "0,1"})
+
+
+def test_a_mig_instance_is_named_as_cuda_visible_devices_takes_it(tmp_path: Path) -> None:
+    """CUDA's properties name a MIG instance by its own UUID (cuDeviceGetUuid_v2), which is no GPU's: the daemon
+    called it "GPU-<that>", which CUDA_VISIBLE_DEVICES matches to no device, so a worker of a MIG instance saw no GPU
+    (fin40; before round 40 it inherited the daemon's list). The driver's information file of the GPU at the
+    instance's PCI address names the parent GPU's UUID, another one: it is "MIG-<that>", which CUDA takes and the
+    worker passes on; its device file is the parent's (by PCI address). A whole GPU keeps "GPU-"; where the
+    driver's folder cannot be read, "GPU-" as before."""
+    layout = driver_tree(tmp_path)
+    pci, gpu, minor = GPUS[0]
+    mig = "5f0e1d2c-3b4a-4958-8776-a5b4c3d2e1f0"
+    assert cuda_uuid(mig, pci, layout) == f"MIG-{mig}"
+    assert cuda_uuid(gpu[4:], pci, layout) == cuda_uuid(gpu, pci, layout) == gpu
+    assert cuda_uuid(gpu[4:].upper(), pci.upper(), layout) == f"GPU-{gpu[4:].upper()}"
+    assert cuda_uuid(mig, pci, landlock.GpuLayout(driver=str(tmp_path / "none"))) == f"GPU-{mig}"
+    assert cuda_uuid(mig, "", layout) == f"GPU-{mig}"
+    assert cuda_uuid(f"MIG-{mig}", "", layout) == f"MIG-{mig}"  # (a prefix already there is kept)
+    assert visible_device({"index": 0, "uuid": f"MIG-{mig}"}, {}) == f"MIG-{mig}"
+    devices, notes = landlock.gpu_devices(f"MIG-{mig}", pci, layout)
+    assert devices[-1] == os.path.join(layout.dev, f"nvidia{minor}") and not notes, (devices, notes)
 
 
 def _spec(fake: bool, uuid: str) -> WorkerSpec:

@@ -70,3 +70,33 @@ def test_up_with_a_ca_key_others_may_read_ends_in_one_line(tmp_path: Path) -> No
     assert out.returncode == 1, (out.returncode, out.stderr[-2000:])
     assert "Traceback" not in out.stderr and out.stderr.startswith("gpupool up: "), out.stderr[-2000:]
     assert str(ca.key_path) in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
+def _names(cert: Path) -> set[str]:
+    from cryptography import x509
+
+    san = (
+        x509.load_pem_x509_certificate(cert.read_bytes())
+        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        .value
+    )
+    return set(san.get_values_for_type(x509.DNSName)) | {str(i) for i in san.get_values_for_type(x509.IPAddress)}
+
+
+def test_up_issues_a_server_certificate_anew_when_it_serves_an_address_the_old_one_does_not_name(
+    tmp_path: Path,
+) -> None:
+    """`gpupool up` passes its metrics ports' addresses too (HTTPS since round 40; "0" is a port turned off), and a
+    scheduler's or daemon's certificate from an earlier run that does not name an address served now is issued
+    anew (fin40: until then it was kept while its role and CA matched, so a new --listen or --metrics-listen host
+    failed every client's name check); one that names them all is kept."""
+    state = tmp_path / "state"
+    first = make_credentials(state, "gpu-7", "127.0.0.1:50050", "127.0.0.1:50051")
+    old = first.scheduler.cert.read_bytes()
+    again = make_credentials(state, "gpu-7", "127.0.0.1:50050", "127.0.0.1:50051", "10.9.8.7:9451", "0")
+    for files in (again.scheduler, again.daemon):
+        assert {"10.9.8.7", "127.0.0.1", "localhost"} <= _names(files.cert), _names(files.cert)
+    assert again.scheduler.cert.read_bytes() != old
+    assert again.user.cert.read_bytes() == first.user.cert.read_bytes()  # a client's certificate names no address
+    kept = make_credentials(state, "gpu-7", "127.0.0.1:50050", "10.9.8.7:50051")
+    assert kept.scheduler.cert.read_bytes() == again.scheduler.cert.read_bytes()
