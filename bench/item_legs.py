@@ -189,7 +189,9 @@ def _woke(
         deltas = [v - before[part][t][0] for t, (v, _) in now.items() if t in before[part]]
         out[part] = sum(deltas) / calls
         out[part + " threads"] = sum(d * 2 >= calls for d in deltas)
-        out[part + " cpu"] = sum(ns - before[part][t][1] for t, (_, ns) in now.items() if t in before[part]) / calls / 1e3
+        out[part + " cpu"] = (
+            sum(ns - before[part][t][1] for t, (_, ns) in now.items() if t in before[part]) / calls / 1e3
+        )
     return out
 
 
