@@ -508,8 +508,8 @@ _PF_DYING = _PF_EXITING | _PF_DUMPCORE | _PF_SIGNALED
 
 def _quiet(pid: int) -> bool:
     """The kernel's view of an idle, healthy worker (/proc/PID/stat, one read of a few microseconds): its main
-    thread sleeps (state S: waiting on its socket, `wait_readable`), no signal is pending for it, and it is not exiting,
-    dumping core or dying of a signal (the flags set between taking a fatal signal and becoming a zombie).
+    thread sleeps (state S: waiting on its socket, `wait_readable`), no signal is pending for it, and it is not
+    exiting, dumping core or dying of a signal (the flags set between taking a fatal signal and becoming a zombie).
     A fatal signal sent before the call is seen one way or another: SIGKILL and the like sit in every thread's
     own pending set until taken, a core-dumping one wakes the main thread out of S when sent, and taking
     either sets the dying flags before the task can sleep again."""
