@@ -30,7 +30,8 @@ step whose graph is one tiny op, `neg` of a scalar, and its `.item()`, as the sh
 one frame) and `native-step` (the same step as the C++ client sends it: the RunGraph entry it encoded, handed over
 with the `.item()`, client/native/backend.py `sync_scalar`). `--wakeups` also counts, around each block, the
 voluntary context switches (a thread that blocked and was woken) of every thread of the client's process, the
-daemon's and its workers', per call, and how many threads woke at least once every two calls.
+daemon's and its workers', per call, how many threads woke at least once every two calls, and each part's CPU time
+a call (/proc/PID/task/TID/schedstat: kernel time included, so a wake-up's cost shows).
 
 `--worker-instr N` counts instead (callgrind, exact on a loaded box) the instructions of the worker's own part of an
 `.item()`, in-process: N slices of one Sync of a float scalar through the worker loop's body without its socket
@@ -172,19 +173,25 @@ def _pids(daemon: int) -> dict[str, list[int]]:
     return {"client": [os.getpid()], "front": [daemon], "worker": below}
 
 
-def _switches(pids: dict[str, list[int]]) -> dict[str, dict[int, int]]:
+def _switches(pids: dict[str, list[int]]) -> dict[str, dict[int, tuple[int, int]]]:
     from daemon_syscalls import switches
 
-    return {part: {t: v for t, (v, _, _) in switches(ps).items()} for part, ps in pids.items()}
+    return {part: {t: (v, ns) for t, (v, _, ns) in switches(ps).items()} for part, ps in pids.items()}
 
 
-def _woke(before: dict[str, dict[int, int]], after: dict[str, dict[int, int]], calls: int) -> dict[str, float]:
-    """Per call: each part's voluntary context switches, and its threads that woke at least every second call."""
+def _woke(
+    before: dict[str, dict[int, tuple[int, int]]], after: dict[str, dict[int, tuple[int, int]]], calls: int
+) -> dict[str, float]:
+    """Per call: each part's voluntary context switches, its threads that woke at least every second call, and its
+    threads' CPU time (us, the scheduler's count: kernel time included)."""
     out: dict[str, float] = {}
     for part, now in after.items():
-        deltas = [v - before[part][t] for t, v in now.items() if t in before[part]]
+        deltas = [v - before[part][t][0] for t, (v, _) in now.items() if t in before[part]]
         out[part] = sum(deltas) / calls
         out[part + " threads"] = sum(d * 2 >= calls for d in deltas)
+        out[part + " cpu"] = (
+            sum(ns - before[part][t][1] for t, (_, ns) in now.items() if t in before[part]) / calls / 1e3
+        )
     return out
 
 
@@ -441,8 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  (calls)     " + "".join(f"{table[n]['total'][1]:>14}" for n in names))
         if args.wakeups:
             parts = ["client", "front", "worker"]
-            for part in [*parts, *(x + " threads" for x in parts)]:
-                what = "wake-ups/call" if "threads" not in part else "woke (>= 1/2 calls)"
+            for part in [*parts, *(x + " threads" for x in parts), *(x + " cpu" for x in parts)]:
+                what = {"threads": "woke (>= 1/2 calls)", "cpu": "CPU us/call"}.get(part.split()[-1], "wake-ups/call")
                 cells = "".join(f"{statistics.median(b[part] for b in woke[n][kind]):>14.2f}" for n in names)
                 print(f"  {part:<15}{what:<20}" + cells)
     return 0

@@ -347,6 +347,9 @@ class ProcessRunner:
         # pread of it is half the cost of open, read, close; it names this process even once its pid is reused)
         self._poller = select.poll()
         self._poller.register(sock, select.POLLIN)
+        # `run`'s wait for a result (`_recv_word`): its own, so that it never shares a poll object with `idle`'s
+        self._result_poller = select.poll()
+        self._result_poller.register(sock, select.POLLIN)
         self._stat_fd = -1
 
     def contend(self, contended: bool) -> None:
@@ -413,8 +416,11 @@ class ProcessRunner:
                 self._sock.sendall(slices.shared_request(req, size))
             else:
                 slices.send_parts(self._sock, slices.encode_request(req, parts))
-            # no spin under flush's timeout: Python would wait for the socket first
-            (length,) = _recv_word(self._sock, self.spin if self._sock.gettimeout() is None else 0.0)
+            # no spin or poll under flush's timeout: Python waits for the socket first (a poll) itself
+            if self._sock.gettimeout() is None:
+                (length,) = _recv_word(self._sock, self.spin, self._result_poller)
+            else:
+                (length,) = _recv_word(self._sock)
             while length == slices.PONG:  # the late answer to a ping that timed out
                 (length,) = _recv_word(self._sock)
             if length & slices.SHARED:
@@ -539,8 +545,8 @@ _PF_DYING = _PF_EXITING | _PF_DUMPCORE | _PF_SIGNALED
 
 def _quiet(pid: int) -> bool:
     """The kernel's view of an idle, healthy worker (/proc/PID/stat, one read of a few microseconds): its main
-    thread sleeps (state S: blocked in its socket read), no signal is pending for it, and it is not exiting,
-    dumping core or dying of a signal (the flags set between taking a fatal signal and becoming a zombie).
+    thread sleeps (state S: waiting on its socket, `wait_readable`), no signal is pending for it, and it is not
+    exiting, dumping core or dying of a signal (the flags set between taking a fatal signal and becoming a zombie).
     A fatal signal sent before the call is seen one way or another: SIGKILL and the like sit in every thread's
     own pending set until taken, a core-dumping one wakes the main thread out of S when sent, and taking
     either sets the dying flags before the task can sleep again."""
@@ -589,10 +595,27 @@ def spin_default(cpus: int | None = None, load: float | None = None) -> float:
 SPIN_AUTO = 20e-6
 
 
-def _recv_word(sock: socket.socket, spin: float = 0.0) -> tuple[int]:
+def wait_readable(poller: select.poll | None) -> None:
+    """Sleep until the socket `poller` watches (for POLLIN, in blocking mode) has bytes to read, or its peer closed
+    or broke it; nothing without a poller. Waiting in poll, not in the read itself, is what keeps the two ends of a
+    unix stream socketpair from waking each other for nothing: a thread asleep in a blocking `recv` is woken by its
+    own socket's "room to write" too (Linux's unix_write_space wakes every sleeper on the socket, whatever it waits
+    for), so that each time the peer reads what this end sent before (the worker its request, the daemon the
+    worker's result word), the sleeping reader here woke, found nothing and slept again: ~0.7 of a wasted process
+    wake-up a slice in the worker (bench/item_legs.py --wakeups, BENCHMARKS.md round 40). A poll sleeper is woken
+    only for the events it asked for. The read that follows finds the bytes there (or the end of the stream)."""
+    if poller is not None:
+        poller.poll()
+
+
+def _recv_word(sock: socket.socket, spin: float = 0.0, poller: select.poll | None = None) -> tuple[int]:
     """One little-endian u32 (a result's length word): one recv, as the four bytes come together (after up to
-    `spin` seconds of non-blocking reads: `spin_word`)."""
-    got = (spin_word(sock, spin) if spin > 0 else None) or sock.recv(4)
+    `spin` seconds of non-blocking reads: `spin_word`; then, with `poller`, a wait for the socket: `wait_readable`)."""
+    got = spin_word(sock, spin) if spin > 0 else None
+    if not got:
+        if got is None:
+            wait_readable(poller)
+        got = sock.recv(4)
     if len(got) == 4:
         return _WORD.unpack(got)  # type: ignore[return-value]
     if not got:
@@ -636,10 +659,13 @@ def _copy_parts(data: memoryview, parts: Sequence[memoryview]) -> None:
         data[pos : pos + len(joined)] = joined
 
 
-def _recv_request(sock: socket.socket, head: bytearray) -> bytearray | memoryview:
+def _recv_request(sock: socket.socket, head: bytearray, poller: select.poll | None = None) -> bytearray | memoryview:
     """The next request's body (after its length word). A header-only request (a slice whose payload is in the
     shared buffer, a ping, the exit) comes in one recv into `head`, reused (a view of it is returned): never more
-    than one request's bytes are read, so a request that follows (after a late ping) stays in the socket."""
+    than one request's bytes are read, so a request that follows (after a late ping) stays in the socket. With
+    `poller` (of `sock`, for POLLIN) the wait for the request is a poll (`wait_readable`: no wake-up each time the
+    daemon reads a result)."""
+    wait_readable(poller)
     got = sock.recv_into(head, len(head))
     while got < 4:
         if not got:
@@ -739,9 +765,11 @@ def worker_main(sock: socket.socket, progress_fd: int, spec: WorkerSpec) -> int:
     mark = slices.word_mark(progress)
 
     head = bytearray(4 + slices.REQUEST_HEAD)
+    waiting = select.poll()
+    waiting.register(sock, select.POLLIN)
     while True:
         try:
-            body = _recv_request(sock, head)
+            body = _recv_request(sock, head, waiting)
         except (OSError, EOFError):
             return 0  # the daemon closed the session
         if slices.is_ping(body):

@@ -3,9 +3,12 @@ never more than one request at a time, and result words read whole. Real socket 
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import threading
+import time
+from typing import Any
 
 import pytest
 from gpupool.server import slices, worker
@@ -104,3 +107,76 @@ def test_the_spin_is_left_to_hosts_with_cores_to_spare() -> None:
     assert worker.spin_default(cpus=16, load=1.0) == worker.SPIN_AUTO > 0
     assert worker.spin_default(cpus=16, load=9.0) == 0.0
     assert worker.spin_default(cpus=4, load=1.9) == worker.SPIN_AUTO
+
+
+def _switches(tid: int) -> int:
+    """A thread's voluntary context switches so far (each time it slept and was woken)."""
+    with open(f"/proc/self/task/{tid}/status") as f:
+        return int(next(line for line in f if line.startswith("voluntary_ctxt_switches:")).split()[1])
+
+
+def _asleep(tid: int) -> bool:
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "S"
+
+
+def _woken_while_peer_reads(read: Any, mine: socket.socket, peer: socket.socket, sent: int, answer: bytes) -> Any:
+    """Run `read()` in a thread that waits on `mine`, whose earlier `sent` bytes are still in the socket for `peer`;
+    once the thread is asleep, `peer` reads them (what the worker does with the daemon's request, and the daemon with
+    the worker's result word) and then sends `answer`. Returns (the thread's wake-ups while the peer read, what
+    `read()` returned)."""
+    out: list[Any] = []
+    tid: list[int] = []
+
+    def run() -> None:
+        tid.append(threading.get_native_id())
+        out.append(read())
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not tid or not _asleep(tid[0]):  # asleep in its wait (a fresh thread's start settles first)
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    time.sleep(0.05)
+    before = _switches(tid[0])
+    assert len(peer.recv(sent)) == sent
+    time.sleep(0.05)  # a wake-up, if any, happens at once
+    woken = _switches(tid[0]) - before
+    peer.sendall(answer)
+    t.join(10)
+    return woken, out[0]
+
+
+def test_a_reader_waiting_for_its_next_request_or_result_is_not_woken_when_the_peer_reads() -> None:
+    """The daemon's wait for a worker's result (`_recv_word`, the runner's poller) and the worker's wait for its next
+    request (`_recv_request` with the worker loop's poller) sleep in a poll for POLLIN (`wait_readable`), not in the
+    read: a thread asleep in a blocking recv on a unix stream socket is woken also when the peer reads what this end
+    sent before ("room to write"), wakes for nothing and sleeps again (round 39 counted ~1.7-1.9 worker wake-ups a
+    synced call, bench/item_legs.py --wakeups; now 1.0). The answers are read whole as before."""
+    a, b = socket.socketpair()
+    try:
+        poller = select.poll()
+        poller.register(a, select.POLLIN)
+        # the daemon's end: its request is still in the socket when it starts waiting for the result word
+        a.sendall(b"r" * 38)
+        word = struct.pack("<I", 42 | slices.SHARED)
+        woken, got = _woken_while_peer_reads(lambda: worker._recv_word(a, 0.0, poller), a, b, 38, word)
+        assert (woken, got) == (0, (42 | slices.SHARED,))
+        # the worker's end: its result word is still in the socket when it starts waiting for the next request
+        waiting = select.poll()
+        waiting.register(b, select.POLLIN)
+        head = bytearray(4 + slices.REQUEST_HEAD)
+        b.sendall(word)
+        run = slices.shared_request(slices.SliceRequest(10, 20, 0.5, b"", slot=1), 7)
+        woken, got = _woken_while_peer_reads(lambda: bytes(worker._recv_request(b, head, waiting)), b, a, 4, run)
+        assert woken == 0
+        req = slices.decode_request(got, memoryview(bytearray(64)))
+        assert req is not None and (req.device_free, req.reply_room, req.budget, req.slot) == (10, 20, 0.5, 1)
+        # a peer that closes wakes the poll, and the read says so
+        a.close()
+        with pytest.raises(EOFError):
+            worker._recv_request(b, head, waiting)
+    finally:
+        a.close()
+        b.close()
