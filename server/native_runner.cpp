@@ -456,6 +456,65 @@ bool as_i64(PyObject* v, int64_t* out) {
 // `key in d` for a dict: an empty one (a session's failed handles, nearly always) without hashing the key
 inline int contains(PyObject* d, PyObject* key) { return PyDict_GET_SIZE(d) == 0 ? 0 : PyDict_Contains(d, key); }
 
+// The per-op tables' operations with the key's hash given. Their keys are non-negative ints whose value the caller
+// knows (a handle, a storage's address: `storage_key`), and CPython hashes such an int as its value modulo 2^61 - 1
+// (`long_hash`, on a 64-bit build): through `PyObject_Hash` that is ~45 instructions a call, and an eager op made
+// ~10 such calls (its output's check, its inputs' lookups, `bind_new`'s three tables). The dict is the same, with the
+// same entries; only who computes the hash differs. `known_hash` is set at load where `PyObject_Hash` agrees with
+// `int_hash` on a few values (checked once: a build whose hash differs takes the plain calls); Python 3.13 made the
+// known-hash calls private: the plain calls there.
+#if PY_VERSION_HEX < 0x030D0000
+#define GPUPOOL_KNOWN_HASH 1
+#endif
+bool known_hash = false;
+
+inline Py_hash_t int_hash(uint64_t v) { return static_cast<Py_hash_t>(v % ((uint64_t{1} << 61) - 1)); }
+
+// `d.get(key)` (borrowed; nullptr: missing, or the error set) where `key` is an int of value `v`
+inline PyObject* get_item(PyObject* d, PyObject* key, uint64_t v) {
+#ifdef GPUPOOL_KNOWN_HASH
+  if (known_hash) return _PyDict_GetItem_KnownHash(d, key, int_hash(v));
+#endif
+  (void)v;
+  return PyDict_GetItemWithError(d, key);
+}
+
+// `key in d` where `key` is an int of value `v`
+inline int has_item(PyObject* d, PyObject* key, uint64_t v) {
+#ifdef GPUPOOL_KNOWN_HASH
+  if (known_hash) return _PyDict_Contains_KnownHash(d, key, int_hash(v));
+#endif
+  (void)v;
+  return PyDict_Contains(d, key);
+}
+
+// `d[key] = value` where `key` is an int of value `v`
+inline int set_item(PyObject* d, PyObject* key, PyObject* value, uint64_t v) {
+#ifdef GPUPOOL_KNOWN_HASH
+  if (known_hash) return _PyDict_SetItem_KnownHash(d, key, value, int_hash(v));
+#endif
+  (void)v;
+  return PyDict_SetItem(d, key, value);
+}
+
+// Whether `PyObject_Hash` of ints agrees with `int_hash` (at load; false where it does not, or where unsure)
+bool check_known_hash() {
+  const uint64_t probes[] = {0, 1, 12345, (uint64_t{1} << 32) | 7, (uint64_t{1} << 61) - 2, (uint64_t{1} << 61) - 1,
+                             uint64_t{1} << 61, (uint64_t{0x7fff} << 32) | 0xfffffff0u, ~uint64_t{0}};
+  for (const uint64_t v : probes) {
+    PyObject* o = PyLong_FromUnsignedLongLong(v);
+    if (o == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    const Py_hash_t h = PyObject_Hash(o);
+    Py_DECREF(o);
+    if (h == -1) PyErr_Clear();
+    if (h != int_hash(v)) return false;
+  }
+  return true;
+}
+
 // A new reference, released at the end of its scope with a plain Py_XDECREF (pybind11's object checks the GIL on
 // every reference change, ~50 instructions each; `Ctx.run` holds the GIL throughout, but for the op's call)
 struct Own {
@@ -958,7 +1017,7 @@ struct Ctx {
           if ((h >> HANDLE_BITS) != static_cast<uint64_t>(number) || h == static_cast<uint64_t>(base)) break;
           hkey.reset(PyLong_FromUnsignedLongLong(h));
           if (hkey.p == nullptr) throw py::error_already_set();
-          int in_t = PyDict_Contains(tdict, hkey.p);
+          int in_t = has_item(tdict, hkey.p, h);
           if (in_t != 0) {
             if (in_t < 0) throw py::error_already_set();
             break;  // rebinds a live handle: `_run_step`
@@ -991,7 +1050,7 @@ struct Ctx {
                 ok = false;
                 break;
               }
-              int live = PyDict_Contains(tdict, kj);
+              int live = has_item(tdict, kj, hj);
               if (live < 0) throw py::error_already_set();
               if (live) {
                 ok = false;  // rebinds a live handle: `_run_step`
@@ -1014,7 +1073,7 @@ struct Ctx {
           const uint64_t hin = read_u64(buf + in.offset);
           PyObject* key = handle_keys->get(hin);
           if (!key) throw py::error_already_set();
-          PyObject* obj = PyDict_GetItemWithError(tdict, key);  // borrowed
+          PyObject* obj = get_item(tdict, key, hin);  // borrowed
           Py_DECREF(key);
           if (obj == nullptr) {
             if (PyErr_Occurred()) throw py::error_already_set();
@@ -1177,7 +1236,7 @@ struct Ctx {
             flags |= END;
           } else {
             for (const int64_t j : p->keep_at) {  // `objs.append(get(outputs[j]))`
-              PyObject* got = PyDict_GetItemWithError(tdict, PyTuple_GET_ITEM(hkeys.p, j));  // borrowed
+              PyObject* got = get_item(tdict, PyTuple_GET_ITEM(hkeys.p, j), hvals[static_cast<size_t>(j)]);  // borrowed
               if (got == nullptr && PyErr_Occurred()) throw py::error_already_set();
               if (PyList_Append(objs.ptr(), got != nullptr ? got : Py_None) < 0) throw py::error_already_set();
             }
@@ -1220,7 +1279,7 @@ struct Ctx {
             obj.reset(Py_NewRef(Py_None));  // what the session's table holds for the output handle (`objs` below)
           } else if (Py_TYPE(obj.p) == reinterpret_cast<PyTypeObject*>(THPVariableClass) && !in_p &&
               out.layout() == at::kStrided && !out.is_quantized() && !out.is_nested() && out.dim() <= MAX_DIMS) {
-            bind_new(c, hkey.p, out, obj.p);
+            bind_new(c, hkey.p, h, out, obj.p);
             handle_keys->put(h, hkey.p);  // the table's key for this handle now
             one = true;
           } else {
@@ -1406,7 +1465,7 @@ struct Ctx {
           PyObject* kj = PyTuple_GET_ITEM(hkeys, static_cast<Py_ssize_t>(j));
           const uint64_t hj = hvals[j];
           if (!outs[j].defined() || hj == 0) continue;
-          bind_new(c, kj, outs[j], PyList_GET_ITEM(values.p, static_cast<Py_ssize_t>(j)), false);
+          bind_new(c, kj, hj, outs[j], PyList_GET_ITEM(values.p, static_cast<Py_ssize_t>(j)), false);
           handle_keys->put(hj, kj);
           if (PyList_Append(got.p, kj) < 0) throw py::error_already_set();
         }
@@ -1446,7 +1505,7 @@ struct Ctx {
       done.push_back(st);
       Own skey(PyLong_FromVoidPtr(const_cast<c10::StorageImpl*>(st)));
       if (skey.p == nullptr) throw py::error_already_set();
-      if (PyDict_GetItemWithError(storages.ptr(), skey.p) != nullptr) continue;  // a handle holds it: not new
+      if (get_item(storages.ptr(), skey.p, reinterpret_cast<uintptr_t>(st)) != nullptr) continue;  // not new
       if (PyErr_Occurred()) throw py::error_already_set();
       Own objs(PyList_New(0));
       if (objs.p == nullptr) throw py::error_already_set();
@@ -1509,11 +1568,12 @@ struct Ctx {
 
   // `WorkerSession.bind_new`: count the storage once (a new one's bytes outside `out` zeroed, unless `zero` is
   // false: `several` zeroes outside all of an op's outputs first), bind the handle
-  void bind_new(Counts& c, PyObject* hkey, const at::Tensor& out, PyObject* obj, bool zero = true) {
+  void bind_new(Counts& c, PyObject* hkey, uint64_t h, const at::Tensor& out, PyObject* obj, bool zero = true) {
     const auto& storage = out.storage();
+    const auto sv = reinterpret_cast<uintptr_t>(storage.unsafeGetStorageImpl());  // `storage_key`'s value
     Own skey(PyLong_FromVoidPtr(storage.unsafeGetStorageImpl()));
     if (skey.p == nullptr) throw py::error_already_set();
-    PyObject* entry = PyDict_GetItemWithError(storages.ptr(), skey.p);  // borrowed
+    PyObject* entry = get_item(storages.ptr(), skey.p, sv);  // borrowed
     if (entry == nullptr) {
       if (PyErr_Occurred()) throw py::error_already_set();
       const int64_t nbytes = static_cast<int64_t>(storage.nbytes());
@@ -1525,7 +1585,7 @@ struct Ctx {
       }
       Own fresh(entries.take(nbytes));  // [handles on the storage, its bytes]
       if (fresh.p == nullptr) throw py::error_already_set();
-      if (PyDict_SetItem(storages.ptr(), skey.p, fresh.p) < 0) throw py::error_already_set();
+      if (set_item(storages.ptr(), skey.p, fresh.p, sv) < 0) throw py::error_already_set();
       c.used.add(nbytes);
       c.mused.add(nbytes);
     } else {
@@ -1536,8 +1596,8 @@ struct Ctx {
       PyObject* c1 = PyNumber_Add(c, one.p);
       if (c1 == nullptr || PyList_SetItem(entry, 0, c1) < 0) throw py::error_already_set();  // steals c1
     }
-    if (PyDict_SetItem(keys.ptr(), hkey, skey.p) < 0) throw py::error_already_set();
-    if (PyDict_SetItem(tensors.ptr(), hkey, obj) < 0) throw py::error_already_set();
+    if (set_item(keys.ptr(), hkey, skey.p, h) < 0) throw py::error_already_set();
+    if (set_item(tensors.ptr(), hkey, obj, h) < 0) throw py::error_already_set();
   }
 };
 
@@ -2127,6 +2187,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   S_memory = PyUnicode_InternFromString("memory");
   S_check_handle = PyUnicode_InternFromString("check_handle");
   MISSING = PyObject_CallNoArgs(reinterpret_cast<PyObject*>(&PyBaseObject_Type));  // `object()`, never freed
+  known_hash = check_known_hash();
+  m.attr("KNOWN_HASH") = known_hash;  // tests: whether the tables' calls pass the hash
   py::class_<Plan, std::shared_ptr<Plan>>(m, "Plan");
   m.def("plan", &make_plan, py::arg("name"), py::arg("overload"), py::arg("size"), py::arg("fixed"), py::arg("outs"),
         py::arg("args"), py::arg("need"), py::arg("keep"), py::arg("owner"), py::arg("run"), py::arg("returns"),

@@ -16,6 +16,7 @@ import gc
 import itertools
 import re
 import struct
+import sys
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -880,6 +881,28 @@ def _x_on(p: Pair, storage: int) -> None:
             s.bind(X, small.clone())
     else:
         _wide_x(p, storage)
+
+
+def test_handles_past_the_hash_modulus_find_their_entries(runner: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session numbered 2^30 + 3 has handles past 2^61 - 1, where CPython hashes an int as its value modulo
+    2^61 - 1: the runner's table calls that pass the hash themselves (native_runner.cpp `int_hash`) must find the
+    entries Python's own lookups made and make entries those lookups find (else duplicates, or refused records)."""
+    number = (1 << 30) + 3
+    base = number << 32
+    assert base > (1 << 61) - 1
+    module = sys.modules[__name__]
+    for name, value in (("NUMBER", number), ("BASE", base), ("X", base + 1), ("W", base + 2), ("P", base + 3),
+                        ("IDX", base + 4), ("G", base + 5)):  # fmt: skip
+        monkeypatch.setattr(module, name, value)
+    p = Pair()
+    cmds = training(p, 12)
+    p.stream(cmds, itertools.cycle([64, 9]))
+    assert p.hits > 0, p.hits
+    if runner == "native":
+        assert p.runs().native > 0, p.runs().native
+    for s in p.s:
+        assert len({int(str(k)) for k in s.tensors} & set(s._keys)) == len(s.tensors) == len(s._keys)
+        assert all(s.tensors.get(int(str(k))) is t for k, t in s.tensors.items())
 
 
 def test_view_arguments_run_in_learned_runs_as_on_the_normal_path() -> None:
