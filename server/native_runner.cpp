@@ -51,6 +51,11 @@ struct Input {
   bool view = false;
   std::vector<int64_t> view_sizes, view_strides;
   int64_t view_offset = 0, view_last = 0;
+  // A direct view's TensorImpl kept for the next record (`Shells`): set on the viewed tensor's storage while a run
+  // uses it, on an empty storage between runs; with the key set of the tensor it was made on
+  mutable at::Tensor shell;
+  mutable c10::DispatchKeySet shell_keys;
+  mutable int64_t shell_reused = 0;  // records it served after the first (tests: `Trace.kept_views`)
 };
 
 // CONST: converted once; the others read from the record: tensor handles, and the numbers an op's verdict keys by
@@ -388,9 +393,45 @@ bool views_here(const at::Tensor& v) {
   return !v._fw_grad(0).defined();
 }
 
+// An empty CPU storage: what a kept view (`Shells`) points at between runs, holding no session's memory
+const c10::Storage& no_storage() {
+  static const c10::Storage* empty = new c10::Storage(c10::Storage::use_byte_size_t(), 0,
+                                                      c10::GetAllocator(c10::DeviceType::CPU), /*resizable=*/false);
+  return *empty;
+}
+
+// The direct views of a run (`view_of` with `direct`), their TensorImpls kept in their `Input`s from record to record
+// and from run to run: a view made per record was ~1.2k instructions (its allocation, `setStrided`'s checks and
+// `set_sizes_and_strides`, its destruction after the op; the encoder's records pass 2 views each), and a kept one is
+// given the viewed tensor's storage (`set_storage_keep_dtype`) where nothing else holds it: the same TensorImpl as
+// `as_strided_tensorimpl` makes, as the op sees it (the geometry set once, the viewed tensor's dtype and key set, its
+// storage). It is reused only where this is exact: the kept TensorImpl has no other reference, strong or weak (an op
+// that returned it or kept it: it is left to them and a new one is made), its geometry, dtype and key set are the
+// ones it would be made with, and its metadata may change (an op that locked it: a new one is made). Between runs it
+// holds no memory of a session: when a run ends (`release`, also when it raises), every view it used is pointed at an
+// empty storage, or let go where something else holds it. Inside a run no storage is freed (a run binds only fresh
+// handles and frees none), so a kept view never keeps alive what the session's accounting let go.
+at::Tensor kept_view(const at::Tensor& v, const Input& in) {
+  at::Tensor& sh = in.shell;
+  if (sh.defined() && sh.use_count() == 1 && sh.weak_use_count() == 1 && in.shell_keys == v.key_set()) {
+    c10::TensorImpl* impl = sh.unsafeGetTensorImpl();
+    if (impl->allow_tensor_metadata_change() && impl->dtype() == v.dtype() &&
+        impl->storage_offset() == in.view_offset && impl->sizes() == at::IntArrayRef(in.view_sizes) &&
+        impl->strides() == at::IntArrayRef(in.view_strides)) {
+      impl->set_storage_keep_dtype(v.storage());
+      ++in.shell_reused;
+      return sh;
+    }
+  }
+  at::Tensor t = at::native::as_strided_tensorimpl(v, in.view_sizes, in.view_strides, in.view_offset);
+  sh = t;
+  in.shell_keys = v.key_set();
+  return t;
+}
+
 at::Tensor view_of(const at::Tensor& v, const Input& in, bool direct) {
   if ((v.key_set().raw_repr() & ~PLAIN_CPU.raw_repr()) == 0 && v.device().is_cpu()) {
-    if (direct) return at::native::as_strided_tensorimpl(v, in.view_sizes, in.view_strides, in.view_offset);
+    if (direct) return kept_view(v, in);
     if (views_here(v)) {
       at::Tensor t = at::native::as_strided_tensorimpl(v, in.view_sizes, in.view_strides, in.view_offset);
       using torch::autograd::CreationMeta;
@@ -924,6 +965,36 @@ struct Entries {
 };
 Entries entries;
 
+struct Shells {
+  Reused<std::shared_ptr<Plan>> used;  // the plans whose views a run used (kept alive until `release`)
+  explicit Shells(std::vector<std::shared_ptr<Plan>>& room) : used(room) {}
+  ~Shells() { release(); }
+  Shells(const Shells&) = delete;
+  Shells& operator=(const Shells&) = delete;
+  void add(const std::shared_ptr<Plan>& p) {
+    if (used.v.empty() || used.v.back() != p) used.v.push_back(p);
+  }
+  void release() noexcept {
+    for (const auto& p : used.v) {
+      for (const Arg& a : p->args) {
+        for (const Input& in : a.inputs) {
+          at::Tensor& sh = in.shell;
+          if (!sh.defined()) continue;
+          c10::TensorImpl* impl = sh.unsafeGetTensorImpl();
+          if (sh.use_count() == 1 && sh.weak_use_count() == 1 && impl->allow_tensor_metadata_change()) {
+            if (impl->storage().unsafeGetStorageImpl() != no_storage().unsafeGetStorageImpl()) {
+              impl->set_storage_keep_dtype(no_storage());
+            }
+          } else {
+            sh = at::Tensor();  // held elsewhere (an op returned it): theirs; its storage goes with its last holder
+          }
+        }
+      }
+    }
+    used.v.clear();
+  }
+};
+
 struct Ctx {
   py::object s, tensors, poisoned, storages, keys, memory, count, bind_outputs, over_quota;
   // seeded records (`CommandExecutor._seeded` with `exclusive_rng`: a session's own worker process): the table of
@@ -936,6 +1007,7 @@ struct Ctx {
   std::vector<c10::IValue> stack_room;
   std::vector<at::Tensor> held_room;
   std::vector<uint64_t> hvals_room;
+  std::vector<std::shared_ptr<Plan>> shell_room;
 
   // Run records[i:] through `trace` from step k on. Returns (i, k, hits, flags, exception or None): the first record
   // not run, the step it is at, the records run, END (the trace ran to its end) | OVER (the time budget passed);
@@ -969,6 +1041,9 @@ struct Ctx {
     Word word(progress);
     Fields sf(s.ptr(), {S_used, S_ops}), mf(memory.ptr(), {S_used});
     Counts c(sf, mf);  // `s.used`, `s.ops`, `memory.used`: synced before Python code, at the return, on a raise
+    // the views kept in the plans' inputs, pointed at an empty storage when the run returns or raises (`Shells`);
+    // declared before the vectors below, so that it releases them once those let their references go
+    Shells shells(shell_room);
     // the op's arguments (the context's vectors, their room kept from run to run: `Reused`)
     Reused<c10::IValue> stack_(stack_room);
     torch::jit::Stack& stack = stack_.v;
@@ -1098,6 +1173,7 @@ struct Ctx {
             if (static_cast<unsigned __int128>(in.view_last) * static_cast<unsigned __int128>(v.element_size()) > have) {
               return false;
             }
+            if (p->direct_views) shells.add(cur->steps[k]);
             try {
               *t = view_of(v, in, p->direct_views);
             } catch (const std::exception&) {
@@ -2208,6 +2284,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            }),
            py::arg("steps"), py::arg("origin") = py::none())
       .def("__len__", [](const Trace& t) { return t.steps.size(); })
+      // its kept views (`Shells`), for tests: per one, (step, the bytes of the storage it holds, the records it served
+      // after the first)
+      .def("kept_views", [](const Trace& t) {
+        py::list out;
+        for (size_t k = 0; k < t.steps.size(); ++k) {
+          if (t.steps[k] == nullptr) continue;
+          for (const Arg& a : t.steps[k]->args) {
+            for (const Input& in : a.inputs) {
+              if (!in.shell.defined()) continue;
+              out.append(py::make_tuple(k, in.shell.storage().nbytes(), in.shell_reused));
+            }
+          }
+        }
+        return out;
+      })
       .def("runs", [](const Trace& t, int64_t k) {
         return k >= 0 && k < static_cast<int64_t>(t.steps.size()) && t.steps[k] != nullptr;
       });
