@@ -51,6 +51,11 @@ struct Input {
   bool view = false;
   std::vector<int64_t> view_sizes, view_strides;
   int64_t view_offset = 0, view_last = 0;
+  // A direct view's TensorImpl kept for the next record (`Shells`): set on the viewed tensor's storage while a run
+  // uses it, on an empty storage between runs; with the key set of the tensor it was made on
+  mutable at::Tensor shell;
+  mutable c10::DispatchKeySet shell_keys;
+  mutable int64_t shell_reused = 0;  // records it served after the first (tests: `Trace.kept_views`)
 };
 
 // CONST: converted once; the others read from the record: tensor handles, and the numbers an op's verdict keys by
@@ -388,9 +393,45 @@ bool views_here(const at::Tensor& v) {
   return !v._fw_grad(0).defined();
 }
 
+// An empty CPU storage: what a kept view (`Shells`) points at between runs, holding no session's memory
+const c10::Storage& no_storage() {
+  static const c10::Storage* empty = new c10::Storage(c10::Storage::use_byte_size_t(), 0,
+                                                      c10::GetAllocator(c10::DeviceType::CPU), /*resizable=*/false);
+  return *empty;
+}
+
+// The direct views of a run (`view_of` with `direct`), their TensorImpls kept in their `Input`s from record to record
+// and from run to run: a view made per record was ~1.2k instructions (its allocation, `setStrided`'s checks and
+// `set_sizes_and_strides`, its destruction after the op; the encoder's records pass 2 views each), and a kept one is
+// given the viewed tensor's storage (`set_storage_keep_dtype`) where nothing else holds it: the same TensorImpl as
+// `as_strided_tensorimpl` makes, as the op sees it (the geometry set once, the viewed tensor's dtype and key set, its
+// storage). It is reused only where this is exact: the kept TensorImpl has no other reference, strong or weak (an op
+// that returned it or kept it: it is left to them and a new one is made), its geometry, dtype and key set are the
+// ones it would be made with, and its metadata may change (an op that locked it: a new one is made). Between runs it
+// holds no memory of a session: when a run ends (`release`, also when it raises), every view it used is pointed at an
+// empty storage, or let go where something else holds it. Inside a run no storage is freed (a run binds only fresh
+// handles and frees none), so a kept view never keeps alive what the session's accounting let go.
+at::Tensor kept_view(const at::Tensor& v, const Input& in) {
+  at::Tensor& sh = in.shell;
+  if (sh.defined() && sh.use_count() == 1 && sh.weak_use_count() == 1 && in.shell_keys == v.key_set()) {
+    c10::TensorImpl* impl = sh.unsafeGetTensorImpl();
+    if (impl->allow_tensor_metadata_change() && impl->dtype() == v.dtype() &&
+        impl->storage_offset() == in.view_offset && impl->sizes() == at::IntArrayRef(in.view_sizes) &&
+        impl->strides() == at::IntArrayRef(in.view_strides)) {
+      impl->set_storage_keep_dtype(v.storage());
+      ++in.shell_reused;
+      return sh;
+    }
+  }
+  at::Tensor t = at::native::as_strided_tensorimpl(v, in.view_sizes, in.view_strides, in.view_offset);
+  sh = t;
+  in.shell_keys = v.key_set();
+  return t;
+}
+
 at::Tensor view_of(const at::Tensor& v, const Input& in, bool direct) {
   if ((v.key_set().raw_repr() & ~PLAIN_CPU.raw_repr()) == 0 && v.device().is_cpu()) {
-    if (direct) return at::native::as_strided_tensorimpl(v, in.view_sizes, in.view_strides, in.view_offset);
+    if (direct) return kept_view(v, in);
     if (views_here(v)) {
       at::Tensor t = at::native::as_strided_tensorimpl(v, in.view_sizes, in.view_strides, in.view_offset);
       using torch::autograd::CreationMeta;
@@ -455,6 +496,65 @@ bool as_i64(PyObject* v, int64_t* out) {
 
 // `key in d` for a dict: an empty one (a session's failed handles, nearly always) without hashing the key
 inline int contains(PyObject* d, PyObject* key) { return PyDict_GET_SIZE(d) == 0 ? 0 : PyDict_Contains(d, key); }
+
+// The per-op tables' operations with the key's hash given. Their keys are non-negative ints whose value the caller
+// knows (a handle, a storage's address: `storage_key`), and CPython hashes such an int as its value modulo 2^61 - 1
+// (`long_hash`, on a 64-bit build): through `PyObject_Hash` that is ~45 instructions a call, and an eager op made
+// ~10 such calls (its output's check, its inputs' lookups, `bind_new`'s three tables). The dict is the same, with the
+// same entries; only who computes the hash differs. `known_hash` is set at load where `PyObject_Hash` agrees with
+// `int_hash` on a few values (checked once: a build whose hash differs takes the plain calls); Python 3.13 made the
+// known-hash calls private: the plain calls there.
+#if PY_VERSION_HEX < 0x030D0000
+#define GPUPOOL_KNOWN_HASH 1
+#endif
+bool known_hash = false;
+
+inline Py_hash_t int_hash(uint64_t v) { return static_cast<Py_hash_t>(v % ((uint64_t{1} << 61) - 1)); }
+
+// `d.get(key)` (borrowed; nullptr: missing, or the error set) where `key` is an int of value `v`
+inline PyObject* get_item(PyObject* d, PyObject* key, uint64_t v) {
+#ifdef GPUPOOL_KNOWN_HASH
+  if (known_hash) return _PyDict_GetItem_KnownHash(d, key, int_hash(v));
+#endif
+  (void)v;
+  return PyDict_GetItemWithError(d, key);
+}
+
+// `key in d` where `key` is an int of value `v`
+inline int has_item(PyObject* d, PyObject* key, uint64_t v) {
+#ifdef GPUPOOL_KNOWN_HASH
+  if (known_hash) return _PyDict_Contains_KnownHash(d, key, int_hash(v));
+#endif
+  (void)v;
+  return PyDict_Contains(d, key);
+}
+
+// `d[key] = value` where `key` is an int of value `v`
+inline int set_item(PyObject* d, PyObject* key, PyObject* value, uint64_t v) {
+#ifdef GPUPOOL_KNOWN_HASH
+  if (known_hash) return _PyDict_SetItem_KnownHash(d, key, value, int_hash(v));
+#endif
+  (void)v;
+  return PyDict_SetItem(d, key, value);
+}
+
+// Whether `PyObject_Hash` of ints agrees with `int_hash` (at load; false where it does not, or where unsure)
+bool check_known_hash() {
+  const uint64_t probes[] = {0, 1, 12345, (uint64_t{1} << 32) | 7, (uint64_t{1} << 61) - 2, (uint64_t{1} << 61) - 1,
+                             uint64_t{1} << 61, (uint64_t{0x7fff} << 32) | 0xfffffff0u, ~uint64_t{0}};
+  for (const uint64_t v : probes) {
+    PyObject* o = PyLong_FromUnsignedLongLong(v);
+    if (o == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    const Py_hash_t h = PyObject_Hash(o);
+    Py_DECREF(o);
+    if (h == -1) PyErr_Clear();
+    if (h != int_hash(v)) return false;
+  }
+  return true;
+}
 
 // A new reference, released at the end of its scope with a plain Py_XDECREF (pybind11's object checks the GIL on
 // every reference change, ~50 instructions each; `Ctx.run` holds the GIL throughout, but for the op's call)
@@ -865,6 +965,36 @@ struct Entries {
 };
 Entries entries;
 
+struct Shells {
+  Reused<std::shared_ptr<Plan>> used;  // the plans whose views a run used (kept alive until `release`)
+  explicit Shells(std::vector<std::shared_ptr<Plan>>& room) : used(room) {}
+  ~Shells() { release(); }
+  Shells(const Shells&) = delete;
+  Shells& operator=(const Shells&) = delete;
+  void add(const std::shared_ptr<Plan>& p) {
+    if (used.v.empty() || used.v.back() != p) used.v.push_back(p);
+  }
+  void release() noexcept {
+    for (const auto& p : used.v) {
+      for (const Arg& a : p->args) {
+        for (const Input& in : a.inputs) {
+          at::Tensor& sh = in.shell;
+          if (!sh.defined()) continue;
+          c10::TensorImpl* impl = sh.unsafeGetTensorImpl();
+          if (sh.use_count() == 1 && sh.weak_use_count() == 1 && impl->allow_tensor_metadata_change()) {
+            if (impl->storage().unsafeGetStorageImpl() != no_storage().unsafeGetStorageImpl()) {
+              impl->set_storage_keep_dtype(no_storage());
+            }
+          } else {
+            sh = at::Tensor();  // held elsewhere (an op returned it): theirs; its storage goes with its last holder
+          }
+        }
+      }
+    }
+    used.v.clear();
+  }
+};
+
 struct Ctx {
   py::object s, tensors, poisoned, storages, keys, memory, count, bind_outputs, over_quota;
   // seeded records (`CommandExecutor._seeded` with `exclusive_rng`: a session's own worker process): the table of
@@ -877,6 +1007,7 @@ struct Ctx {
   std::vector<c10::IValue> stack_room;
   std::vector<at::Tensor> held_room;
   std::vector<uint64_t> hvals_room;
+  std::vector<std::shared_ptr<Plan>> shell_room;
 
   // Run records[i:] through `trace` from step k on. Returns (i, k, hits, flags, exception or None): the first record
   // not run, the step it is at, the records run, END (the trace ran to its end) | OVER (the time budget passed);
@@ -910,6 +1041,9 @@ struct Ctx {
     Word word(progress);
     Fields sf(s.ptr(), {S_used, S_ops}), mf(memory.ptr(), {S_used});
     Counts c(sf, mf);  // `s.used`, `s.ops`, `memory.used`: synced before Python code, at the return, on a raise
+    // the views kept in the plans' inputs, pointed at an empty storage when the run returns or raises (`Shells`);
+    // declared before the vectors below, so that it releases them once those let their references go
+    Shells shells(shell_room);
     // the op's arguments (the context's vectors, their room kept from run to run: `Reused`)
     Reused<c10::IValue> stack_(stack_room);
     torch::jit::Stack& stack = stack_.v;
@@ -958,7 +1092,7 @@ struct Ctx {
           if ((h >> HANDLE_BITS) != static_cast<uint64_t>(number) || h == static_cast<uint64_t>(base)) break;
           hkey.reset(PyLong_FromUnsignedLongLong(h));
           if (hkey.p == nullptr) throw py::error_already_set();
-          int in_t = PyDict_Contains(tdict, hkey.p);
+          int in_t = has_item(tdict, hkey.p, h);
           if (in_t != 0) {
             if (in_t < 0) throw py::error_already_set();
             break;  // rebinds a live handle: `_run_step`
@@ -991,7 +1125,7 @@ struct Ctx {
                 ok = false;
                 break;
               }
-              int live = PyDict_Contains(tdict, kj);
+              int live = has_item(tdict, kj, hj);
               if (live < 0) throw py::error_already_set();
               if (live) {
                 ok = false;  // rebinds a live handle: `_run_step`
@@ -1014,7 +1148,7 @@ struct Ctx {
           const uint64_t hin = read_u64(buf + in.offset);
           PyObject* key = handle_keys->get(hin);
           if (!key) throw py::error_already_set();
-          PyObject* obj = PyDict_GetItemWithError(tdict, key);  // borrowed
+          PyObject* obj = get_item(tdict, key, hin);  // borrowed
           Py_DECREF(key);
           if (obj == nullptr) {
             if (PyErr_Occurred()) throw py::error_already_set();
@@ -1039,6 +1173,7 @@ struct Ctx {
             if (static_cast<unsigned __int128>(in.view_last) * static_cast<unsigned __int128>(v.element_size()) > have) {
               return false;
             }
+            if (p->direct_views) shells.add(cur->steps[k]);
             try {
               *t = view_of(v, in, p->direct_views);
             } catch (const std::exception&) {
@@ -1177,7 +1312,7 @@ struct Ctx {
             flags |= END;
           } else {
             for (const int64_t j : p->keep_at) {  // `objs.append(get(outputs[j]))`
-              PyObject* got = PyDict_GetItemWithError(tdict, PyTuple_GET_ITEM(hkeys.p, j));  // borrowed
+              PyObject* got = get_item(tdict, PyTuple_GET_ITEM(hkeys.p, j), hvals[static_cast<size_t>(j)]);  // borrowed
               if (got == nullptr && PyErr_Occurred()) throw py::error_already_set();
               if (PyList_Append(objs.ptr(), got != nullptr ? got : Py_None) < 0) throw py::error_already_set();
             }
@@ -1220,7 +1355,7 @@ struct Ctx {
             obj.reset(Py_NewRef(Py_None));  // what the session's table holds for the output handle (`objs` below)
           } else if (Py_TYPE(obj.p) == reinterpret_cast<PyTypeObject*>(THPVariableClass) && !in_p &&
               out.layout() == at::kStrided && !out.is_quantized() && !out.is_nested() && out.dim() <= MAX_DIMS) {
-            bind_new(c, hkey.p, out, obj.p);
+            bind_new(c, hkey.p, h, out, obj.p);
             handle_keys->put(h, hkey.p);  // the table's key for this handle now
             one = true;
           } else {
@@ -1406,7 +1541,7 @@ struct Ctx {
           PyObject* kj = PyTuple_GET_ITEM(hkeys, static_cast<Py_ssize_t>(j));
           const uint64_t hj = hvals[j];
           if (!outs[j].defined() || hj == 0) continue;
-          bind_new(c, kj, outs[j], PyList_GET_ITEM(values.p, static_cast<Py_ssize_t>(j)), false);
+          bind_new(c, kj, hj, outs[j], PyList_GET_ITEM(values.p, static_cast<Py_ssize_t>(j)), false);
           handle_keys->put(hj, kj);
           if (PyList_Append(got.p, kj) < 0) throw py::error_already_set();
         }
@@ -1446,7 +1581,7 @@ struct Ctx {
       done.push_back(st);
       Own skey(PyLong_FromVoidPtr(const_cast<c10::StorageImpl*>(st)));
       if (skey.p == nullptr) throw py::error_already_set();
-      if (PyDict_GetItemWithError(storages.ptr(), skey.p) != nullptr) continue;  // a handle holds it: not new
+      if (get_item(storages.ptr(), skey.p, reinterpret_cast<uintptr_t>(st)) != nullptr) continue;  // not new
       if (PyErr_Occurred()) throw py::error_already_set();
       Own objs(PyList_New(0));
       if (objs.p == nullptr) throw py::error_already_set();
@@ -1509,11 +1644,12 @@ struct Ctx {
 
   // `WorkerSession.bind_new`: count the storage once (a new one's bytes outside `out` zeroed, unless `zero` is
   // false: `several` zeroes outside all of an op's outputs first), bind the handle
-  void bind_new(Counts& c, PyObject* hkey, const at::Tensor& out, PyObject* obj, bool zero = true) {
+  void bind_new(Counts& c, PyObject* hkey, uint64_t h, const at::Tensor& out, PyObject* obj, bool zero = true) {
     const auto& storage = out.storage();
+    const auto sv = reinterpret_cast<uintptr_t>(storage.unsafeGetStorageImpl());  // `storage_key`'s value
     Own skey(PyLong_FromVoidPtr(storage.unsafeGetStorageImpl()));
     if (skey.p == nullptr) throw py::error_already_set();
-    PyObject* entry = PyDict_GetItemWithError(storages.ptr(), skey.p);  // borrowed
+    PyObject* entry = get_item(storages.ptr(), skey.p, sv);  // borrowed
     if (entry == nullptr) {
       if (PyErr_Occurred()) throw py::error_already_set();
       const int64_t nbytes = static_cast<int64_t>(storage.nbytes());
@@ -1525,7 +1661,7 @@ struct Ctx {
       }
       Own fresh(entries.take(nbytes));  // [handles on the storage, its bytes]
       if (fresh.p == nullptr) throw py::error_already_set();
-      if (PyDict_SetItem(storages.ptr(), skey.p, fresh.p) < 0) throw py::error_already_set();
+      if (set_item(storages.ptr(), skey.p, fresh.p, sv) < 0) throw py::error_already_set();
       c.used.add(nbytes);
       c.mused.add(nbytes);
     } else {
@@ -1536,8 +1672,8 @@ struct Ctx {
       PyObject* c1 = PyNumber_Add(c, one.p);
       if (c1 == nullptr || PyList_SetItem(entry, 0, c1) < 0) throw py::error_already_set();  // steals c1
     }
-    if (PyDict_SetItem(keys.ptr(), hkey, skey.p) < 0) throw py::error_already_set();
-    if (PyDict_SetItem(tensors.ptr(), hkey, obj) < 0) throw py::error_already_set();
+    if (set_item(keys.ptr(), hkey, skey.p, h) < 0) throw py::error_already_set();
+    if (set_item(tensors.ptr(), hkey, obj, h) < 0) throw py::error_already_set();
   }
 };
 
@@ -2127,6 +2263,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   S_memory = PyUnicode_InternFromString("memory");
   S_check_handle = PyUnicode_InternFromString("check_handle");
   MISSING = PyObject_CallNoArgs(reinterpret_cast<PyObject*>(&PyBaseObject_Type));  // `object()`, never freed
+  known_hash = check_known_hash();
+  m.attr("KNOWN_HASH") = known_hash;  // tests: whether the tables' calls pass the hash
   py::class_<Plan, std::shared_ptr<Plan>>(m, "Plan");
   m.def("plan", &make_plan, py::arg("name"), py::arg("overload"), py::arg("size"), py::arg("fixed"), py::arg("outs"),
         py::arg("args"), py::arg("need"), py::arg("keep"), py::arg("owner"), py::arg("run"), py::arg("returns"),
@@ -2146,6 +2284,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            }),
            py::arg("steps"), py::arg("origin") = py::none())
       .def("__len__", [](const Trace& t) { return t.steps.size(); })
+      // its kept views (`Shells`), for tests: per one, (step, the bytes of the storage it holds, the records it served
+      // after the first)
+      .def("kept_views", [](const Trace& t) {
+        py::list out;
+        for (size_t k = 0; k < t.steps.size(); ++k) {
+          if (t.steps[k] == nullptr) continue;
+          for (const Arg& a : t.steps[k]->args) {
+            for (const Input& in : a.inputs) {
+              if (!in.shell.defined()) continue;
+              out.append(py::make_tuple(k, in.shell.storage().nbytes(), in.shell_reused));
+            }
+          }
+        }
+        return out;
+      })
       .def("runs", [](const Trace& t, int64_t k) {
         return k >= 0 && k < static_cast<int64_t>(t.steps.size()) && t.steps[k] != nullptr;
       });

@@ -16,6 +16,7 @@ import gc
 import itertools
 import re
 import struct
+import sys
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -60,6 +61,7 @@ OPS = {
     21: "aten::relu",
     22: "aten::_scaled_dot_product_fused_attention_overrideable",
     23: "aten::_scaled_dot_product_fused_attention_overrideable_backward",
+    24: "aten::contiguous",
 }
 
 
@@ -880,6 +882,75 @@ def _x_on(p: Pair, storage: int) -> None:
             s.bind(X, small.clone())
     else:
         _wide_x(p, storage)
+
+
+def test_handles_past_the_hash_modulus_find_their_entries(runner: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session numbered 2^30 + 3 has handles past 2^61 - 1, where CPython hashes an int as its value modulo
+    2^61 - 1: the runner's table calls that pass the hash themselves (native_runner.cpp `int_hash`) must find the
+    entries Python's own lookups made and make entries those lookups find (else duplicates, or refused records)."""
+    number = (1 << 30) + 3
+    base = number << 32
+    assert base > (1 << 61) - 1
+    module = sys.modules[__name__]
+    for name, value in (("NUMBER", number), ("BASE", base), ("X", base + 1), ("W", base + 2), ("P", base + 3),
+                        ("IDX", base + 4), ("G", base + 5)):  # fmt: skip
+        monkeypatch.setattr(module, name, value)
+    p = Pair()
+    cmds = training(p, 12)
+    p.stream(cmds, itertools.cycle([64, 9]))
+    assert p.hits > 0, p.hits
+    if runner == "native":
+        assert p.runs().native > 0, p.runs().native
+    for s in p.s:
+        assert len({int(str(k)) for k in s.tensors} & set(s._keys)) == len(s.tensors) == len(s._keys)
+        assert all(s.tensors.get(int(str(k))) is t for k, t in s.tensors.items())
+
+
+def test_view_arguments_kept_by_the_runner_hold_no_storage_between_runs(runner: str) -> None:
+    """The runner keeps a direct view argument's TensorImpl from record to record and from run to run
+    (native_runner.cpp `Shells`), given the viewed tensor's storage while a run uses it: between runs it holds an
+    empty storage, so no storage is referenced more often than on the normal path, and a freed tensor's storage goes
+    with its last handle as before."""
+    p = Pair()
+    _wide_x(p, 40)
+    cmds = [c for t in range(10) for c in view_step(p, t) + ([free(t - 1)] if t else [])]
+    p.stream(cmds, itertools.cycle([64]))
+    assert p.hits > len(cmds) // 2
+    kept = [v for ts in p.runs().heads.values() for tr in ts if tr.native for v in tr.native.kept_views()]
+    if runner == "native":
+        assert kept and all(nbytes == 0 for _, nbytes, _ in kept)
+        assert sum(reused for _, _, reused in kept) >= 20  # the same TensorImpls served later records
+    use = torch._C._storage_Use_Count
+    for handle in (X, W, h(9, 0), h(9, 1), h(9, 2)):
+        a, b = (s.tensors[handle].untyped_storage() for s in p.s)
+        assert use(a._cdata) == use(b._cdata), hex(handle)
+    held = [s.tensors[h(9, 1)].untyped_storage() for s in p.s]  # viewed by step 9's records, internal
+    p.stream([free(9)], itertools.cycle([64]))
+    assert [use(st._cdata) for st in held] == [1, 1]  # only this test's reference is left
+
+
+def test_an_op_returning_its_view_argument_keeps_that_view() -> None:
+    """`contiguous` of a contiguous view returns the view itself: bound to the output handle, the TensorImpl the
+    runner kept for that argument (`Shells`) is the handle's from then on (an in-place op on the viewed tensor shows
+    through it, as on the normal path), and the next record's view is another one."""
+    p = Pair()
+
+    def step(t: int) -> list[device_pb2.Command]:
+        return [
+            p.rec(24, [h(t, 0)], [VW(W, [5], [1], 5)]),  # W's row 1, the view itself
+            p.rec(24, [h(t, 1)], [VW(W, [5], [1], 0)]),  # row 0
+            p.rec(1, [h(t, 2)], [T(h(t, 0)), V(2.0)]),
+            p.rec(7, [0], [VW(W, [5], [1], 0), T(h(t, 2))], {"alpha": V(-0.01)}),  # row 0 in place
+        ]
+
+    cmds = [c for t in range(12) for c in step(t) + ([free(t - 2)] if t > 1 else [])]
+    p.stream(cmds, itertools.cycle([64, 5]))
+    assert p.hits > len(cmds) // 2
+    for s in p.s:
+        w = s.tensors[W]
+        assert torch.equal(s.tensors[h(11, 1)], w[0]) and torch.equal(s.tensors[h(10, 0)], w[1])
+        assert s.tensors[h(11, 1)].untyped_storage()._cdata == w.untyped_storage()._cdata
+        assert s.tensors[h(10, 1)] is not s.tensors[h(11, 1)]
 
 
 def test_view_arguments_run_in_learned_runs_as_on_the_normal_path() -> None:
