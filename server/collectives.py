@@ -9,8 +9,9 @@ its rank), and then, in the background, builds a `ProcessGroupGloo` (NCCL on rea
 a TCPStore that rank 0's daemon hosts. Never the default group: a daemon hosts many sessions, and the group
 belongs to the session (`WorkerSession.group`), closed with it.
 
-Each `Collective` first all-gathers a small signature (kind, op, root, counts, numels, dtype) so that ranks
-that disagree get a clear INVALID_ARGUMENT on every rank instead of a hang or a corrupted buffer; then it
+Each `Collective`'s ranks first agree on a small signature (kind, op, root, counts, numels, dtype) so that ranks
+that disagree get a clear INVALID_ARGUMENT on every rank instead of a hang or a corrupted buffer: on the secure
+transport in the transfer's first frames (seclink.Agreement, round 40), on gloo by an all-gather of its own; then it
 runs the collective in place on the session's tensors. A peer that dies or never calls fails the collective
 within the group timeout (UNAVAILABLE); the group is then broken and every later collective fails at once.
 

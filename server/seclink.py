@@ -36,7 +36,8 @@ the sockets close, and the peers see their collective fail too. Every length rea
 (MAX_FRAME, and what the receiver expects), every read has the group's deadline.
 
 Collectives (what server/collectives.py runs): allreduce (sum, product, min, max; avg is sum then divide),
-broadcast, allgather, barrier. An allreduce streams: each rank sends its tensor frame by frame from a thread
+broadcast, allgather, barrier, each with the call's agreement in its first frames (`Agreement`, round 40: a rank's
+record, then its tensor without waiting; the hub's verdict before any tensor byte is used). An allreduce streams: each rank sends its tensor frame by frame from a thread
 while it receives the result; the hub reduces each frame's elements in rank order, `((t0 op t1) op t2) ...`
 with torch's CPU kernels, and sends that frame of the result back at once. The outcome equals that local
 computation bit for bit, on every rank. Broadcast and allgather go through the hub whole (they are small in
