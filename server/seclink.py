@@ -37,11 +37,12 @@ the sockets close, and the peers see their collective fail too. Every length rea
 
 Collectives (what server/collectives.py runs): allreduce (sum, product, min, max; avg is sum then divide),
 broadcast, allgather, barrier, each with the call's agreement in its first frames (`Agreement`, round 40: a rank's
-record, then its tensor without waiting; the hub's verdict before any tensor byte is used). An allreduce streams: each rank sends its tensor frame by frame from a thread
-while it receives the result; the hub reduces each frame's elements in rank order, `((t0 op t1) op t2) ...`
-with torch's CPU kernels, and sends that frame of the result back at once. The outcome equals that local
-computation bit for bit, on every rank. Broadcast and allgather go through the hub whole (they are small in
-DDP: parameters once, shape signatures). CUDA tensors go through host copies.
+record, then its tensor without waiting; the hub's verdict before any tensor byte is used). An allreduce streams:
+each rank sends its tensor frame by frame from a thread while it receives the result; the hub reduces each frame's
+elements in rank order, `((t0 op t1) op t2) ...` with torch's CPU kernels, and sends that frame of the result back
+at once. The outcome equals that local computation bit for bit, on every rank. A record or a verdict goes out with
+the frame after it in one system call (`Channel.queue_frame`). Broadcast and allgather go through the hub whole
+(they are small in DDP: parameters once, shape signatures). CUDA tensors go through host copies.
 
 Not protected: the store itself (plain TCP; values signed, not secret: the hub's address and the generation),
 traffic analysis (sizes and timing), and denial of service by anyone who can reach or cut the connections.
@@ -166,6 +167,7 @@ class Channel:
         self._sent = 0
         self._received = 0
         self.buffers = buffers or Buffers()
+        self._queued: list[bytes] = []  # sealed frames that go out with the next one (`queue_frame`)
 
     def _nonce(self, counter: int) -> bytes:
         if counter >= MAX_FRAMES:
@@ -184,7 +186,32 @@ class Channel:
         self._send.encrypt_into(nonce, chunk, header, out[_LEN.size :])
         _set_deadline(self.sock, deadline, self.peer)
         try:
-            self.sock.sendall(out)
+            if self._queued:
+                queued, self._queued = self._queued, []
+                _send_parts(self.sock, [*queued, out])
+            else:
+                self.sock.sendall(out)
+        except OSError as exc:
+            raise LinkError(f"sending to rank {self.peer} failed: {_why(exc)}") from None
+
+    def queue_frame(self, chunk: memoryview) -> None:
+        """A small frame (a record, a verdict) sealed now, in its place among the frames, and sent with the next
+        frame in one system call (`send_frame`) or by `flush`: one TCP segment where the next follows at once."""
+        n = len(chunk)
+        assert n <= MAX_FRAME
+        header = _LEN.pack(n + TAG_BYTES)
+        nonce = self._nonce(self._sent)
+        self._sent += 1
+        self._queued.append(header + self._send.encrypt(nonce, bytes(chunk), header))
+
+    def flush(self, deadline: float) -> None:
+        """Send the queued frames now (none follows them)."""
+        if not self._queued:
+            return
+        queued, self._queued = self._queued, []
+        _set_deadline(self.sock, deadline, self.peer)
+        try:
+            self.sock.sendall(b"".join(queued))
         except OSError as exc:
             raise LinkError(f"sending to rank {self.peer} failed: {_why(exc)}") from None
 
@@ -225,6 +252,17 @@ class Channel:
             self.sock.close()
         except OSError:
             pass
+
+
+def _send_parts(sock: socket.socket, parts: list[Any]) -> None:
+    """`sock.sendall` of the parts one after the other, in as few system calls as the socket takes (sendmsg)."""
+    views = [memoryview(p).cast("B") for p in parts]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        if sent:
+            views[0] = views[0][sent:]
 
 
 def _frames(n: int) -> list[tuple[int, int]]:
@@ -549,7 +587,10 @@ class SecureGroup:
         if self.failed:
             raise LinkError(self.failed)
         try:
-            fn(time.monotonic() + self.timeout)
+            deadline = time.monotonic() + self.timeout
+            fn(deadline)
+            for c in self.channels.values():  # a verdict no frame followed (a barrier's, a broadcast root's)
+                c.flush(deadline)
         except _Refused as refused:  # the links are in step: the group goes on
             raise refused.error from None
         except BaseException as exc:
@@ -565,9 +606,10 @@ class SecureGroup:
     ) -> None:
         """A rank's record, then the bytes it sends before the verdict (unless `stream`: a thread sends them)."""
         channel = self.channels[0]
-        if agreement is not None:
-            record = agreement.signature + _EAGER.pack(-1 if eager is None else len(eager))
-            channel.send_frame(memoryview(record), deadline)
+        if agreement is not None:  # it goes out with the tensor's first frame, in one system call
+            channel.queue_frame(memoryview(agreement.signature + _EAGER.pack(-1 if eager is None else len(eager))))
+            if eager is None:
+                channel.flush(deadline)
         if eager is not None and not stream:
             channel.send(eager, deadline)
 
@@ -579,7 +621,8 @@ class SecureGroup:
         return agreement.check([bytes(rows[i : i + SIGNATURE_BYTES]) for i in range(0, len(rows), SIGNATURE_BYTES)])
 
     def _judge(self, agreement: Agreement | None, eager: Callable[[int], int], deadline: float) -> None:
-        """The hub's side: every rank's record, then the verdict to each rank. On a refusal every byte each rank
+        """The hub's side: every rank's record, then the verdict to each rank (queued: it goes out with the rank's
+        next frame, or at the call's end, `_guard`). On a refusal every byte each rank
         said it sent is read and dropped (`_drain`), and the call ends (`_Refused`); where the ranks agree, each
         must have said it sends `eager(rank)` bytes (-1: none), else the group is over."""
         if agreement is None:
@@ -590,10 +633,12 @@ class SecureGroup:
             rows.append(bytes(record[:SIGNATURE_BYTES]))
             (said[r],) = _EAGER.unpack(record[SIGNATURE_BYTES:])
         verdict = memoryview(b"".join(rows))
-        for r in range(1, self.size):
-            self.channels[r].send_frame(verdict, deadline)
+        for r in range(1, self.size):  # sent with the rank's next frame (its result, its peers' tensors), or flushed
+            self.channels[r].queue_frame(verdict)
         refusal = agreement.check(rows)
         if refusal is not None:
+            for r in said:
+                self.channels[r].flush(deadline)
             for r, n in said.items():
                 self._drain(r, n, deadline)
             raise _Refused(refusal)
@@ -695,6 +740,7 @@ class SecureGroup:
             if self.rank == 0:
                 self._judge(agreement, lambda r: host.numel() * host.element_size() if r == root else -1, deadline)
                 if root != 0:
+                    self.channels[root].flush(deadline)  # nothing follows its verdict
                     self.channels[root].recv_into(_bytes(host), deadline)
                 for r in range(1, self.size):
                     if r != root:
