@@ -723,7 +723,9 @@ class Collectives:
         try:
             if agreement is not None and refused is not None:
                 pg.agree(agreement)  # raises `refused` here, the peers' InvalidArgument there
-            _run(pg, msg, tensors, inputs, group, agreement)
+            _run_kind(pg, msg, tensors, inputs, group, agreement)
+            if tensors and tensors[0].dtype is torch.bool:  # (one dtype: _check_shape)
+                _check_bools(msg, tensors, group)
             if self.speed is not None:
                 self.speed.hold_collective(
                     msg.kind, sum(t.numel() * t.element_size() for t in tensors), group.size, started
@@ -877,19 +879,6 @@ def _check_shape(
             f"{msg.kind} with reduce op {msg.reduce_op} is not defined for complex tensors "
             f"({next(iter(kinds_dtypes))}): sum and avg are"
         )
-
-
-def _run(
-    pg: Any,
-    msg: device_pb2.Collective,
-    tensors: list[Any],
-    inputs: list[Any],
-    group: Group,
-    agreement: seclink.Agreement | None = None,
-) -> None:
-    _run_kind(pg, msg, tensors, inputs, group, agreement)
-    if tensors and tensors[0].dtype is torch.bool:  # (one dtype: _check_shape)
-        _check_bools(msg, tensors, group)
 
 
 def _check_bools(msg: device_pb2.Collective, tensors: list[Any], group: Group) -> None:

@@ -613,6 +613,20 @@ class SecureGroup:
         if eager is not None and not stream:
             channel.send(eager, deadline)
 
+    def _settle(self, agreement: Agreement | None, deadline: float) -> None:
+        """A rank's verdict: on a refusal the call ends (`_Refused`), its bytes sent all the same."""
+        refusal = self._verdict(agreement, deadline)
+        if refusal is not None:
+            raise _Refused(refusal)
+
+    def _meet(self, agreement: Agreement, deadline: float) -> None:
+        """Every rank's record alone (no bytes after it), and the verdict: a barrier's whole, a refused call's part."""
+        if self.rank == 0:
+            self._judge(agreement, lambda _: -1, deadline)
+        else:
+            self._offer(agreement, None, deadline)
+            self._settle(agreement, deadline)
+
     def _verdict(self, agreement: Agreement | None, deadline: float) -> Exception | None:
         """A rank's verdict from the hub (every rank's signature), judged: None to go on, or the call's error."""
         if agreement is None:
@@ -661,13 +675,7 @@ class SecureGroup:
         so that every rank fails with a clear error and the group goes on; `agreement.check` gives this rank's."""
 
         def run(deadline: float) -> None:
-            if self.rank == 0:
-                self._judge(agreement, lambda _: -1, deadline)
-            else:
-                self._offer(agreement, None, deadline)
-                refusal = self._verdict(agreement, deadline)
-                if refusal is not None:
-                    raise _Refused(refusal)
+            self._meet(agreement, deadline)
             raise LinkError("a refused call's agreement found no refusal")
 
         return self._guard(run)
@@ -705,9 +713,7 @@ class SecureGroup:
                 # without waiting for anything, so the send always drains (round 36: a sending thread per call
                 # cost a clone and two wake-ups, each several microseconds under gVisor; BENCHMARKS.md "dp36").
                 self._offer(agreement, data, deadline)
-                refusal = self._verdict(agreement, deadline)
-                if refusal is not None:
-                    raise _Refused(refusal)
+                self._settle(agreement, deadline)
                 self.channels[0].recv_into(data, deadline)
             else:
                 # The hub sends frame k of the result only after it read frame k from here: receiving into
@@ -747,9 +753,7 @@ class SecureGroup:
                         self.channels[r].send(_bytes(host), deadline)
             else:
                 self._offer(agreement, _bytes(host) if self.rank == root else None, deadline)
-                refusal = self._verdict(agreement, deadline)
-                if refusal is not None:
-                    raise _Refused(refusal)
+                self._settle(agreement, deadline)
                 if self.rank != root:
                     self.channels[0].recv_into(_bytes(host), deadline)
             if host is not t and self.rank != root:
@@ -776,9 +780,7 @@ class SecureGroup:
                             self.channels[r].send(_bytes(h), deadline)
             else:
                 self._offer(agreement, _bytes(mine), deadline)
-                refusal = self._verdict(agreement, deadline)
-                if refusal is not None:
-                    raise _Refused(refusal)
+                self._settle(agreement, deadline)
                 hosts[self.rank].copy_(mine)
                 for i, h in enumerate(hosts):
                     if i != self.rank:
@@ -792,13 +794,7 @@ class SecureGroup:
     def barrier(self, *_: Any, agreement: Agreement | None = None) -> _Done:
         def run(deadline: float) -> None:
             if agreement is not None:  # the agreement is the barrier: the hub answers once every record is in
-                if self.rank == 0:
-                    self._judge(agreement, lambda _: -1, deadline)
-                else:
-                    self._offer(agreement, None, deadline)
-                    refusal = self._verdict(agreement, deadline)
-                    if refusal is not None:
-                        raise _Refused(refusal)
+                self._meet(agreement, deadline)
                 return
             empty = memoryview(bytearray())
             if self.rank == 0:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+import test_seclink
 import torch
 from gpupool.server import collectives, seclink
 from gpupool.server.seclink import Channel, LinkError
@@ -24,26 +24,11 @@ from gpupool.errors import FailedPrecondition, GpupoolError, InvalidArgument, Un
 BIG = seclink.MAX_FRAME // 4 + 5  # float32 elements past one frame: the rank streams from a sending thread
 
 
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        a = socket.create_connection(listener.getsockname())
-        b, _ = listener.accept()
-    return a, b
-
-
-def star(size: int, timeout: float = 10.0) -> list[collectives.Group]:
-    """Each rank's Group over a SecureGroup around rank 0 (what `seclink.form` builds, without the handshake)."""
-    hub: dict[int, Channel] = {}
-    pgs = []
-    buffers = seclink.Buffers()
-    for r in range(1, size):
-        a, b = tcp_pair()
-        k1, k2 = os.urandom(32), os.urandom(32)
-        hub[r] = Channel(a, r, k1, k2, buffers)
-        pgs.append(seclink.SecureGroup(r, size, timeout, {0: Channel(b, 0, k2, k1)}))
+def star(size: int) -> list[collectives.Group]:
+    """Each rank's Group over a SecureGroup around rank 0 (test_seclink's `star`: `form` without the handshake)."""
     groups = []
-    for r, pg in enumerate([seclink.SecureGroup(0, size, timeout, hub), *pgs]):
-        g = collectives.Group("lease", r, size, timeout)
+    for r, pg in enumerate(test_seclink.star(size)):
+        g = collectives.Group("lease", r, size, pg.timeout)
         g.pg = pg
         g.ready.set()
         groups.append(g)
@@ -76,7 +61,7 @@ def test_a_rank_sends_its_record_and_its_tensor_before_it_reads_anything() -> No
     agreement all-gather made two (on the base rank 1 waits for the agreement's rows, and the second frame never
     comes). Then the verdict and the result: rank 1 holds the sum; a verdict naming another call is refused on rank
     1 with every rank's signature, and the link goes on."""
-    a, b = tcp_pair()
+    a, b = test_seclink.tcp_pair()
     k1, k2 = os.urandom(32), os.urandom(32)
     hub = Channel(a, 1, k1, k2)
     g = collectives.Group("lease", 1, 2, 10.0)
@@ -217,7 +202,7 @@ def test_a_rank_lying_in_its_record_makes_the_hub_read_nothing_past_its_buffers(
     """A rank holding the group's keys may send any record: the hub's reads stay bounded by what it expects (every
     frame's length checked before it is read, a disagreeing rank's bytes drained frame by frame into the scratch
     buffer), and its tensor is never written. A record that disagrees still fails the hub's call as a refusal."""
-    groups = star(2, timeout=5.0)
+    groups = star(2)
     exc = liar(groups, signature, says, then)
     assert exc is not None and re.search(message, str(exc)), exc
     if isinstance(exc, GpupoolError) and not isinstance(exc, Unavailable):
