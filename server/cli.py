@@ -186,7 +186,9 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         help="transport of torch.distributed collectives between daemons: secure (default) encrypts and "
         "authenticates every link (AES-256-GCM, keys from the lease's tokens; server/seclink.py); gloo is "
         "torch's plaintext gloo (NCCL on real GPUs with --landlock off --seccomp off), faster, readable and "
-        "alterable by anyone on the hosts' network: an explicit opt-in for trusted networks (docs/security.md)",
+        "alterable by anyone on the hosts' network: an explicit opt-in for trusted networks (docs/security.md). The "
+        "daemons of one job run one version of the secure links (v2 since round 40: a collective's agreement travels "
+        "in its first frames)",
     )
     add_flag(
         p,

@@ -9,8 +9,9 @@ its rank), and then, in the background, builds a `ProcessGroupGloo` (NCCL on rea
 a TCPStore that rank 0's daemon hosts. Never the default group: a daemon hosts many sessions, and the group
 belongs to the session (`WorkerSession.group`), closed with it.
 
-Each `Collective` first all-gathers a small signature (kind, op, root, counts, numels, dtype) so that ranks
-that disagree get a clear INVALID_ARGUMENT on every rank instead of a hang or a corrupted buffer; then it
+Each `Collective`'s ranks first agree on a small signature (kind, op, root, counts, numels, dtype) so that ranks
+that disagree get a clear INVALID_ARGUMENT on every rank instead of a hang or a corrupted buffer: on the secure
+transport in the transfer's first frames (seclink.Agreement, round 40), on gloo by an all-gather of its own; then it
 runs the collective in place on the session's tensors. A peer that dies or never calls fails the collective
 within the group timeout (UNAVAILABLE); the group is then broken and every later collective fails at once.
 
@@ -34,6 +35,7 @@ import os
 import queue
 import selectors
 import socket
+import struct
 import sys
 import threading
 import time
@@ -74,6 +76,7 @@ KINDS = ("allreduce", "broadcast", "allgather", "reduce_scatter", "barrier")
 _REDUCE = {"sum": dist.ReduceOp.SUM, "product": dist.ReduceOp.PRODUCT, "min": dist.ReduceOp.MIN,
            "max": dist.ReduceOp.MAX, "avg": dist.ReduceOp.SUM}  # fmt: skip
 _OPS = ("", "sum", "avg", "product", "min", "max")
+_SIGNATURE = struct.Struct("!8q")  # a signature on the secure links (seclink.SIGNATURE_BYTES)
 _REFUSED = -1  # a signature's kind where its rank's daemon refused the call (`Collectives._agree`)
 # Each dtype's number in a call's signature (`_agree`), so that ranks calling with different dtypes are refused
 # alike before a byte moves. Every dtype the wire carries has its own (the complex ones since round 35: both were
@@ -734,10 +737,18 @@ class Collectives:
         refused: Exception | None = None,
     ) -> None:
         pg = group.wait_ready()
-        self._agree(group, pg, msg, tensors, inputs, device, refused)
+        agreement: seclink.Agreement | None = None
+        if isinstance(pg, seclink.SecureGroup):  # (round 40) the agreement travels in the transfer's first frames
+            agreement = self._agreement(msg, tensors, inputs, refused)
+        else:
+            self._agree(group, pg, msg, tensors, inputs, device, refused)
         started = time.perf_counter()
         try:
-            _run(pg, msg, tensors, inputs, group)
+            if agreement is not None and refused is not None:
+                pg.agree(agreement)  # raises `refused` here, the peers' InvalidArgument there
+            _run_kind(pg, msg, tensors, inputs, group, agreement)
+            if tensors and tensors[0].dtype is torch.bool:  # (one dtype: _check_shape)
+                _check_bools(msg, tensors, group)
             if self.speed is not None:
                 self.speed.hold_collective(
                     msg.kind, sum(t.numel() * t.element_size() for t in tensors), group.size, started
@@ -759,26 +770,54 @@ class Collectives:
         refused: Exception | None = None,
     ) -> None:
         """All-gather each rank's signature of this call; refuse (on every rank alike) when they differ, or when a
-        rank's daemon refused its call (`refused`, its signature's kind `_REFUSED`: its peers are told which)."""
-        all_t = tensors + inputs
-        dtype = _dtype_code(all_t[0].dtype) if all_t else -1
-        kind = _REFUSED if refused is not None else KINDS.index(msg.kind)
-        sig = [kind, _OPS.index(msg.reduce_op), msg.root, len(tensors), len(inputs),
-               sum(t.numel() for t in tensors), sum(t.numel() for t in inputs), dtype]  # fmt: skip
+        rank's daemon refused its call (`refused`, its signature's kind `_REFUSED`: its peers are told which). The
+        plaintext transport's check, a round trip of its own; the secure one's travels in the transfer
+        (`_agreement`)."""
         dev = device if device.type == "cuda" else torch.device("cpu")  # (a refused call's tensors may be elsewhere)
-        mine = torch.tensor(sig, dtype=torch.int64, device=dev)
+        mine = torch.tensor(_signature(msg, tensors, inputs, refused), dtype=torch.int64, device=dev)
         rows = [torch.empty_like(mine) for _ in range(group.size)]
         try:
             pg.allgather([rows], [mine]).wait()
         except Exception as exc:
             group.broken = f"collective {msg.kind} of {group.describe()} failed: {_short(exc)}"
             raise Unavailable(group.broken) from None
-        got = [r.tolist() for r in rows]
-        if refused is not None:
-            raise refused
-        if any(r != got[0] for r in got):
-            parts = "; ".join(f"rank {i}: {_describe(r)}" for i, r in enumerate(got))
-            raise InvalidArgument(f"ranks disagree on a collective {msg.kind}: {parts}")
+        error = _verdict(msg, [r.tolist() for r in rows], refused)
+        if error is not None:
+            raise error
+
+    @staticmethod
+    def _agreement(
+        msg: device_pb2.Collective, tensors: list[Any], inputs: list[Any], refused: Exception | None
+    ) -> seclink.Agreement:
+        """The same check for the secure transport, folded into the transfer (seclink.Agreement: each rank's
+        signature in its first frame of the call, the hub's verdict before any tensor byte is used)."""
+        signature = _SIGNATURE.pack(*_signature(msg, tensors, inputs, refused))
+        return seclink.Agreement(
+            signature, lambda rows: _verdict(msg, [list(_SIGNATURE.unpack(r)) for r in rows], refused)
+        )
+
+
+def _signature(
+    msg: device_pb2.Collective, tensors: list[Any], inputs: list[Any], refused: Exception | None
+) -> list[int]:
+    """A call's signature: what every rank's call must agree on (kind, op, root, counts, numels, dtype), its kind
+    `_REFUSED` where this rank's daemon refused it."""
+    all_t = tensors + inputs
+    dtype = _dtype_code(all_t[0].dtype) if all_t else -1
+    kind = _REFUSED if refused is not None else KINDS.index(msg.kind)
+    return [kind, _OPS.index(msg.reduce_op), msg.root, len(tensors), len(inputs),
+            sum(t.numel() for t in tensors), sum(t.numel() for t in inputs), dtype]  # fmt: skip
+
+
+def _verdict(msg: device_pb2.Collective, rows: list[list[int]], refused: Exception | None) -> Exception | None:
+    """The outcome of the agreement on every rank alike: None (go on), this rank's own refusal, or an
+    INVALID_ARGUMENT naming each rank's signature."""
+    if refused is not None:
+        return refused
+    if any(r != rows[0] for r in rows):
+        parts = "; ".join(f"rank {i}: {_describe(r)}" for i, r in enumerate(rows))
+        return InvalidArgument(f"ranks disagree on a collective {msg.kind}: {parts}")
+    return None
 
 
 def _always() -> bool:
@@ -865,12 +904,6 @@ def _check_shape(
         )
 
 
-def _run(pg: Any, msg: device_pb2.Collective, tensors: list[Any], inputs: list[Any], group: Group) -> None:
-    _run_kind(pg, msg, tensors, inputs, group)
-    if tensors and tensors[0].dtype is torch.bool:  # (one dtype: _check_shape)
-        _check_bools(msg, tensors, group)
-
-
 def _check_bools(msg: device_pb2.Collective, tensors: list[Any], group: Group) -> None:
     """The bool tensors a collective wrote hold only 0 and 1, as every upload's (gpupool/wire.py
     `check_bool_bytes`: any other byte is undefined behaviour in torch's kernels). A rank is anyone holding the
@@ -887,10 +920,20 @@ def _check_bools(msg: device_pb2.Collective, tensors: list[Any], group: Group) -
             raise InvalidArgument(group.broken)
 
 
-def _run_kind(pg: Any, msg: device_pb2.Collective, tensors: list[Any], inputs: list[Any], group: Group) -> None:
+def _run_kind(
+    pg: Any,
+    msg: device_pb2.Collective,
+    tensors: list[Any],
+    inputs: list[Any],
+    group: Group,
+    agreement: seclink.Agreement | None = None,
+) -> None:
+    """One call of the transport (`_check_shape` let through one tensor a broadcast), with the secure transport's
+    `agreement` where there is one."""
     kind = msg.kind
+    extra: dict[str, Any] = {} if agreement is None else {"agreement": agreement}
     if kind == "barrier":
-        pg.barrier().wait()
+        pg.barrier(**extra).wait()
     elif kind in ("allreduce", "reduce_scatter"):
         if kind == "allreduce":
             flat = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else _plain(tensors[0])
@@ -902,7 +945,7 @@ def _run_kind(pg: Any, msg: device_pb2.Collective, tensors: list[Any], inputs: l
             op = {"sum": "max", "product": "min"}.get(op, op)
         opts = dist.AllreduceOptions()
         opts.reduceOp = _REDUCE[op]  # type: ignore[assignment]
-        pg.allreduce([flat], opts).wait()
+        pg.allreduce([flat], opts, **extra).wait()
         if msg.reduce_op == "avg":
             exact = flat.is_floating_point() or flat.is_complex()  # (complex: floor_divide_ raised after the sum)
             flat.div_(group.size) if exact else flat.floor_divide_(group.size)
@@ -916,7 +959,7 @@ def _run_kind(pg: Any, msg: device_pb2.Collective, tensors: list[Any], inputs: l
             buf = _plain(t)
             bopts = dist.BroadcastOptions()
             bopts.rootRank = msg.root
-            pg.broadcast([buf], bopts).wait()
+            pg.broadcast([buf], bopts, **extra).wait()
             if buf is not t:
                 t.copy_(buf)
     elif kind == "allgather":
@@ -924,9 +967,9 @@ def _run_kind(pg: Any, msg: device_pb2.Collective, tensors: list[Any], inputs: l
         mine = _plain(inputs[0])
         if mine.is_complex():  # (round 36) gloo has no complex allgather ("Invalid scalar type": UNAVAILABLE, the
             # group broken): their real views (the same bytes), as torch.distributed's all_gather sends them
-            pg.allgather([[torch.view_as_real(o) for o in outs]], [torch.view_as_real(mine)]).wait()
+            pg.allgather([[torch.view_as_real(o) for o in outs]], [torch.view_as_real(mine)], **extra).wait()
         else:
-            pg.allgather([outs], [mine]).wait()
+            pg.allgather([outs], [mine], **extra).wait()
         for t, o in zip(tensors, outs, strict=True):
             if o is not t:
                 t.copy_(o)

@@ -36,11 +36,13 @@ the sockets close, and the peers see their collective fail too. Every length rea
 (MAX_FRAME, and what the receiver expects), every read has the group's deadline.
 
 Collectives (what server/collectives.py runs): allreduce (sum, product, min, max; avg is sum then divide),
-broadcast, allgather, barrier. An allreduce streams: each rank sends its tensor frame by frame from a thread
-while it receives the result; the hub reduces each frame's elements in rank order, `((t0 op t1) op t2) ...`
-with torch's CPU kernels, and sends that frame of the result back at once. The outcome equals that local
-computation bit for bit, on every rank. Broadcast and allgather go through the hub whole (they are small in
-DDP: parameters once, shape signatures). CUDA tensors go through host copies.
+broadcast, allgather, barrier, each with the call's agreement in its first frames (`Agreement`, round 40: a rank's
+record, then its tensor without waiting; the hub's verdict before any tensor byte is used). An allreduce streams:
+each rank sends its tensor frame by frame from a thread while it receives the result; the hub reduces each frame's
+elements in rank order, `((t0 op t1) op t2) ...` with torch's CPU kernels, and sends that frame of the result back
+at once. The outcome equals that local computation bit for bit, on every rank. A record or a verdict goes out with
+the frame after it in one system call (`Channel.queue_frame`). Broadcast and allgather go through the hub whole
+(they are small in DDP: parameters once, shape signatures). CUDA tensors go through host copies.
 
 Not protected: the store itself (plain TCP; values signed, not secret: the hub's address and the generation),
 traffic analysis (sizes and timing), and denial of service by anyone who can reach or cut the connections.
@@ -72,8 +74,8 @@ from gpupool.peers import push_out, source_key
 
 log = logging.getLogger(__name__)
 
-VERSION = b"gpupool-seclink-v1"
-MAGIC = b"GPSLINK1"
+VERSION = b"gpupool-seclink-v2"  # v2 (round 40): a collective's first frames carry its agreement (`Agreement`)
+MAGIC = b"GPSLINK2"  # daemons of v1 and v2 do not form one group: the hub drops a hello of the other magic
 NONCE_BYTES = 32
 MAC_BYTES = 32
 TAG_BYTES = 16
@@ -91,11 +93,41 @@ HANDSHAKE_SECONDS = 10.0  # at most, per connection: an outsider that sent a hel
 RETRY_SECONDS = 0.1  # a rank whose link the hub dropped before its hello connects again after this
 HUB_KEY = "seclink/hub"
 _LEN = struct.Struct("!I")
+SIGNATURE_BYTES = 64  # a call's signature (server/collectives.py `_signature`: 8 int64), compared whole
+_EAGER = struct.Struct("!q")  # after it in a rank's record: the bytes it sends before the verdict (-1: no frame)
+RECORD_BYTES = SIGNATURE_BYTES + _EAGER.size
 
 
 class LinkError(Exception):
     """A link of a secure group failed: the group is over (never a GpupoolError: collectives.py breaks the
     group on any other exception)."""
+
+
+class _Refused(Exception):
+    """The ranks' records disagreed (or a rank's daemon refused its call): `error` is this rank's answer. Raised once
+    every byte the call put on the links is read (`SecureGroup._drain`): the links stay in step, the group goes on."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class Agreement:
+    """A collective's agreement check, folded into its transfer (round 40; until then `_agree` in
+    server/collectives.py all-gathered the signatures first, a round trip through the hub of its own before every
+    collective). Each rank's first frame of the call is its record: `signature` (SIGNATURE_BYTES, compared whole)
+    and the number of bytes it sends next without waiting (its tensor in an allreduce or an allgather, the root's in
+    a broadcast; -1 for none); then those bytes. The hub reads every rank's record, sends each rank the verdict (every
+    rank's signature, its own first, in one frame) and only then reads, reduces or sends any tensor byte. `check`
+    (the same function of the same rows on every rank) returns None to go on, or the error the call ends with; then
+    the hub reads and drops what each rank said it sent (in frames of at most MAX_FRAME, into its scratch buffer:
+    never a tensor), and every rank fails with its error while the links stay in step (the group goes on)."""
+
+    def __init__(self, signature: bytes, check: Callable[[list[bytes]], Exception | None]) -> None:
+        if len(signature) != SIGNATURE_BYTES:
+            raise ValueError(f"a signature is {SIGNATURE_BYTES} bytes, not {len(signature)}")
+        self.signature = signature
+        self.check = check
 
 
 class _Dropped(LinkError):
@@ -135,6 +167,7 @@ class Channel:
         self._sent = 0
         self._received = 0
         self.buffers = buffers or Buffers()
+        self._queued: list[bytes] = []  # sealed frames that go out with the next one (`queue_frame`)
 
     def _nonce(self, counter: int) -> bytes:
         if counter >= MAX_FRAMES:
@@ -153,7 +186,32 @@ class Channel:
         self._send.encrypt_into(nonce, chunk, header, out[_LEN.size :])
         _set_deadline(self.sock, deadline, self.peer)
         try:
-            self.sock.sendall(out)
+            if self._queued:
+                queued, self._queued = self._queued, []
+                _send_parts(self.sock, [*queued, out])
+            else:
+                self.sock.sendall(out)
+        except OSError as exc:
+            raise LinkError(f"sending to rank {self.peer} failed: {_why(exc)}") from None
+
+    def queue_frame(self, chunk: memoryview) -> None:
+        """A small frame (a record, a verdict) sealed now, in its place among the frames, and sent with the next
+        frame in one system call (`send_frame`) or by `flush`: one TCP segment where the next follows at once."""
+        n = len(chunk)
+        assert n <= MAX_FRAME
+        header = _LEN.pack(n + TAG_BYTES)
+        nonce = self._nonce(self._sent)
+        self._sent += 1
+        self._queued.append(header + self._send.encrypt(nonce, bytes(chunk), header))
+
+    def flush(self, deadline: float) -> None:
+        """Send the queued frames now (none follows them)."""
+        if not self._queued:
+            return
+        queued, self._queued = self._queued, []
+        _set_deadline(self.sock, deadline, self.peer)
+        try:
+            self.sock.sendall(b"".join(queued))
         except OSError as exc:
             raise LinkError(f"sending to rank {self.peer} failed: {_why(exc)}") from None
 
@@ -194,6 +252,17 @@ class Channel:
             self.sock.close()
         except OSError:
             pass
+
+
+def _send_parts(sock: socket.socket, parts: list[Any]) -> None:
+    """`sock.sendall` of the parts one after the other, in as few system calls as the socket takes (sendmsg)."""
+    views = [memoryview(p).cast("B") for p in parts]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        if sent:
+            views[0] = views[0][sent:]
 
 
 def _frames(n: int) -> list[tuple[int, int]]:
@@ -498,8 +567,10 @@ _REDUCERS: list[tuple[Any, Callable[[torch.Tensor, torch.Tensor], Any]]] = [
 
 class SecureGroup:
     """A process group over the star's channels, with the calls server/collectives.py makes of a gloo group
-    (allreduce, broadcast, allgather, barrier; each returns a done work). Any failure closes every link: the
-    group is over, and peers blocked on it see their collective fail at once rather than at the timeout."""
+    (allreduce, broadcast, allgather, barrier; each returns a done work), each optionally with its `Agreement`
+    (then the call's first frames carry it, and a call this rank's daemon refused takes part with `agree`). Any
+    failure but a refusal closes every link: the group is over, and peers blocked on it see their collective fail
+    at once rather than at the timeout."""
 
     def __init__(self, rank: int, size: int, timeout: float, channels: dict[int, Channel]) -> None:
         self.rank = rank
@@ -516,14 +587,102 @@ class SecureGroup:
         if self.failed:
             raise LinkError(self.failed)
         try:
-            fn(time.monotonic() + self.timeout)
+            deadline = time.monotonic() + self.timeout
+            fn(deadline)
+            for c in self.channels.values():  # a verdict no frame followed (a barrier's, a broadcast root's)
+                c.flush(deadline)
+        except _Refused as refused:  # the links are in step: the group goes on
+            raise refused.error from None
         except BaseException as exc:
             self.failed = str(exc) if isinstance(exc, LinkError) else f"{type(exc).__name__}: {exc}"
             self.close()
             raise
         return _Done()
 
-    def allreduce(self, tensors: list[torch.Tensor], opts: Any) -> _Done:
+    # ---- the agreement a call's first frames carry (`Agreement`) ----
+
+    def _offer(
+        self, agreement: Agreement | None, eager: memoryview | None, deadline: float, stream: bool = False
+    ) -> None:
+        """A rank's record, then the bytes it sends before the verdict (unless `stream`: a thread sends them)."""
+        channel = self.channels[0]
+        if agreement is not None:  # it goes out with the tensor's first frame, in one system call
+            channel.queue_frame(memoryview(agreement.signature + _EAGER.pack(-1 if eager is None else len(eager))))
+            if eager is None:
+                channel.flush(deadline)
+        if eager is not None and not stream:
+            channel.send(eager, deadline)
+
+    def _settle(self, agreement: Agreement | None, deadline: float) -> None:
+        """A rank's verdict: on a refusal the call ends (`_Refused`), its bytes sent all the same."""
+        refusal = self._verdict(agreement, deadline)
+        if refusal is not None:
+            raise _Refused(refusal)
+
+    def _meet(self, agreement: Agreement, deadline: float) -> None:
+        """Every rank's record alone (no bytes after it), and the verdict: a barrier's whole, a refused call's part."""
+        if self.rank == 0:
+            self._judge(agreement, lambda _: -1, deadline)
+        else:
+            self._offer(agreement, None, deadline)
+            self._settle(agreement, deadline)
+
+    def _verdict(self, agreement: Agreement | None, deadline: float) -> Exception | None:
+        """A rank's verdict from the hub (every rank's signature), judged: None to go on, or the call's error."""
+        if agreement is None:
+            return None
+        rows = self.channels[0].recv_frame(self.size * SIGNATURE_BYTES, deadline)
+        return agreement.check([bytes(rows[i : i + SIGNATURE_BYTES]) for i in range(0, len(rows), SIGNATURE_BYTES)])
+
+    def _judge(self, agreement: Agreement | None, eager: Callable[[int], int], deadline: float) -> None:
+        """The hub's side: every rank's record, then the verdict to each rank (queued: it goes out with the rank's
+        next frame, or at the call's end, `_guard`). On a refusal every byte each rank
+        said it sent is read and dropped (`_drain`), and the call ends (`_Refused`); where the ranks agree, each
+        must have said it sends `eager(rank)` bytes (-1: none), else the group is over."""
+        if agreement is None:
+            return
+        rows, said = [agreement.signature], {}
+        for r in range(1, self.size):
+            record = self.channels[r].recv_frame(RECORD_BYTES, deadline)
+            rows.append(bytes(record[:SIGNATURE_BYTES]))
+            (said[r],) = _EAGER.unpack(record[SIGNATURE_BYTES:])
+        verdict = memoryview(b"".join(rows))
+        for r in range(1, self.size):  # sent with the rank's next frame (its result, its peers' tensors), or flushed
+            self.channels[r].queue_frame(verdict)
+        refusal = agreement.check(rows)
+        if refusal is not None:
+            for r in said:
+                self.channels[r].flush(deadline)
+            for r, n in said.items():
+                self._drain(r, n, deadline)
+            raise _Refused(refusal)
+        for r, n in said.items():
+            if n != eager(r):
+                raise LinkError(f"rank {r} said it sends {n} bytes before the verdict where {eager(r)} were due")
+
+    def _drain(self, peer: int, n: int, deadline: float) -> None:
+        """Read and drop the `n` bytes (-1: no frame) a rank sent before a verdict that refused the call: frame by
+        frame into the channel's scratch buffer, each bounded (MAX_FRAME) and authenticated, never into a tensor."""
+        left = n
+        while left >= 0:
+            self.channels[peer].recv_frame(min(left, MAX_FRAME), deadline)
+            left -= MAX_FRAME
+            if left <= 0:
+                return
+
+    def agree(self, agreement: Agreement) -> _Done:
+        """A call this rank's daemon refused still takes its part in the agreement (its record, no bytes after it),
+        so that every rank fails with a clear error and the group goes on; `agreement.check` gives this rank's."""
+
+        def run(deadline: float) -> None:
+            self._meet(agreement, deadline)
+            raise LinkError("a refused call's agreement found no refusal")
+
+        return self._guard(run)
+
+    # ---- the collectives ----
+
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any, agreement: Agreement | None = None) -> _Done:
         """Frame by frame: each rank streams its tensor to the hub (from a thread of its own, while it
         receives); the hub reduces each frame's elements in rank order and streams the result back at once."""
         (t,) = tensors
@@ -536,6 +695,7 @@ class SecureGroup:
             data, size = _bytes(host), host.element_size()
             flat = host.reshape(-1)
             if self.rank == 0:
+                self._judge(agreement, lambda _: len(data), deadline)
                 for start, end in _frames(len(data)):
                     acc = flat[start // size : end // size]
                     for r in range(1, self.size):  # rank order: ((t0 op t1) op t2) ...
@@ -552,46 +712,66 @@ class SecureGroup:
                 # in this thread. The hub reads every rank's frame before it sends any result, and each rank sends
                 # without waiting for anything, so the send always drains (round 36: a sending thread per call
                 # cost a clone and two wake-ups, each several microseconds under gVisor; BENCHMARKS.md "dp36").
-                self.channels[0].send(data, deadline)
+                self._offer(agreement, data, deadline)
+                self._settle(agreement, deadline)
                 self.channels[0].recv_into(data, deadline)
             else:
                 # The hub sends frame k of the result only after it read frame k from here: receiving into
-                # the tensor never overwrites bytes the sending thread has yet to encrypt.
-                _send_while(self.channels[0], data, deadline, lambda: self.channels[0].recv_into(data, deadline))
+                # the tensor never overwrites bytes the sending thread has yet to encrypt. On a refusal the hub
+                # reads every frame sent, so the sending thread ends.
+                self._offer(agreement, data, deadline, stream=True)
+                refused: list[Exception] = []
+
+                def receive() -> None:
+                    refusal = self._verdict(agreement, deadline)
+                    if refusal is not None:
+                        refused.append(refusal)
+                    else:
+                        self.channels[0].recv_into(data, deadline)
+
+                _send_while(self.channels[0], data, deadline, receive)
+                if refused:
+                    raise _Refused(refused[0])
             if host is not t:
                 t.copy_(host)
 
         return self._guard(run)
 
-    def broadcast(self, tensors: list[torch.Tensor], opts: Any) -> _Done:
+    def broadcast(self, tensors: list[torch.Tensor], opts: Any, agreement: Agreement | None = None) -> _Done:
         (t,) = tensors
         root = int(opts.rootRank)
 
         def run(deadline: float) -> None:
             host = _host(t)
             if self.rank == 0:
+                self._judge(agreement, lambda r: host.numel() * host.element_size() if r == root else -1, deadline)
                 if root != 0:
+                    self.channels[root].flush(deadline)  # nothing follows its verdict
                     self.channels[root].recv_into(_bytes(host), deadline)
                 for r in range(1, self.size):
                     if r != root:
                         self.channels[r].send(_bytes(host), deadline)
-            elif self.rank == root:
-                self.channels[0].send(_bytes(host), deadline)
             else:
-                self.channels[0].recv_into(_bytes(host), deadline)
+                self._offer(agreement, _bytes(host) if self.rank == root else None, deadline)
+                self._settle(agreement, deadline)
+                if self.rank != root:
+                    self.channels[0].recv_into(_bytes(host), deadline)
             if host is not t and self.rank != root:
                 t.copy_(host)
 
         return self._guard(run)
 
-    def allgather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], *_: Any) -> _Done:
+    def allgather(
+        self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], *_: Any, agreement: Agreement | None = None
+    ) -> _Done:
         (outs,), (inp,) = outputs, inputs
 
         def run(deadline: float) -> None:
             hosts = [_host(o) for o in outs]
             mine = _host(inp)
-            hosts[self.rank].copy_(mine)
             if self.rank == 0:
+                self._judge(agreement, lambda _: mine.numel() * mine.element_size(), deadline)
+                hosts[0].copy_(mine)
                 for r in range(1, self.size):
                     self.channels[r].recv_into(_bytes(hosts[r]), deadline)
                 for r in range(1, self.size):
@@ -599,7 +779,9 @@ class SecureGroup:
                         if i != r:
                             self.channels[r].send(_bytes(h), deadline)
             else:
-                self.channels[0].send(_bytes(mine), deadline)
+                self._offer(agreement, _bytes(mine), deadline)
+                self._settle(agreement, deadline)
+                hosts[self.rank].copy_(mine)
                 for i, h in enumerate(hosts):
                     if i != self.rank:
                         self.channels[0].recv_into(_bytes(h), deadline)
@@ -609,8 +791,11 @@ class SecureGroup:
 
         return self._guard(run)
 
-    def barrier(self, *_: Any) -> _Done:
+    def barrier(self, *_: Any, agreement: Agreement | None = None) -> _Done:
         def run(deadline: float) -> None:
+            if agreement is not None:  # the agreement is the barrier: the hub answers once every record is in
+                self._meet(agreement, deadline)
+                return
             empty = memoryview(bytearray())
             if self.rank == 0:
                 for r in range(1, self.size):

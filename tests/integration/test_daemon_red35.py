@@ -64,27 +64,38 @@ def forged_pair(
         yield s, forged
 
 
-def _agree(g: collectives.Group, kind: str, op: str, root: int) -> None:
-    """The signature all-gather every call begins with (collectives.py `_agree`), as rank 0 sends it."""
-    sig = [collectives.KINDS.index(kind), collectives._OPS.index(op), root, 1, 0, N, 0]
-    mine = torch.tensor([*sig, collectives._DTYPES[torch.bool]], dtype=torch.int64)
+def agree(g: collectives.Group, sig: list[int]) -> dict[str, Any]:
+    """The agreement every call begins with, as an honest rank sends it: on gloo the all-gather of the ranks'
+    signatures (collectives.py `_agree`); on the secure links (round 40) the record in the transfer's first frame
+    (`seclink.Agreement`): the keyword argument of the transfer's call that carries it."""
+    if isinstance(g.pg, collectives.seclink.SecureGroup):
+        return {"agreement": collectives.seclink.Agreement(collectives._SIGNATURE.pack(*sig), lambda _: None)}
+    mine = torch.tensor(sig, dtype=torch.int64)
     g.pg.allgather([[torch.empty_like(mine) for _ in range(2)]], [mine]).wait()
+    return {}
 
 
-def send_forged(g: collectives.Group, kind: str, bad: torch.Tensor) -> None:
+def _agree(g: collectives.Group, kind: str, op: str, root: int) -> dict[str, Any]:
+    """The agreement of a call of N bools, as rank 0 sends it."""
+    sig = [collectives.KINDS.index(kind), collectives._OPS.index(op), root, 1, 0, N, 0]
+    return agree(g, [*sig, collectives._DTYPES[torch.bool]])
+
+
+def send_forged(g: collectives.Group, kind: str, bad: torch.Tensor, extra: dict[str, Any]) -> None:
     """Rank 1's part of a `kind` call with `bad` as its bytes (broadcast from root 1; allreduce and reduce_scatter
-    with MAX). The hub may hang up on the forged rank: the daemon's side is the test."""
+    with MAX), `extra` its agreement (`agree`). The hub may hang up on the forged rank: the daemon's side is the
+    test."""
     try:
         if kind == "broadcast":
             opts = dist.BroadcastOptions()
             opts.rootRank = 1
-            g.pg.broadcast([bad], opts).wait()
+            g.pg.broadcast([bad], opts, **extra).wait()
         elif kind == "allgather":
-            g.pg.allgather([[torch.empty_like(bad) for _ in range(2)]], [bad]).wait()
+            g.pg.allgather([[torch.empty_like(bad) for _ in range(2)]], [bad], **extra).wait()
         else:
             ropts = dist.AllreduceOptions()
             ropts.reduceOp = dist.ReduceOp.MAX  # type: ignore[assignment]
-            g.pg.allreduce([bad], ropts).wait()
+            g.pg.allreduce([bad], ropts, **extra).wait()
     except Exception:  # noqa: S110
         pass
 
@@ -113,8 +124,7 @@ def test_a_forged_rank_writes_no_bool_bytes_but_0_and_1(
         s.command(device_pb2.Command(collective=device_pb2.Collective(kind=kind, tensors=[h], root=root, reduce_op=op)))
         s.flush()
         g = forged()
-        _agree(g, kind, op, root)
-        send_forged(g, kind, torch.full((N,), 7, dtype=torch.uint8).view(torch.bool))
+        send_forged(g, kind, torch.full((N,), 7, dtype=torch.uint8).view(torch.bool), _agree(g, kind, op, root))
         with pytest.raises(errors.InvalidArgument, match="bool bytes other than 0 and 1"):
             s.sync()  # it was answered: the tensor's bytes downloaded as [7, 7, ...] through view(uint8)
         with pytest.raises(errors.InvalidArgument, match="bool bytes"):

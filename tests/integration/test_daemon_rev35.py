@@ -11,7 +11,7 @@ import torch
 from gpupool.client.session import Handle, Session
 from gpupool.server import collectives
 from test_daemon_red34 import CANARY, _plant
-from test_daemon_red35 import N, forged_pair, send_forged
+from test_daemon_red35 import N, agree, forged_pair, send_forged
 
 from gpupool import errors
 from gpupool._proto import device_pb2
@@ -73,9 +73,8 @@ def test_a_forged_rank_writes_no_bool_bytes_in_allgather_or_reduce_scatter(
         s.flush()
         g = forged()
         sig = [collectives.KINDS.index(kind), collectives._OPS.index(op), 0, n_out, 1, n_out * N, n_in]
-        mine = torch.tensor([*sig, collectives._DTYPES[torch.bool]])
-        g.pg.allgather([[torch.empty_like(mine) for _ in range(2)]], [mine]).wait()
-        send_forged(g, kind, torch.full((n_in,), 7, dtype=torch.uint8))
+        extra = agree(g, [*sig, collectives._DTYPES[torch.bool]])
+        send_forged(g, kind, torch.full((n_in,), 7, dtype=torch.uint8), extra)
         try:
             s.sync()
         except errors.InvalidArgument as e:

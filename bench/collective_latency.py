@@ -1,0 +1,237 @@
+"""Small collectives' latency through real daemons, this tree against another checkout (round 40: each collective's
+agreement check was an all-gather of the ranks' signatures, a round trip through the hub of its own before the
+transfer; now each rank's signature travels in its first frame of the transfer).
+
+For each tree: one daemon (`--fake-gpus N`, `--worker-network on`, the default secure transport, TLS), a lease of its
+N devices, one session a rank, joined in one group. Each round every rank sends the same collective (allreduce, sum,
+of a float32 tensor; or a barrier) and then every rank syncs (the client's round trip to its daemon included, as a
+user's `.item()` after an allreduce). Printed per rank count: the median wall time of a round and the CPU time the
+daemon's process tree (daemon, zygote, workers; /proc utime + stime) spent per collective of all ranks together.
+Trees run alternately (`--repeat` runs each); the medians of the runs' medians.
+
+`--path link` leaves out the daemons, the clients and gRPC: N processes, each as a session worker holds its group
+(rank 0's TCPStore, the signed keys, `seclink.form`), call the daemon's collective path (`Collectives._call`: the
+agreement and the transfer) back to back, `--rounds` calls of each kind after 3 warm-up calls: the median wall time
+of rank 0's call, and the CPU time of all ranks (all threads) per call.
+
+    nice -n 5 .venv/bin/python bench/collective_latency.py --ranks 2 4 --against /work/wt/base \\
+        --against-python /work/wt/base/.venv/bin/python [--path link]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from daemon_wire import alternate, loopback_keys, print_table, start_daemon, stop_all, tree_cpu  # noqa: E402
+
+CALLS = (("allreduce 1KiB", 256), ("allreduce 256KiB", 1 << 16), ("barrier", 0))
+
+
+def measure(address: str, pid: int, key: bytes, ranks: int, rounds: int) -> dict[str, float]:
+    import torch
+    from gpupool.client.session import Session
+
+    from gpupool import tokens
+    from gpupool._proto import device_pb2
+
+    lease = uuid.uuid4().hex
+    toks = [
+        tokens.mint(key, tokens.TokenClaims(lease, "bench", d, 1 << 28, 1.0, time.time() + 3600, "pair", True))
+        for d in range(ranks)
+    ]
+    sessions = [Session.attach(address, t) for t in toks]
+    try:
+        h = sessions[0].new_handle()
+        sessions[0].command(device_pb2.Command(group_join=device_pb2.GroupJoin(
+            rank=0, size=ranks, tokens=toks, port_handle=h, timeout_seconds=60.0)))  # fmt: skip
+        (port,) = sessions[0].sync([h])
+        for r, s in enumerate(sessions[1:], 1):
+            s.command(device_pb2.Command(group_join=device_pb2.GroupJoin(
+                rank=r, size=ranks, tokens=toks, store_address=f"127.0.0.1:{port}", timeout_seconds=60.0)))  # fmt: skip
+            s.flush()
+        for s in sessions:
+            s.sync()
+        out: dict[str, float] = {}
+        for label, n in CALLS:
+            handles = [s.upload(torch.ones(n)) if n else 0 for s in sessions]
+            if n:
+                call = [device_pb2.Collective(kind="allreduce", tensors=[x], reduce_op="sum") for x in handles]
+            else:
+                call = [device_pb2.Collective(kind="barrier") for _ in sessions]
+            times = []
+            cpu = 0.0
+            for k in range(rounds + 1):
+                if k == 1:  # after the first (warm-up) round
+                    cpu = tree_cpu(pid)
+                t0 = time.perf_counter()
+                for s, c in zip(sessions, call, strict=True):
+                    s.command(device_pb2.Command(collective=c))
+                    s.flush()
+                for s in sessions:
+                    s.sync()
+                times.append(time.perf_counter() - t0)
+            out[f"{label} ms"] = statistics.median(times[1:]) * 1e3
+            out[f"{label} cpu"] = (tree_cpu(pid) - cpu) / rounds * 1e3
+            if n:  # every round doubled the ones on every rank, ranks times over
+                want = float(ranks ** (rounds + 1))
+                assert all(float(s.download(x)[0]) == want for s, x in zip(sessions, handles, strict=True))
+        return out
+    finally:
+        for s in sessions:
+            s.close()
+
+
+def link_worker(args: argparse.Namespace) -> None:
+    """One rank of `--path link` (this file run by a tree's python in its checkout: that tree's gpupool)."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    from gpupool.server import collectives, seclink
+
+    from gpupool._proto import device_pb2
+
+    torch.set_num_threads(1)
+    rank, size = args.rank, args.size
+    store = dist.TCPStore("127.0.0.1", args.port, size, is_master=rank == 0, timeout=timedelta(seconds=600))
+    secret = b"bench-secret"
+    keys = collectives._SignedStore(dist.PrefixStore("bench/", store), secret)
+    group = collectives.Group("bench", rank, size, 600.0)
+    group.pg = seclink.form(keys, secret, "bench", rank, size, 600.0, "127.0.0.1")
+    group.ready.set()
+    runner = collectives.Collectives()
+    out: dict[str, float] = {}
+    for label, n in CALLS:
+        t = torch.ones(n)
+        if n:
+            msg, tensors = device_pb2.Collective(kind="allreduce", tensors=[1], reduce_op="sum"), [t]
+        else:
+            msg, tensors = device_pb2.Collective(kind="barrier"), []
+        walls = []
+        for k in range(3 + args.rounds):
+            if k == 3:
+                cpu = time.process_time()
+            w = time.perf_counter()
+            runner._call(group, msg, tensors, [], torch.device("cpu"))
+            walls.append(time.perf_counter() - w)
+        out[f"{label} cpu"] = (time.process_time() - cpu) / args.rounds * 1e3
+        out[f"{label} ms"] = statistics.median(walls[3:]) * 1e3
+        if n:
+            t.fill_(1.0)
+    runner._call(group, device_pb2.Collective(kind="barrier"), [], [], torch.device("cpu"))
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def link_measure(python: str, cwd: str | None, ranks: int, rounds: int) -> dict[str, float]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            [
+                python,
+                os.path.abspath(__file__),
+                "--link-worker",
+                "--rank",
+                str(r),
+                "--size",
+                str(ranks),
+                "--port",
+                str(port),
+                "--rounds",
+                str(rounds),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+        )  # fmt: skip
+        for r in range(ranks)
+    ]
+    results = []
+    for proc in procs:
+        stdout, _ = proc.communicate(timeout=600)
+        if proc.returncode:
+            raise SystemExit(f"a rank failed ({proc.returncode})")
+        results.append(json.loads(next(x for x in stdout.splitlines() if x.startswith("RESULT "))[7:]))
+    out = {k: v for k, v in results[0].items() if k.endswith(" ms")}  # rank 0's wall time
+    for label, _ in CALLS:
+        out[f"{label} cpu"] = sum(r[f"{label} cpu"] for r in results)  # all ranks' CPU
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--against", metavar="DIR", help="the other checkout (required)")
+    parser.add_argument("--against-python", default=sys.executable, help="the python that imports DIR's gpupool")
+    parser.add_argument("--path", choices=("daemon", "link"), default="daemon")
+    parser.add_argument("--link-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.link_worker:
+        link_worker(args)
+        return
+    if args.against is None:
+        parser.error("--against DIR is required")
+    if args.path == "link":
+        trees = {"other": (args.against_python, args.against), "this": (sys.executable, None)}
+        results = {
+            n: alternate(list(trees), args.repeat, lambda name, i, n=n: link_measure(*trees[name], n, args.rounds))
+            for n in args.ranks
+        }
+        print(f"{args.rounds} calls of each, back to back; {args.repeat} run(s) a tree; medians; rank 0's ms a call,")
+        print("all ranks' CPU ms a call")
+        report(results)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        key, key_file = loopback_keys(tmp)
+        trees = {"other": (args.against_python, args.against), "this": (sys.executable, None)}
+        most = str(max(args.ranks))
+        daemons = {
+            name: start_daemon(key_file, "--worker-network", "on", "--fake-gpus", most, python=py, cwd=cwd)
+            for name, (py, cwd) in trees.items()
+        }
+        try:
+            results = {
+                n: alternate(
+                    list(daemons),
+                    args.repeat,
+                    lambda name, i, n=n: measure(daemons[name][1], daemons[name][0].pid, key, n, args.rounds),
+                )
+                for n in args.ranks
+            }
+        finally:
+            stop_all([proc for proc, _ in daemons.values()])
+    print(f"{args.rounds} rounds a call; {args.repeat} run(s) each tree; medians; ms per round (all ranks synced),")
+    print("daemon CPU ms per collective of all ranks")
+    report(results)
+
+
+def report(results: dict[int, dict[str, dict[str, Any]]]) -> None:
+    for n, medians in results.items():
+        print(f"-- {n} ranks")
+        columns: list[tuple[str, str, Any]] = []
+        for label, _ in CALLS:
+            columns += [(f"{label} ms", f"{label} ms", ".2f"), ("cpu", f"{label} cpu", ".2f")]
+        print_table(medians, columns)
+
+
+if __name__ == "__main__":
+    main()
