@@ -41,6 +41,11 @@ BUFFER_BYTES = 1 << 20  # lines kept for the writer: past this, nobody reads std
 FLUSH_WAIT = 2.0  # seconds `flush` (logging.shutdown's, at exit) waits for the writer
 LINE_MAX = 64 * 1024  # a line of C output longer than this (no newline yet) is passed on in pieces
 PARTIAL_WAIT = 0.1  # seconds the end of a line without its newline waits for the rest before it is passed on
+# What the pump's pipe holds (F_SETPIPE_SZ; 1 MiB, the default most an unprivileged process may ask, else the kernel's
+# default, 64 KiB): C code that writes to descriptor 2 while it holds the GIL waits until the pump's thread, which
+# needs the GIL, reads: past what the pipe holds that write never returned (round 40: 500 KB in one write hung the
+# process for good with 64 KiB).
+PIPE_BYTES = 1 << 20
 
 
 class LineSink:
@@ -155,6 +160,10 @@ class StderrPump:
     def __init__(self, limit: int = BUFFER_BYTES) -> None:
         self.real = os.dup(2)  # the stderr this process was started with (not inherited by children)
         read, write = os.pipe()  # (neither inherited)
+        try:
+            fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:  # (past /proc/sys/fs/pipe-max-size, or the user's pipe pages spent: the kernel's default)
+            pass
         self.read = read
         self.sink = LineSink(self.real, limit)
         self._tail = b""  # the end of a line whose newline has not come yet

@@ -1,5 +1,5 @@
 """Descriptor 2 of the daemon and the scheduler (gpupool/logsink.py) at the edges: a program started with its stderr
-closed, and the last output before the daemon leaves."""
+closed, C code that writes there holding the GIL."""
 
 from __future__ import annotations
 
@@ -51,3 +51,30 @@ def test_a_daemon_started_with_its_stderr_closed_serves_sessions(
                 assert torch.equal(s.download(h), torch.arange(4.0) * 3)
     finally:
         stop_process(proc)  # type: ignore[arg-type]
+
+
+GIL_HELD = """
+import ctypes, sys
+from gpupool import logsink
+logsink.install()
+data = b"held " * 100_000 + b"\\n"  # 500 KB in one write by C code that holds the GIL (ctypes.PyDLL keeps it)
+ctypes.PyDLL(None).write(2, data, len(data))
+print("wrote", flush=True)
+"""
+
+
+def test_c_code_that_holds_the_gil_writes_half_a_mib_to_descriptor_2_without_deadlock(tmp_path: Path) -> None:
+    """C code writing to descriptor 2 while it holds the GIL (a C extension's fprintf; here ctypes.PyDLL's write):
+    the pump's thread, which drains the pipe, cannot run until the write returns. On 38080f0 the pipe held 64 KiB:
+    a write of 500 KB never returned (the process hung for good; its stderr a file, which never blocks). Now the
+    pipe holds 1 MiB (F_SETPIPE_SZ, the most an unprivileged process may ask: /proc/sys/fs/pipe-max-size)."""
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", GIL_HELD], stdout=subprocess.PIPE, stderr=err)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("the write to descriptor 2 never returned: the pump could not drain it") from None
+    assert out == b"wrote\n" and proc.returncode == 0
+    assert (tmp_path / "stderr").read_bytes() == b"held " * 100_000 + b"\n"
