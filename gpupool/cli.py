@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # subcommand -> (module with main(argv) -> int, one-line help)
@@ -27,7 +28,27 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def standard_descriptors() -> None:
+    """Descriptors 0, 1 and 2 that a parent closed (`gpupool serve 2>&-`) opened again on /dev/null, before anything
+    else opens one: otherwise the first descriptor the program opens took the number, and what it wrote to its
+    stderr went there (until round 40 the daemon's log lines went into its zygote's control socket: the zygote
+    died, no session started)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # (the lowest number free: `fd` itself)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - the process's own, never closed
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - the process's own, never closed
+
+
 def main(argv: list[str] | None = None) -> int:
+    standard_descriptors()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())

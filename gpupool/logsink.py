@@ -41,6 +41,11 @@ BUFFER_BYTES = 1 << 20  # lines kept for the writer: past this, nobody reads std
 FLUSH_WAIT = 2.0  # seconds `flush` (logging.shutdown's, at exit) waits for the writer
 LINE_MAX = 64 * 1024  # a line of C output longer than this (no newline yet) is passed on in pieces
 PARTIAL_WAIT = 0.1  # seconds the end of a line without its newline waits for the rest before it is passed on
+# What the pump's pipe holds (F_SETPIPE_SZ; 1 MiB, the default most an unprivileged process may ask, else the kernel's
+# default, 64 KiB): C code that writes to descriptor 2 while it holds the GIL waits until the pump's thread, which
+# needs the GIL, reads: past what the pipe holds that write never returned (round 40: 500 KB in one write hung the
+# process for good with 64 KiB).
+PIPE_BYTES = 1 << 20
 
 
 class LineSink:
@@ -155,10 +160,14 @@ class StderrPump:
     def __init__(self, limit: int = BUFFER_BYTES) -> None:
         self.real = os.dup(2)  # the stderr this process was started with (not inherited by children)
         read, write = os.pipe()  # (neither inherited)
+        try:
+            fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:  # (past /proc/sys/fs/pipe-max-size, or the user's pipe pages spent: the kernel's default)
+            pass
         self.read = read
         self.sink = LineSink(self.real, limit)
         self._tail = b""  # the end of a line whose newline has not come yet
-        self._lock = threading.Lock()  # `_take` (the reader's, and `drain`'s at exit)
+        self._lock = threading.Lock()  # the reader's read and `_take`, `settle`'s and `drain`'s
         os.dup2(write, 2)  # inherited: children write here too
         os.close(write)
         self._pid = os.getpid()
@@ -176,25 +185,38 @@ class StderrPump:
                     if tail:
                         self.sink.put(tail)
                 continue
-            try:
-                chunk = os.read(self.read, 1 << 16)
-            except InterruptedError:
-                continue
-            except OSError:
-                return
-            if not chunk:  # every writer gone (descriptor 2 closed, and no child holds it)
-                return
-            self._take(chunk)
+            # The read and the lines put under one hold of the lock (the pipe has one reader: a read after poll
+            # never waits): what `settle` saw leave the pipe is in the sink once it holds the lock.
+            with self._lock:
+                try:
+                    chunk = os.read(self.read, 1 << 16)
+                except InterruptedError:
+                    continue
+                except OSError:
+                    return
+                if not chunk:  # every writer gone (descriptor 2 closed, and no child holds it)
+                    return
+                self._take(chunk)
 
     def _take(self, chunk: bytes) -> None:
-        with self._lock:
-            lines = (self._tail + chunk).split(b"\n")
-            self._tail = lines.pop()
-            for line in lines:
-                self.sink.put(line + b"\n")
-            while len(self._tail) > LINE_MAX:
-                self.sink.put(self._tail[:LINE_MAX])
-                self._tail = self._tail[LINE_MAX:]
+        """The whole lines of what was read put into the sink, the rest kept; the caller holds the lock."""
+        lines = (self._tail + chunk).split(b"\n")
+        self._tail = lines.pop()
+        for line in lines:
+            self.sink.put(line + b"\n")
+        while len(self._tail) > LINE_MAX:
+            self.sink.put(self._tail[:LINE_MAX])
+            self._tail = self._tail[LINE_MAX:]
+
+    def settle(self, timeout: float = FLUSH_WAIT) -> None:
+        """Wait (at most `timeout` s) until what was written to descriptor 2 before this call is in the sink (but
+        the end of a line without its newline: `drain`). Until round 40's review `drain` could see the pipe empty
+        while the reader had read a chunk and not put its lines yet, and the sink's flush went on without them."""
+        deadline = time.monotonic() + timeout
+        while self.pending() and self._reader.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with self._lock:  # (a chunk read is put before the reader lets go of it)
+            pass
 
     def pending(self) -> int:
         """Bytes written to descriptor 2 and not read yet (FIONREAD)."""
@@ -222,8 +244,7 @@ class StderrPump:
             sys.stderr.flush()
         except (OSError, ValueError, AttributeError):
             pass
-        while self.pending() and self._reader.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self.settle(max(0.0, deadline - time.monotonic()))
         with self._lock:
             tail, self._tail = self._tail, b""
             if tail:

@@ -231,6 +231,7 @@ from gpupool import logsink
 logsink.install(limit=8192)
 for i in range(2000):  # what C code writes: straight to descriptor 2, 100 KB, far past the pipe and the buffer
     os.write(2, b"c line %04d %s\\n" % (i, b"x" * 40))
+logsink.PUMP.settle()  # (all of it in the pump's pipe, 1 MiB, at once: read into the buffer, or dropped, before)
 print("wrote", flush=True)
 sys.stdin.readline()  # the test reads the pipe now
 os.write(2, b"c line after\\n")

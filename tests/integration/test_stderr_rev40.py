@@ -1,0 +1,80 @@
+"""Descriptor 2 of the daemon and the scheduler (gpupool/logsink.py) at the edges: a program started with its stderr
+closed, C code that writes there holding the GIL."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from gpupool.client.session import Handle, Session
+from support import MiB, mint_token, public_key_file, stop_process
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the daemon exited ({proc.returncode})"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise AssertionError("the daemon never listened")
+
+
+def test_a_daemon_started_with_its_stderr_closed_serves_sessions(
+    tmp_path: Path, token_key_file: Path, token_key: bytes
+) -> None:
+    """`gpupool serve 2>&-` (a supervisor that closes the descriptor): the first descriptor the daemon opens takes
+    number 2, and its log lines went there (on 38080f0 the zygote's control socket: "the zygote died", no session
+    started). Now `gpupool` opens /dev/null on a closed 0, 1 or 2 first (gpupool/cli.py `standard_descriptors`)."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "gpupool.cli", "serve", "--listen", f"127.0.0.1:{port}", "--metrics-listen", "0"]
+    cmd += ["--token-public-keys", str(public_key_file(token_key_file)), "--host-id", "test-host"]
+    cmd += ["--fake-gpus", "1", "--fake-gpu-memory", "256MiB"]
+    proc = subprocess.Popen(["sh", "-c", 'exec "$@" 2>&-', "sh", *cmd], stdout=subprocess.DEVNULL)
+    try:
+        _wait_listening(port, proc, 150)
+        for _ in range(3):
+            token = mint_token(token_key, host="test-host", quota_bytes=16 * MiB)
+            with Session.attach(f"127.0.0.1:{port}", token) as s:
+                [h] = s.call("aten::mul.Tensor", Handle(s.upload(torch.arange(4.0))), 3)
+                assert torch.equal(s.download(h), torch.arange(4.0) * 3)
+    finally:
+        stop_process(proc)  # type: ignore[arg-type]
+
+
+GIL_HELD = """
+import ctypes, sys
+from gpupool import logsink
+logsink.install()
+data = b"held " * 100_000 + b"\\n"  # 500 KB in one write by C code that holds the GIL (ctypes.PyDLL keeps it)
+ctypes.PyDLL(None).write(2, data, len(data))
+print("wrote", flush=True)
+"""
+
+
+def test_c_code_that_holds_the_gil_writes_half_a_mib_to_descriptor_2_without_deadlock(tmp_path: Path) -> None:
+    """C code writing to descriptor 2 while it holds the GIL (a C extension's fprintf; here ctypes.PyDLL's write):
+    the pump's thread, which drains the pipe, cannot run until the write returns. On 38080f0 the pipe held 64 KiB:
+    a write of 500 KB never returned (the process hung for good; its stderr a file, which never blocks). Now the
+    pipe holds 1 MiB (F_SETPIPE_SZ, the most an unprivileged process may ask: /proc/sys/fs/pipe-max-size)."""
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", GIL_HELD], stdout=subprocess.PIPE, stderr=err)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("the write to descriptor 2 never returned: the pump could not drain it") from None
+    assert out == b"wrote\n" and proc.returncode == 0
+    assert (tmp_path / "stderr").read_bytes() == b"held " * 100_000 + b"\n"
