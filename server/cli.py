@@ -17,7 +17,7 @@ import threading
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from gpupool import tls, tokens
+from gpupool import logsink, tls, tokens
 from gpupool.config import add_flag, more_open_files, setup_logging, size_arg, withheld_features
 from gpupool.errors import GpupoolError
 from gpupool.protocol import COLLECTIVE_TRANSPORTS
@@ -304,4 +304,6 @@ def main(argv: list[str]) -> int:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    if logsink.PUMP is not None:  # what reached descriptor 2 (the zygote's forwarded lines, C output) written out:
+        logsink.PUMP.drain()  # os._exit runs no atexit handler
     os._exit(0)
