@@ -338,8 +338,9 @@ class CommandExecutor:
         and the record after it, inside a run, took the normal path where it was no run's first record; the
         encoder ~0.4 a step, after the frees that land anywhere in a step). Its kept outputs are held weakly
         across the command: one it frees or binds anew is not kept alive (and fails the identity check). With the
-        native runner a one-chunk upload among a run's records runs inside `Ctx.run` (round 40: `commands.uploads`,
-        `slices.FrameCommands`; native_runner.cpp `Ctx::upload`), which drops such a kept output from its list too.
+        native runner a one-chunk upload or a free among a run's records runs inside `Ctx.run` (round 40:
+        `commands.between`, `slices.FrameCommands`; native_runner.cpp `Ctx::between`), which drops such a kept
+        output from its list too.
 
         A span that stops elsewhere (its slice's end, its time budget, another kind of command) leaves where it
         stopped (`Runs.carry`): the session's next span, where nothing since changed a tensor's meta in place (the
@@ -370,7 +371,7 @@ class CommandExecutor:
         count = self.ledger.op if getattr(self.ledger, "counts_ops", True) else None
         native, ctx = self.native, None
         tries: Any = ()  # the runs C++ is offered for a record
-        ups = getattr(commands, "uploads", None)  # the small uploads C++ runs among a run's records (FrameCommands)
+        ups = getattr(commands, "between", None)  # the uploads and frees C++ runs among a run's records (FrameCommands)
         carry, known.carry = known.carry, None
         if carry is not None and carry[0] is s and carry[1] == known.epoch and not s.uploads:
             # this record follows the last one the session's previous span ran, inside a span that stopped at its
@@ -711,8 +712,8 @@ class CommandExecutor:
         # seeded records: in a session's own worker process (`exclusive_rng`) `_seeded`'s check that the device's
         # generator holds this session's stream, made in C++ per record; where sessions share it, Python's
         rng = (_RNG_OWNER, s.device.rng_lock) if self.exclusive_rng else None
-        # one-chunk uploads among a run's records in C++ (`_upload`'s `filled` path: a fake GPU's session, whose
-        # methods are `WorkerSession`'s own)
+        # uploads (`_upload`'s `filled` path) and frees among a run's records in C++: a fake GPU's session whose
+        # methods are `WorkerSession`'s own
         ups = None
         if s.device.fake and s.__class__ is WorkerSession:
             ups = (self.ledger.transfer, s.upload_pool, _WIRE_DTYPES)

@@ -865,7 +865,7 @@ struct Entries {
 };
 Entries entries;
 
-// ---- small uploads among a run's records (`Ctx::upload`) ----
+// ---- uploads and frees among a run's records (`Ctx::between`) ----
 //
 // An `Upload` message's fields as `CommandExecutor._upload` reads them, from its bytes (field numbers of
 // proto/gpupool/v1/device.proto `Upload` and tensor.proto `TensorMeta`).
@@ -882,6 +882,7 @@ struct SmallUpload {
 };
 
 bool read_varint(const unsigned char** p, const unsigned char* lim, uint64_t* v);  // (defined below)
+inline bool read_size(const unsigned char** p, const unsigned char* lim, uint64_t* v);  // (defined below)
 
 // A `TensorMeta`'s bytes: dtype (1) at most once, shape (2) and stride (3) packed or not (the values appended, as
 // upb appends them), storage_offset (4) at most once; anything else (another field or wire type, a dimension past
@@ -961,6 +962,9 @@ at::Tensor filled_tensor(at::IntArrayRef sizes, at::ScalarType st, const void* d
   return t;
 }
 
+// a `Free` message's handles, and `WorkerSession.free` of them (`free_handles`; defined below)
+bool parse_free(const unsigned char* p, const unsigned char* end, std::vector<uint64_t>* out);
+bool free_parsed(PyObject* s, const std::vector<uint64_t>& hs, const Keys* cached);
 PyObject* dict_pop(PyObject* d, PyObject* key);  // `d.pop(key, MISSING)` (defined below)
 bool is_missing(PyObject* o);  // `o is MISSING`
 PyObject* S_held;  // "held"
@@ -979,9 +983,9 @@ struct Ctx {
   std::vector<c10::IValue> stack_room;
   std::vector<at::Tensor> held_room;
   std::vector<uint64_t> hvals_room;
-  // one-chunk uploads among the records run here (`upload`; the context's `uploads`): the ledger's `transfer`, the
+  // uploads and frees among the records run here (`between`; the context's `between`): the ledger's `transfer`, the
   // session's upload pool and its table of half-uploaded handles, the wire's dtypes by number
-  bool uploads_here = false;
+  bool between_here = false;
   py::object transfer = py::none(), pool = py::none(), pending = py::none();
   std::vector<at::ScalarType> dtypes;
 
@@ -998,8 +1002,8 @@ struct Ctx {
   py::tuple run(const Trace& first, int64_t k, py::list records, int64_t i, py::list objs, py::object progress,
                 double start, double budget, py::object ups) {
     const int64_t n = static_cast<int64_t>(PyList_GET_SIZE(records.ptr()));
-    // each command's Upload message where it is one that may run here (`slices.FrameCommands.uploads`), or None
-    PyObject* up_list = uploads_here && PyList_CheckExact(ups.ptr()) && PyList_GET_SIZE(ups.ptr()) == n ? ups.ptr()
+    // each command's bytes where it is an upload or a free that may run here (`slices.FrameCommands.between`)
+    PyObject* up_list = between_here && PyList_CheckExact(ups.ptr()) && PyList_GET_SIZE(ups.ptr()) == n ? ups.ptr()
                                                                                                        : nullptr;
     const Trace* cur = &first;
     int64_t nsteps = static_cast<int64_t>(cur->steps.size());
@@ -1045,8 +1049,8 @@ struct Ctx {
     for (;;) {
       while (i < n && k < nsteps) {
         if (up_list != nullptr && PyList_GET_ITEM(up_list, i) != Py_None) {
-          // an upload among the records: run here as `_upload` runs it, and the run goes on after it
-          if (!upload(c, PyList_GET_ITEM(up_list, i), i, word, progress, objs.ptr())) break;
+          // an upload or a free among the records: run here as `execute` runs it, and the run goes on after it
+          if (!between(c, PyList_GET_ITEM(up_list, i), i, word, progress, objs.ptr(), &exc)) break;
           ++i;
           if (now() - start > budget) {
             flags |= OVER;
@@ -1591,11 +1595,62 @@ struct Ctx {
   // transfer; and a kept output of the run that only the run's list still holds (the handle's old tensor) dropped
   // from it, as the Python path holds kept outputs weakly across an upload (`eager_span`): no run keeps a tensor
   // alive that its session let go.
-  bool upload(Counts& c, PyObject* msg, int64_t i, Word& word, const py::object& progress, PyObject* objs) {
-    if (!PyBytes_CheckExact(msg)) return false;
+  // Command i among the records, `cmd` its bytes (`slices.FrameCommands.between`: one `upload` or `free` field):
+  // run here (true), or left to Python untouched (false; with `exc` set where the free raised midway: the caller
+  // returns it for command i, which Python records as `execute` would)
+  bool between(Counts& c, PyObject* cmd, int64_t i, Word& word, const py::object& progress, PyObject* objs,
+               py::object* exc) {
+    if (!PyBytes_CheckExact(cmd) || PyBytes_GET_SIZE(cmd) < 1) return false;
+    const auto* p = reinterpret_cast<const unsigned char*>(PyBytes_AS_STRING(cmd));
+    const unsigned char* end = p + PyBytes_GET_SIZE(cmd);
+    const unsigned char key = *p++;
+    uint64_t len = 0;
+    if (!read_size(&p, end, &len) || len != static_cast<uint64_t>(end - p)) return false;
+    if (key == ((2 << 3) | 2)) return upload(c, p, end, i, word, progress, objs);
+    if (key != ((4 << 3) | 2)) return false;
+    // `WorkerSession.free` (`free_handles`, with this context's handle ints), as `execute` runs it
+    std::vector<uint64_t> hs;
+    if (!parse_free(p, end, &hs)) return false;
+    mark(c, i, word, progress);
+    c.sync_all();  // `free_parsed` takes the freed bytes off `s.used` and `memory.used` itself
+    try {
+      if (!free_parsed(s.ptr(), hs, handle_keys.get())) throw std::logic_error("a session's tables are dicts");
+    } catch (py::error_already_set& e) {
+      e.restore();
+      *exc = fetch();
+      return false;
+    }
+    drop_orphans(objs);
+    return true;
+  }
+
+  // the progress mark of command i (as `run_commands` marks it)
+  void mark(Counts& c, int64_t i, Word& word, const py::object& progress) {
+    if (word.buf != nullptr) {
+      const int32_t at = static_cast<int32_t>(i);  // a slice holds far fewer than 2^31 commands
+      std::memcpy(word.buf, &at, 4);
+    } else if (!progress.is_none()) {
+      c.sync_all();
+      progress(i);
+    }
+  }
+
+  // the run's kept outputs that nothing but its list holds after an upload or a free among its records: dropped
+  // from it, as the Python path holds them weakly across such a command (`eager_span`)
+  static void drop_orphans(PyObject* objs) {
+    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(objs); ++j) {
+      PyObject* o = PyList_GET_ITEM(objs, j);
+      if (o != Py_None && Py_REFCNT(o) == 1) {
+        PyList_SET_ITEM(objs, j, Py_NewRef(Py_None));
+        Py_DECREF(o);
+      }
+    }
+  }
+
+  bool upload(Counts& c, const unsigned char* b, const unsigned char* b_end, int64_t i, Word& word,
+              const py::object& progress, PyObject* objs) {
     SmallUpload u;
-    const auto* b = reinterpret_cast<const unsigned char*>(PyBytes_AS_STRING(msg));
-    if (!parse_upload(b, b + PyBytes_GET_SIZE(msg), &u)) return false;
+    if (!parse_upload(b, b_end, &u)) return false;
     if (!u.meta || u.offset != 0 || !u.last || u.len > static_cast<uint64_t>(CHUNK_BYTES)) return false;
     const uint64_t h = u.handle;
     if ((h >> HANDLE_BITS) != static_cast<uint64_t>(number) || h == static_cast<uint64_t>(base)) return false;
@@ -1635,13 +1690,7 @@ struct Ctx {
     Own obj(THPVariable_Wrap(t));
     if (obj.p == nullptr) throw py::error_already_set();
     // from here on the upload is run here
-    if (word.buf != nullptr) {
-      const int32_t at = static_cast<int32_t>(i);
-      std::memcpy(word.buf, &at, 4);
-    } else if (!progress.is_none()) {
-      c.sync_all();
-      progress(i);
-    }
+    mark(c, i, word, progress);
     if (in_t) {
       unbind(c, hkey.p);
     } else if (in_p) {
@@ -1656,13 +1705,7 @@ struct Ctx {
     PyObject* args[] = {S_upload, nb.p};
     Own r(PyObject_Vectorcall(transfer.ptr(), args, 2, nullptr));
     if (r.p == nullptr) throw py::error_already_set();
-    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(objs); ++j) {  // weakly held across it (`eager_span`)
-      PyObject* o = PyList_GET_ITEM(objs, j);
-      if (o != Py_None && Py_REFCNT(o) == 1) {
-        PyList_SET_ITEM(objs, j, Py_NewRef(Py_None));
-        Py_DECREF(o);
-      }
-    }
+    drop_orphans(objs);
     return true;
   }
 
@@ -1787,9 +1830,7 @@ struct Ctx {
 
 // The handles of a serialized `Free` message (field 1, `repeated uint64`: packed varints as upb writes them, or one
 // varint a field): false for anything else (another field, a truncated or overlong varint), before any side effect.
-bool parse_free(const std::string& msg, std::vector<uint64_t>* out) {
-  const auto* p = reinterpret_cast<const unsigned char*>(msg.data());
-  const auto* end = p + msg.size();
+bool parse_free(const unsigned char* p, const unsigned char* end, std::vector<uint64_t>* out) {
   auto varint = [&](const unsigned char* lim, uint64_t* v) -> bool {
     uint64_t x = 0;
     for (int shift = 0; shift < 64; shift += 7) {
@@ -1972,12 +2013,12 @@ py::object eager_records(py::handle payload) {
 // `read_size` length within the buffer; anything else gives None before anything is made. Every byte read is
 // checked against the buffer's (or the entry's) end first.
 //
-// With `uploads`, a fifth element: a list of each command's Upload message (its bytes) where the command is one
-// `upload` field in the canonical form (the key 12, a `read_size` length, the message at most `SMALL_UPLOAD` bytes,
-// nothing else in the command) and None for every other command, or None where the slice has no such upload
-// (`slices.FrameCommands.uploads`, for `Ctx.run`; upb parses these commands as any other).
-constexpr uint64_t SMALL_UPLOAD = 64 << 10;
-py::object eager_frame(py::handle payload, bool uploads) {
+// With `between`, a fifth element: a list of each command's bytes where the command is one `upload` or `free` field
+// in the canonical form (the key 12 or 22, a `read_size` length, the message at most `SMALL_COMMAND` bytes, nothing
+// else in the command) and None for every other command, or None where the slice has no such command
+// (`slices.FrameCommands.between`, which `Ctx.run` runs among a run's records; upb parses them as any other).
+constexpr uint64_t SMALL_COMMAND = 64 << 10;
+py::object eager_frame(py::handle payload, bool between) {
   Bytes buf(payload.ptr());
   if (!buf.ok) return py::none();
   const unsigned char* p = buf.begin();
@@ -1992,7 +2033,7 @@ py::object eager_frame(py::handle payload, bool uploads) {
   if (empty.p == nullptr) throw py::error_already_set();
   std::vector<std::pair<const unsigned char*, size_t>> others;  // each other command's whole entry
   size_t others_size = 0;
-  std::vector<std::pair<Py_ssize_t, py::object>> ups;  // (index, Upload message) of the small uploads
+  std::vector<std::pair<Py_ssize_t, py::object>> ups;  // (index, its bytes) of the small uploads and frees
   while (p < end) {
     const unsigned char* entry = p;
     if (*p++ != ((1 << 3) | 2)) return py::none();  // field 1, length-delimited, as a one-byte key
@@ -2033,11 +2074,11 @@ py::object eager_frame(py::handle payload, bool uploads) {
       }
       const unsigned char* q = p + 1;
       uint64_t ulen = 0;
-      if (uploads && p < cend && *p == ((2 << 3) | 2) && read_size(&q, cend, &ulen) && ulen <= SMALL_UPLOAD &&
-          ulen == static_cast<uint64_t>(cend - q)) {
-        PyObject* msg = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(q), static_cast<Py_ssize_t>(ulen));
-        if (msg == nullptr) throw py::error_already_set();
-        ups.emplace_back(i, py::reinterpret_steal<py::object>(msg));
+      if (between && p < cend && (*p == ((2 << 3) | 2) || *p == ((4 << 3) | 2)) && read_size(&q, cend, &ulen) &&
+          ulen <= SMALL_COMMAND && ulen == static_cast<uint64_t>(cend - q)) {
+        PyObject* cmd = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(p), cend - p);
+        if (cmd == nullptr) throw py::error_already_set();
+        ups.emplace_back(i, py::reinterpret_steal<py::object>(cmd));
       }
     }
     append_record(records.p, empty.p, rec, rlen);
@@ -2052,7 +2093,7 @@ py::object eager_frame(py::handle payload, bool uploads) {
   }
   auto got = py::make_tuple(py::reinterpret_borrow<py::object>(records.p), py::reinterpret_borrow<py::object>(at.p),
                             py::reinterpret_borrow<py::object>(joined.p), py::reinterpret_borrow<py::object>(ask.p));
-  if (!uploads) return std::move(got);
+  if (!between) return std::move(got);
   py::object up_list = py::none();
   if (!ups.empty()) {
     Own list(PyList_New(PyList_GET_SIZE(records.p)));
@@ -2199,8 +2240,18 @@ PyObject* S_check_handle;
 // any int of the handle's value finds the same entry.
 bool free_handles(const py::object& session, const py::bytes& msg, const py::object& ctx) {
   std::vector<uint64_t> hs;
-  if (!parse_free(std::string(msg), &hs)) return false;
-  PyObject* s = session.ptr();
+  char* buf = nullptr;
+  Py_ssize_t len = 0;
+  if (PyBytes_AsStringAndSize(msg.ptr(), &buf, &len) < 0) throw py::error_already_set();
+  const auto* p = reinterpret_cast<const unsigned char*>(buf);
+  if (!parse_free(p, p + len, &hs)) return false;
+  // anything but a context (a test's wrapper of one) is as None
+  const Keys* cached = py::isinstance<Ctx>(ctx) ? ctx.cast<const Ctx&>().handle_keys.get() : nullptr;
+  return free_parsed(session.ptr(), hs, cached);
+}
+
+// `free_handles` of the handles `hs` (read from a `Free`'s bytes): false (nothing done) where a table is not a dict
+bool free_parsed(PyObject* s, const std::vector<uint64_t>& hs, const Keys* cached) {
   Own tensors(PyObject_GetAttr(s, S_tensors)), keys(PyObject_GetAttr(s, S_keys)),
       storages(PyObject_GetAttr(s, S_storages)), uploads(PyObject_GetAttr(s, S_uploads)),
       poisoned(PyObject_GetAttr(s, S_poisoned));
@@ -2210,8 +2261,6 @@ bool free_handles(const py::object& session, const py::bytes& msg, const py::obj
   }
   Own freed(PyLong_FromLong(0)), one(PyLong_FromLong(1)), zero(PyLong_FromLong(0));
   if (freed.p == nullptr || one.p == nullptr || zero.p == nullptr) throw py::error_already_set();
-  // anything but a context (a test's wrapper of one) is as None
-  const Keys* cached = py::isinstance<Ctx>(ctx) ? ctx.cast<const Ctx&>().handle_keys.get() : nullptr;
   bool failed = false;
   for (const uint64_t h : hs) {
     PyObject* known = cached != nullptr ? cached->find(h) : nullptr;  // borrowed
@@ -2424,7 +2473,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   trace_type = py::detail::get_type_info(typeid(Trace));
   py::class_<Ctx>(m, "Ctx")
       .def(py::init([](py::object s, py::object memory, py::object count, py::object bind_outputs,
-                       py::object over_quota, int64_t capacity, py::object rng, py::object uploads) {
+                       py::object over_quota, int64_t capacity, py::object rng, py::object between) {
         Ctx c;
         c.s = s;
         c.tensors = s.attr("tensors");
@@ -2469,9 +2518,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           c.rng_acquire = c.rng_lock.attr("acquire");
           c.rng_release = c.rng_lock.attr("release");
         }
-        if (!uploads.is_none()) {  // (transfer, pool, dtypes): one-chunk uploads among the records run here
-          auto u = uploads.cast<py::tuple>();
-          if (u.size() != 3) throw std::invalid_argument("uploads: (transfer, pool, dtypes)");
+        if (!between.is_none()) {  // (transfer, pool, dtypes): uploads and frees among the records run here
+          auto u = between.cast<py::tuple>();
+          if (u.size() != 3) throw std::invalid_argument("between: (transfer, pool, dtypes)");
           c.transfer = u[0];
           c.pool = u[1];
           c.pending = s.attr("uploads");
@@ -2479,14 +2528,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             c.dtypes.push_back(THPDtype_Check(d.ptr()) ? reinterpret_cast<THPDtype*>(d.ptr())->scalar_type
                                                        : at::ScalarType::Undefined);
           }
-          c.uploads_here = true;
+          c.between_here = true;
         }
         return c;
       }),
       py::arg("s"), py::arg("memory"), py::arg("count"), py::arg("bind_outputs"), py::arg("over_quota"),
-      py::arg("capacity"), py::arg("rng") = py::none(), py::arg("uploads") = py::none())
+      py::arg("capacity"), py::arg("rng") = py::none(), py::arg("between") = py::none())
       .def("run", &Ctx::run, py::arg("first"), py::arg("k"), py::arg("records"), py::arg("i"), py::arg("objs"),
-           py::arg("progress"), py::arg("start"), py::arg("budget"), py::arg("uploads") = py::none())
+           py::arg("progress"), py::arg("start"), py::arg("budget"), py::arg("between") = py::none())
       // the int its lookups of handle `h` use now (`Keys`), or None: for tests
       .def("cached_key", [](const Ctx& c, uint64_t h) -> py::object {
         PyObject* k = c.handle_keys->find(h);
@@ -2496,7 +2545,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("free", &free_handles, py::arg("session"), py::arg("msg"), py::arg("ctx") = py::none());
   m.def("filled", &filled);
   m.def("eager_records", &eager_records);
-  m.def("eager_frame", &eager_frame, py::arg("payload"), py::arg("uploads") = false);
+  m.def("eager_frame", &eager_frame, py::arg("payload"), py::arg("between") = false);
   m.def("split_frame", &split_frame);
   m.def("storage_key", [](const at::Tensor& t) {
     return py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(t.storage().unsafeGetStorageImpl()));

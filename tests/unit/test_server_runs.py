@@ -545,34 +545,85 @@ def test_uploads_the_runner_does_not_take_inside_a_run_run_or_fail_on_the_python
         assert {BASE + 902, BASE + 903, BASE + 904, BASE + 905, BASE + 906, FOREIGN, BASE} <= set(seen)
 
 
-def test_a_kept_output_uploaded_over_in_cpp_is_not_kept_alive_and_fails_the_run() -> None:
-    """An upload that `Ctx.run` runs over a handle holding one of the run's kept outputs lets that tensor go at once
-    (as the Python path holds kept outputs weakly across an upload: a run holds them only while its session does):
-    by the record after the upload nothing holds it; the record that reads the handle reads the uploaded tensor (the
-    identity check fails, the normal path runs it) and the pair compares the results."""
+def test_a_kept_output_freed_or_uploaded_over_in_cpp_is_not_kept_alive_and_fails_the_run() -> None:
+    """A free or an upload that `Ctx.run` runs among a run's records, of a handle holding one of the run's kept
+    outputs, lets that tensor go at once (as the Python path holds kept outputs weakly across such a command: a run
+    holds them only while its session does): by the record after it nothing holds it; the record that reads the
+    freed handle fails, the one that reads the uploaded handle reads the uploaded tensor (the identity check fails,
+    the normal path runs it), as on the normal path (the pair compares the results)."""
     p = Pair()
     p.stream(training(p, 6), itertools.cycle([64]))
-    seen = _python_uploads(p)
+    uploads, frees = _python_uploads(p), _python_frees(p)
     cmds = step(p, 6)
-    cmds[5:5] = [upload(h(6, 2), torch.ones(4, 5))]  # relu's output (read by empty_like, record 8), after record 4
-    refs: list[Any] = []
-    alive: dict[int, bool] = {}
+    # after add (record 4) relu's output (read by empty_like, record 8) uploaded over; then mm's output (read by the
+    # list op, record 7) freed
+    cmds[5:5] = [upload(h(6, 2), torch.ones(4, 5)), device_pb2.Command(free=device_pb2.Free(handles=[h(6, 1)]))]
+    refs: dict[int, Any] = {}
+    alive: dict[int, list[bool]] = {}
     s = p.s[0]
 
     def mark(i: int) -> None:
         if i == 3:
-            refs.append(weakref.ref(s.tensors[h(6, 2)]))
+            refs.update({j: weakref.ref(s.tensors[h(6, j)]) for j in (1, 2)})
         elif refs:
-            alive[i] = refs[0]() is not None
+            alive[i] = [refs[j]() is not None for j in (1, 2)]
 
     ex = p.ex[0]
     req = slices.SliceRequest(1 << 40, 1 << 40, 1e9, device_pb2.ClientFrame(commands=cmds).SerializeToString())
     slices.run_commands(s, ex.execute, ex.ledger, req, _clock, mark)
     slices.run_commands(p.s[1], lambda *a: p.ex[1].execute(*a), p.ex[1].ledger, req, _clock)
     p.same()
-    assert refs and alive[4] and alive[5] and not alive[6], alive  # gone by the record after the upload
-    if native_runner.load() is not None and ex.native is not None:
-        assert seen == []
+    assert h(6, 6) in s.poisoned and h(6, 7) in s.poisoned  # the list op read the freed handle
+    # both alive until the upload (command 5), relu's output gone by the free (6), mm's by the record after it (7)
+    assert alive[4] == alive[5] == [True, True] and alive[6] == [True, False] and alive[7] == [False, False], alive
+    if ex.native is not None:
+        assert uploads == [] and frees == []
+
+
+def _python_frees(p: Pair) -> list[int]:
+    """The sizes of the `Free` messages `ex[0]` runs through `CommandExecutor.execute` (`native.free`, or the Python
+    path's `WorkerSession.free`) from now on."""
+    seen: list[int] = []
+    mod = p.ex[0].native
+    if mod is None:
+        return seen
+
+    def free(s: WorkerSession, msg: bytes, ctx: Any = None) -> Any:
+        seen.append(len(msg))
+        return mod.free(s, msg, ctx)
+
+    p.ex[0].native = type("Native", (), {"free": staticmethod(free), "__getattr__": lambda _, n: getattr(mod, n)})()
+    return seen
+
+
+def test_frees_inside_a_run_run_in_cpp_as_on_the_normal_path(runner: str) -> None:
+    """With the native runner, a free among a run's records runs inside `Ctx.run` (`Ctx::between`: `free_handles`
+    with the context's handle ints) and the run goes on after it in C++. Before round 40 each one left `Ctx.run`
+    for `execute` (its message serialized again, `native.free`) and the records after it came back into a new call.
+    A free that fails midway (another session's handle among its handles) frees the handles before it and records
+    the error as on the normal path. The pair compares every tensor, the errors and the accounting after each
+    slice."""
+    p = Pair()
+    calls = Calls(p)
+    p.stream(training(p, 6), itertools.cycle([64]))
+    seen = _python_frees(p)
+    hits, before = p.hits, len(calls.calls)
+    python = 0  # frees after a record the Python path runs (rand_like, add_ on a live handle)
+    for t, at in zip(range(6, 16), range(1, 11), strict=True):
+        cmds = step(p, t)
+        cmds.insert(at, free(t - 1))
+        python += at in (4, 7)
+        p.slice(cmds)
+    assert p.hits - hits == 10 * 11
+    cmds = step(p, 16)
+    handles = [h(15, j) for j in range(5)] + [FOREIGN] + [h(15, j) for j in range(5, 11)]
+    cmds.insert(2, device_pb2.Command(free=device_pb2.Free(handles=handles)))
+    p.slice(cmds)
+    for s in p.s:
+        assert h(15, 4) not in s.tensors and h(15, 5) in s.tensors  # freed up to the foreign handle
+    if runner == "native":  # (before round 40: all 11, and 42 `Ctx.run` calls in this test; 32 now)
+        assert len(seen) == python, seen
+        assert len(calls.calls) - before <= 32, len(calls.calls) - before
 
 
 def test_a_spent_time_budget_ends_the_slice_after_the_same_command() -> None:
