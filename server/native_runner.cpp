@@ -1277,13 +1277,7 @@ struct Ctx {
           if (owner != s.ptr()) break;
         }
         // From here on the record is run here: the op, the count, the binding, the quota check.
-        if (word.buf != nullptr) {
-          const int32_t at = static_cast<int32_t>(i);  // a slice holds far fewer than 2^31 commands
-          std::memcpy(word.buf, &at, 4);
-        } else if (!progress.is_none()) {
-          c.sync_all();
-          progress(i);
-        }
+        mark(c, i, word, progress);
         PyObject* ran = p->n_pos >= 0 ? call_py(*p, buf, stack) : call_op(*p->op, stack, p->below_autograd);
         held.clear();  // the GIL held again: the last C++ reference goes without taking it
         if (ran == nullptr) {
@@ -1625,7 +1619,7 @@ struct Ctx {
   }
 
   // the progress mark of command i (as `run_commands` marks it)
-  void mark(Counts& c, int64_t i, Word& word, const py::object& progress) {
+  inline void mark(Counts& c, int64_t i, Word& word, const py::object& progress) {
     if (word.buf != nullptr) {
       const int32_t at = static_cast<int32_t>(i);  // a slice holds far fewer than 2^31 commands
       std::memcpy(word.buf, &at, 4);
