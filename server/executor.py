@@ -80,6 +80,8 @@ def _NONE() -> None:
     return None
 
 
+# `wire.dtype_from_proto` as a list by number (None: no dtype), for the native runner's uploads (`_native_ctx`)
+_WIRE_DTYPES = [wire.TORCH_DTYPES.get(v) for v in range(max(wire.TORCH_DTYPES) + 1)]  # type: ignore[call-overload]
 _NO_OBJS: list[Any] = []  # a learned run's kept outputs when none runs (never appended to: a run starts with [])
 _Tensor = torch.Tensor
 _STRIDED = torch.strided
@@ -335,7 +337,10 @@ class CommandExecutor:
         `run_commands` runs them, and the run under way goes on after them (round 39: each one ended the span,
         and the record after it, inside a run, took the normal path where it was no run's first record; the
         encoder ~0.4 a step, after the frees that land anywhere in a step). Its kept outputs are held weakly
-        across the command: one it frees or binds anew is not kept alive (and fails the identity check).
+        across the command: one it frees or binds anew is not kept alive (and fails the identity check). With the
+        native runner a one-chunk upload or a free among a run's records runs inside `Ctx.run` (round 40:
+        `commands.between`, `slices.FrameCommands`; native_runner.cpp `Ctx::between`), which drops such a kept
+        output from its list too.
 
         A span that stops elsewhere (its slice's end, its time budget, another kind of command) leaves where it
         stopped (`Runs.carry`): the session's next span, where nothing since changed a tensor's meta in place (the
@@ -366,6 +371,7 @@ class CommandExecutor:
         count = self.ledger.op if getattr(self.ledger, "counts_ops", True) else None
         native, ctx = self.native, None
         tries: Any = ()  # the runs C++ is offered for a record
+        ups = getattr(commands, "between", None)  # the uploads and frees C++ runs among a run's records (FrameCommands)
         carry, known.carry = known.carry, None
         if carry is not None and carry[0] is s and carry[1] == known.epoch and not s.uploads:
             # this record follows the last one the session's previous span ran, inside a span that stopped at its
@@ -408,6 +414,7 @@ class CommandExecutor:
                         over = True
                         break
                     continue
+                got = None  # (the last record's inputs: not held while C++ runs uploads, `Ctx::upload`)
                 if native is not None and plain and not s.uploads:
                     # records of a run in C++ while they match (native_runner.py); where no run is under way (a
                     # span's first record, or after a run ended) the first step of each run the Python path would
@@ -432,7 +439,7 @@ class CommandExecutor:
                             ctx = self._native_ctx(native, s, known, memory, capacity, count, dev)
                             word = mark_word(progress)  # a worker's shared word: C++ stores it, calls nothing
                             mark = progress if word is None else word
-                        j, k1, done, flags, exc, chained = ctx.run(nat, k0, records, i, o, mark, start, budget)
+                        j, k1, done, flags, exc, chained = ctx.run(nat, k0, records, i, o, mark, start, budget, ups)
                         if not done and exc is None:
                             continue  # not taken: the Python path decides (match, or the normal path)
                         if cand is not trace:  # a run starts here
@@ -705,7 +712,12 @@ class CommandExecutor:
         # seeded records: in a session's own worker process (`exclusive_rng`) `_seeded`'s check that the device's
         # generator holds this session's stream, made in C++ per record; where sessions share it, Python's
         rng = (_RNG_OWNER, s.device.rng_lock) if self.exclusive_rng else None
-        ctx = native.Ctx(s, memory, count, self._binder(dev), _over_quota, capacity, rng)
+        # uploads (`_upload`'s `filled` path) and frees among a run's records in C++: a fake GPU's session whose
+        # methods are `WorkerSession`'s own
+        ups = None
+        if s.device.fake and s.__class__ is WorkerSession:
+            ups = (self.ledger.transfer, s.upload_pool, _WIRE_DTYPES)
+        ctx = native.Ctx(s, memory, count, self._binder(dev), _over_quota, capacity, rng, ups)
         known.ctx = (key, ctx)
         return ctx
 

@@ -995,6 +995,112 @@ struct Shells {
   }
 };
 
+// ---- uploads and frees among a run's records (`Ctx::between`) ----
+//
+// An `Upload` message's fields as `CommandExecutor._upload` reads them, from its bytes (field numbers of
+// proto/gpupool/v1/device.proto `Upload` and tensor.proto `TensorMeta`).
+struct SmallUpload {
+  uint64_t handle = 0;
+  bool meta = false;  // `HasField("meta")`
+  uint64_t dtype = 0;
+  int64_t dims = 0;
+  int64_t shape[MAX_DIMS] = {};
+  uint64_t offset = 0;
+  const unsigned char* data = nullptr;
+  uint64_t len = 0;
+  bool last = false;
+};
+
+bool read_varint(const unsigned char** p, const unsigned char* lim, uint64_t* v);  // (defined below)
+inline bool read_size(const unsigned char** p, const unsigned char* lim, uint64_t* v);  // (defined below)
+
+// A `TensorMeta`'s bytes: dtype (1) at most once, shape (2) and stride (3) packed or not (the values appended, as
+// upb appends them), storage_offset (4) at most once; anything else (another field or wire type, a dimension past
+// MAX_DIMS or negative, a truncated varint) false.
+bool parse_meta(const unsigned char* p, const unsigned char* end, SmallUpload* u) {
+  bool dtype = false, offset = false;
+  auto dim = [&](uint64_t v, bool is_shape) {
+    if (!is_shape) return true;  // strides: `_upload` reads only the shape
+    if (u->dims >= MAX_DIMS || static_cast<int64_t>(v) < 0) return false;
+    u->shape[u->dims++] = static_cast<int64_t>(v);
+    return true;
+  };
+  while (p < end) {
+    uint64_t key = 0, v = 0;
+    if (!read_varint(&p, end, &key)) return false;
+    if (key == (1 << 3) && !dtype) {
+      dtype = true;
+      if (!read_varint(&p, end, &u->dtype)) return false;
+    } else if (key == (4 << 3) && !offset) {
+      offset = true;
+      if (!read_varint(&p, end, &v)) return false;
+    } else if (key == (2 << 3) || key == (3 << 3)) {
+      if (!read_varint(&p, end, &v) || !dim(v, key == (2 << 3))) return false;
+    } else if (key == ((2 << 3) | 2) || key == ((3 << 3) | 2)) {
+      uint64_t len = 0;
+      if (!read_varint(&p, end, &len) || len > static_cast<uint64_t>(end - p)) return false;
+      const unsigned char* lim = p + len;
+      while (p < lim) {
+        if (!read_varint(&p, lim, &v) || !dim(v, key == ((2 << 3) | 2))) return false;
+      }
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
+// An `Upload` message's bytes: handle (1), meta (2), offset (3), data (4), last (5), each at most once; anything else
+// (`bulk_bytes`, another field or wire type, a field twice, a truncated length) false: the Python path reads it.
+bool parse_upload(const unsigned char* p, const unsigned char* end, SmallUpload* u) {
+  unsigned seen = 0;
+  while (p < end) {
+    uint64_t key = 0, v = 0;
+    if (!read_varint(&p, end, &key)) return false;
+    const uint64_t field = key >> 3;
+    if (field < 1 || field > 5 || (seen & (1u << field))) return false;
+    seen |= 1u << field;
+    if (key == ((2 << 3) | 2) || key == ((4 << 3) | 2)) {
+      uint64_t len = 0;
+      if (!read_varint(&p, end, &len) || len > static_cast<uint64_t>(end - p)) return false;
+      if (field == 2) {
+        u->meta = true;
+        if (!parse_meta(p, p + len, u)) return false;
+      } else {
+        u->data = p;
+        u->len = len;
+      }
+      p += len;
+    } else if (key == (1 << 3) || key == (3 << 3) || key == (5 << 3)) {
+      if (!read_varint(&p, end, &v)) return false;
+      if (field == 1) u->handle = v;
+      if (field == 3) u->offset = v;
+      if (field == 5) u->last = v != 0;
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
+// A new CPU tensor of `sizes` and `st` holding exactly `len` bytes from `data` (the caller checked that they are its
+// bytes): made as torch's CPU `empty` kernel makes it (`at::detail::empty_cpu`), then filled by one memcpy before
+// anyone can see it (`filled`, `Ctx::upload`)
+at::Tensor filled_tensor(at::IntArrayRef sizes, at::ScalarType st, const void* data, size_t len) {
+  at::Tensor t = at::detail::empty_cpu(sizes, st);
+  if (len > 0) std::memcpy(t.data_ptr(), data, len);
+  return t;
+}
+
+// a `Free` message's handles, and `WorkerSession.free` of them (`free_handles`; defined below)
+bool parse_free(const unsigned char* p, const unsigned char* end, std::vector<uint64_t>* out);
+bool free_parsed(PyObject* s, const std::vector<uint64_t>& hs, const Keys* cached);
+PyObject* dict_pop(PyObject* d, PyObject* key);  // `d.pop(key, MISSING)` (defined below)
+bool is_missing(PyObject* o);  // `o is MISSING`
+PyObject* S_held;  // "held"
+PyObject* S_upload;  // "upload"
+constexpr int64_t CHUNK_BYTES = 4 << 20;  // `wire.CHUNK_BYTES`: an upload's largest chunk
+
 struct Ctx {
   py::object s, tensors, poisoned, storages, keys, memory, count, bind_outputs, over_quota;
   // seeded records (`CommandExecutor._seeded` with `exclusive_rng`: a session's own worker process): the table of
@@ -1008,6 +1114,11 @@ struct Ctx {
   std::vector<at::Tensor> held_room;
   std::vector<uint64_t> hvals_room;
   std::vector<std::shared_ptr<Plan>> shell_room;
+  // uploads and frees among the records run here (`between`; the context's `between`): the ledger's `transfer`, the
+  // session's upload pool and its table of half-uploaded handles, the wire's dtypes by number
+  bool between_here = false;
+  py::object transfer = py::none(), pool = py::none(), pending = py::none();
+  std::vector<at::ScalarType> dtypes;
 
   // Run records[i:] through `trace` from step k on. Returns (i, k, hits, flags, exception or None): the first record
   // not run, the step it is at, the records run, END (the trace ran to its end) | OVER (the time budget passed);
@@ -1020,8 +1131,11 @@ struct Ctx {
   // chaining, and the Python path decides. The last element of the result: None, or (the `runs.Trace` now under
   // way, its kept outputs) when the records ran on into other runs.
   py::tuple run(const Trace& first, int64_t k, py::list records, int64_t i, py::list objs, py::object progress,
-                double start, double budget) {
+                double start, double budget, py::object ups) {
     const int64_t n = static_cast<int64_t>(PyList_GET_SIZE(records.ptr()));
+    // each command's bytes where it is an upload or a free that may run here (`slices.FrameCommands.between`)
+    PyObject* up_list = between_here && PyList_CheckExact(ups.ptr()) && PyList_GET_SIZE(ups.ptr()) == n ? ups.ptr()
+                                                                                                       : nullptr;
     const Trace* cur = &first;
     int64_t nsteps = static_cast<int64_t>(cur->steps.size());
     int64_t hits = 0;
@@ -1068,6 +1182,16 @@ struct Ctx {
     };
     for (;;) {
       while (i < n && k < nsteps) {
+        if (up_list != nullptr && PyList_GET_ITEM(up_list, i) != Py_None) {
+          // an upload or a free among the records: run here as `execute` runs it, and the run goes on after it
+          if (!between(c, PyList_GET_ITEM(up_list, i), i, word, progress, objs.ptr(), &exc)) break;
+          ++i;
+          if (now() - start > budget) {
+            flags |= OVER;
+            break;
+          }
+          continue;
+        }
         const Plan* p = cur->steps[k].get();
         if (p == nullptr) break;
         if (!runs_its_own(*p)) break;  // the op plan runs something else (a guard's replacement, a test's wrapper)
@@ -1288,13 +1412,7 @@ struct Ctx {
           if (owner != s.ptr()) break;
         }
         // From here on the record is run here: the op, the count, the binding, the quota check.
-        if (word.buf != nullptr) {
-          const int32_t at = static_cast<int32_t>(i);  // a slice holds far fewer than 2^31 commands
-          std::memcpy(word.buf, &at, 4);
-        } else if (!progress.is_none()) {
-          c.sync_all();
-          progress(i);
-        }
+        mark(c, i, word, progress);
         PyObject* ran = p->n_pos >= 0 ? call_py(*p, buf, stack) : call_op(*p->op, stack, p->below_autograd);
         held.clear();  // the GIL held again: the last C++ reference goes without taking it
         if (ran == nullptr) {
@@ -1595,6 +1713,169 @@ struct Ctx {
     }
   }
 
+  // `CommandExecutor._upload` of a whole tensor in one chunk (`filled`, then `WorkerSession.rebind`) for the Upload
+  // message `msg` (command i), checked in `_upload`'s order before anything is done: the handle this session's and
+  // not its reserved one, the shape and dtype, a bool's bytes each 0 or 1, the bytes the tensor's; the quota and the
+  // device's capacity against the new bytes (`admit`, before the old tensor is let go; near the quota, where the
+  // session's upload pool holds memory, Python's `admit` lets that go first: Python's), the handle limit for a new
+  // handle, no upload in progress (`s.uploads`); then the tensor made and filled (`filled_tensor`). Anything else,
+  // or anything that fails, leaves the command to Python untouched (false). Then the progress mark, the handle's old
+  // tensor unbound (a failed one forgotten), the new one bound (`bind_new`: a new storage, counted), the ledger's
+  // transfer; and a kept output of the run that only the run's list still holds (the handle's old tensor) dropped
+  // from it, as the Python path holds kept outputs weakly across an upload (`eager_span`): no run keeps a tensor
+  // alive that its session let go.
+  // Command i among the records, `cmd` its bytes (`slices.FrameCommands.between`: one `upload` or `free` field):
+  // run here (true), or left to Python untouched (false; with `exc` set where the free raised midway: the caller
+  // returns it for command i, which Python records as `execute` would)
+  bool between(Counts& c, PyObject* cmd, int64_t i, Word& word, const py::object& progress, PyObject* objs,
+               py::object* exc) {
+    if (!PyBytes_CheckExact(cmd) || PyBytes_GET_SIZE(cmd) < 1) return false;
+    const auto* p = reinterpret_cast<const unsigned char*>(PyBytes_AS_STRING(cmd));
+    const unsigned char* end = p + PyBytes_GET_SIZE(cmd);
+    const unsigned char key = *p++;
+    uint64_t len = 0;
+    if (!read_size(&p, end, &len) || len != static_cast<uint64_t>(end - p)) return false;
+    if (key == ((2 << 3) | 2)) return upload(c, p, end, i, word, progress, objs);
+    if (key != ((4 << 3) | 2)) return false;
+    // `WorkerSession.free` (`free_handles`, with this context's handle ints), as `execute` runs it
+    std::vector<uint64_t> hs;
+    if (!parse_free(p, end, &hs)) return false;
+    mark(c, i, word, progress);
+    c.sync_all();  // `free_parsed` takes the freed bytes off `s.used` and `memory.used` itself
+    try {
+      if (!free_parsed(s.ptr(), hs, handle_keys.get())) throw std::logic_error("a session's tables are dicts");
+    } catch (py::error_already_set& e) {
+      e.restore();
+      *exc = fetch();
+      return false;
+    }
+    drop_orphans(objs);
+    return true;
+  }
+
+  // the progress mark of command i (as `run_commands` marks it)
+  inline void mark(Counts& c, int64_t i, Word& word, const py::object& progress) {
+    if (word.buf != nullptr) {
+      const int32_t at = static_cast<int32_t>(i);  // a slice holds far fewer than 2^31 commands
+      std::memcpy(word.buf, &at, 4);
+    } else if (!progress.is_none()) {
+      c.sync_all();
+      progress(i);
+    }
+  }
+
+  // the run's kept outputs that nothing but its list holds after an upload or a free among its records: dropped
+  // from it, as the Python path holds them weakly across such a command (`eager_span`)
+  static void drop_orphans(PyObject* objs) {
+    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(objs); ++j) {
+      PyObject* o = PyList_GET_ITEM(objs, j);
+      if (o != Py_None && Py_REFCNT(o) == 1) {
+        PyList_SET_ITEM(objs, j, Py_NewRef(Py_None));
+        Py_DECREF(o);
+      }
+    }
+  }
+
+  bool upload(Counts& c, const unsigned char* b, const unsigned char* b_end, int64_t i, Word& word,
+              const py::object& progress, PyObject* objs) {
+    SmallUpload u;
+    if (!parse_upload(b, b_end, &u)) return false;
+    if (!u.meta || u.offset != 0 || !u.last || u.len > static_cast<uint64_t>(CHUNK_BYTES)) return false;
+    const uint64_t h = u.handle;
+    if ((h >> HANDLE_BITS) != static_cast<uint64_t>(number) || h == static_cast<uint64_t>(base)) return false;
+    if (u.dtype >= dtypes.size() || dtypes[u.dtype] == at::ScalarType::Undefined) return false;
+    const at::ScalarType st = dtypes[u.dtype];
+    int64_t numel = 1, nbytes = 0;
+    for (int64_t d = 0; d < u.dims; ++d) {
+      if (__builtin_mul_overflow(numel, u.shape[d], &numel)) return false;
+    }
+    if (__builtin_mul_overflow(numel, static_cast<int64_t>(c10::elementSize(st)), &nbytes)) return false;
+    if (static_cast<uint64_t>(nbytes) != u.len) return false;
+    if (st == at::ScalarType::Bool) {
+      for (uint64_t j = 0; j < u.len; ++j) {
+        if (u.data[j] > 1) return false;
+      }
+    }
+    PyObject* tdict = tensors.ptr();
+    PyObject* pdict = poisoned.ptr();
+    if (!PyDict_CheckExact(pending.ptr()) || PyDict_GET_SIZE(pending.ptr()) > 0) return false;
+    int64_t used = 0, mused = 0, held = 0;
+    if (!c.used.get(&used) || !c.mused.get(&mused) || !attr_i64(pool.ptr(), S_held, &held)) return false;
+    if (held != 0 && used + nbytes + held > quota) return false;
+    if (used + nbytes > quota || mused + nbytes > capacity) return false;
+    Own hkey(handle_keys->get(h));
+    if (hkey.p == nullptr) throw py::error_already_set();
+    const int in_t = PyDict_Contains(tdict, hkey.p);
+    if (in_t < 0) throw py::error_already_set();
+    const int in_p = in_t ? 0 : contains(pdict, hkey.p);
+    if (in_p < 0) throw py::error_already_set();
+    if (!in_t && !in_p && PyDict_GET_SIZE(tdict) + PyDict_GET_SIZE(pdict) >= max_handles) return false;
+    at::Tensor t;
+    try {
+      t = filled_tensor(at::IntArrayRef(u.shape, static_cast<size_t>(u.dims)), st, u.data, u.len);
+    } catch (const std::exception&) {
+      return false;  // (out of memory) Python's `_upload` raises it
+    }
+    Own obj(THPVariable_Wrap(t));
+    if (obj.p == nullptr) throw py::error_already_set();
+    // from here on the upload is run here
+    mark(c, i, word, progress);
+    if (in_t) {
+      unbind(c, hkey.p);
+    } else if (in_p) {
+      Own gone(dict_pop(pdict, hkey.p));
+      if (gone.p == nullptr) throw py::error_already_set();
+    }
+    bind_new(c, hkey.p, t, obj.p);
+    handle_keys->put(h, hkey.p);
+    c.sync_all();
+    Own nb(PyLong_FromLongLong(nbytes));
+    if (nb.p == nullptr) throw py::error_already_set();
+    PyObject* args[] = {S_upload, nb.p};
+    Own r(PyObject_Vectorcall(transfer.ptr(), args, 2, nullptr));
+    if (r.p == nullptr) throw py::error_already_set();
+    drop_orphans(objs);
+    return true;
+  }
+
+  // `WorkerSession.unbind` of a live handle (no upload in progress): its tensor dropped, its storage's count taken
+  // down and the storage's bytes freed with its last handle
+  void unbind(Counts& c, PyObject* hkey) {
+    Own t(dict_pop(tensors.ptr(), hkey));
+    if (t.p == nullptr) throw py::error_already_set();
+    if (is_missing(t.p)) return;
+    t.reset(nullptr);
+    Own skey(dict_pop(keys.ptr(), hkey));  // `keys.pop(h)`
+    if (skey.p == nullptr) throw py::error_already_set();
+    if (is_missing(skey.p)) {
+      PyErr_SetObject(PyExc_KeyError, hkey);
+      throw py::error_already_set();
+    }
+    PyObject* entry = PyDict_GetItemWithError(storages.ptr(), skey.p);  // borrowed
+    if (entry == nullptr) {
+      if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, skey.p);
+      throw py::error_already_set();
+    }
+    Own held(Py_NewRef(entry));
+    Own n0(PySequence_GetItem(entry, 0));
+    Own one(PyLong_FromLong(1));
+    if (n0.p == nullptr || one.p == nullptr) throw py::error_already_set();
+    Own n1(PyNumber_Subtract(n0.p, one.p));  // `entry[0] -= 1`
+    if (n1.p == nullptr || PySequence_SetItem(entry, 0, n1.p) < 0) throw py::error_already_set();
+    const int last = PyObject_Not(n1.p);
+    if (last < 0) throw py::error_already_set();
+    if (!last) return;
+    if (PyDict_DelItem(storages.ptr(), skey.p) < 0) throw py::error_already_set();
+    int64_t nbytes = 0;
+    Own size(PySequence_GetItem(entry, 1));
+    if (size.p == nullptr) throw py::error_already_set();
+    if (!as_i64(size.p, &nbytes)) throw std::overflow_error("a storage's bytes out of range");
+    c.used.add(-nbytes);
+    c.mused.add(-nbytes);
+    entries.give(held.p);  // kept for `bind_new` where nothing else refers to it
+    held.p = nullptr;
+  }
+
   static py::object fetch() {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
@@ -1679,9 +1960,7 @@ struct Ctx {
 
 // The handles of a serialized `Free` message (field 1, `repeated uint64`: packed varints as upb writes them, or one
 // varint a field): false for anything else (another field, a truncated or overlong varint), before any side effect.
-bool parse_free(const std::string& msg, std::vector<uint64_t>* out) {
-  const auto* p = reinterpret_cast<const unsigned char*>(msg.data());
-  const auto* end = p + msg.size();
+bool parse_free(const unsigned char* p, const unsigned char* end, std::vector<uint64_t>* out) {
   auto varint = [&](const unsigned char* lim, uint64_t* v) -> bool {
     uint64_t x = 0;
     for (int shift = 0; shift < 64; shift += 7) {
@@ -1863,7 +2142,13 @@ py::object eager_records(py::handle payload) {
 // from upb's message). The frame itself must be `commands` entries only, each keyed by the byte 0a with a
 // `read_size` length within the buffer; anything else gives None before anything is made. Every byte read is
 // checked against the buffer's (or the entry's) end first.
-py::object eager_frame(py::handle payload) {
+//
+// With `between`, a fifth element: a list of each command's bytes where the command is one `upload` or `free` field
+// in the canonical form (the key 12 or 22, a `read_size` length, the message at most `SMALL_COMMAND` bytes, nothing
+// else in the command) and None for every other command, or None where the slice has no such command
+// (`slices.FrameCommands.between`, which `Ctx.run` runs among a run's records; upb parses them as any other).
+constexpr uint64_t SMALL_COMMAND = 64 << 10;
+py::object eager_frame(py::handle payload, bool between) {
   Bytes buf(payload.ptr());
   if (!buf.ok) return py::none();
   const unsigned char* p = buf.begin();
@@ -1878,6 +2163,7 @@ py::object eager_frame(py::handle payload) {
   if (empty.p == nullptr) throw py::error_already_set();
   std::vector<std::pair<const unsigned char*, size_t>> others;  // each other command's whole entry
   size_t others_size = 0;
+  std::vector<std::pair<Py_ssize_t, py::object>> ups;  // (index, its bytes) of the small uploads and frees
   while (p < end) {
     const unsigned char* entry = p;
     if (*p++ != ((1 << 3) | 2)) return py::none();  // field 1, length-delimited, as a one-byte key
@@ -1916,6 +2202,14 @@ py::object eager_frame(py::handle payload) {
         rlen = 0;
         if (PyList_Append(ask.p, key.p) < 0) throw py::error_already_set();
       }
+      const unsigned char* q = p + 1;
+      uint64_t ulen = 0;
+      if (between && p < cend && (*p == ((2 << 3) | 2) || *p == ((4 << 3) | 2)) && read_size(&q, cend, &ulen) &&
+          ulen <= SMALL_COMMAND && ulen == static_cast<uint64_t>(cend - q)) {
+        PyObject* cmd = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(p), cend - p);
+        if (cmd == nullptr) throw py::error_already_set();
+        ups.emplace_back(i, py::reinterpret_steal<py::object>(cmd));
+      }
     }
     append_record(records.p, empty.p, rec, rlen);
     p = cend;
@@ -1927,8 +2221,18 @@ py::object eager_frame(py::handle payload) {
     std::memcpy(out, from, size);
     out += size;
   }
-  return py::make_tuple(py::reinterpret_borrow<py::object>(records.p), py::reinterpret_borrow<py::object>(at.p),
-                        py::reinterpret_borrow<py::object>(joined.p), py::reinterpret_borrow<py::object>(ask.p));
+  auto got = py::make_tuple(py::reinterpret_borrow<py::object>(records.p), py::reinterpret_borrow<py::object>(at.p),
+                            py::reinterpret_borrow<py::object>(joined.p), py::reinterpret_borrow<py::object>(ask.p));
+  if (!between) return std::move(got);
+  py::object up_list = py::none();
+  if (!ups.empty()) {
+    Own list(PyList_New(PyList_GET_SIZE(records.p)));
+    if (list.p == nullptr) throw py::error_already_set();
+    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(records.p); ++j) PyList_SET_ITEM(list.p, j, Py_NewRef(Py_None));
+    for (auto& [j, msg] : ups) PyList_SetItem(list.p, j, msg.release().ptr());  // steals; drops the None
+    up_list = py::reinterpret_borrow<py::object>(list.p);
+  }
+  return py::make_tuple(got[0], got[1], got[2], got[3], up_list);
 }
 
 // `slices.split_frame` (`_split_frame`, the Python reading, which stays the reference): a serialized ClientFrame cut
@@ -2034,6 +2338,8 @@ PyObject* dict_pop(PyObject* d, PyObject* key) {
 #endif
 }
 
+bool is_missing(PyObject* o) { return o == MISSING; }
+
 // `o.<name> -= n` for a Python int n
 void sub_attr(PyObject* o, PyObject* name, PyObject* n) {
   Own v(PyObject_GetAttr(o, name));
@@ -2064,8 +2370,18 @@ PyObject* S_check_handle;
 // any int of the handle's value finds the same entry.
 bool free_handles(const py::object& session, const py::bytes& msg, const py::object& ctx) {
   std::vector<uint64_t> hs;
-  if (!parse_free(std::string(msg), &hs)) return false;
-  PyObject* s = session.ptr();
+  char* buf = nullptr;
+  Py_ssize_t len = 0;
+  if (PyBytes_AsStringAndSize(msg.ptr(), &buf, &len) < 0) throw py::error_already_set();
+  const auto* p = reinterpret_cast<const unsigned char*>(buf);
+  if (!parse_free(p, p + len, &hs)) return false;
+  // anything but a context (a test's wrapper of one) is as None
+  const Keys* cached = py::isinstance<Ctx>(ctx) ? ctx.cast<const Ctx&>().handle_keys.get() : nullptr;
+  return free_parsed(session.ptr(), hs, cached);
+}
+
+// `free_handles` of the handles `hs` (read from a `Free`'s bytes): false (nothing done) where a table is not a dict
+bool free_parsed(PyObject* s, const std::vector<uint64_t>& hs, const Keys* cached) {
   Own tensors(PyObject_GetAttr(s, S_tensors)), keys(PyObject_GetAttr(s, S_keys)),
       storages(PyObject_GetAttr(s, S_storages)), uploads(PyObject_GetAttr(s, S_uploads)),
       poisoned(PyObject_GetAttr(s, S_poisoned));
@@ -2075,8 +2391,6 @@ bool free_handles(const py::object& session, const py::bytes& msg, const py::obj
   }
   Own freed(PyLong_FromLong(0)), one(PyLong_FromLong(1)), zero(PyLong_FromLong(0));
   if (freed.p == nullptr || one.p == nullptr || zero.p == nullptr) throw py::error_already_set();
-  // anything but a context (a test's wrapper of one) is as None
-  const Keys* cached = py::isinstance<Ctx>(ctx) ? ctx.cast<const Ctx&>().handle_keys.get() : nullptr;
   bool failed = false;
   for (const uint64_t h : hs) {
     PyObject* known = cached != nullptr ? cached->find(h) : nullptr;  // borrowed
@@ -2232,12 +2546,11 @@ py::object filled(py::handle shape, py::handle dtype, py::handle data) {
   }
   at::Tensor t;
   try {
-    t = at::Tensor(at::detail::empty_cpu(sizes, st));
+    t = filled_tensor(sizes, st, view.buf, static_cast<size_t>(nbytes));
   } catch (...) {
     PyBuffer_Release(&view);
     throw;
   }
-  if (nbytes > 0) std::memcpy(t.data_ptr(), view.buf, static_cast<size_t>(nbytes));
   PyBuffer_Release(&view);
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t)));
 }
@@ -2262,6 +2575,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   S_poisoned = PyUnicode_InternFromString("poisoned");
   S_memory = PyUnicode_InternFromString("memory");
   S_check_handle = PyUnicode_InternFromString("check_handle");
+  S_held = PyUnicode_InternFromString("held");
+  S_upload = PyUnicode_InternFromString("upload");
   MISSING = PyObject_CallNoArgs(reinterpret_cast<PyObject*>(&PyBaseObject_Type));  // `object()`, never freed
   known_hash = check_known_hash();
   m.attr("KNOWN_HASH") = known_hash;  // tests: whether the tables' calls pass the hash
@@ -2305,7 +2620,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   trace_type = py::detail::get_type_info(typeid(Trace));
   py::class_<Ctx>(m, "Ctx")
       .def(py::init([](py::object s, py::object memory, py::object count, py::object bind_outputs,
-                       py::object over_quota, int64_t capacity, py::object rng) {
+                       py::object over_quota, int64_t capacity, py::object rng, py::object between) {
         Ctx c;
         c.s = s;
         c.tensors = s.attr("tensors");
@@ -2350,11 +2665,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           c.rng_acquire = c.rng_lock.attr("acquire");
           c.rng_release = c.rng_lock.attr("release");
         }
+        if (!between.is_none()) {  // (transfer, pool, dtypes): uploads and frees among the records run here
+          auto u = between.cast<py::tuple>();
+          if (u.size() != 3) throw std::invalid_argument("between: (transfer, pool, dtypes)");
+          c.transfer = u[0];
+          c.pool = u[1];
+          c.pending = s.attr("uploads");
+          for (auto d : u[2].cast<py::list>()) {  // the wire's dtypes by number (None: none)
+            c.dtypes.push_back(THPDtype_Check(d.ptr()) ? reinterpret_cast<THPDtype*>(d.ptr())->scalar_type
+                                                       : at::ScalarType::Undefined);
+          }
+          c.between_here = true;
+        }
         return c;
       }),
       py::arg("s"), py::arg("memory"), py::arg("count"), py::arg("bind_outputs"), py::arg("over_quota"),
-      py::arg("capacity"), py::arg("rng") = py::none())
-      .def("run", &Ctx::run)
+      py::arg("capacity"), py::arg("rng") = py::none(), py::arg("between") = py::none())
+      .def("run", &Ctx::run, py::arg("first"), py::arg("k"), py::arg("records"), py::arg("i"), py::arg("objs"),
+           py::arg("progress"), py::arg("start"), py::arg("budget"), py::arg("between") = py::none())
       // the int its lookups of handle `h` use now (`Keys`), or None: for tests
       .def("cached_key", [](const Ctx& c, uint64_t h) -> py::object {
         PyObject* k = c.handle_keys->find(h);
@@ -2364,7 +2692,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("free", &free_handles, py::arg("session"), py::arg("msg"), py::arg("ctx") = py::none());
   m.def("filled", &filled);
   m.def("eager_records", &eager_records);
-  m.def("eager_frame", &eager_frame);
+  m.def("eager_frame", &eager_frame, py::arg("payload"), py::arg("between") = false);
   m.def("split_frame", &split_frame);
   m.def("storage_key", [](const at::Tensor& t) {
     return py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(t.storage().unsafeGetStorageImpl()));

@@ -35,6 +35,22 @@ setattr, no data descriptor of that name), through getattr and setattr otherwise
 in C++ (`Counter`): read once, added to per record, and written back as one `+=` each before any session or executor
 code the run calls (a progress mark that is a callable, the ledger's count, `_bind_outputs`, `_over_quota`), when it
 returns and when it raises, then read again: Python code of the worker's thread never sees them lag a record run.
+A one-chunk upload or a free among a
+run's records (a training step's batch, the client's batched frees) runs inside `Ctx.run` too, and the run goes on
+after it (`Ctx::between`, round 40: before, each one left `Ctx.run` for `CommandExecutor.execute`, ~46k instructions
+an upload in `_upload`, and the records after it came back into a new call): the slice's small uploads and frees in
+canonical form come with its records as their commands' bytes (`eager_frame`'s fifth element,
+`slices.FrameCommands.between`), on a fake GPU's session of `WorkerSession`'s own class. A free runs as `free` below
+(with the context's handle ints; one that raises midway, after freeing the handles before, hands its exception back
+for Python to record as `execute` does). An upload runs here where `_upload` would take its `filled` path (a
+fake GPU's session of `WorkerSession`'s own class, offset 0 with meta, the last chunk, exactly the tensor's bytes, a
+bool's each 0 or 1, a known dtype, within the quota and the device's capacity with no upload pool memory to let go
+first, the handle this session's, not reserved, within the handle limit, no upload in progress): checked in
+`_upload`'s order before anything is done, then the progress mark, the tensor made and filled, the handle's old
+tensor unbound (a failed one forgotten), the new one bound as `bind_new` binds, the ledger's transfer. After either,
+a kept output of the run that only the run's list still holds (a freed or uploaded-over handle's old tensor) is
+dropped from the list, as the Python path holds kept outputs weakly across such a command. Any other upload or free
+goes back to the Python path untouched.
 A `Free` command runs here too
 (`free`, called by `CommandExecutor.execute`): `WorkerSession.free` step for step, the handles read from the
 message's bytes (a message it does not read, or a session class with its own `free`, takes `WorkerSession.free`);

@@ -573,12 +573,18 @@ class FrameCommands(Sequence[Any]):
     """A slice's commands where upb parsed only those that are not plain eager records (`frame_commands`): command
     i is upb's message where upb parsed it (`others[at[i]]`), else a `Command` holding `records[i]` as its
     `eager_op`, made at the first `commands[i]` and kept (the same object each time): the message upb parses from
-    such a command's bytes. `records`: each command's eager record, as `eager_records` gives them."""
+    such a command's bytes. `records`: each command's eager record, as `eager_records` gives them. `between`: each
+    command's bytes where it is a small upload or free in canonical form (None for any other command), or None
+    where there is none: the native runner runs such commands among a run's records (native_runner.cpp
+    `Ctx::between`; upb parsed them too, as every other command)."""
 
-    __slots__ = ("records", "_at", "_others", "_made")
+    __slots__ = ("records", "between", "_at", "_others", "_made")
 
-    def __init__(self, records: list[bytes], at: dict[int, int], others: Sequence[Any]) -> None:
+    def __init__(
+        self, records: list[bytes], at: dict[int, int], others: Sequence[Any], between: list[Any] | None = None
+    ) -> None:
         self.records = records
+        self.between = between
         self._at = at
         self._others = others
         self._made: dict[int, Any] = {}
@@ -607,10 +613,10 @@ def frame_commands(payload: Any, native: Any) -> FrameCommands | None:
     raises upb's DecodeError where the whole frame's parse raised it (a repeated message's entries parse each on
     their own: the same messages, the same errors); the plain records cannot fail to parse."""
     read = getattr(native, "eager_frame", None)
-    got = read(payload) if read is not None else None
+    got = read(payload, True) if read is not None else None
     if got is None:
         return None
-    records, at, others, ask = got
+    records, at, others, ask, between = got
     cmds: Sequence[Any] = ()
     if others:
         cmds = device_pb2.ClientFrame.FromString(others).commands
@@ -618,7 +624,7 @@ def frame_commands(payload: Any, native: Any) -> FrameCommands | None:
             return None
         for i in ask:  # a command the bytes' reading does not read: its record as upb parsed it
             records[i] = cmds[at[i]].eager_op
-    return FrameCommands(records, at, cmds)
+    return FrameCommands(records, at, cmds, between)
 
 
 def run_commands(

@@ -355,7 +355,9 @@ def clean(path: Path, frames: list[list[device_pb2.Command]], number: int) -> tu
                 req = slices.SliceRequest(1 << 40, 1 << 40, 1e9, payload)
                 slices.run_commands(s, ex.execute, ex.ledger, req, _Clock)
                 most = max(most, s.used)
-                aimed.setdefault(n, set()).update(at + k for i, j, _ in ran for k in range(i, j))
+                # (the records among them: since round 40 a run's uploads and frees run in `Ctx.run` too)
+                took = (at + k for i, j, _ in ran for k in range(i, j))
+                aimed.setdefault(n, set()).update(k for k in took if cmds[k].eager_op)
         s.release_all()
         ex.forget(s)
         _CLEAN[path] = most, aimed

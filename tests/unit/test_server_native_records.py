@@ -289,6 +289,36 @@ def test_frame_commands_are_upbs_messages(mod: Any) -> None:
     assert mod.eager_frame(12) is None  # not a buffer
 
 
+def test_frame_commands_hand_the_runner_each_small_upload_and_free(mod: Any) -> None:
+    """`eager_frame(payload, between=True)`'s fifth element (`FrameCommands.between`, which `Ctx.run` runs among a
+    run's records): each command that is one `upload` or `free` field in the canonical form, of at most 64 KiB, as
+    its bytes; None for every other command; None where the slice has none. The commands are upb's messages as
+    before (these too)."""
+    up = device_pb2.Upload(handle=(5 << 32) + 1, data=b"\x01" * 16, last=True)
+    up.meta.dtype, up.meta.shape[:] = 1, [2, 2]
+    msg = up.SerializeToString()
+    big = device_pb2.Upload(handle=(5 << 32) + 2, data=b"\x00" * (64 << 10), last=True).SerializeToString()
+    free = device_pb2.Free(handles=[(5 << 32) + 3, (5 << 32) + 4]).SerializeToString()
+    commands = [
+        _field(30, b"rec"),
+        _field(2, msg),
+        _field(2, msg) + _field(2, msg),  # two fields (upb merges them): not read here
+        _varint(2 << 3 | 2) + _overlong(len(msg), 1) + msg,  # an overlong length
+        _field(2, big),  # over 64 KiB
+        _field(4, free),
+        _field(3, b""),  # a get
+        _field(2, b""),  # an empty Upload
+    ]
+    payload = _frame(*commands)
+    records, at, others, ask, between = mod.eager_frame(payload, True)
+    assert between == [None, commands[1], None, None, None, commands[5], None, commands[7]]
+    assert (records, at, others, ask) == tuple(mod.eager_frame(payload))  # the rest as without it
+    got = slices.frame_commands(payload, mod)
+    assert got is not None and got.between == between and _frame_commands_agree(mod, payload) == "read"
+    assert mod.eager_frame(_frame(_field(30, b"r"), _field(3, b"")), True)[4] is None  # neither
+    assert slices.frame_commands(_frame(_field(30, b"r")), mod).between is None  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(
     "command, other, asked",
     [

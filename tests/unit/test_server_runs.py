@@ -318,7 +318,7 @@ def test_storage_entries_read_their_handles_and_bytes_and_one_held_elsewhere_is_
 
 def upload(handle: int, x: torch.Tensor, part: slice | None = None, offset: int = 0) -> device_pb2.Command:
     """An Upload of `x` into `handle`: the whole tensor in one chunk, or the bytes `part` of it at `offset`."""
-    data = x.contiguous().view(torch.uint8).flatten().numpy().tobytes()
+    data = x.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     up = device_pb2.Upload(handle=handle, offset=offset)
     if offset == 0:
         up.meta.dtype, up.meta.shape[:] = wire.dtype_to_proto(x.dtype), list(x.shape)
@@ -433,6 +433,199 @@ def test_a_big_upload_among_records_hands_its_taken_bytes_over() -> None:
     p.slice(cmds)
     assert torch.equal(p.s[0].tensors[pad], p.s[1].tensors[pad])
     assert p.hits - hits >= 18
+
+
+def _python_uploads(p: Pair) -> list[int]:
+    """The handles of the uploads `ex[0]` runs on the Python path (`CommandExecutor._upload`) from now on."""
+    ex, seen = p.ex[0], []
+    run = ex._upload
+
+    def spy(s: WorkerSession, up: device_pb2.Upload, data: Any = None) -> None:
+        seen.append(up.handle)
+        run(s, up, data)
+
+    ex._upload = spy  # type: ignore[method-assign]
+    return seen
+
+
+def test_one_chunk_uploads_inside_a_run_run_in_cpp_as_on_the_normal_path(runner: str) -> None:
+    """With the native runner, a one-chunk upload among a run's records (a training step's batch) runs inside
+    `Ctx.run` (native_runner.cpp `Ctx::upload`: `_upload`'s `filled` path and `rebind`) and the run goes on after it
+    in C++: no return to Python, no `_upload`. Before round 40 each one left `Ctx.run` for the Python path (~46k
+    instructions an upload) and the records after it came back into a new call. New handles, a handle uploaded
+    over (a live tensor: its storage's bytes freed), a failed handle uploaded over (its error forgotten), a bool
+    tensor, a tensor of no elements, a 0-d one: the pair compares every tensor, the errors and the accounting with
+    the normal path's after each slice."""
+    p = Pair()
+    p.stream(training(p, 6), itertools.cycle([64]))
+    seen = _python_uploads(p)
+    hits = p.hits
+    batch = BASE + 900
+    python: list[int] = []  # the uploads after a record the Python path runs (rand_like, add_ on a live handle)
+    for t, at in zip(range(6, 16), range(1, 11), strict=True):
+        cmds = step(p, t, x=X if t == 6 else batch + t - 1)
+        cmds.insert(at, upload(batch + t, torch.randn(4, 3)))
+        cmds.insert(at + 1, upload(batch, torch.randn(2, 2) if t % 2 else torch.randn(3)))  # over a live one
+        cmds.insert(at, upload(BASE + 990 + t, torch.rand(5) > 0.5))
+        cmds.insert(at + 2, upload(BASE + 980 + t % 2, torch.zeros(0, 3) if t % 2 else torch.tensor(7.0)))
+        cmds.append(free(t - 1))
+        if at in (4, 7):
+            python += [c.upload.handle for c in cmds if c.WhichOneof("cmd") == "upload"]
+        p.slice(cmds)
+    # a failed handle uploaded over: its error forgotten, the handle live again
+    for s in p.s:
+        s.poison(batch, s.poisoned.get(batch) or _poison())
+    cmds = step(p, 16, x=batch + 15)
+    cmds.insert(3, upload(batch, torch.ones(2, 2)))
+    p.slice(cmds)
+    assert all(batch in s.tensors and batch not in s.poisoned for s in p.s)
+    assert p.hits - hits == 11 * 11
+    if runner == "native":  # (before round 40: all 41)
+        assert sorted(seen) == sorted(python), [x - BASE for x in seen]
+    else:
+        assert len(seen) == 10 * 4 + 1
+
+
+def _poison() -> Any:
+    from gpupool.server.sessions import Poison
+
+    return Poison(StatusCode.INVALID_ARGUMENT, "op", "failed")
+
+
+def test_uploads_the_runner_does_not_take_inside_a_run_run_or_fail_on_the_python_path(runner: str) -> None:
+    """Inside a run, the uploads `Ctx::upload` leaves to Python untouched (checked before anything is done): another
+    session's handle, the session's reserved handle 0, bytes that are not the tensor's, a bool byte that is not 0
+    or 1, an unknown dtype, over the quota, past the handle limit, a first chunk of several, a chunk with
+    `bulk_bytes`; each fails (or, the chunks, runs) as on the normal path (the pair compares the errors, the poisoned
+    handles and the accounting), and the records after it run as there. Pins what the Python path did inside the
+    span (round 39) and that the runner leaves these to it."""
+    p = Pair(quota=1 << 16, max_handles=200)
+    p.stream(training(p, 6), itertools.cycle([64]))
+    seen = _python_uploads(p)
+
+    def raw(up: device_pb2.Upload) -> device_pb2.Command:
+        return device_pb2.Command(upload=up)
+
+    bad_bool = upload(BASE + 902, torch.ones(3, dtype=torch.bool))
+    bad_bool.upload.data = b"\x01\x02\x00"
+    short = upload(BASE + 903, torch.ones(3))
+    short.upload.data = short.upload.data[:-1]
+    unknown = upload(BASE + 904, torch.ones(3))
+    unknown.upload.meta.dtype = 99  # type: ignore[assignment]
+    bulk = upload(BASE + 905, torch.ones(3))
+    bulk.upload.bulk_bytes = 0
+    bulk.upload.bulk_bytes = 12
+    bulk.upload.data = b""
+    cases = [
+        upload(FOREIGN, torch.ones(3)),
+        upload(BASE, torch.ones(3)),
+        bad_bool,
+        short,
+        unknown,
+        upload(BASE + 906, torch.ones(64, 1024)),  # 256 KiB: over the quota
+        bulk,
+        upload(BASE + 907, torch.arange(6.0), slice(0, 8)),  # a first chunk; the second after the next record
+    ]
+    for t, case in zip(range(6, 6 + len(cases)), cases, strict=True):
+        cmds = step(p, t)
+        cmds.insert(3, case)
+        if case is cases[-1]:
+            cmds.insert(5, upload(BASE + 907, torch.arange(6.0), slice(8, None), offset=8))
+        cmds.append(free(t - 1))
+        p.slice(cmds)
+    assert BASE + 907 in p.s[0].tensors and torch.equal(p.s[0].tensors[BASE + 907], torch.arange(6.0))
+    # past the handle limit: the pair's sessions hold 200 handles less one, then two new handles are uploaded
+    for s in p.s:
+        for j in range(200 - 1 - s.handle_count()):
+            s.bind(BASE + 3000 + j, torch.zeros(()))
+    cmds = step(p, 20)
+    cmds.insert(3, free(6 + len(cases) - 1))
+    cmds.insert(4, upload(BASE + 908, torch.ones(2)))
+    cmds.insert(5, upload(BASE + 909, torch.ones(2)))
+    p.slice(cmds)
+    if runner == "native":
+        assert {BASE + 902, BASE + 903, BASE + 904, BASE + 905, BASE + 906, FOREIGN, BASE} <= set(seen)
+
+
+def test_a_kept_output_freed_or_uploaded_over_in_cpp_is_not_kept_alive_and_fails_the_run() -> None:
+    """A free or an upload that `Ctx.run` runs among a run's records, of a handle holding one of the run's kept
+    outputs, lets that tensor go at once (as the Python path holds kept outputs weakly across such a command: a run
+    holds them only while its session does): by the record after it nothing holds it; the record that reads the
+    freed handle fails, the one that reads the uploaded handle reads the uploaded tensor (the identity check fails,
+    the normal path runs it), as on the normal path (the pair compares the results)."""
+    p = Pair()
+    p.stream(training(p, 6), itertools.cycle([64]))
+    uploads, frees = _python_uploads(p), _python_frees(p)
+    cmds = step(p, 6)
+    # after add (record 4) relu's output (read by empty_like, record 8) uploaded over; then mm's output (read by the
+    # list op, record 7) freed
+    cmds[5:5] = [upload(h(6, 2), torch.ones(4, 5)), device_pb2.Command(free=device_pb2.Free(handles=[h(6, 1)]))]
+    refs: dict[int, Any] = {}
+    alive: dict[int, list[bool]] = {}
+    s = p.s[0]
+
+    def mark(i: int) -> None:
+        if i == 3:
+            refs.update({j: weakref.ref(s.tensors[h(6, j)]) for j in (1, 2)})
+        elif refs:
+            alive[i] = [refs[j]() is not None for j in (1, 2)]
+
+    ex = p.ex[0]
+    req = slices.SliceRequest(1 << 40, 1 << 40, 1e9, device_pb2.ClientFrame(commands=cmds).SerializeToString())
+    slices.run_commands(s, ex.execute, ex.ledger, req, _clock, mark)
+    slices.run_commands(p.s[1], lambda *a: p.ex[1].execute(*a), p.ex[1].ledger, req, _clock)
+    p.same()
+    assert h(6, 6) in s.poisoned and h(6, 7) in s.poisoned  # the list op read the freed handle
+    # both alive until the upload (command 5), relu's output gone by the free (6), mm's by the record after it (7)
+    assert alive[4] == alive[5] == [True, True] and alive[6] == [True, False] and alive[7] == [False, False], alive
+    if ex.native is not None:
+        assert uploads == [] and frees == []
+
+
+def _python_frees(p: Pair) -> list[int]:
+    """The sizes of the `Free` messages `ex[0]` runs through `CommandExecutor.execute` (`native.free`, or the Python
+    path's `WorkerSession.free`) from now on."""
+    seen: list[int] = []
+    mod = p.ex[0].native
+    if mod is None:
+        return seen
+
+    def free(s: WorkerSession, msg: bytes, ctx: Any = None) -> Any:
+        seen.append(len(msg))
+        return mod.free(s, msg, ctx)
+
+    p.ex[0].native = type("Native", (), {"free": staticmethod(free), "__getattr__": lambda _, n: getattr(mod, n)})()
+    return seen
+
+
+def test_frees_inside_a_run_run_in_cpp_as_on_the_normal_path(runner: str) -> None:
+    """With the native runner, a free among a run's records runs inside `Ctx.run` (`Ctx::between`: `free_handles`
+    with the context's handle ints) and the run goes on after it in C++. Before round 40 each one left `Ctx.run`
+    for `execute` (its message serialized again, `native.free`) and the records after it came back into a new call.
+    A free that fails midway (another session's handle among its handles) frees the handles before it and records
+    the error as on the normal path. The pair compares every tensor, the errors and the accounting after each
+    slice."""
+    p = Pair()
+    calls = Calls(p)
+    p.stream(training(p, 6), itertools.cycle([64]))
+    seen = _python_frees(p)
+    hits, before = p.hits, len(calls.calls)
+    python = 0  # frees after a record the Python path runs (rand_like, add_ on a live handle)
+    for t, at in zip(range(6, 16), range(1, 11), strict=True):
+        cmds = step(p, t)
+        cmds.insert(at, free(t - 1))
+        python += at in (4, 7)
+        p.slice(cmds)
+    assert p.hits - hits == 10 * 11
+    cmds = step(p, 16)
+    handles = [h(15, j) for j in range(5)] + [FOREIGN] + [h(15, j) for j in range(5, 11)]
+    cmds.insert(2, device_pb2.Command(free=device_pb2.Free(handles=handles)))
+    p.slice(cmds)
+    for s in p.s:
+        assert h(15, 4) not in s.tensors and h(15, 5) in s.tensors  # freed up to the foreign handle
+    if runner == "native":  # (before round 40: all 11, and 42 `Ctx.run` calls in this test; 32 now)
+        assert len(seen) == python, seen
+        assert len(calls.calls) - before <= 32, len(calls.calls) - before
 
 
 def test_a_spent_time_budget_ends_the_slice_after_the_same_command() -> None:
