@@ -747,3 +747,21 @@ def test_gcn_script_with_sparse_tensors_is_one_clear_error(pool: str, client: tu
     assert "torch.sparse_coo tensor on the gpupool device" in done.stderr and "Sparsegpupool" not in done.stderr
     assert "Using cuda device" in done.stdout
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_training_idioms_script_gives_the_cpu_losses(pool: str, client: tuple[str, ...]) -> None:
+    """training_idioms.py (weight_norm by both APIs, spectral_norm and orthogonal parametrizations, checkpointing
+    reentrant and not, torch.func per-sample gradients, Categorical/Normal/Gamma/Beta distributions with argument
+    validation, EMA by `_foreach_lerp_` and AveragedModel, clip_grad_value_, `zero_grad(set_to_none=False)`,
+    OneCycleLR, CosineAnnealingWarmRestarts): every printed value within float32 rounding of the CPU's (bit for bit
+    here, round 40), on both clients. Until round 40 both clients failed at the first forward (`_weight_norm_interface`
+    denied: not on the daemon's allowlist), the shim at `D.Normal` of device tensors (`_is_all_true` denied) and both
+    at `Gamma.rsample` (`_standard_gamma`, then the shim's `_standard_gamma_grad`), the shim at `Beta.rsample`
+    (`_sample_dirichlet`)."""
+    pooled = on_pool(pool, "training_idioms.py", *client, "-p", "0.5")
+    losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(on_cpu("training_idioms.py").stdout)
+    assert len(losses) == 30, pooled.stdout
+    assert_loss_lines_close(losses, reference)
+    assert "training idioms done on cuda" in pooled.stdout
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
