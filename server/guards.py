@@ -259,7 +259,8 @@ def _weight_norm(backward: bool) -> Callable[[Args, Kwargs], None]:
         if v.dim() == 0 or dim not in (0, v.dim() - 1):
             raise InvalidArgument(f"dim {dim} is neither the first nor the last of v {list(v.shape)}")
         n = v.size(dim)
-        wrong = [name for name in ("saved_g", "saved_norms", "g") if name in given and given[name].numel() != n]
+        per_slice = ("saved_g", "saved_norms") if backward else ("g",)
+        wrong: list[str] = [name for name in per_slice if given[name].numel() != n]
         if backward and tuple(given["grad_w"].shape) != tuple(v.shape):
             wrong.insert(0, "grad_w")
         if wrong:
