@@ -71,6 +71,13 @@ EXTRA = {
     # scaled_dot_product_attention's fused backend on gpupool (the clients choose it): server/attention.py.
     "aten::_scaled_dot_product_fused_attention_overrideable.default": "fused attention (server/attention.py)",
     "aten::_scaled_dot_product_fused_attention_overrideable_backward.default": "fused attention backward",
+    # torch.distributions sampling on the device (round 40: denied before, no trace reached them): elementwise
+    # kernels (TensorIterator: shapes broadcast-checked) drawing from the session's generator, and their gradients
+    "aten::_standard_gamma.default": "Gamma, Chi2, StudentT: sample and rsample",
+    "aten::_standard_gamma_grad.default": "Gamma.rsample's backward (the shim sends it)",
+    "aten::poisson.default": "Poisson.sample",
+    "aten::_sample_dirichlet.default": "Dirichlet and Beta: sample and rsample (the shim sends it)",
+    "aten::_dirichlet_grad.default": "Dirichlet and Beta rsample's backward (the shim sends it)",
 }
 # Families allowed as a whole: every overload of these, with the reason.
 FAMILIES = {

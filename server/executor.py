@@ -292,12 +292,18 @@ class CommandExecutor:
                     if known.rec is not None:  # `eager_span` is learning a run
                         known.rec.append((tpl, fields, sig))
                     return
-        op_id, name, outputs, args, kwargs, handles = compact.decode_parts(data, s.resolve, dev, get)
+        try:
+            op_id, name, outputs, args, kwargs, handles = compact.decode_parts(data, s.resolve, dev, get)
+        except Exception:
+            # The record failed before it ran (an input an earlier failed op poisoned, say): its definition still
+            # holds, as the client counts it sent. Until round 40 it was lost, and every later record of that id
+            # failed ("eager op id N was never defined"): a script that caught one refusal was served no further.
+            _, op_id, name, _ = compact.read_head(data)  # (a head that does not read failed decode_parts alike)
+            if name:
+                _enter(table, learned, known, op_id, name)
+            raise
         if name:
-            if op_id in table:  # defined anew: its templates and the runs holding them were learned for the old name
-                learned.drop(op_id)
-                known.clear()
-            table[op_id] = name
+            _enter(table, learned, known, op_id, name)
         entry = table.get(op_id)
         if entry is None:
             raise InvalidArgument(f"eager op id {op_id} was never defined in this session")
@@ -1089,6 +1095,16 @@ class CommandExecutor:
 
 
 _FREE = WorkerSession.free
+
+
+def _enter(
+    table: dict[int, str | checks.OpPlan], learned: templates.Table, known: runs.Runs, op_id: int, name: str
+) -> None:
+    """A compact record's definition: op id -> name in the session's table."""
+    if op_id in table:  # defined anew: its templates and the runs holding them were learned for the old name
+        learned.drop(op_id)
+        known.clear()
+    table[op_id] = name
 
 
 def _over_quota(s: WorkerSession, bound: Sequence[int]) -> None:

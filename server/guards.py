@@ -243,7 +243,38 @@ def _grid_sampler_backward(dims: int) -> Callable[[Args, Kwargs], None]:
     return check
 
 
+def _weight_norm(backward: bool) -> Callable[[Args, Kwargs], None]:
+    """weight_norm's fused CPU kernel (`nn.utils.weight_norm`, `parametrizations.weight_norm`: torch's `_weight_norm`
+    sends it for dim 0 or the last dim) walks v's rows (dim 0) or columns (the last dim) and reads g (and the
+    backward's saved norms) at each row's or column's index, unchecked: a 1-element g beside a 4-row v read 3 floats
+    past g's storage (round 40: heap bytes in w). g and the norms hold one value per slice of v along `dim`, the
+    backward's grad_w has v's shape; the kernel checks dtypes itself. (It reads them by raw pointer, as contiguous:
+    `_CONTIGUOUS_INPUTS`.)"""
+
+    def check(args: Args, kwargs: Kwargs) -> None:
+        names = ("grad_w", "saved_v", "saved_g", "saved_norms") if backward else ("v", "g")
+        given = {name: arg(args, kwargs, i, name) for i, name in enumerate(names)}
+        dim = arg(args, kwargs, len(names), "dim", 0)
+        v = given["saved_v" if backward else "v"]
+        if v.dim() == 0 or dim not in (0, v.dim() - 1):
+            raise InvalidArgument(f"dim {dim} is neither the first nor the last of v {list(v.shape)}")
+        n = v.size(dim)
+        per_slice = ("saved_g", "saved_norms") if backward else ("g",)
+        wrong: list[str] = [name for name in per_slice if given[name].numel() != n]
+        if backward and tuple(given["grad_w"].shape) != tuple(v.shape):
+            wrong.insert(0, "grad_w")
+        if wrong:
+            raise InvalidArgument(
+                f"{wrong[0]} {list(given[wrong[0]].shape)} does not fit v {list(v.shape)} (one value per slice along "
+                f"dim {dim}: {n})"
+            )
+
+    return check
+
+
 _VALIDATORS: dict[str, Callable[[Args, Kwargs], None]] = {
+    "aten::_weight_norm_interface": _weight_norm(backward=False),
+    "aten::_weight_norm_interface_backward": _weight_norm(backward=True),
     "aten::max_pool2d_with_indices_backward": _pool_backward(2, 7),
     "aten::max_pool3d_with_indices_backward": _pool_backward(3, 7),
     "aten::adaptive_max_pool2d_backward": _pool_backward(2, 2),
@@ -623,6 +654,8 @@ _REPLACEMENTS: dict[str, Callable[..., Any]] = {
 # (an expanded input's copy is within `check_inputs`' element bound); outputs (`out=`) are left as they are.
 _CONTIGUOUS_INPUTS = frozenset(
     {
+        "aten::_weight_norm_interface",  # reads v, g (and the norms) by raw pointer: _weight_norm above
+        "aten::_weight_norm_interface_backward",
         "aten::_embedding_bag",
         "aten::_embedding_bag_forward_only",
         "aten::_embedding_bag_backward",

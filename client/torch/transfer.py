@@ -216,7 +216,16 @@ def _lazy_bit_view(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 # run their CompositeExplicitAutograd kernel here (zeros, a view of them, copy_), whose ops then travel, as the C++
 # client's dispatcher does for an op without a PrivateUse1 kernel. Until round 39 the shim sent them whole and the
 # daemon denied them: any backward through a slice failed (`logits[..., :-1, :]` of a causal LM's shifted loss).
-COMPOSITE_HERE = (aten.slice_backward.default, aten.diagonal_backward.default, aten.masked_scatter_backward.default)
+# `_is_all_true`/`_is_any_true` (`all()`/`any()` as a 0-d tensor) are what torch.distributions' argument validation
+# (on by default) sends for every distribution made of device tensors: until round 40 the shim sent them whole and
+# `Normal(loc, scale)` of device tensors failed ("aten::_is_all_true ... denied"); the C++ client sent `all`.
+COMPOSITE_HERE = (
+    aten.slice_backward.default,
+    aten.diagonal_backward.default,
+    aten.masked_scatter_backward.default,
+    aten._is_all_true.default,
+    aten._is_any_true.default,
+)
 
 
 @_special(*COMPOSITE_HERE)

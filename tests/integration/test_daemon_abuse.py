@@ -760,3 +760,41 @@ def test_backward_kernels_that_trust_their_arguments_are_checked(served: DaemonH
     g, sizes = torch.ones_like(small), (list(small.shape[2:]), list(image.shape), False, 0.37, 0.61)
     [r] = bad.call("aten::_upsample_bilinear2d_aa_backward.default", Handle(bad.upload(g)), *sizes)
     assert torch.equal(bad.download(r), torch.ops.aten._upsample_bilinear2d_aa_backward(g, *sizes))
+
+
+def test_weight_norm_kernels_get_one_norm_per_slice(served: DaemonHandle, bad: Session) -> None:
+    """weight_norm's fused CPU kernel reads g (and the backward's saved norms) at each of v's rows or columns
+    unchecked: a 1-element g beside a 4-row v read 3 floats past g's storage (round 40, when `_weight_norm_interface`
+    joined the allowlist for `nn.utils.weight_norm`). Such calls are refused; an expanded g is read as torch means it
+    (a contiguous copy), and what autograd sends gives torch's results."""
+
+    def up(t: torch.Tensor) -> Handle:
+        return Handle(bad.upload(t))
+
+    v, g = torch.randn(4, 3), torch.rand(4, 1) + 0.5
+    w, norms = torch.ops.aten._weight_norm_interface(v, g, 0)
+    grad = torch.randn(4, 3)
+    forward, backward = "aten::_weight_norm_interface.default", "aten::_weight_norm_interface_backward.default"
+    for name, args in (
+        (forward, [up(v), up(torch.ones(1)), 0]),
+        (forward, [up(v), up(torch.ones(3, 1)), 0]),  # the last dim's count for dim 0
+        (forward, [up(v), up(torch.ones(4, 1)), 1]),
+        (backward, [up(grad), up(v), up(g), up(torch.ones(1)), 0]),  # saved norms of one row
+        (backward, [up(torch.ones(1, 1)), up(v), up(g), up(norms), 0]),  # a grad_w smaller than v
+    ):
+        bad.call(name, *args, outputs=2)
+        with pytest.raises(errors.InvalidArgument, match="does not fit v"):
+            bad.sync()
+        assert served.process is not None and served.process.poll() is None, name
+    usable(bad)
+    [e] = bad.call("aten::expand.default", up(g[:1]), [4, 1])
+    # an expanded g: read through its strides (locally torch's kernel reads g[:1]'s storage as 4 values: g's rows)
+    got = bad.call(forward, up(v), Handle(e), 0, outputs=2)
+    expanded = g[:1].expand(4, 1).contiguous()
+    for h, want in zip(got, torch.ops.aten._weight_norm_interface(v, expanded, 0), strict=True):
+        assert torch.equal(bad.download(h), want)
+    for h, want in zip(bad.call(forward, up(v), up(g), 0, outputs=2), (w, norms), strict=True):
+        assert torch.equal(bad.download(h), want)
+    got = bad.call(backward, up(grad), up(v), up(g), up(norms), 0, outputs=2)
+    for h, want in zip(got, torch.ops.aten._weight_norm_interface_backward(grad, v, g, norms, 0), strict=True):
+        assert torch.equal(bad.download(h), want)
