@@ -14,6 +14,7 @@ also those of launch_bound's local step with the same `--adam` (the baseline the
     python bench/graph_replay.py --measure instr                    # exact, under callgrind, ~2 min a model
     python bench/graph_replay.py --measure instr --adam fused --models tiny-mlp
     python bench/graph_replay.py --measure outside --models tiny-mlp,mlp   # the worker's own, no kernels
+    python bench/graph_replay.py --measure outside-cpu --models tiny-mlp,mlp --steps 300   # the same, CPU time
 
 A step whose CPU arguments are over capture.BY_VALUE_BYTES (the stock MLP's batch) uploads them before its RunGraph:
 the replay binds a fresh tensor of the input's metadata per command for them, as the Upload did.
@@ -224,6 +225,40 @@ def outside_instr(path: str, steps: int) -> str:
     return "done"
 
 
+def outside_cpu(path: str, steps: int, repeats: int) -> str:
+    """`outside_instr`'s setup timed instead of counted: the thread's CPU a RunGraph over `steps` runs, `repeats`
+    times (min and median), where callgrind is too slow on a loaded box (the stock MLP's count)."""
+    ex, s, command = _worker(path)
+    for _ in range(5):
+        c = command()
+        ex.execute(s, c, _no_reply)
+        s.free(_fresh(s, c))
+    traced = next(iter(ex.graphs._of(s).values())).traced
+    if traced is None:
+        raise SystemExit("the graph did not trace: no TorchScript call to take out")
+    real, kept = traced.fn, []
+
+    def outputs(*args: Any) -> Any:
+        if not kept:
+            kept.append(real(*args))
+        return kept[0]
+
+    traced.fn = outputs
+    runs = []
+    for _ in range(repeats):
+        cmds = [command() for _ in range(steps)]
+        start = time.thread_time()
+        for c in cmds:
+            ex.execute(s, c, _no_reply)
+        runs.append((time.thread_time() - start) / steps)
+        for c in cmds:
+            s.free(_fresh(s, c))
+    if s.error is not None:
+        raise SystemExit(f"replay failed: {s.error}")
+    return f"worker per RunGraph outside the kernels: thread CPU min {min(runs) * 1e6:.1f} us, median " \
+           f"{statistics.median(runs) * 1e6:.1f} us"  # fmt: skip
+
+
 def _outside(model: str, path: str, steps: int, tmp: str) -> str:
     sys.path.insert(0, str(HERE))
     from daemon_ab import _total
@@ -308,11 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay-instr", metavar="FILE", help=argparse.SUPPRESS)
     p.add_argument("--local-instr", metavar="MODEL", help=argparse.SUPPRESS)
     p.add_argument("--outside-instr", metavar="FILE", help=argparse.SUPPRESS)
-    p.add_argument("--measure", choices=("cpu", "instr", "outside"), default="cpu", help="instr: the worker's "
+    p.add_argument("--outside-cpu", metavar="FILE", help=argparse.SUPPRESS)
+    modes = ("cpu", "instr", "outside", "outside-cpu")
+    p.add_argument("--measure", choices=modes, default="cpu", help="instr: the worker's "
                    "instructions per RunGraph under callgrind (20 runs), in and out of its TorchScript call, and "
                    "launch_bound's local step's (the same --adam; exact); outside: the worker's own instructions "
                    "per RunGraph with the TorchScript call taken out (its outputs returned as a real run made "
-                   "them)")  # fmt: skip
+                   "them); outside-cpu: the same, the thread's CPU time (min and median of --repeats)")  # fmt: skip
     args = p.parse_args(argv)
     if args.dump:
         dump(*args.dump, args.adam)
@@ -329,11 +366,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.outside_instr:
         print(outside_instr(args.outside_instr, args.steps))
         return 0
+    if args.outside_cpu:
+        print(outside_cpu(args.outside_cpu, args.steps, args.repeats))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             path = str(Path(tmp) / f"{model}.pt")
             dump_argv = ["--dump", model, path, "--adam", args.adam]
             subprocess.run([sys.executable, __file__, *dump_argv], check=True, capture_output=True)
+            if args.measure == "outside-cpu":
+                argv = ["--outside-cpu", path, "--steps", str(args.steps), "--repeats", str(args.repeats)]
+                out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True, text=True)
+                print(f"{model:10s} {out.stdout.strip()}", flush=True)
+                continue
             if args.measure == "outside":
                 print(f"{model:10s} {_outside(model, path, min(args.steps, 20), tmp)}", flush=True)
                 continue

@@ -27,11 +27,13 @@ ops dispatched in C++.
 
 from __future__ import annotations
 
+import collections
 import logging
+import operator
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -55,6 +57,8 @@ DEFINE_PIECE_SECONDS = 0.05
 # held the device's thread for its whole run (0.26-0.60 s for 20,000 `neg`s), every other session waiting.
 REPLAY_PIECE_CALLS = 64
 EVENTS = slices.GRAPH_EVENTS
+# runs an iterator of C calls to its end, keeping nothing
+_consume: Callable[[Any], None] = collections.deque(maxlen=0).extend
 
 
 class GraphLedger(Protocol):
@@ -95,7 +99,7 @@ class Replaying:
 
     def __init__(
         self, graph: Graph, steps: Generator[None, None, Any], slots: list[Any], outputs: list[int],
-        persistent: list[torch.Tensor] | None,
+        persistent: Sequence[torch.Tensor] | None,
     ) -> None:  # fmt: skip
         self.graph = graph
         self.steps = steps
@@ -321,7 +325,7 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph, hold:
         else:
             if data is None:
                 data = msg.input_data[:]
-            t = _by_value(g, i, data, on_host)
+            t = _by_value(g, i, data, on_host, host.native if on_host else None)
             if not on_host:
                 if sent is None:
                     sent = {}
@@ -329,7 +333,8 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph, hold:
                 if g.cuda is None:  # a captured CUDA graph copies it into its own input (graph_cuda.CudaGraph.run)
                     t = staging.onto(s.staging, t, g.device)
         slots[i + 1] = t
-    found, versions = _externals(s, g, slots)
+    native = host.native
+    found, versions = _externals(s, g, slots, native)
     persistent = found if versions else None  # (None: `_finish` takes no versions)
     for h in outputs:
         if h:
@@ -357,7 +362,7 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph, hold:
     except BaseException:
         _failed(s, g)
         raise
-    _finish(s, g, slots, outputs, persistent)
+    _finish(s, g, slots, outputs, persistent, native)
     return None
 
 
@@ -392,16 +397,19 @@ def _failed(s: WorkerSession, g: Graph) -> None:
 
 
 def _finish(
-    s: WorkerSession, g: Graph, slots: list[Any], outputs: list[int], persistent: list[torch.Tensor] | None
-) -> None:
+    s: WorkerSession, g: Graph, slots: list[Any], outputs: list[int], persistent: Sequence[torch.Tensor] | None,
+    native: Any = None,
+) -> None:  # fmt: skip
     """A run's end: the persistent tensors' versions noted (where `_externals` read them: `persistent`), its outputs
-    and kept tensors bound."""
+    and kept tensors bound (`native`: the C++ runner's module, whose `rebind_run` does `rebind_all`'s work on the
+    same pairs: round 40, ~52k of the tiny MLP's ~184k instructions a run were the Python's, 7 tensors)."""
     if persistent is not None:
         _seen_after(g, persistent)
     # every handle was checked: outputs above, writes at definition
-    bound = [(h, slots[slot]) for h, slot in zip(outputs, g.outputs, strict=False) if h]
-    bound += [(h, slots[slot]) for h, slot in g.writes.items()]
-    s.rebind_all(bound)
+    if native is None or type(s) is not WorkerSession or not native.rebind_run(s, outputs, g.outputs, g.writes, slots):
+        bound = [(h, slots[slot]) for h, slot in zip(outputs, g.outputs, strict=False) if h]
+        bound += [(h, slots[slot]) for h, slot in g.writes.items()]
+        s.rebind_all(bound)
     if g.mutated:
         s.recount(g.mutated)
     g.quiet = s.mutations
@@ -416,7 +424,7 @@ def _refused(host: Host, s: WorkerSession, g: Graph) -> bool:
     return why is not None
 
 
-def _externals(s: WorkerSession, g: Graph, slots: list[Any]) -> tuple[list[torch.Tensor], bool]:
+def _externals(s: WorkerSession, g: Graph, slots: list[Any], native: Any = None) -> tuple[Sequence[torch.Tensor], bool]:
     """Resolve the persistent tensors into their slots, each checked against the metadata the graph was built
     for. A tensor that is the same live object the last run ended with, its version counter unchanged since, has
     had no op on it in between -- every op that changes a tensor's sizes, strides, offset or storage in place
@@ -431,11 +439,12 @@ def _externals(s: WorkerSession, g: Graph, slots: list[Any]) -> tuple[list[torch
     if len(seen) != len(g.externals):
         seen[:] = [[None, -1] for _ in g.externals]
         g.quiet = -1
+        g.quiet_refs = None
     uploads = s.uploads
     if g.quiet >= 0 and s.mutations == g.quiet + 1 and not uploads:
-        found = _quiet(s, g, slots)
-        if found is not None:
-            return found, False
+        quiet = _quiet(s, g, slots, native)
+        if quiet is not None:
+            return quiet, False
     found = []
     for (slot, h, m), cell in zip(g.externals, seen, strict=True):
         t = tensors.get(h) if not uploads else None
@@ -444,7 +453,7 @@ def _externals(s: WorkerSession, g: Graph, slots: list[Any]) -> tuple[list[torch
         ref = cell[0]
         if ref is None or ref() is not t or cell[1] != t._version:
             if t.shape != m[0] or t.stride() != m[1] or t.storage_offset() != m[2] or t.dtype != m[3]:
-                cell[0] = None
+                cell[0] = g.quiet_refs = None
                 raise InvalidArgument(f"graph {g.graph_id}: persistent tensor {h:#x} changed shape or dtype since")
             cell[0], cell[1] = weakref.ref(t), -1  # checked now; its version is taken when the run ends
         slots[slot] = t
@@ -452,49 +461,61 @@ def _externals(s: WorkerSession, g: Graph, slots: list[Any]) -> tuple[list[torch
     return found, True
 
 
-def _quiet(s: WorkerSession, g: Graph, slots: list[Any]) -> list[torch.Tensor] | None:
+def _quiet(s: WorkerSession, g: Graph, slots: list[Any], native: Any = None) -> tuple[torch.Tensor, ...] | None:
     """`_externals` when nothing that may change a tensor's metadata ran since the last run: the tensors where
     each handle is still bound to the object the last run found (and checked); the ones the graph's own ops may
-    reshape (not `Graph.stable`) checked as always. None where a handle was freed or bound anew."""
-    tensors = s.tensors
-    found = []
-    for (slot, h, _), cell in zip(g.externals, g.seen, strict=True):
-        t = tensors.get(h)
-        ref = cell[0]
-        if t is None or ref is None or ref() is not t:
+    reshape (not `Graph.stable`) checked as always. None where a handle was freed or bound anew. The look-ups,
+    the identity tests and the slots' filling are C calls (`Graph.pick_externals`, `Graph.quiet_refs`): a loop of
+    them here was ~1.6k instructions a persistent tensor (round 40: ~41k of the tiny MLP's ~184k a run), in C
+    calls ~1.4k; the C++ runner's `quiet_externals` (`native`) does all of it in one."""
+    refs = g.quiet_refs
+    if refs is None:
+        return None
+    if native is not None:
+        found = native.quiet_externals(s.tensors, g.external_handles, refs, slots, g.external_slots)
+        if found is None:
             return None
-        slots[slot] = t
-        found.append(t)
+    else:
+        try:
+            found = g.pick_externals(s.tensors)
+        except KeyError:  # a handle freed
+            return None
+        if not all(map(operator.is_, found, map(operator.call, refs))):  # a handle bound anew (or its tensor gone)
+            return None
+        _consume(map(slots.__setitem__, g.external_slots, found))
     for k in g.unstable:
         t, m = found[k], g.externals[k][2]
         if t.shape != m[0] or t.stride() != m[1] or t.storage_offset() != m[2] or t.dtype != m[3]:
-            g.seen[k][0] = None
+            g.seen[k][0] = g.quiet_refs = None
             raise InvalidArgument(f"graph {g.graph_id}: persistent tensor {g.externals[k][1]:#x} changed shape or "
                                   "dtype since")  # fmt: skip
     return found
 
 
-def _seen_after(g: Graph, persistent: list[torch.Tensor]) -> None:
+def _seen_after(g: Graph, persistent: Sequence[torch.Tensor]) -> None:
     """After a run: each stable persistent tensor's version counter as the run left it (the run's own in-place
     ops count), for `_externals` to compare with next time."""
     seen = g.seen
     for k in g.stable:
         seen[k][1] = persistent[k]._version
+    g.quiet_refs = tuple(cell[0] for cell in seen)  # every one set by `_externals` (the run read them all)
 
 
 def _forget_seen(g: Graph) -> None:
     g.quiet = -1
+    g.quiet_refs = None
     for cell in g.seen:
         cell[0], cell[1] = None, -1
 
 
-def _by_value(g: Graph, i: int, data: Any, own: bool = True) -> torch.Tensor:
+def _by_value(g: Graph, i: int, data: Any, own: bool = True, native: Any = None) -> torch.Tensor:
     """Input `i` of a run from its bytes in RunGraph.input_data (`data`: bytes, or views of the slice's payload), on
     the CPU: with `own`, in memory the tensor owns (its memory is part of the graph's reservation), one copy;
     without, a view of those bytes where they are aligned for its dtype, no copy -- for a device's run, which
     copies it onto the device (the pinned staging buffer, server/staging.py) and reads it only for value guards,
     all before the command ends: the tensor must never outlive the command (the slice's payload is the shared
-    buffer, which the daemon fills with the session's next slice), and never be bound to a handle."""
+    buffer, which the daemon fills with the session's next slice), and never be bound to a handle. `native`: the C++
+    runner's module, whose `filled` makes an owned copy in one call (round 40: ~14k instructions an input here)."""
     shape, _, _, dtype = g.input_meta[i]
     if i >= len(data):
         raise InvalidArgument(f"graph {g.graph_id} input {i}: handle 0 and no input_data for it")
@@ -506,6 +527,8 @@ def _by_value(g: Graph, i: int, data: Any, own: bool = True) -> torch.Tensor:
         )
     if dtype is torch.bool:
         wire.check_bool_bytes(raw)
+    if own and native is not None:
+        return native.filled(g.input_sizes[i], dtype, raw)  # type: ignore[no-any-return]
     if not raw:
         t = torch.empty(shape, dtype=dtype)
     else:

@@ -75,6 +75,7 @@ class Host(Protocol):
 
     ops: OpTable
     ledger: Any
+    native: Any  # the C++ runner's module (server/native_runner.py), or None
 
     def _seeded(self, s: WorkerSession, op: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any: ...
 
@@ -158,6 +159,14 @@ class Graph:
     # (graph._externals); `unstable`: the others of `externals`, checked on every run either way.
     quiet: int = -1
     unstable: list[int] = field(default_factory=list)
+    # The quiet run's look-ups (graph._quiet), in C calls: the persistent tensors out of the session's table by their
+    # handles (a tuple, in `externals` order), their slots; and the weak references of `seen` as the last run that
+    # read them left them (graph._seen_after: a run is quiet only right after a run that ended well).
+    pick_externals: Callable[[dict[int, Any]], tuple[Any, ...]] = field(init=False, repr=False)
+    external_slots: tuple[int, ...] = field(init=False, default=())
+    external_handles: tuple[int, ...] = field(init=False, default=())
+    input_sizes: list[list[int]] = field(init=False, default_factory=list)  # per input: its sizes as a list
+    quiet_refs: tuple[Any, ...] | None = None
     # The input and persistent slots whose storages an op of the graph that writes (a mutable schema) reads: their
     # values at an op may differ from the run's start (graph_cuda.py runs guards before a replay on the others only)
     written: frozenset[int] = frozenset()
@@ -167,6 +176,20 @@ class Graph:
 
     def __post_init__(self) -> None:
         self.device_type = self.device.type
+        self.input_sizes = [list(m[0]) for m in self.input_meta]
+        self.external_handles = tuple(h for _, h, _ in self.externals)
+        self.pick_externals = _picker(list(self.external_handles))
+        self.external_slots = tuple(slot for slot, _, _ in self.externals)
+
+
+def _picker(keys: list[int]) -> Callable[[dict[int, Any]], tuple[Any, ...]]:
+    """`lambda d: tuple(d[k] for k in keys)` in one C call (KeyError where one is missing)."""
+    if len(keys) >= 2:
+        return operator.itemgetter(*keys)
+    if keys:
+        key = keys[0]
+        return lambda d: (d[key],)
+    return lambda d: ()
 
 
 # How a call's uninitialized outputs are zeroed (`Call.zero`, `sessions.zero_made`): a new tensor's whole storage, or

@@ -27,6 +27,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace py = pybind11;
@@ -2555,6 +2556,273 @@ py::object filled(py::handle shape, py::handle dtype, py::handle data) {
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t)));
 }
 
+
+// `graph._quiet`'s look-ups (server/graph.py): the persistent tensors of a captured step out of the session's table
+// (`tensors`, a dict) by their handles (`handles`, a tuple of ints), each the very object the weak reference of
+// `refs` (a tuple as long) refers to; then each put into its slot (`ext_slots`, a tuple of ints as long) of the
+// run's `slots` (a list). A tuple of them, in order, or None (nothing written) where a handle is not bound or is
+// bound to another object (or the object is gone): the caller reads them the slow way. TypeError or IndexError
+// for arguments of the wrong kind. Python's loop of the same was ~1.4-1.6k instructions a tensor (a dict probe with
+// another int object, a weak reference's call, a slot's write through a method wrapper).
+py::object quiet_externals(py::handle tensors, py::handle handles, py::handle refs, py::handle slots,
+                           py::handle ext_slots) {
+  PyObject *d = tensors.ptr(), *hs = handles.ptr(), *rs = refs.ptr(), *sl = slots.ptr(), *es = ext_slots.ptr();
+  if (!PyDict_CheckExact(d) || !PyTuple_CheckExact(hs) || !PyTuple_CheckExact(rs) || !PyList_CheckExact(sl) ||
+      !PyTuple_CheckExact(es)) {
+    throw py::type_error("quiet_externals: a dict, two tuples, a list and a tuple");
+  }
+  const Py_ssize_t n = PyTuple_GET_SIZE(hs);
+  if (PyTuple_GET_SIZE(rs) != n || PyTuple_GET_SIZE(es) != n) throw py::value_error("quiet_externals: lengths");
+  Own out(PyTuple_New(n));
+  if (out.p == nullptr) throw py::error_already_set();
+  std::vector<Py_ssize_t> at(static_cast<size_t>(n));
+  const Py_ssize_t size = PyList_GET_SIZE(sl);
+  for (Py_ssize_t k = 0; k < n; ++k) {
+    PyObject* ref = PyTuple_GET_ITEM(rs, k);
+    if (!PyWeakref_CheckRef(ref)) throw py::type_error("quiet_externals: refs must be weak references");
+    const Py_ssize_t slot = PyLong_AsSsize_t(PyTuple_GET_ITEM(es, k));
+    if (slot == -1 && PyErr_Occurred()) throw py::error_already_set();
+    if (slot < 0 || slot >= size) throw py::index_error("quiet_externals: a slot out of range");
+    at[static_cast<size_t>(k)] = slot;
+    PyObject* t = PyDict_GetItemWithError(d, PyTuple_GET_ITEM(hs, k));  // borrowed
+    if (t == nullptr) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      return py::none();  // freed
+    }
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject* obj = nullptr;
+    if (PyWeakref_GetRef(ref, &obj) < 0) throw py::error_already_set();
+    Py_XDECREF(obj);  // compared by identity only: `t` holds it where it is the same
+#else
+    PyObject* obj = PyWeakref_GetObject(ref);  // borrowed
+#endif
+    if (obj != t) return py::none();  // bound anew, or its tensor gone
+    PyTuple_SET_ITEM(out.p, k, Py_NewRef(t));
+  }
+  for (Py_ssize_t k = 0; k < n; ++k) {  // PyList_SetItem steals the new reference and drops the slot's old value
+    if (PyList_SetItem(sl, at[static_cast<size_t>(k)], Py_NewRef(PyTuple_GET_ITEM(out.p, k))) < 0) {
+      throw py::error_already_set();
+    }
+  }
+  return py::reinterpret_steal<py::object>(std::exchange(out.p, nullptr));
+}
+
+PyObject* S_admit_handles;
+PyObject* S_max_handles;
+PyObject* S_zero_new;
+
+// `WorkerSession.rebind_all` (server/sessions.py) of a captured step's run (`graph._finish`): the pairs
+// `(outputs[j], slots[out_slots[j]])` for each nonzero handle of `outputs` (a list of ints, at most as long as
+// `out_slots`), then `(h, slots[slot])` for each of `writes` (a dict handle -> slot), step for step: a live handle
+// unbound (an upload in progress forgotten, its storage's count dropped and the storage's bytes freed with the
+// last), a failed one forgotten, any other admitted (`admit_handles(1)` where the session is at its limit: it
+// raises, ending the loop); the tensor's storage counted once (a new storage's bytes outside the tensors of the run
+// that lie in it zeroed at the end, `zero_new`, where none of them covers it), the handle bound. The bytes counted
+// (session and device) once at the end, also when a handle raised. False, nothing done, where a table is not a dict
+// or a value is not a tensor: the caller runs `rebind_all`. The session's class must be `WorkerSession` itself
+// (the caller's check): its handles were checked by the caller (outputs) and at definition (writes).
+bool rebind_run(const py::object& session, py::handle outputs, py::handle out_slots, py::handle writes,
+                py::handle slots) {
+  PyObject *s = session.ptr(), *outs = outputs.ptr(), *oslots = out_slots.ptr(), *wr = writes.ptr(),
+           *sl = slots.ptr();
+  if (!PyList_CheckExact(outs) || !PyList_CheckExact(oslots) || !PyDict_CheckExact(wr) || !PyList_CheckExact(sl)) {
+    return false;
+  }
+  Own tensors(PyObject_GetAttr(s, S_tensors)), keys(PyObject_GetAttr(s, S_keys)),
+      storages(PyObject_GetAttr(s, S_storages)), uploads(PyObject_GetAttr(s, S_uploads)),
+      poisoned(PyObject_GetAttr(s, S_poisoned));
+  for (PyObject* t : {tensors.p, keys.p, storages.p, uploads.p, poisoned.p}) {
+    if (t == nullptr) throw py::error_already_set();
+    if (!PyDict_CheckExact(t)) return false;
+  }
+  // the pairs, every value a tensor, before any side effect
+  std::vector<std::pair<PyObject*, PyObject*>> pairs;  // borrowed: the handle ints and the slots' values
+  const Py_ssize_t n_slots = PyList_GET_SIZE(sl);
+  auto value = [&](PyObject* slot_int) -> PyObject* {
+    const Py_ssize_t k = PyLong_AsSsize_t(slot_int);
+    if (k == -1 && PyErr_Occurred()) throw py::error_already_set();
+    if (k < 0 || k >= n_slots) return nullptr;
+    PyObject* v = PyList_GET_ITEM(sl, k);
+    return THPVariable_Check(v) ? v : nullptr;
+  };
+  const Py_ssize_t n_out = PyList_GET_SIZE(outs);
+  if (n_out > PyList_GET_SIZE(oslots)) return false;
+  for (Py_ssize_t j = 0; j < n_out; ++j) {
+    PyObject* h = PyList_GET_ITEM(outs, j);
+    const int set = PyObject_IsTrue(h);
+    if (set < 0) throw py::error_already_set();
+    if (!set) continue;
+    PyObject* v = value(PyList_GET_ITEM(oslots, j));
+    if (v == nullptr) return false;
+    pairs.emplace_back(h, v);
+  }
+  {
+    PyObject *h, *slot;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(wr, &pos, &h, &slot)) {
+      PyObject* v = value(slot);
+      if (v == nullptr) return false;
+      pairs.emplace_back(h, v);
+    }
+  }
+  // owned references, dropped at the end
+  struct Refs {
+    std::vector<PyObject*> v;
+    std::vector<std::pair<const c10::StorageImpl*, PyObject*>> fresh;  // new storages a tensor does not cover
+    ~Refs() {
+      for (PyObject* o : v) Py_DECREF(o);
+      for (auto& f : fresh) Py_DECREF(f.second);
+    }
+  } refs;
+  // the values held until the end (the zeroing reads them), whatever an unbind's deallocations run
+  refs.v.reserve(pairs.size());
+  for (auto& pr : pairs) refs.v.push_back(Py_NewRef(pr.second));
+  auto& fresh = refs.fresh;
+  int64_t delta = 0;
+  bool failed = false;
+  int64_t max_handles = -1;
+  for (auto& [h, v] : pairs) {
+    Own old(dict_pop(tensors.p, h));  // `tensors.pop(handle, None)`
+    if (old.p == nullptr) {
+      failed = true;
+      break;
+    }
+    if (old.p != MISSING && old.p != Py_None) {  // `unbind`
+      old.reset(nullptr);
+      if (PyDict_GET_SIZE(uploads.p) > 0) {
+        Own u(dict_pop(uploads.p, h));
+        if (u.p == nullptr) {
+          failed = true;
+          break;
+        }
+      }
+      Own skey(dict_pop(keys.p, h));  // `keys.pop(handle)`
+      if (skey.p == nullptr || skey.p == MISSING) {
+        if (skey.p == MISSING) PyErr_SetObject(PyExc_KeyError, h);
+        failed = true;
+        break;
+      }
+      PyObject* entry = PyDict_GetItemWithError(storages.p, skey.p);  // borrowed: `storages[old]`
+      if (entry == nullptr) {
+        if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, skey.p);
+        failed = true;
+        break;
+      }
+      Own e(Py_NewRef(entry));
+      int64_t count = 0, nbytes = 0;
+      if (!(PyList_CheckExact(e.p) && PyList_GET_SIZE(e.p) == 2 && as_i64(PyList_GET_ITEM(e.p, 0), &count) &&
+            as_i64(PyList_GET_ITEM(e.p, 1), &nbytes))) {
+        PyErr_SetString(PyExc_TypeError, "a storage entry is not [count, bytes]");
+        failed = true;
+        break;
+      }
+      PyObject* c1 = PyLong_FromLongLong(count - 1);
+      if (c1 == nullptr || PyList_SetItem(e.p, 0, c1) < 0) {  // steals c1
+        failed = true;
+        break;
+      }
+      if (count - 1 == 0) {
+        if (PyDict_DelItem(storages.p, skey.p) < 0) {
+          failed = true;
+          break;
+        }
+        delta -= nbytes;
+        entries.give(std::exchange(e.p, nullptr));
+      }
+    } else {
+      Own poison(dict_pop(poisoned.p, h));  // `poisoned.pop(handle, None) is None`: `admit_handles(1)`
+      if (poison.p == nullptr) {
+        failed = true;
+        break;
+      }
+      if (poison.p == MISSING || poison.p == Py_None) {
+        if (max_handles < 0 && !attr_i64(s, S_max_handles, &max_handles)) max_handles = 0;  // 0: always ask
+        if (PyDict_GET_SIZE(tensors.p) + PyDict_GET_SIZE(poisoned.p) + 1 > max_handles) {
+          Own one(PyLong_FromLong(1));
+          Own r(one.p != nullptr ? PyObject_CallMethodOneArg(s, S_admit_handles, one.p) : nullptr);
+          if (r.p == nullptr) {
+            failed = true;
+            break;
+          }
+        }
+      }
+    }
+    const at::Tensor& t = THPVariable_Unpack(v);  // `bind_new`
+    const c10::StorageImpl* st = t.storage().unsafeGetStorageImpl();
+    Own skey(PyLong_FromVoidPtr(const_cast<c10::StorageImpl*>(st)));
+    if (skey.p == nullptr) {
+      failed = true;
+      break;
+    }
+    PyObject* found = PyDict_GetItemWithError(storages.p, skey.p);  // borrowed
+    if (found == nullptr) {
+      if (PyErr_Occurred()) {
+        failed = true;
+        break;
+      }
+      const size_t nbytes = st->nbytes();
+      if (Ctx::outside(t.unsafeGetTensorImpl(), nbytes)) {  // `covers`, as `bind_new`'s: a buffer behind it?
+        Own objs(PyList_New(1));
+        if (objs.p == nullptr) {
+          failed = true;
+          break;
+        }
+        PyList_SET_ITEM(objs.p, 0, Py_NewRef(v));
+        fresh.emplace_back(st, std::exchange(objs.p, nullptr));
+      }
+      Own e(entries.take(static_cast<int64_t>(nbytes)));  // [1, nbytes]
+      if (e.p == nullptr || PyDict_SetItem(storages.p, skey.p, e.p) < 0) {
+        failed = true;
+        break;
+      }
+      delta += static_cast<int64_t>(nbytes);
+    } else {
+      PyObject* c = PyList_GetItem(found, 0);  // borrowed
+      Own one(PyLong_FromLong(1));
+      PyObject* c1 = c != nullptr && one.p != nullptr ? PyNumber_Add(c, one.p) : nullptr;
+      if (c1 == nullptr || PyList_SetItem(found, 0, c1) < 0) {  // steals c1
+        failed = true;
+        break;
+      }
+      for (auto& f : fresh) {  // another tensor of the run over the same new storage: keep its bytes
+        if (f.first == st) {
+          if (PyList_Append(f.second, v) < 0) failed = true;
+          break;
+        }
+      }
+      if (failed) break;
+    }
+    if (PyDict_SetItem(keys.p, h, skey.p) < 0 || PyDict_SetItem(tensors.p, h, v) < 0) {
+      failed = true;
+      break;
+    }
+  }
+  // `finally`: the new storages zeroed and the bytes counted, also when a handle raised (that error is raised)
+  PyObject *type = nullptr, *val = nullptr, *tb = nullptr;
+  if (failed) PyErr_Fetch(&type, &val, &tb);
+  try {
+    for (auto& f : fresh) {
+      Own r(PyObject_CallMethodOneArg(s, S_zero_new, f.second));
+      if (r.p == nullptr) throw py::error_already_set();
+    }
+    if (delta != 0) {
+      add_attr(s, S_used, delta);
+      Own memory(PyObject_GetAttr(s, S_memory));
+      if (memory.p == nullptr) throw py::error_already_set();
+      add_attr(memory.p, S_used, delta);
+    }
+  } catch (...) {
+    Py_XDECREF(type);
+    Py_XDECREF(val);
+    Py_XDECREF(tb);
+    throw;
+  }
+  if (failed) {
+    PyErr_Restore(type, val, tb);
+    throw py::error_already_set();
+  }
+  return true;
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -2577,6 +2845,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   S_check_handle = PyUnicode_InternFromString("check_handle");
   S_held = PyUnicode_InternFromString("held");
   S_upload = PyUnicode_InternFromString("upload");
+  S_admit_handles = PyUnicode_InternFromString("admit_handles");
+  S_max_handles = PyUnicode_InternFromString("max_handles");
+  S_zero_new = PyUnicode_InternFromString("zero_new");
   MISSING = PyObject_CallNoArgs(reinterpret_cast<PyObject*>(&PyBaseObject_Type));  // `object()`, never freed
   known_hash = check_known_hash();
   m.attr("KNOWN_HASH") = known_hash;  // tests: whether the tables' calls pass the hash
@@ -2691,6 +2962,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       });
   m.def("free", &free_handles, py::arg("session"), py::arg("msg"), py::arg("ctx") = py::none());
   m.def("filled", &filled);
+  m.def("quiet_externals", &quiet_externals);
+  m.def("rebind_run", &rebind_run);
   m.def("eager_records", &eager_records);
   m.def("eager_frame", &eager_frame, py::arg("payload"), py::arg("between") = false);
   m.def("split_frame", &split_frame);

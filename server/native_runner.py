@@ -68,6 +68,12 @@ message of a plain record's command is made only where something asks for it (`s
 that fails on the Python path). The daemon's front, too, imports the cached build
 (`built`: never a build there) for one function: `split_frame`, the stream reader's cut of every frame into its
 commands' spans (`slices.split_frame`), which hands any frame it does not accept back to the Python reading.
+A captured step's run (server/graph.py, round 40) takes three functions of it: `quiet_externals`, a quiet run's
+persistent tensors out of the session's table, each the object its weak reference names, into their slots (None,
+nothing written, where one is not: the Python reads them the slow way and checks their metadata); `rebind_run`,
+`WorkerSession.rebind_all` of the run's outputs and kept tensors step for step (False, nothing done, for a value that
+is not a tensor or a session whose tables are not dicts: then `rebind_all` runs); and `filled`, an input sent by
+value made and copied in one call.
 
 A step qualifies when it has none of `_run_step`'s per-op extras but a random op's (`_extras`: no op that reshapes a
 storage in place, no value guard run per record but one the runner makes itself (`_guard`): value ranges of tensor
