@@ -33,7 +33,7 @@ Each direction has its own key and its own counter from 0, one per frame, never 
 connection (the connection ends before it could wrap). A frame that fails authentication (altered, dropped,
 reordered, replayed, forged) ends the group with a clear error, never a wrong result: the collective fails,
 the sockets close, and the peers see their collective fail too. Every length read from a peer is bounded
-(MAX_FRAME, and what the receiver expects), every read has the group's deadline.
+(MAX_FRAME, and what the receiver expects), every read and every send has the group's deadline.
 
 Collectives (what server/collectives.py runs): allreduce (sum, product, min, max; avg is sum then divide),
 broadcast, allgather, barrier, each with the call's agreement in its first frames (`Agreement`, round 40: a rank's
@@ -188,7 +188,7 @@ class Channel:
         try:
             if self._queued:
                 queued, self._queued = self._queued, []
-                _send_parts(self.sock, [*queued, out])
+                _send_parts(self.sock, [*queued, out], deadline, self.peer)
             else:
                 self.sock.sendall(out)
         except OSError as exc:
@@ -254,15 +254,22 @@ class Channel:
             pass
 
 
-def _send_parts(sock: socket.socket, parts: list[Any]) -> None:
-    """`sock.sendall` of the parts one after the other, in as few system calls as the socket takes (sendmsg)."""
+def _send_parts(sock: socket.socket, parts: list[Any], deadline: float, peer: int) -> None:
+    """`sock.sendall` of the parts one after the other, in as few system calls as the socket takes (sendmsg), by
+    `deadline` (the caller set the socket's timeout for the first call). Each further call after a partial send gets
+    what is left of the deadline, as each read does (`_recv_into`): the socket's timeout bounds one call, not the
+    loop (sendall's bounds its whole), so a peer that read a little at a time, just within it, held a send here
+    for as many timeouts as it took reads (round 40's review)."""
     views = [memoryview(p).cast("B") for p in parts]
-    while views:
+    while True:
         sent = sock.sendmsg(views)
         while views and sent >= len(views[0]):
             sent -= len(views.pop(0))
+        if not views:
+            return
         if sent:
             views[0] = views[0][sent:]
+        _set_deadline(sock, deadline, peer)
 
 
 def _frames(n: int) -> list[tuple[int, int]]:

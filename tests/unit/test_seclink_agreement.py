@@ -222,3 +222,45 @@ def test_a_record_is_a_frame_of_its_own_and_links_of_v1_do_not_mix() -> None:
     assert seclink.MAGIC != b"GPSLINK1"
     with pytest.raises(LinkError, match="not a collective link"):
         seclink._hub_hello(seclink.HELLO.pack(b"GPSLINK1", 1, bytes(32)), b"s", "lease", bytes(16), 2)
+
+
+def test_a_frame_sent_with_a_queued_one_keeps_the_deadline_against_a_slow_reader() -> None:
+    """A record or a verdict goes out with the next frame in one `sendmsg` loop (`Channel.queue_frame`): a peer that
+    reads a little at a time, each read within the socket's timeout, must not hold the send past the group's
+    deadline. On cf880a2 the loop set the timeout once, so every partial send waited up to it afresh: here (a 1 s
+    deadline, a reader taking 32 KiB every 0.25 s of a 1 MiB frame) the send ended some 8 s later without an error;
+    now it fails with LinkError once the deadline passes, as a read does (`_recv_into`)."""
+    import socket
+    import threading
+
+    a, b = test_seclink.tcp_pair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    link = Channel(a, 1, os.urandom(32), os.urandom(32))
+    stop = threading.Event()
+    read = [0]
+
+    def slow_reader() -> None:
+        b.settimeout(0.25)
+        while not stop.is_set():
+            try:
+                got = b.recv(32768)
+            except TimeoutError:
+                continue
+            if not got:
+                return
+            read[0] += len(got)
+            stop.wait(0.25)
+
+    reader = threading.Thread(target=slow_reader, daemon=True)
+    reader.start()
+    try:
+        link.queue_frame(memoryview(bytes(seclink.RECORD_BYTES)))
+        with pytest.raises(LinkError, match="rank 1 did not answer within the group's timeout|timed out"):
+            link.send_frame(memoryview(bytes(seclink.MAX_FRAME)), time.monotonic() + 1.0)
+        assert 0 < read[0] < seclink.MAX_FRAME  # the reader was reading: the send was under way, not refused
+    finally:
+        stop.set()
+        reader.join(timeout=5)
+        a.close()
+        b.close()
