@@ -28,12 +28,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # pool start-up and 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_demo_runs_in_a_fresh_clone_without_shared_data_or_network(tmp_path: Path, closed_port: int) -> None:
-    if not (REPO / ".git").exists():
-        pytest.skip("not a git checkout")
-    clone = tmp_path / "elsewhere" / "gpupool"
-    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
-    assert not (clone.parent / "shared").exists()
+def _demo_env(tmp_path: Path) -> dict[str, str]:
+    """The demo's environment: no GPUPOOL_* of ours, its setup skipped, an empty cache but for the native builds."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
     env.update(
         GPUPOOL_DEMO_SETUP="0",
@@ -44,9 +40,19 @@ def test_demo_runs_in_a_fresh_clone_without_shared_data_or_network(tmp_path: Pat
         GPUPOOL_NATIVE_CACHE=str(config.cache_dir("native", "GPUPOOL_NATIVE_CACHE")),
         GPUPOOL_NATIVE_RUNNER_CACHE=str(config.cache_dir("runner", "GPUPOOL_NATIVE_RUNNER_CACHE")),
         GPUPOOL_NATIVE_CLIENT_CACHE=str(config.cache_dir("native-client", "GPUPOOL_NATIVE_CLIENT_CACHE")),
-        GPUPOOL_IMDB_URL=f"http://127.0.0.1:{closed_port}/aclImdb_v1.tar.gz",  # a download attempt fails at once
         COLUMNS="160",
     )
+    return env
+
+
+def test_demo_runs_in_a_fresh_clone_without_shared_data_or_network(tmp_path: Path, closed_port: int) -> None:
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "elsewhere" / "gpupool"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
+    assert not (clone.parent / "shared").exists()
+    env = _demo_env(tmp_path)
+    env["GPUPOOL_IMDB_URL"] = f"http://127.0.0.1:{closed_port}/aclImdb_v1.tar.gz"  # a download attempt fails at once
     small = ["--data", "sample", "--limit", "400", "--epochs", "1", "--bigram-buckets", "0", "--embed-dropout", "0",
              "--embed-dim", "32", "--filters", "32", "--log-every", "2"]  # fmt: skip
     done = subprocess.run(["bash", "scripts/demo.sh", *small], cwd=clone, env=env, capture_output=True, text=True,
@@ -70,17 +76,7 @@ def test_ctrl_c_of_the_demo_stops_the_training_then_the_pool(tmp_path: Path) -> 
         pytest.skip("not a git checkout")
     clone = tmp_path / "gpupool"
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
-    env.update(
-        GPUPOOL_DEMO_SETUP="0",
-        PYTHON=sys.executable,
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        XDG_CACHE_HOME=str(tmp_path / "cache"),
-        GPUPOOL_NATIVE_CACHE=str(config.cache_dir("native", "GPUPOOL_NATIVE_CACHE")),
-        GPUPOOL_NATIVE_RUNNER_CACHE=str(config.cache_dir("runner", "GPUPOOL_NATIVE_RUNNER_CACHE")),
-        GPUPOOL_NATIVE_CLIENT_CACHE=str(config.cache_dir("native-client", "GPUPOOL_NATIVE_CLIENT_CACHE")),
-        COLUMNS="160",
-    )
+    env = _demo_env(tmp_path)
     small = ["--data", "sample", "--limit", "400", "--epochs", "50", "--bigram-buckets", "0", "--embed-dropout", "0",
              "--embed-dim", "32", "--filters", "32", "--log-every", "1"]  # fmt: skip
     pid, fd = pty.fork()
