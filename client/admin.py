@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("drain", "undrain", "remove"), help="what to do with the host")
     p.add_argument("host_id", help="the host's id (as `gpupool smi` shows it)")
     p.add_argument("--force", action="store_true", help="remove: even if it holds active leases (they are lost)")
-    add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (default 127.0.0.1:50050)")
+    add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (none given: 127.0.0.1:50050)")
     return p
 
 
@@ -68,7 +68,7 @@ def lease_main(argv: list[str]) -> int:
     p.add_argument("action", choices=("release",), help="what to do with the leases")
     p.add_argument("leases", nargs="*", help="lease ids, or prefixes that name one (as `gpupool smi` shows them)")
     p.add_argument("--tenant", default="", help="every active lease of this tenant (its credential removed, say)")
-    add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (default 127.0.0.1:50050)")
+    add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT[,HOST:PORT...] (none given: 127.0.0.1:50050)")
     args = p.parse_args(argv)
     if not args.leases and not args.tenant:
         p.error("name the leases, or --tenant")

@@ -2,7 +2,8 @@
 
 Allocates the lease, hands it to the child through the environment ($GPUPOOL_LEASE, JSON; the torch shim
 reads it with `Lease.from_env`), renews it in the background while the child runs, releases it when the
-child exits and returns the child's exit code. SIGINT/SIGTERM are forwarded to the child. If the scheduler
+child exits and returns the child's exit code. SIGINT/SIGTERM are forwarded to the child (SIGINT not where
+the terminal sent it to both: `_terminal_sent_both`). If the scheduler
 declares the lease lost (its host died, it expired), the child is stopped at once (SIGTERM, SIGKILL after
 `STOP_GRACE` s) and `run` exits 1 saying why: the devices are gone, so waiting on them would only hang.
 
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("-p", "--fraction", type=float, help="fraction of each GPU in (0, 1] (default: a whole GPU)")
     size.add_argument("-m", "--memory", type=size_arg, help="memory of each GPU instead, e.g. 6GiB")
     add_flag(p, "--wait", type=float, default=0.0, help="seconds to wait in line when the pool is full")
-    add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT (default 127.0.0.1:50050)")
+    add_flag(p, "--scheduler", default="", help="scheduler HOST:PORT (none given: 127.0.0.1:50050)")
     add_flag(p, "--tenant", default="", help="tenant to allocate for (operators only; credentials name tenants)")
     p.add_argument(
         "--policy", default="", choices=[p.value for p in Policy], help="placement policy (default: the scheduler's)"
@@ -107,6 +108,24 @@ def _choose_client(args: argparse.Namespace) -> tuple[str, int]:
     return "native", 0
 
 
+def _terminal_sent_both(child: int) -> bool:
+    """Whether a SIGINT we got is the terminal's Ctrl-C, which it sent the child as well: we are in the foreground
+    process group of our controlling terminal and the child is in our group. Forwarding it too interrupted the child
+    twice: a Python child's second KeyboardInterrupt hit its `finally` blocks and atexit handlers (the client's
+    Detach: "Exception ignored in atexit callback"). A SIGINT from `kill` to `run` alone while it is in a terminal's
+    foreground is not forwarded either (Python's handlers do not say who sent a signal): SIGTERM is."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:  # no controlling terminal: the SIGINT was someone's kill, never a Ctrl-C
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp() == os.getpgid(child)
+    except OSError:  # (the child gone meanwhile)
+        return False
+    finally:
+        os.close(fd)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -148,7 +167,7 @@ def main(argv: list[str]) -> int:
             return 127
 
         def forward(signum: int, _frame: FrameType | None) -> None:
-            if child.poll() is None:
+            if child.poll() is None and not (signum == signal.SIGINT and _terminal_sent_both(child.pid)):
                 child.send_signal(signum)
 
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -18,10 +18,22 @@ if [ "${1:-}" = --web ]; then web=1; shift; fi
 [ "${GPUPOOL_DEMO_SETUP:-1}" = 0 ] || GPUPOOL_SKIP_APT=1 bash scripts/setup.sh
 state=$(mktemp -d)
 log="$state/up.log"
-gpupool up --state "$state/scheduler.db" --scheduler-listen 127.0.0.1:0 --listen 127.0.0.1:0 \
+# Ctrl-C: the training stops first (SIGTERM to `gpupool run`, which passes it on and releases the lease), then the
+# pool. `up` runs in a session of its own, so that the terminal's SIGINT does not stop the pool under the training
+# (until round 40 it did: the job died of DeviceLost, "host vm is draining", and the demo said "training failed"),
+# and a script's background job ignores SIGINT, so the training never saw it.
+setsid gpupool up --state "$state/scheduler.db" --scheduler-listen 127.0.0.1:0 --listen 127.0.0.1:0 \
   --metrics-listen 127.0.0.1:0 --scheduler-metrics-listen 127.0.0.1:0 >"$log" 2>&1 &
 up_pid=$!
-trap 'kill -INT $up_pid 2>/dev/null; wait $up_pid 2>/dev/null; rm -rf "$state"' EXIT
+train_pid=""
+stop() {  # (set -e: a wait's status, 143 for the stopped training, must not end this before the pool is stopped)
+  if [ -n "$train_pid" ] && kill -0 "$train_pid" 2>/dev/null; then
+    kill -TERM "$train_pid" 2>/dev/null || true; wait "$train_pid" 2>/dev/null || true
+  fi
+  kill -INT $up_pid 2>/dev/null || true; wait $up_pid 2>/dev/null || true; rm -rf "$state"
+}
+trap stop EXIT
+trap 'echo "interrupted: stopping the training and the pool"; exit 130' INT
 # How a client reaches this pool: the `export ...` lines `gpupool up` prints (one place to change). `up` bounds its
 # own start (a daemon's first start builds its native runner where setup did not: minutes on a loaded machine, said
 # once here), so wait while it lives (20 min at most).

@@ -12,8 +12,11 @@ has a first start with an empty cache). A small configuration keeps it short."""
 from __future__ import annotations
 
 import os
+import pty
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,12 +28,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # pool start-up and 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_demo_runs_in_a_fresh_clone_without_shared_data_or_network(tmp_path: Path, closed_port: int) -> None:
-    if not (REPO / ".git").exists():
-        pytest.skip("not a git checkout")
-    clone = tmp_path / "elsewhere" / "gpupool"
-    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
-    assert not (clone.parent / "shared").exists()
+def _demo_env(tmp_path: Path) -> dict[str, str]:
+    """The demo's environment: no GPUPOOL_* of ours, its setup skipped, an empty cache but for the native builds."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
     env.update(
         GPUPOOL_DEMO_SETUP="0",
@@ -41,9 +40,19 @@ def test_demo_runs_in_a_fresh_clone_without_shared_data_or_network(tmp_path: Pat
         GPUPOOL_NATIVE_CACHE=str(config.cache_dir("native", "GPUPOOL_NATIVE_CACHE")),
         GPUPOOL_NATIVE_RUNNER_CACHE=str(config.cache_dir("runner", "GPUPOOL_NATIVE_RUNNER_CACHE")),
         GPUPOOL_NATIVE_CLIENT_CACHE=str(config.cache_dir("native-client", "GPUPOOL_NATIVE_CLIENT_CACHE")),
-        GPUPOOL_IMDB_URL=f"http://127.0.0.1:{closed_port}/aclImdb_v1.tar.gz",  # a download attempt fails at once
         COLUMNS="160",
     )
+    return env
+
+
+def test_demo_runs_in_a_fresh_clone_without_shared_data_or_network(tmp_path: Path, closed_port: int) -> None:
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "elsewhere" / "gpupool"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
+    assert not (clone.parent / "shared").exists()
+    env = _demo_env(tmp_path)
+    env["GPUPOOL_IMDB_URL"] = f"http://127.0.0.1:{closed_port}/aclImdb_v1.tar.gz"  # a download attempt fails at once
     small = ["--data", "sample", "--limit", "400", "--epochs", "1", "--bigram-buckets", "0", "--embed-dropout", "0",
              "--embed-dim", "32", "--filters", "32", "--log-every", "2"]  # fmt: skip
     done = subprocess.run(["bash", "scripts/demo.sh", *small], cwd=clone, env=env, capture_output=True, text=True,
@@ -56,3 +65,50 @@ def test_demo_runs_in_a_fresh_clone_without_shared_data_or_network(tmp_path: Pat
     verdicts = [line.split("\t")[0] for line in done.stdout.splitlines() if line.count("\t") == 2]
     assert len(verdicts) == 2 and set(verdicts) <= {"pos", "neg"}, done.stdout[-2000:]
     assert (clone / "runs" / "demo" / "model.pt").is_file()
+
+
+def test_ctrl_c_of_the_demo_stops_the_training_then_the_pool(tmp_path: Path) -> None:
+    """Ctrl-C while the demo trains (typed into its terminal: SIGINT to its foreground process group): the training
+    stops first, then the pool; the demo says so and exits 130, leaving nothing running. Until journey40 the
+    terminal's SIGINT stopped `gpupool up` under the training, which ignored it (a script's background job), died of
+    DeviceLost ("host vm is draining") and the demo printed its tracebacks twice and "training failed (exit 1)"."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "gpupool"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
+    env = _demo_env(tmp_path)
+    small = ["--data", "sample", "--limit", "400", "--epochs", "50", "--bigram-buckets", "0", "--embed-dropout", "0",
+             "--embed-dim", "32", "--filters", "32", "--log-every", "1"]  # fmt: skip
+    pid, fd = pty.fork()
+    if pid == 0:  # the demo in a terminal of its own (its session leader), as a user runs it
+        os.chdir(clone)
+        os.execvpe("bash", ["bash", "scripts/demo.sh", *small], env)
+    out = bytearray()
+    deadline = time.monotonic() + 600
+    try:
+        while b"step 2:" not in out:
+            chunk = _read(fd)
+            assert chunk is not None and time.monotonic() < deadline, out[-4000:].decode(errors="replace")
+            out += chunk
+        os.write(fd, b"\x03")
+        while (chunk := _read(fd)) is not None:  # to the end: every holder of the terminal gone
+            out += chunk
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 130, text[-4000:]
+    assert "interrupted: stopping the training and the pool" in text, text[-4000:]
+    assert "Traceback" not in text and "training failed" not in text, text[-4000:]
+    left = subprocess.run(["pgrep", "-f", str(clone)], capture_output=True, text=True).stdout.split()
+    assert not left, f"left running: {left}"
+
+
+def _read(fd: int) -> bytes | None:
+    """What the terminal has for us within a second; None once it is closed (EIO: no process holds it)."""
+    if not select.select([fd], [], [], 1.0)[0]:
+        return b""
+    try:
+        return os.read(fd, 65536) or None
+    except OSError:
+        return None

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import grpc
 import pytest
 from gpupool.client.pool import Lease, SchedulerClient, lease
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from scheduler_fixtures import GiB, Proc, SimHost, key_file, silence_when_down, start_scheduler, wait_until
+from scheduler_fixtures import ROOT, GiB, Proc, SimHost, key_file, silence_when_down, start_scheduler, wait_until
 from support import scrape, tls_channel
 
 from gpupool import tokens
@@ -278,6 +279,59 @@ def test_run_forwards_sigterm_returns_the_child_code_and_releases(
         assert not SchedulerClient(sched[1]).list_pool().leases
     finally:
         run.stop()
+
+
+def test_run_passes_a_terminals_ctrl_c_to_the_command_once(sched: tuple[Proc, str], hosts: list[SimHost]) -> None:
+    """Ctrl-C at a terminal sends SIGINT to its foreground process group: `gpupool run` and its command alike. `run`
+    forwarded its own as well, so the command got two (journey40: a training script's second KeyboardInterrupt broke
+    into its atexit handlers, the client's Detach). Here `run` owns a pseudo-terminal and ^C is typed into it."""
+    child = (
+        "import signal, sys, time\n"
+        "got = []\n"
+        "signal.signal(signal.SIGINT, lambda *_: got.append(1))\n"
+        "print('child ready', flush=True)\n"
+        "while not got: time.sleep(0.05)\n"
+        "time.sleep(2)\n"  # a forwarded second one arrives well within this
+        "print(f'child got {len(got)} SIGINT', flush=True)\n"
+        "sys.exit(3)\n"
+    )
+    # the terminal's session leader takes the pty as its controlling terminal, then becomes `gpupool run`
+    take_tty = (
+        "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'gpupool.cli', *sys.argv[1:]])"
+    )
+    master, slave = os.openpty()
+    run = subprocess.Popen(
+        [sys.executable, "-c", take_tty, "run", "-n", "1", "-p", "0.25", "--scheduler", sched[1], "--",
+         sys.executable, "-c", child],
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    os.close(slave)
+    out = bytearray()
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: every end of the terminal closed
+                return
+            if not chunk:
+                return
+            out.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: b"child ready" in out, timeout=60, what="the command to start")
+        os.write(master, b"\x03")
+        assert run.wait(30) == 3, out.decode(errors="replace")
+        reader.join(10)
+        assert "child got 1 SIGINT" in out.decode(errors="replace"), out.decode(errors="replace")
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        os.close(master)
 
 
 def test_lease_from_env_rejects_malformed_json() -> None:
