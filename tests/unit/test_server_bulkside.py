@@ -452,18 +452,16 @@ def test_the_side_ports_tls_reads_a_frames_records_in_about_one_system_call_each
     assert counts[True] <= records + 2, counts
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/thread-self/io"), reason="needs Linux's per-thread I/O counts")
-def test_the_clients_side_socket_reads_a_downloads_records_in_about_one_system_call_each() -> None:
-    """Round 38: the client's side-socket TLS context (`tls.socket_client_context`) has OpenSSL's read-ahead on too,
-    as the side port's has since round 37: a download chunk of 7 TLS records, already all in the kernel, is read by
-    `BulkSocket.recv_download` in about one read a record, not two (a record's header, then its body: 14 and more
-    before; a side-socket download is 64 records a 1 MiB). Counted for this thread by the kernel; the bytes exact."""
+def _client_side(buffered: bool) -> tuple[Any, Any, Any]:
+    """A client's side socket over TLS (its `socket_client_context`, the tests' certificates) on a socket pair,
+    non-blocking as `client_bulk.connect` leaves it, `buffered` as a connected one (`tls.SideSocket.buffer`): the
+    daemon's end (a plain TLS server socket), the client's end and its `BulkSocket`."""
     import ssl
 
     from gpupool.client import bulk as client_bulk
     from support import get_pki, tls_socket_pair
 
-    from gpupool import duplex, tls
+    from gpupool import tls
 
     pki = get_pki()
     client_ctx = tls.socket_client_context(pki.client_config())
@@ -471,8 +469,21 @@ def test_the_clients_side_socket_reads_a_downloads_records_in_about_one_system_c
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
     daemon_end, client_end = tls_socket_pair(server_ctx, client_ctx)
-    client_end.setblocking(False)  # as `client_bulk.connect` leaves it
-    side = client_bulk.BulkSocket(client_end)
+    client_end.setblocking(False)
+    if buffered:
+        assert client_end.buffer()
+    return daemon_end, client_end, client_bulk.BulkSocket(client_end)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/io"), reason="needs Linux's per-thread I/O counts")
+def test_the_clients_side_socket_reads_a_downloads_records_in_about_one_system_call_each() -> None:
+    """Round 38: the client's side-socket TLS context (`tls.socket_client_context`) has OpenSSL's read-ahead on too,
+    as the side port's has since round 37: a download chunk of 7 TLS records, already all in the kernel, is read by
+    `BulkSocket.recv_download` in about one read a record, not two (a record's header, then its body: 14 and more
+    before; a side-socket download is 64 records a 1 MiB). Counted for this thread by the kernel; the bytes exact."""
+    from gpupool import duplex
+
+    daemon_end, client_end, side = _client_side(buffered=False)
     records = 7
     data = bytes((i * 29) & 0xFF for i in range(records * 16384 - 64))
     head = protocol.BULK_HEAD.pack(protocol.BULK_DOWNLOAD, 5, 0, len(data))
@@ -615,22 +626,9 @@ def test_the_clients_side_socket_reads_a_reply_record_in_one_system_call() -> No
     """Round 40: the client's end reads a small reply record (`BulkSocket.recv_record`, header in one call) on its
     buffered TLS side socket with one read system call (until round 40: the header's first byte, then its rest,
     and OpenSSL's read-ahead made the read buffer read the socket again: two reads, one of them EAGAIN)."""
-    import ssl
+    from gpupool import duplex
 
-    from gpupool.client import bulk as client_bulk
-    from support import get_pki, tls_socket_pair
-
-    from gpupool import duplex, tls
-
-    pki = get_pki()
-    client_ctx = tls.socket_client_context(pki.client_config())
-    assert client_ctx is not None
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
-    daemon_end, client_end = tls_socket_pair(server_ctx, client_ctx)
-    client_end.setblocking(False)  # as `client_bulk.connect` leaves it
-    assert client_end.buffer()
-    side = client_bulk.BulkSocket(client_end)
+    daemon_end, client_end, side = _client_side(buffered=True)
     reply = b"\x08\x07\x12\x04\x08\x01\x10\x02"
     duplex.send_all(daemon_end, threading.Lock(), [protocol.frame_record(reply)], 10.0)
     _wait_readable(client_end)
