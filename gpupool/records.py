@@ -26,8 +26,18 @@ def head(
     when the peer closed the socket between records. Waits for the header's first byte without a limit (the next
     record may be far off: an idle session, a long step), then `timeout` at most without progress. `have`: bytes of
     the header already in `buf` (read ahead: server/bulkside.py `BulkLink.ready`); `wait`: nothing was there to read
-    a moment ago (`duplex.recv_into`'s)."""
+    a moment ago (`duplex.recv_into`'s).
+
+    Without a `timeout` the first byte and the rest wait alike, so the header is read in one call (round 40: a
+    frame's header in one SSL_read, not two): nothing of it, the peer closed between records; a part, a short header."""
     view = memoryview(buf)
+    if timeout is None:
+        got = duplex.recv_into(sock, lock, view[have:], None, wait and not have)
+        if not got and not have:
+            return None
+        if have + got < len(view):
+            raise EOFError("a record's header")
+        return protocol.BULK_HEAD.unpack(buf)
     if not have:
         if duplex.recv_into(sock, lock, view[:1], None, wait) == 0:
             return None

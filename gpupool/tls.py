@@ -549,6 +549,7 @@ def socket_client_context(cfg: TlsConfig | None = None) -> ssl.SSLContext | None
 SIDE_BUFFER = 256 * 1024  # bytes of records a side socket's system call moves at most, each way (`SideSocket`)
 BUFFERED_MIN = 64 * 1024  # a side socket's writes of at least this many bytes go through its write buffer
 # OpenSSL's BIO numbers (bio.h: the same since OpenSSL 1.1)
+_BIO_CTRL_PENDING = 10
 _BIO_CTRL_FLUSH = 11
 _BIO_C_SET_BUFF_SIZE = 117
 _BIO_FLAGS_SHOULD_RETRY = 0x08
@@ -570,6 +571,8 @@ def _openssl_bio() -> Any:
                 ("SSL_get_wbio", vp, [vp]),
                 ("SSL_set0_rbio", None, [vp, vp]),
                 ("SSL_set0_wbio", None, [vp, vp]),
+                ("SSL_set_read_ahead", None, [vp, i]),
+                ("SSL_get_read_ahead", i, [vp]),
                 ("BIO_f_buffer", vp, []),
                 ("BIO_new", vp, [vp]),
                 ("BIO_free", i, [vp]),
@@ -611,11 +614,12 @@ class SideSocket(ssl.SSLSocket):
     of them it raises SSLWantWriteError with the records whole in the buffer, and the next `send` (the same slice
     again, OpenSSL's retry rule) writes what is left and returns the count (`_owed`). Nothing is ever written in
     plaintext (the BIOs sit under OpenSSL's records); TLS, its version and the certificate checks are the
-    handshake's, done before `buffer`, as before; read-ahead stays on (it fills OpenSSL's record buffer from the
-    read buffer). The read buffer keeps duplex's rule sound: OpenSSL wants to read only once both its buffer and
-    this one are short of a record and the buffer BIO's read of the socket met EAGAIN, so a wait for the socket
-    never sleeps on bytes already read. Where OpenSSL's functions or CPython's object layout are not what `buffer`
-    expects, the socket stays as it is (False) and works as any SSLSocket."""
+    handshake's, done before `buffer`, as before; OpenSSL's read-ahead goes off (round 40: the read buffer does its
+    work, and over it read-ahead cost a read that met EAGAIN each time the records ran out). The read buffer keeps
+    duplex's rule sound: OpenSSL wants to read only once it is short of a record and the buffer BIO, empty, met
+    EAGAIN reading the socket, so a wait for the socket never sleeps on bytes already read; `held` says, without a
+    system call, whether any byte of the peer's is held here at all. Where OpenSSL's functions or CPython's object
+    layout are not what `buffer` expects, the socket stays as it is (False) and works as any SSLSocket."""
 
     _wbuf = 0  # the write buffer BIO (0: not buffered)
     _buffering = False  # it is OpenSSL's write BIO now (a bulk write under way, or its records not all out)
@@ -668,14 +672,32 @@ class SideSocket(ssl.SSLSocket):
             lib.BIO_up_ref(sock_bio)
             lib.BIO_push(bio, sock_bio)
         lib.SSL_set0_rbio(ssl_ptr, rbuf)
+        # OpenSSL's read-ahead off for this connection: the read buffer does its work (one system call takes what the
+        # kernel holds), and over it read-ahead only cost a read more each time the records ran out: OpenSSL asked
+        # for more than the last record, the buffer handed what it held and read the socket again, which met EAGAIN
+        # (round 40, front40: one such read a side frame). Without it OpenSSL asks the read buffer for a record's
+        # header, then its body, and the socket is read only when the buffer is empty and OpenSSL wants bytes.
+        lib.SSL_set_read_ahead(ssl_ptr, 0)
         self._ssl, self._sock_bio, self._wbuf = ssl_ptr, sock_bio, wbuf
         self._release = weakref.finalize(self, lib.BIO_free_all, wbuf)
         self._release.atexit = False
-        # BIO_flush: its own function object without argument conversions, the arguments made once (0.5 us a call)
-        self._flush = lib["BIO_ctrl"]
-        self._flush.restype = ctypes.c_long
+        # BIO_flush and BIO_pending: its own function object without argument conversions, the arguments made once
+        # (0.5 us a call)
+        self._ctrl = lib["BIO_ctrl"]
+        self._ctrl.restype = ctypes.c_long
         self._flush_args = (ctypes.c_void_p(wbuf), ctypes.c_int(_BIO_CTRL_FLUSH), ctypes.c_long(0), None)
+        self._pending_args = (ctypes.c_void_p(rbuf), ctypes.c_int(_BIO_CTRL_PENDING), ctypes.c_long(0), None)
         return True
+
+    def held(self) -> int:
+        """Bytes of the peer's that this end already holds and the application has not read (decrypted in OpenSSL's
+        record, or records in the read buffer), without a system call; -1 where that is not known (not buffered, or
+        its TLS object gone): ask the socket. 0 says that a read would have to wait for the kernel (so a reader that
+        found it empty may wait for the socket: nothing held here is left behind). Under the caller's lock (one
+        OpenSSL call at a time, gpupool/duplex.py)."""
+        if not self._wbuf:
+            return -1
+        return int(self._sslobj.pending()) + int(self._ctrl(*self._pending_args))  # type: ignore[attr-defined]
 
     def _switch(self, buffering: bool) -> None:
         """Make the write buffer (True) or the socket's BIO (False) OpenSSL's write BIO; the latter only with the
@@ -688,7 +710,7 @@ class SideSocket(ssl.SSLSocket):
 
     def _flushed(self) -> bool:
         """Write what waits in the write buffer; True when all of it went, False when the kernel's buffer is full."""
-        if self._flush(*self._flush_args) > 0:
+        if self._ctrl(*self._flush_args) > 0:
             return True
         if _bio_lib[0].BIO_test_flags(self._wbuf, _BIO_FLAGS_SHOULD_RETRY):
             return False
@@ -718,6 +740,20 @@ class SideSocket(ssl.SSLSocket):
             return n
         self._owed = n
         raise ssl.SSLWantWriteError("the side socket's write buffer is not yet out")
+
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+        """`SSLSocket.recv_into` without its two Python layers (`recv_into`, `read`) when it reads into a sized
+        view: OpenSSL's read straight away, a ragged EOF read as the end as `read` reads it (round 40: the side
+        reader's calls a frame)."""
+        sslobj: Any = self._sslobj  # type: ignore[attr-defined]
+        if sslobj is None or flags or not nbytes:
+            return super().recv_into(buffer, nbytes, flags)
+        try:
+            return int(sslobj.read(nbytes, buffer))
+        except ssl.SSLError as exc:
+            if exc.args[0] == ssl.SSL_ERROR_EOF and self.suppress_ragged_eofs:  # type: ignore[attr-defined]
+                return 0
+            raise
 
     def send_more(self, data: Any) -> int:
         """`send` through the write buffer whatever its size, its records left there for the next call or `flush`

@@ -113,6 +113,8 @@ class BulkLink:
         self._have = 0
         self._eof = False
         self._drained = False
+        # what a buffered TLS socket holds of the client's bytes, asked without a system call (`ready`)
+        self._held: Callable[[], int] | None = getattr(sock, "held", None)
 
     def recv_frame(self, limit: int) -> bytes | memoryview | None:
         """The next ClientFrame's bytes on a frames socket; None when the client closed the socket between frames
@@ -174,11 +176,20 @@ class BulkLink:
         Asked by reading the next record's first byte without waiting (kept for `recv_frame`), not by a poll: where
         it is there (a client running ahead) that read is the one the next frame needed anyway (TLS decrypts its
         whole record), so a frame read on costs no system call more; where it is not, the next `recv_frame` waits for
-        the socket without first reading again (round 33: a poll a frame less, and a read a round trip less)."""
+        the socket without first reading again (round 33: a poll a frame less, and a read a round trip less).
+
+        A buffered TLS socket (`tls.SideSocket.held`) that holds no byte of the client's is not read at all (round 40:
+        that read went to the kernel and met EAGAIN each synced frame, and raised SSLWantReadError in Python): the
+        answer is False, and the next `recv_frame` waits for the socket. Bytes that reach the kernel after the
+        frame's own read are then found by that wait (which returns at once) instead of here: the frames before them
+        run as one slice a frame sooner, nothing is left unread."""
         try:
             with self.lock:  # one OpenSSL call at a time (gpupool/duplex.py)
                 if self._have or self._eof:
                     return True
+                if self._held is not None and self._held() == 0:
+                    self._drained = True
+                    return False
                 try:
                     got = self.sock.recv_into(memoryview(self._head)[:1], 1)
                 except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):

@@ -452,18 +452,16 @@ def test_the_side_ports_tls_reads_a_frames_records_in_about_one_system_call_each
     assert counts[True] <= records + 2, counts
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/thread-self/io"), reason="needs Linux's per-thread I/O counts")
-def test_the_clients_side_socket_reads_a_downloads_records_in_about_one_system_call_each() -> None:
-    """Round 38: the client's side-socket TLS context (`tls.socket_client_context`) has OpenSSL's read-ahead on too,
-    as the side port's has since round 37: a download chunk of 7 TLS records, already all in the kernel, is read by
-    `BulkSocket.recv_download` in about one read a record, not two (a record's header, then its body: 14 and more
-    before; a side-socket download is 64 records a 1 MiB). Counted for this thread by the kernel; the bytes exact."""
+def _client_side(buffered: bool) -> tuple[Any, Any, Any]:
+    """A client's side socket over TLS (its `socket_client_context`, the tests' certificates) on a socket pair,
+    non-blocking as `client_bulk.connect` leaves it, `buffered` as a connected one (`tls.SideSocket.buffer`): the
+    daemon's end (a plain TLS server socket), the client's end and its `BulkSocket`."""
     import ssl
 
     from gpupool.client import bulk as client_bulk
     from support import get_pki, tls_socket_pair
 
-    from gpupool import duplex, tls
+    from gpupool import tls
 
     pki = get_pki()
     client_ctx = tls.socket_client_context(pki.client_config())
@@ -471,8 +469,21 @@ def test_the_clients_side_socket_reads_a_downloads_records_in_about_one_system_c
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
     daemon_end, client_end = tls_socket_pair(server_ctx, client_ctx)
-    client_end.setblocking(False)  # as `client_bulk.connect` leaves it
-    side = client_bulk.BulkSocket(client_end)
+    client_end.setblocking(False)
+    if buffered:
+        assert client_end.buffer()
+    return daemon_end, client_end, client_bulk.BulkSocket(client_end)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/io"), reason="needs Linux's per-thread I/O counts")
+def test_the_clients_side_socket_reads_a_downloads_records_in_about_one_system_call_each() -> None:
+    """Round 38: the client's side-socket TLS context (`tls.socket_client_context`) has OpenSSL's read-ahead on too,
+    as the side port's has since round 37: a download chunk of 7 TLS records, already all in the kernel, is read by
+    `BulkSocket.recv_download` in about one read a record, not two (a record's header, then its body: 14 and more
+    before; a side-socket download is 64 records a 1 MiB). Counted for this thread by the kernel; the bytes exact."""
+    from gpupool import duplex
+
+    daemon_end, client_end, side = _client_side(buffered=False)
     records = 7
     data = bytes((i * 29) & 0xFF for i in range(records * 16384 - 64))
     head = protocol.BULK_HEAD.pack(protocol.BULK_DOWNLOAD, 5, 0, len(data))
@@ -540,3 +551,91 @@ def test_read_ahead_leaves_a_context_alone_where_openssls_functions_are_not_at_h
     options = ctx.options
     assert tls.read_ahead(ctx) is False
     assert ctx.options == options
+
+
+# ---- round 40 (front40): a synced frame on a buffered side socket in one read, no EAGAIN ----
+
+
+def _reads() -> int:
+    """This thread's read system calls so far, less the one read that counts them (a single `os.read`)."""
+    fd = os.open("/proc/thread-self/io", os.O_RDONLY)
+    try:
+        text = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    return int(text.split(b"syscr:")[1].split()[0])
+
+
+def _wait_readable(sock: Any) -> None:
+    import select
+
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    assert poller.poll(10_000)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/io"), reason="needs Linux's per-thread I/O counts")
+def test_a_synced_frame_on_a_buffered_side_socket_costs_one_read_system_call() -> None:
+    """Round 40: a synced step's frame (header and bytes in one TLS record) on a bound (buffered) TLS side socket is
+    read, and `ready` answers that nothing follows it, with one read system call: OpenSSL's read-ahead is off once
+    the read buffer is on (it asked for more than the record, and the buffer read the socket again: EAGAIN), and
+    `ready` asks the socket's buffers (`tls.SideSocket.held`) instead of reading the kernel (EAGAIN again). Until
+    round 40: three reads, two of them EAGAIN. Frames that are in the buffers already are still found by `ready`
+    (no read), and a frame sent later is waited for and read whole."""
+    link, theirs = _tls_link()
+    frame = b"\x08\x07" + b"s" * 83
+    theirs.sendall(protocol.frame_record(b"first"))
+    assert bytes(link.recv_frame(1 << 20) or b"") == b"first"
+    assert not link.ready()
+    theirs.sendall(protocol.frame_record(frame))
+    _wait_readable(link.sock)
+    before = _reads()
+    got = link.recv_frame(1 << 20)
+    more = link.ready()
+    reads = _reads() - before - 1  # (less the read of `before`'s count)
+    assert got is not None and bytes(got) == frame
+    assert not more
+    assert reads == 1, reads
+    theirs.sendall(protocol.frame_record(b"one") + protocol.frame_record(b"two"))
+    _wait_readable(link.sock)
+    before = _reads()
+    first = link.recv_frame(1 << 20)
+    more = link.ready()
+    second = link.recv_frame(1 << 20)
+    reads = _reads() - before - 1
+    assert first is not None and bytes(first) == b"one"
+    assert more  # the second frame is in the read buffer: found without a read
+    assert second is not None and bytes(second) == b"two"
+    assert reads == 1, reads
+    assert not link.ready()
+    late: list[Any] = []
+    reader = threading.Thread(target=lambda: late.append(link.recv_frame(1 << 20)))
+    reader.start()  # waits for the socket
+    time.sleep(0.05)
+    theirs.sendall(protocol.frame_record(b"late"))
+    reader.join(10)
+    assert late and late[0] is not None and bytes(late[0]) == b"late"
+    theirs.close()
+    _wait_readable(link.sock)
+    assert link.recv_frame(1 << 20) is None  # the client closed between frames
+    link.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/io"), reason="needs Linux's per-thread I/O counts")
+def test_the_clients_side_socket_reads_a_reply_record_in_one_system_call() -> None:
+    """Round 40: the client's end reads a small reply record (`BulkSocket.recv_record`, header in one call) on its
+    buffered TLS side socket with one read system call (until round 40: the header's first byte, then its rest,
+    and OpenSSL's read-ahead made the read buffer read the socket again: two reads, one of them EAGAIN)."""
+    from gpupool import duplex
+
+    daemon_end, client_end, side = _client_side(buffered=True)
+    reply = b"\x08\x07\x12\x04\x08\x01\x10\x02"
+    duplex.send_all(daemon_end, threading.Lock(), [protocol.frame_record(reply)], 10.0)
+    _wait_readable(client_end)
+    before = _reads()
+    kind, _, body = side.recv_record()
+    reads = _reads() - before - 1
+    assert (kind, bytes(body)) == (protocol.BULK_FRAME, reply)
+    assert reads == 1, reads
+    side.close()
+    daemon_end.close()
