@@ -791,3 +791,19 @@ def test_a_script_that_catches_a_refusal_goes_on(pool: str, client: tuple[str, .
     done = on_pool(pool, "-c", *client, "-p", "0.5", script_args=(AFTER_A_REFUSAL,))
     assert done.stdout.split("\n")[:3] == ["refused True", "sin True", "cos True"], done.stdout + done.stderr[-2000:]
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_transformer_eval_loop_gives_the_cpu_values(pool: str, client: tuple[str, ...]) -> None:
+    """transformer_eval.py (nn.MultiheadAttention, nn.TransformerEncoder and one TransformerEncoderLayer in `eval()`
+    under `torch.no_grad()`, with and without a key padding mask): every printed value within float32 rounding of
+    the CPU's, on both clients. Until round 40 torch took its fast path for the gpupool device as for CUDA:
+    `_native_multi_head_attention` and `_transformer_encoder_layer_fwd` were denied by the daemon's allowlist, and
+    the padding mask's nested tensor failed on both clients (client/fastpath.py: gpupool tensors take the ordinary
+    path)."""
+    pooled = on_pool(pool, "transformer_eval.py", *client, "-p", "0.5")
+    losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(on_cpu("transformer_eval.py").stdout)
+    assert len(losses) == 10, pooled.stdout + pooled.stderr[-2000:]
+    assert_loss_lines_close(losses, reference)
+    assert "transformer eval done on cuda" in pooled.stdout
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
