@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import re
-import signal
 import sqlite3
 import threading
 from concurrent import futures
@@ -24,7 +23,7 @@ from grpc_health.v1 import health, health_pb2
 from gpupool import tls, tokens
 from gpupool._proto import scheduler_pb2_grpc
 from gpupool.callguard import RequestGuard
-from gpupool.config import add_flag, more_open_files, setup_logging, split_address
+from gpupool.config import StopSignals, add_flag, more_open_files, setup_logging, split_address
 from gpupool.errors import ErrorInterceptor, GpupoolError
 from gpupool.metrics_http import serve_metrics, stop_metrics
 from gpupool.protocol import Policy
@@ -384,10 +383,8 @@ def main(argv: list[str]) -> int:
         scheme = "http" if config.metrics_plaintext or config.tls.insecure else "https"
         host = split_address(config.metrics_listen)[0]
         log.info("metrics on %s://%s:%d/metrics", scheme, host, server.metrics_port)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    while not done.wait(0.5):
+    signals = StopSignals()  # (no Python in the handler: an Event's set there could wait on its own lock for good)
+    while signals.wait(0.5) is None:
         if server.failed.is_set():
             server.stop(grace=0)
             return 3

@@ -13,12 +13,10 @@ import os
 import signal
 import socket
 import sys
-import threading
-from types import FrameType
 from typing import TYPE_CHECKING
 
 from gpupool import logsink, tls, tokens
-from gpupool.config import add_flag, more_open_files, setup_logging, size_arg, withheld_features
+from gpupool.config import StopSignals, add_flag, more_open_files, setup_logging, size_arg, withheld_features
 from gpupool.errors import GpupoolError
 from gpupool.protocol import COLLECTIVE_TRANSPORTS
 
@@ -258,6 +256,13 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
     )
 
 
+def wait_for_stop(signals: StopSignals) -> None:
+    """Until SIGINT or SIGTERM, then its line: logged here, in the main thread's own code, never in a signal handler
+    (`StopSignals`: a handler that logged deadlocked on the log sink's lock)."""
+    signum = signals.wait()
+    log.info("got %s: draining", signal.Signals(signum or signal.SIGTERM).name)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("gpupool-serve", args.log_level, background=True)
@@ -287,16 +292,7 @@ def main(argv: list[str]) -> int:
     except (OSError, RuntimeError, GpupoolError) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("got %s: draining", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    while not stop.wait(1.0):
-        pass
+    wait_for_stop(StopSignals())
     running.stop()
     # Stopped: servers down, sessions closed, workers told; the zygote ends when our end of its socket closes. Leave
     # without the interpreter's teardown, which spent 1.5-2 s collecting torch's objects before the process ended
