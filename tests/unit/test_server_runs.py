@@ -29,6 +29,7 @@ from gpupool.server.executor import CommandExecutor
 from gpupool.server.sessions import DeviceMemory, WorkerSession
 from gpupool.server.speedmodel import SpeedModel
 from grpc import StatusCode
+from support import native_runner_or_skip
 
 from gpupool import compact, wire
 from gpupool._proto import device_pb2
@@ -73,8 +74,8 @@ def use_runner(param: str, monkeypatch: pytest.MonkeyPatch) -> None:
     `GPUPOOL_NATIVE_RUNNER=0` ("python")."""
     if param == "python":
         monkeypatch.setenv("GPUPOOL_NATIVE_RUNNER", "0")
-    elif native_runner.load() is None:
-        pytest.skip("the native runner cannot be built here")
+    else:
+        native_runner_or_skip()
 
 
 @pytest.fixture(params=["native", "python"], autouse=True)
