@@ -1827,7 +1827,7 @@ struct Ctx {
       Own gone(dict_pop(pdict, hkey.p));
       if (gone.p == nullptr) throw py::error_already_set();
     }
-    bind_new(c, hkey.p, t, obj.p);
+    bind_new(c, hkey.p, h, t, obj.p);
     handle_keys->put(h, hkey.p);
     c.sync_all();
     Own nb(PyLong_FromLongLong(nbytes));

@@ -21,6 +21,7 @@ from support import (
     dead_port,
     get_pki,
     install_test_tls,
+    native_runner_or_skip,
     start_serve_process,
     stop_process,
     verifier,
@@ -73,13 +74,8 @@ def warm_this_process() -> None:
 @pytest.fixture(scope="session")
 def native_runner_module() -> Any:
     """The daemon's native runner (server/native_runner.cpp), built or loaded from its cache; skips where it cannot be
-    built."""
-    from gpupool.server import native_runner
-
-    m = native_runner.load()
-    if m is None:
-        pytest.skip("the native runner cannot be built here")
-    return m
+    built (fails where it can and did not: `support.native_runner_or_skip`)."""
+    return native_runner_or_skip()
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 import torch
 from gpupool.client.session import Handle, Session
 from gpupool.server.registration import Registrar
@@ -619,3 +620,20 @@ def start_serve_unread(
         proc.wait()
         raise AssertionError(said[-2000:])
     return proc, DaemonHandle(m.group(1).decode(), token_key, TEST_HOST, process=proc), said  # type: ignore[arg-type]
+
+
+def native_runner_or_skip() -> Any:
+    """The daemon's native runner (server/native_runner.cpp), built or loaded from its cache. Skips only where it
+    cannot be built here (disabled, no compiler or ninja, a sanitized build without ASan loaded); where it could be
+    built and was not (the source does not compile), fails: round 40 merged a call that no longer matched its
+    function's signature, and every test of the runner skipped as if no compiler were here."""
+    from gpupool.server import native_runner
+
+    m = native_runner.load()
+    if m is None:
+        why = None if native_runner.enabled() else "disabled (GPUPOOL_NATIVE_RUNNER=0)"
+        why = why or native_runner.missing() or native_runner._no_asan()
+        if why is not None:
+            pytest.skip(f"the native runner cannot be built here: {why}")
+        pytest.fail("the native runner did not build though it can be built here (see the warning logged)")
+    return m

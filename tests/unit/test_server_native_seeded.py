@@ -18,10 +18,11 @@ from typing import Any
 
 import pytest
 import torch
-from gpupool.server import native_runner, slices
+from gpupool.server import slices
 from gpupool.server.devices import FakeDevice
 from gpupool.server.executor import CommandExecutor
 from gpupool.server.sessions import DeviceMemory, WorkerSession
+from support import native_runner_or_skip
 
 from gpupool import compact
 from gpupool._proto import device_pb2
@@ -45,8 +46,7 @@ T, V = compact.tensor, compact.encode_value
 
 @pytest.fixture(autouse=True)
 def runner() -> Iterator[None]:
-    if native_runner.load() is None:
-        pytest.skip("the native runner cannot be built here")
+    native_runner_or_skip()
     yield
 
 

@@ -30,9 +30,10 @@ from gpupool.server.executor import CommandExecutor
 from gpupool.server.sessions import DeviceMemory, WorkerSession
 from gpupool.server.speedmodel import SpeedModel
 from grpc import StatusCode
+from support import native_runner_or_skip
 
 from gpupool import compact, wire
-from gpupool._proto import device_pb2
+from gpupool._proto import device_pb2, tensor_pb2
 
 NUMBER = 3
 BASE = NUMBER << 32
@@ -80,8 +81,8 @@ def use_runner(param: str, monkeypatch: pytest.MonkeyPatch) -> None:
     `GPUPOOL_NATIVE_RUNNER=0` ("python")."""
     if param == "python":
         monkeypatch.setenv("GPUPOOL_NATIVE_RUNNER", "0")
-    elif native_runner.load() is None:
-        pytest.skip("the native runner cannot be built here")
+    else:
+        native_runner_or_skip()
 
 
 @pytest.fixture(params=["native", "python"], autouse=True)
@@ -132,9 +133,10 @@ class Pair:
     def runs(self) -> runs.Runs:
         return self.ex[0]._eager["t"][3]
 
-    def slice(self, cmds: list[device_pb2.Command], budget: float = 1e9) -> int:
-        """Run one slice in both; returns how many commands it executed."""
-        payload = device_pb2.ClientFrame(commands=cmds).SerializeToString()
+    def slice(self, cmds: list[device_pb2.Command], budget: float = 1e9, payload: bytes | None = None) -> int:
+        """Run one slice in both; returns how many commands it executed (`payload`: the frame's bytes as given)."""
+        if payload is None:
+            payload = device_pb2.ClientFrame(commands=cmds).SerializeToString()
         seen = []
         for k, (ex, s) in enumerate(zip(self.ex, self.s, strict=True)):
             ex.ledger.reset()
@@ -1982,3 +1984,94 @@ def test_an_op_returning_a_list_of_one_under_one_output_handle_runs_in_learned_r
     p.stream(cmds, itertools.cycle([64]))
     assert p.hits > 3 * 4
     assert torch.equal(p.s[0].tensors[h(7, 2)], torch.relu(p.s[0].tensors[X] * 8.0 + 1.0))
+
+
+def _varint(x: int) -> bytes:
+    x &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        b, x = x & 0x7F, x >> 7
+        out.append(b | (0x80 if x else 0))
+        if not x:
+            return bytes(out)
+
+
+def _field(n: int, value: int | bytes) -> bytes:
+    """A protobuf field's bytes: a varint for an int, length-delimited for bytes."""
+    if isinstance(value, int):
+        return _varint(n << 3) + _varint(value)
+    return _varint(n << 3 | 2) + _varint(len(value)) + value
+
+
+def test_hostile_upload_and_free_bytes_inside_a_run_as_on_the_normal_path(runner: str) -> None:
+    """Upload and Free messages that upb reads (the frame parses) but that are not what a client's serializer
+    writes, among a run's records where `Ctx::between` reads their bytes by hand: a field twice (upb: the last
+    handle, the two metas merged), shapes packed and not mixed, MAX_DIMS and one past, 2^63 - 1 and -1 as a
+    dimension, an element count that overflows int64 times the element size, one of 0 elements beside a huge
+    dimension, unknown and negative dtypes, strides and an offset of any value, an unknown field, `last` as 2, an
+    over-long varint, a bool byte 2, bytes one short, the reserved, another session's and a far handle, a free of a
+    handle twice, of another session's, packed and not. Each runs (or fails, with the same status and message) as
+    on the normal path: the pair compares the tensors, the errors, the poisoned handles and the accounting."""
+    p = Pair(quota=1 << 20, max_handles=300)
+    p.stream(training(p, 6), itertools.cycle([64]))
+    f32, b8 = wire.dtype_to_proto(torch.float32), wire.dtype_to_proto(torch.bool)
+    one = torch.ones(2, 3).numpy().tobytes()
+
+    def meta(*fields: bytes) -> bytes:
+        return _field(2, b"".join(fields))
+
+    def up(*fields: bytes) -> bytes:
+        return b"".join(fields)
+
+    hb = BASE + 950
+    packed = lambda *dims: _field(2, b"".join(_varint(d) for d in dims))  # noqa: E731
+    plain = lambda *dims: b"".join(_field(2, d) for d in dims)  # noqa: E731
+    ok = (_field(1, f32), packed(2, 3))
+    cases = [
+        up(_field(1, hb), _field(1, hb + 1), meta(*ok), _field(4, one), _field(5, 1)),  # handle twice
+        up(_field(1, hb), meta(_field(1, f32), packed(2)), meta(packed(3)), _field(4, one), _field(5, 1)),  # merged
+        up(_field(1, hb), meta(_field(1, f32), packed(2), plain(3)), _field(4, one), _field(5, 1)),  # mixed shape
+        up(_field(1, hb), meta(_field(1, f32), plain(*[1] * 64)), _field(4, one[:4]), _field(5, 1)),  # MAX_DIMS
+        up(_field(1, hb), meta(_field(1, f32), plain(*[1] * 65)), _field(4, one[:4]), _field(5, 1)),  # one past
+        up(_field(1, hb), meta(_field(1, f32), packed((1 << 63) - 1)), _field(4, one), _field(5, 1)),
+        up(_field(1, hb), meta(_field(1, f32), packed(-1)), _field(4, b""), _field(5, 1)),
+        up(_field(1, hb), meta(_field(1, f32), packed(1 << 31, 1 << 31, 4)), _field(4, one), _field(5, 1)),
+        up(_field(1, hb), meta(_field(1, f32), packed(1 << 62, 0)), _field(5, 1)),  # 0 elements
+        up(_field(1, hb), meta(_field(1, f32), packed(0, 1 << 62, 1 << 62)), _field(5, 1)),
+        up(_field(1, hb), meta(_field(1, 99), packed(2, 3)), _field(4, one), _field(5, 1)),
+        up(_field(1, hb), meta(_field(1, -1), packed(2, 3)), _field(4, one), _field(5, 1)),
+        up(_field(1, hb), meta(_field(1, (1 << 32) + f32), packed(2, 3)), _field(4, one), _field(5, 1)),
+        up(_field(1, hb), meta(*ok, _field(3, 1 << 63), _field(4, 7)), _field(4, one), _field(5, 1)),  # stride, off
+        up(_field(1, hb), meta(*ok, _field(4, 1), _field(4, 2)), _field(4, one), _field(5, 1)),  # offset twice
+        up(_field(1, hb), meta(*ok, _field(9, 1)), _field(4, one), _field(5, 1)),  # an unknown field
+        up(_field(1, hb), meta(*ok), _field(4, one), _field(5, 2)),  # last = 2
+        up(b"\x88\x80\x80\x00" + _varint(hb), meta(*ok), _field(4, one), _field(5, 1)),  # an over-long key
+        up(_field(1, hb), meta(*ok), _field(4, one), _field(5, 1), _field(7, 1)),  # an unknown Upload field
+        up(_field(1, hb), meta(_field(1, b8), packed(3)), _field(4, b"\x01\x02\x00"), _field(5, 1)),
+        up(_field(1, hb), meta(*ok), _field(4, one[:-1]), _field(5, 1)),
+        up(_field(1, hb), meta(*ok), _field(3, 1), _field(4, one), _field(5, 1)),  # offset 1
+        up(_field(1, BASE), meta(*ok), _field(4, one), _field(5, 1)),
+        up(_field(1, FOREIGN), meta(*ok), _field(4, one), _field(5, 1)),
+        up(_field(1, BASE + (1 << 32) - 1), meta(*ok), _field(4, one), _field(5, 1)),
+        up(_field(1, hb + 2), meta(_field(1, f32), packed(2, 3)), _field(4, one), _field(5, 1)),  # a plain one
+    ]
+    frees = [
+        _field(1, b"".join(_varint(x) for x in (hb + 2, hb + 2, hb + 2))),  # a handle thrice
+        _field(1, hb + 3) + _field(1, b"".join(_varint(x) for x in (hb, hb + 1))),  # not packed, then packed
+        _field(1, b"".join(_varint(x) for x in (hb + 4, FOREIGN, hb + 5))),
+        _field(1, b"".join(_varint(x) for x in (BASE, 0, 1 << 63))),
+    ]
+    t = 6
+    raw = [(2, c) for c in cases] + [(4, f) for f in frees]
+    for kind, msg in raw:
+        cmds = step(p, t)
+        cmds.append(free(t - 1))
+        entries = [c.SerializeToString() for c in cmds]
+        entries.insert(3, _field(kind, msg))
+        entries.insert(6, device_pb2.Command(upload=device_pb2.Upload(
+            handle=hb + 3 + t % 3, meta=tensor_pb2.TensorMeta(dtype=f32, shape=[2, 3]), data=one, last=True)
+        ).SerializeToString())  # fmt: skip
+        payload = b"".join(_field(1, e) for e in entries)
+        device_pb2.ClientFrame.FromString(payload)  # upb reads it
+        p.slice([], payload=payload)
+        t += 1
