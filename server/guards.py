@@ -249,7 +249,7 @@ def _weight_norm(backward: bool) -> Callable[[Args, Kwargs], None]:
     backward's saved norms) at each row's or column's index, unchecked: a 1-element g beside a 4-row v read 3 floats
     past g's storage (round 40: heap bytes in w). g and the norms hold one value per slice of v along `dim`, the
     backward's grad_w has v's shape; the kernel checks dtypes itself. (It reads them by raw pointer, as contiguous:
-    `_CONTIGUOUS_INPUTS`.)"""
+    `_CONTIGUOUS_INPUTS`.) It divides v's element count by v's size along `dim`: a v without a slice is refused."""
 
     def check(args: Args, kwargs: Kwargs) -> None:
         names = ("grad_w", "saved_v", "saved_g", "saved_norms") if backward else ("v", "g")
@@ -259,6 +259,8 @@ def _weight_norm(backward: bool) -> Callable[[Args, Kwargs], None]:
         if v.dim() == 0 or dim not in (0, v.dim() - 1):
             raise InvalidArgument(f"dim {dim} is neither the first nor the last of v {list(v.shape)}")
         n = v.size(dim)
+        if n == 0:  # the kernel divides v's element count by n (int64): SIGFPE, the worker killed (round 40 review)
+            raise InvalidArgument(f"v {list(v.shape)} has no slice along dim {dim}")
         per_slice = ("saved_g", "saved_norms") if backward else ("g",)
         wrong: list[str] = [name for name in per_slice if given[name].numel() != n]
         if backward and tuple(given["grad_w"].shape) != tuple(v.shape):

@@ -798,3 +798,29 @@ def test_weight_norm_kernels_get_one_norm_per_slice(served: DaemonHandle, bad: S
     got = bad.call(backward, up(grad), up(v), up(g), up(norms), 0, outputs=2)
     for h, want in zip(got, torch.ops.aten._weight_norm_interface_backward(grad, v, g, norms, 0), strict=True):
         assert torch.equal(bad.download(h), want)
+
+
+def test_weight_norm_kernels_refuse_an_empty_slice_count(served: DaemonHandle, bad: Session) -> None:
+    """weight_norm's fused CPU kernel divides v's element count by its size along `dim` (rows for dim 0, columns for
+    the last) in int64: a v with no rows or no columns (`[0, 3]`, `[3, 0]`, `[0]`) raised SIGFPE and killed the
+    session's worker (round 40 review). Such calls are refused; a v with rows of no elements (`[4, 0]` for dim 0)
+    divides by 4 and still runs, with torch's results."""
+
+    def up(t: torch.Tensor) -> Handle:
+        return Handle(bad.upload(t))
+
+    forward, backward = "aten::_weight_norm_interface.default", "aten::_weight_norm_interface_backward.default"
+    for shape, dim in (([0, 3], 0), ([3, 0], 1), ([0], 0), ([3, 2, 0], 2)):
+        v, n = torch.zeros(shape), shape[dim]
+        g = torch.ones(n)
+        for name, args in ((forward, [up(v), up(g), dim]), (backward, [up(v), up(v), up(g), up(g), dim])):
+            bad.call(name, *args, outputs=2)
+            with pytest.raises(errors.InvalidArgument, match="no slice along dim"):
+                bad.sync()
+            assert served.process is not None and served.process.poll() is None, (name, shape)
+            usable(bad)
+    v, g = torch.zeros(4, 0), torch.ones(4, 1)
+    for h, want in zip(
+        bad.call(forward, up(v), up(g), 0, outputs=2), torch.ops.aten._weight_norm_interface(v, g, 0), strict=True
+    ):
+        assert torch.equal(bad.download(h), want)
