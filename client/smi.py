@@ -221,7 +221,7 @@ def watch(args: argparse.Namespace, console: Console) -> int:
                     return 0
                 time.sleep(args.interval)
         except KeyboardInterrupt:
-            return 0
+            return 130  # (Ctrl-C: 128 + SIGINT, so that a script running the watch, scripts/demo.sh, can tell)
 
 
 def main(argv: list[str]) -> int:

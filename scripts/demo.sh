@@ -59,7 +59,10 @@ gpupool run -n 1 -p 0.5 -- "$py" examples/sentiment/train.py --device gpupool --
   "${args[@]}" >"$state/train.log" 2>&1 &
 train_pid=$!
 # The pool while it trains: devices, each tenant's memory / busy % / ops/s, leases, and the training log's tail.
-gpupool smi --watch --interval 1 --until-pid $train_pid --log "$state/train.log" || true
+# (Ctrl-C ends the watch with 130, not by the signal, so bash runs no INT trap for it: stop here ourselves)
+gpupool smi --watch --interval 1 --until-pid $train_pid --log "$state/train.log" || {
+  [ $? != 130 ] || { echo "interrupted: stopping the training and the pool"; exit 130; }
+}
 rc=0; wait $train_pid || rc=$?
 grep -vE ' step [0-9]+: ' "$state/train.log" || true
 [ $rc = 0 ] || { echo "training failed (exit $rc):"; tail -n 40 "$state/train.log"; exit $rc; }
