@@ -195,10 +195,10 @@ def replay_instr(path: str, steps: int) -> str:
     return "done"
 
 
-def outside_instr(path: str, steps: int) -> str:
-    """Inside valgrind: the worker's own instructions per RunGraph, without the kernels: the traced function replaced
-    by one returning a real run's outputs (the same objects every run), so that what is counted is the run's inputs,
-    persistent tensors, binding and accounting (`steps` 0: the harness alone, subtracted by `_outside`)."""
+def _kernels_out(path: str) -> tuple[Any, Any, Any]:
+    """A worker whose graph ran (and was traced), its traced function replaced by one returning a real run's outputs
+    (the same objects every run): what a RunGraph then costs is the worker's own work, not the kernels'. Returns
+    (executor, session, command maker)."""
     ex, s, command = _worker(path)
     for _ in range(5):
         c = command()
@@ -215,6 +215,14 @@ def outside_instr(path: str, steps: int) -> str:
         return kept[0]
 
     traced.fn = outputs
+    return ex, s, command
+
+
+def outside_instr(path: str, steps: int) -> str:
+    """Inside valgrind: the worker's own instructions per RunGraph, without the kernels: the traced function replaced
+    by one returning a real run's outputs (the same objects every run), so that what is counted is the run's inputs,
+    persistent tensors, binding and accounting (`steps` 0: the harness alone, subtracted by `_outside`)."""
+    ex, s, command = _kernels_out(path)
     cmds = [command() for _ in range(steps + 1)]
     ex.execute(s, cmds[0], _no_reply)
     with cgtools.instrumented():
@@ -228,22 +236,7 @@ def outside_instr(path: str, steps: int) -> str:
 def outside_cpu(path: str, steps: int, repeats: int) -> str:
     """`outside_instr`'s setup timed instead of counted: the thread's CPU a RunGraph over `steps` runs, `repeats`
     times (min and median), where callgrind is too slow on a loaded box (the stock MLP's count)."""
-    ex, s, command = _worker(path)
-    for _ in range(5):
-        c = command()
-        ex.execute(s, c, _no_reply)
-        s.free(_fresh(s, c))
-    traced = next(iter(ex.graphs._of(s).values())).traced
-    if traced is None:
-        raise SystemExit("the graph did not trace: no TorchScript call to take out")
-    real, kept = traced.fn, []
-
-    def outputs(*args: Any) -> Any:
-        if not kept:
-            kept.append(real(*args))
-        return kept[0]
-
-    traced.fn = outputs
+    ex, s, command = _kernels_out(path)
     runs = []
     for _ in range(repeats):
         cmds = [command() for _ in range(steps)]
