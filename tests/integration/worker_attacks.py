@@ -370,6 +370,24 @@ def probe_gpu_isolation(ctx: dict[str, Any]) -> str:
             got["opened"].append(path)
         except OSError as exc:
             got["refused"].append(f"{path} {errno.errorcode.get(exc.errno or 0, exc.errno)}")
+    # (round 41) which GPUs' folders of the driver's /proc and of /sys it reads (ctx: every GPU's PCI address), and
+    # which of the host's MIG capability files (ctx: their names in /dev/nvidia-caps) it opens
+    got["driver_read"], got["sys_read"], got["caps_opened"] = [], [], []
+    for pci in ctx.get("gpu_pcis", []):
+        for key, path in (("driver_read", f"/proc/driver/nvidia/gpus/{pci}/information"),
+                          ("sys_read", f"/sys/bus/pci/devices/{pci}/numa_node")):  # fmt: skip
+            try:
+                with open(path, "rb") as f:
+                    f.read(16)
+                got[key].append(pci)
+            except OSError:
+                pass
+    for name in ctx.get("caps", []):
+        try:
+            os.close(os.open(f"/dev/nvidia-caps/{name}", os.O_RDONLY))
+            got["caps_opened"].append(name)
+        except OSError:
+            pass
     return "report: " + json.dumps(got)
 
 
