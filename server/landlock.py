@@ -101,7 +101,10 @@ def abi() -> int:
 def describe(version: int) -> str:
     """What a worker lacks on this kernel ("" where nothing is): for the daemon's one warning at start."""
     if version <= 0:
-        return "this kernel has no Landlock: session workers may read every file their user may"
+        return (
+            "this kernel has no Landlock: session workers may read every file their user may (the host's connections "
+            "in /proc/self/net, every GPU's driver entries, a same-user daemon's /proc/PID included)"
+        )
     lacking = [what for at, what in MISSING_BELOW.items() if version < at]
     return f"Landlock ABI {version}: session workers lack its confinement of " + ", ".join(lacking) if lacking else ""
 
@@ -368,15 +371,26 @@ def proc_self(network: bool = False, pid: int = 0) -> tuple[list[str], list[str]
     root = f"/proc/{pid or os.getpid()}"
     if network:
         return [root], []
-    reads: list[str] = []
     try:
-        with os.scandir(root) as entries:
-            for entry in entries:
-                if entry.name not in PROC_SELF_WITHHELD and not entry.is_symlink():
-                    reads.append(entry.path)
+        entries = _proc_entries(root)
     except OSError:
         return [], []
+    reads = [os.path.join(root, name) for name, _is_dir in entries if name not in PROC_SELF_WITHHELD]
     return sorted(reads), [os.path.join(root, "task")]
+
+
+def _proc_entries(root: str) -> list[tuple[str, bool]]:
+    """(name, is a folder) of each entry of `root` but the magic links."""
+    with os.scandir(root) as entries:
+        return [(e.name, e.is_dir(follow_symlinks=False)) for e in entries if not e.is_symlink()]
+
+
+def _add_fd(ruleset: int, fd: int, access: int, is_dir: bool) -> str:
+    """One rule: `access` beneath the file `fd` holds (O_PATH) ("" when added, else the kernel's why not)."""
+    attr = _PathBeneath(access if is_dir else access & FILE_RIGHTS, fd)
+    if _libc.syscall(ctypes.c_long(NR_ADD_RULE), ruleset, RULE_PATH_BENEATH, ctypes.byref(attr), 0) != 0:
+        return os.strerror(ctypes.get_errno())
+    return ""
 
 
 def _add_path(ruleset: int, path: str, access: int) -> str:
@@ -386,14 +400,44 @@ def _add_path(ruleset: int, path: str, access: int) -> str:
     except OSError as exc:
         return f"{path}: {exc.strerror}"
     try:
-        if not stat.S_ISDIR(os.fstat(fd).st_mode):
-            access &= FILE_RIGHTS
-        attr = _PathBeneath(access, fd)
-        if _libc.syscall(ctypes.c_long(NR_ADD_RULE), ruleset, RULE_PATH_BENEATH, ctypes.byref(attr), 0) != 0:
-            return f"{path}: {os.strerror(ctypes.get_errno())}"
+        why = _add_fd(ruleset, fd, access, stat.S_ISDIR(os.fstat(fd).st_mode))
     finally:
         os.close(fd)
-    return ""
+    return f"{path}: {why}" if why else ""
+
+
+def _add_own_proc(ruleset: int, network: bool, handled_fs: int) -> list[str]:
+    """The rules of the worker's own /proc/PID (`proc_self`): each entry opened beside the others (one system call
+    each, no path walk, no stat: 49 rules cost ~0.8 ms as `_add_path`s); what failed."""
+    root = f"/proc/{os.getpid()}"
+    if network:
+        why = _add_path(ruleset, root, READ & handled_fs)
+        return [f"landlock read {why}"] if why else []
+    missing: list[str] = []
+    try:
+        folder = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        return [f"landlock read {root}: {exc.strerror}"]
+    try:
+        for name, is_dir in _proc_entries(root):
+            if name in PROC_SELF_WITHHELD and name != "task":
+                continue
+            try:
+                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+            except OSError as exc:
+                missing.append(f"landlock read {root}/{name}: {exc.strerror}")
+                continue
+            try:
+                why = _add_fd(ruleset, fd, (FS_READ_DIR if name == "task" else READ) & handled_fs, is_dir)
+            finally:
+                os.close(fd)
+            if why:
+                missing.append(f"landlock read {root}/{name}: {why}")
+    except OSError as exc:
+        missing.append(f"landlock read {root}: {exc.strerror}")
+    finally:
+        os.close(folder)
+    return missing
 
 
 def restrict(
@@ -425,8 +469,6 @@ def restrict(
     try:
         reads = list(read_paths())
         reads += NETWORK_READ if network else ()
-        own, listed = proc_self(network)  # /proc/self (not another process's), less the host's connections
-        reads += own
         devices = ["/dev/null"]
         if gpu:
             more, nvidia, notes = gpu_paths(gpu_uuid, gpu_pci, layout)
@@ -438,10 +480,7 @@ def restrict(
                 why = _add_path(ruleset, path, READ & handled_fs)
                 if why:
                     missing.append(f"landlock read {why}")
-        for path in listed:
-            why = _add_path(ruleset, path, FS_READ_DIR & handled_fs)
-            if why:
-                missing.append(f"landlock list {why}")
+        missing += _add_own_proc(ruleset, network, handled_fs)  # /proc/self, less the host's connections
         for path in devices:
             why = _add_path(ruleset, path, DEVICE & handled_fs)
             if why:
