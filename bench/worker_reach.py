@@ -18,11 +18,9 @@ is why the daemon sends none since round 41: test_a_workers_memory_holds_no_othe
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
 import json
 import os
-import re
 import secrets
 import shutil
 import socket
@@ -89,23 +87,23 @@ def probe_reach(ctx: dict[str, Any]) -> str:
         out["listen TCP"] = "open"
     except OSError as exc:
         out["listen TCP"] = _why(exc)
-    found: set[str] = set()  # earlier sessions' ids in its own writable memory (no permission needed)
-    with open("/proc/self/maps") as maps:
-        regions = [line.split() for line in maps]
-    for region in regions:
-        if "rw" not in region[1] or (len(region) > 5 and region[5] != "[heap]"):
-            continue
-        lo, hi = (int(x, 16) for x in region[0].split("-"))
-        if hi - lo <= 1 << 30:
-            data = ctypes.string_at(lo, hi - lo)
-            for prefix in ctx["prefixes"]:
-                found.update(m.decode() for m in re.findall(re.escape(prefix.encode()) + rb"[A-Za-z0-9_-]{18}", data))
+    found = set(_SCAN[0](ctx["prefixes"]))  # earlier sessions' ids in its own writable memory (no permission needed)
     out["earlier specs' session ids in its memory"] = f"{len(found & set(ctx['ids']))} of {len(ctx['ids'])}"
     return "report: " + json.dumps(out)
 
 
+_SCAN: list[Any] = []  # this checkout's worker_attacks.memory_secrets (a base's worker_attacks may lack it)
+
+
 def zygote_program(tree: str) -> None:
     """The zygote of `tree` (its worker code), with worker_attacks' hook and `probe_reach` added."""
+    import importlib.util
+
+    mine = importlib.util.spec_from_file_location("reach_attacks", ROOT / "tests" / "integration" / "worker_attacks.py")
+    assert mine is not None and mine.loader is not None
+    attacks = importlib.util.module_from_spec(mine)
+    mine.loader.exec_module(attacks)
+    _SCAN.append(attacks.memory_secrets)
     sys.path.insert(0, os.path.join(tree, "tests", "integration"))
     import worker_attacks
 
@@ -186,7 +184,7 @@ def _survey(tree: str) -> dict[str, dict[str, str]]:
             "a sibling": v,
             "the zygote": z.pid,
             "a same-user process": stand_in.pid,
-            "this process": os.getpid(),
+            "the front (this bench, root)": os.getpid(),
             "init": 1,
         },  # fmt: skip
         "unix": {"a path unix socket": path_sock, "an abstract unix socket": "\0gpupool-reach"},
