@@ -1,7 +1,8 @@
 """What Landlock costs a session worker's start (server/landlock.py `restrict`), in one run, cases alternating:
 
 - part: a child forked from a torch-warm parent (as the zygote forks a worker) sets no_new_privs and applies the
-  worker's ruleset, timing `restrict` alone; against a child that does nothing;
+  worker's ruleset, timing `restrict` alone; against a child that does nothing, and with --against the base
+  checkout's server/landlock.py `restrict` in the same parent (round 41: /proc/self's entries one rule each);
 - whole: a real zygote's worker from `Zygote.spawn` to its first answer (a ping: it is confined, its shared buffer
   mapped, serving), with `landlock=True` against `landlock=False` in one zygote, and with --against a base checkout's
   zygote (its own Python) side by side in the same run.
@@ -16,12 +17,14 @@ strace exists). Root only where workers drop their user (the default spec keeps 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -78,7 +81,17 @@ class Spawner:
         self.proc.wait(60)
 
 
-def part(rounds: int) -> dict[str, list[float]]:
+def _module_at(path: str, name: str) -> Any:
+    """server/landlock.py of another checkout (it imports the standard library only), as a module of its own."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # (its dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module
+
+
+def part(rounds: int, against: str = "") -> dict[str, list[float]]:
     import ctypes
 
     import torch  # noqa: F401  (a warm parent: torch's modules and libraries, as the zygote's)
@@ -86,10 +99,15 @@ def part(rounds: int) -> dict[str, list[float]]:
     from server import executor, landlock  # noqa: F401
 
     rules = landlock.read_paths()
-    print(f"read rules of every worker: {len(rules)} (+ /proc/self, /dev/null)")
+    own, listed = landlock.proc_self() if hasattr(landlock, "proc_self") else ([f"/proc/{os.getpid()}"], [])
+    print(f"read rules of every worker: {len(rules)} (+ /proc/self: {len(own)} read, {len(listed)} listed; /dev/null)")
     for path in rules:
         print(f"  {path}")
-    got: dict[str, list[float]] = {"none": [], "landlock": []}
+    modules = {"landlock": landlock}
+    if against:  # (round 41) the base's restrict in the same parent, cases alternating
+        modules["base landlock"] = _module_at(os.path.join(against, "server", "landlock.py"), "base_landlock")
+        modules["base landlock"].read_paths()  # (found once in the parent, as the zygote does for its workers)
+    got: dict[str, list[float]] = {"none": [], **{name: [] for name in modules}}
     for _ in range(rounds):
         for case in got:
             r, w = os.pipe()
@@ -97,8 +115,8 @@ def part(rounds: int) -> dict[str, list[float]]:
             if pid == 0:
                 ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)
                 t = time.perf_counter_ns()
-                if case == "landlock":
-                    applied, missing = landlock.restrict(network=False, gpu=False)
+                if case in modules:
+                    applied, missing = modules[case].restrict(network=False, gpu=False)
                     assert applied, missing
                 os.write(w, str(time.perf_counter_ns() - t).encode())
                 os._exit(0)
@@ -115,7 +133,7 @@ def main() -> None:
     ap.add_argument("--against", default="", help="a base checkout: its zygote's workers, side by side")
     ap.add_argument("--against-python", default=sys.executable)
     args = ap.parse_args()
-    rows = part(args.rounds)
+    rows = part(args.rounds, args.against)
     print(f"{'part':28} {'us med':>10} {'min':>10}")
     for case, xs in rows.items():
         print(f"{case:28} {statistics.median(xs):10.1f} {min(xs):10.1f}")

@@ -439,7 +439,10 @@ class Daemon:
             except OSError as exc:
                 raise ResourceExhausted(f"host {self.host_id}: {exc.strerror}; try again later") from None
         spec = WorkerSpec(
-            session_id=s.session_id,
+            # the session's public tag, never its id: the id is a bearer credential (Stream, Detach), and a spec's
+            # JSON stays in the zygote's memory, which every later worker inherits at its fork (round 41: a tenant's
+            # code in its worker found earlier sessions' ids there)
+            session_id=tokens.public_session_id(s.session_id),
             number=s.number,
             device={"index": d.index, "uuid": d.uuid, "model": d.model, "memory_bytes": d.capacity, "fake": d.fake},
             quota=s.quota,

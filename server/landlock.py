@@ -11,10 +11,11 @@ confined worker may:
   the packages it has imported (`sys.modules`: an editable install's source folders), the folders of the shared
   libraries it has mapped (torch's, the CUDA runtime's and driver's on a GPU host: read from /proc/self/maps, so
   nothing is hard-coded), a few files of /etc that the C library reads (ld.so.cache, localtime; for a worker granted
-  network name lookup's, and the interfaces and PCI devices of /sys that gloo lists), /proc/self, the CPU list and
-  THP settings of /sys, and on a real GPU the driver's control files and its own GPU's file only (read, write,
-  ioctl: `gpu_devices`; round 40: until then every /dev/nvidia* of the host, another tenant's GPU included),
-  /proc/driver/nvidia, /sys/bus/pci and /sys/devices (the driver's queries) and the CUDA JIT cache (read);
+  network name lookup's, and the interfaces and PCI devices of /sys that gloo lists), /proc/self (less `net`, the
+  host's connections, unless granted network: round 41), the CPU list and THP settings of /sys, and on a real GPU the
+  driver's control files and its own GPU's file only (read, write, ioctl: `gpu_devices`; round 40: until then every
+  /dev/nvidia* of the host, another tenant's GPU included), of /proc/driver/nvidia, /sys and /dev/nvidia-caps its own
+  GPU's entries only (`gpu_paths`; round 41: until then every GPU's) and the CUDA JIT cache (read);
 - write nowhere (the profile and audit files of GPUPOOL_WORKER_PROFILE and GPUPOOL_OP_AUDIT are opened before);
   /dev/null is writable;
 - execute nothing; make, remove, rename, link or truncate nothing;
@@ -71,7 +72,10 @@ NETWORK_READ = ("/etc/hosts", "/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/ga
                 "/etc/services", "/etc/protocols", "/sys/class/net", "/sys/bus/pci", "/sys/devices")  # fmt: skip
 SYS_READ = ("/sys/devices/system/cpu", "/sys/kernel/mm/transparent_hugepage", "/proc/sys/vm/overcommit_memory")
 DEVICES_READ = ("/dev/urandom", "/dev/random", "/dev/zero")
-GPU_READ = ("/sys/bus/pci", "/sys/devices")  # and the driver's /proc folder and /dev/nvidia-caps (`gpu_paths`)
+# A real GPU's worker: the PCI bus's folder (its devices are links: only its own GPU's target is granted) and the
+# host's NUMA nodes; its own GPU's folders of /sys and of the driver's /proc, and the MIG capability files it holds,
+# come from `gpu_paths`
+GPU_READ = ("bus/pci", "devices/system/node")  # (beneath GpuLayout.sys)
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -97,7 +101,10 @@ def abi() -> int:
 def describe(version: int) -> str:
     """What a worker lacks on this kernel ("" where nothing is): for the daemon's one warning at start."""
     if version <= 0:
-        return "this kernel has no Landlock: session workers may read every file their user may"
+        return (
+            "this kernel has no Landlock: session workers may read every file their user may (the host's connections "
+            "in /proc/self/net, every GPU's driver entries, a same-user daemon's /proc/PID included)"
+        )
     lacking = [what for at, what in MISSING_BELOW.items() if version < at]
     return f"Landlock ABI {version}: session workers lack its confinement of " + ", ".join(lacking) if lacking else ""
 
@@ -198,12 +205,15 @@ class GpuLayout:
     dev: str = "/dev"
     driver: str = "/proc/driver/nvidia"
     fds: str = "/proc/self/fd"
+    sys: str = "/sys"  # its PCI devices (bus/pci/devices/<address>: a link into devices/)
 
 
 DRIVER = GpuLayout()
 # the driver's files that are no GPU's own: every CUDA process opens nvidiactl and nvidia-uvm; nvidia-uvm-tools
-# (UVM's event queues: CUDA opens it for its tools' support) and nvidia-modeset where the host has them
-CONTROL_NODES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
+# (UVM's event queues: CUDA opens it for its tools' support) and nvidia-modeset only where the worker's CUDA context
+# opened them (round 41: until then granted wherever the host has them)
+CONTROL_NODES = ("nvidiactl", "nvidia-uvm")
+HELD_CONTROL_NODES = ("nvidia-uvm-tools", "nvidia-modeset")
 _GPU_NODE = re.compile(r"nvidia(\d+)")
 
 
@@ -219,12 +229,19 @@ def gpu_minor(uuid: str, pci: str = "", layout: GpuLayout = DRIVER) -> int | Non
     """The minor of the device file (/dev/nvidiaN) of the GPU whose UUID is `uuid` (or, without a match by UUID,
     whose PCI address is `pci`, "0000:18:00.0"), from the driver's /proc/driver/nvidia/gpus/*/information ("GPU
     UUID:", "Bus Location:", "Device Minor:"); None where no GPU there matches (or the folder cannot be read)."""
+    own = own_gpu(uuid, pci, layout)
+    return own[1] if own else None
+
+
+def own_gpu(uuid: str, pci: str = "", layout: GpuLayout = DRIVER) -> tuple[str, int] | None:
+    """(its folder's name in the driver's /proc/driver/nvidia/gpus: its PCI address, its device file's minor) of
+    the GPU `gpu_minor` finds; None where none matches."""
     root = os.path.join(layout.driver, "gpus")
     try:
         folders = sorted(os.listdir(root))
     except OSError:
         return None
-    by_pci: int | None = None
+    by_pci: tuple[str, int] | None = None
     for folder in folders:
         fields: dict[str, str] = {}
         try:
@@ -240,9 +257,9 @@ def gpu_minor(uuid: str, pci: str = "", layout: GpuLayout = DRIVER) -> int | Non
         except ValueError:
             continue
         if _same_uuid(uuid, fields.get("gpu uuid", "")):
-            return minor
+            return folder, minor
         if pci and pci.lower() in (folder.lower(), fields.get("bus location", "").lower()):
-            by_pci = minor
+            by_pci = folder, minor
     return by_pci
 
 
@@ -272,12 +289,15 @@ def held_gpu_nodes(layout: GpuLayout = DRIVER) -> list[str]:
 
 def gpu_devices(uuid: str, pci: str = "", layout: GpuLayout = DRIVER) -> tuple[list[str], list[str]]:
     """The NVIDIA device files a worker whose GPU is `uuid` (`pci`) may open (read, write, ioctl): the control files
-    the host has, and its own GPU's /dev/nvidiaN: its minor from the driver's /proc (`gpu_minor`), else the GPU
-    files it already holds open (a worker sees one GPU: CUDA_VISIBLE_DEVICES), else none. Never another GPU's:
+    the host has (nvidia-uvm-tools and nvidia-modeset only where it holds them open), and its own GPU's /dev/nvidiaN:
+    its minor from the driver's /proc (`gpu_minor`), else the GPU files it already holds open (a worker sees one GPU:
+    CUDA_VISIBLE_DEVICES), else none. Never another GPU's:
     until round 40 every /dev/nvidia* of the host, so a tenant's code could open another tenant's GPU. Also returns
     what is amiss (for the sandbox report): no own file found, or another GPU's file held open from before."""
     dev = layout.dev
+    opened = nvidia_files(layout)
     nodes = [os.path.join(dev, n) for n in CONTROL_NODES if os.path.exists(os.path.join(dev, n))]
+    nodes += [os.path.join(dev, n) for n in HELD_CONTROL_NODES if os.path.join(dev, n) in opened]
     held = held_gpu_nodes(layout)
     minor = gpu_minor(uuid, pci, layout)
     notes: list[str] = []
@@ -291,14 +311,86 @@ def gpu_devices(uuid: str, pci: str = "", layout: GpuLayout = DRIVER) -> tuple[l
     return nodes + own, notes
 
 
+def driver_paths(folder: str, minor: int | None, layout: GpuLayout = DRIVER) -> list[str]:
+    """What a worker of the GPU whose driver folder is `folder` ("" where unknown), device minor `minor`, may read of
+    the driver's /proc/driver/nvidia: each entry (params, version, registry, ...) but `gpus`, of which only its own
+    GPU's folder, and `capabilities`, of which each entry but the other GPUs' `gpuN` (their MIG instances). Until
+    round 41 the whole folder: every GPU's UUID, PCI address, model and power state, and their MIG layouts."""
+    out: list[str] = []
+    try:
+        entries = sorted(os.listdir(layout.driver))
+    except OSError:
+        return out
+    for name in entries:
+        path = os.path.join(layout.driver, name)
+        if name == "gpus":
+            out += [os.path.join(path, folder)] if folder else []
+        elif name == "capabilities":
+            try:
+                caps = sorted(os.listdir(path))
+            except OSError:
+                continue
+            out += [os.path.join(path, c) for c in caps if not re.fullmatch(r"gpu\d+", c) or c == f"gpu{minor}"]
+        else:
+            out.append(path)
+    return out
+
+
 def gpu_paths(uuid: str = "", pci: str = "", layout: GpuLayout = DRIVER) -> tuple[list[str], list[str], list[str]]:
-    """On a real GPU, after the worker made its CUDA context: (what it reads: the libraries CUDA mapped, the driver's
-    /proc and /sys, the JIT cache; the NVIDIA device files it reads, writes and sends ioctls to: `gpu_devices`;
-    what is amiss)."""
+    """On a real GPU, after the worker made its CUDA context: (what it reads: the libraries CUDA mapped, the CUDA JIT
+    cache, of the driver's /proc its own GPU's entries (`driver_paths`), of /sys the PCI bus's folder, the NUMA nodes
+    and its own GPU's device folder, of /dev/nvidia-caps the capability files its context opened (a MIG instance's);
+    the NVIDIA device files it reads, writes and sends ioctls to: `gpu_devices`; what is amiss). Until round 41 every
+    GPU's entries of /proc/driver/nvidia and /sys/devices, and every file of /dev/nvidia-caps."""
     cache = os.environ.get("CUDA_CACHE_PATH") or os.path.expanduser("~/.nv/ComputeCache")
     devices, notes = gpu_devices(uuid, pci, layout)
-    reads = mapped_paths() | set(GPU_READ) | {cache, layout.driver, os.path.join(layout.dev, "nvidia-caps")}
+    own = own_gpu(uuid, pci, layout)
+    folder, minor = own if own else ("", None)
+    address = folder or pci.lower()
+    reads = mapped_paths() | {cache, *driver_paths(folder, minor, layout)}
+    reads |= {os.path.join(layout.sys, p) for p in GPU_READ}
+    if address:
+        reads.add(os.path.realpath(os.path.join(layout.sys, "bus", "pci", "devices", address)))
+    caps = os.path.join(layout.dev, "nvidia-caps") + "/"
+    reads |= {p for p in nvidia_files(layout) if p.startswith(caps)}
     return _minimal(reads - set(devices)), devices, notes
+
+
+# Of the own /proc/PID of a worker not granted network: what no rule grants. `net` is the network namespace's, not
+# the process's: the host's TCP connections (the daemon's clients' addresses and ports, every tenant's), unix sockets
+# (their paths and abstract names) and interfaces (round 41: read from every worker until then); `task` is listed only
+# (each thread's folder has a `net` of its own). Magic links (cwd, root, exe) are never followed: a rule on one would
+# be a rule on its target. A worker granted network keeps its whole /proc/PID: it reads /proc/net/tcp to tell its
+# own collective connections from others' (server/collectives.py `_from_this_process`).
+PROC_SELF_WITHHELD = ("net", "task")
+
+
+def proc_self(network: bool = False, pid: int = 0) -> tuple[list[str], list[str]]:
+    """(what a worker may read of its own /proc/PID: with `network` all of it, else each entry but
+    PROC_SELF_WITHHELD and the magic links; what it may only list: `task`)."""
+    root = f"/proc/{pid or os.getpid()}"
+    if network:
+        return [root], []
+    try:
+        entries = _proc_entries(root)
+    except OSError:
+        return [], []
+    reads = [os.path.join(root, name) for name, _is_dir in entries if name not in PROC_SELF_WITHHELD]
+    return sorted(reads), [os.path.join(root, "task")]
+
+
+def _proc_entries(root: str) -> list[tuple[str, bool]]:
+    """(name, is a folder) of each entry of `root` but the magic links."""
+    with os.scandir(root) as entries:
+        return [(e.name, e.is_dir(follow_symlinks=False)) for e in entries if not e.is_symlink()]
+
+
+def _add_fd(ruleset: int, fd: int, access: int, is_dir: bool) -> str:
+    """One rule: `access` beneath the file `fd` holds (O_PATH) ("" when added, else the kernel's why not)."""
+    attr = _PathBeneath(access if is_dir else access & FILE_RIGHTS, fd)
+    if _libc.syscall(ctypes.c_long(NR_ADD_RULE), ruleset, RULE_PATH_BENEATH, ctypes.byref(attr), 0) != 0:
+        return os.strerror(ctypes.get_errno())
+    return ""
 
 
 def _add_path(ruleset: int, path: str, access: int) -> str:
@@ -308,14 +400,44 @@ def _add_path(ruleset: int, path: str, access: int) -> str:
     except OSError as exc:
         return f"{path}: {exc.strerror}"
     try:
-        if not stat.S_ISDIR(os.fstat(fd).st_mode):
-            access &= FILE_RIGHTS
-        attr = _PathBeneath(access, fd)
-        if _libc.syscall(ctypes.c_long(NR_ADD_RULE), ruleset, RULE_PATH_BENEATH, ctypes.byref(attr), 0) != 0:
-            return f"{path}: {os.strerror(ctypes.get_errno())}"
+        why = _add_fd(ruleset, fd, access, stat.S_ISDIR(os.fstat(fd).st_mode))
     finally:
         os.close(fd)
-    return ""
+    return f"{path}: {why}" if why else ""
+
+
+def _add_own_proc(ruleset: int, network: bool, handled_fs: int) -> list[str]:
+    """The rules of the worker's own /proc/PID (`proc_self`): each entry opened beside the others (one system call
+    each, no path walk, no stat: 49 rules cost ~0.8 ms as `_add_path`s); what failed."""
+    root = f"/proc/{os.getpid()}"
+    if network:
+        why = _add_path(ruleset, root, READ & handled_fs)
+        return [f"landlock read {why}"] if why else []
+    missing: list[str] = []
+    try:
+        folder = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        return [f"landlock read {root}: {exc.strerror}"]
+    try:
+        for name, is_dir in _proc_entries(root):
+            if name in PROC_SELF_WITHHELD and name != "task":
+                continue
+            try:
+                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+            except OSError as exc:
+                missing.append(f"landlock read {root}/{name}: {exc.strerror}")
+                continue
+            try:
+                why = _add_fd(ruleset, fd, (FS_READ_DIR if name == "task" else READ) & handled_fs, is_dir)
+            finally:
+                os.close(fd)
+            if why:
+                missing.append(f"landlock read {root}/{name}: {why}")
+    except OSError as exc:
+        missing.append(f"landlock read {root}: {exc.strerror}")
+    finally:
+        os.close(folder)
+    return missing
 
 
 def restrict(
@@ -347,7 +469,6 @@ def restrict(
     try:
         reads = list(read_paths())
         reads += NETWORK_READ if network else ()
-        reads.append(f"/proc/{os.getpid()}")  # /proc/self (not another process's)
         devices = ["/dev/null"]
         if gpu:
             more, nvidia, notes = gpu_paths(gpu_uuid, gpu_pci, layout)
@@ -359,6 +480,7 @@ def restrict(
                 why = _add_path(ruleset, path, READ & handled_fs)
                 if why:
                     missing.append(f"landlock read {why}")
+        missing += _add_own_proc(ruleset, network, handled_fs)  # /proc/self, less the host's connections
         for path in devices:
             why = _add_path(ruleset, path, DEVICE & handled_fs)
             if why:

@@ -71,9 +71,10 @@ SHARED_BYTES = UPS_AT + UP_SLOTS * UP_SLOT_BYTES
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker is told at birth (JSON through the zygote; nothing of it is secret)."""
+    """What a worker is told at birth (JSON through the zygote; nothing of it may be secret: the zygote's memory keeps
+    what it was sent, and every worker it forks later inherits that memory)."""
 
-    session_id: str
+    session_id: str  # the daemon's public tag of the session (tokens.public_session_id), never the bearer id
     number: int
     device: dict[str, Any]  # index, uuid, model, memory_bytes, fake
     quota: int

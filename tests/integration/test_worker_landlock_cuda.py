@@ -76,14 +76,19 @@ def _gpu_spec(index: int, order: dict[str, object]) -> WorkerSpec:
 def test_each_gpus_worker_sees_and_opens_its_own_gpu_only(zygote: Zygote) -> None:
     """Every GPU of the host, one worker each: CUDA_VISIBLE_DEVICES is its GPU's UUID, CUDA counts one device (a
     session's lease device: the shim's cuda:0), and it is that GPU; of the host's /dev/nvidiaN it holds and opens its
-    own only. Until round 40 it saw every GPU and Landlock granted every /dev/nvidia*."""
+    own only. Until round 40 it saw every GPU and Landlock granted every /dev/nvidia*. (Round 41) Of the driver's
+    /proc/driver/nvidia/gpus and of /sys/bus/pci/devices it reads its own GPU's folder only, and it opens no MIG
+    capability file of /dev/nvidia-caps (a whole GPU's context opens none); until round 41 every GPU's and all."""
+    pcis = sorted(os.listdir("/proc/driver/nvidia/gpus"))
+    caps = sorted(os.listdir("/dev/nvidia-caps")) if os.path.isdir("/dev/nvidia-caps") else []
     for index in range(torch.cuda.device_count()):
         uuid = CudaDevice(index).uuid
         minor = landlock.gpu_minor(uuid)
         assert minor is not None, f"GPU {index} ({uuid}) not in /proc/driver/nvidia/gpus"
         own = f"/dev/nvidia{minor}"
         others = sorted(f"/dev/nvidia{m}" for m in range(256) if m != minor and os.path.exists(f"/dev/nvidia{m}"))
-        runner = zygote.spawn(_gpu_spec(index, {"probes": ["gpu_isolation"], "ctx": {}}), MiB)
+        ctx = {"gpu_pcis": pcis, "caps": caps}
+        runner = zygote.spawn(_gpu_spec(index, {"probes": ["gpu_isolation"], "ctx": ctx}), MiB)
         try:
             got = worker_attacks.read_report(runner._sock, 300.0)["gpu_isolation"]
         finally:
@@ -96,6 +101,9 @@ def test_each_gpus_worker_sees_and_opens_its_own_gpu_only(zygote: Zygote) -> Non
         assert [p for p in report["held"] if p in others] == [], report  # no other GPU's file from before
         assert report["opened"] == [own], report
         assert report["refused"] == [f"{p} EACCES" for p in others], report
+        own_pci = landlock.own_gpu(uuid)[0]  # type: ignore[index]
+        assert report["driver_read"] == report["sys_read"] == [own_pci], report
+        assert report["caps_opened"] == [], report
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -278,6 +278,48 @@ def test_a_rampaging_worker_of_a_real_daemon_ends_only_its_own_session(zygote: Z
         zygote_module._shared = saved
 
 
+def test_a_workers_memory_holds_no_other_sessions_id(zygote: Zygote, daemon_factory: Any) -> None:
+    """A session id is a bearer credential (Stream and Detach take it alone). On 50464ae the daemon sent each session's
+    id to the zygote in its worker's spec, the zygote's memory kept those messages (freed or not), and every worker
+    forked later inherits that memory: a tenant's code in its worker found 2 of 3 earlier sessions' ids in its own heap
+    (a read no sandbox can refuse) and could return them to its client, which could then end those sessions (Detach).
+    The daemon now sends the session's public tag (tokens.public_session_id) instead."""
+    import json as json_module
+
+    import torch
+    from gpupool.client.session import Session
+    from gpupool.server import zygote as zygote_module
+
+    saved = zygote_module._shared
+    zygote_module._shared = zygote  # the daemon's zygote (shared_zygote) is this file's
+    try:
+        d = daemon_factory()
+        victims = [Session.attach(d.address, d.token(quota_bytes=16 * MiB)) for _ in range(3)]
+        for v in victims:
+            v.download(v.upload(torch.arange(3.0)))  # (their workers serve)
+        ids = [v.session_id for v in victims]
+        assert all(len(i) == 24 for i in ids), ids
+        before = STDERR.stat().st_size
+        lease = worker_attacks.MEMSCAN + ".".join(i[:6] for i in ids)
+        attacker = Session.attach(d.address, d.token(lease_id=lease, quota_bytes=16 * MiB))
+        attacker.download(attacker.upload(torch.ones(2)))  # (its worker has scanned: it serves after)
+        found = None
+        deadline = time.monotonic() + 30
+        while found is None and time.monotonic() < deadline:
+            with STDERR.open("rb") as f:
+                f.seek(before)
+                said = re.search(rb"memscan \d+: (\[.*?\])", f.read())
+            found = json_module.loads(said.group(1)) if said else None
+            time.sleep(0.1)
+        assert found is not None, "the attacking worker said nothing"
+        assert not set(found) & set(ids), found
+        attacker.close()
+        for v in victims:
+            v.close()
+    finally:
+        zygote_module._shared = saved
+
+
 def test_a_worker_granted_network_gets_tcp_only(zygote: Zygote) -> None:
     """A worker whose lease grants network (collectives between daemons) keeps TCP sockets. On 285a6ed it kept every
     socket family: it connected to the host's abstract unix socket (any local service that trusts its local peers),

@@ -370,6 +370,24 @@ def probe_gpu_isolation(ctx: dict[str, Any]) -> str:
             got["opened"].append(path)
         except OSError as exc:
             got["refused"].append(f"{path} {errno.errorcode.get(exc.errno or 0, exc.errno)}")
+    # (round 41) which GPUs' folders of the driver's /proc and of /sys it reads (ctx: every GPU's PCI address), and
+    # which of the host's MIG capability files (ctx: their names in /dev/nvidia-caps) it opens
+    got["driver_read"], got["sys_read"], got["caps_opened"] = [], [], []
+    for pci in ctx.get("gpu_pcis", []):
+        for key, path in (("driver_read", f"/proc/driver/nvidia/gpus/{pci}/information"),
+                          ("sys_read", f"/sys/bus/pci/devices/{pci}/numa_node")):  # fmt: skip
+            try:
+                with open(path, "rb") as f:
+                    f.read(16)
+                got[key].append(pci)
+            except OSError:
+                pass
+    for name in ctx.get("caps", []):
+        try:
+            os.close(os.open(f"/dev/nvidia-caps/{name}", os.O_RDONLY))
+            got["caps_opened"].append(name)
+        except OSError:
+            pass
     return "report: " + json.dumps(got)
 
 
@@ -646,6 +664,34 @@ def probe_threads(ctx: dict[str, Any]) -> str:
     return f"blocked: {started} of {want} threads (RLIMIT_NPROC {soft})"
 
 
+MEMSCAN = "attack-memscan-"  # a lease id: scan for secrets that start with the prefixes after it ("."-separated)
+
+
+def memory_secrets(prefixes: list[str], length: int = 24) -> list[str]:
+    """Strings of `length` URL-safe characters (a session id: secrets.token_urlsafe(18)) that start with one of
+    `prefixes`, found in the worker's own writable memory: its heap and anonymous mappings, which a forked worker
+    inherits from the zygote (whatever the zygote was sent for earlier workers, freed or not). Its own memory needs
+    no permission at all: no sandbox can refuse this read."""
+    import re
+
+    found: set[str] = set()
+    with open("/proc/self/maps") as maps:
+        regions = [line.split() for line in maps]
+    for region in regions:
+        if "rw" not in region[1] or (len(region) > 5 and region[5] != "[heap]"):
+            continue
+        lo, hi = (int(x, 16) for x in region[0].split("-"))
+        if hi - lo > 1 << 30:
+            continue
+        data = ctypes.string_at(lo, hi - lo)
+        for prefix in prefixes:
+            rest = length - len(prefix)
+            found.update(
+                m.decode() for m in re.findall(re.escape(prefix.encode()) + rb"[A-Za-z0-9_-]{%d}" % rest, data)
+            )
+    return sorted(found)
+
+
 def rampage(sock: socket.socket) -> list[str]:
     """What a worker whose lease id starts with `attack-rampage` does once confined, in a real daemon: every way it
     has to end or cripple its sibling workers (the zygote's other children: never another process of the host),
@@ -728,6 +774,9 @@ def _install() -> None:
         spec = current["spec"]
         if spec.lease_id.startswith("attack-rampage"):
             rampage(current["sock"])
+        if spec.lease_id.startswith(MEMSCAN):  # what it found, on its stderr (the zygote forwards it to the daemon's)
+            found = memory_secrets(spec.lease_id[len(MEMSCAN) :].split("."))
+            print(f"memscan {os.getpid()}: {json.dumps(found)}", file=sys.stderr, flush=True)
         if spec.session_id.startswith(PREFIX):
             order = json.loads(spec.session_id[len(PREFIX) :])
             ctx = {**order["ctx"], "own_socket": current["sock"].fileno(), "victim_address": id(VICTIM_OBJECT)}

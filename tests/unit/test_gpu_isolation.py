@@ -31,28 +31,46 @@ GPUS = [
     ("0000:9a:00.0", "GPU-2d7ebc30-9f51-4a4c-be83-31305f6e7d8c", 3),
     ("0000:ab:00.0", "GPU-3e8fcd41-a062-4b5d-cf94-424160708e9d", 1),
 ]
-CONTROL = ["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset"]
+CONTROL = ["nvidiactl", "nvidia-uvm"]
+HELD_CONTROL = ["nvidia-uvm-tools", "nvidia-modeset"]  # granted only where the worker's CUDA context opened them
 OTHERS = ["nvidia-nvswitchctl", "nvidia-nvswitch0"]  # the host's, never a worker's
 
 
 def driver_tree(root: Path) -> landlock.GpuLayout:
-    """/dev's NVIDIA files (plain files standing for the device nodes), the driver's /proc folder, a descriptor
-    folder (empty: fill with `hold`)."""
+    """/dev's NVIDIA files (plain files standing for the device nodes; a MIG capability file per GPU), the driver's
+    /proc folder (its top files, a folder per GPU, the MIG capabilities of each), /sys's PCI devices (the bus's links
+    into devices/, each GPU's folder, the NUMA nodes), a descriptor folder (empty: fill with `hold`)."""
     dev = root / "dev"
     (dev / "nvidia-caps").mkdir(parents=True)
-    (dev / "nvidia-caps" / "nvidia-cap1").write_text("")
-    for name in [f"nvidia{minor}" for _pci, _uuid, minor in GPUS] + CONTROL + OTHERS:
+    for name in [f"nvidia{minor}" for _pci, _uuid, minor in GPUS] + CONTROL + HELD_CONTROL + OTHERS:
         (dev / name).write_text(name)
+    driver = root / "driver"
+    (driver / "capabilities" / "mig").mkdir(parents=True)
+    (driver / "capabilities" / "mig" / "monitor").write_text("DeviceFileMinor: 2\n")
+    for name in ("params", "version", "registry"):
+        (driver / name).write_text(f"{name}\n")
+    (root / "sys" / "bus" / "pci" / "devices").mkdir(parents=True)
+    (root / "sys" / "devices" / "system" / "node" / "node0").mkdir(parents=True)
+    (root / "sys" / "devices" / "system" / "node" / "node0" / "cpulist").write_text("0-63\n")
     for pci, uuid, minor in GPUS:
-        folder = root / "driver" / "gpus" / pci
+        (dev / "nvidia-caps" / f"nvidia-cap{10 + minor}").write_text("")
+        folder = driver / "gpus" / pci
         folder.mkdir(parents=True)
         (folder / "information").write_text(
             f"Model: \t\t NVIDIA H100 80GB HBM3\nIRQ:   \t\t 100\nGPU UUID: \t {uuid}\nVideo BIOS: \t 96.00.99.00.01\n"
             f"Bus Type: \t PCIe\nDMA Size: \t 52 bits\nDMA Mask: \t 0xfffffffffffff\nBus Location: \t {pci}\n"
             f"Device Minor: \t {minor}\nGPU Excluded:\t No\n"
         )
+        access = driver / "capabilities" / f"gpu{minor}" / "mig" / "gi1" / "access"
+        access.parent.mkdir(parents=True)
+        access.write_text(f"DeviceFileMinor: {10 + minor}\n")
+        pcifolder = root / "sys" / "devices" / f"pci0000:{pci[5:7]}" / pci
+        pcifolder.mkdir(parents=True)
+        (pcifolder / "numa_node").write_text("0\n")
+        (pcifolder / "config").write_bytes(uuid.encode())
+        os.symlink(f"../../../devices/pci0000:{pci[5:7]}/{pci}", root / "sys" / "bus" / "pci" / "devices" / pci)
     (root / "fd").mkdir()
-    return landlock.GpuLayout(dev=str(dev), driver=str(root / "driver"), fds=str(root / "fd"))
+    return landlock.GpuLayout(dev=str(dev), driver=str(driver), fds=str(root / "fd"), sys=str(root / "sys"))
 
 
 def hold(layout: landlock.GpuLayout, *names: str) -> None:
@@ -72,16 +90,21 @@ def test_the_minor_of_a_gpu_is_read_from_the_drivers_information_by_uuid_then_pc
 
 
 def test_a_worker_is_granted_the_control_files_and_its_own_gpus_file_only(tmp_path: Path) -> None:
+    """nvidiactl and nvidia-uvm, and its own GPU's file; nvidia-uvm-tools (UVM's event queues, for CUDA's tools) and
+    nvidia-modeset only where its CUDA context opened them (round 41: on 50464ae wherever the host had them)."""
     layout = driver_tree(tmp_path)
     dev = layout.dev
     for _pci, uuid, minor in GPUS:
         granted, notes = landlock.gpu_devices(uuid, layout=layout)
         assert granted == [os.path.join(dev, n) for n in [*CONTROL, f"nvidia{minor}"]], granted
         assert notes == []
-    # a host without nvidia-modeset (a headless server's driver may not load it): not granted, not missing
-    os.unlink(os.path.join(dev, "nvidia-modeset"))
+    hold(layout, "nvidia-uvm-tools")
     granted, _ = landlock.gpu_devices(GPUS[1][1], layout=layout)
     assert granted == [os.path.join(dev, n) for n in ["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia0"]]
+    # a host without nvidia-uvm (its module not loaded): not granted, not missing
+    os.unlink(os.path.join(dev, "nvidia-uvm"))
+    granted, _ = landlock.gpu_devices(GPUS[1][1], layout=layout)
+    assert granted == [os.path.join(dev, n) for n in ["nvidiactl", "nvidia-uvm-tools", "nvidia0"]]
 
 
 def test_without_the_drivers_word_the_gpu_file_it_holds_is_granted_and_another_held_is_named(tmp_path: Path) -> None:
@@ -109,43 +132,61 @@ CHILD = textwrap.dedent(
     import ctypes, json, os, sys
     from gpupool.server import landlock
     root, uuid = sys.argv[1], sys.argv[2]
-    layout = landlock.GpuLayout(dev=root + "/dev", driver=root + "/driver", fds=root + "/fd")
-    names = sorted(os.listdir(layout.dev))  # (before: a confined process lists no /dev, as on a host)
-    information = os.path.join(layout.driver, "gpus", os.listdir(os.path.join(layout.driver, "gpus"))[0], "information")
+    layout = landlock.GpuLayout(dev=root + "/dev", driver=root + "/driver", fds=root + "/fd", sys=root + "/sys")
+    files = []  # (before: a confined process walks none of it)
+    for top in ("dev", "driver", "sys"):
+        for folder, dirs, names in os.walk(os.path.join(root, top)):
+            files += [os.path.join(folder, n) for n in names]
+    links = os.path.join(root, "sys", "bus", "pci", "devices")
+    files += [os.path.join(links, pci, "numa_node") for pci in os.listdir(links)]  # through the bus's links
     ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)  # no_new_privs, as the sandbox sets before it
     applied, missing = landlock.restrict(network=False, gpu=True, gpu_uuid=uuid, layout=layout)
     got = {"applied": applied, "missing": missing, "opened": [], "refused": []}
-    for name in names:
-        path = os.path.join(layout.dev, name)
-        try:
-            if os.path.isdir(path):
-                os.listdir(path)
-            else:
-                os.close(os.open(path, os.O_RDWR))
+    for path in sorted(files):
+        name = os.path.relpath(path, root)
+        try:  # a device file as CUDA opens one; the rest read
+            os.close(os.open(path, os.O_RDWR if os.path.dirname(name) == "dev" else os.O_RDONLY))
             got["opened"].append(name)
         except OSError as exc:
             got["refused"].append(f"{name} {exc.errno}")
-    with open(information) as f:
-        got["driver"] = f.read(9)
     print(json.dumps(got))
     """
 )
 
 
 @pytest.mark.skipif(landlock.abi() < 1, reason="this kernel has no Landlock")
-def test_a_confined_worker_opens_its_own_gpus_file_and_not_another_tenants(tmp_path: Path) -> None:
-    """The kernel's ruleset, on the modelled tree: until round 40 every /dev/nvidia* (the four GPUs', the NVSwitch's)
-    was granted read, write and ioctl."""
-    driver_tree(tmp_path)
-    _pci, uuid, minor = GPUS[2]
+def test_a_confined_worker_opens_its_own_gpus_files_and_not_another_tenants(tmp_path: Path) -> None:
+    """The kernel's ruleset, on the modelled tree: of the device files, the control ones and its own GPU's, and of
+    /dev/nvidia-caps the capability its CUDA context opened (a MIG instance's); of the driver's /proc its top files,
+    its own GPU's folder and capabilities; of /sys its own GPU's PCI folder (directly or through the bus's link) and
+    the NUMA nodes. Until round 40 every /dev/nvidia* (the four GPUs', the NVSwitch's) was granted read, write and
+    ioctl; until round 41 (on 50464ae) nvidia-uvm-tools, nvidia-modeset, every capability file of /dev/nvidia-caps,
+    every GPU's folder of the driver's /proc (UUIDs, PCI addresses, MIG layouts) and all of /sys/devices."""
+    layout = driver_tree(tmp_path)
+    pci, uuid, minor = GPUS[2]
+    hold(layout, "nvidiactl", "nvidia-uvm", f"nvidia{minor}", f"nvidia-caps/nvidia-cap{10 + minor}")
     out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), uuid], capture_output=True, text=True,
                          timeout=120, check=True)  # fmt: skip
     got = json.loads(out.stdout)
     assert got["applied"][0].startswith("landlock ABI"), got
-    assert got["opened"] == sorted(["nvidia-caps", *CONTROL, f"nvidia{minor}"]), got
-    others = sorted([f"nvidia{m}" for _p, _u, m in GPUS if m != minor] + OTHERS)
-    assert got["refused"] == [f"{name} 13" for name in others], got  # EACCES
-    assert got["driver"] == "Model: \t\t", got  # the driver's /proc folder stays readable
+    bus = f"pci0000:{pci[5:7]}"
+    assert got["opened"] == sorted([
+        *[f"dev/{name}" for name in [*CONTROL, f"nvidia{minor}", f"nvidia-caps/nvidia-cap{10 + minor}"]],
+        "driver/params", "driver/version", "driver/registry", f"driver/gpus/{pci}/information",
+        "driver/capabilities/mig/monitor", f"driver/capabilities/gpu{minor}/mig/gi1/access",
+        f"sys/devices/{bus}/{pci}/numa_node", f"sys/devices/{bus}/{pci}/config", f"sys/bus/pci/devices/{pci}/numa_node",
+        "sys/devices/system/node/node0/cpulist",
+    ]), got  # fmt: skip
+    refused = [entry.rsplit(" ", 1) for entry in got["refused"]]
+    assert {errno for _name, errno in refused} == {"13"}, got  # EACCES
+    names = {name for name, _errno in refused}
+    for other_pci, _uuid, other in GPUS:
+        if other != minor:
+            theirs = {f"dev/nvidia{other}", f"dev/nvidia-caps/nvidia-cap{10 + other}",
+                      f"driver/gpus/{other_pci}/information", f"driver/capabilities/gpu{other}/mig/gi1/access",
+                      f"sys/bus/pci/devices/{other_pci}/numa_node"}  # fmt: skip
+            assert theirs <= names, got
+    assert {f"dev/{name}" for name in HELD_CONTROL + OTHERS} <= names, got
 
 
 def test_a_worker_shows_cuda_its_own_gpu_by_uuid_else_by_the_daemons_numbering() -> None:

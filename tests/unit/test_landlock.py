@@ -77,3 +77,46 @@ def test_the_daemons_warning_names_what_the_kernel_lacks() -> None:
         "(ABI 5), signals and abstract unix sockets outside the worker (ABI 6)"
     )
     assert landlock.describe(6) == landlock.describe(7) == ""
+
+
+PROC_CHILD = textwrap.dedent(
+    """
+    import ctypes, json, os
+    from gpupool.server import landlock
+    ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)
+    landlock.restrict(network=False, gpu=False)
+    me = os.getpid()
+    got = {}
+    for path in ("/proc/self/net/tcp", "/proc/self/net/unix", "/proc/net/tcp6", "/proc/thread-self/net/unix",
+                 f"/proc/self/task/{me}/net/tcp", "/proc/self/status", "/proc/self/maps", "/proc/self/stat",
+                 f"/proc/self/task/{me}/stat", "/proc/self/cwd/.", "/proc/self/root/etc/hostname"):
+        try:
+            with open(path, "rb") as f:
+                f.read(64)
+            got[path] = "open"
+        except OSError as exc:
+            got[path] = exc.errno
+    for path in ("/proc/self/fd", "/proc/self/task", "/proc/self/root"):
+        try:
+            os.listdir(path)
+            got[path] = "open"
+        except OSError as exc:
+            got[path] = exc.errno
+    print(json.dumps(got))
+    """
+)
+
+
+def test_a_confined_process_reads_its_own_proc_but_not_the_hosts_connections(tmp_path: Path) -> None:
+    """Its own /proc/PID stays readable (maps, status, stat: Python, glibc and torch read them; its descriptors and
+    threads listed), but not `net` under it, which is the network namespace's: the host's TCP connections (every
+    tenant's client address and port, the daemon's listeners) and unix sockets. On 50464ae the rule on /proc/PID
+    covered `net`, and each thread's under `task`; the magic links (cwd, root) lead nowhere either."""
+    out = subprocess.run([sys.executable, "-c", PROC_CHILD], capture_output=True, text=True, timeout=120, check=True,
+                         cwd=tmp_path)  # fmt: skip
+    got = json.loads(out.stdout)
+    refused = {path: 13 for path in got if "/net/" in path or "/cwd/" in path or "/root" in path or "/task/" in path}
+    assert {path: got[path] for path in refused} == refused, got  # EACCES
+    assert {path: v for path, v in got.items() if path not in refused} == {
+        "/proc/self/status": "open", "/proc/self/maps": "open", "/proc/self/stat": "open", "/proc/self/fd": "open",
+        "/proc/self/task": "open"}, got  # fmt: skip
