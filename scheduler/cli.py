@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=5.0,
         help="heartbeats a second each host may send, in bursts of 10 s worth (a daemon sends one every 2 s: "
-        "`gpupool serve --heartbeat-interval`); beyond, RESOURCE_EXHAUSTED before the call takes the scheduler's "
-        "lock (operators are not limited); 0: no limit",
+        "`gpupool serve --heartbeat-interval`); beyond, RESOURCE_EXHAUSTED before the call's message is parsed "
+        "(operators are not limited); 0: no limit",
     )
     add_flag(
         p,
@@ -193,9 +193,7 @@ class SchedulerServer:
         self.store: Store | None = None
         self.core: Core | None = None
         self.failed = threading.Event()
-        self.servicer = SchedulerServicer(
-            None, config.policy, HostWriteRate(config.host_write_rate), HostBeatRate(config.host_heartbeat_rate)
-        )
+        self.servicer = SchedulerServicer(None, config.policy, HostWriteRate(config.host_write_rate))
         verified = not config.tls.insecure and config.tls.client_auth == "require"
         authn = Authenticator(
             config.credentials,
@@ -206,7 +204,11 @@ class SchedulerServer:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="sched"),
             # RequestGuard first: it serves the handlers the others make (calls whose request never comes)
-            interceptors=[RequestGuard(), AuthInterceptor(authn, TenantRate(config.tenant_rate)), ErrorInterceptor()],
+            interceptors=[
+                RequestGuard(),
+                AuthInterceptor(authn, TenantRate(config.tenant_rate), HostBeatRate(config.host_heartbeat_rate)),
+                ErrorInterceptor(),
+            ],
             options=[
                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 ("grpc.max_concurrent_streams", MAX_STREAMS),
