@@ -384,11 +384,11 @@ class HostBeatRate(Buckets):
     worth. Round 33 limited a host's heartbeats that write the store (`HostWriteRate`), not the others: until round
     40 a host credential heartbeating in a loop was served without bound, each call a hold of the core's lock with
     up to a message's worth of session ids to look up (four threads of 20,000 ids each: 42 heartbeats a second, and
-    a tenant's ListPool from 0.7 ms to 45 ms, median). Past its bucket a heartbeat gets RESOURCE_EXHAUSTED before it
-    takes the lock (its daemon's registrar retries within 5 s, and what refills keeps a flooding host up); a daemon
-    heartbeats every 2 s (`gpupool serve --heartbeat-interval`), far below the default of 5 a second in bursts of
-    50. Keyed by the host id the credential acts as (only its own: `Identity.check_host`); operators are not
-    limited."""
+    a tenant's ListPool from 0.7 ms to 45 ms, median). Past its bucket a heartbeat gets RESOURCE_EXHAUSTED before its
+    message is parsed (round 41, `_wrap`; round 40: before the lock) (its daemon's registrar retries within 5 s, and
+    what refills keeps a flooding host up); a daemon heartbeats every 2 s (`gpupool serve --heartbeat-interval`), far
+    below the default of 5 a second in bursts of 50. Keyed by the host credential's name, the one host id it may act
+    as (`Identity.check_host`); operators are not limited."""
 
 
 class AuthFailRate(Buckets):
