@@ -4,8 +4,9 @@ checkout's `gpupool scheduler` against another checkout's, side by side in one r
 Each side starts a real `gpupool scheduler` process (plaintext on loopback, API tokens from a credentials file: a host
 join token and a tenant's), registers the host, then measures a tenant's ListPool latency idle, and again while
 `--threads` threads of the host heartbeat as fast as they can, each heartbeat naming `--sessions` session lease ids
-(each a lookup under the core's lock). Prints heartbeats served and refused a second, ListPool's p50/p90, and the
-scheduler process's CPU meanwhile (% of one core, and microseconds a heartbeat, served or refused: /proc/PID/stat).
+(each a lookup under the core's lock), or (`--flood listpool`) call ListPool with the host's credential. Prints calls
+served and refused a second, the tenant's ListPool p50/p90, and the scheduler process's CPU meanwhile (% of one core,
+and microseconds a flooding call, served or refused: /proc/PID/stat).
 
     nice -n 5 .venv/bin/python bench/heartbeat_flood.py --against /work/wt/base \
         --against-python /work/wt/base/.venv/bin/python
@@ -91,9 +92,13 @@ def _side(python: str, checkout: Path, args: argparse.Namespace) -> dict[str, fl
             stop = threading.Event()
 
             def flood() -> None:
+                listing = scheduler_pb2.ListPoolRequest()
                 while not stop.is_set():
                     try:
-                        stub.Heartbeat(beat, metadata=host, timeout=30)
+                        if args.flood == "listpool":
+                            stub.ListPool(listing, metadata=host, timeout=30)
+                        else:
+                            stub.Heartbeat(beat, metadata=host, timeout=30)
                         counts["served"] += 1
                     except grpc.RpcError:
                         counts["refused"] += 1
@@ -131,6 +136,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=4, help="heartbeating threads of the one host")
     p.add_argument(
         "--sessions", type=int, default=4000, help="session lease ids in each heartbeat (round 41: at most 4,096)"
+    )
+    p.add_argument(
+        "--flood",
+        choices=("heartbeat", "listpool"),
+        default="heartbeat",
+        help="what the host's threads call (listpool: its ListPool, limited by --tenant-rate since round 41)",
     )
     p.add_argument("--calls", type=int, default=60, help="ListPool calls measured, idle and under the flood")
     p.add_argument("--warm", type=float, default=12.0, help="seconds of flood before measuring")

@@ -364,8 +364,9 @@ class Buckets:
 class TenantRate(Buckets):
     """Calls per second each tenant may make, a bucket per tenant name (`--tenant-rate`; 0: no limit).
 
-    Hosts (heartbeats) and admins are never limited: a tenant that floods the scheduler with cheap calls
-    (ListPool) gets RESOURCE_EXHAUSTED instead of slowing every other caller's calls down."""
+    Admins are never limited, nor hosts' Register and Heartbeat (`HostWriteRate`, `HostBeatRate`): a tenant that
+    floods the scheduler with cheap calls (ListPool) gets RESOURCE_EXHAUSTED instead of slowing every other caller's
+    calls down. A host's other calls (ListPool) have a bucket of the same rate per host (round 41)."""
 
 
 class HostWriteRate(Buckets):
@@ -427,14 +428,16 @@ def _wrap(
     *,
     as_host: bool = False,
     beats: HostBeatRate | None = None,
+    host_rate: TenantRate | None = None,
 ) -> Callable[..., Any]:
     """`behavior` behind authentication and the method's `roles`; `as_host`: a method acting as `request.host_id`
     (Register, Heartbeat), which only that host (or an operator) may call (`Identity.check_host`, here before the
     handler, so that a host credential acting as another host counts as a failed authentication).
 
     The call's request comes as its bytes and is parsed (`parse`) only once the caller is known and within its rate:
-    a tenant's `rate` and a host's heartbeats (`beats`, keyed by the host credential's name, the only host id it may
-    heartbeat as) are taken first. Until round 41 gRPC parsed every request before this ran: a host heartbeating
+    a tenant's `rate`, a host's heartbeats (`beats`, keyed by the host credential's name, the only host id it may
+    heartbeat as) and a host's other calls (`host_rate`: ListPool; `--tenant-rate`'s rate, a bucket per host) are
+    taken first. Until round 41 gRPC parsed every request before this ran: a host heartbeating
     past `--host-heartbeat-rate` was refused only after its message (up to 1 MiB, ~29,000 session ids) was parsed,
     and an unauthenticated caller's 1 MiB messages were parsed before they were refused."""
 
@@ -448,6 +451,10 @@ def _wrap(
         if rate is not None and ident.role == TENANT and not rate.take(ident.name):
             abort(context, ResourceExhausted(f"tenant {ident.name!r} is over its {rate.rate:g} calls a second "
                                              "to the scheduler (--tenant-rate): slow down and retry"))  # fmt: skip
+        if host_rate is not None and ident.role == HOST and not host_rate.take(ident.name):
+            abort(context, ResourceExhausted(f"host {ident.name!r} is over its {host_rate.rate:g} calls a second to "
+                                             "the scheduler besides Register and Heartbeat (--tenant-rate): slow down "
+                                             "and retry"))  # fmt: skip
         if beats is not None and ident.role == HOST and not beats.take(ident.name):
             abort(context, ResourceExhausted(f"host {ident.name!r} is over its {beats.rate:g} heartbeats a second "
                                              "(--host-heartbeat-rate): refused, nothing recorded; heartbeat every "
@@ -478,6 +485,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
         self.authn = authn
         self.rate = rate
         self.beats = beats  # a host's heartbeats (`--host-heartbeat-rate`), taken before its message is parsed
+        # A host's calls but Register and Heartbeat (ListPool), at a tenant's rate, a bucket per host (round 41: a host
+        # credential's ListPool was never limited, each call a hold of the core's lock over the whole pool)
+        self.host_rate = TenantRate(rate.rate) if rate is not None else None
 
     def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
@@ -496,6 +506,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             self.rate,
             as_host=details.method in HOST_METHODS,
             beats=self.beats if details.method == HEARTBEAT else None,
+            host_rate=None if details.method in HOST_METHODS else self.host_rate,
         )
         # (no deserializer: the request's bytes reach `behavior`, which parses them once the caller passed)
         return grpc.unary_unary_rpc_method_handler(behavior, response_serializer=handler.response_serializer)

@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tenant-rate",
         type=float,
         default=100.0,
-        help="calls a second each tenant may make (bursts of 10 s worth; hosts and admins are never limited); "
-        "0: no limit",
+        help="calls a second each tenant may make, and each host besides Register and Heartbeat (ListPool) (bursts "
+        "of 10 s worth; admins are never limited; a host's Register and Heartbeat: --host-write-rate, "
+        "--host-heartbeat-rate); 0: no limit",
     )
     add_flag(
         p,

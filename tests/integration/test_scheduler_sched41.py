@@ -4,6 +4,8 @@ Found and fixed here (fails on 50464ae):
 - a host heartbeating past `--host-heartbeat-rate` was refused after gRPC had parsed its message (up to 1 MiB, ~29,000
   session ids): the interceptor now takes the request's bytes and parses them once the caller passed its rate
   (scheduler/auth.py `_wrap`; bench/heartbeat_flood.py: the scheduler's CPU a heartbeat of 4,000 ids 2.1 ms -> 0.7 ms);
+- a host credential's ListPool was never limited (`--tenant-rate` was the tenants'), each call a hold of the core's
+  lock over the whole pool: now a bucket of that rate per host (scheduler/auth.py `AuthInterceptor.host_rate`);
 - a heartbeat's repeated fields were unbounded: ~29,000 lease ids looked up under the core's lock a call; now at most
   `MAX_HOST_SESSIONS` sessions (and `gpupool serve --max-sessions` at most that), `MAX_DEVICES_PER_HOST` devices,
   lease ids of at most `MAX_ID_LENGTH` characters (Heartbeat, Renew, Release), each INVALID_ARGUMENT.
@@ -30,13 +32,17 @@ from gpupool.protocol import MAX_HOST_SESSIONS
 HEARTBEAT = "/gpupool.v1.Scheduler/Heartbeat"
 
 
-@pytest.fixture
-def sched(tmp_path: Path) -> Iterator[SchedulerServer]:
+def _scheduler(tmp: Path, tenant_rate: float) -> SchedulerServer:
     config = SchedulerConfig(
-        listen="127.0.0.1:0", state=str(tmp_path / "state.db"), metrics_listen="0", tenant_rate=0.0,
+        listen="127.0.0.1:0", state=str(tmp / "state.db"), metrics_listen="0", tenant_rate=tenant_rate,
         tls=dataclasses.replace(get_pki().server_config(), client_auth="require"),
     )  # fmt: skip
-    server = SchedulerServer(config, tokens.Signer.from_seed(b"sched41")).start()
+    return SchedulerServer(config, tokens.Signer.from_seed(b"sched41")).start()
+
+
+@pytest.fixture
+def sched(tmp_path: Path) -> Iterator[SchedulerServer]:
+    server = _scheduler(tmp_path, 0.0)
     yield server
     server.stop(grace=0)
 
@@ -127,3 +133,29 @@ def test_a_daemon_holds_no_more_sessions_than_a_heartbeat_may_name() -> None:
     for bad in (MAX_HOST_SESSIONS + 1, 0):
         with pytest.raises(SystemExit):
             parser.parse_args(["--max-sessions", str(bad)])
+
+
+def test_a_hosts_listpool_is_limited_at_the_tenants_rate_its_heartbeats_and_tenants_are_not(tmp_path: Path) -> None:
+    """With `--tenant-rate 5` (bursts of 50), host h1 calls ListPool 200 times as fast as it can: past its bucket
+    RESOURCE_EXHAUSTED naming the flag and the host; meanwhile its heartbeats are served (their own bucket), and so are
+    tenant alice's ListPool calls (hers). On 50464ae all 200 were served: a host's calls were never limited but
+    Register and Heartbeat, and each ListPool holds the core's lock over the whole pool."""
+    sched = _scheduler(tmp_path, 5.0)
+    channel, stub = _host(sched, "h1")
+    alice = tls.channel(f"127.0.0.1:{sched.port}", cfg=get_pki().client_config("tenant", "alice"))
+    try:
+        refused = []
+        for _ in range(200):
+            code, details = _code(stub.ListPool, scheduler_pb2.ListPoolRequest())
+            if code is not None:
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+                refused.append(details)
+        assert refused and 50 <= 200 - len(refused) < 150, len(refused)
+        assert "--tenant-rate" in refused[0] and "h1" in refused[0], refused[0]
+        assert _code(stub.Heartbeat, scheduler_pb2.HeartbeatRequest(host_id="h1")) == (None, "")
+        tenant = scheduler_pb2_grpc.SchedulerStub(alice)
+        assert _code(tenant.ListPool, scheduler_pb2.ListPoolRequest()) == (None, "")
+    finally:
+        channel.close()
+        alice.close()
+        sched.stop(grace=0)
