@@ -4,7 +4,9 @@ checkout's `gpupool scheduler` against another checkout's, side by side in one r
 Each side starts a real `gpupool scheduler` process (plaintext on loopback, API tokens from a credentials file: a host
 join token and a tenant's), registers the host, then measures a tenant's ListPool latency idle, and again while
 `--threads` threads of the host heartbeat as fast as they can, each heartbeat naming `--sessions` session lease ids
-(each a lookup under the core's lock). Prints heartbeats served and refused a second, and ListPool's p50/p90.
+(each a lookup under the core's lock), or (`--flood listpool`) call ListPool with the host's credential. Prints calls
+served and refused a second, the tenant's ListPool p50/p90, and the scheduler process's CPU meanwhile (% of one core,
+and microseconds a flooding call, served or refused: /proc/PID/stat).
 
     nice -n 5 .venv/bin/python bench/heartbeat_flood.py --against /work/wt/base \
         --against-python /work/wt/base/.venv/bin/python
@@ -57,6 +59,12 @@ def _start(python: str, checkout: Path, tmp: Path) -> tuple[subprocess.Popen[str
     raise SystemExit(f"{checkout}: the scheduler did not start")
 
 
+def _cpu(pid: int) -> float:
+    """The process's CPU seconds (user + system) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _listpools(stub: scheduler_pb2_grpc.SchedulerStub, n: int) -> list[float]:
     md = (("authorization", f"Bearer {TENANT_TOKEN}"),)
     out = []
@@ -84,9 +92,13 @@ def _side(python: str, checkout: Path, args: argparse.Namespace) -> dict[str, fl
             stop = threading.Event()
 
             def flood() -> None:
+                listing = scheduler_pb2.ListPoolRequest()
                 while not stop.is_set():
                     try:
-                        stub.Heartbeat(beat, metadata=host, timeout=30)
+                        if args.flood == "listpool":
+                            stub.ListPool(listing, metadata=host, timeout=30)
+                        else:
+                            stub.Heartbeat(beat, metadata=host, timeout=30)
                         counts["served"] += 1
                     except grpc.RpcError:
                         counts["refused"] += 1
@@ -95,9 +107,10 @@ def _side(python: str, checkout: Path, args: argparse.Namespace) -> dict[str, fl
             for t in threads:
                 t.start()
             time.sleep(args.warm)  # (past the host's burst, where there is a limit)
-            before, t0 = dict(counts), time.monotonic()
+            before, t0, cpu0 = dict(counts), time.monotonic(), _cpu(proc.pid)
             busy = _listpools(stub, args.calls)
-            dt = time.monotonic() - t0
+            dt, cpu = time.monotonic() - t0, _cpu(proc.pid) - cpu0
+            calls = counts["served"] - before["served"] + counts["refused"] - before["refused"]
             stop.set()
             for t in threads:
                 t.join()
@@ -107,6 +120,8 @@ def _side(python: str, checkout: Path, args: argparse.Namespace) -> dict[str, fl
                 "idle p50 ms": statistics.median(idle) * 1e3,
                 "flood p50 ms": statistics.median(busy) * 1e3,
                 "flood p90 ms": statistics.quantiles(busy, n=10)[-1] * 1e3,
+                "sched CPU %": cpu / dt * 100,
+                "CPU us/beat": cpu / max(1, calls) * 1e6,
             }
         finally:
             channel.close()
@@ -119,7 +134,15 @@ def main() -> None:
     p.add_argument("--against", type=Path, required=True, help="the other checkout")
     p.add_argument("--against-python", default=sys.executable, help="its python (its venv's)")
     p.add_argument("--threads", type=int, default=4, help="heartbeating threads of the one host")
-    p.add_argument("--sessions", type=int, default=20000, help="session lease ids in each heartbeat")
+    p.add_argument(
+        "--sessions", type=int, default=4000, help="session lease ids in each heartbeat (round 41: at most 4,096)"
+    )
+    p.add_argument(
+        "--flood",
+        choices=("heartbeat", "listpool"),
+        default="heartbeat",
+        help="what the host's threads call (listpool: its ListPool, limited by --tenant-rate since round 41)",
+    )
     p.add_argument("--calls", type=int, default=60, help="ListPool calls measured, idle and under the flood")
     p.add_argument("--warm", type=float, default=12.0, help="seconds of flood before measuring")
     a = p.parse_args()

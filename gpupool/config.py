@@ -436,7 +436,9 @@ class StopSignals:
     the main thread between two bytecodes, and where that thread held a non-reentrant lock, the log sink's
     (gpupool/logsink.py `LineSink.put`, in the first signal's handler when `gpupool up`'s SIGTERM followed a
     terminal's SIGINT, or in `logging.shutdown`'s flush) or the Event's, the handler waited for it forever: the
-    daemon never stopped, and `up` killed it after 15 s with its last lines unwritten (journey40: 2 of 5 stops)."""
+    daemon never stopped, and `up` killed it after 15 s with its last lines unwritten (journey40: 2 of 5 stops).
+    `gpupool up` waits on one too since round 41 (its handler set an Event, whose lock the main thread held inside
+    the Event's wait: the same deadlock)."""
 
     def __init__(self, signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
         self.signums = signums

@@ -36,6 +36,10 @@ CHUNK_BYTES = 4 * 1024 * 1024
 # `gpupool serve --collectives`: encrypted links (server/seclink.py), or plaintext gloo/NCCL (here, not in
 # server/collectives.py, which imports torch: the flag is parsed before the zygote starts, server/cli.py).
 COLLECTIVE_TRANSPORTS = ("secure", "gloo")
+# The most sessions one daemon holds (`gpupool serve --max-sessions`, each a worker process), and so the most one
+# heartbeat names: the scheduler refuses a heartbeat naming more (INVALID_ARGUMENT, before its lock: until round 41 a
+# host's 1 MiB heartbeat named ~29,000 lease ids, each looked up under the core's lock).
+MAX_HOST_SESSIONS = 4096
 
 
 class Policy(StrEnum):

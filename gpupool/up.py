@@ -40,7 +40,15 @@ from pathlib import Path
 from cryptography import x509
 
 from gpupool import pki, tls, tokens
-from gpupool.config import UnsafeCacheDir, add_flag, check_private_dir, format_size, size_arg, split_address
+from gpupool.config import (
+    StopSignals,
+    UnsafeCacheDir,
+    add_flag,
+    check_private_dir,
+    format_size,
+    size_arg,
+    split_address,
+)
 from gpupool.errors import GpupoolError, InvalidArgument
 from gpupool.protocol import HostState
 
@@ -386,9 +394,11 @@ def main(argv: list[str]) -> int:
         if path.exists():
             os.chmod(path, 0o600)  # made by an older version with the default umask
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    # SIGINT and SIGTERM through a wakeup pipe (`StopSignals`), waited for below: until round 41 `up`'s handler set an
+    # Event, which takes the Event's lock, in the main thread between two bytecodes: a signal landing while that thread
+    # held it (inside `stop.wait` between its waits, or in the handler of a signal just before: a double Ctrl-C, a
+    # Ctrl-C and a SIGTERM) waited for it forever, and `up` never stopped (stop40's deadlock of the daemon).
+    signals = StopSignals()
     children: list[Child] = []
     try:
         sched = Child(
@@ -446,7 +456,7 @@ def main(argv: list[str]) -> int:
         # From now on each restarts on the address it bound, so leases and the daemon's registration stay valid.
         sched.args = _with(sched.args, "--listen", sched_addr)
         daemon.args = _with(_with(daemon.args, "--listen", daemon_addr), "--scheduler", sched_addr)
-        while not stop.wait(0.5):
+        while signals.wait(0.5) is None:
             for child in children:
                 if child.popen.poll() is None:
                     continue
@@ -459,5 +469,5 @@ def main(argv: list[str]) -> int:
     finally:
         for child in reversed(children):  # the daemon first: it drains its sessions while the scheduler lives
             child.stop()
-        if stop.is_set():
+        if signals.got is not None:
             print("gpupool up: stopped", file=sys.stderr)

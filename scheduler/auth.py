@@ -60,7 +60,8 @@ METHOD_ROLES = {
     "/gpupool.v1.Scheduler/RemoveHost": (ADMIN,),
 }
 SCHEDULER_PREFIX = "/gpupool.v1.Scheduler/"
-HOST_METHODS = ("/gpupool.v1.Scheduler/Register", "/gpupool.v1.Scheduler/Heartbeat")  # act as request.host_id
+HEARTBEAT = "/gpupool.v1.Scheduler/Heartbeat"
+HOST_METHODS = ("/gpupool.v1.Scheduler/Register", HEARTBEAT)  # act as request.host_id
 MAX_NAME = 128
 
 
@@ -363,8 +364,9 @@ class Buckets:
 class TenantRate(Buckets):
     """Calls per second each tenant may make, a bucket per tenant name (`--tenant-rate`; 0: no limit).
 
-    Hosts (heartbeats) and admins are never limited: a tenant that floods the scheduler with cheap calls
-    (ListPool) gets RESOURCE_EXHAUSTED instead of slowing every other caller's calls down."""
+    Admins are never limited, nor hosts' Register and Heartbeat (`HostWriteRate`, `HostBeatRate`): a tenant that
+    floods the scheduler with cheap calls (ListPool) gets RESOURCE_EXHAUSTED instead of slowing every other caller's
+    calls down. A host's other calls (ListPool) have a bucket of the same rate per host (round 41)."""
 
 
 class HostWriteRate(Buckets):
@@ -383,11 +385,11 @@ class HostBeatRate(Buckets):
     worth. Round 33 limited a host's heartbeats that write the store (`HostWriteRate`), not the others: until round
     40 a host credential heartbeating in a loop was served without bound, each call a hold of the core's lock with
     up to a message's worth of session ids to look up (four threads of 20,000 ids each: 42 heartbeats a second, and
-    a tenant's ListPool from 0.7 ms to 45 ms, median). Past its bucket a heartbeat gets RESOURCE_EXHAUSTED before it
-    takes the lock (its daemon's registrar retries within 5 s, and what refills keeps a flooding host up); a daemon
-    heartbeats every 2 s (`gpupool serve --heartbeat-interval`), far below the default of 5 a second in bursts of
-    50. Keyed by the host id the credential acts as (only its own: `Identity.check_host`); operators are not
-    limited."""
+    a tenant's ListPool from 0.7 ms to 45 ms, median). Past its bucket a heartbeat gets RESOURCE_EXHAUSTED before its
+    message is parsed (round 41, `_wrap`; round 40: before the lock) (its daemon's registrar retries within 5 s, and
+    what refills keeps a flooding host up); a daemon heartbeats every 2 s (`gpupool serve --heartbeat-interval`), far
+    below the default of 5 a second in bursts of 50. Keyed by the host credential's name, the one host id it may act
+    as (`Identity.check_host`); operators are not limited."""
 
 
 class AuthFailRate(Buckets):
@@ -419,33 +421,53 @@ class _Bounded:
 
 def _wrap(
     behavior: Callable[..., Any],
+    parse: Callable[[bytes], Any] | None,
     authn: Authenticator,
     roles: tuple[str, ...],
     rate: TenantRate | None = None,
     *,
     as_host: bool = False,
+    beats: HostBeatRate | None = None,
+    host_rate: TenantRate | None = None,
 ) -> Callable[..., Any]:
     """`behavior` behind authentication and the method's `roles`; `as_host`: a method acting as `request.host_id`
     (Register, Heartbeat), which only that host (or an operator) may call (`Identity.check_host`, here before the
-    handler, so that a host credential acting as another host counts as a failed authentication)."""
+    handler, so that a host credential acting as another host counts as a failed authentication).
+
+    The call's request comes as its bytes and is parsed (`parse`) only once the caller is known and within its rate:
+    a tenant's `rate`, a host's heartbeats (`beats`, keyed by the host credential's name, the only host id it may
+    heartbeat as) and a host's other calls (`host_rate`: ListPool; `--tenant-rate`'s rate, a bucket per host) are
+    taken first. Until round 41 gRPC parsed every request before this ran: a host heartbeating
+    past `--host-heartbeat-rate` was refused only after its message (up to 1 MiB, ~29,000 session ids) was parsed,
+    and an unauthenticated caller's 1 MiB messages were parsed before they were refused."""
 
     def call(request: Any, context: grpc.ServicerContext) -> Any:
         try:
             ident = authn.identify(context.invocation_metadata(), context)
-            try:
-                if ident.role not in roles:
-                    raise PermissionDenied(f"a {ident.role} credential may not call this method")
-                if as_host and not isinstance(request, Malformed):
-                    ident.check_host(request.host_id)
-            except PermissionDenied as exc:
-                raise authn.refused(context, exc) from None
+            if ident.role not in roles:
+                raise authn.refused(context, PermissionDenied(f"a {ident.role} credential may not call this method"))
         except (Unauthenticated, PermissionDenied, ResourceExhausted) as exc:
             abort(context, exc)
-        if isinstance(request, Malformed):
-            abort(context, request.error())
         if rate is not None and ident.role == TENANT and not rate.take(ident.name):
             abort(context, ResourceExhausted(f"tenant {ident.name!r} is over its {rate.rate:g} calls a second "
                                              "to the scheduler (--tenant-rate): slow down and retry"))  # fmt: skip
+        if host_rate is not None and ident.role == HOST and not host_rate.take(ident.name):
+            abort(context, ResourceExhausted(f"host {ident.name!r} is over its {host_rate.rate:g} calls a second to "
+                                             "the scheduler besides Register and Heartbeat (--tenant-rate): slow down "
+                                             "and retry"))  # fmt: skip
+        if beats is not None and ident.role == HOST and not beats.take(ident.name):
+            abort(context, ResourceExhausted(f"host {ident.name!r} is over its {beats.rate:g} heartbeats a second "
+                                             "(--host-heartbeat-rate): refused, nothing recorded; heartbeat every "
+                                             "few seconds"))  # fmt: skip
+        if parse is not None:
+            request = parse(request)
+        if isinstance(request, Malformed):
+            abort(context, request.error())
+        if as_host:
+            try:
+                ident.check_host(request.host_id)
+            except PermissionDenied as exc:
+                abort(context, authn.refused(context, exc))
         token = _current.set(ident)
         try:
             return behavior(request, _Bounded(context))
@@ -459,9 +481,13 @@ class AuthInterceptor(grpc.ServerInterceptor):
     """Authenticates every Scheduler call before its handler runs (unary handlers only: the Scheduler has no
     streams), and exposes the identity through `current()`."""
 
-    def __init__(self, authn: Authenticator, rate: TenantRate | None = None) -> None:
+    def __init__(self, authn: Authenticator, rate: TenantRate | None = None, beats: HostBeatRate | None = None) -> None:
         self.authn = authn
         self.rate = rate
+        self.beats = beats  # a host's heartbeats (`--host-heartbeat-rate`), taken before its message is parsed
+        # A host's calls but Register and Heartbeat (ListPool), at a tenant's rate, a bucket per host (round 41: a host
+        # credential's ListPool was never limited, each call a hold of the core's lock over the whole pool)
+        self.host_rate = TenantRate(rate.rate) if rate is not None else None
 
     def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
@@ -472,11 +498,18 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return handler
         if handler.unary_unary is None:
             return _refused(handler)  # a streaming Scheduler method would pass unchecked: fail closed
-        return grpc.unary_unary_rpc_method_handler(
-            _wrap(handler.unary_unary, self.authn, roles, self.rate, as_host=details.method in HOST_METHODS),
-            request_deserializer=parsed(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
+        behavior = _wrap(
+            handler.unary_unary,
+            parsed(handler.request_deserializer),
+            self.authn,
+            roles,
+            self.rate,
+            as_host=details.method in HOST_METHODS,
+            beats=self.beats if details.method == HEARTBEAT else None,
+            host_rate=None if details.method in HOST_METHODS else self.host_rate,
         )
+        # (no deserializer: the request's bytes reach `behavior`, which parses them once the caller passed)
+        return grpc.unary_unary_rpc_method_handler(behavior, response_serializer=handler.response_serializer)
 
 
 def _refused(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

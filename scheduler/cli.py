@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tenant-rate",
         type=float,
         default=100.0,
-        help="calls a second each tenant may make (bursts of 10 s worth; hosts and admins are never limited); "
-        "0: no limit",
+        help="calls a second each tenant may make, and each host besides Register and Heartbeat (ListPool) (bursts "
+        "of 10 s worth; admins are never limited; a host's Register and Heartbeat: --host-write-rate, "
+        "--host-heartbeat-rate); 0: no limit",
     )
     add_flag(
         p,
@@ -166,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=5.0,
         help="heartbeats a second each host may send, in bursts of 10 s worth (a daemon sends one every 2 s: "
-        "`gpupool serve --heartbeat-interval`); beyond, RESOURCE_EXHAUSTED before the call takes the scheduler's "
-        "lock (operators are not limited); 0: no limit",
+        "`gpupool serve --heartbeat-interval`); beyond, RESOURCE_EXHAUSTED before the call's message is parsed "
+        "(operators are not limited); 0: no limit",
     )
     add_flag(
         p,
@@ -193,9 +194,7 @@ class SchedulerServer:
         self.store: Store | None = None
         self.core: Core | None = None
         self.failed = threading.Event()
-        self.servicer = SchedulerServicer(
-            None, config.policy, HostWriteRate(config.host_write_rate), HostBeatRate(config.host_heartbeat_rate)
-        )
+        self.servicer = SchedulerServicer(None, config.policy, HostWriteRate(config.host_write_rate))
         verified = not config.tls.insecure and config.tls.client_auth == "require"
         authn = Authenticator(
             config.credentials,
@@ -206,7 +205,11 @@ class SchedulerServer:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="sched"),
             # RequestGuard first: it serves the handlers the others make (calls whose request never comes)
-            interceptors=[RequestGuard(), AuthInterceptor(authn, TenantRate(config.tenant_rate)), ErrorInterceptor()],
+            interceptors=[
+                RequestGuard(),
+                AuthInterceptor(authn, TenantRate(config.tenant_rate), HostBeatRate(config.host_heartbeat_rate)),
+                ErrorInterceptor(),
+            ],
             options=[
                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 ("grpc.max_concurrent_streams", MAX_STREAMS),

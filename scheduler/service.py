@@ -14,11 +14,11 @@ import grpc
 
 from gpupool._proto import device_pb2, scheduler_pb2, scheduler_pb2_grpc
 from gpupool.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from gpupool.protocol import LeaseState, Policy
+from gpupool.protocol import MAX_HOST_SESSIONS, LeaseState, Policy
 
 from . import auth
 from .capacity import SHARE_UNITS, Host
-from .hosts import DeviceSpec, validate_labels
+from .hosts import MAX_DEVICES_PER_HOST, MAX_ID_LENGTH, DeviceSpec, validate_labels
 from .leases import Core
 from .placement import Request, policy_of
 from .store import LeaseRecord
@@ -34,18 +34,37 @@ def _cursor(lease_id: str) -> str:
     return hashlib.sha256(lease_id.encode()).hexdigest()[:32]
 
 
+def _check_lease_id(lease_id: str) -> None:
+    """A lease id no longer than any the scheduler gives (32 hex digits; `MAX_ID_LENGTH` for room)."""
+    if len(lease_id) > MAX_ID_LENGTH:
+        raise InvalidArgument(f"a lease id of {len(lease_id)} characters: at most {MAX_ID_LENGTH}")
+
+
+def _check_heartbeat(request: scheduler_pb2.HeartbeatRequest) -> None:
+    """A heartbeat's repeated fields within what a daemon can send, before the core's lock (each session's lease is
+    looked up under it): at most `MAX_HOST_SESSIONS` sessions (`gpupool serve --max-sessions`' bound) of lease ids at
+    most `MAX_ID_LENGTH` long, and `MAX_DEVICES_PER_HOST` devices."""
+    if len(request.sessions) > MAX_HOST_SESSIONS:
+        raise InvalidArgument(
+            f"a heartbeat naming {len(request.sessions)} sessions: at most {MAX_HOST_SESSIONS} (a daemon's "
+            "--max-sessions bound)"
+        )
+    if len(request.devices) > MAX_DEVICES_PER_HOST:
+        raise InvalidArgument(f"a heartbeat of {len(request.devices)} devices: at most {MAX_DEVICES_PER_HOST}")
+    for s in request.sessions:
+        _check_lease_id(s.lease_id)
+
+
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(
         self,
         core: Core | None,
         default_policy: Policy = Policy.BINPACK,
         host_writes: auth.HostWriteRate | None = None,
-        host_beats: auth.HostBeatRate | None = None,
     ) -> None:
         self._core = core  # None while a standby (or after stepping down): every call answers UNAVAILABLE
         self.default_policy = default_policy
         self.host_writes = host_writes if host_writes is not None else auth.HostWriteRate(0.0)
-        self.host_beats = host_beats if host_beats is not None else auth.HostBeatRate(0.0)
 
     @property
     def core(self) -> Core:
@@ -76,13 +95,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         )
 
     def Heartbeat(self, request: scheduler_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> Any:
-        caller = auth.current()
-        caller.check_host(request.host_id)
-        if caller.role == auth.HOST and not self.host_beats.take(request.host_id):  # before the core's lock
-            raise ResourceExhausted(
-                f"host {request.host_id!r} is over its {self.host_beats.rate:g} heartbeats a second "
-                "(--host-heartbeat-rate): refused, nothing recorded; heartbeat every few seconds"
-            )
+        # (a host's heartbeats past --host-heartbeat-rate are refused before their bytes are parsed: auth.py `_wrap`)
+        auth.current().check_host(request.host_id)
+        _check_heartbeat(request)
         if self.core.hosts.changes_state(request.host_id, request.draining):
             self._host_write(request.host_id, "a heartbeat that changes the host's state")
         used = {d.info.index: d.used_bytes for d in request.devices}
@@ -116,6 +131,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return self._lease_pb(lease, with_tokens=True)
 
     def Renew(self, request: scheduler_pb2.RenewRequest, context: grpc.ServicerContext) -> Any:
+        _check_lease_id(request.lease_id)
         self._check_owner(request.lease_id)
         core = self.core
         # The renewal and its tokens are one decision under the core's lock: until round 40 the lock was let go
@@ -125,6 +141,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             return self._lease_pb(core.renew(request.lease_id), with_tokens=True)
 
     def Release(self, request: scheduler_pb2.ReleaseRequest, context: grpc.ServicerContext) -> Any:
+        _check_lease_id(request.lease_id)
         self._check_owner(request.lease_id)
         self.core.release(request.lease_id)
         return scheduler_pb2.ReleaseReply()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from gpupool import logsink, tls, tokens
 from gpupool.config import StopSignals, add_flag, more_open_files, setup_logging, size_arg, withheld_features
 from gpupool.errors import GpupoolError
-from gpupool.protocol import COLLECTIVE_TRANSPORTS
+from gpupool.protocol import COLLECTIVE_TRANSPORTS, MAX_HOST_SESSIONS
 
 if TYPE_CHECKING:  # both import torch: main() starts the zygote first (see there)
     from .daemon import DaemonConfig
@@ -73,7 +73,14 @@ def add_isolation_flags(p: argparse.ArgumentParser) -> None:
         help="process: each session in its own sandboxed worker process (a crash ends only that session); "
         "thread: sessions share the daemon process (no isolation)",
     )
-    add_flag(p, "--max-sessions", type=int, default=64, help="sessions (worker processes) at once on this host")
+    add_flag(
+        p,
+        "--max-sessions",
+        type=_sessions,
+        default=64,
+        help=f"sessions (worker processes) at once on this host, 1 to {MAX_HOST_SESSIONS} (the most one heartbeat to "
+        "the scheduler may name)",
+    )
     add_flag(p, "--max-streams-per-tenant", type=int, default=16, help="open session streams of one tenant")
     add_flag(p, "--max-handles", type=int, default=1 << 18, help="handles (live and failed) one session may hold")
     add_flag(
@@ -203,6 +210,13 @@ def _transport(value: str) -> str:
     if value in COLLECTIVE_TRANSPORTS:
         return value
     raise argparse.ArgumentTypeError(f"expected {' or '.join(COLLECTIVE_TRANSPORTS)}, not {value!r}")
+
+
+def _sessions(value: str) -> int:
+    n = int(value)
+    if not 1 <= n <= MAX_HOST_SESSIONS:
+        raise argparse.ArgumentTypeError(f"{n} sessions: 1 to {MAX_HOST_SESSIONS}")
+    return n
 
 
 def _on_off(value: str) -> bool:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from gpupool.client.session import Handle, Session
 from support import MiB, mint_token, public_key_file, stop_process
@@ -56,20 +57,23 @@ def test_a_daemon_started_with_its_stderr_closed_serves_sessions(
 GIL_HELD = """
 import ctypes, sys
 from gpupool import logsink
-logsink.install()
-data = b"held " * 100_000 + b"\\n"  # 500 KB in one write by C code that holds the GIL (ctypes.PyDLL keeps it)
-ctypes.PyDLL(None).write(2, data, len(data))
+logsink.install(limit=16 << 20)  # (room for all of it: the pump drops nothing)
+lines = int(sys.argv[1])
+data = b"".join(b"held %07d\\n" % i for i in range(lines))  # in one write by C code holding the GIL
+ctypes.PyDLL(None).write(2, data, len(data))  # (ctypes.PyDLL keeps the GIL through the call)
 print("wrote", flush=True)
 """
 
 
-def test_c_code_that_holds_the_gil_writes_half_a_mib_to_descriptor_2_without_deadlock(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lines", [40_000, 400_000])  # 480 KB, 4.8 MB
+def test_c_code_that_holds_the_gil_writes_to_descriptor_2_without_deadlock(tmp_path: Path, lines: int) -> None:
     """C code writing to descriptor 2 while it holds the GIL (a C extension's fprintf; here ctypes.PyDLL's write):
-    the pump's thread, which drains the pipe, cannot run until the write returns. On 38080f0 the pipe held 64 KiB:
-    a write of 500 KB never returned (the process hung for good; its stderr a file, which never blocks). Now the
-    pipe holds 1 MiB (F_SETPIPE_SZ, the most an unprivileged process may ask: /proc/sys/fs/pipe-max-size)."""
+    it returns, and every byte reaches the real stderr in order. On 38080f0 the pipe held 64 KiB and the pump was a
+    thread of the program, which cannot run until the write returns: a write of 500 KB never returned (the process
+    hung for good; its stderr a file, which never blocks); round 40's review made the pipe 1 MiB (F_SETPIPE_SZ), and
+    4.8 MB still hung on 50464ae. Since round 41 the pump is a process of its own (sched41), with its own GIL."""
     with open(tmp_path / "stderr", "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-c", GIL_HELD], stdout=subprocess.PIPE, stderr=err)
+        proc = subprocess.Popen([sys.executable, "-c", GIL_HELD, str(lines)], stdout=subprocess.PIPE, stderr=err)
         try:
             out, _ = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
@@ -77,4 +81,5 @@ def test_c_code_that_holds_the_gil_writes_half_a_mib_to_descriptor_2_without_dea
             proc.wait()
             raise AssertionError("the write to descriptor 2 never returned: the pump could not drain it") from None
     assert out == b"wrote\n" and proc.returncode == 0
-    assert (tmp_path / "stderr").read_bytes() == b"held " * 100_000 + b"\n"
+    got = (tmp_path / "stderr").read_bytes()
+    assert got == b"".join(b"held %07d\n" % i for i in range(lines)), (len(got), got[-40:])
