@@ -279,6 +279,9 @@ def wait_for_stop(signals: StopSignals) -> None:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    from .sandbox import not_dumpable  # (imports no torch)
+
+    not_dumpable()  # before any credential is read: a same-uid worker cannot read this process's memory (round 41)
     setup_logging("gpupool-serve", args.log_level, background=True)
     more_open_files()  # every connection holds a descriptor before any credential (round 37)
     try:

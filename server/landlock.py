@@ -402,13 +402,43 @@ def _add_path(ruleset: int, path: str, access: int) -> str:
     try:
         why = _add_fd(ruleset, fd, access, stat.S_ISDIR(os.fstat(fd).st_mode))
     finally:
-        os.close(fd)
+        _keep_or_close(fd, path)
     return f"{path}: {why}" if why else ""
+
+
+# The O_PATH descriptors of the rules on /proc files, held for the process's life. A rule belongs to an inode, and
+# procfs makes a new inode each time it looks a name up again after its dentry was reclaimed (memory pressure, or
+# `echo 2 > /proc/sys/vm/drop_caches`): the rule would then cover nothing, and a worker that read /proc/self/maps
+# (glibc's pthread_getattr_np, torch, CUDA) a moment before got EACCES (round 41 review: every entry of
+# /proc/self lost after one drop_caches). A held descriptor keeps the dentry, so the name keeps its inode. sysfs
+# and disk files find the same inode again (iget) while the rule holds it. A worker without network holds 52 (of
+# its 256 open files: sandbox.set_rlimits), one with network 2 (its whole /proc/PID is one rule).
+_PINNED: list[int] = []
+
+
+def _keep_or_close(fd: int, path: str) -> None:
+    """Hold `fd` for good where `path` is of procfs (`_PINNED`), else close it."""
+    if path == "/proc" or path.startswith("/proc/"):
+        _PINNED.append(fd)
+    else:
+        os.close(fd)
+
+
+def held() -> tuple[int, ...]:
+    """The descriptors `_PINNED` holds (O_PATH, of /proc files whose reads the rules grant anyway)."""
+    return tuple(_PINNED)
+
+
+def _unpin() -> None:
+    """Close the held descriptors (a ruleset that was not applied)."""
+    while _PINNED:
+        os.close(_PINNED.pop())
 
 
 def _add_own_proc(ruleset: int, network: bool, handled_fs: int) -> list[str]:
     """The rules of the worker's own /proc/PID (`proc_self`): each entry opened beside the others (one system call
-    each, no path walk, no stat: 49 rules cost ~0.8 ms as `_add_path`s); what failed."""
+    each, no path walk, no stat: 49 rules cost ~0.8 ms as `_add_path`s), each descriptor held (`_PINNED`); what
+    failed."""
     root = f"/proc/{os.getpid()}"
     if network:
         why = _add_path(ruleset, root, READ & handled_fs)
@@ -430,13 +460,13 @@ def _add_own_proc(ruleset: int, network: bool, handled_fs: int) -> list[str]:
             try:
                 why = _add_fd(ruleset, fd, (FS_READ_DIR if name == "task" else READ) & handled_fs, is_dir)
             finally:
-                os.close(fd)
+                _PINNED.append(fd)  # the entry keeps its inode, and so its rule (`_PINNED`)
             if why:
                 missing.append(f"landlock read {root}/{name}: {why}")
     except OSError as exc:
         missing.append(f"landlock read {root}: {exc.strerror}")
     finally:
-        os.close(folder)
+        _PINNED.append(folder)  # (its entries' dentries hold it anyway)
     return missing
 
 
@@ -486,7 +516,12 @@ def restrict(
             if why:
                 missing.append(f"landlock device {why}")
         if _libc.syscall(ctypes.c_long(NR_RESTRICT_SELF), ruleset, 0) != 0:
-            return [], [*missing, f"landlock: {os.strerror(ctypes.get_errno())}"]
+            why = os.strerror(ctypes.get_errno())
+            _unpin()
+            return [], [*missing, f"landlock: {why}"]
+    except BaseException:
+        _unpin()
+        raise
     finally:
         os.close(ruleset)
     applied = [f"landlock ABI {version}"] + (["landlock: no TCP bind or connect"] if handled_net else [])

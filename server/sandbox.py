@@ -256,6 +256,17 @@ def _prctl(option: int, arg: int) -> bool:
     return bool(_libc().prctl(option, ctypes.c_ulong(arg), 0, 0, 0) == 0)
 
 
+def not_dumpable() -> bool:
+    """PR_SET_DUMPABLE 0 for the calling process (the daemon's and the zygote's first step; a worker's in `apply`):
+    its /proc/PID files then belong to root, so a process of its uid that is not root (a non-root daemon's worker
+    where no Landlock confines it) can neither read its environ, maps, fd, io or mem nor ptrace it, and the kernel
+    writes no core dump of it unless fs.suid_dumpable is 2 (then root's, for a core pattern's pipe or absolute
+    path). Kept by fork, reset by exec and by a change of uid. Until round 41 (secrev41) the daemon and the zygote
+    were dumpable: such a worker read the daemon's memory, every session id and the TLS key in it. A debugger or
+    py-spy attaches to them only with CAP_SYS_PTRACE (as root). Returns whether the kernel took it."""
+    return _prctl(PR_SET_DUMPABLE, 0)
+
+
 def worker_tasks() -> int:
     """RLIMIT_NPROC of a worker with a uid of its own (`--worker-uids`): its threads (torch's intra- and inter-op
     pools and OpenBLAS's, a core each at most, collectives' and CUDA's few) with room to spare."""

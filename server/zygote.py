@@ -858,6 +858,11 @@ def main() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(0)  # the daemon died before the line above
+    # Not dumpable (exec made it so again): its memory holds every spec it was sent, and each worker it forks
+    # starts so (server/sandbox.py `not_dumpable`)
+    from .sandbox import not_dumpable
+
+    not_dumpable()
     # Its own lines never wait on the daemon's stderr (a pipe nobody reads): through the sink its workers' output
     # takes (round 39; until then a full pipe blocked the zygote's own log lines, and warnings, and every spawn)
     sink = StderrSink()

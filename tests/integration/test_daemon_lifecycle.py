@@ -4,11 +4,14 @@ revocation), a lost daemon, and the metrics endpoint."""
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import signal
 import socket
 import ssl
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -336,3 +339,40 @@ def test_metrics_endpoint(daemon: Any) -> None:
     assert 'tenant="acme"' in text  # tenant counters outlive the session
     assert 'gpupool_transfer_bytes_total{direction="upload",host="test-host"} 4096.0' in text
     assert "gpupool_device_sessions{UUID=" in text and "} 0.0" in text
+
+
+def _proc_gid(pid: int) -> int:
+    """The group /proc/PID/status belongs to: the process's own gid while it is dumpable, root's (0) once it is not
+    (the kernel's task_dump_owner), so a test sees PR_GET_DUMPABLE of another process."""
+    return os.stat(f"/proc/{pid}/status").st_gid
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="runs the daemon with another gid")
+def test_the_daemon_and_its_zygote_are_not_dumpable(serve_process: Any) -> None:
+    """A worker that keeps a non-root daemon's uid (no `--worker-user` drop; where no Landlock confines it) could
+    read the daemon's and the zygote's /proc/PID (environ, maps, fd; mem, whose memory holds every session id and
+    the TLS key) while they were dumpable (22f7ba0: both were; a worker makes itself not dumpable). The daemon runs
+    as root here, with group 65534, so the owner of its /proc files tells it."""
+    d = serve_process("--fake-gpus", "1", wrap=["setpriv", "--regid", "65534", "--clear-groups"])
+    assert d.process is not None
+    pid = d.process.pid
+    with open(f"/proc/{pid}/status") as f:
+        assert any(line.split()[1:3] == ["65534", "65534"] for line in f if line.startswith("Gid:"))  # it runs so
+    zygotes = [int(e) for e in os.listdir("/proc") if e.isdigit() and _parent(int(e)) == pid]
+    with contextlib.suppress(OSError):
+        zygotes = [z for z in zygotes if b"zygote" in Path(f"/proc/{z}/cmdline").read_bytes()]
+    assert len(zygotes) == 1, zygotes
+    assert {"daemon": _proc_gid(pid), "zygote": _proc_gid(zygotes[0])} == {"daemon": 0, "zygote": 0}
+    s = Session.attach(d.address, d.token(device=0))  # it serves, and its worker is not dumpable either
+    assert s.call("aten::add.Tensor", Handle(s.upload(torch.ones(4))), 1.0)[0] is not None
+    worker = next(x.worker_pid for x in status(d.address).sessions)
+    assert _proc_gid(worker) == 0
+    s.close()
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0

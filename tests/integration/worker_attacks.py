@@ -87,7 +87,11 @@ def _oserror(fn: Callable[[], Any], what: str = "") -> str:
 
 
 def probe_fds(ctx: dict[str, Any]) -> str:
-    """Descriptors besides stdin/stdout/stderr and the worker's own session socket."""
+    """Descriptors besides stdin/stdout/stderr, the worker's own session socket and the O_PATH descriptors its
+    Landlock rules on /proc files hold (server/landlock.py `_PINNED`: its own /proc/PID entries' and the like, which
+    it reads anyway)."""
+    from gpupool.server import landlock
+
     found = []
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -97,8 +101,16 @@ def probe_fds(ctx: dict[str, Any]) -> str:
             continue
         if fd <= 2 or fd == ctx["own_socket"] or target.startswith("/proc/") and "/fd" in target:
             continue
+        if fd in landlock.held() and target.startswith("/proc/") and _is_o_path(fd):
+            continue
         found.append(f"{fd} -> {target}")
     return f"open: {found}" if found else "blocked: nothing inherited"
+
+
+def _is_o_path(fd: int) -> bool:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        flags = next(int(line.split()[1], 8) for line in f if line.startswith("flags:"))
+    return bool(flags & 0o10000000)  # O_PATH
 
 
 def probe_victim_proc(ctx: dict[str, Any]) -> str:

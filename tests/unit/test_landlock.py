@@ -4,6 +4,7 @@ sandbox), and what an older kernel's ABI leaves out (best effort: said, not refu
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -120,3 +121,42 @@ def test_a_confined_process_reads_its_own_proc_but_not_the_hosts_connections(tmp
     assert {path: v for path, v in got.items() if path not in refused} == {
         "/proc/self/status": "open", "/proc/self/maps": "open", "/proc/self/stat": "open", "/proc/self/fd": "open",
         "/proc/self/task": "open"}, got  # fmt: skip
+
+
+EVICT_CHILD = textwrap.dedent(
+    """
+    import ctypes, json, os, sys
+    from gpupool.server import landlock
+    ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)
+    landlock.restrict(network=False, gpu=False)
+    print("ready", flush=True)
+    sys.stdin.readline()  # the parent dropped the kernel's dentries meanwhile
+    got = {}
+    for path in ("/proc/self/status", "/proc/self/maps", "/proc/self/stat", "/proc/self/limits",
+                 "/proc/sys/vm/overcommit_memory"):
+        try:
+            with open(path, "rb") as f:
+                f.read(64)
+            got[path] = "open"
+        except OSError as exc:
+            got[path] = exc.errno
+    print(json.dumps(got))
+    """
+)
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+@pytest.mark.skipif(not os.access(DROP_CACHES, os.W_OK), reason="dropping the dentry cache needs root")
+def test_a_confined_process_still_reads_its_own_proc_after_the_kernel_drops_its_dentries() -> None:
+    """A rule belongs to an inode, and procfs makes a new inode for a name whose dentry was reclaimed (memory
+    pressure; here `echo 2 > drop_caches`, host-wide, as root only): on 22f7ba0 (one rule an entry of /proc/PID,
+    each descriptor closed) every entry the worker had not held was refused afterwards (EACCES: glibc's
+    pthread_getattr_np, torch and CUDA read /proc/self/maps). The rules' descriptors are held now."""
+    with subprocess.Popen([sys.executable, "-c", EVICT_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as child:  # fmt: skip
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "ready"
+        DROP_CACHES.write_text("2\n")
+        out, _ = child.communicate("go\n", timeout=120)
+    got = json.loads(out)
+    assert got == dict.fromkeys(got, "open"), got
