@@ -800,10 +800,12 @@ def test_transformer_eval_loop_gives_the_cpu_values(pool: str, client: tuple[str
     the CPU's, on both clients. Until round 40 torch took its fast path for the gpupool device as for CUDA:
     `_native_multi_head_attention` and `_transformer_encoder_layer_fwd` were denied by the daemon's allowlist, and
     the padding mask's nested tensor failed on both clients (client/fastpath.py: gpupool tensors take the ordinary
-    path)."""
+    path). Until round 41 an encoder's padded positions held the ordinary path's attention values where torch's
+    nested-tensor path (CPU, and CUDA in eval under no_grad) writes zeros before the final norm (the "whole" lines:
+    client/fastpath.py `_encoder_padded`)."""
     pooled = on_pool(pool, "transformer_eval.py", *client, "-p", "0.5")
     losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(on_cpu("transformer_eval.py").stdout)
-    assert len(losses) == 10, pooled.stdout + pooled.stderr[-2000:]
+    assert len(losses) == 14, pooled.stdout + pooled.stderr[-2000:]
     assert_loss_lines_close(losses, reference)
     assert "transformer eval done on cuda" in pooled.stdout
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
