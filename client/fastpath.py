@@ -80,6 +80,7 @@ def _encoder_padded(encoder: Any, args: tuple[Any, ...], kwargs: dict[str, Any])
     padding = F._canonical_mask(
         mask=padding, mask_name="src_key_padding_mask", other_type=None, other_name="mask", target_type=src.dtype
     )
+    assert padding is not None  # (a tensor in, a tensor out)
     keep = padding.logical_not()
     if getattr(encoder, "mask_check", True) and bool((keep[:, 1:] & ~keep[:, :-1]).any()):
         return None  # not left-aligned: torch's ordinary path too (its _nested_tensor_from_mask_left_aligned)
