@@ -38,9 +38,34 @@ def _route(func: Any) -> tuple[int, Any]:
     return route
 
 
+_inference_on = torch.is_inference_mode_enabled  # (a C builtin)
+_InferenceMode = torch._C._InferenceMode
+
+
+def _normal_view(func: Any, args: tuple[Any, ...]) -> bool:
+    """Whether `func` makes a view of a remote tensor that is no inference tensor (under torch.inference_mode)."""
+    return (
+        bool(args) and isinstance(args[0], RemoteTensor) and meta.schema_of(func).views and not args[0].is_inference()
+    )
+
+
+def _outside_inference(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A view op of a normal remote tensor under torch.inference_mode: its outputs made outside inference mode.
+    torch (its ADInplaceOrView kernel, which runs for a normal tensor's view in inference mode too) makes the output a
+    view of its base, sharing its version counter; an output made in inference mode is an inference tensor, which has
+    none ("Cannot set version_counter for inference tensor": every `x[0]`, `x.t()`, `x.unsqueeze(1)` of a model's
+    tensors in `with torch.inference_mode():` failed on the shim until round 41). On a CPU or CUDA tensor torch makes
+    the view from its base's key set, outside inference mode's: a normal tensor."""
+    with _InferenceMode(False):  # (which turns grad mode on: off again for the op, as it was)
+        with torch.no_grad():
+            return dispatch(func, args, kwargs)
+
+
 def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """An op on remote tensors routed from elsewhere than `__torch_dispatch__` (the backend kernels of `backend.py`,
     the Dynamo-disabled path): the same routing as `torch_dispatch` below."""
+    if _inference_on() and _normal_view(func, args):
+        return _outside_inference(func, args, kwargs)
     try:
         kind, how = func._gp_route
     except AttributeError:
@@ -59,6 +84,8 @@ def torch_dispatch(cls: Any, func: Any, types: Any, args: Any = (), kwargs: Any 
         return _eager_disabled()(func, args, kwargs or {})
     if kwargs is None:  # torch passes a fresh dict (often empty: `kwargs or {}` would make another one)
         kwargs = {}
+    if _inference_on() and _normal_view(func, args):
+        return _outside_inference(func, args, kwargs)
     try:
         kind, how = func._gp_route
     except AttributeError:

@@ -811,3 +811,57 @@ def test_transformer_eval_loop_gives_the_cpu_values(pool: str, client: tuple[str
     assert_loss_lines_close(losses, reference)
     assert "transformer eval done on cuda" in pooled.stdout
     wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+@pytest.mark.parametrize(
+    "client,amp",
+    [((), False), (("--client", "shim"), False), ((), True)],
+    ids=["default", "shim", "default-amp"],
+)
+def test_resnet_rnn_script_gives_the_cpu_losses(pool: str, client: tuple[str, ...], amp: bool) -> None:
+    """resnet_rnn.py (a torchvision-style ResNet with BatchNorm switched between train() and eval(), evaluated under
+    `torch.inference_mode()`, a checkpointed block, SGD nesterov, label smoothing, clip_grad_norm_, MultiStepLR; a
+    bidirectional GRU over pack_padded_sequence and an LSTM with proj_size; a WGAN-GP gradient penalty; a
+    setup_context-style autograd.Function): every printed value within float32 rounding of the CPU's (bit for bit here,
+    round 41), on both clients; `--amp` (autocast float16 + torch.amp.GradScaler("cuda")) within 2e-3 of the CPU's
+    float32 (the shim prints the same lines: checked by hand). The C++ client ran it so before round 41 (pinned); the
+    shim failed at the first view under inference mode ("Cannot set version_counter for inference tensor":
+    client/torch/dispatch.py `_outside_inference`), then at pack_padded_sequence (its CPU lengths made meta:
+    client/torch/transfer.py COMPOSITE_HERE)."""
+    pooled = on_pool(pool, "resnet_rnn.py", *client, "-p", "0.5", script_args=("--amp",) if amp else ())
+    losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(on_cpu("resnet_rnn.py").stdout)
+    assert len(losses) == 36, pooled.stdout + pooled.stderr[-2000:]
+    if amp:
+        got, want = values(losses), values(reference)
+        assert got == pytest.approx(want, rel=2e-3) and got != want  # float16 really ran
+    else:
+        assert_loss_lines_close(losses, reference)
+    assert "resnet rnn done on cuda" in pooled.stdout
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
+
+
+INFERENCE_VIEWS = """
+import torch
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+x = torch.arange(12.0).view(4, 3).to(dev)
+for _ in range(3):  # (the second and third time from the meta cache: the shim's C path)
+    with torch.inference_mode():
+        views = [x.t(), x.unsqueeze(0), x[1:], x.view(12), x.detach(), x.split(2)[1], x.unbind(0)[2], x.expand(2, 4, 3)]
+        new = x * 2
+        later = [new.t(), new[0]]
+        print([v.is_inference() for v in views], new.is_inference(), [v.is_inference() for v in later],
+              [float(v.sum()) for v in views + later])
+    print("outside", float((views[0] + 1).sum()), views[0].requires_grad)
+"""
+
+
+@pytest.mark.parametrize("client", [(), ("--client", "shim")], ids=["default", "shim"])
+def test_views_under_inference_mode_are_the_cpus(pool: str, client: tuple[str, ...]) -> None:
+    """Views of a normal device tensor under `torch.inference_mode()` are normal tensors, views of a tensor made there
+    inference tensors, with the CPU's values, on both clients, repeatedly. Until round 41 every view of a normal
+    tensor failed on the shim ("Cannot set version_counter for inference tensor": its view wrappers were made in
+    inference mode, as inference tensors; client/torch/dispatch.py `_outside_inference`, native_ops.cpp)."""
+    done = on_pool(pool, "-c", *client, "-p", "0.5", script_args=(INFERENCE_VIEWS,))
+    assert done.stdout == on_cpu("-c", INFERENCE_VIEWS).stdout, done.stdout + done.stderr[-2000:]
+    assert done.stdout.count("[False, False, False, False, False, False, False, False] True [True, True]") == 3
+    wait_until(lambda: no_leases(pool), timeout=10, what="the run's lease to be released")
