@@ -24,15 +24,16 @@ _PLAIN, _SPECIAL, _OTHER = 0, 1, 2
 PYTHON_DEVICE_KERNELS = {"fsdp"}
 
 
-def _route(func: Any) -> tuple[int, Any]:
+def _route(func: Any) -> tuple[int, Any, bool]:
     """How `dispatch` handles an op, worked out once and kept on the OpOverload itself (`_gp_route`): reading
-    an attribute costs less than the dict lookups it replaces (OpOverload.__hash__ is a Python function)."""
+    an attribute costs less than the dict lookups it replaces (OpOverload.__hash__ is a Python function). The third
+    item: whether it is a view op (`Schema.views`: made outside torch.inference_mode, `_outside_inference`)."""
     special = transfer.SPECIAL.get(func)
     sch = meta.schema_of(func)
     if special is not None:
-        route: tuple[int, Any] = (_SPECIAL, special)
+        route: tuple[int, Any, bool] = (_SPECIAL, special, sch.views)
     else:
-        route = (_PLAIN if sch.plain else _OTHER, sch)
+        route = (_PLAIN if sch.plain else _OTHER, sch, sch.views)
     func._gp_sch = sch  # for the C path's view ops (native_ops.cpp `fast_view`)
     func._gp_route = route
     return route
@@ -42,11 +43,9 @@ _inference_on = torch.is_inference_mode_enabled  # (a C builtin)
 _InferenceMode = torch._C._InferenceMode
 
 
-def _normal_view(func: Any, args: tuple[Any, ...]) -> bool:
-    """Whether `func` makes a view of a remote tensor that is no inference tensor (under torch.inference_mode)."""
-    return (
-        bool(args) and isinstance(args[0], RemoteTensor) and meta.schema_of(func).views and not args[0].is_inference()
-    )
+def _normal_base(args: tuple[Any, ...]) -> bool:
+    """Whether a view op's base (its first argument) is a remote tensor and no inference tensor."""
+    return bool(args) and isinstance(args[0], RemoteTensor) and not args[0].is_inference()
 
 
 def _outside_inference(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -64,12 +63,12 @@ def _outside_inference(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any])
 def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """An op on remote tensors routed from elsewhere than `__torch_dispatch__` (the backend kernels of `backend.py`,
     the Dynamo-disabled path): the same routing as `torch_dispatch` below."""
-    if _inference_on() and _normal_view(func, args):
-        return _outside_inference(func, args, kwargs)
     try:
-        kind, how = func._gp_route
+        kind, how, views = func._gp_route
     except AttributeError:
-        kind, how = _route(func)
+        kind, how, views = _route(func)
+    if views and _inference_on() and _normal_base(args):
+        return _outside_inference(func, args, kwargs)
     if kind == _PLAIN:
         return run_remote(None, how, args, kwargs)
     if kind == _SPECIAL:
@@ -84,12 +83,12 @@ def torch_dispatch(cls: Any, func: Any, types: Any, args: Any = (), kwargs: Any 
         return _eager_disabled()(func, args, kwargs or {})
     if kwargs is None:  # torch passes a fresh dict (often empty: `kwargs or {}` would make another one)
         kwargs = {}
-    if _inference_on() and _normal_view(func, args):
-        return _outside_inference(func, args, kwargs)
     try:
-        kind, how = func._gp_route
+        kind, how, views = func._gp_route
     except AttributeError:
-        kind, how = _route(func)
+        kind, how, views = _route(func)
+    if views and _inference_on() and _normal_base(args):
+        return _outside_inference(func, args, kwargs)
     if kind == _PLAIN:
         return run_remote(None, how, args, kwargs)
     if kind == _SPECIAL:

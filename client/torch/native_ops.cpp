@@ -51,8 +51,7 @@ unsigned long long g_ran = 0, g_passed = 0;  // ops this path ran, ops it passed
 // interned attribute names
 PyObject *s_gp_route, *s_fast, *s_gp_rt, *s_gp_h, *s_gp_key, *s_recorders, *s_op_ids, *s_pending, *s_entries,
     *s_hits, *s_one, *s_metas, *s_wrapper, *s_spec, *s_flat_tuple, *s_flat_list, *s_values, *s_handle_base,
-    *s_handle_count, *s_device, *s_eager_op, *s_is_compiling, *s_gp_v, *s_closed, *s_gp_sch, *s_views, *s_shared,
-    *s_watched,
+    *s_handle_count, *s_device, *s_eager_op, *s_is_compiling, *s_gp_v, *s_closed, *s_gp_sch, *s_shared, *s_watched,
     *s_dead, *s_dead_bytes, *s_release, *s_itemsize, *s_heads, *s_ops_sent, *s_unflushed, *s_session, *s_free_bytes,
     *s_flush_ops, *s_free_batch, *s_raise, *s_lock, *s_acquire, *s_eager, *s_sealed_count, *s_max_batch,
     *s_qualname, *s_singleton, *s_data, *s_rules;
@@ -1062,25 +1061,16 @@ PyObject* torch_dispatch(PyObject* /*module*/, PyObject* const* a, Py_ssize_t na
     PyErr_Clear();  // not routed yet: the Python dispatcher works it out (dispatch._route)
     return to_python(a, nargs, kwnames);
   }
-  if (!PyTuple_Check(route.p) || PyTuple_GET_SIZE(route.p) != 2) return to_python(a, nargs, kwnames);
+  if (!PyTuple_Check(route.p) || PyTuple_GET_SIZE(route.p) != 3) return to_python(a, nargs, kwnames);
   const long kind = PyLong_AsLong(PyTuple_GET_ITEM(route.p, 0));
   if (kind == -1 && PyErr_Occurred()) return nullptr;
-  if (g_inference_on != nullptr && (kind == g_plain || kind == g_special)) {
-    // Under torch.inference_mode a view op goes to the Python dispatcher, which makes a normal tensor's views outside
+  if (PyTuple_GET_ITEM(route.p, 2) == Py_True && g_inference_on != nullptr) {
+    // A view op under torch.inference_mode goes to the Python dispatcher, which makes a normal tensor's views outside
     // it (dispatch.py `_outside_inference`): a wrapper made here would be an inference tensor, which torch's view
     // bookkeeping refuses ("Cannot set version_counter for inference tensor")
     Ref on(PyObject_CallNoArgs(g_inference_on));
     if (on.p == nullptr) return nullptr;
-    if (on.p == Py_True) {
-      PyObject* how = PyTuple_GET_ITEM(route.p, 1);
-      bool view = how == g_view_fn || how == g_alias_fn;
-      if (kind == g_plain) {
-        Ref views(get_attr(how, s_views));
-        if (views.p == nullptr) return nullptr;
-        view = views.p == Py_True;
-      }
-      if (view) return to_python(a, nargs, kwnames);
-    }
+    if (on.p == Py_True) return to_python(a, nargs, kwnames);
   }
   if (kind == g_plain) {
     PyObject* out = fast_plain(PyTuple_GET_ITEM(route.p, 1), args, kwargs == Py_None ? nullptr : kwargs);
@@ -1298,7 +1288,7 @@ PyMODINIT_FUNC PyInit_gpupool_native_ops() {
                         {&s_handle_base, "_handle_base"}, {&s_handle_count, "_handle_count"},
                         {&s_device, "device"}, {&s_eager_op, "eager_op"},
                         {&s_is_compiling, "_is_compiling_flag"}, {&s_gp_v, "_gp_v"}, {&s_closed, "closed"},
-                        {&s_gp_sch, "_gp_sch"}, {&s_shared, "shared"}, {&s_views, "views"},
+                        {&s_gp_sch, "_gp_sch"}, {&s_shared, "shared"},
                         {&s_watched, "watched"}, {&s_dead, "_dead"}, {&s_dead_bytes, "_dead_bytes"},
                         {&s_release, "release"}, {&s_itemsize, "itemsize"}, {&s_heads, "_heads"},
                         {&s_ops_sent, "ops_sent"}, {&s_unflushed, "_unflushed"}, {&s_session, "session"},
