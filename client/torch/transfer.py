@@ -222,6 +222,8 @@ def _lazy_bit_view(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 # `_pack_padded_sequence` (nn.utils.rnn.pack_padded_sequence) takes its lengths on the CPU and returns its batch sizes
 # there, as on CUDA: its composite kernel gathers the device data with device ops; until round 41 the shim made the
 # lengths meta to infer its outputs and failed ("'lengths' argument should be a 1D CPU int64 tensor").
+# `affine_grid_generator` (F.affine_grid, a spatial transformer's grid): not on the daemon's allowlist, whose trace met
+# its composition (a base grid and a bmm), which the C++ client sends; the shim sent it whole (denied until round 41).
 COMPOSITE_HERE = (
     aten.slice_backward.default,
     aten.diagonal_backward.default,
@@ -229,6 +231,7 @@ COMPOSITE_HERE = (
     aten._is_all_true.default,
     aten._is_any_true.default,
     aten._pack_padded_sequence.default,
+    aten.affine_grid_generator.default,
 )
 
 

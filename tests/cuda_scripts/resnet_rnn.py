@@ -5,9 +5,9 @@ with SGD (nesterov, weight decay), label smoothing, `clip_grad_norm_`, MultiStep
 under `torch.inference_mode()` (top-k accuracy, softmax); a 2-layer bidirectional GRU over `pack_padded_sequence`
 (unsorted lengths) and an LSTM with `proj_size`, with Adam and `clip_grad_norm_`; a WGAN-GP gradient penalty
 (`torch.autograd.grad(create_graph=True)`, double backward); a custom `autograd.Function` in the `setup_context` style
-with `mark_non_differentiable`, `needs_input_grad` and `once_differentiable`. `--amp`: the training steps under
-`torch.autocast("cuda", dtype=torch.float16)` with `torch.amp.GradScaler("cuda")` (off on the CPU). Prints one
-`step N <what> loss X` line per value, 8 digits. Without CUDA it runs on the CPU."""
+with `mark_non_differentiable`, `needs_input_grad` and `once_differentiable`; `F.affine_grid` + `F.grid_sample`.
+`--amp`: the training steps under `torch.autocast("cuda", dtype=torch.float16)` with `torch.amp.GradScaler("cuda")`
+(off on the CPU). Prints one `step N <what> loss X` line per value, 8 digits. Without CUDA it runs on the CPU."""
 
 import sys
 
@@ -194,4 +194,10 @@ clamped, inside = ClampST.apply(w * 2, -1.0, 1.0)
 (clamped.sin().sum() + (clamped * inside).pow(2).sum()).backward()
 report("custom function grad", w.grad.abs().sum())
 report("custom function inside", inside.sum())
+
+# A spatial transformer's sampling (F.affine_grid + F.grid_sample) and its gradient to theta
+theta = torch.tensor([[[1.0, 0.1, 0.0], [0.05, 0.9, 0.1]]] * 2).to(device).requires_grad_(True)
+grid = F.affine_grid(theta, [2, 3, 8, 8], align_corners=False)
+F.grid_sample(images[:2, :, :8, :8], grid, align_corners=False).pow(2).sum().backward()
+report("spatial transformer theta grad", theta.grad.abs().sum())
 print("resnet rnn done on", device.type)

@@ -826,11 +826,11 @@ def test_resnet_rnn_script_gives_the_cpu_losses(pool: str, client: tuple[str, ..
     round 41), on both clients; `--amp` (autocast float16 + torch.amp.GradScaler("cuda")) within 2e-3 of the CPU's
     float32 (the shim prints the same lines: checked by hand). The C++ client ran it so before round 41 (pinned); the
     shim failed at the first view under inference mode ("Cannot set version_counter for inference tensor":
-    client/torch/dispatch.py `_outside_inference`), then at pack_padded_sequence (its CPU lengths made meta:
-    client/torch/transfer.py COMPOSITE_HERE)."""
+    client/torch/dispatch.py `_outside_inference`), then at pack_padded_sequence (its CPU lengths made meta) and
+    at F.affine_grid (`affine_grid_generator` sent whole, denied: client/torch/transfer.py COMPOSITE_HERE)."""
     pooled = on_pool(pool, "resnet_rnn.py", *client, "-p", "0.5", script_args=("--amp",) if amp else ())
     losses, reference = LOSS.findall(pooled.stdout), LOSS.findall(on_cpu("resnet_rnn.py").stdout)
-    assert len(losses) == 36, pooled.stdout + pooled.stderr[-2000:]
+    assert len(losses) == 37, pooled.stdout + pooled.stderr[-2000:]
     if amp:
         got, want = values(losses), values(reference)
         assert got == pytest.approx(want, rel=2e-3) and got != want  # float16 really ran
