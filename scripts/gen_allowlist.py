@@ -120,7 +120,7 @@ REVIEWED_OUT = {
     "aten::_index_put_impl.default": "index_put_'s unsafe flag (the daemon runs _index_put_impl_ as index_put_)",
     "aten::_index_put_impl.out": "index_put_'s unsafe flag",
     "aten::_index_put_impl_.hacked_twin": "index_put_'s unsafe flag",
-    "aten::_efficientzerotensor.default": "a factory of a size from the client, no client sends it",
+    "aten::_efficientzerotensor.default": "a storage-less factory of a size from the client (clients send zeros)",
     "aten::_efficientzerotensor.out": "a factory of a size from the client",
     "aten::col2im.default": "an output size from the client (nn.Fold); unreviewed",
     "aten::col2im.out": "an output size from the client",

@@ -84,10 +84,11 @@ def enable() -> None:
     from gpupool.client.engine import run_backward_on_calling_thread
 
     run_backward_on_calling_thread()  # as the Python client's: no thread hand-off per device in a backward
-    from gpupool.client import checkpoints, fastpath, mp_share
+    from gpupool.client import checkpoints, fastpath, mp_share, zerotensor
 
     checkpoints.install_load()  # torch.load of storages saved on gpupool: onto the device (client/checkpoints.py)
     fastpath.install(backend.NAME)  # transformer eval: torch's ordinary path (client/fastpath.py)
+    zerotensor.install()  # forward-mode AD's zero tangents: ordinary zeros (client/zerotensor.py)
     mp_share.install()  # a gpupool tensor sent to another process: one clear error, as on the Python client
     _deepcopy_by_clone()  # copy.deepcopy of a device tensor (torch's storage copy makes one the daemon never saw)
     _pickle_storages_on_the_cpu()  # pickle.dumps of a device tensor (torch's legacy save: the same)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.utils.backend_registration as backend_registration
 
-from .. import checkpoints, fastpath, inductor, mp_share, streams
+from .. import checkpoints, fastpath, inductor, mp_share, streams, zerotensor
 from ..engine import run_backward_on_calling_thread
 from . import api, meta, native, native_ops, runtime, tensor
 from .dispatch import dispatch, factory, find_runtime, torch_dispatch
@@ -158,6 +158,7 @@ def register() -> None:
         mp_share.install((tensor.RemoteTensor, tensor.RemoteView))  # sent to another process: one clear error
         checkpoints.install_load()  # torch.load of storages saved on gpupool: onto the device (client/checkpoints.py)
         fastpath.install(NAME)  # transformer eval: torch's ordinary path, not its fused kernels (client/fastpath.py)
+        zerotensor.install()  # forward-mode AD's zero tangents: ordinary zeros (client/zerotensor.py)
     lib = torch.library.Library("_", "IMPL")  # noqa: TOR901 - the global namespace is required for fallbacks
     lib.fallback(_backend_fallback, "PrivateUse1")
     _library.append(lib)

@@ -24,27 +24,51 @@ _PLAIN, _SPECIAL, _OTHER = 0, 1, 2
 PYTHON_DEVICE_KERNELS = {"fsdp"}
 
 
-def _route(func: Any) -> tuple[int, Any]:
+def _route(func: Any) -> tuple[int, Any, bool]:
     """How `dispatch` handles an op, worked out once and kept on the OpOverload itself (`_gp_route`): reading
-    an attribute costs less than the dict lookups it replaces (OpOverload.__hash__ is a Python function)."""
+    an attribute costs less than the dict lookups it replaces (OpOverload.__hash__ is a Python function). The third
+    item: whether it is a view op (`Schema.views`: made outside torch.inference_mode, `_outside_inference`)."""
     special = transfer.SPECIAL.get(func)
     sch = meta.schema_of(func)
     if special is not None:
-        route: tuple[int, Any] = (_SPECIAL, special)
+        route: tuple[int, Any, bool] = (_SPECIAL, special, sch.views)
     else:
-        route = (_PLAIN if sch.plain else _OTHER, sch)
+        route = (_PLAIN if sch.plain else _OTHER, sch, sch.views)
     func._gp_sch = sch  # for the C path's view ops (native_ops.cpp `fast_view`)
     func._gp_route = route
     return route
+
+
+_inference_on = torch.is_inference_mode_enabled  # (a C builtin)
+_InferenceMode = torch._C._InferenceMode
+
+
+def _normal_base(args: tuple[Any, ...]) -> bool:
+    """Whether a view op's base (its first argument) is a remote tensor and no inference tensor."""
+    return bool(args) and isinstance(args[0], RemoteTensor) and not args[0].is_inference()
+
+
+def _outside_inference(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A view op of a normal remote tensor under torch.inference_mode: its outputs made outside inference mode.
+    torch (its ADInplaceOrView kernel, which runs for a normal tensor's view in inference mode too) makes the output a
+    view of its base, sharing its version counter; an output made in inference mode is an inference tensor, which has
+    none ("Cannot set version_counter for inference tensor": every `x[0]`, `x.t()`, `x.unsqueeze(1)` of a model's
+    tensors in `with torch.inference_mode():` failed on the shim until round 41). On a CPU or CUDA tensor torch makes
+    the view from its base's key set, outside inference mode's: a normal tensor."""
+    with _InferenceMode(False):  # (which turns grad mode on: off again for the op, as it was)
+        with torch.no_grad():
+            return dispatch(func, args, kwargs)
 
 
 def dispatch(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """An op on remote tensors routed from elsewhere than `__torch_dispatch__` (the backend kernels of `backend.py`,
     the Dynamo-disabled path): the same routing as `torch_dispatch` below."""
     try:
-        kind, how = func._gp_route
+        kind, how, views = func._gp_route
     except AttributeError:
-        kind, how = _route(func)
+        kind, how, views = _route(func)
+    if views and _inference_on() and _normal_base(args):
+        return _outside_inference(func, args, kwargs)
     if kind == _PLAIN:
         return run_remote(None, how, args, kwargs)
     if kind == _SPECIAL:
@@ -60,9 +84,11 @@ def torch_dispatch(cls: Any, func: Any, types: Any, args: Any = (), kwargs: Any 
     if kwargs is None:  # torch passes a fresh dict (often empty: `kwargs or {}` would make another one)
         kwargs = {}
     try:
-        kind, how = func._gp_route
+        kind, how, views = func._gp_route
     except AttributeError:
-        kind, how = _route(func)
+        kind, how, views = _route(func)
+    if views and _inference_on() and _normal_base(args):
+        return _outside_inference(func, args, kwargs)
     if kind == _PLAIN:
         return run_remote(None, how, args, kwargs)
     if kind == _SPECIAL:

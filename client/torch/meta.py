@@ -146,6 +146,9 @@ class Schema:
                         break
             self.write_alias.append(name)
         self.first_is_new = not (self.write_alias and self.write_alias[0])  # its first output is a new tensor
+        # A view op (an output aliasing an argument it does not write: view, t, slice, detach, split, unbind, ...):
+        # under torch.inference_mode its outputs are made outside it (dispatch.py `_outside_inference`)
+        self.views = any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
         self.mutates = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
         self.written = [(i, a.name) for i, a in enumerate(schema.arguments) if a.alias_info and a.alias_info.is_write]
         # May change a written argument's sizes, strides or storage (out= resizing, resize_, set_, t_): a lazy view

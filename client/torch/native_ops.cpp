@@ -42,6 +42,7 @@ PyObject* g_eager_short = nullptr;   // session._EAGER_SHORT as a tuple: the ent
 // Set by `setup_rules`: torch._library.simple_registry and its own find_torch_dispatch_rule (`find_rule`)
 PyObject* g_registry = nullptr;
 PyObject* g_find_rule = nullptr;
+PyObject* g_inference_on = nullptr;  // torch.is_inference_mode_enabled (setup_inference)
 // Set by `setup_values` (optional: without them such arguments take the Python dispatcher)
 PyObject* g_const_types = nullptr;   // (torch.dtype, torch.layout, torch.memory_format)
 PyObject* g_consts = nullptr;        // each such value the wire has a code for -> compact.encode_value(value)
@@ -1060,9 +1061,17 @@ PyObject* torch_dispatch(PyObject* /*module*/, PyObject* const* a, Py_ssize_t na
     PyErr_Clear();  // not routed yet: the Python dispatcher works it out (dispatch._route)
     return to_python(a, nargs, kwnames);
   }
-  if (!PyTuple_Check(route.p) || PyTuple_GET_SIZE(route.p) != 2) return to_python(a, nargs, kwnames);
+  if (!PyTuple_Check(route.p) || PyTuple_GET_SIZE(route.p) != 3) return to_python(a, nargs, kwnames);
   const long kind = PyLong_AsLong(PyTuple_GET_ITEM(route.p, 0));
   if (kind == -1 && PyErr_Occurred()) return nullptr;
+  if (PyTuple_GET_ITEM(route.p, 2) == Py_True && g_inference_on != nullptr) {
+    // A view op under torch.inference_mode goes to the Python dispatcher, which makes a normal tensor's views outside
+    // it (dispatch.py `_outside_inference`): a wrapper made here would be an inference tensor, which torch's view
+    // bookkeeping refuses ("Cannot set version_counter for inference tensor")
+    Ref on(PyObject_CallNoArgs(g_inference_on));
+    if (on.p == nullptr) return nullptr;
+    if (on.p == Py_True) return to_python(a, nargs, kwnames);
+  }
   if (kind == g_plain) {
     PyObject* out = fast_plain(PyTuple_GET_ITEM(route.p, 1), args, kwargs == Py_None ? nullptr : kwargs);
     if (out != nullptr) {
@@ -1140,6 +1149,17 @@ PyObject* setup(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
   Py_XSETREF(g_runtime, a[14]);
   // RemoteTensor.__del__ in C: a method descriptor of the class (slot_tp_finalize calls it with the tensor)
   return PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(g_remote_type), &del_def);
+}
+
+// setup_inference(torch.is_inference_mode_enabled): view ops under inference mode go to the Python dispatcher.
+PyObject* setup_inference(PyObject* /*module*/, PyObject* const* a, Py_ssize_t nargs) {
+  if (nargs != 1 || !PyCallable_Check(a[0])) {
+    PyErr_SetString(PyExc_TypeError, "setup_inference(torch.is_inference_mode_enabled)");
+    return nullptr;
+  }
+  Py_INCREF(a[0]);
+  Py_XSETREF(g_inference_on, a[0]);
+  Py_RETURN_NONE;
 }
 
 // setup_session(Session, Session.eager_op, session module, _EAGER_SHORT): what `session_append` needs.
@@ -1242,6 +1262,8 @@ PyMethodDef methods[] = {
      "what Session.eager_op's inline case needs"},
     {"setup_values", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup_values)), METH_FASTCALL,
      "the encodings of dtypes, layouts and memory formats"},
+    {"setup_inference", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup_inference)), METH_FASTCALL,
+     "torch.is_inference_mode_enabled: view ops under inference mode take the Python dispatcher"},
     {"find_rule", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(find_rule)),
      METH_FASTCALL | METH_KEYWORDS, "torch._library.simple_registry.find_torch_dispatch_rule in C"},
     {"setup_rules", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(setup_rules)), METH_FASTCALL,

@@ -93,6 +93,7 @@ def load() -> Any:
             consts = (compact.DTYPE_CODES, compact.LAYOUT_CODES, compact.MEMORY_FORMAT_CODES)
             module.setup_values((torch.dtype, torch.layout, torch.memory_format),
                                 {v: compact.encode_value(v) for codes in consts for v in codes})  # fmt: skip
+            module.setup_inference(torch.is_inference_mode_enabled)  # view ops under inference mode: Python's
             _install_rule_finder(module)
         except Exception as exc:  # BuildError, a broken cache file: the Python dispatcher still works
             log.warning("gpupool: native op path unavailable, every op takes the Python dispatcher (slower per op; "

@@ -219,12 +219,19 @@ def _lazy_bit_view(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 # `_is_all_true`/`_is_any_true` (`all()`/`any()` as a 0-d tensor) are what torch.distributions' argument validation
 # (on by default) sends for every distribution made of device tensors: until round 40 the shim sent them whole and
 # `Normal(loc, scale)` of device tensors failed ("aten::_is_all_true ... denied"); the C++ client sent `all`.
+# `_pack_padded_sequence` (nn.utils.rnn.pack_padded_sequence) takes its lengths on the CPU and returns its batch sizes
+# there, as on CUDA: its composite kernel gathers the device data with device ops; until round 41 the shim made the
+# lengths meta to infer its outputs and failed ("'lengths' argument should be a 1D CPU int64 tensor").
+# `affine_grid_generator` (F.affine_grid, a spatial transformer's grid): not on the daemon's allowlist, whose trace met
+# its composition (a base grid and a bmm), which the C++ client sends; the shim sent it whole (denied until round 41).
 COMPOSITE_HERE = (
     aten.slice_backward.default,
     aten.diagonal_backward.default,
     aten.masked_scatter_backward.default,
     aten._is_all_true.default,
     aten._is_any_true.default,
+    aten._pack_padded_sequence.default,
+    aten.affine_grid_generator.default,
 )
 
 

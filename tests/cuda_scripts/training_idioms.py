@@ -2,17 +2,17 @@
 (`nn.utils.parametrizations.weight_norm` on a conv, the older `nn.utils.weight_norm` on a linear layer's last dim, as
 WaveNet-, HiFi-GAN- and wav2vec-style models use them), `spectral_norm` and `orthogonal` parametrizations, activation
 checkpointing (`torch.utils.checkpoint`, reentrant and not), per-sample gradients with `torch.func`
-(`functional_call`, `vmap`, `grad`), a policy's `torch.distributions` (Normal, Categorical, Gamma, Beta: `rsample`,
-`sample`, `log_prob`, `entropy`, argument validation on), an EMA of the weights (`torch._foreach_lerp_`,
-`swa_utils.AveragedModel`), `clip_grad_value_`, `zero_grad(set_to_none=False)`, OneCycleLR and
-CosineAnnealingWarmRestarts. Prints one `step N <what> loss X` line per value, 8 digits. Without CUDA it runs on the
-CPU."""
+(`functional_call`, `vmap`, `grad`), forward-mode AD (`jvp`, `jacfwd`, `hessian`), a policy's `torch.distributions`
+(Normal, Categorical, Gamma, Beta: `rsample`, `sample`, `log_prob`, `entropy`, argument validation on), an EMA of the
+weights (`torch._foreach_lerp_`, `swa_utils.AveragedModel`), `clip_grad_value_`, `zero_grad(set_to_none=False)`,
+OneCycleLR and CosineAnnealingWarmRestarts. Prints one `step N <what> loss X` line per value, 8 digits. Without CUDA
+it runs on the CPU."""
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import distributions as D
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, hessian, jacfwd, jvp, vmap
 from torch.nn.utils import parametrizations as P
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.checkpoint import checkpoint
@@ -125,4 +125,27 @@ for i in range(5):
     warm.step(i + 0.5)
     report("warm restarts", loss)
 report("warm restarts lr", opt2.param_groups[0]["lr"])
+
+# forward-mode AD (zero tangents for the weights: aten::_efficientzerotensor): jvp, jacfwd, torch.func.hessian
+# (forward over reverse) by input and by weights, torch.autograd.functional.hessian's forward-mode outer jacobian
+torch.manual_seed(2)  # (the samplers above drew from the device's generator on a GPU, the CPU's here)
+net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(device)
+weights = {k: v.detach() for k, v in net.named_parameters()}
+point = torch.randn(4).to(device)
+
+
+def scalar(inp: torch.Tensor) -> torch.Tensor:
+    return functional_call(net, weights, (inp,)).sum()
+
+
+def weight_loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+    return functional_call(net, p, (point,)).pow(2).sum()
+
+
+report("jvp", jvp(scalar, (point,), (torch.ones_like(point),))[1])
+report("jacfwd", jacfwd(scalar)(point).abs().sum())
+report("hessian", hessian(scalar)(point).abs().sum())
+report("hessian of weights", sum(h.abs().sum() for row in hessian(weight_loss)(weights).values() for h in row.values()))
+outer = torch.autograd.functional.hessian(scalar, point, vectorize=True, outer_jacobian_strategy="forward-mode")
+report("autograd hessian forward-mode", outer.abs().sum())
 print("training idioms done on", device.type)
