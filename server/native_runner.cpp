@@ -101,6 +101,8 @@ struct Plan {
   // in-place op's `Tensor(a!)`): such an op would bind the view itself to its output handle, and a later record
   // could tell a direct view from the dispatcher's (`detach_` refuses a view that `aten::as_strided` made)
   bool direct_views = true;
+  // in the list of plans whose kept views a `Ctx.run` under way used (`Shells`): added once per run, not per record
+  bool in_shells = false;
   // a random op (`OpPlan.seeded`): runs only where the context's session owns the device's generator (`Ctx::rng`)
   bool seeded = false;
   // >= 0: `run` is a Python function (a fallback of server/fallbacks.py's FASTER: the same bits as the op, on a
@@ -445,6 +447,12 @@ at::Tensor view_of(const at::Tensor& v, const Input& in, bool direct) {
   return v.as_strided(in.view_sizes, in.view_strides, in.view_offset);
 }
 
+// An output `bind_new` binds (a plain dense tensor of at most MAX_DIMS dimensions); any other goes through
+// `_bind_outputs`
+inline bool bindable(const at::Tensor& t) {
+  return t.defined() && t.layout() == at::kStrided && !t.is_quantized() && !t.is_nested() && t.dim() <= MAX_DIMS;
+}
+
 // `p.owner.run is p.run`: read from the owner's slot where its type is as it was when the plan was made (`Plan`:
 // ~10 instructions, not getattr's ~160), else through getattr (which raises where it raises)
 bool runs_its_own(const Plan& p) {
@@ -537,6 +545,15 @@ inline int set_item(PyObject* d, PyObject* key, PyObject* value, uint64_t v) {
 #endif
   (void)v;
   return PyDict_SetItem(d, key, value);
+}
+
+// `del d[key]` where `key` is an int of value `v`
+inline int del_item(PyObject* d, PyObject* key, uint64_t v) {
+#ifdef GPUPOOL_KNOWN_HASH
+  if (known_hash) return _PyDict_DelItem_KnownHash(d, key, int_hash(v));
+#endif
+  (void)v;
+  return PyDict_DelItem(d, key);
 }
 
 // Whether `PyObject_Hash` of ints agrees with `int_hash` (at load; false where it does not, or where unsure)
@@ -973,10 +990,13 @@ struct Shells {
   Shells(const Shells&) = delete;
   Shells& operator=(const Shells&) = delete;
   void add(const std::shared_ptr<Plan>& p) {
-    if (used.v.empty() || used.v.back() != p) used.v.push_back(p);
+    if (p->in_shells) return;
+    p->in_shells = true;
+    used.v.push_back(p);
   }
   void release() noexcept {
     for (const auto& p : used.v) {
+      p->in_shells = false;
       for (const Arg& a : p->args) {
         for (const Input& in : a.inputs) {
           at::Tensor& sh = in.shell;
@@ -1463,7 +1483,10 @@ struct Ctx {
           }
           Py_DECREF(z);
         }
-        Own obj(p->returns ? THPVariable_Wrap(out) : Py_NewRef(Py_None));
+        // the result moved into its Python object: a fresh tensor's object is made owning its only reference, so
+        // no C++ reference is left behind whose end would drop the object's (torch's `decref_pyobject`, a
+        // `gil_scoped_acquire`, ~150 instructions an output); read back through the object below
+        Own obj(p->returns ? THPVariable_Wrap(std::move(out)) : Py_NewRef(Py_None));
         if (obj.p == nullptr) throw py::error_already_set();
         try {
           // what `_bind_outputs` bound, for `over_quota`: nothing (None, or handle 0), the output handle (`bind_new`),
@@ -1473,8 +1496,8 @@ struct Ctx {
           if (!p->returns || h == 0) {
             obj.reset(Py_NewRef(Py_None));  // what the session's table holds for the output handle (`objs` below)
           } else if (Py_TYPE(obj.p) == reinterpret_cast<PyTypeObject*>(THPVariableClass) && !in_p &&
-              out.layout() == at::kStrided && !out.is_quantized() && !out.is_nested() && out.dim() <= MAX_DIMS) {
-            bind_new(c, hkey.p, h, out, obj.p);
+                     bindable(THPVariable_Unpack(obj.p))) {
+            bind_new(c, hkey.p, h, THPVariable_Unpack(obj.p), obj.p);
             handle_keys->put(h, hkey.p);  // the table's key for this handle now
             one = true;
           } else {
@@ -1583,7 +1606,12 @@ struct Ctx {
   // `hvals`: the handles of `hkeys` as the record holds them (one a key).
   bool several(Counts& c, PyObject* hkeys, const std::vector<uint64_t>& hvals, torch::jit::Stack& stack,
                int64_t used_before, py::object* exc, PyObject* got = nullptr) {
-    std::vector<at::Tensor> outs;
+    // each value's tensor, read through its Python object (`values` holds them; an undefined tensor for any other
+    // value): no C++ reference to an output is kept beside its object, whose end would drop the object's reference
+    // (torch's `decref_pyobject`, a `gil_scoped_acquire`, ~150 instructions an output)
+    std::vector<const at::Tensor*> outs;
+    static const at::Tensor undefined;
+    auto tensor_in = [](PyObject* o) { return THPVariable_Check(o) ? &THPVariable_Unpack(o) : &undefined; };
     Own values(nullptr);
     bool flat = true;  // `values` are the slots `_bind_outputs` binds (`_slots`: no list or tuple among them)
     if (got != nullptr && PyTuple_Check(got)) {
@@ -1594,15 +1622,16 @@ struct Ctx {
       for (Py_ssize_t j = 0; j < nv; ++j) {
         PyObject* o = PyTuple_GET_ITEM(got, j);  // borrowed
         if (PyList_Check(o) || PyTuple_Check(o)) flat = false;
-        outs.push_back(THPVariable_Check(o) ? THPVariable_Unpack(o) : at::Tensor());
         PyList_SET_ITEM(values.p, j, Py_NewRef(o));  // steals the new reference
+        outs.push_back(tensor_in(o));
       }
     } else {
+      std::vector<at::Tensor> results;
       for (auto& v : stack) {
         if (v.isTensor()) {
-          outs.push_back(std::move(v).toTensor());
+          results.push_back(std::move(v).toTensor());
         } else if (v.isTensorList()) {
-          for (const at::Tensor& t : v.toTensorVector()) outs.push_back(t);
+          for (const at::Tensor& t : v.toTensorVector()) results.push_back(t);
         } else {
           stack.clear();
           PyErr_SetString(PyExc_RuntimeError, "native runner: the op did not return what its schema says");
@@ -1611,12 +1640,14 @@ struct Ctx {
         }
       }
       stack.clear();
-      values.reset(PyList_New(static_cast<Py_ssize_t>(outs.size())));
+      values.reset(PyList_New(static_cast<Py_ssize_t>(results.size())));
       if (values.p == nullptr) throw py::error_already_set();
-      for (size_t j = 0; j < outs.size(); ++j) {
-        PyObject* o = THPVariable_Wrap(outs[j]);  // an undefined tensor is None, as the op's Python binding returns it
+      for (size_t j = 0; j < results.size(); ++j) {
+        // moved into its object (an undefined tensor is None, as the op's Python binding returns it)
+        PyObject* o = THPVariable_Wrap(std::move(results[j]));
         if (o == nullptr) throw py::error_already_set();
         PyList_SET_ITEM(values.p, static_cast<Py_ssize_t>(j), o);  // steals
+        outs.push_back(tensor_in(o));
       }
     }
     c.ops.add(1);
@@ -1636,9 +1667,7 @@ struct Ctx {
       const uint64_t hj = hvals[j];
       PyObject* vj = PyList_GET_ITEM(values.p, static_cast<Py_ssize_t>(j));  // borrowed
       if (hj == 0 || vj == Py_None) continue;  // `_bind_outputs` binds nothing there
-      const at::Tensor& t = outs[j];
-      if (Py_TYPE(vj) != reinterpret_cast<PyTypeObject*>(THPVariableClass) || !t.defined() ||
-          t.layout() != at::kStrided || t.is_quantized() || t.is_nested() || t.dim() > MAX_DIMS) {
+      if (Py_TYPE(vj) != reinterpret_cast<PyTypeObject*>(THPVariableClass) || !bindable(*outs[j])) {
         here = false;
         break;
       }
@@ -1659,8 +1688,8 @@ struct Ctx {
         for (size_t j = 0; j < nh; ++j) {
           PyObject* kj = PyTuple_GET_ITEM(hkeys, static_cast<Py_ssize_t>(j));
           const uint64_t hj = hvals[j];
-          if (!outs[j].defined() || hj == 0) continue;
-          bind_new(c, kj, hj, outs[j], PyList_GET_ITEM(values.p, static_cast<Py_ssize_t>(j)), false);
+          if (!outs[j]->defined() || hj == 0) continue;
+          bind_new(c, kj, hj, *outs[j], PyList_GET_ITEM(values.p, static_cast<Py_ssize_t>(j)), false);
           handle_keys->put(hj, kj);
           if (PyList_Append(got.p, kj) < 0) throw py::error_already_set();
         }
@@ -1689,13 +1718,13 @@ struct Ctx {
   // bytes outside the union of the extents of the outputs it binds there (`y[0]`, `y[1]` over one new storage keep
   // each other's bytes), where one of them does not cover it (`outside`); handle 0 binds nothing, as there.
   // `hvals`: the first `nh` outputs' handles.
-  void zero_several(const std::vector<uint64_t>& hvals, size_t nh, const std::vector<at::Tensor>& outs,
+  void zero_several(const std::vector<uint64_t>& hvals, size_t nh, const std::vector<const at::Tensor*>& outs,
                     PyObject* values) {
-    auto bound = [&](size_t j) { return outs[j].defined() && hvals[j] != 0; };
+    auto bound = [&](size_t j) { return outs[j]->defined() && hvals[j] != 0; };
     std::vector<const c10::StorageImpl*> done;
     for (size_t j = 0; j < nh; ++j) {
-      if (!bound(j) || !outside(outs[j].unsafeGetTensorImpl(), outs[j].storage().nbytes())) continue;
-      const c10::StorageImpl* st = outs[j].storage().unsafeGetStorageImpl();
+      if (!bound(j) || !outside(outs[j]->unsafeGetTensorImpl(), outs[j]->storage().nbytes())) continue;
+      const c10::StorageImpl* st = outs[j]->storage().unsafeGetStorageImpl();
       if (std::find(done.begin(), done.end(), st) != done.end()) continue;
       done.push_back(st);
       Own skey(PyLong_FromVoidPtr(const_cast<c10::StorageImpl*>(st)));
@@ -1705,7 +1734,7 @@ struct Ctx {
       Own objs(PyList_New(0));
       if (objs.p == nullptr) throw py::error_already_set();
       for (size_t k = 0; k < nh; ++k) {  // those before j too: one that covers it keeps it whole
-        if (bound(k) && outs[k].storage().unsafeGetStorageImpl() == st &&
+        if (bound(k) && outs[k]->storage().unsafeGetStorageImpl() == st &&
             PyList_Append(objs.p, PyList_GET_ITEM(values, static_cast<Py_ssize_t>(k))) < 0) {
           throw py::error_already_set();
         }
@@ -1817,7 +1846,7 @@ struct Ctx {
     } catch (const std::exception&) {
       return false;  // (out of memory) Python's `_upload` raises it
     }
-    Own obj(THPVariable_Wrap(t));
+    Own obj(THPVariable_Wrap(std::move(t)));  // owning the tensor's only reference (as a record's output)
     if (obj.p == nullptr) throw py::error_already_set();
     // from here on the upload is run here
     mark(c, i, word, progress);
@@ -1827,7 +1856,7 @@ struct Ctx {
       Own gone(dict_pop(pdict, hkey.p));
       if (gone.p == nullptr) throw py::error_already_set();
     }
-    bind_new(c, hkey.p, h, t, obj.p);
+    bind_new(c, hkey.p, h, THPVariable_Unpack(obj.p), obj.p);
     handle_keys->put(h, hkey.p);
     c.sync_all();
     Own nb(PyLong_FromLongLong(nbytes));
@@ -2393,6 +2422,7 @@ bool free_parsed(PyObject* s, const std::vector<uint64_t>& hs, const Keys* cache
   Own freed(PyLong_FromLong(0)), one(PyLong_FromLong(1)), zero(PyLong_FromLong(0));
   if (freed.p == nullptr || one.p == nullptr || zero.p == nullptr) throw py::error_already_set();
   bool failed = false;
+  int64_t freed_c = 0;  // the bytes freed, summed in C (added to `freed` after the loop)
   for (const uint64_t h : hs) {
     PyObject* known = cached != nullptr ? cached->find(h) : nullptr;  // borrowed
     Own key(known != nullptr ? Py_NewRef(known) : PyLong_FromUnsignedLongLong(h));
@@ -2434,7 +2464,11 @@ bool free_parsed(PyObject* s, const std::vector<uint64_t>& hs, const Keys* cache
       failed = true;
       break;
     }
-    Own entry(PyDict_GetItemWithError(storages.p, skey.p));  // `storages[key]`
+    // the storage key's value (an int `bind_new` made of an address: its hash known), else hashed by the dict
+    int64_t sv = -1;
+    if (!PyLong_CheckExact(skey.p) || !as_i64(skey.p, &sv) || sv < 0) sv = -1;
+    Own entry(sv >= 0 ? get_item(storages.p, skey.p, static_cast<uint64_t>(sv))
+                      : PyDict_GetItemWithError(storages.p, skey.p));  // `storages[key]`
     if (entry.p == nullptr) {
       if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, skey.p);
       failed = true;
@@ -2467,18 +2501,27 @@ bool free_parsed(PyObject* s, const std::vector<uint64_t>& hs, const Keys* cache
       break;
     }
     if (last) {
-      if (PyDict_DelItem(storages.p, skey.p) < 0) {
+      const int gone = sv >= 0 ? del_item(storages.p, skey.p, static_cast<uint64_t>(sv))
+                               : PyDict_DelItem(storages.p, skey.p);
+      if (gone < 0) {
         failed = true;
         break;
       }
-      Own nbytes(PySequence_GetItem(entry.p, 1));  // `freed += entry[1]`
-      Own sum(nbytes.p != nullptr ? PyNumber_InPlaceAdd(freed.p, nbytes.p) : nullptr);
-      if (sum.p == nullptr) {
-        failed = true;
-        break;
+      // `freed += entry[1]`: summed in C while each is an int `bind_new` made (the same sum), else in Python
+      PyObject* b = PyList_CheckExact(entry.p) && PyList_GET_SIZE(entry.p) == 2 ? PyList_GET_ITEM(entry.p, 1) : nullptr;
+      int64_t nb = 0;
+      if (b != nullptr && PyLong_CheckExact(b) && as_i64(b, &nb) && !__builtin_add_overflow(freed_c, nb, &nb)) {
+        freed_c = nb;
+      } else {
+        Own nbytes(PySequence_GetItem(entry.p, 1));
+        Own sum(nbytes.p != nullptr ? PyNumber_InPlaceAdd(freed.p, nbytes.p) : nullptr);
+        if (sum.p == nullptr) {
+          failed = true;
+          break;
+        }
+        freed.reset(sum.p);
+        sum.p = nullptr;
       }
-      freed.reset(sum.p);
-      sum.p = nullptr;
       entries.give(entry.p);  // kept for `bind_new` where nothing else refers to it
       entry.p = nullptr;
     }
@@ -2486,6 +2529,18 @@ bool free_parsed(PyObject* s, const std::vector<uint64_t>& hs, const Keys* cache
   // `finally`: the bytes freed so far, also when a handle raised (that error is the one raised)
   PyObject *type = nullptr, *value = nullptr, *tb = nullptr;
   if (failed) PyErr_Fetch(&type, &value, &tb);
+  if (freed_c != 0) {
+    Own add(PyLong_FromLongLong(freed_c));
+    Own sum(add.p != nullptr ? PyNumber_Add(freed.p, add.p) : nullptr);
+    if (sum.p == nullptr) {
+      Py_XDECREF(type);
+      Py_XDECREF(value);
+      Py_XDECREF(tb);
+      throw py::error_already_set();
+    }
+    freed.reset(sum.p);
+    sum.p = nullptr;
+  }
   const int any = PyObject_IsTrue(freed.p);
   if (any < 0) {
     Py_XDECREF(type);

@@ -58,16 +58,20 @@ each table's entry taken with one `pop` (`dict_pop`) rather than a lookup and a 
 session's context bound it under where its cache holds it (`CommandExecutor._native_keys`: found by identity, no int
 made per handle). A storage entry (`[handles, bytes]`) it deletes with nothing else referring to it is kept (at most
 1,024 in the process, `Entries`) and filled again with `[1, nbytes]` by the next new storage the runner binds,
-rather than a new list per output. A slice's commands are
-read from the frame's bytes (`eager_frame`, `slices.frame_commands`): a plain eager record (only `eager_op` fields,
-in protobuf's canonical form) is taken as it is, and upb parses only the other commands, copied into one frame of
-their entries before anything runs (a malformed one fails there, as the whole frame's parse did); a frame of any
-other form is parsed whole and its records read by `eager_records` (`slices.eager_records`: the oneof's last
+rather than a new list per output; the storage table is read and written with the key's hash given, and the bytes
+freed are summed in C while each entry's byte count is a plain int (round 41). An op's output (a record's, an
+upload's) is moved into its Python object, which then holds the tensor's only reference: no C++ reference is left
+beside it whose end would drop the object's (torch's `decref_pyobject`, a GIL acquisition, ~150 instructions an
+output).
+A slice's commands are read from the frame's bytes (`eager_frame`, `slices.frame_commands`): a plain eager record (only
+`eager_op` fields, in protobuf's canonical form) is taken as it is, and upb parses only the other commands, copied into
+one frame of their entries before anything runs (a malformed one fails there, as the whole frame's parse did); a frame
+of any other form is parsed whole and its records read by `eager_records` (`slices.eager_records`: the oneof's last
 member decides, as for the parser; a frame with any other field or wire type is left to the parsed messages). The
-message of a plain record's command is made only where something asks for it (`slices.FrameCommands`: a record
-that fails on the Python path). The daemon's front, too, imports the cached build
-(`built`: never a build there) for one function: `split_frame`, the stream reader's cut of every frame into its
-commands' spans (`slices.split_frame`), which hands any frame it does not accept back to the Python reading.
+message of a plain record's command is made only where something asks for it (`slices.FrameCommands`: a record that
+fails on the Python path). The daemon's front, too, imports the cached build (`built`: never a build there) for one
+function: `split_frame`, the stream reader's cut of every frame into its commands' spans (`slices.split_frame`), which
+hands any frame it does not accept back to the Python reading.
 A captured step's run (server/graph.py, round 40) takes three functions of it: `quiet_externals`, a quiet run's
 persistent tensors out of the session's table, each the object its weak reference names, into their slots (None,
 nothing written, where one is not: the Python reads them the slow way and checks their metadata); `rebind_run`,

@@ -1098,11 +1098,14 @@ def test_handles_past_the_hash_modulus_find_their_entries(runner: str, monkeypat
                         ("IDX", base + 4), ("G", base + 5)):  # fmt: skip
         monkeypatch.setattr(module, name, value)
     p = Pair()
-    cmds = training(p, 12)
+    # x=X: `step`'s default is the X of number 3, a foreign handle here (round 40 passed it: every step's first record
+    # was refused and its chain poisoned, 18 of 132 records in runs against 99 for a session numbered 3)
+    cmds = training(p, 12, x=X)
     p.stream(cmds, itertools.cycle([64, 9]))
-    assert p.hits > 0, p.hits
+    assert not p.s[0].poisoned
+    assert p.hits > len(cmds) // 2, p.hits  # as for a session numbered 3 (99 of 132 records)
     if runner == "native":
-        assert p.runs().native > 0, p.runs().native
+        assert p.runs().native > p.hits // 2, p.runs().native
     for s in p.s:
         assert len({int(str(k)) for k in s.tensors} & set(s._keys)) == len(s.tensors) == len(s._keys)
         assert all(s.tensors.get(int(str(k))) is t for k, t in s.tensors.items())

@@ -188,13 +188,19 @@ def test_tensor_lists_and_scalar_lists(pair: Pair) -> None:
     good = record(4, None, [], [compact.tensors([BASE + 10, BASE + 11]), compact.encode_value([0.5, 0.5])], {})
     for bad in variants(good):
         pair.op(bad)
+    # One variant names op 4 (its name-length byte 0 -> 1: the name is the outputs count, "\x00", and the outputs
+    # are read from the arguments): a record that names its op defines it anew even where the rest fails to decode
+    # (server/executor.py `_enter`, round 40: the client counts the name sent), which forgets op 4's templates.
+    # Define it again and learn its template again, so that the records below meet a half upload on the template.
+    assert pair.ex[0]._op_ids["t"][4] == "\x00"
+    again = [compact.tensors([BASE + 10, BASE + 11]), compact.encode_value([1.0, 1.0])]
+    pair.op(record(4, "aten::_foreach_mul_.ScalarList", [], again, {}))
+    pair.op(record(4, None, [], again, {}))  # learned
     before = pair.hits
     pair.start_upload()
     pair.op(record(4, None, [], [compact.tensors([BASE + 10, UP]), compact.encode_value([1.0, 1.0])], {}))
     pair.op(record(3, None, [BASE + 16, BASE + 17], [compact.tensors([A, B]), compact.tensors([UP, A])], {}))
-    # (round 40: with upl40's uploads in `Ctx.run` and keys40 merged, one of the two records takes the normal path
-    # here, each alone had both in runs: unexamined; `Pair.run` still asserts both paths' outcomes are equal)
-    assert before + 1 <= pair.hits <= before + 2
+    assert pair.hits == before + 2
 
 
 def test_an_op_id_defined_anew_forgets_its_templates(pair: Pair) -> None:
