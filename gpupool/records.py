@@ -73,7 +73,7 @@ class Reader:
             self._pos = self._end = 0
         elif len(self._buf) - self._pos < want:  # (room for the record: what is buffered moves to the front)
             n = self._end - self._pos
-            self._buf[:n] = self._view[self._pos : self._end]
+            self._buf[:n] = self._buf[self._pos : self._end]  # (a copy first: the two may overlap)
             self._pos, self._end = 0, n
         wait, self.drained = self.drained, False
         if not wait and self._held is not None and self._pos == self._end:
@@ -138,7 +138,7 @@ class Reader:
             if not self._fill(n, timeout):
                 raise EOFError("a record")
             return bytes(self._take(n))
-        buf = bytearray(STEP)
+        buf = bytearray(min(n, STEP))
         got = self._drain_into(memoryview(buf))
         while got < n:
             if len(buf) <= got:
