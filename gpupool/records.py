@@ -119,7 +119,11 @@ class Reader:
         """The next record's header (kind, id, offset, length); None when the peer closed the socket between
         records. Waits for its first byte without a limit (the next record may be far off: an idle session, a long
         step), then `timeout` at most without progress."""
-        if self.eof and self._pos == self._end:
+        pos = self._pos
+        if self._end - pos >= _HEAD.size:  # (here already: a record that came with the one before)
+            self._pos = pos + _HEAD.size
+            return _HEAD.unpack_from(self._buf, pos)  # type: ignore[no-any-return]
+        if self.eof and pos == self._end:
             return None
         if not self._fill(_HEAD.size, timeout, patient=True):
             if self._pos == self._end:
@@ -134,6 +138,10 @@ class Reader:
         there and copied out once; a longer one is held as its bytes arrive, not as announced (a buffer of the
         announced length up front would let a peer commit `n` bytes of this end's memory with a header and one
         byte): it grows by doubling from STEP, so what is held stays under twice what was sent."""
+        pos = self._pos
+        if self._end - pos >= n:  # (the common case: it came with its header)
+            self._pos = pos + n
+            return bytes(self._view[pos : pos + n])
         if n <= len(self._buf):
             if not self._fill(n, timeout):
                 raise EOFError("a record")
