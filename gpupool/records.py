@@ -147,14 +147,7 @@ class Reader:
                 raise EOFError("a record")
             return bytes(self._take(n))
         buf = bytearray(min(n, STEP))
-        got = self._drain_into(memoryview(buf))
-        while got < n:
-            if len(buf) <= got:
-                buf.extend(bytes(min(n - got, got)))
-            end = min(n, len(buf))
-            if duplex.recv_into(self.sock, self.lock, memoryview(buf)[got:end], timeout) < end - got:
-                raise EOFError("a record")
-            got = end
+        self._grow_into(buf, n, timeout)
         return bytes(buf)
 
     def body_into(self, n: int, timeout: float | None, buf: bytearray) -> memoryview:
@@ -166,6 +159,12 @@ class Reader:
         view is read-only."""
         if len(buf) < min(n, STEP):
             buf.extend(bytes(min(n, STEP) - len(buf)))
+        self._grow_into(buf, n, timeout)
+        return memoryview(buf)[:n].toreadonly()  # read-only, as a bytes object's views are
+
+    def _grow_into(self, buf: bytearray, n: int, timeout: float | None) -> None:
+        """A record's `n` bytes into the front of `buf`: what is buffered of them, then the rest straight from the
+        socket, `buf` doubling (up to `n`) as they arrive."""
         got = self._drain_into(memoryview(buf)[: min(n, len(buf))])
         while got < n:
             if len(buf) <= got:
@@ -174,7 +173,6 @@ class Reader:
             if duplex.recv_into(self.sock, self.lock, memoryview(buf)[got:end], timeout) < end - got:
                 raise EOFError("a record")
             got = end
-        return memoryview(buf)[:n].toreadonly()  # read-only, as a bytes object's views are
 
     def _drain_into(self, into: memoryview) -> int:
         """Move what is buffered (at most len(into) bytes) to the front of `into`; returns how many."""
