@@ -69,7 +69,7 @@ def child(args: argparse.Namespace) -> int:
         python = sys.executable
         if args.measure == "instr":
             wrapper = Path(tmp) / "python-cg"
-            prefix = " ".join(cgtools.valgrind(Path(tmp) / "front.cg"))
+            prefix = " ".join(cgtools.valgrind(Path(tmp) / "front.cg.%p"))  # (%p: a forked child's file is its own)
             wrapper.write_text(f'#!/bin/sh\nexec {prefix} {sys.executable} "$@"\n')
             wrapper.chmod(0o755)
             python = str(wrapper)
@@ -128,7 +128,7 @@ def child(args: argparse.Namespace) -> int:
             proc.terminate()
             proc.wait(120)
         if args.measure == "instr":
-            out[args.kinds]["front"] = {"instructions": _instr(Path(tmp) / "front.cg") / args.calls}
+            out[args.kinds]["front"] = {"instructions": _instr(Path(tmp) / f"front.cg.{proc.pid}") / args.calls}
     print(json.dumps(out))
     return 0
 
@@ -161,14 +161,16 @@ def main(argv: list[str] | None = None) -> int:
                 if args.measure == "instr":
                     import cgtools
 
-                    cmd = [*cgtools.valgrind(cg), *cmd]
-                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                if done.returncode:
-                    print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
+                    cmd = [*cgtools.valgrind(f"{cg}.%p"), *cmd]  # (%p: a forked child's file is its own)
+                child_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                stdout, stderr = child_proc.communicate()
+                if child_proc.returncode:
+                    print(stdout[-3000:], stderr[-3000:], file=sys.stderr)
                     return 1
-                results[name].update(json.loads(done.stdout.strip().splitlines()[-1]))
+                results[name].update(json.loads(stdout.strip().splitlines()[-1]))
                 if args.measure == "instr":
-                    results[name][kinds]["client"] = {"instructions": _instr(cg) / args.calls}
+                    count = _instr(Path(f"{cg}.{child_proc.pid}"))
+                    results[name][kinds]["client"] = {"instructions": count / args.calls}
     print(f"\na synced call's counts per call, {args.measure} (load {load0:.1f} -> {os.getloadavg()[0]:.1f})")
     for kind in args.kinds.split(","):
         print(f"\n{kind}" + "".join(f"{n:>14}" for n in trees))
