@@ -45,9 +45,9 @@ if "serve" in sys.orig_argv:
 
 
 def _instr(path: Path) -> int:
-    """The instruction total (`summary:` or `totals:`) of a callgrind output file written at its process's exit
-    (instrumentation was on around the calls only)."""
-    m = re.search(r"^(?:summary|totals):\s+(\d+)", path.read_text(errors="replace"), re.M)
+    """The instruction total (`totals:`; its `summary:` line is not one when instrumentation was switched) of a
+    callgrind output file written at its process's exit (instrumentation was on around the calls only)."""
+    m = re.search(r"^totals:\s+(\d+)", path.read_text(errors="replace"), re.M)
     return int(m.group(1)) if m else 0
 
 
