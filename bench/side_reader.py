@@ -39,8 +39,9 @@ FRAME = b"\x08\x07" + b"s" * 83  # (the bytes are never parsed here: the reader'
 REPLY = b"\x08\x07\x12\x04\x08\x01\x10\x02"
 
 
-def run(frames: int, measure: str, out: str) -> dict[str, object]:
-    """One process's figures: `measure` on the reader thread for `frames` synced frames."""
+def run(frames: int, measure: str, out: str, frame_bytes: int = len(FRAME)) -> dict[str, object]:
+    """One process's figures: `measure` on the reader thread for `frames` synced frames of `frame_bytes`."""
+    frame = FRAME[:frame_bytes] + b"s" * (frame_bytes - len(FRAME))
     import cgtools
     from gpupool.client import bulk as client_bulk
     from gpupool.server import bulkside
@@ -73,7 +74,7 @@ def run(frames: int, measure: str, out: str) -> dict[str, object]:
         go.wait()
         for _ in range(frames + 1):
             got = link.recv_frame(1 << 20)
-            assert got is not None and len(got) == len(FRAME)
+            assert got is not None and len(got) == len(frame)
             link.ready()
             link.send_frame(REPLY)
         link.close()
@@ -86,7 +87,7 @@ def run(frames: int, measure: str, out: str) -> dict[str, object]:
     side = client_bulk.BulkSocket(client, frames=True)  # the client's end as a session uses it
 
     def step() -> None:
-        side.send_frame(FRAME)
+        side.send_frame(frame)
         kind, _, body = side.recv_record()
         assert kind == protocol.BULK_FRAME and body == REPLY
 
@@ -128,10 +129,13 @@ def syscall_table(path: str, frames: int) -> dict[str, float]:
     return rows
 
 
-def measure_tree(python: str, frames: int, measure: str, tmp: str, name: str) -> dict[str, object]:
+def measure_tree(
+    python: str, frames: int, measure: str, tmp: str, name: str, frame_bytes: int = len(FRAME)
+) -> dict[str, object]:
     """This file run by `python` (whose gpupool is that tree's) in a child: its figures."""
     out = str(Path(tmp) / f"{name}.out")
-    cmd = [python, str(HERE / "side_reader.py"), "--child", "--frames", str(frames), "--measure", measure, "--out", out]
+    cmd = [python, str(HERE / "side_reader.py"), "--child", "--frames", str(frames), "--measure", measure, "--out", out,
+           "--frame-bytes", str(frame_bytes)]  # fmt: skip
     if measure == "instr":
         import cgtools
 
@@ -156,17 +160,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure", choices=("syscalls", "instr"), default="syscalls")
     p.add_argument("--against", default="", help="another checkout (its gpupool, run by --against-python)")
     p.add_argument("--against-python", default=sys.executable)
+    p.add_argument("--frame-bytes", type=int, default=len(FRAME), help="a frame's size (a captured batch: 64 KiB+)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(run(args.frames, args.measure, args.out)))
+        print(json.dumps(run(args.frames, args.measure, args.out, args.frame_bytes)))
         return 0
     trees = {"this": sys.executable}
     if args.against:
         trees["other"] = args.against_python
     with tempfile.TemporaryDirectory() as tmp:
-        got = {name: measure_tree(python, args.frames, args.measure, tmp, name) for name, python in trees.items()}
+        got = {
+            name: measure_tree(python, args.frames, args.measure, tmp, name, args.frame_bytes)
+            for name, python in trees.items()
+        }
     keys = sorted({k for figures in got.values() for k in figures})
     print(f"the side reader's socket path, a synced frame ({args.measure}, {args.frames} frames, load "
           f"{os.getloadavg()[0]:.1f})")  # fmt: skip
