@@ -1,18 +1,21 @@
 """The daemon's side-socket reader alone, a synced frame at a time: its system calls (by name, EAGAINs apart) and
-its instructions a frame, this checkout's and another's (round 40, front40).
+its instructions a frame, this checkout's and another's (round 40, front40); since round 41 (front41) the client's
+end too (`client/bulk.py` `BulkSocket`: the frame's write, the reply's read), its instructions a frame.
 
 In this process, over a loopback TCP connection with the side socket's own TLS contexts (`tls.SocketServerTls`,
 `tls.socket_client_context`), both ends buffered as bound ones are (`SideSocket.buffer`): a thread of its own runs
 the front reader's socket calls of `DeviceServicer.read_side` for each frame (`BulkLink.recv_frame`, `BulkLink.ready`,
 the reply's `BulkLink.send_frame`), while the main thread plays a client that sends a frame (an 85-byte RunGraph and
-Sync, a tiny captured step's size) and waits for its reply before the next, as a synced step does. What the daemon
-does between the frame and the reply (split, slice, worker) is left out: this counts the socket path only.
+Sync, a tiny captured step's size) through the session's `BulkSocket` and waits for its reply before the next, as a
+synced step does. What the daemon does between the frame and the reply (split, slice, worker) is left out: this
+counts the socket path only.
 
     python bench/side_reader.py [--frames 2000] [--measure syscalls|instr]
         [--against DIR --against-python DIR/.venv/bin/python]   (this file run by that python, importing DIR's gpupool)
 
-`syscalls`: `strace -c` of the reader thread while it reads --frames frames; `instr`: callgrind of the process,
-instrumentation on around the frames only, each thread apart, the reader thread's total.
+`syscalls`: `strace -c` of the reader thread while it reads --frames frames (and of the client's thread:
+`client ...`); `instr`: callgrind of the process, instrumentation on around the frames only, each thread apart, the
+reader thread's total and the client's (the main thread's: its waits for the reply included).
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ FRAME = b"\x08\x07" + b"s" * 83  # (the bytes are never parsed here: the reader'
 REPLY = b"\x08\x07\x12\x04\x08\x01\x10\x02"
 
 
-def run(frames: int, measure: str, out: str) -> dict[str, object]:
-    """One process's figures: `measure` on the reader thread for `frames` synced frames."""
+def run(frames: int, measure: str, out: str, frame_bytes: int = len(FRAME)) -> dict[str, object]:
+    """One process's figures: `measure` on the reader thread for `frames` synced frames of `frame_bytes`."""
+    frame = FRAME[:frame_bytes] + b"s" * (frame_bytes - len(FRAME))
     import cgtools
+    from gpupool.client import bulk as client_bulk
     from gpupool.server import bulkside
 
-    from gpupool import duplex, pki, protocol, records, tls
+    from gpupool import pki, protocol, tls
 
     with tempfile.TemporaryDirectory() as tmp:
         env = pki.loopback_env(Path(tmp) / "pki")
@@ -69,7 +74,7 @@ def run(frames: int, measure: str, out: str) -> dict[str, object]:
         go.wait()
         for _ in range(frames + 1):
             got = link.recv_frame(1 << 20)
-            assert got is not None and len(got) == len(FRAME)
+            assert got is not None and len(got) == len(frame)
             link.ready()
             link.send_frame(REPLY)
         link.close()
@@ -79,21 +84,20 @@ def run(frames: int, measure: str, out: str) -> dict[str, object]:
     client.do_handshake()
     client.setblocking(False)
     assert client.buffer()
-    lock, head = threading.Lock(), bytearray(protocol.BULK_HEAD.size)
-    record = protocol.frame_record(FRAME)
+    side = client_bulk.BulkSocket(client, frames=True)  # the client's end as a session uses it
 
     def step() -> None:
-        duplex.send_all(client, lock, [record], None)
-        got = records.head(client, lock, head, None)
-        assert got is not None
-        records.body(client, lock, got[3], None)
+        side.send_frame(frame)
+        kind, _, body = side.recv_record()
+        assert kind == protocol.BULK_FRAME and body == REPLY
 
     started.wait(10)
     go.set()
     step()  # the first frame: both ends warm
-    tracer = None
-    if measure == "syscalls":
-        tracer = subprocess.Popen(["strace", "-c", "-o", out, "-p", str(tid[0])], stderr=subprocess.DEVNULL)
+    tracers = []
+    if measure == "syscalls":  # the reader thread, and the client's (this main thread)
+        for path, who in ((out, tid[0]), (out + ".client", threading.get_native_id())):
+            tracers.append(subprocess.Popen(["strace", "-c", "-o", path, "-p", str(who)], stderr=subprocess.DEVNULL))
         time.sleep(1.0)  # (attached)
     elif measure == "instr":
         cgtools.control("--instr=on")
@@ -101,10 +105,10 @@ def run(frames: int, measure: str, out: str) -> dict[str, object]:
     for _ in range(frames):
         step()
     wall = time.perf_counter() - t0
-    if tracer is not None:
+    for tracer in tracers:
         tracer.send_signal(signal.SIGINT)
         tracer.wait(30)
-    elif measure == "instr":
+    if measure == "instr":
         cgtools.control("--instr=off")
     thread.join(30)
     client.close()
@@ -125,10 +129,13 @@ def syscall_table(path: str, frames: int) -> dict[str, float]:
     return rows
 
 
-def measure_tree(python: str, frames: int, measure: str, tmp: str, name: str) -> dict[str, object]:
+def measure_tree(
+    python: str, frames: int, measure: str, tmp: str, name: str, frame_bytes: int = len(FRAME)
+) -> dict[str, object]:
     """This file run by `python` (whose gpupool is that tree's) in a child: its figures."""
     out = str(Path(tmp) / f"{name}.out")
-    cmd = [python, str(HERE / "side_reader.py"), "--child", "--frames", str(frames), "--measure", measure, "--out", out]
+    cmd = [python, str(HERE / "side_reader.py"), "--child", "--frames", str(frames), "--measure", measure, "--out", out,
+           "--frame-bytes", str(frame_bytes)]  # fmt: skip
     if measure == "instr":
         import cgtools
 
@@ -137,11 +144,13 @@ def measure_tree(python: str, frames: int, measure: str, tmp: str, name: str) ->
     figures: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
     if measure == "syscalls":
         figures.update(syscall_table(out, frames))
+        figures.update({"client " + k: v for k, v in syscall_table(out + ".client", frames).items()})
     elif measure == "instr":
-        # callgrind's files: OUT-01 (the main thread), OUT-02 (the reader: the first thread started)
-        text = Path(out + "-02").read_text()
-        totals = [line for line in text.splitlines() if line.startswith(("totals:", "summary:"))]
-        figures["instructions"] = round(int(totals[-1].split()[1]) / frames)
+        # callgrind's files: OUT-01 (the main thread: the client's end), OUT-02 (the reader: the first thread started)
+        for name, suffix in (("instructions", "-02"), ("client instructions", "-01")):
+            text = Path(out + suffix).read_text()
+            totals = [line for line in text.splitlines() if line.startswith(("totals:", "summary:"))]
+            figures[name] = round(int(totals[-1].split()[1]) / frames)
     return figures
 
 
@@ -151,17 +160,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure", choices=("syscalls", "instr"), default="syscalls")
     p.add_argument("--against", default="", help="another checkout (its gpupool, run by --against-python)")
     p.add_argument("--against-python", default=sys.executable)
+    p.add_argument("--frame-bytes", type=int, default=len(FRAME), help="a frame's size (a captured batch: 64 KiB+)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(run(args.frames, args.measure, args.out)))
+        print(json.dumps(run(args.frames, args.measure, args.out, args.frame_bytes)))
         return 0
     trees = {"this": sys.executable}
     if args.against:
         trees["other"] = args.against_python
     with tempfile.TemporaryDirectory() as tmp:
-        got = {name: measure_tree(python, args.frames, args.measure, tmp, name) for name, python in trees.items()}
+        got = {
+            name: measure_tree(python, args.frames, args.measure, tmp, name, args.frame_bytes)
+            for name, python in trees.items()
+        }
     keys = sorted({k for figures in got.values() for k in figures})
     print(f"the side reader's socket path, a synced frame ({args.measure}, {args.frames} frames, load "
           f"{os.getloadavg()[0]:.1f})")  # fmt: skip

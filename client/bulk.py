@@ -56,7 +56,7 @@ class BulkSocket:
         self.sock = sock
         self.lock = threading.Lock()
         self.frames = frames  # the session's frames travel here (hello BULK_HELLO_FRAMES), not on its stream
-        self._head = bytearray(protocol.BULK_HEAD.size)
+        self.reader = records.Reader(sock, self.lock)  # the daemon's records (a small reply in one read)
 
     def send_frame(self, frame: bytes) -> None:
         """A ClientFrame's bytes as a record (`protocol.frame_record`); a full socket (the daemon's queue is full)
@@ -89,7 +89,7 @@ class BulkSocket:
         lost daemon ends the gRPC stream, whose callback closes this socket, and the kernel's keepalive finds a
         gone one: `PEER_*`)."""
         try:
-            got = records.head(self.sock, self.lock, self._head, None)
+            got = self.reader.head(None)
             if got is None:
                 raise Unavailable(_CLOSED)
             kind, ident, _, n = got
@@ -97,7 +97,7 @@ class BulkSocket:
             # longer one is read or held); no other kind
             if n > _RECORD_LIMIT.get(kind, -1):
                 raise InvalidArgument(f"side socket: expected a frame record, got kind {kind} of {n} bytes")
-            return kind, ident, records.body(self.sock, self.lock, n, None)
+            return kind, ident, self.reader.body(n, None)
         except EOFError:
             raise Unavailable("side socket closed by the daemon in the middle of a record") from None
         except ValueError as exc:  # the socket was closed here
@@ -125,7 +125,7 @@ class BulkSocket:
         """Read a download chunk's header (it must be the one the stream announced) and its bytes into `into`."""
         want = (protocol.BULK_DOWNLOAD, request_id, offset, len(into))
         try:
-            got = records.transfer(self.sock, self.lock, want, into, None)
+            got = self.reader.transfer(want, into, None)
         except EOFError:
             raise Unavailable("bulk socket closed by the daemon") from None
         except (OSError, ValueError) as exc:

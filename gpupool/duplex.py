@@ -24,6 +24,8 @@ import threading
 import time
 from typing import Any
 
+# a non-blocking read's "nothing there now" (a read that would block; TLS wants the socket readable first)
+NOTHING_NOW = (ssl.SSLWantReadError, BlockingIOError, InterruptedError)
 SLICE = 1 << 20  # bytes per non-blocking send: the longest the lock is held for encrypting (about a millisecond)
 
 
@@ -177,6 +179,24 @@ def recv_into(sock: Any, lock: threading.Lock, view: memoryview, timeout: float 
                 pass
         _wait(sock, not want_write, timeout)
     return got
+
+
+def recv_some(sock: Any, lock: threading.Lock, view: memoryview, timeout: float | None, wait: bool = False) -> int:
+    """Read what comes next into `view` (a byte view), at least one byte and at most len(view): one read where bytes
+    are there (a TLS socket's read returns at most one record's); returns 0 when the peer closed. `timeout`, `wait`:
+    as `recv_into`'s."""
+    if wait:
+        _wait(sock, True, timeout)
+    while True:
+        want_write = False
+        with lock:
+            try:
+                return int(sock.recv_into(view, len(view)))
+            except ssl.SSLWantWriteError:
+                want_write = True
+            except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
+                pass
+        _wait(sock, not want_write, timeout)
 
 
 def keep_alive(sock: Any, idle: float, interval: float, probes: int) -> None:

@@ -104,17 +104,11 @@ class BulkLink:
         self.closed = False
         self.frames = frames  # the session's frames travel here too (hello BULK_HELLO_FRAMES), not on its stream
         self.gets: set[int] = set()  # request ids of bulk Gets whose last chunk has not gone out yet
-        self._head = bytearray(protocol.BULK_HEAD.size)
+        # the client's records, read through a buffer of the link's own (a small frame in one read: `records.Reader`)
+        self.reader = records.Reader(sock, self.lock)
         # the frame buffers `recv_frame` reuses: one is free when no view of it is alive (its reference count: the
         # frame `recv_frame` returned and every span of it, queued or running, hold it through their shared buffer)
         self._frame_bufs = [bytearray() for _ in range(FRAME_BUFFERS)]
-        # `ready`'s findings for the next `recv_frame`: the next record's first byte, read ahead into `_head`; the
-        # client's close, met there; nothing to read (the next read waits for the socket first)
-        self._have = 0
-        self._eof = False
-        self._drained = False
-        # what a buffered TLS socket holds of the client's bytes, asked without a system call (`ready`)
-        self._held: Callable[[], int] | None = getattr(sock, "held", None)
 
     def recv_frame(self, limit: int) -> bytes | memoryview | None:
         """The next ClientFrame's bytes on a frames socket; None when the client closed the socket between frames
@@ -125,12 +119,8 @@ class BulkLink:
         A frame of REUSE_MIN to REUSE_MAX bytes comes as a view of one of the link's frame buffers that no view
         holds any more (`_frame_buf`), every byte of it read for this frame (the buffer is this session's, and
         what lies past the frame is never handed out); where all are held, in fresh memory as bytes."""
-        if self._eof:
-            return None
-        have, wait = self._have, self._drained
-        self._have, self._drained = 0, False
         try:
-            got = records.head(self.sock, self.lock, self._head, None, have, wait)
+            got = self.reader.head(None)
         except EOFError:
             raise Unavailable(
                 f"side socket of session {self.number} closed in the middle of a frame's header"
@@ -150,8 +140,8 @@ class BulkLink:
         buf = self._frame_buf(n)
         try:
             if buf is not None:
-                return records.body_into(self.sock, self.lock, n, None, buf)
-            return records.body(self.sock, self.lock, n, None)
+                return self.reader.body_into(n, None, buf)
+            return self.reader.body(n, None)
         except EOFError:
             raise Unavailable(f"side socket of session {self.number} closed in the middle of a frame") from None
         except (OSError, ValueError) as exc:
@@ -169,39 +159,19 @@ class BulkLink:
         return None
 
     def ready(self) -> bool:
-        """Whether bytes of a next record are already here (decrypted in TLS's buffer, or in the kernel's), so that
-        the frame reader may read on without waiting for its client first (`DeviceServicer.read_side` then runs the
-        frames it read as one slice). True too for a socket closed or broken: the next read says which.
+        """Whether bytes of a next record are already here (read, decrypted in TLS's buffer, or in the kernel's), so
+        that the frame reader may read on without waiting for its client first (`DeviceServicer.read_side` then runs
+        the frames it read as one slice). True too for a socket closed or broken: the next read says which.
 
-        Asked by reading the next record's first byte without waiting (kept for `recv_frame`), not by a poll: where
-        it is there (a client running ahead) that read is the one the next frame needed anyway (TLS decrypts its
-        whole record), so a frame read on costs no system call more; where it is not, the next `recv_frame` waits for
-        the socket without first reading again (round 33: a poll a frame less, and a read a round trip less).
-
-        A buffered TLS socket (`tls.SideSocket.held`) that holds no byte of the client's is not read at all (round 40:
-        that read went to the kernel and met EAGAIN each synced frame, and raised SSLWantReadError in Python): the
-        answer is False, and the next `recv_frame` waits for the socket. Bytes that reach the kernel after the
+        Asked by reading what is there without waiting, into the reader's buffer (`records.Reader.peek`), not by a
+        poll: where it is there (a client running ahead) that read is the one the next frame needed anyway, so a
+        frame read on costs no system call more; where it is not, the next `recv_frame` waits for the socket without
+        first reading again (round 33: a poll a frame less, and a read a round trip less). A buffered TLS socket
+        (`tls.SideSocket.held`) that holds no byte of the client's is not read at all (round 40: that read went to
+        the kernel and met EAGAIN each synced frame): the answer is False. Bytes that reach the kernel after the
         frame's own read are then found by that wait (which returns at once) instead of here: the frames before them
         run as one slice a frame sooner, nothing is left unread."""
-        try:
-            with self.lock:  # one OpenSSL call at a time (gpupool/duplex.py)
-                if self._have or self._eof:
-                    return True
-                if self._held is not None and self._held() == 0:
-                    self._drained = True
-                    return False
-                try:
-                    got = self.sock.recv_into(memoryview(self._head)[:1], 1)
-                except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
-                    self._drained = True
-                    return False
-                if got:
-                    self._have = 1
-                else:
-                    self._eof = True  # the client closed the socket between frames: `recv_frame` says so
-                return True
-        except (OSError, ValueError):  # (SSLWantWriteError among them) the next read meets it
-            return True
+        return self.reader.peek()
 
     def send_frame(self, frame: bytes) -> None:
         """A reply frame (ServerFrame bytes) as a record on a frames socket; waits while the client is alive and
@@ -261,7 +231,7 @@ class BulkLink:
         span[: len(head)] = head
         want = (protocol.BULK_UPLOAD, up.handle, up.offset, n)
         try:
-            got = records.transfer(self.sock, self.lock, want, span[len(head) :], None)
+            got = self.reader.transfer(want, span[len(head) :], None)
         except EOFError:
             raise Unavailable(f"bulk socket of session {self.number} closed in the middle of an upload") from None
         except (OSError, ValueError) as exc:

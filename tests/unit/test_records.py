@@ -72,3 +72,31 @@ def test_the_daemon_cuts_a_sessions_end_to_what_the_client_reads() -> None:
     finally:
         link.close()
         sock.close()
+
+
+def test_the_read_buffer_moves_a_records_start_to_make_room_and_keeps_every_byte() -> None:
+    """Round 41's read buffer (`records.Reader`) on a small buffer: a record whose bytes would run past the buffer's
+    end moves what is buffered of it to the front first (the two ranges overlap: a copy), a record longer than the
+    buffer comes in part from it and the rest straight from the socket, and a header cut by the buffer's end is
+    completed. Bytes exact, in order; the peer's close between records reads as the end, inside one as EOFError."""
+    a, b = socket.socketpair()
+    reader = records.Reader(a, threading.Lock(), size=256)
+    bodies = [b"x", bytes(range(250)), bytes(range(256)) * 3, b"y" * 200, b"z" * 40]
+    sent = b"".join(protocol.BULK_HEAD.pack(protocol.BULK_FRAME, i, 0, len(x)) + x for i, x in enumerate(bodies))
+    b.sendall(sent + protocol.BULK_HEAD.pack(protocol.BULK_FRAME, 9, 0, 10) + b"cut")
+    b.close()
+    for i, body in enumerate(bodies):
+        assert reader.head(None) == (protocol.BULK_FRAME, i, 0, len(body))
+        assert reader.body(len(body), None) == body
+    assert reader.head(None) == (protocol.BULK_FRAME, 9, 0, 10)
+    with pytest.raises(EOFError):
+        reader.body(10, None)
+    a.close()
+    c, d = socket.socketpair()
+    reader = records.Reader(c, threading.Lock(), size=256)
+    d.sendall(protocol.frame_record(b"last"))
+    d.close()
+    assert reader.head(None) == (protocol.BULK_FRAME, 0, 0, 4)
+    assert reader.body(4, None) == b"last"
+    assert reader.head(None) is None
+    c.close()

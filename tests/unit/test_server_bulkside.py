@@ -639,3 +639,136 @@ def test_the_clients_side_socket_reads_a_reply_record_in_one_system_call() -> No
     assert reads == 1, reads
     side.close()
     daemon_end.close()
+
+
+def _count_calls(sock: Any, name: str) -> list[int]:
+    """Count the calls of `sock`'s method `name` (an instance attribute over the class's: this socket only)."""
+    calls = [0]
+    inner = getattr(sock, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return inner(*args, **kwargs)
+
+    setattr(sock, name, counted)
+    return calls
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/io"), reason="needs Linux's per-thread I/O counts")
+def test_a_reply_waited_for_is_read_in_one_call_with_no_read_before_it_comes() -> None:
+    """Round 41 (front41): a synced call's reply is not there yet when the client's reader comes for it: with
+    nothing held by its end (`tls.SideSocket.held`), the reader waits for the socket first, then reads the record
+    (header and bytes, one TLS record) in one read of its buffer (`records.Reader`): one read system call and one
+    OpenSSL read. Until round 41: a read that met EAGAIN (raised SSLWantReadError), then the header's read, then the
+    body's: two system calls and three OpenSSL reads a reply."""
+    daemon_end, client_end, side = _client_side(buffered=True)
+    reply = b"\x08\x07\x12\x04\x08\x01\x10\x02"
+    duplex_send(daemon_end, protocol.frame_record(reply))  # (the first: TLS's session tickets read with it)
+    assert side.recv_record() == (protocol.BULK_FRAME, 0, reply)
+    recv_calls = _count_calls(client_end, "recv_into")
+    got: list[Any] = []
+
+    def read() -> None:
+        before = _reads()
+        record = side.recv_record()
+        got.append((record, _reads() - before - 1))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.2)  # (the reader waits for the reply)
+    duplex_send(daemon_end, protocol.frame_record(reply))
+    reader.join(10)
+    (kind, _, body), reads = got[0]
+    assert (kind, bytes(body)) == (protocol.BULK_FRAME, reply)
+    assert reads == 1, reads
+    assert recv_calls[0] == 1, recv_calls[0]
+    side.close()
+    daemon_end.close()
+
+
+def duplex_send(sock: Any, data: bytes) -> None:
+    from gpupool import duplex
+
+    duplex.send_all(sock, threading.Lock(), [data], 10.0)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/io"), reason="needs Linux's per-thread I/O counts")
+def test_the_daemons_reader_waits_for_a_frame_without_a_read_that_finds_nothing() -> None:
+    """Round 41 (front41): the side reader comes back for the next frame without asking `ready` first (a lone
+    Sync answered on the fast path, `DeviceServicer._frame`): with nothing held it waits for the socket, then reads
+    the frame in one read (one OpenSSL read, header and bytes). Until round 41: a read that met EAGAIN first, and the
+    header's and the body's OpenSSL reads."""
+    link, theirs = _tls_link()
+    frame = protocol.sync_frame(7)
+    recv_calls = _count_calls(link.sock, "recv_into")
+    got: list[Any] = []
+
+    def read() -> None:
+        before = _reads()
+        raw = link.recv_frame(1 << 20)
+        got.append((raw, _reads() - before - 1))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.2)
+    theirs.sendall(protocol.frame_record(frame))
+    reader.join(10)
+    raw, reads = got[0]
+    assert raw is not None and bytes(raw) == frame
+    assert reads == 1, reads
+    assert recv_calls[0] == 1, recv_calls[0]
+    link.close()
+    theirs.close()
+
+
+def test_records_that_share_tls_records_are_each_read_whole_on_both_ends() -> None:
+    """Pins what holds since round 24 and must hold through round 41's read buffer (`records.Reader`): a peer may put
+    several records, or parts of them, in one TLS record (one write): the daemon reads a frame, then an upload's
+    header and bytes that came with it in the same write, then a frame cut across writes; the client reads a reply,
+    then a download's header and bytes (some of them in the reply's write, the rest straight into the tensor), then
+    the session's end. Every byte where it belongs, nothing read twice or lost."""
+    link, theirs = _tls_link()
+    data = bytes(range(256)) * 1024  # 256 KiB: past the read buffer
+    up = device_pb2.Upload(handle=5, offset=0, last=True, bulk_bytes=len(data))
+    first = b"\x0a\x02\x08\x01"
+    upload = protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD, 5, 0, len(data)) + data
+    late = b"\x0a\x03" + b"z" * 300
+    sender = threading.Thread(
+        target=lambda: (
+            theirs.sendall(protocol.frame_record(first) + upload[:1000]),
+            theirs.sendall(upload[1000:] + protocol.frame_record(late)[:7]),
+            theirs.sendall(protocol.frame_record(late)[7:]),
+        )
+    )
+    sender.start()
+    assert bytes(link.recv_frame(1 << 20) or b"") == first
+    span = link.recv_upload(up)
+    assert bytes(span[len(span) - len(data) :]) == data
+    assert bytes(link.recv_frame(1 << 20) or b"") == late
+    sender.join(10)
+    assert not link.ready()
+    link.close()
+    theirs.close()
+
+    daemon_end, client_end, side = _client_side(buffered=True)
+    reply = b"\x08\x07\x12\x04\x08\x01\x10\x02"
+    download = protocol.BULK_HEAD.pack(protocol.BULK_DOWNLOAD, 9, 0, len(data)) + data
+    end = protocol.BULK_HEAD.pack(protocol.BULK_END, 3, 0, 4) + b"gone"
+    lock = threading.Lock()
+    from gpupool import duplex
+
+    sender = threading.Thread(
+        target=lambda: (
+            duplex.send_all(daemon_end, lock, [protocol.frame_record(reply) + download[:5000]], 10.0),
+            duplex.send_all(daemon_end, lock, [download[5000:] + end], 10.0),
+        )
+    )
+    sender.start()
+    assert side.recv_record() == (protocol.BULK_FRAME, 0, reply)
+    into = bytearray(len(data))
+    side.recv_download(9, 0, memoryview(into))
+    assert bytes(into) == data
+    assert side.recv_record() == (protocol.BULK_END, 3, b"gone")
+    sender.join(10)
+    side.close()
+    daemon_end.close()
