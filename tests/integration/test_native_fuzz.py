@@ -53,8 +53,8 @@ def test_parsers_agree_with_their_references(native_runner_module: Any, recordin
 
 
 def test_damaged_uploads_and_frees_among_records_run_alike(native_runner_module: Any, recording: Path) -> None:
-    counts = fuzz_native.runs(_args(41, 17, recording), native_runner_module)
+    counts = fuzz_native.runs(_args(41, 10, recording), native_runner_module)
     print(dict(counts))
-    assert counts["frames"] >= 17 and counts["native records"] > 0, counts
+    assert counts["frames"] >= 10 and counts["native records"] > 0, counts
     # uploads and frees ran inside the runner's runs (`Ctx::between`), and some frames met errors
     assert counts["between in native runs"] > 0 and counts["slices with errors"] > 0, counts
