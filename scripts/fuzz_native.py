@@ -676,7 +676,6 @@ def daemon(args: argparse.Namespace, mod: Any) -> Counter[str]:
     import shutil
     import tempfile
 
-    import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from support import (
         ACTIONABLE,
@@ -728,7 +727,6 @@ def daemon(args: argparse.Namespace, mod: Any) -> Counter[str]:
         code = stop_process(proc)
         shutil.rmtree(tmp, ignore_errors=True)
     assert code == 0, f"the daemon exited {code}: {''.join(proc.log_lines[-30:])}"  # type: ignore[attr-defined]
-    _ = grpc
     return counts
 
 
@@ -775,7 +773,7 @@ def _hostile_session(stub: Any, channel: Any, served: Any, d: dict[str, Any], rn
                      counts: Counter[str]) -> list[str]:  # fmt: skip
     import threading
 
-    import grpc
+    from support import stream_errors
 
     reply = stub.Attach(device_pb2.AttachRequest(token=served.token(quota_bytes=32 << 20)), timeout=10)
     number = reply.handle_base >> 32
@@ -809,28 +807,12 @@ def _hostile_session(stub: Any, channel: Any, served: Any, d: dict[str, Any], rn
         yield frame_of([ld(6, key(1, 0) + varint(final))])
         done.wait(60)
 
-    stream = channel.stream_stream(
-        "/gpupool.v1.Device/Stream", request_serializer=None, response_deserializer=device_pb2.ServerFrame.FromString
-    )
-    codes: list[str] = []
-    call = stream(requests(), metadata=(("gpupool-session", reply.session_id),), timeout=120)
     try:
-        for frame in call:
-            kind = frame.WhichOneof("reply")
-            if kind == "error":
-                codes.append(frame.error.code)
-            elif kind == "sync" and frame.sync.HasField("error"):
-                codes.append(frame.sync.error.code)
-            if kind == "sync" and frame.request_id == final:
-                break
-    except grpc.RpcError as exc:
-        assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), (
-            exc.code(), exc.details())  # fmt: skip
-        codes.append(f"stream:{exc.code().name}")
-        counts[f"ended: {(exc.details() or '')[:50]}"] += 1
+        codes, ended = stream_errors(channel, reply.session_id, requests(), final, 120)
     finally:
         done.set()
-        call.cancel()
+    if ended is not None:
+        counts[f"ended: {ended[:50]}"] += 1
     counts["frames"] += len(payloads)
     stub.Detach(device_pb2.DetachRequest(session_id=reply.session_id), timeout=10)
     return codes
