@@ -9,7 +9,8 @@ Modes (each bounded by --seconds; --seed makes the inputs reproducible; the summ
            overflowing products, fields twice, unknown fields, other wire types) against the references: upb's
            parse of the same bytes (`eager_frame`, `eager_records`), `slices.py_split_frame` (`split_frame`), and
            `WorkerSession.free` on an identical session (`free`: the same tensors, poisons, uploads, accounting and
-           error).
+           error); at the end an upload split at every byte (two chunks) and at pairs of bytes (three), frees
+           among the chunks, with the runner on and off: exactly the bytes sent, the same accounting.
   runs     in-process: a recorded training stream (bench/eager_replay.py --dump) replayed into three executors
            (tests/integration/test_runner_fuzz.py `Three`: the native runner, the Python path, every command on its
            own), its uploads and frees among the records damaged at the byte level, uploads split into chunks at
@@ -454,6 +455,7 @@ def parsers(args: argparse.Namespace, mod: Any) -> Counter[str]:
             print(f"FAILED: --seed {args.seed} input {n} (its own seed {seed})", file=sys.stderr)
             raise
     counts["inputs"] = n - min(n, args.skip)
+    counts["upload splits"] = split_sweep(mod)
     return counts
 
 
@@ -535,6 +537,46 @@ def damage_stream(gen: Gen, cmds: list[Any], hostile: float = 0.5, malformed: fl
             if r.random() < malformed or not _refused([extra]):
                 out.append(extra)
     return out
+
+
+def split_sweep(mod: Any, n: int = 29) -> int:
+    """An upload of `n` bytes (a uint8 tensor) split into two chunks at every byte, and into three at every pair of
+    bytes, each chunk a command of its own among frees of other handles, in one slice: with the runner (N) and
+    without (P) the handle holds exactly the bytes sent, and the two sessions agree. Returns the splits run."""
+    import test_runner_fuzz as F
+    from gpupool.server import slices
+    from gpupool.server.devices import FakeDevice
+    from gpupool.server.executor import CommandExecutor
+    from gpupool.server.sessions import DeviceMemory, WorkerSession
+
+    data = bytes((i * 89 + 7) % 256 for i in range(n))
+    number = 6
+    h, other = (number << 32) + 1, (number << 32) + 2
+    cuts = [(k,) for k in range(1, n)] + [(a, b) for a in range(1, n) for b in range(a + 1, n) if (a + b) % 5 == 0]
+    for cut in cuts:
+        bounds = [0, *cut, n]
+        bodies = []
+        for j in range(len(bounds) - 1):
+            up = device_pb2.Upload(handle=h, data=data[bounds[j] : bounds[j + 1]], last=j == len(bounds) - 2)
+            up.offset = bounds[j]
+            if j == 0:
+                up.meta.dtype, up.meta.shape[:] = wire.dtype_to_proto(torch.uint8), [n]
+            bodies.append(device_pb2.Command(upload=up).SerializeToString())
+            bodies.append(device_pb2.Command(free=device_pb2.Free(handles=[other])).SerializeToString())
+        seen = []
+        for native in (mod, None):
+            ex = CommandExecutor(slices.SliceLedger())
+            ex.native = native
+            dev = FakeDevice(0, "sweep", 1 << 30)
+            s = WorkerSession("sweep", number, dev, DeviceMemory(dev), 1 << 20)
+            s.bind(other, torch.ones(3))
+            res = slices.run_commands(s, ex.execute, ex.ledger, slices.SliceRequest(1 << 40, 1 << 40, 1e9,
+                                      frame_of(bodies)), F._Clock)  # fmt: skip
+            assert s.error is None and not s.uploads and other not in s.tensors, (cut, s.error)
+            assert F._bytes(s.tensors[h]) == data, cut
+            seen.append((res.executed, s.used, s.memory.used, ex.ledger.uploaded))
+        assert seen[0] == seen[1], (cut, seen)
+    return len(cuts)
 
 
 def _refused(bodies: list[bytes]) -> bool:

@@ -1,7 +1,7 @@
 """A short, deterministic slice of scripts/fuzz_native.py (the fuzz of the C++ paths that read a client's bytes,
 native_runner.cpp), in-process: its `parsers` mode (the frame readers `eager_frame`, `eager_records` and
 `split_frame` against upb's parse and the Python reading; `free` against `WorkerSession.free` on an identical
-session, on structure-aware and damaged Free messages) and its `runs` mode (a recorded training stream whose uploads
+session, on structure-aware and damaged Free messages; an upload split at every byte) and its `runs` mode (a recorded training stream whose uploads
 and frees among the records are damaged, split into chunks, or inserted, run by the native runner, the Python path
 and every command on its own: the three agree on everything a client can observe). Under AddressSanitizer and UBSan
 through scripts/fuzz_native.sh (longer runs, other seeds) or scripts/runner_asan.sh (this file among the others).
@@ -50,6 +50,7 @@ def test_parsers_agree_with_their_references(native_runner_module: Any, recordin
     # the slice reached each reader's accepting and refusing sides
     assert counts["frame:parsed"] > 200 and counts["frame:refused"] > 200, counts
     assert counts["free:freed"] > 30 and counts["free:error"] > 30 and counts["free:left"] > 10, counts
+    assert counts["upload splits"] > 100, counts  # an upload split at every byte (and pairs of bytes), N and P alike
 
 
 def test_damaged_uploads_and_frees_among_records_run_alike(native_runner_module: Any, recording: Path) -> None:
