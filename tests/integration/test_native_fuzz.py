@@ -1,14 +1,16 @@
 """A short, deterministic slice of scripts/fuzz_native.py (the fuzz of the C++ paths that read a client's bytes,
 native_runner.cpp), in-process: its `parsers` mode (the frame readers `eager_frame`, `eager_records` and
 `split_frame` against upb's parse and the Python reading; `free` against `WorkerSession.free` on an identical
-session, on structure-aware and damaged Free messages; an upload split at every byte) and its `runs` mode (a recorded training stream whose uploads
-and frees among the records are damaged, split into chunks, or inserted, run by the native runner, the Python path
-and every command on its own: the three agree on everything a client can observe). Under AddressSanitizer and UBSan
-through scripts/fuzz_native.sh (longer runs, other seeds) or scripts/runner_asan.sh (this file among the others).
+session, on structure-aware and damaged Free messages; an upload split at every byte) and its `runs` mode (a
+recorded training stream whose uploads and frees among the records are damaged, split into chunks, or inserted, run
+by the native runner, the Python path and every command on its own: the three agree on everything a client can
+observe). Under AddressSanitizer and UBSan through scripts/fuzz_native.sh (longer runs, other seeds) or
+scripts/runner_asan.sh (this file among the others).
 
-Pins behaviour that holds on the base (round 41's campaign found no divergence in these paths: BENCHMARKS.md "Round
-41, fuzz41"); it fails where a reader accepts bytes its reference reads otherwise, or the runner's uploads and frees
-among a run's records leave a session in another state than the plain path."""
+Pins behaviour that holds on the base for its fixed seed (the campaign's one finding, a zero-element upload shape
+refused in different words with the runner on and off, has its own test in test_server_native_upload.py: BENCHMARKS.md
+"Round 41, fuzz41"); it fails where a reader accepts bytes its reference reads otherwise, or the runner's uploads and
+frees among a run's records leave a session in another state than the plain path."""
 
 from __future__ import annotations
 
