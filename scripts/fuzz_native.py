@@ -362,12 +362,11 @@ class FreeBench:
 
     NUMBER = 5
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self) -> None:
         from gpupool.server.devices import FakeDevice
         from gpupool.server.sessions import DeviceMemory, Poison, WorkerSession
         from grpc import StatusCode
 
-        self.rng = rng
         self.pair = []
         base = self.NUMBER << 32
         for _ in range(2):
@@ -382,7 +381,6 @@ class FreeBench:
             s.uploads[base + 5] = 4  # an upload under way
             s.poisoned[base + 6] = Poison(StatusCode.INVALID_ARGUMENT, "op", "failed")
             self.pair.append(s)
-        self.handles = [base + k for k in range(0, 9)]
 
     def state(self, s: Any) -> tuple[Any, ...]:
         return (sorted(s.tensors), sorted(s.poisoned), sorted(s.uploads.items()), s.used, s.memory.used,
@@ -429,7 +427,7 @@ def parsers(args: argparse.Namespace, mod: Any) -> Counter[str]:
         try:
             if r.random() < 0.3:
                 if bench is None or r.random() < 0.2:
-                    bench = FreeBench(r)
+                    bench = FreeBench()
                 counts["free:" + bench.check(mod, gen.free())] += 1
                 continue
             bodies = []
