@@ -4,7 +4,8 @@
 # test_server_native_upload.py, test_server_native_seeded.py, test_server_native_records.py: the frame readers
 # `eager_records` and `eager_frame` on hostile frames; test_server_slices.py: the front's frame cut `split_frame` on
 # hostile frames)
-# and the structured fuzz on recorded training streams (tests/integration/test_runner_fuzz.py). docs/operations.md
+# and the structured fuzz on recorded training streams (tests/integration/test_runner_fuzz.py; test_native_fuzz.py:
+# a slice of scripts/fuzz_native.py, whose longer runs are scripts/fuzz_native.sh). docs/operations.md
 # "The native runner under sanitizers".
 #
 #   bash scripts/runner_asan.sh                 # ~4 min the first time (the sanitized build), then ~1 min
@@ -19,22 +20,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-CXX=${CXX:-g++}
 work=${RUNNER_ASAN_DIR:-${TMPDIR:-/tmp}/gpupool-runner-asan}
 mkdir -p "$work"
 for model in tiny-mlp encoder; do
     [ -s "$work/$model.json" ] || "$PY" bench/eager_replay.py --dump "$model" "$work/$model.json" --steps 6
 done
-# libstdc++ preloaded beside libasan: python itself does not link it, and ASan's __cxa_throw interceptor needs it
-# at startup (else the first C++ exception torch throws aborts: "real___cxa_throw != 0")
-export LD_PRELOAD="$("$CXX" -print-file-name=libasan.so) $("$CXX" -print-file-name=libstdc++.so)"
-export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=0}
-export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
-# every Python object from malloc: a record (a bytes object of tens of bytes) otherwise lives in a pymalloc arena,
-# where ASan sees no redzone and a read past its end goes unreported (checked: an 8-byte read 4 bytes before a
-# record's end is reported with this and passes silently without it)
-export PYTHONMALLOC=malloc
-export GPUPOOL_NATIVE_RUNNER_SANITIZE=1
+. scripts/asan_env.sh
 export GPUPOOL_RUNNER_FUZZ_RECORDINGS="$work"
 export GPUPOOL_RUNNER_FUZZ_CASES=${CASES:-10}
 export GPUPOOL_RUNNER_FUZZ_SEED=${SEED:-0}
@@ -48,4 +39,5 @@ print("sanitized native runner:", m.__file__)
 '
 exec "$PY" -m pytest -q -p no:cacheprovider -s tests/unit/test_server_runs.py tests/unit/test_server_learned_hostile.py \
     tests/unit/test_server_native_free.py tests/unit/test_server_native_upload.py tests/unit/test_server_native_seeded.py \
-    tests/unit/test_server_native_records.py tests/unit/test_server_slices.py tests/integration/test_runner_fuzz.py "$@"
+    tests/unit/test_server_native_records.py tests/unit/test_server_slices.py tests/integration/test_runner_fuzz.py \
+    tests/integration/test_native_fuzz.py "$@"

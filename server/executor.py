@@ -965,6 +965,8 @@ class CommandExecutor:
             if dtype is torch.bool:  # torch assumes 0 or 1 (the one-chunk and the chunked path alike)
                 wire.check_bool_bytes(data)
             nbytes = math.prod(shape) * dtype.itemsize
+            if not nbytes and shape and _sizes_overflow(shape):
+                raise InvalidArgument(f"bad upload shape {shape}: its element count or strides overflow int64")
             s.admit(nbytes)  # before allocating: a forged 1 TB shape never allocates
             native = self.native
             if up.last and len(data) == nbytes and native is not None and s.device.fake:
@@ -1171,6 +1173,25 @@ def _slots(out: Any) -> list[Any]:
     if isinstance(out, tuple | list):
         return [v for item in out for v in (item if isinstance(item, list | tuple) else [item])]
     return [out]
+
+
+def _sizes_overflow(shape: list[int]) -> bool:
+    """Whether a shape of no element (a zero among its sizes) overflows int64 on the way: its element count
+    multiplied out left to right (the runner's `filled` refuses it: "a bad size") or its contiguous strides
+    (torch's `empty`: "Stride calculation overflowed"; its count in uint64: "Storage size calculation overflowed").
+    `_upload` refuses such a shape itself: until round 41 the runner on and off refused it in different words, and
+    some ([2**62, 2, 0]) only with the runner on (scripts/fuzz_native.py). A shape with elements meets `admit`."""
+    n = 1
+    for d in shape:
+        n *= d
+        if n >= 1 << 63:
+            return True
+    stride = 1
+    for d in reversed(shape[1:]):
+        stride *= max(d, 1)
+        if stride >= 1 << 63:
+            return True
+    return False
 
 
 def _first_lines(exc: BaseException, limit: int = 600) -> str:

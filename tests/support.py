@@ -574,6 +574,40 @@ ACTIONABLE = frozenset(
 )
 
 
+# How a fuzzed session's stream may end: its bytes malformed, or too much asked
+STREAM_ENDS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+def stream_errors(
+    channel: grpc.Channel, session_id: str, requests: Iterator[bytes], final: int, timeout: float
+) -> tuple[list[str], str | None]:
+    """Send `requests` (serialized ClientFrames) on the session's stream and collect the error code of every reply
+    that carries one (an error, a sync's error) until the sync of request id `final` answers: (the codes, None), or
+    (the codes and "stream:<status>", the status's details) where the stream ended first, which must be with a status
+    of STREAM_ENDS. The fuzzers' oracle (test_daemon_fuzz.py, scripts/fuzz_native.py) checks the codes."""
+    stream = channel.stream_stream(
+        "/gpupool.v1.Device/Stream", request_serializer=None, response_deserializer=device_pb2.ServerFrame.FromString
+    )
+    codes: list[str] = []
+    call = stream(requests, metadata=(("gpupool-session", session_id),), timeout=timeout)
+    try:
+        for frame in call:
+            kind = frame.WhichOneof("reply")
+            if kind == "error":
+                codes.append(frame.error.code)
+            elif kind == "sync" and frame.sync.HasField("error"):
+                codes.append(frame.sync.error.code)
+            if kind == "sync" and frame.request_id == final:
+                break
+    except grpc.RpcError as exc:
+        assert exc.code() in STREAM_ENDS, (exc.code(), exc.details())
+        codes.append(f"stream:{exc.code().name}")
+        return codes, exc.details() or ""
+    finally:
+        call.cancel()
+    return codes, None
+
+
 def wait_only_tenants(stub: Any, tenants: set[str], timeout: float = 20.0) -> None:
     """Wait until the daemon's only sessions are those of `tenants` and its device's bytes are exactly theirs
     (closed sessions hold nothing); assert it at `timeout`."""

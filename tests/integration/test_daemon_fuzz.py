@@ -37,6 +37,7 @@ from support import (
     MiB,
     start_serve_process,
     stop_process,
+    stream_errors,
     tls_channel,
     wait_only_tenants,
 )
@@ -47,7 +48,6 @@ from gpupool._proto import device_pb2, device_pb2_grpc, tensor_pb2
 GiB = 1024**3
 QUOTA = 32 * MiB
 EXPECTED = ACTIONABLE  # a status the client can act on
-STREAM_ENDS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 FINAL_SYNC = 2**63 + 12345
 # 150 keeps the test near 30 s here; GPUPOOL_FUZZ_EXAMPLES=2000 GPUPOOL_FUZZ_RANDOM=1 for a deeper, fresh hunt.
 EXAMPLES = int(os.environ.get("GPUPOOL_FUZZ_EXAMPLES", "150"))
@@ -324,26 +324,10 @@ def run_session(daemon: DaemonHandle, stub: Any, channel: grpc.Channel, base: in
         yield device_pb2.ClientFrame(commands=[sync]).SerializeToString()
         done.wait(30)
 
-    stream = channel.stream_stream(
-        "/gpupool.v1.Device/Stream", request_serializer=None, response_deserializer=device_pb2.ServerFrame.FromString
-    )
-    codes: list[str] = []
-    call = stream(requests(), metadata=(("gpupool-session", reply.session_id),), timeout=60)
     try:
-        for frame in call:
-            kind = frame.WhichOneof("reply")
-            if kind == "error":
-                codes.append(frame.error.code)
-            elif kind == "sync" and frame.sync.HasField("error"):
-                codes.append(frame.sync.error.code)
-            if kind == "sync" and frame.request_id == FINAL_SYNC:
-                break
-    except grpc.RpcError as exc:
-        assert exc.code() in STREAM_ENDS, (exc.code(), exc.details())
-        codes.append(f"stream:{exc.code().name}")
+        codes, _ = stream_errors(channel, reply.session_id, requests(), FINAL_SYNC, 60)
     finally:
         done.set()
-        call.cancel()
     stub.Detach(device_pb2.DetachRequest(session_id=reply.session_id), timeout=10)
     return codes
 

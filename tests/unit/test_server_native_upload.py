@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import grpc
 import pytest
 import torch
 from gpupool.server.devices import FakeDevice
@@ -117,3 +118,38 @@ class _Ledger:
 
 def _no_reply(item: Any) -> None:
     raise AssertionError("an upload answered")
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "overflows"),
+    [
+        ([1 << 62, 1 << 62, 0, 0], torch.complex128, True),  # the count overflows before the zero (uint64 too)
+        ([1 << 62, 2, 0], torch.uint8, True),  # only int64's count overflows: base bound it with the runner off only
+        ([0, 1 << 62, 1 << 62], torch.float32, True),  # the contiguous strides overflow
+        ([1 << 62, 0], torch.float32, False),  # no overflow anywhere: a tensor of no element, bound either way
+        ([0, (1 << 63) - 1], torch.int64, False),
+    ],
+)
+def test_a_shape_of_no_element_that_overflows_fails_alike_with_the_runner_on_and_off(
+    mod: Any, shape: list[int], dtype: torch.dtype, overflows: bool
+) -> None:
+    """Found by scripts/fuzz_native.py (runs mode, seed 7): an upload of no element whose sizes overflow int64 on
+    the way (a zero among huge sizes) was refused by torch's `empty` with the runner off ("Storage size calculation
+    overflowed", "Stride calculation overflowed") and by the runner's `filled` with it on ("a bad size"), and
+    [2**62, 2, 0] bound with the runner off but failed with it on. Now `_upload` refuses such a shape itself (the
+    same poison either way), and a shape that overflows nothing binds either way."""
+    got = []
+    for native in (mod, None):
+        ex = CommandExecutor(ledger=_Ledger())
+        ex.native = native
+        s = _session()
+        up = device_pb2.Upload(handle=BASE + 1, data=b"", last=True)
+        up.meta.dtype, up.meta.shape[:] = wire.dtype_to_proto(dtype), shape
+        ex.execute(s, device_pb2.Command(upload=up), _no_reply)
+        poison = s.poisoned.get(BASE + 1)
+        t = s.tensors.get(BASE + 1)
+        got.append((None if poison is None else (poison.code, poison.message), None if t is None else list(t.shape)))
+    assert got[0] == got[1], got
+    assert (got[0][0] is not None) == overflows and (got[0][1] == shape) != overflows, got
+    if overflows:
+        assert got[0][0][0] == grpc.StatusCode.INVALID_ARGUMENT and "bad upload shape" in got[0][0][1], got

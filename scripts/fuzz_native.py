@@ -1,0 +1,893 @@
+"""A fuzz of the C++ paths that read a client's bytes (server/native_runner.cpp): the frame readers (`eager_frame`,
+`eager_records`, `split_frame`), the parsers of uploads and frees among a run's records (`parse_upload`, `parse_meta`,
+`parse_free`, run by `Ctx::between`) and `free` (`free_handles`), in-process and through a live daemon.
+
+Modes (each bounded by --seconds; --seed makes the inputs reproducible; the summary line counts the inputs):
+
+  parsers  in-process, no daemon: structure-aware and mutated frames, Upload and Free messages (truncated and
+           overlong varints, lengths past the end, negative and huge sizes, dtypes, offsets, shapes with zero and
+           overflowing products, fields twice, unknown fields, other wire types) against the references: upb's
+           parse of the same bytes (`eager_frame`, `eager_records`), `slices.py_split_frame` (`split_frame`), and
+           `WorkerSession.free` on an identical session (`free`: the same tensors, poisons, uploads, accounting and
+           error); at the end an upload split at every byte (two chunks) and at pairs of bytes (three), frees
+           among the chunks, with the runner on and off: exactly the bytes sent, the same accounting.
+  runs     in-process: a recorded training stream (bench/eager_replay.py --dump) replayed into three executors
+           (tests/integration/test_runner_fuzz.py `Three`: the native runner, the Python path, every command on its
+           own), its uploads and frees among the records damaged at the byte level, uploads split into chunks at
+           random bytes, frees of live, freed, foreign and reserved handles inserted among the records; after every
+           slice the three must agree on everything a client can observe, a neighbour session's tensor bit-exact.
+  daemon   a live `gpupool serve` on loopback (the plain build: ASan cannot run in a sandboxed worker): a hostile
+           session replays the same damaged streams (handles moved to its own base) while a neighbour computes and
+           downloads verified results; every error status must be one a client can act on (never INTERNAL or
+           UNKNOWN), only malformed bytes may end the hostile stream, the daemon stays up, and at the end the
+           device holds only the neighbour's bytes.
+
+Under AddressSanitizer and UBSan (the in-process modes): scripts/fuzz_native.sh runs this script in the
+environment scripts/runner_asan.sh sets (scripts/asan_env.sh: the sanitized build, `GPUPOOL_NATIVE_RUNNER_SANITIZE=1`,
+in a Python with the ASan runtime preloaded). Recordings: `python bench/eager_replay.py --dump tiny-mlp OUT.json`.
+
+    bash scripts/fuzz_native.sh parsers --seconds 600 --seed 1 --recording /tmp/rec/tiny-mlp.json
+    bash scripts/fuzz_native.sh runs --seconds 600 --seed 1 --recording /tmp/rec/tiny-mlp.json
+    python scripts/fuzz_native.py daemon --seconds 300 --seed 1 --recording /tmp/rec/tiny-mlp.json
+
+A failure prints the seed and the input's number (parsers: `--seed S --skip N` starts at that input; runs: the
+case's seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "integration")]
+
+import torch  # noqa: E402
+from google.protobuf.message import DecodeError  # noqa: E402
+
+from gpupool import wire  # noqa: E402
+from gpupool._proto import device_pb2  # noqa: E402
+
+U64 = (1 << 64) - 1
+DTYPES = sorted(wire.TORCH_DTYPES)  # the wire's dtype numbers
+UPLOAD_KEY, FREE_KEY = 0x12, 0x22  # `Command.upload` (2) and `Command.free` (4), length-delimited
+
+
+# ---- protobuf bytes by hand ----
+
+
+def varint(v: int, extra: int = 0) -> bytes:
+    """`v` (mod 2**64) as a varint; `extra` > 0: that many more bytes (an overlong form, the value the same)."""
+    v &= U64
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        if v or extra:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            break
+        if not v:
+            break
+    if extra:
+        out += b"\x80" * (extra - 1) + b"\x00"
+    return bytes(out)
+
+
+def key(field: int, wire_type: int) -> bytes:
+    return varint(field << 3 | wire_type)
+
+
+def ld(field: int, body: bytes) -> bytes:
+    return key(field, 2) + varint(len(body)) + body
+
+
+def frame_of(bodies: list[bytes]) -> bytes:
+    """A ClientFrame of these command bodies (each one `commands` entry)."""
+    return b"".join(b"\x0a" + varint(len(b)) + b for b in bodies)
+
+
+class Gen:
+    """Seeded inputs: handles, Upload and Free messages built field by field, then damaged."""
+
+    def __init__(self, rng: random.Random, number: int) -> None:
+        self.rng = rng
+        self.number = number
+        self.base = number << 32
+        self.live: list[int] = []
+        self.freed: list[int] = []
+        self.metas: dict[int, tuple[int, list[int]]] = {}  # live handles' (wire dtype, shape), where known
+
+    def fitting(self) -> bytes:
+        """A well-formed upload or free that `Ctx::between` runs itself: a live handle's new value (its dtype and
+        shape: the records after it read it), a new handle's tensor, or a free of a live or new handle."""
+        r = self.rng
+        h = r.choice(sorted(self.metas))
+        dtype, shape = self.metas[h]
+        how = r.randrange(4)
+        if how == 1:
+            h, dtype, shape = self.base + 0x100000 + r.randrange(8), r.choice(DTYPES), [r.randrange(4)] * r.randrange(3)
+        if how == 3:
+            return device_pb2.Command(
+                free=device_pb2.Free(handles=[h, self.base + 0x100000 + r.randrange(8)])
+            ).SerializeToString()
+        t = (
+            torch.randint(0, 2, shape, dtype=wire.TORCH_DTYPES[dtype])
+            if dtype == 10
+            else torch.randn(shape).to(wire.TORCH_DTYPES[dtype])
+            if wire.TORCH_DTYPES[dtype].is_floating_point or wire.TORCH_DTYPES[dtype].is_complex
+            else torch.randint(0, 100, shape, dtype=wire.TORCH_DTYPES[dtype])
+        )
+        up = device_pb2.Upload(handle=h, data=wire.tensor_to_bytes(t), last=True)
+        up.meta.dtype, up.meta.shape[:] = dtype, shape
+        return device_pb2.Command(upload=up).SerializeToString()
+
+    def handle(self) -> int:
+        r = self.rng
+        pick = r.randrange(12)
+        if pick < 5 and self.live:
+            return r.choice(self.live)
+        if pick < 7 and self.freed:
+            return r.choice(self.freed)
+        return r.choice(
+            [self.base, 0, U64, (self.number + 1 << 32) + 1, (self.number - 1 << 32) + 1, self.base + (1 << 32) - 1,
+             self.base + r.randrange(1, 64), r.getrandbits(64), self.base + 1]
+        )  # fmt: skip
+
+    def num(self) -> int:
+        """An edge value for a varint field."""
+        r = self.rng
+        return r.choice([0, 1, 2, 63, 64, 65, 127, 128, (1 << 31) - 1, 1 << 31, 1 << 32, (1 << 62), (1 << 63) - 1,
+                         1 << 63, U64, U64 - 1, r.getrandbits(r.choice([7, 14, 32, 64]))])  # fmt: skip
+
+    def vint(self, v: int) -> bytes:
+        return varint(v, self.rng.choice([0] * 12 + [1, 2, 5]))
+
+    def shape(self) -> list[int]:
+        r = self.rng
+        how = r.randrange(10)
+        if how < 5:
+            return [r.randrange(0, 5) for _ in range(r.randrange(0, 4))]
+        if how == 5:
+            return [r.choice([0, 1, 2, 1 << 31, 1 << 62, (1 << 63) - 1, 3]) for _ in range(r.randrange(1, 5))]
+        if how == 6:
+            return [1] * r.choice([63, 64, 65, 70])
+        if how == 7:
+            return [0, *[r.choice([1 << 31, 1 << 62, (1 << 63) - 1]) for _ in range(r.randrange(1, 4))]]
+        if how == 8:
+            return [r.choice([-1, -(1 << 63), 2, 0]) for _ in range(r.randrange(1, 3))]
+        return [r.randrange(0, 300)]
+
+    def upload(self, h: int | None = None, shape: list[int] | None = None, dtype: int | None = None) -> bytes:
+        """An Upload message: mostly one that could be real (its data the tensor's bytes), with damage."""
+        r = self.rng
+        h = self.handle() if h is None else h
+        dtype = r.choice(DTYPES) if dtype is None else dtype
+        shape = self.shape() if shape is None else shape
+        n = 1
+        for d in shape:
+            n *= max(d, 0)
+        itemsize = wire.TORCH_DTYPES[dtype].itemsize if dtype in wire.TORCH_DTYPES else 4
+        size = n * itemsize if n * itemsize <= 1 << 16 else r.randrange(0, 64)
+        data = bytes(r.getrandbits(1) if dtype == 10 else r.randrange(256) for _ in range(size))
+        if dtype == 10 and data and r.random() < 0.2:
+            data = data[:-1] + bytes([r.choice([2, 0x80, 0xFF])])
+        meta: list[bytes] = [key(1, 0) + self.vint(dtype)]
+        dims = [self.vint(d) for d in shape]
+        if r.random() < 0.5:
+            meta.append(ld(2, b"".join(dims)) if dims else b"")
+        else:
+            meta += [key(2, 0) + d for d in dims]
+        if r.random() < 0.2:
+            meta.append(ld(3, b"".join(self.vint(r.choice([1, 0, -1, 1 << 40])) for _ in shape)))
+        if r.random() < 0.1:
+            meta.append(key(4, 0) + self.vint(self.num()))
+        if r.random() < 0.3:
+            r.shuffle(meta)
+        fields: list[bytes] = [key(1, 0) + self.vint(h), ld(2, b"".join(meta)), ld(4, data), key(5, 0) + self.vint(1)]
+        for _ in range(r.choice([0, 0, 0, 0, 0, 1, 1, 2, 3])):
+            self.damage_fields(fields, meta)
+        if r.random() < 0.3:
+            r.shuffle(fields)
+        body = b"".join(fields)
+        if r.random() < 0.15:
+            body = self.bytes_damage(body)
+        return body
+
+    def damage_fields(self, fields: list[bytes], meta: list[bytes]) -> None:
+        r = self.rng
+        how = r.randrange(16)
+        if how == 0 and fields:
+            del fields[r.randrange(len(fields))]
+        elif how == 1 and fields:
+            fields.append(r.choice(fields))  # a field twice
+        elif how == 2:
+            fields.append(key(3, 0) + self.vint(self.num()))  # an offset
+        elif how == 3:
+            fields.append(key(5, 0) + self.vint(r.choice([0, 2, 1 << 32, U64])))  # `last` not 1
+        elif how == 4:
+            fields.append(key(r.choice([6, 7, 15, 16, 60, 536870911]), r.choice([0, 1, 2, 5])) + b"\x01" * 8)
+        elif how == 5:  # another wire type for a known field
+            f = r.randrange(1, 6)
+            fields.append(key(f, r.choice([0, 1, 2, 5])) + (varint(3) + b"abc" if r.random() < 0.5 else b"\x00" * 8))
+        elif how == 6:  # a length past the end
+            fields.append(key(4, 2) + varint(r.choice([1, 100, 1 << 31, U64])) + b"xy")
+        elif how == 7:  # a truncated varint
+            fields.append(key(r.choice([1, 3, 5]), 0) + b"\xff" * r.randrange(1, 11))
+        elif how == 8:  # an 11-byte varint, or a 10th byte > 1
+            fields.append(key(1, 0) + b"\xff" * 9 + bytes([r.choice([2, 0x7F, 0x81])]))
+        elif how == 9:
+            fields.append(ld(60, b""))  # `bulk_bytes` as bytes
+            fields.append(key(60, 0) + varint(r.randrange(1, 1 << 20)))
+        elif how == 10:  # meta twice (upb merges them)
+            fields.append(ld(2, key(2, 0) + varint(r.randrange(5))))
+        elif how == 11:  # the meta's own damage
+            m = list(meta)
+            m.append(r.choice([key(1, 0) + self.vint(self.num()), key(2, 0) + self.vint(self.num()), key(4, 2) +
+                               varint(1) + b"x", key(2, 2) + varint(r.choice([3, 100])) + b"\x01", key(9, 0) +
+                               b"\x00", key(1, 2) + varint(0), b"\x80", key(2, 5) + b"\x00" * 4]))  # fmt: skip
+            fields.append(ld(2, b"".join(m)))
+        elif how == 12:  # data one byte short or long
+            fields.append(ld(4, bytes(r.randrange(1, 17))))
+        elif how == 13:  # an overlong tag
+            fields.append(varint(1 << 3, r.randrange(1, 6)) + varint(self.handle()))
+        elif how == 14:  # a huge meta length
+            fields.append(key(2, 2) + varint(r.choice([1 << 31, (1 << 32) + 2, U64])) + b"\x08\x01")
+        else:
+            fields.append(key(1, 0) + self.vint(self.handle()))
+
+    def bytes_damage(self, b: bytes) -> bytes:
+        r = self.rng
+        out = bytearray(b)
+        for _ in range(r.randrange(1, 4)):
+            how = r.randrange(5)
+            if how == 0 and out:
+                out[r.randrange(len(out))] ^= 1 << r.randrange(8)
+            elif how == 1 and out:
+                del out[r.randrange(len(out)) :]
+            elif how == 2:
+                at = r.randrange(len(out) + 1)
+                out[at:at] = bytes(r.randrange(256) for _ in range(r.randrange(1, 6)))
+            elif how == 3 and out:
+                at = r.randrange(len(out))
+                del out[at : at + r.randrange(1, 4)]
+            elif out:
+                out[r.randrange(len(out))] = r.choice([0, 0x80, 0xFF, 0x7F, 0x08, 0x0A, 0x12])
+        return bytes(out)
+
+    def free(self, handles: list[int] | None = None) -> bytes:
+        """A Free message: packed, one field a handle, or both, with damage now and then."""
+        r = self.rng
+        hs = [self.handle() for _ in range(r.randrange(0, 6))] if handles is None else handles
+        parts: list[bytes] = []
+        rest = list(hs)
+        while rest:
+            take = rest[: r.randrange(1, len(rest) + 1)]
+            rest = rest[len(take) :]
+            if r.random() < 0.5:
+                parts.append(ld(1, b"".join(self.vint(h) for h in take)))
+            else:
+                parts += [key(1, 0) + self.vint(h) for h in take]
+        if r.random() < 0.15:
+            parts.append(r.choice([key(1, 0) + b"\xff" * 10 + b"\x01", key(1, 0) + b"\xff" * 9 + b"\x02", key(1, 2) +
+                                   varint(5) + b"\x01", key(2, 0) + b"\x01", key(1, 1) + b"\x00" * 8, ld(1, b"\xff"),
+                                   key(1, 0), b"\x08\x80", ld(1, b"")]))  # fmt: skip
+        body = b"".join(parts)
+        if r.random() < 0.1:
+            body = self.bytes_damage(body)
+        return body
+
+    def command(self, body: bytes, kind: int) -> bytes:
+        """A `Command` holding `body` as its `upload` or `free` field: mostly canonical; now and then an overlong
+        length, a second member or a trailing field."""
+        r = self.rng
+        how = r.randrange(12)
+        if how == 0:
+            return bytes([kind]) + varint(len(body), r.randrange(1, 4)) + body
+        if how == 1:
+            return bytes([kind]) + varint(len(body)) + body + ld(5, varint(7))  # a second member: seed
+        if how == 2:
+            return ld(30, b"\x00" * 8) + bytes([kind]) + varint(len(body)) + body
+        if how == 3:
+            return bytes([kind]) + varint(len(body)) + body + bytes([kind]) + varint(len(body)) + body
+        return bytes([kind]) + varint(len(body)) + body
+
+
+# ---- parsers: each reader against its reference ----
+
+
+def _upb(payload: bytes) -> Any:
+    try:
+        return device_pb2.ClientFrame.FromString(payload).commands
+    except DecodeError:
+        return None
+
+
+def _record(cmd: Any) -> bytes:
+    return cmd.eager_op if cmd.WhichOneof("cmd") == "eager_op" else b""
+
+
+def check_frame(mod: Any, payload: bytes) -> str:
+    """`eager_frame`, `eager_records` and `split_frame` of one frame against upb's parse and the Python reading.
+    Returns what the readers did (for the counts)."""
+    from gpupool.server import slices
+
+    cmds = _upb(payload)
+    got = mod.eager_frame(payload, True)
+    if got is not None:
+        records, at, others, ask, between = got
+        others_cmds = _upb(others) if others else []
+        if cmds is None:
+            assert others_cmds is None, "upb refuses the frame but parses the commands the reader left to it"
+        else:
+            assert len(records) == len(cmds), (len(records), len(cmds))
+            assert others_cmds is not None and len(others_cmds) == len(at)
+            for i, c in enumerate(cmds):
+                if i in at:
+                    assert others_cmds[at[i]] == c, i
+                    if i not in ask:
+                        assert records[i] == _record(c), i
+                else:
+                    assert c.WhichOneof("cmd") == "eager_op" and records[i] == c.eager_op, i
+            if between is not None:
+                assert len(between) == len(cmds)
+                for i, b in enumerate(between):
+                    if b is not None:
+                        kind = cmds[i].WhichOneof("cmd")
+                        assert kind in ("upload", "free") and device_pb2.Command.FromString(b) == cmds[i], i
+    recs = mod.eager_records(payload)
+    if recs is not None and cmds is not None:
+        assert recs == [_record(c) for c in cmds], "eager_records"
+    for max_commands, raw in ((1 << 20, payload), (3, payload), (1 << 20, memoryview(bytearray(payload)))):
+        fast = mod.split_frame(raw, max_commands, slices.UPLOAD, slices.GET)  # (a side socket's buffer: a view)
+        if fast is None:
+            continue
+        marks: list[int] = []
+        ref = slices.py_split_frame(payload, max_commands, marks)
+        assert [(k, bytes(s)) for k, s in fast[0]] == [(k, bytes(s)) for k, s in ref], "split_frame"
+        assert fast[1] == marks, "split_frame marks"
+    return "parsed" if cmds is not None else "refused"
+
+
+class FreeBench:
+    """Two identical sessions: `free` (C++) on one, `WorkerSession.free` on the other, compared."""
+
+    NUMBER = 5
+
+    def __init__(self) -> None:
+        from gpupool.server.devices import FakeDevice
+        from gpupool.server.sessions import DeviceMemory, Poison, WorkerSession
+        from grpc import StatusCode
+
+        self.pair = []
+        base = self.NUMBER << 32
+        for _ in range(2):
+            dev = FakeDevice(0, "fz", 1 << 30)
+            s = WorkerSession("fz", self.NUMBER, dev, DeviceMemory(dev), 1 << 24)
+            t = torch.arange(12.0)
+            s.bind(base + 1, t)
+            s.bind(base + 2, t[2:5])  # the same storage
+            s.bind(base + 3, torch.ones(3, dtype=torch.int16))
+            s.bind(base + 4, torch.zeros(0))
+            s.bind(base + 5, torch.ones(4))
+            s.uploads[base + 5] = 4  # an upload under way
+            s.poisoned[base + 6] = Poison(StatusCode.INVALID_ARGUMENT, "op", "failed")
+            self.pair.append(s)
+
+    def state(self, s: Any) -> tuple[Any, ...]:
+        return (sorted(s.tensors), sorted(s.poisoned), sorted(s.uploads.items()), s.used, s.memory.used,
+                sorted(tuple(v) for v in s._storages.values()))  # fmt: skip
+
+    def check(self, mod: Any, msg: bytes) -> str:
+        a, b = self.pair
+        try:
+            done = mod.free(a, msg, None)
+            err_a = None
+        except Exception as exc:  # noqa: BLE001 - compared below
+            done, err_a = True, exc
+        if not done:
+            return "left"
+        try:
+            hs = list(device_pb2.Free.FromString(msg).handles)
+        except DecodeError:
+            raise AssertionError(f"free ran a message upb refuses: {msg.hex()}") from None
+        try:
+            b.free(hs)
+            err_b = None
+        except Exception as exc:  # noqa: BLE001
+            err_b = exc
+        assert (type(err_a), str(err_a)) == (type(err_b), str(err_b)), (err_a, err_b)
+        assert self.state(a) == self.state(b), (self.state(a), self.state(b))
+        return "error" if err_a is not None else "freed"
+
+
+def parsers(args: argparse.Namespace, mod: Any) -> Counter[str]:
+    rng = random.Random(args.seed)
+    counts: Counter[str] = Counter()
+    records = _recorded_records(args)
+    deadline = time.monotonic() + args.seconds
+    n = 0
+    bench: FreeBench | None = None
+    while time.monotonic() < deadline and (args.inputs == 0 or n < args.inputs):
+        n += 1
+        seed = rng.getrandbits(64)  # each input from its own seed: --skip N starts at input N + 1 as it was
+        if n <= args.skip:
+            continue
+        r = random.Random(seed)
+        gen = Gen(r, FreeBench.NUMBER)
+        gen.live = [(FreeBench.NUMBER << 32) + k for k in range(1, 7)]
+        try:
+            if r.random() < 0.3:
+                if bench is None or r.random() < 0.2:
+                    bench = FreeBench()
+                counts["free:" + bench.check(mod, gen.free())] += 1
+                continue
+            bodies = []
+            for _ in range(r.randrange(1, 9)):
+                what = r.randrange(10)
+                if what < 3:
+                    bodies.append(gen.command(gen.upload(), UPLOAD_KEY))
+                elif what < 5:
+                    bodies.append(gen.command(gen.free(), FREE_KEY))
+                elif what < 8 and records:
+                    rec = r.choice(records)
+                    bodies.append(ld(30, rec if r.random() < 0.8 else gen.bytes_damage(rec)))
+                elif what == 8:
+                    bodies.append(r.choice([b"", ld(5, varint(3)), ld(6, varint(9)), ld(3, b"\x10\x01"), b"\xf2\x01",
+                                            b"\xf2\x01\x00", b"\xf2\x81\x00\x01x"]))  # fmt: skip
+                elif r.random() < 0.3:
+                    bodies.append(bytes(r.randrange(256) for _ in range(r.randrange(0, 12))))
+            payload = frame_of(bodies)
+            if r.random() < 0.1:
+                payload = gen.bytes_damage(payload)
+            counts["frame:" + check_frame(mod, payload)] += 1
+        except Exception:
+            print(f"FAILED: --seed {args.seed} input {n} (its own seed {seed})", file=sys.stderr)
+            raise
+    counts["inputs"] = n - min(n, args.skip)
+    counts["upload splits"] = split_sweep(mod)
+    return counts
+
+
+def _recorded_records(args: argparse.Namespace) -> list[bytes]:
+    out: list[bytes] = []
+    for path in args.recording or []:
+        d = json.loads(Path(path).read_text())
+        for f in d["frames"][:6]:
+            out += [c.eager_op for c in device_pb2.ClientFrame.FromString(bytes.fromhex(f)).commands if c.eager_op]
+    return out[:400]
+
+
+# ---- runs: damaged uploads and frees among a recorded stream's records, three executors compared ----
+
+
+def damage_stream(gen: Gen, cmds: list[Any], hostile: float = 0.5, malformed: float = 0.3) -> list[bytes]:
+    """The commands of one recorded frame as bodies, with their uploads and frees damaged and new ones inserted
+    among the records (`gen.live`: the handles live before this frame); a damaged command upb refuses (which ends
+    the frame, or the stream) is kept at the rate `malformed`, else the command is left as it was."""
+    r = gen.rng
+    out: list[bytes] = []
+    for c in cmds:
+        at = len(out)
+        kind = c.WhichOneof("cmd")
+        body = c.SerializeToString()
+        if kind == "upload" and r.random() < hostile:
+            up = c.upload
+            how = r.randrange(6)
+            if how == 0 and up.offset == 0 and up.HasField("meta") and up.last and 1 < len(up.data) <= 1 << 16:
+                # split at a random byte: two chunks, records between them now and then
+                k = r.randrange(1, len(up.data))
+                first = device_pb2.Upload(handle=up.handle, meta=up.meta, data=up.data[:k], last=False)
+                second = device_pb2.Upload(handle=up.handle, offset=k, data=up.data[k:], last=True)
+                out.append(device_pb2.Command(upload=first).SerializeToString())
+                if r.random() < 0.5:
+                    out.append(
+                        ld(4, ld(1, varint(up.handle)))
+                        if r.random() < 0.2
+                        else ld(5, key(1, 0) + varint(r.randrange(9)))
+                    )
+                out.append(device_pb2.Command(upload=second).SerializeToString())
+                continue
+            if how == 1:  # another dtype or shape over the same handle
+                body = gen.command(gen.upload(h=up.handle), UPLOAD_KEY)
+            elif how == 2:  # the real one, its fields damaged
+                fields = [up.SerializeToString()]
+                gen.damage_fields(fields, [up.meta.SerializeToString()])
+                body = gen.command(b"".join(fields), UPLOAD_KEY)
+            elif how == 3:
+                body = gen.command(gen.bytes_damage(up.SerializeToString()), UPLOAD_KEY)
+            elif how == 4:  # over another handle (live, freed, foreign, reserved)
+                moved = device_pb2.Upload()
+                moved.CopyFrom(up)
+                moved.handle = gen.handle()
+                body = device_pb2.Command(upload=moved).SerializeToString()
+            else:
+                body = gen.command(gen.upload(), UPLOAD_KEY)
+        elif kind == "free" and r.random() < hostile:
+            hs = list(c.free.handles)
+            how = r.randrange(4)
+            if how == 0:
+                hs += [gen.handle() for _ in range(r.randrange(1, 4))]
+                r.shuffle(hs)
+            elif how == 1 and hs:
+                hs = hs + hs[: r.randrange(1, len(hs) + 1)]  # freed twice
+            elif how == 2:
+                hs = [gen.handle()] + hs
+            body = gen.command(gen.free(hs), FREE_KEY) if how < 3 else gen.command(gen.free(), FREE_KEY)
+        out.append(body)
+        if r.random() >= malformed and _refused(out[at:]):
+            out[at:] = [c.SerializeToString()]
+        if c.eager_op and gen.metas and r.random() < 0.04:  # one the runner may run itself (`between`)
+            out.append(gen.fitting())
+        if c.eager_op and r.random() < 0.03 * hostile:  # a free or an upload among the records
+            if r.random() < 0.5:
+                extra = gen.command(gen.free([gen.handle() for _ in range(r.randrange(1, 3))]), FREE_KEY)
+            else:
+                extra = gen.command(gen.upload(), UPLOAD_KEY)
+            if r.random() < malformed or not _refused([extra]):
+                out.append(extra)
+    return out
+
+
+def split_sweep(mod: Any, n: int = 29) -> int:
+    """An upload of `n` bytes (a uint8 tensor) split into two chunks at every byte, and into three at every pair of
+    bytes, each chunk a command of its own among frees of other handles, in one slice: with the runner (N) and
+    without (P) the handle holds exactly the bytes sent, and the two sessions agree. Returns the splits run."""
+    import test_runner_fuzz as F
+    from gpupool.server import slices
+    from gpupool.server.devices import FakeDevice
+    from gpupool.server.executor import CommandExecutor
+    from gpupool.server.sessions import DeviceMemory, WorkerSession
+
+    data = bytes((i * 89 + 7) % 256 for i in range(n))
+    number = 6
+    h, other = (number << 32) + 1, (number << 32) + 2
+    cuts = [(k,) for k in range(1, n)] + [(a, b) for a in range(1, n) for b in range(a + 1, n) if (a + b) % 5 == 0]
+    for cut in cuts:
+        bounds = [0, *cut, n]
+        bodies = []
+        for j in range(len(bounds) - 1):
+            up = device_pb2.Upload(handle=h, data=data[bounds[j] : bounds[j + 1]], last=j == len(bounds) - 2)
+            up.offset = bounds[j]
+            if j == 0:
+                up.meta.dtype, up.meta.shape[:] = wire.dtype_to_proto(torch.uint8), [n]
+            bodies.append(device_pb2.Command(upload=up).SerializeToString())
+            bodies.append(device_pb2.Command(free=device_pb2.Free(handles=[other])).SerializeToString())
+        seen = []
+        for native in (mod, None):
+            ex = CommandExecutor(slices.SliceLedger())
+            ex.native = native
+            dev = FakeDevice(0, "sweep", 1 << 30)
+            s = WorkerSession("sweep", number, dev, DeviceMemory(dev), 1 << 20)
+            s.bind(other, torch.ones(3))
+            res = slices.run_commands(s, ex.execute, ex.ledger, slices.SliceRequest(1 << 40, 1 << 40, 1e9,
+                                      frame_of(bodies)), F._Clock)  # fmt: skip
+            assert s.error is None and not s.uploads and other not in s.tensors, (cut, s.error)
+            assert F._bytes(s.tensors[h]) == data, cut
+            seen.append((res.executed, s.used, s.memory.used, ex.ledger.uploaded))
+        assert seen[0] == seen[1], (cut, seen)
+    return len(cuts)
+
+
+def _refused(bodies: list[bytes]) -> bool:
+    try:
+        for b in bodies:
+            device_pb2.Command.FromString(b)
+    except DecodeError:
+        return True
+    return False
+
+
+def runs(args: argparse.Namespace, mod: Any) -> Counter[str]:
+    import test_runner_fuzz as F
+
+    counts: Counter[str] = Counter()
+    deadline = time.monotonic() + args.seconds
+    case = 0
+    paths = [Path(p) for p in args.recording]
+    while time.monotonic() < deadline and (args.inputs == 0 or counts["frames"] < args.inputs):
+        path = paths[case % len(paths)]
+        seed = args.seed * 100003 + case
+        case += 1
+        d = json.loads(path.read_text())
+        frames = [list(device_pb2.ClientFrame.FromString(bytes.fromhex(f)).commands) for f in d["frames"]]
+        rng = random.Random(seed)
+        three = F.Three(d["number"], F.QUOTA if rng.random() < 0.7 else rng.choice([1 << 16, 1 << 20]))
+        ran = _spy(three.ex[0])
+        gen = Gen(rng, d["number"])
+        hostile = rng.choice([0.5, 0.1])  # a gentle case: its runs go on longer, through more uploads and frees
+        try:
+            for n, cmds in enumerate(frames):
+                gen.live = list(three.s[2].tensors)
+                gen.metas = {h: (wire.dtype_to_proto(t.dtype), list(t.shape)) for h, t in three.s[2].tensors.items()
+                             if h not in three.s[2].uploads and t.is_contiguous()}  # fmt: skip
+                bodies = [c.SerializeToString() for c in cmds]
+                if n >= d["start"]:
+                    bodies = damage_stream(gen, cmds, hostile)
+                gen.freed = [h for h in gen.freed + [h for c in cmds if c.HasField("free") for h in c.free.handles]
+                             if h not in three.s[2].tensors][-64:]  # fmt: skip
+                cut = rng.choice([5, 12, 64, 64, 64, 128]) if n >= d["start"] else 64
+                for i in range(0, len(bodies), cut):
+                    part = bodies[i : i + cut]
+                    ran.clear()
+                    outcome = _slice(three, frame_of(part))
+                    counts[outcome] += 1
+                    ups = [k for k, b in enumerate(part) if b[:1] in (b"\x12", b"\x22")]
+                    counts["between in native runs"] += sum(1 for k in ups for a, b in ran if a <= k < b)
+                    counts["between commands"] += len(ups)
+                counts["frames"] += 1
+            counts["native records"] += three.ex[0]._eager["fuzz"][3].native
+        except AssertionError:
+            print(f"FAILED: {path.name} case seed {seed} (--seed {args.seed}, case {case - 1})", file=sys.stderr)
+            raise
+        finally:
+            three.close()
+        counts["cases"] += 1
+    return counts
+
+
+def _spy(ex: Any) -> list[tuple[int, int]]:
+    """The executor's native `Ctx.run` wrapped to note the commands each call ran: [(first, end)]."""
+    ran: list[tuple[int, int]] = []
+    mod = ex.native
+    if mod is None:
+        return ran
+
+    class Ctx:
+        def __init__(self, *a: Any) -> None:
+            self.ctx = mod.Ctx(*a)
+
+        def run(self, *a: Any) -> Any:
+            got = self.ctx.run(*a)
+            ran.append((a[3], got[0] + (got[4] is not None)))
+            return got
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.ctx, name)
+
+    ex.native = type("Native", (), {"Ctx": Ctx, "__getattr__": lambda _, name: getattr(mod, name)})()
+    return ran
+
+
+def _same(three: Any) -> None:
+    """`Three.same`, where a handle half uploaded compares only the bytes written so far (the rest is memory no
+    client can read: `resolve` refuses the handle until its last chunk, and a short last chunk poisons it)."""
+    import test_runner_fuzz as F
+
+    ref = three.s[2]
+    for s in three.s[:2]:
+        assert {h: (p.code, p.op, p.message) for h, p in s.poisoned.items()} == {
+            h: (p.code, p.op, p.message) for h, p in ref.poisoned.items()
+        }
+        assert s.tensors.keys() == ref.tensors.keys() and s.uploads == ref.uploads
+        for h, t in s.tensors.items():
+            u = ref.tensors[h]
+            assert F._meta(t) == F._meta(u), hex(h)
+            written = s.uploads.get(h)
+            a, b = F._bytes(t), F._bytes(u)
+            assert (a == b) if written is None else a[:written] == b[:written], hex(h)
+        assert (s.used, s.ops, s.memory.used) == (ref.used, ref.ops, ref.memory.used)
+        storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in s.tensors.values()}
+        assert s.used == sum(storages.values())
+    for n in three.neighbours:
+        assert F._bytes(n.tensors[three.neighbour_handle]) == F._bytes(three.kept)
+
+
+def _slice(three: Any, payload: bytes) -> str:
+    """`Three.slice` of raw frame bytes: the three must agree, a frame upb refuses refused by all three alike."""
+    import test_runner_fuzz as F
+    from gpupool.server import slices
+
+    seen = []
+    for k, (ex, s) in enumerate(zip(three.ex, three.s, strict=True)):
+        ex.ledger.reset()
+        execute = ex.execute if k < 2 else (lambda *a, ex=ex: ex.execute(*a))
+        marks: list[int] = []
+        req = slices.SliceRequest(1 << 40, 1 << 40, 1e9, payload)
+        try:
+            res = slices.run_commands(s, execute, ex.ledger, req, F._Clock, marks.append)
+        except Exception as exc:  # noqa: BLE001 - a frame that does not parse: the same for all three
+            seen.append((type(exc).__name__, str(exc)))
+            continue
+        err, s.error = s.error, None
+        seen.append((res.executed, res.errors, res.used, res.ops, res.handles, marks,
+                     None if err is None else (err.code, err.op, err.message)))  # fmt: skip
+    assert seen[0] == seen[2], f"native runner vs the plain path: {seen[0]} != {seen[2]}"
+    assert seen[1] == seen[2], f"learned Python path vs the plain path: {seen[1]} != {seen[2]}"
+    _same(three)
+    if isinstance(seen[2][0], str):
+        return "slices refused"
+    return "slices with errors" if seen[2][6] is not None else "slices clean"
+
+
+# ---- daemon: a hostile session's damaged streams through a live daemon, a neighbour checked ----
+
+
+def daemon(args: argparse.Namespace, mod: Any) -> Counter[str]:
+    import secrets
+    import shutil
+    import tempfile
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from support import (
+        ACTIONABLE,
+        DaemonHandle,
+        Healthy,
+        install_test_tls,
+        start_serve_process,
+        stop_process,
+        tls_channel,
+        wait_only_tenants,
+    )
+
+    from gpupool._proto import device_pb2_grpc
+
+    counts: Counter[str] = Counter()
+    tmp = Path(tempfile.mkdtemp(prefix="fuzz-native-"))
+    install_test_tls(tmp / "pki")  # the tests' CA: the daemon serves TLS with it, this process is its operator
+    key = secrets.token_hex(32).encode()
+    (tmp / "token.key").write_bytes(key + b"\n")
+    flags = ["--fake-gpus", "1", "--fake-gpu-memory", "64GiB", *args.daemon_flag]
+    proc, address = start_serve_process(tmp / "token.key", *flags)
+    served = DaemonHandle(address, key, "test-host", process=proc)
+    recs = [json.loads(Path(p).read_text()) for p in args.recording]
+    channel = tls_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
+    stub = device_pb2_grpc.DeviceStub(channel)
+    neighbour = Healthy(address, served.token(tenant="neighbour", quota_bytes=64 << 20))
+    deadline = time.monotonic() + args.seconds
+    rng = random.Random(args.seed)
+    try:
+        case = 0
+        while time.monotonic() < deadline and (args.inputs == 0 or counts["frames"] < args.inputs):
+            d = recs[case % len(recs)]
+            case += 1
+            codes = _hostile_session(stub, channel, served, d, random.Random(rng.getrandbits(64)), counts)
+            for code in codes:
+                counts[code] += 1
+                assert code.startswith("stream:") or code in ACTIONABLE, code
+            assert proc.poll() is None, "the daemon died"
+            assert not neighbour.failures, neighbour.failures
+            counts["sessions"] += 1
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        neighbour.check(min_iterations=2)
+        counts["neighbour iterations"] = neighbour.iterations
+        wait_only_tenants(stub, {"neighbour"})
+    finally:
+        neighbour.close()
+        channel.close()
+        code = stop_process(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert code == 0, f"the daemon exited {code}: {''.join(proc.log_lines[-30:])}"  # type: ignore[attr-defined]
+    return counts
+
+
+def _move_record(rec: bytes, old: int, new: int) -> bytes:
+    import test_runner_fuzz as F
+
+    out = bytearray(rec)
+    for at in F.Fields(rec).handles:
+        h = int.from_bytes(out[at : at + 8], "little")
+        if h >> 32 == old:
+            out[at : at + 8] = ((new << 32) | (h & 0xFFFFFFFF)).to_bytes(8, "little")
+    return bytes(out)
+
+
+def _move(cmds: list[Any], old: int, new: int) -> list[Any]:
+    def mv(h: int) -> int:
+        return (new << 32) | (h & 0xFFFFFFFF) if h >> 32 == old else h
+
+    out = []
+    for c in cmds:
+        c2 = device_pb2.Command()
+        c2.CopyFrom(c)
+        kind = c2.WhichOneof("cmd")
+        if kind == "eager_op":
+            c2.eager_op = _move_record(c2.eager_op, old, new)
+        elif kind == "op":
+            for a in list(c2.op.args) + list(c2.op.kwargs.values()):
+                if a.WhichOneof("value") == "tensor":
+                    a.tensor = mv(a.tensor)
+                elif a.WhichOneof("value") == "tensors":
+                    a.tensors.handles[:] = [mv(h) for h in a.tensors.handles]
+            c2.op.outputs[:] = [mv(h) for h in c2.op.outputs]
+        elif kind in ("upload", "get"):
+            getattr(c2, kind).handle = mv(getattr(c2, kind).handle)
+        elif kind == "free":
+            c2.free.handles[:] = [mv(h) for h in c2.free.handles]
+        elif kind == "sync":
+            c2.sync.scalar_handles[:] = [mv(h) for h in c2.sync.scalar_handles]
+        out.append(c2)
+    return out
+
+
+def _hostile_session(stub: Any, channel: Any, served: Any, d: dict[str, Any], rng: random.Random,
+                     counts: Counter[str]) -> list[str]:  # fmt: skip
+    import threading
+
+    from support import stream_errors
+
+    reply = stub.Attach(device_pb2.AttachRequest(token=served.token(quota_bytes=32 << 20)), timeout=10)
+    number = reply.handle_base >> 32
+    gen = Gen(rng, number)
+    frames = [_move(list(device_pb2.ClientFrame.FromString(bytes.fromhex(f)).commands), d["number"], number)
+              for f in d["frames"]]  # fmt: skip
+    live: set[int] = set()
+    payloads: list[bytes] = []
+    for n, cmds in enumerate(frames):
+        for c in cmds:
+            if c.HasField("upload") and c.upload.offset == 0:
+                live.add(c.upload.handle)
+            elif c.eager_op and len(c.eager_op) >= 14:
+                live.update(int.from_bytes(c.eager_op[6 + 8 * j : 14 + 8 * j], "little") for j in range(1))
+            elif c.HasField("free"):
+                live.difference_update(c.free.handles)
+                gen.freed = (gen.freed + list(c.free.handles))[-64:]
+        gen.live = sorted(live)
+        bodies = damage_stream(gen, cmds, 0.5, 0.02) if n >= d["start"] else [c.SerializeToString() for c in cmds]
+        payload = frame_of(bodies)
+        if n >= d["start"] and rng.random() < 0.02:
+            payload = gen.bytes_damage(payload)  # a malformed frame: its stream ends
+        payloads.append(payload)
+    final = 2**63 + 7
+    done = threading.Event()
+
+    def requests() -> Any:
+        for i, p in enumerate(payloads, start=1):
+            yield p
+            yield frame_of([ld(6, key(1, 0) + varint(i))])  # Sync(request_id=i): the frame's first error
+        yield frame_of([ld(6, key(1, 0) + varint(final))])
+        done.wait(60)
+
+    try:
+        codes, ended = stream_errors(channel, reply.session_id, requests(), final, 120)
+    finally:
+        done.set()
+    if ended is not None:
+        counts[f"ended: {ended[:50]}"] += 1
+    counts["frames"] += len(payloads)
+    stub.Detach(device_pb2.DetachRequest(session_id=reply.session_id), timeout=10)
+    return codes
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("mode", choices=["parsers", "runs", "daemon"])
+    ap.add_argument("--seed", type=int, default=0, help="the run's seed (default 0)")
+    ap.add_argument("--seconds", type=float, default=60.0, help="how long to run (default 60)")
+    ap.add_argument("--inputs", type=int, default=0, help="stop after this many inputs (frames; 0: no bound)")
+    ap.add_argument("--skip", type=int, default=0, help="parsers: start at this input (a failure's number)")
+    rec = "bench/eager_replay.py --dump's recording (runs, daemon: needed; parsers: its records)"
+    ap.add_argument("--recording", action="append", default=[], help=rec)
+    flag = "daemon: a flag for `gpupool serve` (--daemon-flag=--isolation --daemon-flag=thread)"
+    ap.add_argument("--daemon-flag", action="append", default=[], help=flag)
+    args = ap.parse_args(argv)
+    if args.mode in ("runs", "daemon") and not args.recording:
+        ap.error(f"{args.mode} needs --recording")
+    from gpupool.server import native_runner
+
+    mod = native_runner.load()
+    if mod is None and args.mode != "daemon":
+        print("the native runner is not loaded here (see GPUPOOL_NATIVE_RUNNER_SANITIZE, scripts/runner_asan.sh)")
+        return 2
+    print(f"{args.mode}: seed {args.seed}, {args.seconds:.0f} s, runner {getattr(mod, '__file__', None)}", flush=True)
+    start = time.monotonic()
+    try:
+        counts = {"parsers": parsers, "runs": runs, "daemon": daemon}[args.mode](args, mod)
+    except Exception:  # a reference that raised where the C++ reading accepted counts as a finding too
+        traceback.print_exc()
+        return 1
+    print(f"{args.mode}: {time.monotonic() - start:.0f} s, {dict(counts)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
