@@ -398,16 +398,24 @@ PyObject* new_handle(PyObject* base, PyObject* counter) {
 PyObject* fast_plain(PyObject* sch, PyObject* args, PyObject* kwargs) {
   Ref fast(get_attr(sch, s_fast));
   if (fast.p == nullptr) return nullptr;
-  if (fast.p == Py_None || !PyTuple_Check(fast.p) || PyTuple_GET_SIZE(fast.p) != 5) return nullptr;
-  // Schema.fast: (name, kinds, by_type, alias positions, keyword argument kinds)
+  if (fast.p == Py_None || !PyTuple_Check(fast.p) || PyTuple_GET_SIZE(fast.p) != 6) return nullptr;
+  // Schema.fast: (name, kinds, by_type, alias positions, keyword argument kinds, the device argument's position or -1)
   PyObject* name = PyTuple_GET_ITEM(fast.p, 0);
   PyObject* kinds = PyTuple_GET_ITEM(fast.p, 1);
   const bool by_type = PyTuple_GET_ITEM(fast.p, 2) == Py_True;
   PyObject* alias = PyTuple_GET_ITEM(fast.p, 3);
   PyObject* kwarg_kinds = PyTuple_GET_ITEM(fast.p, 4);
+  const long device_at = PyLong_AsLong(PyTuple_GET_ITEM(fast.p, 5));
+  if (device_at == -1 && PyErr_Occurred()) return nullptr;
   const Py_ssize_t nargs = PyTuple_GET_SIZE(args);
   const Py_ssize_t nkw = kwargs != nullptr ? PyDict_GET_SIZE(kwargs) : 0;
   if (nargs > PyTuple_GET_SIZE(kinds) || nargs > 255 || nkw > 255 || !PyDict_CheckExact(kwarg_kinds)) return nullptr;
+  if (device_at >= 0) {  // Schema.device_plain: only with no device named (dispatch._other decides any other case)
+    if (nargs > device_at && PyTuple_GET_ITEM(args, device_at) != Py_None) return nullptr;
+    PyObject* device = nkw > 0 ? PyDict_GetItemWithError(kwargs, s_device) : nullptr;  // borrowed
+    if (device == nullptr && PyErr_Occurred()) return nullptr;
+    if (device != nullptr && device != Py_None) return nullptr;
+  }
 
   std::string tail;
   tail.reserve(16 + 10 * nargs);
@@ -1063,7 +1071,7 @@ PyObject* torch_dispatch(PyObject* /*module*/, PyObject* const* a, Py_ssize_t na
   if (!PyTuple_Check(route.p) || PyTuple_GET_SIZE(route.p) != 2) return to_python(a, nargs, kwnames);
   const long kind = PyLong_AsLong(PyTuple_GET_ITEM(route.p, 0));
   if (kind == -1 && PyErr_Occurred()) return nullptr;
-  if (kind == g_plain) {
+  if (kind != g_special) {  // plain, or another op whose Schema.fast says the C path may run it (device_plain)
     PyObject* out = fast_plain(PyTuple_GET_ITEM(route.p, 1), args, kwargs == Py_None ? nullptr : kwargs);
     if (out != nullptr) {
       g_ran++;
