@@ -144,6 +144,7 @@ OPS: dict[str, tuple[Any, Callable[[dict[str, Any]], tuple[Any, ...]]]] = {
     "a device argument left out": (aten.ones_like.default, lambda t: (t["a"],)),
     "a device argument left out, a Scalar and a keyword": (aten.full_like.default, lambda t: (t["a"].t(), 2.5)),
     "a device argument left out, sizes": (aten.new_zeros.default, lambda t: (t["a"], [2, 3])),
+    "a device argument left out, preserve format": (aten.zeros_like.default, lambda t: (t["a"].t(),)),  # Adam's state
 }
 # keyword arguments of the cases above, by case (torch passes keyword-only arguments so)
 KWARGS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -152,6 +153,7 @@ KWARGS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "a float keyword": lambda t: {"alpha": -0.0},
     "a dtype keyword": lambda t: {"dtype": torch.float64},
     "a device argument left out, a Scalar and a keyword": lambda t: {"memory_format": torch.contiguous_format},
+    "a device argument left out, preserve format": lambda t: {"memory_format": torch.preserve_format},
 }
 NO_RECORD = {"detach", "detach of a lazy view", "t", "view", "view of a lazy view"}
 
