@@ -179,16 +179,29 @@ class Schema:
             and self.returns_tensors
             and not self.inplace_view
         )
+        # A plain op but for a `device` argument, with tensor inputs (ones_like, zeros_like, new_zeros, full_like: the
+        # `ones_like` of every backward): `dispatch._other` sends it as a plain op (`run_remote`) where that argument is
+        # None, as it is when torch makes one for a tensor on the device.
+        self.device_plain = (
+            self.aten
+            and not self.implicit
+            and self.has_device_arg
+            and self.has_tensor_inputs
+            and self.returns_tensors
+            and not self.inplace_view
+        )
         # What the C path (native_ops.cpp) needs of a plain op it may run: (name, argument kinds as codes, whether
         # Scalars are keyed by type, per return the position of the written argument it is or -2, the kinds of keyword
-        # arguments by name); None: never there (ops that may change metadata or storage, and the ops meta.cpu_fixup
-        # may change, take run_remote).
-        self.fast: tuple[str, tuple[int, ...], bool, tuple[int, ...], dict[str, int]] | None = None
-        if self.plain and not self.reshapes and self.name not in CPU_FIXUPS:
+        # arguments by name, the position of the `device` argument or -1: the C path runs the op only where that
+        # argument is absent or None, `dispatch._other` else); None: never there (ops that may change metadata or
+        # storage, and the ops meta.cpu_fixup may change, take run_remote).
+        self.fast: tuple[str, tuple[int, ...], bool, tuple[int, ...], dict[str, int], int] | None = None
+        if (self.plain or self.device_plain) and not self.reshapes and self.name not in CPU_FIXUPS:
             alias = tuple(-2 if a is None else self.arg_names.index(a) for a in self.write_alias)
             codes = tuple(_KIND_CODES[k] for k in self.kinds)
             kwarg_codes = {n: _KIND_CODES[k] for n, k in self.kwarg_kinds.items()}
-            self.fast = (self.name, codes, self.has_tensor_inputs, alias, kwarg_codes)
+            device_at = self.arg_names.index("device") if self.has_device_arg else -1
+            self.fast = (self.name, codes, self.has_tensor_inputs, alias, kwarg_codes, device_at)
 
 
 _schemas: dict[Any, Schema] = {}

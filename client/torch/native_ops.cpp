@@ -399,16 +399,24 @@ PyObject* new_handle(PyObject* base, PyObject* counter) {
 PyObject* fast_plain(PyObject* sch, PyObject* args, PyObject* kwargs) {
   Ref fast(get_attr(sch, s_fast));
   if (fast.p == nullptr) return nullptr;
-  if (fast.p == Py_None || !PyTuple_Check(fast.p) || PyTuple_GET_SIZE(fast.p) != 5) return nullptr;
-  // Schema.fast: (name, kinds, by_type, alias positions, keyword argument kinds)
+  if (fast.p == Py_None || !PyTuple_Check(fast.p) || PyTuple_GET_SIZE(fast.p) != 6) return nullptr;
+  // Schema.fast: (name, kinds, by_type, alias positions, keyword argument kinds, the device argument's position or -1)
   PyObject* name = PyTuple_GET_ITEM(fast.p, 0);
   PyObject* kinds = PyTuple_GET_ITEM(fast.p, 1);
   const bool by_type = PyTuple_GET_ITEM(fast.p, 2) == Py_True;
   PyObject* alias = PyTuple_GET_ITEM(fast.p, 3);
   PyObject* kwarg_kinds = PyTuple_GET_ITEM(fast.p, 4);
+  const long device_at = PyLong_AsLong(PyTuple_GET_ITEM(fast.p, 5));
+  if (device_at == -1 && PyErr_Occurred()) return nullptr;
   const Py_ssize_t nargs = PyTuple_GET_SIZE(args);
   const Py_ssize_t nkw = kwargs != nullptr ? PyDict_GET_SIZE(kwargs) : 0;
   if (nargs > PyTuple_GET_SIZE(kinds) || nargs > 255 || nkw > 255 || !PyDict_CheckExact(kwarg_kinds)) return nullptr;
+  if (device_at >= 0) {  // Schema.device_plain: only with no device named (dispatch._other decides any other case)
+    if (nargs > device_at && PyTuple_GET_ITEM(args, device_at) != Py_None) return nullptr;
+    PyObject* device = nkw > 0 ? PyDict_GetItemWithError(kwargs, s_device) : nullptr;  // borrowed
+    if (device == nullptr && PyErr_Occurred()) return nullptr;
+    if (device != nullptr && device != Py_None) return nullptr;
+  }
 
   std::string tail;
   tail.reserve(16 + 10 * nargs);
@@ -639,9 +647,42 @@ PyObject* new_wrapper(PyObject* type, PyObject* rt_device, PyObject* rt, PyObjec
   return t.release();
 }
 
+// A lock type's acquire and release, looked up once per type where no later lookup can differ: a type nobody can
+// change (Py_TPFLAGS_IMMUTABLETYPE) whose instances have no __dict__ (threading.RLock's and Lock's: `_thread.RLock`,
+// `_thread.lock`). lock.acquire() then skips the method lookup (~120 instructions of ~700, three pairs an op).
+struct LockMethods {
+  PyTypeObject* type = nullptr;
+  PyObject* acquire = nullptr;  // the type's method descriptors (owned)
+  PyObject* release = nullptr;
+};
+LockMethods g_lock_methods[2];
+
+// The cached methods of `lock`'s type, nullptr for a type whose methods are looked up per call (an error is never set).
+const LockMethods* lock_methods(PyObject* lock) {
+  PyTypeObject* t = Py_TYPE(lock);
+  for (const LockMethods& m : g_lock_methods) {
+    if (m.type == t) return &m;
+  }
+  if (!PyType_HasFeature(t, Py_TPFLAGS_IMMUTABLETYPE) || t->tp_dictoffset != 0) return nullptr;
+  for (LockMethods& m : g_lock_methods) {
+    if (m.type != nullptr) continue;
+    PyObject* acquire = _PyType_Lookup(t, s_acquire);  // borrowed
+    PyObject* release = _PyType_Lookup(t, s_release);
+    if (acquire == nullptr || release == nullptr || !PyType_HasFeature(Py_TYPE(acquire), Py_TPFLAGS_METHOD_DESCRIPTOR) ||
+        !PyType_HasFeature(Py_TYPE(release), Py_TPFLAGS_METHOD_DESCRIPTOR)) {
+      return nullptr;
+    }
+    Py_INCREF(t), Py_INCREF(acquire), Py_INCREF(release);
+    m.type = t, m.acquire = acquire, m.release = release;
+    return &m;
+  }
+  return nullptr;  // (more than two lock types: the others are looked up per call)
+}
+
 // lock.acquire() (a threading lock: RLock's and Lock's are C methods). False with an error set on failure.
 bool lock_acquire(PyObject* lock) {
-  Ref got(PyObject_CallMethodNoArgs(lock, s_acquire));
+  const LockMethods* m = lock_methods(lock);
+  Ref got(m != nullptr ? PyObject_Vectorcall(m->acquire, &lock, 1, nullptr) : PyObject_CallMethodNoArgs(lock, s_acquire));
   return got.p != nullptr;
 }
 
@@ -649,7 +690,8 @@ bool lock_acquire(PyObject* lock) {
 int lock_release(PyObject* lock) {
   PyObject *type, *value, *tb;
   PyErr_Fetch(&type, &value, &tb);
-  Ref done(PyObject_CallMethodNoArgs(lock, s_release));
+  const LockMethods* m = lock_methods(lock);
+  Ref done(m != nullptr ? PyObject_Vectorcall(m->release, &lock, 1, nullptr) : PyObject_CallMethodNoArgs(lock, s_release));
   if (done.p == nullptr) {
     Py_XDECREF(type), Py_XDECREF(value), Py_XDECREF(tb);
     return -1;
@@ -947,6 +989,29 @@ int send_record(PyObject* rt, PyObject* name, const std::string& body) {
   return add_attr(rt, s_unflushed, g_one);
 }
 
+// dtype.itemsize, kept per torch.dtype (one object per dtype for the process, its itemsize fixed): the attribute
+// lookup through the type costs ~300 instructions on every death. -1 with an error set on failure.
+struct ItemSize {
+  PyObject* dtype;  // owned
+  long long size;
+};
+ItemSize g_itemsizes[32];
+size_t g_nitemsizes = 0;
+
+long long itemsize(PyObject* dtype) {
+  for (size_t i = 0; i < g_nitemsizes; i++) {
+    if (g_itemsizes[i].dtype == dtype) return g_itemsizes[i].size;
+  }
+  const long long size = int_attr(dtype, s_itemsize);
+  if (size == -1 && PyErr_Occurred()) return -1;
+  PyObject* dtype_type = g_const_types != nullptr ? PyTuple_GET_ITEM(g_const_types, 0) : nullptr;  // torch.dtype
+  if (Py_TYPE(dtype) == reinterpret_cast<PyTypeObject*>(dtype_type) && g_nitemsizes < 32) {
+    Py_INCREF(dtype);
+    g_itemsizes[g_nitemsizes++] = ItemSize{dtype, size};
+  }
+  return size;
+}
+
 // RemoteTensor.__del__ (tensor.py), the same steps: the handle of a dying tensor goes to its runtime's batch of
 // frees, with its bytes from its key; the lock-free case inline, any other through rt.release.
 PyObject* remote_del(PyObject* self, PyObject* /*unused*/) {
@@ -975,7 +1040,7 @@ PyObject* remote_del(PyObject* self, PyObject* /*unused*/) {
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(shape); i++) {
       n *= PyLong_AsLongLong(PyTuple_GET_ITEM(shape, i));
     }
-    const long long size = int_attr(PyTuple_GET_ITEM(key, 3), s_itemsize);
+    const long long size = itemsize(PyTuple_GET_ITEM(key, 3));
     if (PyErr_Occurred()) return nullptr;
     nbytes = n * size;
   }
@@ -1072,7 +1137,7 @@ PyObject* torch_dispatch(PyObject* /*module*/, PyObject* const* a, Py_ssize_t na
     if (on.p == nullptr) return nullptr;
     if (on.p == Py_True) return to_python(a, nargs, kwnames);
   }
-  if (kind == g_plain) {
+  if (kind != g_special) {  // plain, or another op whose Schema.fast says the C path may run it (device_plain)
     PyObject* out = fast_plain(PyTuple_GET_ITEM(route.p, 1), args, kwargs == Py_None ? nullptr : kwargs);
     if (out != nullptr) {
       g_ran++;

@@ -3,7 +3,8 @@
 
 A warm plain op (its meta-cache entry made, its arguments and keyword arguments remote tensors, lazy views, tensor
 lists and plain values - numbers, int and bool lists, dtypes, layouts, memory formats -, on a device nobody records a
-step on and with no held-back empty), detach and the view ops run there: the cache key, the compact record, the handles
+step on and with no held-back empty; also one with a `device` argument left out, `meta.Schema.device_plain`: the
+ones_like of every backward), detach and the view ops run there: the cache key, the compact record, the handles
 and the wrappers as `remote.run_remote` and `transfer` make them, with the runtime's usual `eager_op` and the session's
 (`Session.eager_op`: the record joins the batch) inline; ~300 Python bytecodes an op less. A dying tensor's finalizer
 too, a shared handle's (a detach, a view) included. And torch's lookup of a `__torch_dispatch__` rule, which it makes

@@ -140,6 +140,11 @@ OPS: dict[str, tuple[Any, Callable[[dict[str, Any]], tuple[Any, ...]]]] = {
     "a subnormal float value": (aten.native_layer_norm.default, lambda t: (t["a"], [8], None, None, 5e-324)),
     "a float keyword": (aten.add.Tensor, lambda t: (t["a"], t["c"][:1])),
     "a dtype keyword": (aten.sum.default, lambda t: (t["a"],)),
+    # ops with a `device` argument, left out (meta.Schema.device_plain): every backward's ones_like, zeros_like, new_*
+    "a device argument left out": (aten.ones_like.default, lambda t: (t["a"],)),
+    "a device argument left out, a Scalar and a keyword": (aten.full_like.default, lambda t: (t["a"].t(), 2.5)),
+    "a device argument left out, sizes": (aten.new_zeros.default, lambda t: (t["a"], [2, 3])),
+    "a device argument left out, preserve format": (aten.zeros_like.default, lambda t: (t["a"].t(),)),  # Adam's state
 }
 # keyword arguments of the cases above, by case (torch passes keyword-only arguments so)
 KWARGS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -147,6 +152,8 @@ KWARGS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "a memory format keyword": lambda t: {"memory_format": torch.contiguous_format},
     "a float keyword": lambda t: {"alpha": -0.0},
     "a dtype keyword": lambda t: {"dtype": torch.float64},
+    "a device argument left out, a Scalar and a keyword": lambda t: {"memory_format": torch.contiguous_format},
+    "a device argument left out, preserve format": lambda t: {"memory_format": torch.preserve_format},
 }
 NO_RECORD = {"detach", "detach of a lazy view", "t", "view", "view of a lazy view"}
 
@@ -300,6 +307,19 @@ def test_what_the_c_path_leaves_to_python(dev: torch.device, on: None) -> None:
     # an error is the Python path's: a shape mismatch
     with pytest.raises(RuntimeError, match="must have same reduction dim"):
         passes(lambda: aten.mm.default(a, a))
+
+
+def test_an_op_with_its_device_named_is_the_python_paths(dev: torch.device, on: None) -> None:
+    """ones_like(x) runs in C (the cases above); with `device` named it is dispatch._other's: on the device (the same
+    result), or on the CPU (cpu_fallback), each warm."""
+    a = tensors(dev)["a"]
+    for _ in range(2):
+        aten.ones_like.default(a, device=dev)
+        aten.ones_like.default(a, device="cpu")
+    got = passes(lambda: aten.ones_like.default(a, device=dev))
+    assert type(got) is RemoteTensor and got.device == dev and torch.equal(got.cpu(), torch.ones(4, 8))
+    got = passes(lambda: aten.ones_like.default(a, device="cpu"))
+    assert type(got) is torch.Tensor and got.device.type == "cpu" and torch.equal(got, torch.ones(4, 8))
 
 
 def test_two_devices_are_the_python_paths_error(attach: Any, on: None) -> None:
