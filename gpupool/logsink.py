@@ -18,7 +18,7 @@ thread, which C code holding the GIL kept from reading) drains into a `LineSink`
 stderr (the descriptor 2 the process was started with: a terminal, a file, a supervisor's pipe, journald's socket):
 nothing written to descriptor 2 ever waits longer than the pump takes to read it. The process's own log lines go
 through the same pipe. Children inherit the pipe (the daemon's zygote and its workers' forwarded output, a compiler)
-and are drained the same way while they live.
+and are drained the same way while they live (after the program ended, `FLUSH_WAIT` s at most).
 
 The zygote, single-threaded (it forks), has the same for its own lines on its non-blocking stderr (server/zygote.py
 `StderrSink.log`)."""
@@ -282,7 +282,9 @@ def _pump_main(limit: int, ctl_fd: int) -> None:
     try:
         while True:
             ask = ctl.recv(1)
-            if not ask:  # the program ended (or died): what its children still write is drained until they end
+            # the program ended (or died): what its children still write is drained until they end, FLUSH_WAIT s at
+            # most (then they get EPIPE; a child still holding descriptor 2 does not keep the pump)
+            if not ask:
                 break
             reader.settle()
             if ask == _DRAIN:
@@ -377,6 +379,7 @@ class StderrPump:
             os.dup2(self.real, 2)
         except OSError:
             pass
+        self.process.poll()  # (reaped: no zombie left)
 
     def settle(self, timeout: float = FLUSH_WAIT) -> None:
         """Wait (at most `timeout` s) until what was written to descriptor 2 before this call is in the pump's sink
