@@ -18,7 +18,7 @@ thread, which C code holding the GIL kept from reading) drains into a `LineSink`
 stderr (the descriptor 2 the process was started with: a terminal, a file, a supervisor's pipe, journald's socket):
 nothing written to descriptor 2 ever waits longer than the pump takes to read it. The process's own log lines go
 through the same pipe. Children inherit the pipe (the daemon's zygote and its workers' forwarded output, a compiler)
-and are drained the same way while they live.
+and are drained the same way while they live (after the program ended, `FLUSH_WAIT` s at most).
 
 The zygote, single-threaded (it forks), has the same for its own lines on its non-blocking stderr (server/zygote.py
 `StderrSink.log`)."""
@@ -38,6 +38,7 @@ import sys
 import termios
 import threading
 import time
+from collections.abc import Callable
 
 BUFFER_BYTES = 1 << 20  # lines kept for the writer: past this, nobody reads stderr, and lines are dropped
 FLUSH_WAIT = 2.0  # seconds `flush` (logging.shutdown's, at exit) waits for the writer
@@ -55,10 +56,16 @@ class LineSink:
     Past `limit` bytes kept, lines are dropped, counted, and said in one line where one fits again."""
 
     def __init__(
-        self, fd: int = 2, limit: int = BUFFER_BYTES, fallback: int | None = None, direct: bool = False
+        self,
+        fd: int = 2,
+        limit: int = BUFFER_BYTES,
+        fallback: int | None = None,
+        direct: bool = False,
+        on_gone: Callable[[], None] | None = None,
     ) -> None:
         self.fd, self.limit = fd, limit
         self.fallback = fallback  # written to instead once `fd` is a pipe with no reader (the stderr pump gone)
+        self.on_gone = on_gone  # called then (the pump's: descriptor 2 made the real stderr again)
         # `put` writes a line itself while nothing waits for the writer (`fd` must be non-blocking): in order with
         # what others write to the same pipe meanwhile (the `StderrPump`'s, where C code writes too)
         self.direct = direct
@@ -118,6 +125,8 @@ class LineSink:
         writer (blocking)."""
         if self.fallback is not None:
             self.fd, self.fallback, self.direct = self.fallback, None, False
+            if self.on_gone is not None:
+                self.on_gone()
 
     def _writer(self) -> None:
         while True:
@@ -273,7 +282,9 @@ def _pump_main(limit: int, ctl_fd: int) -> None:
     try:
         while True:
             ask = ctl.recv(1)
-            if not ask:  # the program ended (or died): what its children still write is drained until they end
+            # the program ended (or died): what its children still write is drained until they end, FLUSH_WAIT s at
+            # most (then they get EPIPE; a child still holding descriptor 2 does not keep the pump)
+            if not ask:
                 break
             reader.settle()
             if ask == _DRAIN:
@@ -336,7 +347,7 @@ class StderrPump:
         os.close(write)
         # (through the pipe: in order with what C code and children wrote before; their writer's thread writes where
         # the pipe is full for a moment)
-        self.sink = LineSink(mine, limit, fallback=self.real, direct=direct)
+        self.sink = LineSink(mine, limit, fallback=self.real, direct=direct, on_gone=self._gone)
         self._pid = os.getpid()
 
     def _ask(self, what: bytes, timeout: float) -> None:
@@ -347,9 +358,28 @@ class StderrPump:
             try:
                 self.ctl.settimeout(timeout)
                 self.ctl.sendall(what)
-                self.ctl.recv(1)
-            except OSError:  # (a timeout, or the pump gone: nothing more to wait for)
-                pass
+                answer = self.ctl.recv(1)
+            except TimeoutError:  # (the pump busy past `timeout`: not waited for)
+                return
+            except OSError:  # (the pump gone)
+                answer = b""
+        if not answer:
+            self._gone()
+
+    def _gone(self) -> None:
+        """The pump process is gone (killed: it ignores the signals a terminal or a supervisor's stop sends): descriptor
+        2 made the real stderr again, so that what this process and the children it starts from now on write there is
+        not lost, and a child that leaves SIGPIPE at its default (`subprocess` restores it before an exec: a shell, a
+        compiler) does not die of its first write to stderr. Until schedrev41 descriptor 2 stayed the dead pump's pipe:
+        a print to sys.stderr raised BrokenPipeError, C code's writes were lost, `sh -c 'echo x >&2'` died of SIGPIPE.
+        Found by the sink's next write (EPIPE) or a `settle`/`drain` unanswered."""
+        if self._pid != os.getpid():
+            return
+        try:
+            os.dup2(self.real, 2)
+        except OSError:
+            pass
+        self.process.poll()  # (reaped: no zombie left)
 
     def settle(self, timeout: float = FLUSH_WAIT) -> None:
         """Wait (at most `timeout` s) until what was written to descriptor 2 before this call is in the pump's sink

@@ -40,10 +40,14 @@ def _check_lease_id(lease_id: str) -> None:
         raise InvalidArgument(f"a lease id of {len(lease_id)} characters: at most {MAX_ID_LENGTH}")
 
 
-def _check_heartbeat(request: scheduler_pb2.HeartbeatRequest) -> None:
+def _check_heartbeat(request: scheduler_pb2.HeartbeatRequest) -> tuple[list[str], set[str]]:
     """A heartbeat's repeated fields within what a daemon can send, before the core's lock (each session's lease is
-    looked up under it): at most `MAX_HOST_SESSIONS` sessions (`gpupool serve --max-sessions`' bound) of lease ids at
-    most `MAX_ID_LENGTH` long, and `MAX_DEVICES_PER_HOST` devices."""
+    looked up under it): at most `MAX_HOST_SESSIONS` sessions (`gpupool serve --max-sessions`' bound) and
+    `MAX_DEVICES_PER_HOST` devices. Returns the sessions' lease ids to look up and those longer than `MAX_ID_LENGTH`,
+    which are no lease of this scheduler's (32 hex digits): revoked without a look-up. Until schedrev41 such an id
+    refused the whole heartbeat (INVALID_ARGUMENT): one session of a hand-minted token (`gpupool token --lease-id`, a
+    token is up to 4,096 characters) made every heartbeat of its daemon fail, and the host went down with every
+    lease on it, where before round 41 that session's lease was revoked."""
     if len(request.sessions) > MAX_HOST_SESSIONS:
         raise InvalidArgument(
             f"a heartbeat naming {len(request.sessions)} sessions: at most {MAX_HOST_SESSIONS} (a daemon's "
@@ -51,8 +55,8 @@ def _check_heartbeat(request: scheduler_pb2.HeartbeatRequest) -> None:
         )
     if len(request.devices) > MAX_DEVICES_PER_HOST:
         raise InvalidArgument(f"a heartbeat of {len(request.devices)} devices: at most {MAX_DEVICES_PER_HOST}")
-    for s in request.sessions:
-        _check_lease_id(s.lease_id)
+    leases = [s.lease_id for s in request.sessions]
+    return [x for x in leases if len(x) <= MAX_ID_LENGTH], {x for x in leases if len(x) > MAX_ID_LENGTH}
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -97,13 +101,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def Heartbeat(self, request: scheduler_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> Any:
         # (a host's heartbeats past --host-heartbeat-rate are refused before their bytes are parsed: auth.py `_wrap`)
         auth.current().check_host(request.host_id)
-        _check_heartbeat(request)
+        leases, foreign = _check_heartbeat(request)
         if self.core.hosts.changes_state(request.host_id, request.draining):
             self._host_write(request.host_id, "a heartbeat that changes the host's state")
         used = {d.info.index: d.used_bytes for d in request.devices}
-        revoked, again = self.core.hosts.heartbeat(
-            request.host_id, [s.lease_id for s in request.sessions], used, request.draining
-        )
+        revoked, again = self.core.hosts.heartbeat(request.host_id, leases, used, request.draining)
+        if foreign and not again:
+            revoked = sorted(foreign.union(revoked))
         return scheduler_pb2.HeartbeatReply(
             revoked_leases=revoked, reregister=again, scheduler_id=self.core.scheduler_id
         )
