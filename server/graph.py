@@ -252,6 +252,8 @@ class GraphTable:
         try:
             if resumed:
                 left = None if _resume(s, pending, self.piece_seconds) else pending  # type: ignore[arg-type]
+            elif g.traced is not None and _quick(self.host, s, g, msg, data):
+                left = None
             else:
                 hold = lambda capture: self._reserve(s, self._of(s), capture=capture)  # noqa: E731
                 left = _run(self.host, s, g, msg, hold, data, self.piece_seconds)
@@ -364,6 +366,64 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph, hold:
         raise
     _finish(s, g, slots, outputs, persistent, native)
     return None
+
+
+def _quick(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph, data: list[Any] | None) -> bool:
+    """A traced graph's quiet run in one call of the C++ runner (`native_runner.GraphPlan.run`, round 41): `_run`'s
+    checks, the inputs sent by value made, the persistent tensors found (`_quiet`), the traced function called and
+    the outputs and kept tensors bound (`_finish`), where the graph runs on the CPU and nothing that may change a
+    tensor's metadata ran since its last run (`_externals`' quiet case). False, nothing done, where any of it does
+    not hold (a check that fails included): `_run` then runs the command as before, and raises its error. Round 40's
+    harness (bench/graph_replay.py --measure outside) counted ~100k instructions of the worker's own a RunGraph on the
+    tiny MLP, ~60k of them the Python of `_run`, `_by_value`, `_quiet`, `Traced.run` and `_finish` around the C++
+    calls."""
+    plan = g.fast
+    if plan is None:
+        plan = g.fast = _fast_plan(host, s, g)
+    if plan is False or g.quiet < 0 or s.mutations != g.quiet + 1 or s.uploads or g.quiet_refs is None:
+        return False
+    if data is None:
+        data = msg.input_data[:]
+    outputs = msg.outputs[:]
+    r = plan.run(s, msg.inputs[:], outputs, data, g.quiet_refs, g.writes, g.traced.fn)
+    if r is None:
+        return False
+    if r is not True:
+        if isinstance(r, BaseException):  # the traced function raised it (`Traced.run`)
+            _failed(s, g)
+            err = graph_trace.failure(g, r)
+            if err is r:
+                raise r
+            raise err from None
+        if type(r) is tuple:  # its value not a tuple of the kept tensors: `Traced.run`'s own zip
+            slots, out = r
+            try:
+                for slot, value in zip(g.traced.kept, out, strict=True):
+                    slots[slot] = value
+            except BaseException:
+                _failed(s, g)
+                raise
+        else:
+            slots = r
+        _finish(s, g, slots, outputs, None, host.native)
+        return True
+    if g.mutated:
+        s.recount(g.mutated)
+    g.quiet = s.mutations
+    return True
+
+
+def _fast_plan(host: Host, s: WorkerSession, g: Graph) -> Any:
+    """`_quick`'s C++ plan of a traced graph (`native_runner.GraphPlan`), or False where the graph takes `_run`: no
+    C++ runner, a session of a subclass, a graph off the CPU, a seeded trace (`Traced.run`'s generator), persistent
+    tensors the graph's own ops may reshape (`Graph.unstable`)."""
+    traced, native = g.traced, host.native
+    if native is None or type(s) is not WorkerSession or g.device_type != "cpu" or traced.seeded or g.unstable:
+        return False
+    return native.GraphPlan(
+        g.n_slots, [tuple(m) for m in g.input_meta], list(g.input_bytes), list(g.contiguous), g.external_handles,
+        g.external_slots, list(traced.picks), list(traced.kept), list(g.outputs), s.number, s.handle_base, s.tensors,
+    )  # fmt: skip
 
 
 def _resume(s: WorkerSession, pending: Replaying, piece_seconds: float) -> bool:
