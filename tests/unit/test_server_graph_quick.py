@@ -230,3 +230,26 @@ def test_a_graph_that_does_not_qualify_takes_the_python_path(native_runner_modul
     for _ in range(5):
         assert t.run()[0] is None
     assert t.g.traced is not None and t.g.fast is False
+
+
+def test_a_closed_sessions_graphs_go_with_it(native_runner_module: Any) -> None:
+    """`GraphTable._of` keeps the session it last served and its graphs for the next run (round 41): that must not
+    keep a closed session's graphs alive (its host memory, a CUDA graph's pool), and another session's look-up
+    must find its own. (Pins what held on 50464ae, where only the weak dictionary held them.)"""
+    import gc
+    import weakref
+
+    one, two = Twin(True), Twin(True)
+    two.ex = one.ex  # two sessions of one executor
+    for t in (one, two):
+        assert t.run()[0] is None or t is two  # (two's graph is defined on its own executor: NotFound here)
+    table = one.ex.graphs
+    assert table._of(one.s) is table._of(one.s) and GID in table._of(one.s)
+    assert table._of(two.s) == {}
+    assert table._of(one.s)[GID] is one.g
+    gone = weakref.ref(one.g)
+    one.g = None  # type: ignore[assignment]
+    one.s = None  # type: ignore[assignment]
+    gc.collect()
+    assert gone() is None
+    assert table._last is None or table._last[0]() is not None
