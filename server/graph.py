@@ -22,7 +22,8 @@ On CUDA devices a graph is additionally captured as a CUDA graph once it has run
 (graph_cuda.py: random ops in a session's own worker process, value guards that read only the run's inputs and
 persistent tensors the step does not write); CPU-backed fake GPUs never take that path. On CPU-backed devices a
 graph runs, from its second run on, as a TorchScript graph where it can (graph_trace.py): one call per step, the
-ops dispatched in C++.
+ops dispatched in C++; where nothing that may change a tensor's metadata ran since its last run, the whole run
+(checks, inputs, the call, binding) is one call of the C++ runner (`_quick`, round 41).
 """
 
 from __future__ import annotations
@@ -386,10 +387,10 @@ def _quick(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph, dat
     checks, the inputs sent by value made, the persistent tensors found (`_quiet`), the traced function called and
     the outputs and kept tensors bound (`_finish`), where the graph runs on the CPU and nothing that may change a
     tensor's metadata ran since its last run (`_externals`' quiet case). False, nothing done, where any of it does
-    not hold (a check that fails included): `_run` then runs the command as before, and raises its error. Round 40's
-    harness (bench/graph_replay.py --measure outside) counted ~100k instructions of the worker's own a RunGraph on the
-    tiny MLP, ~60k of them the Python of `_run`, `_by_value`, `_quiet`, `Traced.run` and `_finish` around the C++
-    calls."""
+    not hold (a check that fails included): `_run` then runs the command as before, and raises its error. The
+    worker's own instructions a RunGraph on the tiny MLP (bench/graph_replay.py --measure outside): 102.0k through
+    `_run`, `_by_value`, `_quiet`, `Traced.run` and `_finish` around round 40's C++ calls, ~69k here (of which
+    `rebind_run` ~20k, the look-ups and the inputs' copies ~13k)."""
     plan = g.fast
     if plan is None:
         plan = g.fast = _fast_plan(host, s, g)
