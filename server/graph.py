@@ -389,8 +389,8 @@ def _quick(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph, dat
     tensor's metadata ran since its last run (`_externals`' quiet case). False, nothing done, where any of it does
     not hold (a check that fails included): `_run` then runs the command as before, and raises its error. The
     worker's own instructions a RunGraph on the tiny MLP (bench/graph_replay.py --measure outside): 102.0k through
-    `_run`, `_by_value`, `_quiet`, `Traced.run` and `_finish` around round 40's C++ calls, ~69k here (of which
-    `rebind_run` ~20k, the look-ups and the inputs' copies ~13k)."""
+    `_run`, `_by_value`, `_quiet`, `Traced.run` and `_finish` around round 40's C++ calls, ~66k here (of which
+    `rebind_run` ~20k, the persistent look-ups ~2.5k, the inputs' copies ~3.2k)."""
     plan = g.fast
     if plan is None:
         plan = g.fast = _fast_plan(host, s, g)
