@@ -2557,6 +2557,23 @@ py::object filled(py::handle shape, py::handle dtype, py::handle data) {
 }
 
 
+// Whether a table's look-up found `t` (borrowed; nullptr: missing, or the error set, which throws) and it is the
+// very object weak reference `ref` refers to (`quiet_externals`, `graph_run`)
+bool found_same(PyObject* t, PyObject* ref) {
+  if (t == nullptr) {
+    if (PyErr_Occurred()) throw py::error_already_set();
+    return false;
+  }
+#if PY_VERSION_HEX >= 0x030D0000
+  PyObject* obj = nullptr;
+  if (PyWeakref_GetRef(ref, &obj) < 0) throw py::error_already_set();
+  Py_XDECREF(obj);  // compared by identity only: `t` holds it where it is the same
+#else
+  PyObject* obj = PyWeakref_GetObject(ref);  // borrowed
+#endif
+  return obj == t;
+}
+
 // `graph._quiet`'s look-ups (server/graph.py): the persistent tensors of a captured step out of the session's table
 // (`tensors`, a dict) by their handles (`handles`, a tuple of ints), each the very object the weak reference of
 // `refs` (a tuple as long) refers to; then each put into its slot (`ext_slots`, a tuple of ints as long) of the
@@ -2585,18 +2602,7 @@ py::object quiet_externals(py::handle tensors, py::handle handles, py::handle re
     if (slot < 0 || slot >= size) throw py::index_error("quiet_externals: a slot out of range");
     at[static_cast<size_t>(k)] = slot;
     PyObject* t = PyDict_GetItemWithError(d, PyTuple_GET_ITEM(hs, k));  // borrowed
-    if (t == nullptr) {
-      if (PyErr_Occurred()) throw py::error_already_set();
-      return py::none();  // freed
-    }
-#if PY_VERSION_HEX >= 0x030D0000
-    PyObject* obj = nullptr;
-    if (PyWeakref_GetRef(ref, &obj) < 0) throw py::error_already_set();
-    Py_XDECREF(obj);  // compared by identity only: `t` holds it where it is the same
-#else
-    PyObject* obj = PyWeakref_GetObject(ref);  // borrowed
-#endif
-    if (obj != t) return py::none();  // bound anew, or its tensor gone
+    if (!found_same(t, ref)) return py::none();  // freed, bound anew, or its tensor gone
     PyTuple_SET_ITEM(out.p, k, Py_NewRef(t));
   }
   for (Py_ssize_t k = 0; k < n; ++k) {  // PyList_SetItem steals the new reference and drops the slot's old value
@@ -3002,18 +3008,7 @@ py::object graph_run(const GraphPlan& p, const py::object& session, py::handle i
     PyObject* ref = PyTuple_GET_ITEM(rs, static_cast<Py_ssize_t>(k));
     if (!PyWeakref_CheckRef(ref)) return py::none();
     PyObject* t = get_item(tensors.p, p.ext_keys[k].ptr(), p.ext_values[k]);  // borrowed
-    if (t == nullptr) {
-      if (PyErr_Occurred()) throw py::error_already_set();
-      return py::none();  // freed
-    }
-#if PY_VERSION_HEX >= 0x030D0000
-    PyObject* obj = nullptr;
-    if (PyWeakref_GetRef(ref, &obj) < 0) throw py::error_already_set();
-    Py_XDECREF(obj);  // compared by identity only: `t` holds it where it is the same
-#else
-    PyObject* obj = PyWeakref_GetObject(ref);  // borrowed
-#endif
-    if (obj != t) return py::none();  // bound anew, or its tensor gone
+    if (!found_same(t, ref)) return py::none();  // freed, bound anew, or its tensor gone
     PyList_SetItem(slots.p, p.ext_at[k], Py_NewRef(t));  // steals the new reference, drops the None
   }
   for (Py_ssize_t j = 0; j < PyList_GET_SIZE(outs); ++j) {  // `check_handle`
