@@ -22,7 +22,8 @@ On CUDA devices a graph is additionally captured as a CUDA graph once it has run
 (graph_cuda.py: random ops in a session's own worker process, value guards that read only the run's inputs and
 persistent tensors the step does not write); CPU-backed fake GPUs never take that path. On CPU-backed devices a
 graph runs, from its second run on, as a TorchScript graph where it can (graph_trace.py): one call per step, the
-ops dispatched in C++.
+ops dispatched in C++; where nothing that may change a tensor's metadata ran since its last run, the whole run
+(checks, inputs, the call, binding) is one call of the C++ runner (`_quick`, round 41).
 """
 
 from __future__ import annotations
@@ -133,16 +134,29 @@ class GraphTable:
         self._graphs: weakref.WeakKeyDictionary[WorkerSession, dict[int, Graph]] = weakref.WeakKeyDictionary()
         self._reserved: weakref.WeakKeyDictionary[WorkerSession, int] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
+        # (a weak reference to the session `_of` last served, its graphs): a session's runs read them without the
+        # lock and the weak dictionary's look-up (a new weak reference a call: ~6 us of a RunGraph, round 41);
+        # dropped when that session goes (`_gone`), as its entry of `_graphs` is
+        self._last: tuple[weakref.ref[WorkerSession], dict[int, Graph]] | None = None
         # > 0: a definition runs for about this many seconds per command (session workers: DEFINE_PIECE_SECONDS),
         # `define`'s pieces; 0: all of it at once
         self.piece_seconds = 0.0
 
     def _of(self, s: WorkerSession) -> dict[int, Graph]:
+        last = self._last  # (one read: another thread may replace it)
+        if last is not None and last[0]() is s:
+            return last[1]
         with self._lock:
             found = self._graphs.get(s)
             if found is None:
                 found = self._graphs[s] = {}
+            self._last = (weakref.ref(s, self._gone), found)
             return found
+
+    def _gone(self, ref: weakref.ref[WorkerSession]) -> None:
+        last = self._last
+        if last is not None and last[0] is ref:
+            self._last = None
 
     def count(self, s: WorkerSession) -> int:
         return len(self._of(s))
@@ -252,6 +266,8 @@ class GraphTable:
         try:
             if resumed:
                 left = None if _resume(s, pending, self.piece_seconds) else pending  # type: ignore[arg-type]
+            elif g.traced is not None and _quick(self.host, s, g, msg, data):
+                left = None
             else:
                 hold = lambda capture: self._reserve(s, self._of(s), capture=capture)  # noqa: E731
                 left = _run(self.host, s, g, msg, hold, data, self.piece_seconds)
@@ -364,6 +380,64 @@ def _run(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph, hold:
         raise
     _finish(s, g, slots, outputs, persistent, native)
     return None
+
+
+def _quick(host: Host, s: WorkerSession, g: Graph, msg: device_pb2.RunGraph, data: list[Any] | None) -> bool:
+    """A traced graph's quiet run in one call of the C++ runner (`native_runner.GraphPlan.run`, round 41): `_run`'s
+    checks, the inputs sent by value made, the persistent tensors found (`_quiet`), the traced function called and
+    the outputs and kept tensors bound (`_finish`), where the graph runs on the CPU and nothing that may change a
+    tensor's metadata ran since its last run (`_externals`' quiet case). False, nothing done, where any of it does
+    not hold (a check that fails included): `_run` then runs the command as before, and raises its error. The
+    worker's own instructions a RunGraph on the tiny MLP (bench/graph_replay.py --measure outside): 102.0k through
+    `_run`, `_by_value`, `_quiet`, `Traced.run` and `_finish` around round 40's C++ calls, ~66k here (of which
+    `rebind_run` ~20k, the persistent look-ups ~2.5k, the inputs' copies ~3.2k)."""
+    plan = g.fast
+    if plan is None:
+        plan = g.fast = _fast_plan(host, s, g)
+    if plan is False or g.quiet < 0 or s.mutations != g.quiet + 1 or s.uploads or g.quiet_refs is None:
+        return False
+    if data is None:
+        data = msg.input_data[:]
+    outputs = msg.outputs[:]
+    r = plan.run(s, msg.inputs[:], outputs, data, g.quiet_refs, g.writes, g.traced.fn)
+    if r is None:
+        return False
+    if r is not True:
+        if isinstance(r, BaseException):  # the traced function raised it (`Traced.run`)
+            _failed(s, g)
+            err = graph_trace.failure(g, r)
+            if err is r:
+                raise r
+            raise err from None
+        if type(r) is tuple:  # its value not a tuple of the kept tensors: `Traced.run`'s own zip
+            slots, out = r
+            try:
+                for slot, value in zip(g.traced.kept, out, strict=True):
+                    slots[slot] = value
+            except BaseException:
+                _failed(s, g)
+                raise
+        else:
+            slots = r
+        _finish(s, g, slots, outputs, None, host.native)
+        return True
+    if g.mutated:
+        s.recount(g.mutated)
+    g.quiet = s.mutations
+    return True
+
+
+def _fast_plan(host: Host, s: WorkerSession, g: Graph) -> Any:
+    """`_quick`'s C++ plan of a traced graph (`native_runner.GraphPlan`), or False where the graph takes `_run`: no
+    C++ runner, a session of a subclass, a graph off the CPU, a seeded trace (`Traced.run`'s generator), persistent
+    tensors the graph's own ops may reshape (`Graph.unstable`)."""
+    traced, native = g.traced, host.native
+    if native is None or type(s) is not WorkerSession or g.device_type != "cpu" or traced.seeded or g.unstable:
+        return False
+    return native.GraphPlan(
+        g.n_slots, [tuple(m) for m in g.input_meta], list(g.input_bytes), list(g.contiguous), g.external_handles,
+        g.external_slots, list(traced.picks), list(traced.kept), list(g.outputs), s.number, s.handle_base, s.tensors,
+    )  # fmt: skip
 
 
 def _resume(s: WorkerSession, pending: Replaying, piece_seconds: float) -> bool:

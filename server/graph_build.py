@@ -167,6 +167,9 @@ class Graph:
     external_handles: tuple[int, ...] = field(init=False, default=())
     input_sizes: list[list[int]] = field(init=False, default_factory=list)  # per input: its sizes as a list
     quiet_refs: tuple[Any, ...] | None = None
+    # graph._quick's C++ plan of its traced quiet runs (native_runner.GraphPlan), made at its first run after the
+    # trace; False: that graph takes graph._run
+    fast: Any = None
     # The input and persistent slots whose storages an op of the graph that writes (a mutable schema) reads: their
     # values at an op may differ from the run's start (graph_cuda.py runs guards before a replay on the others only)
     written: frozenset[int] = frozenset()

@@ -359,7 +359,7 @@ class Traced:
         self.kept = kept
         self.seeded = seeded
         # The function's arguments out of the slots in one call (a tuple; itemgetter of one index returns the item)
-        picks = [*range(1, self.n_inputs + 1), *self.externals]
+        picks = self.picks = [*range(1, self.n_inputs + 1), *self.externals]
         self._pick = operator.itemgetter(*picks) if len(picks) > 1 else None
 
     def args(self, slots: list[Any]) -> Any:
@@ -373,9 +373,7 @@ class Traced:
         try:
             out = self.fn(*self.args(slots))
         except (RuntimeError, TypeError, ValueError, IndexError, OverflowError, MemoryError) as exc:
-            if out_of_memory(exc):
-                raise ResourceExhausted(f"graph {g.graph_id}: device out of memory: {exc}") from None
-            raise InvalidArgument(f"graph {g.graph_id}: {_reason(exc)}") from None
+            raise failure(g, exc) from None
         for slot, value in zip(self.kept, out, strict=True):
             slots[slot] = value
 
@@ -429,6 +427,17 @@ def _same_ops(host: Host, g: Graph, b: _Builder) -> Generator[None, None, None]:
             got.append(kind)
     if got != want:
         raise ValueError(f"the graph holds {len(got)} ops where the step has {len(want)}")
+
+
+def failure(g: Graph, exc: BaseException) -> BaseException:
+    """The error a run of `g`'s traced function that raised `exc` answers (`Traced.run`, graph._quick): an
+    allocation that failed is the session's RESOURCE_EXHAUSTED, an op's error INVALID_ARGUMENT; anything else is
+    `exc` itself."""
+    if not isinstance(exc, RuntimeError | TypeError | ValueError | IndexError | OverflowError | MemoryError):
+        return exc
+    if out_of_memory(exc):
+        return ResourceExhausted(f"graph {g.graph_id}: device out of memory: {exc}")
+    return InvalidArgument(f"graph {g.graph_id}: {_reason(exc)}")
 
 
 def _reason(exc: BaseException) -> str:

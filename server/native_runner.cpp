@@ -2612,6 +2612,23 @@ py::object filled(py::handle shape, py::handle dtype, py::handle data) {
 }
 
 
+// Whether a table's look-up found `t` (borrowed; nullptr: missing, or the error set, which throws) and it is the
+// very object weak reference `ref` refers to (`quiet_externals`, `graph_run`)
+bool found_same(PyObject* t, PyObject* ref) {
+  if (t == nullptr) {
+    if (PyErr_Occurred()) throw py::error_already_set();
+    return false;
+  }
+#if PY_VERSION_HEX >= 0x030D0000
+  PyObject* obj = nullptr;
+  if (PyWeakref_GetRef(ref, &obj) < 0) throw py::error_already_set();
+  Py_XDECREF(obj);  // compared by identity only: `t` holds it where it is the same
+#else
+  PyObject* obj = PyWeakref_GetObject(ref);  // borrowed
+#endif
+  return obj == t;
+}
+
 // `graph._quiet`'s look-ups (server/graph.py): the persistent tensors of a captured step out of the session's table
 // (`tensors`, a dict) by their handles (`handles`, a tuple of ints), each the very object the weak reference of
 // `refs` (a tuple as long) refers to; then each put into its slot (`ext_slots`, a tuple of ints as long) of the
@@ -2640,18 +2657,7 @@ py::object quiet_externals(py::handle tensors, py::handle handles, py::handle re
     if (slot < 0 || slot >= size) throw py::index_error("quiet_externals: a slot out of range");
     at[static_cast<size_t>(k)] = slot;
     PyObject* t = PyDict_GetItemWithError(d, PyTuple_GET_ITEM(hs, k));  // borrowed
-    if (t == nullptr) {
-      if (PyErr_Occurred()) throw py::error_already_set();
-      return py::none();  // freed
-    }
-#if PY_VERSION_HEX >= 0x030D0000
-    PyObject* obj = nullptr;
-    if (PyWeakref_GetRef(ref, &obj) < 0) throw py::error_already_set();
-    Py_XDECREF(obj);  // compared by identity only: `t` holds it where it is the same
-#else
-    PyObject* obj = PyWeakref_GetObject(ref);  // borrowed
-#endif
-    if (obj != t) return py::none();  // bound anew, or its tensor gone
+    if (!found_same(t, ref)) return py::none();  // freed, bound anew, or its tensor gone
     PyTuple_SET_ITEM(out.p, k, Py_NewRef(t));
   }
   for (Py_ssize_t k = 0; k < n; ++k) {  // PyList_SetItem steals the new reference and drops the slot's old value
@@ -2878,6 +2884,240 @@ bool rebind_run(const py::object& session, py::handle outputs, py::handle out_sl
   }
   return true;
 }
+
+// A captured step's quiet run in one call (`graph._quick`, server/graph.py; round 41): what `graph._run`, `_by_value`,
+// `_quiet`, the outputs' `check_handle`, `graph_trace.Traced.run` and `_finish` do for a traced graph on the CPU whose
+// persistent tensors are quiet (no command that may change a tensor's metadata ran since its last run, which ended
+// well). A `GraphPlan` holds what the graph fixes (made once per graph: `graph._fast_plan`). `run` checks, before
+// anything is done, what `_run` checks and in its order: the inputs' count, the outputs' count, each input (a handle
+// bound in the session's table to a plain strided CPU tensor of the graph's sizes, strides, storage offset and dtype,
+// or bytes sent by value: exactly the input's bytes, its layout contiguous, not bool), each persistent handle still
+// bound to the object the last run checked (`quiet_externals`), each output handle this session's and not reserved.
+// Any of these that does not hold: None, nothing done (no tensor bound, no slot outside the call's own list
+// written), and the Python path runs the command as before and raises its error. Then the traced function is
+// called with its arguments picked from the slots (`Traced.args`): an exception it raises is returned (the Python
+// converts it as `Traced.run` does); its outputs (an exact list or tuple, one per kept slot) go into the slots, and
+// the run's outputs and kept tensors are bound (`rebind_run`, whose errors raise). True when all of it is done; where
+// the traced function returned something else, (slots, its value); where `rebind_run` declines, the slots: the
+// Python ends the run (`_finish`). `tensors` at the plan's making: the session's table, whose key objects of the
+// persistent handles the plan keeps (`ext_keys`).
+struct GraphPlan {
+  Py_ssize_t n_slots = 0;
+  std::vector<std::vector<int64_t>> sizes, strides;
+  std::vector<int64_t> offsets, nbytes;
+  std::vector<at::ScalarType> dtypes;
+  std::vector<char> contiguous;
+  // the persistent handles: each the int object the session's table held as its key when the plan was made (a
+  // lookup then finds it by identity, not by `==` of two ints; a handle bound since under another int object is
+  // still found, by value), its value (for the key's hash) and its slot
+  std::vector<py::object> ext_keys;
+  std::vector<uint64_t> ext_values;
+  std::vector<Py_ssize_t> ext_at;
+  std::vector<Py_ssize_t> picks, kept;
+  py::list out_slots;  // `Graph.outputs`, as `rebind_run` takes it
+  uint64_t number = 0, base = 0;  // the session's number and handle 0 (`check_handle`)
+};
+
+std::vector<int64_t> int_list(py::handle l, const char* what) {
+  std::vector<int64_t> out;
+  for (auto v : l) {
+    int64_t x = 0;
+    if (!as_i64(v.ptr(), &x)) throw std::invalid_argument(std::string("GraphPlan: a bad int in ") + what);
+    out.push_back(x);
+  }
+  return out;
+}
+
+GraphPlan make_graph_plan(int64_t n_slots, py::list metas, py::list nbytes, py::list contiguous, py::tuple ext_handles,
+                          py::tuple ext_slots, py::list picks, py::list kept, py::list out_slots, uint64_t number,
+                          uint64_t base, py::dict tensors) {
+  GraphPlan p;
+  if (n_slots < 1) throw std::invalid_argument("GraphPlan: n_slots");
+  p.n_slots = static_cast<Py_ssize_t>(n_slots);
+  const size_t n = metas.size();
+  if (nbytes.size() != n || contiguous.size() != n) throw std::invalid_argument("GraphPlan: lengths");
+  for (size_t i = 0; i < n; ++i) {
+    py::tuple m = metas[i].cast<py::tuple>();  // (sizes, strides, offset, dtype)
+    if (m.size() != 4 || !THPDtype_Check(m[3].ptr())) throw std::invalid_argument("GraphPlan: a bad input meta");
+    p.sizes.push_back(int_list(m[0], "sizes"));
+    p.strides.push_back(int_list(m[1], "strides"));
+    if (p.sizes.back().size() != p.strides.back().size() || p.sizes.back().size() > MAX_DIMS) {
+      throw std::invalid_argument("GraphPlan: a bad input meta");
+    }
+    p.offsets.push_back(m[2].cast<int64_t>());
+    p.dtypes.push_back(reinterpret_cast<THPDtype*>(m[3].ptr())->scalar_type);
+    p.nbytes.push_back(nbytes[i].cast<int64_t>());
+    p.contiguous.push_back(contiguous[i].cast<bool>() ? 1 : 0);
+  }
+  if (ext_handles.size() != ext_slots.size()) throw std::invalid_argument("GraphPlan: lengths");
+  std::vector<std::pair<uint64_t, size_t>> want;  // (handle, index), to find the table's own key objects
+  for (size_t k = 0; k < ext_slots.size(); ++k) {
+    const int64_t at = ext_slots[k].cast<int64_t>();
+    if (at < 1 || at >= n_slots) throw std::invalid_argument("GraphPlan: a slot out of range");
+    p.ext_at.push_back(static_cast<Py_ssize_t>(at));
+    PyObject* h = ext_handles[k].ptr();
+    const unsigned long long v = PyLong_Check(h) ? PyLong_AsUnsignedLongLong(h) : static_cast<unsigned long long>(-1);
+    if (v == static_cast<unsigned long long>(-1)) throw std::invalid_argument("GraphPlan: a bad handle");
+    p.ext_values.push_back(v);
+    p.ext_keys.push_back(py::reinterpret_borrow<py::object>(h));
+    want.emplace_back(v, k);
+  }
+  std::sort(want.begin(), want.end());
+  PyObject *hk, *hv;
+  Py_ssize_t pos = 0;
+  while (!want.empty() && PyDict_Next(tensors.ptr(), &pos, &hk, &hv)) {
+    if (!PyLong_CheckExact(hk)) continue;
+    const unsigned long long v = PyLong_AsUnsignedLongLong(hk);
+    if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+      PyErr_Clear();
+      continue;
+    }
+    auto it = std::lower_bound(want.begin(), want.end(), std::make_pair(static_cast<uint64_t>(v), size_t{0}));
+    for (; it != want.end() && it->first == v; ++it) p.ext_keys[it->second] = py::reinterpret_borrow<py::object>(hk);
+  }
+  for (const auto& [from, to] : {std::pair<py::list*, std::vector<Py_ssize_t>*>{&picks, &p.picks}, {&kept, &p.kept}}) {
+    for (int64_t k : int_list(*from, "slots")) {
+      if (k < 1 || k >= n_slots) throw std::invalid_argument("GraphPlan: a slot out of range");
+      to->push_back(static_cast<Py_ssize_t>(k));
+    }
+  }
+  for (int64_t k : int_list(out_slots, "slots")) {
+    if (k < 0 || k >= n_slots) throw std::invalid_argument("GraphPlan: a slot out of range");
+  }
+  p.out_slots = out_slots;
+  p.number = number;
+  p.base = base;
+  return p;
+}
+
+// whether tensor object `v` is a plain strided CPU tensor of input `i`'s metadata (`_run`'s check, which refuses
+// the others; here they go to the Python path)
+bool input_fits(const GraphPlan& p, size_t i, PyObject* v) {
+  if (!THPVariable_CheckExact(v)) return false;
+  const at::Tensor& t = THPVariable_Unpack(v);
+  if (!t.defined() || t.layout() != at::kStrided || !t.is_cpu() || t.scalar_type() != p.dtypes[i]) return false;
+  const auto& sz = p.sizes[i];
+  const auto& st = p.strides[i];
+  return t.sizes().equals(at::IntArrayRef(sz)) && t.strides().equals(at::IntArrayRef(st)) &&
+         t.storage_offset() == p.offsets[i];
+}
+
+py::object graph_run(const GraphPlan& p, const py::object& session, py::handle inputs, py::handle outputs,
+                     py::handle data, py::handle refs, py::handle writes, py::handle fn) {
+  PyObject *s = session.ptr(), *ins = inputs.ptr(), *outs = outputs.ptr(), *dt = data.ptr();
+  if (!PyList_CheckExact(ins) || !PyList_CheckExact(outs) || !PyTuple_CheckExact(refs.ptr())) return py::none();
+  const size_t n_in = p.sizes.size();
+  if (static_cast<size_t>(PyList_GET_SIZE(ins)) != n_in) return py::none();  // `_run`'s InvalidArgument
+  if (PyList_GET_SIZE(outs) > PyList_GET_SIZE(p.out_slots.ptr())) return py::none();
+  Own tensors(PyObject_GetAttr(s, S_tensors));
+  if (tensors.p == nullptr) throw py::error_already_set();
+  if (!PyDict_CheckExact(tensors.p)) return py::none();
+  Own slots(PyList_New(p.n_slots));
+  if (slots.p == nullptr) throw py::error_already_set();
+  for (Py_ssize_t k = 0; k < p.n_slots; ++k) PyList_SET_ITEM(slots.p, k, Py_NewRef(Py_None));
+  for (size_t i = 0; i < n_in; ++i) {
+    PyObject* h = PyList_GET_ITEM(ins, static_cast<Py_ssize_t>(i));
+    const int set = PyObject_IsTrue(h);
+    if (set < 0) throw py::error_already_set();
+    PyObject* t = nullptr;  // new reference
+    if (set) {
+      PyObject* found = PyDict_GetItemWithError(tensors.p, h);  // borrowed
+      if (found == nullptr) {
+        if (PyErr_Occurred()) throw py::error_already_set();
+        return py::none();  // `resolve`'s error
+      }
+      if (!input_fits(p, i, found)) return py::none();
+      t = Py_NewRef(found);
+    } else {  // sent by value (`_by_value`, on the host: an owned copy)
+      if (!PyList_CheckExact(dt) || static_cast<Py_ssize_t>(i) >= PyList_GET_SIZE(dt) || !p.contiguous[i] ||
+          p.dtypes[i] == at::kBool) {
+        return py::none();
+      }
+      Py_buffer view;
+      if (PyObject_GetBuffer(PyList_GET_ITEM(dt, static_cast<Py_ssize_t>(i)), &view, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        return py::none();
+      }
+      if (view.len != p.nbytes[i]) {
+        PyBuffer_Release(&view);
+        return py::none();
+      }
+      at::Tensor made;
+      try {
+        made = filled_tensor(p.sizes[i], p.dtypes[i], view.buf, static_cast<size_t>(view.len));
+      } catch (...) {
+        PyBuffer_Release(&view);
+        throw;
+      }
+      PyBuffer_Release(&view);
+      t = THPVariable_Wrap(std::move(made));
+      if (t == nullptr) throw py::error_already_set();
+    }
+    PyList_SetItem(slots.p, static_cast<Py_ssize_t>(i) + 1, t);  // steals `t`, drops the None
+  }
+  // the persistent tensors (`quiet_externals`, into the call's own slots)
+  PyObject* rs = refs.ptr();
+  const size_t n_ext = p.ext_keys.size();
+  if (static_cast<size_t>(PyTuple_GET_SIZE(rs)) != n_ext) return py::none();
+  for (size_t k = 0; k < n_ext; ++k) {
+    PyObject* ref = PyTuple_GET_ITEM(rs, static_cast<Py_ssize_t>(k));
+    if (!PyWeakref_CheckRef(ref)) return py::none();
+    PyObject* t = get_item(tensors.p, p.ext_keys[k].ptr(), p.ext_values[k]);  // borrowed
+    if (!found_same(t, ref)) return py::none();  // freed, bound anew, or its tensor gone
+    PyList_SetItem(slots.p, p.ext_at[k], Py_NewRef(t));  // steals the new reference, drops the None
+  }
+  for (Py_ssize_t j = 0; j < PyList_GET_SIZE(outs); ++j) {  // `check_handle`
+    PyObject* h = PyList_GET_ITEM(outs, j);
+    const int set = PyObject_IsTrue(h);
+    if (set < 0) throw py::error_already_set();
+    if (!set) continue;
+    const unsigned long long v = PyLong_AsUnsignedLongLong(h);
+    if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+      PyErr_Clear();
+      return py::none();
+    }
+    if ((v >> 32) != p.number || v == p.base) return py::none();
+  }
+  // the traced function's call (`Traced.run`)
+  const Py_ssize_t n_args = static_cast<Py_ssize_t>(p.picks.size());
+  Own args(PyTuple_New(n_args));
+  if (args.p == nullptr) throw py::error_already_set();
+  for (Py_ssize_t k = 0; k < n_args; ++k) {
+    PyTuple_SET_ITEM(args.p, k, Py_NewRef(PyList_GET_ITEM(slots.p, p.picks[static_cast<size_t>(k)])));
+  }
+  Own out(PyObject_Call(fn.ptr(), args.p, nullptr));
+  args.reset(nullptr);
+  if (out.p == nullptr) {  // its exception, for the Python to convert
+    PyObject *type = nullptr, *value = nullptr, *tb = nullptr;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value == nullptr) {
+      Py_XDECREF(type);
+      Py_XDECREF(tb);
+      throw std::runtime_error("the traced function failed without an exception");
+    }
+    if (tb != nullptr) PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return py::reinterpret_steal<py::object>(value);
+  }
+  const Py_ssize_t n_kept = static_cast<Py_ssize_t>(p.kept.size());
+  // a list (a TorchScript graph's list of its kept tensors) or a tuple, one per kept slot
+  if (!(PyList_CheckExact(out.p) || PyTuple_CheckExact(out.p)) || PySequence_Fast_GET_SIZE(out.p) != n_kept) {
+    Own pair(PyTuple_Pack(2, slots.p, out.p));
+    if (pair.p == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(std::exchange(pair.p, nullptr));
+  }
+  for (Py_ssize_t k = 0; k < n_kept; ++k) {
+    if (PyList_SetItem(slots.p, p.kept[static_cast<size_t>(k)], Py_NewRef(PySequence_Fast_GET_ITEM(out.p, k))) < 0) {
+      throw py::error_already_set();
+    }
+  }
+  if (!rebind_run(session, outputs, p.out_slots, writes, slots.p)) {
+    return py::reinterpret_steal<py::object>(std::exchange(slots.p, nullptr));
+  }
+  return py::bool_(true);
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -3019,6 +3259,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("filled", &filled);
   m.def("quiet_externals", &quiet_externals);
   m.def("rebind_run", &rebind_run);
+  py::class_<GraphPlan>(m, "GraphPlan")
+      .def(py::init(&make_graph_plan), py::arg("n_slots"), py::arg("metas"), py::arg("nbytes"), py::arg("contiguous"),
+           py::arg("ext_handles"), py::arg("ext_slots"), py::arg("picks"), py::arg("kept"), py::arg("out_slots"),
+           py::arg("number"), py::arg("base"), py::arg("tensors"))
+      .def("run", &graph_run, py::arg("session"), py::arg("inputs"), py::arg("outputs"), py::arg("data"),
+           py::arg("refs"), py::arg("writes"), py::arg("fn"));
   m.def("eager_records", &eager_records);
   m.def("eager_frame", &eager_frame, py::arg("payload"), py::arg("between") = false);
   m.def("split_frame", &split_frame);

@@ -77,7 +77,12 @@ persistent tensors out of the session's table, each the object its weak referenc
 nothing written, where one is not: the Python reads them the slow way and checks their metadata); `rebind_run`,
 `WorkerSession.rebind_all` of the run's outputs and kept tensors step for step (False, nothing done, for a value that
 is not a tensor or a session whose tables are not dicts: then `rebind_all` runs); and `filled`, an input sent by
-value made and copied in one call.
+value made and copied in one call. A traced graph's quiet run on the CPU takes one call (`GraphPlan.run`, round 41:
+graph._quick): `_run`'s checks in its order (the counts, each input's metadata or its bytes sent by value, the
+persistent tensors as `quiet_externals` finds them, the output handles), the inputs sent by value made, the
+traced function called with its arguments picked from the slots, its kept tensors put into their slots and
+`rebind_run`; a check that fails returns None before anything is done (the Python path then runs the command and
+raises its error), an exception of the traced function is returned for the Python to convert as `Traced.run` does.
 
 A step qualifies when it has none of `_run_step`'s per-op extras but a random op's (`_extras`: no op that reshapes a
 storage in place, no value guard run per record but one the runner makes itself (`_guard`): value ranges of tensor

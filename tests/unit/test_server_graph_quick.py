@@ -1,0 +1,255 @@
+"""A traced captured step's quiet run in one C++ call (round 41: graph._quick, native_runner `GraphPlan.run`) must do
+exactly what `graph._run` does: the same outputs and kept tensors bound, the same bytes counted, and every refusal
+the same (an input of other metadata, bytes sent by value of another length, a handle freed, rebound, of another
+session, a persistent tensor rebound or reshaped in place, a traced function that raises), with the session left
+as the Python path leaves it. Twin sessions run the same commands, one with the C++ call and one without (its
+graph's `fast` set to False: `_run` always)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from gpupool.server import graph, slices
+from gpupool.server.devices import FakeDevice
+from gpupool.server.executor import CommandExecutor
+from gpupool.server.sessions import DeviceMemory, WorkerSession
+
+from gpupool import wire
+from gpupool._proto import device_pb2, tensor_pb2
+
+GID = 1
+
+
+class Twin:
+    """A session, its executor and its graph: two persistent tensors `w` (4, 3) and `v` (3,), a batch `x` sent
+    by value and `b` by handle; it keeps `x + w` and outputs `(x + w + b) * 2 + v`."""
+
+    def __init__(self, quick: bool) -> None:
+        dev = FakeDevice(0, "h", 1 << 30)
+        self.s = s = WorkerSession("s", 1, dev, DeviceMemory(dev), 1 << 28)
+        self.ex = CommandExecutor(slices.SliceLedger())
+        self.ex.exclusive_rng = True  # as in a session's worker process (graph_trace.refusal)
+        assert self.ex.native is not None
+        self.base = s.handle_base
+        self.w, self.v, self.kept, self.b = self.base + 1, self.base + 2, self.base + 3, self.base + 4
+        s.bind(self.w, torch.arange(12.0).reshape(4, 3))
+        s.bind(self.v, torch.ones(3))
+        s.bind(self.b, torch.full((4, 3), 0.5))
+
+        def t(k: int) -> tensor_pb2.Arg:
+            return tensor_pb2.Arg(tensor=k)
+
+        body = [
+            device_pb2.Op(name="aten::add.Tensor", args=[t(1), t(3)], outputs=[5]),
+            device_pb2.Op(name="aten::add.Tensor", args=[t(5), t(2)], outputs=[6]),
+            device_pb2.Op(name="aten::mul.Tensor", args=[t(6), tensor_pb2.Arg(f=2.0)], outputs=[7]),
+            device_pb2.Op(name="aten::add.Tensor", args=[t(7), t(4)], outputs=[8]),
+        ]
+        meta = wire.meta_to_proto(torch.ones(4, 3))
+        msg = device_pb2.DefineGraph(
+            graph_id=GID, inputs=2, input_meta=[meta, meta], persistent=[self.w, self.v], ops=body, outputs=[8],
+            writes=[device_pb2.GraphWrite(handle=self.kept, slot=5)],
+        )  # fmt: skip
+        self.ex.execute(s, device_pb2.Command(define_graph=msg), _no_reply)
+        assert s.error is None, s.error
+        self.g = self.ex.graphs._of(s)[GID]
+        if not quick:
+            self.g.fast = False
+        self.next = 100
+
+    def run(self, x: bytes | None = None, b: int | None = None, outputs: list[int] | None = None,
+            inputs: list[int] | None = None) -> tuple[Any, ...]:  # fmt: skip
+        """RunGraph: its error (code, message) or None, and the session's state after it."""
+        if outputs is None:
+            self.next += 1
+            outputs = [self.base + self.next]
+        msg = device_pb2.RunGraph(graph_id=GID, inputs=inputs or [0, self.b if b is None else b], outputs=outputs)
+        msg.input_data.append(torch.full((4, 3), float(self.next)).numpy().tobytes() if x is None else x)
+        self.s.error = None
+        self.ex.execute(self.s, device_pb2.Command(run_graph=msg), _no_reply)
+        err = self.s.error
+        return (None if err is None else (err.code, err.message)), self.state()
+
+    def op(self, name: str, handle: int) -> None:
+        """An in-place op on `handle` (a command that may change metadata: the next run is not quiet)."""
+        op = device_pb2.Op(name=name, args=[tensor_pb2.Arg(tensor=handle)], outputs=[handle])
+        self.s.error = None
+        self.ex.execute(self.s, device_pb2.Command(op=op), _no_reply)
+        assert self.s.error is None, self.s.error
+
+    def state(self) -> tuple[Any, ...]:
+        s = self.s
+        tensors = {h - self.base: (tuple(t.shape), t.stride(), t.tolist()) for h, t in s.tensors.items()}
+        poisoned = {h - self.base: (p.code, p.message) for h, p in s.poisoned.items()}
+        storages = sorted(n for _, n in s._storages.values())
+        return tensors, poisoned, storages, s.used, s.memory.used, s.ops, self.g.runs
+
+
+def _no_reply(item: object) -> None:
+    raise AssertionError("graph commands are not answered")
+
+
+@pytest.fixture
+def twins(native_runner_module: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Twin, Twin, list[WorkerSession]]:
+    """(quick, slow, the sessions each `graph._run` call ran for)."""
+    ran: list[WorkerSession] = []
+    real = graph._run
+
+    def counted(host: Any, s: WorkerSession, *a: Any, **k: Any) -> Any:
+        ran.append(s)
+        return real(host, s, *a, **k)
+
+    monkeypatch.setattr(graph, "_run", counted)
+    return Twin(True), Twin(False), ran
+
+
+def _both(quick: Twin, slow: Twin, step: Any) -> Any:
+    got = step(quick)
+    assert got == step(slow)
+    return got[0]
+
+
+def test_a_quiet_traced_run_takes_one_cpp_call_and_binds_what_the_python_binds(twins: Any) -> None:
+    """From the run after the trace on, with nothing between runs, `_run` is not called; outputs, kept tensors,
+    storages and bytes are the Python path's. On 50464ae every run called `_run`."""
+    quick, slow, ran = twins
+    for _ in range(6):
+        assert _both(quick, slow, lambda t: t.run()) is None
+    assert quick.g.traced is not None and quick.g.fast not in (None, False)
+    first = ran.count(quick.s)
+    assert first <= 3, first  # the runs before the trace and the first traced one, not quiet yet
+    for _ in range(4):
+        assert _both(quick, slow, lambda t: t.run()) is None
+    assert ran.count(quick.s) == first
+    assert ran.count(slow.s) == 10
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "short bytes", "long bytes", "input shape", "input strides", "input dtype", "input offset", "input freed",
+        "input uploading", "one input", "output of another session", "output handle 0", "too many outputs",
+        "persistent rebound", "persistent freed", "persistent reshaped in place", "traced function raises",
+        "traced function returns one tensor",
+    ],
+)  # fmt: skip
+def test_every_refusal_and_failure_of_a_quiet_run_is_the_python_paths(twins: Any, bad: str) -> None:
+    """Each bad case after quiet runs: the same error on both twins, the same state (outputs and kept tensors
+    poisoned or unbound, bytes, storages, runs), and the next good run again the same (and quick again)."""
+    quick, slow, ran = twins
+    for _ in range(5):
+        assert _both(quick, slow, lambda t: t.run()) is None
+
+    def step(t: Twin) -> Any:
+        s = t.s
+        if bad == "short bytes":
+            return t.run(x=bytes(47))
+        if bad == "long bytes":
+            return t.run(x=bytes(49))
+        if bad == "input shape":
+            s.bind(t.b, torch.ones(3, 4))
+        elif bad == "input strides":
+            s.bind(t.b, torch.ones(3, 4).t())
+        elif bad == "input dtype":
+            s.bind(t.b, torch.ones(4, 3, dtype=torch.float64))
+        elif bad == "input offset":
+            s.bind(t.b, torch.ones(13)[1:].view(4, 3))
+        elif bad == "input freed":
+            s.free([t.b])
+        elif bad == "input uploading":
+            s.uploads[t.b] = 0
+            try:
+                return t.run()
+            finally:
+                s.uploads.pop(t.b)
+        elif bad == "one input":
+            return t.run(inputs=[0])
+        elif bad == "output of another session":
+            return t.run(outputs=[(7 << 32) + 5])
+        elif bad == "output handle 0":
+            return t.run(outputs=[t.base])
+        elif bad == "too many outputs":
+            return t.run(outputs=[t.base + 50, t.base + 51])
+        elif bad == "persistent rebound":
+            s.bind(t.w, torch.zeros(3, 4).t())  # same sizes, other strides; no command counted
+        elif bad == "persistent freed":
+            s.free([t.v])
+        elif bad == "persistent reshaped in place":
+            t.op("aten::t_.default", t.w)
+        elif bad == "traced function raises":
+            real = t.g.traced.fn
+
+            def boom(*a: Any) -> Any:
+                raise RuntimeError("boom\nRuntimeError: the kernel failed")
+
+            t.g.traced.fn = boom
+            try:
+                return t.run()
+            finally:
+                t.g.traced.fn = real
+        elif bad == "traced function returns one tensor":
+            real = t.g.traced.fn
+            t.g.traced.fn = lambda *a: real(*a)[0]
+            try:
+                return t.run()
+            finally:
+                t.g.traced.fn = real
+        return t.run()
+
+    err = _both(quick, slow, step)
+    assert err is not None, bad
+    # the session as good as before, then quiet again
+    if bad in ("input shape", "input strides", "input dtype", "input offset", "input freed"):
+        for t in (quick, slow):
+            t.s.bind(t.b, torch.full((4, 3), 0.5))
+    elif bad == "persistent rebound":
+        for t in (quick, slow):
+            t.s.bind(t.w, torch.arange(12.0).reshape(4, 3))
+    elif bad == "persistent freed":
+        for t in (quick, slow):
+            t.s.bind(t.v, torch.ones(3))
+    elif bad == "persistent reshaped in place":
+        for t in (quick, slow):
+            t.op("aten::t_.default", t.w)
+    before = ran.count(quick.s)
+    for _ in range(3):
+        assert _both(quick, slow, lambda t: t.run()) is None
+    assert ran.count(quick.s) - before <= 1  # the first run after a failure or a command reads them again
+
+
+def test_a_graph_that_does_not_qualify_takes_the_python_path(native_runner_module: Any) -> None:
+    """A session of a subclass of `WorkerSession` (its own `rebind_all` may differ) keeps `_run`: no plan."""
+
+    class Own(WorkerSession):
+        pass
+
+    t = Twin(True)
+    t.s.__class__ = Own
+    for _ in range(5):
+        assert t.run()[0] is None
+    assert t.g.traced is not None and t.g.fast is False
+
+
+def test_a_closed_sessions_graphs_go_with_it(native_runner_module: Any) -> None:
+    """`GraphTable._of` keeps the session it last served and its graphs for the next run (round 41): that must not
+    keep a closed session's graphs alive (its host memory, a CUDA graph's pool), and another session's look-up
+    must find its own. (Pins what held on 50464ae, where only the weak dictionary held them.)"""
+    import gc
+    import weakref
+
+    one, two = Twin(True), Twin(True)
+    two.ex = one.ex  # two sessions of one executor
+    for t in (one, two):
+        assert t.run()[0] is None or t is two  # (two's graph is defined on its own executor: NotFound here)
+    table = one.ex.graphs
+    assert table._of(one.s) is table._of(one.s) and GID in table._of(one.s)
+    assert table._of(two.s) == {}
+    assert table._of(one.s)[GID] is one.g
+    gone = weakref.ref(one.g)
+    one.g = None  # type: ignore[assignment]
+    one.s = None  # type: ignore[assignment]
+    gc.collect()
+    assert gone() is None
+    assert table._last is None or table._last[0]() is not None
