@@ -142,7 +142,9 @@ def test_the_read_buffer_keeps_every_byte_whatever_the_writes_cut(tls_socket: bo
         cuts = rng.choice(["one", "bytes", "random"])
         done = threading.Event()
 
-        def send(stream: bytes = stream, cuts: str = cuts, rng: random.Random = rng, theirs: Any = theirs) -> None:
+        def send(
+            stream: bytes = stream, cuts: str = cuts, rng: random.Random = rng, theirs: Any = theirs, done: Any = done
+        ) -> None:
             pos = 0
             while pos < len(stream):
                 k = {"one": len(stream), "bytes": 1, "random": rng.randint(1, 3 * head)}[cuts]
