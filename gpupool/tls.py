@@ -573,6 +573,7 @@ def _openssl_bio() -> Any:
                 ("SSL_set0_wbio", None, [vp, vp]),
                 ("SSL_set_read_ahead", None, [vp, i]),
                 ("SSL_get_read_ahead", i, [vp]),
+                ("SSL_has_pending", i, [vp]),
                 ("BIO_f_buffer", vp, []),
                 ("BIO_new", vp, [vp]),
                 ("BIO_free", i, [vp]),
@@ -625,6 +626,7 @@ class SideSocket(ssl.SSLSocket):
     _buffering = False  # it is OpenSSL's write BIO now (a bulk write under way, or its records not all out)
     _owed = 0  # bytes a `send` took whose records still wait in the write buffer (it raised SSLWantWriteError)
     _dropped = False  # it was buffered and its TLS object is gone (`_drop`)
+    _ahead = False  # OpenSSL may hold records read ahead before `buffer`, not yet opened (`held`)
 
     def buffer(self, size: int = SIDE_BUFFER) -> bool:
         """Buffer the connection (see the class); True where it is. For a connected socket after its handshake and
@@ -679,6 +681,9 @@ class SideSocket(ssl.SSLSocket):
         # header, then its body, and the socket is read only when the buffer is empty and OpenSSL wants bytes.
         lib.SSL_set_read_ahead(ssl_ptr, 0)
         self._ssl, self._sock_bio, self._wbuf = ssl_ptr, sock_bio, wbuf
+        # records OpenSSL read ahead before (the hello's reads, read-ahead on) and has not opened yet: neither
+        # SSL_pending nor the read buffer counts them (`held`)
+        self._ahead = bool(lib.SSL_has_pending(ssl_ptr))
         self._release = weakref.finalize(self, lib.BIO_free_all, wbuf)
         self._release.atexit = False
         # BIO_flush and BIO_pending: its own function object without argument conversions, the arguments made once
@@ -697,7 +702,18 @@ class SideSocket(ssl.SSLSocket):
         OpenSSL call at a time, gpupool/duplex.py)."""
         if not self._wbuf:
             return -1
-        return int(self._sslobj.pending()) + int(self._ctrl(*self._pending_args))  # type: ignore[attr-defined]
+        n = int(self._sslobj.pending()) + int(self._ctrl(*self._pending_args))  # type: ignore[attr-defined]
+        if n or not self._ahead:
+            return n
+        # Records OpenSSL read ahead before `buffer` (a client that sent its first frames right behind its hello,
+        # not waiting for BULK_OK: read with the hello, read-ahead on), whole in its record buffer and not opened:
+        # SSL_pending counts only an opened record's bytes, so until round 41 (frontrev41) they read as 0 and the
+        # reader slept on the socket with the frames here. Asked until OpenSSL's record buffer is empty once: from
+        # then on, read-ahead off, OpenSSL reads a record's exact length and opens it when whole.
+        if _bio_lib[0].SSL_has_pending(self._ssl):
+            return 1
+        self._ahead = False
+        return 0
 
     def _switch(self, buffering: bool) -> None:
         """Make the write buffer (True) or the socket's BIO (False) OpenSSL's write BIO; the latter only with the

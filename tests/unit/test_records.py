@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from typing import Any
 
 import pytest
 from gpupool.client import bulk as client_bulk
@@ -100,3 +101,80 @@ def test_the_read_buffer_moves_a_records_start_to_make_room_and_keeps_every_byte
     assert reader.body(4, None) == b"last"
     assert reader.head(None) is None
     c.close()
+
+
+@pytest.mark.parametrize("tls_socket", [False, True], ids=["plain", "tls"])
+def test_the_read_buffer_keeps_every_byte_whatever_the_writes_cut(tls_socket: bool) -> None:
+    """Pins what holds in round 41's read buffer (`records.Reader`; frontrev41's byte-level fuzz, 800 cases, found
+    no fault): records of lengths around the header's and the buffer's sizes (0, 1, a header's, a buffer's, one
+    more or less, TLS's 16 KiB, past the buffer), read by `body`, `body_into` and `transfer` in turn, with `peek`
+    between records, from a peer that writes them in cuts of 1 byte, at random places, or at once (over a buffered
+    TLS side socket: each write its own TLS record, a header cut across records). Every byte where it belongs,
+    nothing written past a destination's end, the close read as the end."""
+    import random
+    import ssl
+
+    from support import get_pki, tls_socket_pair
+
+    from gpupool import tls
+
+    head = protocol.BULK_HEAD.size
+    for seed in range(12):
+        rng = random.Random(seed)
+        size = rng.choice([head, head + 1, 2 * head, 2 * head + 1, 100, records.READ_BUFFER])
+        lens = [0, 1, head - 1, head, head + 1, size - 1, size, size + 1, 2 * size, 16384, 16385]
+        recs = []
+        for i in range(rng.randint(4, 14)):
+            n = rng.choice(lens) if rng.random() < 0.7 else rng.randint(0, 3 * size)
+            recs.append((rng.choice(["body", "body_into", "transfer"]), i + 1, rng.getrandbits(40), rng.randbytes(n)))
+        stream = b"".join(
+            protocol.BULK_HEAD.pack(protocol.BULK_UPLOAD if m == "transfer" else protocol.BULK_FRAME, i, o, len(d)) + d
+            for m, i, o, d in recs
+        )
+        if tls_socket:
+            server_ctx = tls.SocketServerTls(get_pki().server_config()).context()
+            ours, theirs = tls_socket_pair(server_ctx, ssl.create_default_context(cafile=get_pki().ca_file))
+            assert ours.buffer()
+        else:
+            ours, theirs = socket.socketpair()
+            ours.setblocking(False)
+        reader = records.Reader(ours, threading.Lock(), size=size)
+        cuts = rng.choice(["one", "bytes", "random"])
+        done = threading.Event()
+
+        def send(
+            stream: bytes = stream, cuts: str = cuts, rng: random.Random = rng, theirs: Any = theirs, done: Any = done
+        ) -> None:
+            pos = 0
+            while pos < len(stream):
+                k = {"one": len(stream), "bytes": 1, "random": rng.randint(1, 3 * head)}[cuts]
+                theirs.sendall(stream[pos : pos + k])
+                pos += k
+            socket.socket.shutdown(theirs, socket.SHUT_WR)
+            done.wait(20)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        try:
+            for mode, ident, offset, data in recs:
+                if rng.random() < 0.5:
+                    reader.peek()
+                if mode == "transfer":
+                    into = bytearray(len(data) + 3)
+                    want = (protocol.BULK_UPLOAD, ident, offset, len(data))
+                    assert reader.transfer(want, memoryview(into)[: len(data)], 10.0) is None
+                    assert into == data + b"\0\0\0", seed
+                    continue
+                assert reader.head(10.0) == (protocol.BULK_FRAME, ident, offset, len(data)), seed
+                if mode == "body":
+                    assert reader.body(len(data), 10.0) == data, seed
+                else:
+                    view = reader.body_into(len(data), 10.0, bytearray(rng.choice([0, 10, 200_000])))
+                    assert view == data, seed
+                    del view
+            assert reader.head(10.0) is None, seed
+        finally:
+            done.set()
+            sender.join(10)
+            ours.close()
+            theirs.close()

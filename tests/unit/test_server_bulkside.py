@@ -772,3 +772,47 @@ def test_records_that_share_tls_records_are_each_read_whole_on_both_ends() -> No
     sender.join(10)
     side.close()
     daemon_end.close()
+
+
+def test_frames_sent_right_behind_the_hello_are_read_though_openssl_read_them_ahead() -> None:
+    """frontrev41: a client may send its first frames right behind its hello, without waiting for the BULK_OK
+    (docs/wire.md does not ask it to wait). The side port reads the hello with OpenSSL's read-ahead on
+    (`tls.read_ahead`), which takes those frames' TLS records off the socket with it, whole and not yet opened;
+    SSL_pending counts none of them, so until this fix `tls.SideSocket.held` said 0 once the socket was buffered,
+    and the reader (`records.Reader`, round 41) waited for the socket with the frames already here: the session hung
+    until its client sent more. Both frames read, `ready` finding the second, and nothing held after them."""
+    import ssl
+
+    from support import get_pki, tls_socket_pair
+
+    from gpupool import tls
+
+    pki = get_pki()
+    server_ctx = tls.SocketServerTls(pki.server_config()).context()
+    ours, theirs = tls_socket_pair(server_ctx, ssl.create_default_context(cafile=pki.ca_file), tcp=True)
+    first, second = b"\x0a\x02\x08\x01", b"\x0a\x03" + b"z" * 40
+    theirs.sendall(b"HELLO")  # each its own TLS record, all sent before the daemon reads the hello
+    theirs.sendall(protocol.frame_record(first))
+    theirs.sendall(protocol.frame_record(second))
+    ours.setblocking(True)
+    _wait_readable(ours)
+    time.sleep(0.2)  # (all three records in the kernel's buffer)
+    assert protocol.recv_exact(ours, 5, "closed") == b"HELLO"  # as `BulkPort._hello` reads it
+    ours.setblocking(False)
+    assert ours.buffer()
+    link = bulkside.BulkLink(ours, 1, frames=True)
+    got: list[Any] = []
+
+    def read() -> None:
+        got.append(bytes(link.recv_frame(1 << 20) or b""))
+        got.append(link.ready())
+        got.append(bytes(link.recv_frame(1 << 20) or b""))
+        got.append(link.ready())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    assert got == [first, True, second, False], got
+    assert ours.held() == 0
+    link.close()
+    theirs.close()
