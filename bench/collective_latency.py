@@ -85,8 +85,15 @@ def measure(address: str, pid: int, key: bytes, ranks: int, rounds: int) -> dict
                 times.append(time.perf_counter() - t0)
             out[f"{label} ms"] = statistics.median(times[1:]) * 1e3
             out[f"{label} cpu"] = (tree_cpu(pid) - cpu) / rounds * 1e3
-            if n:  # every round doubled the ones on every rank, ranks times over
-                want = float(ranks ** (rounds + 1))
+            if n:  # every round multiplied the ones on every rank by `ranks`, summed in float32 in rank order (the
+                # hub's): 3 ** 21 is no float32, so `float(ranks ** (rounds + 1))` failed at 3 ranks (round 41)
+                w = torch.ones(1)
+                for _ in range(rounds + 1):
+                    acc = w.clone()
+                    for _ in range(ranks - 1):
+                        acc = acc + w
+                    w = acc
+                want = float(w[0])
                 assert all(float(s.download(x)[0]) == want for s, x in zip(sessions, handles, strict=True))
         return out
     finally:

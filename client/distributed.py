@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
 
 from gpupool._proto import device_pb2
-from gpupool.errors import InvalidArgument
+from gpupool.errors import FailedPrecondition, InvalidArgument
 from gpupool.tokens import unverified_claim
 
 from . import dcp, fsdp, funcol
@@ -542,7 +542,9 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
 
         index, local = _own_device(rank, len(lease.devices), native.current_index(), _named_device())
         dev = torch.device("gpupool", index)
-        rt = NativeRuntime(index, native.ensure_session(index))
+        session = native.ensure_session(index)
+        _refuse_second_group(session, dev, rank, size)
+        rt = NativeRuntime(index, session)
         lease = native.lease()  # the renewed one: its tokens are current
     else:
         from .torch import api, runtime, transfer
@@ -554,6 +556,8 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
         lease = api.env_lease() or lease  # the renewed one: its tokens are current
         rt = runtime.get(dev.index)
         assert rt is not None
+        session = rt
+        _refuse_second_group(session, dev, rank, size)
     store.set(f"gpupool/dev/{rank}", str(local))
     devices = [int(store.get(f"gpupool/dev/{r}")) for r in range(size)]
     # torch's default (30 min, also what it passes when the script gives none) leaves the choice to the daemon (30 s)
@@ -570,11 +574,33 @@ def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
         join.store_address = store.get("gpupool/store").decode()
         rt.command(device_pb2.Command(group_join=join))
         rt.sync()  # a refused join (tokens, address) raises here, at init_process_group
+    _joined.append((session, f"rank {rank} of {size}"))
     atexit.register(_drain, rt)  # runs before gpupool.torch's detach_all (atexit is last in, first out)
     log.info("rank %d of %d on %s joined the daemons' group", rank, size, dev)
     group = ProcessGroupGpupool(rank, size, rt)
     atexit.register(_flush_at_exit, group)  # before `_drain` (last in, first out): an isend never waited on still goes
     return group
+
+
+# The sessions of this process that joined the daemons' group, with their place in it (`_refuse_second_group`)
+_joined: list[tuple[Any, str]] = []
+
+
+def _refuse_second_group(session: Any, dev: torch.device, rank: int, size: int) -> None:
+    """Refuse a second gpupool group on a session that already joined one, before any store key or join: a session
+    joins one group for its life (the daemon refuses another join), and until round 41 a `dist.new_group(...)`, a
+    re-`init_process_group` after `destroy_process_group`, or a sub-mesh of `init_device_mesh` hung its ranks but
+    the first (rank 0's join refused: "session already joined its collective group"; the others waiting for its
+    store address until torch's 30-minute default timeout). Every member of the new group refuses it here at once,
+    so none waits for another, and the default group goes on."""
+    for joined, place in _joined:
+        if joined is session:
+            raise FailedPrecondition(
+                f"a second gpupool process group on {dev} (rank {rank} of {size}): this rank's session already "
+                f"joined the daemons' group as {place}, and a session joins one group for its life; new_group, "
+                "sub-meshes and re-initializing after destroy_process_group are not supported on gpupool: run the "
+                "collectives on the default group (docs/distributed.md)"
+            )
 
 
 # The device the group being made binds (`device_id=`), for its creator, which torch gives only the store, rank, size

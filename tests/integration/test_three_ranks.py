@@ -1,0 +1,184 @@
+"""Three ranks on the gpupool backend, written as users write them (torchrun, `init_process_group`, DDP), compared
+with the same script on gloo over CPU tensors: DDP with gradient accumulation under `no_sync` and with uneven inputs
+under `Join`, rooted collectives whose root is not rank 0, an all_to_all of uneven splits, and what the backend
+refuses at three ranks (send/recv, a second group) as one clear error on every rank, never a hang.
+
+Until round 41 `dist.new_group([0, 2])` hung: rank 0's join was refused by its daemon ("session already joined its
+collective group") and rank 2 waited for rank 0's store address until torch's 30-minute default timeout; now every
+member refuses the new group at once (client/distributed.py `_refuse_second_group`) and the default group goes on.
+The rest pins behaviour that held already at three ranks (round 40's tests ran two).
+
+Slow: a pool of three fake GPUs of its own, one torchrun of three ranks per client, and one on gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from examples_fixtures import REPO, gpupool_up
+from gpupool.client.native.backend import compiler_missing
+
+RUN_TIMEOUT = 150  # seconds: a hang fails the test, it never holds CI
+
+SCRIPT = """
+import json, sys, torch, torch.distributed as dist, torch.nn as nn
+from torch.distributed.algorithms.join import Join
+from torch.nn.parallel import DistributedDataParallel as DDP
+backend = sys.argv[1]
+if backend == "gpupool":
+    import gpupool.torch  # the Python client's device (the C++ client's comes with `import torch`)
+dev = torch.device("gpupool", 0) if backend == "gpupool" else torch.device("cpu")
+dist.init_process_group(backend)
+rank, n = dist.get_rank(), dist.get_world_size()
+res = {}
+def run(name, fn):
+    try:
+        res[name] = fn()
+    except Exception as exc:
+        res[name] = "refused " + type(exc).__name__ + ": " + str(exc).splitlines()[0]
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+def data(i):
+    g = torch.Generator().manual_seed(100 * rank + i)
+    return torch.randn(6, 4, generator=g).to(dev), torch.randn(6, 2, generator=g).to(dev)
+def params(m):
+    return [round(v, 5) for v in torch.cat([p.detach().reshape(-1) for p in m.parameters()]).cpu().tolist()]
+def ddp_accumulate():
+    m = DDP(model().to(dev)); opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    for step in range(2):
+        for micro in range(3):
+            x, y = data(3 * step + micro)
+            if micro < 2:
+                with m.no_sync():
+                    ((m(x) - y) ** 2).mean().backward()
+            else:
+                ((m(x) - y) ** 2).mean().backward()
+        opt.step(); opt.zero_grad()
+    return params(m)
+def ddp_uneven():
+    m = DDP(model().to(dev)); opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with Join([m]):
+        for i in range(2 + rank):
+            x, y = data(i)
+            ((m(x) - y) ** 2).mean().backward(); opt.step(); opt.zero_grad()
+    return params(m)
+def broadcast_last():
+    t = torch.full((3,), rank * 1.0, device=dev); dist.broadcast(t, src=n - 1); return t.tolist()
+def reduce_last():
+    t = torch.full((2,), rank + 1.0, device=dev); dist.reduce(t, dst=n - 1, op=dist.ReduceOp.MAX)
+    return t.tolist() if rank == n - 1 else None
+def gather_middle():
+    t = torch.full((2,), rank * 1.0, device=dev)
+    outs = [torch.zeros(2, device=dev) for _ in range(n)] if rank == 1 else None
+    dist.gather(t, outs, dst=1); return [o.tolist() for o in outs] if outs else None
+def scatter_last():
+    t = torch.zeros(2, device=dev)
+    ins = [torch.full((2,), 5.0 * i, device=dev) for i in range(n)] if rank == n - 1 else None
+    dist.scatter(t, ins, src=n - 1); return t.tolist()
+def all_to_all_uneven():
+    x = torch.arange(n * (rank + 1) * 2.0, device=dev).view(-1, 2) + 100 * rank
+    y = torch.zeros(sum(r + 1 for r in range(n)), 2, device=dev)
+    dist.all_to_all_single(y, x, [r + 1 for r in range(n)], [rank + 1] * n); return y.tolist()
+def objects():
+    one = [None, {"r": rank}]; dist.broadcast_object_list(one, src=n - 1)
+    every = [None] * n; dist.all_gather_object(every, ["x", rank]); return [one[1], every]
+def subgroup():
+    group = dist.new_group([0, n - 1])
+    t = torch.full((2,), rank + 1.0, device=dev)
+    if rank in (0, n - 1):
+        dist.all_reduce(t, group=group)
+    return t.tolist()
+def ring():
+    x = torch.full((3,), rank + 1.0, device=dev); y = torch.zeros(3, device=dev)
+    ops = [dist.P2POp(dist.isend, x, (rank + 1) % n), dist.P2POp(dist.irecv, y, (rank - 1) % n)]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+    return y.tolist()
+def after():
+    t = torch.full((2,), rank + 1.0, device=dev); dist.all_reduce(t); return t.tolist()
+for name in sys.argv[2].split(","):
+    run(name, globals()[name])
+print("rank %d %s\\n" % (rank, json.dumps(res)), end="", flush=True)  # one write: the ranks share stdout
+dist.barrier()  # no rank leaves while a peer still talks to it (gloo aborts a process whose peer closed first)
+dist.destroy_process_group()
+"""
+
+SAME = "ddp_accumulate,ddp_uneven,broadcast_last,reduce_last,gather_middle,scatter_last,all_to_all_uneven,objects"
+
+
+@pytest.fixture(scope="module")
+def three_gpu_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    with gpupool_up(tmp_path_factory.mktemp("up3"), "--fake-gpus", "3", "--fake-gpu-memory", "256MiB") as env:
+        yield env
+
+
+def _ranks(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[int, dict[str, Any]]:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env, cwd=cwd)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"{cmd[-2]}: the ranks hung past {RUN_TIMEOUT} s:\n{str(exc.stdout)[-3000:]}") from None
+    assert done.returncode == 0, f"{cmd[-2]}: stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+    lines = [line.split(" ", 2) for line in done.stdout.splitlines() if line.startswith("rank ")]
+    return {int(r): json.loads(body) for _, r, body in lines}
+
+
+def _torchrun(script: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", str(script), *args]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client", ["native", "shim"])
+def test_three_ranks_match_gloo_and_refuse_what_they_cannot_run(
+    three_gpu_pool: dict[str, str], tmp_path: Path, client: str
+) -> None:
+    if client == "native" and (why := compiler_missing()) is not None:
+        pytest.skip(f"native client: {why}")
+    script = tmp_path / "three.py"
+    script.write_text(SCRIPT)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GPUPOOL_")}
+    base.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cpu = _ranks(_torchrun(script, "gloo", SAME), base, tmp_path)
+    names = SAME + ",subgroup,ring,after"
+    pool = _ranks(
+        [
+            sys.executable,
+            "-m",
+            "gpupool.cli",
+            "run",
+            "--client",
+            client,
+            "-n",
+            "3",
+            "--",
+            *_torchrun(script, "gpupool", names),
+        ],
+        {**base, **three_gpu_pool},
+        tmp_path,
+    )
+    assert sorted(cpu) == sorted(pool) == [0, 1, 2], (cpu, pool)
+    for rank in range(3):
+        for name in SAME.split(","):
+            assert pool[rank][name] == cpu[rank][name], (rank, name, pool[rank][name], cpu[rank][name])
+        # a second group: refused on both members at once, naming why; the rank outside it goes on
+        if rank == 1:
+            assert pool[rank]["subgroup"] == [2.0, 2.0], pool[rank]
+        else:
+            assert pool[rank]["subgroup"] == (
+                f"refused FailedPrecondition: a second gpupool process group on gpupool:0 (rank {rank // 2} of 2): "
+                f"this rank's session already joined the daemons' group as rank {rank} of 3, and a session joins one "
+                "group for its life; new_group, sub-meshes and re-initializing after destroy_process_group are not "
+                "supported on gpupool: run the collectives on the default group (docs/distributed.md)"
+            ), pool[rank]
+        # send/recv at three ranks: the client's refusal on every rank (no links between two ranks alone)
+        assert pool[rank]["ring"].startswith(
+            "refused InvalidArgument: send on gpupool runs between the two ranks of a group of two"
+        ), pool[rank]
+        assert pool[rank]["after"] == [6.0, 6.0], pool[rank]  # the default group goes on
