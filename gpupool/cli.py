@@ -20,6 +20,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "token": ("gpupool.tokencli", "keys (keygen, public-key), API tokens (api-token), a lease token by hand (mint)"),
 }
 
+# Commands a user tries that gpupool has not, and what does it instead (a journey of round 41 typed `gpupool down`).
+HINTS: dict[str, str] = {
+    "down": "`gpupool up` stops with Ctrl-C in its terminal, or SIGINT/SIGTERM to the pid its banner prints "
+    "(kill -INT PID): it stops its daemon and scheduler; its state folder is kept for the next `gpupool up`",
+    "status": "the pool: `gpupool smi` (or `gpupool list-gpus`)",
+    "ls": "the pool: `gpupool smi` (or `gpupool list-gpus`)",
+    "ps": "the pool's leases and sessions: `gpupool smi`",
+}
+
 
 def usage() -> str:
     lines = ["usage: gpupool COMMAND [ARGS...]", "", "commands:"]
@@ -55,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"gpupool: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        hint = f"\n{HINTS[name]}" if name in HINTS else ""
+        print(f"gpupool: unknown command {name!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     try:

@@ -450,7 +450,7 @@ def main(argv: list[str]) -> int:
             + "".join(f"  export {k}={v}\n" for k, v in tls.client_env(creds.client(creds.user)).items())
             + "  gpupool run -n 1 -p 0.5 -- python train.py\n"
             "  gpupool smi\n"
-            "Ctrl-C stops both.",
+            f"Ctrl-C stops both (or `kill -INT {os.getpid()}`).",
             flush=True,
         )
         # From now on each restarts on the address it bound, so leases and the daemon's registration stay valid.
