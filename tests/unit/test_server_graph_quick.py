@@ -7,6 +7,7 @@ graph's `fast` set to False: `_run` always)."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -78,6 +79,12 @@ class Twin:
         self.s.error = None
         self.ex.execute(self.s, device_pb2.Command(op=op), _no_reply)
         assert self.s.error is None, self.s.error
+
+    def command(self, cmd: device_pb2.Command) -> tuple[Any, ...]:
+        """Any other command: its error message or None, and the session's state after it."""
+        self.s.error = None
+        self.ex.execute(self.s, cmd, _no_reply)
+        return (None if self.s.error is None else self.s.error.message), self.state()
 
     def state(self) -> tuple[Any, ...]:
         s = self.s
@@ -253,3 +260,46 @@ def test_a_closed_sessions_graphs_go_with_it(native_runner_module: Any) -> None:
     gc.collect()
     assert gone() is None
     assert table._last is None or table._last[0]() is not None
+
+
+def _random_command(t: Twin, c: dict[str, Any]) -> Any:
+    """Command `c` (`test_a_random_sequence_...`'s draw) on twin `t`: its error and the session's state."""
+    hs = [t.w, t.v, t.b, t.kept, t.base + 200, t.base + c["fresh"], 0, (9 << 32) + 1]
+    h, kind = hs[c["at"]], c["kind"]
+    if kind == "run":
+        return t.run()
+    if kind == "outputs":
+        return t.run(outputs=[h, hs[c["other"]]][: c["n_out"]])
+    if kind == "inputs":
+        return t.run(inputs=[0, h])
+    if kind == "bytes":
+        return t.run(x=bytes(c["nbytes"]))
+    if kind == "upload":
+        value = torch.ones(c["shape"], dtype=c["dtype"])
+        up = device_pb2.Upload(handle=h, meta=wire.meta_to_proto(value), data=value.numpy().tobytes(), last=True)
+        return t.command(device_pb2.Command(upload=up))
+    if kind == "free":
+        return t.command(device_pb2.Command(free=device_pb2.Free(handles=[h])))
+    op = device_pb2.Op(name=c["name"], args=[tensor_pb2.Arg(tensor=h)], outputs=[h])
+    return t.command(device_pb2.Command(op=op))
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_a_random_sequence_of_commands_leaves_both_paths_the_same(twins: Any, seed: int) -> None:
+    """Seeded sequences of RunGraphs (output handles that alias a persistent tensor, the input, the kept handle,
+    each other, another session's, handle 0; input handles of any of those; bytes of other lengths), uploads that
+    bind handles anew (other shapes and dtypes too), frees and in-place metadata ops between them: after every
+    command both twins hold the same tensors, errors and bytes (round 41's review, graphrev41: pins what holds on
+    282dfc8; on 50464ae both twins took `_run`). Quiet runs happen in every sequence: the C++ call is compared."""
+    quick, slow, ran = twins
+    rng = random.Random(seed)
+    for _ in range(120):
+        c = {
+            "kind": rng.choice(["run"] * 12 + ["outputs", "inputs", "bytes", "upload", "free", "op"]),
+            "at": rng.randrange(8), "other": rng.randrange(8), "n_out": rng.choice([0, 1, 1, 2]),
+            "fresh": rng.randrange(100, 110), "shape": rng.choice([(4, 3), (3, 4), (3,), (12,)]),
+            "dtype": rng.choice([torch.float32, torch.float64]), "nbytes": rng.choice([48, 47, 0]),
+            "name": rng.choice(["aten::t_.default", "aten::squeeze_.default", "aten::relu_.default"]),
+        }  # fmt: skip
+        _both(quick, slow, lambda t, c=c: _random_command(t, c))
+    assert ran.count(slow.s) - ran.count(quick.s) > 0  # some runs took the C++ call
