@@ -991,8 +991,8 @@ struct Shells {
   Shells& operator=(const Shells&) = delete;
   void add(const std::shared_ptr<Plan>& p) {
     if (p->in_shells) return;
+    used.v.push_back(p);  // first: where it throws (out of memory), no flag is left set that no `release` clears
     p->in_shells = true;
-    used.v.push_back(p);
   }
   void release() noexcept {
     for (const auto& p : used.v) {
