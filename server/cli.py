@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_isolation_flags(p)
     add_flag(p, "--log-level", default="INFO", help="logging level")
     add_flag(p, "--join-token-file", default="", help="API token proving this host to the scheduler (no client cert)")
-    tls.add_tls_flags(p)
+    tls.add_tls_flags(p, client_auth="none")
     add_flag(p, "--health-listen", default="", help="plaintext HOST:PORT serving only grpc.health.v1 (probes)")
     return p
 

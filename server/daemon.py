@@ -912,8 +912,16 @@ class Daemon:
             for s in of_lease:
                 self._close_aside(s, f"lease {lease_id} was released or revoked by the scheduler")
 
-    def status(self) -> device_pb2.StatusReply:
+    def status(self, tenant: str | None = None) -> device_pb2.StatusReply:
+        """The host's devices and sessions: every session (`tenant` None) or those of `tenant` only ("": none)."""
         sessions, devs = self.usage()
+        if tenant is not None:
+            # A tenant's view: its own sessions, and a device's memory and busy time as theirs alone (the device's
+            # totals less its own would be the other tenants' usage, one tenant's exactly where two share it).
+            sessions = [u for u in sessions if tenant and u.tenant == tenant]
+            for d in devs:
+                d.used_bytes = sum(u.used_bytes for u in sessions if u.device == d.info.index)
+                d.busy_seconds = sum(u.busy_seconds for u in sessions if u.device == d.info.index)
         return device_pb2.StatusReply(host_id=self.host_id, devices=devs, sessions=sessions, draining=self._draining)
 
     # ---- shutdown ----

@@ -15,10 +15,11 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+from cryptography import x509
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 
-from gpupool import config, protocol, tls
+from gpupool import config, pki, protocol, tls
 from gpupool._proto import device_pb2
 from gpupool.callguard import RequestGuard
 from gpupool.errors import (
@@ -47,6 +48,9 @@ KEEPALIVE_TIME = 10.0  # seconds between the daemon's pings of a connection that
 # socket learns it from that socket's keepalive within about 3 minutes (server/bulkside.py `PEER_*`), and every
 # session ends with its lease.
 PING_WAIT = 3600.0
+# The client certificates' roles whose Status shows every session (smi run by an operator; a metrics scraper reads
+# every tenant's usage on /metrics anyway). A tenant's shows its own tenant's; a host's or a server's none.
+STATUS_ALL = ("admin", "metrics")
 
 
 class DeviceServicer:
@@ -75,7 +79,28 @@ class DeviceServicer:
         return device_pb2.DetachReply()
 
     def Status(self, request: device_pb2.StatusRequest, context: grpc.ServicerContext) -> device_pb2.StatusReply:
-        return self.daemon.status()
+        return self.daemon.status(self._status_viewer(context))
+
+    def _status_viewer(self, context: grpc.ServicerContext) -> str | None:
+        """Whose sessions a Status caller sees: None (every session) unless the daemon requires client certificates
+        (`--tls-client-auth require`); then an operator's certificate (`STATUS_ALL`: admin, metrics) sees every
+        session, a tenant's only its own tenant's (the tenant's name), and any other (a host's, a server's, one
+        naming no or several gpupool identities) none (""). Under `--tls-client-auth none` (the default) a daemon
+        never asks for a client certificate, so it cannot tell its callers apart (docs/security.md, Known limits)."""
+        cfg = self.daemon.config.tls
+        if cfg.insecure or cfg.client_auth != "require":
+            return None
+        raw: bytes | list[bytes] = context.auth_context().get("x509_pem_cert") or []
+        pem = [raw] if isinstance(raw, bytes) else list(raw)
+        if len(pem) != 1:
+            return ""
+        named = set(pki.identities(x509.load_pem_x509_certificate(pem[0])))
+        if len(named) != 1:
+            return ""
+        role, name = named.pop()
+        if role in STATUS_ALL:
+            return None
+        return name if role == "tenant" else ""
 
     def RefreshToken(
         self, request: device_pb2.RefreshTokenRequest, context: grpc.ServicerContext
