@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -81,6 +82,9 @@ def test_ctrl_c_of_the_demo_stops_the_training_then_the_pool(tmp_path: Path) -> 
              "--embed-dim", "32", "--filters", "32", "--log-every", "1"]  # fmt: skip
     pid, fd = pty.fork()
     if pid == 0:  # the demo in a terminal of its own (its session leader), as a user runs it
+        # with a terminal's Ctrl-C: a harness that ran the tests as a background job of a non-interactive shell left
+        # SIGINT ignored, which exec keeps (the demo's INT trap and every program under it then never saw it)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.chdir(clone)
         os.execvpe("bash", ["bash", "scripts/demo.sh", *small], env)
     out = bytearray()

@@ -40,8 +40,10 @@ def test_log_lines_and_what_c_code_writes_keep_their_order(tmp_path: Path) -> No
 
 
 KILLED = """
-import os, sys, time
+import os, signal, sys, time
 from gpupool import logsink
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as under a terminal (a harness that ran the tests as a
+# background job of a non-interactive shell left SIGINT ignored, which Python then keeps: the Ctrl-C did nothing)
 pump = logsink.install()
 os.write(2, b"before the kill\\n")
 print(pump.process.pid, flush=True)
