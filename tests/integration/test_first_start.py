@@ -140,11 +140,15 @@ def test_a_daemon_killed_mid_build_takes_the_build_with_it(tmp_path: Path, token
         while not any(" -c " in line for line in _builders(cache)):  # a compiler runs
             assert time.monotonic() < deadline and daemon.popen.poll() is None, daemon.log()[-3000:]
             time.sleep(0.05)
+        zygotes = _children(daemon.popen.pid)  # the build folder's lock holder (`buildcache.private_build_dir`)
+        assert zygotes, daemon.log()[-3000:]
         daemon.popen.kill()
         daemon.popen.wait()
         deadline = time.monotonic() + 60  # (a bound on a hang, not a timing: it takes milliseconds)
-        while _builders(cache):
-            assert time.monotonic() < deadline, _builders(cache)
+        # The build dies with the zygote's building thread, which can end before the zygote's last thread drops its
+        # files (the kernel frees a process's memory, then its files): wait for both, or the lock still stands.
+        while _builders(cache) or any(map(_alive, zygotes)):
+            assert time.monotonic() < deadline, (_builders(cache), [z for z in zygotes if _alive(z)])
             time.sleep(0.05)
     finally:
         if daemon.popen.poll() is None:
@@ -158,6 +162,28 @@ def test_a_daemon_killed_mid_build_takes_the_build_with_it(tmp_path: Path, token
     assert not list(cache.rglob("gpupool_native_runner.so"))
     [killed] = list(cache.rglob("build-*"))
     assert buildcache.sweep(killed.parent) == [killed]
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (/proc/PID/stat's fourth field, past the command's parenthesis)."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{name}/stat").read_bytes().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie has closed its files: dead here)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat.rsplit(b")", 1)[1].split()[0] != b"Z"
 
 
 def _address_space(pid: int) -> int:
