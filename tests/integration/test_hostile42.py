@@ -6,10 +6,15 @@ other session of the device waiting (load 10, process isolation), 65,536 about f
 model (`--max-op-flops`) counted it. Now such lists are sized from their entries' layouts (server/sizing.py
 `MetaSizer._per_element`, `_LONG_LISTS`): 0.55 s and 0.28 s for the same commands, and a `_foreach_` list of more
 than `sizing.MAX_LIST_LAYOUTS` distinct layouts is refused (RESOURCE_EXHAUSTED). The tests count the elements the
-meta kernels are run on (no timed assertion); what the ops compute and what the quota refuses is pinned beside."""
+meta kernels are run on (no timed assertion); what the ops compute and what the quota refuses is pinned beside.
+
+And the side port on IPv6: bound as IPv4 whatever `--bulk-listen` said, it stopped a daemon given an IPv6 address at
+its start; it now listens there and counts its strangers by their /64."""
 
 from __future__ import annotations
 
+import socket
+import time
 from typing import Any
 
 import pytest
@@ -103,3 +108,33 @@ def test_long_lists_still_meet_the_quota(daemon_factory: Any) -> None:
                 s.sync()
         [h] = s.call("aten::block_diag.default", [one] * 300)
         assert torch.equal(s.download(h), torch.eye(300))
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this host")
+def test_an_ipv6_side_port_serves_and_counts_its_strangers_by_their_64(daemon_factory: Any, monkeypatch: Any) -> None:
+    """`--listen [::1]:0 --bulk-listen [::1]:0`: the daemon starts (on ca5fb68 the side port was bound as IPv4, and
+    the daemon stopped at its start: OSError, address family not supported), names itself in brackets, carries a
+    session's frames and bulk bytes on its side socket, and counts a stranger's connection that sends no hello
+    under its IPv6 /64 (`peers.source_key`, as the gRPC port's slow calls), so that one host's addresses are one
+    source of `MAX_PENDING_PER_SOURCE` pending connections, not 2^64 of them."""
+    d = daemon_factory(listen="[::1]:0", bulk_listen="[::1]:0")
+    assert d.address.startswith("[::1]:")
+    port = d.running.bulk.port
+    monkeypatch.setenv("GPUPOOL_SIDE_FRAMES", "1")
+    with Session.attach(d.address, d.token()) as s:
+        assert s._carrier is not None, "the session's frames should travel on its side socket"
+        big = torch.arange(3 * MiB, dtype=torch.int32)
+        assert torch.equal(s.download(s.upload(big)), big)
+        with socket.create_connection(("::1", port)):
+            deadline = time.monotonic() + 10
+            while not d.running.bulk._pending and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert [p.source for p in d.running.bulk._pending] == ["::/64"]
