@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from daemon_wire import alternate, downloads_while, loopback_keys, print_table, start_daemon, stop_all  # noqa: E402
+from daemon_wire import downloads_while, print_table, this_and_other  # noqa: E402
 
 OPS = ("aten::block_diag.default", "aten::_foreach_neg.default", "aten::stack.default", "aten::cat.default")
 
@@ -68,19 +67,9 @@ def main() -> None:
     parser.add_argument("--against", metavar="DIR", required=True, help="the other checkout (its daemon)")
     parser.add_argument("--against-python", default=sys.executable, help="the python that imports DIR's gpupool")
     args = parser.parse_args()
-    iso = ("--isolation", args.isolation)
-    with tempfile.TemporaryDirectory() as tmp:
-        key, key_file = loopback_keys(tmp)
-        daemons = {
-            "other": start_daemon(key_file, *iso, python=args.against_python, cwd=args.against),
-            "this": start_daemon(key_file, *iso),
-        }
-        try:
-            medians = alternate(
-                list(daemons), args.repeat, lambda name, i: stall(daemons[name][1], key, args.entries, f"{name}-{i}")
-            )
-        finally:
-            stop_all([proc for proc, _ in daemons.values()])
+    medians = this_and_other(
+        args, ("--isolation", args.isolation), lambda address, key, name: stall(address, key, args.entries, name)
+    )
     print(f"lists of {args.entries} entries, {args.repeat} run(s) each; medians over runs")
     columns = []
     for op in OPS:
