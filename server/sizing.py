@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_map
 
 from gpupool.errors import InvalidArgument, ResourceExhausted
 
+from . import checks
 from .opargs import Args, Kwargs, arg, checked, tensors
 
 _META = torch.device("meta")
@@ -62,7 +63,9 @@ class MetaSizer:
             if name in _LONG_LISTS:
                 return int(checked(name, _LONG_LISTS[name], args, kwargs))
             return _meta_new_bytes(op, args, kwargs)
-        key = (op, _meta_key(tuple(args)), _meta_key(tuple(sorted(kwargs.items()))))
+        key: Any = (op, _meta_key(tuple(args)), _meta_key(tuple(sorted(kwargs.items()))))
+        if op._schema.is_mutable:  # an out= op or a resize grows what its storages lack: their sizes are part of it
+            key = (key, checks.storage_sizes(args, kwargs))
         try:
             hit = self._cache.get(key)
         except TypeError:  # unhashable argument: compute without caching

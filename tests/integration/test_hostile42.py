@@ -138,3 +138,24 @@ def test_an_ipv6_side_port_serves_and_counts_its_strangers_by_their_64(daemon_fa
             while not d.running.bulk._pending and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert [p.source for p in d.running.bulk._pending] == ["::/64"]
+
+
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_an_out_op_is_sized_by_its_outputs_storage_not_a_cached_layout(daemon_factory: Any, isolation: str) -> None:
+    """An out= op's growth depends on its output's storage, which the sizer's cache and the verdict cache keyed
+    by layout only: `neg.out` into an empty view of a 12 MiB tensor (room: grows nothing) taught them 0 bytes, and
+    the same call into a fresh zero-element tensor then skipped the quota check, grew it 12 MiB past a 16 MiB quota
+    and left it bound (on ca5fb68: refused only after the kernel, the session counted at 24 MiB and refusing even a
+    1 MiB upload until it freed). Now it is refused before the kernel, and the session stays within its quota."""
+    d = daemon_factory(isolation=isolation)
+    with Session.attach(d.address, d.token(tenant="hostile", quota_bytes=16 * MiB)) as s:
+        x = Handle(s.upload(torch.ones(3 * MiB)))  # 12 MiB
+        [room] = s.call("aten::slice.Tensor", x, 0, 0, 0)
+        s.call("aten::neg.out", x, out=Handle(room), outputs=0)
+        s.sync()
+        fresh = Handle(s.upload(torch.ones(0)))
+        s.call("aten::neg.out", x, out=fresh, outputs=0)
+        with pytest.raises(errors.ResourceExhausted, match="12582912 bytes requested"):
+            s.sync()
+        small = torch.arange(256 * 1024, dtype=torch.float32)  # 1 MiB
+        assert torch.equal(s.download(s.upload(small)), small)
