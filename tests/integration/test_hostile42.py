@@ -9,7 +9,8 @@ than `sizing.MAX_LIST_LAYOUTS` distinct layouts is refused (RESOURCE_EXHAUSTED).
 meta kernels are run on (no timed assertion); what the ops compute and what the quota refuses is pinned beside.
 
 And the side port on IPv6: bound as IPv4 whatever `--bulk-listen` said, it stopped a daemon given an IPv6 address at
-its start; it now listens there and counts its strangers by their /64."""
+its start; it now listens there and counts its strangers by their /64. And an out= op whose size the caches had
+learned for another output's storage (layouts only) grew past the quota unchecked."""
 
 from __future__ import annotations
 
